@@ -1,0 +1,38 @@
+# evalsvc: `make run` starts the service, `make test` runs every test. Both set themselves up.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BUF := node_modules/.bin/buf
+
+.PHONY: run test generate check-generated lint fmt bench bench-quick
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/evalsvc serve
+
+test: $(VENV)/.installed node_modules/.installed
+	$(PY) -m pytest -q
+
+generate: $(VENV)/.installed
+	$(PY) scripts/gen_protos.py
+
+check-generated: $(VENV)/.installed
+	$(PY) -m pytest -q tests/test_contract.py
+
+lint: $(VENV)/.installed node_modules/.installed
+	$(BUF) lint
+	$(VENV)/bin/ruff check evalsvc tests scripts
+	$(VENV)/bin/ruff format --check evalsvc tests scripts
+
+fmt: $(VENV)/.installed
+	$(VENV)/bin/ruff format evalsvc tests scripts
+	$(VENV)/bin/ruff check --fix evalsvc tests scripts

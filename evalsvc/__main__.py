@@ -1,0 +1,7 @@
+"""`python -m evalsvc` is the `evalsvc` command."""
+
+import sys
+
+from evalsvc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,69 @@
+"""EvalRunService servicer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from evalsvc.api.status import server_stream, unary
+from evalsvc.api.tenancy import tenant_of
+from evalsvc.config import Settings
+from evalsvc.events.bus import EventBus
+from evalsvc.events.watch import watch
+from evalsvc.runs.service import RunService
+from evalsvc.store.db import Database
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import eval_run_service_pb2_grpc as pb_grpc
+
+Context = grpc.aio.ServicerContext
+
+
+class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
+    """Translates EvalRunService calls to the run service and the watch."""
+
+    def __init__(self, runs: RunService, db: Database, bus: EventBus, settings: Settings) -> None:
+        self._runs = runs
+        self._db = db
+        self._bus = bus
+        self._settings = settings
+
+    @unary
+    async def CreateRun(self, request: pb.CreateRunRequest, context: Context) -> pb.CreateRunResponse:  # type: ignore[override]
+        created = await self._runs.create(tenant_of(context), request)
+        return pb.CreateRunResponse(run=created.run, job_count=created.job_count)
+
+    @unary
+    async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:  # type: ignore[override]
+        return pb.GetRunResponse(run=await self._runs.get(tenant_of(context), request.run_id))
+
+    @unary
+    async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:  # type: ignore[override]
+        runs, token = await self._runs.list(tenant_of(context), request)
+        return pb.ListRunsResponse(runs=runs, next_page_token=token)
+
+    @unary
+    async def CancelRun(self, request: pb.CancelRunRequest, context: Context) -> pb.CancelRunResponse:  # type: ignore[override]
+        return pb.CancelRunResponse(run=await self._runs.cancel(tenant_of(context), request.run_id))
+
+    @unary
+    async def ListRunResults(  # type: ignore[override]
+        self, request: pb.ListRunResultsRequest, context: Context
+    ) -> pb.ListRunResultsResponse:
+        results, token = await self._runs.list_results(tenant_of(context), request)
+        return pb.ListRunResultsResponse(results=results, next_page_token=token)
+
+    @server_stream
+    async def WatchRun(  # type: ignore[override]
+        self, request: pb.WatchRunRequest, context: Context
+    ) -> AsyncIterator[pb.WatchRunResponse]:
+        async for event in watch(
+            self._db,
+            self._bus,
+            tenant=tenant_of(context),
+            run_id=request.run_id,
+            after_seq=request.after_seq,
+            heartbeat_s=self._settings.heartbeat_s,
+            buffer=self._settings.watch_buffer,
+        ):
+            yield event

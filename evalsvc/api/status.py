@@ -1,0 +1,100 @@
+"""Domain errors -> rich gRPC statuses (AIP-193), applied to every servicer method by one decorator.
+
+Every non-OK status carries `google.rpc.ErrorInfo` (stable reason, domain `evalsvc`), plus
+`BadRequest` for invalid fields and `RetryInfo` where waiting helps. An unexpected exception is
+logged and becomes INTERNAL with a generic message, so no internals leak to callers.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from evalsvc.errors import ERROR_DOMAIN, ServiceError
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def to_status(error: ServiceError) -> status_pb2.Status:
+    """The google.rpc.Status for a domain error."""
+    details = []
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
+    details.append(info)
+    if error.violations:
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in error.violations
+                ]
+            )
+        )
+    if error.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(int(error.retry_after_s * 1000))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    packed = []
+    for detail in details:
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)
+        packed.append(any_detail)
+    return status_pb2.Status(code=error.code.value[0], message=error.message, details=packed)
+
+
+def _internal() -> ServiceError:
+    return ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; the service logged the details")
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError) -> None:
+    """End the call with the error's rich status."""
+    await context.abort_with_status(rpc_status.to_status(to_status(error)))
+
+
+def unary(
+    method: Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
+    """Translate ServiceError (and unexpected errors) raised by a unary method."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+        try:
+            return await method(self, request, context)
+        except ServiceError as error:
+            await abort(context, error)
+        except Exception:
+            log.exception("unexpected error in %s", method.__name__)
+            await abort(context, _internal())
+        raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+    return wrapper
+
+
+def server_stream(
+    method: Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]]:
+    """Translate ServiceError raised by a server-streaming method, before or between messages.
+
+    Cancellation (client gone, server stopping) is never caught here: it must propagate."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> AsyncIterator[Resp]:
+        try:
+            async for message in method(self, request, context):
+                yield message
+        except ServiceError as error:
+            await abort(context, error)
+        except Exception:
+            log.exception("unexpected error in %s", method.__name__)
+            await abort(context, _internal())
+
+    return wrapper

@@ -1,0 +1,117 @@
+"""One settings object for the whole service, read from flags and `EVALSVC_*` environment variables.
+
+Each setting has a flag (`--grpc-addr`) and an environment variable (`EVALSVC_GRPC_ADDR`); a flag
+wins over the environment, which wins over the default. The README's configuration table is the
+`SETTINGS` list below, so the two cannot drift apart (tests/test_cli.py checks it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+ENV_PREFIX = "EVALSVC_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server can be configured with. Field docs are the help text of their flag."""
+
+    grpc_addr: str = dataclasses.field(
+        default="127.0.0.1:50051", metadata={"help": "host:port the gRPC server listens on (port 0 picks one)"}
+    )
+    db: str = dataclasses.field(
+        default="sqlite+aiosqlite:///./evalsvc.db",
+        metadata={"help": "SQLAlchemy URL of the database (sqlite+aiosqlite:// or postgresql+asyncpg://)"},
+    )
+    workers: int = dataclasses.field(
+        default=64, metadata={"help": "evaluations (target calls) executed concurrently by this process"}
+    )
+    claim_batch: int = dataclasses.field(
+        default=500, metadata={"help": "jobs claimed and committed together; larger is faster for big runs"}
+    )
+    lease_ttl_s: float = dataclasses.field(
+        default=30.0, metadata={"help": "seconds a claimed job stays leased before another worker may reclaim it"}
+    )
+    poll_interval_s: float = dataclasses.field(
+        default=1.0, metadata={"help": "seconds between looks for claimable jobs when nothing woke the workers"}
+    )
+    heartbeat_s: float = dataclasses.field(
+        default=10.0, metadata={"help": "seconds of silence after which a WatchRun stream gets a heartbeat"}
+    )
+    watch_buffer: int = dataclasses.field(
+        default=2048, metadata={"help": "events buffered per watcher before it falls back to reading the database"}
+    )
+    grace_s: float = dataclasses.field(
+        default=10.0, metadata={"help": "seconds unary calls get to finish on SIGTERM/SIGINT"}
+    )
+    max_message_bytes: int = dataclasses.field(
+        default=16 * 1024 * 1024, metadata={"help": "largest gRPC message accepted or sent"}
+    )
+    max_concurrent_streams: int = dataclasses.field(
+        default=1000, metadata={"help": "HTTP/2 streams per client connection"}
+    )
+    sqlite_synchronous: str = dataclasses.field(
+        default="FULL", metadata={"help": "SQLite synchronous pragma: FULL survives power loss, NORMAL only crashes"}
+    )
+    log_level: str = dataclasses.field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from the environment, with keyword overrides (used by tests and embedders)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(env_name(f.name))
+            if raw is not None:
+                values[f.name] = _coerce(f.type, raw)
+        values.update(overrides)
+        return cls(**values)
+
+
+def env_name(field_name: str) -> str:
+    """`grpc_addr` -> `EVALSVC_GRPC_ADDR`."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    """`grpc_addr` -> `--grpc-addr`."""
+    return "--" + field_name.replace("_", "-")
+
+
+def _coerce(type_name: Any, raw: str) -> Any:
+    kind = str(type_name)
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if kind == "bool":
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    return raw
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; unset flags fall back to the environment, then the default."""
+    for f in fields(Settings):
+        parser.add_argument(
+            flag_name(f.name),
+            dest=f.name,
+            default=None,
+            type=lambda raw, t=f.type: _coerce(t, raw),
+            help=f"{f.metadata.get('help', '')} (env {env_name(f.name)}, default {f.default!r})",
+        )
+
+
+def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from parsed flags over the environment."""
+    given = {f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name, None) is not None}
+    return Settings.from_env(environ, **given)
+
+
+def describe() -> Sequence[tuple[str, str, str, str]]:
+    """(flag, env var, default, help) for every setting: the README's configuration table."""
+    return [(flag_name(f.name), env_name(f.name), repr(f.default), f.metadata.get("help", "")) for f in fields(Settings)]

@@ -1,0 +1,1 @@
+"""Datasets: named, growing sets of items that runs copy from."""

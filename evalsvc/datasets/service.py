@@ -1,0 +1,159 @@
+"""The dataset service: create, read and list datasets; append and list their items."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+from sqlalchemy.exc import IntegrityError
+
+from evalsvc.errors import FieldViolation, ServiceError, invalid_argument, not_found
+from evalsvc.ids import decode_page_token, encode_page_token, new_id, page_size
+from evalsvc.runs.convert import timestamp
+from evalsvc.runs.validation import (
+    MAX_DESCRIPTION,
+    MAX_DISPLAY_NAME,
+    MAX_REQUEST_ID,
+    assign_item_ids,
+    check_items,
+    check_labels,
+    check_length,
+)
+from evalsvc.store import datasets as dataset_store
+from evalsvc.store.db import Database
+from evalsvc.v1 import dataset_service_pb2 as pb
+from evalsvc.v1 import item_pb2
+
+MAX_ITEMS_PER_CALL = 10_000
+
+
+def dataset_from(row: Mapping[str, Any]) -> pb.Dataset:
+    """The Dataset message of a datasets row."""
+    return pb.Dataset(
+        id=row["id"],
+        display_name=row["display_name"],
+        description=row["description"],
+        labels=row["labels"] or {},
+        item_count=row["item_count"],
+        create_time=timestamp(row["create_time"]),
+        update_time=timestamp(row["update_time"]),
+    )
+
+
+class DatasetService:
+    """Datasets of one database, for any tenant the caller names."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def create(self, tenant: str, request: pb.CreateDatasetRequest) -> pb.Dataset:
+        """Create an empty dataset (idempotent by request_id)."""
+        spec = request.dataset
+        violations: list[FieldViolation] = []
+        check_length(request.request_id, MAX_REQUEST_ID, "request_id", violations)
+        check_length(spec.display_name, MAX_DISPLAY_NAME, "dataset.display_name", violations)
+        check_length(spec.description, MAX_DESCRIPTION, "dataset.description", violations)
+        check_labels(spec.labels, "dataset.labels", violations)
+        if violations:
+            raise invalid_argument(violations)
+        definition = pb.Dataset(display_name=spec.display_name, description=spec.description, labels=spec.labels)
+        fingerprint = hashlib.sha256(definition.SerializeToString(deterministic=True)).hexdigest()
+        now = time.time()
+        row = {
+            "id": new_id("ds"),
+            "tenant": tenant,
+            "request_id": request.request_id or None,
+            "request_hash": fingerprint,
+            "display_name": spec.display_name,
+            "description": spec.description,
+            "labels": dict(spec.labels),
+            "item_count": 0,
+            "create_time": now,
+            "update_time": now,
+        }
+        try:
+            async with self._db.write() as conn:
+                existing = (
+                    await dataset_store.find_by_request_id(conn, tenant, request.request_id)
+                    if request.request_id
+                    else None
+                )
+                if existing is None:
+                    await dataset_store.insert_dataset(conn, row)
+                    return dataset_from(row)
+        except IntegrityError:
+            async with self._db.read() as conn:
+                existing = await dataset_store.find_by_request_id(conn, tenant, request.request_id)
+            if existing is None:
+                raise
+        if existing["request_hash"] != fingerprint:
+            raise ServiceError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                "REQUEST_ID_CONFLICT",
+                f"request_id {request.request_id!r} was already used for a different dataset",
+            )
+        return dataset_from(existing)
+
+    async def get(self, tenant: str, dataset_id: str) -> pb.Dataset:
+        """A dataset; NOT_FOUND when missing or another tenant's."""
+        async with self._db.read() as conn:
+            row = await dataset_store.get(conn, tenant, dataset_id)
+        if row is None:
+            raise not_found("dataset", dataset_id)
+        return dataset_from(row)
+
+    async def list(self, tenant: str, request: pb.ListDatasetsRequest) -> tuple[list[pb.Dataset], str]:
+        """A page of datasets, newest first."""
+        limit = page_size(request.page_size, 50)
+        before_id = decode_page_token(request.page_token, {})
+        async with self._db.read() as conn:
+            rows = await dataset_store.list_page(conn, tenant, before_id=before_id, limit=limit + 1)
+        datasets = [dataset_from(row) for row in rows[:limit]]
+        return datasets, encode_page_token(datasets[-1].id, {}) if len(rows) > limit else ""
+
+    async def add_items(self, tenant: str, request: pb.AddDatasetItemsRequest) -> tuple[list[str], pb.Dataset]:
+        """Append items; their ids must be new to the dataset."""
+        if not request.items:
+            raise invalid_argument([FieldViolation("items", "at least one item is required")])
+        violations: list[FieldViolation] = []
+        async with self._db.write() as conn:
+            row = await dataset_store.get(conn, tenant, request.dataset_id)
+            if row is None:
+                raise not_found("dataset", request.dataset_id)
+            assign_item_ids(request.items, start=row["item_count"])
+            check_items(request.items, "items", violations, MAX_ITEMS_PER_CALL)
+            ids = [item.id for item in request.items]
+            taken = await dataset_store.existing_item_ids(conn, request.dataset_id, ids)
+            violations.extend(
+                FieldViolation(f"items[{i}].id", f"the dataset already has an item {item_id!r}")
+                for i, item_id in enumerate(ids)
+                if item_id in taken
+            )
+            if violations:
+                raise invalid_argument(violations)
+            updated = await dataset_store.append_items(
+                conn,
+                tenant,
+                request.dataset_id,
+                [(item.id, item.SerializeToString()) for item in request.items],
+                time.time(),
+            )
+        return ids, dataset_from(updated)
+
+    async def list_items(self, tenant: str, request: pb.ListDatasetItemsRequest) -> tuple[list[item_pb2.Item], str]:
+        """A page of a dataset's items in insertion order."""
+        limit = page_size(request.page_size, 100)
+        query = {"dataset_id": request.dataset_id}
+        after = decode_page_token(request.page_token, query)
+        async with self._db.read() as conn:
+            if await dataset_store.get(conn, tenant, request.dataset_id) is None:
+                raise not_found("dataset", request.dataset_id)
+            rows = await dataset_store.items_page(
+                conn, request.dataset_id, after_idx=-1 if after is None else int(after), limit=limit + 1
+            )
+        items = [item_pb2.Item.FromString(item) for _, item in rows[:limit]]
+        token = encode_page_token(rows[limit - 1][0], query) if len(rows) > limit else ""
+        return items, token

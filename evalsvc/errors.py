@@ -1,0 +1,59 @@
+"""Domain errors that carry everything a gRPC status needs (AIP-193).
+
+Domain modules raise these; the API layer turns them into a `google.rpc.Status` with `ErrorInfo`
+(a stable `reason`, domain `evalsvc`) and, for invalid input, `BadRequest` field violations.
+Keeping the mapping in one place means every RPC reports errors the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+
+ERROR_DOMAIN = "evalsvc"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One invalid field: `field` is a path such as `graders[2].regex.pattern`."""
+
+    field: str
+    description: str
+
+
+@dataclass
+class ServiceError(Exception):
+    """An error a caller can act on: a gRPC code, a stable reason and a message for people."""
+
+    code: grpc.StatusCode
+    reason: str
+    message: str
+    violations: list[FieldViolation] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    retry_after_s: float | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def invalid_argument(violations: list[FieldViolation]) -> ServiceError:
+    """INVALID_ARGUMENT naming every bad field."""
+    names = ", ".join(v.field for v in violations[:5])
+    more = f" and {len(violations) - 5} more" if len(violations) > 5 else ""
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+        f"invalid request: {names}{more}",
+        violations=violations,
+    )
+
+
+def not_found(kind: str, resource_id: str) -> ServiceError:
+    """NOT_FOUND for a resource that is missing or belongs to another tenant (the two look the same)."""
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        f"{kind.upper()}_NOT_FOUND",
+        f"{kind} {resource_id!r} not found",
+        metadata={f"{kind}_id": resource_id},
+    )

@@ -1,0 +1,108 @@
+"""In-process fan-out of committed run events to the watchers of this process.
+
+The bus is an accelerator, never the source of truth: the event log in the database is. Whoever
+commits events publishes them afterwards; a watcher whose bounded buffer overflows (it reads slower
+than the run produces), or that is told "something changed" without the events, drops its buffer
+and catches up from the database. So a slow watcher costs neither memory nor other watchers' time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import grpc
+
+from evalsvc.errors import ServiceError
+from evalsvc.v1 import eval_run_service_pb2 as pb
+
+
+def shutting_down() -> ServiceError:
+    """What a watcher gets when the server stops: UNAVAILABLE, so clients resume elsewhere or later."""
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN", "the server is shutting down; resume with after_seq"
+    )
+
+
+class Subscription:
+    """One watcher's bounded buffer of events of one run."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._events: deque[pb.WatchRunResponse] = deque()
+        self._stale = False
+        self._closed = False
+        self._wake = asyncio.Event()
+
+    def close(self) -> None:
+        """End the watch: the next `next()` raises UNAVAILABLE."""
+        self._closed = True
+        self._wake.set()
+
+    def push(self, events: Sequence[pb.WatchRunResponse] | None) -> None:
+        """Buffer events; None (or an overflow) means: read the database instead."""
+        if events is None or len(self._events) + len(events) > self._capacity:
+            self._events.clear()
+            self._stale = True
+        else:
+            self._events.extend(events)
+        self._wake.set()
+
+    async def next(self, timeout: float) -> list[pb.WatchRunResponse] | None:
+        """The buffered events, or None when the watcher must read the database.
+
+        Raises TimeoutError when nothing arrived within `timeout` seconds, ServiceError when closed."""
+        if not self._events and not self._stale and not self._closed:
+            self._wake.clear()
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        if self._closed:
+            raise shutting_down()
+        if self._stale:
+            self._stale = False
+            self._events.clear()
+            return None
+        events = list(self._events)
+        self._events.clear()
+        return events
+
+
+class EventBus:
+    """Run id -> the subscriptions of watchers in this process."""
+
+    def __init__(self) -> None:
+        self._subscriptions: dict[str, set[Subscription]] = {}
+        self._closed = False
+
+    def close(self) -> None:
+        """Server shutdown: end every watch now and refuse new ones."""
+        self._closed = True
+        for subscriptions in self._subscriptions.values():
+            for subscription in subscriptions:
+                subscription.close()
+
+    def publish(self, run_id: str, events: Sequence[pb.WatchRunResponse] | None) -> None:
+        """Hand committed events (or a bare wake-up, None) to every watcher of the run."""
+        for subscription in self._subscriptions.get(run_id, ()):
+            subscription.push(events)
+
+    @contextmanager
+    def subscribe(self, run_id: str, capacity: int) -> Iterator[Subscription]:
+        """A subscription for the duration of a watch."""
+        if self._closed:
+            raise shutting_down()
+        subscription = Subscription(capacity)
+        self._subscriptions.setdefault(run_id, set()).add(subscription)
+        try:
+            yield subscription
+        finally:
+            watchers = self._subscriptions.get(run_id)
+            if watchers is not None:
+                watchers.discard(subscription)
+                if not watchers:
+                    del self._subscriptions[run_id]
+
+    def watcher_count(self) -> int:
+        """Open subscriptions in this process."""
+        return sum(len(s) for s in self._subscriptions.values())

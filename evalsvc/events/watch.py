@@ -1,0 +1,85 @@
+"""The resumable watch of a run, with etcd's guarantees: every event with seq > after_seq, once, in
+order, then live events, ending after the terminal status event.
+
+The subscription is opened before the first database read, so an event committed at any moment is
+either in that read or in the buffer; duplicates are skipped by seq and a gap (a lost or overflowed
+buffer) sends the watcher back to the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from evalsvc.errors import ServiceError, not_found
+from evalsvc.events.bus import EventBus
+from evalsvc.store import events as event_log
+from evalsvc.store import runs as run_store
+from evalsvc.store.db import Database
+from evalsvc.v1 import eval_run_service_pb2 as pb
+
+CATCH_UP_PAGE = 1000
+
+
+def is_terminal(event: pb.WatchRunResponse) -> bool:
+    """True for the event that records a run's final status."""
+    return event.HasField("run") and event.run.status in run_store.TERMINAL_STATUSES
+
+
+async def watch(
+    db: Database,
+    bus: EventBus,
+    *,
+    tenant: str,
+    run_id: str,
+    after_seq: int,
+    heartbeat_s: float,
+    buffer: int,
+) -> AsyncIterator[pb.WatchRunResponse]:
+    """Yield the run's events after `after_seq`, live ones as they commit, and heartbeats when idle."""
+    async with db.read() as conn:
+        row = await run_store.get(conn, tenant, run_id)
+    if row is None:
+        raise not_found("run", run_id)
+    if after_seq < 0 or after_seq > row["last_seq"]:
+        raise ServiceError(
+            grpc.StatusCode.OUT_OF_RANGE,
+            "SEQ_OUT_OF_RANGE",
+            f"after_seq {after_seq} is outside 0..{row['last_seq']} (the run's last_seq)",
+            metadata={"last_seq": str(row["last_seq"])},
+        )
+    if row["status"] in run_store.TERMINAL_STATUSES and after_seq == row["last_seq"]:
+        return
+    cursor = after_seq
+    with bus.subscribe(run_id, buffer) as subscription:
+        from_database = True
+        while True:
+            if from_database:
+                async with db.read() as conn:
+                    page = await event_log.read_after(conn, tenant, run_id, cursor, CATCH_UP_PAGE)
+                for event in page:
+                    yield event
+                    cursor = event.seq
+                    if is_terminal(event):
+                        return
+                from_database = len(page) == CATCH_UP_PAGE
+                continue
+            try:
+                live = await subscription.next(heartbeat_s)
+            except TimeoutError:
+                yield pb.WatchRunResponse(heartbeat=pb.Heartbeat(last_seq=cursor))
+                continue
+            if live is None:
+                from_database = True
+                continue
+            for event in live:
+                if event.seq <= cursor:
+                    continue
+                if event.seq != cursor + 1:
+                    from_database = True
+                    break
+                yield event
+                cursor = event.seq
+                if is_terminal(event):
+                    return

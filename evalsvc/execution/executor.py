@@ -1,0 +1,286 @@
+"""The executor: a worker pool inside the server that leases jobs, executes them and records results.
+
+Three loops share the work:
+- the claimer leases batches of jobs while there is room for more in flight, and starts a task per job;
+- each job task calls the target (after any warmup calls), grades the output with every grader, and
+  queues the finished job;
+- the recorder commits queued jobs in batches (`recorder.record`), so a large run costs few transactions,
+  and publishes the committed events to watchers.
+A keeper extends the leases of jobs still in flight. Cancelling a run cancels its tasks at once; the
+fence in the recorder makes sure nothing of theirs is recorded even if one finished meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from evalsvc.config import Settings
+from evalsvc.events.bus import EventBus
+from evalsvc.execution.recorder import ClaimedJob, FinishedJob, RunGraders, record
+from evalsvc.execution.targets import Target, TargetError, build_target
+from evalsvc.graders import CompiledGrader, Grade, compile_grader, target_error_grade
+from evalsvc.store import jobs as job_store
+from evalsvc.store import runs as run_store
+from evalsvc.store.db import Database
+from evalsvc.v1 import item_pb2, run_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunPlan:
+    """Everything needed to execute a run's jobs, loaded once per run and process."""
+
+    items: list[item_pb2.Item]
+    target: Target
+    graders: list[CompiledGrader]
+    warmup_runs: int
+    recorder_view: RunGraders
+
+
+class Executor:
+    """Executes the jobs of every active run in the database, together with any other replicas."""
+
+    def __init__(self, db: Database, bus: EventBus, settings: Settings) -> None:
+        self._db = db
+        self._bus = bus
+        self._settings = settings
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._plans: dict[str, asyncio.Task[RunPlan]] = {}
+        self._in_flight: dict[str, set[asyncio.Task[bool]]] = defaultdict(set)
+        self._open_claims: dict[str, int] = {}
+        self._finished: list[FinishedJob] = []
+        self._work_available = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        self._finished_ready = asyncio.Event()
+        self._stopping = False
+        self._loops: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Reclaim leases a crashed predecessor left (SQLite has one server) and start the loops."""
+        if self._db.is_sqlite:
+            async with self._db.write() as conn:
+                released = await job_store.release_all(conn)
+            if released:
+                log.info("requeued %d jobs leased before the last shutdown", released)
+        self._loops = [
+            asyncio.create_task(self._guard(self._claim_loop), name="executor-claim"),
+            asyncio.create_task(self._guard(self._record_loop), name="executor-record"),
+            asyncio.create_task(self._guard(self._keep_leases), name="executor-leases"),
+        ]
+        self.wake()
+
+    def wake(self) -> None:
+        """New jobs exist: look for them now instead of at the next poll."""
+        self._work_available.set()
+
+    def in_flight(self) -> int:
+        """Jobs being executed by this process."""
+        return sum(len(tasks) for tasks in self._in_flight.values())
+
+    def cancel_run(self, run_id: str) -> None:
+        """Stop this process's work on a cancelled run at once."""
+        for task in list(self._in_flight.get(run_id, ())):
+            task.cancel()
+        self._forget(run_id)
+
+    async def stop(self) -> None:
+        """Stop claiming, abandon jobs in flight, record what already finished and release the rest."""
+        self._stopping = True
+        for loop in self._loops:
+            if loop.get_name() != "executor-record":
+                loop.cancel()
+        tasks = [t for run_tasks in self._in_flight.values() for t in run_tasks]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._finished_ready.set()
+        for loop in self._loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+        async with self._db.write() as conn:
+            await job_store.release(conn, list(self._open_claims))
+        self._open_claims.clear()
+
+    async def _guard(self, loop: Callable[[], Awaitable[None]]) -> None:
+        """Keep a loop alive across unexpected errors (a database hiccup must not stop execution)."""
+        while not self._stopping:
+            try:
+                await loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("executor loop %s failed; restarting in 1 s", loop.__name__)
+                await asyncio.sleep(1.0)
+
+    async def _claim_loop(self) -> None:
+        while not self._stopping:
+            room = self._settings.workers - self.in_flight()
+            if room <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            jobs = await self._claim(min(room, self._settings.claim_batch))
+            if not jobs:
+                self._work_available.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._work_available.wait(), self._settings.poll_interval_s)
+                continue
+            for job in jobs:
+                task = asyncio.create_task(self._execute(job))
+                self._in_flight[job.run_id].add(task)
+                task.add_done_callback(lambda t, job=job: self._task_done(job, t))
+
+    async def _claim(self, limit: int) -> list[ClaimedJob]:
+        claim_id = uuid.uuid4().hex
+        now = time.time()
+        started = []
+        async with self._db.write() as conn:
+            rows = await job_store.claim(
+                conn,
+                owner=self.owner,
+                claim_id=claim_id,
+                limit=limit,
+                now=now,
+                lease_ttl_s=self._settings.lease_ttl_s,
+            )
+            for run_id in {row["run_id"] for row in rows}:
+                tenant = next(row["tenant"] for row in rows if row["run_id"] == run_id)
+                event = await run_store.set_status(
+                    conn,
+                    tenant,
+                    run_id,
+                    run_pb2.RUN_STATUS_RUNNING,
+                    from_statuses=[run_pb2.RUN_STATUS_PENDING],
+                    start_time=now,
+                )
+                if event is not None:
+                    started.append(event)
+        for event in started:
+            self._bus.publish(event.run.id, [event])
+        if rows:
+            self._open_claims[claim_id] = len(rows)
+        return [ClaimedJob(claim_id=claim_id, **row) for row in rows]
+
+    def _task_done(self, job: ClaimedJob, task: asyncio.Task[bool]) -> None:
+        tasks = self._in_flight.get(job.run_id)
+        if tasks is not None:
+            tasks.discard(task)
+            if not tasks:
+                del self._in_flight[job.run_id]
+        if task.cancelled() or not task.result():
+            self._release_claim_slot(job.claim_id)
+        self._slot_free.set()
+
+    def _release_claim_slot(self, claim_id: str) -> None:
+        """One job of a claim no longer needs its lease kept."""
+        remaining = self._open_claims.get(claim_id, 0) - 1
+        if remaining > 0:
+            self._open_claims[claim_id] = remaining
+        else:
+            self._open_claims.pop(claim_id, None)
+
+    async def _execute(self, job: ClaimedJob) -> bool:
+        """Run the target and graders for a job; True when it was queued for recording."""
+        try:
+            plan = await self._plan(job.run_id)
+        except Exception:
+            log.exception("cannot load run %s; its job %d stays leased until its lease expires", job.run_id, job.id)
+            return False
+        item = plan.items[job.item_idx]
+        try:
+            if job.repetition == 1:
+                for _ in range(plan.warmup_runs):
+                    await plan.target.respond(item)
+            output = await plan.target.respond(item)
+            grades: list[tuple[str, Grade]] = [(g.name, g.grade(item, output)) for g in plan.graders]
+        except TargetError as exc:
+            output, grades = self._target_failed(plan, exc.reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a target bug must cost one evaluation, not the worker
+            output, grades = self._target_failed(plan, f"{type(exc).__name__}: {exc}")
+        self._finished.append(FinishedJob(job=job, item_id=item.id, output=output, grades=grades))
+        self._finished_ready.set()
+        return True
+
+    @staticmethod
+    def _target_failed(plan: RunPlan, reason: str) -> tuple[item_pb2.Response, list[tuple[str, Grade]]]:
+        grade = target_error_grade(reason)
+        return item_pb2.Response(), [(g.name, grade) for g in plan.graders]
+
+    async def _plan(self, run_id: str) -> RunPlan:
+        task = self._plans.get(run_id)
+        if task is None:
+            task = asyncio.create_task(self._load_plan(run_id))
+            self._plans[run_id] = task
+        try:
+            return await asyncio.shield(task)
+        except Exception:
+            self._plans.pop(run_id, None)
+            raise
+
+    async def _load_plan(self, run_id: str) -> RunPlan:
+        async with self._db.read() as conn:
+            row = await run_store.get_any_tenant(conn, run_id)
+            items = await job_store.run_items(conn, run_id)
+        if row is None:
+            raise LookupError(f"run {run_id} vanished")
+        spec = run_pb2.Run.FromString(row["spec"])
+        graders = [compile_grader(g) for g in spec.graders]
+        return RunPlan(
+            items=[item_pb2.Item.FromString(raw) for raw in items],
+            target=build_target(spec.target),
+            graders=graders,
+            warmup_runs=spec.warmup_runs,
+            recorder_view=RunGraders(
+                grader_names=[g.name for g in graders],
+                pass_threshold=spec.pass_threshold if spec.HasField("pass_threshold") else None,
+            ),
+        )
+
+    def _forget(self, run_id: str) -> None:
+        task = self._plans.pop(run_id, None)
+        if task is not None and not task.done():
+            task.cancel()
+
+    async def _record_loop(self) -> None:
+        while True:
+            if not self._finished:
+                if self._stopping:
+                    return
+                self._finished_ready.clear()
+                await self._finished_ready.wait()
+                continue
+            batch_jobs = self._settings.claim_batch
+            batch, self._finished = self._finished[:batch_jobs], self._finished[batch_jobs:]
+            views = {}
+            for f in batch:
+                if f.job.run_id not in views:
+                    views[f.job.run_id] = (await self._plan(f.job.run_id)).recorder_view
+            events, finished_runs = await record(self._db, batch, views)
+            for f in batch:
+                self._release_claim_slot(f.job.claim_id)
+            for run_id, run_events in events.items():
+                self._bus.publish(run_id, run_events)
+            for run_id in views:
+                if run_id in finished_runs or run_id not in events:
+                    self._forget(run_id)
+
+    async def _keep_leases(self) -> None:
+        interval = self._settings.lease_ttl_s / 3
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            if self._open_claims:
+                async with self._db.write() as conn:
+                    await job_store.extend(conn, list(self._open_claims), time.time() + self._settings.lease_ttl_s)

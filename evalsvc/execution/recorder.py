@@ -1,0 +1,208 @@
+"""Recording finished jobs: one transaction per batch, fenced, with every result's event.
+
+For each batch: mark the jobs done where their claim still holds the lease (the fence), store the
+outputs, count the results on their runs while allocating one seq per result, insert results and
+events, and finish every run whose last evaluation this was. Either all of it commits or none.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from evalsvc.graders import Grade
+from evalsvc.runs.aggregate import build_aggregate, verdict
+from evalsvc.runs.convert import timestamp
+from evalsvc.store import events as event_log
+from evalsvc.store import jobs as job_store
+from evalsvc.store import runs as run_store
+from evalsvc.store.db import Database
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import item_pb2, run_pb2
+
+GRADER_SLOTS = 1024  # result id = job id * GRADER_SLOTS + grader index
+
+_STATE_FIELD = {
+    run_pb2.RESULT_STATE_PASSED: "passed",
+    run_pb2.RESULT_STATE_FAILED: "failed",
+    run_pb2.RESULT_STATE_ERROR: "errored",
+    run_pb2.RESULT_STATE_SKIPPED: "skipped",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    """A leased job: one item x repetition of a run, under one claim."""
+
+    id: int
+    tenant: str
+    run_id: str
+    item_idx: int
+    repetition: int
+    attempt: int
+    claim_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedJob:
+    """A job whose target ran and whose graders graded, waiting to be recorded."""
+
+    job: ClaimedJob
+    item_id: str
+    output: item_pb2.Response
+    grades: Sequence[tuple[str, Grade]]
+
+
+@dataclass(frozen=True, slots=True)
+class RunGraders:
+    """What the recorder needs of a run to finish it: grader names in order and the pass threshold."""
+
+    grader_names: Sequence[str]
+    pass_threshold: float | None
+
+
+async def record(
+    db: Database, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders]
+) -> tuple[dict[str, list[pb.WatchRunResponse]], set[str]]:
+    """Commit a batch. Returns the committed events by run, and the runs that finished."""
+    now = time.time()
+    by_run: dict[str, list[pb.WatchRunResponse]] = defaultdict(list)
+    finished_runs: set[str] = set()
+    async with db.write() as conn:
+        accepted = await job_store.complete(conn, [(f.job.id, f.job.claim_id) for f in finished])
+        kept = [f for f in finished if f.job.id in accepted]
+        if not kept:
+            return {}, set()
+        await job_store.store_outputs(
+            conn,
+            [
+                {"job_id": f.job.id, "tenant": f.job.tenant, "run_id": f.job.run_id, "output": f.output.SerializeToString()}
+                for f in kept
+            ],
+        )
+        jobs_by_run: dict[str, list[FinishedJob]] = defaultdict(list)
+        for f in kept:
+            jobs_by_run[f.job.run_id].append(f)
+        result_rows: list[dict[str, Any]] = []
+        for run_id, run_jobs in jobs_by_run.items():
+            tally = dict.fromkeys(_STATE_FIELD.values(), 0)
+            for f in run_jobs:
+                for _, grade in f.grades:
+                    tally[_STATE_FIELD[grade.state]] += 1
+            row = await run_store.add_progress(conn, run_id, now=now, **tally)
+            events = _result_events(row, run_jobs, now, result_rows)
+            await event_log.append(conn, run_jobs[0].job.tenant, run_id, events)
+            by_run[run_id].extend(events)
+        await run_store.insert_results(conn, result_rows)
+        for run_id, events in by_run.items():
+            last = events[-1].counts
+            if last.completed_evaluations >= last.total_evaluations:
+                tenant = jobs_by_run[run_id][0].job.tenant
+                by_run[run_id].append(await _finish(conn, tenant, run_id, last, graders_of[run_id], now))
+                finished_runs.add(run_id)
+    return by_run, finished_runs
+
+
+def _result_events(
+    r: Mapping[str, Any], run_jobs: Sequence[FinishedJob], now: float, result_rows: list[dict[str, Any]]
+) -> list[pb.WatchRunResponse]:
+    """One event per result, seqs and counts replayed from the run's state before this batch."""
+    n = sum(len(f.grades) for f in run_jobs)
+    counts = run_pb2.RunCounts(
+        total_items=r["total_items"],
+        total_evaluations=r["total_evaluations"],
+        completed_evaluations=r["completed"] - n,
+        passed=r["passed"],
+        failed=r["failed"],
+        errored=r["errored"],
+        skipped=r["skipped"],
+    )
+    # Roll the per-state counters back to before the batch, then forward event by event.
+    for f in run_jobs:
+        for _, grade in f.grades:
+            field = _STATE_FIELD[grade.state]
+            setattr(counts, field, getattr(counts, field) - 1)
+    seq = r["last_seq"] - n
+    event_time = timestamp(now)
+    events: list[pb.WatchRunResponse] = []
+    for f in run_jobs:
+        job = f.job
+        for grader_idx, (grader, grade) in enumerate(f.grades):
+            seq += 1
+            field = _STATE_FIELD[grade.state]
+            setattr(counts, field, getattr(counts, field) + 1)
+            counts.completed_evaluations += 1
+            result_id = job.id * GRADER_SLOTS + grader_idx
+            result_rows.append(
+                {
+                    "id": result_id,
+                    "tenant": job.tenant,
+                    "run_id": job.run_id,
+                    "job_id": job.id,
+                    "item_id": f.item_id,
+                    "repetition": job.repetition,
+                    "grader": grader,
+                    "state": grade.state,
+                    "score": grade.score,
+                    "raw_score": grade.raw_score,
+                    "explanation": grade.explanation,
+                    "error_reason": grade.error_reason,
+                    "attempt": job.attempt,
+                    "cost_usd": f.output.cost_usd,
+                    "latency_ms": f.output.latency_ms,
+                    "complete_time": now,
+                }
+            )
+            events.append(
+                pb.WatchRunResponse(
+                    seq=seq,
+                    event_time=event_time,
+                    counts=counts,
+                    result=run_pb2.Result(
+                        id=str(result_id),
+                        run_id=job.run_id,
+                        item_id=f.item_id,
+                        repetition=job.repetition,
+                        grader=grader,
+                        state=grade.state,
+                        score=grade.score,
+                        raw_score=grade.raw_score,
+                        passed=grade.state == run_pb2.RESULT_STATE_PASSED,
+                        explanation=grade.explanation,
+                        cost_usd=f.output.cost_usd,
+                        latency_ms=f.output.latency_ms,
+                        error_reason=grade.error_reason,
+                        attempt=job.attempt,
+                        complete_time=event_time,
+                    ),
+                )
+            )
+    return events
+
+
+async def _finish(
+    conn: AsyncConnection, tenant: str, run_id: str, counts: run_pb2.RunCounts, graders: RunGraders, now: float
+) -> pb.WatchRunResponse:
+    """Aggregate a run whose every evaluation has a result and move it to its final status."""
+    grader_rows, latencies, cost = await run_store.aggregate_inputs(conn, run_id)
+    aggregate = build_aggregate(graders.grader_names, grader_rows, latencies, cost)
+    status, overall, code, message = verdict(counts.passed, counts.failed, counts.errored, graders.pass_threshold)
+    event = await run_store.set_status(
+        conn,
+        tenant,
+        run_id,
+        status,
+        from_statuses=run_store.ACTIVE_STATUSES,
+        end_time=now,
+        aggregate=aggregate.SerializeToString(),
+        overall_passed=overall,
+        error_code=code,
+        error_message=message,
+    )
+    assert event is not None, "a run with jobs still leased cannot have left its active status"
+    return event

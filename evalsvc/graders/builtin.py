@@ -1,0 +1,552 @@
+"""The built-in graders: exact match, contains, regex, JSON, similarity, tool calls, latency and cost.
+
+Each `Grader` spec is compiled once per run into a small object with `__slots__`; everything that
+does not depend on the item (regexes, case-folded values, parsed expected arguments, fixed grades)
+is worked out then, because `grade` runs for every item x repetition x grader, up to hundreds of
+thousands of times in one run. Constant outcomes reuse one preallocated `Grade`.
+
+`grade` never raises: a grader that cannot judge an output (bad per-item pattern, expected output
+that is not JSON, an unexpected exception) returns an ERROR grade, which the run reports and
+excludes from the pass rate, instead of failing the whole job.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from google.protobuf import json_format, struct_pb2
+from rapidfuzz import fuzz
+
+from evalsvc.errors import FieldViolation
+from evalsvc.v1 import grader_pb2, item_pb2, run_pb2
+
+__all__ = [
+    "CompiledGrader",
+    "Grade",
+    "compile_grader",
+    "grader_name",
+    "target_error_grade",
+    "validate_grader",
+]
+
+PASSED: int = run_pb2.RESULT_STATE_PASSED
+FAILED: int = run_pb2.RESULT_STATE_FAILED
+ERROR: int = run_pb2.RESULT_STATE_ERROR
+
+MAX_NAME = 63  # the results table's grader column
+DEFAULT_SIMILARITY_THRESHOLD = 0.8
+# rapidfuzz computes the ratio in floating point; without a little slack an output that is exactly
+# at the threshold (say 4 of 5 characters) could fail by a rounding error.
+_SIMILARITY_EPSILON = 1e-9
+_QUOTE_LIMIT = 60  # longest user-provided text quoted in an explanation
+_LIST_LIMIT = 5  # most names or values listed in an explanation
+
+
+@dataclass(frozen=True, slots=True)
+class Grade:
+    """The outcome of grading one output: what the results table stores for one evaluation."""
+
+    state: int  # run_pb2.RESULT_STATE_PASSED / _FAILED / _ERROR
+    score: float  # normalised, in [0, 1]
+    raw_score: float  # the grader's own measure: similarity ratio, latency ms, cost usd, fraction found...
+    explanation: str  # a sentence for a person
+    error_reason: str = ""  # non-empty only for ERROR
+
+
+class CompiledGrader(Protocol):
+    """A grader ready to grade outputs; built once per run by `compile_grader`."""
+
+    name: str
+    weight: float
+
+    def grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
+        """Grade one output for one item. Never raises."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _error(explanation: str, reason: str) -> Grade:
+    return Grade(ERROR, 0.0, 0.0, explanation, reason)
+
+
+def target_error_grade(reason: str) -> Grade:
+    """The grade every grader gets when the target failed for an item: there is no output to judge."""
+    return Grade(ERROR, 0.0, 0.0, "the target failed for this item, so its output could not be graded", reason)
+
+
+def _quote(text: str) -> str:
+    """Quote user text for an explanation, cut short so one huge value cannot bloat every result."""
+    if len(text) > _QUOTE_LIMIT:
+        text = text[:_QUOTE_LIMIT] + "..."
+    return repr(text)
+
+
+def _names(values: list[str]) -> str:
+    """A short, readable list such as `'a', 'b' and 3 more`."""
+    shown = ", ".join(_quote(v) for v in values[:_LIST_LIMIT])
+    if len(values) > _LIST_LIMIT:
+        shown += f" and {len(values) - _LIST_LIMIT} more"
+    return shown
+
+
+def _number(value: float, decimals: int) -> str:
+    """A number without trailing zeros (`120`, `0.0012`), so explanations read naturally."""
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.{decimals}f}".rstrip("0").rstrip(".") or "0"
+
+
+def _collapse_whitespace(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _casefold_collapse(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def _identity(text: str) -> str:
+    return text
+
+
+def _normalizer(case_insensitive: bool, normalize_whitespace: bool = False) -> Callable[[str], str]:
+    """Pick the text normalisation once at compile time rather than branching on options per call."""
+    if case_insensitive and normalize_whitespace:
+        return _casefold_collapse
+    if case_insensitive:
+        return str.casefold
+    if normalize_whitespace:
+        return _collapse_whitespace
+    return _identity
+
+
+class _Base:
+    """Common state and the never-raise guarantee; subclasses implement `_grade`."""
+
+    __slots__ = ("name", "weight")
+
+    name: str
+    weight: float
+
+    def __init__(self, spec: grader_pb2.Grader) -> None:
+        self.name = grader_name(spec)
+        self.weight = spec.weight or 1.0
+
+    def grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
+        """Grade one output; an unexpected exception becomes an ERROR grade so one bad output cannot fail a job."""
+        try:
+            return self._grade(item, output)
+        except Exception as exc:
+            return _error("the grader failed unexpectedly", f"{type(exc).__name__}: {exc}")
+
+    def _grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------- graders
+
+
+class _ExactMatch(_Base):
+    __slots__ = ("_normalize",)
+
+    _PASS = Grade(PASSED, 1.0, 1.0, "output equals expected output")
+    _FAIL = Grade(FAILED, 0.0, 0.0, "output differs from expected output")
+
+    def __init__(self, spec: grader_pb2.Grader) -> None:
+        super().__init__(spec)
+        opts = spec.exact_match
+        self._normalize = _normalizer(opts.case_insensitive, opts.normalize_whitespace)
+
+    def _grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
+        norm = self._normalize
+        return self._PASS if norm(output.content) == norm(item.expected_output) else self._FAIL
+
+
+class _Contains(_Base):
+    __slots__ = ("_all", "_casefold", "_originals", "_values")
+
+    def __init__(self, spec: grader_pb2.Grader) -> None:
+        super().__init__(spec)
+        opts = spec.contains
+        self._all = opts.all
+        self._casefold = opts.case_insensitive
+        self._originals = tuple(opts.values)
+        self._values = tuple(v.casefold() for v in opts.values) if opts.case_insensitive else self._originals
+
+    def _grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
+        text = output.content.casefold() if self._casefold else output.content
+        found = [v in text for v in self._values]
+        total = len(found)
+        hits = sum(found)
+        fraction = hits / total if total else 0.0
+        missing = [v for v, hit in zip(self._originals, found, strict=True) if not hit]
+        if self._all:
+            if not missing:
+                return Grade(PASSED, 1.0, 1.0, f"output contains all {total} values")
+            return Grade(
+                FAILED, fraction, fraction, f"output is missing {len(missing)} of {total} values: {_names(missing)}"
+            )
+        if hits:
+            present = [v for v, hit in zip(self._originals, found, strict=True) if hit]
+            return Grade(PASSED, 1.0, fraction, f"output contains {hits} of {total} values: {_names(present)}")
+        return Grade(FAILED, 0.0, 0.0, f"output contains none of the values {_names(missing)}")
+
+
+@functools.lru_cache(maxsize=256)
+def _compile_item_pattern(pattern: str, flags: int) -> re.Pattern[str] | str:
+    """Compile a per-item pattern, or return the compile error; cached since repetitions reuse items.
+
+    Errors are returned rather than raised because `lru_cache` does not cache exceptions.
+    """
+    try:
+        return re.compile(pattern, flags)
+    except (re.error, OverflowError, RecursionError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+class _Regex(_Base):
+    __slots__ = ("_fail", "_flags", "_full", "_pass", "_pattern")
+
+    def __init__(self, spec: grader_pb2.Grader) -> None:
+        super().__init__(spec)
+        opts = spec.regex
+        self._full = opts.full_match
+        self._flags = re.IGNORECASE if opts.case_insensitive else 0
+        self._pattern: re.Pattern[str] | None = re.compile(opts.pattern, self._flags) if opts.pattern else None
+        verb = "fully matches" if self._full else "matches"
+        shown = _quote(opts.pattern)
+        self._pass = Grade(PASSED, 1.0, 1.0, f"output {verb} {shown}")
+        self._fail = Grade(FAILED, 0.0, 0.0, f"output does not {'fully ' if self._full else ''}match {shown}")
+
+    def _grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
+        pattern = self._pattern
+        if pattern is not None:
+            matched = self._match(pattern, output.content)
+            return self._pass if matched else self._fail
+        source = item.expected_output
+        if not source:
+            # An empty pattern matches everything; from an item it is almost surely a missing value.
+            return _error("the item has no pattern", "no pattern: regex.pattern and expected_output are both empty")
+        compiled = _compile_item_pattern(source, self._flags)
+        if isinstance(compiled, str):
+            return _error("the item's expected_output is not a valid regular expression", compiled)
+        if self._match(compiled, output.content):
+            return Grade(PASSED, 1.0, 1.0, f"output {'fully matches' if self._full else 'matches'} {_quote(source)}")
+        return Grade(FAILED, 0.0, 0.0, f"output does not {'fully ' if self._full else ''}match {_quote(source)}")
+
+    def _match(self, pattern: re.Pattern[str], text: str) -> bool:
+        return (pattern.fullmatch(text) if self._full else pattern.search(text)) is not None
+
+
+def _reject_constant(name: str) -> Any:
+    """Reject NaN and Infinity, which Python's json accepts but JSON does not."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_json(text: str) -> Any:
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def _key_path(key: str) -> str:
+    return f".{key}" if key.isidentifier() else f"[{json.dumps(key)}]"
+
+
+def _json_diff(expected: Any, actual: Any, subset: bool) -> tuple[str, str] | None:
+    """Where and why `actual` does not match `expected`, or None when it does.
+
+    JSON-aware: `true` is not `1` (Python says `True == 1`), while `1` equals `1.0`. With `subset`,
+    objects in `actual` may have keys that `expected` lacks, at any depth; lists must still have
+    the same length and match element by element.
+    """
+    if isinstance(expected, dict):
+        if not isinstance(actual, dict):
+            return "", "expected an object"
+        if not subset and expected.keys() != actual.keys():
+            extra = [k for k in actual if k not in expected]
+            if extra:
+                return _key_path(extra[0]), "unexpected key"
+        for key, value in expected.items():
+            if key not in actual:
+                return _key_path(key), "missing key"
+            diff = _json_diff(value, actual[key], subset)
+            if diff is not None:
+                return _key_path(key) + diff[0], diff[1]
+        return None
+    if isinstance(expected, list):
+        if not isinstance(actual, list):
+            return "", "expected an array"
+        if len(expected) != len(actual):
+            return "", f"expected {len(expected)} elements, got {len(actual)}"
+        for index, (exp, act) in enumerate(zip(expected, actual, strict=True)):
+            diff = _json_diff(exp, act, subset)
+            if diff is not None:
+                return f"[{index}]{diff[0]}", diff[1]
+        return None
+    if isinstance(expected, bool) or isinstance(actual, bool):
+        same = type(expected) is type(actual) and expected == actual
+    elif isinstance(expected, int | float):
+        same = isinstance(actual, int | float) and expected == actual
+    else:
+        same = type(expected) is type(actual) and expected == actual
+    return None if same else ("", "value differs")
+
+
+class _JsonMatch(_Base):
+    __slots__ = ("_subset", "_valid_only")
+
+    _VALID = Grade(PASSED, 1.0, 1.0, "output is valid JSON")
+    _EQUAL = Grade(PASSED, 1.0, 1.0, "output JSON equals expected JSON")
+    _SUBSET = Grade(PASSED, 1.0, 1.0, "output JSON contains expected JSON")
+
+    def __init__(self, spec: grader_pb2.Grader) -> None:
+        super().__init__(spec)
+        self._subset = spec.json_match.subset
+        self._valid_only = spec.json_match.valid_only
+
+    def _grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
+        try:
+            actual = _parse_json(output.content)
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            return Grade(FAILED, 0.0, 0.0, f"output is not valid JSON: {exc}")
+        if self._valid_only:
+            return self._VALID
+        try:
+            expected = _parse_json(item.expected_output)
+        except ValueError as exc:
+            return _error("the item's expected_output is not valid JSON", f"expected_output is not valid JSON: {exc}")
+        diff = _json_diff(expected, actual, self._subset)
+        if diff is None:
+            return self._SUBSET if self._subset else self._EQUAL
+        where = "$" + diff[0]
+        relation = "does not contain" if self._subset else "differs from"
+        return Grade(FAILED, 0.0, 0.0, f"output JSON {relation} expected JSON at {where}: {diff[1]}")
+
+
+class _Similarity(_Base):
+    __slots__ = ("_casefold", "_threshold")
+
+    def __init__(self, spec: grader_pb2.Grader) -> None:
+        super().__init__(spec)
+        self._threshold = spec.similarity.threshold or DEFAULT_SIMILARITY_THRESHOLD
+        self._casefold = spec.similarity.case_insensitive
+
+    def _grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
+        actual, expected = output.content, item.expected_output
+        if self._casefold:
+            actual, expected = actual.casefold(), expected.casefold()
+        ratio = fuzz.ratio(actual, expected) / 100.0
+        threshold = self._threshold
+        if ratio + _SIMILARITY_EPSILON >= threshold:
+            return Grade(PASSED, ratio, ratio, f"similarity {ratio:.2f} >= threshold {threshold:.2f}")
+        return Grade(FAILED, ratio, ratio, f"similarity {ratio:.2f} < threshold {threshold:.2f}")
+
+
+def _struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any] | None:
+    """A Struct as plain JSON values, or None when it holds NaN or Infinity (which cannot equal anything)."""
+    try:
+        return json_format.MessageToDict(struct)
+    except ValueError:
+        return None
+
+
+class _ToolCalls(_Base):
+    __slots__ = ("_allow_additional", "_arguments", "_expected", "_expected_set")
+
+    def __init__(self, spec: grader_pb2.Grader) -> None:
+        super().__init__(spec)
+        opts = spec.tool_calls
+        self._allow_additional = opts.allow_additional
+        self._arguments: dict[str, dict[str, Any]] = {}
+        for name in sorted(opts.expected_arguments):
+            converted = _struct_to_dict(opts.expected_arguments[name])
+            if converted is None:
+                raise ValueError(f"expected_arguments[{name!r}] is not JSON")
+            self._arguments[name] = converted
+        # Fixed expected names (or None: the item's `expected_tool_calls`), deduplicated in order.
+        self._expected: tuple[str, ...] | None = None
+        self._expected_set: frozenset[str] = frozenset()
+        if opts.expected:
+            self._expected = self._with_argument_names(opts.expected)
+            self._expected_set = frozenset(self._expected)
+
+    def _with_argument_names(self, names: Any) -> tuple[str, ...]:
+        """Expected names plus the tools given expected arguments: checking a tool's arguments implies expecting it."""
+        return tuple(dict.fromkeys([*names, *self._arguments]))
+
+    def _grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
+        expected = self._expected
+        if expected is None:
+            expected = self._with_argument_names(item.expected_tool_calls)
+            if not expected:
+                return _error(
+                    "no expected tool calls to check against",
+                    "no expected tool calls: tool_calls.expected and the item's expected_tool_calls are both empty",
+                )
+            expected_set: frozenset[str] | set[str] = set(expected)
+        else:
+            expected_set = self._expected_set
+        calls = output.tool_calls
+        called = {call.name for call in calls}
+        missing = [name for name in expected if name not in called]
+        additional = [name for name in dict.fromkeys(call.name for call in calls) if name not in expected_set]
+        bad_arguments = [name for name, args in self._arguments.items() if not self._arguments_match(name, args, calls)]
+
+        checks = len(expected) + len(self._arguments)
+        failures = len(missing) + len(bad_arguments)
+        if not self._allow_additional:
+            # Unexpected calls count as one failed check so a failing grade never scores 1.0.
+            checks += 1
+            failures += 1 if additional else 0
+        score = (checks - failures) / checks
+        if failures == 0:
+            text = f"called every expected tool ({len(expected)})"
+            if additional:
+                text += f"; additional calls allowed: {_names(additional)}"
+            return Grade(PASSED, 1.0, 1.0, text)
+        problems: list[str] = []
+        if missing:
+            problems.append(f"missing calls to {_names(missing)}")
+        if additional and not self._allow_additional:
+            problems.append(f"additional calls to {_names(additional)}")
+        if bad_arguments:
+            problems.append(f"no call with the expected arguments to {_names(bad_arguments)}")
+        return Grade(FAILED, score, score, "; ".join(problems))
+
+    @staticmethod
+    def _arguments_match(name: str, expected: dict[str, Any], calls: Any) -> bool:
+        """True when some call of `name` has every expected key with an equal value (extra keys are fine)."""
+        for call in calls:
+            if call.name != name:
+                continue
+            actual = _struct_to_dict(call.arguments)
+            if actual is None:
+                continue
+            if all(key in actual and _json_diff(value, actual[key], False) is None for key, value in expected.items()):
+                return True
+        return False
+
+
+class _Latency(_Base):
+    __slots__ = ("_max", "_max_text")
+
+    def __init__(self, spec: grader_pb2.Grader) -> None:
+        super().__init__(spec)
+        self._max = spec.latency.max_ms
+        self._max_text = _number(self._max, 1)
+
+    def _grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
+        latency = output.latency_ms
+        if latency <= self._max:
+            return Grade(PASSED, 1.0, latency, f"latency {_number(latency, 1)} ms <= {self._max_text} ms")
+        return Grade(FAILED, 0.0, latency, f"latency {_number(latency, 1)} ms > {self._max_text} ms")
+
+
+class _Cost(_Base):
+    __slots__ = ("_max", "_max_text")
+
+    def __init__(self, spec: grader_pb2.Grader) -> None:
+        super().__init__(spec)
+        self._max = spec.cost.max_usd
+        self._max_text = _number(self._max, 6)
+
+    def _grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
+        cost = output.cost_usd
+        if cost <= self._max:
+            return Grade(PASSED, 1.0, cost, f"cost ${_number(cost, 6)} <= ${self._max_text}")
+        return Grade(FAILED, 0.0, cost, f"cost ${_number(cost, 6)} > ${self._max_text}")
+
+
+_KINDS: dict[str, type[_Base]] = {
+    "exact_match": _ExactMatch,
+    "contains": _Contains,
+    "regex": _Regex,
+    "json_match": _JsonMatch,
+    "similarity": _Similarity,
+    "tool_calls": _ToolCalls,
+    "latency": _Latency,
+    "cost": _Cost,
+}
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+
+def grader_name(spec: grader_pb2.Grader) -> str:
+    """The name results use: the spec's name, else its kind (`exact_match`), so simple runs need no names."""
+    return spec.name or spec.WhichOneof("kind") or "grader"
+
+
+def compile_grader(spec: grader_pb2.Grader) -> CompiledGrader:
+    """Build the grader for a validated spec, doing all per-run work (regex compilation...) once."""
+    kind = spec.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("grader kind is not set")
+    return _KINDS[kind](spec)
+
+
+def _valid_regex(pattern: str) -> str | None:
+    """The compile error of a pattern, or None when it compiles."""
+    try:
+        re.compile(pattern)
+    except (re.error, OverflowError, RecursionError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def validate_grader(spec: grader_pb2.Grader, path: str) -> list[FieldViolation]:
+    """Every static problem of a spec, with field paths under `path` (e.g. `graders[2]`).
+
+    Checked at CreateRun so a run never starts with a grader that cannot work for any item; what
+    depends on the item (a per-item pattern, expected JSON) can only be reported per result.
+    """
+    out: list[FieldViolation] = []
+    if len(spec.name) > MAX_NAME:
+        out.append(FieldViolation(f"{path}.name", f"must be at most {MAX_NAME} characters"))
+    if not math.isfinite(spec.weight) or spec.weight < 0:
+        out.append(FieldViolation(f"{path}.weight", "must be a finite number >= 0 (0 means 1)"))
+    kind = spec.WhichOneof("kind")
+    if kind is None:
+        out.append(FieldViolation(f"{path}.kind", "exactly one grader kind must be set"))
+    elif kind == "contains":
+        if not spec.contains.values:
+            out.append(FieldViolation(f"{path}.contains.values", "at least one value is required"))
+        for i, value in enumerate(spec.contains.values):
+            if not value:
+                out.append(FieldViolation(f"{path}.contains.values[{i}]", "must not be empty"))
+    elif kind == "regex":
+        if spec.regex.pattern:
+            problem = _valid_regex(spec.regex.pattern)
+            if problem is not None:
+                out.append(FieldViolation(f"{path}.regex.pattern", f"invalid regular expression: {problem}"))
+    elif kind == "similarity":
+        threshold = spec.similarity.threshold
+        if not 0 <= threshold <= 1:  # also rejects NaN
+            out.append(FieldViolation(f"{path}.similarity.threshold", "must be between 0 and 1 (0 means 0.8)"))
+    elif kind == "tool_calls":
+        opts = spec.tool_calls
+        for i, name in enumerate(opts.expected):
+            if not name:
+                out.append(FieldViolation(f"{path}.tool_calls.expected[{i}]", "must not be empty"))
+        for name in sorted(opts.expected_arguments):
+            if not name:
+                out.append(FieldViolation(f"{path}.tool_calls.expected_arguments", "tool names must not be empty"))
+            elif _struct_to_dict(opts.expected_arguments[name]) is None:
+                out.append(
+                    FieldViolation(
+                        f"{path}.tool_calls.expected_arguments[{json.dumps(name)}]",
+                        "must hold JSON values (no NaN or Infinity)",
+                    )
+                )
+    elif kind == "latency":
+        if not (math.isfinite(spec.latency.max_ms) and spec.latency.max_ms > 0):
+            out.append(FieldViolation(f"{path}.latency.max_ms", "must be a finite number > 0"))
+    elif kind == "cost" and not (math.isfinite(spec.cost.max_usd) and spec.cost.max_usd >= 0):
+        out.append(FieldViolation(f"{path}.cost.max_usd", "must be a finite number >= 0"))
+    return out

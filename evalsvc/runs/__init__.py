@@ -1,0 +1,1 @@
+"""Runs: validation of new runs, the run service (create, read, list, cancel, results), conversions."""

@@ -1,0 +1,91 @@
+"""Row <-> protobuf conversions for runs and results. Pure functions, no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from evalsvc.v1 import item_pb2, run_pb2
+
+
+def timestamp(seconds: float | None) -> Timestamp | None:
+    """UNIX seconds -> Timestamp (None stays None)."""
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def counts_from(row: Mapping[str, Any]) -> run_pb2.RunCounts:
+    """RunCounts from a runs row (or any mapping with its counter columns)."""
+    return run_pb2.RunCounts(
+        total_items=row["total_items"],
+        total_evaluations=row["total_evaluations"],
+        completed_evaluations=row["completed"],
+        passed=row["passed"],
+        failed=row["failed"],
+        errored=row["errored"],
+        skipped=row["skipped"],
+    )
+
+
+def run_from(row: Mapping[str, Any]) -> run_pb2.Run:
+    """The Run message for a runs row; `spec` holds the definition as validated at creation."""
+    run = run_pb2.Run.FromString(row["spec"])
+    run.id = row["id"]
+    run.display_name = row["display_name"]
+    run.description = row["description"]
+    run.labels.update(row["labels"] or {})
+    run.dataset_id = row["dataset_id"]
+    run.run_number = row["run_number"]
+    run.status = row["status"]
+    run.counts.CopyFrom(counts_from(row))
+    if row["aggregate"]:
+        run.aggregate.ParseFromString(row["aggregate"])
+    else:
+        run.aggregate.pass_rate = pass_rate(row["passed"], row["failed"])
+    if row["overall_passed"] is not None:
+        run.overall_passed = bool(row["overall_passed"])
+    if row["error_code"]:
+        run.error.code = row["error_code"]
+        run.error.message = row["error_message"]
+    for name in ("create_time", "start_time", "end_time", "update_time"):
+        ts = timestamp(row[name])
+        if ts is not None:
+            getattr(run, name).CopyFrom(ts)
+    run.last_seq = row["last_seq"]
+    run.request_id = row["request_id"] or ""
+    return run
+
+
+def pass_rate(passed: int, failed: int) -> float:
+    """Passed / (passed + failed); errors are not in the denominator. 0 when nothing was graded."""
+    graded = passed + failed
+    return passed / graded if graded else 0.0
+
+
+def result_from(row: Mapping[str, Any], output: bytes | None) -> run_pb2.Result:
+    """The Result message for a results row and its job's serialized output."""
+    result = run_pb2.Result(
+        id=str(row["id"]),
+        run_id=row["run_id"],
+        item_id=row["item_id"],
+        repetition=row["repetition"],
+        grader=row["grader"],
+        state=row["state"],
+        score=row["score"],
+        raw_score=row["raw_score"],
+        passed=row["state"] == run_pb2.RESULT_STATE_PASSED,
+        explanation=row["explanation"],
+        cost_usd=row["cost_usd"],
+        latency_ms=row["latency_ms"],
+        error_reason=row["error_reason"],
+        attempt=row["attempt"],
+        complete_time=timestamp(row["complete_time"]),
+    )
+    if output:
+        result.output.CopyFrom(item_pb2.Response.FromString(output))
+    return result

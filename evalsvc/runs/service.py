@@ -1,0 +1,243 @@
+"""The run service: create, read, list and cancel runs and read their results.
+
+The API layer translates protobuf requests into calls here and errors back into statuses; this
+module owns the rules (validation, idempotency, status transitions) and calls the store for SQL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from sqlalchemy.exc import IntegrityError
+
+from evalsvc.errors import FieldViolation, ServiceError, invalid_argument, not_found
+from evalsvc.events.bus import EventBus
+from evalsvc.ids import decode_page_token, encode_page_token, new_id, page_size
+from evalsvc.runs.convert import result_from, run_from
+from evalsvc.runs.validation import assign_item_ids, validate_create_run
+from evalsvc.store import datasets as dataset_store
+from evalsvc.store import runs as run_store
+from evalsvc.store.db import Database
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import run_pb2
+
+DEFAULT_MAX_ITEMS = 100_000
+
+
+@dataclass(frozen=True)
+class CreatedRun:
+    """A run as CreateRun returns it."""
+
+    run: run_pb2.Run
+    job_count: int
+
+
+def request_fingerprint(request: pb.CreateRunRequest) -> str:
+    """A digest of the request without its request_id: equal requests, equal digests."""
+    copy = pb.CreateRunRequest()
+    copy.CopyFrom(request)
+    copy.ClearField("request_id")
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+class RunService:
+    """Runs of one database, for any tenant the caller names."""
+
+    def __init__(
+        self,
+        db: Database,
+        bus: EventBus,
+        *,
+        on_created: Callable[[], None] = lambda: None,
+        on_cancelled: Callable[[str], None] = lambda run_id: None,
+        max_items: int = DEFAULT_MAX_ITEMS,
+    ) -> None:
+        self._db = db
+        self._bus = bus
+        self._on_created = on_created
+        self._on_cancelled = on_cancelled
+        self._max_items = max_items
+
+    async def create(self, tenant: str, request: pb.CreateRunRequest) -> CreatedRun:
+        """Validate, then store the run, its items, jobs and first event in one transaction."""
+        assign_item_ids(request.items)
+        violations = validate_create_run(request, max_items=self._max_items)
+        if violations:
+            raise invalid_argument(violations)
+        fingerprint = request_fingerprint(request)
+        if request.request_id:
+            async with self._db.read() as conn:
+                existing = await run_store.find_by_request_id(conn, tenant, request.request_id)
+            if existing is not None:
+                return self._replay(existing, fingerprint)
+        items = await self._resolve_items(tenant, request)
+        repetitions = request.repetitions or 1
+        spec = run_pb2.Run(
+            target=request.target,
+            graders=request.graders,
+            repetitions=repetitions,
+            warmup_runs=request.warmup_runs,
+            trigger=request.trigger or run_pb2.TRIGGER_MANUAL,
+        )
+        if request.HasField("pass_threshold"):
+            spec.pass_threshold = request.pass_threshold
+        now = time.time()
+        row: dict[str, Any] = {
+            "id": new_id("run"),
+            "tenant": tenant,
+            "request_id": request.request_id or None,
+            "request_hash": fingerprint,
+            "dataset_id": request.dataset_id,
+            "display_name": request.display_name,
+            "description": request.description,
+            "labels": dict(request.labels),
+            "spec": spec.SerializeToString(),
+            "status": run_pb2.RUN_STATUS_PENDING,
+            "total_items": len(items),
+            "total_evaluations": len(items) * repetitions * len(request.graders),
+            "create_time": now,
+        }
+        try:
+            async with self._db.write() as conn:
+                if request.request_id:
+                    existing = await run_store.find_by_request_id(conn, tenant, request.request_id)
+                    if existing is not None:
+                        return self._replay(existing, fingerprint)
+                row["run_number"] = await run_store.next_run_number(conn, tenant, request.dataset_id)
+                event = await run_store.insert_run(conn, row, items, repetitions)
+        except IntegrityError:
+            # A concurrent request with the same request_id won the race (PostgreSQL); answer as a retry.
+            async with self._db.read() as conn:
+                existing = await run_store.find_by_request_id(conn, tenant, request.request_id)
+            if existing is None:
+                raise
+            return self._replay(existing, fingerprint)
+        self._bus.publish(event.run.id, [event])
+        self._on_created()
+        return CreatedRun(run=event.run, job_count=len(items) * repetitions)
+
+    def _replay(self, existing: Mapping[str, Any], fingerprint: str) -> CreatedRun:
+        if existing["request_hash"] != fingerprint:
+            raise ServiceError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                "REQUEST_ID_CONFLICT",
+                f"request_id {existing['request_id']!r} was already used for a different request",
+                metadata={"run_id": existing["id"]},
+            )
+        run = run_from(existing)
+        return CreatedRun(run=run, job_count=run.counts.total_items * run.repetitions)
+
+    async def _resolve_items(self, tenant: str, request: pb.CreateRunRequest) -> list[bytes]:
+        """The serialized items the run copies: inline ones, or the dataset's (or a subset)."""
+        if not request.dataset_id:
+            return [item.SerializeToString() for item in request.items]
+        async with self._db.read() as conn:
+            dataset = await dataset_store.get(conn, tenant, request.dataset_id)
+            if dataset is None:
+                raise not_found("dataset", request.dataset_id)
+            stored = await dataset_store.all_items(conn, request.dataset_id)
+        if not request.item_ids:
+            if not stored:
+                raise invalid_argument([FieldViolation("dataset_id", "the dataset has no items")])
+            if len(stored) > self._max_items:
+                raise invalid_argument([FieldViolation("dataset_id", f"more than {self._max_items} items")])
+            return [item for _, item in stored]
+        by_id = dict(stored)
+        violations = [
+            FieldViolation(f"item_ids[{i}]", f"no item {item_id!r} in dataset {request.dataset_id!r}")
+            for i, item_id in enumerate(request.item_ids)
+            if item_id not in by_id
+        ]
+        if len(set(request.item_ids)) != len(request.item_ids):
+            violations.append(FieldViolation("item_ids", "item ids must not repeat"))
+        if violations:
+            raise invalid_argument(violations)
+        return [by_id[item_id] for item_id in request.item_ids]
+
+    async def get(self, tenant: str, run_id: str) -> run_pb2.Run:
+        """A run; NOT_FOUND when it does not exist or is another tenant's."""
+        async with self._db.read() as conn:
+            row = await run_store.get(conn, tenant, run_id)
+        if row is None:
+            raise not_found("run", run_id)
+        return run_from(row)
+
+    async def list(self, tenant: str, request: pb.ListRunsRequest) -> tuple[list[run_pb2.Run], str]:
+        """A page of runs, newest first, and the next page's token."""
+        limit = page_size(request.page_size, 50)
+        for i, status in enumerate(request.statuses):
+            if status not in run_pb2.RunStatus.values() or status == run_pb2.RUN_STATUS_UNSPECIFIED:
+                raise invalid_argument([FieldViolation(f"statuses[{i}]", "unknown run status")])
+        query = {
+            "statuses": sorted(request.statuses),
+            "labels": dict(sorted(request.labels.items())),
+            "dataset_id": request.dataset_id,
+        }
+        before_id = decode_page_token(request.page_token, query)
+        async with self._db.read() as conn:
+            rows = await run_store.list_page(
+                conn,
+                tenant,
+                before_id=before_id,
+                limit=limit + 1,
+                statuses=request.statuses,
+                labels=request.labels,
+                dataset_id=request.dataset_id,
+            )
+        runs = [run_from(row) for row in rows[:limit]]
+        token = encode_page_token(runs[-1].id, query) if len(rows) > limit else ""
+        return runs, token
+
+    async def cancel(self, tenant: str, run_id: str) -> run_pb2.Run:
+        """Cancel a run: no job starts after this returns. Idempotent on a cancelled run."""
+        async with self._db.write() as conn:
+            event = await run_store.set_status(
+                conn,
+                tenant,
+                run_id,
+                run_pb2.RUN_STATUS_CANCELLED,
+                from_statuses=run_store.ACTIVE_STATUSES,
+                end_time=time.time(),
+            )
+            if event is not None:
+                await run_store.cancel_jobs(conn, run_id)
+            else:
+                row = await run_store.get(conn, tenant, run_id)
+        if event is not None:
+            self._on_cancelled(run_id)
+            self._bus.publish(run_id, [event])
+            return event.run
+        if row is None:
+            raise not_found("run", run_id)
+        if row["status"] == run_pb2.RUN_STATUS_CANCELLED:
+            return run_from(row)
+        raise ServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "RUN_ALREADY_FINISHED",
+            f"run {run_id!r} already finished as {run_pb2.RunStatus.Name(row['status'])}",
+            metadata={"run_id": run_id},
+        )
+
+    async def list_results(
+        self, tenant: str, request: pb.ListRunResultsRequest
+    ) -> tuple[Sequence[run_pb2.Result], str]:
+        """A page of a run's results and the next page's token."""
+        limit = page_size(request.page_size, 100)
+        if request.state not in run_pb2.ResultState.values():
+            raise invalid_argument([FieldViolation("state", "unknown result state")])
+        query = {"run_id": request.run_id, "state": request.state}
+        after_id = decode_page_token(request.page_token, query)
+        async with self._db.read() as conn:
+            if await run_store.get(conn, tenant, request.run_id) is None:
+                raise not_found("run", request.run_id)
+            rows = await run_store.results_page(
+                conn, tenant, request.run_id, after_id=after_id, limit=limit + 1, state=request.state
+            )
+        results = [result_from(row, output) for row, output in rows[:limit]]
+        token = encode_page_token(int(results[-1].id), query) if len(rows) > limit else ""
+        return results, token

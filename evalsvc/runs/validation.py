@@ -1,0 +1,103 @@
+"""Static validation of a CreateRun request: everything that can be checked without the database.
+
+All violations are collected, not just the first, so a caller fixes a request in one round trip.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+from evalsvc.errors import FieldViolation
+from evalsvc.graders import grader_name, validate_grader
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import item_pb2, run_pb2
+
+MAX_REQUEST_ID = 128
+MAX_DISPLAY_NAME = 256
+MAX_DESCRIPTION = 1024
+MAX_ITEM_ID = 128
+MAX_GRADERS = 1024  # result ids are job_id * 1024 + grader index
+MAX_REPETITIONS = 100
+MAX_WARMUP_RUNS = 10
+LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+MAX_LABEL_VALUE = 63
+
+
+def check_length(value: str, limit: int, field: str, out: list[FieldViolation]) -> None:
+    """Append a violation when value is longer than limit characters."""
+    if len(value) > limit:
+        out.append(FieldViolation(field, f"must be at most {limit} characters (got {len(value)})"))
+
+
+def check_labels(labels: Mapping[str, str], field: str, out: list[FieldViolation]) -> None:
+    """Label keys are 1-63 of [a-z0-9_-] starting with a letter; values at most 63 characters."""
+    for key, value in labels.items():
+        if not LABEL_KEY.match(key):
+            out.append(FieldViolation(f"{field}[{key}]", "key must match [a-z][a-z0-9_-]{0,62}"))
+        check_length(value, MAX_LABEL_VALUE, f"{field}[{key}]", out)
+
+
+def check_items(items: Sequence[item_pb2.Item], field: str, out: list[FieldViolation], max_items: int) -> None:
+    """Items need unique ids of at most 128 characters (empty ids are assigned before this check)."""
+    if len(items) > max_items:
+        out.append(FieldViolation(field, f"at most {max_items} items per request (got {len(items)})"))
+        return
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        check_length(item.id, MAX_ITEM_ID, f"{field}[{i}].id", out)
+        if item.id in seen:
+            out.append(FieldViolation(f"{field}[{i}].id", f"duplicate item id {item.id[:MAX_ITEM_ID]!r}"))
+        seen.add(item.id)
+
+
+def assign_item_ids(items: Sequence[item_pb2.Item], start: int = 0) -> None:
+    """Give items without an id one derived from their position (`item-1`, `item-2`, ...)."""
+    for i, item in enumerate(items):
+        if not item.id:
+            item.id = f"item-{start + i + 1}"
+
+
+def validate_create_run(request: pb.CreateRunRequest, *, max_items: int) -> list[FieldViolation]:
+    """Every violation in a CreateRun request (inline items must already have their ids assigned)."""
+    out: list[FieldViolation] = []
+    check_length(request.request_id, MAX_REQUEST_ID, "request_id", out)
+    if request.dataset_id and request.items:
+        out.append(FieldViolation("items", "give either dataset_id or items, not both"))
+    elif not request.dataset_id and not request.items:
+        out.append(FieldViolation("items", "give dataset_id or at least one item"))
+    if request.item_ids and not request.dataset_id:
+        out.append(FieldViolation("item_ids", "item_ids select from a dataset; dataset_id is missing"))
+    check_items(request.items, "items", out, max_items)
+    if len(request.item_ids) > max_items:
+        out.append(FieldViolation("item_ids", f"at most {max_items} items per run"))
+    if not request.HasField("target"):
+        out.append(FieldViolation("target", "a target is required"))
+    elif request.target.WhichOneof("kind") is None:
+        out.append(FieldViolation("target.kind", "exactly one target kind must be set"))
+    if not request.graders:
+        out.append(FieldViolation("graders", "at least one grader is required"))
+    if len(request.graders) > MAX_GRADERS:
+        out.append(FieldViolation("graders", f"at most {MAX_GRADERS} graders"))
+    names: set[str] = set()
+    for i, grader in enumerate(request.graders):
+        out.extend(validate_grader(grader, f"graders[{i}]"))
+        name = grader_name(grader)
+        if name in names:
+            out.append(FieldViolation(f"graders[{i}].name", f"duplicate grader name {name!r}; name each grader"))
+        names.add(name)
+    check_length(request.display_name, MAX_DISPLAY_NAME, "display_name", out)
+    check_length(request.description, MAX_DESCRIPTION, "description", out)
+    check_labels(request.labels, "labels", out)
+    if request.HasField("pass_threshold") and not (
+        math.isfinite(request.pass_threshold) and 0 <= request.pass_threshold <= 100
+    ):
+        out.append(FieldViolation("pass_threshold", "must be a percentage between 0 and 100"))
+    if not 0 <= request.repetitions <= MAX_REPETITIONS:
+        out.append(FieldViolation("repetitions", f"must be between 1 and {MAX_REPETITIONS} (0 means 1)"))
+    if not 0 <= request.warmup_runs <= MAX_WARMUP_RUNS:
+        out.append(FieldViolation("warmup_runs", f"must be between 0 and {MAX_WARMUP_RUNS}"))
+    if request.trigger not in run_pb2.Trigger.values():
+        out.append(FieldViolation("trigger", "unknown trigger"))
+    return out

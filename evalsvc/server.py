@@ -1,0 +1,126 @@
+"""The gRPC server: wiring, lifecycle and graceful shutdown.
+
+`EvalServer` owns the database, the event bus, the executor and the grpc.aio server. Tests and
+embedders start it in-process on port 0; `evalsvc serve` runs it until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from evalsvc.api.datasets import DatasetServicer
+from evalsvc.api.eval_runs import EvalRunServicer
+from evalsvc.config import Settings
+from evalsvc.datasets.service import DatasetService
+from evalsvc.events.bus import EventBus
+from evalsvc.execution.executor import Executor
+from evalsvc.runs.service import RunService
+from evalsvc.store.db import Database
+from evalsvc.v1 import dataset_service_pb2, dataset_service_pb2_grpc, eval_run_service_pb2, eval_run_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    eval_run_service_pb2.DESCRIPTOR.services_by_name["EvalRunService"].full_name,
+    dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name,
+)
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel arguments: message size, stream limits, keepalive, and room for reconnect bursts."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        # Ping idle clients every 30 s so dead watchers are noticed; allow client pings every 10 s.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        # Every watcher reconnects at once after a deploy; without these, bursts get CANCELLED.
+        ("grpc.server.max_pending_requests", 10_000),
+        ("grpc.server.max_pending_requests_hard_limit", 20_000),
+    ]
+
+
+class EvalServer:
+    """One evalsvc process: gRPC server, executor and database."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
+        self.bus = EventBus()
+        self.executor = Executor(self.db, self.bus, settings)
+        self.runs = RunService(self.db, self.bus, on_created=self.executor.wake, on_cancelled=self.executor.cancel_run)
+        self.datasets = DatasetService(self.db)
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        """Create the schema, start the executor and listen; returns the bound port."""
+        await self.db.create_schema()
+        server = grpc.aio.server(options=server_options(self.settings))
+        eval_run_service_pb2_grpc.add_EvalRunServiceServicer_to_server(
+            EvalRunServicer(self.runs, self.db, self.bus, self.settings), server
+        )
+        dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(DatasetServicer(self.datasets), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        self.port = server.add_insecure_port(self.settings.grpc_addr)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.settings.grpc_addr}")
+        await server.start()
+        self._server = server
+        await self.executor.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        host = self.settings.grpc_addr.rsplit(":", 1)[0]
+        log.info("evalsvc listening on %s:%d (database %s)", host, self.port, _safe_url(self.settings.db))
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: report NOT_SERVING, end watches with UNAVAILABLE, let unary calls finish
+        within the grace period, stop claiming jobs and hand unfinished ones back."""
+        grace = self.settings.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self.bus.close()
+        if self._server is not None:
+            await asyncio.gather(self._server.stop(grace), self.executor.stop())
+        await self.db.close()
+        log.info("evalsvc stopped")
+
+    async def wait_for_termination(self) -> None:
+        """Block until the server stops."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+def _safe_url(url: str) -> str:
+    """A database URL without its password, for logs."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server = EvalServer(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received; shutting down (grace %.1f s)", settings.grace_s)
+    await server.stop()

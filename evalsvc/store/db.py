@@ -1,0 +1,80 @@
+"""Engines and transactions.
+
+SQLite allows one writer at a time, and a transaction that reads first and writes later fails at
+once with "database is locked" when another writer got in between. So writes go through a
+dedicated single-connection engine whose transactions start with `BEGIN IMMEDIATE` (they queue for
+the lock instead of failing), while reads use a separate pool that never blocks the writer (WAL).
+On PostgreSQL both engines are ordinary pools and row locks do the serialising.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlmodel import SQLModel
+
+from evalsvc.store import models as _models  # noqa: F401  (registers the tables)
+
+
+class Database:
+    """The service's database: a write engine (one writer on SQLite) and a read engine."""
+
+    def __init__(self, url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 10) -> None:
+        self.url = url
+        self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            self.writer = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=300)
+            self.reader = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=60)
+            for engine in (self.writer, self.reader):
+                _configure_sqlite(engine, sqlite_synchronous, immediate=engine is self.writer)
+        else:
+            self.writer = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
+            self.reader = self.writer
+
+    async def create_schema(self) -> None:
+        """Create missing tables (idempotent)."""
+        async with self.writer.begin() as conn:
+            await conn.run_sync(SQLModel.metadata.create_all)
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction: commits on success, rolls back on any exception."""
+        async with self.writer.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A read-only snapshot."""
+        async with self.reader.connect() as conn:
+            yield conn
+
+    async def close(self) -> None:
+        """Dispose of every pooled connection."""
+        await self.writer.dispose()
+        if self.reader is not self.writer:
+            await self.reader.dispose()
+
+
+def _configure_sqlite(engine: AsyncEngine, synchronous: str, *, immediate: bool) -> None:
+    if synchronous.upper() not in {"FULL", "NORMAL", "EXTRA"}:
+        raise ValueError(f"sqlite synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module so BEGIN is ours to choose.
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

@@ -1,0 +1,108 @@
+"""Job leases: claim, extend, complete (fenced) and release.
+
+A claim gives a batch of jobs one fresh `claim_id`. Completing a job only succeeds while the job is
+still leased under that claim, so a worker that stalled past its lease (and was superseded) or whose
+run was cancelled records nothing: the completion is fenced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import insert, or_, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from evalsvc.store.models import JOB_DONE, JOB_LEASED, JOB_QUEUED, JobRow, OutputRow, RunItemRow
+
+JOBS = JobRow.__table__  # type: ignore[attr-defined]
+ITEMS = RunItemRow.__table__  # type: ignore[attr-defined]
+OUTPUTS = OutputRow.__table__  # type: ignore[attr-defined]
+
+
+async def claim(
+    conn: AsyncConnection, *, owner: str, claim_id: str, limit: int, now: float, lease_ttl_s: float
+) -> list[Mapping[str, Any]]:
+    """Lease up to `limit` queued (or lease-expired) jobs, oldest first, in one statement."""
+    claimable = (
+        select(JOBS.c.id)
+        .where(
+            or_(
+                JOBS.c.state == JOB_QUEUED,
+                (JOBS.c.state == JOB_LEASED) & (JOBS.c.lease_expiry < now),
+            )
+        )
+        .order_by(JOBS.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    claimed = await conn.execute(
+        update(JOBS)
+        .where(JOBS.c.id.in_(claimable))
+        .values(
+            state=JOB_LEASED,
+            claim_id=claim_id,
+            lease_owner=owner,
+            lease_expiry=now + lease_ttl_s,
+            attempt=JOBS.c.attempt + 1,
+        )
+        .returning(JOBS.c.id, JOBS.c.tenant, JOBS.c.run_id, JOBS.c.item_idx, JOBS.c.repetition, JOBS.c.attempt)
+    )
+    return sorted(claimed.mappings(), key=lambda job: job["id"])
+
+
+async def extend(conn: AsyncConnection, claim_ids: Sequence[str], expiry: float) -> None:
+    """Keep the leases of claims still being worked on."""
+    if claim_ids:
+        await conn.execute(
+            update(JOBS)
+            .where(JOBS.c.claim_id.in_(list(claim_ids)), JOBS.c.state == JOB_LEASED)
+            .values(lease_expiry=expiry)
+        )
+
+
+async def complete(conn: AsyncConnection, jobs: Iterable[tuple[int, str]]) -> set[int]:
+    """Mark jobs done where (job id, claim id) still holds the lease; return the ids that did."""
+    pairs = list(jobs)
+    if not pairs:
+        return set()
+    done = await conn.execute(
+        update(JOBS)
+        .where(tuple_(JOBS.c.id, JOBS.c.claim_id).in_(pairs), JOBS.c.state == JOB_LEASED)
+        .values(state=JOB_DONE, claim_id=None, lease_expiry=None)
+        .returning(JOBS.c.id)
+    )
+    return {job_id for (job_id,) in done}
+
+
+async def store_outputs(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert the target outputs of completed jobs."""
+    if rows:
+        await conn.execute(insert(OUTPUTS), list(rows))
+
+
+async def release(conn: AsyncConnection, claim_ids: Sequence[str]) -> None:
+    """Hand unfinished jobs of these claims back to the queue (graceful shutdown)."""
+    if claim_ids:
+        await conn.execute(
+            update(JOBS)
+            .where(JOBS.c.claim_id.in_(list(claim_ids)), JOBS.c.state == JOB_LEASED)
+            .values(state=JOB_QUEUED, claim_id=None, lease_owner=None, lease_expiry=None)
+        )
+
+
+async def release_all(conn: AsyncConnection) -> int:
+    """Requeue every leased job. Only safe where this process is the database's one server (SQLite)."""
+    released = await conn.execute(
+        update(JOBS)
+        .where(JOBS.c.state == JOB_LEASED)
+        .values(state=JOB_QUEUED, claim_id=None, lease_owner=None, lease_expiry=None)
+    )
+    return int(released.rowcount or 0)
+
+
+async def run_items(conn: AsyncConnection, run_id: str) -> list[bytes]:
+    """A run's copied items, by index."""
+    rows = await conn.execute(select(ITEMS.c.item).where(ITEMS.c.run_id == run_id).order_by(ITEMS.c.idx))
+    return [item for (item,) in rows]

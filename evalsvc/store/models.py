@@ -1,0 +1,196 @@
+"""The schema, as SQLModel tables. Every row carries its tenant.
+
+Times are UNIX seconds (float): one representation on SQLite and PostgreSQL, and cheap to turn
+into `google.protobuf.Timestamp`. Definitions that the service never queries by field (a run's
+target and graders, an item) are stored as serialized protobuf, so the stored run is exactly what
+was validated and later contract additions need no migration.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, Column, Index, LargeBinary, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+# Job states. A job is one item x repetition; a worker leases it, runs the target and every grader.
+JOB_QUEUED = 0
+JOB_LEASED = 1
+JOB_DONE = 2
+JOB_CANCELLED = 3
+
+
+class RunRow(SQLModel, table=True):
+    """A run: its definition, status and live counters."""
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        UniqueConstraint("tenant", "request_id", name="uq_runs_tenant_request_id"),
+        Index("ix_runs_tenant_id", "tenant", "id"),
+        Index("ix_runs_tenant_dataset", "tenant", "dataset_id", "id"),
+        Index("ix_runs_active", "status"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant: str = Field(max_length=64)
+    request_id: str | None = Field(default=None, max_length=128)
+    request_hash: str = Field(default="", max_length=64)
+    dataset_id: str = Field(default="", max_length=40)
+    run_number: int = 0
+    display_name: str = ""
+    description: str = ""
+    labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    spec: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    status: int = 0
+    total_items: int = 0
+    total_evaluations: int = 0
+    completed: int = 0
+    passed: int = 0
+    failed: int = 0
+    errored: int = 0
+    skipped: int = 0
+    aggregate: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    overall_passed: bool | None = None
+    error_code: str = ""
+    error_message: str = ""
+    create_time: float = 0.0
+    start_time: float | None = None
+    end_time: float | None = None
+    update_time: float = 0.0
+    last_seq: int = 0
+
+
+class RunLabelRow(SQLModel, table=True):
+    """A run's labels, one row each, so ListRuns can filter by label in SQL."""
+
+    __tablename__ = "run_labels"
+    __table_args__ = (Index("ix_run_labels_lookup", "tenant", "key", "value"),)
+
+    run_id: str = Field(primary_key=True, max_length=40)
+    key: str = Field(primary_key=True, max_length=63)
+    value: str = Field(max_length=63)
+    tenant: str = Field(max_length=64)
+
+
+class RunCounterRow(SQLModel, table=True):
+    """The last run_number given per tenant and dataset ("" for inline runs)."""
+
+    __tablename__ = "run_counters"
+
+    tenant: str = Field(primary_key=True, max_length=64)
+    dataset_id: str = Field(primary_key=True, max_length=40)
+    last: int = 0
+
+
+class RunItemRow(SQLModel, table=True):
+    """An item copied into a run, so later dataset edits never change a past run."""
+
+    __tablename__ = "run_items"
+
+    run_id: str = Field(primary_key=True, max_length=40)
+    idx: int = Field(primary_key=True)
+    tenant: str = Field(max_length=64)
+    item: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class JobRow(SQLModel, table=True):
+    """One item x repetition to execute, with its lease. `claim_id` fences completions."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_claimable", "state", "id"),
+        Index("ix_jobs_run", "run_id", "state"),
+        Index("ix_jobs_claim", "claim_id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    tenant: str = Field(max_length=64)
+    run_id: str = Field(max_length=40)
+    item_idx: int
+    repetition: int
+    state: int = JOB_QUEUED
+    claim_id: str | None = Field(default=None, max_length=40)
+    lease_owner: str | None = Field(default=None, max_length=64)
+    lease_expiry: float | None = None
+    attempt: int = 0
+
+
+class OutputRow(SQLModel, table=True):
+    """What the target produced for one job; every result of that job refers to it."""
+
+    __tablename__ = "outputs"
+
+    job_id: int = Field(primary_key=True)
+    tenant: str = Field(max_length=64)
+    run_id: str = Field(max_length=40)
+    output: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class ResultRow(SQLModel, table=True):
+    """One evaluation's outcome. The unique key makes every evaluation's result exactly-once."""
+
+    __tablename__ = "results"
+    __table_args__ = (
+        UniqueConstraint("run_id", "item_id", "repetition", "grader", name="uq_results_evaluation"),
+        Index("ix_results_run_state", "run_id", "state", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    tenant: str = Field(max_length=64)
+    run_id: str = Field(max_length=40)
+    job_id: int
+    item_id: str = Field(max_length=128)
+    repetition: int
+    grader: str = Field(max_length=63)
+    state: int
+    score: float
+    raw_score: float
+    explanation: str
+    error_reason: str
+    attempt: int
+    cost_usd: float
+    latency_ms: float
+    complete_time: float
+
+
+class EventRow(SQLModel, table=True):
+    """A run's event log: seq 1, 2, 3... without gaps, written in the transaction of the change."""
+
+    __tablename__ = "events"
+
+    run_id: str = Field(primary_key=True, max_length=40)
+    seq: int = Field(primary_key=True)
+    tenant: str = Field(max_length=64)
+    payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class DatasetRow(SQLModel, table=True):
+    """A named set of items."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (
+        UniqueConstraint("tenant", "request_id", name="uq_datasets_tenant_request_id"),
+        Index("ix_datasets_tenant_id", "tenant", "id"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant: str = Field(max_length=64)
+    request_id: str | None = Field(default=None, max_length=128)
+    request_hash: str = Field(default="", max_length=64)
+    display_name: str = ""
+    description: str = ""
+    labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    item_count: int = 0
+    create_time: float = 0.0
+    update_time: float = 0.0
+
+
+class DatasetItemRow(SQLModel, table=True):
+    """An item of a dataset, in the order it was added."""
+
+    __tablename__ = "dataset_items"
+    __table_args__ = (UniqueConstraint("dataset_id", "item_id", name="uq_dataset_items_item_id"),)
+
+    dataset_id: str = Field(primary_key=True, max_length=40)
+    idx: int = Field(primary_key=True)
+    item_id: str = Field(max_length=128)
+    tenant: str = Field(max_length=64)
+    item: bytes = Field(sa_column=Column(LargeBinary, nullable=False))

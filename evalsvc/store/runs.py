@@ -1,0 +1,255 @@
+"""Queries on runs, their items, labels and results."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import and_, exists, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from evalsvc.runs.convert import counts_from, run_from, timestamp
+from evalsvc.store import events
+from evalsvc.store.models import (
+    JOB_CANCELLED,
+    JOB_LEASED,
+    JOB_QUEUED,
+    JobRow,
+    OutputRow,
+    ResultRow,
+    RunCounterRow,
+    RunItemRow,
+    RunLabelRow,
+    RunRow,
+)
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import run_pb2
+
+RUNS = RunRow.__table__  # type: ignore[attr-defined]
+LABELS = RunLabelRow.__table__  # type: ignore[attr-defined]
+COUNTERS = RunCounterRow.__table__  # type: ignore[attr-defined]
+ITEMS = RunItemRow.__table__  # type: ignore[attr-defined]
+JOBS = JobRow.__table__  # type: ignore[attr-defined]
+RESULTS = ResultRow.__table__  # type: ignore[attr-defined]
+OUTPUTS = OutputRow.__table__  # type: ignore[attr-defined]
+
+ACTIVE_STATUSES = (run_pb2.RUN_STATUS_PENDING, run_pb2.RUN_STATUS_RUNNING)
+TERMINAL_STATUSES = (run_pb2.RUN_STATUS_SUCCEEDED, run_pb2.RUN_STATUS_FAILED, run_pb2.RUN_STATUS_CANCELLED)
+
+
+async def find_by_request_id(conn: AsyncConnection, tenant: str, request_id: str) -> Mapping[str, Any] | None:
+    """The run created with this idempotency key, if any."""
+    row = await conn.execute(select(RUNS).where(RUNS.c.tenant == tenant, RUNS.c.request_id == request_id))
+    return row.mappings().first()
+
+
+async def next_run_number(conn: AsyncConnection, tenant: str, dataset_id: str) -> int:
+    """Allocate the next run_number of a dataset (or of the tenant's inline runs) atomically."""
+    bumped = await conn.execute(
+        update(COUNTERS)
+        .where(COUNTERS.c.tenant == tenant, COUNTERS.c.dataset_id == dataset_id)
+        .values(last=COUNTERS.c.last + 1)
+        .returning(COUNTERS.c.last)
+    )
+    number = bumped.scalar()
+    if number is None:
+        await conn.execute(insert(COUNTERS).values(tenant=tenant, dataset_id=dataset_id, last=1))
+        number = 1
+    return int(number)
+
+
+async def insert_run(
+    conn: AsyncConnection,
+    row: dict[str, Any],
+    items: Sequence[bytes],
+    repetitions: int,
+) -> pb.WatchRunResponse:
+    """Store a new run, its copied items, one job per item x repetition and its first event (seq 1)."""
+    now = row["create_time"]
+    tenant, run_id = row["tenant"], row["id"]
+    await conn.execute(insert(RUNS).values(**row, last_seq=1, update_time=now))
+    if row["labels"]:
+        await conn.execute(
+            insert(LABELS),
+            [{"run_id": run_id, "key": k, "value": v, "tenant": tenant} for k, v in row["labels"].items()],
+        )
+    await conn.execute(
+        insert(ITEMS), [{"run_id": run_id, "idx": i, "tenant": tenant, "item": item} for i, item in enumerate(items)]
+    )
+    await conn.execute(
+        insert(JOBS),
+        [
+            {"tenant": tenant, "run_id": run_id, "item_idx": i, "repetition": rep, "state": JOB_QUEUED, "attempt": 0}
+            for rep in range(1, repetitions + 1)
+            for i in range(len(items))
+        ],
+    )
+    stored = await get(conn, tenant, run_id)
+    assert stored is not None
+    event = run_event(stored)
+    await events.append(conn, tenant, run_id, [event])
+    return event
+
+
+def run_event(row: Mapping[str, Any]) -> pb.WatchRunResponse:
+    """The event recording a run's state, with seq = the row's last_seq."""
+    return pb.WatchRunResponse(
+        seq=row["last_seq"],
+        event_time=timestamp(row["update_time"]),
+        counts=counts_from(row),
+        run=run_from(row),
+    )
+
+
+async def get(conn: AsyncConnection, tenant: str, run_id: str) -> Mapping[str, Any] | None:
+    """A tenant's run row, or None (also for another tenant's run)."""
+    found = await conn.execute(select(RUNS).where(RUNS.c.id == run_id, RUNS.c.tenant == tenant))
+    return found.mappings().first()
+
+
+async def list_page(
+    conn: AsyncConnection,
+    tenant: str,
+    *,
+    before_id: str | None,
+    limit: int,
+    statuses: Sequence[int],
+    labels: Mapping[str, str],
+    dataset_id: str,
+) -> list[Mapping[str, Any]]:
+    """Runs newest first (ids sort by creation time), after a keyset position."""
+    query = select(RUNS).where(RUNS.c.tenant == tenant)
+    if before_id:
+        query = query.where(RUNS.c.id < before_id)
+    if statuses:
+        query = query.where(RUNS.c.status.in_(list(statuses)))
+    if dataset_id:
+        query = query.where(RUNS.c.dataset_id == dataset_id)
+    for key, value in labels.items():
+        query = query.where(
+            exists().where(and_(LABELS.c.run_id == RUNS.c.id, LABELS.c.key == key, LABELS.c.value == value))
+        )
+    rows = await conn.execute(query.order_by(RUNS.c.id.desc()).limit(limit))
+    return list(rows.mappings())
+
+
+async def set_status(
+    conn: AsyncConnection,
+    tenant: str,
+    run_id: str,
+    status: int,
+    *,
+    from_statuses: Sequence[int],
+    **values: Any,
+) -> pb.WatchRunResponse | None:
+    """Move a run to `status` if it is in one of `from_statuses`, recording the change as an event.
+
+    Returns the event, or None when the run was not in a status it may leave this way."""
+    now = time.time()
+    changed = await conn.execute(
+        update(RUNS)
+        .where(RUNS.c.id == run_id, RUNS.c.tenant == tenant, RUNS.c.status.in_(list(from_statuses)))
+        .values(status=status, update_time=now, last_seq=RUNS.c.last_seq + 1, **values)
+        .returning(*RUNS.c)
+    )
+    row = changed.mappings().first()
+    if row is None:
+        return None
+    event = run_event(row)
+    await events.append(conn, tenant, run_id, [event])
+    return event
+
+
+async def cancel_jobs(conn: AsyncConnection, run_id: str) -> None:
+    """Stop every job of a run that has not finished: queued ones never start, leased ones lose their fence."""
+    await conn.execute(
+        update(JOBS)
+        .where(JOBS.c.run_id == run_id, JOBS.c.state.in_([JOB_QUEUED, JOB_LEASED]))
+        .values(state=JOB_CANCELLED, claim_id=None, lease_expiry=None)
+    )
+
+
+async def results_page(
+    conn: AsyncConnection, tenant: str, run_id: str, *, after_id: int | None, limit: int, state: int
+) -> list[tuple[Mapping[str, Any], bytes | None]]:
+    """Results of a run by id (the order jobs were claimed), each with its job's output."""
+    query = (
+        select(RESULTS, OUTPUTS.c.output)
+        .outerjoin(OUTPUTS, OUTPUTS.c.job_id == RESULTS.c.job_id)
+        .where(RESULTS.c.run_id == run_id, RESULTS.c.tenant == tenant)
+    )
+    if after_id is not None:
+        query = query.where(RESULTS.c.id > after_id)
+    if state:
+        query = query.where(RESULTS.c.state == state)
+    rows = await conn.execute(query.order_by(RESULTS.c.id).limit(limit))
+    return [(row, row["output"]) for row in rows.mappings()]
+
+
+async def aggregate_inputs(conn: AsyncConnection, run_id: str) -> tuple[list[Mapping[str, Any]], list[float], float]:
+    """Per-grader counts and score sums, every output's latency, and total target cost of a run."""
+    per_grader = await conn.execute(
+        select(
+            RESULTS.c.grader,
+            RESULTS.c.state,
+            func.count().label("n"),
+            func.sum(RESULTS.c.score).label("score_sum"),
+        )
+        .where(RESULTS.c.run_id == run_id)
+        .group_by(RESULTS.c.grader, RESULTS.c.state)
+    )
+    grader_rows = list(per_grader.mappings())
+    per_job = await conn.execute(
+        select(RESULTS.c.job_id, func.max(RESULTS.c.latency_ms), func.max(RESULTS.c.cost_usd))
+        .where(RESULTS.c.run_id == run_id)
+        .group_by(RESULTS.c.job_id)
+    )
+    latencies: list[float] = []
+    cost = 0.0
+    for _job, latency, job_cost in per_job:
+        latencies.append(float(latency or 0.0))
+        cost += float(job_cost or 0.0)
+    return grader_rows, latencies, cost
+
+
+async def active_run_ids(conn: AsyncConnection) -> list[str]:
+    """Runs that are neither finished nor cancelled, across tenants (for the executor's restart sweep)."""
+    rows = await conn.execute(select(RUNS.c.id).where(RUNS.c.status.in_(list(ACTIVE_STATUSES))))
+    return [r for (r,) in rows]
+
+
+async def add_progress(
+    conn: AsyncConnection, run_id: str, *, passed: int, failed: int, errored: int, skipped: int, now: float
+) -> Mapping[str, Any]:
+    """Count new results and allocate one seq per result, atomically; return the updated row.
+
+    The seqs of this batch are last_seq - (results) + 1 .. last_seq of the returned row."""
+    n = passed + failed + errored + skipped
+    updated = await conn.execute(
+        update(RUNS)
+        .where(RUNS.c.id == run_id)
+        .values(
+            completed=RUNS.c.completed + n,
+            passed=RUNS.c.passed + passed,
+            failed=RUNS.c.failed + failed,
+            errored=RUNS.c.errored + errored,
+            skipped=RUNS.c.skipped + skipped,
+            last_seq=RUNS.c.last_seq + n,
+            update_time=now,
+        )
+        .returning(*RUNS.c)
+    )
+    return updated.mappings().one()
+
+
+async def insert_results(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert result rows; the unique evaluation key rejects a second result for an evaluation."""
+    if rows:
+        await conn.execute(insert(RESULTS), list(rows))
+
+
+async def get_any_tenant(conn: AsyncConnection, run_id: str) -> Mapping[str, Any] | None:
+    """A run row by id alone: only for the executor, which works for every tenant."""
+    found = await conn.execute(select(RUNS).where(RUNS.c.id == run_id))
+    return found.mappings().first()

@@ -1,0 +1,51 @@
+"""Shared fixtures: a real server on port 0 over a real SQLite file, and real channels to it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from evalsvc.config import Settings
+from evalsvc.server import EvalServer
+from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc
+
+
+def test_settings(tmp_path: Path, **overrides: object) -> Settings:
+    """Settings for an in-process test server: port 0, a fresh SQLite file, quick polling."""
+    values: dict[str, object] = {
+        "grpc_addr": "127.0.0.1:0",
+        "db": f"sqlite+aiosqlite:///{tmp_path / 'evalsvc.db'}",
+        "poll_interval_s": 0.2,
+        "grace_s": 1.0,
+    }
+    values.update(overrides)
+    return Settings.from_env({}, **values)
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[EvalServer]:
+    srv = EvalServer(test_settings(tmp_path))
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop(grace=1.0)
+
+
+@pytest.fixture
+async def channel(server: EvalServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        yield ch
+
+
+@pytest.fixture
+def runs(channel: grpc.aio.Channel) -> eval_run_service_pb2_grpc.EvalRunServiceStub:
+    return eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+
+
+@pytest.fixture
+def datasets(channel: grpc.aio.Channel) -> dataset_service_pb2_grpc.DatasetServiceStub:
+    return dataset_service_pb2_grpc.DatasetServiceStub(channel)

@@ -1,0 +1,89 @@
+"""Helpers for building requests and reading rich errors in tests."""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import grader_pb2, item_pb2, run_pb2, target_pb2
+
+TERMINAL = {run_pb2.RUN_STATUS_SUCCEEDED, run_pb2.RUN_STATUS_FAILED, run_pb2.RUN_STATUS_CANCELLED}
+
+
+def provided_items(n: int, *, wrong_every: int = 0) -> list[item_pb2.Item]:
+    """n items with recorded responses; every `wrong_every`-th response differs from its expected output."""
+    items = []
+    for i in range(n):
+        expected = f"answer {i}"
+        wrong = wrong_every and i % wrong_every == 0
+        items.append(
+            item_pb2.Item(
+                id=f"i{i}",
+                input=f"question {i}",
+                expected_output=expected,
+                response=item_pb2.Response(content="nope" if wrong else expected, latency_ms=float(i % 50)),
+            )
+        )
+    return items
+
+
+def exact() -> grader_pb2.Grader:
+    """An exact-match grader."""
+    return grader_pb2.Grader(name="exact", exact_match=grader_pb2.ExactMatch())
+
+
+def create_request(n: int = 5, **fields: object) -> pb.CreateRunRequest:
+    """A valid CreateRun request over n provided items with one exact-match grader."""
+    request = pb.CreateRunRequest(
+        items=provided_items(n), target=target_pb2.Target(provided=target_pb2.ProvidedTarget()), graders=[exact()]
+    )
+    for name, value in fields.items():
+        field = getattr(request, name)
+        if hasattr(field, "extend") and isinstance(value, list):
+            del field[:]
+            field.extend(value)
+        elif hasattr(field, "update") and isinstance(value, dict):
+            field.update(value)
+        elif hasattr(field, "CopyFrom"):
+            field.CopyFrom(value)
+        else:
+            setattr(request, name, value)
+    return request
+
+
+def violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The BadRequest field violations of an error, by field."""
+    status = rpc_status.from_call(error)
+    assert status is not None, "the error carries no google.rpc.Status"
+    found: dict[str, str] = {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            found.update({v.field: v.description for v in bad.field_violations})
+    return found
+
+
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason of an error."""
+    status = rpc_status.from_call(error)
+    assert status is not None, "the error carries no google.rpc.Status"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            assert info.domain == "evalsvc"
+            return info.reason
+    raise AssertionError("no ErrorInfo in the status")
+
+
+async def watch_all(stub, run_id: str, after_seq: int = 0) -> list[pb.WatchRunResponse]:  # type: ignore[no-untyped-def]
+    """Every event (no heartbeats) from after_seq to the terminal event."""
+    events = []
+    async for event in stub.WatchRun(pb.WatchRunRequest(run_id=run_id, after_seq=after_seq)):
+        if event.HasField("heartbeat"):
+            continue
+        events.append(event)
+    return events

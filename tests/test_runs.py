@@ -1,0 +1,250 @@
+"""CreateRun, GetRun, ListRuns, CancelRun and ListRunResults over a real server and channel."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import grader_pb2, item_pb2, run_pb2, target_pb2
+from tests.helpers import create_request, error_reason, exact, provided_items, violations, watch_all
+
+
+async def test_create_run_returns_pending_run_with_job_count(runs) -> None:
+    response = await runs.CreateRun(create_request(4, repetitions=3, display_name="smoke", labels={"team": "a"}))
+    run = response.run
+    assert response.job_count == 12
+    assert run.id.startswith("run_")
+    assert run.status == run_pb2.RUN_STATUS_PENDING
+    assert run.counts.total_items == 4
+    assert run.counts.total_evaluations == 12
+    assert run.display_name == "smoke" and dict(run.labels) == {"team": "a"}
+    assert run.last_seq == 1 and run.run_number == 1
+    assert run.create_time.seconds > 0
+
+
+async def test_run_completes_with_counts_aggregate_and_verdict(runs) -> None:
+    request = create_request(pass_threshold=70.0)
+    request.items[0].response.content = "wrong"
+    created = await runs.CreateRun(request)
+    events = await watch_all(runs, created.run.id)
+    final = (await runs.GetRun(pb.GetRunRequest(run_id=created.run.id))).run
+    assert final.status == run_pb2.RUN_STATUS_SUCCEEDED
+    assert final.counts.completed_evaluations == 5
+    assert (final.counts.passed, final.counts.failed, final.counts.errored) == (4, 1, 0)
+    assert final.aggregate.pass_rate == pytest.approx(0.8)
+    assert final.aggregate.graders[0].grader == "exact"
+    assert final.overall_passed is True
+    assert final.last_seq == events[-1].seq
+    assert final.start_time.seconds > 0 and final.end_time.seconds > 0
+
+
+async def test_run_below_threshold_does_not_pass(runs) -> None:
+    request = create_request(2)
+    request.items[0].response.content = "wrong"
+    created = await runs.CreateRun(request)
+    await watch_all(runs, created.run.id)
+    final = (await runs.GetRun(pb.GetRunRequest(run_id=created.run.id))).run
+    assert final.status == run_pb2.RUN_STATUS_SUCCEEDED
+    assert final.overall_passed is False  # unset threshold means every evaluation must pass
+
+
+async def test_run_whose_every_evaluation_errors_fails(runs) -> None:
+    request = create_request(3)
+    for item in request.items:
+        item.ClearField("response")  # the provided target has nothing to return
+    created = await runs.CreateRun(request)
+    await watch_all(runs, created.run.id)
+    final = (await runs.GetRun(pb.GetRunRequest(run_id=created.run.id))).run
+    assert final.status == run_pb2.RUN_STATUS_FAILED
+    assert final.error.code == "ALL_EVALUATIONS_ERRORED"
+    assert final.counts.errored == 3
+    assert not final.HasField("overall_passed")
+    results = (await runs.ListRunResults(pb.ListRunResultsRequest(run_id=created.run.id))).results
+    assert all(r.state == run_pb2.RESULT_STATE_ERROR and "no recorded response" in r.error_reason for r in results)
+
+
+async def test_errors_are_excluded_from_the_pass_rate(runs) -> None:
+    request = create_request(4, pass_threshold=100.0)
+    request.items[0].ClearField("response")
+    created = await runs.CreateRun(request)
+    await watch_all(runs, created.run.id)
+    final = (await runs.GetRun(pb.GetRunRequest(run_id=created.run.id))).run
+    assert (final.counts.passed, final.counts.errored) == (3, 1)
+    assert final.aggregate.pass_rate == 1.0 and final.overall_passed is True
+
+
+async def test_echo_target_and_repetitions_give_one_result_per_evaluation(runs) -> None:
+    request = pb.CreateRunRequest(
+        items=[item_pb2.Item(id="a", input="hi", expected_output="hi"), item_pb2.Item(input="x", expected_output="y")],
+        target=target_pb2.Target(echo=target_pb2.EchoTarget()),
+        graders=[exact(), grader_pb2.Grader(contains=grader_pb2.Contains(values=["h"]))],
+        repetitions=3,
+    )
+    created = await runs.CreateRun(request)
+    await watch_all(runs, created.run.id)
+    results = (await runs.ListRunResults(pb.ListRunResultsRequest(run_id=created.run.id, page_size=100))).results
+    keys = {(r.item_id, r.repetition, r.grader) for r in results}
+    assert len(results) == len(keys) == 2 * 3 * 2
+    assert {r.item_id for r in results} == {"a", "item-2"}  # an empty id is assigned from the position
+    by_key = {(r.item_id, r.repetition, r.grader): r for r in results}
+    assert by_key[("a", 1, "exact")].state == run_pb2.RESULT_STATE_PASSED
+    assert by_key[("item-2", 2, "exact")].state == run_pb2.RESULT_STATE_FAILED
+    assert by_key[("a", 3, "contains")].output.content == "hi"
+    assert all(r.attempt == 1 for r in results)
+
+
+async def test_list_run_results_pages_and_filters_by_state(runs) -> None:
+    request = create_request(25)
+    for item in request.items[:5]:
+        item.response.content = "wrong"
+    created = await runs.CreateRun(request)
+    await watch_all(runs, created.run.id)
+    seen, token = [], ""
+    while True:
+        page = await runs.ListRunResults(pb.ListRunResultsRequest(run_id=created.run.id, page_size=7, page_token=token))
+        assert len(page.results) <= 7
+        seen.extend(page.results)
+        token = page.next_page_token
+        if not token:
+            break
+    assert len(seen) == 25 and len({r.id for r in seen}) == 25
+    failed = await runs.ListRunResults(
+        pb.ListRunResultsRequest(run_id=created.run.id, state=run_pb2.RESULT_STATE_FAILED)
+    )
+    assert sorted(r.item_id for r in failed.results) == sorted(f"i{i}" for i in range(5))
+    with pytest.raises(grpc.aio.AioRpcError) as bad_token:
+        await runs.ListRunResults(
+            pb.ListRunResultsRequest(run_id=created.run.id, state=run_pb2.RESULT_STATE_PASSED, page_token=token or "x")
+        )
+    assert bad_token.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_list_runs_pages_newest_first_and_filters(runs) -> None:
+    ids = []
+    for i in range(5):
+        created = await runs.CreateRun(create_request(1, labels={"batch": "even" if i % 2 == 0 else "odd"}))
+        ids.append(created.run.id)
+    for run_id in ids:
+        await watch_all(runs, run_id)
+    first = await runs.ListRuns(pb.ListRunsRequest(page_size=2))
+    second = await runs.ListRuns(pb.ListRunsRequest(page_size=2, page_token=first.next_page_token))
+    third = await runs.ListRuns(pb.ListRunsRequest(page_size=2, page_token=second.next_page_token))
+    listed = [r.id for page in (first, second, third) for r in page.runs]
+    assert listed == list(reversed(ids)) and third.next_page_token == ""
+    even = await runs.ListRuns(pb.ListRunsRequest(labels={"batch": "even"}))
+    assert [r.id for r in even.runs] == [ids[4], ids[2], ids[0]]
+    done = await runs.ListRuns(pb.ListRunsRequest(statuses=[run_pb2.RUN_STATUS_SUCCEEDED]))
+    assert len(done.runs) == 5
+    pending = await runs.ListRuns(pb.ListRunsRequest(statuses=[run_pb2.RUN_STATUS_PENDING]))
+    assert list(pending.runs) == []
+
+
+async def test_get_unknown_run_is_not_found(runs) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await runs.GetRun(pb.GetRunRequest(run_id="run_missing"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_reason(err.value) == "RUN_NOT_FOUND"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda r: r.ClearField("items"), "items"),
+        (lambda r: r.ClearField("target"), "target"),
+        (lambda r: r.target.ClearField("provided"), "target.kind"),
+        (lambda r: r.ClearField("graders"), "graders"),
+        (lambda r: setattr(r, "description", "d" * 1025), "description"),
+        (lambda r: setattr(r, "display_name", "n" * 257), "display_name"),
+        (lambda r: setattr(r, "repetitions", 101), "repetitions"),
+        (lambda r: setattr(r, "repetitions", -1), "repetitions"),
+        (lambda r: setattr(r, "warmup_runs", 11), "warmup_runs"),
+        (lambda r: setattr(r, "pass_threshold", 101.0), "pass_threshold"),
+        (lambda r: setattr(r, "request_id", "r" * 129), "request_id"),
+        (lambda r: r.labels.update({"Bad Key": "v"}), "labels[Bad Key]"),
+        (lambda r: setattr(r.items[1], "id", r.items[0].id), "items[1].id"),
+        (lambda r: r.graders.append(exact()), "graders[1].name"),
+        (lambda r: r.graders.add(regex=grader_pb2.Regex(pattern="(")), "graders[1].regex.pattern"),
+        (lambda r: r.graders.add(name="l", latency=grader_pb2.Latency(max_ms=0)), "graders[1].latency.max_ms"),
+        (lambda r: r.graders.add(name="empty"), "graders[1].kind"),
+        (lambda r: r.item_ids.append("x"), "item_ids"),
+        (lambda r: setattr(r, "dataset_id", "ds_x"), "items"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+async def test_invalid_create_run_names_the_field_and_writes_nothing(runs, mutate, field) -> None:
+    request = create_request(3)
+    mutate(request)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await runs.CreateRun(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in violations(err.value), violations(err.value)
+    assert error_reason(err.value) == "INVALID_ARGUMENT"
+    assert list((await runs.ListRuns(pb.ListRunsRequest())).runs) == []
+
+
+async def test_same_request_id_concurrently_creates_exactly_one_run(runs) -> None:
+    request = create_request(10, request_id="deploy-42")
+    responses = await asyncio.gather(*(runs.CreateRun(request) for _ in range(20)))
+    assert len({r.run.id for r in responses}) == 1
+    assert all(r.job_count == 10 for r in responses)
+    listed = await runs.ListRuns(pb.ListRunsRequest())
+    assert [r.id for r in listed.runs] == [responses[0].run.id]
+    assert listed.runs[0].request_id == "deploy-42"
+
+
+async def test_same_request_id_with_another_request_is_already_exists(runs) -> None:
+    await runs.CreateRun(create_request(2, request_id="k1"))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await runs.CreateRun(create_request(3, request_id="k1"))
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert error_reason(err.value) == "REQUEST_ID_CONFLICT"
+
+
+async def test_cancel_is_idempotent_and_stops_the_run(server, runs) -> None:
+    await server.executor.stop()  # nothing executes, so the run is surely still pending
+    created = await runs.CreateRun(create_request(50))
+    cancelled = await runs.CancelRun(pb.CancelRunRequest(run_id=created.run.id))
+    assert cancelled.run.status == run_pb2.RUN_STATUS_CANCELLED
+    again = await runs.CancelRun(pb.CancelRunRequest(run_id=created.run.id))
+    assert again.run.status == run_pb2.RUN_STATUS_CANCELLED
+    assert again.run.last_seq == cancelled.run.last_seq == 2  # created, cancelled: one event, not two
+    events = await watch_all(runs, created.run.id)
+    assert [e.run.status for e in events] == [run_pb2.RUN_STATUS_PENDING, run_pb2.RUN_STATUS_CANCELLED]
+
+
+async def test_cancel_mid_run_records_nothing_afterwards(server, runs) -> None:
+    created = await runs.CreateRun(create_request(3000))
+    async for event in runs.WatchRun(pb.WatchRunRequest(run_id=created.run.id)):
+        if event.HasField("result"):
+            break
+    cancelled = (await runs.CancelRun(pb.CancelRunRequest(run_id=created.run.id))).run
+    assert cancelled.status == run_pb2.RUN_STATUS_CANCELLED
+    assert cancelled.counts.completed_evaluations < 3000
+    # A run created afterwards finishing means the executor has drained whatever it held before.
+    follower = await runs.CreateRun(create_request(5))
+    await watch_all(runs, follower.run.id)
+    later = (await runs.GetRun(pb.GetRunRequest(run_id=created.run.id))).run
+    assert later.counts.completed_evaluations == cancelled.counts.completed_evaluations
+    assert later.last_seq == cancelled.last_seq
+    results = await runs.ListRunResults(pb.ListRunResultsRequest(run_id=created.run.id, page_size=1000))
+    assert len(results.results) == min(1000, cancelled.counts.completed_evaluations)
+
+
+async def test_cancel_finished_run_is_failed_precondition(runs) -> None:
+    created = await runs.CreateRun(create_request(1))
+    await watch_all(runs, created.run.id)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await runs.CancelRun(pb.CancelRunRequest(run_id=created.run.id))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(err.value) == "RUN_ALREADY_FINISHED"
+
+
+async def test_items_are_copied_into_the_run(runs) -> None:
+    request = create_request(1)
+    created = await runs.CreateRun(request)
+    await watch_all(runs, created.run.id)
+    results = await runs.ListRunResults(pb.ListRunResultsRequest(run_id=created.run.id))
+    assert results.results[0].output.content == provided_items(1)[0].response.content
