@@ -13,7 +13,7 @@ from evalsvc.server import EvalServer
 from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc
 
 
-def test_settings(tmp_path: Path, **overrides: object) -> Settings:
+def make_settings(tmp_path: Path, **overrides: object) -> Settings:
     """Settings for an in-process test server: port 0, a fresh SQLite file, quick polling."""
     values: dict[str, object] = {
         "grpc_addr": "127.0.0.1:0",
@@ -27,7 +27,7 @@ def test_settings(tmp_path: Path, **overrides: object) -> Settings:
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[EvalServer]:
-    srv = EvalServer(test_settings(tmp_path))
+    srv = EvalServer(make_settings(tmp_path))
     await srv.start()
     try:
         yield srv

@@ -16,7 +16,7 @@ import functools
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -82,11 +82,19 @@ def target_error_grade(reason: str) -> Grade:
     return Grade(ERROR, 0.0, 0.0, "the target failed for this item, so its output could not be graded", reason)
 
 
+def _clip(text: str) -> str:
+    """Cut user text short so one huge value cannot bloat every result's explanation."""
+    return text if len(text) <= _QUOTE_LIMIT else text[:_QUOTE_LIMIT] + "..."
+
+
 def _quote(text: str) -> str:
-    """Quote user text for an explanation, cut short so one huge value cannot bloat every result."""
-    if len(text) > _QUOTE_LIMIT:
-        text = text[:_QUOTE_LIMIT] + "..."
-    return repr(text)
+    """Quote user text for an explanation, cut short."""
+    return repr(_clip(text))
+
+
+def _slashed(pattern: str) -> str:
+    """A pattern as `/pattern/`: backslashes read as written, unlike in repr."""
+    return f"/{_clip(pattern)}/"
 
 
 def _names(values: list[str]) -> str:
@@ -221,7 +229,7 @@ class _Regex(_Base):
         self._flags = re.IGNORECASE if opts.case_insensitive else 0
         self._pattern: re.Pattern[str] | None = re.compile(opts.pattern, self._flags) if opts.pattern else None
         verb = "fully matches" if self._full else "matches"
-        shown = _quote(opts.pattern)
+        shown = _slashed(opts.pattern)
         self._pass = Grade(PASSED, 1.0, 1.0, f"output {verb} {shown}")
         self._fail = Grade(FAILED, 0.0, 0.0, f"output does not {'fully ' if self._full else ''}match {shown}")
 
@@ -238,8 +246,8 @@ class _Regex(_Base):
         if isinstance(compiled, str):
             return _error("the item's expected_output is not a valid regular expression", compiled)
         if self._match(compiled, output.content):
-            return Grade(PASSED, 1.0, 1.0, f"output {'fully matches' if self._full else 'matches'} {_quote(source)}")
-        return Grade(FAILED, 0.0, 0.0, f"output does not {'fully ' if self._full else ''}match {_quote(source)}")
+            return Grade(PASSED, 1.0, 1.0, f"output {'fully matches' if self._full else 'matches'} {_slashed(source)}")
+        return Grade(FAILED, 0.0, 0.0, f"output does not {'fully ' if self._full else ''}match {_slashed(source)}")
 
     def _match(self, pattern: re.Pattern[str], text: str) -> bool:
         return (pattern.fullmatch(text) if self._full else pattern.search(text)) is not None
@@ -376,7 +384,7 @@ class _ToolCalls(_Base):
             self._expected = self._with_argument_names(opts.expected)
             self._expected_set = frozenset(self._expected)
 
-    def _with_argument_names(self, names: Any) -> tuple[str, ...]:
+    def _with_argument_names(self, names: Iterable[str]) -> tuple[str, ...]:
         """Expected names plus the tools given expected arguments: checking a tool's arguments implies expecting it."""
         return tuple(dict.fromkeys([*names, *self._arguments]))
 
@@ -400,10 +408,10 @@ class _ToolCalls(_Base):
 
         checks = len(expected) + len(self._arguments)
         failures = len(missing) + len(bad_arguments)
-        if not self._allow_additional:
-            # Unexpected calls count as one failed check so a failing grade never scores 1.0.
+        if additional and not self._allow_additional:
+            # Unexpected calls count as one failed check, so a failing grade never scores 1.0.
             checks += 1
-            failures += 1 if additional else 0
+            failures += 1
         score = (checks - failures) / checks
         if failures == 0:
             text = f"called every expected tool ({len(expected)})"
@@ -420,7 +428,7 @@ class _ToolCalls(_Base):
         return Grade(FAILED, score, score, "; ".join(problems))
 
     @staticmethod
-    def _arguments_match(name: str, expected: dict[str, Any], calls: Any) -> bool:
+    def _arguments_match(name: str, expected: dict[str, Any], calls: Iterable[item_pb2.ToolCall]) -> bool:
         """True when some call of `name` has every expected key with an equal value (extra keys are fine)."""
         for call in calls:
             if call.name != name:

@@ -1,0 +1,412 @@
+"""Load generators: each runs in its own process, talks gRPC over loopback, and prints one JSON line.
+
+`python -m bench.loadgen '{"mode": "unary", ...}'`. Every loop here is bounded twice, by a count and
+by a deadline, so a server that hangs or a bug cannot make the suite run forever; the parent also
+kills the process at its own timeout.
+
+Modes:
+- `unary`: `concurrency` tasks call Echo / CreateRun / GetRun back to back on one channel.
+- `large`: one CreateRun, then WatchRun from seq 0 until the terminal event.
+- `fanout`: W watchers on one run (or W bare subscribers); delivery latency of a burst of events.
+- `idle`: N idle streams held open until the parent has read the server's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from bench import echo_server
+from bench.workloads import large_run_request, small_run_request
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import eval_run_service_pb2_grpc as pb_grpc
+from evalsvc.v1 import run_pb2
+
+TERMINAL = {run_pb2.RUN_STATUS_SUCCEEDED, run_pb2.RUN_STATUS_FAILED, run_pb2.RUN_STATUS_CANCELLED}
+STREAMS_PER_CHANNEL = 250  # below evalsvc's max_concurrent_streams (1000) per connection
+LATENCY_SAMPLE_CAP = 20_000  # keep the JSON small; an even subsample is plenty for percentiles and plots
+
+
+def _emit(result: dict[str, Any]) -> None:
+    print(json.dumps(result), flush=True)
+
+
+def _subsample(values: list[float], cap: int = LATENCY_SAMPLE_CAP) -> list[float]:
+    if len(values) <= cap:
+        return values
+    step = len(values) / cap
+    return [values[int(i * step)] for i in range(cap)]
+
+
+def _channels(addr: str, n: int) -> list[grpc.aio.Channel]:
+    """n channels with their own TCP connection each (a local subchannel pool stops grpc sharing one)."""
+    return [
+        grpc.aio.insecure_channel(addr, options=[("grpc.use_local_subchannel_pool", 1), ("bench.channel", i)])
+        for i in range(n)
+    ]
+
+
+def _seconds(ts: Any) -> float:
+    """A google.protobuf.Timestamp as float UNIX seconds."""
+    return float(ts.seconds) + ts.nanos / 1e9
+
+
+# ------------------------------------------------------------------------------------------- unary
+
+
+async def unary(args: dict[str, Any]) -> dict[str, Any]:
+    """Closed-loop load: `concurrency` callers, each sending its next call when the previous returns.
+
+    The same client code drives the bare echo and evalsvc; only the method differs. A short untimed
+    warm-up first, so connection setup and first-call costs are not in the figure.
+    """
+    addr, kind = args["addr"], args["kind"]
+    concurrency, duration, max_calls = int(args["concurrency"]), float(args["duration_s"]), int(args["max_calls"])
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stub = pb_grpc.EvalRunServiceStub(channel)
+        call: Callable[[], Awaitable[Any]]
+        if kind == "echo":
+            echo = channel.unary_unary(
+                echo_server.ECHO,
+                request_serializer=pb.GetRunRequest.SerializeToString,
+                response_deserializer=pb.GetRunRequest.FromString,
+            )
+            echo_request = pb.GetRunRequest(run_id="run_0123456789abcdef0123456789")
+
+            def call() -> Awaitable[Any]:
+                return echo(echo_request)
+
+        elif kind == "create":
+            create_request = small_run_request(10)
+
+            def call() -> Awaitable[Any]:
+                return stub.CreateRun(create_request)
+
+        elif kind == "get":
+            # A finished run with an aggregate, as a dashboard would read it.
+            created = await stub.CreateRun(small_run_request(10))
+            get_request = pb.GetRunRequest(run_id=created.run.id)
+            if args.get("wait_terminal", True):
+                async for _ in stub.WatchRun(pb.WatchRunRequest(run_id=created.run.id), timeout=30):
+                    pass
+
+            def call() -> Awaitable[Any]:
+                return stub.GetRun(get_request)
+
+        else:
+            raise ValueError(f"unknown unary kind {kind!r}")
+
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+        calls = 0
+        measuring = False
+        deadline = 0.0
+
+        async def caller() -> None:
+            nonlocal calls
+            while time.perf_counter() < deadline and calls < max_calls:
+                start = time.perf_counter()
+                try:
+                    await call()
+                except grpc.aio.AioRpcError as exc:
+                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                    continue
+                if measuring:
+                    latencies.append((time.perf_counter() - start) * 1000)
+                    calls += 1
+
+        deadline = time.perf_counter() + float(args.get("warmup_s", 0.3))
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        measuring = True
+        started = time.perf_counter()
+        deadline = started + duration
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {
+        "kind": kind,
+        "calls": calls,
+        "errors": errors,
+        "elapsed_s": elapsed,
+        "rps": calls / elapsed,
+        "latency_ms": _subsample(latencies),
+    }
+
+
+# ------------------------------------------------------------------------------------------- large
+
+
+async def large(args: dict[str, Any]) -> dict[str, Any]:
+    """CreateRun of items x graders, then drain WatchRun from seq 0 to the terminal event.
+
+    Wall time is measured at the client (what a user waits for); the server's own execution time
+    (create_time to end_time of the terminal run) is reported beside it, so delivery and execution
+    can be told apart.
+    """
+    addr, items, graders, timeout_s = args["addr"], int(args["items"]), int(args["graders"]), float(args["timeout_s"])
+    request = large_run_request(items, graders)
+    async with grpc.aio.insecure_channel(addr, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        stub = pb_grpc.EvalRunServiceStub(channel)
+        started_wall = time.time()
+        started = time.perf_counter()
+        created = await stub.CreateRun(request, timeout=timeout_s)
+        create_s = time.perf_counter() - started
+        total = created.run.counts.total_evaluations
+        events = results = 0
+        timeline: list[tuple[float, int]] = [(0.0, 0)]
+        next_mark = 0
+        terminal: run_pb2.Run | None = None
+        last_event_time = 0.0
+        async for event in stub.WatchRun(pb.WatchRunRequest(run_id=created.run.id), timeout=timeout_s):
+            if event.HasField("heartbeat"):
+                continue
+            events += 1
+            if event.HasField("result"):
+                results += 1
+                if results >= next_mark:
+                    timeline.append((time.perf_counter() - started, event.counts.completed_evaluations))
+                    next_mark += max(1, total // 200)
+            elif event.HasField("run") and event.run.status in TERMINAL:
+                terminal = event.run
+                last_event_time = _seconds(event.event_time)
+                break
+        e2e_s = time.perf_counter() - started
+        timeline.append((e2e_s, results))
+    if terminal is None:
+        raise RuntimeError("the watch ended without a terminal event")
+    return {
+        "items": items,
+        "graders": graders,
+        "evaluations": total,
+        "status": run_pb2.RunStatus.Name(terminal.status),
+        "events": events,
+        "results": results,
+        "create_s": create_s,
+        "e2e_s": e2e_s,
+        "server_s": _seconds(terminal.end_time) - _seconds(terminal.create_time),
+        "terminal_commit_after_s": last_event_time - started_wall,
+        "timeline": timeline,
+    }
+
+
+# ------------------------------------------------------------------------------------------ fan-out
+
+
+async def _gather_bounded(tasks: list[asyncio.Task[None]], timeout_s: float) -> bool:
+    """Wait for every task; cancel the rest after timeout_s. True when all finished in time."""
+    done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for task in done:
+        if task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+    return not pending
+
+
+async def fanout_evalsvc(args: dict[str, Any]) -> dict[str, Any]:
+    """W watchers on one run; latency from each result event's event_time to its arrival.
+
+    The watched run must not produce results before every watcher is subscribed, but a run starts
+    executing the moment it is created. So a blocker run is created first: the executor claims jobs
+    oldest first, so the watched run's jobs wait behind it. A repetition in which any result was
+    committed before the last watcher was ready is reported as invalid (the parent retries it with a
+    bigger blocker) rather than silently mixing catch-up reads into live-delivery latency.
+    """
+    addr, watchers, k = args["addr"], int(args["watchers"]), int(args["events"])
+    timeout_s = float(args["timeout_s"])
+    channels = _channels(addr, max(1, -(-watchers // STREAMS_PER_CHANNEL)))
+    control = grpc.aio.insecure_channel(addr, options=[("grpc.max_send_message_length", 64 << 20)])
+    try:
+        stub = pb_grpc.EvalRunServiceStub(control)
+        blocker_request = large_run_request(int(args["blocker_items"]), int(args["blocker_graders"]))
+        await stub.CreateRun(blocker_request, timeout=30)
+        target = (await stub.CreateRun(small_run_request(k), timeout=30)).run.id
+        started = time.time()
+        ready = 0
+        all_ready = asyncio.Event()
+        ready_at = 0.0
+        latencies: list[float] = []
+        commit_times: list[float] = []
+        complete = 0
+
+        async def watcher(i: int) -> None:
+            nonlocal ready, ready_at, complete
+            wstub = pb_grpc.EvalRunServiceStub(channels[i % len(channels)])
+            first = True
+            async for event in wstub.WatchRun(pb.WatchRunRequest(run_id=target), timeout=timeout_s):
+                now = time.time()
+                if first:
+                    first = False
+                    ready += 1
+                    if ready == watchers:
+                        ready_at = now
+                        all_ready.set()
+                if event.HasField("result"):
+                    committed = _seconds(event.event_time)
+                    latencies.append((now - committed) * 1000)
+                    if i == 0:
+                        commit_times.append(committed)
+                elif event.HasField("run") and event.run.status in TERMINAL:
+                    complete += 1
+                    return
+
+        tasks = [asyncio.create_task(watcher(i)) for i in range(watchers)]
+        finished = await _gather_bounded(tasks, timeout_s)
+    finally:
+        await asyncio.gather(*(c.close() for c in channels), control.close())
+    early = sum(1 for t in commit_times if t < ready_at) if ready_at else len(commit_times)
+    return {
+        "watchers": watchers,
+        "ready": ready,
+        "complete": complete,
+        "finished": finished,
+        "connect_s": (ready_at - started) if ready_at else None,
+        "events_per_watcher": len(commit_times),
+        "early_results": early,
+        "valid": finished and ready == watchers and early == 0 and bool(commit_times),
+        "latency_ms": _subsample(latencies),
+    }
+
+
+async def fanout_bare(args: dict[str, Any]) -> dict[str, Any]:
+    """W bare subscribers; one burst of K stamped messages; latency from stamp to arrival."""
+    addr, watchers, k = args["addr"], int(args["watchers"]), int(args["events"])
+    timeout_s, size = float(args["timeout_s"]), int(args.get("message_bytes", 200))
+    channels = _channels(addr, max(1, -(-watchers // STREAMS_PER_CHANNEL)))
+    control = grpc.aio.insecure_channel(addr)
+    try:
+        ready = 0
+        all_ready = asyncio.Event()
+        latencies: list[float] = []
+        complete = 0
+        started = time.time()
+        ready_at = 0.0
+
+        async def subscriber(i: int) -> None:
+            nonlocal ready, complete, ready_at
+            subscribe = channels[i % len(channels)].unary_stream(echo_server.SUBSCRIBE)
+            received = 0
+            async for message in subscribe(b"", timeout=timeout_s):
+                now = time.time()
+                if message == echo_server.HELLO:
+                    ready += 1
+                    if ready == watchers:
+                        ready_at = now
+                        all_ready.set()
+                    continue
+                stamp, _ = echo_server.STAMP.unpack(message[: echo_server.STAMP.size])
+                latencies.append((now - stamp) * 1000)
+                received += 1
+                if received == k:
+                    complete += 1
+                    return
+
+        tasks = [asyncio.create_task(subscriber(i)) for i in range(watchers)]
+        await asyncio.wait_for(all_ready.wait(), timeout_s)
+        await asyncio.sleep(0.2)  # let the last subscribers settle into their wait, as evalsvc's watchers have
+        broadcast = control.unary_unary(echo_server.BROADCAST)
+        reply = await broadcast(echo_server.BROADCAST_REQUEST.pack(k, size), timeout=timeout_s)
+        subscribers, dropped = struct.unpack("<II", reply)
+        finished = await _gather_bounded(tasks, timeout_s)
+    finally:
+        await asyncio.gather(*(c.close() for c in channels), control.close())
+    return {
+        "watchers": watchers,
+        "ready": ready,
+        "complete": complete,
+        "finished": finished,
+        "subscribers": subscribers,
+        "dropped": dropped,
+        "connect_s": ready_at - started,
+        "valid": finished and dropped == 0,
+        "latency_ms": _subsample(latencies),
+    }
+
+
+# --------------------------------------------------------------------------------------------- idle
+
+
+async def idle(args: dict[str, Any]) -> dict[str, Any]:
+    """Open N idle streams and hold them while the parent reads the server's memory.
+
+    Two phases, each acknowledged on stdout and released by a line on stdin: first a few warm-up
+    streams (so one-off costs such as the first connection's buffers are in the "before" figure),
+    then the N measured streams. A stream counts as open once its first message arrived.
+    """
+    addr, kind, n = args["addr"], args["kind"], int(args["streams"])
+    warm, timeout_s = int(args.get("warm_streams", 10)), float(args["timeout_s"])
+    channels = _channels(addr, max(1, -(-(n + warm) // STREAMS_PER_CHANNEL)))
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        run_id = ""
+        if kind == "evalsvc":
+            stub = pb_grpc.EvalRunServiceStub(channels[0])
+            run_id = (await stub.CreateRun(small_run_request(1), timeout=30)).run.id
+        opened = 0
+        wanted = 0
+        reached = asyncio.Event()
+
+        async def stream(i: int) -> None:
+            nonlocal opened
+            channel = channels[i % len(channels)]
+            if kind == "evalsvc":
+                calls: Any = pb_grpc.EvalRunServiceStub(channel).WatchRun(pb.WatchRunRequest(run_id=run_id))
+            else:
+                calls = channel.unary_stream(echo_server.SUBSCRIBE)(b"")
+            first = True
+            async for _ in calls:
+                if first:
+                    first = False
+                    opened += 1
+                    if opened >= wanted:
+                        reached.set()
+
+        async def open_streams(count: int) -> float:
+            nonlocal wanted
+            wanted += count
+            reached.clear()
+            started = time.perf_counter()
+            tasks.extend(asyncio.create_task(stream(len(tasks) + i)) for i in range(count))
+            await asyncio.wait_for(reached.wait(), timeout_s)
+            return time.perf_counter() - started
+
+        await open_streams(warm)
+        _emit({"ready": True, "phase": "warm"})
+        await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.readline), timeout_s)
+        open_s = await open_streams(n)
+        _emit({"ready": True, "phase": "open", "open_s": open_s})
+        await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.readline), timeout_s)
+        alive = sum(1 for t in tasks if not t.done())
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in channels))
+    return {"streams": n, "open_s": open_s, "alive_at_end": alive}
+
+
+MODES: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+    "unary": unary,
+    "large": large,
+    "fanout_evalsvc": fanout_evalsvc,
+    "fanout_bare": fanout_bare,
+    "idle": idle,
+}
+
+
+def main() -> None:
+    """Run the mode named in the JSON argument and print its result as the last JSON line."""
+    args = json.loads(sys.argv[1])
+    _emit(asyncio.run(MODES[args["mode"]](args)))
+
+
+if __name__ == "__main__":
+    main()

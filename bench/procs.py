@@ -1,0 +1,230 @@
+"""Processes under test and load generators, each in its own OS process.
+
+The server under test never shares a process (or a GIL, or an event loop) with the client that loads
+it: on a 2-core machine an in-process client would steal the server's CPU and hide its real
+ceiling. Servers log to a file rather than a pipe, so a chatty server can never block on a full pipe
+while we are busy measuring; we find the listening address by polling that file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+TMP = ROOT / "bench" / "results" / "tmp"
+
+EVALSVC_LISTENING = re.compile(r"evalsvc listening on (\S+):(\d+)")
+ECHO_LISTENING = re.compile(r"bench echo listening on (\S+):(\d+)")
+
+
+def child_env() -> dict[str, str]:
+    """The environment for children: the repo importable, and no buffering so logs appear at once."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def read_status_kib(pid: int, field: str) -> int:
+    """A `/proc/PID/status` memory field (VmRSS, VmHWM) in KiB; 0 when the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+class ServerProcess:
+    """A server subprocess that announces its address on stderr; a context manager that always stops it."""
+
+    def __init__(self, name: str, argv: list[str], listening: re.Pattern[str], log_path: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.listening = listening
+        self.log_path = log_path
+        self.addr = ""
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        """The server's process id."""
+        assert self._proc is not None, "server not started"
+        return self._proc.pid
+
+    def start(self, timeout_s: float = 30.0) -> str:
+        """Start the process and wait for its listening line; returns HOST:PORT."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self._proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=child_env()
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            match = self.listening.search(self.log_path.read_text(errors="replace"))
+            if match:
+                self.addr = f"{match.group(1)}:{match.group(2)}"
+                return self.addr
+            if self._proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        tail = self.log_path.read_text(errors="replace")[-2000:]
+        self.stop()
+        raise RuntimeError(f"{self.name} did not start listening within {timeout_s:.0f} s:\n{tail}")
+
+    def rss_kib(self) -> int:
+        """Resident memory now."""
+        return read_status_kib(self.pid, "VmRSS")
+
+    def hwm_kib(self) -> int:
+        """Peak resident memory over the process's life (why each large-run repetition gets a fresh server)."""
+        return read_status_kib(self.pid, "VmHWM")
+
+    def log_tail(self, chars: int = 2000) -> str:
+        """The end of the server's log, for error reports."""
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM (graceful shutdown), then SIGKILL if it does not exit in time."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def evalsvc_server(db_url: str, log_name: str, *extra: str) -> ServerProcess:
+    """`python -m evalsvc serve` on a free loopback port, with extra flags (e.g. `--workers 0`)."""
+    argv = [sys.executable, "-m", "evalsvc", "serve", "--grpc-addr", "127.0.0.1:0", "--db", db_url, *extra]
+    return ServerProcess("evalsvc", argv, EVALSVC_LISTENING, TMP / f"{log_name}.log")
+
+
+def echo_server(log_name: str) -> ServerProcess:
+    """The bare grpc.aio baseline server (bench/echo_server.py) on a free loopback port."""
+    argv = [sys.executable, "-m", "bench.echo_server", "--addr", "127.0.0.1:0"]
+    return ServerProcess("bare echo", argv, ECHO_LISTENING, TMP / f"{log_name}.log")
+
+
+def sqlite_url(name: str) -> str:
+    """A fresh SQLite database file under bench/results/tmp (removed first if a previous run left it)."""
+    TMP.mkdir(parents=True, exist_ok=True)
+    path = TMP / f"{name}.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def run_child(module: str, args: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Run `python -m MODULE JSON` to completion and return the JSON object it prints last on stdout.
+
+    Used for load generators and database ceilings: one fresh process per measurement, killed if it
+    outlives `timeout_s`, so no loop in the suite can run unbounded.
+    """
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", module, json.dumps(args)],
+            capture_output=True,
+            cwd=ROOT,
+            env=child_env(),
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"{module} {args.get('mode', '')} exceeded {timeout_s:.0f} s") from exc
+    lines = [line for line in done.stdout.decode(errors="replace").splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        err = done.stderr.decode(errors="replace")[-3000:]
+        raise RuntimeError(f"{module} {args.get('mode', '')} failed (exit {done.returncode}):\n{err}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+class InteractiveChild:
+    """A load generator that holds state open (idle streams) until told to finish.
+
+    Protocol: the child prints a JSON line with `"ready": true` when its streams are open, then waits for
+    a line on stdin and prints its final JSON line. This lets the parent read the server's memory
+    while the streams are open and idle, without the child doing anything in between.
+    """
+
+    def __init__(self, module: str, args: dict[str, Any]) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", module, json.dumps(args)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            env=child_env(),
+        )
+
+    def wait_ready(self, timeout_s: float) -> dict[str, Any]:
+        """Block until the child reports ready (or fail after timeout_s)."""
+        assert self._proc.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        import selectors
+
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._proc.stdout, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                    break
+                line = self._proc.stdout.readline().decode(errors="replace")
+                if not line:
+                    break
+                if line.startswith("{"):
+                    parsed: dict[str, Any] = json.loads(line)
+                    if parsed.get("ready"):
+                        return parsed
+        self.kill()
+        err = self._proc.stderr.read().decode(errors="replace")[-3000:] if self._proc.stderr else ""
+        raise RuntimeError(f"load generator not ready within {timeout_s:.0f} s:\n{err}")
+
+    def proceed(self) -> None:
+        """Release the child from its current phase (it then works towards its next ready line)."""
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(b"next\n")
+        self._proc.stdin.flush()
+
+    def finish(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Tell the child to close its streams and return its final JSON."""
+        try:
+            out, err = self._proc.communicate(b"next\n", timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        lines = [line for line in out.decode(errors="replace").splitlines() if line.startswith("{")]
+        if self._proc.returncode != 0 or not lines:
+            raise RuntimeError(f"load generator failed: {err.decode(errors='replace')[-3000:]}")
+        result: dict[str, Any] = json.loads(lines[-1])
+        return result
+
+    def kill(self) -> None:
+        """Stop the child now (used on errors)."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(5)

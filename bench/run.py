@@ -1,0 +1,573 @@
+"""Run evalsvc's benchmark suite and write bench/results/latest.{md,json} plus PNG plots.
+
+    python -m bench.run            # full suite (several minutes)
+    python -m bench.run --quick    # scaled down, under 2 minutes
+    python -m bench.run --only unary,fanout
+
+This machine is noisy (2 cores, shared), so no absolute figure means much on its own: every scenario
+measures a baseline (a bare grpc.aio server, or the raw database driver) in the same run, alternating
+with evalsvc repetition by repetition, and the table reports evalsvc's ratio to it. Each repetition's
+ratio is computed from a baseline and an evalsvc figure measured back to back; the table shows the
+median and the min–max over the repetitions.
+
+The server under test always runs as its own process (`python -m evalsvc serve`), and every load
+generator runs in another process (bench/loadgen.py), so client and server never share a CPU-bound
+event loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import math
+import operator
+import os
+import platform
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import dbceiling, procs
+from bench.stats import fmt, median, percentile, spread
+
+RESULTS = procs.ROOT / "bench" / "results"
+PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+OPS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Sizes and durations of one suite run; `--quick` scales the work down, never the repetitions."""
+
+    quick: bool
+    reps: int = 3
+    unary_concurrency: int = 32
+    unary_duration_s: float = 5.0
+    large_items: int = 5000
+    large_graders: int = 50
+    watchers: int = 1000
+    fan_events: int = 10
+    idle_streams: int = 1000
+    peer_items: int = 10_000
+
+    @classmethod
+    def make(cls, quick: bool) -> Config:
+        """The full configuration, or the quick one (same shapes, less work)."""
+        if quick:
+            return cls(quick=True, unary_duration_s=1.0, large_items=1000, watchers=200, idle_streams=200)
+        return cls(quick=False)
+
+
+@dataclass
+class Row:
+    """One line of the results table. Values are per repetition; the table shows medians."""
+
+    scenario: str
+    quantity: str
+    unit: str
+    baseline_label: str = ""
+    baseline: list[float] = field(default_factory=list)
+    evalsvc: list[float] = field(default_factory=list)
+    ratio: list[float] = field(default_factory=list)
+    target: str = ""  # e.g. ">= 0.5 ratio", "<= 40 evalsvc"
+    note: str = ""
+
+    def add(self, evalsvc: float, baseline: float | None = None, *, invert: bool = False) -> None:
+        """Record one repetition; the ratio is evalsvc/baseline (baseline/evalsvc when `invert`)."""
+        self.evalsvc.append(evalsvc)
+        if baseline is not None:
+            self.baseline.append(baseline)
+            if baseline and evalsvc:
+                self.ratio.append(baseline / evalsvc if invert else evalsvc / baseline)
+
+    def met(self) -> bool | None:
+        """Whether the median meets the target; None without a target or data."""
+        if not self.target:
+            return None
+        op, value, on = self.target.split()
+        values = self.ratio if on == "ratio" else self.evalsvc
+        if not values:
+            return None
+        return OPS[op](median(values), float(value))
+
+
+@dataclass
+class Suite:
+    """Everything measured in one run: table rows, raw samples for plots, and failures."""
+
+    config: Config
+    rows: list[Row] = field(default_factory=list)
+    samples: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def row(self, scenario: str, quantity: str, unit: str, **kwargs: Any) -> Row:
+        """A new row, appended to the table in the order scenarios create them."""
+        row = Row(scenario, quantity, unit, **kwargs)
+        self.rows.append(row)
+        return row
+
+
+def log(message: str) -> None:
+    """Progress on stderr, so a long suite shows where it is."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -------------------------------------------------------------------------------------------- unary
+
+
+def scenario_unary(suite: Suite) -> None:
+    """Unary ceiling: bare echo vs CreateRun (10 items, provided, exact_match) and GetRun.
+
+    Same client code, same concurrency, same duration; the three are interleaved within each
+    repetition so drift on the machine hits all three alike.
+    """
+    cfg = suite.config
+    echo_row = suite.row("unary", "bare echo calls/s (baseline)", "calls/s", baseline_label="echo")
+    create_row = suite.row(
+        "unary", "CreateRun calls/s (10 items, 1 grader)", "calls/s", baseline_label="echo", target=">= 0.5 ratio"
+    )
+    get_row = suite.row("unary", "GetRun calls/s", "calls/s", baseline_label="echo", target=">= 0.8 ratio")
+    p99_rows = {
+        kind: suite.row("unary", f"{label} p99 latency at {cfg.unary_concurrency} in flight", "ms", baseline_label="echo")
+        for kind, label in (("create", "CreateRun"), ("get", "GetRun"))
+    }
+    latency: dict[str, list[float]] = {"echo": [], "create": [], "get": []}
+    rps: dict[str, list[float]] = {"echo": [], "create": [], "get": []}
+    errors: dict[str, int] = {}
+
+    def load(addr: str, kind: str) -> dict[str, Any]:
+        args = {
+            "mode": "unary",
+            "addr": addr,
+            "kind": kind,
+            "concurrency": cfg.unary_concurrency,
+            "duration_s": cfg.unary_duration_s,
+            "max_calls": 200_000,
+        }
+        result = procs.run_child("bench.loadgen", args, timeout_s=cfg.unary_duration_s + 60)
+        for code, n in result["errors"].items():
+            errors[f"{kind}:{code}"] = errors.get(f"{kind}:{code}", 0) + n
+        latency[kind].extend(result["latency_ms"])
+        rps[kind].append(result["rps"])
+        return result
+
+    with procs.echo_server("unary-echo") as echo, procs.evalsvc_server(procs.sqlite_url("unary"), "unary") as srv:
+        for rep in range(cfg.reps):
+            base = load(echo.addr, "echo")
+            get = load(srv.addr, "get")
+            create = load(srv.addr, "create")
+            time.sleep(0.5)  # let the executor finish the runs CreateRun started before the next echo
+            echo_row.add(base["rps"])
+            create_row.add(create["rps"], base["rps"])
+            get_row.add(get["rps"], base["rps"])
+            for kind, result in (("create", create), ("get", get)):
+                p99_rows[kind].add(percentile(result["latency_ms"], 99), percentile(base["latency_ms"], 99))
+            log(f"unary rep {rep + 1}: echo {base['rps']:.0f}/s, GetRun {get['rps']:.0f}/s, CreateRun {create['rps']:.0f}/s")
+    if errors:
+        create_row.note = f"errors: {errors}"
+    suite.samples["unary"] = {"rps": rps, "latency_ms": latency, "concurrency": cfg.unary_concurrency}
+
+
+# -------------------------------------------------------------------------------------------- large
+
+
+@contextlib.contextmanager
+def database(backend: str, name: str) -> Iterator[tuple[str, str]]:
+    """A fresh database for one repetition: (SQLAlchemy URL for evalsvc, raw DSN/path for the ceiling).
+
+    PostgreSQL gets two scratch databases (one for evalsvc, one for the ceiling), dropped afterwards.
+    """
+    if backend == "sqlite":
+        url = procs.sqlite_url(name)
+        ceiling = procs.sqlite_url(name + "-ceiling").removeprefix("sqlite+aiosqlite:///")
+        yield url, ceiling
+        for path in (url.removeprefix("sqlite+aiosqlite:///"), ceiling):
+            for suffix in ("", "-wal", "-shm"):
+                Path(path + suffix).unlink(missing_ok=True)
+        return
+    db, raw = f"evalsvc_bench_{os.getpid()}_{name}", f"evalsvc_bench_{os.getpid()}_{name}_ceiling"
+    dbceiling.create_scratch_database(db)
+    dbceiling.create_scratch_database(raw)
+    try:
+        base = PG_URL.rsplit("/", 1)[0]
+        yield f"{base}/{db}", f"{base}/{raw}".replace("postgresql+asyncpg://", "postgresql://")
+    finally:
+        dbceiling.drop_scratch_database(db)
+        dbceiling.drop_scratch_database(raw)
+
+
+def scenario_large(suite: Suite, backend: str) -> None:
+    """Large run: items x graders with provided responses, CreateRun to terminal event via WatchRun.
+
+    Each repetition gets a fresh database and a fresh server, so VmHWM (peak RSS) belongs to that
+    run alone. The raw ceiling is measured right after, on a fresh database of the same kind, with
+    as many rows as the run has evaluations.
+    """
+    cfg = suite.config
+    items, graders = cfg.large_items, cfg.large_graders
+    evaluations = items * graders
+    label = "SQLite" if backend == "sqlite" else "PostgreSQL"
+    if backend == "postgres":
+        why = dbceiling.postgres_available()
+        if why:
+            suite.row("large", f"large run on {label}", "", note=f"skipped: PostgreSQL unreachable ({why})")
+            return
+    scale = f"{items:,}×{graders}"
+    wall = suite.row("large", f"{label} {scale}: CreateRun → terminal event (client), s", "s")
+    if not cfg.quick:
+        wall.target = "<= 20 evalsvc"
+    rate = suite.row(
+        "large", f"{label} {scale}: evaluations/s, end to end", "evals/s", target=">= 12500 evalsvc"
+    )
+    server_rate = suite.row("large", f"{label} {scale}: evaluations/s, server execution (create → end_time)", "evals/s")
+    rss = suite.row("large", f"{label} {scale}: peak server RSS (VmHWM), MB", "MB", target="<= 500 evalsvc")
+    writes = suite.row(
+        "large",
+        f"{label} {scale}: results+events rows/s (server) vs raw executemany rows/s",
+        "rows/s",
+        baseline_label=f"raw {'aiosqlite' if backend == 'sqlite' else 'asyncpg'} executemany, 1000/tx",
+        target=">= 0.3 ratio",
+    )
+    timelines: list[list[tuple[float, int]]] = []
+    for rep in range(cfg.reps):
+        try:
+            with database(backend, f"large-{backend}-{rep}") as (url, raw):
+                with procs.evalsvc_server(url, f"large-{backend}-{rep}") as srv:
+                    args = {"mode": "large", "addr": srv.addr, "items": items, "graders": graders, "timeout_s": 300}
+                    result = procs.run_child("bench.loadgen", args, timeout_s=330)
+                    peak_mb = srv.hwm_kib() / 1024
+                if backend == "sqlite":
+                    ceiling_args: dict[str, Any] = {"backend": "sqlite", "path": raw, "rows": evaluations}
+                else:
+                    ceiling_args = {"backend": "postgres", "dsn": raw, "rows": evaluations}
+                ceiling = procs.run_child("bench.dbceiling", ceiling_args, timeout_s=300)["rows_per_s"]
+        except RuntimeError as exc:
+            if backend == "postgres" and rep == 0:
+                for row in (wall, rate, server_rate, rss, writes):
+                    suite.rows.remove(row)
+                suite.row("large", f"{label} {scale}: large run", "", note="not yet supported: " + _first_line(exc))
+                return
+            raise
+        if result["status"] != "RUN_STATUS_SUCCEEDED" or result["results"] != evaluations:
+            raise RuntimeError(f"large run ended {result['status']} with {result['results']}/{evaluations} results")
+        wall.add(result["e2e_s"])
+        rate.add(evaluations / result["e2e_s"])
+        server_rate.add(evaluations / result["server_s"])
+        rss.add(peak_mb)
+        writes.add(2 * evaluations / result["server_s"], ceiling)
+        timelines.append(result["timeline"])
+        log(
+            f"large {backend} rep {rep + 1}: {result['e2e_s']:.1f} s end to end, {result['server_s']:.1f} s server, "
+            f"{peak_mb:.0f} MB peak, ceiling {ceiling:,.0f} rows/s"
+        )
+    suite.samples[f"large_{backend}"] = {"timelines": timelines, "evaluations": evaluations}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in reversed(text.splitlines()):
+        if "Error" in line or "error" in line:
+            return line.strip()[:200]
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+# ------------------------------------------------------------------------------------------ fan-out
+
+
+def scenario_fanout(suite: Suite) -> None:
+    """Watch fan-out: W watchers on one run vs W bare subscribers, a burst of K events each.
+
+    evalsvc latency runs from each result event's event_time (set by the server when it records the
+    batch) to its arrival at the watcher; bare latency from the publish stamp to arrival. Both load
+    generators are the same kind of separate process holding W streams over W/250 connections.
+    """
+    cfg = suite.config
+    w, k = cfg.watchers, cfg.fan_events
+    p50 = suite.row("fanout", f"{w:,} watchers × {k} events: delivery p50", "ms", baseline_label="bare broadcast")
+    p99 = suite.row(
+        "fanout", f"{w:,} watchers × {k} events: delivery p99", "ms", baseline_label="bare broadcast", target="<= 2 ratio"
+    )
+    connect = suite.row("fanout", f"time to open {w:,} streams (first message on each)", "s", baseline_label="bare")
+    latencies: dict[str, list[float]] = {"bare": [], "evalsvc": []}
+    blocker = max(2000, w * 8)
+    notes: list[str] = []
+    with procs.echo_server("fanout-echo") as echo, procs.evalsvc_server(procs.sqlite_url("fanout"), "fanout") as srv:
+        for rep in range(cfg.reps):
+            bare = procs.run_child(
+                "bench.loadgen",
+                {"mode": "fanout_bare", "addr": echo.addr, "watchers": w, "events": k, "timeout_s": 60},
+                timeout_s=90,
+            )
+            for attempt in range(3):
+                ours = procs.run_child(
+                    "bench.loadgen",
+                    {
+                        "mode": "fanout_evalsvc",
+                        "addr": srv.addr,
+                        "watchers": w,
+                        "events": k,
+                        "blocker_items": blocker,
+                        "blocker_graders": 5,
+                        "timeout_s": 120,
+                    },
+                    timeout_s=150,
+                )
+                if ours["valid"]:
+                    break
+                notes.append(f"rep {rep + 1}: blocker of {blocker} items too short, retried")
+                blocker *= 2
+            if not (ours["valid"] and bare["valid"]):
+                raise RuntimeError(f"fan-out repetition {rep + 1} invalid: evalsvc {ours}, bare {bare}")
+            b, o = bare["latency_ms"], ours["latency_ms"]
+            latencies["bare"].extend(b)
+            latencies["evalsvc"].extend(o)
+            p50.add(percentile(o, 50), percentile(b, 50))
+            p99.add(percentile(o, 99), percentile(b, 99))
+            connect.add(ours["connect_s"], bare["connect_s"])
+            log(
+                f"fanout rep {rep + 1}: p99 evalsvc {percentile(o, 99):.0f} ms vs bare {percentile(b, 99):.0f} ms; "
+                f"{w} watchers opened in {ours['connect_s']:.1f} s vs {bare['connect_s']:.1f} s"
+            )
+    p99.note = "; ".join(notes)
+    suite.samples["fanout"] = {"latency_ms": latencies, "watchers": w, "events": k}
+
+
+def scenario_idle(suite: Suite) -> None:
+    """Server RSS per idle stream: N idle WatchRun streams on a pending run vs N bare idle streams.
+
+    The evalsvc server runs with `--workers 0`, so the watched run stays PENDING and its streams stay
+    idle (no events, only heartbeats). Each repetition uses fresh servers: memory a previous round
+    freed would otherwise be reused and hide the real cost.
+    """
+    cfg = suite.config
+    n = cfg.idle_streams
+    row = suite.row(
+        "idle",
+        f"server RSS per idle stream ({n:,} streams), KiB",
+        "KiB",
+        baseline_label="bare idle stream",
+        target="<= 40 evalsvc",
+    )
+    per_stream: dict[str, list[float]] = {"bare": [], "evalsvc": []}
+
+    def measure(server: procs.ServerProcess, kind: str) -> float:
+        child = procs.InteractiveChild(
+            "bench.loadgen", {"mode": "idle", "addr": server.addr, "kind": kind, "streams": n, "timeout_s": 60}
+        )
+        try:
+            child.wait_ready(60)
+            time.sleep(0.3)
+            before = server.rss_kib()
+            child.proceed()
+            child.wait_ready(60)
+            time.sleep(1.0)  # let the streams settle (first heartbeat timers armed, buffers allocated)
+            after = server.rss_kib()
+            child.finish()
+        except BaseException:
+            child.kill()
+            raise
+        return (after - before) / n
+
+    for rep in range(cfg.reps):
+        with procs.echo_server(f"idle-echo-{rep}") as echo:
+            bare = measure(echo, "bare")
+        with procs.evalsvc_server(procs.sqlite_url(f"idle-{rep}"), f"idle-{rep}", "--workers", "0") as srv:
+            ours = measure(srv, "evalsvc")
+        row.add(ours, bare)
+        per_stream["bare"].append(bare)
+        per_stream["evalsvc"].append(ours)
+        log(f"idle rep {rep + 1}: {ours:.1f} KiB per WatchRun stream vs {bare:.1f} KiB bare")
+    suite.samples["idle"] = per_stream
+
+
+# -------------------------------------------------------------------------------------------- peers
+
+
+def scenario_peers(suite: Suite) -> None:
+    """promptfoo and Inspect AI on the same 10,000 items, if they are installed (see README)."""
+    from bench import peers
+
+    peers.run(suite)
+
+
+SCENARIOS: dict[str, Callable[[Suite], None]] = {
+    "unary": scenario_unary,
+    "large": lambda suite: scenario_large(suite, "sqlite"),
+    "large_pg": lambda suite: scenario_large(suite, "postgres"),
+    "fanout": scenario_fanout,
+    "idle": scenario_idle,
+    "peers": scenario_peers,
+}
+FULL_ONLY = {"peers"}
+
+
+# ------------------------------------------------------------------------------------------- output
+
+
+def render_markdown(suite: Suite, command: str, started: float) -> str:
+    """The results table and the context needed to read it."""
+    cfg = suite.config
+    lines = [
+        "# evalsvc benchmark results",
+        "",
+        f"- command: `{command}` ({'quick' if cfg.quick else 'full'} mode, {cfg.reps} repetitions per scenario)",
+        f"- when: {dt.datetime.fromtimestamp(started, dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, "
+        f"took {time.time() - started:.0f} s",
+        f"- machine: {os.cpu_count()} cores, Python {platform.python_version()}, grpcio {_version('grpcio')}, "
+        f"SQLAlchemy {_version('sqlalchemy')}, loopback only",
+        "- baseline, evalsvc: medians over the repetitions; ratio: median of per-repetition evalsvc/baseline "
+        "(each pair measured back to back); spread: min–max of evalsvc and of the ratio over the repetitions.",
+        "",
+        "| quantity | baseline | evalsvc | ratio | spread (evalsvc; ratio) | target | met |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in suite.rows:
+        if not row.evalsvc:
+            lines.append(f"| {row.quantity} | – | {row.note or '–'} | – | – | – | – |")
+            continue
+        baseline = f"{fmt(median(row.baseline))} ({row.baseline_label})" if row.baseline else "–"
+        ratio = f"{median(row.ratio):.2f}×" if row.ratio else "–"
+        spreads = spread(row.evalsvc) + (f"; {spread(row.ratio)}×" if row.ratio else "")
+        target = _target_text(row.target)
+        met = {True: "yes", False: "**no**", None: "–"}[row.met()]
+        note = f" ({row.note})" if row.note else ""
+        lines.append(
+            f"| {row.quantity}{note} | {baseline} | {fmt(median(row.evalsvc))} | {ratio} | {spreads} | {target} | {met} |"
+        )
+    if suite.failures:
+        lines += ["", "## Scenarios that failed", ""]
+        lines += [f"- {failure}" for failure in suite.failures]
+    lines += ["", "## Plots", ""]
+    for png in sorted(RESULTS.glob("*.png")):
+        lines.append(f"- ![{png.stem}]({png.name})")
+    lines += ["", f"Scenario wall times: {', '.join(f'{k} {v:.0f} s' for k, v in suite.timings.items())}.", ""]
+    return "\n".join(lines)
+
+
+def _target_text(target: str) -> str:
+    if not target:
+        return "–"
+    op, value, on = target.split()
+    sign = {">=": "≥", "<=": "≤"}[op]
+    return f"ratio {sign} {value}×" if on == "ratio" else f"{sign} {fmt(float(value))}"
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "?"
+
+
+def write_json(suite: Suite, command: str, started: float) -> None:
+    """Every per-repetition value plus the raw samples, for anyone who wants to redo the statistics."""
+    rows = []
+    for row in suite.rows:
+        data = asdict(row)
+        data.update(
+            baseline_median=median(row.baseline) if row.baseline else None,
+            evalsvc_median=median(row.evalsvc) if row.evalsvc else None,
+            ratio_median=median(row.ratio) if row.ratio else None,
+            met=row.met(),
+        )
+        rows.append(data)
+    document = {
+        "command": command,
+        "started": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(),
+        "duration_s": time.time() - started,
+        "config": asdict(suite.config),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "grpcio": _version("grpcio")},
+        "rows": rows,
+        "failures": suite.failures,
+        "timings_s": suite.timings,
+        "samples": suite.samples,
+    }
+    text = json.dumps(document, indent=1, allow_nan=False, default=_nan_to_none)
+    (RESULTS / "latest.json").write_text(text)
+
+
+def _nan_to_none(value: Any) -> Any:
+    raise TypeError(f"not JSON serializable: {value!r}")
+
+
+def _clean(value: Any) -> Any:
+    """NaN is not JSON: turn it into null all the way down."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected scenarios, then write the table, the JSON and the plots, failures included."""
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="scaled-down suite that finishes in under 2 minutes")
+    parser.add_argument("--only", default="", help=f"comma-separated scenarios: {', '.join(SCENARIOS)}")
+    parser.add_argument("--profile", action="store_true", help="also py-spy the server during one large run")
+    args = parser.parse_args(argv)
+    cfg = Config.make(args.quick)
+    selected = [s.strip() for s in args.only.split(",") if s.strip()] or [
+        name for name in SCENARIOS if not (cfg.quick and name in FULL_ONLY)
+    ]
+    unknown = [s for s in selected if s not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}")
+    command = "python -m bench.run" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    started = time.time()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(procs.TMP, ignore_errors=True)
+    procs.TMP.mkdir(parents=True)
+    suite = Suite(cfg)
+    for name in selected:
+        log(f"scenario {name}")
+        began = time.perf_counter()
+        try:
+            SCENARIOS[name](suite)
+        except Exception as exc:
+            traceback.print_exc()
+            suite.failures.append(f"{name}: {_first_line(exc)}")
+        suite.timings[name] = time.perf_counter() - began
+    if args.profile:
+        from bench import profile
+
+        profile.profile_large_run(suite)
+    suite.samples = _clean(suite.samples)
+    for row in suite.rows:
+        row.baseline, row.evalsvc, row.ratio = (
+            [v for v in values if not math.isnan(v)] for values in (row.baseline, row.evalsvc, row.ratio)
+        )
+    try:
+        from bench import plots
+
+        for png in RESULTS.glob("*.png"):
+            png.unlink()
+        plots.write_all(suite.samples, RESULTS)
+    except Exception as exc:
+        traceback.print_exc()
+        suite.failures.append(f"plots: {_first_line(exc)}")
+    (RESULTS / "latest.md").write_text(render_markdown(suite, command, started))
+    write_json(suite, command, started)
+    shutil.rmtree(procs.TMP, ignore_errors=True)
+    log(f"wrote {RESULTS / 'latest.md'} in {time.time() - started:.0f} s")
+    print((RESULTS / "latest.md").read_text())
+    return 1 if suite.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Request builders shared by the load generators, so every scenario sends the same shape of work.
+
+The large run mixes every deterministic grader kind whose outcome does not depend on wall time, each
+under a distinct name (a run refuses duplicate names), so the benchmark exercises the grader mix a
+real suite would have rather than 50 copies of the cheapest one.
+"""
+
+from __future__ import annotations
+
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import grader_pb2, item_pb2, target_pb2
+
+PROVIDED = target_pb2.Target(provided=target_pb2.ProvidedTarget())
+
+
+def provided_items(n: int, *, wrong_every: int = 7) -> list[item_pb2.Item]:
+    """n items with recorded responses; every `wrong_every`-th one is wrong, so both outcomes occur."""
+    items = []
+    for i in range(n):
+        expected = f"the answer to question {i} is {i * 7 % 1000}"
+        content = f"the answer to question {i} is unknown" if wrong_every and i % wrong_every == 0 else expected
+        items.append(
+            item_pb2.Item(
+                id=f"i{i}",
+                input=f"question {i}: what is {i} times 7 modulo 1000?",
+                expected_output=expected,
+                response=item_pb2.Response(content=content, latency_ms=float(i % 50), cost_usd=0.0001),
+            )
+        )
+    return items
+
+
+def _grader_kinds() -> list[grader_pb2.Grader]:
+    """One of each deterministic kind (and option variant); `mixed_graders` cycles through these."""
+    G = grader_pb2
+    return [
+        G.Grader(exact_match=G.ExactMatch()),
+        G.Grader(exact_match=G.ExactMatch(case_insensitive=True, normalize_whitespace=True)),
+        G.Grader(contains=G.Contains(values=["answer"])),
+        G.Grader(contains=G.Contains(values=["ANSWER", "question"], all=True, case_insensitive=True)),
+        G.Grader(regex=G.Regex(pattern=r"is \d+$")),
+        G.Grader(regex=G.Regex(pattern=r"the answer .* is \w+", full_match=True, case_insensitive=True)),
+        G.Grader(similarity=G.Similarity(threshold=0.8)),
+        G.Grader(similarity=G.Similarity(threshold=0.95, case_insensitive=True)),
+        G.Grader(json_match=G.JsonMatch(valid_only=True)),
+        G.Grader(latency=G.Latency(max_ms=40.0)),
+        G.Grader(cost=G.Cost(max_usd=0.01)),
+    ]
+
+
+def mixed_graders(n: int) -> list[grader_pb2.Grader]:
+    """n graders cycling through the deterministic kinds, each named `<kind>_<index>`."""
+    kinds = _grader_kinds()
+    graders = []
+    for i in range(n):
+        g = grader_pb2.Grader()
+        g.CopyFrom(kinds[i % len(kinds)])
+        g.name = f"{g.WhichOneof('kind')}_{i}"
+        graders.append(g)
+    return graders
+
+
+def large_run_request(items: int, graders: int, request_id: str = "") -> pb.CreateRunRequest:
+    """The large run: `items` provided items x `graders` mixed graders."""
+    return pb.CreateRunRequest(
+        request_id=request_id,
+        display_name=f"bench large {items}x{graders}",
+        items=provided_items(items),
+        target=PROVIDED,
+        graders=mixed_graders(graders),
+    )
+
+
+def small_run_request(items: int = 10) -> pb.CreateRunRequest:
+    """The unary scenario's CreateRun: `items` inline items, provided target, one exact_match grader."""
+    return pb.CreateRunRequest(
+        items=provided_items(items),
+        target=PROVIDED,
+        graders=[grader_pb2.Grader(name="exact", exact_match=grader_pb2.ExactMatch())],
+    )
