@@ -36,3 +36,14 @@ lint: $(VENV)/.installed node_modules/.installed
 fmt: $(VENV)/.installed
 	$(VENV)/bin/ruff format evalsvc tests scripts
 	$(VENV)/bin/ruff check --fix evalsvc tests scripts
+
+$(VENV)/.bench-installed: $(VENV)/.installed bench/requirements.txt
+	$(PY) -m pip install -q -r bench/requirements.txt
+	touch $@
+
+# Benchmarks against same-run baselines; results in bench/results/latest.md (see bench/README.md).
+bench: $(VENV)/.installed $(VENV)/.bench-installed
+	$(PY) -m bench.run
+
+bench-quick: $(VENV)/.installed $(VENV)/.bench-installed
+	$(PY) -m bench.run --quick

@@ -6,6 +6,8 @@ measure gRPC itself:
 - `Subscribe` (server stream) sends one hello, then whatever `Broadcast` publishes: the bare fan-out
   and the bare idle stream that WatchRun is compared with.
 - `Broadcast` (unary) stamps N messages with the publish time and hands them to every subscriber.
+- `Stream` (server stream) sends N messages of a given size as fast as the client takes them: the
+  ceiling of one stream, which a large run's WatchRun (one message per event) is compared with.
 
 Each subscriber gets a bounded queue, as evalsvc's watchers do, so the baseline has the same shape
 of work (a wake-up per stream per burst) rather than an unrealistically cheap one.
@@ -31,6 +33,7 @@ SERVICE = "bench.Bare"
 ECHO = f"/{SERVICE}/Echo"
 SUBSCRIBE = f"/{SERVICE}/Subscribe"
 BROADCAST = f"/{SERVICE}/Broadcast"
+STREAM = f"/{SERVICE}/Stream"
 
 # A broadcast request is (count, payload size); each message is (publish time, index) plus padding.
 BROADCAST_REQUEST = struct.Struct("<II")
@@ -59,6 +62,13 @@ class Bare:
                 yield await queue.get()
         finally:
             self.subscribers.discard(queue)
+
+    async def stream(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        """Send `count` messages of `size` bytes back to back."""
+        count, size = BROADCAST_REQUEST.unpack(request[: BROADCAST_REQUEST.size])
+        message = b"x" * size
+        for _ in range(count):
+            yield message
 
     async def broadcast(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         """Stamp `count` messages with the publish time and queue them for every subscriber."""
@@ -90,6 +100,9 @@ def build_server(options: list[tuple[str, int]]) -> grpc.aio.Server:
             ),
             "Subscribe": grpc.unary_stream_rpc_method_handler(
                 bare.subscribe, request_deserializer=_identity, response_serializer=_identity
+            ),
+            "Stream": grpc.unary_stream_rpc_method_handler(
+                bare.stream, request_deserializer=_identity, response_serializer=_identity
             ),
             "Broadcast": grpc.unary_unary_rpc_method_handler(
                 bare.broadcast, request_deserializer=_identity, response_serializer=_identity

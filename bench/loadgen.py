@@ -163,12 +163,16 @@ async def large(args: dict[str, Any]) -> dict[str, Any]:
         next_mark = 0
         terminal: run_pb2.Run | None = None
         last_event_time = 0.0
+        sized = size_sum = 0
         async for event in stub.WatchRun(pb.WatchRunRequest(run_id=created.run.id), timeout=timeout_s):
             if event.HasField("heartbeat"):
                 continue
             events += 1
             if event.HasField("result"):
                 results += 1
+                if sized < 1000:
+                    sized += 1
+                    size_sum += event.ByteSize()
                 if results >= next_mark:
                     timeline.append((time.perf_counter() - started, event.counts.completed_evaluations))
                     next_mark += max(1, total // 200)
@@ -191,8 +195,22 @@ async def large(args: dict[str, Any]) -> dict[str, Any]:
         "e2e_s": e2e_s,
         "server_s": _seconds(terminal.end_time) - _seconds(terminal.create_time),
         "terminal_commit_after_s": last_event_time - started_wall,
+        "mean_event_bytes": size_sum / max(1, sized),
         "timeline": timeline,
     }
+
+
+async def stream_bare(args: dict[str, Any]) -> dict[str, Any]:
+    """Drain N messages of the given size from one bare server stream: the one-stream ceiling."""
+    addr, count, size = args["addr"], int(args["messages"]), int(args["message_bytes"])
+    async with grpc.aio.insecure_channel(addr) as channel:
+        call = channel.unary_stream(echo_server.STREAM)
+        received = 0
+        started = time.perf_counter()
+        async for _ in call(echo_server.BROADCAST_REQUEST.pack(count, size), timeout=float(args["timeout_s"])):
+            received += 1
+        elapsed = time.perf_counter() - started
+    return {"messages": received, "elapsed_s": elapsed, "messages_per_s": received / elapsed}
 
 
 # ------------------------------------------------------------------------------------------ fan-out
@@ -396,6 +414,7 @@ async def idle(args: dict[str, Any]) -> dict[str, Any]:
 MODES: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
     "unary": unary,
     "large": large,
+    "stream_bare": stream_bare,
     "fanout_evalsvc": fanout_evalsvc,
     "fanout_bare": fanout_bare,
     "idle": idle,

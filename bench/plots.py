@@ -12,7 +12,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def _cdf(ax: Any, values: list[float], label: str) -> None:
@@ -29,7 +29,7 @@ def throughput(samples: dict[str, Any], out: Path) -> None:
     unary = samples.get("unary")
     if unary:
         kinds = [("echo", "bare echo"), ("get", "GetRun"), ("create", "CreateRun")]
-        for x, (kind, label) in enumerate(kinds):
+        for x, (kind, _label) in enumerate(kinds):
             values = unary["rps"].get(kind, [])
             if values:
                 left.bar(x, sorted(values)[len(values) // 2], color="C0" if kind == "echo" else "C1", alpha=0.6)
@@ -73,7 +73,7 @@ def latency(samples: dict[str, Any], out: Path) -> None:
         _cdf(right, fan["latency_ms"].get("evalsvc", []), "evalsvc WatchRun")
         right.set_xlabel("commit (or publish) to delivery, ms")
         right.set_ylabel("fraction of deliveries")
-        right.set_title(f"Fan-out: {fan['watchers']:,} watchers × {fan['events']} events")
+        right.set_title(f"Fan-out: {fan['watchers']:,} watchers x {fan['events']} events")
         right.legend()
     fig.tight_layout()
     fig.savefig(out / "latency.png", dpi=110)
@@ -86,7 +86,7 @@ def memory(samples: dict[str, Any], out: Path) -> None:
     if not idle:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for x, (key, label) in enumerate((("bare", "bare idle stream"), ("evalsvc", "idle WatchRun"))):
+    for x, (key, _label) in enumerate((("bare", "bare idle stream"), ("evalsvc", "idle WatchRun"))):
         values = idle.get(key, [])
         if values:
             ax.bar(x, sorted(values)[len(values) // 2], alpha=0.6, color=f"C{x}")

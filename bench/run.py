@@ -8,7 +8,7 @@ This machine is noisy (2 cores, shared), so no absolute figure means much on its
 measures a baseline (a bare grpc.aio server, or the raw database driver) in the same run, alternating
 with evalsvc repetition by repetition, and the table reports evalsvc's ratio to it. Each repetition's
 ratio is computed from a baseline and an evalsvc figure measured back to back; the table shows the
-median and the min–max over the repetitions.
+median and the min-max over the repetitions.
 
 The server under test always runs as its own process (`python -m evalsvc serve`), and every load
 generator runs in another process (bench/loadgen.py), so client and server never share a CPU-bound
@@ -130,13 +130,15 @@ def scenario_unary(suite: Suite) -> None:
     repetition so drift on the machine hits all three alike.
     """
     cfg = suite.config
-    echo_row = suite.row("unary", "bare echo calls/s (baseline)", "calls/s", baseline_label="echo")
+    echo_row = suite.row("unary", "bare grpc.aio echo calls/s", "calls/s", baseline_label="echo")
     create_row = suite.row(
         "unary", "CreateRun calls/s (10 items, 1 grader)", "calls/s", baseline_label="echo", target=">= 0.5 ratio"
     )
     get_row = suite.row("unary", "GetRun calls/s", "calls/s", baseline_label="echo", target=">= 0.8 ratio")
     p99_rows = {
-        kind: suite.row("unary", f"{label} p99 latency at {cfg.unary_concurrency} in flight", "ms", baseline_label="echo")
+        kind: suite.row(
+            "unary", f"{label} p99 latency at {cfg.unary_concurrency} in flight", "ms", baseline_label="echo"
+        )
         for kind, label in (("create", "CreateRun"), ("get", "GetRun"))
     }
     latency: dict[str, list[float]] = {"echo": [], "create": [], "get": []}
@@ -165,12 +167,15 @@ def scenario_unary(suite: Suite) -> None:
             get = load(srv.addr, "get")
             create = load(srv.addr, "create")
             time.sleep(0.5)  # let the executor finish the runs CreateRun started before the next echo
-            echo_row.add(base["rps"])
+            echo_row.baseline.append(base["rps"])
             create_row.add(create["rps"], base["rps"])
             get_row.add(get["rps"], base["rps"])
             for kind, result in (("create", create), ("get", get)):
                 p99_rows[kind].add(percentile(result["latency_ms"], 99), percentile(base["latency_ms"], 99))
-            log(f"unary rep {rep + 1}: echo {base['rps']:.0f}/s, GetRun {get['rps']:.0f}/s, CreateRun {create['rps']:.0f}/s")
+            log(
+                f"unary rep {rep + 1}: echo {base['rps']:.0f}/s, GetRun {get['rps']:.0f}/s, "
+                f"CreateRun {create['rps']:.0f}/s"
+            )
     if errors:
         create_row.note = f"errors: {errors}"
     suite.samples["unary"] = {"rps": rps, "latency_ms": latency, "concurrency": cfg.unary_concurrency}
@@ -220,15 +225,19 @@ def scenario_large(suite: Suite, backend: str) -> None:
         if why:
             suite.row("large", f"large run on {label}", "", note=f"skipped: PostgreSQL unreachable ({why})")
             return
-    scale = f"{items:,}×{graders}"
+    scale = f"{items:,}x{graders}"
     wall = suite.row("large", f"{label} {scale}: CreateRun → terminal event (client), s", "s")
     if not cfg.quick:
         wall.target = "<= 20 evalsvc"
-    rate = suite.row(
-        "large", f"{label} {scale}: evaluations/s, end to end", "evals/s", target=">= 12500 evalsvc"
-    )
+    rate = suite.row("large", f"{label} {scale}: evaluations/s, end to end", "evals/s", target=">= 12500 evalsvc")
     server_rate = suite.row("large", f"{label} {scale}: evaluations/s, server execution (create → end_time)", "evals/s")
     rss = suite.row("large", f"{label} {scale}: peak server RSS (VmHWM), MB", "MB", target="<= 500 evalsvc")
+    drain = suite.row(
+        "large",
+        f"{label} {scale}: events delivered/s to one watcher (WatchRun) vs bare server stream msgs/s",
+        "msgs/s",
+        baseline_label="bare grpc.aio stream, same message size",
+    )
     writes = suite.row(
         "large",
         f"{label} {scale}: results+events rows/s (server) vs raw executemany rows/s",
@@ -251,13 +260,15 @@ def scenario_large(suite: Suite, backend: str) -> None:
                 ceiling = procs.run_child("bench.dbceiling", ceiling_args, timeout_s=300)["rows_per_s"]
         except RuntimeError as exc:
             if backend == "postgres" and rep == 0:
-                for row in (wall, rate, server_rate, rss, writes):
+                for row in (wall, rate, server_rate, rss, drain, writes):
                     suite.rows.remove(row)
                 suite.row("large", f"{label} {scale}: large run", "", note="not yet supported: " + _first_line(exc))
                 return
             raise
         if result["status"] != "RUN_STATUS_SUCCEEDED" or result["results"] != evaluations:
             raise RuntimeError(f"large run ended {result['status']} with {result['results']}/{evaluations} results")
+        bare_stream = _bare_stream_rate(min(evaluations, 20_000), round(result["mean_event_bytes"]))
+        drain.add(result["events"] / result["e2e_s"], bare_stream)
         wall.add(result["e2e_s"])
         rate.add(evaluations / result["e2e_s"])
         server_rate.add(evaluations / result["server_s"])
@@ -269,6 +280,14 @@ def scenario_large(suite: Suite, backend: str) -> None:
             f"{peak_mb:.0f} MB peak, ceiling {ceiling:,.0f} rows/s"
         )
     suite.samples[f"large_{backend}"] = {"timelines": timelines, "evaluations": evaluations}
+
+
+def _bare_stream_rate(messages: int, size: int) -> float:
+    """Messages/s one bare grpc.aio server stream delivers to one client, measured now."""
+    with procs.echo_server("stream-echo") as echo:
+        args = {"mode": "stream_bare", "addr": echo.addr, "messages": messages, "message_bytes": size, "timeout_s": 120}
+        rate: float = procs.run_child("bench.loadgen", args, timeout_s=150)["messages_per_s"]
+    return rate
 
 
 def _first_line(exc: BaseException) -> str:
@@ -291,9 +310,13 @@ def scenario_fanout(suite: Suite) -> None:
     """
     cfg = suite.config
     w, k = cfg.watchers, cfg.fan_events
-    p50 = suite.row("fanout", f"{w:,} watchers × {k} events: delivery p50", "ms", baseline_label="bare broadcast")
+    p50 = suite.row("fanout", f"{w:,} watchers x {k} events: delivery p50", "ms", baseline_label="bare broadcast")
     p99 = suite.row(
-        "fanout", f"{w:,} watchers × {k} events: delivery p99", "ms", baseline_label="bare broadcast", target="<= 2 ratio"
+        "fanout",
+        f"{w:,} watchers x {k} events: delivery p99",
+        "ms",
+        baseline_label="bare broadcast",
+        target="<= 2 ratio",
     )
     connect = suite.row("fanout", f"time to open {w:,} streams (first message on each)", "s", baseline_label="bare")
     latencies: dict[str, list[float]] = {"bare": [], "evalsvc": []}
@@ -306,7 +329,7 @@ def scenario_fanout(suite: Suite) -> None:
                 {"mode": "fanout_bare", "addr": echo.addr, "watchers": w, "events": k, "timeout_s": 60},
                 timeout_s=90,
             )
-            for attempt in range(3):
+            for _attempt in range(3):
                 ours = procs.run_child(
                     "bench.loadgen",
                     {
@@ -424,24 +447,27 @@ def render_markdown(suite: Suite, command: str, started: float) -> str:
         f"- machine: {os.cpu_count()} cores, Python {platform.python_version()}, grpcio {_version('grpcio')}, "
         f"SQLAlchemy {_version('sqlalchemy')}, loopback only",
         "- baseline, evalsvc: medians over the repetitions; ratio: median of per-repetition evalsvc/baseline "
-        "(each pair measured back to back); spread: min–max of evalsvc and of the ratio over the repetitions.",
+        "(each pair measured back to back); spread: min-max of evalsvc and of the ratio over the repetitions.",
         "",
         "| quantity | baseline | evalsvc | ratio | spread (evalsvc; ratio) | target | met |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in suite.rows:
-        if not row.evalsvc:
-            lines.append(f"| {row.quantity} | – | {row.note or '–'} | – | – | – | – |")
+        if not row.evalsvc and row.baseline:
+            base = f"{fmt(median(row.baseline))} ({row.baseline_label})"
+            lines.append(f"| {row.quantity} | {base} | - | - | {spread(row.baseline)} | - | - |")
             continue
-        baseline = f"{fmt(median(row.baseline))} ({row.baseline_label})" if row.baseline else "–"
-        ratio = f"{median(row.ratio):.2f}×" if row.ratio else "–"
-        spreads = spread(row.evalsvc) + (f"; {spread(row.ratio)}×" if row.ratio else "")
+        if not row.evalsvc:
+            lines.append(f"| {row.quantity} | - | {row.note or '-'} | - | - | - | - |")
+            continue
+        baseline = f"{fmt(median(row.baseline))} ({row.baseline_label})" if row.baseline else "-"
+        ratio = f"{median(row.ratio):.2f}x" if row.ratio else "-"
+        spreads = spread(row.evalsvc) + (f"; {spread(row.ratio)}x" if row.ratio else "")
         target = _target_text(row.target)
-        met = {True: "yes", False: "**no**", None: "–"}[row.met()]
+        met = {True: "yes", False: "**no**", None: "-"}[row.met()]
         note = f" ({row.note})" if row.note else ""
-        lines.append(
-            f"| {row.quantity}{note} | {baseline} | {fmt(median(row.evalsvc))} | {ratio} | {spreads} | {target} | {met} |"
-        )
+        ours = fmt(median(row.evalsvc))
+        lines.append(f"| {row.quantity}{note} | {baseline} | {ours} | {ratio} | {spreads} | {target} | {met} |")
     if suite.failures:
         lines += ["", "## Scenarios that failed", ""]
         lines += [f"- {failure}" for failure in suite.failures]
@@ -454,10 +480,10 @@ def render_markdown(suite: Suite, command: str, started: float) -> str:
 
 def _target_text(target: str) -> str:
     if not target:
-        return "–"
+        return "-"
     op, value, on = target.split()
     sign = {">=": "≥", "<=": "≤"}[op]
-    return f"ratio {sign} {value}×" if on == "ratio" else f"{sign} {fmt(float(value))}"
+    return f"ratio {sign} {value}x" if on == "ratio" else f"{sign} {fmt(float(value))}"
 
 
 def _version(package: str) -> str:

@@ -25,7 +25,7 @@ def percentile(values: Sequence[float], p: float) -> float:
 def fmt(value: float | None, digits: int = 3) -> str:
     """A number with thousands separators and about `digits` significant digits."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
+        return "-"
     magnitude = abs(value)
     if magnitude >= 1000:
         return f"{value:,.0f}"
@@ -36,8 +36,8 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 
 def spread(values: Sequence[float]) -> str:
-    """min–max over the repetitions, the honest answer to "how noisy was this" with n = 3."""
+    """min-max over the repetitions, the honest answer to "how noisy was this" with n = 3."""
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
-        return "–"
-    return f"{fmt(min(finite))}–{fmt(max(finite))}"
+        return "-"
+    return f"{fmt(min(finite))}-{fmt(max(finite))}"

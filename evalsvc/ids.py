@@ -1,6 +1,6 @@
 """Identifiers and page tokens.
 
-Run and dataset ids sort by creation time (48-bit milliseconds, then randomness), so "newest first"
+Run and dataset ids sort by creation time (microseconds, then randomness), so "newest first"
 is an index scan on the primary key and keyset pagination needs nothing else.
 """
 
@@ -15,9 +15,17 @@ from typing import Any
 from evalsvc.errors import FieldViolation, invalid_argument
 
 
+_last_micros = 0
+
+
 def new_id(prefix: str) -> str:
-    """A time-sortable id such as `run_0193f0c2a1b47c3e9d51a2`."""
-    return f"{prefix}_{int(time.time() * 1000):012x}{os.urandom(5).hex()}"
+    """A time-sortable id such as `run_0005f4b1c2d3e4a1b2c3d4e5`: microseconds, then randomness.
+
+    Within a process the time part strictly increases, so ids created one after another sort in
+    creation order even within the same microsecond."""
+    global _last_micros
+    _last_micros = max(time.time_ns() // 1000, _last_micros + 1)
+    return f"{prefix}_{_last_micros:014x}{os.urandom(5).hex()}"
 
 
 def encode_page_token(position: Any, query: dict[str, Any]) -> str:

@@ -67,6 +67,7 @@ class Executor:
 
     async def start(self) -> None:
         """Reclaim leases a crashed predecessor left (SQLite has one server) and start the loops."""
+        self._stopping = False
         if self._db.is_sqlite:
             async with self._db.write() as conn:
                 released = await job_store.release_all(conn)

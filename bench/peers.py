@@ -1,0 +1,1 @@
+"""Peers placeholder; replaced below."""

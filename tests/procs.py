@@ -1,0 +1,58 @@
+"""Server subprocesses for tests that kill, stop or signal them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LISTENING = re.compile(r"evalsvc listening on [^ ]+:(\d+)")
+
+
+class ServerProcess:
+    """`evalsvc serve` in a child process, with its log in a file."""
+
+    def __init__(self, db_url: str, log_path: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115  (closed in wait())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "evalsvc", "serve", "--grpc-addr", "127.0.0.1:0", "--db", db_url, *extra],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        self.port = self._await_port()
+
+    def _await_port(self, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = LISTENING.findall(self.log_path.read_text(errors="replace"))
+            if found:
+                return int(found[-1])
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log_path.read_text()}")
+            time.sleep(0.05)  # polling a log file: there is no event to await across processes
+        raise TimeoutError(f"server did not start:\n{self.log_path.read_text()}")
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        """kill -9: no cleanup of any kind."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.wait()
+
+    def terminate(self) -> int:
+        """SIGTERM and wait for a clean exit."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait()
+
+    def wait(self, timeout: float = 30.0) -> int:
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code

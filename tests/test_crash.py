@@ -1,0 +1,69 @@
+"""kill -9 in the middle of a run: after a restart the run completes with exactly one result per
+evaluation and a gap-free event log, and a watcher resumes where it was."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, run_pb2
+from tests.helpers import TERMINAL, create_request, watch_all
+from tests.procs import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+
+async def _all_results(stub: eval_run_service_pb2_grpc.EvalRunServiceStub, run_id: str) -> list[run_pb2.Result]:
+    results, token = [], ""
+    while True:
+        page = await stub.ListRunResults(pb.ListRunResultsRequest(run_id=run_id, page_size=1000, page_token=token))
+        results.extend(page.results)
+        token = page.next_page_token
+        if not token:
+            return results
+
+
+async def test_kill_9_mid_run_then_restart_completes_exactly_once(tmp_path: Path) -> None:
+    db = f"sqlite+aiosqlite:///{tmp_path / 'crash.db'}"
+    # Small claims so the run spans many transactions and the kill lands between and inside them.
+    knobs = ("--claim-batch", "25", "--workers", "25")
+    first = ServerProcess(db, tmp_path / "first.log", *knobs)
+    request = create_request(2000, request_id="crash-run")
+    request.graders.add(name="has-answer", contains=grader_pb2.Contains(values=["answer"]))
+    before_kill: list[pb.WatchRunResponse] = []
+    try:
+        async with grpc.aio.insecure_channel(first.target) as channel:
+            stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            run_id = (await stub.CreateRun(request)).run.id
+            async for event in stub.WatchRun(pb.WatchRunRequest(run_id=run_id)):
+                before_kill.append(event)
+                if event.counts.completed_evaluations >= 600:
+                    break
+    finally:
+        first.kill()
+    assert not any(e.HasField("run") and e.run.status in TERMINAL for e in before_kill), "killed too late"
+
+    second = ServerProcess(db, tmp_path / "second.log", *knobs)
+    try:
+        async with grpc.aio.insecure_channel(second.target) as channel:
+            stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            # The acknowledged run survived, and a retry of its CreateRun still answers with it.
+            assert (await stub.CreateRun(request)).run.id == run_id
+            resumed = await watch_all(stub, run_id, after_seq=before_kill[-1].seq)
+            full = await watch_all(stub, run_id)
+            final = (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).run
+            results = await _all_results(stub, run_id)
+    finally:
+        assert second.terminate() == 0
+
+    assert [e.SerializeToString() for e in before_kill + resumed] == [e.SerializeToString() for e in full]
+    assert [e.seq for e in full] == list(range(1, len(full) + 1))
+    assert final.status == run_pb2.RUN_STATUS_SUCCEEDED
+    assert final.counts.completed_evaluations == final.counts.total_evaluations == 4000
+    keys = [(r.item_id, r.repetition, r.grader) for r in results]
+    assert len(keys) == len(set(keys)) == 4000
+    assert sum(1 for e in full if e.HasField("result")) == 4000
+    assert all(r.state == run_pb2.RESULT_STATE_PASSED for r in results)  # each is what the graders produce

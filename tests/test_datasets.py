@@ -1,0 +1,116 @@
+"""DatasetService, and runs over datasets (whole, subset, and isolation from later edits)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from evalsvc.v1 import dataset_service_pb2 as ds
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import item_pb2, run_pb2, target_pb2
+from tests.helpers import error_reason, exact, provided_items, violations, watch_all
+
+
+async def _dataset_with_items(datasets, n: int) -> ds.Dataset:  # type: ignore[no-untyped-def]
+    created = await datasets.CreateDataset(
+        ds.CreateDatasetRequest(dataset=ds.Dataset(display_name="qa", labels={"suite": "smoke"}))
+    )
+    added = await datasets.AddDatasetItems(
+        ds.AddDatasetItemsRequest(dataset_id=created.dataset.id, items=provided_items(n))
+    )
+    assert list(added.item_ids) == [f"i{i}" for i in range(n)]
+    return added.dataset
+
+
+async def test_create_get_list_datasets(datasets) -> None:
+    first = await _dataset_with_items(datasets, 3)
+    second = (await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset(display_name="b")))).dataset
+    got = (await datasets.GetDataset(ds.GetDatasetRequest(dataset_id=first.id))).dataset
+    assert got.item_count == 3 and got.display_name == "qa" and dict(got.labels) == {"suite": "smoke"}
+    page1 = await datasets.ListDatasets(ds.ListDatasetsRequest(page_size=1))
+    page2 = await datasets.ListDatasets(ds.ListDatasetsRequest(page_size=1, page_token=page1.next_page_token))
+    assert [d.id for d in [*page1.datasets, *page2.datasets]] == [second.id, first.id]
+    assert page2.next_page_token == ""
+
+
+async def test_dataset_items_page_in_order_and_ids_are_assigned(datasets) -> None:
+    dataset = await _dataset_with_items(datasets, 5)
+    more = await datasets.AddDatasetItems(
+        ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[item_pb2.Item(input="no id")])
+    )
+    assert list(more.item_ids) == ["item-6"] and more.dataset.item_count == 6
+    ids, token = [], ""
+    while True:
+        page = await datasets.ListDatasetItems(
+            ds.ListDatasetItemsRequest(dataset_id=dataset.id, page_size=4, page_token=token)
+        )
+        ids.extend(i.id for i in page.items)
+        token = page.next_page_token
+        if not token:
+            break
+    assert ids == ["i0", "i1", "i2", "i3", "i4", "item-6"]
+
+
+async def test_duplicate_item_ids_are_rejected_and_nothing_is_added(datasets) -> None:
+    dataset = await _dataset_with_items(datasets, 2)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await datasets.AddDatasetItems(
+            ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[item_pb2.Item(id="new"), item_pb2.Item(id="i1")])
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "items[1].id" in violations(err.value)
+    assert (await datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset.id))).dataset.item_count == 2
+
+
+async def test_unknown_dataset_is_not_found_everywhere(datasets, runs) -> None:
+    calls = [
+        datasets.GetDataset(ds.GetDatasetRequest(dataset_id="ds_nope")),
+        datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id="ds_nope", items=[item_pb2.Item()])),
+        datasets.ListDatasetItems(ds.ListDatasetItemsRequest(dataset_id="ds_nope")),
+        runs.CreateRun(
+            pb.CreateRunRequest(
+                dataset_id="ds_nope", target=target_pb2.Target(echo=target_pb2.EchoTarget()), graders=[exact()]
+            )
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert error_reason(err.value) == "DATASET_NOT_FOUND"
+
+
+async def test_runs_of_a_dataset_number_and_copy_their_items(datasets, runs) -> None:
+    dataset = await _dataset_with_items(datasets, 4)
+    target = target_pb2.Target(provided=target_pb2.ProvidedTarget())
+    whole = await runs.CreateRun(pb.CreateRunRequest(dataset_id=dataset.id, target=target, graders=[exact()]))
+    subset = await runs.CreateRun(
+        pb.CreateRunRequest(dataset_id=dataset.id, item_ids=["i3", "i1"], target=target, graders=[exact()])
+    )
+    assert (whole.run.run_number, subset.run.run_number) == (1, 2)
+    assert (whole.job_count, subset.job_count) == (4, 2)
+    await datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=provided_items(6)[4:]))
+    await watch_all(runs, whole.run.id)
+    done = await watch_all(runs, subset.run.id)
+    assert done[-1].run.status == run_pb2.RUN_STATUS_SUCCEEDED
+    whole_results = (await runs.ListRunResults(pb.ListRunResultsRequest(run_id=whole.run.id))).results
+    assert sorted(r.item_id for r in whole_results) == ["i0", "i1", "i2", "i3"]  # later items are not in it
+    subset_results = (await runs.ListRunResults(pb.ListRunResultsRequest(run_id=subset.run.id))).results
+    assert sorted(r.item_id for r in subset_results) == ["i1", "i3"]
+    by_dataset = await runs.ListRuns(pb.ListRunsRequest(dataset_id=dataset.id))
+    assert {r.id for r in by_dataset.runs} == {whole.run.id, subset.run.id}
+
+
+async def test_unknown_item_ids_name_the_field(datasets, runs) -> None:
+    dataset = await _dataset_with_items(datasets, 2)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await runs.CreateRun(
+            pb.CreateRunRequest(
+                dataset_id=dataset.id,
+                item_ids=["i0", "zz"],
+                target=target_pb2.Target(provided=target_pb2.ProvidedTarget()),
+                graders=[exact()],
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "item_ids[1]" in violations(err.value)

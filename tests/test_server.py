@@ -1,0 +1,91 @@
+"""Server plumbing: health per service, reflection, configuration, and SIGTERM shutdown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from evalsvc import config
+from evalsvc.cli import build_parser
+from evalsvc.server import SERVICE_NAMES
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import eval_run_service_pb2_grpc
+from tests.helpers import create_request, watch_all
+from tests.procs import ServerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("service", ["", *SERVICE_NAMES])
+async def test_health_reports_serving_per_service(channel, service: str) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    response = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_lists_the_services(channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    async for response in responses:
+        names = {s.name for s in response.list_services_response.service}
+        assert set(SERVICE_NAMES) <= names
+        break
+
+
+def test_flags_override_environment_which_overrides_defaults() -> None:
+    args = build_parser().parse_args(["serve", "--workers", "7"])
+    settings = config.from_args(args, {"EVALSVC_WORKERS": "3", "EVALSVC_GRPC_ADDR": "127.0.0.1:6000"})
+    assert settings.workers == 7
+    assert settings.grpc_addr == "127.0.0.1:6000"
+    assert settings.db == "sqlite+aiosqlite:///./evalsvc.db"
+    assert config.Settings.from_env({"EVALSVC_HEARTBEAT_S": "2.5"}).heartbeat_s == 2.5
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for flag, env, _default, _help in config.describe():
+        assert flag in readme and env in readme, f"README lacks {flag} / {env}"
+
+
+async def test_sigterm_drains_and_a_restart_finds_the_runs(tmp_path: Path) -> None:
+    db = f"sqlite+aiosqlite:///{tmp_path / 'svc.db'}"
+    server = ServerProcess(db, tmp_path / "a.log")
+    try:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            run_id = (await stub.CreateRun(create_request(3))).run.id
+            await watch_all(stub, run_id)
+    finally:
+        assert server.terminate() == 0
+    log = server.log_path.read_text()
+    assert "listening on 127.0.0.1:" in log and "evalsvc stopped" in log
+    again = ServerProcess(db, tmp_path / "b.log")
+    try:
+        async with grpc.aio.insecure_channel(again.target) as channel:
+            stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            run = (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).run
+            assert run.counts.completed_evaluations == 3
+    finally:
+        assert again.terminate() == 0
+
+
+async def test_readme_quickstart_runs_against_a_live_server(server) -> None:
+    import asyncio
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "examples" / "quickstart.py"),
+        f"127.0.0.1:{server.port}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode()
+    assert proc.returncode == 0, text
+    assert "RUN_STATUS_SUCCEEDED (4/4)" in text and "pass rate 75%, overall passed: True" in text
