@@ -30,12 +30,12 @@ check-generated: $(VENV)/.installed
 
 lint: $(VENV)/.installed node_modules/.installed
 	$(BUF) lint
-	$(VENV)/bin/ruff check evalsvc tests scripts
-	$(VENV)/bin/ruff format --check evalsvc tests scripts
+	$(VENV)/bin/ruff check evalsvc tests scripts examples
+	$(VENV)/bin/ruff format --check evalsvc tests scripts examples
 
 fmt: $(VENV)/.installed
-	$(VENV)/bin/ruff format evalsvc tests scripts
-	$(VENV)/bin/ruff check --fix evalsvc tests scripts
+	$(VENV)/bin/ruff format evalsvc tests scripts examples
+	$(VENV)/bin/ruff check --fix evalsvc tests scripts examples
 
 $(VENV)/.bench-installed: $(VENV)/.installed bench/requirements.txt
 	$(PY) -m pip install -q -r bench/requirements.txt

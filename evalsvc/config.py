@@ -114,4 +114,6 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None
 
 def describe() -> Sequence[tuple[str, str, str, str]]:
     """(flag, env var, default, help) for every setting: the README's configuration table."""
-    return [(flag_name(f.name), env_name(f.name), repr(f.default), f.metadata.get("help", "")) for f in fields(Settings)]
+    return [
+        (flag_name(f.name), env_name(f.name), repr(f.default), f.metadata.get("help", "")) for f in fields(Settings)
+    ]

@@ -14,7 +14,6 @@ from typing import Any
 
 from evalsvc.errors import FieldViolation, invalid_argument
 
-
 _last_micros = 0
 
 

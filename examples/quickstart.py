@@ -1,6 +1,6 @@
 """Create a run over the generated stubs and watch it to the end.
 
-    python examples/quickstart.py [HOST:PORT]
+python examples/quickstart.py [HOST:PORT]
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ async def main(target: str) -> int:
                 r = event.result
                 print(f"#{event.seq} {r.item_id} {r.grader}: {run_pb2.ResultState.Name(r.state)} - {r.explanation}")
             elif event.HasField("run"):
-                print(f"#{event.seq} run {run_pb2.RunStatus.Name(event.run.status)} ({c.completed_evaluations}/{c.total_evaluations})")
+                status = run_pb2.RunStatus.Name(event.run.status)
+                print(f"#{event.seq} run {status} ({c.completed_evaluations}/{c.total_evaluations})")
         final = (await runs.GetRun(pb.GetRunRequest(run_id=created.run.id))).run
         print(f"pass rate {final.aggregate.pass_rate:.0%}, overall passed: {final.overall_passed}")
         return 0

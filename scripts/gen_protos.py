@@ -46,7 +46,9 @@ def generate(out_dir: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    (target / "__init__.py").write_text('"""Generated from protos/evalsvc/v1 by scripts/gen_protos.py. Do not edit."""\n')
+    (target / "__init__.py").write_text(
+        '"""Generated from protos/evalsvc/v1 by scripts/gen_protos.py. Do not edit."""\n'
+    )
     return sorted(p for p in target.rglob("*") if p.is_file())
 
 

@@ -81,7 +81,12 @@ async def record(
         await job_store.store_outputs(
             conn,
             [
-                {"job_id": f.job.id, "tenant": f.job.tenant, "run_id": f.job.run_id, "output": f.output.SerializeToString()}
+                {
+                    "job_id": f.job.id,
+                    "tenant": f.job.tenant,
+                    "run_id": f.job.run_id,
+                    "output": f.output.SerializeToString(),
+                }
                 for f in kept
             ],
         )

@@ -63,9 +63,7 @@ def build_aggregate(
     )
 
 
-def verdict(
-    passed: int, failed: int, errored: int, pass_threshold: float | None
-) -> tuple[int, bool | None, str, str]:
+def verdict(passed: int, failed: int, errored: int, pass_threshold: float | None) -> tuple[int, bool | None, str, str]:
     """(final status, overall_passed, error code, error message) of a run whose evaluations all finished.
 
     A run whose every evaluation errored FAILED; otherwise it SUCCEEDED and passed when its pass

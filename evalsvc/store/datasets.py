@@ -27,9 +27,7 @@ async def get(conn: AsyncConnection, tenant: str, dataset_id: str) -> Mapping[st
 
 async def find_by_request_id(conn: AsyncConnection, tenant: str, request_id: str) -> Mapping[str, Any] | None:
     """The dataset created with this idempotency key, if any."""
-    found = await conn.execute(
-        select(DATASETS).where(DATASETS.c.tenant == tenant, DATASETS.c.request_id == request_id)
-    )
+    found = await conn.execute(select(DATASETS).where(DATASETS.c.tenant == tenant, DATASETS.c.request_id == request_id))
     return found.mappings().first()
 
 
