@@ -13,7 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	# npm install (not ci): the registry here lacks some platforms' optional buf binaries, which ci rejects.
+	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
 run: $(VENV)/.installed
