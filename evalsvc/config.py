@@ -59,6 +59,41 @@ class Settings:
         default="FULL", metadata={"help": "SQLite synchronous pragma: FULL survives power loss, NORMAL only crashes"}
     )
     log_level: str = dataclasses.field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    log_format: str = dataclasses.field(
+        default="text", metadata={"help": "text, or json for one JSON object per line (method, tenant, code, latency)"}
+    )
+    metrics_addr: str = dataclasses.field(
+        default="", metadata={"help": "host:port for Prometheus metrics at /metrics; empty turns them off"}
+    )
+    tls_cert: str = dataclasses.field(default="", metadata={"help": "PEM certificate chain file; enables TLS"})
+    tls_key: str = dataclasses.field(default="", metadata={"help": "PEM private key file of --tls-cert"})
+    tls_client_ca: str = dataclasses.field(
+        default="", metadata={"help": "PEM CA file; when set, clients must present a certificate it signed (mTLS)"}
+    )
+    bootstrap_key: bool = dataclasses.field(
+        default=True,
+        metadata={"help": "on first start with no API key, mint one for tenant 'default' and print it (false in prod)"},
+    )
+    auth_cache_s: float = dataclasses.field(
+        default=2.0, metadata={"help": "seconds a verified API key is cached; a revocation takes effect within it"}
+    )
+    max_concurrent_rpcs: int = dataclasses.field(
+        default=5000, metadata={"help": "RPCs (including open streams) served at once; the excess gets RESOURCE_EXHAUSTED"}
+    )
+    create_run_rate: float = dataclasses.field(
+        default=20.0, metadata={"help": "CreateRun calls per second per tenant (token bucket refill rate)"}
+    )
+    create_run_burst: int = dataclasses.field(
+        default=100, metadata={"help": "CreateRun calls a tenant may make at once (token bucket size)"}
+    )
+    max_watch_streams: int = dataclasses.field(
+        default=2000, metadata={"help": "open WatchRun streams per tenant and process"}
+    )
+    max_active_runs: int = dataclasses.field(
+        default=100, metadata={"help": "PENDING or RUNNING runs per tenant"}
+    )
+    max_items_per_run: int = dataclasses.field(default=100_000, metadata={"help": "items per run"})
+    max_graders_per_run: int = dataclasses.field(default=100, metadata={"help": "graders per run (at most 1024)"})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -14,8 +14,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from evalsvc.api.auth import AuthInterceptor
 from evalsvc.api.datasets import DatasetServicer
 from evalsvc.api.eval_runs import EvalRunServicer
+from evalsvc.auth.service import KeyService
 from evalsvc.config import Settings
 from evalsvc.datasets.service import DatasetService
 from evalsvc.events.bus import EventBus
@@ -60,6 +62,8 @@ class EvalServer:
         self.executor = Executor(self.db, self.bus, settings)
         self.runs = RunService(self.db, self.bus, on_created=self.executor.wake, on_cancelled=self.executor.cancel_run)
         self.datasets = DatasetService(self.db)
+        self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
+        self.bootstrap_key: str | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -67,7 +71,13 @@ class EvalServer:
     async def start(self) -> int:
         """Create the schema, start the executor and listen; returns the bound port."""
         await self.db.create_schema()
-        server = grpc.aio.server(options=server_options(self.settings))
+        if self.settings.bootstrap_key:
+            self.bootstrap_key = await self.keys.bootstrap()
+        server = grpc.aio.server(
+            options=server_options(self.settings),
+            interceptors=[AuthInterceptor(self.keys)],
+            maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
+        )
         eval_run_service_pb2_grpc.add_EvalRunServiceServicer_to_server(
             EvalRunServicer(self.runs, self.db, self.bus, self.settings), server
         )
@@ -117,6 +127,9 @@ async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     server = EvalServer(settings)
     await server.start()
+    if server.bootstrap_key:
+        log.warning("minted the first API key, for tenant 'default'; it is printed once on stdout")
+        print(server.bootstrap_key, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

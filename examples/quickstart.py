@@ -6,6 +6,7 @@ python examples/quickstart.py [HOST:PORT]
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 import grpc
@@ -14,7 +15,8 @@ from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
 
 
-async def main(target: str) -> int:
+async def main(target: str, api_key: str) -> int:
+    auth = (("authorization", f"Bearer {api_key}"),)
     async with grpc.aio.insecure_channel(target) as channel:
         runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
         created = await runs.CreateRun(
@@ -39,10 +41,11 @@ async def main(target: str) -> int:
                     grader_pb2.Grader(name="fast", latency=grader_pb2.Latency(max_ms=500)),
                 ],
                 pass_threshold=75,
-            )
+            ),
+            metadata=auth,
         )
         print(f"created {created.run.id} with {created.job_count} jobs")
-        async for event in runs.WatchRun(pb.WatchRunRequest(run_id=created.run.id, after_seq=0)):
+        async for event in runs.WatchRun(pb.WatchRunRequest(run_id=created.run.id, after_seq=0), metadata=auth):
             c = event.counts
             if event.HasField("result"):
                 r = event.result
@@ -50,10 +53,10 @@ async def main(target: str) -> int:
             elif event.HasField("run"):
                 status = run_pb2.RunStatus.Name(event.run.status)
                 print(f"#{event.seq} run {status} ({c.completed_evaluations}/{c.total_evaluations})")
-        final = (await runs.GetRun(pb.GetRunRequest(run_id=created.run.id))).run
+        final = (await runs.GetRun(pb.GetRunRequest(run_id=created.run.id), metadata=auth)).run
         print(f"pass rate {final.aggregate.pass_rate:.0%}, overall passed: {final.overall_passed}")
         return 0
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051")))
+    sys.exit(asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051", os.environ["EVALSVC_API_KEY"])))

@@ -11,6 +11,7 @@ import pytest
 from evalsvc.config import Settings
 from evalsvc.server import EvalServer
 from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc
+from tests.helpers import keyed_channel
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:
@@ -20,6 +21,7 @@ def make_settings(tmp_path: Path, **overrides: object) -> Settings:
         "db": f"sqlite+aiosqlite:///{tmp_path / 'evalsvc.db'}",
         "poll_interval_s": 0.2,
         "grace_s": 1.0,
+        "auth_cache_s": 0.0,
     }
     values.update(overrides)
     return Settings.from_env({}, **values)
@@ -37,7 +39,9 @@ async def server(tmp_path: Path) -> AsyncIterator[EvalServer]:
 
 @pytest.fixture
 async def channel(server: EvalServer) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+    """A channel that presents the server's bootstrap key (tenant `default`) on every call."""
+    assert server.bootstrap_key
+    async with keyed_channel(server.port, server.bootstrap_key) as ch:
         yield ch
 
 

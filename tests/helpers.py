@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -87,3 +89,31 @@ async def watch_all(stub, run_id: str, after_seq: int = 0) -> list[pb.WatchRunRe
             continue
         events.append(event)
     return events
+
+
+class _ApiKey:
+    """Adds `authorization: Bearer <key>` to every call, as a client library would."""
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+
+    def _with_key(self, details: Any) -> Any:
+        metadata = grpc.aio.Metadata(*(details.metadata or grpc.aio.Metadata()))
+        metadata.add("authorization", f"Bearer {self._key}")
+        return details._replace(metadata=metadata)
+
+
+# grpc.aio files an interceptor under the first call kind it implements, so one class per kind.
+class _UnaryKey(_ApiKey, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_key(details), request)
+
+
+class _StreamKey(_ApiKey, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_key(details), request)
+
+
+def keyed_channel(port: int, key: str, host: str = "127.0.0.1") -> grpc.aio.Channel:
+    """An insecure channel to a test server that authenticates every call with `key`."""
+    return grpc.aio.insecure_channel(f"{host}:{port}", interceptors=[_UnaryKey(key), _StreamKey(key)])

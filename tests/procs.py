@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 LISTENING = re.compile(r"evalsvc listening on [^ ]+:(\d+)")
+KEY_LINE = re.compile(r"^(evk_\S+)$", re.MULTILINE)
 
 
 class ServerProcess:
@@ -37,6 +38,11 @@ class ServerProcess:
                 raise RuntimeError(f"server exited early:\n{self.log_path.read_text()}")
             time.sleep(0.05)  # polling a log file: there is no event to await across processes
         raise TimeoutError(f"server did not start:\n{self.log_path.read_text()}")
+
+    def bootstrap_key(self) -> str | None:
+        """The key a first start printed, if this process printed one."""
+        found = KEY_LINE.findall(self.log_path.read_text(errors="replace"))
+        return found[-1] if found else None
 
     @property
     def target(self) -> str:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import grpc
 import pytest
 
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, run_pb2
-from tests.helpers import TERMINAL, create_request, watch_all
+from tests.helpers import TERMINAL, create_request, keyed_channel, watch_all
 from tests.procs import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -31,11 +30,13 @@ async def test_kill_9_mid_run_then_restart_completes_exactly_once(tmp_path: Path
     # Small claims so the run spans many transactions and the kill lands between and inside them.
     knobs = ("--claim-batch", "25", "--workers", "25")
     first = ServerProcess(db, tmp_path / "first.log", *knobs)
+    key = first.bootstrap_key()
+    assert key
     request = create_request(2000, request_id="crash-run")
     request.graders.add(name="has-answer", contains=grader_pb2.Contains(values=["answer"]))
     before_kill: list[pb.WatchRunResponse] = []
     try:
-        async with grpc.aio.insecure_channel(first.target) as channel:
+        async with keyed_channel(first.port, key) as channel:
             stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
             run_id = (await stub.CreateRun(request)).run.id
             async for event in stub.WatchRun(pb.WatchRunRequest(run_id=run_id)):
@@ -48,7 +49,7 @@ async def test_kill_9_mid_run_then_restart_completes_exactly_once(tmp_path: Path
 
     second = ServerProcess(db, tmp_path / "second.log", *knobs)
     try:
-        async with grpc.aio.insecure_channel(second.target) as channel:
+        async with keyed_channel(second.port, key) as channel:
             stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
             # The acknowledged run survived, and a retry of its CreateRun still answers with it.
             assert (await stub.CreateRun(request)).run.id == run_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import grpc
@@ -14,7 +15,7 @@ from evalsvc.cli import build_parser
 from evalsvc.server import SERVICE_NAMES
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc
-from tests.helpers import create_request, watch_all
+from tests.helpers import create_request, keyed_channel, watch_all
 from tests.procs import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,8 +55,10 @@ def test_readme_documents_every_setting() -> None:
 async def test_sigterm_drains_and_a_restart_finds_the_runs(tmp_path: Path) -> None:
     db = f"sqlite+aiosqlite:///{tmp_path / 'svc.db'}"
     server = ServerProcess(db, tmp_path / "a.log")
+    key = server.bootstrap_key()
+    assert key
     try:
-        async with grpc.aio.insecure_channel(server.target) as channel:
+        async with keyed_channel(server.port, key) as channel:
             stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
             run_id = (await stub.CreateRun(create_request(3))).run.id
             await watch_all(stub, run_id)
@@ -65,7 +68,7 @@ async def test_sigterm_drains_and_a_restart_finds_the_runs(tmp_path: Path) -> No
     assert "listening on 127.0.0.1:" in log and "evalsvc stopped" in log
     again = ServerProcess(db, tmp_path / "b.log")
     try:
-        async with grpc.aio.insecure_channel(again.target) as channel:
+        async with keyed_channel(again.port, key) as channel:
             stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
             run = (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).run
             assert run.counts.completed_evaluations == 3
@@ -84,6 +87,7 @@ async def test_readme_quickstart_runs_against_a_live_server(server) -> None:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         cwd=ROOT,
+        env={**os.environ, "EVALSVC_API_KEY": server.bootstrap_key},
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     text = out.decode()

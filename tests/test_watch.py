@@ -12,7 +12,7 @@ from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, run_pb2
 from tests.conftest import make_settings
-from tests.helpers import TERMINAL, create_request, error_reason, watch_all
+from tests.helpers import TERMINAL, create_request, error_reason, keyed_channel, watch_all
 
 
 def assert_complete_log(events: list[pb.WatchRunResponse], total: int) -> None:
@@ -108,7 +108,7 @@ async def _paused_server(tmp_path: Path, **overrides: object) -> EvalServer:
 async def test_idle_watch_gets_heartbeats_with_last_seq(tmp_path: Path) -> None:
     srv = await _paused_server(tmp_path, heartbeat_s=0.05)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
             stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
             created = await stub.CreateRun(create_request(1))
             call = stub.WatchRun(pb.WatchRunRequest(run_id=created.run.id))
@@ -124,7 +124,7 @@ async def test_idle_watch_gets_heartbeats_with_last_seq(tmp_path: Path) -> None:
 async def test_slow_watcher_catches_up_from_the_database(tmp_path: Path) -> None:
     srv = await _paused_server(tmp_path, watch_buffer=8)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
             stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
             created = await stub.CreateRun(create_request(400))
             call = stub.WatchRun(pb.WatchRunRequest(run_id=created.run.id))
@@ -141,7 +141,7 @@ async def test_slow_watcher_catches_up_from_the_database(tmp_path: Path) -> None
 
 async def test_server_shutdown_ends_watches_with_unavailable(tmp_path: Path) -> None:
     srv = await _paused_server(tmp_path)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+    async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
         stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
         created = await stub.CreateRun(create_request(1))
         call = stub.WatchRun(pb.WatchRunRequest(run_id=created.run.id))

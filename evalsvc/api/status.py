@@ -7,6 +7,7 @@ logged and becomes INTERNAL with a generic message, so no internals leak to call
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -68,7 +69,10 @@ def unary(
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
         try:
-            return await method(self, request, context)
+            # Shielded: a caller that goes away (or whose deadline passes) stops waiting, but a
+            # transaction already under way finishes or rolls back whole. Cancelling a task inside
+            # a SQLite write transaction could strand its connection holding the write lock.
+            return await asyncio.shield(method(self, request, context))
         except ServiceError as error:
             await abort(context, error)
         except Exception:

@@ -1,14 +1,23 @@
-"""Which tenant a call acts for. Until authentication exists every call belongs to `default`."""
+"""Which tenant a call acts for.
+
+The authentication wrapper (`evalsvc.api.auth`) sets `current_tenant` inside each RPC's own task
+before the servicer runs; servicers read it through `tenant_of`. It is not reset afterwards, so an
+outer interceptor can still read it for its access log once the call is done.
+"""
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
 
-DEFAULT_TENANT = "default"
+current_tenant: ContextVar[str] = ContextVar("evalsvc_tenant", default="")
 
 
 def tenant_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """The caller's tenant."""
-    return DEFAULT_TENANT
+    """The authenticated caller's tenant. Servicers only run after authentication succeeded."""
+    tenant = current_tenant.get()
+    if not tenant:
+        raise RuntimeError("no authenticated tenant: the auth interceptor is not installed")
+    return tenant

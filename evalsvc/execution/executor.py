@@ -63,6 +63,7 @@ class Executor:
         self._slot_free = asyncio.Event()
         self._finished_ready = asyncio.Event()
         self._stopping = False
+        self._stop_requested = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -95,19 +96,24 @@ class Executor:
         self._forget(run_id)
 
     async def stop(self) -> None:
-        """Stop claiming, abandon jobs in flight, record what already finished and release the rest."""
+        """Stop claiming, abandon jobs in flight, record what already finished and release the rest.
+
+        The loops stop cooperatively, never by cancellation: a task cancelled inside a SQLite write
+        transaction can leave its connection holding the write lock."""
         self._stopping = True
+        self._work_available.set()
+        self._slot_free.set()
+        self._stop_requested.set()
         for loop in self._loops:
-            if loop.get_name() != "executor-record":
-                loop.cancel()
+            if loop.get_name() == "executor-claim":
+                await loop
         tasks = [t for run_tasks in self._in_flight.values() for t in run_tasks]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._finished_ready.set()
-        for loop in self._loops:
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop
+        await asyncio.gather(*self._loops)
+        self._loops = []
         async with self._db.write() as conn:
             await job_store.release(conn, list(self._open_claims))
         self._open_claims.clear()
@@ -118,11 +124,10 @@ class Executor:
             try:
                 await loop()
                 return
-            except asyncio.CancelledError:
-                raise
             except Exception:
                 log.exception("executor loop %s failed; restarting in 1 s", loop.__name__)
-                await asyncio.sleep(1.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_requested.wait(), 1.0)
 
     async def _claim_loop(self) -> None:
         while not self._stopping:
@@ -281,7 +286,8 @@ class Executor:
     async def _keep_leases(self) -> None:
         interval = self._settings.lease_ttl_s / 3
         while not self._stopping:
-            await asyncio.sleep(interval)
-            if self._open_claims:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_requested.wait(), interval)
+            if self._open_claims and not self._stopping:
                 async with self._db.write() as conn:
                     await job_store.extend(conn, list(self._open_claims), time.time() + self._settings.lease_ttl_s)

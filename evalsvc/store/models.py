@@ -194,3 +194,19 @@ class DatasetItemRow(SQLModel, table=True):
     item_id: str = Field(max_length=128)
     tenant: str = Field(max_length=64)
     item: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class ApiKeyRow(SQLModel, table=True):
+    """An API key: its id and tenant in clear, only a hash of its secret."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (Index("ix_api_keys_tenant", "tenant"),)
+
+    id: str = Field(primary_key=True, max_length=12)
+    tenant: str = Field(max_length=64)
+    name: str = ""
+    secret_hash: str = Field(max_length=64)
+    create_time: float
+    expire_time: float | None = None
+    revoke_time: float | None = None
+    last_used_time: float | None = None

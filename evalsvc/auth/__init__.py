@@ -1,0 +1,1 @@
+"""API keys: their format, storage and verification, and the tenant each one belongs to."""

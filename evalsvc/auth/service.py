@@ -1,0 +1,148 @@
+"""Creating, listing, revoking and verifying API keys.
+
+Verification runs on every RPC, so verified keys are cached for `cache_s` seconds (a revocation
+takes effect within that time; 0 disables the cache), and `last_used_time` is written at most once
+a minute per key.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from evalsvc.auth import keys
+from evalsvc.errors import ServiceError
+from evalsvc.store import keys as key_store
+from evalsvc.store.db import Database
+
+DEFAULT_TENANT = "default"
+TOUCH_EVERY_S = 60.0
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '15m', '12h', '30d' -> seconds."""
+    match = _DURATION.match(text.strip())
+    if match is None:
+        raise ValueError(f"duration {text!r} is not like 90s, 15m, 12h or 30d")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def unauthenticated(reason: str, message: str) -> ServiceError:
+    """UNAUTHENTICATED with a stable reason; the message never repeats the key."""
+    return ServiceError(grpc.StatusCode.UNAUTHENTICATED, reason, message)
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """A key as listed: never its secret."""
+
+    key_id: str
+    tenant: str
+    name: str
+    create_time: float
+    expire_time: float | None
+    revoke_time: float | None
+    last_used_time: float | None
+
+
+def _info(row: Mapping[str, Any]) -> KeyInfo:
+    return KeyInfo(
+        key_id=row["id"],
+        tenant=row["tenant"],
+        name=row["name"],
+        create_time=row["create_time"],
+        expire_time=row["expire_time"],
+        revoke_time=row["revoke_time"],
+        last_used_time=row["last_used_time"],
+    )
+
+
+class KeyService:
+    """API keys of one database."""
+
+    def __init__(self, db: Database, *, cache_s: float = 2.0) -> None:
+        self._db = db
+        self._cache_s = cache_s
+        self._verified: dict[str, tuple[float, Mapping[str, Any]]] = {}
+        self._touched: dict[str, float] = {}
+
+    async def create(self, tenant: str, name: str = "", expires_in_s: float | None = None) -> tuple[str, KeyInfo]:
+        """Mint a key; returns (the key, shown once, and its listing)."""
+        if not _TENANT.match(tenant):
+            raise ValueError("tenant must be 1-64 characters of [a-z0-9_-], starting with a letter or digit")
+        full, parsed = keys.new_key()
+        now = time.time()
+        row = {
+            "id": parsed.key_id,
+            "tenant": tenant,
+            "name": name,
+            "secret_hash": keys.hash_secret(parsed.secret),
+            "create_time": now,
+            "expire_time": now + expires_in_s if expires_in_s else None,
+        }
+        async with self._db.write() as conn:
+            await key_store.insert_key(conn, row)
+        return full, _info({**row, "revoke_time": None, "last_used_time": None})
+
+    async def list(self, tenant: str | None = None) -> list[KeyInfo]:
+        """Keys, oldest first, optionally of one tenant."""
+        async with self._db.read() as conn:
+            return [_info(row) for row in await key_store.list_keys(conn, tenant)]
+
+    async def revoke(self, key_id: str) -> bool:
+        """Revoke a key (idempotent); False when there is no such key."""
+        async with self._db.write() as conn:
+            found = await key_store.revoke(conn, key_id, time.time())
+        self._verified.pop(key_id, None)
+        return found
+
+    async def bootstrap(self) -> str | None:
+        """A key for tenant `default` when the database has no key at all, else None."""
+        async with self._db.read() as conn:
+            if await key_store.count(conn):
+                return None
+        key, _ = await self.create(DEFAULT_TENANT, name="bootstrap")
+        return key
+
+    async def authenticate(self, presented: str | None) -> str:
+        """The tenant of a valid key; UNAUTHENTICATED for a missing, malformed, unknown, revoked or expired one."""
+        if not presented:
+            raise unauthenticated(
+                "API_KEY_MISSING", "an API key is required: metadata 'authorization: Bearer <key>' or 'x-api-key'"
+            )
+        parsed = keys.parse(presented)
+        if parsed is None:
+            raise unauthenticated("API_KEY_INVALID", "the API key is malformed or mistyped")
+        now = time.time()
+        row = await self._lookup(parsed.key_id, now)
+        if row is None or not keys.secret_matches(parsed.secret, row["secret_hash"]):
+            raise unauthenticated("API_KEY_INVALID", "the API key is not valid")
+        if row["revoke_time"] is not None:
+            raise unauthenticated("API_KEY_REVOKED", "the API key was revoked")
+        if row["expire_time"] is not None and row["expire_time"] <= now:
+            raise unauthenticated("API_KEY_EXPIRED", "the API key has expired")
+        if now - self._touched.get(parsed.key_id, 0.0) >= TOUCH_EVERY_S:
+            self._touched[parsed.key_id] = now
+            async with self._db.write() as conn:
+                await key_store.touch(conn, parsed.key_id, now)
+        return str(row["tenant"])
+
+    async def _lookup(self, key_id: str, now: float) -> Mapping[str, Any] | None:
+        cached = self._verified.get(key_id)
+        if cached is not None and now - cached[0] < self._cache_s:
+            return cached[1]
+        async with self._db.read() as conn:
+            row = await key_store.get(conn, key_id)
+        if row is not None and self._cache_s > 0:
+            if len(self._verified) > 10_000:
+                self._verified.clear()
+            self._verified[key_id] = (now, dict(row))
+        return row
