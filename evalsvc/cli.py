@@ -1,4 +1,4 @@
-"""The `evalsvc` command: `evalsvc serve` runs the service."""
+"""The `evalsvc` command: `evalsvc serve` runs the service; `evalsvc keys ...` manages API keys."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from evalsvc import config
+from evalsvc import config, logs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,22 +17,84 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC service until SIGTERM/SIGINT")
     config.add_flags(serve)
+    keys = commands.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+    create = keys.add_parser("create", help="mint a key; prints it once, alone on stdout")
+    create.add_argument("--tenant", required=True, help="the tenant the key acts for")
+    create.add_argument("--name", default="", help="a label for people")
+    create.add_argument("--expires-in", default=None, help="lifetime such as 90s, 15m, 12h or 30d; default never")
+    listing = keys.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--tenant", default=None, help="only this tenant's keys")
+    revoke = keys.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id", help="the id shown by `keys list` (the part after evk_)")
+    for sub in (create, listing, revoke):
+        sub.add_argument("--db", default=None, help=f"SQLAlchemy URL (env {config.env_name('db')})")
     return parser
+
+
+async def _keys_command(args: argparse.Namespace, settings: config.Settings) -> int:
+    from evalsvc.auth.service import KeyService, parse_duration
+    from evalsvc.store.db import Database
+
+    db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
+    try:
+        await db.create_schema()
+        keys = KeyService(db)
+        if args.keys_command == "create":
+            expires = parse_duration(args.expires_in) if args.expires_in else None
+            key, info = await keys.create(args.tenant, args.name, expires)
+            print(key)
+            print(f"created key {info.key_id} for tenant {info.tenant!r}; it is shown only this once", file=sys.stderr)
+        elif args.keys_command == "list":
+            print(f"{'KEY ID':<14}{'TENANT':<18}{'NAME':<18}{'CREATED':<22}{'EXPIRES':<22}{'REVOKED':<22}LAST USED")
+            for info in await keys.list(args.tenant):
+                print(
+                    f"{info.key_id:<14}{info.tenant:<18}{info.name[:17]:<18}{_when(info.create_time):<22}"
+                    f"{_when(info.expire_time):<22}{_when(info.revoke_time):<22}{_when(info.last_used_time)}"
+                )
+        elif not await keys.revoke(args.key_id):
+            print(f"no key with id {args.key_id!r}", file=sys.stderr)
+            return 1
+        else:
+            print(f"revoked key {args.key_id}", file=sys.stderr)
+        return 0
+    finally:
+        await db.close()
+
+
+def _when(seconds: float | None) -> str:
+    import datetime
+
+    if seconds is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
     args = build_parser().parse_args(argv)
+    if args.command == "keys":
+        try:
+            return asyncio.run(_keys_command(args, config.from_args(args)))
+        except ValueError as exc:
+            print(f"evalsvc keys: {exc}", file=sys.stderr)
+            return 2
     settings = config.from_args(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        logs.configure(settings.log_level, settings.log_format)
+    except ValueError as exc:
+        print(f"evalsvc: {exc}", file=sys.stderr)
+        return 2
     if args.command == "serve":
         from evalsvc.server import serve
+        from evalsvc.tls import TlsConfigError
 
-        asyncio.run(serve(settings))
+        try:
+            asyncio.run(serve(settings))
+        except TlsConfigError as exc:
+            logging.getLogger("evalsvc").error("%s", exc)
+            return 2
     return 0
 
 

@@ -78,7 +78,8 @@ class Settings:
         default=2.0, metadata={"help": "seconds a verified API key is cached; a revocation takes effect within it"}
     )
     max_concurrent_rpcs: int = dataclasses.field(
-        default=5000, metadata={"help": "RPCs (including open streams) served at once; the excess gets RESOURCE_EXHAUSTED"}
+        default=5000,
+        metadata={"help": "RPCs (including open streams) served at once; the excess gets RESOURCE_EXHAUSTED"},
     )
     create_run_rate: float = dataclasses.field(
         default=20.0, metadata={"help": "CreateRun calls per second per tenant (token bucket refill rate)"}
@@ -89,9 +90,7 @@ class Settings:
     max_watch_streams: int = dataclasses.field(
         default=2000, metadata={"help": "open WatchRun streams per tenant and process"}
     )
-    max_active_runs: int = dataclasses.field(
-        default=100, metadata={"help": "PENDING or RUNNING runs per tenant"}
-    )
+    max_active_runs: int = dataclasses.field(default=100, metadata={"help": "PENDING or RUNNING runs per tenant"})
     max_items_per_run: int = dataclasses.field(default=100_000, metadata={"help": "items per run"})
     max_graders_per_run: int = dataclasses.field(default=100, metadata={"help": "graders per run (at most 1024)"})
 
@@ -144,6 +143,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from parsed flags over the environment."""
     given = {f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name, None) is not None}
+    # Subcommands that take only some flags (e.g. `keys --db`) leave the rest to the environment.
     return Settings.from_env(environ, **given)
 
 

@@ -22,6 +22,7 @@ from evalsvc.config import Settings
 from evalsvc.datasets.service import DatasetService
 from evalsvc.events.bus import EventBus
 from evalsvc.execution.executor import Executor
+from evalsvc.limits import TenantLimits
 from evalsvc.runs.service import RunService
 from evalsvc.store.db import Database
 from evalsvc.v1 import dataset_service_pb2, dataset_service_pb2_grpc, eval_run_service_pb2, eval_run_service_pb2_grpc
@@ -60,7 +61,14 @@ class EvalServer:
         self.db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
         self.bus = EventBus()
         self.executor = Executor(self.db, self.bus, settings)
-        self.runs = RunService(self.db, self.bus, on_created=self.executor.wake, on_cancelled=self.executor.cancel_run)
+        self.limits = TenantLimits(settings)
+        self.runs = RunService(
+            self.db,
+            self.bus,
+            on_created=self.executor.wake,
+            on_cancelled=self.executor.cancel_run,
+            limits=self.limits,
+        )
         self.datasets = DatasetService(self.db)
         self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
         self.bootstrap_key: str | None = None
@@ -79,7 +87,7 @@ class EvalServer:
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
         eval_run_service_pb2_grpc.add_EvalRunServiceServicer_to_server(
-            EvalRunServicer(self.runs, self.db, self.bus, self.settings), server
+            EvalRunServicer(self.runs, self.db, self.bus, self.settings, self.limits), server
         )
         dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(DatasetServicer(self.datasets), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

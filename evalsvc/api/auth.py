@@ -77,7 +77,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return authenticated
 
-    def _stream(self, behaviour: Callable[..., AsyncIterator[Any]], key: str | None) -> Callable[..., AsyncIterator[Any]]:
+    def _stream(
+        self, behaviour: Callable[..., AsyncIterator[Any]], key: str | None
+    ) -> Callable[..., AsyncIterator[Any]]:
         async def authenticated(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             await self._authenticate(key, context)
             async for message in behaviour(request, context):

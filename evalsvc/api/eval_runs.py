@@ -11,6 +11,7 @@ from evalsvc.api.tenancy import tenant_of
 from evalsvc.config import Settings
 from evalsvc.events.bus import EventBus
 from evalsvc.events.watch import watch
+from evalsvc.limits import TenantLimits
 from evalsvc.runs.service import RunService
 from evalsvc.store.db import Database
 from evalsvc.v1 import eval_run_service_pb2 as pb
@@ -22,8 +23,9 @@ Context = grpc.aio.ServicerContext
 class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
     """Translates EvalRunService calls to the run service and the watch."""
 
-    def __init__(self, runs: RunService, db: Database, bus: EventBus, settings: Settings) -> None:
+    def __init__(self, runs: RunService, db: Database, bus: EventBus, settings: Settings, limits: TenantLimits) -> None:
         self._runs = runs
+        self._limits = limits
         self._db = db
         self._bus = bus
         self._settings = settings
@@ -57,13 +59,15 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
     async def WatchRun(  # type: ignore[override]
         self, request: pb.WatchRunRequest, context: Context
     ) -> AsyncIterator[pb.WatchRunResponse]:
-        async for event in watch(
-            self._db,
-            self._bus,
-            tenant=tenant_of(context),
-            run_id=request.run_id,
-            after_seq=request.after_seq,
-            heartbeat_s=self._settings.heartbeat_s,
-            buffer=self._settings.watch_buffer,
-        ):
-            yield event
+        tenant = tenant_of(context)
+        with self._limits.watch_slot(tenant):
+            async for event in watch(
+                self._db,
+                self._bus,
+                tenant=tenant,
+                run_id=request.run_id,
+                after_seq=request.after_seq,
+                heartbeat_s=self._settings.heartbeat_s,
+                buffer=self._settings.watch_buffer,
+            ):
+                yield event

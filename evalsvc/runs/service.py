@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from evalsvc.errors import FieldViolation, ServiceError, invalid_argument, not_found
 from evalsvc.events.bus import EventBus
 from evalsvc.ids import decode_page_token, encode_page_token, new_id, page_size
+from evalsvc.limits import TenantLimits
 from evalsvc.runs.convert import result_from, run_from
 from evalsvc.runs.validation import assign_item_ids, validate_create_run
 from evalsvc.store import datasets as dataset_store
@@ -25,8 +26,6 @@ from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import run_pb2
-
-DEFAULT_MAX_ITEMS = 100_000
 
 
 @dataclass(frozen=True)
@@ -55,18 +54,20 @@ class RunService:
         *,
         on_created: Callable[[], None] = lambda: None,
         on_cancelled: Callable[[str], None] = lambda run_id: None,
-        max_items: int = DEFAULT_MAX_ITEMS,
+        limits: TenantLimits,
     ) -> None:
         self._db = db
         self._bus = bus
         self._on_created = on_created
         self._on_cancelled = on_cancelled
-        self._max_items = max_items
+        self._limits = limits
 
     async def create(self, tenant: str, request: pb.CreateRunRequest) -> CreatedRun:
         """Validate, then store the run, its items, jobs and first event in one transaction."""
+        self._limits.take_create_run(tenant)
+        self._limits.check_run_size(len(request.items) or len(request.item_ids), len(request.graders))
         assign_item_ids(request.items)
-        violations = validate_create_run(request, max_items=self._max_items)
+        violations = validate_create_run(request)
         if violations:
             raise invalid_argument(violations)
         fingerprint = request_fingerprint(request)
@@ -76,6 +77,7 @@ class RunService:
             if existing is not None:
                 return self._replay(existing, fingerprint)
         items = await self._resolve_items(tenant, request)
+        self._limits.check_run_size(len(items), len(request.graders))
         repetitions = request.repetitions or 1
         spec = run_pb2.Run(
             target=request.target,
@@ -108,6 +110,7 @@ class RunService:
                     existing = await run_store.find_by_request_id(conn, tenant, request.request_id)
                     if existing is not None:
                         return self._replay(existing, fingerprint)
+                self._limits.check_active_runs(await run_store.count_active(conn, tenant))
                 row["run_number"] = await run_store.next_run_number(conn, tenant, request.dataset_id)
                 event = await run_store.insert_run(conn, row, items, repetitions)
         except IntegrityError:
@@ -144,8 +147,6 @@ class RunService:
         if not request.item_ids:
             if not stored:
                 raise invalid_argument([FieldViolation("dataset_id", "the dataset has no items")])
-            if len(stored) > self._max_items:
-                raise invalid_argument([FieldViolation("dataset_id", f"more than {self._max_items} items")])
             return [item for _, item in stored]
         by_id = dict(stored)
         violations = [

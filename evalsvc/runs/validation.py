@@ -39,9 +39,11 @@ def check_labels(labels: Mapping[str, str], field: str, out: list[FieldViolation
         check_length(value, MAX_LABEL_VALUE, f"{field}[{key}]", out)
 
 
-def check_items(items: Sequence[item_pb2.Item], field: str, out: list[FieldViolation], max_items: int) -> None:
+def check_items(
+    items: Sequence[item_pb2.Item], field: str, out: list[FieldViolation], max_items: int | None = None
+) -> None:
     """Items need unique ids of at most 128 characters (empty ids are assigned before this check)."""
-    if len(items) > max_items:
+    if max_items is not None and len(items) > max_items:
         out.append(FieldViolation(field, f"at most {max_items} items per request (got {len(items)})"))
         return
     seen: set[str] = set()
@@ -59,8 +61,10 @@ def assign_item_ids(items: Sequence[item_pb2.Item], start: int = 0) -> None:
             item.id = f"item-{start + i + 1}"
 
 
-def validate_create_run(request: pb.CreateRunRequest, *, max_items: int) -> list[FieldViolation]:
-    """Every violation in a CreateRun request (inline items must already have their ids assigned)."""
+def validate_create_run(request: pb.CreateRunRequest) -> list[FieldViolation]:
+    """Every violation in a CreateRun request (inline items must already have their ids assigned).
+
+    How many items and graders a tenant may use is a quota (evalsvc.limits), not validation."""
     out: list[FieldViolation] = []
     check_length(request.request_id, MAX_REQUEST_ID, "request_id", out)
     if request.dataset_id and request.items:
@@ -69,9 +73,7 @@ def validate_create_run(request: pb.CreateRunRequest, *, max_items: int) -> list
         out.append(FieldViolation("items", "give dataset_id or at least one item"))
     if request.item_ids and not request.dataset_id:
         out.append(FieldViolation("item_ids", "item_ids select from a dataset; dataset_id is missing"))
-    check_items(request.items, "items", out, max_items)
-    if len(request.item_ids) > max_items:
-        out.append(FieldViolation("item_ids", f"at most {max_items} items per run"))
+    check_items(request.items, "items", out)
     if not request.HasField("target"):
         out.append(FieldViolation("target", "a target is required"))
     elif request.target.WhichOneof("kind") is None:

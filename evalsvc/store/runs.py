@@ -253,3 +253,11 @@ async def get_any_tenant(conn: AsyncConnection, run_id: str) -> Mapping[str, Any
     """A run row by id alone: only for the executor, which works for every tenant."""
     found = await conn.execute(select(RUNS).where(RUNS.c.id == run_id))
     return found.mappings().first()
+
+
+async def count_active(conn: AsyncConnection, tenant: str) -> int:
+    """A tenant's PENDING or RUNNING runs."""
+    found = await conn.execute(
+        select(func.count()).select_from(RUNS).where(RUNS.c.tenant == tenant, RUNS.c.status.in_(list(ACTIVE_STATUSES)))
+    )
+    return int(found.scalar_one())

@@ -1,0 +1,115 @@
+"""Per-tenant limits, so one tenant cannot exhaust the service for the others.
+
+Over a limit a call gets RESOURCE_EXHAUSTED with ErrorInfo reason `TENANT_QUOTA_EXCEEDED` (its
+`quota` metadata names which), plus `google.rpc.RetryInfo` where waiting helps. Rates and stream
+counts are kept per process: behind a load balancer with N replicas a tenant gets up to N times
+them (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import grpc
+
+from evalsvc.config import Settings
+from evalsvc.errors import ServiceError
+
+
+def quota_exceeded(quota: str, message: str, retry_after_s: float | None = None) -> ServiceError:
+    """RESOURCE_EXHAUSTED for a tenant over one of its limits."""
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "TENANT_QUOTA_EXCEEDED",
+        message,
+        metadata={"quota": quota},
+        retry_after_s=retry_after_s,
+    )
+
+
+@dataclass
+class TokenBucket:
+    """`rate` tokens per second, at most `burst` saved up."""
+
+    rate: float
+    burst: float
+    tokens: float
+    stamp: float
+
+    def take(self, now: float) -> float:
+        """Take a token: 0 when granted, else the seconds until one is available."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate if self.rate > 0 else 60.0
+
+
+class TenantLimits:
+    """The limits of every tenant in this process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._buckets: dict[str, TokenBucket] = {}
+        self._watches: dict[str, int] = {}
+
+    def take_create_run(self, tenant: str) -> None:
+        """Spend one CreateRun token of the tenant."""
+        now = time.monotonic()
+        bucket = self._buckets.get(tenant)
+        if bucket is None:
+            burst = float(self._settings.create_run_burst)
+            bucket = self._buckets[tenant] = TokenBucket(self._settings.create_run_rate, burst, burst, now)
+        wait = bucket.take(now)
+        if wait > 0:
+            raise quota_exceeded(
+                "create_run_rate",
+                f"too many CreateRun calls: at most {self._settings.create_run_rate:g}/s "
+                f"(bursts of {self._settings.create_run_burst})",
+                retry_after_s=wait,
+            )
+
+    def check_run_size(self, items: int, graders: int) -> None:
+        """Items and graders of one run; waiting does not help, so no RetryInfo."""
+        if items > self._settings.max_items_per_run:
+            raise quota_exceeded(
+                "max_items_per_run", f"a run may have at most {self._settings.max_items_per_run} items (got {items})"
+            )
+        if graders > self._settings.max_graders_per_run:
+            raise quota_exceeded(
+                "max_graders_per_run",
+                f"a run may have at most {self._settings.max_graders_per_run} graders (got {graders})",
+            )
+
+    def check_active_runs(self, active: int) -> None:
+        """PENDING or RUNNING runs of a tenant, before it adds one."""
+        if active >= self._settings.max_active_runs:
+            raise quota_exceeded(
+                "max_active_runs",
+                f"the tenant already has {active} runs pending or running (at most {self._settings.max_active_runs})",
+                retry_after_s=5.0,
+            )
+
+    @contextmanager
+    def watch_slot(self, tenant: str) -> Iterator[None]:
+        """Hold one of the tenant's WatchRun streams for the duration of a watch."""
+        open_now = self._watches.get(tenant, 0)
+        if open_now >= self._settings.max_watch_streams:
+            raise quota_exceeded(
+                "max_watch_streams",
+                f"the tenant has {open_now} WatchRun streams open (at most {self._settings.max_watch_streams})",
+                retry_after_s=1.0,
+            )
+        self._watches[tenant] = open_now + 1
+        try:
+            yield
+        finally:
+            left = self._watches[tenant] - 1
+            if left:
+                self._watches[tenant] = left
+            else:
+                del self._watches[tenant]

@@ -1,0 +1,141 @@
+"""API keys: the CLI, every failure mode, open health/reflection, and no key in the database or logs."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from evalsvc.auth import keys as key_format
+from evalsvc.server import EvalServer
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import eval_run_service_pb2_grpc
+from tests.conftest import make_settings
+from tests.helpers import error_reason
+
+
+async def _get_run_with(server: EvalServer, metadata: tuple[tuple[str, str], ...]) -> grpc.aio.AioRpcError:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetRun(pb.GetRunRequest(run_id="run_x"), metadata=metadata)
+        return err.value
+
+
+def _mistype(key: str) -> str:
+    i = len("evk_") + 20
+    return key[:i] + ("A" if key[i] != "A" else "B") + key[i + 1 :]
+
+
+async def test_key_failure_modes_are_unauthenticated(server: EvalServer) -> None:
+    good = server.bootstrap_key
+    assert good
+    revoked_key, revoked = await server.keys.create("default", "to-revoke")
+    await server.keys.revoke(revoked.key_id)
+    expired_key, _ = await server.keys.create("default", "short", expires_in_s=0.001)
+    parsed = key_format.parse(good)
+    assert parsed is not None
+    unknown, _ = key_format.new_key()  # well-formed, never stored
+    cases = {
+        "missing": ((), "API_KEY_MISSING"),
+        "malformed": ((("authorization", "Bearer hello"),), "API_KEY_INVALID"),
+        "not bearer": ((("authorization", f"Basic {good}"),), "API_KEY_INVALID"),
+        "mistyped": ((("authorization", f"Bearer {_mistype(good)}"),), "API_KEY_INVALID"),
+        "unknown": ((("authorization", f"Bearer {unknown}"),), "API_KEY_INVALID"),
+        "revoked": ((("authorization", f"Bearer {revoked_key}"),), "API_KEY_REVOKED"),
+        "expired": ((("x-api-key", expired_key),), "API_KEY_EXPIRED"),
+    }
+    for name, (metadata, reason) in cases.items():
+        error = await _get_run_with(server, metadata)
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED, name
+        assert error_reason(error) == reason, name
+        assert good not in (error.details() or "") and "evk_" not in (error.details() or ""), name
+
+
+async def test_mistyped_key_is_rejected_without_a_database_lookup() -> None:
+    key, _ = key_format.new_key()
+    assert key_format.parse(key) is not None
+    assert key_format.parse(_mistype(key)) is None
+    assert key_format.parse(key[:-1]) is None
+
+
+async def test_x_api_key_header_and_last_used_time(server: EvalServer) -> None:
+    key, info = await server.keys.create("default", "header")
+    error = await _get_run_with(server, (("x-api-key", key),))
+    assert error.code() == grpc.StatusCode.NOT_FOUND  # authenticated: the run just does not exist
+    listed = {k.key_id: k for k in await server.keys.list("default")}
+    assert listed[info.key_id].last_used_time is not None
+
+
+async def test_health_is_open_without_a_key(server: EvalServer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        status = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_bootstrap_key_only_on_first_start_and_can_be_turned_off(tmp_path: Path) -> None:
+    first = EvalServer(make_settings(tmp_path))
+    await first.start()
+    await first.stop(grace=0.5)
+    again = EvalServer(make_settings(tmp_path))
+    await again.start()
+    await again.stop(grace=0.5)
+    off = EvalServer(make_settings(tmp_path / "other", bootstrap_key=False))
+    (tmp_path / "other").mkdir()
+    await off.start()
+    await off.stop(grace=0.5)
+    assert first.bootstrap_key and again.bootstrap_key is None and off.bootstrap_key is None
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "evalsvc", "keys", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+async def test_keys_cli_create_list_revoke_against_the_served_database(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    db = f"sqlite+aiosqlite:///{tmp_path / 'evalsvc.db'}"
+    created = _cli("create", "--tenant", "acme", "--name", "ci", "--expires-in", "30d", "--db", db)
+    assert created.returncode == 0, created.stderr
+    lines = created.stdout.splitlines()
+    assert len(lines) == 1 and key_format.parse(lines[0]) is not None
+    key = lines[0]
+    key_id = key_format.parse(key).key_id  # type: ignore[union-attr]
+    listed = _cli("list", "--db", db)
+    assert key_id in listed.stdout and "acme" in listed.stdout and key not in listed.stdout
+    assert key_format.parse(key).secret not in listed.stdout  # type: ignore[union-attr]
+
+    server = EvalServer(make_settings(tmp_path, bootstrap_key=False))
+    await server.start()
+    try:
+        assert (await _get_run_with(server, (("authorization", f"Bearer {key}"),))).code() == (
+            grpc.StatusCode.NOT_FOUND
+        )
+        assert _cli("revoke", key_id, "--db", db).returncode == 0
+        error = await _get_run_with(server, (("authorization", f"Bearer {key}"),))
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED and error_reason(error) == "API_KEY_REVOKED"
+        assert _cli("revoke", "nosuchkey000", "--db", db).returncode == 1
+        bad = _cli("create", "--tenant", "acme", "--expires-in", "soon", "--db", db)
+        assert bad.returncode == 2 and bad.stdout == ""
+    finally:
+        await server.stop(grace=0.5)
+    # Only a hash of the secret is stored, and no log line carries a key.
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("evalsvc.db*"))
+    assert key.encode() not in stored and key_format.parse(key).secret.encode() not in stored  # type: ignore[union-attr]
+    assert all("evk_" not in record.getMessage() for record in caplog.records)
+
+
+def test_expiry_parsing() -> None:
+    from evalsvc.auth.service import parse_duration
+
+    assert [parse_duration(t) for t in ("90s", "15m", "12h", "30d")] == [90, 900, 43200, 2592000]
+    with pytest.raises(ValueError):
+        parse_duration("1 week")
