@@ -16,6 +16,9 @@ from evalsvc.errors import FieldViolation, invalid_argument
 
 _last_micros = 0
 
+# Identifies this server process, e.g. so it can ignore its own database notifications.
+PROCESS_ID = os.urandom(6).hex()
+
 
 def new_id(prefix: str) -> str:
     """A time-sortable id such as `run_0005f4b1c2d3e4a1b2c3d4e5`: microseconds, then randomness.

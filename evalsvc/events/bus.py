@@ -103,6 +103,11 @@ class EventBus:
                 if not watchers:
                     del self._subscriptions[run_id]
 
+    def wake_all(self) -> None:
+        """Send every watcher to the database (after notifications may have been missed)."""
+        for run_id in list(self._subscriptions):
+            self.publish(run_id, None)
+
     def watcher_count(self) -> int:
         """Open subscriptions in this process."""
         return sum(len(s) for s in self._subscriptions.values())

@@ -7,6 +7,7 @@ events, and finish every run whose last evaluation this was. Either all of it co
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,8 @@ from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import item_pb2, run_pb2
+
+log = logging.getLogger(__name__)
 
 GRADER_SLOTS = 1024  # result id = job id * GRADER_SLOTS + grader index
 
@@ -76,6 +79,10 @@ async def record(
     async with db.write() as conn:
         accepted = await job_store.complete(conn, [(f.job.id, f.job.claim_id) for f in finished])
         kept = [f for f in finished if f.job.id in accepted]
+        if len(kept) < len(finished):
+            log.info(
+                "fenced out %d finished jobs whose lease was lost or whose run was cancelled", len(finished) - len(kept)
+            )
         if not kept:
             return {}, set()
         await job_store.store_outputs(

@@ -4,22 +4,33 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.ids import PROCESS_ID
 from evalsvc.store.models import EventRow
 from evalsvc.v1 import eval_run_service_pb2 as pb
 
 EVENTS = EventRow.__table__  # type: ignore[attr-defined]
 
+# PostgreSQL channel on which every commit that appends events announces "<process>|<run id>|<last seq>".
+EVENTS_CHANNEL = "evalsvc_events"
+
 
 async def append(conn: AsyncConnection, tenant: str, run_id: str, events: Sequence[pb.WatchRunResponse]) -> None:
-    """Insert events whose seq the caller allocated from runs.last_seq in this same transaction."""
-    if events:
-        await conn.execute(
-            insert(EVENTS),
-            [{"run_id": run_id, "seq": e.seq, "tenant": tenant, "payload": e.SerializeToString()} for e in events],
-        )
+    """Insert events whose seq the caller allocated from runs.last_seq in this same transaction.
+
+    On PostgreSQL the transaction also notifies EVENTS_CHANNEL; NOTIFY is delivered only at commit,
+    so a replica that hears it reads events that are already visible. A lost notification only
+    delays a watcher on another replica until its next wake-up; it never loses an event."""
+    if not events:
+        return
+    await conn.execute(
+        insert(EVENTS),
+        [{"run_id": run_id, "seq": e.seq, "tenant": tenant, "payload": e.SerializeToString()} for e in events],
+    )
+    if conn.dialect.name == "postgresql":
+        await conn.execute(select(func.pg_notify(EVENTS_CHANNEL, f"{PROCESS_ID}|{run_id}|{events[-1].seq}")))
 
 
 async def read_after(
