@@ -29,7 +29,11 @@ class Database:
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
         if self.is_sqlite:
             self.writer = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=300)
-            self.reader = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=60)
+            # Readers run in autocommit: each SELECT is its own snapshot, with no BEGIN before it and
+            # no ROLLBACK when the connection goes back to the pool (each is a thread hop in aiosqlite).
+            self.reader = create_async_engine(
+                url, pool_size=pool_size, max_overflow=0, pool_timeout=60, pool_reset_on_return=None
+            )
             for engine in (self.writer, self.reader):
                 _configure_sqlite(engine, sqlite_synchronous, immediate=engine is self.writer)
         else:
@@ -49,7 +53,8 @@ class Database:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
-        """A read-only snapshot."""
+        """A connection for reads. On SQLite each statement sees the latest commit (no multi-statement
+        snapshot); callers that need consistency across statements read in one statement."""
         async with self.reader.connect() as conn:
             yield conn
 
@@ -75,6 +80,8 @@ def _configure_sqlite(engine: AsyncEngine, synchronous: str, *, immediate: bool)
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
-    def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    if immediate:
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
