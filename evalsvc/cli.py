@@ -1,4 +1,8 @@
-"""The `evalsvc` command: `evalsvc serve` runs the service; `evalsvc keys ...` manages API keys."""
+"""The `evalsvc` command: `evalsvc serve` runs the service; `evalsvc migrate` upgrades a database's
+schema; `evalsvc keys ...` manages API keys.
+
+Exit codes: 0 success, 1 a key to revoke does not exist, 2 bad configuration or a database whose
+schema this version cannot use (run `evalsvc migrate`)."""
 
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC service until SIGTERM/SIGINT")
     config.add_flags(serve)
+    migrate = commands.add_parser(
+        "migrate", help="upgrade the database schema to this version's; run it once before starting new replicas"
+    )
     keys = commands.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
         dest="keys_command", required=True
     )
@@ -28,18 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--tenant", default=None, help="only this tenant's keys")
     revoke = keys.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id", help="the id shown by `keys list` (the part after evk_)")
-    for sub in (create, listing, revoke):
+    for sub in (migrate, create, listing, revoke):
         sub.add_argument("--db", default=None, help=f"SQLAlchemy URL (env {config.env_name('db')})")
     return parser
 
 
 async def _keys_command(args: argparse.Namespace, settings: config.Settings) -> int:
     from evalsvc.auth.service import KeyService, parse_duration
+    from evalsvc.store import migrate
     from evalsvc.store.db import Database
 
     db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
     try:
-        await db.create_schema()
+        await migrate.prepare(db)
         keys = KeyService(db)
         if args.keys_command == "create":
             expires = parse_duration(args.expires_in) if args.expires_in else None
@@ -63,6 +71,22 @@ async def _keys_command(args: argparse.Namespace, settings: config.Settings) -> 
         await db.close()
 
 
+async def _migrate_command(settings: config.Settings) -> int:
+    from evalsvc.store import migrate
+    from evalsvc.store.db import Database
+
+    db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
+    try:
+        before, head = await migrate.upgrade(db)
+    finally:
+        await db.close()
+    if before == {head}:
+        print(f"the database schema is already at {head}", file=sys.stderr)
+    else:
+        print(f"migrated the database schema from {', '.join(sorted(before)) or 'nothing'} to {head}", file=sys.stderr)
+    return 0
+
+
 def _when(seconds: float | None) -> str:
     import datetime
 
@@ -73,11 +97,13 @@ def _when(seconds: float | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
+    from evalsvc.store.migrate import SchemaError
+
     args = build_parser().parse_args(argv)
     if args.command == "keys":
         try:
             return asyncio.run(_keys_command(args, config.from_args(args)))
-        except ValueError as exc:
+        except (ValueError, SchemaError) as exc:
             print(f"evalsvc keys: {exc}", file=sys.stderr)
             return 2
     settings = config.from_args(args)
@@ -86,13 +112,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"evalsvc: {exc}", file=sys.stderr)
         return 2
+    if args.command == "migrate":
+        try:
+            return asyncio.run(_migrate_command(settings))
+        except SchemaError as exc:
+            logging.getLogger("evalsvc").error("%s", exc)
+            return 2
     if args.command == "serve":
         from evalsvc.server import serve
         from evalsvc.tls import TlsConfigError
 
         try:
             asyncio.run(serve(settings))
-        except TlsConfigError as exc:
+        except (TlsConfigError, SchemaError) as exc:
             logging.getLogger("evalsvc").error("%s", exc)
             return 2
     return 0

@@ -17,14 +17,19 @@ from grpc_reflection.v1alpha import reflection
 from evalsvc.api.auth import AuthInterceptor
 from evalsvc.api.datasets import DatasetServicer
 from evalsvc.api.eval_runs import EvalRunServicer
+from evalsvc.api.observability import ObservabilityInterceptor
 from evalsvc.auth.service import KeyService
 from evalsvc.config import Settings
 from evalsvc.datasets.service import DatasetService
 from evalsvc.events.bus import EventBus
+from evalsvc.events.listener import EventListener
 from evalsvc.execution.executor import Executor
 from evalsvc.limits import TenantLimits
+from evalsvc.metrics import Metrics
 from evalsvc.runs.service import RunService
+from evalsvc.store import migrate
 from evalsvc.store.db import Database
+from evalsvc.tls import server_credentials, warn_if_exposed
 from evalsvc.v1 import dataset_service_pb2, dataset_service_pb2_grpc, eval_run_service_pb2, eval_run_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -60,7 +65,10 @@ class EvalServer:
         self.settings = settings
         self.db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
         self.bus = EventBus()
-        self.executor = Executor(self.db, self.bus, settings)
+        self.metrics = Metrics(self.db)
+        self.executor = Executor(self.db, self.bus, settings, self.metrics)
+        # Other replicas' commits reach this process's watchers through PostgreSQL notifications.
+        self.listener = None if self.db.is_sqlite else EventListener(settings.db, self.bus)
         self.limits = TenantLimits(settings)
         self.runs = RunService(
             self.db,
@@ -74,16 +82,26 @@ class EvalServer:
         self.bootstrap_key: str | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
+        self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> int:
-        """Create the schema, start the executor and listen; returns the bound port."""
-        await self.db.create_schema()
+        """Migrate (SQLite) or check (PostgreSQL) the schema, start the executor and listen; returns the bound port.
+
+        Raises SchemaError when a shared database is not at this version's schema revision."""
+        # Before anything is written: a bad TLS setting must not cost a bootstrap key nobody saw.
+        credentials = server_credentials(self.settings)
+        try:
+            await migrate.prepare(self.db)
+        except BaseException:
+            await self.db.close()
+            raise
         if self.settings.bootstrap_key:
             self.bootstrap_key = await self.keys.bootstrap()
         server = grpc.aio.server(
             options=server_options(self.settings),
-            interceptors=[AuthInterceptor(self.keys)],
+            # Observability first (outermost), so calls that authentication rejects are logged and counted.
+            interceptors=[ObservabilityInterceptor(self.metrics), AuthInterceptor(self.keys)],
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
         eval_run_service_pb2_grpc.add_EvalRunServiceServicer_to_server(
@@ -95,12 +113,20 @@ class EvalServer:
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
-        self.port = server.add_insecure_port(self.settings.grpc_addr)
+        warn_if_exposed(self.settings.grpc_addr, credentials)
+        if credentials is None:
+            self.port = server.add_insecure_port(self.settings.grpc_addr)
+        else:
+            self.port = server.add_secure_port(self.settings.grpc_addr, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.grpc_addr}")
         await server.start()
         self._server = server
         await self.executor.start()
+        if self.listener is not None:
+            self.listener.start()
+        if self.settings.metrics_addr:
+            self.metrics_port = await self.metrics.serve(self.settings.metrics_addr)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = self.settings.grpc_addr.rsplit(":", 1)[0]
@@ -113,8 +139,11 @@ class EvalServer:
         grace = self.settings.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
         self.bus.close()
+        if self.listener is not None:
+            await self.listener.stop()
         if self._server is not None:
             await asyncio.gather(self._server.stop(grace), self.executor.stop())
+        await self.metrics.close()
         await self.db.close()
         log.info("evalsvc stopped")
 

@@ -1,8 +1,11 @@
-"""Shared fixtures: a real server on port 0 over a real SQLite file, and real channels to it."""
+"""Shared fixtures: a real server on port 0 over a real database, and real channels to it.
+
+The database is a SQLite file, or with `EVALSVC_TEST_DB=postgres` a scratch PostgreSQL database per
+test (tests/dbs.py); when that PostgreSQL is unreachable every test is skipped, saying why."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -11,14 +14,44 @@ import pytest
 from evalsvc.config import Settings
 from evalsvc.server import EvalServer
 from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc
+from tests import dbs
 from tests.helpers import keyed_channel
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"evalsvc test database: {'PostgreSQL at ' + dbs.ADMIN_URL if dbs.USE_POSTGRES else 'SQLite files'}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not dbs.USE_POSTGRES:
+        return
+    reason = dbs.postgres_unavailable()
+    if reason is not None:
+        skip = pytest.mark.skip(reason=reason)
+        for item in items:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _scratch_databases() -> Iterator[None]:
+    """Drop the PostgreSQL databases a test created (after its servers stopped: autouse tears down last)."""
+    yield
+    if dbs.USE_POSTGRES:
+        dbs.drop_created()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _scratch_template() -> Iterator[None]:
+    yield
+    if dbs.USE_POSTGRES:
+        dbs.drop_template()
+
+
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:
-    """Settings for an in-process test server: port 0, a fresh SQLite file, quick polling."""
+    """Settings for an in-process test server: port 0, a fresh database (tests/dbs.py), quick polling."""
     values: dict[str, object] = {
         "grpc_addr": "127.0.0.1:0",
-        "db": f"sqlite+aiosqlite:///{tmp_path / 'evalsvc.db'}",
+        "db": overrides["db"] if "db" in overrides else dbs.db_url(tmp_path),
         "poll_interval_s": 0.2,
         "grace_s": 1.0,
         "auth_cache_s": 0.0,

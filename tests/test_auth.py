@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc
 from tests.conftest import make_settings
+from tests.dbs import db_url, stored_bytes
 from tests.helpers import error_reason
 
 
@@ -92,24 +94,29 @@ async def test_bootstrap_key_only_on_first_start_and_can_be_turned_off(tmp_path:
     assert first.bootstrap_key and again.bootstrap_key is None and off.bootstrap_key is None
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "evalsvc", "keys", *args], capture_output=True, text=True, timeout=60, check=False
     )
+
+
+async def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in a thread, so the in-process server's event loop keeps running meanwhile."""
+    return await asyncio.to_thread(_run_cli, *args)
 
 
 async def test_keys_cli_create_list_revoke_against_the_served_database(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    db = f"sqlite+aiosqlite:///{tmp_path / 'evalsvc.db'}"
-    created = _cli("create", "--tenant", "acme", "--name", "ci", "--expires-in", "30d", "--db", db)
+    db = db_url(tmp_path)
+    created = await _cli("create", "--tenant", "acme", "--name", "ci", "--expires-in", "30d", "--db", db)
     assert created.returncode == 0, created.stderr
     lines = created.stdout.splitlines()
     assert len(lines) == 1 and key_format.parse(lines[0]) is not None
     key = lines[0]
     key_id = key_format.parse(key).key_id  # type: ignore[union-attr]
-    listed = _cli("list", "--db", db)
+    listed = await _cli("list", "--db", db)
     assert key_id in listed.stdout and "acme" in listed.stdout and key not in listed.stdout
     assert key_format.parse(key).secret not in listed.stdout  # type: ignore[union-attr]
 
@@ -119,16 +126,16 @@ async def test_keys_cli_create_list_revoke_against_the_served_database(
         assert (await _get_run_with(server, (("authorization", f"Bearer {key}"),))).code() == (
             grpc.StatusCode.NOT_FOUND
         )
-        assert _cli("revoke", key_id, "--db", db).returncode == 0
+        assert (await _cli("revoke", key_id, "--db", db)).returncode == 0
         error = await _get_run_with(server, (("authorization", f"Bearer {key}"),))
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED and error_reason(error) == "API_KEY_REVOKED"
-        assert _cli("revoke", "nosuchkey000", "--db", db).returncode == 1
-        bad = _cli("create", "--tenant", "acme", "--expires-in", "soon", "--db", db)
+        assert (await _cli("revoke", "nosuchkey000", "--db", db)).returncode == 1
+        bad = await _cli("create", "--tenant", "acme", "--expires-in", "soon", "--db", db)
         assert bad.returncode == 2 and bad.stdout == ""
     finally:
         await server.stop(grace=0.5)
     # Only a hash of the secret is stored, and no log line carries a key.
-    stored = b"".join(p.read_bytes() for p in tmp_path.glob("evalsvc.db*"))
+    stored = stored_bytes(tmp_path, db)
     assert key.encode() not in stored and key_format.parse(key).secret.encode() not in stored  # type: ignore[union-attr]
     assert all("evk_" not in record.getMessage() for record in caplog.records)
 

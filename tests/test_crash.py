@@ -9,6 +9,7 @@ import pytest
 
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, run_pb2
+from tests.dbs import db_url
 from tests.helpers import TERMINAL, create_request, keyed_channel, watch_all
 from tests.procs import ServerProcess
 
@@ -26,7 +27,7 @@ async def _all_results(stub: eval_run_service_pb2_grpc.EvalRunServiceStub, run_i
 
 
 async def test_kill_9_mid_run_then_restart_completes_exactly_once(tmp_path: Path) -> None:
-    db = f"sqlite+aiosqlite:///{tmp_path / 'crash.db'}"
+    db = db_url(tmp_path, "crash.db")
     # Small claims so the run spans many transactions and the kill lands between and inside them.
     knobs = ("--claim-batch", "25", "--workers", "25")
     first = ServerProcess(db, tmp_path / "first.log", *knobs)

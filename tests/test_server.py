@@ -15,6 +15,7 @@ from evalsvc.cli import build_parser
 from evalsvc.server import SERVICE_NAMES
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc
+from tests.dbs import db_url
 from tests.helpers import create_request, keyed_channel, watch_all
 from tests.procs import ServerProcess
 
@@ -53,7 +54,7 @@ def test_readme_documents_every_setting() -> None:
 
 
 async def test_sigterm_drains_and_a_restart_finds_the_runs(tmp_path: Path) -> None:
-    db = f"sqlite+aiosqlite:///{tmp_path / 'svc.db'}"
+    db = db_url(tmp_path, "svc.db")
     server = ServerProcess(db, tmp_path / "a.log")
     key = server.bootstrap_key()
     assert key

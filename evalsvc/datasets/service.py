@@ -120,7 +120,7 @@ class DatasetService:
             raise invalid_argument([FieldViolation("items", "at least one item is required")])
         violations: list[FieldViolation] = []
         async with self._db.write() as conn:
-            row = await dataset_store.get(conn, tenant, request.dataset_id)
+            row = await dataset_store.get(conn, tenant, request.dataset_id, lock=True)
             if row is None:
                 raise not_found("dataset", request.dataset_id)
             assign_item_ids(request.items, start=row["item_count"])

@@ -28,6 +28,7 @@ from evalsvc.events.bus import EventBus
 from evalsvc.execution.recorder import ClaimedJob, FinishedJob, RunGraders, record
 from evalsvc.execution.targets import Target, TargetError, build_target
 from evalsvc.graders import CompiledGrader, Grade, compile_grader, target_error_grade
+from evalsvc.metrics import Metrics
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
@@ -50,10 +51,12 @@ class RunPlan:
 class Executor:
     """Executes the jobs of every active run in the database, together with any other replicas."""
 
-    def __init__(self, db: Database, bus: EventBus, settings: Settings) -> None:
+    def __init__(self, db: Database, bus: EventBus, settings: Settings, metrics: Metrics | None = None) -> None:
         self._db = db
         self._bus = bus
         self._settings = settings
+        self._metrics = metrics or Metrics()
+        self._metrics.jobs_running.set_function(self.in_flight)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._plans: dict[str, asyncio.Task[RunPlan]] = {}
         self._in_flight: dict[str, set[asyncio.Task[bool]]] = defaultdict(set)
@@ -160,7 +163,7 @@ class Executor:
                 now=now,
                 lease_ttl_s=self._settings.lease_ttl_s,
             )
-            for run_id in {row["run_id"] for row in rows}:
+            for run_id in sorted({row["run_id"] for row in rows}):  # runs in id order: the store's lock order
                 tenant = next(row["tenant"] for row in rows if row["run_id"] == run_id)
                 event = await run_store.set_status(
                     conn,
@@ -208,8 +211,12 @@ class Executor:
             if job.repetition == 1:
                 for _ in range(plan.warmup_runs):
                     await plan.target.respond(item)
-            output = await plan.target.respond(item)
-            grades: list[tuple[str, Grade]] = [(g.name, g.grade(item, output)) for g in plan.graders]
+            with self._metrics.target_timer(plan.target):
+                output = await plan.target.respond(item)
+            grades: list[tuple[str, Grade]] = []
+            for g in plan.graders:
+                with self._metrics.grader_timer(g):
+                    grades.append((g.name, g.grade(item, output)))
         except TargetError as exc:
             output, grades = self._target_failed(plan, exc.reason)
         except asyncio.CancelledError:
@@ -275,6 +282,7 @@ class Executor:
                 if f.job.run_id not in views:
                     views[f.job.run_id] = (await self._plan(f.job.run_id)).recorder_view
             events, finished_runs = await record(self._db, batch, views)
+            self._metrics.evaluations_recorded(events)
             for f in batch:
                 self._release_claim_slot(f.job.claim_id)
             for run_id, run_events in events.items():

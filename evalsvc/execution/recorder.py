@@ -101,7 +101,7 @@ async def record(
         for f in kept:
             jobs_by_run[f.job.run_id].append(f)
         result_rows: list[dict[str, Any]] = []
-        for run_id, run_jobs in jobs_by_run.items():
+        for run_id, run_jobs in sorted(jobs_by_run.items()):  # runs in id order: the store's lock order
             tally = dict.fromkeys(_STATE_FIELD.values(), 0)
             for f in run_jobs:
                 for _, grade in f.grades:

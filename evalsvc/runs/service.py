@@ -197,6 +197,8 @@ class RunService:
     async def cancel(self, tenant: str, run_id: str) -> run_pb2.Run:
         """Cancel a run: no job starts after this returns. Idempotent on a cancelled run."""
         async with self._db.write() as conn:
+            # Jobs before the run: the store's lock order (a no-op for runs that are not active).
+            await run_store.cancel_jobs(conn, tenant, run_id)
             event = await run_store.set_status(
                 conn,
                 tenant,
@@ -205,9 +207,7 @@ class RunService:
                 from_statuses=run_store.ACTIVE_STATUSES,
                 end_time=time.time(),
             )
-            if event is not None:
-                await run_store.cancel_jobs(conn, run_id)
-            else:
+            if event is None:
                 row = await run_store.get(conn, tenant, run_id)
         if event is not None:
             self._on_cancelled(run_id)

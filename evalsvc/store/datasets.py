@@ -19,9 +19,13 @@ async def insert_dataset(conn: AsyncConnection, row: dict[str, Any]) -> None:
     await conn.execute(insert(DATASETS).values(**row))
 
 
-async def get(conn: AsyncConnection, tenant: str, dataset_id: str) -> Mapping[str, Any] | None:
-    """A tenant's dataset, or None (also for another tenant's)."""
-    found = await conn.execute(select(DATASETS).where(DATASETS.c.id == dataset_id, DATASETS.c.tenant == tenant))
+async def get(conn: AsyncConnection, tenant: str, dataset_id: str, *, lock: bool = False) -> Mapping[str, Any] | None:
+    """A tenant's dataset, or None (also for another tenant's).
+
+    `lock` holds the row until the transaction ends (PostgreSQL; SQLite's one writer holds everything):
+    appending items reads item_count and existing ids first, and a concurrent append must wait."""
+    query = select(DATASETS).where(DATASETS.c.id == dataset_id, DATASETS.c.tenant == tenant)
+    found = await conn.execute(query.with_for_update() if lock else query)
     return found.mappings().first()
 
 

@@ -16,7 +16,6 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlmodel import SQLModel
 
 from evalsvc.store import models as _models  # noqa: F401  (registers the tables)
 
@@ -39,11 +38,6 @@ class Database:
         else:
             self.writer = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
             self.reader = self.writer
-
-    async def create_schema(self) -> None:
-        """Create missing tables (idempotent)."""
-        async with self.writer.begin() as conn:
-            await conn.run_sync(SQLModel.metadata.create_all)
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:

@@ -3,6 +3,11 @@
 A claim gives a batch of jobs one fresh `claim_id`. Completing a job only succeeds while the job is
 still leased under that claim, so a worker that stalled past its lease (and was superseded) or whose
 run was cancelled records nothing: the completion is fenced.
+
+Lock order on PostgreSQL, which has row locks and many writers: a transaction locks the jobs it
+changes first, in id order (`in_lock_order`; claims skip locked jobs instead of waiting), and only
+then their runs, in id order. Claims, recordings, heartbeats and cancels all follow it, so they
+wait for each other but never deadlock. SQLite has one writer at a time and needs none of this.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import insert, or_, select, tuple_, update
+from sqlalchemy import ColumnElement, insert, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store.models import JOB_DONE, JOB_LEASED, JOB_QUEUED, JobRow, OutputRow, RunItemRow
@@ -18,6 +23,17 @@ from evalsvc.store.models import JOB_DONE, JOB_LEASED, JOB_QUEUED, JobRow, Outpu
 JOBS = JobRow.__table__  # type: ignore[attr-defined]
 ITEMS = RunItemRow.__table__  # type: ignore[attr-defined]
 OUTPUTS = OutputRow.__table__  # type: ignore[attr-defined]
+
+
+def in_lock_order(conn: AsyncConnection, *conditions: ColumnElement[bool]) -> list[ColumnElement[bool]]:
+    """WHERE clauses for a multi-job UPDATE that locks its rows in id order on PostgreSQL.
+
+    A plain UPDATE locks rows in whatever order its plan visits them, so two of them over overlapping
+    jobs can deadlock; `id IN (SELECT ... ORDER BY id FOR UPDATE)` takes the locks in one order."""
+    if conn.dialect.name != "postgresql":
+        return list(conditions)
+    locked = select(JOBS.c.id).where(*conditions).order_by(JOBS.c.id).with_for_update()
+    return [JOBS.c.id.in_(locked.scalar_subquery())]
 
 
 async def claim(
@@ -57,7 +73,7 @@ async def extend(conn: AsyncConnection, claim_ids: Sequence[str], expiry: float)
     if claim_ids:
         await conn.execute(
             update(JOBS)
-            .where(JOBS.c.claim_id.in_(list(claim_ids)), JOBS.c.state == JOB_LEASED)
+            .where(*in_lock_order(conn, JOBS.c.claim_id.in_(list(claim_ids)), JOBS.c.state == JOB_LEASED))
             .values(lease_expiry=expiry)
         )
 
@@ -69,7 +85,7 @@ async def complete(conn: AsyncConnection, jobs: Iterable[tuple[int, str]]) -> se
         return set()
     done = await conn.execute(
         update(JOBS)
-        .where(tuple_(JOBS.c.id, JOBS.c.claim_id).in_(pairs), JOBS.c.state == JOB_LEASED)
+        .where(*in_lock_order(conn, tuple_(JOBS.c.id, JOBS.c.claim_id).in_(pairs), JOBS.c.state == JOB_LEASED))
         .values(state=JOB_DONE, claim_id=None, lease_expiry=None)
         .returning(JOBS.c.id)
     )
@@ -87,7 +103,7 @@ async def release(conn: AsyncConnection, claim_ids: Sequence[str]) -> None:
     if claim_ids:
         await conn.execute(
             update(JOBS)
-            .where(JOBS.c.claim_id.in_(list(claim_ids)), JOBS.c.state == JOB_LEASED)
+            .where(*in_lock_order(conn, JOBS.c.claim_id.in_(list(claim_ids)), JOBS.c.state == JOB_LEASED))
             .values(state=JOB_QUEUED, claim_id=None, lease_owner=None, lease_expiry=None)
         )
 

@@ -1,15 +1,38 @@
 """The schema, as SQLModel tables. Every row carries its tenant.
 
-Times are UNIX seconds (float): one representation on SQLite and PostgreSQL, and cheap to turn
-into `google.protobuf.Timestamp`. Definitions that the service never queries by field (a run's
-target and graders, an item) are stored as serialized protobuf, so the stored run is exactly what
-was validated and later contract additions need no migration.
+The same classes serve SQLite and PostgreSQL. Times are UNIX seconds (float; double precision on
+PostgreSQL): one representation on both, and cheap to turn into `google.protobuf.Timestamp`. Job
+and result ids, seqs and run counters are 64-bit (`BIG`): a result id is job id x 1024 + grader
+index, and a run may hold more evaluations than a 32-bit integer counts. Definitions that the
+service never queries by field (a run's target and graders, an item) are stored as serialized
+protobuf, so the stored run is exactly what was validated and later contract additions need no
+migration.
+
+The database schema is created and changed only by the Alembic revisions in `migrations/`; a change
+here needs a new revision (tests/test_migrations.py fails until the two agree).
 """
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Column, Index, LargeBinary, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
+
+# BIGINT on PostgreSQL; INTEGER on SQLite, whose INTEGER is already 64-bit and where only an
+# `INTEGER PRIMARY KEY` is the autoincrementing rowid (a `BIGINT PRIMARY KEY` would not be).
+BIG = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def big(*, primary_key: bool = False, autoincrement: bool = False) -> Column:  # type: ignore[type-arg]
+    """A NOT NULL 64-bit integer column (see `BIG`); outside primary keys it defaults to 0 on insert,
+    as SQLModel's own `int = 0` columns do (Core inserts rely on that)."""
+    return Column(
+        BIG,
+        primary_key=primary_key,
+        autoincrement=autoincrement,
+        nullable=False,
+        default=None if primary_key else 0,
+    )
+
 
 # Job states. A job is one item x repetition; a worker leases it, runs the target and every grader.
 JOB_QUEUED = 0
@@ -41,12 +64,12 @@ class RunRow(SQLModel, table=True):
     spec: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     status: int = 0
     total_items: int = 0
-    total_evaluations: int = 0
-    completed: int = 0
-    passed: int = 0
-    failed: int = 0
-    errored: int = 0
-    skipped: int = 0
+    total_evaluations: int = Field(default=0, sa_column=big())
+    completed: int = Field(default=0, sa_column=big())
+    passed: int = Field(default=0, sa_column=big())
+    failed: int = Field(default=0, sa_column=big())
+    errored: int = Field(default=0, sa_column=big())
+    skipped: int = Field(default=0, sa_column=big())
     aggregate: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
     overall_passed: bool | None = None
     error_code: str = ""
@@ -55,7 +78,7 @@ class RunRow(SQLModel, table=True):
     start_time: float | None = None
     end_time: float | None = None
     update_time: float = 0.0
-    last_seq: int = 0
+    last_seq: int = Field(default=0, sa_column=big())
 
 
 class RunLabelRow(SQLModel, table=True):
@@ -101,14 +124,14 @@ class JobRow(SQLModel, table=True):
         Index("ix_jobs_claim", "claim_id"),
     )
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, sa_column=big(primary_key=True, autoincrement=True))
     tenant: str = Field(max_length=64)
     run_id: str = Field(max_length=40)
     item_idx: int
     repetition: int
     state: int = JOB_QUEUED
     claim_id: str | None = Field(default=None, max_length=40)
-    lease_owner: str | None = Field(default=None, max_length=64)
+    lease_owner: str | None = Field(default=None, max_length=255)  # host:pid:nonce; pod names run long
     lease_expiry: float | None = None
     attempt: int = 0
 
@@ -118,7 +141,7 @@ class OutputRow(SQLModel, table=True):
 
     __tablename__ = "outputs"
 
-    job_id: int = Field(primary_key=True)
+    job_id: int = Field(sa_column=big(primary_key=True))
     tenant: str = Field(max_length=64)
     run_id: str = Field(max_length=40)
     output: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
@@ -133,10 +156,10 @@ class ResultRow(SQLModel, table=True):
         Index("ix_results_run_state", "run_id", "state", "id"),
     )
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int = Field(sa_column=big(primary_key=True))  # job id x 1024 + grader index, never generated
     tenant: str = Field(max_length=64)
     run_id: str = Field(max_length=40)
-    job_id: int
+    job_id: int = Field(sa_column=big())
     item_id: str = Field(max_length=128)
     repetition: int
     grader: str = Field(max_length=63)
@@ -157,7 +180,7 @@ class EventRow(SQLModel, table=True):
     __tablename__ = "events"
 
     run_id: str = Field(primary_key=True, max_length=40)
-    seq: int = Field(primary_key=True)
+    seq: int = Field(sa_column=big(primary_key=True))
     tenant: str = Field(max_length=64)
     payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 

@@ -7,10 +7,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import and_, exists, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.runs.convert import counts_from, run_from, timestamp
 from evalsvc.store import events
+from evalsvc.store import jobs as job_store
 from evalsvc.store.models import (
     JOB_CANCELLED,
     JOB_LEASED,
@@ -45,18 +48,18 @@ async def find_by_request_id(conn: AsyncConnection, tenant: str, request_id: str
 
 
 async def next_run_number(conn: AsyncConnection, tenant: str, dataset_id: str) -> int:
-    """Allocate the next run_number of a dataset (or of the tenant's inline runs) atomically."""
+    """Allocate the next run_number of a dataset (or of the tenant's inline runs) atomically.
+
+    One upsert, not update-then-insert: on PostgreSQL two first runs of a dataset would otherwise
+    both find no counter and one would fail on the primary key."""
+    dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    statement = dialect_insert(COUNTERS).values(tenant=tenant, dataset_id=dataset_id, last=1)
     bumped = await conn.execute(
-        update(COUNTERS)
-        .where(COUNTERS.c.tenant == tenant, COUNTERS.c.dataset_id == dataset_id)
-        .values(last=COUNTERS.c.last + 1)
-        .returning(COUNTERS.c.last)
+        statement.on_conflict_do_update(
+            index_elements=[COUNTERS.c.tenant, COUNTERS.c.dataset_id], set_={"last": COUNTERS.c.last + 1}
+        ).returning(COUNTERS.c.last)
     )
-    number = bumped.scalar()
-    if number is None:
-        await conn.execute(insert(COUNTERS).values(tenant=tenant, dataset_id=dataset_id, last=1))
-        number = 1
-    return int(number)
+    return int(bumped.scalar_one())
 
 
 async def insert_run(
@@ -161,11 +164,18 @@ async def set_status(
     return event
 
 
-async def cancel_jobs(conn: AsyncConnection, run_id: str) -> None:
-    """Stop every job of a run that has not finished: queued ones never start, leased ones lose their fence."""
+async def cancel_jobs(conn: AsyncConnection, tenant: str, run_id: str) -> None:
+    """Stop every job of a run that has not finished: queued ones never start, leased ones lose their fence.
+
+    Call it before `set_status` in the same transaction: jobs are locked before their run everywhere
+    (see evalsvc.store.jobs), or a cancel and a claim or a recording deadlock on PostgreSQL."""
     await conn.execute(
         update(JOBS)
-        .where(JOBS.c.run_id == run_id, JOBS.c.state.in_([JOB_QUEUED, JOB_LEASED]))
+        .where(
+            *job_store.in_lock_order(
+                conn, JOBS.c.run_id == run_id, JOBS.c.tenant == tenant, JOBS.c.state.in_([JOB_QUEUED, JOB_LEASED])
+            )
+        )
         .values(state=JOB_CANCELLED, claim_id=None, lease_expiry=None)
     )
 

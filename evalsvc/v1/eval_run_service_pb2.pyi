@@ -15,7 +15,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateRunRequest(_message.Message):
-    __slots__ = ("request_id", "dataset_id", "item_ids", "items", "target", "graders", "display_name", "description", "labels", "pass_threshold", "repetitions", "warmup_runs", "trigger")
+    __slots__ = ("request_id", "dataset_id", "item_ids", "items", "target", "graders", "display_name", "description", "labels", "pass_threshold", "repetitions", "warmup_runs", "trigger", "max_cost_usd")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class CreateRunRequest(_message.Message):
     REPETITIONS_FIELD_NUMBER: _ClassVar[int]
     WARMUP_RUNS_FIELD_NUMBER: _ClassVar[int]
     TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_USD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     dataset_id: str
     item_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -49,7 +50,8 @@ class CreateRunRequest(_message.Message):
     repetitions: int
     warmup_runs: int
     trigger: _run_pb2.Trigger
-    def __init__(self, request_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., items: _Optional[_Iterable[_Union[_item_pb2.Item, _Mapping]]] = ..., target: _Optional[_Union[_target_pb2.Target, _Mapping]] = ..., graders: _Optional[_Iterable[_Union[_grader_pb2.Grader, _Mapping]]] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., pass_threshold: _Optional[float] = ..., repetitions: _Optional[int] = ..., warmup_runs: _Optional[int] = ..., trigger: _Optional[_Union[_run_pb2.Trigger, str]] = ...) -> None: ...
+    max_cost_usd: float
+    def __init__(self, request_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., items: _Optional[_Iterable[_Union[_item_pb2.Item, _Mapping]]] = ..., target: _Optional[_Union[_target_pb2.Target, _Mapping]] = ..., graders: _Optional[_Iterable[_Union[_grader_pb2.Grader, _Mapping]]] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., pass_threshold: _Optional[float] = ..., repetitions: _Optional[int] = ..., warmup_runs: _Optional[int] = ..., trigger: _Optional[_Union[_run_pb2.Trigger, str]] = ..., max_cost_usd: _Optional[float] = ...) -> None: ...
 
 class CreateRunResponse(_message.Message):
     __slots__ = ("run", "job_count")

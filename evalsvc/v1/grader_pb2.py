@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from evalsvc.v1 import target_pb2 as evalsvc_dot_v1_dot_target__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65valsvc/v1/grader.proto\x12\nevalsvc.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xfd\x02\n\x06Grader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12-\n\x0b\x65xact_match\x18\n \x01(\x0b\x32\x16.evalsvc.v1.ExactMatchH\x00\x12(\n\x08\x63ontains\x18\x0b \x01(\x0b\x32\x14.evalsvc.v1.ContainsH\x00\x12\"\n\x05regex\x18\x0c \x01(\x0b\x32\x11.evalsvc.v1.RegexH\x00\x12+\n\njson_match\x18\r \x01(\x0b\x32\x15.evalsvc.v1.JsonMatchH\x00\x12,\n\nsimilarity\x18\x0e \x01(\x0b\x32\x16.evalsvc.v1.SimilarityH\x00\x12+\n\ntool_calls\x18\x0f \x01(\x0b\x32\x15.evalsvc.v1.ToolCallsH\x00\x12&\n\x07latency\x18\x10 \x01(\x0b\x32\x13.evalsvc.v1.LatencyH\x00\x12 \n\x04\x63ost\x18\x11 \x01(\x0b\x32\x10.evalsvc.v1.CostH\x00\x42\x06\n\x04kind\"D\n\nExactMatch\x12\x18\n\x10\x63\x61se_insensitive\x18\x01 \x01(\x08\x12\x1c\n\x14normalize_whitespace\x18\x02 \x01(\x08\"A\n\x08\x43ontains\x12\x0e\n\x06values\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12\x18\n\x10\x63\x61se_insensitive\x18\x03 \x01(\x08\"F\n\x05Regex\x12\x0f\n\x07pattern\x18\x01 \x01(\t\x12\x12\n\nfull_match\x18\x02 \x01(\x08\x12\x18\n\x10\x63\x61se_insensitive\x18\x03 \x01(\x08\"/\n\tJsonMatch\x12\x0e\n\x06subset\x18\x01 \x01(\x08\x12\x12\n\nvalid_only\x18\x02 \x01(\x08\"9\n\nSimilarity\x12\x11\n\tthreshold\x18\x01 \x01(\x01\x12\x18\n\x10\x63\x61se_insensitive\x18\x02 \x01(\x08\"\xd4\x01\n\tToolCalls\x12\x10\n\x08\x65xpected\x18\x01 \x03(\t\x12\x18\n\x10\x61llow_additional\x18\x02 \x01(\x08\x12H\n\x12\x65xpected_arguments\x18\x03 \x03(\x0b\x32,.evalsvc.v1.ToolCalls.ExpectedArgumentsEntry\x1aQ\n\x16\x45xpectedArgumentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct:\x02\x38\x01\"\x19\n\x07Latency\x12\x0e\n\x06max_ms\x18\x01 \x01(\x01\"\x17\n\x04\x43ost\x12\x0f\n\x07max_usd\x18\x01 \x01(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65valsvc/v1/grader.proto\x12\nevalsvc.v1\x1a\x17\x65valsvc/v1/target.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xd5\x03\n\x06Grader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12-\n\x0b\x65xact_match\x18\n \x01(\x0b\x32\x16.evalsvc.v1.ExactMatchH\x00\x12(\n\x08\x63ontains\x18\x0b \x01(\x0b\x32\x14.evalsvc.v1.ContainsH\x00\x12\"\n\x05regex\x18\x0c \x01(\x0b\x32\x11.evalsvc.v1.RegexH\x00\x12+\n\njson_match\x18\r \x01(\x0b\x32\x15.evalsvc.v1.JsonMatchH\x00\x12,\n\nsimilarity\x18\x0e \x01(\x0b\x32\x16.evalsvc.v1.SimilarityH\x00\x12+\n\ntool_calls\x18\x0f \x01(\x0b\x32\x15.evalsvc.v1.ToolCallsH\x00\x12&\n\x07latency\x18\x10 \x01(\x0b\x32\x13.evalsvc.v1.LatencyH\x00\x12 \n\x04\x63ost\x18\x11 \x01(\x0b\x32\x10.evalsvc.v1.CostH\x00\x12)\n\tllm_judge\x18\x12 \x01(\x0b\x32\x14.evalsvc.v1.LlmJudgeH\x00\x12+\n\x05saved\x18\x13 \x01(\x0b\x32\x1a.evalsvc.v1.SavedGraderRefH\x00\x42\x06\n\x04kind\"4\n\x0eSavedGraderRef\x12\x11\n\tgrader_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"?\n\nJudgeLevel\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0f\n\x07passing\x18\x03 \x01(\x08\"\xb8\x03\n\x08LlmJudge\x12\'\n\x04mode\x18\x01 \x01(\x0e\x32\x19.evalsvc.v1.LlmJudge.Mode\x12\x10\n\x08\x63riteria\x18\x02 \x01(\t\x12-\n\x07scoring\x18\x03 \x01(\x0e\x32\x1c.evalsvc.v1.LlmJudge.Scoring\x12\x11\n\tthreshold\x18\x04 \x01(\x05\x12&\n\x06levels\x18\x05 \x03(\x0b\x32\x16.evalsvc.v1.JudgeLevel\x12\x1d\n\x15\x61\x64\x64itional_guidelines\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12&\n\x08\x65ndpoint\x18\x08 \x01(\x0b\x32\x14.evalsvc.v1.Endpoint\"d\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x11\n\rMODE_ACCURACY\x10\x01\x12\x11\n\rMODE_CRITERIA\x10\x02\x12\x0f\n\x0bMODE_LEVELS\x10\x03\x12\x0f\n\x0bMODE_POLICY\x10\x04\"K\n\x07Scoring\x12\x17\n\x13SCORING_UNSPECIFIED\x10\x00\x12\x12\n\x0eSCORING_BINARY\x10\x01\x12\x13\n\x0fSCORING_NUMERIC\x10\x02\"D\n\nExactMatch\x12\x18\n\x10\x63\x61se_insensitive\x18\x01 \x01(\x08\x12\x1c\n\x14normalize_whitespace\x18\x02 \x01(\x08\"A\n\x08\x43ontains\x12\x0e\n\x06values\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12\x18\n\x10\x63\x61se_insensitive\x18\x03 \x01(\x08\"F\n\x05Regex\x12\x0f\n\x07pattern\x18\x01 \x01(\t\x12\x12\n\nfull_match\x18\x02 \x01(\x08\x12\x18\n\x10\x63\x61se_insensitive\x18\x03 \x01(\x08\"/\n\tJsonMatch\x12\x0e\n\x06subset\x18\x01 \x01(\x08\x12\x12\n\nvalid_only\x18\x02 \x01(\x08\"9\n\nSimilarity\x12\x11\n\tthreshold\x18\x01 \x01(\x01\x12\x18\n\x10\x63\x61se_insensitive\x18\x02 \x01(\x08\"\xd4\x01\n\tToolCalls\x12\x10\n\x08\x65xpected\x18\x01 \x03(\t\x12\x18\n\x10\x61llow_additional\x18\x02 \x01(\x08\x12H\n\x12\x65xpected_arguments\x18\x03 \x03(\x0b\x32,.evalsvc.v1.ToolCalls.ExpectedArgumentsEntry\x1aQ\n\x16\x45xpectedArgumentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct:\x02\x38\x01\"\x19\n\x07Latency\x12\x0e\n\x06max_ms\x18\x01 \x01(\x01\"\x17\n\x04\x43ost\x12\x0f\n\x07max_usd\x18\x01 \x01(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,24 +35,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TOOLCALLS_EXPECTEDARGUMENTSENTRY']._loaded_options = None
   _globals['_TOOLCALLS_EXPECTEDARGUMENTSENTRY']._serialized_options = b'8\001'
-  _globals['_GRADER']._serialized_start=70
-  _globals['_GRADER']._serialized_end=451
-  _globals['_EXACTMATCH']._serialized_start=453
-  _globals['_EXACTMATCH']._serialized_end=521
-  _globals['_CONTAINS']._serialized_start=523
-  _globals['_CONTAINS']._serialized_end=588
-  _globals['_REGEX']._serialized_start=590
-  _globals['_REGEX']._serialized_end=660
-  _globals['_JSONMATCH']._serialized_start=662
-  _globals['_JSONMATCH']._serialized_end=709
-  _globals['_SIMILARITY']._serialized_start=711
-  _globals['_SIMILARITY']._serialized_end=768
-  _globals['_TOOLCALLS']._serialized_start=771
-  _globals['_TOOLCALLS']._serialized_end=983
-  _globals['_TOOLCALLS_EXPECTEDARGUMENTSENTRY']._serialized_start=902
-  _globals['_TOOLCALLS_EXPECTEDARGUMENTSENTRY']._serialized_end=983
-  _globals['_LATENCY']._serialized_start=985
-  _globals['_LATENCY']._serialized_end=1010
-  _globals['_COST']._serialized_start=1012
-  _globals['_COST']._serialized_end=1035
+  _globals['_GRADER']._serialized_start=95
+  _globals['_GRADER']._serialized_end=564
+  _globals['_SAVEDGRADERREF']._serialized_start=566
+  _globals['_SAVEDGRADERREF']._serialized_end=618
+  _globals['_JUDGELEVEL']._serialized_start=620
+  _globals['_JUDGELEVEL']._serialized_end=683
+  _globals['_LLMJUDGE']._serialized_start=686
+  _globals['_LLMJUDGE']._serialized_end=1126
+  _globals['_LLMJUDGE_MODE']._serialized_start=949
+  _globals['_LLMJUDGE_MODE']._serialized_end=1049
+  _globals['_LLMJUDGE_SCORING']._serialized_start=1051
+  _globals['_LLMJUDGE_SCORING']._serialized_end=1126
+  _globals['_EXACTMATCH']._serialized_start=1128
+  _globals['_EXACTMATCH']._serialized_end=1196
+  _globals['_CONTAINS']._serialized_start=1198
+  _globals['_CONTAINS']._serialized_end=1263
+  _globals['_REGEX']._serialized_start=1265
+  _globals['_REGEX']._serialized_end=1335
+  _globals['_JSONMATCH']._serialized_start=1337
+  _globals['_JSONMATCH']._serialized_end=1384
+  _globals['_SIMILARITY']._serialized_start=1386
+  _globals['_SIMILARITY']._serialized_end=1443
+  _globals['_TOOLCALLS']._serialized_start=1446
+  _globals['_TOOLCALLS']._serialized_end=1658
+  _globals['_TOOLCALLS_EXPECTEDARGUMENTSENTRY']._serialized_start=1577
+  _globals['_TOOLCALLS_EXPECTEDARGUMENTSENTRY']._serialized_end=1658
+  _globals['_LATENCY']._serialized_start=1660
+  _globals['_LATENCY']._serialized_end=1685
+  _globals['_COST']._serialized_start=1687
+  _globals['_COST']._serialized_end=1710
 # @@protoc_insertion_point(module_scope)

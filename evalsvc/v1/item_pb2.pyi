@@ -24,18 +24,22 @@ class ToolCall(_message.Message):
     def __init__(self, name: _Optional[str] = ..., arguments: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class Response(_message.Message):
-    __slots__ = ("content", "tool_calls", "cost_usd", "latency_ms", "refused")
+    __slots__ = ("content", "tool_calls", "cost_usd", "latency_ms", "refused", "prompt_tokens", "completion_tokens")
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     COST_USD_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     content: str
     tool_calls: _containers.RepeatedCompositeFieldContainer[ToolCall]
     cost_usd: float
     latency_ms: float
     refused: bool
-    def __init__(self, content: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., cost_usd: _Optional[float] = ..., latency_ms: _Optional[float] = ..., refused: _Optional[bool] = ...) -> None: ...
+    prompt_tokens: int
+    completion_tokens: int
+    def __init__(self, content: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., cost_usd: _Optional[float] = ..., latency_ms: _Optional[float] = ..., refused: _Optional[bool] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class Item(_message.Message):
     __slots__ = ("id", "input", "expected_output", "context", "conversation", "expected_tool_calls", "response", "metadata")

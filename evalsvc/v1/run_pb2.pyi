@@ -84,34 +84,42 @@ class LatencyStats(_message.Message):
     def __init__(self, p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., mean_ms: _Optional[float] = ...) -> None: ...
 
 class GraderAggregate(_message.Message):
-    __slots__ = ("grader", "pass_rate", "mean_score", "passed", "failed", "errored")
+    __slots__ = ("grader", "pass_rate", "mean_score", "passed", "failed", "errored", "std_error")
     GRADER_FIELD_NUMBER: _ClassVar[int]
     PASS_RATE_FIELD_NUMBER: _ClassVar[int]
     MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
     PASSED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     ERRORED_FIELD_NUMBER: _ClassVar[int]
+    STD_ERROR_FIELD_NUMBER: _ClassVar[int]
     grader: str
     pass_rate: float
     mean_score: float
     passed: int
     failed: int
     errored: int
-    def __init__(self, grader: _Optional[str] = ..., pass_rate: _Optional[float] = ..., mean_score: _Optional[float] = ..., passed: _Optional[int] = ..., failed: _Optional[int] = ..., errored: _Optional[int] = ...) -> None: ...
+    std_error: float
+    def __init__(self, grader: _Optional[str] = ..., pass_rate: _Optional[float] = ..., mean_score: _Optional[float] = ..., passed: _Optional[int] = ..., failed: _Optional[int] = ..., errored: _Optional[int] = ..., std_error: _Optional[float] = ...) -> None: ...
 
 class RunAggregate(_message.Message):
-    __slots__ = ("pass_rate", "mean_score", "graders", "total_cost_usd", "latency")
+    __slots__ = ("pass_rate", "mean_score", "graders", "total_cost_usd", "latency", "scoring_cost_usd", "std_error", "mean_item_score")
     PASS_RATE_FIELD_NUMBER: _ClassVar[int]
     MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
     GRADERS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_COST_USD_FIELD_NUMBER: _ClassVar[int]
     LATENCY_FIELD_NUMBER: _ClassVar[int]
+    SCORING_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    STD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ITEM_SCORE_FIELD_NUMBER: _ClassVar[int]
     pass_rate: float
     mean_score: float
     graders: _containers.RepeatedCompositeFieldContainer[GraderAggregate]
     total_cost_usd: float
     latency: LatencyStats
-    def __init__(self, pass_rate: _Optional[float] = ..., mean_score: _Optional[float] = ..., graders: _Optional[_Iterable[_Union[GraderAggregate, _Mapping]]] = ..., total_cost_usd: _Optional[float] = ..., latency: _Optional[_Union[LatencyStats, _Mapping]] = ...) -> None: ...
+    scoring_cost_usd: float
+    std_error: float
+    mean_item_score: float
+    def __init__(self, pass_rate: _Optional[float] = ..., mean_score: _Optional[float] = ..., graders: _Optional[_Iterable[_Union[GraderAggregate, _Mapping]]] = ..., total_cost_usd: _Optional[float] = ..., latency: _Optional[_Union[LatencyStats, _Mapping]] = ..., scoring_cost_usd: _Optional[float] = ..., std_error: _Optional[float] = ..., mean_item_score: _Optional[float] = ...) -> None: ...
 
 class RunError(_message.Message):
     __slots__ = ("code", "message")
@@ -122,7 +130,7 @@ class RunError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "display_name", "description", "labels", "dataset_id", "run_number", "target", "graders", "pass_threshold", "repetitions", "warmup_runs", "trigger", "status", "counts", "aggregate", "overall_passed", "error", "create_time", "start_time", "end_time", "update_time", "last_seq", "request_id")
+    __slots__ = ("id", "display_name", "description", "labels", "dataset_id", "run_number", "target", "graders", "pass_threshold", "repetitions", "warmup_runs", "trigger", "status", "counts", "aggregate", "overall_passed", "error", "create_time", "start_time", "end_time", "update_time", "last_seq", "request_id", "max_cost_usd", "cost_usd")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +161,8 @@ class Run(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
     id: str
     display_name: str
     description: str
@@ -176,10 +186,12 @@ class Run(_message.Message):
     update_time: _timestamp_pb2.Timestamp
     last_seq: int
     request_id: str
-    def __init__(self, id: _Optional[str] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., dataset_id: _Optional[str] = ..., run_number: _Optional[int] = ..., target: _Optional[_Union[_target_pb2.Target, _Mapping]] = ..., graders: _Optional[_Iterable[_Union[_grader_pb2.Grader, _Mapping]]] = ..., pass_threshold: _Optional[float] = ..., repetitions: _Optional[int] = ..., warmup_runs: _Optional[int] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., counts: _Optional[_Union[RunCounts, _Mapping]] = ..., aggregate: _Optional[_Union[RunAggregate, _Mapping]] = ..., overall_passed: _Optional[bool] = ..., error: _Optional[_Union[RunError, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    max_cost_usd: float
+    cost_usd: float
+    def __init__(self, id: _Optional[str] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., dataset_id: _Optional[str] = ..., run_number: _Optional[int] = ..., target: _Optional[_Union[_target_pb2.Target, _Mapping]] = ..., graders: _Optional[_Iterable[_Union[_grader_pb2.Grader, _Mapping]]] = ..., pass_threshold: _Optional[float] = ..., repetitions: _Optional[int] = ..., warmup_runs: _Optional[int] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., counts: _Optional[_Union[RunCounts, _Mapping]] = ..., aggregate: _Optional[_Union[RunAggregate, _Mapping]] = ..., overall_passed: _Optional[bool] = ..., error: _Optional[_Union[RunError, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., request_id: _Optional[str] = ..., max_cost_usd: _Optional[float] = ..., cost_usd: _Optional[float] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("id", "run_id", "item_id", "repetition", "grader", "state", "score", "raw_score", "passed", "explanation", "output", "cost_usd", "latency_ms", "error_reason", "attempt", "complete_time")
+    __slots__ = ("id", "run_id", "item_id", "repetition", "grader", "state", "score", "raw_score", "passed", "explanation", "output", "cost_usd", "latency_ms", "error_reason", "attempt", "complete_time", "scoring_cost_usd", "confidence")
     ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +208,8 @@ class Result(_message.Message):
     ERROR_REASON_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_TIME_FIELD_NUMBER: _ClassVar[int]
+    SCORING_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     id: str
     run_id: str
     item_id: str
@@ -212,4 +226,6 @@ class Result(_message.Message):
     error_reason: str
     attempt: int
     complete_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., run_id: _Optional[str] = ..., item_id: _Optional[str] = ..., repetition: _Optional[int] = ..., grader: _Optional[str] = ..., state: _Optional[_Union[ResultState, str]] = ..., score: _Optional[float] = ..., raw_score: _Optional[float] = ..., passed: _Optional[bool] = ..., explanation: _Optional[str] = ..., output: _Optional[_Union[_item_pb2.Response, _Mapping]] = ..., cost_usd: _Optional[float] = ..., latency_ms: _Optional[float] = ..., error_reason: _Optional[str] = ..., attempt: _Optional[int] = ..., complete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    scoring_cost_usd: float
+    confidence: float
+    def __init__(self, id: _Optional[str] = ..., run_id: _Optional[str] = ..., item_id: _Optional[str] = ..., repetition: _Optional[int] = ..., grader: _Optional[str] = ..., state: _Optional[_Union[ResultState, str]] = ..., score: _Optional[float] = ..., raw_score: _Optional[float] = ..., passed: _Optional[bool] = ..., explanation: _Optional[str] = ..., output: _Optional[_Union[_item_pb2.Response, _Mapping]] = ..., cost_usd: _Optional[float] = ..., latency_ms: _Optional[float] = ..., error_reason: _Optional[str] = ..., attempt: _Optional[int] = ..., complete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scoring_cost_usd: _Optional[float] = ..., confidence: _Optional[float] = ...) -> None: ...

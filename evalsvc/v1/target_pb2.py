@@ -22,19 +22,32 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65valsvc/v1/target.proto\x12\nevalsvc.v1\"z\n\x06Target\x12.\n\x08provided\x18\x01 \x01(\x0b\x32\x1a.evalsvc.v1.ProvidedTargetH\x00\x12&\n\x04\x65\x63ho\x18\x02 \x01(\x0b\x32\x16.evalsvc.v1.EchoTargetH\x00\x12\x10\n\x08model_id\x18\n \x01(\tB\x06\n\x04kind\"\x10\n\x0eProvidedTarget\"\x0c\n\nEchoTargetb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65valsvc/v1/target.proto\x12\nevalsvc.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xe5\x01\n\x06Target\x12.\n\x08provided\x18\x01 \x01(\x0b\x32\x1a.evalsvc.v1.ProvidedTargetH\x00\x12&\n\x04\x65\x63ho\x18\x02 \x01(\x0b\x32\x16.evalsvc.v1.EchoTargetH\x00\x12&\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x16.evalsvc.v1.ChatTargetH\x00\x12&\n\x04http\x18\x04 \x01(\x0b\x32\x16.evalsvc.v1.HttpTargetH\x00\x12\x19\n\x0fsaved_target_id\x18\x05 \x01(\tH\x00\x12\x10\n\x08model_id\x18\n \x01(\tB\x06\n\x04kind\"\x10\n\x0eProvidedTarget\"\x0c\n\nEchoTarget\"\xab\x01\n\x08\x45ndpoint\x12\x10\n\x08\x62\x61se_url\x18\x01 \x01(\t\x12\x16\n\x0e\x61pi_key_secret\x18\x02 \x01(\t\x12\x32\n\x07headers\x18\x03 \x03(\x0b\x32!.evalsvc.v1.Endpoint.HeadersEntry\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"V\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xe6\x01\n\nChatTarget\x12&\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x14.evalsvc.v1.Endpoint\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rsystem_prompt\x18\x03 \x01(\t\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12+\n\nparameters\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1f\n\x05tools\x18\x07 \x03(\x0b\x32\x10.evalsvc.v1.ToolB\x0e\n\x0c_temperature\"4\n\nHttpTarget\x12&\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x14.evalsvc.v1.Endpointb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'evalsvc.v1.target_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TARGET']._serialized_start=39
-  _globals['_TARGET']._serialized_end=161
-  _globals['_PROVIDEDTARGET']._serialized_start=163
-  _globals['_PROVIDEDTARGET']._serialized_end=179
-  _globals['_ECHOTARGET']._serialized_start=181
-  _globals['_ECHOTARGET']._serialized_end=193
+  _globals['_ENDPOINT_HEADERSENTRY']._loaded_options = None
+  _globals['_ENDPOINT_HEADERSENTRY']._serialized_options = b'8\001'
+  _globals['_TARGET']._serialized_start=70
+  _globals['_TARGET']._serialized_end=299
+  _globals['_PROVIDEDTARGET']._serialized_start=301
+  _globals['_PROVIDEDTARGET']._serialized_end=317
+  _globals['_ECHOTARGET']._serialized_start=319
+  _globals['_ECHOTARGET']._serialized_end=331
+  _globals['_ENDPOINT']._serialized_start=334
+  _globals['_ENDPOINT']._serialized_end=505
+  _globals['_ENDPOINT_HEADERSENTRY']._serialized_start=459
+  _globals['_ENDPOINT_HEADERSENTRY']._serialized_end=505
+  _globals['_TOOL']._serialized_start=507
+  _globals['_TOOL']._serialized_end=593
+  _globals['_CHATTARGET']._serialized_start=596
+  _globals['_CHATTARGET']._serialized_end=826
+  _globals['_HTTPTARGET']._serialized_start=828
+  _globals['_HTTPTARGET']._serialized_end=880
 # @@protoc_insertion_point(module_scope)

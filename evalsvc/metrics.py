@@ -1,0 +1,199 @@
+"""Prometheus metrics of one server, and the `/metrics` endpoint that serves them.
+
+Every `EvalServer` owns a `Metrics` with its own `CollectorRegistry` rather than the global one, so
+several servers in one process (tests, embedders) never share or collide on series.
+
+The endpoint is a tiny asyncio HTTP server on the server's own event loop instead of
+prometheus-client's threaded one: the run and job gauges are counted in the database at scrape
+time (fresh values, no background polling when nobody scrapes), and the database engine belongs to
+the event loop. The counts are global (every replica reports the same); the rest is per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.context_managers import Timer
+
+from evalsvc.store import stats
+from evalsvc.store.db import Database
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import run_pb2
+
+log = logging.getLogger(__name__)
+
+RUN_STATUSES = {
+    number: name.removeprefix("RUN_STATUS_").lower()
+    for name, number in run_pb2.RunStatus.items()
+    if number != run_pb2.RUN_STATUS_UNSPECIFIED
+}
+RESULT_STATES = {
+    number: name.removeprefix("RESULT_STATE_").lower()
+    for name, number in run_pb2.ResultState.items()
+    if number != run_pb2.RESULT_STATE_UNSPECIFIED
+}
+# Unary calls take milliseconds; streams (WatchRun) live for minutes, so they get their own buckets.
+RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+STREAM_BUCKETS = (0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
+# Model calls take up to minutes; graders are pure functions taking microseconds.
+TARGET_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+GRADER_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0)
+SCRAPE_QUERY_TIMEOUT_S = 5.0
+
+
+class Metrics:
+    """The server's metrics. Hooks elsewhere call the small methods here and stay one line each."""
+
+    def __init__(self, db: Database | None = None) -> None:
+        self._db = db
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.rpcs = Counter(
+            "evalsvc_rpcs", "RPCs finished, by full method name and status code", ["method", "code"], registry=r
+        )
+        self.rpc_latency = Histogram(
+            "evalsvc_rpc_latency_seconds", "Latency of unary RPCs", ["method"], buckets=RPC_BUCKETS, registry=r
+        )
+        self.stream_duration = Histogram(
+            "evalsvc_stream_duration_seconds",
+            "How long server-streaming RPCs (WatchRun) stayed open",
+            ["method"],
+            buckets=STREAM_BUCKETS,
+            registry=r,
+        )
+        self.open_streams = Gauge("evalsvc_open_streams", "Server-streaming RPCs open now", ["method"], registry=r)
+        self.runs = Gauge("evalsvc_runs", "Runs in the database by status (all tenants)", ["status"], registry=r)
+        self.jobs_queued = Gauge("evalsvc_jobs_queued", "Jobs waiting for a worker (all tenants)", registry=r)
+        self.jobs_running = Gauge("evalsvc_jobs_running", "Jobs this process is executing now", registry=r)
+        self.evaluations = Counter(
+            "evalsvc_evaluations_completed",
+            "Evaluations recorded by this process, by result state",
+            ["state"],
+            registry=r,
+        )
+        self.target_latency = Histogram(
+            "evalsvc_target_latency_seconds",
+            "Latency of target calls (the measured call, not warmups), by target kind",
+            ["target"],
+            buckets=TARGET_BUCKETS,
+            registry=r,
+        )
+        self.grader_latency = Histogram(
+            "evalsvc_grader_latency_seconds",
+            "Time to grade one output, by grader kind",
+            ["grader"],
+            buckets=GRADER_BUCKETS,
+            registry=r,
+        )
+        self._evaluations_by_state = {state: self.evaluations.labels(name) for state, name in RESULT_STATES.items()}
+        for name in RUN_STATUSES.values():
+            self.runs.labels(name)  # every status is exported, zeros included, so series never vanish
+        self._rpc_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        self._http: asyncio.Server | None = None
+
+    # ------------------------------------------------------------------------------------------ hooks
+
+    def rpc_finished(self, method: str, code: str, seconds: float, *, stream: bool) -> None:
+        """Count a finished RPC and observe its latency (or, for a stream, how long it was open)."""
+        children = self._rpc_children.get((method, code))
+        if children is None:  # label lookups take a lock; every RPC pays this, so resolve them once
+            latency = self.stream_duration if stream else self.rpc_latency
+            children = self._rpc_children[(method, code)] = (self.rpcs.labels(method, code), latency.labels(method))
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def target_timer(self, target: object) -> Timer:
+        """A context manager timing one target call."""
+        return self.target_latency.labels(kind_label(target)).time()
+
+    def grader_timer(self, grader: object) -> Timer:
+        """A context manager timing one grading."""
+        return self.grader_latency.labels(kind_label(grader)).time()
+
+    def evaluations_recorded(self, events: Mapping[str, Sequence[pb.WatchRunResponse]]) -> None:
+        """Count the results among events the recorder just committed."""
+        for run_events in events.values():
+            for event in run_events:
+                if event.HasField("result"):
+                    counter = self._evaluations_by_state.get(event.result.state)
+                    if counter is not None:
+                        counter.inc()
+
+    # ------------------------------------------------------------------------------------- exposition
+
+    async def refresh(self) -> None:
+        """Count runs by status and queued jobs in the database (two index scans)."""
+        if self._db is None:
+            return
+        async with self._db.read() as conn:
+            by_status = await stats.runs_by_status(conn)
+            queued = await stats.queued_jobs(conn)
+        for number, name in RUN_STATUSES.items():
+            self.runs.labels(name).set(by_status.get(number, 0))
+        self.jobs_queued.set(queued)
+
+    async def render(self) -> bytes:
+        """The exposition text; the database gauges keep their last values if counting fails."""
+        try:
+            await asyncio.wait_for(self.refresh(), SCRAPE_QUERY_TIMEOUT_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("metrics: counting runs and jobs failed (%s); serving the last counts", type(exc).__name__)
+        return generate_latest(self.registry)
+
+    async def serve(self, addr: str) -> int:
+        """Serve GET /metrics on `addr` (host:port, port 0 picks one); returns the bound port."""
+        host, _, port = addr.rpartition(":")
+        self._http = await asyncio.start_server(self._handle, host.strip("[]") or None, int(port))
+        bound: int = self._http.sockets[0].getsockname()[1]
+        log.info("metrics at http://%s:%d/metrics", host or "0.0.0.0", bound)
+        return bound
+
+    async def close(self) -> None:
+        """Stop serving /metrics."""
+        if self._http is not None:
+            self._http.close()
+            await self._http.wait_closed()
+            self._http = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One HTTP/1.x request per connection: enough for Prometheus, curl and a browser."""
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
+            method, target, _version = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+            body, status, content_type = b"not found\n", "404 Not Found", "text/plain; charset=utf-8"
+            if target.split("?", 1)[0] == "/metrics":
+                if method in ("GET", "HEAD"):
+                    body, status, content_type = await self.render(), "200 OK", CONTENT_TYPE_LATEST
+                else:
+                    body, status = b"method not allowed\n", "405 Method Not Allowed"
+            headers = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            writer.write(headers.encode() + b"Connection: close\r\n\r\n" + (b"" if method == "HEAD" else body))
+            await writer.drain()
+        except (TimeoutError, ValueError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # a broken or slow client: drop the connection
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+_KIND_CACHE: dict[type[Any], str] = {}
+
+
+def kind_label(obj: object) -> str:
+    """`ProvidedTarget` -> `provided`, `_ExactMatch` -> `exact_match`: a bounded label value
+    (user-chosen grader names would make one series per run)."""
+    cls = type(obj)
+    label = _KIND_CACHE.get(cls)
+    if label is None:
+        name = cls.__name__.lstrip("_").removesuffix("Target").removesuffix("Grader") or cls.__name__
+        label = _KIND_CACHE[cls] = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    return label

@@ -1,0 +1,157 @@
+"""Schema migrations (Alembic): bring a database to the newest revision, or check that it is there.
+
+The embedded SQLite default migrates itself at start: one process owns the file, so there is nobody
+to coordinate with. A shared database (PostgreSQL) is migrated deliberately, with `evalsvc migrate`,
+before replicas of a new version start; `serve` refuses one that is behind or at a revision it does
+not know, rather than racing other replicas to change it or serving a schema it does not understand.
+
+Alembic's command API is synchronous; it runs here on the sync face of one of the service's own
+async connections (`run_sync`), inside one transaction, so a failed migration changes nothing
+(PostgreSQL and SQLite both have transactional DDL).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection, make_url
+
+from evalsvc.store.db import Database
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+# The first revision. On SQLite it is exactly what `SQLModel.metadata.create_all` made before
+# migrations existed, so such a file (tables but no alembic_version) is stamped with it and upgraded.
+BASELINE = "0001"
+# Serialises concurrent `evalsvc migrate` runs on one PostgreSQL database (any constant would do).
+_PG_LOCK_KEY = 0x65766C73
+
+
+class SchemaError(RuntimeError):
+    """The database's schema is not one this evalsvc can serve (behind, unknown or absent)."""
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    """Where a database's schema is, compared with this evalsvc's migrations."""
+
+    current: frozenset[str]
+    heads: frozenset[str]
+    known: frozenset[str]
+    unversioned_tables: bool  # evalsvc tables without alembic_version: made before migrations existed
+
+    @property
+    def at_head(self) -> bool:
+        return self.current == self.heads
+
+    @property
+    def unknown(self) -> frozenset[str]:
+        return self.current - self.known
+
+
+def alembic_config() -> Config:
+    """Alembic's configuration, in code: the service needs no alembic.ini."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+@cache
+def _script() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def head() -> str:
+    """The newest revision (the migrations are one linear history)."""
+    return _script().get_current_head() or ""
+
+
+def _state(connection: Connection) -> SchemaState:
+    script = _script()
+    current = frozenset(MigrationContext.configure(connection).get_current_heads())
+    return SchemaState(
+        current=current,
+        heads=frozenset(script.get_heads()),
+        known=frozenset(rev.revision for rev in script.walk_revisions()),
+        unversioned_tables=not current and inspect(connection).has_table("runs"),
+    )
+
+
+async def state(db: Database) -> SchemaState:
+    """The schema state of a database."""
+    async with db.read() as conn:
+        return await conn.run_sync(_state)
+
+
+def _unknown_message(found: SchemaState) -> str:
+    return (
+        f"the database schema is at revision {', '.join(sorted(found.unknown))}, which this evalsvc does not know "
+        f"(its newest is {head()}); was it migrated by a newer evalsvc? Run that version, or restore a backup"
+    )
+
+
+async def upgrade(db: Database) -> tuple[frozenset[str], str]:
+    """Migrate a database to head in one transaction; returns (revisions before, head).
+
+    Raises SchemaError for a revision this evalsvc does not know (a newer version's)."""
+    async with db.write() as conn:
+        if conn.dialect.name == "postgresql":
+            # Two `migrate`s at once would both try to create the same tables; the second waits and then finds head.
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
+        return await conn.run_sync(_upgrade)
+
+
+def _upgrade(connection: Connection) -> tuple[frozenset[str], str]:
+    found = _state(connection)
+    if found.unknown:
+        raise SchemaError(_unknown_message(found))
+    if found.at_head:
+        return found.current, head()
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    if found.unversioned_tables:
+        if connection.dialect.name != "sqlite":
+            # Only on SQLite is the old create_all schema identical to the baseline (there INTEGER is 64-bit anyway).
+            raise SchemaError("the database has evalsvc tables but no schema revision; migrate a fresh database")
+        log.warning("the database has evalsvc tables but no schema revision; marking it %s (their schema)", BASELINE)
+        command.stamp(config, BASELINE)
+    command.upgrade(config, "head")
+    log.info("migrated the database schema from %s to %s", ", ".join(sorted(found.current)) or "nothing", head())
+    return found.current, head()
+
+
+async def require_head(db: Database) -> None:
+    """Raise SchemaError, saying what to do, unless the database is at head."""
+    found = await state(db)
+    if found.at_head:
+        return
+    if found.unknown:
+        raise SchemaError(_unknown_message(found))
+    where = (
+        "has no evalsvc schema"
+        if not found.current and not found.unversioned_tables
+        else f"schema is at revision {', '.join(sorted(found.current)) or 'none (made before migrations)'}"
+    )
+    url = make_url(db.url).render_as_string(hide_password=True)
+    raise SchemaError(
+        f"the database {where}; this evalsvc needs revision {head()}. "
+        f"Run `evalsvc migrate --db {url}` first (once, not per replica)"
+    )
+
+
+async def prepare(db: Database) -> None:
+    """What `serve` and `keys` do before using a database: the embedded SQLite migrates itself, a
+    shared database must already be at head (SchemaError otherwise)."""
+    if db.is_sqlite:
+        await upgrade(db)
+    else:
+        await require_head(db)

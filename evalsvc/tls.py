@@ -1,0 +1,85 @@
+"""Transport security: TLS and mutual TLS for the gRPC port, and a warning when there is none.
+
+API keys travel in request metadata, so without TLS anyone on the network path can read them and
+every run's data. Loopback-only servers (the default `127.0.0.1`) are safe without TLS; anything
+else should have `--tls-cert/--tls-key`, and `--tls-client-ca` when clients are machines that can
+hold certificates (mTLS: a stolen API key alone is then not enough).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+
+import grpc
+
+from evalsvc.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class TlsConfigError(ValueError):
+    """The TLS settings are incomplete or name unusable files; the server must not start."""
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """Credentials for `add_secure_port`, or None when TLS is off (neither cert nor key given).
+
+    With `--tls-client-ca` the server requires a client certificate signed by that CA and refuses
+    the handshake otherwise. Half a configuration is an error rather than a silent plaintext server.
+    """
+    cert, key, client_ca = settings.tls_cert, settings.tls_key, settings.tls_client_ca
+    if not cert and not key:
+        if client_ca:
+            raise TlsConfigError("--tls-client-ca needs --tls-cert and --tls-key too: mTLS is TLS plus client checks")
+        return None
+    if not cert or not key:
+        given, missing = ("--tls-cert", "--tls-key") if cert else ("--tls-key", "--tls-cert")
+        raise TlsConfigError(f"{given} was given without {missing}: TLS needs both the certificate and its key")
+    chain = _read_pem(cert, "--tls-cert", "CERTIFICATE")
+    private_key = _read_pem(key, "--tls-key", "PRIVATE KEY")
+    roots = _read_pem(client_ca, "--tls-client-ca", "CERTIFICATE") if client_ca else None
+    return grpc.ssl_server_credentials(
+        [(private_key, chain)], root_certificates=roots, require_client_auth=roots is not None
+    )
+
+
+def _read_pem(path: str, flag: str, kind: str) -> bytes:
+    """The file's bytes, checked to hold a PEM block of `kind`: gRPC's own error for a bad file
+    comes only at the first handshake and names neither the flag nor the file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise TlsConfigError(f"{flag} {path!r} cannot be read: {exc.strerror or exc}") from exc
+    if b"-----BEGIN " not in data or kind.encode() not in data:
+        raise TlsConfigError(f"{flag} {path!r} holds no PEM {kind}")
+    return data
+
+
+def is_loopback(addr: str) -> bool:
+    """Whether a gRPC listen address only accepts connections from this machine.
+
+    `127.0.0.0/8`, `::1`, `localhost` and Unix sockets are; a wildcard (`0.0.0.0`, `[::]`, empty
+    host), any other address and any other host name are not (a name may resolve to anything).
+    """
+    if addr.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = addr.rsplit(":", 1)[0] if ":" in addr else addr
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(addr: str, credentials: grpc.ServerCredentials | None) -> None:
+    """Log a WARNING when a non-loopback address is served in plaintext."""
+    if credentials is None and not is_loopback(addr):
+        log.warning(
+            "serving gRPC WITHOUT TLS on non-loopback address %s: API keys and run data cross the network "
+            "in clear text; set --tls-cert and --tls-key (and --tls-client-ca for mTLS)",
+            addr,
+        )

@@ -1,0 +1,231 @@
+"""Access log (text and JSON) and Prometheus metrics, against real servers and channels."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from evalsvc.logs import JsonFormatter
+from evalsvc.server import EvalServer
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import eval_run_service_pb2_grpc
+from tests.conftest import make_settings
+from tests.helpers import create_request, keyed_channel, watch_all
+from tests.procs import KEY_LINE, ServerProcess
+
+SERVICE = "/evalsvc.v1.EvalRunService"
+# Shaped like a real key so it reaches the key check; it must never show up in a log line.
+FORGED_KEY = "evk_abcdef012345_notarealsecretnotarealsecret00"
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
+    """One sample's value by name and exact labels; None when absent."""
+    return samples.get((name, frozenset(labels.items())))
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    """A plain HTTP/1.1 GET over asyncio streams (the endpoint shares the test's event loop)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body.decode()
+
+
+async def scrape(port: int) -> Samples:
+    status, text = await http_get(port, "/metrics")
+    assert status == 200
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+@pytest.fixture
+async def metrics_server(tmp_path: Path) -> AsyncIterator[EvalServer]:
+    srv = EvalServer(make_settings(tmp_path, metrics_addr="127.0.0.1:0"))
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop(grace=1.0)
+
+
+@pytest.fixture
+async def metrics_stub(metrics_server: EvalServer) -> AsyncIterator[eval_run_service_pb2_grpc.EvalRunServiceStub]:
+    assert metrics_server.bootstrap_key
+    async with keyed_channel(metrics_server.port, metrics_server.bootstrap_key) as channel:
+        yield eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+
+
+# ----------------------------------------------------------------------------------------- access log
+
+
+async def test_access_log_has_method_tenant_code_latency_and_run_id(
+    server: EvalServer, runs: eval_run_service_pb2_grpc.EvalRunServiceStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="evalsvc.access")
+    run_id = (await runs.CreateRun(create_request(2))).run.id
+    await runs.GetRun(pb.GetRunRequest(run_id=run_id))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await runs.GetRun(pb.GetRunRequest(run_id="run_missing"))
+    async with keyed_channel(server.port, FORGED_KEY) as forged:
+        with pytest.raises(grpc.aio.AioRpcError) as rejected:
+            await eval_run_service_pb2_grpc.EvalRunServiceStub(forged).GetRun(pb.GetRunRequest(run_id=run_id))
+        assert rejected.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        await health_pb2_grpc.HealthStub(forged).Check(health_pb2.HealthCheckRequest())
+
+    lines = [r for r in caplog.records if r.name == "evalsvc.access"]
+    seen = [(r.method, r.code, r.tenant, r.run_id) for r in lines]  # type: ignore[attr-defined]
+    assert seen == [
+        (f"{SERVICE}/CreateRun", "OK", "default", run_id),
+        (f"{SERVICE}/GetRun", "OK", "default", run_id),
+        (f"{SERVICE}/GetRun", "NOT_FOUND", "default", "run_missing"),
+        (f"{SERVICE}/GetRun", "UNAUTHENTICATED", "", run_id),
+        ("/grpc.health.v1.Health/Check", "OK", "", ""),
+    ]
+    assert all(isinstance(r.latency_ms, float) and r.latency_ms >= 0 for r in lines)  # type: ignore[attr-defined]
+    assert [r.levelno for r in lines] == [logging.INFO] * 4 + [logging.DEBUG]  # health is quiet
+    formatter = JsonFormatter()
+    for record in caplog.records:
+        text = formatter.format(record)
+        assert server.bootstrap_key not in text and FORGED_KEY not in text and "notarealsecret" not in text
+        assert json.loads(text)["logger"] == record.name
+
+
+def test_json_formatter_makes_one_line_with_extra_fields() -> None:
+    record = logging.LogRecord("evalsvc.x", logging.WARNING, __file__, 1, "two\nlines %s", ("here",), None)
+    record.method = "/a/B"
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["level"] == "WARNING" and entry["logger"] == "evalsvc.x" and entry["method"] == "/a/B"
+    assert entry["message"] == "two\nlines here" and entry["time"].endswith("+00:00")
+
+
+async def test_serve_with_json_logs_writes_only_json_lines(tmp_path: Path) -> None:
+    server = ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 'svc.db'}", tmp_path / "svc.log", "--log-format", "json")
+    key = server.bootstrap_key()
+    assert key
+    try:
+        async with keyed_channel(server.port, key) as channel:
+            stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            run_id = (await stub.CreateRun(create_request(2))).run.id
+            await watch_all(stub, run_id)
+        async with keyed_channel(server.port, FORGED_KEY) as forged:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await eval_run_service_pb2_grpc.EvalRunServiceStub(forged).GetRun(pb.GetRunRequest(run_id=run_id))
+    finally:
+        assert server.terminate() == 0
+    entries = []
+    for line in server.log_path.read_text().splitlines():
+        if KEY_LINE.fullmatch(line):  # the bootstrap key, printed once on stdout (merged into this file)
+            continue
+        entry = json.loads(line)
+        assert {"time", "level", "logger", "message"} <= entry.keys()
+        assert key not in line and "notarealsecret" not in line
+        entries.append(entry)
+    access = {(e["method"], e["code"]): e for e in entries if e["logger"] == "evalsvc.access"}
+    assert access[(f"{SERVICE}/CreateRun", "OK")]["run_id"] == run_id
+    assert access[(f"{SERVICE}/CreateRun", "OK")]["tenant"] == "default"
+    assert access[(f"{SERVICE}/WatchRun", "OK")]["run_id"] == run_id
+    assert access[(f"{SERVICE}/GetRun", "UNAUTHENTICATED")]["tenant"] == ""
+    assert all(isinstance(e["latency_ms"], float) for e in access.values())
+    assert any("evalsvc listening on" in e["message"] for e in entries)
+
+
+# -------------------------------------------------------------------------------------------- metrics
+
+
+async def test_rpcs_are_counted_by_method_and_code(
+    metrics_server: EvalServer, metrics_stub: eval_run_service_pb2_grpc.EvalRunServiceStub
+) -> None:
+    run_id = (await metrics_stub.CreateRun(create_request(1))).run.id
+    for _ in range(2):
+        await metrics_stub.GetRun(pb.GetRunRequest(run_id=run_id))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await metrics_stub.GetRun(pb.GetRunRequest(run_id="run_missing"))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{metrics_server.port}") as keyless:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await eval_run_service_pb2_grpc.EvalRunServiceStub(keyless).GetRun(pb.GetRunRequest(run_id=run_id))
+
+    samples = await scrape(metrics_server.metrics_port)
+    get = f"{SERVICE}/GetRun"
+    assert sample(samples, "evalsvc_rpcs_total", method=f"{SERVICE}/CreateRun", code="OK") == 1
+    assert sample(samples, "evalsvc_rpcs_total", method=get, code="OK") == 2
+    assert sample(samples, "evalsvc_rpcs_total", method=get, code="NOT_FOUND") == 1
+    assert sample(samples, "evalsvc_rpcs_total", method=get, code="UNAUTHENTICATED") == 1
+    assert sample(samples, "evalsvc_rpc_latency_seconds_count", method=get) == 4
+    assert sample(samples, "evalsvc_rpc_latency_seconds_bucket", method=get, le="+Inf") == 4
+
+
+async def test_a_finished_run_shows_in_evaluation_run_and_latency_metrics(
+    metrics_server: EvalServer, metrics_stub: eval_run_service_pb2_grpc.EvalRunServiceStub
+) -> None:
+    run_id = (await metrics_stub.CreateRun(create_request(5))).run.id
+    await watch_all(metrics_stub, run_id)
+
+    samples = await scrape(metrics_server.metrics_port)
+    assert sample(samples, "evalsvc_evaluations_completed_total", state="passed") == 5
+    assert sample(samples, "evalsvc_evaluations_completed_total", state="failed") == 0
+    assert sample(samples, "evalsvc_runs", status="succeeded") == 1
+    assert sample(samples, "evalsvc_runs", status="running") == 0
+    assert sample(samples, "evalsvc_jobs_queued") == 0
+    assert sample(samples, "evalsvc_jobs_running") is not None
+    assert sample(samples, "evalsvc_target_latency_seconds_count", target="provided") == 5
+    assert sample(samples, "evalsvc_grader_latency_seconds_count", grader="exact_match") == 5
+    assert sample(samples, "evalsvc_stream_duration_seconds_count", method=f"{SERVICE}/WatchRun") == 1
+
+
+async def test_open_streams_gauge_follows_an_open_watch(tmp_path: Path) -> None:
+    # No workers: the run stays pending, so its watch stays open until the client leaves.
+    srv = EvalServer(make_settings(tmp_path, metrics_addr="127.0.0.1:0", workers=0))
+    await srv.start()
+    watch = f"{SERVICE}/WatchRun"
+    try:
+        assert srv.bootstrap_key
+        async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+            stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            run_id = (await stub.CreateRun(create_request(2))).run.id
+            call = stub.WatchRun(pb.WatchRunRequest(run_id=run_id))
+            assert (await call.read()).seq == 1
+            samples = await scrape(srv.metrics_port)
+            assert sample(samples, "evalsvc_open_streams", method=watch) == 1
+            assert sample(samples, "evalsvc_jobs_queued") == 2
+            assert sample(samples, "evalsvc_runs", status="pending") == 1
+            call.cancel()
+            # The server learns of the cancellation asynchronously, and nothing signals it: poll, bounded.
+            for _ in range(500):
+                if srv.metrics.registry.get_sample_value("evalsvc_open_streams", {"method": watch}) == 0:
+                    break
+                await asyncio.sleep(0.01)
+        samples = await scrape(srv.metrics_port)
+        assert sample(samples, "evalsvc_open_streams", method=watch) == 0
+        assert sample(samples, "evalsvc_rpcs_total", method=watch, code="CANCELLED") == 1
+    finally:
+        await srv.stop(grace=1.0)
+
+
+async def test_metrics_endpoint_serves_only_metrics(metrics_server: EvalServer) -> None:
+    status, _ = await http_get(metrics_server.metrics_port, "/")
+    assert status == 404
+    status, text = await http_get(metrics_server.metrics_port, "/metrics")
+    assert status == 200 and "# TYPE evalsvc_rpcs_total counter" in text
+
+
+async def test_metrics_are_off_without_an_address(server: EvalServer) -> None:
+    assert server.settings.metrics_addr == "" and server.metrics_port == 0

@@ -1,0 +1,272 @@
+"""TLS and mTLS on the gRPC port, with a CA and certificates this test generates."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from evalsvc.server import EvalServer
+from evalsvc.tls import TlsConfigError, is_loopback, server_credentials
+from evalsvc.v1 import eval_run_service_pb2_grpc
+from tests.conftest import make_settings
+from tests.helpers import create_request
+
+
+@dataclass(frozen=True)
+class Pem:
+    """A certificate and its private key, PEM-encoded."""
+
+    cert: bytes
+    key: bytes
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _builder(subject: str, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+
+
+def make_ca(name: str) -> tuple[Pem, ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed CA allowed to sign certificates."""
+    key = _key()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        _builder(name, subject, key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return Pem(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)), key, cert
+
+
+def make_leaf(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, name: str, *, server: bool) -> Pem:
+    """A certificate signed by the CA: for 127.0.0.1 and localhost when `server`, else a client's."""
+    key = _key()
+    builder = _builder(name, ca_cert.subject, key.public_key()).add_extension(
+        x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+        critical=False,
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())
+    return Pem(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key))
+
+
+@dataclass(frozen=True)
+class Pki:
+    """Files and PEMs of one test PKI: a CA, a server certificate, a client certificate."""
+
+    ca: Pem
+    server: Pem
+    client: Pem
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    ca, ca_key, ca_cert = make_ca("evalsvc test CA")
+    server = make_leaf(ca_key, ca_cert, "evalsvc test server", server=True)
+    client = make_leaf(ca_key, ca_cert, "evalsvc test client", server=False)
+    folder = tmp_path_factory.mktemp("pki")
+    files = {"ca.pem": ca.cert, "server.pem": server.cert, "server.key": server.key}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return Pki(ca, server, client, folder / "ca.pem", folder / "server.pem", folder / "server.key")
+
+
+@pytest.fixture
+async def tls_server(tmp_path: Path, pki: Pki) -> AsyncIterator[EvalServer]:
+    srv = EvalServer(make_settings(tmp_path, tls_cert=str(pki.cert_file), tls_key=str(pki.key_file)))
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop(grace=1.0)
+
+
+@pytest.fixture
+async def mtls_server(tmp_path: Path, pki: Pki) -> AsyncIterator[EvalServer]:
+    settings = make_settings(
+        tmp_path, tls_cert=str(pki.cert_file), tls_key=str(pki.key_file), tls_client_ca=str(pki.ca_file)
+    )
+    srv = EvalServer(settings)
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop(grace=1.0)
+
+
+def secure_channel(port: int, credentials: grpc.ChannelCredentials, key: str | None = None) -> grpc.aio.Channel:
+    """A TLS channel; with `key`, every call carries `authorization: Bearer <key>` as call credentials."""
+    if key is not None:
+        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(key))
+    return grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials)
+
+
+async def _round_trip(channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    status = (await health.Check(health_pb2.HealthCheckRequest(), timeout=10)).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    created = await eval_run_service_pb2_grpc.EvalRunServiceStub(channel).CreateRun(create_request(3), timeout=10)
+    assert created.run.id and created.job_count == 3
+
+
+async def test_tls_round_trip(tls_server: EvalServer, pki: Pki) -> None:
+    assert tls_server.bootstrap_key
+    credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca.cert)
+    async with secure_channel(tls_server.port, credentials, tls_server.bootstrap_key) as channel:
+        await _round_trip(channel)
+
+
+async def test_tls_server_refuses_plaintext_clients(tls_server: EvalServer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{tls_server.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_mtls_round_trip(mtls_server: EvalServer, pki: Pki) -> None:
+    assert mtls_server.bootstrap_key
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=pki.ca.cert, private_key=pki.client.key, certificate_chain=pki.client.cert
+    )
+    async with secure_channel(mtls_server.port, credentials, mtls_server.bootstrap_key) as channel:
+        await _round_trip(channel)
+
+
+async def test_mtls_refuses_a_client_without_a_certificate(mtls_server: EvalServer, pki: Pki) -> None:
+    credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca.cert)
+    async with secure_channel(mtls_server.port, credentials) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_mtls_refuses_a_certificate_from_another_ca(mtls_server: EvalServer, pki: Pki) -> None:
+    _, other_key, other_cert = make_ca("some other CA")
+    stranger = make_leaf(other_key, other_cert, "stranger", server=False)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=pki.ca.cert, private_key=stranger.key, certificate_chain=stranger.cert
+    )
+    async with secure_channel(mtls_server.port, credentials) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize(
+    ("overrides", "complaint"),
+    [
+        ({"tls_cert": "cert.pem"}, "--tls-cert was given without --tls-key"),
+        ({"tls_key": "key.pem"}, "--tls-key was given without --tls-cert"),
+        ({"tls_client_ca": "ca.pem"}, "--tls-client-ca needs --tls-cert and --tls-key"),
+        ({"tls_cert": "missing.pem", "tls_key": "missing.key"}, "--tls-cert 'missing.pem' cannot be read"),
+    ],
+)
+def test_incomplete_tls_settings_are_refused(tmp_path: Path, overrides: dict[str, str], complaint: str) -> None:
+    with pytest.raises(TlsConfigError, match=complaint):
+        server_credentials(make_settings(tmp_path, **overrides))
+
+
+def test_a_key_file_without_a_key_is_refused(tmp_path: Path, pki: Pki) -> None:
+    settings = make_settings(tmp_path, tls_cert=str(pki.cert_file), tls_key=str(pki.cert_file))
+    with pytest.raises(TlsConfigError, match="holds no PEM PRIVATE KEY"):
+        server_credentials(settings)
+
+
+async def test_a_bad_tls_setting_stops_start_before_minting_a_key(tmp_path: Path) -> None:
+    srv = EvalServer(make_settings(tmp_path, tls_cert="only-a-cert.pem"))
+    with pytest.raises(TlsConfigError):
+        await srv.start()
+    assert srv.bootstrap_key is None
+    await srv.db.close()
+
+
+@pytest.mark.parametrize(
+    ("addr", "loopback"),
+    [
+        ("127.0.0.1:50051", True),
+        ("127.1.2.3:0", True),
+        ("localhost:50051", True),
+        ("[::1]:50051", True),
+        ("unix:/tmp/evalsvc.sock", True),
+        ("0.0.0.0:50051", False),
+        ("[::]:50051", False),
+        (":50051", False),
+        ("10.0.0.5:50051", False),
+        ("evalsvc.internal:50051", False),
+    ],
+)
+def test_loopback_addresses(addr: str, loopback: bool) -> None:
+    assert is_loopback(addr) is loopback
+
+
+async def test_plaintext_on_a_non_loopback_address_logs_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="evalsvc.tls")
+    srv = EvalServer(make_settings(tmp_path, grpc_addr="0.0.0.0:0"))
+    await srv.start()
+    await srv.stop(grace=0.5)
+    warnings = [r for r in caplog.records if r.name == "evalsvc.tls" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "WITHOUT TLS" in warnings[0].getMessage() and "0.0.0.0:0" in warnings[0].getMessage()
+
+
+async def test_tls_on_a_non_loopback_address_logs_no_warning(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="evalsvc.tls")
+    settings = make_settings(tmp_path, grpc_addr="0.0.0.0:0", tls_cert=str(pki.cert_file), tls_key=str(pki.key_file))
+    srv = EvalServer(settings)
+    await srv.start()
+    await srv.stop(grace=0.5)
+    assert not [r for r in caplog.records if r.name == "evalsvc.tls"]
