@@ -48,3 +48,20 @@ bench: $(VENV)/.installed $(VENV)/.bench-installed
 
 bench-quick: $(VENV)/.installed $(VENV)/.bench-installed
 	$(PY) -m bench.run --quick
+
+# Clients (clients/README.md): buf.gen.yaml generates Python (clients/python/evalsvc_client/_gen), TypeScript
+# (clients/typescript/src/gen) and Go (clients/go/gen; needs Debian's protoc-gen-go and protoc-gen-go-grpc).
+clients/typescript/node_modules/.installed: clients/typescript/package.json clients/typescript/package-lock.json
+	cd clients/typescript && npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+generate-clients: $(VENV)/.installed node_modules/.installed clients/typescript/node_modules/.installed
+	rm -rf clients/python/evalsvc_client/_gen clients/typescript/src/gen clients/go/gen
+	$(BUF) generate 2>/dev/null
+
+check-clients: $(VENV)/.installed node_modules/.installed clients/typescript/node_modules/.installed
+	tmp=$$(mktemp -d) && $(BUF) generate -o $$tmp 2>/dev/null && \
+	diff -r -x __pycache__ $$tmp/clients/python/evalsvc_client/_gen clients/python/evalsvc_client/_gen && \
+	diff -r $$tmp/clients/typescript/src/gen clients/typescript/src/gen && \
+	diff -r $$tmp/clients/go/gen clients/go/gen; status=$$?; rm -rf $$tmp; \
+	if [ $$status -ne 0 ]; then echo "clients are stale: run make generate-clients"; fi; exit $$status

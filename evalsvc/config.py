@@ -92,6 +92,34 @@ class Settings:
     )
     max_active_runs: int = dataclasses.field(default=100, metadata={"help": "PENDING or RUNNING runs per tenant"})
     max_items_per_run: int = dataclasses.field(default=100_000, metadata={"help": "items per run"})
+    judge_base_url: str = dataclasses.field(
+        default="",
+        metadata={"help": "OpenAI-compatible base URL of the default LLM judge (e.g. http://127.0.0.1:11434/v1)"},
+    )
+    judge_model: str = dataclasses.field(default="", metadata={"help": "model name of the default LLM judge"})
+    judge_api_key: str = dataclasses.field(
+        default="", metadata={"help": "API key of the default LLM judge (never logged or returned)"}
+    )
+    outbound_allow: str = dataclasses.field(
+        default="",
+        metadata={
+            "help": "comma-separated hosts or CIDRs that targets and judges may call even though they are "
+            "private, loopback or link-local (e.g. 127.0.0.1,10.0.0.0/8); others of those are refused"
+        },
+    )
+    secrets_file: str = dataclasses.field(
+        default="", metadata={"help": "JSON object file of named secrets for endpoints; EVALSVC_SECRET_<NAME> too"}
+    )
+    price_table: str = dataclasses.field(
+        default="",
+        metadata={"help": 'JSON file {"model": {"input_per_mtok": USD, "output_per_mtok": USD}} for token costs'},
+    )
+    http_retries: int = dataclasses.field(
+        default=4, metadata={"help": "retries of a target or judge call on 408/429/5xx/connection errors"}
+    )
+    tenant_budget_usd: float = dataclasses.field(
+        default=0.0, metadata={"help": "total model spend allowed per tenant, in US dollars; 0 means no limit"}
+    )
     max_graders_per_run: int = dataclasses.field(default=100, metadata={"help": "graders per run (at most 1024)"})
 
     @classmethod

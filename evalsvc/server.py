@@ -16,27 +16,43 @@ from grpc_reflection.v1alpha import reflection
 
 from evalsvc.api.auth import AuthInterceptor
 from evalsvc.api.datasets import DatasetServicer
+from evalsvc.api.definitions import GraderServicer, TargetServicer
 from evalsvc.api.eval_runs import EvalRunServicer
 from evalsvc.api.observability import ObservabilityInterceptor
 from evalsvc.auth.service import KeyService
 from evalsvc.config import Settings
 from evalsvc.datasets.service import DatasetService
+from evalsvc.definitions.service import DefinitionService
 from evalsvc.events.bus import EventBus
 from evalsvc.events.listener import EventListener
 from evalsvc.execution.executor import Executor
+from evalsvc.execution.outbound import Outbound
+from evalsvc.execution.targets import PriceTable
+from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.limits import TenantLimits
 from evalsvc.metrics import Metrics
 from evalsvc.runs.service import RunService
 from evalsvc.store import migrate
 from evalsvc.store.db import Database
 from evalsvc.tls import server_credentials, warn_if_exposed
-from evalsvc.v1 import dataset_service_pb2, dataset_service_pb2_grpc, eval_run_service_pb2, eval_run_service_pb2_grpc
+from evalsvc.v1 import (
+    dataset_service_pb2,
+    dataset_service_pb2_grpc,
+    eval_run_service_pb2,
+    eval_run_service_pb2_grpc,
+    grader_service_pb2,
+    grader_service_pb2_grpc,
+    target_service_pb2,
+    target_service_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
     eval_run_service_pb2.DESCRIPTOR.services_by_name["EvalRunService"].full_name,
     dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name,
+    grader_service_pb2.DESCRIPTOR.services_by_name["GraderService"].full_name,
+    target_service_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name,
 )
 
 
@@ -66,16 +82,25 @@ class EvalServer:
         self.db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
         self.bus = EventBus()
         self.metrics = Metrics(self.db)
-        self.executor = Executor(self.db, self.bus, settings, self.metrics)
+        self.outbound = Outbound(settings)
+        prices = PriceTable.from_file(settings.price_table)
+        judge = JudgeDefaults(settings.judge_base_url, settings.judge_model, settings.judge_api_key)
+        self.executor = Executor(
+            self.db, self.bus, settings, self.metrics, outbound=self.outbound, prices=prices, judge=judge
+        )
         # Other replicas' commits reach this process's watchers through PostgreSQL notifications.
         self.listener = None if self.db.is_sqlite else EventListener(settings.db, self.bus)
         self.limits = TenantLimits(settings)
+        self.definitions = DefinitionService(self.db, self.outbound)
         self.runs = RunService(
             self.db,
             self.bus,
             on_created=self.executor.wake,
             on_cancelled=self.executor.cancel_run,
             limits=self.limits,
+            definitions=self.definitions,
+            outbound=self.outbound,
+            judge=judge,
         )
         self.datasets = DatasetService(self.db)
         self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
@@ -94,6 +119,7 @@ class EvalServer:
         try:
             await migrate.prepare(self.db)
         except BaseException:
+            await self.outbound.close()
             await self.db.close()
             raise
         if self.settings.bootstrap_key:
@@ -108,6 +134,8 @@ class EvalServer:
             EvalRunServicer(self.runs, self.db, self.bus, self.settings, self.limits), server
         )
         dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(DatasetServicer(self.datasets), server)
+        grader_service_pb2_grpc.add_GraderServiceServicer_to_server(GraderServicer(self.definitions), server)
+        target_service_pb2_grpc.add_TargetServiceServicer_to_server(TargetServicer(self.definitions), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -144,6 +172,7 @@ class EvalServer:
         if self._server is not None:
             await asyncio.gather(self._server.stop(grace), self.executor.stop())
         await self.metrics.close()
+        await self.outbound.close()
         await self.db.close()
         log.info("evalsvc stopped")
 

@@ -7,10 +7,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import grpc
-from sqlalchemy.exc import IntegrityError
-
-from evalsvc.errors import FieldViolation, ServiceError, invalid_argument, not_found
+from evalsvc.errors import FieldViolation, invalid_argument, not_found
+from evalsvc.idempotency import create_once
 from evalsvc.ids import decode_page_token, encode_page_token, new_id, page_size
 from evalsvc.runs.convert import timestamp
 from evalsvc.runs.validation import (
@@ -74,28 +72,23 @@ class DatasetService:
             "create_time": now,
             "update_time": now,
         }
-        try:
-            async with self._db.write() as conn:
-                existing = (
-                    await dataset_store.find_by_request_id(conn, tenant, request.request_id)
-                    if request.request_id
-                    else None
-                )
-                if existing is None:
-                    await dataset_store.insert_dataset(conn, row)
-                    return dataset_from(row)
-        except IntegrityError:
-            async with self._db.read() as conn:
-                existing = await dataset_store.find_by_request_id(conn, tenant, request.request_id)
-            if existing is None:
-                raise
-        if existing["request_hash"] != fingerprint:
-            raise ServiceError(
-                grpc.StatusCode.ALREADY_EXISTS,
-                "REQUEST_ID_CONFLICT",
-                f"request_id {request.request_id!r} was already used for a different dataset",
-            )
-        return dataset_from(existing)
+
+        async def create(conn: Any) -> pb.Dataset:
+            await dataset_store.insert_dataset(conn, row)
+            return dataset_from(row)
+
+        async def replay(existing: Mapping[str, Any]) -> pb.Dataset:
+            return dataset_from(existing)
+
+        return await create_once(
+            self._db,
+            kind="dataset",
+            request_id=request.request_id,
+            fingerprint=fingerprint,
+            find=lambda conn: dataset_store.find_by_request_id(conn, tenant, request.request_id),
+            create=create,
+            replay=replay,
+        )
 
     async def get(self, tenant: str, dataset_id: str) -> pb.Dataset:
         """A dataset; NOT_FOUND when missing or another tenant's."""

@@ -25,14 +25,16 @@ from dataclasses import dataclass
 
 from evalsvc.config import Settings
 from evalsvc.events.bus import EventBus
-from evalsvc.execution.recorder import ClaimedJob, FinishedJob, RunGraders, record
-from evalsvc.execution.targets import Target, TargetError, build_target
-from evalsvc.graders import CompiledGrader, Grade, compile_grader, target_error_grade
+from evalsvc.execution.outbound import Outbound
+from evalsvc.execution.recorder import ClaimedJob, FinishedJob, RunGraders, fail_early, record
+from evalsvc.execution.targets import PriceTable, Target, TargetError, build_target
+from evalsvc.graders import CompiledGrader, Grade, compile_grader, grader_name, target_error_grade
+from evalsvc.graders.judge import JudgeDefaults, LlmJudgeGrader
 from evalsvc.metrics import Metrics
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
-from evalsvc.v1 import item_pb2, run_pb2
+from evalsvc.v1 import grader_pb2, item_pb2, run_pb2
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +43,40 @@ log = logging.getLogger(__name__)
 class RunPlan:
     """Everything needed to execute a run's jobs, loaded once per run and process."""
 
+    tenant: str
     items: list[item_pb2.Item]
     target: Target
-    graders: list[CompiledGrader]
+    graders: list[CompiledGrader | LlmJudgeGrader]
     warmup_runs: int
     recorder_view: RunGraders
+    max_cost_usd: float | None
+    spent_usd: float  # committed spend at load time plus what this process spent since
+
+
+class BudgetExceeded(Exception):
+    """A run or its tenant has spent its budget: no new model call may start."""
 
 
 class Executor:
     """Executes the jobs of every active run in the database, together with any other replicas."""
 
-    def __init__(self, db: Database, bus: EventBus, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        bus: EventBus,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        *,
+        outbound: Outbound,
+        prices: PriceTable,
+        judge: JudgeDefaults,
+    ) -> None:
         self._db = db
+        self._outbound = outbound
+        self._prices = prices
+        self._judge = judge
+        self._tenant_spent: dict[str, float] = {}
+        self._over_budget: dict[str, str] = {}
         self._bus = bus
         self._settings = settings
         self._metrics = metrics or Metrics()
@@ -210,13 +234,26 @@ class Executor:
         try:
             if job.repetition == 1:
                 for _ in range(plan.warmup_runs):
-                    await plan.target.respond(item)
+                    self._check_budget(job, plan)
+                    self._spend(plan, (await plan.target.respond(item)).cost_usd)
+            self._check_budget(job, plan)
             with self._metrics.target_timer(plan.target):
                 output = await plan.target.respond(item)
+            self._spend(plan, output.cost_usd)
             grades: list[tuple[str, Grade]] = []
             for g in plan.graders:
-                with self._metrics.grader_timer(g):
-                    grades.append((g.name, g.grade(item, output)))
+                if isinstance(g, LlmJudgeGrader):
+                    self._check_budget(job, plan)
+                    with self._metrics.grader_timer(g):
+                        grade = await g.grade_async(item, output)
+                    self._spend(plan, grade.cost_usd)
+                    grades.append((g.name, grade))
+                else:
+                    with self._metrics.grader_timer(g):
+                        grades.append((g.name, g.grade(item, output)))
+        except BudgetExceeded:
+            self._finished_ready.set()  # the recorder ends the run once what finished is recorded
+            return False
         except TargetError as exc:
             output, grades = self._target_failed(plan, exc.reason)
         except asyncio.CancelledError:
@@ -226,6 +263,25 @@ class Executor:
         self._finished.append(FinishedJob(job=job, item_id=item.id, output=output, grades=grades))
         self._finished_ready.set()
         return True
+
+    def _check_budget(self, job: ClaimedJob, plan: RunPlan) -> None:
+        """Raise BudgetExceeded (and mark the run) when the run's or the tenant's budget is spent."""
+        if job.run_id in self._over_budget:
+            raise BudgetExceeded
+        budget = self._settings.tenant_budget_usd
+        if plan.max_cost_usd is not None and plan.spent_usd >= plan.max_cost_usd:
+            self._over_budget[job.run_id] = (
+                f"the run spent ${plan.spent_usd:.4f} of its ${plan.max_cost_usd:.4f} budget"
+            )
+        elif budget > 0 and self._tenant_spent.get(plan.tenant, 0.0) >= budget:
+            self._over_budget[job.run_id] = f"the tenant spent its ${budget:.2f} budget"
+        else:
+            return
+        raise BudgetExceeded
+
+    def _spend(self, plan: RunPlan, usd: float) -> None:
+        plan.spent_usd += usd
+        self._tenant_spent[plan.tenant] = self._tenant_spent.get(plan.tenant, 0.0) + usd
 
     @staticmethod
     def _target_failed(plan: RunPlan, reason: str) -> tuple[item_pb2.Response, list[tuple[str, Grade]]]:
@@ -249,18 +305,32 @@ class Executor:
             items = await job_store.run_items(conn, run_id)
         if row is None:
             raise LookupError(f"run {run_id} vanished")
+        if self._settings.tenant_budget_usd > 0 and row["tenant"] not in self._tenant_spent:
+            async with self._db.read() as conn:
+                self._tenant_spent[row["tenant"]] = await run_store.tenant_spend(conn, row["tenant"])
         spec = run_pb2.Run.FromString(row["spec"])
-        graders = [compile_grader(g) for g in spec.graders]
+        graders = [self._compile(g) for g in spec.graders]
         return RunPlan(
+            tenant=row["tenant"],
             items=[item_pb2.Item.FromString(raw) for raw in items],
-            target=build_target(spec.target),
+            target=build_target(spec.target, self._outbound, self._prices),
             graders=graders,
             warmup_runs=spec.warmup_runs,
             recorder_view=RunGraders(
                 grader_names=[g.name for g in graders],
+                weights=[g.weight for g in graders],
                 pass_threshold=spec.pass_threshold if spec.HasField("pass_threshold") else None,
             ),
+            max_cost_usd=spec.max_cost_usd if spec.HasField("max_cost_usd") else None,
+            spent_usd=row["cost_usd"],
         )
+
+    def _compile(self, spec: grader_pb2.Grader) -> CompiledGrader | LlmJudgeGrader:
+        if spec.WhichOneof("kind") == "llm_judge":
+            return LlmJudgeGrader(
+                grader_name(spec), spec.weight or 1.0, spec.llm_judge, self._outbound, self._judge, self._prices
+            )
+        return compile_grader(spec)
 
     def _forget(self, run_id: str) -> None:
         task = self._plans.pop(run_id, None)
@@ -270,10 +340,13 @@ class Executor:
     async def _record_loop(self) -> None:
         while True:
             if not self._finished:
+                if self._over_budget:
+                    await self._end_over_budget_runs()
                 if self._stopping:
                     return
                 self._finished_ready.clear()
-                await self._finished_ready.wait()
+                if not self._finished and not self._over_budget:
+                    await self._finished_ready.wait()
                 continue
             batch_jobs = self._settings.claim_batch
             batch, self._finished = self._finished[:batch_jobs], self._finished[batch_jobs:]
@@ -287,9 +360,22 @@ class Executor:
                 self._release_claim_slot(f.job.claim_id)
             for run_id, run_events in events.items():
                 self._bus.publish(run_id, run_events)
+            await self._end_over_budget_runs()
             for run_id in views:
                 if run_id in finished_runs or run_id not in events:
                     self._forget(run_id)
+
+    async def _end_over_budget_runs(self) -> None:
+        """Fail the runs that hit their budget, once what they finished before it is recorded."""
+        for run_id, message in list(self._over_budget.items()):
+            if any(f.job.run_id == run_id for f in self._finished):
+                continue
+            plan = await self._plan(run_id)
+            event = await fail_early(self._db, plan.tenant, run_id, plan.recorder_view, "BUDGET_EXCEEDED", message)
+            del self._over_budget[run_id]
+            self.cancel_run(run_id)
+            if event is not None:
+                self._bus.publish(run_id, [event])
 
     async def _keep_leases(self) -> None:
         interval = self._settings.lease_ttl_s / 3

@@ -63,10 +63,21 @@ class FinishedJob:
 
 @dataclass(frozen=True, slots=True)
 class RunGraders:
-    """What the recorder needs of a run to finish it: grader names in order and the pass threshold."""
+    """What the recorder needs of a run: grader names and weights in order, and the pass threshold."""
 
     grader_names: Sequence[str]
+    weights: Sequence[float]
     pass_threshold: float | None
+
+
+def item_score(grades: Sequence[tuple[str, Grade]], weights: Sequence[float]) -> float | None:
+    """The weighted mean score of one output over the graders that could grade it."""
+    total = weight_sum = 0.0
+    for (_, grade), weight in zip(grades, weights, strict=True):
+        if grade.state != run_pb2.RESULT_STATE_ERROR:
+            total += grade.score * weight
+            weight_sum += weight
+    return total / weight_sum if weight_sum else None
 
 
 async def record(
@@ -103,10 +114,13 @@ async def record(
         result_rows: list[dict[str, Any]] = []
         for run_id, run_jobs in sorted(jobs_by_run.items()):  # runs in id order: the store's lock order
             tally = dict.fromkeys(_STATE_FIELD.values(), 0)
+            spent = 0.0
             for f in run_jobs:
+                spent += f.output.cost_usd
                 for _, grade in f.grades:
                     tally[_STATE_FIELD[grade.state]] += 1
-            row = await run_store.add_progress(conn, run_id, now=now, **tally)
+                    spent += grade.cost_usd
+            row = await run_store.add_progress(conn, run_id, now=now, cost_usd=spent, **tally)
             events = _result_events(row, run_jobs, now, result_rows)
             await event_log.append(conn, run_jobs[0].job.tenant, run_id, events)
             by_run[run_id].extend(events)
@@ -168,6 +182,8 @@ def _result_events(
                     "cost_usd": f.output.cost_usd,
                     "latency_ms": f.output.latency_ms,
                     "complete_time": now,
+                    "scoring_cost_usd": grade.cost_usd,
+                    "confidence": grade.confidence,
                 }
             )
             events.append(
@@ -191,6 +207,8 @@ def _result_events(
                         error_reason=grade.error_reason,
                         attempt=job.attempt,
                         complete_time=event_time,
+                        scoring_cost_usd=grade.cost_usd,
+                        confidence=grade.confidence,
                     ),
                 )
             )
@@ -201,10 +219,26 @@ async def _finish(
     conn: AsyncConnection, tenant: str, run_id: str, counts: run_pb2.RunCounts, graders: RunGraders, now: float
 ) -> pb.WatchRunResponse:
     """Aggregate a run whose every evaluation has a result and move it to its final status."""
-    grader_rows, latencies, cost = await run_store.aggregate_inputs(conn, run_id)
-    aggregate = build_aggregate(graders.grader_names, grader_rows, latencies, cost)
     status, overall, code, message = verdict(counts.passed, counts.failed, counts.errored, graders.pass_threshold)
-    event = await run_store.set_status(
+    event = await _close(conn, tenant, run_id, graders, now, status=status, overall=overall, code=code, message=message)
+    assert event is not None, "a run with jobs still leased cannot have left its active status"
+    return event
+
+
+async def _close(
+    conn: AsyncConnection,
+    tenant: str,
+    run_id: str,
+    graders: RunGraders,
+    now: float,
+    *,
+    status: int,
+    overall: bool | None,
+    code: str,
+    message: str,
+) -> pb.WatchRunResponse | None:
+    aggregate = build_aggregate(graders.grader_names, await run_store.aggregate_inputs(conn, run_id))
+    return await run_store.set_status(
         conn,
         tenant,
         run_id,
@@ -216,5 +250,25 @@ async def _finish(
         error_code=code,
         error_message=message,
     )
-    assert event is not None, "a run with jobs still leased cannot have left its active status"
+
+
+async def fail_early(
+    db: Database, tenant: str, run_id: str, graders: RunGraders, code: str, message: str
+) -> pb.WatchRunResponse | None:
+    """End an active run as FAILED before all its evaluations ran (e.g. its budget was spent),
+    keeping the results recorded so far; its remaining jobs never run. None when it already ended."""
+    async with db.write() as conn:
+        event = await _close(
+            conn,
+            tenant,
+            run_id,
+            graders,
+            time.time(),
+            status=run_pb2.RUN_STATUS_FAILED,
+            overall=None,
+            code=code,
+            message=message,
+        )
+        if event is not None:
+            await run_store.cancel_jobs(conn, run_id)
     return event

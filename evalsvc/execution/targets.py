@@ -6,8 +6,15 @@ as an ERROR result for every grader of that evaluation.
 
 from __future__ import annotations
 
-from typing import Protocol
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
 
+from google.protobuf import json_format, struct_pb2
+
+from evalsvc.errors import FieldViolation
+from evalsvc.execution.outbound import Outbound, OutboundError, check_url_shape
 from evalsvc.v1 import item_pb2, target_pb2
 
 
@@ -25,6 +32,27 @@ class Target(Protocol):
     async def respond(self, item: item_pb2.Item) -> item_pb2.Response:
         """The target's output for the item."""
         ...
+
+
+class PriceTable:
+    """USD per million prompt and completion tokens, by model name."""
+
+    def __init__(self, prices: Mapping[str, Mapping[str, float]] | None = None) -> None:
+        self._prices = dict(prices or {})
+
+    @classmethod
+    def from_file(cls, path: str) -> PriceTable:
+        """Load `{"model": {"input_per_mtok": 0.15, "output_per_mtok": 0.6}}`; an empty path prices nothing."""
+        return cls(json.loads(Path(path).read_text()) if path else None)
+
+    def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> float:
+        """What the tokens cost; 0 for a model without a price."""
+        price = self._prices.get(model)
+        if price is None:
+            return 0.0
+        return (
+            prompt_tokens * price.get("input_per_mtok", 0.0) + completion_tokens * price.get("output_per_mtok", 0.0)
+        ) / 1e6
 
 
 class ProvidedTarget:
@@ -45,11 +73,168 @@ class EchoTarget:
         return item_pb2.Response(content=item.input)
 
 
-def build_target(spec: target_pb2.Target) -> Target:
-    """The target a (validated) spec describes."""
+def chat_url(endpoint: target_pb2.Endpoint) -> str:
+    """The Chat Completions URL of an OpenAI-compatible base URL."""
+    return endpoint.base_url.rstrip("/") + "/chat/completions"
+
+
+def chat_messages(system_prompt: str, item: item_pb2.Item) -> list[dict[str, str]]:
+    """System prompt, then the item's conversation, then its input as the user's turn."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.extend({"role": m.role or "user", "content": m.content} for m in item.conversation)
+    if item.input:
+        messages.append({"role": "user", "content": item.input})
+    return messages
+
+
+def tool_calls_from(raw: Any) -> list[item_pb2.ToolCall]:
+    """ToolCalls from an OpenAI-style `tool_calls` list (arguments as a JSON string or object)."""
+    calls = []
+    for entry in raw or []:
+        function = entry.get("function", entry) if isinstance(entry, dict) else {}
+        arguments = function.get("arguments") or {}
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                arguments = {"_raw": arguments}
+        struct = struct_pb2.Struct()
+        if isinstance(arguments, dict):
+            struct.update(arguments)
+        calls.append(item_pb2.ToolCall(name=str(function.get("name", "")), arguments=struct))
+    return calls
+
+
+class ChatTarget:
+    """An OpenAI-compatible Chat Completions endpoint."""
+
+    def __init__(self, spec: target_pb2.ChatTarget, outbound: Outbound, prices: PriceTable) -> None:
+        self._spec = spec
+        self._outbound = outbound
+        self._prices = prices
+        self._url = chat_url(spec.endpoint)
+        self._timeout = spec.endpoint.timeout_s or 60.0
+        self._base: dict[str, Any] = {"model": spec.model}
+        if spec.HasField("temperature"):
+            self._base["temperature"] = spec.temperature
+        if spec.max_tokens:
+            self._base["max_tokens"] = spec.max_tokens
+        if spec.tools:
+            self._base["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": tool.name,
+                        "description": tool.description,
+                        "parameters": json_format.MessageToDict(tool.parameters),
+                    },
+                }
+                for tool in spec.tools
+            ]
+        self._base.update(json_format.MessageToDict(spec.parameters))
+
+    async def respond(self, item: item_pb2.Item) -> item_pb2.Response:
+        """The model's reply to the item."""
+        body = {**self._base, "messages": chat_messages(self._spec.system_prompt, item)}
+        try:
+            reply = await self._outbound.post_json(
+                self._url, body, self._outbound.headers(self._spec.endpoint), self._timeout
+            )
+        except OutboundError as exc:
+            raise TargetError(exc.reason) from exc
+        try:
+            choice = reply.body["choices"][0]
+            message = choice.get("message") or {}
+            usage = reply.body.get("usage") or {}
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise TargetError("the endpoint's reply has no choices[0].message") from exc
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        completion_tokens = int(usage.get("completion_tokens") or 0)
+        return item_pb2.Response(
+            content=message.get("content") or "",
+            tool_calls=tool_calls_from(message.get("tool_calls")),
+            latency_ms=reply.latency_ms,
+            cost_usd=self._prices.cost(self._spec.model, prompt_tokens, completion_tokens),
+            refused=bool(message.get("refusal")) or choice.get("finish_reason") == "content_filter",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+
+
+class HttpTarget:
+    """A custom agent's webhook: POST `{item: {...}}`, read `{content, tool_calls, cost_usd, refused}`."""
+
+    def __init__(self, spec: target_pb2.HttpTarget, outbound: Outbound) -> None:
+        self._spec = spec
+        self._outbound = outbound
+
+    async def respond(self, item: item_pb2.Item) -> item_pb2.Response:
+        """The agent's reply to the item."""
+        body = {
+            "item": {
+                "id": item.id,
+                "input": item.input,
+                "context": item.context,
+                "conversation": [{"role": m.role, "content": m.content} for m in item.conversation],
+                "metadata": dict(item.metadata),
+            }
+        }
+        endpoint = self._spec.endpoint
+        try:
+            reply = await self._outbound.post_json(
+                endpoint.base_url, body, self._outbound.headers(endpoint), endpoint.timeout_s or 60.0
+            )
+        except OutboundError as exc:
+            raise TargetError(exc.reason) from exc
+        if not isinstance(reply.body, dict):
+            raise TargetError("the webhook's reply is not a JSON object")
+        try:
+            cost = float(reply.body.get("cost_usd") or 0.0)
+        except (TypeError, ValueError) as exc:
+            raise TargetError("the webhook's cost_usd is not a number") from exc
+        return item_pb2.Response(
+            content=str(reply.body.get("content") or ""),
+            tool_calls=tool_calls_from(reply.body.get("tool_calls")),
+            cost_usd=cost,
+            latency_ms=reply.latency_ms,
+            refused=bool(reply.body.get("refused")),
+        )
+
+
+def build_target(spec: target_pb2.Target, outbound: Outbound, prices: PriceTable) -> Target:
+    """The target a (validated, resolved) spec describes."""
     kind = spec.WhichOneof("kind")
     if kind == "provided":
         return ProvidedTarget()
     if kind == "echo":
         return EchoTarget()
-    raise ValueError(f"unknown target kind {kind!r}")
+    if kind == "chat":
+        return ChatTarget(spec.chat, outbound, prices)
+    if kind == "http":
+        return HttpTarget(spec.http, outbound)
+    raise ValueError(f"target kind {kind!r} must be resolved before execution")
+
+
+def validate_target(spec: target_pb2.Target, path: str, outbound: Outbound) -> list[FieldViolation]:
+    """Static problems of a target: kind set, URLs well formed, referenced secrets configured."""
+    kind = spec.WhichOneof("kind")
+    if kind is None:
+        return [FieldViolation(f"{path}.kind", "exactly one target kind must be set")]
+    out: list[FieldViolation] = []
+    endpoint = spec.chat.endpoint if kind == "chat" else spec.http.endpoint if kind == "http" else None
+    if endpoint is not None:
+        at = f"{path}.{kind}.endpoint"
+        if problem := check_url_shape(endpoint.base_url):
+            out.append(FieldViolation(f"{at}.base_url", problem))
+        secrets = [endpoint.api_key_secret] if endpoint.api_key_secret else []
+        secrets += [v[len("secret:") :] for v in endpoint.headers.values() if v.startswith("secret:")]
+        out.extend(
+            FieldViolation(at, f"no server-side secret named {name!r} (EVALSVC_SECRET_<NAME> or --secrets-file)")
+            for name in secrets
+            if not outbound.secrets.has(name)
+        )
+        if not 0 <= endpoint.timeout_s <= 600:
+            out.append(FieldViolation(f"{at}.timeout_s", "must be between 0 and 600 seconds"))
+    if kind == "chat" and not spec.chat.model:
+        out.append(FieldViolation(f"{path}.chat.model", "the model name is required"))
+    return out

@@ -57,6 +57,8 @@ class Grade:
     raw_score: float  # the grader's own measure: similarity ratio, latency ms, cost usd, fraction found...
     explanation: str  # a sentence for a person
     error_reason: str = ""  # non-empty only for ERROR
+    cost_usd: float = 0.0  # what grading cost (an LLM judge's tokens); apart from the target's cost
+    confidence: float | None = None  # the judge's confidence in [0, 1], where its mode gives one
 
 
 class CompiledGrader(Protocol):
@@ -557,4 +559,10 @@ def validate_grader(spec: grader_pb2.Grader, path: str) -> list[FieldViolation]:
             out.append(FieldViolation(f"{path}.latency.max_ms", "must be a finite number > 0"))
     elif kind == "cost" and not (math.isfinite(spec.cost.max_usd) and spec.cost.max_usd >= 0):
         out.append(FieldViolation(f"{path}.cost.max_usd", "must be a finite number >= 0"))
+    elif kind == "llm_judge":
+        from evalsvc.graders.judge import validate_judge  # the judge builds on this module
+
+        out.extend(validate_judge(spec.llm_judge, path))
+    elif kind == "saved" and not spec.saved.grader_id:
+        out.append(FieldViolation(f"{path}.saved.grader_id", "the saved grader's id is required"))
     return out

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from evalsvc.runs.convert import pass_rate
+from evalsvc.store.runs import AggregateInputs
 from evalsvc.v1 import run_pb2
 
 
@@ -18,18 +18,25 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-def build_aggregate(
-    grader_order: Sequence[str],
-    grader_rows: Sequence[Mapping[str, Any]],
-    latencies: Sequence[float],
-    total_cost_usd: float,
-) -> run_pb2.RunAggregate:
-    """The RunAggregate from per-(grader, state) counts and score sums, latencies and cost."""
+def _std_error(n: int, total: float, squares: float) -> float:
+    """Standard error of a mean from count, sum and sum of squares."""
+    if n < 2:
+        return 0.0
+    variance = max(0.0, (squares - total * total / n) / (n - 1))
+    return math.sqrt(variance / n)
+
+
+def build_aggregate(grader_order: Sequence[str], inputs: AggregateInputs) -> run_pb2.RunAggregate:
+    """The RunAggregate of a run's results: per grader and overall pass rate, mean score and its
+    standard error (errors excluded), mean weighted item score, latency percentiles and costs."""
     per_grader = {name: run_pb2.GraderAggregate(grader=name) for name in grader_order}
-    score_sums: dict[str, float] = dict.fromkeys(grader_order, 0.0)
-    for row in grader_rows:
-        agg = per_grader.setdefault(row["grader"], run_pb2.GraderAggregate(grader=row["grader"]))
+    sums: dict[str, list[float]] = {name: [0.0, 0.0] for name in grader_order}
+    scoring_cost = 0.0
+    for row in inputs.grader_rows:
+        name = row["grader"]
+        agg = per_grader.setdefault(name, run_pb2.GraderAggregate(grader=name))
         state, n = row["state"], int(row["n"])
+        scoring_cost += float(row["scoring_cost"] or 0.0)
         if state == run_pb2.RESULT_STATE_PASSED:
             agg.passed += n
         elif state == run_pb2.RESULT_STATE_FAILED:
@@ -37,23 +44,30 @@ def build_aggregate(
         elif state == run_pb2.RESULT_STATE_ERROR:
             agg.errored += n
             continue
-        score_sums[row["grader"]] = score_sums.get(row["grader"], 0.0) + float(row["score_sum"] or 0.0)
-    total_passed = total_failed = 0
-    total_score = 0.0
+        totals = sums.setdefault(name, [0.0, 0.0])
+        totals[0] += float(row["score_sum"] or 0.0)
+        totals[1] += float(row["score_sq_sum"] or 0.0)
+    passed = failed = 0
+    score_total = square_total = 0.0
     for name, agg in per_grader.items():
-        agg.pass_rate = pass_rate(agg.passed, agg.failed)
         graded = agg.passed + agg.failed
-        agg.mean_score = score_sums.get(name, 0.0) / graded if graded else 0.0
-        total_passed += agg.passed
-        total_failed += agg.failed
-        total_score += score_sums.get(name, 0.0)
-    ordered = sorted(latencies)
-    graded_total = total_passed + total_failed
+        total, squares = sums.get(name, [0.0, 0.0])
+        agg.pass_rate = pass_rate(agg.passed, agg.failed)
+        agg.mean_score = total / graded if graded else 0.0
+        agg.std_error = _std_error(graded, total, squares)
+        passed, failed = passed + agg.passed, failed + agg.failed
+        score_total, square_total = score_total + total, square_total + squares
+    ordered = sorted(inputs.latencies)
+    graded_total = passed + failed
+    items = inputs.item_scores
     return run_pb2.RunAggregate(
-        pass_rate=pass_rate(total_passed, total_failed),
-        mean_score=total_score / graded_total if graded_total else 0.0,
+        pass_rate=pass_rate(passed, failed),
+        mean_score=score_total / graded_total if graded_total else 0.0,
+        std_error=_std_error(graded_total, score_total, square_total),
         graders=list(per_grader.values()),
-        total_cost_usd=total_cost_usd,
+        total_cost_usd=inputs.target_cost_usd,
+        scoring_cost_usd=scoring_cost,
+        mean_item_score=sum(items) / len(items) if items else 0.0,
         latency=run_pb2.LatencyStats(
             p50_ms=percentile(ordered, 50),
             p95_ms=percentile(ordered, 95),

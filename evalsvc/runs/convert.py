@@ -58,6 +58,7 @@ def run_from(row: Mapping[str, Any]) -> run_pb2.Run:
             getattr(run, name).CopyFrom(ts)
     run.last_seq = row["last_seq"]
     run.request_id = row["request_id"] or ""
+    run.cost_usd = row["cost_usd"]
     return run
 
 
@@ -85,7 +86,10 @@ def result_from(row: Mapping[str, Any], output: bytes | None) -> run_pb2.Result:
         error_reason=row["error_reason"],
         attempt=row["attempt"],
         complete_time=timestamp(row["complete_time"]),
+        scoring_cost_usd=row["scoring_cost_usd"],
     )
+    if row["confidence"] is not None:
+        result.confidence = row["confidence"]
     if output:
         result.output.CopyFrom(item_pb2.Response.FromString(output))
     return result

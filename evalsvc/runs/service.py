@@ -7,16 +7,24 @@ module owns the rules (validation, idempotency, status transitions) and calls th
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.definitions.service import DefinitionService
 from evalsvc.errors import FieldViolation, ServiceError, invalid_argument, not_found
 from evalsvc.events.bus import EventBus
+from evalsvc.execution.outbound import Outbound, OutboundError, check_destination
+from evalsvc.execution.targets import validate_target
+from evalsvc.graders import grader_name, validate_grader
+from evalsvc.graders.judge import JudgeDefaults, needs_default_judge
+from evalsvc.idempotency import create_once
 from evalsvc.ids import decode_page_token, encode_page_token, new_id, page_size
 from evalsvc.limits import TenantLimits
 from evalsvc.runs.convert import result_from, run_from
@@ -55,27 +63,39 @@ class RunService:
         on_created: Callable[[], None] = lambda: None,
         on_cancelled: Callable[[str], None] = lambda run_id: None,
         limits: TenantLimits,
+        definitions: DefinitionService,
+        outbound: Outbound,
+        judge: JudgeDefaults,
     ) -> None:
         self._db = db
         self._bus = bus
         self._on_created = on_created
         self._on_cancelled = on_cancelled
         self._limits = limits
+        self._definitions = definitions
+        self._outbound = outbound
+        self._judge = judge
 
     async def create(self, tenant: str, request: pb.CreateRunRequest) -> CreatedRun:
-        """Validate, then store the run, its items, jobs and first event in one transaction."""
+        """Validate, resolve saved definitions, then store the run, its items, jobs and first event in
+        one transaction. The stored run is a snapshot: later edits of datasets or saved definitions
+        never change it."""
         self._limits.take_create_run(tenant)
         self._limits.check_run_size(len(request.items) or len(request.item_ids), len(request.graders))
         assign_item_ids(request.items)
+        fingerprint = request_fingerprint(request)
         violations = validate_create_run(request)
+        if request.target.WhichOneof("kind") not in (None, "saved_target_id"):
+            violations += validate_target(request.target, "target", self._outbound)
         if violations:
             raise invalid_argument(violations)
-        fingerprint = request_fingerprint(request)
         if request.request_id:
             async with self._db.read() as conn:
                 existing = await run_store.find_by_request_id(conn, tenant, request.request_id)
             if existing is not None:
                 return self._replay(existing, fingerprint)
+        await self._definitions.resolve(tenant, request.target, request.graders)
+        await self._check_resolved(request)
         items = await self._resolve_items(tenant, request)
         self._limits.check_run_size(len(items), len(request.graders))
         repetitions = request.repetitions or 1
@@ -88,7 +108,8 @@ class RunService:
         )
         if request.HasField("pass_threshold"):
             spec.pass_threshold = request.pass_threshold
-        now = time.time()
+        if request.HasField("max_cost_usd"):
+            spec.max_cost_usd = request.max_cost_usd
         row: dict[str, Any] = {
             "id": new_id("run"),
             "tenant": tenant,
@@ -102,27 +123,59 @@ class RunService:
             "status": run_pb2.RUN_STATUS_PENDING,
             "total_items": len(items),
             "total_evaluations": len(items) * repetitions * len(request.graders),
-            "create_time": now,
+            "create_time": time.time(),
         }
-        try:
-            async with self._db.write() as conn:
-                if request.request_id:
-                    existing = await run_store.find_by_request_id(conn, tenant, request.request_id)
-                    if existing is not None:
-                        return self._replay(existing, fingerprint)
-                self._limits.check_active_runs(await run_store.count_active(conn, tenant))
-                row["run_number"] = await run_store.next_run_number(conn, tenant, request.dataset_id)
-                event = await run_store.insert_run(conn, row, items, repetitions)
-        except IntegrityError:
-            # A concurrent request with the same request_id won the race (PostgreSQL); answer as a retry.
-            async with self._db.read() as conn:
-                existing = await run_store.find_by_request_id(conn, tenant, request.request_id)
-            if existing is None:
-                raise
+
+        async def insert(conn: AsyncConnection) -> CreatedRun:
+            self._limits.check_active_runs(await run_store.count_active(conn, tenant))
+            row["run_number"] = await run_store.next_run_number(conn, tenant, request.dataset_id)
+            event = await run_store.insert_run(conn, row, items, repetitions)
+            published.append(event)
+            return CreatedRun(run=event.run, job_count=len(items) * repetitions)
+
+        async def replay(existing: Mapping[str, Any]) -> CreatedRun:
             return self._replay(existing, fingerprint)
-        self._bus.publish(event.run.id, [event])
-        self._on_created()
-        return CreatedRun(run=event.run, job_count=len(items) * repetitions)
+
+        published: list[pb.WatchRunResponse] = []
+        created = await create_once(
+            self._db,
+            kind="run",
+            request_id=request.request_id,
+            fingerprint=fingerprint,
+            find=lambda conn: run_store.find_by_request_id(conn, tenant, request.request_id),
+            create=insert,
+            replay=replay,
+        )
+        for event in published:
+            self._bus.publish(event.run.id, [event])
+            self._on_created()
+        return created
+
+    async def _check_resolved(self, request: pb.CreateRunRequest) -> None:
+        """What only the resolved definitions show: valid graders, a judge to ask, allowed destinations."""
+        violations = [v for i, g in enumerate(request.graders) for v in validate_grader(g, f"graders[{i}]")]
+        violations += validate_target(request.target, "target", self._outbound)
+        names = [grader_name(g) for g in request.graders]
+        if len(set(names)) != len(names):
+            violations.append(FieldViolation("graders", "saved graders resolve to duplicate names; name them"))
+        if violations:
+            raise invalid_argument(violations)
+        judges = [g.llm_judge for g in request.graders if g.WhichOneof("kind") == "llm_judge"]
+        if any(needs_default_judge(j) for j in judges) and not self._judge.configured:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "JUDGE_NOT_CONFIGURED",
+                "an llm_judge grader needs a judge model: give its model and endpoint, or start the server "
+                "with --judge-base-url and --judge-model",
+            )
+        endpoints = [("target", request.target.chat.endpoint), ("target", request.target.http.endpoint)]
+        endpoints += [(f"graders[{i}].llm_judge.endpoint", j.endpoint) for i, j in enumerate(judges)]
+        for field, endpoint in endpoints:
+            if endpoint.base_url and _is_ip_literal(endpoint.base_url):
+                try:
+                    await check_destination(endpoint.base_url, self._outbound.allow)
+                except OutboundError as exc:
+                    raise invalid_argument([FieldViolation(f"{field}.base_url", exc.reason)]) from exc
 
     def _replay(self, existing: Mapping[str, Any], fingerprint: str) -> CreatedRun:
         if existing["request_hash"] != fingerprint:
@@ -242,3 +295,13 @@ class RunService:
         results = [result_from(row, output) for row, output in rows[:limit]]
         token = encode_page_token(int(results[-1].id), query) if len(rows) > limit else ""
         return results, token
+
+
+def _is_ip_literal(url: str) -> bool:
+    """Whether a URL names its host by IP address (checked at creation; names are checked per call)."""
+    host = urlsplit(url).hostname or ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost"
+    return True

@@ -78,6 +78,8 @@ def validate_create_run(request: pb.CreateRunRequest) -> list[FieldViolation]:
         out.append(FieldViolation("target", "a target is required"))
     elif request.target.WhichOneof("kind") is None:
         out.append(FieldViolation("target.kind", "exactly one target kind must be set"))
+    if request.HasField("max_cost_usd") and not (math.isfinite(request.max_cost_usd) and request.max_cost_usd >= 0):
+        out.append(FieldViolation("max_cost_usd", "must be a finite amount >= 0"))
     if not request.graders:
         out.append(FieldViolation("graders", "at least one grader is required"))
     if len(request.graders) > MAX_GRADERS:

@@ -79,6 +79,7 @@ class RunRow(SQLModel, table=True):
     end_time: float | None = None
     update_time: float = 0.0
     last_seq: int = Field(default=0, sa_column=big())
+    cost_usd: float = 0.0  # target and judge spend so far, for budgets
 
 
 class RunLabelRow(SQLModel, table=True):
@@ -145,6 +146,9 @@ class OutputRow(SQLModel, table=True):
     tenant: str = Field(max_length=64)
     run_id: str = Field(max_length=40)
     output: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    latency_ms: float = 0.0
+    cost_usd: float = 0.0
+    item_score: float | None = None  # the graders' weighted mean score, errors excluded
 
 
 class ResultRow(SQLModel, table=True):
@@ -172,6 +176,8 @@ class ResultRow(SQLModel, table=True):
     cost_usd: float
     latency_ms: float
     complete_time: float
+    scoring_cost_usd: float = 0.0
+    confidence: float | None = None
 
 
 class EventRow(SQLModel, table=True):
@@ -233,3 +239,55 @@ class ApiKeyRow(SQLModel, table=True):
     expire_time: float | None = None
     revoke_time: float | None = None
     last_used_time: float | None = None
+
+
+class SavedGraderRow(SQLModel, table=True):
+    """A saved grader; its definitions live in saved_grader_versions."""
+
+    __tablename__ = "saved_graders"
+    __table_args__ = (
+        UniqueConstraint("tenant", "request_id", name="uq_saved_graders_tenant_request_id"),
+        Index("ix_saved_graders_tenant_id", "tenant", "id"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant: str = Field(max_length=64)
+    request_id: str | None = Field(default=None, max_length=128)
+    request_hash: str = Field(default="", max_length=64)
+    display_name: str = ""
+    description: str = ""
+    labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    latest_version: int = 1
+    create_time: float = 0.0
+
+
+class SavedGraderVersionRow(SQLModel, table=True):
+    """One immutable version of a saved grader."""
+
+    __tablename__ = "saved_grader_versions"
+
+    grader_id: str = Field(primary_key=True, max_length=40)
+    version: int = Field(primary_key=True)
+    tenant: str = Field(max_length=64)
+    definition: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    create_time: float = 0.0
+
+
+class SavedTargetRow(SQLModel, table=True):
+    """A saved target definition."""
+
+    __tablename__ = "saved_targets"
+    __table_args__ = (
+        UniqueConstraint("tenant", "request_id", name="uq_saved_targets_tenant_request_id"),
+        Index("ix_saved_targets_tenant_id", "tenant", "id"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant: str = Field(max_length=64)
+    request_id: str | None = Field(default=None, max_length=128)
+    request_hash: str = Field(default="", max_length=64)
+    display_name: str = ""
+    description: str = ""
+    labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    definition: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    create_time: float = 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, exists, func, insert, select, update
@@ -197,30 +198,43 @@ async def results_page(
     return [(row, row["output"]) for row in rows.mappings()]
 
 
-async def aggregate_inputs(conn: AsyncConnection, run_id: str) -> tuple[list[Mapping[str, Any]], list[float], float]:
-    """Per-grader counts and score sums, every output's latency, and total target cost of a run."""
+@dataclass(frozen=True)
+class AggregateInputs:
+    """What a run's summary is computed from, gathered with a few GROUP BY queries."""
+
+    grader_rows: list[Mapping[str, Any]]  # grader, state, n, score_sum, score_sq_sum, scoring_cost
+    latencies: list[float]  # one per output
+    target_cost_usd: float
+    item_scores: list[float]  # one weighted score per output that had a gradable result
+
+
+async def aggregate_inputs(conn: AsyncConnection, run_id: str) -> AggregateInputs:
+    """The inputs of a run's aggregate."""
     per_grader = await conn.execute(
         select(
             RESULTS.c.grader,
             RESULTS.c.state,
             func.count().label("n"),
             func.sum(RESULTS.c.score).label("score_sum"),
+            func.sum(RESULTS.c.score * RESULTS.c.score).label("score_sq_sum"),
+            func.sum(RESULTS.c.scoring_cost_usd).label("scoring_cost"),
         )
         .where(RESULTS.c.run_id == run_id)
         .group_by(RESULTS.c.grader, RESULTS.c.state)
     )
     grader_rows = list(per_grader.mappings())
-    per_job = await conn.execute(
-        select(RESULTS.c.job_id, func.max(RESULTS.c.latency_ms), func.max(RESULTS.c.cost_usd))
-        .where(RESULTS.c.run_id == run_id)
-        .group_by(RESULTS.c.job_id)
+    per_output = await conn.execute(
+        select(OUTPUTS.c.latency_ms, OUTPUTS.c.cost_usd, OUTPUTS.c.item_score).where(OUTPUTS.c.run_id == run_id)
     )
     latencies: list[float] = []
+    item_scores: list[float] = []
     cost = 0.0
-    for _job, latency, job_cost in per_job:
+    for latency, job_cost, item_score in per_output:
         latencies.append(float(latency or 0.0))
         cost += float(job_cost or 0.0)
-    return grader_rows, latencies, cost
+        if item_score is not None:
+            item_scores.append(float(item_score))
+    return AggregateInputs(grader_rows, latencies, cost, item_scores)
 
 
 async def active_run_ids(conn: AsyncConnection) -> list[str]:
@@ -230,7 +244,15 @@ async def active_run_ids(conn: AsyncConnection) -> list[str]:
 
 
 async def add_progress(
-    conn: AsyncConnection, run_id: str, *, passed: int, failed: int, errored: int, skipped: int, now: float
+    conn: AsyncConnection,
+    run_id: str,
+    *,
+    passed: int,
+    failed: int,
+    errored: int,
+    skipped: int,
+    cost_usd: float,
+    now: float,
 ) -> Mapping[str, Any]:
     """Count new results and allocate one seq per result, atomically; return the updated row.
 
@@ -246,11 +268,18 @@ async def add_progress(
             errored=RUNS.c.errored + errored,
             skipped=RUNS.c.skipped + skipped,
             last_seq=RUNS.c.last_seq + n,
+            cost_usd=RUNS.c.cost_usd + cost_usd,
             update_time=now,
         )
         .returning(*RUNS.c)
     )
     return updated.mappings().one()
+
+
+async def tenant_spend(conn: AsyncConnection, tenant: str) -> float:
+    """What a tenant's runs have spent on model calls, in US dollars."""
+    found = await conn.execute(select(func.coalesce(func.sum(RUNS.c.cost_usd), 0.0)).where(RUNS.c.tenant == tenant))
+    return float(found.scalar_one())
 
 
 async def insert_results(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:

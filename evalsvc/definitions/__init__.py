@@ -1,0 +1,1 @@
+"""Saved definitions: graders (versioned) and targets that runs refer to by id."""

@@ -1,0 +1,238 @@
+"""Saved graders and targets, and resolving a run's references to them.
+
+A run stores the exact definitions it used (snapshots): references are resolved when the run is
+created, so results stay explainable after a saved definition changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf.message import Message
+
+from evalsvc.errors import FieldViolation, invalid_argument, not_found
+from evalsvc.execution.outbound import Outbound
+from evalsvc.execution.targets import validate_target
+from evalsvc.graders import validate_grader
+from evalsvc.idempotency import create_once
+from evalsvc.ids import decode_page_token, encode_page_token, new_id, page_size
+from evalsvc.runs.convert import timestamp
+from evalsvc.runs.validation import MAX_DESCRIPTION, MAX_DISPLAY_NAME, MAX_REQUEST_ID, check_labels, check_length
+from evalsvc.store import definitions as store
+from evalsvc.store.db import Database
+from evalsvc.v1 import grader_pb2, grader_service_pb2, target_pb2, target_service_pb2
+
+
+def _fingerprint(message: Message) -> str:
+    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _check_common(
+    display_name: str, description: str, labels: Mapping[str, str], request_id: str, at: str
+) -> list[FieldViolation]:
+    out: list[FieldViolation] = []
+    check_length(request_id, MAX_REQUEST_ID, "request_id", out)
+    check_length(display_name, MAX_DISPLAY_NAME, f"{at}.display_name", out)
+    check_length(description, MAX_DESCRIPTION, f"{at}.description", out)
+    check_labels(labels, f"{at}.labels", out)
+    return out
+
+
+def saved_grader_from(row: Mapping[str, Any], version: Mapping[str, Any]) -> grader_service_pb2.SavedGrader:
+    """The SavedGrader message of a grader row at one version."""
+    return grader_service_pb2.SavedGrader(
+        id=row["id"],
+        display_name=row["display_name"],
+        description=row["description"],
+        labels=row["labels"] or {},
+        version=version["version"],
+        latest_version=row["latest_version"],
+        grader=grader_pb2.Grader.FromString(version["definition"]),
+        create_time=timestamp(row["create_time"]),
+        version_create_time=timestamp(version["create_time"]),
+    )
+
+
+def saved_target_from(row: Mapping[str, Any]) -> target_service_pb2.SavedTarget:
+    """The SavedTarget message of a target row."""
+    return target_service_pb2.SavedTarget(
+        id=row["id"],
+        display_name=row["display_name"],
+        description=row["description"],
+        labels=row["labels"] or {},
+        target=target_pb2.Target.FromString(row["definition"]),
+        create_time=timestamp(row["create_time"]),
+    )
+
+
+class DefinitionService:
+    """Saved graders and targets of one database, for any tenant the caller names."""
+
+    def __init__(self, db: Database, outbound: Outbound) -> None:
+        self._db = db
+        self._outbound = outbound
+
+    def _check_grader(self, grader: grader_pb2.Grader, at: str) -> list[FieldViolation]:
+        if grader.WhichOneof("kind") == "saved":
+            return [FieldViolation(f"{at}.saved", "a saved grader cannot refer to another saved grader")]
+        return validate_grader(grader, at)
+
+    async def create_grader(
+        self, tenant: str, request: grader_service_pb2.CreateGraderRequest
+    ) -> grader_service_pb2.SavedGrader:
+        """Save a grader as version 1 (idempotent by request_id)."""
+        spec = request.grader
+        violations = _check_common(spec.display_name, spec.description, spec.labels, request.request_id, "grader")
+        violations += self._check_grader(spec.grader, "grader.grader")
+        if violations:
+            raise invalid_argument(violations)
+        definition = grader_service_pb2.SavedGrader(
+            display_name=spec.display_name, description=spec.description, labels=spec.labels, grader=spec.grader
+        )
+        now = time.time()
+        row = {
+            "id": new_id("grd"),
+            "tenant": tenant,
+            "request_id": request.request_id or None,
+            "request_hash": _fingerprint(definition),
+            "display_name": spec.display_name,
+            "description": spec.description,
+            "labels": dict(spec.labels),
+            "create_time": now,
+        }
+        version = {"version": 1, "definition": spec.grader.SerializeToString(), "create_time": now}
+
+        async def create(conn: Any) -> grader_service_pb2.SavedGrader:
+            await store.insert_grader(conn, row, version["definition"])
+            return saved_grader_from({**row, "latest_version": 1}, version)
+
+        async def replay(existing: Mapping[str, Any]) -> grader_service_pb2.SavedGrader:
+            return await self.get_grader(tenant, existing["id"], 1)
+
+        return await create_once(
+            self._db,
+            kind="grader",
+            request_id=request.request_id,
+            fingerprint=row["request_hash"],
+            find=lambda conn: store.find_by_request_id(conn, store.GRADERS, tenant, request.request_id),
+            create=create,
+            replay=replay,
+        )
+
+    async def get_grader(self, tenant: str, grader_id: str, version: int) -> grader_service_pb2.SavedGrader:
+        """A saved grader at a version (0 = latest); NOT_FOUND when missing or another tenant's."""
+        if version < 0:
+            raise invalid_argument([FieldViolation("version", "must be >= 0 (0 means the latest)")])
+        async with self._db.read() as conn:
+            found = await store.get_grader(conn, tenant, grader_id, version)
+        if found is None:
+            raise not_found("grader", grader_id)
+        return saved_grader_from(*found)
+
+    async def list_graders(
+        self, tenant: str, request: grader_service_pb2.ListGradersRequest
+    ) -> tuple[list[grader_service_pb2.SavedGrader], str]:
+        """A page of graders at their latest versions."""
+        limit = page_size(request.page_size, 50)
+        before = decode_page_token(request.page_token, {})
+        async with self._db.read() as conn:
+            rows = await store.list_graders(conn, tenant, before_id=before, limit=limit + 1)
+        graders = [saved_grader_from(row, version) for row, version in rows[:limit]]
+        return graders, encode_page_token(graders[-1].id, {}) if len(rows) > limit else ""
+
+    async def update_grader(
+        self, tenant: str, request: grader_service_pb2.UpdateGraderRequest
+    ) -> grader_service_pb2.SavedGrader:
+        """Save a new, immutable version."""
+        violations = self._check_grader(request.grader, "grader")
+        if violations:
+            raise invalid_argument(violations)
+        now = time.time()
+        definition = request.grader.SerializeToString()
+        async with self._db.write() as conn:
+            row = await store.add_version(conn, tenant, request.grader_id, definition, now)
+        if row is None:
+            raise not_found("grader", request.grader_id)
+        return saved_grader_from(row, {"version": row["latest_version"], "definition": definition, "create_time": now})
+
+    async def create_target(
+        self, tenant: str, request: target_service_pb2.CreateTargetRequest
+    ) -> target_service_pb2.SavedTarget:
+        """Save a target (idempotent by request_id)."""
+        spec = request.target
+        violations = _check_common(spec.display_name, spec.description, spec.labels, request.request_id, "target")
+        if spec.target.WhichOneof("kind") == "saved_target_id":
+            violations.append(FieldViolation("target.target.saved_target_id", "a saved target cannot refer to another"))
+        else:
+            violations += validate_target(spec.target, "target.target", self._outbound)
+        if violations:
+            raise invalid_argument(violations)
+        definition = target_service_pb2.SavedTarget(
+            display_name=spec.display_name, description=spec.description, labels=spec.labels, target=spec.target
+        )
+        row = {
+            "id": new_id("tgt"),
+            "tenant": tenant,
+            "request_id": request.request_id or None,
+            "request_hash": _fingerprint(definition),
+            "display_name": spec.display_name,
+            "description": spec.description,
+            "labels": dict(spec.labels),
+            "definition": spec.target.SerializeToString(),
+            "create_time": time.time(),
+        }
+
+        async def create(conn: Any) -> target_service_pb2.SavedTarget:
+            await store.insert_target(conn, row)
+            return saved_target_from(row)
+
+        async def replay_target(existing: Mapping[str, Any]) -> target_service_pb2.SavedTarget:
+            return saved_target_from(existing)
+
+        return await create_once(
+            self._db,
+            kind="target",
+            request_id=request.request_id,
+            fingerprint=row["request_hash"],
+            find=lambda conn: store.find_by_request_id(conn, store.TARGETS, tenant, request.request_id),
+            create=create,
+            replay=replay_target,
+        )
+
+    async def get_target(self, tenant: str, target_id: str) -> target_service_pb2.SavedTarget:
+        """A saved target; NOT_FOUND when missing or another tenant's."""
+        async with self._db.read() as conn:
+            row = await store.get_target(conn, tenant, target_id)
+        if row is None:
+            raise not_found("target", target_id)
+        return saved_target_from(row)
+
+    async def list_targets(
+        self, tenant: str, request: target_service_pb2.ListTargetsRequest
+    ) -> tuple[list[target_service_pb2.SavedTarget], str]:
+        """A page of saved targets."""
+        limit = page_size(request.page_size, 50)
+        before = decode_page_token(request.page_token, {})
+        async with self._db.read() as conn:
+            rows = await store.list_targets(conn, tenant, before_id=before, limit=limit + 1)
+        targets = [saved_target_from(row) for row in rows[:limit]]
+        return targets, encode_page_token(targets[-1].id, {}) if len(rows) > limit else ""
+
+    async def resolve(self, tenant: str, target: target_pb2.Target, graders: list[grader_pb2.Grader]) -> None:
+        """Replace saved references by the definitions they name, in place (the run's snapshot)."""
+        if target.WhichOneof("kind") == "saved_target_id":
+            model_id = target.model_id
+            saved = await self.get_target(tenant, target.saved_target_id)
+            target.CopyFrom(saved.target)
+            target.model_id = model_id or saved.target.model_id
+        for grader in graders:
+            if grader.WhichOneof("kind") != "saved":
+                continue
+            saved_grader = await self.get_grader(tenant, grader.saved.grader_id, grader.saved.version)
+            name, weight = grader.name, grader.weight
+            grader.CopyFrom(saved_grader.grader)
+            grader.name = name or saved_grader.grader.name or saved_grader.id
+            grader.weight = weight or saved_grader.grader.weight

@@ -1,0 +1,233 @@
+"""Outbound calls to model endpoints: secrets, SSRF checks, retries with backoff, adaptive concurrency.
+
+Every target and judge call goes through `Outbound.post_json`, so the rules hold in one place:
+- secrets are referenced by name and resolved here from server-side configuration, never stored in
+  run rows, returned by an RPC or logged;
+- a URL whose host is (or resolves to) a private, loopback, link-local or reserved address is
+  refused unless the operator allow-listed it (`--outbound-allow`), so a run cannot make the server
+  reach its own network (SSRF);
+- 408/429/5xx and connection errors are retried with exponential backoff and full jitter, honouring
+  Retry-After; each endpoint has an adaptive concurrency limit that halves on 429 and grows by one
+  on each success (AIMD), so a rate-limited endpoint is not hammered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import random
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from evalsvc.config import Settings
+from evalsvc.v1 import target_pb2
+
+RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+SECRET_PREFIX = "EVALSVC_SECRET_"
+
+
+class OutboundError(Exception):
+    """A call that failed for good; `reason` is safe to record (no secrets, no bodies)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Secrets:
+    """Named secrets from `EVALSVC_SECRET_<NAME>` variables and an optional JSON file."""
+
+    def __init__(self, environ: Mapping[str, str], file: str = "") -> None:
+        self._values = {k[len(SECRET_PREFIX) :].upper(): v for k, v in environ.items() if k.startswith(SECRET_PREFIX)}
+        if file:
+            loaded = json.loads(Path(file).read_text())
+            self._values.update({str(k).upper(): str(v) for k, v in loaded.items()})
+
+    def has(self, name: str) -> bool:
+        """Whether a secret of that name exists."""
+        return name.upper() in self._values
+
+    def get(self, name: str) -> str:
+        """The secret's value; KeyError when missing."""
+        return self._values[name.upper()]
+
+
+class AllowList:
+    """Hosts and networks that may be called although they are not public."""
+
+    def __init__(self, spec: str) -> None:
+        self._hosts: set[str] = set()
+        self._networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for entry in filter(None, (e.strip() for e in spec.split(","))):
+            try:
+                self._networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                self._hosts.add(entry.lower())
+
+    def allows(self, host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Whether host (as named) or the address it resolved to is allow-listed."""
+        return host.lower() in self._hosts or any(address in network for network in self._networks)
+
+
+def _is_internal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return (
+        address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_reserved
+        or address.is_multicast
+        or address.is_unspecified
+    )
+
+
+def check_url_shape(url: str) -> str | None:
+    """A static problem with an endpoint URL (scheme, host), or None. Used at CreateRun."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        return "must be an http(s) URL with a host"
+    return None
+
+
+async def check_destination(url: str, allow: AllowList) -> None:
+    """Refuse a URL whose host is or resolves to an internal address that is not allow-listed."""
+    host = urlsplit(url).hostname or ""
+    try:
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise OutboundError(f"cannot resolve host {host!r}") from exc
+        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+    for address in addresses:
+        if _is_internal(address) and not allow.allows(host, address):
+            raise OutboundError(
+                f"refused to call {host!r}: {address} is a private, loopback or link-local address "
+                "(allow it with --outbound-allow)"
+            )
+
+
+@dataclass
+class AdaptiveLimit:
+    """AIMD concurrency limit of one endpoint: halve on 429, grow by one on success."""
+
+    limit: float = 8.0
+    minimum: float = 1.0
+    maximum: float = 256.0
+    in_flight: int = 0
+
+    def __post_init__(self) -> None:
+        self._changed = asyncio.Condition()
+
+    async def acquire(self) -> None:
+        """Wait for a slot under the current limit."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_flight < int(self.limit))
+            self.in_flight += 1
+
+    async def release(self, *, throttled: bool) -> None:
+        """Give the slot back and adapt the limit."""
+        async with self._changed:
+            self.in_flight -= 1
+            if throttled:
+                self.limit = max(self.minimum, self.limit / 2)
+            else:
+                self.limit = min(self.maximum, self.limit + 1 / max(self.limit, 1.0))
+            self._changed.notify_all()
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A successful call: the JSON body, how long the successful attempt took, and attempts made."""
+
+    body: Any
+    latency_ms: float
+    attempts: int
+
+
+class Outbound:
+    """The shared HTTP client of targets and judges."""
+
+    def __init__(self, settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+        self.secrets = Secrets(os.environ if environ is None else environ, settings.secrets_file)
+        self.allow = AllowList(settings.outbound_allow)
+        self._retries = settings.http_retries
+        self._client = httpx.AsyncClient(follow_redirects=False, limits=httpx.Limits(max_connections=512))
+        self._limits: dict[str, AdaptiveLimit] = {}
+        self.base_backoff_s = 0.2
+
+    def limit_of(self, url: str) -> AdaptiveLimit:
+        """The adaptive limit of the endpoint (scheme://host:port) serving url."""
+        parts = urlsplit(url)
+        key = f"{parts.scheme}://{parts.netloc}"
+        if key not in self._limits:
+            self._limits[key] = AdaptiveLimit()
+        return self._limits[key]
+
+    def headers(self, endpoint: target_pb2.Endpoint) -> dict[str, str]:
+        """Request headers with secrets resolved."""
+        headers = {"content-type": "application/json"}
+        for name, value in endpoint.headers.items():
+            headers[name] = self.secrets.get(value[len("secret:") :]) if value.startswith("secret:") else value
+        if endpoint.api_key_secret:
+            headers["authorization"] = f"Bearer {self.secrets.get(endpoint.api_key_secret)}"
+        return headers
+
+    async def post_json(self, url: str, body: Any, headers: Mapping[str, str], timeout_s: float = 60.0) -> Reply:
+        """POST JSON and return the JSON reply, retrying what may succeed on a later attempt."""
+        await check_destination(url, self.allow)
+        limit = self.limit_of(url)
+        attempt = 0
+        while True:
+            attempt += 1
+            await limit.acquire()
+            throttled = False
+            started = time.perf_counter()
+            try:
+                response = await self._client.post(url, json=body, headers=dict(headers), timeout=timeout_s)
+                throttled = response.status_code == 429
+            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                failure = f"{type(exc).__name__} calling {urlsplit(url).netloc}"
+                retry_after = None
+            else:
+                latency_ms = (time.perf_counter() - started) * 1000
+                if response.status_code < 300:
+                    try:
+                        return Reply(response.json(), latency_ms, attempt)
+                    except ValueError as exc:
+                        raise OutboundError(f"{urlsplit(url).netloc} answered with a body that is not JSON") from exc
+                    finally:
+                        await limit.release(throttled=False)
+                failure = f"HTTP {response.status_code} from {urlsplit(url).netloc}"
+                if response.status_code not in RETRYABLE_STATUS:
+                    await limit.release(throttled=False)
+                    raise OutboundError(failure)
+                retry_after = _retry_after(response.headers.get("retry-after"))
+            await limit.release(throttled=throttled)
+            if attempt > self._retries:
+                raise OutboundError(f"{failure} (gave up after {attempt} attempts)")
+            backoff = random.uniform(0, self.base_backoff_s * 2 ** (attempt - 1))
+            await asyncio.sleep(max(backoff, retry_after or 0.0))
+
+    async def close(self) -> None:
+        """Close pooled connections."""
+        await self._client.aclose()
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return min(float(value), 60.0)
+    except ValueError:
+        return None

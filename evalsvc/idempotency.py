@@ -1,0 +1,60 @@
+"""Create-once semantics for every Create method (AIP-155 request_id).
+
+The same request_id (per tenant) with the same request returns what the first call created, also
+under concurrent retries; with a different request it is ALREADY_EXISTS. A unique constraint on
+(tenant, request_id) settles races between processes: the loser re-reads the winner's row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import grpc
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from evalsvc.errors import ServiceError
+from evalsvc.store.db import Database
+
+T = TypeVar("T")
+Row = Mapping[str, Any]
+
+
+def conflict(kind: str, request_id: str) -> ServiceError:
+    """ALREADY_EXISTS for a request_id reused with a different request."""
+    return ServiceError(
+        grpc.StatusCode.ALREADY_EXISTS,
+        "REQUEST_ID_CONFLICT",
+        f"request_id {request_id!r} was already used for a different {kind}",
+    )
+
+
+async def create_once(
+    db: Database,
+    *,
+    kind: str,
+    request_id: str,
+    fingerprint: str,
+    find: Callable[[AsyncConnection], Awaitable[Row | None]],
+    create: Callable[[AsyncConnection], Awaitable[T]],
+    replay: Callable[[Row], Awaitable[T]],
+) -> T:
+    """Run `create` in a write transaction unless `find` shows the request_id was used already;
+    then `replay` answers with what the first request created."""
+
+    try:
+        async with db.write() as conn:
+            existing = await find(conn) if request_id else None
+            if existing is None:
+                return await create(conn)
+    except IntegrityError:
+        if not request_id:
+            raise
+        async with db.read() as conn:
+            existing = await find(conn)
+        if existing is None:
+            raise
+    if existing["request_hash"] != fingerprint:
+        raise conflict(kind, request_id)
+    return await replay(existing)
