@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from evalsvc.config import Settings
 from evalsvc.events.bus import EventBus
-from evalsvc.execution.outbound import Outbound
+from evalsvc.execution.outbound import Outbound, call_guard
 from evalsvc.execution.recorder import ClaimedJob, FinishedJob, RunGraders, fail_early, record
 from evalsvc.execution.targets import PriceTable, Target, TargetError, build_target
 from evalsvc.graders import CompiledGrader, Grade, compile_grader, grader_name, target_error_grade
@@ -231,6 +231,7 @@ class Executor:
             log.exception("cannot load run %s; its job %d stays leased until its lease expires", job.run_id, job.id)
             return False
         item = plan.items[job.item_idx]
+        call_guard.set(lambda: self._check_budget(job, plan))
         try:
             if job.repetition == 1:
                 for _ in range(plan.warmup_runs):

@@ -20,7 +20,8 @@ import os
 import random
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,10 @@ from evalsvc.config import Settings
 from evalsvc.v1 import target_pb2
 
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+
+# Set by the executor for each job: called when a call is about to start (after waiting for an
+# endpoint slot), it raises to stop the call - how a spent budget stops new model calls at once.
+call_guard: ContextVar[Callable[[], None] | None] = ContextVar("evalsvc_call_guard", default=None)
 SECRET_PREFIX = "EVALSVC_SECRET_"
 
 
@@ -191,6 +196,13 @@ class Outbound:
         while True:
             attempt += 1
             await limit.acquire()
+            guard = call_guard.get()
+            if guard is not None:
+                try:
+                    guard()
+                except BaseException:
+                    await limit.release(throttled=False)
+                    raise
             throttled = False
             started = time.perf_counter()
             try:

@@ -104,6 +104,9 @@ async def record(
                     "tenant": f.job.tenant,
                     "run_id": f.job.run_id,
                     "output": f.output.SerializeToString(),
+                    "latency_ms": f.output.latency_ms,
+                    "cost_usd": f.output.cost_usd,
+                    "item_score": item_score(f.grades, graders_of[f.job.run_id].weights),
                 }
                 for f in kept
             ],
@@ -258,6 +261,7 @@ async def fail_early(
     """End an active run as FAILED before all its evaluations ran (e.g. its budget was spent),
     keeping the results recorded so far; its remaining jobs never run. None when it already ended."""
     async with db.write() as conn:
+        await run_store.cancel_jobs(conn, tenant, run_id)  # jobs before their run: the lock order
         event = await _close(
             conn,
             tenant,
@@ -269,6 +273,4 @@ async def fail_early(
             code=code,
             message=message,
         )
-        if event is not None:
-            await run_store.cancel_jobs(conn, run_id)
     return event

@@ -1,0 +1,114 @@
+"""A real HTTP server on 127.0.0.1 standing in for OpenAI-compatible endpoints and agent webhooks.
+
+Replies are scripted: each request takes the next scripted reply (the last one repeats), which can
+be a status, headers, a JSON or raw body, and a delay. Every request is recorded with its arrival
+time, so tests can check bodies, headers, retries and backoff.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Reply:
+    """One scripted answer."""
+
+    body: Any = None
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+    raw: str | None = None
+
+
+@dataclass
+class Seen:
+    """One received request."""
+
+    path: str
+    headers: dict[str, str]
+    body: Any
+    at: float
+
+
+def chat_reply(
+    content: str, *, tool_calls: list[dict[str, Any]] | None = None, usage: tuple[int, int] = (10, 5)
+) -> Reply:
+    """A Chat Completions answer."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = [
+            {"id": f"c{i}", "type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["args"])}}
+            for i, c in enumerate(tool_calls)
+        ]
+    return Reply(
+        {
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1]},
+        }
+    )
+
+
+def judge_reply(verdict: dict[str, Any] | str, usage: tuple[int, int] = (100, 20)) -> Reply:
+    """A judge answer whose message content is the verdict (JSON, or raw text when a str)."""
+    content = verdict if isinstance(verdict, str) else json.dumps(verdict)
+    return chat_reply(content, usage=usage)
+
+
+class FakeEndpoint:
+    """The server; use as a context manager."""
+
+    def __init__(self, *replies: Reply) -> None:
+        self.script: list[Reply] = list(replies) or [chat_reply("ok")]
+        self.seen: list[Seen] = []
+        self._lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                raw = self.rfile.read(length)
+                with fake._lock:
+                    fake.seen.append(
+                        Seen(
+                            self.path,
+                            {k.lower(): v for k, v in self.headers.items()},
+                            json.loads(raw or b"null"),
+                            time.monotonic(),
+                        )
+                    )
+                    reply = fake.script.pop(0) if len(fake.script) > 1 else fake.script[0]
+                if reply.delay_s:
+                    time.sleep(reply.delay_s)
+                data = (reply.raw if reply.raw is not None else json.dumps(reply.body)).encode()
+                try:
+                    self.send_response(reply.status)
+                    for name, value in reply.headers.items():
+                        self.send_header(name, value)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout): that is what some tests want
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeEndpoint:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()

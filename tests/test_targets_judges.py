@@ -1,0 +1,478 @@
+"""Chat and HTTP targets, the LLM judge, saved definitions and budgets, against real HTTP servers
+started by the tests (tests/fake_llm.py) standing in for model endpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+
+from evalsvc.execution.outbound import AdaptiveLimit
+from evalsvc.server import EvalServer
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import (
+    eval_run_service_pb2_grpc,
+    grader_pb2,
+    grader_service_pb2_grpc,
+    item_pb2,
+    run_pb2,
+    target_pb2,
+    target_service_pb2_grpc,
+)
+from evalsvc.v1 import grader_service_pb2 as gs
+from evalsvc.v1 import target_service_pb2 as ts
+from tests.conftest import make_settings
+from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
+from tests.helpers import error_reason, exact, keyed_channel, violations, watch_all
+
+SECRET = "sk-test-0123456789abcdef"
+PRICES = {"gpt-test": {"input_per_mtok": 1000.0, "output_per_mtok": 2000.0}, "judge-test": {"input_per_mtok": 100.0}}
+Judge = grader_pb2.LlmJudge
+
+
+class Stubs:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+        self.graders = grader_service_pb2_grpc.GraderServiceStub(channel)
+        self.targets = target_service_pb2_grpc.TargetServiceStub(channel)
+
+
+async def start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: object) -> EvalServer:
+    monkeypatch.setenv("EVALSVC_SECRET_LLM_KEY", SECRET)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps(PRICES))
+    values: dict[str, object] = {"outbound_allow": "127.0.0.1", "price_table": str(prices)}
+    values.update(overrides)
+    srv = EvalServer(make_settings(tmp_path, **values))
+    srv.outbound.base_backoff_s = 0.01  # keep retry tests quick; the backoff shape is the same
+    await srv.start()
+    return srv
+
+
+@pytest.fixture
+async def svc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[EvalServer, Stubs]]:
+    srv = await start(tmp_path, monkeypatch)
+    assert srv.bootstrap_key
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+            yield srv, Stubs(channel)
+    finally:
+        await srv.stop(grace=0.5)
+
+
+def chat(url: str, **fields: object) -> target_pb2.Target:
+    return target_pb2.Target(
+        chat=target_pb2.ChatTarget(
+            endpoint=target_pb2.Endpoint(base_url=url + "/v1", api_key_secret="llm_key", timeout_s=5),
+            model="gpt-test",
+            **fields,  # type: ignore[arg-type]
+        )
+    )
+
+
+async def run_to_end(stubs: Stubs, request: pb.CreateRunRequest) -> tuple[run_pb2.Run, list[run_pb2.Result]]:
+    created = await stubs.runs.CreateRun(request)
+    await watch_all(stubs.runs, created.run.id)
+    run = (await stubs.runs.GetRun(pb.GetRunRequest(run_id=created.run.id))).run
+    results = (await stubs.runs.ListRunResults(pb.ListRunResultsRequest(run_id=run.id, page_size=1000))).results
+    return run, list(results)
+
+
+async def test_chat_target_sends_messages_and_tools_and_records_calls_usage_and_cost(svc) -> None:
+    _, stubs = svc
+    tool = target_pb2.Tool(name="lookup", description="find", parameters=struct_pb2.Struct())
+    with FakeEndpoint(chat_reply("Paris", tool_calls=[{"name": "lookup", "args": {"q": "france"}}])) as llm:
+        run, results = await run_to_end(
+            stubs,
+            pb.CreateRunRequest(
+                items=[
+                    item_pb2.Item(
+                        input="Capital of France?",
+                        expected_output="Paris",
+                        conversation=[item_pb2.Message(role="user", content="hi")],
+                    )
+                ],
+                target=chat(llm.url, system_prompt="Be brief.", temperature=0.2, tools=[tool]),
+                graders=[
+                    exact(),
+                    grader_pb2.Grader(name="tools", tool_calls=grader_pb2.ToolCalls(expected=["lookup"])),
+                ],
+            ),
+        )
+        sent = llm.seen[0]
+    assert sent.path == "/v1/chat/completions"
+    assert sent.headers["authorization"] == f"Bearer {SECRET}"
+    assert sent.body["model"] == "gpt-test" and sent.body["temperature"] == 0.2
+    assert [m["role"] for m in sent.body["messages"]] == ["system", "user", "user"]
+    assert sent.body["tools"][0]["function"]["name"] == "lookup"
+    assert run.status == run_pb2.RUN_STATUS_SUCCEEDED and run.overall_passed
+    output = results[0].output
+    assert output.content == "Paris" and output.tool_calls[0].name == "lookup"
+    assert output.tool_calls[0].arguments["q"] == "france"
+    assert (output.prompt_tokens, output.completion_tokens) == (10, 5)
+    assert output.cost_usd == pytest.approx((10 * 1000 + 5 * 2000) / 1e6)
+    assert run.aggregate.total_cost_usd == pytest.approx(0.02) and run.cost_usd == pytest.approx(0.02)
+    assert output.latency_ms > 0
+
+
+async def test_retries_5xx_and_timeouts_then_succeeds(svc) -> None:
+    _, stubs = svc
+    script = [Reply({"error": "x"}, status=500), Reply(status=503, body={}), chat_reply("late", usage=(1, 1))]
+    with FakeEndpoint(*script) as llm:
+        _, results = await run_to_end(
+            stubs,
+            pb.CreateRunRequest(
+                items=[item_pb2.Item(input="q", expected_output="late")], target=chat(llm.url), graders=[exact()]
+            ),
+        )
+        attempts = len(llm.seen)
+    assert attempts == 3 and results[0].state == run_pb2.RESULT_STATE_PASSED
+
+
+async def test_timeout_is_retried(svc) -> None:
+    _, stubs = svc
+    target = chat("")
+    with FakeEndpoint(Reply(body={}, delay_s=1.5), chat_reply("ok")) as llm:
+        target.chat.endpoint.base_url = llm.url + "/v1"
+        target.chat.endpoint.timeout_s = 0.5
+        _, results = await run_to_end(
+            stubs,
+            pb.CreateRunRequest(
+                items=[item_pb2.Item(input="q", expected_output="ok")], target=target, graders=[exact()]
+            ),
+        )
+        assert len(llm.seen) == 2
+    assert results[0].state == run_pb2.RESULT_STATE_PASSED
+
+
+async def test_429_retry_after_is_honoured(svc) -> None:
+    _, stubs = svc
+    with FakeEndpoint(Reply({}, status=429, headers={"retry-after": "1"}), chat_reply("ok")) as llm:
+        _, results = await run_to_end(
+            stubs,
+            pb.CreateRunRequest(
+                items=[item_pb2.Item(input="q", expected_output="ok")], target=chat(llm.url), graders=[exact()]
+            ),
+        )
+        gap = llm.seen[1].at - llm.seen[0].at
+    assert results[0].state == run_pb2.RESULT_STATE_PASSED
+    assert gap >= 0.95
+
+
+async def test_giving_up_is_a_target_error_on_every_grader(svc) -> None:
+    _, stubs = svc
+    with FakeEndpoint(Reply({"error": "down"}, status=500)) as llm:
+        run, results = await run_to_end(
+            stubs,
+            pb.CreateRunRequest(
+                items=[item_pb2.Item(input="q")],
+                target=chat(llm.url),
+                graders=[exact(), grader_pb2.Grader(name="c", contains=grader_pb2.Contains(values=["x"]))],
+            ),
+        )
+        assert len(llm.seen) == 5  # 1 + --http-retries (4)
+    assert run.status == run_pb2.RUN_STATUS_FAILED
+    assert all(r.state == run_pb2.RESULT_STATE_ERROR and "HTTP 500" in r.error_reason for r in results)
+
+
+async def test_adaptive_limit_halves_on_429_and_grows_on_success() -> None:
+    limit = AdaptiveLimit(limit=8)
+    await limit.acquire()
+    await limit.release(throttled=True)
+    assert limit.limit == 4
+    for _ in range(8):
+        await limit.acquire()
+        await limit.release(throttled=False)
+    assert 5 <= limit.limit < 8
+    for _ in range(5):
+        await limit.acquire()
+        await limit.release(throttled=True)
+    assert limit.limit == 1
+
+
+async def test_http_target_posts_the_item_and_reads_the_reply(svc) -> None:
+    _, stubs = svc
+    reply = Reply({"content": "done", "tool_calls": [{"name": "book", "arguments": {"day": "mon"}}], "cost_usd": 0.25})
+    with FakeEndpoint(reply) as agent:
+        target = target_pb2.Target(
+            http=target_pb2.HttpTarget(
+                endpoint=target_pb2.Endpoint(
+                    base_url=agent.url + "/agent", headers={"x-team": "a", "x-key": "secret:llm_key"}
+                )
+            )
+        )
+        run, results = await run_to_end(
+            stubs,
+            pb.CreateRunRequest(
+                items=[item_pb2.Item(id="c1", input="book me", metadata={"k": "v"})],
+                target=target,
+                graders=[grader_pb2.Grader(tool_calls=grader_pb2.ToolCalls(expected=["book"]))],
+            ),
+        )
+        sent = agent.seen[0]
+    assert sent.path == "/agent" and sent.headers["x-team"] == "a" and sent.headers["x-key"] == SECRET
+    assert sent.body["item"] == {
+        "id": "c1",
+        "input": "book me",
+        "context": "",
+        "conversation": [],
+        "metadata": {"k": "v"},
+    }
+    assert results[0].state == run_pb2.RESULT_STATE_PASSED and results[0].output.cost_usd == 0.25
+    assert run.aggregate.total_cost_usd == 0.25
+
+
+def judge(url: str, **fields: object) -> grader_pb2.Grader:
+    spec = Judge(model="judge-test", endpoint=target_pb2.Endpoint(base_url=url + "/v1"), **fields)  # type: ignore[arg-type]
+    return grader_pb2.Grader(name="judge", llm_judge=spec)
+
+
+@pytest.mark.parametrize(
+    ("fields", "verdict", "state", "score", "confidence"),
+    [
+        ({"mode": Judge.MODE_ACCURACY}, {"score": 8, "reason": "close"}, run_pb2.RESULT_STATE_PASSED, 7 / 9, None),
+        (
+            {"mode": Judge.MODE_ACCURACY, "threshold": 9},
+            {"score": 8, "reason": "r"},
+            run_pb2.RESULT_STATE_FAILED,
+            7 / 9,
+            None,
+        ),
+        (
+            {"mode": Judge.MODE_CRITERIA, "criteria": "polite"},
+            {"passed": True, "reason": "r"},
+            run_pb2.RESULT_STATE_PASSED,
+            1.0,
+            None,
+        ),
+        (
+            {"mode": Judge.MODE_CRITERIA, "criteria": "polite", "scoring": Judge.SCORING_NUMERIC, "threshold": 6},
+            {"score": 5, "reason": "meh"},
+            run_pb2.RESULT_STATE_FAILED,
+            4 / 9,
+            None,
+        ),
+        (
+            {
+                "mode": Judge.MODE_LEVELS,
+                "levels": [grader_pb2.JudgeLevel(key="good", passing=True), grader_pb2.JudgeLevel(key="bad")],
+            },
+            {"level": "good", "reason": "r", "confidence": 0.9},
+            run_pb2.RESULT_STATE_PASSED,
+            1.0,
+            0.9,
+        ),
+        (
+            {"mode": Judge.MODE_POLICY, "criteria": "refuse weapons questions"},
+            {"passed": False, "reason": "complied", "confidence": 0.7},
+            run_pb2.RESULT_STATE_FAILED,
+            0.0,
+            0.7,
+        ),
+    ],
+    ids=["accuracy-pass", "accuracy-threshold", "criteria-binary", "criteria-numeric", "levels", "policy"],
+)
+async def test_judge_modes(svc, fields, verdict, state, score, confidence) -> None:
+    _, stubs = svc
+    with FakeEndpoint(judge_reply(verdict)) as llm:
+        run, results = await run_to_end(
+            stubs,
+            pb.CreateRunRequest(
+                items=[
+                    item_pb2.Item(input="q", expected_output="a", response=item_pb2.Response(content="a", cost_usd=0.5))
+                ],
+                target=target_pb2.Target(provided=target_pb2.ProvidedTarget()),
+                graders=[judge(llm.url, **fields)],
+            ),
+        )
+        asked = llm.seen[0].body
+    assert asked["response_format"] == {"type": "json_object"} and asked["model"] == "judge-test"
+    result = results[0]
+    assert result.state == state and result.score == pytest.approx(score)
+    assert (result.confidence if result.HasField("confidence") else None) == confidence
+    assert result.scoring_cost_usd == pytest.approx(100 * 100 / 1e6)  # judge tokens, priced apart
+    assert run.aggregate.scoring_cost_usd == pytest.approx(0.01) and run.aggregate.total_cost_usd == 0.5
+
+
+async def test_malformed_judgment_is_retried_then_an_error_never_a_fail(svc) -> None:
+    _, stubs = svc
+    item = item_pb2.Item(input="q", response=item_pb2.Response(content="a"))
+    provided = target_pb2.Target(provided=target_pb2.ProvidedTarget())
+    with FakeEndpoint(judge_reply("not json"), judge_reply({"passed": True, "reason": "ok"})) as llm:
+        _, results = await run_to_end(
+            stubs,
+            pb.CreateRunRequest(
+                items=[item], target=provided, graders=[judge(llm.url, mode=Judge.MODE_CRITERIA, criteria="c")]
+            ),
+        )
+        assert len(llm.seen) == 2
+    assert results[0].state == run_pb2.RESULT_STATE_PASSED
+    with FakeEndpoint(judge_reply({"score": 42})) as llm:
+        run, results = await run_to_end(
+            stubs,
+            pb.CreateRunRequest(items=[item], target=provided, graders=[judge(llm.url, mode=Judge.MODE_ACCURACY)]),
+        )
+        assert len(llm.seen) == 3
+    assert results[0].state == run_pb2.RESULT_STATE_ERROR and "unusable judgment" in results[0].error_reason
+    assert run.status == run_pb2.RUN_STATUS_FAILED  # every evaluation errored; no FAIL was invented
+
+
+async def test_default_judge_from_config_and_missing_judge_is_failed_precondition(tmp_path, monkeypatch) -> None:
+    bare = grader_pb2.Grader(name="j", llm_judge=Judge(mode=Judge.MODE_CRITERIA, criteria="c"))
+    item = item_pb2.Item(input="q", response=item_pb2.Response(content="a"))
+    provided = target_pb2.Target(provided=target_pb2.ProvidedTarget())
+    srv = await start(tmp_path, monkeypatch)
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await Stubs(channel).runs.CreateRun(pb.CreateRunRequest(items=[item], target=provided, graders=[bare]))
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert error_reason(err.value) == "JUDGE_NOT_CONFIGURED"
+    finally:
+        await srv.stop(grace=0.5)
+    with FakeEndpoint(judge_reply({"passed": True, "reason": "ok"})) as llm:
+        srv = await start(
+            tmp_path / "b", monkeypatch, judge_base_url=llm.url + "/v1", judge_model="m", judge_api_key="jk"
+        )
+        try:
+            async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+                _, results = await run_to_end(
+                    Stubs(channel), pb.CreateRunRequest(items=[item], target=provided, graders=[bare])
+                )
+        finally:
+            await srv.stop(grace=0.5)
+        assert llm.seen[0].headers["authorization"] == "Bearer jk" and llm.seen[0].body["model"] == "m"
+    assert results[0].state == run_pb2.RESULT_STATE_PASSED
+
+
+async def test_budget_stops_model_calls_and_fails_the_run_keeping_results(svc) -> None:
+    _, stubs = svc
+    reply = chat_reply("a", usage=(100, 0))  # $0.10 per call
+    reply.delay_s = 0.02
+    with FakeEndpoint(reply) as llm:
+        created = await stubs.runs.CreateRun(
+            pb.CreateRunRequest(
+                items=[item_pb2.Item(input=f"q{i}", expected_output="a") for i in range(40)],
+                target=chat(llm.url),
+                graders=[exact()],
+                max_cost_usd=0.45,
+            )
+        )
+        events = await watch_all(stubs.runs, created.run.id)
+        calls = len(llm.seen)
+    run = (await stubs.runs.GetRun(pb.GetRunRequest(run_id=created.run.id))).run
+    assert run.status == run_pb2.RUN_STATUS_FAILED and run.error.code == "BUDGET_EXCEEDED"
+    assert events[-1].run.error.code == "BUDGET_EXCEEDED"
+    # Calls in flight when the budget ran out may finish (at most the endpoint's 8 concurrent slots).
+    assert calls <= 5 + 8 and 5 <= run.counts.completed_evaluations < 40
+    results = (await stubs.runs.ListRunResults(pb.ListRunResultsRequest(run_id=run.id, page_size=100))).results
+    assert len(results) == run.counts.completed_evaluations
+    assert run.cost_usd >= 0.45
+
+
+@pytest.mark.parametrize(
+    "url", ["http://169.254.169.254/latest", "http://10.1.2.3/v1", "http://[::1]:9/v1", "http://localhost:9/v1"]
+)
+async def test_internal_destinations_are_refused(tmp_path, monkeypatch, url: str) -> None:
+    srv = await start(tmp_path, monkeypatch, outbound_allow="")
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+            target = chat(url)
+            target.chat.endpoint.base_url = url
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await Stubs(channel).runs.CreateRun(
+                    pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=target, graders=[exact()])
+                )
+    finally:
+        await srv.stop(grace=0.5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "target.base_url" in violations(err.value)
+
+
+async def test_secrets_stay_server_side(svc, caplog: pytest.LogCaptureFixture) -> None:
+    srv, stubs = svc
+    caplog.set_level(logging.DEBUG)
+    missing = chat("http://127.0.0.1:9")
+    missing.chat.endpoint.api_key_secret = "nope"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs.runs.CreateRun(
+            pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=missing, graders=[exact()])
+        )
+    assert "target.chat.endpoint" in violations(err.value)
+    with FakeEndpoint(chat_reply("x")) as llm:
+        run, results = await run_to_end(
+            stubs, pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=chat(llm.url), graders=[exact()])
+        )
+    assert SECRET.encode() not in run.SerializeToString() + b"".join(r.SerializeToString() for r in results)
+    assert all(SECRET not in record.getMessage() for record in caplog.records)
+    stored = b"".join(p.read_bytes() for p in Path(srv.settings.db.split("///")[1]).parent.glob("evalsvc.db*"))
+    assert SECRET.encode() not in stored
+
+
+async def test_saved_graders_are_versioned_and_runs_keep_snapshots(svc) -> None:
+    _, stubs = svc
+    v1 = grader_pb2.Grader(name="answer", contains=grader_pb2.Contains(values=["Paris"]))
+    created = (
+        await stubs.graders.CreateGrader(
+            gs.CreateGraderRequest(grader=gs.SavedGrader(display_name="capital", grader=v1))
+        )
+    ).grader
+    assert created.version == created.latest_version == 1
+    v2 = grader_pb2.Grader(name="answer", contains=grader_pb2.Contains(values=["Lyon"]))
+    updated = (await stubs.graders.UpdateGrader(gs.UpdateGraderRequest(grader_id=created.id, grader=v2))).grader
+    assert updated.version == updated.latest_version == 2
+    first = (await stubs.graders.GetGrader(gs.GetGraderRequest(grader_id=created.id, version=1))).grader
+    assert list(first.grader.contains.values) == ["Paris"]
+    listed = (await stubs.graders.ListGraders(gs.ListGradersRequest())).graders
+    assert [(g.id, g.version) for g in listed] == [(created.id, 2)]
+
+    saved_target = (
+        await stubs.targets.CreateTarget(
+            ts.CreateTargetRequest(
+                target=ts.SavedTarget(display_name="agent", target=target_pb2.Target(echo=target_pb2.EchoTarget()))
+            )
+        )
+    ).target
+    assert [t.id for t in (await stubs.targets.ListTargets(ts.ListTargetsRequest())).targets] == [saved_target.id]
+    item = item_pb2.Item(input="Paris")
+    latest, latest_results = await run_to_end(
+        stubs,
+        pb.CreateRunRequest(
+            items=[item],
+            target=target_pb2.Target(saved_target_id=saved_target.id),
+            graders=[grader_pb2.Grader(saved=grader_pb2.SavedGraderRef(grader_id=created.id))],
+        ),
+    )
+    pinned, pinned_results = await run_to_end(
+        stubs,
+        pb.CreateRunRequest(
+            items=[item],
+            target=target_pb2.Target(saved_target_id=saved_target.id),
+            graders=[grader_pb2.Grader(saved=grader_pb2.SavedGraderRef(grader_id=created.id, version=1))],
+        ),
+    )
+    assert latest.target.WhichOneof("kind") == "echo" and latest.graders[0].WhichOneof("kind") == "contains"
+    assert (
+        list(latest.graders[0].contains.values) == ["Lyon"] and latest_results[0].state == run_pb2.RESULT_STATE_FAILED
+    )
+    assert (
+        list(pinned.graders[0].contains.values) == ["Paris"] and pinned_results[0].state == run_pb2.RESULT_STATE_PASSED
+    )
+    await stubs.graders.UpdateGrader(gs.UpdateGraderRequest(grader_id=created.id, grader=v1))
+    again = (await stubs.runs.GetRun(pb.GetRunRequest(run_id=latest.id))).run
+    assert list(again.graders[0].contains.values) == ["Lyon"]  # the run kept its snapshot
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs.runs.CreateRun(
+            pb.CreateRunRequest(
+                items=[item],
+                target=target_pb2.Target(echo=target_pb2.EchoTarget()),
+                graders=[grader_pb2.Grader(saved=grader_pb2.SavedGraderRef(grader_id="grd_x"))],
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and error_reason(err.value) == "GRADER_NOT_FOUND"
