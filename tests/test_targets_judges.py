@@ -476,3 +476,27 @@ async def test_saved_graders_are_versioned_and_runs_keep_snapshots(svc) -> None:
             )
         )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and error_reason(err.value) == "GRADER_NOT_FOUND"
+
+
+async def test_tenant_budget_stops_the_tenants_next_run(tmp_path, monkeypatch) -> None:
+    srv = await start(tmp_path, monkeypatch, tenant_budget_usd=0.25)
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+            stubs = Stubs(channel)
+            with FakeEndpoint(chat_reply("a", usage=(100, 0))) as llm:  # $0.10 per call
+                first, _ = await run_to_end(
+                    stubs,
+                    pb.CreateRunRequest(
+                        items=[item_pb2.Item(input=f"q{i}") for i in range(3)], target=chat(llm.url), graders=[exact()]
+                    ),
+                )
+                second, results = await run_to_end(
+                    stubs,
+                    pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=chat(llm.url), graders=[exact()]),
+                )
+                calls = len(llm.seen)
+    finally:
+        await srv.stop(grace=0.5)
+    assert first.cost_usd == pytest.approx(0.3)
+    assert second.status == run_pb2.RUN_STATUS_FAILED and second.error.code == "BUDGET_EXCEEDED"
+    assert "tenant" in second.error.message and results == [] and calls == 3
