@@ -4,12 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BUF := node_modules/.bin/buf
 
-.PHONY: run test generate check-generated lint fmt bench bench-quick
+.PHONY: run test generate check-generated lint fmt bench bench-quick breaking release-contract generate-clients check-clients
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' -e clients/python
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
@@ -20,7 +20,7 @@ node_modules/.installed: package.json package-lock.json
 run: $(VENV)/.installed
 	$(VENV)/bin/evalsvc serve
 
-test: $(VENV)/.installed node_modules/.installed
+test: $(VENV)/.installed node_modules/.installed clients/typescript/node_modules/.installed
 	$(PY) -m pytest -q
 
 generate: $(VENV)/.installed
@@ -65,3 +65,12 @@ check-clients: $(VENV)/.installed node_modules/.installed clients/typescript/nod
 	diff -r $$tmp/clients/typescript/src/gen clients/typescript/src/gen && \
 	diff -r $$tmp/clients/go/gen clients/go/gen; status=$$?; rm -rf $$tmp; \
 	if [ $$status -ne 0 ]; then echo "clients are stale: run make generate-clients"; fi; exit $$status
+
+# The contract as last released (contract/evalsvc.v1.binpb): `make breaking` fails on any change that
+# would break clients built from it; `make release-contract` records the current contract as released.
+breaking: node_modules/.installed
+	tmp=$$(mktemp --suffix=.binpb) && $(BUF) build -o $$tmp && $(BUF) breaking $$tmp --against contract/evalsvc.v1.binpb --config buf.yaml; \
+	status=$$?; rm -f $$tmp; exit $$status
+
+release-contract: node_modules/.installed
+	$(BUF) build --exclude-source-info -o contract/evalsvc.v1.binpb

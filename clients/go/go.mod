@@ -1,0 +1,3 @@
+module evalsvc/clients/go
+
+go 1.19

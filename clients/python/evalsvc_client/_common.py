@@ -1,0 +1,215 @@
+"""What the sync and async clients share: options, retry policy, channel arguments and request building."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from evalsvc_client import pb
+from evalsvc_client.errors import EvalError
+
+#: Codes a call is retried on when it is idempotent (or carries a request_id).
+RETRYABLE_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter; a server's RetryInfo.retry_delay is a floor on the wait."""
+
+    max_attempts: int = 5
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 5.0
+    multiplier: float = 2.0
+    retryable_codes: frozenset[grpc.StatusCode] = RETRYABLE_CODES
+
+    def should_retry(self, error: EvalError, attempt: int) -> bool:
+        """Whether to retry after `attempt` (1-based) attempts failed with `error`."""
+        if error.code not in self.retryable_codes or attempt >= self.max_attempts:
+            return False
+        # RESOURCE_EXHAUSTED without RetryInfo (items or graders per run) is not helped by waiting, except the
+        # server-wide concurrent-RPC limit, which carries no ErrorInfo at all.
+        return not (error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.retry_delay is None and error.reason)
+
+    def backoff(self, attempt: int, error: EvalError | None = None) -> float:
+        """Seconds to wait before attempt `attempt + 1`."""
+        ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** max(attempt - 1, 0))
+        delay = random.uniform(ceiling / 2, ceiling)
+        if error is not None and error.retry_delay is not None:
+            delay = max(delay, error.retry_delay)
+        return delay
+
+
+@dataclass(frozen=True)
+class WatchPolicy:
+    """How `watch` reconnects: backoff between attempts, and how many failures in a row it tolerates.
+
+    The failure count resets whenever the stream delivers anything (an event or a heartbeat).
+    """
+
+    max_consecutive_failures: int = 30
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+    resumable_codes: frozenset[grpc.StatusCode] = frozenset(
+        {
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.ABORTED,
+            grpc.StatusCode.INTERNAL,  # a connection torn down mid-frame (RST_STREAM) surfaces as INTERNAL
+        }
+    )
+
+    def backoff(self, failures: int, error: EvalError | None = None) -> float:
+        ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** max(failures - 1, 0))
+        delay = random.uniform(ceiling / 2, ceiling)
+        if error is not None and error.retry_delay is not None:
+            delay = max(delay, error.retry_delay)
+        return delay
+
+    def should_resume(self, error: EvalError, failures: int) -> bool:
+        if error.code == grpc.StatusCode.INTERNAL and error.reason == "INTERNAL":
+            return False  # the server's own INTERNAL (a bug) carries ErrorInfo; transport ones do not
+        return error.code in self.resumable_codes and failures < self.max_consecutive_failures
+
+
+@dataclass(frozen=True)
+class TLSOptions:
+    """TLS for the channel: root certificates (None = system roots), and a client certificate for mTLS."""
+
+    root_certificates: bytes | None = None
+    private_key: bytes | None = None
+    certificate_chain: bytes | None = None
+    server_name_override: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_certificates,
+            private_key=self.private_key,
+            certificate_chain=self.certificate_chain,
+        )
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """Connection and call settings shared by `EvalClient` and `AsyncEvalClient`."""
+
+    target: str = "127.0.0.1:50051"
+    api_key: str | None = None
+    tls: TLSOptions | None = None
+    #: Per-attempt deadline of unary calls, in seconds.
+    timeout_s: float = 10.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    watch: WatchPolicy = field(default_factory=WatchPolicy)
+    channel_options: Sequence[tuple[str, Any]] = ()
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+
+    def grpc_options(self) -> list[tuple[str, Any]]:
+        options: list[tuple[str, Any]] = [
+            # Reconnect quickly after a server restart; the calls' own retries add the backoff.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+            # The server accepts client pings at most every 10 s (docs/security.md); stay well above it.
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        ]
+        if self.tls is not None and self.tls.server_name_override:
+            options.append(("grpc.ssl_target_name_override", self.tls.server_name_override))
+        options.extend(self.channel_options)
+        return options
+
+
+def new_request_id() -> str:
+    """A fresh idempotency key."""
+    return str(uuid.uuid4())
+
+
+TargetLike = pb.Target | Mapping[str, Any] | str
+GraderLike = pb.Grader | Mapping[str, Any]
+ItemLike = pb.Item | Mapping[str, Any]
+
+
+def to_target(target: TargetLike) -> pb.Target:
+    """A Target from a message, a proto-JSON mapping ({"provided": {}}) or a kind name ("provided", "echo")."""
+    if isinstance(target, pb.Target):
+        return target
+    if isinstance(target, str):
+        if target not in ("provided", "echo"):
+            raise ValueError(f"unknown target kind {target!r}: expected 'provided' or 'echo'")
+        return json_format.ParseDict({target: {}}, pb.Target())
+    return json_format.ParseDict(dict(target), pb.Target())
+
+
+def to_grader(grader: GraderLike) -> pb.Grader:
+    """A Grader from a message or a proto-JSON mapping ({"name": "exact", "exact_match": {}})."""
+    return grader if isinstance(grader, pb.Grader) else json_format.ParseDict(dict(grader), pb.Grader())
+
+
+def to_item(item: ItemLike) -> pb.Item:
+    """An Item from a message or a proto-JSON mapping ({"input": ..., "expected_output": ...})."""
+    return item if isinstance(item, pb.Item) else json_format.ParseDict(dict(item), pb.Item())
+
+
+def create_run_request(
+    *,
+    target: TargetLike,
+    graders: Iterable[GraderLike],
+    items: Iterable[ItemLike] | None = None,
+    dataset_id: str = "",
+    item_ids: Iterable[str] = (),
+    display_name: str = "",
+    description: str = "",
+    labels: Mapping[str, str] | None = None,
+    pass_threshold: float | None = None,
+    repetitions: int = 0,
+    warmup_runs: int = 0,
+    trigger: pb.run.Trigger = pb.run.TRIGGER_UNSPECIFIED,
+    request_id: str | None = None,
+) -> pb.runs.CreateRunRequest:
+    """A CreateRunRequest; a request_id is generated when none is given, so retries stay idempotent."""
+    request = pb.runs.CreateRunRequest(
+        request_id=request_id or new_request_id(),
+        dataset_id=dataset_id,
+        item_ids=list(item_ids),
+        items=[to_item(i) for i in items or ()],
+        target=to_target(target),
+        graders=[to_grader(g) for g in graders],
+        display_name=display_name,
+        description=description,
+        labels=dict(labels or {}),
+        repetitions=repetitions,
+        warmup_runs=warmup_runs,
+        trigger=trigger,
+    )
+    if pass_threshold is not None:
+        request.pass_threshold = pass_threshold
+    return request
+
+
+def list_runs_request(
+    *,
+    statuses: Iterable[pb.run.RunStatus] = (),
+    labels: Mapping[str, str] | None = None,
+    dataset_id: str = "",
+    page_size: int = 0,
+) -> pb.runs.ListRunsRequest:
+    return pb.runs.ListRunsRequest(
+        statuses=list(statuses), labels=dict(labels or {}), dataset_id=dataset_id, page_size=page_size
+    )
+
+
+def is_terminal(event: pb.WatchRunResponse) -> bool:
+    """Whether a watch event is the run's terminal status event."""
+    return event.HasField("run") and event.run.status in pb.TERMINAL_STATUSES

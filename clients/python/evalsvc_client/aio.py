@@ -1,0 +1,288 @@
+"""`AsyncEvalClient`: the grpc.aio client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any, Self, TypeVar
+
+import grpc
+
+from evalsvc_client import pb
+from evalsvc_client._common import (
+    ClientOptions,
+    GraderLike,
+    ItemLike,
+    RetryPolicy,
+    TargetLike,
+    TLSOptions,
+    WatchPolicy,
+    create_run_request,
+    is_terminal,
+    list_runs_request,
+    new_request_id,
+    to_item,
+)
+from evalsvc_client._gen.evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc
+from evalsvc_client.errors import from_rpc_error
+
+log = logging.getLogger("evalsvc_client")
+T = TypeVar("T")
+
+
+class AsyncEvalClient:
+    """An async evalsvc client over one grpc.aio channel.
+
+    Unary calls get a per-attempt deadline (`timeout_s`) and are retried with backoff on UNAVAILABLE,
+    DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED (honouring RetryInfo) when they are safe to repeat: reads, CancelRun,
+    and CreateRun/CreateDataset, whose retries reuse one request_id. AddDatasetItems is not retried.
+    Errors are raised as `evalsvc_client.errors.EvalError` subclasses.
+
+        async with AsyncEvalClient("127.0.0.1:50051", api_key=key) as client:
+            run = await client.create_run(items=[...], target="provided", graders=[{"exact_match": {}}])
+            async for event in client.watch(run.id):
+                ...
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        api_key: str | None = None,
+        tls: TLSOptions | None = None,
+        timeout_s: float = 10.0,
+        retry: RetryPolicy | None = None,
+        watch: WatchPolicy | None = None,
+        options: ClientOptions | None = None,
+    ) -> None:
+        self.options = options or ClientOptions(
+            target=target,
+            api_key=api_key,
+            tls=tls,
+            timeout_s=timeout_s,
+            retry=retry or RetryPolicy(),
+            watch=watch or WatchPolicy(),
+        )
+        opts = self.options
+        if opts.tls is not None:
+            self._channel = grpc.aio.secure_channel(opts.target, opts.tls.credentials(), options=opts.grpc_options())
+        else:
+            self._channel = grpc.aio.insecure_channel(opts.target, options=opts.grpc_options())
+        self._runs = eval_run_service_pb2_grpc.EvalRunServiceStub(self._channel)
+        self._datasets = dataset_service_pb2_grpc.DatasetServiceStub(self._channel)
+        self._metadata = opts.metadata()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any, *, retry: bool = True) -> T:
+        policy = self.options.retry
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await method(request, timeout=self.options.timeout_s, metadata=self._metadata)
+            except grpc.aio.AioRpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                if not (retry and policy.should_retry(error, attempt)):
+                    raise error from None
+                delay = policy.backoff(attempt, error)
+                log.debug("retrying after %s in %.2fs (attempt %d)", error.code.name, delay, attempt)
+                await asyncio.sleep(delay)
+
+    # Runs.
+
+    async def create_run(
+        self,
+        *,
+        target: TargetLike,
+        graders: Iterable[GraderLike],
+        items: Iterable[ItemLike] | None = None,
+        dataset_id: str = "",
+        item_ids: Iterable[str] = (),
+        display_name: str = "",
+        description: str = "",
+        labels: Mapping[str, str] | None = None,
+        pass_threshold: float | None = None,
+        repetitions: int = 0,
+        warmup_runs: int = 0,
+        trigger: pb.run.Trigger = pb.run.TRIGGER_UNSPECIFIED,
+        request_id: str | None = None,
+    ) -> pb.Run:
+        """Create a run (items inline, or a dataset). Retries reuse one request_id (a uuid4 when none is given)."""
+        request = create_run_request(
+            target=target,
+            graders=graders,
+            items=items,
+            dataset_id=dataset_id,
+            item_ids=item_ids,
+            display_name=display_name,
+            description=description,
+            labels=labels,
+            pass_threshold=pass_threshold,
+            repetitions=repetitions,
+            warmup_runs=warmup_runs,
+            trigger=trigger,
+            request_id=request_id,
+        )
+        return (await self.create_run_from(request)).run
+
+    async def create_run_from(self, request: pb.runs.CreateRunRequest) -> pb.runs.CreateRunResponse:
+        """CreateRun with a request built by the caller; a missing request_id is filled in before the first try."""
+        if not request.request_id:
+            request.request_id = new_request_id()
+        return await self._call(self._runs.CreateRun, request)
+
+    async def get_run(self, run_id: str) -> pb.Run:
+        return (await self._call(self._runs.GetRun, pb.runs.GetRunRequest(run_id=run_id))).run
+
+    async def cancel_run(self, run_id: str) -> pb.Run:
+        """Cancel a run (idempotent); FailedPreconditionError when it already finished."""
+        return (await self._call(self._runs.CancelRun, pb.runs.CancelRunRequest(run_id=run_id))).run
+
+    async def list_runs(
+        self,
+        *,
+        statuses: Iterable[pb.run.RunStatus] = (),
+        labels: Mapping[str, str] | None = None,
+        dataset_id: str = "",
+        page_size: int = 0,
+        limit: int | None = None,
+    ) -> AsyncIterator[pb.Run]:
+        """Runs, newest first, across every page (at most `limit`)."""
+        request = list_runs_request(statuses=statuses, labels=labels, dataset_id=dataset_id, page_size=page_size)
+        count = 0
+        while True:
+            page = await self._call(self._runs.ListRuns, request)
+            for run in page.runs:
+                if limit is not None and count >= limit:
+                    return
+                count += 1
+                yield run
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    async def list_results(
+        self, run_id: str, *, state: pb.run.ResultState = pb.run.RESULT_STATE_UNSPECIFIED, page_size: int = 0
+    ) -> AsyncIterator[pb.Result]:
+        """A run's results in recording order, across every page."""
+        request = pb.runs.ListRunResultsRequest(run_id=run_id, state=state, page_size=page_size)
+        while True:
+            page = await self._call(self._runs.ListRunResults, request)
+            for result in page.results:
+                yield result
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    async def watch(
+        self, run_id: str, after_seq: int = 0, *, heartbeats: bool = False
+    ) -> AsyncIterator[pb.WatchRunResponse]:
+        """A run's events with seq > after_seq, in order, each once, ending after the terminal status event.
+
+        A dropped stream (connection lost, server restarted or shutting down) is resumed from the last seq this
+        iterator delivered, with backoff (`WatchPolicy`). Heartbeats (seq 0) are skipped unless `heartbeats=True`.
+        OUT_OF_RANGE (after_seq beyond the run's last_seq) raises `OutOfRangeError`; NOT_FOUND `NotFoundError`.
+        """
+        policy = self.options.watch
+        last = after_seq
+        failures = 0
+        finished = False
+        while True:
+            call = self._runs.WatchRun(pb.runs.WatchRunRequest(run_id=run_id, after_seq=last), metadata=self._metadata)
+            try:
+                async for event in call:
+                    failures = 0
+                    if event.HasField("heartbeat"):
+                        if heartbeats and not finished:
+                            yield event
+                        continue
+                    if event.seq <= last:
+                        continue  # already delivered (cannot happen with a correct server; never deliver twice)
+                    last = event.seq
+                    yield event
+                    # After the terminal event the server ends the stream with OK: read to that end rather than
+                    # cancel it (a cancel racing the server's own finish has crashed the server: see README).
+                    finished = finished or is_terminal(event)
+                return  # the server ends a watch with OK only after the terminal event
+            except grpc.aio.AioRpcError as rpc_error:
+                if finished:
+                    return
+                error = from_rpc_error(rpc_error)
+                failures += 1
+                if not policy.should_resume(error, failures):
+                    raise error from None
+                delay = policy.backoff(failures, error)
+                log.info(
+                    "watch of %s dropped (%s); resuming after seq %d in %.2fs", run_id, error.code.name, last, delay
+                )
+                await asyncio.sleep(delay)
+            finally:
+                call.cancel()
+
+    async def wait(self, run_id: str) -> pb.Run:
+        """Watch a run to its end and return it as of its terminal event."""
+        final: pb.Run | None = None
+        async for event in self.watch(run_id):
+            if event.HasField("run"):
+                final = event.run
+        return final if final is not None and final.status in pb.TERMINAL_STATUSES else await self.get_run(run_id)
+
+    # Datasets.
+
+    async def create_dataset(
+        self,
+        display_name: str,
+        *,
+        description: str = "",
+        labels: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> pb.Dataset:
+        """Create an empty dataset. Retries reuse one request_id."""
+        request = pb.datasets.CreateDatasetRequest(
+            dataset=pb.Dataset(display_name=display_name, description=description, labels=dict(labels or {})),
+            request_id=request_id or new_request_id(),
+        )
+        return (await self._call(self._datasets.CreateDataset, request)).dataset
+
+    async def get_dataset(self, dataset_id: str) -> pb.Dataset:
+        return (
+            await self._call(self._datasets.GetDataset, pb.datasets.GetDatasetRequest(dataset_id=dataset_id))
+        ).dataset
+
+    async def list_datasets(self, *, page_size: int = 0) -> AsyncIterator[pb.Dataset]:
+        """Datasets, newest first, across every page."""
+        request = pb.datasets.ListDatasetsRequest(page_size=page_size)
+        while True:
+            page = await self._call(self._datasets.ListDatasets, request)
+            for dataset in page.datasets:
+                yield dataset
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    async def add_dataset_items(
+        self, dataset_id: str, items: Iterable[ItemLike]
+    ) -> pb.datasets.AddDatasetItemsResponse:
+        """Append items. Not retried: a repeat after a lost reply would be refused for duplicate item ids."""
+        request = pb.datasets.AddDatasetItemsRequest(dataset_id=dataset_id, items=[to_item(i) for i in items])
+        return await self._call(self._datasets.AddDatasetItems, request, retry=False)
+
+    async def list_dataset_items(self, dataset_id: str, *, page_size: int = 0) -> AsyncIterator[pb.Item]:
+        """A dataset's items in the order they were added, across every page."""
+        request = pb.datasets.ListDatasetItemsRequest(dataset_id=dataset_id, page_size=page_size)
+        while True:
+            page = await self._call(self._datasets.ListDatasetItems, request)
+            for item in page.items:
+                yield item
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token

@@ -1,0 +1,345 @@
+"""evalctl: run evaluations and read them from a terminal or CI.
+
+    evalctl run spec.yaml [--fail-under PCT] [--junit FILE] [--jsonl FILE]   create, follow with a progress bar
+    evalctl watch RUN_ID [--after-seq N]                                     follow a run to its end
+    evalctl get RUN_ID | list [--status S] [--label k=v] | cancel RUN_ID
+    evalctl results RUN_ID [--state passed|failed|error|skipped] [--format table|jsonl|junit] [-o FILE]
+
+Global: --target HOST:PORT (EVALCTL_TARGET, default 127.0.0.1:50051), --api-key (EVALSVC_API_KEY), --json,
+--ca-cert/--client-cert/--client-key (TLS, mTLS).
+
+Exit codes: 0 ok; 1 the pass rate (percent, errors excluded) is below --fail-under; 2 the run ended FAILED or
+CANCELLED; 3 a spec, connection or RPC error (argparse's usage errors exit 2 as usual).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from evalsvc_client import pb
+from evalsvc_client._common import TLSOptions
+from evalsvc_client.errors import EvalError
+from evalsvc_client.export import to_dict, write_jsonl, write_junit
+from evalsvc_client.spec import SpecError, load_spec
+from evalsvc_client.sync import EvalClient
+
+EXIT_OK, EXIT_BELOW, EXIT_RUN_FAILED, EXIT_ERROR = 0, 1, 2, 3
+
+_STATES = {
+    "passed": pb.run.RESULT_STATE_PASSED,
+    "failed": pb.run.RESULT_STATE_FAILED,
+    "error": pb.run.RESULT_STATE_ERROR,
+    "skipped": pb.run.RESULT_STATE_SKIPPED,
+}
+_STATUSES = {name.removeprefix("RUN_STATUS_").lower(): value for name, value in pb.run.RunStatus.items() if value}
+
+
+def _status(value: int) -> str:
+    return pb.run.RunStatus.Name(value).removeprefix("RUN_STATUS_")
+
+
+def pass_rate_percent(counts: pb.RunCounts) -> float | None:
+    """Passed / (passed + failed) in percent, errors excluded, as the server computes it; None with no verdicts."""
+    graded = counts.passed + counts.failed
+    return 100.0 * counts.passed / graded if graded else None
+
+
+class _Live:
+    """The progress display: a rich bar on a terminal, nothing otherwise (CI logs get the summary line)."""
+
+    def __init__(self, console: Console, enabled: bool) -> None:
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._cost = 0.0
+        if enabled:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("pass {task.fields[rate]}"),
+                TextColumn("errors {task.fields[errors]}"),
+                TextColumn("${task.fields[cost]:.4f}"),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
+
+    def __enter__(self) -> _Live:
+        if self._progress is not None:
+            self._progress.start()
+            self._task = self._progress.add_task("run", total=None, rate="-", errors=0, cost=0.0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def update(self, event: pb.WatchRunResponse) -> None:
+        if event.HasField("result"):
+            self._cost += event.result.cost_usd
+        if event.HasField("run") and event.run.status in pb.TERMINAL_STATUSES:
+            self._cost = event.run.aggregate.total_cost_usd or self._cost
+        if self._progress is None or self._task is None:
+            return
+        counts = event.counts
+        rate = pass_rate_percent(counts)
+        description = _status(event.run.status).lower() if event.HasField("run") else "running"
+        self._progress.update(
+            self._task,
+            description=description,
+            total=counts.total_evaluations or None,
+            completed=counts.completed_evaluations,
+            rate="-" if rate is None else f"{rate:.1f}%",
+            errors=counts.errored,
+            cost=self._cost,
+        )
+
+
+def _client(args: argparse.Namespace) -> EvalClient:
+    tls = None
+    if args.ca_cert or args.client_cert or args.tls:
+        tls = TLSOptions(
+            root_certificates=Path(args.ca_cert).read_bytes() if args.ca_cert else None,
+            certificate_chain=Path(args.client_cert).read_bytes() if args.client_cert else None,
+            private_key=Path(args.client_key).read_bytes() if args.client_key else None,
+        )
+    return EvalClient(args.target, api_key=args.api_key, tls=tls)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _summary(console: Console, run: pb.Run) -> None:
+    counts = run.counts
+    rate = pass_rate_percent(counts)
+    verdict = "" if not run.HasField("overall_passed") else (" passed" if run.overall_passed else " did not pass")
+    console.print(
+        f"run {run.id} {_status(run.status)}{verdict}: {counts.completed_evaluations}/{counts.total_evaluations}"
+        f" evaluations, pass rate {'-' if rate is None else f'{rate:.1f}%'}, {counts.errored} errors,"
+        f" cost ${run.aggregate.total_cost_usd:.4f}"
+        + (f" ({run.error.code}: {run.error.message})" if run.HasField("error") else "")
+    )
+
+
+def _follow(client: EvalClient, run_id: str, after_seq: int, args: argparse.Namespace, console: Console) -> pb.Run:
+    """Watch to the end: JSON lines of events with --json, the progress bar on a terminal; returns the final run."""
+    final: pb.Run | None = None
+    show_bar = not args.json and not args.no_progress and console.is_terminal
+    with _Live(console, show_bar) as live:
+        for event in client.watch(run_id, after_seq):
+            if args.json and args.command == "watch":
+                sys.stdout.write(json.dumps(to_dict(event), sort_keys=True) + "\n")
+                sys.stdout.flush()
+            live.update(event)
+            if event.HasField("run"):
+                final = event.run
+    return final if final is not None and final.status in pb.TERMINAL_STATUSES else client.get_run(run_id)
+
+
+def _verdict(run: pb.Run, fail_under: float | None, console: Console) -> int:
+    if run.status != pb.run.RUN_STATUS_SUCCEEDED:
+        return EXIT_RUN_FAILED
+    if fail_under is not None:
+        rate = pass_rate_percent(run.counts)
+        if rate is None or rate < fail_under:
+            console.print(f"pass rate {'-' if rate is None else f'{rate:.1f}%'} is below --fail-under {fail_under:g}%")
+            return EXIT_BELOW
+    return EXIT_OK
+
+
+def _results(client: EvalClient, run_id: str, state: str | None) -> Iterator[pb.Result]:
+    return client.list_results(
+        run_id, state=_STATES[state] if state else pb.run.RESULT_STATE_UNSPECIFIED, page_size=1000
+    )
+
+
+def _export(client: EvalClient, run: pb.Run, args: argparse.Namespace) -> None:
+    if getattr(args, "jsonl", None):
+        with open(args.jsonl, "w", encoding="utf-8") as handle:
+            write_jsonl(_results(client, run.id, None), handle)
+    if getattr(args, "junit", None):
+        write_junit(run, _results(client, run.id, None), args.junit)
+
+
+def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    spec = load_spec(Path(args.spec))
+    created = client.create_run_from(spec.request())
+    run = created.run
+    if not args.json:
+        console.print(f"created run {run.id} ({created.job_count} jobs)")
+    if args.detach:
+        if args.json:
+            _print_json(to_dict(run))
+        return EXIT_OK
+    final = _follow(client, run.id, 0, args, console)
+    _export(client, final, args)
+    if args.json:
+        _print_json(to_dict(final))
+    else:
+        _summary(console, final)
+    return _verdict(final, args.fail_under, console)
+
+
+def cmd_watch(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    final = _follow(client, args.run_id, args.after_seq, args, console)
+    _export(client, final, args)
+    if not args.json:
+        _summary(console, final)
+    return _verdict(final, args.fail_under, console)
+
+
+def cmd_get(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    run = client.get_run(args.run_id)
+    if args.json:
+        _print_json(to_dict(run))
+    else:
+        _summary(console, run)
+    return _verdict(run, args.fail_under, console) if args.fail_under is not None else EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    labels = dict(label.split("=", 1) for label in args.label)
+    statuses = [_STATUSES[s] for s in args.status]
+    runs = list(client.list_runs(statuses=statuses, labels=labels, dataset_id=args.dataset_id, limit=args.limit))
+    if args.json:
+        _print_json([to_dict(r) for r in runs])
+        return EXIT_OK
+    table = Table("id", "name", "status", "progress", "pass rate", "created")
+    for run in runs:
+        rate = pass_rate_percent(run.counts)
+        table.add_row(
+            run.id,
+            run.display_name,
+            _status(run.status),
+            f"{run.counts.completed_evaluations}/{run.counts.total_evaluations}",
+            "-" if rate is None else f"{rate:.1f}%",
+            run.create_time.ToDatetime().isoformat(timespec="seconds") + "Z",
+        )
+    Console().print(table)  # the listing is the output: stdout, unlike progress and messages
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    run = client.cancel_run(args.run_id)
+    if args.json:
+        _print_json(to_dict(run))
+    else:
+        _summary(console, run)
+    return EXIT_OK
+
+
+def cmd_results(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    fmt = "jsonl" if args.json and args.format == "table" else args.format
+    results = _results(client, args.run_id, args.state)
+    if fmt == "junit":
+        write_junit(client.get_run(args.run_id), results, args.output or "/dev/stdout")
+    elif fmt == "jsonl":
+        if args.output:
+            with open(args.output, "w", encoding="utf-8") as handle:
+                write_jsonl(results, handle)
+        else:
+            write_jsonl(results, sys.stdout)
+    else:
+        table = Table("item", "rep", "grader", "state", "score", "explanation")
+        for result in results:
+            state = pb.run.ResultState.Name(result.state).removeprefix("RESULT_STATE_")
+            explanation = result.error_reason or result.explanation
+            table.add_row(
+                result.item_id, str(result.repetition), result.grader, state, f"{result.score:.2f}", explanation
+            )
+        if args.output:
+            with open(args.output, "w", encoding="utf-8") as handle:
+                Console(file=handle, width=200).print(table)
+        else:
+            Console().print(table)
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--target", default=os.environ.get("EVALCTL_TARGET", "127.0.0.1:50051"), help="HOST:PORT")
+    common.add_argument("--api-key", default=os.environ.get("EVALSVC_API_KEY"), help="or EVALSVC_API_KEY")
+    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    common.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    common.add_argument("--ca-cert", help="PEM root certificates (enables TLS)")
+    common.add_argument("--client-cert", help="PEM client certificate chain, for mTLS")
+    common.add_argument("--client-key", help="PEM private key of --client-cert")
+
+    top = argparse.ArgumentParser(prog="evalctl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def follow_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--fail-under", type=float, metavar="PCT", help="exit 1 when the pass rate (%%) is lower")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--junit", metavar="FILE", help="write the results as JUnit XML when the run ends")
+        p.add_argument("--jsonl", metavar="FILE", help="write the results as JSON Lines when the run ends")
+
+    run = sub.add_parser("run", parents=[common], help="create a run from a spec file and follow it")
+    run.add_argument("spec", help="YAML or JSON run spec")
+    run.add_argument("--detach", action="store_true", help="create the run and exit without following it")
+    follow_flags(run)
+    run.set_defaults(handler=cmd_run)
+
+    watch = sub.add_parser("watch", parents=[common], help="follow a run to its end (--json: one event per line)")
+    watch.add_argument("run_id")
+    watch.add_argument("--after-seq", type=int, default=0)
+    follow_flags(watch)
+    watch.set_defaults(handler=cmd_watch)
+
+    get = sub.add_parser("get", parents=[common], help="show a run")
+    get.add_argument("run_id")
+    get.add_argument("--fail-under", type=float, metavar="PCT", help="exit 1 when the pass rate (%%) is lower")
+    get.set_defaults(handler=cmd_get)
+
+    listing = sub.add_parser("list", parents=[common], help="list runs, newest first")
+    listing.add_argument("--status", action="append", default=[], choices=sorted(_STATUSES))
+    listing.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    listing.add_argument("--dataset-id", default="")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.set_defaults(handler=cmd_list)
+
+    cancel = sub.add_parser("cancel", parents=[common], help="cancel a run")
+    cancel.add_argument("run_id")
+    cancel.set_defaults(handler=cmd_cancel)
+
+    results = sub.add_parser("results", parents=[common], help="a run's results")
+    results.add_argument("run_id")
+    results.add_argument("--state", choices=sorted(_STATES))
+    results.add_argument("--format", choices=["table", "jsonl", "junit"], default="table")
+    results.add_argument("-o", "--output", metavar="FILE")
+    results.set_defaults(handler=cmd_results)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        with _client(args) as client:
+            code: int = args.handler(args, client, console)
+            return code
+    except SpecError as exc:
+        console.print(f"evalctl: {exc}", markup=False)
+    except EvalError as exc:
+        console.print(f"evalctl: {exc}", markup=False)
+        for path, why in exc.field_violations.items():
+            console.print(f"  {path}: {why}", markup=False)
+    except (OSError, ValueError) as exc:
+        console.print(f"evalctl: {exc}", markup=False)
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

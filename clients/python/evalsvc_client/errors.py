@@ -1,0 +1,120 @@
+"""Errors: every failed call raises an `EvalError` (a subclass per gRPC code) with the server's rich details.
+
+The server puts a `google.rpc.Status` in the `grpc-status-details-bin` trailer whose details hold an `ErrorInfo`
+(domain `evalsvc`, a stable `reason`), and where they apply a `BadRequest` and a `RetryInfo` (docs/errors.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class EvalError(Exception):
+    """A failed evalsvc call: its gRPC code, message, ErrorInfo reason and metadata, and any rich details."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+        field_violations: Mapping[str, str] | None = None,
+        retry_delay: float | None = None,
+    ) -> None:
+        super().__init__(f"{code.name}: {message}" + (f" ({reason})" if reason else ""))
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.field_violations: dict[str, str] = dict(field_violations or {})
+        self.retry_delay = retry_delay
+
+
+class InvalidArgumentError(EvalError):
+    """INVALID_ARGUMENT: `field_violations` names each bad field; nothing was written."""
+
+
+class UnauthenticatedError(EvalError):
+    """UNAUTHENTICATED: no key, or a malformed, unknown, revoked or expired one."""
+
+
+class NotFoundError(EvalError):
+    """NOT_FOUND: no such run or dataset for this key's tenant."""
+
+
+class AlreadyExistsError(EvalError):
+    """ALREADY_EXISTS: a request_id reused for a different request; `metadata['run_id']` is the first run."""
+
+
+class FailedPreconditionError(EvalError):
+    """FAILED_PRECONDITION: e.g. cancelling a run that already finished."""
+
+
+class OutOfRangeError(EvalError):
+    """OUT_OF_RANGE: WatchRun's after_seq is beyond the run's last_seq (`metadata['last_seq']`)."""
+
+
+class ResourceExhaustedError(EvalError):
+    """RESOURCE_EXHAUSTED: a quota; `retry_delay` says how long to wait when waiting helps."""
+
+
+class UnavailableError(EvalError):
+    """UNAVAILABLE: the server is unreachable or shutting down."""
+
+
+class DeadlineExceededError(EvalError):
+    """DEADLINE_EXCEEDED: the call's deadline passed."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[EvalError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRangeError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+}
+
+
+def status_details(error: grpc.RpcError) -> status_pb2.Status | None:
+    """The google.rpc.Status in an error's trailers (sync or aio), if the server sent one."""
+    trailing = getattr(error, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == _DETAILS_KEY and isinstance(value, bytes):
+            return status_pb2.Status.FromString(value)
+    return None
+
+
+def from_rpc_error(error: grpc.RpcError) -> EvalError:
+    """The EvalError for a grpc error (sync `grpc.RpcError` or `grpc.aio.AioRpcError`)."""
+    code_of = getattr(error, "code", None)
+    details_of = getattr(error, "details", None)
+    code = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
+    message = (details_of() if callable(details_of) else None) or str(error)
+    reason, metadata, violations, delay = "", {}, {}, None
+    status = status_details(error)
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason, metadata = info.reason, dict(info.metadata)
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations.update({v.field: v.description for v in bad.field_violations})
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                delay = retry.retry_delay.ToTimedelta().total_seconds()
+    cls = _BY_CODE.get(code, EvalError)
+    return cls(code, message, reason=reason, metadata=metadata, field_violations=violations, retry_delay=delay)

@@ -1,0 +1,75 @@
+"""Result exports: JSON Lines (one Result in proto JSON per line) and JUnit XML (one testsuite per grader)."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from typing import Any, TextIO
+
+from google.protobuf import json_format
+
+from evalsvc_client import pb
+
+
+def to_dict(message: Any) -> dict[str, Any]:
+    """A message as proto JSON with the .proto field names (snake_case) and enum names."""
+    result: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return result
+
+
+def write_jsonl(results: Iterable[pb.Result], out: TextIO) -> int:
+    count = 0
+    for result in results:
+        out.write(json.dumps(to_dict(result), sort_keys=True) + "\n")
+        count += 1
+    return count
+
+
+def junit_xml(run: pb.Run, results: Iterable[pb.Result]) -> ET.ElementTree:
+    """JUnit XML: a testsuite per grader, a testcase per item and repetition; FAILED -> <failure>,
+    ERROR -> <error>, SKIPPED -> <skipped>. Times are the target's latency."""
+    suites: dict[str, ET.Element] = {}
+    counts: dict[str, dict[str, float]] = {}
+    name = run.display_name or run.id
+    root = ET.Element("testsuites", name=name)
+    for result in results:
+        suite = suites.get(result.grader)
+        if suite is None:
+            suite = suites[result.grader] = ET.SubElement(root, "testsuite", name=f"{name}.{result.grader}")
+            counts[result.grader] = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "time": 0.0}
+        tally = counts[result.grader]
+        seconds = result.latency_ms / 1000.0
+        case = ET.SubElement(
+            suite,
+            "testcase",
+            classname=f"{name}.{result.grader}",
+            name=f"{result.item_id}#{result.repetition}",
+            time=f"{seconds:.3f}",
+        )
+        tally["tests"] += 1
+        tally["time"] += seconds
+        if result.state == pb.run.RESULT_STATE_FAILED:
+            tally["failures"] += 1
+            ET.SubElement(
+                case, "failure", message=result.explanation, type="FAILED"
+            ).text = f"score {result.score:.3f}: {result.explanation}\noutput: {result.output.content}"
+        elif result.state == pb.run.RESULT_STATE_ERROR:
+            tally["errors"] += 1
+            ET.SubElement(case, "error", message=result.error_reason or result.explanation, type="ERROR")
+        elif result.state == pb.run.RESULT_STATE_SKIPPED:
+            tally["skipped"] += 1
+            ET.SubElement(case, "skipped")
+    totals = {"tests": 0.0, "failures": 0.0, "errors": 0.0, "skipped": 0.0, "time": 0.0}
+    for grader, suite in suites.items():
+        for key, value in counts[grader].items():
+            suite.set(key, f"{value:.3f}" if key == "time" else str(int(value)))
+            totals[key] += value
+    for key, value in totals.items():
+        root.set(key, f"{value:.3f}" if key == "time" else str(int(value)))
+    ET.indent(root)
+    return ET.ElementTree(root)
+
+
+def write_junit(run: pb.Run, results: Iterable[pb.Result], path: str) -> None:
+    junit_xml(run, results).write(path, encoding="utf-8", xml_declaration=True)

@@ -1,0 +1,43 @@
+"""The generated message modules, re-exported: `from evalsvc_client import pb; pb.runs.CreateRunRequest(...)`."""
+
+from evalsvc_client._gen.evalsvc.v1 import dataset_service_pb2 as datasets
+from evalsvc_client._gen.evalsvc.v1 import eval_run_service_pb2 as runs
+from evalsvc_client._gen.evalsvc.v1 import grader_pb2 as grader
+from evalsvc_client._gen.evalsvc.v1 import item_pb2 as item
+from evalsvc_client._gen.evalsvc.v1 import run_pb2 as run
+from evalsvc_client._gen.evalsvc.v1 import target_pb2 as target
+
+Run = run.Run
+Result = run.Result
+RunStatus = run.RunStatus
+ResultState = run.ResultState
+RunCounts = run.RunCounts
+Item = item.Item
+Response = item.Response
+Grader = grader.Grader
+Target = target.Target
+Dataset = datasets.Dataset
+WatchRunResponse = runs.WatchRunResponse
+
+TERMINAL_STATUSES = frozenset({run.RUN_STATUS_SUCCEEDED, run.RUN_STATUS_FAILED, run.RUN_STATUS_CANCELLED})
+
+__all__ = [
+    "TERMINAL_STATUSES",
+    "Dataset",
+    "Grader",
+    "Item",
+    "Response",
+    "Result",
+    "ResultState",
+    "Run",
+    "RunCounts",
+    "RunStatus",
+    "Target",
+    "WatchRunResponse",
+    "datasets",
+    "grader",
+    "item",
+    "run",
+    "runs",
+    "target",
+]

@@ -1,0 +1,163 @@
+"""evalctl (clients/python, `python -m evalsvc_client.cli`) as a subprocess against a live server: run specs with
+JSONL, CSV and YAML datasets, --fail-under exit codes, --json output, JSONL and JUnit exports, and every command."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.procs import ServerProcess
+
+CLIENT_DIR = Path(__file__).resolve().parent.parent / "clients" / "python"
+sys.path.insert(0, str(CLIENT_DIR))
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("rich") is None or importlib.util.find_spec("yaml") is None,
+        reason="evalctl needs rich and pyyaml: `pip install -e clients/python` into the venv",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str]]:
+    tmp = tmp_path_factory.mktemp("evalctl")
+    server = ServerProcess(f"sqlite+aiosqlite:///{tmp / 'cli.db'}", tmp / "server.log")
+    try:
+        key = server.bootstrap_key()
+        assert key
+        yield server, key
+    finally:
+        assert server.terminate() == 0
+
+
+def evalctl(live: tuple[ServerProcess, str], *args: str) -> subprocess.CompletedProcess[str]:
+    server, key = live
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(CLIENT_DIR), os.environ.get("PYTHONPATH", "")]),
+        "EVALCTL_TARGET": server.target,
+        "EVALSVC_API_KEY": key,
+        "COLUMNS": "200",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "evalsvc_client.cli", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def _rows(n: int, wrong_every: int) -> list[dict[str, str]]:
+    return [
+        {
+            "id": f"q{i}",
+            "input": f"question {i}",
+            "expected_output": f"answer {i}",
+            "response": "nope" if i % wrong_every == 0 else f"answer {i}",
+        }
+        for i in range(n)
+    ]
+
+
+def test_run_jsonl_dataset_fail_under_and_exports(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(50, wrong_every=10)))
+    (tmp_path / "spec.yaml").write_text(
+        "display_name: cli qa\n"
+        "dataset: qa.jsonl\n"
+        "target: provided\n"
+        "graders:\n"
+        "  - {name: exact, exact_match: {}}\n"
+        "labels: {suite: cli-jsonl}\n"
+    )
+    junit, jsonl = tmp_path / "results.xml", tmp_path / "results.jsonl"
+    below = evalctl(
+        live, "run", str(tmp_path / "spec.yaml"), "--fail-under", "95", "--junit", str(junit), "--jsonl", str(jsonl)
+    )
+    assert below.returncode == 1, below.stderr
+    assert "pass rate 90.0%" in below.stderr and "below --fail-under 95%" in below.stderr
+
+    suites = ET.parse(junit).getroot()
+    assert suites.tag == "testsuites" and suites.get("tests") == "50" and suites.get("failures") == "5"
+    cases = suites.findall("./testsuite/testcase")
+    assert len(cases) == 50 and sum(c.find("failure") is not None for c in cases) == 5
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert len(lines) == 50 and sum(r["state"] == "RESULT_STATE_FAILED" for r in lines) == 5
+
+    above = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--fail-under", "90", "--json")
+    assert above.returncode == 0, above.stderr
+    run = json.loads(above.stdout)
+    assert run["status"] == "RUN_STATUS_SUCCEEDED" and run["counts"]["passed"] == 45
+
+    # get, list, watch, results, cancel on the finished run.
+    got = evalctl(live, "get", run["id"], "--json")
+    assert got.returncode == 0 and json.loads(got.stdout)["last_seq"] == run["last_seq"]
+    assert evalctl(live, "get", run["id"], "--fail-under", "99").returncode == 1
+    listed = evalctl(live, "list", "--label", "suite=cli-jsonl", "--json")
+    assert [r["display_name"] for r in json.loads(listed.stdout)] == ["cli qa", "cli qa"]
+    table = evalctl(live, "list", "--status", "succeeded")
+    assert table.returncode == 0 and run["id"] in table.stdout
+    watched = evalctl(live, "watch", run["id"], "--json", "--after-seq", str(int(run["last_seq"]) - 2))
+    events = [json.loads(line) for line in watched.stdout.splitlines()]
+    assert watched.returncode == 0 and [int(e["seq"]) for e in events] == [
+        int(run["last_seq"]) - 1,
+        int(run["last_seq"]),
+    ]
+    failed = evalctl(live, "results", run["id"], "--state", "failed", "--format", "jsonl")
+    assert len(failed.stdout.splitlines()) == 5
+    out = tmp_path / "again.xml"
+    assert evalctl(live, "results", run["id"], "--format", "junit", "-o", str(out)).returncode == 0
+    assert ET.parse(out).getroot().get("failures") == "5"
+    assert "q0" in evalctl(live, "results", run["id"]).stdout
+    refused = evalctl(live, "cancel", run["id"])
+    assert refused.returncode == 3 and "RUN_ALREADY_FINISHED" in refused.stderr
+    missing = evalctl(live, "get", "run_nope")
+    assert missing.returncode == 3 and "RUN_NOT_FOUND" in missing.stderr
+
+
+def test_run_csv_and_yaml_datasets_detach_and_cancel(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    with (tmp_path / "qa.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["id", "input", "expected_output", "response", "topic"])
+        writer.writeheader()
+        writer.writerows({**r, "topic": "math"} for r in _rows(20, wrong_every=4))
+    (tmp_path / "csv.yaml").write_text("dataset: qa.csv\ntarget: provided\ngraders: [{exact_match: {}}]\n")
+    result = evalctl(
+        live, "run", str(tmp_path / "csv.yaml"), "--fail-under", "75", "--jsonl", str(tmp_path / "r.jsonl")
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert len(lines) == 20 and sum(r["passed"] is True for r in lines if "passed" in r) == 15
+
+    (tmp_path / "items.yaml").write_text(
+        "- {input: hello, expected_output: hello}\n- {input: bye, expected_output: 7}\n"
+    )
+    (tmp_path / "echo.json").write_text(
+        json.dumps({"dataset": "items.yaml", "target": {"echo": {}}, "graders": [{"name": "same", "exact_match": {}}]})
+    )
+    echo = evalctl(live, "run", str(tmp_path / "echo.json"), "--fail-under", "50.1", "--json")
+    assert echo.returncode == 1 and json.loads(echo.stdout)["counts"]["passed"] == 1
+
+    # A run whose every evaluation errors (provided target, no recorded responses) ends FAILED: exit 2.
+    (tmp_path / "bare.jsonl").write_text('{"input": "x", "expected_output": "y"}\n')
+    (tmp_path / "bare.yaml").write_text("dataset: bare.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
+    assert evalctl(live, "run", str(tmp_path / "bare.yaml")).returncode == 2
+
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(3000, wrong_every=3)))
+    (tmp_path / "big.yaml").write_text("dataset: big.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
+    detached = evalctl(live, "run", str(tmp_path / "big.yaml"), "--detach", "--json")
+    assert detached.returncode == 0, detached.stderr
+    run_id = json.loads(detached.stdout)["id"]
+    cancelled = evalctl(live, "cancel", run_id, "--json")
+    assert cancelled.returncode == 0 and json.loads(cancelled.stdout)["status"] == "RUN_STATUS_CANCELLED"
+    assert evalctl(live, "watch", run_id, "--no-progress").returncode == 2
+
+    (tmp_path / "broken.yaml").write_text("target: provided\ngraders: [{nonsense: {}}]\n")
+    broken = evalctl(live, "run", str(tmp_path / "broken.yaml"))
+    assert broken.returncode == 3 and "nonsense" in broken.stderr
