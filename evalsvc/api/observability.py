@@ -67,6 +67,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
     def _unary(self, method: str, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def observed(request: Any, context: Context) -> Any:
             started = time.perf_counter()
+            peer = _peer(context)
             response = None
             code = grpc.StatusCode.UNKNOWN
             try:
@@ -80,7 +81,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
                 code = _code_of_exception(exc)
                 raise
             finally:
-                self._finished(method, code, started, request, response, context, stream=False)
+                self._finished(method, code, started, request, response, peer, stream=False)
 
         return observed
 
@@ -89,6 +90,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
 
         async def observed(request: Any, context: Context) -> AsyncIterator[Any]:
             started = time.perf_counter()
+            peer = _peer(context)
             code = grpc.StatusCode.UNKNOWN
             gauge = self._metrics.open_streams.labels(method)
             gauge.inc()
@@ -107,7 +109,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
                 raise
             finally:
                 gauge.dec()
-                self._finished(method, code, started, request, None, context, stream=True)
+                self._finished(method, code, started, request, None, peer, stream=True)
 
         return observed
 
@@ -116,6 +118,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
 
         async def observed(request: Any, context: Context) -> None:
             started = time.perf_counter()
+            peer = _peer(context)
             code = grpc.StatusCode.UNKNOWN
             gauge = self._metrics.open_streams.labels(method)
             gauge.inc()
@@ -136,7 +139,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
                 raise
             finally:
                 gauge.dec()
-                self._finished(method, code, started, request, None, context, stream=True)
+                self._finished(method, code, started, request, None, peer, stream=True)
 
         return observed
 
@@ -147,7 +150,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
         started: float,
         request: Any,
         response: Any,
-        context: Context,
+        peer: str,
         *,
         stream: bool,
     ) -> None:
@@ -173,7 +176,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
                 "latency_ms": latency_ms,
                 "tenant": tenant,
                 "run_id": run_id,
-                "peer": _peer(context),
+                "peer": peer,
             },
         )
 
@@ -205,6 +208,8 @@ def _run_id(request: Any, response: Any) -> str:
 
 
 def _peer(context: Context) -> str:
+    """The client's address, read when the call starts: asking a context whose call was cancelled
+    (client gone) for its peer dereferenced a null pointer in grpc's core and killed the server."""
     try:
         return str(context.peer())
     except Exception:  # a context that cannot say: the log line matters more than its peer

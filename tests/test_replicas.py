@@ -1,0 +1,170 @@
+"""Scale-out on PostgreSQL: replicas share runs, watchers on any replica see everything, a dead
+replica's work is finished by the survivor, and a replica that wakes up after losing its leases
+records nothing. Each test starts its own server processes on a scratch PostgreSQL database."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import eval_run_service_pb2_grpc, item_pb2, run_pb2, target_pb2
+from tests import dbs
+from tests.fake_llm import FakeEndpoint, chat_reply
+from tests.helpers import TERMINAL, create_request, exact, keyed_channel, watch_all
+from tests.procs import ServerProcess
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        (reason := dbs.postgres_unavailable()) is not None, reason=reason or "PostgreSQL is not reachable"
+    ),
+]
+FAST = ("--lease-ttl-s", "2", "--poll-interval-s", "0.2", "--claim-batch", "50", "--workers", "50")
+
+
+def stub(server: ServerProcess, key: str) -> tuple[object, eval_run_service_pb2_grpc.EvalRunServiceStub]:
+    channel = keyed_channel(server.port, key)
+    return channel, eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+
+
+def replicas(
+    tmp_path: Path, *extra: str, env: dict[str, str] | None = None
+) -> tuple[ServerProcess, ServerProcess, str]:
+    url = dbs.postgres_url(tmp_path, "replicas")
+    first = ServerProcess(url, tmp_path / "a.log", *FAST, *extra, env=env)
+    key = first.bootstrap_key()
+    assert key, "the first replica mints the first key"
+    second = ServerProcess(url, tmp_path / "b.log", *FAST, *extra, env=env)
+    return first, second, key
+
+
+async def resuming_watcher(
+    stubs: list[eval_run_service_pb2_grpc.EvalRunServiceStub], run_id: str, seed: int
+) -> list[pb.WatchRunResponse]:
+    """Watch to the end, dropping the stream at random moments and resuming on a random replica."""
+    rng = random.Random(seed)
+    received: list[pb.WatchRunResponse] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        cut = rng.randint(20, 400)
+        call = rng.choice(stubs).WatchRun(
+            pb.WatchRunRequest(run_id=run_id, after_seq=received[-1].seq if received else 0)
+        )
+        async for event in call:
+            if event.HasField("heartbeat"):
+                continue
+            received.append(event)
+            if event.HasField("run") and event.run.status in TERMINAL:
+                return received
+            cut -= 1
+            if cut == 0:
+                call.cancel()
+                break
+    raise AssertionError("the watcher did not see the terminal event in time")
+
+
+async def test_watchers_on_any_replica_see_every_event_once_and_idempotency_spans_replicas(tmp_path: Path) -> None:
+    first, second, key = replicas(tmp_path)
+    try:
+        ch_a, a = stub(first, key)
+        ch_b, b = stub(second, key)
+        async with ch_a, ch_b:  # type: ignore[attr-defined]
+            request = create_request(1500, request_id="same-on-both")
+            created = await asyncio.gather(*(s.CreateRun(request) for s in (a, b, a, b)))
+            assert len({c.run.id for c in created}) == 1
+            run_id = created[0].run.id
+            seen = await asyncio.gather(*(resuming_watcher([a, b], run_id, seed) for seed in range(3)))
+            full = await watch_all(b, run_id)
+    finally:
+        assert first.terminate() == 0 and second.terminate() == 0
+    assert [e.seq for e in full] == list(range(1, len(full) + 1))
+    for events in seen:
+        assert [e.SerializeToString() for e in events] == [e.SerializeToString() for e in full]
+    assert sum(e.HasField("result") for e in full) == 1500
+    for log in (first.log_path, second.log_path):  # both replicas executed part of the run
+        assert "listening on" in log.read_text()
+
+
+async def test_survivor_finishes_the_run_of_a_killed_replica_exactly_once(tmp_path: Path) -> None:
+    first, second, key = replicas(tmp_path)
+    try:
+        ch_b, b = stub(second, key)
+        ch_a, a = stub(first, key)
+        async with ch_a, ch_b:  # type: ignore[attr-defined]
+            run_id = (await a.CreateRun(create_request(4000))).run.id
+            async for event in b.WatchRun(pb.WatchRunRequest(run_id=run_id)):
+                if event.counts.completed_evaluations >= 800:
+                    break
+            first.kill()
+            killed_at = time.monotonic()
+            rest = await watch_all(b, run_id)
+            finished_after = time.monotonic() - killed_at
+            full = await watch_all(b, run_id)
+            run = (await b.GetRun(pb.GetRunRequest(run_id=run_id))).run
+            results, token = [], ""
+            while True:
+                page = await b.ListRunResults(pb.ListRunResultsRequest(run_id=run_id, page_size=1000, page_token=token))
+                results.extend(page.results)
+                if not (token := page.next_page_token):
+                    break
+    finally:
+        assert second.terminate() == 0
+    assert rest[-1].run.status == run_pb2.RUN_STATUS_SUCCEEDED
+    assert run.counts.completed_evaluations == 4000
+    assert len({(r.item_id, r.repetition, r.grader) for r in results}) == len(results) == 4000
+    assert [e.seq for e in full] == list(range(1, len(full) + 1))
+    assert finished_after < 60  # lease TTL 2 s + sweep 0.2 s + the remaining work, with room for a slow machine
+
+
+async def test_a_replica_that_wakes_after_losing_its_leases_records_nothing(tmp_path: Path) -> None:
+    with FakeEndpoint(chat_reply("a")) as llm:
+        llm.script[0].delay_s = 0.5  # calls stay in flight, so the paused replica holds leases
+        url = dbs.postgres_url(tmp_path, "fencing")
+        env = {"EVALSVC_OUTBOUND_ALLOW": "127.0.0.1"}
+        paused = ServerProcess(url, tmp_path / "a.log", *FAST, env=env)
+        key = paused.bootstrap_key() or ""
+        survivor: ServerProcess | None = None
+        try:
+            ch_a, a = stub(paused, key)
+            async with ch_a:  # type: ignore[attr-defined]
+                target = target_pb2.Target(
+                    chat=target_pb2.ChatTarget(endpoint=target_pb2.Endpoint(base_url=llm.url + "/v1"), model="m")
+                )
+                run_id = (
+                    await a.CreateRun(
+                        pb.CreateRunRequest(
+                            items=[item_pb2.Item(input=f"q{i}", expected_output="a") for i in range(60)],
+                            target=target,
+                            graders=[exact()],
+                        )
+                    )
+                ).run.id
+                while len(llm.seen) < 5:  # the first replica has calls in flight
+                    await asyncio.sleep(0.05)
+            os.kill(paused.proc.pid, signal.SIGSTOP)
+            survivor = ServerProcess(url, tmp_path / "b.log", *FAST, env=env)
+            ch_b, b = stub(survivor, key)
+            async with ch_b:  # type: ignore[attr-defined]
+                events = await watch_all(b, run_id)
+                before = (await b.GetRun(pb.GetRunRequest(run_id=run_id))).run
+                os.kill(paused.proc.pid, signal.SIGCONT)
+                deadline = time.monotonic() + 30
+                while "fenced out" not in paused.log_path.read_text() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)  # waiting on another process's log: there is no event to await
+                after = (await b.GetRun(pb.GetRunRequest(run_id=run_id))).run
+        finally:
+            os.kill(paused.proc.pid, signal.SIGCONT)
+            paused.terminate()
+            if survivor is not None:
+                survivor.terminate()
+    assert "fenced out" in paused.log_path.read_text(), "the woken replica never tried to record"
+    assert events[-1].run.status == run_pb2.RUN_STATUS_SUCCEEDED
+    assert before.counts.completed_evaluations == after.counts.completed_evaluations == 60
+    assert before.last_seq == after.last_seq
