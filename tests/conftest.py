@@ -18,6 +18,10 @@ from tests import dbs
 from tests.helpers import keyed_channel
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--long", action="store_true", help="run the long crash battery (50 kills instead of 10)")
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     return f"evalsvc test database: {'PostgreSQL at ' + dbs.ADMIN_URL if dbs.USE_POSTGRES else 'SQLite files'}"
 
@@ -36,15 +40,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _scratch_databases() -> Iterator[None]:
     """Drop the PostgreSQL databases a test created (after its servers stopped: autouse tears down last)."""
     yield
-    if dbs.USE_POSTGRES:
-        dbs.drop_created()
+    dbs.drop_created()
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _scratch_template() -> Iterator[None]:
     yield
-    if dbs.USE_POSTGRES:
-        dbs.drop_template()
+    dbs.drop_template()
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:
