@@ -210,7 +210,7 @@ class AsyncEvalClient:
                     last = event.seq
                     yield event
                     # After the terminal event the server ends the stream with OK: read to that end rather than
-                    # cancel it (a cancel racing the server's own finish has crashed the server: see README).
+                    # cancel it (the tidy end of a stream; cancelling once crashed the server: see clients/README.md).
                     finished = finished or is_terminal(event)
                 return  # the server ends a watch with OK only after the terminal event
             except grpc.aio.AioRpcError as rpc_error:
