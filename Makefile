@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BUF := node_modules/.bin/buf
 
-.PHONY: run test generate check-generated lint fmt bench bench-quick breaking release-contract generate-clients check-clients
+.PHONY: run test test-postgres generate check-generated lint fmt bench bench-quick breaking release-contract generate-clients check-clients
 
 $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed node_modules/.installed clients/typescript/node_modules/.installed
 	$(PY) -m pytest -q
+
+# The suite again on PostgreSQL: a scratch database per test on EVALSVC_TEST_PG_URL (default
+# postgresql://postgres@127.0.0.1:5432/test). Every test is skipped, saying why, when it is unreachable.
+# PG_TESTS narrows it (CI runs the database-heavy modules only; see .ci/run).
+PG_TESTS ?=
+test-postgres: $(VENV)/.installed node_modules/.installed clients/typescript/node_modules/.installed
+	EVALSVC_TEST_DB=postgres $(PY) -m pytest -q $(PG_TESTS)
 
 generate: $(VENV)/.installed
 	$(PY) scripts/gen_protos.py

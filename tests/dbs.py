@@ -3,6 +3,7 @@
 
 Every test that needs a database asks `db_url(tmp_path, name)`. The same (tmp_path, name) gives the
 same database, just as the same path gives the same SQLite file, so restart tests work unchanged.
+Both start at head: a copy of a SQLite file migrated once per session, or a PostgreSQL clone.
 On PostgreSQL each one is `CREATE DATABASE ... TEMPLATE` of a template migrated once per session
 (cloning is far cheaper than migrating per test), and conftest drops them after each test.
 """
@@ -10,9 +11,12 @@ On PostgreSQL each one is `CREATE DATABASE ... TEMPLATE` of a template migrated 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import hashlib
 import os
+import shutil
+import tempfile
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +32,7 @@ PREFIX = f"evalsvc_t_{os.getpid()}_"
 TEMPLATE = f"{PREFIX}template"
 
 _created: list[str] = []
+_sqlite_template_path: Path | None = None
 _template_ready = False
 
 
@@ -68,9 +73,34 @@ def _ensure_template() -> None:
         return
     from evalsvc.store.migrate import upgrade
 
+    _run(_drop_orphans())
     _run(_admin(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)', f'CREATE DATABASE "{TEMPLATE}"'))
     _run(_upgrade_and_close(upgrade, sqlalchemy_url(TEMPLATE)))
     _template_ready = True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def _drop_orphans() -> None:
+    """Drop scratch databases of test sessions that died without cleaning up (their pid is gone)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(ADMIN_URL, timeout=5)
+    try:
+        for (name,) in await conn.fetch("SELECT datname FROM pg_database WHERE datname LIKE 'evalsvc_t_%'"):
+            pid = name.split("_")[2]
+            if pid.isdigit() and not _alive(int(pid)):
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
 
 
 async def _upgrade_and_close(upgrade: Any, url: str) -> None:
@@ -87,7 +117,31 @@ def db_url(tmp_path: Path, name: str = "evalsvc.db", *, migrated: bool = True) -
     """The URL of this test's database `name`: a SQLite file in tmp_path, or a scratch PostgreSQL
     database (migrated to head unless `migrated=False`), created on first use."""
     if not USE_POSTGRES:
-        return f"sqlite+aiosqlite:///{tmp_path / name}"
+        path = tmp_path / name
+        if migrated and tmp_path.is_dir() and not path.exists():
+            shutil.copyfile(_sqlite_template(), path)
+        return f"sqlite+aiosqlite:///{path}"
+    return postgres_url(tmp_path, name, migrated=migrated)
+
+
+def _sqlite_template() -> Path:
+    """A SQLite file migrated to head once per session: copying it costs a millisecond, migrating a
+    new file tens (the server finds the copy at head). tests/test_migrations.py migrates real new files."""
+    global _sqlite_template_path
+    if _sqlite_template_path is None:
+        from evalsvc.store.migrate import upgrade
+
+        folder = Path(tempfile.mkdtemp(prefix="evalsvc-template-"))
+        path = folder / "template.db"
+        _run(_upgrade_and_close(upgrade, f"sqlite+aiosqlite:///{path}"))  # closing checkpoints the WAL into the file
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _sqlite_template_path = path
+    return _sqlite_template_path
+
+
+def postgres_url(tmp_path: Path, name: str = "evalsvc.db", *, migrated: bool = True) -> str:
+    """A scratch PostgreSQL database whatever EVALSVC_TEST_DB says (for tests of PostgreSQL itself);
+    dropped after the test like every other."""
     database = PREFIX + hashlib.sha256(f"{tmp_path}/{name}".encode()).hexdigest()[:16]
     if database not in _created:
         if migrated:
@@ -114,11 +168,13 @@ def drop_template() -> None:
         _template_ready = False
 
 
-def stored_bytes(tmp_path: Path, url: str) -> bytes:
+def stored_bytes(url: str) -> bytes:
     """Everything a test's database holds, for "this secret is never stored" checks: the SQLite
     files (WAL included), or every row of every table on PostgreSQL."""
-    if not USE_POSTGRES:
-        return b"".join(p.read_bytes() for p in tmp_path.glob(make_url(url).database.rsplit("/", 1)[-1] + "*"))
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = Path(parsed.database or "")
+        return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
     return _run(_dump(url))
 
 

@@ -135,7 +135,7 @@ async def test_keys_cli_create_list_revoke_against_the_served_database(
     finally:
         await server.stop(grace=0.5)
     # Only a hash of the secret is stored, and no log line carries a key.
-    stored = stored_bytes(tmp_path, db)
+    stored = stored_bytes(db)
     assert key.encode() not in stored and key_format.parse(key).secret.encode() not in stored  # type: ignore[union-attr]
     assert all("evk_" not in record.getMessage() for record in caplog.records)
 

@@ -29,7 +29,9 @@ async def _all_results(stub: eval_run_service_pb2_grpc.EvalRunServiceStub, run_i
 async def test_kill_9_mid_run_then_restart_completes_exactly_once(tmp_path: Path) -> None:
     db = db_url(tmp_path, "crash.db")
     # Small claims so the run spans many transactions and the kill lands between and inside them.
-    knobs = ("--claim-batch", "25", "--workers", "25")
+    # A short lease: on PostgreSQL (several replicas may share it) the restarted server waits for the
+    # killed one's leases to expire instead of requeueing them at start as it does on SQLite.
+    knobs = ("--claim-batch", "25", "--workers", "25", "--lease-ttl-s", "3")
     first = ServerProcess(db, tmp_path / "first.log", *knobs)
     key = first.bootstrap_key()
     assert key

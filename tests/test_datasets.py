@@ -114,3 +114,27 @@ async def test_unknown_item_ids_name_the_field(datasets, runs) -> None:
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "item_ids[1]" in violations(err.value)
+
+
+async def test_concurrent_runs_and_appends_on_one_dataset_neither_fail_nor_collide(datasets, runs) -> None:
+    """On PostgreSQL these race for real: the first run_number of a dataset, and appends that read
+    item_count and the existing ids before writing."""
+    import asyncio
+
+    dataset = await _dataset_with_items(datasets, 2)
+    request = pb.CreateRunRequest(
+        dataset_id=dataset.id, target=target_pb2.Target(provided=target_pb2.ProvidedTarget()), graders=[exact()]
+    )
+    created = await asyncio.gather(*(runs.CreateRun(request) for _ in range(8)))
+    assert sorted(r.run.run_number for r in created) == list(range(1, 9))
+    added = await asyncio.gather(
+        *(
+            datasets.AddDatasetItems(
+                ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[item_pb2.Item(input=f"q{i}")])
+            )
+            for i in range(8)
+        )
+    )
+    assert sorted(a.item_ids[0] for a in added) == sorted({a.item_ids[0] for a in added})
+    got = (await datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset.id))).dataset
+    assert got.item_count == 10

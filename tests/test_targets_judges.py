@@ -27,6 +27,7 @@ from evalsvc.v1 import (
 from evalsvc.v1 import grader_service_pb2 as gs
 from evalsvc.v1 import target_service_pb2 as ts
 from tests.conftest import make_settings
+from tests.dbs import stored_bytes
 from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
 from tests.helpers import error_reason, exact, keyed_channel, violations, watch_all
 
@@ -411,7 +412,7 @@ async def test_secrets_stay_server_side(svc, caplog: pytest.LogCaptureFixture) -
         )
     assert SECRET.encode() not in run.SerializeToString() + b"".join(r.SerializeToString() for r in results)
     assert all(SECRET not in record.getMessage() for record in caplog.records)
-    stored = b"".join(p.read_bytes() for p in Path(srv.settings.db.split("///")[1]).parent.glob("evalsvc.db*"))
+    stored = stored_bytes(srv.settings.db)  # the SQLite files, or every row on PostgreSQL
     assert SECRET.encode() not in stored
 
 

@@ -121,7 +121,10 @@ def _upgrade(connection: Connection) -> tuple[frozenset[str], str]:
     if found.unversioned_tables:
         if connection.dialect.name != "sqlite":
             # Only on SQLite is the old create_all schema identical to the baseline (there INTEGER is 64-bit anyway).
-            raise SchemaError("the database has evalsvc tables but no schema revision; migrate a fresh database")
+            raise SchemaError(
+                "the database has evalsvc tables but no schema revision (made before evalsvc had migrations); "
+                "migrate a new database with `evalsvc migrate` and copy the data over"
+            )
         log.warning("the database has evalsvc tables but no schema revision; marking it %s (their schema)", BASELINE)
         command.stamp(config, BASELINE)
     command.upgrade(config, "head")
@@ -136,11 +139,12 @@ async def require_head(db: Database) -> None:
         return
     if found.unknown:
         raise SchemaError(_unknown_message(found))
-    where = (
-        "has no evalsvc schema"
-        if not found.current and not found.unversioned_tables
-        else f"schema is at revision {', '.join(sorted(found.current)) or 'none (made before migrations)'}"
-    )
+    if found.unversioned_tables:
+        raise SchemaError(
+            "the database has evalsvc tables but no schema revision (made before evalsvc had migrations); "
+            "migrate a new database with `evalsvc migrate` and copy the data over"
+        )
+    where = f"schema is at revision {', '.join(sorted(found.current))}" if found.current else "has no evalsvc schema"
     url = make_url(db.url).render_as_string(hide_password=True)
     raise SchemaError(
         f"the database {where}; this evalsvc needs revision {head()}. "

@@ -34,6 +34,10 @@ def big(*, primary_key: bool = False, autoincrement: bool = False) -> Column:  #
     )
 
 
+# The database default of columns added to existing tables (revision 0002): rows from before get 0.
+# Declared here too, so the models and the migrated schema stay identical (tests/test_migrations.py).
+ZERO = {"server_default": "0"}
+
 # Job states. A job is one item x repetition; a worker leases it, runs the target and every grader.
 JOB_QUEUED = 0
 JOB_LEASED = 1
@@ -79,7 +83,7 @@ class RunRow(SQLModel, table=True):
     end_time: float | None = None
     update_time: float = 0.0
     last_seq: int = Field(default=0, sa_column=big())
-    cost_usd: float = 0.0  # target and judge spend so far, for budgets
+    cost_usd: float = Field(default=0.0, sa_column_kwargs=ZERO)  # target and judge spend so far, for budgets
 
 
 class RunLabelRow(SQLModel, table=True):
@@ -146,8 +150,8 @@ class OutputRow(SQLModel, table=True):
     tenant: str = Field(max_length=64)
     run_id: str = Field(max_length=40)
     output: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
-    latency_ms: float = 0.0
-    cost_usd: float = 0.0
+    latency_ms: float = Field(default=0.0, sa_column_kwargs=ZERO)
+    cost_usd: float = Field(default=0.0, sa_column_kwargs=ZERO)
     item_score: float | None = None  # the graders' weighted mean score, errors excluded
 
 
@@ -176,7 +180,7 @@ class ResultRow(SQLModel, table=True):
     cost_usd: float
     latency_ms: float
     complete_time: float
-    scoring_cost_usd: float = 0.0
+    scoring_cost_usd: float = Field(default=0.0, sa_column_kwargs=ZERO)
     confidence: float | None = None
 
 

@@ -1,0 +1,201 @@
+"""Alembic migrations: they build exactly the schema the models declare, on SQLite and PostgreSQL;
+`serve` migrates the embedded SQLite itself but refuses a PostgreSQL database until `evalsvc migrate`.
+
+The PostgreSQL cases run whenever the test PostgreSQL is reachable (they are quick), and are
+skipped, saying so, when it is not.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection
+from sqlmodel import SQLModel
+
+from evalsvc.server import EvalServer
+from evalsvc.store import migrate
+from evalsvc.store.db import Database
+from tests import dbs
+from tests.conftest import make_settings
+from tests.procs import ServerProcess
+
+_PG_DOWN: list[str | None] = []
+
+
+def _postgres_down() -> str | None:
+    if not _PG_DOWN:
+        _PG_DOWN.append(dbs.postgres_unavailable())
+    return _PG_DOWN[0]
+
+
+def _empty_database(kind: str, tmp_path: Path) -> str:
+    if kind == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+    reason = _postgres_down()
+    if reason is not None:
+        pytest.skip(reason)
+    return dbs.postgres_url(tmp_path, "empty", migrated=False)
+
+
+async def _on(url: str, fn: Callable[[Connection], Any]) -> Any:
+    db = Database(url)
+    try:
+        async with db.read() as conn:
+            return await conn.run_sync(fn)
+    finally:
+        await db.close()
+
+
+def _diffs(connection: Connection) -> list[Any]:
+    context = MigrationContext.configure(connection, opts={"compare_type": True, "compare_server_default": True})
+    return list(compare_metadata(context, SQLModel.metadata))
+
+
+def _tables(connection: Connection) -> set[str]:
+    return set(inspect(connection).get_table_names())
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_migrating_an_empty_database_builds_exactly_the_models_schema(kind: str, tmp_path: Path) -> None:
+    url = _empty_database(kind, tmp_path)
+    db = Database(url)
+    try:
+        before, head = await migrate.upgrade(db)
+        assert before == frozenset() and head == migrate.head()
+        assert (await migrate.state(db)).at_head
+        assert await migrate.upgrade(db) == (frozenset({head}), head)  # idempotent
+    finally:
+        await db.close()
+    assert await _on(url, _diffs) == []
+    assert await _on(url, _tables) == {t.name for t in SQLModel.metadata.sorted_tables} | {"alembic_version"}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_every_revision_downgrades_to_nothing_and_back(kind: str, tmp_path: Path) -> None:
+    url = _empty_database(kind, tmp_path)
+    db = Database(url)
+    try:
+        await migrate.upgrade(db)
+
+        def downgrade(connection: Connection) -> None:
+            config = migrate.alembic_config()
+            config.attributes["connection"] = connection
+            command.downgrade(config, "base")
+
+        async with db.write() as conn:
+            await conn.run_sync(downgrade)
+        async with db.read() as conn:
+            assert await conn.run_sync(_tables) == {"alembic_version"}
+        await migrate.upgrade(db)
+    finally:
+        await db.close()
+    assert await _on(url, _diffs) == []
+
+
+async def test_a_sqlite_file_from_before_migrations_is_adopted(tmp_path: Path) -> None:
+    """A file whose tables create_all made (no alembic_version) is stamped as the baseline and upgraded."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    db = Database(url)
+    try:
+
+        def baseline_without_version(connection: Connection) -> None:
+            config = migrate.alembic_config()
+            config.attributes["connection"] = connection
+            command.upgrade(config, migrate.BASELINE)
+            connection.execute(text("DROP TABLE alembic_version"))
+
+        async with db.write() as conn:
+            await conn.run_sync(baseline_without_version)
+        assert (await migrate.state(db)).unversioned_tables
+        await migrate.prepare(db)
+        assert (await migrate.state(db)).at_head
+    finally:
+        await db.close()
+    assert await _on(url, _diffs) == []
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_a_database_behind_head_is_migrated_on_sqlite_and_refused_on_postgres(kind: str, tmp_path: Path) -> None:
+    url = _empty_database(kind, tmp_path)
+    db = Database(url)
+    try:
+
+        def to_baseline(connection: Connection) -> None:
+            config = migrate.alembic_config()
+            config.attributes["connection"] = connection
+            command.upgrade(config, migrate.BASELINE)
+
+        async with db.write() as conn:
+            await conn.run_sync(to_baseline)
+        if kind == "sqlite":
+            await migrate.prepare(db)
+            assert (await migrate.state(db)).at_head
+        else:
+            with pytest.raises(migrate.SchemaError, match=f"at revision {migrate.BASELINE}; .*`evalsvc migrate --db"):
+                await migrate.prepare(db)
+            assert (await migrate.state(db)).current == {migrate.BASELINE}
+    finally:
+        await db.close()
+
+
+async def test_a_revision_this_version_does_not_know_is_refused_even_on_sqlite(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'newer.db'}"
+    db = Database(url)
+    try:
+        await migrate.upgrade(db)
+        async with db.write() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = 'f00dfeed'"))
+        with pytest.raises(migrate.SchemaError, match="f00dfeed, which this evalsvc does not know"):
+            await migrate.prepare(db)
+    finally:
+        await db.close()
+
+
+def _evalsvc(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "evalsvc", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.mark.slow
+async def test_serve_refuses_an_unmigrated_postgres_database_until_evalsvc_migrate(tmp_path: Path) -> None:
+    url = _empty_database("postgresql", tmp_path)
+    refused = _evalsvc("serve", "--grpc-addr", "127.0.0.1:0", "--db", url)
+    assert refused.returncode == 2, refused.stderr
+    assert "has no evalsvc schema" in refused.stderr and f"evalsvc migrate --db {url}" in refused.stderr
+    keys = _evalsvc("keys", "list", "--db", url)
+    assert keys.returncode == 2 and "evalsvc migrate" in keys.stderr
+    assert await _on(url, _tables) == set(), "a refused start must not create anything"
+
+    migrated = _evalsvc("migrate", "--db", url)
+    assert migrated.returncode == 0, migrated.stderr
+    assert f"to {migrate.head()}" in migrated.stderr
+
+    server = ServerProcess(url, tmp_path / "serve.log")
+    try:
+        assert server.bootstrap_key()
+    finally:
+        assert server.terminate() == 0
+    assert await _on(url, _diffs) == []
+
+
+async def test_the_server_and_keys_migrate_a_new_sqlite_file_themselves(tmp_path: Path) -> None:
+    served = f"sqlite+aiosqlite:///{tmp_path / 'served.db'}"
+    server = EvalServer(make_settings(tmp_path, db=served))
+    await server.start()
+    await server.stop(grace=0.5)
+    assert server.bootstrap_key and await _on(served, _diffs) == []
+
+    keyed = f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}"
+    listed = _evalsvc("keys", "list", "--db", keyed)
+    assert listed.returncode == 0, listed.stderr
+    assert await _on(keyed, _diffs) == []
