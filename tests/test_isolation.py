@@ -11,8 +11,18 @@ from grpc_status import rpc_status
 
 from evalsvc.server import EvalServer
 from evalsvc.v1 import dataset_service_pb2 as ds
-from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc, item_pb2, target_pb2
+from evalsvc.v1 import (
+    dataset_service_pb2_grpc,
+    eval_run_service_pb2_grpc,
+    grader_pb2,
+    grader_service_pb2_grpc,
+    item_pb2,
+    target_pb2,
+    target_service_pb2_grpc,
+)
 from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import grader_service_pb2 as gs
+from evalsvc.v1 import target_service_pb2 as ts
 from tests.helpers import create_request, exact, keyed_channel, provided_items, watch_all
 
 
@@ -22,6 +32,8 @@ class Tenant:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self.runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
         self.datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
+        self.graders = grader_service_pb2_grpc.GraderServiceStub(channel)
+        self.targets = target_service_pb2_grpc.TargetServiceStub(channel)
 
 
 @pytest.fixture
@@ -41,9 +53,18 @@ async def _first(stream: Any) -> Any:
     return None
 
 
-def _calls(t: Tenant, run_id: str, dataset_id: str) -> dict[str, Callable[[], Awaitable[Any]]]:
+def _calls(t: Tenant, ids: dict[str, str]) -> dict[str, Callable[[], Awaitable[Any]]]:
+    run_id, dataset_id, grader_id, target_id = ids["run"], ids["dataset"], ids["grader"], ids["target"]
     target = target_pb2.Target(provided=target_pb2.ProvidedTarget())
+    saved = grader_pb2.Grader(saved=grader_pb2.SavedGraderRef(grader_id=grader_id))
     return {
+        "GetGrader": lambda: t.graders.GetGrader(gs.GetGraderRequest(grader_id=grader_id)),
+        "UpdateGrader": lambda: t.graders.UpdateGrader(gs.UpdateGraderRequest(grader_id=grader_id, grader=exact())),
+        "GetTarget": lambda: t.targets.GetTarget(ts.GetTargetRequest(target_id=target_id)),
+        "CreateRun(saved grader)": lambda: t.runs.CreateRun(create_request(1, graders=[saved])),
+        "CreateRun(saved target)": lambda: t.runs.CreateRun(
+            create_request(1, target=target_pb2.Target(saved_target_id=target_id))
+        ),
         "GetRun": lambda: t.runs.GetRun(pb.GetRunRequest(run_id=run_id)),
         "CancelRun": lambda: t.runs.CancelRun(pb.CancelRunRequest(run_id=run_id)),
         "ListRunResults": lambda: t.runs.ListRunResults(pb.ListRunResultsRequest(run_id=run_id)),
@@ -74,18 +95,33 @@ async def test_every_rpc_treats_another_tenants_resource_as_missing(tenants: tup
     await mine.datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=provided_items(2)))
     run = (await mine.runs.CreateRun(create_request(2))).run
     await watch_all(mine.runs, run.id)
-    # A missing id of the same length, so the statuses can be compared byte for byte.
-    missing_run = run.id[:-1] + ("0" if run.id[-1] != "0" else "1")
-    missing_dataset = dataset.id[:-1] + ("0" if dataset.id[-1] != "0" else "1")
+    grader = (await mine.graders.CreateGrader(gs.CreateGraderRequest(grader=gs.SavedGrader(grader=exact())))).grader
+    saved_target = (
+        await mine.targets.CreateTarget(
+            ts.CreateTargetRequest(
+                target=ts.SavedTarget(target=target_pb2.Target(provided=target_pb2.ProvidedTarget()))
+            )
+        )
+    ).target
+    ids = {"run": run.id, "dataset": dataset.id, "grader": grader.id, "target": saved_target.id}
+    # Missing ids of the same length, so the statuses can be compared byte for byte.
+    missing = {kind: value[:-1] + ("0" if value[-1] != "0" else "1") for kind, value in ids.items()}
+    kind_of = {
+        "Dataset": "dataset",
+        "dataset": "dataset",
+        "Grader": "grader",
+        "grader": "grader",
+        "Target": "target",
+        "target": "target",
+    }
 
-    own_calls = _calls(mine, run.id, dataset.id)
-    foreign_calls = _calls(theirs, run.id, dataset.id)
-    missing_calls = _calls(theirs, missing_run, missing_dataset)
+    own_calls = _calls(mine, ids)
+    foreign_calls = _calls(theirs, ids)
+    missing_calls = _calls(theirs, missing)
     for name in own_calls:
-        resource = dataset.id if "Dataset" in name or "dataset" in name else run.id
-        missing = missing_dataset if resource == dataset.id else missing_run
-        foreign = await _status_bytes(foreign_calls[name], resource)
-        absent = await _status_bytes(missing_calls[name], missing)
+        kind = next((k for word, k in kind_of.items() if word in name), "run")
+        foreign = await _status_bytes(foreign_calls[name], ids[kind])
+        absent = await _status_bytes(missing_calls[name], missing[kind])
         assert foreign == absent, name
     for name, call in own_calls.items():
         if name == "CancelRun":
@@ -95,6 +131,8 @@ async def test_every_rpc_treats_another_tenants_resource_as_missing(tenants: tup
     # Listings never show another tenant's data, and request_id idempotency is per tenant.
     assert list((await theirs.runs.ListRuns(pb.ListRunsRequest())).runs) == []
     assert list((await theirs.datasets.ListDatasets(ds.ListDatasetsRequest())).datasets) == []
+    assert list((await theirs.graders.ListGraders(gs.ListGradersRequest())).graders) == []
+    assert list((await theirs.targets.ListTargets(ts.ListTargetsRequest())).targets) == []
     theirs_run = (await theirs.runs.CreateRun(create_request(1, request_id="same-key"))).run
     mine_run = (await mine.runs.CreateRun(create_request(1, request_id="same-key"))).run
     assert theirs_run.id != mine_run.id
