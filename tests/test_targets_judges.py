@@ -199,7 +199,14 @@ async def test_adaptive_limit_halves_on_429_and_grows_on_success() -> None:
 
 async def test_http_target_posts_the_item_and_reads_the_reply(svc) -> None:
     _, stubs = svc
-    reply = Reply({"content": "done", "tool_calls": [{"name": "book", "arguments": {"day": "mon"}}], "cost_usd": 0.25})
+    reply = Reply(
+        {
+            "content": "done",
+            "tool_calls": [{"name": "book", "arguments": {"day": "mon"}}],
+            "cost_usd": 0.25,
+            "memory_mib": 12.5,
+        }
+    )
     with FakeEndpoint(reply) as agent:
         target = target_pb2.Target(
             http=target_pb2.HttpTarget(
@@ -227,6 +234,8 @@ async def test_http_target_posts_the_item_and_reads_the_reply(svc) -> None:
     }
     assert results[0].state == run_pb2.RESULT_STATE_PASSED and results[0].output.cost_usd == 0.25
     assert run.aggregate.total_cost_usd == 0.25
+    assert results[0].output.memory_mib == 12.5  # agents that measure themselves (Agno performance)
+    assert (run.aggregate.memory.samples, run.aggregate.memory.max_mib, run.aggregate.memory.p50_mib) == (1, 12.5, 12.5)
 
 
 def judge(url: str, **fields: object) -> grader_pb2.Grader:

@@ -162,7 +162,7 @@ class ChatTarget:
 
 
 class HttpTarget:
-    """A custom agent's webhook: POST `{item: {...}}`, read `{content, tool_calls, cost_usd, refused}`."""
+    """A custom agent's webhook: POST `{item: {...}}`, read `{content, tool_calls, cost_usd, refused, memory_mib}`."""
 
     def __init__(self, spec: target_pb2.HttpTarget, outbound: Outbound) -> None:
         self._spec = spec
@@ -190,14 +190,16 @@ class HttpTarget:
             raise TargetError("the webhook's reply is not a JSON object")
         try:
             cost = float(reply.body.get("cost_usd") or 0.0)
+            memory = float(reply.body.get("memory_mib") or 0.0)
         except (TypeError, ValueError) as exc:
-            raise TargetError("the webhook's cost_usd is not a number") from exc
+            raise TargetError("the webhook's cost_usd or memory_mib is not a number") from exc
         return item_pb2.Response(
             content=str(reply.body.get("content") or ""),
             tool_calls=tool_calls_from(reply.body.get("tool_calls")),
             cost_usd=cost,
             latency_ms=reply.latency_ms,
             refused=bool(reply.body.get("refused")),
+            memory_mib=memory,
         )
 
 

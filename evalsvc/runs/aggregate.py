@@ -58,6 +58,7 @@ def build_aggregate(grader_order: Sequence[str], inputs: AggregateInputs) -> run
         passed, failed = passed + agg.passed, failed + agg.failed
         score_total, square_total = score_total + total, square_total + squares
     ordered = sorted(inputs.latencies)
+    memory = sorted(inputs.memory_mib)
     graded_total = passed + failed
     items = inputs.item_scores
     return run_pb2.RunAggregate(
@@ -73,6 +74,13 @@ def build_aggregate(grader_order: Sequence[str], inputs: AggregateInputs) -> run
             p95_ms=percentile(ordered, 95),
             p99_ms=percentile(ordered, 99),
             mean_ms=sum(ordered) / len(ordered) if ordered else 0.0,
+        ),
+        memory=run_pb2.MemoryStats(
+            mean_mib=sum(memory) / len(memory) if memory else 0.0,
+            p50_mib=percentile(memory, 50),
+            p95_mib=percentile(memory, 95),
+            max_mib=memory[-1] if memory else 0.0,
+            samples=len(memory),
         ),
     )
 

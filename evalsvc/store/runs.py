@@ -28,7 +28,7 @@ from evalsvc.store.models import (
     RunRow,
 )
 from evalsvc.v1 import eval_run_service_pb2 as pb
-from evalsvc.v1 import run_pb2
+from evalsvc.v1 import item_pb2, run_pb2
 
 RUNS = RunRow.__table__  # type: ignore[attr-defined]
 LABELS = RunLabelRow.__table__  # type: ignore[attr-defined]
@@ -206,6 +206,7 @@ class AggregateInputs:
     latencies: list[float]  # one per output
     target_cost_usd: float
     item_scores: list[float]  # one weighted score per output that had a gradable result
+    memory_mib: list[float]  # what targets reported, per output that reported it
 
 
 async def aggregate_inputs(conn: AsyncConnection, run_id: str) -> AggregateInputs:
@@ -224,17 +225,23 @@ async def aggregate_inputs(conn: AsyncConnection, run_id: str) -> AggregateInput
     )
     grader_rows = list(per_grader.mappings())
     per_output = await conn.execute(
-        select(OUTPUTS.c.latency_ms, OUTPUTS.c.cost_usd, OUTPUTS.c.item_score).where(OUTPUTS.c.run_id == run_id)
+        select(OUTPUTS.c.latency_ms, OUTPUTS.c.cost_usd, OUTPUTS.c.item_score, OUTPUTS.c.output).where(
+            OUTPUTS.c.run_id == run_id
+        )
     )
     latencies: list[float] = []
     item_scores: list[float] = []
+    memory: list[float] = []
     cost = 0.0
-    for latency, job_cost, item_score in per_output:
+    for latency, job_cost, item_score, output in per_output:
         latencies.append(float(latency or 0.0))
         cost += float(job_cost or 0.0)
         if item_score is not None:
             item_scores.append(float(item_score))
-    return AggregateInputs(grader_rows, latencies, cost, item_scores)
+        reported = item_pb2.Response.FromString(output).memory_mib
+        if reported > 0:
+            memory.append(reported)
+    return AggregateInputs(grader_rows, latencies, cost, item_scores, memory)
 
 
 async def active_run_ids(conn: AsyncConnection) -> list[str]:

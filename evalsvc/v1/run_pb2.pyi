@@ -83,6 +83,20 @@ class LatencyStats(_message.Message):
     mean_ms: float
     def __init__(self, p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., mean_ms: _Optional[float] = ...) -> None: ...
 
+class MemoryStats(_message.Message):
+    __slots__ = ("mean_mib", "p50_mib", "p95_mib", "max_mib", "samples")
+    MEAN_MIB_FIELD_NUMBER: _ClassVar[int]
+    P50_MIB_FIELD_NUMBER: _ClassVar[int]
+    P95_MIB_FIELD_NUMBER: _ClassVar[int]
+    MAX_MIB_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    mean_mib: float
+    p50_mib: float
+    p95_mib: float
+    max_mib: float
+    samples: int
+    def __init__(self, mean_mib: _Optional[float] = ..., p50_mib: _Optional[float] = ..., p95_mib: _Optional[float] = ..., max_mib: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
+
 class GraderAggregate(_message.Message):
     __slots__ = ("grader", "pass_rate", "mean_score", "passed", "failed", "errored", "std_error")
     GRADER_FIELD_NUMBER: _ClassVar[int]
@@ -102,7 +116,7 @@ class GraderAggregate(_message.Message):
     def __init__(self, grader: _Optional[str] = ..., pass_rate: _Optional[float] = ..., mean_score: _Optional[float] = ..., passed: _Optional[int] = ..., failed: _Optional[int] = ..., errored: _Optional[int] = ..., std_error: _Optional[float] = ...) -> None: ...
 
 class RunAggregate(_message.Message):
-    __slots__ = ("pass_rate", "mean_score", "graders", "total_cost_usd", "latency", "scoring_cost_usd", "std_error", "mean_item_score")
+    __slots__ = ("pass_rate", "mean_score", "graders", "total_cost_usd", "latency", "scoring_cost_usd", "std_error", "mean_item_score", "memory")
     PASS_RATE_FIELD_NUMBER: _ClassVar[int]
     MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
     GRADERS_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +125,7 @@ class RunAggregate(_message.Message):
     SCORING_COST_USD_FIELD_NUMBER: _ClassVar[int]
     STD_ERROR_FIELD_NUMBER: _ClassVar[int]
     MEAN_ITEM_SCORE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
     pass_rate: float
     mean_score: float
     graders: _containers.RepeatedCompositeFieldContainer[GraderAggregate]
@@ -119,7 +134,8 @@ class RunAggregate(_message.Message):
     scoring_cost_usd: float
     std_error: float
     mean_item_score: float
-    def __init__(self, pass_rate: _Optional[float] = ..., mean_score: _Optional[float] = ..., graders: _Optional[_Iterable[_Union[GraderAggregate, _Mapping]]] = ..., total_cost_usd: _Optional[float] = ..., latency: _Optional[_Union[LatencyStats, _Mapping]] = ..., scoring_cost_usd: _Optional[float] = ..., std_error: _Optional[float] = ..., mean_item_score: _Optional[float] = ...) -> None: ...
+    memory: MemoryStats
+    def __init__(self, pass_rate: _Optional[float] = ..., mean_score: _Optional[float] = ..., graders: _Optional[_Iterable[_Union[GraderAggregate, _Mapping]]] = ..., total_cost_usd: _Optional[float] = ..., latency: _Optional[_Union[LatencyStats, _Mapping]] = ..., scoring_cost_usd: _Optional[float] = ..., std_error: _Optional[float] = ..., mean_item_score: _Optional[float] = ..., memory: _Optional[_Union[MemoryStats, _Mapping]] = ...) -> None: ...
 
 class RunError(_message.Message):
     __slots__ = ("code", "message")

@@ -19,7 +19,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file evalsvc/v1/run.proto.
  */
 export const file_evalsvc_v1_run: GenFile = /*@__PURE__*/
-  fileDesc("ChRldmFsc3ZjL3YxL3J1bi5wcm90bxIKZXZhbHN2Yy52MSKcAQoJUnVuQ291bnRzEhMKC3RvdGFsX2l0ZW1zGAEgASgFEhkKEXRvdGFsX2V2YWx1YXRpb25zGAIgASgFEh0KFWNvbXBsZXRlZF9ldmFsdWF0aW9ucxgDIAEoBRIOCgZwYXNzZWQYBCABKAUSDgoGZmFpbGVkGAUgASgFEg8KB2Vycm9yZWQYBiABKAUSDwoHc2tpcHBlZBgHIAEoBSJPCgxMYXRlbmN5U3RhdHMSDgoGcDUwX21zGAEgASgBEg4KBnA5NV9tcxgCIAEoARIOCgZwOTlfbXMYAyABKAESDwoHbWVhbl9tcxgEIAEoASKMAQoPR3JhZGVyQWdncmVnYXRlEg4KBmdyYWRlchgBIAEoCRIRCglwYXNzX3JhdGUYAiABKAESEgoKbWVhbl9zY29yZRgDIAEoARIOCgZwYXNzZWQYBCABKAUSDgoGZmFpbGVkGAUgASgFEg8KB2Vycm9yZWQYBiABKAUSEQoJc3RkX2Vycm9yGAcgASgBIuwBCgxSdW5BZ2dyZWdhdGUSEQoJcGFzc19yYXRlGAEgASgBEhIKCm1lYW5fc2NvcmUYAiABKAESLAoHZ3JhZGVycxgDIAMoCzIbLmV2YWxzdmMudjEuR3JhZGVyQWdncmVnYXRlEhYKDnRvdGFsX2Nvc3RfdXNkGAQgASgBEikKB2xhdGVuY3kYBSABKAsyGC5ldmFsc3ZjLnYxLkxhdGVuY3lTdGF0cxIYChBzY29yaW5nX2Nvc3RfdXNkGAYgASgBEhEKCXN0ZF9lcnJvchgHIAEoARIXCg9tZWFuX2l0ZW1fc2NvcmUYCCABKAEiKQoIUnVuRXJyb3ISDAoEY29kZRgBIAEoCRIPCgdtZXNzYWdlGAIgASgJItEHCgNSdW4SEAoCaWQYASABKAlCBOJBAQMSFAoMZGlzcGxheV9uYW1lGAIgASgJEhMKC2Rlc2NyaXB0aW9uGAMgASgJEisKBmxhYmVscxgEIAMoCzIbLmV2YWxzdmMudjEuUnVuLkxhYmVsc0VudHJ5EhIKCmRhdGFzZXRfaWQYBSABKAkSGAoKcnVuX251bWJlchgGIAEoBUIE4kEBAxIiCgZ0YXJnZXQYByABKAsyEi5ldmFsc3ZjLnYxLlRhcmdldBIjCgdncmFkZXJzGAggAygLMhIuZXZhbHN2Yy52MS5HcmFkZXISGwoOcGFzc190aHJlc2hvbGQYCSABKAFIAIgBARITCgtyZXBldGl0aW9ucxgKIAEoBRITCgt3YXJtdXBfcnVucxgLIAEoBRIkCgd0cmlnZ2VyGAwgASgOMhMuZXZhbHN2Yy52MS5UcmlnZ2VyEisKBnN0YXR1cxgNIAEoDjIVLmV2YWxzdmMudjEuUnVuU3RhdHVzQgTiQQEDEisKBmNvdW50cxgOIAEoCzIVLmV2YWxzdmMudjEuUnVuQ291bnRzQgTiQQEDEjEKCWFnZ3JlZ2F0ZRgPIAEoCzIYLmV2YWxzdmMudjEuUnVuQWdncmVnYXRlQgTiQQEDEiEKDm92ZXJhbGxfcGFzc2VkGBAgASgIQgTiQQEDSAGIAQESKQoFZXJyb3IYESABKAsyFC5ldmFsc3ZjLnYxLlJ1bkVycm9yQgTiQQEDEjUKC2NyZWF0ZV90aW1lGBIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxI0CgpzdGFydF90aW1lGBMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxIyCghlbmRfdGltZRgUIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSNQoLdXBkYXRlX3RpbWUYFSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEDEhYKCGxhc3Rfc2VxGBYgASgDQgTiQQEDEhgKCnJlcXVlc3RfaWQYFyABKAlCBOJBAQMSGQoMbWF4X2Nvc3RfdXNkGBggASgBSAKIAQESFgoIY29zdF91c2QYGSABKAFCBOJBAQMaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIRCg9fcGFzc190aHJlc2hvbGRCEQoPX292ZXJhbGxfcGFzc2VkQg8KDV9tYXhfY29zdF91c2QitgMKBlJlc3VsdBIQCgJpZBgBIAEoCUIE4kEBAxIOCgZydW5faWQYAiABKAkSDwoHaXRlbV9pZBgDIAEoCRISCgpyZXBldGl0aW9uGAQgASgFEg4KBmdyYWRlchgFIAEoCRImCgVzdGF0ZRgGIAEoDjIXLmV2YWxzdmMudjEuUmVzdWx0U3RhdGUSDQoFc2NvcmUYByABKAESEQoJcmF3X3Njb3JlGAggASgBEg4KBnBhc3NlZBgJIAEoCBITCgtleHBsYW5hdGlvbhgKIAEoCRIkCgZvdXRwdXQYCyABKAsyFC5ldmFsc3ZjLnYxLlJlc3BvbnNlEhAKCGNvc3RfdXNkGAwgASgBEhIKCmxhdGVuY3lfbXMYDSABKAESFAoMZXJyb3JfcmVhc29uGA4gASgJEg8KB2F0dGVtcHQYDyABKAUSMQoNY29tcGxldGVfdGltZRgQIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGAoQc2NvcmluZ19jb3N0X3VzZBgRIAEoARIXCgpjb25maWRlbmNlGBIgASgBSACIAQFCDQoLX2NvbmZpZGVuY2UqogEKCVJ1blN0YXR1cxIaChZSVU5fU1RBVFVTX1VOU1BFQ0lGSUVEEAASFgoSUlVOX1NUQVRVU19QRU5ESU5HEAESFgoSUlVOX1NUQVRVU19SVU5OSU5HEAISGAoUUlVOX1NUQVRVU19TVUNDRUVERUQQAxIVChFSVU5fU1RBVFVTX0ZBSUxFRBAEEhgKFFJVTl9TVEFUVVNfQ0FOQ0VMTEVEEAUqXgoHVHJpZ2dlchIXChNUUklHR0VSX1VOU1BFQ0lGSUVEEAASEgoOVFJJR0dFUl9NQU5VQUwQARIQCgxUUklHR0VSX0FVVE8QAhIUChBUUklHR0VSX0JBQ0tGSUxMEAMqjwEKC1Jlc3VsdFN0YXRlEhwKGFJFU1VMVF9TVEFURV9VTlNQRUNJRklFRBAAEhcKE1JFU1VMVF9TVEFURV9QQVNTRUQQARIXChNSRVNVTFRfU1RBVEVfRkFJTEVEEAISFgoSUkVTVUxUX1NUQVRFX0VSUk9SEAMSGAoUUkVTVUxUX1NUQVRFX1NLSVBQRUQQBEItWitldmFsc3ZjL2NsaWVudHMvZ28vZ2VuL2V2YWxzdmMvdjE7ZXZhbHN2Y3YxYgZwcm90bzM", [file_evalsvc_v1_grader, file_evalsvc_v1_item, file_evalsvc_v1_target, file_google_api_field_behavior, file_google_protobuf_timestamp]);
+  fileDesc("ChRldmFsc3ZjL3YxL3J1bi5wcm90bxIKZXZhbHN2Yy52MSKcAQoJUnVuQ291bnRzEhMKC3RvdGFsX2l0ZW1zGAEgASgFEhkKEXRvdGFsX2V2YWx1YXRpb25zGAIgASgFEh0KFWNvbXBsZXRlZF9ldmFsdWF0aW9ucxgDIAEoBRIOCgZwYXNzZWQYBCABKAUSDgoGZmFpbGVkGAUgASgFEg8KB2Vycm9yZWQYBiABKAUSDwoHc2tpcHBlZBgHIAEoBSJPCgxMYXRlbmN5U3RhdHMSDgoGcDUwX21zGAEgASgBEg4KBnA5NV9tcxgCIAEoARIOCgZwOTlfbXMYAyABKAESDwoHbWVhbl9tcxgEIAEoASJjCgtNZW1vcnlTdGF0cxIQCghtZWFuX21pYhgBIAEoARIPCgdwNTBfbWliGAIgASgBEg8KB3A5NV9taWIYAyABKAESDwoHbWF4X21pYhgEIAEoARIPCgdzYW1wbGVzGAUgASgFIowBCg9HcmFkZXJBZ2dyZWdhdGUSDgoGZ3JhZGVyGAEgASgJEhEKCXBhc3NfcmF0ZRgCIAEoARISCgptZWFuX3Njb3JlGAMgASgBEg4KBnBhc3NlZBgEIAEoBRIOCgZmYWlsZWQYBSABKAUSDwoHZXJyb3JlZBgGIAEoBRIRCglzdGRfZXJyb3IYByABKAEilQIKDFJ1bkFnZ3JlZ2F0ZRIRCglwYXNzX3JhdGUYASABKAESEgoKbWVhbl9zY29yZRgCIAEoARIsCgdncmFkZXJzGAMgAygLMhsuZXZhbHN2Yy52MS5HcmFkZXJBZ2dyZWdhdGUSFgoOdG90YWxfY29zdF91c2QYBCABKAESKQoHbGF0ZW5jeRgFIAEoCzIYLmV2YWxzdmMudjEuTGF0ZW5jeVN0YXRzEhgKEHNjb3JpbmdfY29zdF91c2QYBiABKAESEQoJc3RkX2Vycm9yGAcgASgBEhcKD21lYW5faXRlbV9zY29yZRgIIAEoARInCgZtZW1vcnkYCSABKAsyFy5ldmFsc3ZjLnYxLk1lbW9yeVN0YXRzIikKCFJ1bkVycm9yEgwKBGNvZGUYASABKAkSDwoHbWVzc2FnZRgCIAEoCSLRBwoDUnVuEhAKAmlkGAEgASgJQgTiQQEDEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRIrCgZsYWJlbHMYBCADKAsyGy5ldmFsc3ZjLnYxLlJ1bi5MYWJlbHNFbnRyeRISCgpkYXRhc2V0X2lkGAUgASgJEhgKCnJ1bl9udW1iZXIYBiABKAVCBOJBAQMSIgoGdGFyZ2V0GAcgASgLMhIuZXZhbHN2Yy52MS5UYXJnZXQSIwoHZ3JhZGVycxgIIAMoCzISLmV2YWxzdmMudjEuR3JhZGVyEhsKDnBhc3NfdGhyZXNob2xkGAkgASgBSACIAQESEwoLcmVwZXRpdGlvbnMYCiABKAUSEwoLd2FybXVwX3J1bnMYCyABKAUSJAoHdHJpZ2dlchgMIAEoDjITLmV2YWxzdmMudjEuVHJpZ2dlchIrCgZzdGF0dXMYDSABKA4yFS5ldmFsc3ZjLnYxLlJ1blN0YXR1c0IE4kEBAxIrCgZjb3VudHMYDiABKAsyFS5ldmFsc3ZjLnYxLlJ1bkNvdW50c0IE4kEBAxIxCglhZ2dyZWdhdGUYDyABKAsyGC5ldmFsc3ZjLnYxLlJ1bkFnZ3JlZ2F0ZUIE4kEBAxIhCg5vdmVyYWxsX3Bhc3NlZBgQIAEoCEIE4kEBA0gBiAEBEikKBWVycm9yGBEgASgLMhQuZXZhbHN2Yy52MS5SdW5FcnJvckIE4kEBAxI1CgtjcmVhdGVfdGltZRgSIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSNAoKc3RhcnRfdGltZRgTIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSMgoIZW5kX3RpbWUYFCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEDEjUKC3VwZGF0ZV90aW1lGBUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxIWCghsYXN0X3NlcRgWIAEoA0IE4kEBAxIYCgpyZXF1ZXN0X2lkGBcgASgJQgTiQQEDEhkKDG1heF9jb3N0X3VzZBgYIAEoAUgCiAEBEhYKCGNvc3RfdXNkGBkgASgBQgTiQQEDGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCEQoPX3Bhc3NfdGhyZXNob2xkQhEKD19vdmVyYWxsX3Bhc3NlZEIPCg1fbWF4X2Nvc3RfdXNkIrYDCgZSZXN1bHQSEAoCaWQYASABKAlCBOJBAQMSDgoGcnVuX2lkGAIgASgJEg8KB2l0ZW1faWQYAyABKAkSEgoKcmVwZXRpdGlvbhgEIAEoBRIOCgZncmFkZXIYBSABKAkSJgoFc3RhdGUYBiABKA4yFy5ldmFsc3ZjLnYxLlJlc3VsdFN0YXRlEg0KBXNjb3JlGAcgASgBEhEKCXJhd19zY29yZRgIIAEoARIOCgZwYXNzZWQYCSABKAgSEwoLZXhwbGFuYXRpb24YCiABKAkSJAoGb3V0cHV0GAsgASgLMhQuZXZhbHN2Yy52MS5SZXNwb25zZRIQCghjb3N0X3VzZBgMIAEoARISCgpsYXRlbmN5X21zGA0gASgBEhQKDGVycm9yX3JlYXNvbhgOIAEoCRIPCgdhdHRlbXB0GA8gASgFEjEKDWNvbXBsZXRlX3RpbWUYECABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEHNjb3JpbmdfY29zdF91c2QYESABKAESFwoKY29uZmlkZW5jZRgSIAEoAUgAiAEBQg0KC19jb25maWRlbmNlKqIBCglSdW5TdGF0dXMSGgoWUlVOX1NUQVRVU19VTlNQRUNJRklFRBAAEhYKElJVTl9TVEFUVVNfUEVORElORxABEhYKElJVTl9TVEFUVVNfUlVOTklORxACEhgKFFJVTl9TVEFUVVNfU1VDQ0VFREVEEAMSFQoRUlVOX1NUQVRVU19GQUlMRUQQBBIYChRSVU5fU1RBVFVTX0NBTkNFTExFRBAFKl4KB1RyaWdnZXISFwoTVFJJR0dFUl9VTlNQRUNJRklFRBAAEhIKDlRSSUdHRVJfTUFOVUFMEAESEAoMVFJJR0dFUl9BVVRPEAISFAoQVFJJR0dFUl9CQUNLRklMTBADKo8BCgtSZXN1bHRTdGF0ZRIcChhSRVNVTFRfU1RBVEVfVU5TUEVDSUZJRUQQABIXChNSRVNVTFRfU1RBVEVfUEFTU0VEEAESFwoTUkVTVUxUX1NUQVRFX0ZBSUxFRBACEhYKElJFU1VMVF9TVEFURV9FUlJPUhADEhgKFFJFU1VMVF9TVEFURV9TS0lQUEVEEARCLVorZXZhbHN2Yy9jbGllbnRzL2dvL2dlbi9ldmFsc3ZjL3YxO2V2YWxzdmN2MWIGcHJvdG8z", [file_evalsvc_v1_grader, file_evalsvc_v1_item, file_evalsvc_v1_target, file_google_api_field_behavior, file_google_protobuf_timestamp]);
 
 /**
  * RunCounts is a run's progress, enough for a progress bar.
@@ -127,6 +127,55 @@ export const LatencyStatsSchema: GenMessage<LatencyStats> = /*@__PURE__*/
   messageDesc(file_evalsvc_v1_run, 1);
 
 /**
+ * MemoryStats are statistics of the memory targets reported over a run's outputs (warmup calls excluded).
+ *
+ * @generated from message evalsvc.v1.MemoryStats
+ */
+export type MemoryStats = Message<"evalsvc.v1.MemoryStats"> & {
+  /**
+   * Mean, in MiB.
+   *
+   * @generated from field: double mean_mib = 1;
+   */
+  meanMib: number;
+
+  /**
+   * Median, in MiB.
+   *
+   * @generated from field: double p50_mib = 2;
+   */
+  p50Mib: number;
+
+  /**
+   * 95th percentile, in MiB.
+   *
+   * @generated from field: double p95_mib = 3;
+   */
+  p95Mib: number;
+
+  /**
+   * Largest, in MiB.
+   *
+   * @generated from field: double max_mib = 4;
+   */
+  maxMib: number;
+
+  /**
+   * Outputs that reported their memory.
+   *
+   * @generated from field: int32 samples = 5;
+   */
+  samples: number;
+};
+
+/**
+ * Describes the message evalsvc.v1.MemoryStats.
+ * Use `create(MemoryStatsSchema)` to create a new message.
+ */
+export const MemoryStatsSchema: GenMessage<MemoryStats> = /*@__PURE__*/
+  messageDesc(file_evalsvc_v1_run, 2);
+
+/**
  * GraderAggregate summarises one grader's results.
  *
  * @generated from message evalsvc.v1.GraderAggregate
@@ -187,7 +236,7 @@ export type GraderAggregate = Message<"evalsvc.v1.GraderAggregate"> & {
  * Use `create(GraderAggregateSchema)` to create a new message.
  */
 export const GraderAggregateSchema: GenMessage<GraderAggregate> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_run, 2);
+  messageDesc(file_evalsvc_v1_run, 3);
 
 /**
  * RunAggregate summarises a run's results.
@@ -250,6 +299,13 @@ export type RunAggregate = Message<"evalsvc.v1.RunAggregate"> & {
    * @generated from field: double mean_item_score = 8;
    */
   meanItemScore: number;
+
+  /**
+   * Memory the target reported (e.g. an agent's performance evaluation); empty when none reported it.
+   *
+   * @generated from field: evalsvc.v1.MemoryStats memory = 9;
+   */
+  memory?: MemoryStats | undefined;
 };
 
 /**
@@ -257,7 +313,7 @@ export type RunAggregate = Message<"evalsvc.v1.RunAggregate"> & {
  * Use `create(RunAggregateSchema)` to create a new message.
  */
 export const RunAggregateSchema: GenMessage<RunAggregate> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_run, 3);
+  messageDesc(file_evalsvc_v1_run, 4);
 
 /**
  * RunError says why a run FAILED.
@@ -285,7 +341,7 @@ export type RunError = Message<"evalsvc.v1.RunError"> & {
  * Use `create(RunErrorSchema)` to create a new message.
  */
 export const RunErrorSchema: GenMessage<RunError> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_run, 4);
+  messageDesc(file_evalsvc_v1_run, 5);
 
 /**
  * Run is one evaluation of a set of items through a target, scored by graders.
@@ -474,7 +530,7 @@ export type Run = Message<"evalsvc.v1.Run"> & {
  * Use `create(RunSchema)` to create a new message.
  */
 export const RunSchema: GenMessage<Run> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_run, 5);
+  messageDesc(file_evalsvc_v1_run, 6);
 
 /**
  * Result is the outcome of one evaluation: one item, one repetition, one grader.
@@ -614,7 +670,7 @@ export type Result = Message<"evalsvc.v1.Result"> & {
  * Use `create(ResultSchema)` to create a new message.
  */
 export const ResultSchema: GenMessage<Result> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_run, 6);
+  messageDesc(file_evalsvc_v1_run, 7);
 
 /**
  * RunStatus is where a run is in its life: PENDING -> RUNNING -> SUCCEEDED | FAILED, or CANCELLED from either.
