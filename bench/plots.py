@@ -14,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+NAMES = ("throughput.png", "latency.png", "memory.png")  # the files this module writes, and only those
+
 
 def _cdf(ax: Any, values: list[float], label: str) -> None:
     if not values:

@@ -8,6 +8,7 @@ while we are busy measuring; we find the listening address by polling that file.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -23,13 +24,30 @@ ROOT = Path(__file__).resolve().parent.parent
 TMP = ROOT / "bench" / "results" / "tmp"
 
 EVALSVC_LISTENING = re.compile(r"evalsvc listening on (\S+):(\d+)")
+API_KEY = re.compile(r"\bevk_[a-z2-7]{12}_[A-Za-z0-9]{38}\b")
+
+# The server can come from another checkout (say, a commit to compare with): BENCH_EVALSVC_SRC names
+# its root. The server process runs with that root as its working directory, which `python -m` puts
+# first on sys.path, ahead of the editable install of this one.
+EVALSVC_SRC = Path(os.environ.get("BENCH_EVALSVC_SRC") or ROOT).resolve()
+
+# Limits that protect a shared deployment would measure the limiter rather than the server: raise
+# them for the benchmark, where the serve command has them.
+UNLIMITED = {
+    "--create-run-rate": "1000000",
+    "--create-run-burst": "1000000",
+    "--max-active-runs": "1000000",
+    "--max-watch-streams": "1000000",
+    "--max-concurrent-rpcs": "1000000",
+}
 ECHO_LISTENING = re.compile(r"bench echo listening on (\S+):(\d+)")
 
 
-def child_env() -> dict[str, str]:
+def child_env(first: Path = ROOT) -> dict[str, str]:
     """The environment for children: the repo importable, and no buffering so logs appear at once."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    paths = dict.fromkeys([str(first), str(ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -47,13 +65,31 @@ def read_status_kib(pid: int, field: str) -> int:
 class ServerProcess:
     """A server subprocess that announces its address on stderr; a context manager that always stops it."""
 
-    def __init__(self, name: str, argv: list[str], listening: re.Pattern[str], log_path: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        listening: re.Pattern[str],
+        log_path: Path,
+        cwd: Path = ROOT,
+        before: list[list[str]] | None = None,
+        expect_key: bool = False,
+    ) -> None:
         self.name = name
+        # A server that mints an API key on first start prints it just after it starts listening.
+        self.expect_key = expect_key
+        self.before = before or []
         self.argv = argv
         self.listening = listening
         self.log_path = log_path
+        self.cwd = cwd
         self.addr = ""
+        self.api_key = os.environ.get("BENCH_API_KEY", "")
         self._proc: subprocess.Popen[bytes] | None = None
+
+    def target(self) -> dict[str, str]:
+        """What a load generator needs to call this server: address and API key (if it has auth)."""
+        return {"addr": self.addr, "api_key": self.api_key}
 
     @property
     def pid(self) -> int:
@@ -64,22 +100,38 @@ class ServerProcess:
     def start(self, timeout_s: float = 30.0) -> str:
         """Start the process and wait for its listening line; returns HOST:PORT."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        for argv in self.before:
+            done = subprocess.run(argv, capture_output=True, cwd=self.cwd, env=child_env(self.cwd), timeout=120)
+            if done.returncode != 0:
+                tail = (done.stderr + done.stdout).decode(errors="replace").strip()[-1500:]
+                raise RuntimeError(f"{' '.join(argv[2:4])} failed (exit {done.returncode}): {tail}")
         with self.log_path.open("wb") as log:
             self._proc = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=child_env()
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.cwd,
+                env=child_env(self.cwd),
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            match = self.listening.search(self.log_path.read_text(errors="replace"))
-            if match:
+            text = self.log_path.read_text(errors="replace")
+            match = self.listening.search(text)
+            key = API_KEY.search(text)
+            if match and (key or not self.expect_key or self.api_key):
                 self.addr = f"{match.group(1)}:{match.group(2)}"
+                if key and not self.api_key:
+                    self.api_key = key.group(0)  # the key a first start mints for tenant "default"
                 return self.addr
             if self._proc.poll() is not None:
                 break
             time.sleep(0.02)
         tail = self.log_path.read_text(errors="replace")[-2000:]
+        code = self._proc.poll()
         self.stop()
-        raise RuntimeError(f"{self.name} did not start listening within {timeout_s:.0f} s:\n{tail}")
+        why = f"exited with code {code}" if code is not None else f"did not start listening within {timeout_s:.0f} s"
+        raise RuntimeError(f"{self.name} {why}:\n{tail}")
 
     def rss_kib(self) -> int:
         """Resident memory now."""
@@ -118,10 +170,48 @@ class ServerProcess:
         self.stop()
 
 
+@functools.cache
+def _help(*command: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "evalsvc", *command, "--help"],
+        capture_output=True,
+        cwd=EVALSVC_SRC,
+        env=child_env(EVALSVC_SRC),
+        timeout=60,
+        check=False,
+    )
+    return done.stdout.decode(errors="replace")
+
+
+def serve_flags() -> frozenset[str]:
+    """The flags `evalsvc serve` accepts, so the suite works across versions that add or drop some."""
+    return frozenset(re.findall(r"--[a-z][a-z0-9-]+", _help("serve")))
+
+
+def has_migrate() -> bool:
+    """True when this evalsvc has `evalsvc migrate` (a schema must then be migrated before serving)."""
+    return bool(re.search(r"\bmigrate\b", _help()))
+
+
 def evalsvc_server(db_url: str, log_name: str, *extra: str) -> ServerProcess:
-    """`python -m evalsvc serve` on a free loopback port, with extra flags (e.g. `--workers 0`)."""
-    argv = [sys.executable, "-m", "evalsvc", "serve", "--grpc-addr", "127.0.0.1:0", "--db", db_url, *extra]
-    return ServerProcess("evalsvc", argv, EVALSVC_LISTENING, TMP / f"{log_name}.log")
+    """`python -m evalsvc serve` on a free loopback port, with extra flags (e.g. `--workers 0`).
+
+    Per-tenant rate and concurrency limits, where the server has them, are raised out of the way.
+    """
+    flags = serve_flags()
+    limits = [arg for flag, value in UNLIMITED.items() if flag in flags and flag not in extra for arg in (flag, value)]
+    argv = [sys.executable, "-m", "evalsvc", "serve", "--grpc-addr", "127.0.0.1:0", "--db", db_url, *limits, *extra]
+    # Deployments run `evalsvc migrate` once before starting servers; so does the benchmark.
+    before = [[sys.executable, "-m", "evalsvc", "migrate", "--db", db_url]] if has_migrate() else []
+    return ServerProcess(
+        "evalsvc",
+        argv,
+        EVALSVC_LISTENING,
+        TMP / f"{log_name}.log",
+        cwd=EVALSVC_SRC,
+        before=before,
+        expect_key="--bootstrap-key" in flags and "--bootstrap-key" not in extra,
+    )
 
 
 def echo_server(log_name: str) -> ServerProcess:

@@ -88,7 +88,7 @@ def profile_large_run(suite: Suite) -> None:
         spy = record(srv.pid, "large_sqlite", 60 if not cfg.quick else 10)
         args: dict[str, Any] = {
             "mode": "large",
-            "addr": srv.addr,
+            **srv.target(),
             "items": cfg.large_items,
             "graders": cfg.large_graders,
             "timeout_s": 300,
@@ -98,6 +98,6 @@ def profile_large_run(suite: Suite) -> None:
         _finish(spy, "large_sqlite")
     with procs.evalsvc_server(procs.sqlite_url("profile-create"), "profile-create") as srv:
         spy = record(srv.pid, "create_run", 5)
-        args = {"mode": "unary", "addr": srv.addr, "kind": "create", "concurrency": 32, "duration_s": 6}
+        args = {"mode": "unary", **srv.target(), "kind": "create", "concurrency": 32, "duration_s": 6}
         procs.run_child("bench.loadgen", {**args, "max_calls": 100_000}, timeout_s=60)
         _finish(spy, "create_run")

@@ -61,7 +61,7 @@ class Config:
     def make(cls, quick: bool) -> Config:
         """The full configuration, or the quick one (same shapes, less work)."""
         if quick:
-            return cls(quick=True, unary_duration_s=1.0, large_items=1000, watchers=200, idle_streams=200)
+            return cls(quick=True, unary_duration_s=1.0, large_items=600, watchers=200, idle_streams=200)
         return cls(quick=False)
 
 
@@ -149,6 +149,7 @@ def scenario_unary(suite: Suite) -> None:
         args = {
             "mode": "unary",
             "addr": addr,
+            "api_key": api_key,
             "kind": kind,
             "concurrency": cfg.unary_concurrency,
             "duration_s": cfg.unary_duration_s,
@@ -162,6 +163,7 @@ def scenario_unary(suite: Suite) -> None:
         return result
 
     with procs.echo_server("unary-echo") as echo, procs.evalsvc_server(procs.sqlite_url("unary"), "unary") as srv:
+        api_key = srv.api_key  # sent to the echo server too: same client work on both sides
         for rep in range(cfg.reps):
             base = load(echo.addr, "echo")
             get = load(srv.addr, "get")
@@ -250,7 +252,7 @@ def scenario_large(suite: Suite, backend: str) -> None:
         try:
             with database(backend, f"large-{backend}-{rep}") as (url, raw):
                 with procs.evalsvc_server(url, f"large-{backend}-{rep}") as srv:
-                    args = {"mode": "large", "addr": srv.addr, "items": items, "graders": graders, "timeout_s": 300}
+                    args = {"mode": "large", **srv.target(), "items": items, "graders": graders, "timeout_s": 300}
                     result = procs.run_child("bench.loadgen", args, timeout_s=330)
                     peak_mb = srv.hwm_kib() / 1024
                 if backend == "sqlite":
@@ -267,7 +269,9 @@ def scenario_large(suite: Suite, backend: str) -> None:
             raise
         if result["status"] != "RUN_STATUS_SUCCEEDED" or result["results"] != evaluations:
             raise RuntimeError(f"large run ended {result['status']} with {result['results']}/{evaluations} results")
-        bare_stream = _bare_stream_rate(min(evaluations, 20_000), round(result["mean_event_bytes"]))
+        bare_stream = _bare_stream_rate(
+            min(evaluations, 10_000 if cfg.quick else 20_000), round(result["mean_event_bytes"])
+        )
         drain.add(result["events"] / result["e2e_s"], bare_stream)
         wall.add(result["e2e_s"])
         rate.add(evaluations / result["e2e_s"])
@@ -293,7 +297,7 @@ def _bare_stream_rate(messages: int, size: int) -> float:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     for line in reversed(text.splitlines()):
-        if "Error" in line or "error" in line:
+        if "error" in line.lower():
             return line.strip()[:200]
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
@@ -326,7 +330,14 @@ def scenario_fanout(suite: Suite) -> None:
         for rep in range(cfg.reps):
             bare = procs.run_child(
                 "bench.loadgen",
-                {"mode": "fanout_bare", "addr": echo.addr, "watchers": w, "events": k, "timeout_s": 60},
+                {
+                    "mode": "fanout_bare",
+                    "addr": echo.addr,
+                    "api_key": srv.api_key,
+                    "watchers": w,
+                    "events": k,
+                    "timeout_s": 60,
+                },
                 timeout_s=90,
             )
             for _attempt in range(3):
@@ -334,7 +345,7 @@ def scenario_fanout(suite: Suite) -> None:
                     "bench.loadgen",
                     {
                         "mode": "fanout_evalsvc",
-                        "addr": srv.addr,
+                        **srv.target(),
                         "watchers": w,
                         "events": k,
                         "blocker_items": blocker,
@@ -383,7 +394,7 @@ def scenario_idle(suite: Suite) -> None:
 
     def measure(server: procs.ServerProcess, kind: str) -> float:
         child = procs.InteractiveChild(
-            "bench.loadgen", {"mode": "idle", "addr": server.addr, "kind": kind, "streams": n, "timeout_s": 60}
+            "bench.loadgen", {"mode": "idle", **server.target(), "kind": kind, "streams": n, "timeout_s": 60}
         )
         try:
             child.wait_ready(60)
@@ -444,6 +455,7 @@ def render_markdown(suite: Suite, command: str, started: float) -> str:
         f"- command: `{command}` ({'quick' if cfg.quick else 'full'} mode, {cfg.reps} repetitions per scenario)",
         f"- when: {dt.datetime.fromtimestamp(started, dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, "
         f"took {time.time() - started:.0f} s",
+        f"- evalsvc under test: {_source()}",
         f"- machine: {os.cpu_count()} cores, Python {platform.python_version()}, grpcio {_version('grpcio')}, "
         f"SQLAlchemy {_version('sqlalchemy')}, loopback only",
         "- baseline, evalsvc: medians over the repetitions; ratio: median of per-repetition evalsvc/baseline "
@@ -472,10 +484,35 @@ def render_markdown(suite: Suite, command: str, started: float) -> str:
         lines += ["", "## Scenarios that failed", ""]
         lines += [f"- {failure}" for failure in suite.failures]
     lines += ["", "## Plots", ""]
-    for png in sorted(RESULTS.glob("*.png")):
-        lines.append(f"- ![{png.stem}]({png.name})")
+    from bench.plots import NAMES
+
+    for name in NAMES:
+        if (RESULTS / name).exists():
+            lines.append(f"- ![{name.removesuffix('.png')}]({name})")
     lines += ["", f"Scenario wall times: {', '.join(f'{k} {v:.0f} s' for k, v in suite.timings.items())}.", ""]
     return "\n".join(lines)
+
+
+def _source() -> str:
+    """Which evalsvc was measured: the checkout and its commit (BENCH_EVALSVC_REV names a snapshot's)."""
+    import subprocess
+
+    rev = os.environ.get("BENCH_EVALSVC_REV", "")
+    if not rev:
+        try:
+            head = subprocess.run(
+                ["git", "-C", str(procs.EVALSVC_SRC), "rev-parse", "--short", "HEAD"], capture_output=True, timeout=10
+            )
+            dirty = subprocess.run(
+                ["git", "-C", str(procs.EVALSVC_SRC), "status", "--porcelain", "--", "evalsvc"],
+                capture_output=True,
+                timeout=10,
+            )
+            rev = head.stdout.decode().strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+        except (OSError, subprocess.TimeoutExpired):
+            rev = ""
+    where = "this checkout" if procs.EVALSVC_SRC == procs.ROOT else str(procs.EVALSVC_SRC)
+    return f"{where}, commit {rev or 'unknown'}"
 
 
 def _target_text(target: str) -> str:
@@ -512,6 +549,7 @@ def write_json(suite: Suite, command: str, started: float) -> None:
         "started": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(),
         "duration_s": time.time() - started,
         "config": asdict(suite.config),
+        "evalsvc": _source(),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "grpcio": _version("grpcio")},
         "rows": rows,
         "failures": suite.failures,
@@ -581,8 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from bench import plots
 
-        for png in RESULTS.glob("*.png"):
-            png.unlink()
+        for name in plots.NAMES:
+            (RESULTS / name).unlink(missing_ok=True)
         plots.write_all(suite.samples, RESULTS)
     except Exception as exc:
         traceback.print_exc()
