@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from evalsvc.v1 import eval_run_service_pb2 as pb
-from evalsvc.v1 import grader_pb2, item_pb2, run_pb2, target_pb2
+from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
 from tests.helpers import create_request, error_reason, exact, provided_items, violations, watch_all
 
 
@@ -248,3 +248,34 @@ async def test_items_are_copied_into_the_run(runs) -> None:
     await watch_all(runs, created.run.id)
     results = await runs.ListRunResults(pb.ListRunResultsRequest(run_id=created.run.id))
     assert results.results[0].output.content == provided_items(1)[0].response.content
+
+
+async def test_a_run_that_cannot_be_loaded_fails_instead_of_hanging(tmp_path) -> None:
+    """E.g. a definition written by a newer version: after a few attempts the run FAILS, watchers end."""
+    from sqlalchemy import update
+
+    from evalsvc.server import EvalServer
+    from evalsvc.store.models import RunRow
+    from tests.conftest import make_settings
+    from tests.helpers import keyed_channel
+
+    srv = EvalServer(make_settings(tmp_path, lease_ttl_s=0.3, poll_interval_s=0.05))
+    await srv.start()
+    await srv.executor.stop()
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+            stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            run_id = (await stub.CreateRun(create_request(2))).run.id
+            async with srv.db.write() as conn:  # a target kind this version does not know
+                spec = run_pb2.Run(graders=[exact()], repetitions=1)
+                await conn.execute(
+                    update(RunRow.__table__)
+                    .where(RunRow.__table__.c.id == run_id)
+                    .values(spec=spec.SerializeToString())
+                )
+            await srv.executor.start()
+            events = await watch_all(stub, run_id)
+    finally:
+        await srv.stop(grace=0.5)
+    assert events[-1].run.status == run_pb2.RUN_STATUS_FAILED
+    assert events[-1].run.error.code == "RUN_NOT_EXECUTABLE"

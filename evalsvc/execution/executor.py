@@ -38,6 +38,10 @@ from evalsvc.v1 import grader_pb2, item_pb2, run_pb2
 
 log = logging.getLogger(__name__)
 
+# A job whose run cannot even be loaded is retried on later leases (another replica, perhaps a newer
+# version, may manage); after this many attempts the run is failed instead of waiting forever.
+MAX_LOAD_ATTEMPTS = 3
+
 
 @dataclass
 class RunPlan:
@@ -227,8 +231,11 @@ class Executor:
         """Run the target and graders for a job; True when it was queued for recording."""
         try:
             plan = await self._plan(job.run_id)
-        except Exception:
-            log.exception("cannot load run %s; its job %d stays leased until its lease expires", job.run_id, job.id)
+        except Exception as exc:
+            if job.attempt < MAX_LOAD_ATTEMPTS:
+                log.exception("cannot load run %s; its job %d is retried when its lease expires", job.run_id, job.id)
+            else:
+                await self._fail_unexecutable(job, exc)
             return False
         item = plan.items[job.item_idx]
         call_guard.set(lambda: self._check_budget(job, plan))
@@ -283,6 +290,16 @@ class Executor:
     def _spend(self, plan: RunPlan, usd: float) -> None:
         plan.spent_usd += usd
         self._tenant_spent[plan.tenant] = self._tenant_spent.get(plan.tenant, 0.0) + usd
+
+    async def _fail_unexecutable(self, job: ClaimedJob, exc: Exception) -> None:
+        """End a run that no attempt could load (e.g. a definition this version cannot build), so its
+        watchers are not left waiting forever."""
+        log.error("run %s cannot be executed after %d attempts: %s", job.run_id, job.attempt, exc)
+        nothing = RunGraders(grader_names=[], weights=[], pass_threshold=None)
+        reason = f"the run cannot be executed: {type(exc).__name__}: {exc}"
+        event = await fail_early(self._db, job.tenant, job.run_id, nothing, "RUN_NOT_EXECUTABLE", reason)
+        if event is not None:
+            self._bus.publish(job.run_id, [event])
 
     @staticmethod
     def _target_failed(plan: RunPlan, reason: str) -> tuple[item_pb2.Response, list[tuple[str, Grade]]]:
