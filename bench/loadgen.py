@@ -246,7 +246,10 @@ async def fanout_evalsvc(args: dict[str, Any]) -> dict[str, Any]:
     addr, watchers, k = args["addr"], int(args["watchers"]), int(args["events"])
     timeout_s = float(args["timeout_s"])
     channels = _channels(addr, max(1, -(-watchers // STREAMS_PER_CHANNEL)))
-    control = grpc.aio.insecure_channel(addr, options=[("grpc.max_send_message_length", 64 << 20)])
+    # Cross-replica mode: runs are created (and executed) on another replica than the watchers'.
+    control = grpc.aio.insecure_channel(
+        args.get("create_addr") or addr, options=[("grpc.max_send_message_length", 64 << 20)]
+    )
     try:
         stub = pb_grpc.EvalRunServiceStub(control)
         blocker_request = large_run_request(int(args["blocker_items"]), int(args["blocker_graders"]))

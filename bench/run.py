@@ -374,6 +374,68 @@ def scenario_fanout(suite: Suite) -> None:
     suite.samples["fanout"] = {"latency_ms": latencies, "watchers": w, "events": k}
 
 
+def scenario_cross_replica(suite: Suite) -> None:
+    """Cross-replica watch on PostgreSQL: replica A executes a run, W watchers on replica B follow it.
+
+    Replica B runs with `--workers 0`, so every result is committed by A and reaches B's watchers only
+    through PostgreSQL (NOTIFY wakes B, B reads the committed events). Baseline: the same watchers on
+    A itself, where events are handed over in memory.
+    """
+    cfg = suite.config
+    why = dbceiling.postgres_available()
+    if why:
+        suite.row("cross", "cross-replica watch", "", note=f"skipped: PostgreSQL unreachable ({why})")
+        return
+    w, k = max(10, cfg.watchers // 10), cfg.fan_events
+    p50 = suite.row(
+        "cross", f"{w} watchers on another replica x {k} events: delivery p50", "ms", baseline_label="same replica"
+    )
+    p99 = suite.row(
+        "cross",
+        f"{w} watchers on another replica x {k} events: delivery p99",
+        "ms",
+        baseline_label="same replica",
+        target="<= 250 evalsvc",
+    )
+    with (
+        database("postgres", "cross") as (url, _raw),
+        procs.evalsvc_server(url, "cross-a") as a,
+        procs.evalsvc_server(url, "cross-b", "--workers", "0", "--bootstrap-key", "false") as b,
+    ):
+        for rep in range(cfg.reps):
+            measured = {}
+            for name, watch_addr in (("same", a.addr), ("other", b.addr)):
+                blocker = 2000
+                for _attempt in range(3):
+                    result = procs.run_child(
+                        "bench.loadgen",
+                        {
+                            "mode": "fanout_evalsvc",
+                            "addr": watch_addr,
+                            "create_addr": a.addr,
+                            "api_key": a.api_key,
+                            "watchers": w,
+                            "events": k,
+                            "blocker_items": blocker,
+                            "blocker_graders": 5,
+                            "timeout_s": 120,
+                        },
+                        timeout_s=150,
+                    )
+                    if result["valid"]:
+                        break
+                    blocker *= 2
+                if not result["valid"]:
+                    raise RuntimeError(f"cross-replica repetition {rep + 1} invalid: {result}")
+                measured[name] = result["latency_ms"]
+            p50.add(percentile(measured["other"], 50), percentile(measured["same"], 50))
+            p99.add(percentile(measured["other"], 99), percentile(measured["same"], 99))
+            log(
+                f"cross rep {rep + 1}: p99 other replica {percentile(measured['other'], 99):.0f} ms "
+                f"vs same replica {percentile(measured['same'], 99):.0f} ms"
+            )
+
+
 def scenario_idle(suite: Suite) -> None:
     """Server RSS per idle stream: N idle WatchRun streams on a pending run vs N bare idle streams.
 
@@ -437,6 +499,7 @@ SCENARIOS: dict[str, Callable[[Suite], None]] = {
     "large": lambda suite: scenario_large(suite, "sqlite"),
     "large_pg": lambda suite: scenario_large(suite, "postgres"),
     "fanout": scenario_fanout,
+    "cross": scenario_cross_replica,
     "idle": scenario_idle,
     "peers": scenario_peers,
 }
