@@ -18,7 +18,7 @@ node_modules/.installed: package.json package-lock.json
 	touch $@
 
 run: $(VENV)/.installed
-	$(VENV)/bin/evalsvc serve
+	$(VENV)/bin/evalsvc serve --http-addr 127.0.0.1:8080
 
 test: $(VENV)/.installed node_modules/.installed clients/typescript/node_modules/.installed
 	$(PY) -m pytest -q

@@ -24,6 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser(
         "migrate", help="upgrade the database schema to this version's; run it once before starting new replicas"
     )
+    gateway = commands.add_parser("gateway", help="run the REST gateway alone, in front of a remote gRPC server")
+    gateway.add_argument("--grpc-target", required=True, help="host:port of the evalsvc gRPC server")
+    gateway.add_argument("--http-addr", default="127.0.0.1:8080", help="host:port to serve HTTP on")
+    gateway.add_argument(
+        "--grpc-ca", default="", help="PEM file to verify the server's TLS certificate; empty: plaintext"
+    )
     keys = commands.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
         dest="keys_command", required=True
     )
@@ -87,6 +93,22 @@ async def _migrate_command(settings: config.Settings) -> int:
     return 0
 
 
+async def _gateway_command(args: argparse.Namespace) -> int:
+    import signal
+
+    from evalsvc.gateway.server import Gateway
+
+    gateway = Gateway(args.grpc_target, args.http_addr, root_certificates=args.grpc_ca)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await gateway.stop()
+    return 0
+
+
 def _when(seconds: float | None) -> str:
     import datetime
 
@@ -100,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from evalsvc.store.migrate import SchemaError
 
     args = build_parser().parse_args(argv)
+    if args.command == "gateway":
+        logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return asyncio.run(_gateway_command(args))
     if args.command == "keys":
         try:
             return asyncio.run(_keys_command(args, config.from_args(args)))

@@ -28,6 +28,10 @@ class Settings:
         default="sqlite+aiosqlite:///./evalsvc.db",
         metadata={"help": "SQLAlchemy URL of the database (sqlite+aiosqlite:// or postgresql+asyncpg://)"},
     )
+    http_addr: str = dataclasses.field(
+        default="",
+        metadata={"help": "host:port of the REST gateway in this process (make run uses 127.0.0.1:8080); empty: off"},
+    )
     workers: int = dataclasses.field(
         default=64, metadata={"help": "evaluations (target calls) executed concurrently by this process"}
     )

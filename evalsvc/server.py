@@ -28,6 +28,7 @@ from evalsvc.events.listener import EventListener
 from evalsvc.execution.executor import Executor
 from evalsvc.execution.outbound import Outbound
 from evalsvc.execution.targets import PriceTable
+from evalsvc.gateway.server import Gateway
 from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.limits import TenantLimits
 from evalsvc.metrics import Metrics
@@ -108,6 +109,7 @@ class EvalServer:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port = 0
+        self.gateway: Gateway | None = None
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> int:
@@ -153,6 +155,16 @@ class EvalServer:
         await self.executor.start()
         if self.listener is not None:
             self.listener.start()
+        if self.settings.http_addr:
+            host = self.settings.grpc_addr.rsplit(":", 1)[0]
+            if host in ("", "0.0.0.0", "[::]", "::"):
+                host = "127.0.0.1" if credentials is None else "localhost"
+            self.gateway = Gateway(
+                f"{host}:{self.port}",
+                self.settings.http_addr,
+                root_certificates=self.settings.tls_cert if credentials is not None else "",
+            )
+            await self.gateway.start()
         if self.settings.metrics_addr:
             self.metrics_port = await self.metrics.serve(self.settings.metrics_addr)
         for name in ("", *SERVICE_NAMES):
@@ -166,6 +178,8 @@ class EvalServer:
         within the grace period, stop claiming jobs and hand unfinished ones back."""
         grace = self.settings.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        if self.gateway is not None:
+            await self.gateway.stop()
         self.bus.close()
         if self.listener is not None:
             await self.listener.stop()

@@ -4,6 +4,7 @@ from evalsvc_client._gen.evalsvc.v1 import grader_pb2 as _grader_pb2
 from evalsvc_client._gen.evalsvc.v1 import item_pb2 as _item_pb2
 from evalsvc_client._gen.evalsvc.v1 import run_pb2 as _run_pb2
 from evalsvc_client._gen.evalsvc.v1 import target_pb2 as _target_pb2
+from google.api import annotations_pb2 as _annotations_pb2
 from google.api import field_behavior_pb2 as _field_behavior_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers

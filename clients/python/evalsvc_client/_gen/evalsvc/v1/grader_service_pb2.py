@@ -23,11 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from evalsvc_client._gen.evalsvc.v1 import grader_pb2 as evalsvc_dot_v1_dot_grader__pb2
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65valsvc/v1/grader_service.proto\x12\nevalsvc.v1\x1a\x17\x65valsvc/v1/grader.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfd\x02\n\x0bSavedGrader\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x33\n\x06labels\x18\x04 \x03(\x0b\x32#.evalsvc.v1.SavedGrader.LabelsEntry\x12\x15\n\x07version\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0elatest_version\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\"\n\x06grader\x18\x07 \x01(\x0b\x32\x12.evalsvc.v1.Grader\x12\x35\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12=\n\x13version_create_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"X\n\x13\x43reateGraderRequest\x12-\n\x06grader\x18\x01 \x01(\x0b\x32\x17.evalsvc.v1.SavedGraderB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"?\n\x14\x43reateGraderResponse\x12\'\n\x06grader\x18\x01 \x01(\x0b\x32\x17.evalsvc.v1.SavedGrader\"<\n\x10GetGraderRequest\x12\x17\n\tgrader_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0f\n\x07version\x18\x02 \x01(\x05\"<\n\x11GetGraderResponse\x12\'\n\x06grader\x18\x01 \x01(\x0b\x32\x17.evalsvc.v1.SavedGrader\";\n\x12ListGradersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x13ListGradersResponse\x12(\n\x07graders\x18\x01 \x03(\x0b\x32\x17.evalsvc.v1.SavedGrader\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"X\n\x13UpdateGraderRequest\x12\x17\n\tgrader_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12(\n\x06grader\x18\x02 \x01(\x0b\x32\x12.evalsvc.v1.GraderB\x04\xe2\x41\x01\x02\"?\n\x14UpdateGraderResponse\x12\'\n\x06grader\x18\x01 \x01(\x0b\x32\x17.evalsvc.v1.SavedGrader2\xcf\x02\n\rGraderService\x12Q\n\x0c\x43reateGrader\x12\x1f.evalsvc.v1.CreateGraderRequest\x1a .evalsvc.v1.CreateGraderResponse\x12H\n\tGetGrader\x12\x1c.evalsvc.v1.GetGraderRequest\x1a\x1d.evalsvc.v1.GetGraderResponse\x12N\n\x0bListGraders\x12\x1e.evalsvc.v1.ListGradersRequest\x1a\x1f.evalsvc.v1.ListGradersResponse\x12Q\n\x0cUpdateGrader\x12\x1f.evalsvc.v1.UpdateGraderRequest\x1a .evalsvc.v1.UpdateGraderResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65valsvc/v1/grader_service.proto\x12\nevalsvc.v1\x1a\x17\x65valsvc/v1/grader.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfd\x02\n\x0bSavedGrader\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x33\n\x06labels\x18\x04 \x03(\x0b\x32#.evalsvc.v1.SavedGrader.LabelsEntry\x12\x15\n\x07version\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0elatest_version\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\"\n\x06grader\x18\x07 \x01(\x0b\x32\x12.evalsvc.v1.Grader\x12\x35\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12=\n\x13version_create_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"X\n\x13\x43reateGraderRequest\x12-\n\x06grader\x18\x01 \x01(\x0b\x32\x17.evalsvc.v1.SavedGraderB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"?\n\x14\x43reateGraderResponse\x12\'\n\x06grader\x18\x01 \x01(\x0b\x32\x17.evalsvc.v1.SavedGrader\"<\n\x10GetGraderRequest\x12\x17\n\tgrader_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0f\n\x07version\x18\x02 \x01(\x05\"<\n\x11GetGraderResponse\x12\'\n\x06grader\x18\x01 \x01(\x0b\x32\x17.evalsvc.v1.SavedGrader\";\n\x12ListGradersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x13ListGradersResponse\x12(\n\x07graders\x18\x01 \x03(\x0b\x32\x17.evalsvc.v1.SavedGrader\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"X\n\x13UpdateGraderRequest\x12\x17\n\tgrader_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12(\n\x06grader\x18\x02 \x01(\x0b\x32\x12.evalsvc.v1.GraderB\x04\xe2\x41\x01\x02\"?\n\x14UpdateGraderResponse\x12\'\n\x06grader\x18\x01 \x01(\x0b\x32\x17.evalsvc.v1.SavedGrader2\xc1\x03\n\rGraderService\x12i\n\x0c\x43reateGrader\x12\x1f.evalsvc.v1.CreateGraderRequest\x1a .evalsvc.v1.CreateGraderResponse\"\x16\x82\xd3\xe4\x93\x02\x10\"\x0b/v1/graders:\x01*\x12i\n\tGetGrader\x12\x1c.evalsvc.v1.GetGraderRequest\x1a\x1d.evalsvc.v1.GetGraderResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/graders/{grader_id}\x12\x63\n\x0bListGraders\x12\x1e.evalsvc.v1.ListGradersRequest\x1a\x1f.evalsvc.v1.ListGradersResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/graders\x12u\n\x0cUpdateGrader\x12\x1f.evalsvc.v1.UpdateGraderRequest\x1a .evalsvc.v1.UpdateGraderResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x32\x17/v1/graders/{grader_id}:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,26 +55,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEGRADERREQUEST'].fields_by_name['grader_id']._serialized_options = b'\342A\001\002'
   _globals['_UPDATEGRADERREQUEST'].fields_by_name['grader']._loaded_options = None
   _globals['_UPDATEGRADERREQUEST'].fields_by_name['grader']._serialized_options = b'\342A\001\002'
-  _globals['_SAVEDGRADER']._serialized_start=139
-  _globals['_SAVEDGRADER']._serialized_end=520
-  _globals['_SAVEDGRADER_LABELSENTRY']._serialized_start=475
-  _globals['_SAVEDGRADER_LABELSENTRY']._serialized_end=520
-  _globals['_CREATEGRADERREQUEST']._serialized_start=522
-  _globals['_CREATEGRADERREQUEST']._serialized_end=610
-  _globals['_CREATEGRADERRESPONSE']._serialized_start=612
-  _globals['_CREATEGRADERRESPONSE']._serialized_end=675
-  _globals['_GETGRADERREQUEST']._serialized_start=677
-  _globals['_GETGRADERREQUEST']._serialized_end=737
-  _globals['_GETGRADERRESPONSE']._serialized_start=739
-  _globals['_GETGRADERRESPONSE']._serialized_end=799
-  _globals['_LISTGRADERSREQUEST']._serialized_start=801
-  _globals['_LISTGRADERSREQUEST']._serialized_end=860
-  _globals['_LISTGRADERSRESPONSE']._serialized_start=862
-  _globals['_LISTGRADERSRESPONSE']._serialized_end=950
-  _globals['_UPDATEGRADERREQUEST']._serialized_start=952
-  _globals['_UPDATEGRADERREQUEST']._serialized_end=1040
-  _globals['_UPDATEGRADERRESPONSE']._serialized_start=1042
-  _globals['_UPDATEGRADERRESPONSE']._serialized_end=1105
-  _globals['_GRADERSERVICE']._serialized_start=1108
-  _globals['_GRADERSERVICE']._serialized_end=1443
+  _globals['_GRADERSERVICE'].methods_by_name['CreateGrader']._loaded_options = None
+  _globals['_GRADERSERVICE'].methods_by_name['CreateGrader']._serialized_options = b'\202\323\344\223\002\020\"\013/v1/graders:\001*'
+  _globals['_GRADERSERVICE'].methods_by_name['GetGrader']._loaded_options = None
+  _globals['_GRADERSERVICE'].methods_by_name['GetGrader']._serialized_options = b'\202\323\344\223\002\031\022\027/v1/graders/{grader_id}'
+  _globals['_GRADERSERVICE'].methods_by_name['ListGraders']._loaded_options = None
+  _globals['_GRADERSERVICE'].methods_by_name['ListGraders']._serialized_options = b'\202\323\344\223\002\r\022\013/v1/graders'
+  _globals['_GRADERSERVICE'].methods_by_name['UpdateGrader']._loaded_options = None
+  _globals['_GRADERSERVICE'].methods_by_name['UpdateGrader']._serialized_options = b'\202\323\344\223\002\0342\027/v1/graders/{grader_id}:\001*'
+  _globals['_SAVEDGRADER']._serialized_start=169
+  _globals['_SAVEDGRADER']._serialized_end=550
+  _globals['_SAVEDGRADER_LABELSENTRY']._serialized_start=505
+  _globals['_SAVEDGRADER_LABELSENTRY']._serialized_end=550
+  _globals['_CREATEGRADERREQUEST']._serialized_start=552
+  _globals['_CREATEGRADERREQUEST']._serialized_end=640
+  _globals['_CREATEGRADERRESPONSE']._serialized_start=642
+  _globals['_CREATEGRADERRESPONSE']._serialized_end=705
+  _globals['_GETGRADERREQUEST']._serialized_start=707
+  _globals['_GETGRADERREQUEST']._serialized_end=767
+  _globals['_GETGRADERRESPONSE']._serialized_start=769
+  _globals['_GETGRADERRESPONSE']._serialized_end=829
+  _globals['_LISTGRADERSREQUEST']._serialized_start=831
+  _globals['_LISTGRADERSREQUEST']._serialized_end=890
+  _globals['_LISTGRADERSRESPONSE']._serialized_start=892
+  _globals['_LISTGRADERSRESPONSE']._serialized_end=980
+  _globals['_UPDATEGRADERREQUEST']._serialized_start=982
+  _globals['_UPDATEGRADERREQUEST']._serialized_end=1070
+  _globals['_UPDATEGRADERRESPONSE']._serialized_start=1072
+  _globals['_UPDATEGRADERRESPONSE']._serialized_end=1135
+  _globals['_GRADERSERVICE']._serialized_start=1138
+  _globals['_GRADERSERVICE']._serialized_end=1587
 # @@protoc_insertion_point(module_scope)

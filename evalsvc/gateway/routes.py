@@ -1,0 +1,54 @@
+"""Native routes, derived from the `google.api.http` annotations of the protos, so the REST mapping
+and the contract cannot drift apart (tests/test_gateway.py checks every RPC has a route)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from google.api import annotations_pb2
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+
+from evalsvc.v1 import dataset_service_pb2, eval_run_service_pb2, grader_service_pb2, target_service_pb2
+
+SERVICES: tuple[ServiceDescriptor, ...] = (
+    eval_run_service_pb2.DESCRIPTOR.services_by_name["EvalRunService"],
+    dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"],
+    grader_service_pb2.DESCRIPTOR.services_by_name["GraderService"],
+    target_service_pb2.DESCRIPTOR.services_by_name["TargetService"],
+)
+_VERBS = ("get", "post", "put", "patch", "delete")
+
+
+@dataclass(frozen=True)
+class Route:
+    """One HTTP rule of one RPC."""
+
+    verb: str
+    path: str  # e.g. /v1/runs/{run_id}:cancel
+    body: str  # "*" (the whole request), a field name, or "" (no body)
+    method: MethodDescriptor
+
+    @property
+    def path_params(self) -> list[str]:
+        """Request fields taken from the path."""
+        return re.findall(r"{(\w+)}", self.path)
+
+    @property
+    def grpc_path(self) -> str:
+        """The gRPC method path, e.g. /evalsvc.v1.EvalRunService/GetRun."""
+        return f"/{self.method.containing_service.full_name}/{self.method.name}"
+
+
+def routes() -> Iterator[Route]:
+    """Every annotated RPC, custom-method paths (`...:verb`) first so they win over plain ones."""
+    found = []
+    for service in SERVICES:
+        for method in service.methods:
+            rule = method.GetOptions().Extensions[annotations_pb2.http]
+            verb = next((v for v in _VERBS if getattr(rule, v)), None)
+            if verb is None:
+                continue
+            found.append(Route(verb, getattr(rule, verb), rule.body, method))
+    yield from sorted(found, key=lambda r: (":" not in r.path, r.path))
