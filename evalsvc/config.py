@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 ENV_PREFIX = "EVALSVC_"
 
@@ -167,7 +167,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             flag_name(f.name),
             dest=f.name,
             default=None,
-            type=lambda raw, t=f.type: _coerce(t, raw),
+            type=cast("Callable[[str], Any]", lambda raw, t=f.type: _coerce(t, raw)),
             help=f"{f.metadata.get('help', '')} (env {env_name(f.name)}, default {f.default!r})",
         )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeAlias
+
 import grpc
 
 from evalsvc.api.status import unary
@@ -10,7 +12,7 @@ from evalsvc.datasets.service import DatasetService
 from evalsvc.v1 import dataset_service_pb2 as pb
 from evalsvc.v1 import dataset_service_pb2_grpc as pb_grpc
 
-Context = grpc.aio.ServicerContext
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class DatasetServicer(pb_grpc.DatasetServiceServicer):
@@ -20,31 +22,25 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         self._datasets = datasets
 
     @unary
-    async def CreateDataset(  # type: ignore[override]
-        self, request: pb.CreateDatasetRequest, context: Context
-    ) -> pb.CreateDatasetResponse:
+    async def CreateDataset(self, request: pb.CreateDatasetRequest, context: Context) -> pb.CreateDatasetResponse:
         return pb.CreateDatasetResponse(dataset=await self._datasets.create(tenant_of(context), request))
 
     @unary
-    async def GetDataset(self, request: pb.GetDatasetRequest, context: Context) -> pb.GetDatasetResponse:  # type: ignore[override]
+    async def GetDataset(self, request: pb.GetDatasetRequest, context: Context) -> pb.GetDatasetResponse:
         return pb.GetDatasetResponse(dataset=await self._datasets.get(tenant_of(context), request.dataset_id))
 
     @unary
-    async def ListDatasets(  # type: ignore[override]
-        self, request: pb.ListDatasetsRequest, context: Context
-    ) -> pb.ListDatasetsResponse:
+    async def ListDatasets(self, request: pb.ListDatasetsRequest, context: Context) -> pb.ListDatasetsResponse:
         datasets, token = await self._datasets.list(tenant_of(context), request)
         return pb.ListDatasetsResponse(datasets=datasets, next_page_token=token)
 
     @unary
-    async def AddDatasetItems(  # type: ignore[override]
-        self, request: pb.AddDatasetItemsRequest, context: Context
-    ) -> pb.AddDatasetItemsResponse:
+    async def AddDatasetItems(self, request: pb.AddDatasetItemsRequest, context: Context) -> pb.AddDatasetItemsResponse:
         ids, dataset = await self._datasets.add_items(tenant_of(context), request)
         return pb.AddDatasetItemsResponse(item_ids=ids, dataset=dataset)
 
     @unary
-    async def ListDatasetItems(  # type: ignore[override]
+    async def ListDatasetItems(
         self, request: pb.ListDatasetItemsRequest, context: Context
     ) -> pb.ListDatasetItemsResponse:
         items, token = await self._datasets.list_items(tenant_of(context), request)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -17,7 +18,7 @@ from evalsvc.store.db import Database
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc as pb_grpc
 
-Context = grpc.aio.ServicerContext
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
@@ -31,34 +32,30 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
         self._settings = settings
 
     @unary
-    async def CreateRun(self, request: pb.CreateRunRequest, context: Context) -> pb.CreateRunResponse:  # type: ignore[override]
+    async def CreateRun(self, request: pb.CreateRunRequest, context: Context) -> pb.CreateRunResponse:
         created = await self._runs.create(tenant_of(context), request)
         return pb.CreateRunResponse(run=created.run, job_count=created.job_count)
 
     @unary
-    async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:  # type: ignore[override]
+    async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
         return pb.GetRunResponse(run=await self._runs.get(tenant_of(context), request.run_id))
 
     @unary
-    async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:  # type: ignore[override]
+    async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
         runs, token = await self._runs.list(tenant_of(context), request)
         return pb.ListRunsResponse(runs=runs, next_page_token=token)
 
     @unary
-    async def CancelRun(self, request: pb.CancelRunRequest, context: Context) -> pb.CancelRunResponse:  # type: ignore[override]
+    async def CancelRun(self, request: pb.CancelRunRequest, context: Context) -> pb.CancelRunResponse:
         return pb.CancelRunResponse(run=await self._runs.cancel(tenant_of(context), request.run_id))
 
     @unary
-    async def ListRunResults(  # type: ignore[override]
-        self, request: pb.ListRunResultsRequest, context: Context
-    ) -> pb.ListRunResultsResponse:
+    async def ListRunResults(self, request: pb.ListRunResultsRequest, context: Context) -> pb.ListRunResultsResponse:
         results, token = await self._runs.list_results(tenant_of(context), request)
         return pb.ListRunResultsResponse(results=results, next_page_token=token)
 
     @server_stream
-    async def WatchRun(  # type: ignore[override]
-        self, request: pb.WatchRunRequest, context: Context
-    ) -> AsyncIterator[pb.WatchRunResponse]:
+    async def WatchRun(self, request: pb.WatchRunRequest, context: Context) -> AsyncIterator[pb.WatchRunResponse]:
         tenant = tenant_of(context)
         with self._limits.watch_slot(tenant):
             async for event in watch(

@@ -17,8 +17,8 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeAlias
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias, cast
 
 import grpc
 
@@ -33,7 +33,7 @@ QUIET_PREFIXES = ("/grpc.health.v1.Health/",)
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
-class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     """Logs one access line per RPC and records RPC metrics (count by code, latency, open streams)."""
 
     def __init__(self, metrics: Metrics) -> None:
@@ -41,9 +41,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
         # Unknown methods get no handler and stay unwrapped: their names would be unbounded label values.
         if handler is None:
@@ -58,7 +58,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
         if handler.unary_stream is not None:
             wrap = self._stream if inspect.isasyncgenfunction(handler.unary_stream) else self._stream_writer
             return grpc.unary_stream_rpc_method_handler(
-                wrap(method, handler.unary_stream),
+                wrap(method, cast("Callable[..., Any]", handler.unary_stream)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -85,7 +85,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
 
         return observed
 
-    def _stream(self, method: str, behaviour: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    def _stream(
+        self, method: str, behaviour: Callable[..., AsyncGenerator[Any, None]]
+    ) -> Callable[..., AsyncIterator[Any]]:
         """Wraps an async-generator behaviour (the evalsvc servicers, through the auth wrapper)."""
 
         async def observed(request: Any, context: Context) -> AsyncIterator[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import time
 from collections.abc import Mapping
@@ -107,7 +108,7 @@ class DatasetService:
         datasets = [dataset_from(row) for row in rows[:limit]]
         return datasets, encode_page_token(datasets[-1].id, {}) if len(rows) > limit else ""
 
-    async def add_items(self, tenant: str, request: pb.AddDatasetItemsRequest) -> tuple[list[str], pb.Dataset]:
+    async def add_items(self, tenant: str, request: pb.AddDatasetItemsRequest) -> tuple[builtins.list[str], pb.Dataset]:
         """Append items; their ids must be new to the dataset."""
         if not request.items:
             raise invalid_argument([FieldViolation("items", "at least one item is required")])
@@ -136,7 +137,9 @@ class DatasetService:
             )
         return ids, dataset_from(updated)
 
-    async def list_items(self, tenant: str, request: pb.ListDatasetItemsRequest) -> tuple[list[item_pb2.Item], str]:
+    async def list_items(
+        self, tenant: str, request: pb.ListDatasetItemsRequest
+    ) -> tuple[builtins.list[item_pb2.Item], str]:
         """A page of a dataset's items in insertion order."""
         limit = page_size(request.page_size, 100)
         query = {"dataset_id": request.dataset_id}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from google.protobuf.message import Message
@@ -93,7 +93,7 @@ class DefinitionService:
             display_name=spec.display_name, description=spec.description, labels=spec.labels, grader=spec.grader
         )
         now = time.time()
-        row = {
+        row: dict[str, Any] = {
             "id": new_id("grd"),
             "tenant": tenant,
             "request_id": request.request_id or None,
@@ -103,7 +103,7 @@ class DefinitionService:
             "labels": dict(spec.labels),
             "create_time": now,
         }
-        version = {"version": 1, "definition": spec.grader.SerializeToString(), "create_time": now}
+        version: dict[str, Any] = {"version": 1, "definition": spec.grader.SerializeToString(), "create_time": now}
 
         async def create(conn: Any) -> grader_service_pb2.SavedGrader:
             await store.insert_grader(conn, row, version["definition"])
@@ -173,7 +173,7 @@ class DefinitionService:
         definition = target_service_pb2.SavedTarget(
             display_name=spec.display_name, description=spec.description, labels=spec.labels, target=spec.target
         )
-        row = {
+        row: dict[str, Any] = {
             "id": new_id("tgt"),
             "tenant": tenant,
             "request_id": request.request_id or None,
@@ -221,7 +221,7 @@ class DefinitionService:
         targets = [saved_target_from(row) for row in rows[:limit]]
         return targets, encode_page_token(targets[-1].id, {}) if len(rows) > limit else ""
 
-    async def resolve(self, tenant: str, target: target_pb2.Target, graders: list[grader_pb2.Grader]) -> None:
+    async def resolve(self, tenant: str, target: target_pb2.Target, graders: Iterable[grader_pb2.Grader]) -> None:
         """Replace saved references by the definitions they name, in place (the run's snapshot)."""
         if target.WhichOneof("kind") == "saved_target_id":
             model_id = target.model_id

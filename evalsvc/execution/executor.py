@@ -22,6 +22,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import cast
 
 from evalsvc.config import Settings
 from evalsvc.events.bus import EventBus
@@ -176,7 +177,9 @@ class Executor:
             for job in jobs:
                 task = asyncio.create_task(self._execute(job))
                 self._in_flight[job.run_id].add(task)
-                task.add_done_callback(lambda t, job=job: self._task_done(job, t))
+                task.add_done_callback(
+                    cast("Callable[[asyncio.Task[bool]], object]", lambda t, job=job: self._task_done(job, t))
+                )
 
     async def _claim(self, limit: int) -> list[ClaimedJob]:
         claim_id = uuid.uuid4().hex

@@ -12,7 +12,7 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 GRADER_SLOTS = 1024  # result id = job id * GRADER_SLOTS + grader index
 
-_STATE_FIELD = {
+_STATE_FIELD: dict[int, str] = {
     run_pb2.RESULT_STATE_PASSED: "passed",
     run_pb2.RESULT_STATE_FAILED: "failed",
     run_pb2.RESULT_STATE_ERROR: "errored",
@@ -200,7 +200,7 @@ def _result_events(
                         item_id=f.item_id,
                         repetition=job.repetition,
                         grader=grader,
-                        state=grade.state,
+                        state=cast("run_pb2.ResultState", grade.state),
                         score=grade.score,
                         raw_score=grade.raw_score,
                         passed=grade.state == run_pb2.RESULT_STATE_PASSED,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from fastapi import FastAPI, Request
@@ -130,7 +130,7 @@ def create_app(channel_factory: Callable[[], grpc.aio.Channel]) -> FastAPI:
                 message = await build_request(request, route)
             except json_format.ParseError as exc:
                 return bad_request(f"invalid JSON for {route.method.input_type.full_name}: {exc}")
-            call = state["channel"].unary_unary(
+            call: grpc.aio.UnaryUnaryMultiCallable[Message, Message] = state["channel"].unary_unary(
                 route.grpc_path,
                 request_serializer=lambda m: m.SerializeToString(),
                 response_deserializer=_message_class(route.method.output_type).FromString,
@@ -152,10 +152,13 @@ def create_app(channel_factory: Callable[[], grpc.aio.Channel]) -> FastAPI:
             last_event_id = request.headers.get("last-event-id", "")
             if last_event_id.isdigit() and hasattr(message, "after_seq"):
                 message.after_seq = int(last_event_id)  # an EventSource resuming
-            call = state["channel"].unary_stream(
-                route.grpc_path,
-                request_serializer=lambda m: m.SerializeToString(),
-                response_deserializer=_message_class(route.method.output_type).FromString,
+            call = cast(
+                "grpc.aio.UnaryStreamMultiCallable[Message, Message]",
+                state["channel"].unary_stream(
+                    route.grpc_path,
+                    request_serializer=lambda m: m.SerializeToString(),
+                    response_deserializer=_message_class(route.method.output_type).FromString,
+                ),
             )(message, metadata=_metadata(request))
             try:
                 first = await call.read()  # fail as a plain HTTP error before the stream starts

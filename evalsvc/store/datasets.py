@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -26,13 +26,13 @@ async def get(conn: AsyncConnection, tenant: str, dataset_id: str, *, lock: bool
     appending items reads item_count and existing ids first, and a concurrent append must wait."""
     query = select(DATASETS).where(DATASETS.c.id == dataset_id, DATASETS.c.tenant == tenant)
     found = await conn.execute(query.with_for_update() if lock else query)
-    return found.mappings().first()
+    return cast("Mapping[str, Any] | None", found.mappings().first())
 
 
 async def find_by_request_id(conn: AsyncConnection, tenant: str, request_id: str) -> Mapping[str, Any] | None:
     """The dataset created with this idempotency key, if any."""
     found = await conn.execute(select(DATASETS).where(DATASETS.c.tenant == tenant, DATASETS.c.request_id == request_id))
-    return found.mappings().first()
+    return cast("Mapping[str, Any] | None", found.mappings().first())
 
 
 async def list_page(
@@ -43,7 +43,7 @@ async def list_page(
     if before_id:
         query = query.where(DATASETS.c.id < before_id)
     rows = await conn.execute(query.order_by(DATASETS.c.id.desc()).limit(limit))
-    return list(rows.mappings())
+    return cast("list[Mapping[str, Any]]", list(rows.mappings()))
 
 
 async def existing_item_ids(conn: AsyncConnection, dataset_id: str, item_ids: Sequence[str]) -> set[str]:
@@ -69,7 +69,7 @@ async def append_items(
         .values(item_count=DATASETS.c.item_count + len(items), update_time=now)
         .returning(*DATASETS.c)
     )
-    row = bumped.mappings().one()
+    row = cast("Mapping[str, Any]", bumped.mappings().one())
     start = row["item_count"] - len(items)
     await conn.execute(
         insert(ITEMS),

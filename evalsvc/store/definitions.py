@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -46,7 +46,7 @@ async def add_version(
                 create_time=now,
             )
         )
-    return row
+    return cast("Mapping[str, Any] | None", row)
 
 
 async def get_grader(
@@ -62,7 +62,7 @@ async def get_grader(
         select(VERSIONS).where(VERSIONS.c.grader_id == grader_id, VERSIONS.c.version == wanted)
     )
     row = found_version.mappings().first()
-    return None if row is None else (grader, row)
+    return None if row is None else (cast("Mapping[str, Any]", grader), cast("Mapping[str, Any]", row))
 
 
 async def find_by_request_id(
@@ -70,7 +70,7 @@ async def find_by_request_id(
 ) -> Mapping[str, Any] | None:
     """The saved grader or target created with this idempotency key."""
     found = await conn.execute(select(table).where(table.c.tenant == tenant, table.c.request_id == request_id))
-    return found.mappings().first()
+    return cast("Mapping[str, Any] | None", found.mappings().first())
 
 
 async def list_graders(
@@ -87,7 +87,7 @@ async def list_graders(
     rows = await conn.execute(query.order_by(GRADERS.c.id.desc()).limit(limit))
     return [
         (
-            row,
+            cast("Mapping[str, Any]", row),
             {
                 "definition": row["definition"],
                 "version": row["latest_version"],
@@ -106,7 +106,7 @@ async def insert_target(conn: AsyncConnection, row: dict[str, Any]) -> None:
 async def get_target(conn: AsyncConnection, tenant: str, target_id: str) -> Mapping[str, Any] | None:
     """A tenant's saved target, or None."""
     found = await conn.execute(select(TARGETS).where(TARGETS.c.id == target_id, TARGETS.c.tenant == tenant))
-    return found.mappings().first()
+    return cast("Mapping[str, Any] | None", found.mappings().first())
 
 
 async def list_targets(
@@ -116,4 +116,7 @@ async def list_targets(
     query = select(TARGETS).where(TARGETS.c.tenant == tenant)
     if before_id:
         query = query.where(TARGETS.c.id < before_id)
-    return list((await conn.execute(query.order_by(TARGETS.c.id.desc()).limit(limit))).mappings())
+    return cast(
+        "list[Mapping[str, Any]]",
+        list((await conn.execute(query.order_by(TARGETS.c.id.desc()).limit(limit))).mappings()),
+    )

@@ -13,7 +13,7 @@ wait for each other but never deadlock. SQLite has one writer at a time and need
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import ColumnElement, insert, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -65,7 +65,7 @@ async def claim(
         )
         .returning(JOBS.c.id, JOBS.c.tenant, JOBS.c.run_id, JOBS.c.item_idx, JOBS.c.repetition, JOBS.c.attempt)
     )
-    return sorted(claimed.mappings(), key=lambda job: job["id"])
+    return sorted(cast("Iterable[Mapping[str, Any]]", claimed.mappings()), key=lambda job: job["id"])
 
 
 async def extend(conn: AsyncConnection, claim_ids: Sequence[str], expiry: float) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -21,7 +21,7 @@ async def insert_key(conn: AsyncConnection, row: dict[str, Any]) -> None:
 async def get(conn: AsyncConnection, key_id: str) -> Mapping[str, Any] | None:
     """A key's row by id."""
     found = await conn.execute(select(KEYS).where(KEYS.c.id == key_id))
-    return found.mappings().first()
+    return cast("Mapping[str, Any] | None", found.mappings().first())
 
 
 async def list_keys(conn: AsyncConnection, tenant: str | None) -> list[Mapping[str, Any]]:
@@ -29,7 +29,7 @@ async def list_keys(conn: AsyncConnection, tenant: str | None) -> list[Mapping[s
     query = select(KEYS).order_by(KEYS.c.create_time)
     if tenant:
         query = query.where(KEYS.c.tenant == tenant)
-    return list((await conn.execute(query)).mappings())
+    return cast("list[Mapping[str, Any]]", list((await conn.execute(query)).mappings()))
 
 
 async def count(conn: AsyncConnection) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import and_, exists, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -45,7 +45,7 @@ TERMINAL_STATUSES = (run_pb2.RUN_STATUS_SUCCEEDED, run_pb2.RUN_STATUS_FAILED, ru
 async def find_by_request_id(conn: AsyncConnection, tenant: str, request_id: str) -> Mapping[str, Any] | None:
     """The run created with this idempotency key, if any."""
     row = await conn.execute(select(RUNS).where(RUNS.c.tenant == tenant, RUNS.c.request_id == request_id))
-    return row.mappings().first()
+    return cast("Mapping[str, Any] | None", row.mappings().first())
 
 
 async def next_run_number(conn: AsyncConnection, tenant: str, dataset_id: str) -> int:
@@ -109,7 +109,7 @@ def run_event(row: Mapping[str, Any]) -> pb.WatchRunResponse:
 async def get(conn: AsyncConnection, tenant: str, run_id: str) -> Mapping[str, Any] | None:
     """A tenant's run row, or None (also for another tenant's run)."""
     found = await conn.execute(select(RUNS).where(RUNS.c.id == run_id, RUNS.c.tenant == tenant))
-    return found.mappings().first()
+    return cast("Mapping[str, Any] | None", found.mappings().first())
 
 
 async def list_page(
@@ -135,7 +135,7 @@ async def list_page(
             exists().where(and_(LABELS.c.run_id == RUNS.c.id, LABELS.c.key == key, LABELS.c.value == value))
         )
     rows = await conn.execute(query.order_by(RUNS.c.id.desc()).limit(limit))
-    return list(rows.mappings())
+    return cast("list[Mapping[str, Any]]", list(rows.mappings()))
 
 
 async def set_status(
@@ -160,7 +160,7 @@ async def set_status(
     row = changed.mappings().first()
     if row is None:
         return None
-    event = run_event(row)
+    event = run_event(cast("Mapping[str, Any]", row))
     await events.append(conn, tenant, run_id, [event])
     return event
 
@@ -195,7 +195,7 @@ async def results_page(
     if state:
         query = query.where(RESULTS.c.state == state)
     rows = await conn.execute(query.order_by(RESULTS.c.id).limit(limit))
-    return [(row, row["output"]) for row in rows.mappings()]
+    return [(cast("Mapping[str, Any]", row), row["output"]) for row in rows.mappings()]
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,7 @@ async def aggregate_inputs(conn: AsyncConnection, run_id: str) -> AggregateInput
         .where(RESULTS.c.run_id == run_id)
         .group_by(RESULTS.c.grader, RESULTS.c.state)
     )
-    grader_rows = list(per_grader.mappings())
+    grader_rows = cast("list[Mapping[str, Any]]", list(per_grader.mappings()))
     per_output = await conn.execute(
         select(OUTPUTS.c.latency_ms, OUTPUTS.c.cost_usd, OUTPUTS.c.item_score, OUTPUTS.c.output).where(
             OUTPUTS.c.run_id == run_id
@@ -280,7 +280,7 @@ async def add_progress(
         )
         .returning(*RUNS.c)
     )
-    return updated.mappings().one()
+    return cast("Mapping[str, Any]", updated.mappings().one())
 
 
 async def tenant_spend(conn: AsyncConnection, tenant: str) -> float:
@@ -298,7 +298,7 @@ async def insert_results(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) 
 async def get_any_tenant(conn: AsyncConnection, run_id: str) -> Mapping[str, Any] | None:
     """A run row by id alone: only for the executor, which works for every tenant."""
     found = await conn.execute(select(RUNS).where(RUNS.c.id == run_id))
-    return found.mappings().first()
+    return cast("Mapping[str, Any] | None", found.mappings().first())
 
 
 async def count_active(conn: AsyncConnection, tenant: str) -> int:
