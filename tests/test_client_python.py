@@ -1,5 +1,6 @@
 """The Python client (clients/python, `evalsvc_client`) against real servers: every method, errors, retries,
-and a watch that resumes across a kill -9 and restart of the server on the same port."""
+and a watch that resumes across a kill -9 and restart of the server on the same port. Chat and HTTP targets and
+the LLM judge call real HTTP servers standing in for the endpoints (tests/fake_llm.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import asyncio
 import socket
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -16,6 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "clients" / "python"))
 
 from evalsvc_client import (
+    AlreadyExistsError,
     AsyncEvalClient,
     EvalClient,
     FailedPreconditionError,
@@ -24,12 +29,14 @@ from evalsvc_client import (
     OutOfRangeError,
     RetryPolicy,
     UnauthenticatedError,
+    UnavailableError,
     builders,
     pb,
 )
 
 from evalsvc.server import EvalServer
 from tests.conftest import make_settings
+from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
 from tests.procs import ServerProcess
 
 
@@ -146,6 +153,281 @@ async def test_datasets(client: AsyncEvalClient) -> None:
     assert [r.id async for r in client.list_runs(dataset_id=dataset.id)] == [run.id]
 
 
+async def test_saved_graders_and_targets(client: AsyncEvalClient) -> None:
+    details: dict[str, Any] = {"description": "names the capital", "labels": {"team": "eval"}}
+    grader = await client.create_grader(
+        "capital", builders.contains(["Paris"], "answer"), **details, request_id="grader-key"
+    )
+    assert grader.id.startswith("grd_") and (grader.version, grader.latest_version) == (1, 1)
+    assert grader.display_name == "capital" and dict(grader.labels) == {"team": "eval"}
+    again = await client.create_grader(
+        "capital", {"name": "answer", "contains": {"values": ["Paris"]}}, **details, request_id="grader-key"
+    )
+    assert again == grader  # the request_id makes a repeat safe: the same grader, not a second one
+    with pytest.raises(AlreadyExistsError) as conflict:
+        await client.create_grader("other", builders.exact_match(), request_id="grader-key")
+    assert conflict.value.reason == "REQUEST_ID_CONFLICT"
+
+    updated = await client.update_grader(grader.id, {"name": "answer", "contains": {"values": ["Lyon"]}})
+    assert (updated.id, updated.version, updated.latest_version) == (grader.id, 2, 2)
+    latest = await client.get_grader(grader.id)
+    assert latest.version == 2 and list(latest.grader.contains.values) == ["Lyon"]
+    first = await client.get_grader(grader.id, version=1)
+    assert (first.version, first.latest_version) == (1, 2) and list(first.grader.contains.values) == ["Paris"]
+    other = await client.create_grader("exact", builders.exact_match())
+    listed = [(g.id, g.version) async for g in client.list_graders(page_size=1)]  # two pages
+    assert listed == [(other.id, 1), (grader.id, 2)]  # newest first, at their latest versions
+
+    target = await client.create_target(
+        "agent", builders.echo(model_id="echo-1"), description="says it back", labels={"team": "eval"}
+    )
+    assert target.id.startswith("tgt_") and target.target.WhichOneof("kind") == "echo"
+    assert (await client.create_target("agent", "echo", request_id="target-key")).id != target.id
+    assert (await client.create_target("agent", "echo", request_id="target-key")).id == (
+        await client.create_target("agent", {"echo": {}}, request_id="target-key")
+    ).id
+    got = await client.get_target(target.id)
+    assert got.display_name == "agent" and got.target.model_id == "echo-1" and dict(got.labels) == {"team": "eval"}
+    targets = [t.id async for t in client.list_targets(page_size=1)]
+    assert len(targets) == 2 and targets[-1] == target.id
+
+    # A run of the saved target with the grader pinned at version 1 and at its latest version.
+    run = await client.create_run(
+        items=[builders.item("Paris", id="p")],
+        target=builders.saved_target(target.id),
+        graders=[builders.saved_grader(grader.id, 1, "pinned", weight=2), builders.saved_grader(grader.id)],
+    )
+    final = await client.wait(run.id)
+    assert final.status == pb.run.RUN_STATUS_SUCCEEDED and final.counts.total_evaluations == 2
+    assert final.target.WhichOneof("kind") == "echo" and final.target.model_id == "echo-1"  # the snapshot
+    assert [(g.name, g.weight, list(g.contains.values)) for g in final.graders] == [
+        ("pinned", 2, ["Paris"]),
+        ("answer", 0, ["Lyon"]),
+    ]
+    states = {r.grader: r.state async for r in client.list_results(run.id)}
+    assert states == {"pinned": pb.run.RESULT_STATE_PASSED, "answer": pb.run.RESULT_STATE_FAILED}
+
+    with pytest.raises(NotFoundError) as missing_grader:
+        await client.get_grader("grd_nope")
+    assert missing_grader.value.reason == "GRADER_NOT_FOUND"
+    with pytest.raises(NotFoundError):
+        await client.get_grader(grader.id, version=3)
+    with pytest.raises(NotFoundError):
+        await client.update_grader("grd_nope", builders.exact_match())
+    with pytest.raises(NotFoundError) as missing_target:
+        await client.get_target("tgt_nope")
+    assert missing_target.value.reason == "TARGET_NOT_FOUND"
+    with pytest.raises(NotFoundError) as missing_ref:
+        await client.create_run(items=_items(1), target="echo", graders=[builders.saved_grader("grd_nope")])
+    assert missing_ref.value.reason == "GRADER_NOT_FOUND"
+    with pytest.raises(InvalidArgumentError) as nested_grader:
+        await client.create_grader("nested", builders.saved_grader(grader.id))
+    assert "grader.grader.saved" in nested_grader.value.field_violations
+    with pytest.raises(InvalidArgumentError) as nested_target:
+        await client.create_target("nested", builders.saved_target(target.id))
+    assert "target.target.saved_target_id" in nested_target.value.field_violations
+    with pytest.raises(InvalidArgumentError) as bad_update:
+        await client.update_grader(grader.id, builders.regex("("))
+    assert "grader.regex.pattern" in bad_update.value.field_violations
+
+
+SECRET = "sk-test-0123456789abcdef"
+
+
+async def test_chat_and_http_targets_and_llm_judge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chat_target, http_target and llm_judge builders, saved and inline, against endpoints on 127.0.0.1."""
+    monkeypatch.setenv("EVALSVC_SECRET_LLM_KEY", SECRET)
+    srv = EvalServer(make_settings(tmp_path, outbound_allow="127.0.0.1"))
+    await srv.start()
+    try:
+        assert srv.bootstrap_key
+        async with AsyncEvalClient(f"127.0.0.1:{srv.port}", api_key=srv.bootstrap_key) as client:
+            weather = {"type": "object", "properties": {"city": {"type": "string"}}}
+            with (
+                FakeEndpoint(chat_reply("Paris, kindly.")) as llm,
+                FakeEndpoint(judge_reply({"passed": True, "reason": "polite"})) as judge_llm,
+            ):
+                chat = builders.chat_target(
+                    llm.url + "/v1",
+                    "gpt-test",
+                    api_key_secret="llm_key",
+                    timeout_s=5,
+                    system_prompt="Be brief.",
+                    temperature=0.2,
+                    max_tokens=64,
+                    parameters={"seed": 7},
+                    tools=[builders.tool("lookup", "find", weather), {"name": "book"}],
+                    model_id="gpt-test",
+                )
+                judge = builders.llm_judge(
+                    "criteria",
+                    "polite",
+                    criteria="The answer is polite.",
+                    scoring="binary",
+                    model="judge-test",
+                    base_url=judge_llm.url + "/v1",
+                    weight=3,
+                )
+                saved_chat = await client.create_target("assistant", chat)
+                assert saved_chat.target == chat
+                saved_judge = await client.create_grader("polite", judge)
+                assert saved_judge.grader == judge
+                run = await client.create_run(
+                    items=[builders.item("Capital of France?", "Paris", id="q")],
+                    target=builders.saved_target(saved_chat.id),
+                    graders=[builders.saved_grader(saved_judge.id), builders.contains(["Paris"])],
+                )
+                final = await client.wait(run.id)
+                sent, asked = llm.seen[0], judge_llm.seen[0].body
+            assert final.status == pb.run.RUN_STATUS_SUCCEEDED and final.overall_passed
+            assert final.target.chat.model == "gpt-test" and final.graders[0].llm_judge.criteria
+            assert sent.path == "/v1/chat/completions" and sent.headers["authorization"] == f"Bearer {SECRET}"
+            assert sent.body["model"] == "gpt-test" and sent.body["temperature"] == 0.2 and sent.body["seed"] == 7
+            assert [m["role"] for m in sent.body["messages"]] == ["system", "user"]
+            assert [t["function"]["name"] for t in sent.body["tools"]] == ["lookup", "book"]
+            assert asked["model"] == "judge-test" and "The answer is polite." in str(asked["messages"])
+            results = {r.grader: r async for r in client.list_results(run.id)}
+            assert results["polite"].state == pb.run.RESULT_STATE_PASSED and results["polite"].score == 1.0
+            assert results["contains"].output.content == "Paris, kindly."
+
+            agent_reply = Reply({"content": "booked", "tool_calls": [{"name": "book", "arguments": {}}]})
+            with FakeEndpoint(agent_reply) as agent:
+                target = builders.http_target(
+                    agent.url + "/agent", headers={"x-team": "a", "x-key": "secret:llm_key"}, timeout_s=5
+                )
+                saved_http = await client.create_target("webhook", target)
+                run = await client.create_run(
+                    items=[builders.item("book me", id="b")],
+                    target=builders.saved_target(saved_http.id, model_id="agent-v2"),
+                    graders=[builders.tool_calls(["book"]), builders.exact_match()],
+                    pass_threshold=50,
+                )
+                final = await client.wait(run.id)
+                sent = agent.seen[0]
+            assert sent.path == "/agent" and sent.headers["x-key"] == SECRET and sent.body["item"]["id"] == "b"
+            assert final.status == pb.run.RUN_STATUS_SUCCEEDED and final.target.model_id == "agent-v2"
+            assert {r.grader: r.state async for r in client.list_results(run.id)} == {
+                "tool_calls": pb.run.RESULT_STATE_PASSED,
+                "exact_match": pb.run.RESULT_STATE_FAILED,
+            }
+            assert [t.id async for t in client.list_targets()] == [saved_http.id, saved_chat.id]
+
+            with pytest.raises(InvalidArgumentError) as no_model:
+                await client.create_target("bad", builders.chat_target(llm.url + "/v1", ""))
+            assert "target.target.chat.model" in no_model.value.field_violations
+            with pytest.raises(InvalidArgumentError) as no_secret:
+                await client.create_target("bad", builders.http_target(agent.url, api_key_secret="missing"))
+            assert "target.target.http.endpoint" in no_secret.value.field_violations
+    finally:
+        await srv.stop(grace=1.0)
+
+
+def test_judge_and_target_builders() -> None:
+    levels = builders.llm_judge(
+        "LEVELS", levels=[builders.judge_level("good", "right", passing=True), {"key": "bad"}], threshold=0
+    )
+    assert levels.name == "llm_judge" and levels.llm_judge.mode == pb.grader.LlmJudge.MODE_LEVELS
+    assert [(lv.key, lv.passing) for lv in levels.llm_judge.levels] == [("good", True), ("bad", False)]
+    assert not levels.llm_judge.HasField("endpoint")  # the server's default judge
+    numeric = builders.llm_judge(pb.grader.LlmJudge.MODE_CRITERIA, criteria="c", scoring="numeric", threshold=6)
+    assert numeric.llm_judge.scoring == pb.grader.LlmJudge.SCORING_NUMERIC and numeric.llm_judge.threshold == 6
+    with pytest.raises(ValueError, match="accuracy"):
+        builders.llm_judge("vibes")  # type: ignore[arg-type]
+    assert not builders.chat_target("http://h/v1", "m").chat.HasField("temperature")  # the endpoint's default
+    assert builders.saved_grader("grd_1") == pb.Grader(saved=pb.grader.SavedGraderRef(grader_id="grd_1"))
+    assert builders.saved_target("tgt_1").saved_target_id == "tgt_1"
+
+
+@dataclass
+class _Flaky:
+    """A stand-in GraderService/TargetService that answers UNAVAILABLE to the first call of every method."""
+
+    seen: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
+
+    def handler(self, method: str, request_type: Any, reply: Callable[[Any], Any]) -> grpc.RpcMethodHandler:
+        async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            self.seen[method].append(request)
+            if len(self.seen[method]) == 1:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "not yet")
+            return reply(request)
+
+        return grpc.unary_unary_rpc_method_handler(
+            handle, request_deserializer=request_type.FromString, response_serializer=lambda m: m.SerializeToString()
+        )
+
+
+async def test_create_get_list_are_retried_and_update_grader_is_not() -> None:
+    flaky = _Flaky()
+    g, t = pb.graders, pb.targets
+    saved_grader = pb.SavedGrader(id="grd_1", version=1)
+    saved_target = pb.SavedTarget(id="tgt_1")
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "evalsvc.v1.GraderService",
+                {
+                    "CreateGrader": flaky.handler(
+                        "CreateGrader", g.CreateGraderRequest, lambda r: g.CreateGraderResponse(grader=saved_grader)
+                    ),
+                    "GetGrader": flaky.handler(
+                        "GetGrader", g.GetGraderRequest, lambda r: g.GetGraderResponse(grader=saved_grader)
+                    ),
+                    "ListGraders": flaky.handler(
+                        "ListGraders", g.ListGradersRequest, lambda r: g.ListGradersResponse(graders=[saved_grader])
+                    ),
+                    "UpdateGrader": flaky.handler(
+                        "UpdateGrader", g.UpdateGraderRequest, lambda r: g.UpdateGraderResponse(grader=saved_grader)
+                    ),
+                },
+            ),
+            grpc.method_handlers_generic_handler(
+                "evalsvc.v1.TargetService",
+                {
+                    "CreateTarget": flaky.handler(
+                        "CreateTarget", t.CreateTargetRequest, lambda r: t.CreateTargetResponse(target=saved_target)
+                    ),
+                    "GetTarget": flaky.handler(
+                        "GetTarget", t.GetTargetRequest, lambda r: t.GetTargetResponse(target=saved_target)
+                    ),
+                    "ListTargets": flaky.handler(
+                        "ListTargets", t.ListTargetsRequest, lambda r: t.ListTargetsResponse(targets=[saved_target])
+                    ),
+                },
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        policy = RetryPolicy(initial_backoff_s=0.001, max_backoff_s=0.002)
+        async with AsyncEvalClient(f"127.0.0.1:{port}", retry=policy) as client:
+            assert (await client.create_grader("g", builders.exact_match())).id == "grd_1"
+            assert (await client.get_grader("grd_1", 1)).id == "grd_1"
+            assert [x.id async for x in client.list_graders()] == ["grd_1"]
+            with pytest.raises(UnavailableError):
+                await client.update_grader("grd_1", builders.exact_match())
+            assert (await client.create_target("t", "echo")).id == "tgt_1"
+            assert (await client.get_target("tgt_1")).id == "tgt_1"
+            assert [x.id async for x in client.list_targets()] == ["tgt_1"]
+        attempts = {method: len(requests) for method, requests in flaky.seen.items()}
+        assert attempts == {
+            "CreateGrader": 2,
+            "GetGrader": 2,
+            "ListGraders": 2,
+            "UpdateGrader": 1,
+            "CreateTarget": 2,
+            "GetTarget": 2,
+            "ListTargets": 2,
+        }
+        for method in ("CreateGrader", "CreateTarget"):  # both attempts carried one generated request_id
+            first, second = (r.request_id for r in flaky.seen[method])
+            assert first and first == second
+        assert flaky.seen["GetGrader"][1].version == 1
+    finally:
+        await server.stop(grace=None)
+
+
 async def test_errors_carry_reason_and_details(client: AsyncEvalClient, server: EvalServer) -> None:
     with pytest.raises(NotFoundError) as missing:
         await client.get_run("run_nope")
@@ -235,6 +517,52 @@ async def test_sync_client_every_method(server: EvalServer) -> None:
                 client.get_run("run_nope")
             with pytest.raises(OutOfRangeError):
                 list(client.watch(run.id, after_seq=10_000))
+
+    await asyncio.to_thread(scenario)
+
+
+async def test_sync_client_saved_graders_and_targets(server: EvalServer) -> None:
+    """The blocking client's GraderService and TargetService methods, and a run of saved definitions."""
+    assert server.bootstrap_key
+    target, key = f"127.0.0.1:{server.port}", server.bootstrap_key
+
+    def scenario() -> None:
+        with EvalClient(target, api_key=key) as client:
+            grader = client.create_grader("capital", builders.contains(["Paris"], "answer"), request_id="g1")
+            assert grader.version == 1 and client.create_grader("capital", grader.grader, request_id="g1") == grader
+            updated = client.update_grader(grader.id, builders.contains(["Lyon"], "answer"))
+            assert (updated.version, updated.latest_version) == (2, 2)
+            assert client.get_grader(grader.id).version == 2
+            assert list(client.get_grader(grader.id, 1).grader.contains.values) == ["Paris"]
+            other = client.create_grader("exact", {"exact_match": {}})
+            assert [(g.id, g.version) for g in client.list_graders(page_size=1)] == [(other.id, 1), (grader.id, 2)]
+
+            saved = client.create_target("agent", builders.echo(), labels={"team": "eval"}, request_id="t1")
+            assert client.create_target("agent", builders.echo(), labels={"team": "eval"}, request_id="t1") == saved
+            assert client.get_target(saved.id) == saved
+            provided = client.create_target("recorded", "provided")
+            assert [t.id for t in client.list_targets(page_size=1)] == [provided.id, saved.id]
+
+            run = client.create_run(
+                items=[builders.item("Paris", id="p")],
+                target=builders.saved_target(saved.id),
+                graders=[builders.saved_grader(grader.id, version=1, name="pinned"), builders.saved_grader(other.id)],
+            )
+            final = client.wait(run.id)
+            assert final.status == pb.run.RUN_STATUS_SUCCEEDED and final.target.WhichOneof("kind") == "echo"
+            assert [g.name for g in final.graders] == ["pinned", other.id]  # saved without a name: its id
+            assert {r.grader: r.state for r in client.list_results(run.id)} == {
+                "pinned": pb.run.RESULT_STATE_PASSED,
+                other.id: pb.run.RESULT_STATE_FAILED,  # the item has no expected output
+            }
+            with pytest.raises(NotFoundError):
+                client.get_grader("grd_nope")
+            with pytest.raises(NotFoundError):
+                client.update_grader("grd_nope", builders.exact_match())
+            with pytest.raises(NotFoundError):
+                client.get_target("tgt_nope")
+            with pytest.raises(InvalidArgumentError):
+                client.create_target("nested", builders.saved_target(saved.id))
 
     await asyncio.to_thread(scenario)
 

@@ -22,9 +22,16 @@ from evalsvc_client._common import (
     is_terminal,
     list_runs_request,
     new_request_id,
+    to_grader,
     to_item,
+    to_target,
 )
-from evalsvc_client._gen.evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc
+from evalsvc_client._gen.evalsvc.v1 import (
+    dataset_service_pb2_grpc,
+    eval_run_service_pb2_grpc,
+    grader_service_pb2_grpc,
+    target_service_pb2_grpc,
+)
 from evalsvc_client.errors import from_rpc_error
 
 log = logging.getLogger("evalsvc_client")
@@ -36,7 +43,8 @@ class AsyncEvalClient:
 
     Unary calls get a per-attempt deadline (`timeout_s`) and are retried with backoff on UNAVAILABLE,
     DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED (honouring RetryInfo) when they are safe to repeat: reads, CancelRun,
-    and CreateRun/CreateDataset, whose retries reuse one request_id. AddDatasetItems is not retried.
+    and CreateRun/CreateDataset/CreateGrader/CreateTarget, whose retries reuse one request_id. AddDatasetItems and
+    UpdateGrader are not retried.
     Errors are raised as `evalsvc_client.errors.EvalError` subclasses.
 
         async with AsyncEvalClient("127.0.0.1:50051", api_key=key) as client:
@@ -71,6 +79,8 @@ class AsyncEvalClient:
             self._channel = grpc.aio.insecure_channel(opts.target, options=opts.grpc_options())
         self._runs = eval_run_service_pb2_grpc.EvalRunServiceStub(self._channel)
         self._datasets = dataset_service_pb2_grpc.DatasetServiceStub(self._channel)
+        self._graders = grader_service_pb2_grpc.GraderServiceStub(self._channel)
+        self._targets = target_service_pb2_grpc.TargetServiceStub(self._channel)
         self._metadata = opts.metadata()
 
     async def __aenter__(self) -> Self:
@@ -283,6 +293,87 @@ class AsyncEvalClient:
             page = await self._call(self._datasets.ListDatasetItems, request)
             for item in page.items:
                 yield item
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    # Saved graders.
+
+    async def create_grader(
+        self,
+        display_name: str,
+        grader: GraderLike,
+        *,
+        description: str = "",
+        labels: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> pb.SavedGrader:
+        """Save a grader definition as version 1. Retries reuse one request_id."""
+        request = pb.graders.CreateGraderRequest(
+            grader=pb.SavedGrader(
+                display_name=display_name,
+                description=description,
+                labels=dict(labels or {}),
+                grader=to_grader(grader),
+            ),
+            request_id=request_id or new_request_id(),
+        )
+        return (await self._call(self._graders.CreateGrader, request)).grader
+
+    async def get_grader(self, grader_id: str, version: int = 0) -> pb.SavedGrader:
+        """A saved grader at `version` (0 = the latest)."""
+        request = pb.graders.GetGraderRequest(grader_id=grader_id, version=version)
+        return (await self._call(self._graders.GetGrader, request)).grader
+
+    async def list_graders(self, *, page_size: int = 0) -> AsyncIterator[pb.SavedGrader]:
+        """Saved graders at their latest versions, newest first, across every page."""
+        request = pb.graders.ListGradersRequest(page_size=page_size)
+        while True:
+            page = await self._call(self._graders.ListGraders, request)
+            for grader in page.graders:
+                yield grader
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    async def update_grader(self, grader_id: str, grader: GraderLike) -> pb.SavedGrader:
+        """Save a new, immutable version. Not retried: a repeat after a lost reply would save another version."""
+        request = pb.graders.UpdateGraderRequest(grader_id=grader_id, grader=to_grader(grader))
+        return (await self._call(self._graders.UpdateGrader, request, retry=False)).grader
+
+    # Saved targets.
+
+    async def create_target(
+        self,
+        display_name: str,
+        target: TargetLike,
+        *,
+        description: str = "",
+        labels: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> pb.SavedTarget:
+        """Save a target definition. Retries reuse one request_id."""
+        request = pb.targets.CreateTargetRequest(
+            target=pb.SavedTarget(
+                display_name=display_name,
+                description=description,
+                labels=dict(labels or {}),
+                target=to_target(target),
+            ),
+            request_id=request_id or new_request_id(),
+        )
+        return (await self._call(self._targets.CreateTarget, request)).target
+
+    async def get_target(self, target_id: str) -> pb.SavedTarget:
+        return (await self._call(self._targets.GetTarget, pb.targets.GetTargetRequest(target_id=target_id))).target
+
+    async def list_targets(self, *, page_size: int = 0) -> AsyncIterator[pb.SavedTarget]:
+        """Saved targets, newest first, across every page."""
+        request = pb.targets.ListTargetsRequest(page_size=page_size)
+        while True:
+            page = await self._call(self._targets.ListTargets, request)
+            for target in page.targets:
+                yield target
             if not page.next_page_token:
                 return
             request.page_token = page.next_page_token

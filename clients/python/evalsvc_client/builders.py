@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from google.protobuf import struct_pb2
 
@@ -18,6 +18,85 @@ def provided(model_id: str = "") -> pb.Target:
 def echo(model_id: str = "") -> pb.Target:
     """Output is each item's input (smoke tests)."""
     return pb.Target(echo=pb.target.EchoTarget(), model_id=model_id)
+
+
+def saved_target(target_id: str, model_id: str = "") -> pb.Target:
+    """A target saved with `create_target`, resolved to its definition when the run is created.
+
+    `model_id`, when given, replaces the saved one in the run's record.
+    """
+    return pb.Target(saved_target_id=target_id, model_id=model_id)
+
+
+def endpoint(
+    base_url: str,
+    *,
+    api_key_secret: str = "",
+    headers: Mapping[str, str] | None = None,
+    timeout_s: float = 0,
+) -> pb.target.Endpoint:
+    """An outbound endpoint. `api_key_secret` and header values "secret:NAME" name server-side secrets."""
+    return pb.target.Endpoint(
+        base_url=base_url, api_key_secret=api_key_secret, headers=dict(headers or {}), timeout_s=timeout_s
+    )
+
+
+def tool(name: str, description: str = "", parameters: Mapping[str, Any] | None = None) -> pb.target.Tool:
+    """A function a chat target's model may call; `parameters` is its arguments' JSON Schema."""
+    message = pb.target.Tool(name=name, description=description)
+    if parameters is not None:
+        message.parameters.update(dict(parameters))
+    return message
+
+
+def chat_target(
+    base_url: str,
+    model: str,
+    *,
+    api_key_secret: str = "",
+    headers: Mapping[str, str] | None = None,
+    timeout_s: float = 0,
+    system_prompt: str = "",
+    temperature: float | None = None,
+    max_tokens: int = 0,
+    parameters: Mapping[str, Any] | None = None,
+    tools: Iterable[pb.target.Tool | Mapping[str, Any]] = (),
+    model_id: str = "",
+) -> pb.Target:
+    """An OpenAI-compatible Chat Completions endpoint (`base_url` like "https://api.openai.com/v1").
+
+    `parameters` (top_p, seed, ...) are merged into the request body; `tools` are `tool(...)` messages or
+    mappings with the same keys.
+    """
+    chat = pb.target.ChatTarget(
+        endpoint=endpoint(base_url, api_key_secret=api_key_secret, headers=headers, timeout_s=timeout_s),
+        model=model,
+        system_prompt=system_prompt,
+        max_tokens=max_tokens,
+        tools=[t if isinstance(t, pb.target.Tool) else tool(**dict(t)) for t in tools],
+    )
+    if temperature is not None:
+        chat.temperature = temperature
+    if parameters is not None:
+        chat.parameters.update(dict(parameters))
+    return pb.Target(chat=chat, model_id=model_id)
+
+
+def http_target(
+    url: str,
+    *,
+    api_key_secret: str = "",
+    headers: Mapping[str, str] | None = None,
+    timeout_s: float = 0,
+    model_id: str = "",
+) -> pb.Target:
+    """A custom agent's webhook: each item is POSTed to `url`, which answers `{content, tool_calls, cost_usd}`."""
+    return pb.Target(
+        http=pb.target.HttpTarget(
+            endpoint=endpoint(url, api_key_secret=api_key_secret, headers=headers, timeout_s=timeout_s)
+        ),
+        model_id=model_id,
+    )
 
 
 def exact_match(
@@ -104,6 +183,68 @@ def latency(max_ms: float, name: str = "latency", *, weight: float = 0) -> pb.Gr
 
 def cost(max_usd: float, name: str = "cost", *, weight: float = 0) -> pb.Grader:
     return pb.Grader(name=name, weight=weight, cost=pb.grader.Cost(max_usd=max_usd))
+
+
+def saved_grader(grader_id: str, version: int = 0, name: str = "", *, weight: float = 0) -> pb.Grader:
+    """A grader saved with `create_grader`, at `version` (0 = the latest when the run is created).
+
+    An empty `name` or a zero `weight` takes the saved definition's (the name falls back to the grader's id).
+    """
+    return pb.Grader(name=name, weight=weight, saved=pb.grader.SavedGraderRef(grader_id=grader_id, version=version))
+
+
+JudgeMode = Literal["accuracy", "criteria", "levels", "policy"]
+JudgeScoring = Literal["binary", "numeric"]
+
+
+def judge_level(key: str, description: str = "", *, passing: bool = False) -> pb.grader.JudgeLevel:
+    """One answer a levels judge may give."""
+    return pb.grader.JudgeLevel(key=key, description=description, passing=passing)
+
+
+def llm_judge(
+    mode: JudgeMode | pb.grader.LlmJudge.Mode,
+    name: str = "llm_judge",
+    *,
+    criteria: str = "",
+    scoring: JudgeScoring | pb.grader.LlmJudge.Scoring = pb.grader.LlmJudge.SCORING_UNSPECIFIED,
+    threshold: int = 0,
+    levels: Iterable[pb.grader.JudgeLevel | Mapping[str, Any]] = (),
+    additional_guidelines: str = "",
+    model: str = "",
+    base_url: str = "",
+    api_key_secret: str = "",
+    headers: Mapping[str, str] | None = None,
+    timeout_s: float = 0,
+    weight: float = 0,
+) -> pb.Grader:
+    """A model judges the output. `mode` is "accuracy", "criteria", "levels" or "policy" (or the enum value);
+    `scoring` ("binary" or "numeric") applies to criteria. Without `model` and `base_url` the server's default
+    judge is used; `levels` are `judge_level(...)` messages or mappings with the same keys.
+    """
+    spec = pb.grader.LlmJudge(
+        mode=_enum(pb.grader.LlmJudge.Mode, "MODE_", mode),
+        criteria=criteria,
+        scoring=_enum(pb.grader.LlmJudge.Scoring, "SCORING_", scoring),
+        threshold=threshold,
+        levels=[level if isinstance(level, pb.grader.JudgeLevel) else judge_level(**dict(level)) for level in levels],
+        additional_guidelines=additional_guidelines,
+        model=model,
+    )
+    if base_url:
+        spec.endpoint.CopyFrom(endpoint(base_url, api_key_secret=api_key_secret, headers=headers, timeout_s=timeout_s))
+    return pb.Grader(name=name, weight=weight, llm_judge=spec)
+
+
+def _enum(wrapper: Any, prefix: str, value: str | int) -> Any:
+    """An enum value from itself or from its name without the prefix, in any case ("accuracy" -> MODE_ACCURACY)."""
+    if isinstance(value, str):
+        try:
+            return wrapper.Value(prefix + value.upper())
+        except ValueError:
+            names = [v.name.removeprefix(prefix).lower() for v in wrapper.DESCRIPTOR.values if v.number]
+            raise ValueError(f"unknown {prefix.rstrip('_').lower()} {value!r}: expected one of {names}") from None
+    return value
 
 
 def item(

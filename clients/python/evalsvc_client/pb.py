@@ -1,11 +1,16 @@
-"""The generated message modules, re-exported: `from evalsvc_client import pb; pb.runs.CreateRunRequest(...)`."""
+"""The generated message modules, re-exported: `from evalsvc_client import pb; pb.runs.CreateRunRequest(...)`.
+
+`pb.grader` and `pb.target` hold the Grader and Target messages; `pb.graders` and `pb.targets` the GraderService
+and TargetService requests and the saved definitions (`pb.SavedGrader`, `pb.SavedTarget`)."""
 
 from evalsvc_client._gen.evalsvc.v1 import dataset_service_pb2 as datasets
 from evalsvc_client._gen.evalsvc.v1 import eval_run_service_pb2 as runs
 from evalsvc_client._gen.evalsvc.v1 import grader_pb2 as grader
+from evalsvc_client._gen.evalsvc.v1 import grader_service_pb2 as graders
 from evalsvc_client._gen.evalsvc.v1 import item_pb2 as item
 from evalsvc_client._gen.evalsvc.v1 import run_pb2 as run
 from evalsvc_client._gen.evalsvc.v1 import target_pb2 as target
+from evalsvc_client._gen.evalsvc.v1 import target_service_pb2 as targets
 
 Run = run.Run
 Result = run.Result
@@ -17,6 +22,8 @@ Response = item.Response
 Grader = grader.Grader
 Target = target.Target
 Dataset = datasets.Dataset
+SavedGrader = graders.SavedGrader
+SavedTarget = targets.SavedTarget
 WatchRunResponse = runs.WatchRunResponse
 
 TERMINAL_STATUSES = frozenset({run.RUN_STATUS_SUCCEEDED, run.RUN_STATUS_FAILED, run.RUN_STATUS_CANCELLED})
@@ -32,12 +39,16 @@ __all__ = [
     "Run",
     "RunCounts",
     "RunStatus",
+    "SavedGrader",
+    "SavedTarget",
     "Target",
     "WatchRunResponse",
     "datasets",
     "grader",
+    "graders",
     "item",
     "run",
     "runs",
     "target",
+    "targets",
 ]
