@@ -7,10 +7,12 @@ under concurrent retries; with a different request it is ALREADY_EXISTS. A uniqu
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -18,6 +20,13 @@ from evalsvc.errors import ServiceError
 from evalsvc.store.db import Database
 
 T = TypeVar("T")
+
+
+def fingerprint(message: Message) -> str:
+    """A digest of a request's definition: equal definitions, equal digests (deterministic serialization)."""
+    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+
+
 Row = Mapping[str, Any]
 
 

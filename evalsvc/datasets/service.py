@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import builtins
-import hashlib
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
-from evalsvc.idempotency import create_once
+from evalsvc.idempotency import create_once, fingerprint
 from evalsvc.ids import decode_page_token, encode_page_token, new_id, page_size
 from evalsvc.runs.convert import timestamp
 from evalsvc.runs.validation import (
@@ -59,13 +58,13 @@ class DatasetService:
         if violations:
             raise invalid_argument(violations)
         definition = pb.Dataset(display_name=spec.display_name, description=spec.description, labels=spec.labels)
-        fingerprint = hashlib.sha256(definition.SerializeToString(deterministic=True)).hexdigest()
+        digest = fingerprint(definition)
         now = time.time()
         row = {
             "id": new_id("ds"),
             "tenant": tenant,
             "request_id": request.request_id or None,
-            "request_hash": fingerprint,
+            "request_hash": digest,
             "display_name": spec.display_name,
             "description": spec.description,
             "labels": dict(spec.labels),
@@ -85,7 +84,7 @@ class DatasetService:
             self._db,
             kind="dataset",
             request_id=request.request_id,
-            fingerprint=fingerprint,
+            fingerprint=digest,
             find=lambda conn: dataset_store.find_by_request_id(conn, tenant, request.request_id),
             create=create,
             replay=replay,

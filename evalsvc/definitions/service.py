@@ -6,28 +6,21 @@ created, so results stay explainable after a saved definition changes.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
-
-from google.protobuf.message import Message
 
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
 from evalsvc.execution.outbound import Outbound
 from evalsvc.execution.targets import validate_target
 from evalsvc.graders import validate_grader
-from evalsvc.idempotency import create_once
+from evalsvc.idempotency import create_once, fingerprint
 from evalsvc.ids import decode_page_token, encode_page_token, new_id, page_size
 from evalsvc.runs.convert import timestamp
 from evalsvc.runs.validation import MAX_DESCRIPTION, MAX_DISPLAY_NAME, MAX_REQUEST_ID, check_labels, check_length
 from evalsvc.store import definitions as store
 from evalsvc.store.db import Database
 from evalsvc.v1 import grader_pb2, grader_service_pb2, target_pb2, target_service_pb2
-
-
-def _fingerprint(message: Message) -> str:
-    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
 
 
 def _check_common(
@@ -97,7 +90,7 @@ class DefinitionService:
             "id": new_id("grd"),
             "tenant": tenant,
             "request_id": request.request_id or None,
-            "request_hash": _fingerprint(definition),
+            "request_hash": fingerprint(definition),
             "display_name": spec.display_name,
             "description": spec.description,
             "labels": dict(spec.labels),
@@ -177,7 +170,7 @@ class DefinitionService:
             "id": new_id("tgt"),
             "tenant": tenant,
             "request_id": request.request_id or None,
-            "request_hash": _fingerprint(definition),
+            "request_hash": fingerprint(definition),
             "display_name": spec.display_name,
             "description": spec.description,
             "labels": dict(spec.labels),

@@ -6,7 +6,6 @@ module owns the rules (validation, idempotency, status transitions) and calls th
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +23,7 @@ from evalsvc.execution.outbound import Outbound, OutboundError, check_destinatio
 from evalsvc.execution.targets import validate_target
 from evalsvc.graders import grader_name, validate_grader
 from evalsvc.graders.judge import JudgeDefaults, needs_default_judge
-from evalsvc.idempotency import create_once
+from evalsvc.idempotency import create_once, fingerprint
 from evalsvc.ids import decode_page_token, encode_page_token, new_id, page_size
 from evalsvc.limits import TenantLimits
 from evalsvc.runs.convert import result_from, run_from
@@ -49,7 +48,7 @@ def request_fingerprint(request: pb.CreateRunRequest) -> str:
     copy = pb.CreateRunRequest()
     copy.CopyFrom(request)
     copy.ClearField("request_id")
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+    return fingerprint(copy)
 
 
 class RunService:

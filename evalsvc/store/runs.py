@@ -72,7 +72,8 @@ async def insert_run(
     """Store a new run, its copied items, one job per item x repetition and its first event (seq 1)."""
     now = row["create_time"]
     tenant, run_id = row["tenant"], row["id"]
-    await conn.execute(insert(RUNS).values(**row, last_seq=1, update_time=now))
+    inserted = await conn.execute(insert(RUNS).values(**row, last_seq=1, update_time=now).returning(*RUNS.c))
+    stored = cast("Mapping[str, Any]", inserted.mappings().one())
     if row["labels"]:
         await conn.execute(
             insert(LABELS),
@@ -89,8 +90,6 @@ async def insert_run(
             for i in range(len(items))
         ],
     )
-    stored = await get(conn, tenant, run_id)
-    assert stored is not None
     event = run_event(stored)
     await events.append(conn, tenant, run_id, [event])
     return event
