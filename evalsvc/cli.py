@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument(
         "--grpc-ca", default="", help="PEM file to verify the server's TLS certificate; empty: plaintext"
     )
+    gateway.add_argument(
+        "--dialects", default="all", help="vendor dialects to mount: all, none, or name[=/prefix],..."
+    )
     keys = commands.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
         dest="keys_command", required=True
     )
@@ -98,7 +101,7 @@ async def _gateway_command(args: argparse.Namespace) -> int:
 
     from evalsvc.gateway.server import Gateway
 
-    gateway = Gateway(args.grpc_target, args.http_addr, root_certificates=args.grpc_ca)
+    gateway = Gateway(args.grpc_target, args.http_addr, root_certificates=args.grpc_ca, dialects=args.dialects)
     await gateway.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

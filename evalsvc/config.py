@@ -32,6 +32,13 @@ class Settings:
         default="",
         metadata={"help": "host:port of the REST gateway in this process (make run uses 127.0.0.1:8080); empty: off"},
     )
+    dialects: str = dataclasses.field(
+        default="all",
+        metadata={
+            "help": "vendor dialects the gateway mounts: all, none, or a list of name[=/prefix] "
+            "(omni, agno, bland, vogent, aymara; docs/dialects.md)"
+        },
+    )
     workers: int = dataclasses.field(
         default=64, metadata={"help": "evaluations (target calls) executed concurrently by this process"}
     )

@@ -163,6 +163,7 @@ class EvalServer:
                 f"{host}:{self.port}",
                 self.settings.http_addr,
                 root_certificates=self.settings.tls_cert if credentials is not None else "",
+                dialects=self.settings.dialects,
             )
             await self.gateway.start()
         if self.settings.metrics_addr:

@@ -20,27 +20,10 @@ from google.protobuf import json_format, message_factory
 from google.protobuf.message import Message
 from grpc_status import rpc_status
 
+from evalsvc.gateway import dialects
 from evalsvc.gateway.routes import Route, routes
+from evalsvc.gateway.upstream import HTTP_STATUS, Upstream
 
-HTTP_STATUS = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNKNOWN: 500,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DATA_LOSS: 500,
-}
 FORWARDED_HEADERS = ("authorization", "x-api-key")
 
 
@@ -105,17 +88,18 @@ async def build_request(request: Request, route: Route) -> Message:
     return message
 
 
-def create_app(channel_factory: Callable[[], grpc.aio.Channel]) -> FastAPI:
-    """The gateway app, calling the service over channels made by `channel_factory`."""
-    state: dict[str, grpc.aio.Channel] = {}
+def create_app(channel_factory: Callable[[], grpc.aio.Channel], dialect_spec: str = "all") -> FastAPI:
+    """The gateway app, calling the service over a channel made by `channel_factory`, with the vendor
+    dialects `dialect_spec` names (see `dialects.mounts`) beside the native routes."""
+    upstream = Upstream(channel_factory)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        state["channel"] = channel_factory()
+        upstream.open()
         try:
             yield
         finally:
-            await state["channel"].close()
+            await upstream.close()
 
     app = FastAPI(
         title="evalsvc",
@@ -130,7 +114,7 @@ def create_app(channel_factory: Callable[[], grpc.aio.Channel]) -> FastAPI:
                 message = await build_request(request, route)
             except json_format.ParseError as exc:
                 return bad_request(f"invalid JSON for {route.method.input_type.full_name}: {exc}")
-            call: grpc.aio.UnaryUnaryMultiCallable[Message, Message] = state["channel"].unary_unary(
+            call: grpc.aio.UnaryUnaryMultiCallable[Message, Message] = upstream.channel.unary_unary(
                 route.grpc_path,
                 request_serializer=lambda m: m.SerializeToString(),
                 response_deserializer=_message_class(route.method.output_type).FromString,
@@ -154,7 +138,7 @@ def create_app(channel_factory: Callable[[], grpc.aio.Channel]) -> FastAPI:
                 message.after_seq = int(last_event_id)  # an EventSource resuming
             call = cast(
                 "grpc.aio.UnaryStreamMultiCallable[Message, Message]",
-                state["channel"].unary_stream(
+                upstream.channel.unary_stream(
                     route.grpc_path,
                     request_serializer=lambda m: m.SerializeToString(),
                     response_deserializer=_message_class(route.method.output_type).FromString,
@@ -189,6 +173,8 @@ def create_app(channel_factory: Callable[[], grpc.aio.Channel]) -> FastAPI:
                 else ""
             ),
         )
+    for dialect, prefix in dialects.mounts(dialect_spec):
+        app.include_router(dialect.router(upstream), prefix=prefix, tags=[dialect.title])
     return app
 
 

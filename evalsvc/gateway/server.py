@@ -36,9 +36,9 @@ def channel_to(target: str, *, root_certificates: str = "") -> grpc.aio.Channel:
 class Gateway:
     """The gateway's HTTP server on the running event loop."""
 
-    def __init__(self, grpc_target: str, http_addr: str, *, root_certificates: str = "") -> None:
+    def __init__(self, grpc_target: str, http_addr: str, *, root_certificates: str = "", dialects: str = "all") -> None:
         host, _, port = http_addr.rpartition(":")
-        app = create_app(lambda: channel_to(grpc_target, root_certificates=root_certificates))
+        app = create_app(lambda: channel_to(grpc_target, root_certificates=root_certificates), dialects)
         self._server = _QuietSignals(uvicorn.Config(app, host=host or "127.0.0.1", port=int(port), log_level="warning"))
         self._task: asyncio.Task[None] | None = None
         self.port = 0

@@ -1,0 +1,42 @@
+"""The vendor dialects of the REST gateway, one module each (see `base.Dialect`).
+
+Discovery is by module: adding `evalsvc/gateway/dialects/<vendor>.py` with a `DIALECT` adds a dialect,
+and nothing else changes. `--dialects` chooses which are mounted and where.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from evalsvc.gateway.dialects.base import Dialect
+
+_NOT_DIALECTS = {"base"}
+
+
+def available() -> dict[str, Dialect]:
+    """Every dialect module in this package, by name."""
+    found: dict[str, Dialect] = {}
+    for module in pkgutil.iter_modules(__path__):
+        if module.name in _NOT_DIALECTS or module.name.startswith("_"):
+            continue
+        dialect: Dialect = importlib.import_module(f"{__name__}.{module.name}").DIALECT
+        found[dialect.name] = dialect
+    return found
+
+
+def mounts(spec: str) -> list[tuple[Dialect, str]]:
+    """The dialects to mount and their prefixes, from `--dialects`: "all", "none", or a comma-separated
+    list of `name` (at its documented prefix) or `name=/prefix`. Unknown names raise ValueError."""
+    known = available()
+    if spec.strip() in ("", "none"):
+        return []
+    if spec.strip() == "all":
+        return [(d, d.prefix) for _, d in sorted(known.items())]
+    chosen = []
+    for part in spec.split(","):
+        name, _, prefix = part.strip().partition("=")
+        if name not in known:
+            raise ValueError(f"unknown dialect {name!r}; known: {', '.join(sorted(known))}")
+        chosen.append((known[name], prefix.rstrip("/") if prefix else known[name].prefix))
+    return chosen

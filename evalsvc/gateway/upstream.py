@@ -1,0 +1,211 @@
+"""The gRPC service behind the gateway, as the dialects see it.
+
+`Upstream` owns the gateway's one channel and the four service stubs. `call` sends one request with the
+caller's API key and turns a failed call into a `GatewayError`, which each dialect renders in its own
+error shape. Helpers here (`wait_until_done`, `collect`) are the few multi-call patterns the dialects
+share: a synchronous create, and offset pagination over token-paged lists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from evalsvc.v1 import (
+    dataset_service_pb2_grpc,
+    eval_run_service_pb2,
+    eval_run_service_pb2_grpc,
+    grader_service_pb2_grpc,
+    run_pb2,
+    target_service_pb2_grpc,
+)
+
+Resp = TypeVar("Resp", bound=Message)
+
+TERMINAL = frozenset({run_pb2.RUN_STATUS_SUCCEEDED, run_pb2.RUN_STATUS_FAILED, run_pb2.RUN_STATUS_CANCELLED})
+DEFAULT_TIMEOUT_S = 60.0
+
+# gRPC status -> HTTP status, as grpc-gateway maps them.
+HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+}
+
+
+@dataclass
+class GatewayError(Exception):
+    """A request that failed, from the gRPC service or from a dialect's own checks.
+
+    `violations` are (field, description) pairs; `request_errors` are FastAPI's validation errors when
+    the request did not even match the dialect's model (dialects that mimic FastAPI return them as is).
+    """
+
+    code: grpc.StatusCode
+    message: str
+    reason: str = ""
+    violations: list[tuple[str, str]] = field(default_factory=list)
+    request_errors: list[dict[str, Any]] | None = None
+    http_status: int = 0
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+        if not self.http_status:
+            self.http_status = HTTP_STATUS.get(self.code, 500)
+
+    @classmethod
+    def from_rpc(cls, error: grpc.aio.AioRpcError) -> GatewayError:
+        """The error of a failed gRPC call, with its ErrorInfo reason and BadRequest violations."""
+        reason, violations = "", []
+        status = rpc_status.from_call(error)
+        for detail in status.details if status is not None else ():
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason = info.reason
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations = [(v.field, v.description) for v in bad.field_violations]
+        return cls(error.code(), error.details() or "", reason, violations)
+
+    @classmethod
+    def invalid(cls, message: str, *violations: tuple[str, str], http_status: int = 0) -> GatewayError:
+        """Bad input caught by a dialect before any call (e.g. a vendor's documented limit)."""
+        return cls(grpc.StatusCode.INVALID_ARGUMENT, message, "INVALID_ARGUMENT", list(violations), None, http_status)
+
+    @classmethod
+    def not_found(cls, message: str) -> GatewayError:
+        return cls(grpc.StatusCode.NOT_FOUND, message, "NOT_FOUND")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the API key taken from the dialect's auth header ("" = none given)."""
+
+    api_key: str = ""
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+
+
+class Upstream:
+    """One channel to the gRPC service, shared by every route of the gateway."""
+
+    def __init__(self, channel_factory: Callable[[], grpc.aio.Channel]) -> None:
+        self._factory = channel_factory
+        self._channel: grpc.aio.Channel | None = None
+
+    def open(self) -> None:
+        self._channel = self._factory()
+        self.runs = eval_run_service_pb2_grpc.EvalRunServiceStub(self._channel)
+        self.datasets = dataset_service_pb2_grpc.DatasetServiceStub(self._channel)
+        self.graders = grader_service_pb2_grpc.GraderServiceStub(self._channel)
+        self.targets = target_service_pb2_grpc.TargetServiceStub(self._channel)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            raise RuntimeError("the gateway's channel is not open (the app's lifespan has not started)")
+        return self._channel
+
+    async def call(
+        self,
+        method: Callable[..., Awaitable[Resp]],
+        request: Message,
+        caller: Caller,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> Resp:
+        """One unary call as `caller`; a failure raises `GatewayError`."""
+        try:
+            return await method(request, metadata=caller.metadata, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            raise GatewayError.from_rpc(error) from None
+
+    async def watch(self, run_id: str, caller: Caller, after_seq: int = 0) -> AsyncIterator[Any]:
+        """The run's WatchRun events (a failure raises `GatewayError`); closing the iterator cancels it."""
+        call = self.runs.WatchRun(
+            eval_run_service_pb2.WatchRunRequest(run_id=run_id, after_seq=after_seq), metadata=caller.metadata
+        )
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as error:
+            raise GatewayError.from_rpc(error) from None
+        finally:
+            call.cancel()
+
+    async def wait_until_done(self, run_id: str, caller: Caller, timeout: float) -> run_pb2.Run:
+        """The run once it has ended, or as it stands when `timeout` seconds have passed.
+
+        For the dialects whose create call is synchronous (Agno, Aymara): they create the run, then wait
+        for its terminal event here; the run keeps going if the wait gives up.
+        """
+        deadline = time.monotonic() + timeout
+        events = self.watch(run_id, caller)
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    event = await asyncio.wait_for(anext(events), left)
+                except (TimeoutError, StopAsyncIteration):
+                    break
+                if event.WhichOneof("event") == "run" and event.run.status in TERMINAL:
+                    return event.run  # type: ignore[no-any-return]
+        finally:
+            await events.aclose()
+        got = await self.call(self.runs.GetRun, eval_run_service_pb2.GetRunRequest(run_id=run_id), caller)
+        return got.run
+
+    async def collect(
+        self,
+        method: Callable[..., Awaitable[Any]],
+        request: Message,
+        items_field: str,
+        caller: Caller,
+        *,
+        limit: int = 10_000,
+    ) -> list[Any]:
+        """Every element of a token-paged list (up to `limit`), for dialects that page by offset or
+        report a total count. `request` must have page_size and page_token."""
+        found: list[Any] = []
+        request.page_size = 1000  # type: ignore[attr-defined]
+        while len(found) < limit:
+            page = await self.call(method, request, caller)
+            found.extend(getattr(page, items_field))
+            if not page.next_page_token:
+                break
+            request.page_token = page.next_page_token  # type: ignore[attr-defined]
+        return found[:limit]
+
+
+def window(items: Sequence[Any], offset: int, limit: int) -> list[Any]:
+    """`limit` elements from `offset` (offset pagination over a collected list)."""
+    return list(items[offset : offset + limit])
