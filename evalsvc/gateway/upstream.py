@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -150,7 +150,7 @@ class Upstream:
         except grpc.aio.AioRpcError as error:
             raise GatewayError.from_rpc(error) from None
 
-    async def watch(self, run_id: str, caller: Caller, after_seq: int = 0) -> AsyncIterator[Any]:
+    async def watch(self, run_id: str, caller: Caller, after_seq: int = 0) -> AsyncGenerator[Any, None]:
         """The run's WatchRun events (a failure raises `GatewayError`); closing the iterator cancels it."""
         call = self.runs.WatchRun(
             eval_run_service_pb2.WatchRunRequest(run_id=run_id, after_seq=after_seq), metadata=caller.metadata
