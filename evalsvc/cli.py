@@ -30,9 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument(
         "--grpc-ca", default="", help="PEM file to verify the server's TLS certificate; empty: plaintext"
     )
-    gateway.add_argument(
-        "--dialects", default="all", help="vendor dialects to mount: all, none, or name[=/prefix],..."
-    )
+    gateway.add_argument("--dialects", default="all", help="vendor dialects to mount: all, none, or name[=/prefix],...")
     keys = commands.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
         dest="keys_command", required=True
     )

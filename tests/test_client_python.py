@@ -131,6 +131,16 @@ async def test_cancel_run(client: AsyncEvalClient) -> None:
     assert info.value.reason == "RUN_ALREADY_FINISHED"
 
 
+async def test_update_delete_undelete_run(client: AsyncEvalClient) -> None:
+    run = await client.create_run(items=_items(1), target="provided", graders=[builders.exact_match()])
+    renamed = await client.update_run(run.id, display_name="renamed", annotations={"note": "kept"})
+    assert renamed.display_name == "renamed" and dict(renamed.annotations) == {"note": "kept"}
+    assert (await client.delete_run(run.id)).HasField("delete_time")
+    assert run.id not in [r.id async for r in client.list_runs()]
+    assert not (await client.undelete_run(run.id)).HasField("delete_time")
+    assert run.id in [r.id async for r in client.list_runs()]
+
+
 async def test_datasets(client: AsyncEvalClient) -> None:
     dataset = await client.create_dataset("qa", description="a few questions", labels={"team": "eval"})
     assert dataset.id and dataset.item_count == 0

@@ -50,6 +50,18 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
         return pb.CancelRunResponse(run=await self._runs.cancel(tenant_of(context), request.run_id))
 
     @unary
+    async def UpdateRun(self, request: pb.UpdateRunRequest, context: Context) -> pb.UpdateRunResponse:
+        return pb.UpdateRunResponse(run=await self._runs.update(tenant_of(context), request))
+
+    @unary
+    async def DeleteRun(self, request: pb.DeleteRunRequest, context: Context) -> pb.DeleteRunResponse:
+        return pb.DeleteRunResponse(run=await self._runs.delete(tenant_of(context), request.run_id))
+
+    @unary
+    async def UndeleteRun(self, request: pb.UndeleteRunRequest, context: Context) -> pb.UndeleteRunResponse:
+        return pb.UndeleteRunResponse(run=await self._runs.undelete(tenant_of(context), request.run_id))
+
+    @unary
     async def ListRunResults(self, request: pb.ListRunResultsRequest, context: Context) -> pb.ListRunResultsResponse:
         results, token = await self._runs.list_results(tenant_of(context), request)
         return pb.ListRunResultsResponse(results=results, next_page_token=token)

@@ -16,6 +16,7 @@ from evalsvc.runs.validation import (
     MAX_DISPLAY_NAME,
     MAX_REQUEST_ID,
     assign_item_ids,
+    check_annotations,
     check_items,
     check_labels,
     check_length,
@@ -35,6 +36,7 @@ def dataset_from(row: Mapping[str, Any]) -> pb.Dataset:
         display_name=row["display_name"],
         description=row["description"],
         labels=row["labels"] or {},
+        annotations=row["annotations"] or {},
         item_count=row["item_count"],
         create_time=timestamp(row["create_time"]),
         update_time=timestamp(row["update_time"]),
@@ -55,9 +57,15 @@ class DatasetService:
         check_length(spec.display_name, MAX_DISPLAY_NAME, "dataset.display_name", violations)
         check_length(spec.description, MAX_DESCRIPTION, "dataset.description", violations)
         check_labels(spec.labels, "dataset.labels", violations)
+        check_annotations(spec.annotations, "dataset.annotations", violations)
         if violations:
             raise invalid_argument(violations)
-        definition = pb.Dataset(display_name=spec.display_name, description=spec.description, labels=spec.labels)
+        definition = pb.Dataset(
+            display_name=spec.display_name,
+            description=spec.description,
+            labels=spec.labels,
+            annotations=spec.annotations,
+        )
         digest = fingerprint(definition)
         now = time.time()
         row = {
@@ -68,6 +76,7 @@ class DatasetService:
             "display_name": spec.display_name,
             "description": spec.description,
             "labels": dict(spec.labels),
+            "annotations": dict(spec.annotations),
             "item_count": 0,
             "create_time": now,
             "update_time": now,

@@ -39,6 +39,7 @@ def run_from(row: Mapping[str, Any]) -> run_pb2.Run:
     run.display_name = row["display_name"]
     run.description = row["description"]
     run.labels.update(row["labels"] or {})
+    run.annotations.update(row["annotations"] or {})
     run.dataset_id = row["dataset_id"]
     run.run_number = row["run_number"]
     run.status = row["status"]
@@ -52,7 +53,7 @@ def run_from(row: Mapping[str, Any]) -> run_pb2.Run:
     if row["error_code"]:
         run.error.code = row["error_code"]
         run.error.message = row["error_message"]
-    for name in ("create_time", "start_time", "end_time", "update_time"):
+    for name in ("create_time", "start_time", "end_time", "update_time", "delete_time"):
         ts = timestamp(row[name])
         if ts is not None:
             getattr(run, name).CopyFrom(ts)

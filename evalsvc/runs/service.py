@@ -27,7 +27,15 @@ from evalsvc.idempotency import create_once, fingerprint
 from evalsvc.ids import decode_page_token, encode_page_token, new_id, page_size
 from evalsvc.limits import TenantLimits
 from evalsvc.runs.convert import result_from, run_from
-from evalsvc.runs.validation import assign_item_ids, validate_create_run
+from evalsvc.runs.validation import (
+    MAX_DESCRIPTION,
+    MAX_DISPLAY_NAME,
+    assign_item_ids,
+    check_annotations,
+    check_labels,
+    check_length,
+    validate_create_run,
+)
 from evalsvc.store import datasets as dataset_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
@@ -118,6 +126,7 @@ class RunService:
             "display_name": request.display_name,
             "description": request.description,
             "labels": dict(request.labels),
+            "annotations": dict(request.annotations),
             "spec": spec.SerializeToString(),
             "status": run_pb2.RUN_STATUS_PENDING,
             "total_items": len(items),
@@ -230,6 +239,7 @@ class RunService:
             "statuses": sorted(request.statuses),
             "labels": dict(sorted(request.labels.items())),
             "dataset_id": request.dataset_id,
+            "show_deleted": request.show_deleted,
         }
         before_id = decode_page_token(request.page_token, query)
         async with self._db.read() as conn:
@@ -241,6 +251,7 @@ class RunService:
                 statuses=request.statuses,
                 labels=request.labels,
                 dataset_id=request.dataset_id,
+                show_deleted=request.show_deleted,
             )
         runs = [run_from(row) for row in rows[:limit]]
         token = encode_page_token(runs[-1].id, query) if len(rows) > limit else ""
@@ -276,6 +287,53 @@ class RunService:
             metadata={"run_id": run_id},
         )
 
+    async def update(self, tenant: str, request: pb.UpdateRunRequest) -> run_pb2.Run:
+        """Change the descriptive fields named by the update mask (all set ones when it is empty)."""
+        paths = list(request.update_mask.paths) or [name for name in UPDATABLE if getattr(request.run, name)]
+        violations = [
+            FieldViolation("update_mask", f"{path!r} cannot be updated; updatable: {', '.join(UPDATABLE)}")
+            for path in paths
+            if path not in UPDATABLE
+        ]
+        if not paths:
+            violations.append(FieldViolation("update_mask", "nothing to update: set a field of run or name it"))
+        check_length(request.run.display_name, MAX_DISPLAY_NAME, "run.display_name", violations)
+        check_length(request.run.description, MAX_DESCRIPTION, "run.description", violations)
+        check_labels(request.run.labels, "run.labels", violations)
+        check_annotations(request.run.annotations, "run.annotations", violations)
+        if violations:
+            raise invalid_argument(violations)
+        values = {path: _column_value(getattr(request.run, path)) for path in paths}
+        async with self._db.write() as conn:
+            row = await run_store.update_fields(conn, tenant, request.run_id, values)
+        if row is None:
+            raise not_found("run", request.run_id)
+        return run_from(row)
+
+    async def delete(self, tenant: str, run_id: str) -> run_pb2.Run:
+        """Soft-delete a run (AIP-164), cancelling it first if it has not finished. Idempotent."""
+        run = await self.get(tenant, run_id)
+        if run.status in run_store.ACTIVE_STATUSES:
+            try:
+                run = await self.cancel(tenant, run_id)
+            except ServiceError as error:
+                if error.reason != "RUN_ALREADY_FINISHED":  # it ended meanwhile: nothing to cancel
+                    raise
+        if run.HasField("delete_time"):
+            return run
+        return await self._set_deleted(tenant, run_id, time.time())
+
+    async def undelete(self, tenant: str, run_id: str) -> run_pb2.Run:
+        """Restore a soft-deleted run. Idempotent."""
+        return await self._set_deleted(tenant, run_id, None)
+
+    async def _set_deleted(self, tenant: str, run_id: str, when: float | None) -> run_pb2.Run:
+        async with self._db.write() as conn:
+            row = await run_store.update_fields(conn, tenant, run_id, {"delete_time": when})
+        if row is None:
+            raise not_found("run", run_id)
+        return run_from(row)
+
     async def list_results(
         self, tenant: str, request: pb.ListRunResultsRequest
     ) -> tuple[Sequence[run_pb2.Result], str]:
@@ -294,6 +352,14 @@ class RunService:
         results = [result_from(row, output) for row, output in rows[:limit]]
         token = encode_page_token(int(results[-1].id), query) if len(rows) > limit else ""
         return results, token
+
+
+UPDATABLE = ("display_name", "description", "labels", "annotations")
+
+
+def _column_value(value: Any) -> Any:
+    """A message field as its column stores it (maps as plain dicts)."""
+    return value if isinstance(value, str) else dict(value)
 
 
 def _is_ip_literal(url: str) -> bool:

@@ -23,6 +23,8 @@ MAX_REPETITIONS = 100
 MAX_WARMUP_RUNS = 10
 LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 MAX_LABEL_VALUE = 63
+MAX_ANNOTATION_KEY = 128
+MAX_ANNOTATIONS_BYTES = 64 * 1024
 
 
 def check_length(value: str, limit: int, field: str, out: list[FieldViolation]) -> None:
@@ -37,6 +39,16 @@ def check_labels(labels: Mapping[str, str], field: str, out: list[FieldViolation
         if not LABEL_KEY.match(key):
             out.append(FieldViolation(f"{field}[{key}]", "key must match [a-z][a-z0-9_-]{0,62}"))
         check_length(value, MAX_LABEL_VALUE, f"{field}[{key}]", out)
+
+
+def check_annotations(annotations: Mapping[str, str], field: str, out: list[FieldViolation]) -> None:
+    """Annotation keys are 1-128 characters; keys and values together at most 64 KiB (AIP-128)."""
+    for key in annotations:
+        if not key or len(key) > MAX_ANNOTATION_KEY:
+            out.append(FieldViolation(f"{field}[{key[:MAX_ANNOTATION_KEY]}]", "key must be 1-128 characters"))
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in annotations.items())
+    if size > MAX_ANNOTATIONS_BYTES:
+        out.append(FieldViolation(field, f"keys and values must total at most {MAX_ANNOTATIONS_BYTES} bytes"))
 
 
 def check_items(
@@ -94,6 +106,7 @@ def validate_create_run(request: pb.CreateRunRequest) -> list[FieldViolation]:
     check_length(request.display_name, MAX_DISPLAY_NAME, "display_name", out)
     check_length(request.description, MAX_DESCRIPTION, "description", out)
     check_labels(request.labels, "labels", out)
+    check_annotations(request.annotations, "annotations", out)
     if request.HasField("pass_threshold") and not (
         math.isfinite(request.pass_threshold) and 0 <= request.pass_threshold <= 100
     ):

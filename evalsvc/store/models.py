@@ -45,6 +45,12 @@ JOB_DONE = 2
 JOB_CANCELLED = 3
 
 
+def json_map() -> Column:  # type: ignore[type-arg]
+    """A NOT NULL string-to-string map stored as JSON, `{}` on insert when not given. No server default:
+    PostgreSQL cannot compare JSON defaults (Alembic's schema check fails); migrations fill old rows."""
+    return Column(JSON, nullable=False, default=dict)
+
+
 class RunRow(SQLModel, table=True):
     """A run: its definition, status and live counters."""
 
@@ -65,6 +71,7 @@ class RunRow(SQLModel, table=True):
     display_name: str = ""
     description: str = ""
     labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    annotations: dict[str, str] = Field(default_factory=dict, sa_column=json_map())
     spec: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     status: int = 0
     total_items: int = 0
@@ -84,6 +91,7 @@ class RunRow(SQLModel, table=True):
     update_time: float = 0.0
     last_seq: int = Field(default=0, sa_column=big())
     cost_usd: float = Field(default=0.0, sa_column_kwargs=ZERO)  # target and judge spend so far, for budgets
+    delete_time: float | None = None  # soft-deleted (AIP-164): hidden from ListRuns unless show_deleted
 
 
 class RunLabelRow(SQLModel, table=True):
@@ -211,6 +219,7 @@ class DatasetRow(SQLModel, table=True):
     display_name: str = ""
     description: str = ""
     labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    annotations: dict[str, str] = Field(default_factory=dict, sa_column=json_map())
     item_count: int = 0
     create_time: float = 0.0
     update_time: float = 0.0

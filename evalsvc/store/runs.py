@@ -120,9 +120,12 @@ async def list_page(
     statuses: Sequence[int],
     labels: Mapping[str, str],
     dataset_id: str,
+    show_deleted: bool = False,
 ) -> list[Mapping[str, Any]]:
     """Runs newest first (ids sort by creation time), after a keyset position."""
     query = select(RUNS).where(RUNS.c.tenant == tenant)
+    if not show_deleted:
+        query = query.where(RUNS.c.delete_time.is_(None))
     if before_id:
         query = query.where(RUNS.c.id < before_id)
     if statuses:
@@ -162,6 +165,28 @@ async def set_status(
     event = run_event(cast("Mapping[str, Any]", row))
     await events.append(conn, tenant, run_id, [event])
     return event
+
+
+async def update_fields(
+    conn: AsyncConnection, tenant: str, run_id: str, values: Mapping[str, Any]
+) -> Mapping[str, Any] | None:
+    """Change a run's descriptive columns (not its status: that is `set_status`, which records an event);
+    new labels replace the run's label rows. Returns the changed row, or None when there is no such run."""
+    changed = await conn.execute(
+        update(RUNS)
+        .where(RUNS.c.id == run_id, RUNS.c.tenant == tenant)
+        .values(**values, update_time=time.time())
+        .returning(*RUNS.c)
+    )
+    row = cast("Mapping[str, Any] | None", changed.mappings().first())
+    if row is not None and "labels" in values:
+        await conn.execute(LABELS.delete().where(LABELS.c.run_id == run_id))
+        if values["labels"]:
+            await conn.execute(
+                insert(LABELS),
+                [{"run_id": run_id, "key": k, "value": v, "tenant": tenant} for k, v in values["labels"].items()],
+            )
+    return row
 
 
 async def cancel_jobs(conn: AsyncConnection, tenant: str, run_id: str) -> None:

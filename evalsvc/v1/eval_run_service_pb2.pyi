@@ -6,6 +6,7 @@ from evalsvc.v1 import run_pb2 as _run_pb2
 from evalsvc.v1 import target_pb2 as _target_pb2
 from google.api import annotations_pb2 as _annotations_pb2
 from google.api import field_behavior_pb2 as _field_behavior_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -16,8 +17,15 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateRunRequest(_message.Message):
-    __slots__ = ("request_id", "dataset_id", "item_ids", "items", "target", "graders", "display_name", "description", "labels", "pass_threshold", "repetitions", "warmup_runs", "trigger", "max_cost_usd")
+    __slots__ = ("request_id", "dataset_id", "item_ids", "items", "target", "graders", "display_name", "description", "labels", "pass_threshold", "repetitions", "warmup_runs", "trigger", "max_cost_usd", "annotations")
     class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class AnnotationsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +46,7 @@ class CreateRunRequest(_message.Message):
     WARMUP_RUNS_FIELD_NUMBER: _ClassVar[int]
     TRIGGER_FIELD_NUMBER: _ClassVar[int]
     MAX_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     dataset_id: str
     item_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -52,7 +61,8 @@ class CreateRunRequest(_message.Message):
     warmup_runs: int
     trigger: _run_pb2.Trigger
     max_cost_usd: float
-    def __init__(self, request_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., items: _Optional[_Iterable[_Union[_item_pb2.Item, _Mapping]]] = ..., target: _Optional[_Union[_target_pb2.Target, _Mapping]] = ..., graders: _Optional[_Iterable[_Union[_grader_pb2.Grader, _Mapping]]] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., pass_threshold: _Optional[float] = ..., repetitions: _Optional[int] = ..., warmup_runs: _Optional[int] = ..., trigger: _Optional[_Union[_run_pb2.Trigger, str]] = ..., max_cost_usd: _Optional[float] = ...) -> None: ...
+    annotations: _containers.ScalarMap[str, str]
+    def __init__(self, request_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., items: _Optional[_Iterable[_Union[_item_pb2.Item, _Mapping]]] = ..., target: _Optional[_Union[_target_pb2.Target, _Mapping]] = ..., graders: _Optional[_Iterable[_Union[_grader_pb2.Grader, _Mapping]]] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., pass_threshold: _Optional[float] = ..., repetitions: _Optional[int] = ..., warmup_runs: _Optional[int] = ..., trigger: _Optional[_Union[_run_pb2.Trigger, str]] = ..., max_cost_usd: _Optional[float] = ..., annotations: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class CreateRunResponse(_message.Message):
     __slots__ = ("run", "job_count")
@@ -75,7 +85,7 @@ class GetRunResponse(_message.Message):
     def __init__(self, run: _Optional[_Union[_run_pb2.Run, _Mapping]] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
-    __slots__ = ("page_size", "page_token", "statuses", "labels", "dataset_id")
+    __slots__ = ("page_size", "page_token", "statuses", "labels", "dataset_id", "show_deleted")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -88,12 +98,14 @@ class ListRunsRequest(_message.Message):
     STATUSES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    SHOW_DELETED_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
     statuses: _containers.RepeatedScalarFieldContainer[_run_pb2.RunStatus]
     labels: _containers.ScalarMap[str, str]
     dataset_id: str
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., statuses: _Optional[_Iterable[_Union[_run_pb2.RunStatus, str]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., dataset_id: _Optional[str] = ...) -> None: ...
+    show_deleted: bool
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., statuses: _Optional[_Iterable[_Union[_run_pb2.RunStatus, str]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., dataset_id: _Optional[str] = ..., show_deleted: _Optional[bool] = ...) -> None: ...
 
 class ListRunsResponse(_message.Message):
     __slots__ = ("runs", "next_page_token")
@@ -102,6 +114,46 @@ class ListRunsResponse(_message.Message):
     runs: _containers.RepeatedCompositeFieldContainer[_run_pb2.Run]
     next_page_token: str
     def __init__(self, runs: _Optional[_Iterable[_Union[_run_pb2.Run, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class UpdateRunRequest(_message.Message):
+    __slots__ = ("run_id", "run", "update_mask")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    run: _run_pb2.Run
+    update_mask: _field_mask_pb2.FieldMask
+    def __init__(self, run_id: _Optional[str] = ..., run: _Optional[_Union[_run_pb2.Run, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
+
+class UpdateRunResponse(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: _run_pb2.Run
+    def __init__(self, run: _Optional[_Union[_run_pb2.Run, _Mapping]] = ...) -> None: ...
+
+class DeleteRunRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class DeleteRunResponse(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: _run_pb2.Run
+    def __init__(self, run: _Optional[_Union[_run_pb2.Run, _Mapping]] = ...) -> None: ...
+
+class UndeleteRunRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class UndeleteRunResponse(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: _run_pb2.Run
+    def __init__(self, run: _Optional[_Union[_run_pb2.Run, _Mapping]] = ...) -> None: ...
 
 class CancelRunRequest(_message.Message):
     __slots__ = ("run_id",)

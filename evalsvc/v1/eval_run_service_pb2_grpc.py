@@ -60,6 +60,21 @@ class EvalRunServiceStub:
                 request_serializer=evalsvc_dot_v1_dot_eval__run__service__pb2.ListRunResultsRequest.SerializeToString,
                 response_deserializer=evalsvc_dot_v1_dot_eval__run__service__pb2.ListRunResultsResponse.FromString,
                 _registered_method=True)
+        self.UpdateRun = channel.unary_unary(
+                '/evalsvc.v1.EvalRunService/UpdateRun',
+                request_serializer=evalsvc_dot_v1_dot_eval__run__service__pb2.UpdateRunRequest.SerializeToString,
+                response_deserializer=evalsvc_dot_v1_dot_eval__run__service__pb2.UpdateRunResponse.FromString,
+                _registered_method=True)
+        self.DeleteRun = channel.unary_unary(
+                '/evalsvc.v1.EvalRunService/DeleteRun',
+                request_serializer=evalsvc_dot_v1_dot_eval__run__service__pb2.DeleteRunRequest.SerializeToString,
+                response_deserializer=evalsvc_dot_v1_dot_eval__run__service__pb2.DeleteRunResponse.FromString,
+                _registered_method=True)
+        self.UndeleteRun = channel.unary_unary(
+                '/evalsvc.v1.EvalRunService/UndeleteRun',
+                request_serializer=evalsvc_dot_v1_dot_eval__run__service__pb2.UndeleteRunRequest.SerializeToString,
+                response_deserializer=evalsvc_dot_v1_dot_eval__run__service__pb2.UndeleteRunResponse.FromString,
+                _registered_method=True)
         self.WatchRun = channel.unary_stream(
                 '/evalsvc.v1.EvalRunService/WatchRun',
                 request_serializer=evalsvc_dot_v1_dot_eval__run__service__pb2.WatchRunRequest.SerializeToString,
@@ -106,6 +121,28 @@ class EvalRunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateRun(self, request, context):
+        """Changes a run's display_name, description, labels or annotations (AIP-134).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRun(self, request, context):
+        """Soft-deletes a run (AIP-164): cancels it if it has not finished and hides it from ListRuns unless
+        show_deleted; GetRun, ListRunResults and WatchRun still serve it. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndeleteRun(self, request, context):
+        """Restores a soft-deleted run (AIP-164). Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchRun(self, request, context):
         """Streams a run's events with seq > after_seq, then live ones, and ends after the terminal status event.
         """
@@ -140,6 +177,21 @@ def add_EvalRunServiceServicer_to_server(servicer, server):
                     servicer.ListRunResults,
                     request_deserializer=evalsvc_dot_v1_dot_eval__run__service__pb2.ListRunResultsRequest.FromString,
                     response_serializer=evalsvc_dot_v1_dot_eval__run__service__pb2.ListRunResultsResponse.SerializeToString,
+            ),
+            'UpdateRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateRun,
+                    request_deserializer=evalsvc_dot_v1_dot_eval__run__service__pb2.UpdateRunRequest.FromString,
+                    response_serializer=evalsvc_dot_v1_dot_eval__run__service__pb2.UpdateRunResponse.SerializeToString,
+            ),
+            'DeleteRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRun,
+                    request_deserializer=evalsvc_dot_v1_dot_eval__run__service__pb2.DeleteRunRequest.FromString,
+                    response_serializer=evalsvc_dot_v1_dot_eval__run__service__pb2.DeleteRunResponse.SerializeToString,
+            ),
+            'UndeleteRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndeleteRun,
+                    request_deserializer=evalsvc_dot_v1_dot_eval__run__service__pb2.UndeleteRunRequest.FromString,
+                    response_serializer=evalsvc_dot_v1_dot_eval__run__service__pb2.UndeleteRunResponse.SerializeToString,
             ),
             'WatchRun': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchRun,
@@ -283,6 +335,87 @@ class EvalRunService:
             '/evalsvc.v1.EvalRunService/ListRunResults',
             evalsvc_dot_v1_dot_eval__run__service__pb2.ListRunResultsRequest.SerializeToString,
             evalsvc_dot_v1_dot_eval__run__service__pb2.ListRunResultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/evalsvc.v1.EvalRunService/UpdateRun',
+            evalsvc_dot_v1_dot_eval__run__service__pb2.UpdateRunRequest.SerializeToString,
+            evalsvc_dot_v1_dot_eval__run__service__pb2.UpdateRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/evalsvc.v1.EvalRunService/DeleteRun',
+            evalsvc_dot_v1_dot_eval__run__service__pb2.DeleteRunRequest.SerializeToString,
+            evalsvc_dot_v1_dot_eval__run__service__pb2.DeleteRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndeleteRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/evalsvc.v1.EvalRunService/UndeleteRun',
+            evalsvc_dot_v1_dot_eval__run__service__pb2.UndeleteRunRequest.SerializeToString,
+            evalsvc_dot_v1_dot_eval__run__service__pb2.UndeleteRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

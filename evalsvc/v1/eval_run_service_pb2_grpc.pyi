@@ -43,6 +43,14 @@ class EvalRunServiceStub:
     """Cancels a run. Idempotent; FAILED_PRECONDITION on a run that already finished."""
     ListRunResults: _grpc.UnaryUnaryMultiCallable[_eval_run_service_pb2.ListRunResultsRequest, _eval_run_service_pb2.ListRunResultsResponse]
     """Lists a run's results in the order they were recorded."""
+    UpdateRun: _grpc.UnaryUnaryMultiCallable[_eval_run_service_pb2.UpdateRunRequest, _eval_run_service_pb2.UpdateRunResponse]
+    """Changes a run's display_name, description, labels or annotations (AIP-134)."""
+    DeleteRun: _grpc.UnaryUnaryMultiCallable[_eval_run_service_pb2.DeleteRunRequest, _eval_run_service_pb2.DeleteRunResponse]
+    """Soft-deletes a run (AIP-164): cancels it if it has not finished and hides it from ListRuns unless
+    show_deleted; GetRun, ListRunResults and WatchRun still serve it. Idempotent.
+    """
+    UndeleteRun: _grpc.UnaryUnaryMultiCallable[_eval_run_service_pb2.UndeleteRunRequest, _eval_run_service_pb2.UndeleteRunResponse]
+    """Restores a soft-deleted run (AIP-164). Idempotent."""
     WatchRun: _grpc.UnaryStreamMultiCallable[_eval_run_service_pb2.WatchRunRequest, _eval_run_service_pb2.WatchRunResponse]
     """Streams a run's events with seq > after_seq, then live ones, and ends after the terminal status event."""
 
@@ -61,6 +69,14 @@ class EvalRunServiceAsyncStub(EvalRunServiceStub):
     """Cancels a run. Idempotent; FAILED_PRECONDITION on a run that already finished."""
     ListRunResults: _aio.UnaryUnaryMultiCallable[_eval_run_service_pb2.ListRunResultsRequest, _eval_run_service_pb2.ListRunResultsResponse]  # type: ignore[assignment]
     """Lists a run's results in the order they were recorded."""
+    UpdateRun: _aio.UnaryUnaryMultiCallable[_eval_run_service_pb2.UpdateRunRequest, _eval_run_service_pb2.UpdateRunResponse]  # type: ignore[assignment]
+    """Changes a run's display_name, description, labels or annotations (AIP-134)."""
+    DeleteRun: _aio.UnaryUnaryMultiCallable[_eval_run_service_pb2.DeleteRunRequest, _eval_run_service_pb2.DeleteRunResponse]  # type: ignore[assignment]
+    """Soft-deletes a run (AIP-164): cancels it if it has not finished and hides it from ListRuns unless
+    show_deleted; GetRun, ListRunResults and WatchRun still serve it. Idempotent.
+    """
+    UndeleteRun: _aio.UnaryUnaryMultiCallable[_eval_run_service_pb2.UndeleteRunRequest, _eval_run_service_pb2.UndeleteRunResponse]  # type: ignore[assignment]
+    """Restores a soft-deleted run (AIP-164). Idempotent."""
     WatchRun: _aio.UnaryStreamMultiCallable[_eval_run_service_pb2.WatchRunRequest, _eval_run_service_pb2.WatchRunResponse]  # type: ignore[assignment]
     """Streams a run's events with seq > after_seq, then live ones, and ends after the terminal status event."""
 
@@ -106,6 +122,32 @@ class EvalRunServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_eval_run_service_pb2.ListRunResultsResponse, _abc.Awaitable[_eval_run_service_pb2.ListRunResultsResponse]]:
         """Lists a run's results in the order they were recorded."""
+
+    @_abc_1.abstractmethod
+    def UpdateRun(
+        self,
+        request: _eval_run_service_pb2.UpdateRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_eval_run_service_pb2.UpdateRunResponse, _abc.Awaitable[_eval_run_service_pb2.UpdateRunResponse]]:
+        """Changes a run's display_name, description, labels or annotations (AIP-134)."""
+
+    @_abc_1.abstractmethod
+    def DeleteRun(
+        self,
+        request: _eval_run_service_pb2.DeleteRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_eval_run_service_pb2.DeleteRunResponse, _abc.Awaitable[_eval_run_service_pb2.DeleteRunResponse]]:
+        """Soft-deletes a run (AIP-164): cancels it if it has not finished and hides it from ListRuns unless
+        show_deleted; GetRun, ListRunResults and WatchRun still serve it. Idempotent.
+        """
+
+    @_abc_1.abstractmethod
+    def UndeleteRun(
+        self,
+        request: _eval_run_service_pb2.UndeleteRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_eval_run_service_pb2.UndeleteRunResponse, _abc.Awaitable[_eval_run_service_pb2.UndeleteRunResponse]]:
+        """Restores a soft-deleted run (AIP-164). Idempotent."""
 
     @_abc_1.abstractmethod
     def WatchRun(

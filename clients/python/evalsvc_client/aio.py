@@ -153,6 +153,31 @@ class AsyncEvalClient:
     async def get_run(self, run_id: str) -> pb.Run:
         return (await self._call(self._runs.GetRun, pb.runs.GetRunRequest(run_id=run_id))).run
 
+    async def update_run(
+        self,
+        run_id: str,
+        *,
+        display_name: str | None = None,
+        description: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        annotations: Mapping[str, str] | None = None,
+    ) -> pb.Run:
+        """Change a run's display name, description, labels or annotations (only those given; maps are
+        replaced whole)."""
+        given = {"display_name": display_name, "description": description, "labels": labels, "annotations": annotations}
+        fields = {name: value for name, value in given.items() if value is not None}
+        request = pb.runs.UpdateRunRequest(run_id=run_id, run=pb.Run(**fields))
+        request.update_mask.paths.extend(fields)
+        return (await self._call(self._runs.UpdateRun, request)).run
+
+    async def delete_run(self, run_id: str) -> pb.Run:
+        """Soft-delete a run (cancelling it if it has not finished); list_runs leaves it out. Idempotent."""
+        return (await self._call(self._runs.DeleteRun, pb.runs.DeleteRunRequest(run_id=run_id))).run
+
+    async def undelete_run(self, run_id: str) -> pb.Run:
+        """Restore a soft-deleted run. Idempotent."""
+        return (await self._call(self._runs.UndeleteRun, pb.runs.UndeleteRunRequest(run_id=run_id))).run
+
     async def cancel_run(self, run_id: str) -> pb.Run:
         """Cancel a run (idempotent); FailedPreconditionError when it already finished."""
         return (await self._call(self._runs.CancelRun, pb.runs.CancelRunRequest(run_id=run_id))).run

@@ -27,6 +27,13 @@ type EvalRunServiceClient interface {
 	CancelRun(ctx context.Context, in *CancelRunRequest, opts ...grpc.CallOption) (*CancelRunResponse, error)
 	// Lists a run's results in the order they were recorded.
 	ListRunResults(ctx context.Context, in *ListRunResultsRequest, opts ...grpc.CallOption) (*ListRunResultsResponse, error)
+	// Changes a run's display_name, description, labels or annotations (AIP-134).
+	UpdateRun(ctx context.Context, in *UpdateRunRequest, opts ...grpc.CallOption) (*UpdateRunResponse, error)
+	// Soft-deletes a run (AIP-164): cancels it if it has not finished and hides it from ListRuns unless
+	// show_deleted; GetRun, ListRunResults and WatchRun still serve it. Idempotent.
+	DeleteRun(ctx context.Context, in *DeleteRunRequest, opts ...grpc.CallOption) (*DeleteRunResponse, error)
+	// Restores a soft-deleted run (AIP-164). Idempotent.
+	UndeleteRun(ctx context.Context, in *UndeleteRunRequest, opts ...grpc.CallOption) (*UndeleteRunResponse, error)
 	// Streams a run's events with seq > after_seq, then live ones, and ends after the terminal status event.
 	WatchRun(ctx context.Context, in *WatchRunRequest, opts ...grpc.CallOption) (EvalRunService_WatchRunClient, error)
 }
@@ -84,6 +91,33 @@ func (c *evalRunServiceClient) ListRunResults(ctx context.Context, in *ListRunRe
 	return out, nil
 }
 
+func (c *evalRunServiceClient) UpdateRun(ctx context.Context, in *UpdateRunRequest, opts ...grpc.CallOption) (*UpdateRunResponse, error) {
+	out := new(UpdateRunResponse)
+	err := c.cc.Invoke(ctx, "/evalsvc.v1.EvalRunService/UpdateRun", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *evalRunServiceClient) DeleteRun(ctx context.Context, in *DeleteRunRequest, opts ...grpc.CallOption) (*DeleteRunResponse, error) {
+	out := new(DeleteRunResponse)
+	err := c.cc.Invoke(ctx, "/evalsvc.v1.EvalRunService/DeleteRun", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *evalRunServiceClient) UndeleteRun(ctx context.Context, in *UndeleteRunRequest, opts ...grpc.CallOption) (*UndeleteRunResponse, error) {
+	out := new(UndeleteRunResponse)
+	err := c.cc.Invoke(ctx, "/evalsvc.v1.EvalRunService/UndeleteRun", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *evalRunServiceClient) WatchRun(ctx context.Context, in *WatchRunRequest, opts ...grpc.CallOption) (EvalRunService_WatchRunClient, error) {
 	stream, err := c.cc.NewStream(ctx, &_EvalRunService_serviceDesc.Streams[0], "/evalsvc.v1.EvalRunService/WatchRun", opts...)
 	if err != nil {
@@ -130,6 +164,13 @@ type EvalRunServiceServer interface {
 	CancelRun(context.Context, *CancelRunRequest) (*CancelRunResponse, error)
 	// Lists a run's results in the order they were recorded.
 	ListRunResults(context.Context, *ListRunResultsRequest) (*ListRunResultsResponse, error)
+	// Changes a run's display_name, description, labels or annotations (AIP-134).
+	UpdateRun(context.Context, *UpdateRunRequest) (*UpdateRunResponse, error)
+	// Soft-deletes a run (AIP-164): cancels it if it has not finished and hides it from ListRuns unless
+	// show_deleted; GetRun, ListRunResults and WatchRun still serve it. Idempotent.
+	DeleteRun(context.Context, *DeleteRunRequest) (*DeleteRunResponse, error)
+	// Restores a soft-deleted run (AIP-164). Idempotent.
+	UndeleteRun(context.Context, *UndeleteRunRequest) (*UndeleteRunResponse, error)
 	// Streams a run's events with seq > after_seq, then live ones, and ends after the terminal status event.
 	WatchRun(*WatchRunRequest, EvalRunService_WatchRunServer) error
 	mustEmbedUnimplementedEvalRunServiceServer()
@@ -153,6 +194,15 @@ func (UnimplementedEvalRunServiceServer) CancelRun(context.Context, *CancelRunRe
 }
 func (UnimplementedEvalRunServiceServer) ListRunResults(context.Context, *ListRunResultsRequest) (*ListRunResultsResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ListRunResults not implemented")
+}
+func (UnimplementedEvalRunServiceServer) UpdateRun(context.Context, *UpdateRunRequest) (*UpdateRunResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method UpdateRun not implemented")
+}
+func (UnimplementedEvalRunServiceServer) DeleteRun(context.Context, *DeleteRunRequest) (*DeleteRunResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DeleteRun not implemented")
+}
+func (UnimplementedEvalRunServiceServer) UndeleteRun(context.Context, *UndeleteRunRequest) (*UndeleteRunResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method UndeleteRun not implemented")
 }
 func (UnimplementedEvalRunServiceServer) WatchRun(*WatchRunRequest, EvalRunService_WatchRunServer) error {
 	return status.Errorf(codes.Unimplemented, "method WatchRun not implemented")
@@ -260,6 +310,60 @@ func _EvalRunService_ListRunResults_Handler(srv interface{}, ctx context.Context
 	return interceptor(ctx, in, info, handler)
 }
 
+func _EvalRunService_UpdateRun_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdateRunRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(EvalRunServiceServer).UpdateRun(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/evalsvc.v1.EvalRunService/UpdateRun",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(EvalRunServiceServer).UpdateRun(ctx, req.(*UpdateRunRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _EvalRunService_DeleteRun_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteRunRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(EvalRunServiceServer).DeleteRun(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/evalsvc.v1.EvalRunService/DeleteRun",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(EvalRunServiceServer).DeleteRun(ctx, req.(*DeleteRunRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _EvalRunService_UndeleteRun_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UndeleteRunRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(EvalRunServiceServer).UndeleteRun(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/evalsvc.v1.EvalRunService/UndeleteRun",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(EvalRunServiceServer).UndeleteRun(ctx, req.(*UndeleteRunRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _EvalRunService_WatchRun_Handler(srv interface{}, stream grpc.ServerStream) error {
 	m := new(WatchRunRequest)
 	if err := stream.RecvMsg(m); err != nil {
@@ -304,6 +408,18 @@ var _EvalRunService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListRunResults",
 			Handler:    _EvalRunService_ListRunResults_Handler,
+		},
+		{
+			MethodName: "UpdateRun",
+			Handler:    _EvalRunService_UpdateRun_Handler,
+		},
+		{
+			MethodName: "DeleteRun",
+			Handler:    _EvalRunService_DeleteRun_Handler,
+		},
+		{
+			MethodName: "UndeleteRun",
+			Handler:    _EvalRunService_UndeleteRun_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

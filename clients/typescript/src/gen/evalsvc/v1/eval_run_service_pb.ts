@@ -14,15 +14,15 @@ import type { Target } from "./target_pb.js";
 import { file_evalsvc_v1_target } from "./target_pb.js";
 import { file_google_api_annotations } from "../../google/api/annotations_pb.js";
 import { file_google_api_field_behavior } from "../../google/api/field_behavior_pb.js";
-import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { FieldMask, Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_field_mask, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file evalsvc/v1/eval_run_service.proto.
  */
 export const file_evalsvc_v1_eval_run_service: GenFile = /*@__PURE__*/
-  fileDesc("CiFldmFsc3ZjL3YxL2V2YWxfcnVuX3NlcnZpY2UucHJvdG8SCmV2YWxzdmMudjEi/AMKEENyZWF0ZVJ1blJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRISCgpkYXRhc2V0X2lkGAIgASgJEhAKCGl0ZW1faWRzGAMgAygJEh8KBWl0ZW1zGAQgAygLMhAuZXZhbHN2Yy52MS5JdGVtEigKBnRhcmdldBgFIAEoCzISLmV2YWxzdmMudjEuVGFyZ2V0QgTiQQECEiMKB2dyYWRlcnMYBiADKAsyEi5ldmFsc3ZjLnYxLkdyYWRlchIUCgxkaXNwbGF5X25hbWUYByABKAkSEwoLZGVzY3JpcHRpb24YCCABKAkSOAoGbGFiZWxzGAkgAygLMiguZXZhbHN2Yy52MS5DcmVhdGVSdW5SZXF1ZXN0LkxhYmVsc0VudHJ5EhsKDnBhc3NfdGhyZXNob2xkGAogASgBSACIAQESEwoLcmVwZXRpdGlvbnMYCyABKAUSEwoLd2FybXVwX3J1bnMYDCABKAUSJAoHdHJpZ2dlchgNIAEoDjITLmV2YWxzdmMudjEuVHJpZ2dlchIZCgxtYXhfY29zdF91c2QYDiABKAFIAYgBARotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQhEKD19wYXNzX3RocmVzaG9sZEIPCg1fbWF4X2Nvc3RfdXNkIkQKEUNyZWF0ZVJ1blJlc3BvbnNlEhwKA3J1bhgBIAEoCzIPLmV2YWxzdmMudjEuUnVuEhEKCWpvYl9jb3VudBgCIAEoBSIlCg1HZXRSdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAiIuCg5HZXRSdW5SZXNwb25zZRIcCgNydW4YASABKAsyDy5ldmFsc3ZjLnYxLlJ1biLdAQoPTGlzdFJ1bnNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJEicKCHN0YXR1c2VzGAMgAygOMhUuZXZhbHN2Yy52MS5SdW5TdGF0dXMSNwoGbGFiZWxzGAQgAygLMicuZXZhbHN2Yy52MS5MaXN0UnVuc1JlcXVlc3QuTGFiZWxzRW50cnkSEgoKZGF0YXNldF9pZBgFIAEoCRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIkoKEExpc3RSdW5zUmVzcG9uc2USHQoEcnVucxgBIAMoCzIPLmV2YWxzdmMudjEuUnVuEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIoChBDYW5jZWxSdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAiIxChFDYW5jZWxSdW5SZXNwb25zZRIcCgNydW4YASABKAsyDy5ldmFsc3ZjLnYxLlJ1biJ8ChVMaXN0UnVuUmVzdWx0c1JlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJEiYKBXN0YXRlGAQgASgOMhcuZXZhbHN2Yy52MS5SZXN1bHRTdGF0ZSJWChZMaXN0UnVuUmVzdWx0c1Jlc3BvbnNlEiMKB3Jlc3VsdHMYASADKAsyEi5ldmFsc3ZjLnYxLlJlc3VsdBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiOgoPV2F0Y2hSdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIRCglhZnRlcl9zZXEYAiABKAMiHQoJSGVhcnRiZWF0EhAKCGxhc3Rfc2VxGAEgASgDIvEBChBXYXRjaFJ1blJlc3BvbnNlEgsKA3NlcRgBIAEoAxIuCgpldmVudF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgZjb3VudHMYAyABKAsyFS5ldmFsc3ZjLnYxLlJ1bkNvdW50cxIeCgNydW4YCiABKAsyDy5ldmFsc3ZjLnYxLlJ1bkgAEiQKBnJlc3VsdBgLIAEoCzISLmV2YWxzdmMudjEuUmVzdWx0SAASKgoJaGVhcnRiZWF0GAwgASgLMhUuZXZhbHN2Yy52MS5IZWFydGJlYXRIAEIHCgVldmVudDL5BAoORXZhbFJ1blNlcnZpY2USXQoJQ3JlYXRlUnVuEhwuZXZhbHN2Yy52MS5DcmVhdGVSdW5SZXF1ZXN0Gh0uZXZhbHN2Yy52MS5DcmVhdGVSdW5SZXNwb25zZSITgtPkkwINOgEqIggvdjEvcnVucxJaCgZHZXRSdW4SGS5ldmFsc3ZjLnYxLkdldFJ1blJlcXVlc3QaGi5ldmFsc3ZjLnYxLkdldFJ1blJlc3BvbnNlIhmC0+STAhMSES92MS9ydW5zL3tydW5faWR9ElcKCExpc3RSdW5zEhsuZXZhbHN2Yy52MS5MaXN0UnVuc1JlcXVlc3QaHC5ldmFsc3ZjLnYxLkxpc3RSdW5zUmVzcG9uc2UiEILT5JMCChIIL3YxL3J1bnMSbQoJQ2FuY2VsUnVuEhwuZXZhbHN2Yy52MS5DYW5jZWxSdW5SZXF1ZXN0Gh0uZXZhbHN2Yy52MS5DYW5jZWxSdW5SZXNwb25zZSIjgtPkkwIdOgEqIhgvdjEvcnVucy97cnVuX2lkfTpjYW5jZWwSegoOTGlzdFJ1blJlc3VsdHMSIS5ldmFsc3ZjLnYxLkxpc3RSdW5SZXN1bHRzUmVxdWVzdBoiLmV2YWxzdmMudjEuTGlzdFJ1blJlc3VsdHNSZXNwb25zZSIhgtPkkwIbEhkvdjEvcnVucy97cnVuX2lkfS9yZXN1bHRzEmgKCFdhdGNoUnVuEhsuZXZhbHN2Yy52MS5XYXRjaFJ1blJlcXVlc3QaHC5ldmFsc3ZjLnYxLldhdGNoUnVuUmVzcG9uc2UiH4LT5JMCGRIXL3YxL3J1bnMve3J1bl9pZH06d2F0Y2gwAUItWitldmFsc3ZjL2NsaWVudHMvZ28vZ2VuL2V2YWxzdmMvdjE7ZXZhbHN2Y3YxYgZwcm90bzM", [file_evalsvc_v1_grader, file_evalsvc_v1_item, file_evalsvc_v1_run, file_evalsvc_v1_target, file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_timestamp]);
+  fileDesc("CiFldmFsc3ZjL3YxL2V2YWxfcnVuX3NlcnZpY2UucHJvdG8SCmV2YWxzdmMudjEi9AQKEENyZWF0ZVJ1blJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRISCgpkYXRhc2V0X2lkGAIgASgJEhAKCGl0ZW1faWRzGAMgAygJEh8KBWl0ZW1zGAQgAygLMhAuZXZhbHN2Yy52MS5JdGVtEigKBnRhcmdldBgFIAEoCzISLmV2YWxzdmMudjEuVGFyZ2V0QgTiQQECEiMKB2dyYWRlcnMYBiADKAsyEi5ldmFsc3ZjLnYxLkdyYWRlchIUCgxkaXNwbGF5X25hbWUYByABKAkSEwoLZGVzY3JpcHRpb24YCCABKAkSOAoGbGFiZWxzGAkgAygLMiguZXZhbHN2Yy52MS5DcmVhdGVSdW5SZXF1ZXN0LkxhYmVsc0VudHJ5EhsKDnBhc3NfdGhyZXNob2xkGAogASgBSACIAQESEwoLcmVwZXRpdGlvbnMYCyABKAUSEwoLd2FybXVwX3J1bnMYDCABKAUSJAoHdHJpZ2dlchgNIAEoDjITLmV2YWxzdmMudjEuVHJpZ2dlchIZCgxtYXhfY29zdF91c2QYDiABKAFIAYgBARJCCgthbm5vdGF0aW9ucxgPIAMoCzItLmV2YWxzdmMudjEuQ3JlYXRlUnVuUmVxdWVzdC5Bbm5vdGF0aW9uc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEaMgoQQW5ub3RhdGlvbnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQhEKD19wYXNzX3RocmVzaG9sZEIPCg1fbWF4X2Nvc3RfdXNkIkQKEUNyZWF0ZVJ1blJlc3BvbnNlEhwKA3J1bhgBIAEoCzIPLmV2YWxzdmMudjEuUnVuEhEKCWpvYl9jb3VudBgCIAEoBSIlCg1HZXRSdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAiIuCg5HZXRSdW5SZXNwb25zZRIcCgNydW4YASABKAsyDy5ldmFsc3ZjLnYxLlJ1biLzAQoPTGlzdFJ1bnNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJEicKCHN0YXR1c2VzGAMgAygOMhUuZXZhbHN2Yy52MS5SdW5TdGF0dXMSNwoGbGFiZWxzGAQgAygLMicuZXZhbHN2Yy52MS5MaXN0UnVuc1JlcXVlc3QuTGFiZWxzRW50cnkSEgoKZGF0YXNldF9pZBgFIAEoCRIUCgxzaG93X2RlbGV0ZWQYBiABKAgaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJKChBMaXN0UnVuc1Jlc3BvbnNlEh0KBHJ1bnMYASADKAsyDy5ldmFsc3ZjLnYxLlJ1bhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkifQoQVXBkYXRlUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQISIgoDcnVuGAIgASgLMg8uZXZhbHN2Yy52MS5SdW5CBOJBAQISLwoLdXBkYXRlX21hc2sYAyABKAsyGi5nb29nbGUucHJvdG9idWYuRmllbGRNYXNrIjEKEVVwZGF0ZVJ1blJlc3BvbnNlEhwKA3J1bhgBIAEoCzIPLmV2YWxzdmMudjEuUnVuIigKEERlbGV0ZVJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECIjEKEURlbGV0ZVJ1blJlc3BvbnNlEhwKA3J1bhgBIAEoCzIPLmV2YWxzdmMudjEuUnVuIioKElVuZGVsZXRlUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQIiMwoTVW5kZWxldGVSdW5SZXNwb25zZRIcCgNydW4YASABKAsyDy5ldmFsc3ZjLnYxLlJ1biIoChBDYW5jZWxSdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAiIxChFDYW5jZWxSdW5SZXNwb25zZRIcCgNydW4YASABKAsyDy5ldmFsc3ZjLnYxLlJ1biJ8ChVMaXN0UnVuUmVzdWx0c1JlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJEiYKBXN0YXRlGAQgASgOMhcuZXZhbHN2Yy52MS5SZXN1bHRTdGF0ZSJWChZMaXN0UnVuUmVzdWx0c1Jlc3BvbnNlEiMKB3Jlc3VsdHMYASADKAsyEi5ldmFsc3ZjLnYxLlJlc3VsdBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiOgoPV2F0Y2hSdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIRCglhZnRlcl9zZXEYAiABKAMiHQoJSGVhcnRiZWF0EhAKCGxhc3Rfc2VxGAEgASgDIvEBChBXYXRjaFJ1blJlc3BvbnNlEgsKA3NlcRgBIAEoAxIuCgpldmVudF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgZjb3VudHMYAyABKAsyFS5ldmFsc3ZjLnYxLlJ1bkNvdW50cxIeCgNydW4YCiABKAsyDy5ldmFsc3ZjLnYxLlJ1bkgAEiQKBnJlc3VsdBgLIAEoCzISLmV2YWxzdmMudjEuUmVzdWx0SAASKgoJaGVhcnRiZWF0GAwgASgLMhUuZXZhbHN2Yy52MS5IZWFydGJlYXRIAEIHCgVldmVudDK/BwoORXZhbFJ1blNlcnZpY2USXQoJQ3JlYXRlUnVuEhwuZXZhbHN2Yy52MS5DcmVhdGVSdW5SZXF1ZXN0Gh0uZXZhbHN2Yy52MS5DcmVhdGVSdW5SZXNwb25zZSITgtPkkwINOgEqIggvdjEvcnVucxJaCgZHZXRSdW4SGS5ldmFsc3ZjLnYxLkdldFJ1blJlcXVlc3QaGi5ldmFsc3ZjLnYxLkdldFJ1blJlc3BvbnNlIhmC0+STAhMSES92MS9ydW5zL3tydW5faWR9ElcKCExpc3RSdW5zEhsuZXZhbHN2Yy52MS5MaXN0UnVuc1JlcXVlc3QaHC5ldmFsc3ZjLnYxLkxpc3RSdW5zUmVzcG9uc2UiEILT5JMCChIIL3YxL3J1bnMSbQoJQ2FuY2VsUnVuEhwuZXZhbHN2Yy52MS5DYW5jZWxSdW5SZXF1ZXN0Gh0uZXZhbHN2Yy52MS5DYW5jZWxSdW5SZXNwb25zZSIjgtPkkwIdOgEqIhgvdjEvcnVucy97cnVuX2lkfTpjYW5jZWwSegoOTGlzdFJ1blJlc3VsdHMSIS5ldmFsc3ZjLnYxLkxpc3RSdW5SZXN1bHRzUmVxdWVzdBoiLmV2YWxzdmMudjEuTGlzdFJ1blJlc3VsdHNSZXNwb25zZSIhgtPkkwIbEhkvdjEvcnVucy97cnVuX2lkfS9yZXN1bHRzEmgKCVVwZGF0ZVJ1bhIcLmV2YWxzdmMudjEuVXBkYXRlUnVuUmVxdWVzdBodLmV2YWxzdmMudjEuVXBkYXRlUnVuUmVzcG9uc2UiHoLT5JMCGDoDcnVuMhEvdjEvcnVucy97cnVuX2lkfRJjCglEZWxldGVSdW4SHC5ldmFsc3ZjLnYxLkRlbGV0ZVJ1blJlcXVlc3QaHS5ldmFsc3ZjLnYxLkRlbGV0ZVJ1blJlc3BvbnNlIhmC0+STAhMqES92MS9ydW5zL3tydW5faWR9EnUKC1VuZGVsZXRlUnVuEh4uZXZhbHN2Yy52MS5VbmRlbGV0ZVJ1blJlcXVlc3QaHy5ldmFsc3ZjLnYxLlVuZGVsZXRlUnVuUmVzcG9uc2UiJYLT5JMCHzoBKiIaL3YxL3J1bnMve3J1bl9pZH06dW5kZWxldGUSaAoIV2F0Y2hSdW4SGy5ldmFsc3ZjLnYxLldhdGNoUnVuUmVxdWVzdBocLmV2YWxzdmMudjEuV2F0Y2hSdW5SZXNwb25zZSIfgtPkkwIZEhcvdjEvcnVucy97cnVuX2lkfTp3YXRjaDABQi1aK2V2YWxzdmMvY2xpZW50cy9nby9nZW4vZXZhbHN2Yy92MTtldmFsc3ZjdjFiBnByb3RvMw", [file_evalsvc_v1_grader, file_evalsvc_v1_item, file_evalsvc_v1_run, file_evalsvc_v1_target, file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
 
 /**
  * CreateRunRequest describes a run to start.
@@ -129,6 +129,14 @@ export type CreateRunRequest = Message<"evalsvc.v1.CreateRunRequest"> & {
    * @generated from field: optional double max_cost_usd = 14;
    */
   maxCostUsd?: number | undefined;
+
+  /**
+   * Annotations (AIP-128): client data stored and returned as is, not filterable. Keys 1-128
+   * characters; keys and values together at most 64 KiB.
+   *
+   * @generated from field: map<string, string> annotations = 15;
+   */
+  annotations: { [key: string]: string };
 };
 
 /**
@@ -248,6 +256,13 @@ export type ListRunsRequest = Message<"evalsvc.v1.ListRunsRequest"> & {
    * @generated from field: string dataset_id = 5;
    */
   datasetId: string;
+
+  /**
+   * Include soft-deleted runs (AIP-164).
+   *
+   * @generated from field: bool show_deleted = 6;
+   */
+  showDeleted: boolean;
 };
 
 /**
@@ -286,6 +301,147 @@ export const ListRunsResponseSchema: GenMessage<ListRunsResponse> = /*@__PURE__*
   messageDesc(file_evalsvc_v1_eval_run_service, 5);
 
 /**
+ * UpdateRunRequest changes the fields of a run named by update_mask.
+ *
+ * @generated from message evalsvc.v1.UpdateRunRequest
+ */
+export type UpdateRunRequest = Message<"evalsvc.v1.UpdateRunRequest"> & {
+  /**
+   * The run's id.
+   *
+   * @generated from field: string run_id = 1;
+   */
+  runId: string;
+
+  /**
+   * The new values of the fields in update_mask.
+   *
+   * @generated from field: evalsvc.v1.Run run = 2;
+   */
+  run?: Run | undefined;
+
+  /**
+   * Fields to change, from display_name, description, labels and annotations; empty means every one
+   * of them that is set (non-empty) in `run`. Maps are replaced whole.
+   *
+   * @generated from field: google.protobuf.FieldMask update_mask = 3;
+   */
+  updateMask?: FieldMask | undefined;
+};
+
+/**
+ * Describes the message evalsvc.v1.UpdateRunRequest.
+ * Use `create(UpdateRunRequestSchema)` to create a new message.
+ */
+export const UpdateRunRequestSchema: GenMessage<UpdateRunRequest> = /*@__PURE__*/
+  messageDesc(file_evalsvc_v1_eval_run_service, 6);
+
+/**
+ * UpdateRunResponse holds the changed run.
+ *
+ * @generated from message evalsvc.v1.UpdateRunResponse
+ */
+export type UpdateRunResponse = Message<"evalsvc.v1.UpdateRunResponse"> & {
+  /**
+   * The run.
+   *
+   * @generated from field: evalsvc.v1.Run run = 1;
+   */
+  run?: Run | undefined;
+};
+
+/**
+ * Describes the message evalsvc.v1.UpdateRunResponse.
+ * Use `create(UpdateRunResponseSchema)` to create a new message.
+ */
+export const UpdateRunResponseSchema: GenMessage<UpdateRunResponse> = /*@__PURE__*/
+  messageDesc(file_evalsvc_v1_eval_run_service, 7);
+
+/**
+ * DeleteRunRequest names a run to soft-delete.
+ *
+ * @generated from message evalsvc.v1.DeleteRunRequest
+ */
+export type DeleteRunRequest = Message<"evalsvc.v1.DeleteRunRequest"> & {
+  /**
+   * The run's id.
+   *
+   * @generated from field: string run_id = 1;
+   */
+  runId: string;
+};
+
+/**
+ * Describes the message evalsvc.v1.DeleteRunRequest.
+ * Use `create(DeleteRunRequestSchema)` to create a new message.
+ */
+export const DeleteRunRequestSchema: GenMessage<DeleteRunRequest> = /*@__PURE__*/
+  messageDesc(file_evalsvc_v1_eval_run_service, 8);
+
+/**
+ * DeleteRunResponse holds the deleted run.
+ *
+ * @generated from message evalsvc.v1.DeleteRunResponse
+ */
+export type DeleteRunResponse = Message<"evalsvc.v1.DeleteRunResponse"> & {
+  /**
+   * The run, with delete_time set.
+   *
+   * @generated from field: evalsvc.v1.Run run = 1;
+   */
+  run?: Run | undefined;
+};
+
+/**
+ * Describes the message evalsvc.v1.DeleteRunResponse.
+ * Use `create(DeleteRunResponseSchema)` to create a new message.
+ */
+export const DeleteRunResponseSchema: GenMessage<DeleteRunResponse> = /*@__PURE__*/
+  messageDesc(file_evalsvc_v1_eval_run_service, 9);
+
+/**
+ * UndeleteRunRequest names a soft-deleted run to restore.
+ *
+ * @generated from message evalsvc.v1.UndeleteRunRequest
+ */
+export type UndeleteRunRequest = Message<"evalsvc.v1.UndeleteRunRequest"> & {
+  /**
+   * The run's id.
+   *
+   * @generated from field: string run_id = 1;
+   */
+  runId: string;
+};
+
+/**
+ * Describes the message evalsvc.v1.UndeleteRunRequest.
+ * Use `create(UndeleteRunRequestSchema)` to create a new message.
+ */
+export const UndeleteRunRequestSchema: GenMessage<UndeleteRunRequest> = /*@__PURE__*/
+  messageDesc(file_evalsvc_v1_eval_run_service, 10);
+
+/**
+ * UndeleteRunResponse holds the restored run.
+ *
+ * @generated from message evalsvc.v1.UndeleteRunResponse
+ */
+export type UndeleteRunResponse = Message<"evalsvc.v1.UndeleteRunResponse"> & {
+  /**
+   * The run, without delete_time.
+   *
+   * @generated from field: evalsvc.v1.Run run = 1;
+   */
+  run?: Run | undefined;
+};
+
+/**
+ * Describes the message evalsvc.v1.UndeleteRunResponse.
+ * Use `create(UndeleteRunResponseSchema)` to create a new message.
+ */
+export const UndeleteRunResponseSchema: GenMessage<UndeleteRunResponse> = /*@__PURE__*/
+  messageDesc(file_evalsvc_v1_eval_run_service, 11);
+
+/**
  * CancelRunRequest names a run to cancel.
  *
  * @generated from message evalsvc.v1.CancelRunRequest
@@ -304,7 +460,7 @@ export type CancelRunRequest = Message<"evalsvc.v1.CancelRunRequest"> & {
  * Use `create(CancelRunRequestSchema)` to create a new message.
  */
 export const CancelRunRequestSchema: GenMessage<CancelRunRequest> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_eval_run_service, 6);
+  messageDesc(file_evalsvc_v1_eval_run_service, 12);
 
 /**
  * CancelRunResponse holds the cancelled run.
@@ -325,7 +481,7 @@ export type CancelRunResponse = Message<"evalsvc.v1.CancelRunResponse"> & {
  * Use `create(CancelRunResponseSchema)` to create a new message.
  */
 export const CancelRunResponseSchema: GenMessage<CancelRunResponse> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_eval_run_service, 7);
+  messageDesc(file_evalsvc_v1_eval_run_service, 13);
 
 /**
  * ListRunResultsRequest pages through a run's results.
@@ -367,7 +523,7 @@ export type ListRunResultsRequest = Message<"evalsvc.v1.ListRunResultsRequest"> 
  * Use `create(ListRunResultsRequestSchema)` to create a new message.
  */
 export const ListRunResultsRequestSchema: GenMessage<ListRunResultsRequest> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_eval_run_service, 8);
+  messageDesc(file_evalsvc_v1_eval_run_service, 14);
 
 /**
  * ListRunResultsResponse is one page of results.
@@ -395,7 +551,7 @@ export type ListRunResultsResponse = Message<"evalsvc.v1.ListRunResultsResponse"
  * Use `create(ListRunResultsResponseSchema)` to create a new message.
  */
 export const ListRunResultsResponseSchema: GenMessage<ListRunResultsResponse> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_eval_run_service, 9);
+  messageDesc(file_evalsvc_v1_eval_run_service, 15);
 
 /**
  * WatchRunRequest starts or resumes a watch.
@@ -423,7 +579,7 @@ export type WatchRunRequest = Message<"evalsvc.v1.WatchRunRequest"> & {
  * Use `create(WatchRunRequestSchema)` to create a new message.
  */
 export const WatchRunRequestSchema: GenMessage<WatchRunRequest> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_eval_run_service, 10);
+  messageDesc(file_evalsvc_v1_eval_run_service, 16);
 
 /**
  * Heartbeat is sent on an idle stream, so a watcher knows the stream and the run are alive.
@@ -444,7 +600,7 @@ export type Heartbeat = Message<"evalsvc.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_eval_run_service, 11);
+  messageDesc(file_evalsvc_v1_eval_run_service, 17);
 
 /**
  * WatchRunResponse is one event of a run, or a heartbeat.
@@ -510,7 +666,7 @@ export type WatchRunResponse = Message<"evalsvc.v1.WatchRunResponse"> & {
  * Use `create(WatchRunResponseSchema)` to create a new message.
  */
 export const WatchRunResponseSchema: GenMessage<WatchRunResponse> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_eval_run_service, 12);
+  messageDesc(file_evalsvc_v1_eval_run_service, 18);
 
 /**
  * EvalRunService starts evaluation runs, reads them and their results, and streams their progress.
@@ -567,6 +723,37 @@ export const EvalRunService: GenService<{
     methodKind: "unary";
     input: typeof ListRunResultsRequestSchema;
     output: typeof ListRunResultsResponseSchema;
+  },
+  /**
+   * Changes a run's display_name, description, labels or annotations (AIP-134).
+   *
+   * @generated from rpc evalsvc.v1.EvalRunService.UpdateRun
+   */
+  updateRun: {
+    methodKind: "unary";
+    input: typeof UpdateRunRequestSchema;
+    output: typeof UpdateRunResponseSchema;
+  },
+  /**
+   * Soft-deletes a run (AIP-164): cancels it if it has not finished and hides it from ListRuns unless
+   * show_deleted; GetRun, ListRunResults and WatchRun still serve it. Idempotent.
+   *
+   * @generated from rpc evalsvc.v1.EvalRunService.DeleteRun
+   */
+  deleteRun: {
+    methodKind: "unary";
+    input: typeof DeleteRunRequestSchema;
+    output: typeof DeleteRunResponseSchema;
+  },
+  /**
+   * Restores a soft-deleted run (AIP-164). Idempotent.
+   *
+   * @generated from rpc evalsvc.v1.EvalRunService.UndeleteRun
+   */
+  undeleteRun: {
+    methodKind: "unary";
+    input: typeof UndeleteRunRequestSchema;
+    output: typeof UndeleteRunResponseSchema;
   },
   /**
    * Streams a run's events with seq > after_seq, then live ones, and ends after the terminal status event.
