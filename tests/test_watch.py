@@ -151,3 +151,28 @@ async def test_server_shutdown_ends_watches_with_unavailable(tmp_path: Path) -> 
             await call.read()
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         await stopping
+
+
+async def _batched(runs, run_id: str, after_seq: int = 0, max_events: int = 0) -> list[list[pb.WatchRunResponse]]:  # type: ignore[no-untyped-def]
+    request = pb.WatchRunBatchedRequest(run_id=run_id, after_seq=after_seq, max_events=max_events)
+    return [list(batch.events) async for batch in runs.WatchRunBatched(request, timeout=30)]
+
+
+async def test_batched_watch_carries_the_same_events_in_fewer_messages(runs) -> None:
+    created = await runs.CreateRun(create_request(300, repetitions=2))
+    live = await _batched(runs, created.run.id, max_events=50)  # subscribes while the run executes
+    events = [e for batch in live for e in batch]
+    assert_complete_log(events, 600)
+    assert all(1 <= len(batch) <= 50 for batch in live) and len(live) < len(events)
+    assert [e.seq for e in events] == [e.seq for e in await watch_all(runs, created.run.id)]
+    # Resuming mid-log gives exactly the rest, in pages of max_events from the database.
+    rest = await _batched(runs, created.run.id, after_seq=100, max_events=1000)
+    assert [e.seq for batch in rest for e in batch] == [e.seq for e in events[100:]]
+    assert [len(batch) for batch in rest] == [len(events) - 100]
+
+
+async def test_batched_watch_rejects_a_bad_batch_size(runs) -> None:
+    created = await runs.CreateRun(create_request(1))
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await _batched(runs, created.run.id, max_events=10_001)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -10,8 +10,9 @@ import grpc
 from evalsvc.api.status import server_stream, unary
 from evalsvc.api.tenancy import tenant_of
 from evalsvc.config import Settings
+from evalsvc.errors import FieldViolation, invalid_argument
 from evalsvc.events.bus import EventBus
-from evalsvc.events.watch import watch
+from evalsvc.events.watch import CATCH_UP_PAGE, MAX_BATCH_EVENTS, watch, watch_batches
 from evalsvc.limits import TenantLimits
 from evalsvc.runs.service import RunService
 from evalsvc.store.db import Database
@@ -80,3 +81,23 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
                 buffer=self._settings.watch_buffer,
             ):
                 yield event
+
+    @server_stream
+    async def WatchRunBatched(
+        self, request: pb.WatchRunBatchedRequest, context: Context
+    ) -> AsyncIterator[pb.WatchRunBatchedResponse]:
+        if not 0 <= request.max_events <= MAX_BATCH_EVENTS:
+            raise invalid_argument([FieldViolation("max_events", f"must be between 0 and {MAX_BATCH_EVENTS}")])
+        tenant = tenant_of(context)
+        with self._limits.watch_slot(tenant):
+            async for batch in watch_batches(
+                self._db,
+                self._bus,
+                tenant=tenant,
+                run_id=request.run_id,
+                after_seq=request.after_seq,
+                heartbeat_s=self._settings.heartbeat_s,
+                buffer=self._settings.watch_buffer,
+                max_events=request.max_events or CATCH_UP_PAGE,
+            ):
+                yield pb.WatchRunBatchedResponse(events=batch)

@@ -9,6 +9,7 @@ buffer) sends the watcher back to the database.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from itertools import pairwise
 
 import grpc
 
@@ -20,6 +21,7 @@ from evalsvc.store.db import Database
 from evalsvc.v1 import eval_run_service_pb2 as pb
 
 CATCH_UP_PAGE = 1000
+MAX_BATCH_EVENTS = 10_000
 
 
 def is_terminal(event: pb.WatchRunResponse) -> bool:
@@ -38,6 +40,26 @@ async def watch(
     buffer: int,
 ) -> AsyncIterator[pb.WatchRunResponse]:
     """Yield the run's events after `after_seq`, live ones as they commit, and heartbeats when idle."""
+    async for batch in watch_batches(
+        db, bus, tenant=tenant, run_id=run_id, after_seq=after_seq, heartbeat_s=heartbeat_s, buffer=buffer
+    ):
+        for event in batch:
+            yield event
+
+
+async def watch_batches(
+    db: Database,
+    bus: EventBus,
+    *,
+    tenant: str,
+    run_id: str,
+    after_seq: int,
+    heartbeat_s: float,
+    buffer: int,
+    max_events: int = CATCH_UP_PAGE,
+) -> AsyncIterator[list[pb.WatchRunResponse]]:
+    """`watch`'s events in lists of at most `max_events`: a page read from the database, or what one
+    commit published. The last list ends with the terminal event."""
     async with db.read() as conn:
         row = await run_store.get(conn, tenant, run_id)
     if row is None:
@@ -57,29 +79,38 @@ async def watch(
         while True:
             if from_database:
                 async with db.read() as conn:
-                    page = await event_log.read_after(conn, tenant, run_id, cursor, CATCH_UP_PAGE)
-                for event in page:
-                    yield event
-                    cursor = event.seq
-                    if is_terminal(event):
+                    page = await event_log.read_after(conn, tenant, run_id, cursor, max_events)
+                if page:
+                    chunk = _through_terminal(page)
+                    cursor = chunk[-1].seq
+                    yield chunk
+                    if is_terminal(chunk[-1]):
                         return
-                from_database = len(page) == CATCH_UP_PAGE
+                from_database = len(page) == max_events
                 continue
             try:
                 live = await subscription.next(heartbeat_s)
             except TimeoutError:
-                yield pb.WatchRunResponse(heartbeat=pb.Heartbeat(last_seq=cursor))
+                yield [pb.WatchRunResponse(heartbeat=pb.Heartbeat(last_seq=cursor))]
                 continue
             if live is None:
                 from_database = True
                 continue
-            for event in live:
-                if event.seq <= cursor:
-                    continue
-                if event.seq != cursor + 1:
-                    from_database = True
-                    break
-                yield event
-                cursor = event.seq
-                if is_terminal(event):
+            fresh = [event for event in live if event.seq > cursor]
+            if (fresh and fresh[0].seq != cursor + 1) or any(b.seq != a.seq + 1 for a, b in pairwise(fresh)):
+                from_database = True  # a gap: what is missing is in the database
+                continue
+            for start in range(0, len(fresh), max_events):
+                chunk = _through_terminal(fresh[start : start + max_events])
+                cursor = chunk[-1].seq
+                yield chunk
+                if is_terminal(chunk[-1]):
                     return
+
+
+def _through_terminal(events: list[pb.WatchRunResponse]) -> list[pb.WatchRunResponse]:
+    """The events up to and including a terminal one (nothing follows it in a run's log)."""
+    for i, event in enumerate(events):
+        if is_terminal(event):
+            return events[: i + 1]
+    return events

@@ -53,6 +53,10 @@ class EvalRunServiceStub:
     """Restores a soft-deleted run (AIP-164). Idempotent."""
     WatchRun: _grpc.UnaryStreamMultiCallable[_eval_run_service_pb2.WatchRunRequest, _eval_run_service_pb2.WatchRunResponse]
     """Streams a run's events with seq > after_seq, then live ones, and ends after the terminal status event."""
+    WatchRunBatched: _grpc.UnaryStreamMultiCallable[_eval_run_service_pb2.WatchRunBatchedRequest, _eval_run_service_pb2.WatchRunBatchedResponse]
+    """WatchRun's events, several per message: the same events, order, resume and end, for watchers that
+    read every result of large runs (one message per event caps a Python client near 15,000 events/s).
+    """
 
 @_typing.type_check_only
 class EvalRunServiceAsyncStub(EvalRunServiceStub):
@@ -79,6 +83,10 @@ class EvalRunServiceAsyncStub(EvalRunServiceStub):
     """Restores a soft-deleted run (AIP-164). Idempotent."""
     WatchRun: _aio.UnaryStreamMultiCallable[_eval_run_service_pb2.WatchRunRequest, _eval_run_service_pb2.WatchRunResponse]  # type: ignore[assignment]
     """Streams a run's events with seq > after_seq, then live ones, and ends after the terminal status event."""
+    WatchRunBatched: _aio.UnaryStreamMultiCallable[_eval_run_service_pb2.WatchRunBatchedRequest, _eval_run_service_pb2.WatchRunBatchedResponse]  # type: ignore[assignment]
+    """WatchRun's events, several per message: the same events, order, resume and end, for watchers that
+    read every result of large runs (one message per event caps a Python client near 15,000 events/s).
+    """
 
 class EvalRunServiceServicer(metaclass=_abc_1.ABCMeta):
     """EvalRunService starts evaluation runs, reads them and their results, and streams their progress."""
@@ -156,5 +164,15 @@ class EvalRunServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_eval_run_service_pb2.WatchRunResponse], _abc.AsyncIterator[_eval_run_service_pb2.WatchRunResponse]]:
         """Streams a run's events with seq > after_seq, then live ones, and ends after the terminal status event."""
+
+    @_abc_1.abstractmethod
+    def WatchRunBatched(
+        self,
+        request: _eval_run_service_pb2.WatchRunBatchedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_eval_run_service_pb2.WatchRunBatchedResponse], _abc.AsyncIterator[_eval_run_service_pb2.WatchRunBatchedResponse]]:
+        """WatchRun's events, several per message: the same events, order, resume and end, for watchers that
+        read every result of large runs (one message per event caps a Python client near 15,000 events/s).
+        """
 
 def add_EvalRunServiceServicer_to_server(servicer: EvalRunServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -36,6 +36,9 @@ type EvalRunServiceClient interface {
 	UndeleteRun(ctx context.Context, in *UndeleteRunRequest, opts ...grpc.CallOption) (*UndeleteRunResponse, error)
 	// Streams a run's events with seq > after_seq, then live ones, and ends after the terminal status event.
 	WatchRun(ctx context.Context, in *WatchRunRequest, opts ...grpc.CallOption) (EvalRunService_WatchRunClient, error)
+	// WatchRun's events, several per message: the same events, order, resume and end, for watchers that
+	// read every result of large runs (one message per event caps a Python client near 15,000 events/s).
+	WatchRunBatched(ctx context.Context, in *WatchRunBatchedRequest, opts ...grpc.CallOption) (EvalRunService_WatchRunBatchedClient, error)
 }
 
 type evalRunServiceClient struct {
@@ -150,6 +153,38 @@ func (x *evalRunServiceWatchRunClient) Recv() (*WatchRunResponse, error) {
 	return m, nil
 }
 
+func (c *evalRunServiceClient) WatchRunBatched(ctx context.Context, in *WatchRunBatchedRequest, opts ...grpc.CallOption) (EvalRunService_WatchRunBatchedClient, error) {
+	stream, err := c.cc.NewStream(ctx, &_EvalRunService_serviceDesc.Streams[1], "/evalsvc.v1.EvalRunService/WatchRunBatched", opts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &evalRunServiceWatchRunBatchedClient{stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+type EvalRunService_WatchRunBatchedClient interface {
+	Recv() (*WatchRunBatchedResponse, error)
+	grpc.ClientStream
+}
+
+type evalRunServiceWatchRunBatchedClient struct {
+	grpc.ClientStream
+}
+
+func (x *evalRunServiceWatchRunBatchedClient) Recv() (*WatchRunBatchedResponse, error) {
+	m := new(WatchRunBatchedResponse)
+	if err := x.ClientStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
 // EvalRunServiceServer is the server API for EvalRunService service.
 // All implementations must embed UnimplementedEvalRunServiceServer
 // for forward compatibility
@@ -173,6 +208,9 @@ type EvalRunServiceServer interface {
 	UndeleteRun(context.Context, *UndeleteRunRequest) (*UndeleteRunResponse, error)
 	// Streams a run's events with seq > after_seq, then live ones, and ends after the terminal status event.
 	WatchRun(*WatchRunRequest, EvalRunService_WatchRunServer) error
+	// WatchRun's events, several per message: the same events, order, resume and end, for watchers that
+	// read every result of large runs (one message per event caps a Python client near 15,000 events/s).
+	WatchRunBatched(*WatchRunBatchedRequest, EvalRunService_WatchRunBatchedServer) error
 	mustEmbedUnimplementedEvalRunServiceServer()
 }
 
@@ -206,6 +244,9 @@ func (UnimplementedEvalRunServiceServer) UndeleteRun(context.Context, *UndeleteR
 }
 func (UnimplementedEvalRunServiceServer) WatchRun(*WatchRunRequest, EvalRunService_WatchRunServer) error {
 	return status.Errorf(codes.Unimplemented, "method WatchRun not implemented")
+}
+func (UnimplementedEvalRunServiceServer) WatchRunBatched(*WatchRunBatchedRequest, EvalRunService_WatchRunBatchedServer) error {
+	return status.Errorf(codes.Unimplemented, "method WatchRunBatched not implemented")
 }
 func (UnimplementedEvalRunServiceServer) mustEmbedUnimplementedEvalRunServiceServer() {}
 
@@ -385,6 +426,27 @@ func (x *evalRunServiceWatchRunServer) Send(m *WatchRunResponse) error {
 	return x.ServerStream.SendMsg(m)
 }
 
+func _EvalRunService_WatchRunBatched_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchRunBatchedRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(EvalRunServiceServer).WatchRunBatched(m, &evalRunServiceWatchRunBatchedServer{stream})
+}
+
+type EvalRunService_WatchRunBatchedServer interface {
+	Send(*WatchRunBatchedResponse) error
+	grpc.ServerStream
+}
+
+type evalRunServiceWatchRunBatchedServer struct {
+	grpc.ServerStream
+}
+
+func (x *evalRunServiceWatchRunBatchedServer) Send(m *WatchRunBatchedResponse) error {
+	return x.ServerStream.SendMsg(m)
+}
+
 var _EvalRunService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "evalsvc.v1.EvalRunService",
 	HandlerType: (*EvalRunServiceServer)(nil),
@@ -426,6 +488,11 @@ var _EvalRunService_serviceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "WatchRun",
 			Handler:       _EvalRunService_WatchRun_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "WatchRunBatched",
+			Handler:       _EvalRunService_WatchRunBatched_Handler,
 			ServerStreams: true,
 		},
 	},

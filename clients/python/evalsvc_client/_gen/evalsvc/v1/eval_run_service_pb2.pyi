@@ -195,6 +195,22 @@ class WatchRunRequest(_message.Message):
     after_seq: int
     def __init__(self, run_id: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
 
+class WatchRunBatchedRequest(_message.Message):
+    __slots__ = ("run_id", "after_seq", "max_events")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    MAX_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    after_seq: int
+    max_events: int
+    def __init__(self, run_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., max_events: _Optional[int] = ...) -> None: ...
+
+class WatchRunBatchedResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[WatchRunResponse]
+    def __init__(self, events: _Optional[_Iterable[_Union[WatchRunResponse, _Mapping]]] = ...) -> None: ...
+
 class Heartbeat(_message.Message):
     __slots__ = ("last_seq",)
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
