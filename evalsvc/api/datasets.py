@@ -6,7 +6,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from evalsvc.api.status import unary
+from evalsvc.api.status import unary, unary_read
 from evalsvc.api.tenancy import tenant_of
 from evalsvc.datasets.service import DatasetService
 from evalsvc.v1 import dataset_service_pb2 as pb
@@ -25,11 +25,11 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
     async def CreateDataset(self, request: pb.CreateDatasetRequest, context: Context) -> pb.CreateDatasetResponse:
         return pb.CreateDatasetResponse(dataset=await self._datasets.create(tenant_of(context), request))
 
-    @unary
+    @unary_read
     async def GetDataset(self, request: pb.GetDatasetRequest, context: Context) -> pb.GetDatasetResponse:
         return pb.GetDatasetResponse(dataset=await self._datasets.get(tenant_of(context), request.dataset_id))
 
-    @unary
+    @unary_read
     async def ListDatasets(self, request: pb.ListDatasetsRequest, context: Context) -> pb.ListDatasetsResponse:
         datasets, token = await self._datasets.list(tenant_of(context), request)
         return pb.ListDatasetsResponse(datasets=datasets, next_page_token=token)
@@ -39,7 +39,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         ids, dataset = await self._datasets.add_items(tenant_of(context), request)
         return pb.AddDatasetItemsResponse(item_ids=ids, dataset=dataset)
 
-    @unary
+    @unary_read
     async def ListDatasetItems(
         self, request: pb.ListDatasetItemsRequest, context: Context
     ) -> pb.ListDatasetItemsResponse:

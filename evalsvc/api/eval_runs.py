@@ -7,7 +7,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from evalsvc.api.status import server_stream, unary
+from evalsvc.api.status import server_stream, unary, unary_read
 from evalsvc.api.tenancy import tenant_of
 from evalsvc.config import Settings
 from evalsvc.errors import FieldViolation, invalid_argument
@@ -37,11 +37,11 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
         created = await self._runs.create(tenant_of(context), request)
         return pb.CreateRunResponse(run=created.run, job_count=created.job_count)
 
-    @unary
+    @unary_read
     async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
         return pb.GetRunResponse(run=await self._runs.get(tenant_of(context), request.run_id))
 
-    @unary
+    @unary_read
     async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
         runs, token = await self._runs.list(tenant_of(context), request)
         return pb.ListRunsResponse(runs=runs, next_page_token=token)
@@ -62,7 +62,7 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
     async def UndeleteRun(self, request: pb.UndeleteRunRequest, context: Context) -> pb.UndeleteRunResponse:
         return pb.UndeleteRunResponse(run=await self._runs.undelete(tenant_of(context), request.run_id))
 
-    @unary
+    @unary_read
     async def ListRunResults(self, request: pb.ListRunResultsRequest, context: Context) -> pb.ListRunResultsResponse:
         results, token = await self._runs.list_results(tenant_of(context), request)
         return pb.ListRunResultsResponse(results=results, next_page_token=token)
