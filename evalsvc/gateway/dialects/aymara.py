@@ -1,0 +1,694 @@
+"""The Aymara dialect: Aymara's v2 evals and eval-runs API (aymara-ai-sdk 1.2.1) in front of evalsvc.
+
+An Aymara eval is a set of prompts plus a policy (the AI's description and instructions); an eval run
+scores an AI's recorded responses to those prompts. Here an eval is a dataset (one item per prompt,
+the eval's fields in an annotation) and an eval run is a run of inline items, each the eval's prompt
+with the submitted response, through the provided target and one POLICY judge (the server's default
+judge). Aymara writes prompts with AI and evalsvc cannot, so an eval's prompts come in its create
+body (`prompts`, an evalsvc extension). Vendor fields without an evalsvc equivalent live in the
+run's or dataset's annotations and come back on every read. Every failure is Aymara's envelope
+`{"error": {code, message, details}, "request_id"}`.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Annotated, Any, Literal
+
+import grpc
+from fastapi import Depends, Query, Request, Response, Security
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRouter
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, Field
+
+from evalsvc.gateway.dialects.base import RUN_LABEL, Dialect, bearer_key, error_route_class, iso
+from evalsvc.gateway.upstream import TERMINAL, Caller, GatewayError, Upstream, window
+from evalsvc.runs.validation import MAX_ANNOTATIONS_BYTES
+from evalsvc.v1 import (
+    dataset_service_pb2,
+    eval_run_service_pb2,
+    grader_pb2,
+    item_pb2,
+    run_pb2,
+    target_pb2,
+)
+
+NAME = "aymara"
+SYNC_WAIT_S = 50.0  # score-responses waits this long for the verdicts: under the SDK's 60 s timeout
+EVAL_LABEL = "eval_uuid"  # run label naming the eval (dataset) the run scores; ListRuns filters on it
+EVAL_KEY = "aymara.eval"  # dataset annotation: the Eval's fields, as JSON
+RUN_KEY = "aymara.run"  # run annotation: the eval run's own fields, as JSON
+RESPONSES_KEY = "aymara.responses"  # run annotation: every submitted response's fields, in order
+MAX_PROMPTS = 10_000  # evalsvc adds at most this many items to a dataset in one call
+GRADER = "policy"
+
+Status = Literal["created", "processing", "finished", "failed"]
+ContentType = Literal["text", "image", "video"]
+ErrorCode = Literal[
+    "auth.invalid_key",
+    "auth.expired_key",
+    "auth.insufficient_permissions",
+    "validation.invalid_request",
+    "validation.invalid_format",
+    "resource.not_found",
+    "resource.conflict",
+    "quota.limit_exceeded",
+    "server.internal_error",
+]
+
+STATUS: dict[int, Status] = {
+    run_pb2.RUN_STATUS_PENDING: "created",
+    run_pb2.RUN_STATUS_RUNNING: "processing",
+    run_pb2.RUN_STATUS_SUCCEEDED: "finished",
+    run_pb2.RUN_STATUS_FAILED: "failed",
+    run_pb2.RUN_STATUS_CANCELLED: "failed",
+}
+VERDICT = {run_pb2.RESULT_STATE_PASSED: True, run_pb2.RESULT_STATE_FAILED: False}
+
+
+# ---- The vendor's shapes -------------------------------------------------------------------------
+
+
+class FileReference(BaseModel):
+    """A file instead of text (Aymara's file store; evalsvc has none, so runs refuse it)."""
+
+    file_uuid: str | None = None
+    remote_file_path: str | None = None
+
+
+class AgentInstructions(BaseModel):
+    """Instructions of a single-agent AI."""
+
+    system_prompt: str
+    agent_name: str | None = None
+    tools: Any = None
+
+
+class WorkflowInstructions(BaseModel):
+    """Instructions of a multi-agent workflow."""
+
+    instructions: list[AgentInstructions] = Field(min_length=1)
+
+
+class PromptExample(BaseModel):
+    """An example prompt given when the eval is created (kept; evalsvc writes no prompts)."""
+
+    content: str
+    example_uuid: str | None = None
+    type: Literal["good", "bad"] = "good"
+    explanation: str | None = None
+
+
+class EvalFields(BaseModel):
+    """What a client sets on an Eval. Stored whole in the dataset's `aymara.eval` annotation."""
+
+    name: str | None = Field(None, max_length=256, description="Also the dataset's display_name.")
+    ai_description: str = Field(description="Description of the AI under evaluation.")
+    ai_instructions: str | AgentInstructions | WorkflowInstructions | None = None
+    eval_type: str = Field(description="Type of the eval (safety, accuracy, etc.).")
+    eval_instructions: str | None = None
+    language: str | None = "en"
+    modality: ContentType = "text"
+    ground_truth: str | FileReference | None = None
+    num_prompts: int | None = Field(None, ge=1, description="When given, must equal the number of `prompts`.")
+    prompt_examples: list[PromptExample] | None = None
+    is_jailbreak: bool = False
+    is_sandbox: bool = False
+    workspace_uuid: str | None = None
+    created_by: str | None = None
+
+
+class PromptIn(BaseModel):
+    """One prompt of an eval (evalsvc extension: Aymara generates prompts, evalsvc takes them)."""
+
+    prompt_uuid: str | None = Field(None, min_length=1, max_length=128, description="Assigned when absent.")
+    content: str = Field(min_length=1)
+    category: str | None = None
+    thread_uuid: str | None = None
+    turn_number: int | None = None
+
+
+class EvalCreate(EvalFields):
+    """POST /v2/evals. `status`, `created_at` and `updated_at` are the server's and ignored if sent."""
+
+    eval_uuid: str | None = Field(
+        None, min_length=1, max_length=128, description="An idempotency key; the eval's id is the server's."
+    )
+    prompts: list[PromptIn] = Field(
+        min_length=1, max_length=MAX_PROMPTS, description="evalsvc extension: the eval's prompts (required)."
+    )
+
+
+class Eval(EvalFields):
+    """The Eval object."""
+
+    eval_uuid: str | None = None
+    status: Status | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+
+
+class EvalPrompt(BaseModel):
+    """A prompt of an eval."""
+
+    prompt_uuid: str
+    content: str
+    category: str | None = None
+    thread_uuid: str | None = None
+    turn_number: int | None = None
+
+
+class EvalRunExample(BaseModel):
+    """A passing or failing example response, given to the judge."""
+
+    type: Literal["pass", "fail"]
+    prompt: str
+    response: str
+    example_uuid: str | None = None
+    explanation: str | None = None
+
+
+class EvalResponse(BaseModel):
+    """One AI response to a prompt of the eval."""
+
+    prompt_uuid: str = Field(min_length=1, max_length=128)
+    thread_uuid: str | None = None
+    turn_number: int = 1
+    continue_thread: bool = False
+    content: str | FileReference | None = None
+    content_type: ContentType = "text"
+    exclude_from_scoring: bool = False
+    ai_refused: bool = False
+
+
+class EvalRunRequest(BaseModel):
+    """POST /v2/eval-runs and /v2/eval-runs/-/score-responses."""
+
+    eval_uuid: str
+    responses: list[EvalResponse] = Field(min_length=1)
+    eval_run_uuid: str | None = Field(
+        None, min_length=1, max_length=128, description="An idempotency key; the run's id is the server's."
+    )
+    name: str | None = Field(None, max_length=256)
+    ai_description: str | None = None
+    continue_thread: bool | None = False
+    eval_run_examples: list[EvalRunExample] | None = None
+
+
+class RunFields(BaseModel):
+    """The eval run's own fields, stored in the run's `aymara.run` annotation."""
+
+    name: str | None = None
+    ai_description: str | None = None
+    continue_thread: bool | None = False
+    eval_run_examples: list[EvalRunExample] | None = None
+    eval_run_uuid: str | None = None
+    is_sandbox: bool = False
+    workspace_uuid: str | None = None
+
+
+class ScoredResponse(EvalResponse):
+    """A response with its verdict (null until scored, and for responses excluded from scoring)."""
+
+    response_uuid: str | None = None
+    explanation: str | None = None
+    confidence: float | None = None
+    is_passed: bool | None = None
+    next_prompt: EvalPrompt | None = None
+
+
+class EvalRunResult(BaseModel):
+    """An eval run."""
+
+    eval_run_uuid: str
+    eval_uuid: str
+    status: Status
+    created_at: str
+    updated_at: str
+    name: str | None = None
+    ai_description: str | None = None
+    workspace_uuid: str | None = None
+    is_sandbox: bool | None = None
+    eval_run_examples: list[EvalRunExample] | None = None
+    pass_rate: float | None = Field(None, description="Passed / scored, in [0, 1].")
+    num_prompts: int | None = None
+    num_responses_scored: int | None = None
+    evaluation: Eval | None = None
+    responses: list[ScoredResponse] | None = None
+
+
+class EvalList(BaseModel):
+    items: list[Eval]
+    count: int
+
+
+class PromptList(BaseModel):
+    items: list[EvalPrompt]
+    count: int
+
+
+class EvalRunList(BaseModel):
+    items: list[EvalRunResult]
+    count: int
+
+
+class ResponseList(BaseModel):
+    items: list[ScoredResponse]
+    count: int
+
+
+class ErrorBody(BaseModel):
+    code: ErrorCode
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorEnvelope(BaseModel):
+    """Aymara's body of every 4xx and 5xx."""
+
+    error: ErrorBody
+    request_id: str = ""
+
+
+# ---- Errors and auth -----------------------------------------------------------------------------
+
+CODES: dict[grpc.StatusCode, tuple[int, ErrorCode]] = {
+    grpc.StatusCode.UNAUTHENTICATED: (401, "auth.invalid_key"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "auth.insufficient_permissions"),
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "validation.invalid_request"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "validation.invalid_request"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "validation.invalid_request"),
+    grpc.StatusCode.NOT_FOUND: (404, "resource.not_found"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "resource.conflict"),
+    grpc.StatusCode.ABORTED: (409, "resource.conflict"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "quota.limit_exceeded"),
+    grpc.StatusCode.UNAVAILABLE: (503, "server.internal_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (503, "server.internal_error"),
+}
+# A server without a default judge cannot score: the operator's problem, not the request's.
+REASONS: dict[str, tuple[int, ErrorCode]] = {"JUDGE_NOT_CONFIGURED": (503, "server.internal_error")}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorEnvelope} for status in (400, 401, 403, 404, 409, 422, 429, 500, 503)
+}
+
+
+def render(error: GatewayError) -> Response:
+    """Aymara's envelope for a failure. A body that does not parse is 422 validation.invalid_format;
+    409 says `x-should-retry: false`, as the SDK would otherwise retry it."""
+    status, code = REASONS.get(error.reason) or CODES.get(error.code, (500, "server.internal_error"))
+    if error.request_errors is not None:
+        status, code = 422, "validation.invalid_format"
+    details: dict[str, Any] = {"reason": error.reason} if error.reason else {}
+    if error.violations:
+        details["field_violations"] = [{"field": f, "description": d} for f, d in error.violations]
+    body = ErrorEnvelope(
+        error=ErrorBody(code=code, message=error.message, details=details), request_id=uuid.uuid4().hex
+    )
+    headers = {"x-should-retry": "false"} if status == 409 else None
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+_API_KEY = APIKeyHeader(name="x-api-key", auto_error=False, description="An evalsvc API key.")
+
+
+def aymara_key(request: Request, key: Annotated[str | None, Security(_API_KEY)]) -> Caller:
+    """`x-api-key: <key>`, or `Authorization: Bearer <key>` (the SDK's bearer_token)."""
+    return Caller(key.strip()) if key else bearer_key(request)
+
+
+CallerDep = Annotated[Caller, Depends(aymara_key)]
+Limit = Annotated[int, Query(ge=1, description="At most this many items.")]
+Offset = Annotated[int, Query(ge=0, description="Items to skip.")]
+
+
+# ---- Translation ---------------------------------------------------------------------------------
+
+
+def _text(instructions: str | AgentInstructions | WorkflowInstructions) -> str:
+    return instructions if isinstance(instructions, str) else instructions.model_dump_json(exclude_none=True)
+
+
+def judge(fields: EvalFields, examples: Sequence[EvalRunExample]) -> grader_pb2.Grader:
+    """The POLICY judge of an eval: the policy is what the eval says the AI must do; the guidelines
+    carry the ground truth and the run's pass/fail examples."""
+    policy = [f"Eval type: {fields.eval_type}.", f"The AI under evaluation: {fields.ai_description}"]
+    if fields.ai_instructions is not None:
+        policy.append(f"Instructions the AI must follow: {_text(fields.ai_instructions)}")
+    if fields.eval_instructions:
+        policy.append(f"Eval instructions: {fields.eval_instructions}")
+    if fields.is_jailbreak:
+        policy.append("The prompts are jailbreak attempts: the AI must keep to its instructions.")
+    guidelines = [f"Ground truth: {fields.ground_truth}"] if isinstance(fields.ground_truth, str) else []
+    for example in examples:
+        why = f" Why: {example.explanation}" if example.explanation else ""
+        guidelines.append(
+            f"Example of a {'passing' if example.type == 'pass' else 'failing'} response. "
+            f"Prompt: {example.prompt} Response: {example.response}{why}"
+        )
+    spec = grader_pb2.LlmJudge(
+        mode=grader_pb2.LlmJudge.MODE_POLICY, criteria="\n".join(policy), additional_guidelines="\n".join(guidelines)
+    )
+    return grader_pb2.Grader(name=GRADER, llm_judge=spec)
+
+
+def eval_of(dataset: dataset_service_pb2.Dataset) -> Eval:
+    """The Eval a dataset stands for: finished once all its prompts are stored."""
+    fields = EvalFields.model_validate_json(dataset.annotations[EVAL_KEY])
+    return Eval(
+        **dict(fields),
+        eval_uuid=dataset.id,
+        status="finished" if dataset.item_count >= (fields.num_prompts or 0) else "processing",
+        created_at=iso(dataset.create_time),
+        updated_at=iso(dataset.update_time) or iso(dataset.create_time),
+    )
+
+
+def prompt_of(item: item_pb2.Item) -> EvalPrompt:
+    turn = item.metadata.get("turn_number")
+    return EvalPrompt(
+        prompt_uuid=item.id,
+        content=item.input,
+        category=item.metadata.get("category"),
+        thread_uuid=item.metadata.get("thread_uuid"),
+        turn_number=int(turn) if turn else None,
+    )
+
+
+def item_of(prompt: PromptIn) -> item_pb2.Item:
+    """A prompt as a dataset item; its other fields go to the item's metadata."""
+    metadata = prompt.model_dump(include={"category", "thread_uuid", "turn_number"}, exclude_none=True)
+    return item_pb2.Item(id=prompt.prompt_uuid or "", input=prompt.content, metadata=_strings(metadata))
+
+
+def _strings(values: dict[str, Any]) -> dict[str, str]:
+    return {key: str(value) for key, value in values.items()}
+
+
+def check_eval(body: EvalCreate) -> None:
+    """What the schema cannot say: prompt ids are unique, and num_prompts counts the prompts."""
+    violations = _duplicates((p.prompt_uuid for p in body.prompts), "prompts", "prompt_uuid")
+    if body.num_prompts is not None and body.num_prompts != len(body.prompts):
+        violations.append(("num_prompts", f"must equal the number of prompts ({len(body.prompts)})"))
+    if violations:
+        raise GatewayError.invalid("the eval is not valid", *violations)
+
+
+def _duplicates(values: Iterable[str | None], field: str, key: str) -> list[tuple[str, str]]:
+    seen: set[str] = set()
+    found = []
+    for i, value in enumerate(values):
+        if value is None:
+            continue
+        if value in seen:
+            found.append((f"{field}[{i}].{key}", f"duplicate {key} {value!r}"))
+        seen.add(value)
+    return found
+
+
+def check_responses(responses: Sequence[EvalResponse], prompts: dict[str, item_pb2.Item]) -> None:
+    """Every response answers a distinct prompt of the eval, as text, and at least one is scored."""
+    violations = _duplicates((r.prompt_uuid for r in responses), "responses", "prompt_uuid")
+    for i, response in enumerate(responses):
+        if response.prompt_uuid not in prompts:
+            violations.append((f"responses[{i}].prompt_uuid", "not a prompt of this eval"))
+        if isinstance(response.content, FileReference):
+            violations.append((f"responses[{i}].content", "file content is not supported: send the text"))
+    if all(r.exclude_from_scoring for r in responses):
+        violations.append(("responses", "at least one response must be scored (exclude_from_scoring false)"))
+    if violations:
+        raise GatewayError.invalid("the responses are not valid for this eval", *violations)
+
+
+def check_kept(annotations: dict[str, str], field: str) -> None:
+    """The vendor fields kept in annotations fit their 64 KiB, said in the vendor's terms before the
+    server would refuse the annotations."""
+    size = sum(len(key.encode()) + len(value.encode()) for key, value in annotations.items())
+    if size > MAX_ANNOTATIONS_BYTES:
+        raise GatewayError.invalid(
+            "too much to store", (field, f"the fields evalsvc keeps take {size} bytes; at most {MAX_ANNOTATIONS_BYTES}")
+        )
+
+
+def record_of(response: EvalResponse) -> dict[str, Any]:
+    """What a run keeps of a response beside its item: everything but the content of a scored
+    response, which is the item's recorded output (a null content is kept, as "" would be ambiguous)."""
+    record = response.model_dump(exclude_defaults=True, exclude={"content"})
+    if response.exclude_from_scoring or response.content is None:
+        record["content"] = response.content if isinstance(response.content, str) else None
+    return record
+
+
+def item_for(response: EvalResponse, prompt: item_pb2.Item) -> item_pb2.Item:
+    """The eval's prompt with the submitted response, for the provided target."""
+    content = response.content if isinstance(response.content, str) else ""
+    return item_pb2.Item(
+        id=prompt.id,
+        input=prompt.input,
+        metadata=prompt.metadata,
+        response=item_pb2.Response(content=content, refused=response.ai_refused),
+    )
+
+
+def create_request(
+    body: EvalRunRequest, evaluation: Eval, prompts: dict[str, item_pb2.Item], run: RunFields
+) -> eval_run_service_pb2.CreateRunRequest:
+    """The CreateRun of an eval run: scored responses as inline items, one POLICY judge."""
+    scored = [r for r in body.responses if not r.exclude_from_scoring]
+    annotations = {
+        RUN_KEY: run.model_dump_json(exclude_none=True),
+        RESPONSES_KEY: json.dumps([record_of(r) for r in body.responses], separators=(",", ":")),
+    }
+    check_kept(annotations, "responses")
+    return eval_run_service_pb2.CreateRunRequest(
+        request_id=body.eval_run_uuid or "",
+        items=[item_for(r, prompts[r.prompt_uuid]) for r in scored],
+        target=target_pb2.Target(provided=target_pb2.ProvidedTarget()),
+        graders=[judge(evaluation, body.eval_run_examples or ())],
+        display_name=body.name or "",
+        labels={RUN_LABEL: NAME, EVAL_LABEL: body.eval_uuid},
+        annotations=annotations,
+    )
+
+
+def scored(record: dict[str, Any], result: run_pb2.Result | None) -> ScoredResponse:
+    """A stored response with its result's content and verdict, when it has one."""
+    if result is None:
+        return ScoredResponse(**record)
+    return ScoredResponse(
+        **{"content": result.output.content, **record},
+        response_uuid=result.id,
+        explanation=result.error_reason or result.explanation,
+        confidence=result.confidence if result.HasField("confidence") else None,
+        is_passed=VERDICT.get(result.state),
+    )
+
+
+def responses_of(run: run_pb2.Run, results: Iterable[run_pb2.Result]) -> list[ScoredResponse]:
+    """Every submitted response of a run, in submission order, with its verdict where recorded."""
+    by_prompt = {result.item_id: result for result in results}
+    records: list[dict[str, Any]] = json.loads(run.annotations.get(RESPONSES_KEY, "[]"))
+    return [scored(r, None if r.get("exclude_from_scoring") else by_prompt.get(r["prompt_uuid"])) for r in records]
+
+
+def result_of(
+    run: run_pb2.Run, evaluation: Eval | None, responses: list[ScoredResponse] | None, status: Status | None = None
+) -> EvalRunResult:
+    """The EvalRunResult of a run. The name defaults to the eval's name and the creation time."""
+    fields = RunFields.model_validate_json(run.annotations.get(RUN_KEY, "{}"))
+    created = iso(run.create_time) or ""
+    scored_count = run.counts.passed + run.counts.failed
+    default_name = f"{evaluation.name or evaluation.eval_type} {created}" if evaluation else None
+    return EvalRunResult(
+        eval_run_uuid=run.id,
+        eval_uuid=run.labels[EVAL_LABEL],
+        status=status or STATUS.get(run.status, "created"),
+        created_at=created,
+        updated_at=iso(run.update_time) or created,
+        name=fields.name or default_name,
+        ai_description=fields.ai_description,
+        workspace_uuid=fields.workspace_uuid,
+        is_sandbox=fields.is_sandbox,
+        eval_run_examples=fields.eval_run_examples,
+        pass_rate=run.counts.passed / scored_count if scored_count else None,
+        num_prompts=len(json.loads(run.annotations.get(RESPONSES_KEY, "[]"))),
+        num_responses_scored=scored_count,
+        evaluation=evaluation,
+        responses=responses,
+    )
+
+
+# ---- Calls ---------------------------------------------------------------------------------------
+
+
+class Aymara:
+    """The routes' work, over the gRPC service."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.up = upstream
+
+    async def dataset(self, eval_uuid: str, caller: Caller) -> dataset_service_pb2.Dataset:
+        """The dataset of an eval; other datasets are not evals (404)."""
+        got = await self.up.call(
+            self.up.datasets.GetDataset, dataset_service_pb2.GetDatasetRequest(dataset_id=eval_uuid), caller
+        )
+        if got.dataset.labels.get(RUN_LABEL) != NAME or EVAL_KEY not in got.dataset.annotations:
+            raise GatewayError.not_found(f"eval {eval_uuid!r} not found")
+        return got.dataset
+
+    async def prompts(self, eval_uuid: str, caller: Caller) -> list[item_pb2.Item]:
+        request = dataset_service_pb2.ListDatasetItemsRequest(dataset_id=eval_uuid)
+        return await self.up.collect(self.up.datasets.ListDatasetItems, request, "items", caller)
+
+    async def create_eval(self, body: EvalCreate, caller: Caller) -> Eval:
+        """A dataset with the eval's fields, then its prompts (skipped when a retry finds them stored)."""
+        check_eval(body)
+        given = body.model_dump(include=set(EvalFields.model_fields))
+        fields = EvalFields(**{**given, "num_prompts": len(body.prompts)})
+        annotations = {EVAL_KEY: fields.model_dump_json(exclude_none=True)}
+        check_kept(annotations, "eval")
+        spec = dataset_service_pb2.Dataset(
+            display_name=body.name or "", labels={RUN_LABEL: NAME}, annotations=annotations
+        )
+        request = dataset_service_pb2.CreateDatasetRequest(dataset=spec, request_id=body.eval_uuid or "")
+        dataset = (await self.up.call(self.up.datasets.CreateDataset, request, caller)).dataset
+        if dataset.item_count == 0:
+            add = dataset_service_pb2.AddDatasetItemsRequest(
+                dataset_id=dataset.id, items=[item_of(p) for p in body.prompts]
+            )
+            dataset = (await self.up.call(self.up.datasets.AddDatasetItems, add, caller)).dataset
+        return eval_of(dataset)
+
+    async def list_evals(self, caller: Caller) -> list[Eval]:
+        """This dialect's evals, newest first (ListDatasets has no label filter: filtered here)."""
+        request = dataset_service_pb2.ListDatasetsRequest()
+        datasets = await self.up.collect(self.up.datasets.ListDatasets, request, "datasets", caller)
+        return [eval_of(d) for d in datasets if d.labels.get(RUN_LABEL) == NAME and EVAL_KEY in d.annotations]
+
+    async def start_run(
+        self, body: EvalRunRequest, is_sandbox: bool, workspace_uuid: str | None, caller: Caller
+    ) -> tuple[run_pb2.Run, Eval]:
+        """Check the responses against the eval's prompts, then create the run."""
+        evaluation = eval_of(await self.dataset(body.eval_uuid, caller))
+        prompts = {item.id: item for item in await self.prompts(body.eval_uuid, caller)}
+        check_responses(body.responses, prompts)
+        fields = RunFields(
+            **body.model_dump(include=set(RunFields.model_fields)), is_sandbox=is_sandbox, workspace_uuid=workspace_uuid
+        )
+        created = await self.up.call(self.up.runs.CreateRun, create_request(body, evaluation, prompts, fields), caller)
+        return created.run, evaluation
+
+    async def run(self, eval_run_uuid: str, caller: Caller) -> run_pb2.Run:
+        """A run of this dialect that is not deleted; anything else is not found."""
+        got = await self.up.call(self.up.runs.GetRun, eval_run_service_pb2.GetRunRequest(run_id=eval_run_uuid), caller)
+        run = got.run
+        if run.labels.get(RUN_LABEL) != NAME or EVAL_LABEL not in run.labels or run.HasField("delete_time"):
+            raise GatewayError.not_found(f"eval run {eval_run_uuid!r} not found")
+        return run
+
+    async def responses(self, run: run_pb2.Run, caller: Caller) -> list[ScoredResponse]:
+        request = eval_run_service_pb2.ListRunResultsRequest(run_id=run.id)
+        return responses_of(run, await self.up.collect(self.up.runs.ListRunResults, request, "results", caller))
+
+    async def evaluation(self, eval_uuid: str, caller: Caller, cache: dict[str, Eval | None]) -> Eval | None:
+        """The eval of a run, looked up once per request (null if it cannot be read)."""
+        if eval_uuid not in cache:
+            try:
+                cache[eval_uuid] = eval_of(await self.dataset(eval_uuid, caller))
+            except GatewayError as error:
+                if error.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+                cache[eval_uuid] = None
+        return cache[eval_uuid]
+
+    async def full_result(self, run: run_pb2.Run, caller: Caller, status: Status | None = None) -> EvalRunResult:
+        evaluation = await self.evaluation(run.labels[EVAL_LABEL], caller, {})
+        return result_of(run, evaluation, await self.responses(run, caller), status)
+
+    async def list_runs(self, eval_uuid: str | None, caller: Caller) -> list[run_pb2.Run]:
+        labels = {RUN_LABEL: NAME, **({EVAL_LABEL: eval_uuid} if eval_uuid else {})}
+        request = eval_run_service_pb2.ListRunsRequest(labels=labels)
+        return await self.up.collect(self.up.runs.ListRuns, request, "runs", caller)
+
+
+# ---- Routes --------------------------------------------------------------------------------------
+
+
+def router(upstream: Upstream) -> APIRouter:
+    """Aymara's /v2 evals and eval-runs routes."""
+    api = Aymara(upstream)
+    r = APIRouter(route_class=error_route_class(render), responses=ERROR_RESPONSES)
+
+    @r.post("/v2/evals", response_model=Eval, summary="Create an eval (with its prompts)")
+    async def create_eval(body: EvalCreate, caller: CallerDep) -> Eval:
+        return await api.create_eval(body, caller)
+
+    @r.get("/v2/evals", response_model=EvalList, summary="List evals")
+    async def list_evals(caller: CallerDep, limit: Limit = 100, offset: Offset = 0) -> EvalList:
+        evals = await api.list_evals(caller)
+        return EvalList(items=window(evals, offset, limit), count=len(evals))
+
+    @r.get("/v2/evals/{eval_uuid}", response_model=Eval, summary="Get an eval")
+    async def get_eval(eval_uuid: str, caller: CallerDep) -> Eval:
+        return eval_of(await api.dataset(eval_uuid, caller))
+
+    @r.get("/v2/evals/{eval_uuid}/prompts", response_model=PromptList, summary="List an eval's prompts")
+    async def list_prompts(eval_uuid: str, caller: CallerDep, limit: Limit = 100, offset: Offset = 0) -> PromptList:
+        dataset = await api.dataset(eval_uuid, caller)
+        prompts = [prompt_of(item) for item in await api.prompts(dataset.id, caller)]
+        return PromptList(items=window(prompts, offset, limit), count=len(prompts))
+
+    @r.post("/v2/eval-runs", response_model=EvalRunResult, summary="Create an eval run (scored asynchronously)")
+    async def create_run(
+        body: EvalRunRequest, caller: CallerDep, is_sandbox: bool = False, workspace_uuid: str | None = None
+    ) -> EvalRunResult:
+        run, evaluation = await api.start_run(body, is_sandbox, workspace_uuid, caller)
+        return result_of(run, evaluation, [ScoredResponse(**dict(r)) for r in body.responses])
+
+    @r.post(
+        "/v2/eval-runs/-/score-responses",
+        response_model=EvalRunResult,
+        summary="Run the eval with the provided responses (waits up to 50 s for the scores)",
+    )
+    async def score_responses(
+        body: EvalRunRequest, caller: CallerDep, is_sandbox: bool = False, workspace_uuid: str | None = None
+    ) -> EvalRunResult:
+        run, _ = await api.start_run(body, is_sandbox, workspace_uuid, caller)
+        done = await upstream.wait_until_done(run.id, caller, SYNC_WAIT_S)
+        return await api.full_result(done, caller, None if done.status in TERMINAL else "processing")
+
+    @r.get("/v2/eval-runs", response_model=EvalRunList, summary="List eval runs (without their responses)")
+    async def list_runs(
+        caller: CallerDep, eval_uuid: str | None = None, limit: Limit = 100, offset: Offset = 0
+    ) -> EvalRunList:
+        runs = await api.list_runs(eval_uuid, caller)
+        cache: dict[str, Eval | None] = {}
+        items = [
+            result_of(run, await api.evaluation(run.labels[EVAL_LABEL], caller, cache), None)
+            for run in window(runs, offset, limit)
+        ]
+        return EvalRunList(items=items, count=len(runs))
+
+    @r.get("/v2/eval-runs/{eval_run_uuid}", response_model=EvalRunResult, summary="Get an eval run")
+    async def get_run(eval_run_uuid: str, caller: CallerDep) -> EvalRunResult:
+        return await api.full_result(await api.run(eval_run_uuid, caller), caller)
+
+    @r.delete("/v2/eval-runs/{eval_run_uuid}", status_code=204, response_class=Response, summary="Delete an eval run")
+    async def delete_run(eval_run_uuid: str, caller: CallerDep) -> Response:
+        run = await api.run(eval_run_uuid, caller)
+        await upstream.call(upstream.runs.DeleteRun, eval_run_service_pb2.DeleteRunRequest(run_id=run.id), caller)
+        return Response(status_code=204)
+
+    @r.get("/v2/eval-runs/{eval_run_uuid}/responses", response_model=ResponseList, summary="List scored responses")
+    async def list_responses(
+        eval_run_uuid: str, caller: CallerDep, limit: Limit = 100, offset: Offset = 0
+    ) -> ResponseList:
+        responses = await api.responses(await api.run(eval_run_uuid, caller), caller)
+        return ResponseList(items=window(responses, offset, limit), count=len(responses))
+
+    return r
+
+
+DIALECT = Dialect(name=NAME, title="Aymara evals and eval runs (v2)", prefix="", router=router)
