@@ -1,0 +1,721 @@
+"""The Bland AI dialect (docs/dialects/bland.md) over real HTTP to a real gateway in front of a real gRPC
+server. Calls are uploaded through the dialect's calls extension and graded by the server's default
+judge, a fake OpenAI-compatible endpoint (tests/fake_llm.py) whose verdicts are scripted; the server
+runs one evaluation at a time so the scripted verdicts meet the calls in order."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from evalsvc.server import EvalServer
+from tests.conftest import make_settings
+from tests.fake_llm import FakeEndpoint, Reply, judge_reply
+
+MILLIS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+RUN_STATUSES = {"PENDING", "QUEUED", "RUNNING", "COMPLETE", "PARTIAL", "FAILED", "CANCELLED"}
+NoneType = type(None)
+Num = (int, float)
+OptNum = (int, float, NoneType)
+OptStr = (str, NoneType)
+
+# The request examples of docs.bland.ai, as published (Mintlify placeholders: objects where the
+# fields are strings or arrays).
+CREATE_AGENT_EXAMPLE = {
+    "name": "<string>",
+    "description": {},
+    "template_key": {},
+    "user_template_id": {},
+    "modality": "<string>",
+}
+CREATE_VERSION_EXAMPLE = {"name": "<string>", "description": {}, "from_version_id": "<string>"}
+CREATE_RUN_EXAMPLE = {
+    "call_ids": {},
+    "attached_agents": {
+        "eval_agent_id": "<string>",
+        "eval_agent_version_id": "<string>",
+        "weight": 123,
+        "target_level_keys": {},
+    },
+    "run_mode": "<string>",
+    "pass_threshold_pct": 123,
+    "workbench_setup_id": "<string>",
+    "workbench_setup_version_id": "<string>",
+    "triggered_by": "<string>",
+    "metadata": {},
+}
+# The documented example values (the agent and version examples of the eval-agents pages, the call
+# ids and metadata of the runs pages), sent in the documented fields.
+CALL_IDS = ["a1b2c3d4-0000-0000-0000-000000000001", "a1b2c3d4-0000-0000-0000-000000000002"]
+EMPATHY = {
+    "name": "Empathy Check",
+    "description": "Grades how empathetic the agent sounds during difficult conversations.",
+    "modality": "text",
+    "system_prompt_md": "You are an expert call quality reviewer.",
+    "prompt_md": "Did the agent express empathy when the caller described their problem?",
+    "levels": [
+        {
+            "level_key": "excellent",
+            "label": "Excellent",
+            "prompt_md": "The agent clearly and warmly acknowledged the caller's feelings.",
+            "color": "emerald",
+        },
+        {
+            "level_key": "poor",
+            "label": "Poor",
+            "prompt_md": "The agent ignored or dismissed the caller's feelings.",
+            "color": "rose",
+        },
+    ],
+    "target_level_keys": ["excellent"],
+    "weight": 10,
+}
+RESOLUTION = {"name": "Call Resolution", "prompt_md": "Did the agent fully resolve the caller's stated issue?"}
+CALLS = [
+    {
+        "call_id": CALL_IDS[0],
+        "transcripts": [
+            {"id": 1, "user": "user", "text": "I was charged twice last week.", "created_at": "2026-05-20T13:45:02Z"},
+            {"id": 2, "user": "assistant", "text": "I'm sorry about that, let me reverse the charge now."},
+        ],
+        "call_length": 3.1,
+        "from": "+15551230000",
+    },
+    {
+        "call_id": CALL_IDS[1],
+        "transcripts": [
+            {"user": "user", "text": "My order never arrived."},
+            {"user": "robot", "text": "Please call back later."},
+        ],
+    },
+]
+
+AGENT = {
+    "id": str,
+    "org_id": str,
+    "key": str,
+    "name": str,
+    "description": OptStr,
+    "current_version_id": str,
+    "active_version_id": OptStr,
+    "metadata": dict,
+    "created_at": str,
+    "updated_at": str,
+    "deleted_at": NoneType,
+}
+VERSION = {
+    "id": str,
+    "org_id": str,
+    "eval_agent_id": str,
+    "version_number": int,
+    "name": str,
+    "description": OptStr,
+    "state": str,
+    "modality": str,
+    "system_prompt_md": str,
+    "prompt_md": str,
+    "levels": list,
+    "target_level_keys": list,
+    "weight": Num,
+    "created_from_version_id": OptStr,
+    "created_by": OptStr,
+    "created_at": str,
+    "updated_at": str,
+}
+LEVEL = {"level_key": str, "label": OptStr, "prompt_md": str, "color": OptStr}
+AGENT_ITEM = {
+    "id": str,
+    "name": str,
+    "description": OptStr,
+    "current_version_id": str,
+    "active_version_id": OptStr,
+    "active_version_number": (int, NoneType),
+    "enabled": bool,
+    "modality": str,
+    "latest_run": (dict, NoneType),
+    "metadata": dict,
+    "created_at": str,
+    "updated_at": str,
+}
+RUN_ITEM = {
+    "id": str,
+    "status": str,
+    "triggered_by": str,
+    "run_mode": str,
+    "resolved_call_count": int,
+    "resolved_agent_count": int,
+    "resolved_atom_count": int,
+    "completed_atom_count": int,
+    "summary": (dict, NoneType),
+    "billable_cost_usd": OptNum,
+    "workbench_setup_id": OptStr,
+    "workbench_setup_version_id": OptStr,
+    "metadata": dict,
+    "created_at": str,
+    "started_at": OptStr,
+    "completed_at": OptStr,
+}
+RUN = RUN_ITEM | {
+    "org_id": str,
+    "submitted_call_ids": list,
+    "submitted_attached_agents": list,
+    "error_code": OptStr,
+    "error_message": OptStr,
+    "workflow_id": OptStr,
+}
+SUBMITTED_AGENT = {"eval_agent_id": str, "eval_agent_version_id": str, "weight": Num, "target_level_keys": list}
+SUMMARY = {
+    "overall_score_mean": OptNum,
+    "text_score_mean": OptNum,
+    "audio_score_mean": OptNum,
+    "successful_call_count": int,
+    "failed_call_count": int,
+    "insufficient_evidence_count": int,
+    "target_match_count": int,
+    "pass_threshold_pct": OptNum,
+    "overall_pass": bool,
+}
+CALL_RESULT = {
+    "id": str,
+    "org_id": str,
+    "eval_run_id": str,
+    "call_id": str,
+    "call_display_name": OptStr,
+    "call_started_at": OptStr,
+    "call_duration_seconds": OptNum,
+    "call_ended_by": OptStr,
+    "transcript_snapshot_ref": OptStr,
+    "transcript_snapshot_expires_at": OptStr,
+    "status": str,
+    "started_at": OptStr,
+    "completed_at": OptStr,
+    "overall_score_normalized_0_100": OptNum,
+    "text_score_normalized_0_100": OptNum,
+    "audio_score_normalized_0_100": OptNum,
+    "failed_agent_count": int,
+    "insufficient_evidence_agent_count": int,
+    "agent_results": list,
+    "created_at": str,
+}
+AGENT_RESULT = {
+    "id": str,
+    "org_id": str,
+    "eval_run_id": str,
+    "eval_run_call_result_id": str,
+    "eval_run_agent_snapshot_id": OptStr,
+    "eval_agent_id": str,
+    "eval_agent_version_id": OptStr,
+    "call_id": str,
+    "selected_level_key": OptStr,
+    "selected_level_label": OptStr,
+    "score_normalized_0_100": OptNum,
+    "is_target_match": bool,
+    "is_insufficient_evidence": bool,
+    "confidence": OptNum,
+    "reasoning_md": OptStr,
+    "evidence": list,
+    "failed": bool,
+    "failure_code": OptStr,
+    "failure_message": OptStr,
+    "billable_cost_usd": OptNum,
+    "audit": dict,
+    "created_at": str,
+}
+AUDIT = {
+    "prompt_version": OptStr,
+    "input_tokens": (int, NoneType),
+    "output_tokens": (int, NoneType),
+    "latency_ms": OptNum,
+}
+
+
+def level(key: str, reason: str = "clear", confidence: float = 0.9) -> Reply:
+    """The judge picking a level."""
+    return judge_reply({"level": key, "reason": reason, "confidence": confidence})
+
+
+def shaped(body: Any, shape: dict[str, Any]) -> dict[str, Any]:
+    """`body` has exactly the documented keys, each of its documented type (bool is not a number here)."""
+    assert isinstance(body, dict) and set(body) == set(shape), (sorted(body), sorted(shape))
+    for key, kind in shape.items():
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        assert isinstance(body[key], kinds) and not (isinstance(body[key], bool) and bool not in kinds), (key, body)
+        if key.endswith("_at") and isinstance(body[key], str):
+            assert MILLIS.match(body[key]), (key, body[key])
+    return body
+
+
+def data(response: httpx.Response) -> Any:
+    """`data` of Bland's success envelope."""
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["errors"] is None, body
+    return body["data"]
+
+
+def page(response: httpx.Response, item: dict[str, Any]) -> tuple[list[dict[str, Any]], bool, str | None]:
+    """A list envelope whose items have the shape `item`."""
+    body = shaped(data(response), {"object": str, "data": list, "has_more": bool, "next_cursor": OptStr})
+    assert body["object"] == "list"
+    return [shaped(row, item) for row in body["data"]], body["has_more"], body["next_cursor"]
+
+
+def check_error(response: httpx.Response, status: int, code: str) -> list[str]:
+    """Bland's error envelope with `code`; returns the messages."""
+    assert response.status_code == status, response.text
+    body = shaped(response.json(), {"data": NoneType, "errors": list})
+    assert body["errors"], body
+    for error in body["errors"]:
+        shaped(error, {"error": str, "message": str})
+        assert error["error"] == code and error["message"], body
+    return [error["message"] for error in body["errors"]]
+
+
+def check_agent(body: Any) -> dict[str, Any]:
+    shaped(body, {"agent": dict, "current_version": dict})
+    shaped(body["agent"], AGENT)
+    check_version(body["current_version"])
+    return dict(body)
+
+
+def check_version(body: Any) -> dict[str, Any]:
+    shaped(body, VERSION)
+    assert body["state"] in ("editable", "archived") and body["modality"] in ("text", "audio")
+    for row in body["levels"]:
+        shaped(row, LEVEL)
+    return dict(body)
+
+
+def check_run(body: Any, shape: dict[str, Any] = RUN) -> dict[str, Any]:
+    shaped(body, shape)
+    assert body["status"] in RUN_STATUSES and body["triggered_by"] in ("manual", "auto", "backfill")
+    assert body["run_mode"] in ("text", "audio", "full")
+    if body["summary"] is not None:
+        shaped(body["summary"], SUMMARY)
+    for agent in body.get("submitted_attached_agents", []):
+        shaped(agent, SUBMITTED_AGENT)
+    return dict(body)
+
+
+@dataclass
+class Env:
+    srv: EvalServer
+    http: httpx.AsyncClient
+    judge: FakeEndpoint
+    key: str
+
+    async def ok(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+        return data(await self.http.request(method, path, json=body, params=params or None))
+
+    async def agent(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return check_agent(await self.ok("POST", "/v1/evals/agents", spec))
+
+    async def run(self, **fields: Any) -> dict[str, Any]:
+        return check_run(await self.ok("POST", "/v1/evals/runs", {"call_ids": CALL_IDS, **fields}))
+
+    async def finished(self, run_id: str) -> dict[str, Any]:
+        """The run once it ended: the native NDJSON watch ends after the run's terminal event."""
+        headers = {"accept": "application/x-ndjson", "authorization": f"Bearer {self.key}"}
+        last = None
+        async with self.http.stream("GET", f"/v1/runs/{run_id}:watch", headers=headers) as stream:
+            async for line in stream.aiter_lines():
+                last = json.loads(line)["result"] if line else last
+        assert last is not None and last["run"]["status"] != "RUN_STATUS_RUNNING", last
+        return check_run(await self.ok("GET", f"/v1/evals/runs/{run_id}"))
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    with FakeEndpoint(level("excellent")) as judge:
+        settings = make_settings(
+            tmp_path,
+            http_addr="127.0.0.1:0",
+            dialects="bland",
+            outbound_allow="127.0.0.1",
+            judge_base_url=judge.url + "/v1",
+            judge_model="judge-test",
+            workers=1,  # one evaluation at a time: scripted verdicts meet the calls in order
+        )
+        srv = EvalServer(settings)
+        await srv.start()
+        assert srv.gateway is not None and srv.bootstrap_key
+        try:
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{srv.gateway.port}",
+                headers={"authorization": srv.bootstrap_key},  # Bland's raw key, no Bearer
+                timeout=30,
+            ) as http:
+                env = Env(srv, http, judge, srv.bootstrap_key)
+                added = await env.ok("POST", "/v1/evals/calls", {"calls": CALLS})
+                assert added == {"call_ids": CALL_IDS, "total_call_count": 2}
+                yield env
+        finally:
+            await srv.stop(grace=0.5)
+
+
+async def test_eval_agents_and_versions_keep_every_documented_field(env: Env) -> None:
+    created = await env.agent(EMPATHY)
+    agent, version = created["agent"], created["current_version"]
+    assert agent["name"] == "Empathy Check" and agent["key"] == "empathy-check"
+    assert agent["description"] == EMPATHY["description"] and agent["current_version_id"] == version["id"]
+    assert version["version_number"] == 1 and version["state"] == "editable" and version["name"] == "Empathy Check v1"
+    sent = {k: EMPATHY[k] for k in ("system_prompt_md", "prompt_md", "levels", "target_level_keys", "weight")}
+    assert {k: version[k] for k in sent} == sent and version["created_from_version_id"] is None
+    assert await env.ok("GET", f"/v1/evals/agents/{agent['id']}") == created
+
+    three = [{"level_key": "adequate", "label": "Adequate", "prompt_md": "Some empathy.", "color": "amber"}]
+    fork = {
+        "name": "Empathy Check v2",
+        "description": "Expanded grading criteria with three verdict levels.",
+        "from_version_id": version["id"],
+        "levels": EMPATHY["levels"] + three,
+    }
+    v2 = check_version(await env.ok("POST", f"/v1/evals/agents/{agent['id']}/versions", fork))
+    assert v2["version_number"] == 2 and v2["created_from_version_id"] == version["id"]
+    assert v2["name"] == fork["name"] and v2["description"] == fork["description"] and len(v2["levels"]) == 3
+    assert v2["prompt_md"] == EMPATHY["prompt_md"] and v2["target_level_keys"] == ["excellent"]  # inherited
+    current = check_agent(await env.ok("GET", f"/v1/evals/agents/{agent['id']}"))
+    assert current["agent"]["current_version_id"] == v2["id"] and current["current_version"] == v2
+
+    other = await env.agent(RESOLUTION)
+    assert other["current_version"]["levels"] == [] and other["current_version"]["target_level_keys"] == []
+    rows, more, cursor = page(await env.http.get("/v1/evals/agents", params={"limit": 1}), AGENT_ITEM)
+    assert [r["id"] for r in rows] == [other["agent"]["id"]] and more and cursor == other["agent"]["id"]
+    rows, more, cursor = page(await env.http.get("/v1/evals/agents", params={"starting_after": cursor}), AGENT_ITEM)
+    assert [r["id"] for r in rows] == [agent["id"]] and not more and cursor is None
+    assert rows[0]["active_version_number"] == 2 and rows[0]["enabled"] and rows[0]["modality"] == "text"
+
+    check_error(await env.http.get("/v1/evals/agents/grd_nope"), 404, "EVAL_AGENT_NOT_FOUND")
+    unknown = {"from_version_id": f"{agent['id']}_v9"}
+    check_error(
+        await env.http.post(f"/v1/evals/agents/{agent['id']}/versions", json=unknown),
+        404,
+        "EVAL_AGENT_VERSION_NOT_FOUND",
+    )
+
+
+async def test_a_run_to_completion_reports_the_documented_results(env: Env) -> None:
+    empathy = (await env.agent(EMPATHY))["agent"]["id"]
+    resolution = (await env.agent(RESOLUTION))["agent"]["id"]
+    # call 1: excellent (target) and fail; call 2: poor and pass.
+    env.judge.script = [level("excellent", "warm"), level("fail"), level("poor"), level("pass", confidence=0.7)]
+    created = await env.run(
+        attached_agents=[
+            {"eval_agent_id": empathy, "weight": 75},
+            {"eval_agent_id": resolution, "eval_agent_version_id": f"{resolution}_v1", "weight": 25},
+        ],
+        run_mode="text",
+        pass_threshold_pct=80,
+        triggered_by="manual",
+        metadata={"pipeline": "nightly"},
+    )
+    assert created["status"] == "PENDING" and created["summary"] is None and created["billable_cost_usd"] is None
+    assert created["submitted_call_ids"] == CALL_IDS and created["metadata"] == {"pipeline": "nightly"}
+    assert created["submitted_attached_agents"] == [
+        {
+            "eval_agent_id": empathy,
+            "eval_agent_version_id": f"{empathy}_v1",
+            "weight": 75,
+            "target_level_keys": ["excellent"],
+        },
+        {
+            "eval_agent_id": resolution,
+            "eval_agent_version_id": f"{resolution}_v1",
+            "weight": 25,
+            "target_level_keys": [],
+        },
+    ]
+    assert (created["resolved_call_count"], created["resolved_agent_count"], created["resolved_atom_count"]) == (
+        2,
+        2,
+        4,
+    )
+    assert created["completed_at"] is None and created["workbench_setup_id"] is None
+
+    run = await env.finished(created["id"])
+    assert run["status"] == "COMPLETE" and run["completed_atom_count"] == 4 and run["completed_at"]
+    assert run["org_id"] == created["org_id"] and run["submitted_call_ids"] == CALL_IDS
+    assert run["summary"] == {
+        "overall_score_mean": 50.0,  # call 1: 100*.75 + 0*.25 = 75; call 2: 0*.75 + 100*.25 = 25
+        "text_score_mean": 50.0,
+        "audio_score_mean": None,
+        "successful_call_count": 2,
+        "failed_call_count": 0,
+        "insufficient_evidence_count": 0,
+        "target_match_count": 2,
+        "pass_threshold_pct": 80.0,
+        "overall_pass": False,  # 2 of 4 verdicts on target: 50% < 80%
+    }
+    assert (await env.ok("GET", f"/v1/evals/runs/{run['id']}")) == run  # the summary is stable
+    check_error(await env.http.post(f"/v1/evals/runs/{run['id']}/cancellations"), 409, "EVAL_RUN_NOT_CANCELLABLE")
+
+    response = await env.http.get(f"/v1/evals/runs/{run['id']}/call-results", params={"include_agent_results": "true"})
+    rows, more, _ = page(response, CALL_RESULT)
+    assert response.json()["run_status"] == "COMPLETE" and response.json()["run_resolved_call_count"] == 2
+    assert [(r["call_id"], r["overall_score_normalized_0_100"], r["status"]) for r in rows] == [
+        (CALL_IDS[0], 75.0, "COMPLETE"),
+        (CALL_IDS[1], 25.0, "COMPLETE"),
+    ]
+    assert rows[0]["call_duration_seconds"] == pytest.approx(186) and rows[1]["call_duration_seconds"] is None
+    verdicts = [shaped(a, AGENT_RESULT) for r in rows for a in r["agent_results"]]
+    assert [
+        (v["eval_agent_id"], v["selected_level_key"], v["selected_level_label"], v["is_target_match"]) for v in verdicts
+    ] == [
+        (empathy, "excellent", "Excellent", True),
+        (resolution, "fail", "Fail", False),
+        (empathy, "poor", "Poor", False),
+        (resolution, "pass", "Pass", True),
+    ]
+    first = verdicts[0]
+    assert first["score_normalized_0_100"] == 100 and first["confidence"] == 0.9 and first["reasoning_md"] == "warm"
+    assert first["eval_run_call_result_id"] == rows[0]["id"] and not first["failed"]
+    shaped(first["audit"], AUDIT)
+    plain, _, _ = page(await env.http.get(f"/v1/evals/runs/{run['id']}/call-results"), CALL_RESULT)
+    assert all(r["agent_results"] == [] for r in plain)
+
+    listed, more, cursor = page(
+        await env.http.get(f"/v1/evals/runs/{run['id']}/agent-results", params={"limit": 3}), AGENT_RESULT
+    )
+    assert [v["id"] for v in listed] == [v["id"] for v in verdicts[:3]] and more and cursor == verdicts[2]["id"]
+    rest, more, cursor = page(
+        await env.http.get(f"/v1/evals/runs/{run['id']}/agent-results", params={"starting_after": cursor}), AGENT_RESULT
+    )
+    assert [v["id"] for v in rest] == [verdicts[3]["id"]] and not more and cursor is None
+
+    for query in ({"status": "COMPLETE"}, {"eval_agent_id": empathy}, {"triggered_by": "manual"}, {}):
+        rows, _, _ = page(await env.http.get("/v1/evals/runs", params=query), RUN_ITEM)
+        assert [r["id"] for r in rows] == [run["id"]], query
+        assert rows[0] == {k: run[k] for k in RUN_ITEM}
+    for query in ({"status": "PARTIAL"}, {"status": "QUEUED"}, {"triggered_by": "auto"}, {"eval_agent_id": "grd_x"}):
+        assert page(await env.http.get("/v1/evals/runs", params=query), RUN_ITEM)[0] == [], query
+
+
+async def test_errored_verdicts_make_a_run_partial_or_failed(env: Env) -> None:
+    empathy = (await env.agent(EMPATHY))["agent"]["id"]
+    resolution = (await env.agent(RESOLUTION))["agent"]["id"]
+    garbage = judge_reply("not json")  # asked 3 times, then the verdict is an error
+    env.judge.script = [garbage, garbage, garbage, level("pass")]
+    two = [{"eval_agent_id": empathy}, {"eval_agent_id": resolution}]
+    partial = await env.finished((await env.run(call_ids=CALL_IDS[:1], attached_agents=two))["id"])
+    assert partial["status"] == "PARTIAL" and partial["error_code"] is None
+    assert partial["summary"]["failed_call_count"] == 1 and partial["summary"]["successful_call_count"] == 0
+    assert partial["summary"]["overall_score_mean"] == 100  # the one verdict that did not fail
+    rows, _, _ = page(
+        await env.http.get(f"/v1/evals/runs/{partial['id']}/call-results", params={"include_agent_results": True}),
+        CALL_RESULT,
+    )
+    assert rows[0]["status"] == "PARTIAL" and rows[0]["failed_agent_count"] == 1
+    broken = rows[0]["agent_results"][0]
+    assert broken["failed"] and broken["failure_code"] == "EVALUATION_ERROR" and "unusable" in broken["failure_message"]
+    assert broken["score_normalized_0_100"] is None and not broken["is_target_match"]
+
+    env.judge.script = [garbage]
+    failed = await env.finished((await env.run(call_ids=CALL_IDS[:1], attached_agents=two[:1]))["id"])
+    assert (
+        failed["status"] == "FAILED" and failed["error_code"] == "ALL_EVALUATIONS_ERRORED" and failed["error_message"]
+    )
+    assert failed["summary"]["overall_score_mean"] is None and not failed["summary"]["overall_pass"]
+
+
+async def test_cancel_and_list_pagination(env: Env) -> None:
+    agent = (await env.agent(EMPATHY))["agent"]["id"]
+    await env.srv.executor.stop()  # runs stay PENDING
+    ids = [
+        (await env.run(attached_agents=[{"eval_agent_id": agent}], triggered_by=t))["id"]
+        for t in ("auto", "backfill", "manual")
+    ]
+    newest_first = ids[::-1]
+    rows, more, cursor = page(await env.http.get("/v1/evals/runs", params={"limit": 2}), RUN_ITEM)
+    assert [r["id"] for r in rows] == newest_first[:2] and more and cursor == newest_first[1]
+    rows, more, cursor = page(await env.http.get("/v1/evals/runs", params={"starting_after": cursor}), RUN_ITEM)
+    assert [r["id"] for r in rows] == newest_first[2:] and not more and cursor is None
+    rows, more, _ = page(await env.http.get("/v1/evals/runs", params={"ending_before": ids[0], "limit": 1}), RUN_ITEM)
+    assert [r["id"] for r in rows] == [ids[1]] and more
+    rows, _, _ = page(await env.http.get("/v1/evals/runs", params={"triggered_by": "backfill"}), RUN_ITEM)
+    assert [(r["id"], r["status"], r["summary"]) for r in rows] == [(ids[1], "PENDING", None)]
+
+    cancelled = check_run(await env.ok("POST", f"/v1/evals/runs/{ids[1]}/cancellations"))
+    assert cancelled["status"] == "CANCELLED" and cancelled["completed_at"] and cancelled["summary"] is None
+    assert cancelled["submitted_call_ids"] == CALL_IDS and cancelled["completed_atom_count"] == 0
+    again = check_run(await env.ok("POST", f"/v1/evals/runs/{ids[1]}/cancellations"))  # idempotent
+    assert again["status"] == "CANCELLED" and again["completed_at"] == cancelled["completed_at"]
+    rows, _, _ = page(await env.http.get("/v1/evals/runs", params={"status": "CANCELLED"}), RUN_ITEM)
+    assert [r["id"] for r in rows] == [ids[1]]
+
+    deleted = await env.http.delete(f"/v1/runs/{ids[2]}", headers={"authorization": f"Bearer {env.key}"})
+    assert deleted.status_code == 200, deleted.text  # soft-deleted through the native API
+    check_error(await env.http.get(f"/v1/evals/runs/{ids[2]}"), 404, "EVAL_RUN_NOT_FOUND")
+    assert [r["id"] for r in page(await env.http.get("/v1/evals/runs"), RUN_ITEM)[0]] == ids[1::-1]
+
+
+async def test_a_run_may_take_the_documented_maximum_of_calls(env: Env) -> None:
+    agent = (await env.agent(RESOLUTION))["agent"]["id"]
+    more = [{"call_id": f"b1b2c3d4-0000-0000-0000-{i:012d}", "concatenated_transcript": "hi"} for i in range(4998)]
+    assert (await env.ok("POST", "/v1/evals/calls", {"calls": more}))["total_call_count"] == 5000
+    await env.srv.executor.stop()  # keep the run PENDING: only its creation is under test
+    every = CALL_IDS + [c["call_id"] for c in more]
+    run = await env.run(call_ids=every, attached_agents=[{"eval_agent_id": agent}])
+    assert run["submitted_call_ids"] == every and run["resolved_call_count"] == 5000
+    assert run["resolved_atom_count"] == 5000 and run["status"] == "PENDING"
+    # 5000 ids exceed the run's annotation budget: reads recover them from the results (none yet).
+    assert check_run(await env.ok("GET", f"/v1/evals/runs/{run['id']}"))["submitted_call_ids"] == []
+
+
+async def test_every_error_comes_in_blands_envelope_and_changes_nothing(env: Env) -> None:
+    agent = (await env.agent(EMPATHY))["agent"]["id"]
+    check_error(await env.http.get("/v1/evals/runs", headers={"authorization": ""}), 401, "UNAUTHORIZED")
+    check_error(await env.http.get("/v1/evals/status", headers={"authorization": "sk-wrong"}), 401, "UNAUTHORIZED")
+    check_error(
+        await env.http.post("/v1/evals/runs", json={"call_ids": CALL_IDS}, headers={"authorization": ""}),
+        400,
+        "INVALID_REQUEST",
+    )
+    bearer = await env.http.get("/v1/evals/status", headers={"authorization": f"Bearer {env.key}"})
+    assert data(bearer) == {"enabled": True, "gate": "evals_enabled", "reason": None}
+
+    for path, example in (
+        ("/v1/evals/agents", CREATE_AGENT_EXAMPLE),
+        (f"/v1/evals/agents/{agent}/versions", CREATE_VERSION_EXAMPLE),
+        ("/v1/evals/runs", CREATE_RUN_EXAMPLE),
+    ):
+        check_error(await env.http.post(path, json=example), 400, "INVALID_REQUEST")
+    attach = [{"eval_agent_id": agent}]
+    bad_runs: list[tuple[dict[str, Any], str]] = [  # each with the start of its message
+        ({"call_ids": [], "attached_agents": attach}, "call_ids:"),
+        ({"call_ids": [f"c{i}" for i in range(5001)], "attached_agents": attach}, "call_ids:"),
+        ({"attached_agents": [{"eval_agent_id": f"grd_{i}"} for i in range(51)]}, "attached_agents:"),
+        ({"attached_agents": [{"eval_agent_id": agent, "weight": 101}]}, "attached_agents.0.weight:"),
+        ({"attached_agents": [{"eval_agent_id": agent, "weight": -1}]}, "attached_agents.0.weight:"),
+        ({"attached_agents": attach, "pass_threshold_pct": 100.5}, "pass_threshold_pct:"),
+        ({"attached_agents": attach, "pass_threshold_pct": -1}, "pass_threshold_pct:"),
+        ({"attached_agents": attach, "run_mode": "video"}, "run_mode:"),
+        ({"attached_agents": attach, "triggered_by": "cron"}, "triggered_by:"),
+        ({"attached_agents": attach, "metadata": {"n": 1}}, "metadata.n:"),
+        ({"attached_agents": attach, "metadata": {"k": "v" * 70_000}}, "metadata:"),
+        ({"attached_agents": attach, "workbench_setup_id": "wb_1"}, "workbench_setup_id and workbench_setup_version"),
+        ({"workbench_setup_id": "wb_1", "workbench_setup_version_id": "wbv_1"}, "workbench setups are not available"),
+        ({}, "attached_agents must list"),
+        ({"attached_agents": attach + attach}, "attached_agents must not attach the same eval agent twice"),
+        ({"attached_agents": [{"eval_agent_id": agent, "target_level_keys": ["great"]}]}, "attached_agents[0].target"),
+        ({"call_ids": [CALL_IDS[0], "nope"], "attached_agents": attach}, "call_ids[1]:"),
+        ({"attached_agents": attach, "colour": "red"}, "colour:"),
+    ]
+    for body, start in bad_runs:
+        response = await env.http.post("/v1/evals/runs", json={"call_ids": CALL_IDS} | body)
+        messages = check_error(response, 400, "INVALID_REQUEST")
+        assert any(m.startswith(start) for m in messages), (start, messages)
+    unknown_agent = await env.http.post(
+        "/v1/evals/runs", json={"call_ids": CALL_IDS, "attached_agents": [{"eval_agent_id": "grd_nope"}]}
+    )
+    check_error(unknown_agent, 404, "EVAL_AGENT_NOT_FOUND")
+    wrong_version = [{"eval_agent_id": agent, "eval_agent_version_id": "22222222-aaaa-bbbb-cccc-dddddddddddd"}]
+    check_error(
+        await env.http.post("/v1/evals/runs", json={"call_ids": CALL_IDS, "attached_agents": wrong_version}),
+        404,
+        "EVAL_AGENT_VERSION_NOT_FOUND",
+    )
+
+    bad_agents = [
+        {"name": ""},
+        {"name": "x" * 201},
+        {"name": "a", "levels": EMPATHY["levels"][:1], "target_level_keys": ["excellent"]},
+        {
+            "name": "a",
+            "levels": [{"level_key": f"l{i}", "prompt_md": ""} for i in range(6)],
+            "target_level_keys": ["l0"],
+        },
+        {"name": "a", "levels": EMPATHY["levels"]},
+        {"name": "a", "levels": EMPATHY["levels"], "target_level_keys": ["great"]},
+        {"name": "a", "weight": 100.1},
+        {"name": "a", "template_key": "call_resolution"},
+    ]
+    for body in bad_agents:
+        check_error(await env.http.post("/v1/evals/agents", json=body), 400, "INVALID_REQUEST")
+    long = await env.http.post("/v1/evals/agents", json={"name": "a", "description": "d" * 1025})
+    assert check_error(long, 400, "INVALID_REQUEST")[0].startswith("description:")  # evalsvc's limit
+    for query in (
+        {"limit": 0},
+        {"limit": 101},
+        {"starting_after": "a", "ending_before": "b"},
+        {"starting_after": "run_x"},
+        {"status": "DONE"},
+    ):
+        check_error(await env.http.get("/v1/evals/runs", params=query), 400, "INVALID_REQUEST")
+
+    for method, path in (
+        ("GET", "/v1/evals/runs/run_nope"),
+        ("POST", "/v1/evals/runs/run_nope/cancellations"),
+        ("GET", "/v1/evals/runs/run_nope/call-results"),
+        ("GET", "/v1/evals/runs/run_nope/agent-results"),
+    ):
+        check_error(await env.http.request(method, path), 404, "EVAL_RUN_NOT_FOUND")
+    native = {
+        "items": [{"id": "a", "input": "q", "response": {"content": "x"}}],
+        "target": {"provided": {}},
+        "graders": [{"name": "exact", "exactMatch": {}}],
+    }
+    foreign = await env.http.post("/v1/runs", json=native, headers={"authorization": f"Bearer {env.key}"})
+    assert foreign.status_code == 200, foreign.text
+    check_error(await env.http.get(f"/v1/evals/runs/{foreign.json()['run']['id']}"), 404, "EVAL_RUN_NOT_FOUND")
+
+    assert page(await env.http.get("/v1/evals/runs"), RUN_ITEM)[0] == []  # nothing was created
+    assert len(page(await env.http.get("/v1/evals/agents"), AGENT_ITEM)[0]) == 1
+
+
+async def test_calls_extension_keeps_every_field_and_refuses_bad_calls(env: Env) -> None:
+    first = await env.ok("GET", "/v1/evals/calls", limit=1)
+    assert first["has_more"] and first["next_cursor"] == CALL_IDS[0]
+    assert first["data"] == [
+        {
+            "call_id": CALL_IDS[0],
+            "transcripts": CALLS[0]["transcripts"],
+            "concatenated_transcript": "user: I was charged twice last week.\n"
+            "assistant: I'm sorry about that, let me reverse the charge now.",
+            "call_length": pytest.approx(3.1),
+            "from": "+15551230000",
+        }
+    ]
+    second = await env.ok("GET", "/v1/evals/calls", starting_after=CALL_IDS[0])
+    assert second["data"] == [
+        {
+            "call_id": CALL_IDS[1],
+            "transcripts": CALLS[1]["transcripts"],
+            "concatenated_transcript": "user: My order never arrived.\nrobot: Please call back later.",
+            "call_length": None,
+        }
+    ]
+    assert not second["has_more"] and second["next_cursor"] is None
+    duplicate = await env.http.post("/v1/evals/calls", json={"calls": CALLS[:1]})
+    assert any(CALL_IDS[0] in m for m in check_error(duplicate, 400, "INVALID_REQUEST"))
+    silent = await env.http.post("/v1/evals/calls", json={"calls": [{"call_id": "c3", "transcripts": []}]})
+    check_error(silent, 400, "INVALID_REQUEST")
+    assert [c["call_id"] for c in (await env.ok("GET", "/v1/evals/calls"))["data"]] == CALL_IDS
+
+
+async def test_openapi_documents_the_bland_routes_and_shapes(env: Env) -> None:
+    spec = (await env.http.get("/openapi.json")).json()
+    paths = spec["paths"]
+    for path, verb in (
+        ("/v1/evals/runs", "post"),
+        ("/v1/evals/runs", "get"),
+        ("/v1/evals/runs/{run_id}", "get"),
+        ("/v1/evals/runs/{run_id}/cancellations", "post"),
+        ("/v1/evals/runs/{run_id}/call-results", "get"),
+        ("/v1/evals/runs/{run_id}/agent-results", "get"),
+        ("/v1/evals/status", "get"),
+        ("/v1/evals/agents", "post"),
+        ("/v1/evals/agents/{eval_agent_id}/versions", "post"),
+        ("/v1/evals/calls", "post"),
+    ):
+        operation = paths[path][verb]
+        assert "ErrorEnvelope" in json.dumps(operation["responses"]["404"]), path
+    schemas = spec["components"]["schemas"]
+    assert {"call_ids", "attached_agents", "pass_threshold_pct", "metadata"} <= set(schemas["RunCreate"]["properties"])
+    assert schemas["RunCreate"]["properties"]["call_ids"]["maxItems"] == 5000
