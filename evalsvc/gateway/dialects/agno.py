@@ -192,18 +192,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 def render(error: GatewayError) -> Response:
     """AgentOS's error bodies: FastAPI's own 422 list for request validation, `{"detail": str}` otherwise."""
     if error.request_errors is not None:
-        return _validation_errors(error.request_errors)
+        return JSONResponse(status_code=422, content={"detail": error.request_errors})
     return JSONResponse(status_code=error.http_status, content={"detail": _detail(error)})
-
-
-def _validation_errors(errors: list[dict[str, Any]]) -> Response:
-    """FastAPI's 422 list. An echoed `input` holding NaN or a lone surrogate (both valid in a JSON request)
-    cannot be written back as JSON; then each error is given without `input` and `ctx`, still a 4xx."""
-    try:
-        return JSONResponse(status_code=422, content={"detail": errors})
-    except ValueError:  # UnicodeEncodeError is a ValueError
-        bare = [{key: value for key, value in e.items() if key not in ("input", "ctx")} for e in errors]
-        return JSONResponse(status_code=422, content={"detail": bare})
 
 
 def _detail(error: GatewayError) -> str:

@@ -9,6 +9,7 @@ from FastAPI's request validation, reaches the client in the vendor's error shap
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,7 +52,7 @@ def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRou
                 except GatewayError as error:
                     return render(error)
                 except RequestValidationError as error:
-                    errors = jsonable_encoder(error.errors())
+                    errors = _writable(jsonable_encoder(error.errors()))
                     violations = [(".".join(str(p) for p in e.get("loc", ())[1:]), e.get("msg", "")) for e in errors]
                     return render(
                         GatewayError(
@@ -67,6 +68,16 @@ def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRou
             return handle
 
     return DialectRoute
+
+
+def _writable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """FastAPI's validation errors, without the echoed `input` and `ctx` when those cannot be written back
+    as JSON: NaN and lone surrogates are valid in a JSON request but not in a response (a 500 otherwise)."""
+    try:
+        json.dumps(errors, ensure_ascii=False, allow_nan=False).encode()
+        return errors
+    except ValueError:  # UnicodeEncodeError is a ValueError
+        return [{key: value for key, value in e.items() if key not in ("input", "ctx")} for e in errors]
 
 
 def bearer_key(request: Request) -> Caller:
