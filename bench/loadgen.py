@@ -107,40 +107,79 @@ async def unary(args: dict[str, Any]) -> dict[str, Any]:
         else:
             raise ValueError(f"unknown unary kind {kind!r}")
 
-        latencies: list[float] = []
-        errors: dict[str, int] = {}
-        calls = 0
-        measuring = False
-        deadline = 0.0
+        measured = await closed_loop(
+            call, concurrency, duration, max_calls, float(args.get("warmup_s", 0.2)), grpc.aio.AioRpcError
+        )
+    return {"kind": kind, **measured}
 
-        async def caller() -> None:
-            nonlocal calls
-            while time.perf_counter() < deadline and calls < max_calls:
-                start = time.perf_counter()
-                try:
-                    await call()
-                except grpc.aio.AioRpcError as exc:
-                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
-                    continue
-                if measuring:
-                    latencies.append((time.perf_counter() - start) * 1000)
-                    calls += 1
 
-        deadline = time.perf_counter() + float(args.get("warmup_s", 0.2))
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-        measuring = True
-        started = time.perf_counter()
-        deadline = started + duration
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
+async def closed_loop(
+    call: Callable[[], Awaitable[Any]],
+    concurrency: int,
+    duration: float,
+    max_calls: int,
+    warmup_s: float,
+    failure: type[Exception],
+) -> dict[str, Any]:
+    """`concurrency` callers, each sending its next call when the previous returns, for `duration`
+    seconds after an unmeasured warm-up; a `failure` is counted by its code and not timed."""
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    calls = 0
+    measuring = False
+    deadline = 0.0
+
+    async def caller() -> None:
+        nonlocal calls
+        while time.perf_counter() < deadline and calls < max_calls:
+            start = time.perf_counter()
+            try:
+                await call()
+            except failure as exc:
+                code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
+                errors[code] = errors.get(code, 0) + 1
+                continue
+            if measuring:
+                latencies.append((time.perf_counter() - start) * 1000)
+                calls += 1
+
+    deadline = time.perf_counter() + warmup_s
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    measuring = True
+    started = time.perf_counter()
+    deadline = started + duration
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
     return {
-        "kind": kind,
         "calls": calls,
         "errors": errors,
         "elapsed_s": elapsed,
         "rps": calls / elapsed,
         "latency_ms": _subsample(latencies),
     }
+
+
+async def http(args: dict[str, Any]) -> dict[str, Any]:
+    """Closed-loop HTTP GETs of `url` (the bare FastAPI echo, or the gateway's GET /v1/runs/{id})."""
+    import httpx
+
+    headers = {"authorization": f"Bearer {args['api_key']}"} if args.get("api_key") else {}
+    limits = httpx.Limits(max_connections=int(args["concurrency"]), max_keepalive_connections=int(args["concurrency"]))
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=30) as client:
+
+        async def call() -> None:
+            response = await client.get(args["url"])
+            response.raise_for_status()
+
+        measured = await closed_loop(
+            call,
+            int(args["concurrency"]),
+            float(args["duration_s"]),
+            int(args["max_calls"]),
+            float(args.get("warmup_s", 0.2)),
+            httpx.HTTPError,
+        )
+    return {"kind": "http", **measured}
 
 
 # ------------------------------------------------------------------------------------------- large
@@ -437,6 +476,7 @@ async def idle(args: dict[str, Any]) -> dict[str, Any]:
 
 MODES: dict[str, Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]]] = {
     "unary": unary,
+    "http": http,
     "large": large,
     "stream_bare": stream_bare,
     "fanout_evalsvc": fanout_evalsvc,

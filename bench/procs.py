@@ -41,6 +41,8 @@ UNLIMITED = {
     "--max-concurrent-rpcs": "1000000",
 }
 ECHO_LISTENING = re.compile(r"bench echo listening on (\S+):(\d+)")
+HTTP_ECHO_LISTENING = re.compile(r"bench http echo listening on (\S+):(\d+)")
+GATEWAY_LISTENING = re.compile(r"REST gateway listening on (\S+):(\d+)")
 
 
 def child_env(first: Path = ROOT) -> dict[str, str]:
@@ -218,6 +220,55 @@ def echo_server(log_name: str) -> ServerProcess:
     """The bare grpc.aio baseline server (bench/echo_server.py) on a free loopback port."""
     argv = [sys.executable, "-m", "bench.echo_server", "--addr", "127.0.0.1:0"]
     return ServerProcess("bare echo", argv, ECHO_LISTENING, TMP / f"{log_name}.log")
+
+
+def http_echo_server(log_name: str) -> ServerProcess:
+    """The bare FastAPI/uvicorn baseline (bench/http_echo.py) on a free loopback port."""
+    argv = [sys.executable, "-m", "bench.http_echo", "--addr", "127.0.0.1:0"]
+    return ServerProcess("bare http echo", argv, HTTP_ECHO_LISTENING, TMP / f"{log_name}.log")
+
+
+def gateway_addr(server: ServerProcess) -> str:
+    """HOST:PORT of the REST gateway a running evalsvc server (started with --http-addr) logged."""
+    match = GATEWAY_LISTENING.search(server.log_path.read_text(errors="replace"))
+    if match is None:
+        raise RuntimeError("the evalsvc server did not log its REST gateway's address")
+    return f"{match.group(1)}:{match.group(2)}"
+
+
+def wrk(wrk_path: str, url: str, api_key: str, connections: int, duration_s: float) -> dict[str, Any]:
+    """Closed-loop GETs of `url` by wrk (one thread, `connections` in flight): requests/s and p99 ms."""
+    argv = [wrk_path, "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s", "--latency", url]
+    if api_key:
+        argv[1:1] = ["-H", f"authorization: Bearer {api_key}"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 60, check=True).stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\b", out, re.MULTILINE)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if rps is None or p99 is None or errors:
+        raise RuntimeError(f"wrk failed or saw errors:\n{out[-1500:]}")
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    return {"rps": float(rps.group(1)), "p99_ms": float(p99.group(1)) * scale}
+
+
+def finished_run_over_http(gateway: str, api_key: str) -> str:
+    """Create a small run through the gateway, wait (NDJSON watch) for its end, and return its id."""
+    import httpx
+
+    body = {
+        "items": [{"id": str(i), "input": "q", "expectedOutput": "a", "response": {"content": "a"}} for i in range(10)],
+        "target": {"provided": {}},
+        "graders": [{"name": "exact", "exactMatch": {}}],
+    }
+    headers = {"authorization": f"Bearer {api_key}"}
+    with httpx.Client(base_url=f"http://{gateway}", headers=headers, timeout=60) as client:
+        created = client.post("/v1/runs", json=body)
+        created.raise_for_status()
+        run_id: str = created.json()["run"]["id"]
+        with client.stream("GET", f"/v1/runs/{run_id}:watch", headers={"accept": "application/x-ndjson"}) as events:
+            for _ in events.iter_lines():
+                pass  # the stream ends after the terminal event
+    return run_id
 
 
 def sqlite_url(name: str) -> str:

@@ -183,6 +183,51 @@ def scenario_unary(suite: Suite) -> None:
     suite.samples["unary"] = {"rps": rps, "latency_ms": latency, "concurrency": cfg.unary_concurrency}
 
 
+# ------------------------------------------------------------------------------------------ gateway
+
+
+def scenario_gateway(suite: Suite) -> None:
+    """REST gateway: `GET /v1/runs/{id}` through the gateway (HTTP -> gRPC GetRun -> HTTP) vs a bare
+    FastAPI/uvicorn endpoint answering a small JSON body, same HTTP client and concurrency."""
+    cfg = suite.config
+    bare_row = suite.row("gateway", "bare FastAPI/uvicorn GETs/s", "req/s", baseline_label="bare http")
+    get_row = suite.row("gateway", "gateway GET /v1/runs/{id} req/s", "req/s", baseline_label="bare http")
+    p99_row = suite.row(
+        "gateway", f"gateway GET p99 latency at {cfg.unary_concurrency} in flight", "ms", baseline_label="bare http"
+    )
+
+    wrk = shutil.which("wrk")  # C load generator: a Python client would be the bottleneck of both sides
+
+    def load(url: str, api_key: str) -> dict[str, Any]:
+        if wrk:
+            return procs.wrk(wrk, url, api_key, cfg.unary_concurrency, cfg.unary_duration_s)
+        args = {
+            "mode": "http",
+            "url": url,
+            "api_key": api_key,
+            "concurrency": cfg.unary_concurrency,
+            "duration_s": cfg.unary_duration_s,
+            "max_calls": 200_000,
+        }
+        result = procs.run_child("bench.loadgen", args, timeout_s=cfg.unary_duration_s + 60)
+        if result["errors"]:
+            get_row.note = f"errors: {result['errors']}"
+        return {**result, "p99_ms": percentile(result["latency_ms"], 99)}
+
+    server = procs.evalsvc_server(procs.sqlite_url("gateway"), "gateway", "--http-addr", "127.0.0.1:0")
+    with procs.http_echo_server("gateway-bare") as bare, server as srv:
+        gateway = procs.gateway_addr(srv)
+        run_id = procs.finished_run_over_http(gateway, srv.api_key)
+        for rep in range(cfg.reps):
+            base = load(f"http://{bare.addr}/echo/{run_id}", srv.api_key)
+            got = load(f"http://{gateway}/v1/runs/{run_id}", srv.api_key)
+            bare_row.baseline.append(base["rps"])
+            get_row.add(got["rps"], base["rps"])
+            p99_row.add(got["p99_ms"], base["p99_ms"])
+            log(f"gateway rep {rep + 1}: bare {base['rps']:.0f}/s, gateway GET {got['rps']:.0f}/s")
+    bare_row.note = "load: wrk (1 thread)" if wrk else "load: httpx (install wrk for a C load generator)"
+
+
 # -------------------------------------------------------------------------------------------- large
 
 
@@ -496,6 +541,7 @@ def scenario_peers(suite: Suite) -> None:
 
 SCENARIOS: dict[str, Callable[[Suite], None]] = {
     "unary": scenario_unary,
+    "gateway": scenario_gateway,
     "large": lambda suite: scenario_large(suite, "sqlite"),
     "large_pg": lambda suite: scenario_large(suite, "postgres"),
     "fanout": scenario_fanout,
