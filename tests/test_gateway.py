@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import jsonschema_rs
 import pytest
 
+from evalsvc.gateway.openapi import ITEM_SCHEMA
 from evalsvc.gateway.routes import SERVICES, routes
 from evalsvc.server import EvalServer
 from tests.conftest import make_settings
@@ -24,6 +29,10 @@ RUN = {
     "graders": [{"name": "exact", "exactMatch": {}}],
     "labels": {"team": "a"},
 }
+STATUS_REF = "#/components/schemas/google.rpc.Status"
+WATCH_CYCLES = 1000  # HTTP watches opened, read to their first event and dropped
+WATCH_CONCURRENCY = 10
+WATCH_METHOD = "/evalsvc.v1.EvalRunService/WatchRun"
 
 
 @pytest.fixture
@@ -39,6 +48,60 @@ async def gw(tmp_path: Path) -> AsyncIterator[tuple[EvalServer, httpx.AsyncClien
             yield srv, client
     finally:
         await srv.stop(grace=0.5)
+
+
+def validator(spec: dict[str, Any], schema: dict[str, Any]) -> jsonschema_rs.Validator:
+    """A JSON Schema validator for a schema of the OpenAPI document, its `$ref`s resolved in the document."""
+    return jsonschema_rs.Draft202012Validator({**schema, "components": spec["components"]}, validate_formats=True)
+
+
+def refs(node: Any) -> Iterator[str]:
+    """Every `$ref` in a piece of the OpenAPI document."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref":
+                yield value
+            else:
+                yield from refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from refs(value)
+
+
+def sse_data(lines: list[str]) -> list[tuple[int | None, str, dict[str, Any]]]:
+    """(id, event, data) of each Server-Sent Event in a stream's lines."""
+    events, fields = [], {}
+    for line in lines:
+        if not line:
+            events.append((int(fields["id"]) if "id" in fields else None, fields["event"], json.loads(fields["data"])))
+            fields = {}
+            continue
+        name, _, value = line.partition(": ")
+        fields[name] = value
+    return events
+
+
+async def first_event(client: httpx.AsyncClient, run_id: str, ndjson: bool) -> dict[str, Any]:
+    """Open a watch, read its first event, and hang up."""
+    headers = {"accept": "application/x-ndjson"} if ndjson else {}
+    async with client.stream("GET", f"/v1/runs/{run_id}:watch", headers=headers) as stream:
+        async for line in stream.aiter_lines():
+            if line.startswith("{"):
+                return json.loads(line)["result"]
+            if line.startswith("data: "):
+                return json.loads(line[len("data: ") :])
+    raise AssertionError("the watch ended without an event")
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Whether `condition` holds within `timeout` seconds: for server-side cleanup that no event marks
+    (the server learns of an HTTP client's disconnect on its own schedule)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 def test_every_rpc_has_an_http_rule() -> None:
@@ -72,6 +135,27 @@ async def test_create_get_list_results_cancel_as_proto3_json(gw) -> None:
     assert cancel.status_code == 400 and cancel.json()["details"][0]["reason"] == "RUN_ALREADY_FINISHED"
 
 
+async def test_update_delete_undelete_take_a_body_field_a_field_mask_and_a_boolean_query(gw) -> None:
+    _, client = gw
+    run_id = (await client.post("/v1/runs", json=RUN)).json()["run"]["id"]
+    renamed = await client.patch(
+        f"/v1/runs/{run_id}",
+        params={"updateMask": "displayName,annotations"},
+        json={"displayName": "renamed", "annotations": {"vendor.field": "kept"}, "description": "not in the mask"},
+    )
+    assert renamed.status_code == 200, renamed.text
+    run = renamed.json()["run"]
+    assert (run["displayName"], run["annotations"], run["description"]) == ("renamed", {"vendor.field": "kept"}, "")
+    deleted = (await client.delete(f"/v1/runs/{run_id}")).json()["run"]
+    assert deleted["deleteTime"]
+    assert (await client.get("/v1/runs")).json()["runs"] == []
+    shown = (await client.get("/v1/runs", params={"showDeleted": "true"})).json()["runs"]
+    assert [r["id"] for r in shown] == [run_id]
+    restored = await client.post(f"/v1/runs/{run_id}:undelete")
+    assert restored.status_code == 200 and "deleteTime" not in restored.json()["run"]
+    assert [r["id"] for r in (await client.get("/v1/runs")).json()["runs"]] == [run_id]
+
+
 async def test_errors_map_to_http_statuses_with_the_rpc_status_body(gw) -> None:
     _, client = gw
     missing = await client.get("/v1/runs/run_nope")
@@ -82,9 +166,117 @@ async def test_errors_map_to_http_statuses_with_the_rpc_status_body(gw) -> None:
     assert violations[0]["fieldViolations"][0]["field"] == "description"
     anonymous = await client.get("/v1/runs", headers={"authorization": ""})
     assert anonymous.status_code == 401
-    garbled = await client.post("/v1/runs", content=b"{not json", headers={"content-type": "application/json"})
-    assert garbled.status_code == 400
     assert (await client.get("/v1/runs")).status_code == 200
+
+
+BAD_INPUT: list[tuple[int, str, str, dict[str, Any]]] = [
+    (400, "POST", "/v1/runs", {"content": b"{not json"}),
+    (400, "POST", "/v1/runs", {"content": b'{"displayName": "\xff\xfe"}'}),  # not UTF-8
+    (400, "POST", "/v1/runs", {"json": [RUN]}),  # not an object
+    (400, "POST", "/v1/runs", {"json": {**RUN, "repetitions": "twice"}}),
+    (400, "POST", "/v1/runs", {"json": {**RUN, "repetitions": 2**40}}),
+    (400, "POST", "/v1/runs", {"json": {**RUN, "trigger": "TRIGGER_SOMETIMES"}}),
+    (400, "POST", "/v1/runs", {"json": {**RUN, "displayNmae": "a typo is not dropped silently"}}),
+    (400, "POST", "/v1/runs", {"json": {**RUN, "target": {"provided": {}, "echo": {}}}}),  # two of a oneof
+    (400, "POST", "/v1/runs", {"content": b"[" * 100_000 + b"]" * 100_000}),
+    (400, "GET", "/v1/runs", {"params": {"statuses": "RUN_STATUS_NAPPING"}}),
+    (400, "GET", "/v1/runs", {"params": {"pageSize": "99999999999"}}),
+    (400, "GET", "/v1/runs", {"params": {"showDeleted": "maybe"}}),
+    (400, "GET", "/v1/runs", {"params": {"labels": "team"}}),
+    (400, "GET", "/v1/runs/run_x:watch", {"params": {"afterSeq": "99999999999999999999"}}),
+    (400, "GET", "/v1/runs/run_x:watch", {"headers": {"last-event-id": "99999999999999999999"}}),
+    (404, "GET", "/v1/runs/%00%FF%E2%80%AE..%5C", {}),
+    (401, "GET", "/v1/runs", {"headers": {"authorization": b"Bearer \xe9t\xe9"}}),  # not gRPC metadata
+    (401, "GET", "/v1/runs", {"headers": {"x-api-key": b"evk\x01", "authorization": ""}}),
+]
+
+
+async def test_bad_input_is_a_4xx_with_the_status_body_and_changes_nothing(gw) -> None:
+    _, client = gw
+    for expected, method, url, kwargs in BAD_INPUT:
+        response = await client.request(method, url, **kwargs)
+        assert response.status_code == expected, (method, url, kwargs, response.text)
+        body = response.json()
+        assert set(body) == {"code", "message", "details"} and body["code"] in (3, 5, 16), body
+        assert body["details"][0]["@type"].endswith("google.rpc.ErrorInfo"), body
+    assert (await client.get("/v1/runs")).json()["runs"] == []
+
+
+async def test_openapi_documents_every_native_route_with_its_messages(gw) -> None:
+    _, client = gw
+    spec = (await client.get("/openapi.json")).json()
+    schemas = spec["components"]["schemas"]
+    unresolved = {ref for ref in refs(spec) if ref.removeprefix("#/components/schemas/") not in schemas}
+    assert not unresolved
+    for route in routes():
+        operation = spec["paths"][route.path][route.verb]
+        where = {p["name"]: p["in"] for p in operation["parameters"]}
+        assert all(where[name] == "path" for name in route.path_params), route.path
+        assert ("requestBody" in operation) == bool(route.body), route.path
+        ok = operation["responses"]["200"]["content"]
+        if route.method.server_streaming:
+            assert set(ok) == {"text/event-stream", "application/x-ndjson"}
+            assert ok["application/x-ndjson"][ITEM_SCHEMA]["properties"]["error"] == {"$ref": STATUS_REF}
+        else:
+            assert ok["application/json"]["schema"] == {
+                "$ref": f"#/components/schemas/{route.method.output_type.full_name}"
+            }
+        for status in ("4XX", "5XX"):
+            assert operation["responses"][status]["content"]["application/json"]["schema"] == {"$ref": STATUS_REF}
+    run = schemas["evalsvc.v1.Run"]["properties"]
+    assert run["lastSeq"]["type"] == "string" and run["lastSeq"]["format"] == "int64"  # int64 as a string
+    assert run["status"]["enum"][0] == "RUN_STATUS_UNSPECIFIED" and run["status"]["readOnly"]
+    assert run["createTime"]["format"] == "date-time"
+    assert run["labels"] == {"type": "object", "additionalProperties": {"type": "string"}}
+    assert schemas["evalsvc.v1.ToolCall"]["properties"]["arguments"]["type"] == "object"  # Struct
+    assert "required" not in schemas["evalsvc.v1.Target"]  # a oneof's members are optional properties
+    assert schemas["evalsvc.v1.CreateRunRequest"]["required"] == ["target"]  # field_behavior REQUIRED
+    cancel_body = spec["paths"]["/v1/runs/{run_id}:cancel"]["post"]["requestBody"]["content"]["application/json"]
+    assert "runId" not in cancel_body["schema"]["properties"]  # in the path, not the body
+    update = spec["paths"]["/v1/runs/{run_id}"]["patch"]
+    assert update["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(".Run")  # body: "run"
+    assert {p["name"] for p in update["parameters"]} == {"run_id", "updateMask"}
+
+
+async def test_real_requests_and_responses_match_the_documented_schemas(gw) -> None:
+    _, client = gw
+    spec = (await client.get("/openapi.json")).json()
+
+    def documented(path: str, verb: str) -> jsonschema_rs.Validator:
+        return validator(spec, spec["paths"][path][verb]["responses"]["200"]["content"]["application/json"]["schema"])
+
+    create = spec["paths"]["/v1/runs"]["post"]
+    validator(spec, create["requestBody"]["content"]["application/json"]["schema"]).validate(RUN)
+    created = (await client.post("/v1/runs", json=RUN)).json()
+    documented("/v1/runs", "post").validate(created)
+    run_id = created["run"]["id"]
+    stream = spec["paths"]["/v1/runs/{run_id}:watch"]["get"]["responses"]["200"]["content"]
+    line_schema = validator(spec, stream["application/x-ndjson"][ITEM_SCHEMA])
+    async with client.stream("GET", f"/v1/runs/{run_id}:watch", headers={"accept": "application/x-ndjson"}) as lines:
+        async for line in lines.aiter_lines():
+            if line:
+                line_schema.validate(json.loads(line))
+    async with client.stream("GET", f"/v1/runs/{run_id}:watch") as sse:
+        events = sse_data([line async for line in sse.aiter_lines()])
+    sse_schema = stream["text/event-stream"][ITEM_SCHEMA]
+    data_schema = validator(spec, sse_schema["properties"]["data"]["contentSchema"])
+    for _, kind, data in events:
+        assert kind in sse_schema["properties"]["event"]["enum"]
+        data_schema.validate(data)
+    documented("/v1/runs/{run_id}", "get").validate((await client.get(f"/v1/runs/{run_id}")).json())
+    documented("/v1/runs", "get").validate((await client.get("/v1/runs")).json())
+    documented("/v1/runs/{run_id}/results", "get").validate((await client.get(f"/v1/runs/{run_id}/results")).json())
+    documented("/v1/runs/{run_id}", "delete").validate((await client.delete(f"/v1/runs/{run_id}")).json())
+    dataset_id = (await client.post("/v1/datasets", json={"dataset": {"displayName": "d"}})).json()["dataset"]["id"]
+    not_finite = {"input": "q", "response": {"content": "x", "costUsd": "NaN", "latencyMs": "Infinity"}}
+    added = await client.post(f"/v1/datasets/{dataset_id}:addItems", json={"items": [not_finite]})
+    assert added.status_code == 200, added.text
+    items = (await client.get(f"/v1/datasets/{dataset_id}/items")).json()
+    assert items["items"][0]["response"]["costUsd"] == "NaN"  # what JSON has no number for is a string
+    documented("/v1/datasets/{dataset_id}/items", "get").validate(items)
+    missing = await client.get("/v1/targets/tgt_nope")
+    assert missing.status_code == 404
+    validator(spec, {"$ref": STATUS_REF}).validate(missing.json())
 
 
 async def test_sse_watch_resumes_with_last_event_id(gw) -> None:
@@ -113,38 +305,52 @@ async def test_sse_watch_resumes_with_last_event_id(gw) -> None:
     assert also == ids[-1:]
 
 
-async def test_a_disconnecting_http_client_cancels_its_grpc_stream(gw) -> None:
-    srv, client = gw
-    await srv.executor.stop()  # the run stays pending: the watch would stay open forever
-    run_id = (await client.post("/v1/runs", json=RUN)).json()["run"]["id"]
-    for _ in range(20):
-        async with client.stream("GET", f"/v1/runs/{run_id}:watch") as stream:
-            async for line in stream.aiter_lines():
-                if line.startswith("data: "):
-                    break  # the first event arrived; leave
-    watchers = srv.bus.watcher_count()
-    for _ in range(200):  # the server notices the HTTP disconnect asynchronously
-        if watchers == 0:
-            break
-        await asyncio.sleep(0.01)  # no event marks the server's end of an HTTP stream
-        watchers = srv.bus.watcher_count()
-    assert watchers == 0
-
-
-async def test_openapi_lists_every_native_route(gw) -> None:
+async def test_batched_sse_events_carry_their_last_seq_as_id_and_resume_after_it(gw) -> None:
     _, client = gw
-    spec = (await client.get("/openapi.json")).json()
-    for route in routes():
-        assert route.verb in spec["paths"][route.path], route.path
+    run_id = (await client.post("/v1/runs", json=RUN)).json()["run"]["id"]
+    async with client.stream("GET", f"/v1/runs/{run_id}:watchBatched") as stream:
+        batches = sse_data([line async for line in stream.aiter_lines()])
+    seqs = [int(e["seq"]) for _, _, data in batches for e in data["events"]]
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 4
+    assert all(event_id == int(data["events"][-1]["seq"]) for event_id, _, data in batches)
+    headers = {"last-event-id": "2"}
+    async with client.stream("GET", f"/v1/runs/{run_id}:watchBatched", headers=headers) as stream:
+        rest = sse_data([line async for line in stream.aiter_lines()])
+    assert [int(e["seq"]) for _, _, data in rest for e in data["events"]] == seqs[2:]
+
+
+async def test_a_disconnecting_http_client_cancels_its_grpc_stream_1000_times(gw) -> None:
+    srv, client = gw
+    await srv.executor.stop()  # the run stays pending: each watch would stay open forever
+    run_id = (await client.post("/v1/runs", json=RUN)).json()["run"]["id"]
+
+    def open_streams() -> tuple[int, float | None]:
+        gauge = srv.metrics.registry.get_sample_value("evalsvc_open_streams", {"method": WATCH_METHOD})
+        return srv.bus.watcher_count(), gauge
+
+    # Warm up at full concurrency, so the gauge exists and the pools (database readers) hold what the cycles
+    # use before anything is counted.
+    await asyncio.gather(*(first_event(client, run_id, ndjson=False) for _ in range(WATCH_CONCURRENCY)))
+    assert await eventually(lambda: open_streams() == (0, 0.0))
+    start, fds, tasks = open_streams(), len(os.listdir("/proc/self/fd")), len(asyncio.all_tasks())
+    cycles = iter(range(WATCH_CYCLES))
+
+    async def watcher() -> None:
+        for cycle in cycles:  # shared: WATCH_CYCLES in all, spread over the watchers
+            event = await first_event(client, run_id, ndjson=cycle % 2 == 1)
+            assert event["seq"] == "1" and event["run"]["id"] == run_id
+
+    await asyncio.wait_for(asyncio.gather(*(watcher() for _ in range(WATCH_CONCURRENCY))), timeout=120)
+    assert await eventually(lambda: open_streams() == start), open_streams()
+    assert len(os.listdir("/proc/self/fd")) <= fds + WATCH_CONCURRENCY
+    assert len(asyncio.all_tasks()) <= tasks + WATCH_CONCURRENCY
 
 
 async def test_grpc_and_http_see_the_same_run(gw) -> None:
     srv, client = gw
-    from evalsvc.v1 import eval_run_service_pb2 as pb
     from evalsvc.v1 import eval_run_service_pb2_grpc
     from tests.helpers import keyed_channel
 
     async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
         run = (await eval_run_service_pb2_grpc.EvalRunServiceStub(channel).CreateRun(create_request(1))).run
     assert (await client.get(f"/v1/runs/{run.id}")).json()["run"]["id"] == run.id
-    assert pb.GetRunRequest(run_id=run.id).run_id == run.id

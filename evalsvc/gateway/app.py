@@ -4,6 +4,10 @@ WatchRun stream as Server-Sent Events or NDJSON.
 Bodies are the canonical proto3 JSON mapping (`google.protobuf.json_format`, lowerCamelCase, enums
 by name, int64 as strings), as grpc-gateway produces. Errors map gRPC codes to HTTP statuses as
 grpc-gateway does, with the `google.rpc.Status` as the body: `{code, message, details}`.
+
+Parsing is strict: an unknown field or enum name, a wrong type, a number out of range or a body that is
+not UTF-8 JSON is a 400 before any call, so a misspelt field is never silently dropped. `/openapi.json`
+documents every route with schemas derived from the messages (see `openapi.py`).
 """
 
 from __future__ import annotations
@@ -17,14 +21,28 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.protobuf import json_format, message_factory
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from grpc_status import rpc_status
 
-from evalsvc.gateway import dialects
+from evalsvc.api.status import to_status
+from evalsvc.errors import ServiceError
+from evalsvc.gateway import dialects, openapi
 from evalsvc.gateway.routes import Route, routes
 from evalsvc.gateway.upstream import HTTP_STATUS, Upstream
 
 FORWARDED_HEADERS = ("authorization", "x-api-key")
+RESUME_FIELD = "after_seq"  # what a stream's Last-Event-ID header sets, over the query string
+_QUERY_BOOLS = {"true": True, "false": False}
+
+
+class RequestRefused(Exception):
+    """An HTTP request the gateway cannot turn into a call: answered with `status` before any call."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = to_status(ServiceError(code, reason, message))
+        self.http_status = HTTP_STATUS[code]
 
 
 def to_json(message: Message) -> dict[str, Any]:
@@ -45,9 +63,9 @@ def error_response(error: grpc.aio.AioRpcError) -> JSONResponse:
     return JSONResponse(status_code=HTTP_STATUS.get(error.code(), 500), content=status_body(error))
 
 
-def bad_request(message: str) -> JSONResponse:
-    """400 for JSON the gateway cannot even turn into a request message."""
-    return JSONResponse(status_code=400, content={"code": 3, "message": message, "details": []})
+def refused(error: RequestRefused) -> JSONResponse:
+    """The HTTP response for a request the gateway refused to send."""
+    return JSONResponse(status_code=error.http_status, content=to_json(error.status))
 
 
 def _message_class(descriptor: Any) -> type[Message]:
@@ -55,34 +73,86 @@ def _message_class(descriptor: Any) -> type[Message]:
 
 
 def _metadata(request: Request) -> tuple[tuple[str, str], ...]:
-    return tuple((name, request.headers[name]) for name in FORWARDED_HEADERS if name in request.headers)
+    """The caller's API key headers as gRPC metadata, which admits printable ASCII only (HTTP admits more)."""
+    found = tuple((name, request.headers[name]) for name in FORWARDED_HEADERS if name in request.headers)
+    if any(not value.isascii() or not value.isprintable() for _, value in found):
+        raise RequestRefused(grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID", "the API key is malformed or mistyped")
+    return found
+
+
+def _query_value(field: FieldDescriptor, text: str) -> Any:
+    """A query string value as json_format takes it: booleans unquoted, anything else as the string."""
+    is_bool = field.type == FieldDescriptor.TYPE_BOOL or (
+        field.message_type is not None and field.message_type.full_name == "google.protobuf.BoolValue"
+    )
+    return _QUERY_BOOLS.get(text, text) if is_bool else text
 
 
 def _query_fields(request: Request, route: Route) -> dict[str, Any]:
-    """Query parameters as request fields (repeated fields may repeat; `labels.k=v` sets map entries)."""
-    fields = route.method.input_type.fields_by_name
-    json_names = {f.json_name: f for f in route.method.input_type.fields}
+    """Query parameters as request fields, by proto or JSON name: repeated fields may repeat, and
+    `map.key=value` sets a map entry. Names that are no such field are ignored (e.g. cache busters)."""
+    fields = {name: f for f in openapi.query_fields(route) for name in (f.name, f.json_name)}
     values: dict[str, Any] = {}
-    for key in set(request.query_params.keys()):
-        if key.startswith("labels.") and "labels" in fields:
-            values.setdefault("labels", {})[key[len("labels.") :]] = request.query_params[key]
-            continue
-        field = fields.get(key) or json_names.get(key)
+    for key, text in request.query_params.multi_items():
+        name, dot, entry = key.partition(".")
+        field = fields.get(name)
         if field is None:
             continue
-        items = request.query_params.getlist(key)
-        values[field.json_name] = items if field.is_repeated else items[-1]
+        value_field = openapi.map_value(field)
+        if (value_field is not None) != bool(dot):
+            usage = f"{field.json_name}.<key>=<value>" if value_field is not None else f"{field.json_name}=<value>"
+            raise json_format.ParseError(f"query parameter {key!r}: write {usage}")
+        if value_field is not None:
+            values.setdefault(field.json_name, {})[entry] = _query_value(value_field, text)
+        elif field.is_repeated:
+            values.setdefault(field.json_name, []).append(_query_value(field, text))
+        else:
+            values[field.json_name] = _query_value(field, text)
     return values
 
 
+def _outside_fields(request: Request, route: Route) -> dict[str, Any]:
+    """The fields set outside the body: the query string's, and the resume point of an EventSource that
+    reconnects with Last-Event-ID (which wins over the URL it first opened)."""
+    fields = _query_fields(request, route)
+    resume = route.method.input_type.fields_by_name.get(RESUME_FIELD)
+    last_event_id = request.headers.get("last-event-id", "")
+    if resume is not None and last_event_id:
+        fields[resume.json_name] = last_event_id
+    return fields
+
+
+async def _parse_body(request: Request, route: Route, message: Message) -> None:
+    """The JSON body into the message (`body: "*"`) or into the field the rule names; empty is no body."""
+    raw = await request.body()
+    if not raw.strip():
+        return
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise json_format.ParseError(f"the body is not UTF-8: {exc}") from None
+    if route.body == "*":
+        json_format.Parse(text, message)
+    else:
+        field = getattr(message, route.body)
+        field.SetInParent()
+        json_format.Parse(text, field)
+
+
 async def build_request(request: Request, route: Route) -> Message:
-    """The gRPC request of an HTTP request: body, then query, then path parameters."""
+    """The gRPC request of an HTTP request: body, then query, then path parameters; RequestRefused when
+    they are not what the message admits."""
     message = _message_class(route.method.input_type)()
-    if route.body:
-        raw = await request.body()
-        if raw.strip():
-            json_format.Parse(raw, message, ignore_unknown_fields=True)
-    json_format.ParseDict(_query_fields(request, route), message, ignore_unknown_fields=True)
+    try:
+        if route.body:
+            await _parse_body(request, route, message)
+        json_format.ParseDict(_outside_fields(request, route), message)
+    except json_format.ParseError as exc:
+        raise RequestRefused(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+            f"cannot read a {route.method.input_type.full_name} from the request: {exc}",
+        ) from None
     for name, value in request.path_params.items():
         setattr(message, name, value)
     return message
@@ -111,16 +181,16 @@ def create_app(channel_factory: Callable[[], grpc.aio.Channel], dialect_spec: st
     def unary_endpoint(route: Route) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> Response:
             try:
-                message = await build_request(request, route)
-            except json_format.ParseError as exc:
-                return bad_request(f"invalid JSON for {route.method.input_type.full_name}: {exc}")
+                message, metadata = await build_request(request, route), _metadata(request)
+            except RequestRefused as error:
+                return refused(error)
             call: grpc.aio.UnaryUnaryMultiCallable[Message, Message] = upstream.channel.unary_unary(
                 route.grpc_path,
                 request_serializer=lambda m: m.SerializeToString(),
                 response_deserializer=_message_class(route.method.output_type).FromString,
             )
             try:
-                response = await call(message, metadata=_metadata(request), timeout=60)
+                response = await call(message, metadata=metadata, timeout=60)
             except grpc.aio.AioRpcError as error:
                 return error_response(error)
             return JSONResponse(to_json(response))
@@ -130,12 +200,9 @@ def create_app(channel_factory: Callable[[], grpc.aio.Channel], dialect_spec: st
     def stream_endpoint(route: Route) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> Response:
             try:
-                message = await build_request(request, route)
-            except json_format.ParseError as exc:
-                return bad_request(f"invalid query for {route.method.input_type.full_name}: {exc}")
-            last_event_id = request.headers.get("last-event-id", "")
-            if last_event_id.isdigit() and hasattr(message, "after_seq"):
-                message.after_seq = int(last_event_id)  # an EventSource resuming
+                message, metadata = await build_request(request, route), _metadata(request)
+            except RequestRefused as error:
+                return refused(error)
             call = cast(
                 "grpc.aio.UnaryStreamMultiCallable[Message, Message]",
                 upstream.channel.unary_stream(
@@ -143,7 +210,7 @@ def create_app(channel_factory: Callable[[], grpc.aio.Channel], dialect_spec: st
                     request_serializer=lambda m: m.SerializeToString(),
                     response_deserializer=_message_class(route.method.output_type).FromString,
                 ),
-            )(message, metadata=_metadata(request))
+            )(message, metadata=metadata)
             try:
                 first = await call.read()  # fail as a plain HTTP error before the stream starts
             except grpc.aio.AioRpcError as error:
@@ -157,25 +224,57 @@ def create_app(channel_factory: Callable[[], grpc.aio.Channel], dialect_spec: st
 
         return endpoint
 
+    schemas = openapi.Schemas()
     for route in routes():
-        endpoint = stream_endpoint(route) if route.method.server_streaming else unary_endpoint(route)
+        streaming = route.method.server_streaming
         app.add_api_route(
             route.path,
-            endpoint,
+            stream_endpoint(route) if streaming else unary_endpoint(route),
             methods=[route.verb.upper()],
             name=route.method.name,
+            operation_id=f"{route.method.containing_service.name}_{route.method.name}",
             summary=route.method.name,
-            description=f"gRPC `{route.grpc_path}`: {route.method.input_type.full_name} -> "
-            f"{route.method.output_type.full_name} as proto3 JSON"
-            + (
-                " (Server-Sent Events, or NDJSON with `Accept: application/x-ndjson`)"
-                if route.method.server_streaming
-                else ""
-            ),
+            description=_description(route),
+            tags=[route.method.containing_service.name],
+            response_class=StreamingResponse if streaming else JSONResponse,
+            openapi_extra=openapi.operation(route, schemas),
         )
     for dialect, prefix in dialects.mounts(dialect_spec):
         app.include_router(dialect.router(upstream), prefix=prefix, tags=[dialect.title])
+    app.openapi = openapi.with_components(app.openapi, schemas)  # type: ignore[method-assign]
     return app
+
+
+def _description(route: Route) -> str:
+    """What a route calls, how it streams and how its map fields are written in the query string."""
+    parts = [
+        f"gRPC `{route.grpc_path}`: {route.method.input_type.full_name} -> "
+        f"{route.method.output_type.full_name} as proto3 JSON."
+    ]
+    if route.method.server_streaming:
+        parts.append("Server-Sent Events, or NDJSON with `Accept: application/x-ndjson`; resume with `Last-Event-ID`.")
+    parts += [
+        f"Query `{name}.<key>=<value>` sets an entry of `{name}` (repeatable)."
+        for name in openapi.map_parameters(route)
+    ]
+    return " ".join(parts)
+
+
+def _sse_event(message: Message) -> bytes:
+    """One Server-Sent Event: `event:` the member of the message's `event` oneof that is set (`message`
+    when it has none), `id:` the last seq it carries, so an EventSource resumes after it (Last-Event-ID)."""
+    kind = message.WhichOneof(openapi.EVENT_ONEOF) if openapi.EVENT_ONEOF in message.DESCRIPTOR.oneofs_by_name else None
+    seq = _last_seq(message)
+    head = f"id: {seq}\n" if seq else ""
+    return f"{head}event: {kind or 'message'}\ndata: {json.dumps(to_json(message))}\n\n".encode()
+
+
+def _last_seq(message: Any) -> int:
+    """The seq of a WatchRun event, or of the last event of a WatchRunBatched batch; 0 for none (a heartbeat)."""
+    fields = message.DESCRIPTOR.fields_by_name
+    if "events" in fields:
+        return _last_seq(message.events[-1]) if message.events else 0
+    return int(message.seq) if "seq" in fields else 0
 
 
 async def _relay(call: Any, first: Any, ndjson: bool) -> AsyncIterator[bytes]:
@@ -184,14 +283,7 @@ async def _relay(call: Any, first: Any, ndjson: bool) -> AsyncIterator[bytes]:
     try:
         message = first
         while message is not grpc.aio.EOF:
-            body = to_json(message)
-            if ndjson:
-                yield (json.dumps({"result": body}) + "\n").encode()
-            else:
-                kind = message.WhichOneof("event") if hasattr(message, "WhichOneof") else None
-                seq = getattr(message, "seq", 0)
-                head = f"id: {seq}\n" if seq else ""
-                yield f"{head}event: {kind or 'message'}\ndata: {json.dumps(body)}\n\n".encode()
+            yield (json.dumps({"result": to_json(message)}) + "\n").encode() if ndjson else _sse_event(message)
             message = await call.read()
     except grpc.aio.AioRpcError as error:
         body = status_body(error)

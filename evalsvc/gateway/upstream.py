@@ -109,7 +109,13 @@ class Caller:
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+        """The gRPC metadata carrying the key. A key gRPC metadata cannot carry (non-ASCII or control
+        characters) is refused here as UNAUTHENTICATED, as the service would refuse a wrong key."""
+        if not self.api_key:
+            return ()
+        if not (self.api_key.isascii() and self.api_key.isprintable()):
+            raise GatewayError(grpc.StatusCode.UNAUTHENTICATED, "the API key is malformed", "API_KEY_INVALID")
+        return (("authorization", f"Bearer {self.api_key}"),)
 
 
 class Upstream:
