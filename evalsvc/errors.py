@@ -49,11 +49,18 @@ def invalid_argument(violations: list[FieldViolation]) -> ServiceError:
     )
 
 
+MAX_ECHOED_ID = 128
+
+
 def not_found(kind: str, resource_id: str) -> ServiceError:
-    """NOT_FOUND for a resource that is missing or belongs to another tenant (the two look the same)."""
+    """NOT_FOUND for a resource that is missing or belongs to another tenant (the two look the same).
+
+    The id is echoed at most 128 characters long: an arbitrarily long id would overflow the trailing
+    metadata limit of the caller's channel and turn a clear NOT_FOUND into a transport error."""
+    shown = resource_id if len(resource_id) <= MAX_ECHOED_ID else resource_id[:MAX_ECHOED_ID] + "..."
     return ServiceError(
         grpc.StatusCode.NOT_FOUND,
         f"{kind.upper()}_NOT_FOUND",
-        f"{kind} {resource_id!r} not found",
-        metadata={f"{kind}_id": resource_id},
+        f"{kind} {shown!r} not found",
+        metadata={f"{kind}_id": shown},
     )

@@ -279,3 +279,9 @@ async def test_a_run_that_cannot_be_loaded_fails_instead_of_hanging(tmp_path) ->
         await srv.stop(grace=0.5)
     assert events[-1].run.status == run_pb2.RUN_STATUS_FAILED
     assert events[-1].run.error.code == "RUN_NOT_EXECUTABLE"
+
+
+async def test_an_unknown_very_long_id_is_a_clear_not_found(runs) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await runs.GetRun(pb.GetRunRequest(run_id="r" * 20_000))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND and error_reason(missing.value) == "RUN_NOT_FOUND"
