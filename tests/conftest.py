@@ -19,7 +19,11 @@ from tests.helpers import keyed_channel
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--long", action="store_true", help="run the long crash battery (50 kills instead of 10)")
+    parser.addoption(
+        "--long",
+        action="store_true",
+        help="long crash tests: crash battery 50 kills instead of 10; replica watchers 12 kills instead of 4",
+    )
 
 
 def pytest_report_header(config: pytest.Config) -> str:

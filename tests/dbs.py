@@ -63,7 +63,7 @@ def postgres_unavailable() -> str | None:
     try:
         _run(_admin("SELECT 1"))
     except Exception as exc:  # any failure to connect means: skip, with the reason
-        return f"EVALSVC_TEST_DB=postgres but PostgreSQL at {ADMIN_URL} is not reachable ({exc!r})"
+        return f"PostgreSQL at {ADMIN_URL} is not reachable ({exc!r})"
     return None
 
 

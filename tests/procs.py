@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -62,3 +63,15 @@ class ServerProcess:
         code = self.proc.wait(timeout)
         self._log.close()
         return code
+
+
+async def start_server(db_url: str, log_path: Path, *extra: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """A ServerProcess started off the event loop (its start polls a log file), so the loop's other
+    tasks keep running meanwhile; if the caller is cancelled during the start, the process is
+    killed once up rather than left running after the test."""
+    starting = asyncio.ensure_future(asyncio.to_thread(ServerProcess, db_url, log_path, *extra, env=env))
+    try:
+        return await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        (await starting).kill()
+        raise
