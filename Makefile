@@ -47,6 +47,8 @@ fmt: $(VENV)/.installed
 
 $(VENV)/.bench-installed: $(VENV)/.installed bench/requirements.txt
 	$(PY) -m pip install -q -r bench/requirements.txt
+	# wrk drives the gateway scenario (a Python HTTP client would be its bottleneck); Debian's package.
+	command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; } || true
 	touch $@
 
 # Benchmarks against same-run baselines; results in bench/results/latest.md (see bench/README.md).
