@@ -90,7 +90,7 @@ class EvalServer:
             self.db, self.bus, settings, self.metrics, outbound=self.outbound, prices=prices, judge=judge
         )
         # Other replicas' commits reach this process's watchers through PostgreSQL notifications.
-        self.listener = None if self.db.is_sqlite else EventListener(settings.db, self.bus)
+        self.listener = None if self.db.is_sqlite else EventListener(settings.db, self.bus, self.db)
         self.limits = TenantLimits(settings)
         self.definitions = DefinitionService(self.db, self.outbound)
         self.runs = RunService(

@@ -12,7 +12,7 @@ from evalsvc.api.tenancy import tenant_of
 from evalsvc.config import Settings
 from evalsvc.errors import FieldViolation, invalid_argument
 from evalsvc.events.bus import EventBus
-from evalsvc.events.watch import CATCH_UP_PAGE, MAX_BATCH_EVENTS, watch, watch_batches
+from evalsvc.events.watch import CATCH_UP_PAGE, MAX_BATCH_EVENTS, watch
 from evalsvc.limits import TenantLimits
 from evalsvc.runs.service import RunService
 from evalsvc.store.db import Database
@@ -71,7 +71,7 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
     async def WatchRun(self, request: pb.WatchRunRequest, context: Context) -> AsyncIterator[pb.WatchRunResponse]:
         tenant = tenant_of(context)
         with self._limits.watch_slot(tenant):
-            async for event in watch(
+            async for batch in watch(
                 self._db,
                 self._bus,
                 tenant=tenant,
@@ -80,7 +80,8 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
                 heartbeat_s=self._settings.heartbeat_s,
                 buffer=self._settings.watch_buffer,
             ):
-                yield event
+                for event in batch:
+                    yield event
 
     @server_stream
     async def WatchRunBatched(
@@ -90,7 +91,7 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
             raise invalid_argument([FieldViolation("max_events", f"must be between 0 and {MAX_BATCH_EVENTS}")])
         tenant = tenant_of(context)
         with self._limits.watch_slot(tenant):
-            async for batch in watch_batches(
+            async for batch in watch(
                 self._db,
                 self._bus,
                 tenant=tenant,

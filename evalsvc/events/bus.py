@@ -103,6 +103,10 @@ class EventBus:
                 if not watchers:
                     del self._subscriptions[run_id]
 
+    def has_watchers(self, run_id: str) -> bool:
+        """Whether any watcher in this process follows the run."""
+        return run_id in self._subscriptions
+
     def wake_all(self) -> None:
         """Send every watcher to the database (after notifications may have been missed)."""
         for run_id in list(self._subscriptions):

@@ -1,9 +1,15 @@
-"""Cross-replica wake-ups: LISTEN for other processes' event commits on PostgreSQL.
+"""Cross-replica delivery: LISTEN for other processes' event commits on PostgreSQL.
 
-A notification only wakes this process's watchers of that run, who then read committed events from
-the database; the payload carries no event. Notifications from this very process are ignored (its
-watchers already got the events in memory). After the listening connection drops and comes back,
-every watched run is woken, since notifications sent meanwhile are gone.
+A notification carries no event, only the run and its latest seq. For a run that watchers in this
+process follow, the listener reads the committed events it has not relayed yet, once, and hands them
+to the bus as if they had been committed here: one database read per notification, however many
+watchers there are (each reading for itself made 1,000 watchers 1,000 reads per commit). Watchers
+still check every seq, so a watcher that is behind, or a relay that failed, sends that watcher to the
+database itself: a lost notification delays, it never loses an event.
+
+Notifications from this very process are ignored (its watchers already got the events in memory).
+After the listening connection drops and comes back, every watched run is woken, since notifications
+sent meanwhile are gone.
 """
 
 from __future__ import annotations
@@ -18,36 +24,79 @@ from sqlalchemy.engine import make_url
 
 from evalsvc.events.bus import EventBus
 from evalsvc.ids import PROCESS_ID
+from evalsvc.store import events as event_log
+from evalsvc.store.db import Database
 from evalsvc.store.events import EVENTS_CHANNEL
 
 log = logging.getLogger(__name__)
+
+MAX_RELAY = 5000  # events read per relay; a longer gap sends the watchers to the database instead
 
 
 class EventListener:
     """Keeps one LISTEN connection open and turns notifications into bus wake-ups."""
 
-    def __init__(self, url: str, bus: EventBus) -> None:
+    def __init__(self, url: str, bus: EventBus, db: Database) -> None:
         sa_url = make_url(url)
         self._dsn = sa_url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._bus = bus
+        self._db = db
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._notified: dict[str, int] = {}  # run id -> latest seq notified and not yet relayed
+        self._relayed: dict[str, int] = {}  # run id -> latest seq handed to this process's watchers
+        self._relays: dict[str, asyncio.Task[None]] = {}  # at most one reader per run at a time
 
     def start(self) -> None:
         """Start listening in the background."""
         self._task = asyncio.create_task(self._run(), name="event-listener")
 
     async def stop(self) -> None:
-        """Stop listening."""
+        """Stop listening and relaying."""
         self._stopping.set()
         if self._task is not None:
             await self._task
+        relays = list(self._relays.values())
+        for relay in relays:
+            relay.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         origin, _, rest = payload.partition("|")
-        if origin != PROCESS_ID:
-            run_id = rest.partition("|")[0]
+        if origin == PROCESS_ID:
+            return
+        run_id, _, seq = rest.partition("|")
+        if not self._bus.has_watchers(run_id):
+            self._relayed.pop(run_id, None)
+            return
+        self._notified[run_id] = max(self._notified.get(run_id, 0), int(seq) if seq.isdigit() else 0)
+        if run_id not in self._relays:
+            self._relays[run_id] = asyncio.create_task(self._relay(run_id), name=f"relay-{run_id}")
+
+    async def _relay(self, run_id: str) -> None:
+        """Hand the run's newly notified events to its watchers, until no notification is pending."""
+        try:
+            while (target := self._notified.pop(run_id, None)) is not None:
+                after = self._relayed.get(run_id)
+                if after is None or target - after > MAX_RELAY:
+                    # Where this process's watchers stand is unknown (first notification here) or far
+                    # behind: each reads for itself, and relaying starts from here.
+                    self._relayed[run_id] = target
+                    self._bus.publish(run_id, None)
+                    continue
+                if target <= after:
+                    continue
+                async with self._db.read() as conn:
+                    events = await event_log.read_after(conn, None, run_id, after, target - after)
+                if events:
+                    self._relayed[run_id] = events[-1].seq
+                self._bus.publish(run_id, events if events and events[-1].seq >= target else None)
+        except Exception:
+            log.exception("relaying events of run %s failed; its watchers read the database", run_id)
+            self._relayed.pop(run_id, None)
             self._bus.publish(run_id, None)
+        finally:
+            self._relays.pop(run_id, None)
 
     async def _run(self) -> None:
         backoff = 0.1
@@ -67,7 +116,8 @@ class EventListener:
             try:
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(EVENTS_CHANNEL, self._on_notify)
-                self._bus.wake_all()  # anything sent while we were not listening is gone
+                self._relayed.clear()  # anything sent while we were not listening is gone:
+                self._bus.wake_all()  # every watcher reads for itself, relaying starts afresh
                 stop = asyncio.create_task(self._stopping.wait())
                 dropped = asyncio.create_task(lost.wait())
                 await asyncio.wait({stop, dropped}, return_when=asyncio.FIRST_COMPLETED)

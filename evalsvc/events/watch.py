@@ -38,28 +38,12 @@ async def watch(
     after_seq: int,
     heartbeat_s: float,
     buffer: int,
-) -> AsyncIterator[pb.WatchRunResponse]:
-    """Yield the run's events after `after_seq`, live ones as they commit, and heartbeats when idle."""
-    async for batch in watch_batches(
-        db, bus, tenant=tenant, run_id=run_id, after_seq=after_seq, heartbeat_s=heartbeat_s, buffer=buffer
-    ):
-        for event in batch:
-            yield event
-
-
-async def watch_batches(
-    db: Database,
-    bus: EventBus,
-    *,
-    tenant: str,
-    run_id: str,
-    after_seq: int,
-    heartbeat_s: float,
-    buffer: int,
     max_events: int = CATCH_UP_PAGE,
 ) -> AsyncIterator[list[pb.WatchRunResponse]]:
-    """`watch`'s events in lists of at most `max_events`: a page read from the database, or what one
-    commit published. The last list ends with the terminal event."""
+    """The run's events after `after_seq`, then live ones as they commit, and heartbeats when idle, in
+    lists of at most `max_events`: a page read from the database, or what one commit published. The
+    last list ends with the terminal event. (Lists, not single events: WatchRunBatched sends them as
+    they are and WatchRun one by one, with no extra generator layer holding memory per idle stream.)"""
     async with db.read() as conn:
         row = await run_store.get(conn, tenant, run_id)
     if row is None:

@@ -34,13 +34,12 @@ async def append(conn: AsyncConnection, tenant: str, run_id: str, events: Sequen
 
 
 async def read_after(
-    conn: AsyncConnection, tenant: str, run_id: str, after_seq: int, limit: int
+    conn: AsyncConnection, tenant: str | None, run_id: str, after_seq: int, limit: int
 ) -> list[pb.WatchRunResponse]:
-    """Up to `limit` committed events with seq > after_seq, in order."""
-    rows = await conn.execute(
-        select(EVENTS.c.payload)
-        .where(EVENTS.c.run_id == run_id, EVENTS.c.tenant == tenant, EVENTS.c.seq > after_seq)
-        .order_by(EVENTS.c.seq)
-        .limit(limit)
-    )
+    """Up to `limit` committed events with seq > after_seq, in order. `tenant` None reads any tenant's
+    run: only for the cross-replica relay, which hands events to watchers already checked for it."""
+    query = select(EVENTS.c.payload).where(EVENTS.c.run_id == run_id, EVENTS.c.seq > after_seq)
+    if tenant is not None:
+        query = query.where(EVENTS.c.tenant == tenant)
+    rows = await conn.execute(query.order_by(EVENTS.c.seq).limit(limit))
     return [pb.WatchRunResponse.FromString(payload) for (payload,) in rows]
