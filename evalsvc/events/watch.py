@@ -44,18 +44,7 @@ async def watch(
     lists of at most `max_events`: a page read from the database, or what one commit published. The
     last list ends with the terminal event. (Lists, not single events: WatchRunBatched sends them as
     they are and WatchRun one by one, with no extra generator layer holding memory per idle stream.)"""
-    async with db.read() as conn:
-        row = await run_store.get(conn, tenant, run_id)
-    if row is None:
-        raise not_found("run", run_id)
-    if after_seq < 0 or after_seq > row["last_seq"]:
-        raise ServiceError(
-            grpc.StatusCode.OUT_OF_RANGE,
-            "SEQ_OUT_OF_RANGE",
-            f"after_seq {after_seq} is outside 0..{row['last_seq']} (the run's last_seq)",
-            metadata={"last_seq": str(row["last_seq"])},
-        )
-    if row["status"] in run_store.TERMINAL_STATUSES and after_seq == row["last_seq"]:
+    if not await _anything_after(db, tenant, run_id, after_seq):
         return
     cursor = after_seq
     with bus.subscribe(run_id, buffer) as subscription:
@@ -90,6 +79,23 @@ async def watch(
                 yield chunk
                 if is_terminal(chunk[-1]):
                     return
+
+
+async def _anything_after(db: Database, tenant: str, run_id: str, after_seq: int) -> bool:
+    """Check the watch request against the run; False when the run ended at `after_seq`. (Apart from the
+    generator, so its frame holds no run row for the life of an idle stream.)"""
+    async with db.read() as conn:
+        row = await run_store.get(conn, tenant, run_id)
+    if row is None:
+        raise not_found("run", run_id)
+    if after_seq < 0 or after_seq > row["last_seq"]:
+        raise ServiceError(
+            grpc.StatusCode.OUT_OF_RANGE,
+            "SEQ_OUT_OF_RANGE",
+            f"after_seq {after_seq} is outside 0..{row['last_seq']} (the run's last_seq)",
+            metadata={"last_seq": str(row["last_seq"])},
+        )
+    return not (row["status"] in run_store.TERMINAL_STATUSES and after_seq == row["last_seq"])
 
 
 def _through_terminal(events: list[pb.WatchRunResponse]) -> list[pb.WatchRunResponse]:
