@@ -71,15 +71,7 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
     async def WatchRun(self, request: pb.WatchRunRequest, context: Context) -> AsyncIterator[pb.WatchRunResponse]:
         tenant = tenant_of(context)
         with self._limits.watch_slot(tenant):
-            async for batch in watch(
-                self._db,
-                self._bus,
-                tenant=tenant,
-                run_id=request.run_id,
-                after_seq=request.after_seq,
-                heartbeat_s=self._settings.heartbeat_s,
-                buffer=self._settings.watch_buffer,
-            ):
+            async for batch in self._watch(tenant, request.run_id, request.after_seq, CATCH_UP_PAGE):
                 for event in batch:
                     yield event
 
@@ -91,14 +83,22 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
             raise invalid_argument([FieldViolation("max_events", f"must be between 0 and {MAX_BATCH_EVENTS}")])
         tenant = tenant_of(context)
         with self._limits.watch_slot(tenant):
-            async for batch in watch(
-                self._db,
-                self._bus,
-                tenant=tenant,
-                run_id=request.run_id,
-                after_seq=request.after_seq,
-                heartbeat_s=self._settings.heartbeat_s,
-                buffer=self._settings.watch_buffer,
-                max_events=request.max_events or CATCH_UP_PAGE,
+            async for batch in self._watch(
+                tenant, request.run_id, request.after_seq, request.max_events or CATCH_UP_PAGE
             ):
                 yield pb.WatchRunBatchedResponse(events=batch)
+
+    def _watch(
+        self, tenant: str, run_id: str, after_seq: int, max_events: int
+    ) -> AsyncIterator[list[pb.WatchRunResponse]]:
+        """The run's events in lists (a function, not a generator: no extra layer per open stream)."""
+        return watch(
+            self._db,
+            self._bus,
+            tenant=tenant,
+            run_id=run_id,
+            after_seq=after_seq,
+            heartbeat_s=self._settings.heartbeat_s,
+            buffer=self._settings.watch_buffer,
+            max_events=max_events,
+        )
