@@ -138,3 +138,10 @@ async def test_concurrent_runs_and_appends_on_one_dataset_neither_fail_nor_colli
     assert sorted(a.item_ids[0] for a in added) == sorted({a.item_ids[0] for a in added})
     got = (await datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset.id))).dataset
     assert got.item_count == 10
+
+
+async def test_create_dataset_requires_the_dataset(datasets) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await datasets.CreateDataset(ds.CreateDatasetRequest(request_id="r"))
+    assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "dataset" in violations(missing.value)
+    assert not (await datasets.ListDatasets(ds.ListDatasetsRequest())).datasets

@@ -53,6 +53,8 @@ class DatasetService:
         """Create an empty dataset (idempotent by request_id)."""
         spec = request.dataset
         violations: list[FieldViolation] = []
+        if not request.HasField("dataset"):
+            violations.append(FieldViolation("dataset", "required"))
         check_length(request.request_id, MAX_REQUEST_ID, "request_id", violations)
         check_length(spec.display_name, MAX_DISPLAY_NAME, "dataset.display_name", violations)
         check_length(spec.description, MAX_DESCRIPTION, "dataset.description", violations)
