@@ -29,7 +29,7 @@ from evalsvc.api.status import to_status
 from evalsvc.errors import ServiceError
 from evalsvc.gateway import dialects, openapi
 from evalsvc.gateway.routes import Route, routes
-from evalsvc.gateway.upstream import HTTP_STATUS, Upstream
+from evalsvc.gateway.upstream import HTTP_STATUS, GatewayError, Upstream, with_retry_after
 
 FORWARDED_HEADERS = ("authorization", "x-api-key")
 RESUME_FIELD = "after_seq"  # what a stream's Last-Event-ID header sets, over the query string
@@ -60,7 +60,8 @@ def status_body(error: grpc.aio.AioRpcError) -> dict[str, Any]:
 
 def error_response(error: grpc.aio.AioRpcError) -> JSONResponse:
     """The HTTP response for a failed call."""
-    return JSONResponse(status_code=HTTP_STATUS.get(error.code(), 500), content=status_body(error))
+    response = JSONResponse(status_code=HTTP_STATUS.get(error.code(), 500), content=status_body(error))
+    return with_retry_after(response, GatewayError.from_rpc(error))
 
 
 def refused(error: RequestRefused) -> JSONResponse:

@@ -9,6 +9,7 @@ share: a synchronous create, and offset pagination over token-paged lists.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import grpc
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from starlette.responses import Response
 
 from evalsvc.v1 import (
     dataset_service_pb2_grpc,
@@ -29,6 +31,7 @@ from evalsvc.v1 import (
 )
 
 Resp = TypeVar("Resp", bound=Message)
+R = TypeVar("R", bound=Response)
 
 TERMINAL = frozenset({run_pb2.RUN_STATUS_SUCCEEDED, run_pb2.RUN_STATUS_FAILED, run_pb2.RUN_STATUS_CANCELLED})
 DEFAULT_TIMEOUT_S = 60.0
@@ -69,6 +72,7 @@ class GatewayError(Exception):
     violations: list[tuple[str, str]] = field(default_factory=list)
     request_errors: list[dict[str, Any]] | None = None
     http_status: int = 0
+    retry_after_s: float = 0.0  # from google.rpc.RetryInfo: how long to wait before retrying (0: unknown)
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
@@ -78,10 +82,14 @@ class GatewayError(Exception):
     @classmethod
     def from_rpc(cls, error: grpc.aio.AioRpcError) -> GatewayError:
         """The error of a failed gRPC call, with its ErrorInfo reason and BadRequest violations."""
-        reason, violations = "", []
+        reason, violations, retry_after_s = "", [], 0.0
         status = rpc_status.from_call(error)
         for detail in status.details if status is not None else ():
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                retry_after_s = retry.retry_delay.ToTimedelta().total_seconds()
+            elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
                 reason = info.reason
@@ -89,7 +97,7 @@ class GatewayError(Exception):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 violations = [(v.field, v.description) for v in bad.field_violations]
-        return cls(error.code(), error.details() or "", reason, violations)
+        return cls(error.code(), error.details() or "", reason, violations, retry_after_s=retry_after_s)
 
     @classmethod
     def invalid(cls, message: str, *violations: tuple[str, str], http_status: int = 0) -> GatewayError:
@@ -215,3 +223,11 @@ class Upstream:
 def window(items: Sequence[Any], offset: int, limit: int) -> list[Any]:
     """`limit` elements from `offset` (offset pagination over a collected list)."""
     return list(items[offset : offset + limit])
+
+
+def with_retry_after(response: R, error: GatewayError) -> R:
+    """Add `Retry-After` (whole seconds, rounded up) when the service said how long to wait: HTTP
+    clients of every dialect understand it, whatever their error body looks like."""
+    if error.retry_after_s > 0 and "retry-after" not in response.headers:
+        response.headers["retry-after"] = str(math.ceil(error.retry_after_s))
+    return response

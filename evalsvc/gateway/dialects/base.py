@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute, APIRouter
 from google.protobuf import timestamp_pb2
 
-from evalsvc.gateway.upstream import Caller, GatewayError, Upstream
+from evalsvc.gateway.upstream import Caller, GatewayError, Upstream, with_retry_after
 
 RUN_LABEL = "dialect"  # label on every run a dialect creates: its lists show only their own runs
 
@@ -50,7 +50,7 @@ def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRou
                 try:
                     return await handler(request)
                 except GatewayError as error:
-                    return render(error)
+                    return with_retry_after(render(error), error)
                 except RequestValidationError as error:
                     errors = _writable(jsonable_encoder(error.errors()))
                     violations = [(".".join(str(p) for p in e.get("loc", ())[1:]), e.get("msg", "")) for e in errors]
