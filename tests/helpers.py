@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
+import httpx
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from evalsvc.config import Settings
+from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2, target_pb2
 
@@ -117,3 +122,22 @@ class _StreamKey(_ApiKey, grpc.aio.UnaryStreamClientInterceptor):  # type: ignor
 def keyed_channel(port: int, key: str, host: str = "127.0.0.1") -> grpc.aio.Channel:
     """An insecure channel to a test server that authenticates every call with `key`."""
     return grpc.aio.insecure_channel(f"{host}:{port}", interceptors=[_UnaryKey(key), _StreamKey(key)])
+
+
+@asynccontextmanager
+async def serving_gateway(
+    settings: Settings, *, key_header: str = "authorization", key_prefix: str = "Bearer "
+) -> AsyncIterator[tuple[EvalServer, httpx.AsyncClient]]:
+    """A started server with its REST gateway (settings need an http_addr), and an HTTP client to the
+    gateway that sends the bootstrap key as `key_header: key_prefix<key>`; the server stops after."""
+    srv = EvalServer(settings)
+    await srv.start()
+    try:
+        assert srv.gateway is not None and srv.bootstrap_key
+        headers = {key_header: f"{key_prefix}{srv.bootstrap_key}"}
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{srv.gateway.port}", headers=headers, timeout=30
+        ) as client:
+            yield srv, client
+    finally:
+        await srv.stop(grace=0.5)

@@ -19,6 +19,7 @@ from evalsvc.gateway.dialects import aymara
 from evalsvc.server import EvalServer
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, Reply, judge_reply
+from tests.helpers import serving_gateway
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 ERROR_CODES = {
@@ -179,17 +180,9 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
             judge_model="judge",
             outbound_allow="127.0.0.1",
         )
-        srv = EvalServer(settings)
-        await srv.start()
-        assert srv.gateway is not None and srv.bootstrap_key
-        base_url = f"http://127.0.0.1:{srv.gateway.port}"
-        try:
-            async with httpx.AsyncClient(
-                base_url=base_url, headers={"x-api-key": srv.bootstrap_key}, timeout=30
-            ) as http:
-                yield Env(srv, http, judge, base_url, srv.bootstrap_key)
-        finally:
-            await srv.stop(grace=0.5)
+        async with serving_gateway(settings, key_header="x-api-key", key_prefix="") as (srv, http):
+            assert srv.bootstrap_key
+            yield Env(srv, http, judge, str(http.base_url).rstrip("/"), srv.bootstrap_key)
 
 
 async def create_eval(env: Env, **fields: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import pytest
 from evalsvc.server import EvalServer
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, Reply, judge_reply
+from tests.helpers import serving_gateway
 
 MILLIS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 RUN_STATUSES = {"PENDING", "QUEUED", "RUNNING", "COMPLETE", "PARTIAL", "FAILED", "CANCELLED"}
@@ -343,21 +344,12 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
             judge_model="judge-test",
             workers=1,  # one evaluation at a time: scripted verdicts meet the calls in order
         )
-        srv = EvalServer(settings)
-        await srv.start()
-        assert srv.gateway is not None and srv.bootstrap_key
-        try:
-            async with httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{srv.gateway.port}",
-                headers={"authorization": srv.bootstrap_key},  # Bland's raw key, no Bearer
-                timeout=30,
-            ) as http:
-                env = Env(srv, http, judge, srv.bootstrap_key)
-                added = await env.ok("POST", "/v1/evals/calls", {"calls": CALLS})
-                assert added == {"call_ids": CALL_IDS, "total_call_count": 2}
-                yield env
-        finally:
-            await srv.stop(grace=0.5)
+        async with serving_gateway(settings, key_prefix="") as (srv, http):  # Bland's raw key, no Bearer
+            assert srv.bootstrap_key
+            env = Env(srv, http, judge, srv.bootstrap_key)
+            added = await env.ok("POST", "/v1/evals/calls", {"calls": CALLS})
+            assert added == {"call_ids": CALL_IDS, "total_call_count": 2}
+            yield env
 
 
 async def test_eval_agents_and_versions_keep_every_documented_field(env: Env) -> None:

@@ -18,6 +18,7 @@ import pytest
 from evalsvc.server import EvalServer
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
+from tests.helpers import serving_gateway
 
 PRICES = {"gpt-test": {"input_per_mtok": 1000.0, "output_per_mtok": 2000.0}, "judge-test": {"input_per_mtok": 100.0}}
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -91,17 +92,8 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
             price_table=str(prices),
             http_retries=0,
         )
-        srv = EvalServer(settings)
-        await srv.start()
-        assert srv.gateway is not None and srv.bootstrap_key
-        headers = {"authorization": f"Bearer {srv.bootstrap_key}"}
-        try:
-            async with httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{srv.gateway.port}", headers=headers, timeout=30
-            ) as http:
-                yield Env(srv, http, model, judge, await save_model(http, model.url))
-        finally:
-            await srv.stop(grace=0.5)
+        async with serving_gateway(settings) as (srv, http):
+            yield Env(srv, http, model, judge, await save_model(http, model.url))
 
 
 def omni_error(response: httpx.Response, status: int) -> str:

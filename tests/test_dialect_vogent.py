@@ -17,6 +17,7 @@ import pytest
 from evalsvc.server import EvalServer
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, chat_reply, judge_reply
+from tests.helpers import serving_gateway
 
 AGENT_REPLY = "Your table for two is booked for 7pm."
 SNIPPET = "Did the agent confirm the booking time?"
@@ -183,23 +184,14 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
             judge_model="judge-test",
             judge_api_key="judge-key",
         )
-        srv = EvalServer(settings)
-        await srv.start()
-        assert srv.gateway is not None and srv.bootstrap_key
-        headers = {"authorization": f"Bearer {srv.bootstrap_key}"}
-        try:
-            async with httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{srv.gateway.port}", headers=headers, timeout=30
-            ) as http:
-                target = {
-                    "displayName": "front desk",
-                    "target": {"chat": {"endpoint": {"baseUrl": agent.url + "/v1"}, "model": "agent-test"}},
-                }
-                created = await http.post("/v1/targets", json={"target": target})
-                assert created.status_code == 200, created.text
-                yield Env(srv, http, agent, judge, created.json()["target"]["id"])
-        finally:
-            await srv.stop(grace=0.5)
+        async with serving_gateway(settings) as (srv, http):
+            target = {
+                "displayName": "front desk",
+                "target": {"chat": {"endpoint": {"baseUrl": agent.url + "/v1"}, "model": "agent-test"}},
+            }
+            created = await http.post("/v1/targets", json={"target": target})
+            assert created.status_code == 200, created.text
+            yield Env(srv, http, agent, judge, created.json()["target"]["id"])
 
 
 async def test_the_documented_examples_as_sent_get_the_documented_shapes(env: Env) -> None:

@@ -18,7 +18,7 @@ from evalsvc.gateway.openapi import ITEM_SCHEMA
 from evalsvc.gateway.routes import SERVICES, routes
 from evalsvc.server import EvalServer
 from tests.conftest import make_settings
-from tests.helpers import create_request
+from tests.helpers import create_request, serving_gateway
 
 RUN = {
     "items": [
@@ -37,17 +37,8 @@ WATCH_METHOD = "/evalsvc.v1.EvalRunService/WatchRun"
 
 @pytest.fixture
 async def gw(tmp_path: Path) -> AsyncIterator[tuple[EvalServer, httpx.AsyncClient]]:
-    srv = EvalServer(make_settings(tmp_path, http_addr="127.0.0.1:0"))
-    await srv.start()
-    assert srv.gateway is not None and srv.bootstrap_key
-    headers = {"authorization": f"Bearer {srv.bootstrap_key}"}
-    try:
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{srv.gateway.port}", headers=headers, timeout=30
-        ) as client:
-            yield srv, client
-    finally:
-        await srv.stop(grace=0.5)
+    async with serving_gateway(make_settings(tmp_path, http_addr="127.0.0.1:0")) as (srv, client):
+        yield srv, client
 
 
 def validator(spec: dict[str, Any], schema: dict[str, Any]) -> jsonschema_rs.Validator:

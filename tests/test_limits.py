@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -17,7 +16,7 @@ from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc as stubs
 from evalsvc.v1 import grader_pb2
 from tests.conftest import make_settings
-from tests.helpers import create_request, error_reason, keyed_channel
+from tests.helpers import create_request, error_reason, keyed_channel, serving_gateway
 
 
 def retry_delay(error: grpc.aio.AioRpcError) -> float | None:
@@ -151,24 +150,15 @@ async def test_max_concurrent_rpcs_rejects_the_excess(tmp_path: Path) -> None:
 
 async def test_rate_limited_http_calls_say_when_to_retry(tmp_path: Path) -> None:
     """Over HTTP the RetryInfo becomes `Retry-After`, on native routes and in every dialect's shape."""
-    srv = EvalServer(make_settings(tmp_path, http_addr="127.0.0.1:0", create_run_rate=0.2, create_run_burst=1))
-    await srv.start()
-    assert srv.gateway is not None and srv.bootstrap_key
-    try:
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{srv.gateway.port}",
-            headers={"authorization": f"Bearer {srv.bootstrap_key}"},
-            timeout=30,
-        ) as client:
-            run = {"items": [{"input": "q"}], "target": {"echo": {}}, "graders": [{"exactMatch": {}}]}
-            assert (await client.post("/v1/runs", json=run)).status_code == 200  # the burst
-            native = await client.post("/v1/runs", json=run)
-            assert native.status_code == 429 and int(native.headers["retry-after"]) >= 1
-            assert native.json()["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-            target = {"target": {"displayName": "agent", "target": {"echo": {}}}}
-            agent = (await client.post("/v1/targets", json=target)).json()["target"]["id"]
-            agno = await client.post("/eval-runs", json={"eval_type": "performance", "input": "q", "agent_id": agent})
-            assert agno.status_code == 429 and int(agno.headers["retry-after"]) >= 1
-            assert isinstance(agno.json()["detail"], str)  # Agno's error shape
-    finally:
-        await srv.stop(grace=0.5)
+    settings = make_settings(tmp_path, http_addr="127.0.0.1:0", create_run_rate=0.2, create_run_burst=1)
+    async with serving_gateway(settings) as (_, client):
+        run = {"items": [{"input": "q"}], "target": {"echo": {}}, "graders": [{"exactMatch": {}}]}
+        assert (await client.post("/v1/runs", json=run)).status_code == 200  # the burst
+        native = await client.post("/v1/runs", json=run)
+        assert native.status_code == 429 and int(native.headers["retry-after"]) >= 1
+        assert native.json()["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        target = {"target": {"displayName": "agent", "target": {"echo": {}}}}
+        agent = (await client.post("/v1/targets", json=target)).json()["target"]["id"]
+        agno = await client.post("/eval-runs", json={"eval_type": "performance", "input": "q", "agent_id": agent})
+        assert agno.status_code == 429 and int(agno.headers["retry-after"]) >= 1
+        assert isinstance(agno.json()["detail"], str)  # Agno's error shape
