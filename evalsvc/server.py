@@ -14,11 +14,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from evalsvc.api.auth import AuthInterceptor
+from evalsvc.api.auth import Authenticator
 from evalsvc.api.datasets import DatasetServicer
 from evalsvc.api.definitions import GraderServicer, TargetServicer
 from evalsvc.api.eval_runs import EvalRunServicer
-from evalsvc.api.observability import ObservabilityInterceptor
+from evalsvc.api.interceptor import CallInterceptor
+from evalsvc.api.observability import Observer
 from evalsvc.auth.service import KeyService
 from evalsvc.config import Settings
 from evalsvc.datasets.service import DatasetService
@@ -128,8 +129,7 @@ class EvalServer:
             self.bootstrap_key = await self.keys.bootstrap()
         server = grpc.aio.server(
             options=server_options(self.settings),
-            # Observability first (outermost), so calls that authentication rejects are logged and counted.
-            interceptors=[ObservabilityInterceptor(self.metrics), AuthInterceptor(self.keys)],
+            interceptors=[CallInterceptor(Authenticator(self.keys), Observer(self.metrics))],
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
         eval_run_service_pb2_grpc.add_EvalRunServiceServicer_to_server(

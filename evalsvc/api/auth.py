@@ -1,14 +1,13 @@
-"""The authentication interceptor: one place that checks the API key of every RPC.
+"""Authentication: the API key check every RPC except health and reflection goes through.
 
-It wraps each method handler so the check runs inside the call, where it can abort with a rich
-status, and sets `current_tenant` for the servicer. Health and reflection stay open so load
-balancers and tools work without keys.
+The check runs inside the call (see evalsvc.api.interceptor), where it can abort with a rich status,
+and sets `current_tenant` for the servicer. Health and reflection stay open so load balancers and
+tools work without keys.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 import grpc
 
@@ -33,56 +32,20 @@ def presented_key(metadata: tuple[Any, ...] | None) -> str | None:
     return None
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates every RPC except health and reflection."""
+class Authenticator:
+    """Decides which methods need a key and checks the key a call presented."""
 
     def __init__(self, keys: KeyService) -> None:
         self._keys = keys
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_PREFIXES):
-            return handler
-        key = presented_key(details.invocation_metadata)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, key),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(cast("Callable[..., AsyncIterator[Any]]", handler.unary_stream), key),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler  # no client-streaming methods exist in the contract
+    @staticmethod
+    def guards(method: str) -> bool:
+        """Whether calls of this method must present a valid key."""
+        return not method.startswith(OPEN_PREFIXES)
 
-    async def _authenticate(self, key: str | None, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    async def authenticate(self, key: str | None, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Set the caller's tenant, or abort the call with UNAUTHENTICATED."""
         try:
             current_tenant.set(await self._keys.authenticate(key))
-            return True
         except ServiceError as error:
             await abort(context, error)
-            return False
-
-    def _unary(self, behaviour: Callable[..., Awaitable[Any]], key: str | None) -> Callable[..., Awaitable[Any]]:
-        async def authenticated(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await self._authenticate(key, context)
-            return await behaviour(request, context)
-
-        return authenticated
-
-    def _stream(
-        self, behaviour: Callable[..., AsyncIterator[Any]], key: str | None
-    ) -> Callable[..., AsyncIterator[Any]]:
-        async def authenticated(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            await self._authenticate(key, context)
-            async for message in behaviour(request, context):
-                yield message
-
-        return authenticated

@@ -1,8 +1,8 @@
 """Which tenant a call acts for.
 
-The authentication wrapper (`evalsvc.api.auth`) sets `current_tenant` inside each RPC's own task
-before the servicer runs; servicers read it through `tenant_of`. It is not reset afterwards, so an
-outer interceptor can still read it for its access log once the call is done.
+Authentication (`evalsvc.api.auth`, run by `evalsvc.api.interceptor`) sets `current_tenant` inside
+each RPC's own task before the servicer runs; servicers read it through `tenant_of`. It is not reset
+afterwards, so the interceptor can still read it for its access log once the call is done.
 """
 
 from __future__ import annotations

@@ -99,22 +99,22 @@ async def record(
         await job_store.store_outputs(
             conn,
             [
-                {
-                    "job_id": f.job.id,
-                    "tenant": f.job.tenant,
-                    "run_id": f.job.run_id,
-                    "output": f.output.SerializeToString(),
-                    "latency_ms": f.output.latency_ms,
-                    "cost_usd": f.output.cost_usd,
-                    "item_score": item_score(f.grades, graders_of[f.job.run_id].weights),
-                }
+                (
+                    f.job.id,
+                    f.job.tenant,
+                    f.job.run_id,
+                    f.output.SerializeToString(),
+                    f.output.latency_ms,
+                    f.output.cost_usd,
+                    item_score(f.grades, graders_of[f.job.run_id].weights),
+                )
                 for f in kept
             ],
         )
         jobs_by_run: dict[str, list[FinishedJob]] = defaultdict(list)
         for f in kept:
             jobs_by_run[f.job.run_id].append(f)
-        result_rows: list[dict[str, Any]] = []
+        result_rows: list[tuple[Any, ...]] = []
         for run_id, run_jobs in sorted(jobs_by_run.items()):  # runs in id order: the store's lock order
             tally = dict.fromkeys(_STATE_FIELD.values(), 0)
             spent = 0.0
@@ -138,7 +138,7 @@ async def record(
 
 
 def _result_events(
-    r: Mapping[str, Any], run_jobs: Sequence[FinishedJob], now: float, result_rows: list[dict[str, Any]]
+    r: Mapping[str, Any], run_jobs: Sequence[FinishedJob], now: float, result_rows: list[tuple[Any, ...]]
 ) -> list[pb.WatchRunResponse]:
     """One event per result, seqs and counts replayed from the run's state before this batch."""
     n = sum(len(f.grades) for f in run_jobs)
@@ -167,27 +167,27 @@ def _result_events(
             setattr(counts, field, getattr(counts, field) + 1)
             counts.completed_evaluations += 1
             result_id = job.id * GRADER_SLOTS + grader_idx
-            result_rows.append(
-                {
-                    "id": result_id,
-                    "tenant": job.tenant,
-                    "run_id": job.run_id,
-                    "job_id": job.id,
-                    "item_id": f.item_id,
-                    "repetition": job.repetition,
-                    "grader": grader,
-                    "state": grade.state,
-                    "score": grade.score,
-                    "raw_score": grade.raw_score,
-                    "explanation": grade.explanation,
-                    "error_reason": grade.error_reason,
-                    "attempt": job.attempt,
-                    "cost_usd": f.output.cost_usd,
-                    "latency_ms": f.output.latency_ms,
-                    "complete_time": now,
-                    "scoring_cost_usd": grade.cost_usd,
-                    "confidence": grade.confidence,
-                }
+            result_rows.append(  # in run_store.RESULT_COLUMNS order
+                (
+                    result_id,
+                    job.tenant,
+                    job.run_id,
+                    job.id,
+                    f.item_id,
+                    job.repetition,
+                    grader,
+                    grade.state,
+                    grade.score,
+                    grade.raw_score,
+                    grade.explanation,
+                    grade.error_reason,
+                    job.attempt,
+                    f.output.cost_usd,
+                    f.output.latency_ms,
+                    now,
+                    grade.cost_usd,
+                    grade.confidence,
+                )
             )
             events.append(
                 pb.WatchRunResponse(

@@ -223,8 +223,7 @@ class RunService:
 
     async def get(self, tenant: str, run_id: str) -> run_pb2.Run:
         """A run; NOT_FOUND when it does not exist or is another tenant's."""
-        async with self._db.read() as conn:
-            row = await run_store.get(conn, tenant, run_id)
+        row = await run_store.get_current(self._db, tenant, run_id)
         if row is None:
             raise not_found("run", run_id)
         return run_from(row)

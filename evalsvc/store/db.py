@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from evalsvc.store import models as _models  # noqa: F401  (registers the tables)
+from evalsvc.store.run_cache import RunRowCache, take_changed
 
 
 class Database:
@@ -38,12 +39,25 @@ class Database:
         else:
             self.writer = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
             self.reader = self.writer
+        # This process writes every change of a SQLite database (it has one server), so it can keep
+        # run rows current in memory; other servers change a PostgreSQL database behind its back.
+        self.run_rows: RunRowCache | None = RunRowCache() if self.is_sqlite else None
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction: commits on success, rolls back on any exception."""
-        async with self.writer.begin() as conn:
-            yield conn
+        async with self.writer.connect() as conn:
+            take_changed(conn)
+            try:
+                async with conn.begin():
+                    yield conn
+            except BaseException:
+                take_changed(conn)
+                raise
+            # Committed, and the connection (SQLite's one writer) is still ours: commit order.
+            changed = take_changed(conn)
+            if self.run_rows is not None:
+                self.run_rows.committed(changed)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.ids import PROCESS_ID
+from evalsvc.store.bulk import insert_tuples
 from evalsvc.store.models import EventRow
 from evalsvc.v1 import eval_run_service_pb2 as pb
 
@@ -25,9 +26,11 @@ async def append(conn: AsyncConnection, tenant: str, run_id: str, events: Sequen
     delays a watcher on another replica until its next wake-up; it never loses an event."""
     if not events:
         return
-    await conn.execute(
-        insert(EVENTS),
-        [{"run_id": run_id, "seq": e.seq, "tenant": tenant, "payload": e.SerializeToString()} for e in events],
+    await insert_tuples(
+        conn,
+        EVENTS,
+        ("run_id", "seq", "tenant", "payload"),
+        [(run_id, e.seq, tenant, e.SerializeToString()) for e in events],
     )
     if conn.dialect.name == "postgresql":
         await conn.execute(select(func.pg_notify(EVENTS_CHANNEL, f"{PROCESS_ID}|{run_id}|{events[-1].seq}")))

@@ -15,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, insert, or_, select, tuple_, update
+from sqlalchemy import ColumnElement, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.store.bulk import insert_tuples
 from evalsvc.store.models import JOB_DONE, JOB_LEASED, JOB_QUEUED, JobRow, OutputRow, RunItemRow
 
 JOBS = JobRow.__table__  # type: ignore[attr-defined]
@@ -92,10 +93,12 @@ async def complete(conn: AsyncConnection, jobs: Iterable[tuple[int, str]]) -> se
     return {job_id for (job_id,) in done}
 
 
-async def store_outputs(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert the target outputs of completed jobs."""
-    if rows:
-        await conn.execute(insert(OUTPUTS), list(rows))
+OUTPUT_COLUMNS = ("job_id", "tenant", "run_id", "output", "latency_ms", "cost_usd", "item_score")
+
+
+async def store_outputs(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
+    """Insert the target outputs of completed jobs: tuples in OUTPUT_COLUMNS order."""
+    await insert_tuples(conn, OUTPUTS, OUTPUT_COLUMNS, rows)
 
 
 async def release(conn: AsyncConnection, claim_ids: Sequence[str]) -> None:

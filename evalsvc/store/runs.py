@@ -15,6 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from evalsvc.runs.convert import counts_from, run_from, timestamp
 from evalsvc.store import events
 from evalsvc.store import jobs as job_store
+from evalsvc.store.bulk import insert_tuples
+from evalsvc.store.db import Database
 from evalsvc.store.models import (
     JOB_CANCELLED,
     JOB_LEASED,
@@ -27,6 +29,7 @@ from evalsvc.store.models import (
     RunLabelRow,
     RunRow,
 )
+from evalsvc.store.run_cache import remember
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import item_pb2, run_pb2
 
@@ -74,6 +77,7 @@ async def insert_run(
     tenant, run_id = row["tenant"], row["id"]
     inserted = await conn.execute(insert(RUNS).values(**row, last_seq=1, update_time=now).returning(*RUNS.c))
     stored = cast("Mapping[str, Any]", inserted.mappings().one())
+    remember(conn, stored)
     if row["labels"]:
         await conn.execute(
             insert(LABELS),
@@ -109,6 +113,22 @@ async def get(conn: AsyncConnection, tenant: str, run_id: str) -> Mapping[str, A
     """A tenant's run row, or None (also for another tenant's run)."""
     found = await conn.execute(select(RUNS).where(RUNS.c.id == run_id, RUNS.c.tenant == tenant))
     return cast("Mapping[str, Any] | None", found.mappings().first())
+
+
+async def get_current(db: Database, tenant: str, run_id: str) -> Mapping[str, Any] | None:
+    """`get` for a caller that needs no transaction: served from the run cache where the database
+    has one (see evalsvc.store.run_cache), read (and cached) otherwise."""
+    cache = db.run_rows
+    row = cache.get(run_id) if cache is not None else None
+    if row is None:
+        started = cache.read_started() if cache is not None else 0
+        async with db.read() as conn:
+            row = await get_any_tenant(conn, run_id)
+        if row is None:
+            return None
+        if cache is not None:
+            cache.fill(row, started)
+    return row if row["tenant"] == tenant else None
 
 
 async def list_page(
@@ -159,10 +179,11 @@ async def set_status(
         .values(status=status, update_time=now, last_seq=RUNS.c.last_seq + 1, **values)
         .returning(*RUNS.c)
     )
-    row = changed.mappings().first()
+    row = cast("Mapping[str, Any] | None", changed.mappings().first())
     if row is None:
         return None
-    event = run_event(cast("Mapping[str, Any]", row))
+    remember(conn, row)
+    event = run_event(row)
     await events.append(conn, tenant, run_id, [event])
     return event
 
@@ -179,6 +200,8 @@ async def update_fields(
         .returning(*RUNS.c)
     )
     row = cast("Mapping[str, Any] | None", changed.mappings().first())
+    if row is not None:
+        remember(conn, row)
     if row is not None and "labels" in values:
         await conn.execute(LABELS.delete().where(LABELS.c.run_id == run_id))
         if values["labels"]:
@@ -304,7 +327,9 @@ async def add_progress(
         )
         .returning(*RUNS.c)
     )
-    return cast("Mapping[str, Any]", updated.mappings().one())
+    row = cast("Mapping[str, Any]", updated.mappings().one())
+    remember(conn, row)
+    return row
 
 
 async def tenant_spend(conn: AsyncConnection, tenant: str) -> float:
@@ -313,10 +338,32 @@ async def tenant_spend(conn: AsyncConnection, tenant: str) -> float:
     return float(found.scalar_one())
 
 
-async def insert_results(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert result rows; the unique evaluation key rejects a second result for an evaluation."""
-    if rows:
-        await conn.execute(insert(RESULTS), list(rows))
+RESULT_COLUMNS = (
+    "id",
+    "tenant",
+    "run_id",
+    "job_id",
+    "item_id",
+    "repetition",
+    "grader",
+    "state",
+    "score",
+    "raw_score",
+    "explanation",
+    "error_reason",
+    "attempt",
+    "cost_usd",
+    "latency_ms",
+    "complete_time",
+    "scoring_cost_usd",
+    "confidence",
+)
+
+
+async def insert_results(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
+    """Insert result rows (tuples in RESULT_COLUMNS order); the unique evaluation key rejects a second
+    result for an evaluation."""
+    await insert_tuples(conn, RESULTS, RESULT_COLUMNS, rows)
 
 
 async def get_any_tenant(conn: AsyncConnection, run_id: str) -> Mapping[str, Any] | None:

@@ -1,0 +1,180 @@
+"""The one server interceptor: every call is authenticated and observed inside a single wrapper.
+
+It wraps the handler's behaviour (rather than only deciding at handler lookup) because the key
+check must be able to abort the call with a rich status, and because the outcome the observer
+records is known only once the behaviour has finished. Authentication runs inside the observed
+part, so rejected calls are counted and logged too.
+
+Why one interceptor and not one per concern: grpc.aio runs every interceptor's lookup coroutine,
+builds a new method handler and adds a wrapper frame to each call, per interceptor. On GetRun,
+the hottest call, two layers cost measurably more than one (see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias, cast
+
+import grpc
+
+from evalsvc.api.auth import Authenticator, presented_key
+from evalsvc.api.observability import Observer
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+LookUp: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates (where the method needs it) and observes every unary and server-streaming call."""
+
+    def __init__(self, auth: Authenticator, observer: Observer) -> None:
+        self._auth = auth
+        self._observer = observer
+
+    async def intercept_service(
+        self, continuation: LookUp, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(details)
+        # Unknown methods get no handler and stay unwrapped: their names would be unbounded label values.
+        if handler is None:
+            return handler
+        method: str = details.method
+        call = _Call(method, self._auth, presented_key(details.invocation_metadata), self._observer)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                call.unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            behaviour = cast("Callable[..., Any]", handler.unary_stream)
+            wrap = call.stream if inspect.isasyncgenfunction(behaviour) else call.stream_writer
+            return grpc.unary_stream_rpc_method_handler(
+                wrap(behaviour),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # client- and bidi-streaming (reflection only; open) pass through unobserved
+
+
+class _Call:
+    """Wrappers for one call of one method, with the key it presented."""
+
+    __slots__ = ("_auth", "_key", "_method", "_observer")
+
+    def __init__(self, method: str, auth: Authenticator, key: str | None, observer: Observer) -> None:
+        self._method = method
+        self._auth = auth if auth.guards(method) else None
+        self._key = key
+        self._observer = observer
+
+    def unary(self, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def observed(request: Any, context: Context) -> Any:
+            started = time.perf_counter()
+            peer = _peer(context)
+            response = None
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                if self._auth is not None:
+                    await self._auth.authenticate(self._key, context)
+                response = await behaviour(request, context)
+                code = _code(context, grpc.StatusCode.OK)
+                return response
+            except grpc.aio.AbortError:
+                code = _code(context, grpc.StatusCode.UNKNOWN)
+                raise
+            except BaseException as exc:
+                code = _code_of_exception(exc)
+                raise
+            finally:
+                self._observer.finished(self._method, code, started, request, response, peer, stream=False)
+
+        return observed
+
+    def stream(self, behaviour: Callable[..., AsyncGenerator[Any, None]]) -> Callable[..., AsyncIterator[Any]]:
+        """Wraps an async-generator behaviour (the evalsvc servicers)."""
+
+        async def observed(request: Any, context: Context) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            peer = _peer(context)
+            code = grpc.StatusCode.UNKNOWN
+            closed = self._observer.stream_opened(self._method)
+            try:
+                if self._auth is not None:
+                    await self._auth.authenticate(self._key, context)
+                # aclosing: when the client leaves, the inner generators' cleanup (unsubscribing the
+                # watcher, releasing its stream quota) runs now, not whenever the garbage collector gets to it.
+                async with contextlib.aclosing(behaviour(request, context)) as messages:
+                    async for message in messages:
+                        yield message
+                code = _code(context, grpc.StatusCode.OK)
+            except grpc.aio.AbortError:
+                code = _code(context, grpc.StatusCode.UNKNOWN)
+                raise
+            except BaseException as exc:  # GeneratorExit when the client goes away
+                code = _code_of_exception(exc)
+                raise
+            finally:
+                closed()
+                self._observer.finished(self._method, code, started, request, None, peer, stream=True)
+
+        return observed
+
+    def stream_writer(self, behaviour: Callable[..., Any]) -> Callable[..., Awaitable[None]]:
+        """Wraps a coroutine behaviour that sends with `context.write` (grpc's health Watch)."""
+
+        async def observed(request: Any, context: Context) -> None:
+            started = time.perf_counter()
+            peer = _peer(context)
+            code = grpc.StatusCode.UNKNOWN
+            closed = self._observer.stream_opened(self._method)
+            try:
+                if self._auth is not None:
+                    await self._auth.authenticate(self._key, context)
+                result = behaviour(request, context)
+                if inspect.isasyncgen(result):  # an async generator we could not recognise up front
+                    async with contextlib.aclosing(result) as messages:
+                        async for message in messages:
+                            await context.write(message)
+                else:
+                    await result
+                code = _code(context, grpc.StatusCode.OK)
+            except grpc.aio.AbortError:
+                code = _code(context, grpc.StatusCode.UNKNOWN)
+                raise
+            except BaseException as exc:
+                code = _code_of_exception(exc)
+                raise
+            finally:
+                closed()
+                self._observer.finished(self._method, code, started, request, None, peer, stream=True)
+
+        return observed
+
+
+def _code(context: Context, default: grpc.StatusCode) -> grpc.StatusCode:
+    """The code the handler set or aborted with; `default` when it set none."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return default
+
+
+def _code_of_exception(exc: BaseException) -> grpc.StatusCode:
+    """What the client sees when a behaviour ends with this exception instead of a status."""
+    if isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
+
+
+def _peer(context: Context) -> str:
+    """The client's address, read when the call starts: asking a context whose call was cancelled
+    (client gone) for its peer dereferenced a null pointer in grpc's core and killed the server."""
+    try:
+        return str(context.peer())
+    except Exception:  # a context that cannot say: the log line matters more than its peer
+        return ""

@@ -1,0 +1,81 @@
+"""A write-through cache of run rows, for databases this process is the only writer of (SQLite).
+
+GetRun is the hottest read: dashboards and pipelines poll it. Reading the row from SQLite costs a
+pooled connection, a thread hop and SQLAlchemy's statement machinery on every call, several times
+what gRPC itself costs. Every change to a run row goes through three store functions that already
+return the changed row (`RETURNING`), so the writer can keep a copy current for free:
+
+- a write transaction collects the rows it changed (`remember`); they enter the cache only once
+  the transaction has committed, while the writer still holds the connection, so cache updates
+  happen in commit order and a rolled-back change is never seen;
+- a read that missed fills the cache only when no write it might have missed could be lost:
+  a row already in the cache is never overwritten by a fill, and evicting an entry raises a
+  watermark that refuses fills by reads started before the evicted entry's write.
+
+With several servers on one database (PostgreSQL) other processes change runs too, so there the
+cache is off and every read goes to the database.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+Row = Mapping[str, Any]
+
+_PENDING = "evalsvc.changed_runs"
+
+
+def remember(conn: AsyncConnection, row: Row) -> None:
+    """Note a run row changed (or created) by this write transaction."""
+    conn.info.setdefault(_PENDING, []).append(row)
+
+
+def take_changed(conn: AsyncConnection) -> list[Row]:
+    """The rows this transaction changed, forgotten by the connection (call once it ends)."""
+    rows: list[Row] = conn.info.pop(_PENDING, [])
+    return rows
+
+
+class RunRowCache:
+    """Run rows by id, least recently used first out."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        self._entries: OrderedDict[str, tuple[int, Row]] = OrderedDict()
+        self._writes = 0  # committed run writes so far: the generation of the newest one
+        self._evicted_up_to = 0  # the newest generation an evicted entry held
+
+    def get(self, run_id: str) -> Row | None:
+        """The current row of a run, or None when it is not cached."""
+        entry = self._entries.get(run_id)
+        if entry is None:
+            return None
+        self._entries.move_to_end(run_id)
+        return entry[1]
+
+    def committed(self, rows: list[Row]) -> None:
+        """Rows a write transaction changed, applied in commit order."""
+        for row in rows:
+            self._writes += 1
+            self._put(row["id"], self._writes, row)
+
+    def read_started(self) -> int:
+        """A token for a database read about to start; give it back to `fill`."""
+        return self._writes
+
+    def fill(self, row: Row, started: int) -> None:
+        """Cache a row read from the database, unless a write since `started` may make it stale."""
+        if row["id"] in self._entries or self._evicted_up_to > started:
+            return
+        self._put(row["id"], started, row)
+
+    def _put(self, run_id: str, generation: int, row: Row) -> None:
+        self._entries[run_id] = (generation, row)
+        self._entries.move_to_end(run_id)
+        while len(self._entries) > self._capacity:
+            _, (evicted, _) = self._entries.popitem(last=False)
+            self._evicted_up_to = max(self._evicted_up_to, evicted)

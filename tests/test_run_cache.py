@@ -1,0 +1,59 @@
+"""GetRun is served from a write-through cache on SQLite; it must never show a stale or uncommitted run."""
+
+from __future__ import annotations
+
+import pytest
+
+from evalsvc.server import EvalServer
+from evalsvc.store import runs as run_store
+from evalsvc.store.run_cache import RunRowCache
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import eval_run_service_pb2_grpc, run_pb2
+from tests.helpers import create_request, watch_all
+
+
+class Boom(Exception):
+    pass
+
+
+async def test_get_run_shows_every_committed_change_and_no_rolled_back_one(
+    server: EvalServer, runs: eval_run_service_pb2_grpc.EvalRunServiceStub
+) -> None:
+    created = (await runs.CreateRun(create_request(3))).run
+    await watch_all(runs, created.id)  # run to the end: every progress write has committed
+    finished = (await runs.GetRun(pb.GetRunRequest(run_id=created.id))).run
+    assert finished.counts.completed_evaluations == 3 and finished.last_seq > created.last_seq
+
+    with pytest.raises(Boom):
+        async with server.db.write() as conn:
+            await run_store.update_fields(conn, "default", created.id, {"display_name": "never committed"})
+            raise Boom
+    assert (await runs.GetRun(pb.GetRunRequest(run_id=created.id))).run.display_name == created.display_name
+
+    await runs.UpdateRun(pb.UpdateRunRequest(run_id=created.id, run=run_pb2.Run(display_name="renamed")))
+    assert (await runs.GetRun(pb.GetRunRequest(run_id=created.id))).run.display_name == "renamed"
+    await runs.DeleteRun(pb.DeleteRunRequest(run_id=created.id))
+    assert (await runs.GetRun(pb.GetRunRequest(run_id=created.id))).run.HasField("delete_time")
+
+
+def _row(run_id: str, version: int) -> dict[str, object]:
+    return {"id": run_id, "tenant": "t", "version": version}
+
+
+def test_a_read_that_started_before_a_write_never_replaces_it() -> None:
+    cache = RunRowCache()
+    started = cache.read_started()
+    cache.committed([_row("r1", 2)])  # a write commits while the read is in flight
+    cache.fill(_row("r1", 1), started)  # the read returns what it saw before the write
+    assert cache.get("r1") == _row("r1", 2)
+
+
+def test_an_evicted_write_refuses_fills_by_reads_older_than_it() -> None:
+    cache = RunRowCache(capacity=1)
+    started = cache.read_started()
+    cache.committed([_row("r1", 2)])
+    cache.committed([_row("r2", 1)])  # evicts r1's newer row
+    cache.fill(_row("r1", 1), started)  # the stale read must not come back
+    assert cache.get("r1") is None
+    cache.fill(_row("r1", 2), cache.read_started())  # a read started after the write may fill
+    assert cache.get("r1") == _row("r1", 2)
