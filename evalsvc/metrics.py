@@ -12,14 +12,17 @@ the event loop. The counts are global (every replica reports the same); the rest
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.context_managers import Timer
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from evalsvc.store import stats
 from evalsvc.store.db import Database
@@ -77,20 +80,17 @@ class Metrics:
             ["state"],
             registry=r,
         )
-        self.target_latency = Histogram(
+        self.target_latency = LoopHistogram(
             "evalsvc_target_latency_seconds",
             "Latency of target calls (the measured call, not warmups), by target kind",
-            ["target"],
-            buckets=TARGET_BUCKETS,
-            registry=r,
+            "target",
+            TARGET_BUCKETS,
         )
-        self.grader_latency = Histogram(
-            "evalsvc_grader_latency_seconds",
-            "Time to grade one output, by grader kind",
-            ["grader"],
-            buckets=GRADER_BUCKETS,
-            registry=r,
+        self.grader_latency = LoopHistogram(
+            "evalsvc_grader_latency_seconds", "Time to grade one output, by grader kind", "grader", GRADER_BUCKETS
         )
+        r.register(self.target_latency)
+        r.register(self.grader_latency)
         self._evaluations_by_state = {state: self.evaluations.labels(name) for state, name in RESULT_STATES.items()}
         for name in RUN_STATUSES.values():
             self.runs.labels(name)  # every status is exported, zeros included, so series never vanish
@@ -108,13 +108,13 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def target_timer(self, target: object) -> Timer:
-        """A context manager timing one target call."""
-        return self.target_latency.labels(kind_label(target)).time()
+    def target_called(self, target: object, seconds: float) -> None:
+        """Observe one target call's latency."""
+        self.target_latency.observe(kind_label(target), seconds)
 
-    def grader_timer(self, grader: object) -> Timer:
-        """A context manager timing one grading."""
-        return self.grader_latency.labels(kind_label(grader)).time()
+    def graded(self, grader: object, seconds: float) -> None:
+        """Observe how long grading one output took."""
+        self.grader_latency.observe(kind_label(grader), seconds)
 
     def evaluations_recorded(self, events: Mapping[str, Sequence[pb.WatchRunResponse]]) -> None:
         """Count the results among events the recorder just committed."""
@@ -186,6 +186,40 @@ class Metrics:
 
 
 _KIND_CACHE: dict[type[Any], str] = {}
+
+
+class LoopHistogram(Collector):
+    """A histogram with one label, observed only on the event loop's thread, exported at scrape.
+
+    prometheus_client's Histogram takes a lock twice per observation; a large run grades 250,000
+    outputs, and those locks were 5% of the event loop (bench profile). Observations here are a
+    bisect and two additions on plain lists: the event loop is one thread, and the scrape handler
+    runs on it too, so nothing else reads or writes them meanwhile."""
+
+    def __init__(self, name: str, documentation: str, label: str, buckets: Sequence[float]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._label = label
+        self._bounds = tuple(buckets)
+        self._series: dict[str, list[float]] = {}  # label value -> [count per bucket..., +Inf, sum]
+
+    def observe(self, value: str, seconds: float) -> None:
+        """Count one observation of `seconds` under label value `value`."""
+        series = self._series.get(value)
+        if series is None:
+            series = self._series[value] = [0.0] * (len(self._bounds) + 2)
+        series[bisect.bisect_left(self._bounds, seconds)] += 1  # bucket `le` bound: seconds <= bound
+        series[-1] += seconds
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=[self._label])
+        for value, series in self._series.items():
+            cumulative, buckets = 0.0, []
+            for bound, count in zip([*map(floatToGoString, self._bounds), "+Inf"], series[:-1], strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric([value], buckets, sum_value=series[-1])
+        yield family
 
 
 def kind_label(obj: object) -> str:

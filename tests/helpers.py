@@ -119,9 +119,11 @@ class _StreamKey(_ApiKey, grpc.aio.UnaryStreamClientInterceptor):  # type: ignor
         return await continuation(self._with_key(details), request)
 
 
-def keyed_channel(port: int, key: str, host: str = "127.0.0.1") -> grpc.aio.Channel:
+def keyed_channel(
+    port: int, key: str, host: str = "127.0.0.1", options: list[tuple[str, Any]] | None = None
+) -> grpc.aio.Channel:
     """An insecure channel to a test server that authenticates every call with `key`."""
-    return grpc.aio.insecure_channel(f"{host}:{port}", interceptors=[_UnaryKey(key), _StreamKey(key)])
+    return grpc.aio.insecure_channel(f"{host}:{port}", options=options, interceptors=[_UnaryKey(key), _StreamKey(key)])
 
 
 @asynccontextmanager

@@ -188,6 +188,10 @@ async def test_a_finished_run_shows_in_evaluation_run_and_latency_metrics(
     assert sample(samples, "evalsvc_jobs_running") is not None
     assert sample(samples, "evalsvc_target_latency_seconds_count", target="provided") == 5
     assert sample(samples, "evalsvc_grader_latency_seconds_count", grader="exact_match") == 5
+    # Buckets are cumulative: an exact match takes well under a second, so all 5 are in le="1.0".
+    assert sample(samples, "evalsvc_grader_latency_seconds_bucket", grader="exact_match", le="1.0") == 5
+    assert sample(samples, "evalsvc_grader_latency_seconds_bucket", grader="exact_match", le="+Inf") == 5
+    assert 0 < (sample(samples, "evalsvc_grader_latency_seconds_sum", grader="exact_match") or 0) < 5
     assert sample(samples, "evalsvc_stream_duration_seconds_count", method=f"{SERVICE}/WatchRun") == 1
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from evalsvc.events.bus import Subscription
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, run_pb2
@@ -121,22 +122,42 @@ async def test_idle_watch_gets_heartbeats_with_last_seq(tmp_path: Path) -> None:
         await srv.stop(grace=0.5)
 
 
+# A client that reads nothing and accepts only ~1 KiB in flight: the server's writes to it stall.
+STALLED_READER = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+
+
 async def test_slow_watcher_catches_up_from_the_database(tmp_path: Path) -> None:
-    srv = await _paused_server(tmp_path, watch_buffer=8)
+    srv = await _paused_server(tmp_path, watch_buffer=8, claim_batch=20)
     try:
-        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+        async with (
+            keyed_channel(srv.port, srv.bootstrap_key or "") as channel,
+            keyed_channel(srv.port, srv.bootstrap_key or "", options=STALLED_READER) as stalled,
+        ):
             stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
-            created = await stub.CreateRun(create_request(400))
-            call = stub.WatchRun(pb.WatchRunRequest(run_id=created.run.id))
-            first = await call.read()  # subscribed; now let the run produce far more than 8 buffered events
+            created = await stub.CreateRun(create_request(2000))
+            call = eval_run_service_pb2_grpc.EvalRunServiceStub(stalled).WatchRun(
+                pb.WatchRunRequest(run_id=created.run.id)
+            )
+            first = await call.read()  # subscribed; it reads nothing more until the run has ended
             await srv.executor.start()
+            await watch_all(stub, created.run.id)  # ~100 batches published past the slow watcher's 8 slots
             events = [first]
             while (event := await call.read()) is not grpc.aio.EOF:
                 if not event.HasField("heartbeat"):
                     events.append(event)
-            assert_complete_log(events, 400)
+            assert_complete_log(events, 2000)
     finally:
         await srv.stop(grace=0.5)
+
+
+async def test_a_batch_larger_than_the_buffer_reaches_a_watcher_that_keeps_up() -> None:
+    subscription = Subscription(capacity=8)
+    batch = [pb.WatchRunResponse(seq=seq) for seq in range(1, 21)]
+    subscription.push(batch)  # empty buffer: taken whole
+    assert await subscription.next(1.0) == batch
+    subscription.push(batch)
+    subscription.push([pb.WatchRunResponse(seq=21)])  # behind 20 unread events in 8 slots: overflow
+    assert await subscription.next(1.0) is None  # read the database instead
 
 
 async def test_server_shutdown_ends_watches_with_unavailable(tmp_path: Path) -> None:

@@ -42,8 +42,12 @@ class Subscription:
         self._wake.set()
 
     def push(self, events: Sequence[pb.WatchRunResponse] | None) -> None:
-        """Buffer events; None (or an overflow) means: read the database instead."""
-        if events is None or len(self._events) + len(events) > self._capacity:
+        """Buffer events; None (or an overflow) means: read the database instead.
+
+        A batch larger than the capacity is still taken into an empty buffer: it is in memory anyway
+        (every watcher shares the publisher's messages), and a watcher that keeps up must not be sent
+        to the database just because one recording batch (jobs x graders) outgrew the capacity."""
+        if events is None or (self._events and len(self._events) + len(events) > self._capacity):
             self._events.clear()
             self._stale = True
         else:

@@ -248,20 +248,23 @@ class Executor:
                     self._check_budget(job, plan)
                     self._spend(plan, (await plan.target.respond(item)).cost_usd)
             self._check_budget(job, plan)
-            with self._metrics.target_timer(plan.target):
+            started = time.perf_counter()
+            try:
                 output = await plan.target.respond(item)
+            finally:  # failed and timed-out calls are the latencies operators most need to see
+                self._metrics.target_called(plan.target, time.perf_counter() - started)
             self._spend(plan, output.cost_usd)
             grades: list[tuple[str, Grade]] = []
             for g in plan.graders:
+                started = time.perf_counter()
                 if isinstance(g, LlmJudgeGrader):
                     self._check_budget(job, plan)
-                    with self._metrics.grader_timer(g):
-                        grade = await g.grade_async(item, output)
+                    grade = await g.grade_async(item, output)
                     self._spend(plan, grade.cost_usd)
-                    grades.append((g.name, grade))
                 else:
-                    with self._metrics.grader_timer(g):
-                        grades.append((g.name, g.grade(item, output)))
+                    grade = g.grade(item, output)
+                self._metrics.graded(g, time.perf_counter() - started)
+                grades.append((g.name, grade))
         except BudgetExceeded:
             self._finished_ready.set()  # the recorder ends the run once what finished is recorded
             return False
