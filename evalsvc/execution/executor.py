@@ -28,7 +28,7 @@ from evalsvc.config import Settings
 from evalsvc.events.bus import EventBus
 from evalsvc.execution.outbound import Outbound, call_guard
 from evalsvc.execution.recorder import ClaimedJob, FinishedJob, RunGraders, fail_early, record
-from evalsvc.execution.targets import PriceTable, Target, TargetError, build_target
+from evalsvc.execution.targets import PriceTable, Target, TargetError, answers_locally, build_target
 from evalsvc.graders import CompiledGrader, Grade, compile_grader, grader_name, target_error_grade
 from evalsvc.graders.judge import JudgeDefaults, LlmJudgeGrader
 from evalsvc.metrics import Metrics
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 # A job whose run cannot even be loaded is retried on later leases (another replica, perhaps a newer
 # version, may manage); after this many attempts the run is failed instead of waiting forever.
 MAX_LOAD_ATTEMPTS = 3
+# Longest stretch of local jobs executed before the claim loop lets the event loop serve others.
+INLINE_SLICE_S = 0.002
 
 
 @dataclass
@@ -56,6 +58,12 @@ class RunPlan:
     recorder_view: RunGraders
     max_cost_usd: float | None
     spent_usd: float  # committed spend at load time plus what this process spent since
+
+    @property
+    def local(self) -> bool:
+        """Whether its jobs run without any I/O (recorded responses, deterministic graders): they
+        never wait, so they need no worker slot and no task of their own."""
+        return answers_locally(self.target) and not any(isinstance(g, LlmJudgeGrader) for g in self.graders)
 
 
 class BudgetExceeded(Exception):
@@ -94,6 +102,7 @@ class Executor:
         self._work_available = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._finished_ready = asyncio.Event()
+        self._recorded = asyncio.Event()
         self._stopping = False
         self._stop_requested = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
@@ -135,6 +144,7 @@ class Executor:
         self._stopping = True
         self._work_available.set()
         self._slot_free.set()
+        self._recorded.set()
         self._stop_requested.set()
         for loop in self._loops:
             if loop.get_name() == "executor-claim":
@@ -162,17 +172,34 @@ class Executor:
                     await asyncio.wait_for(self._stop_requested.wait(), 1.0)
 
     async def _claim_loop(self) -> None:
+        local_queue = False  # whether the last claim held only local jobs (see RunPlan.local)
         while not self._stopping:
             room = self._settings.workers - self.in_flight()
             if room <= 0:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
-            jobs = await self._claim(min(room, self._settings.claim_batch))
+            # `--workers` bounds jobs that wait on a model. Local jobs finish as soon as they start,
+            # so while the queue holds those, claim whole batches: one claim and one recording per
+            # `claim_batch` jobs instead of per `workers`. A claim of model jobs is never larger than
+            # the free slots, so one replica does not hoard jobs others could be running.
+            jobs = await self._claim(
+                self._settings.claim_batch if local_queue else min(room, self._settings.claim_batch)
+            )
             if not jobs:
+                local_queue = False
                 self._work_available.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._work_available.wait(), self._settings.poll_interval_s)
+                continue
+            local_queue = await self._all_local(jobs)
+            if local_queue:
+                await self._execute_inline(jobs)
+                # Local jobs outpace the recorder: wait until it has taken this claim's outputs, so
+                # one claim executes while the previous one is recorded and memory stays bounded.
+                while len(self._finished) > 0 and not self._stopping:
+                    self._recorded.clear()
+                    await self._recorded.wait()
                 continue
             for job in jobs:
                 task = asyncio.create_task(self._execute(job))
@@ -180,6 +207,27 @@ class Executor:
                 task.add_done_callback(
                     cast("Callable[[asyncio.Task[bool]], object]", lambda t, job=job: self._task_done(job, t))
                 )
+
+    async def _all_local(self, jobs: list[ClaimedJob]) -> bool:
+        """Whether every job of a claim is local (a run whose plan cannot load is not)."""
+        for run_id in {job.run_id for job in jobs}:
+            try:
+                if not (await self._plan(run_id)).local:
+                    return False
+            except Exception:  # _execute reports it, per job
+                return False
+        return True
+
+    async def _execute_inline(self, jobs: list[ClaimedJob]) -> None:
+        """Execute local jobs one after another on the claim loop, yielding to the event loop every
+        few milliseconds so a claim of many graders does not stall RPCs and watchers."""
+        yielded = time.perf_counter()
+        for job in jobs:
+            if not await self._execute(job):
+                self._release_claim_slot(job.claim_id)
+            if time.perf_counter() - yielded > INLINE_SLICE_S:
+                await asyncio.sleep(0)
+                yielded = time.perf_counter()
 
     async def _claim(self, limit: int) -> list[ClaimedJob]:
         claim_id = uuid.uuid4().hex
@@ -374,6 +422,7 @@ class Executor:
                 continue
             batch_jobs = self._settings.claim_batch
             batch, self._finished = self._finished[:batch_jobs], self._finished[batch_jobs:]
+            self._recorded.set()
             views = {}
             for f in batch:
                 if f.job.run_id not in views:

@@ -73,6 +73,11 @@ class EchoTarget:
         return item_pb2.Response(content=item.input)
 
 
+def answers_locally(target: Target) -> bool:
+    """Whether a target answers without any I/O (recorded responses, echo): its calls never wait."""
+    return isinstance(target, (ProvidedTarget, EchoTarget))
+
+
 def chat_url(endpoint: target_pb2.Endpoint) -> str:
     """The Chat Completions URL of an OpenAI-compatible base URL."""
     return endpoint.base_url.rstrip("/") + "/chat/completions"
