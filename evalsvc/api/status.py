@@ -18,7 +18,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from evalsvc.errors import ERROR_DOMAIN, ServiceError
+from evalsvc.errors import ERROR_DOMAIN, FieldViolation, ServiceError, invalid_argument
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,8 @@ def _translated(
             return await (asyncio.shield(call) if shielded else call)
         except ServiceError as error:
             await abort(context, error)
-        except Exception:
-            log.exception("unexpected error in %s", method.__name__)
-            await abort(context, _internal())
+        except Exception as exc:
+            await abort(context, _unexpected(exc, method.__name__))
         raise AssertionError("abort_with_status returned")  # pragma: no cover
 
     return wrapper
@@ -112,8 +111,25 @@ def server_stream(
                 yield message
         except ServiceError as error:
             await abort(context, error)
-        except Exception:
-            log.exception("unexpected error in %s", method.__name__)
-            await abort(context, _internal())
+        except Exception as exc:
+            await abort(context, _unexpected(exc, method.__name__))
 
     return wrapper
+
+
+# PostgreSQL's SQLSTATE for text it cannot store: a NUL character, which no text column may hold.
+_CHARACTER_NOT_IN_REPERTOIRE = "22021"
+
+
+def _unexpected(exc: Exception, method: str) -> ServiceError:
+    """INVALID_ARGUMENT for text PostgreSQL refuses (a NUL anywhere in a string field); INTERNAL,
+    logged, for everything else."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if getattr(cause, "sqlstate", None) == _CHARACTER_NOT_IN_REPERTOIRE:
+            return invalid_argument(
+                [FieldViolation("request", "text fields must not contain NUL (\\u0000) characters")]
+            )
+        cause = getattr(cause, "orig", None) or cause.__cause__
+    log.exception("unexpected error in %s", method)
+    return _internal()

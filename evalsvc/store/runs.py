@@ -118,6 +118,8 @@ async def get(conn: AsyncConnection, tenant: str, run_id: str) -> Mapping[str, A
 async def get_current(db: Database, tenant: str, run_id: str) -> Mapping[str, Any] | None:
     """`get` for a caller that needs no transaction: served from the run cache where the database
     has one (see evalsvc.store.run_cache), read (and cached) otherwise."""
+    if "\x00" in run_id:  # no id holds a NUL, and PostgreSQL refuses to even compare one
+        return None
     cache = db.run_rows
     row = cache.get(run_id) if cache is not None else None
     if row is None:
