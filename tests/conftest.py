@@ -42,14 +42,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _scratch_databases() -> Iterator[None]:
-    """Drop the PostgreSQL databases a test created (after its servers stopped: autouse tears down last)."""
+    """Drop the PostgreSQL databases a test created (after its servers stopped: autouse tears down last).
+
+    Databases of module-scoped fixtures were created before this fixture started, so they survive
+    until the session ends."""
+    before = dbs.created_count()
     yield
-    dbs.drop_created()
+    dbs.drop_created(since=before)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _scratch_template() -> Iterator[None]:
     yield
+    dbs.drop_created()
     dbs.drop_template()
 
 

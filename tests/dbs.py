@@ -153,11 +153,18 @@ def postgres_url(tmp_path: Path, name: str = "evalsvc.db", *, migrated: bool = T
     return sqlalchemy_url(database)
 
 
-def drop_created() -> None:
-    """Drop every scratch database made since the last call (FORCE: killed servers may hold connections)."""
-    if _created:
-        _run(_admin(*(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in _created)))
-        _created.clear()
+def created_count() -> int:
+    """How many scratch databases exist now; pass it to `drop_created` to drop only later ones."""
+    return len(_created)
+
+
+def drop_created(since: int = 0) -> None:
+    """Drop the scratch databases made after the first `since` (FORCE: killed servers may hold
+    connections). A test drops its own; the session drops those of module-scoped fixtures at its end."""
+    doomed = _created[since:]
+    if doomed:
+        _run(_admin(*(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in doomed)))
+        del _created[since:]
 
 
 def drop_template() -> None:
