@@ -84,11 +84,8 @@ class _Call:
                 response = await behaviour(request, context)
                 code = _code(context, grpc.StatusCode.OK)
                 return response
-            except grpc.aio.AbortError:
-                code = _code(context, grpc.StatusCode.UNKNOWN)
-                raise
             except BaseException as exc:
-                code = _code_of_exception(exc)
+                code = _outcome(context, exc)
                 raise
             finally:
                 self._observer.finished(self._method, code, started, request, response, peer, stream=False)
@@ -112,11 +109,8 @@ class _Call:
                     async for message in messages:
                         yield message
                 code = _code(context, grpc.StatusCode.OK)
-            except grpc.aio.AbortError:
-                code = _code(context, grpc.StatusCode.UNKNOWN)
-                raise
             except BaseException as exc:  # GeneratorExit when the client goes away
-                code = _code_of_exception(exc)
+                code = _outcome(context, exc)
                 raise
             finally:
                 closed()
@@ -143,11 +137,8 @@ class _Call:
                 else:
                     await result
                 code = _code(context, grpc.StatusCode.OK)
-            except grpc.aio.AbortError:
-                code = _code(context, grpc.StatusCode.UNKNOWN)
-                raise
             except BaseException as exc:
-                code = _code_of_exception(exc)
+                code = _outcome(context, exc)
                 raise
             finally:
                 closed()
@@ -164,8 +155,11 @@ def _code(context: Context, default: grpc.StatusCode) -> grpc.StatusCode:
     return default
 
 
-def _code_of_exception(exc: BaseException) -> grpc.StatusCode:
-    """What the client sees when a behaviour ends with this exception instead of a status."""
+def _outcome(context: Context, exc: BaseException) -> grpc.StatusCode:
+    """What the client sees when a behaviour ends with this exception: the code it aborted with,
+    CANCELLED when the client left or the call was cancelled, UNKNOWN for anything else."""
+    if isinstance(exc, grpc.aio.AbortError):
+        return _code(context, grpc.StatusCode.UNKNOWN)
     if isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.UNKNOWN
