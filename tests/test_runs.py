@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import grpc
 import pytest
@@ -172,6 +173,10 @@ async def test_get_unknown_run_is_not_found(runs) -> None:
         (lambda r: r.graders.add(name="empty"), "graders[1].kind"),
         (lambda r: r.item_ids.append("x"), "item_ids"),
         (lambda r: setattr(r, "dataset_id", "ds_x"), "items"),
+        (lambda r: setattr(r.items[0].response, "cost_usd", math.nan), "items[0].response.cost_usd"),
+        (lambda r: setattr(r.items[1].response, "latency_ms", math.inf), "items[1].response.latency_ms"),
+        (lambda r: setattr(r.items[2].response, "memory_mib", -1.0), "items[2].response.memory_mib"),
+        (lambda r: setattr(r.items[0].response, "prompt_tokens", -5), "items[0].response.prompt_tokens"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )

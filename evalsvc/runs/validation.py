@@ -54,7 +54,8 @@ def check_annotations(annotations: Mapping[str, str], field: str, out: list[Fiel
 def check_items(
     items: Sequence[item_pb2.Item], field: str, out: list[FieldViolation], max_items: int | None = None
 ) -> None:
-    """Items need unique ids of at most 128 characters (empty ids are assigned before this check)."""
+    """Items need unique ids of at most 128 characters (empty ids are assigned before this check), and
+    a recorded response's measurements must be numbers a grader and an aggregate can use."""
     if max_items is not None and len(items) > max_items:
         out.append(FieldViolation(field, f"at most {max_items} items per request (got {len(items)})"))
         return
@@ -64,6 +65,20 @@ def check_items(
         if item.id in seen:
             out.append(FieldViolation(f"{field}[{i}].id", f"duplicate item id {item.id[:MAX_ITEM_ID]!r}"))
         seen.add(item.id)
+        if item.HasField("response"):
+            check_measurements(item.response, f"{field}[{i}].response", out)
+
+
+def check_measurements(response: item_pb2.Response, field: str, out: list[FieldViolation]) -> None:
+    """Cost, latency, memory and token counts are finite and not negative: a NaN would make every
+    latency and cost grader and the run's aggregate meaningless, silently."""
+    for name in ("cost_usd", "latency_ms", "memory_mib"):
+        value = getattr(response, name)
+        if not (math.isfinite(value) and value >= 0):
+            out.append(FieldViolation(f"{field}.{name}", "must be a finite number >= 0"))
+    for name in ("prompt_tokens", "completion_tokens"):
+        if getattr(response, name) < 0:
+            out.append(FieldViolation(f"{field}.{name}", "must be >= 0"))
 
 
 def assign_item_ids(items: Sequence[item_pb2.Item], start: int = 0) -> None:
