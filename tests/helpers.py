@@ -36,6 +36,17 @@ def provided_items(n: int, *, wrong_every: int = 0) -> list[item_pb2.Item]:
     return items
 
 
+async def all_results(stub: Any, run_id: str) -> list[run_pb2.Result]:
+    """Every result of a run, page by page (an EvalRunServiceStub)."""
+    results: list[run_pb2.Result] = []
+    token = ""
+    while True:
+        page = await stub.ListRunResults(pb.ListRunResultsRequest(run_id=run_id, page_size=1000, page_token=token))
+        results.extend(page.results)
+        if not (token := page.next_page_token):
+            return results
+
+
 def exact() -> grader_pb2.Grader:
     """An exact-match grader."""
     return grader_pb2.Grader(name="exact", exact_match=grader_pb2.ExactMatch())

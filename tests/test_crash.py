@@ -10,20 +10,10 @@ import pytest
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, run_pb2
 from tests.dbs import db_url
-from tests.helpers import TERMINAL, create_request, keyed_channel, watch_all
+from tests.helpers import TERMINAL, all_results, create_request, keyed_channel, watch_all
 from tests.procs import ServerProcess
 
 pytestmark = pytest.mark.slow
-
-
-async def _all_results(stub: eval_run_service_pb2_grpc.EvalRunServiceStub, run_id: str) -> list[run_pb2.Result]:
-    results, token = [], ""
-    while True:
-        page = await stub.ListRunResults(pb.ListRunResultsRequest(run_id=run_id, page_size=1000, page_token=token))
-        results.extend(page.results)
-        token = page.next_page_token
-        if not token:
-            return results
 
 
 async def test_kill_9_mid_run_then_restart_completes_exactly_once(tmp_path: Path) -> None:
@@ -59,7 +49,7 @@ async def test_kill_9_mid_run_then_restart_completes_exactly_once(tmp_path: Path
             resumed = await watch_all(stub, run_id, after_seq=before_kill[-1].seq)
             full = await watch_all(stub, run_id)
             final = (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).run
-            results = await _all_results(stub, run_id)
+            results = await all_results(stub, run_id)
     finally:
         assert second.terminate() == 0
 

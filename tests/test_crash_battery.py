@@ -16,7 +16,7 @@ import pytest
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, run_pb2
 from tests import dbs
-from tests.helpers import TERMINAL, create_request, keyed_channel
+from tests.helpers import TERMINAL, all_results, create_request, keyed_channel
 from tests.procs import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -103,14 +103,7 @@ async def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
         async with keyed_channel(server.port, key) as channel:
             stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
             run = (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).run
-            results, token = [], ""
-            while True:
-                page = await stub.ListRunResults(
-                    pb.ListRunResultsRequest(run_id=run_id, page_size=1000, page_token=token)
-                )
-                results.extend(page.results)
-                if not (token := page.next_page_token):
-                    break
+            results = await all_results(stub, run_id)
     finally:
         server.terminate()
     assert run.status == run_pb2.RUN_STATUS_SUCCEEDED

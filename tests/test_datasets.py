@@ -62,6 +62,16 @@ async def test_duplicate_item_ids_are_rejected_and_nothing_is_added(datasets) ->
     assert (await datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset.id))).dataset.item_count == 2
 
 
+async def test_a_recorded_response_with_a_nan_cost_is_rejected_and_nothing_is_added(datasets) -> None:
+    dataset = await _dataset_with_items(datasets, 2)
+    bad = item_pb2.Item(id="new", response=item_pb2.Response(content="x", cost_usd=float("nan")))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[bad]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "items[0].response.cost_usd" in violations(err.value)
+    assert (await datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset.id))).dataset.item_count == 2
+
+
 async def test_unknown_dataset_is_not_found_everywhere(datasets, runs) -> None:
     calls = [
         datasets.GetDataset(ds.GetDatasetRequest(dataset_id="ds_nope")),

@@ -26,7 +26,7 @@ import pytest
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, run_pb2
 from tests import dbs
-from tests.helpers import TERMINAL, create_request, keyed_channel
+from tests.helpers import TERMINAL, all_results, create_request, keyed_channel
 from tests.procs import ServerProcess, start_server
 
 pytestmark = [
@@ -226,17 +226,9 @@ class Cluster:
 
     async def outcome(self, replica: Replica) -> tuple[run_pb2.Run, list[run_pb2.Result]]:
         """The run as `replica` serves it, and all its results, page by page."""
-        results: list[run_pb2.Result] = []
         async with connect(replica.live()[0], self.key) as stub:
             run = (await stub.GetRun(pb.GetRunRequest(run_id=self.run_id))).run
-            token = ""
-            while True:
-                page = await stub.ListRunResults(
-                    pb.ListRunResultsRequest(run_id=self.run_id, page_size=1000, page_token=token)
-                )
-                results.extend(page.results)
-                if not (token := page.next_page_token):
-                    return run, results
+            return run, await all_results(stub, self.run_id)
 
     def stop(self) -> None:
         """SIGTERM every replica's live process (also after a failure, so no server outlives the test)."""

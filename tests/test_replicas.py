@@ -17,7 +17,7 @@ from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, item_pb2, run_pb2, target_pb2
 from tests import dbs
 from tests.fake_llm import FakeEndpoint, chat_reply
-from tests.helpers import TERMINAL, create_request, exact, keyed_channel, watch_all
+from tests.helpers import TERMINAL, all_results, create_request, exact, keyed_channel, watch_all
 from tests.procs import ServerProcess
 
 pytestmark = [
@@ -108,12 +108,7 @@ async def test_survivor_finishes_the_run_of_a_killed_replica_exactly_once(tmp_pa
             finished_after = time.monotonic() - killed_at
             full = await watch_all(b, run_id)
             run = (await b.GetRun(pb.GetRunRequest(run_id=run_id))).run
-            results, token = [], ""
-            while True:
-                page = await b.ListRunResults(pb.ListRunResultsRequest(run_id=run_id, page_size=1000, page_token=token))
-                results.extend(page.results)
-                if not (token := page.next_page_token):
-                    break
+            results = await all_results(b, run_id)
     finally:
         assert second.terminate() == 0
     assert rest[-1].run.status == run_pb2.RUN_STATUS_SUCCEEDED
