@@ -672,7 +672,8 @@ export type WatchRunResponse = Message<"evalsvc.v1.WatchRunResponse"> & {
   seq: bigint;
 
   /**
-   * When the change was committed.
+   * When the server recorded the change: stamped as the transaction that commits it starts, so it
+   * can precede the commit by the time that transaction takes (milliseconds, more for a large batch).
    *
    * @generated from field: google.protobuf.Timestamp event_time = 2;
    */
