@@ -259,11 +259,20 @@ async def test_real_requests_and_responses_match_the_documented_schemas(gw) -> N
     documented("/v1/runs/{run_id}/results", "get").validate((await client.get(f"/v1/runs/{run_id}/results")).json())
     documented("/v1/runs/{run_id}", "delete").validate((await client.delete(f"/v1/runs/{run_id}")).json())
     dataset_id = (await client.post("/v1/datasets", json={"dataset": {"displayName": "d"}})).json()["dataset"]["id"]
+    add_items = spec["paths"]["/v1/datasets/{dataset_id}:addItems"]["post"]
+    add_schema = validator(spec, add_items["requestBody"]["content"]["application/json"]["schema"])
+    # proto3 JSON spells what JSON has no number for as a string, and the schema says so; the service
+    # then refuses a recorded cost or latency that is not a finite number, in the documented error shape.
     not_finite = {"input": "q", "response": {"content": "x", "costUsd": "NaN", "latencyMs": "Infinity"}}
-    added = await client.post(f"/v1/datasets/{dataset_id}:addItems", json={"items": [not_finite]})
+    add_schema.validate({"items": [not_finite]})
+    refused = await client.post(f"/v1/datasets/{dataset_id}:addItems", json={"items": [not_finite]})
+    assert refused.status_code == 400, refused.text
+    validator(spec, {"$ref": STATUS_REF}).validate(refused.json())
+    finite = {"input": "q", "response": {"content": "x", "costUsd": 0.25, "latencyMs": 12.5}}
+    added = await client.post(f"/v1/datasets/{dataset_id}:addItems", json={"items": [finite]})
     assert added.status_code == 200, added.text
     items = (await client.get(f"/v1/datasets/{dataset_id}/items")).json()
-    assert items["items"][0]["response"]["costUsd"] == "NaN"  # what JSON has no number for is a string
+    assert items["items"][0]["response"]["costUsd"] == 0.25
     documented("/v1/datasets/{dataset_id}/items", "get").validate(items)
     missing = await client.get("/v1/targets/tgt_nope")
     assert missing.status_code == 404
