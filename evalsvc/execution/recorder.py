@@ -83,8 +83,11 @@ def item_score(grades: Sequence[tuple[str, Grade]], weights: Sequence[float]) ->
 async def record(
     db: Database, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders]
 ) -> tuple[dict[str, list[pb.WatchRunResponse]], set[str]]:
-    """Commit a batch. Returns the committed events by run, and the runs that finished."""
-    now = time.time()
+    """Commit a batch. Returns the committed events by run, and the runs that finished.
+
+    Each run's changes are stamped when the recorder reaches that run, not when the batch starts:
+    a batch that holds the last jobs of a large run before a small one would otherwise date the
+    small run's events by the large run's share of the transaction."""
     by_run: dict[str, list[pb.WatchRunResponse]] = defaultdict(list)
     finished_runs: set[str] = set()
     async with db.write() as conn:
@@ -123,6 +126,7 @@ async def record(
                 for _, grade in f.grades:
                     tally[_STATE_FIELD[grade.state]] += 1
                     spent += grade.cost_usd
+            now = time.time()
             row = await run_store.add_progress(conn, run_id, now=now, cost_usd=spent, **tally)
             events = _result_events(row, run_jobs, now, result_rows)
             await event_log.append(conn, run_jobs[0].job.tenant, run_id, events)
@@ -132,7 +136,8 @@ async def record(
             last = events[-1].counts
             if last.completed_evaluations >= last.total_evaluations:
                 tenant = jobs_by_run[run_id][0].job.tenant
-                by_run[run_id].append(await _finish(conn, tenant, run_id, last, graders_of[run_id], now))
+                finish = await _finish(conn, tenant, run_id, last, graders_of[run_id], time.time())
+                by_run[run_id].append(finish)
                 finished_runs.add(run_id)
     return by_run, finished_runs
 

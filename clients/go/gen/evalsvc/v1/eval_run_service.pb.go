@@ -1285,8 +1285,8 @@ type WatchRunResponse struct {
 
 	// The event's sequence number: 1, 2, 3... per run, without gaps. 0 for heartbeats, which are not events.
 	Seq int64 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
-	// When the server recorded the change: stamped as the transaction that commits it starts, so it
-	// can precede the commit by the time that transaction takes (milliseconds, more for a large batch).
+	// When the server recorded the change, inside the transaction that commits it: it precedes the
+	// commit by the rest of that transaction (milliseconds; tens of them when it records many results).
 	EventTime *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=event_time,json=eventTime,proto3" json:"event_time,omitempty"`
 	// The run's counts as of this event.
 	Counts *RunCounts `protobuf:"bytes,3,opt,name=counts,proto3" json:"counts,omitempty"`

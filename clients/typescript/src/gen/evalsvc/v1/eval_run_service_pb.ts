@@ -672,8 +672,8 @@ export type WatchRunResponse = Message<"evalsvc.v1.WatchRunResponse"> & {
   seq: bigint;
 
   /**
-   * When the server recorded the change: stamped as the transaction that commits it starts, so it
-   * can precede the commit by the time that transaction takes (milliseconds, more for a large batch).
+   * When the server recorded the change, inside the transaction that commits it: it precedes the
+   * commit by the rest of that transaction (milliseconds; tens of them when it records many results).
    *
    * @generated from field: google.protobuf.Timestamp event_time = 2;
    */
