@@ -1,9 +1,9 @@
-"""Driver-level bulk inserts, for the recorder's hot path.
+"""Driver-level bulk inserts, for the hot paths: recording results and creating a run's items and jobs.
 
 SQLAlchemy Core's executemany runs every parameter of every row through Python (key lookups, bind
 processors, per-row dicts). At 250,000 results plus as many events per large run that was about a
-quarter of the event loop's time (docs/performance.md). The recorder's rows hold only ints, floats,
-strings, bytes and NULLs, which both drivers take as they are, so they go straight to the driver's
+quarter of the event loop's time (docs/performance.md). These rows hold only ints, floats, strings,
+bytes and NULLs, which both drivers take as they are, so they go straight to the driver's
 executemany as tuples, written in the driver's own placeholder style.
 """
 

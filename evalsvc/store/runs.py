@@ -83,16 +83,14 @@ async def insert_run(
             insert(LABELS),
             [{"run_id": run_id, "key": k, "value": v, "tenant": tenant} for k, v in row["labels"].items()],
         )
-    await conn.execute(
-        insert(ITEMS), [{"run_id": run_id, "idx": i, "tenant": tenant, "item": item} for i, item in enumerate(items)]
+    await insert_tuples(
+        conn, ITEMS, ("run_id", "idx", "tenant", "item"), [(run_id, i, tenant, item) for i, item in enumerate(items)]
     )
-    await conn.execute(
-        insert(JOBS),
-        [
-            {"tenant": tenant, "run_id": run_id, "item_idx": i, "repetition": rep, "state": JOB_QUEUED, "attempt": 0}
-            for rep in range(1, repetitions + 1)
-            for i in range(len(items))
-        ],
+    await insert_tuples(
+        conn,
+        JOBS,
+        ("tenant", "run_id", "item_idx", "repetition", "state", "attempt"),
+        [(tenant, run_id, i, rep, JOB_QUEUED, 0) for rep in range(1, repetitions + 1) for i in range(len(items))],
     )
     event = run_event(stored)
     await events.append(conn, tenant, run_id, [event])
