@@ -14,7 +14,7 @@ from grpc_status import rpc_status
 from evalsvc.config import Settings
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
-from evalsvc.v1 import grader_pb2, item_pb2, run_pb2, target_pb2
+from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
 
 TERMINAL = {run_pb2.RUN_STATUS_SUCCEEDED, run_pb2.RUN_STATUS_FAILED, run_pb2.RUN_STATUS_CANCELLED}
 
@@ -36,8 +36,8 @@ def provided_items(n: int, *, wrong_every: int = 0) -> list[item_pb2.Item]:
     return items
 
 
-async def all_results(stub: Any, run_id: str) -> list[run_pb2.Result]:
-    """Every result of a run, page by page (an EvalRunServiceStub)."""
+async def all_results(stub: eval_run_service_pb2_grpc.EvalRunServiceStub, run_id: str) -> list[run_pb2.Result]:
+    """Every result of a run, page by page."""
     results: list[run_pb2.Result] = []
     token = ""
     while True:

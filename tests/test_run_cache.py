@@ -57,3 +57,23 @@ def test_an_evicted_write_refuses_fills_by_reads_older_than_it() -> None:
     assert cache.get("r1") is None
     cache.fill(_row("r1", 2), cache.read_started())  # a read started after the write may fill
     assert cache.get("r1") == _row("r1", 2)
+
+
+def test_a_derived_value_is_built_once_per_cached_row_and_again_after_a_change() -> None:
+    cache = RunRowCache()
+    builds: list[object] = []
+
+    def build(row: object) -> object:
+        builds.append(row)
+        return {"built from": row}
+
+    cache.committed([_row("r1", 1)])
+    first = cache.get("r1")
+    assert first is not None
+    assert cache.derived(first, build) is cache.derived(first, build)  # polled twice, built once
+    cache.committed([_row("r1", 2)])
+    second = cache.get("r1")
+    assert second is not None
+    assert cache.derived(second, build) == {"built from": _row("r1", 2)}
+    cache.derived(first, build)  # a row that is no longer the cached one is built, never kept
+    assert builds == [first, second, first]

@@ -82,8 +82,6 @@ class RunService:
         self._definitions = definitions
         self._outbound = outbound
         self._judge = judge
-        # Run messages built from cached rows (SQLite only; see `get`): run id -> (row, message).
-        self._built: dict[str, tuple[Mapping[str, Any], run_pb2.Run]] = {}
 
     async def create(self, tenant: str, request: pb.CreateRunRequest) -> CreatedRun:
         """Validate, resolve saved definitions, then store the run, its items, jobs and first event in
@@ -224,22 +222,11 @@ class RunService:
         return [by_id[item_id] for item_id in request.item_ids]
 
     async def get(self, tenant: str, run_id: str) -> run_pb2.Run:
-        """A run; NOT_FOUND when it does not exist or is another tenant's.
-
-        The message is shared with later calls while the run is unchanged: copy it before changing
-        it. Dashboards poll finished runs, and rebuilding the same message from the same cached row
-        on every poll cost more than the rest of GetRun's own work."""
-        row = await run_store.get_current(self._db, tenant, run_id)
-        if row is None:
+        """A run; NOT_FOUND when it does not exist or is another tenant's. The message may be shared
+        with later calls (see run_store.get_current_run): copy it before changing it."""
+        run = await run_store.get_current_run(self._db, tenant, run_id)
+        if run is None:
             raise not_found("run", run_id)
-        built = self._built.get(run_id)
-        if built is not None and built[0] is row:  # the run cache hands out a new row on every change
-            return built[1]
-        run = run_from(row)
-        if self._db.run_rows is not None:
-            if len(self._built) >= MAX_BUILT_RUNS and run_id not in self._built:
-                del self._built[next(iter(self._built))]  # the oldest entry
-            self._built[run_id] = (row, run)
         return run
 
     async def list(self, tenant: str, request: pb.ListRunsRequest) -> tuple[list[run_pb2.Run], str]:
@@ -366,8 +353,6 @@ class RunService:
         token = encode_page_token(int(results[-1].id), query) if len(rows) > limit else ""
         return results, token
 
-
-MAX_BUILT_RUNS = 4096
 
 UPDATABLE = ("display_name", "description", "labels", "annotations")
 

@@ -12,6 +12,9 @@ return the changed row (`RETURNING`), so the writer can keep a copy current for 
   a row already in the cache is never overwritten by a fill, and evicting an entry raises a
   watermark that refuses fills by reads started before the evicted entry's write.
 
+Each entry can also keep one value derived from its row (the Run message GetRun returns), built on
+first use and dropped with the row, so polling an unchanged run does not rebuild it every time.
+
 With several servers on one database (PostgreSQL) other processes change runs too, so there the
 cache is off and every read goes to the database.
 """
@@ -19,12 +22,13 @@ cache is off and every read goes to the database.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 Row = Mapping[str, Any]
+T = TypeVar("T")
 
 _PENDING = "evalsvc.changed_runs"
 
@@ -40,12 +44,21 @@ def take_changed(conn: AsyncConnection) -> list[Row]:
     return rows
 
 
+class _Entry:
+    __slots__ = ("derived", "generation", "row")
+
+    def __init__(self, generation: int, row: Row) -> None:
+        self.generation = generation
+        self.row = row
+        self.derived: object = None
+
+
 class RunRowCache:
     """Run rows by id, least recently used first out."""
 
     def __init__(self, capacity: int = 4096) -> None:
         self._capacity = capacity
-        self._entries: OrderedDict[str, tuple[int, Row]] = OrderedDict()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._writes = 0  # committed run writes so far: the generation of the newest one
         self._evicted_up_to = 0  # the newest generation an evicted entry held
 
@@ -55,7 +68,17 @@ class RunRowCache:
         if entry is None:
             return None
         self._entries.move_to_end(run_id)
-        return entry[1]
+        return entry.row
+
+    def derived(self, row: Row, build: Callable[[Row], T]) -> T:
+        """`build(row)`, kept with the row while it is the cached one: callers share the value and
+        must not change it. A row that is not (or no longer) the cached one is built afresh."""
+        entry = self._entries.get(row["id"])
+        if entry is None or entry.row is not row:
+            return build(row)
+        if entry.derived is None:
+            entry.derived = build(row)
+        return cast("T", entry.derived)
 
     def committed(self, rows: list[Row]) -> None:
         """Rows a write transaction changed, applied in commit order."""
@@ -74,8 +97,8 @@ class RunRowCache:
         self._put(row["id"], started, row)
 
     def _put(self, run_id: str, generation: int, row: Row) -> None:
-        self._entries[run_id] = (generation, row)
+        self._entries[run_id] = _Entry(generation, row)
         self._entries.move_to_end(run_id)
         while len(self._entries) > self._capacity:
-            _, (evicted, _) = self._entries.popitem(last=False)
-            self._evicted_up_to = max(self._evicted_up_to, evicted)
+            _, evicted = self._entries.popitem(last=False)
+            self._evicted_up_to = max(self._evicted_up_to, evicted.generation)

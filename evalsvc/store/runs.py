@@ -113,9 +113,10 @@ async def get(conn: AsyncConnection, tenant: str, run_id: str) -> Mapping[str, A
     return cast("Mapping[str, Any] | None", found.mappings().first())
 
 
-async def get_current(db: Database, tenant: str, run_id: str) -> Mapping[str, Any] | None:
-    """`get` for a caller that needs no transaction: served from the run cache where the database
-    has one (see evalsvc.store.run_cache), read (and cached) otherwise."""
+async def get_current_run(db: Database, tenant: str, run_id: str) -> run_pb2.Run | None:
+    """A tenant's run as a message, for a caller that needs no transaction. Where the database has a
+    run cache (see evalsvc.store.run_cache) the row comes from it and the message is built once per
+    change and shared: copy it before changing it. Otherwise the row is read (and cached)."""
     if "\x00" in run_id:  # no id holds a NUL, and PostgreSQL refuses to even compare one
         return None
     cache = db.run_rows
@@ -128,7 +129,9 @@ async def get_current(db: Database, tenant: str, run_id: str) -> Mapping[str, An
             return None
         if cache is not None:
             cache.fill(row, started)
-    return row if row["tenant"] == tenant else None
+    if row["tenant"] != tenant:
+        return None
+    return cache.derived(row, run_from) if cache is not None else run_from(row)
 
 
 async def list_page(
