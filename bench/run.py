@@ -61,7 +61,7 @@ class Config:
     def make(cls, quick: bool) -> Config:
         """The full configuration, or the quick one (same shapes, less work)."""
         if quick:
-            return cls(quick=True, unary_duration_s=1.0, large_items=600, watchers=200, idle_streams=200)
+            return cls(quick=True, unary_duration_s=1.0, large_items=400, watchers=200, idle_streams=200)
         return cls(quick=False)
 
 
