@@ -114,8 +114,8 @@ class Settings:
     outbound_allow: str = dataclasses.field(
         default="",
         metadata={
-            "help": "comma-separated hosts or CIDRs that targets and judges may call even though they are "
-            "private, loopback or link-local (e.g. 127.0.0.1,10.0.0.0/8); others of those are refused"
+            "help": "comma-separated hosts or CIDRs that targets and judges may call although they are not "
+            "globally routable (e.g. 127.0.0.1,10.0.0.0/8); every other such destination is refused (docs/security.md)"
         },
     )
     secrets_file: str = dataclasses.field(

@@ -386,23 +386,90 @@ async def test_budget_stops_model_calls_and_fails_the_run_keeping_results(svc) -
     assert run.cost_usd >= 0.45
 
 
-@pytest.mark.parametrize(
-    "url", ["http://169.254.169.254/latest", "http://10.1.2.3/v1", "http://[::1]:9/v1", "http://localhost:9/v1"]
-)
-async def test_internal_destinations_are_refused(tmp_path, monkeypatch, url: str) -> None:
+# Cloud metadata (AWS, Alibaba), private, loopback, shared, protocol-assignment and benchmarking
+# space, and loopback or metadata wrapped in 6to4, NAT64, IPv4-mapped and IPv4-compatible IPv6.
+NOT_GLOBAL_URLS = [
+    "http://169.254.169.254/latest",
+    "http://100.100.100.200/v1",
+    "http://10.1.2.3/v1",
+    "http://192.0.0.8/v1",
+    "http://198.18.0.1/v1",
+    "http://[::1]:9/v1",
+    "http://localhost:9/v1",
+    "http://[2002:7f00:1::]/v1",
+    "http://[64:ff9b::a9fe:a9fe]/v1",
+    "http://[::ffff:127.0.0.1]/v1",
+    "http://[::127.0.0.1]/v1",
+]
+
+
+async def test_destinations_that_are_not_globally_routable_are_refused_before_anything_is_stored(
+    tmp_path, monkeypatch
+) -> None:
     srv = await start(tmp_path, monkeypatch, outbound_allow="")
+    refused: dict[str, set[str]] = {}
     try:
         async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
-            target = chat(url)
-            target.chat.endpoint.base_url = url
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await Stubs(channel).runs.CreateRun(
-                    pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=target, graders=[exact()])
+            stubs = Stubs(channel)
+            for url in NOT_GLOBAL_URLS:
+                target = chat(url)
+                target.chat.endpoint.base_url = url
+                judge = grader_pb2.Grader(
+                    name="judge",
+                    llm_judge=Judge(
+                        mode=Judge.MODE_ACCURACY, model="judge-test", endpoint=target_pb2.Endpoint(base_url=url)
+                    ),
                 )
+                calls = {
+                    "CreateRun": stubs.runs.CreateRun(
+                        pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=target, graders=[exact()])
+                    ),
+                    "CreateRun judge": stubs.runs.CreateRun(
+                        pb.CreateRunRequest(
+                            items=[item_pb2.Item(input="q")], target=target_pb2.Target(echo={}), graders=[judge]
+                        )
+                    ),
+                    "CreateTarget": stubs.targets.CreateTarget(
+                        ts.CreateTargetRequest(target=ts.SavedTarget(target=target))
+                    ),
+                    "CreateGrader": stubs.graders.CreateGrader(
+                        gs.CreateGraderRequest(grader=gs.SavedGrader(grader=judge))
+                    ),
+                }
+                for name, call in calls.items():
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await call
+                    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, url)
+                    refused.setdefault(name, set()).update(violations(err.value))
+            assert not (await stubs.runs.ListRuns(pb.ListRunsRequest())).runs
+            assert not (await stubs.targets.ListTargets(ts.ListTargetsRequest())).targets
+            assert not (await stubs.graders.ListGraders(gs.ListGradersRequest())).graders
     finally:
         await srv.stop(grace=0.5)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "target.base_url" in violations(err.value)
+    assert refused == {
+        "CreateRun": {"target.chat.endpoint.base_url"},
+        "CreateRun judge": {"graders[0].llm_judge.endpoint.base_url"},
+        "CreateTarget": {"target.target.chat.endpoint.base_url"},
+        "CreateGrader": {"grader.grader.llm_judge.endpoint.base_url"},
+    }
+
+
+async def test_a_saved_judge_cannot_be_updated_to_an_internal_endpoint(svc) -> None:
+    _, stubs = svc
+    public = grader_pb2.Grader(name="answer", contains=grader_pb2.Contains(values=["Paris"]))
+    saved = (await stubs.graders.CreateGrader(gs.CreateGraderRequest(grader=gs.SavedGrader(grader=public)))).grader
+    metadata = grader_pb2.Grader(
+        name="answer",
+        llm_judge=Judge(
+            mode=Judge.MODE_ACCURACY,
+            model="judge-test",
+            endpoint=target_pb2.Endpoint(base_url="http://169.254.169.254/latest"),
+        ),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs.graders.UpdateGrader(gs.UpdateGraderRequest(grader_id=saved.id, grader=metadata))
+    assert violations(err.value).keys() == {"grader.llm_judge.endpoint.base_url"}
+    assert (await stubs.graders.GetGrader(gs.GetGraderRequest(grader_id=saved.id))).grader.latest_version == 1
 
 
 async def test_secrets_stay_server_side(svc, caplog: pytest.LogCaptureFixture) -> None:

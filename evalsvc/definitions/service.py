@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
-from evalsvc.execution.outbound import Outbound
+from evalsvc.execution.outbound import Outbound, destination_violations, named_endpoints
 from evalsvc.execution.targets import validate_target
 from evalsvc.graders import validate_grader
 from evalsvc.idempotency import create_once, fingerprint
@@ -73,6 +73,12 @@ class DefinitionService:
             return [FieldViolation(f"{at}.saved", "a saved grader cannot refer to another saved grader")]
         return validate_grader(grader, at)
 
+    async def _check_destinations(self, endpoints: list[tuple[str, str]]) -> None:
+        """Refuse a definition naming an endpoint the server would never call (the SSRF rule), so
+        it is not stored only to fail every run that uses it."""
+        if refused := await destination_violations(endpoints, self._outbound.allow):
+            raise invalid_argument(refused)
+
     async def create_grader(
         self, tenant: str, request: grader_service_pb2.CreateGraderRequest
     ) -> grader_service_pb2.SavedGrader:
@@ -82,6 +88,7 @@ class DefinitionService:
         violations += self._check_grader(spec.grader, "grader.grader")
         if violations:
             raise invalid_argument(violations)
+        await self._check_destinations(named_endpoints(graders=[("grader.grader", spec.grader)]))
         definition = grader_service_pb2.SavedGrader(
             display_name=spec.display_name, description=spec.description, labels=spec.labels, grader=spec.grader
         )
@@ -143,6 +150,7 @@ class DefinitionService:
         violations = self._check_grader(request.grader, "grader")
         if violations:
             raise invalid_argument(violations)
+        await self._check_destinations(named_endpoints(graders=[("grader", request.grader)]))
         now = time.time()
         definition = request.grader.SerializeToString()
         async with self._db.write() as conn:
@@ -163,6 +171,7 @@ class DefinitionService:
             violations += validate_target(spec.target, "target.target", self._outbound)
         if violations:
             raise invalid_argument(violations)
+        await self._check_destinations(named_endpoints(spec.target, "target.target"))
         definition = target_service_pb2.SavedTarget(
             display_name=spec.display_name, description=spec.description, labels=spec.labels, target=spec.target
         )

@@ -3,9 +3,9 @@
 Every target and judge call goes through `Outbound.post_json`, so the rules hold in one place:
 - secrets are referenced by name and resolved here from server-side configuration, never stored in
   run rows, returned by an RPC or logged;
-- a URL whose host is (or resolves to) a private, loopback, link-local or reserved address is
-  refused unless the operator allow-listed it (`--outbound-allow`), so a run cannot make the server
-  reach its own network (SSRF);
+- a URL is called only when every address its host is (or resolves to) is globally routable
+  (`is_global_destination`), unless the operator allow-listed it (`--outbound-allow`), so a run
+  cannot make the server reach its own network or a cloud metadata service (SSRF);
 - 408/429/5xx and connection errors are retried with exponential backoff and full jitter, honouring
   Retry-After; each endpoint has an adaptive concurrency limit that halves on 429 and grows by one
   on each success (AIMD), so a rate-limited endpoint is not hammered.
@@ -20,7 +20,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from evalsvc.config import Settings
-from evalsvc.v1 import target_pb2
+from evalsvc.errors import FieldViolation
+from evalsvc.v1 import grader_pb2, target_pb2
 
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -66,8 +67,50 @@ class Secrets:
         return self._values[name.upper()]
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Blocks that Python 3.11's `is_global` still calls global although nothing on the public internet
+# answers there: the IETF protocol assignments (192.0.0.0/24; 3.11 knows only parts of it),
+# IPv4-compatible IPv6 (::/96, deprecated; stacks may route it as the IPv4 address in its low bits)
+# and local-use NAT64 (64:ff9b:1::/48, RFC 8215). Newer Pythons agree; listing them keeps the rule
+# the same on every version.
+_NOT_GLOBAL = tuple(ipaddress.ip_network(n) for n in ("192.0.0.0/24", "::/96", "64:ff9b:1::/48"))
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix: the low 32 bits are IPv4
+
+
+def embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries and would deliver to: IPv4-mapped, 6to4, Teredo
+    (its server and client) and NAT64 forms. Empty for IPv4 and for native IPv6."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return []
+    if address.ipv4_mapped is not None:
+        return [address.ipv4_mapped]
+    if address.sixtofour is not None:
+        return [address.sixtofour]
+    if address.teredo is not None:
+        return list(address.teredo)
+    if address in _NAT64:
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    return []
+
+
+def is_global_destination(address: IPAddress) -> bool:
+    """Whether the server may call this address without an allow-list entry: it (or every IPv4
+    address it embeds) is globally routable and unicast.
+
+    A rule rather than a list of forbidden ranges: whatever is not public on the internet (private,
+    loopback, link-local, shared address space such as 100.100.100.200, benchmarking, documentation,
+    reserved, multicast, and each of these wrapped in an IPv6 transition form) is refused."""
+    for candidate in embedded_ipv4(address) or [address]:
+        if not candidate.is_global or candidate.is_multicast:
+            return False
+        if any(candidate in network for network in _NOT_GLOBAL if network.version == candidate.version):
+            return False
+    return True
+
+
 class AllowList:
-    """Hosts and networks that may be called although they are not public."""
+    """Hosts and networks the operator allows to be called although they are not globally routable."""
 
     def __init__(self, spec: str) -> None:
         self._hosts: set[str] = set()
@@ -78,20 +121,13 @@ class AllowList:
             except ValueError:
                 self._hosts.add(entry.lower())
 
-    def allows(self, host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        """Whether host (as named) or the address it resolved to is allow-listed."""
-        return host.lower() in self._hosts or any(address in network for network in self._networks)
-
-
-def _is_internal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return (
-        address.is_private
-        or address.is_loopback
-        or address.is_link_local
-        or address.is_reserved
-        or address.is_multicast
-        or address.is_unspecified
-    )
+    def allows(self, host: str, address: IPAddress) -> bool:
+        """Whether host (as named) or the address it resolved to (or the IPv4 address that one
+        embeds) is allow-listed."""
+        if host.lower() in self._hosts:
+            return True
+        candidates = [address, *embedded_ipv4(address)]
+        return any(candidate in network for network in self._networks for candidate in candidates)
 
 
 def check_url_shape(url: str) -> str | None:
@@ -102,24 +138,73 @@ def check_url_shape(url: str) -> str | None:
     return None
 
 
-async def check_destination(url: str, allow: AllowList) -> None:
-    """Refuse a URL whose host is or resolves to an internal address that is not allow-listed."""
-    host = urlsplit(url).hostname or ""
+async def _resolve(host: str) -> list[IPAddress]:
+    """The addresses host names: itself when it is an IP literal, else what the resolver says."""
     try:
-        addresses = [ipaddress.ip_address(host)]
+        return [ipaddress.ip_address(host)]
     except ValueError:
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise OutboundError(f"cannot resolve host {host!r}") from exc
-        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+        pass
+    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    # Scoped IPv6 results ("fe80::1%eth0") carry their zone, which ip_address does not parse.
+    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+
+
+def _refusal(host: str, addresses: list[IPAddress], allow: AllowList) -> str | None:
     for address in addresses:
-        if _is_internal(address) and not allow.allows(host, address):
-            raise OutboundError(
-                f"refused to call {host!r}: {address} is a private, loopback or link-local address "
+        if not is_global_destination(address) and not allow.allows(host, address):
+            return (
+                f"refused to call {host!r}: {address} is not a globally routable address "
                 "(allow it with --outbound-allow)"
             )
+    return None
+
+
+async def check_destination(url: str, allow: AllowList) -> None:
+    """Refuse (OutboundError) a URL unless every address its host resolves to is globally routable
+    or allow-listed. Runs before every call, so a name that later resolves elsewhere is caught."""
+    host = urlsplit(url).hostname or ""
+    try:
+        addresses = await _resolve(host)
+    except OSError as exc:
+        raise OutboundError(f"cannot resolve host {host!r}") from exc
+    if refusal := _refusal(host, addresses, allow):
+        raise OutboundError(refusal)
+
+
+def named_endpoints(
+    target: target_pb2.Target | None = None,
+    target_at: str = "target",
+    graders: Iterable[tuple[str, grader_pb2.Grader]] = (),
+) -> list[tuple[str, str]]:
+    """(field, base_url) of every endpoint a target and graders (with their field paths) would call."""
+    out: list[tuple[str, str]] = []
+    kind = target.WhichOneof("kind") if target is not None else None
+    if target is not None and kind in ("chat", "http"):
+        endpoint = getattr(target, kind).endpoint
+        if endpoint.base_url:
+            out.append((f"{target_at}.{kind}.endpoint.base_url", endpoint.base_url))
+    for at, grader in graders:
+        if grader.WhichOneof("kind") == "llm_judge" and grader.llm_judge.endpoint.base_url:
+            out.append((f"{at}.llm_judge.endpoint.base_url", grader.llm_judge.endpoint.base_url))
+    return out
+
+
+async def destination_violations(endpoints: Iterable[tuple[str, str]], allow: AllowList) -> list[FieldViolation]:
+    """The (field, base_url) endpoints a definition names that would be refused, as violations: what
+    CreateRun, CreateTarget, CreateGrader and UpdateGrader check before storing anything.
+
+    A name that does not resolve now is accepted (DNS may be down, or the name not yet published);
+    `check_destination` refuses it at call time if it then resolves somewhere not allowed."""
+    out: list[FieldViolation] = []
+    for field, url in endpoints:
+        host = urlsplit(url).hostname or ""
+        try:
+            addresses = await _resolve(host)
+        except OSError:
+            continue
+        if refusal := _refusal(host, addresses, allow):
+            out.append(FieldViolation(field, refusal))
+    return out
 
 
 @dataclass

@@ -6,12 +6,10 @@ module owns the rules (validation, idempotency, status transitions) and calls th
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -19,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from evalsvc.definitions.service import DefinitionService
 from evalsvc.errors import FieldViolation, ServiceError, invalid_argument, not_found
 from evalsvc.events.bus import EventBus
-from evalsvc.execution.outbound import Outbound, OutboundError, check_destination
+from evalsvc.execution.outbound import Outbound, destination_violations, named_endpoints
 from evalsvc.execution.targets import validate_target
 from evalsvc.graders import grader_name, validate_grader
 from evalsvc.graders.judge import JudgeDefaults, needs_default_judge
@@ -176,14 +174,11 @@ class RunService:
                 "an llm_judge grader needs a judge model: give its model and endpoint, or start the server "
                 "with --judge-base-url and --judge-model",
             )
-        endpoints = [("target", request.target.chat.endpoint), ("target", request.target.http.endpoint)]
-        endpoints += [(f"graders[{i}].llm_judge.endpoint", j.endpoint) for i, j in enumerate(judges)]
-        for field, endpoint in endpoints:
-            if endpoint.base_url and _is_ip_literal(endpoint.base_url):
-                try:
-                    await check_destination(endpoint.base_url, self._outbound.allow)
-                except OutboundError as exc:
-                    raise invalid_argument([FieldViolation(f"{field}.base_url", exc.reason)]) from exc
+        endpoints = named_endpoints(
+            request.target, "target", ((f"graders[{i}]", g) for i, g in enumerate(request.graders))
+        )
+        if refused := await destination_violations(endpoints, self._outbound.allow):
+            raise invalid_argument(refused)
 
     def _replay(self, existing: Mapping[str, Any], fingerprint: str) -> CreatedRun:
         if existing["request_hash"] != fingerprint:
@@ -360,13 +355,3 @@ UPDATABLE = ("display_name", "description", "labels", "annotations")
 def _column_value(value: Any) -> Any:
     """A message field as its column stores it (maps as plain dicts)."""
     return value if isinstance(value, str) else dict(value)
-
-
-def _is_ip_literal(url: str) -> bool:
-    """Whether a URL names its host by IP address (checked at creation; names are checked per call)."""
-    host = urlsplit(url).hostname or ""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return host == "localhost"
-    return True

@@ -1,0 +1,95 @@
+"""The SSRF rule (docs/security.md): a destination is called only when every address it names is
+globally routable, after unwrapping the IPv4 address an IPv6 transition form delivers to, unless
+`--outbound-allow` names it. Unit tests: IP literals only, so no resolver and no network."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from evalsvc.execution.outbound import (
+    AllowList,
+    OutboundError,
+    check_destination,
+    destination_violations,
+    embedded_ipv4,
+    is_global_destination,
+)
+
+NOT_GLOBAL = [
+    "169.254.169.254",  # link-local: AWS/GCP/Azure metadata
+    "100.100.100.200",  # shared address space (100.64.0.0/10): Alibaba Cloud metadata
+    "100.64.0.1",
+    "10.0.0.1",
+    "172.16.0.1",
+    "192.168.1.1",
+    "127.0.0.1",
+    "0.0.0.0",
+    "192.0.0.1",  # IETF protocol assignments (192.0.0.0/24)
+    "192.0.0.9",  # in that block although Python 3.11 calls it global
+    "192.0.2.1",  # documentation
+    "198.18.0.1",  # benchmarking (198.18.0.0/15)
+    "198.19.255.254",
+    "224.0.0.1",  # multicast
+    "240.0.0.1",  # reserved
+    "255.255.255.255",
+    "::1",
+    "::",
+    "fe80::1",
+    "fc00::1",
+    "ff02::1",  # multicast, "global" to Python 3.11
+    "2001:db8::1",
+    "2002:7f00:1::",  # 6to4 of 127.0.0.1
+    "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254
+    "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+    "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+    "64:ff9b:1::808:808",  # local-use NAT64
+    "::ffff:127.0.0.1",  # IPv4-mapped
+    "::ffff:169.254.169.254",
+    "::127.0.0.1",  # IPv4-compatible (deprecated)
+    "::8.8.8.8",
+    "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo whose client is 192.0.2.45
+]
+
+GLOBAL = ["8.8.8.8", "1.1.1.1", "2001:4860:4860::8888", "::ffff:8.8.8.8", "2002:808:808::1", "64:ff9b::808:808"]
+
+
+@pytest.mark.parametrize("address", NOT_GLOBAL)
+def test_addresses_that_are_not_globally_routable_are_refused(address: str) -> None:
+    assert not is_global_destination(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("address", GLOBAL)
+def test_globally_routable_addresses_and_their_wrapped_forms_are_allowed(address: str) -> None:
+    assert is_global_destination(ipaddress.ip_address(address))
+
+
+def test_transition_forms_unwrap_to_the_ipv4_address_they_deliver_to() -> None:
+    metadata = ipaddress.IPv4Address("169.254.169.254")
+    for wrapped in ("::ffff:169.254.169.254", "2002:a9fe:a9fe::", "64:ff9b::a9fe:a9fe"):
+        assert embedded_ipv4(ipaddress.ip_address(wrapped)) == [metadata]
+    teredo = embedded_ipv4(ipaddress.ip_address("2001:0:4136:e378:8000:63bf:3fff:fdd2"))
+    assert teredo == [ipaddress.IPv4Address("65.54.227.120"), ipaddress.IPv4Address("192.0.2.45")]
+    assert embedded_ipv4(ipaddress.ip_address("2001:4860:4860::8888")) == []
+
+
+async def test_check_destination_refuses_unless_the_allow_list_names_host_or_network() -> None:
+    for url in ("http://100.100.100.200/latest", "http://[64:ff9b::a9fe:a9fe]/", "https://198.18.0.1:8443/v1"):
+        with pytest.raises(OutboundError, match="not a globally routable address"):
+            await check_destination(url, AllowList(""))
+    await check_destination("http://8.8.8.8/v1", AllowList(""))
+    await check_destination("http://127.0.0.1:9/v1", AllowList("127.0.0.1"))
+    await check_destination("http://10.1.2.3/v1", AllowList("10.0.0.0/8"))
+    # A network entry covers the IPv4 address a wrapped form delivers to.
+    await check_destination("http://[::ffff:10.1.2.3]/v1", AllowList("10.0.0.0/8"))
+    with pytest.raises(OutboundError):
+        await check_destination("http://10.1.2.3/v1", AllowList("127.0.0.1,192.168.0.0/16"))
+
+
+async def test_destination_violations_name_each_refused_field() -> None:
+    found = await destination_violations(
+        [("a.base_url", "http://8.8.8.8/v1"), ("b.base_url", "http://[2002:7f00:1::]/v1")], AllowList("")
+    )
+    assert [v.field for v in found] == ["b.base_url"]
+    assert "2002:7f00:1::" in found[0].description and "--outbound-allow" in found[0].description
