@@ -1,8 +1,9 @@
 """The `evalsvc` command: `evalsvc serve` runs the service; `evalsvc migrate` upgrades a database's
 schema; `evalsvc keys ...` manages API keys.
 
-Exit codes: 0 success, 1 a key to revoke does not exist, 2 bad configuration or a database whose
-schema this version cannot use (run `evalsvc migrate`)."""
+Exit codes: 0 success; 1 `serve` could not start because an address, the database or its disk is
+unusable (one line says which), or a key to revoke does not exist; 2 bad configuration or a database
+whose schema this version cannot use (run `evalsvc migrate`). docs/operations.md lists the causes."""
 
 from __future__ import annotations
 
@@ -145,14 +146,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger("evalsvc").error("%s", exc)
             return 2
     if args.command == "serve":
-        from evalsvc.server import serve
+        from evalsvc.server import StartupError, serve
         from evalsvc.tls import TlsConfigError
 
+        # One line naming the cause; the traceback only for those who asked for debug output.
+        show_traceback = logging.getLogger("evalsvc").isEnabledFor(logging.DEBUG)
         try:
             asyncio.run(serve(settings))
         except (TlsConfigError, SchemaError) as exc:
-            logging.getLogger("evalsvc").error("%s", exc)
+            logging.getLogger("evalsvc").error("%s", exc, exc_info=show_traceback)
             return 2
+        except StartupError as exc:
+            logging.getLogger("evalsvc").error("evalsvc could not start: %s", exc, exc_info=show_traceback)
+            return 1
     return 0
 
 

@@ -7,8 +7,13 @@ embedders start it in-process on port 0; `evalsvc serve` runs it until SIGTERM/S
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import shutil
 import signal
+import socket
+from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,7 +40,7 @@ from evalsvc.limits import TenantLimits
 from evalsvc.metrics import Metrics
 from evalsvc.runs.service import RunService
 from evalsvc.store import migrate
-from evalsvc.store.db import Database
+from evalsvc.store.db import Database, sqlite_path, unavailable_cause
 from evalsvc.tls import server_credentials, warn_if_exposed
 from evalsvc.v1 import (
     dataset_service_pb2,
@@ -50,6 +55,9 @@ from evalsvc.v1 import (
 
 log = logging.getLogger(__name__)
 
+# Free space under which a database write failure is reported as a full disk.
+LOW_DISK_BYTES = 1 << 20
+
 SERVICE_NAMES = (
     eval_run_service_pb2.DESCRIPTOR.services_by_name["EvalRunService"].full_name,
     dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name,
@@ -59,8 +67,11 @@ SERVICE_NAMES = (
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
-    """Channel arguments: message size, stream limits, keepalive, and room for reconnect bursts."""
+    """Channel arguments: no port sharing, message size, stream limits, keepalive, and room for reconnect bursts."""
     return [
+        # One server per address: with port sharing a second server on the same address would get half
+        # of every client's calls.
+        ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
@@ -112,21 +123,72 @@ class EvalServer:
         self.metrics_port = 0
         self.gateway: Gateway | None = None
         self._server: grpc.aio.Server | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._grace = settings.grace_s
 
     async def start(self) -> int:
-        """Migrate (SQLite) or check (PostgreSQL) the schema, start the executor and listen; returns the bound port.
+        """Migrate (SQLite) or check (PostgreSQL) the schema, listen, start the executor; returns the bound port.
 
-        Raises SchemaError when a shared database is not at this version's schema revision."""
+        Every step that starts something registers how to stop it on one exit stack, so `stop` undoes
+        exactly what `start` did and a start that fails part-way stops what it had started before
+        raising. Raises StartupError (an address, the database or its disk is unusable, said in one
+        line), SchemaError (the database is not at this version's schema) or TlsConfigError."""
         # Before anything is written: a bad TLS setting must not cost a bootstrap key nobody saw.
         credentials = server_credentials(self.settings)
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            await self._start(stack, credentials)
+            self._stack = stack.pop_all()
+        return self.port
+
+    async def _start(self, stack: contextlib.AsyncExitStack, credentials: grpc.ServerCredentials | None) -> None:
+        stack.push_async_callback(self.db.close)
+        stack.push_async_callback(self.outbound.close)
+        async with self._database_step():
+            check_database_directory(self.settings.db)
             await migrate.prepare(self.db)
-        except BaseException:
-            await self.outbound.close()
-            await self.db.close()
-            raise
+        server = self._grpc_server()
+        warn_if_exposed(self.settings.grpc_addr, credentials)
+        self.port = bind_grpc(server, self.settings.grpc_addr, credentials)
+        self._server = server
+        await server.start()
+        stack.push_async_callback(self._stop_grpc)
+        if self.settings.http_addr:
+            host = self.settings.grpc_addr.rsplit(":", 1)[0]
+            if host in ("", "0.0.0.0", "[::]", "::"):
+                host = "127.0.0.1" if credentials is None else "localhost"
+            self.gateway = Gateway(
+                f"{host}:{self.port}",
+                self.settings.http_addr,
+                root_certificates=self.settings.tls_cert if credentials is not None else "",
+                dialects=self.settings.dialects,
+            )
+            await _listen("HTTP", self.settings.http_addr, self.gateway.start())
+            stack.push_async_callback(self.gateway.stop)
+        if self.settings.metrics_addr:
+            self.metrics_port = await _listen(
+                "metrics", self.settings.metrics_addr, self.metrics.serve(self.settings.metrics_addr)
+            )
+            stack.push_async_callback(self.metrics.close)
+        async with self._database_step():
+            await self.executor.start()
+        stack.push_async_callback(self.executor.stop)
+        if self.listener is not None:
+            self.listener.start()
+            stack.push_async_callback(self.listener.stop)
+        stack.callback(self.bus.close)
+        # Last of the steps that can fail, so a key is never minted by a start that then fails: the
+        # next start would find a key and print none.
         if self.settings.bootstrap_key:
-            self.bootstrap_key = await self.keys.bootstrap()
+            async with self._database_step():
+                self.bootstrap_key = await self.keys.bootstrap()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        stack.push_async_callback(self.health.enter_graceful_shutdown)
+        host = self.settings.grpc_addr.rsplit(":", 1)[0]
+        log.info("evalsvc listening on %s:%d (database %s)", host, self.port, _safe_url(self.settings.db))
+
+    def _grpc_server(self) -> grpc.aio.Server:
+        """The grpc.aio server with every service added (not bound yet)."""
         server = grpc.aio.server(
             options=server_options(self.settings),
             interceptors=[CallInterceptor(Authenticator(self.keys), Observer(self.metrics))],
@@ -143,52 +205,30 @@ class EvalServer:
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
-        warn_if_exposed(self.settings.grpc_addr, credentials)
-        if credentials is None:
-            self.port = server.add_insecure_port(self.settings.grpc_addr)
-        else:
-            self.port = server.add_secure_port(self.settings.grpc_addr, credentials)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.settings.grpc_addr}")
-        await server.start()
-        self._server = server
-        await self.executor.start()
-        if self.listener is not None:
-            self.listener.start()
-        if self.settings.http_addr:
-            host = self.settings.grpc_addr.rsplit(":", 1)[0]
-            if host in ("", "0.0.0.0", "[::]", "::"):
-                host = "127.0.0.1" if credentials is None else "localhost"
-            self.gateway = Gateway(
-                f"{host}:{self.port}",
-                self.settings.http_addr,
-                root_certificates=self.settings.tls_cert if credentials is not None else "",
-                dialects=self.settings.dialects,
-            )
-            await self.gateway.start()
-        if self.settings.metrics_addr:
-            self.metrics_port = await self.metrics.serve(self.settings.metrics_addr)
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        host = self.settings.grpc_addr.rsplit(":", 1)[0]
-        log.info("evalsvc listening on %s:%d (database %s)", host, self.port, _safe_url(self.settings.db))
-        return self.port
+        return server
+
+    @contextlib.asynccontextmanager
+    async def _database_step(self) -> AsyncIterator[None]:
+        """Turn a database that cannot serve (see `unavailable_cause`) into a one-line StartupError."""
+        try:
+            yield
+        except Exception as exc:
+            cause = unavailable_cause(exc)
+            if cause is None:
+                raise
+            raise StartupError(f"cannot use the database {_database_where(self.settings.db)}: {cause}") from exc
+
+    async def _stop_grpc(self) -> None:
+        """Stop taking calls; unary calls in progress get the grace period to finish."""
+        if self._server is not None:
+            await self._server.stop(self._grace)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful shutdown: report NOT_SERVING, end watches with UNAVAILABLE, let unary calls finish
-        within the grace period, stop claiming jobs and hand unfinished ones back."""
-        grace = self.settings.grace_s if grace is None else grace
-        await self.health.enter_graceful_shutdown()
-        if self.gateway is not None:
-            await self.gateway.stop()
-        self.bus.close()
-        if self.listener is not None:
-            await self.listener.stop()
-        if self._server is not None:
-            await asyncio.gather(self._server.stop(grace), self.executor.stop())
-        await self.metrics.close()
-        await self.outbound.close()
-        await self.db.close()
+        """Graceful shutdown, the start undone in reverse: report NOT_SERVING, end watches with
+        UNAVAILABLE, stop claiming jobs and hand unfinished ones back, let unary calls finish within
+        the grace period, then close the database."""
+        self._grace = self.settings.grace_s if grace is None else grace
+        await self._stack.aclose()
         log.info("evalsvc stopped")
 
     async def wait_for_termination(self) -> None:
@@ -202,6 +242,84 @@ def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+class StartupError(RuntimeError):
+    """The server cannot start for a reason its one-line message names (an address in use, a
+    database that cannot be opened or written); `evalsvc serve` exits 1 with it."""
+
+
+def bind_grpc(server: grpc.aio.Server, addr: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind the gRPC server to addr (without port sharing: `grpc.so_reuseport` is 0); the bound port.
+
+    The address is first tried with a plain socket: that names the cause (in use, not this host's)
+    in Python's words, and spares the log grpc core's own error line, which it prints whenever a bind fails."""
+    _check_bindable(addr, "gRPC")
+    try:
+        port = server.add_insecure_port(addr) if credentials is None else server.add_secure_port(addr, credentials)
+    except RuntimeError as exc:  # lost a race for the port since the check
+        raise StartupError(f"cannot listen for gRPC on {addr}: {exc}") from exc
+    if port == 0:
+        raise StartupError(f"cannot listen for gRPC on {addr}")
+    return port
+
+
+def _check_bindable(addr: str, what: str) -> None:
+    host, _, port_text = addr.rpartition(":")
+    try:
+        port = int(port_text)
+        infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (ValueError, OSError) as exc:
+        raise StartupError(f"cannot listen for {what} on {addr}: not a host:port of this machine ({exc})") from exc
+    if port == 0:
+        return
+    for family, kind, proto, _name, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does: TIME_WAIT is no conflict
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise StartupError(f"cannot listen for {what} on {addr}: {_why(exc)}") from exc
+
+
+def _why(exc: OSError) -> str:
+    """An OSError's cause in the system's words ("Address already in use"), without the call's wording."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+async def _listen(what: str, addr: str, starting: Awaitable[int]) -> int:
+    """Await a listener's start; a bind failure becomes a StartupError naming the address."""
+    try:
+        return await starting
+    except OSError as exc:
+        raise StartupError(f"cannot listen for {what} on {addr}: {_why(exc)}") from exc
+
+
+def check_database_directory(url: str) -> None:
+    """Refuse a SQLite file whose directory is missing or read-only, naming it: SQLite itself says
+    only "unable to open database file"."""
+    path = sqlite_path(url)
+    if path is None:
+        return
+    directory = path.absolute().parent
+    if not directory.is_dir():
+        raise StartupError(f"cannot use the database {path}: its directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise StartupError(f"cannot use the database {path}: its directory {directory} is read-only")
+
+
+def _database_where(url: str) -> str:
+    """The database named for an operator: its file (with the free space when nearly none is left,
+    since SQLite reports a full disk as a mere I/O error when it cannot grow its shared memory), or
+    its URL without password."""
+    path = sqlite_path(url)
+    if path is None:
+        return _safe_url(url)
+    try:
+        free = shutil.disk_usage(path.absolute().parent).free
+    except OSError:
+        return str(path)
+    return f"{path} (its disk is full: {free} bytes free)" if free < LOW_DISK_BYTES else str(path)
 
 
 async def serve(settings: Settings) -> None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 LISTENING = re.compile(r"evalsvc listening on [^ ]+:(\d+)")
@@ -75,3 +76,33 @@ async def start_server(db_url: str, log_path: Path, *extra: str, env: dict[str, 
     except asyncio.CancelledError:
         (await starting).kill()
         raise
+
+
+@dataclass(frozen=True)
+class FailedStart:
+    """An `evalsvc serve` that exited on its own: its exit code, everything it wrote, how long it ran."""
+
+    code: int
+    output: str
+    seconds: float
+
+    @property
+    def error_lines(self) -> list[str]:
+        """Lines at error level: evalsvc's own (text log format) and grpc core's (`E1203 12:00:00...`)."""
+        return [line for line in self.output.splitlines() if " ERROR " in line or GRPC_CORE_ERROR.match(line)]
+
+
+GRPC_CORE_ERROR = re.compile(r"^E\d{4} ")
+
+
+def failed_start(db_url: str, *extra: str, timeout: float = 60.0) -> FailedStart:
+    """Run `evalsvc serve` expecting it not to start; TimeoutExpired (the test fails) if it hangs."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "evalsvc", "serve", "--grpc-addr", "127.0.0.1:0", "--db", db_url, *extra],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    return FailedStart(done.returncode, done.stdout + done.stderr, time.monotonic() - started)

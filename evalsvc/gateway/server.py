@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,10 +45,18 @@ class Gateway:
         self.port = 0
 
     async def start(self) -> int:
-        """Listen; returns the bound port (useful with port 0)."""
-        self._task = asyncio.create_task(self._server.serve())
+        """Listen; returns the bound port (useful with port 0). OSError when the address cannot be bound.
+
+        The socket is bound here rather than by uvicorn, which answers a bind failure with
+        `sys.exit(1)` inside its task: a SystemExit escaping the event loop, which left the server
+        neither serving nor exiting."""
+        config = self._server.config
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        listening = socket.create_server((config.host.strip("[]"), config.port), family=family)
+        self._task = asyncio.create_task(self._server.serve(sockets=[listening]))
         while not self._server.started:
             if self._task.done():
+                listening.close()
                 self._task.result()  # raises why it could not start
                 raise OSError("the HTTP gateway did not start")
             await asyncio.sleep(0.01)  # uvicorn offers no start event to await

@@ -9,11 +9,14 @@ On PostgreSQL both engines are ordinary pools and row locks do the serialising.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -71,6 +74,57 @@ class Database:
         await self.writer.dispose()
         if self.reader is not self.writer:
             await self.reader.dispose()
+
+
+# SQLite result codes (sqlite3 exceptions' `sqlite_errorname`, extended codes by prefix) and
+# PostgreSQL SQLSTATE classes that mean "the database cannot serve now", not "this request is wrong".
+_SQLITE_UNAVAILABLE = {
+    "SQLITE_FULL": "the disk is full",
+    "SQLITE_READONLY": "the database is read-only",
+    "SQLITE_CANTOPEN": "the database file cannot be opened",
+    "SQLITE_IOERR": "disk I/O error",
+    "SQLITE_BUSY": "the database is locked by another process",
+}
+_SQLSTATE_UNAVAILABLE = {
+    "53100": "the database server's disk is full",
+    "53": "the database server is out of resources",
+    "08": "the connection to the database failed",
+    "57P": "the database server is shutting down or starting",
+}
+
+
+def unavailable_cause(exc: BaseException) -> str | None:
+    """Why the database cannot serve at the moment (a full disk, a read-only or unopenable file, a
+    refused or dropped connection, an exhausted pool), or None when `exc` is something else.
+
+    Such failures are the operator's to fix and the caller's to retry: the API answers UNAVAILABLE
+    with RetryInfo and start-up exits naming the cause, instead of INTERNAL and a traceback."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        name = getattr(cause, "sqlite_errorname", None)
+        if isinstance(name, str):
+            for prefix, text in _SQLITE_UNAVAILABLE.items():
+                if name.startswith(prefix):
+                    return text
+        state = getattr(cause, "sqlstate", None)
+        if isinstance(state, str):
+            for prefix, text in _SQLSTATE_UNAVAILABLE.items():
+                if state.startswith(prefix):
+                    return text
+        if isinstance(cause, OSError):
+            return "the disk is full" if cause.errno == errno.ENOSPC else cause.strerror or str(cause)
+        if isinstance(cause, sa_exc.TimeoutError):
+            return "no database connection became free in time"
+        cause = getattr(cause, "orig", None) or cause.__cause__
+    return None
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL; None for PostgreSQL and in-memory SQLite."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
 
 
 def _configure_sqlite(engine: AsyncEngine, synchronous: str, *, immediate: bool) -> None:

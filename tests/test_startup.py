@@ -1,0 +1,159 @@
+"""Start-up fails fast and cleanly (docs/operations.md, "Start-up failures"): for each cause a real
+`evalsvc serve` exits non-zero within seconds, with one error line that names the cause and the
+address or path, no traceback (unless --log-level debug), and a later start is unharmed."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import text
+
+from evalsvc.server import EvalServer, StartupError
+from evalsvc.store import migrate
+from evalsvc.store.db import Database
+from tests import dbs
+from tests.conftest import make_settings
+from tests.procs import FailedStart, failed_start, start_server
+
+# Python's start and evalsvc's imports take a second or two on a quiet machine; the bound leaves
+# room for a busy one. What it guards against is a server that never exits.
+QUICK_S = 15.0
+
+
+def assert_failed_cleanly(failed: FailedStart, code: int, *named: str) -> str:
+    """Exit code `code` within QUICK_S, exactly one error line naming each of `named`, no traceback."""
+    assert failed.code == code, failed.output
+    assert failed.seconds < QUICK_S, failed.output
+    assert len(failed.error_lines) == 1, failed.output
+    line = failed.error_lines[0]
+    for part in named:
+        assert part in line, failed.output
+    assert "Traceback" not in failed.output
+    assert "evk_" not in failed.output  # no key minted by a start that failed
+    return line
+
+
+@contextlib.contextmanager
+def occupied_port() -> Iterator[int]:
+    """A port something else listens on (a plain socket, as another program would)."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        yield taken.getsockname()[1]
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, *options: str) -> Iterator[Path]:
+    """A small tmpfs mounted at path (needs root, which the test machine and CI container have)."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(path)], check=False)
+    if mounted.returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+async def test_a_second_server_on_the_same_grpc_address_exits_and_the_first_keeps_serving(tmp_path: Path) -> None:
+    first = await start_server(dbs.db_url(tmp_path, "first.db"), tmp_path / "first.log")
+    try:
+        failed = failed_start(dbs.db_url(tmp_path, "second.db"), "--grpc-addr", first.target)
+        assert_failed_cleanly(failed, 1, "gRPC", first.target, "in use")
+        async with grpc.aio.insecure_channel(first.target) as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        assert first.terminate() == 0
+
+
+async def test_an_http_address_in_use_exits_without_losing_the_first_key(tmp_path: Path) -> None:
+    db = dbs.db_url(tmp_path, "fresh.db", migrated=False)
+    with occupied_port() as port:
+        failed = failed_start(db, "--http-addr", f"127.0.0.1:{port}")
+    assert_failed_cleanly(failed, 1, "HTTP", f"127.0.0.1:{port}", "in use")
+    # The failed start minted no key, so the next start still mints and prints one.
+    server = await start_server(db, tmp_path / "next.log")
+    try:
+        assert server.bootstrap_key()
+    finally:
+        assert server.terminate() == 0
+
+
+def test_a_metrics_address_in_use_exits(tmp_path: Path) -> None:
+    with occupied_port() as port:
+        failed = failed_start(dbs.db_url(tmp_path), "--metrics-addr", f"127.0.0.1:{port}")
+    assert_failed_cleanly(failed, 1, "metrics", f"127.0.0.1:{port}", "in use")
+
+
+def test_an_address_of_another_machine_exits(tmp_path: Path) -> None:
+    failed = failed_start(dbs.db_url(tmp_path), "--grpc-addr", "192.0.2.1:50051")
+    assert_failed_cleanly(failed, 1, "gRPC", "192.0.2.1:50051")
+
+
+def test_a_missing_database_directory_exits(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such"
+    failed = failed_start(f"sqlite+aiosqlite:///{missing / 'evalsvc.db'}")
+    assert_failed_cleanly(failed, 1, str(missing), "does not exist")
+
+
+def test_a_read_only_database_directory_exits(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "ro", "ro", "size=1m") as directory:
+        failed = failed_start(f"sqlite+aiosqlite:///{directory / 'evalsvc.db'}")
+    assert_failed_cleanly(failed, 1, str(directory), "read-only")
+
+
+def test_a_full_disk_exits(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "full", "size=64k") as directory:
+        failed = failed_start(f"sqlite+aiosqlite:///{directory / 'evalsvc.db'}")
+    assert_failed_cleanly(failed, 1, str(directory / "evalsvc.db"), "disk is full")
+
+
+def test_an_unreachable_postgres_exits(tmp_path: Path) -> None:
+    with occupied_port() as port:  # listening, and never answering PostgreSQL's protocol...
+        pass  # ...then closed: nothing listens there now
+    failed = failed_start(f"postgresql+asyncpg://evalsvc:secret@127.0.0.1:{port}/evalsvc")
+    line = assert_failed_cleanly(failed, 1, f"127.0.0.1:{port}", "Connect call failed")
+    assert "secret" not in line
+
+
+async def test_a_schema_this_binary_does_not_know_exits(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'newer.db'}"
+    db = Database(url)
+    try:
+        await migrate.upgrade(db)
+        async with db.write() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = 'f00dfeed'"))
+    finally:
+        await db.close()
+    assert_failed_cleanly(failed_start(url), 2, "f00dfeed")
+
+
+def test_debug_logging_adds_the_traceback(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    failed = failed_start(f"sqlite+aiosqlite:///{missing / 'evalsvc.db'}", "--log-level", "debug")
+    assert failed.code == 1 and "Traceback" in failed.output and str(missing) in failed.output
+
+
+async def test_a_partial_start_stops_what_it_started(tmp_path: Path) -> None:
+    with occupied_port() as port:
+        server = EvalServer(make_settings(tmp_path, http_addr=f"127.0.0.1:{port}"))
+        with pytest.raises(StartupError, match=f"127.0.0.1:{port}"):
+            await server.start()
+    # The gRPC server it had started is gone: its port is free again, and the database is closed
+    # (on SQLite, another engine can take the write lock at once).
+    assert server.port
+    with socket.create_server(("127.0.0.1", server.port)):
+        pass
+    assert server.bootstrap_key is None
+    restarted = EvalServer(make_settings(tmp_path, db=server.settings.db))
+    await restarted.start()
+    try:
+        assert restarted.bootstrap_key
+    finally:
+        await restarted.stop()
