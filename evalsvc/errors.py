@@ -49,6 +49,33 @@ def invalid_argument(violations: list[FieldViolation]) -> ServiceError:
     )
 
 
+def invalid_page_token(field: str = "page_token") -> ServiceError:
+    """INVALID_ARGUMENT (reason INVALID_PAGE_TOKEN) for a page token this service did not issue to
+    this tenant for this list and these filters: forged, altered, truncated or another request's."""
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PAGE_TOKEN",
+        "page_token is not one this service issued for this request; start again without it",
+        violations=[FieldViolation(field, "not a page token issued for this list, with these filters, to this caller")],
+    )
+
+
+# How long a caller should wait before retrying a call the database could not serve.
+DATABASE_RETRY_S = 2.0
+
+
+def database_unavailable() -> ServiceError:
+    """UNAVAILABLE with RetryInfo: the database cannot serve now (a full disk, an unreachable or
+    restarting server). The cause is logged for the operator, never sent to callers (it may name
+    internal hosts)."""
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "DATABASE_UNAVAILABLE",
+        "the service cannot use its database at the moment; retry later",
+        retry_after_s=DATABASE_RETRY_S,
+    )
+
+
 MAX_ECHOED_ID = 128
 
 

@@ -7,12 +7,14 @@ is an index scan on the primary key and keyset pagination needs nothing else.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import os
 import time
 from typing import Any
 
-from evalsvc.errors import FieldViolation, invalid_argument
+from evalsvc.errors import FieldViolation, invalid_argument, invalid_page_token
 
 _last_micros = 0
 
@@ -30,25 +32,47 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{_last_micros:014x}{os.urandom(5).hex()}"
 
 
-def encode_page_token(position: Any, query: dict[str, Any]) -> str:
-    """An opaque token holding the keyset position and a fingerprint of the query it belongs to."""
-    raw = json.dumps({"p": position, "q": query}, sort_keys=True, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+class PageTokens:
+    """Issues and checks page tokens: opaque, and authenticated with the server's key.
 
+    A token is the keyset position (JSON) and an HMAC-SHA256 (128 bits) over the position, the
+    tenant, the list it came from and the request's filters, base64url-encoded. So a token is
+    accepted only by the tenant it was issued to, on the same list with the same filters, and a
+    forged or altered one never reaches a query: every such token is INVALID_PAGE_TOKEN. The key is
+    the database's (`store.server_keys`), so tokens outlive restarts and work on every replica."""
 
-def decode_page_token(token: str, query: dict[str, Any], field: str = "page_token") -> Any:
-    """The keyset position of `token`; INVALID_ARGUMENT when it is garbled or from another query."""
-    if not token:
-        return None
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        data = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        position, token_query = data["p"], data["q"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise invalid_argument([FieldViolation(field, "page_token is not one this service issued")]) from exc
-    if token_query != json.loads(json.dumps(query, sort_keys=True)):
-        raise invalid_argument([FieldViolation(field, "page_token belongs to a request with other filters")])
-    return position
+    MAX_TOKEN_CHARS = 1024
+    _MAC_BYTES = 16
+
+    def __init__(self, key: bytes = b"") -> None:
+        self.key = key
+
+    def encode(self, tenant: str, kind: str, query: dict[str, Any], position: Any) -> str:
+        """The token of the page after `position` in list `kind` with filters `query`."""
+        raw = json.dumps(position, separators=(",", ":")).encode()
+        return base64.urlsafe_b64encode(self._mac(tenant, kind, query, raw) + raw).decode().rstrip("=")
+
+    def decode(self, tenant: str, kind: str, query: dict[str, Any], token: str, field: str = "page_token") -> Any:
+        """The position `token` holds (None for no token); INVALID_PAGE_TOKEN unless this service
+        issued it to this tenant for this list and these filters."""
+        if not token:
+            return None
+        try:
+            if len(token) > self.MAX_TOKEN_CHARS:
+                raise ValueError("too long")
+            data = base64.urlsafe_b64decode(token.encode("ascii") + b"=" * (-len(token) % 4))
+            mac, raw = data[: self._MAC_BYTES], data[self._MAC_BYTES :]
+            if not hmac.compare_digest(mac, self._mac(tenant, kind, query, raw)):
+                raise ValueError("not signed for this request")
+            return json.loads(raw)
+        except (ValueError, UnicodeEncodeError) as exc:
+            raise invalid_page_token(field) from exc
+
+    def _mac(self, tenant: str, kind: str, query: dict[str, Any], raw: bytes) -> bytes:
+        if not self.key:
+            raise RuntimeError("page tokens are used before the server loaded its key")
+        bound = json.dumps([tenant, kind, query], sort_keys=True, separators=(",", ":")).encode()
+        return hmac.new(self.key, bound + b"\0" + raw, hashlib.sha256).digest()[: self._MAC_BYTES]
 
 
 def page_size(requested: int, default: int, field: str = "page_size", maximum: int = 1000) -> int:

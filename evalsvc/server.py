@@ -36,10 +36,11 @@ from evalsvc.execution.outbound import Outbound
 from evalsvc.execution.targets import PriceTable
 from evalsvc.gateway.server import Gateway
 from evalsvc.graders.judge import JudgeDefaults
+from evalsvc.ids import PageTokens
 from evalsvc.limits import TenantLimits
 from evalsvc.metrics import Metrics
 from evalsvc.runs.service import RunService
-from evalsvc.store import migrate
+from evalsvc.store import migrate, server_keys
 from evalsvc.store.db import Database, sqlite_path, unavailable_cause
 from evalsvc.tls import server_credentials, warn_if_exposed
 from evalsvc.v1 import (
@@ -55,6 +56,7 @@ from evalsvc.v1 import (
 
 log = logging.getLogger(__name__)
 
+PAGE_TOKEN_KEY = "page_tokens"  # the server_keys row that signs page tokens
 # Free space under which a database write failure is reported as a full disk.
 LOW_DISK_BYTES = 1 << 20
 
@@ -104,7 +106,9 @@ class EvalServer:
         # Other replicas' commits reach this process's watchers through PostgreSQL notifications.
         self.listener = None if self.db.is_sqlite else EventListener(settings.db, self.bus, self.db)
         self.limits = TenantLimits(settings)
-        self.definitions = DefinitionService(self.db, self.outbound)
+        # Keyed at start, from the database: every replica of a database signs with the same key.
+        self.page_tokens = PageTokens()
+        self.definitions = DefinitionService(self.db, self.outbound, self.page_tokens)
         self.runs = RunService(
             self.db,
             self.bus,
@@ -114,8 +118,9 @@ class EvalServer:
             definitions=self.definitions,
             outbound=self.outbound,
             judge=judge,
+            page_tokens=self.page_tokens,
         )
-        self.datasets = DatasetService(self.db)
+        self.datasets = DatasetService(self.db, self.page_tokens)
         self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
         self.bootstrap_key: str | None = None
         self.health = health.aio.HealthServicer()
@@ -146,6 +151,7 @@ class EvalServer:
         async with self._database_step():
             check_database_directory(self.settings.db)
             await migrate.prepare(self.db)
+            self.page_tokens.key = await server_keys.get_or_create(self.db, PAGE_TOKEN_KEY)
         server = self._grpc_server()
         warn_if_exposed(self.settings.grpc_addr, credentials)
         self.port = bind_grpc(server, self.settings.grpc_addr, credentials)

@@ -8,26 +8,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc as stubs
 from evalsvc.v1 import grader_pb2
 from tests.conftest import make_settings
-from tests.helpers import create_request, error_reason, keyed_channel, serving_gateway
-
-
-def retry_delay(error: grpc.aio.AioRpcError) -> float | None:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return info.retry_delay.ToTimedelta().total_seconds()
-    return None
+from tests.helpers import create_request, error_reason, keyed_channel, retry_delay, serving_gateway
 
 
 async def quota_error(call: object) -> grpc.aio.AioRpcError:

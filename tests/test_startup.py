@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from evalsvc.store import migrate
 from evalsvc.store.db import Database
 from tests import dbs
 from tests.conftest import make_settings
+from tests.helpers import tmpfs
 from tests.procs import FailedStart, failed_start, start_server
 
 # Python's start and evalsvc's imports take a second or two on a quiet machine; the bound leaves
@@ -45,19 +45,6 @@ def occupied_port() -> Iterator[int]:
     """A port something else listens on (a plain socket, as another program would)."""
     with socket.create_server(("127.0.0.1", 0)) as taken:
         yield taken.getsockname()[1]
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, *options: str) -> Iterator[Path]:
-    """A small tmpfs mounted at path (needs root, which the test machine and CI container have)."""
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(path)], check=False)
-    if mounted.returncode != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 async def test_a_second_server_on_the_same_grpc_address_exits_and_the_first_keeps_serving(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from evalsvc.api.status import abort
+from evalsvc.api.status import abort, unexpected_error
 from evalsvc.api.tenancy import current_tenant
 from evalsvc.auth.service import KeyService
 from evalsvc.errors import ServiceError
@@ -49,3 +49,5 @@ class Authenticator:
             current_tenant.set(await self._keys.authenticate(key))
         except ServiceError as error:
             await abort(context, error)
+        except Exception as exc:  # e.g. the database cannot serve: UNAVAILABLE, as for the call itself
+            await abort(context, unexpected_error(exc, "authentication"))

@@ -18,7 +18,8 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from evalsvc.errors import ERROR_DOMAIN, FieldViolation, ServiceError, invalid_argument
+from evalsvc.errors import ERROR_DOMAIN, FieldViolation, ServiceError, database_unavailable, invalid_argument
+from evalsvc.store.db import unavailable_cause
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def _translated(
         except ServiceError as error:
             await abort(context, error)
         except Exception as exc:
-            await abort(context, _unexpected(exc, method.__name__))
+            await abort(context, unexpected_error(exc, method.__name__))
         raise AssertionError("abort_with_status returned")  # pragma: no cover
 
     return wrapper
@@ -112,7 +113,7 @@ def server_stream(
         except ServiceError as error:
             await abort(context, error)
         except Exception as exc:
-            await abort(context, _unexpected(exc, method.__name__))
+            await abort(context, unexpected_error(exc, method.__name__))
 
     return wrapper
 
@@ -121,9 +122,10 @@ def server_stream(
 _CHARACTER_NOT_IN_REPERTOIRE = "22021"
 
 
-def _unexpected(exc: Exception, method: str) -> ServiceError:
-    """INVALID_ARGUMENT for text PostgreSQL refuses (a NUL anywhere in a string field); INTERNAL,
-    logged, for everything else."""
+def unexpected_error(exc: Exception, method: str) -> ServiceError:
+    """INVALID_ARGUMENT for text PostgreSQL refuses (a NUL anywhere in a string field); UNAVAILABLE
+    with RetryInfo when the database cannot serve (a full disk, an unreachable server: the call may
+    succeed later, and the operator has a warning naming the cause); INTERNAL, logged, for the rest."""
     cause: BaseException | None = exc
     while cause is not None:
         if getattr(cause, "sqlstate", None) == _CHARACTER_NOT_IN_REPERTOIRE:
@@ -131,5 +133,8 @@ def _unexpected(exc: Exception, method: str) -> ServiceError:
                 [FieldViolation("request", "text fields must not contain NUL (\\u0000) characters")]
             )
         cause = getattr(cause, "orig", None) or cause.__cause__
+    if (unavailable := unavailable_cause(exc)) is not None:
+        log.warning("%s: the database cannot serve: %s", method, unavailable)
+        return database_unavailable()
     log.exception("unexpected error in %s", method)
     return _internal()

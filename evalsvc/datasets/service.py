@@ -9,7 +9,7 @@ from typing import Any
 
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
 from evalsvc.idempotency import create_once, fingerprint
-from evalsvc.ids import decode_page_token, encode_page_token, new_id, page_size
+from evalsvc.ids import PageTokens, new_id, page_size
 from evalsvc.runs.convert import timestamp
 from evalsvc.runs.validation import (
     MAX_DESCRIPTION,
@@ -46,8 +46,9 @@ def dataset_from(row: Mapping[str, Any]) -> pb.Dataset:
 class DatasetService:
     """Datasets of one database, for any tenant the caller names."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, page_tokens: PageTokens) -> None:
         self._db = db
+        self._page_tokens = page_tokens
 
     async def create(self, tenant: str, request: pb.CreateDatasetRequest) -> pb.Dataset:
         """Create an empty dataset (idempotent by request_id)."""
@@ -112,11 +113,12 @@ class DatasetService:
     async def list(self, tenant: str, request: pb.ListDatasetsRequest) -> tuple[list[pb.Dataset], str]:
         """A page of datasets, newest first."""
         limit = page_size(request.page_size, 50)
-        before_id = decode_page_token(request.page_token, {})
+        before_id = self._page_tokens.decode(tenant, "datasets", {}, request.page_token)
         async with self._db.read() as conn:
             rows = await dataset_store.list_page(conn, tenant, before_id=before_id, limit=limit + 1)
         datasets = [dataset_from(row) for row in rows[:limit]]
-        return datasets, encode_page_token(datasets[-1].id, {}) if len(rows) > limit else ""
+        token = self._page_tokens.encode(tenant, "datasets", {}, datasets[-1].id) if len(rows) > limit else ""
+        return datasets, token
 
     async def add_items(self, tenant: str, request: pb.AddDatasetItemsRequest) -> tuple[builtins.list[str], pb.Dataset]:
         """Append items; their ids must be new to the dataset."""
@@ -153,7 +155,7 @@ class DatasetService:
         """A page of a dataset's items in insertion order."""
         limit = page_size(request.page_size, 100)
         query = {"dataset_id": request.dataset_id}
-        after = decode_page_token(request.page_token, query)
+        after = self._page_tokens.decode(tenant, "dataset_items", query, request.page_token)
         async with self._db.read() as conn:
             if await dataset_store.get(conn, tenant, request.dataset_id) is None:
                 raise not_found("dataset", request.dataset_id)
@@ -161,5 +163,7 @@ class DatasetService:
                 conn, request.dataset_id, after_idx=-1 if after is None else int(after), limit=limit + 1
             )
         items = [item_pb2.Item.FromString(item) for _, item in rows[:limit]]
-        token = encode_page_token(rows[limit - 1][0], query) if len(rows) > limit else ""
+        token = (
+            self._page_tokens.encode(tenant, "dataset_items", query, rows[limit - 1][0]) if len(rows) > limit else ""
+        )
         return items, token

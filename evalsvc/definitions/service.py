@@ -15,7 +15,7 @@ from evalsvc.execution.outbound import Outbound, destination_violations, named_e
 from evalsvc.execution.targets import validate_target
 from evalsvc.graders import validate_grader
 from evalsvc.idempotency import create_once, fingerprint
-from evalsvc.ids import decode_page_token, encode_page_token, new_id, page_size
+from evalsvc.ids import PageTokens, new_id, page_size
 from evalsvc.runs.convert import timestamp
 from evalsvc.runs.validation import MAX_DESCRIPTION, MAX_DISPLAY_NAME, MAX_REQUEST_ID, check_labels, check_length
 from evalsvc.store import definitions as store
@@ -64,8 +64,9 @@ def saved_target_from(row: Mapping[str, Any]) -> target_service_pb2.SavedTarget:
 class DefinitionService:
     """Saved graders and targets of one database, for any tenant the caller names."""
 
-    def __init__(self, db: Database, outbound: Outbound) -> None:
+    def __init__(self, db: Database, outbound: Outbound, page_tokens: PageTokens) -> None:
         self._db = db
+        self._page_tokens = page_tokens
         self._outbound = outbound
 
     def _check_grader(self, grader: grader_pb2.Grader, at: str) -> list[FieldViolation]:
@@ -137,11 +138,12 @@ class DefinitionService:
     ) -> tuple[list[grader_service_pb2.SavedGrader], str]:
         """A page of graders at their latest versions."""
         limit = page_size(request.page_size, 50)
-        before = decode_page_token(request.page_token, {})
+        before = self._page_tokens.decode(tenant, "graders", {}, request.page_token)
         async with self._db.read() as conn:
             rows = await store.list_graders(conn, tenant, before_id=before, limit=limit + 1)
         graders = [saved_grader_from(row, version) for row, version in rows[:limit]]
-        return graders, encode_page_token(graders[-1].id, {}) if len(rows) > limit else ""
+        token = self._page_tokens.encode(tenant, "graders", {}, graders[-1].id) if len(rows) > limit else ""
+        return graders, token
 
     async def update_grader(
         self, tenant: str, request: grader_service_pb2.UpdateGraderRequest
@@ -217,11 +219,12 @@ class DefinitionService:
     ) -> tuple[list[target_service_pb2.SavedTarget], str]:
         """A page of saved targets."""
         limit = page_size(request.page_size, 50)
-        before = decode_page_token(request.page_token, {})
+        before = self._page_tokens.decode(tenant, "targets", {}, request.page_token)
         async with self._db.read() as conn:
             rows = await store.list_targets(conn, tenant, before_id=before, limit=limit + 1)
         targets = [saved_target_from(row) for row in rows[:limit]]
-        return targets, encode_page_token(targets[-1].id, {}) if len(rows) > limit else ""
+        token = self._page_tokens.encode(tenant, "targets", {}, targets[-1].id) if len(rows) > limit else ""
+        return targets, token
 
     async def resolve(self, tenant: str, target: target_pb2.Target, graders: Iterable[grader_pb2.Grader]) -> None:
         """Replace saved references by the definitions they name, in place (the run's snapshot)."""

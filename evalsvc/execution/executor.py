@@ -34,7 +34,7 @@ from evalsvc.graders.judge import JudgeDefaults, LlmJudgeGrader
 from evalsvc.metrics import Metrics
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
-from evalsvc.store.db import Database
+from evalsvc.store.db import Database, unavailable_cause
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2
 
 log = logging.getLogger(__name__)
@@ -156,8 +156,14 @@ class Executor:
         self._finished_ready.set()
         await asyncio.gather(*self._loops)
         self._loops = []
-        async with self._db.write() as conn:
-            await job_store.release(conn, list(self._open_claims))
+        try:
+            async with self._db.write() as conn:
+                await job_store.release(conn, list(self._open_claims))
+        except Exception as exc:
+            if (cause := unavailable_cause(exc)) is None:
+                raise
+            # Nothing is lost: the leases expire and another worker (or the next start) reclaims them.
+            log.warning("could not hand back %d jobs (%s); their leases expire instead", len(self._open_claims), cause)
         self._open_claims.clear()
 
     async def _guard(self, loop: Callable[[], Awaitable[None]]) -> None:
@@ -166,8 +172,11 @@ class Executor:
             try:
                 await loop()
                 return
-            except Exception:
-                log.exception("executor loop %s failed; restarting in 1 s", loop.__name__)
+            except Exception as exc:
+                if (cause := unavailable_cause(exc)) is not None:  # the operator's to fix: said in one line
+                    log.error("executor loop %s cannot use the database (%s); retrying in 1 s", loop.__name__, cause)
+                else:
+                    log.exception("executor loop %s failed; restarting in 1 s", loop.__name__)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop_requested.wait(), 1.0)
 

@@ -22,7 +22,7 @@ from evalsvc.execution.targets import validate_target
 from evalsvc.graders import grader_name, validate_grader
 from evalsvc.graders.judge import JudgeDefaults, needs_default_judge
 from evalsvc.idempotency import create_once, fingerprint
-from evalsvc.ids import decode_page_token, encode_page_token, new_id, page_size
+from evalsvc.ids import PageTokens, new_id, page_size
 from evalsvc.limits import TenantLimits
 from evalsvc.runs.convert import result_from, run_from
 from evalsvc.runs.validation import (
@@ -71,8 +71,10 @@ class RunService:
         definitions: DefinitionService,
         outbound: Outbound,
         judge: JudgeDefaults,
+        page_tokens: PageTokens,
     ) -> None:
         self._db = db
+        self._page_tokens = page_tokens
         self._bus = bus
         self._on_created = on_created
         self._on_cancelled = on_cancelled
@@ -236,7 +238,7 @@ class RunService:
             "dataset_id": request.dataset_id,
             "show_deleted": request.show_deleted,
         }
-        before_id = decode_page_token(request.page_token, query)
+        before_id = self._page_tokens.decode(tenant, "runs", query, request.page_token)
         async with self._db.read() as conn:
             rows = await run_store.list_page(
                 conn,
@@ -249,7 +251,7 @@ class RunService:
                 show_deleted=request.show_deleted,
             )
         runs = [run_from(row) for row in rows[:limit]]
-        token = encode_page_token(runs[-1].id, query) if len(rows) > limit else ""
+        token = self._page_tokens.encode(tenant, "runs", query, runs[-1].id) if len(rows) > limit else ""
         return runs, token
 
     async def cancel(self, tenant: str, run_id: str) -> run_pb2.Run:
@@ -337,7 +339,7 @@ class RunService:
         if request.state not in run_pb2.ResultState.values():
             raise invalid_argument([FieldViolation("state", "unknown result state")])
         query = {"run_id": request.run_id, "state": request.state}
-        after_id = decode_page_token(request.page_token, query)
+        after_id = self._page_tokens.decode(tenant, "results", query, request.page_token)
         async with self._db.read() as conn:
             if await run_store.get(conn, tenant, request.run_id) is None:
                 raise not_found("run", request.run_id)
@@ -345,7 +347,7 @@ class RunService:
                 conn, tenant, request.run_id, after_id=after_id, limit=limit + 1, state=request.state
             )
         results = [result_from(row, output) for row, output in rows[:limit]]
-        token = encode_page_token(int(results[-1].id), query) if len(rows) > limit else ""
+        token = self._page_tokens.encode(tenant, "results", query, int(results[-1].id)) if len(rows) > limit else ""
         return results, token
 
 

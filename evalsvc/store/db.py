@@ -55,7 +55,10 @@ class Database:
                 async with conn.begin():
                     yield conn
             except BaseException:
-                take_changed(conn)
+                # A connection the failure invalidated (the server went away) has lost its info with
+                # it; asking for it would try to reconnect from sync code (MissingGreenlet).
+                if not conn.invalidated:
+                    take_changed(conn)
                 raise
             # Committed, and the connection (SQLite's one writer) is still ours: commit order.
             changed = take_changed(conn)

@@ -304,3 +304,15 @@ class SavedTargetRow(SQLModel, table=True):
     labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     definition: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     create_time: float = 0.0
+
+
+class ServerKeyRow(SQLModel, table=True):
+    """A secret of the service itself, belonging to no tenant: the key that signs page tokens. It
+    lives in the database so that it survives restarts and every replica of a shared database signs
+    and checks with the same one."""
+
+    __tablename__ = "server_keys"
+
+    name: str = Field(primary_key=True, max_length=64)
+    secret: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    create_time: float = 0.0

@@ -1,0 +1,125 @@
+"""A database that cannot serve (a full disk, an unreachable PostgreSQL) is UNAVAILABLE with
+RetryInfo and reason DATABASE_UNAVAILABLE, never INTERNAL; nothing is logged at error level, and
+the service recovers by itself once the database can serve again (docs/errors.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from sqlalchemy.engine import make_url
+
+from evalsvc.server import EvalServer
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import eval_run_service_pb2_grpc
+from tests import dbs
+from tests.conftest import make_settings
+from tests.helpers import create_request, error_reason, fill, keyed_channel, retry_delay, tmpfs
+
+
+def assert_unavailable(error: grpc.aio.AioRpcError) -> None:
+    assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+    assert error_reason(error) == "DATABASE_UNAVAILABLE"
+    assert (retry_delay(error) or 0) > 0
+
+
+async def test_a_full_disk_is_unavailable_with_retry_info_then_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with tmpfs(tmp_path / "disk", "size=4m") as disk:
+        srv = EvalServer(make_settings(tmp_path, db=f"sqlite+aiosqlite:///{disk / 'evalsvc.db'}"))
+        await srv.start()
+        try:
+            async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+                runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+                await runs.CreateRun(create_request(1))
+                filler = fill(disk)
+                caplog.set_level(logging.WARNING)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await runs.CreateRun(create_request(200))
+                assert_unavailable(err.value)
+                assert not [r for r in caplog.records if r.exc_info]  # one line each, no traceback
+                assert any("disk is full" in r.getMessage() for r in caplog.records)
+                filler.unlink()
+                recovered = await runs.CreateRun(create_request(1))
+                assert (await runs.GetRun(pb.GetRunRequest(run_id=recovered.run.id))).run.id == recovered.run.id
+        finally:
+            await srv.stop(grace=0.5)
+
+
+class Relay:
+    """A TCP relay to PostgreSQL that the test can cut: the database becomes unreachable for the
+    server (connections drop, new ones are refused) without touching the shared PostgreSQL."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self._upstream = upstream
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._pipes):
+            writer.close()
+        await self._server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self._upstream)
+        self._pipes.update((writer, up_writer))
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        self._pipes.difference_update((writer, up_writer))
+
+
+@contextlib.asynccontextmanager
+async def relayed(url: str) -> AsyncIterator[tuple[str, Relay]]:
+    parsed = make_url(url)
+    relay = Relay((parsed.host or "127.0.0.1", parsed.port or 5432))
+    await relay.start()
+    try:
+        yield parsed.set(host="127.0.0.1", port=relay.port).render_as_string(hide_password=False), relay
+    finally:
+        with contextlib.suppress(Exception):
+            await relay.cut()
+
+
+@pytest.mark.skipif(not dbs.USE_POSTGRES, reason="PostgreSQL only: run with EVALSVC_TEST_DB=postgres")
+async def test_an_unreachable_postgres_is_unavailable_with_retry_info(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with relayed(dbs.db_url(tmp_path)) as (url, relay):
+        srv = EvalServer(make_settings(tmp_path, db=url, auth_cache_s=60.0))
+        await srv.start()
+        try:
+            async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+                runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+                created = await runs.CreateRun(create_request(1))
+                await relay.cut()
+                caplog.set_level(logging.WARNING)
+                for call in (
+                    runs.GetRun(pb.GetRunRequest(run_id=created.run.id + "x")),
+                    runs.CreateRun(create_request(1)),
+                ):
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await call
+                    assert_unavailable(err.value)
+        finally:
+            await srv.stop(grace=0.5)
+    assert not [r for r in caplog.records if r.exc_info and r.name.startswith("evalsvc")]
