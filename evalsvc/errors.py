@@ -60,6 +60,16 @@ def invalid_page_token(field: str = "page_token") -> ServiceError:
     )
 
 
+def malformed_request() -> ServiceError:
+    """INVALID_ARGUMENT (reason MALFORMED_REQUEST) for request bytes that are not the method's message."""
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "MALFORMED_REQUEST",
+        "the request is not a valid protobuf message of this method",
+        violations=[FieldViolation("request", "cannot be decoded as this method's request message")],
+    )
+
+
 # How long a caller should wait before retrying a call the database could not serve.
 DATABASE_RETRY_S = 2.0
 

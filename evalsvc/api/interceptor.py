@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, cast
@@ -23,6 +24,10 @@ import grpc
 
 from evalsvc.api.auth import Authenticator, presented_key
 from evalsvc.api.observability import Observer
+from evalsvc.api.status import abort
+from evalsvc.errors import malformed_request
+
+log = logging.getLogger(__name__)
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 LookUp: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]
@@ -47,7 +52,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 call.unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -55,10 +60,35 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             wrap = call.stream if inspect.isasyncgenfunction(behaviour) else call.stream_writer
             return grpc.unary_stream_rpc_method_handler(
                 wrap(behaviour),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler  # client- and bidi-streaming (reflection only; open) pass through unobserved
+
+
+class MalformedRequest:
+    """What the request deserializer yields for bytes that are not the method's message. grpc would
+    otherwise answer UNKNOWN and log a traceback for every such call, before any authentication."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The deserializer, returning a MalformedRequest instead of raising."""
+    if deserializer is None:
+        return None
+    parse = deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # protobuf's DecodeError, or whatever a custom deserializer raises
+            return MalformedRequest(f"{type(exc).__name__}: {exc}")
+
+    return deserialize
 
 
 class _Call:
@@ -72,6 +102,15 @@ class _Call:
         self._key = key
         self._observer = observer
 
+    async def _admit(self, request: Any, context: Context) -> None:
+        """Abort a call whose request did not decode (INVALID_ARGUMENT) or whose key is not valid."""
+        if isinstance(request, MalformedRequest):
+            # A broken client's problem, not the server's: a debug line, no traceback.
+            log.debug("%s: the request is not a valid message (%s)", self._method, request.problem)
+            await abort(context, malformed_request())
+        if self._auth is not None:
+            await self._auth.authenticate(self._key, context)
+
     def unary(self, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def observed(request: Any, context: Context) -> Any:
             started = time.perf_counter()
@@ -79,8 +118,7 @@ class _Call:
             response = None
             code = grpc.StatusCode.UNKNOWN
             try:
-                if self._auth is not None:
-                    await self._auth.authenticate(self._key, context)
+                await self._admit(request, context)
                 response = await behaviour(request, context)
                 code = _code(context, grpc.StatusCode.OK)
                 return response
@@ -101,8 +139,7 @@ class _Call:
             code = grpc.StatusCode.UNKNOWN
             closed = self._observer.stream_opened(self._method)
             try:
-                if self._auth is not None:
-                    await self._auth.authenticate(self._key, context)
+                await self._admit(request, context)
                 # aclosing: when the client leaves, the inner generators' cleanup (unsubscribing the
                 # watcher, releasing its stream quota) runs now, not whenever the garbage collector gets to it.
                 async with contextlib.aclosing(behaviour(request, context)) as messages:
@@ -127,8 +164,7 @@ class _Call:
             code = grpc.StatusCode.UNKNOWN
             closed = self._observer.stream_opened(self._method)
             try:
-                if self._auth is not None:
-                    await self._auth.authenticate(self._key, context)
+                await self._admit(request, context)
                 result = behaviour(request, context)
                 if inspect.isasyncgen(result):  # an async generator we could not recognise up front
                     async with contextlib.aclosing(result) as messages:

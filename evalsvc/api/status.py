@@ -88,7 +88,14 @@ def _translated(
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
         try:
             call = method(self, request, context)
-            return await (asyncio.shield(call) if shielded else call)
+            if not shielded:
+                return await call
+            write = asyncio.ensure_future(call)
+            try:
+                return await asyncio.shield(write)
+            except asyncio.CancelledError:
+                _detach(write, method.__name__)
+                raise
         except ServiceError as error:
             await abort(context, error)
         except Exception as exc:
@@ -96,6 +103,29 @@ def _translated(
         raise AssertionError("abort_with_status returned")  # pragma: no cover
 
     return wrapper
+
+
+# Writes whose caller has gone, until they finish: the event loop keeps only weak references to
+# tasks, and nothing else would hold these.
+_detached: set[asyncio.Task[Any]] = set()
+
+
+def _detach(write: asyncio.Task[Any], method: str) -> None:
+    """Let a shielded write finish without its caller, and take its outcome when it does: without
+    this, its exception was "never retrieved" (asyncio logs that at ERROR, with a traceback)."""
+
+    def settled(task: asyncio.Task[Any]) -> None:
+        _detached.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, Exception) and not isinstance(exc, ServiceError):
+            unexpected_error(exc, method)  # logs it as if the caller were still there
+        elif exc is not None:
+            log.debug("%s finished after its caller left: %s", method, exc)
+
+    _detached.add(write)
+    write.add_done_callback(settled)
 
 
 def server_stream(
@@ -136,5 +166,5 @@ def unexpected_error(exc: Exception, method: str) -> ServiceError:
     if (unavailable := unavailable_cause(exc)) is not None:
         log.warning("%s: the database cannot serve: %s", method, unavailable)
         return database_unavailable()
-    log.exception("unexpected error in %s", method)
+    log.error("unexpected error in %s", method, exc_info=exc)
     return _internal()

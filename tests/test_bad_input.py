@@ -1,0 +1,104 @@
+"""Bad input gets its own code and no noise (docs/errors.md): request bytes that are not the method's
+message are INVALID_ARGUMENT (MALFORMED_REQUEST) logged only at debug, and a write whose caller has
+gone finishes without leaving a "Task exception was never retrieved" behind."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy.engine import make_url
+
+from evalsvc.server import EvalServer
+from evalsvc.v1 import dataset_service_pb2 as ds
+from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc
+from tests.conftest import make_settings
+from tests.helpers import create_request, error_reason, keyed_channel
+
+# Not a protobuf message: field 15 with a length that runs past the end.
+GARBAGE = b"\x7a\xff\xff\xff\xff\x0f\x01"
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> Any:
+    srv = EvalServer(make_settings(tmp_path, sqlite_synchronous="NORMAL"))
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop(grace=0.5)
+
+
+async def test_undecodable_requests_are_invalid_argument_and_never_logged_as_errors(
+    server: EvalServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    codes: dict[tuple[str, bool], set[grpc.StatusCode]] = {}
+    reasons = set()
+    for keyed in (False, True):
+        channel = (
+            keyed_channel(server.port, server.bootstrap_key or "")
+            if keyed
+            else grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        )
+        async with channel:
+            for method, streaming in [
+                ("/evalsvc.v1.EvalRunService/CreateRun", False),
+                ("/evalsvc.v1.EvalRunService/GetRun", False),
+                ("/evalsvc.v1.EvalRunService/WatchRun", True),
+            ]:
+                for _ in range(100 if not keyed and method.endswith("GetRun") else 10):
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        if streaming:
+                            async for _event in channel.unary_stream(method)(GARBAGE, timeout=10):
+                                pass
+                        else:
+                            await channel.unary_unary(method)(GARBAGE, timeout=10)
+                    codes.setdefault((method, keyed), set()).add(err.value.code())
+                    reasons.add(error_reason(err.value))
+    assert set().union(*codes.values()) == {grpc.StatusCode.INVALID_ARGUMENT}, codes
+    assert reasons == {"MALFORMED_REQUEST"}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
+    assert not [r for r in caplog.records if r.exc_info]
+    assert any("not a valid message" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
+
+
+async def test_a_write_whose_caller_left_leaves_no_unretrieved_exception(tmp_path: Path) -> None:
+    # Every CreateRun fails inside its write transaction (no active runs allowed), after the test let
+    # its callers time out while an outside connection held SQLite's write lock.
+    srv = EvalServer(make_settings(tmp_path, max_active_runs=0))
+    await srv.start()
+    unretrieved: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+            runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            lock = sqlite3.connect(make_url(srv.settings.db).database or "", isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")
+            try:
+                calls = [runs.CreateRun(create_request(1), timeout=0.5) for _ in range(20)]
+                outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+            assert {o.code() for o in outcomes if isinstance(o, grpc.aio.AioRpcError)} == {
+                grpc.StatusCode.DEADLINE_EXCEEDED
+            }
+            # The one writer serves in order: once this write is done, the abandoned ones are too.
+            datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
+            await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset(display_name="after")))
+            gc.collect()
+            await asyncio.sleep(0)  # let any pending done-callbacks run (no timing involved)
+            gc.collect()
+    finally:
+        loop.set_exception_handler(previous)
+        await srv.stop(grace=0.5)
+    assert not unretrieved, [c.get("message") for c in unretrieved]
