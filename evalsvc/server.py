@@ -167,6 +167,7 @@ class EvalServer:
                 self.settings.http_addr,
                 root_certificates=self.settings.tls_cert if credentials is not None else "",
                 dialects=self.settings.dialects,
+                max_body_bytes=self.settings.max_message_bytes,
             )
             await _listen("HTTP", self.settings.http_addr, self.gateway.start())
             stack.push_async_callback(self.gateway.stop)

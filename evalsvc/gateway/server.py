@@ -13,6 +13,7 @@ import grpc
 import uvicorn
 
 from evalsvc.gateway.app import create_app
+from evalsvc.gateway.request_limits import DEFAULT_MAX_BODY_BYTES, RequestLimits
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,20 @@ def channel_to(target: str, *, root_certificates: str = "") -> grpc.aio.Channel:
 class Gateway:
     """The gateway's HTTP server on the running event loop."""
 
-    def __init__(self, grpc_target: str, http_addr: str, *, root_certificates: str = "", dialects: str = "all") -> None:
+    def __init__(
+        self,
+        grpc_target: str,
+        http_addr: str,
+        *,
+        root_certificates: str = "",
+        dialects: str = "all",
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> None:
         host, _, port = http_addr.rpartition(":")
-        app = create_app(lambda: channel_to(grpc_target, root_certificates=root_certificates), dialects)
+        app = RequestLimits(
+            create_app(lambda: channel_to(grpc_target, root_certificates=root_certificates), dialects),
+            max_body_bytes=max_body_bytes,
+        )
         self._server = _QuietSignals(uvicorn.Config(app, host=host or "127.0.0.1", port=int(port), log_level="warning"))
         self._task: asyncio.Task[None] | None = None
         self.port = 0

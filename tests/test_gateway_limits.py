@@ -1,0 +1,78 @@
+"""Oversized requests are 431 / 413 at the gateway (docs/errors.md), on native and dialect routes,
+never 429 (which clients retry); over gRPC, oversized metadata carries no RetryInfo."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc_status import rpc_status
+
+from evalsvc.server import EvalServer
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import eval_run_service_pb2_grpc
+from tests.conftest import make_settings
+from tests.helpers import serving_gateway
+
+MAX_BODY = 1 << 20  # --max-message-bytes for these tests: 1 MiB
+
+
+@pytest.fixture
+async def gw(tmp_path: Path) -> AsyncIterator[tuple[EvalServer, httpx.AsyncClient]]:
+    settings = make_settings(tmp_path, http_addr="127.0.0.1:0", max_message_bytes=MAX_BODY)
+    async with serving_gateway(settings) as (srv, client):
+        yield srv, client
+
+
+def run_body(size: int) -> bytes:
+    """A CreateRun body of about `size` bytes."""
+    items = [{"input": "x" * 1000, "expectedOutput": "x"} for _ in range(max(1, size // 1040))]
+    return json.dumps({"items": items, "target": {"echo": {}}, "graders": [{"exactMatch": {}}]}).encode()
+
+
+def assert_refused(response: httpx.Response, status: int, reason: str) -> None:
+    assert response.status_code == status, response.text
+    assert "retry-after" not in response.headers
+    details = response.json()["details"]
+    assert [d["reason"] for d in details if d["@type"].endswith("ErrorInfo")] == [reason]
+    assert not [d for d in details if d["@type"].endswith("RetryInfo")]
+
+
+async def test_an_oversized_key_header_is_431_on_native_and_dialect_routes(gw) -> None:
+    _, client = gw
+    huge = {"authorization": "Bearer " + "k" * 20_000}
+    for path in ("/v1/runs", "/v1/evals/runs", "/api/v1/evals"):
+        assert_refused(await client.get(path, headers=huge), 431, "HEADERS_TOO_LARGE")
+    assert_refused(await client.get("/v1/runs", headers={"x-api-key": "k" * 5000}), 431, "HEADERS_TOO_LARGE")
+    assert (await client.get("/v1/runs")).status_code == 200  # the same connection goes on
+
+
+async def test_an_oversized_body_is_413_whether_declared_or_chunked_and_the_connection_goes_on(gw) -> None:
+    _, client = gw
+    body = run_body(3 * MAX_BODY)
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 65536):
+            yield body[start : start + 65536]
+
+    assert_refused(await client.post("/v1/runs", content=body), 413, "BODY_TOO_LARGE")
+    assert_refused(await client.post("/v1/runs", content=chunked()), 413, "BODY_TOO_LARGE")
+    assert_refused(await client.post("/api/v1/evals", content=body), 413, "BODY_TOO_LARGE")
+    fits = await client.post("/v1/runs", content=run_body(MAX_BODY // 2))
+    assert fits.status_code == 200, fits.text
+    assert len(fits.json()["run"]["id"]) > 0
+
+
+async def test_grpc_metadata_over_the_limit_is_not_a_retryable_quota_error(gw) -> None:
+    srv, _ = gw
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await runs.GetRun(pb.GetRunRequest(run_id="r"), metadata=(("authorization", "k" * 20_000),), timeout=10)
+    # grpc's own status, before any handler: no details at all, so no RetryInfo to make clients retry.
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert rpc_status.from_call(err.value) is None
