@@ -60,7 +60,9 @@ async def test_a_second_server_on_the_same_grpc_address_exits_and_the_first_keep
 
 
 async def test_an_http_address_in_use_exits_without_losing_the_first_key(tmp_path: Path) -> None:
-    db = dbs.db_url(tmp_path, "fresh.db", migrated=False)
+    # Fresh: no key yet; on SQLite not even a schema (the failed start migrates it), while a PostgreSQL
+    # database is migrated by `evalsvc migrate` before any server starts.
+    db = dbs.db_url(tmp_path, "fresh.db", migrated=dbs.USE_POSTGRES)
     with occupied_port() as port:
         failed = failed_start(db, "--http-addr", f"127.0.0.1:{port}")
     assert_failed_cleanly(failed, 1, "HTTP", f"127.0.0.1:{port}", "in use")
