@@ -146,14 +146,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger("evalsvc").error("%s", exc)
             return 2
     if args.command == "serve":
-        from evalsvc.server import StartupError, serve
+        from evalsvc.server import ConfigError, StartupError, serve
         from evalsvc.tls import TlsConfigError
 
         # One line naming the cause; the traceback only for those who asked for debug output.
         show_traceback = logging.getLogger("evalsvc").isEnabledFor(logging.DEBUG)
         try:
             asyncio.run(serve(settings))
-        except (TlsConfigError, SchemaError) as exc:
+        except (ConfigError, TlsConfigError, SchemaError) as exc:
             logging.getLogger("evalsvc").error("%s", exc, exc_info=show_traceback)
             return 2
         except StartupError as exc:

@@ -13,11 +13,12 @@ import os
 import shutil
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy.exc import ArgumentError
 
 from evalsvc.api.auth import Authenticator
 from evalsvc.api.datasets import DatasetServicer
@@ -93,12 +94,17 @@ class EvalServer:
     """One evalsvc process: gRPC server, executor and database."""
 
     def __init__(self, settings: Settings) -> None:
+        """Build the parts from the settings (nothing is opened or bound yet). ConfigError names the
+        flag whose value cannot be used: an unknown database URL, a missing or malformed file."""
         self.settings = settings
-        self.db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
+        with _setting("--db, --sqlite-synchronous"):
+            self.db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
         self.bus = EventBus()
         self.metrics = Metrics(self.db)
-        self.outbound = Outbound(settings)
-        prices = PriceTable.from_file(settings.price_table)
+        with _setting("--secrets-file"):
+            self.outbound = Outbound(settings)
+        with _setting("--price-table"):
+            prices = PriceTable.from_file(settings.price_table)
         judge = JudgeDefaults(settings.judge_base_url, settings.judge_model, settings.judge_api_key)
         self.executor = Executor(
             self.db, self.bus, settings, self.metrics, outbound=self.outbound, prices=prices, judge=judge
@@ -159,6 +165,7 @@ class EvalServer:
         await server.start()
         stack.push_async_callback(self._stop_grpc)
         if self.settings.http_addr:
+            _check_bindable(self.settings.http_addr, "HTTP")
             host = self.settings.grpc_addr.rsplit(":", 1)[0]
             if host in ("", "0.0.0.0", "[::]", "::"):
                 host = "127.0.0.1" if credentials is None else "localhost"
@@ -172,6 +179,7 @@ class EvalServer:
             await _listen("HTTP", self.settings.http_addr, self.gateway.start())
             stack.push_async_callback(self.gateway.stop)
         if self.settings.metrics_addr:
+            _check_bindable(self.settings.metrics_addr, "metrics")
             self.metrics_port = await _listen(
                 "metrics", self.settings.metrics_addr, self.metrics.serve(self.settings.metrics_addr)
             )
@@ -251,6 +259,18 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+class ConfigError(ValueError):
+    """A setting whose value cannot be used; `evalsvc serve` exits 2 with it, in one line."""
+
+
+@contextlib.contextmanager
+def _setting(flags: str) -> Iterator[None]:
+    try:
+        yield
+    except (OSError, ValueError, ArgumentError) as exc:
+        raise ConfigError(f"{flags}: {exc}") from exc
+
+
 class StartupError(RuntimeError):
     """The server cannot start for a reason its one-line message names (an address in use, a
     database that cannot be opened or written); `evalsvc serve` exits 1 with it."""
@@ -275,6 +295,8 @@ def _check_bindable(addr: str, what: str) -> None:
     host, _, port_text = addr.rpartition(":")
     try:
         port = int(port_text)
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port {port} is not between 0 and 65535")
         infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (ValueError, OSError) as exc:
         raise StartupError(f"cannot listen for {what} on {addr}: not a host:port of this machine ({exc})") from exc

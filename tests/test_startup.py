@@ -123,6 +123,25 @@ async def test_a_schema_this_binary_does_not_know_exits(tmp_path: Path) -> None:
     assert_failed_cleanly(failed_start(url), 2, "f00dfeed")
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "named"),
+    [
+        ("--price-table", "/no/such/prices.json", "/no/such/prices.json"),
+        ("--secrets-file", "/no/such/secrets.json", "/no/such/secrets.json"),
+        ("--sqlite-synchronous", "SOMETIMES", "SOMETIMES"),
+    ],
+)
+def test_a_setting_that_cannot_be_used_exits_2_naming_the_flag(
+    tmp_path: Path, flag: str, value: str, named: str
+) -> None:
+    assert_failed_cleanly(failed_start(dbs.db_url(tmp_path), flag, value), 2, flag, named)
+
+
+def test_an_address_that_is_not_host_and_port_exits(tmp_path: Path) -> None:
+    failed = failed_start(dbs.db_url(tmp_path), "--metrics-addr", "127.0.0.1:99999")
+    assert_failed_cleanly(failed, 1, "metrics", "127.0.0.1:99999")
+
+
 def test_debug_logging_adds_the_traceback(tmp_path: Path) -> None:
     missing = tmp_path / "missing"
     failed = failed_start(f"sqlite+aiosqlite:///{missing / 'evalsvc.db'}", "--log-level", "debug")
