@@ -66,6 +66,8 @@ class CompiledGrader(Protocol):
 
     name: str
     weight: float
+    kind: str  # the spec's kind: `regex`, `similarity`...
+    spec_bytes: bytes  # the serialized spec, from which a worker process builds the same grader
 
     def grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         """Grade one output for one item. Never raises."""
@@ -140,14 +142,18 @@ def _normalizer(case_insensitive: bool, normalize_whitespace: bool = False) -> C
 class _Base:
     """Common state and the never-raise guarantee; subclasses implement `_grade`."""
 
-    __slots__ = ("name", "weight")
+    __slots__ = ("kind", "name", "spec_bytes", "weight")
 
     name: str
     weight: float
+    kind: str
+    spec_bytes: bytes
 
     def __init__(self, spec: grader_pb2.Grader) -> None:
         self.name = grader_name(spec)
         self.weight = spec.weight or 1.0
+        self.kind = spec.WhichOneof("kind") or ""
+        self.spec_bytes = spec.SerializeToString()
 
     def grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         """Grade one output; an unexpected exception becomes an ERROR grade so one bad output cannot fail a job."""
