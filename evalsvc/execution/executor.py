@@ -318,7 +318,7 @@ class Executor:
                     grade = await g.grade_async(item, output)
                     self._spend(plan, grade.cost_usd)
                 elif offloads(g, item, output):  # big output: off the event loop, under a time limit
-                    grade = await self._grading.grade(g, item, output)
+                    grade = await self._grading.grade(plan.tenant, g, item, output)
                 else:
                     grade = g.grade(item, output)
                 self._metrics.graded(g, time.perf_counter() - started)

@@ -16,7 +16,9 @@ killed (SIGKILL) and the evaluation becomes ERROR `GRADER_TIMEOUT`; a new worker
 next grading. So a runaway computation costs at most the time limit of one worker, never more.
 
 The time limit counts the grading only: waiting for a free worker is not the grading's fault. The
-wait is bounded too, since each grading ahead takes at most the limit.
+wait is bounded too, since each grading ahead takes at most the limit, and fair: free workers go to
+waiting tenants in turn (round-robin), so one tenant's thousand big outputs do not queue ahead of
+another tenant's one.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import logging
 import pickle
 import struct
 import sys
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -125,39 +128,88 @@ class _Worker:
         await self.process.wait()
 
 
+class FairSlots:
+    """`size` slots, handed to waiting tenants in turn (round-robin), first come first served within one."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
+
+    async def acquire(self, tenant: str) -> None:
+        """Wait for a slot: at once when one is free and nobody waits, else in the tenants' rotation."""
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(tenant, deque()).append(granted)
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self.release()  # granted as the waiter was cancelled: pass the slot on
+            else:
+                queue = self._waiting.get(tenant)
+                if queue is not None and granted in queue:
+                    queue.remove(granted)
+                    if not queue:
+                        del self._waiting[tenant]
+            raise
+
+    def release(self) -> None:
+        """Give a slot back: to the next tenant in the rotation that waits, else to the free count."""
+        while self._waiting:
+            tenant, queue = next(iter(self._waiting.items()))
+            granted = queue.popleft()
+            if queue:
+                self._waiting.move_to_end(tenant)  # its next waiter comes after every other tenant's
+            else:
+                del self._waiting[tenant]
+            if not granted.done():
+                granted.set_result(None)
+                return
+        self._free += 1
+
+
 class GradingPool:
     """Up to `processes` worker processes, started on first need and kept while they behave."""
 
     def __init__(self, processes: int, timeout_s: float, metrics: Metrics) -> None:
         self._timeout_s = timeout_s
         self._metrics = metrics
-        self._slots = asyncio.Semaphore(max(1, processes))
+        self._slots = FairSlots(max(1, processes))
         self._idle: list[_Worker] = []
 
-    async def grade(self, grader: CompiledGrader, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
+    async def grade(self, tenant: str, grader: CompiledGrader, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         """Grade in a worker process within the time limit; never raises but for cancellation."""
         payload = pickle.dumps((grader.spec_bytes, item.SerializeToString(), output.SerializeToString()))
-        async with self._slots:
-            try:
-                worker = self._idle.pop() if self._idle else await _Worker.start()
-            except (OSError, EOFError, TimeoutError) as exc:
-                log.error("cannot start a grading process: %s", exc)
-                return crashed_grade(f"could not start a grading process ({type(exc).__name__})")
-            try:
-                grade = await asyncio.wait_for(worker.grade(payload), self._timeout_s)
-            except TimeoutError:
-                await worker.kill()
-                self._metrics.grading_timed_out(grader)
-                return timeout_grade(self._timeout_s)
-            except (OSError, EOFError, pickle.UnpicklingError) as exc:  # asyncio.IncompleteReadError is an EOFError
-                await worker.kill()
-                log.warning("a grading process died: exit code %s", worker.process.returncode)
-                return crashed_grade(f"the grading process exited ({type(exc).__name__})")
-            except BaseException:  # cancelled mid-grading: the worker's reply would be read by the next one
-                await asyncio.shield(worker.kill())
-                raise
-            self._idle.append(worker)
-            return grade
+        await self._slots.acquire(tenant)
+        try:
+            return await self._grade_in_worker(grader, payload)
+        finally:
+            self._slots.release()
+
+    async def _grade_in_worker(self, grader: CompiledGrader, payload: bytes) -> Grade:
+        """One grading on an idle (or new) worker, killed when over the limit or abandoned."""
+        try:
+            worker = self._idle.pop() if self._idle else await _Worker.start()
+        except (OSError, EOFError, TimeoutError) as exc:
+            log.error("cannot start a grading process: %s", exc)
+            return crashed_grade(f"could not start a grading process ({type(exc).__name__})")
+        try:
+            grade = await asyncio.wait_for(worker.grade(payload), self._timeout_s)
+        except TimeoutError:
+            await worker.kill()
+            self._metrics.grading_timed_out(grader)
+            return timeout_grade(self._timeout_s)
+        except (OSError, EOFError, pickle.UnpicklingError) as exc:  # asyncio.IncompleteReadError is an EOFError
+            await worker.kill()
+            log.warning("a grading process died: exit code %s", worker.process.returncode)
+            return crashed_grade(f"the grading process exited ({type(exc).__name__})")
+        except BaseException:  # cancelled mid-grading: the worker's reply would be read by the next one
+            await asyncio.shield(worker.kill())
+            raise
+        self._idle.append(worker)
+        return grade
 
     async def close(self) -> None:
         """Stop the idle workers (busy ones are killed by their cancelled gradings)."""
