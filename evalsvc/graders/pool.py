@@ -73,7 +73,7 @@ def may_offload(graders: Sequence[CompiledGrader], items: Sequence[item_pb2.Item
     return any(item.ByteSize() > INLINE_LIMIT_CHARS for item in items)
 
 
-def timeout_grade(limit_s: float) -> Grade:
+def _timeout_grade(limit_s: float) -> Grade:
     """The grade of an evaluation whose grading ran out of time."""
     return Grade(
         ERROR,
@@ -84,7 +84,7 @@ def timeout_grade(limit_s: float) -> Grade:
     )
 
 
-def crashed_grade(detail: str) -> Grade:
+def _crashed_grade(detail: str) -> Grade:
     """The grade of an evaluation whose grading process died (e.g. killed for memory)."""
     return Grade(ERROR, 0.0, 0.0, "the grading process failed", f"GRADER_CRASHED: {detail}")
 
@@ -194,17 +194,17 @@ class GradingPool:
             worker = self._idle.pop() if self._idle else await _Worker.start()
         except (OSError, EOFError, TimeoutError) as exc:
             log.error("cannot start a grading process: %s", exc)
-            return crashed_grade(f"could not start a grading process ({type(exc).__name__})")
+            return _crashed_grade(f"could not start a grading process ({type(exc).__name__})")
         try:
             grade = await asyncio.wait_for(worker.grade(payload), self._timeout_s)
         except TimeoutError:
             await worker.kill()
             self._metrics.grading_timed_out(grader)
-            return timeout_grade(self._timeout_s)
+            return _timeout_grade(self._timeout_s)
         except (OSError, EOFError, pickle.UnpicklingError) as exc:  # asyncio.IncompleteReadError is an EOFError
             await worker.kill()
             log.warning("a grading process died: exit code %s", worker.process.returncode)
-            return crashed_grade(f"the grading process exited ({type(exc).__name__})")
+            return _crashed_grade(f"the grading process exited ({type(exc).__name__})")
         except BaseException:  # cancelled mid-grading: the worker's reply would be read by the next one
             await asyncio.shield(worker.kill())
             raise
