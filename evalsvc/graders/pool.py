@@ -4,10 +4,11 @@ Built-in graders are pure functions, cheap on ordinary outputs but not on large 
 quadratic in the text, and JSON parsing and comparison hold the GIL for their whole length. Graded
 on the event loop, one tenant's megabyte outputs would stall every RPC, watcher and health check.
 
-So a grading whose text (output plus expected output) exceeds `INLINE_LIMIT_CHARS` for a grader
-whose cost grows with it (regex, JSON, similarity, tool calls: `offloads`) is sent to one of
-`--grade-processes` worker processes (`python -m evalsvc.graders.worker`); everything else stays
-inline, where it costs microseconds and a pipe round trip would cost more than the grading.
+So a grading whose text (output plus expected output) exceeds `INLINE_LIMIT_CHARS`, for a grader
+that reads the text (all but latency and cost: `offloads`), is sent to one of `--grade-processes`
+worker processes (`python -m evalsvc.graders.worker`); everything else stays inline, where it costs
+microseconds and a pipe round trip would cost more than the grading. Even the linear graders go:
+an endpoint's reply has no size limit, and case-folding 100 MB is a stall too.
 
 Why processes and not threads: json holds the GIL through a whole parse (measured: the loop thread
 stalled 140 ms behind one 13 MB `json.loads` in a thread; RE2 and rapidfuzz release it), and a
@@ -46,8 +47,8 @@ __all__ = ["INLINE_LIMIT_CHARS", "GradingPool", "may_offload", "offloads"]
 # Below this many characters of text, the heaviest built-in grader (similarity, quadratic over
 # 64-bit words) takes about a millisecond: cheaper inline than the round trip to a worker.
 INLINE_LIMIT_CHARS = 16 * 1024
-# Grader kinds whose cost grows faster than, or in Python with, the size of the text.
-_HEAVY_KINDS = frozenset({"regex", "json_match", "similarity", "tool_calls"})
+# Grader kinds that read the output's text, so whose cost grows with it.
+_TEXT_KINDS = frozenset({"exact_match", "contains", "regex", "json_match", "similarity", "tool_calls"})
 # A worker imports protobuf, RE2 and rapidfuzz before it says it is ready; on a loaded machine that
 # takes seconds, and it does not count against any evaluation's limit.
 WORKER_START_TIMEOUT_S = 60.0
@@ -56,19 +57,17 @@ _FRAME = struct.Struct("!I")
 
 def offloads(grader: CompiledGrader, item: item_pb2.Item, output: item_pb2.Response) -> bool:
     """Whether this grading goes to a worker process (see the module docstring)."""
-    if grader.kind not in _HEAVY_KINDS:
+    if grader.kind not in _TEXT_KINDS:
         return False
-    size = len(output.content) + len(item.expected_output)
-    if grader.kind == "tool_calls":
-        size += output.ByteSize()
-    return size > INLINE_LIMIT_CHARS
+    read = output.ByteSize() if grader.kind == "tool_calls" else len(output.content)  # tool calls: arguments too
+    return len(item.expected_output) + read > INLINE_LIMIT_CHARS
 
 
 def may_offload(graders: Sequence[CompiledGrader], items: Sequence[item_pb2.Item]) -> bool:
-    """Whether some grading of a run over these items may go to a worker: a heavy grader and an item
+    """Whether some grading of a run over these items may go to a worker: a text grader and an item
     (whose input, expected output or recorded response make up a local target's grading) over the
     limit. Such a run's jobs must not be executed inline on the claim loop, which would wait on them."""
-    if not any(g.kind in _HEAVY_KINDS for g in graders):
+    if not any(g.kind in _TEXT_KINDS for g in graders):
         return False
     return any(item.ByteSize() > INLINE_LIMIT_CHARS for item in items)
 
