@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["INLINE_LIMIT_CHARS", "GradingPool", "may_offload", "offloads"]
+__all__ = ["INLINE_LIMIT_CHARS", "FairSlots", "GradingPool", "may_offload", "offloads"]
 
 # Below this many characters of text, the heaviest built-in grader (similarity, quadratic over
 # 64-bit words) takes about a millisecond: cheaper inline than the round trip to a worker.
