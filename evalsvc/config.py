@@ -140,7 +140,7 @@ class Settings:
         },
     )
     grade_processes: int = dataclasses.field(
-        default=2, metadata={"help": "worker processes that grade large outputs off the event loop"}
+        default=2, metadata={"help": "worker processes that grade large outputs off the event loop (at least 1)"}
     )
 
     @classmethod
