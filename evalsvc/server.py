@@ -37,6 +37,7 @@ from evalsvc.execution.outbound import Outbound
 from evalsvc.execution.targets import PriceTable
 from evalsvc.gateway.server import Gateway
 from evalsvc.graders.judge import JudgeDefaults
+from evalsvc.graders.pool import GradingPool
 from evalsvc.ids import PageTokens
 from evalsvc.limits import TenantLimits
 from evalsvc.metrics import Metrics
@@ -106,8 +107,16 @@ class EvalServer:
         with _setting("--price-table"):
             prices = PriceTable.from_file(settings.price_table)
         judge = JudgeDefaults(settings.judge_base_url, settings.judge_model, settings.judge_api_key)
+        self.grading = GradingPool(settings.grade_processes, settings.grade_timeout_s, self.metrics)
         self.executor = Executor(
-            self.db, self.bus, settings, self.metrics, outbound=self.outbound, prices=prices, judge=judge
+            self.db,
+            self.bus,
+            settings,
+            self.metrics,
+            outbound=self.outbound,
+            prices=prices,
+            judge=judge,
+            grading=self.grading,
         )
         # Other replicas' commits reach this process's watchers through PostgreSQL notifications.
         self.listener = None if self.db.is_sqlite else EventListener(settings.db, self.bus, self.db)
@@ -154,6 +163,7 @@ class EvalServer:
     async def _start(self, stack: contextlib.AsyncExitStack, credentials: grpc.ServerCredentials | None) -> None:
         stack.push_async_callback(self.db.close)
         stack.push_async_callback(self.outbound.close)
+        stack.push_async_callback(self.grading.close)
         async with self._database_step():
             check_database_directory(self.settings.db)
             await migrate.prepare(self.db)
@@ -164,6 +174,8 @@ class EvalServer:
         self._server = server
         await server.start()
         stack.push_async_callback(self._stop_grpc)
+        self.metrics.start_lag_sampler()
+        stack.push_async_callback(self.metrics.close)  # the sampler, and /metrics once it serves
         if self.settings.http_addr:
             _check_bindable(self.settings.http_addr, "HTTP")
             host = self.settings.grpc_addr.rsplit(":", 1)[0]
@@ -183,7 +195,6 @@ class EvalServer:
             self.metrics_port = await _listen(
                 "metrics", self.settings.metrics_addr, self.metrics.serve(self.settings.metrics_addr)
             )
-            stack.push_async_callback(self.metrics.close)
         async with self._database_step():
             await self.executor.start()
         stack.push_async_callback(self.executor.stop)
