@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -101,7 +102,14 @@ async def _gateway_command(args: argparse.Namespace) -> int:
     from evalsvc.gateway.server import Gateway
 
     gateway = Gateway(args.grpc_target, args.http_addr, root_certificates=args.grpc_ca, dialects=args.dialects)
-    await gateway.start()
+    try:
+        await gateway.start()
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        logging.getLogger("evalsvc").error(
+            "evalsvc gateway could not start: cannot listen on %s: %s", args.http_addr, why
+        )
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

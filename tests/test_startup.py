@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,6 +143,29 @@ def test_a_setting_that_cannot_be_used_exits_2_naming_the_flag(
 def test_an_address_that_is_not_host_and_port_exits(tmp_path: Path) -> None:
     failed = failed_start(dbs.db_url(tmp_path), "--metrics-addr", "127.0.0.1:99999")
     assert_failed_cleanly(failed, 1, "metrics", "127.0.0.1:99999")
+
+
+def test_the_standalone_gateway_exits_when_its_address_is_in_use() -> None:
+    with occupied_port() as port:
+        started = time.monotonic()
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "evalsvc",
+                "gateway",
+                "--grpc-target",
+                "127.0.0.1:1",
+                "--http-addr",
+                f"127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    failed = FailedStart(done.returncode, done.stdout + done.stderr, time.monotonic() - started)
+    assert_failed_cleanly(failed, 1, f"127.0.0.1:{port}", "in use")
 
 
 def test_debug_logging_adds_the_traceback(tmp_path: Path) -> None:

@@ -39,6 +39,8 @@ RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 # endpoint slot), it raises to stop the call - how a spent budget stops new model calls at once.
 call_guard: ContextVar[Callable[[], None] | None] = ContextVar("evalsvc_call_guard", default=None)
 SECRET_PREFIX = "EVALSVC_SECRET_"
+# How long a create call waits for DNS to check an endpoint's name: a slow resolver must not stall it.
+CREATE_RESOLVE_TIMEOUT_S = 2.0
 
 
 class OutboundError(Exception):
@@ -193,14 +195,15 @@ async def destination_violations(endpoints: Iterable[tuple[str, str]], allow: Al
     """The (field, base_url) endpoints a definition names that would be refused, as violations: what
     CreateRun, CreateTarget, CreateGrader and UpdateGrader check before storing anything.
 
-    A name that does not resolve now is accepted (DNS may be down, or the name not yet published);
-    `check_destination` refuses it at call time if it then resolves somewhere not allowed."""
+    A name that does not resolve now, or not within CREATE_RESOLVE_TIMEOUT_S, is accepted (DNS may be
+    down, or the name not yet published); `check_destination` refuses it at call time if it then
+    resolves somewhere not allowed."""
     out: list[FieldViolation] = []
     for field, url in endpoints:
         host = urlsplit(url).hostname or ""
         try:
-            addresses = await _resolve(host)
-        except OSError:
+            addresses = await asyncio.wait_for(_resolve(host), CREATE_RESOLVE_TIMEOUT_S)
+        except OSError:  # TimeoutError included
             continue
         if refusal := _refusal(host, addresses, allow):
             out.append(FieldViolation(field, refusal))
