@@ -5,11 +5,15 @@ globally routable, after unwrapping the IPv4 address an IPv6 transition form del
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import pytest
 
+from evalsvc.config import Settings
+from evalsvc.execution import outbound
 from evalsvc.execution.outbound import (
     AllowList,
+    Outbound,
     OutboundError,
     check_destination,
     destination_violations,
@@ -93,3 +97,27 @@ async def test_destination_violations_name_each_refused_field() -> None:
     )
     assert [v.field for v in found] == ["b.base_url"]
     assert "2002:7f00:1::" in found[0].description and "--outbound-allow" in found[0].description
+
+
+async def test_a_name_rebound_after_the_check_is_refused_at_connect_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: the name resolves to a public address for the check, then to loopback for the
+    connection; the connection is checked on its own resolution, so nothing reaches loopback. The
+    name is localhost, so that without that second check the connection would land on the listener."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    answers = iter([[ipaddress.ip_address("8.8.8.8")], [ipaddress.ip_address("127.0.0.1")]])
+
+    async def rebinding_resolver(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        assert host == "localhost"
+        return next(answers)
+
+    monkeypatch.setattr(outbound, "_resolve", rebinding_resolver)
+    client = Outbound(Settings(outbound_allow="", http_retries=0))
+    try:
+        with pytest.raises(OutboundError, match="ConnectError"):
+            await client.post_json(f"http://localhost:{port}/v1", {}, {})
+    finally:
+        await client.close()
+    with pytest.raises(BlockingIOError), listener:
+        listener.accept()  # nobody connected

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 
 from evalsvc.config import Settings
@@ -161,6 +162,59 @@ def _refusal(host: str, addresses: list[IPAddress], allow: AllowList) -> str | N
     return None
 
 
+class _CheckedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend with the SSRF rule at connect time: the host is resolved once,
+    every address checked, and the connection made to a checked address. What was checked is what is
+    connected to, so a name re-pointed between `check_destination` and the connection (DNS
+    rebinding) is refused too."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend, allow: AllowList) -> None:
+        self._inner = inner
+        self._allow = allow
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            addresses = await asyncio.wait_for(_resolve(host), timeout)
+        except OSError as exc:  # TimeoutError included
+            raise httpcore.ConnectError(f"cannot resolve host {host!r}") from exc
+        if refusal := _refusal(host, addresses, self._allow):
+            raise httpcore.ConnectError(refusal)
+        failure: httpcore.ConnectError | None = None
+        for address in addresses:
+            try:
+                return await self._inner.connect_tcp(
+                    str(address), port, timeout=timeout, local_address=local_address, socket_options=socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = httpcore.ConnectError(str(exc))
+        raise failure or httpcore.ConnectError(f"no address for {host!r}")
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("a unix socket is not a destination")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def checked_transport(allow: AllowList, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+    """httpx's transport with `_CheckedBackend` under its connection pool. The one place that reaches
+    into httpx's and httpcore's internals (the pool and its backend); tests/test_outbound_rule.py
+    fails if they move."""
+    transport = httpx.AsyncHTTPTransport(limits=limits)
+    pool = transport._pool
+    pool._network_backend = _CheckedBackend(pool._network_backend, allow)
+    return transport
+
+
 async def check_destination(url: str, allow: AllowList) -> None:
     """Refuse (OutboundError) a URL unless every address its host resolves to is globally routable
     or allow-listed. Runs before every call, so a name that later resolves elsewhere is caught."""
@@ -255,7 +309,9 @@ class Outbound:
         self.secrets = Secrets(os.environ if environ is None else environ, settings.secrets_file)
         self.allow = AllowList(settings.outbound_allow)
         self._retries = settings.http_retries
-        self._client = httpx.AsyncClient(follow_redirects=False, limits=httpx.Limits(max_connections=512))
+        self._client = httpx.AsyncClient(
+            follow_redirects=False, transport=checked_transport(self.allow, httpx.Limits(max_connections=512))
+        )
         self._limits: dict[str, AdaptiveLimit] = {}
         self.base_backoff_s = 0.2
 
