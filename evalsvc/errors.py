@@ -49,14 +49,16 @@ def invalid_argument(violations: list[FieldViolation]) -> ServiceError:
     )
 
 
-def invalid_page_token(field: str = "page_token") -> ServiceError:
+def invalid_page_token() -> ServiceError:
     """INVALID_ARGUMENT (reason INVALID_PAGE_TOKEN) for a page token this service did not issue to
     this tenant for this list and these filters: forged, altered, truncated or another request's."""
     return ServiceError(
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_PAGE_TOKEN",
         "page_token is not one this service issued for this request; start again without it",
-        violations=[FieldViolation(field, "not a page token issued for this list, with these filters, to this caller")],
+        violations=[
+            FieldViolation("page_token", "not a page token issued for this list, with these filters, to this caller")
+        ],
     )
 
 
