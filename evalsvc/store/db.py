@@ -10,6 +10,7 @@ On PostgreSQL both engines are ordinary pools and row locks do the serialising.
 from __future__ import annotations
 
 import errno
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -96,6 +97,10 @@ _SQLSTATE_UNAVAILABLE = {
 }
 
 
+# A reached resource that failed (not a bug in the service): full, read-only or failing storage.
+_OS_UNAVAILABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
 def unavailable_cause(exc: BaseException) -> str | None:
     """Why the database cannot serve at the moment (a full disk, a read-only or unopenable file, a
     refused or dropped connection, an exhausted pool), or None when `exc` is something else.
@@ -114,8 +119,10 @@ def unavailable_cause(exc: BaseException) -> str | None:
             for prefix, text in _SQLSTATE_UNAVAILABLE.items():
                 if state.startswith(prefix):
                     return text
-        if isinstance(cause, OSError):
-            return "the disk is full" if cause.errno == errno.ENOSPC else cause.strerror or str(cause)
+        if isinstance(cause, (ConnectionError, TimeoutError, socket.gaierror)) or (
+            isinstance(cause, OSError) and cause.errno in _OS_UNAVAILABLE
+        ):
+            return "the disk is full" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else cause.strerror or str(cause)
         if isinstance(cause, sa_exc.TimeoutError):
             return "no database connection became free in time"
         cause = getattr(cause, "orig", None) or cause.__cause__
