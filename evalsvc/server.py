@@ -161,6 +161,14 @@ class EvalServer:
         return self.port
 
     async def _start(self, stack: contextlib.AsyncExitStack, credentials: grpc.ServerCredentials | None) -> None:
+        # Every address first: an address in use fails the start before the database is touched.
+        for addr, what in (
+            (self.settings.grpc_addr, "gRPC"),
+            (self.settings.http_addr, "HTTP"),
+            (self.settings.metrics_addr, "metrics"),
+        ):
+            if addr:
+                _check_bindable(addr, what)
         stack.push_async_callback(self.db.close)
         stack.push_async_callback(self.outbound.close)
         stack.push_async_callback(self.grading.close)
@@ -177,7 +185,6 @@ class EvalServer:
         self.metrics.start_lag_sampler()
         stack.push_async_callback(self.metrics.close)  # the sampler, and /metrics once it serves
         if self.settings.http_addr:
-            _check_bindable(self.settings.http_addr, "HTTP")
             host = self.settings.grpc_addr.rsplit(":", 1)[0]
             if host in ("", "0.0.0.0", "[::]", "::"):
                 host = "127.0.0.1" if credentials is None else "localhost"
@@ -191,7 +198,6 @@ class EvalServer:
             await _listen("HTTP", self.settings.http_addr, self.gateway.start())
             stack.push_async_callback(self.gateway.stop)
         if self.settings.metrics_addr:
-            _check_bindable(self.settings.metrics_addr, "metrics")
             self.metrics_port = await _listen(
                 "metrics", self.settings.metrics_addr, self.metrics.serve(self.settings.metrics_addr)
             )
@@ -290,9 +296,9 @@ class StartupError(RuntimeError):
 def bind_grpc(server: grpc.aio.Server, addr: str, credentials: grpc.ServerCredentials | None) -> int:
     """Bind the gRPC server to addr (without port sharing: `grpc.so_reuseport` is 0); the bound port.
 
-    The address is first tried with a plain socket: that names the cause (in use, not this host's)
-    in Python's words, and spares the log grpc core's own error line, which it prints whenever a bind fails."""
-    _check_bindable(addr, "gRPC")
+    Start-up has tried the address with a plain socket (`_check_bindable`) already: that names the
+    cause (in use, not this host's) in Python's words, and spares the log grpc core's own error
+    line, which it prints whenever a bind fails."""
     try:
         port = server.add_insecure_port(addr) if credentials is None else server.add_secure_port(addr, credentials)
     except RuntimeError as exc:  # lost a race for the port since the check
@@ -303,6 +309,7 @@ def bind_grpc(server: grpc.aio.Server, addr: str, credentials: grpc.ServerCreden
 
 
 def _check_bindable(addr: str, what: str) -> None:
+    """StartupError naming addr unless a listener could bind it now (a host:port of this machine, free)."""
     host, _, port_text = addr.rpartition(":")
     try:
         port = int(port_text)
