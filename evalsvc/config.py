@@ -132,6 +132,17 @@ class Settings:
         default=0.0, metadata={"help": "total model spend allowed per tenant, in US dollars; 0 means no limit"}
     )
     max_graders_per_run: int = dataclasses.field(default=100, metadata={"help": "graders per run (at most 1024)"})
+    cache_default: str = dataclasses.field(
+        default="off",
+        metadata={
+            "help": "response cache mode of runs that do not choose one: off, read_write, refresh or replay "
+            "(docs/targets.md)"
+        },
+    )
+    cache_max_entries: int = dataclasses.field(
+        default=100_000,
+        metadata={"help": "cached outputs and verdicts kept per tenant; the least recently used go first"},
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -19,9 +19,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from evalsvc.graders import Grade
 from evalsvc.runs.aggregate import build_aggregate, verdict
 from evalsvc.runs.convert import timestamp
+from evalsvc.store import cache as cache_store
 from evalsvc.store import events as event_log
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
+from evalsvc.store.cache import CacheEntry
 from evalsvc.store.db import Database
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import item_pb2, run_pb2
@@ -59,6 +61,9 @@ class FinishedJob:
     item_id: str
     output: item_pb2.Response
     grades: Sequence[tuple[str, Grade]]
+    cached: bool = False  # the output came from the response cache: its cost was not spent
+    cache_writes: Sequence[CacheEntry] = ()  # outputs and verdicts to store in the response cache
+    cache_hits: Sequence[str] = ()  # keys of the entries it used (their last use moves to now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +86,13 @@ def item_score(grades: Sequence[tuple[str, Grade]], weights: Sequence[float]) ->
 
 
 async def record(
-    db: Database, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders]
+    db: Database, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders], *, cache_max_entries: int
 ) -> tuple[dict[str, list[pb.WatchRunResponse]], set[str]]:
     """Commit a batch. Returns the committed events by run, and the runs that finished.
+
+    The batch's response cache entries are stored in the same transaction (a committed result's
+    entry is committed with it, and caching adds no commit), then each writing tenant is trimmed to
+    cache_max_entries, least recently used first.
 
     Each run's changes are stamped when the recorder reaches that run, not when the batch starts:
     a batch that holds the last jobs of a large run before a small one would otherwise date the
@@ -110,10 +119,12 @@ async def record(
                     f.output.latency_ms,
                     f.output.cost_usd,
                     item_score(f.grades, graders_of[f.job.run_id].weights),
+                    f.cached,
                 )
                 for f in kept
             ],
         )
+        await _store_cache_entries(conn, kept, cache_max_entries)
         jobs_by_run: dict[str, list[FinishedJob]] = defaultdict(list)
         for f in kept:
             jobs_by_run[f.job.run_id].append(f)
@@ -122,10 +133,10 @@ async def record(
             tally = dict.fromkeys(_STATE_FIELD.values(), 0)
             spent = 0.0
             for f in run_jobs:
-                spent += f.output.cost_usd
+                spent += 0.0 if f.cached else f.output.cost_usd
                 for _, grade in f.grades:
                     tally[_STATE_FIELD[grade.state]] += 1
-                    spent += grade.cost_usd
+                    spent += 0.0 if grade.cached else grade.cost_usd
             now = time.time()
             row = await run_store.add_progress(conn, run_id, now=now, cost_usd=spent, **tally)
             events = _result_events(row, run_jobs, now, result_rows)
@@ -140,6 +151,19 @@ async def record(
                 by_run[run_id].append(finish)
                 finished_runs.add(run_id)
     return by_run, finished_runs
+
+
+async def _store_cache_entries(conn: AsyncConnection, kept: Sequence[FinishedJob], max_entries: int) -> None:
+    """Store the batch's new cache entries, mark the used ones, and evict beyond the bound."""
+    writes = [entry for f in kept for entry in f.cache_writes]
+    hits = [(f.job.tenant, key) for f in kept for key in f.cache_hits]
+    if not writes and not hits:
+        return
+    now = time.time()
+    await cache_store.store(conn, writes, now)
+    await cache_store.touch(conn, hits, now)
+    for tenant in sorted({entry.tenant for entry in writes}):
+        await cache_store.evict(conn, tenant, max_entries)
 
 
 def _result_events(
@@ -192,6 +216,8 @@ def _result_events(
                     now,
                     grade.cost_usd,
                     grade.confidence,
+                    f.cached,
+                    grade.cached,
                 )
             )
             events.append(
@@ -217,6 +243,8 @@ def _result_events(
                         complete_time=event_time,
                         scoring_cost_usd=grade.cost_usd,
                         confidence=grade.confidence,
+                        cached=f.cached,
+                        verdict_cached=grade.cached,
                     ),
                 )
             )
