@@ -100,7 +100,7 @@ async def _run(
 
 
 async def test_a_second_identical_run_makes_no_call_and_gives_identical_outputs_at_no_cost(svc: Svc) -> None:
-    with _endpoint(16) as llm:
+    with _endpoint(30) as llm:
         request = _request(_chat(llm.url), _items(6), Mode.CACHE_MODE_READ_WRITE, repetitions=2, warmup_runs=1)
         first, first_results = await _run(svc.runs, request)
         calls = len(llm.seen)
@@ -213,24 +213,25 @@ async def test_judge_verdicts_are_cached(svc: Svc) -> None:
 
 
 async def test_the_bound_evicts_the_least_recently_used_and_prune_removes_a_tenants_entries(tmp_path: Path) -> None:
-    srv = await _start(tmp_path, cache_max_entries=3, workers=1, claim_batch=1)
+    srv = await _start(tmp_path, cache_max_entries=3)
     assert srv.bootstrap_key
     try:
         async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
             stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
             with _endpoint(20) as llm:
                 target = _chat(llm.url)
-                await _run(stub, _request(target, _items(5), Mode.CACHE_MODE_READ_WRITE))
+
+                async def one_item_run(i: int) -> None:  # one run per entry: each is stored (or used) after the last
+                    await _run(stub, _request(target, _items(i + 1, i), Mode.CACHE_MODE_READ_WRITE))
+
+                for i in range(5):
+                    await one_item_run(i)
                 async with srv.db.read() as conn:
-                    assert await cache_store.counts(conn) == {"default": 3}
-                # One job at a time, so entries are stored in item order: i0 and i1 went first.
-                _, kept = await _run(stub, _request(target, _items(5), Mode.CACHE_MODE_REPLAY))
-                assert sorted(item for (item, _), r in kept.items() if r.cached) == ["i2", "i3", "i4"]
-                # Using i2 makes i3 the least recently used: a new entry evicts i3, not i2 (LRU, not FIFO).
-                await _run(stub, _request(target, _items(3, 2), Mode.CACHE_MODE_READ_WRITE))
-                await _run(stub, _request(target, _items(6, 5), Mode.CACHE_MODE_READ_WRITE))
+                    assert await cache_store.counts(conn) == {"default": 3}  # i0 and i1, the oldest, went
+                await one_item_run(2)  # a hit: i3 is now the least recently used, although i2 is older
+                await one_item_run(5)  # a new entry evicts i3 (LRU, not FIFO)
                 assert len(llm.seen) == 6
-                _, kept = await _run(stub, _request(target, _items(6, 2), Mode.CACHE_MODE_REPLAY))
+                _, kept = await _run(stub, _request(target, _items(6), Mode.CACHE_MODE_REPLAY))
                 assert sorted(item for (item, _), r in kept.items() if r.cached) == ["i2", "i4", "i5"]
                 assert len(llm.seen) == 6
     finally:

@@ -9,7 +9,6 @@ runs' sizes, so it runs in a worker thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -152,7 +151,7 @@ class CompareService:
     async def compare(self, tenant: str, request: cpb.CompareRunsRequest) -> cpb.RunComparison:
         """The comparison of two of the tenant's runs, as their results stand now."""
         alpha = request.alpha or DEFAULT_ALPHA
-        if not (0.0 < alpha <= 0.5) or math.isnan(alpha):
+        if not 0.0 < alpha <= 0.5:  # NaN fails it too
             raise invalid_argument([FieldViolation("alpha", "must be in (0, 0.5]; 0 means 0.05")])
         baseline, candidate = await self._runs(tenant, request.baseline_run_id, request.candidate_run_id)
         base_rows, cand_rows = await self._evaluations(tenant, baseline.id, candidate.id)
@@ -181,7 +180,12 @@ class CompareService:
         base_rows, cand_rows = await self._evaluations(tenant, baseline.id, candidate.id)
         keys = await asyncio.to_thread(_changes, base_rows, cand_rows, request.grader, request.change)
         if after is not None:
-            position = (str(after[0]), int(after[1]), str(after[2]))
+            try:
+                position = (str(after[0]), int(after[1]), str(after[2]))
+            except (TypeError, ValueError, IndexError, KeyError) as exc:
+                raise invalid_argument(
+                    [FieldViolation("page_token", "page_token is not one this service issued")]
+                ) from exc
             keys = [k for k in keys if k.key > position]
         page = keys[:limit]
         item_ids = [k.key[0] for k in page]
