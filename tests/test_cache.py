@@ -127,6 +127,9 @@ async def test_a_second_identical_run_makes_no_call_and_gives_identical_outputs_
     assert second.cost_usd == 0 and second.aggregate.total_cost_usd == 0
     assert second.aggregate.cache_hits == 12
     assert second.aggregate.cost_saved_usd == pytest.approx(spent)
+    lookups = svc.srv.metrics.registry.get_sample_value
+    assert lookups("evalsvc_cache_lookups_total", {"kind": "output", "outcome": "miss"}) == 12
+    assert lookups("evalsvc_cache_lookups_total", {"kind": "output", "outcome": "hit"}) == 12
 
 
 async def test_replay_errs_only_the_items_it_has_no_output_for(svc: Svc) -> None:

@@ -47,7 +47,10 @@ async def fetch(conn: AsyncConnection, keys: Sequence[tuple[str, str]]) -> dict[
 
 
 async def store(conn: AsyncConnection, entries: Sequence[CacheEntry], now: float) -> None:
-    """Insert entries, replacing any with the same key (REFRESH, or two runs that missed at once)."""
+    """Insert entries, replacing any with the same key (REFRESH, or two runs that missed at once).
+
+    Rows go in key order, as `touch` updates them: two replicas recording the same keys on
+    PostgreSQL lock them in one order and wait for each other instead of deadlocking."""
     if not entries:
         return
     latest = {(e.tenant, e.key): e for e in entries}  # one row per key in one statement
@@ -74,7 +77,7 @@ async def store(conn: AsyncConnection, entries: Sequence[CacheEntry], now: float
                 "create_time": now,
                 "last_used": now,
             }
-            for e in latest.values()
+            for _, e in sorted(latest.items())
         ],
     )
 
