@@ -193,3 +193,22 @@ def test_compare_table_json_show_and_fail_on_regression(live: tuple[ServerProces
     assert improved.returncode == 0 and "IMPROVED" in improved.stdout
     missing = evalctl(live, "compare", good, "run_missing")
     assert missing.returncode == 3 and "not found" in missing.stderr
+
+
+def test_run_takes_a_cache_mode_from_the_spec_or_the_command_line(
+    live: tuple[ServerProcess, str], tmp_path: Path
+) -> None:
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(3, wrong_every=1000)))
+    (tmp_path / "cached.yaml").write_text(
+        "dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\ncache_mode: read_write\n"
+    )
+    from_spec = evalctl(live, "run", str(tmp_path / "cached.yaml"), "--json")
+    assert from_spec.returncode == 0, from_spec.stderr
+    assert json.loads(from_spec.stdout)["cache_mode"] == "CACHE_MODE_READ_WRITE"
+    overridden = evalctl(live, "run", str(tmp_path / "cached.yaml"), "--cache", "replay", "--json")
+    assert json.loads(overridden.stdout)["cache_mode"] == "CACHE_MODE_REPLAY"
+    (tmp_path / "bad.yaml").write_text(
+        "dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\ncache_mode: often\n"
+    )
+    bad = evalctl(live, "run", str(tmp_path / "bad.yaml"))
+    assert bad.returncode == 3 and "cache_mode must be one of" in bad.stderr

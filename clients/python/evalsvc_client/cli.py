@@ -1,6 +1,6 @@
 """evalctl: run evaluations and read them from a terminal or CI.
 
-    evalctl run spec.yaml [--fail-under PCT] [--junit FILE] [--jsonl FILE]   create, follow with a progress bar
+    evalctl run spec.yaml [--fail-under PCT] [--junit FILE] [--jsonl FILE] [--cache replay|...]   create, follow
     evalctl watch RUN_ID [--after-seq N]                                     follow a run to its end
     evalctl get RUN_ID | list [--status S] [--label k=v] | cancel RUN_ID
     evalctl results RUN_ID [--state passed|failed|error|skipped] [--format table|jsonl|junit] [-o FILE]
@@ -32,7 +32,7 @@ from evalsvc_client import pb
 from evalsvc_client._common import TLSOptions
 from evalsvc_client.errors import EvalError
 from evalsvc_client.export import to_dict, write_jsonl, write_junit
-from evalsvc_client.spec import SpecError, load_spec
+from evalsvc_client.spec import CACHE_MODES, SpecError, cache_mode, load_spec
 from evalsvc_client.sync import EvalClient
 
 EXIT_OK, EXIT_BELOW, EXIT_RUN_FAILED, EXIT_ERROR = 0, 1, 2, 3
@@ -177,6 +177,8 @@ def _export(client: EvalClient, run: pb.Run, args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
     spec = load_spec(Path(args.spec))
+    if args.cache:
+        spec.cache_mode = cache_mode(args.cache)
     created = client.create_run_from(spec.request())
     run = created.run
     if not args.json:
@@ -362,6 +364,9 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="create a run from a spec file and follow it")
     run.add_argument("spec", help="YAML or JSON run spec")
     run.add_argument("--detach", action="store_true", help="create the run and exit without following it")
+    run.add_argument(
+        "--cache", choices=sorted(CACHE_MODES), help="response cache mode, over the spec's cache_mode (docs/targets.md)"
+    )
     follow_flags(run)
     run.set_defaults(handler=cmd_run)
 
