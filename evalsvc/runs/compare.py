@@ -30,7 +30,7 @@ Key = tuple[str, int, str]  # item id, repetition, grader
 Side = tuple[int, float]  # state, score
 
 
-def change_of(baseline: Side | None, candidate: Side | None) -> int:
+def change_of(baseline: Side | None, candidate: Side | None) -> cpb.ComparisonChange:
     """How one evaluation changed; UNPAIRED when a side is missing or could not be graded."""
     if baseline is None or candidate is None or baseline[0] not in _GRADED or candidate[0] not in _GRADED:
         return cpb.COMPARISON_CHANGE_UNPAIRED
@@ -106,7 +106,7 @@ def compare_evaluations(
 @dataclass(frozen=True)
 class _PairedKey:
     key: Key
-    change: int
+    change: cpb.ComparisonChange
 
 
 def _changes(
