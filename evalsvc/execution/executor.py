@@ -32,6 +32,7 @@ from evalsvc.execution.recorder import ClaimedJob, FinishedJob, RunGraders, fail
 from evalsvc.execution.targets import PriceTable, Target, TargetError, answers_locally, build_target
 from evalsvc.graders import CompiledGrader, Grade, compile_grader, grader_name, target_error_grade
 from evalsvc.graders.judge import JudgeDefaults, LlmJudgeGrader
+from evalsvc.graders.pool import GradingPool, may_offload, offloads
 from evalsvc.metrics import Metrics
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
@@ -61,14 +62,19 @@ class RunPlan:
     recorder_view: RunGraders
     max_cost_usd: float | None
     spent_usd: float  # committed spend at load time plus what this process spent since
+    offloads_grading: bool  # some output may be big enough to be graded in a grading process
     target_spec: target_pb2.Target
     cache_mode: int  # CacheMode, the server's default already applied
 
     @property
     def local(self) -> bool:
-        """Whether its jobs run without any I/O (recorded responses, deterministic graders): they
-        never wait, so they need no worker slot and no task of their own."""
-        return answers_locally(self.target) and not any(isinstance(g, LlmJudgeGrader) for g in self.graders)
+        """Whether its jobs run without any I/O (recorded responses, deterministic graders on small
+        outputs): they never wait, so they need no worker slot and no task of their own."""
+        return (
+            answers_locally(self.target)
+            and not self.offloads_grading
+            and not any(isinstance(g, LlmJudgeGrader) for g in self.graders)
+        )
 
 
 @dataclass
@@ -97,8 +103,10 @@ class Executor:
         outbound: Outbound,
         prices: PriceTable,
         judge: JudgeDefaults,
+        grading: GradingPool,
     ) -> None:
         self._db = db
+        self._grading = grading
         self._outbound = outbound
         self._prices = prices
         self._judge = judge
@@ -313,6 +321,8 @@ class Executor:
                 started = time.perf_counter()
                 if isinstance(g, LlmJudgeGrader):
                     grade = await self._judge_verdict(job, plan, g, item, output, use)
+                elif offloads(g, item, output):  # big output: off the event loop, under a time limit
+                    grade = await self._grading.grade(plan.tenant, g, item, output)
                 else:
                     grade = g.grade(item, output)
                 self._metrics.graded(g, time.perf_counter() - started)
@@ -467,9 +477,10 @@ class Executor:
                 self._tenant_spent[row["tenant"]] = await run_store.tenant_spend(conn, row["tenant"])
         spec = run_pb2.Run.FromString(row["spec"])
         graders = [self._compile(g) for g in spec.graders]
+        run_items = [item_pb2.Item.FromString(raw) for raw in items]
         return RunPlan(
             tenant=row["tenant"],
-            items=[item_pb2.Item.FromString(raw) for raw in items],
+            items=run_items,
             target=build_target(spec.target, self._outbound, self._prices),
             graders=graders,
             warmup_runs=spec.warmup_runs,
@@ -480,6 +491,7 @@ class Executor:
             ),
             max_cost_usd=spec.max_cost_usd if spec.HasField("max_cost_usd") else None,
             spent_usd=row["cost_usd"],
+            offloads_grading=may_offload([g for g in graders if not isinstance(g, LlmJudgeGrader)], run_items),
             target_spec=spec.target,
             cache_mode=spec.cache_mode,
         )
