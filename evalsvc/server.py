@@ -32,6 +32,7 @@ from evalsvc.datasets.service import DatasetService
 from evalsvc.definitions.service import DefinitionService
 from evalsvc.events.bus import EventBus
 from evalsvc.events.listener import EventListener
+from evalsvc.execution.cache import mode_from_setting
 from evalsvc.execution.executor import Executor
 from evalsvc.execution.outbound import Outbound
 from evalsvc.execution.targets import PriceTable
@@ -133,6 +134,7 @@ class EvalServer:
             definitions=self.definitions,
             outbound=self.outbound,
             judge=judge,
+            cache_default=mode_from_setting(settings.cache_default),
             page_tokens=self.page_tokens,
         )
         self.datasets = DatasetService(self.db, self.page_tokens)
@@ -227,7 +229,7 @@ class EvalServer:
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
         eval_run_service_pb2_grpc.add_EvalRunServiceServicer_to_server(
-            EvalRunServicer(self.runs, self.db, self.bus, self.settings, self.limits), server
+            EvalRunServicer(self.runs, self.db, self.bus, self.settings, self.limits, self.page_tokens), server
         )
         dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(DatasetServicer(self.datasets), server)
         grader_service_pb2_grpc.add_GraderServiceServicer_to_server(GraderServicer(self.definitions), server)

@@ -18,6 +18,7 @@ import pytest
 from evalsvc.errors import ServiceError
 from evalsvc.ids import PageTokens
 from evalsvc.server import EvalServer
+from evalsvc.v1 import comparison_pb2 as cpb
 from evalsvc.v1 import dataset_service_pb2 as ds
 from evalsvc.v1 import (
     dataset_service_pb2_grpc,
@@ -79,10 +80,15 @@ def test_tokens_are_bound_to_tenant_list_and_filters() -> None:
         assert err.value.reason == "INVALID_PAGE_TOKEN" and err.value.violations[0].field == "page_token"
 
 
+# Lists of one run, dataset or pair of runs, whose resource another tenant cannot see.
+SCOPED = {"ListRunResults", "ListDatasetItems", "ListComparisonItems"}
+
+
 class Lists:
     """Every paged list RPC, as `call(page_token, page_size)`, over one channel."""
 
-    def __init__(self, channel: grpc.aio.Channel, run_id: str, dataset_id: str) -> None:
+    def __init__(self, channel: grpc.aio.Channel, run_ids: tuple[str, str], dataset_id: str) -> None:
+        run_id, other_run_id = run_ids
         runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
         datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
         graders = grader_service_pb2_grpc.GraderServiceStub(channel)
@@ -98,15 +104,22 @@ class Lists:
             ),
             "ListGraders": lambda t, n: graders.ListGraders(gs.ListGradersRequest(page_token=t, page_size=n)),
             "ListTargets": lambda t, n: targets.ListTargets(ts.ListTargetsRequest(page_token=t, page_size=n)),
+            "ListComparisonItems": lambda t, n: runs.ListComparisonItems(
+                cpb.ListComparisonItemsRequest(
+                    baseline_run_id=run_id, candidate_run_id=other_run_id, page_token=t, page_size=n
+                )
+            ),
         }
 
 
-async def _two_of_everything(channel: grpc.aio.Channel) -> tuple[str, str]:
-    """Two runs (one with two results), datasets, dataset items, graders and targets; (run, dataset) ids."""
+async def _two_of_everything(channel: grpc.aio.Channel) -> tuple[tuple[str, str], str]:
+    """Two runs (one with two results), datasets, dataset items, graders and targets; the runs' and a
+    dataset's ids."""
     runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
     run = (await runs.CreateRun(create_request(2))).run
-    await runs.CreateRun(create_request(1))
+    other = (await runs.CreateRun(create_request(1))).run
     await watch_all(runs, run.id)
+    await watch_all(runs, other.id)
     datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
     dataset = (await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset(display_name="a")))).dataset
     await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset(display_name="b")))
@@ -118,7 +131,7 @@ async def _two_of_everything(channel: grpc.aio.Channel) -> tuple[str, str]:
         grader = grader_pb2.Grader(name=name, exact_match=grader_pb2.ExactMatch())
         await graders.CreateGrader(gs.CreateGraderRequest(grader=gs.SavedGrader(grader=grader)))
         await targets.CreateTarget(ts.CreateTargetRequest(target=ts.SavedTarget(target=target_pb2.Target(echo={}))))
-    return run.id, dataset.id
+    return (run.id, other.id), dataset.id
 
 
 async def test_every_paged_list_refuses_forged_and_foreign_tokens_and_honours_its_own(
@@ -132,8 +145,8 @@ async def test_every_paged_list_refuses_forged_and_foreign_tokens_and_honours_it
             keyed_channel(srv.port, srv.bootstrap_key or "") as mine,
             keyed_channel(srv.port, other_key) as theirs,
         ):
-            run_id, dataset_id = await _two_of_everything(mine)
-            lists, foreign = Lists(mine, run_id, dataset_id), Lists(theirs, run_id, dataset_id)
+            run_ids, dataset_id = await _two_of_everything(mine)
+            lists, foreign = Lists(mine, run_ids, dataset_id), Lists(theirs, run_ids, dataset_id)
             caplog.set_level(logging.WARNING)
             for name, call in lists.calls.items():
                 first = await call("", 1)
@@ -145,10 +158,15 @@ async def test_every_paged_list_refuses_forged_and_foreign_tokens_and_honours_it
                     with pytest.raises(grpc.aio.AioRpcError) as err:
                         await call(token, 1)
                     refused.append(err.value)
-                # Another tenant's token, and a token of another list, are refused too.
+                # Another tenant's token is refused: as a page token, or (on lists of one run or
+                # dataset, which that tenant cannot see) as NOT_FOUND, whichever is checked first.
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await foreign.calls[name](first.next_page_token, 1)
-                refused.append(err.value)
+                if name in SCOPED and err.value.code() == grpc.StatusCode.NOT_FOUND:
+                    assert error_reason(err.value).endswith("_NOT_FOUND")
+                else:
+                    refused.append(err.value)
+                # So is a token of another list.
                 other_list = "ListGraders" if name != "ListGraders" else "ListTargets"
                 other_token = (await lists.calls[other_list]("", 1)).next_page_token
                 with pytest.raises(grpc.aio.AioRpcError) as err:
