@@ -86,7 +86,11 @@ class Settings:
         metadata={"help": "on first start with no API key, mint one for tenant 'default' and print it (false in prod)"},
     )
     auth_cache_s: float = dataclasses.field(
-        default=2.0, metadata={"help": "seconds a verified API key is cached; a revocation takes effect within it"}
+        default=2.0,
+        metadata={
+            "help": "seconds a verified API key is cached; a revocation or expiry takes effect within it, "
+            "open watch streams included"
+        },
     )
     max_concurrent_rpcs: int = dataclasses.field(
         default=5000,

@@ -20,6 +20,7 @@ from evalsvc.api.definitions import GraderServicer, TargetServicer
 from evalsvc.api.eval_runs import EvalRunServicer
 from evalsvc.api.interceptor import CallInterceptor
 from evalsvc.api.observability import Observer
+from evalsvc.auth.revocation import StreamRevoker
 from evalsvc.auth.service import KeyService
 from evalsvc.config import Settings
 from evalsvc.datasets.service import DatasetService
@@ -106,6 +107,7 @@ class EvalServer:
         )
         self.datasets = DatasetService(self.db)
         self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
+        self.revoker = StreamRevoker(self.keys, self.bus, settings.auth_cache_s)
         self.bootstrap_key: str | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -153,6 +155,7 @@ class EvalServer:
         await server.start()
         self._server = server
         await self.executor.start()
+        self.revoker.start()
         if self.listener is not None:
             self.listener.start()
         if self.settings.http_addr:
@@ -181,6 +184,7 @@ class EvalServer:
         await self.health.enter_graceful_shutdown()
         if self.gateway is not None:
             await self.gateway.stop()
+        await self.revoker.stop()
         self.bus.close()
         if self.listener is not None:
             await self.listener.stop()
