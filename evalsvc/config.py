@@ -123,7 +123,18 @@ class Settings:
         },
     )
     secrets_file: str = dataclasses.field(
-        default="", metadata={"help": "JSON object file of named secrets for endpoints; EVALSVC_SECRET_<NAME> too"}
+        default="",
+        metadata={
+            "help": 'JSON file {"NAME": {"value": "...", "tenants": ["t1"]}} of operator secrets for endpoints '
+            "(tenants: '*' for all); EVALSVC_SECRET_<NAME> (+ _TENANTS) too; docs/security.md"
+        },
+    )
+    secrets_key: str = dataclasses.field(
+        default="",
+        metadata={
+            "help": "AES-256 key (URL-safe base64 of 32 bytes: evalsvc secrets generate-key) sealing tenants' "
+            "own secrets; empty: tenants cannot store secrets. Prefer the variable to the flag"
+        },
     )
     price_table: str = dataclasses.field(
         default="",

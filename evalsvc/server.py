@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 import grpc
@@ -20,6 +21,7 @@ from evalsvc.api.definitions import GraderServicer, TargetServicer
 from evalsvc.api.eval_runs import EvalRunServicer
 from evalsvc.api.interceptor import CallInterceptor
 from evalsvc.api.observability import Observer
+from evalsvc.api.secrets import SecretServicer
 from evalsvc.auth.revocation import StreamRevoker
 from evalsvc.auth.service import KeyService
 from evalsvc.config import Settings
@@ -35,6 +37,8 @@ from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.limits import TenantLimits
 from evalsvc.metrics import Metrics
 from evalsvc.runs.service import RunService
+from evalsvc.secrets.operator import OperatorSecrets
+from evalsvc.secrets.service import SecretService
 from evalsvc.store import migrate
 from evalsvc.store.db import Database
 from evalsvc.tls import server_credentials, warn_if_exposed
@@ -45,6 +49,8 @@ from evalsvc.v1 import (
     eval_run_service_pb2_grpc,
     grader_service_pb2,
     grader_service_pb2_grpc,
+    secret_service_pb2,
+    secret_service_pb2_grpc,
     target_service_pb2,
     target_service_pb2_grpc,
 )
@@ -56,6 +62,7 @@ SERVICE_NAMES = (
     dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name,
     grader_service_pb2.DESCRIPTOR.services_by_name["GraderService"].full_name,
     target_service_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name,
+    secret_service_pb2.DESCRIPTOR.services_by_name["SecretService"].full_name,
 )
 
 
@@ -81,20 +88,30 @@ class EvalServer:
     """One evalsvc process: gRPC server, executor and database."""
 
     def __init__(self, settings: Settings) -> None:
+        """Raises SecretsConfigError or SecretsKeyError for unusable secrets settings (nothing is opened yet)."""
         self.settings = settings
+        operator_secrets = OperatorSecrets(os.environ, settings.secrets_file)
         self.db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
+        self.secrets = SecretService(self.db, operator_secrets, settings.secrets_key)
         self.bus = EventBus()
         self.metrics = Metrics(self.db)
         self.outbound = Outbound(settings)
         prices = PriceTable.from_file(settings.price_table)
         judge = JudgeDefaults(settings.judge_base_url, settings.judge_model, settings.judge_api_key)
         self.executor = Executor(
-            self.db, self.bus, settings, self.metrics, outbound=self.outbound, prices=prices, judge=judge
+            self.db,
+            self.bus,
+            settings,
+            self.metrics,
+            outbound=self.outbound,
+            prices=prices,
+            judge=judge,
+            secrets=self.secrets,
         )
         # Other replicas' commits reach this process's watchers through PostgreSQL notifications.
         self.listener = None if self.db.is_sqlite else EventListener(settings.db, self.bus, self.db)
         self.limits = TenantLimits(settings)
-        self.definitions = DefinitionService(self.db, self.outbound)
+        self.definitions = DefinitionService(self.db, self.secrets)
         self.runs = RunService(
             self.db,
             self.bus,
@@ -104,6 +121,7 @@ class EvalServer:
             definitions=self.definitions,
             outbound=self.outbound,
             judge=judge,
+            secrets=self.secrets,
         )
         self.datasets = DatasetService(self.db)
         self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
@@ -123,6 +141,7 @@ class EvalServer:
         credentials = server_credentials(self.settings)
         try:
             await migrate.prepare(self.db)
+            await self.secrets.check_key()
         except BaseException:
             await self.outbound.close()
             await self.db.close()
@@ -140,6 +159,7 @@ class EvalServer:
         dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(DatasetServicer(self.datasets), server)
         grader_service_pb2_grpc.add_GraderServiceServicer_to_server(GraderServicer(self.definitions), server)
         target_service_pb2_grpc.add_TargetServiceServicer_to_server(TargetServicer(self.definitions), server)
+        secret_service_pb2_grpc.add_SecretServiceServicer_to_server(SecretServicer(self.secrets), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -304,3 +304,14 @@ class SavedTargetRow(SQLModel, table=True):
     labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     definition: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     create_time: float = 0.0
+
+
+class TenantSecretRow(SQLModel, table=True):
+    """A tenant's own secret: its name in clear, its value sealed (AES-GCM, evalsvc.secrets.sealing)."""
+
+    __tablename__ = "tenant_secrets"
+
+    tenant: str = Field(primary_key=True, max_length=64)
+    name: str = Field(primary_key=True, max_length=64)
+    sealed: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    create_time: float
