@@ -126,8 +126,13 @@ class SecretService:
         if self._sealer is None:
             raise key_not_configured()
         canonical = name.upper()
-        row = {"tenant": tenant, "name": canonical, "sealed": self._sealer.seal(tenant, canonical, value)}
-        row["create_time"] = time.time()
+        now = time.time()
+        row = {
+            "tenant": tenant,
+            "name": canonical,
+            "sealed": self._sealer.seal(tenant, canonical, value),
+            "create_time": now,
+        }
         async with self._db.write() as conn:
             if (
                 not await store.exists(conn, tenant, canonical)
@@ -135,7 +140,7 @@ class SecretService:
             ):
                 raise quota_exceeded("secrets", f"a tenant holds at most {MAX_SECRETS_PER_TENANT} secrets")
             await store.put(conn, row)
-        return canonical, row["create_time"]
+        return canonical, now
 
     async def list(self, tenant: str, requested_size: int, token: str) -> tuple[list[tuple[str, float]], str]:
         """A page of the tenant's secrets by name: (name, create time) and the next page's token."""
