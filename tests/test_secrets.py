@@ -19,6 +19,7 @@ import grpc
 import pytest
 from grpc_status import rpc_status
 
+from evalsvc.execution.outbound import OutboundError, endpoint_headers
 from evalsvc.secrets.operator import OperatorSecrets, SecretsConfigError
 from evalsvc.secrets.sealing import Sealer, SecretsKeyError, generate_key
 from evalsvc.server import EvalServer
@@ -122,6 +123,19 @@ def test_sealed_values_open_only_with_their_key_tenant_and_name() -> None:
             Sealer(malformed)
 
 
+def test_headers_carry_the_named_values_and_a_missing_one_fails_the_call() -> None:
+    endpoint = target_pb2.Endpoint(
+        base_url="https://api.example/v1", api_key_secret="openai", headers={"x-team": "a", "x-key": "secret:Extra"}
+    )
+    headers = endpoint_headers(endpoint, {"OPENAI": ACME_VALUE, "EXTRA": "sk-extra"})
+    assert headers["authorization"] == f"Bearer {ACME_VALUE}" and headers["x-key"] == "sk-extra"
+    assert headers["x-team"] == "a"
+    # Deleted between CreateRun and the call: that call fails (an ERROR result), naming the secret only.
+    with pytest.raises(OutboundError) as err:
+        endpoint_headers(endpoint, {"OPENAI": ACME_VALUE})
+    assert "'Extra'" in err.value.reason and ACME_VALUE not in err.value.reason
+
+
 # --- a real server ---
 
 
@@ -191,6 +205,18 @@ def _judge(url: str, secret: str) -> grader_pb2.Grader:
 
 
 URL = "http://127.0.0.1:9"
+
+
+async def _update_grader(tenant: Tenant, name: str) -> Any:
+    """UpdateGrader of a fresh saved grader to a judge naming `name`."""
+    saved = await tenant.graders.CreateGrader(
+        grader_service_pb2.CreateGraderRequest(grader=grader_service_pb2.SavedGrader(grader=exact()))
+    )
+    return await tenant.graders.UpdateGrader(
+        grader_service_pb2.UpdateGraderRequest(grader_id=saved.grader.id, grader=_judge(URL, name))
+    )
+
+
 # Every place a request names a secret: (what is called, the field path the refusal names).
 NAMING_CALLS: dict[str, Callable[[Tenant, str], Any]] = {
     "CreateRun target api_key_secret": lambda t, name: t.runs.CreateRun(
@@ -218,6 +244,7 @@ NAMING_CALLS: dict[str, Callable[[Tenant, str], Any]] = {
     "CreateGrader": lambda t, name: t.graders.CreateGrader(
         grader_service_pb2.CreateGraderRequest(grader=grader_service_pb2.SavedGrader(grader=_judge(URL, name)))
     ),
+    "UpdateGrader": _update_grader,
 }
 
 
