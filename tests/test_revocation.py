@@ -5,12 +5,14 @@ ends with UNAUTHENTICATED within --auth-cache-s; other keys' streams go on."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 
 from evalsvc.auth.service import KeyService
@@ -28,8 +30,13 @@ SLACK_S = 3.0
 
 @pytest.fixture
 async def hanging_run(tmp_path: Path) -> AsyncIterator[tuple[EvalServer, str]]:
-    """A server with a 1 s auth cache and a run that stays RUNNING (its webhook answers after a minute)."""
-    srv = EvalServer(make_settings(tmp_path, auth_cache_s=AUTH_CACHE_S, heartbeat_s=0.2, outbound_allow="127.0.0.1"))
+    """A server (and its REST gateway) with a 1 s auth cache and a run that stays RUNNING (its webhook
+    answers after a minute)."""
+    srv = EvalServer(
+        make_settings(
+            tmp_path, auth_cache_s=AUTH_CACHE_S, heartbeat_s=0.2, outbound_allow="127.0.0.1", http_addr="127.0.0.1:0"
+        )
+    )
     await srv.start()
     try:
         with FakeEndpoint(Reply(body={"content": "late"}, delay_s=60)) as agent:
@@ -108,3 +115,22 @@ async def test_an_expiring_keys_stream_ends_when_it_expires(hanging_run) -> None
         error = await _ends_unauthenticated(call)
     assert error_reason(error) == "API_KEY_EXPIRED"
     assert time.monotonic() - created < lifetime_s + AUTH_CACHE_S + SLACK_S
+
+
+async def test_a_revoked_keys_rest_watch_ends_with_an_unauthenticated_error_event(hanging_run) -> None:
+    srv, run_id = hanging_run
+    assert srv.gateway is not None
+    key, info = await srv.keys.create("default", "rest")
+    headers = {"authorization": f"Bearer {key}"}
+    async with (
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.gateway.port}", timeout=60) as client,
+        client.stream("GET", f"/v1/runs/{run_id}:watch", headers=headers) as response,
+    ):
+        assert response.status_code == 200
+        lines = response.aiter_lines()
+        assert (await anext(lines)).startswith("id:")  # the stream is open
+        assert await KeyService(srv.db).revoke(info.key_id)
+        received = [line async for line in lines]  # the server ends the stream
+    assert "event: error" in received
+    error = json.loads(received[received.index("event: error") + 1].removeprefix("data: "))
+    assert error["code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
