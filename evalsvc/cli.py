@@ -94,6 +94,7 @@ async def _keys_command(args: argparse.Namespace, settings: config.Settings) -> 
 
 
 async def _secrets_command(args: argparse.Namespace, settings: config.Settings) -> int:
+    from evalsvc.auth.service import is_tenant_name
     from evalsvc.errors import ServiceError
     from evalsvc.secrets.operator import OperatorSecrets
     from evalsvc.secrets.service import SecretService
@@ -101,6 +102,9 @@ async def _secrets_command(args: argparse.Namespace, settings: config.Settings) 
     from evalsvc.store import secrets as secret_store
     from evalsvc.store.db import Database
 
+    if args.secrets_command != "list" and not is_tenant_name(args.tenant):
+        print(f"evalsvc secrets: no tenant can be named {args.tenant!r} ([a-z0-9][a-z0-9_-]*)", file=sys.stderr)
+        return 2
     db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
     try:
         await migrate.prepare(db)

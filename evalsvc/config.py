@@ -131,6 +131,7 @@ class Settings:
     )
     secrets_key: str = dataclasses.field(
         default="",
+        repr=False,
         metadata={
             "help": "AES-256 key (URL-safe base64 of 32 bytes: evalsvc secrets generate-key) sealing tenants' "
             "own secrets; empty: tenants cannot store secrets. Prefer the variable to the flag"

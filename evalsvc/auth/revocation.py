@@ -50,7 +50,8 @@ class StreamRevoker:
         if not owners:
             return
         for key_id, error in (await self._keys.refused_now(owners)).items():
-            self._bus.close_owner(key_id, error)
+            ended = self._bus.close_owner(key_id, error)
+            log.info("ended %d watch streams of API key %s: %s", ended, key_id, error.reason)
 
     async def _loop(self) -> None:
         """Check every period until stopped; a failed check (the database away) is logged and retried."""

@@ -35,6 +35,11 @@ def parse_duration(text: str) -> float:
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
+def is_tenant_name(name: str) -> bool:
+    """Whether `name` can be a tenant: 1-64 characters of [a-z0-9_-], starting with a letter or digit."""
+    return bool(_TENANT.match(name))
+
+
 def unauthenticated(reason: str, message: str) -> ServiceError:
     """UNAUTHENTICATED with a stable reason; the message never repeats the key."""
     return ServiceError(grpc.StatusCode.UNAUTHENTICATED, reason, message)
@@ -94,7 +99,7 @@ class KeyService:
 
     async def create(self, tenant: str, name: str = "", expires_in_s: float | None = None) -> tuple[str, KeyInfo]:
         """Mint a key; returns (the key, shown once, and its listing)."""
-        if not _TENANT.match(tenant):
+        if not is_tenant_name(tenant):
             raise ValueError("tenant must be 1-64 characters of [a-z0-9_-], starting with a letter or digit")
         full, parsed = keys.new_key()
         now = time.time()

@@ -118,10 +118,12 @@ class EventBus:
         """The API key ids that have watches open in this process."""
         return list(self._by_owner)
 
-    def close_owner(self, owner: str, error: ServiceError) -> None:
-        """End every watch `owner` opened, with `error` (its key was revoked or has expired)."""
-        for subscription in self._by_owner.get(owner, ()):
+    def close_owner(self, owner: str, error: ServiceError) -> int:
+        """End every watch `owner` opened, with `error` (its key was revoked or has expired); how many."""
+        subscriptions = self._by_owner.get(owner, set())
+        for subscription in subscriptions:
             subscription.close(error)
+        return len(subscriptions)
 
     def has_watchers(self, run_id: str) -> bool:
         """Whether any watcher in this process follows the run."""

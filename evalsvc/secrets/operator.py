@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from evalsvc.auth.service import is_tenant_name
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,6 @@ ENV_PREFIX = "EVALSVC_SECRET_"
 GRANT_SUFFIX = "_TENANTS"
 DEFAULT_TENANT = "default"
 EVERY_TENANT = "*"
-# The tenant names API keys may carry (evalsvc.auth.service), so a mistyped grant is caught at start.
-_TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
 class SecretsConfigError(ValueError):
@@ -49,7 +48,8 @@ class Grant:
 
 def _tenants(raw: Iterable[Any], where: str) -> frozenset[str]:
     tenants = frozenset(str(t).strip() for t in raw)
-    bad = sorted(t for t in tenants if t != EVERY_TENANT and not _TENANT.match(t))
+    # Only names an API key can carry, so a mistyped grant is caught at start.
+    bad = sorted(t for t in tenants if t != EVERY_TENANT and not is_tenant_name(t))
     if bad or not tenants:
         raise SecretsConfigError(
             f"{where}: tenants must be '*' or tenant names ([a-z0-9][a-z0-9_-]*), got {sorted(tenants) or 'none'}"
