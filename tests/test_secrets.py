@@ -356,8 +356,11 @@ async def test_secret_service_validates_pages_and_scopes_to_the_tenant(served: S
         ("1abc", "sk-never-echoed", "name"),
         ("has-dash", "sk-never-echoed", "name"),
         ("X" * 65, "sk-never-echoed", "name"),
+        ("OK\n", "sk-never-echoed", "name"),
         ("OK", "", "value"),
         ("OK", "sk-never\necho", "value"),
+        ("OK", "sk-never-échoed", "value"),
+        ("OK", "sk-never-echoed\n", "value"),
         ("OK", "sk-never-echoed" * 600, "value"),
     ]
     for name, value, field in bad:

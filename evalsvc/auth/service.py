@@ -37,7 +37,7 @@ def parse_duration(text: str) -> float:
 
 def is_tenant_name(name: str) -> bool:
     """Whether `name` can be a tenant: 1-64 characters of [a-z0-9_-], starting with a letter or digit."""
-    return bool(_TENANT.match(name))
+    return bool(_TENANT.fullmatch(name))
 
 
 def unauthenticated(reason: str, message: str) -> ServiceError:

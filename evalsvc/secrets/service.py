@@ -28,10 +28,11 @@ from evalsvc.store.db import Database
 
 log = logging.getLogger(__name__)
 
-NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 MAX_VALUE_CHARS = 8192
 MAX_SECRETS_PER_TENANT = 100
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# HTTP header values: printable ASCII, so a value can never split a header or fail to encode at call time.
+_HEADER_SAFE = re.compile(r"[\x20-\x7e]+")
 
 
 def unavailable(field: str, name: str) -> FieldViolation:
@@ -94,7 +95,7 @@ class SecretService:
         return found
 
     async def _own(self, tenant: str, names: Sequence[str], *, open_values: bool) -> dict[str, str]:
-        canonical = sorted({name.upper() for name in names if NAME.match(name)})
+        canonical = sorted({name.upper() for name in names if NAME.fullmatch(name)})
         if not canonical:
             return {}
         async with self._db.read() as conn:
@@ -115,12 +116,10 @@ class SecretService:
     async def create(self, tenant: str, name: str, value: str) -> tuple[str, float]:
         """Set the tenant's secret (replacing its value if it exists); (its upper-case name, create time)."""
         violations = []
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             violations.append(FieldViolation("name", "must be 1-64 characters of [A-Za-z0-9_], starting with a letter"))
-        if not value or len(value) > MAX_VALUE_CHARS or _CONTROL.search(value):
-            violations.append(
-                FieldViolation("value", f"must be 1-{MAX_VALUE_CHARS} characters without control characters")
-            )
+        if len(value) > MAX_VALUE_CHARS or not _HEADER_SAFE.fullmatch(value):
+            violations.append(FieldViolation("value", f"must be 1-{MAX_VALUE_CHARS} printable ASCII characters"))
         if violations:
             raise invalid_argument(violations)
         if self._sealer is None:
@@ -153,7 +152,7 @@ class SecretService:
 
     async def delete(self, tenant: str, name: str) -> None:
         """Delete the tenant's secret; NOT_FOUND when it has none of that name."""
-        if NAME.match(name):
+        if NAME.fullmatch(name):
             async with self._db.write() as conn:
                 if await store.remove(conn, tenant, name.upper()):
                     return

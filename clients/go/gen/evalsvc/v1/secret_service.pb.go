@@ -89,7 +89,7 @@ type CreateSecretRequest struct {
 
 	// The secret's name (see Secret.name).
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	// The value, 1-8192 characters without control characters (it is sent in HTTP headers).
+	// The value, 1-8192 printable ASCII characters (it is sent in HTTP headers).
 	Value string `protobuf:"bytes,2,opt,name=value,proto3" json:"value,omitempty"`
 }
 

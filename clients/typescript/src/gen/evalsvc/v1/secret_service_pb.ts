@@ -59,7 +59,7 @@ export type CreateSecretRequest = Message<"evalsvc.v1.CreateSecretRequest"> & {
   name: string;
 
   /**
-   * The value, 1-8192 characters without control characters (it is sent in HTTP headers).
+   * The value, 1-8192 printable ASCII characters (it is sent in HTTP headers).
    *
    * @generated from field: string value = 2;
    */
