@@ -15,7 +15,10 @@ import grpc
 import httpx
 import pytest
 
-from evalsvc.auth.service import KeyService
+from evalsvc.auth.revocation import StreamRevoker
+from evalsvc.auth.service import KeyService, unauthenticated
+from evalsvc.errors import ServiceError
+from evalsvc.events.bus import EventBus
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, item_pb2, target_pb2
@@ -134,3 +137,33 @@ async def test_a_revoked_keys_rest_watch_ends_with_an_unauthenticated_error_even
     assert "event: error" in received
     error = json.loads(received[received.index("event: error") + 1].removeprefix("data: "))
     assert error["code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
+
+
+class _FlakyKeys:
+    """A key service whose first check fails (the database away), then refuses key `k1`."""
+
+    def __init__(self) -> None:
+        self.checks = 0
+
+    async def refused_now(self, key_ids: list[str]) -> dict[str, ServiceError]:
+        self.checks += 1
+        if self.checks == 1:
+            raise ConnectionError("database unreachable")
+        return {k: unauthenticated("API_KEY_REVOKED", "the API key was revoked") for k in key_ids if k == "k1"}
+
+
+async def test_the_revocation_check_survives_a_failed_check_and_ends_only_the_refused_keys_watches() -> None:
+    bus = EventBus()
+    keys = _FlakyKeys()
+    revoker = StreamRevoker(keys, bus, period_s=0)  # type: ignore[arg-type]
+    revoker.start()
+    try:
+        with bus.subscribe("run_a", 8, owner="k1") as revoked, bus.subscribe("run_a", 8, owner="k2") as kept:
+            with pytest.raises(ServiceError) as err:
+                await asyncio.wait_for(revoked.next(timeout=60), 30)
+            assert err.value.reason == "API_KEY_REVOKED" and keys.checks >= 2
+            bus.publish("run_a", [pb.WatchRunResponse(seq=1)])
+            assert [e.seq for e in await kept.next(timeout=30) or []] == [1]
+        assert bus.owners() == []
+    finally:
+        await revoker.stop()
