@@ -155,7 +155,7 @@ class _FlakyKeys:
 async def test_the_revocation_check_survives_a_failed_check_and_ends_only_the_refused_keys_watches() -> None:
     bus = EventBus()
     keys = _FlakyKeys()
-    revoker = StreamRevoker(keys, bus, period_s=0)  # type: ignore[arg-type]
+    revoker = StreamRevoker(keys, bus, auth_cache_s=0)  # type: ignore[arg-type]
     revoker.start()
     try:
         with bus.subscribe("run_a", 8, owner="k1") as revoked, bus.subscribe("run_a", 8, owner="k2") as kept:

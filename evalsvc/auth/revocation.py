@@ -2,10 +2,10 @@
 
 A stream checks its key once, when it opens; without this it would keep delivering events after its
 key was revoked or expired. The watch streams of this process are filed under the key that opened
-them (`EventBus.subscribe(owner=...)`); every `period_s` seconds one query reads those keys past the
-auth cache, and the streams of a revoked, expired or deleted key end with the UNAUTHENTICATED status
-a new call with that key would get. One query per period for every stream of the process, instead
-of one per stream.
+them (`EventBus.subscribe(owner=...)`). Twice per auth-cache period one query reads those keys past
+the cache, and the streams of a revoked, expired or deleted key end with the UNAUTHENTICATED status a
+new call with that key would get: within --auth-cache-s, as new calls are refused. One query per
+period for every stream of the process, instead of one per stream.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ MIN_PERIOD_S = 0.25
 class StreamRevoker:
     """Closes the watches of keys that were revoked or expired since the watch opened."""
 
-    def __init__(self, keys: KeyService, bus: EventBus, period_s: float) -> None:
+    def __init__(self, keys: KeyService, bus: EventBus, auth_cache_s: float) -> None:
         self._keys = keys
         self._bus = bus
         # With no auth cache (0 s) revocation is immediate for calls; streams are checked 4 times a second.
-        self._period_s = max(period_s, MIN_PERIOD_S)
+        self._period_s = max(auth_cache_s / 2, MIN_PERIOD_S)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
