@@ -351,6 +351,15 @@ async def test_secret_service_validates_pages_and_scopes_to_the_tenant(served: S
         if not (token := page.next_page_token):
             break
     assert names == ["A_KEY", "B_KEY", "C_KEY"]
+    # Concurrent sets of one new name: each succeeds, one secret remains.
+    await asyncio.gather(
+        *(
+            acme.secrets.CreateSecret(secret_service_pb2.CreateSecretRequest(name="RACED", value=f"v{i}"))
+            for i in range(8)
+        )
+    )
+    listed = await acme.secrets.ListSecrets(secret_service_pb2.ListSecretsRequest())
+    assert [s.name for s in listed.secrets].count("RACED") == 1
     bad = [
         ("", "sk-never-echoed", "name"),
         ("1abc", "sk-never-echoed", "name"),

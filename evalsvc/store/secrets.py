@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store.models import TenantSecretRow
@@ -14,9 +16,16 @@ SECRETS = TenantSecretRow.__table__  # type: ignore[attr-defined]
 
 
 async def put(conn: AsyncConnection, row: dict[str, Any]) -> None:
-    """Store a secret, replacing one of the same tenant and name (in the caller's write transaction)."""
-    await conn.execute(delete(SECRETS).where(SECRETS.c.tenant == row["tenant"], SECRETS.c.name == row["name"]))
-    await conn.execute(insert(SECRETS).values(**row))
+    """Store a secret, replacing one of the same tenant and name. One upsert: two concurrent sets of a
+    new name on PostgreSQL would otherwise both insert and one fail on the primary key."""
+    dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    statement = dialect_insert(SECRETS).values(**row)
+    await conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=[SECRETS.c.tenant, SECRETS.c.name],
+            set_={"sealed": statement.excluded.sealed, "create_time": statement.excluded.create_time},
+        )
+    )
 
 
 async def exists(conn: AsyncConnection, tenant: str, name: str) -> bool:
