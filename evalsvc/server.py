@@ -26,6 +26,8 @@ from evalsvc.api.definitions import GraderServicer, TargetServicer
 from evalsvc.api.eval_runs import EvalRunServicer
 from evalsvc.api.interceptor import CallInterceptor
 from evalsvc.api.observability import Observer
+from evalsvc.api.secrets import SecretServicer
+from evalsvc.auth.revocation import StreamRevoker
 from evalsvc.auth.service import KeyService
 from evalsvc.config import Settings
 from evalsvc.datasets.service import DatasetService
@@ -43,6 +45,8 @@ from evalsvc.ids import PageTokens
 from evalsvc.limits import TenantLimits
 from evalsvc.metrics import Metrics
 from evalsvc.runs.service import RunService
+from evalsvc.secrets.operator import OperatorSecrets
+from evalsvc.secrets.service import SecretService
 from evalsvc.store import migrate, server_keys
 from evalsvc.store.db import Database, sqlite_path, unavailable_cause
 from evalsvc.tls import server_credentials, warn_if_exposed
@@ -53,6 +57,8 @@ from evalsvc.v1 import (
     eval_run_service_pb2_grpc,
     grader_service_pb2,
     grader_service_pb2_grpc,
+    secret_service_pb2,
+    secret_service_pb2_grpc,
     target_service_pb2,
     target_service_pb2_grpc,
 )
@@ -68,6 +74,7 @@ SERVICE_NAMES = (
     dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name,
     grader_service_pb2.DESCRIPTOR.services_by_name["GraderService"].full_name,
     target_service_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name,
+    secret_service_pb2.DESCRIPTOR.services_by_name["SecretService"].full_name,
 )
 
 
@@ -97,14 +104,18 @@ class EvalServer:
 
     def __init__(self, settings: Settings) -> None:
         """Build the parts from the settings (nothing is opened or bound yet). ConfigError names the
-        flag whose value cannot be used: an unknown database URL, a missing or malformed file."""
+        flag whose value cannot be used (an unknown database URL, a missing or malformed file);
+        SecretsConfigError or SecretsKeyError the secrets settings."""
         self.settings = settings
+        operator_secrets = OperatorSecrets(os.environ, settings.secrets_file)
         with _setting("--db, --sqlite-synchronous"):
             self.db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
+        # Keyed at start, from the database: every replica of a database signs with the same key.
+        self.page_tokens = PageTokens()
+        self.secrets = SecretService(self.db, operator_secrets, self.page_tokens, settings.secrets_key)
         self.bus = EventBus()
         self.metrics = Metrics(self.db)
-        with _setting("--secrets-file"):
-            self.outbound = Outbound(settings)
+        self.outbound = Outbound(settings)
         with _setting("--price-table"):
             prices = PriceTable.from_file(settings.price_table)
         judge = JudgeDefaults(settings.judge_base_url, settings.judge_model, settings.judge_api_key)
@@ -117,14 +128,13 @@ class EvalServer:
             outbound=self.outbound,
             prices=prices,
             judge=judge,
+            secrets=self.secrets,
             grading=self.grading,
         )
         # Other replicas' commits reach this process's watchers through PostgreSQL notifications.
         self.listener = None if self.db.is_sqlite else EventListener(settings.db, self.bus, self.db)
         self.limits = TenantLimits(settings)
-        # Keyed at start, from the database: every replica of a database signs with the same key.
-        self.page_tokens = PageTokens()
-        self.definitions = DefinitionService(self.db, self.outbound, self.page_tokens)
+        self.definitions = DefinitionService(self.db, self.secrets, self.outbound.allow, self.page_tokens)
         self.runs = RunService(
             self.db,
             self.bus,
@@ -135,10 +145,12 @@ class EvalServer:
             outbound=self.outbound,
             judge=judge,
             cache_default=mode_from_setting(settings.cache_default),
+            secrets=self.secrets,
             page_tokens=self.page_tokens,
         )
         self.datasets = DatasetService(self.db, self.page_tokens)
         self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
+        self.revoker = StreamRevoker(self.keys, self.bus, settings.auth_cache_s)
         self.bootstrap_key: str | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -177,6 +189,7 @@ class EvalServer:
         async with self._database_step():
             check_database_directory(self.settings.db)
             await migrate.prepare(self.db)
+            await self.secrets.check_key()
             self.page_tokens.key = await server_keys.get_or_create(self.db, PAGE_TOKEN_KEY)
         server = self._grpc_server()
         warn_if_exposed(self.settings.grpc_addr, credentials)
@@ -210,6 +223,8 @@ class EvalServer:
             self.listener.start()
             stack.push_async_callback(self.listener.stop)
         stack.callback(self.bus.close)
+        self.revoker.start()
+        stack.push_async_callback(self.revoker.stop)
         # Last of the steps that can fail, so a key is never minted by a start that then fails: the
         # next start would find a key and print none.
         if self.settings.bootstrap_key:
@@ -234,6 +249,7 @@ class EvalServer:
         dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(DatasetServicer(self.datasets), server)
         grader_service_pb2_grpc.add_GraderServiceServicer_to_server(GraderServicer(self.definitions), server)
         target_service_pb2_grpc.add_TargetServiceServicer_to_server(TargetServicer(self.definitions), server)
+        secret_service_pb2_grpc.add_SecretServiceServicer_to_server(SecretServicer(self.secrets), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

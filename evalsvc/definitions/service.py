@@ -11,13 +11,15 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
-from evalsvc.execution.outbound import Outbound, destination_violations, named_endpoints
-from evalsvc.execution.targets import validate_target
+from evalsvc.execution.outbound import AllowList, destination_violations, named_endpoints
+from evalsvc.execution.targets import target_secret_refs, validate_target
 from evalsvc.graders import validate_grader
+from evalsvc.graders.judge import judge_secret_refs
 from evalsvc.idempotency import create_once, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
 from evalsvc.runs.convert import timestamp
 from evalsvc.runs.validation import MAX_DESCRIPTION, MAX_DISPLAY_NAME, MAX_REQUEST_ID, check_labels, check_length
+from evalsvc.secrets.service import SecretService
 from evalsvc.store import definitions as store
 from evalsvc.store.db import Database
 from evalsvc.v1 import grader_pb2, grader_service_pb2, target_pb2, target_service_pb2
@@ -64,20 +66,23 @@ def saved_target_from(row: Mapping[str, Any]) -> target_service_pb2.SavedTarget:
 class DefinitionService:
     """Saved graders and targets of one database, for any tenant the caller names."""
 
-    def __init__(self, db: Database, outbound: Outbound, page_tokens: PageTokens) -> None:
+    def __init__(
+        self, db: Database, secrets: SecretService, outbound_allow: AllowList, page_tokens: PageTokens
+    ) -> None:
         self._db = db
+        self._secrets = secrets
+        self._outbound_allow = outbound_allow
         self._page_tokens = page_tokens
-        self._outbound = outbound
 
-    def _check_grader(self, grader: grader_pb2.Grader, at: str) -> list[FieldViolation]:
+    async def _check_grader(self, tenant: str, grader: grader_pb2.Grader, at: str) -> list[FieldViolation]:
         if grader.WhichOneof("kind") == "saved":
             return [FieldViolation(f"{at}.saved", "a saved grader cannot refer to another saved grader")]
-        return validate_grader(grader, at)
+        return validate_grader(grader, at) + await self._secrets.refused(tenant, judge_secret_refs(grader, at))
 
     async def _check_destinations(self, endpoints: list[tuple[str, str]]) -> None:
         """Refuse a definition naming an endpoint the server would never call (the SSRF rule), so
         it is not stored only to fail every run that uses it."""
-        if refused := await destination_violations(endpoints, self._outbound.allow):
+        if refused := await destination_violations(endpoints, self._outbound_allow):
             raise invalid_argument(refused)
 
     async def create_grader(
@@ -86,7 +91,7 @@ class DefinitionService:
         """Save a grader as version 1 (idempotent by request_id)."""
         spec = request.grader
         violations = _check_common(spec.display_name, spec.description, spec.labels, request.request_id, "grader")
-        violations += self._check_grader(spec.grader, "grader.grader")
+        violations += await self._check_grader(tenant, spec.grader, "grader.grader")
         if violations:
             raise invalid_argument(violations)
         await self._check_destinations(named_endpoints(graders=[("grader.grader", spec.grader)]))
@@ -149,7 +154,7 @@ class DefinitionService:
         self, tenant: str, request: grader_service_pb2.UpdateGraderRequest
     ) -> grader_service_pb2.SavedGrader:
         """Save a new, immutable version."""
-        violations = self._check_grader(request.grader, "grader")
+        violations = await self._check_grader(tenant, request.grader, "grader")
         if violations:
             raise invalid_argument(violations)
         await self._check_destinations(named_endpoints(graders=[("grader", request.grader)]))
@@ -170,7 +175,8 @@ class DefinitionService:
         if spec.target.WhichOneof("kind") == "saved_target_id":
             violations.append(FieldViolation("target.target.saved_target_id", "a saved target cannot refer to another"))
         else:
-            violations += validate_target(spec.target, "target.target", self._outbound)
+            violations += validate_target(spec.target, "target.target")
+            violations += await self._secrets.refused(tenant, target_secret_refs(spec.target, "target.target"))
         if violations:
             raise invalid_argument(violations)
         await self._check_destinations(named_endpoints(spec.target, "target.target"))

@@ -334,6 +334,17 @@ class CacheEntryRow(SQLModel, table=True):
     last_used: float = 0.0
 
 
+class TenantSecretRow(SQLModel, table=True):
+    """A tenant's own secret: its name in clear, its value sealed (AES-GCM, evalsvc.secrets.sealing)."""
+
+    __tablename__ = "tenant_secrets"
+
+    tenant: str = Field(primary_key=True, max_length=64)
+    name: str = Field(primary_key=True, max_length=64)
+    sealed: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    create_time: float
+
+
 class ServerKeyRow(SQLModel, table=True):
     """A secret of the service itself, belonging to no tenant: the key that signs page tokens. It
     lives in the database so that it survives restarts and every replica of a shared database signs
