@@ -17,6 +17,7 @@ import pytest
 
 from evalsvc.errors import ServiceError
 from evalsvc.ids import PageTokens
+from evalsvc.secrets.sealing import generate_key
 from evalsvc.server import EvalServer
 from evalsvc.v1 import comparison_pb2 as cpb
 from evalsvc.v1 import dataset_service_pb2 as ds
@@ -26,11 +27,13 @@ from evalsvc.v1 import (
     grader_pb2,
     grader_service_pb2_grpc,
     item_pb2,
+    secret_service_pb2_grpc,
     target_pb2,
     target_service_pb2_grpc,
 )
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import grader_service_pb2 as gs
+from evalsvc.v1 import secret_service_pb2 as ss
 from evalsvc.v1 import target_service_pb2 as ts
 from tests.conftest import make_settings
 from tests.helpers import create_request, error_reason, keyed_channel, violations, watch_all
@@ -93,6 +96,7 @@ class Lists:
         datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
         graders = grader_service_pb2_grpc.GraderServiceStub(channel)
         targets = target_service_pb2_grpc.TargetServiceStub(channel)
+        secrets = secret_service_pb2_grpc.SecretServiceStub(channel)
         self.calls: dict[str, Callable[[str, int], Awaitable[Any]]] = {
             "ListRuns": lambda t, n: runs.ListRuns(pb.ListRunsRequest(page_token=t, page_size=n)),
             "ListRunResults": lambda t, n: runs.ListRunResults(
@@ -104,6 +108,7 @@ class Lists:
             ),
             "ListGraders": lambda t, n: graders.ListGraders(gs.ListGradersRequest(page_token=t, page_size=n)),
             "ListTargets": lambda t, n: targets.ListTargets(ts.ListTargetsRequest(page_token=t, page_size=n)),
+            "ListSecrets": lambda t, n: secrets.ListSecrets(ss.ListSecretsRequest(page_token=t, page_size=n)),
             "ListComparisonItems": lambda t, n: runs.ListComparisonItems(
                 cpb.ListComparisonItemsRequest(
                     baseline_run_id=run_id, candidate_run_id=other_run_id, page_token=t, page_size=n
@@ -127,7 +132,9 @@ async def _two_of_everything(channel: grpc.aio.Channel) -> tuple[tuple[str, str]
     await datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=items))
     graders = grader_service_pb2_grpc.GraderServiceStub(channel)
     targets = target_service_pb2_grpc.TargetServiceStub(channel)
+    secrets = secret_service_pb2_grpc.SecretServiceStub(channel)
     for name in ("a", "b"):
+        await secrets.CreateSecret(ss.CreateSecretRequest(name=f"key_{name}", value="s3cret"))
         grader = grader_pb2.Grader(name=name, exact_match=grader_pb2.ExactMatch())
         await graders.CreateGrader(gs.CreateGraderRequest(grader=gs.SavedGrader(grader=grader)))
         await targets.CreateTarget(ts.CreateTargetRequest(target=ts.SavedTarget(target=target_pb2.Target(echo={}))))
@@ -137,7 +144,7 @@ async def _two_of_everything(channel: grpc.aio.Channel) -> tuple[tuple[str, str]
 async def test_every_paged_list_refuses_forged_and_foreign_tokens_and_honours_its_own(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    srv = EvalServer(make_settings(tmp_path))
+    srv = EvalServer(make_settings(tmp_path, secrets_key=generate_key()))
     await srv.start()
     try:
         other_key, _ = await srv.keys.create("other")
