@@ -138,7 +138,9 @@ async def test_a_schema_this_binary_does_not_know_exits(tmp_path: Path) -> None:
 def test_a_setting_that_cannot_be_used_exits_2_naming_the_flag(
     tmp_path: Path, flag: str, value: str, named: str
 ) -> None:
-    assert_failed_cleanly(failed_start(dbs.db_url(tmp_path), flag, value), 2, flag, named)
+    # A SQLite file under either engine's run: --sqlite-synchronous means nothing to PostgreSQL.
+    sqlite = f"sqlite+aiosqlite:///{tmp_path / 'evalsvc.db'}"
+    assert_failed_cleanly(failed_start(sqlite, flag, value), 2, flag, named)
 
 
 def test_an_address_that_is_not_host_and_port_exits(tmp_path: Path) -> None:
