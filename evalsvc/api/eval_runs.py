@@ -56,7 +56,7 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
 
     @unary
     async def DeleteRun(self, request: pb.DeleteRunRequest, context: Context) -> pb.DeleteRunResponse:
-        return pb.DeleteRunResponse(run=await self._runs.delete(tenant_of(context), request.run_id))
+        return pb.DeleteRunResponse(run=await self._runs.delete(tenant_of(context), request.run_id, request.etag))
 
     @unary
     async def UndeleteRun(self, request: pb.UndeleteRunRequest, context: Context) -> pb.UndeleteRunResponse:
