@@ -1135,7 +1135,9 @@ type WatchRunBatchedRequest struct {
 	RunId string `protobuf:"bytes,1,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
 	// Send events with seq greater than this: 0 for all, the last seq received to resume.
 	AfterSeq int64 `protobuf:"varint,2,opt,name=after_seq,json=afterSeq,proto3" json:"after_seq,omitempty"`
-	// At most this many events per message, 1-10000; 0 means 1000.
+	// At most this many events per message, 1-10000; 0 means 1000. A message also holds at most
+	// 24 KiB of serialized events (one larger event travels alone), which bounds what the server holds
+	// for a reader that stalls.
 	MaxEvents int32 `protobuf:"varint,3,opt,name=max_events,json=maxEvents,proto3" json:"max_events,omitempty"`
 }
 
