@@ -33,12 +33,13 @@ async def gateway_server(tmp_path: Path, **settings: Any) -> AsyncIterator[tuple
         await srv.stop(grace=0.5)
 
 
-async def first_event(client: httpx.AsyncClient, url: str, opened: list[httpx.Response]) -> str:
+async def first_event(client: httpx.AsyncClient, url: str, opened: list[tuple[httpx.Response, Any]]) -> str:
     """Open an SSE watch and return its first event's `event:` line; the stream stays open."""
     response = await client.send(client.build_request("GET", url), stream=True)
-    opened.append(response)
+    lines = response.aiter_lines()
+    opened.append((response, lines))  # a dropped line iterator would close the stream when collected
     assert response.status_code == 200
-    async for line in response.aiter_lines():
+    async for line in lines:
         if line.startswith("event:"):
             return line
     raise AssertionError("the stream ended before its first event")
@@ -56,17 +57,18 @@ async def test_the_gateway_pool_grows_past_one_connections_stream_limit(tmp_path
         limits = httpx.Limits(max_connections=40)
         async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30, limits=limits) as client:
             run_id = (await client.post("/v1/runs", json=RUN)).json()["run"]["id"]  # stays PENDING: no workers
-            opened: list[httpx.Response] = []
+            opened: list[tuple[httpx.Response, Any]] = []
             try:
                 firsts = await asyncio.wait_for(
                     asyncio.gather(*(first_event(client, f"/v1/runs/{run_id}:watch", opened) for _ in range(20))),
                     60,
                 )
                 assert firsts == ["event: run"] * 20
+                assert srv.bus.watcher_count() == 20  # all open at once
                 got = await client.get(f"/v1/runs/{run_id}")  # REST calls still pass
                 assert got.status_code == 200 and got.json()["run"]["status"] == "RUN_STATUS_PENDING"
             finally:
-                for response in opened:
+                for response, _ in opened:
                     await response.aclose()
 
 
