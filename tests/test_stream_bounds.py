@@ -100,4 +100,6 @@ async def test_a_database_page_is_bounded_in_bytes_but_never_empty(server: EvalS
     assert BATCH_BYTES <= PAGE_BYTES
     parsed = [pb.WatchRunResponse.FromString(raw) for raw in every]
     assert list(Logged(every)) == parsed
-    assert Logged(every).batched() == pb.WatchRunBatchedResponse(events=parsed)  # framed from the bytes as is
+    taken = Logged(every)
+    assert taken.take_batched() == pb.WatchRunBatchedResponse(events=parsed)  # framed from the bytes as is
+    assert taken.payloads == []

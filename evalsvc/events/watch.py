@@ -31,7 +31,8 @@ from evalsvc.v1 import eval_run_service_pb2 as pb
 CATCH_UP_PAGE = 1000
 MAX_BATCH_EVENTS = 10_000
 PAGE_BYTES = 32 * 1024  # serialized events a WatchRun watcher holds from one database read
-BATCH_BYTES = 24 * 1024  # serialized events in one WatchRunBatched message (or one larger event)
+BATCH_BYTES = 12 * 1024  # serialized events in one WatchRunBatched message (or one larger event)
+TYPICAL_EVENT_BYTES = 128  # a result event, serialized
 _EVENTS_FIELD_TAG = b"\x0a"  # WatchRunBatchedResponse.events: field 1, length-delimited
 
 
@@ -51,10 +52,12 @@ class Logged:
     def last(self) -> pb.WatchRunResponse:
         return pb.WatchRunResponse.FromString(self.payloads[-1])
 
-    def batched(self) -> pb.WatchRunBatchedResponse:
+    def take_batched(self) -> pb.WatchRunBatchedResponse:
         """The events as one message, parsed straight from their bytes (one allocation arena, ~3x
-        smaller than the events parsed one by one and copied in)."""
+        smaller than the events parsed one by one and copied in). It takes them: the bytes are let go
+        at once, not held beside the message while gRPC sends it."""
         framed = b"".join(_EVENTS_FIELD_TAG + _varint(len(p)) + p for p in self.payloads)
+        self.payloads = []
         return pb.WatchRunBatchedResponse.FromString(framed)
 
 
@@ -72,8 +75,8 @@ Chunk = list[pb.WatchRunResponse] | Logged
 
 
 def batched_message(chunk: Chunk) -> pb.WatchRunBatchedResponse:
-    """A chunk of `watch` as one WatchRunBatched message."""
-    return chunk.batched() if isinstance(chunk, Logged) else pb.WatchRunBatchedResponse(events=chunk)
+    """A chunk of `watch` as one WatchRunBatched message (a database page is taken, see `take_batched`)."""
+    return chunk.take_batched() if isinstance(chunk, Logged) else pb.WatchRunBatchedResponse(events=chunk)
 
 
 def is_terminal(event: pb.WatchRunResponse) -> bool:
@@ -102,15 +105,18 @@ async def watch(
     if not await _anything_after(db, tenant, run_id, after_seq):
         return
     cursor = after_seq
+    # Rows asked of the database per page: about what fits in page_bytes, from the events' size so far
+    # (the database reads every row it is asked for, even those past the byte bound).
+    rows = max(1, min(max_events, page_bytes // TYPICAL_EVENT_BYTES))
     with bus.subscribe(run_id, buffer) as subscription:
         from_database = True
         while True:
             if from_database:
                 async with db.read() as conn:
-                    payloads, from_database = await event_log.read_page(
-                        conn, tenant, run_id, cursor, max_events, page_bytes
-                    )
+                    payloads, from_database = await event_log.read_page(conn, tenant, run_id, cursor, rows, page_bytes)
                 if payloads:
+                    average = sum(map(len, payloads)) / len(payloads)
+                    rows = max(1, min(max_events, int(page_bytes / average) + 1))
                     page = Logged(payloads)
                     last = page.last()  # nothing follows a terminal event in a run's log
                     cursor = last.seq

@@ -1136,7 +1136,7 @@ type WatchRunBatchedRequest struct {
 	// Send events with seq greater than this: 0 for all, the last seq received to resume.
 	AfterSeq int64 `protobuf:"varint,2,opt,name=after_seq,json=afterSeq,proto3" json:"after_seq,omitempty"`
 	// At most this many events per message, 1-10000; 0 means 1000. A message also holds at most
-	// 24 KiB of serialized events (one larger event travels alone), which bounds what the server holds
+	// 12 KiB of serialized events (one larger event travels alone), which bounds what the server holds
 	// for a reader that stalls.
 	MaxEvents int32 `protobuf:"varint,3,opt,name=max_events,json=maxEvents,proto3" json:"max_events,omitempty"`
 }

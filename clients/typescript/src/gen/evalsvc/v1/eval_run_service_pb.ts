@@ -614,7 +614,7 @@ export type WatchRunBatchedRequest = Message<"evalsvc.v1.WatchRunBatchedRequest"
 
   /**
    * At most this many events per message, 1-10000; 0 means 1000. A message also holds at most
-   * 24 KiB of serialized events (one larger event travels alone), which bounds what the server holds
+   * 12 KiB of serialized events (one larger event travels alone), which bounds what the server holds
    * for a reader that stalls.
    *
    * @generated from field: int32 max_events = 3;
