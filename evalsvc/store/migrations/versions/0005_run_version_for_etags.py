@@ -1,7 +1,7 @@
 """Run version, the source of the run's etag (AIP-154).
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0006
 Create Date: 2026-12-03 10:00:00.000000
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005"
-down_revision: str | Sequence[str] | None = "0003"
+down_revision: str | Sequence[str] | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
