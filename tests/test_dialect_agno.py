@@ -181,7 +181,17 @@ async def test_the_seed_example_as_is_then_with_an_agent_that_exists(env: Env) -
     assert (
         "Additional guidelines: <string>" in judged[0]["content"]
         and "Expected output:\n<string>" in judged[1]["content"]
+        and "Context:\n<string>" in judged[1]["content"]  # additional_context reaches the judge
     )
+    # As AgentOS does, model_id + model_provider run the agent with that model; the context goes along
+    [called] = env.model.seen
+    assert called.body["model"] == "<string>"
+    assert called.body["messages"] == [
+        {"role": "system", "content": "Context:\n<string>"},
+        {"role": "user", "content": "<string>"},
+    ]
+    snapshot = (await env.http.get(f"/v1/runs/{posted['id']}")).json()["run"]["target"]
+    assert snapshot["chat"]["model"] == "<string>" and snapshot["modelId"] == "<string>"
 
     got = (await env.http.get(f"/eval-runs/{posted['id']}", params={"db_id": "any", "table": "any"})).json()
     check_schema(got, "accuracy")
@@ -296,6 +306,11 @@ async def test_performance_measures_time_and_reported_memory_after_warmups(env: 
     assert got["eval_data"]["result"] == {k: v for k, v in data.items() if k.endswith(("_run_time", "_usage"))}
     assert got["eval_input"] == {"num_iterations": 3, "warmup_runs": 2}
     assert got["evaluated_component_name"] == "webhook-agent" and got["model_id"] is None
+    # a webhook agent picks its own model: an override is refused, not silently ignored
+    override = {"model_id": "gpt-5", "model_provider": "openai"}
+    body = {"agent_id": agent, "eval_type": "performance", "input": "go", **override}
+    refused = await env.http.post("/eval-runs", json=body)
+    assert refused.status_code == 400 and "chat agent" in refused.json()["detail"], refused.text
 
 
 async def test_a_run_that_fails_or_outlasts_the_wait_says_so(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:

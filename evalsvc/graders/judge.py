@@ -74,6 +74,8 @@ def _prompt(spec: grader_pb2.LlmJudge, item: item_pb2.Item, output: item_pb2.Res
     """(system, user) messages asking for the mode's JSON verdict."""
     guidelines = f"\nAdditional guidelines: {spec.additional_guidelines}" if spec.additional_guidelines else ""
     shown = f"Input:\n{item.input}\n\nResponse{' (the model refused)' if output.refused else ''}:\n{output.content}"
+    if item.context:  # what the response was allowed to draw on; the judge weighs it too
+        shown = f"Context:\n{item.context}\n\n{shown}"
     if spec.mode == Judge.MODE_ACCURACY:
         ask = (
             "Rate how well the response matches the expected output, from 1 (wrong) to 10 (fully correct). "

@@ -340,6 +340,24 @@ def _stored_for(body: EvalRunInput, agent: targets_pb.SavedTarget) -> Stored:
     return Stored(body, agent.display_name or None, provider)
 
 
+def _target(body: EvalRunInput, agent: targets_pb.SavedTarget) -> target_pb2.Target:
+    """The agent to call. AgentOS swaps the agent's model for this run when model_id and model_provider
+    are both given; a chat agent is called with `model_id` as its model (the run's snapshot then records
+    it), while a webhook agent chooses its own model, so an override of it is refused, not ignored."""
+    if not _overrides_model(body):
+        return target_pb2.Target(saved_target_id=agent.id)
+    if agent.target.WhichOneof("kind") != "chat":
+        raise GatewayError.invalid(
+            "model_id and model_provider can override the model of a chat agent only: "
+            f"agent '{agent.id}' is a {agent.target.WhichOneof('kind')} target that chooses its own model"
+        )
+    target = target_pb2.Target()
+    target.CopyFrom(agent.target)
+    target.chat.model = body.model_id or ""
+    target.model_id = body.model_id or ""
+    return target
+
+
 def _create_request(stored: Stored, agent: targets_pb.SavedTarget) -> runs_pb.CreateRunRequest:
     """The evalsvc run for an Agno request against a saved target."""
     body = stored.input
@@ -351,7 +369,7 @@ def _create_request(stored: Stored, agent: targets_pb.SavedTarget) -> runs_pb.Cr
     )
     return runs_pb.CreateRunRequest(
         items=[item],
-        target=target_pb2.Target(saved_target_id=agent.id, model_id=body.model_id if _overrides_model(body) else ""),
+        target=_target(body, agent),
         graders=_graders(body),
         display_name=body.name or "",
         labels={RUN_LABEL: NAME},
