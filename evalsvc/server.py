@@ -15,13 +15,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from evalsvc.api.auth import Authenticator
-from evalsvc.api.datasets import DatasetServicer
+from evalsvc.api.datasets import DatasetGenerationServicer, DatasetServicer
 from evalsvc.api.definitions import GraderServicer, TargetServicer
 from evalsvc.api.eval_runs import EvalRunServicer
 from evalsvc.api.interceptor import CallInterceptor
 from evalsvc.api.observability import Observer
 from evalsvc.auth.service import KeyService
 from evalsvc.config import Settings
+from evalsvc.datasets.generation import DatasetGenerations, generator_model
 from evalsvc.datasets.service import DatasetService
 from evalsvc.definitions.service import DefinitionService
 from evalsvc.events.bus import EventBus
@@ -29,6 +30,7 @@ from evalsvc.events.listener import EventListener
 from evalsvc.execution.executor import Executor
 from evalsvc.execution.outbound import Outbound
 from evalsvc.execution.targets import PriceTable
+from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.server import Gateway
 from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.graders.pool import GradingPool
@@ -39,6 +41,8 @@ from evalsvc.store import migrate
 from evalsvc.store.db import Database
 from evalsvc.tls import server_credentials, warn_if_exposed
 from evalsvc.v1 import (
+    dataset_generation_pb2,
+    dataset_generation_pb2_grpc,
     dataset_service_pb2,
     dataset_service_pb2_grpc,
     eval_run_service_pb2,
@@ -54,6 +58,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     eval_run_service_pb2.DESCRIPTOR.services_by_name["EvalRunService"].full_name,
     dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name,
+    dataset_generation_pb2.DESCRIPTOR.services_by_name["DatasetGenerationService"].full_name,
     grader_service_pb2.DESCRIPTOR.services_by_name["GraderService"].full_name,
     target_service_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name,
 )
@@ -114,6 +119,9 @@ class EvalServer:
             judge=judge,
         )
         self.datasets = DatasetService(self.db)
+        self.generations = DatasetGenerations(
+            self.db, self.outbound, generator_model(settings), settings.poll_interval_s
+        )
         self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
         self.bootstrap_key: str | None = None
         self.health = health.aio.HealthServicer()
@@ -145,6 +153,9 @@ class EvalServer:
             EvalRunServicer(self.runs, self.db, self.bus, self.settings, self.limits), server
         )
         dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(DatasetServicer(self.datasets), server)
+        dataset_generation_pb2_grpc.add_DatasetGenerationServiceServicer_to_server(
+            DatasetGenerationServicer(self.generations), server
+        )
         grader_service_pb2_grpc.add_GraderServiceServicer_to_server(GraderServicer(self.definitions), server)
         target_service_pb2_grpc.add_TargetServiceServicer_to_server(TargetServicer(self.definitions), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -163,6 +174,7 @@ class EvalServer:
         self._server = server
         self.metrics.start_lag_sampler()
         await self.executor.start()
+        await self.generations.start()
         if self.listener is not None:
             self.listener.start()
         if self.settings.http_addr:
@@ -174,6 +186,7 @@ class EvalServer:
                 self.settings.http_addr,
                 root_certificates=self.settings.tls_cert if credentials is not None else "",
                 dialects=self.settings.dialects,
+                dialect_options=DialectOptions(sync_wait_s=self.settings.dialect_sync_wait_s),
             )
             await self.gateway.start()
         if self.settings.metrics_addr:
@@ -195,7 +208,7 @@ class EvalServer:
         if self.listener is not None:
             await self.listener.stop()
         if self._server is not None:
-            await asyncio.gather(self._server.stop(grace), self.executor.stop())
+            await asyncio.gather(self._server.stop(grace), self.executor.stop(), self.generations.stop())
         await self.grading.close()
         await self.metrics.close()
         await self.outbound.close()

@@ -12,6 +12,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from evalsvc.config import Settings
+from evalsvc.gateway.dialects.base import DialectOptions
+from evalsvc.gateway.server import Gateway
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
@@ -154,3 +156,18 @@ async def serving_gateway(
             yield srv, client
     finally:
         await srv.stop(grace=0.5)
+
+
+@asynccontextmanager
+async def impatient_gateway(
+    srv: EvalServer, dialects: str, headers: dict[str, str]
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A second gateway in front of a started server whose synchronous dialect routes do not wait at
+    all (DialectOptions.sync_wait_s = 0), and a client to it sending `headers` (the caller's key)."""
+    gateway = Gateway(f"127.0.0.1:{srv.port}", "127.0.0.1:0", dialects=dialects, dialect_options=DialectOptions(0.0))
+    port = await gateway.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30) as client:
+            yield client
+    finally:
+        await gateway.stop()

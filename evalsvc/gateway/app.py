@@ -28,6 +28,7 @@ from grpc_status import rpc_status
 from evalsvc.api.status import to_status
 from evalsvc.errors import ServiceError
 from evalsvc.gateway import dialects, openapi
+from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.routes import Route, routes
 from evalsvc.gateway.upstream import HTTP_STATUS, GatewayError, Upstream, with_retry_after
 
@@ -159,9 +160,14 @@ async def build_request(request: Request, route: Route) -> Message:
     return message
 
 
-def create_app(channel_factory: Callable[[], grpc.aio.Channel], dialect_spec: str = "all") -> FastAPI:
+def create_app(
+    channel_factory: Callable[[], grpc.aio.Channel],
+    dialect_spec: str = "all",
+    dialect_options: DialectOptions | None = None,
+) -> FastAPI:
     """The gateway app, calling the service over a channel made by `channel_factory`, with the vendor
-    dialects `dialect_spec` names (see `dialects.mounts`) beside the native routes."""
+    dialects `dialect_spec` names (see `dialects.mounts`) beside the native routes, each given
+    `dialect_options`."""
     upstream = Upstream(channel_factory)
 
     @asynccontextmanager
@@ -241,7 +247,9 @@ def create_app(channel_factory: Callable[[], grpc.aio.Channel], dialect_spec: st
             openapi_extra=openapi.operation(route, schemas),
         )
     for dialect, prefix in dialects.mounts(dialect_spec):
-        app.include_router(dialect.router(upstream), prefix=prefix, tags=[dialect.title])
+        app.include_router(
+            dialect.router(upstream, dialect_options or DialectOptions()), prefix=prefix, tags=[dialect.title]
+        )
     app.openapi = openapi.with_components(app.openapi, schemas)  # type: ignore[method-assign]
     return app
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import grpc
 import uvicorn
 
 from evalsvc.gateway.app import create_app
+from evalsvc.gateway.dialects.base import DialectOptions
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +38,18 @@ def channel_to(target: str, *, root_certificates: str = "") -> grpc.aio.Channel:
 class Gateway:
     """The gateway's HTTP server on the running event loop."""
 
-    def __init__(self, grpc_target: str, http_addr: str, *, root_certificates: str = "", dialects: str = "all") -> None:
+    def __init__(
+        self,
+        grpc_target: str,
+        http_addr: str,
+        *,
+        root_certificates: str = "",
+        dialects: str = "all",
+        dialect_options: DialectOptions | None = None,
+    ) -> None:
         host, _, port = http_addr.rpartition(":")
-        app = create_app(lambda: channel_to(grpc_target, root_certificates=root_certificates), dialects)
+        channel = functools.partial(channel_to, grpc_target, root_certificates=root_certificates)
+        app = create_app(channel, dialects, dialect_options)
         self._server = _QuietSignals(uvicorn.Config(app, host=host or "127.0.0.1", port=int(port), log_level="warning"))
         self._task: asyncio.Task[None] | None = None
         self.port = 0

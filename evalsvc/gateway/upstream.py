@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 from starlette.responses import Response
 
 from evalsvc.v1 import (
+    dataset_generation_pb2_grpc,
     dataset_service_pb2_grpc,
     eval_run_service_pb2,
     eval_run_service_pb2_grpc,
@@ -137,6 +138,7 @@ class Upstream:
         self._channel = self._factory()
         self.runs = eval_run_service_pb2_grpc.EvalRunServiceStub(self._channel)
         self.datasets = dataset_service_pb2_grpc.DatasetServiceStub(self._channel)
+        self.generations = dataset_generation_pb2_grpc.DatasetGenerationServiceStub(self._channel)
         self.graders = grader_service_pb2_grpc.GraderServiceStub(self._channel)
         self.targets = target_service_pb2_grpc.TargetServiceStub(self._channel)
 

@@ -42,6 +42,13 @@ class JudgeDefaults:
         """Whether a default judge exists."""
         return bool(self.base_url and self.model)
 
+    def headers(self) -> dict[str, str]:
+        """Request headers of a call to this model (its key, when it has one)."""
+        headers = {"content-type": "application/json"}
+        if self.api_key:
+            headers["authorization"] = f"Bearer {self.api_key}"
+        return headers
+
 
 def needs_default_judge(spec: grader_pb2.LlmJudge) -> bool:
     """Whether this judge relies on the server's default judge."""
@@ -169,9 +176,7 @@ class LlmJudgeGrader:
             self._headers = outbound.headers(spec.endpoint)
         else:
             self._endpoint = target_pb2.Endpoint(base_url=defaults.base_url)
-            self._headers = {"content-type": "application/json"}
-            if defaults.api_key:
-                self._headers["authorization"] = f"Bearer {defaults.api_key}"
+            self._headers = defaults.headers()
 
     async def grade_async(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         """Ask the judge; retry an unusable verdict; ERROR (never FAIL) when none comes."""

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse
 from google.protobuf import field_mask_pb2
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from evalsvc.gateway.dialects.base import RUN_LABEL, Dialect, error_route_class, iso
+from evalsvc.gateway.dialects.base import RUN_LABEL, Dialect, DialectOptions, error_route_class, iso
 from evalsvc.gateway.upstream import TERMINAL, Caller, GatewayError, Upstream
 from evalsvc.v1 import dataset_service_pb2 as ds_pb
 from evalsvc.v1 import eval_run_service_pb2 as runs_pb
@@ -1230,7 +1230,7 @@ class Bland:
         return agent, submitted
 
 
-def router(upstream: Upstream) -> APIRouter:
+def router(upstream: Upstream, options: DialectOptions) -> APIRouter:
     """The Bland routes, at Bland's paths (`/v1/evals/...`)."""
     api = APIRouter(route_class=error_route_class(render), responses=ERROR_RESPONSES)
 

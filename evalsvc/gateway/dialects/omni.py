@@ -25,7 +25,7 @@ from fastapi.routing import APIRouter
 from google.protobuf import timestamp_pb2
 from pydantic import BaseModel, Field
 
-from evalsvc.gateway.dialects.base import RUN_LABEL, Dialect, bearer_key, error_route_class, iso
+from evalsvc.gateway.dialects.base import RUN_LABEL, Dialect, DialectOptions, bearer_key, error_route_class, iso
 from evalsvc.gateway.dialects.uuids import derived_uuid, from_uuid, to_uuid
 from evalsvc.gateway.upstream import Caller, GatewayError, Upstream
 from evalsvc.v1 import dataset_service_pb2 as ds_pb
@@ -571,7 +571,7 @@ Auth = Annotated[Caller, Depends(bearer_key)]
 Archived = Annotated[Literal["true", "false"], Query(description="true: archived items instead of active ones")]
 
 
-def router(upstream: Upstream) -> APIRouter:
+def router(upstream: Upstream, options: DialectOptions) -> APIRouter:
     """Omni's AI Eval routes (documented base path `/api`)."""
     omni = Omni(upstream)
     api = APIRouter(

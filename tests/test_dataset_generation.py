@@ -1,0 +1,182 @@
+"""DatasetGenerationService: a real server writes dataset items with a generator model that is a real
+HTTP fake (tests/fake_llm.py); generations resume after a restart and record why they failed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from evalsvc.server import EvalServer
+from evalsvc.v1 import dataset_generation_pb2_grpc, dataset_service_pb2_grpc
+from evalsvc.v1 import dataset_service_pb2 as ds
+from evalsvc.v1.dataset_generation_pb2 import DatasetGeneration, GenerateDatasetItemsRequest
+from tests.conftest import make_settings
+from tests.fake_llm import FakeEndpoint, Reply, generator_reply
+from tests.helpers import error_reason, keyed_channel, violations
+
+INSTRUCTIONS = "Questions a pharmacy chatbot must answer carefully."
+
+
+class Generator(list[Reply]):
+    """A FakeEndpoint script answering every request with the items it asks for."""
+
+    def __init__(self, fake: FakeEndpoint) -> None:
+        super().__init__()
+        self.fake = fake
+
+    def __len__(self) -> int:
+        return 2  # FakeEndpoint pops while more than one reply is left: every request comes here
+
+    def pop(self, index: Any = -1) -> Reply:
+        return generator_reply(self.fake.seen[-1].body)
+
+
+@pytest.fixture
+async def generator() -> AsyncIterator[FakeEndpoint]:
+    with FakeEndpoint() as fake:
+        fake.script = Generator(fake)
+        yield fake
+
+
+def settings_for(tmp_path: Path, **overrides: Any) -> Any:
+    return make_settings(tmp_path, outbound_allow="127.0.0.1", **overrides)
+
+
+class Client:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
+        self.generations = dataset_generation_pb2_grpc.DatasetGenerationServiceStub(channel)
+
+    async def new_dataset(self) -> str:
+        return (await self.datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))).dataset.id
+
+    async def settled(self, dataset_id: str) -> ds.Dataset:
+        """The dataset once its generation has ended (polled: datasets have no watch), at most 60 s."""
+        async with asyncio.timeout(60):
+            while True:
+                dataset = (await self.datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset_id))).dataset
+                if dataset.generation.state in (DatasetGeneration.STATE_SUCCEEDED, DatasetGeneration.STATE_FAILED):
+                    return dataset
+                await asyncio.sleep(0.1)
+
+
+async def test_a_pending_generation_resumes_after_a_restart(tmp_path: Path, generator: FakeEndpoint) -> None:
+    settings = settings_for(tmp_path, judge_base_url=generator.url + "/v1", judge_model="judge")
+    first = EvalServer(settings)
+    await first.start()
+    await first.generations.stop()  # accepted, but nothing is written before the restart
+    try:
+        async with keyed_channel(first.port, first.bootstrap_key or "") as channel:
+            client = Client(channel)
+            dataset_id = await client.new_dataset()
+            request = GenerateDatasetItemsRequest(dataset_id=dataset_id, item_count=45, instructions=INSTRUCTIONS)
+            accepted = (await client.generations.GenerateDatasetItems(request)).generation
+            assert accepted.state == DatasetGeneration.STATE_PENDING and accepted.item_count == 45
+            again = (await client.generations.GenerateDatasetItems(request)).generation
+            assert again == accepted  # the same request is the same generation
+            got = (await client.datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset_id))).dataset
+            assert got.generation.state == DatasetGeneration.STATE_PENDING and got.item_count == 0
+    finally:
+        await first.stop(grace=0.5)
+    assert generator.seen == []
+    second = EvalServer(settings_for(tmp_path, db=settings.db, judge_base_url=settings.judge_base_url, judge_model="j"))
+    await second.start()
+    try:
+        async with keyed_channel(second.port, first.bootstrap_key or "") as channel:
+            client = Client(channel)
+            done = await client.settled(dataset_id)
+            assert done.generation.state == DatasetGeneration.STATE_SUCCEEDED
+            assert done.item_count == done.generation.generated_count == 45
+            items = (await client.datasets.ListDatasetItems(ds.ListDatasetItemsRequest(dataset_id=dataset_id))).items
+            assert len({item.input for item in items}) == 45 and len({item.id for item in items}) == 45
+            listed = (await client.datasets.ListDatasets(ds.ListDatasetsRequest())).datasets
+            assert [d.generation.state for d in listed if d.id == dataset_id] == [DatasetGeneration.STATE_SUCCEEDED]
+    finally:
+        await second.stop(grace=0.5)
+    asked = [seen.body for seen in generator.seen]
+    assert len(asked) == 3 and {body["model"] for body in asked} == {"j"}  # batches of at most 20
+    assert all(INSTRUCTIONS in body["messages"][-1]["content"] for body in asked)
+
+
+async def test_a_failing_generator_is_recorded_with_its_reason(tmp_path: Path) -> None:
+    with FakeEndpoint(Reply({"error": "bad model"}, status=400)) as broken:
+        settings = settings_for(
+            tmp_path, generator_base_url=broken.url + "/v1", generator_model="gen", generator_api_key="gk"
+        )
+        srv = EvalServer(settings)
+        await srv.start()
+        try:
+            async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+                client = Client(channel)
+                dataset_id = await client.new_dataset()
+                await client.generations.GenerateDatasetItems(
+                    GenerateDatasetItemsRequest(dataset_id=dataset_id, item_count=5, instructions=INSTRUCTIONS)
+                )
+                failed = await client.settled(dataset_id)
+        finally:
+            await srv.stop(grace=0.5)
+    assert failed.generation.state == DatasetGeneration.STATE_FAILED and failed.item_count == 0
+    assert "HTTP 400" in failed.generation.error
+    [call] = broken.seen  # a 400 is not retried
+    assert call.body["model"] == "gen" and call.headers["authorization"] == "Bearer gk"
+
+
+async def test_bad_requests_are_refused_and_write_nothing(tmp_path: Path, generator: FakeEndpoint) -> None:
+    srv = EvalServer(settings_for(tmp_path, judge_base_url=generator.url + "/v1", judge_model="judge"))
+    await srv.start()
+    try:
+        other_key, _ = await srv.keys.create("other-tenant")
+        async with (
+            keyed_channel(srv.port, srv.bootstrap_key or "") as channel,
+            keyed_channel(srv.port, other_key) as other_channel,
+        ):
+            client, other = Client(channel), Client(other_channel)
+            dataset_id = await client.new_dataset()
+            for count, instructions, bad in ((0, INSTRUCTIONS, "item_count"), (1001, "", "instructions")):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await client.generations.GenerateDatasetItems(
+                        GenerateDatasetItemsRequest(dataset_id=dataset_id, item_count=count, instructions=instructions)
+                    )
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad in violations(refused.value)
+            request = GenerateDatasetItemsRequest(dataset_id=dataset_id, item_count=2, instructions=INSTRUCTIONS)
+            with pytest.raises(grpc.aio.AioRpcError) as foreign:
+                await other.generations.GenerateDatasetItems(request)
+            assert foreign.value.code() == grpc.StatusCode.NOT_FOUND  # another tenant's dataset does not exist
+            await client.generations.GenerateDatasetItems(request)
+            with pytest.raises(grpc.aio.AioRpcError) as clash:
+                await client.generations.GenerateDatasetItems(
+                    GenerateDatasetItemsRequest(dataset_id=dataset_id, item_count=3, instructions=INSTRUCTIONS)
+                )
+            assert clash.value.code() == grpc.StatusCode.ALREADY_EXISTS and error_reason(clash.value) == (
+                "GENERATION_EXISTS"
+            )
+            assert (await client.settled(dataset_id)).item_count == 2
+    finally:
+        await srv.stop(grace=0.5)
+
+
+async def test_without_a_generator_model_nothing_is_accepted(tmp_path: Path) -> None:
+    srv = EvalServer(settings_for(tmp_path))
+    await srv.start()
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+            client = Client(channel)
+            dataset_id = await client.new_dataset()
+            for validate_only in (True, False):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await client.generations.GenerateDatasetItems(
+                        GenerateDatasetItemsRequest(
+                            dataset_id=dataset_id, item_count=2, instructions=INSTRUCTIONS, validate_only=validate_only
+                        )
+                    )
+                assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert error_reason(refused.value) == "GENERATOR_NOT_CONFIGURED"
+            got = (await client.datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset_id))).dataset
+            assert not got.HasField("generation")
+    finally:
+        await srv.stop(grace=0.5)
