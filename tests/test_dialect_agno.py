@@ -312,6 +312,36 @@ async def test_performance_measures_time_and_reported_memory_after_warmups(env: 
     assert refused.status_code == 400 and "chat agent" in refused.json()["detail"], refused.text
 
 
+async def test_agentos_client_run_eval_for_each_eval_type(env: Env) -> None:
+    """`AgentOSClient.run_eval` for the eval types it can send. It has no `criteria` parameter, so an
+    agent_as_judge eval through it gets AgentOS's own 400 (docs/dialects/agno.md, Differences)."""
+    client, auth, agent = env.client, env.auth, env.agent_id
+    accuracy = await client.run_eval(
+        eval_type=EvalType.ACCURACY, input_text="What is 10*5?", agent_id=agent, expected_output="50", headers=auth
+    )
+    assert accuracy is not None and accuracy.eval_type is EvalType.ACCURACY
+    assert accuracy.eval_data["results"][0]["output"] == "50" and accuracy.eval_data["avg_score"] is not None
+    performance = await client.run_eval(
+        eval_type=EvalType.PERFORMANCE, input_text="What is 10*5?", agent_id=agent, num_iterations=2, headers=auth
+    )
+    assert performance is not None and performance.eval_type is EvalType.PERFORMANCE
+    assert len(performance.eval_data["run_times"]) == 2
+    reliability = await client.run_eval(
+        eval_type=EvalType.RELIABILITY,
+        input_text="What is 10*5?",
+        agent_id=agent,
+        expected_tool_calls=["multiply"],
+        headers=auth,
+    )
+    assert reliability is not None and reliability.eval_data["eval_status"] == "PASSED"
+    with pytest.raises(httpx.HTTPStatusError) as no_criteria:
+        await client.run_eval(eval_type=EvalType.AGENT_AS_JUDGE, input_text="Hi", agent_id=agent, headers=auth)
+    assert no_criteria.value.response.status_code == 400
+    assert no_criteria.value.response.json() == {"detail": "criteria is required for agent-as-judge evaluation"}
+    listed = await client.list_eval_runs(headers=auth)
+    assert {r.id for r in listed.data} == {accuracy.id, performance.id, reliability.id}
+
+
 async def test_a_run_that_fails_or_outlasts_the_wait_says_so(env: Env) -> None:
     with FakeEndpoint(Reply({"error": "no"}, status=400)) as broken:
         agent = await env.save_agent("broken-agent", chat(broken.url))
