@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evalsvc.errors import FieldViolation
-from evalsvc.execution.outbound import Outbound, OutboundError, check_url_shape
+from evalsvc.execution.outbound import Outbound, OutboundError, check_destination, check_url_shape
 from evalsvc.execution.targets import PriceTable, chat_url
 from evalsvc.graders.builtin import Grade
 from evalsvc.storable import storable_json
@@ -81,7 +81,10 @@ def validate_judge(spec: grader_pb2.LlmJudge, path: str) -> list[FieldViolation]
 def _prompt(spec: grader_pb2.LlmJudge, item: item_pb2.Item, output: item_pb2.Response) -> tuple[str, str]:
     """(system, user) messages asking for the mode's JSON verdict."""
     guidelines = f"\nAdditional guidelines: {spec.additional_guidelines}" if spec.additional_guidelines else ""
-    shown = f"Input:\n{item.input}\n\nResponse{' (the model refused)' if output.refused else ''}:\n{output.content}"
+    images = f"\n({len(output.image_urls)} image(s) of the response attached)" if output.image_urls else ""
+    shown = (
+        f"Input:\n{item.input}\n\nResponse{' (the model refused)' if output.refused else ''}:\n{output.content}{images}"
+    )
     if item.context:  # what the response was allowed to draw on; the judge weighs it too
         shown = f"Context:\n{item.context}\n\n{shown}"
     if spec.mode == Judge.MODE_ACCURACY:
@@ -178,12 +181,27 @@ class LlmJudgeGrader:
             self._endpoint = target_pb2.Endpoint(base_url=defaults.base_url)
             self._headers = defaults.headers()
 
+    async def _with_images(self, text: str, output: item_pb2.Response) -> str | list[dict[str, Any]]:
+        """The user message's content: the text, and the output's images as OpenAI image_url parts.
+        The judge's model fetches them, so each URL must pass the SSRF rule as an endpoint would
+        (OutboundError when one does not)."""
+        if not output.image_urls:
+            return text
+        for url in output.image_urls:
+            await check_destination(url, self._outbound.allow)
+        images = [{"type": "image_url", "image_url": {"url": url}} for url in output.image_urls]
+        return [{"type": "text", "text": text}, *images]
+
     async def grade_async(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         """Ask the judge; retry an unusable verdict; ERROR (never FAIL) when none comes."""
         system, user = _prompt(self._spec, item, output)
+        try:
+            shown = await self._with_images(user, output)
+        except OutboundError as exc:
+            return Grade(ERROR, 0.0, 0.0, "the judge cannot be shown the response's images", exc.reason)
         body = {
             "model": self._model,
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": shown}],
             "response_format": {"type": "json_object"},
             "temperature": 0,
         }

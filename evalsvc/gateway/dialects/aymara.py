@@ -27,6 +27,7 @@ from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 
 from evalsvc.datasets.generation import MAX_INSTRUCTIONS, MAX_ITEMS
+from evalsvc.execution.outbound import check_url_shape
 from evalsvc.gateway.dialects.base import RUN_LABEL, Dialect, DialectOptions, bearer_key, error_route_class, iso
 from evalsvc.gateway.upstream import TERMINAL, Caller, GatewayError, Upstream, window
 from evalsvc.runs.validation import MAX_ANNOTATIONS_BYTES
@@ -77,7 +78,8 @@ VERDICT = {run_pb2.RESULT_STATE_PASSED: True, run_pb2.RESULT_STATE_FAILED: False
 
 
 class FileReference(BaseModel):
-    """A file instead of text (Aymara's file store; evalsvc has none, so runs refuse it)."""
+    """A file instead of text. evalsvc serves no file store (/v2/files), so a response's file is its
+    `remote_file_path`, an http(s) URL the judge's model is shown; a `file_uuid` is refused."""
 
     file_uuid: str | None = None
     remote_file_path: str | None = None
@@ -476,11 +478,24 @@ def check_responses(responses: Sequence[EvalResponse], prompts: dict[str, item_p
         if response.prompt_uuid not in prompts:
             violations.append((f"responses[{i}].prompt_uuid", "not a prompt of this eval"))
         if isinstance(response.content, FileReference):
-            violations.append((f"responses[{i}].content", "file content is not supported: send the text"))
+            violations.extend(_file_problems(response, f"responses[{i}]"))
     if all(r.exclude_from_scoring for r in responses):
         violations.append(("responses", "at least one response must be scored (exclude_from_scoring false)"))
     if violations:
         raise GatewayError.invalid("the responses are not valid for this eval", *violations)
+
+
+def _file_problems(response: EvalResponse, at: str) -> list[tuple[str, str]]:
+    """Why a response's file cannot be judged, if it cannot: only images, given by URL."""
+    file = response.content
+    assert isinstance(file, FileReference)
+    if response.content_type != "image":
+        return [(f"{at}.content_type", "a file response must be an image (content_type image)")]
+    if not file.remote_file_path:
+        return [(f"{at}.content.file_uuid", "evalsvc has no file store (/v2/files): give remote_file_path, a URL")]
+    if problem := check_url_shape(file.remote_file_path):
+        return [(f"{at}.content.remote_file_path", problem)]
+    return []
 
 
 def check_kept(annotations: dict[str, str], field: str) -> None:
@@ -497,20 +512,21 @@ def record_of(response: EvalResponse) -> dict[str, Any]:
     """What a run keeps of a response beside its item: everything but the content of a scored
     response, which is the item's recorded output (a null content is kept, as "" would be ambiguous)."""
     record = response.model_dump(exclude_defaults=True, exclude={"content"})
-    if response.exclude_from_scoring or response.content is None:
-        record["content"] = response.content if isinstance(response.content, str) else None
+    if isinstance(response.content, FileReference):
+        record["content"] = response.content.model_dump(exclude_none=True)
+    elif response.exclude_from_scoring or response.content is None:
+        record["content"] = response.content
     return record
 
 
 def item_for(response: EvalResponse, prompt: item_pb2.Item) -> item_pb2.Item:
-    """The eval's prompt with the submitted response, for the provided target."""
-    content = response.content if isinstance(response.content, str) else ""
-    return item_pb2.Item(
-        id=prompt.id,
-        input=prompt.input,
-        metadata=prompt.metadata,
-        response=item_pb2.Response(content=content, refused=response.ai_refused),
-    )
+    """The eval's prompt with the submitted response, for the provided target; an image response
+    is the image's URL, which the judge is shown."""
+    if isinstance(response.content, FileReference):
+        recorded = item_pb2.Response(image_urls=[response.content.remote_file_path or ""], refused=response.ai_refused)
+    else:
+        recorded = item_pb2.Response(content=response.content or "", refused=response.ai_refused)
+    return item_pb2.Item(id=prompt.id, input=prompt.input, metadata=prompt.metadata, response=recorded)
 
 
 def create_request(
