@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evalsvc.errors import FieldViolation
+from evalsvc.execution.cache import definition, digest
 from evalsvc.execution.outbound import Outbound, OutboundError, check_destination, check_url_shape
 from evalsvc.execution.targets import PriceTable, chat_url
 from evalsvc.graders.builtin import Grade
@@ -191,6 +192,26 @@ class LlmJudgeGrader:
             await check_destination(url, self._outbound.allow)
         images = [{"type": "image_url", "image_url": {"url": url}} for url in output.image_urls]
         return [{"type": "text", "text": text}, *images]
+
+    def cache_key(self, tenant: str, item: item_pb2.Item, output: item_pb2.Response) -> str:
+        """The response cache key of this judge's verdict on an output (evalsvc/execution/cache.py)."""
+        rubric = Judge()
+        rubric.CopyFrom(self._spec)
+        rubric.ClearField("endpoint")
+        rubric.ClearField("model")
+        system, user = _prompt(self._spec, item, output)
+        return digest(
+            {
+                "tenant": tenant,
+                "kind": "judge",
+                "url": self._endpoint.base_url,
+                "model": self._model,
+                "rubric": definition(rubric),
+                "prompt": [system, user],
+                # the images the judge is shown change its verdict; absent, the key is as before
+                **({"images": list(output.image_urls)} if output.image_urls else {}),
+            }
+        )
 
     async def grade_async(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         """Ask the judge; retry an unusable verdict; ERROR (never FAIL) when none comes."""
