@@ -123,9 +123,10 @@ def is_generation(body: Any) -> bool:
 
 
 def generator_reply(body: Any, prefix: str = "Generated prompt") -> Reply:
-    """A generator answer with as many items as the request asks for, numbered after the ones it
-    says were already written, so every item of a generation is distinct."""
+    """A generator answer with as many items as the request asks for (one for a conversation's next
+    turn), numbered after the ones it says were already written, so every item of a generation is distinct."""
     asked = str(body["messages"][-1]["content"])
-    wanted = int(asked.split("Write ", 1)[1].split(" ", 1)[0])
+    count = asked.split("Write ", 1)[1].split(" ", 1)[0]
+    wanted = int(count) if count.isdigit() else 1
     already = asked.count(prefix)
     return chat_reply(json.dumps({"items": [f"{prefix} {already + i + 1}" for i in range(wanted)]}))

@@ -12,14 +12,25 @@ import grpc
 import pytest
 
 from evalsvc.server import EvalServer
-from evalsvc.v1 import dataset_generation_pb2_grpc, dataset_service_pb2_grpc
+from evalsvc.v1 import dataset_generation_pb2_grpc, dataset_service_pb2_grpc, item_pb2
 from evalsvc.v1 import dataset_service_pb2 as ds
-from evalsvc.v1.dataset_generation_pb2 import DatasetGeneration, GenerateDatasetItemsRequest
+from evalsvc.v1.dataset_generation_pb2 import (
+    ContinueConversationsRequest,
+    Conversation,
+    DatasetGeneration,
+    GenerateDatasetItemsRequest,
+)
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, Reply, generator_reply
 from tests.helpers import error_reason, keyed_channel, violations
 
 INSTRUCTIONS = "Questions a pharmacy chatbot must answer carefully."
+TURNS = [item_pb2.Message(role="user", content="Can I take two?"), item_pb2.Message(role="assistant", content="No.")]
+
+
+def continuing(dataset_id: str, *item_ids: str) -> ContinueConversationsRequest:
+    conversations = [Conversation(item_id=i, turns=TURNS, metadata={"turn_number": "2"}) for i in item_ids]
+    return ContinueConversationsRequest(dataset_id=dataset_id, instructions=INSTRUCTIONS, conversations=conversations)
 
 
 class Generator(list[Reply]):
@@ -118,11 +129,15 @@ async def test_a_failing_generator_is_recorded_with_its_reason(tmp_path: Path) -
                     GenerateDatasetItemsRequest(dataset_id=dataset_id, item_count=5, instructions=INSTRUCTIONS)
                 )
                 failed = await client.settled(dataset_id)
+                with pytest.raises(grpc.aio.AioRpcError) as unreachable:
+                    await client.generations.ContinueConversations(continuing(dataset_id, "next-1"))
+                assert unreachable.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert error_reason(unreachable.value) == "GENERATOR_UNAVAILABLE"
         finally:
             await srv.stop(grace=0.5)
     assert failed.generation.state == DatasetGeneration.STATE_FAILED and failed.item_count == 0
     assert "HTTP 400" in failed.generation.error
-    [call] = broken.seen  # a 400 is not retried
+    call, _ = broken.seen  # a 400 is not retried
     assert call.body["model"] == "gen" and call.headers["authorization"] == "Bearer gk"
 
 
@@ -156,6 +171,18 @@ async def test_bad_requests_are_refused_and_write_nothing(tmp_path: Path, genera
                 "GENERATION_EXISTS"
             )
             assert (await client.settled(dataset_id)).item_count == 2
+            for bad, field in ((continuing(dataset_id), "conversations"), (continuing(dataset_id, ""), "item_id")):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await client.generations.ContinueConversations(bad)
+                assert any(field in name for name in violations(refused.value)), violations(refused.value)
+            calls = len(generator.seen)
+            [turn] = (await client.generations.ContinueConversations(continuing(dataset_id, "next-a"))).items
+            assert turn.id == "next-a" and turn.input and dict(turn.metadata) == {"turn_number": "2"}
+            assert "Can I take two?" in generator.seen[-1].body["messages"][-1]["content"]
+            again = (await client.generations.ContinueConversations(continuing(dataset_id, "next-a", "next-b"))).items
+            assert again[0] == turn and again[1].id == "next-b" and len(generator.seen) == calls + 2
+            got = (await client.datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset_id))).dataset
+            assert got.item_count == 4
     finally:
         await srv.stop(grace=0.5)
 
@@ -176,7 +203,10 @@ async def test_without_a_generator_model_nothing_is_accepted(tmp_path: Path) -> 
                     )
                 assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
                 assert error_reason(refused.value) == "GENERATOR_NOT_CONFIGURED"
+            with pytest.raises(grpc.aio.AioRpcError) as unconfigured:
+                await client.generations.ContinueConversations(continuing(dataset_id, "next-1"))
+            assert error_reason(unconfigured.value) == "GENERATOR_NOT_CONFIGURED"
             got = (await client.datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset_id))).dataset
-            assert not got.HasField("generation")
+            assert not got.HasField("generation") and got.item_count == 0
     finally:
         await srv.stop(grace=0.5)

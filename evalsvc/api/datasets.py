@@ -62,3 +62,10 @@ class DatasetGenerationServicer(generation_pb_grpc.DatasetGenerationServiceServi
     ) -> generation_pb.GenerateDatasetItemsResponse:
         generation = await self._generations.generate(tenant_of(context), request)
         return generation_pb.GenerateDatasetItemsResponse(generation=generation)
+
+    @unary
+    async def ContinueConversations(
+        self, request: generation_pb.ContinueConversationsRequest, context: Context
+    ) -> generation_pb.ContinueConversationsResponse:
+        items = await self._generations.continue_conversations(tenant_of(context), request)
+        return generation_pb.ContinueConversationsResponse(items=items)

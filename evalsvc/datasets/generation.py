@@ -38,7 +38,11 @@ from evalsvc.storable import storable_json
 from evalsvc.store import datasets as dataset_store
 from evalsvc.store.db import Database
 from evalsvc.v1 import item_pb2, target_pb2
-from evalsvc.v1.dataset_generation_pb2 import DatasetGeneration, GenerateDatasetItemsRequest
+from evalsvc.v1.dataset_generation_pb2 import (
+    ContinueConversationsRequest,
+    DatasetGeneration,
+    GenerateDatasetItemsRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,9 @@ TENANT_CONCURRENCY = 2
 PROCESS_CONCURRENCY = 8
 LEASE_TTL_S = 120.0
 SEEN_CHARS = 4096  # how much of the items already written is shown to the model, to avoid repeats
+MAX_CONVERSATIONS = 100  # conversations continued in one ContinueConversations call
+MAX_CONVERSATION_BYTES = 1024 * 1024  # all their turns together
+CONTINUE_CONCURRENCY = 4  # generator calls of one ContinueConversations call at once
 
 
 def generator_model(settings: Settings) -> JudgeDefaults:
@@ -107,6 +114,24 @@ def ask(instructions: str, wanted: int, written: list[str]) -> list[dict[str, st
             "content": f"Write {wanted} distinct test inputs (prompts) following these instructions.\n\n"
             f"{instructions}{seen}\n\n"
             f'Answer with JSON {{"items": ["<input 1>", ...]}} holding exactly {wanted} inputs.',
+        },
+    ]
+
+
+def next_turn_messages(instructions: str, turns: list[item_pb2.Message]) -> list[dict[str, str]]:
+    """The chat messages asking for the next user turn of a conversation."""
+    shown = "\n\n".join(f"{turn.role or 'user'}: {turn.content}" for turn in turns)
+    purpose = f"{instructions}\n\n" if instructions else ""
+    return [
+        {
+            "role": "system",
+            "content": "You write test inputs for evaluating AI systems. Reply with one JSON object only.",
+        },
+        {
+            "role": "user",
+            "content": f"{purpose}Write the user's next message in this conversation, continuing the test.\n\n"
+            f"{shown}\n\n"
+            'Answer with JSON {"items": ["<the next user message>"]}.',
         },
     ]
 
@@ -172,6 +197,79 @@ class DatasetGenerations:
             await dataset_store.insert_generation(conn, row)
         self._wake.set()
         return generation_from(row)
+
+    async def continue_conversations(self, tenant: str, request: ContinueConversationsRequest) -> list[item_pb2.Item]:
+        """The next user turn of each conversation, appended to the dataset (existing ids are returned
+        as stored, not written again). Synchronous: at most MAX_CONVERSATIONS short model calls."""
+        violations: list[FieldViolation] = []
+        if not 1 <= len(request.conversations) <= MAX_CONVERSATIONS:
+            violations.append(FieldViolation("conversations", f"1 to {MAX_CONVERSATIONS} conversations"))
+        if len(request.instructions.encode()) > MAX_INSTRUCTIONS:
+            violations.append(FieldViolation("instructions", f"at most {MAX_INSTRUCTIONS} bytes"))
+        size = sum(len(t.content.encode()) for c in request.conversations for t in c.turns)
+        if size > MAX_CONVERSATION_BYTES:
+            violations.append(FieldViolation("conversations", f"the turns take {size} bytes; at most 1 MiB"))
+        for i, conversation in enumerate(request.conversations):
+            if not conversation.turns:
+                violations.append(FieldViolation(f"conversations[{i}].turns", "at least one turn"))
+        items = [item_pb2.Item(id=c.item_id, metadata=c.metadata) for c in request.conversations]
+        for i, conversation in enumerate(request.conversations):
+            if not conversation.item_id:
+                violations.append(FieldViolation(f"conversations[{i}].item_id", "required"))
+        check_items(items, "conversations", violations)
+        if violations:
+            raise invalid_argument(violations)
+        if not self._model.configured:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "GENERATOR_NOT_CONFIGURED",
+                "the server has no generator model (--generator-model or --judge-base-url/--judge-model)",
+            )
+        async with self._db.read() as conn:
+            if await dataset_store.get(conn, tenant, request.dataset_id) is None:
+                raise not_found("dataset", request.dataset_id)
+            stored = await dataset_store.items_by_id(conn, request.dataset_id, [item.id for item in items])
+        slots = asyncio.Semaphore(CONTINUE_CONCURRENCY)
+
+        async def write(conversation: Any, item: item_pb2.Item) -> None:
+            async with slots:
+                body = {
+                    "model": self._model.model,
+                    "messages": next_turn_messages(request.instructions, list(conversation.turns)),
+                    "response_format": {"type": "json_object"},
+                }
+                for attempt in range(PARSE_ATTEMPTS):
+                    reply = await self._outbound.post_json(chat_url(self._endpoint), body, self._model.headers(), 120.0)
+                    try:
+                        [item.input] = parse_items(reply.body, 1)
+                        return
+                    except UnusableAnswer as exc:
+                        if attempt == PARSE_ATTEMPTS - 1:
+                            raise ServiceError(
+                                grpc.StatusCode.UNAVAILABLE,
+                                "GENERATOR_UNAVAILABLE",
+                                f"the generator model gave no usable next turn: {exc}",
+                            ) from None
+
+        missing = [(c, item) for c, item in zip(request.conversations, items, strict=True) if item.id not in stored]
+        try:
+            await asyncio.gather(*(write(c, item) for c, item in missing))
+        except OutboundError as exc:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "GENERATOR_UNAVAILABLE", exc.reason) from None
+        async with self._db.write() as conn:
+            dataset = await dataset_store.get(conn, tenant, request.dataset_id, lock=True)
+            if dataset is None:
+                raise not_found("dataset", request.dataset_id)
+            stored.update(await dataset_store.items_by_id(conn, request.dataset_id, [item.id for item in items]))
+            new = [item for _, item in missing if item.id not in stored]  # a concurrent retry may have won
+            if new:
+                rows = [(item.id, item.SerializeToString()) for item in new]
+                await dataset_store.append_items(conn, tenant, request.dataset_id, rows, time.time())
+        return [item_pb2.Item.FromString(stored[item.id]) if item.id in stored else item for item in items]
+
+    @property
+    def _endpoint(self) -> target_pb2.Endpoint:
+        return target_pb2.Endpoint(base_url=self._model.base_url)
 
     # ---- The worker ------------------------------------------------------------------------------
 
@@ -275,7 +373,6 @@ class DatasetGenerations:
 
     async def _batch(self, instructions: str, wanted: int, written: list[str]) -> list[str]:
         """Up to `wanted` new inputs from the model, asking again when an answer is unusable."""
-        endpoint = target_pb2.Endpoint(base_url=self._model.base_url)
         body = {
             "model": self._model.model,
             "messages": ask(instructions, wanted, written),
@@ -283,7 +380,7 @@ class DatasetGenerations:
         }
         problem = UnusableAnswer("no answer")
         for _ in range(PARSE_ATTEMPTS):
-            reply = await self._outbound.post_json(chat_url(endpoint), body, self._model.headers(), 120.0)
+            reply = await self._outbound.post_json(chat_url(self._endpoint), body, self._model.headers(), 120.0)
             try:
                 return parse_items(reply.body, wanted)
             except UnusableAnswer as exc:

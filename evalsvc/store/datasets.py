@@ -92,6 +92,19 @@ async def items_page(conn: AsyncConnection, dataset_id: str, *, after_idx: int, 
     return [(idx, item) for idx, item in rows]
 
 
+async def items_by_id(conn: AsyncConnection, dataset_id: str, item_ids: Sequence[str]) -> dict[str, bytes]:
+    """These items of a dataset that exist, serialized, by id."""
+    found: dict[str, bytes] = {}
+    for start in range(0, len(item_ids), 500):
+        rows = await conn.execute(
+            select(ITEMS.c.item_id, ITEMS.c.item).where(
+                ITEMS.c.dataset_id == dataset_id, ITEMS.c.item_id.in_(item_ids[start : start + 500])
+            )
+        )
+        found.update((item_id, item) for item_id, item in rows)
+    return found
+
+
 async def all_items(conn: AsyncConnection, dataset_id: str) -> list[tuple[str, bytes]]:
     """Every (item id, serialized item) of a dataset, in insertion order."""
     rows = await conn.execute(

@@ -22,18 +22,23 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from evalsvc.v1 import item_pb2 as evalsvc_dot_v1_dot_item__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#evalsvc/v1/dataset_generation.proto\x12\nevalsvc.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf6\x02\n\x11\x44\x61tasetGeneration\x12\x38\n\x05state\x18\x01 \x01(\x0e\x32#.evalsvc.v1.DatasetGeneration.StateB\x04\xe2\x41\x01\x03\x12\x18\n\nitem_count\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0fgenerated_count\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x13\n\x05\x65rror\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"k\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_PENDING\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x13\n\x0fSTATE_SUCCEEDED\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\"\x84\x01\n\x1bGenerateDatasetItemsRequest\x12\x18\n\ndataset_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nitem_count\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x1a\n\x0cinstructions\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\"Q\n\x1cGenerateDatasetItemsResponse\x12\x31\n\ngeneration\x18\x01 \x01(\x0b\x32\x1d.evalsvc.v1.DatasetGeneration2\xba\x01\n\x18\x44\x61tasetGenerationService\x12\x9d\x01\n\x14GenerateDatasetItems\x12\'.evalsvc.v1.GenerateDatasetItemsRequest\x1a(.evalsvc.v1.GenerateDatasetItemsResponse\"2\x82\xd3\xe4\x93\x02,\"\'/v1/datasets/{dataset_id}:generateItems:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#evalsvc/v1/dataset_generation.proto\x12\nevalsvc.v1\x1a\x15\x65valsvc/v1/item.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xae\x01\n\x0c\x43onversation\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\"\n\x05turns\x18\x02 \x03(\x0b\x32\x13.evalsvc.v1.Message\x12\x38\n\x08metadata\x18\x03 \x03(\x0b\x32&.evalsvc.v1.Conversation.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x7f\n\x1c\x43ontinueConversationsRequest\x12\x18\n\ndataset_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x0cinstructions\x18\x02 \x01(\t\x12/\n\rconversations\x18\x03 \x03(\x0b\x32\x18.evalsvc.v1.Conversation\"@\n\x1d\x43ontinueConversationsResponse\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.evalsvc.v1.Item\"\xf6\x02\n\x11\x44\x61tasetGeneration\x12\x38\n\x05state\x18\x01 \x01(\x0e\x32#.evalsvc.v1.DatasetGeneration.StateB\x04\xe2\x41\x01\x03\x12\x18\n\nitem_count\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0fgenerated_count\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x13\n\x05\x65rror\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"k\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_PENDING\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x13\n\x0fSTATE_SUCCEEDED\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\"\x84\x01\n\x1bGenerateDatasetItemsRequest\x12\x18\n\ndataset_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nitem_count\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x1a\n\x0cinstructions\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\"Q\n\x1cGenerateDatasetItemsResponse\x12\x31\n\ngeneration\x18\x01 \x01(\x0b\x32\x1d.evalsvc.v1.DatasetGeneration2\xe5\x02\n\x18\x44\x61tasetGenerationService\x12\x9d\x01\n\x14GenerateDatasetItems\x12\'.evalsvc.v1.GenerateDatasetItemsRequest\x1a(.evalsvc.v1.GenerateDatasetItemsResponse\"2\x82\xd3\xe4\x93\x02,\"\'/v1/datasets/{dataset_id}:generateItems:\x01*\x12\xa8\x01\n\x15\x43ontinueConversations\x12(.evalsvc.v1.ContinueConversationsRequest\x1a).evalsvc.v1.ContinueConversationsResponse\":\x82\xd3\xe4\x93\x02\x34\"//v1/datasets/{dataset_id}:continueConversations:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'evalsvc.v1.dataset_generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CONVERSATION_METADATAENTRY']._loaded_options = None
+  _globals['_CONVERSATION_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_CONTINUECONVERSATIONSREQUEST'].fields_by_name['dataset_id']._loaded_options = None
+  _globals['_CONTINUECONVERSATIONSREQUEST'].fields_by_name['dataset_id']._serialized_options = b'\342A\001\002'
   _globals['_DATASETGENERATION'].fields_by_name['state']._loaded_options = None
   _globals['_DATASETGENERATION'].fields_by_name['state']._serialized_options = b'\342A\001\003'
   _globals['_DATASETGENERATION'].fields_by_name['item_count']._loaded_options = None
@@ -54,14 +59,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEDATASETITEMSREQUEST'].fields_by_name['instructions']._serialized_options = b'\342A\001\002'
   _globals['_DATASETGENERATIONSERVICE'].methods_by_name['GenerateDatasetItems']._loaded_options = None
   _globals['_DATASETGENERATIONSERVICE'].methods_by_name['GenerateDatasetItems']._serialized_options = b'\202\323\344\223\002,\"\'/v1/datasets/{dataset_id}:generateItems:\001*'
-  _globals['_DATASETGENERATION']._serialized_start=148
-  _globals['_DATASETGENERATION']._serialized_end=522
-  _globals['_DATASETGENERATION_STATE']._serialized_start=415
-  _globals['_DATASETGENERATION_STATE']._serialized_end=522
-  _globals['_GENERATEDATASETITEMSREQUEST']._serialized_start=525
-  _globals['_GENERATEDATASETITEMSREQUEST']._serialized_end=657
-  _globals['_GENERATEDATASETITEMSRESPONSE']._serialized_start=659
-  _globals['_GENERATEDATASETITEMSRESPONSE']._serialized_end=740
-  _globals['_DATASETGENERATIONSERVICE']._serialized_start=743
-  _globals['_DATASETGENERATIONSERVICE']._serialized_end=929
+  _globals['_DATASETGENERATIONSERVICE'].methods_by_name['ContinueConversations']._loaded_options = None
+  _globals['_DATASETGENERATIONSERVICE'].methods_by_name['ContinueConversations']._serialized_options = b'\202\323\344\223\0024\"//v1/datasets/{dataset_id}:continueConversations:\001*'
+  _globals['_CONVERSATION']._serialized_start=171
+  _globals['_CONVERSATION']._serialized_end=345
+  _globals['_CONVERSATION_METADATAENTRY']._serialized_start=298
+  _globals['_CONVERSATION_METADATAENTRY']._serialized_end=345
+  _globals['_CONTINUECONVERSATIONSREQUEST']._serialized_start=347
+  _globals['_CONTINUECONVERSATIONSREQUEST']._serialized_end=474
+  _globals['_CONTINUECONVERSATIONSRESPONSE']._serialized_start=476
+  _globals['_CONTINUECONVERSATIONSRESPONSE']._serialized_end=540
+  _globals['_DATASETGENERATION']._serialized_start=543
+  _globals['_DATASETGENERATION']._serialized_end=917
+  _globals['_DATASETGENERATION_STATE']._serialized_start=810
+  _globals['_DATASETGENERATION_STATE']._serialized_end=917
+  _globals['_GENERATEDATASETITEMSREQUEST']._serialized_start=920
+  _globals['_GENERATEDATASETITEMSREQUEST']._serialized_end=1052
+  _globals['_GENERATEDATASETITEMSRESPONSE']._serialized_start=1054
+  _globals['_GENERATEDATASETITEMSRESPONSE']._serialized_end=1135
+  _globals['_DATASETGENERATIONSERVICE']._serialized_start=1138
+  _globals['_DATASETGENERATIONSERVICE']._serialized_end=1495
 # @@protoc_insertion_point(module_scope)

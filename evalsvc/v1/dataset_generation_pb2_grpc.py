@@ -40,6 +40,11 @@ class DatasetGenerationServiceStub:
                 request_serializer=evalsvc_dot_v1_dot_dataset__generation__pb2.GenerateDatasetItemsRequest.SerializeToString,
                 response_deserializer=evalsvc_dot_v1_dot_dataset__generation__pb2.GenerateDatasetItemsResponse.FromString,
                 _registered_method=True)
+        self.ContinueConversations = channel.unary_unary(
+                '/evalsvc.v1.DatasetGenerationService/ContinueConversations',
+                request_serializer=evalsvc_dot_v1_dot_dataset__generation__pb2.ContinueConversationsRequest.SerializeToString,
+                response_deserializer=evalsvc_dot_v1_dot_dataset__generation__pb2.ContinueConversationsResponse.FromString,
+                _registered_method=True)
 
 
 class DatasetGenerationServiceServicer:
@@ -54,6 +59,15 @@ class DatasetGenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ContinueConversations(self, request, context):
+        """Writes the next user turn of each conversation with the generator model and appends it to the
+        dataset as an item with the id the caller chose. A conversation whose item already exists is not
+        written again: its stored item is returned, so a retry asks the model nothing new.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatasetGenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +75,11 @@ def add_DatasetGenerationServiceServicer_to_server(servicer, server):
                     servicer.GenerateDatasetItems,
                     request_deserializer=evalsvc_dot_v1_dot_dataset__generation__pb2.GenerateDatasetItemsRequest.FromString,
                     response_serializer=evalsvc_dot_v1_dot_dataset__generation__pb2.GenerateDatasetItemsResponse.SerializeToString,
+            ),
+            'ContinueConversations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ContinueConversations,
+                    request_deserializer=evalsvc_dot_v1_dot_dataset__generation__pb2.ContinueConversationsRequest.FromString,
+                    response_serializer=evalsvc_dot_v1_dot_dataset__generation__pb2.ContinueConversationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +110,33 @@ class DatasetGenerationService:
             '/evalsvc.v1.DatasetGenerationService/GenerateDatasetItems',
             evalsvc_dot_v1_dot_dataset__generation__pb2.GenerateDatasetItemsRequest.SerializeToString,
             evalsvc_dot_v1_dot_dataset__generation__pb2.GenerateDatasetItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ContinueConversations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/evalsvc.v1.DatasetGenerationService/ContinueConversations',
+            evalsvc_dot_v1_dot_dataset__generation__pb2.ContinueConversationsRequest.SerializeToString,
+            evalsvc_dot_v1_dot_dataset__generation__pb2.ContinueConversationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

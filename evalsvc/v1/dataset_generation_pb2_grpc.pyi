@@ -37,6 +37,11 @@ class DatasetGenerationServiceStub:
     """Starts writing items into a dataset in the background; the dataset's `generation` reports the
     progress and the outcome. Calling it again with the same request returns the same generation.
     """
+    ContinueConversations: _grpc.UnaryUnaryMultiCallable[_dataset_generation_pb2.ContinueConversationsRequest, _dataset_generation_pb2.ContinueConversationsResponse]
+    """Writes the next user turn of each conversation with the generator model and appends it to the
+    dataset as an item with the id the caller chose. A conversation whose item already exists is not
+    written again: its stored item is returned, so a retry asks the model nothing new.
+    """
 
 @_typing.type_check_only
 class DatasetGenerationServiceAsyncStub(DatasetGenerationServiceStub):
@@ -46,6 +51,11 @@ class DatasetGenerationServiceAsyncStub(DatasetGenerationServiceStub):
     GenerateDatasetItems: _aio.UnaryUnaryMultiCallable[_dataset_generation_pb2.GenerateDatasetItemsRequest, _dataset_generation_pb2.GenerateDatasetItemsResponse]  # type: ignore[assignment]
     """Starts writing items into a dataset in the background; the dataset's `generation` reports the
     progress and the outcome. Calling it again with the same request returns the same generation.
+    """
+    ContinueConversations: _aio.UnaryUnaryMultiCallable[_dataset_generation_pb2.ContinueConversationsRequest, _dataset_generation_pb2.ContinueConversationsResponse]  # type: ignore[assignment]
+    """Writes the next user turn of each conversation with the generator model and appends it to the
+    dataset as an item with the id the caller chose. A conversation whose item already exists is not
+    written again: its stored item is returned, so a retry asks the model nothing new.
     """
 
 class DatasetGenerationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -59,6 +69,17 @@ class DatasetGenerationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_dataset_generation_pb2.GenerateDatasetItemsResponse, _abc.Awaitable[_dataset_generation_pb2.GenerateDatasetItemsResponse]]:
         """Starts writing items into a dataset in the background; the dataset's `generation` reports the
         progress and the outcome. Calling it again with the same request returns the same generation.
+        """
+
+    @_abc_1.abstractmethod
+    def ContinueConversations(
+        self,
+        request: _dataset_generation_pb2.ContinueConversationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataset_generation_pb2.ContinueConversationsResponse, _abc.Awaitable[_dataset_generation_pb2.ContinueConversationsResponse]]:
+        """Writes the next user turn of each conversation with the generator model and appends it to the
+        dataset as an item with the id the caller chose. A conversation whose item already exists is not
+        written again: its stored item is returned, so a retry asks the model nothing new.
         """
 
 def add_DatasetGenerationServiceServicer_to_server(servicer: DatasetGenerationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

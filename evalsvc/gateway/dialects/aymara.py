@@ -14,6 +14,7 @@ run's or dataset's annotations and come back on every read. Every failure is Aym
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import Iterable, Sequence
@@ -498,6 +499,25 @@ def _file_problems(response: EvalResponse, at: str) -> list[tuple[str, str]]:
     return []
 
 
+def conversation_of(response: EvalResponse, prompt: item_pb2.Item) -> dataset_generation_pb2.Conversation:
+    """The turn a response ends, to continue: the prompt, then the AI's answer. The next prompt's id is
+    derived from the prompt and the answer, so a retried request finds the prompt it already wrote."""
+    if isinstance(response.content, FileReference):
+        answer = f"(an image: {response.content.remote_file_path})"
+    else:
+        answer = response.content or ("(the AI refused to answer)" if response.ai_refused else "")
+    digest = hashlib.sha256(f"{prompt.id}\0{answer}".encode()).hexdigest()[:32]
+    thread = response.thread_uuid or prompt.metadata.get("thread_uuid") or prompt.id
+    metadata = {"thread_uuid": thread, "turn_number": str(response.turn_number + 1)}
+    if category := prompt.metadata.get("category"):
+        metadata["category"] = category
+    return dataset_generation_pb2.Conversation(
+        item_id=f"next-{digest}",
+        turns=[item_pb2.Message(role="user", content=prompt.input), item_pb2.Message(role="assistant", content=answer)],
+        metadata=metadata,
+    )
+
+
 def check_kept(annotations: dict[str, str], field: str) -> None:
     """The vendor fields kept in annotations fit their 64 KiB, said in the vendor's terms before the
     server would refuse the annotations."""
@@ -508,10 +528,13 @@ def check_kept(annotations: dict[str, str], field: str) -> None:
         )
 
 
-def record_of(response: EvalResponse) -> dict[str, Any]:
+def record_of(response: EvalResponse, next_prompt: EvalPrompt | None = None) -> dict[str, Any]:
     """What a run keeps of a response beside its item: everything but the content of a scored
-    response, which is the item's recorded output (a null content is kept, as "" would be ambiguous)."""
+    response, which is the item's recorded output (a null content is kept, as "" would be ambiguous),
+    and the next prompt of its thread when it continues one."""
     record = response.model_dump(exclude_defaults=True, exclude={"content"})
+    if next_prompt is not None:
+        record["next_prompt"] = next_prompt.model_dump(exclude_none=True)
     if isinstance(response.content, FileReference):
         record["content"] = response.content.model_dump(exclude_none=True)
     elif response.exclude_from_scoring or response.content is None:
@@ -530,13 +553,19 @@ def item_for(response: EvalResponse, prompt: item_pb2.Item) -> item_pb2.Item:
 
 
 def create_request(
-    body: EvalRunRequest, evaluation: Eval, prompts: dict[str, item_pb2.Item], run: RunFields
+    body: EvalRunRequest,
+    evaluation: Eval,
+    prompts: dict[str, item_pb2.Item],
+    run: RunFields,
+    next_prompts: dict[str, EvalPrompt],
 ) -> eval_run_service_pb2.CreateRunRequest:
     """The CreateRun of an eval run: scored responses as inline items, one POLICY judge."""
     scored = [r for r in body.responses if not r.exclude_from_scoring]
     annotations = {
         RUN_KEY: run.model_dump_json(exclude_none=True),
-        RESPONSES_KEY: json.dumps([record_of(r) for r in body.responses], separators=(",", ":")),
+        RESPONSES_KEY: json.dumps(
+            [record_of(r, next_prompts.get(r.prompt_uuid)) for r in body.responses], separators=(",", ":")
+        ),
     }
     check_kept(annotations, "responses")
     return eval_run_service_pb2.CreateRunRequest(
@@ -666,16 +695,35 @@ class Aymara:
 
     async def start_run(
         self, body: EvalRunRequest, is_sandbox: bool, workspace_uuid: str | None, caller: Caller
-    ) -> tuple[run_pb2.Run, Eval]:
-        """Check the responses against the eval's prompts, then create the run."""
+    ) -> tuple[run_pb2.Run, Eval, dict[str, EvalPrompt]]:
+        """Check the responses against the eval's prompts, write the next prompt of every thread that
+        continues, then create the run."""
         evaluation = eval_of(await self.dataset(body.eval_uuid, caller))
         prompts = {item.id: item for item in await self.prompts(body.eval_uuid, caller)}
         check_responses(body.responses, prompts)
         fields = RunFields(
             **body.model_dump(include=set(RunFields.model_fields)), is_sandbox=is_sandbox, workspace_uuid=workspace_uuid
         )
-        created = await self.up.call(self.up.runs.CreateRun, create_request(body, evaluation, prompts, fields), caller)
-        return created.run, evaluation
+        next_prompts = await self.next_prompts(body, evaluation, prompts, caller)
+        request = create_request(body, evaluation, prompts, fields, next_prompts)
+        created = await self.up.call(self.up.runs.CreateRun, request, caller)
+        return created.run, evaluation, next_prompts
+
+    async def next_prompts(
+        self, body: EvalRunRequest, evaluation: Eval, prompts: dict[str, item_pb2.Item], caller: Caller
+    ) -> dict[str, EvalPrompt]:
+        """The next prompt of each response that continues its thread (`continue_thread` on it or on
+        the run), written by the server's generator model as a new prompt of the eval."""
+        continuing = [r for r in body.responses if (r.continue_thread or body.continue_thread)]
+        if not continuing:
+            return {}
+        request = dataset_generation_pb2.ContinueConversationsRequest(
+            dataset_id=body.eval_uuid,
+            instructions=generation_instructions(evaluation),
+            conversations=[conversation_of(r, prompts[r.prompt_uuid]) for r in continuing],
+        )
+        answer = await self.up.call(self.up.generations.ContinueConversations, request, caller)
+        return {r.prompt_uuid: prompt_of(item) for r, item in zip(continuing, answer.items, strict=True)}
 
     async def run(self, eval_run_uuid: str, caller: Caller) -> run_pb2.Run:
         """A run of this dialect that is not deleted; anything else is not found."""
@@ -741,8 +789,9 @@ def router(upstream: Upstream, options: DialectOptions) -> APIRouter:
     async def create_run(
         body: EvalRunRequest, caller: CallerDep, is_sandbox: bool = False, workspace_uuid: str | None = None
     ) -> EvalRunResult:
-        run, evaluation = await api.start_run(body, is_sandbox, workspace_uuid, caller)
-        return result_of(run, evaluation, [ScoredResponse(**dict(r)) for r in body.responses])
+        run, evaluation, next_prompts = await api.start_run(body, is_sandbox, workspace_uuid, caller)
+        submitted = [ScoredResponse(**dict(r), next_prompt=next_prompts.get(r.prompt_uuid)) for r in body.responses]
+        return result_of(run, evaluation, submitted)
 
     @r.post(
         "/v2/eval-runs/-/score-responses",
@@ -752,7 +801,7 @@ def router(upstream: Upstream, options: DialectOptions) -> APIRouter:
     async def score_responses(
         body: EvalRunRequest, caller: CallerDep, is_sandbox: bool = False, workspace_uuid: str | None = None
     ) -> EvalRunResult:
-        run, _ = await api.start_run(body, is_sandbox, workspace_uuid, caller)
+        run, _, _ = await api.start_run(body, is_sandbox, workspace_uuid, caller)
         done = await upstream.wait_until_done(run.id, caller, options.sync_wait_s)
         return await api.full_result(done, caller, None if done.status in TERMINAL else "processing")
 

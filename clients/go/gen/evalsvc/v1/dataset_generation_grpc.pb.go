@@ -20,6 +20,10 @@ type DatasetGenerationServiceClient interface {
 	// Starts writing items into a dataset in the background; the dataset's `generation` reports the
 	// progress and the outcome. Calling it again with the same request returns the same generation.
 	GenerateDatasetItems(ctx context.Context, in *GenerateDatasetItemsRequest, opts ...grpc.CallOption) (*GenerateDatasetItemsResponse, error)
+	// Writes the next user turn of each conversation with the generator model and appends it to the
+	// dataset as an item with the id the caller chose. A conversation whose item already exists is not
+	// written again: its stored item is returned, so a retry asks the model nothing new.
+	ContinueConversations(ctx context.Context, in *ContinueConversationsRequest, opts ...grpc.CallOption) (*ContinueConversationsResponse, error)
 }
 
 type datasetGenerationServiceClient struct {
@@ -39,6 +43,15 @@ func (c *datasetGenerationServiceClient) GenerateDatasetItems(ctx context.Contex
 	return out, nil
 }
 
+func (c *datasetGenerationServiceClient) ContinueConversations(ctx context.Context, in *ContinueConversationsRequest, opts ...grpc.CallOption) (*ContinueConversationsResponse, error) {
+	out := new(ContinueConversationsResponse)
+	err := c.cc.Invoke(ctx, "/evalsvc.v1.DatasetGenerationService/ContinueConversations", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // DatasetGenerationServiceServer is the server API for DatasetGenerationService service.
 // All implementations must embed UnimplementedDatasetGenerationServiceServer
 // for forward compatibility
@@ -46,6 +59,10 @@ type DatasetGenerationServiceServer interface {
 	// Starts writing items into a dataset in the background; the dataset's `generation` reports the
 	// progress and the outcome. Calling it again with the same request returns the same generation.
 	GenerateDatasetItems(context.Context, *GenerateDatasetItemsRequest) (*GenerateDatasetItemsResponse, error)
+	// Writes the next user turn of each conversation with the generator model and appends it to the
+	// dataset as an item with the id the caller chose. A conversation whose item already exists is not
+	// written again: its stored item is returned, so a retry asks the model nothing new.
+	ContinueConversations(context.Context, *ContinueConversationsRequest) (*ContinueConversationsResponse, error)
 	mustEmbedUnimplementedDatasetGenerationServiceServer()
 }
 
@@ -55,6 +72,9 @@ type UnimplementedDatasetGenerationServiceServer struct {
 
 func (UnimplementedDatasetGenerationServiceServer) GenerateDatasetItems(context.Context, *GenerateDatasetItemsRequest) (*GenerateDatasetItemsResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method GenerateDatasetItems not implemented")
+}
+func (UnimplementedDatasetGenerationServiceServer) ContinueConversations(context.Context, *ContinueConversationsRequest) (*ContinueConversationsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ContinueConversations not implemented")
 }
 func (UnimplementedDatasetGenerationServiceServer) mustEmbedUnimplementedDatasetGenerationServiceServer() {
 }
@@ -88,6 +108,24 @@ func _DatasetGenerationService_GenerateDatasetItems_Handler(srv interface{}, ctx
 	return interceptor(ctx, in, info, handler)
 }
 
+func _DatasetGenerationService_ContinueConversations_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ContinueConversationsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DatasetGenerationServiceServer).ContinueConversations(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/evalsvc.v1.DatasetGenerationService/ContinueConversations",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DatasetGenerationServiceServer).ContinueConversations(ctx, req.(*ContinueConversationsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _DatasetGenerationService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "evalsvc.v1.DatasetGenerationService",
 	HandlerType: (*DatasetGenerationServiceServer)(nil),
@@ -95,6 +133,10 @@ var _DatasetGenerationService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GenerateDatasetItems",
 			Handler:    _DatasetGenerationService_GenerateDatasetItems_Handler,
+		},
+		{
+			MethodName: "ContinueConversations",
+			Handler:    _DatasetGenerationService_ContinueConversations_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

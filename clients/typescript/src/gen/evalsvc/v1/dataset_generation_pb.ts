@@ -4,6 +4,8 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { Item, Message as Message$1 } from "./item_pb.js";
+import { file_evalsvc_v1_item } from "./item_pb.js";
 import { file_google_api_annotations } from "../../google/api/annotations_pb.js";
 import { file_google_api_field_behavior } from "../../google/api/field_behavior_pb.js";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
@@ -14,7 +16,98 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file evalsvc/v1/dataset_generation.proto.
  */
 export const file_evalsvc_v1_dataset_generation: GenFile = /*@__PURE__*/
-  fileDesc("CiNldmFsc3ZjL3YxL2RhdGFzZXRfZ2VuZXJhdGlvbi5wcm90bxIKZXZhbHN2Yy52MSL2AgoRRGF0YXNldEdlbmVyYXRpb24SOAoFc3RhdGUYASABKA4yIy5ldmFsc3ZjLnYxLkRhdGFzZXRHZW5lcmF0aW9uLlN0YXRlQgTiQQEDEhgKCml0ZW1fY291bnQYAiABKAVCBOJBAQMSHQoPZ2VuZXJhdGVkX2NvdW50GAMgASgFQgTiQQEDEhMKBWVycm9yGAQgASgJQgTiQQEDEjUKC2NyZWF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxI1Cgt1cGRhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMiawoFU3RhdGUSFQoRU1RBVEVfVU5TUEVDSUZJRUQQABIRCg1TVEFURV9QRU5ESU5HEAESEQoNU1RBVEVfUlVOTklORxACEhMKD1NUQVRFX1NVQ0NFRURFRBADEhAKDFNUQVRFX0ZBSUxFRBAEIoQBChtHZW5lcmF0ZURhdGFzZXRJdGVtc1JlcXVlc3QSGAoKZGF0YXNldF9pZBgBIAEoCUIE4kEBAhIYCgppdGVtX2NvdW50GAIgASgFQgTiQQECEhoKDGluc3RydWN0aW9ucxgDIAEoCUIE4kEBAhIVCg12YWxpZGF0ZV9vbmx5GAQgASgIIlEKHEdlbmVyYXRlRGF0YXNldEl0ZW1zUmVzcG9uc2USMQoKZ2VuZXJhdGlvbhgBIAEoCzIdLmV2YWxzdmMudjEuRGF0YXNldEdlbmVyYXRpb24yugEKGERhdGFzZXRHZW5lcmF0aW9uU2VydmljZRKdAQoUR2VuZXJhdGVEYXRhc2V0SXRlbXMSJy5ldmFsc3ZjLnYxLkdlbmVyYXRlRGF0YXNldEl0ZW1zUmVxdWVzdBooLmV2YWxzdmMudjEuR2VuZXJhdGVEYXRhc2V0SXRlbXNSZXNwb25zZSIygtPkkwIsOgEqIicvdjEvZGF0YXNldHMve2RhdGFzZXRfaWR9OmdlbmVyYXRlSXRlbXNCLVorZXZhbHN2Yy9jbGllbnRzL2dvL2dlbi9ldmFsc3ZjL3YxO2V2YWxzdmN2MWIGcHJvdG8z", [file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_timestamp]);
+  fileDesc("CiNldmFsc3ZjL3YxL2RhdGFzZXRfZ2VuZXJhdGlvbi5wcm90bxIKZXZhbHN2Yy52MSKuAQoMQ29udmVyc2F0aW9uEg8KB2l0ZW1faWQYASABKAkSIgoFdHVybnMYAiADKAsyEy5ldmFsc3ZjLnYxLk1lc3NhZ2USOAoIbWV0YWRhdGEYAyADKAsyJi5ldmFsc3ZjLnYxLkNvbnZlcnNhdGlvbi5NZXRhZGF0YUVudHJ5Gi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJ/ChxDb250aW51ZUNvbnZlcnNhdGlvbnNSZXF1ZXN0EhgKCmRhdGFzZXRfaWQYASABKAlCBOJBAQISFAoMaW5zdHJ1Y3Rpb25zGAIgASgJEi8KDWNvbnZlcnNhdGlvbnMYAyADKAsyGC5ldmFsc3ZjLnYxLkNvbnZlcnNhdGlvbiJACh1Db250aW51ZUNvbnZlcnNhdGlvbnNSZXNwb25zZRIfCgVpdGVtcxgBIAMoCzIQLmV2YWxzdmMudjEuSXRlbSL2AgoRRGF0YXNldEdlbmVyYXRpb24SOAoFc3RhdGUYASABKA4yIy5ldmFsc3ZjLnYxLkRhdGFzZXRHZW5lcmF0aW9uLlN0YXRlQgTiQQEDEhgKCml0ZW1fY291bnQYAiABKAVCBOJBAQMSHQoPZ2VuZXJhdGVkX2NvdW50GAMgASgFQgTiQQEDEhMKBWVycm9yGAQgASgJQgTiQQEDEjUKC2NyZWF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxI1Cgt1cGRhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMiawoFU3RhdGUSFQoRU1RBVEVfVU5TUEVDSUZJRUQQABIRCg1TVEFURV9QRU5ESU5HEAESEQoNU1RBVEVfUlVOTklORxACEhMKD1NUQVRFX1NVQ0NFRURFRBADEhAKDFNUQVRFX0ZBSUxFRBAEIoQBChtHZW5lcmF0ZURhdGFzZXRJdGVtc1JlcXVlc3QSGAoKZGF0YXNldF9pZBgBIAEoCUIE4kEBAhIYCgppdGVtX2NvdW50GAIgASgFQgTiQQECEhoKDGluc3RydWN0aW9ucxgDIAEoCUIE4kEBAhIVCg12YWxpZGF0ZV9vbmx5GAQgASgIIlEKHEdlbmVyYXRlRGF0YXNldEl0ZW1zUmVzcG9uc2USMQoKZ2VuZXJhdGlvbhgBIAEoCzIdLmV2YWxzdmMudjEuRGF0YXNldEdlbmVyYXRpb24y5QIKGERhdGFzZXRHZW5lcmF0aW9uU2VydmljZRKdAQoUR2VuZXJhdGVEYXRhc2V0SXRlbXMSJy5ldmFsc3ZjLnYxLkdlbmVyYXRlRGF0YXNldEl0ZW1zUmVxdWVzdBooLmV2YWxzdmMudjEuR2VuZXJhdGVEYXRhc2V0SXRlbXNSZXNwb25zZSIygtPkkwIsOgEqIicvdjEvZGF0YXNldHMve2RhdGFzZXRfaWR9OmdlbmVyYXRlSXRlbXMSqAEKFUNvbnRpbnVlQ29udmVyc2F0aW9ucxIoLmV2YWxzdmMudjEuQ29udGludWVDb252ZXJzYXRpb25zUmVxdWVzdBopLmV2YWxzdmMudjEuQ29udGludWVDb252ZXJzYXRpb25zUmVzcG9uc2UiOoLT5JMCNDoBKiIvL3YxL2RhdGFzZXRzL3tkYXRhc2V0X2lkfTpjb250aW51ZUNvbnZlcnNhdGlvbnNCLVorZXZhbHN2Yy9jbGllbnRzL2dvL2dlbi9ldmFsc3ZjL3YxO2V2YWxzdmN2MWIGcHJvdG8z", [file_evalsvc_v1_item, file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_timestamp]);
+
+/**
+ * Conversation is a conversation so far, to continue with one more user turn.
+ *
+ * @generated from message evalsvc.v1.Conversation
+ */
+export type Conversation = Message<"evalsvc.v1.Conversation"> & {
+  /**
+   * The id of the item holding the next turn, 1-128 characters, unique in the request.
+   *
+   * @generated from field: string item_id = 1;
+   */
+  itemId: string;
+
+  /**
+   * The turns so far, oldest first (at least one; the last is usually the assistant's).
+   *
+   * @generated from field: repeated evalsvc.v1.Message turns = 2;
+   */
+  turns: Message$1[];
+
+  /**
+   * Metadata of the new item.
+   *
+   * @generated from field: map<string, string> metadata = 3;
+   */
+  metadata: { [key: string]: string };
+};
+
+/**
+ * Describes the message evalsvc.v1.Conversation.
+ * Use `create(ConversationSchema)` to create a new message.
+ */
+export const ConversationSchema: GenMessage<Conversation> = /*@__PURE__*/
+  messageDesc(file_evalsvc_v1_dataset_generation, 0);
+
+/**
+ * ContinueConversationsRequest names the conversations to continue.
+ *
+ * @generated from message evalsvc.v1.ContinueConversationsRequest
+ */
+export type ContinueConversationsRequest = Message<"evalsvc.v1.ContinueConversationsRequest"> & {
+  /**
+   * The dataset the new turns are appended to.
+   *
+   * @generated from field: string dataset_id = 1;
+   */
+  datasetId: string;
+
+  /**
+   * What the conversations are for (as GenerateDatasetItemsRequest.instructions). At most 64 KiB.
+   *
+   * @generated from field: string instructions = 2;
+   */
+  instructions: string;
+
+  /**
+   * The conversations, 1-100; all their turns together at most 1 MiB.
+   *
+   * @generated from field: repeated evalsvc.v1.Conversation conversations = 3;
+   */
+  conversations: Conversation[];
+};
+
+/**
+ * Describes the message evalsvc.v1.ContinueConversationsRequest.
+ * Use `create(ContinueConversationsRequestSchema)` to create a new message.
+ */
+export const ContinueConversationsRequestSchema: GenMessage<ContinueConversationsRequest> = /*@__PURE__*/
+  messageDesc(file_evalsvc_v1_dataset_generation, 1);
+
+/**
+ * ContinueConversationsResponse holds the next turns.
+ *
+ * @generated from message evalsvc.v1.ContinueConversationsResponse
+ */
+export type ContinueConversationsResponse = Message<"evalsvc.v1.ContinueConversationsResponse"> & {
+  /**
+   * One item per conversation, in request order: input = the next user turn.
+   *
+   * @generated from field: repeated evalsvc.v1.Item items = 1;
+   */
+  items: Item[];
+};
+
+/**
+ * Describes the message evalsvc.v1.ContinueConversationsResponse.
+ * Use `create(ContinueConversationsResponseSchema)` to create a new message.
+ */
+export const ContinueConversationsResponseSchema: GenMessage<ContinueConversationsResponse> = /*@__PURE__*/
+  messageDesc(file_evalsvc_v1_dataset_generation, 2);
 
 /**
  * DatasetGeneration is the state of a dataset's generated items.
@@ -70,7 +163,7 @@ export type DatasetGeneration = Message<"evalsvc.v1.DatasetGeneration"> & {
  * Use `create(DatasetGenerationSchema)` to create a new message.
  */
 export const DatasetGenerationSchema: GenMessage<DatasetGeneration> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_dataset_generation, 0);
+  messageDesc(file_evalsvc_v1_dataset_generation, 3);
 
 /**
  * State is where a generation is.
@@ -118,7 +211,7 @@ export enum DatasetGeneration_State {
  * Describes the enum evalsvc.v1.DatasetGeneration.State.
  */
 export const DatasetGeneration_StateSchema: GenEnum<DatasetGeneration_State> = /*@__PURE__*/
-  enumDesc(file_evalsvc_v1_dataset_generation, 0, 0);
+  enumDesc(file_evalsvc_v1_dataset_generation, 3, 0);
 
 /**
  * GenerateDatasetItemsRequest says what to write.
@@ -162,7 +255,7 @@ export type GenerateDatasetItemsRequest = Message<"evalsvc.v1.GenerateDatasetIte
  * Use `create(GenerateDatasetItemsRequestSchema)` to create a new message.
  */
 export const GenerateDatasetItemsRequestSchema: GenMessage<GenerateDatasetItemsRequest> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_dataset_generation, 1);
+  messageDesc(file_evalsvc_v1_dataset_generation, 4);
 
 /**
  * GenerateDatasetItemsResponse holds the accepted generation.
@@ -183,7 +276,7 @@ export type GenerateDatasetItemsResponse = Message<"evalsvc.v1.GenerateDatasetIt
  * Use `create(GenerateDatasetItemsResponseSchema)` to create a new message.
  */
 export const GenerateDatasetItemsResponseSchema: GenMessage<GenerateDatasetItemsResponse> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_dataset_generation, 2);
+  messageDesc(file_evalsvc_v1_dataset_generation, 5);
 
 /**
  * DatasetGenerationService fills datasets with items written by the server's generator model.
@@ -201,6 +294,18 @@ export const DatasetGenerationService: GenService<{
     methodKind: "unary";
     input: typeof GenerateDatasetItemsRequestSchema;
     output: typeof GenerateDatasetItemsResponseSchema;
+  },
+  /**
+   * Writes the next user turn of each conversation with the generator model and appends it to the
+   * dataset as an item with the id the caller chose. A conversation whose item already exists is not
+   * written again: its stored item is returned, so a retry asks the model nothing new.
+   *
+   * @generated from rpc evalsvc.v1.DatasetGenerationService.ContinueConversations
+   */
+  continueConversations: {
+    methodKind: "unary";
+    input: typeof ContinueConversationsRequestSchema;
+    output: typeof ContinueConversationsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_evalsvc_v1_dataset_generation, 0);
