@@ -726,3 +726,31 @@ async def test_openapi_documents_the_routes_and_the_error_envelope(env: Env) -> 
     result = spec["components"]["schemas"]["EvalRunResult"]
     assert set(result["required"]) == {"eval_run_uuid", "eval_uuid", "status", "created_at", "updated_at"}
     assert any(s.get("name") == "x-api-key" for s in spec["components"]["securitySchemes"].values())
+
+
+async def test_a_failed_generation_is_failed_with_its_reason_and_no_generator_creates_nothing(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    body = {k: v for k, v in an_eval().items() if k != "prompts"}
+    with FakeEndpoint(Reply({"error": "no such model"}, status=404)) as broken:
+        settings = make_settings(
+            tmp_path_factory.mktemp("aymara-broken"),
+            http_addr="127.0.0.1:0",
+            dialects="aymara",
+            outbound_allow="127.0.0.1",
+            judge_base_url=broken.url + "/v1",
+            judge_model="judge",
+        )
+        async with serving_gateway(settings, key_header="x-api-key", key_prefix="") as (srv, http):
+            client = AsyncAymaraAI(api_key=srv.bootstrap_key, base_url=str(http.base_url).rstrip("/"))
+            created = await client.evals.create(**body)
+            with pytest.raises(RuntimeError):  # the SDK's wait raises on the vendor's failed status
+                await async_wait_until_complete(client.evals.get, resource_id=created.eval_uuid or "", interval=1)
+            failed = (await http.get(f"/v2/evals/{created.eval_uuid}")).json()
+            assert failed["status"] == "failed" and "HTTP 404" in failed["status_reason"]
+    unconfigured = make_settings(tmp_path_factory.mktemp("aymara-none"), http_addr="127.0.0.1:0", dialects="aymara")
+    async with serving_gateway(unconfigured, key_header="x-api-key", key_prefix="") as (_, http):
+        refused = await http.post("/v2/evals", json=body)
+        assert refused.status_code == 503
+        assert assert_envelope(refused.json(), "server.internal_error")["reason"] == "GENERATOR_NOT_CONFIGURED"
+        assert (await http.get("/v2/evals")).json() == {"items": [], "count": 0}  # nothing was created
