@@ -210,3 +210,48 @@ async def test_without_a_generator_model_nothing_is_accepted(tmp_path: Path) -> 
             assert not got.HasField("generation") and got.item_count == 0
     finally:
         await srv.stop(grace=0.5)
+
+
+class SlowForTenantA(Generator):
+    """Answers tenant A's generations (their instructions say so) only after a delay."""
+
+    def pop(self, index: Any = -1) -> Reply:
+        body = self.fake.seen[-1].body
+        slow = "tenant A" in body["messages"][-1]["content"]
+        return Reply(generator_reply(body).body, delay_s=5.0 if slow else 0.0)
+
+
+async def test_one_tenants_generations_do_not_hold_back_anothers(tmp_path: Path) -> None:
+    with FakeEndpoint() as fake:
+        fake.script = SlowForTenantA(fake)
+        srv = EvalServer(settings_for(tmp_path, judge_base_url=fake.url + "/v1", judge_model="judge"))
+        await srv.start()
+        try:
+            key_b, _ = await srv.keys.create("tenant-b")
+            async with (
+                keyed_channel(srv.port, srv.bootstrap_key or "") as channel_a,
+                keyed_channel(srv.port, key_b) as channel_b,
+            ):
+                a, b = Client(channel_a), Client(channel_b)
+                datasets_a = [await a.new_dataset() for _ in range(3)]
+                for dataset_id in datasets_a:  # more than a tenant's share of generations at once
+                    await a.generations.GenerateDatasetItems(
+                        GenerateDatasetItemsRequest(dataset_id=dataset_id, item_count=5, instructions="tenant A")
+                    )
+                dataset_b = await b.new_dataset()
+                await b.generations.GenerateDatasetItems(
+                    GenerateDatasetItemsRequest(dataset_id=dataset_b, item_count=5, instructions="tenant B")
+                )
+                done_b = await b.settled(dataset_b)
+                states_a = [
+                    (await a.datasets.GetDataset(ds.GetDatasetRequest(dataset_id=d))).dataset.generation.state
+                    for d in datasets_a
+                ]
+                assert done_b.generation.state == DatasetGeneration.STATE_SUCCEEDED
+                # B finished while A still waits: A runs at most its share (2) at once, the third is PENDING
+                assert states_a.count(DatasetGeneration.STATE_SUCCEEDED) == 0
+                assert states_a.count(DatasetGeneration.STATE_PENDING) == 1
+                for dataset_id in datasets_a:
+                    assert (await a.settled(dataset_id)).generation.state == DatasetGeneration.STATE_SUCCEEDED
+        finally:
+            await srv.stop(grace=0.5)
