@@ -15,6 +15,7 @@ from evalsvc.v1 import (
     dataset_service_pb2,
     eval_run_service_pb2,
     grader_service_pb2,
+    secret_service_pb2,
     target_service_pb2,
 )
 
@@ -24,6 +25,7 @@ SERVICES: tuple[ServiceDescriptor, ...] = (
     dataset_generation_pb2.DESCRIPTOR.services_by_name["DatasetGenerationService"],
     grader_service_pb2.DESCRIPTOR.services_by_name["GraderService"],
     target_service_pb2.DESCRIPTOR.services_by_name["TargetService"],
+    secret_service_pb2.DESCRIPTOR.services_by_name["SecretService"],
 )
 _VERBS = ("get", "post", "put", "patch", "delete")
 
