@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from evalsvc.api.auth import Authenticator
-from evalsvc.api.datasets import DatasetServicer
+from evalsvc.api.datasets import DatasetGenerationServicer, DatasetServicer
 from evalsvc.api.definitions import GraderServicer, TargetServicer
 from evalsvc.api.eval_runs import EvalRunServicer
 from evalsvc.api.interceptor import CallInterceptor
@@ -25,6 +25,7 @@ from evalsvc.api.secrets import SecretServicer
 from evalsvc.auth.revocation import StreamRevoker
 from evalsvc.auth.service import KeyService
 from evalsvc.config import Settings
+from evalsvc.datasets.generation import DatasetGenerations, generator_model
 from evalsvc.datasets.service import DatasetService
 from evalsvc.definitions.service import DefinitionService
 from evalsvc.events.bus import EventBus
@@ -45,6 +46,8 @@ from evalsvc.store import migrate
 from evalsvc.store.db import Database
 from evalsvc.tls import server_credentials, warn_if_exposed
 from evalsvc.v1 import (
+    dataset_generation_pb2,
+    dataset_generation_pb2_grpc,
     dataset_service_pb2,
     dataset_service_pb2_grpc,
     eval_run_service_pb2,
@@ -62,6 +65,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     eval_run_service_pb2.DESCRIPTOR.services_by_name["EvalRunService"].full_name,
     dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name,
+    dataset_generation_pb2.DESCRIPTOR.services_by_name["DatasetGenerationService"].full_name,
     grader_service_pb2.DESCRIPTOR.services_by_name["GraderService"].full_name,
     target_service_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name,
     secret_service_pb2.DESCRIPTOR.services_by_name["SecretService"].full_name,
@@ -131,6 +135,9 @@ class EvalServer:
             secrets=self.secrets,
         )
         self.datasets = DatasetService(self.db)
+        self.generations = DatasetGenerations(
+            self.db, self.outbound, generator_model(settings), settings.poll_interval_s
+        )
         self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
         self.revoker = StreamRevoker(self.keys, self.bus, settings.auth_cache_s)
         self.bootstrap_key: str | None = None
@@ -164,6 +171,9 @@ class EvalServer:
             EvalRunServicer(self.runs, self.db, self.bus, self.settings, self.limits), server
         )
         dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(DatasetServicer(self.datasets), server)
+        dataset_generation_pb2_grpc.add_DatasetGenerationServiceServicer_to_server(
+            DatasetGenerationServicer(self.generations), server
+        )
         grader_service_pb2_grpc.add_GraderServiceServicer_to_server(GraderServicer(self.definitions), server)
         target_service_pb2_grpc.add_TargetServiceServicer_to_server(TargetServicer(self.definitions), server)
         secret_service_pb2_grpc.add_SecretServiceServicer_to_server(SecretServicer(self.secrets), server)
@@ -183,6 +193,7 @@ class EvalServer:
         self._server = server
         self.metrics.start_lag_sampler()
         await self.executor.start()
+        await self.generations.start()
         self.revoker.start()
         if self.listener is not None:
             self.listener.start()
@@ -218,7 +229,7 @@ class EvalServer:
         if self.listener is not None:
             await self.listener.stop()
         if self._server is not None:
-            await asyncio.gather(self._server.stop(grace), self.executor.stop())
+            await asyncio.gather(self._server.stop(grace), self.executor.stop(), self.generations.stop())
         await self.grading.close()
         await self.metrics.close()
         await self.outbound.close()

@@ -28,6 +28,7 @@ from grpc_status import rpc_status
 from evalsvc.api.status import to_status
 from evalsvc.errors import ServiceError
 from evalsvc.gateway import dialects, openapi
+from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.routes import Route, routes
 from evalsvc.gateway.upstream import HTTP_STATUS, GatewayError, StreamSlot, Upstream, with_retry_after
 
@@ -160,11 +161,15 @@ async def build_request(request: Request, route: Route) -> Message:
 
 
 def create_app(
-    channel_factory: Callable[[int], grpc.aio.Channel], dialect_spec: str = "all", *, streams_per_channel: int = 500
+    channel_factory: Callable[[int], grpc.aio.Channel],
+    dialect_spec: str = "all",
+    dialect_options: DialectOptions | None = None,
+    *,
+    streams_per_channel: int = 500,
 ) -> FastAPI:
     """The gateway app, calling the service over channels made by `channel_factory` (given each one's
     index in the pool; see `Upstream`), with the vendor dialects `dialect_spec` names (see
-    `dialects.mounts`) beside the native routes."""
+    `dialects.mounts`) beside the native routes, each given `dialect_options`."""
     upstream = Upstream(channel_factory, streams_per_channel)
 
     @asynccontextmanager
@@ -248,7 +253,9 @@ def create_app(
             openapi_extra=openapi.operation(route, schemas),
         )
     for dialect, prefix in dialects.mounts(dialect_spec):
-        app.include_router(dialect.router(upstream), prefix=prefix, tags=[dialect.title])
+        app.include_router(
+            dialect.router(upstream, dialect_options or DialectOptions()), prefix=prefix, tags=[dialect.title]
+        )
     app.openapi = openapi.with_components(app.openapi, schemas)  # type: ignore[method-assign]
     return app
 

@@ -14,6 +14,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from evalsvc.config import Settings
 from evalsvc.gateway.app import create_app
+from evalsvc.gateway.dialects.base import DialectOptions
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +116,12 @@ class Gateway:
         settings: Settings | None = None,
     ) -> None:
         settings = settings or Settings()
+        dialect_options = DialectOptions(sync_wait_s=settings.dialect_sync_wait_s)
         host, _, port = http_addr.rpartition(":")
         app = create_app(
             lambda index: channel_to(grpc_target, root_certificates=root_certificates, index=index),
             dialects,
+            dialect_options,
             streams_per_channel=settings.gateway_streams_per_channel,
         )
         config = uvicorn.Config(
