@@ -1,13 +1,23 @@
 """The executor: a worker pool inside the server that leases jobs, executes them and records results.
 
-Three loops share the work:
-- the claimer leases batches of jobs while there is room for more in flight, and starts a task per job;
+Three loops share the work, each supervised (evalsvc.liveness: restarted after any failure, ended
+only by shutdown) and watched for progress:
+- the claimer leases batches of jobs while there are free worker slots, split fairly across tenants and
+  then runs (evalsvc.execution.fairness), and starts a task per job;
 - each job task calls the target (after any warmup calls), grades the output with every grader, and
   queues the finished job;
 - the recorder commits queued jobs in batches (`recorder.record`), so a large run costs few transactions,
   and publishes the committed events to watchers.
-A keeper extends the leases of jobs still in flight. Cancelling a run cancels its tasks at once; the
-fence in the recorder makes sure nothing of theirs is recorded even if one finished meanwhile.
+A keeper extends the leases of jobs still in flight.
+
+A job task holds a worker slot (`--workers`) while it works, but not while it queues for a slot of its
+endpoint's concurrency limit: a run stuck behind a slow or hung endpoint keeps at most that endpoint's
+limit of workers busy, and claims no more jobs while its jobs queue there, so other runs keep theirs.
+
+Cancelling a run cancels its tasks at once; everything a task holds (worker slot, endpoint slot, its
+share of the claim whose lease the keeper renews) is given back in `finally` blocks and context
+managers, so a cancellation releases it like any other ending. The fence in the recorder makes sure
+nothing of a cancelled run is recorded even if a job finished meanwhile.
 """
 
 from __future__ import annotations
@@ -20,17 +30,20 @@ import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
 from evalsvc.config import Settings
 from evalsvc.events.bus import EventBus
-from evalsvc.execution.outbound import Outbound, call_guard
+from evalsvc.execution.fairness import RoundRobin
+from evalsvc.execution.outbound import Outbound, call_guard, endpoint_wait
 from evalsvc.execution.recorder import ClaimedJob, FinishedJob, RunGraders, fail_early, record
+from evalsvc.execution.slots import Hold, Slots
 from evalsvc.execution.targets import PriceTable, Target, TargetError, answers_locally, build_target
 from evalsvc.graders import CompiledGrader, Grade, compile_grader, grader_name, target_error_grade
 from evalsvc.graders.judge import JudgeDefaults, LlmJudgeGrader
+from evalsvc.liveness import Progress, Watched, supervise
 from evalsvc.metrics import Metrics
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
@@ -96,7 +109,10 @@ class Executor:
         self._metrics.jobs_running.set_function(self.in_flight)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._plans: dict[str, asyncio.Task[RunPlan]] = {}
-        self._in_flight: dict[str, set[asyncio.Task[bool]]] = defaultdict(set)
+        self._in_flight: dict[str, set[asyncio.Task[None]]] = defaultdict(set)
+        self._workers = Slots(settings.workers)
+        self._queued_for_endpoint: dict[str, int] = {}  # run id -> its jobs waiting for an endpoint slot
+        self._round_robin = RoundRobin()
         self._open_claims: dict[str, int] = {}
         self._finished: list[FinishedJob] = []
         self._work_available = asyncio.Event()
@@ -106,21 +122,53 @@ class Executor:
         self._stopping = False
         self._stop_requested = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
+        self._progress = {name: Progress() for name in ("claim", "record", "leases")}
 
     async def start(self) -> None:
         """Reclaim leases a crashed predecessor left (SQLite has one server) and start the loops."""
         self._stopping = False
+        self._stop_requested.clear()
         if self._db.is_sqlite:
             async with self._db.write() as conn:
                 released = await job_store.release_all(conn)
             if released:
                 log.info("requeued %d jobs leased before the last shutdown", released)
+        for progress in self._progress.values():
+            progress.beat()
         self._loops = [
-            asyncio.create_task(self._guard(self._claim_loop), name="executor-claim"),
-            asyncio.create_task(self._guard(self._record_loop), name="executor-record"),
-            asyncio.create_task(self._guard(self._keep_leases), name="executor-leases"),
+            asyncio.create_task(self._supervised("claim", self._claim_loop), name="executor-claim"),
+            asyncio.create_task(self._supervised("record", self._record_loop), name="executor-record"),
+            asyncio.create_task(self._supervised("leases", self._keep_leases), name="executor-leases"),
         ]
         self.wake()
+
+    async def _supervised(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        await supervise(name, loop, self._stop_requested, self._metrics)
+
+    def watched_loops(self) -> list[Watched]:
+        """The loops the watchdog checks, each with what counts as work waiting for it."""
+        lease_interval = self._settings.lease_ttl_s / 3
+        stall_s = self._settings.stall_s
+        return [
+            Watched(
+                "claim", self._progress["claim"], self._jobs_claimable, max(stall_s, 2 * self._settings.poll_interval_s)
+            ),
+            Watched("record", self._progress["record"], self._jobs_to_record, stall_s),
+            Watched("leases", self._progress["leases"], self._leases_to_keep, max(stall_s, 2 * lease_interval)),
+        ]
+
+    async def _jobs_claimable(self) -> bool:
+        """Whether any active run has a job that could be claimed now (and this process has room)."""
+        if self._busy() >= self._settings.workers:
+            return False
+        async with self._db.read() as conn:
+            return bool(await run_store.claimable_runs(conn, time.time()))
+
+    async def _jobs_to_record(self) -> bool:
+        return bool(self._finished)
+
+    async def _leases_to_keep(self) -> bool:
+        return bool(self._open_claims)
 
     def wake(self) -> None:
         """New jobs exist: look for them now instead of at the next poll."""
@@ -129,6 +177,11 @@ class Executor:
     def in_flight(self) -> int:
         """Jobs being executed by this process."""
         return sum(len(tasks) for tasks in self._in_flight.values())
+
+    def _busy(self) -> int:
+        """Jobs that hold (or are about to take) a worker slot: in flight, less those that wait for an
+        endpoint slot."""
+        return self.in_flight() - sum(self._queued_for_endpoint.values())
 
     def cancel_run(self, run_id: str) -> None:
         """Stop this process's work on a cancelled run at once."""
@@ -160,24 +213,16 @@ class Executor:
             await job_store.release(conn, list(self._open_claims))
         self._open_claims.clear()
 
-    async def _guard(self, loop: Callable[[], Awaitable[None]]) -> None:
-        """Keep a loop alive across unexpected errors (a database hiccup must not stop execution)."""
-        while not self._stopping:
-            try:
-                await loop()
-                return
-            except Exception:
-                log.exception("executor loop %s failed; restarting in 1 s", loop.__name__)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop_requested.wait(), 1.0)
-
     async def _claim_loop(self) -> None:
         local_queue = False  # whether the last claim held only local jobs (see RunPlan.local)
+        progress = self._progress["claim"]
         while not self._stopping:
-            room = self._settings.workers - self.in_flight()
+            progress.beat()
+            room = self._settings.workers - self._busy()
             if room <= 0:
                 self._slot_free.clear()
-                await self._slot_free.wait()
+                with contextlib.suppress(TimeoutError):  # a turn per poll interval: the watchdog sees a live loop
+                    await asyncio.wait_for(self._slot_free.wait(), self._settings.poll_interval_s)
                 continue
             # `--workers` bounds jobs that wait on a model. Local jobs finish as soon as they start,
             # so while the queue holds those, claim whole batches: one claim and one recording per
@@ -202,10 +247,10 @@ class Executor:
                     await self._recorded.wait()
                 continue
             for job in jobs:
-                task = asyncio.create_task(self._execute(job))
+                task = asyncio.create_task(self._run_job(job))
                 self._in_flight[job.run_id].add(task)
                 task.add_done_callback(
-                    cast("Callable[[asyncio.Task[bool]], object]", lambda t, job=job: self._task_done(job, t))
+                    cast("Callable[[asyncio.Task[None]], object]", lambda t, job=job: self._task_done(job, t))
                 )
 
     async def _all_local(self, jobs: list[ClaimedJob]) -> bool:
@@ -230,15 +275,20 @@ class Executor:
                 yielded = time.perf_counter()
 
     async def _claim(self, limit: int) -> list[ClaimedJob]:
+        """Lease up to `limit` jobs, shared fairly among the runs that have claimable jobs, leaving out
+        runs whose jobs already queue for an endpoint here (they have all the work they can use)."""
         claim_id = uuid.uuid4().hex
         now = time.time()
         started = []
         async with self._db.write() as conn:
+            runs = await run_store.claimable_runs(conn, now)
+            backlogged = self._queued_for_endpoint
+            quotas = self._round_robin.shares([r for r in runs if r[1] not in backlogged], limit)
             rows = await job_store.claim(
                 conn,
                 owner=self.owner,
                 claim_id=claim_id,
-                limit=limit,
+                quotas=quotas,
                 now=now,
                 lease_ttl_s=self._settings.lease_ttl_s,
             )
@@ -260,14 +310,43 @@ class Executor:
             self._open_claims[claim_id] = len(rows)
         return [ClaimedJob(claim_id=claim_id, **row) for row in rows]
 
-    def _task_done(self, job: ClaimedJob, task: asyncio.Task[bool]) -> None:
+    async def _run_job(self, job: ClaimedJob) -> None:
+        """One job's task. However it ends - recorded, failed, cancelled - its worker slot is given back,
+        and unless the job was queued for the recorder (which then owns it) so is its share of the claim,
+        so the keeper stops renewing a lease nobody works under."""
+        worker = Hold(self._workers)
+        queued = False
+        try:
+            await worker.take()
+            endpoint_wait.set(lambda: self._waiting_for_endpoint(job.run_id, worker))
+            queued = await self._execute(job)
+        finally:
+            worker.give_back()
+            if not queued:
+                self._release_claim_slot(job.claim_id)
+
+    @contextlib.asynccontextmanager
+    async def _waiting_for_endpoint(self, run_id: str, worker: Hold) -> AsyncIterator[None]:
+        """While a job queues for its endpoint's slot: no worker slot, and its run is left out of claims."""
+        self._queued_for_endpoint[run_id] = self._queued_for_endpoint.get(run_id, 0) + 1
+        worker.give_back()
+        self._slot_free.set()
+        try:
+            yield
+        finally:
+            remaining = self._queued_for_endpoint.pop(run_id) - 1
+            if remaining:
+                self._queued_for_endpoint[run_id] = remaining
+        await worker.take()  # only once the endpoint slot is ours: a cancelled wait takes nothing back
+
+    def _task_done(self, job: ClaimedJob, task: asyncio.Task[None]) -> None:
         tasks = self._in_flight.get(job.run_id)
         if tasks is not None:
             tasks.discard(task)
             if not tasks:
                 del self._in_flight[job.run_id]
-        if task.cancelled() or not task.result():
-            self._release_claim_slot(job.claim_id)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("job %d of run %s failed", job.id, job.run_id, exc_info=task.exception())
         self._slot_free.set()
 
     def _release_claim_slot(self, claim_id: str) -> None:
@@ -405,12 +484,15 @@ class Executor:
         return compile_grader(spec)
 
     def _forget(self, run_id: str) -> None:
-        task = self._plans.pop(run_id, None)
-        if task is not None and not task.done():
-            task.cancel()
+        """Drop a run's plan. A load still in progress is left to finish, never cancelled: other callers
+        may be awaiting it (through `asyncio.shield`), and a cancelled shared load raised
+        `CancelledError` in each of them - in the claim loop too."""
+        self._plans.pop(run_id, None)
 
     async def _record_loop(self) -> None:
+        progress = self._progress["record"]
         while True:
+            progress.beat()
             if not self._finished:
                 if self._over_budget:
                     await self._end_over_budget_runs()
@@ -424,13 +506,17 @@ class Executor:
             batch, self._finished = self._finished[:batch_jobs], self._finished[batch_jobs:]
             self._recorded.set()
             views = {}
-            for f in batch:
-                if f.job.run_id not in views:
-                    views[f.job.run_id] = (await self._plan(f.job.run_id)).recorder_view
-            events, finished_runs = await record(self._db, batch, views)
+            try:
+                for f in batch:
+                    if f.job.run_id not in views:
+                        views[f.job.run_id] = (await self._plan(f.job.run_id)).recorder_view
+                events, finished_runs = await record(self._db, batch, views)
+            finally:
+                # Recorded or not, the batch's leases are no longer renewed: jobs of a batch that could
+                # not be recorded run again when their leases expire, instead of staying leased forever.
+                for f in batch:
+                    self._release_claim_slot(f.job.claim_id)
             self._metrics.evaluations_recorded(events)
-            for f in batch:
-                self._release_claim_slot(f.job.claim_id)
             for run_id, run_events in events.items():
                 self._bus.publish(run_id, run_events)
             await self._end_over_budget_runs()
@@ -452,7 +538,9 @@ class Executor:
 
     async def _keep_leases(self) -> None:
         interval = self._settings.lease_ttl_s / 3
+        progress = self._progress["leases"]
         while not self._stopping:
+            progress.beat()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_requested.wait(), interval)
             if self._open_claims and not self._stopping:
