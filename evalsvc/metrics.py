@@ -74,6 +74,11 @@ class Metrics:
         self.runs = Gauge("evalsvc_runs", "Runs in the database by status (all tenants)", ["status"], registry=r)
         self.jobs_queued = Gauge("evalsvc_jobs_queued", "Jobs waiting for a worker (all tenants)", registry=r)
         self.jobs_running = Gauge("evalsvc_jobs_running", "Jobs this process is executing now", registry=r)
+        self.jobs_waiting_for_endpoint = Gauge(
+            "evalsvc_jobs_waiting_for_endpoint",
+            "Jobs of this process queued for a slot of their endpoint's concurrency limit (holding no worker slot)",
+            registry=r,
+        )
         self.evaluations = Counter(
             "evalsvc_evaluations_completed",
             "Evaluations recorded by this process, by result state",

@@ -275,7 +275,11 @@ async def test_a_run_hung_on_its_webhook_delays_no_other_run(tmp_path: Path) -> 
 
         still = (await a.GetRun(pb.GetRunRequest(run_id=stuck.id))).run
         assert still.status == run_pb2.RUN_STATUS_RUNNING and still.counts.completed_evaluations == 0
-        assert hung_hook.calls["/hang"] == 8  # queued jobs waited for the endpoint, not for workers
+        assert hung_hook.calls["/hang"] == 8
+        # Its first claim took 64 jobs (--workers): 8 hold workers in hung calls, the rest queue for the
+        # endpoint without one, and the run leases nothing more while they do.
+        sample = srv.metrics.registry.get_sample_value
+        assert (sample("evalsvc_jobs_running"), sample("evalsvc_jobs_waiting_for_endpoint")) == (8, 56)
         await a.CancelRun(pb.CancelRunRequest(run_id=stuck.id))
 
 

@@ -106,7 +106,8 @@ class Executor:
         self._bus = bus
         self._settings = settings
         self._metrics = metrics or Metrics()
-        self._metrics.jobs_running.set_function(self.in_flight)
+        self._metrics.jobs_running.set_function(self._busy)
+        self._metrics.jobs_waiting_for_endpoint.set_function(lambda: sum(self._queued_for_endpoint.values()))
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._plans: dict[str, asyncio.Task[RunPlan]] = {}
         self._in_flight: dict[str, set[asyncio.Task[None]]] = defaultdict(set)
@@ -242,9 +243,12 @@ class Executor:
                 await self._execute_inline(jobs)
                 # Local jobs outpace the recorder: wait until it has taken this claim's outputs, so
                 # one claim executes while the previous one is recorded and memory stays bounded.
+                # Waiting for the recorder is a turn of this loop (the watchdog watches the recorder).
                 while len(self._finished) > 0 and not self._stopping:
                     self._recorded.clear()
-                    await self._recorded.wait()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._recorded.wait(), self._settings.poll_interval_s)
+                    progress.beat()
                 continue
             for job in jobs:
                 task = asyncio.create_task(self._run_job(job))
