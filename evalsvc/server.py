@@ -109,8 +109,8 @@ class EvalServer:
         self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
         self.bootstrap_key: str | None = None
         self.health = health.aio.HealthServicer()
-        # Checks a few times per stall limit, at most every 5 s.
-        self.watchdog = Watchdog(self.metrics, self._report_progress, check_s=min(5.0, settings.stall_s / 4))
+        # Checks four times per stall limit, but never more often than every 50 ms nor less than every 5 s.
+        self.watchdog = Watchdog(self.metrics, self._report_progress, check_s=max(0.05, min(5.0, settings.stall_s / 4)))
         self._watchdog_task: asyncio.Task[None] | None = None
         self._watchdog_stop = asyncio.Event()
         self._shutting_down = False

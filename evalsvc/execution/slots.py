@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator
 
 
 class Slots:
@@ -67,15 +66,6 @@ class Slots:
             if not waiter.done():
                 self.held += 1
                 waiter.set_result(None)
-
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold a slot for the body; it is given back however the body ends."""
-        await self.acquire()
-        try:
-            yield
-        finally:
-            self.release()
 
 
 class Hold:
