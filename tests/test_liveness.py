@@ -40,8 +40,10 @@ from evalsvc.server import EvalServer
 from evalsvc.store import jobs as job_store
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
+from tests import dbs
 from tests.conftest import make_settings
 from tests.helpers import TERMINAL, keyed_channel
+from tests.procs import start_server
 
 HUNG_CALL_TIMEOUT_S = 600  # the longest a target call may take: hung calls last until cancelled
 RunStub = eval_run_service_pb2_grpc.EvalRunServiceStub
@@ -415,6 +417,45 @@ async def test_watchdog_reports_a_stalled_claim_loop_through_health(
             assert (await finish(t["a"], run.id, within_s=10)).status == run_pb2.RUN_STATUS_SUCCEEDED
             assert sample("evalsvc_loop_stalled", {"loop": "claim"}) == 0
             statuses.cancel()
+
+
+@pytest.mark.skipif((reason := dbs.postgres_unavailable()) is not None, reason=reason or "PostgreSQL is not reachable")
+async def test_the_listener_survives_a_failure_and_relays_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PostgreSQL listener that brings other replicas' events to this one's watchers restarts after
+    an unexpected failure: a watcher here still sees a run that another replica executes, to its end."""
+    url = dbs.postgres_url(tmp_path, "replicas")
+    watching = EvalServer(make_settings(tmp_path, db=url))
+    assert watching.listener is not None
+    listen = watching.listener._run
+    faults = [RuntimeError("injected")]
+
+    async def flaky_listen() -> None:
+        if faults:
+            raise faults.pop(0)
+        await listen()
+
+    async def claims_nothing(limit: int) -> list[Any]:
+        return []
+
+    monkeypatch.setattr(watching.listener, "_run", flaky_listen)
+    monkeypatch.setattr(watching.executor, "_claim", claims_nothing)  # every job runs on the other replica
+    await watching.start()
+    executing = await start_server(url, tmp_path / "executing.log", "--poll-interval-s", "0.2")
+    try:
+        assert watching.bootstrap_key
+        async with (
+            keyed_channel(executing.port, watching.bootstrap_key) as there,
+            keyed_channel(watching.port, watching.bootstrap_key) as here,
+        ):
+            run = (await RunStub(there).CreateRun(run_request(echo(), 50))).run
+            ended = await finish(RunStub(here), run.id, within_s=20)
+        assert ended.status == run_pb2.RUN_STATUS_SUCCEEDED
+        assert faults == [] and restarts(watching, "listener") == 1
+    finally:
+        executing.terminate()
+        await watching.stop(grace=0.5)
 
 
 # ------------------------------------------------------------------------------------------ random interleaving
