@@ -363,14 +363,18 @@ async def test_supervise_restarts_a_loop_until_shutdown_and_ends_on_its_own_canc
     assert metrics.registry.get_sample_value("evalsvc_loop_restarts_total", {"loop": "own"}) == 0
 
 
-@pytest.mark.parametrize("loop", ["claim", "record"])
+FAULT_SITES = {"claim": (job_store, "claim"), "record": (executor_module, "record"), "leases": (job_store, "extend")}
+
+
+@pytest.mark.parametrize("loop", list(FAULT_SITES))
 async def test_executor_loops_survive_failures_and_stray_cancellations(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, loop: str
 ) -> None:
-    """A failing claim or recording, or a CancelledError not meant for the loop, restarts the loop
-    (logged with its name, counted); a batch that could not be recorded runs again once its leases expire."""
+    """A failing claim, recording or lease renewal, or a CancelledError not meant for the loop, restarts
+    the loop (logged with its name, counted) and the runs end; a batch that could not be recorded runs
+    again once its leases expire."""
     faults: list[BaseException] = [RuntimeError("injected"), asyncio.CancelledError()]
-    module, name = (job_store, "claim") if loop == "claim" else (executor_module, "record")
+    module, name = FAULT_SITES[loop]
     real = getattr(module, name)
 
     async def flaky(*args: Any, **kwargs: Any) -> Any:
@@ -378,12 +382,14 @@ async def test_executor_loops_survive_failures_and_stray_cancellations(
             raise faults.pop(0)
         return await real(*args, **kwargs)
 
-    async with serving(tmp_path, lease_ttl_s=1.0) as srv, tenants(srv, "a") as t:
+    async with serving(tmp_path, lease_ttl_s=1.0) as srv, Webhook(slow_s=0.5) as hook, tenants(srv, "a") as t:
         monkeypatch.setattr(module, name, flaky)
+        # Renewals happen only while jobs are in flight: 20 calls of 0.5 s, 8 at a time, outlast both faults.
+        targets = [webhook(hook.url + "/slow")] if loop == "leases" else [echo(), recorded()]
         with caplog.at_level(logging.ERROR, logger="evalsvc.liveness"):
-            for target in (echo(), recorded()):
-                run = await create_and_finish(t["a"], run_request(target, 4), within_s=20)
-                assert run.status == run_pb2.RUN_STATUS_SUCCEEDED and run.counts.passed == 4
+            for target in targets:
+                run = await create_and_finish(t["a"], run_request(target, 20), within_s=30)
+                assert run.status == run_pb2.RUN_STATUS_SUCCEEDED and run.counts.passed == 20
         assert faults == []
         assert restarts(srv, loop) == 2
         assert sum(f"loop {loop}" in r.getMessage() and r.__dict__.get("loop") == loop for r in caplog.records) == 2
