@@ -107,6 +107,7 @@ class Watchdog:
     def watch(self, loop: Watched) -> None:
         """Check this loop from now on."""
         self._watched.append(loop)
+        self._metrics.loop_stalls.labels(loop.name)  # exported from the start, zero until a stall
         self._metrics.loop_stalled.labels(loop.name).set(0)
 
     async def run(self, stopping: asyncio.Event) -> None:

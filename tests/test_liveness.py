@@ -425,6 +425,21 @@ async def test_watchdog_reports_a_stalled_claim_loop_through_health(
             statuses.cancel()
 
 
+async def test_watchdog_does_not_flag_a_claim_loop_that_waits_for_free_workers(tmp_path: Path) -> None:
+    """Jobs stay claimable for longer than --stall-s because every worker is busy: that is load, not a stall."""
+    async with (
+        serving(tmp_path, stall_s=0.5, poll_interval_s=0.1, workers=2) as srv,
+        Webhook(slow_s=0.8) as hook,  # each call outlasts --stall-s
+        tenants(srv, "a") as t,
+    ):
+        run = await create_and_finish(t["a"], run_request(webhook(hook.url + "/slow"), 6), within_s=20)
+        assert run.status == run_pb2.RUN_STATUS_SUCCEEDED
+        await srv.watchdog.check()
+        assert srv.watchdog.healthy
+        for loop in ("claim", "record", "leases"):
+            assert srv.metrics.registry.get_sample_value("evalsvc_loop_stalls_total", {"loop": loop}) == 0
+
+
 @pytest.mark.skipif((reason := dbs.postgres_unavailable()) is not None, reason=reason or "PostgreSQL is not reachable")
 async def test_the_listener_survives_a_failure_and_relays_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
