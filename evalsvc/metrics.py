@@ -76,7 +76,7 @@ class Metrics:
         self.jobs_running = Gauge("evalsvc_jobs_running", "Jobs this process is executing now", registry=r)
         self.jobs_waiting_for_endpoint = Gauge(
             "evalsvc_jobs_waiting_for_endpoint",
-            "Jobs of this process queued for a slot of their endpoint's concurrency limit (holding no worker slot)",
+            "Jobs of this process held up by their endpoint (queued for a slot, or backing off): no worker slot held",
             registry=r,
         )
         self.evaluations = Counter(

@@ -55,8 +55,9 @@ RunStub = eval_run_service_pb2_grpc.EvalRunServiceStub
 class Webhook:
     """An agent webhook on 127.0.0.1, served from the test's event loop (HTTP/1.1, keep-alive).
 
-    POST /fast answers at once, /slow after `slow_s`, /fail with HTTP 500, /hang never (until the
-    webhook closes). An answer's `content` is the item's input, so an exact-match grader passes."""
+    POST /fast answers at once, /slow after `slow_s`, /fail with HTTP 500, /throttle with HTTP 429 and
+    `Retry-After: 30`, /hang never (until the webhook closes). An answer's `content` is the item's
+    input, so an exact-match grader passes."""
 
     def __init__(self, slow_s: float = 0.1) -> None:
         self.slow_s = slow_s
@@ -107,9 +108,15 @@ class Webhook:
                     return
                 if path == "/slow":
                     await asyncio.sleep(self.slow_s)
-                status = "500 Internal Server Error" if path == "/fail" else "200 OK"
+                status = {"/fail": "500 Internal Server Error", "/throttle": "429 Too Many Requests"}.get(
+                    path, "200 OK"
+                )
                 body = json.dumps({"content": request["item"]["input"]}).encode()
-                head_out = f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+                head_out = (
+                    f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+                    + ("retry-after: 30\r\n" if path == "/throttle" else "")
+                    + "\r\n"
+                )
                 writer.write(head_out.encode() + body)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -283,6 +290,26 @@ async def test_a_run_hung_on_its_webhook_delays_no_other_run(tmp_path: Path) -> 
         sample = srv.metrics.registry.get_sample_value
         assert (sample("evalsvc_jobs_running"), sample("evalsvc_jobs_waiting_for_endpoint")) == (8, 56)
         await a.CancelRun(pb.CancelRunRequest(run_id=stuck.id))
+
+
+async def test_a_run_backing_off_from_a_throttling_endpoint_holds_no_workers(tmp_path: Path) -> None:
+    """Jobs that sleep out a 429's Retry-After give their worker slots back: with every worker's job of
+    tenant A backing off for 30 s, tenant B's runs still run at once."""
+    async with (
+        serving(tmp_path, workers=16) as srv,
+        Webhook() as throttling,
+        Webhook() as fast_hook,
+        tenants(srv, "a", "b") as t,
+    ):
+        a, b = t["a"], t["b"]
+        throttled = (await a.CreateRun(run_request(webhook(throttling.url + "/throttle"), 100))).run
+        await throttling.wait_for_calls("/throttle", 16)  # all 16 claimed jobs were told to come back in 30 s
+        run = await create_and_finish(b, run_request(echo(), 1), within_s=1.0)
+        assert run.status == run_pb2.RUN_STATUS_SUCCEEDED
+        run = await create_and_finish(b, run_request(webhook(fast_hook.url + "/fast"), 20), within_s=5.0)
+        assert run.status == run_pb2.RUN_STATUS_SUCCEEDED and run.counts.passed == 20
+        assert srv.metrics.registry.get_sample_value("evalsvc_jobs_waiting_for_endpoint") == 16
+        await a.CancelRun(pb.CancelRunRequest(run_id=throttled.id))
 
 
 def test_round_robin_splits_claims_across_tenants_then_runs_taking_turns() -> None:

@@ -10,9 +10,10 @@ only by shutdown) and watched for progress:
   and publishes the committed events to watchers.
 A keeper extends the leases of jobs still in flight.
 
-A job task holds a worker slot (`--workers`) while it works, but not while it queues for a slot of its
-endpoint's concurrency limit: a run stuck behind a slow or hung endpoint keeps at most that endpoint's
-limit of workers busy, and claims no more jobs while its jobs queue there, so other runs keep theirs.
+A job task holds a worker slot (`--workers`) while it works, but not while its endpoint holds it up
+(it queues for a slot of the endpoint's concurrency limit, or backs off before a retry): a run stuck
+behind a slow, hung or throttling endpoint keeps at most that endpoint's limit of workers busy, and
+claims no more jobs while its jobs wait there, so other runs keep theirs.
 
 Cancelling a run cancels its tasks at once; everything a task holds (worker slot, endpoint slot, its
 share of the claim whose lease the keeper renews) is given back in `finally` blocks and context
@@ -331,7 +332,8 @@ class Executor:
 
     @contextlib.asynccontextmanager
     async def _waiting_for_endpoint(self, run_id: str, worker: Hold) -> AsyncIterator[None]:
-        """While a job queues for its endpoint's slot: no worker slot, and its run is left out of claims."""
+        """While its endpoint holds a job up (it queues for a slot, or backs off before a retry): the job
+        holds no worker slot, and its run is left out of claims."""
         self._queued_for_endpoint[run_id] = self._queued_for_endpoint.get(run_id, 0) + 1
         worker.give_back()
         self._slot_free.set()

@@ -41,9 +41,10 @@ RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 # Set by the executor for each job: called when a call is about to start (after waiting for an
 # endpoint slot), it raises to stop the call - how a spent budget stops new model calls at once.
 call_guard: ContextVar[Callable[[], None] | None] = ContextVar("evalsvc_call_guard", default=None)
-# Set by the executor for each job: how a call waits when its endpoint's slots are all taken. The job
-# gives its worker slot back meanwhile, so jobs queued behind a slow endpoint never hold the workers
-# other runs need (a worker slot bounds calls in progress, not calls waiting for their turn).
+# Set by the executor for each job: how a call waits when its endpoint makes it wait - all the
+# endpoint's slots are taken, or a retry backs off (Retry-After). The job gives its worker slot back
+# meanwhile, so jobs held up by a slow, hung or throttling endpoint never hold the workers other runs
+# need (a worker slot bounds calls in progress, not calls waiting for their turn).
 endpoint_wait: ContextVar[Callable[[], AbstractAsyncContextManager[None]] | None] = ContextVar(
     "evalsvc_endpoint_wait", default=None
 )
@@ -167,18 +168,23 @@ class _Call:
     throttled: bool = False
 
 
+def _held_up() -> AbstractAsyncContextManager[None]:
+    """How this call waits while its endpoint holds it up (see `endpoint_wait`)."""
+    wait = endpoint_wait.get()
+    return wait() if wait is not None else contextlib.nullcontext()
+
+
 @contextlib.asynccontextmanager
 async def _endpoint_slot(limit: AdaptiveLimit) -> AsyncIterator[_Call]:
     """One call's slot under its endpoint's limit, given back (and the limit adapted) however the call
     ends: cancelled, failed or answered. A call that must queue for the slot waits the way its
     caller asked (`endpoint_wait`)."""
-    wait = endpoint_wait.get()
-    if wait is None or limit.slots.available():
+    if limit.slots.available():
         await limit.acquire()
     else:
         acquired = False
         try:
-            async with wait():
+            async with _held_up():
                 await limit.acquire()
                 acquired = True
         except BaseException:
@@ -262,7 +268,8 @@ class Outbound:
             if attempt > self._retries:
                 raise OutboundError(f"{failure} (gave up after {attempt} attempts)")
             backoff = random.uniform(0, self.base_backoff_s * 2 ** (attempt - 1))
-            await asyncio.sleep(max(backoff, retry_after or 0.0))
+            async with _held_up():
+                await asyncio.sleep(max(backoff, retry_after or 0.0))
 
     async def close(self) -> None:
         """Close pooled connections."""
