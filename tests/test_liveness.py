@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -275,12 +276,17 @@ async def test_a_run_hung_on_its_webhook_delays_no_other_run(tmp_path: Path) -> 
         stuck = (await a.CreateRun(run_request(webhook(hung_hook.url + "/hang"), 300))).run
         await hung_hook.wait_for_calls("/hang", 8)  # its endpoint's limit is taken; the rest queue for it
 
-        run = await create_and_finish(b, run_request(echo(), 1), within_s=1.0)
-        assert run.status == run_pb2.RUN_STATUS_SUCCEEDED
-        run = await create_and_finish(b, run_request(webhook(fast_hook.url + "/fast"), 20), within_s=5.0)
-        assert run.status == run_pb2.RUN_STATUS_SUCCEEDED and run.counts.passed == 20
-        run = await create_and_finish(a, run_request(webhook(fast_hook.url + "/fast"), 5), within_s=5.0)
-        assert run.status == run_pb2.RUN_STATUS_SUCCEEDED and run.counts.passed == 5
+        figures = {}
+        for name, stub, request, bound_s in (
+            ("B, 1 item, echo", b, run_request(echo(), 1), 1.0),
+            ("B, 20 items, fast webhook", b, run_request(webhook(fast_hook.url + "/fast"), 20), 5.0),
+            ("A's second run, 5 items, fast webhook", a, run_request(webhook(fast_hook.url + "/fast"), 5), 5.0),
+        ):
+            started = time.monotonic()
+            run = await create_and_finish(stub, request, within_s=bound_s)
+            figures[name] = f"{time.monotonic() - started:.3f} s"
+            assert run.status == run_pb2.RUN_STATUS_SUCCEEDED and run.counts.passed == len(request.items)
+        print(f"with A's 300-item run hung, create to end: {figures}")
 
         still = (await a.GetRun(pb.GetRunRequest(run_id=stuck.id))).run
         assert still.status == run_pb2.RUN_STATUS_RUNNING and still.counts.completed_evaluations == 0
