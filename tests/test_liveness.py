@@ -260,6 +260,32 @@ async def test_cancel_while_the_run_is_being_loaded_does_not_stop_execution(
         assert restarts(srv, "claim") == 0 and restarts(srv, "record") == 0
 
 
+async def test_jobs_claimed_just_before_their_run_is_cancelled_never_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim that commits just before a cancel, and is turned into tasks just after it, starts none
+    of the cancelled run's jobs (they used to call the target anyway, holding its slots while it hung)."""
+    async with serving(tmp_path) as srv, Webhook() as hook, tenants(srv, "a") as t:
+        claimed, go_on = asyncio.Event(), asyncio.Event()
+        classify = srv.executor._all_local  # the claim loop's next step after a claim commits
+
+        async def paused(jobs: list[Any]) -> bool:
+            claimed.set()
+            await go_on.wait()
+            return await classify(jobs)
+
+        monkeypatch.setattr(srv.executor, "_all_local", paused)
+        run = (await t["a"].CreateRun(run_request(webhook(hook.url + "/hang"), 5))).run
+        await asyncio.wait_for(claimed.wait(), 10)
+        await t["a"].CancelRun(pb.CancelRunRequest(run_id=run.id))
+        monkeypatch.setattr(srv.executor, "_all_local", classify)
+        go_on.set()
+        after = await create_and_finish(t["a"], run_request(webhook(hook.url + "/fast"), 5), within_s=10)
+        assert after.status == run_pb2.RUN_STATUS_SUCCEEDED
+        assert hook.calls["/hang"] == 0
+        assert srv.outbound.limit_of(hook.url).in_flight == 0 and srv.executor.in_flight() == 0
+
+
 # ------------------------------------------------------------------------------------------ fairness
 
 
@@ -614,10 +640,10 @@ async def test_random_interleaving_of_operations_leaves_every_run_live(tmp_path:
             elif op == "watch":
                 run = rng.choice(runs)
                 watchers.append(Watcher(run, asyncio.create_task(_watch(stubs[run.tenant], run.run_id))))
-            else:  # disconnect: a client goes away mid-stream
-                open_watchers = [w for w in watchers if not w.task.done() and not w.disconnected]
-                if open_watchers:
-                    victim = rng.choice(open_watchers)
+            else:  # disconnect: a client goes away (mid-stream, unless its run already ended)
+                connected = [w for w in watchers if not w.disconnected]  # by history, not timing: replayable
+                if connected:
+                    victim = rng.choice(connected)
                     victim.task.cancel()
                     victim.disconnected = True
             done[op] += 1

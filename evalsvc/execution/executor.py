@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 MAX_LOAD_ATTEMPTS = 3
 # Longest stretch of local jobs executed before the claim loop lets the event loop serve others.
 INLINE_SLICE_S = 0.002
+# How many cancelled runs the executor remembers (see Executor.cancel_run). A claim is turned into
+# tasks within one turn of the claim loop, long before this many further cancels can arrive.
+REMEMBERED_CANCELS = 10_000
 
 
 @dataclass
@@ -115,6 +118,7 @@ class Executor:
         self._workers = Slots(settings.workers)
         self._queued_for_endpoint: dict[str, int] = {}  # run id -> its jobs waiting for an endpoint slot
         self._round_robin = RoundRobin()
+        self._cancelled: dict[str, None] = {}  # runs cancelled through this process, oldest first
         self._open_claims: dict[str, int] = {}
         self._finished: list[FinishedJob] = []
         self._work_available = asyncio.Event()
@@ -186,7 +190,14 @@ class Executor:
         return self.in_flight() - sum(self._queued_for_endpoint.values())
 
     def cancel_run(self, run_id: str) -> None:
-        """Stop this process's work on a cancelled run at once."""
+        """Stop this process's work on a cancelled run at once.
+
+        Its tasks are cancelled, and the run is remembered: a claim that committed just before the
+        cancel may not have started its jobs yet, and they must not start now (the fence would keep
+        their results out, but a call to a hung endpoint would hold its slots until it timed out)."""
+        self._cancelled[run_id] = None
+        while len(self._cancelled) > REMEMBERED_CANCELS:
+            del self._cancelled[next(iter(self._cancelled))]
         for task in list(self._in_flight.get(run_id, ())):
             task.cancel()
         self._forget(run_id)
@@ -372,6 +383,8 @@ class Executor:
                 log.exception("cannot load run %s; its job %d is retried when its lease expires", job.run_id, job.id)
             else:
                 await self._fail_unexecutable(job, exc)
+            return False
+        if job.run_id in self._cancelled:  # claimed just before its run was cancelled
             return False
         item = plan.items[job.item_idx]
         call_guard.set(lambda: self._check_budget(job, plan))
