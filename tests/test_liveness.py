@@ -320,7 +320,7 @@ async def test_a_run_hung_on_its_webhook_delays_no_other_run(tmp_path: Path) -> 
         # Its first claim took 64 jobs (--workers): 8 hold workers in hung calls, the rest queue for the
         # endpoint without one, and the run leases nothing more while they do.
         sample = srv.metrics.registry.get_sample_value
-        assert (sample("evalsvc_jobs_running"), sample("evalsvc_jobs_waiting_for_endpoint")) == (8, 56)
+        assert (sample("evalsvc_jobs_running"), sample("evalsvc_jobs_held_up")) == (8, 56)
         await a.CancelRun(pb.CancelRunRequest(run_id=stuck.id))
 
 
@@ -340,8 +340,37 @@ async def test_a_run_backing_off_from_a_throttling_endpoint_holds_no_workers(tmp
         assert run.status == run_pb2.RUN_STATUS_SUCCEEDED
         run = await create_and_finish(b, run_request(webhook(fast_hook.url + "/fast"), 20), within_s=5.0)
         assert run.status == run_pb2.RUN_STATUS_SUCCEEDED and run.counts.passed == 20
-        assert srv.metrics.registry.get_sample_value("evalsvc_jobs_waiting_for_endpoint") == 16
+        assert srv.metrics.registry.get_sample_value("evalsvc_jobs_held_up") == 16
         await a.CancelRun(pb.CancelRunRequest(run_id=throttled.id))
+
+
+async def test_jobs_waiting_for_a_grading_process_hold_no_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tenant A's big outputs queue for the grading processes; the jobs waiting there give their worker
+    slots back, so tenant B's run does not wait behind them."""
+    async with serving(tmp_path) as srv, tenants(srv, "a", "b") as t:
+        graded, grading_frees_up = asyncio.Event(), asyncio.Event()
+        grade_in_process = srv.executor._grading.grade
+
+        async def busy_grading_process(*args: Any) -> Any:  # as if every grading process were taken
+            graded.set()
+            await grading_frees_up.wait()
+            return await grade_in_process(*args)
+
+        monkeypatch.setattr(srv.executor._grading, "grade", busy_grading_process)
+        big = run_request(recorded(), 100)
+        for item in big.items:  # outputs over 16 KiB are graded in a grading process
+            item.expected_output = item.response.content = item.input + "x" * 20_000
+        waiting = (await t["a"].CreateRun(big)).run
+        await asyncio.wait_for(graded.wait(), 10)
+
+        run = await create_and_finish(t["b"], run_request(echo(), 1), within_s=1.0)
+        assert run.status == run_pb2.RUN_STATUS_SUCCEEDED
+        assert srv.metrics.registry.get_sample_value("evalsvc_jobs_held_up") == 64  # one claim's worth
+        grading_frees_up.set()
+        run = await finish(t["a"], waiting.id, within_s=60)
+        assert run.status == run_pb2.RUN_STATUS_SUCCEEDED and run.counts.passed == 100
 
 
 def test_round_robin_splits_claims_across_tenants_then_runs_taking_turns() -> None:

@@ -10,10 +10,10 @@ only by shutdown) and watched for progress:
   and publishes the committed events to watchers.
 A keeper extends the leases of jobs still in flight.
 
-A job task holds a worker slot (`--workers`) while it works, but not while its endpoint holds it up
-(it queues for a slot of the endpoint's concurrency limit, or backs off before a retry): a run stuck
-behind a slow, hung or throttling endpoint keeps at most that endpoint's limit of workers busy, and
-claims no more jobs while its jobs wait there, so other runs keep theirs.
+A job task holds a worker slot (`--workers`) while it works, but not while a shared resource holds it
+up: its endpoint (it queues for a slot of the endpoint's concurrency limit, or backs off before a
+retry) or a grading process. A run stuck behind a slow, hung or throttling endpoint keeps at most that
+endpoint's limit of workers busy, and claims no more jobs while its jobs wait, so other runs keep theirs.
 
 Cancelling a run cancels its tasks at once; everything a task holds (worker slot, endpoint slot, its
 share of the claim whose lease the keeper renews) is given back in `finally` blocks and context
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -32,6 +33,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import cast
 
@@ -44,6 +46,7 @@ from evalsvc.execution.slots import Hold, Slots
 from evalsvc.execution.targets import PriceTable, Target, TargetError, answers_locally, build_target
 from evalsvc.graders import CompiledGrader, Grade, compile_grader, grader_name, target_error_grade
 from evalsvc.graders.judge import JudgeDefaults, LlmJudgeGrader
+from evalsvc.graders.pool import GradingPool, may_offload, offloads
 from evalsvc.liveness import Progress, Watched, supervise
 from evalsvc.metrics import Metrics
 from evalsvc.store import jobs as job_store
@@ -75,12 +78,17 @@ class RunPlan:
     recorder_view: RunGraders
     max_cost_usd: float | None
     spent_usd: float  # committed spend at load time plus what this process spent since
+    offloads_grading: bool  # some output may be big enough to be graded in a grading process
 
     @property
     def local(self) -> bool:
-        """Whether its jobs run without any I/O (recorded responses, deterministic graders): they
-        never wait, so they need no worker slot and no task of their own."""
-        return answers_locally(self.target) and not any(isinstance(g, LlmJudgeGrader) for g in self.graders)
+        """Whether its jobs run without any I/O (recorded responses, deterministic graders on small
+        outputs): they never wait, so they need no worker slot and no task of their own."""
+        return (
+            answers_locally(self.target)
+            and not self.offloads_grading
+            and not any(isinstance(g, LlmJudgeGrader) for g in self.graders)
+        )
 
 
 class BudgetExceeded(Exception):
@@ -100,8 +108,10 @@ class Executor:
         outbound: Outbound,
         prices: PriceTable,
         judge: JudgeDefaults,
+        grading: GradingPool,
     ) -> None:
         self._db = db
+        self._grading = grading
         self._outbound = outbound
         self._prices = prices
         self._judge = judge
@@ -111,12 +121,12 @@ class Executor:
         self._settings = settings
         self._metrics = metrics or Metrics()
         self._metrics.jobs_running.set_function(self._busy)
-        self._metrics.jobs_waiting_for_endpoint.set_function(lambda: sum(self._queued_for_endpoint.values()))
+        self._metrics.jobs_held_up.set_function(lambda: sum(self._held_up_jobs.values()))
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._plans: dict[str, asyncio.Task[RunPlan]] = {}
         self._in_flight: dict[str, set[asyncio.Task[None]]] = defaultdict(set)
         self._workers = Slots(settings.workers)
-        self._queued_for_endpoint: dict[str, int] = {}  # run id -> its jobs waiting for an endpoint slot
+        self._held_up_jobs: dict[str, int] = {}  # run id -> its jobs waiting on their endpoint or a grading process
         self._round_robin = RoundRobin()
         self._cancelled: dict[str, None] = {}  # runs cancelled through this process, oldest first
         self._open_claims: dict[str, int] = {}
@@ -185,9 +195,8 @@ class Executor:
         return sum(len(tasks) for tasks in self._in_flight.values())
 
     def _busy(self) -> int:
-        """Jobs that hold (or are about to take) a worker slot: in flight, less those that wait for an
-        endpoint slot."""
-        return self.in_flight() - sum(self._queued_for_endpoint.values())
+        """Jobs that hold (or are about to take) a worker slot: in flight, less those held up."""
+        return self.in_flight() - sum(self._held_up_jobs.values())
 
     def cancel_run(self, run_id: str) -> None:
         """Stop this process's work on a cancelled run at once.
@@ -298,8 +307,7 @@ class Executor:
         started = []
         async with self._db.write() as conn:
             runs = await run_store.claimable_runs(conn, now)
-            backlogged = self._queued_for_endpoint
-            quotas = self._round_robin.shares([r for r in runs if r[1] not in backlogged], limit)
+            quotas = self._round_robin.shares([r for r in runs if r[1] not in self._held_up_jobs], limit)
             rows = await job_store.claim(
                 conn,
                 owner=self.owner,
@@ -334,27 +342,29 @@ class Executor:
         queued = False
         try:
             await worker.take()
-            endpoint_wait.set(lambda: self._waiting_for_endpoint(job.run_id, worker))
-            queued = await self._execute(job)
+            held_up = functools.partial(self._held_up, job.run_id, worker)
+            endpoint_wait.set(held_up)
+            queued = await self._execute(job, held_up)
         finally:
             worker.give_back()
             if not queued:
                 self._release_claim_slot(job.claim_id)
 
     @contextlib.asynccontextmanager
-    async def _waiting_for_endpoint(self, run_id: str, worker: Hold) -> AsyncIterator[None]:
-        """While its endpoint holds a job up (it queues for a slot, or backs off before a retry): the job
-        holds no worker slot, and its run is left out of claims."""
-        self._queued_for_endpoint[run_id] = self._queued_for_endpoint.get(run_id, 0) + 1
+    async def _held_up(self, run_id: str, worker: Hold) -> AsyncIterator[None]:
+        """While a job is held up by a shared resource - its endpoint (it queues for a slot, or backs off
+        before a retry) or a grading process (it waits for one, or one grades its output) - it holds no
+        worker slot, and its run is left out of claims."""
+        self._held_up_jobs[run_id] = self._held_up_jobs.get(run_id, 0) + 1
         worker.give_back()
         self._slot_free.set()
         try:
             yield
         finally:
-            remaining = self._queued_for_endpoint.pop(run_id) - 1
+            remaining = self._held_up_jobs.pop(run_id) - 1
             if remaining:
-                self._queued_for_endpoint[run_id] = remaining
-        await worker.take()  # only once the endpoint slot is ours: a cancelled wait takes nothing back
+                self._held_up_jobs[run_id] = remaining
+        await worker.take()  # only once the wait is over: a cancelled wait takes nothing back
 
     def _task_done(self, job: ClaimedJob, task: asyncio.Task[None]) -> None:
         tasks = self._in_flight.get(job.run_id)
@@ -374,8 +384,11 @@ class Executor:
         else:
             self._open_claims.pop(claim_id, None)
 
-    async def _execute(self, job: ClaimedJob) -> bool:
-        """Run the target and graders for a job; True when it was queued for recording."""
+    async def _execute(
+        self, job: ClaimedJob, held_up: Callable[[], AbstractAsyncContextManager[None]] = contextlib.nullcontext
+    ) -> bool:
+        """Run the target and graders for a job; True when it was queued for recording. `held_up` is
+        how the job waits for a grading process (see `_held_up`)."""
         try:
             plan = await self._plan(job.run_id)
         except Exception as exc:
@@ -407,6 +420,9 @@ class Executor:
                     self._check_budget(job, plan)
                     grade = await g.grade_async(item, output)
                     self._spend(plan, grade.cost_usd)
+                elif offloads(g, item, output):  # big output: off the event loop, under a time limit
+                    async with held_up():
+                        grade = await self._grading.grade(plan.tenant, g, item, output)
                 else:
                     grade = g.grade(item, output)
                 self._metrics.graded(g, time.perf_counter() - started)
@@ -480,9 +496,10 @@ class Executor:
                 self._tenant_spent[row["tenant"]] = await run_store.tenant_spend(conn, row["tenant"])
         spec = run_pb2.Run.FromString(row["spec"])
         graders = [self._compile(g) for g in spec.graders]
+        run_items = [item_pb2.Item.FromString(raw) for raw in items]
         return RunPlan(
             tenant=row["tenant"],
-            items=[item_pb2.Item.FromString(raw) for raw in items],
+            items=run_items,
             target=build_target(spec.target, self._outbound, self._prices),
             graders=graders,
             warmup_runs=spec.warmup_runs,
@@ -493,6 +510,7 @@ class Executor:
             ),
             max_cost_usd=spec.max_cost_usd if spec.HasField("max_cost_usd") else None,
             spent_usd=row["cost_usd"],
+            offloads_grading=may_offload([g for g in graders if not isinstance(g, LlmJudgeGrader)], run_items),
         )
 
     def _compile(self, spec: grader_pb2.Grader) -> CompiledGrader | LlmJudgeGrader:
