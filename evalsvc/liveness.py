@@ -8,8 +8,8 @@ supervising task itself ends it.
 
 A loop that is alive can still be stuck (awaiting a lock that never comes, a query that never returns).
 Each watched loop beats a `Progress` on every turn; the `Watchdog` checks, every few seconds, whether a
-loop has been silent for its stall limit while it has work waiting (e.g. claimable jobs for the claim
-loop). Such a loop is logged, counted in `evalsvc_loop_stalls_total{loop}` and flagged in
+loop has been silent for its stall limit since it was found with work waiting (e.g. claimable jobs for
+the claim loop). Such a loop is logged, counted in `evalsvc_loop_stalls_total{loop}` and flagged in
 `evalsvc_loop_stalled{loop}`, and the watchdog reports it so that the server turns its gRPC health
 NOT_SERVING: an orchestrator that probes health restarts the process. When every loop makes progress
 again, health returns to SERVING.
@@ -92,6 +92,9 @@ class Watched:
     has_work: Callable[[], Awaitable[bool]]
     stall_s: float
     stalled: bool = field(default=False, init=False)
+    # When the watchdog first found work waiting for the silent loop, and the loop's last beat then.
+    work_seen_at: float | None = field(default=None, init=False)
+    work_seen_beat: float = field(default=0.0, init=False)
 
 
 class Watchdog:
@@ -139,8 +142,19 @@ class Watchdog:
             await self._on_health(healthy)
 
     async def _is_stalled(self, loop: Watched) -> bool:
-        if loop.progress.quiet_s() <= loop.stall_s:
+        """Whether the loop has made no progress for its stall limit since work was found waiting for it.
+
+        Silence alone is no stall (an idle loop waits quietly), nor is silence that began before the
+        work arrived: a loop idle for a minute that is handed work now gets its full stall limit."""
+        if loop.progress.quiet_s() <= loop.stall_s or not await self._has_work(loop):
+            loop.work_seen_at = None
             return False
+        now = time.monotonic()
+        if loop.work_seen_at is None or loop.work_seen_beat != loop.progress.last:
+            loop.work_seen_at, loop.work_seen_beat = now, loop.progress.last
+        return now - loop.work_seen_at >= loop.stall_s
+
+    async def _has_work(self, loop: Watched) -> bool:
         try:
             # Asking may need the database; one that does not answer is no reason to call the loop fine.
             return await asyncio.wait_for(loop.has_work(), loop.stall_s)
