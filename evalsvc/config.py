@@ -73,6 +73,31 @@ class Settings:
     max_concurrent_streams: int = dataclasses.field(
         default=1000, metadata={"help": "HTTP/2 streams per client connection"}
     )
+    max_connections: int = dataclasses.field(
+        default=1000,
+        metadata={
+            "help": "gRPC client connections at once; past it a new connection is closed at once "
+            "(clients see UNAVAILABLE and reconnect with backoff)"
+        },
+    )
+    max_http_connections: int = dataclasses.field(
+        default=2000,
+        metadata={"help": "REST gateway connections at once; past it a connection gets 503 with Retry-After"},
+    )
+    http_header_timeout_s: float = dataclasses.field(
+        default=30.0,
+        metadata={"help": "seconds an HTTP connection has to send a request's headers, when new and between requests"},
+    )
+    http_keepalive_timeout_s: float = dataclasses.field(
+        default=30.0, metadata={"help": "seconds an idle HTTP keep-alive connection is kept between requests"}
+    )
+    gateway_streams_per_channel: int = dataclasses.field(
+        default=500,
+        metadata={
+            "help": "watches (SSE/NDJSON) the gateway puts on one upstream gRPC connection before it opens "
+            "another (keep below the server's --max-concurrent-streams)"
+        },
+    )
     sqlite_synchronous: str = dataclasses.field(
         default="FULL", metadata={"help": "SQLite synchronous pragma: FULL survives power loss, NORMAL only crashes"}
     )
@@ -93,7 +118,11 @@ class Settings:
         metadata={"help": "on first start with no API key, mint one for tenant 'default' and print it (false in prod)"},
     )
     auth_cache_s: float = dataclasses.field(
-        default=2.0, metadata={"help": "seconds a verified API key is cached; a revocation takes effect within it"}
+        default=2.0,
+        metadata={
+            "help": "seconds a verified API key is cached; a revocation or expiry takes effect within it, "
+            "open watch streams included"
+        },
     )
     max_concurrent_rpcs: int = dataclasses.field(
         default=5000,
@@ -126,7 +155,19 @@ class Settings:
         },
     )
     secrets_file: str = dataclasses.field(
-        default="", metadata={"help": "JSON object file of named secrets for endpoints; EVALSVC_SECRET_<NAME> too"}
+        default="",
+        metadata={
+            "help": 'JSON file {"NAME": {"value": "...", "tenants": ["t1"]}} of operator secrets for endpoints '
+            "(tenants: '*' for all); EVALSVC_SECRET_<NAME> (+ _TENANTS) too; docs/security.md"
+        },
+    )
+    secrets_key: str = dataclasses.field(
+        default="",
+        repr=False,
+        metadata={
+            "help": "AES-256 key (URL-safe base64 of 32 bytes: evalsvc secrets generate-key) sealing tenants' "
+            "own secrets; empty: tenants cannot store secrets. Prefer the variable to the flag"
+        },
     )
     price_table: str = dataclasses.field(
         default="",
@@ -195,9 +236,20 @@ def _coerce(type_name: Any, raw: str) -> Any:
     return raw
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting; unset flags fall back to the environment, then the default."""
+GATEWAY_SETTINGS = (
+    "max_http_connections",
+    "http_header_timeout_s",
+    "http_keepalive_timeout_s",
+    "gateway_streams_per_channel",
+)
+
+
+def add_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    """Add one flag per setting (or per setting in `names`); unset flags fall back to the environment,
+    then the default."""
     for f in fields(Settings):
+        if names is not None and f.name not in names:
+            continue
         parser.add_argument(
             flag_name(f.name),
             dest=f.name,

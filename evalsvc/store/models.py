@@ -94,6 +94,8 @@ class RunRow(SQLModel, table=True):
     last_seq: int = Field(default=0, sa_column=big())
     cost_usd: float = Field(default=0.0, sa_column_kwargs=ZERO)  # target and judge spend so far, for budgets
     delete_time: float | None = None  # soft-deleted (AIP-164): hidden from ListRuns unless show_deleted
+    # Bumped by every change of the row: the run's etag (AIP-154), compared by conditional writes.
+    version: int = Field(default=1, sa_column_kwargs={"server_default": "1"})
 
 
 class RunLabelRow(SQLModel, table=True):
@@ -332,3 +334,14 @@ class CacheEntryRow(SQLModel, table=True):
     cost_usd: float = 0.0  # what producing it cost: what a hit saves
     create_time: float = 0.0
     last_used: float = 0.0
+
+
+class TenantSecretRow(SQLModel, table=True):
+    """A tenant's own secret: its name in clear, its value sealed (AES-GCM, evalsvc.secrets.sealing)."""
+
+    __tablename__ = "tenant_secrets"
+
+    tenant: str = Field(primary_key=True, max_length=64)
+    name: str = Field(primary_key=True, max_length=64)
+    sealed: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    create_time: float
