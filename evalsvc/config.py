@@ -51,6 +51,13 @@ class Settings:
     poll_interval_s: float = dataclasses.field(
         default=1.0, metadata={"help": "seconds between looks for claimable jobs when nothing woke the workers"}
     )
+    stall_s: float = dataclasses.field(
+        default=30.0,
+        metadata={
+            "help": "seconds a loop (claim, record, lease renewal) may make no progress while work waits for it "
+            "before the watchdog logs it and health turns NOT_SERVING"
+        },
+    )
     heartbeat_s: float = dataclasses.field(
         default=10.0, metadata={"help": "seconds of silence after which a WatchRun stream gets a heartbeat"}
     )

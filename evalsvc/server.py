@@ -38,6 +38,7 @@ from evalsvc.gateway.server import Gateway
 from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.graders.pool import GradingPool
 from evalsvc.limits import TenantLimits
+from evalsvc.liveness import Watchdog, supervise
 from evalsvc.metrics import Metrics
 from evalsvc.runs.service import RunService
 from evalsvc.secrets.operator import OperatorSecrets
@@ -119,7 +120,7 @@ class EvalServer:
             grading=self.grading,
         )
         # Other replicas' commits reach this process's watchers through PostgreSQL notifications.
-        self.listener = None if self.db.is_sqlite else EventListener(settings.db, self.bus, self.db)
+        self.listener = None if self.db.is_sqlite else EventListener(settings.db, self.bus, self.db, self.metrics)
         self.limits = TenantLimits(settings)
         self.definitions = DefinitionService(self.db, self.secrets)
         self.runs = RunService(
@@ -142,6 +143,11 @@ class EvalServer:
         self.revoker = StreamRevoker(self.keys, self.bus, settings.auth_cache_s)
         self.bootstrap_key: str | None = None
         self.health = health.aio.HealthServicer()
+        # Checks four times per stall limit, but never more often than every 50 ms nor less than every 5 s.
+        self.watchdog = Watchdog(self.metrics, self._report_progress, check_s=max(0.05, min(5.0, settings.stall_s / 4)))
+        self._watchdog_task: asyncio.Task[None] | None = None
+        self._watchdog_stop = asyncio.Event()
+        self._shutting_down = False
         self.port = 0
         self.metrics_port = 0
         self.gateway: Gateway | None = None
@@ -211,8 +217,13 @@ class EvalServer:
             await self.gateway.start()
         if self.settings.metrics_addr:
             self.metrics_port = await self.metrics.serve(self.settings.metrics_addr)
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        for loop in self.executor.watched_loops():
+            self.watchdog.watch(loop)
+        self._watchdog_task = asyncio.create_task(
+            supervise("watchdog", lambda: self.watchdog.run(self._watchdog_stop), self._watchdog_stop, self.metrics),
+            name="watchdog",
+        )
         host = self.settings.grpc_addr.rsplit(":", 1)[0]
         log.info("evalsvc listening on %s:%d (database %s)", host, self.port, _safe_url(self.settings.db))
         return self.port
@@ -221,6 +232,10 @@ class EvalServer:
         """Graceful shutdown: report NOT_SERVING, end watches with UNAVAILABLE, let unary calls finish
         within the grace period, stop claiming jobs and hand unfinished ones back."""
         grace = self.settings.grace_s if grace is None else grace
+        self._shutting_down = True
+        self._watchdog_stop.set()
+        if self._watchdog_task is not None:
+            await self._watchdog_task
         await self.health.enter_graceful_shutdown()
         if self.gateway is not None:
             await self.gateway.stop()
@@ -235,6 +250,18 @@ class EvalServer:
         await self.outbound.close()
         await self.db.close()
         log.info("evalsvc stopped")
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def _report_progress(self, healthy: bool) -> None:
+        """The watchdog's verdict: a stalled loop makes the whole server NOT_SERVING, so an
+        orchestrator probing health restarts it; SERVING again once every loop makes progress."""
+        if not self._shutting_down:
+            await self._set_health(
+                health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
 
     async def wait_for_termination(self) -> None:
         """Block until the server stops."""
