@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--grpc-ca", default="", help="PEM file to verify the server's TLS certificate; empty: plaintext"
     )
     gateway.add_argument("--dialects", default="all", help="vendor dialects to mount: all, none, or name[=/prefix],...")
+    config.add_flags(gateway, config.GATEWAY_SETTINGS)
     keys = commands.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
         dest="keys_command", required=True
     )
@@ -211,8 +212,16 @@ async def _gateway_command(args: argparse.Namespace) -> int:
     import signal
 
     from evalsvc.gateway.server import Gateway
+    from evalsvc.limits import raise_open_file_limit
 
-    gateway = Gateway(args.grpc_target, args.http_addr, root_certificates=args.grpc_ca, dialects=args.dialects)
+    raise_open_file_limit()
+    gateway = Gateway(
+        args.grpc_target,
+        args.http_addr,
+        root_certificates=args.grpc_ca,
+        dialects=args.dialects,
+        settings=config.from_args(args),
+    )
     try:
         await gateway.start()
     except OSError as exc:
@@ -283,11 +292,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     if args.command == "serve":
         from evalsvc.execution.cache import CacheConfigError
+        from evalsvc.limits import raise_open_file_limit
         from evalsvc.secrets.operator import SecretsConfigError
         from evalsvc.secrets.sealing import SecretsKeyError
         from evalsvc.server import ConfigError, StartupError, serve
         from evalsvc.tls import TlsConfigError
 
+        raise_open_file_limit()
         # One line naming the cause; the traceback only for those who asked for debug output.
         show_traceback = logging.getLogger("evalsvc").isEnabledFor(logging.DEBUG)
         try:

@@ -51,6 +51,13 @@ class Settings:
     poll_interval_s: float = dataclasses.field(
         default=1.0, metadata={"help": "seconds between looks for claimable jobs when nothing woke the workers"}
     )
+    stall_s: float = dataclasses.field(
+        default=30.0,
+        metadata={
+            "help": "seconds a loop (claim, record, lease renewal) may make no progress while work waits for it "
+            "before the watchdog logs it and health turns NOT_SERVING"
+        },
+    )
     heartbeat_s: float = dataclasses.field(
         default=10.0, metadata={"help": "seconds of silence after which a WatchRun stream gets a heartbeat"}
     )
@@ -65,6 +72,31 @@ class Settings:
     )
     max_concurrent_streams: int = dataclasses.field(
         default=1000, metadata={"help": "HTTP/2 streams per client connection"}
+    )
+    max_connections: int = dataclasses.field(
+        default=1000,
+        metadata={
+            "help": "gRPC client connections at once; past it a new connection is closed at once "
+            "(clients see UNAVAILABLE and reconnect with backoff)"
+        },
+    )
+    max_http_connections: int = dataclasses.field(
+        default=2000,
+        metadata={"help": "REST gateway connections at once; past it a connection gets 503 with Retry-After"},
+    )
+    http_header_timeout_s: float = dataclasses.field(
+        default=30.0,
+        metadata={"help": "seconds an HTTP connection has to send a request's headers, when new and between requests"},
+    )
+    http_keepalive_timeout_s: float = dataclasses.field(
+        default=30.0, metadata={"help": "seconds an idle HTTP keep-alive connection is kept between requests"}
+    )
+    gateway_streams_per_channel: int = dataclasses.field(
+        default=500,
+        metadata={
+            "help": "watches (SSE/NDJSON) the gateway puts on one upstream gRPC connection before it opens "
+            "another (keep below the server's --max-concurrent-streams)"
+        },
     )
     sqlite_synchronous: str = dataclasses.field(
         default="FULL", metadata={"help": "SQLite synchronous pragma: FULL survives power loss, NORMAL only crashes"}
@@ -114,6 +146,23 @@ class Settings:
     judge_model: str = dataclasses.field(default="", metadata={"help": "model name of the default LLM judge"})
     judge_api_key: str = dataclasses.field(
         default="", metadata={"help": "API key of the default LLM judge (never logged or returned)"}
+    )
+    generator_model: str = dataclasses.field(
+        default="",
+        metadata={"help": "model that writes dataset items (Aymara prompts, next turns); empty: --judge-model"},
+    )
+    generator_base_url: str = dataclasses.field(
+        default="", metadata={"help": "OpenAI-compatible base URL of --generator-model; empty: --judge-base-url"}
+    )
+    generator_api_key: str = dataclasses.field(
+        default="", metadata={"help": "API key of --generator-base-url; empty: --judge-api-key (never logged)"}
+    )
+    dialect_sync_wait_s: float = dataclasses.field(
+        default=58.0,
+        metadata={
+            "help": "seconds a synchronous dialect route (Agno POST /eval-runs, Aymara score-responses) waits "
+            "for its run before answering as the vendor does for a long evaluation (the vendors' clients wait 60 s)"
+        },
     )
     outbound_allow: str = dataclasses.field(
         default="",
@@ -204,9 +253,20 @@ def _coerce(type_name: Any, raw: str) -> Any:
     return raw
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting; unset flags fall back to the environment, then the default."""
+GATEWAY_SETTINGS = (
+    "max_http_connections",
+    "http_header_timeout_s",
+    "http_keepalive_timeout_s",
+    "gateway_streams_per_channel",
+)
+
+
+def add_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    """Add one flag per setting (or per setting in `names`); unset flags fall back to the environment,
+    then the default."""
     for f in fields(Settings):
+        if names is not None and f.name not in names:
+            continue
         parser.add_argument(
             flag_name(f.name),
             dest=f.name,

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy.exc import ArgumentError
 
 from evalsvc.api.auth import Authenticator
-from evalsvc.api.datasets import DatasetServicer
+from evalsvc.api.datasets import DatasetGenerationServicer, DatasetServicer
 from evalsvc.api.definitions import GraderServicer, TargetServicer
 from evalsvc.api.eval_runs import EvalRunServicer
 from evalsvc.api.interceptor import CallInterceptor
@@ -30,6 +30,7 @@ from evalsvc.api.secrets import SecretServicer
 from evalsvc.auth.revocation import StreamRevoker
 from evalsvc.auth.service import KeyService
 from evalsvc.config import Settings
+from evalsvc.datasets.generation import DatasetGenerations, generator_model
 from evalsvc.datasets.service import DatasetService
 from evalsvc.definitions.service import DefinitionService
 from evalsvc.events.bus import EventBus
@@ -43,6 +44,7 @@ from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.graders.pool import GradingPool
 from evalsvc.ids import PageTokens
 from evalsvc.limits import TenantLimits
+from evalsvc.liveness import Watchdog, supervise
 from evalsvc.metrics import Metrics
 from evalsvc.runs.service import RunService
 from evalsvc.secrets.operator import OperatorSecrets
@@ -51,6 +53,8 @@ from evalsvc.store import migrate, server_keys
 from evalsvc.store.db import Database, sqlite_path, unavailable_cause
 from evalsvc.tls import server_credentials, warn_if_exposed
 from evalsvc.v1 import (
+    dataset_generation_pb2,
+    dataset_generation_pb2_grpc,
     dataset_service_pb2,
     dataset_service_pb2_grpc,
     eval_run_service_pb2,
@@ -72,6 +76,7 @@ LOW_DISK_BYTES = 1 << 20
 SERVICE_NAMES = (
     eval_run_service_pb2.DESCRIPTOR.services_by_name["EvalRunService"].full_name,
     dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name,
+    dataset_generation_pb2.DESCRIPTOR.services_by_name["DatasetGenerationService"].full_name,
     grader_service_pb2.DESCRIPTOR.services_by_name["GraderService"].full_name,
     target_service_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name,
     secret_service_pb2.DESCRIPTOR.services_by_name["SecretService"].full_name,
@@ -87,6 +92,8 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        # Past it a new connection is closed as soon as it is accepted: file descriptors stay bounded.
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
         # Ping idle clients every 30 s so dead watchers are noticed; allow client pings every 10 s.
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
@@ -132,7 +139,7 @@ class EvalServer:
             grading=self.grading,
         )
         # Other replicas' commits reach this process's watchers through PostgreSQL notifications.
-        self.listener = None if self.db.is_sqlite else EventListener(settings.db, self.bus, self.db)
+        self.listener = None if self.db.is_sqlite else EventListener(settings.db, self.bus, self.db, self.metrics)
         self.limits = TenantLimits(settings)
         self.definitions = DefinitionService(self.db, self.secrets, self.outbound.allow, self.page_tokens)
         self.runs = RunService(
@@ -149,10 +156,18 @@ class EvalServer:
             page_tokens=self.page_tokens,
         )
         self.datasets = DatasetService(self.db, self.page_tokens)
+        self.generations = DatasetGenerations(
+            self.db, self.outbound, generator_model(settings), settings.poll_interval_s
+        )
         self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
         self.revoker = StreamRevoker(self.keys, self.bus, settings.auth_cache_s)
         self.bootstrap_key: str | None = None
         self.health = health.aio.HealthServicer()
+        # Checks four times per stall limit, but never more often than every 50 ms nor less than every 5 s.
+        self.watchdog = Watchdog(self.metrics, self._report_progress, check_s=max(0.05, min(5.0, settings.stall_s / 4)))
+        self._watchdog_task: asyncio.Task[None] | None = None
+        self._watchdog_stop = asyncio.Event()
+        self._shutting_down = False
         self.port = 0
         self.metrics_port = 0
         self.gateway: Gateway | None = None
@@ -208,7 +223,7 @@ class EvalServer:
                 self.settings.http_addr,
                 root_certificates=self.settings.tls_cert if credentials is not None else "",
                 dialects=self.settings.dialects,
-                max_body_bytes=self.settings.max_message_bytes,
+                settings=self.settings,
             )
             await _listen("HTTP", self.settings.http_addr, self.gateway.start())
             stack.push_async_callback(self.gateway.stop)
@@ -219,6 +234,8 @@ class EvalServer:
         async with self._database_step():
             await self.executor.start()
         stack.push_async_callback(self.executor.stop)
+        await self.generations.start()
+        stack.push_async_callback(self.generations.stop)
         if self.listener is not None:
             self.listener.start()
             stack.push_async_callback(self.listener.stop)
@@ -230,9 +247,15 @@ class EvalServer:
         if self.settings.bootstrap_key:
             async with self._database_step():
                 self.bootstrap_key = await self.keys.bootstrap()
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         stack.push_async_callback(self.health.enter_graceful_shutdown)
+        for loop in self.executor.watched_loops():
+            self.watchdog.watch(loop)
+        self._watchdog_task = asyncio.create_task(
+            supervise("watchdog", lambda: self.watchdog.run(self._watchdog_stop), self._watchdog_stop, self.metrics),
+            name="watchdog",
+        )
+        stack.push_async_callback(self._stop_watchdog)
         host = self.settings.grpc_addr.rsplit(":", 1)[0]
         log.info("evalsvc listening on %s:%d (database %s)", host, self.port, _safe_url(self.settings.db))
 
@@ -247,6 +270,9 @@ class EvalServer:
             EvalRunServicer(self.runs, self.db, self.bus, self.settings, self.limits, self.page_tokens), server
         )
         dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(DatasetServicer(self.datasets), server)
+        dataset_generation_pb2_grpc.add_DatasetGenerationServiceServicer_to_server(
+            DatasetGenerationServicer(self.generations), server
+        )
         grader_service_pb2_grpc.add_GraderServiceServicer_to_server(GraderServicer(self.definitions), server)
         target_service_pb2_grpc.add_TargetServiceServicer_to_server(TargetServicer(self.definitions), server)
         secret_service_pb2_grpc.add_SecretServiceServicer_to_server(SecretServicer(self.secrets), server)
@@ -268,6 +294,13 @@ class EvalServer:
                 raise
             raise StartupError(f"cannot use the database {_database_where(self.settings.db)}: {cause}") from exc
 
+    async def _stop_watchdog(self) -> None:
+        """From here on health stays NOT_SERVING, whatever the watchdog would say."""
+        self._shutting_down = True
+        self._watchdog_stop.set()
+        if self._watchdog_task is not None:
+            await self._watchdog_task
+
     async def _stop_grpc(self) -> None:
         """Stop taking calls; unary calls in progress get the grace period to finish."""
         if self._server is not None:
@@ -280,6 +313,18 @@ class EvalServer:
         self._grace = self.settings.grace_s if grace is None else grace
         await self._stack.aclose()
         log.info("evalsvc stopped")
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def _report_progress(self, healthy: bool) -> None:
+        """The watchdog's verdict: a stalled loop makes the whole server NOT_SERVING, so an
+        orchestrator probing health restarts it; SERVING again once every loop makes progress."""
+        if not self._shutting_down:
+            await self._set_health(
+                health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
 
     async def wait_for_termination(self) -> None:
         """Block until the server stops."""

@@ -14,8 +14,11 @@ from typing import Any
 
 import httpx
 import pytest
+from google.protobuf.field_mask_pb2 import FieldMask
 
 from evalsvc.server import EvalServer
+from evalsvc.v1 import eval_run_service_pb2 as runs_pb
+from evalsvc.v1 import run_pb2
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, Reply, judge_reply
 from tests.helpers import serving_gateway
@@ -321,14 +324,19 @@ class Env:
     async def run(self, **fields: Any) -> dict[str, Any]:
         return check_run(await self.ok("POST", "/v1/evals/runs", {"call_ids": CALL_IDS, **fields}))
 
-    async def finished(self, run_id: str) -> dict[str, Any]:
-        """The run once it ended: the native NDJSON watch ends after the run's terminal event."""
+    async def ended(self, run_id: str) -> None:
+        """Wait for the run's end without reading it through Bland (which caches its summary): the
+        native NDJSON watch ends after the run's terminal event."""
         headers = {"accept": "application/x-ndjson", "authorization": f"Bearer {self.key}"}
         last = None
         async with self.http.stream("GET", f"/v1/runs/{run_id}:watch", headers=headers) as stream:
             async for line in stream.aiter_lines():
                 last = json.loads(line)["result"] if line else last
         assert last is not None and last["run"]["status"] != "RUN_STATUS_RUNNING", last
+
+    async def finished(self, run_id: str) -> dict[str, Any]:
+        """The run once it ended, as Bland shows it."""
+        await self.ended(run_id)
         return check_run(await self.ok("GET", f"/v1/evals/runs/{run_id}"))
 
 
@@ -516,6 +524,34 @@ async def test_errored_verdicts_make_a_run_partial_or_failed(env: Env) -> None:
     assert failed["summary"]["overall_score_mean"] is None and not failed["summary"]["overall_pass"]
 
 
+async def test_caching_the_summary_never_undoes_a_clients_annotation(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first GET of an ended run computes its summary from the results and keeps it in the run's
+    annotations. A client's UpdateRun of the annotations that lands meanwhile (after the GET read the run,
+    before it wrote the summary) must survive: the GET writes only its own key."""
+    resolution = (await env.agent(RESOLUTION))["agent"]["id"]
+    env.judge.script = [level("pass"), level("fail")]
+    run_id = (await env.run(attached_agents=[{"eval_agent_id": resolution}]))["id"]
+    await env.ended(run_id)
+    list_results = env.srv.runs.list_results
+    client_wrote: list[run_pb2.Run] = []
+
+    async def client_updates_meanwhile(tenant: str, request: runs_pb.ListRunResultsRequest) -> Any:
+        if not client_wrote:  # the summary reads the results between its read and its write of the run
+            current = await env.srv.runs.get(tenant, run_id)
+            noted = run_pb2.Run(annotations={**current.annotations, "client.note": "kept"})
+            update = runs_pb.UpdateRunRequest(run_id=run_id, run=noted, update_mask=FieldMask(paths=["annotations"]))
+            client_wrote.append(await env.srv.runs.update(tenant, update))
+        return await list_results(tenant, request)
+
+    monkeypatch.setattr(env.srv.runs, "list_results", client_updates_meanwhile)
+    run = check_run(await env.ok("GET", f"/v1/evals/runs/{run_id}"))
+    assert client_wrote and run["summary"]["successful_call_count"] == 2
+    stored = await env.srv.runs.get("default", run_id)
+    assert stored.annotations["client.note"] == "kept" and "bland.summary" in stored.annotations
+    monkeypatch.undo()
+    assert check_run(await env.ok("GET", f"/v1/evals/runs/{run_id}")) == run  # served from the kept summary
+
+
 async def test_cancel_and_list_pagination(env: Env) -> None:
     agent = (await env.agent(EMPATHY))["agent"]["id"]
     await env.srv.executor.stop()  # runs stay PENDING
@@ -689,6 +725,58 @@ async def test_calls_extension_keeps_every_field_and_refuses_bad_calls(env: Env)
     silent = await env.http.post("/v1/evals/calls", json={"calls": [{"call_id": "c3", "transcripts": []}]})
     check_error(silent, 400, "INVALID_REQUEST")
     assert [c["call_id"] for c in (await env.ok("GET", "/v1/evals/calls"))["data"]] == CALL_IDS
+
+
+# Bland's call details (docs.bland.ai GET /v1/calls/{call_id}), as a user copies them from Bland's API.
+CALL_DETAILS: dict[str, Any] = {
+    "call_id": "12345678-1234-1234-1234-123456789012",
+    "call_length": 0.75,
+    "batch_id": None,
+    "to": "+12223334444",
+    "from": "+17163511654",
+    "request_data": {"phone_number": "+12223334444", "wait": True, "language": "ENG"},
+    "completed": True,
+    "created_at": "2024-04-27T23:51:18.025251+00:00",
+    "inbound": False,
+    "queue_status": "completed",
+    "endpoint_url": "api.prod.bland.ai",
+    "max_duration": 30,
+    "error_message": None,
+    "variables": {"now": "Sat Apr 27 2024 18:51:25 GMT-0500", "input": {"date": "2024-04-28", "rooms": 3}},
+    "answered_by": "human",
+    "record": False,
+    "recording_url": None,
+    "c_id": "12345678-1234-1234-1234-123456789012",
+    "metadata": {},
+    "summary": "The call was a conversation between a hotel booking service and a guest.",
+    "price": 0.0675,
+    "started_at": "2024-04-27T23:51:18.025251+00:00",
+    "call_ended_by": "ASSISTANT",
+    "concatenated_transcript": "assistant: Hello, how can I help?\nuser: Book three rooms for tomorrow.",
+    "transcripts": [
+        {"id": 1, "created_at": "2024-04-27T23:51:19+00:00", "text": "Hello, how can I help?", "user": "assistant"},
+        {"id": 2, "created_at": "2024-04-27T23:51:23+00:00", "text": "Book three rooms for tomorrow.", "user": "user"},
+    ],
+    "status": "completed",
+    "corrected_duration": "45",
+    "end_at": "2024-04-27T23:52:03.000Z",
+}
+
+
+async def test_calls_are_taken_as_blands_call_details_unchanged(env: Env) -> None:
+    """One call's details as the body, or several under `calls`; a numeric call_id is its decimal text."""
+    added = await env.ok("POST", "/v1/evals/calls", CALL_DETAILS)
+    assert added == {"call_ids": [CALL_DETAILS["call_id"]], "total_call_count": 3}
+    numbered = {**CALL_DETAILS, "call_id": 987654321}
+    assert (await env.ok("POST", "/v1/evals/calls", {"calls": [numbered]}))["call_ids"] == ["987654321"]
+    stored = (await env.ok("GET", "/v1/evals/calls", starting_after=CALL_IDS[1]))["data"]
+    assert stored == [CALL_DETAILS, {**CALL_DETAILS, "call_id": "987654321"}]  # every field, as it came
+    agent = (await env.agent(EMPATHY))["agent"]["id"]
+    run = await env.run(call_ids=[CALL_DETAILS["call_id"]], attached_agents=[{"eval_agent_id": agent}])
+    done = await env.finished(run["id"])
+    assert done["status"] == "COMPLETE" and done["resolved_call_count"] == 1
+    [verdict] = env.judge.seen  # the judge read the call's own concatenated transcript
+    assert CALL_DETAILS["concatenated_transcript"] in verdict.body["messages"][-1]["content"]
 
 
 async def test_openapi_documents_the_bland_routes_and_shapes(env: Env) -> None:

@@ -94,6 +94,8 @@ class RunRow(SQLModel, table=True):
     last_seq: int = Field(default=0, sa_column=big())
     cost_usd: float = Field(default=0.0, sa_column_kwargs=ZERO)  # target and judge spend so far, for budgets
     delete_time: float | None = None  # soft-deleted (AIP-164): hidden from ListRuns unless show_deleted
+    # Bumped by every change of the row: the run's etag (AIP-154), compared by conditional writes.
+    version: int = Field(default=1, sa_column_kwargs={"server_default": "1"})
 
 
 class RunLabelRow(SQLModel, table=True):
@@ -241,6 +243,26 @@ class DatasetItemRow(SQLModel, table=True):
     item_id: str = Field(max_length=128)
     tenant: str = Field(max_length=64)
     item: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class DatasetGenerationRow(SQLModel, table=True):
+    """Items the generator model is asked to write into a dataset; one per dataset, leased while a
+    process works on it so a restart (or another replica) resumes it."""
+
+    __tablename__ = "dataset_generations"
+    __table_args__ = (Index("ix_dataset_generations_state", "state", "create_time"),)
+
+    dataset_id: str = Field(primary_key=True, max_length=40)
+    tenant: str = Field(max_length=64)
+    state: int = 1  # DatasetGeneration.State
+    item_count: int = 0
+    generated_count: int = 0
+    instructions: str = ""
+    error: str = ""
+    claim_id: str | None = Field(default=None, max_length=40)
+    lease_expiry: float | None = None
+    create_time: float = 0.0
+    update_time: float = 0.0
 
 
 class ApiKeyRow(SQLModel, table=True):
