@@ -1,6 +1,6 @@
 """Create a run over the generated stubs and watch it to the end.
 
-python examples/quickstart.py [HOST:PORT]
+EVALSVC_API_KEY=evk_... python examples/quickstart.py [HOST:PORT]
 """
 
 from __future__ import annotations
@@ -59,4 +59,10 @@ async def main(target: str, api_key: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051", os.environ["EVALSVC_API_KEY"])))
+    api_key = os.environ.get("EVALSVC_API_KEY", "")
+    if not api_key:
+        sys.exit(
+            "quickstart: set EVALSVC_API_KEY to an API key: the one `make run` printed at its first start, or a new one"
+            " from `.venv/bin/evalsvc keys create --tenant default`"
+        )
+    sys.exit(asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051", api_key)))

@@ -106,7 +106,9 @@ def test_run_jsonl_dataset_fail_under_and_exports(live: tuple[ServerProcess, str
     assert table.returncode == 0 and run["id"] in table.stdout
     watched = evalctl(live, "watch", run["id"], "--json", "--after-seq", str(int(run["last_seq"]) - 2))
     events = [json.loads(line) for line in watched.stdout.splitlines()]
-    assert watched.returncode == 0 and [int(e["seq"]) for e in events] == [
+    # No --fail-under and no pass_threshold: every evaluation had to pass, and 45/50 did: one verdict, exit 1.
+    assert "FAILED: pass rate 90.0% is below 100%" in watched.stderr
+    assert watched.returncode == 1 and [int(e["seq"]) for e in events] == [
         int(run["last_seq"]) - 1,
         int(run["last_seq"]),
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import random
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -146,10 +147,25 @@ def to_target(target: TargetLike) -> pb.Target:
     if isinstance(target, pb.Target):
         return target
     if isinstance(target, str):
-        if target not in ("provided", "echo"):
-            raise ValueError(f"unknown target kind {target!r}: expected 'provided' or 'echo'")
-        return json_format.ParseDict({target: {}}, pb.Target())
+        return json_format.ParseDict({_target_kind_name(target): {}}, pb.Target())
     return json_format.ParseDict(dict(target), pb.Target())
+
+
+def _target_kind_name(kind: str) -> str:
+    """A target kind that needs no settings (provided, echo), or a ValueError saying how to write the others."""
+    kinds = pb.Target.DESCRIPTOR.oneofs_by_name["kind"].fields
+    bare = [f.name for f in kinds if f.message_type is not None and not f.message_type.fields]
+    if kind in bare:
+        return kind
+    configured = [f.name for f in kinds if f.name not in bare]
+    if kind in configured:
+        raise ValueError(f"target kind {kind!r} needs settings: write it as {{{kind}: {{...}}}} (docs/spec.md)")
+    found = difflib.get_close_matches(kind, [f.name for f in kinds], n=1)
+    hint = f"did you mean {found[0]!r}? " if found else ""
+    raise ValueError(
+        f"unknown target kind {kind!r}: {hint}a target is {' or '.join(bare)} by name, or a mapping with one of"
+        f" {', '.join(configured)} ({{chat: {{endpoint: {{base_url: ...}}, model: ...}}}}; docs/spec.md)"
+    )
 
 
 def to_grader(grader: GraderLike) -> pb.Grader:
