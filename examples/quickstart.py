@@ -65,4 +65,12 @@ if __name__ == "__main__":
             "quickstart: set EVALSVC_API_KEY to an API key: the one `make run` printed at its first start, or a new one"
             " from `.venv/bin/evalsvc keys create --tenant default`"
         )
-    sys.exit(asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051", api_key)))
+    target = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051"
+    try:
+        sys.exit(asyncio.run(main(target, api_key)))
+    except grpc.aio.AioRpcError as error:
+        hint = {
+            grpc.StatusCode.UNAVAILABLE: f"is the server running at {target}? `make run` starts one",
+            grpc.StatusCode.UNAUTHENTICATED: "check EVALSVC_API_KEY",
+        }.get(error.code(), "")
+        sys.exit(f"quickstart: {error.code().name}: {error.details()}" + (f"; {hint}" if hint else ""))

@@ -197,3 +197,17 @@ def test_quickstart_without_a_key_says_how_to_get_one() -> None:
     )
     assert ran.returncode != 0 and "Traceback" not in ran.stderr
     assert "set EVALSVC_API_KEY" in ran.stderr and "evalsvc keys create --tenant default" in ran.stderr
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{unused.getsockname()[1]}"
+        down = subprocess.run(
+            [sys.executable, str(EXAMPLES / "quickstart.py"), address],
+            env={**env, "EVALSVC_API_KEY": "evk_x"},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert down.returncode != 0 and "Traceback" not in down.stderr
+    assert f"is the server running at {address}? `make run` starts one" in down.stderr
