@@ -83,14 +83,14 @@ def test_readme_first_run_with_examples_spec(live: tuple[ServerProcess, str], tm
     assert first.returncode == 0, first.stderr
     summary = [line for line in first.stderr.splitlines() if line.startswith("run run_")]
     assert len(summary) == 1 and len(summary[0]) > 80, first.stderr  # one whole line: no wrapping at 80 columns
-    assert "SUCCEEDED: 16/16 evaluations, pass rate 81.2%, 0 errors" in summary[0]
-    assert "PASSED: pass rate 81.2% reaches --fail-under 60%" in first.stderr
+    assert "SUCCEEDED: 16/16 evaluations, pass rate 81.3%, 0 errors" in summary[0]
+    assert "PASSED: pass rate 81.3% reaches --fail-under 60%" in first.stderr
 
     # Without --fail-under the spec's pass_threshold (75) decides; with one, it replaces the threshold.
     own = evalctl(live, "run", "examples/spec.yaml")
-    assert own.returncode == 0 and "PASSED: pass rate 81.2% reaches the run's pass_threshold 75%" in own.stderr
+    assert own.returncode == 0 and "PASSED: pass rate 81.3% reaches the run's pass_threshold 75%" in own.stderr
     below = evalctl(live, "run", "examples/spec.yaml", "--fail-under", "90")
-    assert below.returncode == 1 and "FAILED: pass rate 81.2% is below --fail-under 90%" in below.stderr
+    assert below.returncode == 1 and "FAILED: pass rate 81.3% is below --fail-under 90%" in below.stderr
 
     run_id = summary[0].split()[1]
     report = tmp_path / "report.html"
@@ -105,7 +105,7 @@ def test_readme_first_run_with_examples_spec(live: tuple[ServerProcess, str], tm
     assert "Failing results (3)" in failing
     for item, grader in (("capital-es", "exact"), ("math-sub", "exact"), ("capital-pe", "fast")):
         assert re.search(rf"<td>{item}</td><td class='num'>\d+</td><td>{grader}</td>", failing)
-    assert "Barcelona" in failing and "81.2%" in page
+    assert "Barcelona" in failing and "81.3%" in page
 
 
 def test_webhook_agent_example_with_the_example_agent(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
@@ -143,8 +143,8 @@ def test_chat_judge_example_on_openai_compatible_stand_ins(live: tuple[ServerPro
         (tmp_path / "chat-judge.yaml").write_text(yaml.safe_dump(spec))
         ran = evalctl(live, "run", str(tmp_path / "chat-judge.yaml"))
     assert ran.returncode == 1, ran.stderr
-    assert "SUCCEEDED: 16/16 evaluations, pass rate 56.2%" in ran.stderr
-    assert "FAILED: pass rate 56.2% is below the run's pass_threshold 70%" in ran.stderr
+    assert "SUCCEEDED: 16/16 evaluations, pass rate 56.3%" in ran.stderr
+    assert "FAILED: pass rate 56.3% is below the run's pass_threshold 70%" in ran.stderr
     asked: dict[str, Any] = model.seen[0].body
     assert asked["model"] == "llama3.1" and asked["messages"][0]["role"] == "system" and asked["temperature"] == 0
     assert len(model.seen) == 8 and len(judge.seen) == 8 and judge.seen[0].body["model"] == "llama3.1"

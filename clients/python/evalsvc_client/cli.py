@@ -34,7 +34,7 @@ from evalsvc_client import pb
 from evalsvc_client._common import TLSOptions
 from evalsvc_client.errors import EvalError
 from evalsvc_client.export import to_dict, write_jsonl, write_junit
-from evalsvc_client.report import render_html
+from evalsvc_client.report import format_rate, render_html
 from evalsvc_client.spec import SpecError, load_spec
 from evalsvc_client.sync import EvalClient
 
@@ -131,14 +131,10 @@ def _summary(console: Console, run: pb.Run) -> None:
     rate = pass_rate_percent(counts)
     console.print(
         f"run {run.id} {_status(run.status)}: {counts.completed_evaluations}/{counts.total_evaluations}"
-        f" evaluations, pass rate {_rate(rate)}, {counts.errored} errors,"
+        f" evaluations, pass rate {format_rate(rate)}, {counts.errored} errors,"
         f" cost ${run.aggregate.total_cost_usd:.4f}"
         + (f" ({run.error.code}: {run.error.message})" if run.HasField("error") else "")
     )
-
-
-def _rate(rate: float | None) -> str:
-    return "-" if rate is None else f"{rate:.1f}%"
 
 
 def _follow(client: EvalClient, run_id: str, after_seq: int, args: argparse.Namespace, console: Console) -> pb.Run:
@@ -167,7 +163,7 @@ def _verdict(run: pb.Run, fail_under: float | None, console: Console) -> int:
         passed = rate is not None and rate >= fail_under
         relation = "reaches" if passed else "is below"
         console.print(
-            f"{'PASSED' if passed else 'FAILED'}: pass rate {_rate(rate)} {relation} --fail-under {fail_under:g}%"
+            f"{'PASSED' if passed else 'FAILED'}: pass rate {format_rate(rate)} {relation} --fail-under {fail_under:g}%"
         )
         return EXIT_OK if passed else EXIT_BELOW
     if not run.HasField("overall_passed"):
@@ -177,7 +173,7 @@ def _verdict(run: pb.Run, fail_under: float | None, console: Console) -> int:
     else:
         bar = "100% (the run has no pass_threshold: every evaluation must pass; --fail-under PCT sets another bar)"
     relation = "reaches" if run.overall_passed else "is below"
-    console.print(f"{'PASSED' if run.overall_passed else 'FAILED'}: pass rate {_rate(rate)} {relation} {bar}")
+    console.print(f"{'PASSED' if run.overall_passed else 'FAILED'}: pass rate {format_rate(rate)} {relation} {bar}")
     return EXIT_OK if run.overall_passed else EXIT_BELOW
 
 
@@ -252,7 +248,7 @@ def cmd_report(args: argparse.Namespace, client: EvalClient, console: Console) -
     page = render_html(run, _results(client, run.id, None))
     Path(args.html).write_text(page, encoding="utf-8")
     console.print(
-        f"wrote {args.html}: {_status(run.status)} run {run.id}, pass rate {_rate(pass_rate_percent(run.counts))}"
+        f"wrote {args.html}: {_status(run.status)} run {run.id}, pass rate {format_rate(pass_rate_percent(run.counts))}"
     )
     return EXIT_OK
 
@@ -281,7 +277,7 @@ def cmd_list(args: argparse.Namespace, client: EvalClient, console: Console) -> 
             run.display_name,
             _status(run.status),
             f"{run.counts.completed_evaluations}/{run.counts.total_evaluations}",
-            _rate(rate),
+            format_rate(rate),
             run.create_time.ToDatetime().isoformat(timespec="seconds") + "Z",
         )
     _console().print(table)  # the listing is the output: stdout, unlike progress and messages

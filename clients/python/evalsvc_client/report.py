@@ -8,6 +8,7 @@ latency per evaluated output, and the failing (and erroring) results with their 
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -70,9 +71,14 @@ class _Tally:
     scores: list[float] = field(default_factory=list)
 
 
+def format_rate(rate: float | None) -> str:
+    """A pass rate in percent to one decimal, halves rounded up as the run pages do (81.25 -> 81.3%); - for none."""
+    return "-" if rate is None else f"{math.floor(rate * 10 + 0.5) / 10:.1f}%"
+
+
 def _percent(passed: int, failed: int) -> str:
     graded = passed + failed
-    return "\u2013" if not graded else f"{100.0 * passed / graded:.1f}%"
+    return format_rate(100.0 * passed / graded if graded else None)
 
 
 def _status(run: pb.Run) -> str:

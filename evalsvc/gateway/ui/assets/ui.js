@@ -99,7 +99,7 @@ function stateName(state) {
 function percent(passed, failed) {
   const graded = passed + failed;
   if (!graded) return "–";
-  const value = (100 * passed) / graded;
+  const value = Math.floor((1000 * passed) / graded + 0.5) / 10; // one decimal, halves up (evalctl does the same)
   return Number.isInteger(value) ? `${value}%` : `${value.toFixed(1)}%`;
 }
 
@@ -465,4 +465,10 @@ document.addEventListener("DOMContentLoaded", () => {
   setUpKeyControls(start);
   if (apiKey()) start();
   else showKeyForm("");
+  // A #key= fragment typed into the address bar of an open page changes only the fragment: no new load.
+  window.addEventListener("hashchange", () => {
+    if (!new URLSearchParams(location.hash.slice(1)).has("key")) return;
+    takeKeyFromFragment();
+    location.reload();
+  });
 });
