@@ -254,10 +254,10 @@ def _dataset_rows(path: Path) -> list[tuple[str, Any]]:
             return [(f"{name}:{n}: ", _csv_row(row)) for n, row in enumerate(csv.DictReader(handle), start=2)]
     if suffix in (".yaml", ".yml", ".json"):
         data = _load_structured(path)
-        rows = data.get("items") if isinstance(data, Mapping) else data
-        if not isinstance(rows, list):
+        listed = data.get("items") if isinstance(data, Mapping) else data
+        if not isinstance(listed, list):
             raise SpecError(str(path), [SpecProblem("", "expected a list of items (or a mapping with `items`)")])
-        return [(f"{name} items[{n}]: ", row) for n, row in enumerate(rows)]
+        return [(f"{name} items[{n}]: ", row) for n, row in enumerate(listed)]
     raise SpecError(
         str(path), [SpecProblem("", f"unknown dataset format {suffix!r}: use .jsonl, .csv, .yaml or .json")]
     )
