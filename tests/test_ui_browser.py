@@ -186,7 +186,8 @@ async def test_run_page_resumes_after_the_stream_drops_and_keys_are_typed_once(
     gateway_server: EvalServer, target: GatedTarget, browser: Any
 ) -> None:
     """The first watch connection ends after three events; the page reconnects with Last-Event-ID and shows every
-    result once. The key typed into the form is kept for the tab, so the runs list opens without asking again."""
+    result once. A refused key brings the form back; the key typed into it is kept for the tab, so the runs list
+    opens without asking again."""
     target.release(6)
     items = [{"id": f"q{i}", "input": f"question {i}", "expectedOutput": f"answer to question {i}"} for i in range(6)]
     run = await _create_run(
@@ -212,6 +213,12 @@ async def test_run_page_resumes_after_the_stream_drops_and_keys_are_typed_once(
 
     await page.route("**/*:watch", cut_first_stream)
     await page.goto(f"http://127.0.0.1:{gateway_server.gateway.port}/ui/runs/{run['id']}")
+    await page.locator("#key-input").fill("evk_wrong_key")
+    await page.locator("#key-form button").click()
+    refused = page.locator("#key-error")
+    await refused.wait_for(timeout=STEP_TIMEOUT_MS)
+    assert (await refused.text_content() or "").startswith("The key was refused")
+    assert watch_requests == []  # nothing is watched without a valid key
     await page.locator("#key-input").fill(str(gateway_server.bootstrap_key))
     await page.locator("#key-form button").click()
 

@@ -24,6 +24,25 @@ function apiKey() {
   return sessionStorage.getItem(KEY_STORAGE) || "";
 }
 
+// The key form, the same on every page.
+function buildKeyPanel() {
+  const input = element("input", { id: "key-input", type: "password", placeholder: "evk_...", spellcheck: "false", required: "" });
+  $("key-panel").replaceChildren(
+    element("h1", { text: "API key" }),
+    element(
+      "p",
+      {},
+      "These pages show your tenant's runs. Paste an API key (",
+      element("code", { text: "evk_..." }),
+      "): it stays in this tab only and is sent to this server as a header. ",
+      element("code", { text: "evalsvc keys create --tenant NAME" }),
+      " makes one.",
+    ),
+    element("form", { id: "key-form", autocomplete: "off" }, input, element("button", { type: "submit", text: "Open" })),
+    element("p", { class: "error", id: "key-error", hidden: "" }),
+  );
+}
+
 function showKeyForm(message) {
   $("content").hidden = true;
   $("forget-key").hidden = true;
@@ -34,6 +53,7 @@ function showKeyForm(message) {
 }
 
 function setUpKeyControls(start) {
+  buildKeyPanel();
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const key = $("key-input").value.trim();
