@@ -170,3 +170,15 @@ def test_short_forms_expand_to_the_request_the_server_gets() -> None:
     assert request.items[0].expected_output == "42" and request.items[0].response.content == "42"
     assert request.target.chat.HasField("temperature") and request.trigger == pb.run.TRIGGER_BACKFILL
     assert request.request_id  # a fresh idempotency key per spec load
+
+
+def test_the_sdk_checks_mappings_as_specs_are() -> None:
+    from evalsvc_client._common import to_grader, to_item, to_target
+
+    with pytest.raises(ValueError, match=r"grader: exact_mach: unknown key; did you mean 'exact_match'\?"):
+        to_grader({"name": "e", "exact_mach": {}})
+    with pytest.raises(ValueError, match=r"target: chat.modle: unknown key; did you mean 'model'\?"):
+        to_target({"chat": {"modle": "m"}})
+    assert to_grader({"llm_judge": {"mode": "accuracy"}}).llm_judge.mode == pb.grader.LlmJudge.MODE_ACCURACY
+    assert to_grader({"llmJudge": {"mode": 2}}).llm_judge.mode == pb.grader.LlmJudge.MODE_CRITERIA
+    assert to_item({"input": "x", "response": {"promptTokens": "12"}}).response.prompt_tokens == 12

@@ -148,7 +148,9 @@ def to_target(target: TargetLike) -> pb.Target:
         return target
     if isinstance(target, str):
         return json_format.ParseDict({_target_kind_name(target): {}}, pb.Target())
-    return json_format.ParseDict(dict(target), pb.Target())
+    from evalsvc_client.spec import parse_message  # the spec checker builds on this module
+
+    return parse_message(target, pb.Target, "target")
 
 
 def _target_kind_name(kind: str) -> str:
@@ -169,13 +171,18 @@ def _target_kind_name(kind: str) -> str:
 
 
 def to_grader(grader: GraderLike) -> pb.Grader:
-    """A Grader from a message or a proto-JSON mapping ({"name": "exact", "exact_match": {}})."""
-    return grader if isinstance(grader, pb.Grader) else json_format.ParseDict(dict(grader), pb.Grader())
+    """A Grader from a message or a proto-JSON mapping ({"name": "exact", "exact_match": {}}), checked as specs are:
+    a ValueError names each unknown key with the closest valid one, and each bad enum value with the valid ones."""
+    from evalsvc_client.spec import parse_message
+
+    return grader if isinstance(grader, pb.Grader) else parse_message(grader, pb.Grader, "grader")
 
 
 def to_item(item: ItemLike) -> pb.Item:
-    """An Item from a message or a proto-JSON mapping ({"input": ..., "expected_output": ...})."""
-    return item if isinstance(item, pb.Item) else json_format.ParseDict(dict(item), pb.Item())
+    """An Item from a message or a proto-JSON mapping ({"input": ..., "expected_output": ...}), checked as specs are."""
+    from evalsvc_client.spec import parse_message
+
+    return item if isinstance(item, pb.Item) else parse_message(item, pb.Item, "item")
 
 
 def create_run_request(

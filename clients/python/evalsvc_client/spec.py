@@ -27,15 +27,17 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.message import Message
 
 from evalsvc_client import pb
 from evalsvc_client._common import new_request_id, to_target
 
+M = TypeVar("M", bound=Message)
 _ITEM_FIELDS = {"id", "input", "expected_output", "context", "response"}
 #: Spec keys that are not CreateRunRequest fields.
 DATASET_KEY = "dataset"
@@ -179,10 +181,10 @@ class _Checker:
         if field.type == FieldDescriptor.TYPE_BOOL:
             ok = isinstance(value, bool)
         elif field.type in _INTEGER_TYPES:
-            ok = number and float(value).is_integer()
-            value = int(value) if ok else value
+            ok = (number and float(value).is_integer()) or (isinstance(value, str) and _is_integer(value))
+            value = int(value) if ok else value  # proto3 JSON writes 64-bit integers as strings
         elif field.type in _FLOAT_TYPES:
-            ok = number
+            ok = number or (isinstance(value, str) and _is_float(value))
         else:
             ok = isinstance(value, str) or number  # YAML reads `expected_output: 4` as a number
             value = str(value) if number else value
@@ -192,6 +194,8 @@ class _Checker:
 
     def enum(self, enum: EnumDescriptor, value: Any, path: str) -> Any:
         choices = enum_choices(enum)
+        if isinstance(value, int) and not isinstance(value, bool) and value in enum.values_by_number:
+            return value  # a number, as proto3 JSON allows
         text = str(value) if isinstance(value, str) else ""
         if text in choices.values():
             return text
@@ -201,6 +205,32 @@ class _Checker:
             path, f"{_shown(value)} is not a valid value{closest(text, list(choices))}; use one of {', '.join(choices)}"
         )
         return value
+
+
+def _is_integer(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_message(data: Mapping[str, Any], message: type[M], what: str) -> M:
+    """A message from proto-JSON-like data, checked as specs are (snake_case or camelCase keys, short enum names,
+    `response` as text): a SpecError (a ValueError) names every problem with its path and the closest name."""
+    checker = _Checker()
+    checked = checker.message(data, message.DESCRIPTOR, "")
+    if checker.problems:
+        raise SpecError(what, checker.problems)
+    return json_format.ParseDict(checked, message())
 
 
 def _shown(value: Any) -> str:
