@@ -200,6 +200,15 @@ class EvalServer:
             await self._server.wait_for_termination()
 
 
+def _show_bootstrap_key(server: EvalServer) -> bool:
+    """Print the key this start minted, alone on stdout; False when it minted none."""
+    if not server.bootstrap_key:
+        return False
+    log.warning("minted the first API key, for tenant 'default'; it is printed once on stdout")
+    print(server.bootstrap_key, flush=True)
+    return True
+
+
 def key_instructions(db_url: str) -> str:
     """How to get a key when this start printed none (only the first start on an empty database does)."""
     db = "" if db_url == Settings.db else f" --db '{_safe_url(db_url)}'"
@@ -219,11 +228,13 @@ def _safe_url(url: str) -> str:
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     server = EvalServer(settings)
-    await server.start()
-    if server.bootstrap_key:
-        log.warning("minted the first API key, for tenant 'default'; it is printed once on stdout")
-        print(server.bootstrap_key, flush=True)
-    else:
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(grace=0)  # whatever started before the failure (gRPC server, executor) must not linger
+        _show_bootstrap_key(server)  # minted before the failure and valid: the only chance to see it
+        raise
+    if not _show_bootstrap_key(server):
         log.info("API keys: %s", key_instructions(settings.db))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -59,19 +59,27 @@ def test_later_starts_say_how_to_make_a_key_and_a_taken_port_says_what_to_do(tmp
     finally:
         assert again.terminate() == 0
 
-    with socket.socket() as other_program:  # a plain listener: no SO_REUSEPORT to share the port with
-        other_program.bind(("127.0.0.1", 0))
-        other_program.listen()
-        address = f"127.0.0.1:{other_program.getsockname()[1]}"
-        taken = subprocess.run(
-            [sys.executable, "-m", "evalsvc", "serve", "--grpc-addr", address, "--db", db],
+    def serve(*flags: str, database: str = db) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "evalsvc", "serve", "--db", database, *flags],
             capture_output=True,
             text=True,
             timeout=60,
         )
-    assert taken.returncode == 2 and "Traceback" not in taken.stderr
-    assert f"cannot listen on {address}: the address is in use or not available" in taken.stderr
-    assert "make run GRPC_ADDR=HOST:PORT HTTP_ADDR=HOST:PORT" in taken.stderr
+
+    with socket.socket() as other_program:  # a plain listener: no SO_REUSEPORT to share the port with
+        other_program.bind(("127.0.0.1", 0))
+        other_program.listen()
+        address = f"127.0.0.1:{other_program.getsockname()[1]}"
+        grpc_taken = serve("--grpc-addr", address)
+        # The gateway's port taken: the gRPC server already listened and stops again; a key minted is still shown.
+        http_taken = serve("--grpc-addr", "127.0.0.1:0", "--http-addr", address, database=f"{db}-fresh")
+    for taken in (grpc_taken, http_taken):
+        assert taken.returncode == 2 and "Traceback" not in taken.stderr, taken.stderr
+        assert "make run GRPC_ADDR=HOST:PORT HTTP_ADDR=HOST:PORT" in taken.stderr
+    assert f"cannot listen on {address}: the address is in use or not available" in grpc_taken.stderr
+    assert f"cannot listen on {address} (HTTP gateway)" in http_taken.stderr
+    assert re.fullmatch(r"evk_\S+\n", http_taken.stdout)
 
 
 async def test_a_missing_key_is_told_how_to_get_one(server) -> None:  # type: ignore[no-untyped-def]
