@@ -152,7 +152,10 @@ def test_run_csv_and_yaml_datasets_detach_and_cancel(live: tuple[ServerProcess, 
     assert evalctl(live, "run", str(tmp_path / "bare.yaml")).returncode == 2
 
     (tmp_path / "big.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(3000, wrong_every=3)))
-    (tmp_path / "big.yaml").write_text("dataset: big.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
+    # 30,000 evaluations: seconds of work, so the cancel below reliably finds the run unfinished (3,000 did not).
+    (tmp_path / "big.yaml").write_text(
+        "dataset: big.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\nrepetitions: 10\n"
+    )
     detached = evalctl(live, "run", str(tmp_path / "big.yaml"), "--detach", "--json")
     assert detached.returncode == 0, detached.stderr
     run_id = json.loads(detached.stdout)["id"]
