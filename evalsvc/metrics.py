@@ -83,6 +83,12 @@ class Metrics:
             ["state"],
             registry=r,
         )
+        self.cache_lookups = Counter(
+            "evalsvc_cache_lookups",
+            "Response cache lookups by this process, by kind (output, verdict) and outcome (hit, miss)",
+            ["kind", "outcome"],
+            registry=r,
+        )
         self.target_latency = LoopHistogram(
             "evalsvc_target_latency_seconds",
             "Latency of target calls (the measured call, not warmups), by target kind",

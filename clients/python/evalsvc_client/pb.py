@@ -1,8 +1,11 @@
 """The generated message modules, re-exported: `from evalsvc_client import pb; pb.runs.CreateRunRequest(...)`.
 
+`pb.comparison` holds CompareRuns' and ListComparisonItems' messages, `pb.cache` the CacheMode enum.
 `pb.grader` and `pb.target` hold the Grader and Target messages; `pb.graders` and `pb.targets` the GraderService
 and TargetService requests and the saved definitions (`pb.SavedGrader`, `pb.SavedTarget`)."""
 
+from evalsvc_client._gen.evalsvc.v1 import cache_pb2 as cache
+from evalsvc_client._gen.evalsvc.v1 import comparison_pb2 as comparison
 from evalsvc_client._gen.evalsvc.v1 import dataset_service_pb2 as datasets
 from evalsvc_client._gen.evalsvc.v1 import eval_run_service_pb2 as runs
 from evalsvc_client._gen.evalsvc.v1 import grader_pb2 as grader
@@ -25,11 +28,14 @@ Dataset = datasets.Dataset
 SavedGrader = graders.SavedGrader
 SavedTarget = targets.SavedTarget
 WatchRunResponse = runs.WatchRunResponse
+RunComparison = comparison.RunComparison
+ComparisonItem = comparison.ComparisonItem
 
 TERMINAL_STATUSES = frozenset({run.RUN_STATUS_SUCCEEDED, run.RUN_STATUS_FAILED, run.RUN_STATUS_CANCELLED})
 
 __all__ = [
     "TERMINAL_STATUSES",
+    "ComparisonItem",
     "Dataset",
     "Grader",
     "Item",
@@ -37,12 +43,15 @@ __all__ = [
     "Result",
     "ResultState",
     "Run",
+    "RunComparison",
     "RunCounts",
     "RunStatus",
     "SavedGrader",
     "SavedTarget",
     "Target",
     "WatchRunResponse",
+    "cache",
+    "comparison",
     "datasets",
     "grader",
     "graders",

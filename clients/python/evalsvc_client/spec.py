@@ -333,6 +333,19 @@ class RunSpec:
         )
 
 
+CACHE_MODES = {name.removeprefix("CACHE_MODE_").lower(): value for name, value in pb.cache.CacheMode.items() if value}
+
+
+def cache_mode(name: str) -> int:
+    """The CacheMode of `off`, `read_write`, `refresh` or `replay` (docs/targets.md), for `evalctl run --cache`."""
+    try:
+        return CACHE_MODES[name.strip().lower()]
+    except KeyError:
+        raise SpecError(
+            "--cache", [SpecProblem("", f"must be one of {', '.join(CACHE_MODES)}, not {name!r}")]
+        ) from None
+
+
 def _target(checker: _Checker, value: Any) -> Any:
     """A target written as a kind name (`provided`, `echo`) is expanded; anything else is checked as a Target."""
     if isinstance(value, str):
