@@ -177,6 +177,7 @@ def test_compare_table_json_show_and_fail_on_regression(live: tuple[ServerProces
     for name in ("good", "bad"):
         (tmp_path / f"{name}.yaml").write_text(
             f"dataset: {name}.jsonl\ntarget: provided\ngraders: [{{name: exact, exact_match: {{}}}}]\n"
+            "pass_threshold: 50\n"  # both runs pass their own bar: evalctl run exits 0
         )
         created = evalctl(live, "run", str(tmp_path / f"{name}.yaml"), "--json")
         assert created.returncode == 0, created.stderr
@@ -206,6 +207,7 @@ def test_run_takes_a_cache_mode_from_the_spec_or_the_command_line(
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(3, wrong_every=1000)))
     (tmp_path / "cached.yaml").write_text(
         "dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\ncache_mode: read_write\n"
+        "pass_threshold: 50\n"
     )
     from_spec = evalctl(live, "run", str(tmp_path / "cached.yaml"), "--json")
     assert from_spec.returncode == 0, from_spec.stderr
