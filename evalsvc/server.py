@@ -189,12 +189,15 @@ class EvalServer:
             server,
         )
         warn_if_exposed(self.settings.grpc_addr, credentials)
-        if credentials is None:
-            self.port = server.add_insecure_port(self.settings.grpc_addr)
-        else:
-            self.port = server.add_secure_port(self.settings.grpc_addr, credentials)
+        try:
+            if credentials is None:
+                self.port = server.add_insecure_port(self.settings.grpc_addr)
+            else:
+                self.port = server.add_secure_port(self.settings.grpc_addr, credentials)
+        except RuntimeError:  # grpc's "Failed to bind": the address is taken or not this machine's
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.settings.grpc_addr}")
+            raise OSError(f"cannot listen on {self.settings.grpc_addr}: the address is in use or not available")
         await server.start()
         self._server = server
         self.metrics.start_lag_sampler()
@@ -269,6 +272,24 @@ class EvalServer:
             await self._server.wait_for_termination()
 
 
+def _show_bootstrap_key(server: EvalServer) -> bool:
+    """Print the key this start minted, alone on stdout; False when it minted none."""
+    if not server.bootstrap_key:
+        return False
+    log.warning("minted the first API key, for tenant 'default'; it is printed once on stdout")
+    print(server.bootstrap_key, flush=True)
+    return True
+
+
+def key_instructions(db_url: str) -> str:
+    """How to get a key when this start printed none (only the first start on an empty database does)."""
+    db = "" if db_url == Settings.db else f" --db '{_safe_url(db_url)}'"
+    return (
+        f"the key printed at the first start still works; `evalsvc keys create --tenant default{db}` makes another"
+        f" and `evalsvc keys list{db}` lists them"
+    )
+
+
 def _safe_url(url: str) -> str:
     """A database URL without its password, for logs."""
     from sqlalchemy.engine import make_url
@@ -279,10 +300,14 @@ def _safe_url(url: str) -> str:
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     server = EvalServer(settings)
-    await server.start()
-    if server.bootstrap_key:
-        log.warning("minted the first API key, for tenant 'default'; it is printed once on stdout")
-        print(server.bootstrap_key, flush=True)
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(grace=0)  # whatever started before the failure (gRPC server, executor) must not linger
+        _show_bootstrap_key(server)  # minted before the failure and valid: the only chance to see it
+        raise
+    if not _show_bootstrap_key(server):
+        log.info("API keys: %s", key_instructions(settings.db))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
