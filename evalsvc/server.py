@@ -70,6 +70,11 @@ from evalsvc.v1 import (
 log = logging.getLogger(__name__)
 
 PAGE_TOKEN_KEY = "page_tokens"  # the server_keys row that signs page tokens
+# Said after an address that cannot be bound, most often because another evalsvc is running.
+ADDRESS_HINT = (
+    "; is another evalsvc running? Choose other addresses: --grpc-addr, --http-addr, --metrics-addr "
+    "(make run GRPC_ADDR=HOST:PORT HTTP_ADDR=HOST:PORT)"
+)
 # Free space under which a database write failure is reported as a full disk.
 LOW_DISK_BYTES = 1 << 20
 
@@ -332,6 +337,24 @@ class EvalServer:
             await self._server.wait_for_termination()
 
 
+def _show_bootstrap_key(server: EvalServer) -> bool:
+    """Print the key this start minted, alone on stdout; False when it minted none."""
+    if not server.bootstrap_key:
+        return False
+    log.warning("minted the first API key, for tenant 'default'; it is printed once on stdout")
+    print(server.bootstrap_key, flush=True)
+    return True
+
+
+def key_instructions(db_url: str) -> str:
+    """How to get a key when this start printed none (only the first start on an empty database does)."""
+    db = "" if db_url == Settings.db else f" --db '{_safe_url(db_url)}'"
+    return (
+        f"the key printed at the first start still works; `evalsvc keys create --tenant default{db}` makes another"
+        f" and `evalsvc keys list{db}` lists them"
+    )
+
+
 def _safe_url(url: str) -> str:
     """A database URL without its password, for logs."""
     from sqlalchemy.engine import make_url
@@ -389,7 +412,7 @@ def _check_bindable(addr: str, what: str) -> None:
             try:
                 probe.bind(address)
             except OSError as exc:
-                raise StartupError(f"cannot listen for {what} on {addr}: {_why(exc)}") from exc
+                raise StartupError(f"cannot listen for {what} on {addr}: {_why(exc)}{ADDRESS_HINT}") from exc
 
 
 def _why(exc: OSError) -> str:
@@ -402,7 +425,7 @@ async def _listen(what: str, addr: str, starting: Awaitable[int]) -> int:
     try:
         return await starting
     except OSError as exc:
-        raise StartupError(f"cannot listen for {what} on {addr}: {_why(exc)}") from exc
+        raise StartupError(f"cannot listen for {what} on {addr}: {_why(exc)}{ADDRESS_HINT}") from exc
 
 
 def check_database_directory(url: str) -> None:
@@ -435,10 +458,14 @@ def _database_where(url: str) -> str:
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     server = EvalServer(settings)
-    await server.start()
-    if server.bootstrap_key:
-        log.warning("minted the first API key, for tenant 'default'; it is printed once on stdout")
-        print(server.bootstrap_key, flush=True)
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(grace=0)  # whatever started before the failure (gRPC server, executor) must not linger
+        _show_bootstrap_key(server)  # minted before the failure and valid: the only chance to see it
+        raise
+    if not _show_bootstrap_key(server):
+        log.info("API keys: %s", key_instructions(settings.db))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -27,7 +27,7 @@ from grpc_status import rpc_status
 
 from evalsvc.api.status import to_status
 from evalsvc.errors import ServiceError
-from evalsvc.gateway import dialects, openapi
+from evalsvc.gateway import dialects, openapi, ui
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.routes import Route, routes
 from evalsvc.gateway.upstream import HTTP_STATUS, GatewayError, StreamSlot, Upstream, with_retry_after
@@ -185,6 +185,9 @@ def create_app(
         version="v1",
         description="The evalsvc API as proto3 JSON over HTTP (a translator in front of the gRPC service).",
         lifespan=lifespan,
+        # Swagger UI and ReDoc would load their scripts from a CDN: off (the document is /openapi.json).
+        docs_url=None,
+        redoc_url=None,
     )
 
     def unary_endpoint(route: Route) -> Callable[[Request], Any]:
@@ -256,6 +259,7 @@ def create_app(
         app.include_router(
             dialect.router(upstream, dialect_options or DialectOptions()), prefix=prefix, tags=[dialect.title]
         )
+    app.include_router(ui.router())
     app.openapi = openapi.with_components(app.openapi, schemas)  # type: ignore[method-assign]
     return app
 
