@@ -20,6 +20,7 @@ from evalsvc.api.definitions import GraderServicer, TargetServicer
 from evalsvc.api.eval_runs import EvalRunServicer
 from evalsvc.api.interceptor import CallInterceptor
 from evalsvc.api.observability import Observer
+from evalsvc.api.webhooks import WebhookServicer
 from evalsvc.auth.service import KeyService
 from evalsvc.config import Settings
 from evalsvc.datasets.service import DatasetService
@@ -46,7 +47,11 @@ from evalsvc.v1 import (
     grader_service_pb2_grpc,
     target_service_pb2,
     target_service_pb2_grpc,
+    webhook_service_pb2,
+    webhook_service_pb2_grpc,
 )
+from evalsvc.webhooks.sender import WebhookSender
+from evalsvc.webhooks.service import WebhookService
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,7 @@ SERVICE_NAMES = (
     dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name,
     grader_service_pb2.DESCRIPTOR.services_by_name["GraderService"].full_name,
     target_service_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name,
+    webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
 )
 
 
@@ -105,6 +111,8 @@ class EvalServer:
             judge=judge,
         )
         self.datasets = DatasetService(self.db)
+        self.webhooks = WebhookService(self.db, self.outbound.allow)
+        self.webhook_sender = WebhookSender(self.db, settings, self.outbound.allow, self.metrics)
         self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
         self.bootstrap_key: str | None = None
         self.health = health.aio.HealthServicer()
@@ -138,6 +146,7 @@ class EvalServer:
         dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(DatasetServicer(self.datasets), server)
         grader_service_pb2_grpc.add_GraderServiceServicer_to_server(GraderServicer(self.definitions), server)
         target_service_pb2_grpc.add_TargetServiceServicer_to_server(TargetServicer(self.definitions), server)
+        webhook_service_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookServicer(self.webhooks), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -153,6 +162,7 @@ class EvalServer:
         await server.start()
         self._server = server
         await self.executor.start()
+        await self.webhook_sender.start()
         if self.listener is not None:
             self.listener.start()
         if self.settings.http_addr:
@@ -185,7 +195,7 @@ class EvalServer:
         if self.listener is not None:
             await self.listener.stop()
         if self._server is not None:
-            await asyncio.gather(self._server.stop(grace), self.executor.stop())
+            await asyncio.gather(self._server.stop(grace), self.executor.stop(), self.webhook_sender.stop())
         await self.metrics.close()
         await self.outbound.close()
         await self.db.close()

@@ -224,7 +224,7 @@ class Outbound:
                 if response.status_code not in RETRYABLE_STATUS:
                     await limit.release(throttled=False)
                     raise OutboundError(failure)
-                retry_after = _retry_after(response.headers.get("retry-after"))
+                retry_after = retry_after_s(response.headers.get("retry-after"))
             await limit.release(throttled=throttled)
             if attempt > self._retries:
                 raise OutboundError(f"{failure} (gave up after {attempt} attempts)")
@@ -236,7 +236,8 @@ class Outbound:
         await self._client.aclose()
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after_s(value: str | None) -> float | None:
+    """A Retry-After header's delay in seconds, at most 60 (HTTP dates are not honoured); None when absent."""
     if not value:
         return None
     try:

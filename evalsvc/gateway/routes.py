@@ -10,13 +10,20 @@ from dataclasses import dataclass
 from google.api import annotations_pb2
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
-from evalsvc.v1 import dataset_service_pb2, eval_run_service_pb2, grader_service_pb2, target_service_pb2
+from evalsvc.v1 import (
+    dataset_service_pb2,
+    eval_run_service_pb2,
+    grader_service_pb2,
+    target_service_pb2,
+    webhook_service_pb2,
+)
 
 SERVICES: tuple[ServiceDescriptor, ...] = (
     eval_run_service_pb2.DESCRIPTOR.services_by_name["EvalRunService"],
     dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"],
     grader_service_pb2.DESCRIPTOR.services_by_name["GraderService"],
     target_service_pb2.DESCRIPTOR.services_by_name["TargetService"],
+    webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"],
 )
 _VERBS = ("get", "post", "put", "patch", "delete")
 
