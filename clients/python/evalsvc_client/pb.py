@@ -1,7 +1,8 @@
 """The generated message modules, re-exported: `from evalsvc_client import pb; pb.runs.CreateRunRequest(...)`.
 
 `pb.grader` and `pb.target` hold the Grader and Target messages; `pb.graders` and `pb.targets` the GraderService
-and TargetService requests and the saved definitions (`pb.SavedGrader`, `pb.SavedTarget`)."""
+and TargetService requests and the saved definitions (`pb.SavedGrader`, `pb.SavedTarget`); `pb.webhooks` the
+WebhookService requests, `pb.Webhook` and `pb.WebhookDelivery`."""
 
 from evalsvc_client._gen.evalsvc.v1 import dataset_service_pb2 as datasets
 from evalsvc_client._gen.evalsvc.v1 import eval_run_service_pb2 as runs
@@ -11,6 +12,7 @@ from evalsvc_client._gen.evalsvc.v1 import item_pb2 as item
 from evalsvc_client._gen.evalsvc.v1 import run_pb2 as run
 from evalsvc_client._gen.evalsvc.v1 import target_pb2 as target
 from evalsvc_client._gen.evalsvc.v1 import target_service_pb2 as targets
+from evalsvc_client._gen.evalsvc.v1 import webhook_service_pb2 as webhooks
 
 Run = run.Run
 Result = run.Result
@@ -25,6 +27,8 @@ Dataset = datasets.Dataset
 SavedGrader = graders.SavedGrader
 SavedTarget = targets.SavedTarget
 WatchRunResponse = runs.WatchRunResponse
+Webhook = webhooks.Webhook
+WebhookDelivery = webhooks.WebhookDelivery
 
 TERMINAL_STATUSES = frozenset({run.RUN_STATUS_SUCCEEDED, run.RUN_STATUS_FAILED, run.RUN_STATUS_CANCELLED})
 
@@ -43,6 +47,8 @@ __all__ = [
     "SavedTarget",
     "Target",
     "WatchRunResponse",
+    "Webhook",
+    "WebhookDelivery",
     "datasets",
     "grader",
     "graders",
@@ -51,4 +57,5 @@ __all__ = [
     "runs",
     "target",
     "targets",
+    "webhooks",
 ]
