@@ -202,6 +202,57 @@ async def test_another_tenants_runs_never_reach_this_tenants_webhook(
     assert list(mine_listed.deliveries) == []
 
 
+async def test_a_receiver_that_never_answers_does_not_slow_runs(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, outbound_allow="127.0.0.1", webhook_concurrency=8, webhook_timeout_s=120.0)
+    srv = EvalServer(settings)
+    await srv.start()
+    try:
+        assert srv.bootstrap_key
+        async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+            webhooks = webhook_service_pb2_grpc.WebhookServiceStub(channel)
+            runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            with FakeEndpoint(Reply({}, delay_s=WAIT_S)) as receiver:
+                webhook = (await webhooks.CreateWebhook(create_webhook(receiver.url, ALL_TYPES))).webhook
+                run_ids = [(await runs.CreateRun(create_request(20))).run.id for _ in range(6)]
+                finals = [(await watch_all(runs, run_id))[-1].run for run_id in run_ids]
+                await seen(receiver, 2)
+                listed = await webhooks.ListWebhookDeliveries(wpb.ListWebhookDeliveriesRequest(webhook_id=webhook.id))
+                # Every run ended while the receiver held the first attempts unanswered: 2 in flight (the
+                # tenant's share), the other 16 waiting, none of them in the runs' way.
+                assert all(run.status == run_pb2.RUN_STATUS_SUCCEEDED for run in finals)
+                assert len(listed.deliveries) == 18
+                assert all(d.status == wpb.WEBHOOK_DELIVERY_STATUS_PENDING for d in listed.deliveries)
+                assert len(receiver.seen) == 2, "a tenant's share of --webhook-concurrency 8 is 2"
+    finally:
+        await srv.stop(grace=0.5)
+
+
+async def test_an_attempt_has_webhook_timeout_s_to_be_answered_as_a_whole(tmp_path: Path) -> None:
+    srv = EvalServer(
+        make_settings(tmp_path, outbound_allow="127.0.0.1", webhook_timeout_s=7.0, webhook_retry_base_s=0.05)
+    )
+    await srv.start()
+    try:
+        assert srv.bootstrap_key
+        async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+            webhooks = webhook_service_pb2_grpc.WebhookServiceStub(channel)
+            runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            with (
+                FakeEndpoint(Reply({}, delay_s=5.5)) as slow,
+                FakeEndpoint(Reply({}, delay_s=8.5), Reply({})) as too_slow,
+            ):
+                slow_id = (await webhooks.CreateWebhook(create_webhook(slow.url))).webhook.id
+                too_slow_id = (await webhooks.CreateWebhook(create_webhook(too_slow.url))).webhook.id
+                await watch_all(runs, (await runs.CreateRun(create_request(1))).run.id)
+                [answered_late] = await deliveries_when_done(webhooks, slow_id, 1)
+                [retried] = await deliveries_when_done(webhooks, too_slow_id, 1)
+    finally:
+        await srv.stop(grace=0.5)
+    assert (answered_late.status, answered_late.attempts) == (wpb.WEBHOOK_DELIVERY_STATUS_SUCCEEDED, 1)
+    assert (retried.status, retried.attempts) == (wpb.WEBHOOK_DELIVERY_STATUS_SUCCEEDED, 2)
+    assert len(too_slow.seen) == 2
+
+
 async def test_manage_webhooks(webhooks: webhook_service_pb2_grpc.WebhookServiceStub) -> None:
     request = create_webhook("http://127.0.0.1:9/a")
     request.request_id = "hook-1"

@@ -77,7 +77,11 @@ class WebhookSender:
         self._max_attempts = max(1, settings.webhook_max_attempts)
         self._poll_s = settings.poll_interval_s
         self._rng = random.Random()
-        self._client = httpx.AsyncClient(follow_redirects=False, limits=httpx.Limits(max_connections=self._concurrency))
+        self._client = httpx.AsyncClient(
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=self._concurrency),
+            timeout=httpx.Timeout(self._timeout_s),  # per phase; asyncio.timeout bounds the whole attempt
+        )
         self._in_flight: dict[asyncio.Task[None], tuple[str, str]] = {}  # task -> (tenant, delivery id)
         self._wake = asyncio.Event()
         self._stopping = False
