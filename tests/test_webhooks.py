@@ -377,6 +377,7 @@ async def test_rest_routes_under_v1_webhooks(tmp_path: Path) -> None:
 # --- Durability: real server processes, killed with SIGKILL.
 
 
+@pytest.mark.slow
 async def test_kill_9_between_the_terminal_status_and_the_send_still_delivers_after_restart(tmp_path: Path) -> None:
     db = dbs.db_url(tmp_path, "svc.db")
     env = {"EVALSVC_OUTBOUND_ALLOW": "127.0.0.1"}
@@ -453,6 +454,7 @@ class HoldingReceiver:
         self._server.server_close()
 
 
+@pytest.mark.slow
 async def test_kill_9_during_a_send_sends_again_with_the_same_webhook_id(tmp_path: Path) -> None:
     db = dbs.db_url(tmp_path, "svc.db")
     env = {"EVALSVC_OUTBOUND_ALLOW": "127.0.0.1"}
@@ -529,7 +531,8 @@ class ConcurrencyReceiver:
         self._server.server_close()
 
 
-@pytest.mark.skipif(not dbs.USE_POSTGRES, reason="replicas share a database only on PostgreSQL (EVALSVC_TEST_DB)")
+@pytest.mark.slow
+@pytest.mark.skipif((reason := dbs.postgres_unavailable()) is not None, reason=reason or "PostgreSQL is not reachable")
 async def test_postgres_replicas_share_the_outbox_without_sending_one_delivery_twice_at_once(tmp_path: Path) -> None:
     url = dbs.postgres_url(tmp_path, "replicas")
     env = {"EVALSVC_OUTBOUND_ALLOW": "127.0.0.1"}
