@@ -564,3 +564,40 @@ async def test_postgres_replicas_share_the_outbox_without_sending_one_delivery_t
     logs = [(tmp_path / name).read_text() for name in ("a.log", "b.log")]
     assert all("Traceback" not in log for log in logs)
     assert [d.attempts for d in deliveries] == [1] * 36
+
+
+async def test_finished_deliveries_are_deleted_after_the_retention_period(tmp_path: Path) -> None:
+    from sqlalchemy import insert, select
+
+    from evalsvc.store import webhooks as store
+    from evalsvc.store.db import Database
+    from evalsvc.webhooks.sender import RETENTION_S
+
+    now = time.time()
+    old = now - RETENTION_S - 3600
+
+    def row(delivery_id: str, status: int, created: float) -> dict[str, Any]:
+        pending = status == store.PENDING
+        return {
+            **{"id": delivery_id, "tenant": "t", "webhook_id": "wh_x", "event_type": "run.failed", "run_id": "run_x"},
+            **{"seq": 1, "status": status, "attempts": 1, "last_response_code": 0, "last_error": ""},
+            **{"create_time": created, "next_attempt_time": now + 3600 if pending else None},
+        }
+
+    rows = [
+        row("msg_old_ok", store.SUCCEEDED, old),
+        row("msg_old_failed", store.FAILED, old),
+        row("msg_old_pending", store.PENDING, old),
+        row("msg_recent_ok", store.SUCCEEDED, now),
+    ]
+    db = Database(dbs.db_url(tmp_path))  # no server: its sender would prune concurrently
+    try:
+        async with db.write() as conn:
+            await conn.execute(insert(store.DELIVERIES), rows)
+        async with db.write() as conn:
+            assert await store.prune(conn, now - RETENTION_S) == 2
+        async with db.read() as conn:
+            kept = {r for (r,) in await conn.execute(select(store.DELIVERIES.c.id))}
+    finally:
+        await db.close()
+    assert kept == {"msg_old_pending", "msg_recent_ok"}
