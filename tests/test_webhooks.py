@@ -601,3 +601,37 @@ async def test_finished_deliveries_are_deleted_after_the_retention_period(tmp_pa
     finally:
         await db.close()
     assert kept == {"msg_old_pending", "msg_recent_ok"}
+
+
+async def test_a_stopping_server_abandons_attempts_in_flight_and_hands_their_deliveries_back(tmp_path: Path) -> None:
+    from sqlalchemy import select
+
+    from evalsvc.store import webhooks as store
+    from evalsvc.store.db import Database
+
+    settings = make_settings(tmp_path, outbound_allow="127.0.0.1", webhook_timeout_s=120.0)
+    receiver = HoldingReceiver()
+    try:
+        srv = EvalServer(settings)
+        await srv.start()
+        try:
+            assert srv.bootstrap_key
+            async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+                webhooks = webhook_service_pb2_grpc.WebhookServiceStub(channel)
+                runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+                await webhooks.CreateWebhook(create_webhook(receiver.url))
+                await watch_all(runs, (await runs.CreateRun(create_request(1))).run.id)
+                assert await asyncio.to_thread(receiver.wait_for, 1, WAIT_S)
+        finally:
+            stopping = time.monotonic()
+            await srv.stop(grace=0.5)
+        assert time.monotonic() - stopping < 30.0, "stop waited for the receiver"
+    finally:
+        receiver.close()
+    db = Database(settings.db)
+    try:
+        async with db.read() as conn:
+            [row] = (await conn.execute(select(store.DELIVERIES))).mappings().all()
+    finally:
+        await db.close()
+    assert (row["status"], row["attempts"], row["claim_id"], row["lease_expiry"]) == (store.PENDING, 0, None, None)

@@ -83,7 +83,9 @@ class WebhookSender:
             timeout=httpx.Timeout(self._timeout_s),  # per phase; asyncio.timeout bounds the whole attempt
         )
         self._in_flight: dict[asyncio.Task[None], tuple[str, str]] = {}  # task -> (tenant, delivery id)
+        self._attempts: dict[str, asyncio.Task[tuple[int, str, float | None]]] = {}  # delivery id -> its HTTP call
         self._wake = asyncio.Event()
+        self._stop_requested = asyncio.Event()
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self._last_prune = 0.0
@@ -96,21 +98,27 @@ class WebhookSender:
             if released:
                 log.info("resuming %d webhook deliveries leased before the last shutdown", released)
         self._stopping = False
+        self._stop_requested.clear()
         self._loop_task = asyncio.create_task(self._supervised(), name="webhook-sender")
 
     async def stop(self) -> None:
-        """Stop sending: abandon attempts in flight and hand their deliveries back, due at once."""
+        """Stop sending: abandon HTTP attempts in flight and hand their deliveries back, due at once.
+
+        Only the HTTP calls are cancelled; the loop and the recording of outcomes stop cooperatively,
+        as the executor's do: a task cancelled inside a SQLite write transaction can leave its
+        connection holding the write lock."""
         self._stopping = True
+        self._stop_requested.set()
         self._wake.set()
-        tasks = [t for t in (self._loop_task, *self._in_flight) if t is not None]
-        abandoned = list(self._in_flight.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if abandoned:
-            with contextlib.suppress(Exception):  # a lease left behind only delays the delivery
-                async with self._db.write() as conn:
-                    await store.release(conn, [delivery_id for _, delivery_id in abandoned])
+        if self._loop_task is not None:
+            await self._loop_task
+        in_flight = list(self._in_flight.items())
+        for attempt in list(self._attempts.values()):
+            attempt.cancel()
+        await asyncio.gather(*(task for task, _ in in_flight), return_exceptions=True)
+        if in_flight:  # the ones whose outcome was recorded are no longer leased: releasing them is a no-op
+            async with self._db.write() as conn:
+                await store.release(conn, [delivery_id for _, (_, delivery_id) in in_flight])
         await self._client.aclose()
 
     async def _supervised(self) -> None:
@@ -126,7 +134,7 @@ class WebhookSender:
             except Exception:
                 log.exception("webhook sender loop failed; restarting in 1 s")
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                    await asyncio.wait_for(self._stop_requested.wait(), 1.0)
 
     async def _send_loop(self) -> None:
         while not self._stopping:
@@ -184,8 +192,24 @@ class WebhookSender:
             log.info("deleted %d webhook deliveries older than %d days", pruned, RETENTION_S // 86400)
 
     async def _send(self, delivery: Mapping[str, Any]) -> None:
-        """One attempt, then its outcome recorded under the claim."""
-        code, error, retry_after = await self._attempt(delivery)
+        """One attempt, then its outcome recorded under the claim (unless stop() abandoned the attempt)."""
+        if self._stopping:
+            return
+        attempt = asyncio.create_task(self._attempt(delivery))
+        self._attempts[delivery["id"]] = attempt
+        try:
+            code, error, retry_after = await attempt
+        except asyncio.CancelledError:
+            if self._stopping and attempt.cancelled():
+                return  # abandoned: stop() hands the delivery back
+            raise
+        finally:
+            self._attempts.pop(delivery["id"], None)
+        await self._record(delivery, code, error, retry_after)
+
+    async def _record(self, delivery: Mapping[str, Any], code: int, error: str, retry_after: float | None) -> None:
+        """Record an attempt's outcome under the claim: success, the next retry, or failure (410 disables
+        the webhook)."""
         now = time.time()
         attempts = delivery["attempts"] + 1
         values: dict[str, Any] = {"attempts": attempts, "last_response_code": code, "last_attempt_time": now}
