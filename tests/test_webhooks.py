@@ -104,7 +104,9 @@ async def test_deliveries_verify_with_the_standardwebhooks_package(
 
 
 async def test_a_receiver_failing_twice_gets_three_attempts_with_one_webhook_id(
-    webhooks: webhook_service_pb2_grpc.WebhookServiceStub, runs: eval_run_service_pb2_grpc.EvalRunServiceStub
+    server: EvalServer,
+    webhooks: webhook_service_pb2_grpc.WebhookServiceStub,
+    runs: eval_run_service_pb2_grpc.EvalRunServiceStub,
 ) -> None:
     script = [Reply({}, status=500), Reply({}, status=503, headers={"retry-after": "1"}), Reply({})]
     with FakeEndpoint(*script) as receiver:
@@ -122,6 +124,11 @@ async def test_a_receiver_failing_twice_gets_three_attempts_with_one_webhook_id(
     assert (delivery.attempts, delivery.last_response_code, delivery.last_error) == (3, 200, "")
     assert (delivery.event_type, delivery.run_id) == ("run.succeeded", run_id)
     assert not delivery.HasField("next_attempt_time")
+    attempts = {
+        outcome: server.metrics.registry.get_sample_value("evalsvc_webhook_attempts_total", {"outcome": outcome})
+        for outcome in ("retrying", "succeeded")
+    }
+    assert attempts == {"retrying": 2.0, "succeeded": 1.0}
 
 
 async def test_the_last_failed_attempt_leaves_the_delivery_failed_and_visible(
