@@ -325,6 +325,16 @@ async def test_bad_webhooks_are_invalid_arguments_naming_the_field(
     assert "webhook.event_types" in violations(caught.value)
 
 
+async def test_a_tenant_has_at_most_50_webhooks(webhooks: webhook_service_pb2_grpc.WebhookServiceStub) -> None:
+    for i in range(50):
+        await webhooks.CreateWebhook(create_webhook(f"http://127.0.0.1:9/{i}"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await webhooks.CreateWebhook(create_webhook("http://127.0.0.1:9/one-more"))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_reason(caught.value) == "TENANT_QUOTA_EXCEEDED"
+    assert len((await webhooks.ListWebhooks(wpb.ListWebhooksRequest(page_size=100))).webhooks) == 50
+
+
 async def test_a_rotated_secret_keeps_signing_alongside_the_new_one_unless_revoked(
     webhooks: webhook_service_pb2_grpc.WebhookServiceStub, runs: eval_run_service_pb2_grpc.EvalRunServiceStub
 ) -> None:

@@ -135,7 +135,7 @@ class WebhookService:
                     "max_webhooks", f"a tenant may have at most {MAX_WEBHOOKS_PER_TENANT} webhooks; delete one"
                 )
             await store.insert_webhook(conn, row)
-            return webhook_from({**row, "previous_secret": None}, signing_secret=signing.secret_text(secret))
+            return webhook_from(row, signing_secret=signing.secret_text(secret))
 
         async def replay(existing: Mapping[str, Any]) -> wpb.Webhook:
             return webhook_from(existing)
