@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from google.protobuf import json_format
 from standardwebhooks.webhooks import Webhook as StandardWebhook
@@ -553,7 +555,7 @@ class ConcurrencyReceiver:
 async def test_postgres_replicas_share_the_outbox_without_sending_one_delivery_twice_at_once(tmp_path: Path) -> None:
     url = dbs.postgres_url(tmp_path, "replicas")
     env = {"EVALSVC_OUTBOUND_ALLOW": "127.0.0.1"}
-    fast = ("--poll-interval-s", "0.1", "--webhook-concurrency", "8")
+    fast = ("--poll-interval-s", "0.1", "--webhook-concurrency", "8", "--metrics-addr", "127.0.0.1:0")
     receiver = ConcurrencyReceiver(hold_s=0.3)
     first = await start_server(url, tmp_path / "a.log", *fast, env=env)
     second = None
@@ -569,6 +571,7 @@ async def test_postgres_replicas_share_the_outbox_without_sending_one_delivery_t
             for i, run_id in enumerate(run_ids):
                 await watch_all(stubs[i % 2], run_id)
             deliveries = await deliveries_when_done(webhooks, webhook.id, 36)
+            sent_by = [await successful_attempts(process.log_path) for process in (first, second)]
     finally:
         for process in (first, second):
             if process is not None:
@@ -580,7 +583,17 @@ async def test_postgres_replicas_share_the_outbox_without_sending_one_delivery_t
     assert max(receiver.most_at_once.values()) == 1, "one delivery was in flight twice at the same time"
     logs = [(tmp_path / name).read_text() for name in ("a.log", "b.log")]
     assert all("Traceback" not in log for log in logs)
-    assert [d.attempts for d in deliveries] == [1] * 36
+    assert [d.attempts for d in deliveries] == [1] * 36 and receiver.count == 36
+    assert sum(sent_by) == 36 and min(sent_by) > 0, f"the replicas sent {sent_by}: one did not share the outbox"
+
+
+async def successful_attempts(log_path: Path) -> int:
+    """evalsvc_webhook_attempts_total{outcome="succeeded"} of the server process logging to log_path."""
+    [port] = re.findall(r"metrics at http://127.0.0.1:(\d+)/metrics", log_path.read_text())
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    found = re.search(r'^evalsvc_webhook_attempts_total\{outcome="succeeded"\} ([0-9.]+)$', text, re.M)
+    return int(float(found.group(1))) if found else 0
 
 
 async def test_finished_deliveries_are_deleted_after_the_retention_period(tmp_path: Path) -> None:
