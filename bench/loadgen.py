@@ -9,6 +9,8 @@ Modes:
 - `large`: one CreateRun, then WatchRun from seq 0 until the terminal event.
 - `fanout`: W watchers on one run (or W bare subscribers); delivery latency of a burst of events.
 - `idle`: N idle streams held open until the parent has read the server's memory.
+- `pathological`: tenant B's GetRun latency alone, then while tenant A's run of huge outputs grades,
+  with the server's event-loop lag histogram read from its /metrics around each window.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, cast
 import grpc
 
 from bench import echo_server
-from bench.workloads import large_run_request, small_run_request
+from bench.workloads import large_run_request, pathological_run_request, small_run_request
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc as pb_grpc
 from evalsvc.v1 import run_pb2
@@ -474,6 +476,68 @@ async def idle(args: dict[str, Any]) -> dict[str, Any]:
     return {"streams": n, "open_s": open_s, "alive_at_end": alive}
 
 
+async def _loop_lag_buckets(metrics_port: int) -> dict[str, float]:
+    """The server's cumulative `evalsvc_event_loop_lag_seconds` buckets (`le` -> count) from /metrics."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", metrics_port)
+    writer.write(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+    await writer.drain()
+    text = (await asyncio.wait_for(reader.read(), 30)).decode()
+    writer.close()
+    buckets: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith('evalsvc_event_loop_lag_seconds_bucket{le="'):
+            bound = line.split('"', 2)[1]
+            buckets[bound] = float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+async def pathological(args: dict[str, Any]) -> dict[str, Any]:
+    """Tenant B (its own key) reads its run with GetRun in a closed loop, first alone for `duration_s`,
+    then for `duration_s` right after tenant A (the server's first key) creates a run of `items` huge
+    outputs; A's run is then followed to its end. The loop-lag buckets are read before and after each
+    window, so the parent can tell the lag while A's run graded from the lag without it."""
+    addr, duration = args["addr"], float(args["duration_s"])
+    b_md = (("authorization", f"Bearer {args['b_key']}"),)
+    metrics_port = int(args["metrics_port"])
+    async with grpc.aio.insecure_channel(addr) as a_channel, grpc.aio.insecure_channel(addr) as b_channel:
+        a_stub, b_stub = pb_grpc.EvalRunServiceStub(a_channel), pb_grpc.EvalRunServiceStub(b_channel)
+        own = await b_stub.CreateRun(small_run_request(10), metadata=b_md)
+        async for _ in b_stub.WatchRun(pb.WatchRunRequest(run_id=own.run.id), timeout=60, metadata=b_md):
+            pass
+        get_request = pb.GetRunRequest(run_id=own.run.id)
+
+        def get() -> Awaitable[Any]:
+            return cast(Awaitable[Any], b_stub.GetRun(get_request, metadata=b_md))
+
+        def measure() -> Coroutine[Any, Any, dict[str, Any]]:
+            return closed_loop(get, int(args["concurrency"]), duration, 1_000_000, 0.2, grpc.aio.AioRpcError)
+
+        before_alone = await _loop_lag_buckets(metrics_port)
+        alone = await measure()
+        before_run = await _loop_lag_buckets(metrics_port)
+        request = pathological_run_request(int(args["items"]), int(args["numbers"]))
+        started = time.perf_counter()
+        created = await a_stub.CreateRun(request, metadata=MD, timeout=120)
+        during = await measure()
+        status = run_pb2.RUN_STATUS_UNSPECIFIED
+        async for event in a_stub.WatchRun(
+            pb.WatchRunRequest(run_id=created.run.id), timeout=float(args["run_timeout_s"]), metadata=MD
+        ):
+            if event.HasField("run"):
+                status = event.run.status
+        run_s = time.perf_counter() - started
+        after_run = await _loop_lag_buckets(metrics_port)
+    return {
+        "alone": alone,
+        "during": during,
+        "run_s": run_s,
+        "run_status": run_pb2.RunStatus.Name(status),
+        "overlapped": run_s > during["elapsed_s"],
+        "lag_alone": {le: before_run[le] - before_alone.get(le, 0.0) for le in before_run},
+        "lag_during": {le: after_run[le] - before_run.get(le, 0.0) for le in after_run},
+    }
+
+
 MODES: dict[str, Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]]] = {
     "unary": unary,
     "http": http,
@@ -482,6 +546,7 @@ MODES: dict[str, Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]]
     "fanout_evalsvc": fanout_evalsvc,
     "fanout_bare": fanout_bare,
     "idle": idle,
+    "pathological": pathological,
 }
 
 

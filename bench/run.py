@@ -25,7 +25,9 @@ import math
 import operator
 import os
 import platform
+import re
 import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -56,12 +58,23 @@ class Config:
     fan_events: int = 10
     idle_streams: int = 1000
     peer_items: int = 10_000
+    pathological_items: int = 24
+    pathological_numbers: int = 20_000  # ~130 KB per output: ~0.5 s of similarity each on an idle core
+    pathological_window_s: float = 5.0
 
     @classmethod
     def make(cls, quick: bool) -> Config:
         """The full configuration, or the quick one (same shapes, less work)."""
         if quick:
-            return cls(quick=True, unary_duration_s=1.0, large_items=400, watchers=200, idle_streams=200)
+            return cls(
+                quick=True,
+                unary_duration_s=1.0,
+                large_items=400,
+                watchers=200,
+                idle_streams=200,
+                pathological_items=8,
+                pathological_window_s=2.0,
+            )
         return cls(quick=False)
 
 
@@ -532,6 +545,89 @@ def scenario_idle(suite: Suite) -> None:
 # -------------------------------------------------------------------------------------------- peers
 
 
+# ------------------------------------------------------------------------------------- pathological
+
+
+METRICS_AT = re.compile(r"metrics at http://\S+:(\d+)/metrics")
+
+
+def _histogram_p99_ms(buckets: dict[str, float]) -> float:
+    """The upper bound (ms) of the bucket holding the 99th percentile of a histogram's observations."""
+    ordered = sorted((float(le), count) for le, count in buckets.items())
+    total = ordered[-1][1] if ordered else 0.0
+    if not total:
+        return math.nan
+    return next(le for le, count in ordered if count >= 0.99 * total) * 1000
+
+
+def scenario_pathological(suite: Suite) -> None:
+    """A pathological tenant: tenant A's run of huge outputs (similarity, JSON and regex graders) grades
+    while tenant B reads its own run with GetRun. B's GetRun p99 is compared with the same calls just
+    before A's run (same server, same client), and the server's event-loop lag p99 (from its
+    `evalsvc_event_loop_lag_seconds` histogram, so a bucket bound) with the lag in that same quiet window.
+    """
+    cfg = suite.config
+    kib = len(json.dumps(list(range(cfg.pathological_numbers)))) / 1024
+    get_row = suite.row(
+        "pathological",
+        f"another tenant's GetRun p99 at {cfg.unary_concurrency // 4} in flight while it grades",
+        "ms",
+        baseline_label="same calls, nothing grading",
+    )
+    lag_row = suite.row(
+        "pathological",
+        "event-loop lag p99 while it grades (histogram bucket bound)",
+        "ms",
+        baseline_label="nothing grading",
+        target="<= 100 evalsvc",
+    )
+    run_row = suite.row(
+        "pathological", f"its run: {cfg.pathological_items} items x 3 graders on {kib:.0f} KiB outputs, s", "s"
+    )
+    notes: list[str] = []
+    db_url = procs.sqlite_url("pathological")
+    with procs.evalsvc_server(db_url, "pathological", "--metrics-addr", "127.0.0.1:0") as srv:
+        port = METRICS_AT.search(srv.log_path.read_text(errors="replace"))
+        if port is None:
+            raise RuntimeError("the server does not serve /metrics (no --metrics-addr?)")
+        minted = subprocess.run(
+            [sys.executable, "-m", "evalsvc", "keys", "create", "--tenant", "bench-b", "--db", db_url],
+            capture_output=True,
+            cwd=procs.EVALSVC_SRC,
+            env=procs.child_env(procs.EVALSVC_SRC),
+            timeout=120,
+            check=True,
+        )
+        args = {
+            "mode": "pathological",
+            **srv.target(),
+            "b_key": minted.stdout.decode().strip(),
+            "metrics_port": int(port.group(1)),
+            "items": cfg.pathological_items,
+            "numbers": cfg.pathological_numbers,
+            "duration_s": cfg.pathological_window_s,
+            "concurrency": cfg.unary_concurrency // 4,
+            "run_timeout_s": 600,
+        }
+        for rep in range(cfg.reps):
+            result = procs.run_child("bench.loadgen", args, timeout_s=cfg.pathological_window_s * 2 + 700)
+            alone, during = result["alone"]["latency_ms"], result["during"]["latency_ms"]
+            get_row.add(percentile(during, 99), percentile(alone, 99))
+            lag_row.add(_histogram_p99_ms(result["lag_during"]), _histogram_p99_ms(result["lag_alone"]))
+            run_row.add(result["run_s"])
+            if not result["overlapped"]:
+                notes.append(f"rep {rep + 1}: the run ended before the GetRun window did")
+            if result["run_status"] != "RUN_STATUS_SUCCEEDED":
+                notes.append(f"rep {rep + 1}: the run ended {result['run_status']}")
+            log(
+                f"pathological rep {rep + 1}: GetRun p99 {percentile(during, 99):.1f} ms "
+                f"(alone {percentile(alone, 99):.1f}), loop lag p99 <= {lag_row.evalsvc[-1]:.0f} ms, "
+                f"run {result['run_s']:.1f} s"
+            )
+    get_row.note = "; ".join(notes)
+    suite.samples["pathological"] = {"alone_ms": alone, "during_ms": during}
+
+
 def scenario_peers(suite: Suite) -> None:
     """promptfoo and Inspect AI on the same 10,000 items, if they are installed (see README)."""
     from bench import peers
@@ -547,6 +643,7 @@ SCENARIOS: dict[str, Callable[[Suite], None]] = {
     "fanout": scenario_fanout,
     "cross": scenario_cross_replica,
     "idle": scenario_idle,
+    "pathological": scenario_pathological,
     "peers": scenario_peers,
 }
 FULL_ONLY = {"peers"}

@@ -7,6 +7,8 @@ real suite would have rather than 50 copies of the cheapest one.
 
 from __future__ import annotations
 
+import json
+
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import grader_pb2, item_pb2, target_pb2
 
@@ -77,4 +79,29 @@ def small_run_request(items: int = 10) -> pb.CreateRunRequest:
         items=provided_items(items),
         target=PROVIDED,
         graders=[grader_pb2.Grader(name="exact", exact_match=grader_pb2.ExactMatch())],
+    )
+
+
+def pathological_run_request(items: int, numbers: int) -> pb.CreateRunRequest:
+    """A run whose every output is a JSON array of `numbers` numbers (~6.5 bytes each) graded by
+    similarity (quadratic in the text), JSON match and a regex: expensive but valid work that grading
+    on the event loop would turn into seconds of stall per item."""
+    expected = json.dumps(list(range(numbers)))
+    run_items = [
+        item_pb2.Item(
+            id=f"big{i}",
+            expected_output=expected,
+            response=item_pb2.Response(content=json.dumps(list(range(i + 1, numbers + i + 1)))),
+        )
+        for i in range(items)
+    ]
+    G = grader_pb2
+    return pb.CreateRunRequest(
+        items=run_items,
+        target=PROVIDED,
+        graders=[
+            G.Grader(name="similar", similarity=G.Similarity(threshold=0.5)),
+            G.Grader(name="json", json_match=G.JsonMatch()),
+            G.Grader(name="numbers", regex=G.Regex(pattern=r"^\[(\d+, )*\d+\]$")),
+        ],
     )

@@ -132,6 +132,16 @@ class Settings:
         default=0.0, metadata={"help": "total model spend allowed per tenant, in US dollars; 0 means no limit"}
     )
     max_graders_per_run: int = dataclasses.field(default=100, metadata={"help": "graders per run (at most 1024)"})
+    grade_timeout_s: float = dataclasses.field(
+        default=5.0,
+        metadata={
+            "help": "seconds one grading of a large output may compute in a grading process; over it the "
+            "process is killed and the evaluation is ERROR GRADER_TIMEOUT"
+        },
+    )
+    grade_processes: int = dataclasses.field(
+        default=2, metadata={"help": "worker processes that grade large outputs off the event loop (at least 1)"}
+    )
     webhook_concurrency: int = dataclasses.field(
         default=16, metadata={"help": "webhook deliveries this process sends at once (a quarter of them per tenant)"}
     )

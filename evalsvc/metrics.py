@@ -48,6 +48,9 @@ STREAM_BUCKETS = (0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3
 TARGET_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 GRADER_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0)
 SCRAPE_QUERY_TIMEOUT_S = 5.0
+# Event-loop lag: fine around the 100 ms objective (docs/operations.md), coarse beyond.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LAG_SAMPLE_INTERVAL_S = 0.1
 
 
 class Metrics:
@@ -97,6 +100,20 @@ class Metrics:
         )
         r.register(self.target_latency)
         r.register(self.grader_latency)
+        self.loop_lag = Histogram(
+            "evalsvc_event_loop_lag_seconds",
+            f"How late the event loop ran a timer that was due (sampled every {LAG_SAMPLE_INTERVAL_S:g} s): "
+            "the extra wait of every RPC, stream and job at that moment",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.grader_timeouts = Counter(
+            "evalsvc_grader_timeouts",
+            "Gradings stopped at --grade-timeout-s (evaluation ERROR GRADER_TIMEOUT), by grader kind",
+            ["grader"],
+            registry=r,
+        )
+        self._lag_sampler: asyncio.Task[None] | None = None
         self._evaluations_by_state = {state: self.evaluations.labels(name) for state, name in RESULT_STATES.items()}
         for name in RUN_STATUSES.values():
             self.runs.labels(name)  # every status is exported, zeros included, so series never vanish
@@ -121,6 +138,10 @@ class Metrics:
     def graded(self, grader: object, seconds: float) -> None:
         """Observe how long grading one output took."""
         self.grader_latency.observe(kind_label(grader), seconds)
+
+    def grading_timed_out(self, grader: object) -> None:
+        """Count a grading stopped at its time limit."""
+        self.grader_timeouts.labels(kind_label(grader)).inc()
 
     def evaluations_recorded(self, events: Mapping[str, Sequence[pb.WatchRunResponse]]) -> None:
         """Count the results among events the recorder just committed."""
@@ -162,8 +183,31 @@ class Metrics:
         log.info("metrics at http://%s:%d/metrics", host or "0.0.0.0", bound)
         return bound
 
+    def start_lag_sampler(self) -> None:
+        """Start sampling the event loop's lag (`evalsvc_event_loop_lag_seconds`) until `close`."""
+        if self._lag_sampler is None:
+            self._lag_sampler = asyncio.create_task(self._sample_loop_lag(), name="metrics-loop-lag")
+
+    async def _sample_loop_lag(self) -> None:
+        """Sleep a fixed interval and observe how much later than due the loop woke us: anything
+        CPU-bound on the loop (a slow grading, a huge request) shows up here as lag. Supervised: a
+        failure is logged and sampling goes on; only `close` ends it."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                due = loop.time() + LAG_SAMPLE_INTERVAL_S
+                await asyncio.sleep(LAG_SAMPLE_INTERVAL_S)
+                self.loop_lag.observe(max(0.0, loop.time() - due))
+            except Exception:
+                log.exception("metrics: sampling the event loop lag failed; sampling goes on")
+
     async def close(self) -> None:
-        """Stop serving /metrics."""
+        """Stop serving /metrics and sampling the loop's lag."""
+        if self._lag_sampler is not None:
+            self._lag_sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag_sampler
+            self._lag_sampler = None
         if self._http is not None:
             self._http.close()
             await self._http.wait_closed()

@@ -32,6 +32,7 @@ from evalsvc.execution.outbound import Outbound
 from evalsvc.execution.targets import PriceTable
 from evalsvc.gateway.server import Gateway
 from evalsvc.graders.judge import JudgeDefaults
+from evalsvc.graders.pool import GradingPool
 from evalsvc.limits import TenantLimits
 from evalsvc.metrics import Metrics
 from evalsvc.runs.service import RunService
@@ -93,8 +94,16 @@ class EvalServer:
         self.outbound = Outbound(settings)
         prices = PriceTable.from_file(settings.price_table)
         judge = JudgeDefaults(settings.judge_base_url, settings.judge_model, settings.judge_api_key)
+        self.grading = GradingPool(settings.grade_processes, settings.grade_timeout_s, self.metrics)
         self.executor = Executor(
-            self.db, self.bus, settings, self.metrics, outbound=self.outbound, prices=prices, judge=judge
+            self.db,
+            self.bus,
+            settings,
+            self.metrics,
+            outbound=self.outbound,
+            prices=prices,
+            judge=judge,
+            grading=self.grading,
         )
         # Other replicas' commits reach this process's watchers through PostgreSQL notifications.
         self.listener = None if self.db.is_sqlite else EventListener(settings.db, self.bus, self.db)
@@ -161,6 +170,7 @@ class EvalServer:
             raise OSError(f"cannot listen on {self.settings.grpc_addr}")
         await server.start()
         self._server = server
+        self.metrics.start_lag_sampler()
         await self.executor.start()
         await self.webhook_sender.start()
         if self.listener is not None:
@@ -196,6 +206,7 @@ class EvalServer:
             await self.listener.stop()
         if self._server is not None:
             await asyncio.gather(self._server.stop(grace), self.executor.stop(), self.webhook_sender.stop())
+        await self.grading.close()
         await self.metrics.close()
         await self.outbound.close()
         await self.db.close()

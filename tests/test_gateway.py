@@ -176,7 +176,7 @@ BAD_INPUT: list[tuple[int, str, str, dict[str, Any]]] = [
     (400, "GET", "/v1/runs", {"params": {"labels": "team"}}),
     (400, "GET", "/v1/runs/run_x:watch", {"params": {"afterSeq": "99999999999999999999"}}),
     (400, "GET", "/v1/runs/run_x:watch", {"headers": {"last-event-id": "99999999999999999999"}}),
-    (404, "GET", "/v1/runs/%00%FF%E2%80%AE..%5C", {}),
+    (400, "GET", "/v1/runs/%00%FF%E2%80%AE..%5C", {}),  # a NUL in any string is refused (docs/errors.md)
     (401, "GET", "/v1/runs", {"headers": {"authorization": b"Bearer \xe9t\xe9"}}),  # not gRPC metadata
     (401, "GET", "/v1/runs", {"headers": {"x-api-key": b"evk\x01", "authorization": ""}}),
 ]

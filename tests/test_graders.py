@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import pytest
@@ -161,6 +162,36 @@ def test_regex_bad_per_item_pattern_is_error(expected: str) -> None:
         assert result.state == ERROR
         assert result.error_reason
         assert result.score == 0.0
+
+
+@pytest.mark.parametrize(
+    ("pattern", "construct"),
+    [
+        pytest.param(r"(a)\1", r"backreference \1", id="backreference"),
+        pytest.param(r"(?P<w>a)(?P=w)", "named backreference", id="named-backreference"),
+        pytest.param(r"foo(?=bar)", "lookahead (?=", id="lookahead"),
+        pytest.param(r"foo(?!bar)", "negative lookahead (?!", id="negative-lookahead"),
+        pytest.param(r"(?<=x)foo", "lookbehind (?<=", id="lookbehind"),
+        pytest.param(r"(?<!x)foo", "negative lookbehind (?<!", id="negative-lookbehind"),
+        pytest.param(r"a++", "possessive quantifier ++", id="possessive"),
+    ],
+)
+def test_a_pattern_re2_cannot_run_is_refused_naming_the_construct(pattern: str, construct: str) -> None:
+    [violation] = validate_grader(grader_pb2.Grader(regex=grader_pb2.Regex(pattern=pattern)), "graders[0]")
+    assert violation.field == "graders[0].regex.pattern"
+    assert construct in violation.description and "RE2" in violation.description
+    per_item = compile_grader(grader_pb2.Grader(regex=grader_pb2.Regex())).grade(item(pattern), output("aa"))
+    assert per_item.state == ERROR and construct in per_item.error_reason
+
+
+def test_a_catastrophic_backtracking_pattern_runs_in_linear_time() -> None:
+    """`^(a+)+$` takes Python's re exponential time on `a...a!`; RE2 answers at once, whatever the length."""
+    grader = compile_grader(grader_pb2.Grader(regex=grader_pb2.Regex(pattern="^(a+)+$")))
+    started = time.perf_counter()
+    for length in (31, 10_000, 1_000_000):
+        assert grader.grade(item(""), output("a" * length + "!")).state == FAILED
+    assert time.perf_counter() - started < 2.0  # Python's re would take hours on the first one alone
+    assert grader.grade(item(""), output("a" * 31)).state == PASSED
 
 
 # -------------------------------------------------------------------------------------- json_match
@@ -606,7 +637,6 @@ ALL_KINDS = [
 ]
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # re warns about "[[" in the weird per-item patterns
 @pytest.mark.parametrize("spec", ALL_KINDS, ids=[grader_name(s) + f"-{i}" for i, s in enumerate(ALL_KINDS)])
 def test_grade_never_raises_on_weird_inputs(spec: grader_pb2.Grader) -> None:
     assert validate_grader(spec, "g") == []

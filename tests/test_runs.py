@@ -10,7 +10,6 @@ import pytest
 
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
-from tests import dbs
 from tests.helpers import create_request, error_reason, exact, provided_items, violations, watch_all
 
 
@@ -291,20 +290,3 @@ async def test_an_unknown_very_long_id_is_a_clear_not_found(runs) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await runs.GetRun(pb.GetRunRequest(run_id="r" * 20_000))
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND and error_reason(missing.value) == "RUN_NOT_FOUND"
-
-
-async def test_a_nul_character_is_bad_input_or_stored_never_an_internal_error(runs) -> None:
-    """PostgreSQL text cannot hold NUL; SQLite's can. Either way the caller gets a clear answer."""
-    with pytest.raises(grpc.aio.AioRpcError) as missing:
-        await runs.GetRun(pb.GetRunRequest(run_id="run_\x00"))
-    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
-    request = create_request(1, display_name="before\x00after")
-    if dbs.USE_POSTGRES:
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await runs.CreateRun(request)
-        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "NUL" in violations(refused.value)["request"]
-        assert not (await runs.ListRuns(pb.ListRunsRequest())).runs  # nothing half-written
-    else:
-        created = (await runs.CreateRun(request)).run
-        assert (await runs.GetRun(pb.GetRunRequest(run_id=created.id))).run.display_name == "before\x00after"

@@ -294,7 +294,7 @@ async def test_manage_webhooks(webhooks: webhook_service_pb2_grpc.WebhookService
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await webhooks.GetWebhook(wpb.GetWebhookRequest(webhook_id="wh_\x00"))
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_bad_webhooks_are_invalid_arguments_naming_the_field(

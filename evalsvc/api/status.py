@@ -18,7 +18,8 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from evalsvc.errors import ERROR_DOMAIN, FieldViolation, ServiceError, invalid_argument
+from evalsvc.errors import ERROR_DOMAIN, ServiceError, invalid_argument
+from evalsvc.storable import request_nul_violations
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ def _translated(
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
         try:
+            _check_text(request)
             call = method(self, request, context)
             return await (asyncio.shield(call) if shielded else call)
         except ServiceError as error:
@@ -107,6 +109,7 @@ def server_stream(
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> AsyncIterator[Resp]:
         try:
+            _check_text(request)
             async for message in method(self, request, context):
                 yield message
         except ServiceError as error:
@@ -117,19 +120,15 @@ def server_stream(
     return wrapper
 
 
-# PostgreSQL's SQLSTATE for text it cannot store: a NUL character, which no text column may hold.
-_CHARACTER_NOT_IN_REPERTOIRE = "22021"
+def _check_text(request: Any) -> None:
+    """Refuse a request with a NUL in any string before any method sees it: PostgreSQL cannot store
+    one, and checking here makes SQLite answer the same (evalsvc.storable)."""
+    violations = request_nul_violations(request)
+    if violations:
+        raise invalid_argument(violations)
 
 
 def _unexpected(exc: Exception, method: str) -> ServiceError:
-    """INVALID_ARGUMENT for text PostgreSQL refuses (a NUL anywhere in a string field); INTERNAL,
-    logged, for everything else."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if getattr(cause, "sqlstate", None) == _CHARACTER_NOT_IN_REPERTOIRE:
-            return invalid_argument(
-                [FieldViolation("request", "text fields must not contain NUL (\\u0000) characters")]
-            )
-        cause = getattr(cause, "orig", None) or cause.__cause__
+    """INTERNAL, logged: whatever reaches here is a bug, never the caller's input."""
     log.exception("unexpected error in %s", method)
     return _internal()

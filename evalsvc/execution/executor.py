@@ -31,6 +31,7 @@ from evalsvc.execution.recorder import ClaimedJob, FinishedJob, RunGraders, fail
 from evalsvc.execution.targets import PriceTable, Target, TargetError, answers_locally, build_target
 from evalsvc.graders import CompiledGrader, Grade, compile_grader, grader_name, target_error_grade
 from evalsvc.graders.judge import JudgeDefaults, LlmJudgeGrader
+from evalsvc.graders.pool import GradingPool, may_offload, offloads
 from evalsvc.metrics import Metrics
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
@@ -58,12 +59,17 @@ class RunPlan:
     recorder_view: RunGraders
     max_cost_usd: float | None
     spent_usd: float  # committed spend at load time plus what this process spent since
+    offloads_grading: bool  # some output may be big enough to be graded in a grading process
 
     @property
     def local(self) -> bool:
-        """Whether its jobs run without any I/O (recorded responses, deterministic graders): they
-        never wait, so they need no worker slot and no task of their own."""
-        return answers_locally(self.target) and not any(isinstance(g, LlmJudgeGrader) for g in self.graders)
+        """Whether its jobs run without any I/O (recorded responses, deterministic graders on small
+        outputs): they never wait, so they need no worker slot and no task of their own."""
+        return (
+            answers_locally(self.target)
+            and not self.offloads_grading
+            and not any(isinstance(g, LlmJudgeGrader) for g in self.graders)
+        )
 
 
 class BudgetExceeded(Exception):
@@ -83,8 +89,10 @@ class Executor:
         outbound: Outbound,
         prices: PriceTable,
         judge: JudgeDefaults,
+        grading: GradingPool,
     ) -> None:
         self._db = db
+        self._grading = grading
         self._outbound = outbound
         self._prices = prices
         self._judge = judge
@@ -309,6 +317,8 @@ class Executor:
                     self._check_budget(job, plan)
                     grade = await g.grade_async(item, output)
                     self._spend(plan, grade.cost_usd)
+                elif offloads(g, item, output):  # big output: off the event loop, under a time limit
+                    grade = await self._grading.grade(plan.tenant, g, item, output)
                 else:
                     grade = g.grade(item, output)
                 self._metrics.graded(g, time.perf_counter() - started)
@@ -382,9 +392,10 @@ class Executor:
                 self._tenant_spent[row["tenant"]] = await run_store.tenant_spend(conn, row["tenant"])
         spec = run_pb2.Run.FromString(row["spec"])
         graders = [self._compile(g) for g in spec.graders]
+        run_items = [item_pb2.Item.FromString(raw) for raw in items]
         return RunPlan(
             tenant=row["tenant"],
-            items=[item_pb2.Item.FromString(raw) for raw in items],
+            items=run_items,
             target=build_target(spec.target, self._outbound, self._prices),
             graders=graders,
             warmup_runs=spec.warmup_runs,
@@ -395,6 +406,7 @@ class Executor:
             ),
             max_cost_usd=spec.max_cost_usd if spec.HasField("max_cost_usd") else None,
             spent_usd=row["cost_usd"],
+            offloads_grading=may_offload([g for g in graders if not isinstance(g, LlmJudgeGrader)], run_items),
         )
 
     def _compile(self, spec: grader_pb2.Grader) -> CompiledGrader | LlmJudgeGrader:

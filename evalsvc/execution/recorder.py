@@ -3,6 +3,12 @@
 For each batch: mark the jobs done where their claim still holds the lease (the fence), store the
 outputs, count the results on their runs while allocating one seq per result, insert results and
 events, and finish every run whose last evaluation this was. Either all of it commits or none.
+
+A batch holds many runs of many tenants, so one evaluation the database refuses must not cost the
+others theirs: a refused batch is split in halves, each recorded (and split) again, until the job
+that cannot be stored is alone; it is then recorded as ERROR `RESULT_NOT_STORABLE`, so its run ends
+and its lease is released like any other. A database that is unreachable is not split for: that
+failure is everyone's, and the batch is retried whole by the caller.
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.graders import Grade
 from evalsvc.runs.aggregate import build_aggregate, verdict
 from evalsvc.runs.convert import timestamp
+from evalsvc.storable import storable_text
 from evalsvc.store import events as event_log
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
@@ -80,10 +88,61 @@ def item_score(grades: Sequence[tuple[str, Grade]], weights: Sequence[float]) ->
     return total / weight_sum if weight_sum else None
 
 
-async def record(
-    db: Database, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders]
-) -> tuple[dict[str, list[pb.WatchRunResponse]], set[str]]:
+Recorded = tuple[dict[str, list[pb.WatchRunResponse]], set[str]]
+# Failures of the database itself, not of a batch's data: splitting the batch would not help.
+_DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, OSError)
+
+
+async def record(db: Database, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders]) -> Recorded:
     """Commit a batch. Returns the committed events by run, and the runs that finished.
+
+    Splits a batch the database refuses until only the evaluation it cannot store is left out,
+    recorded as ERROR `RESULT_NOT_STORABLE` instead (see the module docstring). Raises when the
+    database is unavailable, or refuses even that replacement."""
+    try:
+        return await _record_batch(db, finished, graders_of)
+    except _DATABASE_UNAVAILABLE:
+        raise
+    except Exception as exc:
+        if len(finished) > 1:
+            half = len(finished) // 2
+            first = await record(db, finished[:half], graders_of)
+            second = await record(db, finished[half:], graders_of)
+            for run_id, events in second[0].items():
+                first[0].setdefault(run_id, []).extend(events)
+            return first[0], first[1] | second[1]
+        [refused] = finished
+        log.warning(
+            "the result of job %d (run %s, item %r) cannot be stored (%s: %s); recorded as ERROR RESULT_NOT_STORABLE",
+            refused.job.id,
+            refused.job.run_id,
+            refused.item_id[:128],
+            type(exc).__name__,
+            str(exc)[:500],
+        )
+        return await _record_batch(db, [_not_storable(refused, exc)], graders_of)
+
+
+def _not_storable(refused: FinishedJob, exc: Exception) -> FinishedJob:
+    """The job with its output dropped and every grade replaced by ERROR `RESULT_NOT_STORABLE`; the
+    reason names only the exception's type, since its message may quote the very text refused."""
+    grade = Grade(
+        run_pb2.RESULT_STATE_ERROR,
+        0.0,
+        0.0,
+        "the result could not be stored, so its output and grade were dropped",
+        f"RESULT_NOT_STORABLE: the database refused the result ({type(exc).__name__})",
+    )
+    return FinishedJob(
+        job=refused.job,
+        item_id=storable_text(refused.item_id),
+        output=item_pb2.Response(),
+        grades=[(storable_text(name), grade) for name, _ in refused.grades],
+    )
+
+
+async def _record_batch(db: Database, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders]) -> Recorded:
+    """Commit a batch in one transaction (see `record`).
 
     Each run's changes are stamped when the recorder reaches that run, not when the batch starts:
     a batch that holds the last jobs of a large run before a small one would otherwise date the
@@ -172,6 +231,8 @@ def _result_events(
             setattr(counts, field, getattr(counts, field) + 1)
             counts.completed_evaluations += 1
             result_id = job.id * GRADER_SLOTS + grader_idx
+            # Exception messages and judges' words reach these texts; a NUL in one must not fail the batch.
+            explanation, error_reason = storable_text(grade.explanation), storable_text(grade.error_reason)
             result_rows.append(  # in run_store.RESULT_COLUMNS order
                 (
                     result_id,
@@ -184,8 +245,8 @@ def _result_events(
                     grade.state,
                     grade.score,
                     grade.raw_score,
-                    grade.explanation,
-                    grade.error_reason,
+                    explanation,
+                    error_reason,
                     job.attempt,
                     f.output.cost_usd,
                     f.output.latency_ms,
@@ -209,10 +270,10 @@ def _result_events(
                         score=grade.score,
                         raw_score=grade.raw_score,
                         passed=grade.state == run_pb2.RESULT_STATE_PASSED,
-                        explanation=grade.explanation,
+                        explanation=explanation,
                         cost_usd=f.output.cost_usd,
                         latency_ms=f.output.latency_ms,
-                        error_reason=grade.error_reason,
+                        error_reason=error_reason,
                         attempt=job.attempt,
                         complete_time=event_time,
                         scoring_cost_usd=grade.cost_usd,

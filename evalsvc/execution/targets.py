@@ -1,7 +1,9 @@
 """Targets: what produces an output for an item.
 
 A target either returns a `Response` or raises `TargetError`; the executor records a target error
-as an ERROR result for every grader of that evaluation.
+as an ERROR result for every grader of that evaluation. Every string of an endpoint's reply is made
+storable (`storable_json`: NUL and lone surrogates become U+FFFD) before it becomes an output, so
+what is graded, stored and returned is the same text on every database engine.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from google.protobuf import json_format, struct_pb2
 
 from evalsvc.errors import FieldViolation
 from evalsvc.execution.outbound import Outbound, OutboundError, check_url_shape
+from evalsvc.storable import storable_json
 from evalsvc.v1 import item_pb2, target_pb2
 
 
@@ -147,10 +150,11 @@ class ChatTarget:
             )
         except OutboundError as exc:
             raise TargetError(exc.reason) from exc
+        body = storable_json(reply.body)
         try:
-            choice = reply.body["choices"][0]
+            choice = body["choices"][0]
             message = choice.get("message") or {}
-            usage = reply.body.get("usage") or {}
+            usage = body.get("usage") or {}
         except (KeyError, IndexError, TypeError, AttributeError) as exc:
             raise TargetError("the endpoint's reply has no choices[0].message") from exc
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
@@ -191,19 +195,20 @@ class HttpTarget:
             )
         except OutboundError as exc:
             raise TargetError(exc.reason) from exc
-        if not isinstance(reply.body, dict):
+        body = storable_json(reply.body)
+        if not isinstance(body, dict):
             raise TargetError("the webhook's reply is not a JSON object")
         try:
-            cost = float(reply.body.get("cost_usd") or 0.0)
-            memory = float(reply.body.get("memory_mib") or 0.0)
+            cost = float(body.get("cost_usd") or 0.0)
+            memory = float(body.get("memory_mib") or 0.0)
         except (TypeError, ValueError) as exc:
             raise TargetError("the webhook's cost_usd or memory_mib is not a number") from exc
         return item_pb2.Response(
-            content=str(reply.body.get("content") or ""),
-            tool_calls=tool_calls_from(reply.body.get("tool_calls")),
+            content=str(body.get("content") or ""),
+            tool_calls=tool_calls_from(body.get("tool_calls")),
             cost_usd=cost,
             latency_ms=reply.latency_ms,
-            refused=bool(reply.body.get("refused")),
+            refused=bool(body.get("refused")),
             memory_mib=memory,
         )
 

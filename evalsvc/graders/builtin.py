@@ -15,11 +15,11 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import re2
 from google.protobuf import json_format, struct_pb2
 from rapidfuzz import fuzz
 
@@ -66,6 +66,8 @@ class CompiledGrader(Protocol):
 
     name: str
     weight: float
+    kind: str  # the spec's kind: `regex`, `similarity`...
+    spec_bytes: bytes  # the serialized spec, from which a worker process builds the same grader
 
     def grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         """Grade one output for one item. Never raises."""
@@ -140,14 +142,18 @@ def _normalizer(case_insensitive: bool, normalize_whitespace: bool = False) -> C
 class _Base:
     """Common state and the never-raise guarantee; subclasses implement `_grade`."""
 
-    __slots__ = ("name", "weight")
+    __slots__ = ("kind", "name", "spec_bytes", "weight")
 
     name: str
     weight: float
+    kind: str
+    spec_bytes: bytes
 
     def __init__(self, spec: grader_pb2.Grader) -> None:
         self.name = grader_name(spec)
         self.weight = spec.weight or 1.0
+        self.kind = spec.WhichOneof("kind") or ""
+        self.spec_bytes = spec.SerializeToString()
 
     def grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         """Grade one output; an unexpected exception becomes an ERROR grade so one bad output cannot fail a job."""
@@ -209,27 +215,77 @@ class _Contains(_Base):
         return Grade(FAILED, 0.0, 0.0, f"output contains none of the values {_names(missing)}")
 
 
+# What RE2 refuses that people write in Python or Perl patterns, by the text its error quotes.
+_UNSUPPORTED_CONSTRUCTS: tuple[tuple[str, str], ...] = (
+    ("(?=", "lookahead (?=...)"),
+    ("(?!", "negative lookahead (?!...)"),
+    ("(?<=", "lookbehind (?<=...)"),
+    ("(?<!", "negative lookbehind (?<!...)"),
+    ("(?P=", "named backreference (?P=name)"),
+    ("(?>", "atomic group (?>...)"),
+    ("++", "possessive quantifier ++"),
+    ("*+", "possessive quantifier *+"),
+    ("?+", "possessive quantifier ?+"),
+    ("(?#", "comment group (?#...)"),
+)
+
+
+def _re2_options(case_insensitive: bool) -> re2.Options:
+    options = re2.Options()
+    options.log_errors = False  # a refused pattern is the caller's error, reported to them, not logged
+    options.case_sensitive = not case_insensitive
+    return options
+
+
+def _explain_re2_error(exc: re2.error, pattern: str) -> str:
+    """RE2's message, naming the unsupported construct where it is one people commonly write.
+
+    RE2 quotes only the start of what it refused (`(?P` for `(?P=name)`), so the construct is the
+    table's entry that begins with that quote and occurs in the pattern."""
+    raw = exc.args[0] if exc.args else ""
+    message = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    quoted = message.rsplit(": ", 1)[-1]
+    construct = next(
+        (name for text, name in _UNSUPPORTED_CONSTRUCTS if quoted and text.startswith(quoted) and text in pattern),
+        None,
+    )
+    if construct is None and message.startswith("invalid escape sequence: \\") and quoted[1:].isdigit():
+        construct = f"backreference {quoted}"
+    if construct is None:
+        return message
+    return f"{construct} is not supported: regex graders use RE2, which matches in linear time ({message})"
+
+
+def _compile_pattern(pattern: str, case_insensitive: bool = False) -> re2._Regexp:
+    """Compile a pattern with RE2 (linear time in the text, whatever the pattern); raises ValueError
+    with a message that names an unsupported construct (backreferences, lookaround)."""
+    try:
+        return re2.compile(pattern, _re2_options(case_insensitive))
+    except re2.error as exc:
+        raise ValueError(_explain_re2_error(exc, pattern)) from None
+
+
 @functools.lru_cache(maxsize=256)
-def _compile_item_pattern(pattern: str, flags: int) -> re.Pattern[str] | str:
+def _compile_item_pattern(pattern: str, case_insensitive: bool) -> re2._Regexp | str:
     """Compile a per-item pattern, or return the compile error; cached since repetitions reuse items.
 
     Errors are returned rather than raised because `lru_cache` does not cache exceptions.
     """
     try:
-        return re.compile(pattern, flags)
-    except (re.error, OverflowError, RecursionError, ValueError) as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return _compile_pattern(pattern, case_insensitive)
+    except ValueError as exc:
+        return str(exc)
 
 
 class _Regex(_Base):
-    __slots__ = ("_fail", "_flags", "_full", "_pass", "_pattern")
+    __slots__ = ("_case_insensitive", "_fail", "_full", "_pass", "_pattern")
 
     def __init__(self, spec: grader_pb2.Grader) -> None:
         super().__init__(spec)
         opts = spec.regex
         self._full = opts.full_match
-        self._flags = re.IGNORECASE if opts.case_insensitive else 0
-        self._pattern: re.Pattern[str] | None = re.compile(opts.pattern, self._flags) if opts.pattern else None
+        self._case_insensitive = opts.case_insensitive
+        self._pattern = _compile_pattern(opts.pattern, opts.case_insensitive) if opts.pattern else None
         verb = "fully matches" if self._full else "matches"
         shown = _slashed(opts.pattern)
         self._pass = Grade(PASSED, 1.0, 1.0, f"output {verb} {shown}")
@@ -244,14 +300,14 @@ class _Regex(_Base):
         if not source:
             # An empty pattern matches everything; from an item it is almost surely a missing value.
             return _error("the item has no pattern", "no pattern: regex.pattern and expected_output are both empty")
-        compiled = _compile_item_pattern(source, self._flags)
+        compiled = _compile_item_pattern(source, self._case_insensitive)
         if isinstance(compiled, str):
-            return _error("the item's expected_output is not a valid regular expression", compiled)
+            return _error("the item's expected_output is not a pattern RE2 can run", compiled)
         if self._match(compiled, output.content):
             return Grade(PASSED, 1.0, 1.0, f"output {'fully matches' if self._full else 'matches'} {_slashed(source)}")
         return Grade(FAILED, 0.0, 0.0, f"output does not {'fully ' if self._full else ''}match {_slashed(source)}")
 
-    def _match(self, pattern: re.Pattern[str], text: str) -> bool:
+    def _match(self, pattern: re2._Regexp, text: str) -> bool:
         return (pattern.fullmatch(text) if self._full else pattern.search(text)) is not None
 
 
@@ -502,10 +558,10 @@ def compile_grader(spec: grader_pb2.Grader) -> CompiledGrader:
 
 
 def _valid_regex(pattern: str) -> str | None:
-    """The compile error of a pattern, or None when it compiles."""
+    """The compile error of a pattern, or None when RE2 can run it."""
     try:
-        re.compile(pattern)
-    except (re.error, OverflowError, RecursionError, ValueError) as exc:
+        _compile_pattern(pattern)
+    except ValueError as exc:
         return str(exc)
     return None
 

@@ -21,6 +21,7 @@ from evalsvc.errors import FieldViolation
 from evalsvc.execution.outbound import Outbound, OutboundError, check_url_shape
 from evalsvc.execution.targets import PriceTable, chat_url
 from evalsvc.graders.builtin import Grade
+from evalsvc.storable import storable_json
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2, target_pb2
 
 PASSED, FAILED, ERROR = run_pb2.RESULT_STATE_PASSED, run_pb2.RESULT_STATE_FAILED, run_pb2.RESULT_STATE_ERROR
@@ -194,7 +195,7 @@ class LlmJudgeGrader:
                     self._model, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
                 )
                 content = reply.body["choices"][0]["message"]["content"]
-                grade = verdict(self._spec, json.loads(content))
+                grade = verdict(self._spec, storable_json(json.loads(content)))
             except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
                 problem = f"unusable judgment: {exc}"
                 continue

@@ -120,8 +120,6 @@ async def get_current_run(db: Database, tenant: str, run_id: str) -> run_pb2.Run
     """A tenant's run as a message, for a caller that needs no transaction. Where the database has a
     run cache (see evalsvc.store.run_cache) the row comes from it and the message is built once per
     change and shared: copy it before changing it. Otherwise the row is read (and cached)."""
-    if "\x00" in run_id:  # no id holds a NUL, and PostgreSQL refuses to even compare one
-        return None
     cache = db.run_rows
     row = cache.get(run_id) if cache is not None else None
     if row is None:

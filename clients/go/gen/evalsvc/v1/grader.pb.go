@@ -721,7 +721,8 @@ func (x *Contains) GetCaseInsensitive() bool {
 	return false
 }
 
-// Regex passes when the output matches a Python regular expression.
+// Regex passes when the output matches an RE2 regular expression: matching takes linear time in the
+// output, so RE2 syntax has no backreferences or lookaround (a pattern using them is INVALID_ARGUMENT).
 type Regex struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache

@@ -409,7 +409,8 @@ export const ContainsSchema: GenMessage<Contains> = /*@__PURE__*/
   messageDesc(file_evalsvc_v1_grader, 5);
 
 /**
- * Regex passes when the output matches a Python regular expression.
+ * Regex passes when the output matches an RE2 regular expression: matching takes linear time in the
+ * output, so RE2 syntax has no backreferences or lookaround (a pattern using them is INVALID_ARGUMENT).
  *
  * @generated from message evalsvc.v1.Regex
  */

@@ -1,0 +1,97 @@
+"""Text both database engines can store, checked where it enters the service.
+
+PostgreSQL's text cannot hold a NUL (U+0000) and no UTF-8 text can hold a lone surrogate
+(U+D800-U+DFFF, which JSON's `\\u` escapes can produce); SQLite would store a NUL without complaint.
+So that the two engines behave the same, and so that one bad string can never fail the transaction
+that records other tenants' results, text is handled at the edge, by one rule each way:
+
+- what callers send: a NUL in any string of a request is INVALID_ARGUMENT naming the field
+  (`request_nul_violations`, applied to every RPC by evalsvc.api.status);
+- what targets and judges send back: NUL and lone surrogates are replaced by U+FFFD (`storable_text`,
+  `storable_json`), so their output is always recorded (docs/targets.md).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from evalsvc.errors import FieldViolation
+
+__all__ = ["REPLACEMENT", "request_nul_violations", "storable_json", "storable_text"]
+
+REPLACEMENT = "\ufffd"
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_NUL_BYTE = b"\x00"
+_NUL_DESCRIPTION = "must not contain NUL (U+0000) characters"
+_STRING = FieldDescriptor.TYPE_STRING
+_MESSAGE = FieldDescriptor.TYPE_MESSAGE
+
+
+def storable_text(text: str) -> str:
+    """The text with every NUL and lone surrogate replaced by U+FFFD; the same object when it has none."""
+    return text if _UNSTORABLE.search(text) is None else _UNSTORABLE.sub(REPLACEMENT, text)
+
+
+def storable_json(value: Any) -> Any:
+    """A parsed JSON value with every string (keys too) made storable; numbers, booleans and null as they are."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, dict):
+        return {storable_text(k): storable_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable_json(v) for v in value]
+    return value
+
+
+def request_nul_violations(request: Message) -> list[FieldViolation]:
+    """One violation per string field (or map key) of the request that holds a NUL, with its path
+    (`items[3].input`, `labels[team]`, `target.chat.parameters.fields[k].string_value`).
+
+    A UTF-8 string holds a zero byte only where it holds a NUL, so a request whose encoding has no
+    zero byte at all is clean: that check runs in C and spares the walk for almost every request."""
+    if _NUL_BYTE not in request.SerializeToString():
+        return []
+    out: list[FieldViolation] = []
+    _walk(request, "", out)
+    return out
+
+
+def _walk(message: Message, prefix: str, out: list[FieldViolation]) -> None:
+    for field, value in message.ListFields():
+        path = prefix + field.name
+        if field.type == _STRING:
+            if field.is_repeated:
+                out.extend(FieldViolation(f"{path}[{i}]", _NUL_DESCRIPTION) for i, s in enumerate(value) if "\x00" in s)
+            elif "\x00" in value:
+                out.append(FieldViolation(path, _NUL_DESCRIPTION))
+        elif field.type == _MESSAGE:
+            if field.message_type.GetOptions().map_entry:
+                _walk_map(field, value, path, out)
+            elif field.is_repeated:
+                for i, element in enumerate(value):
+                    _walk_if_dirty(element, f"{path}[{i}].", out)
+            else:
+                _walk_if_dirty(value, path + ".", out)
+
+
+def _walk_if_dirty(message: Message, prefix: str, out: list[FieldViolation]) -> None:
+    if _NUL_BYTE in message.SerializeToString():
+        _walk(message, prefix, out)
+
+
+def _walk_map(field: FieldDescriptor, entries: Any, path: str, out: list[FieldViolation]) -> None:
+    value_field = field.message_type.fields_by_name["value"]
+    for key, value in entries.items():
+        shown = key.replace("\x00", "\\u0000") if isinstance(key, str) else key
+        at = f"{path}[{shown}]"
+        if isinstance(key, str) and "\x00" in key:
+            out.append(FieldViolation(at, "keys " + _NUL_DESCRIPTION))
+        if value_field.type == _STRING:
+            if "\x00" in value:
+                out.append(FieldViolation(at, _NUL_DESCRIPTION))
+        elif value_field.type == _MESSAGE:
+            _walk_if_dirty(value, at + ".", out)
