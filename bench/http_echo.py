@@ -4,6 +4,9 @@
 Python and machine do per request with no service behind them; the gateway's `GET /v1/runs/{id}`
 (a translation to GetRun and back) is compared with it.
 
+`POST /v1/chat/completions` is the model stand-in of the cached scenario: an OpenAI-compatible reply
+whose content is the last message's, at once.
+
 Run: `python -m bench.http_echo --addr 127.0.0.1:0`; logs "bench http echo listening on HOST:PORT".
 """
 
@@ -23,6 +26,15 @@ app = FastAPI()
 @app.get("/echo/{run_id}")
 async def echo(run_id: str) -> dict[str, Any]:
     return {"run": {"id": run_id, "status": "RUN_STATUS_SUCCEEDED"}}
+
+
+@app.post("/v1/chat/completions")
+async def chat(body: dict[str, Any]) -> dict[str, Any]:
+    content = body["messages"][-1]["content"]
+    return {
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 10},
+    }
 
 
 async def serve(addr: str) -> None:

@@ -11,6 +11,8 @@ Modes:
 - `idle`: N idle streams held open until the parent has read the server's memory.
 - `pathological`: tenant B's GetRun latency alone, then while tenant A's run of huge outputs grades,
   with the server's event-loop lag histogram read from its /metrics around each window.
+- `cached`: the same chat-target run twice with the response cache on: the first fills it, the second
+  is served from it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, cast
 import grpc
 
 from bench import echo_server
-from bench.workloads import large_run_request, pathological_run_request, small_run_request
+from bench.workloads import cached_run_request, large_run_request, pathological_run_request, small_run_request
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc as pb_grpc
 from evalsvc.v1 import run_pb2
@@ -255,6 +257,35 @@ async def large(args: dict[str, Any]) -> dict[str, Any]:
         "terminal_commit_after_s": last_event_time - started_wall,
         "mean_event_bytes": size_sum / max(1, sized),
         "timeline": timeline,
+    }
+
+
+async def cached(args: dict[str, Any]) -> dict[str, Any]:
+    """One run of `items` chat-target items with the cache on (filling it), then the same run again:
+    wall time of each from CreateRun to the terminal event, and the second run's cache hits."""
+    addr, items, timeout_s = args["addr"], int(args["items"]), float(args["timeout_s"])
+    request = cached_run_request(items, args["model_base_url"])
+    timings: list[float] = []
+    runs: list[run_pb2.Run] = []
+    async with grpc.aio.insecure_channel(addr, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        stub = pb_grpc.EvalRunServiceStub(channel)
+        for _ in range(2):
+            started = time.perf_counter()
+            created = await stub.CreateRun(request, timeout=timeout_s, metadata=MD)
+            async for event in _watch_events(stub, created.run.id, timeout_s, batched=True):
+                if event.HasField("run") and event.run.status in TERMINAL:
+                    runs.append(event.run)
+                    break
+            timings.append(time.perf_counter() - started)
+    if len(runs) != 2:
+        raise RuntimeError("a watch ended without a terminal event")
+    return {
+        "items": items,
+        "fill_s": timings[0],
+        "cached_s": timings[1],
+        "status": run_pb2.RunStatus.Name(runs[1].status),
+        "cache_hits": runs[1].aggregate.cache_hits,
+        "passed": runs[1].counts.passed,
     }
 
 
@@ -547,6 +578,7 @@ MODES: dict[str, Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]]
     "fanout_bare": fanout_bare,
     "idle": idle,
     "pathological": pathological,
+    "cached": cached,
 }
 
 

@@ -542,9 +542,6 @@ def scenario_idle(suite: Suite) -> None:
     suite.samples["idle"] = per_stream
 
 
-# -------------------------------------------------------------------------------------------- peers
-
-
 # ------------------------------------------------------------------------------------- pathological
 
 
@@ -628,6 +625,46 @@ def scenario_pathological(suite: Suite) -> None:
     suite.samples["pathological"] = {"alone_ms": alone, "during_ms": during}
 
 
+# -------------------------------------------------------------------------------------------- peers
+
+
+def scenario_cached(suite: Suite) -> None:
+    """The peers' 10,000 items through a chat target (bench/http_echo.py standing in for the model)
+    with the response cache on, run twice per repetition: the second run, every output cached, against
+    the same items with recorded responses (the provided target: no model, no cache)."""
+    from bench import peers
+
+    cfg = suite.config
+    items = cfg.peer_items if not cfg.quick else 2000
+    rerun = suite.row(
+        "cached",
+        f"{items:,} items, exact match, every output from the response cache: items/s, CreateRun → terminal event",
+        "items/s",
+        baseline_label="the same items with recorded responses (provided target)",
+    )
+    fill = suite.row(
+        "cached", f"{items:,} items: first run, filling the cache (local model stand-in), items/s", "items/s"
+    )
+    for rep in range(cfg.reps):
+        with procs.http_echo_server(f"cached-model-{rep}") as model:
+            url = procs.sqlite_url(f"cached-{rep}")
+            with procs.evalsvc_server(url, f"cached-{rep}", "--outbound-allow", "127.0.0.1") as srv:
+                args = {
+                    "mode": "cached",
+                    **srv.target(),
+                    "items": items,
+                    "model_base_url": f"http://{model.addr}/v1",
+                    "timeout_s": 600,
+                }
+                result = procs.run_child("bench.loadgen", args, timeout_s=1300)
+        if result["cache_hits"] != items or result["passed"] != items:
+            raise RuntimeError(f"the cached run served {result['cache_hits']} of {items} outputs from the cache")
+        provided, _ = peers.evalsvc_items(items, f"cached-provided-{rep}")
+        rerun.add(items / result["cached_s"], provided)
+        fill.add(items / result["fill_s"])
+        log(f"cached rep {rep}: {items / result['cached_s']:.0f} items/s cached, {provided:.0f} provided")
+
+
 def scenario_peers(suite: Suite) -> None:
     """promptfoo and Inspect AI on the same 10,000 items, if they are installed (see README)."""
     from bench import peers
@@ -644,9 +681,10 @@ SCENARIOS: dict[str, Callable[[Suite], None]] = {
     "cross": scenario_cross_replica,
     "idle": scenario_idle,
     "pathological": scenario_pathological,
+    "cached": scenario_cached,
     "peers": scenario_peers,
 }
-FULL_ONLY = {"peers"}
+FULL_ONLY = {"peers", "cached"}
 
 
 # ------------------------------------------------------------------------------------------- output

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 
+from evalsvc.v1 import cache_pb2, grader_pb2, item_pb2, target_pb2
 from evalsvc.v1 import eval_run_service_pb2 as pb
-from evalsvc.v1 import grader_pb2, item_pb2, target_pb2
 
 PROVIDED = target_pb2.Target(provided=target_pb2.ProvidedTarget())
 
@@ -79,6 +79,20 @@ def small_run_request(items: int = 10) -> pb.CreateRunRequest:
         items=provided_items(items),
         target=PROVIDED,
         graders=[grader_pb2.Grader(name="exact", exact_match=grader_pb2.ExactMatch())],
+    )
+
+
+def cached_run_request(items: int, model_base_url: str) -> pb.CreateRunRequest:
+    """The peers' workload (items answered "answer i", one exact_match grader) through a chat target at
+    `model_base_url`, reading and writing the response cache: run twice, the second makes no call."""
+    return pb.CreateRunRequest(
+        display_name=f"bench cached {items}",
+        items=[item_pb2.Item(id=f"i{i}", input=f"answer {i}", expected_output=f"answer {i}") for i in range(items)],
+        target=target_pb2.Target(
+            chat=target_pb2.ChatTarget(endpoint=target_pb2.Endpoint(base_url=model_base_url), model="echo")
+        ),
+        graders=[grader_pb2.Grader(name="exact", exact_match=grader_pb2.ExactMatch())],
+        cache_mode=cache_pb2.CACHE_MODE_READ_WRITE,
     )
 
 

@@ -2,7 +2,10 @@
 schema; `evalsvc keys ...` manages API keys.
 
 Exit codes: 0 success, 1 a key to revoke does not exist, 2 bad configuration or a database whose
-schema this version cannot use (run `evalsvc migrate`)."""
+schema this version cannot use (run `evalsvc migrate`).
+
+`evalsvc cache prune` trims the response cache (docs/targets.md): every tenant to --max-entries
+(least recently used first), entries unused for --unused-for, or all of a tenant's with --all."""
 
 from __future__ import annotations
 
@@ -42,7 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--tenant", default=None, help="only this tenant's keys")
     revoke = keys.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id", help="the id shown by `keys list` (the part after evk_)")
-    for sub in (migrate, create, listing, revoke):
+    cache = commands.add_parser("cache", help="maintain the response cache").add_subparsers(
+        dest="cache_command", required=True
+    )
+    prune = cache.add_parser(
+        "prune", help="remove cache entries: beyond --max-entries per tenant, unused for --unused-for, or --all"
+    )
+    prune.add_argument("--tenant", default=None, help="only this tenant's entries")
+    prune.add_argument("--all", action="store_true", help="remove every entry (of --tenant, e.g. a removed tenant)")
+    prune.add_argument("--unused-for", default=None, help="remove entries not used for this long: 90s, 15m, 12h, 30d")
+    prune.add_argument(
+        "--max-entries",
+        type=int,
+        default=None,
+        help=f"keep at most this many per tenant, least recently used go first "
+        f"(default {config.env_name('cache_max_entries')} or {config.Settings.cache_max_entries})",
+    )
+    for sub in (migrate, create, listing, revoke, prune):
         sub.add_argument("--db", default=None, help=f"SQLAlchemy URL (env {config.env_name('db')})")
     return parser
 
@@ -76,6 +95,41 @@ async def _keys_command(args: argparse.Namespace, settings: config.Settings) -> 
         return 0
     finally:
         await db.close()
+
+
+async def _cache_command(args: argparse.Namespace, settings: config.Settings) -> int:
+    import time
+
+    from evalsvc.auth.service import parse_duration
+    from evalsvc.store import cache as cache_store
+    from evalsvc.store import migrate
+    from evalsvc.store.db import Database
+
+    max_entries = settings.cache_max_entries if args.max_entries is None else args.max_entries
+    if max_entries < 0:
+        raise ValueError("--max-entries must not be negative")
+    unused_before = time.time() - parse_duration(args.unused_for) if args.unused_for else None
+    db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
+    removed = 0
+    try:
+        await migrate.prepare(db)
+        async with db.write() as conn:
+            if args.all:
+                if args.tenant is None:
+                    for tenant in await cache_store.counts(conn):
+                        removed += await cache_store.delete_tenant(conn, tenant)
+                else:
+                    removed += await cache_store.delete_tenant(conn, args.tenant)
+            else:
+                if unused_before is not None:
+                    removed += await cache_store.delete_unused_since(conn, unused_before, args.tenant)
+                tenants = [args.tenant] if args.tenant is not None else list(await cache_store.counts(conn))
+                for tenant in tenants:
+                    removed += await cache_store.evict(conn, tenant, max_entries)
+    finally:
+        await db.close()
+    print(f"removed {removed} cache entries", file=sys.stderr)
+    return 0
 
 
 async def _migrate_command(settings: config.Settings) -> int:
@@ -132,6 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, SchemaError) as exc:
             print(f"evalsvc keys: {exc}", file=sys.stderr)
             return 2
+    if args.command == "cache":
+        try:
+            return asyncio.run(_cache_command(args, config.from_args(args)))
+        except (ValueError, SchemaError) as exc:
+            print(f"evalsvc cache: {exc}", file=sys.stderr)
+            return 2
     settings = config.from_args(args)
     try:
         logs.configure(settings.log_level, settings.log_format)
@@ -145,12 +205,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger("evalsvc").error("%s", exc)
             return 2
     if args.command == "serve":
+        from evalsvc.execution.cache import CacheConfigError
         from evalsvc.server import serve
         from evalsvc.tls import TlsConfigError
 
         try:
             asyncio.run(serve(settings))
-        except (TlsConfigError, SchemaError) as exc:
+        except (TlsConfigError, SchemaError, CacheConfigError) as exc:
             logging.getLogger("evalsvc").error("%s", exc)
             return 2
     return 0

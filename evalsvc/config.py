@@ -142,6 +142,17 @@ class Settings:
     grade_processes: int = dataclasses.field(
         default=2, metadata={"help": "worker processes that grade large outputs off the event loop (at least 1)"}
     )
+    cache_default: str = dataclasses.field(
+        default="off",
+        metadata={
+            "help": "response cache mode of runs that do not choose one: off, read_write, refresh or replay "
+            "(docs/targets.md)"
+        },
+    )
+    cache_max_entries: int = dataclasses.field(
+        default=100_000,
+        metadata={"help": "cached outputs and verdicts kept per tenant; the least recently used go first"},
+    )
     webhook_concurrency: int = dataclasses.field(
         default=16, metadata={"help": "webhook deliveries this process sends at once (a quarter of them per tenant)"}
     )

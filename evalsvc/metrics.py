@@ -83,6 +83,12 @@ class Metrics:
             ["state"],
             registry=r,
         )
+        self.cache_lookups = Counter(
+            "evalsvc_cache_lookups",
+            "Response cache lookups by this process, by kind (output, verdict) and outcome (hit, miss)",
+            ["kind", "outcome"],
+            registry=r,
+        )
         self.webhook_attempts = Counter(
             "evalsvc_webhook_attempts",
             "Webhook delivery attempts by this process, by outcome (succeeded, retrying, failed, gone)",

@@ -27,6 +27,7 @@ from evalsvc.datasets.service import DatasetService
 from evalsvc.definitions.service import DefinitionService
 from evalsvc.events.bus import EventBus
 from evalsvc.events.listener import EventListener
+from evalsvc.execution.cache import mode_from_setting
 from evalsvc.execution.executor import Executor
 from evalsvc.execution.outbound import Outbound
 from evalsvc.execution.targets import PriceTable
@@ -118,6 +119,7 @@ class EvalServer:
             definitions=self.definitions,
             outbound=self.outbound,
             judge=judge,
+            cache_default=mode_from_setting(settings.cache_default),
         )
         self.datasets = DatasetService(self.db)
         self.webhooks = WebhookService(self.db, self.outbound.allow)

@@ -163,6 +163,57 @@ def test_run_csv_and_yaml_datasets_detach_and_cancel(live: tuple[ServerProcess, 
     assert broken.returncode == 3 and "nonsense" in broken.stderr
 
 
+def test_compare_table_json_show_and_fail_on_regression(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    """Baseline: q0 wrong; candidate: q0, q4, ... q36 wrong, so 9 of 40 pairs regressed and none improved
+    (p = 2/2^9): REGRESSED, exit 1 when gated."""
+    (tmp_path / "good.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(40, wrong_every=1000)))
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(40, wrong_every=4)))
+    ids = []
+    for name in ("good", "bad"):
+        (tmp_path / f"{name}.yaml").write_text(
+            f"dataset: {name}.jsonl\ntarget: provided\ngraders: [{{name: exact, exact_match: {{}}}}]\n"
+        )
+        created = evalctl(live, "run", str(tmp_path / f"{name}.yaml"), "--json")
+        assert created.returncode == 0, created.stderr
+        ids.append(json.loads(created.stdout)["id"])
+    good, bad = ids
+
+    table = evalctl(live, "compare", good, bad, "--show", "regressed", "--limit", "3")
+    assert table.returncode == 0, table.stderr  # not gated
+    assert "REGRESSED" in table.stdout and "(overall)" in table.stdout and "-22.5" in table.stdout
+    assert table.stdout.count("nope") == 3  # three regressed items listed with the candidate's output
+
+    gated = evalctl(live, "compare", good, bad, "--fail-on-regression", "--json")
+    assert gated.returncode == 1 and "regressed at alpha 0.05: exact" in gated.stderr
+    exact = json.loads(gated.stdout)["graders"][0]
+    assert exact["regressed"] == 9 and exact["verdict"] == "COMPARISON_VERDICT_REGRESSED"
+    assert exact["mcnemar_p_value"] == pytest.approx(2 / 2**9)
+
+    improved = evalctl(live, "compare", bad, good, "--fail-on-regression")
+    assert improved.returncode == 0 and "IMPROVED" in improved.stdout
+    missing = evalctl(live, "compare", good, "run_missing")
+    assert missing.returncode == 3 and "not found" in missing.stderr
+
+
+def test_run_takes_a_cache_mode_from_the_spec_or_the_command_line(
+    live: tuple[ServerProcess, str], tmp_path: Path
+) -> None:
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(3, wrong_every=1000)))
+    (tmp_path / "cached.yaml").write_text(
+        "dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\ncache_mode: read_write\n"
+    )
+    from_spec = evalctl(live, "run", str(tmp_path / "cached.yaml"), "--json")
+    assert from_spec.returncode == 0, from_spec.stderr
+    assert json.loads(from_spec.stdout)["cache_mode"] == "CACHE_MODE_READ_WRITE"
+    overridden = evalctl(live, "run", str(tmp_path / "cached.yaml"), "--cache", "replay", "--json")
+    assert json.loads(overridden.stdout)["cache_mode"] == "CACHE_MODE_REPLAY"
+    (tmp_path / "bad.yaml").write_text(
+        "dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\ncache_mode: often\n"
+    )
+    bad = evalctl(live, "run", str(tmp_path / "bad.yaml"))
+    assert bad.returncode == 3 and "cache_mode must be one of" in bad.stderr
+
+
 def test_webhooks_commands(tmp_path: Path) -> None:
     from tests.fake_llm import FakeEndpoint, Reply
 

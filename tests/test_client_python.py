@@ -500,6 +500,28 @@ async def test_retries_honour_retry_info_and_watch_shows_heartbeats(tmp_path: Pa
         await srv.stop(grace=1.0)
 
 
+async def test_compare_runs_and_list_comparison_items(client: AsyncEvalClient) -> None:
+    baseline = await client.create_run(items=_items(12), target="provided", graders=[builders.exact_match()])
+    candidate = await client.create_run(
+        items=_items(12, wrong_every=2), target="provided", graders=[builders.exact_match()]
+    )
+    await client.wait(baseline.id)
+    await client.wait(candidate.id)
+    comparison = await client.compare_runs(baseline.id, candidate.id)
+    exact = comparison.graders[0]
+    assert (exact.regressed, exact.improved, exact.pairs) == (6, 0, 12)
+    assert exact.verdict == pb.comparison.COMPARISON_VERDICT_REGRESSED
+    regressed = [
+        item.item_id
+        async for item in client.list_comparison_items(
+            baseline.id, candidate.id, change=pb.comparison.COMPARISON_CHANGE_REGRESSED, page_size=4
+        )
+    ]
+    assert regressed == ["i0", "i10", "i2", "i4", "i6", "i8"]
+    with pytest.raises(NotFoundError):
+        await client.compare_runs(baseline.id, "run_nope")
+
+
 async def test_sync_client_every_method(server: EvalServer) -> None:
     """The blocking client, driven from a thread (the in-process server runs on this test's loop)."""
     assert server.bootstrap_key
@@ -518,6 +540,8 @@ async def test_sync_client_every_method(server: EvalServer) -> None:
             assert client.get_run(run.id).status == pb.run.RUN_STATUS_SUCCEEDED
             assert client.wait(run.id).counts.passed == 3
             assert len(list(client.list_results(run.id, page_size=2))) == 3
+            assert client.compare_runs(run.id, run.id).overall.both_passed == 3
+            assert len(list(client.list_comparison_items(run.id, run.id, page_size=2))) == 3
             assert run.id in [r.id for r in client.list_runs(dataset_id=dataset.id)]
             with pytest.raises(FailedPreconditionError):
                 client.cancel_run(run.id)

@@ -10,6 +10,7 @@ import pytest
 from grpc_status import rpc_status
 
 from evalsvc.server import EvalServer
+from evalsvc.v1 import comparison_pb2 as cpb
 from evalsvc.v1 import dataset_service_pb2 as ds
 from evalsvc.v1 import (
     dataset_service_pb2_grpc,
@@ -69,6 +70,12 @@ def _calls(t: Tenant, ids: dict[str, str]) -> dict[str, Callable[[], Awaitable[A
         "CancelRun": lambda: t.runs.CancelRun(pb.CancelRunRequest(run_id=run_id)),
         "ListRunResults": lambda: t.runs.ListRunResults(pb.ListRunResultsRequest(run_id=run_id)),
         "WatchRun": lambda: _first(t.runs.WatchRun(pb.WatchRunRequest(run_id=run_id))),
+        "CompareRuns": lambda: t.runs.CompareRuns(
+            cpb.CompareRunsRequest(baseline_run_id=run_id, candidate_run_id=run_id)
+        ),
+        "ListComparisonItems": lambda: t.runs.ListComparisonItems(
+            cpb.ListComparisonItemsRequest(baseline_run_id=run_id, candidate_run_id=run_id)
+        ),
         "GetDataset": lambda: t.datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset_id)),
         "ListDatasetItems": lambda: t.datasets.ListDatasetItems(ds.ListDatasetItemsRequest(dataset_id=dataset_id)),
         "AddDatasetItems": lambda: t.datasets.AddDatasetItems(

@@ -14,8 +14,10 @@ from evalsvc.errors import FieldViolation, invalid_argument
 from evalsvc.events.bus import EventBus
 from evalsvc.events.watch import CATCH_UP_PAGE, MAX_BATCH_EVENTS, watch
 from evalsvc.limits import TenantLimits
+from evalsvc.runs.compare import CompareService
 from evalsvc.runs.service import RunService
 from evalsvc.store.db import Database
+from evalsvc.v1 import comparison_pb2 as cpb
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc as pb_grpc
 
@@ -31,6 +33,7 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
         self._db = db
         self._bus = bus
         self._settings = settings
+        self._comparisons = CompareService(db)
 
     @unary
     async def CreateRun(self, request: pb.CreateRunRequest, context: Context) -> pb.CreateRunResponse:
@@ -66,6 +69,17 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
     async def ListRunResults(self, request: pb.ListRunResultsRequest, context: Context) -> pb.ListRunResultsResponse:
         results, token = await self._runs.list_results(tenant_of(context), request)
         return pb.ListRunResultsResponse(results=results, next_page_token=token)
+
+    @unary_read
+    async def CompareRuns(self, request: cpb.CompareRunsRequest, context: Context) -> cpb.CompareRunsResponse:
+        return cpb.CompareRunsResponse(comparison=await self._comparisons.compare(tenant_of(context), request))
+
+    @unary_read
+    async def ListComparisonItems(
+        self, request: cpb.ListComparisonItemsRequest, context: Context
+    ) -> cpb.ListComparisonItemsResponse:
+        items, token = await self._comparisons.list_items(tenant_of(context), request)
+        return cpb.ListComparisonItemsResponse(items=items, next_page_token=token)
 
     @server_stream
     async def WatchRun(self, request: pb.WatchRunRequest, context: Context) -> AsyncIterator[pb.WatchRunResponse]:

@@ -21,11 +21,12 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 from evalsvc.config import Settings
 from evalsvc.events.bus import EventBus
+from evalsvc.execution import cache
 from evalsvc.execution.outbound import Outbound, call_guard
 from evalsvc.execution.recorder import ClaimedJob, FinishedJob, RunGraders, fail_early, record
 from evalsvc.execution.targets import PriceTable, Target, TargetError, answers_locally, build_target
@@ -35,8 +36,10 @@ from evalsvc.graders.pool import GradingPool, may_offload, offloads
 from evalsvc.metrics import Metrics
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
+from evalsvc.store.cache import CacheEntry
 from evalsvc.store.db import Database
-from evalsvc.v1 import grader_pb2, item_pb2, run_pb2
+from evalsvc.store.models import CACHE_JUDGE_VERDICT, CACHE_TARGET_OUTPUT
+from evalsvc.v1 import cache_pb2, grader_pb2, item_pb2, run_pb2, target_pb2
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,8 @@ class RunPlan:
     max_cost_usd: float | None
     spent_usd: float  # committed spend at load time plus what this process spent since
     offloads_grading: bool  # some output may be big enough to be graded in a grading process
+    target_spec: target_pb2.Target
+    cache_mode: int  # CacheMode, the server's default already applied
 
     @property
     def local(self) -> bool:
@@ -70,6 +75,15 @@ class RunPlan:
             and not self.offloads_grading
             and not any(isinstance(g, LlmJudgeGrader) for g in self.graders)
         )
+
+
+@dataclass
+class CacheUse:
+    """What one job took from and gives to the response cache (the recorder writes it)."""
+
+    output_cached: bool = False
+    hits: list[str] = field(default_factory=list)
+    writes: list[CacheEntry] = field(default_factory=list)
 
 
 class BudgetExceeded(Exception):
@@ -103,6 +117,7 @@ class Executor:
         self._metrics = metrics or Metrics()
         self._metrics.jobs_running.set_function(self.in_flight)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._cache = cache.ResponseCache(db)
         self._plans: dict[str, asyncio.Task[RunPlan]] = {}
         self._in_flight: dict[str, set[asyncio.Task[bool]]] = defaultdict(set)
         self._open_claims: dict[str, int] = {}
@@ -298,25 +313,14 @@ class Executor:
             return False
         item = plan.items[job.item_idx]
         call_guard.set(lambda: self._check_budget(job, plan))
+        use = CacheUse()
         try:
-            if job.repetition == 1:
-                for _ in range(plan.warmup_runs):
-                    self._check_budget(job, plan)
-                    self._spend(plan, (await plan.target.respond(item)).cost_usd)
-            self._check_budget(job, plan)
-            started = time.perf_counter()
-            try:
-                output = await plan.target.respond(item)
-            finally:  # failed and timed-out calls are the latencies operators most need to see
-                self._metrics.target_called(plan.target, time.perf_counter() - started)
-            self._spend(plan, output.cost_usd)
+            output = await self._respond(job, plan, item, use)
             grades: list[tuple[str, Grade]] = []
             for g in plan.graders:
                 started = time.perf_counter()
                 if isinstance(g, LlmJudgeGrader):
-                    self._check_budget(job, plan)
-                    grade = await g.grade_async(item, output)
-                    self._spend(plan, grade.cost_usd)
+                    grade = await self._judge_verdict(job, plan, g, item, output, use)
                 elif offloads(g, item, output):  # big output: off the event loop, under a time limit
                     grade = await self._grading.grade(plan.tenant, g, item, output)
                 else:
@@ -332,9 +336,90 @@ class Executor:
             raise
         except Exception as exc:  # a target bug must cost one evaluation, not the worker
             output, grades = self._target_failed(plan, f"{type(exc).__name__}: {exc}")
-        self._finished.append(FinishedJob(job=job, item_id=item.id, output=output, grades=grades))
+        self._finished.append(
+            FinishedJob(
+                job=job,
+                item_id=item.id,
+                output=output,
+                grades=grades,
+                cached=use.output_cached,
+                cache_writes=use.writes,
+                cache_hits=use.hits,
+            )
+        )
         self._finished_ready.set()
         return True
+
+    async def _respond(self, job: ClaimedJob, plan: RunPlan, item: item_pb2.Item, use: CacheUse) -> item_pb2.Response:
+        """The target's output: from the response cache when the run reads it and has it (no warmups,
+        no call, no spend), else from the target (stored for the cache when the run writes it)."""
+        key = None
+        if plan.cache_mode in cache.USED:
+            key = cache.target_key(plan.tenant, plan.target_spec, item, job.repetition)
+        if key is not None and plan.cache_mode in cache.READS:
+            entry = await self._cache.get(plan.tenant, key)
+            self._metrics.cache_lookups.labels("output", "miss" if entry is None else "hit").inc()
+            if entry is not None:
+                use.output_cached = True
+                use.hits.append(key)
+                return item_pb2.Response.FromString(entry.payload)
+            if plan.cache_mode == cache_pb2.CACHE_MODE_REPLAY:
+                raise TargetError(
+                    f"{cache.MISS_REASON}: no cached output for item {item.id!r} repetition {job.repetition} "
+                    "(the run replays the cache and makes no call)"
+                )
+        if job.repetition == 1:
+            for _ in range(plan.warmup_runs):
+                self._check_budget(job, plan)
+                self._spend(plan, (await plan.target.respond(item)).cost_usd)
+        self._check_budget(job, plan)
+        started = time.perf_counter()
+        try:
+            output = await plan.target.respond(item)
+        finally:  # failed and timed-out calls are the latencies operators most need to see
+            self._metrics.target_called(plan.target, time.perf_counter() - started)
+        self._spend(plan, output.cost_usd)
+        if key is not None and plan.cache_mode in cache.WRITES:
+            use.writes.append(
+                CacheEntry(plan.tenant, key, CACHE_TARGET_OUTPUT, output.SerializeToString(), output.cost_usd)
+            )
+        return output
+
+    async def _judge_verdict(
+        self,
+        job: ClaimedJob,
+        plan: RunPlan,
+        judge: LlmJudgeGrader,
+        item: item_pb2.Item,
+        output: item_pb2.Response,
+        use: CacheUse,
+    ) -> Grade:
+        """A judge's verdict: from the response cache when the run reads it and has it, else asked
+        (and stored for the cache when the run writes it and the judge gave a verdict)."""
+        key = judge.cache_key(plan.tenant, item, output) if plan.cache_mode in cache.USED else None
+        if key is not None and plan.cache_mode in cache.READS:
+            entry = await self._cache.get(plan.tenant, key)
+            self._metrics.cache_lookups.labels("verdict", "miss" if entry is None else "hit").inc()
+            if entry is not None:
+                use.hits.append(key)
+                return cache.cached_verdict(entry.payload)
+            if plan.cache_mode == cache_pb2.CACHE_MODE_REPLAY:
+                return Grade(
+                    run_pb2.RESULT_STATE_ERROR,
+                    0.0,
+                    0.0,
+                    "no cached verdict of this judge for this output",
+                    f"{cache.MISS_REASON}: no cached verdict of judge {judge.name!r} for item {item.id!r} "
+                    "(the run replays the cache and makes no call)",
+                )
+        self._check_budget(job, plan)
+        grade = await judge.grade_async(item, output)
+        self._spend(plan, grade.cost_usd)
+        if key is not None and plan.cache_mode in cache.WRITES and grade.state != run_pb2.RESULT_STATE_ERROR:
+            use.writes.append(
+                CacheEntry(plan.tenant, key, CACHE_JUDGE_VERDICT, cache.verdict_payload(grade), grade.cost_usd)
+            )
+        return grade
 
     def _check_budget(self, job: ClaimedJob, plan: RunPlan) -> None:
         """Raise BudgetExceeded (and mark the run) when the run's or the tenant's budget is spent."""
@@ -407,6 +492,8 @@ class Executor:
             max_cost_usd=spec.max_cost_usd if spec.HasField("max_cost_usd") else None,
             spent_usd=row["cost_usd"],
             offloads_grading=may_offload([g for g in graders if not isinstance(g, LlmJudgeGrader)], run_items),
+            target_spec=spec.target,
+            cache_mode=spec.cache_mode,
         )
 
     def _compile(self, spec: grader_pb2.Grader) -> CompiledGrader | LlmJudgeGrader:
@@ -439,7 +526,9 @@ class Executor:
             for f in batch:
                 if f.job.run_id not in views:
                     views[f.job.run_id] = (await self._plan(f.job.run_id)).recorder_view
-            events, finished_runs = await record(self._db, batch, views)
+            events, finished_runs = await record(
+                self._db, batch, views, cache_max_entries=self._settings.cache_max_entries
+            )
             self._metrics.evaluations_recorded(events)
             for f in batch:
                 self._release_claim_slot(f.job.claim_id)

@@ -27,9 +27,11 @@ from evalsvc.graders import Grade
 from evalsvc.runs.aggregate import build_aggregate, verdict
 from evalsvc.runs.convert import timestamp
 from evalsvc.storable import storable_text
+from evalsvc.store import cache as cache_store
 from evalsvc.store import events as event_log
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
+from evalsvc.store.cache import CacheEntry
 from evalsvc.store.db import Database
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import item_pb2, run_pb2
@@ -67,6 +69,9 @@ class FinishedJob:
     item_id: str
     output: item_pb2.Response
     grades: Sequence[tuple[str, Grade]]
+    cached: bool = False  # the output came from the response cache: its cost was not spent
+    cache_writes: Sequence[CacheEntry] = ()  # outputs and verdicts to store in the response cache
+    cache_hits: Sequence[str] = ()  # keys of the entries it used (their last use moves to now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,21 +98,23 @@ Recorded = tuple[dict[str, list[pb.WatchRunResponse]], set[str]]
 _DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, OSError)
 
 
-async def record(db: Database, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders]) -> Recorded:
+async def record(
+    db: Database, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders], *, cache_max_entries: int
+) -> Recorded:
     """Commit a batch. Returns the committed events by run, and the runs that finished.
 
     Splits a batch the database refuses until only the evaluation it cannot store is left out,
     recorded as ERROR `RESULT_NOT_STORABLE` instead (see the module docstring). Raises when the
     database is unavailable, or refuses even that replacement."""
     try:
-        return await _record_batch(db, finished, graders_of)
+        return await _record_batch(db, finished, graders_of, cache_max_entries)
     except _DATABASE_UNAVAILABLE:
         raise
     except Exception as exc:
         if len(finished) > 1:
             half = len(finished) // 2
-            first = await record(db, finished[:half], graders_of)
-            second = await record(db, finished[half:], graders_of)
+            first = await record(db, finished[:half], graders_of, cache_max_entries=cache_max_entries)
+            second = await record(db, finished[half:], graders_of, cache_max_entries=cache_max_entries)
             for run_id, events in second[0].items():
                 first[0].setdefault(run_id, []).extend(events)
             return first[0], first[1] | second[1]
@@ -120,7 +127,7 @@ async def record(db: Database, finished: Sequence[FinishedJob], graders_of: dict
             type(exc).__name__,
             str(exc)[:500],
         )
-        return await _record_batch(db, [_not_storable(refused, exc)], graders_of)
+        return await _record_batch(db, [_not_storable(refused, exc)], graders_of, cache_max_entries)
 
 
 def _not_storable(refused: FinishedJob, exc: Exception) -> FinishedJob:
@@ -141,8 +148,12 @@ def _not_storable(refused: FinishedJob, exc: Exception) -> FinishedJob:
     )
 
 
-async def _record_batch(db: Database, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders]) -> Recorded:
-    """Commit a batch in one transaction (see `record`).
+async def _record_batch(
+    db: Database, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders], cache_max_entries: int
+) -> Recorded:
+    """Commit a batch in one transaction (see `record`). The batch's response cache entries are stored
+    in the same transaction (a committed result's entry is committed with it, and caching adds no
+    commit), then each writing tenant is trimmed to cache_max_entries, least recently used first.
 
     Each run's changes are stamped when the recorder reaches that run, not when the batch starts:
     a batch that holds the last jobs of a large run before a small one would otherwise date the
@@ -169,10 +180,12 @@ async def _record_batch(db: Database, finished: Sequence[FinishedJob], graders_o
                     f.output.latency_ms,
                     f.output.cost_usd,
                     item_score(f.grades, graders_of[f.job.run_id].weights),
+                    f.cached,
                 )
                 for f in kept
             ],
         )
+        await _store_cache_entries(conn, kept, cache_max_entries)
         jobs_by_run: dict[str, list[FinishedJob]] = defaultdict(list)
         for f in kept:
             jobs_by_run[f.job.run_id].append(f)
@@ -181,10 +194,10 @@ async def _record_batch(db: Database, finished: Sequence[FinishedJob], graders_o
             tally = dict.fromkeys(_STATE_FIELD.values(), 0)
             spent = 0.0
             for f in run_jobs:
-                spent += f.output.cost_usd
+                spent += 0.0 if f.cached else f.output.cost_usd
                 for _, grade in f.grades:
                     tally[_STATE_FIELD[grade.state]] += 1
-                    spent += grade.cost_usd
+                    spent += 0.0 if grade.cached else grade.cost_usd
             now = time.time()
             row = await run_store.add_progress(conn, run_id, now=now, cost_usd=spent, **tally)
             events = _result_events(row, run_jobs, now, result_rows)
@@ -199,6 +212,19 @@ async def _record_batch(db: Database, finished: Sequence[FinishedJob], graders_o
                 by_run[run_id].append(finish)
                 finished_runs.add(run_id)
     return by_run, finished_runs
+
+
+async def _store_cache_entries(conn: AsyncConnection, kept: Sequence[FinishedJob], max_entries: int) -> None:
+    """Store the batch's new cache entries, mark the used ones, and evict beyond the bound."""
+    writes = [entry for f in kept for entry in f.cache_writes]
+    hits = [(f.job.tenant, key) for f in kept for key in f.cache_hits]
+    if not writes and not hits:
+        return
+    now = time.time()
+    await cache_store.store(conn, writes, now)
+    await cache_store.touch(conn, hits, now)
+    for tenant in sorted({entry.tenant for entry in writes}):
+        await cache_store.evict(conn, tenant, max_entries)
 
 
 def _result_events(
@@ -253,6 +279,8 @@ def _result_events(
                     now,
                     grade.cost_usd,
                     grade.confidence,
+                    f.cached,
+                    grade.cached,
                 )
             )
             events.append(
@@ -278,6 +306,8 @@ def _result_events(
                         complete_time=event_time,
                         scoring_cost_usd=grade.cost_usd,
                         confidence=grade.confidence,
+                        cached=f.cached,
+                        verdict_cached=grade.cached,
                     ),
                 )
             )

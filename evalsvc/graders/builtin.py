@@ -59,6 +59,7 @@ class Grade:
     error_reason: str = ""  # non-empty only for ERROR
     cost_usd: float = 0.0  # what grading cost (an LLM judge's tokens); apart from the target's cost
     confidence: float | None = None  # the judge's confidence in [0, 1], where its mode gives one
+    cached: bool = False  # an LLM judge's verdict taken from the response cache (no call, no cost)
 
 
 class CompiledGrader(Protocol):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evalsvc.errors import FieldViolation
+from evalsvc.execution.cache import definition, digest
 from evalsvc.execution.outbound import Outbound, OutboundError, check_url_shape
 from evalsvc.execution.targets import PriceTable, chat_url
 from evalsvc.graders.builtin import Grade
@@ -170,6 +171,24 @@ class LlmJudgeGrader:
             self._headers = {"content-type": "application/json"}
             if defaults.api_key:
                 self._headers["authorization"] = f"Bearer {defaults.api_key}"
+
+    def cache_key(self, tenant: str, item: item_pb2.Item, output: item_pb2.Response) -> str:
+        """The response cache key of this judge's verdict on an output (evalsvc/execution/cache.py)."""
+        rubric = Judge()
+        rubric.CopyFrom(self._spec)
+        rubric.ClearField("endpoint")
+        rubric.ClearField("model")
+        system, user = _prompt(self._spec, item, output)
+        return digest(
+            {
+                "tenant": tenant,
+                "kind": "judge",
+                "url": self._endpoint.base_url,
+                "model": self._model,
+                "rubric": definition(rubric),
+                "prompt": [system, user],
+            }
+        )
 
     async def grade_async(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         """Ask the judge; retry an unusable verdict; ERROR (never FAIL) when none comes."""

@@ -28,15 +28,19 @@ def _std_error(n: int, total: float, squares: float) -> float:
 
 def build_aggregate(grader_order: Sequence[str], inputs: AggregateInputs) -> run_pb2.RunAggregate:
     """The RunAggregate of a run's results: per grader and overall pass rate, mean score and its
-    standard error (errors excluded), mean weighted item score, latency percentiles and costs."""
+    standard error (errors excluded), mean weighted item score, latency percentiles, costs (without
+    what came from the response cache) and what the cache saved."""
     per_grader = {name: run_pb2.GraderAggregate(grader=name) for name in grader_order}
     sums: dict[str, list[float]] = {name: [0.0, 0.0] for name in grader_order}
     scoring_cost = 0.0
+    cache_hits, cost_saved = inputs.cached_outputs, inputs.target_cost_saved_usd
     for row in inputs.grader_rows:
         name = row["grader"]
         agg = per_grader.setdefault(name, run_pb2.GraderAggregate(grader=name))
         state, n = row["state"], int(row["n"])
         scoring_cost += float(row["scoring_cost"] or 0.0)
+        cost_saved += float(row["scoring_saved"] or 0.0)
+        cache_hits += int(row["verdict_hits"] or 0)
         if state == run_pb2.RESULT_STATE_PASSED:
             agg.passed += n
         elif state == run_pb2.RESULT_STATE_FAILED:
@@ -82,6 +86,8 @@ def build_aggregate(grader_order: Sequence[str], inputs: AggregateInputs) -> run
             max_mib=memory[-1] if memory else 0.0,
             samples=len(memory),
         ),
+        cache_hits=cache_hits,
+        cost_saved_usd=cost_saved,
     )
 
 

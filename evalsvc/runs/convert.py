@@ -88,6 +88,8 @@ def result_from(row: Mapping[str, Any], output: bytes | None) -> run_pb2.Result:
         attempt=row["attempt"],
         complete_time=timestamp(row["complete_time"]),
         scoring_cost_usd=row["scoring_cost_usd"],
+        cached=bool(row["cached"]),
+        verdict_cached=bool(row["verdict_cached"]),
     )
     if row["confidence"] is not None:
         result.confidence = row["confidence"]

@@ -39,8 +39,8 @@ from evalsvc.runs.validation import (
 from evalsvc.store import datasets as dataset_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
+from evalsvc.v1 import cache_pb2, run_pb2
 from evalsvc.v1 import eval_run_service_pb2 as pb
-from evalsvc.v1 import run_pb2
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class RunService:
         definitions: DefinitionService,
         outbound: Outbound,
         judge: JudgeDefaults,
+        cache_default: int = cache_pb2.CACHE_MODE_OFF,
     ) -> None:
         self._db = db
         self._bus = bus
@@ -82,6 +83,7 @@ class RunService:
         self._definitions = definitions
         self._outbound = outbound
         self._judge = judge
+        self._cache_default = cache_default
 
     async def create(self, tenant: str, request: pb.CreateRunRequest) -> CreatedRun:
         """Validate, resolve saved definitions, then store the run, its items, jobs and first event in
@@ -112,6 +114,7 @@ class RunService:
             repetitions=repetitions,
             warmup_runs=request.warmup_runs,
             trigger=request.trigger or run_pb2.TRIGGER_MANUAL,
+            cache_mode=request.cache_mode or self._cache_default,  # type: ignore[arg-type]
         )
         if request.HasField("pass_threshold"):
             spec.pass_threshold = request.pass_threshold

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 
 from evalsvc.errors import FieldViolation
 from evalsvc.graders import grader_name, validate_grader
+from evalsvc.v1 import cache_pb2, item_pb2, run_pb2
 from evalsvc.v1 import eval_run_service_pb2 as pb
-from evalsvc.v1 import item_pb2, run_pb2
 
 MAX_REQUEST_ID = 128
 MAX_DISPLAY_NAME = 256
@@ -132,4 +132,6 @@ def validate_create_run(request: pb.CreateRunRequest) -> list[FieldViolation]:
         out.append(FieldViolation("warmup_runs", f"must be between 0 and {MAX_WARMUP_RUNS}"))
     if request.trigger not in run_pb2.Trigger.values():
         out.append(FieldViolation("trigger", "unknown trigger"))
+    if request.cache_mode not in cache_pb2.CacheMode.values():
+        out.append(FieldViolation("cache_mode", "unknown cache mode"))
     return out

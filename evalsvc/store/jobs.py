@@ -93,7 +93,7 @@ async def complete(conn: AsyncConnection, jobs: Iterable[tuple[int, str]]) -> se
     return {job_id for (job_id,) in done}
 
 
-OUTPUT_COLUMNS = ("job_id", "tenant", "run_id", "output", "latency_ms", "cost_usd", "item_score")
+OUTPUT_COLUMNS = ("job_id", "tenant", "run_id", "output", "latency_ms", "cost_usd", "item_score", "cached")
 
 
 async def store_outputs(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:

@@ -14,7 +14,7 @@ here needs a new revision (tests/test_migrations.py fails until the two agree).
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, BigInteger, Column, Index, Integer, LargeBinary, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, LargeBinary, UniqueConstraint, false
 from sqlmodel import Field, SQLModel
 
 # BIGINT on PostgreSQL; INTEGER on SQLite, whose INTEGER is already 64-bit and where only an
@@ -37,6 +37,8 @@ def big(*, primary_key: bool = False, autoincrement: bool = False) -> Column:  #
 # The database default of columns added to existing tables (revision 0002): rows from before get 0.
 # Declared here too, so the models and the migrated schema stay identical (tests/test_migrations.py).
 ZERO = {"server_default": "0"}
+# The same for boolean columns added later (revision 0006): rows from before are false.
+FALSE = {"server_default": false()}
 
 # Job states. A job is one item x repetition; a worker leases it, runs the target and every grader.
 JOB_QUEUED = 0
@@ -161,6 +163,7 @@ class OutputRow(SQLModel, table=True):
     latency_ms: float = Field(default=0.0, sa_column_kwargs=ZERO)
     cost_usd: float = Field(default=0.0, sa_column_kwargs=ZERO)
     item_score: float | None = None  # the graders' weighted mean score, errors excluded
+    cached: bool = Field(default=False, sa_column_kwargs=FALSE)  # from the response cache: cost_usd not spent
 
 
 class ResultRow(SQLModel, table=True):
@@ -190,6 +193,8 @@ class ResultRow(SQLModel, table=True):
     complete_time: float
     scoring_cost_usd: float = Field(default=0.0, sa_column_kwargs=ZERO)
     confidence: float | None = None
+    cached: bool = Field(default=False, sa_column_kwargs=FALSE)  # the output came from the response cache
+    verdict_cached: bool = Field(default=False, sa_column_kwargs=FALSE)  # the judge's verdict did
 
 
 class EventRow(SQLModel, table=True):
@@ -304,6 +309,29 @@ class SavedTargetRow(SQLModel, table=True):
     labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     definition: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     create_time: float = 0.0
+
+
+# Kinds of response cache entries.
+CACHE_TARGET_OUTPUT = 1
+CACHE_JUDGE_VERDICT = 2
+
+
+class CacheEntryRow(SQLModel, table=True):
+    """A cached target output or LLM-judge verdict, per tenant (evalsvc/execution/cache.py makes the key).
+
+    Written in the recording transaction of the result that produced it; `last_used` orders the
+    least-recently-used eviction of --cache-max-entries."""
+
+    __tablename__ = "cache_entries"
+    __table_args__ = (Index("ix_cache_entries_lru", "tenant", "last_used"),)
+
+    tenant: str = Field(primary_key=True, max_length=64)
+    key: str = Field(primary_key=True, max_length=64)  # sha256, hex
+    kind: int
+    payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # a Response, or a Result's verdict
+    cost_usd: float = 0.0  # what producing it cost: what a hit saves
+    create_time: float = 0.0
+    last_used: float = 0.0
 
 
 class WebhookRow(SQLModel, table=True):

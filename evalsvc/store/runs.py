@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import and_, exists, func, insert, select, update
+from sqlalchemy import and_, case, exists, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -255,11 +255,15 @@ async def results_page(
 class AggregateInputs:
     """What a run's summary is computed from, gathered with a few GROUP BY queries."""
 
-    grader_rows: list[Mapping[str, Any]]  # grader, state, n, score_sum, score_sq_sum, scoring_cost
+    # grader, state, n, score_sum, score_sq_sum, scoring_cost (verdicts paid for), and of the verdicts
+    # from the response cache: verdict_hits, scoring_saved (what they cost when recorded)
+    grader_rows: list[Mapping[str, Any]]
     latencies: list[float]  # one per output
-    target_cost_usd: float
+    target_cost_usd: float  # outputs paid for (not from the response cache)
     item_scores: list[float]  # one weighted score per output that had a gradable result
     memory_mib: list[float]  # what targets reported, per output that reported it
+    cached_outputs: int = 0  # outputs from the response cache
+    target_cost_saved_usd: float = 0.0  # what those cost when recorded
 
 
 async def aggregate_inputs(conn: AsyncConnection, run_id: str) -> AggregateInputs:
@@ -271,30 +275,37 @@ async def aggregate_inputs(conn: AsyncConnection, run_id: str) -> AggregateInput
             func.count().label("n"),
             func.sum(RESULTS.c.score).label("score_sum"),
             func.sum(RESULTS.c.score * RESULTS.c.score).label("score_sq_sum"),
-            func.sum(RESULTS.c.scoring_cost_usd).label("scoring_cost"),
+            func.sum(case((RESULTS.c.verdict_cached, 0.0), else_=RESULTS.c.scoring_cost_usd)).label("scoring_cost"),
+            func.sum(case((RESULTS.c.verdict_cached, RESULTS.c.scoring_cost_usd), else_=0.0)).label("scoring_saved"),
+            func.sum(case((RESULTS.c.verdict_cached, 1), else_=0)).label("verdict_hits"),
         )
         .where(RESULTS.c.run_id == run_id)
         .group_by(RESULTS.c.grader, RESULTS.c.state)
     )
     grader_rows = cast("list[Mapping[str, Any]]", list(per_grader.mappings()))
     per_output = await conn.execute(
-        select(OUTPUTS.c.latency_ms, OUTPUTS.c.cost_usd, OUTPUTS.c.item_score, OUTPUTS.c.output).where(
-            OUTPUTS.c.run_id == run_id
-        )
+        select(
+            OUTPUTS.c.latency_ms, OUTPUTS.c.cost_usd, OUTPUTS.c.item_score, OUTPUTS.c.output, OUTPUTS.c.cached
+        ).where(OUTPUTS.c.run_id == run_id)
     )
     latencies: list[float] = []
     item_scores: list[float] = []
     memory: list[float] = []
-    cost = 0.0
-    for latency, job_cost, item_score, output in per_output:
+    cost = saved = 0.0
+    cached_outputs = 0
+    for latency, job_cost, item_score, output, cached in per_output:
         latencies.append(float(latency or 0.0))
-        cost += float(job_cost or 0.0)
+        if cached:
+            cached_outputs += 1
+            saved += float(job_cost or 0.0)
+        else:
+            cost += float(job_cost or 0.0)
         if item_score is not None:
             item_scores.append(float(item_score))
         reported = item_pb2.Response.FromString(output).memory_mib
         if reported > 0:
             memory.append(reported)
-    return AggregateInputs(grader_rows, latencies, cost, item_scores, memory)
+    return AggregateInputs(grader_rows, latencies, cost, item_scores, memory, cached_outputs, saved)
 
 
 async def active_run_ids(conn: AsyncConnection) -> list[str]:
@@ -363,6 +374,8 @@ RESULT_COLUMNS = (
     "complete_time",
     "scoring_cost_usd",
     "confidence",
+    "cached",
+    "verdict_cached",
 )
 
 

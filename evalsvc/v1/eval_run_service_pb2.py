@@ -22,6 +22,8 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from evalsvc.v1 import cache_pb2 as evalsvc_dot_v1_dot_cache__pb2
+from evalsvc.v1 import comparison_pb2 as evalsvc_dot_v1_dot_comparison__pb2
 from evalsvc.v1 import grader_pb2 as evalsvc_dot_v1_dot_grader__pb2
 from evalsvc.v1 import item_pb2 as evalsvc_dot_v1_dot_item__pb2
 from evalsvc.v1 import run_pb2 as evalsvc_dot_v1_dot_run__pb2
@@ -32,7 +34,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!evalsvc/v1/eval_run_service.proto\x12\nevalsvc.v1\x1a\x17\x65valsvc/v1/grader.proto\x1a\x15\x65valsvc/v1/item.proto\x1a\x14\x65valsvc/v1/run.proto\x1a\x17\x65valsvc/v1/target.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf4\x04\n\x10\x43reateRunRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x10\n\x08item_ids\x18\x03 \x03(\t\x12\x1f\n\x05items\x18\x04 \x03(\x0b\x32\x10.evalsvc.v1.Item\x12(\n\x06target\x18\x05 \x01(\x0b\x32\x12.evalsvc.v1.TargetB\x04\xe2\x41\x01\x02\x12#\n\x07graders\x18\x06 \x03(\x0b\x32\x12.evalsvc.v1.Grader\x12\x14\n\x0c\x64isplay_name\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x08 \x01(\t\x12\x38\n\x06labels\x18\t \x03(\x0b\x32(.evalsvc.v1.CreateRunRequest.LabelsEntry\x12\x1b\n\x0epass_threshold\x18\n \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0brepetitions\x18\x0b \x01(\x05\x12\x13\n\x0bwarmup_runs\x18\x0c \x01(\x05\x12$\n\x07trigger\x18\r \x01(\x0e\x32\x13.evalsvc.v1.Trigger\x12\x19\n\x0cmax_cost_usd\x18\x0e \x01(\x01H\x01\x88\x01\x01\x12\x42\n\x0b\x61nnotations\x18\x0f \x03(\x0b\x32-.evalsvc.v1.CreateRunRequest.AnnotationsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x11\n\x0f_pass_thresholdB\x0f\n\r_max_cost_usd\"D\n\x11\x43reateRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.evalsvc.v1.Run\x12\x11\n\tjob_count\x18\x02 \x01(\x05\"%\n\rGetRunRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\".\n\x0eGetRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.evalsvc.v1.Run\"\xf3\x01\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\'\n\x08statuses\x18\x03 \x03(\x0e\x32\x15.evalsvc.v1.RunStatus\x12\x37\n\x06labels\x18\x04 \x03(\x0b\x32\'.evalsvc.v1.ListRunsRequest.LabelsEntry\x12\x12\n\ndataset_id\x18\x05 \x01(\t\x12\x14\n\x0cshow_deleted\x18\x06 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x10ListRunsResponse\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.evalsvc.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"}\n\x10UpdateRunRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\"\n\x03run\x18\x02 \x01(\x0b\x32\x0f.evalsvc.v1.RunB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"1\n\x11UpdateRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.evalsvc.v1.Run\"(\n\x10\x44\x65leteRunRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"1\n\x11\x44\x65leteRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.evalsvc.v1.Run\"*\n\x12UndeleteRunRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"3\n\x13UndeleteRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.evalsvc.v1.Run\"(\n\x10\x43\x61ncelRunRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"1\n\x11\x43\x61ncelRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.evalsvc.v1.Run\"|\n\x15ListRunResultsRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.evalsvc.v1.ResultState\"V\n\x16ListRunResultsResponse\x12#\n\x07results\x18\x01 \x03(\x0b\x32\x12.evalsvc.v1.Result\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\":\n\x0fWatchRunRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"U\n\x16WatchRunBatchedRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\x12\x12\n\nmax_events\x18\x03 \x01(\x05\"G\n\x17WatchRunBatchedResponse\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.evalsvc.v1.WatchRunResponse\"\x1d\n\tHeartbeat\x12\x10\n\x08last_seq\x18\x01 \x01(\x03\"\xf1\x01\n\x10WatchRunResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12.\n\nevent_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x06\x63ounts\x18\x03 \x01(\x0b\x32\x15.evalsvc.v1.RunCounts\x12\x1e\n\x03run\x18\n \x01(\x0b\x32\x0f.evalsvc.v1.RunH\x00\x12$\n\x06result\x18\x0b \x01(\x0b\x32\x12.evalsvc.v1.ResultH\x00\x12*\n\theartbeat\x18\x0c \x01(\x0b\x32\x15.evalsvc.v1.HeartbeatH\x00\x42\x07\n\x05\x65vent2\xc6\x08\n\x0e\x45valRunService\x12]\n\tCreateRun\x12\x1c.evalsvc.v1.CreateRunRequest\x1a\x1d.evalsvc.v1.CreateRunResponse\"\x13\x82\xd3\xe4\x93\x02\r\"\x08/v1/runs:\x01*\x12Z\n\x06GetRun\x12\x19.evalsvc.v1.GetRunRequest\x1a\x1a.evalsvc.v1.GetRunResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/runs/{run_id}\x12W\n\x08ListRuns\x12\x1b.evalsvc.v1.ListRunsRequest\x1a\x1c.evalsvc.v1.ListRunsResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/runs\x12m\n\tCancelRun\x12\x1c.evalsvc.v1.CancelRunRequest\x1a\x1d.evalsvc.v1.CancelRunResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/runs/{run_id}:cancel:\x01*\x12z\n\x0eListRunResults\x12!.evalsvc.v1.ListRunResultsRequest\x1a\".evalsvc.v1.ListRunResultsResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/runs/{run_id}/results\x12h\n\tUpdateRun\x12\x1c.evalsvc.v1.UpdateRunRequest\x1a\x1d.evalsvc.v1.UpdateRunResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x32\x11/v1/runs/{run_id}:\x03run\x12\x63\n\tDeleteRun\x12\x1c.evalsvc.v1.DeleteRunRequest\x1a\x1d.evalsvc.v1.DeleteRunResponse\"\x19\x82\xd3\xe4\x93\x02\x13*\x11/v1/runs/{run_id}\x12u\n\x0bUndeleteRun\x12\x1e.evalsvc.v1.UndeleteRunRequest\x1a\x1f.evalsvc.v1.UndeleteRunResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/v1/runs/{run_id}:undelete:\x01*\x12h\n\x08WatchRun\x12\x1b.evalsvc.v1.WatchRunRequest\x1a\x1c.evalsvc.v1.WatchRunResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/runs/{run_id}:watch0\x01\x12\x84\x01\n\x0fWatchRunBatched\x12\".evalsvc.v1.WatchRunBatchedRequest\x1a#.evalsvc.v1.WatchRunBatchedResponse\"&\x82\xd3\xe4\x93\x02 \x12\x1e/v1/runs/{run_id}:watchBatched0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!evalsvc/v1/eval_run_service.proto\x12\nevalsvc.v1\x1a\x16\x65valsvc/v1/cache.proto\x1a\x1b\x65valsvc/v1/comparison.proto\x1a\x17\x65valsvc/v1/grader.proto\x1a\x15\x65valsvc/v1/item.proto\x1a\x14\x65valsvc/v1/run.proto\x1a\x17\x65valsvc/v1/target.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9f\x05\n\x10\x43reateRunRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x10\n\x08item_ids\x18\x03 \x03(\t\x12\x1f\n\x05items\x18\x04 \x03(\x0b\x32\x10.evalsvc.v1.Item\x12(\n\x06target\x18\x05 \x01(\x0b\x32\x12.evalsvc.v1.TargetB\x04\xe2\x41\x01\x02\x12#\n\x07graders\x18\x06 \x03(\x0b\x32\x12.evalsvc.v1.Grader\x12\x14\n\x0c\x64isplay_name\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x08 \x01(\t\x12\x38\n\x06labels\x18\t \x03(\x0b\x32(.evalsvc.v1.CreateRunRequest.LabelsEntry\x12\x1b\n\x0epass_threshold\x18\n \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0brepetitions\x18\x0b \x01(\x05\x12\x13\n\x0bwarmup_runs\x18\x0c \x01(\x05\x12$\n\x07trigger\x18\r \x01(\x0e\x32\x13.evalsvc.v1.Trigger\x12\x19\n\x0cmax_cost_usd\x18\x0e \x01(\x01H\x01\x88\x01\x01\x12\x42\n\x0b\x61nnotations\x18\x0f \x03(\x0b\x32-.evalsvc.v1.CreateRunRequest.AnnotationsEntry\x12)\n\ncache_mode\x18\x32 \x01(\x0e\x32\x15.evalsvc.v1.CacheMode\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x11\n\x0f_pass_thresholdB\x0f\n\r_max_cost_usd\"D\n\x11\x43reateRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.evalsvc.v1.Run\x12\x11\n\tjob_count\x18\x02 \x01(\x05\"%\n\rGetRunRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\".\n\x0eGetRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.evalsvc.v1.Run\"\xf3\x01\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\'\n\x08statuses\x18\x03 \x03(\x0e\x32\x15.evalsvc.v1.RunStatus\x12\x37\n\x06labels\x18\x04 \x03(\x0b\x32\'.evalsvc.v1.ListRunsRequest.LabelsEntry\x12\x12\n\ndataset_id\x18\x05 \x01(\t\x12\x14\n\x0cshow_deleted\x18\x06 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x10ListRunsResponse\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.evalsvc.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"}\n\x10UpdateRunRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\"\n\x03run\x18\x02 \x01(\x0b\x32\x0f.evalsvc.v1.RunB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"1\n\x11UpdateRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.evalsvc.v1.Run\"(\n\x10\x44\x65leteRunRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"1\n\x11\x44\x65leteRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.evalsvc.v1.Run\"*\n\x12UndeleteRunRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"3\n\x13UndeleteRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.evalsvc.v1.Run\"(\n\x10\x43\x61ncelRunRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"1\n\x11\x43\x61ncelRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.evalsvc.v1.Run\"|\n\x15ListRunResultsRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.evalsvc.v1.ResultState\"V\n\x16ListRunResultsResponse\x12#\n\x07results\x18\x01 \x03(\x0b\x32\x12.evalsvc.v1.Result\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\":\n\x0fWatchRunRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"U\n\x16WatchRunBatchedRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\x12\x12\n\nmax_events\x18\x03 \x01(\x05\"G\n\x17WatchRunBatchedResponse\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.evalsvc.v1.WatchRunResponse\"\x1d\n\tHeartbeat\x12\x10\n\x08last_seq\x18\x01 \x01(\x03\"\xf1\x01\n\x10WatchRunResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12.\n\nevent_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x06\x63ounts\x18\x03 \x01(\x0b\x32\x15.evalsvc.v1.RunCounts\x12\x1e\n\x03run\x18\n \x01(\x0b\x32\x0f.evalsvc.v1.RunH\x00\x12$\n\x06result\x18\x0b \x01(\x0b\x32\x12.evalsvc.v1.ResultH\x00\x12*\n\theartbeat\x18\x0c \x01(\x0b\x32\x15.evalsvc.v1.HeartbeatH\x00\x42\x07\n\x05\x65vent2\xde\n\n\x0e\x45valRunService\x12]\n\tCreateRun\x12\x1c.evalsvc.v1.CreateRunRequest\x1a\x1d.evalsvc.v1.CreateRunResponse\"\x13\x82\xd3\xe4\x93\x02\r\"\x08/v1/runs:\x01*\x12Z\n\x06GetRun\x12\x19.evalsvc.v1.GetRunRequest\x1a\x1a.evalsvc.v1.GetRunResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/runs/{run_id}\x12W\n\x08ListRuns\x12\x1b.evalsvc.v1.ListRunsRequest\x1a\x1c.evalsvc.v1.ListRunsResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/runs\x12m\n\tCancelRun\x12\x1c.evalsvc.v1.CancelRunRequest\x1a\x1d.evalsvc.v1.CancelRunResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/runs/{run_id}:cancel:\x01*\x12z\n\x0eListRunResults\x12!.evalsvc.v1.ListRunResultsRequest\x1a\".evalsvc.v1.ListRunResultsResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/runs/{run_id}/results\x12h\n\tUpdateRun\x12\x1c.evalsvc.v1.UpdateRunRequest\x1a\x1d.evalsvc.v1.UpdateRunResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x32\x11/v1/runs/{run_id}:\x03run\x12\x63\n\tDeleteRun\x12\x1c.evalsvc.v1.DeleteRunRequest\x1a\x1d.evalsvc.v1.DeleteRunResponse\"\x19\x82\xd3\xe4\x93\x02\x13*\x11/v1/runs/{run_id}\x12u\n\x0bUndeleteRun\x12\x1e.evalsvc.v1.UndeleteRunRequest\x1a\x1f.evalsvc.v1.UndeleteRunResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/v1/runs/{run_id}:undelete:\x01*\x12h\n\x08WatchRun\x12\x1b.evalsvc.v1.WatchRunRequest\x1a\x1c.evalsvc.v1.WatchRunResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/runs/{run_id}:watch0\x01\x12\x84\x01\n\x0fWatchRunBatched\x12\".evalsvc.v1.WatchRunBatchedRequest\x1a#.evalsvc.v1.WatchRunBatchedResponse\"&\x82\xd3\xe4\x93\x02 \x12\x1e/v1/runs/{run_id}:watchBatched0\x01\x12{\n\x0b\x43ompareRuns\x12\x1e.evalsvc.v1.CompareRunsRequest\x1a\x1f.evalsvc.v1.CompareRunsResponse\"+\x82\xd3\xe4\x93\x02%\x12#/v1/runs/{candidate_run_id}:compare\x12\x98\x01\n\x13ListComparisonItems\x12&.evalsvc.v1.ListComparisonItemsRequest\x1a\'.evalsvc.v1.ListComparisonItemsResponse\"0\x82\xd3\xe4\x93\x02*\x12(/v1/runs/{candidate_run_id}:compareItemsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -85,54 +87,58 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVALRUNSERVICE'].methods_by_name['WatchRun']._serialized_options = b'\202\323\344\223\002\031\022\027/v1/runs/{run_id}:watch'
   _globals['_EVALRUNSERVICE'].methods_by_name['WatchRunBatched']._loaded_options = None
   _globals['_EVALRUNSERVICE'].methods_by_name['WatchRunBatched']._serialized_options = b'\202\323\344\223\002 \022\036/v1/runs/{run_id}:watchBatched'
-  _globals['_CREATERUNREQUEST']._serialized_start=275
-  _globals['_CREATERUNREQUEST']._serialized_end=903
-  _globals['_CREATERUNREQUEST_LABELSENTRY']._serialized_start=770
-  _globals['_CREATERUNREQUEST_LABELSENTRY']._serialized_end=815
-  _globals['_CREATERUNREQUEST_ANNOTATIONSENTRY']._serialized_start=817
-  _globals['_CREATERUNREQUEST_ANNOTATIONSENTRY']._serialized_end=867
-  _globals['_CREATERUNRESPONSE']._serialized_start=905
-  _globals['_CREATERUNRESPONSE']._serialized_end=973
-  _globals['_GETRUNREQUEST']._serialized_start=975
-  _globals['_GETRUNREQUEST']._serialized_end=1012
-  _globals['_GETRUNRESPONSE']._serialized_start=1014
-  _globals['_GETRUNRESPONSE']._serialized_end=1060
-  _globals['_LISTRUNSREQUEST']._serialized_start=1063
-  _globals['_LISTRUNSREQUEST']._serialized_end=1306
-  _globals['_LISTRUNSREQUEST_LABELSENTRY']._serialized_start=770
-  _globals['_LISTRUNSREQUEST_LABELSENTRY']._serialized_end=815
-  _globals['_LISTRUNSRESPONSE']._serialized_start=1308
-  _globals['_LISTRUNSRESPONSE']._serialized_end=1382
-  _globals['_UPDATERUNREQUEST']._serialized_start=1384
-  _globals['_UPDATERUNREQUEST']._serialized_end=1509
-  _globals['_UPDATERUNRESPONSE']._serialized_start=1511
-  _globals['_UPDATERUNRESPONSE']._serialized_end=1560
-  _globals['_DELETERUNREQUEST']._serialized_start=1562
-  _globals['_DELETERUNREQUEST']._serialized_end=1602
-  _globals['_DELETERUNRESPONSE']._serialized_start=1604
-  _globals['_DELETERUNRESPONSE']._serialized_end=1653
-  _globals['_UNDELETERUNREQUEST']._serialized_start=1655
-  _globals['_UNDELETERUNREQUEST']._serialized_end=1697
-  _globals['_UNDELETERUNRESPONSE']._serialized_start=1699
-  _globals['_UNDELETERUNRESPONSE']._serialized_end=1750
-  _globals['_CANCELRUNREQUEST']._serialized_start=1752
-  _globals['_CANCELRUNREQUEST']._serialized_end=1792
-  _globals['_CANCELRUNRESPONSE']._serialized_start=1794
-  _globals['_CANCELRUNRESPONSE']._serialized_end=1843
-  _globals['_LISTRUNRESULTSREQUEST']._serialized_start=1845
-  _globals['_LISTRUNRESULTSREQUEST']._serialized_end=1969
-  _globals['_LISTRUNRESULTSRESPONSE']._serialized_start=1971
-  _globals['_LISTRUNRESULTSRESPONSE']._serialized_end=2057
-  _globals['_WATCHRUNREQUEST']._serialized_start=2059
-  _globals['_WATCHRUNREQUEST']._serialized_end=2117
-  _globals['_WATCHRUNBATCHEDREQUEST']._serialized_start=2119
-  _globals['_WATCHRUNBATCHEDREQUEST']._serialized_end=2204
-  _globals['_WATCHRUNBATCHEDRESPONSE']._serialized_start=2206
-  _globals['_WATCHRUNBATCHEDRESPONSE']._serialized_end=2277
-  _globals['_HEARTBEAT']._serialized_start=2279
-  _globals['_HEARTBEAT']._serialized_end=2308
-  _globals['_WATCHRUNRESPONSE']._serialized_start=2311
-  _globals['_WATCHRUNRESPONSE']._serialized_end=2552
-  _globals['_EVALRUNSERVICE']._serialized_start=2555
-  _globals['_EVALRUNSERVICE']._serialized_end=3649
+  _globals['_EVALRUNSERVICE'].methods_by_name['CompareRuns']._loaded_options = None
+  _globals['_EVALRUNSERVICE'].methods_by_name['CompareRuns']._serialized_options = b'\202\323\344\223\002%\022#/v1/runs/{candidate_run_id}:compare'
+  _globals['_EVALRUNSERVICE'].methods_by_name['ListComparisonItems']._loaded_options = None
+  _globals['_EVALRUNSERVICE'].methods_by_name['ListComparisonItems']._serialized_options = b'\202\323\344\223\002*\022(/v1/runs/{candidate_run_id}:compareItems'
+  _globals['_CREATERUNREQUEST']._serialized_start=328
+  _globals['_CREATERUNREQUEST']._serialized_end=999
+  _globals['_CREATERUNREQUEST_LABELSENTRY']._serialized_start=866
+  _globals['_CREATERUNREQUEST_LABELSENTRY']._serialized_end=911
+  _globals['_CREATERUNREQUEST_ANNOTATIONSENTRY']._serialized_start=913
+  _globals['_CREATERUNREQUEST_ANNOTATIONSENTRY']._serialized_end=963
+  _globals['_CREATERUNRESPONSE']._serialized_start=1001
+  _globals['_CREATERUNRESPONSE']._serialized_end=1069
+  _globals['_GETRUNREQUEST']._serialized_start=1071
+  _globals['_GETRUNREQUEST']._serialized_end=1108
+  _globals['_GETRUNRESPONSE']._serialized_start=1110
+  _globals['_GETRUNRESPONSE']._serialized_end=1156
+  _globals['_LISTRUNSREQUEST']._serialized_start=1159
+  _globals['_LISTRUNSREQUEST']._serialized_end=1402
+  _globals['_LISTRUNSREQUEST_LABELSENTRY']._serialized_start=866
+  _globals['_LISTRUNSREQUEST_LABELSENTRY']._serialized_end=911
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1404
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1478
+  _globals['_UPDATERUNREQUEST']._serialized_start=1480
+  _globals['_UPDATERUNREQUEST']._serialized_end=1605
+  _globals['_UPDATERUNRESPONSE']._serialized_start=1607
+  _globals['_UPDATERUNRESPONSE']._serialized_end=1656
+  _globals['_DELETERUNREQUEST']._serialized_start=1658
+  _globals['_DELETERUNREQUEST']._serialized_end=1698
+  _globals['_DELETERUNRESPONSE']._serialized_start=1700
+  _globals['_DELETERUNRESPONSE']._serialized_end=1749
+  _globals['_UNDELETERUNREQUEST']._serialized_start=1751
+  _globals['_UNDELETERUNREQUEST']._serialized_end=1793
+  _globals['_UNDELETERUNRESPONSE']._serialized_start=1795
+  _globals['_UNDELETERUNRESPONSE']._serialized_end=1846
+  _globals['_CANCELRUNREQUEST']._serialized_start=1848
+  _globals['_CANCELRUNREQUEST']._serialized_end=1888
+  _globals['_CANCELRUNRESPONSE']._serialized_start=1890
+  _globals['_CANCELRUNRESPONSE']._serialized_end=1939
+  _globals['_LISTRUNRESULTSREQUEST']._serialized_start=1941
+  _globals['_LISTRUNRESULTSREQUEST']._serialized_end=2065
+  _globals['_LISTRUNRESULTSRESPONSE']._serialized_start=2067
+  _globals['_LISTRUNRESULTSRESPONSE']._serialized_end=2153
+  _globals['_WATCHRUNREQUEST']._serialized_start=2155
+  _globals['_WATCHRUNREQUEST']._serialized_end=2213
+  _globals['_WATCHRUNBATCHEDREQUEST']._serialized_start=2215
+  _globals['_WATCHRUNBATCHEDREQUEST']._serialized_end=2300
+  _globals['_WATCHRUNBATCHEDRESPONSE']._serialized_start=2302
+  _globals['_WATCHRUNBATCHEDRESPONSE']._serialized_end=2373
+  _globals['_HEARTBEAT']._serialized_start=2375
+  _globals['_HEARTBEAT']._serialized_end=2404
+  _globals['_WATCHRUNRESPONSE']._serialized_start=2407
+  _globals['_WATCHRUNRESPONSE']._serialized_end=2648
+  _globals['_EVALRUNSERVICE']._serialized_start=2651
+  _globals['_EVALRUNSERVICE']._serialized_end=4025
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from evalsvc.v1 import comparison_pb2 as _comparison_pb2
 from evalsvc.v1 import eval_run_service_pb2 as _eval_run_service_pb2
 from grpc import aio as _aio
 import abc as _abc_1
@@ -57,6 +58,15 @@ class EvalRunServiceStub:
     """WatchRun's events, several per message: the same events, order, resume and end, for watchers that
     read every result of large runs (one message per event caps a Python client near 15,000 events/s).
     """
+    CompareRuns: _grpc.UnaryUnaryMultiCallable[_comparison_pb2.CompareRunsRequest, _comparison_pb2.CompareRunsResponse]
+    """Compares two runs' results pair by pair (item, repetition, grader): per grader and overall, the pass
+    rates, their difference with an interval, the exact McNemar test and a verdict (docs/compare.md).
+    Runs still executing can be compared (partial). Either run missing or another tenant's: NOT_FOUND.
+    """
+    ListComparisonItems: _grpc.UnaryUnaryMultiCallable[_comparison_pb2.ListComparisonItemsRequest, _comparison_pb2.ListComparisonItemsResponse]
+    """Lists two runs' evaluations side by side (results, outputs and explanations), filtered by grader
+    and change (e.g. only the regressions).
+    """
 
 @_typing.type_check_only
 class EvalRunServiceAsyncStub(EvalRunServiceStub):
@@ -86,6 +96,15 @@ class EvalRunServiceAsyncStub(EvalRunServiceStub):
     WatchRunBatched: _aio.UnaryStreamMultiCallable[_eval_run_service_pb2.WatchRunBatchedRequest, _eval_run_service_pb2.WatchRunBatchedResponse]  # type: ignore[assignment]
     """WatchRun's events, several per message: the same events, order, resume and end, for watchers that
     read every result of large runs (one message per event caps a Python client near 15,000 events/s).
+    """
+    CompareRuns: _aio.UnaryUnaryMultiCallable[_comparison_pb2.CompareRunsRequest, _comparison_pb2.CompareRunsResponse]  # type: ignore[assignment]
+    """Compares two runs' results pair by pair (item, repetition, grader): per grader and overall, the pass
+    rates, their difference with an interval, the exact McNemar test and a verdict (docs/compare.md).
+    Runs still executing can be compared (partial). Either run missing or another tenant's: NOT_FOUND.
+    """
+    ListComparisonItems: _aio.UnaryUnaryMultiCallable[_comparison_pb2.ListComparisonItemsRequest, _comparison_pb2.ListComparisonItemsResponse]  # type: ignore[assignment]
+    """Lists two runs' evaluations side by side (results, outputs and explanations), filtered by grader
+    and change (e.g. only the regressions).
     """
 
 class EvalRunServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -173,6 +192,27 @@ class EvalRunServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_eval_run_service_pb2.WatchRunBatchedResponse], _abc.AsyncIterator[_eval_run_service_pb2.WatchRunBatchedResponse]]:
         """WatchRun's events, several per message: the same events, order, resume and end, for watchers that
         read every result of large runs (one message per event caps a Python client near 15,000 events/s).
+        """
+
+    @_abc_1.abstractmethod
+    def CompareRuns(
+        self,
+        request: _comparison_pb2.CompareRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_comparison_pb2.CompareRunsResponse, _abc.Awaitable[_comparison_pb2.CompareRunsResponse]]:
+        """Compares two runs' results pair by pair (item, repetition, grader): per grader and overall, the pass
+        rates, their difference with an interval, the exact McNemar test and a verdict (docs/compare.md).
+        Runs still executing can be compared (partial). Either run missing or another tenant's: NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def ListComparisonItems(
+        self,
+        request: _comparison_pb2.ListComparisonItemsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_comparison_pb2.ListComparisonItemsResponse, _abc.Awaitable[_comparison_pb2.ListComparisonItemsResponse]]:
+        """Lists two runs' evaluations side by side (results, outputs and explanations), filtered by grader
+        and change (e.g. only the regressions).
         """
 
 def add_EvalRunServiceServicer_to_server(servicer: EvalRunServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,9 +1,10 @@
 """evalctl: run evaluations and read them from a terminal or CI.
 
-    evalctl run spec.yaml [--fail-under PCT] [--junit FILE] [--jsonl FILE]   create, follow with a progress bar
+    evalctl run spec.yaml [--fail-under PCT] [--junit FILE] [--jsonl FILE] [--cache replay|...]   create, follow
     evalctl watch RUN_ID [--after-seq N]                                     follow a run to its end
     evalctl get RUN_ID | list [--status S] [--label k=v] | cancel RUN_ID
     evalctl results RUN_ID [--state passed|failed|error|skipped] [--format table|jsonl|junit] [-o FILE]
+    evalctl compare BASELINE CANDIDATE [--alpha A] [--fail-on-regression] [--show regressed|improved|...]
     evalctl webhooks create URL [--event TYPE ...] | list | get ID | update ID [--url U] [--event TYPE ...]
                      [--enable|--disable] | delete ID | rotate-secret ID [--revoke-previous]
                      | deliveries ID [--status pending|succeeded|failed] [--limit N]
@@ -11,8 +12,9 @@
 Global: --target HOST:PORT (EVALCTL_TARGET, default 127.0.0.1:50051), --api-key (EVALSVC_API_KEY), --json,
 --ca-cert/--client-cert/--client-key (TLS, mTLS).
 
-Exit codes: 0 ok; 1 the pass rate (percent, errors excluded) is below --fail-under; 2 the run ended FAILED or
-CANCELLED; 3 a spec, connection or RPC error (argparse's usage errors exit 2 as usual).
+Exit codes: 0 ok; 1 the pass rate (percent, errors excluded) is below --fail-under, or (compare
+--fail-on-regression) a grader REGRESSED; 2 the run ended FAILED or CANCELLED; 3 a spec, connection or RPC
+error (argparse's usage errors exit 2 as usual).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from evalsvc_client import pb
 from evalsvc_client._common import TLSOptions
 from evalsvc_client.errors import EvalError
 from evalsvc_client.export import to_dict, write_jsonl, write_junit
-from evalsvc_client.spec import SpecError, load_spec
+from evalsvc_client.spec import CACHE_MODES, SpecError, cache_mode, load_spec
 from evalsvc_client.sync import EvalClient
 
 EXIT_OK, EXIT_BELOW, EXIT_RUN_FAILED, EXIT_ERROR = 0, 1, 2, 3
@@ -179,6 +181,8 @@ def _export(client: EvalClient, run: pb.Run, args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
     spec = load_spec(Path(args.spec))
+    if args.cache:
+        spec.cache_mode = cache_mode(args.cache)
     created = client.create_run_from(spec.request())
     run = created.run
     if not args.json:
@@ -271,6 +275,77 @@ def cmd_results(args: argparse.Namespace, client: EvalClient, console: Console) 
     return EXIT_OK
 
 
+_CHANGES = {
+    name.removeprefix("COMPARISON_CHANGE_").lower(): value
+    for name, value in pb.comparison.ComparisonChange.items()
+    if value
+}
+
+
+def _verdict_name(value: int) -> str:
+    return pb.comparison.ComparisonVerdict.Name(value).removeprefix("COMPARISON_VERDICT_")
+
+
+def _comparison_row(g: pb.comparison.GraderComparison) -> list[str]:
+    return [
+        g.grader or "(overall)",
+        str(g.pairs),
+        f"{100 * g.baseline_pass_rate:.1f}%",
+        f"{100 * g.candidate_pass_rate:.1f}%",
+        f"{100 * g.pass_rate_delta:+.1f} [{100 * g.delta_ci_low:+.1f}, {100 * g.delta_ci_high:+.1f}]",
+        f"+{g.improved} -{g.regressed}",
+        f"{g.mcnemar_p_value:.3g}",
+        f"{g.mean_score_delta:+.3f} [{g.score_delta_ci_low:+.3f}, {g.score_delta_ci_high:+.3f}]",
+        str(g.unpaired),
+        _verdict_name(g.verdict),
+    ]
+
+
+def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    comparison = client.compare_runs(args.baseline, args.candidate, alpha=args.alpha)
+    regressed = [g.grader for g in comparison.graders if g.verdict == pb.comparison.COMPARISON_VERDICT_REGRESSED]
+    if args.json:
+        _print_json(to_dict(comparison))
+    else:
+        level = 100 * (1 - comparison.alpha)
+        table = Table(
+            "grader",
+            "pairs",
+            "baseline",
+            "candidate",
+            f"delta pp [{level:g}% CI]",
+            "changed",
+            "McNemar p",
+            f"score delta [{level:g}% CI]",
+            "unpaired",
+            "verdict",
+            title=f"{comparison.candidate_run_id} vs baseline {comparison.baseline_run_id}"
+            + (" (partial: a run is still executing)" if comparison.partial else ""),
+        )
+        for grader in [*comparison.graders, comparison.overall]:
+            table.add_row(*_comparison_row(grader))
+        Console().print(table)
+        if args.show:
+            items = Table("item", "rep", "grader", "baseline output", "candidate output", "candidate explanation")
+            shown = client.list_comparison_items(
+                comparison.baseline_run_id, comparison.candidate_run_id, change=_CHANGES[args.show], page_size=100
+            )
+            for _, item in zip(range(args.limit), shown, strict=False):
+                items.add_row(
+                    item.item_id,
+                    str(item.repetition),
+                    item.grader,
+                    item.baseline.output.content,
+                    item.candidate.output.content,
+                    item.candidate.error_reason or item.candidate.explanation,
+                )
+            Console().print(items)
+    if args.fail_on_regression and regressed:
+        console.print(f"regressed at alpha {comparison.alpha:g}: {', '.join(regressed)}")
+        return EXIT_BELOW
+    return EXIT_OK
+
+
 _DELIVERY_STATUSES = {
     name.removeprefix("WEBHOOK_DELIVERY_STATUS_").lower(): value
     for name, value in pb.webhooks.WebhookDeliveryStatus.items()
@@ -360,6 +435,9 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="create a run from a spec file and follow it")
     run.add_argument("spec", help="YAML or JSON run spec")
     run.add_argument("--detach", action="store_true", help="create the run and exit without following it")
+    run.add_argument(
+        "--cache", choices=sorted(CACHE_MODES), help="response cache mode, over the spec's cache_mode (docs/targets.md)"
+    )
     follow_flags(run)
     run.set_defaults(handler=cmd_run)
 
@@ -391,6 +469,15 @@ def parser() -> argparse.ArgumentParser:
     results.add_argument("--format", choices=["table", "jsonl", "junit"], default="table")
     results.add_argument("-o", "--output", metavar="FILE")
     results.set_defaults(handler=cmd_results)
+
+    compare = sub.add_parser("compare", parents=[common], help="paired comparison of two runs (docs/compare.md)")
+    compare.add_argument("baseline", help="the baseline run id")
+    compare.add_argument("candidate", help="the candidate run id")
+    compare.add_argument("--alpha", type=float, default=0.0, help="significance level; 0 means 0.05")
+    compare.add_argument("--fail-on-regression", action="store_true", help="exit 1 when any grader REGRESSED")
+    compare.add_argument("--show", choices=sorted(_CHANGES), help="also list the evaluations with this change")
+    compare.add_argument("--limit", type=int, default=20, help="at most this many listed by --show")
+    compare.set_defaults(handler=cmd_compare)
 
     webhooks = sub.add_parser("webhooks", help="manage webhooks notified when runs end (docs/webhooks.md)")
     hooks = webhooks.add_subparsers(dest="webhooks_command", required=True)

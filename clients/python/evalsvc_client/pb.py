@@ -1,9 +1,12 @@
 """The generated message modules, re-exported: `from evalsvc_client import pb; pb.runs.CreateRunRequest(...)`.
 
+`pb.comparison` holds CompareRuns' and ListComparisonItems' messages, `pb.cache` the CacheMode enum.
 `pb.grader` and `pb.target` hold the Grader and Target messages; `pb.graders` and `pb.targets` the GraderService
 and TargetService requests and the saved definitions (`pb.SavedGrader`, `pb.SavedTarget`); `pb.webhooks` the
 WebhookService requests, `pb.Webhook` and `pb.WebhookDelivery`."""
 
+from evalsvc_client._gen.evalsvc.v1 import cache_pb2 as cache
+from evalsvc_client._gen.evalsvc.v1 import comparison_pb2 as comparison
 from evalsvc_client._gen.evalsvc.v1 import dataset_service_pb2 as datasets
 from evalsvc_client._gen.evalsvc.v1 import eval_run_service_pb2 as runs
 from evalsvc_client._gen.evalsvc.v1 import grader_pb2 as grader
@@ -27,6 +30,8 @@ Dataset = datasets.Dataset
 SavedGrader = graders.SavedGrader
 SavedTarget = targets.SavedTarget
 WatchRunResponse = runs.WatchRunResponse
+RunComparison = comparison.RunComparison
+ComparisonItem = comparison.ComparisonItem
 Webhook = webhooks.Webhook
 WebhookDelivery = webhooks.WebhookDelivery
 
@@ -34,6 +39,7 @@ TERMINAL_STATUSES = frozenset({run.RUN_STATUS_SUCCEEDED, run.RUN_STATUS_FAILED, 
 
 __all__ = [
     "TERMINAL_STATUSES",
+    "ComparisonItem",
     "Dataset",
     "Grader",
     "Item",
@@ -41,6 +47,7 @@ __all__ = [
     "Result",
     "ResultState",
     "Run",
+    "RunComparison",
     "RunCounts",
     "RunStatus",
     "SavedGrader",
@@ -49,6 +56,8 @@ __all__ = [
     "WatchRunResponse",
     "Webhook",
     "WebhookDelivery",
+    "cache",
+    "comparison",
     "datasets",
     "grader",
     "graders",

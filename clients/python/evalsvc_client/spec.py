@@ -116,9 +116,10 @@ class RunSpec:
     repetitions: int = 0
     warmup_runs: int = 0
     request_id: str | None = None
+    cache_mode: int = 0  # pb.cache.CacheMode; 0: the server's default
 
     def request(self) -> pb.runs.CreateRunRequest:
-        return create_run_request(
+        request = create_run_request(
             target=self.target,
             graders=self.graders,
             items=self.items,
@@ -133,6 +134,19 @@ class RunSpec:
             trigger=pb.run.TRIGGER_AUTO,
             request_id=self.request_id,
         )
+        request.cache_mode = self.cache_mode  # type: ignore[assignment]
+        return request
+
+
+CACHE_MODES = {name.removeprefix("CACHE_MODE_").lower(): value for name, value in pb.cache.CacheMode.items() if value}
+
+
+def cache_mode(name: str) -> int:
+    """The CacheMode of `off`, `read_write`, `refresh` or `replay` (docs/targets.md)."""
+    try:
+        return CACHE_MODES[name.strip().lower()]
+    except KeyError:
+        raise SpecError(f"cache_mode must be one of {', '.join(CACHE_MODES)}, not {name!r}") from None
 
 
 _SPEC_KEYS = {
@@ -149,6 +163,7 @@ _SPEC_KEYS = {
     "repetitions",
     "warmup_runs",
     "request_id",
+    "cache_mode",
 }
 
 
@@ -188,4 +203,5 @@ def load_spec(path: Path) -> RunSpec:
         repetitions=int(data.get("repetitions", 0)),
         warmup_runs=int(data.get("warmup_runs", 0)),
         request_id=data.get("request_id"),
+        cache_mode=cache_mode(str(data["cache_mode"])) if "cache_mode" in data else 0,
     )

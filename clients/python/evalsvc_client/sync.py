@@ -221,6 +221,37 @@ class EvalClient:
                 return
             request.page_token = page.next_page_token
 
+    def compare_runs(self, baseline_run_id: str, candidate_run_id: str, *, alpha: float = 0.0) -> pb.RunComparison:
+        """Paired comparison of two runs per grader and overall (alpha 0 means 0.05; docs/compare.md)."""
+        request = pb.comparison.CompareRunsRequest(
+            baseline_run_id=baseline_run_id, candidate_run_id=candidate_run_id, alpha=alpha
+        )
+        return (self._call(self._runs.CompareRuns, request)).comparison
+
+    def list_comparison_items(
+        self,
+        baseline_run_id: str,
+        candidate_run_id: str,
+        *,
+        grader: str = "",
+        change: pb.comparison.ComparisonChange = pb.comparison.COMPARISON_CHANGE_UNSPECIFIED,
+        page_size: int = 0,
+    ) -> Iterator[pb.ComparisonItem]:
+        """Both runs' evaluations side by side (results with outputs), filtered by grader and change, every page."""
+        request = pb.comparison.ListComparisonItemsRequest(
+            baseline_run_id=baseline_run_id,
+            candidate_run_id=candidate_run_id,
+            grader=grader,
+            change=change,
+            page_size=page_size,
+        )
+        while True:
+            page = self._call(self._runs.ListComparisonItems, request)
+            yield from page.items
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
     def watch(self, run_id: str, after_seq: int = 0, *, heartbeats: bool = False) -> Iterator[pb.WatchRunResponse]:
         """A run's events with seq > after_seq, in order, each once, ending after the terminal status event.
 

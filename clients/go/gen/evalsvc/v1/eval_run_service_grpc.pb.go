@@ -39,6 +39,13 @@ type EvalRunServiceClient interface {
 	// WatchRun's events, several per message: the same events, order, resume and end, for watchers that
 	// read every result of large runs (one message per event caps a Python client near 15,000 events/s).
 	WatchRunBatched(ctx context.Context, in *WatchRunBatchedRequest, opts ...grpc.CallOption) (EvalRunService_WatchRunBatchedClient, error)
+	// Compares two runs' results pair by pair (item, repetition, grader): per grader and overall, the pass
+	// rates, their difference with an interval, the exact McNemar test and a verdict (docs/compare.md).
+	// Runs still executing can be compared (partial). Either run missing or another tenant's: NOT_FOUND.
+	CompareRuns(ctx context.Context, in *CompareRunsRequest, opts ...grpc.CallOption) (*CompareRunsResponse, error)
+	// Lists two runs' evaluations side by side (results, outputs and explanations), filtered by grader
+	// and change (e.g. only the regressions).
+	ListComparisonItems(ctx context.Context, in *ListComparisonItemsRequest, opts ...grpc.CallOption) (*ListComparisonItemsResponse, error)
 }
 
 type evalRunServiceClient struct {
@@ -185,6 +192,24 @@ func (x *evalRunServiceWatchRunBatchedClient) Recv() (*WatchRunBatchedResponse, 
 	return m, nil
 }
 
+func (c *evalRunServiceClient) CompareRuns(ctx context.Context, in *CompareRunsRequest, opts ...grpc.CallOption) (*CompareRunsResponse, error) {
+	out := new(CompareRunsResponse)
+	err := c.cc.Invoke(ctx, "/evalsvc.v1.EvalRunService/CompareRuns", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *evalRunServiceClient) ListComparisonItems(ctx context.Context, in *ListComparisonItemsRequest, opts ...grpc.CallOption) (*ListComparisonItemsResponse, error) {
+	out := new(ListComparisonItemsResponse)
+	err := c.cc.Invoke(ctx, "/evalsvc.v1.EvalRunService/ListComparisonItems", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // EvalRunServiceServer is the server API for EvalRunService service.
 // All implementations must embed UnimplementedEvalRunServiceServer
 // for forward compatibility
@@ -211,6 +236,13 @@ type EvalRunServiceServer interface {
 	// WatchRun's events, several per message: the same events, order, resume and end, for watchers that
 	// read every result of large runs (one message per event caps a Python client near 15,000 events/s).
 	WatchRunBatched(*WatchRunBatchedRequest, EvalRunService_WatchRunBatchedServer) error
+	// Compares two runs' results pair by pair (item, repetition, grader): per grader and overall, the pass
+	// rates, their difference with an interval, the exact McNemar test and a verdict (docs/compare.md).
+	// Runs still executing can be compared (partial). Either run missing or another tenant's: NOT_FOUND.
+	CompareRuns(context.Context, *CompareRunsRequest) (*CompareRunsResponse, error)
+	// Lists two runs' evaluations side by side (results, outputs and explanations), filtered by grader
+	// and change (e.g. only the regressions).
+	ListComparisonItems(context.Context, *ListComparisonItemsRequest) (*ListComparisonItemsResponse, error)
 	mustEmbedUnimplementedEvalRunServiceServer()
 }
 
@@ -247,6 +279,12 @@ func (UnimplementedEvalRunServiceServer) WatchRun(*WatchRunRequest, EvalRunServi
 }
 func (UnimplementedEvalRunServiceServer) WatchRunBatched(*WatchRunBatchedRequest, EvalRunService_WatchRunBatchedServer) error {
 	return status.Errorf(codes.Unimplemented, "method WatchRunBatched not implemented")
+}
+func (UnimplementedEvalRunServiceServer) CompareRuns(context.Context, *CompareRunsRequest) (*CompareRunsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CompareRuns not implemented")
+}
+func (UnimplementedEvalRunServiceServer) ListComparisonItems(context.Context, *ListComparisonItemsRequest) (*ListComparisonItemsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListComparisonItems not implemented")
 }
 func (UnimplementedEvalRunServiceServer) mustEmbedUnimplementedEvalRunServiceServer() {}
 
@@ -447,6 +485,42 @@ func (x *evalRunServiceWatchRunBatchedServer) Send(m *WatchRunBatchedResponse) e
 	return x.ServerStream.SendMsg(m)
 }
 
+func _EvalRunService_CompareRuns_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CompareRunsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(EvalRunServiceServer).CompareRuns(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/evalsvc.v1.EvalRunService/CompareRuns",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(EvalRunServiceServer).CompareRuns(ctx, req.(*CompareRunsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _EvalRunService_ListComparisonItems_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListComparisonItemsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(EvalRunServiceServer).ListComparisonItems(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/evalsvc.v1.EvalRunService/ListComparisonItems",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(EvalRunServiceServer).ListComparisonItems(ctx, req.(*ListComparisonItemsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _EvalRunService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "evalsvc.v1.EvalRunService",
 	HandlerType: (*EvalRunServiceServer)(nil),
@@ -482,6 +556,14 @@ var _EvalRunService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "UndeleteRun",
 			Handler:    _EvalRunService_UndeleteRun_Handler,
+		},
+		{
+			MethodName: "CompareRuns",
+			Handler:    _EvalRunService_CompareRuns_Handler,
+		},
+		{
+			MethodName: "ListComparisonItems",
+			Handler:    _EvalRunService_ListComparisonItems_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from evalsvc_client._gen.evalsvc.v1 import comparison_pb2 as evalsvc_dot_v1_dot_comparison__pb2
 from evalsvc_client._gen.evalsvc.v1 import eval_run_service_pb2 as evalsvc_dot_v1_dot_eval__run__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -85,6 +86,16 @@ class EvalRunServiceStub:
                 request_serializer=evalsvc_dot_v1_dot_eval__run__service__pb2.WatchRunBatchedRequest.SerializeToString,
                 response_deserializer=evalsvc_dot_v1_dot_eval__run__service__pb2.WatchRunBatchedResponse.FromString,
                 _registered_method=True)
+        self.CompareRuns = channel.unary_unary(
+                '/evalsvc.v1.EvalRunService/CompareRuns',
+                request_serializer=evalsvc_dot_v1_dot_comparison__pb2.CompareRunsRequest.SerializeToString,
+                response_deserializer=evalsvc_dot_v1_dot_comparison__pb2.CompareRunsResponse.FromString,
+                _registered_method=True)
+        self.ListComparisonItems = channel.unary_unary(
+                '/evalsvc.v1.EvalRunService/ListComparisonItems',
+                request_serializer=evalsvc_dot_v1_dot_comparison__pb2.ListComparisonItemsRequest.SerializeToString,
+                response_deserializer=evalsvc_dot_v1_dot_comparison__pb2.ListComparisonItemsResponse.FromString,
+                _registered_method=True)
 
 
 class EvalRunServiceServicer:
@@ -163,6 +174,23 @@ class EvalRunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompareRuns(self, request, context):
+        """Compares two runs' results pair by pair (item, repetition, grader): per grader and overall, the pass
+        rates, their difference with an interval, the exact McNemar test and a verdict (docs/compare.md).
+        Runs still executing can be compared (partial). Either run missing or another tenant's: NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListComparisonItems(self, request, context):
+        """Lists two runs' evaluations side by side (results, outputs and explanations), filtered by grader
+        and change (e.g. only the regressions).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EvalRunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -215,6 +243,16 @@ def add_EvalRunServiceServicer_to_server(servicer, server):
                     servicer.WatchRunBatched,
                     request_deserializer=evalsvc_dot_v1_dot_eval__run__service__pb2.WatchRunBatchedRequest.FromString,
                     response_serializer=evalsvc_dot_v1_dot_eval__run__service__pb2.WatchRunBatchedResponse.SerializeToString,
+            ),
+            'CompareRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareRuns,
+                    request_deserializer=evalsvc_dot_v1_dot_comparison__pb2.CompareRunsRequest.FromString,
+                    response_serializer=evalsvc_dot_v1_dot_comparison__pb2.CompareRunsResponse.SerializeToString,
+            ),
+            'ListComparisonItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListComparisonItems,
+                    request_deserializer=evalsvc_dot_v1_dot_comparison__pb2.ListComparisonItemsRequest.FromString,
+                    response_serializer=evalsvc_dot_v1_dot_comparison__pb2.ListComparisonItemsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -488,6 +526,60 @@ class EvalRunService:
             '/evalsvc.v1.EvalRunService/WatchRunBatched',
             evalsvc_dot_v1_dot_eval__run__service__pb2.WatchRunBatchedRequest.SerializeToString,
             evalsvc_dot_v1_dot_eval__run__service__pb2.WatchRunBatchedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/evalsvc.v1.EvalRunService/CompareRuns',
+            evalsvc_dot_v1_dot_comparison__pb2.CompareRunsRequest.SerializeToString,
+            evalsvc_dot_v1_dot_comparison__pb2.CompareRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListComparisonItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/evalsvc.v1.EvalRunService/ListComparisonItems',
+            evalsvc_dot_v1_dot_comparison__pb2.ListComparisonItemsRequest.SerializeToString,
+            evalsvc_dot_v1_dot_comparison__pb2.ListComparisonItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,5 +1,6 @@
 import datetime
 
+from evalsvc_client._gen.evalsvc.v1 import cache_pb2 as _cache_pb2
 from evalsvc_client._gen.evalsvc.v1 import grader_pb2 as _grader_pb2
 from evalsvc_client._gen.evalsvc.v1 import item_pb2 as _item_pb2
 from evalsvc_client._gen.evalsvc.v1 import target_pb2 as _target_pb2
@@ -116,7 +117,7 @@ class GraderAggregate(_message.Message):
     def __init__(self, grader: _Optional[str] = ..., pass_rate: _Optional[float] = ..., mean_score: _Optional[float] = ..., passed: _Optional[int] = ..., failed: _Optional[int] = ..., errored: _Optional[int] = ..., std_error: _Optional[float] = ...) -> None: ...
 
 class RunAggregate(_message.Message):
-    __slots__ = ("pass_rate", "mean_score", "graders", "total_cost_usd", "latency", "scoring_cost_usd", "std_error", "mean_item_score", "memory")
+    __slots__ = ("pass_rate", "mean_score", "graders", "total_cost_usd", "latency", "scoring_cost_usd", "std_error", "mean_item_score", "memory", "cache_hits", "cost_saved_usd")
     PASS_RATE_FIELD_NUMBER: _ClassVar[int]
     MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
     GRADERS_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +127,8 @@ class RunAggregate(_message.Message):
     STD_ERROR_FIELD_NUMBER: _ClassVar[int]
     MEAN_ITEM_SCORE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    COST_SAVED_USD_FIELD_NUMBER: _ClassVar[int]
     pass_rate: float
     mean_score: float
     graders: _containers.RepeatedCompositeFieldContainer[GraderAggregate]
@@ -135,7 +138,9 @@ class RunAggregate(_message.Message):
     std_error: float
     mean_item_score: float
     memory: MemoryStats
-    def __init__(self, pass_rate: _Optional[float] = ..., mean_score: _Optional[float] = ..., graders: _Optional[_Iterable[_Union[GraderAggregate, _Mapping]]] = ..., total_cost_usd: _Optional[float] = ..., latency: _Optional[_Union[LatencyStats, _Mapping]] = ..., scoring_cost_usd: _Optional[float] = ..., std_error: _Optional[float] = ..., mean_item_score: _Optional[float] = ..., memory: _Optional[_Union[MemoryStats, _Mapping]] = ...) -> None: ...
+    cache_hits: int
+    cost_saved_usd: float
+    def __init__(self, pass_rate: _Optional[float] = ..., mean_score: _Optional[float] = ..., graders: _Optional[_Iterable[_Union[GraderAggregate, _Mapping]]] = ..., total_cost_usd: _Optional[float] = ..., latency: _Optional[_Union[LatencyStats, _Mapping]] = ..., scoring_cost_usd: _Optional[float] = ..., std_error: _Optional[float] = ..., mean_item_score: _Optional[float] = ..., memory: _Optional[_Union[MemoryStats, _Mapping]] = ..., cache_hits: _Optional[int] = ..., cost_saved_usd: _Optional[float] = ...) -> None: ...
 
 class RunError(_message.Message):
     __slots__ = ("code", "message")
@@ -146,7 +151,7 @@ class RunError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "display_name", "description", "labels", "dataset_id", "run_number", "target", "graders", "pass_threshold", "repetitions", "warmup_runs", "trigger", "status", "counts", "aggregate", "overall_passed", "error", "create_time", "start_time", "end_time", "update_time", "last_seq", "request_id", "max_cost_usd", "cost_usd", "annotations", "delete_time")
+    __slots__ = ("id", "display_name", "description", "labels", "dataset_id", "run_number", "target", "graders", "pass_threshold", "repetitions", "warmup_runs", "trigger", "status", "counts", "aggregate", "overall_passed", "error", "create_time", "start_time", "end_time", "update_time", "last_seq", "request_id", "max_cost_usd", "cost_usd", "annotations", "delete_time", "cache_mode")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +193,7 @@ class Run(_message.Message):
     COST_USD_FIELD_NUMBER: _ClassVar[int]
     ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
     DELETE_TIME_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MODE_FIELD_NUMBER: _ClassVar[int]
     id: str
     display_name: str
     description: str
@@ -215,10 +221,11 @@ class Run(_message.Message):
     cost_usd: float
     annotations: _containers.ScalarMap[str, str]
     delete_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., dataset_id: _Optional[str] = ..., run_number: _Optional[int] = ..., target: _Optional[_Union[_target_pb2.Target, _Mapping]] = ..., graders: _Optional[_Iterable[_Union[_grader_pb2.Grader, _Mapping]]] = ..., pass_threshold: _Optional[float] = ..., repetitions: _Optional[int] = ..., warmup_runs: _Optional[int] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., counts: _Optional[_Union[RunCounts, _Mapping]] = ..., aggregate: _Optional[_Union[RunAggregate, _Mapping]] = ..., overall_passed: _Optional[bool] = ..., error: _Optional[_Union[RunError, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., request_id: _Optional[str] = ..., max_cost_usd: _Optional[float] = ..., cost_usd: _Optional[float] = ..., annotations: _Optional[_Mapping[str, str]] = ..., delete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    cache_mode: _cache_pb2.CacheMode
+    def __init__(self, id: _Optional[str] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., dataset_id: _Optional[str] = ..., run_number: _Optional[int] = ..., target: _Optional[_Union[_target_pb2.Target, _Mapping]] = ..., graders: _Optional[_Iterable[_Union[_grader_pb2.Grader, _Mapping]]] = ..., pass_threshold: _Optional[float] = ..., repetitions: _Optional[int] = ..., warmup_runs: _Optional[int] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., counts: _Optional[_Union[RunCounts, _Mapping]] = ..., aggregate: _Optional[_Union[RunAggregate, _Mapping]] = ..., overall_passed: _Optional[bool] = ..., error: _Optional[_Union[RunError, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., request_id: _Optional[str] = ..., max_cost_usd: _Optional[float] = ..., cost_usd: _Optional[float] = ..., annotations: _Optional[_Mapping[str, str]] = ..., delete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cache_mode: _Optional[_Union[_cache_pb2.CacheMode, str]] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("id", "run_id", "item_id", "repetition", "grader", "state", "score", "raw_score", "passed", "explanation", "output", "cost_usd", "latency_ms", "error_reason", "attempt", "complete_time", "scoring_cost_usd", "confidence")
+    __slots__ = ("id", "run_id", "item_id", "repetition", "grader", "state", "score", "raw_score", "passed", "explanation", "output", "cost_usd", "latency_ms", "error_reason", "attempt", "complete_time", "scoring_cost_usd", "confidence", "cached", "verdict_cached")
     ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +244,8 @@ class Result(_message.Message):
     COMPLETE_TIME_FIELD_NUMBER: _ClassVar[int]
     SCORING_COST_USD_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_CACHED_FIELD_NUMBER: _ClassVar[int]
     id: str
     run_id: str
     item_id: str
@@ -255,4 +264,6 @@ class Result(_message.Message):
     complete_time: _timestamp_pb2.Timestamp
     scoring_cost_usd: float
     confidence: float
-    def __init__(self, id: _Optional[str] = ..., run_id: _Optional[str] = ..., item_id: _Optional[str] = ..., repetition: _Optional[int] = ..., grader: _Optional[str] = ..., state: _Optional[_Union[ResultState, str]] = ..., score: _Optional[float] = ..., raw_score: _Optional[float] = ..., passed: _Optional[bool] = ..., explanation: _Optional[str] = ..., output: _Optional[_Union[_item_pb2.Response, _Mapping]] = ..., cost_usd: _Optional[float] = ..., latency_ms: _Optional[float] = ..., error_reason: _Optional[str] = ..., attempt: _Optional[int] = ..., complete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scoring_cost_usd: _Optional[float] = ..., confidence: _Optional[float] = ...) -> None: ...
+    cached: bool
+    verdict_cached: bool
+    def __init__(self, id: _Optional[str] = ..., run_id: _Optional[str] = ..., item_id: _Optional[str] = ..., repetition: _Optional[int] = ..., grader: _Optional[str] = ..., state: _Optional[_Union[ResultState, str]] = ..., score: _Optional[float] = ..., raw_score: _Optional[float] = ..., passed: _Optional[bool] = ..., explanation: _Optional[str] = ..., output: _Optional[_Union[_item_pb2.Response, _Mapping]] = ..., cost_usd: _Optional[float] = ..., latency_ms: _Optional[float] = ..., error_reason: _Optional[str] = ..., attempt: _Optional[int] = ..., complete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scoring_cost_usd: _Optional[float] = ..., confidence: _Optional[float] = ..., cached: _Optional[bool] = ..., verdict_cached: _Optional[bool] = ...) -> None: ...

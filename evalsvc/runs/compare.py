@@ -1,0 +1,208 @@
+"""Comparing two runs: pair their evaluations, compute the paired statistics, list the pairs side by side.
+
+A pair is one evaluation key (item id, repetition, grader name) present in both runs; it counts when
+neither side is ERROR or SKIPPED. The statistics are computed here, from the stored results, by
+evalsvc.runs.compare_stats; docs/compare.md describes them. Pairing is CPU work proportional to the
+runs' sizes, so it runs in a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from evalsvc.errors import FieldViolation, invalid_argument, not_found
+from evalsvc.graders import grader_name
+from evalsvc.ids import decode_page_token, encode_page_token, page_size
+from evalsvc.runs.compare_stats import PairTally, summarize
+from evalsvc.runs.convert import result_from
+from evalsvc.store import comparisons as comparison_store
+from evalsvc.store import runs as run_store
+from evalsvc.store.comparisons import Evaluation
+from evalsvc.store.db import Database
+from evalsvc.v1 import comparison_pb2 as cpb
+from evalsvc.v1 import run_pb2
+
+DEFAULT_ALPHA = 0.05
+_GRADED = (run_pb2.RESULT_STATE_PASSED, run_pb2.RESULT_STATE_FAILED)
+Key = tuple[str, int, str]  # item id, repetition, grader
+Side = tuple[int, float]  # state, score
+
+
+def change_of(baseline: Side | None, candidate: Side | None) -> cpb.ComparisonChange:
+    """How one evaluation changed; UNPAIRED when a side is missing or could not be graded."""
+    if baseline is None or candidate is None or baseline[0] not in _GRADED or candidate[0] not in _GRADED:
+        return cpb.COMPARISON_CHANGE_UNPAIRED
+    base_passed = baseline[0] == run_pb2.RESULT_STATE_PASSED
+    cand_passed = candidate[0] == run_pb2.RESULT_STATE_PASSED
+    if base_passed and cand_passed:
+        return cpb.COMPARISON_CHANGE_BOTH_PASSED
+    if base_passed:
+        return cpb.COMPARISON_CHANGE_REGRESSED
+    if cand_passed:
+        return cpb.COMPARISON_CHANGE_IMPROVED
+    return cpb.COMPARISON_CHANGE_BOTH_FAILED
+
+
+def _by_key(rows: Iterable[Evaluation]) -> dict[Key, Side]:
+    return {(item_id, rep, grader): (state, score) for item_id, rep, grader, state, score in rows}
+
+
+def _grader_comparison(name: str, tally: PairTally, unpaired: int, alpha: float) -> cpb.GraderComparison:
+    summary = summarize(tally, alpha)
+    verdict = cpb.COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE
+    if summary.regressed:
+        verdict = cpb.COMPARISON_VERDICT_REGRESSED
+    elif summary.improved:
+        verdict = cpb.COMPARISON_VERDICT_IMPROVED
+    return cpb.GraderComparison(
+        grader=name,
+        pairs=tally.pairs,
+        both_passed=tally.both_passed,
+        both_failed=tally.both_failed,
+        regressed=tally.regressed,
+        improved=tally.improved,
+        unpaired=unpaired,
+        baseline_pass_rate=summary.baseline_pass_rate,
+        candidate_pass_rate=summary.candidate_pass_rate,
+        pass_rate_delta=summary.pass_rate_delta,
+        delta_ci_low=summary.delta_ci[0],
+        delta_ci_high=summary.delta_ci[1],
+        mcnemar_p_value=summary.mcnemar_p_value,
+        mean_score_delta=summary.mean_score_delta,
+        score_delta_ci_low=summary.score_delta_ci[0],
+        score_delta_ci_high=summary.score_delta_ci[1],
+        verdict=verdict,
+        baseline_mean_score=summary.baseline_mean_score,
+        candidate_mean_score=summary.candidate_mean_score,
+    )
+
+
+def compare_evaluations(
+    baseline: Sequence[Evaluation], candidate: Sequence[Evaluation], grader_order: Sequence[str], alpha: float
+) -> tuple[list[cpb.GraderComparison], cpb.GraderComparison]:
+    """Per-grader comparisons (in `grader_order`, then any other grader by name) and the overall one."""
+    base, cand = _by_key(baseline), _by_key(candidate)
+    tallies: dict[str, PairTally] = {name: PairTally() for name in grader_order}
+    unpaired: dict[str, int] = dict.fromkeys(grader_order, 0)
+    overall = PairTally()
+    for key in base.keys() | cand.keys():
+        grader = key[2]
+        tally = tallies.setdefault(grader, PairTally())
+        unpaired.setdefault(grader, 0)
+        b, c = base.get(key), cand.get(key)
+        if change_of(b, c) == cpb.COMPARISON_CHANGE_UNPAIRED:
+            unpaired[grader] += 1
+            continue
+        assert b is not None and c is not None
+        for target in (tally, overall):
+            target.add(b[0] == run_pb2.RESULT_STATE_PASSED, c[0] == run_pb2.RESULT_STATE_PASSED, b[1], c[1])
+    ordered = list(grader_order) + sorted(set(tallies) - set(grader_order))
+    per_grader = [_grader_comparison(name, tallies[name], unpaired[name], alpha) for name in ordered]
+    return per_grader, _grader_comparison("", overall, sum(unpaired.values()), alpha)
+
+
+@dataclass(frozen=True)
+class _PairedKey:
+    key: Key
+    change: cpb.ComparisonChange
+
+
+def _changes(
+    baseline: Sequence[Evaluation], candidate: Sequence[Evaluation], grader: str, change: int
+) -> list[_PairedKey]:
+    """Every evaluation key of either run matching the filters, ordered by item id, repetition, grader."""
+    base, cand = _by_key(baseline), _by_key(candidate)
+    keys = sorted(k for k in base.keys() | cand.keys() if not grader or k[2] == grader)
+    paired = [_PairedKey(k, change_of(base.get(k), cand.get(k))) for k in keys]
+    return [p for p in paired if not change or p.change == change]
+
+
+class CompareService:
+    """CompareRuns and ListComparisonItems for any tenant the caller names."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def _runs(self, tenant: str, baseline_id: str, candidate_id: str) -> tuple[run_pb2.Run, run_pb2.Run]:
+        violations = [
+            FieldViolation(field, "the run id is required")
+            for field, value in (("baseline_run_id", baseline_id), ("candidate_run_id", candidate_id))
+            if not value
+        ]
+        if violations:
+            raise invalid_argument(violations)
+        baseline = await run_store.get_current_run(self._db, tenant, baseline_id)
+        if baseline is None:
+            raise not_found("run", baseline_id)
+        candidate = await run_store.get_current_run(self._db, tenant, candidate_id)
+        if candidate is None:
+            raise not_found("run", candidate_id)
+        return baseline, candidate
+
+    async def _evaluations(self, tenant: str, baseline_id: str, candidate_id: str) -> tuple[list[Evaluation], ...]:
+        async with self._db.read() as conn:  # one snapshot of both runs
+            return (
+                await comparison_store.evaluations(conn, tenant, baseline_id),
+                await comparison_store.evaluations(conn, tenant, candidate_id),
+            )
+
+    async def compare(self, tenant: str, request: cpb.CompareRunsRequest) -> cpb.RunComparison:
+        """The comparison of two of the tenant's runs, as their results stand now."""
+        alpha = request.alpha or DEFAULT_ALPHA
+        if not 0.0 < alpha <= 0.5:  # NaN fails it too
+            raise invalid_argument([FieldViolation("alpha", "must be in (0, 0.5]; 0 means 0.05")])
+        baseline, candidate = await self._runs(tenant, request.baseline_run_id, request.candidate_run_id)
+        base_rows, cand_rows = await self._evaluations(tenant, baseline.id, candidate.id)
+        order = [grader_name(g) for g in candidate.graders]
+        order += [name for name in (grader_name(g) for g in baseline.graders) if name not in order]
+        per_grader, overall = await asyncio.to_thread(compare_evaluations, base_rows, cand_rows, order, alpha)
+        return cpb.RunComparison(
+            baseline_run_id=baseline.id,
+            candidate_run_id=candidate.id,
+            alpha=alpha,
+            partial=baseline.status in run_store.ACTIVE_STATUSES or candidate.status in run_store.ACTIVE_STATUSES,
+            graders=per_grader,
+            overall=overall,
+        )
+
+    async def list_items(
+        self, tenant: str, request: cpb.ListComparisonItemsRequest
+    ) -> tuple[list[cpb.ComparisonItem], str]:
+        """A page of both runs' evaluations side by side, with results and outputs, and the next token."""
+        limit = page_size(request.page_size, 100)
+        if request.change not in cpb.ComparisonChange.values():
+            raise invalid_argument([FieldViolation("change", "unknown comparison change")])
+        baseline, candidate = await self._runs(tenant, request.baseline_run_id, request.candidate_run_id)
+        query = {"b": baseline.id, "c": candidate.id, "g": request.grader, "change": request.change}
+        after = decode_page_token(request.page_token, query)
+        base_rows, cand_rows = await self._evaluations(tenant, baseline.id, candidate.id)
+        keys = await asyncio.to_thread(_changes, base_rows, cand_rows, request.grader, request.change)
+        if after is not None:
+            try:
+                position = (str(after[0]), int(after[1]), str(after[2]))
+            except (TypeError, ValueError, IndexError, KeyError) as exc:
+                raise invalid_argument(
+                    [FieldViolation("page_token", "page_token is not one this service issued")]
+                ) from exc
+            keys = [k for k in keys if k.key > position]
+        page = keys[:limit]
+        item_ids = [k.key[0] for k in page]
+        async with self._db.read() as conn:
+            base_results = await comparison_store.results_of_items(conn, tenant, baseline.id, item_ids)
+            cand_results = await comparison_store.results_of_items(conn, tenant, candidate.id, item_ids)
+        base_by_key = {(r["item_id"], r["repetition"], r["grader"]): (r, out) for r, out in base_results}
+        cand_by_key = {(r["item_id"], r["repetition"], r["grader"]): (r, out) for r, out in cand_results}
+        items = []
+        for paired in page:
+            item = cpb.ComparisonItem(
+                item_id=paired.key[0], repetition=paired.key[1], grader=paired.key[2], change=paired.change
+            )
+            if (found := base_by_key.get(paired.key)) is not None:
+                item.baseline.CopyFrom(result_from(*found))
+            if (found := cand_by_key.get(paired.key)) is not None:
+                item.candidate.CopyFrom(result_from(*found))
+            items.append(item)
+        token = encode_page_token(list(page[-1].key), query) if len(keys) > limit else ""
+        return items, token

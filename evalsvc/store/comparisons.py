@@ -1,0 +1,41 @@
+"""Queries behind CompareRuns and ListComparisonItems: two runs' evaluations, and a page of results."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from evalsvc.store.models import OutputRow, ResultRow
+
+RESULTS = ResultRow.__table__  # type: ignore[attr-defined]
+OUTPUTS = OutputRow.__table__  # type: ignore[attr-defined]
+
+# (item_id, repetition, grader, state, score): what pairing needs of one evaluation.
+Evaluation = tuple[str, int, str, int, float]
+
+
+async def evaluations(conn: AsyncConnection, tenant: str, run_id: str) -> list[Evaluation]:
+    """Every recorded evaluation of a tenant's run, without explanations or outputs."""
+    rows = await conn.execute(
+        select(RESULTS.c.item_id, RESULTS.c.repetition, RESULTS.c.grader, RESULTS.c.state, RESULTS.c.score).where(
+            RESULTS.c.run_id == run_id, RESULTS.c.tenant == tenant
+        )
+    )
+    return [(item_id, rep, grader, state, score) for item_id, rep, grader, state, score in rows]
+
+
+async def results_of_items(
+    conn: AsyncConnection, tenant: str, run_id: str, item_ids: Sequence[str]
+) -> list[tuple[Mapping[str, Any], bytes | None]]:
+    """The results of some items of a run, each with its job's serialized output."""
+    if not item_ids:
+        return []
+    rows = await conn.execute(
+        select(RESULTS, OUTPUTS.c.output)
+        .outerjoin(OUTPUTS, OUTPUTS.c.job_id == RESULTS.c.job_id)
+        .where(RESULTS.c.run_id == run_id, RESULTS.c.tenant == tenant, RESULTS.c.item_id.in_(sorted(set(item_ids))))
+    )
+    return [(cast("Mapping[str, Any]", row), row["output"]) for row in rows.mappings()]

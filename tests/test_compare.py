@@ -1,0 +1,266 @@
+"""CompareRuns and ListComparisonItems over a real server (gRPC and REST): pairing, the statistics
+against scipy, unpaired evaluations, paging by change, partial comparisons and bad input."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from scipy import stats
+
+from evalsvc.server import EvalServer
+from evalsvc.v1 import comparison_pb2 as cpb
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
+from tests.conftest import make_settings
+from tests.fake_llm import FakeEndpoint, Reply, chat_reply
+from tests.helpers import all_results, error_reason, keyed_channel, serving_gateway, violations, watch_all
+from tests.test_compare_stats import _newcombe_reference
+
+N = 60
+GRADERS = [
+    grader_pb2.Grader(name="similar", similarity=grader_pb2.Similarity(threshold=0.9)),
+    grader_pb2.Grader(name="exact", exact_match=grader_pb2.ExactMatch()),
+]
+
+
+class Service:
+    def __init__(self, srv: EvalServer, http: httpx.AsyncClient, stub: eval_run_service_pb2_grpc.EvalRunServiceStub):
+        self.srv, self.http, self.runs = srv, http, stub
+
+
+@pytest.fixture
+async def svc(tmp_path: Path) -> AsyncIterator[Service]:
+    settings = make_settings(tmp_path, http_addr="127.0.0.1:0", outbound_allow="127.0.0.1")
+    async with serving_gateway(settings) as (srv, http):
+        assert srv.bootstrap_key
+        async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+            yield Service(srv, http, eval_run_service_pb2_grpc.EvalRunServiceStub(channel))
+
+
+def _items(correct: list[bool], seed: int) -> list[item_pb2.Item]:
+    """Items whose recorded response is right or wrong; wrong ones differ by a little or a lot, so the
+    similarity grader's scores vary."""
+    rng = random.Random(seed)
+    items = []
+    for i, right in enumerate(correct):
+        expected = f"the answer to question number {i}"
+        wrong = expected[: rng.randint(5, len(expected) - 1)] + "?"
+        items.append(
+            item_pb2.Item(
+                id=f"q{i:03d}",
+                input=f"question {i}",
+                expected_output=expected,
+                response=item_pb2.Response(content=expected if right else wrong),
+            )
+        )
+    return items
+
+
+async def _run(svc: Service, items: list[item_pb2.Item], graders: list[grader_pb2.Grader]) -> run_pb2.Run:
+    created = await svc.runs.CreateRun(
+        pb.CreateRunRequest(
+            items=items, target=target_pb2.Target(provided=target_pb2.ProvidedTarget()), graders=graders
+        )
+    )
+    events = await watch_all(svc.runs, created.run.id)
+    return events[-1].run
+
+
+async def _two_runs(svc: Service) -> tuple[run_pb2.Run, run_pb2.Run, list[bool], list[bool]]:
+    rng = random.Random(19)
+    baseline_ok = [rng.random() < 0.8 for _ in range(N)]
+    candidate_ok = [ok if rng.random() < 0.75 else not ok for ok in baseline_ok]
+    baseline_items = _items(baseline_ok, 1)
+    candidate_items = _items(candidate_ok, 2)
+    candidate_items[5].ClearField("response")  # the candidate errs on q005: unpaired for both graders
+    del candidate_items[-1]  # q059 only in the baseline: unpaired for both graders
+    baseline = await _run(svc, baseline_items, list(reversed(GRADERS)))  # its own grader order
+    candidate = await _run(svc, candidate_items, GRADERS)
+    return baseline, candidate, baseline_ok, candidate_ok
+
+
+async def test_compare_runs_pairs_evaluations_and_matches_independent_statistics(svc: Service) -> None:
+    baseline, candidate, baseline_ok, candidate_ok = await _two_runs(svc)
+    comparison = (await svc.runs.CompareRuns(pb_compare(baseline.id, candidate.id))).comparison
+    assert not comparison.partial and comparison.alpha == 0.05
+    assert [g.grader for g in comparison.graders] == ["similar", "exact"]  # the candidate's order
+
+    counted = [i for i in range(N) if i not in (5, N - 1)]
+    exact = next(g for g in comparison.graders if g.grader == "exact")
+    b = sum(1 for i in counted if not baseline_ok[i] and candidate_ok[i])
+    c = sum(1 for i in counted if baseline_ok[i] and not candidate_ok[i])
+    both = sum(1 for i in counted if baseline_ok[i] and candidate_ok[i])
+    neither = len(counted) - b - c - both
+    assert (exact.pairs, exact.improved, exact.regressed, exact.both_passed, exact.both_failed, exact.unpaired) == (
+        len(counted),
+        b,
+        c,
+        both,
+        neither,
+        2,
+    )
+    assert exact.baseline_pass_rate == pytest.approx((both + c) / len(counted))
+    assert exact.candidate_pass_rate == pytest.approx((both + b) / len(counted))
+    assert exact.pass_rate_delta == pytest.approx((b - c) / len(counted))
+    assert exact.mcnemar_p_value == pytest.approx(stats.binomtest(min(b, c), b + c, 0.5).pvalue, rel=1e-9)
+    assert (exact.delta_ci_low, exact.delta_ci_high) == pytest.approx(
+        _newcombe_reference(both, b, c, neither, 0.05), abs=1e-12
+    )
+
+    # The similarity grader's scores, read back from the results, give the paired t interval.
+    def scores(results: list[run_pb2.Result]) -> dict[str, float]:
+        return {
+            r.item_id: r.score
+            for r in results
+            if r.grader == "similar" and r.state in (run_pb2.RESULT_STATE_PASSED, run_pb2.RESULT_STATE_FAILED)
+        }
+
+    base_scores = scores(await all_results(svc.runs, baseline.id))
+    cand_scores = scores(await all_results(svc.runs, candidate.id))
+    paired = sorted(base_scores.keys() & cand_scores.keys())
+    similar = comparison.graders[0]
+    assert similar.pairs == len(paired) == len(counted)
+    base = [base_scores[k] for k in paired]
+    cand = [cand_scores[k] for k in paired]
+    interval = stats.ttest_rel(cand, base).confidence_interval(0.95)
+    assert similar.mean_score_delta == pytest.approx(sum(cand) / len(cand) - sum(base) / len(base), abs=1e-12)
+    assert (similar.score_delta_ci_low, similar.score_delta_ci_high) == pytest.approx(
+        (interval.low, interval.high), rel=1e-9
+    )
+    assert similar.baseline_mean_score == pytest.approx(sum(base) / len(base))
+
+    overall = comparison.overall
+    assert overall.grader == "" and overall.pairs == 2 * len(counted) and overall.unpaired == 4
+    assert overall.improved == similar.improved + exact.improved
+    assert overall.regressed == similar.regressed + exact.regressed
+
+
+def pb_compare(baseline_id: str, candidate_id: str, alpha: float = 0.0) -> cpb.CompareRunsRequest:
+    return cpb.CompareRunsRequest(baseline_run_id=baseline_id, candidate_run_id=candidate_id, alpha=alpha)
+
+
+async def test_verdicts_follow_the_direction_and_alpha(svc: Service) -> None:
+    exact = [GRADERS[1]]
+    good = await _run(svc, _items([True] * 12, 1), exact)
+    bad = await _run(svc, _items([True] * 4 + [False] * 8, 1), exact)
+    regressed = (await svc.runs.CompareRuns(pb_compare(good.id, bad.id))).comparison.graders[0]
+    assert regressed.verdict == cpb.COMPARISON_VERDICT_REGRESSED
+    assert regressed.mcnemar_p_value == pytest.approx(2 / 2**8)
+    improved = (await svc.runs.CompareRuns(pb_compare(bad.id, good.id))).comparison.graders[0]
+    assert improved.verdict == cpb.COMPARISON_VERDICT_IMPROVED
+    strict = (await svc.runs.CompareRuns(pb_compare(bad.id, good.id, alpha=0.001))).comparison.graders[0]
+    assert strict.verdict == cpb.COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE
+    same = (await svc.runs.CompareRuns(pb_compare(good.id, good.id))).comparison.graders[0]
+    assert same.verdict == cpb.COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE and same.mcnemar_p_value == 1.0
+
+
+async def test_list_comparison_items_pages_through_one_change_side_by_side(svc: Service) -> None:
+    baseline, candidate, baseline_ok, candidate_ok = await _two_runs(svc)
+    expected = [f"q{i:03d}" for i in range(N - 1) if i != 5 and baseline_ok[i] and not candidate_ok[i]]
+    assert len(expected) > 3
+    seen: list[cpb.ComparisonItem] = []
+    token = ""
+    for _ in range(len(expected)):
+        page = await svc.runs.ListComparisonItems(
+            cpb.ListComparisonItemsRequest(
+                baseline_run_id=baseline.id,
+                candidate_run_id=candidate.id,
+                grader="exact",
+                change=cpb.COMPARISON_CHANGE_REGRESSED,
+                page_size=3,
+                page_token=token,
+            )
+        )
+        seen.extend(page.items)
+        if not (token := page.next_page_token):
+            break
+    assert [item.item_id for item in seen] == expected
+    for item in seen:
+        assert item.change == cpb.COMPARISON_CHANGE_REGRESSED and item.grader == "exact"
+        assert item.baseline.passed and not item.candidate.passed
+        assert item.baseline.output.content == f"the answer to question number {int(item.item_id[1:])}"
+        assert item.candidate.output.content != item.baseline.output.content
+        assert item.baseline.explanation and item.candidate.explanation
+
+    unpaired = await svc.runs.ListComparisonItems(
+        cpb.ListComparisonItemsRequest(
+            baseline_run_id=baseline.id, candidate_run_id=candidate.id, change=cpb.COMPARISON_CHANGE_UNPAIRED
+        )
+    )
+    shown = [(i.item_id, i.grader, i.HasField("baseline"), i.HasField("candidate")) for i in unpaired.items]
+    assert shown == [
+        ("q005", "exact", True, True),
+        ("q005", "similar", True, True),
+        ("q059", "exact", True, False),
+        ("q059", "similar", True, False),
+    ]
+    assert unpaired.items[0].candidate.state == run_pb2.RESULT_STATE_ERROR
+
+
+async def test_a_running_run_gives_a_partial_comparison(svc: Service) -> None:
+    done = await _run(svc, _items([True] * 3, 1), [GRADERS[1]])
+    with FakeEndpoint(Reply(chat_reply("x").body, delay_s=30)) as endpoint:
+        running = await svc.runs.CreateRun(
+            pb.CreateRunRequest(
+                items=_items([True] * 3, 1),
+                target=target_pb2.Target(
+                    chat=target_pb2.ChatTarget(endpoint=target_pb2.Endpoint(base_url=endpoint.url), model="m")
+                ),
+                graders=[GRADERS[1]],
+            )
+        )
+        comparison = (await svc.runs.CompareRuns(pb_compare(done.id, running.run.id))).comparison
+        assert comparison.partial
+        assert comparison.graders[0].pairs == 0 and comparison.graders[0].unpaired == 3
+        assert comparison.graders[0].verdict == cpb.COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE
+        await svc.runs.CancelRun(pb.CancelRunRequest(run_id=running.run.id))
+
+
+async def test_bad_requests_and_unknown_runs(svc: Service) -> None:
+    run = await _run(svc, _items([True], 1), [GRADERS[1]])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await svc.runs.CompareRuns(cpb.CompareRunsRequest())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(violations(err.value)) == {"baseline_run_id", "candidate_run_id"}
+    for alpha in (0.6, -0.1, math.nan):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await svc.runs.CompareRuns(pb_compare(run.id, run.id, alpha=alpha))
+        assert set(violations(err.value)) == {"alpha"}
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await svc.runs.CompareRuns(pb_compare(run.id, "run_missing"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and error_reason(err.value) == "RUN_NOT_FOUND"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await svc.runs.ListComparisonItems(
+            cpb.ListComparisonItemsRequest(baseline_run_id=run.id, candidate_run_id=run.id, page_token="garbage")
+        )
+    assert set(violations(err.value)) == {"page_token"}
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await svc.runs.ListComparisonItems(
+            cpb.ListComparisonItemsRequest(baseline_run_id=run.id, candidate_run_id=run.id, change=99)  # type: ignore[arg-type]
+        )
+    assert set(violations(err.value)) == {"change"}
+
+
+async def test_rest_routes(svc: Service) -> None:
+    exact = [GRADERS[1]]
+    good = await _run(svc, _items([True] * 12, 1), exact)
+    bad = await _run(svc, _items([True] * 4 + [False] * 8, 1), exact)
+    reply = await svc.http.get(f"/v1/runs/{bad.id}:compare", params={"baseline_run_id": good.id})
+    assert reply.status_code == 200, reply.text
+    comparison = reply.json()["comparison"]
+    assert comparison["graders"][0]["verdict"] == "COMPARISON_VERDICT_REGRESSED"
+    assert comparison["graders"][0]["regressed"] == 8
+    items = await svc.http.get(
+        f"/v1/runs/{bad.id}:compareItems",
+        params={"baseline_run_id": good.id, "change": "COMPARISON_CHANGE_REGRESSED", "page_size": 5},
+    )
+    assert items.status_code == 200, items.text
+    assert len(items.json()["items"]) == 5 and items.json()["nextPageToken"]
+    missing = await svc.http.get("/v1/runs/run_nope:compare", params={"baseline_run_id": good.id})
+    assert missing.status_code == 404
