@@ -1,8 +1,9 @@
 """The `evalsvc` command: `evalsvc serve` runs the service; `evalsvc migrate` upgrades a database's
-schema; `evalsvc keys ...` manages API keys.
+schema; `evalsvc keys ...` manages API keys; `evalsvc secrets ...` tenants' own secrets.
 
-Exit codes: 0 success, 1 a key to revoke does not exist, 2 bad configuration or a database whose
-schema this version cannot use (run `evalsvc migrate`).
+Exit codes: 0 success, 1 a key to revoke or a secret to delete does not exist, 2 bad configuration
+(TLS, secrets, the secrets key) or a database whose schema this version cannot use (run
+`evalsvc migrate`).
 
 `evalsvc cache prune` trims the response cache (docs/targets.md): every tenant to --max-entries
 (least recently used first), entries unused for --unused-for, or all of a tenant's with --all."""
@@ -61,7 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"keep at most this many per tenant, least recently used go first "
         f"(default {config.env_name('cache_max_entries')} or {config.Settings.cache_max_entries})",
     )
-    for sub in (migrate, create, listing, revoke, prune):
+    secrets = commands.add_parser(
+        "secrets", help=f"set, list and delete tenants' own secrets (sealed with {config.env_name('secrets_key')})"
+    ).add_subparsers(dest="secrets_command", required=True)
+    put = secrets.add_parser(
+        "set", help="set a tenant's secret to the value read from stdin (one trailing newline dropped)"
+    )
+    put.add_argument("--tenant", required=True, help="the tenant that owns the secret")
+    put.add_argument("name", help="the name its targets and judges use (api_key_secret, secret:NAME)")
+    shown = secrets.add_parser("list", help="list secrets: tenant, name, when set (never values)")
+    shown.add_argument("--tenant", default=None, help="only this tenant's secrets")
+    drop = secrets.add_parser("delete", help="delete a tenant's secret")
+    drop.add_argument("--tenant", required=True, help="the tenant that owns the secret")
+    drop.add_argument("name", help="the secret's name")
+    secrets.add_parser("generate-key", help=f"print a new random key for {config.env_name('secrets_key')}")
+    for sub in (migrate, create, listing, revoke, prune, put, shown, drop):
         sub.add_argument("--db", default=None, help=f"SQLAlchemy URL (env {config.env_name('db')})")
     return parser
 
@@ -132,6 +147,46 @@ async def _cache_command(args: argparse.Namespace, settings: config.Settings) ->
     return 0
 
 
+async def _secrets_command(args: argparse.Namespace, settings: config.Settings) -> int:
+    from evalsvc.auth.service import is_tenant_name
+    from evalsvc.errors import ServiceError
+    from evalsvc.secrets.operator import OperatorSecrets
+    from evalsvc.secrets.service import SecretService
+    from evalsvc.store import migrate
+    from evalsvc.store import secrets as secret_store
+    from evalsvc.store.db import Database
+
+    if args.secrets_command != "list" and not is_tenant_name(args.tenant):
+        print(f"evalsvc secrets: no tenant can be named {args.tenant!r} ([a-z0-9][a-z0-9_-]*)", file=sys.stderr)
+        return 2
+    db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
+    try:
+        await migrate.prepare(db)
+        secrets = SecretService(db, OperatorSecrets({}), settings.secrets_key)
+        if args.secrets_command == "set":
+            await secrets.check_key()
+            value = sys.stdin.read().removesuffix("\n").removesuffix("\r")
+            name, _ = await secrets.create(args.tenant, args.name, value)
+            print(f"set secret {name} of tenant {args.tenant!r}", file=sys.stderr)
+        elif args.secrets_command == "list":
+            async with db.read() as conn:
+                rows = await secret_store.listing(conn, args.tenant)
+            print(f"{'TENANT':<18}{'NAME':<66}SET")
+            for row in rows:
+                print(f"{row['tenant']:<18}{row['name']:<66}{_when(row['create_time'])}")
+        else:
+            await secrets.delete(args.tenant, args.name)
+            print(f"deleted secret {args.name.upper()} of tenant {args.tenant!r}", file=sys.stderr)
+        return 0
+    except ServiceError as exc:
+        print(
+            f"evalsvc secrets: {exc}{''.join(f'; {v.field} {v.description}' for v in exc.violations)}", file=sys.stderr
+        )
+        return 1 if exc.reason == "SECRET_NOT_FOUND" else 2
+    finally:
+        await db.close()
+
+
 async def _migrate_command(settings: config.Settings) -> int:
     from evalsvc.store import migrate
     from evalsvc.store.db import Database
@@ -192,6 +247,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, SchemaError) as exc:
             print(f"evalsvc cache: {exc}", file=sys.stderr)
             return 2
+    if args.command == "secrets":
+        from evalsvc.secrets.sealing import SecretsKeyError, generate_key
+
+        if args.secrets_command == "generate-key":
+            print(generate_key())
+            return 0
+        try:
+            return asyncio.run(_secrets_command(args, config.from_args(args)))
+        except (SecretsKeyError, SchemaError) as exc:
+            print(f"evalsvc secrets: {exc}", file=sys.stderr)
+            return 2
     settings = config.from_args(args)
     try:
         logs.configure(settings.log_level, settings.log_format)
@@ -206,12 +272,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     if args.command == "serve":
         from evalsvc.execution.cache import CacheConfigError
+        from evalsvc.secrets.operator import SecretsConfigError
+        from evalsvc.secrets.sealing import SecretsKeyError
         from evalsvc.server import serve
         from evalsvc.tls import TlsConfigError
 
         try:
             asyncio.run(serve(settings))
-        except (TlsConfigError, SchemaError, CacheConfigError) as exc:
+        except (TlsConfigError, SchemaError, CacheConfigError, SecretsConfigError, SecretsKeyError) as exc:
             logging.getLogger("evalsvc").error("%s", exc)
             return 2
     return 0

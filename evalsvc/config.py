@@ -86,7 +86,11 @@ class Settings:
         metadata={"help": "on first start with no API key, mint one for tenant 'default' and print it (false in prod)"},
     )
     auth_cache_s: float = dataclasses.field(
-        default=2.0, metadata={"help": "seconds a verified API key is cached; a revocation takes effect within it"}
+        default=2.0,
+        metadata={
+            "help": "seconds a verified API key is cached; a revocation or expiry takes effect within it, "
+            "open watch streams included"
+        },
     )
     max_concurrent_rpcs: int = dataclasses.field(
         default=5000,
@@ -119,7 +123,19 @@ class Settings:
         },
     )
     secrets_file: str = dataclasses.field(
-        default="", metadata={"help": "JSON object file of named secrets for endpoints; EVALSVC_SECRET_<NAME> too"}
+        default="",
+        metadata={
+            "help": 'JSON file {"NAME": {"value": "...", "tenants": ["t1"]}} of operator secrets for endpoints '
+            "(tenants: '*' for all); EVALSVC_SECRET_<NAME> (+ _TENANTS) too; docs/security.md"
+        },
+    )
+    secrets_key: str = dataclasses.field(
+        default="",
+        repr=False,
+        metadata={
+            "help": "AES-256 key (URL-safe base64 of 32 bytes: evalsvc secrets generate-key) sealing tenants' "
+            "own secrets; empty: tenants cannot store secrets. Prefer the variable to the flag"
+        },
     )
     price_table: str = dataclasses.field(
         default="",

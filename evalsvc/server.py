@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 import grpc
@@ -20,7 +21,9 @@ from evalsvc.api.definitions import GraderServicer, TargetServicer
 from evalsvc.api.eval_runs import EvalRunServicer
 from evalsvc.api.interceptor import CallInterceptor
 from evalsvc.api.observability import Observer
+from evalsvc.api.secrets import SecretServicer
 from evalsvc.api.webhooks import WebhookServicer
+from evalsvc.auth.revocation import StreamRevoker
 from evalsvc.auth.service import KeyService
 from evalsvc.config import Settings
 from evalsvc.datasets.service import DatasetService
@@ -37,6 +40,8 @@ from evalsvc.graders.pool import GradingPool
 from evalsvc.limits import TenantLimits
 from evalsvc.metrics import Metrics
 from evalsvc.runs.service import RunService
+from evalsvc.secrets.operator import OperatorSecrets
+from evalsvc.secrets.service import SecretService
 from evalsvc.store import migrate
 from evalsvc.store.db import Database
 from evalsvc.tls import server_credentials, warn_if_exposed
@@ -47,6 +52,8 @@ from evalsvc.v1 import (
     eval_run_service_pb2_grpc,
     grader_service_pb2,
     grader_service_pb2_grpc,
+    secret_service_pb2,
+    secret_service_pb2_grpc,
     target_service_pb2,
     target_service_pb2_grpc,
     webhook_service_pb2,
@@ -62,6 +69,7 @@ SERVICE_NAMES = (
     dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name,
     grader_service_pb2.DESCRIPTOR.services_by_name["GraderService"].full_name,
     target_service_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name,
+    secret_service_pb2.DESCRIPTOR.services_by_name["SecretService"].full_name,
     webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
 )
 
@@ -88,8 +96,11 @@ class EvalServer:
     """One evalsvc process: gRPC server, executor and database."""
 
     def __init__(self, settings: Settings) -> None:
+        """Raises SecretsConfigError or SecretsKeyError for unusable secrets settings (nothing is opened yet)."""
         self.settings = settings
+        operator_secrets = OperatorSecrets(os.environ, settings.secrets_file)
         self.db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
+        self.secrets = SecretService(self.db, operator_secrets, settings.secrets_key)
         self.bus = EventBus()
         self.metrics = Metrics(self.db)
         self.outbound = Outbound(settings)
@@ -104,12 +115,13 @@ class EvalServer:
             outbound=self.outbound,
             prices=prices,
             judge=judge,
+            secrets=self.secrets,
             grading=self.grading,
         )
         # Other replicas' commits reach this process's watchers through PostgreSQL notifications.
         self.listener = None if self.db.is_sqlite else EventListener(settings.db, self.bus, self.db)
         self.limits = TenantLimits(settings)
-        self.definitions = DefinitionService(self.db, self.outbound)
+        self.definitions = DefinitionService(self.db, self.secrets)
         self.runs = RunService(
             self.db,
             self.bus,
@@ -120,11 +132,13 @@ class EvalServer:
             outbound=self.outbound,
             judge=judge,
             cache_default=mode_from_setting(settings.cache_default),
+            secrets=self.secrets,
         )
         self.datasets = DatasetService(self.db)
         self.webhooks = WebhookService(self.db, self.outbound.allow)
         self.webhook_sender = WebhookSender(self.db, settings, self.outbound.allow, self.metrics)
         self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
+        self.revoker = StreamRevoker(self.keys, self.bus, settings.auth_cache_s)
         self.bootstrap_key: str | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -140,6 +154,7 @@ class EvalServer:
         credentials = server_credentials(self.settings)
         try:
             await migrate.prepare(self.db)
+            await self.secrets.check_key()
         except BaseException:
             await self.outbound.close()
             await self.db.close()
@@ -157,6 +172,7 @@ class EvalServer:
         dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(DatasetServicer(self.datasets), server)
         grader_service_pb2_grpc.add_GraderServiceServicer_to_server(GraderServicer(self.definitions), server)
         target_service_pb2_grpc.add_TargetServiceServicer_to_server(TargetServicer(self.definitions), server)
+        secret_service_pb2_grpc.add_SecretServiceServicer_to_server(SecretServicer(self.secrets), server)
         webhook_service_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookServicer(self.webhooks), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -174,6 +190,7 @@ class EvalServer:
         self._server = server
         self.metrics.start_lag_sampler()
         await self.executor.start()
+        self.revoker.start()
         await self.webhook_sender.start()
         if self.listener is not None:
             self.listener.start()
@@ -203,6 +220,7 @@ class EvalServer:
         await self.health.enter_graceful_shutdown()
         if self.gateway is not None:
             await self.gateway.stop()
+        await self.revoker.stop()
         self.bus.close()
         if self.listener is not None:
             await self.listener.stop()

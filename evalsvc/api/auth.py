@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from evalsvc.api.status import abort
-from evalsvc.api.tenancy import current_tenant
+from evalsvc.api.tenancy import current_key_id, current_tenant
 from evalsvc.auth.service import KeyService
 from evalsvc.errors import ServiceError
 
@@ -46,6 +46,9 @@ class Authenticator:
     async def authenticate(self, key: str | None, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Set the caller's tenant, or abort the call with UNAUTHENTICATED."""
         try:
-            current_tenant.set(await self._keys.authenticate(key))
+            caller = await self._keys.authenticate(key)
         except ServiceError as error:
             await abort(context, error)
+            return
+        current_tenant.set(caller.tenant)
+        current_key_id.set(caller.key_id)

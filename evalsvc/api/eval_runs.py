@@ -8,7 +8,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from evalsvc.api.status import server_stream, unary, unary_read
-from evalsvc.api.tenancy import tenant_of
+from evalsvc.api.tenancy import current_key_id, tenant_of
 from evalsvc.config import Settings
 from evalsvc.errors import FieldViolation, invalid_argument
 from evalsvc.events.bus import EventBus
@@ -115,4 +115,5 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
             heartbeat_s=self._settings.heartbeat_s,
             buffer=self._settings.watch_buffer,
             max_events=max_events,
+            owner=current_key_id.get(),
         )

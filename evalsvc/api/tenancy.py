@@ -13,6 +13,8 @@ from typing import Any
 import grpc
 
 current_tenant: ContextVar[str] = ContextVar("evalsvc_tenant", default="")
+# The id of the API key the call presented: watch streams are filed under it, so they end when it is revoked.
+current_key_id: ContextVar[str] = ContextVar("evalsvc_key_id", default="")
 
 
 def tenant_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:

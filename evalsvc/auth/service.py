@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,11 @@ def parse_duration(text: str) -> float:
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
+def is_tenant_name(name: str) -> bool:
+    """Whether `name` can be a tenant: 1-64 characters of [a-z0-9_-], starting with a letter or digit."""
+    return bool(_TENANT.fullmatch(name))
+
+
 def unauthenticated(reason: str, message: str) -> ServiceError:
     """UNAUTHENTICATED with a stable reason; the message never repeats the key."""
     return ServiceError(grpc.StatusCode.UNAUTHENTICATED, reason, message)
@@ -53,6 +58,14 @@ class KeyInfo:
     last_used_time: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who a verified key acts for: its tenant, and its id (streams are filed under it)."""
+
+    tenant: str
+    key_id: str
+
+
 def _info(row: Mapping[str, Any]) -> KeyInfo:
     return KeyInfo(
         key_id=row["id"],
@@ -63,6 +76,15 @@ def _info(row: Mapping[str, Any]) -> KeyInfo:
         revoke_time=row["revoke_time"],
         last_used_time=row["last_used_time"],
     )
+
+
+def _refusal(row: Mapping[str, Any], now: float) -> ServiceError | None:
+    """Why a known key may not be used at `now`, or None."""
+    if row["revoke_time"] is not None:
+        return unauthenticated("API_KEY_REVOKED", "the API key was revoked")
+    if row["expire_time"] is not None and row["expire_time"] <= now:
+        return unauthenticated("API_KEY_EXPIRED", "the API key has expired")
+    return None
 
 
 class KeyService:
@@ -77,7 +99,7 @@ class KeyService:
 
     async def create(self, tenant: str, name: str = "", expires_in_s: float | None = None) -> tuple[str, KeyInfo]:
         """Mint a key; returns (the key, shown once, and its listing)."""
-        if not _TENANT.match(tenant):
+        if not is_tenant_name(tenant):
             raise ValueError("tenant must be 1-64 characters of [a-z0-9_-], starting with a letter or digit")
         full, parsed = keys.new_key()
         now = time.time()
@@ -102,9 +124,13 @@ class KeyService:
         """Revoke a key (idempotent); False when there is no such key."""
         async with self._db.write() as conn:
             found = await key_store.revoke(conn, key_id, time.time())
+        self._forget(key_id)
+        return found
+
+    def _forget(self, key_id: str) -> None:
+        """Drop a key from the caches, so its next call reads the database."""
         self._verified.pop(key_id, None)
         self._accepted = {key: entry for key, entry in self._accepted.items() if entry[1]["id"] != key_id}
-        return found
 
     async def bootstrap(self) -> str | None:
         """A key for tenant `default` when the database has no key at all, else None."""
@@ -114,23 +140,39 @@ class KeyService:
         key, _ = await self.create(DEFAULT_TENANT, name="bootstrap")
         return key
 
-    async def authenticate(self, presented: str | None) -> str:
-        """The tenant of a valid key; UNAUTHENTICATED for a missing, malformed, unknown, revoked or expired one."""
+    async def authenticate(self, presented: str | None) -> Caller:
+        """The caller of a valid key; UNAUTHENTICATED for a missing, malformed, unknown, revoked or expired one."""
         if not presented:
             raise unauthenticated(
                 "API_KEY_MISSING", "an API key is required: metadata 'authorization: Bearer <key>' or 'x-api-key'"
             )
         now = time.time()
         row = await self._verify(presented, now)
-        if row["revoke_time"] is not None:
-            raise unauthenticated("API_KEY_REVOKED", "the API key was revoked")
-        if row["expire_time"] is not None and row["expire_time"] <= now:
-            raise unauthenticated("API_KEY_EXPIRED", "the API key has expired")
+        if (refused := _refusal(row, now)) is not None:
+            raise refused
         if now - self._touched.get(row["id"], 0.0) >= TOUCH_EVERY_S:
             self._touched[row["id"]] = now
             async with self._db.write() as conn:
                 await key_store.touch(conn, row["id"], now)
-        return str(row["tenant"])
+        return Caller(tenant=str(row["tenant"]), key_id=str(row["id"]))
+
+    async def refused_now(self, key_ids: Sequence[str]) -> dict[str, ServiceError]:
+        """Of keys that were valid, those no longer valid (revoked, expired or deleted), each with the
+        UNAUTHENTICATED error a new call with it would get. Read from the database, past the cache:
+        for open streams, which checked their key once, when they started. Refused keys leave the cache."""
+        now = time.time()
+        async with self._db.read() as conn:
+            rows = {row["id"]: row for row in await key_store.get_many(conn, key_ids)}
+        refused = {}
+        for key_id in key_ids:
+            row = rows.get(key_id)
+            error = (
+                unauthenticated("API_KEY_INVALID", "the API key is not valid") if row is None else _refusal(row, now)
+            )
+            if error is not None:
+                refused[key_id] = error
+                self._forget(key_id)  # new calls with it are refused from now on too, not when the cache expires
+        return refused
 
     async def _verify(self, presented: str, now: float) -> Mapping[str, Any]:
         """The row of the key whose secret `presented` carries; UNAUTHENTICATED when there is none.

@@ -11,13 +11,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
-from evalsvc.execution.outbound import Outbound
-from evalsvc.execution.targets import validate_target
+from evalsvc.execution.targets import target_secret_refs, validate_target
 from evalsvc.graders import validate_grader
+from evalsvc.graders.judge import judge_secret_refs
 from evalsvc.idempotency import create_once, fingerprint
 from evalsvc.ids import decode_page_token, encode_page_token, new_id, page_size
 from evalsvc.runs.convert import timestamp
 from evalsvc.runs.validation import MAX_DESCRIPTION, MAX_DISPLAY_NAME, MAX_REQUEST_ID, check_labels, check_length
+from evalsvc.secrets.service import SecretService
 from evalsvc.store import definitions as store
 from evalsvc.store.db import Database
 from evalsvc.v1 import grader_pb2, grader_service_pb2, target_pb2, target_service_pb2
@@ -64,14 +65,14 @@ def saved_target_from(row: Mapping[str, Any]) -> target_service_pb2.SavedTarget:
 class DefinitionService:
     """Saved graders and targets of one database, for any tenant the caller names."""
 
-    def __init__(self, db: Database, outbound: Outbound) -> None:
+    def __init__(self, db: Database, secrets: SecretService) -> None:
         self._db = db
-        self._outbound = outbound
+        self._secrets = secrets
 
-    def _check_grader(self, grader: grader_pb2.Grader, at: str) -> list[FieldViolation]:
+    async def _check_grader(self, tenant: str, grader: grader_pb2.Grader, at: str) -> list[FieldViolation]:
         if grader.WhichOneof("kind") == "saved":
             return [FieldViolation(f"{at}.saved", "a saved grader cannot refer to another saved grader")]
-        return validate_grader(grader, at)
+        return validate_grader(grader, at) + await self._secrets.refused(tenant, judge_secret_refs(grader, at))
 
     async def create_grader(
         self, tenant: str, request: grader_service_pb2.CreateGraderRequest
@@ -79,7 +80,7 @@ class DefinitionService:
         """Save a grader as version 1 (idempotent by request_id)."""
         spec = request.grader
         violations = _check_common(spec.display_name, spec.description, spec.labels, request.request_id, "grader")
-        violations += self._check_grader(spec.grader, "grader.grader")
+        violations += await self._check_grader(tenant, spec.grader, "grader.grader")
         if violations:
             raise invalid_argument(violations)
         definition = grader_service_pb2.SavedGrader(
@@ -140,7 +141,7 @@ class DefinitionService:
         self, tenant: str, request: grader_service_pb2.UpdateGraderRequest
     ) -> grader_service_pb2.SavedGrader:
         """Save a new, immutable version."""
-        violations = self._check_grader(request.grader, "grader")
+        violations = await self._check_grader(tenant, request.grader, "grader")
         if violations:
             raise invalid_argument(violations)
         now = time.time()
@@ -160,7 +161,8 @@ class DefinitionService:
         if spec.target.WhichOneof("kind") == "saved_target_id":
             violations.append(FieldViolation("target.target.saved_target_id", "a saved target cannot refer to another"))
         else:
-            violations += validate_target(spec.target, "target.target", self._outbound)
+            violations += validate_target(spec.target, "target.target")
+            violations += await self._secrets.refused(tenant, target_secret_refs(spec.target, "target.target"))
         if violations:
             raise invalid_argument(violations)
         definition = target_service_pb2.SavedTarget(

@@ -33,13 +33,19 @@ class Subscription:
         self._capacity = capacity
         self._events: deque[pb.WatchRunResponse] = deque()
         self._stale = False
-        self._closed = False
+        self._closed_with: ServiceError | None = None
         self._wake = asyncio.Event()
 
-    def close(self) -> None:
-        """End the watch: the next `next()` raises UNAVAILABLE."""
-        self._closed = True
+    def close(self, error: ServiceError | None = None) -> None:
+        """End the watch: the next `next()` raises `error` (default UNAVAILABLE, the server is stopping)."""
+        self._closed_with = error or shutting_down()
         self._wake.set()
+
+    def raise_if_closed(self) -> None:
+        """Raise the error the watch was closed with, if it was: a watcher catching up from the
+        database checks between pages, so a long catch-up cannot outlive its key."""
+        if self._closed_with is not None:
+            raise self._closed_with
 
     def push(self, events: Sequence[pb.WatchRunResponse] | None) -> None:
         """Buffer events; None (or an overflow) means: read the database instead.
@@ -58,11 +64,10 @@ class Subscription:
         """The buffered events, or None when the watcher must read the database.
 
         Raises TimeoutError when nothing arrived within `timeout` seconds, ServiceError when closed."""
-        if not self._events and not self._stale and not self._closed:
+        if not self._events and not self._stale and self._closed_with is None:
             self._wake.clear()
             await asyncio.wait_for(self._wake.wait(), timeout)
-        if self._closed:
-            raise shutting_down()
+        self.raise_if_closed()
         if self._stale:
             self._stale = False
             self._events.clear()
@@ -73,10 +78,11 @@ class Subscription:
 
 
 class EventBus:
-    """Run id -> the subscriptions of watchers in this process."""
+    """Run id -> the subscriptions of watchers in this process, and which API key opened each one."""
 
     def __init__(self) -> None:
         self._subscriptions: dict[str, set[Subscription]] = {}
+        self._by_owner: dict[str, set[Subscription]] = {}
         self._closed = False
 
     def close(self) -> None:
@@ -92,20 +98,32 @@ class EventBus:
             subscription.push(events)
 
     @contextmanager
-    def subscribe(self, run_id: str, capacity: int) -> Iterator[Subscription]:
-        """A subscription for the duration of a watch."""
+    def subscribe(self, run_id: str, capacity: int, owner: str = "") -> Iterator[Subscription]:
+        """A subscription for the duration of a watch; `owner` (the API key id that opened it, if any)
+        lets `close_owner` end it when that key stops being valid."""
         if self._closed:
             raise shutting_down()
         subscription = Subscription(capacity)
         self._subscriptions.setdefault(run_id, set()).add(subscription)
+        if owner:
+            self._by_owner.setdefault(owner, set()).add(subscription)
         try:
             yield subscription
         finally:
-            watchers = self._subscriptions.get(run_id)
-            if watchers is not None:
-                watchers.discard(subscription)
-                if not watchers:
-                    del self._subscriptions[run_id]
+            _discard(self._subscriptions, run_id, subscription)
+            if owner:
+                _discard(self._by_owner, owner, subscription)
+
+    def owners(self) -> list[str]:
+        """The API key ids that have watches open in this process."""
+        return list(self._by_owner)
+
+    def close_owner(self, owner: str, error: ServiceError) -> int:
+        """End every watch `owner` opened, with `error` (its key was revoked or has expired); how many."""
+        subscriptions = self._by_owner.get(owner, set())
+        for subscription in subscriptions:
+            subscription.close(error)
+        return len(subscriptions)
 
     def has_watchers(self, run_id: str) -> bool:
         """Whether any watcher in this process follows the run."""
@@ -119,3 +137,11 @@ class EventBus:
     def watcher_count(self) -> int:
         """Open subscriptions in this process."""
         return sum(len(s) for s in self._subscriptions.values())
+
+
+def _discard(index: dict[str, set[Subscription]], key: str, subscription: Subscription) -> None:
+    members = index.get(key)
+    if members is not None:
+        members.discard(subscription)
+        if not members:
+            del index[key]

@@ -39,18 +39,21 @@ async def watch(
     heartbeat_s: float,
     buffer: int,
     max_events: int = CATCH_UP_PAGE,
+    owner: str = "",
 ) -> AsyncIterator[list[pb.WatchRunResponse]]:
     """The run's events after `after_seq`, then live ones as they commit, and heartbeats when idle, in
     lists of at most `max_events`: a page read from the database, or what one commit published. The
     last list ends with the terminal event. (Lists, not single events: WatchRunBatched sends them as
-    they are and WatchRun one by one, with no extra generator layer holding memory per idle stream.)"""
+    they are and WatchRun one by one, with no extra generator layer holding memory per idle stream.)
+    `owner` is the API key id of the watcher: the watch ends when the bus closes that owner's watches."""
     if not await _anything_after(db, tenant, run_id, after_seq):
         return
     cursor = after_seq
-    with bus.subscribe(run_id, buffer) as subscription:
+    with bus.subscribe(run_id, buffer, owner) as subscription:
         from_database = True
         while True:
             if from_database:
+                subscription.raise_if_closed()
                 async with db.read() as conn:
                     page = await event_log.read_after(conn, tenant, run_id, cursor, max_events)
                 if page:

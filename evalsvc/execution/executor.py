@@ -20,7 +20,7 @@ import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -34,6 +34,8 @@ from evalsvc.graders import CompiledGrader, Grade, compile_grader, grader_name, 
 from evalsvc.graders.judge import JudgeDefaults, LlmJudgeGrader
 from evalsvc.graders.pool import GradingPool, may_offload, offloads
 from evalsvc.metrics import Metrics
+from evalsvc.secrets.refs import run_secret_refs
+from evalsvc.secrets.service import SecretService
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.cache import CacheEntry
@@ -103,9 +105,11 @@ class Executor:
         outbound: Outbound,
         prices: PriceTable,
         judge: JudgeDefaults,
+        secrets: SecretService,
         grading: GradingPool,
     ) -> None:
         self._db = db
+        self._secrets = secrets
         self._grading = grading
         self._outbound = outbound
         self._prices = prices
@@ -476,12 +480,14 @@ class Executor:
             async with self._db.read() as conn:
                 self._tenant_spent[row["tenant"]] = await run_store.tenant_spend(conn, row["tenant"])
         spec = run_pb2.Run.FromString(row["spec"])
-        graders = [self._compile(g) for g in spec.graders]
+        named = run_secret_refs(spec.target, spec.graders)
+        secrets = await self._secrets.values(row["tenant"], [name for _, name in named])
+        graders = [self._compile(g, secrets) for g in spec.graders]
         run_items = [item_pb2.Item.FromString(raw) for raw in items]
         return RunPlan(
             tenant=row["tenant"],
             items=run_items,
-            target=build_target(spec.target, self._outbound, self._prices),
+            target=build_target(spec.target, self._outbound, self._prices, secrets),
             graders=graders,
             warmup_runs=spec.warmup_runs,
             recorder_view=RunGraders(
@@ -496,10 +502,16 @@ class Executor:
             cache_mode=spec.cache_mode,
         )
 
-    def _compile(self, spec: grader_pb2.Grader) -> CompiledGrader | LlmJudgeGrader:
+    def _compile(self, spec: grader_pb2.Grader, secrets: Mapping[str, str]) -> CompiledGrader | LlmJudgeGrader:
         if spec.WhichOneof("kind") == "llm_judge":
             return LlmJudgeGrader(
-                grader_name(spec), spec.weight or 1.0, spec.llm_judge, self._outbound, self._judge, self._prices
+                grader_name(spec),
+                spec.weight or 1.0,
+                spec.llm_judge,
+                self._outbound,
+                self._judge,
+                self._prices,
+                secrets,
             )
         return compile_grader(spec)
 

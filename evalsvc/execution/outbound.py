@@ -1,8 +1,8 @@
 """Outbound calls to model endpoints: secrets, SSRF checks, retries with backoff, adaptive concurrency.
 
 Every target and judge call goes through `Outbound.post_json`, so the rules hold in one place:
-- secrets are referenced by name and resolved here from server-side configuration, never stored in
-  run rows, returned by an RPC or logged;
+- secrets are referenced by name and filled in here (`endpoint_headers`) from the values the run's
+  tenant may use (evalsvc.secrets), never stored in run rows, returned by an RPC or logged;
 - a URL whose host is (or resolves to) a private, loopback, link-local or reserved address is
   refused unless the operator allow-listed it (`--outbound-allow`), so a run cannot make the server
   reach its own network (SSRF);
@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
-import os
 import random
 import socket
 import time
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,7 +34,7 @@ RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 # Set by the executor for each job: called when a call is about to start (after waiting for an
 # endpoint slot), it raises to stop the call - how a spent budget stops new model calls at once.
 call_guard: ContextVar[Callable[[], None] | None] = ContextVar("evalsvc_call_guard", default=None)
-SECRET_PREFIX = "EVALSVC_SECRET_"
+SECRET_HEADER = "secret:"
 
 
 class OutboundError(Exception):
@@ -48,22 +45,29 @@ class OutboundError(Exception):
         self.reason = reason
 
 
-class Secrets:
-    """Named secrets from `EVALSVC_SECRET_<NAME>` variables and an optional JSON file."""
+def secret_refs(endpoint: target_pb2.Endpoint, at: str) -> list[tuple[str, str]]:
+    """(field, name) of every secret an endpoint names: its `api_key_secret` and `secret:NAME` headers."""
+    names = [endpoint.api_key_secret] if endpoint.api_key_secret else []
+    names += [value[len(SECRET_HEADER) :] for value in endpoint.headers.values() if value.startswith(SECRET_HEADER)]
+    return [(at, name) for name in names]
 
-    def __init__(self, environ: Mapping[str, str], file: str = "") -> None:
-        self._values = {k[len(SECRET_PREFIX) :].upper(): v for k, v in environ.items() if k.startswith(SECRET_PREFIX)}
-        if file:
-            loaded = json.loads(Path(file).read_text())
-            self._values.update({str(k).upper(): str(v) for k, v in loaded.items()})
 
-    def has(self, name: str) -> bool:
-        """Whether a secret of that name exists."""
-        return name.upper() in self._values
+def endpoint_headers(endpoint: target_pb2.Endpoint, secrets: Mapping[str, str]) -> dict[str, str]:
+    """Request headers with the named secrets filled in from `secrets` (the values the run's tenant may
+    use, by upper-case name); OutboundError when one is not among them (deleted since the run began)."""
 
-    def get(self, name: str) -> str:
-        """The secret's value; KeyError when missing."""
-        return self._values[name.upper()]
+    def value(name: str) -> str:
+        try:
+            return secrets[name.upper()]
+        except KeyError:
+            raise OutboundError(f"no secret named {name!r} is available to the run's tenant") from None
+
+    headers = {"content-type": "application/json"}
+    for name, header in endpoint.headers.items():
+        headers[name] = value(header[len(SECRET_HEADER) :]) if header.startswith(SECRET_HEADER) else header
+    if endpoint.api_key_secret:
+        headers["authorization"] = f"Bearer {value(endpoint.api_key_secret)}"
+    return headers
 
 
 class AllowList:
@@ -163,8 +167,7 @@ class Reply:
 class Outbound:
     """The shared HTTP client of targets and judges."""
 
-    def __init__(self, settings: Settings, environ: Mapping[str, str] | None = None) -> None:
-        self.secrets = Secrets(os.environ if environ is None else environ, settings.secrets_file)
+    def __init__(self, settings: Settings) -> None:
         self.allow = AllowList(settings.outbound_allow)
         self._retries = settings.http_retries
         self._client = httpx.AsyncClient(follow_redirects=False, limits=httpx.Limits(max_connections=512))
@@ -178,15 +181,6 @@ class Outbound:
         if key not in self._limits:
             self._limits[key] = AdaptiveLimit()
         return self._limits[key]
-
-    def headers(self, endpoint: target_pb2.Endpoint) -> dict[str, str]:
-        """Request headers with secrets resolved."""
-        headers = {"content-type": "application/json"}
-        for name, value in endpoint.headers.items():
-            headers[name] = self.secrets.get(value[len("secret:") :]) if value.startswith("secret:") else value
-        if endpoint.api_key_secret:
-            headers["authorization"] = f"Bearer {self.secrets.get(endpoint.api_key_secret)}"
-        return headers
 
     async def post_json(self, url: str, body: Any, headers: Mapping[str, str], timeout_s: float = 60.0) -> Reply:
         """POST JSON and return the JSON reply, retrying what may succeed on a later attempt."""

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from google.protobuf import json_format, struct_pb2
 
 from evalsvc.errors import FieldViolation
-from evalsvc.execution.outbound import Outbound, OutboundError, check_url_shape
+from evalsvc.execution.outbound import Outbound, OutboundError, check_url_shape, endpoint_headers, secret_refs
 from evalsvc.storable import storable_json
 from evalsvc.v1 import item_pb2, target_pb2
 
@@ -116,9 +116,12 @@ def tool_calls_from(raw: Any) -> list[item_pb2.ToolCall]:
 class ChatTarget:
     """An OpenAI-compatible Chat Completions endpoint."""
 
-    def __init__(self, spec: target_pb2.ChatTarget, outbound: Outbound, prices: PriceTable) -> None:
+    def __init__(
+        self, spec: target_pb2.ChatTarget, outbound: Outbound, prices: PriceTable, secrets: Mapping[str, str]
+    ) -> None:
         self._spec = spec
         self._outbound = outbound
+        self._secrets = secrets
         self._prices = prices
         self._url = chat_url(spec.endpoint)
         self._timeout = spec.endpoint.timeout_s or 60.0
@@ -146,7 +149,7 @@ class ChatTarget:
         body = {**self._base, "messages": chat_messages(self._spec.system_prompt, item)}
         try:
             reply = await self._outbound.post_json(
-                self._url, body, self._outbound.headers(self._spec.endpoint), self._timeout
+                self._url, body, endpoint_headers(self._spec.endpoint, self._secrets), self._timeout
             )
         except OutboundError as exc:
             raise TargetError(exc.reason) from exc
@@ -173,9 +176,10 @@ class ChatTarget:
 class HttpTarget:
     """A custom agent's webhook: POST `{item: {...}}`, read `{content, tool_calls, cost_usd, refused, memory_mib}`."""
 
-    def __init__(self, spec: target_pb2.HttpTarget, outbound: Outbound) -> None:
+    def __init__(self, spec: target_pb2.HttpTarget, outbound: Outbound, secrets: Mapping[str, str]) -> None:
         self._spec = spec
         self._outbound = outbound
+        self._secrets = secrets
 
     async def respond(self, item: item_pb2.Item) -> item_pb2.Response:
         """The agent's reply to the item."""
@@ -191,7 +195,7 @@ class HttpTarget:
         endpoint = self._spec.endpoint
         try:
             reply = await self._outbound.post_json(
-                endpoint.base_url, body, self._outbound.headers(endpoint), endpoint.timeout_s or 60.0
+                endpoint.base_url, body, endpoint_headers(endpoint, self._secrets), endpoint.timeout_s or 60.0
             )
         except OutboundError as exc:
             raise TargetError(exc.reason) from exc
@@ -213,38 +217,44 @@ class HttpTarget:
         )
 
 
-def build_target(spec: target_pb2.Target, outbound: Outbound, prices: PriceTable) -> Target:
-    """The target a (validated, resolved) spec describes."""
+def build_target(spec: target_pb2.Target, outbound: Outbound, prices: PriceTable, secrets: Mapping[str, str]) -> Target:
+    """The target a (validated, resolved) spec describes; `secrets` are the values its tenant may use."""
     kind = spec.WhichOneof("kind")
     if kind == "provided":
         return ProvidedTarget()
     if kind == "echo":
         return EchoTarget()
     if kind == "chat":
-        return ChatTarget(spec.chat, outbound, prices)
+        return ChatTarget(spec.chat, outbound, prices, secrets)
     if kind == "http":
-        return HttpTarget(spec.http, outbound)
+        return HttpTarget(spec.http, outbound, secrets)
     raise ValueError(f"target kind {kind!r} must be resolved before execution")
 
 
-def validate_target(spec: target_pb2.Target, path: str, outbound: Outbound) -> list[FieldViolation]:
-    """Static problems of a target: kind set, URLs well formed, referenced secrets configured."""
+def target_endpoint(spec: target_pb2.Target) -> target_pb2.Endpoint | None:
+    """The endpoint a chat or http target calls; None for the other kinds."""
+    kind = spec.WhichOneof("kind")
+    return spec.chat.endpoint if kind == "chat" else spec.http.endpoint if kind == "http" else None
+
+
+def target_secret_refs(spec: target_pb2.Target, path: str) -> list[tuple[str, str]]:
+    """(field, name) of every secret a target names; which of them the tenant may use is
+    evalsvc.secrets' question."""
+    endpoint = target_endpoint(spec)
+    return [] if endpoint is None else secret_refs(endpoint, f"{path}.{spec.WhichOneof('kind')}.endpoint")
+
+
+def validate_target(spec: target_pb2.Target, path: str) -> list[FieldViolation]:
+    """Static problems of a target: kind set, URLs well formed (secrets: `target_secret_refs`)."""
     kind = spec.WhichOneof("kind")
     if kind is None:
         return [FieldViolation(f"{path}.kind", "exactly one target kind must be set")]
     out: list[FieldViolation] = []
-    endpoint = spec.chat.endpoint if kind == "chat" else spec.http.endpoint if kind == "http" else None
+    endpoint = target_endpoint(spec)
     if endpoint is not None:
         at = f"{path}.{kind}.endpoint"
         if problem := check_url_shape(endpoint.base_url):
             out.append(FieldViolation(f"{at}.base_url", problem))
-        secrets = [endpoint.api_key_secret] if endpoint.api_key_secret else []
-        secrets += [v[len("secret:") :] for v in endpoint.headers.values() if v.startswith("secret:")]
-        out.extend(
-            FieldViolation(at, f"no server-side secret named {name!r} (EVALSVC_SECRET_<NAME> or --secrets-file)")
-            for name in secrets
-            if not outbound.secrets.has(name)
-        )
         if not 0 <= endpoint.timeout_s <= 600:
             out.append(FieldViolation(f"{at}.timeout_s", "must be between 0 and 600 seconds"))
     if kind == "chat" and not spec.chat.model:

@@ -14,6 +14,7 @@ from evalsvc.v1 import (
     dataset_service_pb2,
     eval_run_service_pb2,
     grader_service_pb2,
+    secret_service_pb2,
     target_service_pb2,
     webhook_service_pb2,
 )
@@ -23,6 +24,7 @@ SERVICES: tuple[ServiceDescriptor, ...] = (
     dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"],
     grader_service_pb2.DESCRIPTOR.services_by_name["GraderService"],
     target_service_pb2.DESCRIPTOR.services_by_name["TargetService"],
+    secret_service_pb2.DESCRIPTOR.services_by_name["SecretService"],
     webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"],
 )
 _VERBS = ("get", "post", "put", "patch", "delete")

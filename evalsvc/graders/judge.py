@@ -14,12 +14,13 @@ must not look like a bad model. Judge tokens are priced apart from the target's 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from evalsvc.errors import FieldViolation
 from evalsvc.execution.cache import definition, digest
-from evalsvc.execution.outbound import Outbound, OutboundError, check_url_shape
+from evalsvc.execution.outbound import Outbound, OutboundError, check_url_shape, endpoint_headers, secret_refs
 from evalsvc.execution.targets import PriceTable, chat_url
 from evalsvc.graders.builtin import Grade
 from evalsvc.storable import storable_json
@@ -70,6 +71,13 @@ def validate_judge(spec: grader_pb2.LlmJudge, path: str) -> list[FieldViolation]
     if spec.endpoint.base_url and (problem := check_url_shape(spec.endpoint.base_url)):
         out.append(FieldViolation(f"{at}.endpoint.base_url", problem))
     return out
+
+
+def judge_secret_refs(grader: grader_pb2.Grader, path: str) -> list[tuple[str, str]]:
+    """(field, name) of every secret a grader at `path` names: a judge's endpoint's; none for other kinds."""
+    if grader.WhichOneof("kind") != "llm_judge":
+        return []
+    return secret_refs(grader.llm_judge.endpoint, f"{path}.llm_judge.endpoint")
 
 
 def _prompt(spec: grader_pb2.LlmJudge, item: item_pb2.Item, output: item_pb2.Response) -> tuple[str, str]:
@@ -156,6 +164,7 @@ class LlmJudgeGrader:
         outbound: Outbound,
         defaults: JudgeDefaults,
         prices: PriceTable,
+        secrets: Mapping[str, str],
     ) -> None:
         self.name = name
         self.weight = weight
@@ -163,14 +172,20 @@ class LlmJudgeGrader:
         self._outbound = outbound
         self._prices = prices
         self._model = spec.model or defaults.model
+        self._secrets = secrets
         if spec.endpoint.base_url:
             self._endpoint = spec.endpoint
-            self._headers = outbound.headers(spec.endpoint)
+            self._default_key = ""
         else:
             self._endpoint = target_pb2.Endpoint(base_url=defaults.base_url)
-            self._headers = {"content-type": "application/json"}
-            if defaults.api_key:
-                self._headers["authorization"] = f"Bearer {defaults.api_key}"
+            self._default_key = defaults.api_key
+
+    def _headers(self) -> dict[str, str]:
+        """The call's headers: the endpoint's named secrets, or the server's default judge key."""
+        headers = endpoint_headers(self._endpoint, self._secrets)
+        if self._default_key:
+            headers["authorization"] = f"Bearer {self._default_key}"
+        return headers
 
     def cache_key(self, tenant: str, item: item_pb2.Item, output: item_pb2.Response) -> str:
         """The response cache key of this judge's verdict on an output (evalsvc/execution/cache.py)."""
@@ -204,7 +219,10 @@ class LlmJudgeGrader:
         for _ in range(PARSE_ATTEMPTS):
             try:
                 reply = await self._outbound.post_json(
-                    chat_url(self._endpoint), body, self._headers, self._endpoint.timeout_s or 60.0
+                    chat_url(self._endpoint),
+                    body,
+                    self._headers(),
+                    self._endpoint.timeout_s or 60.0,
                 )
             except OutboundError as exc:
                 return Grade(ERROR, 0.0, 0.0, "the judge could not be reached", exc.reason, cost_usd=cost)

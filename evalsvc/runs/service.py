@@ -36,6 +36,8 @@ from evalsvc.runs.validation import (
     check_length,
     validate_create_run,
 )
+from evalsvc.secrets.refs import run_secret_refs
+from evalsvc.secrets.service import SecretService
 from evalsvc.store import datasets as dataset_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
@@ -74,8 +76,10 @@ class RunService:
         outbound: Outbound,
         judge: JudgeDefaults,
         cache_default: int = cache_pb2.CACHE_MODE_OFF,
+        secrets: SecretService,
     ) -> None:
         self._db = db
+        self._secrets = secrets
         self._bus = bus
         self._on_created = on_created
         self._on_cancelled = on_cancelled
@@ -95,7 +99,7 @@ class RunService:
         fingerprint = request_fingerprint(request)
         violations = validate_create_run(request)
         if request.target.WhichOneof("kind") not in (None, "saved_target_id"):
-            violations += validate_target(request.target, "target", self._outbound)
+            violations += validate_target(request.target, "target")
         if violations:
             raise invalid_argument(violations)
         if request.request_id:
@@ -104,7 +108,7 @@ class RunService:
             if existing is not None:
                 return self._replay(existing, fingerprint)
         await self._definitions.resolve(tenant, request.target, request.graders)
-        await self._check_resolved(request)
+        await self._check_resolved(tenant, request)
         items = await self._resolve_items(tenant, request)
         self._limits.check_run_size(len(items), len(request.graders))
         repetitions = request.repetitions or 1
@@ -162,10 +166,12 @@ class RunService:
             self._on_created()
         return created
 
-    async def _check_resolved(self, request: pb.CreateRunRequest) -> None:
-        """What only the resolved definitions show: valid graders, a judge to ask, allowed destinations."""
+    async def _check_resolved(self, tenant: str, request: pb.CreateRunRequest) -> None:
+        """What only the resolved definitions show: valid graders, secrets the tenant may use, a judge to
+        ask, allowed destinations."""
         violations = [v for i, g in enumerate(request.graders) for v in validate_grader(g, f"graders[{i}]")]
-        violations += validate_target(request.target, "target", self._outbound)
+        violations += validate_target(request.target, "target")
+        violations += await self._secrets.refused(tenant, run_secret_refs(request.target, request.graders))
         names = [grader_name(g) for g in request.graders]
         if len(set(names)) != len(names):
             violations.append(FieldViolation("graders", "saved graders resolve to duplicate names; name them"))

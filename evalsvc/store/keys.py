@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from sqlalchemy import func, insert, select, update
@@ -22,6 +22,12 @@ async def get(conn: AsyncConnection, key_id: str) -> Mapping[str, Any] | None:
     """A key's row by id."""
     found = await conn.execute(select(KEYS).where(KEYS.c.id == key_id))
     return cast("Mapping[str, Any] | None", found.mappings().first())
+
+
+async def get_many(conn: AsyncConnection, key_ids: Sequence[str]) -> list[Mapping[str, Any]]:
+    """The rows of the keys among `key_ids` that exist."""
+    found = await conn.execute(select(KEYS).where(KEYS.c.id.in_(list(key_ids))))
+    return cast("list[Mapping[str, Any]]", list(found.mappings()))
 
 
 async def list_keys(conn: AsyncConnection, tenant: str | None) -> list[Mapping[str, Any]]:

@@ -334,6 +334,17 @@ class CacheEntryRow(SQLModel, table=True):
     last_used: float = 0.0
 
 
+class TenantSecretRow(SQLModel, table=True):
+    """A tenant's own secret: its name in clear, its value sealed (AES-GCM, evalsvc.secrets.sealing)."""
+
+    __tablename__ = "tenant_secrets"
+
+    tenant: str = Field(primary_key=True, max_length=64)
+    name: str = Field(primary_key=True, max_length=64)
+    sealed: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    create_time: float
+
+
 class WebhookRow(SQLModel, table=True):
     """A tenant's webhook endpoint. The signing secret is kept in clear: every delivery is signed with it."""
 
