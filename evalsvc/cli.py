@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--grpc-ca", default="", help="PEM file to verify the server's TLS certificate; empty: plaintext"
     )
     gateway.add_argument("--dialects", default="all", help="vendor dialects to mount: all, none, or name[=/prefix],...")
+    config.add_flags(gateway, config.GATEWAY_SETTINGS)
     keys = commands.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
         dest="keys_command", required=True
     )
@@ -207,8 +208,16 @@ async def _gateway_command(args: argparse.Namespace) -> int:
     import signal
 
     from evalsvc.gateway.server import Gateway
+    from evalsvc.limits import raise_open_file_limit
 
-    gateway = Gateway(args.grpc_target, args.http_addr, root_certificates=args.grpc_ca, dialects=args.dialects)
+    raise_open_file_limit()
+    gateway = Gateway(
+        args.grpc_target,
+        args.http_addr,
+        root_certificates=args.grpc_ca,
+        dialects=args.dialects,
+        settings=config.from_args(args),
+    )
     await gateway.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -272,11 +281,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     if args.command == "serve":
         from evalsvc.execution.cache import CacheConfigError
+        from evalsvc.limits import raise_open_file_limit
         from evalsvc.secrets.operator import SecretsConfigError
         from evalsvc.secrets.sealing import SecretsKeyError
         from evalsvc.server import serve
         from evalsvc.tls import TlsConfigError
 
+        raise_open_file_limit()
         try:
             asyncio.run(serve(settings))
         except (TlsConfigError, SchemaError, CacheConfigError, SecretsConfigError, SecretsKeyError) as exc:

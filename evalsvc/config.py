@@ -66,6 +66,31 @@ class Settings:
     max_concurrent_streams: int = dataclasses.field(
         default=1000, metadata={"help": "HTTP/2 streams per client connection"}
     )
+    max_connections: int = dataclasses.field(
+        default=1000,
+        metadata={
+            "help": "gRPC client connections at once; past it a new connection is closed at once "
+            "(clients see UNAVAILABLE and reconnect with backoff)"
+        },
+    )
+    max_http_connections: int = dataclasses.field(
+        default=2000,
+        metadata={"help": "REST gateway connections at once; past it a connection gets 503 with Retry-After"},
+    )
+    http_header_timeout_s: float = dataclasses.field(
+        default=30.0,
+        metadata={"help": "seconds an HTTP connection has to send a request's headers, when new and between requests"},
+    )
+    http_keepalive_timeout_s: float = dataclasses.field(
+        default=30.0, metadata={"help": "seconds an idle HTTP keep-alive connection is kept between requests"}
+    )
+    gateway_streams_per_channel: int = dataclasses.field(
+        default=500,
+        metadata={
+            "help": "watches (SSE/NDJSON) the gateway puts on one upstream gRPC connection before it opens "
+            "another (keep below the server's --max-concurrent-streams)"
+        },
+    )
     sqlite_synchronous: str = dataclasses.field(
         default="FULL", metadata={"help": "SQLite synchronous pragma: FULL survives power loss, NORMAL only crashes"}
     )
@@ -220,9 +245,20 @@ def _coerce(type_name: Any, raw: str) -> Any:
     return raw
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting; unset flags fall back to the environment, then the default."""
+GATEWAY_SETTINGS = (
+    "max_http_connections",
+    "http_header_timeout_s",
+    "http_keepalive_timeout_s",
+    "gateway_streams_per_channel",
+)
+
+
+def add_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    """Add one flag per setting (or per setting in `names`); unset flags fall back to the environment,
+    then the default."""
     for f in fields(Settings):
+        if names is not None and f.name not in names:
+            continue
         parser.add_argument(
             flag_name(f.name),
             dest=f.name,

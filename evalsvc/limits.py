@@ -8,6 +8,8 @@ them (docs/security.md).
 
 from __future__ import annotations
 
+import contextlib
+import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -113,3 +115,16 @@ class TenantLimits:
                 self._watches[tenant] = left
             else:
                 del self._watches[tenant]
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit, and return it. Each HTTP and
+    gRPC connection is a file descriptor; the connection caps (--max-connections,
+    --max-http-connections) keep their number bounded, and need a limit above their sum (shells often
+    start processes at 1024 while allowing far more)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):  # an unlimited hard limit may be refused as is
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard
+    return soft

@@ -80,6 +80,8 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        # Past it a new connection is closed as soon as it is accepted: file descriptors stay bounded.
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
         # Ping idle clients every 30 s so dead watchers are noticed; allow client pings every 10 s.
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
@@ -203,6 +205,7 @@ class EvalServer:
                 self.settings.http_addr,
                 root_certificates=self.settings.tls_cert if credentials is not None else "",
                 dialects=self.settings.dialects,
+                settings=self.settings,
             )
             await self.gateway.start()
         if self.settings.metrics_addr:

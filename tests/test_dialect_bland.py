@@ -14,8 +14,11 @@ from typing import Any
 
 import httpx
 import pytest
+from google.protobuf.field_mask_pb2 import FieldMask
 
 from evalsvc.server import EvalServer
+from evalsvc.v1 import eval_run_service_pb2 as runs_pb
+from evalsvc.v1 import run_pb2
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, Reply, judge_reply
 from tests.helpers import serving_gateway
@@ -321,14 +324,19 @@ class Env:
     async def run(self, **fields: Any) -> dict[str, Any]:
         return check_run(await self.ok("POST", "/v1/evals/runs", {"call_ids": CALL_IDS, **fields}))
 
-    async def finished(self, run_id: str) -> dict[str, Any]:
-        """The run once it ended: the native NDJSON watch ends after the run's terminal event."""
+    async def ended(self, run_id: str) -> None:
+        """Wait for the run's end without reading it through Bland (which caches its summary): the
+        native NDJSON watch ends after the run's terminal event."""
         headers = {"accept": "application/x-ndjson", "authorization": f"Bearer {self.key}"}
         last = None
         async with self.http.stream("GET", f"/v1/runs/{run_id}:watch", headers=headers) as stream:
             async for line in stream.aiter_lines():
                 last = json.loads(line)["result"] if line else last
         assert last is not None and last["run"]["status"] != "RUN_STATUS_RUNNING", last
+
+    async def finished(self, run_id: str) -> dict[str, Any]:
+        """The run once it ended, as Bland shows it."""
+        await self.ended(run_id)
         return check_run(await self.ok("GET", f"/v1/evals/runs/{run_id}"))
 
 
@@ -514,6 +522,34 @@ async def test_errored_verdicts_make_a_run_partial_or_failed(env: Env) -> None:
         failed["status"] == "FAILED" and failed["error_code"] == "ALL_EVALUATIONS_ERRORED" and failed["error_message"]
     )
     assert failed["summary"]["overall_score_mean"] is None and not failed["summary"]["overall_pass"]
+
+
+async def test_caching_the_summary_never_undoes_a_clients_annotation(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first GET of an ended run computes its summary from the results and keeps it in the run's
+    annotations. A client's UpdateRun of the annotations that lands meanwhile (after the GET read the run,
+    before it wrote the summary) must survive: the GET writes only its own key."""
+    resolution = (await env.agent(RESOLUTION))["agent"]["id"]
+    env.judge.script = [level("pass"), level("fail")]
+    run_id = (await env.run(attached_agents=[{"eval_agent_id": resolution}]))["id"]
+    await env.ended(run_id)
+    list_results = env.srv.runs.list_results
+    client_wrote: list[run_pb2.Run] = []
+
+    async def client_updates_meanwhile(tenant: str, request: runs_pb.ListRunResultsRequest) -> Any:
+        if not client_wrote:  # the summary reads the results between its read and its write of the run
+            current = await env.srv.runs.get(tenant, run_id)
+            noted = run_pb2.Run(annotations={**current.annotations, "client.note": "kept"})
+            update = runs_pb.UpdateRunRequest(run_id=run_id, run=noted, update_mask=FieldMask(paths=["annotations"]))
+            client_wrote.append(await env.srv.runs.update(tenant, update))
+        return await list_results(tenant, request)
+
+    monkeypatch.setattr(env.srv.runs, "list_results", client_updates_meanwhile)
+    run = check_run(await env.ok("GET", f"/v1/evals/runs/{run_id}"))
+    assert client_wrote and run["summary"]["successful_call_count"] == 2
+    stored = await env.srv.runs.get("default", run_id)
+    assert stored.annotations["client.note"] == "kept" and "bland.summary" in stored.annotations
+    monkeypatch.undo()
+    assert check_run(await env.ok("GET", f"/v1/evals/runs/{run_id}")) == run  # served from the kept summary
 
 
 async def test_cancel_and_list_pagination(env: Env) -> None:

@@ -137,7 +137,14 @@ async def test_update_delete_undelete_take_a_body_field_a_field_mask_and_a_boole
     assert renamed.status_code == 200, renamed.text
     run = renamed.json()["run"]
     assert (run["displayName"], run["annotations"], run["description"]) == ("renamed", {"vendor.field": "kept"}, "")
-    deleted = (await client.delete(f"/v1/runs/{run_id}")).json()["run"]
+    stale = (await client.get(f"/v1/runs/{run_id}")).json()["run"]["etag"]
+    await client.patch(f"/v1/runs/{run_id}", json={"displayName": "again"})
+    stale_patch = await client.patch(f"/v1/runs/{run_id}", json={"displayName": "lost", "etag": stale})
+    assert stale_patch.status_code == 409 and stale_patch.json()["details"][0]["reason"] == "ETAG_MISMATCH"
+    refused = await client.delete(f"/v1/runs/{run_id}", params={"etag": stale})
+    assert refused.status_code == 409 and refused.json()["details"][0]["reason"] == "ETAG_MISMATCH"
+    current = (await client.get(f"/v1/runs/{run_id}")).json()["run"]["etag"]
+    deleted = (await client.delete(f"/v1/runs/{run_id}", params={"etag": current})).json()["run"]
     assert deleted["deleteTime"]
     assert (await client.get("/v1/runs")).json()["runs"] == []
     shown = (await client.get("/v1/runs", params={"showDeleted": "true"})).json()["runs"]

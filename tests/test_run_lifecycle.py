@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
@@ -9,7 +11,7 @@ from google.protobuf import field_mask_pb2
 from evalsvc.v1 import dataset_service_pb2 as ds
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import run_pb2
-from tests.helpers import create_request, violations, watch_all
+from tests.helpers import create_request, error_reason, violations, watch_all
 
 
 async def _listed(runs, **filters: object) -> list[str]:  # type: ignore[no-untyped-def]
@@ -96,3 +98,122 @@ async def test_delete_cancels_hides_and_undelete_restores(runs) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await runs.UndeleteRun(pb.UndeleteRunRequest(run_id="run_nope"))
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _mask(*paths: str) -> field_mask_pb2.FieldMask:
+    return field_mask_pb2.FieldMask(paths=list(paths))
+
+
+async def _get(runs, run_id: str) -> run_pb2.Run:  # type: ignore[no-untyped-def]
+    return (await runs.GetRun(pb.GetRunRequest(run_id=run_id))).run
+
+
+async def test_the_etag_changes_with_every_change_of_the_run(runs) -> None:
+    created = (await runs.CreateRun(create_request(3))).run
+    seen = [created.etag]
+    await watch_all(runs, created.id)  # status and counters move as the run executes
+    seen.append((await _get(runs, created.id)).etag)
+    changes = [
+        pb.UpdateRunRequest(run_id=created.id, run=run_pb2.Run(display_name="renamed")),
+        pb.UpdateRunRequest(run_id=created.id, run=run_pb2.Run(labels={"team": "a"})),
+        pb.UpdateRunRequest(
+            run_id=created.id, run=run_pb2.Run(annotations={"a": "1"}), update_mask=_mask("annotations.a")
+        ),
+    ]
+    for change in changes:
+        seen.append((await runs.UpdateRun(change)).run.etag)
+        assert (await _get(runs, created.id)).etag == seen[-1]  # reads (and the run cache) follow
+    seen.append((await runs.DeleteRun(pb.DeleteRunRequest(run_id=created.id))).run.etag)
+    seen.append((await runs.UndeleteRun(pb.UndeleteRunRequest(run_id=created.id))).run.etag)
+    assert all(seen) and len(set(seen)) == len(seen), seen
+    listed = (await runs.ListRuns(pb.ListRunsRequest())).runs
+    assert [r.etag for r in listed] == [seen[-1]]
+
+
+async def test_update_run_with_a_stale_etag_is_aborted_and_writes_nothing(runs) -> None:
+    run = (await runs.CreateRun(create_request(2, display_name="first"))).run
+    await watch_all(runs, run.id)
+    read = await _get(runs, run.id)
+    newer = (
+        await runs.UpdateRun(pb.UpdateRunRequest(run_id=run.id, run=run_pb2.Run(display_name="second", etag=read.etag)))
+    ).run
+    assert newer.display_name == "second" and newer.etag != read.etag
+    with pytest.raises(grpc.aio.AioRpcError) as stale:
+        await runs.UpdateRun(pb.UpdateRunRequest(run_id=run.id, run=run_pb2.Run(display_name="lost", etag=read.etag)))
+    assert stale.value.code() == grpc.StatusCode.ABORTED and error_reason(stale.value) == "ETAG_MISMATCH"
+    assert await _get(runs, run.id) == newer
+    with pytest.raises(grpc.aio.AioRpcError) as forged:
+        await runs.UpdateRun(pb.UpdateRunRequest(run_id=run.id, run=run_pb2.Run(display_name="x", etag='W/"1"')))
+    assert forged.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "run.etag" in violations(forged.value)
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await runs.UpdateRun(pb.UpdateRunRequest(run_id="run_nope", run=run_pb2.Run(display_name="x", etag="1")))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_delete_run_with_a_stale_etag_neither_cancels_nor_deletes(runs) -> None:
+    active = (await runs.CreateRun(create_request(3000))).run  # far too many to finish before the next calls
+    await runs.UpdateRun(pb.UpdateRunRequest(run_id=active.id, run=run_pb2.Run(display_name="x")))
+    with pytest.raises(grpc.aio.AioRpcError) as stale:
+        await runs.DeleteRun(pb.DeleteRunRequest(run_id=active.id, etag=active.etag))
+    assert stale.value.code() == grpc.StatusCode.ABORTED and error_reason(stale.value) == "ETAG_MISMATCH"
+    after = await _get(runs, active.id)
+    assert not after.HasField("delete_time") and after.status != run_pb2.RUN_STATUS_CANCELLED
+    await runs.CancelRun(pb.CancelRunRequest(run_id=active.id))
+
+    ended = (await runs.CreateRun(create_request(2))).run
+    await watch_all(runs, ended.id)
+    read = await _get(runs, ended.id)
+    deleted = (await runs.DeleteRun(pb.DeleteRunRequest(run_id=ended.id, etag=read.etag))).run
+    assert deleted.HasField("delete_time") and deleted.etag != read.etag
+    with pytest.raises(grpc.aio.AioRpcError) as again:  # the etag read before the delete is stale now
+        await runs.DeleteRun(pb.DeleteRunRequest(run_id=ended.id, etag=read.etag))
+    assert again.value.code() == grpc.StatusCode.ABORTED
+    assert (await runs.DeleteRun(pb.DeleteRunRequest(run_id=ended.id, etag=deleted.etag))).run == deleted
+
+
+async def test_map_key_masks_change_one_key_and_concurrent_writers_lose_nothing(runs) -> None:
+    run = (await runs.CreateRun(create_request(2, annotations={"keep": "1", "drop": "2"}, labels={"team": "a"}))).run
+    changed = (
+        await runs.UpdateRun(
+            pb.UpdateRunRequest(
+                run_id=run.id,
+                run=run_pb2.Run(annotations={"vendor.summary": "s"}, labels={"env": "ci"}),
+                update_mask=_mask("annotations.`vendor.summary`", "annotations.drop", "labels.env"),
+            )
+        )
+    ).run
+    assert dict(changed.annotations) == {"keep": "1", "vendor.summary": "s"}  # drop: not in run, so removed
+    assert dict(changed.labels) == {"team": "a", "env": "ci"}
+    assert await _listed(runs, labels={"env": "ci"}) == [run.id]
+    with pytest.raises(grpc.aio.AioRpcError) as bad_key:
+        await runs.UpdateRun(
+            pb.UpdateRunRequest(
+                run_id=run.id, run=run_pb2.Run(labels={"Bad Key": "v"}), update_mask=_mask("labels.`Bad Key`")
+            )
+        )
+    assert bad_key.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "run.labels[Bad Key]" in violations(
+        bad_key.value
+    )
+    half = run_pb2.Run(annotations={"half": "v" * 40_000})
+    await runs.UpdateRun(pb.UpdateRunRequest(run_id=run.id, run=half, update_mask=_mask("annotations.half")))
+    other = run_pb2.Run(annotations={"other": "v" * 40_000})
+    with pytest.raises(grpc.aio.AioRpcError) as too_big:  # each key fits alone; with the stored one, not
+        await runs.UpdateRun(pb.UpdateRunRequest(run_id=run.id, run=other, update_mask=_mask("annotations.other")))
+    assert too_big.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "run.annotations" in violations(too_big.value)
+    assert "other" not in (await _get(runs, run.id)).annotations
+
+    writers = 20
+    await asyncio.gather(
+        *(
+            runs.UpdateRun(
+                pb.UpdateRunRequest(
+                    run_id=run.id,
+                    run=run_pb2.Run(annotations={f"k{i}": str(i)}),
+                    update_mask=_mask(f"annotations.k{i}"),
+                )
+            )
+            for i in range(writers)
+        )
+    )
+    final = await _get(runs, run.id)
+    assert {f"k{i}" for i in range(writers)} <= set(final.annotations) and final.annotations["keep"] == "1"

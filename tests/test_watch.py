@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from evalsvc.events.bus import Subscription
+from evalsvc.events.watch import BATCH_BYTES
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, run_pb2
@@ -186,10 +187,13 @@ async def test_batched_watch_carries_the_same_events_in_fewer_messages(runs) -> 
     assert_complete_log(events, 600)
     assert all(1 <= len(batch) <= 50 for batch in live) and len(live) < len(events)
     assert [e.seq for e in events] == [e.seq for e in await watch_all(runs, created.run.id)]
-    # Resuming mid-log gives exactly the rest, in pages of max_events from the database.
+    # Resuming mid-log gives exactly the rest, from the database in messages of at most max_events
+    # and BATCH_BYTES: as full as that allows, so a reader gets few messages.
     rest = await _batched(runs, created.run.id, after_seq=100, max_events=1000)
     assert [e.seq for batch in rest for e in batch] == [e.seq for e in events[100:]]
-    assert [len(batch) for batch in rest] == [len(events) - 100]
+    sizes = [sum(event.ByteSize() for event in batch) for batch in rest]
+    assert all(size <= BATCH_BYTES for size in sizes), sizes
+    assert len(rest) <= 1 + sum(sizes) // (BATCH_BYTES - 1024), sizes
 
 
 async def test_batched_watch_rejects_a_bad_batch_size(runs) -> None:

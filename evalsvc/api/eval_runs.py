@@ -12,7 +12,7 @@ from evalsvc.api.tenancy import current_key_id, tenant_of
 from evalsvc.config import Settings
 from evalsvc.errors import FieldViolation, invalid_argument
 from evalsvc.events.bus import EventBus
-from evalsvc.events.watch import CATCH_UP_PAGE, MAX_BATCH_EVENTS, watch
+from evalsvc.events.watch import BATCH_BYTES, CATCH_UP_PAGE, MAX_BATCH_EVENTS, Chunk, batched_message, watch
 from evalsvc.limits import TenantLimits
 from evalsvc.runs.compare import CompareService
 from evalsvc.runs.service import RunService
@@ -59,7 +59,7 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
 
     @unary
     async def DeleteRun(self, request: pb.DeleteRunRequest, context: Context) -> pb.DeleteRunResponse:
-        return pb.DeleteRunResponse(run=await self._runs.delete(tenant_of(context), request.run_id))
+        return pb.DeleteRunResponse(run=await self._runs.delete(tenant_of(context), request.run_id, request.etag))
 
     @unary
     async def UndeleteRun(self, request: pb.UndeleteRunRequest, context: Context) -> pb.UndeleteRunResponse:
@@ -98,14 +98,15 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
         tenant = tenant_of(context)
         with self._limits.watch_slot(tenant):
             async for batch in self._watch(
-                tenant, request.run_id, request.after_seq, request.max_events or CATCH_UP_PAGE
+                tenant, request.run_id, request.after_seq, request.max_events or CATCH_UP_PAGE, BATCH_BYTES
             ):
-                yield pb.WatchRunBatchedResponse(events=batch)
+                yield batched_message(batch)
 
     def _watch(
-        self, tenant: str, run_id: str, after_seq: int, max_events: int
-    ) -> AsyncIterator[list[pb.WatchRunResponse]]:
-        """The run's events in lists (a function, not a generator: no extra layer per open stream)."""
+        self, tenant: str, run_id: str, after_seq: int, max_events: int, batch_bytes: int | None = None
+    ) -> AsyncIterator[Chunk]:
+        """The run's events in chunks (a function, not a generator: no extra layer per open stream);
+        `batch_bytes` bounds each chunk's serialized size, for WatchRunBatched messages."""
         return watch(
             self._db,
             self._bus,
@@ -116,4 +117,5 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
             buffer=self._settings.watch_buffer,
             max_events=max_events,
             owner=current_key_id.get(),
+            **({} if batch_bytes is None else {"page_bytes": batch_bytes, "live_bytes": batch_bytes}),
         )

@@ -4,11 +4,19 @@ order, then live events, ending after the terminal status event.
 The subscription is opened before the first database read, so an event committed at any moment is
 either in that read or in the buffer; duplicates are skipped by seq and a gap (a lost or overflowed
 buffer) sends the watcher back to the database.
+
+What a watcher holds is bounded, so one whose client stops reading costs little memory: gRPC takes a
+message into its send path only as the client's HTTP/2 window allows (a write is awaited before the
+next event is taken), live events are shared with every other watcher of the run (the watcher keeps
+references, at most `--watch-buffer` of them before it leaves the live fan-out), and what it reads
+from the database stays serialized (a parsed event costs ~1.2 KiB, ~10x its bytes) in pages of at
+most PAGE_BYTES, parsed one event at a time as they are sent. WatchRunBatched messages are at most
+BATCH_BYTES (and max_events), since a message is held whole, parsed, until gRPC has sent it.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from itertools import pairwise
 
 import grpc
@@ -22,6 +30,53 @@ from evalsvc.v1 import eval_run_service_pb2 as pb
 
 CATCH_UP_PAGE = 1000
 MAX_BATCH_EVENTS = 10_000
+PAGE_BYTES = 32 * 1024  # serialized events a WatchRun watcher holds from one database read
+BATCH_BYTES = 12 * 1024  # serialized events in one WatchRunBatched message (or one larger event)
+TYPICAL_EVENT_BYTES = 128  # a result event, serialized
+_EVENTS_FIELD_TAG = b"\x0a"  # WatchRunBatchedResponse.events: field 1, length-delimited
+
+
+class Logged:
+    """Consecutive events as read from the log, kept serialized until they are sent."""
+
+    __slots__ = ("payloads",)
+
+    def __init__(self, payloads: list[bytes]) -> None:
+        self.payloads = payloads
+
+    def __iter__(self) -> Iterator[pb.WatchRunResponse]:
+        """The events, each parsed when it is reached."""
+        for payload in self.payloads:
+            yield pb.WatchRunResponse.FromString(payload)
+
+    def last(self) -> pb.WatchRunResponse:
+        return pb.WatchRunResponse.FromString(self.payloads[-1])
+
+    def take_batched(self) -> pb.WatchRunBatchedResponse:
+        """The events as one message, parsed straight from their bytes (one allocation arena, ~3x
+        smaller than the events parsed one by one and copied in). It takes them: the bytes are let go
+        at once, not held beside the message while gRPC sends it."""
+        framed = b"".join(_EVENTS_FIELD_TAG + _varint(len(p)) + p for p in self.payloads)
+        self.payloads = []
+        return pb.WatchRunBatchedResponse.FromString(framed)
+
+
+def _varint(value: int) -> bytes:
+    """A non-negative int in protobuf's base-128 varint encoding (a length prefix)."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+Chunk = list[pb.WatchRunResponse] | Logged
+
+
+def batched_message(chunk: Chunk) -> pb.WatchRunBatchedResponse:
+    """A chunk of `watch` as one WatchRunBatched message (a database page is taken, see `take_batched`)."""
+    return chunk.take_batched() if isinstance(chunk, Logged) else pb.WatchRunBatchedResponse(events=chunk)
 
 
 def is_terminal(event: pb.WatchRunResponse) -> bool:
@@ -39,30 +94,38 @@ async def watch(
     heartbeat_s: float,
     buffer: int,
     max_events: int = CATCH_UP_PAGE,
+    page_bytes: int = PAGE_BYTES,
+    live_bytes: int | None = None,
     owner: str = "",
-) -> AsyncIterator[list[pb.WatchRunResponse]]:
+) -> AsyncIterator[Chunk]:
     """The run's events after `after_seq`, then live ones as they commit, and heartbeats when idle, in
-    lists of at most `max_events`: a page read from the database, or what one commit published. The
-    last list ends with the terminal event. (Lists, not single events: WatchRunBatched sends them as
-    they are and WatchRun one by one, with no extra generator layer holding memory per idle stream.)
+    chunks of at most `max_events`: a page read from the database (at most `page_bytes`, serialized),
+    or what one commit published (split at `live_bytes` serialized, when given). The last chunk ends
+    with the terminal event. (Chunks, not single events: WatchRunBatched sends them as they are and
+    WatchRun one by one, with no extra generator layer holding memory per idle stream.)
     `owner` is the API key id of the watcher: the watch ends when the bus closes that owner's watches."""
     if not await _anything_after(db, tenant, run_id, after_seq):
         return
     cursor = after_seq
+    # Rows asked of the database per page: about what fits in page_bytes, from the events' size so far
+    # (the database reads every row it is asked for, even those past the byte bound).
+    rows = max(1, min(max_events, page_bytes // TYPICAL_EVENT_BYTES))
     with bus.subscribe(run_id, buffer, owner) as subscription:
         from_database = True
         while True:
             if from_database:
                 subscription.raise_if_closed()
                 async with db.read() as conn:
-                    page = await event_log.read_after(conn, tenant, run_id, cursor, max_events)
-                if page:
-                    chunk = _through_terminal(page)
-                    cursor = chunk[-1].seq
-                    yield chunk
-                    if is_terminal(chunk[-1]):
+                    payloads, from_database = await event_log.read_page(conn, tenant, run_id, cursor, rows, page_bytes)
+                if payloads:
+                    average = sum(map(len, payloads)) / len(payloads)
+                    rows = max(1, min(max_events, int(page_bytes / average) + 1))
+                    page = Logged(payloads)
+                    last = page.last()  # nothing follows a terminal event in a run's log
+                    cursor = last.seq
+                    yield page
+                    if is_terminal(last):
                         return
-                from_database = len(page) == max_events
                 continue
             try:
                 live = await subscription.next(heartbeat_s)
@@ -73,15 +136,37 @@ async def watch(
                 from_database = True
                 continue
             fresh = [event for event in live if event.seq > cursor]
+            live = None  # the generator's frame outlives a stalled write: hold one list, not two
             if (fresh and fresh[0].seq != cursor + 1) or any(b.seq != a.seq + 1 for a, b in pairwise(fresh)):
                 from_database = True  # a gap: what is missing is in the database
                 continue
-            for start in range(0, len(fresh), max_events):
-                chunk = _through_terminal(fresh[start : start + max_events])
+            for chunk in _split(fresh, max_events, live_bytes):
+                chunk = _through_terminal(chunk)
                 cursor = chunk[-1].seq
                 yield chunk
                 if is_terminal(chunk[-1]):
                     return
+
+
+def _split(
+    events: list[pb.WatchRunResponse], max_events: int, max_bytes: int | None
+) -> Iterator[list[pb.WatchRunResponse]]:
+    """Consecutive runs of at most `max_events` events and (when given, past the first) `max_bytes`."""
+    if max_bytes is None and len(events) <= max_events:
+        if events:
+            yield events  # no copy: a stalled watcher holds it until its client reads
+        return
+    chunk: list[pb.WatchRunResponse] = []
+    size = 0
+    for event in events:
+        event_bytes = event.ByteSize() if max_bytes is not None else 0
+        if chunk and (len(chunk) == max_events or (max_bytes is not None and size + event_bytes > max_bytes)):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(event)
+        size += event_bytes
+    if chunk:
+        yield chunk
 
 
 async def _anything_after(db: Database, tenant: str, run_id: str, after_seq: int) -> bool:

@@ -29,7 +29,7 @@ from evalsvc.api.status import to_status
 from evalsvc.errors import ServiceError
 from evalsvc.gateway import dialects, openapi
 from evalsvc.gateway.routes import Route, routes
-from evalsvc.gateway.upstream import HTTP_STATUS, GatewayError, Upstream, with_retry_after
+from evalsvc.gateway.upstream import HTTP_STATUS, GatewayError, StreamSlot, Upstream, with_retry_after
 
 FORWARDED_HEADERS = ("authorization", "x-api-key")
 RESUME_FIELD = "after_seq"  # what a stream's Last-Event-ID header sets, over the query string
@@ -159,10 +159,13 @@ async def build_request(request: Request, route: Route) -> Message:
     return message
 
 
-def create_app(channel_factory: Callable[[], grpc.aio.Channel], dialect_spec: str = "all") -> FastAPI:
-    """The gateway app, calling the service over a channel made by `channel_factory`, with the vendor
-    dialects `dialect_spec` names (see `dialects.mounts`) beside the native routes."""
-    upstream = Upstream(channel_factory)
+def create_app(
+    channel_factory: Callable[[int], grpc.aio.Channel], dialect_spec: str = "all", *, streams_per_channel: int = 500
+) -> FastAPI:
+    """The gateway app, calling the service over channels made by `channel_factory` (given each one's
+    index in the pool; see `Upstream`), with the vendor dialects `dialect_spec` names (see
+    `dialects.mounts`) beside the native routes."""
+    upstream = Upstream(channel_factory, streams_per_channel)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -204,9 +207,10 @@ def create_app(channel_factory: Callable[[], grpc.aio.Channel], dialect_spec: st
                 message, metadata = await build_request(request, route), _metadata(request)
             except RequestRefused as error:
                 return refused(error)
+            slot = upstream.stream_slot()
             call = cast(
                 "grpc.aio.UnaryStreamMultiCallable[Message, Message]",
-                upstream.channel.unary_stream(
+                slot.channel.unary_stream(
                     route.grpc_path,
                     request_serializer=lambda m: m.SerializeToString(),
                     response_deserializer=_message_class(route.method.output_type).FromString,
@@ -214,11 +218,14 @@ def create_app(channel_factory: Callable[[], grpc.aio.Channel], dialect_spec: st
             )(message, metadata=metadata)
             try:
                 first = await call.read()  # fail as a plain HTTP error before the stream starts
-            except grpc.aio.AioRpcError as error:
-                return error_response(error)
+            except BaseException as error:
+                slot.release()
+                if isinstance(error, grpc.aio.AioRpcError):
+                    return error_response(error)
+                raise
             ndjson = "application/x-ndjson" in request.headers.get("accept", "")
             return StreamingResponse(
-                _relay(call, first, ndjson),
+                _relay(call, first, ndjson, slot),
                 media_type="application/x-ndjson" if ndjson else "text/event-stream",
                 headers={"cache-control": "no-cache"},
             )
@@ -278,9 +285,10 @@ def _last_seq(message: Any) -> int:
     return int(message.seq) if "seq" in fields else 0
 
 
-async def _relay(call: Any, first: Any, ndjson: bool) -> AsyncIterator[bytes]:
+async def _relay(call: Any, first: Any, ndjson: bool, slot: StreamSlot) -> AsyncIterator[bytes]:
     """Stream messages as SSE (`id:` = seq, so EventSource resumes with Last-Event-ID) or NDJSON
-    (`{"result": ...}` per line, grpc-gateway style). A client that disconnects cancels the gRPC call."""
+    (`{"result": ...}` per line, grpc-gateway style). A client that disconnects cancels the gRPC call
+    and frees its stream's place in the pool."""
     try:
         message = first
         while message is not grpc.aio.EOF:
@@ -294,3 +302,4 @@ async def _relay(call: Any, first: Any, ndjson: bool) -> AsyncIterator[bytes]:
             yield f"event: error\ndata: {json.dumps(body)}\n\n".encode()
     finally:
         call.cancel()
+        slot.release()

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import grpc
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from evalsvc.config import Settings
 from evalsvc.gateway.app import create_app
 
 log = logging.getLogger(__name__)
@@ -24,9 +26,76 @@ class _QuietSignals(uvicorn.Server):
         yield
 
 
-def channel_to(target: str, *, root_certificates: str = "") -> grpc.aio.Channel:
-    """A channel to the gRPC service (TLS when a CA or server certificate file is given)."""
-    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.keepalive_time_ms", 30_000)]
+def bounded_protocol(max_connections: int, header_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol with two bounds it lacks, so idle or slow clients cannot hold file
+    descriptors: at most `max_connections` open connections (past it a connection gets a 503 with
+    Retry-After and is closed at once), and `header_timeout_s` for a request's headers to arrive, on a
+    new connection and after each response (uvicorn's own keep-alive timeout only closes connections
+    that send nothing at all after a response; a slowloris client sending a byte at a time would
+    otherwise stay forever)."""
+
+    class BoundedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+        refused = False
+        header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            if len(self.server_state.connections) >= max_connections:
+                # Answer at once and half-close; what the client sends meanwhile is read and dropped
+                # (closing on unread data would reset the connection and lose the answer).
+                self.refused = True
+                transport.write(TOO_MANY_CONNECTIONS)
+                if transport.can_write_eof():
+                    transport.write_eof()
+                self.header_timer = self.loop.call_later(header_timeout_s, transport.close)
+                return
+            super().connection_made(transport)
+            self._await_headers()
+
+        def data_received(self, data: bytes) -> None:
+            if not self.refused:
+                super().data_received(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            if not self.refused:
+                super().connection_lost(exc)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._await_headers()
+
+        def _await_headers(self) -> None:
+            """Close the connection unless a new request's headers have arrived within the timeout
+            (uvicorn starts a new request-response cycle once they have)."""
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            waiting_since = self.cycle
+            self.header_timer = self.loop.call_later(
+                header_timeout_s, lambda: self.cycle is waiting_since and self.transport.close()
+            )
+
+    return BoundedHTTPProtocol
+
+
+RETRY_AFTER_S = 1
+_REFUSAL_BODY = b'{"code":14,"message":"too many HTTP connections; retry later","details":[]}'
+TOO_MANY_CONNECTIONS = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    + f"retry-after: {RETRY_AFTER_S}\r\ncontent-length: {len(_REFUSAL_BODY)}\r\n\r\n".encode()
+    + _REFUSAL_BODY
+)
+
+
+def channel_to(target: str, *, root_certificates: str = "", index: int = 0) -> grpc.aio.Channel:
+    """A channel to the gRPC service (TLS when a CA or server certificate file is given): each `index`
+    its own HTTP/2 connection (a local subchannel pool), for the gateway's pool of channels."""
+    options = [
+        ("grpc.max_receive_message_length", 64 << 20),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.use_local_subchannel_pool", 1),
+        ("evalsvc.gateway.channel", index),
+    ]
     if root_certificates:
         credentials = grpc.ssl_channel_credentials(Path(root_certificates).read_bytes())
         return grpc.aio.secure_channel(target, credentials, options=options)
@@ -36,10 +105,31 @@ def channel_to(target: str, *, root_certificates: str = "") -> grpc.aio.Channel:
 class Gateway:
     """The gateway's HTTP server on the running event loop."""
 
-    def __init__(self, grpc_target: str, http_addr: str, *, root_certificates: str = "", dialects: str = "all") -> None:
+    def __init__(
+        self,
+        grpc_target: str,
+        http_addr: str,
+        *,
+        root_certificates: str = "",
+        dialects: str = "all",
+        settings: Settings | None = None,
+    ) -> None:
+        settings = settings or Settings()
         host, _, port = http_addr.rpartition(":")
-        app = create_app(lambda: channel_to(grpc_target, root_certificates=root_certificates), dialects)
-        self._server = _QuietSignals(uvicorn.Config(app, host=host or "127.0.0.1", port=int(port), log_level="warning"))
+        app = create_app(
+            lambda index: channel_to(grpc_target, root_certificates=root_certificates, index=index),
+            dialects,
+            streams_per_channel=settings.gateway_streams_per_channel,
+        )
+        config = uvicorn.Config(
+            app,
+            host=host or "127.0.0.1",
+            port=int(port),
+            log_level="warning",
+            http=bounded_protocol(settings.max_http_connections, settings.http_header_timeout_s),
+            timeout_keep_alive=max(1, round(settings.http_keepalive_timeout_s)),
+        )
+        self._server = _QuietSignals(config)
         self._task: asyncio.Task[None] | None = None
         self.port = 0
 

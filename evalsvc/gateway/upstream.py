@@ -1,6 +1,6 @@
 """The gRPC service behind the gateway, as the dialects see it.
 
-`Upstream` owns the gateway's one channel and the four service stubs. `call` sends one request with the
+`Upstream` owns the gateway's pool of channels to the service and their service stubs. `call` sends one request with the
 caller's API key and turns a failed call into a `GatewayError`, which each dialect renders in its own
 error shape. Helpers here (`wait_until_done`, `collect`) are the few multi-call patterns the dialects
 share: a synchronous create, and offset pagination over token-paged lists.
@@ -126,29 +126,95 @@ class Caller:
         return (("authorization", f"Bearer {self.api_key}"),)
 
 
-class Upstream:
-    """One channel to the gRPC service, shared by every route of the gateway."""
+class _Channel:
+    """One channel of the pool (one HTTP/2 connection), its stubs, and the streams open on it."""
 
-    def __init__(self, channel_factory: Callable[[], grpc.aio.Channel]) -> None:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.streams = 0
+        self.runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+        self.datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
+        self.graders = grader_service_pb2_grpc.GraderServiceStub(channel)
+        self.targets = target_service_pb2_grpc.TargetServiceStub(channel)
+
+
+class StreamSlot:
+    """A place for one long-lived stream on a channel of the pool; `release` (idempotent) frees it."""
+
+    def __init__(self, pooled: _Channel) -> None:
+        self._pooled: _Channel | None = pooled
+        pooled.streams += 1
+        self.channel = pooled.channel
+        self.runs = pooled.runs
+
+    def release(self) -> None:
+        if self._pooled is not None:
+            self._pooled.streams -= 1
+            self._pooled = None
+
+
+class Upstream:
+    """A pool of channels to the gRPC service, shared by every route of the gateway.
+
+    An HTTP/2 connection carries a bounded number of concurrent streams (the server's
+    max_concurrent_streams, 1000 for evalsvc): past it, calls queue. Watches (SSE, NDJSON, dialects
+    waiting for a run) hold a stream for as long as they are open, so each channel takes at most
+    `streams_per_channel` of them, a new channel (its own connection) is opened when every channel is
+    full, and unary calls go to the channel with the fewest watches, where there is always room.
+    Channels are kept once opened (idle connections only cost a keepalive ping)."""
+
+    def __init__(self, channel_factory: Callable[[int], grpc.aio.Channel], streams_per_channel: int = 500) -> None:
         self._factory = channel_factory
-        self._channel: grpc.aio.Channel | None = None
+        self._streams_per_channel = streams_per_channel
+        self._pool: list[_Channel] = []
 
     def open(self) -> None:
-        self._channel = self._factory()
-        self.runs = eval_run_service_pb2_grpc.EvalRunServiceStub(self._channel)
-        self.datasets = dataset_service_pb2_grpc.DatasetServiceStub(self._channel)
-        self.graders = grader_service_pb2_grpc.GraderServiceStub(self._channel)
-        self.targets = target_service_pb2_grpc.TargetServiceStub(self._channel)
+        self._pool = [_Channel(self._factory(0))]
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
+        pool, self._pool = self._pool, []
+        await asyncio.gather(*(pooled.channel.close() for pooled in pool))
+
+    def _least_loaded(self) -> _Channel:
+        if not self._pool:
+            raise RuntimeError("the gateway's channels are not open (the app's lifespan has not started)")
+        return min(self._pool, key=lambda pooled: pooled.streams)
 
     @property
     def channel(self) -> grpc.aio.Channel:
-        if self._channel is None:
-            raise RuntimeError("the gateway's channel is not open (the app's lifespan has not started)")
-        return self._channel
+        """A channel for a unary call."""
+        return self._least_loaded().channel
+
+    @property
+    def runs(self) -> eval_run_service_pb2_grpc.EvalRunServiceStub:
+        return self._least_loaded().runs
+
+    @property
+    def datasets(self) -> dataset_service_pb2_grpc.DatasetServiceStub:
+        return self._least_loaded().datasets
+
+    @property
+    def graders(self) -> grader_service_pb2_grpc.GraderServiceStub:
+        return self._least_loaded().graders
+
+    @property
+    def targets(self) -> target_service_pb2_grpc.TargetServiceStub:
+        return self._least_loaded().targets
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._pool)
+
+    def stream_slot(self) -> StreamSlot:
+        """Room for one long-lived stream: on the first channel with room, or on a new channel."""
+        for pooled in self._pool:
+            if pooled.streams < self._streams_per_channel:
+                return StreamSlot(pooled)
+        if not self._pool:
+            raise RuntimeError("the gateway's channels are not open (the app's lifespan has not started)")
+        pooled = _Channel(self._factory(len(self._pool)))
+        self._pool.append(pooled)
+        return StreamSlot(pooled)
 
     async def call(
         self,
@@ -166,7 +232,8 @@ class Upstream:
 
     async def watch(self, run_id: str, caller: Caller, after_seq: int = 0) -> AsyncGenerator[Any, None]:
         """The run's WatchRun events (a failure raises `GatewayError`); closing the iterator cancels it."""
-        call = self.runs.WatchRun(
+        slot = self.stream_slot()
+        call = slot.runs.WatchRun(
             eval_run_service_pb2.WatchRunRequest(run_id=run_id, after_seq=after_seq), metadata=caller.metadata
         )
         try:
@@ -176,6 +243,7 @@ class Upstream:
             raise GatewayError.from_rpc(error) from None
         finally:
             call.cancel()
+            slot.release()
 
     async def wait_until_done(self, run_id: str, caller: Caller, timeout: float) -> run_pb2.Run:
         """The run once it has ended, or as it stands when `timeout` seconds have passed.

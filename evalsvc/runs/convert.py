@@ -60,7 +60,18 @@ def run_from(row: Mapping[str, Any]) -> run_pb2.Run:
     run.last_seq = row["last_seq"]
     run.request_id = row["request_id"] or ""
     run.cost_usd = row["cost_usd"]
+    run.etag = etag(row["version"])
     return run
+
+
+def etag(version: int) -> str:
+    """The etag of a run at a version of its row (AIP-154; opaque to clients)."""
+    return str(version)
+
+
+def version_of(etag: str) -> int | None:
+    """The row version an etag names, or None for a string this service never issued as an etag."""
+    return int(etag) if etag.isascii() and etag.isdigit() and len(etag) <= 18 else None
 
 
 def pass_rate(passed: int, failed: int) -> float:

@@ -17,7 +17,7 @@ import grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.definitions.service import DefinitionService
-from evalsvc.errors import FieldViolation, ServiceError, invalid_argument, not_found
+from evalsvc.errors import MAX_ECHOED_ID, FieldViolation, ServiceError, invalid_argument, not_found
 from evalsvc.events.bus import EventBus
 from evalsvc.execution.outbound import Outbound, OutboundError, check_destination
 from evalsvc.execution.targets import validate_target
@@ -26,7 +26,7 @@ from evalsvc.graders.judge import JudgeDefaults, needs_default_judge
 from evalsvc.idempotency import create_once, fingerprint
 from evalsvc.ids import decode_page_token, encode_page_token, new_id, page_size
 from evalsvc.limits import TenantLimits
-from evalsvc.runs.convert import result_from, run_from
+from evalsvc.runs.convert import etag, result_from, run_from, version_of
 from evalsvc.runs.validation import (
     MAX_DESCRIPTION,
     MAX_DISPLAY_NAME,
@@ -297,48 +297,82 @@ class RunService:
         )
 
     async def update(self, tenant: str, request: pb.UpdateRunRequest) -> run_pb2.Run:
-        """Change the descriptive fields named by the update mask (all set ones when it is empty)."""
+        """Change the descriptive fields named by the update mask (all set ones when it is empty): whole
+        fields, or single keys of a map (`annotations.KEY`), which are merged into the stored map in the
+        write transaction, so concurrent writers of other keys lose nothing. With `run.etag`, only if the
+        run is still at that etag."""
         paths = list(request.update_mask.paths) or [name for name in UPDATABLE if getattr(request.run, name)]
-        violations = [
-            FieldViolation("update_mask", f"{path!r} cannot be updated; updatable: {', '.join(UPDATABLE)}")
-            for path in paths
-            if path not in UPDATABLE
-        ]
+        whole, keyed, violations = _parse_mask(paths)
         if not paths:
             violations.append(FieldViolation("update_mask", "nothing to update: set a field of run or name it"))
+        expected = _expected_version(request.run.etag, "run.etag", violations)
         check_length(request.run.display_name, MAX_DISPLAY_NAME, "run.display_name", violations)
         check_length(request.run.description, MAX_DESCRIPTION, "run.description", violations)
         check_labels(request.run.labels, "run.labels", violations)
         check_annotations(request.run.annotations, "run.annotations", violations)
         if violations:
             raise invalid_argument(violations)
-        values = {path: _column_value(getattr(request.run, path)) for path in paths}
+        values = {path: _column_value(getattr(request.run, path)) for path in whole}
         async with self._db.write() as conn:
+            if keyed or expected is not None:
+                current = await run_store.get(conn, tenant, request.run_id, lock=True)
+                if current is None:
+                    raise not_found("run", request.run_id)
+                _check_etag(current, expected)
+                for field, keys in keyed.items():
+                    given = getattr(request.run, field)
+                    merged = dict(values.get(field, current[field]))
+                    for key in keys:
+                        if key in given:
+                            merged[key] = given[key]
+                        else:
+                            merged.pop(key, None)
+                    (check_labels if field == "labels" else check_annotations)(merged, f"run.{field}", violations)
+                    values[field] = merged
+                if violations:
+                    raise invalid_argument(violations)
             row = await run_store.update_fields(conn, tenant, request.run_id, values)
         if row is None:
             raise not_found("run", request.run_id)
         return run_from(row)
 
-    async def delete(self, tenant: str, run_id: str) -> run_pb2.Run:
-        """Soft-delete a run (AIP-164), cancelling it first if it has not finished. Idempotent."""
-        run = await self.get(tenant, run_id)
-        if run.status in run_store.ACTIVE_STATUSES:
-            try:
-                run = await self.cancel(tenant, run_id)
-            except ServiceError as error:
-                if error.reason != "RUN_ALREADY_FINISHED":  # it ended meanwhile: nothing to cancel
-                    raise
-        if run.HasField("delete_time"):
-            return run
-        return await self._set_deleted(tenant, run_id, time.time())
+    async def delete(self, tenant: str, run_id: str, etag: str = "") -> run_pb2.Run:
+        """Soft-delete a run (AIP-164), cancelling it first if it has not finished; with `etag`, only if
+        the run is still at that etag. Idempotent. One transaction: a mismatched etag cancels nothing."""
+        violations: list[FieldViolation] = []
+        expected = _expected_version(etag, "etag", violations)
+        if violations:
+            raise invalid_argument(violations)
+        now = time.time()
+        async with self._db.write() as conn:
+            # Jobs before the run: the store's lock order (a no-op for runs that are not active).
+            await run_store.cancel_jobs(conn, tenant, run_id)
+            cancelled = await run_store.set_status(
+                conn,
+                tenant,
+                run_id,
+                run_pb2.RUN_STATUS_CANCELLED,
+                from_statuses=run_store.ACTIVE_STATUSES,
+                version=expected,
+                end_time=now,
+            )
+            row = await run_store.get(conn, tenant, run_id, lock=True)
+            if row is None:
+                raise not_found("run", run_id)
+            if cancelled is None:
+                _check_etag(row, expected)
+            if row["delete_time"] is None:
+                row = await run_store.update_fields(conn, tenant, run_id, {"delete_time": now})
+        if cancelled is not None:
+            self._on_cancelled(run_id)
+            self._bus.publish(run_id, [cancelled])
+        assert row is not None  # the run was read, locked, in this transaction
+        return run_from(row)
 
     async def undelete(self, tenant: str, run_id: str) -> run_pb2.Run:
         """Restore a soft-deleted run. Idempotent."""
-        return await self._set_deleted(tenant, run_id, None)
-
-    async def _set_deleted(self, tenant: str, run_id: str, when: float | None) -> run_pb2.Run:
         async with self._db.write() as conn:
-            row = await run_store.update_fields(conn, tenant, run_id, {"delete_time": when})
+            row = await run_store.update_fields(conn, tenant, run_id, {"delete_time": None})
         if row is None:
             raise not_found("run", run_id)
         return run_from(row)
@@ -364,6 +398,55 @@ class RunService:
 
 
 UPDATABLE = ("display_name", "description", "labels", "annotations")
+MAPS = ("labels", "annotations")
+
+
+def _parse_mask(paths: Sequence[str]) -> tuple[list[str], dict[str, list[str]], list[FieldViolation]]:
+    """An update mask as the fields it replaces whole and the map keys it sets or removes (AIP-161:
+    `annotations.KEY`, or `annotations.`KEY`` for a key that is not an identifier)."""
+    whole: list[str] = []
+    keyed: dict[str, list[str]] = {}
+    violations: list[FieldViolation] = []
+    for path in paths:
+        field, dot, key = path.partition(".")
+        if field in MAPS and dot:
+            if len(key) >= 2 and key[0] == key[-1] == "`":
+                key = key[1:-1].replace("``", "`")
+            if key:
+                keyed.setdefault(field, []).append(key)
+                continue
+        if path in UPDATABLE:
+            whole.append(path)
+            continue
+        violations.append(
+            FieldViolation(
+                "update_mask",
+                f"{path[:MAX_ECHOED_ID]!r} cannot be updated; updatable: {', '.join(UPDATABLE)} "
+                "and single keys of the maps (annotations.KEY, labels.KEY)",
+            )
+        )
+    return whole, keyed, violations
+
+
+def _expected_version(etag: str, field: str, violations: list[FieldViolation]) -> int | None:
+    """The run version an etag given with a write names; None when none was given (no check)."""
+    if not etag:
+        return None
+    version = version_of(etag)
+    if version is None:
+        violations.append(FieldViolation(field, "not an etag this service issued; read the run for its etag"))
+    return version
+
+
+def _check_etag(row: Mapping[str, Any], expected: int | None) -> None:
+    """ABORTED (AIP-154) when a write's etag is not the run's current one."""
+    if expected is not None and row["version"] != expected:
+        raise ServiceError(
+            grpc.StatusCode.ABORTED,
+            "ETAG_MISMATCH",
+            f"run {row['id']!r} changed since etag {etag(expected)!r} was read; read it again and retry",
+            metadata={"run_id": row["id"], "etag": etag(row["version"])},
+        )
 
 
 def _column_value(value: Any) -> Any:

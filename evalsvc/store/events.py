@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.ids import PROCESS_ID
@@ -46,3 +46,37 @@ async def read_after(
         query = query.where(EVENTS.c.tenant == tenant)
     rows = await conn.execute(query.order_by(EVENTS.c.seq).limit(limit))
     return [pb.WatchRunResponse.FromString(payload) for (payload,) in rows]
+
+
+async def read_page(
+    conn: AsyncConnection, tenant: str, run_id: str, after_seq: int, limit: int, max_bytes: int
+) -> tuple[list[bytes], bool]:
+    """Serialized events with seq > after_seq, in order: at most `limit` of them and, past the first,
+    at most `max_bytes` in all; and whether more may follow. For watchers, which hold what they read
+    until their client takes it: kept serialized, an event is ~10x smaller than parsed."""
+    first = (
+        select(EVENTS.c.seq, EVENTS.c.payload)
+        .where(EVENTS.c.run_id == run_id, EVENTS.c.seq > after_seq, EVENTS.c.tenant == tenant)
+        .order_by(EVENTS.c.seq)
+        .limit(limit)
+        .subquery()
+    )
+    size = func.length(first.c.payload)
+    sized = select(
+        first.c.seq,
+        first.c.payload,
+        size.label("size"),
+        func.sum(size).over(order_by=first.c.seq).label("through"),
+        func.count().over().label("fetched"),
+    ).subquery()
+    rows = (
+        await conn.execute(
+            select(sized.c.payload, sized.c.fetched)
+            .where(or_(sized.c.through <= max_bytes, sized.c.through == sized.c.size))  # or it is the first
+            .order_by(sized.c.seq)
+        )
+    ).all()
+    if not rows:
+        return [], False
+    fetched = rows[0][1]
+    return [payload for payload, _ in rows], fetched == limit or len(rows) < fetched

@@ -94,6 +94,8 @@ class RunRow(SQLModel, table=True):
     last_seq: int = Field(default=0, sa_column=big())
     cost_usd: float = Field(default=0.0, sa_column_kwargs=ZERO)  # target and judge spend so far, for budgets
     delete_time: float | None = None  # soft-deleted (AIP-164): hidden from ListRuns unless show_deleted
+    # Bumped by every change of the row: the run's etag (AIP-154), compared by conditional writes.
+    version: int = Field(default=1, sa_column_kwargs={"server_default": "1"})
 
 
 class RunLabelRow(SQLModel, table=True):

@@ -110,9 +110,12 @@ def run_event(row: Mapping[str, Any]) -> pb.WatchRunResponse:
     )
 
 
-async def get(conn: AsyncConnection, tenant: str, run_id: str) -> Mapping[str, Any] | None:
-    """A tenant's run row, or None (also for another tenant's run)."""
-    found = await conn.execute(select(RUNS).where(RUNS.c.id == run_id, RUNS.c.tenant == tenant))
+async def get(conn: AsyncConnection, tenant: str, run_id: str, *, lock: bool = False) -> Mapping[str, Any] | None:
+    """A tenant's run row, or None (also for another tenant's run). `lock` holds the row until the write
+    transaction ends (PostgreSQL's FOR UPDATE; SQLite's one writer holds everything already), so a
+    read-check-write on it is atomic. Lock jobs before their run (see `cancel_jobs`)."""
+    query = select(RUNS).where(RUNS.c.id == run_id, RUNS.c.tenant == tenant)
+    found = await conn.execute(query.with_for_update() if lock else query)
     return cast("Mapping[str, Any] | None", found.mappings().first())
 
 
@@ -171,17 +174,21 @@ async def set_status(
     status: int,
     *,
     from_statuses: Sequence[int],
+    version: int | None = None,
     **values: Any,
 ) -> pb.WatchRunResponse | None:
-    """Move a run to `status` if it is in one of `from_statuses`, recording the change as an event
-    and the webhook deliveries that report it.
+    """Move a run to `status` if it is in one of `from_statuses` (and at `version`, when given),
+    recording the change as an event and the webhook deliveries that report it.
 
     Returns the event, or None when the run was not in a status it may leave this way."""
     now = time.time()
+    conditions = [RUNS.c.id == run_id, RUNS.c.tenant == tenant, RUNS.c.status.in_(list(from_statuses))]
+    if version is not None:
+        conditions.append(RUNS.c.version == version)
     changed = await conn.execute(
         update(RUNS)
-        .where(RUNS.c.id == run_id, RUNS.c.tenant == tenant, RUNS.c.status.in_(list(from_statuses)))
-        .values(status=status, update_time=now, last_seq=RUNS.c.last_seq + 1, **values)
+        .where(*conditions)
+        .values(status=status, update_time=now, last_seq=RUNS.c.last_seq + 1, version=RUNS.c.version + 1, **values)
         .returning(*RUNS.c)
     )
     row = cast("Mapping[str, Any] | None", changed.mappings().first())
@@ -202,7 +209,7 @@ async def update_fields(
     changed = await conn.execute(
         update(RUNS)
         .where(RUNS.c.id == run_id, RUNS.c.tenant == tenant)
-        .values(**values, update_time=time.time())
+        .values(**values, update_time=time.time(), version=RUNS.c.version + 1)
         .returning(*RUNS.c)
     )
     row = cast("Mapping[str, Any] | None", changed.mappings().first())
@@ -341,6 +348,7 @@ async def add_progress(
             last_seq=RUNS.c.last_seq + n,
             cost_usd=RUNS.c.cost_usd + cost_usd,
             update_time=now,
+            version=RUNS.c.version + 1,
         )
         .returning(*RUNS.c)
     )

@@ -1175,9 +1175,11 @@ class Bland:
         if groups is None:
             groups = [g async for g in self.groups(view)]
         summary = view.summary(groups)
-        keep = run_pb2.Run(annotations={**run.annotations, A_SUMMARY: summary.model_dump_json()})
+        # Only its own key (a map-key mask): rewriting the whole map read above would undo any
+        # annotation a client changed since.
+        keep = run_pb2.Run(annotations={A_SUMMARY: summary.model_dump_json()})
         request = runs_pb.UpdateRunRequest(
-            run_id=run.id, run=keep, update_mask=field_mask_pb2.FieldMask(paths=["annotations"])
+            run_id=run.id, run=keep, update_mask=field_mask_pb2.FieldMask(paths=[f"annotations.`{A_SUMMARY}`"])
         )
         with contextlib.suppress(GatewayError):  # only a cache: without it the summary is computed again
             await self.up.call(self.up.runs.UpdateRun, request, self.caller)
