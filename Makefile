@@ -14,11 +14,15 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 
 node_modules/.installed: package.json package-lock.json
 	# npm install (not ci): the registry here lacks some platforms' optional buf binaries, which ci rejects.
-	npm install --no-audit --no-fund --loglevel=error
+	# --no-save: install from the committed lock without rewriting it (make test leaves the worktree clean).
+	npm install --no-save --no-audit --no-fund --loglevel=error
 	touch $@
 
+# make run GRPC_ADDR=HOST:PORT HTTP_ADDR=HOST:PORT; without them EVALSVC_GRPC_ADDR / EVALSVC_HTTP_ADDR, then the defaults.
+GRPC_ADDR ?= $(or $(EVALSVC_GRPC_ADDR),127.0.0.1:50051)
+HTTP_ADDR ?= $(or $(EVALSVC_HTTP_ADDR),127.0.0.1:8080)
 run: $(VENV)/.installed
-	$(VENV)/bin/evalsvc serve --http-addr 127.0.0.1:8080
+	$(VENV)/bin/evalsvc serve --grpc-addr $(GRPC_ADDR) --http-addr $(HTTP_ADDR)
 
 test: $(VENV)/.installed node_modules/.installed clients/typescript/node_modules/.installed
 	$(PY) -m pytest -q
@@ -61,7 +65,7 @@ bench-quick: $(VENV)/.installed $(VENV)/.bench-installed
 # Clients (clients/README.md): buf.gen.yaml generates Python (clients/python/evalsvc_client/_gen), TypeScript
 # (clients/typescript/src/gen) and Go (clients/go/gen; needs Debian's protoc-gen-go and protoc-gen-go-grpc).
 clients/typescript/node_modules/.installed: clients/typescript/package.json clients/typescript/package-lock.json
-	cd clients/typescript && npm install --no-audit --no-fund --loglevel=error
+	cd clients/typescript && npm install --no-save --no-audit --no-fund --loglevel=error
 	touch $@
 
 generate-clients: $(VENV)/.installed node_modules/.installed clients/typescript/node_modules/.installed

@@ -293,6 +293,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (TlsConfigError, SchemaError, CacheConfigError, SecretsConfigError, SecretsKeyError) as exc:
             logging.getLogger("evalsvc").error("%s", exc)
             return 2
+        except OSError as exc:
+            logging.getLogger("evalsvc").error(
+                "%s; is another evalsvc running? Choose other addresses: --grpc-addr and --http-addr "
+                "(make run GRPC_ADDR=HOST:PORT HTTP_ADDR=HOST:PORT)",
+                exc,
+            )
+            return 2
     return 0
 
 

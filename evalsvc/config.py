@@ -51,6 +51,13 @@ class Settings:
     poll_interval_s: float = dataclasses.field(
         default=1.0, metadata={"help": "seconds between looks for claimable jobs when nothing woke the workers"}
     )
+    stall_s: float = dataclasses.field(
+        default=30.0,
+        metadata={
+            "help": "seconds a loop (claim, record, lease renewal) may make no progress while work waits for it "
+            "before the watchdog logs it and health turns NOT_SERVING"
+        },
+    )
     heartbeat_s: float = dataclasses.field(
         default=10.0, metadata={"help": "seconds of silence after which a WatchRun stream gets a heartbeat"}
     )
@@ -139,6 +146,23 @@ class Settings:
     judge_model: str = dataclasses.field(default="", metadata={"help": "model name of the default LLM judge"})
     judge_api_key: str = dataclasses.field(
         default="", metadata={"help": "API key of the default LLM judge (never logged or returned)"}
+    )
+    generator_model: str = dataclasses.field(
+        default="",
+        metadata={"help": "model that writes dataset items (Aymara prompts, next turns); empty: --judge-model"},
+    )
+    generator_base_url: str = dataclasses.field(
+        default="", metadata={"help": "OpenAI-compatible base URL of --generator-model; empty: --judge-base-url"}
+    )
+    generator_api_key: str = dataclasses.field(
+        default="", metadata={"help": "API key of --generator-base-url; empty: --judge-api-key (never logged)"}
+    )
+    dialect_sync_wait_s: float = dataclasses.field(
+        default=58.0,
+        metadata={
+            "help": "seconds a synchronous dialect route (Agno POST /eval-runs, Aymara score-responses) waits "
+            "for its run before answering as the vendor does for a long evaluation (the vendors' clients wait 60 s)"
+        },
     )
     outbound_allow: str = dataclasses.field(
         default="",

@@ -77,6 +77,11 @@ class Metrics:
         self.runs = Gauge("evalsvc_runs", "Runs in the database by status (all tenants)", ["status"], registry=r)
         self.jobs_queued = Gauge("evalsvc_jobs_queued", "Jobs waiting for a worker (all tenants)", registry=r)
         self.jobs_running = Gauge("evalsvc_jobs_running", "Jobs this process is executing now", registry=r)
+        self.jobs_held_up = Gauge(
+            "evalsvc_jobs_held_up",
+            "Jobs of this process waiting on their endpoint (a slot, a retry's backoff) or a grading process",
+            registry=r,
+        )
         self.evaluations = Counter(
             "evalsvc_evaluations_completed",
             "Evaluations recorded by this process, by result state",
@@ -103,6 +108,24 @@ class Metrics:
         )
         self.grader_latency = LoopHistogram(
             "evalsvc_grader_latency_seconds", "Time to grade one output, by grader kind", "grader", GRADER_BUCKETS
+        )
+        self.loop_restarts = Counter(
+            "evalsvc_loop_restarts",
+            "Times a long-lived loop ended before shutdown (failure or stray cancellation) and was restarted",
+            ["loop"],
+            registry=r,
+        )
+        self.loop_stalls = Counter(
+            "evalsvc_loop_stalls",
+            "Times the watchdog found a loop silent for --stall-s while work waited for it",
+            ["loop"],
+            registry=r,
+        )
+        self.loop_stalled = Gauge(
+            "evalsvc_loop_stalled",
+            "1 while the watchdog finds the loop stalled (health is NOT_SERVING)",
+            ["loop"],
+            registry=r,
         )
         r.register(self.target_latency)
         r.register(self.grader_latency)
@@ -136,6 +159,10 @@ class Metrics:
             children = self._rpc_children[(method, code)] = (self.rpcs.labels(method, code), latency.labels(method))
         children[0].inc()
         children[1].observe(seconds)
+
+    def loop_restarted(self, loop: str) -> None:
+        """Count a supervised loop's restart."""
+        self.loop_restarts.labels(loop).inc()
 
     def target_called(self, target: object, seconds: float) -> None:
         """Observe one target call's latency."""

@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from evalsvc.api.auth import Authenticator
-from evalsvc.api.datasets import DatasetServicer
+from evalsvc.api.datasets import DatasetGenerationServicer, DatasetServicer
 from evalsvc.api.definitions import GraderServicer, TargetServicer
 from evalsvc.api.eval_runs import EvalRunServicer
 from evalsvc.api.interceptor import CallInterceptor
@@ -26,6 +26,7 @@ from evalsvc.api.webhooks import WebhookServicer
 from evalsvc.auth.revocation import StreamRevoker
 from evalsvc.auth.service import KeyService
 from evalsvc.config import Settings
+from evalsvc.datasets.generation import DatasetGenerations, generator_model
 from evalsvc.datasets.service import DatasetService
 from evalsvc.definitions.service import DefinitionService
 from evalsvc.events.bus import EventBus
@@ -38,6 +39,7 @@ from evalsvc.gateway.server import Gateway
 from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.graders.pool import GradingPool
 from evalsvc.limits import TenantLimits
+from evalsvc.liveness import Watchdog, supervise
 from evalsvc.metrics import Metrics
 from evalsvc.runs.service import RunService
 from evalsvc.secrets.operator import OperatorSecrets
@@ -46,6 +48,8 @@ from evalsvc.store import migrate
 from evalsvc.store.db import Database
 from evalsvc.tls import server_credentials, warn_if_exposed
 from evalsvc.v1 import (
+    dataset_generation_pb2,
+    dataset_generation_pb2_grpc,
     dataset_service_pb2,
     dataset_service_pb2_grpc,
     eval_run_service_pb2,
@@ -67,6 +71,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     eval_run_service_pb2.DESCRIPTOR.services_by_name["EvalRunService"].full_name,
     dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name,
+    dataset_generation_pb2.DESCRIPTOR.services_by_name["DatasetGenerationService"].full_name,
     grader_service_pb2.DESCRIPTOR.services_by_name["GraderService"].full_name,
     target_service_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name,
     secret_service_pb2.DESCRIPTOR.services_by_name["SecretService"].full_name,
@@ -121,7 +126,7 @@ class EvalServer:
             grading=self.grading,
         )
         # Other replicas' commits reach this process's watchers through PostgreSQL notifications.
-        self.listener = None if self.db.is_sqlite else EventListener(settings.db, self.bus, self.db)
+        self.listener = None if self.db.is_sqlite else EventListener(settings.db, self.bus, self.db, self.metrics)
         self.limits = TenantLimits(settings)
         self.definitions = DefinitionService(self.db, self.secrets)
         self.runs = RunService(
@@ -137,12 +142,20 @@ class EvalServer:
             secrets=self.secrets,
         )
         self.datasets = DatasetService(self.db)
+        self.generations = DatasetGenerations(
+            self.db, self.outbound, generator_model(settings), settings.poll_interval_s
+        )
         self.webhooks = WebhookService(self.db, self.outbound.allow)
         self.webhook_sender = WebhookSender(self.db, settings, self.outbound.allow, self.metrics)
         self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
         self.revoker = StreamRevoker(self.keys, self.bus, settings.auth_cache_s)
         self.bootstrap_key: str | None = None
         self.health = health.aio.HealthServicer()
+        # Checks four times per stall limit, but never more often than every 50 ms nor less than every 5 s.
+        self.watchdog = Watchdog(self.metrics, self._report_progress, check_s=max(0.05, min(5.0, settings.stall_s / 4)))
+        self._watchdog_task: asyncio.Task[None] | None = None
+        self._watchdog_stop = asyncio.Event()
+        self._shutting_down = False
         self.port = 0
         self.metrics_port = 0
         self.gateway: Gateway | None = None
@@ -172,6 +185,9 @@ class EvalServer:
             EvalRunServicer(self.runs, self.db, self.bus, self.settings, self.limits), server
         )
         dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(DatasetServicer(self.datasets), server)
+        dataset_generation_pb2_grpc.add_DatasetGenerationServiceServicer_to_server(
+            DatasetGenerationServicer(self.generations), server
+        )
         grader_service_pb2_grpc.add_GraderServiceServicer_to_server(GraderServicer(self.definitions), server)
         target_service_pb2_grpc.add_TargetServiceServicer_to_server(TargetServicer(self.definitions), server)
         secret_service_pb2_grpc.add_SecretServiceServicer_to_server(SecretServicer(self.secrets), server)
@@ -182,16 +198,20 @@ class EvalServer:
             server,
         )
         warn_if_exposed(self.settings.grpc_addr, credentials)
-        if credentials is None:
-            self.port = server.add_insecure_port(self.settings.grpc_addr)
-        else:
-            self.port = server.add_secure_port(self.settings.grpc_addr, credentials)
+        try:
+            if credentials is None:
+                self.port = server.add_insecure_port(self.settings.grpc_addr)
+            else:
+                self.port = server.add_secure_port(self.settings.grpc_addr, credentials)
+        except RuntimeError:  # grpc's "Failed to bind": the address is taken or not this machine's
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.settings.grpc_addr}")
+            raise OSError(f"cannot listen on {self.settings.grpc_addr}: the address is in use or not available")
         await server.start()
         self._server = server
         self.metrics.start_lag_sampler()
         await self.executor.start()
+        await self.generations.start()
         self.revoker.start()
         await self.webhook_sender.start()
         if self.listener is not None:
@@ -210,8 +230,13 @@ class EvalServer:
             await self.gateway.start()
         if self.settings.metrics_addr:
             self.metrics_port = await self.metrics.serve(self.settings.metrics_addr)
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        for loop in self.executor.watched_loops():
+            self.watchdog.watch(loop)
+        self._watchdog_task = asyncio.create_task(
+            supervise("watchdog", lambda: self.watchdog.run(self._watchdog_stop), self._watchdog_stop, self.metrics),
+            name="watchdog",
+        )
         host = self.settings.grpc_addr.rsplit(":", 1)[0]
         log.info("evalsvc listening on %s:%d (database %s)", host, self.port, _safe_url(self.settings.db))
         return self.port
@@ -220,6 +245,10 @@ class EvalServer:
         """Graceful shutdown: report NOT_SERVING, end watches with UNAVAILABLE, let unary calls finish
         within the grace period, stop claiming jobs and hand unfinished ones back."""
         grace = self.settings.grace_s if grace is None else grace
+        self._shutting_down = True
+        self._watchdog_stop.set()
+        if self._watchdog_task is not None:
+            await self._watchdog_task
         await self.health.enter_graceful_shutdown()
         if self.gateway is not None:
             await self.gateway.stop()
@@ -228,17 +257,49 @@ class EvalServer:
         if self.listener is not None:
             await self.listener.stop()
         if self._server is not None:
-            await asyncio.gather(self._server.stop(grace), self.executor.stop(), self.webhook_sender.stop())
+            await asyncio.gather(
+                self._server.stop(grace), self.executor.stop(), self.generations.stop(), self.webhook_sender.stop()
+            )
         await self.grading.close()
         await self.metrics.close()
         await self.outbound.close()
         await self.db.close()
         log.info("evalsvc stopped")
 
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def _report_progress(self, healthy: bool) -> None:
+        """The watchdog's verdict: a stalled loop makes the whole server NOT_SERVING, so an
+        orchestrator probing health restarts it; SERVING again once every loop makes progress."""
+        if not self._shutting_down:
+            await self._set_health(
+                health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+
     async def wait_for_termination(self) -> None:
         """Block until the server stops."""
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def _show_bootstrap_key(server: EvalServer) -> bool:
+    """Print the key this start minted, alone on stdout; False when it minted none."""
+    if not server.bootstrap_key:
+        return False
+    log.warning("minted the first API key, for tenant 'default'; it is printed once on stdout")
+    print(server.bootstrap_key, flush=True)
+    return True
+
+
+def key_instructions(db_url: str) -> str:
+    """How to get a key when this start printed none (only the first start on an empty database does)."""
+    db = "" if db_url == Settings.db else f" --db '{_safe_url(db_url)}'"
+    return (
+        f"the key printed at the first start still works; `evalsvc keys create --tenant default{db}` makes another"
+        f" and `evalsvc keys list{db}` lists them"
+    )
 
 
 def _safe_url(url: str) -> str:
@@ -251,10 +312,14 @@ def _safe_url(url: str) -> str:
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     server = EvalServer(settings)
-    await server.start()
-    if server.bootstrap_key:
-        log.warning("minted the first API key, for tenant 'default'; it is printed once on stdout")
-        print(server.bootstrap_key, flush=True)
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(grace=0)  # whatever started before the failure (gRPC server, executor) must not linger
+        _show_bootstrap_key(server)  # minted before the failure and valid: the only chance to see it
+        raise
+    if not _show_bootstrap_key(server):
+        log.info("API keys: %s", key_instructions(settings.db))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

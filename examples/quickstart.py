@@ -1,6 +1,6 @@
 """Create a run over the generated stubs and watch it to the end.
 
-python examples/quickstart.py [HOST:PORT]
+EVALSVC_API_KEY=evk_... python examples/quickstart.py [HOST:PORT]
 """
 
 from __future__ import annotations
@@ -59,4 +59,18 @@ async def main(target: str, api_key: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051", os.environ["EVALSVC_API_KEY"])))
+    api_key = os.environ.get("EVALSVC_API_KEY", "")
+    if not api_key:
+        sys.exit(
+            "quickstart: set EVALSVC_API_KEY to an API key: the one `make run` printed at its first start, or a new one"
+            " from `.venv/bin/evalsvc keys create --tenant default`"
+        )
+    target = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051"
+    try:
+        sys.exit(asyncio.run(main(target, api_key)))
+    except grpc.aio.AioRpcError as error:
+        hint = {
+            grpc.StatusCode.UNAVAILABLE: f"is the server running at {target}? `make run` starts one",
+            grpc.StatusCode.UNAUTHENTICATED: "check EVALSVC_API_KEY",
+        }.get(error.code(), "")
+        sys.exit(f"quickstart: {error.code().name}: {error.details()}" + (f"; {hint}" if hint else ""))

@@ -122,3 +122,21 @@ class FakeEndpoint:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+GENERATOR_SYSTEM = "You write test inputs"  # how evalsvc's generator requests begin (evalsvc.datasets.generation)
+
+
+def is_generation(body: Any) -> bool:
+    """Whether a Chat Completions request is evalsvc's generator asking for dataset items."""
+    return isinstance(body, dict) and str(body["messages"][0]["content"]).startswith(GENERATOR_SYSTEM)
+
+
+def generator_reply(body: Any, prefix: str = "Generated prompt") -> Reply:
+    """A generator answer with as many items as the request asks for (one for a conversation's next
+    turn), numbered after the ones it says were already written, so every item of a generation is distinct."""
+    asked = str(body["messages"][-1]["content"])
+    count = asked.split("Write ", 1)[1].split(" ", 1)[0]
+    wanted = int(count) if count.isdigit() else 1
+    already = asked.count(prefix)
+    return chat_reply(json.dumps({"items": [f"{prefix} {already + i + 1}" for i in range(wanted)]}))

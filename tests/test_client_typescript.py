@@ -25,9 +25,13 @@ pytestmark = [
 
 def _build() -> None:
     if not (TS_DIR / "node_modules" / ".bin" / "tsc").exists():
-        # npm install (not ci) with the committed lockfile: this registry lacks some platforms' optional packages.
+        # npm install (not ci; this registry lacks some platforms' optional packages) from the committed lockfile,
+        # never rewriting it.
         subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=TS_DIR, check=True, timeout=300
+            ["npm", "install", "--no-save", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=TS_DIR,
+            check=True,
+            timeout=300,
         )
     subprocess.run(
         [str(TS_DIR / "node_modules" / ".bin" / "tsc"), "-p", "tsconfig.json"], cwd=TS_DIR, check=True, timeout=120

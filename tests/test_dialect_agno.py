@@ -18,13 +18,12 @@ from agno.client import AgentOSClient
 from agno.db.schemas.evals import EvalType
 from agno.os.routers.evals.schemas import EvalSchema
 
-from evalsvc.gateway.dialects import agno as dialect
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
-from tests.helpers import create_request, keyed_channel
+from tests.helpers import create_request, impatient_gateway, keyed_channel
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 SCHEMA_KEYS = {
@@ -181,7 +180,17 @@ async def test_the_seed_example_as_is_then_with_an_agent_that_exists(env: Env) -
     assert (
         "Additional guidelines: <string>" in judged[0]["content"]
         and "Expected output:\n<string>" in judged[1]["content"]
+        and "Context:\n<string>" in judged[1]["content"]  # additional_context reaches the judge
     )
+    # As AgentOS does, model_id + model_provider run the agent with that model; the context goes along
+    [called] = env.model.seen
+    assert called.body["model"] == "<string>"
+    assert called.body["messages"] == [
+        {"role": "system", "content": "Context:\n<string>"},
+        {"role": "user", "content": "<string>"},
+    ]
+    snapshot = (await env.http.get(f"/v1/runs/{posted['id']}")).json()["run"]["target"]
+    assert snapshot["chat"]["model"] == "<string>" and snapshot["modelId"] == "<string>"
 
     got = (await env.http.get(f"/eval-runs/{posted['id']}", params={"db_id": "any", "table": "any"})).json()
     check_schema(got, "accuracy")
@@ -296,9 +305,44 @@ async def test_performance_measures_time_and_reported_memory_after_warmups(env: 
     assert got["eval_data"]["result"] == {k: v for k, v in data.items() if k.endswith(("_run_time", "_usage"))}
     assert got["eval_input"] == {"num_iterations": 3, "warmup_runs": 2}
     assert got["evaluated_component_name"] == "webhook-agent" and got["model_id"] is None
+    # a webhook agent picks its own model: an override is refused, not silently ignored
+    override = {"model_id": "gpt-5", "model_provider": "openai"}
+    body = {"agent_id": agent, "eval_type": "performance", "input": "go", **override}
+    refused = await env.http.post("/eval-runs", json=body)
+    assert refused.status_code == 400 and "chat agent" in refused.json()["detail"], refused.text
 
 
-async def test_a_run_that_fails_or_outlasts_the_wait_says_so(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_agentos_client_run_eval_for_each_eval_type(env: Env) -> None:
+    """`AgentOSClient.run_eval` for the eval types it can send. It has no `criteria` parameter, so an
+    agent_as_judge eval through it gets AgentOS's own 400 (docs/dialects/agno.md, Differences)."""
+    client, auth, agent = env.client, env.auth, env.agent_id
+    accuracy = await client.run_eval(
+        eval_type=EvalType.ACCURACY, input_text="What is 10*5?", agent_id=agent, expected_output="50", headers=auth
+    )
+    assert accuracy is not None and accuracy.eval_type is EvalType.ACCURACY
+    assert accuracy.eval_data["results"][0]["output"] == "50" and accuracy.eval_data["avg_score"] is not None
+    performance = await client.run_eval(
+        eval_type=EvalType.PERFORMANCE, input_text="What is 10*5?", agent_id=agent, num_iterations=2, headers=auth
+    )
+    assert performance is not None and performance.eval_type is EvalType.PERFORMANCE
+    assert len(performance.eval_data["run_times"]) == 2
+    reliability = await client.run_eval(
+        eval_type=EvalType.RELIABILITY,
+        input_text="What is 10*5?",
+        agent_id=agent,
+        expected_tool_calls=["multiply"],
+        headers=auth,
+    )
+    assert reliability is not None and reliability.eval_data["eval_status"] == "PASSED"
+    with pytest.raises(httpx.HTTPStatusError) as no_criteria:
+        await client.run_eval(eval_type=EvalType.AGENT_AS_JUDGE, input_text="Hi", agent_id=agent, headers=auth)
+    assert no_criteria.value.response.status_code == 400
+    assert no_criteria.value.response.json() == {"detail": "criteria is required for agent-as-judge evaluation"}
+    listed = await client.list_eval_runs(headers=auth)
+    assert {r.id for r in listed.data} == {accuracy.id, performance.id, reliability.id}
+
+
+async def test_a_run_that_fails_or_outlasts_the_wait_says_so(env: Env) -> None:
     with FakeEndpoint(Reply({"error": "no"}, status=400)) as broken:
         agent = await env.save_agent("broken-agent", chat(broken.url))
         failed = await env.run(**CLIENT_EXAMPLE | {"agent_id": agent})
@@ -306,12 +350,20 @@ async def test_a_run_that_fails_or_outlasts_the_wait_says_so(env: Env, monkeypat
     assert data["run_status"] == "FAILED" and data["eval_status"] == "FAILED"
     assert data["error"]["code"] == "ALL_EVALUATIONS_ERRORED" and data["passed_tool_calls"] == []
 
-    monkeypatch.setattr(dialect, "WAIT_S", 0.0)
     with FakeEndpoint(Reply(chat_reply("late").body, delay_s=2)) as slow:
         agent = await env.save_agent("slow-agent", chat(slow.url))
-        early = await env.run(**CLIENT_EXAMPLE | {"agent_id": agent})
-    assert early["eval_data"]["run_status"] in ("PENDING", "RUNNING")
-    assert early["eval_data"]["eval_status"] == "FAILED"
+        async with impatient_gateway(env.srv, "agno", env.auth) as impatient:
+            base = str(impatient.base_url).rstrip("/")
+            early = await AgentOSClient(base_url=base).run_eval(
+                eval_type=EvalType.RELIABILITY,
+                input_text="What is 10*5?",
+                agent_id=agent,
+                expected_tool_calls=["multiply"],
+                headers=env.auth,
+            )
+    # AgentOSClient accepts the unfinished answer: an EvalSchema whose eval_data says where the run is
+    assert early is not None and early.eval_data["run_status"] in ("PENDING", "RUNNING")
+    assert early.eval_data["eval_status"] == "FAILED"
 
 
 async def test_list_pages_filters_and_sorts_only_agno_runs(env: Env) -> None:

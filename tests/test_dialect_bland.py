@@ -727,6 +727,58 @@ async def test_calls_extension_keeps_every_field_and_refuses_bad_calls(env: Env)
     assert [c["call_id"] for c in (await env.ok("GET", "/v1/evals/calls"))["data"]] == CALL_IDS
 
 
+# Bland's call details (docs.bland.ai GET /v1/calls/{call_id}), as a user copies them from Bland's API.
+CALL_DETAILS: dict[str, Any] = {
+    "call_id": "12345678-1234-1234-1234-123456789012",
+    "call_length": 0.75,
+    "batch_id": None,
+    "to": "+12223334444",
+    "from": "+17163511654",
+    "request_data": {"phone_number": "+12223334444", "wait": True, "language": "ENG"},
+    "completed": True,
+    "created_at": "2024-04-27T23:51:18.025251+00:00",
+    "inbound": False,
+    "queue_status": "completed",
+    "endpoint_url": "api.prod.bland.ai",
+    "max_duration": 30,
+    "error_message": None,
+    "variables": {"now": "Sat Apr 27 2024 18:51:25 GMT-0500", "input": {"date": "2024-04-28", "rooms": 3}},
+    "answered_by": "human",
+    "record": False,
+    "recording_url": None,
+    "c_id": "12345678-1234-1234-1234-123456789012",
+    "metadata": {},
+    "summary": "The call was a conversation between a hotel booking service and a guest.",
+    "price": 0.0675,
+    "started_at": "2024-04-27T23:51:18.025251+00:00",
+    "call_ended_by": "ASSISTANT",
+    "concatenated_transcript": "assistant: Hello, how can I help?\nuser: Book three rooms for tomorrow.",
+    "transcripts": [
+        {"id": 1, "created_at": "2024-04-27T23:51:19+00:00", "text": "Hello, how can I help?", "user": "assistant"},
+        {"id": 2, "created_at": "2024-04-27T23:51:23+00:00", "text": "Book three rooms for tomorrow.", "user": "user"},
+    ],
+    "status": "completed",
+    "corrected_duration": "45",
+    "end_at": "2024-04-27T23:52:03.000Z",
+}
+
+
+async def test_calls_are_taken_as_blands_call_details_unchanged(env: Env) -> None:
+    """One call's details as the body, or several under `calls`; a numeric call_id is its decimal text."""
+    added = await env.ok("POST", "/v1/evals/calls", CALL_DETAILS)
+    assert added == {"call_ids": [CALL_DETAILS["call_id"]], "total_call_count": 3}
+    numbered = {**CALL_DETAILS, "call_id": 987654321}
+    assert (await env.ok("POST", "/v1/evals/calls", {"calls": [numbered]}))["call_ids"] == ["987654321"]
+    stored = (await env.ok("GET", "/v1/evals/calls", starting_after=CALL_IDS[1]))["data"]
+    assert stored == [CALL_DETAILS, {**CALL_DETAILS, "call_id": "987654321"}]  # every field, as it came
+    agent = (await env.agent(EMPATHY))["agent"]["id"]
+    run = await env.run(call_ids=[CALL_DETAILS["call_id"]], attached_agents=[{"eval_agent_id": agent}])
+    done = await env.finished(run["id"])
+    assert done["status"] == "COMPLETE" and done["resolved_call_count"] == 1
+    [verdict] = env.judge.seen  # the judge read the call's own concatenated transcript
+    assert CALL_DETAILS["concatenated_transcript"] in verdict.body["messages"][-1]["content"]
+
+
 async def test_openapi_documents_the_bland_routes_and_shapes(env: Env) -> None:
     spec = (await env.http.get("/openapi.json")).json()
     paths = spec["paths"]

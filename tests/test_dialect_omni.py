@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from evalsvc.gateway.dialects.uuids import from_uuid, to_uuid
 from evalsvc.server import EvalServer
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
@@ -22,6 +23,7 @@ from tests.helpers import serving_gateway
 
 PRICES = {"gpt-test": {"input_per_mtok": 1000.0, "output_per_mtok": 2000.0}, "judge-test": {"input_per_mtok": 100.0}}
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")  # Omni's string<uuid>
 RUN_KEYS = {
     "id", "prompt_set_id", "model_id", "branch_id", "branch_name", "description", "run_number", "status",
     "is_archived", "created_at", "completed_at",
@@ -93,7 +95,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
             http_retries=0,
         )
         async with serving_gateway(settings) as (srv, http):
-            yield Env(srv, http, model, judge, await save_model(http, model.url))
+            yield Env(srv, http, model, judge, to_uuid(await save_model(http, model.url)))
 
 
 def omni_error(response: httpx.Response, status: int) -> str:
@@ -109,6 +111,7 @@ def check_prompt_set(body: dict[str, Any], *, summary: bool = False) -> None:
     """The documented prompt-set object (or list item), field by field."""
     assert set(body) == SET_KEYS | ({"latest_run_at", "prompt_count"} if summary else {"prompts"}), body
     assert all(isinstance(body[k], str) for k in ("id", "model_id", "name", "slug", "created_at", "updated_at"))
+    assert UUID.match(body["id"]) and UUID.match(body["model_id"]), body
     assert body["description"] is None or isinstance(body["description"], str)
     assert body["is_archived"] is False
     assert TIMESTAMP.match(body["created_at"]) and TIMESTAMP.match(body["updated_at"])
@@ -118,7 +121,7 @@ def check_prompt_set(body: dict[str, Any], *, summary: bool = False) -> None:
         return
     for prompt in body["prompts"]:
         assert set(prompt) == {"id", "prompt_text", "expectation", "created_at", "updated_at"}
-        assert isinstance(prompt["id"], str) and isinstance(prompt["prompt_text"], str)
+        assert UUID.match(prompt["id"]) and isinstance(prompt["prompt_text"], str)
         assert prompt["expectation"] is None or isinstance(prompt["expectation"], str)
         assert TIMESTAMP.match(prompt["created_at"]) and TIMESTAMP.match(prompt["updated_at"])
 
@@ -128,6 +131,7 @@ def check_run(run: dict[str, Any], *, listed: bool = False) -> None:
     assert set(run) == RUN_KEYS | ({"stats"} if listed else {"results"}), run
     assert run["status"] in {"RUNNING", "COMPLETE", "FAILED", "CANCELLED"}
     assert isinstance(run["run_number"], int) and isinstance(run["is_archived"], bool)
+    assert all(UUID.match(run[k]) for k in ("id", "prompt_set_id", "model_id")), run
     assert run["branch_name"] is None and TIMESTAMP.match(run["created_at"])
     assert run["completed_at"] is None or TIMESTAMP.match(run["completed_at"])
     if listed:
@@ -136,6 +140,8 @@ def check_run(run: dict[str, Any], *, listed: bool = False) -> None:
     for result in run["results"]:
         assert set(result) == RESULT_KEYS
         assert set(result["agentic_job"]) == {"id", "conversation_id", "state"}
+        ids = (result["id"], result["agentic_job"]["id"], result["agentic_job"]["conversation_id"])
+        assert all(UUID.match(each) for each in ids) and len(set(ids)) == 3, result  # from creation on
         assert result["agentic_job"]["state"] in {"QUEUED", "EXECUTING", "COMPLETE", "FAILED"}
         assert result["score"] in (0, 1, None)
 
@@ -157,7 +163,8 @@ async def start_run(env: Env, set_id: str, **fields: Any) -> dict[str, Any]:
 async def wait_until_done(env: Env, run_id: str) -> None:
     """Follow the run's native NDJSON watch to its terminal event (the stream ends there)."""
     ndjson = {"accept": "application/x-ndjson"}
-    async with asyncio.timeout(30), env.http.stream("GET", f"/v1/runs/{run_id}:watch", headers=ndjson) as stream:
+    watch = f"/v1/runs/{from_uuid(run_id)}:watch"  # Omni shows the UUID form of the evalsvc run id
+    async with asyncio.timeout(30), env.http.stream("GET", watch, headers=ndjson) as stream:
         async for _ in stream.aiter_lines():
             pass
 
@@ -190,7 +197,8 @@ async def test_prompt_sets_as_documented(env: Env) -> None:
     mine = await env.http.get("/api/v1/ai/eval/prompt-sets", params={"model_ids": [env.model_id]})
     assert [s["id"] for s in mine.json()["prompt_sets"]] == [core["id"], empty["id"]]
     both = await env.http.get("/api/v1/ai/eval/prompt-sets", params={"model_ids": [env.model_id, other_model]})
-    assert len(both.json()["prompt_sets"]) == 3 and elsewhere["model_id"] == other_model
+    assert len(both.json()["prompt_sets"]) == 3  # a model by its evalsvc id (other_model) or its UUID form
+    assert elsewhere["model_id"] == to_uuid(other_model) and from_uuid(elsewhere["model_id"]) == other_model
     archived = await env.http.get("/api/v1/ai/eval/prompt-sets", params={"archived": "true"})
     assert archived.json() == {"prompt_sets": []}
     restored = await env.http.post(f"/api/v1/ai/eval/prompt-sets/{core['id']}/unarchive")
@@ -299,9 +307,12 @@ async def test_a_run_to_completion_with_the_documented_example(env: Env) -> None
         assert result["cost"] == pytest.approx((10 * 1000 + 5 * 2000) / 1e6)  # the price table's gpt-test
         assert result["scoring_cost"] == pytest.approx(100 * 100 / 1e6)  # the judge's 100 prompt tokens
         assert isinstance(result["timing_ms"], int) and result["timing_ms"] >= 0
-    native = (await env.http.get(f"/v1/runs/{run['id']}/results")).json()["results"]
-    passed = {r["id"]: r["passed"] for r in native}
-    assert all(r["score"] == int(passed[r["agentic_job"]["id"]]) for r in results)  # 1 exactly when it passed
+    native = (await env.http.get(f"/v1/runs/{from_uuid(run['id'])}/results")).json()["results"]
+    passed = {r["itemId"]: r["passed"] for r in native}
+    for result, prompt in zip(results, core["prompts"], strict=True):
+        assert result["score"] == int(passed[prompt["id"]])  # 1 exactly when it passed
+    jobs = [(r["id"], r["agentic_job"]["id"], r["agentic_job"]["conversation_id"]) for r in run["results"]]
+    assert jobs == [(r["id"], r["agentic_job"]["id"], r["agentic_job"]["conversation_id"]) for r in results]
     expectation = "The top product by revenue should be Aniseed Syrup."
     assert any(expectation in json.dumps(seen.body) for seen in env.judge.seen)  # the judge saw the expectation
 

@@ -185,15 +185,15 @@ async def test_giving_up_is_a_target_error_on_every_grader(svc) -> None:
 async def test_adaptive_limit_halves_on_429_and_grows_on_success() -> None:
     limit = AdaptiveLimit(limit=8)
     await limit.acquire()
-    await limit.release(throttled=True)
+    limit.release(throttled=True)
     assert limit.limit == 4
     for _ in range(8):
         await limit.acquire()
-        await limit.release(throttled=False)
+        limit.release(throttled=False)
     assert 5 <= limit.limit < 8
     for _ in range(5):
         await limit.acquire()
-        await limit.release(throttled=True)
+        limit.release(throttled=True)
     assert limit.limit == 1
 
 

@@ -1,4 +1,4 @@
-"""DatasetService servicer."""
+"""DatasetService and DatasetGenerationService servicers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import grpc
 
 from evalsvc.api.status import unary, unary_read
 from evalsvc.api.tenancy import tenant_of
+from evalsvc.datasets.generation import DatasetGenerations
 from evalsvc.datasets.service import DatasetService
+from evalsvc.v1 import dataset_generation_pb2 as generation_pb
+from evalsvc.v1 import dataset_generation_pb2_grpc as generation_pb_grpc
 from evalsvc.v1 import dataset_service_pb2 as pb
 from evalsvc.v1 import dataset_service_pb2_grpc as pb_grpc
 
@@ -45,3 +48,24 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
     ) -> pb.ListDatasetItemsResponse:
         items, token = await self._datasets.list_items(tenant_of(context), request)
         return pb.ListDatasetItemsResponse(items=items, next_page_token=token)
+
+
+class DatasetGenerationServicer(generation_pb_grpc.DatasetGenerationServiceServicer):
+    """Translates DatasetGenerationService calls to the generations."""
+
+    def __init__(self, generations: DatasetGenerations) -> None:
+        self._generations = generations
+
+    @unary
+    async def GenerateDatasetItems(
+        self, request: generation_pb.GenerateDatasetItemsRequest, context: Context
+    ) -> generation_pb.GenerateDatasetItemsResponse:
+        generation = await self._generations.generate(tenant_of(context), request)
+        return generation_pb.GenerateDatasetItemsResponse(generation=generation)
+
+    @unary
+    async def ContinueConversations(
+        self, request: generation_pb.ContinueConversationsRequest, context: Context
+    ) -> generation_pb.ContinueConversationsResponse:
+        items = await self._generations.continue_conversations(tenant_of(context), request)
+        return generation_pb.ContinueConversationsResponse(items=items)

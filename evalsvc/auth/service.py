@@ -40,9 +40,12 @@ def is_tenant_name(name: str) -> bool:
     return bool(_TENANT.fullmatch(name))
 
 
+KEY_HELP = "the first `evalsvc serve` prints a key; `evalsvc keys create --tenant NAME` makes another"
+
+
 def unauthenticated(reason: str, message: str) -> ServiceError:
-    """UNAUTHENTICATED with a stable reason; the message never repeats the key."""
-    return ServiceError(grpc.StatusCode.UNAUTHENTICATED, reason, message)
+    """UNAUTHENTICATED with a stable reason and what to do about it; the message never repeats the key."""
+    return ServiceError(grpc.StatusCode.UNAUTHENTICATED, reason, f"{message} ({KEY_HELP})")
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,27 @@ from evalsvc.store import datasets as dataset_store
 from evalsvc.store.db import Database
 from evalsvc.v1 import dataset_service_pb2 as pb
 from evalsvc.v1 import item_pb2
+from evalsvc.v1.dataset_generation_pb2 import DatasetGeneration
 
 MAX_ITEMS_PER_CALL = 10_000
 
 
-def dataset_from(row: Mapping[str, Any]) -> pb.Dataset:
-    """The Dataset message of a datasets row."""
+def generation_from(row: Mapping[str, Any]) -> DatasetGeneration:
+    """The DatasetGeneration message of a dataset_generations row."""
+    return DatasetGeneration(
+        state=row["state"],
+        item_count=row["item_count"],
+        generated_count=row["generated_count"],
+        error=row["error"],
+        create_time=timestamp(row["create_time"]),
+        update_time=timestamp(row["update_time"]),
+    )
+
+
+def dataset_from(row: Mapping[str, Any], generation: Mapping[str, Any] | None = None) -> pb.Dataset:
+    """The Dataset message of a datasets row, with its generation's row when it has one."""
     return pb.Dataset(
+        generation=generation_from(generation) if generation else None,
         id=row["id"],
         display_name=row["display_name"],
         description=row["description"],
@@ -105,9 +119,10 @@ class DatasetService:
         """A dataset; NOT_FOUND when missing or another tenant's."""
         async with self._db.read() as conn:
             row = await dataset_store.get(conn, tenant, dataset_id)
-        if row is None:
-            raise not_found("dataset", dataset_id)
-        return dataset_from(row)
+            if row is None:
+                raise not_found("dataset", dataset_id)
+            generations = await dataset_store.generations_of(conn, [dataset_id])
+        return dataset_from(row, generations.get(dataset_id))
 
     async def list(self, tenant: str, request: pb.ListDatasetsRequest) -> tuple[list[pb.Dataset], str]:
         """A page of datasets, newest first."""
@@ -115,7 +130,8 @@ class DatasetService:
         before_id = decode_page_token(request.page_token, {})
         async with self._db.read() as conn:
             rows = await dataset_store.list_page(conn, tenant, before_id=before_id, limit=limit + 1)
-        datasets = [dataset_from(row) for row in rows[:limit]]
+            generations = await dataset_store.generations_of(conn, [row["id"] for row in rows[:limit]])
+        datasets = [dataset_from(row, generations.get(row["id"])) for row in rows[:limit]]
         return datasets, encode_page_token(datasets[-1].id, {}) if len(rows) > limit else ""
 
     async def add_items(self, tenant: str, request: pb.AddDatasetItemsRequest) -> tuple[builtins.list[str], pb.Dataset]:
@@ -145,7 +161,8 @@ class DatasetService:
                 [(item.id, item.SerializeToString()) for item in request.items],
                 time.time(),
             )
-        return ids, dataset_from(updated)
+            generations = await dataset_store.generations_of(conn, [request.dataset_id])
+        return ids, dataset_from(updated, generations.get(request.dataset_id))
 
     async def list_items(
         self, tenant: str, request: pb.ListDatasetItemsRequest

@@ -9,7 +9,8 @@ database itself: a lost notification delays, it never loses an event.
 
 Notifications from this very process are ignored (its watchers already got the events in memory).
 After the listening connection drops and comes back, every watched run is woken, since notifications
-sent meanwhile are gone.
+sent meanwhile are gone. The listening loop is supervised (evalsvc.liveness): whatever ends it before
+shutdown is logged and counted, and it starts again.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from sqlalchemy.engine import make_url
 
 from evalsvc.events.bus import EventBus
 from evalsvc.ids import PROCESS_ID
+from evalsvc.liveness import supervise
+from evalsvc.metrics import Metrics
 from evalsvc.store import events as event_log
 from evalsvc.store.db import Database
 from evalsvc.store.events import EVENTS_CHANNEL
@@ -36,11 +39,12 @@ MAX_RELAY = 5000  # events read per relay; a longer gap sends the watchers to th
 class EventListener:
     """Keeps one LISTEN connection open and turns notifications into bus wake-ups."""
 
-    def __init__(self, url: str, bus: EventBus, db: Database) -> None:
+    def __init__(self, url: str, bus: EventBus, db: Database, metrics: Metrics) -> None:
         sa_url = make_url(url)
         self._dsn = sa_url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._bus = bus
         self._db = db
+        self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._notified: dict[str, int] = {}  # run id -> latest seq notified and not yet relayed
@@ -49,7 +53,9 @@ class EventListener:
 
     def start(self) -> None:
         """Start listening in the background."""
-        self._task = asyncio.create_task(self._run(), name="event-listener")
+        self._task = asyncio.create_task(
+            supervise("listener", self._run, self._stopping, self._metrics), name="event-listener"
+        )
 
     async def stop(self) -> None:
         """Stop listening and relaying."""
@@ -91,8 +97,15 @@ class EventListener:
                 if events:
                     self._relayed[run_id] = events[-1].seq
                 self._bus.publish(run_id, events if events and events[-1].seq >= target else None)
-        except Exception:
-            log.exception("relaying events of run %s failed; its watchers read the database", run_id)
+        except (Exception, asyncio.CancelledError):
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # stop() ends the relays
+            # The next notification starts a new relay; meanwhile the watchers lose nothing.
+            log.exception(
+                "relaying events of run %s failed; its watchers read the database", run_id, extra={"loop": "relay"}
+            )
+            self._metrics.loop_restarted("relay")
             self._relayed.pop(run_id, None)
             self._bus.publish(run_id, None)
         finally:

@@ -1,38 +1,54 @@
 """The executor: a worker pool inside the server that leases jobs, executes them and records results.
 
-Three loops share the work:
-- the claimer leases batches of jobs while there is room for more in flight, and starts a task per job;
+Three loops share the work, each supervised (evalsvc.liveness: restarted after any failure, ended
+only by shutdown) and watched for progress:
+- the claimer leases batches of jobs while there are free worker slots, split fairly across tenants and
+  then runs (evalsvc.execution.fairness), and starts a task per job;
 - each job task calls the target (after any warmup calls), grades the output with every grader, and
   queues the finished job;
 - the recorder commits queued jobs in batches (`recorder.record`), so a large run costs few transactions,
   and publishes the committed events to watchers.
-A keeper extends the leases of jobs still in flight. Cancelling a run cancels its tasks at once; the
-fence in the recorder makes sure nothing of theirs is recorded even if one finished meanwhile.
+A keeper extends the leases of jobs still in flight.
+
+A job task holds a worker slot (`--workers`) while it works, but not while a shared resource holds it
+up: its endpoint (it queues for a slot of the endpoint's concurrency limit, or backs off before a
+retry) or a grading process. A run stuck behind a slow, hung or throttling endpoint keeps at most that
+endpoint's limit of workers busy, and claims no more jobs while its jobs wait, so other runs keep theirs.
+
+Cancelling a run cancels its tasks at once; everything a task holds (worker slot, endpoint slot, its
+share of the claim whose lease the keeper renews) is given back in `finally` blocks and context
+managers, so a cancellation releases it like any other ending. The fence in the recorder makes sure
+nothing of a cancelled run is recorded even if a job finished meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import cast
 
 from evalsvc.config import Settings
 from evalsvc.events.bus import EventBus
 from evalsvc.execution import cache
-from evalsvc.execution.outbound import Outbound, call_guard
+from evalsvc.execution.fairness import RoundRobin
+from evalsvc.execution.outbound import Outbound, call_guard, endpoint_wait
 from evalsvc.execution.recorder import ClaimedJob, FinishedJob, RunGraders, fail_early, record
+from evalsvc.execution.slots import Hold, Slots
 from evalsvc.execution.targets import PriceTable, Target, TargetError, answers_locally, build_target
 from evalsvc.graders import CompiledGrader, Grade, compile_grader, grader_name, target_error_grade
 from evalsvc.graders.judge import JudgeDefaults, LlmJudgeGrader
 from evalsvc.graders.pool import GradingPool, may_offload, offloads
+from evalsvc.liveness import Progress, Watched, supervise
 from evalsvc.metrics import Metrics
 from evalsvc.secrets.refs import run_secret_refs
 from evalsvc.secrets.service import SecretService
@@ -50,6 +66,9 @@ log = logging.getLogger(__name__)
 MAX_LOAD_ATTEMPTS = 3
 # Longest stretch of local jobs executed before the claim loop lets the event loop serve others.
 INLINE_SLICE_S = 0.002
+# How many cancelled runs the executor remembers (see Executor.cancel_run). A claim is turned into
+# tasks within one turn of the claim loop, long before this many further cancels can arrive.
+REMEMBERED_CANCELS = 10_000
 
 
 @dataclass
@@ -119,11 +138,16 @@ class Executor:
         self._bus = bus
         self._settings = settings
         self._metrics = metrics or Metrics()
-        self._metrics.jobs_running.set_function(self.in_flight)
+        self._metrics.jobs_running.set_function(self._busy)
+        self._metrics.jobs_held_up.set_function(lambda: sum(self._held_up_jobs.values()))
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._cache = cache.ResponseCache(db)
         self._plans: dict[str, asyncio.Task[RunPlan]] = {}
-        self._in_flight: dict[str, set[asyncio.Task[bool]]] = defaultdict(set)
+        self._in_flight: dict[str, set[asyncio.Task[None]]] = defaultdict(set)
+        self._workers = Slots(settings.workers)
+        self._held_up_jobs: dict[str, int] = {}  # run id -> its jobs waiting on their endpoint or a grading process
+        self._round_robin = RoundRobin()
+        self._cancelled: dict[str, None] = {}  # runs cancelled through this process, oldest first
         self._open_claims: dict[str, int] = {}
         self._finished: list[FinishedJob] = []
         self._work_available = asyncio.Event()
@@ -133,21 +157,53 @@ class Executor:
         self._stopping = False
         self._stop_requested = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
+        self._progress = {name: Progress() for name in ("claim", "record", "leases")}
 
     async def start(self) -> None:
         """Reclaim leases a crashed predecessor left (SQLite has one server) and start the loops."""
         self._stopping = False
+        self._stop_requested.clear()
         if self._db.is_sqlite:
             async with self._db.write() as conn:
                 released = await job_store.release_all(conn)
             if released:
                 log.info("requeued %d jobs leased before the last shutdown", released)
+        for progress in self._progress.values():
+            progress.beat()
         self._loops = [
-            asyncio.create_task(self._guard(self._claim_loop), name="executor-claim"),
-            asyncio.create_task(self._guard(self._record_loop), name="executor-record"),
-            asyncio.create_task(self._guard(self._keep_leases), name="executor-leases"),
+            asyncio.create_task(self._supervised("claim", self._claim_loop), name="executor-claim"),
+            asyncio.create_task(self._supervised("record", self._record_loop), name="executor-record"),
+            asyncio.create_task(self._supervised("leases", self._keep_leases), name="executor-leases"),
         ]
         self.wake()
+
+    async def _supervised(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        await supervise(name, loop, self._stop_requested, self._metrics)
+
+    def watched_loops(self) -> list[Watched]:
+        """The loops the watchdog checks, each with what counts as work waiting for it."""
+        lease_interval = self._settings.lease_ttl_s / 3
+        stall_s = self._settings.stall_s
+        return [
+            Watched(
+                "claim", self._progress["claim"], self._jobs_claimable, max(stall_s, 2 * self._settings.poll_interval_s)
+            ),
+            Watched("record", self._progress["record"], self._jobs_to_record, stall_s),
+            Watched("leases", self._progress["leases"], self._leases_to_keep, max(stall_s, 2 * lease_interval)),
+        ]
+
+    async def _jobs_claimable(self) -> bool:
+        """Whether any active run has a job that could be claimed now (and this process has room)."""
+        if self._busy() >= self._settings.workers:
+            return False
+        async with self._db.read() as conn:
+            return bool(await run_store.claimable_runs(conn, time.time()))
+
+    async def _jobs_to_record(self) -> bool:
+        return bool(self._finished)
+
+    async def _leases_to_keep(self) -> bool:
+        return bool(self._open_claims)
 
     def wake(self) -> None:
         """New jobs exist: look for them now instead of at the next poll."""
@@ -157,8 +213,19 @@ class Executor:
         """Jobs being executed by this process."""
         return sum(len(tasks) for tasks in self._in_flight.values())
 
+    def _busy(self) -> int:
+        """Jobs that hold (or are about to take) a worker slot: in flight, less those held up."""
+        return self.in_flight() - sum(self._held_up_jobs.values())
+
     def cancel_run(self, run_id: str) -> None:
-        """Stop this process's work on a cancelled run at once."""
+        """Stop this process's work on a cancelled run at once.
+
+        Its tasks are cancelled, and the run is remembered: a claim that committed just before the
+        cancel may not have started its jobs yet, and they must not start now (the fence would keep
+        their results out, but a call to a hung endpoint would hold its slots until it timed out)."""
+        self._cancelled[run_id] = None
+        while len(self._cancelled) > REMEMBERED_CANCELS:
+            del self._cancelled[next(iter(self._cancelled))]
         for task in list(self._in_flight.get(run_id, ())):
             task.cancel()
         self._forget(run_id)
@@ -187,24 +254,16 @@ class Executor:
             await job_store.release(conn, list(self._open_claims))
         self._open_claims.clear()
 
-    async def _guard(self, loop: Callable[[], Awaitable[None]]) -> None:
-        """Keep a loop alive across unexpected errors (a database hiccup must not stop execution)."""
-        while not self._stopping:
-            try:
-                await loop()
-                return
-            except Exception:
-                log.exception("executor loop %s failed; restarting in 1 s", loop.__name__)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop_requested.wait(), 1.0)
-
     async def _claim_loop(self) -> None:
         local_queue = False  # whether the last claim held only local jobs (see RunPlan.local)
+        progress = self._progress["claim"]
         while not self._stopping:
-            room = self._settings.workers - self.in_flight()
+            progress.beat()
+            room = self._settings.workers - self._busy()
             if room <= 0:
                 self._slot_free.clear()
-                await self._slot_free.wait()
+                with contextlib.suppress(TimeoutError):  # a turn per poll interval: the watchdog sees a live loop
+                    await asyncio.wait_for(self._slot_free.wait(), self._settings.poll_interval_s)
                 continue
             # `--workers` bounds jobs that wait on a model. Local jobs finish as soon as they start,
             # so while the queue holds those, claim whole batches: one claim and one recording per
@@ -224,15 +283,18 @@ class Executor:
                 await self._execute_inline(jobs)
                 # Local jobs outpace the recorder: wait until it has taken this claim's outputs, so
                 # one claim executes while the previous one is recorded and memory stays bounded.
+                # Waiting for the recorder is a turn of this loop (the watchdog watches the recorder).
                 while len(self._finished) > 0 and not self._stopping:
                     self._recorded.clear()
-                    await self._recorded.wait()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._recorded.wait(), self._settings.poll_interval_s)
+                    progress.beat()
                 continue
             for job in jobs:
-                task = asyncio.create_task(self._execute(job))
+                task = asyncio.create_task(self._run_job(job))
                 self._in_flight[job.run_id].add(task)
                 task.add_done_callback(
-                    cast("Callable[[asyncio.Task[bool]], object]", lambda t, job=job: self._task_done(job, t))
+                    cast("Callable[[asyncio.Task[None]], object]", lambda t, job=job: self._task_done(job, t))
                 )
 
     async def _all_local(self, jobs: list[ClaimedJob]) -> bool:
@@ -257,15 +319,19 @@ class Executor:
                 yielded = time.perf_counter()
 
     async def _claim(self, limit: int) -> list[ClaimedJob]:
+        """Lease up to `limit` jobs, shared fairly among the runs that have claimable jobs, leaving out
+        runs whose jobs already queue for an endpoint here (they have all the work they can use)."""
         claim_id = uuid.uuid4().hex
         now = time.time()
         started = []
         async with self._db.write() as conn:
+            runs = await run_store.claimable_runs(conn, now)
+            quotas = self._round_robin.shares([r for r in runs if r[1] not in self._held_up_jobs], limit)
             rows = await job_store.claim(
                 conn,
                 owner=self.owner,
                 claim_id=claim_id,
-                limit=limit,
+                quotas=quotas,
                 now=now,
                 lease_ttl_s=self._settings.lease_ttl_s,
             )
@@ -287,14 +353,46 @@ class Executor:
             self._open_claims[claim_id] = len(rows)
         return [ClaimedJob(claim_id=claim_id, **row) for row in rows]
 
-    def _task_done(self, job: ClaimedJob, task: asyncio.Task[bool]) -> None:
+    async def _run_job(self, job: ClaimedJob) -> None:
+        """One job's task. However it ends - recorded, failed, cancelled - its worker slot is given back,
+        and unless the job was queued for the recorder (which then owns it) so is its share of the claim,
+        so the keeper stops renewing a lease nobody works under."""
+        worker = Hold(self._workers)
+        queued = False
+        try:
+            await worker.take()
+            held_up = functools.partial(self._held_up, job.run_id, worker)
+            endpoint_wait.set(held_up)
+            queued = await self._execute(job, held_up)
+        finally:
+            worker.give_back()
+            if not queued:
+                self._release_claim_slot(job.claim_id)
+
+    @contextlib.asynccontextmanager
+    async def _held_up(self, run_id: str, worker: Hold) -> AsyncIterator[None]:
+        """While a job is held up by a shared resource - its endpoint (it queues for a slot, or backs off
+        before a retry) or a grading process (it waits for one, or one grades its output) - it holds no
+        worker slot, and its run is left out of claims."""
+        self._held_up_jobs[run_id] = self._held_up_jobs.get(run_id, 0) + 1
+        worker.give_back()
+        self._slot_free.set()
+        try:
+            yield
+        finally:
+            remaining = self._held_up_jobs.pop(run_id) - 1
+            if remaining:
+                self._held_up_jobs[run_id] = remaining
+        await worker.take()  # only once the wait is over: a cancelled wait takes nothing back
+
+    def _task_done(self, job: ClaimedJob, task: asyncio.Task[None]) -> None:
         tasks = self._in_flight.get(job.run_id)
         if tasks is not None:
             tasks.discard(task)
             if not tasks:
                 del self._in_flight[job.run_id]
-        if task.cancelled() or not task.result():
-            self._release_claim_slot(job.claim_id)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("job %d of run %s failed", job.id, job.run_id, exc_info=task.exception())
         self._slot_free.set()
 
     def _release_claim_slot(self, claim_id: str) -> None:
@@ -305,8 +403,11 @@ class Executor:
         else:
             self._open_claims.pop(claim_id, None)
 
-    async def _execute(self, job: ClaimedJob) -> bool:
-        """Run the target and graders for a job; True when it was queued for recording."""
+    async def _execute(
+        self, job: ClaimedJob, held_up: Callable[[], AbstractAsyncContextManager[None]] = contextlib.nullcontext
+    ) -> bool:
+        """Run the target and graders for a job; True when it was queued for recording. `held_up` is
+        how the job waits for a grading process (see `_held_up`)."""
         try:
             plan = await self._plan(job.run_id)
         except Exception as exc:
@@ -314,6 +415,8 @@ class Executor:
                 log.exception("cannot load run %s; its job %d is retried when its lease expires", job.run_id, job.id)
             else:
                 await self._fail_unexecutable(job, exc)
+            return False
+        if job.run_id in self._cancelled:  # claimed just before its run was cancelled
             return False
         item = plan.items[job.item_idx]
         call_guard.set(lambda: self._check_budget(job, plan))
@@ -326,7 +429,8 @@ class Executor:
                 if isinstance(g, LlmJudgeGrader):
                     grade = await self._judge_verdict(job, plan, g, item, output, use)
                 elif offloads(g, item, output):  # big output: off the event loop, under a time limit
-                    grade = await self._grading.grade(plan.tenant, g, item, output)
+                    async with held_up():
+                        grade = await self._grading.grade(plan.tenant, g, item, output)
                 else:
                     grade = g.grade(item, output)
                 self._metrics.graded(g, time.perf_counter() - started)
@@ -516,12 +620,15 @@ class Executor:
         return compile_grader(spec)
 
     def _forget(self, run_id: str) -> None:
-        task = self._plans.pop(run_id, None)
-        if task is not None and not task.done():
-            task.cancel()
+        """Drop a run's plan. A load still in progress is left to finish, never cancelled: other callers
+        may be awaiting it (through `asyncio.shield`), and a cancelled shared load raised
+        `CancelledError` in each of them - in the claim loop too."""
+        self._plans.pop(run_id, None)
 
     async def _record_loop(self) -> None:
+        progress = self._progress["record"]
         while True:
+            progress.beat()
             if not self._finished:
                 if self._over_budget:
                     await self._end_over_budget_runs()
@@ -535,15 +642,19 @@ class Executor:
             batch, self._finished = self._finished[:batch_jobs], self._finished[batch_jobs:]
             self._recorded.set()
             views = {}
-            for f in batch:
-                if f.job.run_id not in views:
-                    views[f.job.run_id] = (await self._plan(f.job.run_id)).recorder_view
-            events, finished_runs = await record(
-                self._db, batch, views, cache_max_entries=self._settings.cache_max_entries
-            )
+            try:
+                for f in batch:
+                    if f.job.run_id not in views:
+                        views[f.job.run_id] = (await self._plan(f.job.run_id)).recorder_view
+                events, finished_runs = await record(
+                    self._db, batch, views, cache_max_entries=self._settings.cache_max_entries
+                )
+            finally:
+                # Recorded or not, the batch's leases are no longer renewed: jobs of a batch that could
+                # not be recorded run again when their leases expire, instead of staying leased forever.
+                for f in batch:
+                    self._release_claim_slot(f.job.claim_id)
             self._metrics.evaluations_recorded(events)
-            for f in batch:
-                self._release_claim_slot(f.job.claim_id)
             for run_id, run_events in events.items():
                 self._bus.publish(run_id, run_events)
             await self._end_over_budget_runs()
@@ -565,7 +676,9 @@ class Executor:
 
     async def _keep_leases(self) -> None:
         interval = self._settings.lease_ttl_s / 3
+        progress = self._progress["leases"]
         while not self._stopping:
+            progress.beat()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_requested.wait(), interval)
             if self._open_claims and not self._stopping:

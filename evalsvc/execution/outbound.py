@@ -8,17 +8,20 @@ Every target and judge call goes through `Outbound.post_json`, so the rules hold
   reach its own network (SSRF);
 - 408/429/5xx and connection errors are retried with exponential backoff and full jitter, honouring
   Retry-After; each endpoint has an adaptive concurrency limit that halves on 429 and grows by one
-  on each success (AIMD), so a rate-limited endpoint is not hammered.
+  on each success (AIMD), so a rate-limited endpoint is not hammered. A call's slot under that limit
+  is a context manager: a cancelled call gives it back like any other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import random
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +30,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from evalsvc.config import Settings
+from evalsvc.execution.slots import Slots
 from evalsvc.v1 import target_pb2
 
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
@@ -34,6 +38,13 @@ RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 # Set by the executor for each job: called when a call is about to start (after waiting for an
 # endpoint slot), it raises to stop the call - how a spent budget stops new model calls at once.
 call_guard: ContextVar[Callable[[], None] | None] = ContextVar("evalsvc_call_guard", default=None)
+# Set by the executor for each job: how a call waits when its endpoint makes it wait - all the
+# endpoint's slots are taken, or a retry backs off (Retry-After). The job gives its worker slot back
+# meanwhile, so jobs held up by a slow, hung or throttling endpoint never hold the workers other runs
+# need (a worker slot bounds calls in progress, not calls waiting for their turn).
+endpoint_wait: ContextVar[Callable[[], AbstractAsyncContextManager[None]] | None] = ContextVar(
+    "evalsvc_endpoint_wait", default=None
+)
 SECRET_HEADER = "secret:"
 
 
@@ -126,33 +137,69 @@ async def check_destination(url: str, allow: AllowList) -> None:
             )
 
 
-@dataclass
 class AdaptiveLimit:
     """AIMD concurrency limit of one endpoint: halve on 429, grow by one on success."""
 
-    limit: float = 8.0
-    minimum: float = 1.0
-    maximum: float = 256.0
-    in_flight: int = 0
+    def __init__(self, limit: float = 8.0, minimum: float = 1.0, maximum: float = 256.0) -> None:
+        self.limit = limit
+        self.minimum = minimum
+        self.maximum = maximum
+        self.slots = Slots(int(limit))
 
-    def __post_init__(self) -> None:
-        self._changed = asyncio.Condition()
+    @property
+    def in_flight(self) -> int:
+        """Calls holding a slot now."""
+        return self.slots.held
 
     async def acquire(self) -> None:
         """Wait for a slot under the current limit."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.in_flight < int(self.limit))
-            self.in_flight += 1
+        await self.slots.acquire()
 
-    async def release(self, *, throttled: bool) -> None:
+    def release(self, *, throttled: bool) -> None:
         """Give the slot back and adapt the limit."""
-        async with self._changed:
-            self.in_flight -= 1
-            if throttled:
-                self.limit = max(self.minimum, self.limit / 2)
-            else:
-                self.limit = min(self.maximum, self.limit + 1 / max(self.limit, 1.0))
-            self._changed.notify_all()
+        if throttled:
+            self.limit = max(self.minimum, self.limit / 2)
+        else:
+            self.limit = min(self.maximum, self.limit + 1 / max(self.limit, 1.0))
+        self.slots.release()
+        self.slots.set_capacity(int(self.limit))
+
+
+@dataclass
+class _Call:
+    """What the end of a call tells its endpoint's limit."""
+
+    throttled: bool = False
+
+
+def _held_up() -> AbstractAsyncContextManager[None]:
+    """How this call waits while its endpoint holds it up (see `endpoint_wait`)."""
+    wait = endpoint_wait.get()
+    return wait() if wait is not None else contextlib.nullcontext()
+
+
+@contextlib.asynccontextmanager
+async def _endpoint_slot(limit: AdaptiveLimit) -> AsyncIterator[_Call]:
+    """One call's slot under its endpoint's limit, given back (and the limit adapted) however the call
+    ends: cancelled, failed or answered. A call that must queue for the slot waits the way its
+    caller asked (`endpoint_wait`)."""
+    if limit.slots.available():
+        await limit.acquire()
+    else:
+        acquired = False
+        try:
+            async with _held_up():
+                await limit.acquire()
+                acquired = True
+        except BaseException:
+            if acquired:  # cancelled while the caller took its own resources back
+                limit.release(throttled=False)
+            raise
+    call = _Call()
+    try:
+        yield call
+    finally:
+        limit.release(throttled=call.throttled)
 
 
 @dataclass(frozen=True)
@@ -189,41 +236,34 @@ class Outbound:
         attempt = 0
         while True:
             attempt += 1
-            await limit.acquire()
-            guard = call_guard.get()
-            if guard is not None:
-                try:
+            async with _endpoint_slot(limit) as call:
+                guard = call_guard.get()
+                if guard is not None:
                     guard()
-                except BaseException:
-                    await limit.release(throttled=False)
-                    raise
-            throttled = False
-            started = time.perf_counter()
-            try:
-                response = await self._client.post(url, json=body, headers=dict(headers), timeout=timeout_s)
-                throttled = response.status_code == 429
-            except (httpx.TransportError, httpx.TimeoutException) as exc:
-                failure = f"{type(exc).__name__} calling {urlsplit(url).netloc}"
-                retry_after = None
-            else:
-                latency_ms = (time.perf_counter() - started) * 1000
-                if response.status_code < 300:
-                    try:
-                        return Reply(response.json(), latency_ms, attempt)
-                    except ValueError as exc:
-                        raise OutboundError(f"{urlsplit(url).netloc} answered with a body that is not JSON") from exc
-                    finally:
-                        await limit.release(throttled=False)
-                failure = f"HTTP {response.status_code} from {urlsplit(url).netloc}"
-                if response.status_code not in RETRYABLE_STATUS:
-                    await limit.release(throttled=False)
-                    raise OutboundError(failure)
-                retry_after = retry_after_s(response.headers.get("retry-after"))
-            await limit.release(throttled=throttled)
+                started = time.perf_counter()
+                try:
+                    response = await self._client.post(url, json=body, headers=dict(headers), timeout=timeout_s)
+                except (httpx.TransportError, httpx.TimeoutException) as exc:
+                    failure = f"{type(exc).__name__} calling {urlsplit(url).netloc}"
+                    retry_after = None
+                else:
+                    call.throttled = response.status_code == 429
+                    latency_ms = (time.perf_counter() - started) * 1000
+                    if response.status_code < 300:
+                        try:
+                            return Reply(response.json(), latency_ms, attempt)
+                        except ValueError as exc:
+                            not_json = f"{urlsplit(url).netloc} answered with a body that is not JSON"
+                            raise OutboundError(not_json) from exc
+                    failure = f"HTTP {response.status_code} from {urlsplit(url).netloc}"
+                    if response.status_code not in RETRYABLE_STATUS:
+                        raise OutboundError(failure)
+                    retry_after = retry_after_s(response.headers.get("retry-after"))
             if attempt > self._retries:
                 raise OutboundError(f"{failure} (gave up after {attempt} attempts)")
             backoff = random.uniform(0, self.base_backoff_s * 2 ** (attempt - 1))
-            await asyncio.sleep(max(backoff, retry_after or 0.0))
+            async with _held_up():
+                await asyncio.sleep(max(backoff, retry_after or 0.0))
 
     async def close(self) -> None:
         """Close pooled connections."""

@@ -87,8 +87,12 @@ def chat_url(endpoint: target_pb2.Endpoint) -> str:
 
 
 def chat_messages(system_prompt: str, item: item_pb2.Item) -> list[dict[str, str]]:
-    """System prompt, then the item's conversation, then its input as the user's turn."""
+    """System prompt, then the item's context as a second system message (so a model sees what the
+    dataset says it may use, e.g. retrieved passages or Agno's `additional_context`), then the item's
+    conversation, then its input as the user's turn."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    if item.context:
+        messages.append({"role": "system", "content": f"Context:\n{item.context}"})
     messages.extend({"role": m.role or "user", "content": m.content} for m in item.conversation)
     if item.input:
         messages.append({"role": "user", "content": item.input})

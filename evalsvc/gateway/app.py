@@ -27,7 +27,8 @@ from grpc_status import rpc_status
 
 from evalsvc.api.status import to_status
 from evalsvc.errors import ServiceError
-from evalsvc.gateway import dialects, openapi
+from evalsvc.gateway import dialects, openapi, ui
+from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.routes import Route, routes
 from evalsvc.gateway.upstream import HTTP_STATUS, GatewayError, StreamSlot, Upstream, with_retry_after
 
@@ -160,11 +161,15 @@ async def build_request(request: Request, route: Route) -> Message:
 
 
 def create_app(
-    channel_factory: Callable[[int], grpc.aio.Channel], dialect_spec: str = "all", *, streams_per_channel: int = 500
+    channel_factory: Callable[[int], grpc.aio.Channel],
+    dialect_spec: str = "all",
+    dialect_options: DialectOptions | None = None,
+    *,
+    streams_per_channel: int = 500,
 ) -> FastAPI:
     """The gateway app, calling the service over channels made by `channel_factory` (given each one's
     index in the pool; see `Upstream`), with the vendor dialects `dialect_spec` names (see
-    `dialects.mounts`) beside the native routes."""
+    `dialects.mounts`) beside the native routes, each given `dialect_options`."""
     upstream = Upstream(channel_factory, streams_per_channel)
 
     @asynccontextmanager
@@ -180,6 +185,9 @@ def create_app(
         version="v1",
         description="The evalsvc API as proto3 JSON over HTTP (a translator in front of the gRPC service).",
         lifespan=lifespan,
+        # Swagger UI and ReDoc would load their scripts from a CDN: off (the document is /openapi.json).
+        docs_url=None,
+        redoc_url=None,
     )
 
     def unary_endpoint(route: Route) -> Callable[[Request], Any]:
@@ -248,7 +256,10 @@ def create_app(
             openapi_extra=openapi.operation(route, schemas),
         )
     for dialect, prefix in dialects.mounts(dialect_spec):
-        app.include_router(dialect.router(upstream), prefix=prefix, tags=[dialect.title])
+        app.include_router(
+            dialect.router(upstream, dialect_options or DialectOptions()), prefix=prefix, tags=[dialect.title]
+        )
+    app.include_router(ui.router())
     app.openapi = openapi.with_components(app.openapi, schemas)  # type: ignore[method-assign]
     return app
 

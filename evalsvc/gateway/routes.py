@@ -11,6 +11,7 @@ from google.api import annotations_pb2
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from evalsvc.v1 import (
+    dataset_generation_pb2,
     dataset_service_pb2,
     eval_run_service_pb2,
     grader_service_pb2,
@@ -22,6 +23,7 @@ from evalsvc.v1 import (
 SERVICES: tuple[ServiceDescriptor, ...] = (
     eval_run_service_pb2.DESCRIPTOR.services_by_name["EvalRunService"],
     dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"],
+    dataset_generation_pb2.DESCRIPTOR.services_by_name["DatasetGenerationService"],
     grader_service_pb2.DESCRIPTOR.services_by_name["GraderService"],
     target_service_pb2.DESCRIPTOR.services_by_name["TargetService"],
     secret_service_pb2.DESCRIPTOR.services_by_name["SecretService"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from evalsvc.config import Settings
 from evalsvc.gateway.app import create_app
+from evalsvc.gateway.dialects.base import DialectOptions
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +117,12 @@ class Gateway:
         settings: Settings | None = None,
     ) -> None:
         settings = settings or Settings()
+        dialect_options = DialectOptions(sync_wait_s=settings.dialect_sync_wait_s)
         host, _, port = http_addr.rpartition(":")
         app = create_app(
             lambda index: channel_to(grpc_target, root_certificates=root_certificates, index=index),
             dialects,
+            dialect_options,
             streams_per_channel=settings.gateway_streams_per_channel,
         )
         config = uvicorn.Config(
@@ -134,8 +138,16 @@ class Gateway:
         self.port = 0
 
     async def start(self) -> int:
-        """Listen; returns the bound port (useful with port 0)."""
-        self._task = asyncio.create_task(self._server.serve())
+        """Listen; returns the bound port (useful with port 0). OSError when the address cannot be bound."""
+        config = self._server.config
+        try:
+            # Bound here rather than by uvicorn, which answers a taken port with sys.exit inside its task.
+            listener = socket.create_server(
+                (config.host, config.port), family=socket.AF_INET6 if ":" in config.host else socket.AF_INET
+            )
+        except OSError as exc:
+            raise OSError(f"cannot listen on {config.host}:{config.port} (HTTP gateway): {exc.strerror}") from exc
+        self._task = asyncio.create_task(self._server.serve(sockets=[listener]))
         while not self._server.started:
             if self._task.done():
                 self._task.result()  # raises why it could not start

@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 from starlette.responses import Response
 
 from evalsvc.v1 import (
+    dataset_generation_pb2_grpc,
     dataset_service_pb2_grpc,
     eval_run_service_pb2,
     eval_run_service_pb2_grpc,
@@ -134,6 +135,7 @@ class _Channel:
         self.streams = 0
         self.runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
         self.datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
+        self.generations = dataset_generation_pb2_grpc.DatasetGenerationServiceStub(channel)
         self.graders = grader_service_pb2_grpc.GraderServiceStub(channel)
         self.targets = target_service_pb2_grpc.TargetServiceStub(channel)
 
@@ -192,6 +194,10 @@ class Upstream:
     @property
     def datasets(self) -> dataset_service_pb2_grpc.DatasetServiceStub:
         return self._least_loaded().datasets
+
+    @property
+    def generations(self) -> dataset_generation_pb2_grpc.DatasetGenerationServiceStub:
+        return self._least_loaded().generations
 
     @property
     def graders(self) -> grader_service_pb2_grpc.GraderServiceStub:

@@ -20,7 +20,14 @@ from typing import Any
 
 from evalsvc.errors import FieldViolation
 from evalsvc.execution.cache import definition, digest
-from evalsvc.execution.outbound import Outbound, OutboundError, check_url_shape, endpoint_headers, secret_refs
+from evalsvc.execution.outbound import (
+    Outbound,
+    OutboundError,
+    check_destination,
+    check_url_shape,
+    endpoint_headers,
+    secret_refs,
+)
 from evalsvc.execution.targets import PriceTable, chat_url
 from evalsvc.graders.builtin import Grade
 from evalsvc.storable import storable_json
@@ -43,6 +50,13 @@ class JudgeDefaults:
     def configured(self) -> bool:
         """Whether a default judge exists."""
         return bool(self.base_url and self.model)
+
+    def headers(self) -> dict[str, str]:
+        """Request headers of a call to this model (its key, when it has one)."""
+        headers = {"content-type": "application/json"}
+        if self.api_key:
+            headers["authorization"] = f"Bearer {self.api_key}"
+        return headers
 
 
 def needs_default_judge(spec: grader_pb2.LlmJudge) -> bool:
@@ -83,7 +97,12 @@ def judge_secret_refs(grader: grader_pb2.Grader, path: str) -> list[tuple[str, s
 def _prompt(spec: grader_pb2.LlmJudge, item: item_pb2.Item, output: item_pb2.Response) -> tuple[str, str]:
     """(system, user) messages asking for the mode's JSON verdict."""
     guidelines = f"\nAdditional guidelines: {spec.additional_guidelines}" if spec.additional_guidelines else ""
-    shown = f"Input:\n{item.input}\n\nResponse{' (the model refused)' if output.refused else ''}:\n{output.content}"
+    images = f"\n({len(output.image_urls)} image(s) of the response attached)" if output.image_urls else ""
+    shown = (
+        f"Input:\n{item.input}\n\nResponse{' (the model refused)' if output.refused else ''}:\n{output.content}{images}"
+    )
+    if item.context:  # what the response was allowed to draw on; the judge weighs it too
+        shown = f"Context:\n{item.context}\n\n{shown}"
     if spec.mode == Judge.MODE_ACCURACY:
         ask = (
             "Rate how well the response matches the expected output, from 1 (wrong) to 10 (fully correct). "
@@ -187,6 +206,17 @@ class LlmJudgeGrader:
             headers["authorization"] = f"Bearer {self._default_key}"
         return headers
 
+    async def _with_images(self, text: str, output: item_pb2.Response) -> str | list[dict[str, Any]]:
+        """The user message's content: the text, and the output's images as OpenAI image_url parts.
+        The judge's model fetches them, so each URL must pass the SSRF rule as an endpoint would
+        (OutboundError when one does not)."""
+        if not output.image_urls:
+            return text
+        for url in output.image_urls:
+            await check_destination(url, self._outbound.allow)
+        images = [{"type": "image_url", "image_url": {"url": url}} for url in output.image_urls]
+        return [{"type": "text", "text": text}, *images]
+
     def cache_key(self, tenant: str, item: item_pb2.Item, output: item_pb2.Response) -> str:
         """The response cache key of this judge's verdict on an output (evalsvc/execution/cache.py)."""
         rubric = Judge()
@@ -202,15 +232,21 @@ class LlmJudgeGrader:
                 "model": self._model,
                 "rubric": definition(rubric),
                 "prompt": [system, user],
+                # the images the judge is shown change its verdict; absent, the key is as before
+                **({"images": list(output.image_urls)} if output.image_urls else {}),
             }
         )
 
     async def grade_async(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         """Ask the judge; retry an unusable verdict; ERROR (never FAIL) when none comes."""
         system, user = _prompt(self._spec, item, output)
+        try:
+            shown = await self._with_images(user, output)
+        except OutboundError as exc:
+            return Grade(ERROR, 0.0, 0.0, "the judge cannot be shown the response's images", exc.reason)
         body = {
             "model": self._model,
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": shown}],
             "response_format": {"type": "json_object"},
             "temperature": 0,
         }

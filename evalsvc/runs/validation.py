@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from evalsvc.errors import FieldViolation
+from evalsvc.execution.outbound import check_url_shape
 from evalsvc.graders import grader_name, validate_grader
 from evalsvc.v1 import cache_pb2, item_pb2, run_pb2
 from evalsvc.v1 import eval_run_service_pb2 as pb
@@ -18,6 +19,7 @@ MAX_REQUEST_ID = 128
 MAX_DISPLAY_NAME = 256
 MAX_DESCRIPTION = 1024
 MAX_ITEM_ID = 128
+MAX_IMAGES = 16  # image URLs of one recorded response
 MAX_GRADERS = 1024  # result ids are job_id * 1024 + grader index
 MAX_REPETITIONS = 100
 MAX_WARMUP_RUNS = 10
@@ -67,6 +69,18 @@ def check_items(
         seen.add(item.id)
         if item.HasField("response"):
             check_measurements(item.response, f"{field}[{i}].response", out)
+            check_images(item.response, f"{field}[{i}].response", out)
+
+
+def check_images(response: item_pb2.Response, field: str, out: list[FieldViolation]) -> None:
+    """A response's images are a few http(s) URLs (where they may be fetched from is checked when a
+    judge is about to be shown them: the SSRF rule needs the address they resolve to then)."""
+    if len(response.image_urls) > MAX_IMAGES:
+        out.append(FieldViolation(f"{field}.image_urls", f"at most {MAX_IMAGES} images"))
+        return
+    for i, url in enumerate(response.image_urls):
+        if problem := check_url_shape(url):
+            out.append(FieldViolation(f"{field}.image_urls[{i}]", problem))
 
 
 def check_measurements(response: item_pb2.Response, field: str, out: list[FieldViolation]) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from evalsvc.store.models import DatasetItemRow, DatasetRow
+from evalsvc.store.models import DatasetGenerationRow, DatasetItemRow, DatasetRow
 
 DATASETS = DatasetRow.__table__  # type: ignore[attr-defined]
 ITEMS = DatasetItemRow.__table__  # type: ignore[attr-defined]
@@ -92,9 +92,105 @@ async def items_page(conn: AsyncConnection, dataset_id: str, *, after_idx: int, 
     return [(idx, item) for idx, item in rows]
 
 
+async def items_by_id(conn: AsyncConnection, dataset_id: str, item_ids: Sequence[str]) -> dict[str, bytes]:
+    """These items of a dataset that exist, serialized, by id."""
+    found: dict[str, bytes] = {}
+    for start in range(0, len(item_ids), 500):
+        rows = await conn.execute(
+            select(ITEMS.c.item_id, ITEMS.c.item).where(
+                ITEMS.c.dataset_id == dataset_id, ITEMS.c.item_id.in_(item_ids[start : start + 500])
+            )
+        )
+        found.update((item_id, item) for item_id, item in rows)
+    return found
+
+
 async def all_items(conn: AsyncConnection, dataset_id: str) -> list[tuple[str, bytes]]:
     """Every (item id, serialized item) of a dataset, in insertion order."""
     rows = await conn.execute(
         select(ITEMS.c.item_id, ITEMS.c.item).where(ITEMS.c.dataset_id == dataset_id).order_by(ITEMS.c.idx)
     )
     return [(item_id, item) for item_id, item in rows]
+
+
+GENERATIONS = DatasetGenerationRow.__table__  # type: ignore[attr-defined]
+
+
+async def insert_generation(conn: AsyncConnection, row: dict[str, Any]) -> None:
+    """Store a new generation."""
+    await conn.execute(insert(GENERATIONS).values(**row))
+
+
+async def generations_of(conn: AsyncConnection, dataset_ids: Sequence[str]) -> dict[str, Mapping[str, Any]]:
+    """The generations of these datasets, by dataset id (datasets without one are absent)."""
+    if not dataset_ids:
+        return {}
+    rows = await conn.execute(select(GENERATIONS).where(GENERATIONS.c.dataset_id.in_(list(dataset_ids))))
+    return {row["dataset_id"]: row for row in rows.mappings()}
+
+
+def _claimable(states: tuple[int, int], now: float) -> Any:
+    pending, running = states
+    return or_(
+        GENERATIONS.c.state == pending,
+        (GENERATIONS.c.state == running) & (GENERATIONS.c.lease_expiry < now),
+    )
+
+
+async def claimable_generations(
+    conn: AsyncConnection, states: tuple[int, int], now: float, limit: int
+) -> list[Mapping[str, Any]]:
+    """Generations waiting for a worker (pending, or running under an expired lease), oldest first."""
+    rows = await conn.execute(
+        select(GENERATIONS.c.dataset_id, GENERATIONS.c.tenant)
+        .where(_claimable(states, now))
+        .order_by(GENERATIONS.c.create_time)
+        .limit(limit)
+    )
+    return list(rows.mappings())
+
+
+async def claim_generation(
+    conn: AsyncConnection, dataset_id: str, states: tuple[int, int], claim_id: str, now: float, expiry: float
+) -> Mapping[str, Any] | None:
+    """Lease one generation if it is still claimable; the claimed row, or None when another took it."""
+    claimed = await conn.execute(
+        update(GENERATIONS)
+        .where(GENERATIONS.c.dataset_id == dataset_id, _claimable(states, now))
+        .values(state=states[1], claim_id=claim_id, lease_expiry=expiry, update_time=now)
+        .returning(*GENERATIONS.c)
+    )
+    return cast("Mapping[str, Any] | None", claimed.mappings().first())
+
+
+async def extend_generations(conn: AsyncConnection, claim_ids: Sequence[str], expiry: float) -> None:
+    """Keep the leases of generations still being worked on."""
+    if claim_ids:
+        await conn.execute(
+            update(GENERATIONS).where(GENERATIONS.c.claim_id.in_(list(claim_ids))).values(lease_expiry=expiry)
+        )
+
+
+async def held_generation(conn: AsyncConnection, dataset_id: str, claim_id: str) -> Mapping[str, Any] | None:
+    """The generation while this claim still holds it (locked until the transaction ends), else None."""
+    found = await conn.execute(
+        select(GENERATIONS)
+        .where(GENERATIONS.c.dataset_id == dataset_id, GENERATIONS.c.claim_id == claim_id)
+        .with_for_update()
+    )
+    return cast("Mapping[str, Any] | None", found.mappings().first())
+
+
+async def update_generation(conn: AsyncConnection, dataset_id: str, **values: Any) -> None:
+    """Record a generation's progress or outcome."""
+    await conn.execute(update(GENERATIONS).where(GENERATIONS.c.dataset_id == dataset_id).values(**values))
+
+
+async def release_generations(conn: AsyncConnection, running: int, pending: int) -> int:
+    """Hand every running generation back to the queue. Only where this process is the one server (SQLite)."""
+    released = await conn.execute(
+        update(GENERATIONS)
+        .where(GENERATIONS.c.state == running)
+        .values(state=pending, claim_id=None, lease_expiry=None)
+    )
+    return int(released.rowcount or 0)

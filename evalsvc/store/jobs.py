@@ -1,6 +1,7 @@
 """Job leases: claim, extend, complete (fenced) and release.
 
-A claim gives a batch of jobs one fresh `claim_id`. Completing a job only succeeds while the job is
+A claim gives a batch of jobs one fresh `claim_id`; how many jobs of each run it takes is the
+executor's choice (evalsvc.execution.fairness). Completing a job only succeeds while the job is
 still leased under that claim, so a worker that stalled past its lease (and was superseded) or whose
 run was cancelled records nothing: the completion is fenced.
 
@@ -37,36 +38,48 @@ def in_lock_order(conn: AsyncConnection, *conditions: ColumnElement[bool]) -> li
     return [JOBS.c.id.in_(locked.scalar_subquery())]
 
 
+def claimable(now: float) -> ColumnElement[bool]:
+    """A job any worker may lease now: queued, or leased under a lease that expired."""
+    return or_(JOBS.c.state == JOB_QUEUED, (JOBS.c.state == JOB_LEASED) & (JOBS.c.lease_expiry < now))
+
+
 async def claim(
-    conn: AsyncConnection, *, owner: str, claim_id: str, limit: int, now: float, lease_ttl_s: float
+    conn: AsyncConnection,
+    *,
+    owner: str,
+    claim_id: str,
+    quotas: Mapping[str, int],
+    now: float,
+    lease_ttl_s: float,
 ) -> list[Mapping[str, Any]]:
-    """Lease up to `limit` queued (or lease-expired) jobs, oldest first, in one statement."""
-    claimable = (
-        select(JOBS.c.id)
-        .where(
-            or_(
-                JOBS.c.state == JOB_QUEUED,
-                (JOBS.c.state == JOB_LEASED) & (JOBS.c.lease_expiry < now),
+    """Lease up to `quotas[run_id]` claimable jobs of each run, oldest first; jobs are returned by id.
+
+    One statement per run, each an index range of that run's jobs; on PostgreSQL a job another
+    transaction holds is skipped, not waited for."""
+    claimed: list[Mapping[str, Any]] = []
+    for run_id, quota in sorted(quotas.items()):
+        oldest = (
+            select(JOBS.c.id)
+            .where(JOBS.c.run_id == run_id, claimable(now))
+            .order_by(JOBS.c.id)
+            .limit(quota)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        leased = await conn.execute(
+            update(JOBS)
+            .where(JOBS.c.id.in_(oldest))
+            .values(
+                state=JOB_LEASED,
+                claim_id=claim_id,
+                lease_owner=owner,
+                lease_expiry=now + lease_ttl_s,
+                attempt=JOBS.c.attempt + 1,
             )
+            .returning(JOBS.c.id, JOBS.c.tenant, JOBS.c.run_id, JOBS.c.item_idx, JOBS.c.repetition, JOBS.c.attempt)
         )
-        .order_by(JOBS.c.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
-    claimed = await conn.execute(
-        update(JOBS)
-        .where(JOBS.c.id.in_(claimable))
-        .values(
-            state=JOB_LEASED,
-            claim_id=claim_id,
-            lease_owner=owner,
-            lease_expiry=now + lease_ttl_s,
-            attempt=JOBS.c.attempt + 1,
-        )
-        .returning(JOBS.c.id, JOBS.c.tenant, JOBS.c.run_id, JOBS.c.item_idx, JOBS.c.repetition, JOBS.c.attempt)
-    )
-    return sorted(cast("Iterable[Mapping[str, Any]]", claimed.mappings()), key=lambda job: job["id"])
+        claimed.extend(cast("Iterable[Mapping[str, Any]]", leased.mappings()))
+    return sorted(claimed, key=lambda job: job["id"])
 
 
 async def extend(conn: AsyncConnection, claim_ids: Sequence[str], expiry: float) -> None:

@@ -245,6 +245,26 @@ class DatasetItemRow(SQLModel, table=True):
     item: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
+class DatasetGenerationRow(SQLModel, table=True):
+    """Items the generator model is asked to write into a dataset; one per dataset, leased while a
+    process works on it so a restart (or another replica) resumes it."""
+
+    __tablename__ = "dataset_generations"
+    __table_args__ = (Index("ix_dataset_generations_state", "state", "create_time"),)
+
+    dataset_id: str = Field(primary_key=True, max_length=40)
+    tenant: str = Field(max_length=64)
+    state: int = 1  # DatasetGeneration.State
+    item_count: int = 0
+    generated_count: int = 0
+    instructions: str = ""
+    error: str = ""
+    claim_id: str | None = Field(default=None, max_length=40)
+    lease_expiry: float | None = None
+    create_time: float = 0.0
+    update_time: float = 0.0
+
+
 class ApiKeyRow(SQLModel, table=True):
     """An API key: its id and tenant in clear, only a hash of its secret."""
 

@@ -315,6 +315,16 @@ async def aggregate_inputs(conn: AsyncConnection, run_id: str) -> AggregateInput
     return AggregateInputs(grader_rows, latencies, cost, item_scores, memory, cached_outputs, saved)
 
 
+async def claimable_runs(conn: AsyncConnection, now: float) -> list[tuple[str, str]]:
+    """(tenant, run id) of every active run with a claimable job: a scan of the active runs
+    (`ix_runs_active`) with one index probe of its jobs each (`ix_jobs_run`), never of all jobs."""
+    has_claimable = select(JOBS.c.id).where(JOBS.c.run_id == RUNS.c.id, job_store.claimable(now)).exists()
+    rows = await conn.execute(
+        select(RUNS.c.tenant, RUNS.c.id).where(RUNS.c.status.in_(list(ACTIVE_STATUSES)), has_claimable)
+    )
+    return [(tenant, run_id) for tenant, run_id in rows]
+
+
 async def active_run_ids(conn: AsyncConnection) -> list[str]:
     """Runs that are neither finished nor cancelled, across tenants (for the executor's restart sweep)."""
     rows = await conn.execute(select(RUNS.c.id).where(RUNS.c.status.in_(list(ACTIVE_STATUSES))))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import random
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -146,20 +147,42 @@ def to_target(target: TargetLike) -> pb.Target:
     if isinstance(target, pb.Target):
         return target
     if isinstance(target, str):
-        if target not in ("provided", "echo"):
-            raise ValueError(f"unknown target kind {target!r}: expected 'provided' or 'echo'")
-        return json_format.ParseDict({target: {}}, pb.Target())
-    return json_format.ParseDict(dict(target), pb.Target())
+        return json_format.ParseDict({_target_kind_name(target): {}}, pb.Target())
+    from evalsvc_client.spec import parse_message  # the spec checker builds on this module
+
+    return parse_message(target, pb.Target, "target")
+
+
+def _target_kind_name(kind: str) -> str:
+    """A target kind that needs no settings (provided, echo), or a ValueError saying how to write the others."""
+    kinds = pb.Target.DESCRIPTOR.oneofs_by_name["kind"].fields
+    bare = [f.name for f in kinds if f.message_type is not None and not f.message_type.fields]
+    if kind in bare:
+        return kind
+    configured = [f.name for f in kinds if f.name not in bare]
+    if kind in configured:
+        raise ValueError(f"target kind {kind!r} needs settings: write it as {{{kind}: {{...}}}} (docs/spec.md)")
+    found = difflib.get_close_matches(kind, [f.name for f in kinds], n=1)
+    hint = f"did you mean {found[0]!r}? " if found else ""
+    raise ValueError(
+        f"unknown target kind {kind!r}: {hint}a target is {' or '.join(bare)} by name, or a mapping with one of"
+        f" {', '.join(configured)} ({{chat: {{endpoint: {{base_url: ...}}, model: ...}}}}; docs/spec.md)"
+    )
 
 
 def to_grader(grader: GraderLike) -> pb.Grader:
-    """A Grader from a message or a proto-JSON mapping ({"name": "exact", "exact_match": {}})."""
-    return grader if isinstance(grader, pb.Grader) else json_format.ParseDict(dict(grader), pb.Grader())
+    """A Grader from a message or a proto-JSON mapping ({"name": "exact", "exact_match": {}}), checked as specs are:
+    a ValueError names each unknown key with the closest valid one, and each bad enum value with the valid ones."""
+    from evalsvc_client.spec import parse_message
+
+    return grader if isinstance(grader, pb.Grader) else parse_message(grader, pb.Grader, "grader")
 
 
 def to_item(item: ItemLike) -> pb.Item:
-    """An Item from a message or a proto-JSON mapping ({"input": ..., "expected_output": ...})."""
-    return item if isinstance(item, pb.Item) else json_format.ParseDict(dict(item), pb.Item())
+    """An Item from a message or a proto-JSON mapping ({"input": ..., "expected_output": ...}), checked as specs are."""
+    from evalsvc_client.spec import parse_message
+
+    return item if isinstance(item, pb.Item) else parse_message(item, pb.Item, "item")
 
 
 def create_run_request(

@@ -1,9 +1,11 @@
 """evalctl: run evaluations and read them from a terminal or CI.
 
+    evalctl validate spec.yaml                                               check a spec, without a server
     evalctl run spec.yaml [--fail-under PCT] [--junit FILE] [--jsonl FILE] [--cache replay|...]   create, follow
     evalctl watch RUN_ID [--after-seq N]                                     follow a run to its end
     evalctl get RUN_ID | list [--status S] [--label k=v] | cancel RUN_ID
     evalctl results RUN_ID [--state passed|failed|error|skipped] [--format table|jsonl|junit] [-o FILE]
+    evalctl report RUN_ID --html FILE                                        one self-contained HTML report
     evalctl compare BASELINE CANDIDATE [--alpha A] [--fail-on-regression] [--show regressed|improved|...]
     evalctl webhooks create URL [--event TYPE ...] | list | get ID | update ID [--url U] [--event TYPE ...]
                      [--enable|--disable] | delete ID | rotate-secret ID [--revoke-previous]
@@ -12,9 +14,10 @@
 Global: --target HOST:PORT (EVALCTL_TARGET, default 127.0.0.1:50051), --api-key (EVALSVC_API_KEY), --json,
 --ca-cert/--client-cert/--client-key (TLS, mTLS).
 
-Exit codes: 0 ok; 1 the pass rate (percent, errors excluded) is below --fail-under, or (compare
---fail-on-regression) a grader REGRESSED; 2 the run ended FAILED or CANCELLED; 3 a spec, connection or RPC
-error (argparse's usage errors exit 2 as usual).
+Verdict (run, watch; get with --fail-under): a run passes when its pass rate (percent, errors excluded) reaches
+--fail-under if given, else the spec's pass_threshold (unset: every evaluation must pass).
+Exit codes: 0 passed; 1 did not pass, or (compare --fail-on-regression) a grader REGRESSED; 2 the run ended
+FAILED or CANCELLED; 3 a spec, connection or RPC error (argparse's usage errors exit 2 as usual).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from evalsvc_client import pb
 from evalsvc_client._common import TLSOptions
 from evalsvc_client.errors import EvalError
 from evalsvc_client.export import to_dict, write_jsonl, write_junit
+from evalsvc_client.report import format_rate, render_html
 from evalsvc_client.spec import CACHE_MODES, SpecError, cache_mode, load_spec
 from evalsvc_client.sync import EvalClient
 
@@ -130,10 +134,9 @@ def _print_json(data: Any) -> None:
 def _summary(console: Console, run: pb.Run) -> None:
     counts = run.counts
     rate = pass_rate_percent(counts)
-    verdict = "" if not run.HasField("overall_passed") else (" passed" if run.overall_passed else " did not pass")
     console.print(
-        f"run {run.id} {_status(run.status)}{verdict}: {counts.completed_evaluations}/{counts.total_evaluations}"
-        f" evaluations, pass rate {'-' if rate is None else f'{rate:.1f}%'}, {counts.errored} errors,"
+        f"run {run.id} {_status(run.status)}: {counts.completed_evaluations}/{counts.total_evaluations}"
+        f" evaluations, pass rate {format_rate(rate)}, {counts.errored} errors,"
         f" cost ${run.aggregate.total_cost_usd:.4f}"
         + (f" ({run.error.code}: {run.error.message})" if run.HasField("error") else "")
     )
@@ -155,14 +158,28 @@ def _follow(client: EvalClient, run_id: str, after_seq: int, args: argparse.Name
 
 
 def _verdict(run: pb.Run, fail_under: float | None, console: Console) -> int:
+    """One verdict, printed and returned as the exit code: --fail-under when given replaces the run's own
+    pass_threshold (whose verdict the server computed as overall_passed)."""
     if run.status != pb.run.RUN_STATUS_SUCCEEDED:
+        console.print(f"FAILED: the run ended {_status(run.status)}")
         return EXIT_RUN_FAILED
+    rate = pass_rate_percent(run.counts)
     if fail_under is not None:
-        rate = pass_rate_percent(run.counts)
-        if rate is None or rate < fail_under:
-            console.print(f"pass rate {'-' if rate is None else f'{rate:.1f}%'} is below --fail-under {fail_under:g}%")
-            return EXIT_BELOW
-    return EXIT_OK
+        passed = rate is not None and rate >= fail_under
+        relation = "reaches" if passed else "is below"
+        console.print(
+            f"{'PASSED' if passed else 'FAILED'}: pass rate {format_rate(rate)} {relation} --fail-under {fail_under:g}%"
+        )
+        return EXIT_OK if passed else EXIT_BELOW
+    if not run.HasField("overall_passed"):
+        return EXIT_OK
+    if run.HasField("pass_threshold"):
+        bar = f"the run's pass_threshold {run.pass_threshold:g}%"
+    else:
+        bar = "100% (the run has no pass_threshold: every evaluation must pass; --fail-under PCT sets another bar)"
+    relation = "reaches" if run.overall_passed else "is below"
+    console.print(f"{'PASSED' if run.overall_passed else 'FAILED'}: pass rate {format_rate(rate)} {relation} {bar}")
+    return EXIT_OK if run.overall_passed else EXIT_BELOW
 
 
 def _results(client: EvalClient, run_id: str, state: str | None) -> Iterator[pb.Result]:
@@ -182,7 +199,7 @@ def _export(client: EvalClient, run: pb.Run, args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
     spec = load_spec(Path(args.spec))
     if args.cache:
-        spec.cache_mode = cache_mode(args.cache)
+        spec.create_request.cache_mode = cache_mode(args.cache)  # type: ignore[assignment]
     created = client.create_run_from(spec.request())
     run = created.run
     if not args.json:
@@ -206,6 +223,41 @@ def cmd_watch(args: argparse.Namespace, client: EvalClient, console: Console) ->
     if not args.json:
         _summary(console, final)
     return _verdict(final, args.fail_under, console)
+
+
+def cmd_validate(args: argparse.Namespace, console: Console) -> int:
+    """Check a spec and its dataset as `run` would, without a server."""
+    path = Path(args.spec)
+    try:
+        spec = load_spec(path)
+    except SpecError as exc:
+        if args.json:
+            _print_json({"valid": False, "problems": [{"path": p.path, "message": p.message} for p in exc.problems]})
+        else:
+            _print_spec_error(console, exc)
+        return EXIT_ERROR
+    if args.json:
+        _print_json({"valid": True, "problems": [], "request": to_dict(spec.request())})
+    else:
+        console.print(f"{path}: valid: {spec.describe()}")
+    return EXIT_OK
+
+
+def _print_spec_error(console: Console, error: SpecError) -> None:
+    console.print(f"evalctl: {error.source}: {len(error.problems)} problem{'s' if len(error.problems) > 1 else ''}")
+    for problem in error.problems:
+        console.print(f"  {problem}")
+    console.print("  every spec key, target kind and grader option: docs/spec.md")
+
+
+def cmd_report(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    run = client.get_run(args.run_id)
+    page = render_html(run, _results(client, run.id, None))
+    Path(args.html).write_text(page, encoding="utf-8")
+    console.print(
+        f"wrote {args.html}: {_status(run.status)} run {run.id}, pass rate {format_rate(pass_rate_percent(run.counts))}"
+    )
+    return EXIT_OK
 
 
 def cmd_get(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
@@ -232,10 +284,10 @@ def cmd_list(args: argparse.Namespace, client: EvalClient, console: Console) -> 
             run.display_name,
             _status(run.status),
             f"{run.counts.completed_evaluations}/{run.counts.total_evaluations}",
-            "-" if rate is None else f"{rate:.1f}%",
+            format_rate(rate),
             run.create_time.ToDatetime().isoformat(timespec="seconds") + "Z",
         )
-    Console().print(table)  # the listing is the output: stdout, unlike progress and messages
+    _console().print(table)  # the listing is the output: stdout, unlike progress and messages
     return EXIT_OK
 
 
@@ -271,7 +323,7 @@ def cmd_results(args: argparse.Namespace, client: EvalClient, console: Console) 
             with open(args.output, "w", encoding="utf-8") as handle:
                 Console(file=handle, width=200).print(table)
         else:
-            Console().print(table)
+            _console().print(table)
     return EXIT_OK
 
 
@@ -470,6 +522,16 @@ def parser() -> argparse.ArgumentParser:
     results.add_argument("-o", "--output", metavar="FILE")
     results.set_defaults(handler=cmd_results)
 
+    validate = sub.add_parser("validate", help="check a spec and its dataset without a server (docs/spec.md)")
+    validate.add_argument("spec", help="YAML or JSON run spec")
+    validate.add_argument("--json", action="store_true", help="the problems (or the request) as JSON on stdout")
+    validate.set_defaults(handler=cmd_validate)
+
+    report = sub.add_parser("report", parents=[common], help="write a self-contained HTML report of a run")
+    report.add_argument("run_id")
+    report.add_argument("--html", required=True, metavar="FILE", help="the HTML file to write")
+    report.set_defaults(handler=cmd_report)
+
     compare = sub.add_parser("compare", parents=[common], help="paired comparison of two runs (docs/compare.md)")
     compare.add_argument("baseline", help="the baseline run id")
     compare.add_argument("candidate", help="the candidate run id")
@@ -509,21 +571,34 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _console(stderr: bool = False) -> Console:
+    """A console that wraps only on a terminal: piped or captured output keeps each line whole."""
+    console = Console(stderr=stderr, soft_wrap=True, markup=False)
+    if not console.is_terminal:
+        console.width = 1000  # tables size to their content, never to an assumed 80 columns
+    return console
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    console = Console(stderr=True)
+    console = _console(stderr=True)
+    if args.command == "validate":
+        code: int = args.handler(args, console)
+        return code
     try:
         with _client(args) as client:
-            code: int = args.handler(args, client, console)
+            code = args.handler(args, client, console)
             return code
     except SpecError as exc:
-        console.print(f"evalctl: {exc}", markup=False)
+        _print_spec_error(console, exc)
     except EvalError as exc:
-        console.print(f"evalctl: {exc}", markup=False)
+        console.print(f"evalctl: {exc.code.name}: {exc.message}" + (f" ({exc.reason})" if exc.reason else ""))
         for path, why in exc.field_violations.items():
-            console.print(f"  {path}: {why}", markup=False)
+            console.print(f"  {path}: {why}")
+        if exc.hint:
+            console.print(f"  {exc.hint}")
     except (OSError, ValueError) as exc:
-        console.print(f"evalctl: {exc}", markup=False)
+        console.print(f"evalctl: {exc}")
     return EXIT_ERROR
 
 

@@ -26,9 +26,12 @@ class EvalError(Exception):
         metadata: Mapping[str, str] | None = None,
         field_violations: Mapping[str, str] | None = None,
         retry_delay: float | None = None,
+        hint: str = "",
     ) -> None:
-        super().__init__(f"{code.name}: {message}" + (f" ({reason})" if reason else ""))
+        super().__init__(f"{code.name}: {message}" + (f" ({reason})" if reason else "") + (f". {hint}" if hint else ""))
         self.code = code
+        #: What to do about it, when the error is one a person fixes (a missing key, a server not running).
+        self.hint = hint
         self.message = message
         self.reason = reason
         self.metadata: dict[str, str] = dict(metadata or {})
@@ -94,8 +97,28 @@ def status_details(error: grpc.RpcError) -> status_pb2.Status | None:
     return None
 
 
-def from_rpc_error(error: grpc.RpcError) -> EvalError:
-    """The EvalError for a grpc error (sync `grpc.RpcError` or `grpc.aio.AioRpcError`)."""
+KEY_HINT = (
+    "Give an API key (evalctl: --api-key or EVALSVC_API_KEY; SDK: api_key=...): the server prints one at its first"
+    " start, and `evalsvc keys create --tenant NAME` makes another"
+)
+
+
+def hint_for(code: grpc.StatusCode, reason: str, target: str) -> str:
+    """What a person can do about an error: a key to give, a server to start. Empty for the rest."""
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return KEY_HINT
+    if code == grpc.StatusCode.UNAVAILABLE and not reason and target:
+        # No ErrorInfo: the transport's UNAVAILABLE (nothing listening, refused, unresolvable), not a server's.
+        return (
+            f"Nothing answers at {target}: is the server running? `make run` starts one; "
+            "--target HOST:PORT or EVALCTL_TARGET point evalctl elsewhere"
+        )
+    return ""
+
+
+def from_rpc_error(error: grpc.RpcError, target: str = "") -> EvalError:
+    """The EvalError for a grpc error (sync `grpc.RpcError` or `grpc.aio.AioRpcError`); `target`, the address
+    called, goes into the hint of a connection failure."""
     code_of = getattr(error, "code", None)
     details_of = getattr(error, "details", None)
     code = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
@@ -117,4 +140,12 @@ def from_rpc_error(error: grpc.RpcError) -> EvalError:
                 detail.Unpack(retry)
                 delay = retry.retry_delay.ToTimedelta().total_seconds()
     cls = _BY_CODE.get(code, EvalError)
-    return cls(code, message, reason=reason, metadata=metadata, field_violations=violations, retry_delay=delay)
+    return cls(
+        code,
+        message,
+        reason=reason,
+        metadata=metadata,
+        field_violations=violations,
+        retry_delay=delay,
+        hint=hint_for(code, reason, target),
+    )

@@ -1,16 +1,19 @@
-"""Run specs for `evalctl run`: a YAML (or JSON) file naming a dataset file, a target and graders.
+"""Run specs for `evalctl run` and `evalctl validate`: a YAML (or JSON) file naming a dataset file, a target and
+graders. docs/spec.md lists every key; examples/ has specs that run as they are.
 
     display_name: nightly qa
     dataset: qa.jsonl            # .jsonl, .csv, .yaml/.yml or .json, relative to the spec; or dataset_id: ds_...
-    target: provided             # or echo, or a Target in proto JSON: {provided: {}, model_id: gpt-x}
+    target: provided             # or echo, or a Target: {chat: {endpoint: {base_url: ...}, model: ...}}
     graders:
       - {name: exact, exact_match: {normalize_whitespace: true}}
-      - {name: mentions, contains: {values: [Paris]}}
+      - {name: judge, llm_judge: {mode: accuracy}}
     pass_threshold: 90           # percent; unset means every evaluation must pass
-    repetitions: 1
-    labels: {suite: qa}
 
-Dataset rows are Items in proto JSON (`id`, `input`, `expected_output`, `context`, `expected_tool_calls`,
+The keys are CreateRunRequest's fields in snake_case (camelCase is accepted too), plus `dataset`. Enum values may
+be written short (`mode: accuracy` for MODE_ACCURACY). A spec is checked whole before anything is sent: every
+problem is reported with its path (`graders[0].exact_mach`), the closest valid name, and the valid values.
+
+Dataset rows are Items (`id`, `input`, `expected_output`, `context`, `conversation`, `expected_tool_calls`,
 `response`, `metadata`); `response` may be a plain string (the recorded output). In CSV, columns `id`, `input`,
 `expected_output`, `context` and `response` fill those fields, `expected_tool_calls` is split on `;`, and any
 other column becomes metadata.
@@ -19,189 +22,403 @@ other column becomes metadata.
 from __future__ import annotations
 
 import csv
+import difflib
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import yaml
 from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.message import Message
 
 from evalsvc_client import pb
-from evalsvc_client._common import create_run_request, to_grader, to_target
+from evalsvc_client._common import new_request_id, to_target
 
+M = TypeVar("M", bound=Message)
 _ITEM_FIELDS = {"id", "input", "expected_output", "context", "response"}
+#: Spec keys that are not CreateRunRequest fields.
+DATASET_KEY = "dataset"
+#: Messages written as free-form JSON (tool parameters, expected arguments): not checked key by key.
+_FREE_FORM = {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
+_INTEGER_TYPES = {
+    FieldDescriptor.TYPE_INT32,
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT32,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT32,
+    FieldDescriptor.TYPE_SINT64,
+}
+_FLOAT_TYPES = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT}
+
+
+@dataclass(frozen=True)
+class SpecProblem:
+    """One thing wrong in a spec: where (`graders[0].exact_mach`) and what to do about it."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
 
 
 class SpecError(ValueError):
-    """A spec or dataset file that cannot be used; the message says where and why."""
+    """A spec or dataset file that cannot be used; `problems` lists each one with its path."""
+
+    def __init__(self, source: str, problems: list[SpecProblem]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = [str(p) for p in problems]
+        if len(lines) == 1:
+            super().__init__(f"{source}: {lines[0]}")
+        else:
+            super().__init__(f"{source}: {len(lines)} problems\n" + "\n".join(f"  {line}" for line in lines))
+
+
+def closest(name: str, valid: list[str]) -> str:
+    """`; did you mean 'x'?` for the valid name nearest to a mistyped one, or nothing when none is near."""
+    found = difflib.get_close_matches(name, valid, n=1, cutoff=0.6) or difflib.get_close_matches(
+        name.lower(), [v.lower() for v in valid], n=1, cutoff=0.6
+    )
+    return f"; did you mean '{found[0]}'?" if found else ""
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path and not path.endswith(": ") else f"{path}{key}"
+
+
+def enum_choices(enum: EnumDescriptor) -> dict[str, str]:
+    """Short names (`accuracy`) of an enum's values, to their full names (MODE_ACCURACY); UNSPECIFIED left out."""
+    names = [value.name for value in enum.values if value.number != 0]
+    prefix = enum.values_by_number[0].name.removesuffix("UNSPECIFIED") if 0 in enum.values_by_number else ""
+    return {name.removeprefix(prefix).lower(): name for name in names}
+
+
+def _type_name(field: FieldDescriptor) -> str:
+    if field.message_type is not None:
+        return "a mapping"
+    if field.enum_type is not None:
+        return "one of " + ", ".join(enum_choices(field.enum_type))
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        return "true or false"
+    if field.type in _INTEGER_TYPES:
+        return "a whole number"
+    if field.type in _FLOAT_TYPES:
+        return "a number"
+    return "a string"
+
+
+#: Short forms: (message, field) -> how a plain value is written out.
+_SHORTHANDS: dict[tuple[str, str], Callable[[Any], Any]] = {
+    ("evalsvc.v1.Item", "response"): lambda value: {"content": value} if isinstance(value, str) else value,
+}
+
+
+class _Checker:
+    """Walks spec data against the proto messages, collecting every problem and returning the data with short
+    forms expanded (enum short names, `response: text`), ready for json_format."""
+
+    def __init__(self) -> None:
+        self.problems: list[SpecProblem] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(SpecProblem(path, message))
+
+    def message(self, data: Any, descriptor: Descriptor, path: str) -> dict[str, Any]:
+        if not isinstance(data, Mapping):
+            self.problem(path, f"expected a mapping ({descriptor.name}), got {_shown(data)}")
+            return {}
+        by_name = {f.name: f for f in descriptor.fields} | {f.json_name: f for f in descriptor.fields}
+        valid = [f.name for f in descriptor.fields]
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            field = by_name.get(str(key))
+            if field is None:
+                self.problem(
+                    _join(path, str(key)),
+                    f"unknown key{closest(str(key), valid)} ({descriptor.name} keys: {', '.join(valid)})",
+                )
+                continue
+            shorthand = _SHORTHANDS.get((descriptor.full_name, field.name))
+            out[field.name] = self.field(field, shorthand(value) if shorthand else value, _join(path, field.name))
+        for oneof in descriptor.oneofs:
+            if len(oneof.fields) == 1 and oneof.name == f"_{oneof.fields[0].name}":
+                continue  # the synthetic oneof of an `optional` field
+            chosen = [f.name for f in oneof.fields if f.name in out]
+            if len(chosen) > 1:
+                self.problem(path or descriptor.name, f"set only one of {', '.join(chosen)} (they are alternatives)")
+        return out
+
+    def field(self, field: FieldDescriptor, value: Any, path: str) -> Any:
+        entry = field.message_type
+        if entry is not None and entry.GetOptions().map_entry:
+            if not isinstance(value, Mapping):
+                self.problem(path, f"expected a mapping of keys to values, got {_shown(value)}")
+                return {}
+            value_field = entry.fields_by_name["value"]
+            return {str(k): self.value(value_field, v, _join(path, str(k))) for k, v in value.items()}
+        if field.is_repeated:
+            if not isinstance(value, list):
+                self.problem(path, f"expected a list, got {_shown(value)}")
+                return []
+            return [self.value(field, v, _join(path, i)) for i, v in enumerate(value)]
+        return self.value(field, value, path)
+
+    def value(self, field: FieldDescriptor, value: Any, path: str) -> Any:
+        if field.message_type is not None:
+            if field.message_type.full_name in _FREE_FORM:
+                return value
+            # `exact_match:` with nothing after it (YAML's null) means the message with its defaults.
+            return self.message({} if value is None else value, field.message_type, path)
+        if field.enum_type is not None:
+            return self.enum(field.enum_type, value, path)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if field.type == FieldDescriptor.TYPE_BOOL:
+            ok = isinstance(value, bool)
+        elif field.type in _INTEGER_TYPES:
+            ok = (number and float(value).is_integer()) or (isinstance(value, str) and _is_integer(value))
+            value = int(value) if ok else value  # proto3 JSON writes 64-bit integers as strings
+        elif field.type in _FLOAT_TYPES:
+            ok = number or (isinstance(value, str) and _is_float(value))
+        else:
+            ok = isinstance(value, str) or number  # YAML reads `expected_output: 4` as a number
+            value = str(value) if number else value
+        if not ok:
+            self.problem(path, f"expected {_type_name(field)}, got {_shown(value)}")
+        return value
+
+    def enum(self, enum: EnumDescriptor, value: Any, path: str) -> Any:
+        choices = enum_choices(enum)
+        if isinstance(value, int) and not isinstance(value, bool) and value in enum.values_by_number:
+            return value  # a number, as proto3 JSON allows
+        text = str(value) if isinstance(value, str) else ""
+        if text in choices.values():
+            return text
+        if text.lower() in choices:
+            return choices[text.lower()]
+        self.problem(
+            path, f"{_shown(value)} is not a valid value{closest(text, list(choices))}; use one of {', '.join(choices)}"
+        )
+        return value
+
+
+def _is_integer(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_message(data: Mapping[str, Any], message: type[M], what: str) -> M:
+    """A message from proto-JSON-like data, checked as specs are (snake_case or camelCase keys, short enum names,
+    `response` as text): a SpecError (a ValueError) names every problem with its path and the closest name."""
+    checker = _Checker()
+    checked = checker.message(data, message.DESCRIPTOR, "")
+    if checker.problems:
+        raise SpecError(what, checker.problems)
+    return json_format.ParseDict(checked, message())
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
 
 
 def _load_structured(path: Path) -> Any:
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        return json.loads(text)
     try:
-        import yaml
-    except ImportError as exc:  # pragma: no cover - pyyaml is a dependency of evalsvc-client
-        raise SpecError(f"{path}: reading YAML needs PyYAML (pip install pyyaml)") from exc
-    return yaml.safe_load(text)
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise SpecError(str(path), [SpecProblem("", f"not valid {path.suffix.lstrip('.').upper()}: {exc}")]) from exc
 
 
-def item_from_row(row: Mapping[str, Any], where: str) -> pb.Item:
-    """An Item from one dataset row (proto JSON, with `response` allowed as a plain string)."""
-    data = dict(row)
-    for key in ("id", "input", "expected_output", "context"):
-        value = data.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            data[key] = str(value)  # YAML reads `expected_output: 4` as a number
-    if isinstance(data.get("response"), str):
-        data["response"] = {"content": data["response"]}
-    try:
-        return json_format.ParseDict(data, pb.Item())
-    except json_format.ParseError as exc:
-        raise SpecError(f"{where}: {exc}") from exc
+def _item(checker: _Checker, row: Any, path: str) -> pb.Item:
+    data = checker.message(row, pb.Item.DESCRIPTOR, path)
+    if checker.problems:
+        return pb.Item()
+    return json_format.ParseDict(data, pb.Item())
 
 
-def _csv_row(row: Mapping[str, str], where: str) -> pb.Item:
+def _csv_row(row: Mapping[str, str]) -> dict[str, Any]:
     data: dict[str, Any] = {k: v for k, v in row.items() if k in _ITEM_FIELDS and v not in (None, "")}
     if row.get("expected_tool_calls"):
         data["expected_tool_calls"] = [t.strip() for t in row["expected_tool_calls"].split(";") if t.strip()]
     metadata = {k: v for k, v in row.items() if k not in _ITEM_FIELDS | {"expected_tool_calls"} and k and v}
     if metadata:
         data["metadata"] = metadata
-    return item_from_row(data, where)
+    return data
+
+
+def _dataset_rows(path: Path) -> list[tuple[str, Any]]:
+    """(where, row) of every row of a .jsonl, .csv, .yaml/.yml or .json dataset file."""
+    name = path.name
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append((f"{name}:{number}: ", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise SpecError(str(path), [SpecProblem(f"line {number}", f"not valid JSON: {exc}")]) from exc
+        return rows
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            return [(f"{name}:{n}: ", _csv_row(row)) for n, row in enumerate(csv.DictReader(handle), start=2)]
+    if suffix in (".yaml", ".yml", ".json"):
+        data = _load_structured(path)
+        listed = data.get("items") if isinstance(data, Mapping) else data
+        if not isinstance(listed, list):
+            raise SpecError(str(path), [SpecProblem("", "expected a list of items (or a mapping with `items`)")])
+        return [(f"{name} items[{n}]: ", row) for n, row in enumerate(listed)]
+    raise SpecError(
+        str(path), [SpecProblem("", f"unknown dataset format {suffix!r}: use .jsonl, .csv, .yaml or .json")]
+    )
 
 
 def load_items(path: Path) -> list[pb.Item]:
     """Items from a .jsonl, .csv, .yaml/.yml or .json dataset file."""
     if not path.is_file():
-        raise SpecError(f"{path}: no such dataset file")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        items = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SpecError(f"{path}:{number}: {exc}") from exc
-                items.append(item_from_row(row, f"{path}:{number}"))
-        return items
-    if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            return [_csv_row(row, f"{path}:{n}") for n, row in enumerate(csv.DictReader(handle), start=2)]
-    if suffix in (".yaml", ".yml", ".json"):
-        data = _load_structured(path)
-        rows = data.get("items") if isinstance(data, Mapping) else data
-        if not isinstance(rows, list):
-            raise SpecError(f"{path}: expected a list of items (or a mapping with `items`)")
-        return [item_from_row(row, f"{path}: item {n}") for n, row in enumerate(rows)]
-    raise SpecError(f"{path}: unknown dataset format {suffix!r} (use .jsonl, .csv, .yaml or .json)")
+        raise SpecError(str(path), [SpecProblem("", "no such dataset file")])
+    checker = _Checker()
+    items = [_item(checker, row, where) for where, row in _dataset_rows(path)]
+    if checker.problems:
+        raise SpecError(str(path), checker.problems)
+    return items
 
 
 @dataclass
 class RunSpec:
-    """A parsed spec: everything CreateRun needs."""
+    """A checked spec: the CreateRunRequest it stands for (a fresh request_id unless the spec sets one)."""
 
-    target: pb.Target
-    graders: list[pb.Grader]
-    items: list[pb.Item] = field(default_factory=list)
-    dataset_id: str = ""
-    item_ids: list[str] = field(default_factory=list)
-    display_name: str = ""
-    description: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
-    pass_threshold: float | None = None
-    repetitions: int = 0
-    warmup_runs: int = 0
-    request_id: str | None = None
-    cache_mode: int = 0  # pb.cache.CacheMode; 0: the server's default
+    create_request: pb.runs.CreateRunRequest
+    dataset_file: Path | None = None
 
     def request(self) -> pb.runs.CreateRunRequest:
-        request = create_run_request(
-            target=self.target,
-            graders=self.graders,
-            items=self.items,
-            dataset_id=self.dataset_id,
-            item_ids=self.item_ids,
-            display_name=self.display_name,
-            description=self.description,
-            labels=self.labels,
-            pass_threshold=self.pass_threshold,
-            repetitions=self.repetitions,
-            warmup_runs=self.warmup_runs,
-            trigger=pb.run.TRIGGER_AUTO,
-            request_id=self.request_id,
+        return self.create_request
+
+    def describe(self) -> str:
+        """One line for `evalctl validate`: what the spec would run."""
+        request = self.create_request
+        kind = request.target.WhichOneof("kind") or "none"
+        source = (
+            f"{len(request.items)} items from {self.dataset_file.name}"
+            if self.dataset_file is not None
+            else f"dataset {request.dataset_id}"
+            if request.dataset_id
+            else f"{len(request.items)} items"
         )
-        request.cache_mode = self.cache_mode  # type: ignore[assignment]
-        return request
+        repetitions = max(request.repetitions, 1)
+        return (
+            f"{source}, target {kind}, {len(request.graders)} graders"
+            f" ({', '.join(g.name or g.WhichOneof('kind') or '?' for g in request.graders)}),"
+            f" {repetitions} repetition{'s' if repetitions > 1 else ''}"
+        )
 
 
 CACHE_MODES = {name.removeprefix("CACHE_MODE_").lower(): value for name, value in pb.cache.CacheMode.items() if value}
 
 
 def cache_mode(name: str) -> int:
-    """The CacheMode of `off`, `read_write`, `refresh` or `replay` (docs/targets.md)."""
+    """The CacheMode of `off`, `read_write`, `refresh` or `replay` (docs/targets.md), for `evalctl run --cache`."""
     try:
         return CACHE_MODES[name.strip().lower()]
     except KeyError:
-        raise SpecError(f"cache_mode must be one of {', '.join(CACHE_MODES)}, not {name!r}") from None
+        raise SpecError(
+            "--cache", [SpecProblem("", f"must be one of {', '.join(CACHE_MODES)}, not {name!r}")]
+        ) from None
 
 
-_SPEC_KEYS = {
-    "dataset",
-    "items",
-    "dataset_id",
-    "item_ids",
-    "target",
-    "graders",
-    "display_name",
-    "description",
-    "labels",
-    "pass_threshold",
-    "repetitions",
-    "warmup_runs",
-    "request_id",
-    "cache_mode",
-}
+def _target(checker: _Checker, value: Any) -> Any:
+    """A target written as a kind name (`provided`, `echo`) is expanded; anything else is checked as a Target."""
+    if isinstance(value, str):
+        try:
+            return json_format.MessageToDict(to_target(value), preserving_proto_field_name=True)
+        except ValueError as exc:
+            checker.problem("target", str(exc))
+            return {}
+    data = checker.message(value, pb.Target.DESCRIPTOR, "target")
+    if isinstance(value, Mapping) and not any(
+        f.name in data for f in pb.Target.DESCRIPTOR.oneofs_by_name["kind"].fields
+    ):
+        kinds = ", ".join(f.name for f in pb.Target.DESCRIPTOR.oneofs_by_name["kind"].fields)
+        checker.problem("target", f"name the target's kind: one of {kinds}")
+    return data
+
+
+def check_spec(data: Any, spec_dir: Path) -> tuple[RunSpec | None, list[SpecProblem]]:
+    """Check spec data whole; the RunSpec when there is no problem, and every problem otherwise."""
+    checker = _Checker()
+    if not isinstance(data, Mapping):
+        return None, [SpecProblem("", f"expected a mapping of spec keys at the top level, got {_shown(data)}")]
+    data = dict(data)
+    dataset = data.pop(DATASET_KEY, None)
+    target = data.pop("target", None)
+    descriptor = pb.runs.CreateRunRequest.DESCRIPTOR
+    valid = [DATASET_KEY, *(f.name for f in descriptor.fields)]
+    for key in list(data):
+        if key not in descriptor.fields_by_name and key not in {f.json_name for f in descriptor.fields}:
+            checker.problem(str(key), f"unknown key{closest(str(key), valid)} (spec keys: {', '.join(valid)})")
+            data.pop(key)
+    request_data = checker.message(data, descriptor, "")
+    if target is None:
+        checker.problem("target", "required: provided, echo, or a mapping such as {chat: {...}} (docs/spec.md)")
+    else:
+        request_data["target"] = _target(checker, target)
+    if not request_data.get("graders"):
+        checker.problem("graders", "required: a list of at least one grader, e.g. [{name: exact, exact_match: {}}]")
+    for n, grader in enumerate(request_data.get("graders") or []):
+        kinds = [f.name for f in pb.Grader.DESCRIPTOR.oneofs_by_name["kind"].fields]
+        if isinstance(grader, Mapping) and not any(kind in grader for kind in kinds):
+            checker.problem(f"graders[{n}]", f"name the grader's kind: one of {', '.join(kinds)}")
+    dataset_file = None
+    if dataset is not None:
+        if not isinstance(dataset, str):
+            checker.problem(DATASET_KEY, f"expected a file name, got {_shown(dataset)}")
+        elif request_data.get("items") or request_data.get("dataset_id"):
+            checker.problem(DATASET_KEY, "use one of dataset (a file), items or dataset_id")
+        else:
+            dataset_file = (spec_dir / dataset).resolve()
+            if not dataset_file.is_file():
+                checker.problem(DATASET_KEY, f"no such dataset file: {dataset_file}")
+            else:
+                try:
+                    rows = _dataset_rows(dataset_file)
+                except SpecError as exc:
+                    checker.problems.extend(SpecProblem(DATASET_KEY, str(p)) for p in exc.problems)
+                    rows = []
+                request_data["items"] = [checker.message(row, pb.Item.DESCRIPTOR, where) for where, row in rows]
+    if checker.problems:
+        return None, checker.problems
+    request = json_format.ParseDict(request_data, pb.runs.CreateRunRequest())
+    request.request_id = request.request_id or new_request_id()
+    request.trigger = request.trigger or pb.run.TRIGGER_AUTO
+    return RunSpec(request, dataset_file), []
 
 
 def load_spec(path: Path) -> RunSpec:
-    """Parse a run spec file; dataset paths are relative to the spec's directory."""
+    """Parse and check a run spec file (dataset paths are relative to its directory); SpecError lists every
+    problem."""
     if not path.is_file():
-        raise SpecError(f"{path}: no such spec file")
-    data = _load_structured(path)
-    if not isinstance(data, Mapping):
-        raise SpecError(f"{path}: expected a mapping at the top level")
-    unknown = sorted(set(data) - _SPEC_KEYS)
-    if unknown:
-        raise SpecError(f"{path}: unknown keys {', '.join(unknown)}")
-    if "target" not in data or not data.get("graders"):
-        raise SpecError(f"{path}: `target` and at least one grader are required")
-    try:
-        target = to_target(data["target"])
-        graders = [to_grader(g) for g in data["graders"]]
-    except (json_format.ParseError, ValueError, TypeError) as exc:
-        raise SpecError(f"{path}: {exc}") from exc
-    items: list[pb.Item] = []
-    if "dataset" in data:
-        items = load_items((path.parent / str(data["dataset"])).resolve())
-    elif "items" in data:
-        items = [item_from_row(row, f"{path}: items[{n}]") for n, row in enumerate(data["items"])]
-    threshold = data.get("pass_threshold")
-    return RunSpec(
-        target=target,
-        graders=graders,
-        items=items,
-        dataset_id=str(data.get("dataset_id", "")),
-        item_ids=[str(i) for i in data.get("item_ids", [])],
-        display_name=str(data.get("display_name", "")),
-        description=str(data.get("description", "")),
-        labels={str(k): str(v) for k, v in (data.get("labels") or {}).items()},
-        pass_threshold=float(threshold) if threshold is not None else None,
-        repetitions=int(data.get("repetitions", 0)),
-        warmup_runs=int(data.get("warmup_runs", 0)),
-        request_id=data.get("request_id"),
-        cache_mode=cache_mode(str(data["cache_mode"])) if "cache_mode" in data else 0,
-    )
+        raise SpecError(str(path), [SpecProblem("", "no such spec file (examples/spec.yaml is one that runs)")])
+    spec, problems = check_spec(_load_structured(path), path.parent)
+    if spec is None:
+        raise SpecError(str(path), problems)
+    return spec

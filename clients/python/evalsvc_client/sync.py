@@ -104,7 +104,7 @@ class EvalClient:
             try:
                 return method(request, timeout=self.options.timeout_s, metadata=self._metadata)
             except grpc.RpcError as rpc_error:
-                error = from_rpc_error(rpc_error)
+                error = from_rpc_error(rpc_error, self.options.target)
                 if not (retry and policy.should_retry(error, attempt)):
                     raise error from None
                 delay = policy.backoff(attempt, error)
@@ -283,7 +283,7 @@ class EvalClient:
             except grpc.RpcError as rpc_error:
                 if finished:
                     return
-                error = from_rpc_error(rpc_error)
+                error = from_rpc_error(rpc_error, self.options.target)
                 failures += 1
                 if not policy.should_resume(error, failures):
                     raise error from None

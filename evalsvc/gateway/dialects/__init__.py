@@ -11,7 +11,7 @@ import pkgutil
 
 from evalsvc.gateway.dialects.base import Dialect
 
-_NOT_DIALECTS = {"base"}
+_NOT_DIALECTS = {"base", "uuids"}  # shared parts, not vendors
 
 
 def available() -> dict[str, Dialect]:

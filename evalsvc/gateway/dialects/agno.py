@@ -26,14 +26,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from google.protobuf import field_mask_pb2, json_format, struct_pb2
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from evalsvc.gateway.dialects.base import RUN_LABEL, Dialect, error_route_class, iso
+from evalsvc.gateway.dialects.base import RUN_LABEL, Dialect, DialectOptions, error_route_class, iso
 from evalsvc.gateway.upstream import Caller, GatewayError, Upstream, window
 from evalsvc.v1 import eval_run_service_pb2 as runs_pb
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2, target_pb2
 from evalsvc.v1 import target_service_pb2 as targets_pb
 
 NAME = "agno"
-WAIT_S = 50.0  # POST waits this long for the run to end: AgentOSClient gives up after 60 s by default
 PERFORMANCE_MAX_MS = 3_600_000.0  # the performance eval measures and never fails: a latency bound nobody hits
 INPUT_KEY = "agno.eval_run_input"  # annotation: the Agno request as JSON
 COMPONENT_KEY = "agno.evaluated_component_name"  # annotation: the agent's name when the run was created
@@ -340,6 +339,24 @@ def _stored_for(body: EvalRunInput, agent: targets_pb.SavedTarget) -> Stored:
     return Stored(body, agent.display_name or None, provider)
 
 
+def _target(body: EvalRunInput, agent: targets_pb.SavedTarget) -> target_pb2.Target:
+    """The agent to call. AgentOS swaps the agent's model for this run when model_id and model_provider
+    are both given; a chat agent is called with `model_id` as its model (the run's snapshot then records
+    it), while a webhook agent chooses its own model, so an override of it is refused, not ignored."""
+    if not _overrides_model(body):
+        return target_pb2.Target(saved_target_id=agent.id)
+    if agent.target.WhichOneof("kind") != "chat":
+        raise GatewayError.invalid(
+            "model_id and model_provider can override the model of a chat agent only: "
+            f"agent '{agent.id}' is a {agent.target.WhichOneof('kind')} target that chooses its own model"
+        )
+    target = target_pb2.Target()
+    target.CopyFrom(agent.target)
+    target.chat.model = body.model_id or ""
+    target.model_id = body.model_id or ""
+    return target
+
+
 def _create_request(stored: Stored, agent: targets_pb.SavedTarget) -> runs_pb.CreateRunRequest:
     """The evalsvc run for an Agno request against a saved target."""
     body = stored.input
@@ -351,7 +368,7 @@ def _create_request(stored: Stored, agent: targets_pb.SavedTarget) -> runs_pb.Cr
     )
     return runs_pb.CreateRunRequest(
         items=[item],
-        target=target_pb2.Target(saved_target_id=agent.id, model_id=body.model_id if _overrides_model(body) else ""),
+        target=_target(body, agent),
         graders=_graders(body),
         display_name=body.name or "",
         labels={RUN_LABEL: NAME},
@@ -634,7 +651,7 @@ class _Filter:
 # --- routes ------------------------------------------------------------------------------------------------
 
 
-def router(upstream: Upstream) -> APIRouter:
+def router(upstream: Upstream, options: DialectOptions) -> APIRouter:
     """AgentOS's eval routes and its agent listing, over `upstream`."""
     api = APIRouter(route_class=error_route_class(render), responses=_ERRORS)
 
@@ -667,7 +684,7 @@ def router(upstream: Upstream) -> APIRouter:
         operation_id="run_eval",
         summary="Execute Evaluation",
         description="Runs the evaluation and answers when it has ended (or after "
-        f"{WAIT_S:.0f} s, with eval_data.run_status). Requires either agent_id or team_id, but not both.",
+        f"{options.sync_wait_s:.0f} s, with eval_data.run_status). Requires either agent_id or team_id, but not both.",
         dependencies=_STORAGE,
     )
     async def run_eval(body: EvalRunInput, caller: CallerDep) -> EvalSchema:
@@ -679,7 +696,7 @@ def router(upstream: Upstream) -> APIRouter:
         _check_eval_fields(body)
         stored = _stored_for(body, agent)
         created = await upstream.call(upstream.runs.CreateRun, _create_request(stored, agent), caller)
-        run = await upstream.wait_until_done(created.run.id, caller, WAIT_S)
+        run = await upstream.wait_until_done(created.run.id, caller, options.sync_wait_s)
         return _schema(run, stored, await results_of(run.id, caller), posted=True)
 
     @api.get(

@@ -2,9 +2,9 @@
 
 A dialect is one module of this package defining `DIALECT = Dialect(...)`: its name, the path prefix its
 vendor documents (a client switches by changing only its base URL), and a factory that builds its
-FastAPI router from the gateway's `Upstream`. The router's routes use `error_route_class(render)`, so
-every failure, whether from the gRPC service, from the dialect's own checks of documented limits, or
-from FastAPI's request validation, reaches the client in the vendor's error shape.
+FastAPI router from the gateway's `Upstream` and the operator's `DialectOptions`. The router's routes
+use `error_route_class(render)`, so every failure, whether from the gRPC service, from the dialect's
+own checks of documented limits, or from FastAPI's request validation, reaches the client in the vendor's error shape.
 """
 
 from __future__ import annotations
@@ -28,13 +28,22 @@ RUN_LABEL = "dialect"  # label on every run a dialect creates: its lists show on
 
 
 @dataclass(frozen=True)
+class DialectOptions:
+    """What the operator configures for every dialect's routes (as grpc-gateway's ServeMux options)."""
+
+    # How long a synchronous route (Agno POST /eval-runs, Aymara score-responses) waits for its run:
+    # a little under the vendors' clients' 60 s default timeout (--dialect-sync-wait-s).
+    sync_wait_s: float = 58.0
+
+
+@dataclass(frozen=True)
 class Dialect:
     """One vendor's eval-run API, translated to evalsvc."""
 
     name: str  # e.g. "omni"; also the value of the `dialect` label on the runs it creates
     title: str  # e.g. "Omni AI Eval"
     prefix: str  # the documented base path, e.g. "/api" for Omni ("" for the root)
-    router: Callable[[Upstream], APIRouter]
+    router: Callable[[Upstream, DialectOptions], APIRouter]
 
 
 def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRoute]:

@@ -26,9 +26,9 @@ import grpc
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from google.protobuf import field_mask_pb2
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from evalsvc.gateway.dialects.base import RUN_LABEL, Dialect, error_route_class, iso
+from evalsvc.gateway.dialects.base import RUN_LABEL, Dialect, DialectOptions, error_route_class, iso
 from evalsvc.gateway.upstream import TERMINAL, Caller, GatewayError, Upstream
 from evalsvc.v1 import dataset_service_pb2 as ds_pb
 from evalsvc.v1 import eval_run_service_pb2 as runs_pb
@@ -371,12 +371,18 @@ class TranscriptLine(BaseModel):
     text: str
 
 
+def _call_id_text(value: Any) -> Any:
+    """Bland documents `call_id` as a number in places and shows UUID strings elsewhere: take both."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 class CallIn(BaseModel):
-    """A recorded call to evaluate (evalsvc extension: Bland reads calls from its own call store).
-    Fields beyond these are kept in the item's metadata and returned as they came."""
+    """A recorded call to evaluate, in the shape of Bland's call details (`GET /v1/calls/{call_id}`), so a
+    call copied from Bland's API is taken unchanged (evalsvc extension: Bland reads calls from its own
+    call store). Fields beyond these are kept in the item's metadata and returned as they came."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-    call_id: str = Field(min_length=1, max_length=128)
+    call_id: Annotated[str, BeforeValidator(_call_id_text)] = Field(min_length=1, max_length=128)
     transcripts: list[TranscriptLine] = Field(default_factory=list)
     concatenated_transcript: str | None = None
     call_length: float | None = Field(default=None, ge=0, description="minutes")
@@ -389,10 +395,18 @@ class CallIn(BaseModel):
 
 
 class CallsIn(BaseModel):
-    """POST /v1/evals/calls."""
+    """POST /v1/evals/calls: `{calls: [call details, ...]}`, or one call's details as Bland's
+    `GET /v1/calls/{call_id}` returns them."""
 
     model_config = STRICT
     calls: list[CallIn] = Field(min_length=1, max_length=MAX_CALLS_PER_RUN)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_call(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "calls" not in data and "call_id" in data:
+            return {"calls": [data]}
+        return data
 
 
 class CallOut(BaseModel):
@@ -1218,7 +1232,7 @@ class Bland:
         return agent, submitted
 
 
-def router(upstream: Upstream) -> APIRouter:
+def router(upstream: Upstream, options: DialectOptions) -> APIRouter:
     """The Bland routes, at Bland's paths (`/v1/evals/...`)."""
     api = APIRouter(route_class=error_route_class(render), responses=ERROR_RESPONSES)
 

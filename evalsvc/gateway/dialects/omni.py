@@ -5,7 +5,9 @@ prompt set's items. Each run goes through the saved target named by the set's `m
 by the server's default LLM judge in accuracy mode. Omni's judge is binary, so a prompt scores 1 when
 its result passed and 0 when it failed. Everything this dialect creates carries the label
 `dialect=omni`. A prompt set or run without that label is "not found" here, so an Omni client sees
-only its own. The mapping, and what is approximated, is in docs/dialects/omni.md.
+only its own. Every id Omni documents as a UUID is one here: evalsvc's ids are shown in their UUID
+form (`uuids.to_uuid`) and read back at the edge, so the service keeps one id scheme. The mapping, and
+what is approximated, is in docs/dialects/omni.md.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from fastapi.routing import APIRouter
 from google.protobuf import timestamp_pb2
 from pydantic import BaseModel, Field
 
-from evalsvc.gateway.dialects.base import RUN_LABEL, Dialect, bearer_key, error_route_class, iso
+from evalsvc.gateway.dialects.base import RUN_LABEL, Dialect, DialectOptions, bearer_key, error_route_class, iso
+from evalsvc.gateway.dialects.uuids import derived_uuid, from_uuid, to_uuid
 from evalsvc.gateway.upstream import Caller, GatewayError, Upstream
 from evalsvc.v1 import dataset_service_pb2 as ds_pb
 from evalsvc.v1 import eval_run_service_pb2 as run_svc
@@ -86,7 +89,9 @@ class OmniPromptPatch(OmniPromptIn):
 
 
 class OmniPromptSetCreate(BaseModel):
-    model_id: str = Field(min_length=1, description="An evalsvc saved target id: the model that answers.")
+    model_id: str = Field(
+        min_length=1, description="The model that answers: an evalsvc saved target, by its UUID or its evalsvc id."
+    )
     name: str = Field(min_length=1, max_length=255)
     slug: str = Field(max_length=255, pattern=r"^[a-z][a-z0-9-]*$")
     description: str | None = Field(default=None, max_length=1024)
@@ -146,8 +151,8 @@ class OmniRunCreate(BaseModel):
 
 
 class OmniAgenticJob(BaseModel):
-    id: str | None = Field(description="The evalsvc result id once the prompt is done; null before.")
-    conversation_id: str | None = Field(description="Always null: evalsvc has no conversations.")
+    id: str = Field(description="A stable UUID of this prompt's job in this run, from the run's creation on.")
+    conversation_id: str = Field(description="A stable UUID of this prompt's conversation in this run.")
     state: JobState
 
 
@@ -266,8 +271,8 @@ def _item(prompt: OmniPromptIn, created_at: str) -> item_pb2.Item:
 def _set_fields(dataset: ds_pb.Dataset) -> dict[str, Any]:
     """The fields every prompt-set shape has. Prompt sets are never archived here (no dataset delete)."""
     return OmniPromptSetFields(
-        id=dataset.id,
-        model_id=dataset.labels.get(MODEL_LABEL, ""),
+        id=to_uuid(dataset.id),
+        model_id=to_uuid(dataset.labels.get(MODEL_LABEL, "")),
         name=dataset.display_name,
         slug=dataset.annotations.get(SLUG_KEY, ""),
         description=dataset.description or None,
@@ -302,7 +307,7 @@ class Omni:
 
     async def prompt_set(self, set_id: str, caller: Caller) -> ds_pb.Dataset:
         """The dataset of an Omni prompt set; 404 when missing or not created by this dialect."""
-        request = ds_pb.GetDatasetRequest(dataset_id=set_id)
+        request = ds_pb.GetDatasetRequest(dataset_id=from_uuid(set_id))
         got = await _unless_missing(self.up.call(self.up.datasets.GetDataset, request, caller))
         if got is None or not _ours(got.dataset.labels):
             raise GatewayError.not_found(f"eval prompt set {set_id!r} not found")
@@ -336,18 +341,19 @@ class Omni:
             await self.up.call(self.up.targets.GetTarget, target_svc.GetTargetRequest(target_id=model_id), caller)
         except GatewayError as error:
             if error.code == grpc.StatusCode.NOT_FOUND:
-                raise GatewayError.not_found(f"model {model_id!r} not found") from None
+                raise GatewayError.not_found(f"model {to_uuid(model_id)!r} not found") from None
             raise
 
     async def create_set(self, body: OmniPromptSetCreate, caller: Caller) -> OmniPromptSetEnvelope:
-        await self.check_model(body.model_id, caller)
+        model_id = from_uuid(body.model_id)
+        await self.check_model(model_id, caller)
         for other in await self.prompt_sets(caller):
-            if other.labels.get(MODEL_LABEL) == body.model_id and other.annotations.get(SLUG_KEY) == body.slug:
+            if other.labels.get(MODEL_LABEL) == model_id and other.annotations.get(SLUG_KEY) == body.slug:
                 raise conflict(f"a prompt set with slug {body.slug!r} already exists for model {body.model_id!r}")
         spec = ds_pb.Dataset(
             display_name=body.name,
             description=body.description or "",
-            labels={**OWNED, MODEL_LABEL: body.model_id},
+            labels={**OWNED, MODEL_LABEL: model_id},
             annotations={SLUG_KEY: body.slug},
         )
         created = await self.up.call(self.up.datasets.CreateDataset, ds_pb.CreateDatasetRequest(dataset=spec), caller)
@@ -367,7 +373,7 @@ class Omni:
         deleting a prompt is refused with 409 (evalsvc has no dataset update RPC)."""
         dataset = await self.prompt_set(set_id, caller)
         _check_unchanged(dataset, body)
-        existing = await self.items(set_id, caller)
+        existing = await self.items(dataset.id, caller)
         new = _appended(existing, body.prompts)
         if len(existing) + len(new) > MAX_PROMPTS:
             raise GatewayError.invalid(
@@ -380,7 +386,7 @@ class Omni:
 
     async def run(self, run_id: str, caller: Caller) -> run_pb2.Run:
         """An Omni run; 404 when missing or not created by this dialect."""
-        request = run_svc.GetRunRequest(run_id=run_id)
+        request = run_svc.GetRunRequest(run_id=from_uuid(run_id))
         got = await _unless_missing(self.up.call(self.up.runs.GetRun, request, caller))
         if got is None or not (_ours(got.run.labels) and got.run.dataset_id):
             raise GatewayError.not_found(f"eval run {run_id!r} not found")
@@ -429,15 +435,15 @@ class Omni:
         return OmniRunCreated(job_count=created.job_count, run=await self.view_run(created.run, caller))
 
     async def list_runs(self, set_id: str, archived: bool, caller: Caller) -> OmniRunList:
-        await self.prompt_set(set_id, caller)
-        request = run_svc.ListRunsRequest(dataset_id=set_id, labels=OWNED, show_deleted=archived)
+        dataset = await self.prompt_set(set_id, caller)
+        request = run_svc.ListRunsRequest(dataset_id=dataset.id, labels=OWNED, show_deleted=archived)
         runs = await self.up.collect(self.up.runs.ListRuns, request, "runs", caller)
         return OmniRunList(runs=[_list_item(run) for run in runs if run.HasField("delete_time") == archived])
 
     async def cancel(self, run_id: str, caller: Caller) -> OmniRunCancelled:
         """Cancel and archive (DeleteRun does both); `cancelled` counts the prompts that had no result."""
         before = await self.run(run_id, caller)
-        after = await self.soft_delete(run_id, caller)
+        after = await self.soft_delete(before.id, caller)
         cancelled = 0
         if before.status in ACTIVE and after.status == run_pb2.RUN_STATUS_CANCELLED:
             cancelled = max(0, after.counts.total_items - after.counts.completed_evaluations)
@@ -446,8 +452,7 @@ class Omni:
         )
 
     async def archive(self, run_id: str, caller: Caller) -> None:
-        await self.run(run_id, caller)
-        await self.soft_delete(run_id, caller)
+        await self.soft_delete((await self.run(run_id, caller)).id, caller)
 
     async def soft_delete(self, run_id: str, caller: Caller) -> run_pb2.Run:
         """DeleteRun: archives the run, cancelling it first if it has not finished; idempotent."""
@@ -455,8 +460,7 @@ class Omni:
         return (await self.up.call(self.up.runs.DeleteRun, request, caller)).run
 
     async def undelete(self, run_id: str, caller: Caller) -> OmniRunEnvelope:
-        await self.run(run_id, caller)
-        request = run_svc.UndeleteRunRequest(run_id=run_id)
+        request = run_svc.UndeleteRunRequest(run_id=(await self.run(run_id, caller)).id)
         restored = (await self.up.call(self.up.runs.UndeleteRun, request, caller)).run
         return OmniRunEnvelope(run=await self.view_run(restored, caller))
 
@@ -498,9 +502,9 @@ def _appended(existing: Sequence[item_pb2.Item], given: Sequence[OmniPromptPatch
 def _run_fields(run: run_pb2.Run) -> dict[str, Any]:
     """The fields every run shape has."""
     return OmniRunFields(
-        id=run.id,
-        prompt_set_id=run.dataset_id,
-        model_id=run.target.model_id,
+        id=to_uuid(run.id),
+        prompt_set_id=to_uuid(run.dataset_id),
+        model_id=to_uuid(run.target.model_id),
         branch_id=run.annotations.get(BRANCH_KEY),
         branch_name=None,
         description=run.description or None,
@@ -530,10 +534,12 @@ def _unfinished_job(run: run_pb2.Run) -> tuple[JobState, str | None]:
 
 
 def _result_row(run: run_pb2.Run, item: item_pb2.Item, result: run_pb2.Result | None) -> OmniRunResult:
-    row_id = f"{run.id}.{item.id}"
+    row_id = derived_uuid("omni.result", run.id, item.id)
+    job_id = derived_uuid("omni.agentic_job", run.id, item.id)
+    conversation_id = derived_uuid("omni.conversation", run.id, item.id)
     if result is None:
         state, reason = _unfinished_job(run)
-        job = OmniAgenticJob(id=None, conversation_id=None, state=state)
+        job = OmniAgenticJob(id=job_id, conversation_id=conversation_id, state=state)
         return OmniRunResult(
             id=row_id,
             prompt=item.input,
@@ -553,7 +559,9 @@ def _result_row(run: run_pb2.Run, item: item_pb2.Item, result: run_pb2.Result | 
         scoring_cost=result.scoring_cost_usd,
         timing_ms=round(result.latency_ms),
         error_reason=None if graded else (result.error_reason or "the prompt was not evaluated"),
-        agentic_job=OmniAgenticJob(id=result.id, conversation_id=None, state="COMPLETE" if graded else "FAILED"),
+        agentic_job=OmniAgenticJob(
+            id=job_id, conversation_id=conversation_id, state="COMPLETE" if graded else "FAILED"
+        ),
     )
 
 
@@ -563,7 +571,7 @@ Auth = Annotated[Caller, Depends(bearer_key)]
 Archived = Annotated[Literal["true", "false"], Query(description="true: archived items instead of active ones")]
 
 
-def router(upstream: Upstream) -> APIRouter:
+def router(upstream: Upstream, options: DialectOptions) -> APIRouter:
     """Omni's AI Eval routes (documented base path `/api`)."""
     omni = Omni(upstream)
     api = APIRouter(
@@ -581,7 +589,8 @@ def router(upstream: Upstream) -> APIRouter:
     ) -> OmniPromptSetList:
         if archived == "true":  # prompt sets cannot be archived here (no dataset delete RPC)
             return OmniPromptSetList(prompt_sets=[])
-        sets = [d for d in await omni.prompt_sets(caller) if not model_ids or d.labels.get(MODEL_LABEL) in model_ids]
+        wanted = {from_uuid(model_id) for model_id in model_ids or ()}
+        sets = [d for d in await omni.prompt_sets(caller) if not wanted or d.labels.get(MODEL_LABEL) in wanted]
         sets.sort(key=lambda d: d.display_name)
         return OmniPromptSetList(prompt_sets=list(await asyncio.gather(*(omni.summary(d, caller) for d in sets))))
 

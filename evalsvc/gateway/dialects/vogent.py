@@ -31,7 +31,7 @@ from google.protobuf.message import Message
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from evalsvc.gateway.dialects.base import RUN_LABEL, Dialect, bearer_key, error_route_class, iso
+from evalsvc.gateway.dialects.base import RUN_LABEL, Dialect, DialectOptions, bearer_key, error_route_class, iso
 from evalsvc.gateway.upstream import Caller, GatewayError, Upstream
 from evalsvc.v1 import (
     dataset_service_pb2,
@@ -560,7 +560,7 @@ class Vogent:
         return {item.id: item for item in items}
 
 
-def router(upstream: Upstream) -> APIRouter:
+def router(upstream: Upstream, options: DialectOptions) -> APIRouter:
     """Vogent's eval routes, relative to its base path `/api`."""
     api = APIRouter(route_class=error_route_class(render), responses=ERROR_RESPONSES)
 

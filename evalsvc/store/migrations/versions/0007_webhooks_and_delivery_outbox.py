@@ -1,7 +1,7 @@
 """Webhooks and their delivery outbox (issue 20).
 
 Revision ID: 0007
-Revises: 0006
+Revises: 0011
 Create Date: 2026-12-03 09:53:01.323324
 """
 
@@ -14,7 +14,7 @@ import sqlmodel.sql.sqltypes
 from alembic import op
 
 revision: str = "0007"
-down_revision: str | Sequence[str] | None = "0006"
+down_revision: str | Sequence[str] | None = "0011"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

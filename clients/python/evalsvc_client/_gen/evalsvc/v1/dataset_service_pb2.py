@@ -22,13 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from evalsvc_client._gen.evalsvc.v1 import dataset_generation_pb2 as evalsvc_dot_v1_dot_dataset__generation__pb2
 from evalsvc_client._gen.evalsvc.v1 import item_pb2 as evalsvc_dot_v1_dot_item__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n evalsvc/v1/dataset_service.proto\x12\nevalsvc.v1\x1a\x15\x65valsvc/v1/item.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x03\n\x07\x44\x61taset\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12/\n\x06labels\x18\x04 \x03(\x0b\x32\x1f.evalsvc.v1.Dataset.LabelsEntry\x12\x18\n\nitem_count\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x39\n\x0b\x61nnotations\x18\x08 \x03(\x0b\x32$.evalsvc.v1.Dataset.AnnotationsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"V\n\x14\x43reateDatasetRequest\x12*\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x13.evalsvc.v1.DatasetB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"=\n\x15\x43reateDatasetResponse\x12$\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x13.evalsvc.v1.Dataset\"-\n\x11GetDatasetRequest\x12\x18\n\ndataset_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\":\n\x12GetDatasetResponse\x12$\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x13.evalsvc.v1.Dataset\"<\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x14ListDatasetsResponse\x12%\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x13.evalsvc.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"S\n\x16\x41\x64\x64\x44\x61tasetItemsRequest\x12\x18\n\ndataset_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1f\n\x05items\x18\x02 \x03(\x0b\x32\x10.evalsvc.v1.Item\"Q\n\x17\x41\x64\x64\x44\x61tasetItemsResponse\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12$\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x13.evalsvc.v1.Dataset\"Z\n\x17ListDatasetItemsRequest\x12\x18\n\ndataset_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"T\n\x18ListDatasetItemsResponse\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.evalsvc.v1.Item\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xed\x04\n\x0e\x44\x61tasetService\x12m\n\rCreateDataset\x12 .evalsvc.v1.CreateDatasetRequest\x1a!.evalsvc.v1.CreateDatasetResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/datasets:\x01*\x12n\n\nGetDataset\x12\x1d.evalsvc.v1.GetDatasetRequest\x1a\x1e.evalsvc.v1.GetDatasetResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/datasets/{dataset_id}\x12g\n\x0cListDatasets\x12\x1f.evalsvc.v1.ListDatasetsRequest\x1a .evalsvc.v1.ListDatasetsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/datasets\x12\x89\x01\n\x0f\x41\x64\x64\x44\x61tasetItems\x12\".evalsvc.v1.AddDatasetItemsRequest\x1a#.evalsvc.v1.AddDatasetItemsResponse\"-\x82\xd3\xe4\x93\x02\'\"\"/v1/datasets/{dataset_id}:addItems:\x01*\x12\x86\x01\n\x10ListDatasetItems\x12#.evalsvc.v1.ListDatasetItemsRequest\x1a$.evalsvc.v1.ListDatasetItemsResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/datasets/{dataset_id}/itemsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n evalsvc/v1/dataset_service.proto\x12\nevalsvc.v1\x1a#evalsvc/v1/dataset_generation.proto\x1a\x15\x65valsvc/v1/item.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x03\n\x07\x44\x61taset\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12/\n\x06labels\x18\x04 \x03(\x0b\x32\x1f.evalsvc.v1.Dataset.LabelsEntry\x12\x18\n\nitem_count\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x39\n\x0b\x61nnotations\x18\x08 \x03(\x0b\x32$.evalsvc.v1.Dataset.AnnotationsEntry\x12\x37\n\ngeneration\x18Z \x01(\x0b\x32\x1d.evalsvc.v1.DatasetGenerationB\x04\xe2\x41\x01\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"V\n\x14\x43reateDatasetRequest\x12*\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x13.evalsvc.v1.DatasetB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"=\n\x15\x43reateDatasetResponse\x12$\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x13.evalsvc.v1.Dataset\"-\n\x11GetDatasetRequest\x12\x18\n\ndataset_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\":\n\x12GetDatasetResponse\x12$\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x13.evalsvc.v1.Dataset\"<\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x14ListDatasetsResponse\x12%\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x13.evalsvc.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"S\n\x16\x41\x64\x64\x44\x61tasetItemsRequest\x12\x18\n\ndataset_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1f\n\x05items\x18\x02 \x03(\x0b\x32\x10.evalsvc.v1.Item\"Q\n\x17\x41\x64\x64\x44\x61tasetItemsResponse\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12$\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x13.evalsvc.v1.Dataset\"Z\n\x17ListDatasetItemsRequest\x12\x18\n\ndataset_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"T\n\x18ListDatasetItemsResponse\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.evalsvc.v1.Item\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xed\x04\n\x0e\x44\x61tasetService\x12m\n\rCreateDataset\x12 .evalsvc.v1.CreateDatasetRequest\x1a!.evalsvc.v1.CreateDatasetResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/datasets:\x01*\x12n\n\nGetDataset\x12\x1d.evalsvc.v1.GetDatasetRequest\x1a\x1e.evalsvc.v1.GetDatasetResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/datasets/{dataset_id}\x12g\n\x0cListDatasets\x12\x1f.evalsvc.v1.ListDatasetsRequest\x1a .evalsvc.v1.ListDatasetsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/datasets\x12\x89\x01\n\x0f\x41\x64\x64\x44\x61tasetItems\x12\".evalsvc.v1.AddDatasetItemsRequest\x1a#.evalsvc.v1.AddDatasetItemsResponse\"-\x82\xd3\xe4\x93\x02\'\"\"/v1/datasets/{dataset_id}:addItems:\x01*\x12\x86\x01\n\x10ListDatasetItems\x12#.evalsvc.v1.ListDatasetItemsRequest\x1a$.evalsvc.v1.ListDatasetItemsResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/datasets/{dataset_id}/itemsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,6 +48,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATASET'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
   _globals['_DATASET'].fields_by_name['update_time']._loaded_options = None
   _globals['_DATASET'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_DATASET'].fields_by_name['generation']._loaded_options = None
+  _globals['_DATASET'].fields_by_name['generation']._serialized_options = b'\342A\001\003'
   _globals['_CREATEDATASETREQUEST'].fields_by_name['dataset']._loaded_options = None
   _globals['_CREATEDATASETREQUEST'].fields_by_name['dataset']._serialized_options = b'\342A\001\002'
   _globals['_GETDATASETREQUEST'].fields_by_name['dataset_id']._loaded_options = None
@@ -65,32 +68,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATASETSERVICE'].methods_by_name['AddDatasetItems']._serialized_options = b'\202\323\344\223\002\'\"\"/v1/datasets/{dataset_id}:addItems:\001*'
   _globals['_DATASETSERVICE'].methods_by_name['ListDatasetItems']._loaded_options = None
   _globals['_DATASETSERVICE'].methods_by_name['ListDatasetItems']._serialized_options = b'\202\323\344\223\002!\022\037/v1/datasets/{dataset_id}/items'
-  _globals['_DATASET']._serialized_start=168
-  _globals['_DATASET']._serialized_end=581
-  _globals['_DATASET_LABELSENTRY']._serialized_start=484
-  _globals['_DATASET_LABELSENTRY']._serialized_end=529
-  _globals['_DATASET_ANNOTATIONSENTRY']._serialized_start=531
-  _globals['_DATASET_ANNOTATIONSENTRY']._serialized_end=581
-  _globals['_CREATEDATASETREQUEST']._serialized_start=583
-  _globals['_CREATEDATASETREQUEST']._serialized_end=669
-  _globals['_CREATEDATASETRESPONSE']._serialized_start=671
-  _globals['_CREATEDATASETRESPONSE']._serialized_end=732
-  _globals['_GETDATASETREQUEST']._serialized_start=734
-  _globals['_GETDATASETREQUEST']._serialized_end=779
-  _globals['_GETDATASETRESPONSE']._serialized_start=781
-  _globals['_GETDATASETRESPONSE']._serialized_end=839
-  _globals['_LISTDATASETSREQUEST']._serialized_start=841
-  _globals['_LISTDATASETSREQUEST']._serialized_end=901
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=903
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=989
-  _globals['_ADDDATASETITEMSREQUEST']._serialized_start=991
-  _globals['_ADDDATASETITEMSREQUEST']._serialized_end=1074
-  _globals['_ADDDATASETITEMSRESPONSE']._serialized_start=1076
-  _globals['_ADDDATASETITEMSRESPONSE']._serialized_end=1157
-  _globals['_LISTDATASETITEMSREQUEST']._serialized_start=1159
-  _globals['_LISTDATASETITEMSREQUEST']._serialized_end=1249
-  _globals['_LISTDATASETITEMSRESPONSE']._serialized_start=1251
-  _globals['_LISTDATASETITEMSRESPONSE']._serialized_end=1335
-  _globals['_DATASETSERVICE']._serialized_start=1338
-  _globals['_DATASETSERVICE']._serialized_end=1959
+  _globals['_DATASET']._serialized_start=205
+  _globals['_DATASET']._serialized_end=675
+  _globals['_DATASET_LABELSENTRY']._serialized_start=578
+  _globals['_DATASET_LABELSENTRY']._serialized_end=623
+  _globals['_DATASET_ANNOTATIONSENTRY']._serialized_start=625
+  _globals['_DATASET_ANNOTATIONSENTRY']._serialized_end=675
+  _globals['_CREATEDATASETREQUEST']._serialized_start=677
+  _globals['_CREATEDATASETREQUEST']._serialized_end=763
+  _globals['_CREATEDATASETRESPONSE']._serialized_start=765
+  _globals['_CREATEDATASETRESPONSE']._serialized_end=826
+  _globals['_GETDATASETREQUEST']._serialized_start=828
+  _globals['_GETDATASETREQUEST']._serialized_end=873
+  _globals['_GETDATASETRESPONSE']._serialized_start=875
+  _globals['_GETDATASETRESPONSE']._serialized_end=933
+  _globals['_LISTDATASETSREQUEST']._serialized_start=935
+  _globals['_LISTDATASETSREQUEST']._serialized_end=995
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=997
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=1083
+  _globals['_ADDDATASETITEMSREQUEST']._serialized_start=1085
+  _globals['_ADDDATASETITEMSREQUEST']._serialized_end=1168
+  _globals['_ADDDATASETITEMSRESPONSE']._serialized_start=1170
+  _globals['_ADDDATASETITEMSRESPONSE']._serialized_end=1251
+  _globals['_LISTDATASETITEMSREQUEST']._serialized_start=1253
+  _globals['_LISTDATASETITEMSREQUEST']._serialized_end=1343
+  _globals['_LISTDATASETITEMSRESPONSE']._serialized_start=1345
+  _globals['_LISTDATASETITEMSRESPONSE']._serialized_end=1429
+  _globals['_DATASETSERVICE']._serialized_start=1432
+  _globals['_DATASETSERVICE']._serialized_end=2053
 # @@protoc_insertion_point(module_scope)

@@ -24,7 +24,7 @@ class ToolCall(_message.Message):
     def __init__(self, name: _Optional[str] = ..., arguments: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class Response(_message.Message):
-    __slots__ = ("content", "tool_calls", "cost_usd", "latency_ms", "refused", "prompt_tokens", "completion_tokens", "memory_mib")
+    __slots__ = ("content", "tool_calls", "cost_usd", "latency_ms", "refused", "prompt_tokens", "completion_tokens", "memory_mib", "image_urls")
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     COST_USD_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class Response(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_URLS_FIELD_NUMBER: _ClassVar[int]
     content: str
     tool_calls: _containers.RepeatedCompositeFieldContainer[ToolCall]
     cost_usd: float
@@ -41,7 +42,8 @@ class Response(_message.Message):
     prompt_tokens: int
     completion_tokens: int
     memory_mib: float
-    def __init__(self, content: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., cost_usd: _Optional[float] = ..., latency_ms: _Optional[float] = ..., refused: _Optional[bool] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., memory_mib: _Optional[float] = ...) -> None: ...
+    image_urls: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, content: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., cost_usd: _Optional[float] = ..., latency_ms: _Optional[float] = ..., refused: _Optional[bool] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., memory_mib: _Optional[float] = ..., image_urls: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Item(_message.Message):
     __slots__ = ("id", "input", "expected_output", "context", "conversation", "expected_tool_calls", "response", "metadata")

@@ -11,7 +11,7 @@ import type { JsonObject, Message as Message$1 } from "@bufbuild/protobuf";
  * Describes the file evalsvc/v1/item.proto.
  */
 export const file_evalsvc_v1_item: GenFile = /*@__PURE__*/
-  fileDesc("ChVldmFsc3ZjL3YxL2l0ZW0ucHJvdG8SCmV2YWxzdmMudjEiKAoHTWVzc2FnZRIMCgRyb2xlGAEgASgJEg8KB2NvbnRlbnQYAiABKAkiRAoIVG9vbENhbGwSDAoEbmFtZRgBIAEoCRIqCglhcmd1bWVudHMYAiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0IsIBCghSZXNwb25zZRIPCgdjb250ZW50GAEgASgJEigKCnRvb2xfY2FsbHMYAiADKAsyFC5ldmFsc3ZjLnYxLlRvb2xDYWxsEhAKCGNvc3RfdXNkGAMgASgBEhIKCmxhdGVuY3lfbXMYBCABKAESDwoHcmVmdXNlZBgFIAEoCBIVCg1wcm9tcHRfdG9rZW5zGAYgASgDEhkKEWNvbXBsZXRpb25fdG9rZW5zGAcgASgDEhIKCm1lbW9yeV9taWIYCCABKAEingIKBEl0ZW0SCgoCaWQYASABKAkSDQoFaW5wdXQYAiABKAkSFwoPZXhwZWN0ZWRfb3V0cHV0GAMgASgJEg8KB2NvbnRleHQYBCABKAkSKQoMY29udmVyc2F0aW9uGAUgAygLMhMuZXZhbHN2Yy52MS5NZXNzYWdlEhsKE2V4cGVjdGVkX3Rvb2xfY2FsbHMYBiADKAkSJgoIcmVzcG9uc2UYByABKAsyFC5ldmFsc3ZjLnYxLlJlc3BvbnNlEjAKCG1ldGFkYXRhGAggAygLMh4uZXZhbHN2Yy52MS5JdGVtLk1ldGFkYXRhRW50cnkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQi1aK2V2YWxzdmMvY2xpZW50cy9nby9nZW4vZXZhbHN2Yy92MTtldmFsc3ZjdjFiBnByb3RvMw", [file_google_protobuf_struct]);
+  fileDesc("ChVldmFsc3ZjL3YxL2l0ZW0ucHJvdG8SCmV2YWxzdmMudjEiKAoHTWVzc2FnZRIMCgRyb2xlGAEgASgJEg8KB2NvbnRlbnQYAiABKAkiRAoIVG9vbENhbGwSDAoEbmFtZRgBIAEoCRIqCglhcmd1bWVudHMYAiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0ItYBCghSZXNwb25zZRIPCgdjb250ZW50GAEgASgJEigKCnRvb2xfY2FsbHMYAiADKAsyFC5ldmFsc3ZjLnYxLlRvb2xDYWxsEhAKCGNvc3RfdXNkGAMgASgBEhIKCmxhdGVuY3lfbXMYBCABKAESDwoHcmVmdXNlZBgFIAEoCBIVCg1wcm9tcHRfdG9rZW5zGAYgASgDEhkKEWNvbXBsZXRpb25fdG9rZW5zGAcgASgDEhIKCm1lbW9yeV9taWIYCCABKAESEgoKaW1hZ2VfdXJscxhaIAMoCSKeAgoESXRlbRIKCgJpZBgBIAEoCRINCgVpbnB1dBgCIAEoCRIXCg9leHBlY3RlZF9vdXRwdXQYAyABKAkSDwoHY29udGV4dBgEIAEoCRIpCgxjb252ZXJzYXRpb24YBSADKAsyEy5ldmFsc3ZjLnYxLk1lc3NhZ2USGwoTZXhwZWN0ZWRfdG9vbF9jYWxscxgGIAMoCRImCghyZXNwb25zZRgHIAEoCzIULmV2YWxzdmMudjEuUmVzcG9uc2USMAoIbWV0YWRhdGEYCCADKAsyHi5ldmFsc3ZjLnYxLkl0ZW0uTWV0YWRhdGFFbnRyeRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCLVorZXZhbHN2Yy9jbGllbnRzL2dvL2dlbi9ldmFsc3ZjL3YxO2V2YWxzdmN2MWIGcHJvdG8z", [file_google_protobuf_struct]);
 
 /**
  * Message is one turn of a conversation, for transcripts and chat targets.
@@ -130,6 +130,15 @@ export type Response = Message$1<"evalsvc.v1.Response"> & {
    * @generated from field: double memory_mib = 8;
    */
   memoryMib: number;
+
+  /**
+   * Images that are the output or part of it, as http(s) URLs (at most 16). LLM judges are shown them
+   * as OpenAI-style image_url content parts (their model must accept images); a URL whose host is
+   * internal and not allow-listed (--outbound-allow) makes the judgment ERROR, never a silent drop.
+   *
+   * @generated from field: repeated string image_urls = 90;
+   */
+  imageUrls: string[];
 };
 
 /**

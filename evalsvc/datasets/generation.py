@@ -1,0 +1,435 @@
+"""Dataset generation: the server's generator model writes a dataset's items in the background.
+
+`GenerateDatasetItems` stores a PENDING generation and returns; a supervised loop in every server
+process leases pending generations (and running ones whose lease expired: a crashed or restarted
+process), asks the generator model for the items in batches, and appends each batch to the dataset in
+the same transaction that records the progress, so a resumed generation continues where it stopped.
+A generation whose model cannot be reached or gives no usable answer ends FAILED with the reason.
+
+The generator is an OpenAI-compatible chat model: --generator-model (with --generator-base-url and
+--generator-api-key), by default the server's default judge. Its calls go through the shared
+`Outbound` client (SSRF rule, retries, adaptive per-endpoint limits). Bounds: at most MAX_ITEMS items
+per generation, TENANT_CONCURRENCY generations of one tenant and PROCESS_CONCURRENCY in all are
+worked on at once by a process, so one tenant's large generations cannot hold back another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from evalsvc.config import Settings
+from evalsvc.datasets.service import generation_from
+from evalsvc.errors import FieldViolation, ServiceError, invalid_argument, not_found
+from evalsvc.execution.outbound import Outbound, OutboundError
+from evalsvc.execution.targets import chat_url
+from evalsvc.graders.judge import JudgeDefaults
+from evalsvc.runs.validation import assign_item_ids, check_items
+from evalsvc.storable import storable_json
+from evalsvc.store import datasets as dataset_store
+from evalsvc.store.db import Database
+from evalsvc.v1 import item_pb2, target_pb2
+from evalsvc.v1.dataset_generation_pb2 import (
+    ContinueConversationsRequest,
+    DatasetGeneration,
+    GenerateDatasetItemsRequest,
+)
+
+log = logging.getLogger(__name__)
+
+State = DatasetGeneration.State
+PENDING, RUNNING = DatasetGeneration.STATE_PENDING, DatasetGeneration.STATE_RUNNING
+SUCCEEDED, FAILED = DatasetGeneration.STATE_SUCCEEDED, DatasetGeneration.STATE_FAILED
+CLAIMABLE = (PENDING, RUNNING)
+MAX_ITEMS = 1000
+MAX_INSTRUCTIONS = 64 * 1024
+MAX_ITEM_CHARS = 16 * 1024  # a generated input longer than this is cut
+BATCH = 20  # items asked for in one model call
+PARSE_ATTEMPTS = 3  # model calls per batch before an unusable answer fails the generation
+TENANT_CONCURRENCY = 2
+PROCESS_CONCURRENCY = 8
+LEASE_TTL_S = 120.0
+SEEN_CHARS = 4096  # how much of the items already written is shown to the model, to avoid repeats
+MAX_CONVERSATIONS = 100  # conversations continued in one ContinueConversations call
+MAX_CONVERSATION_BYTES = 1024 * 1024  # all their turns together
+CONTINUE_CONCURRENCY = 4  # generator calls of one ContinueConversations call at once
+
+
+def generator_model(settings: Settings) -> JudgeDefaults:
+    """The generator model: --generator-* where given, else the default judge. A generator on its own
+    base URL uses only its own key: the judge's key is never sent to another endpoint."""
+    if settings.generator_base_url:
+        return JudgeDefaults(
+            settings.generator_base_url, settings.generator_model or settings.judge_model, settings.generator_api_key
+        )
+    return JudgeDefaults(
+        settings.judge_base_url, settings.generator_model or settings.judge_model, settings.judge_api_key
+    )
+
+
+class UnusableAnswer(ValueError):
+    """The model answered, but not with items."""
+
+
+def parse_items(reply: Any, wanted: int) -> list[str]:
+    """The item inputs of a model's answer `{"items": ["...", ...]}` (strings, or objects with an
+    `input` or `content`), at most `wanted`; UnusableAnswer when it holds none."""
+    try:
+        content = reply["choices"][0]["message"]["content"]
+        parsed = storable_json(json.loads(content))
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise UnusableAnswer(f"not a JSON answer: {exc}") from exc
+    listed = parsed.get("items") if isinstance(parsed, dict) else parsed
+    if not isinstance(listed, list):
+        raise UnusableAnswer('the answer has no "items" list')
+    texts = [entry.get("input") or entry.get("content") if isinstance(entry, dict) else entry for entry in listed]
+    inputs = [text.strip()[:MAX_ITEM_CHARS] for text in texts if isinstance(text, str) and text.strip()]
+    if not inputs:
+        raise UnusableAnswer("the answer holds no items")
+    return inputs[:wanted]
+
+
+def ask(instructions: str, wanted: int, written: list[str]) -> list[dict[str, str]]:
+    """The chat messages asking for `wanted` more items."""
+    seen = ""
+    if written:
+        shown = json.dumps(written[-50:], ensure_ascii=False)[-SEEN_CHARS:]
+        seen = f"\n\nItems already written (write different ones): {shown}"
+    return [
+        {
+            "role": "system",
+            "content": "You write test inputs for evaluating AI systems. Reply with one JSON object only.",
+        },
+        {
+            "role": "user",
+            "content": f"Write {wanted} distinct test inputs (prompts) following these instructions.\n\n"
+            f"{instructions}{seen}\n\n"
+            f'Answer with JSON {{"items": ["<input 1>", ...]}} holding exactly {wanted} inputs.',
+        },
+    ]
+
+
+def next_turn_messages(instructions: str, turns: list[item_pb2.Message]) -> list[dict[str, str]]:
+    """The chat messages asking for the next user turn of a conversation."""
+    shown = "\n\n".join(f"{turn.role or 'user'}: {turn.content}" for turn in turns)
+    purpose = f"{instructions}\n\n" if instructions else ""
+    return [
+        {
+            "role": "system",
+            "content": "You write test inputs for evaluating AI systems. Reply with one JSON object only.",
+        },
+        {
+            "role": "user",
+            "content": f"{purpose}Write the user's next message in this conversation, continuing the test.\n\n"
+            f"{shown}\n\n"
+            'Answer with JSON {"items": ["<the next user message>"]}.',
+        },
+    ]
+
+
+class DatasetGenerations:
+    """Starts generations (the RPC) and works on them (the supervised loop)."""
+
+    def __init__(self, db: Database, outbound: Outbound, model: JudgeDefaults, poll_interval_s: float) -> None:
+        self._db = db
+        self._outbound = outbound
+        self._model = model
+        self._poll_s = poll_interval_s
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._loop: asyncio.Task[None] | None = None
+        self._working: dict[str, tuple[str, str, asyncio.Task[None]]] = {}  # claim id -> (dataset, tenant, task)
+        self._writes: set[asyncio.Future[Any]] = set()
+
+    async def generate(self, tenant: str, request: GenerateDatasetItemsRequest) -> DatasetGeneration:
+        """Accept a generation for a tenant's dataset. The same request again returns the existing one;
+        with validate_only, what it would accept (nothing is written)."""
+        violations: list[FieldViolation] = []
+        if not 1 <= request.item_count <= MAX_ITEMS:
+            violations.append(FieldViolation("item_count", f"must be between 1 and {MAX_ITEMS}"))
+        if not request.instructions.strip():
+            violations.append(FieldViolation("instructions", "required"))
+        elif len(request.instructions.encode()) > MAX_INSTRUCTIONS:
+            violations.append(FieldViolation("instructions", f"at most {MAX_INSTRUCTIONS} bytes"))
+        if violations:
+            raise invalid_argument(violations)
+        if not self._model.configured:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "GENERATOR_NOT_CONFIGURED",
+                "the server has no generator model (--generator-model or --judge-base-url/--judge-model)",
+            )
+        if request.validate_only:
+            return DatasetGeneration(state=PENDING, item_count=request.item_count)
+        now = time.time()
+        async with self._db.write() as conn:
+            if await dataset_store.get(conn, tenant, request.dataset_id, lock=True) is None:
+                raise not_found("dataset", request.dataset_id)
+            existing = (await dataset_store.generations_of(conn, [request.dataset_id])).get(request.dataset_id)
+            if existing is not None:
+                if (existing["item_count"], existing["instructions"]) != (request.item_count, request.instructions):
+                    raise ServiceError(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        "GENERATION_EXISTS",
+                        f"dataset {request.dataset_id!r} already has a generation with other parameters",
+                    )
+                return generation_from(existing)
+            row = {
+                "dataset_id": request.dataset_id,
+                "tenant": tenant,
+                "state": PENDING,
+                "item_count": request.item_count,
+                "generated_count": 0,
+                "instructions": request.instructions,
+                "error": "",
+                "create_time": now,
+                "update_time": now,
+            }
+            await dataset_store.insert_generation(conn, row)
+        self._wake.set()
+        return generation_from(row)
+
+    async def continue_conversations(self, tenant: str, request: ContinueConversationsRequest) -> list[item_pb2.Item]:
+        """The next user turn of each conversation, appended to the dataset (existing ids are returned
+        as stored, not written again). Synchronous: at most MAX_CONVERSATIONS short model calls."""
+        violations: list[FieldViolation] = []
+        if not 1 <= len(request.conversations) <= MAX_CONVERSATIONS:
+            violations.append(FieldViolation("conversations", f"1 to {MAX_CONVERSATIONS} conversations"))
+        if len(request.instructions.encode()) > MAX_INSTRUCTIONS:
+            violations.append(FieldViolation("instructions", f"at most {MAX_INSTRUCTIONS} bytes"))
+        size = sum(len(t.content.encode()) for c in request.conversations for t in c.turns)
+        if size > MAX_CONVERSATION_BYTES:
+            violations.append(FieldViolation("conversations", f"the turns take {size} bytes; at most 1 MiB"))
+        for i, conversation in enumerate(request.conversations):
+            if not conversation.turns:
+                violations.append(FieldViolation(f"conversations[{i}].turns", "at least one turn"))
+        items = [item_pb2.Item(id=c.item_id, metadata=c.metadata) for c in request.conversations]
+        for i, conversation in enumerate(request.conversations):
+            if not conversation.item_id:
+                violations.append(FieldViolation(f"conversations[{i}].item_id", "required"))
+        check_items(items, "conversations", violations)
+        if violations:
+            raise invalid_argument(violations)
+        if not self._model.configured:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "GENERATOR_NOT_CONFIGURED",
+                "the server has no generator model (--generator-model or --judge-base-url/--judge-model)",
+            )
+        async with self._db.read() as conn:
+            if await dataset_store.get(conn, tenant, request.dataset_id) is None:
+                raise not_found("dataset", request.dataset_id)
+            stored = await dataset_store.items_by_id(conn, request.dataset_id, [item.id for item in items])
+        slots = asyncio.Semaphore(CONTINUE_CONCURRENCY)
+
+        async def write(conversation: Any, item: item_pb2.Item) -> None:
+            async with slots:
+                body = {
+                    "model": self._model.model,
+                    "messages": next_turn_messages(request.instructions, list(conversation.turns)),
+                    "response_format": {"type": "json_object"},
+                }
+                for attempt in range(PARSE_ATTEMPTS):
+                    reply = await self._outbound.post_json(chat_url(self._endpoint), body, self._model.headers(), 120.0)
+                    try:
+                        [item.input] = parse_items(reply.body, 1)
+                        return
+                    except UnusableAnswer as exc:
+                        if attempt == PARSE_ATTEMPTS - 1:
+                            raise ServiceError(
+                                grpc.StatusCode.UNAVAILABLE,
+                                "GENERATOR_UNAVAILABLE",
+                                f"the generator model gave no usable next turn: {exc}",
+                            ) from None
+
+        missing = [(c, item) for c, item in zip(request.conversations, items, strict=True) if item.id not in stored]
+        try:
+            await asyncio.gather(*(write(c, item) for c, item in missing))
+        except OutboundError as exc:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "GENERATOR_UNAVAILABLE", exc.reason) from None
+        async with self._db.write() as conn:
+            dataset = await dataset_store.get(conn, tenant, request.dataset_id, lock=True)
+            if dataset is None:
+                raise not_found("dataset", request.dataset_id)
+            stored.update(await dataset_store.items_by_id(conn, request.dataset_id, [item.id for item in items]))
+            new = [item for _, item in missing if item.id not in stored]  # a concurrent retry may have won
+            if new:
+                rows = [(item.id, item.SerializeToString()) for item in new]
+                await dataset_store.append_items(conn, tenant, request.dataset_id, rows, time.time())
+        return [item_pb2.Item.FromString(stored[item.id]) if item.id in stored else item for item in items]
+
+    @property
+    def _endpoint(self) -> target_pb2.Endpoint:
+        return target_pb2.Endpoint(base_url=self._model.base_url)
+
+    # ---- The worker ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Requeue what a previous process left running (SQLite has one server), then start the loop."""
+        self._stopping.clear()
+        if self._db.is_sqlite:
+            async with self._db.write() as conn:
+                released = await dataset_store.release_generations(conn, RUNNING, PENDING)
+            if released:
+                log.info("resuming %d dataset generations left running before the last shutdown", released)
+        self._loop = asyncio.create_task(self._supervised(self._claim_loop), name="dataset-generations")
+
+    async def stop(self) -> None:
+        """Stop claiming, abandon the generations in flight (their leases lapse; SQLite requeues at
+        start) after their current write, which is shielded from the cancellation."""
+        self._stopping.set()
+        if self._loop is not None:
+            await self._loop
+        tasks = [task for _, _, task in self._working.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._writes, return_exceptions=True)
+
+    async def _supervised(self, loop: Callable[[], Awaitable[None]]) -> None:
+        """Keep the loop alive across unexpected errors (a database hiccup must not stop generation)."""
+        while not self._stopping.is_set():
+            try:
+                await loop()
+                return
+            except Exception:
+                log.exception("dataset generation loop failed; restarting in 1 s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), 1.0)
+
+    async def _claim_loop(self) -> None:
+        next_extension = time.monotonic() + LEASE_TTL_S / 4
+        while not self._stopping.is_set():
+            self._wake.clear()
+            await self._claim()
+            if time.monotonic() >= next_extension:
+                async with self._db.write() as conn:
+                    await dataset_store.extend_generations(conn, list(self._working), time.time() + LEASE_TTL_S)
+                next_extension = time.monotonic() + LEASE_TTL_S / 4
+            waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(self._stopping.wait())]
+            await asyncio.wait(waits, timeout=self._poll_s, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()
+
+    async def _claim(self) -> None:
+        """Lease what this process has room for, no tenant beyond its share."""
+        room = PROCESS_CONCURRENCY - len(self._working)
+        if room <= 0:
+            return
+        busy = Counter(tenant for _, tenant, _ in self._working.values())
+        async with self._db.read() as conn:
+            candidates = await dataset_store.claimable_generations(conn, CLAIMABLE, time.time(), 100)
+        for candidate in candidates:
+            if room == 0:
+                break
+            if busy[candidate["tenant"]] >= TENANT_CONCURRENCY:
+                continue
+            claim_id = uuid.uuid4().hex
+            now = time.time()
+            async with self._db.write() as conn:
+                row = await dataset_store.claim_generation(
+                    conn, candidate["dataset_id"], CLAIMABLE, claim_id, now, now + LEASE_TTL_S
+                )
+            if row is None:
+                continue  # another process took it
+            task = asyncio.create_task(self._work(dict(row), claim_id), name=f"generate-{row['dataset_id']}")
+            self._working[claim_id] = (row["dataset_id"], row["tenant"], task)
+            task.add_done_callback(lambda _, claim=claim_id: self._done(claim))
+            busy[row["tenant"]] += 1
+            room -= 1
+
+    def _done(self, claim_id: str) -> None:
+        self._working.pop(claim_id, None)
+        self._wake.set()  # a slot is free
+
+    async def _work(self, row: dict[str, Any], claim_id: str) -> None:
+        """Write the remaining items batch by batch; record the outcome."""
+        dataset_id = row["dataset_id"]
+        written: list[str] = []
+        try:
+            remaining = row["item_count"] - row["generated_count"]
+            while remaining > 0:
+                inputs = await self._batch(row["instructions"], min(BATCH, remaining), written)
+                if not await self._write(self._append(dataset_id, claim_id, inputs)):
+                    return  # the lease was lost: another process has it now
+                written.extend(inputs)
+                remaining -= len(inputs)
+            await self._write(self._finish(dataset_id, claim_id, SUCCEEDED, ""))
+        except (OutboundError, UnusableAnswer) as exc:
+            reason = (
+                exc.reason if isinstance(exc, OutboundError) else f"the generator model gave no usable items: {exc}"
+            )
+            log.warning("dataset %s: generation failed: %s", dataset_id, reason)
+            await self._write(self._finish(dataset_id, claim_id, FAILED, reason))
+
+    async def _batch(self, instructions: str, wanted: int, written: list[str]) -> list[str]:
+        """Up to `wanted` new inputs from the model, asking again when an answer is unusable."""
+        body = {
+            "model": self._model.model,
+            "messages": ask(instructions, wanted, written),
+            "response_format": {"type": "json_object"},
+        }
+        problem = UnusableAnswer("no answer")
+        for _ in range(PARSE_ATTEMPTS):
+            reply = await self._outbound.post_json(chat_url(self._endpoint), body, self._model.headers(), 120.0)
+            try:
+                return parse_items(reply.body, wanted)
+            except UnusableAnswer as exc:
+                problem = exc
+        raise problem
+
+    async def _write(self, write: Awaitable[bool]) -> bool:
+        """Run a write to completion even if this task is cancelled meanwhile (a SQLite write
+        transaction must not be abandoned half-way); `stop` waits for it."""
+        future = asyncio.ensure_future(write)
+        self._writes.add(future)
+        future.add_done_callback(self._writes.discard)
+        return await asyncio.shield(future)
+
+    async def _append(self, dataset_id: str, claim_id: str, inputs: list[str]) -> bool:
+        """Append a batch and count it, while the claim holds; False when it no longer does."""
+        now = time.time()
+        async with self._db.write() as conn:
+            generation = await dataset_store.held_generation(conn, dataset_id, claim_id)
+            dataset = await dataset_store.get(conn, generation["tenant"], dataset_id, lock=True) if generation else None
+            if generation is None or dataset is None:
+                return False
+            items = [item_pb2.Item(input=text) for text in inputs]
+            assign_item_ids(items, start=dataset["item_count"])
+            taken = await dataset_store.existing_item_ids(conn, dataset_id, [item.id for item in items])
+            for item in items:  # an id a client already used for its own item: take a fresh one
+                if item.id in taken:
+                    item.id = f"item-{uuid.uuid4().hex[:12]}"
+            violations: list[FieldViolation] = []
+            check_items(items, "items", violations)
+            if violations:
+                raise UnusableAnswer(violations[0].description)
+            await dataset_store.append_items(
+                conn, generation["tenant"], dataset_id, [(item.id, item.SerializeToString()) for item in items], now
+            )
+            await dataset_store.update_generation(
+                conn,
+                dataset_id,
+                generated_count=generation["generated_count"] + len(items),
+                lease_expiry=now + LEASE_TTL_S,
+                update_time=now,
+            )
+        return True
+
+    async def _finish(self, dataset_id: str, claim_id: str, state: State, error: str) -> bool:
+        async with self._db.write() as conn:
+            if await dataset_store.held_generation(conn, dataset_id, claim_id) is None:
+                return False
+            await dataset_store.update_generation(
+                conn, dataset_id, state=state, error=error, claim_id=None, lease_expiry=None, update_time=time.time()
+            )
+        return True

@@ -1,0 +1,167 @@
+"""Liveness: long-lived loops are supervised, and a watchdog notices one that stopped making progress.
+
+`supervise` runs a loop body until shutdown. Whatever ends the body early - an exception, a
+`CancelledError` that was meant for something the loop awaited rather than for the loop itself, or a
+plain return - is logged with the loop's name, counted in `evalsvc_loop_restarts_total{loop}`, and the
+body starts again after a short backoff. Only shutdown (its `stopping` event) or the cancellation of the
+supervising task itself ends it.
+
+A loop that is alive can still be stuck (awaiting a lock that never comes, a query that never returns).
+Each watched loop beats a `Progress` on every turn; the `Watchdog` checks, every few seconds, whether a
+loop has been silent for its stall limit since it was found with work waiting (e.g. claimable jobs for
+the claim loop). Such a loop is logged, counted in `evalsvc_loop_stalls_total{loop}` and flagged in
+`evalsvc_loop_stalled{loop}`, and the watchdog reports it so that the server turns its gRPC health
+NOT_SERVING: an orchestrator that probes health restarts the process. When every loop makes progress
+again, health returns to SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from evalsvc.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+FIRST_BACKOFF_S = 0.1
+MAX_BACKOFF_S = 5.0
+# A body that ran this long before failing is considered to have recovered: its next failure
+# restarts it after the first backoff again, not after the longest.
+HEALTHY_RUN_S = 30.0
+
+
+async def supervise(name: str, body: Callable[[], Awaitable[None]], stopping: asyncio.Event, metrics: Metrics) -> None:
+    """Run `body` until `stopping` is set, restarting it whenever it ends before that."""
+    metrics.loop_restarts.labels(name)  # exported from the start, zero until a restart
+    backoff = FIRST_BACKOFF_S
+    while not stopping.is_set():
+        started = time.monotonic()
+        try:
+            await body()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the loop itself is being cancelled: that is the one cancellation that ends it
+            log.error(
+                "loop %s: a cancellation meant for something it awaited reached it; restarting in %.1f s",
+                name,
+                backoff,
+                exc_info=True,
+                extra={"loop": name},
+            )
+        except Exception:
+            log.exception("loop %s failed; restarting in %.1f s", name, backoff, extra={"loop": name})
+        else:
+            if stopping.is_set():
+                return
+            log.error("loop %s returned before shutdown; restarting in %.1f s", name, backoff, extra={"loop": name})
+        metrics.loop_restarted(name)
+        if time.monotonic() - started > HEALTHY_RUN_S:
+            backoff = FIRST_BACKOFF_S
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), backoff)
+        backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+
+class Progress:
+    """When a loop last completed a turn (monotonic seconds)."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def beat(self) -> None:
+        """The loop completed a turn (claimed, recorded, waited its poll interval...)."""
+        self.last = time.monotonic()
+
+    def quiet_s(self) -> float:
+        """Seconds since the last beat."""
+        return time.monotonic() - self.last
+
+
+@dataclass
+class Watched:
+    """A loop the watchdog checks: its progress, whether it has work waiting, and its stall limit."""
+
+    name: str
+    progress: Progress
+    has_work: Callable[[], Awaitable[bool]]
+    stall_s: float
+    stalled: bool = field(default=False, init=False)
+    # When the watchdog first found work waiting for the silent loop, and the loop's last beat then.
+    work_seen_at: float | None = field(default=None, init=False)
+    work_seen_beat: float = field(default=0.0, init=False)
+
+
+class Watchdog:
+    """Finds loops silent for their stall limit while work waits for them."""
+
+    def __init__(self, metrics: Metrics, on_health: Callable[[bool], Awaitable[None]], check_s: float) -> None:
+        self._metrics = metrics
+        self._on_health = on_health
+        self._check_s = check_s
+        self._watched: list[Watched] = []
+        self.healthy = True
+
+    def watch(self, loop: Watched) -> None:
+        """Check this loop from now on."""
+        self._watched.append(loop)
+        self._metrics.loop_stalls.labels(loop.name)  # exported from the start, zero until a stall
+        self._metrics.loop_stalled.labels(loop.name).set(0)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Check every loop every `check_s` until `stopping` is set."""
+        while not stopping.is_set():
+            await self.check()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self._check_s)
+
+    async def check(self) -> None:
+        """Check every loop once, and report a change of overall health."""
+        for loop in self._watched:
+            stalled = await self._is_stalled(loop)
+            if stalled and not loop.stalled:
+                log.error(
+                    "loop %s made no progress for %.1f s while work waits for it; reporting NOT_SERVING",
+                    loop.name,
+                    loop.progress.quiet_s(),
+                    extra={"loop": loop.name},
+                )
+                self._metrics.loop_stalls.labels(loop.name).inc()
+            elif loop.stalled and not stalled:
+                log.warning("loop %s makes progress again", loop.name, extra={"loop": loop.name})
+            loop.stalled = stalled
+            self._metrics.loop_stalled.labels(loop.name).set(1 if stalled else 0)
+        healthy = not any(loop.stalled for loop in self._watched)
+        if healthy != self.healthy:
+            self.healthy = healthy
+            await self._on_health(healthy)
+
+    async def _is_stalled(self, loop: Watched) -> bool:
+        """Whether the loop has made no progress for its stall limit since work was found waiting for it.
+
+        Silence alone is no stall (an idle loop waits quietly), nor is silence that began before the
+        work arrived: a loop idle for a minute that is handed work now gets its full stall limit."""
+        if loop.progress.quiet_s() <= loop.stall_s or not await self._has_work(loop):
+            loop.work_seen_at = None
+            return False
+        now = time.monotonic()
+        if loop.work_seen_at is None or loop.work_seen_beat != loop.progress.last:
+            loop.work_seen_at, loop.work_seen_beat = now, loop.progress.last
+        return now - loop.work_seen_at >= loop.stall_s
+
+    async def _has_work(self, loop: Watched) -> bool:
+        try:
+            # Asking may need the database; one that does not answer is no reason to call the loop fine.
+            return await asyncio.wait_for(loop.has_work(), loop.stall_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning(
+                "cannot tell whether loop %s has work waiting; counting it as stalled", loop.name, exc_info=True
+            )
+            return True

@@ -1,0 +1,257 @@
+"""DatasetGenerationService: a real server writes dataset items with a generator model that is a real
+HTTP fake (tests/fake_llm.py); generations resume after a restart and record why they failed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from evalsvc.server import EvalServer
+from evalsvc.v1 import dataset_generation_pb2_grpc, dataset_service_pb2_grpc, item_pb2
+from evalsvc.v1 import dataset_service_pb2 as ds
+from evalsvc.v1.dataset_generation_pb2 import (
+    ContinueConversationsRequest,
+    Conversation,
+    DatasetGeneration,
+    GenerateDatasetItemsRequest,
+)
+from tests.conftest import make_settings
+from tests.fake_llm import FakeEndpoint, Reply, generator_reply
+from tests.helpers import error_reason, keyed_channel, violations
+
+INSTRUCTIONS = "Questions a pharmacy chatbot must answer carefully."
+TURNS = [item_pb2.Message(role="user", content="Can I take two?"), item_pb2.Message(role="assistant", content="No.")]
+
+
+def continuing(dataset_id: str, *item_ids: str) -> ContinueConversationsRequest:
+    conversations = [Conversation(item_id=i, turns=TURNS, metadata={"turn_number": "2"}) for i in item_ids]
+    return ContinueConversationsRequest(dataset_id=dataset_id, instructions=INSTRUCTIONS, conversations=conversations)
+
+
+class Generator(list[Reply]):
+    """A FakeEndpoint script answering every request with the items it asks for."""
+
+    def __init__(self, fake: FakeEndpoint) -> None:
+        super().__init__()
+        self.fake = fake
+
+    def __len__(self) -> int:
+        return 2  # FakeEndpoint pops while more than one reply is left: every request comes here
+
+    def pop(self, index: Any = -1) -> Reply:
+        return generator_reply(self.fake.seen[-1].body)
+
+
+@pytest.fixture
+async def generator() -> AsyncIterator[FakeEndpoint]:
+    with FakeEndpoint() as fake:
+        fake.script = Generator(fake)
+        yield fake
+
+
+def settings_for(tmp_path: Path, **overrides: Any) -> Any:
+    return make_settings(tmp_path, outbound_allow="127.0.0.1", **overrides)
+
+
+class Client:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
+        self.generations = dataset_generation_pb2_grpc.DatasetGenerationServiceStub(channel)
+
+    async def new_dataset(self) -> str:
+        return (await self.datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))).dataset.id
+
+    async def settled(self, dataset_id: str) -> ds.Dataset:
+        """The dataset once its generation has ended (polled: datasets have no watch), at most 60 s."""
+        async with asyncio.timeout(60):
+            while True:
+                dataset = (await self.datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset_id))).dataset
+                if dataset.generation.state in (DatasetGeneration.STATE_SUCCEEDED, DatasetGeneration.STATE_FAILED):
+                    return dataset
+                await asyncio.sleep(0.1)
+
+
+async def test_a_pending_generation_resumes_after_a_restart(tmp_path: Path, generator: FakeEndpoint) -> None:
+    settings = settings_for(tmp_path, judge_base_url=generator.url + "/v1", judge_model="judge")
+    first = EvalServer(settings)
+    await first.start()
+    await first.generations.stop()  # accepted, but nothing is written before the restart
+    try:
+        async with keyed_channel(first.port, first.bootstrap_key or "") as channel:
+            client = Client(channel)
+            dataset_id = await client.new_dataset()
+            request = GenerateDatasetItemsRequest(dataset_id=dataset_id, item_count=45, instructions=INSTRUCTIONS)
+            accepted = (await client.generations.GenerateDatasetItems(request)).generation
+            assert accepted.state == DatasetGeneration.STATE_PENDING and accepted.item_count == 45
+            again = (await client.generations.GenerateDatasetItems(request)).generation
+            assert again == accepted  # the same request is the same generation
+            got = (await client.datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset_id))).dataset
+            assert got.generation.state == DatasetGeneration.STATE_PENDING and got.item_count == 0
+    finally:
+        await first.stop(grace=0.5)
+    assert generator.seen == []
+    second = EvalServer(settings_for(tmp_path, db=settings.db, judge_base_url=settings.judge_base_url, judge_model="j"))
+    await second.start()
+    try:
+        async with keyed_channel(second.port, first.bootstrap_key or "") as channel:
+            client = Client(channel)
+            done = await client.settled(dataset_id)
+            assert done.generation.state == DatasetGeneration.STATE_SUCCEEDED
+            assert done.item_count == done.generation.generated_count == 45
+            items = (await client.datasets.ListDatasetItems(ds.ListDatasetItemsRequest(dataset_id=dataset_id))).items
+            assert len({item.input for item in items}) == 45 and len({item.id for item in items}) == 45
+            listed = (await client.datasets.ListDatasets(ds.ListDatasetsRequest())).datasets
+            assert [d.generation.state for d in listed if d.id == dataset_id] == [DatasetGeneration.STATE_SUCCEEDED]
+    finally:
+        await second.stop(grace=0.5)
+    asked = [seen.body for seen in generator.seen]
+    assert len(asked) == 3 and {body["model"] for body in asked} == {"j"}  # batches of at most 20
+    assert all(INSTRUCTIONS in body["messages"][-1]["content"] for body in asked)
+
+
+async def test_a_failing_generator_is_recorded_with_its_reason(tmp_path: Path) -> None:
+    with FakeEndpoint(Reply({"error": "bad model"}, status=400)) as broken:
+        settings = settings_for(
+            tmp_path, generator_base_url=broken.url + "/v1", generator_model="gen", generator_api_key="gk"
+        )
+        srv = EvalServer(settings)
+        await srv.start()
+        try:
+            async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+                client = Client(channel)
+                dataset_id = await client.new_dataset()
+                await client.generations.GenerateDatasetItems(
+                    GenerateDatasetItemsRequest(dataset_id=dataset_id, item_count=5, instructions=INSTRUCTIONS)
+                )
+                failed = await client.settled(dataset_id)
+                with pytest.raises(grpc.aio.AioRpcError) as unreachable:
+                    await client.generations.ContinueConversations(continuing(dataset_id, "next-1"))
+                assert unreachable.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert error_reason(unreachable.value) == "GENERATOR_UNAVAILABLE"
+        finally:
+            await srv.stop(grace=0.5)
+    assert failed.generation.state == DatasetGeneration.STATE_FAILED and failed.item_count == 0
+    assert "HTTP 400" in failed.generation.error
+    call, _ = broken.seen  # a 400 is not retried
+    assert call.body["model"] == "gen" and call.headers["authorization"] == "Bearer gk"
+
+
+async def test_bad_requests_are_refused_and_write_nothing(tmp_path: Path, generator: FakeEndpoint) -> None:
+    srv = EvalServer(settings_for(tmp_path, judge_base_url=generator.url + "/v1", judge_model="judge"))
+    await srv.start()
+    try:
+        other_key, _ = await srv.keys.create("other-tenant")
+        async with (
+            keyed_channel(srv.port, srv.bootstrap_key or "") as channel,
+            keyed_channel(srv.port, other_key) as other_channel,
+        ):
+            client, other = Client(channel), Client(other_channel)
+            dataset_id = await client.new_dataset()
+            for count, instructions, bad in ((0, INSTRUCTIONS, "item_count"), (1001, "", "instructions")):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await client.generations.GenerateDatasetItems(
+                        GenerateDatasetItemsRequest(dataset_id=dataset_id, item_count=count, instructions=instructions)
+                    )
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad in violations(refused.value)
+            request = GenerateDatasetItemsRequest(dataset_id=dataset_id, item_count=2, instructions=INSTRUCTIONS)
+            with pytest.raises(grpc.aio.AioRpcError) as foreign:
+                await other.generations.GenerateDatasetItems(request)
+            assert foreign.value.code() == grpc.StatusCode.NOT_FOUND  # another tenant's dataset does not exist
+            await client.generations.GenerateDatasetItems(request)
+            with pytest.raises(grpc.aio.AioRpcError) as clash:
+                await client.generations.GenerateDatasetItems(
+                    GenerateDatasetItemsRequest(dataset_id=dataset_id, item_count=3, instructions=INSTRUCTIONS)
+                )
+            assert clash.value.code() == grpc.StatusCode.ALREADY_EXISTS and error_reason(clash.value) == (
+                "GENERATION_EXISTS"
+            )
+            assert (await client.settled(dataset_id)).item_count == 2
+            for bad, field in ((continuing(dataset_id), "conversations"), (continuing(dataset_id, ""), "item_id")):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await client.generations.ContinueConversations(bad)
+                assert any(field in name for name in violations(refused.value)), violations(refused.value)
+            calls = len(generator.seen)
+            [turn] = (await client.generations.ContinueConversations(continuing(dataset_id, "next-a"))).items
+            assert turn.id == "next-a" and turn.input and dict(turn.metadata) == {"turn_number": "2"}
+            assert "Can I take two?" in generator.seen[-1].body["messages"][-1]["content"]
+            again = (await client.generations.ContinueConversations(continuing(dataset_id, "next-a", "next-b"))).items
+            assert again[0] == turn and again[1].id == "next-b" and len(generator.seen) == calls + 2
+            got = (await client.datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset_id))).dataset
+            assert got.item_count == 4
+    finally:
+        await srv.stop(grace=0.5)
+
+
+async def test_without_a_generator_model_nothing_is_accepted(tmp_path: Path) -> None:
+    srv = EvalServer(settings_for(tmp_path))
+    await srv.start()
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+            client = Client(channel)
+            dataset_id = await client.new_dataset()
+            for validate_only in (True, False):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await client.generations.GenerateDatasetItems(
+                        GenerateDatasetItemsRequest(
+                            dataset_id=dataset_id, item_count=2, instructions=INSTRUCTIONS, validate_only=validate_only
+                        )
+                    )
+                assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert error_reason(refused.value) == "GENERATOR_NOT_CONFIGURED"
+            with pytest.raises(grpc.aio.AioRpcError) as unconfigured:
+                await client.generations.ContinueConversations(continuing(dataset_id, "next-1"))
+            assert error_reason(unconfigured.value) == "GENERATOR_NOT_CONFIGURED"
+            got = (await client.datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset_id))).dataset
+            assert not got.HasField("generation") and got.item_count == 0
+    finally:
+        await srv.stop(grace=0.5)
+
+
+class SlowForTenantA(Generator):
+    """Answers tenant A's generations (their instructions say so) only after a delay."""
+
+    def pop(self, index: Any = -1) -> Reply:
+        body = self.fake.seen[-1].body
+        slow = "tenant A" in body["messages"][-1]["content"]
+        return Reply(generator_reply(body).body, delay_s=5.0 if slow else 0.0)
+
+
+async def test_one_tenants_generations_do_not_hold_back_anothers(tmp_path: Path) -> None:
+    with FakeEndpoint() as fake:
+        fake.script = SlowForTenantA(fake)
+        srv = EvalServer(settings_for(tmp_path, judge_base_url=fake.url + "/v1", judge_model="judge"))
+        await srv.start()
+        try:
+            key_b, _ = await srv.keys.create("tenant-b")
+            async with (
+                keyed_channel(srv.port, srv.bootstrap_key or "") as channel_a,
+                keyed_channel(srv.port, key_b) as channel_b,
+            ):
+                a, b = Client(channel_a), Client(channel_b)
+                datasets_a = [await a.new_dataset() for _ in range(3)]
+                for dataset_id in datasets_a:  # more than a tenant's share of generations at once
+                    await a.generations.GenerateDatasetItems(
+                        GenerateDatasetItemsRequest(dataset_id=dataset_id, item_count=5, instructions="tenant A")
+                    )
+                dataset_b = await b.new_dataset()
+                await b.generations.GenerateDatasetItems(
+                    GenerateDatasetItemsRequest(dataset_id=dataset_b, item_count=5, instructions="tenant B")
+                )
+                done_b = await b.settled(dataset_b)
+                states_a = [
+                    (await a.datasets.GetDataset(ds.GetDatasetRequest(dataset_id=d))).dataset.generation.state
+                    for d in datasets_a
+                ]
+                assert done_b.generation.state == DatasetGeneration.STATE_SUCCEEDED
+                # B finished while A still waits: A runs at most its share (2) at once, the third is PENDING
+                assert states_a.count(DatasetGeneration.STATE_SUCCEEDED) == 0
+                assert states_a.count(DatasetGeneration.STATE_PENDING) == 1
+                for dataset_id in datasets_a:
+                    assert (await a.settled(dataset_id)).generation.state == DatasetGeneration.STATE_SUCCEEDED
+        finally:
+            await srv.stop(grace=0.5)

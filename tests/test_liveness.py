@@ -1,0 +1,724 @@
+"""Liveness and fairness: no tenant, target or ordinary call stops or starves the engine for others.
+
+Against the real server (SQLite, or PostgreSQL with EVALSVC_TEST_DB=postgres) and real HTTP webhooks
+on 127.0.0.1 (`Webhook`: answers at once, slowly, with HTTP 500, or never):
+- cancelling runs whose calls hang frees their endpoint and worker slots, and execution goes on;
+- a run hung on its webhook, throttled by it, or queued for the grading processes does not delay
+  other tenants' runs, nor its own tenant's other runs;
+- supervised loops survive failures and stray cancellations; the watchdog turns health NOT_SERVING
+  while a loop is stuck with work waiting, and SERVING again once it moves;
+- a seeded random interleaving of a few hundred operations (create, cancel, delete, undelete, update,
+  watch, disconnect) over several tenants and target kinds leaves every run that was not cancelled
+  finished within a bound, and the executor still claiming. The seed is printed; replay a failure
+  with EVALSVC_LIVENESS_SEED=<seed> (EVALSVC_LIVENESS_OPS=<n> sets the number of operations).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from evalsvc import liveness
+from evalsvc.execution import executor as executor_module
+from evalsvc.execution.fairness import RoundRobin, even_split
+from evalsvc.execution.slots import Hold, Slots
+from evalsvc.metrics import Metrics
+from evalsvc.server import EvalServer
+from evalsvc.store import jobs as job_store
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
+from tests import dbs
+from tests.conftest import make_settings
+from tests.helpers import TERMINAL, keyed_channel
+from tests.procs import start_server
+
+HUNG_CALL_TIMEOUT_S = 600  # the longest a target call may take: hung calls last until cancelled
+RunStub = eval_run_service_pb2_grpc.EvalRunServiceStub
+
+
+# ------------------------------------------------------------------------------------------ webhooks
+
+
+class Webhook:
+    """An agent webhook on 127.0.0.1, served from the test's event loop (HTTP/1.1, keep-alive).
+
+    POST /fast answers at once, /slow after `slow_s`, /fail with HTTP 500, /throttle with HTTP 429 and
+    `Retry-After: 30`, /hang never (until the webhook closes). An answer's `content` is the item's
+    input, so an exact-match grader passes."""
+
+    def __init__(self, slow_s: float = 0.1) -> None:
+        self.slow_s = slow_s
+        self.calls: Counter[str] = Counter()
+        self._arrived = asyncio.Condition()
+        self._closing = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> Webhook:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._closing.set()
+        assert self._server is not None
+        self._server.close()
+
+    async def wait_for_calls(self, path: str, n: int, within_s: float = 15.0) -> None:
+        """Until `n` requests to `path` have arrived."""
+
+        async def arrived() -> None:
+            async with self._arrived:
+                await self._arrived.wait_for(lambda: self.calls[path] >= n)
+
+        await asyncio.wait_for(arrived(), within_s)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while not self._closing.is_set():
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                path = head.split(" ", 2)[1]
+                length = next(
+                    (
+                        int(v)
+                        for k, _, v in (h.partition(":") for h in head.split("\r\n"))
+                        if k.lower() == "content-length"
+                    ),
+                    0,
+                )
+                request = json.loads(await reader.readexactly(length) or b"null")
+                async with self._arrived:
+                    self.calls[path] += 1
+                    self._arrived.notify_all()
+                if path == "/hang":
+                    await self._closing.wait()
+                    return
+                if path == "/slow":
+                    await asyncio.sleep(self.slow_s)
+                status = {"/fail": "500 Internal Server Error", "/throttle": "429 Too Many Requests"}.get(
+                    path, "200 OK"
+                )
+                body = json.dumps({"content": request["item"]["input"]}).encode()
+                head_out = (
+                    f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+                    + ("retry-after: 30\r\n" if path == "/throttle" else "")
+                    + "\r\n"
+                )
+                writer.write(head_out.encode() + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client closed the connection, or gave up on the call
+        finally:
+            writer.close()
+
+
+# ------------------------------------------------------------------------------------------ requests
+
+
+def webhook(url: str) -> target_pb2.Target:
+    return target_pb2.Target(
+        http=target_pb2.HttpTarget(endpoint=target_pb2.Endpoint(base_url=url, timeout_s=HUNG_CALL_TIMEOUT_S))
+    )
+
+
+def echo() -> target_pb2.Target:
+    return target_pb2.Target(echo=target_pb2.EchoTarget())
+
+
+def recorded() -> target_pb2.Target:
+    return target_pb2.Target(provided=target_pb2.ProvidedTarget())
+
+
+def run_request(target: target_pb2.Target, n: int) -> pb.CreateRunRequest:
+    """n items whose expected output is their input (and, for recorded targets, their response)."""
+    items = [
+        item_pb2.Item(
+            id=f"i{i}", input=f"q {i}", expected_output=f"q {i}", response=item_pb2.Response(content=f"q {i}")
+        )
+        for i in range(n)
+    ]
+    return pb.CreateRunRequest(
+        items=items, target=target, graders=[grader_pb2.Grader(name="exact", exact_match=grader_pb2.ExactMatch())]
+    )
+
+
+async def finish(stub: RunStub, run_id: str, within_s: float) -> run_pb2.Run:
+    """The run's terminal state, watched to its end; fails when that takes longer than within_s."""
+
+    async def to_end() -> run_pb2.Run:
+        async for event in stub.WatchRun(pb.WatchRunRequest(run_id=run_id)):
+            if event.HasField("run") and event.run.status in TERMINAL:
+                return event.run
+        raise AssertionError(f"the watch of {run_id} ended without a terminal event")
+
+    return await asyncio.wait_for(to_end(), within_s)
+
+
+async def create_and_finish(stub: RunStub, request: pb.CreateRunRequest, within_s: float) -> run_pb2.Run:
+    """Create a run and watch it to its end, all within `within_s` (measured from before CreateRun)."""
+
+    async def both() -> run_pb2.Run:
+        created = await stub.CreateRun(request)
+        return await finish(stub, created.run.id, within_s)
+
+    return await asyncio.wait_for(both(), within_s)
+
+
+# ------------------------------------------------------------------------------------------ servers
+
+
+@contextlib.asynccontextmanager
+async def serving(tmp_path: Path, **overrides: object) -> AsyncIterator[EvalServer]:
+    """A started server that may call 127.0.0.1, with quick retries and no CreateRun rate limit in the way."""
+    values: dict[str, object] = {"outbound_allow": "127.0.0.1", "create_run_rate": 1000.0, "create_run_burst": 1000}
+    values.update(overrides)
+    srv = EvalServer(make_settings(tmp_path, **values))
+    srv.outbound.base_backoff_s = 0.01  # a failing webhook gives up in milliseconds; same retry shape
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop(grace=0.5)
+
+
+@contextlib.asynccontextmanager
+async def tenants(srv: EvalServer, *names: str) -> AsyncIterator[dict[str, RunStub]]:
+    """A run stub per tenant, each on its own channel with its own API key."""
+    async with contextlib.AsyncExitStack() as stack:
+        stubs = {}
+        for name in names:
+            key, _ = await srv.keys.create(name)
+            stubs[name] = RunStub(await stack.enter_async_context(keyed_channel(srv.port, key)))
+        yield stubs
+
+
+def restarts(srv: EvalServer, loop: str) -> float:
+    return srv.metrics.registry.get_sample_value("evalsvc_loop_restarts_total", {"loop": loop}) or 0.0
+
+
+# ------------------------------------------------------------------------------------------ cancellation
+
+
+async def test_cancelled_hung_calls_give_their_endpoint_slots_to_the_next_run(tmp_path: Path) -> None:
+    """Regression: cancelling in-flight calls leaked their endpoint slots, so every later call to that
+    host - any tenant's - waited forever."""
+    async with serving(tmp_path) as srv, Webhook() as hook, tenants(srv, "a", "b") as t:
+        for round_ in range(3):
+            hung = (await t["a"].CreateRun(run_request(webhook(hook.url + "/hang"), 20))).run
+            await hook.wait_for_calls("/hang", 8 * (round_ + 1))  # the endpoint's whole limit is taken
+            await t["a"].CancelRun(pb.CancelRunRequest(run_id=hung.id))
+            for stub in t.values():
+                run = await create_and_finish(stub, run_request(webhook(hook.url + "/fast"), 5), within_s=10)
+                assert run.status == run_pb2.RUN_STATUS_SUCCEEDED and run.counts.passed == 5
+        assert srv.outbound.limit_of(hook.url).in_flight == 0
+        assert srv.executor.in_flight() == 0
+
+
+@pytest.mark.parametrize("how", ["CancelRun", "DeleteRun"])
+async def test_cancel_while_the_run_is_being_loaded_does_not_stop_execution(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Regression: a cancel cancelled the shared plan-loading task while the claim loop awaited it
+    (through asyncio.shield); the CancelledError ended the claim loop and no run of any tenant ran again."""
+    loading, loaded = asyncio.Event(), asyncio.Event()
+    real_items = job_store.run_items
+
+    async def slow_items(conn: Any, run_id: str) -> list[bytes]:
+        loading.set()
+        await loaded.wait()
+        return await real_items(conn, run_id)
+
+    async with serving(tmp_path) as srv, Webhook() as hook, tenants(srv, "a", "b") as t:
+        monkeypatch.setattr(job_store, "run_items", slow_items)
+        victim = (await t["a"].CreateRun(run_request(webhook(hook.url + "/slow"), 3))).run
+        await asyncio.wait_for(loading.wait(), 10)  # the claim loop waits for the victim's plan
+        if how == "CancelRun":
+            await t["a"].CancelRun(pb.CancelRunRequest(run_id=victim.id))
+        else:
+            await t["a"].DeleteRun(pb.DeleteRunRequest(run_id=victim.id))
+        monkeypatch.setattr(job_store, "run_items", real_items)
+        loaded.set()
+        for stub in t.values():
+            run = await create_and_finish(stub, run_request(echo(), 3), within_s=10)
+            assert run.status == run_pb2.RUN_STATUS_SUCCEEDED
+            run = await create_and_finish(stub, run_request(webhook(hook.url + "/fast"), 3), within_s=10)
+            assert run.status == run_pb2.RUN_STATUS_SUCCEEDED
+        assert restarts(srv, "claim") == 0 and restarts(srv, "record") == 0
+
+
+async def test_jobs_claimed_just_before_their_run_is_cancelled_never_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim that commits just before a cancel, and is turned into tasks just after it, starts none
+    of the cancelled run's jobs (they used to call the target anyway, holding its slots while it hung)."""
+    async with serving(tmp_path) as srv, Webhook() as hook, tenants(srv, "a") as t:
+        claimed, go_on = asyncio.Event(), asyncio.Event()
+        classify = srv.executor._all_local  # the claim loop's next step after a claim commits
+
+        async def paused(jobs: list[Any]) -> bool:
+            claimed.set()
+            await go_on.wait()
+            return await classify(jobs)
+
+        monkeypatch.setattr(srv.executor, "_all_local", paused)
+        run = (await t["a"].CreateRun(run_request(webhook(hook.url + "/hang"), 5))).run
+        await asyncio.wait_for(claimed.wait(), 10)
+        await t["a"].CancelRun(pb.CancelRunRequest(run_id=run.id))
+        monkeypatch.setattr(srv.executor, "_all_local", classify)
+        go_on.set()
+        after = await create_and_finish(t["a"], run_request(webhook(hook.url + "/fast"), 5), within_s=10)
+        assert after.status == run_pb2.RUN_STATUS_SUCCEEDED
+        assert hook.calls["/hang"] == 0
+        assert srv.outbound.limit_of(hook.url).in_flight == 0 and srv.executor.in_flight() == 0
+
+
+# ------------------------------------------------------------------------------------------ fairness
+
+
+async def test_a_run_hung_on_its_webhook_delays_no_other_run(tmp_path: Path) -> None:
+    """The issue's figures: with tenant A's 300-item run hung on a webhook, B's 1-item echo run ends
+    within 1 s, B's 20-item run against a fast webhook within 5 s, and A's own second small run within 5 s."""
+    async with (
+        serving(tmp_path) as srv,
+        Webhook() as hung_hook,
+        Webhook() as fast_hook,
+        tenants(srv, "a", "b") as t,
+    ):
+        a, b = t["a"], t["b"]
+        stuck = (await a.CreateRun(run_request(webhook(hung_hook.url + "/hang"), 300))).run
+        await hung_hook.wait_for_calls("/hang", 8)  # its endpoint's limit is taken; the rest queue for it
+
+        figures = {}
+        for name, stub, request, bound_s in (
+            ("B, 1 item, echo", b, run_request(echo(), 1), 1.0),
+            ("B, 20 items, fast webhook", b, run_request(webhook(fast_hook.url + "/fast"), 20), 5.0),
+            ("A's second run, 5 items, fast webhook", a, run_request(webhook(fast_hook.url + "/fast"), 5), 5.0),
+        ):
+            started = time.monotonic()
+            run = await create_and_finish(stub, request, within_s=bound_s)
+            figures[name] = f"{time.monotonic() - started:.3f} s"
+            assert run.status == run_pb2.RUN_STATUS_SUCCEEDED and run.counts.passed == len(request.items)
+        print(f"with A's 300-item run hung, create to end: {figures}")
+
+        still = (await a.GetRun(pb.GetRunRequest(run_id=stuck.id))).run
+        assert still.status == run_pb2.RUN_STATUS_RUNNING and still.counts.completed_evaluations == 0
+        assert hung_hook.calls["/hang"] == 8
+        # Its first claim took 64 jobs (--workers): 8 hold workers in hung calls, the rest queue for the
+        # endpoint without one, and the run leases nothing more while they do.
+        sample = srv.metrics.registry.get_sample_value
+        assert (sample("evalsvc_jobs_running"), sample("evalsvc_jobs_held_up")) == (8, 56)
+        await a.CancelRun(pb.CancelRunRequest(run_id=stuck.id))
+
+
+async def test_a_run_backing_off_from_a_throttling_endpoint_holds_no_workers(tmp_path: Path) -> None:
+    """Jobs that sleep out a 429's Retry-After give their worker slots back: with every worker's job of
+    tenant A backing off for 30 s, tenant B's runs still run at once."""
+    async with (
+        serving(tmp_path, workers=16) as srv,
+        Webhook() as throttling,
+        Webhook() as fast_hook,
+        tenants(srv, "a", "b") as t,
+    ):
+        a, b = t["a"], t["b"]
+        throttled = (await a.CreateRun(run_request(webhook(throttling.url + "/throttle"), 100))).run
+        await throttling.wait_for_calls("/throttle", 16)  # all 16 claimed jobs were told to come back in 30 s
+        run = await create_and_finish(b, run_request(echo(), 1), within_s=1.0)
+        assert run.status == run_pb2.RUN_STATUS_SUCCEEDED
+        run = await create_and_finish(b, run_request(webhook(fast_hook.url + "/fast"), 20), within_s=5.0)
+        assert run.status == run_pb2.RUN_STATUS_SUCCEEDED and run.counts.passed == 20
+        assert srv.metrics.registry.get_sample_value("evalsvc_jobs_held_up") == 16
+        await a.CancelRun(pb.CancelRunRequest(run_id=throttled.id))
+
+
+async def test_jobs_waiting_for_a_grading_process_hold_no_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tenant A's big outputs queue for the grading processes; the jobs waiting there give their worker
+    slots back, so tenant B's run does not wait behind them."""
+    async with serving(tmp_path) as srv, tenants(srv, "a", "b") as t:
+        graded, grading_frees_up = asyncio.Event(), asyncio.Event()
+        grade_in_process = srv.executor._grading.grade
+
+        async def busy_grading_process(*args: Any) -> Any:  # as if every grading process were taken
+            graded.set()
+            await grading_frees_up.wait()
+            return await grade_in_process(*args)
+
+        monkeypatch.setattr(srv.executor._grading, "grade", busy_grading_process)
+        big = run_request(recorded(), 100)
+        for item in big.items:  # outputs over 16 KiB are graded in a grading process
+            item.expected_output = item.response.content = item.input + "x" * 20_000
+        waiting = (await t["a"].CreateRun(big)).run
+        await asyncio.wait_for(graded.wait(), 10)
+
+        run = await create_and_finish(t["b"], run_request(echo(), 1), within_s=1.0)
+        assert run.status == run_pb2.RUN_STATUS_SUCCEEDED
+        assert srv.metrics.registry.get_sample_value("evalsvc_jobs_held_up") == 64  # one claim's worth
+        grading_frees_up.set()
+        run = await finish(t["a"], waiting.id, within_s=60)
+        assert run.status == run_pb2.RUN_STATUS_SUCCEEDED and run.counts.passed == 100
+
+
+def test_round_robin_splits_claims_across_tenants_then_runs_taking_turns() -> None:
+    rr = RoundRobin()
+    runs = [("a", "a1"), ("a", "a2"), ("a", "a3"), ("b", "b1")]
+    assert rr.shares(runs, 8) == {"a1": 2, "a2": 1, "a3": 1, "b1": 4}  # tenants first, then runs
+    assert rr.shares(runs, 8) == {"b1": 4, "a2": 2, "a3": 1, "a1": 1}  # the next claim: b first, a2 first
+    # A claim smaller than the number of tenants serves each tenant in turn.
+    firsts = [next(iter(rr.shares(runs, 1))) for _ in range(4)]
+    assert sorted(run[0] for run in firsts) == ["a", "a", "b", "b"]
+    assert rr.shares([], 5) == {} and rr.shares(runs, 0) == {}
+    assert even_split(7, 3) == [3, 2, 2] and even_split(1, 3) == [1, 0, 0]
+
+
+# ------------------------------------------------------------------------------------------ slots
+
+
+async def test_slots_are_never_leaked_by_cancellation() -> None:
+    slots = Slots(1)
+    await slots.acquire()
+    waiter = asyncio.create_task(slots.acquire())
+    await asyncio.sleep(0)  # let it queue
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert (slots.held, slots.waiting) == (1, 0)
+
+    granted, next_in_line = asyncio.create_task(slots.acquire()), asyncio.create_task(slots.acquire())
+    await asyncio.sleep(0)
+    slots.release()  # the slot goes to `granted`...
+    granted.cancel()  # ...which is cancelled before it resumes: the slot passes on, it is not lost
+    with pytest.raises(asyncio.CancelledError):
+        await granted
+    await asyncio.wait_for(next_in_line, 1)
+    assert (slots.held, slots.waiting) == (1, 0)
+
+    hold = Hold(slots)
+    taking = asyncio.create_task(hold.take())
+    await asyncio.sleep(0)
+    taking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await taking
+    hold.give_back()  # holds nothing: gives nothing back
+    assert slots.held == 1
+
+
+# ------------------------------------------------------------------------------------------ supervision
+
+
+async def test_supervise_restarts_a_loop_until_shutdown_and_ends_on_its_own_cancellation() -> None:
+    metrics, stopping, turns = Metrics(), asyncio.Event(), []
+
+    async def body() -> None:
+        turns.append(len(turns))
+        if len(turns) == 1:
+            raise RuntimeError("a database hiccup")
+        if len(turns) == 2:
+            raise asyncio.CancelledError  # meant for something the loop awaited, not for the loop
+        if len(turns) == 3:
+            return  # a loop that returns before shutdown is restarted too
+        stopping.set()
+
+    await asyncio.wait_for(liveness.supervise("unit", body, stopping, metrics), 10)
+    assert turns == [0, 1, 2, 3]
+    assert metrics.registry.get_sample_value("evalsvc_loop_restarts_total", {"loop": "unit"}) == 3
+
+    started = asyncio.Event()
+
+    async def forever() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(liveness.supervise("own", forever, asyncio.Event(), metrics))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert metrics.registry.get_sample_value("evalsvc_loop_restarts_total", {"loop": "own"}) == 0
+
+
+FAULT_SITES = {"claim": (job_store, "claim"), "record": (executor_module, "record"), "leases": (job_store, "extend")}
+
+
+@pytest.mark.parametrize("loop", list(FAULT_SITES))
+async def test_executor_loops_survive_failures_and_stray_cancellations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, loop: str
+) -> None:
+    """A failing claim, recording or lease renewal, or a CancelledError not meant for the loop, restarts
+    the loop (logged with its name, counted) and the runs end; a batch that could not be recorded runs
+    again once its leases expire."""
+    faults: list[BaseException] = [RuntimeError("injected"), asyncio.CancelledError()]
+    module, name = FAULT_SITES[loop]
+    real = getattr(module, name)
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        if faults:
+            raise faults.pop(0)
+        return await real(*args, **kwargs)
+
+    async with serving(tmp_path, lease_ttl_s=1.0) as srv, Webhook(slow_s=0.5) as hook, tenants(srv, "a") as t:
+        monkeypatch.setattr(module, name, flaky)
+        # Renewals happen only while jobs are in flight: 20 calls of 0.5 s, 8 at a time, outlast both faults.
+        targets = [webhook(hook.url + "/slow")] if loop == "leases" else [echo(), recorded()]
+        with caplog.at_level(logging.ERROR, logger="evalsvc.liveness"):
+            for target in targets:
+                run = await create_and_finish(t["a"], run_request(target, 20), within_s=30)
+                assert run.status == run_pb2.RUN_STATUS_SUCCEEDED and run.counts.passed == 20
+        assert faults == []
+        assert restarts(srv, loop) == 2
+        assert sum(f"loop {loop}" in r.getMessage() and r.__dict__.get("loop") == loop for r in caplog.records) == 2
+
+
+async def test_watchdog_reports_a_stalled_claim_loop_through_health(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with serving(tmp_path, stall_s=0.5, poll_interval_s=0.1) as srv, tenants(srv, "a") as t:
+        unstuck = asyncio.Event()
+        real_claim = srv.executor._claim
+
+        async def stuck_claim(limit: int) -> Any:
+            await unstuck.wait()
+            return await real_claim(limit)
+
+        monkeypatch.setattr(srv.executor, "_claim", stuck_claim)
+        async with keyed_channel(srv.port, "") as channel:
+            statuses = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            serving_ = health_pb2.HealthCheckResponse.SERVING
+            assert (await asyncio.wait_for(statuses.read(), 5)).status == serving_
+            run = (await t["a"].CreateRun(run_request(echo(), 2))).run  # work waits; the claim loop is stuck
+            assert (await asyncio.wait_for(statuses.read(), 10)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            sample = srv.metrics.registry.get_sample_value
+            assert sample("evalsvc_loop_stalls_total", {"loop": "claim"}) == 1
+            assert sample("evalsvc_loop_stalled", {"loop": "claim"}) == 1
+            assert sample("evalsvc_loop_stalled", {"loop": "record"}) == 0
+
+            unstuck.set()
+            assert (await asyncio.wait_for(statuses.read(), 10)).status == serving_
+            assert (await finish(t["a"], run.id, within_s=10)).status == run_pb2.RUN_STATUS_SUCCEEDED
+            assert sample("evalsvc_loop_stalled", {"loop": "claim"}) == 0
+            statuses.cancel()
+
+
+async def test_watchdog_does_not_flag_a_claim_loop_that_waits_for_free_workers(tmp_path: Path) -> None:
+    """Jobs stay claimable for longer than --stall-s because every worker is busy: that is load, not a stall."""
+    async with (
+        serving(tmp_path, stall_s=0.5, poll_interval_s=0.1, workers=2) as srv,
+        Webhook(slow_s=0.8) as hook,  # each call outlasts --stall-s
+        tenants(srv, "a") as t,
+    ):
+        run = await create_and_finish(t["a"], run_request(webhook(hook.url + "/slow"), 6), within_s=20)
+        assert run.status == run_pb2.RUN_STATUS_SUCCEEDED
+        await srv.watchdog.check()
+        assert srv.watchdog.healthy
+        for loop in ("claim", "record", "leases"):
+            assert srv.metrics.registry.get_sample_value("evalsvc_loop_stalls_total", {"loop": loop}) == 0
+
+
+@pytest.mark.skipif((reason := dbs.postgres_unavailable()) is not None, reason=reason or "PostgreSQL is not reachable")
+async def test_the_listener_survives_a_failure_and_relays_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PostgreSQL listener that brings other replicas' events to this one's watchers restarts after
+    an unexpected failure: a watcher here still sees a run that another replica executes, to its end."""
+    url = dbs.postgres_url(tmp_path, "replicas")
+    watching = EvalServer(make_settings(tmp_path, db=url))
+    assert watching.listener is not None
+    listen = watching.listener._run
+    faults = [RuntimeError("injected")]
+
+    async def flaky_listen() -> None:
+        if faults:
+            raise faults.pop(0)
+        await listen()
+
+    async def claims_nothing(limit: int) -> list[Any]:
+        return []
+
+    monkeypatch.setattr(watching.listener, "_run", flaky_listen)
+    monkeypatch.setattr(watching.executor, "_claim", claims_nothing)  # every job runs on the other replica
+    await watching.start()
+    executing = await start_server(url, tmp_path / "executing.log", "--poll-interval-s", "0.2")
+    try:
+        assert watching.bootstrap_key
+        async with (
+            keyed_channel(executing.port, watching.bootstrap_key) as there,
+            keyed_channel(watching.port, watching.bootstrap_key) as here,
+        ):
+            run = (await RunStub(there).CreateRun(run_request(echo(), 50))).run
+            ended = await finish(RunStub(here), run.id, within_s=20)
+        assert ended.status == run_pb2.RUN_STATUS_SUCCEEDED
+        assert faults == [] and restarts(watching, "listener") == 1
+    finally:
+        executing.terminate()
+        await watching.stop(grace=0.5)
+
+
+# ------------------------------------------------------------------------------------------ random interleaving
+
+TENANTS = ("t0", "t1", "t2", "t3")
+# Target kinds and how often a create picks them. Runs on the hung webhook end only by being cancelled.
+KINDS = {"echo": 3, "recorded": 3, "slow": 3, "failing": 2, "hung": 1}
+OPERATIONS = {"create": 34, "cancel": 10, "delete": 7, "undelete": 5, "update": 10, "watch": 20, "disconnect": 14}
+# Every run not cancelled ends within this many seconds after the last operation (they take ~2 s).
+BOUND_S = 45.0
+
+
+@dataclass
+class TrackedRun:
+    tenant: str
+    run_id: str
+    kind: str
+    items: int
+    cancel_asked: bool = False  # CancelRun or DeleteRun was called (the run may have finished first)
+    deleted: bool = False
+
+
+@dataclass
+class Watcher:
+    run: TrackedRun
+    task: asyncio.Task[list[pb.WatchRunResponse]]
+    disconnected: bool = False
+
+
+async def _watch(stub: RunStub, run_id: str) -> list[pb.WatchRunResponse]:
+    events = []
+    async for event in stub.WatchRun(pb.WatchRunRequest(run_id=run_id)):
+        if not event.HasField("heartbeat"):
+            events.append(event)
+    return events
+
+
+async def test_random_interleaving_of_operations_leaves_every_run_live(tmp_path: Path) -> None:
+    seed = int(os.environ.get("EVALSVC_LIVENESS_SEED") or random.SystemRandom().randrange(2**32))
+    operations = int(os.environ.get("EVALSVC_LIVENESS_OPS") or 300)
+    print(f"liveness seed {seed}, {operations} operations: replay with EVALSVC_LIVENESS_SEED={seed}")
+    rng = random.Random(seed)
+    note = f"(replay with EVALSVC_LIVENESS_SEED={seed})"
+
+    async with (
+        serving(tmp_path, workers=16) as srv,
+        Webhook(slow_s=0.1) as slow,
+        Webhook() as failing,
+        Webhook() as hung,
+        tenants(srv, *TENANTS) as stubs,
+    ):
+        targets = {
+            "echo": echo,
+            "recorded": recorded,
+            "slow": lambda: webhook(slow.url + "/slow"),
+            "failing": lambda: webhook(failing.url + "/fail"),
+            "hung": lambda: webhook(hung.url + "/hang"),
+        }
+        runs: list[TrackedRun] = []
+        watchers: list[Watcher] = []
+        done: Counter[str] = Counter()
+
+        async def expect_ok_or_finished(call: Any) -> None:
+            try:
+                await call
+            except grpc.aio.AioRpcError as error:  # cancelling a run that finished meanwhile
+                assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, f"{error} {note}"
+
+        for _ in range(operations):
+            op = rng.choices(list(OPERATIONS), weights=list(OPERATIONS.values()))[0]
+            if op != "create" and not runs:
+                op = "create"
+            if op == "create":
+                tenant = rng.choice(TENANTS)
+                kind = rng.choices(list(KINDS), weights=list(KINDS.values()))[0]
+                n = rng.randint(1, 6)
+                created = await stubs[tenant].CreateRun(run_request(targets[kind](), n))
+                runs.append(TrackedRun(tenant, created.run.id, kind, n))
+            elif op in ("cancel", "delete"):
+                run = rng.choice(runs)
+                stub = stubs[run.tenant]
+                run.cancel_asked = True
+                if op == "cancel":
+                    await expect_ok_or_finished(stub.CancelRun(pb.CancelRunRequest(run_id=run.run_id)))
+                else:
+                    await stub.DeleteRun(pb.DeleteRunRequest(run_id=run.run_id))
+                    run.deleted = True
+            elif op == "undelete":
+                deleted = [r for r in runs if r.deleted] or runs
+                run = rng.choice(deleted)
+                await stubs[run.tenant].UndeleteRun(pb.UndeleteRunRequest(run_id=run.run_id))
+                run.deleted = False
+            elif op == "update":
+                run = rng.choice(runs)
+                await stubs[run.tenant].UpdateRun(
+                    pb.UpdateRunRequest(
+                        run_id=run.run_id,
+                        run=run_pb2.Run(display_name=f"n{rng.randrange(100)}", labels={"k": "v"}),
+                        update_mask=field_mask_pb2.FieldMask(paths=["display_name", "labels"]),
+                    )
+                )
+            elif op == "watch":
+                run = rng.choice(runs)
+                watchers.append(Watcher(run, asyncio.create_task(_watch(stubs[run.tenant], run.run_id))))
+            else:  # disconnect: a client goes away (mid-stream, unless its run already ended)
+                connected = [w for w in watchers if not w.disconnected]  # by history, not timing: replayable
+                if connected:
+                    victim = rng.choice(connected)
+                    victim.task.cancel()
+                    victim.disconnected = True
+            done[op] += 1
+        print(f"operations done: {dict(done)}; runs by kind: {dict(Counter(r.kind for r in runs))}")
+
+        for run in runs:  # a run on the hung webhook only ends by being cancelled
+            if run.kind == "hung" and not run.cancel_asked:
+                run.cancel_asked = True
+                await expect_ok_or_finished(stubs[run.tenant].CancelRun(pb.CancelRunRequest(run_id=run.run_id)))
+
+        try:
+            ended = await asyncio.wait_for(
+                asyncio.gather(*(finish(stubs[r.tenant], r.run_id, BOUND_S) for r in runs)), BOUND_S
+            )
+        except TimeoutError:
+            stuck = []
+            for r in runs:
+                status = (await stubs[r.tenant].GetRun(pb.GetRunRequest(run_id=r.run_id))).run.status
+                if status not in TERMINAL:
+                    stuck.append((r.run_id, r.kind, run_pb2.RunStatus.Name(status)))
+            raise AssertionError(f"runs not ended {BOUND_S} s after the last operation: {stuck} {note}") from None
+
+        for tracked, run in zip(runs, ended, strict=True):
+            if tracked.cancel_asked:
+                continue  # cancelled, or finished before the cancel: either way it ended
+            expected = run_pb2.RUN_STATUS_FAILED if tracked.kind == "failing" else run_pb2.RUN_STATUS_SUCCEEDED
+            assert run.status == expected, f"{tracked} ended {run_pb2.RunStatus.Name(run.status)} {note}"
+            counts = run.counts
+            assert counts.completed_evaluations == tracked.items, f"{tracked}: {counts} {note}"
+            assert (counts.errored if tracked.kind == "failing" else counts.passed) == tracked.items, note
+
+        for w in watchers:  # every watcher still connected saw every event, in order, to the end
+            if w.disconnected:
+                continue
+            events = await asyncio.wait_for(w.task, BOUND_S)
+            assert [e.seq for e in events] == list(range(1, len(events) + 1)), f"{w.run} {note}"
+            assert events[-1].HasField("run") and events[-1].run.status in TERMINAL, f"{w.run} {note}"
+
+        # The executor still claims, for every tenant, on the very host whose calls hung and were cancelled.
+        for stub in stubs.values():
+            for target in (echo(), webhook(hung.url + "/fast")):
+                run = await create_and_finish(stub, run_request(target, 3), within_s=10)
+                assert run.status == run_pb2.RUN_STATUS_SUCCEEDED, note
+        assert srv.outbound.limit_of(hung.url).in_flight == 0, note
+        assert srv.executor.in_flight() == 0, note
+        for loop in ("claim", "record", "leases"):
+            assert restarts(srv, loop) == 0, f"loop {loop} restarted {note}"
+        assert srv.watchdog.healthy, note

@@ -1,0 +1,240 @@
+"""The live run page in a real browser: Playwright driving Debian's chromium (`.ci/run` installs it; Playwright's
+own browser download is never used) against a real server, its gateway and a real HTTP target.
+
+The target stand-in holds every call until the test lets some through, so the page is seen at each step of the
+run rather than at moments chosen by sleeping."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evalsvc.server import EvalServer
+from tests.conftest import make_settings
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("playwright") is None or not CHROMIUM.exists(),
+    reason="needs playwright (dev dependency) and Debian's chromium (apt-get install chromium; .ci/run does)",
+)
+STEP_TIMEOUT_MS = 30_000
+
+
+class GatedTarget:
+    """An agent webhook (an `http` target) that answers `expected` only when the test releases a call."""
+
+    def __init__(self) -> None:
+        self.permits = threading.Semaphore(0)
+        self.closing = threading.Event()
+        gate = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                item = json.loads(self.rfile.read(int(self.headers["content-length"])))["item"]
+                while not gate.permits.acquire(timeout=0.5):
+                    if gate.closing.is_set():
+                        break
+                answer = "wrong" if item["input"].endswith("7") else f"answer to {item['input']}"
+                body = json.dumps({"content": answer}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/agent"
+
+    def release(self, calls: int) -> None:
+        for _ in range(calls):
+            self.permits.release()
+
+    def close(self) -> None:
+        self.closing.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def target() -> Iterator[GatedTarget]:
+    gated = GatedTarget()
+    try:
+        yield gated
+    finally:
+        gated.close()
+
+
+@pytest.fixture
+async def gateway_server(tmp_path: Path) -> AsyncIterator[EvalServer]:
+    srv = EvalServer(make_settings(tmp_path, http_addr="127.0.0.1:0", outbound_allow="127.0.0.1"))
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop(grace=0.5)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+async def _create_run(server: EvalServer, body: dict[str, Any]) -> dict[str, Any]:
+    import httpx
+
+    assert server.gateway is not None
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.gateway.port}", timeout=30) as client:
+        created = await client.post("/v1/runs", json=body, headers={"authorization": f"Bearer {server.bootstrap_key}"})
+        assert created.status_code == 200, created.text
+        return dict(created.json()["run"])
+
+
+async def _field(page: Any, name: str) -> str:
+    return str(await page.locator(f'[data-field="{name}"]').first.text_content()).strip()
+
+
+async def _wait_field(page: Any, name: str, value: str) -> None:
+    await page.wait_for_function(
+        '([name, value]) => document.querySelector(`[data-field="${name}"]`)?.textContent.trim() === value',
+        arg=[name, value],
+        timeout=STEP_TIMEOUT_MS,
+    )
+
+
+async def test_run_page_shows_a_run_live_from_start_to_final_status(
+    gateway_server: EvalServer, target: GatedTarget, browser: Any, tmp_path: Path
+) -> None:
+    items = [{"id": f"q{i}", "input": f"question {i}", "expectedOutput": f"answer to question {i}"} for i in range(12)]
+    run = await _create_run(
+        gateway_server,
+        {
+            "displayName": "browser: live counts",
+            "items": items,
+            "target": {"http": {"endpoint": {"baseUrl": target.url}}},
+            "graders": [{"name": "exact", "exactMatch": {}}],
+        },
+    )
+    page = await browser.new_page()
+    requests: list[Any] = []
+    page.on("request", lambda request: requests.append(request))
+    await page.goto(
+        f"http://127.0.0.1:{gateway_server.gateway.port}/ui/runs/{run['id']}#key={gateway_server.bootstrap_key}"
+    )
+
+    # Nothing answered yet: the run executes and shows 0 of 12.
+    await _wait_field(page, "status", "RUNNING")
+    assert (await _field(page, "completed"), await _field(page, "total")) == ("0", "12")
+    assert await _field(page, "pass_rate") == "\N{EN DASH}"  # no verdict yet
+
+    target.release(4)  # q0..q3 (in some order) pass
+    await _wait_field(page, "completed", "4")
+    assert (await _field(page, "passed"), await _field(page, "pass_rate"), await _field(page, "status")) == (
+        "4",
+        "100%",
+        "RUNNING",
+    )
+    target.release(4)
+    await _wait_field(page, "completed", "8")
+    assert await _field(page, "status") == "RUNNING"
+
+    target.release(4)  # the last four; q7 answered "wrong"
+    await _wait_field(page, "status", "SUCCEEDED")
+    assert (await _field(page, "completed"), await _field(page, "total"), await _field(page, "passed")) == (
+        "12",
+        "12",
+        "11",
+    )
+    assert await _field(page, "pass_rate") == "91.7%"
+    assert await page.locator("#results-body tr").count() == 12
+    await page.locator('#filters button[data-state="RESULT_STATE_FAILED"]').click()
+    failed_rows = page.locator("#results-body tr")
+    assert await failed_rows.count() == 1 and await failed_rows.locator("td").first.text_content() == "q7"
+
+    # The key left the address bar, went only as a header, and never into a URL.
+    key = str(gateway_server.bootstrap_key)
+    assert "key=" not in page.url
+    assert all(key not in request.url for request in requests)
+    api_calls = [request for request in requests if "/v1/" in request.url]
+    assert api_calls and all(request.headers.get("authorization") == f"Bearer {key}" for request in api_calls)
+    assert all(request.url.startswith(f"http://127.0.0.1:{gateway_server.gateway.port}/") for request in requests)
+
+    await page.locator('#filters button[data-state=""]').click()
+    await page.set_viewport_size({"width": 1280, "height": 1000})
+    await page.screenshot(path=str(tmp_path / "run-page.png"), full_page=True)  # for people: pytest keeps tmp_path
+
+
+async def test_run_page_resumes_after_the_stream_drops_and_keys_are_typed_once(
+    gateway_server: EvalServer, target: GatedTarget, browser: Any
+) -> None:
+    """The first watch connection ends after three events; the page reconnects with Last-Event-ID and shows every
+    result once. A refused key brings the form back; the key typed into it is kept for the tab, so the runs list
+    opens without asking again."""
+    target.release(6)
+    items = [{"id": f"q{i}", "input": f"question {i}", "expectedOutput": f"answer to question {i}"} for i in range(6)]
+    run = await _create_run(
+        gateway_server,
+        {
+            "displayName": "browser: resume",
+            "items": items,
+            "target": {"http": {"endpoint": {"baseUrl": target.url}}},
+            "graders": [{"name": "exact", "exactMatch": {}}, {"name": "short", "latency": {"maxMs": 60000}}],
+        },
+    )
+    page = await browser.new_page()
+    watch_requests: list[dict[str, str]] = []
+
+    async def cut_first_stream(route: Any) -> None:
+        watch_requests.append(dict(route.request.headers))
+        if len(watch_requests) > 1:
+            await route.continue_()
+            return
+        response = await route.fetch()  # the whole stream (the run may finish meanwhile), then only its start
+        events = (await response.text()).split("\n\n")
+        await route.fulfill(response=response, body="\n\n".join(events[:3]) + "\n\n")
+
+    await page.route("**/*:watch", cut_first_stream)
+    await page.goto(f"http://127.0.0.1:{gateway_server.gateway.port}/ui/runs/{run['id']}")
+    await page.locator("#key-input").fill("evk_wrong_key")
+    await page.locator("#key-form button").click()
+    refused = page.locator("#key-error")
+    await refused.wait_for(timeout=STEP_TIMEOUT_MS)
+    assert (await refused.text_content() or "").startswith("The key was refused")
+    assert watch_requests == []  # nothing is watched without a valid key
+    await page.locator("#key-input").fill(str(gateway_server.bootstrap_key))
+    await page.locator("#key-form button").click()
+
+    await _wait_field(page, "status", "SUCCEEDED")
+    assert (await _field(page, "completed"), await _field(page, "total"), await _field(page, "pass_rate")) == (
+        "12",
+        "12",
+        "100%",
+    )
+    assert await page.locator("#results-body tr").count() == 12  # each result once
+    assert len(watch_requests) >= 2 and "last-event-id" not in watch_requests[0]
+    assert watch_requests[1]["last-event-id"] == "3"
+    assert await page.locator("#graders-body tr").count() == 2
+
+    await page.goto(f"http://127.0.0.1:{gateway_server.gateway.port}/ui/runs")
+    link = page.locator(f'tr[data-run-id="{run["id"]}"] a')
+    await link.wait_for(timeout=STEP_TIMEOUT_MS)
+    assert await link.text_content() == "browser: resume"
+    assert await page.locator("#key-panel").is_hidden()
