@@ -1,4 +1,4 @@
-"""The webhook sender: a supervised loop in every server process that sends the outbox.
+"""The webhook sender: a loop in every server process, supervised (evalsvc.liveness), that sends the outbox.
 
 Deliveries are written by the run transactions (evalsvc.store.webhooks.enqueue) and sent only after
 they commit. The sender leases due deliveries (so replicas never send one at the same time), sends
@@ -30,6 +30,7 @@ import httpx
 
 from evalsvc.config import Settings
 from evalsvc.execution.outbound import AllowList, OutboundError, check_destination, retry_after_s
+from evalsvc.liveness import supervise
 from evalsvc.metrics import Metrics
 from evalsvc.store import webhooks as store
 from evalsvc.store.db import Database
@@ -99,7 +100,9 @@ class WebhookSender:
                 log.info("resuming %d webhook deliveries leased before the last shutdown", released)
         self._stopping = False
         self._stop_requested.clear()
-        self._loop_task = asyncio.create_task(self._supervised(), name="webhook-sender")
+        self._loop_task = asyncio.create_task(
+            supervise("webhook-sender", self._send_loop, self._stop_requested, self._metrics), name="webhook-sender"
+        )
 
     async def stop(self) -> None:
         """Stop sending: abandon HTTP attempts in flight and hand their deliveries back, due at once.
@@ -120,21 +123,6 @@ class WebhookSender:
             async with self._db.write() as conn:
                 await store.release(conn, [delivery_id for _, (_, delivery_id) in in_flight])
         await self._client.aclose()
-
-    async def _supervised(self) -> None:
-        """Keep the loop alive across unexpected errors and cancellations that are not a stop."""
-        while not self._stopping:
-            try:
-                await self._send_loop()
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if self._stopping or (current is not None and current.cancelling()):
-                    raise
-                log.warning("webhook sender loop was cancelled from outside; restarting it")
-            except Exception:
-                log.exception("webhook sender loop failed; restarting in 1 s")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop_requested.wait(), 1.0)
 
     async def _send_loop(self) -> None:
         while not self._stopping:
