@@ -218,6 +218,22 @@ class Settings:
         default=100_000,
         metadata={"help": "cached outputs and verdicts kept per tenant; the least recently used go first"},
     )
+    webhook_concurrency: int = dataclasses.field(
+        default=16, metadata={"help": "webhook deliveries this process sends at once (a quarter of them per tenant)"}
+    )
+    webhook_timeout_s: float = dataclasses.field(
+        default=10.0, metadata={"help": "seconds a webhook receiver has to answer one delivery attempt"}
+    )
+    webhook_retry_base_s: float = dataclasses.field(
+        default=5.0,
+        metadata={
+            "help": "seconds before the first retry of a webhook delivery; each next one waits 4x longer, "
+            "at most an hour, less up to half as jitter (docs/webhooks.md)"
+        },
+    )
+    webhook_max_attempts: int = dataclasses.field(
+        default=8, metadata={"help": "attempts of a webhook delivery before it is FAILED"}
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -94,6 +94,12 @@ class Metrics:
             ["kind", "outcome"],
             registry=r,
         )
+        self.webhook_attempts = Counter(
+            "evalsvc_webhook_attempts",
+            "Webhook delivery attempts by this process, by outcome (succeeded, retrying, failed, gone)",
+            ["outcome"],
+            registry=r,
+        )
         self.target_latency = LoopHistogram(
             "evalsvc_target_latency_seconds",
             "Latency of target calls (the measured call, not warmups), by target kind",

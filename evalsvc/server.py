@@ -27,6 +27,7 @@ from evalsvc.api.eval_runs import EvalRunServicer
 from evalsvc.api.interceptor import CallInterceptor
 from evalsvc.api.observability import Observer
 from evalsvc.api.secrets import SecretServicer
+from evalsvc.api.webhooks import WebhookServicer
 from evalsvc.auth.revocation import StreamRevoker
 from evalsvc.auth.service import KeyService
 from evalsvc.config import Settings
@@ -65,7 +66,11 @@ from evalsvc.v1 import (
     secret_service_pb2_grpc,
     target_service_pb2,
     target_service_pb2_grpc,
+    webhook_service_pb2,
+    webhook_service_pb2_grpc,
 )
+from evalsvc.webhooks.sender import WebhookSender
+from evalsvc.webhooks.service import WebhookService
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +90,7 @@ SERVICE_NAMES = (
     grader_service_pb2.DESCRIPTOR.services_by_name["GraderService"].full_name,
     target_service_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name,
     secret_service_pb2.DESCRIPTOR.services_by_name["SecretService"].full_name,
+    webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
 )
 
 
@@ -164,6 +170,8 @@ class EvalServer:
         self.generations = DatasetGenerations(
             self.db, self.outbound, generator_model(settings), settings.poll_interval_s
         )
+        self.webhooks = WebhookService(self.db, self.outbound.allow)
+        self.webhook_sender = WebhookSender(self.db, settings, self.outbound.allow, self.metrics)
         self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
         self.revoker = StreamRevoker(self.keys, self.bus, settings.auth_cache_s)
         self.bootstrap_key: str | None = None
@@ -241,6 +249,8 @@ class EvalServer:
         stack.push_async_callback(self.executor.stop)
         await self.generations.start()
         stack.push_async_callback(self.generations.stop)
+        await self.webhook_sender.start()
+        stack.push_async_callback(self.webhook_sender.stop)
         if self.listener is not None:
             self.listener.start()
             stack.push_async_callback(self.listener.stop)
@@ -281,6 +291,7 @@ class EvalServer:
         grader_service_pb2_grpc.add_GraderServiceServicer_to_server(GraderServicer(self.definitions), server)
         target_service_pb2_grpc.add_TargetServiceServicer_to_server(TargetServicer(self.definitions), server)
         secret_service_pb2_grpc.add_SecretServiceServicer_to_server(SecretServicer(self.secrets), server)
+        webhook_service_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookServicer(self.webhooks), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

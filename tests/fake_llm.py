@@ -34,6 +34,7 @@ class Seen:
     headers: dict[str, str]
     body: Any
     at: float
+    raw: bytes = b""  # the body as sent (what a signature covers)
 
 
 def chat_reply(
@@ -67,6 +68,7 @@ class FakeEndpoint:
         self.script: list[Reply] = list(replies) or [chat_reply("ok")]
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -80,8 +82,10 @@ class FakeEndpoint:
                             {k.lower(): v for k, v in self.headers.items()},
                             json.loads(raw or b"null"),
                             time.monotonic(),
+                            raw,
                         )
                     )
+                    fake._arrived.notify_all()
                     reply = fake.script.pop(0) if len(fake.script) > 1 else fake.script[0]
                 if reply.delay_s:
                     time.sleep(reply.delay_s)
@@ -104,6 +108,12 @@ class FakeEndpoint:
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def wait_seen(self, count: int, timeout: float) -> bool:
+        """Block until `count` requests have arrived (False when `timeout` seconds pass first); call it
+        through asyncio.to_thread from a test's event loop."""
+        with self._arrived:
+            return self._arrived.wait_for(lambda: len(self.seen) >= count, timeout)
 
     def __enter__(self) -> FakeEndpoint:
         self._thread.start()

@@ -220,3 +220,52 @@ def test_run_takes_a_cache_mode_from_the_spec_or_the_command_line(
     bad = evalctl(live, "run", str(tmp_path / "bad.yaml"))
     assert bad.returncode == 3
     assert "cache_mode: 'often' is not a valid value; use one of off, read_write, refresh, replay" in bad.stderr
+
+
+def test_webhooks_commands(tmp_path: Path) -> None:
+    from tests.fake_llm import FakeEndpoint, Reply
+
+    server = ServerProcess(
+        f"sqlite+aiosqlite:///{tmp_path / 'hooks.db'}",
+        tmp_path / "server.log",
+        env={"EVALSVC_OUTBOUND_ALLOW": "127.0.0.1"},
+    )
+    try:
+        key = server.bootstrap_key()
+        assert key
+        live = (server, key)
+        with FakeEndpoint(Reply({})) as receiver:
+            created = evalctl(live, "webhooks", "create", receiver.url, "--event", "run.succeeded", "--json")
+            assert created.returncode == 0, created.stderr
+            webhook = json.loads(created.stdout)
+            assert webhook["signing_secret"].startswith("whsec_") and webhook["event_types"] == ["run.succeeded"]
+            shown = evalctl(live, "webhooks", "create", receiver.url, "--description", "second")
+            assert "signing secret (shown only now): whsec_" in shown.stdout
+            listed = json.loads(evalctl(live, "webhooks", "list", "--json").stdout)
+            assert [w.get("description", "") for w in listed] == ["second", ""]
+            assert all("signing_secret" not in w for w in listed)
+
+            (tmp_path / "qa.jsonl").write_text('{"input": "a", "expected_output": "a", "response": "a"}\n')
+            (tmp_path / "spec.yaml").write_text("dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
+            assert evalctl(live, "run", str(tmp_path / "spec.yaml"), "--no-progress").returncode == 0
+            assert receiver.wait_seen(2, 60.0)  # one delivery per webhook
+            deliveries = evalctl(live, "webhooks", "deliveries", webhook["id"], "--json")
+            [delivery] = json.loads(deliveries.stdout)
+            assert delivery["event_type"] == "run.succeeded" and delivery["id"].startswith("msg_")
+            failed = evalctl(live, "webhooks", "deliveries", webhook["id"], "--status", "failed", "--json")
+            assert json.loads(failed.stdout) == []
+
+            disabled = evalctl(
+                live, "webhooks", "update", webhook["id"], "--disable", "--event", "run.failed", "--json"
+            )
+            assert json.loads(disabled.stdout)["event_types"] == ["run.failed"]
+            assert json.loads(disabled.stdout)["enabled"] is False
+            rotated = json.loads(evalctl(live, "webhooks", "rotate-secret", webhook["id"], "--json").stdout)
+            assert rotated["signing_secret"] != webhook["signing_secret"]
+            assert evalctl(live, "webhooks", "delete", webhook["id"]).returncode == 0
+            missing = evalctl(live, "webhooks", "get", webhook["id"])
+            assert missing.returncode == 3 and "not found" in missing.stderr
+            refused = evalctl(live, "webhooks", "create", "http://10.0.0.1/hook")
+            assert refused.returncode == 3 and "url" in refused.stderr
+    finally:
+        assert server.terminate() == 0

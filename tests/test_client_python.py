@@ -670,3 +670,43 @@ async def test_watch_exposes_heartbeats_only_on_request(tmp_path: Path) -> None:
             await client.cancel_run(run.id)
     finally:
         await srv.stop(grace=1.0)
+
+
+async def test_webhooks(tmp_path: Path) -> None:
+    """Every WebhookService method through the async client, and the blocking one from a thread."""
+    srv = EvalServer(make_settings(tmp_path, outbound_allow="127.0.0.1"))
+    await srv.start()
+    try:
+        assert srv.bootstrap_key
+        target, key = f"127.0.0.1:{srv.port}", srv.bootstrap_key
+        with FakeEndpoint(Reply({})) as receiver:
+            async with AsyncEvalClient(target, api_key=key) as client:
+                webhook = await client.create_webhook(receiver.url, event_types=["run.succeeded"], description="ci")
+                assert webhook.signing_secret.startswith("whsec_") and webhook.enabled
+                assert (await client.get_webhook(webhook.id)).signing_secret == ""
+                assert [w.id async for w in client.list_webhooks(page_size=1)] == [webhook.id]
+                run = await client.create_run(items=_items(1), target="provided", graders=[builders.exact_match()])
+                await client.wait(run.id)
+                assert await asyncio.to_thread(receiver.wait_seen, 1, 60.0)
+                [delivery] = [d async for d in client.list_webhook_deliveries(webhook.id)]
+                assert (delivery.run_id, delivery.event_type) == (run.id, "run.succeeded")
+                updated = await client.update_webhook(webhook.id, enabled=False, event_types=["run.failed"])
+                assert not updated.enabled and list(updated.event_types) == ["run.failed"]
+                assert updated.description == "ci"
+                with pytest.raises(InvalidArgumentError) as caught:
+                    await client.update_webhook(webhook.id, url="http://10.0.0.1/")
+                assert "webhook.url" in caught.value.field_violations
+
+            def blocking() -> None:
+                with EvalClient(target, api_key=key) as client:
+                    rotated = client.rotate_webhook_secret(webhook.id, revoke_previous=True)
+                    assert rotated.signing_secret not in ("", webhook.signing_secret)
+                    assert [w.id for w in client.list_webhooks()] == [webhook.id]
+                    assert len(list(client.list_webhook_deliveries(webhook.id))) == 1
+                    client.delete_webhook(webhook.id)
+                    with pytest.raises(NotFoundError):
+                        client.get_webhook(webhook.id)
+
+            await asyncio.to_thread(blocking)
+    finally:
+        await srv.stop(grace=0.5)

@@ -48,12 +48,14 @@ def test_buf_passes(command: list[str]) -> None:
 def test_every_rpc_of_every_service_is_implemented() -> None:
     from evalsvc.api.datasets import DatasetGenerationServicer, DatasetServicer
     from evalsvc.api.eval_runs import EvalRunServicer
-    from evalsvc.v1 import dataset_generation_pb2, dataset_service_pb2, eval_run_service_pb2
+    from evalsvc.api.webhooks import WebhookServicer
+    from evalsvc.v1 import dataset_generation_pb2, dataset_service_pb2, eval_run_service_pb2, webhook_service_pb2
 
     for servicer, module, name in [
         (EvalRunServicer, eval_run_service_pb2, "EvalRunService"),
         (DatasetServicer, dataset_service_pb2, "DatasetService"),
         (DatasetGenerationServicer, dataset_generation_pb2, "DatasetGenerationService"),
+        (WebhookServicer, webhook_service_pb2, "WebhookService"),
     ]:
         for method in module.DESCRIPTOR.services_by_name[name].methods:
             assert method.name in vars(servicer), f"{name}.{method.name} is not implemented"

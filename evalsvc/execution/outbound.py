@@ -402,7 +402,7 @@ class Outbound:
                     failure = f"HTTP {response.status_code} from {urlsplit(url).netloc}"
                     if response.status_code not in RETRYABLE_STATUS:
                         raise OutboundError(failure)
-                    retry_after = _retry_after(response.headers.get("retry-after"))
+                    retry_after = retry_after_s(response.headers.get("retry-after"))
             if attempt > self._retries:
                 raise OutboundError(f"{failure} (gave up after {attempt} attempts)")
             backoff = random.uniform(0, self.base_backoff_s * 2 ** (attempt - 1))
@@ -414,7 +414,8 @@ class Outbound:
         await self._client.aclose()
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after_s(value: str | None) -> float | None:
+    """A Retry-After header's delay in seconds, at most 60 (HTTP dates are not honoured); None when absent."""
     if not value:
         return None
     try:

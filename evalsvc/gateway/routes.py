@@ -17,6 +17,7 @@ from evalsvc.v1 import (
     grader_service_pb2,
     secret_service_pb2,
     target_service_pb2,
+    webhook_service_pb2,
 )
 
 SERVICES: tuple[ServiceDescriptor, ...] = (
@@ -26,6 +27,7 @@ SERVICES: tuple[ServiceDescriptor, ...] = (
     grader_service_pb2.DESCRIPTOR.services_by_name["GraderService"],
     target_service_pb2.DESCRIPTOR.services_by_name["TargetService"],
     secret_service_pb2.DESCRIPTOR.services_by_name["SecretService"],
+    webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"],
 )
 _VERBS = ("get", "post", "put", "patch", "delete")
 

@@ -377,3 +377,55 @@ class ServerKeyRow(SQLModel, table=True):
     name: str = Field(primary_key=True, max_length=64)
     secret: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     create_time: float = 0.0
+
+
+class WebhookRow(SQLModel, table=True):
+    """A tenant's webhook endpoint. The signing secret is kept in clear: every delivery is signed with it."""
+
+    __tablename__ = "webhooks"
+    __table_args__ = (
+        UniqueConstraint("tenant", "request_id", name="uq_webhooks_tenant_request_id"),
+        Index("ix_webhooks_tenant_id", "tenant", "id"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant: str = Field(max_length=64)
+    request_id: str | None = Field(default=None, max_length=128)
+    request_hash: str = Field(default="", max_length=64)
+    url: str
+    event_mask: int = 0  # one bit per event type (evalsvc.webhooks.events)
+    description: str = ""
+    enabled: bool = True
+    disabled_reason: str = ""
+    secret: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    previous_secret: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    previous_secret_expire_time: float | None = None
+    create_time: float = 0.0
+    update_time: float = 0.0
+
+
+class WebhookDeliveryRow(SQLModel, table=True):
+    """The outbox: one notification of one run event to one webhook, written in the transaction of the
+    event, with its lease (`claim_id` fences the outcome of an attempt, as for jobs) and retry state."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_time"),
+        Index("ix_webhook_deliveries_webhook", "webhook_id", "id"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant: str = Field(max_length=64)
+    webhook_id: str = Field(max_length=40)
+    event_type: str = Field(max_length=32)
+    run_id: str = Field(max_length=40)
+    seq: int = Field(default=0, sa_column=big())
+    status: int = 0  # WebhookDeliveryStatus
+    attempts: int = 0
+    next_attempt_time: float | None = None
+    claim_id: str | None = Field(default=None, max_length=40)
+    lease_expiry: float | None = None
+    last_response_code: int = 0
+    last_error: str = ""
+    create_time: float = 0.0
+    last_attempt_time: float | None = None

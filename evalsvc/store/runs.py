@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from evalsvc.runs.convert import counts_from, run_from, timestamp
 from evalsvc.store import events
 from evalsvc.store import jobs as job_store
+from evalsvc.store import webhooks as webhook_store
 from evalsvc.store.bulk import insert_tuples
 from evalsvc.store.db import Database
 from evalsvc.store.models import (
@@ -72,7 +73,8 @@ async def insert_run(
     items: Sequence[bytes],
     repetitions: int,
 ) -> pb.WatchRunResponse:
-    """Store a new run, its copied items, one job per item x repetition and its first event (seq 1)."""
+    """Store a new run, its copied items, one job per item x repetition, its first event (seq 1) and the
+    webhook deliveries that report it."""
     now = row["create_time"]
     tenant, run_id = row["tenant"], row["id"]
     inserted = await conn.execute(insert(RUNS).values(**row, last_seq=1, update_time=now).returning(*RUNS.c))
@@ -94,6 +96,7 @@ async def insert_run(
     )
     event = run_event(stored)
     await events.append(conn, tenant, run_id, [event])
+    await webhook_store.enqueue(conn, tenant, event)
     return event
 
 
@@ -175,7 +178,7 @@ async def set_status(
     **values: Any,
 ) -> pb.WatchRunResponse | None:
     """Move a run to `status` if it is in one of `from_statuses` (and at `version`, when given),
-    recording the change as an event.
+    recording the change as an event and the webhook deliveries that report it.
 
     Returns the event, or None when the run was not in a status it may leave this way."""
     now = time.time()
@@ -194,6 +197,7 @@ async def set_status(
     remember(conn, row)
     event = run_event(row)
     await events.append(conn, tenant, run_id, [event])
+    await webhook_store.enqueue(conn, tenant, event)
     return event
 
 

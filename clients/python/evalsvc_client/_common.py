@@ -233,6 +233,35 @@ def list_runs_request(
     )
 
 
+def create_webhook_request(
+    url: str, *, event_types: Iterable[str], description: str, enabled: bool, request_id: str | None
+) -> pb.webhooks.CreateWebhookRequest:
+    """A CreateWebhookRequest; empty event_types means the server's default (the terminal run events)."""
+    return pb.webhooks.CreateWebhookRequest(
+        webhook=pb.Webhook(url=url, event_types=list(event_types), description=description, enabled=enabled),
+        request_id=request_id or new_request_id(),
+    )
+
+
+def update_webhook_request(
+    webhook_id: str,
+    *,
+    url: str | None,
+    event_types: Iterable[str] | None,
+    description: str | None,
+    enabled: bool | None,
+) -> pb.webhooks.UpdateWebhookRequest:
+    """An UpdateWebhookRequest whose update mask names exactly the fields given (not None)."""
+    given: dict[str, Any] = {"url": url, "description": description, "enabled": enabled}
+    fields = {name: value for name, value in given.items() if value is not None}
+    request = pb.webhooks.UpdateWebhookRequest(webhook_id=webhook_id, webhook=pb.Webhook(**fields))
+    if event_types is not None:
+        request.webhook.event_types.extend(event_types)
+        fields["event_types"] = event_types
+    request.update_mask.paths.extend(fields)
+    return request
+
+
 def is_terminal(event: pb.WatchRunResponse) -> bool:
     """Whether a watch event is the run's terminal status event."""
     return event.HasField("run") and event.run.status in pb.TERMINAL_STATUSES

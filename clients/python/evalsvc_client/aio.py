@@ -19,18 +19,21 @@ from evalsvc_client._common import (
     TLSOptions,
     WatchPolicy,
     create_run_request,
+    create_webhook_request,
     is_terminal,
     list_runs_request,
     new_request_id,
     to_grader,
     to_item,
     to_target,
+    update_webhook_request,
 )
 from evalsvc_client._gen.evalsvc.v1 import (
     dataset_service_pb2_grpc,
     eval_run_service_pb2_grpc,
     grader_service_pb2_grpc,
     target_service_pb2_grpc,
+    webhook_service_pb2_grpc,
 )
 from evalsvc_client.errors import from_rpc_error
 
@@ -44,7 +47,7 @@ class AsyncEvalClient:
     Unary calls get a per-attempt deadline (`timeout_s`) and are retried with backoff on UNAVAILABLE,
     DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED (honouring RetryInfo) when they are safe to repeat: reads, CancelRun,
     and CreateRun/CreateDataset/CreateGrader/CreateTarget, whose retries reuse one request_id. AddDatasetItems and
-    UpdateGrader are not retried.
+    UpdateGrader are not retried, nor is RotateWebhookSecret.
     Errors are raised as `evalsvc_client.errors.EvalError` subclasses.
 
         async with AsyncEvalClient("127.0.0.1:50051", api_key=key) as client:
@@ -81,6 +84,7 @@ class AsyncEvalClient:
         self._datasets = dataset_service_pb2_grpc.DatasetServiceStub(self._channel)
         self._graders = grader_service_pb2_grpc.GraderServiceStub(self._channel)
         self._targets = target_service_pb2_grpc.TargetServiceStub(self._channel)
+        self._webhooks = webhook_service_pb2_grpc.WebhookServiceStub(self._channel)
         self._metadata = opts.metadata()
 
     async def __aenter__(self) -> Self:
@@ -433,6 +437,82 @@ class AsyncEvalClient:
             page = await self._call(self._targets.ListTargets, request)
             for target in page.targets:
                 yield target
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    # Webhooks (docs/webhooks.md).
+
+    async def create_webhook(
+        self,
+        url: str,
+        *,
+        event_types: Iterable[str] = (),
+        description: str = "",
+        enabled: bool = True,
+        request_id: str | None = None,
+    ) -> pb.Webhook:
+        """Register a webhook; its `signing_secret` is in this answer only. Retries reuse one request_id: a retry
+        whose first attempt's answer was lost gets the webhook without the secret (rotate it to get a new one)."""
+        request = create_webhook_request(
+            url, event_types=event_types, description=description, enabled=enabled, request_id=request_id
+        )
+        return (await self._call(self._webhooks.CreateWebhook, request)).webhook
+
+    async def get_webhook(self, webhook_id: str) -> pb.Webhook:
+        request = pb.webhooks.GetWebhookRequest(webhook_id=webhook_id)
+        return (await self._call(self._webhooks.GetWebhook, request)).webhook
+
+    async def list_webhooks(self, *, page_size: int = 0) -> AsyncIterator[pb.Webhook]:
+        """Webhooks, newest first, across every page."""
+        request = pb.webhooks.ListWebhooksRequest(page_size=page_size)
+        while True:
+            page = await self._call(self._webhooks.ListWebhooks, request)
+            for element in page.webhooks:
+                yield element
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    async def update_webhook(
+        self,
+        webhook_id: str,
+        *,
+        url: str | None = None,
+        event_types: Iterable[str] | None = None,
+        description: str | None = None,
+        enabled: bool | None = None,
+    ) -> pb.Webhook:
+        """Change the fields given (event_types is replaced whole); enabled=True resumes a webhook the server
+        disabled after a 410."""
+        request = update_webhook_request(
+            webhook_id, url=url, event_types=event_types, description=description, enabled=enabled
+        )
+        return (await self._call(self._webhooks.UpdateWebhook, request)).webhook
+
+    async def delete_webhook(self, webhook_id: str) -> None:
+        """Delete a webhook and its deliveries. Retried: a repeat after a lost reply raises NotFoundError."""
+        await self._call(self._webhooks.DeleteWebhook, pb.webhooks.DeleteWebhookRequest(webhook_id=webhook_id))
+
+    async def rotate_webhook_secret(self, webhook_id: str, *, revoke_previous: bool = False) -> pb.Webhook:
+        """A new signing secret (in this answer only). The old one also signs for 24 h unless revoke_previous.
+        Not retried: a repeat after a lost reply would replace the secret again."""
+        request = pb.webhooks.RotateWebhookSecretRequest(webhook_id=webhook_id, revoke_previous=revoke_previous)
+        return (await self._call(self._webhooks.RotateWebhookSecret, request, retry=False)).webhook
+
+    async def list_webhook_deliveries(
+        self,
+        webhook_id: str,
+        *,
+        status: pb.webhooks.WebhookDeliveryStatus = pb.webhooks.WEBHOOK_DELIVERY_STATUS_UNSPECIFIED,
+        page_size: int = 0,
+    ) -> AsyncIterator[pb.WebhookDelivery]:
+        """A webhook's deliveries, newest first, across every page (status: only those)."""
+        request = pb.webhooks.ListWebhookDeliveriesRequest(webhook_id=webhook_id, status=status, page_size=page_size)
+        while True:
+            page = await self._call(self._webhooks.ListWebhookDeliveries, request)
+            for element in page.deliveries:
+                yield element
             if not page.next_page_token:
                 return
             request.page_token = page.next_page_token

@@ -7,6 +7,9 @@
     evalctl results RUN_ID [--state passed|failed|error|skipped] [--format table|jsonl|junit] [-o FILE]
     evalctl report RUN_ID --html FILE                                        one self-contained HTML report
     evalctl compare BASELINE CANDIDATE [--alpha A] [--fail-on-regression] [--show regressed|improved|...]
+    evalctl webhooks create URL [--event TYPE ...] | list | get ID | update ID [--url U] [--event TYPE ...]
+                     [--enable|--disable] | delete ID | rotate-secret ID [--revoke-previous]
+                     | deliveries ID [--status pending|succeeded|failed] [--limit N]
 
 Global: --target HOST:PORT (EVALCTL_TARGET, default 127.0.0.1:50051), --api-key (EVALSVC_API_KEY), --json,
 --ca-cert/--client-cert/--client-key (TLS, mTLS).
@@ -20,6 +23,7 @@ FAILED or CANCELLED; 3 a spec, connection or RPC error (argparse's usage errors 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -394,6 +398,73 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
     return EXIT_OK
 
 
+_DELIVERY_STATUSES = {
+    name.removeprefix("WEBHOOK_DELIVERY_STATUS_").lower(): value
+    for name, value in pb.webhooks.WebhookDeliveryStatus.items()
+    if value
+}
+WEBHOOK_EVENT_TYPES = ("run.created", "run.started", "run.succeeded", "run.failed", "run.cancelled")
+
+
+def _print_webhooks(args: argparse.Namespace, webhooks: Sequence[pb.Webhook]) -> None:
+    if args.json:
+        _print_json([to_dict(w) for w in webhooks] if args.webhooks_command == "list" else to_dict(webhooks[0]))
+        return
+    table = Table("id", "url", "events", "enabled", "description")
+    for webhook in webhooks:
+        enabled = "yes" if webhook.enabled else f"no {webhook.disabled_reason}".strip()
+        table.add_row(webhook.id, webhook.url, " ".join(webhook.event_types), enabled, webhook.description)
+    Console().print(table)
+    if webhooks and webhooks[0].signing_secret:  # create and rotate-secret: shown this once
+        print(f"signing secret (shown only now): {webhooks[0].signing_secret}")
+
+
+def cmd_webhooks(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    command = args.webhooks_command
+    if command == "deliveries":
+        status = _DELIVERY_STATUSES.get(args.status or "", 0)
+        deliveries = list(itertools.islice(client.list_webhook_deliveries(args.webhook_id, status=status), args.limit))
+        if args.json:
+            _print_json([to_dict(d) for d in deliveries])
+            return EXIT_OK
+        table = Table("id", "event", "run", "status", "attempts", "last code", "last error")
+        for d in deliveries:
+            status_name = pb.webhooks.WebhookDeliveryStatus.Name(d.status).removeprefix("WEBHOOK_DELIVERY_STATUS_")
+            code = str(d.last_response_code or "-")
+            table.add_row(d.id, d.event_type, d.run_id, status_name, str(d.attempts), code, d.last_error)
+        Console().print(table)
+        return EXIT_OK
+    if command == "delete":
+        client.delete_webhook(args.webhook_id)
+        if not args.json:
+            console.print(f"deleted webhook {args.webhook_id}")
+        return EXIT_OK
+    if command == "create":
+        webhooks = [
+            client.create_webhook(
+                args.url, event_types=args.event, description=args.description, enabled=not args.disabled
+            )
+        ]
+    elif command == "list":
+        webhooks = list(client.list_webhooks())
+    elif command == "get":
+        webhooks = [client.get_webhook(args.webhook_id)]
+    elif command == "update":
+        webhooks = [
+            client.update_webhook(
+                args.webhook_id,
+                url=args.url,
+                event_types=args.event or None,
+                description=args.description,
+                enabled=args.enabled,
+            )
+        ]
+    else:
+        webhooks = [client.rotate_webhook_secret(args.webhook_id, revoke_previous=args.revoke_previous)]
+    _print_webhooks(args, webhooks)
+    return EXIT_OK
+
+
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--target", default=os.environ.get("EVALCTL_TARGET", "127.0.0.1:50051"), help="HOST:PORT")
@@ -469,6 +540,34 @@ def parser() -> argparse.ArgumentParser:
     compare.add_argument("--show", choices=sorted(_CHANGES), help="also list the evaluations with this change")
     compare.add_argument("--limit", type=int, default=20, help="at most this many listed by --show")
     compare.set_defaults(handler=cmd_compare)
+
+    webhooks = sub.add_parser("webhooks", help="manage webhooks notified when runs end (docs/webhooks.md)")
+    hooks = webhooks.add_subparsers(dest="webhooks_command", required=True)
+    event_help = f"event type to deliver (repeat); one of {', '.join(WEBHOOK_EVENT_TYPES)}"
+    create = hooks.add_parser("create", parents=[common], help="register a webhook; prints its secret once")
+    create.add_argument("url")
+    create.add_argument("--event", action="append", default=[], choices=WEBHOOK_EVENT_TYPES, help=event_help)
+    create.add_argument("--description", default="")
+    create.add_argument("--disabled", action="store_true", help="register it without delivering yet")
+    hooks.add_parser("list", parents=[common], help="list webhooks")
+    for name, text in [("get", "show a webhook"), ("delete", "delete a webhook and its deliveries")]:
+        hooks.add_parser(name, parents=[common], help=text).add_argument("webhook_id")
+    update = hooks.add_parser("update", parents=[common], help="change a webhook's url, events, description, state")
+    update.add_argument("webhook_id")
+    update.add_argument("--url")
+    update.add_argument("--event", action="append", default=[], choices=WEBHOOK_EVENT_TYPES, help=event_help)
+    update.add_argument("--description")
+    state = update.add_mutually_exclusive_group()
+    state.add_argument("--enable", dest="enabled", action="store_const", const=True, help="(re)start deliveries")
+    state.add_argument("--disable", dest="enabled", action="store_const", const=False, help="stop deliveries")
+    rotate = hooks.add_parser("rotate-secret", parents=[common], help="replace the signing secret; prints it once")
+    rotate.add_argument("webhook_id")
+    rotate.add_argument("--revoke-previous", action="store_true", help="stop signing with the old secret now")
+    deliveries = hooks.add_parser("deliveries", parents=[common], help="a webhook's deliveries, newest first")
+    deliveries.add_argument("webhook_id")
+    deliveries.add_argument("--status", choices=sorted(_DELIVERY_STATUSES))
+    deliveries.add_argument("--limit", type=int, default=50)
+    webhooks.set_defaults(handler=cmd_webhooks)
     return top
 
 

@@ -2,7 +2,8 @@
 
 `pb.comparison` holds CompareRuns' and ListComparisonItems' messages, `pb.cache` the CacheMode enum.
 `pb.grader` and `pb.target` hold the Grader and Target messages; `pb.graders` and `pb.targets` the GraderService
-and TargetService requests and the saved definitions (`pb.SavedGrader`, `pb.SavedTarget`)."""
+and TargetService requests and the saved definitions (`pb.SavedGrader`, `pb.SavedTarget`); `pb.webhooks` the
+WebhookService requests, `pb.Webhook` and `pb.WebhookDelivery`."""
 
 from evalsvc_client._gen.evalsvc.v1 import cache_pb2 as cache
 from evalsvc_client._gen.evalsvc.v1 import comparison_pb2 as comparison
@@ -14,6 +15,7 @@ from evalsvc_client._gen.evalsvc.v1 import item_pb2 as item
 from evalsvc_client._gen.evalsvc.v1 import run_pb2 as run
 from evalsvc_client._gen.evalsvc.v1 import target_pb2 as target
 from evalsvc_client._gen.evalsvc.v1 import target_service_pb2 as targets
+from evalsvc_client._gen.evalsvc.v1 import webhook_service_pb2 as webhooks
 
 Run = run.Run
 Result = run.Result
@@ -30,6 +32,8 @@ SavedTarget = targets.SavedTarget
 WatchRunResponse = runs.WatchRunResponse
 RunComparison = comparison.RunComparison
 ComparisonItem = comparison.ComparisonItem
+Webhook = webhooks.Webhook
+WebhookDelivery = webhooks.WebhookDelivery
 
 TERMINAL_STATUSES = frozenset({run.RUN_STATUS_SUCCEEDED, run.RUN_STATUS_FAILED, run.RUN_STATUS_CANCELLED})
 
@@ -50,6 +54,8 @@ __all__ = [
     "SavedTarget",
     "Target",
     "WatchRunResponse",
+    "Webhook",
+    "WebhookDelivery",
     "cache",
     "comparison",
     "datasets",
@@ -60,4 +66,5 @@ __all__ = [
     "runs",
     "target",
     "targets",
+    "webhooks",
 ]

@@ -1,0 +1,255 @@
+"""Queries on webhooks and their delivery outbox.
+
+`enqueue` runs inside the transaction that changes a run's status, so a notification commits (or
+not) with the status it reports. Senders lease due deliveries as executors lease jobs (see
+evalsvc.store.jobs): a claim gives a batch one `claim_id` and a lease; an attempt's outcome is
+recorded only while that claim still holds it, and an expired lease (a sender that died) makes the
+delivery claimable again. On PostgreSQL claims skip rows another replica is claiming.
+
+Lock order: a transaction that changes deliveries and their webhook changes the deliveries first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from evalsvc.ids import new_id
+from evalsvc.store.models import EventRow, WebhookDeliveryRow, WebhookRow
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import webhook_service_pb2 as wpb
+from evalsvc.webhooks import events
+
+WEBHOOKS = WebhookRow.__table__  # type: ignore[attr-defined]
+DELIVERIES = WebhookDeliveryRow.__table__  # type: ignore[attr-defined]
+EVENTS = EventRow.__table__  # type: ignore[attr-defined]
+
+PENDING = wpb.WEBHOOK_DELIVERY_STATUS_PENDING
+SUCCEEDED = wpb.WEBHOOK_DELIVERY_STATUS_SUCCEEDED
+FAILED = wpb.WEBHOOK_DELIVERY_STATUS_FAILED
+
+
+async def enqueue(conn: AsyncConnection, tenant: str, event: pb.WatchRunResponse) -> None:
+    """Write one delivery per enabled webhook of the tenant that subscribed to this run status event."""
+    event_type = events.type_of_status(event.run.status)
+    if event_type is None:
+        return
+    subscribed = await conn.execute(
+        select(WEBHOOKS.c.id).where(
+            WEBHOOKS.c.tenant == tenant,
+            WEBHOOKS.c.enabled.is_(True),
+            WEBHOOKS.c.event_mask.op("&")(events.bit(event_type)) != 0,
+        )
+    )
+    webhook_ids = [webhook_id for (webhook_id,) in subscribed]
+    if not webhook_ids:
+        return
+    now = time.time()
+    await conn.execute(
+        insert(DELIVERIES),
+        [
+            {
+                "id": new_id("msg"),
+                "tenant": tenant,
+                "webhook_id": webhook_id,
+                "event_type": event_type,
+                "run_id": event.run.id,
+                "seq": event.seq,
+                "status": PENDING,
+                "attempts": 0,
+                "next_attempt_time": now,
+                "last_response_code": 0,
+                "last_error": "",
+                "create_time": now,
+            }
+            for webhook_id in webhook_ids
+        ],
+    )
+
+
+async def insert_webhook(conn: AsyncConnection, row: Mapping[str, Any]) -> None:
+    """Store a new webhook."""
+    await conn.execute(insert(WEBHOOKS).values(**row))
+
+
+async def get_webhook(conn: AsyncConnection, tenant: str, webhook_id: str) -> Mapping[str, Any] | None:
+    """A tenant's webhook, or None (also for another tenant's)."""
+    found = await conn.execute(select(WEBHOOKS).where(WEBHOOKS.c.id == webhook_id, WEBHOOKS.c.tenant == tenant))
+    return cast("Mapping[str, Any] | None", found.mappings().first())
+
+
+async def find_by_request_id(conn: AsyncConnection, tenant: str, request_id: str) -> Mapping[str, Any] | None:
+    """The webhook created with this idempotency key."""
+    found = await conn.execute(select(WEBHOOKS).where(WEBHOOKS.c.tenant == tenant, WEBHOOKS.c.request_id == request_id))
+    return cast("Mapping[str, Any] | None", found.mappings().first())
+
+
+async def count_webhooks(conn: AsyncConnection, tenant: str) -> int:
+    """How many webhooks a tenant has."""
+    found = await conn.execute(select(func.count()).select_from(WEBHOOKS).where(WEBHOOKS.c.tenant == tenant))
+    return int(found.scalar_one())
+
+
+async def list_webhooks(
+    conn: AsyncConnection, tenant: str, *, before_id: str | None, limit: int
+) -> list[Mapping[str, Any]]:
+    """A tenant's webhooks, newest first."""
+    query = select(WEBHOOKS).where(WEBHOOKS.c.tenant == tenant)
+    if before_id:
+        query = query.where(WEBHOOKS.c.id < before_id)
+    rows = await conn.execute(query.order_by(WEBHOOKS.c.id.desc()).limit(limit))
+    return cast("list[Mapping[str, Any]]", list(rows.mappings()))
+
+
+async def update_webhook(
+    conn: AsyncConnection, tenant: str, webhook_id: str, values: Mapping[str, Any]
+) -> Mapping[str, Any] | None:
+    """Change a webhook's columns. Disabling it fails its deliveries not yet sent (they would never be),
+    first: deliveries are changed before their webhook. Returns the changed row, or None when there is
+    no such webhook."""
+    if values.get("enabled") is False:
+        await conn.execute(
+            update(DELIVERIES)
+            .where(DELIVERIES.c.webhook_id == webhook_id, DELIVERIES.c.tenant == tenant, DELIVERIES.c.status == PENDING)
+            .values(
+                status=FAILED,
+                next_attempt_time=None,
+                claim_id=None,
+                lease_expiry=None,
+                last_error="not sent: the webhook was disabled",
+            )
+        )
+    changed = await conn.execute(
+        update(WEBHOOKS)
+        .where(WEBHOOKS.c.id == webhook_id, WEBHOOKS.c.tenant == tenant)
+        .values(**values)
+        .returning(*WEBHOOKS.c)
+    )
+    return cast("Mapping[str, Any] | None", changed.mappings().first())
+
+
+async def delete_webhook(conn: AsyncConnection, tenant: str, webhook_id: str) -> bool:
+    """Delete a webhook and (first) its deliveries; False when there is no such webhook."""
+    await conn.execute(delete(DELIVERIES).where(DELIVERIES.c.webhook_id == webhook_id, DELIVERIES.c.tenant == tenant))
+    deleted = await conn.execute(
+        delete(WEBHOOKS).where(WEBHOOKS.c.id == webhook_id, WEBHOOKS.c.tenant == tenant).returning(WEBHOOKS.c.id)
+    )
+    return deleted.first() is not None
+
+
+async def list_deliveries(
+    conn: AsyncConnection, tenant: str, webhook_id: str, *, status: int, before_id: str | None, limit: int
+) -> list[Mapping[str, Any]]:
+    """A webhook's deliveries, newest first."""
+    query = select(DELIVERIES).where(DELIVERIES.c.webhook_id == webhook_id, DELIVERIES.c.tenant == tenant)
+    if status:
+        query = query.where(DELIVERIES.c.status == status)
+    if before_id:
+        query = query.where(DELIVERIES.c.id < before_id)
+    rows = await conn.execute(query.order_by(DELIVERIES.c.id.desc()).limit(limit))
+    return cast("list[Mapping[str, Any]]", list(rows.mappings()))
+
+
+def _due(now: float) -> list[Any]:
+    """Deliveries that wait for an attempt now and that no live sender holds."""
+    return [
+        DELIVERIES.c.status == PENDING,
+        DELIVERIES.c.next_attempt_time <= now,
+        or_(DELIVERIES.c.lease_expiry.is_(None), DELIVERIES.c.lease_expiry < now),
+    ]
+
+
+async def any_due(conn: AsyncConnection, now: float) -> bool:
+    """Whether any delivery is due (a read, before taking a write transaction to claim)."""
+    found = await conn.execute(select(DELIVERIES.c.id).where(*_due(now)).limit(1))
+    return found.first() is not None
+
+
+async def claim_due(
+    conn: AsyncConnection,
+    *,
+    claim_id: str,
+    now: float,
+    lease_s: float,
+    limit: int,
+    busy_tenants: Sequence[str],
+) -> list[Mapping[str, Any]]:
+    """Lease up to `limit` deliveries that are due and not leased (or whose lease expired), oldest due
+    first, skipping `busy_tenants`. Each comes with what sending it needs: its webhook's url and
+    secrets and the run event it reports (`payload`)."""
+    due = (
+        select(DELIVERIES.c.id)
+        .where(*_due(now))
+        .order_by(DELIVERIES.c.next_attempt_time)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    if busy_tenants:
+        due = due.where(DELIVERIES.c.tenant.notin_(list(busy_tenants)))
+    claimed = await conn.execute(
+        update(DELIVERIES)
+        .where(DELIVERIES.c.id.in_(due.scalar_subquery()))
+        .values(claim_id=claim_id, lease_expiry=now + lease_s)
+        .returning(DELIVERIES.c.id)
+    )
+    if claimed.first() is None:
+        return []
+    rows = await conn.execute(
+        select(
+            DELIVERIES,
+            WEBHOOKS.c.url,
+            WEBHOOKS.c.secret,
+            WEBHOOKS.c.previous_secret,
+            WEBHOOKS.c.previous_secret_expire_time,
+            EVENTS.c.payload,
+        )
+        .join(WEBHOOKS, WEBHOOKS.c.id == DELIVERIES.c.webhook_id)
+        .join(EVENTS, (EVENTS.c.run_id == DELIVERIES.c.run_id) & (EVENTS.c.seq == DELIVERIES.c.seq))
+        .where(DELIVERIES.c.claim_id == claim_id)
+        .order_by(DELIVERIES.c.next_attempt_time)
+    )
+    return cast("list[Mapping[str, Any]]", list(rows.mappings()))
+
+
+async def record_attempt(conn: AsyncConnection, delivery_id: str, claim_id: str, values: Mapping[str, Any]) -> bool:
+    """Record an attempt's outcome and end the claim, if the claim still holds the delivery."""
+    changed = await conn.execute(
+        update(DELIVERIES)
+        .where(DELIVERIES.c.id == delivery_id, DELIVERIES.c.claim_id == claim_id)
+        .values(**values, claim_id=None, lease_expiry=None)
+        .returning(DELIVERIES.c.id)
+    )
+    return changed.first() is not None
+
+
+async def release(conn: AsyncConnection, delivery_ids: Sequence[str]) -> None:
+    """Hand claimed deliveries back unattempted (a sender stopping, or over a tenant's share): due again."""
+    if delivery_ids:
+        await conn.execute(
+            update(DELIVERIES)
+            .where(DELIVERIES.c.id.in_(list(delivery_ids)), DELIVERIES.c.status == PENDING)
+            .values(claim_id=None, lease_expiry=None)
+        )
+
+
+async def release_all(conn: AsyncConnection) -> int:
+    """Release every lease. Only safe where this process is the database's one server (SQLite)."""
+    released = await conn.execute(
+        update(DELIVERIES).where(DELIVERIES.c.claim_id.is_not(None)).values(claim_id=None, lease_expiry=None)
+    )
+    return int(released.rowcount or 0)
+
+
+async def prune(conn: AsyncConnection, finished_before: float) -> int:
+    """Delete deliveries that ended (succeeded or failed) before a time: the history is bounded."""
+    deleted = await conn.execute(
+        delete(DELIVERIES).where(
+            DELIVERIES.c.status.in_([SUCCEEDED, FAILED]),
+            DELIVERIES.c.create_time < finished_before,
+        )
+    )
+    return int(deleted.rowcount or 0)

@@ -1,0 +1,257 @@
+"""The webhook sender: a loop in every server process, supervised (evalsvc.liveness), that sends the outbox.
+
+Deliveries are written by the run transactions (evalsvc.store.webhooks.enqueue) and sent only after
+they commit. The sender leases due deliveries (so replicas never send one at the same time), sends
+each in its own task, bounded in number (`--webhook-concurrency`, a quarter of it per tenant) and in
+time (`--webhook-timeout-s` for a whole attempt), and records each attempt's outcome under its lease.
+It shares nothing with the executor but the database, so a slow or dead receiver never slows runs.
+
+Retries: after attempt n fails, the next waits `--webhook-retry-base-s` x 4^(n-1) (at most an hour),
+less a random part of up to half of it (jitter), or what the receiver's Retry-After asked (at most
+60 s). A 410 Gone fails the delivery and disables its webhook; after `--webhook-max-attempts` the
+delivery is FAILED. A process killed mid-attempt leaves its lease to expire (or, on SQLite, released
+at the next start), so the delivery is sent again, with the same webhook-id: at least once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from evalsvc.config import Settings
+from evalsvc.execution.outbound import AllowList, OutboundError, check_destination, retry_after_s
+from evalsvc.liveness import supervise
+from evalsvc.metrics import Metrics
+from evalsvc.store import webhooks as store
+from evalsvc.store.db import Database
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.webhooks import signing
+
+log = logging.getLogger(__name__)
+
+MAX_RETRY_DELAY_S = 3600.0
+RETENTION_S = 30 * 24 * 3600.0  # finished deliveries are listed this long, then deleted
+PRUNE_EVERY_S = 3600.0
+
+
+def retry_delay(attempts: int, base_s: float, retry_after: float | None, rng: random.Random) -> float:
+    """Seconds to wait after `attempts` failed attempts: the receiver's Retry-After (already at most 60 s)
+    when it sent one, else exponential backoff with jitter: base x 4^(attempts-1), capped at an hour,
+    times a random factor in [0.5, 1]."""
+    if retry_after is not None and retry_after >= 0:
+        return retry_after
+    return min(base_s * 4 ** (attempts - 1), MAX_RETRY_DELAY_S) * rng.uniform(0.5, 1.0)
+
+
+def signing_keys(delivery: Mapping[str, Any], now: float) -> list[bytes]:
+    """The webhook's secret, and its previous one while a rotation's grace period lasts."""
+    keys = [delivery["secret"]]
+    if delivery["previous_secret"] is not None and (delivery["previous_secret_expire_time"] or 0) > now:
+        keys.append(delivery["previous_secret"])
+    return keys
+
+
+class WebhookSender:
+    """Sends due webhook deliveries, together with any other replicas."""
+
+    def __init__(self, db: Database, settings: Settings, allow: AllowList, metrics: Metrics) -> None:
+        self._db = db
+        self._allow = allow
+        self._metrics = metrics
+        self._concurrency = max(1, settings.webhook_concurrency)
+        self._per_tenant = max(1, self._concurrency // 4)
+        self._timeout_s = settings.webhook_timeout_s
+        # Longer than any attempt, so a live sender's lease never expires under it; a dead one's
+        # deliveries are claimable again within this (well within 30 s with the default timeout).
+        self._lease_s = 2 * self._timeout_s + 5.0
+        self._retry_base_s = settings.webhook_retry_base_s
+        self._max_attempts = max(1, settings.webhook_max_attempts)
+        self._poll_s = settings.poll_interval_s
+        self._rng = random.Random()
+        self._client = httpx.AsyncClient(
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=self._concurrency),
+            timeout=httpx.Timeout(self._timeout_s),  # per phase; asyncio.timeout bounds the whole attempt
+        )
+        self._in_flight: dict[asyncio.Task[None], tuple[str, str]] = {}  # task -> (tenant, delivery id)
+        self._attempts: dict[str, asyncio.Task[tuple[int, str, float | None]]] = {}  # delivery id -> its HTTP call
+        self._wake = asyncio.Event()
+        self._stop_requested = asyncio.Event()
+        self._stopping = False
+        self._loop_task: asyncio.Task[None] | None = None
+        self._last_prune = 0.0
+
+    async def start(self) -> None:
+        """Release leases a crashed predecessor left (SQLite has one server) and start the loop."""
+        if self._db.is_sqlite:
+            async with self._db.write() as conn:
+                released = await store.release_all(conn)
+            if released:
+                log.info("resuming %d webhook deliveries leased before the last shutdown", released)
+        self._stopping = False
+        self._stop_requested.clear()
+        self._loop_task = asyncio.create_task(
+            supervise("webhook-sender", self._send_loop, self._stop_requested, self._metrics), name="webhook-sender"
+        )
+
+    async def stop(self) -> None:
+        """Stop sending: abandon HTTP attempts in flight and hand their deliveries back, due at once.
+
+        Only the HTTP calls are cancelled; the loop and the recording of outcomes stop cooperatively,
+        as the executor's do: a task cancelled inside a SQLite write transaction can leave its
+        connection holding the write lock."""
+        self._stopping = True
+        self._stop_requested.set()
+        self._wake.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        in_flight = list(self._in_flight.items())
+        for attempt in list(self._attempts.values()):
+            attempt.cancel()
+        await asyncio.gather(*(task for task, _ in in_flight), return_exceptions=True)
+        if in_flight:  # the ones whose outcome was recorded are no longer leased: releasing them is a no-op
+            async with self._db.write() as conn:
+                await store.release(conn, [delivery_id for _, (_, delivery_id) in in_flight])
+        await self._client.aclose()
+
+    async def _send_loop(self) -> None:
+        while not self._stopping:
+            room = self._concurrency - len(self._in_flight)
+            claimed = await self._claim(room) if room > 0 else 0
+            await self._prune_now_and_then()
+            if room > 0 and claimed == room:
+                continue  # every slot filled: more may be due
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._poll_s)
+
+    async def _claim(self, room: int) -> int:
+        """Lease up to `room` due deliveries, keep each tenant within its share, start a task for each."""
+        per_tenant = Counter(tenant for tenant, _ in self._in_flight.values())
+        busy = sorted(tenant for tenant, n in per_tenant.items() if n >= self._per_tenant)
+        claim_id = uuid.uuid4().hex
+        now = time.time()
+        async with self._db.read() as conn:  # most polls find nothing: keep them off the one SQLite writer
+            if not await store.any_due(conn, now):
+                return 0
+        async with self._db.write() as conn:
+            rows = await store.claim_due(
+                conn, claim_id=claim_id, now=now, lease_s=self._lease_s, limit=room, busy_tenants=busy
+            )
+            over_share: list[str] = []
+            kept: list[Mapping[str, Any]] = []
+            for row in rows:
+                if per_tenant[row["tenant"]] >= self._per_tenant:
+                    over_share.append(row["id"])
+                else:
+                    per_tenant[row["tenant"]] += 1
+                    kept.append(row)
+            await store.release(conn, over_share)
+        for row in kept:
+            task = asyncio.create_task(self._send(row), name=f"webhook-{row['id']}")
+            self._in_flight[task] = (row["tenant"], row["id"])
+            task.add_done_callback(self._finished)
+        return len(rows)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("webhook delivery task failed", exc_info=task.exception())
+        self._wake.set()  # a slot is free
+
+    async def _prune_now_and_then(self) -> None:
+        now = time.time()
+        if now - self._last_prune < PRUNE_EVERY_S:
+            return
+        self._last_prune = now
+        async with self._db.write() as conn:
+            pruned = await store.prune(conn, now - RETENTION_S)
+        if pruned:
+            log.info("deleted %d webhook deliveries older than %d days", pruned, RETENTION_S // 86400)
+
+    async def _send(self, delivery: Mapping[str, Any]) -> None:
+        """One attempt, then its outcome recorded under the claim (unless stop() abandoned the attempt)."""
+        if self._stopping:
+            return
+        attempt = asyncio.create_task(self._attempt(delivery))
+        self._attempts[delivery["id"]] = attempt
+        try:
+            code, error, retry_after = await attempt
+        except asyncio.CancelledError:
+            if self._stopping and attempt.cancelled():
+                return  # abandoned: stop() hands the delivery back
+            raise
+        finally:
+            self._attempts.pop(delivery["id"], None)
+        await self._record(delivery, code, error, retry_after)
+
+    async def _record(self, delivery: Mapping[str, Any], code: int, error: str, retry_after: float | None) -> None:
+        """Record an attempt's outcome under the claim: success, the next retry, or failure (410 disables
+        the webhook)."""
+        now = time.time()
+        attempts = delivery["attempts"] + 1
+        values: dict[str, Any] = {"attempts": attempts, "last_response_code": code, "last_attempt_time": now}
+        gone = code == 410
+        if 200 <= code < 300:
+            values.update(status=store.SUCCEEDED, last_error="", next_attempt_time=None)
+            outcome = "succeeded"
+        elif gone:
+            values.update(status=store.FAILED, last_error=f"{error}: the webhook was disabled", next_attempt_time=None)
+            outcome = "gone"
+        elif attempts >= self._max_attempts:
+            values.update(
+                status=store.FAILED, last_error=f"{error} (gave up after {attempts} attempts)", next_attempt_time=None
+            )
+            outcome = "failed"
+        else:
+            delay = retry_delay(attempts, self._retry_base_s, retry_after, self._rng)
+            values.update(last_error=error, next_attempt_time=now + delay)
+            outcome = "retrying"
+        async with self._db.write() as conn:
+            recorded = await store.record_attempt(conn, delivery["id"], delivery["claim_id"], values)
+            if recorded and gone:
+                reason = f"{urlsplit(delivery['url']).netloc} answered 410 Gone to delivery {delivery['id']}"
+                await store.update_webhook(
+                    conn,
+                    delivery["tenant"],
+                    delivery["webhook_id"],
+                    {"enabled": False, "disabled_reason": reason, "update_time": now},
+                )
+        self._metrics.webhook_attempts.labels(outcome).inc()
+        if not recorded:
+            log.info("webhook delivery %s changed while it was being sent; its attempt is not recorded", delivery["id"])
+        elif outcome != "succeeded":
+            log.info("webhook delivery %s attempt %d: %s (%s)", delivery["id"], attempts, error, outcome)
+
+    async def _attempt(self, delivery: Mapping[str, Any]) -> tuple[int, str, float | None]:
+        """POST the delivery once: (HTTP status or 0, why it failed, Retry-After seconds)."""
+        url = delivery["url"]
+        host = urlsplit(url).netloc
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await check_destination(url, self._allow)
+                event = pb.WatchRunResponse.FromString(delivery["payload"])
+                payload = signing.body(delivery["event_type"], event)
+                now = int(time.time())
+                headers = signing.headers(signing_keys(delivery, now), delivery["id"], now, payload)
+                # Streamed and never read: a receiver's body costs nothing, however large.
+                async with self._client.stream("POST", url, content=payload, headers=headers) as response:
+                    code = response.status_code
+                    retry_after = retry_after_s(response.headers.get("retry-after"))
+        except TimeoutError:
+            return 0, f"no answer from {host} within {self._timeout_s:g} s", None
+        except OutboundError as exc:
+            return 0, exc.reason, None
+        except httpx.HTTPError as exc:
+            return 0, f"{type(exc).__name__} calling {host}", None
+        return code, "" if 200 <= code < 300 else f"HTTP {code} from {host}", retry_after

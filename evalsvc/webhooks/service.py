@@ -1,0 +1,249 @@
+"""The webhook service: register, read, change, delete webhooks, rotate their secrets, list deliveries.
+
+Webhooks belong to a tenant and are notified only of that tenant's runs (the outbox is written per
+tenant: evalsvc.store.webhooks.enqueue). A webhook's URL follows the rule of target URLs
+(evalsvc.execution.outbound.check_destination), checked when it is set and again before each attempt.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from evalsvc.errors import FieldViolation, invalid_argument, not_found
+from evalsvc.execution.outbound import AllowList, OutboundError, check_destination, check_url_shape
+from evalsvc.idempotency import create_once, fingerprint
+from evalsvc.ids import decode_page_token, encode_page_token, new_id, page_size
+from evalsvc.limits import quota_exceeded
+from evalsvc.runs.convert import timestamp
+from evalsvc.runs.validation import MAX_DESCRIPTION, MAX_REQUEST_ID, check_length
+from evalsvc.store import webhooks as store
+from evalsvc.store.db import Database
+from evalsvc.v1 import webhook_service_pb2 as wpb
+from evalsvc.webhooks import events, signing
+
+MAX_URL = 2048
+MAX_WEBHOOKS_PER_TENANT = 50
+# How long a rotated-out secret still signs deliveries, so receivers can switch without losing any.
+PREVIOUS_SECRET_GRACE_S = 24 * 3600
+UPDATABLE = ("url", "event_types", "description", "enabled")
+
+
+def webhook_from(row: Mapping[str, Any], *, signing_secret: str = "") -> wpb.Webhook:
+    """The Webhook message of a row; the secret only where the caller passes it (create, rotate)."""
+    return wpb.Webhook(
+        id=row["id"],
+        url=row["url"],
+        event_types=events.types_of(row["event_mask"]),
+        description=row["description"],
+        enabled=row["enabled"],
+        disabled_reason=row["disabled_reason"],
+        signing_secret=signing_secret,
+        create_time=timestamp(row["create_time"]),
+        update_time=timestamp(row["update_time"]),
+    )
+
+
+def delivery_from(row: Mapping[str, Any]) -> wpb.WebhookDelivery:
+    """The WebhookDelivery message of an outbox row."""
+    return wpb.WebhookDelivery(
+        id=row["id"],
+        webhook_id=row["webhook_id"],
+        event_type=row["event_type"],
+        run_id=row["run_id"],
+        seq=row["seq"],
+        status=row["status"],
+        attempts=row["attempts"],
+        last_response_code=row["last_response_code"],
+        last_error=row["last_error"],
+        create_time=timestamp(row["create_time"]),
+        last_attempt_time=timestamp(row["last_attempt_time"]),
+        next_attempt_time=timestamp(row["next_attempt_time"] if row["status"] == store.PENDING else None),
+    )
+
+
+def _check_event_types(event_types: list[str], at: str, out: list[FieldViolation]) -> None:
+    for i, event_type in enumerate(event_types):
+        if event_type not in events.EVENT_TYPES:
+            out.append(FieldViolation(f"{at}[{i}]", f"unknown event type; known: {', '.join(events.EVENT_TYPES)}"))
+
+
+class WebhookService:
+    """Webhooks of one database, for any tenant the caller names."""
+
+    def __init__(self, db: Database, allow: AllowList) -> None:
+        self._db = db
+        self._allow = allow
+
+    async def _check_url(self, url: str, at: str, out: list[FieldViolation]) -> None:
+        if not url:
+            out.append(FieldViolation(at, "required"))
+            return
+        check_length(url, MAX_URL, at, out)
+        problem = check_url_shape(url)
+        if problem is None:
+            try:
+                await check_destination(url, self._allow)
+            except OutboundError as exc:
+                problem = exc.reason
+        if problem is not None:
+            out.append(FieldViolation(at, problem))
+
+    async def create(self, tenant: str, request: wpb.CreateWebhookRequest) -> wpb.Webhook:
+        """Register a webhook (idempotent by request_id); the answer carries its secret, this once."""
+        spec = request.webhook
+        violations: list[FieldViolation] = []
+        check_length(request.request_id, MAX_REQUEST_ID, "request_id", violations)
+        check_length(spec.description, MAX_DESCRIPTION, "webhook.description", violations)
+        _check_event_types(list(spec.event_types), "webhook.event_types", violations)
+        await self._check_url(spec.url, "webhook.url", violations)
+        if violations:
+            raise invalid_argument(violations)
+        definition = wpb.Webhook(
+            url=spec.url,
+            event_types=events.types_of(events.mask_of(spec.event_types or events.TERMINAL_EVENT_TYPES)),
+            description=spec.description,
+            enabled=spec.enabled if spec.HasField("enabled") else True,
+        )
+        secret = signing.new_secret()
+        now = time.time()
+        row: dict[str, Any] = {
+            "id": new_id("wh"),
+            "tenant": tenant,
+            "request_id": request.request_id or None,
+            "request_hash": fingerprint(definition),
+            "url": definition.url,
+            "event_mask": events.mask_of(definition.event_types),
+            "description": definition.description,
+            "enabled": definition.enabled,
+            "disabled_reason": "",
+            "secret": secret,
+            "create_time": now,
+            "update_time": now,
+        }
+
+        async def insert(conn: Any) -> wpb.Webhook:
+            if await store.count_webhooks(conn, tenant) >= MAX_WEBHOOKS_PER_TENANT:
+                raise quota_exceeded(
+                    "max_webhooks", f"a tenant may have at most {MAX_WEBHOOKS_PER_TENANT} webhooks; delete one"
+                )
+            await store.insert_webhook(conn, row)
+            return webhook_from(row, signing_secret=signing.secret_text(secret))
+
+        async def replay(existing: Mapping[str, Any]) -> wpb.Webhook:
+            return webhook_from(existing)
+
+        return await create_once(
+            self._db,
+            kind="webhook",
+            request_id=request.request_id,
+            fingerprint=row["request_hash"],
+            find=lambda conn: store.find_by_request_id(conn, tenant, request.request_id),
+            create=insert,
+            replay=replay,
+        )
+
+    async def get(self, tenant: str, webhook_id: str) -> wpb.Webhook:
+        """A webhook without its secret; NOT_FOUND when missing or another tenant's."""
+        async with self._db.read() as conn:
+            row = await store.get_webhook(conn, tenant, webhook_id)
+        if row is None:
+            raise not_found("webhook", webhook_id)
+        return webhook_from(row)
+
+    async def list(self, tenant: str, request: wpb.ListWebhooksRequest) -> tuple[list[wpb.Webhook], str]:
+        """A page of webhooks, newest first, and the next page's token."""
+        limit = page_size(request.page_size, 50)
+        before = decode_page_token(request.page_token, {})
+        async with self._db.read() as conn:
+            rows = await store.list_webhooks(conn, tenant, before_id=before, limit=limit + 1)
+        webhooks = [webhook_from(row) for row in rows[:limit]]
+        return webhooks, encode_page_token(webhooks[-1].id, {}) if len(rows) > limit else ""
+
+    async def update(self, tenant: str, request: wpb.UpdateWebhookRequest) -> wpb.Webhook:
+        """Change the fields named by the update mask (every set one when it is empty). Disabling fails
+        the deliveries not yet sent; enabling clears the reason the server disabled it for."""
+        spec = request.webhook
+        paths = list(request.update_mask.paths) or [
+            name for name in UPDATABLE if (spec.HasField(name) if name == "enabled" else getattr(spec, name))
+        ]
+        violations = [
+            FieldViolation("update_mask", f"{path!r} cannot be updated; updatable: {', '.join(UPDATABLE)}")
+            for path in paths
+            if path not in UPDATABLE
+        ]
+        if not paths:
+            violations.append(FieldViolation("update_mask", "nothing to update: set a field of webhook or name it"))
+        values: dict[str, Any] = {"update_time": time.time()}
+        if "url" in paths:
+            await self._check_url(spec.url, "webhook.url", violations)
+            values["url"] = spec.url
+        if "event_types" in paths:
+            _check_event_types(list(spec.event_types), "webhook.event_types", violations)
+            if not spec.event_types:
+                violations.append(FieldViolation("webhook.event_types", "name at least one event type"))
+            values["event_mask"] = events.mask_of(t for t in spec.event_types if t in events.EVENT_TYPES)
+        if "description" in paths:
+            check_length(spec.description, MAX_DESCRIPTION, "webhook.description", violations)
+            values["description"] = spec.description
+        if "enabled" in paths:
+            values["enabled"] = spec.enabled
+            values["disabled_reason"] = ""
+        if violations:
+            raise invalid_argument(violations)
+        async with self._db.write() as conn:
+            row = await store.update_webhook(conn, tenant, request.webhook_id, values)
+        if row is None:
+            raise not_found("webhook", request.webhook_id)
+        return webhook_from(row)
+
+    async def delete(self, tenant: str, webhook_id: str) -> None:
+        """Delete a webhook and its deliveries."""
+        async with self._db.write() as conn:
+            deleted = await store.delete_webhook(conn, tenant, webhook_id)
+        if not deleted:
+            raise not_found("webhook", webhook_id)
+
+    async def rotate_secret(self, tenant: str, request: wpb.RotateWebhookSecretRequest) -> wpb.Webhook:
+        """A new secret, returned this once. The previous one keeps signing (alongside) for a day, so
+        receivers that have not switched yet still verify, unless revoke_previous."""
+        secret = signing.new_secret()
+        now = time.time()
+        async with self._db.write() as conn:
+            current = await store.get_webhook(conn, tenant, request.webhook_id)
+            if current is None:
+                raise not_found("webhook", request.webhook_id)
+            keep = not request.revoke_previous
+            row = await store.update_webhook(
+                conn,
+                tenant,
+                request.webhook_id,
+                {
+                    "secret": secret,
+                    "previous_secret": current["secret"] if keep else None,
+                    "previous_secret_expire_time": now + PREVIOUS_SECRET_GRACE_S if keep else None,
+                    "update_time": now,
+                },
+            )
+        if row is None:  # deleted between the two statements (PostgreSQL, another replica)
+            raise not_found("webhook", request.webhook_id)
+        return webhook_from(row, signing_secret=signing.secret_text(secret))
+
+    async def list_deliveries(
+        self, tenant: str, request: wpb.ListWebhookDeliveriesRequest
+    ) -> tuple[list[wpb.WebhookDelivery], str]:
+        """A page of a webhook's deliveries, newest first."""
+        limit = page_size(request.page_size, 50)
+        if request.status not in wpb.WebhookDeliveryStatus.values():
+            raise invalid_argument([FieldViolation("status", "unknown delivery status")])
+        query = {"webhook_id": request.webhook_id, "status": request.status}
+        before = decode_page_token(request.page_token, query)
+        async with self._db.read() as conn:
+            if await store.get_webhook(conn, tenant, request.webhook_id) is None:
+                raise not_found("webhook", request.webhook_id)
+            rows = await store.list_deliveries(
+                conn, tenant, request.webhook_id, status=request.status, before_id=before, limit=limit + 1
+            )
+        deliveries = [delivery_from(row) for row in rows[:limit]]
+        return deliveries, encode_page_token(deliveries[-1].id, query) if len(rows) > limit else ""
