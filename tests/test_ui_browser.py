@@ -28,11 +28,18 @@ STEP_TIMEOUT_MS = 30_000
 
 
 class GatedTarget:
-    """An agent webhook (an `http` target) that answers `expected` only when the test releases a call."""
+    """An agent webhook (an `http` target) that answers `expected` only when the test releases a call.
+    The WRONG_CALL-th call to pass the gate answers "wrong" instead (its item is `wrong_item`): which item
+    that is depends on the order the executor sends them in, so the test reads it from here."""
+
+    WRONG_CALL = 10  # in the third batch of four the test releases
 
     def __init__(self) -> None:
         self.permits = threading.Semaphore(0)
         self.closing = threading.Event()
+        self.answered = 0
+        self.wrong_item = ""
+        self._lock = threading.Lock()
         gate = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -41,7 +48,12 @@ class GatedTarget:
                 while not gate.permits.acquire(timeout=0.5):
                     if gate.closing.is_set():
                         break
-                answer = "wrong" if item["input"].endswith("7") else f"answer to {item['input']}"
+                with gate._lock:
+                    gate.answered += 1
+                    wrong = gate.answered == gate.WRONG_CALL
+                    if wrong:
+                        gate.wrong_item = item["id"]
+                answer = "wrong" if wrong else f"answer to {item['input']}"
                 body = json.dumps({"content": answer}).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
@@ -145,7 +157,7 @@ async def test_run_page_shows_a_run_live_from_start_to_final_status(
     assert (await _field(page, "completed"), await _field(page, "total")) == ("0", "12")
     assert await _field(page, "pass_rate") == "\N{EN DASH}"  # no verdict yet
 
-    target.release(4)  # q0..q3 (in some order) pass
+    target.release(4)  # the first four calls pass
     await _wait_field(page, "completed", "4")
     assert (await _field(page, "passed"), await _field(page, "pass_rate"), await _field(page, "status")) == (
         "4",
@@ -156,7 +168,7 @@ async def test_run_page_shows_a_run_live_from_start_to_final_status(
     await _wait_field(page, "completed", "8")
     assert await _field(page, "status") == "RUNNING"
 
-    target.release(4)  # the last four; q7 answered "wrong"
+    target.release(4)  # the last four; the tenth call answered "wrong"
     await _wait_field(page, "status", "SUCCEEDED")
     assert (await _field(page, "completed"), await _field(page, "total"), await _field(page, "passed")) == (
         "12",
@@ -167,7 +179,8 @@ async def test_run_page_shows_a_run_live_from_start_to_final_status(
     assert await page.locator("#results-body tr").count() == 12
     await page.locator('#filters button[data-state="RESULT_STATE_FAILED"]').click()
     failed_rows = page.locator("#results-body tr")
-    assert await failed_rows.count() == 1 and await failed_rows.locator("td").first.text_content() == "q7"
+    assert target.wrong_item.startswith("q")
+    assert await failed_rows.count() == 1 and await failed_rows.locator("td").first.text_content() == target.wrong_item
 
     # The key left the address bar, went only as a header, and never into a URL.
     key = str(gateway_server.bootstrap_key)
