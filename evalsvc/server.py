@@ -170,7 +170,7 @@ class EvalServer:
         self.generations = DatasetGenerations(
             self.db, self.outbound, generator_model(settings), settings.poll_interval_s
         )
-        self.webhooks = WebhookService(self.db, self.outbound.allow)
+        self.webhooks = WebhookService(self.db, self.outbound.allow, self.page_tokens)
         self.webhook_sender = WebhookSender(self.db, settings, self.outbound.allow, self.metrics)
         self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
         self.revoker = StreamRevoker(self.keys, self.bus, settings.auth_cache_s)

@@ -48,6 +48,10 @@ async def fuzzed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
             create_run_burst=1000,
             max_active_runs=10_000,
             http_retries=0,
+            # A default judge (also the generator) so that judge runs and generated evals are accepted;
+            # it is a closed port, so what calls it ends as an ERROR result or a failed generation.
+            judge_base_url="http://127.0.0.1:9/v1",
+            judge_model="fuzz-judge",
         )
     )
     await srv.start()

@@ -30,11 +30,13 @@ from evalsvc.v1 import (
     secret_service_pb2_grpc,
     target_pb2,
     target_service_pb2_grpc,
+    webhook_service_pb2_grpc,
 )
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import grader_service_pb2 as gs
 from evalsvc.v1 import secret_service_pb2 as ss
 from evalsvc.v1 import target_service_pb2 as ts
+from evalsvc.v1 import webhook_service_pb2 as ws
 from tests.conftest import make_settings
 from tests.helpers import create_request, error_reason, keyed_channel, violations, watch_all
 
@@ -97,6 +99,7 @@ class Lists:
         graders = grader_service_pb2_grpc.GraderServiceStub(channel)
         targets = target_service_pb2_grpc.TargetServiceStub(channel)
         secrets = secret_service_pb2_grpc.SecretServiceStub(channel)
+        webhooks = webhook_service_pb2_grpc.WebhookServiceStub(channel)
         self.calls: dict[str, Callable[[str, int], Awaitable[Any]]] = {
             "ListRuns": lambda t, n: runs.ListRuns(pb.ListRunsRequest(page_token=t, page_size=n)),
             "ListRunResults": lambda t, n: runs.ListRunResults(
@@ -109,6 +112,7 @@ class Lists:
             "ListGraders": lambda t, n: graders.ListGraders(gs.ListGradersRequest(page_token=t, page_size=n)),
             "ListTargets": lambda t, n: targets.ListTargets(ts.ListTargetsRequest(page_token=t, page_size=n)),
             "ListSecrets": lambda t, n: secrets.ListSecrets(ss.ListSecretsRequest(page_token=t, page_size=n)),
+            "ListWebhooks": lambda t, n: webhooks.ListWebhooks(ws.ListWebhooksRequest(page_token=t, page_size=n)),
             "ListComparisonItems": lambda t, n: runs.ListComparisonItems(
                 cpb.ListComparisonItemsRequest(
                     baseline_run_id=run_id, candidate_run_id=other_run_id, page_token=t, page_size=n
@@ -133,8 +137,12 @@ async def _two_of_everything(channel: grpc.aio.Channel) -> tuple[tuple[str, str]
     graders = grader_service_pb2_grpc.GraderServiceStub(channel)
     targets = target_service_pb2_grpc.TargetServiceStub(channel)
     secrets = secret_service_pb2_grpc.SecretServiceStub(channel)
+    webhooks = webhook_service_pb2_grpc.WebhookServiceStub(channel)
     for name in ("a", "b"):
         await secrets.CreateSecret(ss.CreateSecretRequest(name=f"key_{name}", value="s3cret"))
+        # a closed local port (allow-listed): the runs above ended before it existed, so nothing is sent
+        hook = ws.Webhook(url=f"http://127.0.0.1:9/{name}", event_types=["run.succeeded"])
+        await webhooks.CreateWebhook(ws.CreateWebhookRequest(webhook=hook))
         grader = grader_pb2.Grader(name=name, exact_match=grader_pb2.ExactMatch())
         await graders.CreateGrader(gs.CreateGraderRequest(grader=gs.SavedGrader(grader=grader)))
         await targets.CreateTarget(ts.CreateTargetRequest(target=ts.SavedTarget(target=target_pb2.Target(echo={}))))
@@ -144,7 +152,7 @@ async def _two_of_everything(channel: grpc.aio.Channel) -> tuple[tuple[str, str]
 async def test_every_paged_list_refuses_forged_and_foreign_tokens_and_honours_its_own(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    srv = EvalServer(make_settings(tmp_path, secrets_key=generate_key()))
+    srv = EvalServer(make_settings(tmp_path, secrets_key=generate_key(), outbound_allow="127.0.0.1"))
     await srv.start()
     try:
         other_key, _ = await srv.keys.create("other")

@@ -14,7 +14,7 @@ from typing import Any
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
 from evalsvc.execution.outbound import AllowList, OutboundError, check_destination, check_url_shape
 from evalsvc.idempotency import create_once, fingerprint
-from evalsvc.ids import decode_page_token, encode_page_token, new_id, page_size
+from evalsvc.ids import PageTokens, new_id, page_size
 from evalsvc.limits import quota_exceeded
 from evalsvc.runs.convert import timestamp
 from evalsvc.runs.validation import MAX_DESCRIPTION, MAX_REQUEST_ID, check_length
@@ -72,9 +72,10 @@ def _check_event_types(event_types: list[str], at: str, out: list[FieldViolation
 class WebhookService:
     """Webhooks of one database, for any tenant the caller names."""
 
-    def __init__(self, db: Database, allow: AllowList) -> None:
+    def __init__(self, db: Database, allow: AllowList, page_tokens: PageTokens) -> None:
         self._db = db
         self._allow = allow
+        self._page_tokens = page_tokens
 
     async def _check_url(self, url: str, at: str, out: list[FieldViolation]) -> None:
         if not url:
@@ -155,11 +156,12 @@ class WebhookService:
     async def list(self, tenant: str, request: wpb.ListWebhooksRequest) -> tuple[list[wpb.Webhook], str]:
         """A page of webhooks, newest first, and the next page's token."""
         limit = page_size(request.page_size, 50)
-        before = decode_page_token(request.page_token, {})
+        before = self._page_tokens.decode(tenant, "webhooks", {}, request.page_token)
         async with self._db.read() as conn:
             rows = await store.list_webhooks(conn, tenant, before_id=before, limit=limit + 1)
         webhooks = [webhook_from(row) for row in rows[:limit]]
-        return webhooks, encode_page_token(webhooks[-1].id, {}) if len(rows) > limit else ""
+        token = self._page_tokens.encode(tenant, "webhooks", {}, webhooks[-1].id) if len(rows) > limit else ""
+        return webhooks, token
 
     async def update(self, tenant: str, request: wpb.UpdateWebhookRequest) -> wpb.Webhook:
         """Change the fields named by the update mask (every set one when it is empty). Disabling fails
@@ -238,7 +240,7 @@ class WebhookService:
         if request.status not in wpb.WebhookDeliveryStatus.values():
             raise invalid_argument([FieldViolation("status", "unknown delivery status")])
         query = {"webhook_id": request.webhook_id, "status": request.status}
-        before = decode_page_token(request.page_token, query)
+        before = self._page_tokens.decode(tenant, "webhook_deliveries", query, request.page_token)
         async with self._db.read() as conn:
             if await store.get_webhook(conn, tenant, request.webhook_id) is None:
                 raise not_found("webhook", request.webhook_id)
@@ -246,4 +248,5 @@ class WebhookService:
                 conn, tenant, request.webhook_id, status=request.status, before_id=before, limit=limit + 1
             )
         deliveries = [delivery_from(row) for row in rows[:limit]]
-        return deliveries, encode_page_token(deliveries[-1].id, query) if len(rows) > limit else ""
+        last = deliveries[-1].id if len(rows) > limit else None
+        return deliveries, "" if last is None else self._page_tokens.encode(tenant, "webhook_deliveries", query, last)
