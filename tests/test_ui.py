@@ -50,6 +50,25 @@ async def test_pages_are_served_without_a_key_and_carry_the_readable_fields(gate
     assert missing.status_code == 404
 
 
+async def test_comparison_page_is_served_like_the_run_pages_and_the_run_page_links_it(
+    gateway: httpx.AsyncClient,
+) -> None:
+    anonymous = httpx.AsyncClient(base_url=gateway.base_url)
+    async with anonymous:
+        compare = await anonymous.get("/ui/compare", params={"baseline": "run_base", "candidate": "run_cand"})
+        run = await anonymous.get("/ui/runs/run_cand")
+    assert compare.status_code == 200 and compare.headers["content-type"].startswith("text/html")
+    assert compare.headers["content-security-policy"] == run.headers["content-security-policy"]
+    assert compare.headers["referrer-policy"] == "no-referrer"
+    assert "run_base" not in compare.text and "run_cand" not in compare.text  # the script reads the query
+    assert 'data-page="compare"' in compare.text and 'id="comparison-body"' in compare.text
+    assert '<script src="/ui/assets/ui.js" defer></script>' in compare.text  # the one shared script, no inline code
+    actions = run.text[
+        run.text.index('id="run-actions"') : run.text.index("</nav>", run.text.index('id="run-actions"'))
+    ]
+    assert 'id="compare-form"' in actions and 'id="compare-baseline"' in actions and "Compare with" in actions
+
+
 async def test_swagger_ui_is_off_and_the_openapi_document_stays(gateway: httpx.AsyncClient) -> None:
     assert (await gateway.get("/docs")).status_code == 404
     assert (await gateway.get("/redoc")).status_code == 404

@@ -251,3 +251,59 @@ async def test_run_page_resumes_after_the_stream_drops_and_keys_are_typed_once(
     await link.wait_for(timeout=STEP_TIMEOUT_MS)
     assert await link.text_content() == "browser: resume"
     assert await page.locator("#key-panel").is_hidden()
+
+
+async def test_run_page_opens_the_comparison_view_of_two_finished_runs(
+    gateway_server: EvalServer, browser: Any, tmp_path: Path
+) -> None:
+    """Recorded (`provided`) outputs: the baseline answers all 12 items right, the candidate gets q0..q7 wrong, so
+    8 pairs regressed and none improved: McNemar p = 2 / 2**8 = 0.0078 < 0.05, REGRESSED."""
+
+    def run_body(name: str, wrong: int) -> dict[str, Any]:
+        items = [
+            {
+                "id": f"q{i}",
+                "input": f"question {i}",
+                "expectedOutput": f"answer {i}",
+                "response": {"content": "wrong" if i < wrong else f"answer {i}"},
+            }
+            for i in range(12)
+        ]
+        return {
+            "displayName": name,
+            "items": items,
+            "target": {"provided": {}},
+            "graders": [{"name": "exact", "exactMatch": {}}],
+        }
+
+    baseline = await _create_run(gateway_server, run_body("browser: baseline", 0))
+    candidate = await _create_run(gateway_server, run_body("browser: candidate", 8))
+    origin = f"http://127.0.0.1:{gateway_server.gateway.port}"
+    page = await browser.new_page()
+    await page.goto(f"{origin}/ui/runs/{baseline['id']}#key={gateway_server.bootstrap_key}")
+    await _wait_field(page, "status", "SUCCEEDED")
+    await page.goto(f"{origin}/ui/runs/{candidate['id']}")  # the key stays in the tab
+    await _wait_field(page, "status", "SUCCEEDED")
+
+    await page.locator("#run-actions #compare-baseline").fill(baseline["id"])
+    await page.locator("#run-actions button[type=submit]").click()
+    await page.wait_for_url(f"{origin}/ui/compare?baseline={baseline['id']}&candidate={candidate['id']}")
+    exact = page.locator('tr[data-grader="exact"]')
+    await exact.wait_for(timeout=STEP_TIMEOUT_MS)
+
+    async def cell(row: Any, field: str) -> str:
+        return str(await row.locator(f'[data-field="{field}"]').text_content())
+
+    assert [await cell(exact, f) for f in ("pairs", "baseline_pass_rate", "candidate_pass_rate", "changed")] == [
+        "12",
+        "100%",
+        "33.3%",
+        "+0 -8",
+    ]
+    assert (await cell(exact, "pass_rate_delta"), await cell(exact, "mcnemar_p")) == ("-66.7", "0.00781")
+    assert await cell(exact, "verdict") == "REGRESSED"
+    assert await cell(page.locator("tr[data-overall]"), "verdict") == "REGRESSED"
+    assert await page.locator("#partial").is_hidden()
+    assert await page.locator("#candidate-link").text_content() == "browser: candidate"
+    await page.set_viewport_size({"width": 1280, "height": 700})
+    await page.screenshot(path=str(tmp_path / "compare-page.png"), full_page=True)  # for people: pytest keeps tmp_path

@@ -1,5 +1,6 @@
-"""The live run pages: `GET /ui/runs` (a tenant's runs, newest first) and `GET /ui/runs/{run_id}` (one run,
-updated live from the SSE watch with resume).
+"""The live run pages: `GET /ui/runs` (a tenant's runs, newest first), `GET /ui/runs/{run_id}` (one run,
+updated live from the SSE watch with resume) and `GET /ui/compare?baseline=RUN_ID&candidate=RUN_ID` (the paired
+comparison of two runs, CompareRuns; the run page links it).
 
 The pages are static files shipped in this package (`assets/`): they load nothing from any other origin
 and the server puts no data in them. Their script asks the gateway's own JSON API for everything, with
@@ -35,7 +36,7 @@ def _asset(name: str) -> bytes:
 
 def router() -> APIRouter:
     """The /ui routes. The files are read once, here: they are small and never change while serving."""
-    pages = {"runs": _asset("runs.html"), "run": _asset("run.html")}
+    pages = {name: _asset(f"{name}.html") for name in ("runs", "run", "compare")}
     files = {name: _asset(name) for name in ("ui.css", "ui.js")}
     ui = APIRouter(include_in_schema=False)
 
@@ -53,6 +54,10 @@ def router() -> APIRouter:
     @ui.get("/ui/runs/{run_id}")
     async def run_page(run_id: str) -> Response:
         return page("run")  # the script reads the id from the path; nothing of the request is echoed
+
+    @ui.get("/ui/compare")
+    async def compare_page() -> Response:
+        return page("compare")  # the script reads ?baseline= and ?candidate=; nothing is echoed
 
     @ui.get("/ui/assets/{name}")
     async def asset(name: str) -> Response:

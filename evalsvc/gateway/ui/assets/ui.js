@@ -1,4 +1,4 @@
-// evalsvc run pages: /ui/runs and /ui/runs/{run_id}. Everything comes from this gateway's JSON API
+// evalsvc run pages: /ui/runs, /ui/runs/{run_id} and /ui/compare?baseline=&candidate=. Everything comes from this gateway's JSON API
 // (/v1/...), called with the API key kept in sessionStorage and sent as the authorization header.
 "use strict";
 
@@ -152,6 +152,14 @@ function badge(status) {
   return element("span", { class: `badge ${name.toLowerCase()}`, text: name });
 }
 
+function runHref(runId) {
+  return `/ui/runs/${encodeURIComponent(runId)}`;
+}
+
+function compareHref(baselineRunId, candidateRunId) {
+  return `/ui/compare?${new URLSearchParams({ baseline: baselineRunId, candidate: candidateRunId })}`;
+}
+
 function targetKind(target) {
   if (!target) return "";
   for (const kind of ["provided", "echo", "chat", "http"]) if (target[kind]) return kind;
@@ -173,7 +181,7 @@ function runsPage() {
     const counts = run.counts || {};
     const total = counts.totalEvaluations || 0;
     const done = counts.completedEvaluations || 0;
-    const link = element("a", { href: `/ui/runs/${encodeURIComponent(run.id)}` }, run.displayName || run.id);
+    const link = element("a", { href: runHref(run.id) }, run.displayName || run.id);
     const bar = element("div", { class: "mini-progress" }, element("div", { style: `width:${total ? (100 * done) / total : 0}%` }));
     return element(
       "tr",
@@ -454,6 +462,19 @@ function runPage() {
     scheduleRender();
   }
 
+  // The "Compare with…" form in #run-actions: this run is the candidate, the run typed (or picked) the baseline.
+  $("compare-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const baseline = $("compare-baseline").value.trim();
+    if (baseline) location.assign(compareHref(baseline, runId));
+  });
+
+  async function offerBaselines() {
+    const page = await api("/v1/runs?page_size=50");
+    const others = (page.runs || []).filter((run) => run.id !== runId);
+    $("compare-runs").replaceChildren(...others.map((run) => element("option", { value: run.id, label: run.displayName || run.id })));
+  }
+
   $("filters").addEventListener("click", (event) => {
     const button = event.target.closest("button");
     if (!button) return;
@@ -464,6 +485,7 @@ function runPage() {
 
   return () => {
     showContent();
+    offerBaselines().catch(() => {}); // only suggestions for the compare form: typing an id works without them
     api(`/v1/runs/${encodeURIComponent(runId)}`)
       .then((body) => {
         state.about = body.run; // status and counts come from the events, replayed from the first, so they agree
@@ -477,11 +499,93 @@ function runPage() {
   };
 }
 
+// ---- /ui/compare?baseline=RUN_ID&candidate=RUN_ID ----
+
+function comparePage() {
+  const query = new URLSearchParams(location.search);
+  const baseline = (query.get("baseline") || "").trim();
+  const candidate = (query.get("candidate") || "").trim();
+  let refreshTimer = 0;
+
+  for (const [id, runId] of [["baseline-link", baseline], ["candidate-link", candidate], ["crumb-candidate", candidate]]) {
+    $(id).textContent = runId;
+    $(id).href = runHref(runId);
+  }
+  document.title = `${candidate} vs ${baseline} · evalsvc`;
+
+  const verdictName = (verdict) => (verdict || "").replace("COMPARISON_VERDICT_", "");
+  const points = (fraction) => `${fraction >= 0 ? "+" : ""}${(100 * fraction).toFixed(1)}`; // as evalctl compare
+  const pValue = (p) => String(Number((p ?? 1).toPrecision(3)));
+
+  // One grader's comparison (or the overall one). Pass rates are over the counted pairs, from the 2x2 table.
+  function row(comparison, overall) {
+    const c = comparison;
+    const baselinePassed = c.bothPassed + c.regressed;
+    const candidatePassed = c.bothPassed + c.improved;
+    const verdict = verdictName(c.verdict);
+    const cell = (field, text) => element("td", { class: "num", "data-field": field, text });
+    return element(
+      "tr",
+      overall ? { class: "overall", "data-overall": "" } : { "data-grader": c.grader },
+      element("td", { text: overall ? "All graders" : c.grader }),
+      cell("pairs", String(c.pairs)),
+      cell("baseline_pass_rate", percent(baselinePassed, c.pairs - baselinePassed)),
+      cell("candidate_pass_rate", percent(candidatePassed, c.pairs - candidatePassed)),
+      element(
+        "td",
+        { class: "num" },
+        element("span", { "data-field": "pass_rate_delta", text: points(c.passRateDelta) }),
+        " ",
+        element("span", { class: "hint", "data-field": "delta_ci", text: `[${points(c.deltaCiLow)}, ${points(c.deltaCiHigh)}]` }),
+      ),
+      cell("changed", `+${c.improved} -${c.regressed}`),
+      cell("mcnemar_p", pValue(c.mcnemarPValue)),
+      cell("unpaired", String(c.unpaired)),
+      element("td", { class: `verdict ${verdict.toLowerCase()}`, "data-field": "verdict", text: verdict }),
+    );
+  }
+
+  // A comparison including a run still executing is partial: it is read again every 5 s until it is not.
+  async function load() {
+    const path = `/v1/runs/${encodeURIComponent(candidate)}:compare?${new URLSearchParams({ baseline_run_id: baseline })}`;
+    const comparison = (await api(path)).comparison;
+    const level = String(Number((100 * (1 - comparison.alpha)).toPrecision(6)));
+    $("delta-head").textContent = `Delta pp [${level}% CI]`;
+    $("alpha").textContent = `alpha ${comparison.alpha}`;
+    $("comparison-body").replaceChildren(
+      ...(comparison.graders || []).map((grader) => row(grader, false)),
+      row(comparison.overall, true),
+    );
+    $("partial").hidden = !comparison.partial;
+    $("live-state").textContent = comparison.partial ? "a run is still executing: refreshing every 5 s" : "";
+    clearTimeout(refreshTimer);
+    if (comparison.partial) refreshTimer = setTimeout(() => load().catch(handleError), 5000);
+  }
+
+  async function nameRuns() {
+    for (const [id, runId] of [["baseline-link", baseline], ["candidate-link", candidate]]) {
+      const run = (await api(`/v1/runs/${encodeURIComponent(runId)}`)).run;
+      $(id).textContent = run.displayName || runId;
+    }
+  }
+
+  return () => {
+    showContent();
+    if (!baseline || !candidate) {
+      handleError(new Error("open this page as /ui/compare?baseline=RUN_ID&candidate=RUN_ID, or from a run page's Compare with… form"));
+      return;
+    }
+    Promise.all([load(), nameRuns()]).catch(handleError);
+  };
+}
+
 // ---- start ----
+
+const PAGES = { runs: runsPage, run: runPage, compare: comparePage };
 
 document.addEventListener("DOMContentLoaded", () => {
   takeKeyFromFragment();
-  const start = document.body.dataset.page === "run" ? runPage() : runsPage();
+  const start = PAGES[document.body.dataset.page]();
   setUpKeyControls(start);
   if (apiKey()) start();
   else showKeyForm("");
