@@ -207,10 +207,6 @@ class Upstream:
     def targets(self) -> target_service_pb2_grpc.TargetServiceStub:
         return self._least_loaded().targets
 
-    @property
-    def channel_count(self) -> int:
-        return len(self._pool)
-
     def stream_slot(self) -> StreamSlot:
         """Room for one long-lived stream: on the first channel with room, or on a new channel."""
         for pooled in self._pool:

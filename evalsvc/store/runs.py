@@ -325,12 +325,6 @@ async def claimable_runs(conn: AsyncConnection, now: float) -> list[tuple[str, s
     return [(tenant, run_id) for tenant, run_id in rows]
 
 
-async def active_run_ids(conn: AsyncConnection) -> list[str]:
-    """Runs that are neither finished nor cancelled, across tenants (for the executor's restart sweep)."""
-    rows = await conn.execute(select(RUNS.c.id).where(RUNS.c.status.in_(list(ACTIVE_STATUSES))))
-    return [r for (r,) in rows]
-
-
 async def add_progress(
     conn: AsyncConnection,
     run_id: str,
