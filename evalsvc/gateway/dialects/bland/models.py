@@ -1,7 +1,6 @@
 """Bland's request and response bodies (the wire models), field for field as docs.bland.ai documents them,
-plus the evalsvc extensions (calls). Pure pydantic: no evalsvc calls, no translation."""
-
-from __future__ import annotations
+plus the evalsvc extensions (calls). Pure pydantic: no evalsvc calls, no translation. (No `from __future__
+import annotations`: annotations are evaluated here, not in the namespace a model's `__module__` names.)"""
 
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
@@ -31,6 +30,10 @@ class ErrorItem(BaseModel):
 
 class ErrorEnvelope(BaseModel):
     """The body of every failed request."""
+
+    # Aymara has an ErrorEnvelope too, so /openapi.json names both by module: this keeps the component
+    # name Bland's had before the dialect became a package (`evalsvc__gateway__dialects__bland__ErrorEnvelope`).
+    __module__ = "evalsvc.gateway.dialects.bland"
 
     data: None = None
     errors: list[ErrorItem]
