@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from evalsvc.gateway.dialects.base import RUN_LABEL, Dialect, DialectOptions, bearer_key, error_route_class, iso
-from evalsvc.gateway.upstream import Caller, GatewayError, Upstream
+from evalsvc.gateway.upstream import Caller, GatewayError, Paged, Upstream
 from evalsvc.v1 import (
     dataset_service_pb2,
     eval_run_service_pb2,
@@ -445,18 +445,20 @@ class Vogent:
         self.upstream = upstream
         self.who = who
 
-    def _pager(self, method: Callable[..., Awaitable[Any]], request: Message, items_field: str) -> Fetch:
+    def _pager(self, method: grpc.aio.UnaryUnaryMultiCallable[Paged, Any], request: Paged, items_field: str) -> Fetch:
         """`fetch(size, token)` over a gRPC list method, for `page_of`."""
 
         async def fetch(size: int, token: str) -> tuple[Sequence[Any], str]:
-            request.page_size = size  # type: ignore[attr-defined]
-            request.page_token = token  # type: ignore[attr-defined]
+            request.page_size = size
+            request.page_token = token
             page = await self.upstream.call(method, request, self.who)
             return getattr(page, items_field), page.next_page_token
 
         return fetch
 
-    async def _owned(self, method: Callable[..., Awaitable[Any]], request: Message, field: str, noun: str) -> Any:
+    async def _owned(
+        self, method: grpc.aio.UnaryUnaryMultiCallable[Any, Any], request: Message, field: str, noun: str
+    ) -> Any:
         """`field` of a Get call's response: a resource this dialect created. A missing one, one without the
         dialect's label, or a run deleted natively (Vogent has no deletion) is NOT_FOUND in Vogent's words."""
         key = getattr(request, f"{field}_id")
