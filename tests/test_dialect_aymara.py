@@ -3,7 +3,6 @@ is a real HTTP fake (tests/fake_llm.py), driven by httpx and by Aymara's own SDK
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -21,7 +20,7 @@ from evalsvc.gateway.dialects import aymara
 from evalsvc.server import EvalServer
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, Reply, generator_reply, is_generation, judge_reply
-from tests.helpers import impatient_gateway, serving_gateway
+from tests.helpers import impatient_gateway, serving_gateway, watch_to_end
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 ERROR_CODES = {
@@ -198,13 +197,7 @@ async def create_eval(env: Env, **fields: Any) -> dict[str, Any]:
 
 async def finished(env: Env, run_id: str) -> None:
     """Wait for the run's terminal event on the native watch stream (NDJSON), at most 30 s."""
-    headers = {"authorization": f"Bearer {env.key}", "accept": "application/x-ndjson"}
-    async with asyncio.timeout(30), env.http.stream("GET", f"/v1/runs/{run_id}:watch", headers=headers) as stream:
-        async for line in stream.aiter_lines():
-            event = json.loads(line)["result"] if line else {}
-            if event.get("run", {}).get("status") in ("RUN_STATUS_SUCCEEDED", "RUN_STATUS_FAILED"):
-                return
-    raise AssertionError("the watch ended before the run did")
+    await watch_to_end(env.http, run_id, {"authorization": f"Bearer {env.key}"})
 
 
 def assert_envelope(body: Any, code: str) -> dict[str, Any]:

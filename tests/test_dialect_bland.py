@@ -21,7 +21,7 @@ from evalsvc.v1 import eval_run_service_pb2 as runs_pb
 from evalsvc.v1 import run_pb2
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, Reply, judge_reply
-from tests.helpers import serving_gateway
+from tests.helpers import serving_gateway, watch_to_end
 
 MILLIS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 RUN_STATUSES = {"PENDING", "QUEUED", "RUNNING", "COMPLETE", "PARTIAL", "FAILED", "CANCELLED"}
@@ -327,12 +327,7 @@ class Env:
     async def ended(self, run_id: str) -> None:
         """Wait for the run's end without reading it through Bland (which caches its summary): the
         native NDJSON watch ends after the run's terminal event."""
-        headers = {"accept": "application/x-ndjson", "authorization": f"Bearer {self.key}"}
-        last = None
-        async with self.http.stream("GET", f"/v1/runs/{run_id}:watch", headers=headers) as stream:
-            async for line in stream.aiter_lines():
-                last = json.loads(line)["result"] if line else last
-        assert last is not None and last["run"]["status"] != "RUN_STATUS_RUNNING", last
+        await watch_to_end(self.http, run_id, {"authorization": f"Bearer {self.key}"})
 
     async def finished(self, run_id: str) -> dict[str, Any]:
         """The run once it ended, as Bland shows it."""

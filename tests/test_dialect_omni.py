@@ -4,7 +4,6 @@ OpenAI-compatible endpoint, and the server's default judge is another such fake 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -19,7 +18,7 @@ from evalsvc.gateway.dialects.uuids import from_uuid, to_uuid
 from evalsvc.server import EvalServer
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
-from tests.helpers import serving_gateway
+from tests.helpers import serving_gateway, watch_to_end
 
 PRICES = {"gpt-test": {"input_per_mtok": 1000.0, "output_per_mtok": 2000.0}, "judge-test": {"input_per_mtok": 100.0}}
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -162,11 +161,7 @@ async def start_run(env: Env, set_id: str, **fields: Any) -> dict[str, Any]:
 
 async def wait_until_done(env: Env, run_id: str) -> None:
     """Follow the run's native NDJSON watch to its terminal event (the stream ends there)."""
-    ndjson = {"accept": "application/x-ndjson"}
-    watch = f"/v1/runs/{from_uuid(run_id)}:watch"  # Omni shows the UUID form of the evalsvc run id
-    async with asyncio.timeout(30), env.http.stream("GET", watch, headers=ndjson) as stream:
-        async for _ in stream.aiter_lines():
-            pass
+    await watch_to_end(env.http, from_uuid(run_id))  # Omni shows the UUID form of the evalsvc run id
 
 
 async def test_prompt_sets_as_documented(env: Env) -> None:

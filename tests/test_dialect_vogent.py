@@ -17,13 +17,12 @@ import pytest
 from evalsvc.server import EvalServer
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, chat_reply, judge_reply
-from tests.helpers import serving_gateway
+from tests.helpers import serving_gateway, watch_to_end
 
 AGENT_REPLY = "Your table for two is booked for 7pm."
 SNIPPET = "Did the agent confirm the booking time?"
 DATE_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 STATUSES = {"PENDING", "RUNNING", "SUCCESS", "FAILED", "CANCELLED"}
-TERMINAL = {"RUN_STATUS_SUCCEEDED", "RUN_STATUS_FAILED", "RUN_STATUS_CANCELLED"}
 PASS = judge_reply({"passed": True, "reason": "the time was confirmed"})
 FAIL = judge_reply({"passed": False, "reason": "no time was given"})
 
@@ -161,14 +160,7 @@ class Env:
 
     async def finished(self, run_id: str) -> dict[str, Any]:
         """The run once it ended: the native NDJSON watch ends after the run's terminal event."""
-        events = []
-        async with self.http.stream(
-            "GET", f"/v1/runs/{run_id}:watch", headers={"accept": "application/x-ndjson"}
-        ) as stream:
-            async for line in stream.aiter_lines():
-                if line:
-                    events.append(json.loads(line)["result"])
-        assert events[-1]["run"]["status"] in TERMINAL, events[-1:]
+        await watch_to_end(self.http, run_id)
         return check_run(await self.ok("GET", f"/api/eval_runs/{run_id}"))
 
 
