@@ -291,7 +291,7 @@ class Upstream:
         limit: int = 10_000,
     ) -> list[Any]:
         """Every element of a token-paged list (up to `limit`), for dialects that page by offset or
-        report a total count. `request` must have page_size and page_token."""
+        report a total count (the request is paged: page_size and page_token are set here)."""
         found: list[Any] = []
         request.page_size = 1000
         while len(found) < limit:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from evalsvc.graders import compile_grader
-from evalsvc.graders.pool import INLINE_LIMIT_CHARS, FairSlots, GradingPool, offloads
+from evalsvc.graders.pool import INLINE_LIMIT_CHARS, FairSlots, GradingPool, may_offload, offloads
 from evalsvc.metrics import Metrics
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2
 
@@ -113,3 +113,39 @@ async def test_a_cancelled_waiter_gives_up_its_place_without_losing_a_slot() -> 
         await gone
     slots.release()
     await asyncio.wait_for(slots.acquire("c"), 5)  # the slot came back, not to the cancelled waiter
+
+
+def test_a_run_may_offload_only_with_a_text_grader_and_an_item_over_the_limit() -> None:
+    text, latency = compile_grader(SIMILARITY), compile_grader(grader_pb2.Grader(latency=grader_pb2.Latency(max_ms=1)))
+    big, small = item_pb2.Item(expected_output="x" * INLINE_LIMIT_CHARS), item_pb2.Item(expected_output="x")
+    assert may_offload([latency, text], [small, big])
+    assert not may_offload([text], [small])
+    assert not may_offload([latency], [big])
+
+
+async def test_a_worker_that_died_between_gradings_is_grader_crashed_and_replaced() -> None:
+    pool = GradingPool(1, timeout_s=60.0, metrics=Metrics())
+    grader = compile_grader(SIMILARITY)
+    item, out = item_pb2.Item(expected_output=big_json(3000)), output(big_json(3000))
+    try:
+        expected = await pool.grade("t", grader, item, out)
+        [worker] = pool._idle
+        await worker.kill()  # as the kernel's OOM killer would
+        crashed = await pool.grade("t", grader, item, out)
+        assert crashed.state == run_pb2.RESULT_STATE_ERROR and crashed.error_reason.startswith("GRADER_CRASHED")
+        assert pool._idle == []  # the dead worker is not kept
+        assert await pool.grade("t", grader, item, out) == expected
+    finally:
+        await pool.close()
+    assert pool._idle == []
+
+
+async def test_close_stops_the_idle_workers() -> None:
+    pool = GradingPool(2, timeout_s=60.0, metrics=Metrics())
+    grader = compile_grader(SIMILARITY)
+    item, out = item_pb2.Item(expected_output=big_json(3000)), output(big_json(3000))
+    await asyncio.gather(pool.grade("a", grader, item, out), pool.grade("b", grader, item, out))
+    workers = list(pool._idle)
+    assert len(workers) == 2
+    await pool.close()
+    assert all(worker.process.returncode is not None for worker in workers)
