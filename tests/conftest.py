@@ -14,7 +14,7 @@ import pytest
 
 from evalsvc.config import Settings
 from evalsvc.server import EvalServer
-from evalsvc.testing import EvalServiceTestServer, settings_for_tests
+from evalsvc.testing import EvalServiceTestServer, keyed_channel, settings_for_tests
 from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc
 from tests import dbs
 
@@ -77,9 +77,12 @@ def server(test_server: EvalServiceTestServer) -> EvalServer:
 
 
 @pytest.fixture
-def channel(test_server: EvalServiceTestServer) -> grpc.aio.Channel:
-    """A channel that presents the server's bootstrap key (tenant `default`) on every call."""
-    return test_server.channel
+async def channel(server: EvalServer) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel that presents the server's bootstrap key (tenant `default`) on every call; to `server`,
+    which a module may override with a server of its own settings."""
+    assert server.bootstrap_key
+    async with keyed_channel(f"127.0.0.1:{server.port}", server.bootstrap_key) as ch:
+        yield ch
 
 
 @pytest.fixture
