@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -343,11 +344,11 @@ class DatasetGenerations:
                 continue  # another process took it
             task = asyncio.create_task(self._work(dict(row), claim_id), name=f"generate-{row['dataset_id']}")
             self._working[claim_id] = (row["dataset_id"], row["tenant"], task)
-            task.add_done_callback(lambda _, claim=claim_id: self._done(claim))
+            task.add_done_callback(functools.partial(self._done, claim_id))
             busy[row["tenant"]] += 1
             room -= 1
 
-    def _done(self, claim_id: str) -> None:
+    def _done(self, claim_id: str, _task: asyncio.Task[None]) -> None:
         self._working.pop(claim_id, None)
         self._wake.set()  # a slot is free
 

@@ -21,7 +21,7 @@ import asyncio
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -99,7 +99,7 @@ def target_key(tenant: str, target: target_pb2.Target, item: item_pb2.Item, repe
 def verdict_payload(grade: Grade) -> bytes:
     """A judge's verdict as a cache entry stores it."""
     result = run_pb2.Result(
-        state=grade.state,  # type: ignore[arg-type]
+        state=cast("run_pb2.ResultState", grade.state),
         score=grade.score,
         raw_score=grade.raw_score,
         explanation=grade.explanation,

@@ -254,6 +254,7 @@ def create_app(
             dialect.router(upstream, dialect_options or DialectOptions()), prefix=prefix, tags=[dialect.title]
         )
     app.include_router(ui.router())
+    # FastAPI's documented way to extend the document is replacing the method; mypy forbids assigning methods.
     app.openapi = openapi.with_components(app.openapi, schemas)  # type: ignore[method-assign]
     return app
 

@@ -37,11 +37,13 @@ def bounded_protocol(max_connections: int, header_timeout_s: float) -> type[asyn
     that send nothing at all after a response; a slowloris client sending a byte at a time would
     otherwise stay forever)."""
 
+    # AutoHTTPProtocol is a variable (httptools' protocol, or h11's when httptools is absent), not a class mypy
+    # can subclass: the one place the gateway's server is untyped.
     class BoundedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         refused = False
         header_timer: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.Transport) -> None:
             if len(self.server_state.connections) >= max_connections:
                 # Answer at once and half-close; what the client sends meanwhile is read and dropped
                 # (closing on unread data would reset the connection and lose the answer).

@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -32,8 +32,19 @@ from evalsvc.v1 import (
     target_service_pb2_grpc,
 )
 
+Req = TypeVar("Req")
 Resp = TypeVar("Resp", bound=Message)
 R = TypeVar("R", bound=Response)
+
+
+class PagedRequest(Protocol):
+    """A token-paged List request (AIP-158): every one has these two fields."""
+
+    page_size: int
+    page_token: str
+
+
+Paged = TypeVar("Paged", bound=PagedRequest)
 
 TERMINAL = frozenset({run_pb2.RUN_STATUS_SUCCEEDED, run_pb2.RUN_STATUS_FAILED, run_pb2.RUN_STATUS_CANCELLED})
 DEFAULT_TIMEOUT_S = 60.0
@@ -190,23 +201,23 @@ class Upstream:
         return self._least_loaded().channel
 
     @property
-    def runs(self) -> eval_run_service_pb2_grpc.EvalRunServiceStub:
+    def runs(self) -> eval_run_service_pb2_grpc.EvalRunServiceAsyncStub:
         return self._least_loaded().runs
 
     @property
-    def datasets(self) -> dataset_service_pb2_grpc.DatasetServiceStub:
+    def datasets(self) -> dataset_service_pb2_grpc.DatasetServiceAsyncStub:
         return self._least_loaded().datasets
 
     @property
-    def generations(self) -> dataset_generation_pb2_grpc.DatasetGenerationServiceStub:
+    def generations(self) -> dataset_generation_pb2_grpc.DatasetGenerationServiceAsyncStub:
         return self._least_loaded().generations
 
     @property
-    def graders(self) -> grader_service_pb2_grpc.GraderServiceStub:
+    def graders(self) -> grader_service_pb2_grpc.GraderServiceAsyncStub:
         return self._least_loaded().graders
 
     @property
-    def targets(self) -> target_service_pb2_grpc.TargetServiceStub:
+    def targets(self) -> target_service_pb2_grpc.TargetServiceAsyncStub:
         return self._least_loaded().targets
 
     def stream_slot(self) -> StreamSlot:
@@ -222,8 +233,8 @@ class Upstream:
 
     async def call(
         self,
-        method: Callable[..., Awaitable[Resp]],
-        request: Message,
+        method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp],
+        request: Req,
         caller: Caller,
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
@@ -234,7 +245,9 @@ class Upstream:
         except grpc.aio.AioRpcError as error:
             raise GatewayError.from_rpc(error) from None
 
-    async def watch(self, run_id: str, caller: Caller, after_seq: int = 0) -> AsyncGenerator[Any, None]:
+    async def watch(
+        self, run_id: str, caller: Caller, after_seq: int = 0
+    ) -> AsyncGenerator[eval_run_service_pb2.WatchRunResponse, None]:
         """The run's WatchRun events (a failure raises `GatewayError`); closing the iterator cancels it."""
         slot = self.stream_slot()
         call = slot.runs.WatchRun(
@@ -264,7 +277,7 @@ class Upstream:
                 except (TimeoutError, StopAsyncIteration):
                     break
                 if event.WhichOneof("event") == "run" and event.run.status in TERMINAL:
-                    return event.run  # type: ignore[no-any-return]
+                    return event.run
         finally:
             await events.aclose()
         got = await self.call(self.runs.GetRun, eval_run_service_pb2.GetRunRequest(run_id=run_id), caller)

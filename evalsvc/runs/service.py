@@ -124,8 +124,8 @@ async def _create_runs(conn: AsyncConnection, drafts: list[RunDraft]) -> list[Cr
         by_dataset[(drafts[i].tenant, drafts[i].row["dataset_id"])].append(i)
     numbers: dict[int, int] = {}
     for (tenant, dataset_id), members in sorted(by_dataset.items()):
-        first = await run_store.allocate_run_numbers(conn, tenant, dataset_id, len(members))
-        numbers.update({i: first + n for n, i in enumerate(members)})
+        first_number = await run_store.allocate_run_numbers(conn, tenant, dataset_id, len(members))
+        numbers.update({i: first_number + n for n, i in enumerate(members)})
     new_runs = [
         run_store.NewRun({**drafts[i].row, "run_number": numbers[i]}, drafts[i].items, drafts[i].repetitions)
         for i in creating

@@ -59,7 +59,7 @@ async def find_by_request_ids(
     if not keys:
         return {}
     rows = await conn.execute(select(RUNS).where(tuple_(RUNS.c.tenant, RUNS.c.request_id).in_(list(set(keys)))))
-    return {(row["tenant"], row["request_id"]): row for row in rows.mappings()}
+    return {(row["tenant"], row["request_id"]): cast("Mapping[str, Any]", row) for row in rows.mappings()}
 
 
 async def count_active_by_tenant(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, int]:
@@ -406,7 +406,7 @@ async def aggregate_inputs(conn: AsyncConnection, run_ids: Sequence[str]) -> dic
     )
     inputs = {run_id: AggregateInputs([], [], 0.0, [], []) for run_id in run_ids}
     for row in per_grader.mappings():
-        inputs[row["run_id"]].grader_rows.append(row)
+        inputs[row["run_id"]].grader_rows.append(cast("Mapping[str, Any]", row))
     per_output = await conn.execute(
         select(
             OUTPUTS.c.run_id,
@@ -486,7 +486,7 @@ async def add_progress(
         )
         .returning(*RUNS.c)
     )
-    rows = {row["id"]: row for row in updated.mappings()}
+    rows = {row["id"]: cast("Mapping[str, Any]", row) for row in updated.mappings()}
     for run_id in sorted(rows):
         remember(conn, rows[run_id])
     return rows

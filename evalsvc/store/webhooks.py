@@ -41,8 +41,11 @@ async def enqueue(conn: AsyncConnection, tenant: str, event: pb.WatchRunResponse
 async def enqueue_many(conn: AsyncConnection, tenant_events: Sequence[tuple[str, pb.WatchRunResponse]]) -> None:
     """Write one delivery per enabled webhook of the event's tenant that subscribed to its run status
     event, for several events: one read of the tenants' webhooks, one insert."""
-    typed = [(tenant, event, events.type_of_status(event.run.status)) for tenant, event in tenant_events]
-    typed = [(tenant, event, event_type) for tenant, event, event_type in typed if event_type is not None]
+    typed = [
+        (tenant, event, event_type)
+        for tenant, event in tenant_events
+        if (event_type := events.type_of_status(event.run.status)) is not None
+    ]
     if not typed:
         return
     subscribed = await conn.execute(

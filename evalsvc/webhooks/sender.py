@@ -50,7 +50,7 @@ def retry_delay(attempts: int, base_s: float, retry_after: float | None, rng: ra
     times a random factor in [0.5, 1]."""
     if retry_after is not None and retry_after >= 0:
         return retry_after
-    return min(base_s * 4 ** (attempts - 1), MAX_RETRY_DELAY_S) * rng.uniform(0.5, 1.0)
+    return min(base_s * 4.0 ** (attempts - 1), MAX_RETRY_DELAY_S) * rng.uniform(0.5, 1.0)
 
 
 def signing_keys(delivery: Mapping[str, Any], now: float) -> list[bytes]:

@@ -7,6 +7,7 @@ tenant: evalsvc.store.webhooks.enqueue). A webhook's URL follows the rule of tar
 
 from __future__ import annotations
 
+import builtins
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -234,7 +235,7 @@ class WebhookService:
 
     async def list_deliveries(
         self, tenant: str, request: wpb.ListWebhookDeliveriesRequest
-    ) -> tuple[list[wpb.WebhookDelivery], str]:
+    ) -> tuple[builtins.list[wpb.WebhookDelivery], str]:  # `list` here is the method above
         """A page of a webhook's deliveries, newest first."""
         limit = page_size(request.page_size, 50)
         if request.status not in wpb.WebhookDeliveryStatus.values():

@@ -6,8 +6,6 @@ fixture from `dialect_gateway`."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,10 +17,7 @@ import httpx
 from evalsvc.server import EvalServer
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint
-from tests.helpers import serving_gateway
-
-TERMINAL = ("RUN_STATUS_SUCCEEDED", "RUN_STATUS_FAILED", "RUN_STATUS_CANCELLED")
-WATCH_TIMEOUT_S = 30.0
+from tests.helpers import serving_gateway, watch_to_end
 
 
 @dataclass(kw_only=True)
@@ -50,19 +45,9 @@ class DialectEnv:
         return str(created.json()["target"]["id"])
 
     async def ended(self, run_id: str) -> dict[str, Any]:
-        """The run's terminal event, read on the native NDJSON watch (which ends after it) rather than
-        through the dialect, whose reads may have effects (Bland caches a finished run's summary)."""
-        headers = {**self.native_auth, "accept": "application/x-ndjson"}
-        last: dict[str, Any] = {}
-        async with (
-            asyncio.timeout(WATCH_TIMEOUT_S),
-            self.http.stream("GET", f"/v1/runs/{run_id}:watch", headers=headers) as stream,
-        ):
-            async for line in stream.aiter_lines():
-                event = json.loads(line)["result"] if line else {}
-                last = event if "run" in event else last
-        assert last.get("run", {}).get("status") in TERMINAL, last
-        return last
+        """The run as its terminal event shows it, read on the native NDJSON watch rather than through
+        the dialect, whose reads may have effects (Bland caches a finished run's summary)."""
+        return await watch_to_end(self.http, run_id, self.native_auth)
 
 
 def chat_target(url: str, model: str, **endpoint: Any) -> dict[str, Any]:

@@ -4,7 +4,6 @@ OpenAI-compatible endpoint, and the server's default judge is another such fake 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -146,11 +145,7 @@ async def start_run(env: Env, set_id: str, **fields: Any) -> dict[str, Any]:
 
 async def wait_until_done(env: Env, run_id: str) -> None:
     """Follow the run's native NDJSON watch to its terminal event (the stream ends there)."""
-    ndjson = {"accept": "application/x-ndjson"}
-    watch = f"/v1/runs/{from_uuid(run_id)}:watch"  # Omni shows the UUID form of the evalsvc run id
-    async with asyncio.timeout(30), env.http.stream("GET", watch, headers=ndjson) as stream:
-        async for _ in stream.aiter_lines():
-            pass
+    await env.ended(from_uuid(run_id))  # Omni shows the UUID form of the evalsvc run id
 
 
 async def test_prompt_sets_as_documented(env: Env) -> None:

@@ -18,7 +18,7 @@ synchronous vendor routes (`wait_until_done`).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -35,6 +35,7 @@ from evalsvc.gateway.upstream import Caller, GatewayError, Upstream, with_retry_
 from evalsvc.runs.validation import MAX_ANNOTATIONS_BYTES as MAX_ANNOTATIONS_BYTES  # for the dialects' checks
 from evalsvc.v1 import run_pb2
 
+Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
 
 OWNER_LABEL = "dialect"  # label on everything a dialect creates: it sees only what carries its name
@@ -107,11 +108,13 @@ class DialectClient:
         """Whether a resource with these labels was created by this dialect (others are not found here)."""
         return is_owned(labels, self.dialect.name)
 
-    async def call(self, method: Callable[..., Awaitable[Resp]], request: Message) -> Resp:
+    async def call(self, method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req) -> Resp:
         """One unary call as the caller; a failure raises `GatewayError`."""
         return await self.upstream.call(method, request, self.caller)
 
-    async def get(self, method: Callable[..., Awaitable[Resp]], request: Message, missing: GatewayError) -> Resp:
+    async def get(
+        self, method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req, missing: GatewayError
+    ) -> Resp:
         """The answer of a Get call; NOT_FOUND becomes `missing`, the vendor's not-found for that thing."""
         try:
             return await self.call(method, request)
@@ -122,8 +125,8 @@ class DialectClient:
 
     async def owned(
         self,
-        method: Callable[..., Awaitable[Message]],
-        request: Message,
+        method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp],
+        request: Req,
         resource: str,
         missing: GatewayError,
         accept: Callable[[Any], bool] = lambda _: True,
@@ -141,7 +144,12 @@ class DialectClient:
         return found
 
     async def pages(
-        self, method: Callable[..., Awaitable[Any]], request: Message, items: str, *, page_size: int = MAX_PAGE_SIZE
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Any, Any],
+        request: Message,
+        items: str,
+        *,
+        page_size: int = MAX_PAGE_SIZE,
     ) -> AsyncIterator[Any]:
         """Every element of a token-paged list, read lazily page by page (at most MAX_PAGES pages).
         `request` must have page_size and page_token; `items` names the answer's repeated field."""
@@ -155,7 +163,12 @@ class DialectClient:
             request.page_token = page.next_page_token  # type: ignore[attr-defined]
 
     async def collect(
-        self, method: Callable[..., Awaitable[Any]], request: Message, items: str, *, limit: int = MAX_COLLECTED
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Any, Any],
+        request: Message,
+        items: str,
+        *,
+        limit: int = MAX_COLLECTED,
     ) -> list[Any]:
         """The first `limit` elements of a token-paged list, for vendors that page by offset or report a
         total count."""
@@ -170,7 +183,7 @@ class DialectClient:
 
     async def page(
         self,
-        method: Callable[..., Awaitable[Any]],
+        method: grpc.aio.UnaryUnaryMultiCallable[Any, Any],
         request: Message,
         items: str,
         limit: int,
