@@ -30,7 +30,14 @@ from evalsvc.errors import ServiceError
 from evalsvc.gateway import dialects, openapi, ui
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.routes import Route, routes
-from evalsvc.gateway.upstream import HTTP_STATUS, GatewayError, StreamSlot, Upstream, with_retry_after
+from evalsvc.gateway.upstream import (
+    HTTP_STATUS,
+    ChannelFactory,
+    GatewayError,
+    StreamSlot,
+    Upstream,
+    with_retry_after,
+)
 
 FORWARDED_HEADERS = ("authorization", "x-api-key")
 RESUME_FIELD = "after_seq"  # what a stream's Last-Event-ID header sets, over the query string
@@ -161,7 +168,7 @@ async def build_request(request: Request, route: Route) -> Message:
 
 
 def create_app(
-    channel_factory: Callable[[int], grpc.aio.Channel],
+    channel_factory: ChannelFactory,
     dialect_spec: str = "all",
     dialect_options: DialectOptions | None = None,
     *,
