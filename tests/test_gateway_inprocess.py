@@ -103,7 +103,7 @@ async def test_error_details_reach_a_stub_on_the_local_channel_as_over_grpc(gw) 
     assert (await stub.GetRun(pb.GetRunRequest(run_id=run.id), metadata=auth)).run.id == run.id
 
 
-async def test_a_stream_deadline_ends_it_with_deadline_exceeded(gw) -> None:
+async def test_deadlines_end_calls_with_deadline_exceeded(gw) -> None:
     srv, _ = gw
     await srv.executor.stop()  # the run stays pending: after its first event the watch waits
     stub = eval_run_service_pb2_grpc.EvalRunServiceStub(LocalChannel(srv.local))
@@ -116,6 +116,9 @@ async def test_a_stream_deadline_ends_it_with_deadline_exceeded(gw) -> None:
             pass
     assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert srv.bus.watcher_count() == 0
+    with pytest.raises(grpc.aio.AioRpcError) as past:  # however fast the call would be, as over gRPC
+        await stub.GetRun(pb.GetRunRequest(run_id=run.id), metadata=auth, timeout=0)
+    assert past.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 async def test_the_access_log_and_metrics_see_in_process_calls(gw, caplog: pytest.LogCaptureFixture) -> None:

@@ -97,17 +97,26 @@ class LocalServices:
         """One unary call: its response, or AioRpcError."""
         context = LocalContext(metadata, timeout)
         handler = await self._open(method, request, metadata, context)
+        if context.expired():  # a deadline already past fails the call, as gRPC's does, however fast it would be
+            raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         if handler.unary_unary is None:
             raise _error(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not a unary method")
         self._in_flight += 1
         try:
             behaviour = context.outcome(handler.unary_unary(request, context))
             call = asyncio.create_task(behaviour, context=self._context.copy())
+            # The deadline cancels the call's task (a timer handle: asyncio.timeout cost more than the call).
+            expiry = None if timeout is None else asyncio.get_running_loop().call_later(timeout, call.cancel)
             try:
-                async with asyncio.timeout(timeout):
-                    response = await call
-            except TimeoutError:
+                response = await call
+            except asyncio.CancelledError:
+                caller = asyncio.current_task()
+                if expiry is None or (caller is not None and caller.cancelling()) or not context.expired():
+                    raise  # the caller was cancelled, not the call
                 raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+            finally:
+                if expiry is not None:
+                    expiry.cancel()
         finally:
             self._in_flight -= 1
         return self._checked(response, context)
@@ -126,8 +135,12 @@ class LocalServices:
         try:
             while True:
                 try:
-                    async with asyncio.timeout(context.time_remaining()):
-                        message = await context.outcome(anext(messages))
+                    step, remaining = context.outcome(anext(messages)), context.time_remaining()
+                    if remaining is None:
+                        message = await step
+                    else:
+                        async with asyncio.timeout(remaining):
+                            message = await step
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
@@ -200,6 +213,9 @@ class LocalContext:
 
     def peer(self) -> str:
         return PEER
+
+    def expired(self) -> bool:
+        return self._deadline is not None and self._deadline <= asyncio.get_running_loop().time()
 
     def time_remaining(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - asyncio.get_running_loop().time())
