@@ -13,7 +13,8 @@ import os
 import shutil
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -285,7 +286,8 @@ class EvalServer:
             interceptors=[self._interceptor],
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
-        services = (
+        # (the generated add_*_to_server function, its servicer); each takes a server or LocalServices.
+        services: tuple[tuple[Callable[[Any, Any], None], Any], ...] = (
             (
                 eval_run_service_pb2_grpc.add_EvalRunServiceServicer_to_server,
                 EvalRunServicer(self.runs, self.db, self.bus, self.settings, self.limits, self.page_tokens),

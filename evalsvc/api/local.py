@@ -23,7 +23,7 @@ import contextvars
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc.aio import Metadata
@@ -103,7 +103,7 @@ class LocalServices:
             raise _error(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not a unary method")
         self._in_flight += 1
         try:
-            behaviour = context.outcome(handler.unary_unary(request, context))
+            behaviour = context.outcome(handler.unary_unary(request, cast(Any, context)))
             call = asyncio.create_task(behaviour, context=self._context.copy())
             # The deadline cancels the call's task (a timer handle: asyncio.timeout cost more than the call).
             expiry = None if timeout is None else asyncio.get_running_loop().call_later(timeout, call.cancel)
@@ -128,7 +128,7 @@ class LocalServices:
         response), in that caller's task: no task or queue per stream or per message."""
         context = LocalContext(metadata, timeout)
         handler = await self._open(method, request, metadata, context)
-        messages = handler.unary_stream(request, context) if handler.unary_stream is not None else None
+        messages = handler.unary_stream(request, cast(Any, context)) if handler.unary_stream is not None else None
         if not inspect.isasyncgen(messages):
             raise _error(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not a server-streaming method served in process")
         self._in_flight += 1
