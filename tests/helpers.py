@@ -18,7 +18,7 @@ from evalsvc_client.errors import EvalError, from_rpc_error, status_details
 
 from evalsvc import testing
 from evalsvc.config import Settings
-from evalsvc.gateway.server import Gateway
+from evalsvc.gateway.server import Gateway, remote_channels
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
@@ -184,7 +184,7 @@ async def impatient_gateway(
     """A second gateway in front of a started server whose synchronous dialect routes do not wait at
     all (--dialect-sync-wait-s 0), and a client to it sending `headers` (the caller's key)."""
     settings = dataclasses.replace(srv.settings, dialect_sync_wait_s=0.0)
-    gateway = Gateway(f"127.0.0.1:{srv.port}", "127.0.0.1:0", dialects=dialects, settings=settings)
+    gateway = Gateway(remote_channels(f"127.0.0.1:{srv.port}"), "127.0.0.1:0", dialects=dialects, settings=settings)
     port = await gateway.start()
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30) as client:

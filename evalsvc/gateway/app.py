@@ -12,6 +12,7 @@ documents every route with schemas derived from the messages (see `openapi.py`).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -30,7 +31,14 @@ from evalsvc.errors import FieldViolation, ServiceError
 from evalsvc.gateway import dialects, openapi, ui
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.routes import Route, routes
-from evalsvc.gateway.upstream import HTTP_STATUS, GatewayError, StreamSlot, Upstream, with_retry_after
+from evalsvc.gateway.upstream import (
+    HTTP_STATUS,
+    ChannelFactory,
+    GatewayError,
+    StreamSlot,
+    Upstream,
+    with_retry_after,
+)
 
 FORWARDED_HEADERS = ("authorization", "x-api-key")
 RESUME_FIELD = "after_seq"  # what a stream's Last-Event-ID header sets, over the query string
@@ -40,6 +48,29 @@ _QUERY_BOOLS = {"true": True, "false": False}
 def to_json(message: Message) -> dict[str, Any]:
     """The canonical proto3 JSON of a message, every field present (grpc-gateway's default)."""
     return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+
+
+def json_body(message: Message) -> bytes:
+    """`to_json` as a response body, written as JSONResponse writes it; bodies of small messages are
+    remembered by the message's bytes, so a run read again and again (GetRun polling) is translated
+    once per version: proto3 JSON is pure Python, its wire form C."""
+    wire = message.SerializeToString()
+    if len(wire) > _REMEMBERED_BYTES:
+        return _json_body(message)
+    # Message classes hash by identity; the protobuf stubs declare Message.__hash__ in a way mypy rejects.
+    return _remembered_body(type(message), wire)  # type: ignore[arg-type]
+
+
+_REMEMBERED_BYTES = 4096  # a run is ~0.5 KiB; with 1024 bodies remembered, at most ~12 MiB
+
+
+@functools.lru_cache(maxsize=1024)
+def _remembered_body(kind: type[Message], wire: bytes) -> bytes:
+    return _json_body(kind.FromString(wire))
+
+
+def _json_body(message: Message) -> bytes:
+    return json.dumps(to_json(message), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 def status_body(error: grpc.aio.AioRpcError) -> dict[str, Any]:
@@ -155,7 +186,7 @@ async def build_request(request: Request, route: Route) -> Message:
 
 
 def create_app(
-    channel_factory: Callable[[int], grpc.aio.Channel],
+    channel_factory: ChannelFactory,
     dialect_spec: str = "all",
     dialect_options: DialectOptions | None = None,
     *,
@@ -182,6 +213,9 @@ def create_app(
         # Swagger UI and ReDoc would load their scripts from a CDN: off (the document is /openapi.json).
         docs_url=None,
         redoc_url=None,
+        # FastAPI's OpenTelemetry hooks look the providers up in os.environ on every request (18% of a
+        # GET /v1/runs/{id} under load); evalsvc exports Prometheus metrics and access logs instead.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
 
     def unary_endpoint(route: Route) -> Callable[[Request], Any]:
@@ -199,7 +233,7 @@ def create_app(
                 response = await call(message, metadata=metadata, timeout=60)
             except grpc.aio.AioRpcError as error:
                 return error_response(error)
-            return JSONResponse(to_json(response))
+            return Response(json_body(response), media_type=JSONResponse.media_type)
 
         return endpoint
 

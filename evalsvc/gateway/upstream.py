@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -37,15 +37,9 @@ Resp = TypeVar("Resp", bound=Message)
 R = TypeVar("R", bound=Response)
 
 
-class PagedRequest(Protocol):
-    """A token-paged List request (AIP-158): every one has these two fields."""
-
-    page_size: int
-    page_token: str
-
-
-Paged = TypeVar("Paged", bound=PagedRequest)
-
+# Makes the gateway's channels, given each one's index in the pool: `grpc.aio.Channel`s to the service,
+# or (inside `evalsvc serve`) an `evalsvc.api.local.LocalChannel`, which has the same call surface.
+ChannelFactory: TypeAlias = Callable[[int], Any]
 TERMINAL = frozenset({run_pb2.RUN_STATUS_SUCCEEDED, run_pb2.RUN_STATUS_FAILED, run_pb2.RUN_STATUS_CANCELLED})
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -178,7 +172,7 @@ class Upstream:
     full, and unary calls go to the channel with the fewest watches, where there is always room.
     Channels are kept once opened (idle connections only cost a keepalive ping)."""
 
-    def __init__(self, channel_factory: Callable[[int], grpc.aio.Channel], streams_per_channel: int = 500) -> None:
+    def __init__(self, channel_factory: ChannelFactory, streams_per_channel: int = 500) -> None:
         self._factory = channel_factory
         self._streams_per_channel = streams_per_channel
         self._pool: list[_Channel] = []
