@@ -28,10 +28,10 @@ from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 
 from evalsvc.datasets.generation import MAX_INSTRUCTIONS, MAX_ITEMS
-from evalsvc.execution.outbound import check_url_shape
 from evalsvc.gateway.dialects.base import RUN_LABEL, Dialect, DialectOptions, bearer_key, error_route_class, iso
 from evalsvc.gateway.upstream import TERMINAL, Caller, GatewayError, Upstream, window
-from evalsvc.runs.validation import MAX_ANNOTATIONS_BYTES
+from evalsvc.http.outbound import check_url_shape
+from evalsvc.messages.validation import MAX_ANNOTATIONS_BYTES
 from evalsvc.v1 import (
     dataset_generation_pb2,
     dataset_service_pb2,
