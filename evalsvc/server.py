@@ -44,7 +44,7 @@ from evalsvc.graders.pool import GradingPool
 from evalsvc.http.outbound import Outbound
 from evalsvc.ids import PageTokens
 from evalsvc.limits import TenantLimits
-from evalsvc.liveness import Watchdog, supervise
+from evalsvc.liveness import Progress, Watchdog, Watched, supervise
 from evalsvc.metrics import Metrics
 from evalsvc.runs.service import RunService
 from evalsvc.secrets.operator import OperatorSecrets
@@ -266,6 +266,7 @@ class EvalServer:
         stack.push_async_callback(self.health.enter_graceful_shutdown)
         for loop in self.executor.watched_loops():
             self.watchdog.watch(loop)
+        self.watchdog.watch(self._watched_writer())
         self._watchdog_task = asyncio.create_task(
             supervise("watchdog", lambda: self.watchdog.run(self._watchdog_stop), self._watchdog_stop, self.metrics),
             name="watchdog",
@@ -273,6 +274,16 @@ class EvalServer:
         stack.push_async_callback(self._stop_watchdog)
         host = self.settings.grpc_addr.rsplit(":", 1)[0]
         log.info("evalsvc listening on %s:%d (database %s)", host, self.port, _safe_url(self.settings.db))
+
+    def _watched_writer(self) -> Watched:
+        """The database writer, for the watchdog: every write of the service waits for it."""
+        progress = Progress()
+        self.db.group_writer.on_turn = progress.beat
+
+        async def writes_waiting() -> bool:
+            return self.db.group_writer.queued() > 0
+
+        return Watched("writer", progress, writes_waiting, self.settings.stall_s)
 
     def _grpc_server(self) -> grpc.aio.Server:
         """The grpc.aio server with every service added (not bound yet)."""

@@ -25,7 +25,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from grpc_status import rpc_status
 
-from evalsvc.errors import ServiceError, to_status
+from evalsvc.errors import FieldViolation, ServiceError, to_status
 from evalsvc.gateway import dialects, openapi, ui
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.routes import Route, routes
@@ -34,15 +34,6 @@ from evalsvc.gateway.upstream import HTTP_STATUS, GatewayError, StreamSlot, Upst
 FORWARDED_HEADERS = ("authorization", "x-api-key")
 RESUME_FIELD = "after_seq"  # what a stream's Last-Event-ID header sets, over the query string
 _QUERY_BOOLS = {"true": True, "false": False}
-
-
-class RequestRefused(Exception):
-    """An HTTP request the gateway cannot turn into a call: answered with `status` before any call."""
-
-    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = to_status(ServiceError(code, reason, message))
-        self.http_status = HTTP_STATUS[code]
 
 
 def to_json(message: Message) -> dict[str, Any]:
@@ -64,9 +55,12 @@ def error_response(error: grpc.aio.AioRpcError) -> JSONResponse:
     return with_retry_after(response, GatewayError.from_rpc(error))
 
 
-def refused(error: RequestRefused) -> JSONResponse:
-    """The HTTP response for a request the gateway refused to send."""
-    return JSONResponse(status_code=error.http_status, content=to_json(error.status))
+def refused(error: GatewayError) -> JSONResponse:
+    """The native routes' error handler: a request the gateway refused to send, as the google.rpc.Status
+    the service would have answered (`{code, message, details}`)."""
+    violations = [FieldViolation(name, description) for name, description in error.violations]
+    status = to_status(ServiceError(error.code, error.reason, error.message, violations))
+    return JSONResponse(status_code=error.http_status, content=to_json(status))
 
 
 def _message_class(descriptor: Any) -> type[Message]:
@@ -77,7 +71,7 @@ def _metadata(request: Request) -> tuple[tuple[str, str], ...]:
     """The caller's API key headers as gRPC metadata, which admits printable ASCII only (HTTP admits more)."""
     found = tuple((name, request.headers[name]) for name in FORWARDED_HEADERS if name in request.headers)
     if any(not value.isascii() or not value.isprintable() for _, value in found):
-        raise RequestRefused(grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID", "the API key is malformed or mistyped")
+        raise GatewayError(grpc.StatusCode.UNAUTHENTICATED, "the API key is malformed or mistyped", "API_KEY_INVALID")
     return found
 
 
@@ -141,7 +135,7 @@ async def _parse_body(request: Request, route: Route, message: Message) -> None:
 
 
 async def build_request(request: Request, route: Route) -> Message:
-    """The gRPC request of an HTTP request: body, then query, then path parameters; RequestRefused when
+    """The gRPC request of an HTTP request: body, then query, then path parameters; GatewayError when
     they are not what the message admits."""
     message = _message_class(route.method.input_type)()
     try:
@@ -149,10 +143,10 @@ async def build_request(request: Request, route: Route) -> Message:
             await _parse_body(request, route, message)
         json_format.ParseDict(_outside_fields(request, route), message)
     except json_format.ParseError as exc:
-        raise RequestRefused(
+        raise GatewayError(
             grpc.StatusCode.INVALID_ARGUMENT,
-            "INVALID_ARGUMENT",
             f"cannot read a {route.method.input_type.full_name} from the request: {exc}",
+            "INVALID_ARGUMENT",
         ) from None
     for name, value in request.path_params.items():
         setattr(message, name, value)
@@ -193,7 +187,7 @@ def create_app(
         async def endpoint(request: Request) -> Response:
             try:
                 message, metadata = await build_request(request, route), _metadata(request)
-            except RequestRefused as error:
+            except GatewayError as error:
                 return refused(error)
             call: grpc.aio.UnaryUnaryMultiCallable[Message, Message] = upstream.channel.unary_unary(
                 route.grpc_path,
@@ -212,7 +206,7 @@ def create_app(
         async def endpoint(request: Request) -> Response:
             try:
                 message, metadata = await build_request(request, route), _metadata(request)
-            except RequestRefused as error:
+            except GatewayError as error:
                 return refused(error)
             slot = upstream.stream_slot()
             call = cast(

@@ -1,9 +1,10 @@
 """The gRPC service behind the gateway, as the dialects see it.
 
 `Upstream` owns the gateway's pool of channels to the service and their service stubs. `call` sends one request with the
-caller's API key and turns a failed call into a `GatewayError`, which each dialect renders in its own
-error shape. Helpers here (`wait_until_done`, `collect`) are the few multi-call patterns the dialects
-share: a synchronous create, and offset pagination over token-paged lists.
+caller's API key and turns a failed call into a `GatewayError`, the gateway's one error type, which the
+native routes render as a google.rpc.Status and each dialect in its own error shape. `wait_until_done`
+is the synchronous create of the dialects that have one (the rest of their shared plumbing is in
+`dialects/base.py`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -61,7 +62,8 @@ HTTP_STATUS = {
 
 @dataclass
 class GatewayError(Exception):
-    """A request that failed, from the gRPC service or from a dialect's own checks.
+    """A request that failed: in the gRPC service, or refused by the gateway before any call (a request
+    it cannot translate, a dialect's own checks). The gateway's one error type.
 
     `violations` are (field, description) pairs; `request_errors` are FastAPI's validation errors when
     the request did not even match the dialect's model (dialects that mimic FastAPI return them as is).
@@ -267,32 +269,6 @@ class Upstream:
             await events.aclose()
         got = await self.call(self.runs.GetRun, eval_run_service_pb2.GetRunRequest(run_id=run_id), caller)
         return got.run
-
-    async def collect(
-        self,
-        method: Callable[..., Awaitable[Any]],
-        request: Message,
-        items_field: str,
-        caller: Caller,
-        *,
-        limit: int = 10_000,
-    ) -> list[Any]:
-        """Every element of a token-paged list (up to `limit`), for dialects that page by offset or
-        report a total count. `request` must have page_size and page_token."""
-        found: list[Any] = []
-        request.page_size = 1000  # type: ignore[attr-defined]
-        while len(found) < limit:
-            page = await self.call(method, request, caller)
-            found.extend(getattr(page, items_field))
-            if not page.next_page_token:
-                break
-            request.page_token = page.next_page_token  # type: ignore[attr-defined]
-        return found[:limit]
-
-
-def window(items: Sequence[Any], offset: int, limit: int) -> list[Any]:
-    """`limit` elements from `offset` (offset pagination over a collected list)."""
-    return list(items[offset : offset + limit])
 
 
 def with_retry_after(response: R, error: GatewayError) -> R:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -82,7 +81,8 @@ class GroupWriter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self.last_turn = time.monotonic()  # for the watchdog: when the writer last finished a turn
+        # Called after every group (and while idle, never): the watchdog's view of the writer.
+        self.on_turn: Callable[[], None] = lambda: None
         self.groups = 0  # committed or failed groups, for tests and metrics
         self.intents = 0
 
@@ -138,7 +138,7 @@ class GroupWriter:
                     continue
                 group, self._queue = self._queue[:MAX_GROUP_INTENTS], self._queue[MAX_GROUP_INTENTS:]
                 await self._commit(group)
-                self.last_turn = time.monotonic()
+                self.on_turn()
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is not None:
