@@ -44,6 +44,7 @@ lint: $(VENV)/.installed node_modules/.installed
 	$(BUF) lint
 	$(VENV)/bin/ruff check evalsvc tests scripts examples
 	$(VENV)/bin/ruff format --check evalsvc tests scripts examples
+	$(VENV)/bin/lint-imports
 
 # mypy --strict on evalsvc and the Python client, generated stubs excluded (pyproject.toml [tool.mypy]).
 typecheck: $(VENV)/.installed

@@ -151,9 +151,8 @@ async def _cache_command(args: argparse.Namespace, settings: config.Settings) ->
 
 
 async def _secrets_command(args: argparse.Namespace, settings: config.Settings) -> int:
-    from evalsvc.auth.service import is_tenant_name
     from evalsvc.errors import ServiceError
-    from evalsvc.ids import PageTokens
+    from evalsvc.ids import PageTokens, is_tenant_name
     from evalsvc.secrets.operator import OperatorSecrets
     from evalsvc.secrets.service import SecretService
     from evalsvc.store import migrate

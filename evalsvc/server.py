@@ -40,11 +40,10 @@ from evalsvc.events.bus import EventBus
 from evalsvc.events.listener import EventListener
 from evalsvc.execution.cache import mode_from_setting
 from evalsvc.execution.executor import Executor
-from evalsvc.execution.outbound import Outbound
-from evalsvc.execution.targets import PriceTable
 from evalsvc.gateway.server import Gateway
 from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.graders.pool import GradingPool
+from evalsvc.http.outbound import Outbound
 from evalsvc.ids import PageTokens
 from evalsvc.limits import TenantLimits
 from evalsvc.liveness import Progress, Watchdog, Watched, supervise
@@ -54,6 +53,7 @@ from evalsvc.secrets.operator import OperatorSecrets
 from evalsvc.secrets.service import SecretService
 from evalsvc.store import migrate, server_keys
 from evalsvc.store.db import Database, sqlite_path, unavailable_cause
+from evalsvc.targets import PriceTable
 from evalsvc.tls import server_credentials, warn_if_exposed
 from evalsvc.v1 import (
     dataset_generation_pb2,

@@ -36,9 +36,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from evalsvc import liveness
 from evalsvc.execution import executor as executor_module
 from evalsvc.execution.fairness import RoundRobin, even_split
-from evalsvc.execution.slots import Hold, Slots
 from evalsvc.metrics import Metrics
 from evalsvc.server import EvalServer
+from evalsvc.slots import Hold, Slots
 from evalsvc.store import jobs as job_store
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2

@@ -18,6 +18,7 @@ import grpc
 
 from evalsvc.auth import keys
 from evalsvc.errors import ServiceError
+from evalsvc.ids import is_tenant_name
 from evalsvc.store import keys as key_store
 from evalsvc.store.db import Database
 
@@ -25,7 +26,6 @@ DEFAULT_TENANT = "default"
 TOUCH_EVERY_S = 60.0
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
 def parse_duration(text: str) -> float:
@@ -34,11 +34,6 @@ def parse_duration(text: str) -> float:
     if match is None:
         raise ValueError(f"duration {text!r} is not like 90s, 15m, 12h or 30d")
     return int(match.group(1)) * _UNITS[match.group(2)]
-
-
-def is_tenant_name(name: str) -> bool:
-    """Whether `name` can be a tenant: 1-64 characters of [a-z0-9_-], starting with a letter or digit."""
-    return bool(_TENANT.fullmatch(name))
 
 
 KEY_HELP = "the first `evalsvc serve` prints a key; `evalsvc keys create --tenant NAME` makes another"

@@ -31,13 +31,13 @@ import grpc
 from evalsvc.config import Settings
 from evalsvc.datasets.service import generation_from
 from evalsvc.errors import FieldViolation, ServiceError, invalid_argument, not_found
-from evalsvc.execution.outbound import Outbound, OutboundError
-from evalsvc.execution.targets import chat_url
 from evalsvc.graders.judge import JudgeDefaults
-from evalsvc.runs.validation import assign_item_ids, check_items
+from evalsvc.http.outbound import Outbound, OutboundError
+from evalsvc.messages.validation import assign_item_ids, check_items
 from evalsvc.storable import storable_json
 from evalsvc.store import datasets as dataset_store
 from evalsvc.store.db import Database
+from evalsvc.targets import chat_url
 from evalsvc.v1 import item_pb2, target_pb2
 from evalsvc.v1.dataset_generation_pb2 import (
     ContinueConversationsRequest,

@@ -10,8 +10,8 @@ from typing import Any
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
 from evalsvc.idempotency import create_once, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
-from evalsvc.runs.convert import timestamp
-from evalsvc.runs.validation import (
+from evalsvc.messages.convert import timestamp
+from evalsvc.messages.validation import (
     MAX_DESCRIPTION,
     MAX_DISPLAY_NAME,
     MAX_REQUEST_ID,

@@ -43,22 +43,22 @@ from evalsvc.config import Settings
 from evalsvc.events.bus import EventBus
 from evalsvc.execution import cache
 from evalsvc.execution.fairness import RoundRobin
-from evalsvc.execution.outbound import Outbound, call_guard, endpoint_wait
 from evalsvc.execution.recorder import ClaimedJob, FinishedJob, RunGraders, fail_early, record
-from evalsvc.execution.slots import Hold, Slots
-from evalsvc.execution.targets import PriceTable, Target, TargetError, answers_locally, build_target
 from evalsvc.graders import CompiledGrader, Grade, compile_grader, grader_name, target_error_grade
 from evalsvc.graders.judge import JudgeDefaults, LlmJudgeGrader
 from evalsvc.graders.pool import GradingPool, may_offload, offloads
+from evalsvc.http.outbound import Outbound, call_guard, endpoint_wait
 from evalsvc.liveness import Progress, Watched, supervise
 from evalsvc.metrics import Metrics
 from evalsvc.secrets.refs import run_secret_refs
 from evalsvc.secrets.service import SecretService
+from evalsvc.slots import Hold, Slots
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.cache import CacheEntry
 from evalsvc.store.db import Database, unavailable_cause
 from evalsvc.store.models import CACHE_JUDGE_VERDICT, CACHE_TARGET_OUTPUT
+from evalsvc.targets import PriceTable, Target, TargetError, answers_locally, build_target
 from evalsvc.v1 import cache_pb2, grader_pb2, item_pb2, run_pb2, target_pb2
 from evalsvc.v1 import eval_run_service_pb2 as pb
 

@@ -24,9 +24,9 @@ from typing import Any, cast
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.execution.aggregate import build_aggregate, verdict
 from evalsvc.graders import Grade
-from evalsvc.runs.aggregate import build_aggregate, verdict
-from evalsvc.runs.convert import timestamp
+from evalsvc.messages.convert import timestamp
 from evalsvc.storable import storable_text
 from evalsvc.store import cache as cache_store
 from evalsvc.store import events as event_log

@@ -26,8 +26,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from grpc_status import rpc_status
 
-from evalsvc.api.status import to_status
-from evalsvc.errors import FieldViolation, ServiceError
+from evalsvc.errors import FieldViolation, ServiceError, to_status
 from evalsvc.gateway import dialects, openapi, ui
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.routes import Route, routes

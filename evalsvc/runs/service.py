@@ -19,29 +19,30 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from evalsvc.definitions.service import DefinitionService
 from evalsvc.errors import MAX_ECHOED_ID, FieldViolation, ServiceError, invalid_argument, not_found
 from evalsvc.events.bus import EventBus
-from evalsvc.execution.outbound import Outbound, destination_violations, named_endpoints
-from evalsvc.execution.targets import validate_target
-from evalsvc.graders import grader_name, validate_grader
+from evalsvc.graders import grader_name
 from evalsvc.graders.judge import JudgeDefaults, needs_default_judge
+from evalsvc.graders.validation import validate_grader
+from evalsvc.http.outbound import Outbound, destination_violations, named_endpoints
 from evalsvc.idempotency import conflict, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
 from evalsvc.limits import TenantLimits
-from evalsvc.runs.convert import etag, result_from, run_from, version_of
-from evalsvc.runs.validation import (
+from evalsvc.messages.convert import etag, result_from, run_from, version_of
+from evalsvc.messages.validation import (
     MAX_DESCRIPTION,
     MAX_DISPLAY_NAME,
     assign_item_ids,
     check_annotations,
     check_labels,
     check_length,
-    validate_create_run,
 )
+from evalsvc.runs.validation import validate_create_run
 from evalsvc.secrets.refs import run_secret_refs
 from evalsvc.secrets.service import SecretService
 from evalsvc.store import datasets as dataset_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
 from evalsvc.store.writer import Batch
+from evalsvc.targets import validate_target
 from evalsvc.v1 import cache_pb2, run_pb2
 from evalsvc.v1 import eval_run_service_pb2 as pb
 

@@ -19,10 +19,10 @@ from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.ids import new_id
+from evalsvc.messages import webhook_events as events
 from evalsvc.store.models import EventRow, WebhookDeliveryRow, WebhookRow
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import webhook_service_pb2 as wpb
-from evalsvc.webhooks import events
 
 WEBHOOKS = WebhookRow.__table__  # type: ignore[attr-defined]
 DELIVERIES = WebhookDeliveryRow.__table__  # type: ignore[attr-defined]

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from evalsvc.config import Settings
-from evalsvc.execution.outbound import AllowList, OutboundError, check_destination, retry_after_s
+from evalsvc.http.outbound import AllowList, OutboundError, check_destination, retry_after_s
 from evalsvc.liveness import supervise
 from evalsvc.metrics import Metrics
 from evalsvc.store import webhooks as store

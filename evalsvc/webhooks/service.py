@@ -2,7 +2,7 @@
 
 Webhooks belong to a tenant and are notified only of that tenant's runs (the outbox is written per
 tenant: evalsvc.store.webhooks.enqueue). A webhook's URL follows the rule of target URLs
-(evalsvc.execution.outbound.check_destination), checked when it is set and again before each attempt.
+(evalsvc.http.outbound.check_destination), checked when it is set and again before each attempt.
 """
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
-from evalsvc.execution.outbound import AllowList, OutboundError, check_destination, check_url_shape
+from evalsvc.http.outbound import AllowList, OutboundError, check_destination, check_url_shape
 from evalsvc.idempotency import create_once, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
 from evalsvc.limits import quota_exceeded
-from evalsvc.runs.convert import timestamp
-from evalsvc.runs.validation import MAX_DESCRIPTION, MAX_REQUEST_ID, check_length
+from evalsvc.messages import webhook_events as events
+from evalsvc.messages.convert import timestamp
+from evalsvc.messages.validation import MAX_DESCRIPTION, MAX_REQUEST_ID, check_length
 from evalsvc.store import webhooks as store
 from evalsvc.store.db import Database
 from evalsvc.v1 import webhook_service_pb2 as wpb
-from evalsvc.webhooks import events, signing
+from evalsvc.webhooks import signing
 
 MAX_URL = 2048
 MAX_WEBHOOKS_PER_TENANT = 50

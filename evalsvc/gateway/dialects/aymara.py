@@ -28,7 +28,6 @@ from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 
 from evalsvc.datasets.generation import MAX_INSTRUCTIONS, MAX_ITEMS
-from evalsvc.execution.outbound import check_url_shape
 from evalsvc.gateway.dialects.base import (
     MAX_ANNOTATIONS_BYTES,
     Dialect,
@@ -42,6 +41,7 @@ from evalsvc.gateway.dialects.base import (
     window,
 )
 from evalsvc.gateway.upstream import TERMINAL, Caller, GatewayError
+from evalsvc.http.outbound import check_url_shape
 from evalsvc.v1 import (
     dataset_generation_pb2,
     dataset_service_pb2,

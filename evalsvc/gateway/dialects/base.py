@@ -32,7 +32,7 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
 from evalsvc.gateway.upstream import Caller, GatewayError, Upstream, with_retry_after
-from evalsvc.runs.validation import MAX_ANNOTATIONS_BYTES as MAX_ANNOTATIONS_BYTES  # for the dialects' checks
+from evalsvc.messages.validation import MAX_ANNOTATIONS_BYTES as MAX_ANNOTATIONS_BYTES  # for the dialects' checks
 from evalsvc.v1 import run_pb2
 
 Req = TypeVar("Req", bound=Message)

@@ -32,7 +32,7 @@ import httpx
 
 from evalsvc.config import Settings
 from evalsvc.errors import FieldViolation
-from evalsvc.execution.slots import Slots
+from evalsvc.slots import Slots
 from evalsvc.v1 import grader_pb2, target_pb2
 
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}

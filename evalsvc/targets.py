@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from google.protobuf import json_format, struct_pb2
 
 from evalsvc.errors import FieldViolation
-from evalsvc.execution.outbound import Outbound, OutboundError, check_url_shape, endpoint_headers, secret_refs
+from evalsvc.http.outbound import Outbound, OutboundError, check_url_shape, endpoint_headers, secret_refs
 from evalsvc.storable import storable_json
 from evalsvc.v1 import item_pb2, target_pb2
 
