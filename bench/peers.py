@@ -210,7 +210,9 @@ def run(suite: Suite) -> None:
                 f"{items:,} items, exact match: evalsvc items/s vs {name} items/s",
                 "items/s",
                 baseline_label=name,
-                target=">= 50 ratio" if name == "promptfoo" else "",  # issue 16: against promptfoo, the faster peer
+                # Issue 16's target is against promptfoo, the faster peer, on 10,000 items: at quick mode's
+                # 500 the peers' start-up dominates their time, so no target is checked there.
+                target=">= 50 ratio" if name == "promptfoo" and not suite.config.quick else "",
             ),
             suite.row(
                 "peers", f"{items:,} items: evalsvc server peak RSS vs {name} peak RSS, MB", "MB", baseline_label=name

@@ -1,7 +1,7 @@
 """Run evalsvc's benchmark suite and write bench/results/latest.{md,json} plus PNG plots.
 
     python -m bench.run            # full suite (several minutes)
-    python -m bench.run --quick    # scaled down, under 2 minutes
+    python -m bench.run --quick    # a smoke version of every scenario, to check the harness
     python -m bench.run --only unary,fanout
 
 This machine is noisy (2 cores, shared), so no absolute figure means much on its own: every scenario
@@ -938,7 +938,9 @@ def _clean(value: Any) -> Any:
 def main(argv: list[str] | None = None) -> int:
     """Run the selected scenarios, then write the table, the JSON and the plots, failures included."""
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="scaled-down suite that finishes in under 2 minutes")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke version of every scenario (less work, same repetitions)"
+    )
     parser.add_argument("--only", default="", help=f"comma-separated scenarios: {', '.join(SCENARIOS)}")
     parser.add_argument("--profile", action="store_true", help="also py-spy the server during one large run")
     args = parser.parse_args(argv)
