@@ -30,12 +30,14 @@ def fingerprint(message: Message) -> str:
 Row = Mapping[str, Any]
 
 
-def conflict(kind: str, request_id: str) -> ServiceError:
-    """ALREADY_EXISTS for a request_id reused with a different request."""
+def conflict(kind: str, request_id: str, existing_id: str) -> ServiceError:
+    """ALREADY_EXISTS for a request_id reused with a different request; the ErrorInfo metadata names
+    what the first request created (`run_id`, `grader_id`, ...), as docs/errors.md promises."""
     return ServiceError(
         grpc.StatusCode.ALREADY_EXISTS,
         "REQUEST_ID_CONFLICT",
         f"request_id {request_id!r} was already used for a different {kind}",
+        metadata={f"{kind}_id": existing_id},
     )
 
 
@@ -65,5 +67,5 @@ async def create_once(
         if existing is None:
             raise
     if existing["request_hash"] != fingerprint:
-        raise conflict(kind, request_id)
+        raise conflict(kind, request_id, existing["id"])
     return await replay(existing)

@@ -7,11 +7,13 @@ module owns the rules (validation, idempotency, status transitions) and calls th
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.definitions.service import DefinitionService
@@ -21,7 +23,7 @@ from evalsvc.execution.outbound import Outbound, destination_violations, named_e
 from evalsvc.execution.targets import validate_target
 from evalsvc.graders import grader_name, validate_grader
 from evalsvc.graders.judge import JudgeDefaults, needs_default_judge
-from evalsvc.idempotency import create_once, fingerprint
+from evalsvc.idempotency import conflict, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
 from evalsvc.limits import TenantLimits
 from evalsvc.runs.convert import etag, result_from, run_from, version_of
@@ -39,6 +41,7 @@ from evalsvc.secrets.service import SecretService
 from evalsvc.store import datasets as dataset_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
+from evalsvc.store.writer import Batch
 from evalsvc.v1 import cache_pb2, run_pb2
 from evalsvc.v1 import eval_run_service_pb2 as pb
 
@@ -57,6 +60,91 @@ def request_fingerprint(request: pb.CreateRunRequest) -> str:
     copy.CopyFrom(request)
     copy.ClearField("request_id")
     return fingerprint(copy)
+
+
+def replay(existing: Mapping[str, Any], fingerprint: str) -> CreatedRun:
+    """What CreateRun answers for a request_id used before: the run it created, or ALREADY_EXISTS
+    REQUEST_ID_CONFLICT naming that run when the request differs."""
+    if existing["request_hash"] != fingerprint:
+        raise conflict("run", existing["request_id"], existing["id"])
+    run = run_from(existing)
+    return CreatedRun(run=run, job_count=run.counts.total_items * run.repetitions)
+
+
+@dataclass(frozen=True)
+class RunDraft:
+    """A validated CreateRun waiting for the writer: the row to store (all but its run_number) and
+    what the group must check against the database (idempotency, the tenant's active runs)."""
+
+    tenant: str
+    request_id: str
+    fingerprint: str
+    row: Mapping[str, Any]
+    items: Sequence[bytes]
+    repetitions: int
+    check_active_runs: Callable[[int], None]
+
+
+Created = tuple[CreatedRun, "pb.WatchRunResponse | None"]  # the answer, and the first event of a new run
+
+
+async def _create_runs(conn: AsyncConnection, drafts: list[RunDraft]) -> list[Created | BaseException]:
+    """Store the CreateRuns of one writer group with a handful of statements for all of them.
+
+    In queue order: a request_id used before replays (or conflicts with) its run, also when the first
+    use is earlier in the same group; a tenant at its active-run limit is refused (counted across the
+    group); the rest get consecutive run numbers per dataset and are inserted together. Refusals are
+    decided before anything is written, so they cost the others nothing."""
+    existing = await run_store.find_by_request_ids(conn, [(d.tenant, d.request_id) for d in drafts if d.request_id])
+    active = await run_store.count_active_by_tenant(conn, [d.tenant for d in drafts])
+    answers: list[Created | BaseException | None] = [None] * len(drafts)
+    first_use: dict[tuple[str, str], int] = {}
+    creating: list[int] = []
+    for i, draft in enumerate(drafts):
+        key = (draft.tenant, draft.request_id)
+        if draft.request_id and key in existing:
+            try:
+                answers[i] = (replay(existing[key], draft.fingerprint), None)
+            except ServiceError as refused:
+                answers[i] = refused
+            continue
+        if draft.request_id and key in first_use:
+            continue  # answered below, from the run its first use creates
+        try:
+            draft.check_active_runs(active[draft.tenant])
+        except ServiceError as refused:
+            answers[i] = refused
+            continue
+        active[draft.tenant] += 1
+        if draft.request_id:
+            first_use[key] = i
+        creating.append(i)
+    by_dataset: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i in creating:
+        by_dataset[(drafts[i].tenant, drafts[i].row["dataset_id"])].append(i)
+    numbers: dict[int, int] = {}
+    for (tenant, dataset_id), members in sorted(by_dataset.items()):
+        first = await run_store.allocate_run_numbers(conn, tenant, dataset_id, len(members))
+        numbers.update({i: first + n for n, i in enumerate(members)})
+    new_runs = [
+        run_store.NewRun({**drafts[i].row, "run_number": numbers[i]}, drafts[i].items, drafts[i].repetitions)
+        for i in creating
+    ]
+    for i, event in zip(creating, await run_store.insert_runs(conn, new_runs), strict=True):
+        answers[i] = (CreatedRun(run=event.run, job_count=len(drafts[i].items) * drafts[i].repetitions), event)
+    for i, draft in enumerate(drafts):
+        if answers[i] is None:  # a repeated request_id within the group
+            first = answers[first_use[(draft.tenant, draft.request_id)]]
+            assert isinstance(first, tuple)
+            run = first[0].run
+            if draft.fingerprint != drafts[first_use[(draft.tenant, draft.request_id)]].fingerprint:
+                answers[i] = conflict("run", draft.request_id, run.id)
+            else:
+                answers[i] = (first[0], None)
+    return [answer for answer in answers if answer is not None]
+
+
+CREATE_RUNS = Batch("create_runs", _create_runs)
 
 
 class RunService:
@@ -103,10 +191,12 @@ class RunService:
         if violations:
             raise invalid_argument(violations)
         if request.request_id:
+            # A retry answers with the first run before anything is resolved again (AIP-155): its
+            # dataset or saved definitions may have changed or gone since. The writer checks again.
             async with self._db.read() as conn:
                 existing = await run_store.find_by_request_id(conn, tenant, request.request_id)
             if existing is not None:
-                return self._replay(existing, fingerprint)
+                return replay(existing, fingerprint)
         await self._definitions.resolve(tenant, request.target, request.graders)
         await self._check_resolved(tenant, request)
         items = await self._resolve_items(tenant, request)
@@ -140,28 +230,28 @@ class RunService:
             "total_evaluations": len(items) * repetitions * len(request.graders),
             "create_time": time.time(),
         }
-
-        async def insert(conn: AsyncConnection) -> CreatedRun:
-            self._limits.check_active_runs(await run_store.count_active(conn, tenant))
-            row["run_number"] = await run_store.next_run_number(conn, tenant, request.dataset_id)
-            event = await run_store.insert_run(conn, row, items, repetitions)
-            published.append(event)
-            return CreatedRun(run=event.run, job_count=len(items) * repetitions)
-
-        async def replay(existing: Mapping[str, Any]) -> CreatedRun:
-            return self._replay(existing, fingerprint)
-
-        published: list[pb.WatchRunResponse] = []
-        created = await create_once(
-            self._db,
-            kind="run",
+        draft = RunDraft(
+            tenant=tenant,
             request_id=request.request_id,
             fingerprint=fingerprint,
-            find=lambda conn: run_store.find_by_request_id(conn, tenant, request.request_id),
-            create=insert,
-            replay=replay,
+            row=row,
+            items=items,
+            repetitions=repetitions,
+            check_active_runs=self._limits.check_active_runs,
         )
-        for event in published:
+        try:
+            created, event = await self._db.submit(CREATE_RUNS, draft)
+        except IntegrityError:
+            # Another server stored the same request_id between our read and our insert (PostgreSQL):
+            # its run is the answer.
+            if not request.request_id:
+                raise
+            async with self._db.read() as conn:
+                existing = await run_store.find_by_request_id(conn, tenant, request.request_id)
+            if existing is None:
+                raise
+            return replay(existing, fingerprint)
+        if event is not None:
             self._bus.publish(event.run.id, [event])
             self._on_created()
         return created
@@ -190,17 +280,6 @@ class RunService:
         )
         if refused := await destination_violations(endpoints, self._outbound.allow):
             raise invalid_argument(refused)
-
-    def _replay(self, existing: Mapping[str, Any], fingerprint: str) -> CreatedRun:
-        if existing["request_hash"] != fingerprint:
-            raise ServiceError(
-                grpc.StatusCode.ALREADY_EXISTS,
-                "REQUEST_ID_CONFLICT",
-                f"request_id {existing['request_id']!r} was already used for a different request",
-                metadata={"run_id": existing["id"]},
-            )
-        run = run_from(existing)
-        return CreatedRun(run=run, job_count=run.counts.total_items * run.repetitions)
 
     async def _resolve_items(self, tenant: str, request: pb.CreateRunRequest) -> list[bytes]:
         """The serialized items the run copies: inline ones, or the dataset's (or a subset)."""
