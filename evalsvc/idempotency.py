@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf.message import Message
@@ -54,11 +54,14 @@ async def create_once(
     """Run `create` in a write transaction unless `find` shows the request_id was used already;
     then `replay` answers with what the first request created."""
 
+    async def first_or_create(conn: AsyncConnection) -> tuple[Row | None, T | None]:
+        existing = await find(conn) if request_id else None
+        return (existing, None) if existing is not None else (None, await create(conn))
+
     try:
-        async with db.write() as conn:
-            existing = await find(conn) if request_id else None
-            if existing is None:
-                return await create(conn)
+        existing, created = await db.transact(first_or_create)
+        if existing is None:
+            return cast("T", created)
     except IntegrityError:
         if not request_id:
             raise

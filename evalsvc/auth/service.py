@@ -111,8 +111,7 @@ class KeyService:
             "create_time": now,
             "expire_time": now + expires_in_s if expires_in_s else None,
         }
-        async with self._db.write() as conn:
-            await key_store.insert_key(conn, row)
+        await self._db.transact(lambda conn: key_store.insert_key(conn, row))
         return full, _info({**row, "revoke_time": None, "last_used_time": None})
 
     async def list(self, tenant: str | None = None) -> list[KeyInfo]:
@@ -122,8 +121,8 @@ class KeyService:
 
     async def revoke(self, key_id: str) -> bool:
         """Revoke a key (idempotent); False when there is no such key."""
-        async with self._db.write() as conn:
-            found = await key_store.revoke(conn, key_id, time.time())
+        now = time.time()
+        found = await self._db.transact(lambda conn: key_store.revoke(conn, key_id, now))
         self._forget(key_id)
         return found
 
@@ -153,8 +152,8 @@ class KeyService:
             raise refused
         if now - self._touched.get(row["id"], 0.0) >= TOUCH_EVERY_S:
             self._touched[row["id"]] = now
-            async with self._db.write() as conn:
-                await key_store.touch(conn, row["id"], now)
+            key_id = row["id"]
+            await self._db.transact(lambda conn: key_store.touch(conn, key_id, now))
         return Caller(tenant=str(row["tenant"]), key_id=str(row["id"]))
 
     async def refused_now(self, key_ids: Sequence[str]) -> dict[str, ServiceError]:

@@ -167,8 +167,7 @@ class Executor:
         self._stopping = False
         self._stop_requested.clear()
         if self._db.is_sqlite:
-            async with self._db.write() as conn:
-                released = await job_store.release_all(conn)
+            released = await self._db.transact(job_store.release_all)
             if released:
                 log.info("requeued %d jobs leased before the last shutdown", released)
         for progress in self._progress.values():
@@ -254,8 +253,7 @@ class Executor:
         await asyncio.gather(*self._loops)
         self._loops = []
         try:
-            async with self._db.write() as conn:
-                await job_store.release(conn, list(self._open_claims))
+            await self._db.transact(functools.partial(job_store.release, claim_ids=list(self._open_claims)))
         except Exception as exc:
             if (cause := unavailable_cause(exc)) is None:
                 raise

@@ -345,7 +345,8 @@ class RunService:
 
     async def cancel(self, tenant: str, run_id: str) -> run_pb2.Run:
         """Cancel a run: no job starts after this returns. Idempotent on a cancelled run."""
-        async with self._db.write() as conn:
+
+        async def cancel(conn: AsyncConnection) -> tuple[pb.WatchRunResponse | None, Mapping[str, Any] | None]:
             # Jobs before the run: the store's lock order (a no-op for runs that are not active).
             await run_store.cancel_jobs(conn, tenant, run_id)
             event = await run_store.set_status(
@@ -356,8 +357,9 @@ class RunService:
                 from_statuses=run_store.ACTIVE_STATUSES,
                 end_time=time.time(),
             )
-            if event is None:
-                row = await run_store.get(conn, tenant, run_id)
+            return event, (await run_store.get(conn, tenant, run_id) if event is None else None)
+
+        event, row = await self._db.transact(cancel)
         if event is not None:
             self._on_cancelled(run_id)
             self._bus.publish(run_id, [event])
@@ -390,7 +392,9 @@ class RunService:
         if violations:
             raise invalid_argument(violations)
         values = {path: _column_value(getattr(request.run, path)) for path in whole}
-        async with self._db.write() as conn:
+
+        async def update(conn: AsyncConnection) -> Mapping[str, Any] | None:
+            changed, refused = dict(values), list[FieldViolation]()  # local: the writer may run this twice
             if keyed or expected is not None:
                 current = await run_store.get(conn, tenant, request.run_id, lock=True)
                 if current is None:
@@ -398,17 +402,19 @@ class RunService:
                 _check_etag(current, expected)
                 for field, keys in keyed.items():
                     given = getattr(request.run, field)
-                    merged = dict(values.get(field, current[field]))
+                    merged = dict(changed.get(field, current[field]))
                     for key in keys:
                         if key in given:
                             merged[key] = given[key]
                         else:
                             merged.pop(key, None)
-                    (check_labels if field == "labels" else check_annotations)(merged, f"run.{field}", violations)
-                    values[field] = merged
-                if violations:
-                    raise invalid_argument(violations)
-            row = await run_store.update_fields(conn, tenant, request.run_id, values)
+                    (check_labels if field == "labels" else check_annotations)(merged, f"run.{field}", refused)
+                    changed[field] = merged
+                if refused:
+                    raise invalid_argument(refused)
+            return await run_store.update_fields(conn, tenant, request.run_id, changed)
+
+        row = await self._db.transact(update)
         if row is None:
             raise not_found("run", request.run_id)
         return run_from(row)
@@ -421,7 +427,8 @@ class RunService:
         if violations:
             raise invalid_argument(violations)
         now = time.time()
-        async with self._db.write() as conn:
+
+        async def delete(conn: AsyncConnection) -> tuple[pb.WatchRunResponse | None, Mapping[str, Any] | None]:
             # Jobs before the run: the store's lock order (a no-op for runs that are not active).
             await run_store.cancel_jobs(conn, tenant, run_id)
             cancelled = await run_store.set_status(
@@ -440,6 +447,9 @@ class RunService:
                 _check_etag(row, expected)
             if row["delete_time"] is None:
                 row = await run_store.update_fields(conn, tenant, run_id, {"delete_time": now})
+            return cancelled, row
+
+        cancelled, row = await self._db.transact(delete)
         if cancelled is not None:
             self._on_cancelled(run_id)
             self._bus.publish(run_id, [cancelled])
@@ -448,8 +458,7 @@ class RunService:
 
     async def undelete(self, tenant: str, run_id: str) -> run_pb2.Run:
         """Restore a soft-deleted run. Idempotent."""
-        async with self._db.write() as conn:
-            row = await run_store.update_fields(conn, tenant, run_id, {"delete_time": None})
+        row = await self._db.transact(lambda conn: run_store.update_fields(conn, tenant, run_id, {"delete_time": None}))
         if row is None:
             raise not_found("run", run_id)
         return run_from(row)
