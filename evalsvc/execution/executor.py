@@ -417,6 +417,8 @@ class Executor:
         if job.run_id in self._cancelled:  # claimed just before its run was cancelled
             return False
         item = plan.items[job.item_idx]
+        # The one budget check: before every outbound call attempt of this job (target, warmups, judges,
+        # retries), where the money is spent; calls that cost nothing are never stopped.
         call_guard.set(lambda: self._check_budget(job, plan))
         use = CacheUse()
         try:
@@ -476,9 +478,7 @@ class Executor:
                 )
         if job.repetition == 1:
             for _ in range(plan.warmup_runs):
-                self._check_budget(job, plan)
                 self._spend(plan, (await plan.target.respond(item)).cost_usd)
-        self._check_budget(job, plan)
         started = time.perf_counter()
         try:
             output = await plan.target.respond(item)
@@ -518,7 +518,6 @@ class Executor:
                     f"{cache.MISS_REASON}: no cached verdict of judge {judge.name!r} for item {item.id!r} "
                     "(the run replays the cache and makes no call)",
                 )
-        self._check_budget(job, plan)
         grade = await judge.grade_async(item, output)
         self._spend(plan, grade.cost_usd)
         if key is not None and plan.cache_mode in cache.WRITES and grade.state != run_pb2.RESULT_STATE_ERROR:
