@@ -108,3 +108,23 @@ async def test_close_commits_what_is_queued_then_refuses_new_writes(db: Database
     assert await asyncio.gather(*pending) == [f"q{i}" for i in range(20)]
     with pytest.raises(RuntimeError, match="closed"):
         await db.transact(put("late"))
+
+
+class Conflict(Exception):
+    """What a lost race between two servers' transactions looks like (PostgreSQL's 40P01)."""
+
+    sqlstate = "40P01"
+
+
+async def test_a_write_that_lost_a_race_with_another_server_is_applied_again(db: Database) -> None:
+    attempts = []
+
+    async def racy(conn: AsyncConnection) -> str:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise Conflict("deadlock detected")
+        return await put("won")(conn)
+
+    assert await db.transact(racy) == "won"
+    assert len(attempts) == 3
+    assert set(await stored(db)) == {"won"}
