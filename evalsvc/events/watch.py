@@ -104,14 +104,18 @@ async def watch(
     with the terminal event. (Chunks, not single events: WatchRunBatched sends them as they are and
     WatchRun one by one, with no extra generator layer holding memory per idle stream.)
     `owner` is the API key id of the watcher: the watch ends when the bus closes that owner's watches."""
-    if not await _anything_after(db, tenant, run_id, after_seq):
-        return
     cursor = after_seq
     # Rows asked of the database per page: about what fits in page_bytes, from the events' size so far
     # (the database reads every row it is asked for, even those past the byte bound).
     rows = max(1, min(max_events, page_bytes // TYPICAL_EVENT_BYTES))
     with bus.subscribe(run_id, buffer, owner) as subscription:
-        from_database = True
+        # Subscribed first: every event committed after this check reaches the subscription, so the
+        # database is read only when the run already has events past after_seq (a watcher of a new
+        # run, or one resuming where it left off, reads nothing but the run's cached row).
+        last_seq = await _checked_last_seq(db, tenant, run_id, after_seq)
+        if last_seq is None:
+            return
+        from_database = after_seq < last_seq
         while True:
             if from_database:
                 subscription.raise_if_closed()
@@ -169,11 +173,10 @@ def _split(
         yield chunk
 
 
-async def _anything_after(db: Database, tenant: str, run_id: str, after_seq: int) -> bool:
-    """Check the watch request against the run; False when the run ended at `after_seq`. (Apart from the
-    generator, so its frame holds no run row for the life of an idle stream.)"""
-    async with db.read() as conn:
-        row = await run_store.get(conn, tenant, run_id)
+async def _checked_last_seq(db: Database, tenant: str, run_id: str, after_seq: int) -> int | None:
+    """Check the watch request against the run; its last_seq, or None when the run ended at `after_seq`.
+    (Apart from the generator, so its frame holds no run row for the life of an idle stream.)"""
+    row = await run_store.get_current_row(db, tenant, run_id)
     if row is None:
         raise not_found("run", run_id)
     if after_seq < 0 or after_seq > row["last_seq"]:
@@ -183,7 +186,9 @@ async def _anything_after(db: Database, tenant: str, run_id: str, after_seq: int
             f"after_seq {after_seq} is outside 0..{row['last_seq']} (the run's last_seq)",
             metadata={"last_seq": str(row["last_seq"])},
         )
-    return not (row["status"] in run_store.TERMINAL_STATUSES and after_seq == row["last_seq"])
+    if row["status"] in run_store.TERMINAL_STATUSES and after_seq == row["last_seq"]:
+        return None
+    return int(row["last_seq"])
 
 
 def _through_terminal(events: list[pb.WatchRunResponse]) -> list[pb.WatchRunResponse]:

@@ -162,10 +162,9 @@ async def get(conn: AsyncConnection, tenant: str, run_id: str, *, lock: bool = F
     return cast("Mapping[str, Any] | None", found.mappings().first())
 
 
-async def get_current_run(db: Database, tenant: str, run_id: str) -> run_pb2.Run | None:
-    """A tenant's run as a message, for a caller that needs no transaction. Where the database has a
-    run cache (see evalsvc.store.run_cache) the row comes from it and the message is built once per
-    change and shared: copy it before changing it. Otherwise the row is read (and cached)."""
+async def get_current_row(db: Database, tenant: str, run_id: str) -> Mapping[str, Any] | None:
+    """A tenant's run row as last committed, for a caller that needs no transaction: from the run cache
+    where the database has one (see evalsvc.store.run_cache), else read (and cached)."""
     cache = db.run_rows
     row = cache.get(run_id) if cache is not None else None
     if row is None:
@@ -176,9 +175,16 @@ async def get_current_run(db: Database, tenant: str, run_id: str) -> run_pb2.Run
             return None
         if cache is not None:
             cache.fill(row, started)
-    if row["tenant"] != tenant:
+    return row if row["tenant"] == tenant else None
+
+
+async def get_current_run(db: Database, tenant: str, run_id: str) -> run_pb2.Run | None:
+    """A tenant's run as a message (see `get_current_row`). Where the database has a run cache the
+    message is built once per change and shared: copy it before changing it."""
+    row = await get_current_row(db, tenant, run_id)
+    if row is None:
         return None
-    return cache.derived(row, run_from) if cache is not None else run_from(row)
+    return db.run_rows.derived(row, run_from) if db.run_rows is not None else run_from(row)
 
 
 async def list_page(
