@@ -187,7 +187,8 @@ class RunService:
         assign_item_ids(request.items)
         fingerprint = request_fingerprint(request)
         violations = validate_create_run(request)
-        if request.target.WhichOneof("kind") not in (None, "saved_target_id"):
+        saved_target = request.target.WhichOneof("kind") == "saved_target_id"
+        if request.target.WhichOneof("kind") not in (None, "saved_target_id"):  # a saved one: once resolved
             violations += validate_target(request.target, "target")
         if violations:
             raise invalid_argument(violations)
@@ -199,9 +200,10 @@ class RunService:
             if existing is not None:
                 return replay(existing, fingerprint)
         await self._definitions.resolve(tenant, request.target, request.graders)
-        await self._check_resolved(tenant, request)
+        await self._check_resolved(tenant, request, check_target=saved_target)
         items = await self._resolve_items(tenant, request)
-        self._limits.check_run_size(len(items), len(request.graders))
+        if request.dataset_id:  # inline items were counted above
+            self._limits.check_run_size(len(items), len(request.graders))
         repetitions = request.repetitions or 1
         spec = run_pb2.Run(
             target=request.target,
@@ -257,11 +259,13 @@ class RunService:
             self._on_created()
         return created
 
-    async def _check_resolved(self, tenant: str, request: pb.CreateRunRequest) -> None:
-        """What only the resolved definitions show: valid graders, secrets the tenant may use, a judge to
-        ask, allowed destinations."""
+    async def _check_resolved(self, tenant: str, request: pb.CreateRunRequest, *, check_target: bool) -> None:
+        """What only the resolved definitions show: valid graders, the target when it was a saved one
+        (`check_target`; an inline target was checked with the request), secrets the tenant may use, a
+        judge to ask, allowed destinations."""
         violations = [v for i, g in enumerate(request.graders) for v in validate_grader(g, f"graders[{i}]")]
-        violations += validate_target(request.target, "target")
+        if check_target:
+            violations += validate_target(request.target, "target")
         violations += await self._secrets.refused(tenant, run_secret_refs(request.target, request.graders))
         names = [grader_name(g) for g in request.graders]
         if len(set(names)) != len(names):
