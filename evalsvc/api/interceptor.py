@@ -1,13 +1,21 @@
-"""The one server interceptor: every call is authenticated and observed inside a single wrapper.
+"""The one server interceptor: every call is authenticated and observed by one pair of hooks.
+
+Each call gets a `_Call` whose two hooks hold all the interceptor does, written once for every
+kind of call, as connect-python's metadata interceptors do: `on_start` starts the clock, notes the
+peer and admits the call (refusing a request that did not decode or a key that is not valid, and
+setting the caller's tenant); `on_end` hands the finished call to the observer. The wrappers for
+grpc's three handler shapes (a unary coroutine, an async generator, a coroutine that writes to its
+context) only run the behaviour between the two and say which status code it ended with.
 
 It wraps the handler's behaviour (rather than only deciding at handler lookup) because the key
 check must be able to abort the call with a rich status, and because the outcome the observer
-records is known only once the behaviour has finished. Authentication runs inside the observed
-part, so rejected calls are counted and logged too.
+records is known only once the behaviour has finished. Admission runs inside the observed part,
+so rejected calls are counted and logged too.
 
 Why one interceptor and not one per concern: grpc.aio runs every interceptor's lookup coroutine,
 builds a new method handler and adds a wrapper frame to each call, per interceptor. On GetRun,
-the hottest call, two layers cost measurably more than one (see docs/performance.md).
+the hottest call, two layers cost measurably more than one (see docs/performance.md). For the same
+reason the hooks keep the call's state in the `_Call`'s slots rather than in a token object.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from typing import Any, TypeAlias, cast
 import grpc
 
 from evalsvc.api.auth import Authenticator, presented_key
-from evalsvc.api.observability import Observer
+from evalsvc.api.observability import FinishedCall, Observer
 from evalsvc.api.status import abort
 from evalsvc.errors import malformed_request
 
@@ -48,8 +56,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method: str = details.method
-        call = _Call(method, self._auth, presented_key(details.invocation_metadata), self._observer)
-        if handler.unary_unary is not None:
+        unary = handler.unary_unary is not None
+        call = _Call(method, self._auth, presented_key(details.invocation_metadata), self._observer, stream=not unary)
+        if unary:
             return grpc.unary_unary_rpc_method_handler(
                 call.unary(handler.unary_unary),
                 request_deserializer=_tolerant(handler.request_deserializer),
@@ -92,18 +101,25 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 
 
 class _Call:
-    """Wrappers for one call of one method, with the key it presented."""
+    """One call of one method, with the key it presented: its two hooks, and the wrappers that run a
+    behaviour of each handler shape between them."""
 
-    __slots__ = ("_auth", "_key", "_method", "_observer")
+    __slots__ = ("_auth", "_key", "_method", "_observer", "_peer", "_started", "_stream")
 
-    def __init__(self, method: str, auth: Authenticator, key: str | None, observer: Observer) -> None:
+    def __init__(self, method: str, auth: Authenticator, key: str | None, observer: Observer, *, stream: bool) -> None:
         self._method = method
         self._auth = auth if auth.guards(method) else None
         self._key = key
         self._observer = observer
+        self._stream = stream
 
-    async def _admit(self, request: Any, context: Context) -> None:
-        """Abort a call whose request did not decode (INVALID_ARGUMENT) or whose key is not valid."""
+    async def on_start(self, request: Any, context: Context) -> None:
+        """Start observing the call, then admit it: abort it (INVALID_ARGUMENT) when its request did
+        not decode, or (UNAUTHENTICATED) when its key is not valid; otherwise set the caller's tenant."""
+        self._started = time.perf_counter()
+        self._peer = _peer(context)
+        if self._stream:
+            self._observer.stream_opened(self._method)
         if isinstance(request, MalformedRequest):
             # A broken client's problem, not the server's: a debug line, no traceback.
             log.debug("%s: the request is not a valid message (%s)", self._method, request.problem)
@@ -111,14 +127,18 @@ class _Call:
         if self._auth is not None:
             await self._auth.authenticate(self._key, context)
 
+    def on_end(self, code: grpc.StatusCode, request: Any, response: Any) -> None:
+        """Report the finished call (admitted or not) to the observer: metrics and access log."""
+        self._observer.finished(
+            FinishedCall(self._method, code, self._started, request, response, self._peer, self._stream)
+        )
+
     def unary(self, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def observed(request: Any, context: Context) -> Any:
-            started = time.perf_counter()
-            peer = _peer(context)
             response = None
             code = grpc.StatusCode.UNKNOWN
             try:
-                await self._admit(request, context)
+                await self.on_start(request, context)
                 response = await behaviour(request, context)
                 code = _code(context, grpc.StatusCode.OK)
                 return response
@@ -126,7 +146,7 @@ class _Call:
                 code = _outcome(context, exc)
                 raise
             finally:
-                self._observer.finished(self._method, code, started, request, response, peer, stream=False)
+                self.on_end(code, request, response)
 
         return observed
 
@@ -134,12 +154,9 @@ class _Call:
         """Wraps an async-generator behaviour (the evalsvc servicers)."""
 
         async def observed(request: Any, context: Context) -> AsyncIterator[Any]:
-            started = time.perf_counter()
-            peer = _peer(context)
             code = grpc.StatusCode.UNKNOWN
-            closed = self._observer.stream_opened(self._method)
             try:
-                await self._admit(request, context)
+                await self.on_start(request, context)
                 # aclosing: when the client leaves, the inner generators' cleanup (unsubscribing the
                 # watcher, releasing its stream quota) runs now, not whenever the garbage collector gets to it.
                 async with contextlib.aclosing(behaviour(request, context)) as messages:
@@ -150,8 +167,7 @@ class _Call:
                 code = _outcome(context, exc)
                 raise
             finally:
-                closed()
-                self._observer.finished(self._method, code, started, request, None, peer, stream=True)
+                self.on_end(code, request, None)
 
         return observed
 
@@ -159,12 +175,9 @@ class _Call:
         """Wraps a coroutine behaviour that sends with `context.write` (grpc's health Watch)."""
 
         async def observed(request: Any, context: Context) -> None:
-            started = time.perf_counter()
-            peer = _peer(context)
             code = grpc.StatusCode.UNKNOWN
-            closed = self._observer.stream_opened(self._method)
             try:
-                await self._admit(request, context)
+                await self.on_start(request, context)
                 result = behaviour(request, context)
                 if inspect.isasyncgen(result):  # an async generator we could not recognise up front
                     async with contextlib.aclosing(result) as messages:
@@ -177,8 +190,7 @@ class _Call:
                 code = _outcome(context, exc)
                 raise
             finally:
-                closed()
-                self._observer.finished(self._method, code, started, request, None, peer, stream=True)
+                self.on_end(code, request, None)
 
         return observed
 
