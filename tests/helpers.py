@@ -21,8 +21,6 @@ from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
 
-TERMINAL = {run_pb2.RUN_STATUS_SUCCEEDED, run_pb2.RUN_STATUS_FAILED, run_pb2.RUN_STATUS_CANCELLED}
-
 
 def provided_items(n: int, *, wrong_every: int = 0) -> list[item_pb2.Item]:
     """n items with recorded responses; every `wrong_every`-th response differs from its expected output."""

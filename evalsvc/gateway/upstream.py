@@ -21,6 +21,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from starlette.responses import Response
 
+from evalsvc.statuses import TERMINAL
 from evalsvc.v1 import (
     dataset_generation_pb2_grpc,
     dataset_service_pb2_grpc,
@@ -34,7 +35,6 @@ from evalsvc.v1 import (
 Resp = TypeVar("Resp", bound=Message)
 R = TypeVar("R", bound=Response)
 
-TERMINAL = frozenset({run_pb2.RUN_STATUS_SUCCEEDED, run_pb2.RUN_STATUS_FAILED, run_pb2.RUN_STATUS_CANCELLED})
 DEFAULT_TIMEOUT_S = 60.0
 
 # gRPC status -> HTTP status, as grpc-gateway maps them.
