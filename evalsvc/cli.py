@@ -152,7 +152,7 @@ async def _cache_command(args: argparse.Namespace, settings: config.Settings) ->
 
 async def _secrets_command(args: argparse.Namespace, settings: config.Settings) -> int:
     from evalsvc.auth.service import is_tenant_name
-    from evalsvc.errors import ServiceError
+    from evalsvc.errors import Reason, ServiceError
     from evalsvc.ids import PageTokens
     from evalsvc.secrets.operator import OperatorSecrets
     from evalsvc.secrets.service import SecretService
@@ -187,7 +187,7 @@ async def _secrets_command(args: argparse.Namespace, settings: config.Settings) 
         print(
             f"evalsvc secrets: {exc}{''.join(f'; {v.field} {v.description}' for v in exc.violations)}", file=sys.stderr
         )
-        return 1 if exc.reason == "SECRET_NOT_FOUND" else 2
+        return 1 if exc.reason == Reason.SECRET_NOT_FOUND else 2
     finally:
         await db.close()
 

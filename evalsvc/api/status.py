@@ -18,7 +18,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from evalsvc.errors import ERROR_DOMAIN, ServiceError, database_unavailable, invalid_argument
+from evalsvc.errors import ERROR_DOMAIN, Reason, ServiceError, database_unavailable, invalid_argument
 from evalsvc.storable import request_nul_violations
 from evalsvc.store.db import unavailable_cause
 
@@ -55,7 +55,7 @@ def to_status(error: ServiceError) -> status_pb2.Status:
 
 
 def _internal() -> ServiceError:
-    return ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; the service logged the details")
+    return ServiceError(grpc.StatusCode.INTERNAL, Reason.INTERNAL, "internal error; the service logged the details")
 
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError) -> None:

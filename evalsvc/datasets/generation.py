@@ -29,7 +29,7 @@ import grpc
 
 from evalsvc.config import Settings
 from evalsvc.datasets.service import generation_from
-from evalsvc.errors import FieldViolation, ServiceError, invalid_argument, not_found
+from evalsvc.errors import FieldViolation, Reason, ServiceError, invalid_argument, not_found
 from evalsvc.execution.outbound import Outbound, OutboundError
 from evalsvc.execution.targets import chat_url
 from evalsvc.graders.judge import JudgeDefaults
@@ -165,7 +165,7 @@ class DatasetGenerations:
         if not self._model.configured:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                "GENERATOR_NOT_CONFIGURED",
+                Reason.GENERATOR_NOT_CONFIGURED,
                 "the server has no generator model (--generator-model or --judge-base-url/--judge-model)",
             )
         if request.validate_only:
@@ -179,7 +179,7 @@ class DatasetGenerations:
                 if (existing["item_count"], existing["instructions"]) != (request.item_count, request.instructions):
                     raise ServiceError(
                         grpc.StatusCode.ALREADY_EXISTS,
-                        "GENERATION_EXISTS",
+                        Reason.GENERATION_EXISTS,
                         f"dataset {request.dataset_id!r} already has a generation with other parameters",
                     )
                 return generation_from(existing)
@@ -222,7 +222,7 @@ class DatasetGenerations:
         if not self._model.configured:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                "GENERATOR_NOT_CONFIGURED",
+                Reason.GENERATOR_NOT_CONFIGURED,
                 "the server has no generator model (--generator-model or --judge-base-url/--judge-model)",
             )
         async with self._db.read() as conn:
@@ -247,7 +247,7 @@ class DatasetGenerations:
                         if attempt == PARSE_ATTEMPTS - 1:
                             raise ServiceError(
                                 grpc.StatusCode.UNAVAILABLE,
-                                "GENERATOR_UNAVAILABLE",
+                                Reason.GENERATOR_UNAVAILABLE,
                                 f"the generator model gave no usable next turn: {exc}",
                             ) from None
 
@@ -255,7 +255,7 @@ class DatasetGenerations:
         try:
             await asyncio.gather(*(write(c, item) for c, item in missing))
         except OutboundError as exc:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "GENERATOR_UNAVAILABLE", exc.reason) from None
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, Reason.GENERATOR_UNAVAILABLE, exc.reason) from None
         async with self._db.write() as conn:
             dataset = await dataset_store.get(conn, tenant, request.dataset_id, lock=True)
             if dataset is None:

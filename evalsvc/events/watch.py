@@ -21,7 +21,7 @@ from itertools import pairwise
 
 import grpc
 
-from evalsvc.errors import ServiceError, not_found
+from evalsvc.errors import Reason, ServiceError, not_found
 from evalsvc.events.bus import EventBus
 from evalsvc.statuses import TERMINAL
 from evalsvc.store import events as event_log
@@ -180,7 +180,7 @@ async def _anything_after(db: Database, tenant: str, run_id: str, after_seq: int
     if after_seq < 0 or after_seq > row["last_seq"]:
         raise ServiceError(
             grpc.StatusCode.OUT_OF_RANGE,
-            "SEQ_OUT_OF_RANGE",
+            Reason.SEQ_OUT_OF_RANGE,
             f"after_seq {after_seq} is outside 0..{row['last_seq']} (the run's last_seq)",
             metadata={"last_seq": str(row["last_seq"])},
         )

@@ -26,7 +26,7 @@ from google.protobuf.message import Message
 from grpc_status import rpc_status
 
 from evalsvc.api.status import to_status
-from evalsvc.errors import ServiceError
+from evalsvc.errors import Reason, ServiceError
 from evalsvc.gateway import dialects, openapi, ui
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.routes import Route, routes
@@ -40,7 +40,7 @@ _QUERY_BOOLS = {"true": True, "false": False}
 class RequestRefused(Exception):
     """An HTTP request the gateway cannot turn into a call: answered with `status` before any call."""
 
-    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, reason: Reason, message: str) -> None:
         super().__init__(message)
         self.status = to_status(ServiceError(code, reason, message))
         self.http_status = HTTP_STATUS[code]
@@ -78,7 +78,9 @@ def _metadata(request: Request) -> tuple[tuple[str, str], ...]:
     """The caller's API key headers as gRPC metadata, which admits printable ASCII only (HTTP admits more)."""
     found = tuple((name, request.headers[name]) for name in FORWARDED_HEADERS if name in request.headers)
     if any(not value.isascii() or not value.isprintable() for _, value in found):
-        raise RequestRefused(grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID", "the API key is malformed or mistyped")
+        raise RequestRefused(
+            grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_INVALID, "the API key is malformed or mistyped"
+        )
     return found
 
 
@@ -152,7 +154,7 @@ async def build_request(request: Request, route: Route) -> Message:
     except json_format.ParseError as exc:
         raise RequestRefused(
             grpc.StatusCode.INVALID_ARGUMENT,
-            "INVALID_ARGUMENT",
+            Reason.INVALID_ARGUMENT,
             f"cannot read a {route.method.input_type.full_name} from the request: {exc}",
         ) from None
     for name, value in request.path_params.items():

@@ -18,7 +18,7 @@ import grpc
 from google.protobuf import json_format
 
 from evalsvc.api.status import to_status
-from evalsvc.errors import ServiceError
+from evalsvc.errors import Reason, ServiceError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -53,7 +53,7 @@ class RequestLimits:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         if problem := _header_problem(headers):
             if await _drained(receive):
-                await _refuse(send, 431, grpc.StatusCode.INVALID_ARGUMENT, "HEADERS_TOO_LARGE", problem)
+                await _refuse(send, 431, grpc.StatusCode.INVALID_ARGUMENT, Reason.HEADERS_TOO_LARGE, problem)
             return
         chunks: list[bytes] = []
         size = 0
@@ -86,7 +86,7 @@ class RequestLimits:
             send,
             413,
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "BODY_TOO_LARGE",
+            Reason.BODY_TOO_LARGE,
             f"the request body is larger than {self._max_body_bytes} bytes",
         )
 
@@ -110,7 +110,7 @@ def _header_problem(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-async def _refuse(send: Send, http_status: int, code: grpc.StatusCode, reason: str, message: str) -> None:
+async def _refuse(send: Send, http_status: int, code: grpc.StatusCode, reason: Reason, message: str) -> None:
     """Answer with the error's google.rpc.Status as JSON (no RetryInfo: waiting does not help)."""
     status = to_status(ServiceError(code, reason, message))
     body = json.dumps(json_format.MessageToDict(status, always_print_fields_with_no_presence=True)).encode()
