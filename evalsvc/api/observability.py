@@ -51,17 +51,17 @@ class Observer:
 
     def finished(self, call: FinishedCall) -> None:
         """Count the call (closing its stream) and log its access line."""
-        seconds = time.perf_counter() - call.started
-        method = call.method
-        if call.stream:
+        method, status, started, request, response, peer, stream = call  # one unpacking, not seven lookups
+        seconds = time.perf_counter() - started
+        if stream:
             self._metrics.open_streams.labels(method).dec()
-        code = call.code.name
-        self._metrics.rpc_finished(method, code, seconds, stream=call.stream)
+        code = status.name
+        self._metrics.rpc_finished(method, code, seconds, stream=stream)
         level = logging.DEBUG if method.startswith(QUIET_PREFIXES) else logging.INFO
         if not access_log.isEnabledFor(level):
             return
         tenant = current_tenant.get()
-        run_id = _run_id(call.request, call.response)
+        run_id = _run_id(request, response)
         latency_ms = round(seconds * 1000, 3)
         access_log.log(
             level,
@@ -77,7 +77,7 @@ class Observer:
                 "latency_ms": latency_ms,
                 "tenant": tenant,
                 "run_id": run_id,
-                "peer": call.peer,
+                "peer": peer,
             },
         )
 
