@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BUF := node_modules/.bin/buf
 
-.PHONY: run test test-postgres generate check-generated lint fmt bench bench-quick breaking release-contract generate-clients check-clients
+.PHONY: run test test-postgres generate check-generated lint typecheck fmt bench bench-quick breaking release-contract generate-clients check-clients
 
 $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ lint: $(VENV)/.installed node_modules/.installed
 	$(BUF) lint
 	$(VENV)/bin/ruff check evalsvc tests scripts examples
 	$(VENV)/bin/ruff format --check evalsvc tests scripts examples
+	$(VENV)/bin/lint-imports
+
+# mypy --strict on evalsvc and the Python client, generated stubs excluded (pyproject.toml [tool.mypy]).
+typecheck: $(VENV)/.installed
+	$(VENV)/bin/mypy
 
 fmt: $(VENV)/.installed
 	$(VENV)/bin/ruff format evalsvc tests scripts examples

@@ -6,7 +6,8 @@ kills the process at its own timeout.
 
 Modes:
 - `unary`: `concurrency` tasks call Echo / CreateRun / GetRun back to back on one channel.
-- `large`: one CreateRun, then WatchRun from seq 0 until the terminal event.
+- `large`: one CreateRun, then WatchRun from seq 0 until the terminal event; optionally the server's
+  event-loop lag histogram read from its /metrics around an idle window and around the run.
 - `fanout`: W watchers on one run (or W bare subscribers); delivery latency of a burst of events.
 - `idle`: N idle streams held open until the parent has read the server's memory.
 - `pathological`: tenant B's GetRun latency alone, then while tenant A's run of huge outputs grades,
@@ -207,12 +208,20 @@ async def large(args: dict[str, Any]) -> dict[str, Any]:
 
     Wall time is measured at the client (what a user waits for); the server's own execution time
     (create_time to end_time of the terminal run) is reported beside it, so delivery and execution
-    can be told apart.
+    can be told apart. With `metrics_port`, the server's loop-lag buckets are read around an idle
+    window of `idle_s` before the run and around the run itself (CreateRun to terminal event).
     """
     addr, items, graders, timeout_s = args["addr"], int(args["items"]), int(args["graders"]), float(args["timeout_s"])
+    metrics_port = int(args.get("metrics_port") or 0)
     request = large_run_request(items, graders)
+    lag: dict[str, dict[str, float]] = {}
     async with grpc.aio.insecure_channel(addr, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
         stub = pb_grpc.EvalRunServiceStub(channel)
+        if metrics_port:
+            before_idle = await _loop_lag_buckets(metrics_port)
+            await asyncio.sleep(float(args["idle_s"]))
+            before_run = await _loop_lag_buckets(metrics_port)
+            lag["idle"] = _bucket_delta(before_idle, before_run)
         started_wall = time.time()
         started = time.perf_counter()
         created = await stub.CreateRun(request, timeout=timeout_s, metadata=MD)
@@ -242,6 +251,8 @@ async def large(args: dict[str, Any]) -> dict[str, Any]:
                 break
         e2e_s = time.perf_counter() - started
         timeline.append((e2e_s, results))
+        if metrics_port:
+            lag["run"] = _bucket_delta(before_run, await _loop_lag_buckets(metrics_port))
     if terminal is None:
         raise RuntimeError("the watch ended without a terminal event")
     return {
@@ -257,6 +268,7 @@ async def large(args: dict[str, Any]) -> dict[str, Any]:
         "terminal_commit_after_s": last_event_time - started_wall,
         "mean_event_bytes": size_sum / max(1, sized),
         "timeline": timeline,
+        "lag": lag,
     }
 
 
@@ -522,6 +534,11 @@ async def _loop_lag_buckets(metrics_port: int) -> dict[str, float]:
     return buckets
 
 
+def _bucket_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The observations between two reads of a cumulative histogram, bucket by bucket."""
+    return {le: after[le] - before.get(le, 0.0) for le in after}
+
+
 async def pathological(args: dict[str, Any]) -> dict[str, Any]:
     """Tenant B (its own key) reads its run with GetRun in a closed loop, first alone for `duration_s`,
     then for `duration_s` right after tenant A (the server's first key) creates a run of `items` huge
@@ -564,8 +581,8 @@ async def pathological(args: dict[str, Any]) -> dict[str, Any]:
         "run_s": run_s,
         "run_status": run_pb2.RunStatus.Name(status),
         "overlapped": run_s > during["elapsed_s"],
-        "lag_alone": {le: before_run[le] - before_alone.get(le, 0.0) for le in before_run},
-        "lag_during": {le: after_run[le] - before_run.get(le, 0.0) for le in after_run},
+        "lag_alone": _bucket_delta(before_alone, before_run),
+        "lag_during": _bucket_delta(before_run, after_run),
     }
 
 

@@ -183,9 +183,14 @@ def run(suite: Suite) -> None:
     """Add the peers' rows: each peer's items/s as the baseline of evalsvc's, measured back to back."""
     items = suite.config.peer_items
     peers: dict[str, str] = {}
-    why_node = ensure_node_peers()
-    peers["promptfoo"] = why_node
-    peers["Inspect AI"] = why_node or ensure_inspect()
+    if suite.config.quick:  # a smoke run installs nothing: it uses the peers a full run installed
+        missing = "not installed (quick mode installs nothing; a full `--only peers` run installs it)"
+        peers["promptfoo"] = "" if (PEERS / "node_modules" / ".bin" / "promptfoo").exists() else missing
+        peers["Inspect AI"] = "" if (PEERS / ".venv" / "bin" / "inspect").exists() else missing
+    else:
+        why_node = ensure_node_peers()
+        peers["promptfoo"] = why_node
+        peers["Inspect AI"] = why_node or ensure_inspect()
     if shutil.which("unshare") is None:
         peers = dict.fromkeys(peers, "unshare is not available to cut the network")
     cache: Path | None = None
@@ -205,7 +210,9 @@ def run(suite: Suite) -> None:
                 f"{items:,} items, exact match: evalsvc items/s vs {name} items/s",
                 "items/s",
                 baseline_label=name,
-                target=">= 50 ratio",
+                # Issue 16's target is against promptfoo, the faster peer, on 10,000 items: at quick mode's
+                # 500 the peers' start-up dominates their time, so no target is checked there.
+                target=">= 50 ratio" if name == "promptfoo" and not suite.config.quick else "",
             ),
             suite.row(
                 "peers", f"{items:,} items: evalsvc server peak RSS vs {name} peak RSS, MB", "MB", baseline_label=name

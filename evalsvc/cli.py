@@ -151,9 +151,8 @@ async def _cache_command(args: argparse.Namespace, settings: config.Settings) ->
 
 
 async def _secrets_command(args: argparse.Namespace, settings: config.Settings) -> int:
-    from evalsvc.auth.service import is_tenant_name
     from evalsvc.errors import Reason, ServiceError
-    from evalsvc.ids import PageTokens
+    from evalsvc.ids import PageTokens, is_tenant_name
     from evalsvc.secrets.operator import OperatorSecrets
     from evalsvc.secrets.service import SecretService
     from evalsvc.store import migrate
@@ -211,14 +210,13 @@ async def _migrate_command(settings: config.Settings) -> int:
 async def _gateway_command(args: argparse.Namespace) -> int:
     import signal
 
-    from evalsvc.gateway.server import Gateway
+    from evalsvc.gateway.server import Gateway, remote_channels
     from evalsvc.limits import raise_open_file_limit
 
     raise_open_file_limit()
     gateway = Gateway(
-        args.grpc_target,
+        remote_channels(args.grpc_target, root_certificates=args.grpc_ca),
         args.http_addr,
-        root_certificates=args.grpc_ca,
         dialects=args.dialects,
         settings=config.from_args(args),
     )

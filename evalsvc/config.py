@@ -1,8 +1,8 @@
 """One settings object for the whole service, read from flags and `EVALSVC_*` environment variables.
 
 Each setting has a flag (`--grpc-addr`) and an environment variable (`EVALSVC_GRPC_ADDR`); a flag
-wins over the environment, which wins over the default. The README's configuration table is the
-`SETTINGS` list below, so the two cannot drift apart (tests/test_cli.py checks it).
+wins over the environment, which wins over the default. The README's configuration table lists the
+fields of `Settings` below (`describe`); tests/test_server.py checks that it names every flag and variable.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Domain errors that carry everything a gRPC status needs (AIP-193).
 
-Domain modules raise these; the API layer turns them into a `google.rpc.Status` with `ErrorInfo`
-(a stable `reason`, domain `evalsvc`) and, for invalid input, `BadRequest` field violations.
-Keeping the mapping in one place means every RPC reports errors the same way.
+Domain modules raise these; `to_status` turns one into a `google.rpc.Status` with `ErrorInfo` (a
+stable `reason`, domain `evalsvc`) and, for invalid input, `BadRequest` field violations. The gRPC
+servicers (evalsvc.api.status) and the REST gateway both render errors with it, so every door reports
+them the same way.
 
 Every ErrorInfo reason the service sends is a member of `Reason`, documented in docs/errors.md
 (tests/test_errors_doc.py keeps the two in step). A StrEnum, so a member is its own string on the
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum, unique
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "evalsvc"
 
@@ -150,3 +153,29 @@ def not_found(kind: str, resource_id: str) -> ServiceError:
         f"{kind} {shown!r} not found",
         metadata={f"{kind}_id": shown},
     )
+
+
+def to_status(error: ServiceError) -> status_pb2.Status:
+    """The google.rpc.Status for a domain error."""
+    details = []
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
+    details.append(info)
+    if error.violations:
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in error.violations
+                ]
+            )
+        )
+    if error.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(int(error.retry_after_s * 1000))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    packed = []
+    for detail in details:
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)
+        packed.append(any_detail)
+    return status_pb2.Status(code=error.code.value[0], message=error.message, details=packed)

@@ -1,4 +1,4 @@
-"""Identifiers and page tokens.
+"""Identifiers, tenant names and page tokens.
 
 Run and dataset ids sort by creation time (microseconds, then randomness), so "newest first"
 is an index scan on the primary key and keyset pagination needs nothing else.
@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -20,6 +21,12 @@ _last_micros = 0
 
 # Identifies this server process, e.g. so it can ignore its own database notifications.
 PROCESS_ID = os.urandom(6).hex()
+_TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+def is_tenant_name(name: str) -> bool:
+    """Whether `name` can be a tenant: 1-64 characters of [a-z0-9_-], starting with a letter or digit."""
+    return bool(_TENANT.fullmatch(name))
 
 
 def new_id(prefix: str) -> str:

@@ -13,7 +13,8 @@ import os
 import shutil
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,6 +26,7 @@ from evalsvc.api.datasets import DatasetGenerationServicer, DatasetServicer
 from evalsvc.api.definitions import GraderServicer, TargetServicer
 from evalsvc.api.eval_runs import EvalRunServicer
 from evalsvc.api.interceptor import CallInterceptor
+from evalsvc.api.local import LocalChannel, LocalServices
 from evalsvc.api.observability import Observer
 from evalsvc.api.secrets import SecretServicer
 from evalsvc.api.webhooks import WebhookServicer
@@ -38,20 +40,20 @@ from evalsvc.events.bus import EventBus
 from evalsvc.events.listener import EventListener
 from evalsvc.execution.cache import mode_from_setting
 from evalsvc.execution.executor import Executor
-from evalsvc.execution.outbound import Outbound
-from evalsvc.execution.targets import PriceTable
 from evalsvc.gateway.server import Gateway
 from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.graders.pool import GradingPool
+from evalsvc.http.outbound import Outbound
 from evalsvc.ids import PageTokens
 from evalsvc.limits import TenantLimits
-from evalsvc.liveness import Watchdog, supervise
+from evalsvc.liveness import Progress, Watchdog, Watched, supervise
 from evalsvc.metrics import Metrics
 from evalsvc.runs.service import RunService
 from evalsvc.secrets.operator import OperatorSecrets
 from evalsvc.secrets.service import SecretService
 from evalsvc.store import migrate, server_keys
 from evalsvc.store.db import Database, sqlite_path, unavailable_cause
+from evalsvc.targets import PriceTable
 from evalsvc.tls import server_credentials, warn_if_exposed
 from evalsvc.v1 import (
     dataset_generation_pb2,
@@ -184,6 +186,13 @@ class EvalServer:
         self.port = 0
         self.metrics_port = 0
         self.gateway: Gateway | None = None
+        self._interceptor = CallInterceptor(Authenticator(self.keys), Observer(self.metrics))
+        # This process's services for in-process callers (the embedded gateway); filled by `_grpc_server`.
+        self.local = LocalServices(
+            self._interceptor,
+            max_message_bytes=settings.max_message_bytes,
+            max_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
         self._server: grpc.aio.Server | None = None
         self._stack = contextlib.AsyncExitStack()
         self._grace = settings.grace_s
@@ -228,15 +237,10 @@ class EvalServer:
         self.metrics.start_lag_sampler()
         stack.push_async_callback(self.metrics.close)  # the sampler, and /metrics once it serves
         if self.settings.http_addr:
-            host = self.settings.grpc_addr.rsplit(":", 1)[0]
-            if host in ("", "0.0.0.0", "[::]", "::"):
-                host = "127.0.0.1" if credentials is None else "localhost"
+            # In process: the gateway's calls go straight to the servicers (evalsvc.api.local).
+            local = LocalChannel(self.local)
             self.gateway = Gateway(
-                f"{host}:{self.port}",
-                self.settings.http_addr,
-                root_certificates=self.settings.tls_cert if credentials is not None else "",
-                dialects=self.settings.dialects,
-                settings=self.settings,
+                lambda _index: local, self.settings.http_addr, dialects=self.settings.dialects, settings=self.settings
             )
             await _listen("HTTP", self.settings.http_addr, self.gateway.start())
             stack.push_async_callback(self.gateway.stop)
@@ -266,6 +270,7 @@ class EvalServer:
         stack.push_async_callback(self.health.enter_graceful_shutdown)
         for loop in self.executor.watched_loops():
             self.watchdog.watch(loop)
+        self.watchdog.watch(self._watched_writer())
         self._watchdog_task = asyncio.create_task(
             supervise("watchdog", lambda: self.watchdog.run(self._watchdog_stop), self._watchdog_stop, self.metrics),
             name="watchdog",
@@ -274,24 +279,43 @@ class EvalServer:
         host = self.settings.grpc_addr.rsplit(":", 1)[0]
         log.info("evalsvc listening on %s:%d (database %s)", host, self.port, _safe_url(self.settings.db))
 
+    def _watched_writer(self) -> Watched:
+        """The database writer, for the watchdog: every write of the service waits for it."""
+        progress = Progress()
+        self.db.group_writer.on_turn = progress.beat
+
+        async def writes_waiting() -> bool:
+            return self.db.group_writer.queued() > 0
+
+        return Watched("writer", progress, writes_waiting, self.settings.stall_s)
+
     def _grpc_server(self) -> grpc.aio.Server:
-        """The grpc.aio server with every service added (not bound yet)."""
+        """The grpc.aio server with every service added (not bound yet); the same servicers, behind the
+        same interceptor, are registered in `self.local` for the embedded gateway."""
         server = grpc.aio.server(
             options=server_options(self.settings),
-            interceptors=[CallInterceptor(Authenticator(self.keys), Observer(self.metrics))],
+            interceptors=[self._interceptor],
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
-        eval_run_service_pb2_grpc.add_EvalRunServiceServicer_to_server(
-            EvalRunServicer(self.runs, self.db, self.bus, self.settings, self.limits, self.page_tokens), server
+        # (the generated add_*_to_server function, its servicer); each takes a server or LocalServices.
+        services: tuple[tuple[Callable[[Any, Any], None], Any], ...] = (
+            (
+                eval_run_service_pb2_grpc.add_EvalRunServiceServicer_to_server,
+                EvalRunServicer(self.runs, self.db, self.bus, self.settings, self.limits, self.page_tokens),
+            ),
+            (dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server, DatasetServicer(self.datasets)),
+            (
+                dataset_generation_pb2_grpc.add_DatasetGenerationServiceServicer_to_server,
+                DatasetGenerationServicer(self.generations),
+            ),
+            (grader_service_pb2_grpc.add_GraderServiceServicer_to_server, GraderServicer(self.definitions)),
+            (target_service_pb2_grpc.add_TargetServiceServicer_to_server, TargetServicer(self.definitions)),
+            (secret_service_pb2_grpc.add_SecretServiceServicer_to_server, SecretServicer(self.secrets)),
+            (webhook_service_pb2_grpc.add_WebhookServiceServicer_to_server, WebhookServicer(self.webhooks)),
         )
-        dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(DatasetServicer(self.datasets), server)
-        dataset_generation_pb2_grpc.add_DatasetGenerationServiceServicer_to_server(
-            DatasetGenerationServicer(self.generations), server
-        )
-        grader_service_pb2_grpc.add_GraderServiceServicer_to_server(GraderServicer(self.definitions), server)
-        target_service_pb2_grpc.add_TargetServiceServicer_to_server(TargetServicer(self.definitions), server)
-        secret_service_pb2_grpc.add_SecretServiceServicer_to_server(SecretServicer(self.secrets), server)
-        webhook_service_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookServicer(self.webhooks), server)
+        for add, servicer in services:
+            add(servicer, server)
+            add(servicer, self.local)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -69,8 +69,8 @@ def _walk(message: Message, prefix: str, out: list[FieldViolation]) -> None:
             elif "\x00" in value:
                 out.append(FieldViolation(path, _NUL_DESCRIPTION))
         elif field.type == _MESSAGE:
-            if field.message_type.GetOptions().map_entry:
-                _walk_map(field, value, path, out)
+            if field.message_type is not None and field.message_type.GetOptions().map_entry:
+                _walk_map(field.message_type.fields_by_name["value"], value, path, out)
             elif field.is_repeated:
                 for i, element in enumerate(value):
                     _walk_if_dirty(element, f"{path}[{i}].", out)
@@ -83,8 +83,7 @@ def _walk_if_dirty(message: Message, prefix: str, out: list[FieldViolation]) -> 
         _walk(message, prefix, out)
 
 
-def _walk_map(field: FieldDescriptor, entries: Any, path: str, out: list[FieldViolation]) -> None:
-    value_field = field.message_type.fields_by_name["value"]
+def _walk_map(value_field: FieldDescriptor, entries: Any, path: str, out: list[FieldViolation]) -> None:
     for key, value in entries.items():
         shown = key.replace("\x00", "\\u0000") if isinstance(key, str) else key
         at = f"{path}[{shown}]"

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real server on port 0 over a real database, and real channels to it.
+"""Shared fixtures: a real server on port 0 over a real database, and real channels to it
+(evalsvc.testing's EvalServiceTestServer, as users' own tests start one).
 
 The database is a SQLite file, or with `EVALSVC_TEST_DB=postgres` a scratch PostgreSQL database per
 test (tests/dbs.py); when that PostgreSQL is unreachable every test is skipped, saying why."""
@@ -13,9 +14,9 @@ import pytest
 
 from evalsvc.config import Settings
 from evalsvc.server import EvalServer
+from evalsvc.testing import EvalServiceTestServer, keyed_channel, settings_for_tests
 from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc
 from tests import dbs
-from tests.helpers import keyed_channel
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -59,33 +60,28 @@ def _scratch_template() -> Iterator[None]:
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:
-    """Settings for an in-process test server: port 0, a fresh database (tests/dbs.py), quick polling."""
-    values: dict[str, object] = {
-        "grpc_addr": "127.0.0.1:0",
-        "db": overrides["db"] if "db" in overrides else dbs.db_url(tmp_path),
-        "poll_interval_s": 0.2,
-        "grace_s": 1.0,
-        "auth_cache_s": 0.0,
-    }
-    values.update(overrides)
-    return Settings.from_env({}, **values)
+    """Settings for an in-process test server (evalsvc.testing's defaults) over a fresh database (tests/dbs.py)."""
+    db = overrides.pop("db") if "db" in overrides else dbs.db_url(tmp_path)
+    return settings_for_tests(str(db), **overrides)
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[EvalServer]:
-    srv = EvalServer(make_settings(tmp_path))
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        await srv.stop(grace=1.0)
+async def test_server(tmp_path: Path) -> AsyncIterator[EvalServiceTestServer]:
+    async with EvalServiceTestServer(database_url=dbs.db_url(tmp_path)) as started:
+        yield started
+
+
+@pytest.fixture
+def server(test_server: EvalServiceTestServer) -> EvalServer:
+    return test_server.server
 
 
 @pytest.fixture
 async def channel(server: EvalServer) -> AsyncIterator[grpc.aio.Channel]:
-    """A channel that presents the server's bootstrap key (tenant `default`) on every call."""
+    """A channel that presents the server's bootstrap key (tenant `default`) on every call; to `server`,
+    which a module may override with a server of its own settings."""
     assert server.bootstrap_key
-    async with keyed_channel(server.port, server.bootstrap_key) as ch:
+    async with keyed_channel(f"127.0.0.1:{server.port}", server.bootstrap_key) as ch:
         yield ch
 
 

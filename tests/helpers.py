@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -12,14 +14,17 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+from evalsvc_client.errors import EvalError, from_rpc_error, status_details
 
+from evalsvc import testing
 from evalsvc.config import Settings
-from evalsvc.gateway.server import Gateway
+from evalsvc.gateway.server import Gateway, remote_channels
 from evalsvc.server import EvalServer
+from evalsvc.statuses import TERMINAL
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
+
+TERMINAL_NAMES = {run_pb2.RunStatus.Name(status) for status in TERMINAL}  # as proto3 JSON writes them
 
 
 def provided_items(n: int, *, wrong_every: int = 0) -> list[item_pb2.Item]:
@@ -74,30 +79,23 @@ def create_request(n: int = 5, **fields: object) -> pb.CreateRunRequest:
     return request
 
 
+def rich_error(error: grpc.aio.AioRpcError) -> EvalError:
+    """The error as the Python SDK reads it (clients/python: ErrorInfo, BadRequest, RetryInfo), after checking
+    that the server sent a google.rpc.Status at all."""
+    assert status_details(error) is not None, "the error carries no google.rpc.Status"
+    return from_rpc_error(error)
+
+
 def violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
     """The BadRequest field violations of an error, by field."""
-    status = rpc_status.from_call(error)
-    assert status is not None, "the error carries no google.rpc.Status"
-    found: dict[str, str] = {}
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            found.update({v.field: v.description for v in bad.field_violations})
-    return found
+    return rich_error(error).field_violations
 
 
 def error_reason(error: grpc.aio.AioRpcError) -> str:
     """The ErrorInfo reason of an error."""
-    status = rpc_status.from_call(error)
-    assert status is not None, "the error carries no google.rpc.Status"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            assert info.domain == "evalsvc"
-            return info.reason
-    raise AssertionError("no ErrorInfo in the status")
+    reason = rich_error(error).reason
+    assert reason, "no ErrorInfo in the status"
+    return reason
 
 
 async def watch_all(stub, run_id: str, after_seq: int = 0) -> list[pb.WatchRunResponse]:  # type: ignore[no-untyped-def]
@@ -110,34 +108,11 @@ async def watch_all(stub, run_id: str, after_seq: int = 0) -> list[pb.WatchRunRe
     return events
 
 
-class _ApiKey:
-    """Adds `authorization: Bearer <key>` to every call, as a client library would."""
-
-    def __init__(self, key: str) -> None:
-        self._key = key
-
-    def _with_key(self, details: Any) -> Any:
-        metadata = grpc.aio.Metadata(*(details.metadata or grpc.aio.Metadata()))
-        metadata.add("authorization", f"Bearer {self._key}")
-        return details._replace(metadata=metadata)
-
-
-# grpc.aio files an interceptor under the first call kind it implements, so one class per kind.
-class _UnaryKey(_ApiKey, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_key(details), request)
-
-
-class _StreamKey(_ApiKey, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_key(details), request)
-
-
 def keyed_channel(
     port: int, key: str, host: str = "127.0.0.1", options: list[tuple[str, Any]] | None = None
 ) -> grpc.aio.Channel:
     """An insecure channel to a test server that authenticates every call with `key`."""
-    return grpc.aio.insecure_channel(f"{host}:{port}", options=options, interceptors=[_UnaryKey(key), _StreamKey(key)])
+    return testing.keyed_channel(f"{host}:{port}", key, options)
 
 
 @asynccontextmanager
@@ -146,17 +121,26 @@ async def serving_gateway(
 ) -> AsyncIterator[tuple[EvalServer, httpx.AsyncClient]]:
     """A started server with its REST gateway (settings need an http_addr), and an HTTP client to the
     gateway that sends the bootstrap key as `key_header: key_prefix<key>`; the server stops after."""
-    srv = EvalServer(settings)
-    await srv.start()
-    try:
-        assert srv.gateway is not None and srv.bootstrap_key
-        headers = {key_header: f"{key_prefix}{srv.bootstrap_key}"}
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{srv.gateway.port}", headers=headers, timeout=30
-        ) as client:
-            yield srv, client
-    finally:
-        await srv.stop(grace=0.5)
+    async with testing.EvalServiceTestServer(settings=settings) as started:
+        assert started.http_url is not None
+        headers = {key_header: f"{key_prefix}{started.api_key}"}
+        async with httpx.AsyncClient(base_url=started.http_url, headers=headers, timeout=30) as client:
+            yield started.server, client
+
+
+async def watch_to_end(http: httpx.AsyncClient, run_id: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """The run as its terminal event shows it, from the gateway's native NDJSON watch (which ends there), at
+    most 30 s. `headers` add to the client's own (the key, for clients that do not send it)."""
+    last: dict[str, Any] = {}
+    watch_headers = {"accept": "application/x-ndjson", **(headers or {})}
+    async with asyncio.timeout(30), http.stream("GET", f"/v1/runs/{run_id}:watch", headers=watch_headers) as stream:
+        assert stream.status_code == 200, await stream.aread()
+        async for line in stream.aiter_lines():
+            if line:
+                last = json.loads(line)["result"]
+    run: dict[str, Any] = last.get("run", {})
+    assert run.get("status") in TERMINAL_NAMES, f"the watch ended before the run did: {last}"
+    return run
 
 
 @contextmanager
@@ -190,14 +174,7 @@ def fill(directory: Path) -> Path:
 
 def retry_delay(error: grpc.aio.AioRpcError) -> float | None:
     """The RetryInfo delay of an error, in seconds; None when it carries no RetryInfo."""
-    status = rpc_status.from_call(error)
-    assert status is not None, "the error carries no google.rpc.Status"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return info.retry_delay.ToTimedelta().total_seconds()
-    return None
+    return rich_error(error).retry_delay
 
 
 @asynccontextmanager
@@ -207,7 +184,7 @@ async def impatient_gateway(
     """A second gateway in front of a started server whose synchronous dialect routes do not wait at
     all (--dialect-sync-wait-s 0), and a client to it sending `headers` (the caller's key)."""
     settings = dataclasses.replace(srv.settings, dialect_sync_wait_s=0.0)
-    gateway = Gateway(f"127.0.0.1:{srv.port}", "127.0.0.1:0", dialects=dialects, settings=settings)
+    gateway = Gateway(remote_channels(f"127.0.0.1:{srv.port}"), "127.0.0.1:0", dialects=dialects, settings=settings)
     port = await gateway.start()
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30) as client:

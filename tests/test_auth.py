@@ -13,7 +13,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from evalsvc.auth import keys as key_format
+from evalsvc.errors import ServiceError
 from evalsvc.server import EvalServer
+from evalsvc.store import keys as key_store
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc
 from tests.conftest import make_settings
@@ -64,6 +66,30 @@ async def test_mistyped_key_is_rejected_without_a_database_lookup() -> None:
     assert key_format.parse(key) is not None
     assert key_format.parse(_mistype(key)) is None
     assert key_format.parse(key[:-1]) is None
+
+
+async def test_concurrent_calls_whose_cached_key_expired_read_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = EvalServer(make_settings(tmp_path, auth_cache_s=60.0))
+    await server.start()
+    try:
+        reads = []
+        real_get = key_store.get
+
+        async def counted(conn: object, key_id: str) -> object:
+            reads.append(key_id)
+            return await real_get(conn, key_id)
+
+        monkeypatch.setattr(key_store, "get", counted)
+        key, _ = await server.keys.create("default", "many")
+        callers = await asyncio.gather(*(server.keys.authenticate(key) for _ in range(50)))
+        assert {c.tenant for c in callers} == {"default"} and len(reads) == 1
+        await server.keys.revoke(callers[0].key_id)
+        with pytest.raises(ServiceError, match="revoked"):
+            await server.keys.authenticate(key)  # the revocation is not hidden by the shared read
+    finally:
+        await server.stop(grace=0)
 
 
 async def test_x_api_key_header_and_last_used_time(server: EvalServer) -> None:

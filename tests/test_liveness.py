@@ -36,9 +36,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from evalsvc import liveness
 from evalsvc.execution import executor as executor_module
 from evalsvc.execution.fairness import RoundRobin, even_split
-from evalsvc.execution.slots import Hold, Slots
 from evalsvc.metrics import Metrics
 from evalsvc.server import EvalServer
+from evalsvc.slots import Hold, Slots
 from evalsvc.statuses import TERMINAL
 from evalsvc.store import jobs as job_store
 from evalsvc.v1 import eval_run_service_pb2 as pb
@@ -723,3 +723,42 @@ async def test_random_interleaving_of_operations_leaves_every_run_live(tmp_path:
         for loop in ("claim", "record", "leases"):
             assert restarts(srv, loop) == 0, f"loop {loop} restarted {note}"
         assert srv.watchdog.healthy, note
+
+
+async def test_watchdog_reports_a_stuck_database_writer_and_its_recovery(tmp_path: Path) -> None:
+    """Every write waits for the one writer task: one stuck in a write (a hung disk, a lock never
+    granted) while others queue turns health NOT_SERVING; when it moves again, SERVING, and every
+    queued write commits."""
+    async with (
+        serving(tmp_path, stall_s=0.5, poll_interval_s=0.1) as srv,
+        tenants(srv, "a") as t,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        unstuck, stuck = asyncio.Event(), asyncio.Event()
+
+        async def hang(conn: Any) -> None:
+            stuck.set()
+            await unstuck.wait()
+
+        # Whatever the test does, the writer must not stay stuck: the server's shutdown waits for it.
+        stack.callback(unstuck.set)
+
+        async with keyed_channel(srv.port, "") as channel:
+            statuses = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            serving_ = health_pb2.HealthCheckResponse.SERVING
+            assert (await asyncio.wait_for(statuses.read(), 5)).status == serving_
+            hung = asyncio.create_task(srv.db.transact(hang))
+            await stuck.wait()
+            create = asyncio.ensure_future(t["a"].CreateRun(run_request(echo(), 2)))  # queues behind it
+            assert (await asyncio.wait_for(statuses.read(), 10)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            sample = srv.metrics.registry.get_sample_value
+            assert sample("evalsvc_loop_stalled", {"loop": "writer"}) == 1
+            assert not create.done()
+
+            unstuck.set()
+            await hung
+            assert (await asyncio.wait_for(statuses.read(), 10)).status == serving_
+            run = (await create).run
+            assert (await finish(t["a"], run.id, within_s=10)).status == run_pb2.RUN_STATUS_SUCCEEDED
+            assert sample("evalsvc_loop_stalled", {"loop": "writer"}) == 0
+            statuses.cancel()

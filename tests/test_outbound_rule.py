@@ -10,8 +10,8 @@ import socket
 import pytest
 
 from evalsvc.config import Settings
-from evalsvc.execution import outbound
-from evalsvc.execution.outbound import (
+from evalsvc.http import outbound
+from evalsvc.http.outbound import (
     AllowList,
     Outbound,
     OutboundError,

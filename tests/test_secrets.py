@@ -19,7 +19,7 @@ import grpc
 import pytest
 from grpc_status import rpc_status
 
-from evalsvc.execution.outbound import OutboundError, endpoint_headers
+from evalsvc.http.outbound import OutboundError, endpoint_headers
 from evalsvc.secrets.operator import OperatorSecrets, SecretsConfigError
 from evalsvc.secrets.sealing import Sealer, SecretsKeyError, generate_key
 from evalsvc.server import EvalServer

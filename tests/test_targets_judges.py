@@ -12,7 +12,7 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 
-from evalsvc.execution.outbound import AdaptiveLimit
+from evalsvc.http.outbound import AdaptiveLimit
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import (

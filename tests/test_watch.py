@@ -8,7 +8,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from evalsvc.events.bus import Subscription
 from evalsvc.events.watch import BATCH_BYTES
 from evalsvc.server import EvalServer
 from evalsvc.statuses import TERMINAL
@@ -150,16 +149,6 @@ async def test_slow_watcher_catches_up_from_the_database(tmp_path: Path) -> None
             assert_complete_log(events, 2000)
     finally:
         await srv.stop(grace=0.5)
-
-
-async def test_a_batch_larger_than_the_buffer_reaches_a_watcher_that_keeps_up() -> None:
-    subscription = Subscription(capacity=8)
-    batch = [pb.WatchRunResponse(seq=seq) for seq in range(1, 21)]
-    subscription.push(batch)  # empty buffer: taken whole
-    assert await subscription.next(1.0) == batch
-    subscription.push(batch)
-    subscription.push([pb.WatchRunResponse(seq=21)])  # behind 20 unread events in 8 slots: overflow
-    assert await subscription.next(1.0) is None  # read the database instead
 
 
 async def test_server_shutdown_ends_watches_with_unavailable(tmp_path: Path) -> None:

@@ -109,7 +109,7 @@ class _Method:
         self.behaviour: Callable[..., Any]
         self.shape: Callable[..., Any]  # the _Call method that runs the behaviour between the hooks
         if not self.streaming:
-            self.behaviour, self.shape = handler.unary_unary, _Call.unary
+            self.behaviour, self.shape = cast("Callable[..., Any]", handler.unary_unary), _Call.unary
             self.build = grpc.unary_unary_rpc_method_handler
         else:
             self.behaviour = cast("Callable[..., Any]", handler.unary_stream)

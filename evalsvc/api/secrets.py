@@ -8,7 +8,7 @@ import grpc
 
 from evalsvc.api.status import unary, unary_read
 from evalsvc.api.tenancy import tenant_of
-from evalsvc.runs.convert import timestamp
+from evalsvc.messages.convert import timestamp
 from evalsvc.secrets.service import SecretService
 from evalsvc.v1 import secret_service_pb2 as pb
 from evalsvc.v1 import secret_service_pb2_grpc

@@ -14,11 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from evalsvc.errors import ERROR_DOMAIN, Reason, ServiceError, database_unavailable, invalid_argument
+from evalsvc.errors import Reason, ServiceError, database_unavailable, invalid_argument, to_status
 from evalsvc.storable import request_nul_violations
 from evalsvc.store.db import unavailable_cause
 
@@ -26,32 +24,6 @@ log = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-
-
-def to_status(error: ServiceError) -> status_pb2.Status:
-    """The google.rpc.Status for a domain error."""
-    details = []
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
-    details.append(info)
-    if error.violations:
-        details.append(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in error.violations
-                ]
-            )
-        )
-    if error.retry_after_s is not None:
-        delay = duration_pb2.Duration()
-        delay.FromMilliseconds(int(error.retry_after_s * 1000))
-        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
-    packed = []
-    for detail in details:
-        any_detail = any_pb2.Any()
-        any_detail.Pack(detail)
-        packed.append(any_detail)
-    return status_pb2.Status(code=error.code.value[0], message=error.message, details=packed)
 
 
 def _internal() -> ServiceError:

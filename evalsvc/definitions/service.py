@@ -11,17 +11,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
-from evalsvc.execution.outbound import AllowList, destination_violations, named_endpoints
-from evalsvc.execution.targets import target_secret_refs, validate_target
-from evalsvc.graders import validate_grader
 from evalsvc.graders.judge import judge_secret_refs
+from evalsvc.graders.validation import validate_grader
+from evalsvc.http.outbound import AllowList, destination_violations, named_endpoints
 from evalsvc.idempotency import create_once, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
-from evalsvc.runs.convert import timestamp
-from evalsvc.runs.validation import MAX_DESCRIPTION, MAX_DISPLAY_NAME, MAX_REQUEST_ID, check_labels, check_length
+from evalsvc.messages.convert import timestamp
+from evalsvc.messages.validation import MAX_DESCRIPTION, MAX_DISPLAY_NAME, MAX_REQUEST_ID, check_labels, check_length
 from evalsvc.secrets.service import SecretService
 from evalsvc.store import definitions as store
 from evalsvc.store.db import Database
+from evalsvc.targets import target_secret_refs, validate_target
 from evalsvc.v1 import grader_pb2, grader_service_pb2, target_pb2, target_service_pb2
 
 
@@ -160,8 +160,7 @@ class DefinitionService:
         await self._check_destinations(named_endpoints(graders=[("grader", request.grader)]))
         now = time.time()
         definition = request.grader.SerializeToString()
-        async with self._db.write() as conn:
-            row = await store.add_version(conn, tenant, request.grader_id, definition, now)
+        row = await self._db.transact(lambda conn: store.add_version(conn, tenant, request.grader_id, definition, now))
         if row is None:
             raise not_found("grader", request.grader_id)
         return saved_grader_from(row, {"version": row["latest_version"], "definition": definition, "create_time": now})

@@ -18,15 +18,11 @@ not made here: the recorder stores entries in the transaction that records the r
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 from collections.abc import Mapping
-from typing import Any
-
-from google.protobuf import json_format
-from google.protobuf.message import Message
+from typing import Any, cast
 
 from evalsvc.graders import Grade
+from evalsvc.messages.canonical import definition, digest
 from evalsvc.store import cache as cache_store
 from evalsvc.store.cache import CacheEntry
 from evalsvc.store.db import Database
@@ -54,17 +50,6 @@ def mode_from_setting(name: str) -> int:
         return MODE_NAMES[name.strip().lower()]
     except KeyError:
         raise CacheConfigError(f"--cache-default must be one of {', '.join(MODE_NAMES)}, not {name!r}") from None
-
-
-def digest(material: Mapping[str, Any]) -> str:
-    """The key of a JSON-able description: canonical JSON, hashed."""
-    canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def definition(message: Message) -> dict[str, Any]:
-    """A message as canonical JSON-able data (field names as in the proto, defaults left out)."""
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
 def without_transport(endpoint: target_pb2.Endpoint) -> target_pb2.Endpoint:
@@ -99,7 +84,7 @@ def target_key(tenant: str, target: target_pb2.Target, item: item_pb2.Item, repe
 def verdict_payload(grade: Grade) -> bytes:
     """A judge's verdict as a cache entry stores it."""
     result = run_pb2.Result(
-        state=grade.state,  # type: ignore[arg-type]
+        state=cast("run_pb2.ResultState", grade.state),
         score=grade.score,
         raw_score=grade.raw_score,
         explanation=grade.explanation,

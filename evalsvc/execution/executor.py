@@ -35,29 +35,32 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
+
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.config import Settings
 from evalsvc.events.bus import EventBus
 from evalsvc.execution import cache
 from evalsvc.execution.fairness import RoundRobin
-from evalsvc.execution.outbound import Outbound, call_guard, endpoint_wait
 from evalsvc.execution.recorder import ClaimedJob, FinishedJob, RunGraders, fail_early, record
-from evalsvc.execution.slots import Hold, Slots
-from evalsvc.execution.targets import PriceTable, Target, TargetError, answers_locally, build_target
 from evalsvc.graders import CompiledGrader, Grade, compile_grader, grader_name, target_error_grade
 from evalsvc.graders.judge import JudgeDefaults, LlmJudgeGrader
 from evalsvc.graders.pool import GradingPool, may_offload, offloads
+from evalsvc.http.outbound import Outbound, call_guard, endpoint_wait
 from evalsvc.liveness import Progress, Watched, supervise
 from evalsvc.metrics import Metrics
 from evalsvc.secrets.refs import run_secret_refs
 from evalsvc.secrets.service import SecretService
+from evalsvc.slots import Hold, Slots
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.cache import CacheEntry
 from evalsvc.store.db import Database, unavailable_cause
 from evalsvc.store.models import CACHE_JUDGE_VERDICT, CACHE_TARGET_OUTPUT
+from evalsvc.targets import PriceTable, Target, TargetError, answers_locally, build_target
 from evalsvc.v1 import cache_pb2, grader_pb2, item_pb2, run_pb2, target_pb2
+from evalsvc.v1 import eval_run_service_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +167,7 @@ class Executor:
         self._stopping = False
         self._stop_requested.clear()
         if self._db.is_sqlite:
-            async with self._db.write() as conn:
-                released = await job_store.release_all(conn)
+            released = await self._db.transact(job_store.release_all)
             if released:
                 log.info("requeued %d jobs leased before the last shutdown", released)
         for progress in self._progress.values():
@@ -251,8 +253,7 @@ class Executor:
         await asyncio.gather(*self._loops)
         self._loops = []
         try:
-            async with self._db.write() as conn:
-                await job_store.release(conn, list(self._open_claims))
+            await self._db.transact(functools.partial(job_store.release, claim_ids=list(self._open_claims)))
         except Exception as exc:
             if (cause := unavailable_cause(exc)) is None:
                 raise
@@ -329,8 +330,8 @@ class Executor:
         runs whose jobs already queue for an endpoint here (they have all the work they can use)."""
         claim_id = uuid.uuid4().hex
         now = time.time()
-        started = []
-        async with self._db.write() as conn:
+
+        async def claim(conn: AsyncConnection) -> tuple[list[Mapping[str, Any]], list[pb.WatchRunResponse]]:
             runs = await run_store.claimable_runs(conn, now)
             quotas = self._round_robin.shares([r for r in runs if r[1] not in self._held_up_jobs], limit)
             rows = await job_store.claim(
@@ -341,18 +342,9 @@ class Executor:
                 now=now,
                 lease_ttl_s=self._settings.lease_ttl_s,
             )
-            for run_id in sorted({row["run_id"] for row in rows}):  # runs in id order: the store's lock order
-                tenant = next(row["tenant"] for row in rows if row["run_id"] == run_id)
-                event = await run_store.set_status(
-                    conn,
-                    tenant,
-                    run_id,
-                    run_pb2.RUN_STATUS_RUNNING,
-                    from_statuses=[run_pb2.RUN_STATUS_PENDING],
-                    start_time=now,
-                )
-                if event is not None:
-                    started.append(event)
+            return rows, await run_store.start_runs(conn, list({row["run_id"] for row in rows}), now)
+
+        rows, started = await self._db.transact(claim)
         for event in started:
             self._bus.publish(event.run.id, [event])
         if rows:
@@ -688,5 +680,10 @@ class Executor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_requested.wait(), interval)
             if self._open_claims and not self._stopping:
-                async with self._db.write() as conn:
-                    await job_store.extend(conn, list(self._open_claims), time.time() + self._settings.lease_ttl_s)
+                await self._db.transact(
+                    functools.partial(
+                        job_store.extend,
+                        claim_ids=list(self._open_claims),
+                        expiry=time.time() + self._settings.lease_ttl_s,
+                    )
+                )

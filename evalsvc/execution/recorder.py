@@ -13,6 +13,7 @@ failure is everyone's, and the batch is retried whole by the caller.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import defaultdict
@@ -23,9 +24,9 @@ from typing import Any, cast
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.execution.aggregate import build_aggregate, verdict
 from evalsvc.graders import Grade
-from evalsvc.runs.aggregate import build_aggregate, verdict
-from evalsvc.runs.convert import timestamp
+from evalsvc.messages.convert import timestamp
 from evalsvc.storable import storable_text
 from evalsvc.store import cache as cache_store
 from evalsvc.store import events as event_log
@@ -39,6 +40,8 @@ from evalsvc.v1 import item_pb2, run_pb2
 log = logging.getLogger(__name__)
 
 GRADER_SLOTS = 1024  # result id = job id * GRADER_SLOTS + grader index
+# Longest stretch the recorder holds the event loop while building a batch's events.
+YIELD_EVERY_S = 0.005
 
 _STATE_FIELD: dict[int, str] = {
     run_pb2.RESULT_STATE_PASSED: "passed",
@@ -158,60 +161,83 @@ async def _record_batch(
     Each run's changes are stamped when the recorder reaches that run, not when the batch starts:
     a batch that holds the last jobs of a large run before a small one would otherwise date the
     small run's events by the large run's share of the transaction."""
-    by_run: dict[str, list[pb.WatchRunResponse]] = defaultdict(list)
-    finished_runs: set[str] = set()
-    async with db.write() as conn:
-        accepted = await job_store.complete(conn, [(f.job.id, f.job.claim_id) for f in finished])
-        kept = [f for f in finished if f.job.id in accepted]
-        if len(kept) < len(finished):
-            log.info(
-                "fenced out %d finished jobs whose lease was lost or whose run was cancelled", len(finished) - len(kept)
-            )
-        if not kept:
-            return {}, set()
-        await job_store.store_outputs(
-            conn,
-            [
-                (
-                    f.job.id,
-                    f.job.tenant,
-                    f.job.run_id,
-                    f.output.SerializeToString(),
-                    f.output.latency_ms,
-                    f.output.cost_usd,
-                    item_score(f.grades, graders_of[f.job.run_id].weights),
-                    f.cached,
-                )
-                for f in kept
-            ],
+
+    async def apply(conn: AsyncConnection) -> Recorded:
+        return await _record_in(conn, finished, graders_of, cache_max_entries)
+
+    return await db.transact(apply)
+
+
+async def _record_in(
+    conn: AsyncConnection, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders], cache_max_entries: int
+) -> Recorded:
+    """`_record_batch`'s transaction: a handful of statements for the whole batch, however many runs
+    it holds (one UPDATE counts the results of every run, one insert each for outputs, results and
+    events, and one aggregate read and one UPDATE for all the runs it finishes)."""
+    accepted = await job_store.complete(conn, [(f.job.id, f.job.claim_id) for f in finished])
+    kept = [f for f in finished if f.job.id in accepted]
+    if len(kept) < len(finished):
+        log.info(
+            "fenced out %d finished jobs whose lease was lost or whose run was cancelled", len(finished) - len(kept)
         )
-        await _store_cache_entries(conn, kept, cache_max_entries)
-        jobs_by_run: dict[str, list[FinishedJob]] = defaultdict(list)
-        for f in kept:
-            jobs_by_run[f.job.run_id].append(f)
-        result_rows: list[tuple[Any, ...]] = []
-        for run_id, run_jobs in sorted(jobs_by_run.items()):  # runs in id order: the store's lock order
-            tally = dict.fromkeys(_STATE_FIELD.values(), 0)
-            spent = 0.0
-            for f in run_jobs:
-                spent += 0.0 if f.cached else f.output.cost_usd
-                for _, grade in f.grades:
-                    tally[_STATE_FIELD[grade.state]] += 1
-                    spent += 0.0 if grade.cached else grade.cost_usd
-            now = time.time()
-            row = await run_store.add_progress(conn, run_id, now=now, cost_usd=spent, **tally)
-            events = _result_events(row, run_jobs, now, result_rows)
-            await event_log.append(conn, run_jobs[0].job.tenant, run_id, events)
-            by_run[run_id].extend(events)
-        await run_store.insert_results(conn, result_rows)
-        for run_id, events in by_run.items():
-            last = events[-1].counts
-            if last.completed_evaluations >= last.total_evaluations:
-                tenant = jobs_by_run[run_id][0].job.tenant
-                finish = await _finish(conn, tenant, run_id, last, graders_of[run_id], time.time())
-                by_run[run_id].append(finish)
-                finished_runs.add(run_id)
-    return by_run, finished_runs
+    if not kept:
+        return {}, set()
+    await job_store.store_outputs(
+        conn,
+        [
+            (
+                f.job.id,
+                f.job.tenant,
+                f.job.run_id,
+                f.output.SerializeToString(),
+                f.output.latency_ms,
+                f.output.cost_usd,
+                item_score(f.grades, graders_of[f.job.run_id].weights),
+                f.cached,
+            )
+            for f in kept
+        ],
+    )
+    await _store_cache_entries(conn, kept, cache_max_entries)
+    jobs_by_run: dict[str, list[FinishedJob]] = defaultdict(list)
+    for f in kept:
+        jobs_by_run[f.job.run_id].append(f)
+    rows = await run_store.add_progress(
+        conn, {run_id: _progress(jobs) for run_id, jobs in jobs_by_run.items()}, time.time()
+    )
+    by_run: dict[str, list[pb.WatchRunResponse]] = {}
+    result_rows: list[tuple[Any, ...]] = []
+    for run_id, run_jobs in sorted(jobs_by_run.items()):
+        # Each run's changes are stamped when the recorder reaches it (see `_record_batch`).
+        by_run[run_id] = await _result_events(rows[run_id], run_jobs, time.time(), result_rows)
+    await event_log.append_many(conn, [(jobs_by_run[r][0].job.tenant, r, events) for r, events in by_run.items()])
+    await run_store.insert_results(conn, result_rows)
+    done = [
+        (run_id, events[-1].counts)
+        for run_id, events in by_run.items()
+        if events[-1].counts.completed_evaluations >= events[-1].counts.total_evaluations
+    ]
+    if done:
+        aggregates = await run_store.aggregate_inputs(conn, [run_id for run_id, _ in done])
+        endings = [
+            _ending(run_id, counts, graders_of[run_id], aggregates[run_id], time.time()) for run_id, counts in done
+        ]
+        for event in await run_store.finish_runs(conn, endings):
+            by_run[event.run.id].append(event)
+        assert all(by_run[run_id][-1].HasField("run") for run_id, _ in done), "a run with leased jobs ended early"
+    return by_run, {run_id for run_id, _ in done}
+
+
+def _progress(run_jobs: Sequence[FinishedJob]) -> run_store.Progress:
+    """What a recording adds to one run's counters."""
+    tally = dict.fromkeys(_STATE_FIELD.values(), 0)
+    spent = 0.0
+    for f in run_jobs:
+        spent += 0.0 if f.cached else f.output.cost_usd
+        for _, grade in f.grades:
+            tally[_STATE_FIELD[grade.state]] += 1
+            spent += 0.0 if grade.cached else grade.cost_usd
+    return run_store.Progress(cost_usd=spent, **tally)
 
 
 async def _store_cache_entries(conn: AsyncConnection, kept: Sequence[FinishedJob], max_entries: int) -> None:
@@ -227,10 +253,14 @@ async def _store_cache_entries(conn: AsyncConnection, kept: Sequence[FinishedJob
         await cache_store.evict(conn, tenant, max_entries)
 
 
-def _result_events(
+async def _result_events(
     r: Mapping[str, Any], run_jobs: Sequence[FinishedJob], now: float, result_rows: list[tuple[Any, ...]]
 ) -> list[pb.WatchRunResponse]:
-    """One event per result, seqs and counts replayed from the run's state before this batch."""
+    """One event per result, seqs and counts replayed from the run's state before this batch.
+
+    Building them is the recorder's largest share of the event loop (~4 us per result): a batch of
+    a large run holds tens of thousands, so it yields every few milliseconds, and other calls are
+    served meanwhile (their writes wait for the next group; this one's transaction stays open)."""
     n = sum(len(f.grades) for f in run_jobs)
     counts = run_pb2.RunCounts(
         total_items=r["total_items"],
@@ -249,7 +279,11 @@ def _result_events(
     seq = r["last_seq"] - n
     event_time = timestamp(now)
     events: list[pb.WatchRunResponse] = []
+    slice_start = time.perf_counter()
     for f in run_jobs:
+        if time.perf_counter() - slice_start > YIELD_EVERY_S:
+            await asyncio.sleep(0)
+            slice_start = time.perf_counter()
         job = f.job
         for grader_idx, (grader, grade) in enumerate(f.grades):
             seq += 1
@@ -314,41 +348,13 @@ def _result_events(
     return events
 
 
-async def _finish(
-    conn: AsyncConnection, tenant: str, run_id: str, counts: run_pb2.RunCounts, graders: RunGraders, now: float
-) -> pb.WatchRunResponse:
-    """Aggregate a run whose every evaluation has a result and move it to its final status."""
+def _ending(
+    run_id: str, counts: run_pb2.RunCounts, graders: RunGraders, inputs: run_store.AggregateInputs, now: float
+) -> run_store.Ending:
+    """How a run whose every evaluation has a result ends: its verdict and aggregate."""
     status, overall, code, message = verdict(counts.passed, counts.failed, counts.errored, graders.pass_threshold)
-    event = await _close(conn, tenant, run_id, graders, now, status=status, overall=overall, code=code, message=message)
-    assert event is not None, "a run with jobs still leased cannot have left its active status"
-    return event
-
-
-async def _close(
-    conn: AsyncConnection,
-    tenant: str,
-    run_id: str,
-    graders: RunGraders,
-    now: float,
-    *,
-    status: int,
-    overall: bool | None,
-    code: str,
-    message: str,
-) -> pb.WatchRunResponse | None:
-    aggregate = build_aggregate(graders.grader_names, await run_store.aggregate_inputs(conn, run_id))
-    return await run_store.set_status(
-        conn,
-        tenant,
-        run_id,
-        status,
-        from_statuses=run_store.ACTIVE_STATUSES,
-        end_time=now,
-        aggregate=aggregate.SerializeToString(),
-        overall_passed=overall,
-        error_code=code,
-        error_message=message,
-    )
+    aggregate = build_aggregate(graders.grader_names, inputs).SerializeToString()
+    return run_store.Ending(run_id, status, overall, code, message, aggregate, now)
 
 
 async def fail_early(
@@ -356,17 +362,13 @@ async def fail_early(
 ) -> pb.WatchRunResponse | None:
     """End an active run as FAILED before all its evaluations ran (e.g. its budget was spent),
     keeping the results recorded so far; its remaining jobs never run. None when it already ended."""
-    async with db.write() as conn:
+
+    async def end(conn: AsyncConnection) -> pb.WatchRunResponse | None:
         await run_store.cancel_jobs(conn, tenant, run_id)  # jobs before their run: the lock order
-        event = await _close(
-            conn,
-            tenant,
-            run_id,
-            graders,
-            time.time(),
-            status=run_pb2.RUN_STATUS_FAILED,
-            overall=None,
-            code=code,
-            message=message,
-        )
-    return event
+        inputs = await run_store.aggregate_inputs(conn, [run_id])
+        aggregate = build_aggregate(graders.grader_names, inputs[run_id]).SerializeToString()
+        ending = run_store.Ending(run_id, run_pb2.RUN_STATUS_FAILED, None, code, message, aggregate, time.time())
+        ended = await run_store.finish_runs(conn, [ending])
+        return ended[0] if ended else None
+
+    return await db.transact(end)

@@ -12,6 +12,7 @@ documents every route with schemas derived from the messages (see `openapi.py`).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,30 +26,50 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from grpc_status import rpc_status
 
-from evalsvc.api.status import to_status
-from evalsvc.errors import Reason, ServiceError
+from evalsvc.errors import FieldViolation, Reason, ServiceError, to_status
 from evalsvc.gateway import dialects, openapi, ui
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.routes import Route, routes
-from evalsvc.gateway.upstream import HTTP_STATUS, GatewayError, StreamSlot, Upstream, with_retry_after
+from evalsvc.gateway.upstream import (
+    HTTP_STATUS,
+    ChannelFactory,
+    GatewayError,
+    StreamSlot,
+    Upstream,
+    with_retry_after,
+)
 
 FORWARDED_HEADERS = ("authorization", "x-api-key")
 RESUME_FIELD = "after_seq"  # what a stream's Last-Event-ID header sets, over the query string
 _QUERY_BOOLS = {"true": True, "false": False}
 
 
-class RequestRefused(Exception):
-    """An HTTP request the gateway cannot turn into a call: answered with `status` before any call."""
-
-    def __init__(self, code: grpc.StatusCode, reason: Reason, message: str) -> None:
-        super().__init__(message)
-        self.status = to_status(ServiceError(code, reason, message))
-        self.http_status = HTTP_STATUS[code]
-
-
 def to_json(message: Message) -> dict[str, Any]:
     """The canonical proto3 JSON of a message, every field present (grpc-gateway's default)."""
     return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+
+
+def json_body(message: Message) -> bytes:
+    """`to_json` as a response body, written as JSONResponse writes it; bodies of small messages are
+    remembered by the message's bytes, so a run read again and again (GetRun polling) is translated
+    once per version: proto3 JSON is pure Python, its wire form C."""
+    wire = message.SerializeToString()
+    if len(wire) > _REMEMBERED_BYTES:
+        return _json_body(message)
+    # Message classes hash by identity; the protobuf stubs declare Message.__hash__ in a way mypy rejects.
+    return _remembered_body(type(message), wire)  # type: ignore[arg-type]
+
+
+_REMEMBERED_BYTES = 4096  # a run is ~0.5 KiB; with 1024 bodies remembered, at most ~12 MiB
+
+
+@functools.lru_cache(maxsize=1024)
+def _remembered_body(kind: type[Message], wire: bytes) -> bytes:
+    return _json_body(kind.FromString(wire))
+
+
+def _json_body(message: Message) -> bytes:
+    return json.dumps(to_json(message), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 def status_body(error: grpc.aio.AioRpcError) -> dict[str, Any]:
@@ -65,9 +86,12 @@ def error_response(error: grpc.aio.AioRpcError) -> JSONResponse:
     return with_retry_after(response, GatewayError.from_rpc(error))
 
 
-def refused(error: RequestRefused) -> JSONResponse:
-    """The HTTP response for a request the gateway refused to send."""
-    return JSONResponse(status_code=error.http_status, content=to_json(error.status))
+def refused(error: GatewayError) -> JSONResponse:
+    """The native routes' error handler: a request the gateway refused to send, as the google.rpc.Status
+    the service would have answered (`{code, message, details}`)."""
+    violations = [FieldViolation(name, description) for name, description in error.violations]
+    status = to_status(ServiceError(error.code, error.reason, error.message, violations))
+    return JSONResponse(status_code=error.http_status, content=to_json(status))
 
 
 def _message_class(descriptor: Any) -> type[Message]:
@@ -78,8 +102,8 @@ def _metadata(request: Request) -> tuple[tuple[str, str], ...]:
     """The caller's API key headers as gRPC metadata, which admits printable ASCII only (HTTP admits more)."""
     found = tuple((name, request.headers[name]) for name in FORWARDED_HEADERS if name in request.headers)
     if any(not value.isascii() or not value.isprintable() for _, value in found):
-        raise RequestRefused(
-            grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_INVALID, "the API key is malformed or mistyped"
+        raise GatewayError(
+            grpc.StatusCode.UNAUTHENTICATED, "the API key is malformed or mistyped", Reason.API_KEY_INVALID
         )
     return found
 
@@ -144,7 +168,7 @@ async def _parse_body(request: Request, route: Route, message: Message) -> None:
 
 
 async def build_request(request: Request, route: Route) -> Message:
-    """The gRPC request of an HTTP request: body, then query, then path parameters; RequestRefused when
+    """The gRPC request of an HTTP request: body, then query, then path parameters; GatewayError when
     they are not what the message admits."""
     message = _message_class(route.method.input_type)()
     try:
@@ -152,10 +176,10 @@ async def build_request(request: Request, route: Route) -> Message:
             await _parse_body(request, route, message)
         json_format.ParseDict(_outside_fields(request, route), message)
     except json_format.ParseError as exc:
-        raise RequestRefused(
+        raise GatewayError(
             grpc.StatusCode.INVALID_ARGUMENT,
-            Reason.INVALID_ARGUMENT,
             f"cannot read a {route.method.input_type.full_name} from the request: {exc}",
+            Reason.INVALID_ARGUMENT,
         ) from None
     for name, value in request.path_params.items():
         setattr(message, name, value)
@@ -163,7 +187,7 @@ async def build_request(request: Request, route: Route) -> Message:
 
 
 def create_app(
-    channel_factory: Callable[[int], grpc.aio.Channel],
+    channel_factory: ChannelFactory,
     dialect_spec: str = "all",
     dialect_options: DialectOptions | None = None,
     *,
@@ -190,13 +214,16 @@ def create_app(
         # Swagger UI and ReDoc would load their scripts from a CDN: off (the document is /openapi.json).
         docs_url=None,
         redoc_url=None,
+        # FastAPI's OpenTelemetry hooks look the providers up in os.environ on every request (18% of a
+        # GET /v1/runs/{id} under load); evalsvc exports Prometheus metrics and access logs instead.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
 
     def unary_endpoint(route: Route) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> Response:
             try:
                 message, metadata = await build_request(request, route), _metadata(request)
-            except RequestRefused as error:
+            except GatewayError as error:
                 return refused(error)
             call: grpc.aio.UnaryUnaryMultiCallable[Message, Message] = upstream.channel.unary_unary(
                 route.grpc_path,
@@ -207,7 +234,7 @@ def create_app(
                 response = await call(message, metadata=metadata, timeout=60)
             except grpc.aio.AioRpcError as error:
                 return error_response(error)
-            return JSONResponse(to_json(response))
+            return Response(json_body(response), media_type=JSONResponse.media_type)
 
         return endpoint
 
@@ -215,7 +242,7 @@ def create_app(
         async def endpoint(request: Request) -> Response:
             try:
                 message, metadata = await build_request(request, route), _metadata(request)
-            except RequestRefused as error:
+            except GatewayError as error:
                 return refused(error)
             slot = upstream.stream_slot()
             call = cast(
@@ -262,6 +289,7 @@ def create_app(
             dialect.router(upstream, dialect_options or DialectOptions()), prefix=prefix, tags=[dialect.title]
         )
     app.include_router(ui.router())
+    # FastAPI's documented way to extend the document is replacing the method; mypy forbids assigning methods.
     app.openapi = openapi.with_components(app.openapi, schemas)  # type: ignore[method-assign]
     return app
 

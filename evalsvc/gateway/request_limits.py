@@ -17,8 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from evalsvc.api.status import to_status
-from evalsvc.errors import Reason, ServiceError
+from evalsvc.errors import Reason, ServiceError, to_status
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -17,6 +17,7 @@ from evalsvc.config import Settings
 from evalsvc.gateway.app import create_app
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.request_limits import RequestLimits
+from evalsvc.gateway.upstream import ChannelFactory
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,13 @@ def bounded_protocol(max_connections: int, header_timeout_s: float) -> type[asyn
     that send nothing at all after a response; a slowloris client sending a byte at a time would
     otherwise stay forever)."""
 
+    # AutoHTTPProtocol is a variable (httptools' protocol, or h11's when httptools is absent), not a class mypy
+    # can subclass: the one place the gateway's server is untyped.
     class BoundedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         refused = False
         header_timer: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.Transport) -> None:
             if len(self.server_state.connections) >= max_connections:
                 # Answer at once and half-close; what the client sends meanwhile is read and dropped
                 # (closing on unread data would reset the connection and lose the answer).
@@ -90,6 +93,11 @@ TOO_MANY_CONNECTIONS = (
 )
 
 
+def remote_channels(target: str, *, root_certificates: str = "") -> ChannelFactory:
+    """Channels to the gRPC service at `target`, for the standalone gateway (`evalsvc gateway`)."""
+    return lambda index: channel_to(target, root_certificates=root_certificates, index=index)
+
+
 def channel_to(target: str, *, root_certificates: str = "", index: int = 0) -> grpc.aio.Channel:
     """A channel to the gRPC service (TLS when a CA or server certificate file is given): each `index`
     its own HTTP/2 connection (a local subchannel pool), for the gateway's pool of channels."""
@@ -110,19 +118,20 @@ class Gateway:
 
     def __init__(
         self,
-        grpc_target: str,
+        channels: ChannelFactory,
         http_addr: str,
         *,
-        root_certificates: str = "",
         dialects: str = "all",
         settings: Settings | None = None,
     ) -> None:
+        """`channels` makes the channels the gateway calls the service over: `remote_channels(target)`
+        alone, an `evalsvc.api.local.LocalChannel` inside `evalsvc serve`."""
         settings = settings or Settings()
         dialect_options = DialectOptions(sync_wait_s=settings.dialect_sync_wait_s)
         host, _, port = http_addr.rpartition(":")
         app = RequestLimits(
             create_app(
-                lambda index: channel_to(grpc_target, root_certificates=root_certificates, index=index),
+                channels,
                 dialects,
                 dialect_options,
                 streams_per_channel=settings.gateway_streams_per_channel,

@@ -1,9 +1,10 @@
 """The gRPC service behind the gateway, as the dialects see it.
 
 `Upstream` owns the gateway's pool of channels to the service and their service stubs. `call` sends one request with the
-caller's API key and turns a failed call into a `GatewayError`, which each dialect renders in its own
-error shape. Helpers here (`wait_until_done`, `collect`) are the few multi-call patterns the dialects
-share: a synchronous create, and offset pagination over token-paged lists.
+caller's API key and turns a failed call into a `GatewayError`, the gateway's one error type, which the
+native routes render as a google.rpc.Status and each dialect in its own error shape. `wait_until_done`
+is the synchronous create of the dialects that have one (the rest of their shared plumbing is in
+`dialects/base.py`).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -22,7 +23,7 @@ from grpc_status import rpc_status
 from starlette.responses import Response
 
 from evalsvc.errors import Reason
-from evalsvc.statuses import TERMINAL
+from evalsvc.statuses import TERMINAL as TERMINAL  # re-exported: the dialects import it from here
 from evalsvc.v1 import (
     dataset_generation_pb2_grpc,
     dataset_service_pb2_grpc,
@@ -33,9 +34,14 @@ from evalsvc.v1 import (
     target_service_pb2_grpc,
 )
 
+Req = TypeVar("Req")
 Resp = TypeVar("Resp", bound=Message)
 R = TypeVar("R", bound=Response)
 
+
+# Makes the gateway's channels, given each one's index in the pool: `grpc.aio.Channel`s to the service,
+# or (inside `evalsvc serve`) an `evalsvc.api.local.LocalChannel`, which has the same call surface.
+ChannelFactory: TypeAlias = Callable[[int], Any]
 DEFAULT_TIMEOUT_S = 60.0
 
 # gRPC status -> HTTP status, as grpc-gateway maps them.
@@ -62,7 +68,8 @@ HTTP_STATUS = {
 
 @dataclass
 class GatewayError(Exception):
-    """A request that failed, from the gRPC service or from a dialect's own checks.
+    """A request that failed: in the gRPC service, or refused by the gateway before any call (a request
+    it cannot translate, a dialect's own checks). The gateway's one error type.
 
     `violations` are (field, description) pairs; `request_errors` are FastAPI's validation errors when
     the request did not even match the dialect's model (dialects that mimic FastAPI return them as is).
@@ -170,7 +177,7 @@ class Upstream:
     full, and unary calls go to the channel with the fewest watches, where there is always room.
     Channels are kept once opened (idle connections only cost a keepalive ping)."""
 
-    def __init__(self, channel_factory: Callable[[int], grpc.aio.Channel], streams_per_channel: int = 500) -> None:
+    def __init__(self, channel_factory: ChannelFactory, streams_per_channel: int = 500) -> None:
         self._factory = channel_factory
         self._streams_per_channel = streams_per_channel
         self._pool: list[_Channel] = []
@@ -193,23 +200,23 @@ class Upstream:
         return self._least_loaded().channel
 
     @property
-    def runs(self) -> eval_run_service_pb2_grpc.EvalRunServiceStub:
+    def runs(self) -> eval_run_service_pb2_grpc.EvalRunServiceAsyncStub:
         return self._least_loaded().runs
 
     @property
-    def datasets(self) -> dataset_service_pb2_grpc.DatasetServiceStub:
+    def datasets(self) -> dataset_service_pb2_grpc.DatasetServiceAsyncStub:
         return self._least_loaded().datasets
 
     @property
-    def generations(self) -> dataset_generation_pb2_grpc.DatasetGenerationServiceStub:
+    def generations(self) -> dataset_generation_pb2_grpc.DatasetGenerationServiceAsyncStub:
         return self._least_loaded().generations
 
     @property
-    def graders(self) -> grader_service_pb2_grpc.GraderServiceStub:
+    def graders(self) -> grader_service_pb2_grpc.GraderServiceAsyncStub:
         return self._least_loaded().graders
 
     @property
-    def targets(self) -> target_service_pb2_grpc.TargetServiceStub:
+    def targets(self) -> target_service_pb2_grpc.TargetServiceAsyncStub:
         return self._least_loaded().targets
 
     def stream_slot(self) -> StreamSlot:
@@ -225,8 +232,8 @@ class Upstream:
 
     async def call(
         self,
-        method: Callable[..., Awaitable[Resp]],
-        request: Message,
+        method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp],
+        request: Req,
         caller: Caller,
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
@@ -237,7 +244,9 @@ class Upstream:
         except grpc.aio.AioRpcError as error:
             raise GatewayError.from_rpc(error) from None
 
-    async def watch(self, run_id: str, caller: Caller, after_seq: int = 0) -> AsyncGenerator[Any, None]:
+    async def watch(
+        self, run_id: str, caller: Caller, after_seq: int = 0
+    ) -> AsyncGenerator[eval_run_service_pb2.WatchRunResponse, None]:
         """The run's WatchRun events (a failure raises `GatewayError`); closing the iterator cancels it."""
         slot = self.stream_slot()
         call = slot.runs.WatchRun(
@@ -267,37 +276,11 @@ class Upstream:
                 except (TimeoutError, StopAsyncIteration):
                     break
                 if event.WhichOneof("event") == "run" and event.run.status in TERMINAL:
-                    return event.run  # type: ignore[no-any-return]
+                    return event.run
         finally:
             await events.aclose()
         got = await self.call(self.runs.GetRun, eval_run_service_pb2.GetRunRequest(run_id=run_id), caller)
         return got.run
-
-    async def collect(
-        self,
-        method: Callable[..., Awaitable[Any]],
-        request: Message,
-        items_field: str,
-        caller: Caller,
-        *,
-        limit: int = 10_000,
-    ) -> list[Any]:
-        """Every element of a token-paged list (up to `limit`), for dialects that page by offset or
-        report a total count. `request` must have page_size and page_token."""
-        found: list[Any] = []
-        request.page_size = 1000  # type: ignore[attr-defined]
-        while len(found) < limit:
-            page = await self.call(method, request, caller)
-            found.extend(getattr(page, items_field))
-            if not page.next_page_token:
-                break
-            request.page_token = page.next_page_token  # type: ignore[attr-defined]
-        return found[:limit]
-
-
-def window(items: Sequence[Any], offset: int, limit: int) -> list[Any]:
-    """`limit` elements from `offset` (offset pagination over a collected list)."""
-    return list(items[offset : offset + limit])
 
 
 def with_retry_after(response: R, error: GatewayError) -> R:

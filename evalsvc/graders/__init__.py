@@ -1,12 +1,13 @@
 """Graders: score one target output for one item.
 
 The executor compiles each of a run's `Grader` specs once (`compile_grader`), then calls
-`CompiledGrader.grade(item, output)` for every evaluation. Grading is pure and synchronous:
-built-in graders do no I/O, so a batch of thousands of evaluations costs no awaits. Only a large
-output is graded elsewhere, in a worker process under a time limit (`evalsvc.graders.pool`).
+`CompiledGrader.grade(item, output)` for every evaluation. The built-in graders (`builtin`) are pure
+and synchronous: no I/O, so a batch of thousands of evaluations costs no awaits, and a large output
+is graded in a worker process under a time limit (`pool`, `worker`). The LLM judge (`judge`) is the
+one grader that awaits: it calls a model through evalsvc.http.
 
-`validate_grader` checks a spec statically at CreateRun, so a run never starts with a grader that
-cannot work for any item.
+`validate_grader` (evalsvc.graders.validation) checks a spec statically at CreateRun, so a run never
+starts with a grader that cannot work for any item.
 """
 
 from evalsvc.graders.builtin import (
@@ -15,7 +16,6 @@ from evalsvc.graders.builtin import (
     compile_grader,
     grader_name,
     target_error_grade,
-    validate_grader,
 )
 
 __all__ = [
@@ -24,5 +24,4 @@ __all__ = [
     "compile_grader",
     "grader_name",
     "target_error_grade",
-    "validate_grader",
 ]

@@ -32,7 +32,7 @@ __all__ = [
     "compile_grader",
     "grader_name",
     "target_error_grade",
-    "validate_grader",
+    "validate_builtin",
 ]
 
 PASSED: int = run_pb2.RESULT_STATE_PASSED
@@ -567,8 +567,9 @@ def _valid_regex(pattern: str) -> str | None:
     return None
 
 
-def validate_grader(spec: grader_pb2.Grader, path: str) -> list[FieldViolation]:
-    """Every static problem of a spec, with field paths under `path` (e.g. `graders[2]`).
+def validate_builtin(spec: grader_pb2.Grader, path: str) -> list[FieldViolation]:
+    """Every static problem of a spec but a judge's own (evalsvc.graders.validation adds those), with
+    field paths under `path` (e.g. `graders[2]`).
 
     Checked at CreateRun so a run never starts with a grader that cannot work for any item; what
     depends on the item (a per-item pattern, expected JSON) can only be reported per result.
@@ -616,10 +617,6 @@ def validate_grader(spec: grader_pb2.Grader, path: str) -> list[FieldViolation]:
             out.append(FieldViolation(f"{path}.latency.max_ms", "must be a finite number > 0"))
     elif kind == "cost" and not (math.isfinite(spec.cost.max_usd) and spec.cost.max_usd >= 0):
         out.append(FieldViolation(f"{path}.cost.max_usd", "must be a finite number >= 0"))
-    elif kind == "llm_judge":
-        from evalsvc.graders.judge import validate_judge  # the judge builds on this module
-
-        out.extend(validate_judge(spec.llm_judge, path))
     elif kind == "saved" and not spec.saved.grader_id:
         out.append(FieldViolation(f"{path}.saved.grader_id", "the saved grader's id is required"))
     return out

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from evalsvc.errors import FieldViolation
-from evalsvc.execution.cache import definition, digest
-from evalsvc.execution.outbound import (
+from evalsvc.graders.builtin import Grade
+from evalsvc.http.outbound import (
     Outbound,
     OutboundError,
     check_destination,
@@ -28,9 +28,9 @@ from evalsvc.execution.outbound import (
     endpoint_headers,
     secret_refs,
 )
-from evalsvc.execution.targets import PriceTable, chat_url
-from evalsvc.graders.builtin import Grade
+from evalsvc.messages.canonical import definition, digest
 from evalsvc.storable import storable_json
+from evalsvc.targets import PriceTable, chat_url
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2, target_pb2
 
 PASSED, FAILED, ERROR = run_pb2.RESULT_STATE_PASSED, run_pb2.RESULT_STATE_FAILED, run_pb2.RESULT_STATE_ERROR

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
 from evalsvc.graders import grader_name
 from evalsvc.ids import PageTokens, page_size
+from evalsvc.messages.convert import result_from
 from evalsvc.runs.compare_stats import PairTally, summarize
-from evalsvc.runs.convert import result_from
 from evalsvc.statuses import ACTIVE
 from evalsvc.store import comparisons as comparison_store
 from evalsvc.store import runs as run_store

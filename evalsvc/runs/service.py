@@ -7,38 +7,42 @@ module owns the rules (validation, idempotency, status transitions) and calls th
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.definitions.service import DefinitionService
 from evalsvc.errors import MAX_ECHOED_ID, FieldViolation, ServiceError, invalid_argument, not_found
 from evalsvc.events.bus import EventBus
-from evalsvc.execution.outbound import Outbound, destination_violations, named_endpoints
-from evalsvc.execution.targets import validate_target
-from evalsvc.graders import grader_name, validate_grader
+from evalsvc.graders import grader_name
 from evalsvc.graders.judge import JudgeDefaults, needs_default_judge
-from evalsvc.idempotency import create_once, fingerprint
+from evalsvc.graders.validation import validate_grader
+from evalsvc.http.outbound import Outbound, destination_violations, named_endpoints
+from evalsvc.idempotency import conflict, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
 from evalsvc.limits import TenantLimits
-from evalsvc.runs.convert import etag, result_from, run_from, version_of
-from evalsvc.runs.validation import (
+from evalsvc.messages.convert import etag, result_from, run_from, version_of
+from evalsvc.messages.validation import (
     MAX_DESCRIPTION,
     MAX_DISPLAY_NAME,
     assign_item_ids,
     check_annotations,
     check_labels,
     check_length,
-    validate_create_run,
 )
+from evalsvc.runs.validation import validate_create_run
 from evalsvc.secrets.refs import run_secret_refs
 from evalsvc.secrets.service import SecretService
 from evalsvc.store import datasets as dataset_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
+from evalsvc.store.writer import Batch
+from evalsvc.targets import validate_target
 from evalsvc.v1 import cache_pb2, run_pb2
 from evalsvc.v1 import eval_run_service_pb2 as pb
 
@@ -57,6 +61,91 @@ def request_fingerprint(request: pb.CreateRunRequest) -> str:
     copy.CopyFrom(request)
     copy.ClearField("request_id")
     return fingerprint(copy)
+
+
+def replay(existing: Mapping[str, Any], fingerprint: str) -> CreatedRun:
+    """What CreateRun answers for a request_id used before: the run it created, or ALREADY_EXISTS
+    REQUEST_ID_CONFLICT naming that run when the request differs."""
+    if existing["request_hash"] != fingerprint:
+        raise conflict("run", existing["request_id"], existing["id"])
+    run = run_from(existing)
+    return CreatedRun(run=run, job_count=run.counts.total_items * run.repetitions)
+
+
+@dataclass(frozen=True)
+class RunDraft:
+    """A validated CreateRun waiting for the writer: the row to store (all but its run_number) and
+    what the group must check against the database (idempotency, the tenant's active runs)."""
+
+    tenant: str
+    request_id: str
+    fingerprint: str
+    row: Mapping[str, Any]
+    items: Sequence[bytes]
+    repetitions: int
+    check_active_runs: Callable[[int], None]
+
+
+Created = tuple[CreatedRun, "pb.WatchRunResponse | None"]  # the answer, and the first event of a new run
+
+
+async def _create_runs(conn: AsyncConnection, drafts: list[RunDraft]) -> list[Created | BaseException]:
+    """Store the CreateRuns of one writer group with a handful of statements for all of them.
+
+    In queue order: a request_id used before replays (or conflicts with) its run, also when the first
+    use is earlier in the same group; a tenant at its active-run limit is refused (counted across the
+    group); the rest get consecutive run numbers per dataset and are inserted together. Refusals are
+    decided before anything is written, so they cost the others nothing."""
+    existing = await run_store.find_by_request_ids(conn, [(d.tenant, d.request_id) for d in drafts if d.request_id])
+    active = await run_store.count_active_by_tenant(conn, [d.tenant for d in drafts])
+    answers: list[Created | BaseException | None] = [None] * len(drafts)
+    first_use: dict[tuple[str, str], int] = {}
+    creating: list[int] = []
+    for i, draft in enumerate(drafts):
+        key = (draft.tenant, draft.request_id)
+        if draft.request_id and key in existing:
+            try:
+                answers[i] = (replay(existing[key], draft.fingerprint), None)
+            except ServiceError as refused:
+                answers[i] = refused
+            continue
+        if draft.request_id and key in first_use:
+            continue  # answered below, from the run its first use creates
+        try:
+            draft.check_active_runs(active[draft.tenant])
+        except ServiceError as refused:
+            answers[i] = refused
+            continue
+        active[draft.tenant] += 1
+        if draft.request_id:
+            first_use[key] = i
+        creating.append(i)
+    by_dataset: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i in creating:
+        by_dataset[(drafts[i].tenant, drafts[i].row["dataset_id"])].append(i)
+    numbers: dict[int, int] = {}
+    for (tenant, dataset_id), members in sorted(by_dataset.items()):
+        first_number = await run_store.allocate_run_numbers(conn, tenant, dataset_id, len(members))
+        numbers.update({i: first_number + n for n, i in enumerate(members)})
+    new_runs = [
+        run_store.NewRun({**drafts[i].row, "run_number": numbers[i]}, drafts[i].items, drafts[i].repetitions)
+        for i in creating
+    ]
+    for i, event in zip(creating, await run_store.insert_runs(conn, new_runs), strict=True):
+        answers[i] = (CreatedRun(run=event.run, job_count=len(drafts[i].items) * drafts[i].repetitions), event)
+    for i, draft in enumerate(drafts):
+        if answers[i] is None:  # a repeated request_id within the group
+            first = answers[first_use[(draft.tenant, draft.request_id)]]
+            assert isinstance(first, tuple)
+            run = first[0].run
+            if draft.fingerprint != drafts[first_use[(draft.tenant, draft.request_id)]].fingerprint:
+                answers[i] = conflict("run", draft.request_id, run.id)
+            else:
+                answers[i] = (first[0], None)
+    return [answer for answer in answers if answer is not None]
+
+
+CREATE_RUNS = Batch("create_runs", _create_runs)
 
 
 class RunService:
@@ -103,10 +192,12 @@ class RunService:
         if violations:
             raise invalid_argument(violations)
         if request.request_id:
+            # A retry answers with the first run before anything is resolved again (AIP-155): its
+            # dataset or saved definitions may have changed or gone since. The writer checks again.
             async with self._db.read() as conn:
                 existing = await run_store.find_by_request_id(conn, tenant, request.request_id)
             if existing is not None:
-                return self._replay(existing, fingerprint)
+                return replay(existing, fingerprint)
         await self._definitions.resolve(tenant, request.target, request.graders)
         await self._check_resolved(tenant, request)
         items = await self._resolve_items(tenant, request)
@@ -140,28 +231,28 @@ class RunService:
             "total_evaluations": len(items) * repetitions * len(request.graders),
             "create_time": time.time(),
         }
-
-        async def insert(conn: AsyncConnection) -> CreatedRun:
-            self._limits.check_active_runs(await run_store.count_active(conn, tenant))
-            row["run_number"] = await run_store.next_run_number(conn, tenant, request.dataset_id)
-            event = await run_store.insert_run(conn, row, items, repetitions)
-            published.append(event)
-            return CreatedRun(run=event.run, job_count=len(items) * repetitions)
-
-        async def replay(existing: Mapping[str, Any]) -> CreatedRun:
-            return self._replay(existing, fingerprint)
-
-        published: list[pb.WatchRunResponse] = []
-        created = await create_once(
-            self._db,
-            kind="run",
+        draft = RunDraft(
+            tenant=tenant,
             request_id=request.request_id,
             fingerprint=fingerprint,
-            find=lambda conn: run_store.find_by_request_id(conn, tenant, request.request_id),
-            create=insert,
-            replay=replay,
+            row=row,
+            items=items,
+            repetitions=repetitions,
+            check_active_runs=self._limits.check_active_runs,
         )
-        for event in published:
+        try:
+            created, event = await self._db.submit(CREATE_RUNS, draft)
+        except IntegrityError:
+            # Another server stored the same request_id between our read and our insert (PostgreSQL):
+            # its run is the answer.
+            if not request.request_id:
+                raise
+            async with self._db.read() as conn:
+                existing = await run_store.find_by_request_id(conn, tenant, request.request_id)
+            if existing is None:
+                raise
+            return replay(existing, fingerprint)
+        if event is not None:
             self._bus.publish(event.run.id, [event])
             self._on_created()
         return created
@@ -190,17 +281,6 @@ class RunService:
         )
         if refused := await destination_violations(endpoints, self._outbound.allow):
             raise invalid_argument(refused)
-
-    def _replay(self, existing: Mapping[str, Any], fingerprint: str) -> CreatedRun:
-        if existing["request_hash"] != fingerprint:
-            raise ServiceError(
-                grpc.StatusCode.ALREADY_EXISTS,
-                "REQUEST_ID_CONFLICT",
-                f"request_id {existing['request_id']!r} was already used for a different request",
-                metadata={"run_id": existing["id"]},
-            )
-        run = run_from(existing)
-        return CreatedRun(run=run, job_count=run.counts.total_items * run.repetitions)
 
     async def _resolve_items(self, tenant: str, request: pb.CreateRunRequest) -> list[bytes]:
         """The serialized items the run copies: inline ones, or the dataset's (or a subset)."""
@@ -265,7 +345,8 @@ class RunService:
 
     async def cancel(self, tenant: str, run_id: str) -> run_pb2.Run:
         """Cancel a run: no job starts after this returns. Idempotent on a cancelled run."""
-        async with self._db.write() as conn:
+
+        async def cancel(conn: AsyncConnection) -> tuple[pb.WatchRunResponse | None, Mapping[str, Any] | None]:
             # Jobs before the run: the store's lock order (a no-op for runs that are not active).
             await run_store.cancel_jobs(conn, tenant, run_id)
             event = await run_store.set_status(
@@ -276,8 +357,9 @@ class RunService:
                 from_statuses=run_store.ACTIVE_STATUSES,
                 end_time=time.time(),
             )
-            if event is None:
-                row = await run_store.get(conn, tenant, run_id)
+            return event, (await run_store.get(conn, tenant, run_id) if event is None else None)
+
+        event, row = await self._db.transact(cancel)
         if event is not None:
             self._on_cancelled(run_id)
             self._bus.publish(run_id, [event])
@@ -310,7 +392,9 @@ class RunService:
         if violations:
             raise invalid_argument(violations)
         values = {path: _column_value(getattr(request.run, path)) for path in whole}
-        async with self._db.write() as conn:
+
+        async def update(conn: AsyncConnection) -> Mapping[str, Any] | None:
+            changed, refused = dict(values), list[FieldViolation]()  # local: the writer may run this twice
             if keyed or expected is not None:
                 current = await run_store.get(conn, tenant, request.run_id, lock=True)
                 if current is None:
@@ -318,17 +402,19 @@ class RunService:
                 _check_etag(current, expected)
                 for field, keys in keyed.items():
                     given = getattr(request.run, field)
-                    merged = dict(values.get(field, current[field]))
+                    merged = dict(changed.get(field, current[field]))
                     for key in keys:
                         if key in given:
                             merged[key] = given[key]
                         else:
                             merged.pop(key, None)
-                    (check_labels if field == "labels" else check_annotations)(merged, f"run.{field}", violations)
-                    values[field] = merged
-                if violations:
-                    raise invalid_argument(violations)
-            row = await run_store.update_fields(conn, tenant, request.run_id, values)
+                    (check_labels if field == "labels" else check_annotations)(merged, f"run.{field}", refused)
+                    changed[field] = merged
+                if refused:
+                    raise invalid_argument(refused)
+            return await run_store.update_fields(conn, tenant, request.run_id, changed)
+
+        row = await self._db.transact(update)
         if row is None:
             raise not_found("run", request.run_id)
         return run_from(row)
@@ -341,7 +427,8 @@ class RunService:
         if violations:
             raise invalid_argument(violations)
         now = time.time()
-        async with self._db.write() as conn:
+
+        async def delete(conn: AsyncConnection) -> tuple[pb.WatchRunResponse | None, Mapping[str, Any] | None]:
             # Jobs before the run: the store's lock order (a no-op for runs that are not active).
             await run_store.cancel_jobs(conn, tenant, run_id)
             cancelled = await run_store.set_status(
@@ -360,6 +447,9 @@ class RunService:
                 _check_etag(row, expected)
             if row["delete_time"] is None:
                 row = await run_store.update_fields(conn, tenant, run_id, {"delete_time": now})
+            return cancelled, row
+
+        cancelled, row = await self._db.transact(delete)
         if cancelled is not None:
             self._on_cancelled(run_id)
             self._bus.publish(run_id, [cancelled])
@@ -368,8 +458,7 @@ class RunService:
 
     async def undelete(self, tenant: str, run_id: str) -> run_pb2.Run:
         """Restore a soft-deleted run. Idempotent."""
-        async with self._db.write() as conn:
-            row = await run_store.update_fields(conn, tenant, run_id, {"delete_time": None})
+        row = await self._db.transact(lambda conn: run_store.update_fields(conn, tenant, run_id, {"delete_time": None}))
         if row is None:
             raise not_found("run", run_id)
         return run_from(row)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evalsvc.auth.service import is_tenant_name
+from evalsvc.ids import is_tenant_name
 
 log = logging.getLogger(__name__)
 

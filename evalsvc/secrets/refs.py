@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from evalsvc.execution.targets import target_secret_refs
 from evalsvc.graders.judge import judge_secret_refs
+from evalsvc.targets import target_secret_refs
 from evalsvc.v1 import grader_pb2, target_pb2
 
 

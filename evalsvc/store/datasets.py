@@ -126,7 +126,7 @@ async def generations_of(conn: AsyncConnection, dataset_ids: Sequence[str]) -> d
     if not dataset_ids:
         return {}
     rows = await conn.execute(select(GENERATIONS).where(GENERATIONS.c.dataset_id.in_(list(dataset_ids))))
-    return {row["dataset_id"]: row for row in rows.mappings()}
+    return {row["dataset_id"]: cast("Mapping[str, Any]", row) for row in rows.mappings()}
 
 
 def _claimable(states: tuple[int, int], now: float) -> Any:
@@ -147,7 +147,7 @@ async def claimable_generations(
         .order_by(GENERATIONS.c.create_time)
         .limit(limit)
     )
-    return list(rows.mappings())
+    return cast("list[Mapping[str, Any]]", list(rows.mappings()))
 
 
 async def claim_generation(

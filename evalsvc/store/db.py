@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
@@ -23,6 +23,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from evalsvc.store import models as _models  # noqa: F401  (registers the tables)
 from evalsvc.store.run_cache import RunRowCache, take_changed
+from evalsvc.store.writer import Batch, GroupWriter
+
+T = TypeVar("T")
+P = TypeVar("P")
+R = TypeVar("R")
 
 
 class Database:
@@ -46,10 +51,23 @@ class Database:
         # This process writes every change of a SQLite database (it has one server), so it can keep
         # run rows current in memory; other servers change a PostgreSQL database behind its back.
         self.run_rows: RunRowCache | None = RunRowCache() if self.is_sqlite else None
+        self.group_writer = GroupWriter(self.write, is_unavailable=lambda exc: unavailable_cause(exc) is not None)
+
+    async def transact(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Apply `work` in the writer's next group transaction (evalsvc.store.writer); its result once
+        committed. `work` may run twice (alone, after its group failed): it must keep no state outside
+        what it returns."""
+        return await self.group_writer.transact(work)
+
+    async def submit(self, batch: Batch[P, R], payload: P) -> R:
+        """Apply `payload` with the other payloads of its batch kind in the writer's next group."""
+        return await self.group_writer.submit(batch, payload)
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
-        """A write transaction: commits on success, rolls back on any exception."""
+        """A write transaction of its own: commits on success, rolls back on any exception. The writer
+        uses it for each group; elsewhere only for start-up, maintenance and tests, where nothing else
+        writes (on SQLite it waits for the one write connection, so it never races the writer)."""
         async with self.writer.connect() as conn:
             take_changed(conn)
             try:
@@ -74,7 +92,8 @@ class Database:
             yield conn
 
     async def close(self) -> None:
-        """Dispose of every pooled connection."""
+        """Commit what the writer holds, then dispose of every pooled connection."""
+        await self.group_writer.close()
         await self.writer.dispose()
         if self.reader is not self.writer:
             await self.reader.dispose()

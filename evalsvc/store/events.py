@@ -19,21 +19,32 @@ EVENTS_CHANNEL = "evalsvc_events"
 
 
 async def append(conn: AsyncConnection, tenant: str, run_id: str, events: Sequence[pb.WatchRunResponse]) -> None:
-    """Insert events whose seq the caller allocated from runs.last_seq in this same transaction.
+    """Insert one run's events (see `append_many`)."""
+    await append_many(conn, [(tenant, run_id, events)])
 
-    On PostgreSQL the transaction also notifies EVENTS_CHANNEL; NOTIFY is delivered only at commit,
-    so a replica that hears it reads events that are already visible. A lost notification only
-    delays a watcher on another replica until its next wake-up; it never loses an event."""
-    if not events:
+
+async def append_many(conn: AsyncConnection, batches: Sequence[tuple[str, str, Sequence[pb.WatchRunResponse]]]) -> None:
+    """Insert events of several runs - (tenant, run id, events) each - whose seqs the caller allocated
+    from runs.last_seq in this same transaction: one statement for all of them.
+
+    On PostgreSQL the transaction also notifies EVENTS_CHANNEL once per run (in one statement); NOTIFY
+    is delivered only at commit, so a replica that hears it reads events that are already visible. A
+    lost notification only delays a watcher on another replica until its next wake-up; it never
+    loses an event."""
+    batches = [batch for batch in batches if batch[2]]
+    if not batches:
         return
     await insert_tuples(
         conn,
         EVENTS,
         ("run_id", "seq", "tenant", "payload"),
-        [(run_id, e.seq, tenant, e.SerializeToString()) for e in events],
+        [(run_id, e.seq, tenant, e.SerializeToString()) for tenant, run_id, events in batches for e in events],
     )
     if conn.dialect.name == "postgresql":
-        await conn.execute(select(func.pg_notify(EVENTS_CHANNEL, f"{PROCESS_ID}|{run_id}|{events[-1].seq}")))
+        notices = [
+            func.pg_notify(EVENTS_CHANNEL, f"{PROCESS_ID}|{run_id}|{events[-1].seq}") for _, run_id, events in batches
+        ]
+        await conn.execute(select(*notices))
 
 
 async def read_after(

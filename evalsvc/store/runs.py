@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import and_, case, exists, func, insert, select, update
+from sqlalchemy import ColumnElement, and_, case, exists, func, insert, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc import statuses
-from evalsvc.runs.convert import counts_from, run_from, timestamp
+from evalsvc.messages.convert import counts_from, run_from, timestamp
 from evalsvc.store import events
 from evalsvc.store import jobs as job_store
 from evalsvc.store import webhooks as webhook_store
@@ -53,52 +53,95 @@ async def find_by_request_id(conn: AsyncConnection, tenant: str, request_id: str
     return cast("Mapping[str, Any] | None", row.mappings().first())
 
 
-async def next_run_number(conn: AsyncConnection, tenant: str, dataset_id: str) -> int:
-    """Allocate the next run_number of a dataset (or of the tenant's inline runs) atomically.
+async def find_by_request_ids(
+    conn: AsyncConnection, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], Mapping[str, Any]]:
+    """The runs created with these (tenant, request_id) idempotency keys, by key: one statement."""
+    if not keys:
+        return {}
+    rows = await conn.execute(select(RUNS).where(tuple_(RUNS.c.tenant, RUNS.c.request_id).in_(list(set(keys)))))
+    return {(row["tenant"], row["request_id"]): cast("Mapping[str, Any]", row) for row in rows.mappings()}
+
+
+async def count_active_by_tenant(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, int]:
+    """PENDING or RUNNING runs of each of these tenants: one statement."""
+    rows = await conn.execute(
+        select(RUNS.c.tenant, func.count())
+        .where(RUNS.c.tenant.in_(sorted(set(tenants))), RUNS.c.status.in_(list(ACTIVE_STATUSES)))
+        .group_by(RUNS.c.tenant)
+    )
+    found = {tenant: int(n) for tenant, n in rows}
+    return {tenant: found.get(tenant, 0) for tenant in tenants}
+
+
+async def allocate_run_numbers(conn: AsyncConnection, tenant: str, dataset_id: str, count: int = 1) -> int:
+    """Allocate the next `count` run_numbers of a dataset (or of the tenant's inline runs) atomically;
+    returns the first.
 
     One upsert, not update-then-insert: on PostgreSQL two first runs of a dataset would otherwise
     both find no counter and one would fail on the primary key."""
     dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    statement = dialect_insert(COUNTERS).values(tenant=tenant, dataset_id=dataset_id, last=1)
+    statement = dialect_insert(COUNTERS).values(tenant=tenant, dataset_id=dataset_id, last=count)
     bumped = await conn.execute(
         statement.on_conflict_do_update(
-            index_elements=[COUNTERS.c.tenant, COUNTERS.c.dataset_id], set_={"last": COUNTERS.c.last + 1}
+            index_elements=[COUNTERS.c.tenant, COUNTERS.c.dataset_id], set_={"last": COUNTERS.c.last + count}
         ).returning(COUNTERS.c.last)
     )
-    return int(bumped.scalar_one())
+    return int(bumped.scalar_one()) - count + 1
 
 
-async def insert_run(
-    conn: AsyncConnection,
-    row: dict[str, Any],
-    items: Sequence[bytes],
-    repetitions: int,
-) -> pb.WatchRunResponse:
-    """Store a new run, its copied items, one job per item x repetition, its first event (seq 1) and the
-    webhook deliveries that report it."""
-    now = row["create_time"]
-    tenant, run_id = row["tenant"], row["id"]
-    inserted = await conn.execute(insert(RUNS).values(**row, last_seq=1, update_time=now).returning(*RUNS.c))
-    stored = cast("Mapping[str, Any]", inserted.mappings().one())
-    remember(conn, stored)
-    if row["labels"]:
-        await conn.execute(
-            insert(LABELS),
-            [{"run_id": run_id, "key": k, "value": v, "tenant": tenant} for k, v in row["labels"].items()],
-        )
+@dataclass(frozen=True)
+class NewRun:
+    """A run to store: its row (every column CreateRun sets, run_number included), its copied items and
+    how many times each is evaluated."""
+
+    row: Mapping[str, Any]
+    items: Sequence[bytes]
+    repetitions: int
+
+
+async def insert_runs(conn: AsyncConnection, runs: Sequence[NewRun]) -> list[pb.WatchRunResponse]:
+    """Store new runs, their copied items, one job per item x repetition, each run's first event (seq 1)
+    and the webhook deliveries that report them: one multi-row statement per table for all of them.
+    Returns each run's first event, in order."""
+    if not runs:
+        return []
+    inserted = await conn.execute(
+        insert(RUNS).returning(*RUNS.c, sort_by_parameter_order=True),
+        [{**new.row, "last_seq": 1, "update_time": new.row["create_time"]} for new in runs],
+    )
+    stored = cast("list[Mapping[str, Any]]", list(inserted.mappings()))
+    labels = [
+        {"run_id": new.row["id"], "key": k, "value": v, "tenant": new.row["tenant"]}
+        for new in runs
+        for k, v in new.row["labels"].items()
+    ]
+    if labels:
+        await conn.execute(insert(LABELS), labels)
     await insert_tuples(
-        conn, ITEMS, ("run_id", "idx", "tenant", "item"), [(run_id, i, tenant, item) for i, item in enumerate(items)]
+        conn,
+        ITEMS,
+        ("run_id", "idx", "tenant", "item"),
+        [(new.row["id"], i, new.row["tenant"], item) for new in runs for i, item in enumerate(new.items)],
     )
     await insert_tuples(
         conn,
         JOBS,
         ("tenant", "run_id", "item_idx", "repetition", "state", "attempt"),
-        [(tenant, run_id, i, rep, JOB_QUEUED, 0) for rep in range(1, repetitions + 1) for i in range(len(items))],
+        [
+            (new.row["tenant"], new.row["id"], i, rep, JOB_QUEUED, 0)
+            for new in runs
+            for rep in range(1, new.repetitions + 1)
+            for i in range(len(new.items))
+        ],
     )
-    event = run_event(stored)
-    await events.append(conn, tenant, run_id, [event])
-    await webhook_store.enqueue(conn, tenant, event)
-    return event
+    first_events = []
+    for row in stored:
+        remember(conn, row)
+        first_events.append((row["tenant"], run_event(row)))
+    await events.append_many(conn, [(tenant, event.run.id, [event]) for tenant, event in first_events])
+    await webhook_store.enqueue_many(conn, first_events)
+    return [event for _, event in first_events]
 
 
 def run_event(row: Mapping[str, Any]) -> pb.WatchRunResponse:
@@ -182,24 +225,95 @@ async def set_status(
     recording the change as an event and the webhook deliveries that report it.
 
     Returns the event, or None when the run was not in a status it may leave this way."""
-    now = time.time()
-    conditions = [RUNS.c.id == run_id, RUNS.c.tenant == tenant, RUNS.c.status.in_(list(from_statuses))]
+    conditions = [RUNS.c.id == run_id, RUNS.c.tenant == tenant]
     if version is not None:
         conditions.append(RUNS.c.version == version)
+    changed = await _change_status(conn, conditions, from_statuses, {**values, "status": status})
+    return changed[0] if changed else None
+
+
+async def start_runs(conn: AsyncConnection, run_ids: Sequence[str], now: float) -> list[pb.WatchRunResponse]:
+    """Move the PENDING runs among these to RUNNING (their first job was claimed): one statement for all,
+    then one insert of their events. Returns the events, by run id."""
+    if not run_ids:
+        return []
+    return await _change_status(
+        conn,
+        runs_in_lock_order(conn, run_ids),
+        [run_pb2.RUN_STATUS_PENDING],
+        {"status": run_pb2.RUN_STATUS_RUNNING, "start_time": now},
+    )
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a run ends: its final status, verdict and aggregate (see `finish_runs`)."""
+
+    run_id: str
+    status: int
+    overall_passed: bool | None
+    error_code: str
+    error_message: str
+    aggregate: bytes
+    end_time: float
+
+
+async def finish_runs(conn: AsyncConnection, endings: Sequence[Ending]) -> list[pb.WatchRunResponse]:
+    """End active runs, each with its own status, verdict and aggregate: one UPDATE for all of them
+    (values chosen per run id), then one insert of their events. Runs no longer active are left as
+    they are. Returns the events, in run id order."""
+    if not endings:
+        return []
+
+    def per_run(column: str) -> Any:
+        return case({e.run_id: getattr(e, column) for e in endings}, value=RUNS.c.id)
+
+    columns = ("status", "overall_passed", "error_code", "error_message", "aggregate", "end_time")
+    return await _change_status(
+        conn,
+        runs_in_lock_order(conn, [e.run_id for e in endings]),
+        ACTIVE_STATUSES,
+        {column: per_run(column) for column in columns},
+    )
+
+
+def runs_in_lock_order(conn: AsyncConnection, run_ids: Sequence[str]) -> list[ColumnElement[bool]]:
+    """WHERE clauses for a multi-run UPDATE that locks its rows in id order on PostgreSQL (see
+    evalsvc.store.jobs.in_lock_order: two such statements over overlapping runs must not deadlock)."""
+    ids = sorted(set(run_ids))
+    if conn.dialect.name != "postgresql":
+        return [RUNS.c.id.in_(ids)]
+    locked = select(RUNS.c.id).where(RUNS.c.id.in_(ids)).order_by(RUNS.c.id).with_for_update()
+    return [RUNS.c.id.in_(locked.scalar_subquery())]
+
+
+async def _change_status(
+    conn: AsyncConnection,
+    conditions: list[ColumnElement[bool]],
+    from_statuses: Sequence[int],
+    values: Mapping[str, Any],
+) -> list[pb.WatchRunResponse]:
+    """The one status change of every run row matching `conditions` and in `from_statuses`: the rows,
+    their events (seq = last_seq + 1) and webhook deliveries, in run id order."""
     changed = await conn.execute(
         update(RUNS)
-        .where(*conditions)
-        .values(status=status, update_time=now, last_seq=RUNS.c.last_seq + 1, version=RUNS.c.version + 1, **values)
+        .where(*conditions, RUNS.c.status.in_(list(from_statuses)))
+        .values(
+            update_time=time.time(),
+            last_seq=RUNS.c.last_seq + 1,
+            version=RUNS.c.version + 1,
+            **values,
+        )
         .returning(*RUNS.c)
     )
-    row = cast("Mapping[str, Any] | None", changed.mappings().first())
-    if row is None:
-        return None
-    remember(conn, row)
-    event = run_event(row)
-    await events.append(conn, tenant, run_id, [event])
-    await webhook_store.enqueue(conn, tenant, event)
-    return event
+    rows = sorted(cast("list[Mapping[str, Any]]", list(changed.mappings())), key=lambda row: row["id"])
+    tenant_events = []
+    for row in rows:
+        remember(conn, row)
+        tenant_events.append((row["tenant"], run_event(row)))
+    await events.append_many(conn, [(tenant, event.run.id, [event]) for tenant, event in tenant_events])
+    await webhook_store.enqueue_many(conn, tenant_events)
+    return [event for _, event in tenant_events]
 
 
 async def update_fields(
@@ -259,7 +373,7 @@ async def results_page(
     return [(cast("Mapping[str, Any]", row), row["output"]) for row in rows.mappings()]
 
 
-@dataclass(frozen=True)
+@dataclass
 class AggregateInputs:
     """What a run's summary is computed from, gathered with a few GROUP BY queries."""
 
@@ -274,10 +388,11 @@ class AggregateInputs:
     target_cost_saved_usd: float = 0.0  # what those cost when recorded
 
 
-async def aggregate_inputs(conn: AsyncConnection, run_id: str) -> AggregateInputs:
-    """The inputs of a run's aggregate."""
+async def aggregate_inputs(conn: AsyncConnection, run_ids: Sequence[str]) -> dict[str, AggregateInputs]:
+    """The inputs of these runs' aggregates, by run id: two GROUP BY queries for all of them."""
     per_grader = await conn.execute(
         select(
+            RESULTS.c.run_id,
             RESULTS.c.grader,
             RESULTS.c.state,
             func.count().label("n"),
@@ -287,33 +402,36 @@ async def aggregate_inputs(conn: AsyncConnection, run_id: str) -> AggregateInput
             func.sum(case((RESULTS.c.verdict_cached, RESULTS.c.scoring_cost_usd), else_=0.0)).label("scoring_saved"),
             func.sum(case((RESULTS.c.verdict_cached, 1), else_=0)).label("verdict_hits"),
         )
-        .where(RESULTS.c.run_id == run_id)
-        .group_by(RESULTS.c.grader, RESULTS.c.state)
+        .where(RESULTS.c.run_id.in_(sorted(set(run_ids))))
+        .group_by(RESULTS.c.run_id, RESULTS.c.grader, RESULTS.c.state)
     )
-    grader_rows = cast("list[Mapping[str, Any]]", list(per_grader.mappings()))
+    inputs = {run_id: AggregateInputs([], [], 0.0, [], []) for run_id in run_ids}
+    for row in per_grader.mappings():
+        inputs[row["run_id"]].grader_rows.append(cast("Mapping[str, Any]", row))
     per_output = await conn.execute(
         select(
-            OUTPUTS.c.latency_ms, OUTPUTS.c.cost_usd, OUTPUTS.c.item_score, OUTPUTS.c.output, OUTPUTS.c.cached
-        ).where(OUTPUTS.c.run_id == run_id)
+            OUTPUTS.c.run_id,
+            OUTPUTS.c.latency_ms,
+            OUTPUTS.c.cost_usd,
+            OUTPUTS.c.item_score,
+            OUTPUTS.c.output,
+            OUTPUTS.c.cached,
+        ).where(OUTPUTS.c.run_id.in_(sorted(set(run_ids))))
     )
-    latencies: list[float] = []
-    item_scores: list[float] = []
-    memory: list[float] = []
-    cost = saved = 0.0
-    cached_outputs = 0
-    for latency, job_cost, item_score, output, cached in per_output:
-        latencies.append(float(latency or 0.0))
+    for run_id, latency, job_cost, item_score, output, cached in per_output:
+        run = inputs[run_id]
+        run.latencies.append(float(latency or 0.0))
         if cached:
-            cached_outputs += 1
-            saved += float(job_cost or 0.0)
+            run.cached_outputs += 1
+            run.target_cost_saved_usd += float(job_cost or 0.0)
         else:
-            cost += float(job_cost or 0.0)
+            run.target_cost_usd += float(job_cost or 0.0)
         if item_score is not None:
-            item_scores.append(float(item_score))
+            run.item_scores.append(float(item_score))
         reported = item_pb2.Response.FromString(output).memory_mib
         if reported > 0:
-            memory.append(reported)
-    return AggregateInputs(grader_rows, latencies, cost, item_scores, memory, cached_outputs, saved)
+            run.memory_mib.append(reported)
+    return inputs
 
 
 async def claimable_runs(conn: AsyncConnection, now: float) -> list[tuple[str, str]]:
@@ -326,40 +444,53 @@ async def claimable_runs(conn: AsyncConnection, now: float) -> list[tuple[str, s
     return [(tenant, run_id) for tenant, run_id in rows]
 
 
-async def add_progress(
-    conn: AsyncConnection,
-    run_id: str,
-    *,
-    passed: int,
-    failed: int,
-    errored: int,
-    skipped: int,
-    cost_usd: float,
-    now: float,
-) -> Mapping[str, Any]:
-    """Count new results and allocate one seq per result, atomically; return the updated row.
+@dataclass(frozen=True)
+class Progress:
+    """New results of one run in a recording: how many in each state, and what they cost."""
 
-    The seqs of this batch are last_seq - (results) + 1 .. last_seq of the returned row."""
-    n = passed + failed + errored + skipped
+    passed: int = 0
+    failed: int = 0
+    errored: int = 0
+    skipped: int = 0
+    cost_usd: float = 0.0
+
+    @property
+    def results(self) -> int:
+        return self.passed + self.failed + self.errored + self.skipped
+
+
+async def add_progress(
+    conn: AsyncConnection, progress: Mapping[str, Progress], now: float
+) -> dict[str, Mapping[str, Any]]:
+    """Count new results on their runs and allocate one seq per result, atomically: one UPDATE for
+    every run of a recording (increments chosen per run id). Returns the updated rows by run id; the
+    seqs of a run's results are last_seq - (its results) + 1 .. last_seq of its row."""
+    if not progress:
+        return {}
+
+    def by_run(value: Callable[[Progress], float]) -> Any:
+        return case({run_id: value(p) for run_id, p in progress.items()}, value=RUNS.c.id)
+
     updated = await conn.execute(
         update(RUNS)
-        .where(RUNS.c.id == run_id)
+        .where(*runs_in_lock_order(conn, list(progress)))
         .values(
-            completed=RUNS.c.completed + n,
-            passed=RUNS.c.passed + passed,
-            failed=RUNS.c.failed + failed,
-            errored=RUNS.c.errored + errored,
-            skipped=RUNS.c.skipped + skipped,
-            last_seq=RUNS.c.last_seq + n,
-            cost_usd=RUNS.c.cost_usd + cost_usd,
+            completed=RUNS.c.completed + by_run(lambda p: p.results),
+            passed=RUNS.c.passed + by_run(lambda p: p.passed),
+            failed=RUNS.c.failed + by_run(lambda p: p.failed),
+            errored=RUNS.c.errored + by_run(lambda p: p.errored),
+            skipped=RUNS.c.skipped + by_run(lambda p: p.skipped),
+            last_seq=RUNS.c.last_seq + by_run(lambda p: p.results),
+            cost_usd=RUNS.c.cost_usd + by_run(lambda p: p.cost_usd),
             update_time=now,
             version=RUNS.c.version + 1,
         )
         .returning(*RUNS.c)
     )
-    row = cast("Mapping[str, Any]", updated.mappings().one())
-    remember(conn, row)
-    return row
+    rows = {row["id"]: cast("Mapping[str, Any]", row) for row in updated.mappings()}
+    for run_id in sorted(rows):
+        remember(conn, rows[run_id])
+    return rows
 
 
 async def tenant_spend(conn: AsyncConnection, tenant: str) -> float:

@@ -19,10 +19,10 @@ from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.ids import new_id
+from evalsvc.messages import webhook_events as events
 from evalsvc.store.models import EventRow, WebhookDeliveryRow, WebhookRow
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import webhook_service_pb2 as wpb
-from evalsvc.webhooks import events
 
 WEBHOOKS = WebhookRow.__table__  # type: ignore[attr-defined]
 DELIVERIES = WebhookDeliveryRow.__table__  # type: ignore[attr-defined]
@@ -34,41 +34,52 @@ FAILED = wpb.WEBHOOK_DELIVERY_STATUS_FAILED
 
 
 async def enqueue(conn: AsyncConnection, tenant: str, event: pb.WatchRunResponse) -> None:
-    """Write one delivery per enabled webhook of the tenant that subscribed to this run status event."""
-    event_type = events.type_of_status(event.run.status)
-    if event_type is None:
+    """Write the deliveries of one run status event (see `enqueue_many`)."""
+    await enqueue_many(conn, [(tenant, event)])
+
+
+async def enqueue_many(conn: AsyncConnection, tenant_events: Sequence[tuple[str, pb.WatchRunResponse]]) -> None:
+    """Write one delivery per enabled webhook of the event's tenant that subscribed to its run status
+    event, for several events: one read of the tenants' webhooks, one insert."""
+    typed = [
+        (tenant, event, event_type)
+        for tenant, event in tenant_events
+        if (event_type := events.type_of_status(event.run.status)) is not None
+    ]
+    if not typed:
         return
     subscribed = await conn.execute(
-        select(WEBHOOKS.c.id).where(
-            WEBHOOKS.c.tenant == tenant,
-            WEBHOOKS.c.enabled.is_(True),
-            WEBHOOKS.c.event_mask.op("&")(events.bit(event_type)) != 0,
+        select(WEBHOOKS.c.id, WEBHOOKS.c.tenant, WEBHOOKS.c.event_mask).where(
+            WEBHOOKS.c.tenant.in_(sorted({tenant for tenant, _, _ in typed})), WEBHOOKS.c.enabled.is_(True)
         )
     )
-    webhook_ids = [webhook_id for (webhook_id,) in subscribed]
-    if not webhook_ids:
+    hooks: dict[str, list[tuple[str, int]]] = {}
+    for webhook_id, tenant, mask in subscribed:
+        hooks.setdefault(tenant, []).append((webhook_id, mask))
+    if not hooks:
         return
     now = time.time()
-    await conn.execute(
-        insert(DELIVERIES),
-        [
-            {
-                "id": new_id("msg"),
-                "tenant": tenant,
-                "webhook_id": webhook_id,
-                "event_type": event_type,
-                "run_id": event.run.id,
-                "seq": event.seq,
-                "status": PENDING,
-                "attempts": 0,
-                "next_attempt_time": now,
-                "last_response_code": 0,
-                "last_error": "",
-                "create_time": now,
-            }
-            for webhook_id in webhook_ids
-        ],
-    )
+    rows = [
+        {
+            "id": new_id("msg"),
+            "tenant": tenant,
+            "webhook_id": webhook_id,
+            "event_type": event_type,
+            "run_id": event.run.id,
+            "seq": event.seq,
+            "status": PENDING,
+            "attempts": 0,
+            "next_attempt_time": now,
+            "last_response_code": 0,
+            "last_error": "",
+            "create_time": now,
+        }
+        for tenant, event, event_type in typed
+        for webhook_id, mask in hooks.get(tenant, ())
+        if mask & events.bit(event_type)
+    ]
+    if rows:
+        await conn.execute(insert(DELIVERIES), rows)
 
 
 async def insert_webhook(conn: AsyncConnection, row: Mapping[str, Any]) -> None:

@@ -2,26 +2,30 @@
 
 Webhooks belong to a tenant and are notified only of that tenant's runs (the outbox is written per
 tenant: evalsvc.store.webhooks.enqueue). A webhook's URL follows the rule of target URLs
-(evalsvc.execution.outbound.check_destination), checked when it is set and again before each attempt.
+(evalsvc.http.outbound.check_destination), checked when it is set and again before each attempt.
 """
 
 from __future__ import annotations
 
+import builtins
 import time
 from collections.abc import Mapping
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
-from evalsvc.execution.outbound import AllowList, OutboundError, check_destination, check_url_shape
+from evalsvc.http.outbound import AllowList, OutboundError, check_destination, check_url_shape
 from evalsvc.idempotency import create_once, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
 from evalsvc.limits import quota_exceeded
-from evalsvc.runs.convert import timestamp
-from evalsvc.runs.validation import MAX_DESCRIPTION, MAX_REQUEST_ID, check_length
+from evalsvc.messages import webhook_events as events
+from evalsvc.messages.convert import timestamp
+from evalsvc.messages.validation import MAX_DESCRIPTION, MAX_REQUEST_ID, check_length
 from evalsvc.store import webhooks as store
 from evalsvc.store.db import Database
 from evalsvc.v1 import webhook_service_pb2 as wpb
-from evalsvc.webhooks import events, signing
+from evalsvc.webhooks import signing
 
 MAX_URL = 2048
 MAX_WEBHOOKS_PER_TENANT = 50
@@ -194,16 +198,14 @@ class WebhookService:
             values["disabled_reason"] = ""
         if violations:
             raise invalid_argument(violations)
-        async with self._db.write() as conn:
-            row = await store.update_webhook(conn, tenant, request.webhook_id, values)
+        row = await self._db.transact(lambda conn: store.update_webhook(conn, tenant, request.webhook_id, values))
         if row is None:
             raise not_found("webhook", request.webhook_id)
         return webhook_from(row)
 
     async def delete(self, tenant: str, webhook_id: str) -> None:
         """Delete a webhook and its deliveries."""
-        async with self._db.write() as conn:
-            deleted = await store.delete_webhook(conn, tenant, webhook_id)
+        deleted = await self._db.transact(lambda conn: store.delete_webhook(conn, tenant, webhook_id))
         if not deleted:
             raise not_found("webhook", webhook_id)
 
@@ -212,12 +214,13 @@ class WebhookService:
         receivers that have not switched yet still verify, unless revoke_previous."""
         secret = signing.new_secret()
         now = time.time()
-        async with self._db.write() as conn:
+        keep = not request.revoke_previous
+
+        async def rotate(conn: AsyncConnection) -> Mapping[str, Any] | None:
             current = await store.get_webhook(conn, tenant, request.webhook_id)
             if current is None:
                 raise not_found("webhook", request.webhook_id)
-            keep = not request.revoke_previous
-            row = await store.update_webhook(
+            return await store.update_webhook(
                 conn,
                 tenant,
                 request.webhook_id,
@@ -228,13 +231,15 @@ class WebhookService:
                     "update_time": now,
                 },
             )
+
+        row = await self._db.transact(rotate)
         if row is None:  # deleted between the two statements (PostgreSQL, another replica)
             raise not_found("webhook", request.webhook_id)
         return webhook_from(row, signing_secret=signing.secret_text(secret))
 
     async def list_deliveries(
         self, tenant: str, request: wpb.ListWebhookDeliveriesRequest
-    ) -> tuple[list[wpb.WebhookDelivery], str]:
+    ) -> tuple[builtins.list[wpb.WebhookDelivery], str]:  # `list` here is the method above
         """A page of a webhook's deliveries, newest first."""
         limit = page_size(request.page_size, 50)
         if request.status not in wpb.WebhookDeliveryStatus.values():

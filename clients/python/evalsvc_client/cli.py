@@ -29,7 +29,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
@@ -51,7 +51,11 @@ _STATES = {
     "error": pb.run.RESULT_STATE_ERROR,
     "skipped": pb.run.RESULT_STATE_SKIPPED,
 }
-_STATUSES = {name.removeprefix("RUN_STATUS_").lower(): value for name, value in pb.run.RunStatus.items() if value}
+# The generated stubs type an enum's items() as plain ints; they are the enum's values (the same casts below).
+_STATUSES = cast(
+    "dict[str, pb.RunStatus]",
+    {name.removeprefix("RUN_STATUS_").lower(): value for name, value in pb.run.RunStatus.items() if value},
+)
 
 
 def _status(value: int) -> str:
@@ -199,7 +203,7 @@ def _export(client: EvalClient, run: pb.Run, args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
     spec = load_spec(Path(args.spec))
     if args.cache:
-        spec.create_request.cache_mode = cache_mode(args.cache)  # type: ignore[assignment]
+        spec.create_request.cache_mode = cache_mode(args.cache)
     created = client.create_run_from(spec.request())
     run = created.run
     if not args.json:
@@ -327,11 +331,14 @@ def cmd_results(args: argparse.Namespace, client: EvalClient, console: Console) 
     return EXIT_OK
 
 
-_CHANGES = {
-    name.removeprefix("COMPARISON_CHANGE_").lower(): value
-    for name, value in pb.comparison.ComparisonChange.items()
-    if value
-}
+_CHANGES = cast(
+    "dict[str, pb.comparison.ComparisonChange]",
+    {
+        name.removeprefix("COMPARISON_CHANGE_").lower(): value
+        for name, value in pb.comparison.ComparisonChange.items()
+        if value
+    },
+)
 
 
 def _verdict_name(value: int) -> str:
@@ -398,11 +405,14 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
     return EXIT_OK
 
 
-_DELIVERY_STATUSES = {
-    name.removeprefix("WEBHOOK_DELIVERY_STATUS_").lower(): value
-    for name, value in pb.webhooks.WebhookDeliveryStatus.items()
-    if value
-}
+_DELIVERY_STATUSES = cast(
+    "dict[str, pb.webhooks.WebhookDeliveryStatus]",
+    {
+        name.removeprefix("WEBHOOK_DELIVERY_STATUS_").lower(): value
+        for name, value in pb.webhooks.WebhookDeliveryStatus.items()
+        if value
+    },
+)
 WEBHOOK_EVENT_TYPES = ("run.created", "run.started", "run.succeeded", "run.failed", "run.cancelled")
 
 
@@ -422,7 +432,7 @@ def _print_webhooks(args: argparse.Namespace, webhooks: Sequence[pb.Webhook]) ->
 def cmd_webhooks(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
     command = args.webhooks_command
     if command == "deliveries":
-        status = _DELIVERY_STATUSES.get(args.status or "", 0)
+        status = _DELIVERY_STATUSES.get(args.status or "", pb.webhooks.WEBHOOK_DELIVERY_STATUS_UNSPECIFIED)
         deliveries = list(itertools.islice(client.list_webhook_deliveries(args.webhook_id, status=status), args.limit))
         if args.json:
             _print_json([to_dict(d) for d in deliveries])

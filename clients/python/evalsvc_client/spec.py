@@ -27,7 +27,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import yaml
 from google.protobuf import json_format
@@ -223,11 +223,17 @@ def _is_float(text: str) -> bool:
     return True
 
 
+def _descriptor(message: type[Message]) -> Descriptor:
+    """A message class's descriptor: the stubs type it as that of either protobuf implementation (pure Python or
+    upb), which have the same interface."""
+    return cast(Descriptor, message.DESCRIPTOR)
+
+
 def parse_message(data: Mapping[str, Any], message: type[M], what: str) -> M:
     """A message from proto-JSON-like data, checked as specs are (snake_case or camelCase keys, short enum names,
     `response` as text): a SpecError (a ValueError) names every problem with its path and the closest name."""
     checker = _Checker()
-    checked = checker.message(data, message.DESCRIPTOR, "")
+    checked = checker.message(data, _descriptor(message), "")
     if checker.problems:
         raise SpecError(what, checker.problems)
     return json_format.ParseDict(checked, message())
@@ -250,7 +256,7 @@ def _load_structured(path: Path) -> Any:
 
 
 def _item(checker: _Checker, row: Any, path: str) -> pb.Item:
-    data = checker.message(row, pb.Item.DESCRIPTOR, path)
+    data = checker.message(row, _descriptor(pb.Item), path)
     if checker.problems:
         return pb.Item()
     return json_format.ParseDict(data, pb.Item())
@@ -333,10 +339,14 @@ class RunSpec:
         )
 
 
-CACHE_MODES = {name.removeprefix("CACHE_MODE_").lower(): value for name, value in pb.cache.CacheMode.items() if value}
+# The generated stubs type an enum's items() as plain ints; they are CacheMode values.
+CACHE_MODES = cast(
+    "dict[str, pb.cache.CacheMode]",
+    {name.removeprefix("CACHE_MODE_").lower(): value for name, value in pb.cache.CacheMode.items() if value},
+)
 
 
-def cache_mode(name: str) -> int:
+def cache_mode(name: str) -> pb.cache.CacheMode:
     """The CacheMode of `off`, `read_write`, `refresh` or `replay` (docs/targets.md), for `evalctl run --cache`."""
     try:
         return CACHE_MODES[name.strip().lower()]
@@ -354,7 +364,7 @@ def _target(checker: _Checker, value: Any) -> Any:
         except ValueError as exc:
             checker.problem("target", str(exc))
             return {}
-    data = checker.message(value, pb.Target.DESCRIPTOR, "target")
+    data = checker.message(value, _descriptor(pb.Target), "target")
     if isinstance(value, Mapping) and not any(
         f.name in data for f in pb.Target.DESCRIPTOR.oneofs_by_name["kind"].fields
     ):
@@ -371,7 +381,7 @@ def check_spec(data: Any, spec_dir: Path) -> tuple[RunSpec | None, list[SpecProb
     data = dict(data)
     dataset = data.pop(DATASET_KEY, None)
     target = data.pop("target", None)
-    descriptor = pb.runs.CreateRunRequest.DESCRIPTOR
+    descriptor = _descriptor(pb.runs.CreateRunRequest)
     valid = [DATASET_KEY, *(f.name for f in descriptor.fields)]
     for key in list(data):
         if key not in descriptor.fields_by_name and key not in {f.json_name for f in descriptor.fields}:
@@ -404,7 +414,7 @@ def check_spec(data: Any, spec_dir: Path) -> tuple[RunSpec | None, list[SpecProb
                 except SpecError as exc:
                     checker.problems.extend(SpecProblem(DATASET_KEY, str(p)) for p in exc.problems)
                     rows = []
-                request_data["items"] = [checker.message(row, pb.Item.DESCRIPTOR, where) for where, row in rows]
+                request_data["items"] = [checker.message(row, _descriptor(pb.Item), where) for where, row in rows]
     if checker.problems:
         return None, checker.problems
     request = json_format.ParseDict(request_data, pb.runs.CreateRunRequest())

@@ -169,7 +169,7 @@ class EvalClient:
         """Change a run's display name, description, labels or annotations (only those given; maps are
         replaced whole)."""
         given = {"display_name": display_name, "description": description, "labels": labels, "annotations": annotations}
-        fields = {name: value for name, value in given.items() if value is not None}
+        fields: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
         request = pb.runs.UpdateRunRequest(run_id=run_id, run=pb.Run(**fields))
         request.update_mask.paths.extend(fields)
         return (self._call(self._runs.UpdateRun, request)).run

@@ -1,7 +1,7 @@
-"""The vendor dialects of the REST gateway, one module each (see `base.Dialect`).
+"""The vendor dialects of the REST gateway, one module (or package) each (see `base.Dialect`).
 
-Discovery is by module: adding `evalsvc/gateway/dialects/<vendor>.py` with a `DIALECT` adds a dialect,
-and nothing else changes. `--dialects` chooses which are mounted and where.
+Discovery is by module: adding `evalsvc/gateway/dialects/<vendor>.py` (or a package `<vendor>/`) with a
+`DIALECT` adds a dialect, and nothing else changes. `--dialects` chooses which are mounted and where.
 """
 
 from __future__ import annotations

@@ -14,10 +14,10 @@ import json
 import re
 import statistics
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, Literal, NamedTuple, TypeVar
+from typing import Annotated, Any, Literal, NamedTuple
 
 import grpc
 from fastapi import APIRouter, Depends, Query, Response
@@ -26,8 +26,16 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from google.protobuf import field_mask_pb2, json_format, struct_pb2
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from evalsvc.gateway.dialects.base import RUN_LABEL, Dialect, DialectOptions, error_route_class, iso
-from evalsvc.gateway.upstream import Caller, GatewayError, Upstream, window
+from evalsvc.gateway.dialects.base import (
+    Dialect,
+    DialectClient,
+    DialectOptions,
+    VendorOptions,
+    iso,
+    owner_labels,
+    window,
+)
+from evalsvc.gateway.upstream import Caller, GatewayError
 from evalsvc.v1 import eval_run_service_pb2 as runs_pb
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2, target_pb2
 from evalsvc.v1 import target_service_pb2 as targets_pb
@@ -39,8 +47,6 @@ COMPONENT_KEY = "agno.evaluated_component_name"  # annotation: the agent's name 
 PROVIDER_KEY = "agno.model_provider"  # annotation: the model provider reported back
 PROVIDER_LABEL = "model_provider"  # a saved target's label that names its provider (evalsvc has no field)
 MAX_DELETE_IDS = 1000  # evalsvc's own bound on one bulk delete (AgentOS documents none)
-
-Resp = TypeVar("Resp")
 
 
 class EvalType(StrEnum):
@@ -224,17 +230,6 @@ def _agno_storage(
 
 
 _STORAGE = [Depends(_agno_storage)]
-CallerDep = Annotated[Caller, Depends(_caller)]
-
-
-async def _or_not_found(call: Awaitable[Resp], detail: str) -> Resp:
-    """The call's answer; NOT_FOUND becomes a 404 with AgentOS's message for the missing thing."""
-    try:
-        return await call
-    except GatewayError as error:
-        if error.code == grpc.StatusCode.NOT_FOUND:
-            raise GatewayError.not_found(detail) from None
-        raise
 
 
 @dataclass(frozen=True)
@@ -251,8 +246,8 @@ class Stored:
 
     @classmethod
     def of(cls, run: run_pb2.Run) -> Stored | None:
-        """The Agno request of a live run this dialect created; None for any other run (not found to Agno)."""
-        if run.labels.get(RUN_LABEL) != NAME or run.HasField("delete_time") or INPUT_KEY not in run.annotations:
+        """The Agno request of a live run of this dialect; None for any other run (not found to Agno)."""
+        if run.HasField("delete_time") or INPUT_KEY not in run.annotations:
             return None
         try:
             body = EvalRunInput.model_validate_json(run.annotations[INPUT_KEY])
@@ -371,7 +366,7 @@ def _create_request(stored: Stored, agent: targets_pb.SavedTarget) -> runs_pb.Cr
         target=_target(body, agent),
         graders=_graders(body),
         display_name=body.name or "",
-        labels={RUN_LABEL: NAME},
+        labels=owner_labels(NAME),
         repetitions=body.num_iterations,
         warmup_runs=body.warmup_runs if body.eval_type is EvalType.PERFORMANCE else 0,
         annotations=stored.annotations(),
@@ -651,32 +646,37 @@ class _Filter:
 # --- routes ------------------------------------------------------------------------------------------------
 
 
-def router(upstream: Upstream, options: DialectOptions) -> APIRouter:
-    """AgentOS's eval routes and its agent listing, over `upstream`."""
-    api = APIRouter(route_class=error_route_class(render), responses=_ERRORS)
+class Agno(DialectClient):
+    """The evalsvc calls behind AgentOS's routes, made as one caller."""
 
-    async def results_of(run_id: str, caller: Caller) -> list[run_pb2.Result]:
+    async def results_of(self, run_id: str) -> list[run_pb2.Result]:
         request = runs_pb.ListRunResultsRequest(run_id=run_id)
-        return await upstream.collect(upstream.runs.ListRunResults, request, "results", caller)
+        return await self.collect(self.upstream.runs.ListRunResults, request, "results")
 
-    async def own_run(run_id: str, caller: Caller) -> tuple[run_pb2.Run, Stored]:
+    async def own_run(self, run_id: str) -> tuple[run_pb2.Run, Stored]:
         """A live run this dialect created, else AgentOS's 404."""
-        missing = f"Eval run with id '{run_id}' not found"
-        got = await _or_not_found(
-            upstream.call(upstream.runs.GetRun, runs_pb.GetRunRequest(run_id=run_id), caller), missing
-        )
-        stored = Stored.of(got.run)
+        missing = GatewayError.not_found(f"Eval run with id '{run_id}' not found")
+        request = runs_pb.GetRunRequest(run_id=run_id)
+        run: run_pb2.Run = await self.owned(self.upstream.runs.GetRun, request, "run", missing)
+        stored = Stored.of(run)
         if stored is None:
-            raise GatewayError.not_found(missing)
-        return got.run, stored
+            raise missing
+        return run, stored
 
-    async def agent_of(body: EvalRunInput, caller: Caller) -> targets_pb.SavedTarget | None:
+    async def agent_of(self, body: EvalRunInput) -> targets_pb.SavedTarget | None:
         """The saved target named by agent_id or team_id (None when neither is given)."""
         kind, target_id = ("Agent", body.agent_id) if body.agent_id else ("Team", body.team_id)
         if not target_id:
             return None
-        call = upstream.call(upstream.targets.GetTarget, targets_pb.GetTargetRequest(target_id=target_id), caller)
-        return (await _or_not_found(call, f"{kind} with id '{target_id}' not found")).target
+        return await self.agent(target_id, GatewayError.not_found(f"{kind} with id '{target_id}' not found"))
+
+    async def agent(self, target_id: str, missing: GatewayError) -> targets_pb.SavedTarget:
+        request = targets_pb.GetTargetRequest(target_id=target_id)
+        return (await self.get(self.upstream.targets.GetTarget, request, missing)).target
+
+
+def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
+    """AgentOS's eval routes and its agent listing."""
 
     @api.post(
         "/eval-runs",
@@ -687,17 +687,17 @@ def router(upstream: Upstream, options: DialectOptions) -> APIRouter:
         f"{options.sync_wait_s:.0f} s, with eval_data.run_status). Requires either agent_id or team_id, but not both.",
         dependencies=_STORAGE,
     )
-    async def run_eval(body: EvalRunInput, caller: CallerDep) -> EvalSchema:
+    async def run_eval(body: EvalRunInput, agno: Agno = client) -> EvalSchema:
         if body.agent_id and body.team_id:
             raise GatewayError.invalid("Only one of agent_id or team_id must be provided")
-        agent = await agent_of(body, caller)
+        agent = await agno.agent_of(body)
         if agent is None:
             raise GatewayError.invalid("One of agent_id or team_id must be provided")
         _check_eval_fields(body)
         stored = _stored_for(body, agent)
-        created = await upstream.call(upstream.runs.CreateRun, _create_request(stored, agent), caller)
-        run = await upstream.wait_until_done(created.run.id, caller, options.sync_wait_s)
-        return _schema(run, stored, await results_of(run.id, caller), posted=True)
+        created = await agno.call(agno.upstream.runs.CreateRun, _create_request(stored, agent))
+        run = await agno.wait_until_done(created.run.id, options.sync_wait_s)
+        return _schema(run, stored, await agno.results_of(run.id), posted=True)
 
     @api.get(
         "/eval-runs",
@@ -707,7 +707,7 @@ def router(upstream: Upstream, options: DialectOptions) -> APIRouter:
         dependencies=_STORAGE,
     )
     async def get_eval_runs(
-        caller: CallerDep,
+        agno: Agno = client,
         agent_id: Annotated[str | None, Query(description="Agent ID")] = None,
         team_id: Annotated[str | None, Query(description="Team ID")] = None,
         workflow_id: Annotated[str | None, Query(description="Workflow ID (evalsvc has none: matches nothing)")] = None,
@@ -730,14 +730,14 @@ def router(upstream: Upstream, options: DialectOptions) -> APIRouter:
             _eval_types(eval_types),
             f"{filter_type.value}_id" if filter_type else None,
         )
-        listing = runs_pb.ListRunsRequest(labels={RUN_LABEL: NAME})
+        listing = runs_pb.ListRunsRequest(labels=agno.labels)
         rows = [
             _Row(run, stored, summary)
-            for run in await upstream.collect(upstream.runs.ListRuns, listing, "runs", caller)
+            for run in await agno.collect(agno.upstream.runs.ListRuns, listing, "runs")
             if (stored := Stored.of(run)) is not None and keep(summary := _summary(run, stored))
         ]
         shown = window(_ordered(rows, sort_by, sort_order), (page - 1) * limit, limit)
-        data = [_schema(row.run, row.stored, await results_of(row.run.id, caller), posted=False) for row in shown]
+        data = [_schema(row.run, row.stored, await agno.results_of(row.run.id), posted=False) for row in shown]
         meta = PaginationInfo(
             page=page,
             limit=limit,
@@ -754,9 +754,9 @@ def router(upstream: Upstream, options: DialectOptions) -> APIRouter:
         summary="Get Evaluation Run",
         dependencies=_STORAGE,
     )
-    async def get_eval_run(eval_run_id: str, caller: CallerDep) -> EvalSchema:
-        run, stored = await own_run(eval_run_id, caller)
-        return _schema(run, stored, await results_of(run.id, caller), posted=False)
+    async def get_eval_run(eval_run_id: str, agno: Agno = client) -> EvalSchema:
+        run, stored = await agno.own_run(eval_run_id)
+        return _schema(run, stored, await agno.results_of(run.id), posted=False)
 
     @api.delete(
         "/eval-runs",
@@ -768,15 +768,15 @@ def router(upstream: Upstream, options: DialectOptions) -> APIRouter:
         "unknown, already deleted or not Agno runs are skipped, as AgentOS skips unknown ids.",
         dependencies=_STORAGE,
     )
-    async def delete_eval_runs(body: DeleteEvalRunsRequest, caller: CallerDep) -> Response:
+    async def delete_eval_runs(body: DeleteEvalRunsRequest, agno: Agno = client) -> Response:
         for run_id in dict.fromkeys(body.eval_run_ids):
             try:
-                await own_run(run_id, caller)
+                await agno.own_run(run_id)
             except GatewayError as error:
                 if error.code != grpc.StatusCode.NOT_FOUND:
                     raise
                 continue
-            await upstream.call(upstream.runs.DeleteRun, runs_pb.DeleteRunRequest(run_id=run_id), caller)
+            await agno.call(agno.upstream.runs.DeleteRun, runs_pb.DeleteRunRequest(run_id=run_id))
         return Response(status_code=204)
 
     @api.patch(
@@ -786,15 +786,15 @@ def router(upstream: Upstream, options: DialectOptions) -> APIRouter:
         summary="Update Evaluation Run",
         dependencies=_STORAGE,
     )
-    async def update_eval_run(eval_run_id: str, body: UpdateEvalRunRequest, caller: CallerDep) -> EvalSchema:
-        _, stored = await own_run(eval_run_id, caller)
+    async def update_eval_run(eval_run_id: str, body: UpdateEvalRunRequest, agno: Agno = client) -> EvalSchema:
+        _, stored = await agno.own_run(eval_run_id)
         request = runs_pb.UpdateRunRequest(
             run_id=eval_run_id,
             run=run_pb2.Run(display_name=body.name),
             update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
         )
-        updated = await upstream.call(upstream.runs.UpdateRun, request, caller)
-        return _schema(updated.run, stored, await results_of(eval_run_id, caller), posted=False)
+        updated = await agno.call(agno.upstream.runs.UpdateRun, request)
+        return _schema(updated.run, stored, await agno.results_of(eval_run_id), posted=False)
 
     @api.get(
         "/agents",
@@ -803,9 +803,9 @@ def router(upstream: Upstream, options: DialectOptions) -> APIRouter:
         operation_id="get_agents",
         summary="List All Agents (the caller's saved targets)",
     )
-    async def get_agents(caller: CallerDep) -> list[AgentResponse]:
+    async def get_agents(agno: Agno = client) -> list[AgentResponse]:
         listing = targets_pb.ListTargetsRequest()
-        return [_agent(t) for t in await upstream.collect(upstream.targets.ListTargets, listing, "targets", caller)]
+        return [_agent(t) for t in await agno.collect(agno.upstream.targets.ListTargets, listing, "targets")]
 
     @api.get(
         "/agents/{agent_id}",
@@ -814,11 +814,8 @@ def router(upstream: Upstream, options: DialectOptions) -> APIRouter:
         operation_id="get_agent",
         summary="Get Agent Details (a saved target)",
     )
-    async def get_agent(agent_id: str, caller: CallerDep) -> AgentResponse:
-        call = upstream.call(upstream.targets.GetTarget, targets_pb.GetTargetRequest(target_id=agent_id), caller)
-        return _agent((await _or_not_found(call, "Agent not found")).target)
-
-    return api
+    async def get_agent(agent_id: str, agno: Agno = client) -> AgentResponse:
+        return _agent(await agno.agent(agent_id, GatewayError.not_found("Agent not found")))
 
 
 def _agent(saved: targets_pb.SavedTarget) -> AgentResponse:
@@ -837,4 +834,11 @@ def _agent(saved: targets_pb.SavedTarget) -> AgentResponse:
     )
 
 
-DIALECT = Dialect(name=NAME, title="Agno AgentOS", prefix="", router=router)
+DIALECT = Dialect(
+    name=NAME,
+    title="Agno AgentOS",
+    prefix="",
+    client=Agno,
+    routes=routes,
+    vendor=VendorOptions(error_handler=render, caller=_caller, error_responses=_ERRORS),
+)

@@ -21,17 +21,27 @@ from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, Literal
 
 import grpc
-from fastapi import Depends, Query, Request, Response, Security
+from fastapi import Query, Request, Response, Security
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRouter
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 
 from evalsvc.datasets.generation import MAX_INSTRUCTIONS, MAX_ITEMS
-from evalsvc.execution.outbound import check_url_shape
-from evalsvc.gateway.dialects.base import RUN_LABEL, Dialect, DialectOptions, bearer_key, error_route_class, iso
-from evalsvc.gateway.upstream import TERMINAL, Caller, GatewayError, Upstream, window
-from evalsvc.runs.validation import MAX_ANNOTATIONS_BYTES
+from evalsvc.gateway.dialects.base import (
+    MAX_ANNOTATIONS_BYTES,
+    Dialect,
+    DialectClient,
+    DialectOptions,
+    VendorOptions,
+    annotations_bytes,
+    bearer_key,
+    iso,
+    owner_labels,
+    window,
+)
+from evalsvc.gateway.upstream import TERMINAL, Caller, GatewayError
+from evalsvc.http.outbound import check_url_shape
 from evalsvc.v1 import (
     dataset_generation_pb2,
     dataset_service_pb2,
@@ -339,7 +349,6 @@ def aymara_key(request: Request, key: Annotated[str | None, Security(_API_KEY)])
     return Caller(key.strip()) if key else bearer_key(request)
 
 
-CallerDep = Annotated[Caller, Depends(aymara_key)]
 Limit = Annotated[int, Query(ge=1, description="At most this many items.")]
 Offset = Annotated[int, Query(ge=0, description="Items to skip.")]
 
@@ -521,7 +530,7 @@ def conversation_of(response: EvalResponse, prompt: item_pb2.Item) -> dataset_ge
 def check_kept(annotations: dict[str, str], field: str) -> None:
     """The vendor fields kept in annotations fit their 64 KiB, said in the vendor's terms before the
     server would refuse the annotations."""
-    size = sum(len(key.encode()) + len(value.encode()) for key, value in annotations.items())
+    size = annotations_bytes(annotations)
     if size > MAX_ANNOTATIONS_BYTES:
         raise GatewayError.invalid(
             "too much to store", (field, f"the fields evalsvc keeps take {size} bytes; at most {MAX_ANNOTATIONS_BYTES}")
@@ -574,7 +583,7 @@ def create_request(
         target=target_pb2.Target(provided=target_pb2.ProvidedTarget()),
         graders=[judge(evaluation, body.eval_run_examples or ())],
         display_name=body.name or "",
-        labels={RUN_LABEL: NAME, EVAL_LABEL: body.eval_uuid},
+        labels={**owner_labels(NAME), EVAL_LABEL: body.eval_uuid},
         annotations=annotations,
     )
 
@@ -638,26 +647,23 @@ def _validate_only(
 # ---- Calls ---------------------------------------------------------------------------------------
 
 
-class Aymara:
-    """The routes' work, over the gRPC service."""
+class Aymara(DialectClient):
+    """The routes' work, as one caller."""
 
-    def __init__(self, upstream: Upstream) -> None:
-        self.up = upstream
-
-    async def dataset(self, eval_uuid: str, caller: Caller) -> dataset_service_pb2.Dataset:
+    async def dataset(self, eval_uuid: str) -> dataset_service_pb2.Dataset:
         """The dataset of an eval; other datasets are not evals (404)."""
-        got = await self.up.call(
-            self.up.datasets.GetDataset, dataset_service_pb2.GetDatasetRequest(dataset_id=eval_uuid), caller
+        request = dataset_service_pb2.GetDatasetRequest(dataset_id=eval_uuid)
+        missing = GatewayError.not_found(f"eval {eval_uuid!r} not found")
+        found: dataset_service_pb2.Dataset = await self.owned(
+            self.upstream.datasets.GetDataset, request, "dataset", missing, accept=lambda d: EVAL_KEY in d.annotations
         )
-        if got.dataset.labels.get(RUN_LABEL) != NAME or EVAL_KEY not in got.dataset.annotations:
-            raise GatewayError.not_found(f"eval {eval_uuid!r} not found")
-        return got.dataset
+        return found
 
-    async def prompts(self, eval_uuid: str, caller: Caller) -> list[item_pb2.Item]:
+    async def prompts(self, eval_uuid: str) -> list[item_pb2.Item]:
         request = dataset_service_pb2.ListDatasetItemsRequest(dataset_id=eval_uuid)
-        return await self.up.collect(self.up.datasets.ListDatasetItems, request, "items", caller)
+        return await self.collect(self.upstream.datasets.ListDatasetItems, request, "items")
 
-    async def create_eval(self, body: EvalCreate, caller: Caller) -> Eval:
+    async def create_eval(self, body: EvalCreate) -> Eval:
         """A dataset with the eval's fields, then its given prompts (skipped when a retry finds them
         stored) or the generation of its prompts (which a retry finds accepted)."""
         check_eval(body)
@@ -668,49 +674,47 @@ class Aymara:
             item_count=count, instructions=generation_instructions(fields)
         )
         if body.prompts is None:  # refused here (no generator model), before anything is written
-            await self.up.call(self.up.generations.GenerateDatasetItems, _validate_only(generate), caller)
+            await self.call(self.upstream.generations.GenerateDatasetItems, _validate_only(generate))
         annotations = {EVAL_KEY: fields.model_dump_json(exclude_none=True)}
         check_kept(annotations, "eval")
-        spec = dataset_service_pb2.Dataset(
-            display_name=body.name or "", labels={RUN_LABEL: NAME}, annotations=annotations
-        )
+        spec = dataset_service_pb2.Dataset(display_name=body.name or "", labels=self.labels, annotations=annotations)
         request = dataset_service_pb2.CreateDatasetRequest(dataset=spec, request_id=body.eval_uuid or "")
-        dataset = (await self.up.call(self.up.datasets.CreateDataset, request, caller)).dataset
+        dataset = (await self.call(self.upstream.datasets.CreateDataset, request)).dataset
         if body.prompts is None:
             generate.dataset_id = dataset.id
-            accepted = await self.up.call(self.up.generations.GenerateDatasetItems, generate, caller)
+            accepted = await self.call(self.upstream.generations.GenerateDatasetItems, generate)
             dataset.generation.CopyFrom(accepted.generation)
         elif dataset.item_count == 0:
             add = dataset_service_pb2.AddDatasetItemsRequest(
                 dataset_id=dataset.id, items=[item_of(p) for p in body.prompts]
             )
-            dataset = (await self.up.call(self.up.datasets.AddDatasetItems, add, caller)).dataset
+            dataset = (await self.call(self.upstream.datasets.AddDatasetItems, add)).dataset
         return eval_of(dataset)
 
-    async def list_evals(self, caller: Caller) -> list[Eval]:
+    async def list_evals(self) -> list[Eval]:
         """This dialect's evals, newest first (ListDatasets has no label filter: filtered here)."""
         request = dataset_service_pb2.ListDatasetsRequest()
-        datasets = await self.up.collect(self.up.datasets.ListDatasets, request, "datasets", caller)
-        return [eval_of(d) for d in datasets if d.labels.get(RUN_LABEL) == NAME and EVAL_KEY in d.annotations]
+        datasets = await self.collect(self.upstream.datasets.ListDatasets, request, "datasets")
+        return [eval_of(d) for d in datasets if self.owns(d.labels) and EVAL_KEY in d.annotations]
 
     async def start_run(
-        self, body: EvalRunRequest, is_sandbox: bool, workspace_uuid: str | None, caller: Caller
+        self, body: EvalRunRequest, is_sandbox: bool, workspace_uuid: str | None
     ) -> tuple[run_pb2.Run, Eval, dict[str, EvalPrompt]]:
         """Check the responses against the eval's prompts, write the next prompt of every thread that
         continues, then create the run."""
-        evaluation = eval_of(await self.dataset(body.eval_uuid, caller))
-        prompts = {item.id: item for item in await self.prompts(body.eval_uuid, caller)}
+        evaluation = eval_of(await self.dataset(body.eval_uuid))
+        prompts = {item.id: item for item in await self.prompts(body.eval_uuid)}
         check_responses(body.responses, prompts)
         fields = RunFields(
             **body.model_dump(include=set(RunFields.model_fields)), is_sandbox=is_sandbox, workspace_uuid=workspace_uuid
         )
-        next_prompts = await self.next_prompts(body, evaluation, prompts, caller)
+        next_prompts = await self.next_prompts(body, evaluation, prompts)
         request = create_request(body, evaluation, prompts, fields, next_prompts)
-        created = await self.up.call(self.up.runs.CreateRun, request, caller)
+        created = await self.call(self.upstream.runs.CreateRun, request)
         return created.run, evaluation, next_prompts
 
     async def next_prompts(
-        self, body: EvalRunRequest, evaluation: Eval, prompts: dict[str, item_pb2.Item], caller: Caller
+        self, body: EvalRunRequest, evaluation: Eval, prompts: dict[str, item_pb2.Item]
     ) -> dict[str, EvalPrompt]:
         """The next prompt of each response that continues its thread (`continue_thread` on it or on
         the run), written by the server's generator model as a new prompt of the eval."""
@@ -722,119 +726,131 @@ class Aymara:
             instructions=generation_instructions(evaluation),
             conversations=[conversation_of(r, prompts[r.prompt_uuid]) for r in continuing],
         )
-        answer = await self.up.call(self.up.generations.ContinueConversations, request, caller)
+        answer = await self.call(self.upstream.generations.ContinueConversations, request)
         return {r.prompt_uuid: prompt_of(item) for r, item in zip(continuing, answer.items, strict=True)}
 
-    async def run(self, eval_run_uuid: str, caller: Caller) -> run_pb2.Run:
+    async def run(self, eval_run_uuid: str) -> run_pb2.Run:
         """A run of this dialect that is not deleted; anything else is not found."""
-        got = await self.up.call(self.up.runs.GetRun, eval_run_service_pb2.GetRunRequest(run_id=eval_run_uuid), caller)
-        run = got.run
-        if run.labels.get(RUN_LABEL) != NAME or EVAL_LABEL not in run.labels or run.HasField("delete_time"):
-            raise GatewayError.not_found(f"eval run {eval_run_uuid!r} not found")
+        request = eval_run_service_pb2.GetRunRequest(run_id=eval_run_uuid)
+        missing = GatewayError.not_found(f"eval run {eval_run_uuid!r} not found")
+        run: run_pb2.Run = await self.owned(
+            self.upstream.runs.GetRun,
+            request,
+            "run",
+            missing,
+            accept=lambda run: EVAL_LABEL in run.labels and not run.HasField("delete_time"),
+        )
         return run
 
-    async def responses(self, run: run_pb2.Run, caller: Caller) -> list[ScoredResponse]:
+    async def responses(self, run: run_pb2.Run) -> list[ScoredResponse]:
         request = eval_run_service_pb2.ListRunResultsRequest(run_id=run.id)
-        return responses_of(run, await self.up.collect(self.up.runs.ListRunResults, request, "results", caller))
+        return responses_of(run, await self.collect(self.upstream.runs.ListRunResults, request, "results"))
 
-    async def evaluation(self, eval_uuid: str, caller: Caller, cache: dict[str, Eval | None]) -> Eval | None:
+    async def evaluation(self, eval_uuid: str, cache: dict[str, Eval | None]) -> Eval | None:
         """The eval of a run, looked up once per request (null if it cannot be read)."""
         if eval_uuid not in cache:
             try:
-                cache[eval_uuid] = eval_of(await self.dataset(eval_uuid, caller))
+                cache[eval_uuid] = eval_of(await self.dataset(eval_uuid))
             except GatewayError as error:
                 if error.code != grpc.StatusCode.NOT_FOUND:
                     raise
                 cache[eval_uuid] = None
         return cache[eval_uuid]
 
-    async def full_result(self, run: run_pb2.Run, caller: Caller, status: Status | None = None) -> EvalRunResult:
-        evaluation = await self.evaluation(run.labels[EVAL_LABEL], caller, {})
-        return result_of(run, evaluation, await self.responses(run, caller), status)
+    async def full_result(self, run: run_pb2.Run, status: Status | None = None) -> EvalRunResult:
+        evaluation = await self.evaluation(run.labels[EVAL_LABEL], {})
+        return result_of(run, evaluation, await self.responses(run), status)
 
-    async def list_runs(self, eval_uuid: str | None, caller: Caller) -> list[run_pb2.Run]:
-        labels = {RUN_LABEL: NAME, **({EVAL_LABEL: eval_uuid} if eval_uuid else {})}
+    async def list_runs(self, eval_uuid: str | None) -> list[run_pb2.Run]:
+        labels = {**self.labels, **({EVAL_LABEL: eval_uuid} if eval_uuid else {})}
         request = eval_run_service_pb2.ListRunsRequest(labels=labels)
-        return await self.up.collect(self.up.runs.ListRuns, request, "runs", caller)
+        return await self.collect(self.upstream.runs.ListRuns, request, "runs")
 
 
 # ---- Routes --------------------------------------------------------------------------------------
 
 
-def router(upstream: Upstream, options: DialectOptions) -> APIRouter:
+def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
     """Aymara's /v2 evals and eval-runs routes."""
-    api = Aymara(upstream)
-    r = APIRouter(route_class=error_route_class(render), responses=ERROR_RESPONSES)
 
-    @r.post("/v2/evals", response_model=Eval, summary="Create an eval (its prompts are generated unless given)")
-    async def create_eval(body: EvalCreate, caller: CallerDep) -> Eval:
-        return await api.create_eval(body, caller)
+    @api.post("/v2/evals", response_model=Eval, summary="Create an eval (its prompts are generated unless given)")
+    async def create_eval(body: EvalCreate, aymara: Aymara = client) -> Eval:
+        return await aymara.create_eval(body)
 
-    @r.get("/v2/evals", response_model=EvalList, summary="List evals")
-    async def list_evals(caller: CallerDep, limit: Limit = 100, offset: Offset = 0) -> EvalList:
-        evals = await api.list_evals(caller)
+    @api.get("/v2/evals", response_model=EvalList, summary="List evals")
+    async def list_evals(aymara: Aymara = client, limit: Limit = 100, offset: Offset = 0) -> EvalList:
+        evals = await aymara.list_evals()
         return EvalList(items=window(evals, offset, limit), count=len(evals))
 
-    @r.get("/v2/evals/{eval_uuid}", response_model=Eval, summary="Get an eval")
-    async def get_eval(eval_uuid: str, caller: CallerDep) -> Eval:
-        return eval_of(await api.dataset(eval_uuid, caller))
+    @api.get("/v2/evals/{eval_uuid}", response_model=Eval, summary="Get an eval")
+    async def get_eval(eval_uuid: str, aymara: Aymara = client) -> Eval:
+        return eval_of(await aymara.dataset(eval_uuid))
 
-    @r.get("/v2/evals/{eval_uuid}/prompts", response_model=PromptList, summary="List an eval's prompts")
-    async def list_prompts(eval_uuid: str, caller: CallerDep, limit: Limit = 100, offset: Offset = 0) -> PromptList:
-        dataset = await api.dataset(eval_uuid, caller)
-        prompts = [prompt_of(item) for item in await api.prompts(dataset.id, caller)]
+    @api.get("/v2/evals/{eval_uuid}/prompts", response_model=PromptList, summary="List an eval's prompts")
+    async def list_prompts(
+        eval_uuid: str, aymara: Aymara = client, limit: Limit = 100, offset: Offset = 0
+    ) -> PromptList:
+        dataset = await aymara.dataset(eval_uuid)
+        prompts = [prompt_of(item) for item in await aymara.prompts(dataset.id)]
         return PromptList(items=window(prompts, offset, limit), count=len(prompts))
 
-    @r.post("/v2/eval-runs", response_model=EvalRunResult, summary="Create an eval run (scored asynchronously)")
+    @api.post("/v2/eval-runs", response_model=EvalRunResult, summary="Create an eval run (scored asynchronously)")
     async def create_run(
-        body: EvalRunRequest, caller: CallerDep, is_sandbox: bool = False, workspace_uuid: str | None = None
+        body: EvalRunRequest, aymara: Aymara = client, is_sandbox: bool = False, workspace_uuid: str | None = None
     ) -> EvalRunResult:
-        run, evaluation, next_prompts = await api.start_run(body, is_sandbox, workspace_uuid, caller)
+        run, evaluation, next_prompts = await aymara.start_run(body, is_sandbox, workspace_uuid)
         submitted = [ScoredResponse(**dict(r), next_prompt=next_prompts.get(r.prompt_uuid)) for r in body.responses]
         return result_of(run, evaluation, submitted)
 
-    @r.post(
+    @api.post(
         "/v2/eval-runs/-/score-responses",
         response_model=EvalRunResult,
         summary="Run the eval with the provided responses (waits for the scores, by default up to 58 s)",
     )
     async def score_responses(
-        body: EvalRunRequest, caller: CallerDep, is_sandbox: bool = False, workspace_uuid: str | None = None
+        body: EvalRunRequest, aymara: Aymara = client, is_sandbox: bool = False, workspace_uuid: str | None = None
     ) -> EvalRunResult:
-        run, _, _ = await api.start_run(body, is_sandbox, workspace_uuid, caller)
-        done = await upstream.wait_until_done(run.id, caller, options.sync_wait_s)
-        return await api.full_result(done, caller, None if done.status in TERMINAL else "processing")
+        run, _, _ = await aymara.start_run(body, is_sandbox, workspace_uuid)
+        done = await aymara.wait_until_done(run.id, options.sync_wait_s)
+        return await aymara.full_result(done, None if done.status in TERMINAL else "processing")
 
-    @r.get("/v2/eval-runs", response_model=EvalRunList, summary="List eval runs (without their responses)")
+    @api.get("/v2/eval-runs", response_model=EvalRunList, summary="List eval runs (without their responses)")
     async def list_runs(
-        caller: CallerDep, eval_uuid: str | None = None, limit: Limit = 100, offset: Offset = 0
+        aymara: Aymara = client, eval_uuid: str | None = None, limit: Limit = 100, offset: Offset = 0
     ) -> EvalRunList:
-        runs = await api.list_runs(eval_uuid, caller)
+        runs = await aymara.list_runs(eval_uuid)
         cache: dict[str, Eval | None] = {}
         items = [
-            result_of(run, await api.evaluation(run.labels[EVAL_LABEL], caller, cache), None)
+            result_of(run, await aymara.evaluation(run.labels[EVAL_LABEL], cache), None)
             for run in window(runs, offset, limit)
         ]
         return EvalRunList(items=items, count=len(runs))
 
-    @r.get("/v2/eval-runs/{eval_run_uuid}", response_model=EvalRunResult, summary="Get an eval run")
-    async def get_run(eval_run_uuid: str, caller: CallerDep) -> EvalRunResult:
-        return await api.full_result(await api.run(eval_run_uuid, caller), caller)
+    @api.get("/v2/eval-runs/{eval_run_uuid}", response_model=EvalRunResult, summary="Get an eval run")
+    async def get_run(eval_run_uuid: str, aymara: Aymara = client) -> EvalRunResult:
+        return await aymara.full_result(await aymara.run(eval_run_uuid))
 
-    @r.delete("/v2/eval-runs/{eval_run_uuid}", status_code=204, response_class=Response, summary="Delete an eval run")
-    async def delete_run(eval_run_uuid: str, caller: CallerDep) -> Response:
-        run = await api.run(eval_run_uuid, caller)
-        await upstream.call(upstream.runs.DeleteRun, eval_run_service_pb2.DeleteRunRequest(run_id=run.id), caller)
+    @api.delete("/v2/eval-runs/{eval_run_uuid}", status_code=204, response_class=Response, summary="Delete an eval run")
+    async def delete_run(eval_run_uuid: str, aymara: Aymara = client) -> Response:
+        run = await aymara.run(eval_run_uuid)
+        await aymara.call(aymara.upstream.runs.DeleteRun, eval_run_service_pb2.DeleteRunRequest(run_id=run.id))
         return Response(status_code=204)
 
-    @r.get("/v2/eval-runs/{eval_run_uuid}/responses", response_model=ResponseList, summary="List scored responses")
+    @api.get("/v2/eval-runs/{eval_run_uuid}/responses", response_model=ResponseList, summary="List scored responses")
     async def list_responses(
-        eval_run_uuid: str, caller: CallerDep, limit: Limit = 100, offset: Offset = 0
+        eval_run_uuid: str, aymara: Aymara = client, limit: Limit = 100, offset: Offset = 0
     ) -> ResponseList:
-        responses = await api.responses(await api.run(eval_run_uuid, caller), caller)
+        responses = await aymara.responses(await aymara.run(eval_run_uuid))
         return ResponseList(items=window(responses, offset, limit), count=len(responses))
 
-    return r
 
-
-DIALECT = Dialect(name=NAME, title="Aymara evals and eval runs (v2)", prefix="", router=router)
+DIALECT = Dialect(
+    name=NAME,
+    title="Aymara evals and eval runs (v2)",
+    prefix="",
+    client=Aymara,
+    routes=routes,
+    vendor=VendorOptions(
+        error_handler=render, caller=aymara_key, error_responses=ERROR_RESPONSES, service_not_found=True
+    ),
+)

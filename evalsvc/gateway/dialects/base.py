@@ -1,49 +1,251 @@
-"""What a vendor dialect is, and the parts every dialect shares.
+"""The dialect runtime: what a vendor dialect is, and the plumbing every dialect shares.
 
-A dialect is one module of this package defining `DIALECT = Dialect(...)`: its name, the path prefix its
-vendor documents (a client switches by changing only its base URL), and a factory that builds its
-FastAPI router from the gateway's `Upstream` and the operator's `DialectOptions`. The router's routes
-use `error_route_class(render)`, so every failure, whether from the gRPC service, from the dialect's
-own checks of documented limits, or from FastAPI's request validation, reaches the client in the vendor's error shape.
+A dialect is one module (or package) of this package defining `DIALECT = Dialect(...)`: its name, the
+path prefix its vendor documents (a client switches by changing only its base URL), its `DialectClient`
+subclass (the vendor's operations as evalsvc calls, made as one caller), a `routes(api, client, options)`
+function that declares the vendor's routes on `api`, and its `VendorOptions`. As grpc-gateway's ServeMux
+takes an error handler and a header matcher as options, a dialect's router is built here from those
+options: `error_handler` renders every failure in the vendor's error shape (whether from the gRPC
+service, from the dialect's own checks of documented limits, or from FastAPI's request validation), and
+`caller` reads the caller's key from the header the vendor documents.
+
+What the client gives every dialect, written once: a call as the request's caller; "the caller's own
+resource, or this vendor's not-found" (`get`, `owned`); the ownership label (`labels`, `owns`); token
+paging three ways (`pages` lazily, `collect` eagerly, `page` as one cursor page); and the waiting of
+synchronous vendor routes (`wait_until_done`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
-from fastapi import Request, Response
+from fastapi import Depends, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute, APIRouter
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 
 from evalsvc.gateway.upstream import Caller, GatewayError, Upstream, with_retry_after
+from evalsvc.messages.validation import MAX_ANNOTATIONS_BYTES as MAX_ANNOTATIONS_BYTES  # for the dialects' checks
+from evalsvc.v1 import run_pb2
 
-RUN_LABEL = "dialect"  # label on every run a dialect creates: its lists show only their own runs
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp", bound=Message)
+
+OWNER_LABEL = "dialect"  # label on everything a dialect creates: it sees only what carries its name
+MAX_PAGE_SIZE = 1000  # evalsvc's largest page of a list
+MAX_COLLECTED = 10_000  # what `collect` reads at most, for vendors that page by offset or count a total
+MAX_PAGES = 1000  # what `pages` reads at most (a million elements at MAX_PAGE_SIZE)
+
+
+def owner_labels(dialect: str) -> dict[str, str]:
+    """The labels that mark a resource as created by `dialect`."""
+    return {OWNER_LABEL: dialect}
+
+
+def is_owned(labels: Mapping[str, str], dialect: str) -> bool:
+    """Whether a resource with these labels was created by `dialect` (others are not found there)."""
+    return labels.get(OWNER_LABEL) == dialect
+
+
+def annotations_bytes(annotations: Mapping[str, str]) -> int:
+    """The size evalsvc counts against MAX_ANNOTATIONS_BYTES: every key and value, UTF-8 encoded."""
+    return sum(len(key.encode()) + len(value.encode()) for key, value in annotations.items())
 
 
 @dataclass(frozen=True)
 class DialectOptions:
-    """What the operator configures for every dialect's routes (as grpc-gateway's ServeMux options)."""
+    """What the operator configures for every dialect's routes."""
 
     # How long a synchronous route (Agno POST /eval-runs, Aymara score-responses) waits for its run:
     # a little under the vendors' clients' 60 s default timeout (--dialect-sync-wait-s).
     sync_wait_s: float = 58.0
 
 
+def bearer_key(request: Request) -> Caller:
+    """`Authorization: Bearer <key>` (Omni, Agno, Vogent)."""
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    return Caller(key.strip() if scheme.lower() == "bearer" else "")
+
+
+@dataclass(frozen=True)
+class VendorOptions:
+    """A vendor's conventions, as options of its dialect's router (as grpc-gateway's ServeMuxOptions)."""
+
+    # Every failure as the vendor's HTTP response (its status, body and headers).
+    error_handler: Callable[[GatewayError], Response]
+    # A FastAPI dependency reading the caller's API key from the header the vendor documents.
+    caller: Callable[..., Caller] = bearer_key
+    # The error responses of every route, for the OpenAPI document.
+    error_responses: dict[int | str, dict[str, Any]] = field(default_factory=dict)
+    # Whether the service's own NOT_FOUND reaches the vendor's client as it is (its message and reason,
+    # which the vendor's error body shows) rather than as the dialect's `missing` error.
+    service_not_found: bool = False
+
+
+class DialectClient:
+    """The runtime of one request: evalsvc calls as its caller, over the gateway's one `Upstream`.
+
+    Each dialect subclasses it with its vendor's operations, so a route is one call on the client."""
+
+    def __init__(self, upstream: Upstream, caller: Caller, dialect: Dialect) -> None:
+        self.upstream = upstream
+        self.caller = caller
+        self.dialect = dialect
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """The labels this dialect puts on what it creates (and filters its lists by)."""
+        return owner_labels(self.dialect.name)
+
+    def owns(self, labels: Mapping[str, str]) -> bool:
+        """Whether a resource with these labels was created by this dialect (others are not found here)."""
+        return is_owned(labels, self.dialect.name)
+
+    async def call(self, method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req) -> Resp:
+        """One unary call as the caller; a failure raises `GatewayError`."""
+        return await self.upstream.call(method, request, self.caller)
+
+    async def get(
+        self, method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req, missing: GatewayError
+    ) -> Resp:
+        """The answer of a Get call; NOT_FOUND becomes `missing`, the vendor's not-found for that thing."""
+        try:
+            return await self.call(method, request)
+        except GatewayError as error:
+            if error.code == grpc.StatusCode.NOT_FOUND:
+                raise missing from None
+            raise
+
+    async def owned(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp],
+        request: Req,
+        resource: str,
+        missing: GatewayError,
+        accept: Callable[[Any], bool] = lambda _: True,
+    ) -> Any:
+        """`resource` (a field of the Get call's answer) when this dialect created it and `accept` agrees,
+        else `missing`. A NOT_FOUND from the service is `missing` too, unless the vendor shows the service's
+        own (`VendorOptions.service_not_found`)."""
+        if self.dialect.vendor.service_not_found:
+            answer = await self.call(method, request)
+        else:
+            answer = await self.get(method, request, missing)
+        found = getattr(answer, resource)
+        if not (self.owns(found.labels) and accept(found)):
+            raise missing
+        return found
+
+    async def pages(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Any, Any],
+        request: Message,
+        items: str,
+        *,
+        page_size: int = MAX_PAGE_SIZE,
+    ) -> AsyncIterator[Any]:
+        """Every element of a token-paged list, read lazily page by page (at most MAX_PAGES pages).
+        `request` must have page_size and page_token; `items` names the answer's repeated field."""
+        request.page_size = page_size  # type: ignore[attr-defined]
+        for _ in range(MAX_PAGES):
+            page = await self.call(method, request)
+            for element in getattr(page, items):
+                yield element
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token  # type: ignore[attr-defined]
+
+    async def collect(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Any, Any],
+        request: Message,
+        items: str,
+        *,
+        limit: int = MAX_COLLECTED,
+    ) -> list[Any]:
+        """The first `limit` elements of a token-paged list, for vendors that page by offset or report a
+        total count."""
+        found: list[Any] = []
+        if limit <= 0:
+            return found
+        async for element in self.pages(method, request, items):
+            found.append(element)
+            if len(found) >= limit:
+                break
+        return found
+
+    async def page(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Any, Any],
+        request: Message,
+        items: str,
+        limit: int,
+        cursor: str | None,
+        keep: Callable[[Any], bool] = lambda _: True,
+        *,
+        max_calls: int = 20,
+    ) -> tuple[list[Any], str | None]:
+        """Up to `limit` kept elements of a token-paged list from `cursor` (a page token), and the cursor of
+        the rest (None at the end), for vendors whose cursors are opaque.
+
+        Each call asks for exactly the elements still missing, so a page is always consumed whole and its
+        next page token is a valid cursor even when `keep` drops elements (the page then holds fewer); at
+        most `max_calls` calls fill one page, and the cursor continues from there."""
+        found: list[Any] = []
+        token = cursor or ""
+        for _ in range(max_calls):
+            request.page_size = limit - len(found)  # type: ignore[attr-defined]
+            request.page_token = token  # type: ignore[attr-defined]
+            answer = await self.call(method, request)
+            found.extend(element for element in getattr(answer, items) if keep(element))
+            token = answer.next_page_token
+            if len(found) >= limit or not token:
+                break
+        return found, token or None
+
+    async def wait_until_done(self, run_id: str, timeout: float) -> run_pb2.Run:
+        """The run once it has ended, or as it stands after `timeout` seconds (synchronous vendor routes)."""
+        return await self.upstream.wait_until_done(run_id, self.caller, timeout)
+
+
+def window(items: Sequence[Any], offset: int, limit: int) -> list[Any]:
+    """`limit` elements from `offset` (offset pagination over a collected list)."""
+    return list(items[offset : offset + limit])
+
+
+# routes(api, client, options): declares the vendor's routes on `api`; `client` is the dependency that
+# gives a route its DialectClient (a parameter `x: MyClient = client`).
+Routes = Callable[[APIRouter, Any, DialectOptions], None]
+
+
 @dataclass(frozen=True)
 class Dialect:
     """One vendor's eval-run API, translated to evalsvc."""
 
-    name: str  # e.g. "omni"; also the value of the `dialect` label on the runs it creates
+    name: str  # e.g. "omni"; also the value of the owner label on what it creates
     title: str  # e.g. "Omni AI Eval"
     prefix: str  # the documented base path, e.g. "/api" for Omni ("" for the root)
-    router: Callable[[Upstream, DialectOptions], APIRouter]
+    client: type[DialectClient]
+    routes: Routes
+    vendor: VendorOptions
+
+    def router(self, upstream: Upstream, options: DialectOptions) -> APIRouter:
+        """The vendor's routes over `upstream`, failures rendered by the vendor's error handler."""
+        api = APIRouter(route_class=error_route_class(self.vendor.error_handler), responses=self.vendor.error_responses)
+        reader = self.vendor.caller
+
+        def client(caller: Caller = Depends(reader)) -> DialectClient:
+            return self.client(upstream, caller, self)
+
+        self.routes(api, Depends(client), options)
+        return api
 
 
 def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRoute]:
@@ -87,12 +289,6 @@ def _writable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return errors
     except ValueError:  # UnicodeEncodeError is a ValueError
         return [{key: value for key, value in e.items() if key not in ("input", "ctx")} for e in errors]
-
-
-def bearer_key(request: Request) -> Caller:
-    """`Authorization: Bearer <key>` (Omni, Agno, Vogent)."""
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    return Caller(key.strip() if scheme.lower() == "bearer" else "")
 
 
 def iso(ts: timestamp_pb2.Timestamp, *, millis: bool = False) -> str | None:

@@ -14,29 +14,26 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import grpc
-from fastapi import Depends, Query
+from fastapi import Query
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRouter
 from google.protobuf import timestamp_pb2
 from pydantic import BaseModel, Field
 
-from evalsvc.gateway.dialects.base import RUN_LABEL, Dialect, DialectOptions, bearer_key, error_route_class, iso
+from evalsvc.gateway.dialects.base import Dialect, DialectClient, DialectOptions, VendorOptions, iso
 from evalsvc.gateway.dialects.uuids import derived_uuid, from_uuid, to_uuid
-from evalsvc.gateway.upstream import Caller, GatewayError, Upstream
+from evalsvc.gateway.upstream import GatewayError
 from evalsvc.v1 import dataset_service_pb2 as ds_pb
 from evalsvc.v1 import eval_run_service_pb2 as run_svc
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2, target_pb2
 from evalsvc.v1 import target_service_pb2 as target_svc
 
-Resp = TypeVar("Resp")
-
 NAME = "omni"
-OWNED = {RUN_LABEL: NAME}
 MODEL_LABEL = "model_id"  # a prompt set's model (an evalsvc saved target id), as a dataset label
 SLUG_KEY = "slug"  # a prompt set's slug, as a dataset annotation (slugs may be longer than a label value)
 BRANCH_KEY = "branch_id"  # run_config.branch_id, as a run annotation
@@ -282,132 +279,108 @@ def _set_fields(dataset: ds_pb.Dataset) -> dict[str, Any]:
     ).model_dump()
 
 
-def _ours(labels: Mapping[str, str]) -> bool:
-    """Whether a dataset or run was created by this dialect (others are "not found" here)."""
-    return labels.get(RUN_LABEL) == NAME
-
-
-async def _unless_missing(call: Awaitable[Resp]) -> Resp | None:
-    """The call's response, or None when it names nothing (NOT_FOUND)."""
-    try:
-        return await call
-    except GatewayError as error:
-        if error.code != grpc.StatusCode.NOT_FOUND:
-            raise
-    return None
-
-
-class Omni:
-    """The routes' work, over the gateway's one `Upstream`."""
-
-    def __init__(self, upstream: Upstream) -> None:
-        self.up = upstream
+class Omni(DialectClient):
+    """The routes' work, as one caller. A prompt set or run this dialect did not create is not found."""
 
     # prompt sets
 
-    async def prompt_set(self, set_id: str, caller: Caller) -> ds_pb.Dataset:
+    async def prompt_set(self, set_id: str) -> ds_pb.Dataset:
         """The dataset of an Omni prompt set; 404 when missing or not created by this dialect."""
         request = ds_pb.GetDatasetRequest(dataset_id=from_uuid(set_id))
-        got = await _unless_missing(self.up.call(self.up.datasets.GetDataset, request, caller))
-        if got is None or not _ours(got.dataset.labels):
-            raise GatewayError.not_found(f"eval prompt set {set_id!r} not found")
-        return got.dataset
+        missing = GatewayError.not_found(f"eval prompt set {set_id!r} not found")
+        dataset: ds_pb.Dataset = await self.owned(self.upstream.datasets.GetDataset, request, "dataset", missing)
+        return dataset
 
-    async def items(self, set_id: str, caller: Caller) -> list[item_pb2.Item]:
+    async def items(self, set_id: str) -> list[item_pb2.Item]:
         request = ds_pb.ListDatasetItemsRequest(dataset_id=set_id)
-        return await self.up.collect(self.up.datasets.ListDatasetItems, request, "items", caller)
+        return await self.collect(self.upstream.datasets.ListDatasetItems, request, "items")
 
-    async def prompt_sets(self, caller: Caller) -> list[ds_pb.Dataset]:
+    async def prompt_sets(self) -> list[ds_pb.Dataset]:
         """Every Omni prompt set of the caller's tenant."""
-        found = await self.up.collect(self.up.datasets.ListDatasets, ds_pb.ListDatasetsRequest(), "datasets", caller)
-        return [d for d in found if _ours(d.labels)]
+        found = await self.collect(self.upstream.datasets.ListDatasets, ds_pb.ListDatasetsRequest(), "datasets")
+        return [d for d in found if self.owns(d.labels)]
 
-    async def view_set(self, dataset: ds_pb.Dataset, caller: Caller) -> OmniPromptSetEnvelope:
-        prompts = [_prompt(item) for item in await self.items(dataset.id, caller)]
+    async def view_set(self, dataset: ds_pb.Dataset) -> OmniPromptSetEnvelope:
+        prompts = [_prompt(item) for item in await self.items(dataset.id)]
         return OmniPromptSetEnvelope(prompt_set=OmniPromptSet(**_set_fields(dataset), prompts=prompts))
 
-    async def summary(self, dataset: ds_pb.Dataset, caller: Caller) -> OmniPromptSetSummary:
-        request = run_svc.ListRunsRequest(page_size=1, dataset_id=dataset.id, labels=OWNED, show_deleted=True)
-        latest = (await self.up.call(self.up.runs.ListRuns, request, caller)).runs
+    async def summary(self, dataset: ds_pb.Dataset) -> OmniPromptSetSummary:
+        request = run_svc.ListRunsRequest(page_size=1, dataset_id=dataset.id, labels=self.labels, show_deleted=True)
+        latest = (await self.call(self.upstream.runs.ListRuns, request)).runs
         return OmniPromptSetSummary(
             **_set_fields(dataset),
             latest_run_at=_timestamp(latest[0].create_time) if latest else None,
             prompt_count=dataset.item_count,
         )
 
-    async def check_model(self, model_id: str, caller: Caller) -> None:
+    async def check_model(self, model_id: str) -> None:
         """A prompt set's model must be a saved target (404 otherwise, before anything is created)."""
-        try:
-            await self.up.call(self.up.targets.GetTarget, target_svc.GetTargetRequest(target_id=model_id), caller)
-        except GatewayError as error:
-            if error.code == grpc.StatusCode.NOT_FOUND:
-                raise GatewayError.not_found(f"model {to_uuid(model_id)!r} not found") from None
-            raise
+        missing = GatewayError.not_found(f"model {to_uuid(model_id)!r} not found")
+        await self.get(self.upstream.targets.GetTarget, target_svc.GetTargetRequest(target_id=model_id), missing)
 
-    async def create_set(self, body: OmniPromptSetCreate, caller: Caller) -> OmniPromptSetEnvelope:
+    async def create_set(self, body: OmniPromptSetCreate) -> OmniPromptSetEnvelope:
         model_id = from_uuid(body.model_id)
-        await self.check_model(model_id, caller)
-        for other in await self.prompt_sets(caller):
+        await self.check_model(model_id)
+        for other in await self.prompt_sets():
             if other.labels.get(MODEL_LABEL) == model_id and other.annotations.get(SLUG_KEY) == body.slug:
                 raise conflict(f"a prompt set with slug {body.slug!r} already exists for model {body.model_id!r}")
         spec = ds_pb.Dataset(
             display_name=body.name,
             description=body.description or "",
-            labels={**OWNED, MODEL_LABEL: model_id},
+            labels={**self.labels, MODEL_LABEL: model_id},
             annotations={SLUG_KEY: body.slug},
         )
-        created = await self.up.call(self.up.datasets.CreateDataset, ds_pb.CreateDatasetRequest(dataset=spec), caller)
-        dataset = await self.append(created.dataset, body.prompts, caller)
-        return await self.view_set(dataset, caller)
+        created = await self.call(self.upstream.datasets.CreateDataset, ds_pb.CreateDatasetRequest(dataset=spec))
+        dataset = await self.append(created.dataset, body.prompts)
+        return await self.view_set(dataset)
 
-    async def append(self, dataset: ds_pb.Dataset, prompts: Sequence[OmniPromptIn], caller: Caller) -> ds_pb.Dataset:
+    async def append(self, dataset: ds_pb.Dataset, prompts: Sequence[OmniPromptIn]) -> ds_pb.Dataset:
         """The dataset after adding `prompts` as items (unchanged when there are none)."""
         if not prompts:
             return dataset
         now = _now()
         request = ds_pb.AddDatasetItemsRequest(dataset_id=dataset.id, items=[_item(p, now) for p in prompts])
-        return (await self.up.call(self.up.datasets.AddDatasetItems, request, caller)).dataset
+        return (await self.call(self.upstream.datasets.AddDatasetItems, request)).dataset
 
-    async def update_set(self, set_id: str, body: OmniPromptSetPatch, caller: Caller) -> OmniPromptSetEnvelope:
+    async def update_set(self, set_id: str, body: OmniPromptSetPatch) -> OmniPromptSetEnvelope:
         """PATCH, as far as append-only datasets allow: new prompts are appended; renaming, editing or
         deleting a prompt is refused with 409 (evalsvc has no dataset update RPC)."""
-        dataset = await self.prompt_set(set_id, caller)
+        dataset = await self.prompt_set(set_id)
         _check_unchanged(dataset, body)
-        existing = await self.items(dataset.id, caller)
+        existing = await self.items(dataset.id)
         new = _appended(existing, body.prompts)
         if len(existing) + len(new) > MAX_PROMPTS:
             raise GatewayError.invalid(
                 f"a prompt set has at most {MAX_PROMPTS} prompts",
                 ("prompts", f"{len(existing)} existing and {len(new)} new prompts"),
             )
-        return await self.view_set(await self.append(dataset, new, caller), caller)
+        return await self.view_set(await self.append(dataset, new))
 
     # runs
 
-    async def run(self, run_id: str, caller: Caller) -> run_pb2.Run:
+    async def run(self, run_id: str) -> run_pb2.Run:
         """An Omni run; 404 when missing or not created by this dialect."""
         request = run_svc.GetRunRequest(run_id=from_uuid(run_id))
-        got = await _unless_missing(self.up.call(self.up.runs.GetRun, request, caller))
-        if got is None or not (_ours(got.run.labels) and got.run.dataset_id):
-            raise GatewayError.not_found(f"eval run {run_id!r} not found")
-        return got.run
+        missing = GatewayError.not_found(f"eval run {run_id!r} not found")
+        run: run_pb2.Run = await self.owned(
+            self.upstream.runs.GetRun, request, "run", missing, accept=lambda run: bool(run.dataset_id)
+        )
+        return run
 
-    async def view_run(self, run: run_pb2.Run, caller: Caller) -> OmniRun:
+    async def view_run(self, run: run_pb2.Run) -> OmniRun:
         """The run with one result row per prompt, joined with the prompts' text."""
         items, results = await asyncio.gather(
-            self.items(run.dataset_id, caller),
-            self.up.collect(
-                self.up.runs.ListRunResults, run_svc.ListRunResultsRequest(run_id=run.id), "results", caller
-            ),
+            self.items(run.dataset_id),
+            self.collect(self.upstream.runs.ListRunResults, run_svc.ListRunResultsRequest(run_id=run.id), "results"),
         )
         by_item = {result.item_id: result for result in results}
         rows = [_result_row(run, item, by_item.get(item.id)) for item in items[: run.counts.total_items]]
         return OmniRun(**_run_fields(run), results=rows)
 
-    async def check_in_flight(self, caller: Caller) -> None:
+    async def check_in_flight(self) -> None:
         """Omni's cap on runs in flight (429), counted over the tenant's Omni runs."""
-        request = run_svc.ListRunsRequest(page_size=MAX_RUNS_IN_FLIGHT, statuses=ACTIVE, labels=OWNED)
-        if len((await self.up.call(self.up.runs.ListRuns, request, caller)).runs) >= MAX_RUNS_IN_FLIGHT:
+        request = run_svc.ListRunsRequest(page_size=MAX_RUNS_IN_FLIGHT, statuses=ACTIVE, labels=self.labels)
+        if len((await self.call(self.upstream.runs.ListRuns, request)).runs) >= MAX_RUNS_IN_FLIGHT:
             raise GatewayError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"at most {MAX_RUNS_IN_FLIGHT} eval runs may be in flight at once; "
@@ -415,11 +388,11 @@ class Omni:
                 "ACTIVE_RUN_CAP",
             )
 
-    async def create_run(self, body: OmniRunCreate, caller: Caller) -> OmniRunCreated:
-        dataset = await self.prompt_set(body.prompt_set_id, caller)
+    async def create_run(self, body: OmniRunCreate) -> OmniRunCreated:
+        dataset = await self.prompt_set(body.prompt_set_id)
         if not dataset.item_count:
             raise GatewayError.invalid("the prompt set has no prompts", ("prompt_set_id", "add prompts first"))
-        await self.check_in_flight(caller)
+        await self.check_in_flight()
         model_id = dataset.labels.get(MODEL_LABEL, "")
         branch = body.run_config.branch_id if body.run_config else None
         request = run_svc.CreateRunRequest(
@@ -428,41 +401,38 @@ class Omni:
             graders=[JUDGE],
             display_name=dataset.display_name,
             description=body.description or "",
-            labels=OWNED,
+            labels=self.labels,
             annotations={BRANCH_KEY: branch} if branch else {},
         )
-        created = await self.up.call(self.up.runs.CreateRun, request, caller)
-        return OmniRunCreated(job_count=created.job_count, run=await self.view_run(created.run, caller))
+        created = await self.call(self.upstream.runs.CreateRun, request)
+        return OmniRunCreated(job_count=created.job_count, run=await self.view_run(created.run))
 
-    async def list_runs(self, set_id: str, archived: bool, caller: Caller) -> OmniRunList:
-        dataset = await self.prompt_set(set_id, caller)
-        request = run_svc.ListRunsRequest(dataset_id=dataset.id, labels=OWNED, show_deleted=archived)
-        runs = await self.up.collect(self.up.runs.ListRuns, request, "runs", caller)
+    async def list_runs(self, set_id: str, archived: bool) -> OmniRunList:
+        dataset = await self.prompt_set(set_id)
+        request = run_svc.ListRunsRequest(dataset_id=dataset.id, labels=self.labels, show_deleted=archived)
+        runs = await self.collect(self.upstream.runs.ListRuns, request, "runs")
         return OmniRunList(runs=[_list_item(run) for run in runs if run.HasField("delete_time") == archived])
 
-    async def cancel(self, run_id: str, caller: Caller) -> OmniRunCancelled:
+    async def cancel(self, run_id: str) -> OmniRunCancelled:
         """Cancel and archive (DeleteRun does both); `cancelled` counts the prompts that had no result."""
-        before = await self.run(run_id, caller)
-        after = await self.soft_delete(before.id, caller)
+        before = await self.run(run_id)
+        after = await self.soft_delete(before.id)
         cancelled = 0
         if before.status in ACTIVE and after.status == run_pb2.RUN_STATUS_CANCELLED:
             cancelled = max(0, after.counts.total_items - after.counts.completed_evaluations)
-        return OmniRunCancelled(
-            cancelled=cancelled, run=await self.view_run(after, caller), total=after.counts.total_items
-        )
+        return OmniRunCancelled(cancelled=cancelled, run=await self.view_run(after), total=after.counts.total_items)
 
-    async def archive(self, run_id: str, caller: Caller) -> None:
-        await self.soft_delete((await self.run(run_id, caller)).id, caller)
+    async def archive(self, run_id: str) -> None:
+        await self.soft_delete((await self.run(run_id)).id)
 
-    async def soft_delete(self, run_id: str, caller: Caller) -> run_pb2.Run:
+    async def soft_delete(self, run_id: str) -> run_pb2.Run:
         """DeleteRun: archives the run, cancelling it first if it has not finished; idempotent."""
-        request = run_svc.DeleteRunRequest(run_id=run_id)
-        return (await self.up.call(self.up.runs.DeleteRun, request, caller)).run
+        return (await self.call(self.upstream.runs.DeleteRun, run_svc.DeleteRunRequest(run_id=run_id))).run
 
-    async def undelete(self, run_id: str, caller: Caller) -> OmniRunEnvelope:
-        request = run_svc.UndeleteRunRequest(run_id=(await self.run(run_id, caller)).id)
-        restored = (await self.up.call(self.up.runs.UndeleteRun, request, caller)).run
-        return OmniRunEnvelope(run=await self.view_run(restored, caller))
+    async def undelete(self, run_id: str) -> OmniRunEnvelope:
+        request = run_svc.UndeleteRunRequest(run_id=(await self.run(run_id)).id)
+        restored = (await self.call(self.upstream.runs.UndeleteRun, request)).run
+        return OmniRunEnvelope(run=await self.view_run(restored))
 
 
 def _check_unchanged(dataset: ds_pb.Dataset, body: OmniPromptSetPatch) -> None:
@@ -567,77 +537,81 @@ def _result_row(run: run_pb2.Run, item: item_pb2.Item, result: run_pb2.Result | 
 
 # --- routes ---------------------------------------------------------------------------------------
 
-Auth = Annotated[Caller, Depends(bearer_key)]
 Archived = Annotated[Literal["true", "false"], Query(description="true: archived items instead of active ones")]
 
 
-def router(upstream: Upstream, options: DialectOptions) -> APIRouter:
+def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
     """Omni's AI Eval routes (documented base path `/api`)."""
-    omni = Omni(upstream)
-    api = APIRouter(
-        route_class=error_route_class(render),
-        responses={"4XX": {"model": OmniErrorBody, "description": "Omni's error envelope"}},
-    )
 
     @api.post("/v1/ai/eval/prompt-sets", response_model=OmniPromptSetEnvelope, summary="Create an eval prompt set")
-    async def create_prompt_set(body: OmniPromptSetCreate, caller: Auth) -> OmniPromptSetEnvelope:
-        return await omni.create_set(body, caller)
+    async def create_prompt_set(body: OmniPromptSetCreate, omni: Omni = client) -> OmniPromptSetEnvelope:
+        return await omni.create_set(body)
 
     @api.get("/v1/ai/eval/prompt-sets", response_model=OmniPromptSetList, summary="List eval prompt sets")
     async def list_prompt_sets(
-        caller: Auth, model_ids: Annotated[list[str] | None, Query()] = None, archived: Archived = "false"
+        omni: Omni = client, model_ids: Annotated[list[str] | None, Query()] = None, archived: Archived = "false"
     ) -> OmniPromptSetList:
         if archived == "true":  # prompt sets cannot be archived here (no dataset delete RPC)
             return OmniPromptSetList(prompt_sets=[])
         wanted = {from_uuid(model_id) for model_id in model_ids or ()}
-        sets = [d for d in await omni.prompt_sets(caller) if not wanted or d.labels.get(MODEL_LABEL) in wanted]
+        sets = [d for d in await omni.prompt_sets() if not wanted or d.labels.get(MODEL_LABEL) in wanted]
         sets.sort(key=lambda d: d.display_name)
-        return OmniPromptSetList(prompt_sets=list(await asyncio.gather(*(omni.summary(d, caller) for d in sets))))
+        return OmniPromptSetList(prompt_sets=list(await asyncio.gather(*(omni.summary(d) for d in sets))))
 
     @api.get("/v1/ai/eval/prompt-sets/{promptSetId}", response_model=OmniPromptSetEnvelope, summary="Get a prompt set")
-    async def get_prompt_set(promptSetId: str, caller: Auth) -> OmniPromptSetEnvelope:
-        return await omni.view_set(await omni.prompt_set(promptSetId, caller), caller)
+    async def get_prompt_set(promptSetId: str, omni: Omni = client) -> OmniPromptSetEnvelope:
+        return await omni.view_set(await omni.prompt_set(promptSetId))
 
     @api.patch(
         "/v1/ai/eval/prompt-sets/{promptSetId}", response_model=OmniPromptSetEnvelope, summary="Update a prompt set"
     )
-    async def update_prompt_set(promptSetId: str, body: OmniPromptSetPatch, caller: Auth) -> OmniPromptSetEnvelope:
-        return await omni.update_set(promptSetId, body, caller)
+    async def update_prompt_set(
+        promptSetId: str, body: OmniPromptSetPatch, omni: Omni = client
+    ) -> OmniPromptSetEnvelope:
+        return await omni.update_set(promptSetId, body)
 
     @api.post(
         "/v1/ai/eval/prompt-sets/{promptSetId}/unarchive",
         response_model=OmniPromptSetEnvelope,
         summary="Restore an archived prompt set (prompt sets are never archived here: returns it as is)",
     )
-    async def unarchive_prompt_set(promptSetId: str, caller: Auth) -> OmniPromptSetEnvelope:
-        return await omni.view_set(await omni.prompt_set(promptSetId, caller), caller)
+    async def unarchive_prompt_set(promptSetId: str, omni: Omni = client) -> OmniPromptSetEnvelope:
+        return await omni.view_set(await omni.prompt_set(promptSetId))
 
     @api.post("/v1/ai/eval/runs", response_model=OmniRunCreated, summary="Start an eval run")
-    async def create_run(body: OmniRunCreate, caller: Auth) -> OmniRunCreated:
-        return await omni.create_run(body, caller)
+    async def create_run(body: OmniRunCreate, omni: Omni = client) -> OmniRunCreated:
+        return await omni.create_run(body)
 
     @api.get("/v1/ai/eval/runs", response_model=OmniRunList, summary="List eval runs")
-    async def list_runs(prompt_set_id: str, caller: Auth, archived: Archived = "false") -> OmniRunList:
-        return await omni.list_runs(prompt_set_id, archived == "true", caller)
+    async def list_runs(prompt_set_id: str, omni: Omni = client, archived: Archived = "false") -> OmniRunList:
+        return await omni.list_runs(prompt_set_id, archived == "true")
 
     @api.get("/v1/ai/eval/runs/{runId}", response_model=OmniRunEnvelope, summary="Get an eval run")
-    async def get_run(runId: str, caller: Auth) -> OmniRunEnvelope:
-        return OmniRunEnvelope(run=await omni.view_run(await omni.run(runId, caller), caller))
+    async def get_run(runId: str, omni: Omni = client) -> OmniRunEnvelope:
+        return OmniRunEnvelope(run=await omni.view_run(await omni.run(runId)))
 
     @api.post("/v1/ai/eval/runs/{runId}/cancel", response_model=OmniRunCancelled, summary="Cancel an eval run")
-    async def cancel_run(runId: str, caller: Auth) -> OmniRunCancelled:
-        return await omni.cancel(runId, caller)
+    async def cancel_run(runId: str, omni: Omni = client) -> OmniRunCancelled:
+        return await omni.cancel(runId)
 
     @api.delete("/v1/ai/eval/runs/{runId}", response_model=OmniRunArchived, summary="Archive an eval run")
-    async def archive_run(runId: str, caller: Auth) -> OmniRunArchived:
-        await omni.archive(runId, caller)
+    async def archive_run(runId: str, omni: Omni = client) -> OmniRunArchived:
+        await omni.archive(runId)
         return OmniRunArchived(is_archived=True)
 
     @api.post("/v1/ai/eval/runs/{runId}/unarchive", response_model=OmniRunEnvelope, summary="Restore an archived run")
-    async def unarchive_run(runId: str, caller: Auth) -> OmniRunEnvelope:
-        return await omni.undelete(runId, caller)
-
-    return api
+    async def unarchive_run(runId: str, omni: Omni = client) -> OmniRunEnvelope:
+        return await omni.undelete(runId)
 
 
-DIALECT = Dialect(name=NAME, title="Omni AI Eval", prefix="/api", router=router)
+DIALECT = Dialect(
+    name=NAME,
+    title="Omni AI Eval",
+    prefix="/api",
+    client=Omni,
+    routes=routes,
+    vendor=VendorOptions(
+        error_handler=render,
+        error_responses={"4XX": {"model": OmniErrorBody, "description": "Omni's error envelope"}},
+    ),
+)

@@ -17,22 +17,27 @@ documented shape. See docs/dialects/vogent.md.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Generic, TypeVar, cast
+from typing import Annotated, Any, Generic, TypeVar
 
-import grpc
 from fastapi import Depends, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRouter
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from google.protobuf.message import Message
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from evalsvc.gateway.dialects.base import RUN_LABEL, Dialect, DialectOptions, bearer_key, error_route_class, iso
-from evalsvc.gateway.upstream import Caller, GatewayError, Upstream
+from evalsvc.gateway.dialects.base import (
+    MAX_PAGE_SIZE,
+    Dialect,
+    DialectClient,
+    DialectOptions,
+    VendorOptions,
+    bearer_key,
+    iso,
+)
+from evalsvc.gateway.upstream import Caller, GatewayError
 from evalsvc.v1 import (
     dataset_service_pb2,
     eval_run_service_pb2,
@@ -43,10 +48,8 @@ from evalsvc.v1 import (
 )
 
 NAME = "vogent"
-LABELS = {RUN_LABEL: NAME}
 DEFAULT_LIMIT = 100  # Vogent's documented default page size
-MAX_LIMIT = 1000  # evalsvc's largest page
-MAX_PAGE_CALLS = 20  # gRPC pages read to fill one filtered page; the cursor continues from there
+MAX_LIMIT = MAX_PAGE_SIZE
 DEFAULT_MAX_TURNS = 20  # Vogent's documented default for PROMPT records
 GRADER = "promptSnippet"
 DEFAULT_CRITERIA = "The call agent handles the caller's request correctly, helpfully and politely."
@@ -279,7 +282,6 @@ def caller(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, D
     return bearer_key(request)
 
 
-CallerDep = Annotated[Caller, Depends(caller)]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="The maximum number of items to fetch")]
 Cursor = Annotated[str | None, Query(description="The pagination cursor returned by the previous request")]
 
@@ -418,79 +420,42 @@ def result_out(result: run_pb2.Result, item: item_pb2.Item, grader_index: int) -
     )
 
 
-Fetch = Callable[[int, str], Awaitable[tuple[Sequence[Any], str]]]
-
-
-async def page_of(
-    fetch: Fetch, limit: int, cursor: str | None, keep: Callable[[Any], bool] = lambda _: True
-) -> tuple[list[Any], str | None]:
-    """Up to `limit` kept elements of a token-paged gRPC list, and the cursor of the rest (None at the end).
-
-    Each call asks for exactly the elements still missing, so a gRPC page is always consumed whole and
-    its next page token is a valid cursor even when `keep` drops elements (the page then holds fewer)."""
-    found: list[Any] = []
-    token = cursor or ""
-    for _ in range(MAX_PAGE_CALLS):
-        elements, token = await fetch(limit - len(found), token)
-        found.extend(element for element in elements if keep(element))
-        if len(found) >= limit or not token:
-            break
-    return found, token or None
-
-
-class Vogent:
+class Vogent(DialectClient):
     """The evalsvc calls behind Vogent's routes, made as one caller."""
 
-    def __init__(self, upstream: Upstream, who: Caller) -> None:
-        self.upstream = upstream
-        self.who = who
-
-    def _pager(self, method: Callable[..., Awaitable[Any]], request: Message, items_field: str) -> Fetch:
-        """`fetch(size, token)` over a gRPC list method, for `page_of`."""
-
-        async def fetch(size: int, token: str) -> tuple[Sequence[Any], str]:
-            request.page_size = size  # type: ignore[attr-defined]
-            request.page_token = token  # type: ignore[attr-defined]
-            page = await self.upstream.call(method, request, self.who)
-            return getattr(page, items_field), page.next_page_token
-
-        return fetch
-
-    async def _owned(self, method: Callable[..., Awaitable[Any]], request: Message, field: str, noun: str) -> Any:
-        """`field` of a Get call's response: a resource this dialect created. A missing one, one without the
+    async def _owned(self, method: Any, request: Any, resource: str, noun: str) -> Any:
+        """`resource` of a Get call's response: one this dialect created. A missing one, one without the
         dialect's label, or a run deleted natively (Vogent has no deletion) is NOT_FOUND in Vogent's words."""
-        key = getattr(request, f"{field}_id")
-        try:
-            found = getattr(await self.upstream.call(method, request, self.who), field)
-        except GatewayError as error:
-            if error.code == grpc.StatusCode.NOT_FOUND:
-                raise GatewayError.not_found(f"{noun} {key!r} not found") from None
-            raise
-        if found.labels.get(RUN_LABEL) != NAME or (field == "run" and found.HasField("delete_time")):
-            raise GatewayError.not_found(f"{noun} {key!r} not found")
-        return found
+        missing = GatewayError.not_found(f"{noun} {getattr(request, f'{resource}_id')!r} not found")
+        live = (lambda run: not run.HasField("delete_time")) if resource == "run" else (lambda _: True)
+        return await self.owned(method, request, resource, missing, accept=live)
 
     async def config(self, config_id: str) -> dataset_service_pb2.Dataset:
         """The eval config: a dataset this dialect created."""
         request = dataset_service_pb2.GetDatasetRequest(dataset_id=config_id)
-        found = await self._owned(self.upstream.datasets.GetDataset, request, "dataset", "eval config")
-        return cast(dataset_service_pb2.Dataset, found)
+        found: dataset_service_pb2.Dataset = await self._owned(
+            self.upstream.datasets.GetDataset, request, "dataset", "eval config"
+        )
+        return found
 
     async def run(self, run_id: str) -> run_pb2.Run:
         """The eval run: a run this dialect created."""
         request = eval_run_service_pb2.GetRunRequest(run_id=run_id)
-        return cast(run_pb2.Run, await self._owned(self.upstream.runs.GetRun, request, "run", "eval run"))
+        found: run_pb2.Run = await self._owned(self.upstream.runs.GetRun, request, "run", "eval run")
+        return found
 
     async def create_config(self, body: CreateAIEvalConfigInput) -> AIEvalConfig:
         annotations = {SNIPPET: body.prompt_snippet} if body.prompt_snippet is not None else {}
-        dataset = dataset_service_pb2.Dataset(display_name=body.name, labels=LABELS, annotations=annotations)
+        dataset = dataset_service_pb2.Dataset(display_name=body.name, labels=self.labels, annotations=annotations)
         request = dataset_service_pb2.CreateDatasetRequest(dataset=dataset)
-        created = await self.upstream.call(self.upstream.datasets.CreateDataset, request, self.who)
+        created = await self.call(self.upstream.datasets.CreateDataset, request)
         return config_out(created.dataset)
 
     async def list_configs(self, limit: int, cursor: str | None) -> AIEvalPage[AIEvalConfig]:
-        fetch = self._pager(self.upstream.datasets.ListDatasets, dataset_service_pb2.ListDatasetsRequest(), "datasets")
-        found, next_cursor = await page_of(fetch, limit, cursor, lambda d: d.labels.get(RUN_LABEL) == NAME)
+        request = dataset_service_pb2.ListDatasetsRequest()
+        found, next_cursor = await self.page(
+            self.upstream.datasets.ListDatasets, request, "datasets", limit, cursor, lambda d: self.owns(d.labels)
+        )
         return AIEvalPage[AIEvalConfig](data=[config_out(d) for d in found], cursor=next_cursor)
 
     async def create_record(self, config_id: str, body: CreateAIEvalRecordInput) -> AIEvalRecord:
@@ -498,7 +463,7 @@ class Vogent:
         await self.config(config_id)
         item = item_in(body)
         request = dataset_service_pb2.AddDatasetItemsRequest(dataset_id=config_id, items=[item])
-        added = await self.upstream.call(self.upstream.datasets.AddDatasetItems, request, self.who)
+        added = await self.call(self.upstream.datasets.AddDatasetItems, request)
         item.id = added.item_ids[0]
         return record_out(item)
 
@@ -507,8 +472,14 @@ class Vogent:
     ) -> AIEvalPage[AIEvalRecord]:
         await self.config(config_id)
         request = dataset_service_pb2.ListDatasetItemsRequest(dataset_id=config_id)
-        fetch = self._pager(self.upstream.datasets.ListDatasetItems, request, "items")
-        found, next_cursor = await page_of(fetch, limit, cursor, lambda item: not search or matches(item, search))
+        found, next_cursor = await self.page(
+            self.upstream.datasets.ListDatasetItems,
+            request,
+            "items",
+            limit,
+            cursor,
+            lambda item: not search or matches(item, search),
+        )
         return AIEvalPage[AIEvalRecord](data=[record_out(item) for item in found], cursor=next_cursor)
 
     async def create_run(self, config_id: str, body: RunEvalInput) -> AIEvalRun:
@@ -524,28 +495,27 @@ class Vogent:
             target=target_pb2.Target(saved_target_id=body.call_agent_id),
             graders=[grader_pb2.Grader(name=GRADER, llm_judge=judge)],
             display_name=config.display_name,
-            labels=LABELS,
+            labels=self.labels,
             annotations={VERSIONED_PROMPT: body.versioned_prompt_id, CALL_AGENT: body.call_agent_id},
         )
-        created = await self.upstream.call(self.upstream.runs.CreateRun, request, self.who)
+        created = await self.call(self.upstream.runs.CreateRun, request)
         return run_out(created.run)
 
     async def list_runs(self, config_id: str, limit: int, cursor: str | None) -> AIEvalPage[AIEvalRun]:
         await self.config(config_id)
-        request = eval_run_service_pb2.ListRunsRequest(dataset_id=config_id, labels=LABELS)
-        found, next_cursor = await page_of(self._pager(self.upstream.runs.ListRuns, request, "runs"), limit, cursor)
+        request = eval_run_service_pb2.ListRunsRequest(dataset_id=config_id, labels=self.labels)
+        found, next_cursor = await self.page(self.upstream.runs.ListRuns, request, "runs", limit, cursor)
         return AIEvalPage[AIEvalRun](data=[run_out(run) for run in found], cursor=next_cursor)
 
     async def cancel_run(self, run_id: str) -> AIEvalRun:
         await self.run(run_id)
         request = eval_run_service_pb2.CancelRunRequest(run_id=run_id)
-        return run_out((await self.upstream.call(self.upstream.runs.CancelRun, request, self.who)).run)
+        return run_out((await self.call(self.upstream.runs.CancelRun, request)).run)
 
     async def list_results(self, run_id: str, limit: int, cursor: str | None) -> AIEvalPage[AIEvalRunResult]:
         run = await self.run(run_id)
         request = eval_run_service_pb2.ListRunResultsRequest(run_id=run_id)
-        fetch = self._pager(self.upstream.runs.ListRunResults, request, "results")
-        found, next_cursor = await page_of(fetch, limit, cursor)
+        found, next_cursor = await self.page(self.upstream.runs.ListRunResults, request, "results", limit, cursor)
         items = await self._items(run.dataset_id) if found else {}
         position = {grader.name: i for i, grader in enumerate(run.graders)}
         data = [
@@ -556,75 +526,81 @@ class Vogent:
     async def _items(self, dataset_id: str) -> dict[str, item_pb2.Item]:
         """The config's records by id, to show each result's record."""
         request = dataset_service_pb2.ListDatasetItemsRequest(dataset_id=dataset_id)
-        items = await self.upstream.collect(self.upstream.datasets.ListDatasetItems, request, "items", self.who)
+        items = await self.collect(self.upstream.datasets.ListDatasetItems, request, "items")
         return {item.id: item for item in items}
 
 
-def router(upstream: Upstream, options: DialectOptions) -> APIRouter:
+def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
     """Vogent's eval routes, relative to its base path `/api`."""
-    api = APIRouter(route_class=error_route_class(render), responses=ERROR_RESPONSES)
 
     @api.post("/eval_configs", response_model=AIEvalConfig, operation_id="createEvalConfig")
-    async def create_eval_config(body: CreateAIEvalConfigInput, who: CallerDep) -> AIEvalConfig:
+    async def create_eval_config(body: CreateAIEvalConfigInput, vogent: Vogent = client) -> AIEvalConfig:
         """Creates an AI evaluation configuration (an evalsvc dataset)."""
-        return await Vogent(upstream, who).create_config(body)
+        return await vogent.create_config(body)
 
     @api.get("/eval_configs", response_model=AIEvalPage[AIEvalConfig], operation_id="listEvalConfigs")
     async def list_eval_configs(
-        who: CallerDep, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None
+        vogent: Vogent = client, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None
     ) -> AIEvalPage[AIEvalConfig]:
         """Lists the eval configs created through this API, newest first."""
-        return await Vogent(upstream, who).list_configs(limit, cursor)
+        return await vogent.list_configs(limit, cursor)
 
     @api.get("/eval_configs/{id}", response_model=AIEvalConfig, operation_id="getEvalConfig")
-    async def get_eval_config(id: str, who: CallerDep) -> AIEvalConfig:
+    async def get_eval_config(id: str, vogent: Vogent = client) -> AIEvalConfig:
         """Gets an eval config."""
-        return config_out(await Vogent(upstream, who).config(id))
+        return config_out(await vogent.config(id))
 
     @api.post("/eval_configs/{id}/records", response_model=AIEvalRecord, operation_id="createEvalConfigRecord")
-    async def create_eval_config_record(id: str, body: CreateAIEvalRecordInput, who: CallerDep) -> AIEvalRecord:
+    async def create_eval_config_record(
+        id: str, body: CreateAIEvalRecordInput, vogent: Vogent = client
+    ) -> AIEvalRecord:
         """Adds a DIAL or PROMPT record (a dataset item) to an eval config."""
-        return await Vogent(upstream, who).create_record(id, body)
+        return await vogent.create_record(id, body)
 
     @api.get(
         "/eval_configs/{id}/records", response_model=AIEvalPage[AIEvalRecord], operation_id="listEvalConfigRecords"
     )
     async def list_eval_config_records(
-        id: str, who: CallerDep, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None, search: str = ""
+        id: str, vogent: Vogent = client, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None, search: str = ""
     ) -> AIEvalPage[AIEvalRecord]:
         """Lists an eval config's records in the order they were added, optionally filtered by `search`."""
-        return await Vogent(upstream, who).list_records(id, limit, cursor, search)
+        return await vogent.list_records(id, limit, cursor, search)
 
     @api.post("/eval_configs/{id}/runs", response_model=AIEvalRun, operation_id="runEval")
-    async def run_eval(id: str, body: RunEvalInput, who: CallerDep) -> AIEvalRun:
+    async def run_eval(id: str, body: RunEvalInput, vogent: Vogent = client) -> AIEvalRun:
         """Starts a run of the call agent (a saved target) over the config's records, or `evalRecordIds`."""
-        return await Vogent(upstream, who).create_run(id, body)
+        return await vogent.create_run(id, body)
 
     @api.get("/eval_configs/{id}/runs", response_model=AIEvalPage[AIEvalRun], operation_id="listEvalConfigRuns")
     async def list_eval_config_runs(
-        id: str, who: CallerDep, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None
+        id: str, vogent: Vogent = client, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None
     ) -> AIEvalPage[AIEvalRun]:
         """Lists an eval config's runs, newest first."""
-        return await Vogent(upstream, who).list_runs(id, limit, cursor)
+        return await vogent.list_runs(id, limit, cursor)
 
     @api.get("/eval_runs/{id}", response_model=AIEvalRun, operation_id="getEvalRun")
-    async def get_eval_run(id: str, who: CallerDep) -> AIEvalRun:
+    async def get_eval_run(id: str, vogent: Vogent = client) -> AIEvalRun:
         """Gets an eval run."""
-        return run_out(await Vogent(upstream, who).run(id))
+        return run_out(await vogent.run(id))
 
     @api.post("/eval_runs/{id}/cancel", response_model=AIEvalRun, operation_id="cancelEvalRun")
-    async def cancel_eval_run(id: str, who: CallerDep) -> AIEvalRun:
+    async def cancel_eval_run(id: str, vogent: Vogent = client) -> AIEvalRun:
         """Cancels a pending or running eval run (400 FAILED_PRECONDITION once it has finished)."""
-        return await Vogent(upstream, who).cancel_run(id)
+        return await vogent.cancel_run(id)
 
     @api.get("/eval_runs/{id}/results", response_model=AIEvalPage[AIEvalRunResult], operation_id="listEvalRunResults")
     async def list_eval_run_results(
-        id: str, who: CallerDep, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None
+        id: str, vogent: Vogent = client, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None
     ) -> AIEvalPage[AIEvalRunResult]:
         """Lists an eval run's results, one per evaluated record, in the order they were recorded."""
-        return await Vogent(upstream, who).list_results(id, limit, cursor)
-
-    return api
+        return await vogent.list_results(id, limit, cursor)
 
 
-DIALECT = Dialect(name=NAME, title="Vogent AI Evals", prefix="/api", router=router)
+DIALECT = Dialect(
+    name=NAME,
+    title="Vogent AI Evals",
+    prefix="/api",
+    client=Vogent,
+    routes=routes,
+    vendor=VendorOptions(error_handler=render, caller=caller, error_responses=ERROR_RESPONSES),
+)

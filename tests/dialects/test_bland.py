@@ -16,12 +16,10 @@ import httpx
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 
-from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as runs_pb
 from evalsvc.v1 import run_pb2
-from tests.conftest import make_settings
+from tests.dialects.env import DialectEnv, dialect_gateway
 from tests.fake_llm import FakeEndpoint, Reply, judge_reply
-from tests.helpers import serving_gateway
 
 MILLIS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 RUN_STATUSES = {"PENDING", "QUEUED", "RUNNING", "COMPLETE", "PARTIAL", "FAILED", "CANCELLED"}
@@ -308,13 +306,8 @@ def check_run(body: Any, shape: dict[str, Any] = RUN) -> dict[str, Any]:
     return dict(body)
 
 
-@dataclass
-class Env:
-    srv: EvalServer
-    http: httpx.AsyncClient
-    judge: FakeEndpoint
-    key: str
-
+@dataclass(kw_only=True)
+class Env(DialectEnv):
     async def ok(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
         return data(await self.http.request(method, path, json=body, params=params or None))
 
@@ -323,16 +316,6 @@ class Env:
 
     async def run(self, **fields: Any) -> dict[str, Any]:
         return check_run(await self.ok("POST", "/v1/evals/runs", {"call_ids": CALL_IDS, **fields}))
-
-    async def ended(self, run_id: str) -> None:
-        """Wait for the run's end without reading it through Bland (which caches its summary): the
-        native NDJSON watch ends after the run's terminal event."""
-        headers = {"accept": "application/x-ndjson", "authorization": f"Bearer {self.key}"}
-        last = None
-        async with self.http.stream("GET", f"/v1/runs/{run_id}:watch", headers=headers) as stream:
-            async for line in stream.aiter_lines():
-                last = json.loads(line)["result"] if line else last
-        assert last is not None and last["run"]["status"] != "RUN_STATUS_RUNNING", last
 
     async def finished(self, run_id: str) -> dict[str, Any]:
         """The run once it ended, as Bland shows it."""
@@ -343,18 +326,9 @@ class Env:
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
     with FakeEndpoint(level("excellent")) as judge:
-        settings = make_settings(
-            tmp_path,
-            http_addr="127.0.0.1:0",
-            dialects="bland",
-            outbound_allow="127.0.0.1",
-            judge_base_url=judge.url + "/v1",
-            judge_model="judge-test",
-            workers=1,  # one evaluation at a time: scripted verdicts meet the calls in order
-        )
-        async with serving_gateway(settings, key_prefix="") as (srv, http):  # Bland's raw key, no Bearer
-            assert srv.bootstrap_key
-            env = Env(srv, http, judge, srv.bootstrap_key)
+        # one evaluation at a time: scripted verdicts meet the calls in order; Bland's raw key, no Bearer
+        async with dialect_gateway(tmp_path, "bland", judge, workers=1, key_prefix="") as (srv, http):
+            env = Env(srv=srv, http=http, judge=judge, key=srv.bootstrap_key or "")
             added = await env.ok("POST", "/v1/evals/calls", {"calls": CALLS})
             assert added == {"call_ids": CALL_IDS, "total_call_count": 2}
             yield env

@@ -32,7 +32,7 @@ import httpx
 
 from evalsvc.config import Settings
 from evalsvc.errors import FieldViolation
-from evalsvc.execution.slots import Slots
+from evalsvc.slots import Slots
 from evalsvc.v1 import grader_pb2, target_pb2
 
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
@@ -119,7 +119,8 @@ def is_global_destination(address: IPAddress) -> bool:
     A rule rather than a list of forbidden ranges: whatever is not public on the internet (private,
     loopback, link-local, shared address space such as 100.100.100.200, benchmarking, documentation,
     reserved, multicast, and each of these wrapped in an IPv6 transition form) is refused."""
-    for candidate in embedded_ipv4(address) or [address]:
+    candidates: list[IPAddress] = list(embedded_ipv4(address)) or [address]
+    for candidate in candidates:
         if not candidate.is_global or candidate.is_multicast:
             return False
         if any(candidate in network for network in _NOT_GLOBAL if network.version == candidate.version):

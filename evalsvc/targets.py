@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from google.protobuf import json_format, struct_pb2
 
 from evalsvc.errors import FieldViolation
-from evalsvc.execution.outbound import Outbound, OutboundError, check_url_shape, endpoint_headers, secret_refs
+from evalsvc.http.outbound import Outbound, OutboundError, check_url_shape, endpoint_headers, secret_refs
 from evalsvc.storable import storable_json
 from evalsvc.v1 import item_pb2, target_pb2
 
@@ -203,20 +203,20 @@ class HttpTarget:
             )
         except OutboundError as exc:
             raise TargetError(exc.reason) from exc
-        body = storable_json(reply.body)
-        if not isinstance(body, dict):
+        answer = storable_json(reply.body)
+        if not isinstance(answer, dict):
             raise TargetError("the webhook's reply is not a JSON object")
         try:
-            cost = float(body.get("cost_usd") or 0.0)
-            memory = float(body.get("memory_mib") or 0.0)
+            cost = float(answer.get("cost_usd") or 0.0)
+            memory = float(answer.get("memory_mib") or 0.0)
         except (TypeError, ValueError) as exc:
             raise TargetError("the webhook's cost_usd or memory_mib is not a number") from exc
         return item_pb2.Response(
-            content=str(body.get("content") or ""),
-            tool_calls=tool_calls_from(body.get("tool_calls")),
+            content=str(answer.get("content") or ""),
+            tool_calls=tool_calls_from(answer.get("tool_calls")),
             cost_usd=cost,
             latency_ms=reply.latency_ms,
-            refused=bool(body.get("refused")),
+            refused=bool(answer.get("refused")),
             memory_mib=memory,
         )
 

@@ -21,7 +21,7 @@ from agno.os.routers.evals.schemas import EvalSchema
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc
-from tests.conftest import make_settings
+from tests.dialects.env import DialectEnv, dialect_gateway
 from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
 from tests.helpers import create_request, impatient_gateway, keyed_channel
 
@@ -70,23 +70,18 @@ CLIENT_EXAMPLE: dict[str, Any] = {
 }
 
 
-@dataclass
-class Env:
-    srv: EvalServer
-    http: httpx.AsyncClient  # carries the Authorization header
-    key: str  # the test's own API key (its own tenant)
+@dataclass(kw_only=True)
+class Env(DialectEnv):
+    """`key` is the test's own (its own tenant); the judge is shared by the module's tests."""
+
     auth: dict[str, str]
     client: AgentOSClient
     model: FakeEndpoint  # the chat agent's model: answers "50" after calling multiply(a=10, b=5)
-    judge: FakeEndpoint  # the server's default judge (shared by the module's tests)
-    agent_id: str  # a saved chat target: what Agno calls an agent
+    agent_id: str = ""  # a saved chat target: what Agno calls an agent
 
     async def save_agent(self, name: str, target: dict[str, Any], **labels: str) -> str:
-        """A saved target, created through the gateway's native route (how Agno agents are made)."""
-        body = {"target": {"displayName": name, "labels": labels, "target": target}}
-        created = await self.http.post("/v1/targets", json=body)
-        assert created.status_code == 200, created.text
-        return str(created.json()["target"]["id"])
+        """A saved target (how Agno agents are made)."""
+        return await self.save_target(name, target, **labels)
 
     async def run(self, **fields: Any) -> dict[str, Any]:
         """POST /eval-runs, expecting success."""
@@ -106,21 +101,9 @@ async def served(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tupl
     after each test, and the dialect never touches the database anyway."""
     with FakeEndpoint(judge_reply(VERDICT)) as judge:
         folder = tmp_path_factory.mktemp("agno")
-        settings = make_settings(
-            folder,
-            db=f"sqlite+aiosqlite:///{folder / 'agno.db'}",
-            http_addr="127.0.0.1:0",
-            outbound_allow="127.0.0.1",
-            judge_base_url=judge.url + "/v1",
-            judge_model="judge-test",
-            judge_api_key="judge-key",
-        )
-        srv = EvalServer(settings)
-        await srv.start()
-        try:
+        sqlite = f"sqlite+aiosqlite:///{folder / 'agno.db'}"
+        async with dialect_gateway(folder, "agno", judge, db=sqlite, judge_api_key="judge-key") as (srv, _):
             yield srv, judge
-        finally:
-            await srv.stop(grace=0.5)
 
 
 @pytest.fixture
@@ -134,7 +117,8 @@ async def env(served: tuple[EvalServer, FakeEndpoint]) -> AsyncIterator[Env]:
     answer = chat_reply("50", tool_calls=[{"name": "multiply", "args": {"a": 10, "b": 5}}])
     with FakeEndpoint(answer) as model:
         async with httpx.AsyncClient(base_url=base, headers=auth, timeout=30) as http:
-            env = Env(srv, http, key, auth, AgentOSClient(base_url=base), model, judge, "")
+            client = AgentOSClient(base_url=base)
+            env = Env(srv=srv, http=http, judge=judge, key=key, auth=auth, client=client, model=model)
             env.agent_id = await env.save_agent("basic-agent", chat(model.url), model_provider="OpenAI")
             yield env
 

@@ -14,16 +14,13 @@ from typing import Any
 import httpx
 import pytest
 
-from evalsvc.server import EvalServer
-from tests.conftest import make_settings
+from tests.dialects.env import DialectEnv, chat_target, dialect_gateway
 from tests.fake_llm import FakeEndpoint, chat_reply, judge_reply
-from tests.helpers import serving_gateway
 
 AGENT_REPLY = "Your table for two is booked for 7pm."
 SNIPPET = "Did the agent confirm the booking time?"
 DATE_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 STATUSES = {"PENDING", "RUNNING", "SUCCESS", "FAILED", "CANCELLED"}
-TERMINAL = {"RUN_STATUS_SUCCEEDED", "RUN_STATUS_FAILED", "RUN_STATUS_CANCELLED"}
 PASS = judge_reply({"passed": True, "reason": "the time was confirmed"})
 FAIL = judge_reply({"passed": False, "reason": "no time was given"})
 
@@ -131,12 +128,9 @@ def check_error(response: httpx.Response, status: int, code: str) -> dict[str, s
     return {v["field"]: v["description"] for v in error["fieldViolations"]}
 
 
-@dataclass
-class Env:
-    srv: EvalServer
-    http: httpx.AsyncClient
+@dataclass(kw_only=True)
+class Env(DialectEnv):
     agent: FakeEndpoint
-    judge: FakeEndpoint
     agent_id: str  # a saved chat target on the agent fake: Vogent's call agent
 
     async def ok(self, method: str, path: str, body: Any = None) -> Any:
@@ -160,38 +154,18 @@ class Env:
         return check_run(await self.ok("POST", f"/api/eval_configs/{config_id}/runs", body))
 
     async def finished(self, run_id: str) -> dict[str, Any]:
-        """The run once it ended: the native NDJSON watch ends after the run's terminal event."""
-        events = []
-        async with self.http.stream(
-            "GET", f"/v1/runs/{run_id}:watch", headers={"accept": "application/x-ndjson"}
-        ) as stream:
-            async for line in stream.aiter_lines():
-                if line:
-                    events.append(json.loads(line)["result"])
-        assert events[-1]["run"]["status"] in TERMINAL, events[-1:]
+        """The run once it ended, as Vogent shows it."""
+        await self.ended(run_id)
         return check_run(await self.ok("GET", f"/api/eval_runs/{run_id}"))
 
 
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
     with FakeEndpoint(chat_reply(AGENT_REPLY)) as agent, FakeEndpoint(PASS) as judge:
-        settings = make_settings(
-            tmp_path,
-            http_addr="127.0.0.1:0",
-            dialects="vogent",
-            outbound_allow="127.0.0.1",
-            judge_base_url=judge.url + "/v1",
-            judge_model="judge-test",
-            judge_api_key="judge-key",
-        )
-        async with serving_gateway(settings) as (srv, http):
-            target = {
-                "displayName": "front desk",
-                "target": {"chat": {"endpoint": {"baseUrl": agent.url + "/v1"}, "model": "agent-test"}},
-            }
-            created = await http.post("/v1/targets", json={"target": target})
-            assert created.status_code == 200, created.text
-            yield Env(srv, http, agent, judge, created.json()["target"]["id"])
+        async with dialect_gateway(tmp_path, "vogent", judge, judge_api_key="judge-key") as (srv, http):
+            env = Env(srv=srv, http=http, judge=judge, key=srv.bootstrap_key or "", agent=agent, agent_id="")
+            env.agent_id = await env.save_target("front desk", chat_target(agent.url, "agent-test"))
+            yield env
 
 
 async def test_the_documented_examples_as_sent_get_the_documented_shapes(env: Env) -> None:

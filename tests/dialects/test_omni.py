@@ -4,7 +4,6 @@ OpenAI-compatible endpoint, and the server's default judge is another such fake 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -16,10 +15,8 @@ import httpx
 import pytest
 
 from evalsvc.gateway.dialects.uuids import from_uuid, to_uuid
-from evalsvc.server import EvalServer
-from tests.conftest import make_settings
+from tests.dialects.env import DialectEnv, chat_target, dialect_gateway
 from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
-from tests.helpers import serving_gateway
 
 PRICES = {"gpt-test": {"input_per_mtok": 1000.0, "output_per_mtok": 2000.0}, "judge-test": {"input_per_mtok": 100.0}}
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -60,21 +57,14 @@ START_RUN_EXAMPLE: dict[str, Any] = {
 }
 
 
-@dataclass
-class Env:
-    srv: EvalServer
-    http: httpx.AsyncClient
+@dataclass(kw_only=True)
+class Env(DialectEnv):
     model: FakeEndpoint  # answers for the saved chat target (the Omni "model")
-    judge: FakeEndpoint  # the server's default judge
     model_id: str
 
-
-async def save_model(http: httpx.AsyncClient, url: str) -> str:
-    """A saved chat target, created through the gateway's native route: what Omni calls a model."""
-    chat = {"endpoint": {"baseUrl": url + "/v1", "timeoutS": 5}, "model": "gpt-test"}
-    created = await http.post("/v1/targets", json={"target": {"displayName": "orders model", "target": {"chat": chat}}})
-    assert created.status_code == 200, created.text
-    return str(created.json()["target"]["id"])
+    async def save_model(self) -> str:
+        """A saved chat target on the model fake: what Omni calls a model (its evalsvc id)."""
+        return await self.save_target("orders model", chat_target(self.model.url, "gpt-test", timeoutS=5))
 
 
 @pytest.fixture
@@ -83,19 +73,12 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     prices.write_text(json.dumps(PRICES))
     answer = chat_reply("Aniseed Syrup", usage=(10, 5))
     with FakeEndpoint(answer) as model, FakeEndpoint(judge_reply({"score": 9, "reason": "right"})) as judge:
-        settings = make_settings(
-            tmp_path,
-            http_addr="127.0.0.1:0",
-            dialects="omni",
-            judge_base_url=judge.url + "/v1",
-            judge_model="judge-test",
-            judge_api_key="judge-key",
-            outbound_allow="127.0.0.1",
-            price_table=str(prices),
-            http_retries=0,
-        )
-        async with serving_gateway(settings) as (srv, http):
-            yield Env(srv, http, model, judge, to_uuid(await save_model(http, model.url)))
+        async with dialect_gateway(
+            tmp_path, "omni", judge, judge_api_key="judge-key", price_table=str(prices), http_retries=0
+        ) as (srv, http):
+            env = Env(srv=srv, http=http, judge=judge, key=srv.bootstrap_key or "", model=model, model_id="")
+            env.model_id = to_uuid(await env.save_model())
+            yield env
 
 
 def omni_error(response: httpx.Response, status: int) -> str:
@@ -162,11 +145,7 @@ async def start_run(env: Env, set_id: str, **fields: Any) -> dict[str, Any]:
 
 async def wait_until_done(env: Env, run_id: str) -> None:
     """Follow the run's native NDJSON watch to its terminal event (the stream ends there)."""
-    ndjson = {"accept": "application/x-ndjson"}
-    watch = f"/v1/runs/{from_uuid(run_id)}:watch"  # Omni shows the UUID form of the evalsvc run id
-    async with asyncio.timeout(30), env.http.stream("GET", watch, headers=ndjson) as stream:
-        async for _ in stream.aiter_lines():
-            pass
+    await env.ended(from_uuid(run_id))  # Omni shows the UUID form of the evalsvc run id
 
 
 async def test_prompt_sets_as_documented(env: Env) -> None:
@@ -187,7 +166,7 @@ async def test_prompt_sets_as_documented(env: Env) -> None:
     got = await env.http.get(f"/api/v1/ai/eval/prompt-sets/{core['id']}")
     assert got.status_code == 200 and got.json() == {"prompt_set": core}
 
-    other_model = await save_model(env.http, env.model.url)
+    other_model = await env.save_model()
     elsewhere = await create_set(env, model_id=other_model, name="Another", slug="core-orders")  # unique per model
     listed = (await env.http.get("/api/v1/ai/eval/prompt-sets")).json()["prompt_sets"]
     for item in listed:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from evalsvc.runs.convert import pass_rate
+from evalsvc.messages.convert import pass_rate
 from evalsvc.store.runs import AggregateInputs
 from evalsvc.v1 import run_pb2
 

@@ -3,7 +3,6 @@ is a real HTTP fake (tests/fake_llm.py), driven by httpx and by Aymara's own SDK
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -18,8 +17,8 @@ from aymara_ai.lib.async_utils import async_wait_until_complete
 from aymara_ai.lib.runner import AsyncEvalRunner
 
 from evalsvc.gateway.dialects import aymara
-from evalsvc.server import EvalServer
 from tests.conftest import make_settings
+from tests.dialects.env import DialectEnv, dialect_gateway
 from tests.fake_llm import FakeEndpoint, Reply, generator_reply, is_generation, judge_reply
 from tests.helpers import impatient_gateway, serving_gateway
 
@@ -160,13 +159,9 @@ class PolicyVerdicts(list[Reply]):
         )
 
 
-@dataclass
-class Env:
-    srv: EvalServer
-    http: httpx.AsyncClient  # authenticated with x-api-key, as Aymara documents
-    judge: FakeEndpoint
-    base_url: str
-    key: str
+@dataclass(kw_only=True)
+class Env(DialectEnv):
+    """The http client sends the key as x-api-key, as Aymara documents."""
 
     def sdk(self, **options: Any) -> AsyncAymaraAI:
         """Aymara's async client with its default settings (retries included) pointed at the gateway."""
@@ -177,34 +172,21 @@ class Env:
 async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
     with FakeEndpoint() as judge:
         judge.script = PolicyVerdicts(judge)
-        settings = make_settings(
+        async with dialect_gateway(
             tmp_path_factory.mktemp("aymara"),
-            http_addr="127.0.0.1:0",
-            dialects="aymara",
-            judge_base_url=judge.url + "/v1",
+            "aymara",
+            judge,
             judge_model="judge",
-            outbound_allow="127.0.0.1",
-        )
-        async with serving_gateway(settings, key_header="x-api-key", key_prefix="") as (srv, http):
-            assert srv.bootstrap_key
-            yield Env(srv, http, judge, str(http.base_url).rstrip("/"), srv.bootstrap_key)
+            key_header="x-api-key",
+            key_prefix="",
+        ) as (srv, http):
+            yield Env(srv=srv, http=http, judge=judge, key=srv.bootstrap_key or "")
 
 
 async def create_eval(env: Env, **fields: Any) -> dict[str, Any]:
     created = await env.http.post("/v2/evals", json=an_eval(**fields))
     assert created.status_code == 200, created.text
     return created.json()  # type: ignore[no-any-return]
-
-
-async def finished(env: Env, run_id: str) -> None:
-    """Wait for the run's terminal event on the native watch stream (NDJSON), at most 30 s."""
-    headers = {"authorization": f"Bearer {env.key}", "accept": "application/x-ndjson"}
-    async with asyncio.timeout(30), env.http.stream("GET", f"/v1/runs/{run_id}:watch", headers=headers) as stream:
-        async for line in stream.aiter_lines():
-            event = json.loads(line)["result"] if line else {}
-            if event.get("run", {}).get("status") in ("RUN_STATUS_SUCCEEDED", "RUN_STATUS_FAILED"):
-                return
-    raise AssertionError("the watch ended before the run did")
 
 
 def assert_envelope(body: Any, code: str) -> dict[str, Any]:
@@ -462,7 +444,7 @@ async def test_create_answers_at_once_and_the_run_finishes_later(env: Env) -> No
     assert run.status == "created" and run.workspace_uuid == "ws-2" and run.ai_description == "v2 of the bot"
     assert [r.content for r in run.responses or []] == [REFUSAL, REFUSAL] and run.num_prompts == 2
     assert run.name == f"Kid-safe assistant {run.created_at:%Y-%m-%dT%H:%M:%SZ}"  # the eval's name + a timestamp
-    await finished(env, run.eval_run_uuid)
+    await env.ended(run.eval_run_uuid)
     done = await client.evals.runs.get(run.eval_run_uuid)
     assert done.status == "finished" and done.pass_rate == 1.0 and done.num_responses_scored == 2
     assert all(r.is_passed for r in done.responses or [])
@@ -484,7 +466,7 @@ async def test_score_responses_answers_processing_when_the_scores_are_late(env: 
     assert [(r["prompt_uuid"], r["is_passed"], r["response_uuid"]) for r in run["responses"]] == [
         ("p-weapon", None, None)
     ]
-    await finished(env, run["eval_run_uuid"])
+    await env.ended(run["eval_run_uuid"])
     assert (await env.http.get(f"/v2/eval-runs/{run['eval_run_uuid']}")).json()["status"] == "finished"
 
 
@@ -733,15 +715,14 @@ async def test_a_failed_generation_is_failed_with_its_reason_and_no_generator_cr
 ) -> None:
     body = {k: v for k, v in an_eval().items() if k != "prompts"}
     with FakeEndpoint(Reply({"error": "no such model"}, status=404)) as broken:
-        settings = make_settings(
+        async with dialect_gateway(
             tmp_path_factory.mktemp("aymara-broken"),
-            http_addr="127.0.0.1:0",
-            dialects="aymara",
-            outbound_allow="127.0.0.1",
-            judge_base_url=broken.url + "/v1",
+            "aymara",
+            broken,
             judge_model="judge",
-        )
-        async with serving_gateway(settings, key_header="x-api-key", key_prefix="") as (srv, http):
+            key_header="x-api-key",
+            key_prefix="",
+        ) as (srv, http):
             client = AsyncAymaraAI(api_key=srv.bootstrap_key, base_url=str(http.base_url).rstrip("/"))
             created = await client.evals.create(**body)
             with pytest.raises(RuntimeError):  # the SDK's wait raises on the vendor's failed status

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from evalsvc.errors import FieldViolation
-from evalsvc.graders import Grade, compile_grader, grader_name, target_error_grade, validate_grader
+from evalsvc.graders import Grade, compile_grader, grader_name, target_error_grade
+from evalsvc.graders.validation import validate_grader
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2
 
 PASSED = run_pb2.RESULT_STATE_PASSED

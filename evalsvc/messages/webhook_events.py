@@ -11,7 +11,7 @@ from evalsvc.v1 import run_pb2
 # In the order of a run's life; a type's bit is 1 << its index here, so never reorder or remove one.
 EVENT_TYPES = ("run.created", "run.started", "run.succeeded", "run.failed", "run.cancelled")
 
-_TYPE_OF_STATUS = {
+_TYPE_OF_STATUS: dict[int, str] = {
     run_pb2.RUN_STATUS_PENDING: "run.created",
     run_pb2.RUN_STATUS_RUNNING: "run.started",
     run_pb2.RUN_STATUS_SUCCEEDED: "run.succeeded",

@@ -1,0 +1,26 @@
+"""Canonical forms: a message as JSON-able data, and the hash of such data.
+
+What the response cache keys hash (evalsvc/execution/cache.py, a judge's verdict key in
+evalsvc/graders/judge.py): the same definition always gives the same key, whatever its field order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+
+def digest(material: Mapping[str, Any]) -> str:
+    """The key of a JSON-able description: canonical JSON, hashed."""
+    canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def definition(message: Message) -> dict[str, Any]:
+    """A message as canonical JSON-able data (field names as in the proto, defaults left out)."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)

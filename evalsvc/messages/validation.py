@@ -1,0 +1,99 @@
+"""Field checks every create and update request shares: lengths, labels, annotations, items.
+
+Leaf code (no I/O, no service): the services validate their requests with it and the gateway's
+dialects take its limits, so every door refuses the same things. Checks append to a list, so a
+caller fixes a request in one round trip.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+from evalsvc.errors import FieldViolation
+from evalsvc.http.outbound import check_url_shape
+from evalsvc.v1 import item_pb2
+
+MAX_REQUEST_ID = 128
+MAX_DISPLAY_NAME = 256
+MAX_DESCRIPTION = 1024
+MAX_ITEM_ID = 128
+MAX_IMAGES = 16  # image URLs of one recorded response
+LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+MAX_LABEL_VALUE = 63
+MAX_ANNOTATION_KEY = 128
+MAX_ANNOTATIONS_BYTES = 64 * 1024
+
+
+def check_length(value: str, limit: int, field: str, out: list[FieldViolation]) -> None:
+    """Append a violation when value is longer than limit characters."""
+    if len(value) > limit:
+        out.append(FieldViolation(field, f"must be at most {limit} characters (got {len(value)})"))
+
+
+def check_labels(labels: Mapping[str, str], field: str, out: list[FieldViolation]) -> None:
+    """Label keys are 1-63 of [a-z0-9_-] starting with a letter; values at most 63 characters."""
+    for key, value in labels.items():
+        if not LABEL_KEY.match(key):
+            out.append(FieldViolation(f"{field}[{key}]", "key must match [a-z][a-z0-9_-]{0,62}"))
+        check_length(value, MAX_LABEL_VALUE, f"{field}[{key}]", out)
+
+
+def check_annotations(annotations: Mapping[str, str], field: str, out: list[FieldViolation]) -> None:
+    """Annotation keys are 1-128 characters; keys and values together at most 64 KiB (AIP-128)."""
+    for key in annotations:
+        if not key or len(key) > MAX_ANNOTATION_KEY:
+            out.append(FieldViolation(f"{field}[{key[:MAX_ANNOTATION_KEY]}]", "key must be 1-128 characters"))
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in annotations.items())
+    if size > MAX_ANNOTATIONS_BYTES:
+        out.append(FieldViolation(field, f"keys and values must total at most {MAX_ANNOTATIONS_BYTES} bytes"))
+
+
+def check_items(
+    items: Sequence[item_pb2.Item], field: str, out: list[FieldViolation], max_items: int | None = None
+) -> None:
+    """Items need unique ids of at most 128 characters (empty ids are assigned before this check), and
+    a recorded response's measurements must be numbers a grader and an aggregate can use."""
+    if max_items is not None and len(items) > max_items:
+        out.append(FieldViolation(field, f"at most {max_items} items per request (got {len(items)})"))
+        return
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        check_length(item.id, MAX_ITEM_ID, f"{field}[{i}].id", out)
+        if item.id in seen:
+            out.append(FieldViolation(f"{field}[{i}].id", f"duplicate item id {item.id[:MAX_ITEM_ID]!r}"))
+        seen.add(item.id)
+        if item.HasField("response"):
+            check_measurements(item.response, f"{field}[{i}].response", out)
+            check_images(item.response, f"{field}[{i}].response", out)
+
+
+def check_images(response: item_pb2.Response, field: str, out: list[FieldViolation]) -> None:
+    """A response's images are a few http(s) URLs (where they may be fetched from is checked when a
+    judge is about to be shown them: the SSRF rule needs the address they resolve to then)."""
+    if len(response.image_urls) > MAX_IMAGES:
+        out.append(FieldViolation(f"{field}.image_urls", f"at most {MAX_IMAGES} images"))
+        return
+    for i, url in enumerate(response.image_urls):
+        if problem := check_url_shape(url):
+            out.append(FieldViolation(f"{field}.image_urls[{i}]", problem))
+
+
+def check_measurements(response: item_pb2.Response, field: str, out: list[FieldViolation]) -> None:
+    """Cost, latency, memory and token counts are finite and not negative: a NaN would make every
+    latency and cost grader and the run's aggregate meaningless, silently."""
+    for name in ("cost_usd", "latency_ms", "memory_mib"):
+        value = getattr(response, name)
+        if not (math.isfinite(value) and value >= 0):
+            out.append(FieldViolation(f"{field}.{name}", "must be a finite number >= 0"))
+    for name in ("prompt_tokens", "completion_tokens"):
+        if getattr(response, name) < 0:
+            out.append(FieldViolation(f"{field}.{name}", "must be >= 0"))
+
+
+def assign_item_ids(items: Sequence[item_pb2.Item], start: int = 0) -> None:
+    """Give items without an id one derived from their position (`item-1`, `item-2`, ...)."""
+    for i, item in enumerate(items):
+        if not item.id:
+            item.id = f"item-{start + i + 1}"

@@ -1,0 +1,16 @@
+# Types for the part of google-re2 evalsvc uses (the package ships no stubs or py.typed marker);
+# mypy reads this through `mypy_path` in pyproject.toml. Extend it when the code uses more of re2.
+
+class error(Exception): ...
+
+class Options:
+    log_errors: bool
+    case_sensitive: bool
+
+class _Match: ...
+
+class _Regexp:
+    def search(self, text: str, pos: int | None = None, endpos: int | None = None) -> _Match | None: ...
+    def fullmatch(self, text: str, pos: int | None = None, endpos: int | None = None) -> _Match | None: ...
+
+def compile(pattern: str | _Regexp, options: Options | None = None) -> _Regexp: ...

@@ -1,0 +1,80 @@
+"""What every dialect test shares: a real server whose REST gateway serves one dialect, its default judge
+a real-HTTP fake (tests/fake_llm.py), and an HTTP client authenticated the way the vendor documents.
+
+A dialect's test module subclasses `DialectEnv` with its vendor's helpers and builds it in its `env`
+fixture from `dialect_gateway`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from evalsvc.server import EvalServer
+from tests.conftest import make_settings
+from tests.fake_llm import FakeEndpoint
+from tests.helpers import serving_gateway, watch_to_end
+
+
+@dataclass(kw_only=True)
+class DialectEnv:
+    srv: EvalServer
+    http: httpx.AsyncClient  # sends the key in the vendor's header
+    judge: FakeEndpoint  # the server's default judge
+    key: str  # the test's API key
+
+    @property
+    def base_url(self) -> str:
+        """The gateway's URL: what a vendor's own client is pointed at."""
+        return str(self.http.base_url).rstrip("/")
+
+    @property
+    def native_auth(self) -> dict[str, str]:
+        """The key as the native routes take it, whatever header the vendor uses."""
+        return {"authorization": f"Bearer {self.key}"}
+
+    async def save_target(self, name: str, target: dict[str, Any], **labels: str) -> str:
+        """A saved target created through the native route (what vendors call an agent or a model); its id."""
+        body = {"target": {"displayName": name, "labels": labels, "target": target}}
+        created = await self.http.post("/v1/targets", json=body, headers=self.native_auth)
+        assert created.status_code == 200, created.text
+        return str(created.json()["target"]["id"])
+
+    async def ended(self, run_id: str) -> dict[str, Any]:
+        """The run as its terminal event shows it, read on the native NDJSON watch rather than through
+        the dialect, whose reads may have effects (Bland caches a finished run's summary)."""
+        return await watch_to_end(self.http, run_id, self.native_auth)
+
+
+def chat_target(url: str, model: str, **endpoint: Any) -> dict[str, Any]:
+    """A chat target on an OpenAI-compatible fake."""
+    return {"chat": {"endpoint": {"baseUrl": url + "/v1", **endpoint}, "model": model}}
+
+
+@asynccontextmanager
+async def dialect_gateway(
+    folder: Path,
+    dialect: str,
+    judge: FakeEndpoint,
+    *,
+    key_header: str = "authorization",
+    key_prefix: str = "Bearer ",
+    **settings: Any,
+) -> AsyncIterator[tuple[EvalServer, httpx.AsyncClient]]:
+    """A started server whose gateway serves `dialect`, `judge` its default judge (more settings may be
+    given), and a client sending the bootstrap key as `key_header: key_prefix<key>`."""
+    configured = make_settings(
+        folder,
+        http_addr="127.0.0.1:0",
+        dialects=dialect,
+        outbound_allow="127.0.0.1",
+        judge_base_url=judge.url + "/v1",
+        **{"judge_model": "judge-test", **settings},
+    )
+    async with serving_gateway(configured, key_header=key_header, key_prefix=key_prefix) as (srv, http):
+        assert srv.bootstrap_key
+        yield srv, http

@@ -1,0 +1,195 @@
+"""The resumable watch over a bare database and an in-process bus: every event after after_seq once and in
+order, live events through the bus, the database whenever the bus cannot be trusted, the end after the
+terminal event. Runs and events are written as rows, the way the store records them, with no service."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from sqlalchemy import insert, update
+
+from evalsvc.errors import ServiceError
+from evalsvc.events.bus import EventBus
+from evalsvc.events.watch import Chunk, Logged, batched_message, watch
+from evalsvc.store.db import Database
+from evalsvc.store.models import EventRow, RunRow
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import run_pb2
+from tests import dbs
+
+TENANT = "acme"
+RUN = "run_1"
+RUNS = RunRow.__table__
+EVENTS = EventRow.__table__
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database(dbs.db_url(tmp_path))
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+def status_event(seq: int, status: int) -> pb.WatchRunResponse:
+    return pb.WatchRunResponse(seq=seq, run=run_pb2.Run(id=RUN, status=status))
+
+
+def result_event(seq: int) -> pb.WatchRunResponse:
+    return pb.WatchRunResponse(seq=seq, result=run_pb2.Result(run_id=RUN, item_id=f"i{seq}", explanation="x" * 200))
+
+
+async def commit(db: Database, *events: pb.WatchRunResponse, tenant: str = TENANT) -> None:
+    """Append events to the run's log and move the run to the status of the last run event, as one write."""
+    async with db.write() as conn:
+        if events[0].seq == 1:
+            await conn.execute(insert(RUNS).values(id=RUN, tenant=tenant, labels={}, spec=b"", status=0))
+        statuses = [e.run.status for e in events if e.HasField("run")]
+        values = {"last_seq": events[-1].seq, **({"status": statuses[-1]} if statuses else {})}
+        await conn.execute(update(RUNS).where(RUNS.c.id == RUN).values(**values))
+        rows = [{"run_id": RUN, "seq": e.seq, "tenant": tenant, "payload": e.SerializeToString()} for e in events]
+        await conn.execute(insert(EVENTS), rows)
+
+
+FINISHED = [
+    status_event(1, run_pb2.RUN_STATUS_PENDING),
+    status_event(2, run_pb2.RUN_STATUS_RUNNING),
+    result_event(3),
+    result_event(4),
+    status_event(5, run_pb2.RUN_STATUS_SUCCEEDED),
+]
+
+
+def watching(db: Database, bus: EventBus, after_seq: int = 0, **options: int) -> AsyncIterator[Chunk]:
+    settings = {"heartbeat_s": 30, "buffer": 64, **options}
+    return watch(db, bus, tenant=TENANT, run_id=RUN, after_seq=after_seq, **settings)
+
+
+async def chunks_to_end(db: Database, bus: EventBus, after_seq: int = 0, **options: int) -> list[list[int]]:
+    """The seqs of every chunk the watch yields, until it ends (at most 10 s)."""
+    async with asyncio.timeout(10):
+        return [[event.seq for event in chunk] async for chunk in watching(db, bus, after_seq, **options)]
+
+
+async def test_a_finished_run_is_read_in_order_from_after_seq_and_the_watch_ends_at_its_terminal_event(
+    db: Database,
+) -> None:
+    await commit(db, *FINISHED)
+    assert [seq for chunk in await chunks_to_end(db, EventBus()) for seq in chunk] == [1, 2, 3, 4, 5]
+    assert [seq for chunk in await chunks_to_end(db, EventBus(), after_seq=2) for seq in chunk] == [3, 4, 5]
+    assert await chunks_to_end(db, EventBus(), after_seq=5) == []  # at its end already: nothing, at once
+
+
+async def test_database_pages_are_bounded_by_count_and_by_bytes(db: Database) -> None:
+    await commit(db, *FINISHED)
+    assert await chunks_to_end(db, EventBus(), max_events=2) == [[1, 2], [3, 4], [5]]
+    # Smaller than any event: one event per page, never none.
+    assert await chunks_to_end(db, EventBus(), page_bytes=1) == [[1], [2], [3], [4], [5]]
+
+
+async def test_after_seq_outside_the_log_is_out_of_range_naming_the_last_seq(db: Database) -> None:
+    await commit(db, *FINISHED)
+    for after_seq in (6, -1):
+        with pytest.raises(ServiceError) as refused:
+            await chunks_to_end(db, EventBus(), after_seq=after_seq)
+        assert refused.value.code == grpc.StatusCode.OUT_OF_RANGE
+        assert refused.value.reason == "SEQ_OUT_OF_RANGE" and refused.value.metadata == {"last_seq": "5"}
+
+
+async def test_an_unknown_run_or_another_tenants_run_is_not_found(db: Database) -> None:
+    await commit(db, *FINISHED, tenant="someone-else")
+    with pytest.raises(ServiceError) as refused:
+        await chunks_to_end(db, EventBus())
+    assert refused.value.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_live_events_come_through_the_bus_and_the_watch_ends_after_the_terminal_one(db: Database) -> None:
+    await commit(db, FINISHED[0])
+    bus = EventBus()
+    stream = watching(db, bus)
+    assert [e.seq for e in await anext(stream)] == [1]
+    # Published, never committed: only the bus can deliver it.
+    bus.publish(RUN, [FINISHED[1]])
+    assert await anext(stream) == [FINISHED[1]]
+    # A batch that goes past the terminal event is cut after it (nothing follows it in a run's log).
+    bus.publish(RUN, [status_event(3, run_pb2.RUN_STATUS_CANCELLED), result_event(4)])
+    assert [e.seq for e in await anext(stream)] == [3]
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
+    assert not bus.has_watchers(RUN)
+
+
+async def test_live_batches_are_split_by_count_and_by_bytes(db: Database) -> None:
+    await commit(db, FINISHED[0])
+    bus = EventBus()
+    by_count = watching(db, bus, max_events=2)
+    by_bytes = watching(db, bus, live_bytes=1)  # smaller than any event: one per chunk
+    for stream in (by_count, by_bytes):
+        await anext(stream)
+    bus.publish(RUN, FINISHED[1:])
+    assert [[e.seq for e in chunk] async for chunk in by_count] == [[2, 3], [4, 5]]
+    assert [[e.seq for e in chunk] async for chunk in by_bytes] == [[2], [3], [4], [5]]
+
+
+async def test_a_duplicate_is_skipped_and_a_gap_sends_the_watcher_to_the_database(db: Database) -> None:
+    await commit(db, FINISHED[0])
+    bus = EventBus()
+    stream = watching(db, bus)
+    await anext(stream)
+    bus.publish(RUN, [FINISHED[0]])  # already sent: dropped
+    await commit(db, *FINISHED[1:])
+    bus.publish(RUN, [FINISHED[4]])  # seq 5 after seq 1: 2-4 were lost on the way; the database has them
+    async with asyncio.timeout(10):
+        chunk = await anext(stream)
+    assert isinstance(chunk, Logged) and [e.seq for e in chunk] == [2, 3, 4, 5]
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
+
+
+async def test_an_overflowed_buffer_sends_the_watcher_to_the_database(db: Database) -> None:
+    await commit(db, FINISHED[0])
+    bus = EventBus()
+    stream = watching(db, bus, buffer=2)
+    await anext(stream)
+    await commit(db, *FINISHED[1:])
+    for event in FINISHED[1:]:  # four single-event commits into a buffer of two, unread: overflow
+        bus.publish(RUN, [event])
+    async with asyncio.timeout(10):
+        assert [e.seq for e in await anext(stream)] == [2, 3, 4, 5]
+
+
+async def test_an_idle_watch_sends_heartbeats_with_the_last_seq(db: Database) -> None:
+    await commit(db, *FINISHED[:3])
+    stream = watching(db, EventBus(), heartbeat_s=0.01)
+    await anext(stream)
+    async with asyncio.timeout(10):
+        [heartbeat] = await anext(stream)
+    assert heartbeat == pb.WatchRunResponse(heartbeat=pb.Heartbeat(last_seq=3))
+    await stream.aclose()
+
+
+async def test_a_closed_bus_ends_the_watch_with_unavailable(db: Database) -> None:
+    await commit(db, FINISHED[0])
+    bus = EventBus()
+    stream = watching(db, bus)
+    await anext(stream)
+    bus.close()
+    with pytest.raises(ServiceError) as ended:
+        await anext(stream)
+    assert ended.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_database_page_becomes_one_batched_message_framed_from_its_bytes() -> None:
+    events = [result_event(seq) for seq in range(1, 4)]  # each over 127 bytes: two-byte length prefixes
+    payloads = [e.SerializeToString() for e in events]
+    assert all(len(p) > 127 for p in payloads)
+    page = Logged(list(payloads))
+    assert list(page) == events and page.last() == events[-1]
+    assert batched_message(page) == pb.WatchRunBatchedResponse(events=events)
+    assert page.payloads == []  # taken: the bytes are let go
+    assert batched_message(events) == pb.WatchRunBatchedResponse(events=events)
