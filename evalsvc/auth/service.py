@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from evalsvc.auth import keys
-from evalsvc.errors import ServiceError
+from evalsvc.errors import Reason, ServiceError
 from evalsvc.ids import is_tenant_name
 from evalsvc.store import keys as key_store
 from evalsvc.store.db import Database
@@ -39,7 +39,7 @@ def parse_duration(text: str) -> float:
 KEY_HELP = "the first `evalsvc serve` prints a key; `evalsvc keys create --tenant NAME` makes another"
 
 
-def unauthenticated(reason: str, message: str) -> ServiceError:
+def unauthenticated(reason: Reason, message: str) -> ServiceError:
     """UNAUTHENTICATED with a stable reason and what to do about it; the message never repeats the key."""
     return ServiceError(grpc.StatusCode.UNAUTHENTICATED, reason, f"{message} ({KEY_HELP})")
 
@@ -80,9 +80,9 @@ def _info(row: Mapping[str, Any]) -> KeyInfo:
 def _refusal(row: Mapping[str, Any], now: float) -> ServiceError | None:
     """Why a known key may not be used at `now`, or None."""
     if row["revoke_time"] is not None:
-        return unauthenticated("API_KEY_REVOKED", "the API key was revoked")
+        return unauthenticated(Reason.API_KEY_REVOKED, "the API key was revoked")
     if row["expire_time"] is not None and row["expire_time"] <= now:
-        return unauthenticated("API_KEY_EXPIRED", "the API key has expired")
+        return unauthenticated(Reason.API_KEY_EXPIRED, "the API key has expired")
     return None
 
 
@@ -144,7 +144,7 @@ class KeyService:
         """The caller of a valid key; UNAUTHENTICATED for a missing, malformed, unknown, revoked or expired one."""
         if not presented:
             raise unauthenticated(
-                "API_KEY_MISSING", "an API key is required: metadata 'authorization: Bearer <key>' or 'x-api-key'"
+                Reason.API_KEY_MISSING, "an API key is required: metadata 'authorization: Bearer <key>' or 'x-api-key'"
             )
         now = time.time()
         row = await self._verify(presented, now)
@@ -167,7 +167,9 @@ class KeyService:
         for key_id in key_ids:
             row = rows.get(key_id)
             error = (
-                unauthenticated("API_KEY_INVALID", "the API key is not valid") if row is None else _refusal(row, now)
+                unauthenticated(Reason.API_KEY_INVALID, "the API key is not valid")
+                if row is None
+                else _refusal(row, now)
             )
             if error is not None:
                 refused[key_id] = error
@@ -184,10 +186,10 @@ class KeyService:
             return cached[1]
         parsed = keys.parse(presented)
         if parsed is None:
-            raise unauthenticated("API_KEY_INVALID", "the API key is malformed or mistyped")
+            raise unauthenticated(Reason.API_KEY_INVALID, "the API key is malformed or mistyped")
         row = await self._lookup(parsed.key_id, now)
         if row is None or not keys.secret_matches(parsed.secret, row["secret_hash"]):
-            raise unauthenticated("API_KEY_INVALID", "the API key is not valid")
+            raise unauthenticated(Reason.API_KEY_INVALID, "the API key is not valid")
         if self._cache_s > 0:
             if len(self._accepted) > 10_000:
                 self._accepted.clear()

@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.config import Settings
 from evalsvc.datasets.service import generation_from
-from evalsvc.errors import FieldViolation, ServiceError, invalid_argument, not_found
+from evalsvc.errors import FieldViolation, Reason, ServiceError, invalid_argument, not_found
 from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.http.outbound import Outbound, OutboundError
 from evalsvc.messages.validation import assign_item_ids, check_items
@@ -167,7 +167,7 @@ class DatasetGenerations:
         if not self._model.configured:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                "GENERATOR_NOT_CONFIGURED",
+                Reason.GENERATOR_NOT_CONFIGURED,
                 "the server has no generator model (--generator-model or --judge-base-url/--judge-model)",
             )
         if request.validate_only:
@@ -182,7 +182,7 @@ class DatasetGenerations:
                 if (existing["item_count"], existing["instructions"]) != (request.item_count, request.instructions):
                     raise ServiceError(
                         grpc.StatusCode.ALREADY_EXISTS,
-                        "GENERATION_EXISTS",
+                        Reason.GENERATION_EXISTS,
                         f"dataset {request.dataset_id!r} already has a generation with other parameters",
                     )
                 return existing, False
@@ -229,7 +229,7 @@ class DatasetGenerations:
         if not self._model.configured:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                "GENERATOR_NOT_CONFIGURED",
+                Reason.GENERATOR_NOT_CONFIGURED,
                 "the server has no generator model (--generator-model or --judge-base-url/--judge-model)",
             )
         async with self._db.read() as conn:
@@ -254,7 +254,7 @@ class DatasetGenerations:
                         if attempt == PARSE_ATTEMPTS - 1:
                             raise ServiceError(
                                 grpc.StatusCode.UNAVAILABLE,
-                                "GENERATOR_UNAVAILABLE",
+                                Reason.GENERATOR_UNAVAILABLE,
                                 f"the generator model gave no usable next turn: {exc}",
                             ) from None
 
@@ -262,7 +262,7 @@ class DatasetGenerations:
         try:
             await asyncio.gather(*(write(c, item) for c, item in missing))
         except OutboundError as exc:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "GENERATOR_UNAVAILABLE", exc.reason) from None
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, Reason.GENERATOR_UNAVAILABLE, exc.reason) from None
 
         async def append(conn: AsyncConnection) -> dict[str, bytes]:
             dataset = await dataset_store.get(conn, tenant, request.dataset_id, lock=True)

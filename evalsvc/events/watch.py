@@ -21,8 +21,9 @@ from itertools import pairwise
 
 import grpc
 
-from evalsvc.errors import ServiceError, not_found
+from evalsvc.errors import Reason, ServiceError, not_found
 from evalsvc.events.bus import EventBus
+from evalsvc.statuses import TERMINAL
 from evalsvc.store import events as event_log
 from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
@@ -81,7 +82,7 @@ def batched_message(chunk: Chunk) -> pb.WatchRunBatchedResponse:
 
 def is_terminal(event: pb.WatchRunResponse) -> bool:
     """True for the event that records a run's final status."""
-    return event.HasField("run") and event.run.status in run_store.TERMINAL_STATUSES
+    return event.HasField("run") and event.run.status in TERMINAL
 
 
 async def watch(
@@ -182,11 +183,11 @@ async def _checked_last_seq(db: Database, tenant: str, run_id: str, after_seq: i
     if after_seq < 0 or after_seq > row["last_seq"]:
         raise ServiceError(
             grpc.StatusCode.OUT_OF_RANGE,
-            "SEQ_OUT_OF_RANGE",
+            Reason.SEQ_OUT_OF_RANGE,
             f"after_seq {after_seq} is outside 0..{row['last_seq']} (the run's last_seq)",
             metadata={"last_seq": str(row["last_seq"])},
         )
-    if row["status"] in run_store.TERMINAL_STATUSES and after_seq == row["last_seq"]:
+    if row["status"] in TERMINAL and after_seq == row["last_seq"]:
         return None
     return int(row["last_seq"])
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 import grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from evalsvc.errors import FieldViolation, ServiceError, invalid_argument, not_found
+from evalsvc.errors import FieldViolation, Reason, ServiceError, invalid_argument, not_found
 from evalsvc.ids import PageTokens, page_size
 from evalsvc.limits import quota_exceeded
 from evalsvc.secrets.operator import OperatorSecrets
@@ -47,7 +47,7 @@ def key_not_configured() -> ServiceError:
     """CreateSecret on a server without a secrets key."""
     return ServiceError(
         grpc.StatusCode.FAILED_PRECONDITION,
-        "SECRETS_KEY_NOT_CONFIGURED",
+        Reason.SECRETS_KEY_NOT_CONFIGURED,
         f"this server cannot store secrets: its operator has not set {KEY_VARIABLE}",
     )
 

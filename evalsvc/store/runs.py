@@ -12,6 +12,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc import statuses
 from evalsvc.messages.convert import counts_from, run_from, timestamp
 from evalsvc.store import events
 from evalsvc.store import jobs as job_store
@@ -42,8 +43,8 @@ JOBS = JobRow.__table__  # type: ignore[attr-defined]
 RESULTS = ResultRow.__table__  # type: ignore[attr-defined]
 OUTPUTS = OutputRow.__table__  # type: ignore[attr-defined]
 
-ACTIVE_STATUSES = (run_pb2.RUN_STATUS_PENDING, run_pb2.RUN_STATUS_RUNNING)
-TERMINAL_STATUSES = (run_pb2.RUN_STATUS_SUCCEEDED, run_pb2.RUN_STATUS_FAILED, run_pb2.RUN_STATUS_CANCELLED)
+ACTIVE_STATUSES = statuses.ACTIVE  # defined once in evalsvc.statuses; kept here for the store's callers
+TERMINAL_STATUSES = statuses.TERMINAL
 
 
 async def find_by_request_id(conn: AsyncConnection, tenant: str, request_id: str) -> Mapping[str, Any] | None:
