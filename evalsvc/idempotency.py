@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from evalsvc.errors import ServiceError
+from evalsvc.errors import Reason, ServiceError
 from evalsvc.store.db import Database
 
 T = TypeVar("T")
@@ -35,7 +35,7 @@ def conflict(kind: str, request_id: str, existing_id: str) -> ServiceError:
     what the first request created (`run_id`, `grader_id`, ...), as docs/errors.md promises."""
     return ServiceError(
         grpc.StatusCode.ALREADY_EXISTS,
-        "REQUEST_ID_CONFLICT",
+        Reason.REQUEST_ID_CONFLICT,
         f"request_id {request_id!r} was already used for a different {kind}",
         metadata={f"{kind}_id": existing_id},
     )

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.definitions.service import DefinitionService
-from evalsvc.errors import MAX_ECHOED_ID, FieldViolation, ServiceError, invalid_argument, not_found
+from evalsvc.errors import MAX_ECHOED_ID, FieldViolation, Reason, ServiceError, invalid_argument, not_found
 from evalsvc.events.bus import EventBus
 from evalsvc.graders import grader_name
 from evalsvc.graders.judge import JudgeDefaults, needs_default_judge
@@ -38,6 +38,7 @@ from evalsvc.messages.validation import (
 from evalsvc.runs.validation import validate_create_run
 from evalsvc.secrets.refs import run_secret_refs
 from evalsvc.secrets.service import SecretService
+from evalsvc.statuses import ACTIVE
 from evalsvc.store import datasets as dataset_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
@@ -276,7 +277,7 @@ class RunService:
         if any(needs_default_judge(j) for j in judges) and not self._judge.configured:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                "JUDGE_NOT_CONFIGURED",
+                Reason.JUDGE_NOT_CONFIGURED,
                 "an llm_judge grader needs a judge model: give its model and endpoint, or start the server "
                 "with --judge-base-url and --judge-model",
             )
@@ -358,7 +359,7 @@ class RunService:
                 tenant,
                 run_id,
                 run_pb2.RUN_STATUS_CANCELLED,
-                from_statuses=run_store.ACTIVE_STATUSES,
+                from_statuses=ACTIVE,
                 end_time=time.time(),
             )
             return event, (await run_store.get(conn, tenant, run_id) if event is None else None)
@@ -374,7 +375,7 @@ class RunService:
             return run_from(row)
         raise ServiceError(
             grpc.StatusCode.FAILED_PRECONDITION,
-            "RUN_ALREADY_FINISHED",
+            Reason.RUN_ALREADY_FINISHED,
             f"run {run_id!r} already finished as {run_pb2.RunStatus.Name(row['status'])}",
             metadata={"run_id": run_id},
         )
@@ -440,7 +441,7 @@ class RunService:
                 tenant,
                 run_id,
                 run_pb2.RUN_STATUS_CANCELLED,
-                from_statuses=run_store.ACTIVE_STATUSES,
+                from_statuses=ACTIVE,
                 version=expected,
                 end_time=now,
             )
@@ -533,7 +534,7 @@ def _check_etag(row: Mapping[str, Any], expected: int | None) -> None:
     if expected is not None and row["version"] != expected:
         raise ServiceError(
             grpc.StatusCode.ABORTED,
-            "ETAG_MISMATCH",
+            Reason.ETAG_MISMATCH,
             f"run {row['id']!r} changed since etag {etag(expected)!r} was read; read it again and retry",
             metadata={"run_id": row["id"], "etag": etag(row["version"])},
         )

@@ -43,9 +43,6 @@ JOBS = JobRow.__table__  # type: ignore[attr-defined]
 RESULTS = ResultRow.__table__  # type: ignore[attr-defined]
 OUTPUTS = OutputRow.__table__  # type: ignore[attr-defined]
 
-ACTIVE_STATUSES = statuses.ACTIVE  # defined once in evalsvc.statuses; kept here for the store's callers
-TERMINAL_STATUSES = statuses.TERMINAL
-
 
 async def find_by_request_id(conn: AsyncConnection, tenant: str, request_id: str) -> Mapping[str, Any] | None:
     """The run created with this idempotency key, if any."""
@@ -67,7 +64,7 @@ async def count_active_by_tenant(conn: AsyncConnection, tenants: Sequence[str]) 
     """PENDING or RUNNING runs of each of these tenants: one statement."""
     rows = await conn.execute(
         select(RUNS.c.tenant, func.count())
-        .where(RUNS.c.tenant.in_(sorted(set(tenants))), RUNS.c.status.in_(list(ACTIVE_STATUSES)))
+        .where(RUNS.c.tenant.in_(sorted(set(tenants))), RUNS.c.status.in_(list(statuses.ACTIVE)))
         .group_by(RUNS.c.tenant)
     )
     found = {tenant: int(n) for tenant, n in rows}
@@ -278,7 +275,7 @@ async def finish_runs(conn: AsyncConnection, endings: Sequence[Ending]) -> list[
     return await _change_status(
         conn,
         runs_in_lock_order(conn, [e.run_id for e in endings]),
-        ACTIVE_STATUSES,
+        statuses.ACTIVE,
         {column: per_run(column) for column in columns},
     )
 
@@ -445,7 +442,7 @@ async def claimable_runs(conn: AsyncConnection, now: float) -> list[tuple[str, s
     (`ix_runs_active`) with one index probe of its jobs each (`ix_jobs_run`), never of all jobs."""
     has_claimable = select(JOBS.c.id).where(JOBS.c.run_id == RUNS.c.id, job_store.claimable(now)).exists()
     rows = await conn.execute(
-        select(RUNS.c.tenant, RUNS.c.id).where(RUNS.c.status.in_(list(ACTIVE_STATUSES)), has_claimable)
+        select(RUNS.c.tenant, RUNS.c.id).where(RUNS.c.status.in_(list(statuses.ACTIVE)), has_claimable)
     )
     return [(tenant, run_id) for tenant, run_id in rows]
 
@@ -544,6 +541,6 @@ async def get_any_tenant(conn: AsyncConnection, run_id: str) -> Mapping[str, Any
 async def count_active(conn: AsyncConnection, tenant: str) -> int:
     """A tenant's PENDING or RUNNING runs."""
     found = await conn.execute(
-        select(func.count()).select_from(RUNS).where(RUNS.c.tenant == tenant, RUNS.c.status.in_(list(ACTIVE_STATUSES)))
+        select(func.count()).select_from(RUNS).where(RUNS.c.tenant == tenant, RUNS.c.status.in_(list(statuses.ACTIVE)))
     )
     return int(found.scalar_one())
