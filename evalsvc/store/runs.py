@@ -132,13 +132,7 @@ async def insert_runs(conn: AsyncConnection, runs: Sequence[NewRun]) -> list[pb.
             for i in range(len(new.items))
         ],
     )
-    first_events = []
-    for row in stored:
-        remember(conn, row)
-        first_events.append((row["tenant"], run_event(row)))
-    await events.append_many(conn, [(tenant, event.run.id, [event]) for tenant, event in first_events])
-    await webhook_store.enqueue_many(conn, first_events)
-    return [event for _, event in first_events]
+    return await _record_changes(conn, stored)
 
 
 def run_event(row: Mapping[str, Any]) -> pb.WatchRunResponse:
@@ -310,6 +304,12 @@ async def _change_status(
         .returning(*RUNS.c)
     )
     rows = sorted(cast("list[Mapping[str, Any]]", list(changed.mappings())), key=lambda row: row["id"])
+    return await _record_changes(conn, rows)
+
+
+async def _record_changes(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> list[pb.WatchRunResponse]:
+    """What follows every change of run rows in its transaction: the rows noted for the run cache, one
+    event per row (its state at seq = last_seq) and the webhook deliveries that report them."""
     tenant_events = []
     for row in rows:
         remember(conn, row)
