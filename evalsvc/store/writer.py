@@ -157,7 +157,11 @@ class GroupWriter:
         self.intents += len(group)
         try:
             answers = await self._apply(group)
-        except Exception as exc:
+        except BaseException as exc:
+            if not isinstance(exc, Exception) and not _stray_cancellation(exc):
+                for intent in group:  # the writer itself is cancelled: its callers must not wait forever
+                    _resolve(intent, exc)
+                raise
             if self._is_unavailable(exc):
                 for intent in group:
                     _resolve(intent, exc)
@@ -198,6 +202,13 @@ class GroupWriter:
                 for j, result in zip(members, results, strict=True):
                     answers[j] = result
         return answers
+
+
+def _stray_cancellation(exc: BaseException) -> bool:
+    """A CancelledError that an intent raised (one meant for something it awaited), not a cancellation
+    of the writer: a failure of that intent like any other."""
+    task = asyncio.current_task()
+    return isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling() == 0
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

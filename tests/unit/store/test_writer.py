@@ -128,3 +128,18 @@ async def test_a_write_that_lost_a_race_with_another_server_is_applied_again(db:
     assert await db.transact(racy) == "won"
     assert len(attempts) == 3
     assert set(await stored(db)) == {"won"}
+
+
+async def test_a_cancellation_raised_by_a_write_fails_that_write_alone(db: Database) -> None:
+    """A CancelledError meant for something a write awaited is that write's failure, not the writer's end."""
+
+    async def stray(conn: AsyncConnection) -> None:
+        raise asyncio.CancelledError
+
+    results = await asyncio.gather(
+        db.transact(put("a")), db.transact(stray), db.transact(put("b")), return_exceptions=True
+    )
+    assert results[0] == "a" and results[2] == "b"
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert await db.transact(put("after")) == "after"
+    assert set(await stored(db)) == {"a", "b", "after"}
