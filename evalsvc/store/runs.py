@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import ColumnElement, and_, case, exists, func, insert, select, tuple_, update
+from sqlalchemy import cast as sa_cast
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -263,7 +264,8 @@ async def finish_runs(conn: AsyncConnection, endings: Sequence[Ending]) -> list[
         return []
 
     def per_run(column: str) -> Any:
-        return case({e.run_id: getattr(e, column) for e in endings}, value=RUNS.c.id)
+        # Typed: PostgreSQL takes a CASE whose values are all NULL (no run has a verdict) for text.
+        return sa_cast(case({e.run_id: getattr(e, column) for e in endings}, value=RUNS.c.id), RUNS.c[column].type)
 
     columns = ("status", "overall_passed", "error_code", "error_message", "aggregate", "end_time")
     return await _change_status(
