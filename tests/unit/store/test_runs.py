@@ -1,0 +1,366 @@
+"""The run store (evalsvc.store.runs) over a bare database: no server, no network."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from evalsvc.store import jobs as job_store
+from evalsvc.store import runs as run_store
+from evalsvc.store.db import Database
+from evalsvc.store.models import JOB_CANCELLED, JOB_DONE, JOB_LEASED, JOB_QUEUED, RunItemRow, RunLabelRow
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import item_pb2, run_pb2
+from tests.unit.stored import col, get, insert, jobs_of, logged, new_run
+
+ITEMS = RunItemRow.__table__  # type: ignore[attr-defined]
+LABELS = RunLabelRow.__table__  # type: ignore[attr-defined]
+
+PENDING, RUNNING = run_pb2.RUN_STATUS_PENDING, run_pb2.RUN_STATUS_RUNNING
+SUCCEEDED, FAILED, CANCELLED = run_pb2.RUN_STATUS_SUCCEEDED, run_pb2.RUN_STATUS_FAILED, run_pb2.RUN_STATUS_CANCELLED
+
+
+async def set_status(db: Database, run: pb.WatchRunResponse, status: int) -> pb.WatchRunResponse | None:
+    """Move a run to `status` from any status (to set a test's scene)."""
+
+    async def work(conn: AsyncConnection) -> pb.WatchRunResponse | None:
+        everything = list(run_pb2.RunStatus.values())
+        return await run_store.set_status(conn, "t1", run.run.id, status, from_statuses=everything)
+
+    return await db.transact(work)
+
+
+# ------------------------------------------------------------------------------------ creating runs
+
+
+async def test_insert_runs_stores_several_runs_with_items_jobs_labels_and_first_events(db: Database) -> None:
+    async def create(conn: AsyncConnection) -> list[pb.WatchRunResponse]:
+        first = await run_store.allocate_run_numbers(conn, "t1", "", 2)
+        return await run_store.insert_runs(
+            conn,
+            [
+                new_run("t1", items=2, repetitions=2, labels={"team": "a"}, run_number=first),
+                new_run("t1", items=3, graders=("exact", "contains"), run_number=first + 1),
+                new_run("t2", items=1, run_number=await run_store.allocate_run_numbers(conn, "t2", "")),
+            ],
+        )
+
+    events = await db.transact(create)
+
+    assert [e.seq for e in events] == [1, 1, 1]
+    assert [e.run.status for e in events] == [PENDING] * 3
+    assert [e.run.run_number for e in events] == [1, 2, 1]  # numbered per tenant
+    assert [e.counts.total_evaluations for e in events] == [4, 6, 1]
+    assert [e.counts.completed_evaluations for e in events] == [0, 0, 0]
+    assert dict(events[0].run.labels) == {"team": "a"}
+    assert events[1].run.graders[1].name == "contains"  # the definition is the stored spec
+    for tenant, event in zip(("t1", "t1", "t2"), events, strict=True):
+        assert await logged(db, tenant, event.run.id) == [event]
+    assert await logged(db, "t2", events[0].run.id) == []  # another tenant's log reads as empty
+
+    first = await jobs_of(db, events[0].run.id)
+    assert [(j["item_idx"], j["repetition"]) for j in first] == [(0, 1), (1, 1), (0, 2), (1, 2)]
+    assert {j["state"] for j in first} == {JOB_QUEUED}
+    assert len(await jobs_of(db, events[1].run.id)) == 3 and len(await jobs_of(db, events[2].run.id)) == 1
+    async with db.read() as conn:
+        items = (await conn.execute(select(ITEMS).where(ITEMS.c.run_id == events[1].run.id))).mappings()
+        labels = (await conn.execute(select(LABELS.c.run_id, LABELS.c.key, LABELS.c.value))).all()
+    assert [(i["idx"], item_pb2.Item.FromString(i["item"]).id) for i in items] == [
+        (0, "item0"),
+        (1, "item1"),
+        (2, "item2"),
+    ]
+    assert [tuple(label) for label in labels] == [(events[0].run.id, "team", "a")]
+
+
+async def test_run_numbers_are_consecutive_per_tenant_and_dataset(db: Database) -> None:
+    async def allocate(conn: AsyncConnection) -> list[int]:
+        return [
+            await run_store.allocate_run_numbers(conn, "t1", "ds_a", 3),
+            await run_store.allocate_run_numbers(conn, "t1", "ds_a"),
+            await run_store.allocate_run_numbers(conn, "t1", "ds_b", 2),
+            await run_store.allocate_run_numbers(conn, "t2", "ds_a"),
+            await run_store.allocate_run_numbers(conn, "t1", "ds_b"),
+        ]
+
+    assert await db.transact(allocate) == [1, 4, 1, 1, 3]
+
+
+async def test_find_by_request_ids_finds_each_tenants_own_runs_by_key(db: Database) -> None:
+    mine, theirs, _ = await insert(
+        db, new_run("t1", request_id="r1"), new_run("t2", request_id="r1"), new_run("t1", request_id=None)
+    )
+
+    async def find(conn: AsyncConnection) -> dict[tuple[str, str], Any]:
+        keys = [("t1", "r1"), ("t2", "r1"), ("t1", "r1"), ("t1", "missing"), ("t3", "r1")]
+        return await run_store.find_by_request_ids(conn, keys)
+
+    found = await db.transact(find)
+    assert {key: col(row, "id") for key, row in found.items()} == {
+        ("t1", "r1"): mine.run.id,
+        ("t2", "r1"): theirs.run.id,
+    }
+    assert await db.transact(lambda conn: run_store.find_by_request_ids(conn, [])) == {}
+
+
+async def test_count_active_by_tenant_counts_pending_and_running_runs_only(db: Database) -> None:
+    _pending, running, ended, _ = await insert(db, new_run("t1"), new_run("t1"), new_run("t1"), new_run("t2"))
+    await set_status(db, running, RUNNING)
+    await set_status(db, ended, SUCCEEDED)
+
+    counted = await db.transact(lambda conn: run_store.count_active_by_tenant(conn, ["t1", "t3", "t2"]))
+    assert counted == {"t1": 2, "t2": 1, "t3": 0}
+
+
+# ---------------------------------------------------------------------------------- status changes
+
+
+async def test_start_runs_moves_only_pending_runs_with_one_event_each(db: Database) -> None:
+    first, second, already = await insert(db, new_run(), new_run(), new_run())
+    moved = await set_status(db, already, RUNNING)
+    assert moved is not None and moved.seq == 2
+    ids = [first.run.id, second.run.id, already.run.id, "run_unknown"]
+    before = time.time()
+
+    started = await db.transact(lambda conn: run_store.start_runs(conn, ids, before))
+
+    assert [e.run.id for e in started] == sorted([first.run.id, second.run.id])
+    assert [(e.seq, e.run.status) for e in started] == [(2, RUNNING), (2, RUNNING)]
+    assert all(e.run.start_time.ToSeconds() == int(before) for e in started)
+    assert [e.seq for e in await logged(db, "t1", first.run.id)] == [1, 2]
+    assert col(await get(db, already.run.id), "last_seq") == 2  # no second event for a running run
+    assert await db.transact(lambda conn: run_store.start_runs(conn, ids, time.time())) == []
+
+
+async def test_add_progress_counts_each_runs_results_and_allocates_their_seqs(db: Database) -> None:
+    a, b, untouched = await insert(db, new_run(items=10), new_run(items=10), new_run(items=10))
+    progress = {
+        a.run.id: run_store.Progress(passed=2, failed=1, cost_usd=0.5),
+        b.run.id: run_store.Progress(errored=1, skipped=3),
+    }
+
+    rows = await db.transact(lambda conn: run_store.add_progress(conn, progress, time.time()))
+
+    assert set(rows) == {a.run.id, b.run.id}
+    counters = ("completed", "passed", "failed", "errored", "skipped", "last_seq")
+    assert [col(rows[a.run.id], c) for c in counters] == [3, 2, 1, 0, 0, 1 + 3]
+    assert [col(rows[b.run.id], c) for c in counters] == [4, 0, 0, 1, 3, 1 + 4]
+    assert col(rows[a.run.id], "cost_usd") == 0.5 and col(rows[b.run.id], "cost_usd") == 0.0
+
+    again = await db.transact(
+        lambda conn: run_store.add_progress(conn, {a.run.id: run_store.Progress(passed=1, cost_usd=0.25)}, 0.0)
+    )
+    assert [col(again[a.run.id], c) for c in counters] == [4, 3, 1, 0, 0, 5]  # seq 5 is the new result's
+    assert col(again[a.run.id], "cost_usd") == 0.75
+    assert col(await get(db, b.run.id), "last_seq") == 5  # only the runs named changed
+    assert col(await get(db, untouched.run.id), "last_seq") == 1
+    assert await db.transact(lambda conn: run_store.add_progress(conn, {}, 0.0)) == {}
+
+
+def ending(run_id: str, status: int, overall: bool | None, code: str = "", aggregate: float = 0.5) -> run_store.Ending:
+    summary = run_pb2.RunAggregate(pass_rate=aggregate).SerializeToString()
+    return run_store.Ending(run_id, status, overall, code, f"{code} message" if code else "", summary, 1234.0)
+
+
+async def test_finish_runs_ends_each_active_run_its_own_way_and_leaves_ended_runs_alone(db: Database) -> None:
+    won, lost, errored, cancelled = await insert(db, new_run(), new_run(), new_run(), new_run())
+    await set_status(db, won, RUNNING)
+    await set_status(db, cancelled, CANCELLED)
+    endings = [
+        ending(cancelled.run.id, SUCCEEDED, True),
+        ending(lost.run.id, SUCCEEDED, False, aggregate=0.25),
+        ending(won.run.id, SUCCEEDED, True, aggregate=1.0),
+        ending(errored.run.id, FAILED, None, "ALL_EVALUATIONS_ERRORED", aggregate=0.0),
+    ]
+
+    ended = await db.transact(lambda conn: run_store.finish_runs(conn, endings))
+
+    assert [e.run.id for e in ended] == sorted([won.run.id, lost.run.id, errored.run.id])
+    by_id = {e.run.id: e for e in ended}
+    assert (by_id[won.run.id].seq, by_id[lost.run.id].seq, by_id[errored.run.id].seq) == (3, 2, 2)
+    assert by_id[won.run.id].run.status == SUCCEEDED and by_id[won.run.id].run.overall_passed is True
+    assert by_id[won.run.id].run.aggregate.pass_rate == 1.0
+    assert by_id[lost.run.id].run.overall_passed is False and by_id[lost.run.id].run.aggregate.pass_rate == 0.25
+    failed = by_id[errored.run.id].run
+    assert failed.status == FAILED and not failed.HasField("overall_passed")
+    assert (failed.error.code, failed.error.message) == ("ALL_EVALUATIONS_ERRORED", "ALL_EVALUATIONS_ERRORED message")
+    assert all(e.run.end_time.ToSeconds() == 1234 for e in ended)
+    for event in ended:
+        assert (await logged(db, "t1", event.run.id))[-1] == event
+    kept = await get(db, cancelled.run.id)
+    assert (col(kept, "status"), col(kept, "last_seq"), col(kept, "aggregate")) == (CANCELLED, 2, None)
+    assert await db.transact(lambda conn: run_store.finish_runs(conn, endings)) == []  # none is active now
+
+
+async def test_finish_runs_records_a_batch_in_which_no_run_has_a_verdict(db: Database) -> None:
+    """Every value of the per-run verdict is NULL: PostgreSQL once read such a CASE as text and refused it."""
+    runs = await insert(db, new_run(), new_run())
+    endings = [ending(e.run.id, FAILED, None, "ALL_EVALUATIONS_ERRORED") for e in runs]
+
+    ended = await db.transact(lambda conn: run_store.finish_runs(conn, endings))
+
+    assert [(e.run.status, e.run.HasField("overall_passed")) for e in ended] == [(FAILED, False)] * 2
+    assert [col(await get(db, e.run.id), "overall_passed") for e in runs] == [None, None]
+
+
+async def test_set_status_with_a_stale_version_changes_nothing(db: Database) -> None:
+    (run,) = await insert(db, new_run())
+    version = col(await get(db, run.run.id), "version")
+
+    async def cancel(conn: AsyncConnection, at: int) -> pb.WatchRunResponse | None:
+        return await run_store.set_status(
+            conn, "t1", run.run.id, CANCELLED, from_statuses=[PENDING, RUNNING], version=at
+        )
+
+    assert await db.transact(lambda conn: cancel(conn, version + 1)) is None
+    assert (col(await get(db, run.run.id), "status"), col(await get(db, run.run.id), "version")) == (PENDING, version)
+
+    event = await db.transact(lambda conn: cancel(conn, version))
+    assert event is not None and (event.seq, event.run.status) == (2, CANCELLED)
+    assert col(await get(db, run.run.id), "version") == version + 1
+    assert await db.transact(lambda conn: cancel(conn, version + 1)) is None  # no longer in a status it may leave
+    assert [e.seq for e in await logged(db, "t1", run.run.id)] == [1, 2]
+
+
+async def test_set_status_refuses_another_tenants_run(db: Database) -> None:
+    (run,) = await insert(db, new_run("t2"))
+
+    async def cancel(conn: AsyncConnection) -> pb.WatchRunResponse | None:
+        return await run_store.set_status(conn, "t1", run.run.id, CANCELLED, from_statuses=[PENDING])
+
+    assert await db.transact(cancel) is None
+    assert col(await get(db, run.run.id), "status") == PENDING
+
+
+# ------------------------------------------------------------------------------------------- jobs
+
+
+async def claim(db: Database, quotas: dict[str, int], claim_id: str) -> list[int]:
+    async def work(conn: AsyncConnection) -> list[int]:
+        claimed = await job_store.claim(
+            conn, owner="test", claim_id=claim_id, quotas=quotas, now=time.time(), lease_ttl_s=60
+        )
+        return [col(job, "id") for job in claimed]
+
+    return await db.transact(work)
+
+
+async def test_cancel_jobs_stops_the_runs_unfinished_jobs_and_fences_out_their_claims(db: Database) -> None:
+    run, other = await insert(db, new_run(items=4), new_run(items=2))
+    leased = await claim(db, {run.run.id: 2, other.run.id: 1}, "c1")
+    done_id = leased[0]
+    assert await db.transact(lambda conn: job_store.complete(conn, [(done_id, "c1")])) == {done_id}
+
+    await db.transact(lambda conn: run_store.cancel_jobs(conn, "t2", run.run.id))  # another tenant: nothing
+    assert [j["state"] for j in await jobs_of(db, run.run.id)] == [JOB_DONE, JOB_LEASED, JOB_QUEUED, JOB_QUEUED]
+
+    await db.transact(lambda conn: run_store.cancel_jobs(conn, "t1", run.run.id))
+
+    jobs = await jobs_of(db, run.run.id)
+    assert [j["state"] for j in jobs] == [JOB_DONE, JOB_CANCELLED, JOB_CANCELLED, JOB_CANCELLED]
+    assert all(j["claim_id"] is None for j in jobs)
+    assert await db.transact(lambda conn: job_store.complete(conn, [(leased[1], "c1")])) == set()
+    assert [j["state"] for j in await jobs_of(db, other.run.id)] == [JOB_LEASED, JOB_QUEUED]
+    async with db.read() as conn:
+        claimable = await run_store.claimable_runs(conn, time.time())
+    assert claimable == [("t1", other.run.id)]
+
+
+# -------------------------------------------------------------------------------------- aggregates
+
+
+def output_row(job_id: int, run_id: str, *, latency: float, cost: float, score: float | None, **more: Any) -> tuple:
+    cached = more.pop("cached", False)
+    values = {
+        "job_id": job_id,
+        "tenant": "t1",
+        "run_id": run_id,
+        "output": item_pb2.Response(content="out", **more).SerializeToString(),
+        "latency_ms": latency,
+        "cost_usd": cost,
+        "item_score": score,
+        "cached": cached,
+    }
+    return tuple(values[c] for c in job_store.OUTPUT_COLUMNS)
+
+
+def result_row(job_id: int, run_id: str, grader: str, state: int, score: float, **more: Any) -> tuple:
+    values = {
+        "id": job_id * 1024 + (0 if grader == "exact" else 1),
+        "tenant": "t1",
+        "run_id": run_id,
+        "job_id": job_id,
+        "item_id": f"item{job_id}",
+        "repetition": 1,
+        "grader": grader,
+        "state": state,
+        "score": score,
+        "raw_score": score,
+        "explanation": "",
+        "error_reason": "",
+        "attempt": 1,
+        "cost_usd": 0.0,
+        "latency_ms": 0.0,
+        "complete_time": 0.0,
+        "scoring_cost_usd": more.get("scoring_cost_usd", 0.0),
+        "confidence": None,
+        "cached": False,
+        "verdict_cached": more.get("verdict_cached", False),
+    }
+    return tuple(values[c] for c in run_store.RESULT_COLUMNS)
+
+
+async def test_aggregate_inputs_gathers_each_runs_own_results_and_outputs(db: Database) -> None:
+    a, b, empty = await insert(db, new_run(), new_run(), new_run())
+    passed, failed = run_pb2.RESULT_STATE_PASSED, run_pb2.RESULT_STATE_FAILED
+
+    async def record(conn: AsyncConnection) -> None:
+        await job_store.store_outputs(
+            conn,
+            [
+                output_row(1, a.run.id, latency=10.0, cost=0.5, score=1.0, memory_mib=64.0),
+                output_row(2, a.run.id, latency=30.0, cost=0.25, score=None, cached=True),
+                output_row(3, b.run.id, latency=5.0, cost=1.0, score=0.5),
+            ],
+        )
+        await run_store.insert_results(
+            conn,
+            [
+                result_row(1, a.run.id, "exact", passed, 1.0),
+                result_row(1, a.run.id, "judge", passed, 0.75, scoring_cost_usd=0.1),
+                result_row(2, a.run.id, "exact", passed, 0.5),
+                result_row(2, a.run.id, "judge", failed, 0.0, scoring_cost_usd=0.2, verdict_cached=True),
+                result_row(3, b.run.id, "exact", failed, 0.0),
+            ],
+        )
+
+    await db.transact(record)
+    async with db.read() as conn:
+        inputs = await run_store.aggregate_inputs(conn, [a.run.id, b.run.id, empty.run.id])
+
+    assert set(inputs) == {a.run.id, b.run.id, empty.run.id}
+    per_grader = {
+        (col(r, "grader"), col(r, "state")): (
+            col(r, "n"),
+            col(r, "score_sum"),
+            col(r, "scoring_cost"),
+            col(r, "scoring_saved"),
+            col(r, "verdict_hits"),
+        )
+        for r in inputs[a.run.id].grader_rows
+    }
+    assert per_grader == {
+        ("exact", passed): (2, 1.5, 0.0, 0.0, 0),
+        ("judge", passed): (1, 0.75, 0.1, 0.0, 0),
+        ("judge", failed): (1, 0.0, 0.0, 0.2, 1),
+    }
+    first = inputs[a.run.id]
+    assert sorted(first.latencies) == [10.0, 30.0] and first.item_scores == [1.0] and first.memory_mib == [64.0]
+    assert (first.target_cost_usd, first.cached_outputs, first.target_cost_saved_usd) == (0.5, 1, 0.25)
+    second = inputs[b.run.id]
+    assert [(col(r, "grader"), col(r, "state"), col(r, "n")) for r in second.grader_rows] == [("exact", failed, 1)]
+    assert (second.latencies, second.target_cost_usd, second.item_scores) == ([5.0], 1.0, [0.5])
+    assert inputs[empty.run.id] == run_store.AggregateInputs([], [], 0.0, [], [])

@@ -1,0 +1,90 @@
+"""Runs stored straight through the run store, for the unit tests of the store and the recorder."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from evalsvc.ids import new_id
+from evalsvc.store import events as event_log
+from evalsvc.store import runs as run_store
+from evalsvc.store.db import Database
+from evalsvc.store.models import JobRow
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import grader_pb2, item_pb2, run_pb2
+
+JOBS = JobRow.__table__  # type: ignore[attr-defined]
+
+
+def col(row: Any, name: str) -> Any:
+    """A column of a row the store returned, whether it is a mapping or a typed record."""
+    return getattr(row, name) if hasattr(row, name) else row[name]
+
+
+def new_run(
+    tenant: str = "t1",
+    *,
+    items: int = 2,
+    repetitions: int = 1,
+    graders: Sequence[str] = ("exact",),
+    request_id: str | None = None,
+    dataset_id: str = "",
+    labels: Mapping[str, str] | None = None,
+    run_number: int = 0,
+) -> run_store.NewRun:
+    """A PENDING run as CreateRun would store it: `items` items x `repetitions` x `graders` evaluations."""
+    spec = run_pb2.Run(
+        graders=[grader_pb2.Grader(name=name, exact_match=grader_pb2.ExactMatch()) for name in graders],
+        repetitions=repetitions,
+    )
+    row = {
+        "id": new_id("run"),
+        "tenant": tenant,
+        "request_id": request_id,
+        "request_hash": "",
+        "dataset_id": dataset_id,
+        "run_number": run_number,
+        "display_name": "",
+        "description": "",
+        "labels": dict(labels or {}),
+        "annotations": {},
+        "spec": spec.SerializeToString(),
+        "status": run_pb2.RUN_STATUS_PENDING,
+        "total_items": items,
+        "total_evaluations": items * repetitions * len(graders),
+        "create_time": time.time(),
+    }
+    stored_items = [item_pb2.Item(id=f"item{i}", input=f"q{i}").SerializeToString() for i in range(items)]
+    return run_store.NewRun(row, stored_items, repetitions)
+
+
+async def insert(db: Database, *runs: run_store.NewRun) -> list[pb.WatchRunResponse]:
+    """Store runs in one transaction; their first events, in order."""
+
+    async def work(conn: AsyncConnection) -> list[pb.WatchRunResponse]:
+        return await run_store.insert_runs(conn, runs)
+
+    return await db.transact(work)
+
+
+async def get(db: Database, run_id: str) -> Any:
+    """A run's row as committed (a mapping or a record: read it with `col`)."""
+    async with db.read() as conn:
+        return await run_store.get_any_tenant(conn, run_id)
+
+
+async def jobs_of(db: Database, run_id: str) -> list[Mapping[str, Any]]:
+    """A run's job rows, by id."""
+    async with db.read() as conn:
+        rows = await conn.execute(select(JOBS).where(JOBS.c.run_id == run_id).order_by(JOBS.c.id))
+        return list(rows.mappings())
+
+
+async def logged(db: Database, tenant: str, run_id: str) -> list[pb.WatchRunResponse]:
+    """A run's committed event log, in seq order."""
+    async with db.read() as conn:
+        return await event_log.read_after(conn, tenant, run_id, 0, 10_000)
