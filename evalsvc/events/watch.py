@@ -176,14 +176,14 @@ async def _anything_after(db: Database, tenant: str, run_id: str, after_seq: int
         row = await run_store.get(conn, tenant, run_id)
     if row is None:
         raise not_found("run", run_id)
-    if after_seq < 0 or after_seq > row["last_seq"]:
+    if after_seq < 0 or after_seq > row.last_seq:
         raise ServiceError(
             grpc.StatusCode.OUT_OF_RANGE,
             "SEQ_OUT_OF_RANGE",
-            f"after_seq {after_seq} is outside 0..{row['last_seq']} (the run's last_seq)",
-            metadata={"last_seq": str(row["last_seq"])},
+            f"after_seq {after_seq} is outside 0..{row.last_seq} (the run's last_seq)",
+            metadata={"last_seq": str(row.last_seq)},
         )
-    return not (row["status"] in run_store.TERMINAL_STATUSES and after_seq == row["last_seq"])
+    return not (row.status in run_store.TERMINAL_STATUSES and after_seq == row.last_seq)
 
 
 def _through_terminal(events: list[pb.WatchRunResponse]) -> list[pb.WatchRunResponse]:

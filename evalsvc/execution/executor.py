@@ -580,16 +580,16 @@ class Executor:
             items = await job_store.run_items(conn, run_id)
         if row is None:
             raise LookupError(f"run {run_id} vanished")
-        if self._settings.tenant_budget_usd > 0 and row["tenant"] not in self._tenant_spent:
+        if self._settings.tenant_budget_usd > 0 and row.tenant not in self._tenant_spent:
             async with self._db.read() as conn:
-                self._tenant_spent[row["tenant"]] = await run_store.tenant_spend(conn, row["tenant"])
-        spec = run_pb2.Run.FromString(row["spec"])
+                self._tenant_spent[row.tenant] = await run_store.tenant_spend(conn, row.tenant)
+        spec = run_pb2.Run.FromString(row.spec)
         named = run_secret_refs(spec.target, spec.graders)
-        secrets = await self._secrets.values(row["tenant"], [name for _, name in named])
+        secrets = await self._secrets.values(row.tenant, [name for _, name in named])
         graders = [self._compile(g, secrets) for g in spec.graders]
         run_items = [item_pb2.Item.FromString(raw) for raw in items]
         return RunPlan(
-            tenant=row["tenant"],
+            tenant=row.tenant,
             items=run_items,
             target=build_target(spec.target, self._outbound, self._prices, secrets),
             graders=graders,
@@ -600,7 +600,7 @@ class Executor:
                 pass_threshold=spec.pass_threshold if spec.HasField("pass_threshold") else None,
             ),
             max_cost_usd=spec.max_cost_usd if spec.HasField("max_cost_usd") else None,
-            spent_usd=row["cost_usd"],
+            spent_usd=row.cost_usd,
             offloads_grading=may_offload([g for g in graders if not isinstance(g, LlmJudgeGrader)], run_items),
             target_spec=spec.target,
             cache_mode=spec.cache_mode,

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -34,6 +34,7 @@ from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.cache import CacheEntry
 from evalsvc.store.db import Database
+from evalsvc.store.records import RunRecord
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import item_pb2, run_pb2
 
@@ -254,7 +255,7 @@ async def _store_cache_entries(conn: AsyncConnection, kept: Sequence[FinishedJob
 
 
 async def _result_events(
-    r: Mapping[str, Any], run_jobs: Sequence[FinishedJob], now: float, result_rows: list[tuple[Any, ...]]
+    r: RunRecord, run_jobs: Sequence[FinishedJob], now: float, result_rows: list[tuple[Any, ...]]
 ) -> list[pb.WatchRunResponse]:
     """One event per result, seqs and counts replayed from the run's state before this batch.
 
@@ -263,20 +264,20 @@ async def _result_events(
     served meanwhile (their writes wait for the next group; this one's transaction stays open)."""
     n = sum(len(f.grades) for f in run_jobs)
     counts = run_pb2.RunCounts(
-        total_items=r["total_items"],
-        total_evaluations=r["total_evaluations"],
-        completed_evaluations=r["completed"] - n,
-        passed=r["passed"],
-        failed=r["failed"],
-        errored=r["errored"],
-        skipped=r["skipped"],
+        total_items=r.total_items,
+        total_evaluations=r.total_evaluations,
+        completed_evaluations=r.completed - n,
+        passed=r.passed,
+        failed=r.failed,
+        errored=r.errored,
+        skipped=r.skipped,
     )
     # Roll the per-state counters back to before the batch, then forward event by event.
     for f in run_jobs:
         for _, grade in f.grades:
             field = _STATE_FIELD[grade.state]
             setattr(counts, field, getattr(counts, field) - 1)
-    seq = r["last_seq"] - n
+    seq = r.last_seq - n
     event_time = timestamp(now)
     events: list[pb.WatchRunResponse] = []
     slice_start = time.perf_counter()

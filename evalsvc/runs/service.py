@@ -26,7 +26,7 @@ from evalsvc.http.outbound import Outbound, destination_violations, named_endpoi
 from evalsvc.idempotency import conflict, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
 from evalsvc.limits import TenantLimits
-from evalsvc.messages.convert import etag, result_from, run_from, version_of
+from evalsvc.messages.convert import etag, result_from, version_of
 from evalsvc.messages.validation import (
     MAX_DESCRIPTION,
     MAX_DISPLAY_NAME,
@@ -41,6 +41,7 @@ from evalsvc.secrets.service import SecretService
 from evalsvc.store import datasets as dataset_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
+from evalsvc.store.records import RunRecord, run_from
 from evalsvc.store.writer import Batch
 from evalsvc.targets import validate_target
 from evalsvc.v1 import cache_pb2, run_pb2
@@ -63,11 +64,11 @@ def request_fingerprint(request: pb.CreateRunRequest) -> str:
     return fingerprint(copy)
 
 
-def replay(existing: Mapping[str, Any], fingerprint: str) -> CreatedRun:
+def replay(existing: RunRecord, fingerprint: str) -> CreatedRun:
     """What CreateRun answers for a request_id used before: the run it created, or ALREADY_EXISTS
     REQUEST_ID_CONFLICT naming that run when the request differs."""
-    if existing["request_hash"] != fingerprint:
-        raise conflict("run", existing["request_id"], existing["id"])
+    if existing.request_hash != fingerprint:
+        raise conflict("run", existing.request_id or "", existing.id)
     run = run_from(existing)
     return CreatedRun(run=run, job_count=run.counts.total_items * run.repetitions)
 
@@ -364,12 +365,12 @@ class RunService:
             return event.run
         if row is None:
             raise not_found("run", run_id)
-        if row["status"] == run_pb2.RUN_STATUS_CANCELLED:
+        if row.status == run_pb2.RUN_STATUS_CANCELLED:
             return run_from(row)
         raise ServiceError(
             grpc.StatusCode.FAILED_PRECONDITION,
             "RUN_ALREADY_FINISHED",
-            f"run {run_id!r} already finished as {run_pb2.RunStatus.Name(row['status'])}",
+            f"run {run_id!r} already finished as {run_pb2.RunStatus.Name(row.status)}",
             metadata={"run_id": run_id},
         )
 
@@ -398,7 +399,7 @@ class RunService:
                 _check_etag(current, expected)
                 for field, keys in keyed.items():
                     given = getattr(request.run, field)
-                    merged = dict(values.get(field, current[field]))
+                    merged = dict(values.get(field, getattr(current, field)))
                     for key in keys:
                         if key in given:
                             merged[key] = given[key]
@@ -438,7 +439,7 @@ class RunService:
                 raise not_found("run", run_id)
             if cancelled is None:
                 _check_etag(row, expected)
-            if row["delete_time"] is None:
+            if row.delete_time is None:
                 row = await run_store.update_fields(conn, tenant, run_id, {"delete_time": now})
         if cancelled is not None:
             self._on_cancelled(run_id)
@@ -515,14 +516,14 @@ def _expected_version(etag: str, field: str, violations: list[FieldViolation]) -
     return version
 
 
-def _check_etag(row: Mapping[str, Any], expected: int | None) -> None:
+def _check_etag(row: RunRecord, expected: int | None) -> None:
     """ABORTED (AIP-154) when a write's etag is not the run's current one."""
-    if expected is not None and row["version"] != expected:
+    if expected is not None and row.version != expected:
         raise ServiceError(
             grpc.StatusCode.ABORTED,
             "ETAG_MISMATCH",
-            f"run {row['id']!r} changed since etag {etag(expected)!r} was read; read it again and retry",
-            metadata={"run_id": row["id"], "etag": etag(row["version"])},
+            f"run {row.id!r} changed since etag {etag(expected)!r} was read; read it again and retry",
+            metadata={"run_id": row.id, "etag": etag(row.version)},
         )
 
 
