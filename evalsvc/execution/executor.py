@@ -35,7 +35,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -43,7 +43,7 @@ from evalsvc.config import Settings
 from evalsvc.events.bus import EventBus
 from evalsvc.execution import cache
 from evalsvc.execution.fairness import RoundRobin
-from evalsvc.execution.recorder import ClaimedJob, FinishedJob, RunGraders, fail_early, record
+from evalsvc.execution.recorder import FinishedJob, RunGraders, fail_early, record
 from evalsvc.graders import CompiledGrader, Grade, compile_grader, grader_name, target_error_grade
 from evalsvc.graders.judge import JudgeDefaults, LlmJudgeGrader
 from evalsvc.graders.pool import GradingPool, may_offload, offloads
@@ -57,6 +57,7 @@ from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.cache import CacheEntry
 from evalsvc.store.db import Database, unavailable_cause
+from evalsvc.store.jobs import ClaimedJob
 from evalsvc.store.models import CACHE_JUDGE_VERDICT, CACHE_TARGET_OUTPUT
 from evalsvc.targets import PriceTable, Target, TargetError, answers_locally, build_target
 from evalsvc.v1 import cache_pb2, grader_pb2, item_pb2, run_pb2, target_pb2
@@ -333,10 +334,10 @@ class Executor:
         claim_id = uuid.uuid4().hex
         now = time.time()
 
-        async def claim(conn: AsyncConnection) -> tuple[list[Mapping[str, Any]], list[pb.WatchRunResponse]]:
+        async def claim(conn: AsyncConnection) -> tuple[list[ClaimedJob], list[pb.WatchRunResponse]]:
             runs = await run_store.claimable_runs(conn, now)
             quotas = self._round_robin.shares([r for r in runs if r[1] not in self._held_up_jobs], limit)
-            rows = await job_store.claim(
+            jobs = await job_store.claim(
                 conn,
                 owner=self.owner,
                 claim_id=claim_id,
@@ -344,14 +345,14 @@ class Executor:
                 now=now,
                 lease_ttl_s=self._settings.lease_ttl_s,
             )
-            return rows, await run_store.start_runs(conn, list({row["run_id"] for row in rows}), now)
+            return jobs, await run_store.start_runs(conn, list({job.run_id for job in jobs}), now)
 
-        rows, started = await self._db.transact(claim)
+        jobs, started = await self._db.transact(claim)
         for event in started:
             self._bus.publish(event.run.id, [event])
-        if rows:
-            self._open_claims[claim_id] = len(rows)
-        return [ClaimedJob(claim_id=claim_id, **row) for row in rows]
+        if jobs:
+            self._open_claims[claim_id] = len(jobs)
+        return jobs
 
     async def _run_job(self, job: ClaimedJob) -> None:
         """One job's task. However it ends - recorded, failed, cancelled - its worker slot is given back,

@@ -529,9 +529,57 @@ RESULT_COLUMNS = (
 )
 
 
+def result_tuple(
+    *,
+    id: int,
+    tenant: str,
+    run_id: str,
+    job_id: int,
+    item_id: str,
+    repetition: int,
+    grader: str,
+    state: int,
+    score: float,
+    raw_score: float,
+    explanation: str,
+    error_reason: str,
+    attempt: int,
+    cost_usd: float,
+    latency_ms: float,
+    complete_time: float,
+    scoring_cost_usd: float,
+    confidence: float | None,
+    cached: bool,
+    verdict_cached: bool,
+) -> tuple[Any, ...]:
+    """A `results` row for `insert_results`: its values in RESULT_COLUMNS order, given by name."""
+    return (
+        id,
+        tenant,
+        run_id,
+        job_id,
+        item_id,
+        repetition,
+        grader,
+        state,
+        score,
+        raw_score,
+        explanation,
+        error_reason,
+        attempt,
+        cost_usd,
+        latency_ms,
+        complete_time,
+        scoring_cost_usd,
+        confidence,
+        cached,
+        verdict_cached,
+    )
+
+
 async def insert_results(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
-    """Insert result rows (tuples in RESULT_COLUMNS order); the unique evaluation key rejects a second
-    result for an evaluation."""
+    """Insert result rows (tuples in RESULT_COLUMNS order: `result_tuple`); the unique evaluation key
+    rejects a second result for an evaluation."""
     await insert_tuples(conn, RESULTS, RESULT_COLUMNS, rows)
 
 
