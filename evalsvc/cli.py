@@ -151,7 +151,7 @@ async def _cache_command(args: argparse.Namespace, settings: config.Settings) ->
 
 
 async def _secrets_command(args: argparse.Namespace, settings: config.Settings) -> int:
-    from evalsvc.errors import ServiceError
+    from evalsvc.errors import Reason, ServiceError
     from evalsvc.ids import PageTokens, is_tenant_name
     from evalsvc.secrets.operator import OperatorSecrets
     from evalsvc.secrets.service import SecretService
@@ -186,7 +186,7 @@ async def _secrets_command(args: argparse.Namespace, settings: config.Settings) 
         print(
             f"evalsvc secrets: {exc}{''.join(f'; {v.field} {v.description}' for v in exc.violations)}", file=sys.stderr
         )
-        return 1 if exc.reason == "SECRET_NOT_FOUND" else 2
+        return 1 if exc.reason == Reason.SECRET_NOT_FOUND else 2
     finally:
         await db.close()
 

@@ -4,17 +4,63 @@ Domain modules raise these; `to_status` turns one into a `google.rpc.Status` wit
 stable `reason`, domain `evalsvc`) and, for invalid input, `BadRequest` field violations. The gRPC
 servicers (evalsvc.api.status) and the REST gateway both render errors with it, so every door reports
 them the same way.
+
+Every ErrorInfo reason the service sends is a member of `Reason`, documented in docs/errors.md
+(tests/test_errors_doc.py keeps the two in step). A StrEnum, so a member is its own string on the
+wire and compares equal to the literal.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum, unique
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "evalsvc"
+
+
+@unique
+class Reason(StrEnum):
+    """The stable `reason` of every ErrorInfo (docs/errors.md says what a caller should do on each)."""
+
+    # The request
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"  # fields invalid; BadRequest names every one
+    INVALID_PAGE_TOKEN = "INVALID_PAGE_TOKEN"  # a page token not issued for this list, filters and tenant
+    MALFORMED_REQUEST = "MALFORMED_REQUEST"  # the bytes are not the method's protobuf message
+    HEADERS_TOO_LARGE = "HEADERS_TOO_LARGE"  # REST gateway: key headers over 4 KiB or all headers over 64 KiB
+    BODY_TOO_LARGE = "BODY_TOO_LARGE"  # REST gateway: a body over --max-message-bytes
+    # The API key
+    API_KEY_MISSING = "API_KEY_MISSING"  # no key presented
+    API_KEY_INVALID = "API_KEY_INVALID"  # malformed, mistyped, unknown or wrong secret
+    API_KEY_REVOKED = "API_KEY_REVOKED"  # the key was revoked
+    API_KEY_EXPIRED = "API_KEY_EXPIRED"  # the key has expired
+    # Missing resources (or another tenant's: the two look the same)
+    RUN_NOT_FOUND = "RUN_NOT_FOUND"  # no such run
+    DATASET_NOT_FOUND = "DATASET_NOT_FOUND"  # no such dataset
+    GRADER_NOT_FOUND = "GRADER_NOT_FOUND"  # no such saved grader (or version)
+    TARGET_NOT_FOUND = "TARGET_NOT_FOUND"  # no such saved target
+    WEBHOOK_NOT_FOUND = "WEBHOOK_NOT_FOUND"  # no such webhook
+    SECRET_NOT_FOUND = "SECRET_NOT_FOUND"  # no secret of that name
+    # What the server is not set up for
+    JUDGE_NOT_CONFIGURED = "JUDGE_NOT_CONFIGURED"  # an llm_judge names no model and there is no default judge
+    GENERATOR_NOT_CONFIGURED = "GENERATOR_NOT_CONFIGURED"  # no generator model (nor default judge) to generate with
+    SECRETS_KEY_NOT_CONFIGURED = "SECRETS_KEY_NOT_CONFIGURED"  # CreateSecret without EVALSVC_SECRETS_KEY
+    # Conflicts with the state of a resource
+    GENERATION_EXISTS = "GENERATION_EXISTS"  # the dataset already has a different generation
+    REQUEST_ID_CONFLICT = "REQUEST_ID_CONFLICT"  # request_id reused for a different request
+    RUN_ALREADY_FINISHED = "RUN_ALREADY_FINISHED"  # CancelRun of a run that already succeeded or failed
+    ETAG_MISMATCH = "ETAG_MISMATCH"  # the run changed since the etag was read
+    SEQ_OUT_OF_RANGE = "SEQ_OUT_OF_RANGE"  # WatchRun's after_seq outside 0..last_seq
+    # Limits
+    TENANT_QUOTA_EXCEEDED = "TENANT_QUOTA_EXCEEDED"  # one of the tenant's limits; metadata `quota` says which
+    # The server
+    GENERATOR_UNAVAILABLE = "GENERATOR_UNAVAILABLE"  # the generator model gave no usable turn
+    SERVER_SHUTTING_DOWN = "SERVER_SHUTTING_DOWN"  # open streams end when the server stops
+    DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"  # the database cannot serve now; RetryInfo says when to retry
+    INTERNAL = "INTERNAL"  # a bug; logged, never described to the caller
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +76,7 @@ class ServiceError(Exception):
     """An error a caller can act on: a gRPC code, a stable reason and a message for people."""
 
     code: grpc.StatusCode
-    reason: str
+    reason: str  # a Reason (still a literal in a few modules, which compares equal)
     message: str
     violations: list[FieldViolation] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
@@ -46,7 +92,7 @@ def invalid_argument(violations: list[FieldViolation]) -> ServiceError:
     more = f" and {len(violations) - 5} more" if len(violations) > 5 else ""
     return ServiceError(
         grpc.StatusCode.INVALID_ARGUMENT,
-        "INVALID_ARGUMENT",
+        Reason.INVALID_ARGUMENT,
         f"invalid request: {names}{more}",
         violations=violations,
     )
@@ -57,7 +103,7 @@ def invalid_page_token() -> ServiceError:
     this tenant for this list and these filters: forged, altered, truncated or another request's."""
     return ServiceError(
         grpc.StatusCode.INVALID_ARGUMENT,
-        "INVALID_PAGE_TOKEN",
+        Reason.INVALID_PAGE_TOKEN,
         "page_token is not one this service issued for this request; start again without it",
         violations=[
             FieldViolation("page_token", "not a page token issued for this list, with these filters, to this caller")
@@ -69,7 +115,7 @@ def malformed_request() -> ServiceError:
     """INVALID_ARGUMENT (reason MALFORMED_REQUEST) for request bytes that are not the method's message."""
     return ServiceError(
         grpc.StatusCode.INVALID_ARGUMENT,
-        "MALFORMED_REQUEST",
+        Reason.MALFORMED_REQUEST,
         "the request is not a valid protobuf message of this method",
         violations=[FieldViolation("request", "cannot be decoded as this method's request message")],
     )
@@ -85,7 +131,7 @@ def database_unavailable() -> ServiceError:
     internal hosts)."""
     return ServiceError(
         grpc.StatusCode.UNAVAILABLE,
-        "DATABASE_UNAVAILABLE",
+        Reason.DATABASE_UNAVAILABLE,
         "the service cannot use its database at the moment; retry later",
         retry_after_s=DATABASE_RETRY_S,
     )
@@ -95,14 +141,15 @@ MAX_ECHOED_ID = 128
 
 
 def not_found(kind: str, resource_id: str) -> ServiceError:
-    """NOT_FOUND for a resource that is missing or belongs to another tenant (the two look the same).
+    """NOT_FOUND (reason `<KIND>_NOT_FOUND`, a Reason) for a resource that is missing or belongs to
+    another tenant (the two look the same).
 
     The id is echoed at most 128 characters long: an arbitrarily long id would overflow the trailing
     metadata limit of the caller's channel and turn a clear NOT_FOUND into a transport error."""
     shown = resource_id if len(resource_id) <= MAX_ECHOED_ID else resource_id[:MAX_ECHOED_ID] + "..."
     return ServiceError(
         grpc.StatusCode.NOT_FOUND,
-        f"{kind.upper()}_NOT_FOUND",
+        Reason(f"{kind.upper()}_NOT_FOUND"),
         f"{kind} {shown!r} not found",
         metadata={f"{kind}_id": shown},
     )

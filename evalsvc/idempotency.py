@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf.message import Message
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from evalsvc.errors import ServiceError
+from evalsvc.errors import Reason, ServiceError
 from evalsvc.store.db import Database
 
 T = TypeVar("T")
@@ -35,7 +35,7 @@ def conflict(kind: str, request_id: str, existing_id: str) -> ServiceError:
     what the first request created (`run_id`, `grader_id`, ...), as docs/errors.md promises."""
     return ServiceError(
         grpc.StatusCode.ALREADY_EXISTS,
-        "REQUEST_ID_CONFLICT",
+        Reason.REQUEST_ID_CONFLICT,
         f"request_id {request_id!r} was already used for a different {kind}",
         metadata={f"{kind}_id": existing_id},
     )
@@ -54,11 +54,14 @@ async def create_once(
     """Run `create` in a write transaction unless `find` shows the request_id was used already;
     then `replay` answers with what the first request created."""
 
+    async def first_or_create(conn: AsyncConnection) -> tuple[Row | None, T | None]:
+        existing = await find(conn) if request_id else None
+        return (existing, None) if existing is not None else (None, await create(conn))
+
     try:
-        async with db.write() as conn:
-            existing = await find(conn) if request_id else None
-            if existing is None:
-                return await create(conn)
+        existing, created = await db.transact(first_or_create)
+        if existing is None:
+            return cast("T", created)
     except IntegrityError:
         if not request_id:
             raise

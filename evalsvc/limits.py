@@ -18,14 +18,14 @@ from dataclasses import dataclass
 import grpc
 
 from evalsvc.config import Settings
-from evalsvc.errors import ServiceError
+from evalsvc.errors import Reason, ServiceError
 
 
 def quota_exceeded(quota: str, message: str, retry_after_s: float | None = None) -> ServiceError:
     """RESOURCE_EXHAUSTED for a tenant over one of its limits."""
     return ServiceError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        "TENANT_QUOTA_EXCEEDED",
+        Reason.TENANT_QUOTA_EXCEEDED,
         message,
         metadata={"quota": quota},
         retry_after_s=retry_after_s,

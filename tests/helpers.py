@@ -20,10 +20,10 @@ from evalsvc import testing
 from evalsvc.config import Settings
 from evalsvc.gateway.server import Gateway, remote_channels
 from evalsvc.server import EvalServer
+from evalsvc.statuses import TERMINAL
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
 
-TERMINAL = {run_pb2.RUN_STATUS_SUCCEEDED, run_pb2.RUN_STATUS_FAILED, run_pb2.RUN_STATUS_CANCELLED}
 TERMINAL_NAMES = {run_pb2.RunStatus.Name(status) for status in TERMINAL}  # as proto3 JSON writes them
 
 

@@ -13,6 +13,7 @@ from google.protobuf import field_mask_pb2
 from sqlalchemy import exc as sa_exc
 
 from evalsvc.server import EvalServer
+from evalsvc.statuses import TERMINAL
 from evalsvc.store import runs as run_store
 from evalsvc.v1 import dataset_service_pb2 as ds
 from evalsvc.v1 import (
@@ -31,7 +32,6 @@ from evalsvc.v1 import eval_run_service_pb2 as pb
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, Reply
 from tests.helpers import (
-    TERMINAL,
     all_results,
     create_request,
     error_reason,

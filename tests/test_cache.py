@@ -16,6 +16,7 @@ import pytest
 from evalsvc import cli
 from evalsvc.execution.cache import CacheConfigError, target_key
 from evalsvc.server import EvalServer
+from evalsvc.statuses import TERMINAL
 from evalsvc.store import cache as cache_store
 from evalsvc.store.db import Database
 from evalsvc.v1 import cache_pb2, eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
@@ -23,7 +24,7 @@ from evalsvc.v1 import eval_run_service_pb2 as pb
 from tests.conftest import make_settings
 from tests.dbs import db_url
 from tests.fake_llm import FakeEndpoint, chat_reply, judge_reply
-from tests.helpers import TERMINAL, all_results, error_reason, keyed_channel, violations, watch_all
+from tests.helpers import all_results, error_reason, keyed_channel, violations, watch_all
 from tests.procs import start_server
 
 PRICES = {"gpt-test": {"input_per_mtok": 1000.0, "output_per_mtok": 2000.0}, "judge-test": {"input_per_mtok": 100.0}}

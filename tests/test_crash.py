@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from evalsvc.statuses import TERMINAL
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, run_pb2
 from tests.dbs import db_url
-from tests.helpers import TERMINAL, all_results, create_request, keyed_channel, watch_all
+from tests.helpers import all_results, create_request, keyed_channel, watch_all
 from tests.procs import ServerProcess
 
 pytestmark = pytest.mark.slow

@@ -39,12 +39,13 @@ from evalsvc.execution.fairness import RoundRobin, even_split
 from evalsvc.metrics import Metrics
 from evalsvc.server import EvalServer
 from evalsvc.slots import Hold, Slots
+from evalsvc.statuses import TERMINAL
 from evalsvc.store import jobs as job_store
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
 from tests import dbs
 from tests.conftest import make_settings
-from tests.helpers import TERMINAL, keyed_channel
+from tests.helpers import keyed_channel
 from tests.procs import start_server
 
 HUNG_CALL_TIMEOUT_S = 600  # the longest a target call may take: hung calls last until cancelled

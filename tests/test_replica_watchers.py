@@ -23,10 +23,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from evalsvc.statuses import TERMINAL
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, run_pb2
 from tests import dbs
-from tests.helpers import TERMINAL, all_results, create_request, keyed_channel
+from tests.helpers import all_results, create_request, keyed_channel
 from tests.procs import ServerProcess, start_server
 
 pytestmark = [

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from evalsvc.statuses import TERMINAL
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, item_pb2, run_pb2, target_pb2
 from tests import dbs
 from tests.fake_llm import FakeEndpoint, chat_reply
-from tests.helpers import TERMINAL, all_results, create_request, exact, keyed_channel, watch_all
+from tests.helpers import all_results, create_request, exact, keyed_channel, watch_all
 from tests.procs import ServerProcess
 
 pytestmark = [

@@ -20,9 +20,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from evalsvc.statuses import TERMINAL
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc
-from tests.helpers import TERMINAL, create_request, keyed_channel, watch_all
+from tests.helpers import create_request, keyed_channel, watch_all
 from tests.procs import ServerProcess
 
 pytestmark = pytest.mark.slow

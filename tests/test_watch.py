@@ -10,10 +10,11 @@ import pytest
 
 from evalsvc.events.watch import BATCH_BYTES
 from evalsvc.server import EvalServer
+from evalsvc.statuses import TERMINAL
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, run_pb2
 from tests.conftest import make_settings
-from tests.helpers import TERMINAL, create_request, error_reason, keyed_channel, watch_all
+from tests.helpers import create_request, error_reason, keyed_channel, watch_all
 
 
 def assert_complete_log(events: list[pb.WatchRunResponse], total: int) -> None:

@@ -1,13 +1,24 @@
-"""The one server interceptor: every call is authenticated and observed inside a single wrapper.
+"""The one server interceptor: every call is authenticated and observed by one pair of hooks.
+
+Each call is a `_Call` whose two hooks hold all the interceptor does to it, written once for every
+kind of call, as connect-python's metadata interceptors do: `on_start` starts the clock, notes the
+peer and admits the call (refusing a request that did not decode or a key that is not valid, and
+setting the caller's tenant); `on_end` hands the finished call to the observer. The wrappers for
+grpc's three handler shapes (a unary coroutine, an async generator, a coroutine that writes to its
+context) only run the behaviour between the two and say which status code it ended with.
 
 It wraps the handler's behaviour (rather than only deciding at handler lookup) because the key
 check must be able to abort the call with a rich status, and because the outcome the observer
-records is known only once the behaviour has finished. Authentication runs inside the observed
-part, so rejected calls are counted and logged too.
+records is known only once the behaviour has finished. Admission runs inside the observed part,
+so rejected calls are counted and logged too.
 
 Why one interceptor and not one per concern: grpc.aio runs every interceptor's lookup coroutine,
 builds a new method handler and adds a wrapper frame to each call, per interceptor. On GetRun,
-the hottest call, two layers cost measurably more than one (see docs/performance.md).
+the hottest call, two layers cost measurably more than one (see docs/performance.md). For the same
+reason what the calls of a method share (its `_Method`) is worked out at its first call, so a
+lookup builds only the call's `_Call` and the handler grpc needs. The key is taken from the
+metadata grpc decoded for the lookup and travels in the `_Call`: decoding it again from the
+servicer context would cost more (~3 us) than the rest of the hooks.
 """
 
 from __future__ import annotations
@@ -17,20 +28,22 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import MethodType
 from typing import Any, TypeAlias, cast
 
 import grpc
 
 from evalsvc.api.auth import Authenticator, presented_key
-from evalsvc.api.observability import Observer
+from evalsvc.api.observability import FinishedCall, Observer
 from evalsvc.api.status import abort
 from evalsvc.errors import malformed_request
 
 log = logging.getLogger(__name__)
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-LookUp: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+LookUp: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable["Handler | None"]]
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
@@ -39,31 +52,21 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, auth: Authenticator, observer: Observer) -> None:
         self._auth = auth
         self._observer = observer
+        # Method name -> (the service's handler, what its calls share). grpc looks a handler up for
+        # every call; a service's is the same object each time (a new one is worked out afresh).
+        self._methods: dict[str, tuple[Handler, _Method]] = {}
 
-    async def intercept_service(
-        self, continuation: LookUp, details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+    async def intercept_service(self, continuation: LookUp, details: grpc.HandlerCallDetails) -> Handler | None:
         handler = await continuation(details)
-        # Unknown methods get no handler and stay unwrapped: their names would be unbounded label values.
-        if handler is None:
+        # Unknown methods get no handler and stay unwrapped: their names would be unbounded label values
+        # (and keys here). Client- and bidi-streaming methods (reflection only; open) pass unobserved.
+        if handler is None or (handler.unary_unary is None and handler.unary_stream is None):
             return handler
-        method: str = details.method
-        call = _Call(method, self._auth, presented_key(details.invocation_metadata), self._observer)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                call.unary(handler.unary_unary),
-                request_deserializer=_tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            behaviour = cast("Callable[..., Any]", handler.unary_stream)
-            wrap = call.stream if inspect.isasyncgenfunction(behaviour) else call.stream_writer
-            return grpc.unary_stream_rpc_method_handler(
-                wrap(behaviour),
-                request_deserializer=_tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
-        return handler  # client- and bidi-streaming (reflection only; open) pass through unobserved
+        known = self._methods.get(details.method)
+        if known is None or known[0] is not handler:
+            method = _Method(details.method, handler, self._auth, self._observer)
+            known = self._methods[details.method] = (handler, method)
+        return known[1].handler(presented_key(details.invocation_metadata))
 
 
 class MalformedRequest:
@@ -91,96 +94,118 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
+class _Method:
+    """One observed unary or server-streaming method: what all its calls share."""
+
+    __slots__ = ("auth", "behaviour", "build", "name", "observer", "parse", "serialize", "shape", "streaming")
+
+    def __init__(self, name: str, handler: Handler, auth: Authenticator, observer: Observer) -> None:
+        self.name = name
+        self.auth = auth if auth.guards(name) else None
+        self.observer = observer
+        self.parse = _tolerant(handler.request_deserializer)
+        self.serialize = handler.response_serializer
+        self.streaming = handler.unary_unary is None
+        self.behaviour: Callable[..., Any]
+        self.shape: Callable[..., Any]  # the _Call method that runs the behaviour between the hooks
+        if not self.streaming:
+            self.behaviour, self.shape = cast("Callable[..., Any]", handler.unary_unary), _Call.unary
+            self.build = grpc.unary_unary_rpc_method_handler
+        else:
+            self.behaviour = cast("Callable[..., Any]", handler.unary_stream)
+            self.shape = _Call.stream if inspect.isasyncgenfunction(self.behaviour) else _Call.stream_writer
+            self.build = grpc.unary_stream_rpc_method_handler
+
+    def handler(self, key: str | None) -> Handler:
+        """The handler of one call that presented `key`: the behaviour run between that call's hooks
+        (a bound method: grpc tells the shapes apart by it, as it would the behaviour)."""
+        observed = MethodType(self.shape, _Call(self, key))
+        return self.build(observed, request_deserializer=self.parse, response_serializer=self.serialize)
+
+
 class _Call:
-    """Wrappers for one call of one method, with the key it presented."""
+    """One call of a method: its two hooks, what they share (the key, when it started, who called),
+    and the behaviour of each handler shape run between them."""
 
-    __slots__ = ("_auth", "_key", "_method", "_observer")
+    __slots__ = ("_key", "_method", "_peer", "_started")
 
-    def __init__(self, method: str, auth: Authenticator, key: str | None, observer: Observer) -> None:
+    def __init__(self, method: _Method, key: str | None) -> None:
         self._method = method
-        self._auth = auth if auth.guards(method) else None
         self._key = key
-        self._observer = observer
 
-    async def _admit(self, request: Any, context: Context) -> None:
-        """Abort a call whose request did not decode (INVALID_ARGUMENT) or whose key is not valid."""
+    async def on_start(self, request: Any, context: Context) -> None:
+        """Start observing the call, then admit it: abort it (INVALID_ARGUMENT) when its request did
+        not decode, or (UNAUTHENTICATED) when its key is not valid; otherwise set the caller's tenant.
+        The clock and the peer come first, so `on_end` has them for a refused call too."""
+        method = self._method
+        self._started = time.perf_counter()
+        self._peer = _peer(context)
+        if method.streaming:
+            method.observer.stream_opened(method.name)
         if isinstance(request, MalformedRequest):
             # A broken client's problem, not the server's: a debug line, no traceback.
-            log.debug("%s: the request is not a valid message (%s)", self._method, request.problem)
+            log.debug("%s: the request is not a valid message (%s)", method.name, request.problem)
             await abort(context, malformed_request())
-        if self._auth is not None:
-            await self._auth.authenticate(self._key, context)
+        if method.auth is not None:
+            await method.auth.authenticate(self._key, context)
 
-    def unary(self, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def observed(request: Any, context: Context) -> Any:
-            started = time.perf_counter()
-            peer = _peer(context)
-            response = None
-            code = grpc.StatusCode.UNKNOWN
-            try:
-                await self._admit(request, context)
-                response = await behaviour(request, context)
-                code = _code(context, grpc.StatusCode.OK)
-                return response
-            except BaseException as exc:
-                code = _outcome(context, exc)
-                raise
-            finally:
-                self._observer.finished(self._method, code, started, request, response, peer, stream=False)
+    def on_end(self, code: grpc.StatusCode, request: Any, response: Any) -> None:
+        """Report the finished call (admitted or not) to the observer: metrics and access log."""
+        method = self._method
+        method.observer.finished(
+            FinishedCall(method.name, code, self._started, request, response, self._peer, method.streaming)
+        )
 
-        return observed
+    async def unary(self, request: Any, context: Context) -> Any:
+        """A unary behaviour."""
+        response = None
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            await self.on_start(request, context)
+            response = await self._method.behaviour(request, context)
+            code = _code(context, grpc.StatusCode.OK)
+            return response
+        except BaseException as exc:
+            code = _outcome(context, exc)
+            raise
+        finally:
+            self.on_end(code, request, response)
 
-    def stream(self, behaviour: Callable[..., AsyncGenerator[Any, None]]) -> Callable[..., AsyncIterator[Any]]:
-        """Wraps an async-generator behaviour (the evalsvc servicers)."""
+    async def stream(self, request: Any, context: Context) -> AsyncIterator[Any]:
+        """An async-generator behaviour (the evalsvc servicers)."""
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            await self.on_start(request, context)
+            # aclosing: when the client leaves, the inner generators' cleanup (unsubscribing the
+            # watcher, releasing its stream quota) runs now, not whenever the garbage collector gets to it.
+            async with contextlib.aclosing(self._method.behaviour(request, context)) as messages:
+                async for message in messages:
+                    yield message
+            code = _code(context, grpc.StatusCode.OK)
+        except BaseException as exc:  # GeneratorExit when the client goes away
+            code = _outcome(context, exc)
+            raise
+        finally:
+            self.on_end(code, request, None)
 
-        async def observed(request: Any, context: Context) -> AsyncIterator[Any]:
-            started = time.perf_counter()
-            peer = _peer(context)
-            code = grpc.StatusCode.UNKNOWN
-            closed = self._observer.stream_opened(self._method)
-            try:
-                await self._admit(request, context)
-                # aclosing: when the client leaves, the inner generators' cleanup (unsubscribing the
-                # watcher, releasing its stream quota) runs now, not whenever the garbage collector gets to it.
-                async with contextlib.aclosing(behaviour(request, context)) as messages:
+    async def stream_writer(self, request: Any, context: Context) -> None:
+        """A coroutine behaviour that sends with `context.write` (grpc's health Watch)."""
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            await self.on_start(request, context)
+            result = self._method.behaviour(request, context)
+            if inspect.isasyncgen(result):  # an async generator we could not recognise up front
+                async with contextlib.aclosing(result) as messages:
                     async for message in messages:
-                        yield message
-                code = _code(context, grpc.StatusCode.OK)
-            except BaseException as exc:  # GeneratorExit when the client goes away
-                code = _outcome(context, exc)
-                raise
-            finally:
-                closed()
-                self._observer.finished(self._method, code, started, request, None, peer, stream=True)
-
-        return observed
-
-    def stream_writer(self, behaviour: Callable[..., Any]) -> Callable[..., Awaitable[None]]:
-        """Wraps a coroutine behaviour that sends with `context.write` (grpc's health Watch)."""
-
-        async def observed(request: Any, context: Context) -> None:
-            started = time.perf_counter()
-            peer = _peer(context)
-            code = grpc.StatusCode.UNKNOWN
-            closed = self._observer.stream_opened(self._method)
-            try:
-                await self._admit(request, context)
-                result = behaviour(request, context)
-                if inspect.isasyncgen(result):  # an async generator we could not recognise up front
-                    async with contextlib.aclosing(result) as messages:
-                        async for message in messages:
-                            await context.write(message)
-                else:
-                    await result
-                code = _code(context, grpc.StatusCode.OK)
-            except BaseException as exc:
-                code = _outcome(context, exc)
-                raise
-            finally:
-                closed()
-                self._observer.finished(self._method, code, started, request, None, peer, stream=True)
-
-        return observed
+                        await context.write(message)
+            else:
+                await result
+            code = _code(context, grpc.StatusCode.OK)
+        except BaseException as exc:
+            code = _outcome(context, exc)
+            raise
+        finally:
+            self.on_end(code, request, None)
 
 
 def _code(context: Context, default: grpc.StatusCode) -> grpc.StatusCode:

@@ -1,10 +1,9 @@
 """Access log and RPC metrics of every call, once its outcome is known.
 
-The call interceptor (evalsvc.api.interceptor) reports each call here when its behaviour has
-finished, because only then are its status code, its latency and the caller's tenant known:
-authentication sets `current_tenant` inside the call and never resets it, so reading it afterwards
-gives the tenant the call acted for ("" when the call was rejected). Rejected calls are counted
-and logged too.
+The call interceptor (evalsvc.api.interceptor) reports each call here from its end hook, because
+only then are its status code, its latency and the caller's tenant known: authentication sets
+`current_tenant` inside the call and never resets it, so reading it afterwards gives the tenant the
+call acted for ("" when the call was rejected). Rejected calls are counted and logged too.
 
 What is logged is chosen field by field: method, tenant, code, latency, run id and peer address.
 Metadata (where API keys travel) and request bodies are never read for the log.
@@ -14,8 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -28,32 +26,37 @@ access_log = logging.getLogger("evalsvc.access")
 QUIET_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
+class FinishedCall(NamedTuple):
+    """One finished call, as its end hook saw it. A NamedTuple rather than a frozen dataclass: one is
+    built for every call, GetRun's included, and a tuple is the cheapest immutable record to build."""
+
+    method: str
+    code: grpc.StatusCode
+    started: float  # `time.perf_counter()` when the call started
+    request: Any  # the decoded request (or the interceptor's MalformedRequest)
+    response: Any  # the unary response; None for streams and failed calls
+    peer: str
+    stream: bool
+
+
 class Observer:
     """Records a finished call: RPC metrics (count by code, latency) and one access log line."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
-    def stream_opened(self, method: str) -> Callable[[], None]:
-        """Count an open stream; returns what to call when it closes."""
-        gauge = self._metrics.open_streams.labels(method)
-        gauge.inc()
-        return gauge.dec
+    def stream_opened(self, method: str) -> None:
+        """Count an open stream; `finished` counts it closed."""
+        self._metrics.open_streams.labels(method).inc()
 
-    def finished(
-        self,
-        method: str,
-        code: grpc.StatusCode,
-        started: float,
-        request: Any,
-        response: Any,
-        peer: str,
-        *,
-        stream: bool,
-    ) -> None:
-        """Count the call and log its access line; `started` is its `time.perf_counter()` at the start."""
+    def finished(self, call: FinishedCall) -> None:
+        """Count the call (closing its stream) and log its access line."""
+        method, status, started, request, response, peer, stream = call  # one unpacking, not seven lookups
         seconds = time.perf_counter() - started
-        self._metrics.rpc_finished(method, code.name, seconds, stream=stream)
+        if stream:
+            self._metrics.open_streams.labels(method).dec()
+        code = status.name
+        self._metrics.rpc_finished(method, code, seconds, stream=stream)
         level = logging.DEBUG if method.startswith(QUIET_PREFIXES) else logging.INFO
         if not access_log.isEnabledFor(level):
             return
@@ -64,13 +67,13 @@ class Observer:
             level,
             "%s %s %.1f ms tenant=%s%s",
             method,
-            code.name,
+            code,
             latency_ms,
             tenant or "-",
             f" run_id={run_id}" if run_id else "",
             extra={
                 "method": method,
-                "code": code.name,
+                "code": code,
                 "latency_ms": latency_ms,
                 "tenant": tenant,
                 "run_id": run_id,

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_status import rpc_status
 
-from evalsvc.errors import ServiceError, database_unavailable, invalid_argument, to_status
+from evalsvc.errors import Reason, ServiceError, database_unavailable, invalid_argument, to_status
 from evalsvc.storable import request_nul_violations
 from evalsvc.store.db import unavailable_cause
 
@@ -27,7 +27,7 @@ Resp = TypeVar("Resp")
 
 
 def _internal() -> ServiceError:
-    return ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; the service logged the details")
+    return ServiceError(grpc.StatusCode.INTERNAL, Reason.INTERNAL, "internal error; the service logged the details")
 
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError) -> None:

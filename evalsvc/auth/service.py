@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from evalsvc.auth import keys
-from evalsvc.errors import ServiceError
+from evalsvc.errors import Reason, ServiceError
 from evalsvc.ids import is_tenant_name
 from evalsvc.store import keys as key_store
 from evalsvc.store.db import Database
@@ -39,7 +39,7 @@ def parse_duration(text: str) -> float:
 KEY_HELP = "the first `evalsvc serve` prints a key; `evalsvc keys create --tenant NAME` makes another"
 
 
-def unauthenticated(reason: str, message: str) -> ServiceError:
+def unauthenticated(reason: Reason, message: str) -> ServiceError:
     """UNAUTHENTICATED with a stable reason and what to do about it; the message never repeats the key."""
     return ServiceError(grpc.StatusCode.UNAUTHENTICATED, reason, f"{message} ({KEY_HELP})")
 
@@ -80,9 +80,9 @@ def _info(row: Mapping[str, Any]) -> KeyInfo:
 def _refusal(row: Mapping[str, Any], now: float) -> ServiceError | None:
     """Why a known key may not be used at `now`, or None."""
     if row["revoke_time"] is not None:
-        return unauthenticated("API_KEY_REVOKED", "the API key was revoked")
+        return unauthenticated(Reason.API_KEY_REVOKED, "the API key was revoked")
     if row["expire_time"] is not None and row["expire_time"] <= now:
-        return unauthenticated("API_KEY_EXPIRED", "the API key has expired")
+        return unauthenticated(Reason.API_KEY_EXPIRED, "the API key has expired")
     return None
 
 
@@ -111,8 +111,7 @@ class KeyService:
             "create_time": now,
             "expire_time": now + expires_in_s if expires_in_s else None,
         }
-        async with self._db.write() as conn:
-            await key_store.insert_key(conn, row)
+        await self._db.transact(lambda conn: key_store.insert_key(conn, row))
         return full, _info({**row, "revoke_time": None, "last_used_time": None})
 
     async def list(self, tenant: str | None = None) -> list[KeyInfo]:
@@ -122,8 +121,8 @@ class KeyService:
 
     async def revoke(self, key_id: str) -> bool:
         """Revoke a key (idempotent); False when there is no such key."""
-        async with self._db.write() as conn:
-            found = await key_store.revoke(conn, key_id, time.time())
+        now = time.time()
+        found = await self._db.transact(lambda conn: key_store.revoke(conn, key_id, now))
         self._forget(key_id)
         return found
 
@@ -145,7 +144,7 @@ class KeyService:
         """The caller of a valid key; UNAUTHENTICATED for a missing, malformed, unknown, revoked or expired one."""
         if not presented:
             raise unauthenticated(
-                "API_KEY_MISSING", "an API key is required: metadata 'authorization: Bearer <key>' or 'x-api-key'"
+                Reason.API_KEY_MISSING, "an API key is required: metadata 'authorization: Bearer <key>' or 'x-api-key'"
             )
         now = time.time()
         row = await self._verify(presented, now)
@@ -153,8 +152,8 @@ class KeyService:
             raise refused
         if now - self._touched.get(row["id"], 0.0) >= TOUCH_EVERY_S:
             self._touched[row["id"]] = now
-            async with self._db.write() as conn:
-                await key_store.touch(conn, row["id"], now)
+            key_id = row["id"]
+            await self._db.transact(lambda conn: key_store.touch(conn, key_id, now))
         return Caller(tenant=str(row["tenant"]), key_id=str(row["id"]))
 
     async def refused_now(self, key_ids: Sequence[str]) -> dict[str, ServiceError]:
@@ -168,7 +167,9 @@ class KeyService:
         for key_id in key_ids:
             row = rows.get(key_id)
             error = (
-                unauthenticated("API_KEY_INVALID", "the API key is not valid") if row is None else _refusal(row, now)
+                unauthenticated(Reason.API_KEY_INVALID, "the API key is not valid")
+                if row is None
+                else _refusal(row, now)
             )
             if error is not None:
                 refused[key_id] = error
@@ -185,10 +186,10 @@ class KeyService:
             return cached[1]
         parsed = keys.parse(presented)
         if parsed is None:
-            raise unauthenticated("API_KEY_INVALID", "the API key is malformed or mistyped")
+            raise unauthenticated(Reason.API_KEY_INVALID, "the API key is malformed or mistyped")
         row = await self._lookup(parsed.key_id, now)
         if row is None or not keys.secret_matches(parsed.secret, row["secret_hash"]):
-            raise unauthenticated("API_KEY_INVALID", "the API key is not valid")
+            raise unauthenticated(Reason.API_KEY_INVALID, "the API key is not valid")
         if self._cache_s > 0:
             if len(self._accepted) > 10_000:
                 self._accepted.clear()

@@ -23,14 +23,15 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.config import Settings
 from evalsvc.datasets.service import generation_from
-from evalsvc.errors import FieldViolation, ServiceError, invalid_argument, not_found
+from evalsvc.errors import FieldViolation, Reason, ServiceError, invalid_argument, not_found
 from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.http.outbound import Outbound, OutboundError
 from evalsvc.messages.validation import assign_item_ids, check_items
@@ -166,13 +167,14 @@ class DatasetGenerations:
         if not self._model.configured:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                "GENERATOR_NOT_CONFIGURED",
+                Reason.GENERATOR_NOT_CONFIGURED,
                 "the server has no generator model (--generator-model or --judge-base-url/--judge-model)",
             )
         if request.validate_only:
             return DatasetGeneration(state=PENDING, item_count=request.item_count)
         now = time.time()
-        async with self._db.write() as conn:
+
+        async def create(conn: AsyncConnection) -> tuple[Mapping[str, Any], bool]:
             if await dataset_store.get(conn, tenant, request.dataset_id, lock=True) is None:
                 raise not_found("dataset", request.dataset_id)
             existing = (await dataset_store.generations_of(conn, [request.dataset_id])).get(request.dataset_id)
@@ -180,10 +182,10 @@ class DatasetGenerations:
                 if (existing["item_count"], existing["instructions"]) != (request.item_count, request.instructions):
                     raise ServiceError(
                         grpc.StatusCode.ALREADY_EXISTS,
-                        "GENERATION_EXISTS",
+                        Reason.GENERATION_EXISTS,
                         f"dataset {request.dataset_id!r} already has a generation with other parameters",
                     )
-                return generation_from(existing)
+                return existing, False
             row = {
                 "dataset_id": request.dataset_id,
                 "tenant": tenant,
@@ -196,7 +198,11 @@ class DatasetGenerations:
                 "update_time": now,
             }
             await dataset_store.insert_generation(conn, row)
-        self._wake.set()
+            return row, True
+
+        row, created = await self._db.transact(create)
+        if created:
+            self._wake.set()
         return generation_from(row)
 
     async def continue_conversations(self, tenant: str, request: ContinueConversationsRequest) -> list[item_pb2.Item]:
@@ -223,7 +229,7 @@ class DatasetGenerations:
         if not self._model.configured:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                "GENERATOR_NOT_CONFIGURED",
+                Reason.GENERATOR_NOT_CONFIGURED,
                 "the server has no generator model (--generator-model or --judge-base-url/--judge-model)",
             )
         async with self._db.read() as conn:
@@ -248,7 +254,7 @@ class DatasetGenerations:
                         if attempt == PARSE_ATTEMPTS - 1:
                             raise ServiceError(
                                 grpc.StatusCode.UNAVAILABLE,
-                                "GENERATOR_UNAVAILABLE",
+                                Reason.GENERATOR_UNAVAILABLE,
                                 f"the generator model gave no usable next turn: {exc}",
                             ) from None
 
@@ -256,16 +262,22 @@ class DatasetGenerations:
         try:
             await asyncio.gather(*(write(c, item) for c, item in missing))
         except OutboundError as exc:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "GENERATOR_UNAVAILABLE", exc.reason) from None
-        async with self._db.write() as conn:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, Reason.GENERATOR_UNAVAILABLE, exc.reason) from None
+
+        async def append(conn: AsyncConnection) -> dict[str, bytes]:
             dataset = await dataset_store.get(conn, tenant, request.dataset_id, lock=True)
             if dataset is None:
                 raise not_found("dataset", request.dataset_id)
-            stored.update(await dataset_store.items_by_id(conn, request.dataset_id, [item.id for item in items]))
-            new = [item for _, item in missing if item.id not in stored]  # a concurrent retry may have won
+            found = await dataset_store.items_by_id(conn, request.dataset_id, [item.id for item in items])
+            new = [
+                item for _, item in missing if item.id not in found and item.id not in stored
+            ]  # a retry may have won
             if new:
                 rows = [(item.id, item.SerializeToString()) for item in new]
                 await dataset_store.append_items(conn, tenant, request.dataset_id, rows, time.time())
+            return dict(found)
+
+        stored.update(await self._db.transact(append))
         return [item_pb2.Item.FromString(stored[item.id]) if item.id in stored else item for item in items]
 
     @property
@@ -278,8 +290,7 @@ class DatasetGenerations:
         """Requeue what a previous process left running (SQLite has one server), then start the loop."""
         self._stopping.clear()
         if self._db.is_sqlite:
-            async with self._db.write() as conn:
-                released = await dataset_store.release_generations(conn, RUNNING, PENDING)
+            released = await self._db.transact(lambda conn: dataset_store.release_generations(conn, RUNNING, PENDING))
             if released:
                 log.info("resuming %d dataset generations left running before the last shutdown", released)
         self._loop = asyncio.create_task(self._supervised(self._claim_loop), name="dataset-generations")
@@ -313,8 +324,10 @@ class DatasetGenerations:
             self._wake.clear()
             await self._claim()
             if time.monotonic() >= next_extension:
-                async with self._db.write() as conn:
-                    await dataset_store.extend_generations(conn, list(self._working), time.time() + LEASE_TTL_S)
+                working, expiry = list(self._working), time.time() + LEASE_TTL_S
+                await self._db.transact(
+                    functools.partial(dataset_store.extend_generations, claim_ids=working, expiry=expiry)
+                )
                 next_extension = time.monotonic() + LEASE_TTL_S / 4
             waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(self._stopping.wait())]
             await asyncio.wait(waits, timeout=self._poll_s, return_when=asyncio.FIRST_COMPLETED)
@@ -336,10 +349,16 @@ class DatasetGenerations:
                 continue
             claim_id = uuid.uuid4().hex
             now = time.time()
-            async with self._db.write() as conn:
-                row = await dataset_store.claim_generation(
-                    conn, candidate["dataset_id"], CLAIMABLE, claim_id, now, now + LEASE_TTL_S
+            row = await self._db.transact(
+                functools.partial(
+                    dataset_store.claim_generation,
+                    dataset_id=candidate["dataset_id"],
+                    states=CLAIMABLE,
+                    claim_id=claim_id,
+                    now=now,
+                    expiry=now + LEASE_TTL_S,
                 )
+            )
             if row is None:
                 continue  # another process took it
             task = asyncio.create_task(self._work(dict(row), claim_id), name=f"generate-{row['dataset_id']}")
@@ -399,7 +418,8 @@ class DatasetGenerations:
     async def _append(self, dataset_id: str, claim_id: str, inputs: list[str]) -> bool:
         """Append a batch and count it, while the claim holds; False when it no longer does."""
         now = time.time()
-        async with self._db.write() as conn:
+
+        async def append(conn: AsyncConnection) -> bool:
             generation = await dataset_store.held_generation(conn, dataset_id, claim_id)
             dataset = await dataset_store.get(conn, generation["tenant"], dataset_id, lock=True) if generation else None
             if generation is None or dataset is None:
@@ -424,13 +444,17 @@ class DatasetGenerations:
                 lease_expiry=now + LEASE_TTL_S,
                 update_time=now,
             )
-        return True
+            return True
+
+        return await self._db.transact(append)
 
     async def _finish(self, dataset_id: str, claim_id: str, state: State, error: str) -> bool:
-        async with self._db.write() as conn:
+        async def finish(conn: AsyncConnection) -> bool:
             if await dataset_store.held_generation(conn, dataset_id, claim_id) is None:
                 return False
             await dataset_store.update_generation(
                 conn, dataset_id, state=state, error=error, claim_id=None, lease_expiry=None, update_time=time.time()
             )
-        return True
+            return True
+
+        return await self._db.transact(finish)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import builtins
+import copy
 import time
 from collections.abc import Mapping
 from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
 from evalsvc.idempotency import create_once, fingerprint
@@ -140,14 +143,17 @@ class DatasetService:
         """Append items; their ids must be new to the dataset."""
         if not request.items:
             raise invalid_argument([FieldViolation("items", "at least one item is required")])
-        violations: list[FieldViolation] = []
-        async with self._db.write() as conn:
+
+        async def add(conn: AsyncConnection) -> tuple[list[str], Mapping[str, Any], Any]:
+            # On copies: the writer may run this twice, and ids are numbered from the count it reads.
+            items = copy.deepcopy(list(request.items))
+            violations: list[FieldViolation] = []
             row = await dataset_store.get(conn, tenant, request.dataset_id, lock=True)
             if row is None:
                 raise not_found("dataset", request.dataset_id)
-            assign_item_ids(request.items, start=row["item_count"])
-            check_items(request.items, "items", violations, MAX_ITEMS_PER_CALL)
-            ids = [item.id for item in request.items]
+            assign_item_ids(items, start=row["item_count"])
+            check_items(items, "items", violations, MAX_ITEMS_PER_CALL)
+            ids = [item.id for item in items]
             taken = await dataset_store.existing_item_ids(conn, request.dataset_id, ids)
             violations.extend(
                 FieldViolation(f"items[{i}].id", f"the dataset already has an item {item_id!r}")
@@ -160,11 +166,14 @@ class DatasetService:
                 conn,
                 tenant,
                 request.dataset_id,
-                [(item.id, item.SerializeToString()) for item in request.items],
+                [(item.id, item.SerializeToString()) for item in items],
                 time.time(),
             )
             generations = await dataset_store.generations_of(conn, [request.dataset_id])
-        return ids, dataset_from(updated, generations.get(request.dataset_id))
+            return ids, updated, generations.get(request.dataset_id)
+
+        ids, updated, generation = await self._db.transact(add)
+        return ids, dataset_from(updated, generation)
 
     async def list_items(
         self, tenant: str, request: pb.ListDatasetItemsRequest

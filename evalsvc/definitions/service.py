@@ -160,8 +160,7 @@ class DefinitionService:
         await self._check_destinations(named_endpoints(graders=[("grader", request.grader)]))
         now = time.time()
         definition = request.grader.SerializeToString()
-        async with self._db.write() as conn:
-            row = await store.add_version(conn, tenant, request.grader_id, definition, now)
+        row = await self._db.transact(lambda conn: store.add_version(conn, tenant, request.grader_id, definition, now))
         if row is None:
             raise not_found("grader", request.grader_id)
         return saved_grader_from(row, {"version": row["latest_version"], "definition": definition, "create_time": now})

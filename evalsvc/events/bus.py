@@ -15,14 +15,14 @@ from contextlib import contextmanager
 
 import grpc
 
-from evalsvc.errors import ServiceError
+from evalsvc.errors import Reason, ServiceError
 from evalsvc.v1 import eval_run_service_pb2 as pb
 
 
 def shutting_down() -> ServiceError:
     """What a watcher gets when the server stops: UNAVAILABLE, so clients resume elsewhere or later."""
     return ServiceError(
-        grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN", "the server is shutting down; resume with after_seq"
+        grpc.StatusCode.UNAVAILABLE, Reason.SERVER_SHUTTING_DOWN, "the server is shutting down; resume with after_seq"
     )
 
 

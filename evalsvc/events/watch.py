@@ -21,8 +21,9 @@ from itertools import pairwise
 
 import grpc
 
-from evalsvc.errors import ServiceError, not_found
+from evalsvc.errors import Reason, ServiceError, not_found
 from evalsvc.events.bus import EventBus
+from evalsvc.statuses import TERMINAL
 from evalsvc.store import events as event_log
 from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
@@ -81,7 +82,7 @@ def batched_message(chunk: Chunk) -> pb.WatchRunBatchedResponse:
 
 def is_terminal(event: pb.WatchRunResponse) -> bool:
     """True for the event that records a run's final status."""
-    return event.HasField("run") and event.run.status in run_store.TERMINAL_STATUSES
+    return event.HasField("run") and event.run.status in TERMINAL
 
 
 async def watch(
@@ -104,14 +105,18 @@ async def watch(
     with the terminal event. (Chunks, not single events: WatchRunBatched sends them as they are and
     WatchRun one by one, with no extra generator layer holding memory per idle stream.)
     `owner` is the API key id of the watcher: the watch ends when the bus closes that owner's watches."""
-    if not await _anything_after(db, tenant, run_id, after_seq):
-        return
     cursor = after_seq
     # Rows asked of the database per page: about what fits in page_bytes, from the events' size so far
     # (the database reads every row it is asked for, even those past the byte bound).
     rows = max(1, min(max_events, page_bytes // TYPICAL_EVENT_BYTES))
     with bus.subscribe(run_id, buffer, owner) as subscription:
-        from_database = True
+        # Subscribed first: every event committed after this check reaches the subscription, so the
+        # database is read only when the run already has events past after_seq (a watcher of a new
+        # run, or one resuming where it left off, reads nothing but the run's cached row).
+        last_seq = await _checked_last_seq(db, tenant, run_id, after_seq)
+        if last_seq is None:
+            return
+        from_database = after_seq < last_seq
         while True:
             if from_database:
                 subscription.raise_if_closed()
@@ -169,21 +174,22 @@ def _split(
         yield chunk
 
 
-async def _anything_after(db: Database, tenant: str, run_id: str, after_seq: int) -> bool:
-    """Check the watch request against the run; False when the run ended at `after_seq`. (Apart from the
-    generator, so its frame holds no run row for the life of an idle stream.)"""
-    async with db.read() as conn:
-        row = await run_store.get(conn, tenant, run_id)
+async def _checked_last_seq(db: Database, tenant: str, run_id: str, after_seq: int) -> int | None:
+    """Check the watch request against the run; its last_seq, or None when the run ended at `after_seq`.
+    (Apart from the generator, so its frame holds no run row for the life of an idle stream.)"""
+    row = await run_store.get_current_row(db, tenant, run_id)
     if row is None:
         raise not_found("run", run_id)
     if after_seq < 0 or after_seq > row.last_seq:
         raise ServiceError(
             grpc.StatusCode.OUT_OF_RANGE,
-            "SEQ_OUT_OF_RANGE",
+            Reason.SEQ_OUT_OF_RANGE,
             f"after_seq {after_seq} is outside 0..{row.last_seq} (the run's last_seq)",
             metadata={"last_seq": str(row.last_seq)},
         )
-    return not (row.status in run_store.TERMINAL_STATUSES and after_seq == row.last_seq)
+    if row.status in TERMINAL and after_seq == row.last_seq:
+        return None
+    return int(row.last_seq)
 
 
 def _through_terminal(events: list[pb.WatchRunResponse]) -> list[pb.WatchRunResponse]:

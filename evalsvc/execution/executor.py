@@ -168,8 +168,7 @@ class Executor:
         self._stopping = False
         self._stop_requested.clear()
         if self._db.is_sqlite:
-            async with self._db.write() as conn:
-                released = await job_store.release_all(conn)
+            released = await self._db.transact(job_store.release_all)
             if released:
                 log.info("requeued %d jobs leased before the last shutdown", released)
         for progress in self._progress.values():
@@ -255,8 +254,7 @@ class Executor:
         await asyncio.gather(*self._loops)
         self._loops = []
         try:
-            async with self._db.write() as conn:
-                await job_store.release(conn, list(self._open_claims))
+            await self._db.transact(functools.partial(job_store.release, claim_ids=list(self._open_claims)))
         except Exception as exc:
             if (cause := unavailable_cause(exc)) is None:
                 raise
@@ -420,6 +418,8 @@ class Executor:
         if job.run_id in self._cancelled:  # claimed just before its run was cancelled
             return False
         item = plan.items[job.item_idx]
+        # The one budget check: before every outbound call attempt of this job (target, warmups, judges,
+        # retries), where the money is spent; calls that cost nothing are never stopped.
         call_guard.set(lambda: self._check_budget(job, plan))
         use = CacheUse()
         try:
@@ -479,9 +479,7 @@ class Executor:
                 )
         if job.repetition == 1:
             for _ in range(plan.warmup_runs):
-                self._check_budget(job, plan)
                 self._spend(plan, (await plan.target.respond(item)).cost_usd)
-        self._check_budget(job, plan)
         started = time.perf_counter()
         try:
             output = await plan.target.respond(item)
@@ -521,7 +519,6 @@ class Executor:
                     f"{cache.MISS_REASON}: no cached verdict of judge {judge.name!r} for item {item.id!r} "
                     "(the run replays the cache and makes no call)",
                 )
-        self._check_budget(job, plan)
         grade = await judge.grade_async(item, output)
         self._spend(plan, grade.cost_usd)
         if key is not None and plan.cache_mode in cache.WRITES and grade.state != run_pb2.RESULT_STATE_ERROR:

@@ -26,7 +26,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from grpc_status import rpc_status
 
-from evalsvc.errors import FieldViolation, ServiceError, to_status
+from evalsvc.errors import FieldViolation, Reason, ServiceError, to_status
 from evalsvc.gateway import dialects, openapi, ui
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.routes import Route, routes
@@ -102,7 +102,9 @@ def _metadata(request: Request) -> tuple[tuple[str, str], ...]:
     """The caller's API key headers as gRPC metadata, which admits printable ASCII only (HTTP admits more)."""
     found = tuple((name, request.headers[name]) for name in FORWARDED_HEADERS if name in request.headers)
     if any(not value.isascii() or not value.isprintable() for _, value in found):
-        raise GatewayError(grpc.StatusCode.UNAUTHENTICATED, "the API key is malformed or mistyped", "API_KEY_INVALID")
+        raise GatewayError(
+            grpc.StatusCode.UNAUTHENTICATED, "the API key is malformed or mistyped", Reason.API_KEY_INVALID
+        )
     return found
 
 
@@ -177,7 +179,7 @@ async def build_request(request: Request, route: Route) -> Message:
         raise GatewayError(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"cannot read a {route.method.input_type.full_name} from the request: {exc}",
-            "INVALID_ARGUMENT",
+            Reason.INVALID_ARGUMENT,
         ) from None
     for name, value in request.path_params.items():
         setattr(message, name, value)

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from evalsvc.errors import ServiceError, to_status
+from evalsvc.errors import Reason, ServiceError, to_status
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -52,7 +52,7 @@ class RequestLimits:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         if problem := _header_problem(headers):
             if await _drained(receive):
-                await _refuse(send, 431, grpc.StatusCode.INVALID_ARGUMENT, "HEADERS_TOO_LARGE", problem)
+                await _refuse(send, 431, grpc.StatusCode.INVALID_ARGUMENT, Reason.HEADERS_TOO_LARGE, problem)
             return
         chunks: list[bytes] = []
         size = 0
@@ -85,7 +85,7 @@ class RequestLimits:
             send,
             413,
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "BODY_TOO_LARGE",
+            Reason.BODY_TOO_LARGE,
             f"the request body is larger than {self._max_body_bytes} bytes",
         )
 
@@ -109,7 +109,7 @@ def _header_problem(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-async def _refuse(send: Send, http_status: int, code: grpc.StatusCode, reason: str, message: str) -> None:
+async def _refuse(send: Send, http_status: int, code: grpc.StatusCode, reason: Reason, message: str) -> None:
     """Answer with the error's google.rpc.Status as JSON (no RetryInfo: waiting does not help)."""
     status = to_status(ServiceError(code, reason, message))
     body = json.dumps(json_format.MessageToDict(status, always_print_fields_with_no_presence=True)).encode()

@@ -22,6 +22,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from starlette.responses import Response
 
+from evalsvc.errors import Reason
+from evalsvc.statuses import TERMINAL as TERMINAL  # re-exported: the dialects import it from here
 from evalsvc.v1 import (
     dataset_generation_pb2_grpc,
     dataset_service_pb2_grpc,
@@ -40,7 +42,6 @@ R = TypeVar("R", bound=Response)
 # Makes the gateway's channels, given each one's index in the pool: `grpc.aio.Channel`s to the service,
 # or (inside `evalsvc serve`) an `evalsvc.api.local.LocalChannel`, which has the same call surface.
 ChannelFactory: TypeAlias = Callable[[int], Any]
-TERMINAL = frozenset({run_pb2.RUN_STATUS_SUCCEEDED, run_pb2.RUN_STATUS_FAILED, run_pb2.RUN_STATUS_CANCELLED})
 DEFAULT_TIMEOUT_S = 60.0
 
 # gRPC status -> HTTP status, as grpc-gateway maps them.
@@ -110,10 +111,14 @@ class GatewayError(Exception):
     @classmethod
     def invalid(cls, message: str, *violations: tuple[str, str], http_status: int = 0) -> GatewayError:
         """Bad input caught by a dialect before any call (e.g. a vendor's documented limit)."""
-        return cls(grpc.StatusCode.INVALID_ARGUMENT, message, "INVALID_ARGUMENT", list(violations), None, http_status)
+        return cls(
+            grpc.StatusCode.INVALID_ARGUMENT, message, Reason.INVALID_ARGUMENT, list(violations), None, http_status
+        )
 
     @classmethod
     def not_found(cls, message: str) -> GatewayError:
+        # Not a Reason: a dialect's own not-found (an object the vendor has and evalsvc does not),
+        # rendered in the vendor's shape and never sent in an ErrorInfo.
         return cls(grpc.StatusCode.NOT_FOUND, message, "NOT_FOUND")
 
 
@@ -130,7 +135,7 @@ class Caller:
         if not self.api_key:
             return ()
         if not (self.api_key.isascii() and self.api_key.isprintable()):
-            raise GatewayError(grpc.StatusCode.UNAUTHENTICATED, "the API key is malformed", "API_KEY_INVALID")
+            raise GatewayError(grpc.StatusCode.UNAUTHENTICATED, "the API key is malformed", Reason.API_KEY_INVALID)
         return (("authorization", f"Bearer {self.api_key}"),)
 
 

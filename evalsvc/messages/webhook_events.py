@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from evalsvc.statuses import TERMINAL
 from evalsvc.v1 import run_pb2
 
 # In the order of a run's life; a type's bit is 1 << its index here, so never reorder or remove one.
 EVENT_TYPES = ("run.created", "run.started", "run.succeeded", "run.failed", "run.cancelled")
-TERMINAL_EVENT_TYPES = ("run.succeeded", "run.failed", "run.cancelled")
 
 _TYPE_OF_STATUS: dict[int, str] = {
     run_pb2.RUN_STATUS_PENDING: "run.created",
@@ -18,6 +18,8 @@ _TYPE_OF_STATUS: dict[int, str] = {
     run_pb2.RUN_STATUS_FAILED: "run.failed",
     run_pb2.RUN_STATUS_CANCELLED: "run.cancelled",
 }
+# What a webhook created without event types subscribes to: the events of a run's end.
+TERMINAL_EVENT_TYPES = tuple(_TYPE_OF_STATUS[status] for status in TERMINAL)
 
 
 def bit(event_type: str) -> int:

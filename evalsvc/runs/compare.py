@@ -17,6 +17,7 @@ from evalsvc.graders import grader_name
 from evalsvc.ids import PageTokens, page_size
 from evalsvc.messages.convert import result_from
 from evalsvc.runs.compare_stats import PairTally, summarize
+from evalsvc.statuses import ACTIVE
 from evalsvc.store import comparisons as comparison_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.comparisons import Evaluation
@@ -163,7 +164,7 @@ class CompareService:
             baseline_run_id=baseline.id,
             candidate_run_id=candidate.id,
             alpha=alpha,
-            partial=baseline.status in run_store.ACTIVE_STATUSES or candidate.status in run_store.ACTIVE_STATUSES,
+            partial=baseline.status in ACTIVE or candidate.status in ACTIVE,
             graders=per_grader,
             overall=overall,
         )

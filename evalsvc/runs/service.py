@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.definitions.service import DefinitionService
-from evalsvc.errors import MAX_ECHOED_ID, FieldViolation, ServiceError, invalid_argument, not_found
+from evalsvc.errors import MAX_ECHOED_ID, FieldViolation, Reason, ServiceError, invalid_argument, not_found
 from evalsvc.events.bus import EventBus
 from evalsvc.graders import grader_name
 from evalsvc.graders.judge import JudgeDefaults, needs_default_judge
@@ -38,6 +38,7 @@ from evalsvc.messages.validation import (
 from evalsvc.runs.validation import validate_create_run
 from evalsvc.secrets.refs import run_secret_refs
 from evalsvc.secrets.service import SecretService
+from evalsvc.statuses import ACTIVE
 from evalsvc.store import datasets as dataset_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
@@ -188,7 +189,8 @@ class RunService:
         assign_item_ids(request.items)
         fingerprint = request_fingerprint(request)
         violations = validate_create_run(request)
-        if request.target.WhichOneof("kind") not in (None, "saved_target_id"):
+        saved_target = request.target.WhichOneof("kind") == "saved_target_id"
+        if request.target.WhichOneof("kind") not in (None, "saved_target_id"):  # a saved one: once resolved
             violations += validate_target(request.target, "target")
         if violations:
             raise invalid_argument(violations)
@@ -200,9 +202,10 @@ class RunService:
             if existing is not None:
                 return replay(existing, fingerprint)
         await self._definitions.resolve(tenant, request.target, request.graders)
-        await self._check_resolved(tenant, request)
+        await self._check_resolved(tenant, request, check_target=saved_target)
         items = await self._resolve_items(tenant, request)
-        self._limits.check_run_size(len(items), len(request.graders))
+        if request.dataset_id:  # inline items were counted above
+            self._limits.check_run_size(len(items), len(request.graders))
         repetitions = request.repetitions or 1
         spec = run_pb2.Run(
             target=request.target,
@@ -258,11 +261,13 @@ class RunService:
             self._on_created()
         return created
 
-    async def _check_resolved(self, tenant: str, request: pb.CreateRunRequest) -> None:
-        """What only the resolved definitions show: valid graders, secrets the tenant may use, a judge to
-        ask, allowed destinations."""
+    async def _check_resolved(self, tenant: str, request: pb.CreateRunRequest, *, check_target: bool) -> None:
+        """What only the resolved definitions show: valid graders, the target when it was a saved one
+        (`check_target`; an inline target was checked with the request), secrets the tenant may use, a
+        judge to ask, allowed destinations."""
         violations = [v for i, g in enumerate(request.graders) for v in validate_grader(g, f"graders[{i}]")]
-        violations += validate_target(request.target, "target")
+        if check_target:
+            violations += validate_target(request.target, "target")
         violations += await self._secrets.refused(tenant, run_secret_refs(request.target, request.graders))
         names = [grader_name(g) for g in request.graders]
         if len(set(names)) != len(names):
@@ -273,7 +278,7 @@ class RunService:
         if any(needs_default_judge(j) for j in judges) and not self._judge.configured:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                "JUDGE_NOT_CONFIGURED",
+                Reason.JUDGE_NOT_CONFIGURED,
                 "an llm_judge grader needs a judge model: give its model and endpoint, or start the server "
                 "with --judge-base-url and --judge-model",
             )
@@ -346,7 +351,8 @@ class RunService:
 
     async def cancel(self, tenant: str, run_id: str) -> run_pb2.Run:
         """Cancel a run: no job starts after this returns. Idempotent on a cancelled run."""
-        async with self._db.write() as conn:
+
+        async def cancel(conn: AsyncConnection) -> tuple[pb.WatchRunResponse | None, RunRecord | None]:
             # Jobs before the run: the store's lock order (a no-op for runs that are not active).
             await run_store.cancel_jobs(conn, tenant, run_id)
             event = await run_store.set_status(
@@ -354,11 +360,12 @@ class RunService:
                 tenant,
                 run_id,
                 run_pb2.RUN_STATUS_CANCELLED,
-                from_statuses=run_store.ACTIVE_STATUSES,
+                from_statuses=ACTIVE,
                 end_time=time.time(),
             )
-            if event is None:
-                row = await run_store.get(conn, tenant, run_id)
+            return event, (await run_store.get(conn, tenant, run_id) if event is None else None)
+
+        event, row = await self._db.transact(cancel)
         if event is not None:
             self._on_cancelled(run_id)
             self._bus.publish(run_id, [event])
@@ -369,7 +376,7 @@ class RunService:
             return run_from(row)
         raise ServiceError(
             grpc.StatusCode.FAILED_PRECONDITION,
-            "RUN_ALREADY_FINISHED",
+            Reason.RUN_ALREADY_FINISHED,
             f"run {run_id!r} already finished as {run_pb2.RunStatus.Name(row.status)}",
             metadata={"run_id": run_id},
         )
@@ -391,7 +398,9 @@ class RunService:
         if violations:
             raise invalid_argument(violations)
         values = {path: _column_value(getattr(request.run, path)) for path in whole}
-        async with self._db.write() as conn:
+
+        async def update(conn: AsyncConnection) -> RunRecord | None:
+            changed, refused = dict(values), list[FieldViolation]()  # local: the writer may run this twice
             if keyed or expected is not None:
                 current = await run_store.get(conn, tenant, request.run_id, lock=True)
                 if current is None:
@@ -399,17 +408,19 @@ class RunService:
                 _check_etag(current, expected)
                 for field, keys in keyed.items():
                     given = getattr(request.run, field)
-                    merged = dict(values.get(field, getattr(current, field)))
+                    merged = dict(changed.get(field, getattr(current, field)))
                     for key in keys:
                         if key in given:
                             merged[key] = given[key]
                         else:
                             merged.pop(key, None)
-                    (check_labels if field == "labels" else check_annotations)(merged, f"run.{field}", violations)
-                    values[field] = merged
-                if violations:
-                    raise invalid_argument(violations)
-            row = await run_store.update_fields(conn, tenant, request.run_id, values)
+                    (check_labels if field == "labels" else check_annotations)(merged, f"run.{field}", refused)
+                    changed[field] = merged
+                if refused:
+                    raise invalid_argument(refused)
+            return await run_store.update_fields(conn, tenant, request.run_id, changed)
+
+        row = await self._db.transact(update)
         if row is None:
             raise not_found("run", request.run_id)
         return run_from(row)
@@ -422,7 +433,8 @@ class RunService:
         if violations:
             raise invalid_argument(violations)
         now = time.time()
-        async with self._db.write() as conn:
+
+        async def delete(conn: AsyncConnection) -> tuple[pb.WatchRunResponse | None, RunRecord | None]:
             # Jobs before the run: the store's lock order (a no-op for runs that are not active).
             await run_store.cancel_jobs(conn, tenant, run_id)
             cancelled = await run_store.set_status(
@@ -430,7 +442,7 @@ class RunService:
                 tenant,
                 run_id,
                 run_pb2.RUN_STATUS_CANCELLED,
-                from_statuses=run_store.ACTIVE_STATUSES,
+                from_statuses=ACTIVE,
                 version=expected,
                 end_time=now,
             )
@@ -441,6 +453,9 @@ class RunService:
                 _check_etag(row, expected)
             if row.delete_time is None:
                 row = await run_store.update_fields(conn, tenant, run_id, {"delete_time": now})
+            return cancelled, row
+
+        cancelled, row = await self._db.transact(delete)
         if cancelled is not None:
             self._on_cancelled(run_id)
             self._bus.publish(run_id, [cancelled])
@@ -449,8 +464,7 @@ class RunService:
 
     async def undelete(self, tenant: str, run_id: str) -> run_pb2.Run:
         """Restore a soft-deleted run. Idempotent."""
-        async with self._db.write() as conn:
-            row = await run_store.update_fields(conn, tenant, run_id, {"delete_time": None})
+        row = await self._db.transact(lambda conn: run_store.update_fields(conn, tenant, run_id, {"delete_time": None}))
         if row is None:
             raise not_found("run", run_id)
         return run_from(row)
@@ -521,7 +535,7 @@ def _check_etag(row: RunRecord, expected: int | None) -> None:
     if expected is not None and row.version != expected:
         raise ServiceError(
             grpc.StatusCode.ABORTED,
-            "ETAG_MISMATCH",
+            Reason.ETAG_MISMATCH,
             f"run {row.id!r} changed since etag {etag(expected)!r} was read; read it again and retry",
             metadata={"run_id": row.id, "etag": etag(row.version)},
         )

@@ -17,8 +17,9 @@ import time
 from collections.abc import Iterable, Sequence
 
 import grpc
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from evalsvc.errors import FieldViolation, ServiceError, invalid_argument, not_found
+from evalsvc.errors import FieldViolation, Reason, ServiceError, invalid_argument, not_found
 from evalsvc.ids import PageTokens, page_size
 from evalsvc.limits import quota_exceeded
 from evalsvc.secrets.operator import OperatorSecrets
@@ -46,7 +47,7 @@ def key_not_configured() -> ServiceError:
     """CreateSecret on a server without a secrets key."""
     return ServiceError(
         grpc.StatusCode.FAILED_PRECONDITION,
-        "SECRETS_KEY_NOT_CONFIGURED",
+        Reason.SECRETS_KEY_NOT_CONFIGURED,
         f"this server cannot store secrets: its operator has not set {KEY_VARIABLE}",
     )
 
@@ -133,13 +134,16 @@ class SecretService:
             "sealed": self._sealer.seal(tenant, canonical, value),
             "create_time": now,
         }
-        async with self._db.write() as conn:
+
+        async def put(conn: AsyncConnection) -> None:
             if (
                 not await store.exists(conn, tenant, canonical)
                 and await store.count(conn, tenant) >= MAX_SECRETS_PER_TENANT
             ):
                 raise quota_exceeded("secrets", f"a tenant holds at most {MAX_SECRETS_PER_TENANT} secrets")
             await store.put(conn, row)
+
+        await self._db.transact(put)
         return canonical, now
 
     async def list(self, tenant: str, requested_size: int, token: str) -> tuple[list[tuple[str, float]], str]:
@@ -154,8 +158,9 @@ class SecretService:
 
     async def delete(self, tenant: str, name: str) -> None:
         """Delete the tenant's secret; NOT_FOUND when it has none of that name."""
-        if NAME.fullmatch(name):
-            async with self._db.write() as conn:
-                if await store.remove(conn, tenant, name.upper()):
-                    return
+        removed = NAME.fullmatch(name) is not None and await self._db.transact(
+            lambda conn: store.remove(conn, tenant, name.upper())
+        )
+        if removed:
+            return
         raise not_found("secret", name)

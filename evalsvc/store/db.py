@@ -51,7 +51,9 @@ class Database:
         # This process writes every change of a SQLite database (it has one server), so it can keep
         # run rows current in memory; other servers change a PostgreSQL database behind its back.
         self.run_rows: RunRowCache | None = RunRowCache() if self.is_sqlite else None
-        self.group_writer = GroupWriter(self.write, is_unavailable=lambda exc: unavailable_cause(exc) is not None)
+        self.group_writer = GroupWriter(
+            self.write, is_unavailable=lambda exc: unavailable_cause(exc) is not None, is_conflict=is_conflict
+        )
 
     async def transact(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Apply `work` in the writer's next group transaction (evalsvc.store.writer); its result once
@@ -146,6 +148,18 @@ def unavailable_cause(exc: BaseException) -> str | None:
             return "no database connection became free in time"
         cause = getattr(cause, "orig", None) or cause.__cause__
     return None
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """Whether `exc` is PostgreSQL's deadlock_detected (40P01) or serialization_failure (40001): this
+    transaction lost a race with another one and would succeed if applied again."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        state = getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
+        if isinstance(state, str) and state in ("40P01", "40001"):
+            return True
+        cause = getattr(cause, "orig", None) or cause.__cause__
+    return False
 
 
 def sqlite_path(url: str) -> Path | None:

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import ColumnElement, RowMapping, and_, case, exists, func, insert, select, tuple_, update
+from sqlalchemy import cast as sa_cast
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc import statuses
 from evalsvc.messages.convert import timestamp
 from evalsvc.store import events
 from evalsvc.store import jobs as job_store
@@ -42,9 +44,6 @@ ITEMS = RunItemRow.__table__  # type: ignore[attr-defined]
 JOBS = JobRow.__table__  # type: ignore[attr-defined]
 RESULTS = ResultRow.__table__  # type: ignore[attr-defined]
 OUTPUTS = OutputRow.__table__  # type: ignore[attr-defined]
-
-ACTIVE_STATUSES = (run_pb2.RUN_STATUS_PENDING, run_pb2.RUN_STATUS_RUNNING)
-TERMINAL_STATUSES = (run_pb2.RUN_STATUS_SUCCEEDED, run_pb2.RUN_STATUS_FAILED, run_pb2.RUN_STATUS_CANCELLED)
 
 
 def _first(row: RowMapping | None) -> RunRecord | None:
@@ -77,7 +76,7 @@ async def count_active_by_tenant(conn: AsyncConnection, tenants: Sequence[str]) 
     """PENDING or RUNNING runs of each of these tenants: one statement."""
     rows = await conn.execute(
         select(RUNS.c.tenant, func.count())
-        .where(RUNS.c.tenant.in_(sorted(set(tenants))), RUNS.c.status.in_(list(ACTIVE_STATUSES)))
+        .where(RUNS.c.tenant.in_(sorted(set(tenants))), RUNS.c.status.in_(list(statuses.ACTIVE)))
         .group_by(RUNS.c.tenant)
     )
     found = {tenant: int(n) for tenant, n in rows}
@@ -145,13 +144,7 @@ async def insert_runs(conn: AsyncConnection, runs: Sequence[NewRun]) -> list[pb.
             for i in range(len(new.items))
         ],
     )
-    first_events = []
-    for run in stored:
-        remember(conn, run)
-        first_events.append((run.tenant, run_event(run)))
-    await events.append_many(conn, [(tenant, event.run.id, [event]) for tenant, event in first_events])
-    await webhook_store.enqueue_many(conn, first_events)
-    return [event for _, event in first_events]
+    return await _record_changes(conn, stored)
 
 
 def run_event(run: RunRecord) -> pb.WatchRunResponse:
@@ -173,10 +166,9 @@ async def get(conn: AsyncConnection, tenant: str, run_id: str, *, lock: bool = F
     return _first(found.mappings().first())
 
 
-async def get_current_run(db: Database, tenant: str, run_id: str) -> run_pb2.Run | None:
-    """A tenant's run as a message, for a caller that needs no transaction. Where the database has a
-    run cache (see evalsvc.store.run_cache) the row comes from it and the message is built once per
-    change and shared: copy it before changing it. Otherwise the row is read (and cached)."""
+async def get_current_row(db: Database, tenant: str, run_id: str) -> RunRecord | None:
+    """A tenant's run row as last committed, for a caller that needs no transaction: from the run cache
+    where the database has one (see evalsvc.store.run_cache), else read (and cached)."""
     cache = db.run_rows
     row = cache.get(run_id) if cache is not None else None
     if row is None:
@@ -187,9 +179,16 @@ async def get_current_run(db: Database, tenant: str, run_id: str) -> run_pb2.Run
             return None
         if cache is not None:
             cache.fill(row, started)
-    if row.tenant != tenant:
+    return row if row.tenant == tenant else None
+
+
+async def get_current_run(db: Database, tenant: str, run_id: str) -> run_pb2.Run | None:
+    """A tenant's run as a message (see `get_current_row`). Where the database has a run cache the
+    message is built once per change and shared: copy it before changing it."""
+    row = await get_current_row(db, tenant, run_id)
+    if row is None:
         return None
-    return cache.derived(row, run_from) if cache is not None else run_from(row)
+    return db.run_rows.derived(row, run_from) if db.run_rows is not None else run_from(row)
 
 
 async def list_page(
@@ -276,13 +275,14 @@ async def finish_runs(conn: AsyncConnection, endings: Sequence[Ending]) -> list[
         return []
 
     def per_run(column: str) -> Any:
-        return case({e.run_id: getattr(e, column) for e in endings}, value=RUNS.c.id)
+        # Typed: PostgreSQL takes a CASE whose values are all NULL (no run has a verdict) for text.
+        return sa_cast(case({e.run_id: getattr(e, column) for e in endings}, value=RUNS.c.id), RUNS.c[column].type)
 
     columns = ("status", "overall_passed", "error_code", "error_message", "aggregate", "end_time")
     return await _change_status(
         conn,
         runs_in_lock_order(conn, [e.run_id for e in endings]),
-        ACTIVE_STATUSES,
+        statuses.ACTIVE,
         {column: per_run(column) for column in columns},
     )
 
@@ -317,6 +317,12 @@ async def _change_status(
         .returning(*RUNS.c)
     )
     runs = sorted((RunRecord.from_row(row) for row in changed.mappings()), key=lambda run: run.id)
+    return await _record_changes(conn, runs)
+
+
+async def _record_changes(conn: AsyncConnection, runs: Sequence[RunRecord]) -> list[pb.WatchRunResponse]:
+    """What follows every change of runs in its transaction: the records noted for the run cache, one
+    event per run (its state at seq = last_seq) and the webhook deliveries that report them."""
     tenant_events = []
     for run in runs:
         remember(conn, run)
@@ -447,7 +453,7 @@ async def claimable_runs(conn: AsyncConnection, now: float) -> list[tuple[str, s
     (`ix_runs_active`) with one index probe of its jobs each (`ix_jobs_run`), never of all jobs."""
     has_claimable = select(JOBS.c.id).where(JOBS.c.run_id == RUNS.c.id, job_store.claimable(now)).exists()
     rows = await conn.execute(
-        select(RUNS.c.tenant, RUNS.c.id).where(RUNS.c.status.in_(list(ACTIVE_STATUSES)), has_claimable)
+        select(RUNS.c.tenant, RUNS.c.id).where(RUNS.c.status.in_(list(statuses.ACTIVE)), has_claimable)
     )
     return [(tenant, run_id) for tenant, run_id in rows]
 
@@ -592,6 +598,6 @@ async def get_any_tenant(conn: AsyncConnection, run_id: str) -> RunRecord | None
 async def count_active(conn: AsyncConnection, tenant: str) -> int:
     """A tenant's PENDING or RUNNING runs."""
     found = await conn.execute(
-        select(func.count()).select_from(RUNS).where(RUNS.c.tenant == tenant, RUNS.c.status.in_(list(ACTIVE_STATUSES)))
+        select(func.count()).select_from(RUNS).where(RUNS.c.tenant == tenant, RUNS.c.status.in_(list(statuses.ACTIVE)))
     )
     return int(found.scalar_one())

@@ -45,6 +45,8 @@ R = TypeVar("R")
 # Most intents one transaction takes. A group is also cut short when its intents have written this
 # many rows' worth of work (see `weight`), so a large recording does not delay small writes long.
 MAX_GROUP_INTENTS = 1024
+# Times one intent is applied again after a conflict with another server's transaction.
+MAX_CONFLICT_RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,11 @@ class GroupWriter:
         transaction: Callable[[], contextlib.AbstractAsyncContextManager[AsyncConnection]],
         *,
         is_unavailable: Callable[[BaseException], bool],
+        is_conflict: Callable[[BaseException], bool] = lambda exc: False,
     ) -> None:
         self._transaction = transaction
         self._is_unavailable = is_unavailable
+        self._is_conflict = is_conflict
         self._queue: list[_Intent] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -145,16 +149,29 @@ class GroupWriter:
                     task.uncancel()
                 log.error("the database writer was cancelled; it goes on (it ends only when the database closes)")
 
-    async def _commit(self, group: list[_Intent]) -> None:
-        """Apply and commit a group; on failure, each intent alone (see the module docstring)."""
+    async def _commit(self, group: list[_Intent], conflicts: int = 0) -> None:
+        """Apply and commit a group; on failure, each intent alone (see the module docstring). A
+        conflict with another server's transaction (PostgreSQL's deadlock or serialization failure)
+        is nobody's fault: the intent is applied again, a few times, before its caller hears of it."""
         self.groups += 1
         self.intents += len(group)
         try:
             answers = await self._apply(group)
-        except Exception as exc:
-            if len(group) == 1 or self._is_unavailable(exc):
+        except BaseException as exc:
+            if not isinstance(exc, Exception) and not _stray_cancellation(exc):
+                for intent in group:  # the writer itself is cancelled: its callers must not wait forever
+                    _resolve(intent, exc)
+                raise
+            if self._is_unavailable(exc):
                 for intent in group:
                     _resolve(intent, exc)
+                return
+            if len(group) == 1:
+                if self._is_conflict(exc) and conflicts < MAX_CONFLICT_RETRIES:
+                    await asyncio.sleep(0.005 * 2**conflicts)
+                    await self._commit(group, conflicts + 1)
+                else:
+                    _resolve(group[0], exc)
                 return
             log.debug("a group of %d writes failed (%s); applying each alone", len(group), type(exc).__name__)
             for intent in group:
@@ -185,6 +202,13 @@ class GroupWriter:
                 for j, result in zip(members, results, strict=True):
                     answers[j] = result
         return answers
+
+
+def _stray_cancellation(exc: BaseException) -> bool:
+    """A CancelledError that an intent raised (one meant for something it awaited), not a cancellation
+    of the writer: a failure of that intent like any other."""
+    task = asyncio.current_task()
+    return isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling() == 0
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.config import Settings
 from evalsvc.http.outbound import AllowList, OutboundError, check_destination, retry_after_s
@@ -94,8 +95,7 @@ class WebhookSender:
     async def start(self) -> None:
         """Release leases a crashed predecessor left (SQLite has one server) and start the loop."""
         if self._db.is_sqlite:
-            async with self._db.write() as conn:
-                released = await store.release_all(conn)
+            released = await self._db.transact(store.release_all)
             if released:
                 log.info("resuming %d webhook deliveries leased before the last shutdown", released)
         self._stopping = False
@@ -120,8 +120,8 @@ class WebhookSender:
             attempt.cancel()
         await asyncio.gather(*(task for task, _ in in_flight), return_exceptions=True)
         if in_flight:  # the ones whose outcome was recorded are no longer leased: releasing them is a no-op
-            async with self._db.write() as conn:
-                await store.release(conn, [delivery_id for _, (_, delivery_id) in in_flight])
+            abandoned = [delivery_id for _, (_, delivery_id) in in_flight]
+            await self._db.transact(lambda conn: store.release(conn, abandoned))
         await self._client.aclose()
 
     async def _send_loop(self) -> None:
@@ -144,19 +144,24 @@ class WebhookSender:
         async with self._db.read() as conn:  # most polls find nothing: keep them off the one SQLite writer
             if not await store.any_due(conn, now):
                 return 0
-        async with self._db.write() as conn:
+
+        async def claim(conn: AsyncConnection) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
             rows = await store.claim_due(
                 conn, claim_id=claim_id, now=now, lease_s=self._lease_s, limit=room, busy_tenants=busy
             )
+            shares = per_tenant.copy()  # a copy: the writer may run this twice
             over_share: list[str] = []
             kept: list[Mapping[str, Any]] = []
             for row in rows:
-                if per_tenant[row["tenant"]] >= self._per_tenant:
+                if shares[row["tenant"]] >= self._per_tenant:
                     over_share.append(row["id"])
                 else:
-                    per_tenant[row["tenant"]] += 1
+                    shares[row["tenant"]] += 1
                     kept.append(row)
             await store.release(conn, over_share)
+            return rows, kept
+
+        rows, kept = await self._db.transact(claim)
         for row in kept:
             task = asyncio.create_task(self._send(row), name=f"webhook-{row['id']}")
             self._in_flight[task] = (row["tenant"], row["id"])
@@ -174,8 +179,7 @@ class WebhookSender:
         if now - self._last_prune < PRUNE_EVERY_S:
             return
         self._last_prune = now
-        async with self._db.write() as conn:
-            pruned = await store.prune(conn, now - RETENTION_S)
+        pruned = await self._db.transact(lambda conn: store.prune(conn, now - RETENTION_S))
         if pruned:
             log.info("deleted %d webhook deliveries older than %d days", pruned, RETENTION_S // 86400)
 
@@ -217,7 +221,8 @@ class WebhookSender:
             delay = retry_delay(attempts, self._retry_base_s, retry_after, self._rng)
             values.update(last_error=error, next_attempt_time=now + delay)
             outcome = "retrying"
-        async with self._db.write() as conn:
+
+        async def record(conn: AsyncConnection) -> bool:
             recorded = await store.record_attempt(conn, delivery["id"], delivery["claim_id"], values)
             if recorded and gone:
                 reason = f"{urlsplit(delivery['url']).netloc} answered 410 Gone to delivery {delivery['id']}"
@@ -227,6 +232,9 @@ class WebhookSender:
                     delivery["webhook_id"],
                     {"enabled": False, "disabled_reason": reason, "update_time": now},
                 )
+            return recorded
+
+        recorded = await self._db.transact(record)
         self._metrics.webhook_attempts.labels(outcome).inc()
         if not recorded:
             log.info("webhook delivery %s changed while it was being sent; its attempt is not recorded", delivery["id"])

@@ -12,6 +12,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
 from evalsvc.http.outbound import AllowList, OutboundError, check_destination, check_url_shape
 from evalsvc.idempotency import create_once, fingerprint
@@ -196,16 +198,14 @@ class WebhookService:
             values["disabled_reason"] = ""
         if violations:
             raise invalid_argument(violations)
-        async with self._db.write() as conn:
-            row = await store.update_webhook(conn, tenant, request.webhook_id, values)
+        row = await self._db.transact(lambda conn: store.update_webhook(conn, tenant, request.webhook_id, values))
         if row is None:
             raise not_found("webhook", request.webhook_id)
         return webhook_from(row)
 
     async def delete(self, tenant: str, webhook_id: str) -> None:
         """Delete a webhook and its deliveries."""
-        async with self._db.write() as conn:
-            deleted = await store.delete_webhook(conn, tenant, webhook_id)
+        deleted = await self._db.transact(lambda conn: store.delete_webhook(conn, tenant, webhook_id))
         if not deleted:
             raise not_found("webhook", webhook_id)
 
@@ -214,12 +214,13 @@ class WebhookService:
         receivers that have not switched yet still verify, unless revoke_previous."""
         secret = signing.new_secret()
         now = time.time()
-        async with self._db.write() as conn:
+        keep = not request.revoke_previous
+
+        async def rotate(conn: AsyncConnection) -> Mapping[str, Any] | None:
             current = await store.get_webhook(conn, tenant, request.webhook_id)
             if current is None:
                 raise not_found("webhook", request.webhook_id)
-            keep = not request.revoke_previous
-            row = await store.update_webhook(
+            return await store.update_webhook(
                 conn,
                 tenant,
                 request.webhook_id,
@@ -230,6 +231,8 @@ class WebhookService:
                     "update_time": now,
                 },
             )
+
+        row = await self._db.transact(rotate)
         if row is None:  # deleted between the two statements (PostgreSQL, another replica)
             raise not_found("webhook", request.webhook_id)
         return webhook_from(row, signing_secret=signing.secret_text(secret))

@@ -108,3 +108,38 @@ async def test_close_commits_what_is_queued_then_refuses_new_writes(db: Database
     assert await asyncio.gather(*pending) == [f"q{i}" for i in range(20)]
     with pytest.raises(RuntimeError, match="closed"):
         await db.transact(put("late"))
+
+
+class Conflict(Exception):
+    """What a lost race between two servers' transactions looks like (PostgreSQL's 40P01)."""
+
+    sqlstate = "40P01"
+
+
+async def test_a_write_that_lost_a_race_with_another_server_is_applied_again(db: Database) -> None:
+    attempts = []
+
+    async def racy(conn: AsyncConnection) -> str:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise Conflict("deadlock detected")
+        return await put("won")(conn)
+
+    assert await db.transact(racy) == "won"
+    assert len(attempts) == 3
+    assert set(await stored(db)) == {"won"}
+
+
+async def test_a_cancellation_raised_by_a_write_fails_that_write_alone(db: Database) -> None:
+    """A CancelledError meant for something a write awaited is that write's failure, not the writer's end."""
+
+    async def stray(conn: AsyncConnection) -> None:
+        raise asyncio.CancelledError
+
+    results = await asyncio.gather(
+        db.transact(put("a")), db.transact(stray), db.transact(put("b")), return_exceptions=True
+    )
+    assert results[0] == "a" and results[2] == "b"
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert await db.transact(put("after")) == "after"
+    assert set(await stored(db)) == {"a", "b", "after"}
