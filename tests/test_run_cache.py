@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+from typing import Any
+
 import pytest
 
 from evalsvc.server import EvalServer
 from evalsvc.store import runs as run_store
+from evalsvc.store.records import RunRecord
 from evalsvc.store.run_cache import RunRowCache
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, run_pb2
@@ -36,8 +40,10 @@ async def test_get_run_shows_every_committed_change_and_no_rolled_back_one(
     assert (await runs.GetRun(pb.GetRunRequest(run_id=created.id))).run.HasField("delete_time")
 
 
-def _row(run_id: str, version: int) -> dict[str, object]:
-    return {"id": run_id, "tenant": "t", "version": version}
+def _row(run_id: str, version: int) -> RunRecord:
+    """A run record the cache can hold: only its id (and here its version) matter to the cache."""
+    columns: dict[str, Any] = {field.name: None for field in fields(RunRecord)}
+    return RunRecord(**{**columns, "id": run_id, "tenant": "t", "version": version})
 
 
 def test_a_read_that_started_before_a_write_never_replaces_it() -> None:

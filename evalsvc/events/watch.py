@@ -180,16 +180,16 @@ async def _checked_last_seq(db: Database, tenant: str, run_id: str, after_seq: i
     row = await run_store.get_current_row(db, tenant, run_id)
     if row is None:
         raise not_found("run", run_id)
-    if after_seq < 0 or after_seq > row["last_seq"]:
+    if after_seq < 0 or after_seq > row.last_seq:
         raise ServiceError(
             grpc.StatusCode.OUT_OF_RANGE,
             Reason.SEQ_OUT_OF_RANGE,
-            f"after_seq {after_seq} is outside 0..{row['last_seq']} (the run's last_seq)",
-            metadata={"last_seq": str(row["last_seq"])},
+            f"after_seq {after_seq} is outside 0..{row.last_seq} (the run's last_seq)",
+            metadata={"last_seq": str(row.last_seq)},
         )
-    if row["status"] in TERMINAL and after_seq == row["last_seq"]:
+    if row.status in TERMINAL and after_seq == row.last_seq:
         return None
-    return int(row["last_seq"])
+    return int(row.last_seq)
 
 
 def _through_terminal(events: list[pb.WatchRunResponse]) -> list[pb.WatchRunResponse]:

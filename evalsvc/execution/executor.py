@@ -35,7 +35,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -43,7 +43,7 @@ from evalsvc.config import Settings
 from evalsvc.events.bus import EventBus
 from evalsvc.execution import cache
 from evalsvc.execution.fairness import RoundRobin
-from evalsvc.execution.recorder import ClaimedJob, FinishedJob, RunGraders, fail_early, record
+from evalsvc.execution.recorder import FinishedJob, RunGraders, fail_early, record
 from evalsvc.graders import CompiledGrader, Grade, compile_grader, grader_name, target_error_grade
 from evalsvc.graders.judge import JudgeDefaults, LlmJudgeGrader
 from evalsvc.graders.pool import GradingPool, may_offload, offloads
@@ -57,6 +57,7 @@ from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.cache import CacheEntry
 from evalsvc.store.db import Database, unavailable_cause
+from evalsvc.store.jobs import ClaimedJob
 from evalsvc.store.models import CACHE_JUDGE_VERDICT, CACHE_TARGET_OUTPUT
 from evalsvc.targets import PriceTable, Target, TargetError, answers_locally, build_target
 from evalsvc.v1 import cache_pb2, grader_pb2, item_pb2, run_pb2, target_pb2
@@ -331,10 +332,10 @@ class Executor:
         claim_id = uuid.uuid4().hex
         now = time.time()
 
-        async def claim(conn: AsyncConnection) -> tuple[list[Mapping[str, Any]], list[pb.WatchRunResponse]]:
+        async def claim(conn: AsyncConnection) -> tuple[list[ClaimedJob], list[pb.WatchRunResponse]]:
             runs = await run_store.claimable_runs(conn, now)
             quotas = self._round_robin.shares([r for r in runs if r[1] not in self._held_up_jobs], limit)
-            rows = await job_store.claim(
+            jobs = await job_store.claim(
                 conn,
                 owner=self.owner,
                 claim_id=claim_id,
@@ -342,14 +343,14 @@ class Executor:
                 now=now,
                 lease_ttl_s=self._settings.lease_ttl_s,
             )
-            return rows, await run_store.start_runs(conn, list({row["run_id"] for row in rows}), now)
+            return jobs, await run_store.start_runs(conn, list({job.run_id for job in jobs}), now)
 
-        rows, started = await self._db.transact(claim)
+        jobs, started = await self._db.transact(claim)
         for event in started:
             self._bus.publish(event.run.id, [event])
-        if rows:
-            self._open_claims[claim_id] = len(rows)
-        return [ClaimedJob(claim_id=claim_id, **row) for row in rows]
+        if jobs:
+            self._open_claims[claim_id] = len(jobs)
+        return jobs
 
     async def _run_job(self, job: ClaimedJob) -> None:
         """One job's task. However it ends - recorded, failed, cancelled - its worker slot is given back,
@@ -577,16 +578,16 @@ class Executor:
             items = await job_store.run_items(conn, run_id)
         if row is None:
             raise LookupError(f"run {run_id} vanished")
-        if self._settings.tenant_budget_usd > 0 and row["tenant"] not in self._tenant_spent:
+        if self._settings.tenant_budget_usd > 0 and row.tenant not in self._tenant_spent:
             async with self._db.read() as conn:
-                self._tenant_spent[row["tenant"]] = await run_store.tenant_spend(conn, row["tenant"])
-        spec = run_pb2.Run.FromString(row["spec"])
+                self._tenant_spent[row.tenant] = await run_store.tenant_spend(conn, row.tenant)
+        spec = run_pb2.Run.FromString(row.spec)
         named = run_secret_refs(spec.target, spec.graders)
-        secrets = await self._secrets.values(row["tenant"], [name for _, name in named])
+        secrets = await self._secrets.values(row.tenant, [name for _, name in named])
         graders = [self._compile(g, secrets) for g in spec.graders]
         run_items = [item_pb2.Item.FromString(raw) for raw in items]
         return RunPlan(
-            tenant=row["tenant"],
+            tenant=row.tenant,
             items=run_items,
             target=build_target(spec.target, self._outbound, self._prices, secrets),
             graders=graders,
@@ -597,7 +598,7 @@ class Executor:
                 pass_threshold=spec.pass_threshold if spec.HasField("pass_threshold") else None,
             ),
             max_cost_usd=spec.max_cost_usd if spec.HasField("max_cost_usd") else None,
-            spent_usd=row["cost_usd"],
+            spent_usd=row.cost_usd,
             offloads_grading=may_offload([g for g in graders if not isinstance(g, LlmJudgeGrader)], run_items),
             target_spec=spec.target,
             cache_mode=spec.cache_mode,

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -34,6 +34,8 @@ from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.cache import CacheEntry
 from evalsvc.store.db import Database
+from evalsvc.store.jobs import ClaimedJob
+from evalsvc.store.records import RunRecord
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import item_pb2, run_pb2
 
@@ -49,19 +51,6 @@ _STATE_FIELD: dict[int, str] = {
     run_pb2.RESULT_STATE_ERROR: "errored",
     run_pb2.RESULT_STATE_SKIPPED: "skipped",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimedJob:
-    """A leased job: one item x repetition of a run, under one claim."""
-
-    id: int
-    tenant: str
-    run_id: str
-    item_idx: int
-    repetition: int
-    attempt: int
-    claim_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,15 +174,15 @@ async def _record_in(
     await job_store.store_outputs(
         conn,
         [
-            (
-                f.job.id,
-                f.job.tenant,
-                f.job.run_id,
-                f.output.SerializeToString(),
-                f.output.latency_ms,
-                f.output.cost_usd,
-                item_score(f.grades, graders_of[f.job.run_id].weights),
-                f.cached,
+            job_store.output_tuple(
+                job_id=f.job.id,
+                tenant=f.job.tenant,
+                run_id=f.job.run_id,
+                output=f.output.SerializeToString(),
+                latency_ms=f.output.latency_ms,
+                cost_usd=f.output.cost_usd,
+                item_score=item_score(f.grades, graders_of[f.job.run_id].weights),
+                cached=f.cached,
             )
             for f in kept
         ],
@@ -254,7 +243,7 @@ async def _store_cache_entries(conn: AsyncConnection, kept: Sequence[FinishedJob
 
 
 async def _result_events(
-    r: Mapping[str, Any], run_jobs: Sequence[FinishedJob], now: float, result_rows: list[tuple[Any, ...]]
+    r: RunRecord, run_jobs: Sequence[FinishedJob], now: float, result_rows: list[tuple[Any, ...]]
 ) -> list[pb.WatchRunResponse]:
     """One event per result, seqs and counts replayed from the run's state before this batch.
 
@@ -263,20 +252,20 @@ async def _result_events(
     served meanwhile (their writes wait for the next group; this one's transaction stays open)."""
     n = sum(len(f.grades) for f in run_jobs)
     counts = run_pb2.RunCounts(
-        total_items=r["total_items"],
-        total_evaluations=r["total_evaluations"],
-        completed_evaluations=r["completed"] - n,
-        passed=r["passed"],
-        failed=r["failed"],
-        errored=r["errored"],
-        skipped=r["skipped"],
+        total_items=r.total_items,
+        total_evaluations=r.total_evaluations,
+        completed_evaluations=r.completed - n,
+        passed=r.passed,
+        failed=r.failed,
+        errored=r.errored,
+        skipped=r.skipped,
     )
     # Roll the per-state counters back to before the batch, then forward event by event.
     for f in run_jobs:
         for _, grade in f.grades:
             field = _STATE_FIELD[grade.state]
             setattr(counts, field, getattr(counts, field) - 1)
-    seq = r["last_seq"] - n
+    seq = r.last_seq - n
     event_time = timestamp(now)
     events: list[pb.WatchRunResponse] = []
     slice_start = time.perf_counter()
@@ -293,28 +282,28 @@ async def _result_events(
             result_id = job.id * GRADER_SLOTS + grader_idx
             # Exception messages and judges' words reach these texts; a NUL in one must not fail the batch.
             explanation, error_reason = storable_text(grade.explanation), storable_text(grade.error_reason)
-            result_rows.append(  # in run_store.RESULT_COLUMNS order
-                (
-                    result_id,
-                    job.tenant,
-                    job.run_id,
-                    job.id,
-                    f.item_id,
-                    job.repetition,
-                    grader,
-                    grade.state,
-                    grade.score,
-                    grade.raw_score,
-                    explanation,
-                    error_reason,
-                    job.attempt,
-                    f.output.cost_usd,
-                    f.output.latency_ms,
-                    now,
-                    grade.cost_usd,
-                    grade.confidence,
-                    f.cached,
-                    grade.cached,
+            result_rows.append(
+                run_store.result_tuple(
+                    id=result_id,
+                    tenant=job.tenant,
+                    run_id=job.run_id,
+                    job_id=job.id,
+                    item_id=f.item_id,
+                    repetition=job.repetition,
+                    grader=grader,
+                    state=grade.state,
+                    score=grade.score,
+                    raw_score=grade.raw_score,
+                    explanation=explanation,
+                    error_reason=error_reason,
+                    attempt=job.attempt,
+                    cost_usd=f.output.cost_usd,
+                    latency_ms=f.output.latency_ms,
+                    complete_time=now,
+                    scoring_cost_usd=grade.cost_usd,
+                    confidence=grade.confidence,
+                    cached=f.cached,
+                    verdict_cached=grade.cached,
                 )
             )
             events.append(

@@ -1,4 +1,5 @@
-"""Row <-> protobuf conversions for runs and results. Pure functions, no I/O."""
+"""Row <-> protobuf conversions for results, and the pieces of a run's message (timestamps, etags, pass
+rates; a run record's message is built beside it, in evalsvc.store.records). Pure functions, no I/O."""
 
 from __future__ import annotations
 
@@ -17,51 +18,6 @@ def timestamp(seconds: float | None) -> Timestamp | None:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
     return ts
-
-
-def counts_from(row: Mapping[str, Any]) -> run_pb2.RunCounts:
-    """RunCounts from a runs row (or any mapping with its counter columns)."""
-    return run_pb2.RunCounts(
-        total_items=row["total_items"],
-        total_evaluations=row["total_evaluations"],
-        completed_evaluations=row["completed"],
-        passed=row["passed"],
-        failed=row["failed"],
-        errored=row["errored"],
-        skipped=row["skipped"],
-    )
-
-
-def run_from(row: Mapping[str, Any]) -> run_pb2.Run:
-    """The Run message for a runs row; `spec` holds the definition as validated at creation."""
-    run = run_pb2.Run.FromString(row["spec"])
-    run.id = row["id"]
-    run.display_name = row["display_name"]
-    run.description = row["description"]
-    run.labels.update(row["labels"] or {})
-    run.annotations.update(row["annotations"] or {})
-    run.dataset_id = row["dataset_id"]
-    run.run_number = row["run_number"]
-    run.status = row["status"]
-    run.counts.CopyFrom(counts_from(row))
-    if row["aggregate"]:
-        run.aggregate.ParseFromString(row["aggregate"])
-    else:
-        run.aggregate.pass_rate = pass_rate(row["passed"], row["failed"])
-    if row["overall_passed"] is not None:
-        run.overall_passed = bool(row["overall_passed"])
-    if row["error_code"]:
-        run.error.code = row["error_code"]
-        run.error.message = row["error_message"]
-    for name in ("create_time", "start_time", "end_time", "update_time", "delete_time"):
-        ts = timestamp(row[name])
-        if ts is not None:
-            getattr(run, name).CopyFrom(ts)
-    run.last_seq = row["last_seq"]
-    run.request_id = row["request_id"] or ""
-    run.cost_usd = row["cost_usd"]
-    run.etag = etag(row["version"])
-    return run
 
 
 def etag(version: int) -> str:

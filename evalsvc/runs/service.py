@@ -26,7 +26,7 @@ from evalsvc.http.outbound import Outbound, destination_violations, named_endpoi
 from evalsvc.idempotency import conflict, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
 from evalsvc.limits import TenantLimits
-from evalsvc.messages.convert import etag, result_from, run_from, version_of
+from evalsvc.messages.convert import etag, result_from, version_of
 from evalsvc.messages.validation import (
     MAX_DESCRIPTION,
     MAX_DISPLAY_NAME,
@@ -42,6 +42,7 @@ from evalsvc.statuses import ACTIVE
 from evalsvc.store import datasets as dataset_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
+from evalsvc.store.records import RunRecord, run_from
 from evalsvc.store.writer import Batch
 from evalsvc.targets import validate_target
 from evalsvc.v1 import cache_pb2, run_pb2
@@ -64,11 +65,11 @@ def request_fingerprint(request: pb.CreateRunRequest) -> str:
     return fingerprint(copy)
 
 
-def replay(existing: Mapping[str, Any], fingerprint: str) -> CreatedRun:
+def replay(existing: RunRecord, fingerprint: str) -> CreatedRun:
     """What CreateRun answers for a request_id used before: the run it created, or ALREADY_EXISTS
     REQUEST_ID_CONFLICT naming that run when the request differs."""
-    if existing["request_hash"] != fingerprint:
-        raise conflict("run", existing["request_id"], existing["id"])
+    if existing.request_hash != fingerprint:
+        raise conflict("run", existing.request_id or "", existing.id)
     run = run_from(existing)
     return CreatedRun(run=run, job_count=run.counts.total_items * run.repetitions)
 
@@ -351,7 +352,7 @@ class RunService:
     async def cancel(self, tenant: str, run_id: str) -> run_pb2.Run:
         """Cancel a run: no job starts after this returns. Idempotent on a cancelled run."""
 
-        async def cancel(conn: AsyncConnection) -> tuple[pb.WatchRunResponse | None, Mapping[str, Any] | None]:
+        async def cancel(conn: AsyncConnection) -> tuple[pb.WatchRunResponse | None, RunRecord | None]:
             # Jobs before the run: the store's lock order (a no-op for runs that are not active).
             await run_store.cancel_jobs(conn, tenant, run_id)
             event = await run_store.set_status(
@@ -371,12 +372,12 @@ class RunService:
             return event.run
         if row is None:
             raise not_found("run", run_id)
-        if row["status"] == run_pb2.RUN_STATUS_CANCELLED:
+        if row.status == run_pb2.RUN_STATUS_CANCELLED:
             return run_from(row)
         raise ServiceError(
             grpc.StatusCode.FAILED_PRECONDITION,
             Reason.RUN_ALREADY_FINISHED,
-            f"run {run_id!r} already finished as {run_pb2.RunStatus.Name(row['status'])}",
+            f"run {run_id!r} already finished as {run_pb2.RunStatus.Name(row.status)}",
             metadata={"run_id": run_id},
         )
 
@@ -398,7 +399,7 @@ class RunService:
             raise invalid_argument(violations)
         values = {path: _column_value(getattr(request.run, path)) for path in whole}
 
-        async def update(conn: AsyncConnection) -> Mapping[str, Any] | None:
+        async def update(conn: AsyncConnection) -> RunRecord | None:
             changed, refused = dict(values), list[FieldViolation]()  # local: the writer may run this twice
             if keyed or expected is not None:
                 current = await run_store.get(conn, tenant, request.run_id, lock=True)
@@ -407,7 +408,7 @@ class RunService:
                 _check_etag(current, expected)
                 for field, keys in keyed.items():
                     given = getattr(request.run, field)
-                    merged = dict(changed.get(field, current[field]))
+                    merged = dict(changed.get(field, getattr(current, field)))
                     for key in keys:
                         if key in given:
                             merged[key] = given[key]
@@ -433,7 +434,7 @@ class RunService:
             raise invalid_argument(violations)
         now = time.time()
 
-        async def delete(conn: AsyncConnection) -> tuple[pb.WatchRunResponse | None, Mapping[str, Any] | None]:
+        async def delete(conn: AsyncConnection) -> tuple[pb.WatchRunResponse | None, RunRecord | None]:
             # Jobs before the run: the store's lock order (a no-op for runs that are not active).
             await run_store.cancel_jobs(conn, tenant, run_id)
             cancelled = await run_store.set_status(
@@ -450,7 +451,7 @@ class RunService:
                 raise not_found("run", run_id)
             if cancelled is None:
                 _check_etag(row, expected)
-            if row["delete_time"] is None:
+            if row.delete_time is None:
                 row = await run_store.update_fields(conn, tenant, run_id, {"delete_time": now})
             return cancelled, row
 
@@ -529,14 +530,14 @@ def _expected_version(etag: str, field: str, violations: list[FieldViolation]) -
     return version
 
 
-def _check_etag(row: Mapping[str, Any], expected: int | None) -> None:
+def _check_etag(row: RunRecord, expected: int | None) -> None:
     """ABORTED (AIP-154) when a write's etag is not the run's current one."""
-    if expected is not None and row["version"] != expected:
+    if expected is not None and row.version != expected:
         raise ServiceError(
             grpc.StatusCode.ABORTED,
             Reason.ETAG_MISMATCH,
-            f"run {row['id']!r} changed since etag {etag(expected)!r} was read; read it again and retry",
-            metadata={"run_id": row["id"], "etag": etag(row["version"])},
+            f"run {row.id!r} changed since etag {etag(expected)!r} was read; read it again and retry",
+            metadata={"run_id": row.id, "etag": etag(row.version)},
         )
 
 

@@ -14,9 +14,10 @@ wait for each other but never deadlock. SQLite has one writer at a time and need
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, cast
+from dataclasses import dataclass, fields
+from typing import Any
 
-from sqlalchemy import ColumnElement, or_, select, tuple_, update
+from sqlalchemy import ColumnElement, RowMapping, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store.bulk import insert_tuples
@@ -43,6 +44,28 @@ def claimable(now: float) -> ColumnElement[bool]:
     return or_(JOBS.c.state == JOB_QUEUED, (JOBS.c.state == JOB_LEASED) & (JOBS.c.lease_expiry < now))
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    """A leased job, as `claim` returns it: one item x repetition of a run, under one claim. Its fields
+    are the `jobs` columns the claim returns (`CLAIMED_COLUMNS`), by name."""
+
+    id: int
+    tenant: str
+    run_id: str
+    item_idx: int
+    repetition: int
+    attempt: int
+    claim_id: str
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> ClaimedJob:
+        """The record of a job row returned with CLAIMED_COLUMNS."""
+        return cls(**row)
+
+
+CLAIMED_COLUMNS = tuple(JOBS.c[field.name] for field in fields(ClaimedJob))
+
+
 async def claim(
     conn: AsyncConnection,
     *,
@@ -51,12 +74,12 @@ async def claim(
     quotas: Mapping[str, int],
     now: float,
     lease_ttl_s: float,
-) -> list[Mapping[str, Any]]:
+) -> list[ClaimedJob]:
     """Lease up to `quotas[run_id]` claimable jobs of each run, oldest first; jobs are returned by id.
 
     One statement per run, each an index range of that run's jobs; on PostgreSQL a job another
     transaction holds is skipped, not waited for."""
-    claimed: list[Mapping[str, Any]] = []
+    claimed: list[ClaimedJob] = []
     for run_id, quota in sorted(quotas.items()):
         oldest = (
             select(JOBS.c.id)
@@ -76,10 +99,10 @@ async def claim(
                 lease_expiry=now + lease_ttl_s,
                 attempt=JOBS.c.attempt + 1,
             )
-            .returning(JOBS.c.id, JOBS.c.tenant, JOBS.c.run_id, JOBS.c.item_idx, JOBS.c.repetition, JOBS.c.attempt)
+            .returning(*CLAIMED_COLUMNS)
         )
-        claimed.extend(cast("Iterable[Mapping[str, Any]]", leased.mappings()))
-    return sorted(claimed, key=lambda job: job["id"])
+        claimed.extend(map(ClaimedJob.from_row, leased.mappings()))
+    return sorted(claimed, key=lambda job: job.id)
 
 
 async def extend(conn: AsyncConnection, claim_ids: Sequence[str], expiry: float) -> None:
@@ -109,8 +132,23 @@ async def complete(conn: AsyncConnection, jobs: Iterable[tuple[int, str]]) -> se
 OUTPUT_COLUMNS = ("job_id", "tenant", "run_id", "output", "latency_ms", "cost_usd", "item_score", "cached")
 
 
+def output_tuple(
+    *,
+    job_id: int,
+    tenant: str,
+    run_id: str,
+    output: bytes,
+    latency_ms: float,
+    cost_usd: float,
+    item_score: float | None,
+    cached: bool,
+) -> tuple[Any, ...]:
+    """An `outputs` row for `store_outputs`: its values in OUTPUT_COLUMNS order, given by name."""
+    return (job_id, tenant, run_id, output, latency_ms, cost_usd, item_score, cached)
+
+
 async def store_outputs(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
-    """Insert the target outputs of completed jobs: tuples in OUTPUT_COLUMNS order."""
+    """Insert the target outputs of completed jobs: tuples in OUTPUT_COLUMNS order (`output_tuple`)."""
     await insert_tuples(conn, OUTPUTS, OUTPUT_COLUMNS, rows)
 
 

@@ -1,9 +1,9 @@
-"""A write-through cache of run rows, for databases this process is the only writer of (SQLite).
+"""A write-through cache of run records, for databases this process is the only writer of (SQLite).
 
 GetRun is the hottest read: dashboards and pipelines poll it. Reading the row from SQLite costs a
 pooled connection, a thread hop and SQLAlchemy's statement machinery on every call, several times
 what gRPC itself costs. Every change to a run row goes through three store functions that already
-return the changed row (`RETURNING`), so the writer can keep a copy current for free:
+return the changed row (`RETURNING`, as a RunRecord), so the writer can keep a copy current for free:
 
 - a write transaction collects the rows it changed (`remember`); they enter the cache only once
   the transaction has committed, while the writer still holds the connection, so cache updates
@@ -22,39 +22,40 @@ cache is off and every read goes to the database.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar, cast
+from collections.abc import Callable
+from typing import TypeVar, cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-Row = Mapping[str, Any]
+from evalsvc.store.records import RunRecord
+
 T = TypeVar("T")
 
 _PENDING = "evalsvc.changed_runs"
 
 
-def remember(conn: AsyncConnection, row: Row) -> None:
+def remember(conn: AsyncConnection, row: RunRecord) -> None:
     """Note a run row changed (or created) by this write transaction."""
     conn.info.setdefault(_PENDING, []).append(row)
 
 
-def take_changed(conn: AsyncConnection) -> list[Row]:
+def take_changed(conn: AsyncConnection) -> list[RunRecord]:
     """The rows this transaction changed, forgotten by the connection (call once it ends)."""
-    rows: list[Row] = conn.info.pop(_PENDING, [])
+    rows: list[RunRecord] = conn.info.pop(_PENDING, [])
     return rows
 
 
 class _Entry:
     __slots__ = ("derived", "generation", "row")
 
-    def __init__(self, generation: int, row: Row) -> None:
+    def __init__(self, generation: int, row: RunRecord) -> None:
         self.generation = generation
         self.row = row
         self.derived: object = None
 
 
 class RunRowCache:
-    """Run rows by id, least recently used first out."""
+    """Run records by id, least recently used first out."""
 
     def __init__(self, capacity: int = 4096) -> None:
         self._capacity = capacity
@@ -62,7 +63,7 @@ class RunRowCache:
         self._writes = 0  # committed run writes so far: the generation of the newest one
         self._evicted_up_to = 0  # the newest generation an evicted entry held
 
-    def get(self, run_id: str) -> Row | None:
+    def get(self, run_id: str) -> RunRecord | None:
         """The current row of a run, or None when it is not cached."""
         entry = self._entries.get(run_id)
         if entry is None:
@@ -70,33 +71,33 @@ class RunRowCache:
         self._entries.move_to_end(run_id)
         return entry.row
 
-    def derived(self, row: Row, build: Callable[[Row], T]) -> T:
+    def derived(self, row: RunRecord, build: Callable[[RunRecord], T]) -> T:
         """`build(row)`, kept with the row while it is the cached one: callers share the value and
         must not change it. A row that is not (or no longer) the cached one is built afresh."""
-        entry = self._entries.get(row["id"])
+        entry = self._entries.get(row.id)
         if entry is None or entry.row is not row:
             return build(row)
         if entry.derived is None:
             entry.derived = build(row)
         return cast("T", entry.derived)
 
-    def committed(self, rows: list[Row]) -> None:
+    def committed(self, rows: list[RunRecord]) -> None:
         """Rows a write transaction changed, applied in commit order."""
         for row in rows:
             self._writes += 1
-            self._put(row["id"], self._writes, row)
+            self._put(row.id, self._writes, row)
 
     def read_started(self) -> int:
         """A token for a database read about to start; give it back to `fill`."""
         return self._writes
 
-    def fill(self, row: Row, started: int) -> None:
+    def fill(self, row: RunRecord, started: int) -> None:
         """Cache a row read from the database, unless a write since `started` may make it stale."""
-        if row["id"] in self._entries or self._evicted_up_to > started:
+        if row.id in self._entries or self._evicted_up_to > started:
             return
-        self._put(row["id"], started, row)
+        self._put(row.id, started, row)
 
-    def _put(self, run_id: str, generation: int, row: Row) -> None:
+    def _put(self, run_id: str, generation: int, row: RunRecord) -> None:
         self._entries[run_id] = _Entry(generation, row)
         self._entries.move_to_end(run_id)
         while len(self._entries) > self._capacity:

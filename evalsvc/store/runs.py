@@ -7,14 +7,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, and_, case, exists, func, insert, select, tuple_, update
+from sqlalchemy import ColumnElement, RowMapping, and_, case, exists, func, insert, select, tuple_, update
 from sqlalchemy import cast as sa_cast
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc import statuses
-from evalsvc.messages.convert import counts_from, run_from, timestamp
+from evalsvc.messages.convert import timestamp
 from evalsvc.store import events
 from evalsvc.store import jobs as job_store
 from evalsvc.store import webhooks as webhook_store
@@ -32,6 +32,7 @@ from evalsvc.store.models import (
     RunLabelRow,
     RunRow,
 )
+from evalsvc.store.records import RunRecord, counts_from, run_from
 from evalsvc.store.run_cache import remember
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import item_pb2, run_pb2
@@ -45,20 +46,30 @@ RESULTS = ResultRow.__table__  # type: ignore[attr-defined]
 OUTPUTS = OutputRow.__table__  # type: ignore[attr-defined]
 
 
-async def find_by_request_id(conn: AsyncConnection, tenant: str, request_id: str) -> Mapping[str, Any] | None:
+def _first(row: RowMapping | None) -> RunRecord | None:
+    """The record of a run row a query may not have found."""
+    return None if row is None else RunRecord.from_row(row)
+
+
+async def find_by_request_id(conn: AsyncConnection, tenant: str, request_id: str) -> RunRecord | None:
     """The run created with this idempotency key, if any."""
-    row = await conn.execute(select(RUNS).where(RUNS.c.tenant == tenant, RUNS.c.request_id == request_id))
-    return cast("Mapping[str, Any] | None", row.mappings().first())
+    found = await conn.execute(select(RUNS).where(RUNS.c.tenant == tenant, RUNS.c.request_id == request_id))
+    return _first(found.mappings().first())
 
 
 async def find_by_request_ids(
     conn: AsyncConnection, keys: Sequence[tuple[str, str]]
-) -> dict[tuple[str, str], Mapping[str, Any]]:
+) -> dict[tuple[str, str], RunRecord]:
     """The runs created with these (tenant, request_id) idempotency keys, by key: one statement."""
     if not keys:
         return {}
     rows = await conn.execute(select(RUNS).where(tuple_(RUNS.c.tenant, RUNS.c.request_id).in_(list(set(keys)))))
-    return {(row["tenant"], row["request_id"]): cast("Mapping[str, Any]", row) for row in rows.mappings()}
+    found: dict[tuple[str, str], RunRecord] = {}
+    for row in rows.mappings():
+        run = RunRecord.from_row(row)
+        assert run.request_id is not None  # it was found by it
+        found[(run.tenant, run.request_id)] = run
+    return found
 
 
 async def count_active_by_tenant(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, int]:
@@ -108,7 +119,7 @@ async def insert_runs(conn: AsyncConnection, runs: Sequence[NewRun]) -> list[pb.
         insert(RUNS).returning(*RUNS.c, sort_by_parameter_order=True),
         [{**new.row, "last_seq": 1, "update_time": new.row["create_time"]} for new in runs],
     )
-    stored = cast("list[Mapping[str, Any]]", list(inserted.mappings()))
+    stored = [RunRecord.from_row(row) for row in inserted.mappings()]
     labels = [
         {"run_id": new.row["id"], "key": k, "value": v, "tenant": new.row["tenant"]}
         for new in runs
@@ -136,26 +147,26 @@ async def insert_runs(conn: AsyncConnection, runs: Sequence[NewRun]) -> list[pb.
     return await _record_changes(conn, stored)
 
 
-def run_event(row: Mapping[str, Any]) -> pb.WatchRunResponse:
-    """The event recording a run's state, with seq = the row's last_seq."""
+def run_event(run: RunRecord) -> pb.WatchRunResponse:
+    """The event recording a run's state, with seq = the run's last_seq."""
     return pb.WatchRunResponse(
-        seq=row["last_seq"],
-        event_time=timestamp(row["update_time"]),
-        counts=counts_from(row),
-        run=run_from(row),
+        seq=run.last_seq,
+        event_time=timestamp(run.update_time),
+        counts=counts_from(run),
+        run=run_from(run),
     )
 
 
-async def get(conn: AsyncConnection, tenant: str, run_id: str, *, lock: bool = False) -> Mapping[str, Any] | None:
-    """A tenant's run row, or None (also for another tenant's run). `lock` holds the row until the write
+async def get(conn: AsyncConnection, tenant: str, run_id: str, *, lock: bool = False) -> RunRecord | None:
+    """A tenant's run, or None (also for another tenant's run). `lock` holds the row until the write
     transaction ends (PostgreSQL's FOR UPDATE; SQLite's one writer holds everything already), so a
     read-check-write on it is atomic. Lock jobs before their run (see `cancel_jobs`)."""
     query = select(RUNS).where(RUNS.c.id == run_id, RUNS.c.tenant == tenant)
     found = await conn.execute(query.with_for_update() if lock else query)
-    return cast("Mapping[str, Any] | None", found.mappings().first())
+    return _first(found.mappings().first())
 
 
-async def get_current_row(db: Database, tenant: str, run_id: str) -> Mapping[str, Any] | None:
+async def get_current_row(db: Database, tenant: str, run_id: str) -> RunRecord | None:
     """A tenant's run row as last committed, for a caller that needs no transaction: from the run cache
     where the database has one (see evalsvc.store.run_cache), else read (and cached)."""
     cache = db.run_rows
@@ -168,7 +179,7 @@ async def get_current_row(db: Database, tenant: str, run_id: str) -> Mapping[str
             return None
         if cache is not None:
             cache.fill(row, started)
-    return row if row["tenant"] == tenant else None
+    return row if row.tenant == tenant else None
 
 
 async def get_current_run(db: Database, tenant: str, run_id: str) -> run_pb2.Run | None:
@@ -190,7 +201,7 @@ async def list_page(
     labels: Mapping[str, str],
     dataset_id: str,
     show_deleted: bool = False,
-) -> list[Mapping[str, Any]]:
+) -> list[RunRecord]:
     """Runs newest first (ids sort by creation time), after a keyset position."""
     query = select(RUNS).where(RUNS.c.tenant == tenant)
     if not show_deleted:
@@ -206,7 +217,7 @@ async def list_page(
             exists().where(and_(LABELS.c.run_id == RUNS.c.id, LABELS.c.key == key, LABELS.c.value == value))
         )
     rows = await conn.execute(query.order_by(RUNS.c.id.desc()).limit(limit))
-    return cast("list[Mapping[str, Any]]", list(rows.mappings()))
+    return [RunRecord.from_row(row) for row in rows.mappings()]
 
 
 async def set_status(
@@ -305,44 +316,42 @@ async def _change_status(
         )
         .returning(*RUNS.c)
     )
-    rows = sorted(cast("list[Mapping[str, Any]]", list(changed.mappings())), key=lambda row: row["id"])
-    return await _record_changes(conn, rows)
+    runs = sorted((RunRecord.from_row(row) for row in changed.mappings()), key=lambda run: run.id)
+    return await _record_changes(conn, runs)
 
 
-async def _record_changes(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> list[pb.WatchRunResponse]:
-    """What follows every change of run rows in its transaction: the rows noted for the run cache, one
-    event per row (its state at seq = last_seq) and the webhook deliveries that report them."""
+async def _record_changes(conn: AsyncConnection, runs: Sequence[RunRecord]) -> list[pb.WatchRunResponse]:
+    """What follows every change of runs in its transaction: the records noted for the run cache, one
+    event per run (its state at seq = last_seq) and the webhook deliveries that report them."""
     tenant_events = []
-    for row in rows:
-        remember(conn, row)
-        tenant_events.append((row["tenant"], run_event(row)))
+    for run in runs:
+        remember(conn, run)
+        tenant_events.append((run.tenant, run_event(run)))
     await events.append_many(conn, [(tenant, event.run.id, [event]) for tenant, event in tenant_events])
     await webhook_store.enqueue_many(conn, tenant_events)
     return [event for _, event in tenant_events]
 
 
-async def update_fields(
-    conn: AsyncConnection, tenant: str, run_id: str, values: Mapping[str, Any]
-) -> Mapping[str, Any] | None:
+async def update_fields(conn: AsyncConnection, tenant: str, run_id: str, values: Mapping[str, Any]) -> RunRecord | None:
     """Change a run's descriptive columns (not its status: that is `set_status`, which records an event);
-    new labels replace the run's label rows. Returns the changed row, or None when there is no such run."""
+    new labels replace the run's label rows. Returns the changed run, or None when there is no such run."""
     changed = await conn.execute(
         update(RUNS)
         .where(RUNS.c.id == run_id, RUNS.c.tenant == tenant)
         .values(**values, update_time=time.time(), version=RUNS.c.version + 1)
         .returning(*RUNS.c)
     )
-    row = cast("Mapping[str, Any] | None", changed.mappings().first())
-    if row is not None:
-        remember(conn, row)
-    if row is not None and "labels" in values:
+    run = _first(changed.mappings().first())
+    if run is not None:
+        remember(conn, run)
+    if run is not None and "labels" in values:
         await conn.execute(LABELS.delete().where(LABELS.c.run_id == run_id))
         if values["labels"]:
             await conn.execute(
                 insert(LABELS),
                 [{"run_id": run_id, "key": k, "value": v, "tenant": tenant} for k, v in values["labels"].items()],
             )
-    return row
+    return run
 
 
 async def cancel_jobs(conn: AsyncConnection, tenant: str, run_id: str) -> None:
@@ -464,12 +473,10 @@ class Progress:
         return self.passed + self.failed + self.errored + self.skipped
 
 
-async def add_progress(
-    conn: AsyncConnection, progress: Mapping[str, Progress], now: float
-) -> dict[str, Mapping[str, Any]]:
+async def add_progress(conn: AsyncConnection, progress: Mapping[str, Progress], now: float) -> dict[str, RunRecord]:
     """Count new results on their runs and allocate one seq per result, atomically: one UPDATE for
-    every run of a recording (increments chosen per run id). Returns the updated rows by run id; the
-    seqs of a run's results are last_seq - (its results) + 1 .. last_seq of its row."""
+    every run of a recording (increments chosen per run id). Returns the updated runs by id; the
+    seqs of a run's results are last_seq - (its results) + 1 .. last_seq of its record."""
     if not progress:
         return {}
 
@@ -492,10 +499,10 @@ async def add_progress(
         )
         .returning(*RUNS.c)
     )
-    rows = {row["id"]: cast("Mapping[str, Any]", row) for row in updated.mappings()}
-    for run_id in sorted(rows):
-        remember(conn, rows[run_id])
-    return rows
+    runs = {run.id: run for run in map(RunRecord.from_row, updated.mappings())}
+    for run_id in sorted(runs):
+        remember(conn, runs[run_id])
+    return runs
 
 
 async def tenant_spend(conn: AsyncConnection, tenant: str) -> float:
@@ -528,16 +535,64 @@ RESULT_COLUMNS = (
 )
 
 
+def result_tuple(
+    *,
+    id: int,
+    tenant: str,
+    run_id: str,
+    job_id: int,
+    item_id: str,
+    repetition: int,
+    grader: str,
+    state: int,
+    score: float,
+    raw_score: float,
+    explanation: str,
+    error_reason: str,
+    attempt: int,
+    cost_usd: float,
+    latency_ms: float,
+    complete_time: float,
+    scoring_cost_usd: float,
+    confidence: float | None,
+    cached: bool,
+    verdict_cached: bool,
+) -> tuple[Any, ...]:
+    """A `results` row for `insert_results`: its values in RESULT_COLUMNS order, given by name."""
+    return (
+        id,
+        tenant,
+        run_id,
+        job_id,
+        item_id,
+        repetition,
+        grader,
+        state,
+        score,
+        raw_score,
+        explanation,
+        error_reason,
+        attempt,
+        cost_usd,
+        latency_ms,
+        complete_time,
+        scoring_cost_usd,
+        confidence,
+        cached,
+        verdict_cached,
+    )
+
+
 async def insert_results(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
-    """Insert result rows (tuples in RESULT_COLUMNS order); the unique evaluation key rejects a second
-    result for an evaluation."""
+    """Insert result rows (tuples in RESULT_COLUMNS order: `result_tuple`); the unique evaluation key
+    rejects a second result for an evaluation."""
     await insert_tuples(conn, RESULTS, RESULT_COLUMNS, rows)
 
 
-async def get_any_tenant(conn: AsyncConnection, run_id: str) -> Mapping[str, Any] | None:
-    """A run row by id alone: only for the executor, which works for every tenant."""
+async def get_any_tenant(conn: AsyncConnection, run_id: str) -> RunRecord | None:
+    """A run by id alone: only for the executor, which works for every tenant."""
     found = await conn.execute(select(RUNS).where(RUNS.c.id == run_id))
-    return cast("Mapping[str, Any] | None", found.mappings().first())
+    return _first(found.mappings().first())
 
 
 async def count_active(conn: AsyncConnection, tenant: str) -> int:
