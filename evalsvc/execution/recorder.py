@@ -19,7 +19,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -282,56 +282,35 @@ async def _result_events(
             result_id = job.id * GRADER_SLOTS + grader_idx
             # Exception messages and judges' words reach these texts; a NUL in one must not fail the batch.
             explanation, error_reason = storable_text(grade.explanation), storable_text(grade.error_reason)
-            result_rows.append(
-                run_store.result_tuple(
-                    id=result_id,
-                    tenant=job.tenant,
-                    run_id=job.run_id,
-                    job_id=job.id,
-                    item_id=f.item_id,
-                    repetition=job.repetition,
-                    grader=grader,
-                    state=grade.state,
-                    score=grade.score,
-                    raw_score=grade.raw_score,
-                    explanation=explanation,
-                    error_reason=error_reason,
-                    attempt=job.attempt,
-                    cost_usd=f.output.cost_usd,
-                    latency_ms=f.output.latency_ms,
-                    complete_time=now,
-                    scoring_cost_usd=grade.cost_usd,
-                    confidence=grade.confidence,
-                    cached=f.cached,
-                    verdict_cached=grade.cached,
-                )
+            row = run_store.result_tuple(
+                id=result_id,
+                tenant=job.tenant,
+                run_id=job.run_id,
+                job_id=job.id,
+                item_id=f.item_id,
+                repetition=job.repetition,
+                grader=grader,
+                state=grade.state,
+                score=grade.score,
+                raw_score=grade.raw_score,
+                explanation=explanation,
+                error_reason=error_reason,
+                attempt=job.attempt,
+                cost_usd=f.output.cost_usd,
+                latency_ms=f.output.latency_ms,
+                complete_time=now,
+                scoring_cost_usd=grade.cost_usd,
+                confidence=grade.confidence,
+                cached=f.cached,
+                verdict_cached=grade.cached,
             )
+            result_rows.append(row)
             events.append(
                 pb.WatchRunResponse(
                     seq=seq,
                     event_time=event_time,
                     counts=counts,
-                    result=run_pb2.Result(
-                        id=str(result_id),
-                        run_id=job.run_id,
-                        item_id=f.item_id,
-                        repetition=job.repetition,
-                        grader=grader,
-                        state=cast("run_pb2.ResultState", grade.state),
-                        score=grade.score,
-                        raw_score=grade.raw_score,
-                        passed=grade.state == run_pb2.RESULT_STATE_PASSED,
-                        explanation=explanation,
-                        cost_usd=f.output.cost_usd,
-                        latency_ms=f.output.latency_ms,
-                        error_reason=error_reason,
-                        attempt=job.attempt,
-                        complete_time=event_time,
-                        scoring_cost_usd=grade.cost_usd,
-                        confidence=grade.confidence,
-                        cached=f.cached,
-                        verdict_cached=grade.cached,
-                    ),
+                    result=run_store.result_message(row, event_time),
                 )
             )
     return events

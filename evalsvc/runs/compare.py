@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
 from evalsvc.graders import grader_name
 from evalsvc.ids import PageTokens, page_size
-from evalsvc.messages.convert import result_from
 from evalsvc.runs.compare_stats import PairTally, summarize
 from evalsvc.statuses import ACTIVE
 from evalsvc.store import comparisons as comparison_store
@@ -197,9 +196,9 @@ class CompareService:
                 item_id=paired.key[0], repetition=paired.key[1], grader=paired.key[2], change=paired.change
             )
             if (found := base_by_key.get(paired.key)) is not None:
-                item.baseline.CopyFrom(result_from(*found))
+                item.baseline.CopyFrom(run_store.result_from(*found))
             if (found := cand_by_key.get(paired.key)) is not None:
-                item.candidate.CopyFrom(result_from(*found))
+                item.candidate.CopyFrom(run_store.result_from(*found))
             items.append(item)
         more = len(keys) > limit
         token = self._page_tokens.encode(tenant, "comparison_items", query, list(page[-1].key)) if more else ""

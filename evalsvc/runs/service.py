@@ -26,7 +26,7 @@ from evalsvc.http.outbound import Outbound, destination_violations, named_endpoi
 from evalsvc.idempotency import conflict, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
 from evalsvc.limits import TenantLimits
-from evalsvc.messages.convert import etag, result_from, version_of
+from evalsvc.messages.convert import etag, version_of
 from evalsvc.messages.validation import (
     MAX_DESCRIPTION,
     MAX_DISPLAY_NAME,
@@ -484,7 +484,7 @@ class RunService:
             rows = await run_store.results_page(
                 conn, tenant, request.run_id, after_id=after_id, limit=limit + 1, state=request.state
             )
-        results = [result_from(row, output) for row, output in rows[:limit]]
+        results = [run_store.result_from(row, output) for row, output in rows[:limit]]
         token = self._page_tokens.encode(tenant, "results", query, int(results[-1].id)) if len(rows) > limit else ""
         return results, token
 

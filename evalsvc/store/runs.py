@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import ColumnElement, RowMapping, and_, case, exists, func, insert, select, tuple_, update
 from sqlalchemy import cast as sa_cast
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -581,6 +582,64 @@ def result_tuple(
         cached,
         verdict_cached,
     )
+
+
+def result_message(row: Sequence[Any], complete_time: Timestamp | None, output: bytes | None = None) -> run_pb2.Result:
+    """The one builder of a Result message: from a results row (values in RESULT_COLUMNS order; the
+    recorder's fresh rows and the rows read back alike), its completion time as a Timestamp (the
+    recorder builds one per batch) and its job's serialized output, when the caller wants it."""
+    (
+        result_id,
+        _tenant,
+        run_id,
+        _job_id,
+        item_id,
+        repetition,
+        grader,
+        state,
+        score,
+        raw_score,
+        explanation,
+        error_reason,
+        attempt,
+        cost_usd,
+        latency_ms,
+        _complete_time,
+        scoring_cost_usd,
+        confidence,
+        cached,
+        verdict_cached,
+    ) = row
+    result = run_pb2.Result(
+        id=str(result_id),
+        run_id=run_id,
+        item_id=item_id,
+        repetition=repetition,
+        grader=grader,
+        state=state,
+        score=score,
+        raw_score=raw_score,
+        passed=state == run_pb2.RESULT_STATE_PASSED,
+        explanation=explanation,
+        cost_usd=cost_usd,
+        latency_ms=latency_ms,
+        error_reason=error_reason,
+        attempt=attempt,
+        complete_time=complete_time,
+        scoring_cost_usd=scoring_cost_usd,
+        cached=bool(cached),
+        verdict_cached=bool(verdict_cached),
+    )
+    if confidence is not None:
+        result.confidence = confidence
+    if output:
+        result.output.CopyFrom(item_pb2.Response.FromString(output))
+    return result
+
+
+def result_from(row: Mapping[str, Any], output: bytes | None) -> run_pb2.Result:
+    """The Result message of a results row read back (any column order) and its job's output."""
+    return result_message(tuple(row[c] for c in RESULT_COLUMNS), timestamp(row["complete_time"]), output)
 
 
 async def insert_results(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
