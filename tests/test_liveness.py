@@ -453,7 +453,9 @@ async def test_supervise_restarts_a_loop_until_shutdown_and_ends_on_its_own_canc
     assert metrics.registry.get_sample_value("evalsvc_loop_restarts_total", {"loop": "own"}) == 0
 
 
-FAULT_SITES = {"claim": (job_store, "claim"), "record": (executor_module, "record"), "leases": (job_store, "extend")}
+# Where each loop's work fails: the loop's own step (not a function run inside the database writer,
+# whose group retry could absorb a fault before the loop sees it).
+FAULT_SITES = {"claim": "_claim", "record": "record", "leases": "_extend_leases"}
 
 
 @pytest.mark.parametrize("loop", list(FAULT_SITES))
@@ -464,16 +466,18 @@ async def test_executor_loops_survive_failures_and_stray_cancellations(
     the loop (logged with its name, counted) and the runs end; a batch that could not be recorded runs
     again once its leases expire."""
     faults: list[BaseException] = [RuntimeError("injected"), asyncio.CancelledError()]
-    module, name = FAULT_SITES[loop]
-    real = getattr(module, name)
-
-    async def flaky(*args: Any, **kwargs: Any) -> Any:
-        if faults:
-            raise faults.pop(0)
-        return await real(*args, **kwargs)
+    name = FAULT_SITES[loop]
 
     async with serving(tmp_path, lease_ttl_s=1.0) as srv, Webhook(slow_s=0.5) as hook, tenants(srv, "a") as t:
-        monkeypatch.setattr(module, name, flaky)
+        owner: Any = executor_module if loop == "record" else srv.executor
+        real = getattr(owner, name)
+
+        async def flaky(*args: Any, **kwargs: Any) -> Any:
+            if faults:
+                raise faults.pop(0)
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, flaky)
         # Renewals happen only while jobs are in flight: 20 calls of 0.5 s, 8 at a time, outlast both faults.
         targets = [webhook(hook.url + "/slow")] if loop == "leases" else [echo(), recorded()]
         with caplog.at_level(logging.ERROR, logger="evalsvc.liveness"):

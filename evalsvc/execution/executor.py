@@ -680,10 +680,12 @@ class Executor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_requested.wait(), interval)
             if self._open_claims and not self._stopping:
-                await self._db.transact(
-                    functools.partial(
-                        job_store.extend,
-                        claim_ids=list(self._open_claims),
-                        expiry=time.time() + self._settings.lease_ttl_s,
-                    )
-                )
+                await self._extend_leases()
+
+    async def _extend_leases(self) -> None:
+        """Keep the leases of the claims still being worked on for another lease_ttl_s."""
+        await self._db.transact(
+            functools.partial(
+                job_store.extend, claim_ids=list(self._open_claims), expiry=time.time() + self._settings.lease_ttl_s
+            )
+        )
