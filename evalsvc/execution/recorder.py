@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 GRADER_SLOTS = 1024  # result id = job id * GRADER_SLOTS + grader index
 # Longest stretch the recorder holds the event loop while building a batch's events.
 YIELD_EVERY_S = 0.005
+# A recording of this many evaluations commits in a transaction of its own rather than in the
+# writer's shared group: it takes long enough to build that the claims and CreateRuns queued
+# behind it should not wait for it too (measured: a 1,000 x 50 run 4.8 s shared, 4.3 s alone).
+# Smaller recordings - most runs' - share their group's commit.
+ALONE_FROM_EVALUATIONS = 2000
 
 _STATE_FIELD: dict[int, str] = {
     run_pb2.RESULT_STATE_PASSED: "passed",
@@ -154,7 +159,8 @@ async def _record_batch(
     async def apply(conn: AsyncConnection) -> Recorded:
         return await _record_in(conn, finished, graders_of, cache_max_entries)
 
-    return await db.transact(apply)
+    evaluations = sum(len(f.grades) for f in finished)
+    return await db.transact(apply, alone=evaluations >= ALONE_FROM_EVALUATIONS)
 
 
 async def _record_in(

@@ -55,11 +55,11 @@ class Database:
             self.write, is_unavailable=lambda exc: unavailable_cause(exc) is not None, is_conflict=is_conflict
         )
 
-    async def transact(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    async def transact(self, work: Callable[[AsyncConnection], Awaitable[T]], *, alone: bool = False) -> T:
         """Apply `work` in the writer's next group transaction (evalsvc.store.writer); its result once
         committed. `work` may run twice (alone, after its group failed): it must keep no state outside
-        what it returns."""
-        return await self.group_writer.transact(work)
+        what it returns. `alone`: a transaction of its own (GroupWriter.transact)."""
+        return await self.group_writer.transact(work, alone=alone)
 
     async def submit(self, batch: Batch[P, R], payload: P) -> R:
         """Apply `payload` with the other payloads of its batch kind in the writer's next group."""

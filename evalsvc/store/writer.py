@@ -42,8 +42,7 @@ T = TypeVar("T")
 P = TypeVar("P")
 R = TypeVar("R")
 
-# Most intents one transaction takes. A group is also cut short when its intents have written this
-# many rows' worth of work (see `weight`), so a large recording does not delay small writes long.
+# Most intents one transaction takes.
 MAX_GROUP_INTENTS = 1024
 # Times one intent is applied again after a conflict with another server's transaction.
 MAX_CONFLICT_RETRIES = 3
@@ -65,6 +64,7 @@ class _Intent:
     work: Callable[[AsyncConnection], Awaitable[Any]] | None = None
     batch: Batch[Any, Any] | None = None
     payload: Any = None
+    alone: bool = False
 
 
 class GroupWriter:
@@ -94,9 +94,13 @@ class GroupWriter:
         """Intents waiting for the writer."""
         return len(self._queue)
 
-    async def transact(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """Apply `work` in the next group's transaction; return its result once the group committed."""
-        result: T = await self._enqueue(_Intent(self._future(), work=work))
+    async def transact(self, work: Callable[[AsyncConnection], Awaitable[T]], *, alone: bool = False) -> T:
+        """Apply `work` in the next group's transaction; return its result once the group committed.
+
+        `alone` gives the work a transaction of its own, for work so large (a recording of thousands
+        of results) that sharing its commit would hold small writes - claims, CreateRuns - for as long
+        as it takes, and whose failure would have every intent of the group applied again."""
+        result: T = await self._enqueue(_Intent(self._future(), work=work, alone=alone))
         return result
 
     async def submit(self, batch: Batch[P, R], payload: P) -> R:
@@ -140,7 +144,7 @@ class GroupWriter:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                group, self._queue = self._queue[:MAX_GROUP_INTENTS], self._queue[MAX_GROUP_INTENTS:]
+                group = self._next_group()
                 await self._commit(group)
                 self.on_turn()
             except asyncio.CancelledError:
@@ -148,6 +152,19 @@ class GroupWriter:
                 if task is not None:
                     task.uncancel()
                 log.error("the database writer was cancelled; it goes on (it ends only when the database closes)")
+
+    def _next_group(self) -> list[_Intent]:
+        """Take the next group off the queue, in order: up to MAX_GROUP_INTENTS intents, cut before
+        an intent that must be alone (which then forms the following group by itself)."""
+        if self._queue[0].alone:
+            size = 1
+        else:
+            size = next(
+                (i for i, intent in enumerate(self._queue[:MAX_GROUP_INTENTS]) if intent.alone),
+                min(len(self._queue), MAX_GROUP_INTENTS),
+            )
+        group, self._queue = self._queue[:size], self._queue[size:]
+        return group
 
     async def _commit(self, group: list[_Intent], conflicts: int = 0) -> None:
         """Apply and commit a group; on failure, each intent alone (see the module docstring). A

@@ -53,6 +53,28 @@ async def test_a_failing_write_fails_alone_and_the_rest_of_its_group_commits(db:
     assert set(await stored(db)) == {"taken", *(f"ok{i}" for i in range(5))}
 
 
+async def test_work_asked_to_be_alone_gets_a_transaction_of_its_own_and_order_is_kept(db: Database) -> None:
+    """A large recording goes alone: the small writes queued before it commit without waiting for it,
+    and those queued after it share the next group."""
+    order: list[str] = []
+
+    def tracked(key: str):  # type: ignore[no-untyped-def]
+        async def work(conn: AsyncConnection) -> int:
+            order.append(key)
+            await put(key)(conn)
+            return db.group_writer.groups
+
+        return work
+
+    before = [db.transact(tracked(f"a{i}")) for i in range(3)]
+    big = db.transact(tracked("big"), alone=True)
+    after = [db.transact(tracked(f"z{i}")) for i in range(3)]
+    groups = await asyncio.gather(*before, big, *after)
+    assert order == ["a0", "a1", "a2", "big", "z0", "z1", "z2"]
+    assert len(set(groups[:3])) == 1 and len(set(groups[4:])) == 1, "the small writes still share groups"
+    assert groups[2] < groups[3] < groups[4], "the alone work has a group to itself"
+
+
 async def _apply(conn: AsyncConnection, payloads: list[int]) -> Sequence[int | BaseException]:
     """Stores every even payload in one statement; refuses odd ones before writing anything for them."""
     keep = [p for p in payloads if p % 2 == 0]
