@@ -8,7 +8,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.ids import PROCESS_ID
-from evalsvc.store.bulk import insert_tuples
+from evalsvc.store.bulk import build_rows, insert_tuples
 from evalsvc.store.models import EventRow
 from evalsvc.v1 import eval_run_service_pb2 as pb
 
@@ -34,12 +34,11 @@ async def append_many(conn: AsyncConnection, batches: Sequence[tuple[str, str, S
     batches = [batch for batch in batches if batch[2]]
     if not batches:
         return
-    await insert_tuples(
-        conn,
-        EVENTS,
-        ("run_id", "seq", "tenant", "payload"),
-        [(run_id, e.seq, tenant, e.SerializeToString()) for tenant, run_id, events in batches for e in events],
+    rows = await build_rows(
+        lambda row: (row[1], row[2].seq, row[0], row[2].SerializeToString()),
+        ((tenant, run_id, e) for tenant, run_id, events in batches for e in events),
     )
+    await insert_tuples(conn, EVENTS, ("run_id", "seq", "tenant", "payload"), rows)
     if conn.dialect.name == "postgresql":
         notices = [
             func.pg_notify(EVENTS_CHANNEL, f"{PROCESS_ID}|{run_id}|{events[-1].seq}") for _, run_id, events in batches
