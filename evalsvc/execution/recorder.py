@@ -32,6 +32,7 @@ from evalsvc.store import cache as cache_store
 from evalsvc.store import events as event_log
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
+from evalsvc.store.bulk import YIELD_EVERY_S
 from evalsvc.store.cache import CacheEntry
 from evalsvc.store.db import Database
 from evalsvc.store.jobs import ClaimedJob
@@ -42,8 +43,6 @@ from evalsvc.v1 import item_pb2, run_pb2
 log = logging.getLogger(__name__)
 
 GRADER_SLOTS = 1024  # result id = job id * GRADER_SLOTS + grader index
-# Longest stretch the recorder holds the event loop while building a batch's events.
-YIELD_EVERY_S = 0.005
 # A recording of this many evaluations commits in a transaction of its own rather than in the
 # writer's shared group: it takes long enough to build that the claims and CreateRuns queued
 # behind it should not wait for it too (measured: a 1,000 x 50 run 4.8 s shared, 4.3 s alone).
