@@ -47,12 +47,26 @@ async def build_rows(build: Callable[[T], R], items: Iterable[T]) -> list[R]:
     return rows
 
 
+async def execute_many(conn: AsyncConnection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    """Run one statement written with `?` placeholders once per row, with one driver executemany: for
+    per-row UPDATEs of many rows, which as one SQLAlchemy statement (a CASE per column over every
+    row) cost more to build and compile than to run."""
+    if rows:
+        await conn.exec_driver_sql(_in_paramstyle(conn.dialect.paramstyle, sql), rows)
+
+
 @functools.cache
 def _insert_sql(paramstyle: str, table: str, columns: tuple[str, ...]) -> str:
+    placeholders = ", ".join("?" * len(columns))
+    return _in_paramstyle(paramstyle, f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})")
+
+
+@functools.cache
+def _in_paramstyle(paramstyle: str, sql: str) -> str:
+    """`sql`, written with `?` placeholders (and no `?` elsewhere), in the driver's own style."""
     if paramstyle == "qmark":  # sqlite3 / aiosqlite
-        placeholders = ["?"] * len(columns)
-    elif paramstyle == "numeric_dollar":  # asyncpg
-        placeholders = [f"${i}" for i in range(1, len(columns) + 1)]
-    else:
-        raise ValueError(f"no bulk insert for the {paramstyle!r} parameter style")
-    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(placeholders)})"
+        return sql
+    if paramstyle == "numeric_dollar":  # asyncpg
+        parts = sql.split("?")
+        return parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], start=1))
+    raise ValueError(f"no bulk statements for the {paramstyle!r} parameter style")
