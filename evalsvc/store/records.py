@@ -67,6 +67,247 @@ class RunRecord:
         return cls(**row)
 
 
+@dataclass(frozen=True, slots=True)
+class SavedGraderRecord:
+    """A row of `saved_graders` (models.SavedGraderRow): a saved grader; its definitions are its versions."""
+
+    id: str
+    tenant: str
+    request_id: str | None
+    request_hash: str
+    display_name: str
+    description: str
+    labels: Mapping[str, str]
+    latest_version: int
+    create_time: float
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> SavedGraderRecord:
+        """The record of a `saved_graders` row read with all its columns."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class GraderVersionRecord:
+    """A row of `saved_grader_versions` (models.SavedGraderVersionRow): one immutable grader definition."""
+
+    grader_id: str
+    version: int
+    tenant: str
+    definition: bytes  # a serialized grader_pb2.Grader
+    create_time: float
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> GraderVersionRecord:
+        """The record of a `saved_grader_versions` row read with all its columns."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class SavedTargetRecord:
+    """A row of `saved_targets` (models.SavedTargetRow): a saved target definition."""
+
+    id: str
+    tenant: str
+    request_id: str | None
+    request_hash: str
+    display_name: str
+    description: str
+    labels: Mapping[str, str]
+    definition: bytes  # a serialized target_pb2.Target
+    create_time: float
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> SavedTargetRecord:
+        """The record of a `saved_targets` row read with all its columns."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetRecord:
+    """A row of `datasets` (models.DatasetRow): a named set of items (the items are rows of their own)."""
+
+    id: str
+    tenant: str
+    request_id: str | None
+    request_hash: str
+    display_name: str
+    description: str
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    item_count: int
+    create_time: float
+    update_time: float
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> DatasetRecord:
+        """The record of a `datasets` row read with all its columns."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetGenerationRecord:
+    """A row of `dataset_generations` (models.DatasetGenerationRow): items a model is asked to write
+    into a dataset, with the lease of the process working on it."""
+
+    dataset_id: str
+    tenant: str
+    state: int  # a DatasetGeneration.State
+    item_count: int
+    generated_count: int
+    instructions: str
+    error: str
+    claim_id: str | None
+    lease_expiry: float | None
+    create_time: float
+    update_time: float
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> DatasetGenerationRecord:
+        """The record of a `dataset_generations` row read with all its columns."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimableGeneration:
+    """A generation waiting for a worker, as the claim loop picks one: which dataset, whose. Its
+    fields are the `dataset_generations` columns the query reads, by name."""
+
+    dataset_id: str
+    tenant: str
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> ClaimableGeneration:
+        """The record of a generation row read with its dataset_id and tenant."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    """A row of `api_keys` (models.ApiKeyRow): a key's id and tenant, and only a hash of its secret."""
+
+    id: str
+    tenant: str
+    name: str
+    secret_hash: str
+    create_time: float
+    expire_time: float | None
+    revoke_time: float | None
+    last_used_time: float | None
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> ApiKeyRecord:
+        """The record of an `api_keys` row read with all its columns."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSecretRecord:
+    """A row of `tenant_secrets` (models.TenantSecretRow): a secret's name in clear, its value sealed."""
+
+    tenant: str
+    name: str
+    sealed: bytes
+    create_time: float
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> TenantSecretRecord:
+        """The record of a `tenant_secrets` row read with all its columns."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class SecretName:
+    """A tenant's secret as listings show it, without its value: the `tenant_secrets` columns tenant,
+    name and create_time."""
+
+    tenant: str
+    name: str
+    create_time: float
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> SecretName:
+        """The record of a secret row read with its tenant, name and create_time."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookRecord:
+    """A row of `webhooks` (models.WebhookRow): a tenant's endpoint, with the secrets that sign its
+    deliveries."""
+
+    id: str
+    tenant: str
+    request_id: str | None
+    request_hash: str
+    url: str
+    event_mask: int  # one bit per event type (evalsvc.messages.webhook_events)
+    description: str
+    enabled: bool
+    disabled_reason: str
+    secret: bytes
+    previous_secret: bytes | None
+    previous_secret_expire_time: float | None
+    create_time: float
+    update_time: float
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> WebhookRecord:
+        """The record of a `webhooks` row read with all its columns."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDeliveryRecord:
+    """A row of `webhook_deliveries` (models.WebhookDeliveryRow): one notification of one run event to
+    one webhook, with its lease and retry state."""
+
+    id: str
+    tenant: str
+    webhook_id: str
+    event_type: str
+    run_id: str
+    seq: int
+    status: int  # a WebhookDeliveryStatus
+    attempts: int
+    next_attempt_time: float | None
+    claim_id: str | None
+    lease_expiry: float | None
+    last_response_code: int
+    last_error: str
+    create_time: float
+    last_attempt_time: float | None
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> WebhookDeliveryRecord:
+        """The record of a `webhook_deliveries` row read with all its columns."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedDelivery:
+    """A delivery a sender leased, as `claim_due` returns it: what sending it and recording the outcome
+    under the claim need. Its fields are the columns the claim reads (`webhooks.CLAIMED_COLUMNS`): the
+    delivery's own, its webhook's url and signing secrets, and the run event it reports."""
+
+    id: str
+    tenant: str
+    webhook_id: str
+    event_type: str
+    attempts: int
+    claim_id: str
+    url: str
+    secret: bytes
+    previous_secret: bytes | None
+    previous_secret_expire_time: float | None
+    payload: bytes  # a serialized eval_run_service_pb2.WatchRunResponse
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> ClaimedDelivery:
+        """The record of a claimed delivery read with CLAIMED_COLUMNS."""
+        return cls(**row)
+
+
 def counts_from(run: RunRecord) -> run_pb2.RunCounts:
     """A run's counters as RunCounts."""
     return run_pb2.RunCounts(
