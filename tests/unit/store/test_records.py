@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from sqlmodel import SQLModel
 
+from evalsvc.store import datasets, webhooks
 from evalsvc.store.jobs import CLAIMED_COLUMNS, OUTPUT_COLUMNS, ClaimedJob, output_tuple
 from evalsvc.store.models import (
     ApiKeyRow,
@@ -25,6 +26,8 @@ from evalsvc.store.models import (
 )
 from evalsvc.store.records import (
     ApiKeyRecord,
+    ClaimableGeneration,
+    ClaimedDelivery,
     DatasetGenerationRecord,
     DatasetRecord,
     GraderVersionRecord,
@@ -61,6 +64,8 @@ def test_a_partial_record_is_read_from_the_columns_of_its_fields() -> None:
     """Records of queries that read some columns: their queries select exactly those, in field order."""
     for record, columns in [
         (ClaimedJob, CLAIMED_COLUMNS),
+        (ClaimableGeneration, datasets.CLAIMABLE_COLUMNS),
+        (ClaimedDelivery, webhooks.CLAIMED_COLUMNS),
     ]:
         assert [column.name for column in columns] == [field.name for field in fields(record)], record.__name__
 
