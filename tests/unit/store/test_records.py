@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlmodel import SQLModel
 
-from evalsvc.store import datasets, webhooks
+from evalsvc.store import datasets, secrets, webhooks
 from evalsvc.store.jobs import CLAIMED_COLUMNS, OUTPUT_COLUMNS, ClaimedJob, output_tuple
 from evalsvc.store.models import (
     ApiKeyRow,
@@ -34,6 +34,7 @@ from evalsvc.store.records import (
     RunRecord,
     SavedGraderRecord,
     SavedTargetRecord,
+    SecretName,
     TenantSecretRecord,
     WebhookDeliveryRecord,
     WebhookRecord,
@@ -66,6 +67,7 @@ def test_a_partial_record_is_read_from_the_columns_of_its_fields() -> None:
         (ClaimedJob, CLAIMED_COLUMNS),
         (ClaimableGeneration, datasets.CLAIMABLE_COLUMNS),
         (ClaimedDelivery, webhooks.CLAIMED_COLUMNS),
+        (SecretName, secrets.NAME_COLUMNS),
     ]:
         assert [column.name for column in columns] == [field.name for field in fields(record)], record.__name__
 
