@@ -68,6 +68,70 @@ class RunRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ResultRecord:
+    """A row of `results` (models.ResultRow): one evaluation's outcome."""
+
+    id: int  # job id x 1024 + grader index
+    tenant: str
+    run_id: str
+    job_id: int
+    item_id: str
+    repetition: int
+    grader: str
+    state: int  # a run_pb2.ResultState
+    score: float
+    raw_score: float
+    explanation: str
+    error_reason: str
+    attempt: int
+    cost_usd: float
+    latency_ms: float
+    complete_time: float
+    scoring_cost_usd: float
+    confidence: float | None
+    cached: bool
+    verdict_cached: bool
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> ResultRecord:
+        """The record of a `results` row read with all its columns."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class GraderTally:
+    """A run's results of one grader in one state, summed (`runs.aggregate_inputs`): what the run's
+    aggregate is computed from. The costs and hits count verdicts paid for and verdicts from the
+    response cache apart."""
+
+    run_id: str
+    grader: str
+    state: int  # a run_pb2.ResultState
+    n: int
+    score_sum: float
+    score_sq_sum: float
+    scoring_cost: float  # of the verdicts paid for
+    scoring_saved: float  # what the cached verdicts cost when they were recorded
+    verdict_hits: int  # verdicts from the response cache
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> GraderTally:
+        """The record of a row of the GROUP BY query (columns named as the fields). SUMs are read as the
+        field's type and NULL as 0: what a database returns for a sum varies (an integer, a Decimal)."""
+        return cls(
+            run_id=row["run_id"],
+            grader=row["grader"],
+            state=row["state"],
+            n=int(row["n"]),
+            score_sum=float(row["score_sum"] or 0.0),
+            score_sq_sum=float(row["score_sq_sum"] or 0.0),
+            scoring_cost=float(row["scoring_cost"] or 0.0),
+            scoring_saved=float(row["scoring_saved"] or 0.0),
+            verdict_hits=int(row["verdict_hits"] or 0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class SavedGraderRecord:
     """A row of `saved_graders` (models.SavedGraderRow): a saved grader; its definitions are its versions."""
 

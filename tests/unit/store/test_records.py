@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 from sqlmodel import SQLModel
 
-from evalsvc.store import datasets, secrets, webhooks
+from evalsvc.store import datasets, runs, secrets, webhooks
 from evalsvc.store.jobs import CLAIMED_COLUMNS, OUTPUT_COLUMNS, ClaimedJob, output_tuple
 from evalsvc.store.models import (
     ApiKeyRow,
     DatasetGenerationRow,
     DatasetRow,
+    ResultRow,
     RunRow,
     SavedGraderRow,
     SavedGraderVersionRow,
@@ -30,7 +31,9 @@ from evalsvc.store.records import (
     ClaimedDelivery,
     DatasetGenerationRecord,
     DatasetRecord,
+    GraderTally,
     GraderVersionRecord,
+    ResultRecord,
     RunRecord,
     SavedGraderRecord,
     SavedTargetRecord,
@@ -43,6 +46,7 @@ from evalsvc.store.runs import RESULT_COLUMNS, result_tuple
 
 FULL_RECORDS: list[tuple[type[Any], type[SQLModel]]] = [
     (RunRecord, RunRow),
+    (ResultRecord, ResultRow),
     (SavedGraderRecord, SavedGraderRow),
     (GraderVersionRecord, SavedGraderVersionRow),
     (SavedTargetRecord, SavedTargetRow),
@@ -68,6 +72,7 @@ def test_a_partial_record_is_read_from_the_columns_of_its_fields() -> None:
         (ClaimableGeneration, datasets.CLAIMABLE_COLUMNS),
         (ClaimedDelivery, webhooks.CLAIMED_COLUMNS),
         (SecretName, secrets.NAME_COLUMNS),
+        (GraderTally, runs.TALLY_COLUMNS),
     ]:
         assert [column.name for column in columns] == [field.name for field in fields(record)], record.__name__
 
