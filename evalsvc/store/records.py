@@ -4,7 +4,9 @@ The SQLModel classes in `models.py` define the tables (and Alembic's target meta
 what one row of a table reads as: every column, typed, read by attribute, never changed. A record is
 built from the row's mapping by keyword (`from_row`), so a column the table gains or loses without
 its record fails on the first read instead of going unnoticed (tests/unit/store/test_records.py
-checks the two agree column by column).
+checks the two agree column by column). A query that reads only some columns, or computes them
+(a claim, a listing without values, a GROUP BY), returns a record of exactly those, named for what it
+is, never a full record with holes.
 
 Records are shared: the run cache (`run_cache.py`) hands the same `RunRecord` to every GetRun of an
 unchanged run. Their map columns are plain dicts typed read-only; never change one.
