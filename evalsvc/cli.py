@@ -174,10 +174,10 @@ async def _secrets_command(args: argparse.Namespace, settings: config.Settings) 
             print(f"set secret {name} of tenant {args.tenant!r}", file=sys.stderr)
         elif args.secrets_command == "list":
             async with db.read() as conn:
-                rows = await secret_store.listing(conn, args.tenant)
+                listed = await secret_store.listing(conn, args.tenant)
             print(f"{'TENANT':<18}{'NAME':<66}SET")
-            for row in rows:
-                print(f"{row['tenant']:<18}{row['name']:<66}{_when(row['create_time'])}")
+            for secret in listed:
+                print(f"{secret.tenant:<18}{secret.name:<66}{_when(secret.create_time)}")
         else:
             await secrets.delete(args.tenant, args.name)
             print(f"deleted secret {args.name.upper()} of tenant {args.tenant!r}", file=sys.stderr)

@@ -8,8 +8,8 @@ under concurrent retries; with a different request it is ALREADY_EXISTS. A uniqu
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar, cast
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar, cast
 
 import grpc
 from google.protobuf.message import Message
@@ -22,12 +22,23 @@ from evalsvc.store.db import Database
 T = TypeVar("T")
 
 
+class Created(Protocol):
+    """What a Create method stored, as its record reads: what it created, and the fingerprint of the
+    request that created it."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def request_hash(self) -> str: ...
+
+
+R = TypeVar("R", bound=Created)
+
+
 def fingerprint(message: Message) -> str:
     """A digest of a request's definition: equal definitions, equal digests (deterministic serialization)."""
     return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
-
-
-Row = Mapping[str, Any]
 
 
 def conflict(kind: str, request_id: str, existing_id: str) -> ServiceError:
@@ -47,14 +58,14 @@ async def create_once(
     kind: str,
     request_id: str,
     fingerprint: str,
-    find: Callable[[AsyncConnection], Awaitable[Row | None]],
+    find: Callable[[AsyncConnection], Awaitable[R | None]],
     create: Callable[[AsyncConnection], Awaitable[T]],
-    replay: Callable[[Row], Awaitable[T]],
+    replay: Callable[[R], Awaitable[T]],
 ) -> T:
     """Run `create` in a write transaction unless `find` shows the request_id was used already;
     then `replay` answers with what the first request created."""
 
-    async def first_or_create(conn: AsyncConnection) -> tuple[Row | None, T | None]:
+    async def first_or_create(conn: AsyncConnection) -> tuple[R | None, T | None]:
         existing = await find(conn) if request_id else None
         return (existing, None) if existing is not None else (None, await create(conn))
 
@@ -69,6 +80,6 @@ async def create_once(
             existing = await find(conn)
         if existing is None:
             raise
-    if existing["request_hash"] != fingerprint:
-        raise conflict(kind, request_id, existing["id"])
+    if existing.request_hash != fingerprint:
+        raise conflict(kind, request_id, existing.id)
     return await replay(existing)

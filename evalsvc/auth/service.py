@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 
@@ -21,6 +20,7 @@ from evalsvc.errors import Reason, ServiceError
 from evalsvc.ids import is_tenant_name
 from evalsvc.store import keys as key_store
 from evalsvc.store.db import Database
+from evalsvc.store.records import ApiKeyRecord
 
 DEFAULT_TENANT = "default"
 TOUCH_EVERY_S = 60.0
@@ -65,23 +65,23 @@ class Caller:
     key_id: str
 
 
-def _info(row: Mapping[str, Any]) -> KeyInfo:
+def _info(key: ApiKeyRecord) -> KeyInfo:
     return KeyInfo(
-        key_id=row["id"],
-        tenant=row["tenant"],
-        name=row["name"],
-        create_time=row["create_time"],
-        expire_time=row["expire_time"],
-        revoke_time=row["revoke_time"],
-        last_used_time=row["last_used_time"],
+        key_id=key.id,
+        tenant=key.tenant,
+        name=key.name,
+        create_time=key.create_time,
+        expire_time=key.expire_time,
+        revoke_time=key.revoke_time,
+        last_used_time=key.last_used_time,
     )
 
 
-def _refusal(row: Mapping[str, Any], now: float) -> ServiceError | None:
+def _refusal(key: ApiKeyRecord, now: float) -> ServiceError | None:
     """Why a known key may not be used at `now`, or None."""
-    if row["revoke_time"] is not None:
+    if key.revoke_time is not None:
         return unauthenticated(Reason.API_KEY_REVOKED, "the API key was revoked")
-    if row["expire_time"] is not None and row["expire_time"] <= now:
+    if key.expire_time is not None and key.expire_time <= now:
         return unauthenticated(Reason.API_KEY_EXPIRED, "the API key has expired")
     return None
 
@@ -92,9 +92,9 @@ class KeyService:
     def __init__(self, db: Database, *, cache_s: float = 2.0) -> None:
         self._db = db
         self._cache_s = cache_s
-        self._verified: dict[str, tuple[float, Mapping[str, Any]]] = {}
-        self._accepted: dict[str, tuple[float, Mapping[str, Any]]] = {}
-        self._reading: dict[str, asyncio.Future[Mapping[str, Any] | None]] = {}
+        self._verified: dict[str, tuple[float, ApiKeyRecord]] = {}
+        self._accepted: dict[str, tuple[float, ApiKeyRecord]] = {}
+        self._reading: dict[str, asyncio.Future[ApiKeyRecord | None]] = {}
         self._touched: dict[str, float] = {}
 
     async def create(self, tenant: str, name: str = "", expires_in_s: float | None = None) -> tuple[str, KeyInfo]:
@@ -103,21 +103,23 @@ class KeyService:
             raise ValueError("tenant must be 1-64 characters of [a-z0-9_-], starting with a letter or digit")
         full, parsed = keys.new_key()
         now = time.time()
-        row = {
-            "id": parsed.key_id,
-            "tenant": tenant,
-            "name": name,
-            "secret_hash": keys.hash_secret(parsed.secret),
-            "create_time": now,
-            "expire_time": now + expires_in_s if expires_in_s else None,
-        }
-        await self._db.transact(lambda conn: key_store.insert_key(conn, row))
-        return full, _info({**row, "revoke_time": None, "last_used_time": None})
+        key = ApiKeyRecord(
+            id=parsed.key_id,
+            tenant=tenant,
+            name=name,
+            secret_hash=keys.hash_secret(parsed.secret),
+            create_time=now,
+            expire_time=now + expires_in_s if expires_in_s else None,
+            revoke_time=None,
+            last_used_time=None,
+        )
+        await self._db.transact(lambda conn: key_store.insert_key(conn, key))
+        return full, _info(key)
 
     async def list(self, tenant: str | None = None) -> list[KeyInfo]:
         """Keys, oldest first, optionally of one tenant."""
         async with self._db.read() as conn:
-            return [_info(row) for row in await key_store.list_keys(conn, tenant)]
+            return [_info(key) for key in await key_store.list_keys(conn, tenant)]
 
     async def revoke(self, key_id: str) -> bool:
         """Revoke a key (idempotent); False when there is no such key."""
@@ -130,7 +132,7 @@ class KeyService:
         """Drop a key from the caches, so its next call reads the database."""
         self._verified.pop(key_id, None)
         self._reading.pop(key_id, None)
-        self._accepted = {key: entry for key, entry in self._accepted.items() if entry[1]["id"] != key_id}
+        self._accepted = {key: entry for key, entry in self._accepted.items() if entry[1].id != key_id}
 
     async def bootstrap(self) -> str | None:
         """A key for tenant `default` when the database has no key at all, else None."""
@@ -147,14 +149,13 @@ class KeyService:
                 Reason.API_KEY_MISSING, "an API key is required: metadata 'authorization: Bearer <key>' or 'x-api-key'"
             )
         now = time.time()
-        row = await self._verify(presented, now)
-        if (refused := _refusal(row, now)) is not None:
+        key = await self._verify(presented, now)
+        if (refused := _refusal(key, now)) is not None:
             raise refused
-        if now - self._touched.get(row["id"], 0.0) >= TOUCH_EVERY_S:
-            self._touched[row["id"]] = now
-            key_id = row["id"]
-            await self._db.transact(lambda conn: key_store.touch(conn, key_id, now))
-        return Caller(tenant=str(row["tenant"]), key_id=str(row["id"]))
+        if now - self._touched.get(key.id, 0.0) >= TOUCH_EVERY_S:
+            self._touched[key.id] = now
+            await self._db.transact(lambda conn: key_store.touch(conn, key.id, now))
+        return Caller(tenant=key.tenant, key_id=key.id)
 
     async def refused_now(self, key_ids: Sequence[str]) -> dict[str, ServiceError]:
         """Of keys that were valid, those no longer valid (revoked, expired or deleted), each with the
@@ -162,22 +163,22 @@ class KeyService:
         for open streams, which checked their key once, when they started. Refused keys leave the cache."""
         now = time.time()
         async with self._db.read() as conn:
-            rows = {row["id"]: row for row in await key_store.get_many(conn, key_ids)}
+            found = {key.id: key for key in await key_store.get_many(conn, key_ids)}
         refused = {}
         for key_id in key_ids:
-            row = rows.get(key_id)
+            key = found.get(key_id)
             error = (
                 unauthenticated(Reason.API_KEY_INVALID, "the API key is not valid")
-                if row is None
-                else _refusal(row, now)
+                if key is None
+                else _refusal(key, now)
             )
             if error is not None:
                 refused[key_id] = error
                 self._forget(key_id)  # new calls with it are refused from now on too, not when the cache expires
         return refused
 
-    async def _verify(self, presented: str, now: float) -> Mapping[str, Any]:
-        """The row of the key whose secret `presented` carries; UNAUTHENTICATED when there is none.
+    async def _verify(self, presented: str, now: float) -> ApiKeyRecord:
+        """The key whose secret `presented` carries; UNAUTHENTICATED when there is none.
 
         A key verified less than `cache_s` ago is not parsed and hashed again: every RPC of a client
         presents the same key, and on the cheapest calls (GetRun) those steps were a visible share."""
@@ -187,16 +188,16 @@ class KeyService:
         parsed = keys.parse(presented)
         if parsed is None:
             raise unauthenticated(Reason.API_KEY_INVALID, "the API key is malformed or mistyped")
-        row = await self._lookup(parsed.key_id, now)
-        if row is None or not keys.secret_matches(parsed.secret, row["secret_hash"]):
+        key = await self._lookup(parsed.key_id, now)
+        if key is None or not keys.secret_matches(parsed.secret, key.secret_hash):
             raise unauthenticated(Reason.API_KEY_INVALID, "the API key is not valid")
         if self._cache_s > 0:
             if len(self._accepted) > 10_000:
                 self._accepted.clear()
-            self._accepted[presented] = (now, row)
-        return row
+            self._accepted[presented] = (now, key)
+        return key
 
-    async def _lookup(self, key_id: str, now: float) -> Mapping[str, Any] | None:
+    async def _lookup(self, key_id: str, now: float) -> ApiKeyRecord | None:
         """The key's row, cached for `cache_s`. Concurrent lookups of one key share one read: when the
         cached row expires under load, every call in flight missed it at once and each read it again
         (on GetRun, 12% of the process's time went to those reads). Only with the cache on: a call
@@ -212,16 +213,15 @@ class KeyService:
             reading.add_done_callback(lambda done: self._reading.get(key_id) is done and self._reading.pop(key_id))
         return await asyncio.shield(reading)  # a caller that goes away does not cancel the others' read
 
-    async def _read_and_cache(self, key_id: str, now: float) -> Mapping[str, Any] | None:
-        row = await self._read(key_id)
+    async def _read_and_cache(self, key_id: str, now: float) -> ApiKeyRecord | None:
+        key = await self._read(key_id)
         # Not when the key was revoked while it was read (`_forget`): the row may predate the revocation.
-        if row is not None and self._reading.get(key_id) is asyncio.current_task():
+        if key is not None and self._reading.get(key_id) is asyncio.current_task():
             if len(self._verified) > 10_000:
                 self._verified.clear()
-            self._verified[key_id] = (now, row)
-        return row
+            self._verified[key_id] = (now, key)
+        return key
 
-    async def _read(self, key_id: str) -> Mapping[str, Any] | None:
+    async def _read(self, key_id: str) -> ApiKeyRecord | None:
         async with self._db.read() as conn:
-            row = await key_store.get(conn, key_id)
-        return None if row is None else dict(row)
+            return await key_store.get(conn, key_id)

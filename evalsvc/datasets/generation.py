@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -38,6 +38,7 @@ from evalsvc.messages.validation import assign_item_ids, check_items
 from evalsvc.storable import storable_json
 from evalsvc.store import datasets as dataset_store
 from evalsvc.store.db import Database
+from evalsvc.store.records import DatasetGenerationRecord
 from evalsvc.targets import chat_url
 from evalsvc.v1 import item_pb2, target_pb2
 from evalsvc.v1.dataset_generation_pb2 import (
@@ -174,36 +175,38 @@ class DatasetGenerations:
             return DatasetGeneration(state=PENDING, item_count=request.item_count)
         now = time.time()
 
-        async def create(conn: AsyncConnection) -> tuple[Mapping[str, Any], bool]:
+        async def create(conn: AsyncConnection) -> tuple[DatasetGenerationRecord, bool]:
             if await dataset_store.get(conn, tenant, request.dataset_id, lock=True) is None:
                 raise not_found("dataset", request.dataset_id)
             existing = (await dataset_store.generations_of(conn, [request.dataset_id])).get(request.dataset_id)
             if existing is not None:
-                if (existing["item_count"], existing["instructions"]) != (request.item_count, request.instructions):
+                if (existing.item_count, existing.instructions) != (request.item_count, request.instructions):
                     raise ServiceError(
                         grpc.StatusCode.ALREADY_EXISTS,
                         Reason.GENERATION_EXISTS,
                         f"dataset {request.dataset_id!r} already has a generation with other parameters",
                     )
                 return existing, False
-            row = {
-                "dataset_id": request.dataset_id,
-                "tenant": tenant,
-                "state": PENDING,
-                "item_count": request.item_count,
-                "generated_count": 0,
-                "instructions": request.instructions,
-                "error": "",
-                "create_time": now,
-                "update_time": now,
-            }
-            await dataset_store.insert_generation(conn, row)
-            return row, True
+            generation = DatasetGenerationRecord(
+                dataset_id=request.dataset_id,
+                tenant=tenant,
+                state=PENDING,
+                item_count=request.item_count,
+                generated_count=0,
+                instructions=request.instructions,
+                error="",
+                claim_id=None,
+                lease_expiry=None,
+                create_time=now,
+                update_time=now,
+            )
+            await dataset_store.insert_generation(conn, generation)
+            return generation, True
 
-        row, created = await self._db.transact(create)
+        generation, created = await self._db.transact(create)
         if created:
             self._wake.set()
-        return generation_from(row)
+        return generation_from(generation)
 
     async def continue_conversations(self, tenant: str, request: ContinueConversationsRequest) -> list[item_pb2.Item]:
         """The next user turn of each conversation, appended to the dataset (existing ids are returned
@@ -345,40 +348,40 @@ class DatasetGenerations:
         for candidate in candidates:
             if room == 0:
                 break
-            if busy[candidate["tenant"]] >= TENANT_CONCURRENCY:
+            if busy[candidate.tenant] >= TENANT_CONCURRENCY:
                 continue
             claim_id = uuid.uuid4().hex
             now = time.time()
-            row = await self._db.transact(
+            claimed = await self._db.transact(
                 functools.partial(
                     dataset_store.claim_generation,
-                    dataset_id=candidate["dataset_id"],
+                    dataset_id=candidate.dataset_id,
                     states=CLAIMABLE,
                     claim_id=claim_id,
                     now=now,
                     expiry=now + LEASE_TTL_S,
                 )
             )
-            if row is None:
+            if claimed is None:
                 continue  # another process took it
-            task = asyncio.create_task(self._work(dict(row), claim_id), name=f"generate-{row['dataset_id']}")
-            self._working[claim_id] = (row["dataset_id"], row["tenant"], task)
+            task = asyncio.create_task(self._work(claimed, claim_id), name=f"generate-{claimed.dataset_id}")
+            self._working[claim_id] = (claimed.dataset_id, claimed.tenant, task)
             task.add_done_callback(functools.partial(self._done, claim_id))
-            busy[row["tenant"]] += 1
+            busy[claimed.tenant] += 1
             room -= 1
 
     def _done(self, claim_id: str, _task: asyncio.Task[None]) -> None:
         self._working.pop(claim_id, None)
         self._wake.set()  # a slot is free
 
-    async def _work(self, row: dict[str, Any], claim_id: str) -> None:
+    async def _work(self, generation: DatasetGenerationRecord, claim_id: str) -> None:
         """Write the remaining items batch by batch; record the outcome."""
-        dataset_id = row["dataset_id"]
+        dataset_id = generation.dataset_id
         written: list[str] = []
         try:
-            remaining = row["item_count"] - row["generated_count"]
+            remaining = generation.item_count - generation.generated_count
             while remaining > 0:
-                inputs = await self._batch(row["instructions"], min(BATCH, remaining), written)
+                inputs = await self._batch(generation.instructions, min(BATCH, remaining), written)
                 if not await self._write(self._append(dataset_id, claim_id, inputs)):
                     return  # the lease was lost: another process has it now
                 written.extend(inputs)
@@ -421,11 +424,11 @@ class DatasetGenerations:
 
         async def append(conn: AsyncConnection) -> bool:
             generation = await dataset_store.held_generation(conn, dataset_id, claim_id)
-            dataset = await dataset_store.get(conn, generation["tenant"], dataset_id, lock=True) if generation else None
+            dataset = await dataset_store.get(conn, generation.tenant, dataset_id, lock=True) if generation else None
             if generation is None or dataset is None:
                 return False
             items = [item_pb2.Item(input=text) for text in inputs]
-            assign_item_ids(items, start=dataset["item_count"])
+            assign_item_ids(items, start=dataset.item_count)
             taken = await dataset_store.existing_item_ids(conn, dataset_id, [item.id for item in items])
             for item in items:  # an id a client already used for its own item: take a fresh one
                 if item.id in taken:
@@ -435,12 +438,12 @@ class DatasetGenerations:
             if violations:
                 raise UnusableAnswer(violations[0].description)
             await dataset_store.append_items(
-                conn, generation["tenant"], dataset_id, [(item.id, item.SerializeToString()) for item in items], now
+                conn, generation.tenant, dataset_id, [(item.id, item.SerializeToString()) for item in items], now
             )
             await dataset_store.update_generation(
                 conn,
                 dataset_id,
-                generated_count=generation["generated_count"] + len(items),
+                generated_count=generation.generated_count + len(items),
                 lease_expiry=now + LEASE_TTL_S,
                 update_time=now,
             )

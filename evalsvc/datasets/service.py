@@ -5,8 +5,7 @@ from __future__ import annotations
 import builtins
 import copy
 import time
-from collections.abc import Mapping
-from typing import Any
+from typing import cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -26,6 +25,7 @@ from evalsvc.messages.validation import (
 )
 from evalsvc.store import datasets as dataset_store
 from evalsvc.store.db import Database
+from evalsvc.store.records import DatasetGenerationRecord, DatasetRecord
 from evalsvc.v1 import dataset_service_pb2 as pb
 from evalsvc.v1 import item_pb2
 from evalsvc.v1.dataset_generation_pb2 import DatasetGeneration
@@ -33,30 +33,30 @@ from evalsvc.v1.dataset_generation_pb2 import DatasetGeneration
 MAX_ITEMS_PER_CALL = 10_000
 
 
-def generation_from(row: Mapping[str, Any]) -> DatasetGeneration:
-    """The DatasetGeneration message of a dataset_generations row."""
+def generation_from(generation: DatasetGenerationRecord) -> DatasetGeneration:
+    """The DatasetGeneration message of a generation."""
     return DatasetGeneration(
-        state=row["state"],
-        item_count=row["item_count"],
-        generated_count=row["generated_count"],
-        error=row["error"],
-        create_time=timestamp(row["create_time"]),
-        update_time=timestamp(row["update_time"]),
+        state=cast("DatasetGeneration.State", generation.state),
+        item_count=generation.item_count,
+        generated_count=generation.generated_count,
+        error=generation.error,
+        create_time=timestamp(generation.create_time),
+        update_time=timestamp(generation.update_time),
     )
 
 
-def dataset_from(row: Mapping[str, Any], generation: Mapping[str, Any] | None = None) -> pb.Dataset:
-    """The Dataset message of a datasets row, with its generation's row when it has one."""
+def dataset_from(dataset: DatasetRecord, generation: DatasetGenerationRecord | None = None) -> pb.Dataset:
+    """The Dataset message of a dataset, with its generation when it has one."""
     return pb.Dataset(
         generation=generation_from(generation) if generation else None,
-        id=row["id"],
-        display_name=row["display_name"],
-        description=row["description"],
-        labels=row["labels"] or {},
-        annotations=row["annotations"] or {},
-        item_count=row["item_count"],
-        create_time=timestamp(row["create_time"]),
-        update_time=timestamp(row["update_time"]),
+        id=dataset.id,
+        display_name=dataset.display_name,
+        description=dataset.description,
+        labels=dataset.labels or {},
+        annotations=dataset.annotations or {},
+        item_count=dataset.item_count,
+        create_time=timestamp(dataset.create_time),
+        update_time=timestamp(dataset.update_time),
     )
 
 
@@ -88,25 +88,25 @@ class DatasetService:
         )
         digest = fingerprint(definition)
         now = time.time()
-        row = {
-            "id": new_id("ds"),
-            "tenant": tenant,
-            "request_id": request.request_id or None,
-            "request_hash": digest,
-            "display_name": spec.display_name,
-            "description": spec.description,
-            "labels": dict(spec.labels),
-            "annotations": dict(spec.annotations),
-            "item_count": 0,
-            "create_time": now,
-            "update_time": now,
-        }
+        dataset = DatasetRecord(
+            id=new_id("ds"),
+            tenant=tenant,
+            request_id=request.request_id or None,
+            request_hash=digest,
+            display_name=spec.display_name,
+            description=spec.description,
+            labels=dict(spec.labels),
+            annotations=dict(spec.annotations),
+            item_count=0,
+            create_time=now,
+            update_time=now,
+        )
 
-        async def create(conn: Any) -> pb.Dataset:
-            await dataset_store.insert_dataset(conn, row)
-            return dataset_from(row)
+        async def create(conn: AsyncConnection) -> pb.Dataset:
+            await dataset_store.insert_dataset(conn, dataset)
+            return dataset_from(dataset)
 
-        async def replay(existing: Mapping[str, Any]) -> pb.Dataset:
+        async def replay(existing: DatasetRecord) -> pb.Dataset:
             return dataset_from(existing)
 
         return await create_once(
@@ -122,11 +122,11 @@ class DatasetService:
     async def get(self, tenant: str, dataset_id: str) -> pb.Dataset:
         """A dataset; NOT_FOUND when missing or another tenant's."""
         async with self._db.read() as conn:
-            row = await dataset_store.get(conn, tenant, dataset_id)
-            if row is None:
+            dataset = await dataset_store.get(conn, tenant, dataset_id)
+            if dataset is None:
                 raise not_found("dataset", dataset_id)
             generations = await dataset_store.generations_of(conn, [dataset_id])
-        return dataset_from(row, generations.get(dataset_id))
+        return dataset_from(dataset, generations.get(dataset_id))
 
     async def list(self, tenant: str, request: pb.ListDatasetsRequest) -> tuple[list[pb.Dataset], str]:
         """A page of datasets, newest first."""
@@ -134,8 +134,8 @@ class DatasetService:
         before_id = self._page_tokens.decode(tenant, "datasets", {}, request.page_token)
         async with self._db.read() as conn:
             rows = await dataset_store.list_page(conn, tenant, before_id=before_id, limit=limit + 1)
-            generations = await dataset_store.generations_of(conn, [row["id"] for row in rows[:limit]])
-        datasets = [dataset_from(row, generations.get(row["id"])) for row in rows[:limit]]
+            generations = await dataset_store.generations_of(conn, [row.id for row in rows[:limit]])
+        datasets = [dataset_from(row, generations.get(row.id)) for row in rows[:limit]]
         token = self._page_tokens.encode(tenant, "datasets", {}, datasets[-1].id) if len(rows) > limit else ""
         return datasets, token
 
@@ -144,14 +144,16 @@ class DatasetService:
         if not request.items:
             raise invalid_argument([FieldViolation("items", "at least one item is required")])
 
-        async def add(conn: AsyncConnection) -> tuple[list[str], Mapping[str, Any], Any]:
+        async def add(
+            conn: AsyncConnection,
+        ) -> tuple[list[str], DatasetRecord, DatasetGenerationRecord | None]:
             # On copies: the writer may run this twice, and ids are numbered from the count it reads.
             items = copy.deepcopy(list(request.items))
             violations: list[FieldViolation] = []
-            row = await dataset_store.get(conn, tenant, request.dataset_id, lock=True)
-            if row is None:
+            dataset = await dataset_store.get(conn, tenant, request.dataset_id, lock=True)
+            if dataset is None:
                 raise not_found("dataset", request.dataset_id)
-            assign_item_ids(items, start=row["item_count"])
+            assign_item_ids(items, start=dataset.item_count)
             check_items(items, "items", violations, MAX_ITEMS_PER_CALL)
             ids = [item.id for item in items]
             taken = await dataset_store.existing_item_ids(conn, request.dataset_id, ids)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
 from evalsvc.graders.judge import judge_secret_refs
@@ -21,6 +22,7 @@ from evalsvc.messages.validation import MAX_DESCRIPTION, MAX_DISPLAY_NAME, MAX_R
 from evalsvc.secrets.service import SecretService
 from evalsvc.store import definitions as store
 from evalsvc.store.db import Database
+from evalsvc.store.records import GraderVersionRecord, SavedGraderRecord, SavedTargetRecord
 from evalsvc.targets import target_secret_refs, validate_target
 from evalsvc.v1 import grader_pb2, grader_service_pb2, target_pb2, target_service_pb2
 
@@ -36,30 +38,30 @@ def _check_common(
     return out
 
 
-def saved_grader_from(row: Mapping[str, Any], version: Mapping[str, Any]) -> grader_service_pb2.SavedGrader:
-    """The SavedGrader message of a grader row at one version."""
+def saved_grader_from(grader: SavedGraderRecord, version: GraderVersionRecord) -> grader_service_pb2.SavedGrader:
+    """The SavedGrader message of a grader at one version."""
     return grader_service_pb2.SavedGrader(
-        id=row["id"],
-        display_name=row["display_name"],
-        description=row["description"],
-        labels=row["labels"] or {},
-        version=version["version"],
-        latest_version=row["latest_version"],
-        grader=grader_pb2.Grader.FromString(version["definition"]),
-        create_time=timestamp(row["create_time"]),
-        version_create_time=timestamp(version["create_time"]),
+        id=grader.id,
+        display_name=grader.display_name,
+        description=grader.description,
+        labels=grader.labels or {},
+        version=version.version,
+        latest_version=grader.latest_version,
+        grader=grader_pb2.Grader.FromString(version.definition),
+        create_time=timestamp(grader.create_time),
+        version_create_time=timestamp(version.create_time),
     )
 
 
-def saved_target_from(row: Mapping[str, Any]) -> target_service_pb2.SavedTarget:
-    """The SavedTarget message of a target row."""
+def saved_target_from(target: SavedTargetRecord) -> target_service_pb2.SavedTarget:
+    """The SavedTarget message of a saved target."""
     return target_service_pb2.SavedTarget(
-        id=row["id"],
-        display_name=row["display_name"],
-        description=row["description"],
-        labels=row["labels"] or {},
-        target=target_pb2.Target.FromString(row["definition"]),
-        create_time=timestamp(row["create_time"]),
+        id=target.id,
+        display_name=target.display_name,
+        description=target.description,
+        labels=target.labels or {},
+        target=target_pb2.Target.FromString(target.definition),
+        create_time=timestamp(target.create_time),
     )
 
 
@@ -99,31 +101,34 @@ class DefinitionService:
             display_name=spec.display_name, description=spec.description, labels=spec.labels, grader=spec.grader
         )
         now = time.time()
-        row: dict[str, Any] = {
-            "id": new_id("grd"),
-            "tenant": tenant,
-            "request_id": request.request_id or None,
-            "request_hash": fingerprint(definition),
-            "display_name": spec.display_name,
-            "description": spec.description,
-            "labels": dict(spec.labels),
-            "create_time": now,
-        }
-        version: dict[str, Any] = {"version": 1, "definition": spec.grader.SerializeToString(), "create_time": now}
+        grader = SavedGraderRecord(
+            id=new_id("grd"),
+            tenant=tenant,
+            request_id=request.request_id or None,
+            request_hash=fingerprint(definition),
+            display_name=spec.display_name,
+            description=spec.description,
+            labels=dict(spec.labels),
+            latest_version=1,
+            create_time=now,
+        )
+        version = GraderVersionRecord(
+            grader_id=grader.id, version=1, tenant=tenant, definition=spec.grader.SerializeToString(), create_time=now
+        )
 
-        async def create(conn: Any) -> grader_service_pb2.SavedGrader:
-            await store.insert_grader(conn, row, version["definition"])
-            return saved_grader_from({**row, "latest_version": 1}, version)
+        async def create(conn: AsyncConnection) -> grader_service_pb2.SavedGrader:
+            await store.insert_grader(conn, grader, version)
+            return saved_grader_from(grader, version)
 
-        async def replay(existing: Mapping[str, Any]) -> grader_service_pb2.SavedGrader:
-            return await self.get_grader(tenant, existing["id"], 1)
+        async def replay(existing: SavedGraderRecord) -> grader_service_pb2.SavedGrader:
+            return await self.get_grader(tenant, existing.id, 1)
 
         return await create_once(
             self._db,
             kind="grader",
             request_id=request.request_id,
-            fingerprint=row["request_hash"],
-            find=lambda conn: store.find_by_request_id(conn, store.GRADERS, tenant, request.request_id),
+            fingerprint=grader.request_hash,
+            find=lambda conn: store.find_grader_by_request_id(conn, tenant, request.request_id),
             create=create,
             replay=replay,
         )
@@ -146,7 +151,7 @@ class DefinitionService:
         before = self._page_tokens.decode(tenant, "graders", {}, request.page_token)
         async with self._db.read() as conn:
             rows = await store.list_graders(conn, tenant, before_id=before, limit=limit + 1)
-        graders = [saved_grader_from(row, version) for row, version in rows[:limit]]
+        graders = [saved_grader_from(grader, version) for grader, version in rows[:limit]]
         token = self._page_tokens.encode(tenant, "graders", {}, graders[-1].id) if len(rows) > limit else ""
         return graders, token
 
@@ -160,10 +165,12 @@ class DefinitionService:
         await self._check_destinations(named_endpoints(graders=[("grader", request.grader)]))
         now = time.time()
         definition = request.grader.SerializeToString()
-        row = await self._db.transact(lambda conn: store.add_version(conn, tenant, request.grader_id, definition, now))
-        if row is None:
+        added = await self._db.transact(
+            lambda conn: store.add_version(conn, tenant, request.grader_id, definition, now)
+        )
+        if added is None:
             raise not_found("grader", request.grader_id)
-        return saved_grader_from(row, {"version": row["latest_version"], "definition": definition, "create_time": now})
+        return saved_grader_from(*added)
 
     async def create_target(
         self, tenant: str, request: target_service_pb2.CreateTargetRequest
@@ -182,42 +189,42 @@ class DefinitionService:
         definition = target_service_pb2.SavedTarget(
             display_name=spec.display_name, description=spec.description, labels=spec.labels, target=spec.target
         )
-        row: dict[str, Any] = {
-            "id": new_id("tgt"),
-            "tenant": tenant,
-            "request_id": request.request_id or None,
-            "request_hash": fingerprint(definition),
-            "display_name": spec.display_name,
-            "description": spec.description,
-            "labels": dict(spec.labels),
-            "definition": spec.target.SerializeToString(),
-            "create_time": time.time(),
-        }
+        target = SavedTargetRecord(
+            id=new_id("tgt"),
+            tenant=tenant,
+            request_id=request.request_id or None,
+            request_hash=fingerprint(definition),
+            display_name=spec.display_name,
+            description=spec.description,
+            labels=dict(spec.labels),
+            definition=spec.target.SerializeToString(),
+            create_time=time.time(),
+        )
 
-        async def create(conn: Any) -> target_service_pb2.SavedTarget:
-            await store.insert_target(conn, row)
-            return saved_target_from(row)
+        async def create(conn: AsyncConnection) -> target_service_pb2.SavedTarget:
+            await store.insert_target(conn, target)
+            return saved_target_from(target)
 
-        async def replay_target(existing: Mapping[str, Any]) -> target_service_pb2.SavedTarget:
+        async def replay(existing: SavedTargetRecord) -> target_service_pb2.SavedTarget:
             return saved_target_from(existing)
 
         return await create_once(
             self._db,
             kind="target",
             request_id=request.request_id,
-            fingerprint=row["request_hash"],
-            find=lambda conn: store.find_by_request_id(conn, store.TARGETS, tenant, request.request_id),
+            fingerprint=target.request_hash,
+            find=lambda conn: store.find_target_by_request_id(conn, tenant, request.request_id),
             create=create,
-            replay=replay_target,
+            replay=replay,
         )
 
     async def get_target(self, tenant: str, target_id: str) -> target_service_pb2.SavedTarget:
         """A saved target; NOT_FOUND when missing or another tenant's."""
         async with self._db.read() as conn:
-            row = await store.get_target(conn, tenant, target_id)
-        if row is None:
+            target = await store.get_target(conn, tenant, target_id)
+        if target is None:
             raise not_found("target", target_id)
-        return saved_target_from(row)
+        return saved_target_from(target)
 
     async def list_targets(
         self, tenant: str, request: target_service_pb2.ListTargetsRequest

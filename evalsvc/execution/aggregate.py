@@ -34,23 +34,22 @@ def build_aggregate(grader_order: Sequence[str], inputs: AggregateInputs) -> run
     sums: dict[str, list[float]] = {name: [0.0, 0.0] for name in grader_order}
     scoring_cost = 0.0
     cache_hits, cost_saved = inputs.cached_outputs, inputs.target_cost_saved_usd
-    for row in inputs.grader_rows:
-        name = row["grader"]
+    for tally in inputs.grader_tallies:
+        name = tally.grader
         agg = per_grader.setdefault(name, run_pb2.GraderAggregate(grader=name))
-        state, n = row["state"], int(row["n"])
-        scoring_cost += float(row["scoring_cost"] or 0.0)
-        cost_saved += float(row["scoring_saved"] or 0.0)
-        cache_hits += int(row["verdict_hits"] or 0)
-        if state == run_pb2.RESULT_STATE_PASSED:
-            agg.passed += n
-        elif state == run_pb2.RESULT_STATE_FAILED:
-            agg.failed += n
-        elif state == run_pb2.RESULT_STATE_ERROR:
-            agg.errored += n
+        scoring_cost += tally.scoring_cost
+        cost_saved += tally.scoring_saved
+        cache_hits += tally.verdict_hits
+        if tally.state == run_pb2.RESULT_STATE_PASSED:
+            agg.passed += tally.n
+        elif tally.state == run_pb2.RESULT_STATE_FAILED:
+            agg.failed += tally.n
+        elif tally.state == run_pb2.RESULT_STATE_ERROR:
+            agg.errored += tally.n
             continue
         totals = sums.setdefault(name, [0.0, 0.0])
-        totals[0] += float(row["score_sum"] or 0.0)
-        totals[1] += float(row["score_sq_sum"] or 0.0)
+        totals[0] += tally.score_sum
+        totals[1] += tally.score_sq_sum
     passed = failed = 0
     score_total = square_total = 0.0
     for name, agg in per_grader.items():

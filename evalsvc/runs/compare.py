@@ -188,8 +188,8 @@ class CompareService:
         async with self._db.read() as conn:
             base_results = await comparison_store.results_of_items(conn, tenant, baseline.id, item_ids)
             cand_results = await comparison_store.results_of_items(conn, tenant, candidate.id, item_ids)
-        base_by_key = {(r["item_id"], r["repetition"], r["grader"]): (r, out) for r, out in base_results}
-        cand_by_key = {(r["item_id"], r["repetition"], r["grader"]): (r, out) for r, out in cand_results}
+        base_by_key = {(r.item_id, r.repetition, r.grader): (r, out) for r, out in base_results}
+        cand_by_key = {(r.item_id, r.repetition, r.grader): (r, out) for r, out in cand_results}
         items = []
         for paired in page:
             item = cpb.ComparisonItem(

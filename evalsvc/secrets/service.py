@@ -26,6 +26,7 @@ from evalsvc.secrets.operator import OperatorSecrets
 from evalsvc.secrets.sealing import KEY_VARIABLE, Sealer, SecretsKeyError
 from evalsvc.store import secrets as store
 from evalsvc.store.db import Database
+from evalsvc.store.records import TenantSecretRecord
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class SecretService:
             return
         if self._sealer is None:
             raise SecretsKeyError(f"tenant secrets are stored but {KEY_VARIABLE} is not set")
-        self._sealer.open(sample["tenant"], sample["name"], bytes(sample["sealed"]))
+        self._sealer.open(sample.tenant, sample.name, sample.sealed)
 
     async def refused(self, tenant: str, named: Sequence[tuple[str, str]]) -> list[FieldViolation]:
         """A violation for each (field, name) naming a secret `tenant` may not use. Reads the database
@@ -128,12 +129,9 @@ class SecretService:
             raise key_not_configured()
         canonical = name.upper()
         now = time.time()
-        row = {
-            "tenant": tenant,
-            "name": canonical,
-            "sealed": self._sealer.seal(tenant, canonical, value),
-            "create_time": now,
-        }
+        secret = TenantSecretRecord(
+            tenant=tenant, name=canonical, sealed=self._sealer.seal(tenant, canonical, value), create_time=now
+        )
 
         async def put(conn: AsyncConnection) -> None:
             if (
@@ -141,7 +139,7 @@ class SecretService:
                 and await store.count(conn, tenant) >= MAX_SECRETS_PER_TENANT
             ):
                 raise quota_exceeded("secrets", f"a tenant holds at most {MAX_SECRETS_PER_TENANT} secrets")
-            await store.put(conn, row)
+            await store.put(conn, secret)
 
         await self._db.transact(put)
         return canonical, now
@@ -151,9 +149,9 @@ class SecretService:
         limit = page_size(requested_size, 50)
         after = self._page_tokens.decode(tenant, "secrets", {}, token)
         async with self._db.read() as conn:
-            rows = await store.page(conn, tenant, after, limit + 1)
-        shown = [(row["name"], row["create_time"]) for row in rows[:limit]]
-        next_token = self._page_tokens.encode(tenant, "secrets", {}, shown[-1][0]) if len(rows) > limit else ""
+            found = await store.page(conn, tenant, after, limit + 1)
+        shown = [(secret.name, secret.create_time) for secret in found[:limit]]
+        next_token = self._page_tokens.encode(tenant, "secrets", {}, shown[-1][0]) if len(found) > limit else ""
         return shown, next_token
 
     async def delete(self, tenant: str, name: str) -> None:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from evalsvc.store.models import OutputRow, ResultRow
-
-RESULTS = ResultRow.__table__  # type: ignore[attr-defined]
-OUTPUTS = OutputRow.__table__  # type: ignore[attr-defined]
+from evalsvc.store.records import ResultRecord
+from evalsvc.store.runs import RESULTS, result_with_output, results_with_outputs
 
 # (item_id, repetition, grader, state, score): what pairing needs of one evaluation.
 Evaluation = tuple[str, int, str, int, float]
@@ -29,13 +26,13 @@ async def evaluations(conn: AsyncConnection, tenant: str, run_id: str) -> list[E
 
 async def results_of_items(
     conn: AsyncConnection, tenant: str, run_id: str, item_ids: Sequence[str]
-) -> list[tuple[Mapping[str, Any], bytes | None]]:
+) -> list[tuple[ResultRecord, bytes | None]]:
     """The results of some items of a run, each with its job's serialized output."""
     if not item_ids:
         return []
     rows = await conn.execute(
-        select(RESULTS, OUTPUTS.c.output)
-        .outerjoin(OUTPUTS, OUTPUTS.c.job_id == RESULTS.c.job_id)
-        .where(RESULTS.c.run_id == run_id, RESULTS.c.tenant == tenant, RESULTS.c.item_id.in_(sorted(set(item_ids))))
+        results_with_outputs().where(
+            RESULTS.c.run_id == run_id, RESULTS.c.tenant == tenant, RESULTS.c.item_id.in_(sorted(set(item_ids)))
+        )
     )
-    return [(cast("Mapping[str, Any]", row), row["output"]) for row in rows.mappings()]
+    return [result_with_output(row) for row in rows.mappings()]

@@ -2,48 +2,50 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
+from dataclasses import asdict, fields
+from typing import Any
 
 from sqlalchemy import insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store.models import DatasetGenerationRow, DatasetItemRow, DatasetRow
+from evalsvc.store.records import ClaimableGeneration, DatasetGenerationRecord, DatasetRecord
 
 DATASETS = DatasetRow.__table__  # type: ignore[attr-defined]
 ITEMS = DatasetItemRow.__table__  # type: ignore[attr-defined]
 
 
-async def insert_dataset(conn: AsyncConnection, row: dict[str, Any]) -> None:
+async def insert_dataset(conn: AsyncConnection, dataset: DatasetRecord) -> None:
     """Store a new dataset."""
-    await conn.execute(insert(DATASETS).values(**row))
+    await conn.execute(insert(DATASETS).values(**asdict(dataset)))
 
 
-async def get(conn: AsyncConnection, tenant: str, dataset_id: str, *, lock: bool = False) -> Mapping[str, Any] | None:
+async def get(conn: AsyncConnection, tenant: str, dataset_id: str, *, lock: bool = False) -> DatasetRecord | None:
     """A tenant's dataset, or None (also for another tenant's).
 
     `lock` holds the row until the transaction ends (PostgreSQL; SQLite's one writer holds everything):
     appending items reads item_count and existing ids first, and a concurrent append must wait."""
     query = select(DATASETS).where(DATASETS.c.id == dataset_id, DATASETS.c.tenant == tenant)
     found = await conn.execute(query.with_for_update() if lock else query)
-    return cast("Mapping[str, Any] | None", found.mappings().first())
+    row = found.mappings().first()
+    return None if row is None else DatasetRecord.from_row(row)
 
 
-async def find_by_request_id(conn: AsyncConnection, tenant: str, request_id: str) -> Mapping[str, Any] | None:
+async def find_by_request_id(conn: AsyncConnection, tenant: str, request_id: str) -> DatasetRecord | None:
     """The dataset created with this idempotency key, if any."""
     found = await conn.execute(select(DATASETS).where(DATASETS.c.tenant == tenant, DATASETS.c.request_id == request_id))
-    return cast("Mapping[str, Any] | None", found.mappings().first())
+    row = found.mappings().first()
+    return None if row is None else DatasetRecord.from_row(row)
 
 
-async def list_page(
-    conn: AsyncConnection, tenant: str, *, before_id: str | None, limit: int
-) -> list[Mapping[str, Any]]:
+async def list_page(conn: AsyncConnection, tenant: str, *, before_id: str | None, limit: int) -> list[DatasetRecord]:
     """Datasets newest first, after a keyset position."""
     query = select(DATASETS).where(DATASETS.c.tenant == tenant)
     if before_id:
         query = query.where(DATASETS.c.id < before_id)
     rows = await conn.execute(query.order_by(DATASETS.c.id.desc()).limit(limit))
-    return cast("list[Mapping[str, Any]]", list(rows.mappings()))
+    return [DatasetRecord.from_row(row) for row in rows.mappings()]
 
 
 async def existing_item_ids(conn: AsyncConnection, dataset_id: str, item_ids: Sequence[str]) -> set[str]:
@@ -61,16 +63,16 @@ async def existing_item_ids(conn: AsyncConnection, dataset_id: str, item_ids: Se
 
 async def append_items(
     conn: AsyncConnection, tenant: str, dataset_id: str, items: Sequence[tuple[str, bytes]], now: float
-) -> Mapping[str, Any]:
-    """Append (item id, serialized item) pairs after the dataset's last index; return the updated row."""
+) -> DatasetRecord:
+    """Append (item id, serialized item) pairs after the dataset's last index; return the updated dataset."""
     bumped = await conn.execute(
         update(DATASETS)
         .where(DATASETS.c.id == dataset_id, DATASETS.c.tenant == tenant)
         .values(item_count=DATASETS.c.item_count + len(items), update_time=now)
         .returning(*DATASETS.c)
     )
-    row = cast("Mapping[str, Any]", bumped.mappings().one())
-    start = row["item_count"] - len(items)
+    dataset = DatasetRecord.from_row(bumped.mappings().one())
+    start = dataset.item_count - len(items)
     await conn.execute(
         insert(ITEMS),
         [
@@ -78,7 +80,7 @@ async def append_items(
             for i, (item_id, item) in enumerate(items)
         ],
     )
-    return row
+    return dataset
 
 
 async def items_page(conn: AsyncConnection, dataset_id: str, *, after_idx: int, limit: int) -> list[tuple[int, bytes]]:
@@ -116,17 +118,21 @@ async def all_items(conn: AsyncConnection, dataset_id: str) -> list[tuple[str, b
 GENERATIONS = DatasetGenerationRow.__table__  # type: ignore[attr-defined]
 
 
-async def insert_generation(conn: AsyncConnection, row: dict[str, Any]) -> None:
+async def insert_generation(conn: AsyncConnection, generation: DatasetGenerationRecord) -> None:
     """Store a new generation."""
-    await conn.execute(insert(GENERATIONS).values(**row))
+    await conn.execute(insert(GENERATIONS).values(**asdict(generation)))
 
 
-async def generations_of(conn: AsyncConnection, dataset_ids: Sequence[str]) -> dict[str, Mapping[str, Any]]:
+async def generations_of(conn: AsyncConnection, dataset_ids: Sequence[str]) -> dict[str, DatasetGenerationRecord]:
     """The generations of these datasets, by dataset id (datasets without one are absent)."""
     if not dataset_ids:
         return {}
     rows = await conn.execute(select(GENERATIONS).where(GENERATIONS.c.dataset_id.in_(list(dataset_ids))))
-    return {row["dataset_id"]: cast("Mapping[str, Any]", row) for row in rows.mappings()}
+    generations = (DatasetGenerationRecord.from_row(row) for row in rows.mappings())
+    return {generation.dataset_id: generation for generation in generations}
+
+
+CLAIMABLE_COLUMNS = tuple(GENERATIONS.c[field.name] for field in fields(ClaimableGeneration))
 
 
 def _claimable(states: tuple[int, int], now: float) -> Any:
@@ -139,28 +145,26 @@ def _claimable(states: tuple[int, int], now: float) -> Any:
 
 async def claimable_generations(
     conn: AsyncConnection, states: tuple[int, int], now: float, limit: int
-) -> list[Mapping[str, Any]]:
+) -> list[ClaimableGeneration]:
     """Generations waiting for a worker (pending, or running under an expired lease), oldest first."""
     rows = await conn.execute(
-        select(GENERATIONS.c.dataset_id, GENERATIONS.c.tenant)
-        .where(_claimable(states, now))
-        .order_by(GENERATIONS.c.create_time)
-        .limit(limit)
+        select(*CLAIMABLE_COLUMNS).where(_claimable(states, now)).order_by(GENERATIONS.c.create_time).limit(limit)
     )
-    return cast("list[Mapping[str, Any]]", list(rows.mappings()))
+    return [ClaimableGeneration.from_row(row) for row in rows.mappings()]
 
 
 async def claim_generation(
     conn: AsyncConnection, dataset_id: str, states: tuple[int, int], claim_id: str, now: float, expiry: float
-) -> Mapping[str, Any] | None:
-    """Lease one generation if it is still claimable; the claimed row, or None when another took it."""
+) -> DatasetGenerationRecord | None:
+    """Lease one generation if it is still claimable; the claimed generation, or None when another took it."""
     claimed = await conn.execute(
         update(GENERATIONS)
         .where(GENERATIONS.c.dataset_id == dataset_id, _claimable(states, now))
         .values(state=states[1], claim_id=claim_id, lease_expiry=expiry, update_time=now)
         .returning(*GENERATIONS.c)
     )
-    return cast("Mapping[str, Any] | None", claimed.mappings().first())
+    row = claimed.mappings().first()
+    return None if row is None else DatasetGenerationRecord.from_row(row)
 
 
 async def extend_generations(conn: AsyncConnection, claim_ids: Sequence[str], expiry: float) -> None:
@@ -171,14 +175,15 @@ async def extend_generations(conn: AsyncConnection, claim_ids: Sequence[str], ex
         )
 
 
-async def held_generation(conn: AsyncConnection, dataset_id: str, claim_id: str) -> Mapping[str, Any] | None:
+async def held_generation(conn: AsyncConnection, dataset_id: str, claim_id: str) -> DatasetGenerationRecord | None:
     """The generation while this claim still holds it (locked until the transaction ends), else None."""
     found = await conn.execute(
         select(GENERATIONS)
         .where(GENERATIONS.c.dataset_id == dataset_id, GENERATIONS.c.claim_id == claim_id)
         .with_for_update()
     )
-    return cast("Mapping[str, Any] | None", found.mappings().first())
+    row = found.mappings().first()
+    return None if row is None else DatasetGenerationRecord.from_row(row)
 
 
 async def update_generation(conn: AsyncConnection, dataset_id: str, **values: Any) -> None:

@@ -2,40 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
+from dataclasses import asdict
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store.models import ApiKeyRow
+from evalsvc.store.records import ApiKeyRecord
 
 KEYS = ApiKeyRow.__table__  # type: ignore[attr-defined]
 
 
-async def insert_key(conn: AsyncConnection, row: dict[str, Any]) -> None:
+async def insert_key(conn: AsyncConnection, key: ApiKeyRecord) -> None:
     """Store a new key."""
-    await conn.execute(insert(KEYS).values(**row))
+    await conn.execute(insert(KEYS).values(**asdict(key)))
 
 
-async def get(conn: AsyncConnection, key_id: str) -> Mapping[str, Any] | None:
-    """A key's row by id."""
+async def get(conn: AsyncConnection, key_id: str) -> ApiKeyRecord | None:
+    """A key by id."""
     found = await conn.execute(select(KEYS).where(KEYS.c.id == key_id))
-    return cast("Mapping[str, Any] | None", found.mappings().first())
+    row = found.mappings().first()
+    return None if row is None else ApiKeyRecord.from_row(row)
 
 
-async def get_many(conn: AsyncConnection, key_ids: Sequence[str]) -> list[Mapping[str, Any]]:
-    """The rows of the keys among `key_ids` that exist."""
+async def get_many(conn: AsyncConnection, key_ids: Sequence[str]) -> list[ApiKeyRecord]:
+    """The keys among `key_ids` that exist."""
     found = await conn.execute(select(KEYS).where(KEYS.c.id.in_(list(key_ids))))
-    return cast("list[Mapping[str, Any]]", list(found.mappings()))
+    return [ApiKeyRecord.from_row(row) for row in found.mappings()]
 
 
-async def list_keys(conn: AsyncConnection, tenant: str | None) -> list[Mapping[str, Any]]:
+async def list_keys(conn: AsyncConnection, tenant: str | None) -> list[ApiKeyRecord]:
     """Every key (of one tenant), oldest first."""
     query = select(KEYS).order_by(KEYS.c.create_time)
     if tenant:
         query = query.where(KEYS.c.tenant == tenant)
-    return cast("list[Mapping[str, Any]]", list((await conn.execute(query)).mappings()))
+    return [ApiKeyRecord.from_row(row) for row in (await conn.execute(query)).mappings()]
 
 
 async def count(conn: AsyncConnection) -> int:

@@ -4,7 +4,9 @@ The SQLModel classes in `models.py` define the tables (and Alembic's target meta
 what one row of a table reads as: every column, typed, read by attribute, never changed. A record is
 built from the row's mapping by keyword (`from_row`), so a column the table gains or loses without
 its record fails on the first read instead of going unnoticed (tests/unit/store/test_records.py
-checks the two agree column by column).
+checks the two agree column by column). A query that reads only some columns, or computes them
+(a claim, a listing without values, a GROUP BY), returns a record of exactly those, named for what it
+is, never a full record with holes.
 
 Records are shared: the run cache (`run_cache.py`) hands the same `RunRecord` to every GetRun of an
 unchanged run. Their map columns are plain dicts typed read-only; never change one.
@@ -64,6 +66,311 @@ class RunRecord:
     @classmethod
     def from_row(cls, row: RowMapping) -> RunRecord:
         """The record of a `runs` row read with all its columns (`select(RUNS)`, `RETURNING *RUNS.c`)."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRecord:
+    """A row of `results` (models.ResultRow): one evaluation's outcome."""
+
+    id: int  # job id x 1024 + grader index
+    tenant: str
+    run_id: str
+    job_id: int
+    item_id: str
+    repetition: int
+    grader: str
+    state: int  # a run_pb2.ResultState
+    score: float
+    raw_score: float
+    explanation: str
+    error_reason: str
+    attempt: int
+    cost_usd: float
+    latency_ms: float
+    complete_time: float
+    scoring_cost_usd: float
+    confidence: float | None
+    cached: bool
+    verdict_cached: bool
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> ResultRecord:
+        """The record of a `results` row read with all its columns."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class GraderTally:
+    """A run's results of one grader in one state, summed (`runs.aggregate_inputs`): what the run's
+    aggregate is computed from. The costs and hits count verdicts paid for and verdicts from the
+    response cache apart."""
+
+    run_id: str
+    grader: str
+    state: int  # a run_pb2.ResultState
+    n: int
+    score_sum: float
+    score_sq_sum: float
+    scoring_cost: float  # of the verdicts paid for
+    scoring_saved: float  # what the cached verdicts cost when they were recorded
+    verdict_hits: int  # verdicts from the response cache
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> GraderTally:
+        """The record of a row of the GROUP BY query (columns named as the fields). SUMs are read as the
+        field's type and NULL as 0: what a database returns for a sum varies (an integer, a Decimal)."""
+        return cls(
+            run_id=row["run_id"],
+            grader=row["grader"],
+            state=row["state"],
+            n=int(row["n"]),
+            score_sum=float(row["score_sum"] or 0.0),
+            score_sq_sum=float(row["score_sq_sum"] or 0.0),
+            scoring_cost=float(row["scoring_cost"] or 0.0),
+            scoring_saved=float(row["scoring_saved"] or 0.0),
+            verdict_hits=int(row["verdict_hits"] or 0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SavedGraderRecord:
+    """A row of `saved_graders` (models.SavedGraderRow): a saved grader; its definitions are its versions."""
+
+    id: str
+    tenant: str
+    request_id: str | None
+    request_hash: str
+    display_name: str
+    description: str
+    labels: Mapping[str, str]
+    latest_version: int
+    create_time: float
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> SavedGraderRecord:
+        """The record of a `saved_graders` row read with all its columns."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class GraderVersionRecord:
+    """A row of `saved_grader_versions` (models.SavedGraderVersionRow): one immutable grader definition."""
+
+    grader_id: str
+    version: int
+    tenant: str
+    definition: bytes  # a serialized grader_pb2.Grader
+    create_time: float
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> GraderVersionRecord:
+        """The record of a `saved_grader_versions` row read with all its columns."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class SavedTargetRecord:
+    """A row of `saved_targets` (models.SavedTargetRow): a saved target definition."""
+
+    id: str
+    tenant: str
+    request_id: str | None
+    request_hash: str
+    display_name: str
+    description: str
+    labels: Mapping[str, str]
+    definition: bytes  # a serialized target_pb2.Target
+    create_time: float
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> SavedTargetRecord:
+        """The record of a `saved_targets` row read with all its columns."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetRecord:
+    """A row of `datasets` (models.DatasetRow): a named set of items (the items are rows of their own)."""
+
+    id: str
+    tenant: str
+    request_id: str | None
+    request_hash: str
+    display_name: str
+    description: str
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    item_count: int
+    create_time: float
+    update_time: float
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> DatasetRecord:
+        """The record of a `datasets` row read with all its columns."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetGenerationRecord:
+    """A row of `dataset_generations` (models.DatasetGenerationRow): items a model is asked to write
+    into a dataset, with the lease of the process working on it."""
+
+    dataset_id: str
+    tenant: str
+    state: int  # a DatasetGeneration.State
+    item_count: int
+    generated_count: int
+    instructions: str
+    error: str
+    claim_id: str | None
+    lease_expiry: float | None
+    create_time: float
+    update_time: float
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> DatasetGenerationRecord:
+        """The record of a `dataset_generations` row read with all its columns."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimableGeneration:
+    """A generation waiting for a worker, as the claim loop picks one: which dataset, whose. Its
+    fields are the `dataset_generations` columns the query reads, by name."""
+
+    dataset_id: str
+    tenant: str
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> ClaimableGeneration:
+        """The record of a generation row read with its dataset_id and tenant."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    """A row of `api_keys` (models.ApiKeyRow): a key's id and tenant, and only a hash of its secret."""
+
+    id: str
+    tenant: str
+    name: str
+    secret_hash: str
+    create_time: float
+    expire_time: float | None
+    revoke_time: float | None
+    last_used_time: float | None
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> ApiKeyRecord:
+        """The record of an `api_keys` row read with all its columns."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSecretRecord:
+    """A row of `tenant_secrets` (models.TenantSecretRow): a secret's name in clear, its value sealed."""
+
+    tenant: str
+    name: str
+    sealed: bytes
+    create_time: float
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> TenantSecretRecord:
+        """The record of a `tenant_secrets` row read with all its columns."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class SecretName:
+    """A tenant's secret as listings show it, without its value: the `tenant_secrets` columns tenant,
+    name and create_time."""
+
+    tenant: str
+    name: str
+    create_time: float
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> SecretName:
+        """The record of a secret row read with its tenant, name and create_time."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookRecord:
+    """A row of `webhooks` (models.WebhookRow): a tenant's endpoint, with the secrets that sign its
+    deliveries."""
+
+    id: str
+    tenant: str
+    request_id: str | None
+    request_hash: str
+    url: str
+    event_mask: int  # one bit per event type (evalsvc.messages.webhook_events)
+    description: str
+    enabled: bool
+    disabled_reason: str
+    secret: bytes
+    previous_secret: bytes | None
+    previous_secret_expire_time: float | None
+    create_time: float
+    update_time: float
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> WebhookRecord:
+        """The record of a `webhooks` row read with all its columns."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDeliveryRecord:
+    """A row of `webhook_deliveries` (models.WebhookDeliveryRow): one notification of one run event to
+    one webhook, with its lease and retry state."""
+
+    id: str
+    tenant: str
+    webhook_id: str
+    event_type: str
+    run_id: str
+    seq: int
+    status: int  # a WebhookDeliveryStatus
+    attempts: int
+    next_attempt_time: float | None
+    claim_id: str | None
+    lease_expiry: float | None
+    last_response_code: int
+    last_error: str
+    create_time: float
+    last_attempt_time: float | None
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> WebhookDeliveryRecord:
+        """The record of a `webhook_deliveries` row read with all its columns."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedDelivery:
+    """A delivery a sender leased, as `claim_due` returns it: what sending it and recording the outcome
+    under the claim need. Its fields are the columns the claim reads (`webhooks.CLAIMED_COLUMNS`): the
+    delivery's own, its webhook's url and signing secrets, and the run event it reports."""
+
+    id: str
+    tenant: str
+    webhook_id: str
+    event_type: str
+    attempts: int
+    claim_id: str
+    url: str
+    secret: bytes
+    previous_secret: bytes | None
+    previous_secret_expire_time: float | None
+    payload: bytes  # a serialized eval_run_service_pb2.WatchRunResponse
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> ClaimedDelivery:
+        """The record of a claimed delivery read with CLAIMED_COLUMNS."""
         return cls(**row)
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, cast
+from dataclasses import dataclass, fields
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import ColumnElement, RowMapping, and_, case, exists, func, insert, select, tuple_, update
+from sqlalchemy import ColumnElement, RowMapping, Select, and_, case, exists, func, insert, select, tuple_, update
 from sqlalchemy import cast as sa_cast
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -33,7 +33,7 @@ from evalsvc.store.models import (
     RunLabelRow,
     RunRow,
 )
-from evalsvc.store.records import RunRecord, counts_from, run_from
+from evalsvc.store.records import GraderTally, ResultRecord, RunRecord, counts_from, run_from
 from evalsvc.store.run_cache import remember
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import item_pb2, run_pb2
@@ -371,30 +371,35 @@ async def cancel_jobs(conn: AsyncConnection, tenant: str, run_id: str) -> None:
     )
 
 
+def results_with_outputs() -> Select[Any]:
+    """Results, each with its job's serialized output (None before it was recorded): read the rows
+    with `result_with_output`."""
+    return select(RESULTS, OUTPUTS.c.output).outerjoin(OUTPUTS, OUTPUTS.c.job_id == RESULTS.c.job_id)
+
+
+def result_with_output(row: RowMapping) -> tuple[ResultRecord, bytes | None]:
+    """A row of `results_with_outputs`: the result's record and its job's output."""
+    return ResultRecord(**{column: row[column] for column in RESULT_COLUMNS}), row["output"]
+
+
 async def results_page(
     conn: AsyncConnection, tenant: str, run_id: str, *, after_id: int | None, limit: int, state: int
-) -> list[tuple[Mapping[str, Any], bytes | None]]:
+) -> list[tuple[ResultRecord, bytes | None]]:
     """Results of a run by id (the order jobs were claimed), each with its job's output."""
-    query = (
-        select(RESULTS, OUTPUTS.c.output)
-        .outerjoin(OUTPUTS, OUTPUTS.c.job_id == RESULTS.c.job_id)
-        .where(RESULTS.c.run_id == run_id, RESULTS.c.tenant == tenant)
-    )
+    query = results_with_outputs().where(RESULTS.c.run_id == run_id, RESULTS.c.tenant == tenant)
     if after_id is not None:
         query = query.where(RESULTS.c.id > after_id)
     if state:
         query = query.where(RESULTS.c.state == state)
     rows = await conn.execute(query.order_by(RESULTS.c.id).limit(limit))
-    return [(cast("Mapping[str, Any]", row), row["output"]) for row in rows.mappings()]
+    return [result_with_output(row) for row in rows.mappings()]
 
 
 @dataclass
 class AggregateInputs:
     """What a run's summary is computed from, gathered with a few GROUP BY queries."""
 
-    # grader, state, n, score_sum, score_sq_sum, scoring_cost (verdicts paid for), and of the verdicts
-    # from the response cache: verdict_hits, scoring_saved (what they cost when recorded)
-    grader_rows: list[Mapping[str, Any]]
+    grader_tallies: list[GraderTally]
     latencies: list[float]  # one per output
     target_cost_usd: float  # outputs paid for (not from the response cache)
     item_scores: list[float]  # one weighted score per output that had a gradable result
@@ -403,26 +408,31 @@ class AggregateInputs:
     target_cost_saved_usd: float = 0.0  # what those cost when recorded
 
 
+# The GROUP BY columns of `aggregate_inputs` (a GraderTally's fields), per run, grader and state.
+TALLY_COLUMNS = (
+    RESULTS.c.run_id,
+    RESULTS.c.grader,
+    RESULTS.c.state,
+    func.count().label("n"),
+    func.sum(RESULTS.c.score).label("score_sum"),
+    func.sum(RESULTS.c.score * RESULTS.c.score).label("score_sq_sum"),
+    func.sum(case((RESULTS.c.verdict_cached, 0.0), else_=RESULTS.c.scoring_cost_usd)).label("scoring_cost"),
+    func.sum(case((RESULTS.c.verdict_cached, RESULTS.c.scoring_cost_usd), else_=0.0)).label("scoring_saved"),
+    func.sum(case((RESULTS.c.verdict_cached, 1), else_=0)).label("verdict_hits"),
+)
+
+
 async def aggregate_inputs(conn: AsyncConnection, run_ids: Sequence[str]) -> dict[str, AggregateInputs]:
     """The inputs of these runs' aggregates, by run id: two GROUP BY queries for all of them."""
     per_grader = await conn.execute(
-        select(
-            RESULTS.c.run_id,
-            RESULTS.c.grader,
-            RESULTS.c.state,
-            func.count().label("n"),
-            func.sum(RESULTS.c.score).label("score_sum"),
-            func.sum(RESULTS.c.score * RESULTS.c.score).label("score_sq_sum"),
-            func.sum(case((RESULTS.c.verdict_cached, 0.0), else_=RESULTS.c.scoring_cost_usd)).label("scoring_cost"),
-            func.sum(case((RESULTS.c.verdict_cached, RESULTS.c.scoring_cost_usd), else_=0.0)).label("scoring_saved"),
-            func.sum(case((RESULTS.c.verdict_cached, 1), else_=0)).label("verdict_hits"),
-        )
+        select(*TALLY_COLUMNS)
         .where(RESULTS.c.run_id.in_(sorted(set(run_ids))))
         .group_by(RESULTS.c.run_id, RESULTS.c.grader, RESULTS.c.state)
     )
     inputs = {run_id: AggregateInputs([], [], 0.0, [], []) for run_id in run_ids}
     for row in per_grader.mappings():
-        inputs[row["run_id"]].grader_rows.append(cast("Mapping[str, Any]", row))
+        tally = GraderTally.from_row(row)
+        inputs[tally.run_id].grader_tallies.append(tally)
     per_output = await conn.execute(
         select(
             OUTPUTS.c.run_id,
@@ -513,28 +523,7 @@ async def tenant_spend(conn: AsyncConnection, tenant: str) -> float:
     return float(found.scalar_one())
 
 
-RESULT_COLUMNS = (
-    "id",
-    "tenant",
-    "run_id",
-    "job_id",
-    "item_id",
-    "repetition",
-    "grader",
-    "state",
-    "score",
-    "raw_score",
-    "explanation",
-    "error_reason",
-    "attempt",
-    "cost_usd",
-    "latency_ms",
-    "complete_time",
-    "scoring_cost_usd",
-    "confidence",
-    "cached",
-    "verdict_cached",
-)
+RESULT_COLUMNS = tuple(field.name for field in fields(ResultRecord))  # the `results` columns, in table order
 
 
 def result_tuple(
@@ -638,9 +627,9 @@ def result_message(row: Sequence[Any], complete_time: Timestamp | None, output: 
     return result
 
 
-def result_from(row: Mapping[str, Any], output: bytes | None) -> run_pb2.Result:
-    """The Result message of a results row read back (any column order) and its job's output."""
-    return result_message(tuple(row[c] for c in RESULT_COLUMNS), timestamp(row["complete_time"]), output)
+def result_from(result: ResultRecord, output: bytes | None) -> run_pb2.Result:
+    """The Result message of a result read back and its job's output."""
+    return result_message(tuple(getattr(result, c) for c in RESULT_COLUMNS), timestamp(result.complete_time), output)
 
 
 async def insert_results(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
+from dataclasses import asdict, fields
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -11,15 +11,17 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store.models import TenantSecretRow
+from evalsvc.store.records import SecretName, TenantSecretRecord
 
 SECRETS = TenantSecretRow.__table__  # type: ignore[attr-defined]
+NAME_COLUMNS = tuple(SECRETS.c[field.name] for field in fields(SecretName))
 
 
-async def put(conn: AsyncConnection, row: dict[str, Any]) -> None:
+async def put(conn: AsyncConnection, secret: TenantSecretRecord) -> None:
     """Store a secret, replacing one of the same tenant and name. One upsert: two concurrent sets of a
     new name on PostgreSQL would otherwise both insert and one fail on the primary key."""
     dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    statement = dialect_insert(SECRETS).values(**row)
+    statement = dialect_insert(SECRETS).values(**asdict(secret))
     await conn.execute(
         statement.on_conflict_do_update(
             index_elements=[SECRETS.c.tenant, SECRETS.c.name],
@@ -48,13 +50,13 @@ async def sealed(conn: AsyncConnection, tenant: str, names: Sequence[str]) -> di
     return {row.name: bytes(row.sealed) for row in found}
 
 
-async def page(conn: AsyncConnection, tenant: str, after_name: str | None, limit: int) -> list[Mapping[str, Any]]:
-    """Names and create times of the tenant's secrets, by name, after `after_name`; never values."""
-    query = select(SECRETS.c.name, SECRETS.c.create_time).where(SECRETS.c.tenant == tenant)
+async def page(conn: AsyncConnection, tenant: str, after_name: str | None, limit: int) -> list[SecretName]:
+    """The tenant's secrets by name, after `after_name`; never values."""
+    query = select(*NAME_COLUMNS).where(SECRETS.c.tenant == tenant)
     if after_name is not None:
         query = query.where(SECRETS.c.name > after_name)
     found = await conn.execute(query.order_by(SECRETS.c.name).limit(limit))
-    return cast("list[Mapping[str, Any]]", list(found.mappings()))
+    return [SecretName.from_row(row) for row in found.mappings()]
 
 
 async def remove(conn: AsyncConnection, tenant: str, name: str) -> bool:
@@ -63,15 +65,16 @@ async def remove(conn: AsyncConnection, tenant: str, name: str) -> bool:
     return bool(done.rowcount)
 
 
-async def any_sealed(conn: AsyncConnection) -> Mapping[str, Any] | None:
+async def any_sealed(conn: AsyncConnection) -> TenantSecretRecord | None:
     """One stored secret of any tenant (the start-up check that the key opens them), or None."""
     found = await conn.execute(select(SECRETS).limit(1))
-    return cast("Mapping[str, Any] | None", found.mappings().first())
+    row = found.mappings().first()
+    return None if row is None else TenantSecretRecord.from_row(row)
 
 
-async def listing(conn: AsyncConnection, tenant: str | None) -> list[Mapping[str, Any]]:
-    """Tenant, name and create time of every secret (of one tenant), for the operator's CLI."""
-    query = select(SECRETS.c.tenant, SECRETS.c.name, SECRETS.c.create_time).order_by(SECRETS.c.tenant, SECRETS.c.name)
+async def listing(conn: AsyncConnection, tenant: str | None) -> list[SecretName]:
+    """Every secret (of one tenant) by tenant and name, never values: for the operator's CLI."""
+    query = select(*NAME_COLUMNS).order_by(SECRETS.c.tenant, SECRETS.c.name)
     if tenant:
         query = query.where(SECRETS.c.tenant == tenant)
-    return cast("list[Mapping[str, Any]]", list((await conn.execute(query)).mappings()))
+    return [SecretName.from_row(row) for row in (await conn.execute(query)).mappings()]

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from dataclasses import asdict
+from typing import Any
 
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -21,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from evalsvc.ids import new_id
 from evalsvc.messages import webhook_events as events
 from evalsvc.store.models import EventRow, WebhookDeliveryRow, WebhookRow
+from evalsvc.store.records import ClaimedDelivery, WebhookDeliveryRecord, WebhookRecord
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import webhook_service_pb2 as wpb
 
@@ -82,21 +84,23 @@ async def enqueue_many(conn: AsyncConnection, tenant_events: Sequence[tuple[str,
         await conn.execute(insert(DELIVERIES), rows)
 
 
-async def insert_webhook(conn: AsyncConnection, row: Mapping[str, Any]) -> None:
+async def insert_webhook(conn: AsyncConnection, webhook: WebhookRecord) -> None:
     """Store a new webhook."""
-    await conn.execute(insert(WEBHOOKS).values(**row))
+    await conn.execute(insert(WEBHOOKS).values(**asdict(webhook)))
 
 
-async def get_webhook(conn: AsyncConnection, tenant: str, webhook_id: str) -> Mapping[str, Any] | None:
+async def get_webhook(conn: AsyncConnection, tenant: str, webhook_id: str) -> WebhookRecord | None:
     """A tenant's webhook, or None (also for another tenant's)."""
     found = await conn.execute(select(WEBHOOKS).where(WEBHOOKS.c.id == webhook_id, WEBHOOKS.c.tenant == tenant))
-    return cast("Mapping[str, Any] | None", found.mappings().first())
+    row = found.mappings().first()
+    return None if row is None else WebhookRecord.from_row(row)
 
 
-async def find_by_request_id(conn: AsyncConnection, tenant: str, request_id: str) -> Mapping[str, Any] | None:
+async def find_by_request_id(conn: AsyncConnection, tenant: str, request_id: str) -> WebhookRecord | None:
     """The webhook created with this idempotency key."""
     found = await conn.execute(select(WEBHOOKS).where(WEBHOOKS.c.tenant == tenant, WEBHOOKS.c.request_id == request_id))
-    return cast("Mapping[str, Any] | None", found.mappings().first())
+    row = found.mappings().first()
+    return None if row is None else WebhookRecord.from_row(row)
 
 
 async def count_webhooks(conn: AsyncConnection, tenant: str) -> int:
@@ -107,21 +111,21 @@ async def count_webhooks(conn: AsyncConnection, tenant: str) -> int:
 
 async def list_webhooks(
     conn: AsyncConnection, tenant: str, *, before_id: str | None, limit: int
-) -> list[Mapping[str, Any]]:
+) -> list[WebhookRecord]:
     """A tenant's webhooks, newest first."""
     query = select(WEBHOOKS).where(WEBHOOKS.c.tenant == tenant)
     if before_id:
         query = query.where(WEBHOOKS.c.id < before_id)
     rows = await conn.execute(query.order_by(WEBHOOKS.c.id.desc()).limit(limit))
-    return cast("list[Mapping[str, Any]]", list(rows.mappings()))
+    return [WebhookRecord.from_row(row) for row in rows.mappings()]
 
 
 async def update_webhook(
     conn: AsyncConnection, tenant: str, webhook_id: str, values: Mapping[str, Any]
-) -> Mapping[str, Any] | None:
+) -> WebhookRecord | None:
     """Change a webhook's columns. Disabling it fails its deliveries not yet sent (they would never be),
-    first: deliveries are changed before their webhook. Returns the changed row, or None when there is
-    no such webhook."""
+    first: deliveries are changed before their webhook. Returns the changed webhook, or None when there
+    is no such webhook."""
     if values.get("enabled") is False:
         await conn.execute(
             update(DELIVERIES)
@@ -140,7 +144,8 @@ async def update_webhook(
         .values(**values)
         .returning(*WEBHOOKS.c)
     )
-    return cast("Mapping[str, Any] | None", changed.mappings().first())
+    row = changed.mappings().first()
+    return None if row is None else WebhookRecord.from_row(row)
 
 
 async def delete_webhook(conn: AsyncConnection, tenant: str, webhook_id: str) -> bool:
@@ -154,7 +159,7 @@ async def delete_webhook(conn: AsyncConnection, tenant: str, webhook_id: str) ->
 
 async def list_deliveries(
     conn: AsyncConnection, tenant: str, webhook_id: str, *, status: int, before_id: str | None, limit: int
-) -> list[Mapping[str, Any]]:
+) -> list[WebhookDeliveryRecord]:
     """A webhook's deliveries, newest first."""
     query = select(DELIVERIES).where(DELIVERIES.c.webhook_id == webhook_id, DELIVERIES.c.tenant == tenant)
     if status:
@@ -162,7 +167,23 @@ async def list_deliveries(
     if before_id:
         query = query.where(DELIVERIES.c.id < before_id)
     rows = await conn.execute(query.order_by(DELIVERIES.c.id.desc()).limit(limit))
-    return cast("list[Mapping[str, Any]]", list(rows.mappings()))
+    return [WebhookDeliveryRecord.from_row(row) for row in rows.mappings()]
+
+
+# What `claim_due` reads of a delivery it leased, its webhook and its event: a ClaimedDelivery's fields.
+CLAIMED_COLUMNS = (
+    DELIVERIES.c.id,
+    DELIVERIES.c.tenant,
+    DELIVERIES.c.webhook_id,
+    DELIVERIES.c.event_type,
+    DELIVERIES.c.attempts,
+    DELIVERIES.c.claim_id,
+    WEBHOOKS.c.url,
+    WEBHOOKS.c.secret,
+    WEBHOOKS.c.previous_secret,
+    WEBHOOKS.c.previous_secret_expire_time,
+    EVENTS.c.payload,
+)
 
 
 def _due(now: float) -> list[Any]:
@@ -188,7 +209,7 @@ async def claim_due(
     lease_s: float,
     limit: int,
     busy_tenants: Sequence[str],
-) -> list[Mapping[str, Any]]:
+) -> list[ClaimedDelivery]:
     """Lease up to `limit` deliveries that are due and not leased (or whose lease expired), oldest due
     first, skipping `busy_tenants`. Each comes with what sending it needs: its webhook's url and
     secrets and the run event it reports (`payload`)."""
@@ -210,20 +231,14 @@ async def claim_due(
     if claimed.first() is None:
         return []
     rows = await conn.execute(
-        select(
-            DELIVERIES,
-            WEBHOOKS.c.url,
-            WEBHOOKS.c.secret,
-            WEBHOOKS.c.previous_secret,
-            WEBHOOKS.c.previous_secret_expire_time,
-            EVENTS.c.payload,
-        )
+        select(*CLAIMED_COLUMNS)
+        .select_from(DELIVERIES)
         .join(WEBHOOKS, WEBHOOKS.c.id == DELIVERIES.c.webhook_id)
         .join(EVENTS, (EVENTS.c.run_id == DELIVERIES.c.run_id) & (EVENTS.c.seq == DELIVERIES.c.seq))
         .where(DELIVERIES.c.claim_id == claim_id)
         .order_by(DELIVERIES.c.next_attempt_time)
     )
-    return cast("list[Mapping[str, Any]]", list(rows.mappings()))
+    return [ClaimedDelivery.from_row(row) for row in rows.mappings()]
 
 
 async def record_attempt(conn: AsyncConnection, delivery_id: str, claim_id: str, values: Mapping[str, Any]) -> bool:

@@ -22,7 +22,6 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,6 +34,7 @@ from evalsvc.liveness import supervise
 from evalsvc.metrics import Metrics
 from evalsvc.store import webhooks as store
 from evalsvc.store.db import Database
+from evalsvc.store.records import ClaimedDelivery
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.webhooks import signing
 
@@ -54,11 +54,11 @@ def retry_delay(attempts: int, base_s: float, retry_after: float | None, rng: ra
     return min(base_s * 4.0 ** (attempts - 1), MAX_RETRY_DELAY_S) * rng.uniform(0.5, 1.0)
 
 
-def signing_keys(delivery: Mapping[str, Any], now: float) -> list[bytes]:
+def signing_keys(claimed: ClaimedDelivery, now: float) -> list[bytes]:
     """The webhook's secret, and its previous one while a rotation's grace period lasts."""
-    keys = [delivery["secret"]]
-    if delivery["previous_secret"] is not None and (delivery["previous_secret_expire_time"] or 0) > now:
-        keys.append(delivery["previous_secret"])
+    keys = [claimed.secret]
+    if claimed.previous_secret is not None and (claimed.previous_secret_expire_time or 0) > now:
+        keys.append(claimed.previous_secret)
     return keys
 
 
@@ -145,28 +145,28 @@ class WebhookSender:
             if not await store.any_due(conn, now):
                 return 0
 
-        async def claim(conn: AsyncConnection) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
-            rows = await store.claim_due(
+        async def claim(conn: AsyncConnection) -> tuple[list[ClaimedDelivery], list[ClaimedDelivery]]:
+            claimed = await store.claim_due(
                 conn, claim_id=claim_id, now=now, lease_s=self._lease_s, limit=room, busy_tenants=busy
             )
             shares = per_tenant.copy()  # a copy: the writer may run this twice
             over_share: list[str] = []
-            kept: list[Mapping[str, Any]] = []
-            for row in rows:
-                if shares[row["tenant"]] >= self._per_tenant:
-                    over_share.append(row["id"])
+            kept: list[ClaimedDelivery] = []
+            for each in claimed:
+                if shares[each.tenant] >= self._per_tenant:
+                    over_share.append(each.id)
                 else:
-                    shares[row["tenant"]] += 1
-                    kept.append(row)
+                    shares[each.tenant] += 1
+                    kept.append(each)
             await store.release(conn, over_share)
-            return rows, kept
+            return claimed, kept
 
-        rows, kept = await self._db.transact(claim)
-        for row in kept:
-            task = asyncio.create_task(self._send(row), name=f"webhook-{row['id']}")
-            self._in_flight[task] = (row["tenant"], row["id"])
+        claimed, kept = await self._db.transact(claim)
+        for each in kept:
+            task = asyncio.create_task(self._send(each), name=f"webhook-{each.id}")
+            self._in_flight[task] = (each.tenant, each.id)
             task.add_done_callback(self._finished)
-        return len(rows)
+        return len(claimed)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.pop(task, None)
@@ -183,12 +183,12 @@ class WebhookSender:
         if pruned:
             log.info("deleted %d webhook deliveries older than %d days", pruned, RETENTION_S // 86400)
 
-    async def _send(self, delivery: Mapping[str, Any]) -> None:
+    async def _send(self, claimed: ClaimedDelivery) -> None:
         """One attempt, then its outcome recorded under the claim (unless stop() abandoned the attempt)."""
         if self._stopping:
             return
-        attempt = asyncio.create_task(self._attempt(delivery))
-        self._attempts[delivery["id"]] = attempt
+        attempt = asyncio.create_task(self._attempt(claimed))
+        self._attempts[claimed.id] = attempt
         try:
             code, error, retry_after = await attempt
         except asyncio.CancelledError:
@@ -196,14 +196,14 @@ class WebhookSender:
                 return  # abandoned: stop() hands the delivery back
             raise
         finally:
-            self._attempts.pop(delivery["id"], None)
-        await self._record(delivery, code, error, retry_after)
+            self._attempts.pop(claimed.id, None)
+        await self._record(claimed, code, error, retry_after)
 
-    async def _record(self, delivery: Mapping[str, Any], code: int, error: str, retry_after: float | None) -> None:
+    async def _record(self, claimed: ClaimedDelivery, code: int, error: str, retry_after: float | None) -> None:
         """Record an attempt's outcome under the claim: success, the next retry, or failure (410 disables
         the webhook)."""
         now = time.time()
-        attempts = delivery["attempts"] + 1
+        attempts = claimed.attempts + 1
         values: dict[str, Any] = {"attempts": attempts, "last_response_code": code, "last_attempt_time": now}
         gone = code == 410
         if 200 <= code < 300:
@@ -223,13 +223,13 @@ class WebhookSender:
             outcome = "retrying"
 
         async def record(conn: AsyncConnection) -> bool:
-            recorded = await store.record_attempt(conn, delivery["id"], delivery["claim_id"], values)
+            recorded = await store.record_attempt(conn, claimed.id, claimed.claim_id, values)
             if recorded and gone:
-                reason = f"{urlsplit(delivery['url']).netloc} answered 410 Gone to delivery {delivery['id']}"
+                reason = f"{urlsplit(claimed.url).netloc} answered 410 Gone to delivery {claimed.id}"
                 await store.update_webhook(
                     conn,
-                    delivery["tenant"],
-                    delivery["webhook_id"],
+                    claimed.tenant,
+                    claimed.webhook_id,
                     {"enabled": False, "disabled_reason": reason, "update_time": now},
                 )
             return recorded
@@ -237,21 +237,21 @@ class WebhookSender:
         recorded = await self._db.transact(record)
         self._metrics.webhook_attempts.labels(outcome).inc()
         if not recorded:
-            log.info("webhook delivery %s changed while it was being sent; its attempt is not recorded", delivery["id"])
+            log.info("webhook delivery %s changed while it was being sent; its attempt is not recorded", claimed.id)
         elif outcome != "succeeded":
-            log.info("webhook delivery %s attempt %d: %s (%s)", delivery["id"], attempts, error, outcome)
+            log.info("webhook delivery %s attempt %d: %s (%s)", claimed.id, attempts, error, outcome)
 
-    async def _attempt(self, delivery: Mapping[str, Any]) -> tuple[int, str, float | None]:
+    async def _attempt(self, claimed: ClaimedDelivery) -> tuple[int, str, float | None]:
         """POST the delivery once: (HTTP status or 0, why it failed, Retry-After seconds)."""
-        url = delivery["url"]
+        url = claimed.url
         host = urlsplit(url).netloc
         try:
             async with asyncio.timeout(self._timeout_s):
                 await check_destination(url, self._allow)
-                event = pb.WatchRunResponse.FromString(delivery["payload"])
-                payload = signing.body(delivery["event_type"], event)
+                event = pb.WatchRunResponse.FromString(claimed.payload)
+                payload = signing.body(claimed.event_type, event)
                 now = int(time.time())
-                headers = signing.headers(signing_keys(delivery, now), delivery["id"], now, payload)
+                headers = signing.headers(signing_keys(claimed, now), claimed.id, now, payload)
                 # Streamed and never read: a receiver's body costs nothing, however large.
                 async with self._client.stream("POST", url, content=payload, headers=headers) as response:
                     code = response.status_code

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -24,6 +23,7 @@ from evalsvc.messages.convert import timestamp
 from evalsvc.messages.validation import MAX_DESCRIPTION, MAX_REQUEST_ID, check_length
 from evalsvc.store import webhooks as store
 from evalsvc.store.db import Database
+from evalsvc.store.records import WebhookDeliveryRecord, WebhookRecord
 from evalsvc.v1 import webhook_service_pb2 as wpb
 from evalsvc.webhooks import signing
 
@@ -34,36 +34,36 @@ PREVIOUS_SECRET_GRACE_S = 24 * 3600
 UPDATABLE = ("url", "event_types", "description", "enabled")
 
 
-def webhook_from(row: Mapping[str, Any], *, signing_secret: str = "") -> wpb.Webhook:
-    """The Webhook message of a row; the secret only where the caller passes it (create, rotate)."""
+def webhook_from(webhook: WebhookRecord, *, signing_secret: str = "") -> wpb.Webhook:
+    """The Webhook message of a webhook; the secret only where the caller passes it (create, rotate)."""
     return wpb.Webhook(
-        id=row["id"],
-        url=row["url"],
-        event_types=events.types_of(row["event_mask"]),
-        description=row["description"],
-        enabled=row["enabled"],
-        disabled_reason=row["disabled_reason"],
+        id=webhook.id,
+        url=webhook.url,
+        event_types=events.types_of(webhook.event_mask),
+        description=webhook.description,
+        enabled=webhook.enabled,
+        disabled_reason=webhook.disabled_reason,
         signing_secret=signing_secret,
-        create_time=timestamp(row["create_time"]),
-        update_time=timestamp(row["update_time"]),
+        create_time=timestamp(webhook.create_time),
+        update_time=timestamp(webhook.update_time),
     )
 
 
-def delivery_from(row: Mapping[str, Any]) -> wpb.WebhookDelivery:
-    """The WebhookDelivery message of an outbox row."""
+def delivery_from(delivery: WebhookDeliveryRecord) -> wpb.WebhookDelivery:
+    """The WebhookDelivery message of an outbox delivery."""
     return wpb.WebhookDelivery(
-        id=row["id"],
-        webhook_id=row["webhook_id"],
-        event_type=row["event_type"],
-        run_id=row["run_id"],
-        seq=row["seq"],
-        status=row["status"],
-        attempts=row["attempts"],
-        last_response_code=row["last_response_code"],
-        last_error=row["last_error"],
-        create_time=timestamp(row["create_time"]),
-        last_attempt_time=timestamp(row["last_attempt_time"]),
-        next_attempt_time=timestamp(row["next_attempt_time"] if row["status"] == store.PENDING else None),
+        id=delivery.id,
+        webhook_id=delivery.webhook_id,
+        event_type=delivery.event_type,
+        run_id=delivery.run_id,
+        seq=delivery.seq,
+        status=cast("wpb.WebhookDeliveryStatus", delivery.status),
+        attempts=delivery.attempts,
+        last_response_code=delivery.last_response_code,
+        last_error=delivery.last_error,
+        create_time=timestamp(delivery.create_time),
+        last_attempt_time=timestamp(delivery.last_attempt_time),
+        next_attempt_time=timestamp(delivery.next_attempt_time if delivery.status == store.PENDING else None),
     )
 
 
@@ -113,37 +113,39 @@ class WebhookService:
         )
         secret = signing.new_secret()
         now = time.time()
-        row: dict[str, Any] = {
-            "id": new_id("wh"),
-            "tenant": tenant,
-            "request_id": request.request_id or None,
-            "request_hash": fingerprint(definition),
-            "url": definition.url,
-            "event_mask": events.mask_of(definition.event_types),
-            "description": definition.description,
-            "enabled": definition.enabled,
-            "disabled_reason": "",
-            "secret": secret,
-            "create_time": now,
-            "update_time": now,
-        }
+        webhook = WebhookRecord(
+            id=new_id("wh"),
+            tenant=tenant,
+            request_id=request.request_id or None,
+            request_hash=fingerprint(definition),
+            url=definition.url,
+            event_mask=events.mask_of(definition.event_types),
+            description=definition.description,
+            enabled=definition.enabled,
+            disabled_reason="",
+            secret=secret,
+            previous_secret=None,
+            previous_secret_expire_time=None,
+            create_time=now,
+            update_time=now,
+        )
 
-        async def insert(conn: Any) -> wpb.Webhook:
+        async def insert(conn: AsyncConnection) -> wpb.Webhook:
             if await store.count_webhooks(conn, tenant) >= MAX_WEBHOOKS_PER_TENANT:
                 raise quota_exceeded(
                     "max_webhooks", f"a tenant may have at most {MAX_WEBHOOKS_PER_TENANT} webhooks; delete one"
                 )
-            await store.insert_webhook(conn, row)
-            return webhook_from(row, signing_secret=signing.secret_text(secret))
+            await store.insert_webhook(conn, webhook)
+            return webhook_from(webhook, signing_secret=signing.secret_text(secret))
 
-        async def replay(existing: Mapping[str, Any]) -> wpb.Webhook:
+        async def replay(existing: WebhookRecord) -> wpb.Webhook:
             return webhook_from(existing)
 
         return await create_once(
             self._db,
             kind="webhook",
             request_id=request.request_id,
-            fingerprint=row["request_hash"],
+            fingerprint=webhook.request_hash,
             find=lambda conn: store.find_by_request_id(conn, tenant, request.request_id),
             create=insert,
             replay=replay,
@@ -152,10 +154,10 @@ class WebhookService:
     async def get(self, tenant: str, webhook_id: str) -> wpb.Webhook:
         """A webhook without its secret; NOT_FOUND when missing or another tenant's."""
         async with self._db.read() as conn:
-            row = await store.get_webhook(conn, tenant, webhook_id)
-        if row is None:
+            found = await store.get_webhook(conn, tenant, webhook_id)
+        if found is None:
             raise not_found("webhook", webhook_id)
-        return webhook_from(row)
+        return webhook_from(found)
 
     async def list(self, tenant: str, request: wpb.ListWebhooksRequest) -> tuple[list[wpb.Webhook], str]:
         """A page of webhooks, newest first, and the next page's token."""
@@ -198,10 +200,10 @@ class WebhookService:
             values["disabled_reason"] = ""
         if violations:
             raise invalid_argument(violations)
-        row = await self._db.transact(lambda conn: store.update_webhook(conn, tenant, request.webhook_id, values))
-        if row is None:
+        updated = await self._db.transact(lambda conn: store.update_webhook(conn, tenant, request.webhook_id, values))
+        if updated is None:
             raise not_found("webhook", request.webhook_id)
-        return webhook_from(row)
+        return webhook_from(updated)
 
     async def delete(self, tenant: str, webhook_id: str) -> None:
         """Delete a webhook and its deliveries."""
@@ -216,7 +218,7 @@ class WebhookService:
         now = time.time()
         keep = not request.revoke_previous
 
-        async def rotate(conn: AsyncConnection) -> Mapping[str, Any] | None:
+        async def rotate(conn: AsyncConnection) -> WebhookRecord | None:
             current = await store.get_webhook(conn, tenant, request.webhook_id)
             if current is None:
                 raise not_found("webhook", request.webhook_id)
@@ -226,16 +228,16 @@ class WebhookService:
                 request.webhook_id,
                 {
                     "secret": secret,
-                    "previous_secret": current["secret"] if keep else None,
+                    "previous_secret": current.secret if keep else None,
                     "previous_secret_expire_time": now + PREVIOUS_SECRET_GRACE_S if keep else None,
                     "update_time": now,
                 },
             )
 
-        row = await self._db.transact(rotate)
-        if row is None:  # deleted between the two statements (PostgreSQL, another replica)
+        rotated = await self._db.transact(rotate)
+        if rotated is None:  # deleted between the two statements (PostgreSQL, another replica)
             raise not_found("webhook", request.webhook_id)
-        return webhook_from(row, signing_secret=signing.secret_text(secret))
+        return webhook_from(rotated, signing_secret=signing.secret_text(secret))
 
     async def list_deliveries(
         self, tenant: str, request: wpb.ListWebhookDeliveriesRequest

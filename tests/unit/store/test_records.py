@@ -5,20 +5,76 @@ drifts from its columns, fails here, not on the first write or read of a row in 
 from __future__ import annotations
 
 from dataclasses import fields
+from typing import Any
 
+import pytest
+from sqlmodel import SQLModel
+
+from evalsvc.store import datasets, runs, secrets, webhooks
 from evalsvc.store.jobs import CLAIMED_COLUMNS, OUTPUT_COLUMNS, ClaimedJob, output_tuple
-from evalsvc.store.models import RunRow
-from evalsvc.store.records import RunRecord
+from evalsvc.store.models import (
+    ApiKeyRow,
+    DatasetGenerationRow,
+    DatasetRow,
+    ResultRow,
+    RunRow,
+    SavedGraderRow,
+    SavedGraderVersionRow,
+    SavedTargetRow,
+    TenantSecretRow,
+    WebhookDeliveryRow,
+    WebhookRow,
+)
+from evalsvc.store.records import (
+    ApiKeyRecord,
+    ClaimableGeneration,
+    ClaimedDelivery,
+    DatasetGenerationRecord,
+    DatasetRecord,
+    GraderTally,
+    GraderVersionRecord,
+    ResultRecord,
+    RunRecord,
+    SavedGraderRecord,
+    SavedTargetRecord,
+    SecretName,
+    TenantSecretRecord,
+    WebhookDeliveryRecord,
+    WebhookRecord,
+)
 from evalsvc.store.runs import RESULT_COLUMNS, result_tuple
 
+FULL_RECORDS: list[tuple[type[Any], type[SQLModel]]] = [
+    (RunRecord, RunRow),
+    (ResultRecord, ResultRow),
+    (SavedGraderRecord, SavedGraderRow),
+    (GraderVersionRecord, SavedGraderVersionRow),
+    (SavedTargetRecord, SavedTargetRow),
+    (DatasetRecord, DatasetRow),
+    (DatasetGenerationRecord, DatasetGenerationRow),
+    (ApiKeyRecord, ApiKeyRow),
+    (TenantSecretRecord, TenantSecretRow),
+    (WebhookRecord, WebhookRow),
+    (WebhookDeliveryRecord, WebhookDeliveryRow),
+]
 
-def test_a_run_record_has_every_column_of_runs_in_table_order() -> None:
-    table = RunRow.__table__  # type: ignore[attr-defined]
-    assert [field.name for field in fields(RunRecord)] == [column.name for column in table.columns]
+
+@pytest.mark.parametrize(("record", "model"), FULL_RECORDS, ids=[record.__name__ for record, _ in FULL_RECORDS])
+def test_a_record_has_every_column_of_its_table_in_table_order(record: type[Any], model: type[SQLModel]) -> None:
+    table = model.__table__  # type: ignore[attr-defined]
+    assert [field.name for field in fields(record)] == [column.name for column in table.columns]
 
 
-def test_a_claimed_job_is_read_from_the_jobs_columns_of_its_fields() -> None:
-    assert [column.name for column in CLAIMED_COLUMNS] == [field.name for field in fields(ClaimedJob)]
+def test_a_partial_record_is_read_from_the_columns_of_its_fields() -> None:
+    """Records of queries that read some columns: their queries select exactly those, in field order."""
+    for record, columns in [
+        (ClaimedJob, CLAIMED_COLUMNS),
+        (ClaimableGeneration, datasets.CLAIMABLE_COLUMNS),
+        (ClaimedDelivery, webhooks.CLAIMED_COLUMNS),
+        (SecretName, secrets.NAME_COLUMNS),
+        (GraderTally, runs.TALLY_COLUMNS),
+    ]:
+        assert [column.name for column in columns] == [field.name for field in fields(record)], record.__name__
 
 
 def test_the_tuple_builders_put_each_value_in_its_columns_place() -> None:

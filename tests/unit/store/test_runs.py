@@ -350,7 +350,7 @@ async def test_aggregate_inputs_gathers_each_runs_own_results_and_outputs(db: Da
             col(r, "scoring_saved"),
             col(r, "verdict_hits"),
         )
-        for r in inputs[a.run.id].grader_rows
+        for r in inputs[a.run.id].grader_tallies
     }
     assert per_grader == {
         ("exact", passed): (2, 1.5, 0.0, 0.0, 0),
@@ -361,6 +361,6 @@ async def test_aggregate_inputs_gathers_each_runs_own_results_and_outputs(db: Da
     assert sorted(first.latencies) == [10.0, 30.0] and first.item_scores == [1.0] and first.memory_mib == [64.0]
     assert (first.target_cost_usd, first.cached_outputs, first.target_cost_saved_usd) == (0.5, 1, 0.25)
     second = inputs[b.run.id]
-    assert [(col(r, "grader"), col(r, "state"), col(r, "n")) for r in second.grader_rows] == [("exact", failed, 1)]
+    assert [(col(r, "grader"), col(r, "state"), col(r, "n")) for r in second.grader_tallies] == [("exact", failed, 1)]
     assert (second.latencies, second.target_cost_usd, second.item_scores) == ([5.0], 1.0, [0.5])
     assert inputs[empty.run.id] == run_store.AggregateInputs([], [], 0.0, [], [])
