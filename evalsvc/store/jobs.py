@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import ColumnElement, RowMapping, or_, select, tuple_, update
+from sqlalchemy import ColumnElement, RowMapping, or_, select, tuple_, union_all, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store.bulk import insert_tuples
@@ -77,30 +77,31 @@ async def claim(
 ) -> list[ClaimedJob]:
     """Lease up to `quotas[run_id]` claimable jobs of each run, oldest first; jobs are returned by id.
 
-    One statement per run, each an index range of that run's jobs; on PostgreSQL a job another
-    transaction holds is skipped, not waited for."""
+    Each run's share is an index range of that run's jobs. On SQLite all runs' ranges are leased by
+    one statement (a UNION ALL of them): a claim under many small runs is one statement, not one per
+    run. On PostgreSQL it is one statement per run, since a job another transaction holds must be
+    skipped, not waited for (`SKIP LOCKED`, which UNION does not allow)."""
+    ranges = [
+        select(JOBS.c.id).where(JOBS.c.run_id == run_id, claimable(now)).order_by(JOBS.c.id).limit(quota)
+        for run_id, quota in sorted(quotas.items())
+    ]
+    if not ranges:
+        return []
+    lease = {
+        "state": JOB_LEASED,
+        "claim_id": claim_id,
+        "lease_owner": owner,
+        "lease_expiry": now + lease_ttl_s,
+        "attempt": JOBS.c.attempt + 1,
+    }
+    if conn.dialect.name == "postgresql":
+        statements = [JOBS.c.id.in_(r.with_for_update(skip_locked=True).scalar_subquery()) for r in ranges]
+    else:
+        chosen = union_all(*(select(r.subquery().c.id) for r in ranges)) if len(ranges) > 1 else ranges[0]
+        statements = [JOBS.c.id.in_(chosen.scalar_subquery())]
     claimed: list[ClaimedJob] = []
-    for run_id, quota in sorted(quotas.items()):
-        oldest = (
-            select(JOBS.c.id)
-            .where(JOBS.c.run_id == run_id, claimable(now))
-            .order_by(JOBS.c.id)
-            .limit(quota)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
-        leased = await conn.execute(
-            update(JOBS)
-            .where(JOBS.c.id.in_(oldest))
-            .values(
-                state=JOB_LEASED,
-                claim_id=claim_id,
-                lease_owner=owner,
-                lease_expiry=now + lease_ttl_s,
-                attempt=JOBS.c.attempt + 1,
-            )
-            .returning(*CLAIMED_COLUMNS)
-        )
+    for condition in statements:
+        leased = await conn.execute(update(JOBS).where(condition).values(**lease).returning(*CLAIMED_COLUMNS))
         claimed.extend(map(ClaimedJob.from_row, leased.mappings()))
     return sorted(claimed, key=lambda job: job.id)
 

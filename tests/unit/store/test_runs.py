@@ -248,6 +248,19 @@ async def claim(db: Database, quotas: dict[str, int], claim_id: str) -> list[int
     return await db.transact(work)
 
 
+async def test_a_claim_leases_each_runs_quota_of_its_oldest_claimable_jobs(db: Database) -> None:
+    """One claim over several runs (one statement on SQLite, one per run on PostgreSQL): each run gives
+    at most its quota, oldest jobs first, never a job already leased."""
+    a, b, c = await insert(db, new_run(items=3), new_run(items=2), new_run(items=2))
+    first = await claim(db, {a.run.id: 2, b.run.id: 5, c.run.id: 1}, "c1")
+    second = await claim(db, {a.run.id: 2, b.run.id: 5, c.run.id: 1}, "c2")
+
+    ids = {run.run.id: [j["id"] for j in await jobs_of(db, run.run.id)] for run in (a, b, c)}
+    assert first == sorted([*ids[a.run.id][:2], *ids[b.run.id], ids[c.run.id][0]])
+    assert second == sorted([ids[a.run.id][2], ids[c.run.id][1]])
+    assert await claim(db, {a.run.id: 1, b.run.id: 1, c.run.id: 1}, "c3") == []
+
+
 async def test_cancel_jobs_stops_the_runs_unfinished_jobs_and_fences_out_their_claims(db: Database) -> None:
     run, other = await insert(db, new_run(items=4), new_run(items=2))
     leased = await claim(db, {run.run.id: 2, other.run.id: 1}, "c1")
