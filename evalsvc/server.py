@@ -158,7 +158,7 @@ class EvalServer:
         self.runs = RunService(
             self.db,
             self.bus,
-            on_created=self.executor.wake,
+            on_created=self.executor.created,
             on_cancelled=self.executor.cancel_run,
             limits=self.limits,
             definitions=self.definitions,

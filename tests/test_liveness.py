@@ -40,7 +40,6 @@ from evalsvc.metrics import Metrics
 from evalsvc.server import EvalServer
 from evalsvc.slots import Hold, Slots
 from evalsvc.statuses import TERMINAL
-from evalsvc.store import jobs as job_store
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
 from tests import dbs
@@ -237,22 +236,23 @@ async def test_cancel_while_the_run_is_being_loaded_does_not_stop_execution(
     """Regression: a cancel cancelled the shared plan-loading task while the claim loop awaited it
     (through asyncio.shield); the CancelledError ended the claim loop and no run of any tenant ran again."""
     loading, loaded = asyncio.Event(), asyncio.Event()
-    real_items = job_store.run_items
-
-    async def slow_items(conn: Any, run_id: str) -> list[bytes]:
-        loading.set()
-        await loaded.wait()
-        return await real_items(conn, run_id)
 
     async with serving(tmp_path) as srv, Webhook() as hook, tenants(srv, "a", "b") as t:
-        monkeypatch.setattr(job_store, "run_items", slow_items)
+        real_build = srv.executor._build_plan  # every plan is built here, read back or handed over
+
+        async def slow_build(*args: Any) -> Any:
+            loading.set()
+            await loaded.wait()
+            return await real_build(*args)
+
+        monkeypatch.setattr(srv.executor, "_build_plan", slow_build)
         victim = (await t["a"].CreateRun(run_request(webhook(hook.url + "/slow"), 3))).run
         await asyncio.wait_for(loading.wait(), 10)  # the claim loop waits for the victim's plan
         if how == "CancelRun":
             await t["a"].CancelRun(pb.CancelRunRequest(run_id=victim.id))
         else:
             await t["a"].DeleteRun(pb.DeleteRunRequest(run_id=victim.id))
-        monkeypatch.setattr(job_store, "run_items", real_items)
+        monkeypatch.setattr(srv.executor, "_build_plan", real_build)
         loaded.set()
         for stub in t.values():
             run = await create_and_finish(stub, run_request(echo(), 3), within_s=10)

@@ -31,8 +31,8 @@ import os
 import socket
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections import OrderedDict, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import cast
@@ -73,6 +73,18 @@ INLINE_SLICE_S = 0.002
 # How many cancelled runs the executor remembers (see Executor.cancel_run). A claim is turned into
 # tasks within one turn of the claim loop, long before this many further cancels can arrive.
 REMEMBERED_CANCELS = 10_000
+# Items of runs created here whose plans wait for their first claim (see `Executor.created`).
+MAX_CREATED_ITEMS = 200_000
+
+
+@dataclass(frozen=True)
+class CreatedRunInputs:
+    """What a run's plan is built from, as CreateRun committed it: its definition and items, serialized."""
+
+    run_id: str
+    tenant: str
+    spec: bytes
+    items: Sequence[bytes]
 
 
 @dataclass
@@ -147,6 +159,8 @@ class Executor:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._cache = cache.ResponseCache(db)
         self._plans: dict[str, asyncio.Task[RunPlan]] = {}
+        self._created: OrderedDict[str, CreatedRunInputs] = OrderedDict()
+        self._created_items = 0
         self._in_flight: dict[str, set[asyncio.Task[None]]] = defaultdict(set)
         self._workers = Slots(settings.workers)
         self._held_up_jobs: dict[str, int] = {}  # run id -> its jobs waiting on their endpoint or a grading process
@@ -261,6 +275,9 @@ class Executor:
             # Nothing is lost: the leases expire and another worker (or the next start) reclaims them.
             log.warning("could not hand back %d jobs (%s); their leases expire instead", len(self._open_claims), cause)
         self._open_claims.clear()
+        # A stopped executor keeps nothing it was handed: if it starts again, it reads runs back.
+        self._created.clear()
+        self._created_items = 0
 
     async def _claim_loop(self) -> None:
         local_queue = False  # whether the last claim held only local jobs (see RunPlan.local)
@@ -561,10 +578,29 @@ class Executor:
         grade = target_error_grade(reason)
         return item_pb2.Response(), [(g.name, grade) for g in plan.graders]
 
+    def created(self, run: CreatedRunInputs) -> None:
+        """A run this process just created (committed): keep what its plan is built from, so its first
+        claim builds the plan without reading back the row and items CreateRun just wrote, then look
+        for its jobs. Bounded: inputs another replica ends up executing are dropped, oldest first. A
+        stopped executor takes nothing (it reads runs back if it starts again)."""
+        if self._stopping:
+            return
+        self._created[run.run_id] = run
+        self._created_items += len(run.items)
+        while self._created_items > MAX_CREATED_ITEMS and len(self._created) > 1:
+            _, dropped = self._created.popitem(last=False)
+            self._created_items -= len(dropped.items)
+        self.wake()
+
     async def _plan(self, run_id: str) -> RunPlan:
         task = self._plans.get(run_id)
         if task is None:
-            task = asyncio.create_task(self._load_plan(run_id))
+            inputs = self._created.pop(run_id, None)
+            if inputs is not None:
+                self._created_items -= len(inputs.items)
+                task = asyncio.create_task(self._build_plan(inputs.tenant, inputs.spec, inputs.items, 0.0))
+            else:
+                task = asyncio.create_task(self._load_plan(run_id))
             self._plans[run_id] = task
         try:
             return await asyncio.shield(task)
@@ -578,16 +614,20 @@ class Executor:
             items = await job_store.run_items(conn, run_id)
         if row is None:
             raise LookupError(f"run {run_id} vanished")
-        if self._settings.tenant_budget_usd > 0 and row.tenant not in self._tenant_spent:
+        return await self._build_plan(row.tenant, row.spec, items, row.cost_usd)
+
+    async def _build_plan(self, tenant: str, spec_bytes: bytes, items: Sequence[bytes], spent_usd: float) -> RunPlan:
+        """A run's plan from its stored definition and items (`spent_usd`: what it has spent so far)."""
+        if self._settings.tenant_budget_usd > 0 and tenant not in self._tenant_spent:
             async with self._db.read() as conn:
-                self._tenant_spent[row.tenant] = await run_store.tenant_spend(conn, row.tenant)
-        spec = run_pb2.Run.FromString(row.spec)
+                self._tenant_spent[tenant] = await run_store.tenant_spend(conn, tenant)
+        spec = run_pb2.Run.FromString(spec_bytes)
         named = run_secret_refs(spec.target, spec.graders)
-        secrets = await self._secrets.values(row.tenant, [name for _, name in named])
+        secrets = await self._secrets.values(tenant, [name for _, name in named])
         graders = [self._compile(g, secrets) for g in spec.graders]
         run_items = [item_pb2.Item.FromString(raw) for raw in items]
         return RunPlan(
-            tenant=row.tenant,
+            tenant=tenant,
             items=run_items,
             target=build_target(spec.target, self._outbound, self._prices, secrets),
             graders=graders,
@@ -598,7 +638,7 @@ class Executor:
                 pass_threshold=spec.pass_threshold if spec.HasField("pass_threshold") else None,
             ),
             max_cost_usd=spec.max_cost_usd if spec.HasField("max_cost_usd") else None,
-            spent_usd=row.cost_usd,
+            spent_usd=spent_usd,
             offloads_grading=may_offload([g for g in graders if not isinstance(g, LlmJudgeGrader)], run_items),
             target_spec=spec.target,
             cache_mode=spec.cache_mode,
@@ -618,10 +658,13 @@ class Executor:
         return compile_grader(spec)
 
     def _forget(self, run_id: str) -> None:
-        """Drop a run's plan. A load still in progress is left to finish, never cancelled: other callers
-        may be awaiting it (through `asyncio.shield`), and a cancelled shared load raised
-        `CancelledError` in each of them - in the claim loop too."""
+        """Drop a run's plan (and the inputs of one not built yet). A load still in progress is left
+        to finish, never cancelled: other callers may be awaiting it (through `asyncio.shield`), and a
+        cancelled shared load raised `CancelledError` in each of them - in the claim loop too."""
         self._plans.pop(run_id, None)
+        inputs = self._created.pop(run_id, None)
+        if inputs is not None:
+            self._created_items -= len(inputs.items)
 
     async def _record_loop(self) -> None:
         progress = self._progress["record"]

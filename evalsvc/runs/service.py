@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from evalsvc.definitions.service import DefinitionService
 from evalsvc.errors import MAX_ECHOED_ID, FieldViolation, Reason, ServiceError, invalid_argument, not_found
 from evalsvc.events.bus import EventBus
+from evalsvc.execution.executor import CreatedRunInputs
 from evalsvc.graders import grader_name
 from evalsvc.graders.judge import JudgeDefaults, needs_default_judge
 from evalsvc.graders.validation import validate_grader
@@ -158,7 +159,7 @@ class RunService:
         db: Database,
         bus: EventBus,
         *,
-        on_created: Callable[[], None] = lambda: None,
+        on_created: Callable[[CreatedRunInputs], None] = lambda run: None,
         on_cancelled: Callable[[str], None] = lambda run_id: None,
         limits: TenantLimits,
         definitions: DefinitionService,
@@ -258,7 +259,7 @@ class RunService:
             return replay(existing, fingerprint)
         if event is not None:
             self._bus.publish(event.run.id, [event])
-            self._on_created()
+            self._on_created(CreatedRunInputs(row["id"], tenant, row["spec"], items))
         return created
 
     async def _check_resolved(self, tenant: str, request: pb.CreateRunRequest, *, check_target: bool) -> None:

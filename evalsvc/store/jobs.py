@@ -13,11 +13,12 @@ wait for each other but never deadlock. SQLite has one writer at a time and need
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import ColumnElement, RowMapping, or_, select, tuple_, union_all, update
+from sqlalchemy import ColumnElement, RowMapping, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store.bulk import insert_tuples
@@ -77,33 +78,68 @@ async def claim(
 ) -> list[ClaimedJob]:
     """Lease up to `quotas[run_id]` claimable jobs of each run, oldest first; jobs are returned by id.
 
-    Each run's share is an index range of that run's jobs. On SQLite all runs' ranges are leased by
-    one statement (a UNION ALL of them): a claim under many small runs is one statement, not one per
-    run. On PostgreSQL it is one statement per run, since a job another transaction holds must be
-    skipped, not waited for (`SKIP LOCKED`, which UNION does not allow)."""
-    ranges = [
-        select(JOBS.c.id).where(JOBS.c.run_id == run_id, claimable(now)).order_by(JOBS.c.id).limit(quota)
-        for run_id, quota in sorted(quotas.items())
-    ]
-    if not ranges:
+    Each run's share is an index range of that run's jobs. On SQLite the runs' ranges are leased by
+    one statement (a UNION ALL of them, SQLITE_CLAIM_RUNS at a time): a claim under many small runs
+    is one statement, not one per run. On PostgreSQL it is one statement per run, since a job another
+    transaction holds must be skipped, not waited for (`SKIP LOCKED`, which UNION does not allow)."""
+    if not quotas:
         return []
-    lease = {
-        "state": JOB_LEASED,
-        "claim_id": claim_id,
-        "lease_owner": owner,
-        "lease_expiry": now + lease_ttl_s,
-        "attempt": JOBS.c.attempt + 1,
-    }
-    if conn.dialect.name == "postgresql":
-        statements = [JOBS.c.id.in_(r.with_for_update(skip_locked=True).scalar_subquery()) for r in ranges]
-    else:
-        chosen = union_all(*(select(r.subquery().c.id) for r in ranges)) if len(ranges) > 1 else ranges[0]
-        statements = [JOBS.c.id.in_(chosen.scalar_subquery())]
+    lease_expiry = now + lease_ttl_s
     claimed: list[ClaimedJob] = []
-    for condition in statements:
-        leased = await conn.execute(update(JOBS).where(condition).values(**lease).returning(*CLAIMED_COLUMNS))
+    if conn.dialect.name != "postgresql":
+        shares = sorted(quotas.items())
+        for start in range(0, len(shares), SQLITE_CLAIM_RUNS):
+            params: list[Any] = [JOB_LEASED, claim_id, owner, lease_expiry]
+            for run_id, quota in shares[start : start + SQLITE_CLAIM_RUNS]:
+                params += [run_id, JOB_QUEUED, JOB_LEASED, now, quota]
+            runs = min(SQLITE_CLAIM_RUNS, len(shares) - start)
+            leased = await conn.exec_driver_sql(_sqlite_claim_sql(runs), tuple(params))
+            claimed.extend(map(ClaimedJob.from_row, leased.mappings()))
+        return sorted(claimed, key=lambda job: job.id)
+    for run_id, quota in sorted(quotas.items()):
+        oldest = (
+            select(JOBS.c.id)
+            .where(JOBS.c.run_id == run_id, claimable(now))
+            .order_by(JOBS.c.id)
+            .limit(quota)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        leased = await conn.execute(
+            update(JOBS)
+            .where(JOBS.c.id.in_(oldest))
+            .values(
+                state=JOB_LEASED,
+                claim_id=claim_id,
+                lease_owner=owner,
+                lease_expiry=lease_expiry,
+                attempt=JOBS.c.attempt + 1,
+            )
+            .returning(*CLAIMED_COLUMNS)
+        )
         claimed.extend(map(ClaimedJob.from_row, leased.mappings()))
     return sorted(claimed, key=lambda job: job.id)
+
+
+# Runs per claim statement on SQLite, under its limit of 500 terms in one compound SELECT.
+SQLITE_CLAIM_RUNS = 400
+
+
+@functools.cache
+def _sqlite_claim_sql(runs: int) -> str:
+    """`claim`'s statement on SQLite for `runs` runs, as SQL text (its WHERE is `claimable`, written
+    out): built as a SQLAlchemy statement, a UNION of a varying number of ranges was compiled anew
+    for most claims (its cache key changes with the count), which cost more of the event loop than
+    running it."""
+    one_range = (
+        f"SELECT id FROM (SELECT id FROM {JOBS.name} WHERE run_id = ? "
+        "AND (state = ? OR (state = ? AND lease_expiry < ?)) ORDER BY id LIMIT ?)"
+    )
+    returned = ", ".join(column.name for column in CLAIMED_COLUMNS)
+    return (
+        f"UPDATE {JOBS.name} SET state = ?, claim_id = ?, lease_owner = ?, lease_expiry = ?, attempt = attempt + 1 "
+        f"WHERE id IN ({' UNION ALL '.join([one_range] * runs)}) RETURNING {returned}"
+    )
 
 
 async def extend(conn: AsyncConnection, claim_ids: Sequence[str], expiry: float) -> None:

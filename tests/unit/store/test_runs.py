@@ -261,6 +261,12 @@ async def test_a_claim_leases_each_runs_quota_of_its_oldest_claimable_jobs(db: D
     assert await claim(db, {a.run.id: 1, b.run.id: 1, c.run.id: 1}, "c3") == []
 
 
+async def test_a_claim_over_more_runs_than_one_sqlite_statement_takes_leases_them_all(db: Database) -> None:
+    runs = await insert(db, *(new_run(items=1) for _ in range(job_store.SQLITE_CLAIM_RUNS + 3)))
+    leased = await claim(db, {run.run.id: 1 for run in runs}, "c1")
+    assert len(leased) == len(runs)
+
+
 async def test_cancel_jobs_stops_the_runs_unfinished_jobs_and_fences_out_their_claims(db: Database) -> None:
     run, other = await insert(db, new_run(items=4), new_run(items=2))
     leased = await claim(db, {run.run.id: 2, other.run.id: 1}, "c1")
