@@ -262,6 +262,40 @@ async def test_cancel_while_the_run_is_being_loaded_does_not_stop_execution(
         assert restarts(srv, "claim") == 0 and restarts(srv, "record") == 0
 
 
+async def test_runs_whose_handed_over_plans_were_dropped_are_read_back_and_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CreateRun hands a run's plan inputs to the local executor, bounded in items. Runs created while
+    the executor is busy beyond that bound lose their inputs, oldest first, and are read back from the
+    database when claimed: every one of them still runs to its end."""
+    monkeypatch.setattr(executor_module, "MAX_CREATED_ITEMS", 4)
+    building, go_on = asyncio.Event(), asyncio.Event()
+    async with serving(tmp_path) as srv, tenants(srv, "a") as t:
+        real_build, real_load = srv.executor._build_plan, srv.executor._load_plan
+        read_back: list[str] = []
+
+        async def held_build(*args: Any) -> Any:
+            building.set()
+            await go_on.wait()
+            return await real_build(*args)
+
+        async def counted_load(run_id: str) -> Any:
+            read_back.append(run_id)
+            return await real_load(run_id)
+
+        monkeypatch.setattr(srv.executor, "_build_plan", held_build)
+        monkeypatch.setattr(srv.executor, "_load_plan", counted_load)
+        first = (await t["a"].CreateRun(run_request(echo(), 3))).run.id
+        await asyncio.wait_for(building.wait(), 10)  # the claim loop waits for the first run's plan
+        later = [(await t["a"].CreateRun(run_request(echo(), 3))).run.id for _ in range(3)]
+        assert srv.executor._created_items <= 4
+        go_on.set()
+        runs = [await finish(t["a"], run_id, within_s=20) for run_id in [first, *later]]
+    assert [run.status for run in runs] == [run_pb2.RUN_STATUS_SUCCEEDED] * 4
+    assert set(later[:2]) <= set(read_back), "the oldest handed-over inputs were dropped and read back"
+    assert first not in read_back and later[-1] not in read_back
+
+
 async def test_jobs_claimed_just_before_their_run_is_cancelled_never_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
