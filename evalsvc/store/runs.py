@@ -9,7 +9,6 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import ColumnElement, RowMapping, Select, and_, case, exists, func, insert, select, tuple_, update
-from sqlalchemy import cast as sa_cast
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -268,24 +267,43 @@ class Ending:
     end_time: float
 
 
+_FINISH = (
+    "UPDATE runs SET status = ?, overall_passed = ?, error_code = ?, error_message = ?, aggregate = ?, "
+    "end_time = ?, update_time = ?, last_seq = last_seq + 1, version = version + 1 WHERE id = ?"
+)
+
+
 async def finish_runs(conn: AsyncConnection, endings: Sequence[Ending]) -> list[pb.WatchRunResponse]:
-    """End active runs, each with its own status, verdict and aggregate: one UPDATE for all of them
-    (values chosen per run id), then one insert of their events. Runs no longer active are left as
-    they are. Returns the events, in run id order."""
+    """End active runs, each with its own status, verdict and aggregate, then insert their events.
+    Runs no longer active are left as they are. Returns the events, in run id order.
+
+    Three statements however many runs: the active ones among them (locked, in id order, on
+    PostgreSQL), one UPDATE per run in one driver executemany, one read of the ended runs. Not one
+    UPDATE with a CASE per column over every run: building and compiling that grew with the runs a
+    recording ends (5% of the event loop under CreateRun load)."""
     if not endings:
         return []
-
-    def per_run(column: str) -> Any:
-        # Typed: PostgreSQL takes a CASE whose values are all NULL (no run has a verdict) for text.
-        return sa_cast(case({e.run_id: getattr(e, column) for e in endings}, value=RUNS.c.id), RUNS.c[column].type)
-
-    columns = ("status", "overall_passed", "error_code", "error_message", "aggregate", "end_time")
-    return await _change_status(
-        conn,
-        runs_in_lock_order(conn, [e.run_id for e in endings]),
-        statuses.ACTIVE,
-        {column: per_run(column) for column in columns},
+    found = await conn.execute(
+        select(RUNS.c.id).where(
+            *runs_in_lock_order(conn, [e.run_id for e in endings]), RUNS.c.status.in_(list(statuses.ACTIVE))
+        )
     )
+    active = {run_id for (run_id,) in found}
+    if not active:
+        return []
+    now = time.time()
+    await execute_many(
+        conn,
+        _FINISH,
+        [
+            (e.status, e.overall_passed, e.error_code, e.error_message, e.aggregate, e.end_time, now, e.run_id)
+            for e in sorted(endings, key=lambda e: e.run_id)
+            if e.run_id in active
+        ],
+    )
+    ended = await conn.execute(select(RUNS).where(RUNS.c.id.in_(sorted(active))))
+    runs = sorted((RunRecord.from_row(row) for row in ended.mappings()), key=lambda run: run.id)
+    return await _record_changes(conn, runs)
 
 
 def runs_in_lock_order(conn: AsyncConnection, run_ids: Sequence[str]) -> list[ColumnElement[bool]]:
