@@ -29,7 +29,13 @@ from typing import Any, cast
 import grpc
 
 from bench import echo_server
-from bench.workloads import cached_run_request, large_run_request, pathological_run_request, small_run_request
+from bench.workloads import (
+    cached_run_request,
+    large_run_request,
+    model_run_request,
+    pathological_run_request,
+    small_run_request,
+)
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc as pb_grpc
 from evalsvc.v1 import run_pb2
@@ -331,14 +337,69 @@ async def _gather_bounded(tasks: list[asyncio.Task[None]], timeout_s: float) -> 
     return not pending
 
 
+class _GatedModel:
+    """An OpenAI-compatible chat endpoint on loopback that answers each call with its last message's
+    content, but only once `gate` is set: the fan-out's watched run produces no result before then.
+    Plain asyncio HTTP/1.1 with keep-alive: enough for the server's own client and ten calls."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self.base_url = ""
+
+    @classmethod
+    async def start(cls) -> _GatedModel:
+        model = cls()
+        model._server = await asyncio.start_server(model._serve, "127.0.0.1", 0)
+        port = model._server.sockets[0].getsockname()[1]
+        model.base_url = f"http://127.0.0.1:{port}/v1"
+        return model
+
+    async def close(self) -> None:
+        self.gate.set()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.decode("latin-1").split("\r\n"):
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                body = json.loads(await reader.readexactly(length)) if length else {}
+                await self.gate.wait()
+                content = body.get("messages", [{}])[-1].get("content", "")
+                reply = json.dumps(
+                    {
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+                    }
+                ).encode()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    + f"content-length: {len(reply)}\r\n\r\n".encode()
+                    + reply
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
 async def fanout_evalsvc(args: dict[str, Any]) -> dict[str, Any]:
     """W watchers on one run; latency from each result event's event_time to its arrival.
 
     The watched run must not produce results before every watcher is subscribed, but a run starts
-    executing the moment it is created. So a blocker run is created first: the executor claims jobs
-    oldest first, so the watched run's jobs wait behind it. A repetition in which any result was
-    committed before the last watcher was ready is reported as invalid (the parent retries it with a
-    bigger blocker) rather than silently mixing catch-up reads into live-delivery latency.
+    executing the moment it is created. So its target is a model this process stands in for (an
+    OpenAI-compatible endpoint on loopback, `_GatedModel`) that answers only once the last watcher is
+    ready. (A blocker run ahead of it no longer works: claims are shared fairly among runs.) A
+    repetition in which any result was committed before the last watcher was ready is still reported
+    as invalid rather than silently mixing catch-up reads into live-delivery latency.
     """
     addr, watchers, k = args["addr"], int(args["watchers"]), int(args["events"])
     timeout_s = float(args["timeout_s"])
@@ -347,14 +408,13 @@ async def fanout_evalsvc(args: dict[str, Any]) -> dict[str, Any]:
     control = grpc.aio.insecure_channel(
         args.get("create_addr") or addr, options=[("grpc.max_send_message_length", 64 << 20)]
     )
+    model = await _GatedModel.start()
+    all_ready = model.gate
     try:
         stub = pb_grpc.EvalRunServiceStub(control)
-        blocker_request = large_run_request(int(args["blocker_items"]), int(args["blocker_graders"]))
-        await stub.CreateRun(blocker_request, timeout=30, metadata=MD)
-        target = (await stub.CreateRun(small_run_request(k), timeout=30, metadata=MD)).run.id
+        target = (await stub.CreateRun(model_run_request(k, model.base_url), timeout=30, metadata=MD)).run.id
         started = time.time()
         ready = 0
-        all_ready = asyncio.Event()
         ready_at = 0.0
         latencies: list[float] = []
         commit_times: list[float] = []
@@ -385,6 +445,7 @@ async def fanout_evalsvc(args: dict[str, Any]) -> dict[str, Any]:
         finished = await _gather_bounded(tasks, timeout_s)
     finally:
         await asyncio.gather(*(c.close() for c in channels), control.close())
+        await model.close()
     early = sum(1 for t in commit_times if t < ready_at) if ready_at else len(commit_times)
     return {
         "watchers": watchers,

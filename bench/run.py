@@ -458,10 +458,11 @@ def scenario_fanout(suite: Suite) -> None:
         target="<= 3 ratio",
     )
     latencies: dict[str, list[float]] = {"bare": [], "evalsvc": []}
-    # The blocker grows in graders, not items: its CreateRun must stay under gRPC's 16 MiB message limit.
-    blocker, blocker_graders = max(2000, w * 8), 5
     notes: list[str] = []
-    with procs.echo_server("fanout-echo") as echo, procs.evalsvc_server(procs.sqlite_url("fanout"), "fanout") as srv:
+    with (
+        procs.echo_server("fanout-echo") as echo,
+        procs.evalsvc_server(procs.sqlite_url("fanout"), "fanout", "--outbound-allow", "127.0.0.1") as srv,
+    ):
         for rep in range(cfg.reps):
             bare = procs.run_child(
                 "bench.loadgen",
@@ -475,26 +476,11 @@ def scenario_fanout(suite: Suite) -> None:
                 },
                 timeout_s=90,
             )
-            for _attempt in range(3):
-                ours = procs.run_child(
-                    "bench.loadgen",
-                    {
-                        "mode": "fanout_evalsvc",
-                        **srv.target(),
-                        "watchers": w,
-                        "events": k,
-                        "blocker_items": blocker,
-                        "blocker_graders": blocker_graders,
-                        "timeout_s": 120,
-                    },
-                    timeout_s=150,
-                )
-                if ours["valid"]:
-                    break
-                notes.append(
-                    f"rep {rep + 1}: blocker of {blocker} items x {blocker_graders} graders too short, retried"
-                )
-                blocker_graders = min(50, blocker_graders * 2)
+            ours = procs.run_child(
+                "bench.loadgen",
+                {"mode": "fanout_evalsvc", **srv.target(), "watchers": w, "events": k, "timeout_s": 120},
+                timeout_s=150,
+            )
             if not bare["valid"] or ours["connect_s"] is None:
                 raise RuntimeError(f"fan-out repetition {rep + 1} invalid: evalsvc {ours}, bare {bare}")
             connect.add(ours["connect_s"], bare["connect_s"])
@@ -540,32 +526,25 @@ def scenario_cross_replica(suite: Suite) -> None:
     )
     with (
         database("postgres", "cross") as (url, _raw),
-        procs.evalsvc_server(url, "cross-a") as a,
+        procs.evalsvc_server(url, "cross-a", "--outbound-allow", "127.0.0.1") as a,
         procs.evalsvc_server(url, "cross-b", "--workers", "0", "--bootstrap-key", "false") as b,
     ):
         for rep in range(cfg.reps):
             measured = {}
             for name, watch_addr in (("same", a.addr), ("other", b.addr)):
-                blocker = 2000
-                for _attempt in range(3):
-                    result = procs.run_child(
-                        "bench.loadgen",
-                        {
-                            "mode": "fanout_evalsvc",
-                            "addr": watch_addr,
-                            "create_addr": a.addr,
-                            "api_key": a.api_key,
-                            "watchers": w,
-                            "events": k,
-                            "blocker_items": blocker,
-                            "blocker_graders": 5,
-                            "timeout_s": 120,
-                        },
-                        timeout_s=150,
-                    )
-                    if result["valid"]:
-                        break
-                    blocker *= 2
+                result = procs.run_child(
+                    "bench.loadgen",
+                    {
+                        "mode": "fanout_evalsvc",
+                        "addr": watch_addr,
+                        "create_addr": a.addr,
+                        "api_key": a.api_key,
+                        "watchers": w,
+                        "events": k,
+                        "timeout_s": 120,
+                    },
+                    timeout_s=150,
+                )
                 if not result["valid"]:
                     raise RuntimeError(f"cross-replica repetition {rep + 1} invalid: {result}")
                 measured[name] = result["latency_ms"]

@@ -83,16 +83,24 @@ def small_run_request(items: int = 10) -> pb.CreateRunRequest:
 
 
 def cached_run_request(items: int, model_base_url: str) -> pb.CreateRunRequest:
-    """The peers' workload (items answered "answer i", one exact_match grader) through a chat target at
-    `model_base_url`, reading and writing the response cache: run twice, the second makes no call."""
+    """The peers' workload through a chat target at `model_base_url` (`model_run_request`), reading
+    and writing the response cache: run twice, the second makes no call."""
+    return model_run_request(items, model_base_url, cache_pb2.CACHE_MODE_READ_WRITE)
+
+
+def model_run_request(
+    items: int, model_base_url: str, cache_mode: cache_pb2.CacheMode.ValueType = cache_pb2.CACHE_MODE_OFF
+) -> pb.CreateRunRequest:
+    """The peers' workload (items answered "answer i", one exact_match grader) through a chat target
+    at `model_base_url`."""
     return pb.CreateRunRequest(
-        display_name=f"bench cached {items}",
+        display_name=f"bench model {items}",
         items=[item_pb2.Item(id=f"i{i}", input=f"answer {i}", expected_output=f"answer {i}") for i in range(items)],
         target=target_pb2.Target(
             chat=target_pb2.ChatTarget(endpoint=target_pb2.Endpoint(base_url=model_base_url), model="echo")
         ),
         graders=[grader_pb2.Grader(name="exact", exact_match=grader_pb2.ExactMatch())],
-        cache_mode=cache_pb2.CACHE_MODE_READ_WRITE,
+        cache_mode=cache_mode,
     )
 
 
