@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -29,6 +30,39 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"evalsvc test database: {'PostgreSQL at ' + dbs.ADMIN_URL if dbs.USE_POSTGRES else 'SQLite files'}"
+
+
+# `make test` runs the suite on two pytest-xdist workers, a module at a time (`-n 2 --dist loadfile`). These
+# modules run one after another on one worker, never beside each other: each either keeps the CPUs busy for
+# a long while (the fuzzer, kill -9 batteries with several server processes, grading processes) or asserts
+# a latency bound (a run ends within 1 s, a GetRun answers within 1.5 s while grading saturates the CPUs, a
+# revoked key's stream ends within 4 s) that two of them side by side on a 2-core machine could break.
+ONE_AT_A_TIME = frozenset(
+    {
+        "tests/test_gateway_fuzz.py",
+        "tests/test_crash_battery.py",
+        "tests/test_replica_watchers.py",
+        "tests/test_grading_isolation.py",
+        "tests/test_liveness.py",
+        "tests/test_revocation.py",
+    }
+)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadfile`, with the ONE_AT_A_TIME modules as one file. (Not `xdist_group` marks with
+    `--dist loadgroup`: pytest-xdist 3.8 renames the node ids that mark, which pytest 9.2 no longer lets it.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class OneAtATimeScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return "one at a time" if module in ONE_AT_A_TIME else module
+
+    return OneAtATimeScheduling(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -4,6 +4,7 @@ never 429 (which clients retry); over gRPC, oversized metadata carries no RetryI
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -26,6 +27,20 @@ async def gw(tmp_path: Path) -> AsyncIterator[tuple[EvalServer, httpx.AsyncClien
     settings = make_settings(tmp_path, http_addr="127.0.0.1:0", max_message_bytes=MAX_BODY)
     async with serving_gateway(settings) as (srv, client):
         yield srv, client
+
+
+async def test_the_gateways_connections_send_small_responses_at_once(gw) -> None:
+    """Regression: the gateway's connections kept Nagle's algorithm on (asyncio turns it off only on sockets
+    made with proto IPPROTO_TCP, and the gateway binds its own with proto 0), so a small response, written
+    in two parts, waited for the client's delayed ACK: 40 ms more on every REST call. Checked on the
+    socket, not by timing, which the machine's load would blur."""
+    srv, client = gw
+    assert (await client.get("/v1/runs")).status_code == 200
+    assert srv.gateway is not None
+    connections = srv.gateway._server.server_state.connections  # the keep-alive connection just used
+    assert connections
+    for connection in connections:
+        assert connection.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
 def run_body(size: int) -> bytes:

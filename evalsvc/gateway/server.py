@@ -45,6 +45,10 @@ def bounded_protocol(max_connections: int, header_timeout_s: float) -> type[asyn
         header_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:
+            # Nagle's algorithm off, as asyncio does itself only for sockets made with proto IPPROTO_TCP:
+            # those Gateway.start() accepts on (socket.create_server's) have proto 0, and each small
+            # response waited for the client's delayed ACK, 40 ms a request.
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if len(self.server_state.connections) >= max_connections:
                 # Answer at once and half-close; what the client sends meanwhile is read and dropped
                 # (closing on unread data would reset the connection and lose the answer).
