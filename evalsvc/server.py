@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -490,6 +491,17 @@ def _database_where(url: str) -> str:
     return f"{path} (its disk is full: {free} bytes free)" if free < LOW_DISK_BYTES else str(path)
 
 
+def freeze_startup_objects() -> None:
+    """Move every object alive after start-up (modules, classes, the libraries' tables: ~450,000) out
+    of the cyclic garbage collector's reach. Its full collections stop rescanning them: during a
+    large run they were each 90-160 ms with the event loop stopped, 14 per 250,000 evaluations (the
+    loop-lag p99); frozen, 15-30 ms. Only for a process that serves one server for its lifetime
+    (`serve`): objects frozen are never collected, so a test process starting many servers keeps
+    the default."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     server = EvalServer(settings)
@@ -501,6 +513,7 @@ async def serve(settings: Settings) -> None:
         raise
     if not _show_bootstrap_key(server):
         log.info("API keys: %s", key_instructions(settings.db))
+    freeze_startup_objects()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
