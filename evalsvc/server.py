@@ -513,11 +513,11 @@ async def serve(settings: Settings) -> None:
         raise
     if not _show_bootstrap_key(server):
         log.info("API keys: %s", key_instructions(settings.db))
-    freeze_startup_objects()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    freeze_startup_objects()  # after the handlers: a SIGTERM during its collection still shuts down cleanly
     await stop.wait()
     log.info("signal received; shutting down (grace %.1f s)", settings.grace_s)
     await server.stop()
