@@ -31,7 +31,7 @@ import os
 import socket
 import time
 import uuid
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -159,7 +159,7 @@ class Executor:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._cache = cache.ResponseCache(db)
         self._plans: dict[str, asyncio.Task[RunPlan]] = {}
-        self._created: OrderedDict[str, CreatedRunInputs] = OrderedDict()
+        self._created: dict[str, CreatedRunInputs] = {}  # insertion order: oldest first
         self._created_items = 0
         self._in_flight: dict[str, set[asyncio.Task[None]]] = defaultdict(set)
         self._workers = Slots(settings.workers)
@@ -588,16 +588,21 @@ class Executor:
         self._created[run.run_id] = run
         self._created_items += len(run.items)
         while self._created_items > MAX_CREATED_ITEMS and len(self._created) > 1:
-            _, dropped = self._created.popitem(last=False)
-            self._created_items -= len(dropped.items)
+            self._take_created(next(iter(self._created)))
         self.wake()
+
+    def _take_created(self, run_id: str) -> CreatedRunInputs | None:
+        """Remove and return a run's handed-over plan inputs, if this executor still holds them."""
+        inputs = self._created.pop(run_id, None)
+        if inputs is not None:
+            self._created_items -= len(inputs.items)
+        return inputs
 
     async def _plan(self, run_id: str) -> RunPlan:
         task = self._plans.get(run_id)
         if task is None:
-            inputs = self._created.pop(run_id, None)
+            inputs = self._take_created(run_id)
             if inputs is not None:
-                self._created_items -= len(inputs.items)
                 task = asyncio.create_task(self._build_plan(inputs.tenant, inputs.spec, inputs.items, 0.0))
             else:
                 task = asyncio.create_task(self._load_plan(run_id))
@@ -662,9 +667,7 @@ class Executor:
         to finish, never cancelled: other callers may be awaiting it (through `asyncio.shield`), and a
         cancelled shared load raised `CancelledError` in each of them - in the claim loop too."""
         self._plans.pop(run_id, None)
-        inputs = self._created.pop(run_id, None)
-        if inputs is not None:
-            self._created_items -= len(inputs.items)
+        self._take_created(run_id)
 
     async def _record_loop(self) -> None:
         progress = self._progress["record"]

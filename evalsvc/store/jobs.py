@@ -18,11 +18,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import ColumnElement, RowMapping, or_, select, tuple_, update
+from sqlalchemy import ColumnElement, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store.bulk import insert_tuples
 from evalsvc.store.models import JOB_DONE, JOB_LEASED, JOB_QUEUED, JobRow, OutputRow, RunItemRow
+from evalsvc.store.records import FromRow
 
 JOBS = JobRow.__table__  # type: ignore[attr-defined]
 ITEMS = RunItemRow.__table__  # type: ignore[attr-defined]
@@ -46,7 +47,7 @@ def claimable(now: float) -> ColumnElement[bool]:
 
 
 @dataclass(frozen=True, slots=True)
-class ClaimedJob:
+class ClaimedJob(FromRow):
     """A leased job, as `claim` returns it: one item x repetition of a run, under one claim. Its fields
     are the `jobs` columns the claim returns (`CLAIMED_COLUMNS`), by name."""
 
@@ -57,11 +58,6 @@ class ClaimedJob:
     repetition: int
     attempt: int
     claim_id: str
-
-    @classmethod
-    def from_row(cls, row: RowMapping) -> ClaimedJob:
-        """The record of a job row returned with CLAIMED_COLUMNS."""
-        return cls(**row)
 
 
 CLAIMED_COLUMNS = tuple(JOBS.c[field.name] for field in fields(ClaimedJob))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Self, cast
 
 from sqlalchemy import RowMapping
 
@@ -27,8 +27,19 @@ from evalsvc.messages.convert import etag, pass_rate, timestamp
 from evalsvc.v1 import run_pb2
 
 
+class FromRow:
+    """A record read from a row of exactly its fields' columns: `from_row` builds it by keyword, so a
+    column its query returns without a field (or the other way round) fails at once."""
+
+    __slots__ = ()
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> Self:
+        return cls(**row)
+
+
 @dataclass(frozen=True, slots=True)
-class RunRecord:
+class RunRecord(FromRow):
     """A row of `runs` (models.RunRow): a run's definition, status and live counters."""
 
     id: str
@@ -63,14 +74,9 @@ class RunRecord:
     delete_time: float | None
     version: int
 
-    @classmethod
-    def from_row(cls, row: RowMapping) -> RunRecord:
-        """The record of a `runs` row read with all its columns (`select(RUNS)`, `RETURNING *RUNS.c`)."""
-        return cls(**row)
-
 
 @dataclass(frozen=True, slots=True)
-class ResultRecord:
+class ResultRecord(FromRow):
     """A row of `results` (models.ResultRow): one evaluation's outcome."""
 
     id: int  # job id x 1024 + grader index
@@ -93,11 +99,6 @@ class ResultRecord:
     confidence: float | None
     cached: bool
     verdict_cached: bool
-
-    @classmethod
-    def from_row(cls, row: RowMapping) -> ResultRecord:
-        """The record of a `results` row read with all its columns."""
-        return cls(**row)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +135,7 @@ class GraderTally:
 
 
 @dataclass(frozen=True, slots=True)
-class SavedGraderRecord:
+class SavedGraderRecord(FromRow):
     """A row of `saved_graders` (models.SavedGraderRow): a saved grader; its definitions are its versions."""
 
     id: str
@@ -147,14 +148,9 @@ class SavedGraderRecord:
     latest_version: int
     create_time: float
 
-    @classmethod
-    def from_row(cls, row: RowMapping) -> SavedGraderRecord:
-        """The record of a `saved_graders` row read with all its columns."""
-        return cls(**row)
-
 
 @dataclass(frozen=True, slots=True)
-class GraderVersionRecord:
+class GraderVersionRecord(FromRow):
     """A row of `saved_grader_versions` (models.SavedGraderVersionRow): one immutable grader definition."""
 
     grader_id: str
@@ -163,14 +159,9 @@ class GraderVersionRecord:
     definition: bytes  # a serialized grader_pb2.Grader
     create_time: float
 
-    @classmethod
-    def from_row(cls, row: RowMapping) -> GraderVersionRecord:
-        """The record of a `saved_grader_versions` row read with all its columns."""
-        return cls(**row)
-
 
 @dataclass(frozen=True, slots=True)
-class SavedTargetRecord:
+class SavedTargetRecord(FromRow):
     """A row of `saved_targets` (models.SavedTargetRow): a saved target definition."""
 
     id: str
@@ -183,14 +174,9 @@ class SavedTargetRecord:
     definition: bytes  # a serialized target_pb2.Target
     create_time: float
 
-    @classmethod
-    def from_row(cls, row: RowMapping) -> SavedTargetRecord:
-        """The record of a `saved_targets` row read with all its columns."""
-        return cls(**row)
-
 
 @dataclass(frozen=True, slots=True)
-class DatasetRecord:
+class DatasetRecord(FromRow):
     """A row of `datasets` (models.DatasetRow): a named set of items (the items are rows of their own)."""
 
     id: str
@@ -205,14 +191,9 @@ class DatasetRecord:
     create_time: float
     update_time: float
 
-    @classmethod
-    def from_row(cls, row: RowMapping) -> DatasetRecord:
-        """The record of a `datasets` row read with all its columns."""
-        return cls(**row)
-
 
 @dataclass(frozen=True, slots=True)
-class DatasetGenerationRecord:
+class DatasetGenerationRecord(FromRow):
     """A row of `dataset_generations` (models.DatasetGenerationRow): items a model is asked to write
     into a dataset, with the lease of the process working on it."""
 
@@ -228,28 +209,18 @@ class DatasetGenerationRecord:
     create_time: float
     update_time: float
 
-    @classmethod
-    def from_row(cls, row: RowMapping) -> DatasetGenerationRecord:
-        """The record of a `dataset_generations` row read with all its columns."""
-        return cls(**row)
-
 
 @dataclass(frozen=True, slots=True)
-class ClaimableGeneration:
+class ClaimableGeneration(FromRow):
     """A generation waiting for a worker, as the claim loop picks one: which dataset, whose. Its
     fields are the `dataset_generations` columns the query reads, by name."""
 
     dataset_id: str
     tenant: str
 
-    @classmethod
-    def from_row(cls, row: RowMapping) -> ClaimableGeneration:
-        """The record of a generation row read with its dataset_id and tenant."""
-        return cls(**row)
-
 
 @dataclass(frozen=True, slots=True)
-class ApiKeyRecord:
+class ApiKeyRecord(FromRow):
     """A row of `api_keys` (models.ApiKeyRow): a key's id and tenant, and only a hash of its secret."""
 
     id: str
@@ -261,14 +232,9 @@ class ApiKeyRecord:
     revoke_time: float | None
     last_used_time: float | None
 
-    @classmethod
-    def from_row(cls, row: RowMapping) -> ApiKeyRecord:
-        """The record of an `api_keys` row read with all its columns."""
-        return cls(**row)
-
 
 @dataclass(frozen=True, slots=True)
-class TenantSecretRecord:
+class TenantSecretRecord(FromRow):
     """A row of `tenant_secrets` (models.TenantSecretRow): a secret's name in clear, its value sealed."""
 
     tenant: str
@@ -276,14 +242,9 @@ class TenantSecretRecord:
     sealed: bytes
     create_time: float
 
-    @classmethod
-    def from_row(cls, row: RowMapping) -> TenantSecretRecord:
-        """The record of a `tenant_secrets` row read with all its columns."""
-        return cls(**row)
-
 
 @dataclass(frozen=True, slots=True)
-class SecretName:
+class SecretName(FromRow):
     """A tenant's secret as listings show it, without its value: the `tenant_secrets` columns tenant,
     name and create_time."""
 
@@ -291,14 +252,9 @@ class SecretName:
     name: str
     create_time: float
 
-    @classmethod
-    def from_row(cls, row: RowMapping) -> SecretName:
-        """The record of a secret row read with its tenant, name and create_time."""
-        return cls(**row)
-
 
 @dataclass(frozen=True, slots=True)
-class WebhookRecord:
+class WebhookRecord(FromRow):
     """A row of `webhooks` (models.WebhookRow): a tenant's endpoint, with the secrets that sign its
     deliveries."""
 
@@ -317,14 +273,9 @@ class WebhookRecord:
     create_time: float
     update_time: float
 
-    @classmethod
-    def from_row(cls, row: RowMapping) -> WebhookRecord:
-        """The record of a `webhooks` row read with all its columns."""
-        return cls(**row)
-
 
 @dataclass(frozen=True, slots=True)
-class WebhookDeliveryRecord:
+class WebhookDeliveryRecord(FromRow):
     """A row of `webhook_deliveries` (models.WebhookDeliveryRow): one notification of one run event to
     one webhook, with its lease and retry state."""
 
@@ -344,14 +295,9 @@ class WebhookDeliveryRecord:
     create_time: float
     last_attempt_time: float | None
 
-    @classmethod
-    def from_row(cls, row: RowMapping) -> WebhookDeliveryRecord:
-        """The record of a `webhook_deliveries` row read with all its columns."""
-        return cls(**row)
-
 
 @dataclass(frozen=True, slots=True)
-class ClaimedDelivery:
+class ClaimedDelivery(FromRow):
     """A delivery a sender leased, as `claim_due` returns it: what sending it and recording the outcome
     under the claim need. Its fields are the columns the claim reads (`webhooks.CLAIMED_COLUMNS`): the
     delivery's own, its webhook's url and signing secrets, and the run event it reports."""
@@ -367,11 +313,6 @@ class ClaimedDelivery:
     previous_secret: bytes | None
     previous_secret_expire_time: float | None
     payload: bytes  # a serialized eval_run_service_pb2.WatchRunResponse
-
-    @classmethod
-    def from_row(cls, row: RowMapping) -> ClaimedDelivery:
-        """The record of a claimed delivery read with CLAIMED_COLUMNS."""
-        return cls(**row)
 
 
 def counts_from(run: RunRecord) -> run_pb2.RunCounts:
