@@ -1,4 +1,5 @@
-"""Driver-level bulk inserts, for the hot paths: recording results and creating a run's items and jobs.
+"""Driver-level statements for the hot paths: bulk inserts (recording results, creating a run's items and
+jobs), per-row updates of many rows, and the watchers' page reads.
 
 SQLAlchemy Core's executemany runs every parameter of every row through Python (key lookups, bind
 processors, per-row dicts). At 250,000 results plus as many events per large run that was about a
@@ -59,7 +60,18 @@ async def execute_many(conn: AsyncConnection, sql: str, rows: list[tuple[Any, ..
     per-row UPDATEs of many rows, which as one SQLAlchemy statement (a CASE per column over every
     row) cost more to build and compile than to run."""
     if rows:
-        await conn.exec_driver_sql(_in_paramstyle(conn.dialect.paramstyle, sql), rows)
+        await conn.exec_driver_sql(in_driver_style(conn, sql), rows)
+
+
+async def fetch_all(conn: AsyncConnection, sql: str, parameters: tuple[Any, ...]) -> Sequence[Sequence[Any]]:
+    """Run one query written with `?` placeholders as the driver's own SQL text: for hot reads whose
+    SQLAlchemy construct would cost more to build and key for the statement cache than to run."""
+    return (await conn.exec_driver_sql(in_driver_style(conn, sql), parameters)).all()
+
+
+def in_driver_style(conn: AsyncConnection, sql: str) -> str:
+    """`sql`, written with `?` placeholders (and no `?` elsewhere), in the connection's driver's style."""
+    return _in_paramstyle(conn.dialect.paramstyle, sql)
 
 
 @functools.cache

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import ColumnElement, Select, func, or_, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.ids import PROCESS_ID
-from evalsvc.store.bulk import build_rows, insert_tuples
+from evalsvc.store.bulk import build_rows, fetch_all, insert_tuples
 from evalsvc.store.models import EventRow
 from evalsvc.v1 import eval_run_service_pb2 as pb
 
@@ -69,28 +70,26 @@ async def read_after(
     return [pb.WatchRunResponse.FromString(payload) for (payload,) in rows]
 
 
-def page_query(tenant: str, run_id: str, after_seq: int, limit: int, max_bytes: int) -> Select[bytes, int]:
-    """The statement `read_page` runs: each event's payload and how many of `limit` were fetched."""
-    first = (
-        select(EVENTS.c.seq, EVENTS.c.payload)
-        .where(EVENTS.c.run_id == run_id, *_next_seqs(after_seq, limit), EVENTS.c.tenant == tenant)
-        .order_by(EVENTS.c.seq)
-        .limit(limit)
-        .subquery()
-    )
-    size = func.length(first.c.payload)
-    sized = select(
-        first.c.seq,
-        first.c.payload,
-        size.label("size"),
-        func.sum(size).over(order_by=first.c.seq).label("through"),
-        func.count().over().label("fetched"),
-    ).subquery()
-    return (
-        select(sized.c.payload, sized.c.fetched)
-        .where(or_(sized.c.through <= max_bytes, sized.c.through == sized.c.size))  # or it is the first
-        .order_by(sized.c.seq)
-    )
+# `read_page` as the driver's own SQL text: built as a SQLAlchemy construct (two subqueries, window
+# functions) it cost more to build and key for the statement cache than to run, ~35% of the loop
+# while watchers opened streams. Parameters: run id, after_seq, after_seq + limit (see `_next_seqs`),
+# tenant, limit, max_bytes.
+PAGE_SQL = """\
+SELECT payload, fetched FROM (
+  SELECT seq, payload, length(payload) AS size, sum(length(payload)) OVER (ORDER BY seq) AS through,
+         count(*) OVER () AS fetched
+  FROM (
+    SELECT seq, payload FROM events
+    WHERE run_id = ? AND seq > ? AND seq <= ? AND tenant = ? ORDER BY seq LIMIT ?
+  ) AS page
+) AS sized
+WHERE through <= ? OR through = size
+ORDER BY seq"""
+
+
+def page_parameters(tenant: str, run_id: str, after_seq: int, limit: int, max_bytes: int) -> tuple[Any, ...]:
+    """PAGE_SQL's parameters, in order."""
+    return (run_id, after_seq, after_seq + limit, tenant, limit, max_bytes)
 
 
 async def read_page(
@@ -99,8 +98,8 @@ async def read_page(
     """Serialized events with seq > after_seq, in order: at most `limit` of them and, past the first,
     at most `max_bytes` in all; and whether more may follow. For watchers, which hold what they read
     until their client takes it: kept serialized, an event is ~10x smaller than parsed."""
-    rows = (await conn.execute(page_query(tenant, run_id, after_seq, limit, max_bytes))).all()
+    rows = await fetch_all(conn, PAGE_SQL, page_parameters(tenant, run_id, after_seq, limit, max_bytes))
     if not rows:
         return [], False
     fetched = rows[0][1]
-    return [payload for payload, _ in rows], fetched == limit or len(rows) < fetched
+    return [bytes(payload) for payload, _ in rows], fetched == limit or len(rows) < fetched

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.store import bulk
 from evalsvc.store import events as event_log
 from evalsvc.store.db import Database
 from evalsvc.v1 import eval_run_service_pb2 as pb
@@ -56,15 +57,17 @@ async def test_a_page_read_visits_only_the_rows_it_may_return_whatever_the_stati
         async with db.writer.connect() as conn:
             await conn.exec_driver_sql("ANALYZE events")  # statistics of a small table, as before a large run
     await append(db, "t1", "run-a", 101, 20_000)
-    query = event_log.page_query("t1", "run-a", 5_000, 96, 12 * 1024)
+    parameters = event_log.page_parameters("t1", "run-a", 5_000, 96, 12 * 1024)
     async with db.read() as conn:
-        sql = str(query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
         if conn.dialect.name == "postgresql":
-            plan = (await conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + sql)).scalar_one()
+            sql = bulk.in_driver_style(conn, "EXPLAIN (ANALYZE, FORMAT JSON) " + event_log.PAGE_SQL)
+            plan = (await conn.exec_driver_sql(sql, parameters)).scalar_one()
             visited = max(_actual_rows(json.loads(plan) if isinstance(plan, str) else plan))
             assert visited <= 96, f"a 96-event page visited {visited} rows"
         else:
-            steps = [row[-1] for row in await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+            steps = [
+                row[-1] for row in await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + event_log.PAGE_SQL, parameters)
+            ]
             searches = [step for step in steps if "events" in step and ("SEARCH" in step or "SCAN" in step)]
             assert searches and all("seq>? AND seq<?" in step for step in searches), steps
 
