@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import grpc
 
 from evalsvc.errors import Reason, ServiceError
+from evalsvc.events.opening import OpeningPages
 from evalsvc.v1 import eval_run_service_pb2 as pb
 
 
@@ -84,6 +85,7 @@ class EventBus:
         self._subscriptions: dict[str, set[Subscription]] = {}
         self._by_owner: dict[str, set[Subscription]] = {}
         self._closed = False
+        self.opening_pages = OpeningPages()  # first pages read once for watchers opening together
 
     def close(self) -> None:
         """Server shutdown: end every watch now and refuse new ones."""

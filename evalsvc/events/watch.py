@@ -23,8 +23,8 @@ import grpc
 
 from evalsvc.errors import Reason, ServiceError, not_found
 from evalsvc.events.bus import EventBus
+from evalsvc.events.opening import read_page
 from evalsvc.statuses import TERMINAL
-from evalsvc.store import events as event_log
 from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
 from evalsvc.v1 import eval_run_service_pb2 as pb
@@ -117,11 +117,16 @@ async def watch(
         if last_seq is None:
             return
         from_database = after_seq < last_seq
+        opening = from_database  # the first page is shared with watchers opening on the run with it
         while True:
             if from_database:
                 subscription.raise_if_closed()
-                async with db.read() as conn:
-                    payloads, from_database = await event_log.read_page(conn, tenant, run_id, cursor, rows, page_bytes)
+                if opening:
+                    opening = False
+                    read = bus.opening_pages.read(db, tenant, run_id, cursor, last_seq, rows, page_bytes)
+                else:
+                    read = read_page(db, tenant, run_id, cursor, rows, page_bytes)
+                payloads, from_database = await read
                 if payloads:
                     average = sum(map(len, payloads)) / len(payloads)
                     rows = max(1, min(max_events, int(page_bytes / average) + 1))

@@ -7,14 +7,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from sqlalchemy import insert, update
 
 from evalsvc.errors import ServiceError
+from evalsvc.events import opening
 from evalsvc.events.bus import EventBus
 from evalsvc.events.watch import Chunk, Logged, batched_message, watch
+from evalsvc.store import run_cache
+from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
 from evalsvc.store.models import EventRow, RunRow
 from evalsvc.v1 import eval_run_service_pb2 as pb
@@ -45,7 +49,8 @@ def result_event(seq: int) -> pb.WatchRunResponse:
 
 
 async def commit(db: Database, *events: pb.WatchRunResponse, tenant: str = TENANT) -> None:
-    """Append events to the run's log and move the run to the status of the last run event, as one write."""
+    """Append events to the run's log and move the run to the status of the last run event, as one write
+    (not published: a test publishes what its watchers should see live)."""
     async with db.write() as conn:
         if events[0].seq == 1:
             await conn.execute(insert(RUNS).values(id=RUN, tenant=tenant, labels={}, spec=b"", status=0))
@@ -54,6 +59,9 @@ async def commit(db: Database, *events: pb.WatchRunResponse, tenant: str = TENAN
         await conn.execute(update(RUNS).where(RUNS.c.id == RUN).values(**values))
         rows = [{"run_id": RUN, "seq": e.seq, "tenant": tenant, "payload": e.SerializeToString()} for e in events]
         await conn.execute(insert(EVENTS), rows)
+        changed = await run_store.get_any_tenant(conn, RUN)
+        assert changed is not None
+        run_cache.remember(conn, changed)  # as every write of the store does: the run cache stays current
 
 
 FINISHED = [
@@ -182,6 +190,79 @@ async def test_a_closed_bus_ends_the_watch_with_unavailable(db: Database) -> Non
     with pytest.raises(ServiceError) as ended:
         await anext(stream)
     assert ended.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+class CountedReads:
+    """The database page reads of `evalsvc.events.opening`, counted; `hold` makes them wait for `release`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, hold: bool = False, fail_first: bool = False) -> None:
+        self.count = 0
+        self.release = asyncio.Event()
+        if not hold:
+            self.release.set()
+        self._fail_first = fail_first
+        self._read_page = opening.event_log.read_page
+        monkeypatch.setattr(opening.event_log, "read_page", self._counted)
+
+    async def _counted(self, *args: Any) -> tuple[list[bytes], bool]:
+        self.count += 1
+        await self.release.wait()
+        if self._fail_first and self.count == 1:
+            raise ConnectionError("the database went away")
+        return await self._read_page(*args)
+
+
+async def test_watchers_opening_together_on_a_run_share_one_read_of_its_first_page(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await commit(db, *FINISHED[:3])
+    reads = CountedReads(monkeypatch, hold=True)
+    bus = EventBus()
+    streams = [watching(db, bus) for _ in range(50)]
+    opening_reads = [asyncio.ensure_future(anext(stream)) for stream in streams]
+    while reads.count == 0:
+        await asyncio.sleep(0)
+    reads.release.set()
+    async with asyncio.timeout(10):
+        firsts = await asyncio.gather(*opening_reads)
+    assert [[e.seq for e in first] for first in firsts] == [[1, 2, 3]] * 50
+    assert reads.count == 1
+    # Live events reach each of them through its own subscription, once and in order.
+    await commit(db, *FINISHED[3:])
+    bus.publish(RUN, FINISHED[3:])
+    async with asyncio.timeout(10):
+        rests = [[e.seq for chunk in [c async for c in stream] for e in chunk] for stream in streams]
+    assert rests == [[4, 5]] * 50
+    # A watcher opening after the run moved on finds a new last_seq: it reads, and sees the new events.
+    assert [seq for chunk in await chunks_to_end(db, bus) for seq in chunk] == [1, 2, 3, 4, 5]
+    assert reads.count == 2
+
+
+async def test_a_watcher_that_cancels_its_opening_does_not_fail_the_others_sharing_its_read(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await commit(db, *FINISHED)
+    reads = CountedReads(monkeypatch, hold=True)
+    bus = EventBus()
+    leaving, staying = asyncio.ensure_future(chunks_to_end(db, bus)), asyncio.ensure_future(chunks_to_end(db, bus))
+    while reads.count == 0:
+        await asyncio.sleep(0)
+    leaving.cancel()
+    reads.release.set()
+    assert await staying == [[1, 2, 3, 4, 5]]
+    assert leaving.cancelled() and reads.count == 1
+
+
+async def test_a_failed_first_page_read_is_not_shared_with_later_watchers(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await commit(db, *FINISHED)
+    reads = CountedReads(monkeypatch, fail_first=True)
+    bus = EventBus()
+    with pytest.raises(ConnectionError):
+        await chunks_to_end(db, bus)
+    assert await chunks_to_end(db, bus) == [[1, 2, 3, 4, 5]]
+    assert reads.count == 2
 
 
 def test_a_database_page_becomes_one_batched_message_framed_from_its_bytes() -> None:
