@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -43,15 +44,39 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, with the time's seconds formatted once per second: `time.strftime` for every line
+    was a tenth of an access-log line's cost, and a busy server writes thousands of lines a second."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+        self._second = -1
+        self._second_text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second_text = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = second
+        return f"{self._second_text},{int(record.msecs):03d}"  # as logging.Formatter writes it
+
+
 def make_handler(log_format: str, stream: TextIO | None = None) -> logging.Handler:
     """A stream handler (stderr by default) with the formatter `log_format` names."""
     if log_format not in FORMATS:
         raise ValueError(f"--log-format must be one of {', '.join(FORMATS)}, not {log_format!r}")
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     return handler
 
 
 def configure(level: str, log_format: str, stream: TextIO | None = None) -> None:
-    """Route every logger to one handler on stderr, in the chosen format and level."""
+    """Route every logger to one handler on stderr, in the chosen format and level.
+
+    Neither format shows the thread, the process or the calling line, so records do not collect
+    them (the logging HOWTO's "Optimization"): on the access log's hot path that was ~15% of a line."""
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None  # no findCaller(): the formats print no source line
     logging.basicConfig(level=level.upper(), handlers=[make_handler(log_format, stream)], force=True)

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from evalsvc.logs import JsonFormatter
+from evalsvc.logs import TEXT_FORMAT, JsonFormatter, TextFormatter
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc
@@ -115,6 +115,15 @@ def test_json_formatter_makes_one_line_with_extra_fields() -> None:
     entry = json.loads(line)
     assert entry["level"] == "WARNING" and entry["logger"] == "evalsvc.x" and entry["method"] == "/a/B"
     assert entry["message"] == "two\nlines here" and entry["time"].endswith("+00:00")
+
+
+def test_text_lines_carry_the_time_as_the_standard_formatter_writes_it() -> None:
+    """TextFormatter formats the seconds once per second; every line still reads as logging's own."""
+    formatter = TextFormatter()
+    for created in (1_764_870_000.0, 1_764_870_000.9995, 1_764_870_001.0421, 1_764_870_000.5):  # back in time too
+        record = logging.LogRecord("evalsvc.x", logging.INFO, __file__, 1, "run %s", ("r1",), None)
+        record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
+        assert formatter.format(record) == logging.Formatter(TEXT_FORMAT).format(record)
 
 
 async def test_serve_with_json_logs_writes_only_json_lines(tmp_path: Path) -> None:
