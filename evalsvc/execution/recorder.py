@@ -310,14 +310,9 @@ async def _result_events(
                 verdict_cached=grade.cached,
             )
             result_rows.append(row)
-            events.append(
-                pb.WatchRunResponse(
-                    seq=seq,
-                    event_time=event_time,
-                    counts=counts,
-                    result=run_store.result_message(row, event_time),
-                )
-            )
+            event = pb.WatchRunResponse(seq=seq, event_time=event_time, counts=counts)
+            run_store.fill_result(event.result, row, event_time)
+            events.append(event)
     return events
 
 
