@@ -90,6 +90,7 @@ class EventBus:
     def close(self) -> None:
         """Server shutdown: end every watch now and refuse new ones."""
         self._closed = True
+        self.opening_pages.close()
         for subscriptions in self._subscriptions.values():
             for subscription in subscriptions:
                 subscription.close()

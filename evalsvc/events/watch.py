@@ -16,6 +16,7 @@ BATCH_BYTES (and max_events), since a message is held whole, parsed, until gRPC 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from itertools import pairwise
 
@@ -126,7 +127,13 @@ async def watch(
                     read = bus.opening_pages.read(db, tenant, run_id, cursor, last_seq, rows, page_bytes)
                 else:
                     read = read_page(db, tenant, run_id, cursor, rows, page_bytes)
-                payloads, from_database = await read
+                try:
+                    payloads, from_database = await read
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and not task.cancelling():
+                        subscription.raise_if_closed()  # not ours: the server stopped the shared read
+                    raise
                 if payloads:
                     average = sum(map(len, payloads)) / len(payloads)
                     rows = max(1, min(max_events, int(page_bytes / average) + 1))

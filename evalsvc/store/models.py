@@ -200,7 +200,9 @@ class ResultRow(SQLModel, table=True):
 
 
 class EventRow(SQLModel, table=True):
-    """A run's event log: seq 1, 2, 3... without gaps, written in the transaction of the change."""
+    """A run's event log: seq 1, 2, 3... without gaps, written in the transaction of the change.
+    Never rewritten or deleted. Watchers' page reads rely on the gaps never being there: a page is a
+    closed range of seqs (store.events._next_seqs)."""
 
     __tablename__ = "events"
 

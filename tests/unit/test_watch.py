@@ -220,10 +220,10 @@ async def test_watchers_opening_together_on_a_run_share_one_read_of_its_first_pa
     bus = EventBus()
     streams = [watching(db, bus) for _ in range(50)]
     opening_reads = [asyncio.ensure_future(anext(stream)) for stream in streams]
-    while reads.count == 0:
-        await asyncio.sleep(0)
-    reads.release.set()
     async with asyncio.timeout(10):
+        while reads.count == 0:
+            await asyncio.sleep(0)
+        reads.release.set()
         firsts = await asyncio.gather(*opening_reads)
     assert [[e.seq for e in first] for first in firsts] == [[1, 2, 3]] * 50
     assert reads.count == 1
@@ -244,13 +244,54 @@ async def test_a_watcher_that_cancels_its_opening_does_not_fail_the_others_shari
     await commit(db, *FINISHED)
     reads = CountedReads(monkeypatch, hold=True)
     bus = EventBus()
-    leaving, staying = asyncio.ensure_future(chunks_to_end(db, bus)), asyncio.ensure_future(chunks_to_end(db, bus))
-    while reads.count == 0:
-        await asyncio.sleep(0)
-    leaving.cancel()
-    reads.release.set()
-    assert await staying == [[1, 2, 3, 4, 5]]
+    sharing = 0
+    shared_read = bus.opening_pages.read
+
+    async def counted_read(*args: Any) -> tuple[list[bytes], bool]:
+        nonlocal sharing
+        sharing += 1
+        return await shared_read(*args)
+
+    monkeypatch.setattr(bus.opening_pages, "read", counted_read)
+    async with asyncio.timeout(10):
+        leaving = asyncio.ensure_future(chunks_to_end(db, bus))
+        while reads.count == 0:  # the leaving watcher started the read, and it is held
+            await asyncio.sleep(0)
+        staying = asyncio.ensure_future(chunks_to_end(db, bus))
+        while sharing < 2:  # the staying watcher awaits the same read
+            await asyncio.sleep(0)
+        leaving.cancel()
+        reads.release.set()
+        assert await staying == [[1, 2, 3, 4, 5]]
     assert leaving.cancelled() and reads.count == 1
+
+
+async def test_a_shared_read_cut_short_by_shutdown_ends_its_watchers_with_unavailable(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await commit(db, *FINISHED)
+    reads = CountedReads(monkeypatch, hold=True)
+    bus = EventBus()
+    async with asyncio.timeout(10):
+        watcher = asyncio.ensure_future(chunks_to_end(db, bus))
+        while reads.count == 0:
+            await asyncio.sleep(0)
+        bus.close()
+        with pytest.raises(ServiceError) as ended:
+            await watcher
+    assert ended.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_first_page_too_large_to_keep_is_shared_only_while_it_is_read(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await commit(db, *FINISHED)  # two results of ~220 bytes among them
+    reads = CountedReads(monkeypatch)
+    bus = EventBus()
+    bus.opening_pages = opening.OpeningPages(kept_bytes=300)
+    assert await chunks_to_end(db, bus) == [[1, 2, 3, 4, 5]]
+    assert await chunks_to_end(db, bus) == [[1, 2, 3, 4, 5]]
+    assert reads.count == 2  # over the byte bound: read again, not kept
 
 
 async def test_a_failed_first_page_read_is_not_shared_with_later_watchers(
