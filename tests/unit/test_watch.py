@@ -5,6 +5,8 @@ terminal event. Runs and events are written as rows, the way the store records t
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -304,6 +306,74 @@ async def test_a_failed_first_page_read_is_not_shared_with_later_watchers(
         await chunks_to_end(db, bus)
     assert await chunks_to_end(db, bus) == [[1, 2, 3, 4, 5]]
     assert reads.count == 2
+
+
+async def test_watchers_opening_and_leaving_at_random_moments_of_a_run_see_every_event_once_in_order(
+    db: Database,
+) -> None:
+    """A seeded random interleaving: a run commits and publishes its events in random batches while
+    watchers open at random moments from random after_seqs (many on the same page at once, sharing
+    their first read), some with small buffers that overflow, some leaving early. Every watcher that
+    stays sees exactly after_seq+1 .. the terminal event, once and in order; one that leaves ends
+    cleanly. Replay a failure with EVALSVC_WATCH_SEED=<seed>."""
+    seed = int(os.environ.get("EVALSVC_WATCH_SEED") or random.SystemRandom().randrange(2**32))
+    print(f"watch interleaving seed {seed}: replay with EVALSVC_WATCH_SEED={seed}")
+    rng = random.Random(seed)
+    bus = EventBus()
+    events = [status_event(1, run_pb2.RUN_STATUS_PENDING), status_event(2, run_pb2.RUN_STATUS_RUNNING)]
+    events += [result_event(seq) for seq in range(3, 300)]
+    events.append(status_event(300, run_pb2.RUN_STATUS_SUCCEEDED))
+    committed = 0
+
+    async def produce() -> None:
+        nonlocal committed
+        while committed < len(events):
+            batch = events[committed : committed + rng.randint(1, 40)]
+            await commit(db, *batch)
+            committed += len(batch)
+            bus.publish(RUN, batch)
+            progressed.set()
+            for _ in range(rng.randint(0, 3)):
+                await asyncio.sleep(0)
+
+    async def follow(after_seq: int, buffer: int, leave_after: int | None) -> tuple[int, list[int]]:
+        seen: list[int] = []
+        async for chunk in watching(db, bus, after_seq, buffer=buffer, max_events=rng.choice([1000, 7])):
+            seen += [event.seq for event in chunk if not event.HasField("heartbeat")]
+            if leave_after is not None and len(seen) >= leave_after:
+                break
+        return after_seq, seen
+
+    await commit(db, events[0])
+    committed = 1
+    progressed = asyncio.Event()
+    watchers: list[asyncio.Task[tuple[int, list[int]]]] = []
+    leaving: set[asyncio.Task[tuple[int, list[int]]]] = set()
+    producer = asyncio.ensure_future(produce())
+    async with asyncio.timeout(30):
+        while len(watchers) < 80:
+            if not producer.done() and rng.random() < 0.5:
+                progressed.clear()
+                await progressed.wait()  # open the next ones after the run moved on
+            for _ in range(rng.randint(1, 8)):  # several at once: they share a first page
+                after_seq = rng.choice([0, 0, rng.randint(0, committed)])
+                leave_after = rng.choice([None, None, None, rng.randint(1, 50)])
+                task = asyncio.ensure_future(follow(after_seq, rng.choice([2, 64, 1000]), leave_after))
+                watchers.append(task)
+                if leave_after is not None:
+                    leaving.add(task)
+            for _ in range(rng.randint(1, 5)):
+                await asyncio.sleep(0)
+        await producer
+        for after_seq in (0, 0, rng.randint(0, 300)):  # and some once the run has finished
+            watchers.append(asyncio.ensure_future(follow(after_seq, 64, None)))
+        results = await asyncio.gather(*watchers)
+    for task, (after_seq, seen) in zip(watchers, results, strict=True):
+        expected = list(range(after_seq + 1, 301))
+        if task in leaving:
+            assert seen == expected[: len(seen)], f"seed {seed}: after_seq {after_seq}"
+        else:
+            assert seen == expected, f"seed {seed}: after_seq {after_seq} saw {len(seen)} of {len(expected)}"
 
 
 def test_a_database_page_becomes_one_batched_message_framed_from_its_bytes() -> None:
