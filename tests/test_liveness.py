@@ -296,6 +296,15 @@ async def test_runs_whose_handed_over_plans_were_dropped_are_read_back_and_finis
     assert first not in read_back and later[-1] not in read_back
 
 
+async def test_an_api_only_server_keeps_no_plan_inputs_of_the_runs_it_creates(tmp_path: Path) -> None:
+    """With --workers 0 (an API-only replica) another process executes the runs this one creates, so
+    holding their handed-over inputs would only cost memory until the bound pushed them out."""
+    async with serving(tmp_path, workers=0) as srv, tenants(srv, "a") as t:
+        for _ in range(3):
+            await t["a"].CreateRun(run_request(echo(), 3))
+        assert srv.executor._created == {} and srv.executor._created_items == 0
+
+
 async def test_jobs_claimed_just_before_their_run_is_cancelled_never_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -582,8 +582,10 @@ class Executor:
         """A run this process just created (committed): keep what its plan is built from, so its first
         claim builds the plan without reading back the row and items CreateRun just wrote, then look
         for its jobs. Bounded: inputs another replica ends up executing are dropped, oldest first. A
-        stopped executor takes nothing (it reads runs back if it starts again)."""
-        if self._stopping:
+        stopped executor takes nothing (it reads runs back if it starts again), and neither does one
+        with no workers (an API-only replica: other replicas execute its runs, so it would only hold
+        their inputs until the bound pushed them out)."""
+        if self._stopping or self._settings.workers == 0:
             return
         self._created[run.run_id] = run
         self._created_items += len(run.items)
