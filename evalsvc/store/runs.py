@@ -8,7 +8,20 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import ColumnElement, RowMapping, Select, and_, case, exists, func, insert, select, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    FromClause,
+    RowMapping,
+    Select,
+    and_,
+    case,
+    exists,
+    func,
+    insert,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -389,10 +402,10 @@ async def cancel_jobs(conn: AsyncConnection, tenant: str, run_id: str) -> None:
     )
 
 
-def results_with_outputs() -> Select[Any]:
-    """Results, each with its job's serialized output (None before it was recorded): read the rows
-    with `result_with_output`."""
-    return select(RESULTS, OUTPUTS.c.output).outerjoin(OUTPUTS, OUTPUTS.c.job_id == RESULTS.c.job_id)
+def results_with_outputs(results: FromClause = RESULTS) -> Select[Any]:
+    """Results (the table, or a selection of its rows), each with its job's serialized output (None
+    before it was recorded): read the rows with `result_with_output`."""
+    return select(results, OUTPUTS.c.output).outerjoin(OUTPUTS, OUTPUTS.c.job_id == results.c.job_id)
 
 
 def result_with_output(row: RowMapping) -> tuple[ResultRecord, bytes | None]:
@@ -404,13 +417,23 @@ async def results_page(
     conn: AsyncConnection, tenant: str, run_id: str, *, after_id: int | None, limit: int, state: int
 ) -> list[tuple[ResultRecord, bytes | None]]:
     """Results of a run by id (the order jobs were claimed), each with its job's output."""
-    query = results_with_outputs().where(RESULTS.c.run_id == run_id, RESULTS.c.tenant == tenant)
-    if after_id is not None:
-        query = query.where(RESULTS.c.id > after_id)
-    if state:
-        query = query.where(RESULTS.c.state == state)
-    rows = await conn.execute(query.order_by(RESULTS.c.id).limit(limit))
+    rows = await conn.execute(results_page_query(tenant, run_id, after_id=after_id, limit=limit, state=state))
     return [result_with_output(row) for row in rows.mappings()]
+
+
+def results_page_query(tenant: str, run_id: str, *, after_id: int | None, limit: int, state: int) -> Select[Any]:
+    """The statement of `results_page`. The page is chosen first and only its rows are joined with
+    their outputs: PostgreSQL, when its statistics make a large run look small (taken before the
+    run's inserts, or a run far larger than the average), plans the page as a scan of every later
+    result of the run plus a sort, and joined before the LIMIT that was also an output lookup for
+    each of them (400 ms a page at the start of a 250,000-result run; 155 ms without the join)."""
+    page = select(RESULTS).where(RESULTS.c.run_id == run_id, RESULTS.c.tenant == tenant)
+    if after_id is not None:
+        page = page.where(RESULTS.c.id > after_id)
+    if state:
+        page = page.where(RESULTS.c.state == state)
+    chosen = page.order_by(RESULTS.c.id).limit(limit).subquery()
+    return results_with_outputs(chosen).order_by(chosen.c.id)
 
 
 @dataclass

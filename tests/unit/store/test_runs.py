@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -383,3 +384,54 @@ async def test_aggregate_inputs_gathers_each_runs_own_results_and_outputs(db: Da
     assert [(col(r, "grader"), col(r, "state"), col(r, "n")) for r in second.grader_tallies] == [("exact", failed, 1)]
     assert (second.latencies, second.target_cost_usd, second.item_scores) == ([5.0], 1.0, [0.5])
     assert inputs[empty.run.id] == run_store.AggregateInputs([], [], 0.0, [], [])
+
+
+async def test_a_results_page_joins_only_its_own_rows_with_their_outputs(db: Database) -> None:
+    """Paging through a large run's results must not join every result left in the run with its
+    output, whatever plan the database picks for choosing the page (on PostgreSQL, with statistics
+    taken before the run's inserts, it reads every later result of the run and sorts them)."""
+    (run,) = await insert(db, new_run(items=3000))
+    job_ids = [col(job, "id") for job in await jobs_of(db, run.run.id)]
+    passed = run_pb2.RESULT_STATE_PASSED
+
+    async def record(conn: AsyncConnection, jobs: list[int]) -> None:
+        await job_store.store_outputs(conn, [output_row(j, run.run.id, latency=1.0, cost=0.0, score=1.0) for j in jobs])
+        await run_store.insert_results(conn, [result_row(j, run.run.id, "exact", passed, 1.0) for j in jobs])
+
+    await db.transact(lambda conn: record(conn, job_ids[:100]))
+    if db.writer.dialect.name == "postgresql":
+        async with db.writer.connect() as conn:
+            autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            for table in ("results", "outputs"):  # statistics of small tables, kept while the run records
+                await autocommit.exec_driver_sql(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+                await autocommit.exec_driver_sql(f"ANALYZE {table}")
+    await db.transact(lambda conn: record(conn, job_ids[100:]))
+
+    after = job_ids[999] * 1024
+    async with db.read() as conn:
+        page = await run_store.results_page(conn, "t1", run.run.id, after_id=after, limit=50, state=0)
+        assert [col(result, "job_id") for result, _ in page] == job_ids[1000:1050]
+        assert all(output is not None for _, output in page)
+        if conn.dialect.name == "postgresql":
+            query = run_store.results_page_query("t1", run.run.id, after_id=after, limit=50, state=0)
+            sql = str(query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+            plan = (await conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + sql)).scalar_one()
+            joins = [
+                node for node in _plan_nodes(plan) if node["Node Type"] in {"Nested Loop", "Hash Join", "Merge Join"}
+            ]
+            assert joins and all(node["Actual Rows"] <= 50 for node in joins), [j["Actual Rows"] for j in joins]
+
+
+def _plan_nodes(plan: Any) -> list[dict[str, Any]]:
+    """Every node of a PostgreSQL EXPLAIN (FORMAT JSON) plan."""
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    if isinstance(plan, list):
+        return [node for item in plan for node in _plan_nodes(item)]
+    if not isinstance(plan, dict):
+        return []
+    nodes = [plan] if "Node Type" in plan else []
+    for key in ("Plan", "Plans"):
+        if key in plan:
+            nodes += _plan_nodes(plan[key])
+    return nodes
