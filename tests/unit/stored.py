@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -88,3 +89,31 @@ async def logged(db: Database, tenant: str, run_id: str) -> list[pb.WatchRunResp
     """A run's committed event log, in seq order."""
     async with db.read() as conn:
         return await event_log.read_after(conn, tenant, run_id, 0, 10_000)
+
+
+async def unanalyzed(db: Database, *tables: str) -> None:
+    """On PostgreSQL, keep the tables without planner statistics while a test fills them, as a fresh
+    database's are during a large run's inserts until autovacuum's first ANALYZE: the state in which
+    PostgreSQL picked plans that scan every later row of the run. (Statistics of small tables, taken
+    with ANALYZE, do not reproduce it: with them the planner chooses an ordered index scan.)"""
+    if db.writer.dialect.name != "postgresql":
+        return
+    async with db.writer.connect() as conn:
+        autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        for table in tables:
+            await autocommit.exec_driver_sql(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+
+
+def plan_nodes(plan: Any) -> list[dict[str, Any]]:
+    """Every node of a PostgreSQL EXPLAIN (FORMAT JSON) plan, as the driver returned it."""
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    if isinstance(plan, list):
+        return [node for item in plan for node in plan_nodes(item)]
+    if not isinstance(plan, dict):
+        return []
+    nodes = [plan] if "Node Type" in plan else []
+    for key in ("Plan", "Plans"):
+        if key in plan:
+            nodes += plan_nodes(plan[key])
+    return nodes

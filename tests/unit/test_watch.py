@@ -199,6 +199,7 @@ class CountedReads:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, *, hold: bool = False, fail_first: bool = False) -> None:
         self.count = 0
+        self.started = asyncio.Event()  # set once a read has begun
         self.release = asyncio.Event()
         if not hold:
             self.release.set()
@@ -208,6 +209,7 @@ class CountedReads:
 
     async def _counted(self, *args: Any) -> tuple[list[bytes], bool]:
         self.count += 1
+        self.started.set()
         await self.release.wait()
         if self._fail_first and self.count == 1:
             raise ConnectionError("the database went away")
@@ -223,8 +225,7 @@ async def test_watchers_opening_together_on_a_run_share_one_read_of_its_first_pa
     streams = [watching(db, bus) for _ in range(50)]
     opening_reads = [asyncio.ensure_future(anext(stream)) for stream in streams]
     async with asyncio.timeout(10):
-        while reads.count == 0:
-            await asyncio.sleep(0)
+        await reads.started.wait()
         reads.release.set()
         firsts = await asyncio.gather(*opening_reads)
     assert [[e.seq for e in first] for first in firsts] == [[1, 2, 3]] * 50
@@ -257,8 +258,7 @@ async def test_a_watcher_that_cancels_its_opening_does_not_fail_the_others_shari
     monkeypatch.setattr(bus.opening_pages, "read", counted_read)
     async with asyncio.timeout(10):
         leaving = asyncio.ensure_future(chunks_to_end(db, bus))
-        while reads.count == 0:  # the leaving watcher started the read, and it is held
-            await asyncio.sleep(0)
+        await reads.started.wait()  # the leaving watcher started the read, and it is held
         staying = asyncio.ensure_future(chunks_to_end(db, bus))
         while sharing < 2:  # the staying watcher awaits the same read
             await asyncio.sleep(0)
@@ -276,8 +276,7 @@ async def test_a_shared_read_cut_short_by_shutdown_ends_its_watchers_with_unavai
     bus = EventBus()
     async with asyncio.timeout(10):
         watcher = asyncio.ensure_future(chunks_to_end(db, bus))
-        while reads.count == 0:
-            await asyncio.sleep(0)
+        await reads.started.wait()
         bus.close()
         with pytest.raises(ServiceError) as ended:
             await watcher

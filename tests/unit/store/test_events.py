@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store import bulk
@@ -12,6 +9,7 @@ from evalsvc.store import events as event_log
 from evalsvc.store.db import Database
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import run_pb2
+from tests.unit.stored import plan_nodes, unanalyzed
 
 
 def result_event(seq: int) -> pb.WatchRunResponse:
@@ -52,20 +50,14 @@ async def test_a_page_read_visits_only_the_rows_it_may_return_whatever_the_stati
     """A watcher catching up on a large run reads it page by page; each read must cost its own page,
     not every event after it. PostgreSQL, planning with statistics taken before a run's inserts,
     chose a bitmap scan of all later events plus a sort: minutes to catch up on 250,000 events."""
-    await append(db, "t1", "run-a", 1, 100)
-    if db.writer.dialect.name == "postgresql":
-        async with db.writer.connect() as conn:
-            autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            # Statistics of a small table, as before a large run, kept while the run's events go in.
-            await autocommit.exec_driver_sql("ALTER TABLE events SET (autovacuum_enabled = false)")
-            await autocommit.exec_driver_sql("ANALYZE events")
-    await append(db, "t1", "run-a", 101, 20_000)
+    await unanalyzed(db, "events")
+    await append(db, "t1", "run-a", 1, 20_000)
     parameters = event_log.page_parameters("t1", "run-a", 5_000, 96, 12 * 1024)
     async with db.read() as conn:
         if conn.dialect.name == "postgresql":
             sql = bulk.in_driver_style(conn, "EXPLAIN (ANALYZE, FORMAT JSON) " + event_log.PAGE_SQL)
             plan = (await conn.exec_driver_sql(sql, parameters)).scalar_one()
-            visited = max(_actual_rows(json.loads(plan) if isinstance(plan, str) else plan))
+            visited = max(int(node["Actual Rows"]) for node in plan_nodes(plan))
             assert visited <= 96, f"a 96-event page visited {visited} rows"
         else:
             steps = [
@@ -73,16 +65,3 @@ async def test_a_page_read_visits_only_the_rows_it_may_return_whatever_the_stati
             ]
             searches = [step for step in steps if "events" in step and ("SEARCH" in step or "SCAN" in step)]
             assert searches and all("seq>? AND seq<?" in step for step in searches), steps
-
-
-def _actual_rows(plan: Any) -> list[int]:
-    """Every plan node's actual row count (PostgreSQL's EXPLAIN ANALYZE, JSON format)."""
-    if isinstance(plan, list):
-        return [rows for node in plan for rows in _actual_rows(node)]
-    if not isinstance(plan, dict):
-        return []
-    found = [int(plan["Actual Rows"])] if "Actual Rows" in plan else []
-    for key in ("Plan", "Plans"):
-        if key in plan:
-            found += _actual_rows(plan[key])
-    return found

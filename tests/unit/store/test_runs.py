@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -15,7 +14,7 @@ from evalsvc.store.db import Database
 from evalsvc.store.models import JOB_CANCELLED, JOB_DONE, JOB_LEASED, JOB_QUEUED, RunItemRow, RunLabelRow
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import item_pb2, run_pb2
-from tests.unit.stored import col, get, insert, jobs_of, logged, new_run
+from tests.unit.stored import col, get, insert, jobs_of, logged, new_run, plan_nodes, unanalyzed
 
 ITEMS = RunItemRow.__table__  # type: ignore[attr-defined]
 LABELS = RunLabelRow.__table__  # type: ignore[attr-defined]
@@ -394,18 +393,14 @@ async def test_a_results_page_joins_only_its_own_rows_with_their_outputs(db: Dat
     job_ids = [col(job, "id") for job in await jobs_of(db, run.run.id)]
     passed = run_pb2.RESULT_STATE_PASSED
 
-    async def record(conn: AsyncConnection, jobs: list[int]) -> None:
-        await job_store.store_outputs(conn, [output_row(j, run.run.id, latency=1.0, cost=0.0, score=1.0) for j in jobs])
-        await run_store.insert_results(conn, [result_row(j, run.run.id, "exact", passed, 1.0) for j in jobs])
+    async def record(conn: AsyncConnection) -> None:
+        await job_store.store_outputs(
+            conn, [output_row(j, run.run.id, latency=1.0, cost=0.0, score=1.0) for j in job_ids]
+        )
+        await run_store.insert_results(conn, [result_row(j, run.run.id, "exact", passed, 1.0) for j in job_ids])
 
-    await db.transact(lambda conn: record(conn, job_ids[:100]))
-    if db.writer.dialect.name == "postgresql":
-        async with db.writer.connect() as conn:
-            autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            for table in ("results", "outputs"):  # statistics of small tables, kept while the run records
-                await autocommit.exec_driver_sql(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
-                await autocommit.exec_driver_sql(f"ANALYZE {table}")
-    await db.transact(lambda conn: record(conn, job_ids[100:]))
+    await unanalyzed(db, "results", "outputs")
+    await db.transact(record)
 
     after = job_ids[999] * 1024
     async with db.read() as conn:
@@ -417,21 +412,6 @@ async def test_a_results_page_joins_only_its_own_rows_with_their_outputs(db: Dat
             sql = str(query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
             plan = (await conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + sql)).scalar_one()
             joins = [
-                node for node in _plan_nodes(plan) if node["Node Type"] in {"Nested Loop", "Hash Join", "Merge Join"}
+                node for node in plan_nodes(plan) if node["Node Type"] in {"Nested Loop", "Hash Join", "Merge Join"}
             ]
             assert joins and all(node["Actual Rows"] <= 50 for node in joins), [j["Actual Rows"] for j in joins]
-
-
-def _plan_nodes(plan: Any) -> list[dict[str, Any]]:
-    """Every node of a PostgreSQL EXPLAIN (FORMAT JSON) plan."""
-    if isinstance(plan, str):
-        plan = json.loads(plan)
-    if isinstance(plan, list):
-        return [node for item in plan for node in _plan_nodes(item)]
-    if not isinstance(plan, dict):
-        return []
-    nodes = [plan] if "Node Type" in plan else []
-    for key in ("Plan", "Plans"):
-        if key in plan:
-            nodes += _plan_nodes(plan[key])
-    return nodes
