@@ -1,4 +1,5 @@
-"""Where the server's time goes: py-spy attached to the server during a large run and a CreateRun load.
+"""Where the server's time goes: py-spy attached to the server during a large run, a CreateRun load
+and a GetRun load.
 
 Not part of the measured figures (a sampling profiler costs the server some CPU): `--profile` runs
 these as extra, unmeasured workloads after the suite and writes, per workload, a flame graph (SVG)
@@ -74,15 +75,16 @@ def record(pid: int, name: str, seconds: float) -> subprocess.Popen[bytes]:
     )
 
 
-def _finish(spy: subprocess.Popen[bytes], name: str) -> None:
+def _finish(spy: subprocess.Popen[bytes], name: str, header: str = "") -> None:
     spy.wait(120)
     raw = RESULTS / f"profile_{name}.raw"
     if raw.exists():
-        (RESULTS / f"profile_{name}.txt").write_text(summarize(raw))
+        (RESULTS / f"profile_{name}.txt").write_text(header + summarize(raw))
 
 
 def profile_large_run(suite: Suite) -> None:
-    """Profile a large run on SQLite (CreateRun to terminal event) and a CreateRun load."""
+    """Profile a large run on SQLite (CreateRun to terminal event), then unary loads: CreateRun,
+    GetRun and the bare echo they are compared with (its profile is what gRPC alone costs a call)."""
     cfg = suite.config
     with procs.evalsvc_server(procs.sqlite_url("profile-large"), "profile-large") as srv:
         spy = record(srv.pid, "large_sqlite", 60 if not cfg.quick else 10)
@@ -97,7 +99,17 @@ def profile_large_run(suite: Suite) -> None:
         srv.stop()
         _finish(spy, "large_sqlite")
     with procs.evalsvc_server(procs.sqlite_url("profile-create"), "profile-create") as srv:
-        spy = record(srv.pid, "create_run", 5)
-        args = {"mode": "unary", **srv.target(), "kind": "create", "concurrency": 32, "duration_s": 6}
-        procs.run_child("bench.loadgen", {**args, "max_calls": 100_000}, timeout_s=60)
-        _finish(spy, "create_run")
+        _profile_unary(srv, "create_run", "create")
+    with procs.evalsvc_server(procs.sqlite_url("profile-get"), "profile-get") as srv:
+        _profile_unary(srv, "get_run", "get")
+    with procs.echo_server("profile-echo") as srv:
+        _profile_unary(srv, "echo", "echo")
+
+
+def _profile_unary(server: procs.ServerProcess, name: str, kind: str) -> None:
+    """py-spy a server for 5 s of a 6 s unary load (32 in flight); the summary's first line gives the
+    calls/s, so a call's share of the loop can be worked out (busy share / calls per second)."""
+    spy = record(server.pid, name, 5)
+    args = {"mode": "unary", **server.target(), "kind": kind, "concurrency": 32, "duration_s": 6}
+    result = procs.run_child("bench.loadgen", {**args, "max_calls": 200_000}, timeout_s=60)
+    _finish(spy, name, f"{kind}: {result['rps']:,.0f} calls/s under the profiler\n")
