@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -10,6 +12,7 @@ import pytest
 from grpc_status import rpc_status
 
 from evalsvc.server import EvalServer
+from evalsvc.testing import EvalServiceTestServer
 from evalsvc.v1 import comparison_pb2 as cpb
 from evalsvc.v1 import dataset_service_pb2 as ds
 from evalsvc.v1 import (
@@ -24,6 +27,7 @@ from evalsvc.v1 import (
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import grader_service_pb2 as gs
 from evalsvc.v1 import target_service_pb2 as ts
+from tests import dbs
 from tests.helpers import create_request, exact, keyed_channel, provided_items, watch_all
 
 
@@ -144,3 +148,36 @@ async def test_every_rpc_treats_another_tenants_resource_as_missing(tenants: tup
     mine_run = (await mine.runs.CreateRun(create_request(1, request_id="same-key"))).run
     assert theirs_run.id != mine_run.id
     assert [r.id for r in (await theirs.runs.ListRuns(pb.ListRunsRequest())).runs] == [theirs_run.id]
+
+
+async def test_another_tenants_refused_writes_cost_these_create_runs_no_transactions(tmp_path: Path) -> None:
+    """A refusal found inside the writer's shared transaction (DeleteRun of a run that does not exist:
+    NOT_FOUND) fails that write alone. It used to fail the whole group, whose other writes - this
+    tenant's CreateRuns - were then applied again one transaction (and one fsync) each: 40 such
+    refusals beside 40 CreateRuns made ~120 transactions and the CreateRuns 3-7x slower."""
+    calls = 40
+    async with EvalServiceTestServer(
+        database_url=dbs.db_url(tmp_path),
+        workers=0,  # nothing executes: the writer's groups are these calls' alone
+        max_active_runs=1000,
+        create_run_burst=1000,
+        create_run_rate=1000.0,
+    ) as started:
+        victim_key, _ = await started.server.keys.create("victim")
+        async with keyed_channel(started.server.port, victim_key) as channel:
+            victim = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            await victim.CreateRun(create_request(1))  # both channels connected before counting
+            with pytest.raises(grpc.aio.AioRpcError):
+                await started.runs.DeleteRun(pb.DeleteRunRequest(run_id="run_missing"))
+            writer = started.server.db.group_writer
+            groups_before = writer.groups
+            creates = [victim.CreateRun(create_request(1, display_name=f"victim {i}")) for i in range(calls)]
+            refused = [started.runs.DeleteRun(pb.DeleteRunRequest(run_id=f"run_missing{i}")) for i in range(calls)]
+            answers = await asyncio.gather(
+                *(c for pair in zip(creates, refused, strict=True) for c in pair), return_exceptions=True
+            )
+        groups = writer.groups - groups_before
+    assert all(isinstance(a, pb.CreateRunResponse) for a in answers[0::2]), answers[0::2][:3]
+    assert {a.code() for a in answers[1::2] if isinstance(a, grpc.aio.AioRpcError)} == {grpc.StatusCode.NOT_FOUND}
+    assert len([a for a in answers[1::2] if isinstance(a, grpc.aio.AioRpcError)]) == calls
+    assert groups < calls // 2, f"{groups} transactions for {2 * calls} writes: refusals broke up the groups"

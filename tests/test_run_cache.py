@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
-from typing import Any
-
 import pytest
 
 from evalsvc.server import EvalServer
 from evalsvc.store import runs as run_store
-from evalsvc.store.records import RunRecord
 from evalsvc.store.run_cache import RunRowCache
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, run_pb2
 from tests.helpers import create_request, watch_all
+from tests.unit.stored import run_record
 
 
 class Boom(Exception):
@@ -40,29 +37,23 @@ async def test_get_run_shows_every_committed_change_and_no_rolled_back_one(
     assert (await runs.GetRun(pb.GetRunRequest(run_id=created.id))).run.HasField("delete_time")
 
 
-def _row(run_id: str, version: int) -> RunRecord:
-    """A run record the cache can hold: only its id (and here its version) matter to the cache."""
-    columns: dict[str, Any] = {field.name: None for field in fields(RunRecord)}
-    return RunRecord(**{**columns, "id": run_id, "tenant": "t", "version": version})
-
-
 def test_a_read_that_started_before_a_write_never_replaces_it() -> None:
     cache = RunRowCache()
     started = cache.read_started()
-    cache.committed([_row("r1", 2)])  # a write commits while the read is in flight
-    cache.fill(_row("r1", 1), started)  # the read returns what it saw before the write
-    assert cache.get("r1") == _row("r1", 2)
+    cache.committed([run_record("r1", 2)])  # a write commits while the read is in flight
+    cache.fill(run_record("r1", 1), started)  # the read returns what it saw before the write
+    assert cache.get("r1") == run_record("r1", 2)
 
 
 def test_an_evicted_write_refuses_fills_by_reads_older_than_it() -> None:
     cache = RunRowCache(capacity=1)
     started = cache.read_started()
-    cache.committed([_row("r1", 2)])
-    cache.committed([_row("r2", 1)])  # evicts r1's newer row
-    cache.fill(_row("r1", 1), started)  # the stale read must not come back
+    cache.committed([run_record("r1", 2)])
+    cache.committed([run_record("r2", 1)])  # evicts r1's newer row
+    cache.fill(run_record("r1", 1), started)  # the stale read must not come back
     assert cache.get("r1") is None
-    cache.fill(_row("r1", 2), cache.read_started())  # a read started after the write may fill
-    assert cache.get("r1") == _row("r1", 2)
+    cache.fill(run_record("r1", 2), cache.read_started())  # a read started after the write may fill
+    assert cache.get("r1") == run_record("r1", 2)
 
 
 def test_a_derived_value_is_built_once_per_cached_row_and_again_after_a_change() -> None:
@@ -73,13 +64,13 @@ def test_a_derived_value_is_built_once_per_cached_row_and_again_after_a_change()
         builds.append(row)
         return {"built from": row}
 
-    cache.committed([_row("r1", 1)])
+    cache.committed([run_record("r1", 1)])
     first = cache.get("r1")
     assert first is not None
     assert cache.derived(first, build) is cache.derived(first, build)  # polled twice, built once
-    cache.committed([_row("r1", 2)])
+    cache.committed([run_record("r1", 2)])
     second = cache.get("r1")
     assert second is not None
-    assert cache.derived(second, build) == {"built from": _row("r1", 2)}
+    assert cache.derived(second, build) == {"built from": run_record("r1", 2)}
     cache.derived(first, build)  # a row that is no longer the cached one is built, never kept
     assert builds == [first, second, first]

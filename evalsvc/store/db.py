@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from evalsvc.store import models as _models  # noqa: F401  (registers the tables)
-from evalsvc.store.run_cache import RunRowCache, take_changed
+from evalsvc.store.run_cache import RunRowCache, forget_since, noted, take_changed
 from evalsvc.store.writer import Batch, GroupWriter
 
 T = TypeVar("T")
@@ -52,7 +52,10 @@ class Database:
         # run rows current in memory; other servers change a PostgreSQL database behind its back.
         self.run_rows: RunRowCache | None = RunRowCache() if self.is_sqlite else None
         self.group_writer = GroupWriter(
-            self.write, is_unavailable=lambda exc: unavailable_cause(exc) is not None, is_conflict=is_conflict
+            self.write,
+            savepoint,
+            is_unavailable=lambda exc: unavailable_cause(exc) is not None,
+            is_conflict=is_conflict,
         )
 
     async def transact(self, work: Callable[[AsyncConnection], Awaitable[T]], *, alone: bool = False) -> T:
@@ -99,6 +102,21 @@ class Database:
         await self.writer.dispose()
         if self.reader is not self.writer:
             await self.reader.dispose()
+
+
+@asynccontextmanager
+async def savepoint(conn: AsyncConnection) -> AsyncIterator[None]:
+    """A savepoint in a write transaction: when the block raises, its writes are rolled back and the
+    run rows it noted for the cache are forgotten; the transaction goes on (the group writer applies
+    each intent of a shared group in one)."""
+    mark = noted(conn)
+    try:
+        async with conn.begin_nested():
+            yield
+    except BaseException:
+        if not conn.invalidated:
+            forget_since(conn, mark)
+        raise
 
 
 # SQLite result codes (sqlite3 exceptions' `sqlite_errorname`, extended codes by prefix) and

@@ -7,7 +7,8 @@ return the changed row (`RETURNING`, as a RunRecord), so the writer can keep a c
 
 - a write transaction collects the rows it changed (`remember`); they enter the cache only once
   the transaction has committed, while the writer still holds the connection, so cache updates
-  happen in commit order and a rolled-back change is never seen;
+  happen in commit order and a rolled-back change is never seen (nor one rolled back to a
+  savepoint: `forget_since`);
 - a read that missed fills the cache only when no write it might have missed could be lost:
   a row already in the cache is never overwritten by a fill, and evicting an entry raises a
   watermark that refuses fills by reads started before the evicted entry's write.
@@ -37,6 +38,16 @@ _PENDING = "evalsvc.changed_runs"
 def remember(conn: AsyncConnection, row: RunRecord) -> None:
     """Note a run row changed (or created) by this write transaction."""
     conn.info.setdefault(_PENDING, []).append(row)
+
+
+def noted(conn: AsyncConnection) -> int:
+    """How many changed rows this write transaction has noted so far: a mark for `forget_since`."""
+    return len(conn.info.get(_PENDING, ()))
+
+
+def forget_since(conn: AsyncConnection, mark: int) -> None:
+    """Forget the rows noted after `mark`: their changes were rolled back to a savepoint."""
+    del conn.info.get(_PENDING, [])[mark:]
 
 
 def take_changed(conn: AsyncConnection) -> list[RunRecord]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from typing import Any
 
 from sqlalchemy import select
@@ -15,10 +16,17 @@ from evalsvc.store import events as event_log
 from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
 from evalsvc.store.models import JobRow
+from evalsvc.store.records import RunRecord
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2
 
 JOBS = JobRow.__table__  # type: ignore[attr-defined]
+
+
+def run_record(run_id: str, version: int = 1) -> RunRecord:
+    """A run record the run cache can hold: only its id (and its version) matter to the cache."""
+    columns: dict[str, Any] = {field.name: None for field in fields(RunRecord)}
+    return RunRecord(**{**columns, "id": run_id, "tenant": "t", "version": version})
 
 
 def col(row: Any, name: str) -> Any:

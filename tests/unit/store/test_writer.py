@@ -11,7 +11,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store.db import Database
+from evalsvc.store.run_cache import remember
 from evalsvc.store.writer import Batch
+from tests.unit.stored import run_record
 
 
 @pytest.fixture
@@ -165,3 +167,116 @@ async def test_a_cancellation_raised_by_a_write_fails_that_write_alone(db: Datab
     assert isinstance(results[1], asyncio.CancelledError)
     assert await db.transact(put("after")) == "after"
     assert set(await stored(db)) == {"a", "b", "after"}
+
+
+class Refused(Exception):
+    """An ordinary refusal raised inside a write, like NOT_FOUND for a run that does not exist."""
+
+
+def refuse_after_writing(key: str):  # type: ignore[no-untyped-def]
+    async def work(conn: AsyncConnection) -> None:
+        await put(key)(conn)
+        raise Refused(key)
+
+    return work
+
+
+async def test_a_refused_write_rolls_back_alone_and_its_group_commits_once(db: Database) -> None:
+    """One caller's refusal must not cost the others their shared transaction: before savepoints, every
+    other write of its group was applied again alone (one transaction and fsync each)."""
+    runs: dict[str, int] = {}
+
+    def counted(key: str):  # type: ignore[no-untyped-def]
+        async def work(conn: AsyncConnection) -> str:
+            runs[key] = runs.get(key, 0) + 1
+            return await put(key)(conn)
+
+        return work
+
+    groups_before = db.group_writer.groups
+    calls = [db.transact(counted(f"k{i}")) for i in range(10)]
+    calls[5:5] = [db.transact(refuse_after_writing("refused"))]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(results[5], Refused)
+    assert [r for i, r in enumerate(results) if i != 5] == [f"k{i}" for i in range(10)]
+    assert runs == {f"k{i}": 1 for i in range(10)}, "no write was applied again"
+    assert db.group_writer.groups - groups_before == 1
+    assert set(await stored(db)) == {f"k{i}" for i in range(10)}, "the refused write's own row is rolled back"
+
+
+async def test_a_write_refused_in_a_shared_group_leaves_nothing_for_the_run_cache(db: Database) -> None:
+    """Run rows a write noted for the cache before it was refused were rolled back with it."""
+
+    def noting(run_id: str, then_refuse: bool):  # type: ignore[no-untyped-def]
+        async def work(conn: AsyncConnection) -> None:
+            remember(conn, run_record(run_id))
+            if then_refuse:
+                raise Refused(run_id)
+
+        return work
+
+    results = await asyncio.gather(
+        db.transact(noting("run_kept", False)), db.transact(noting("run_refused", True)), return_exceptions=True
+    )
+    assert results[0] is None and isinstance(results[1], Refused)
+    assert db.run_rows is not None
+    assert db.run_rows.get("run_kept") is not None
+    assert db.run_rows.get("run_refused") is None
+
+
+async def _fail_the_group(conn: AsyncConnection, payloads: list[int]) -> Sequence[int | BaseException]:
+    raise RuntimeError("a batch that raises fails its whole group")
+
+
+FAILING = Batch("failing", _fail_the_group)
+
+
+async def test_a_writer_interrupted_while_applying_a_failed_group_again_answers_every_caller(db: Database) -> None:
+    """A failed group is applied again intent by intent; a cancellation of the writer in the middle of
+    that must still answer every caller of the group (they were off the queue, and waited forever)."""
+    task_of_writer: list[asyncio.Task[None]] = []
+    attempts: list[int] = []
+
+    async def blocks_when_alone(conn: AsyncConnection) -> str:
+        attempts.append(1)
+        if len(attempts) == 2:  # applied again alone: interrupt the writer right here
+            writer = asyncio.current_task()
+            assert writer is not None
+            task_of_writer.append(writer)
+            writer.cancel()
+            await asyncio.sleep(0)
+        return await put("first")(conn)
+
+    calls = [
+        asyncio.ensure_future(db.transact(blocks_when_alone)),
+        asyncio.ensure_future(db.transact(put("second"))),
+        asyncio.ensure_future(db.submit(FAILING, 1)),
+    ]
+    _, pending = await asyncio.wait(calls, timeout=10)
+    assert not pending, "every caller of the group is answered"
+    assert all(call.cancelled() for call in calls), "each is answered with the interruption"
+    assert task_of_writer and not task_of_writer[0].done(), "the writer goes on"
+    assert await db.transact(put("after")) == "after"
+
+
+async def test_a_writer_interrupted_while_it_backs_off_from_a_conflict_answers_the_caller(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_sleep = asyncio.sleep
+
+    async def interrupted_back_off(delay: float) -> None:
+        writer = asyncio.current_task()
+        if writer is not None and writer is db.group_writer._task and delay > 0:
+            writer.cancel()  # the writer is interrupted while it waits to try the write again
+        await real_sleep(delay)
+
+    async def conflicts(conn: AsyncConnection) -> str:
+        raise Conflict("deadlock detected")
+
+    monkeypatch.setattr(asyncio, "sleep", interrupted_back_off)
+    call = asyncio.ensure_future(db.transact(conflicts))
+    done, _ = await asyncio.wait([call], timeout=10)
+    assert done, "the caller is answered"
+    assert call.cancelled(), "it is answered with the interruption"
+    monkeypatch.undo()
+    assert await db.transact(put("after")) == "after"
