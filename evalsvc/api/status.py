@@ -60,7 +60,7 @@ def _translated(
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
         try:
-            _check_text(request)
+            await _check_text(request)
             call = method(self, request, context)
             if not shielded:
                 return await call
@@ -112,7 +112,7 @@ def server_stream(
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> AsyncIterator[Resp]:
         try:
-            _check_text(request)
+            await _check_text(request)
             async for message in method(self, request, context):
                 yield message
         except ServiceError as error:
@@ -123,10 +123,10 @@ def server_stream(
     return wrapper
 
 
-def _check_text(request: Any) -> None:
+async def _check_text(request: Any) -> None:
     """Refuse a request with a NUL in any string before any method sees it: PostgreSQL cannot store
     one, and checking here makes SQLite answer the same (evalsvc.storable)."""
-    violations = request_nul_violations(request)
+    violations = await request_nul_violations(request)
     if violations:
         raise invalid_argument(violations)
 

@@ -226,7 +226,7 @@ class DatasetGenerations:
         for i, conversation in enumerate(request.conversations):
             if not conversation.item_id:
                 violations.append(FieldViolation(f"conversations[{i}].item_id", "required"))
-        check_items(items, "conversations", violations)
+        await check_items(items, "conversations", violations)
         if violations:
             raise invalid_argument(violations)
         if not self._model.configured:
@@ -428,13 +428,13 @@ class DatasetGenerations:
             if generation is None or dataset is None:
                 return False
             items = [item_pb2.Item(input=text) for text in inputs]
-            assign_item_ids(items, start=dataset.item_count)
+            await assign_item_ids(items, start=dataset.item_count)
             taken = await dataset_store.existing_item_ids(conn, dataset_id, [item.id for item in items])
             for item in items:  # an id a client already used for its own item: take a fresh one
                 if item.id in taken:
                     item.id = f"item-{uuid.uuid4().hex[:12]}"
             violations: list[FieldViolation] = []
-            check_items(items, "items", violations)
+            await check_items(items, "items", violations)
             if violations:
                 raise UnusableAnswer(violations[0].description)
             await dataset_store.append_items(

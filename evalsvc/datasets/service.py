@@ -153,8 +153,8 @@ class DatasetService:
             dataset = await dataset_store.get(conn, tenant, request.dataset_id, lock=True)
             if dataset is None:
                 raise not_found("dataset", request.dataset_id)
-            assign_item_ids(items, start=dataset.item_count)
-            check_items(items, "items", violations, MAX_ITEMS_PER_CALL)
+            await assign_item_ids(items, start=dataset.item_count)
+            await check_items(items, "items", violations, MAX_ITEMS_PER_CALL)
             ids = [item.id for item in items]
             taken = await dataset_store.existing_item_ids(conn, request.dataset_id, ids)
             violations.extend(

@@ -32,11 +32,11 @@ from evalsvc.store import cache as cache_store
 from evalsvc.store import events as event_log
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
-from evalsvc.store.bulk import YIELD_EVERY_S
 from evalsvc.store.cache import CacheEntry
 from evalsvc.store.db import Database
 from evalsvc.store.jobs import ClaimedJob
 from evalsvc.store.records import RunRecord
+from evalsvc.turns import YIELD_EVERY_S
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import item_pb2, run_pb2
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from evalsvc.errors import FieldViolation
 from evalsvc.http.outbound import check_url_shape
+from evalsvc.turns import Turns
 from evalsvc.v1 import item_pb2
 
 MAX_REQUEST_ID = 128
@@ -50,15 +51,17 @@ def check_annotations(annotations: Mapping[str, str], field: str, out: list[Fiel
         out.append(FieldViolation(field, f"keys and values must total at most {MAX_ANNOTATIONS_BYTES} bytes"))
 
 
-def check_items(
+async def check_items(
     items: Sequence[item_pb2.Item], field: str, out: list[FieldViolation], max_items: int | None = None
 ) -> None:
     """Items need unique ids of at most 128 characters (empty ids are assigned before this check), and
-    a recorded response's measurements must be numbers a grader and an aggregate can use."""
+    a recorded response's measurements must be numbers a grader and an aggregate can use. Gives the
+    event loop turns between items (evalsvc.turns): a CreateRun holds up to 100,000."""
     if max_items is not None and len(items) > max_items:
         out.append(FieldViolation(field, f"at most {max_items} items per request (got {len(items)})"))
         return
     seen: set[str] = set()
+    turns = Turns()
     for i, item in enumerate(items):
         check_length(item.id, MAX_ITEM_ID, f"{field}[{i}].id", out)
         if item.id in seen:
@@ -67,6 +70,7 @@ def check_items(
         if item.HasField("response"):
             check_measurements(item.response, f"{field}[{i}].response", out)
             check_images(item.response, f"{field}[{i}].response", out)
+        await turns.tick()
 
 
 def check_images(response: item_pb2.Response, field: str, out: list[FieldViolation]) -> None:
@@ -92,8 +96,11 @@ def check_measurements(response: item_pb2.Response, field: str, out: list[FieldV
             out.append(FieldViolation(f"{field}.{name}", "must be >= 0"))
 
 
-def assign_item_ids(items: Sequence[item_pb2.Item], start: int = 0) -> None:
-    """Give items without an id one derived from their position (`item-1`, `item-2`, ...)."""
+async def assign_item_ids(items: Sequence[item_pb2.Item], start: int = 0) -> None:
+    """Give items without an id one derived from their position (`item-1`, `item-2`, ...), with turns
+    for the event loop between items (evalsvc.turns)."""
+    turns = Turns()
     for i, item in enumerate(items):
         if not item.id:
             item.id = f"item-{start + i + 1}"
+        await turns.tick()

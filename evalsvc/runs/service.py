@@ -46,6 +46,7 @@ from evalsvc.store.db import Database
 from evalsvc.store.records import RunRecord, run_from
 from evalsvc.store.writer import Batch
 from evalsvc.targets import validate_target
+from evalsvc.turns import Turns
 from evalsvc.v1 import cache_pb2, run_pb2
 from evalsvc.v1 import eval_run_service_pb2 as pb
 
@@ -187,9 +188,9 @@ class RunService:
         never change it."""
         self._limits.take_create_run(tenant)
         self._limits.check_run_size(len(request.items) or len(request.item_ids), len(request.graders))
-        assign_item_ids(request.items)
+        await assign_item_ids(request.items)
         fingerprint = request_fingerprint(request)
-        violations = validate_create_run(request)
+        violations = await validate_create_run(request)
         saved_target = request.target.WhichOneof("kind") == "saved_target_id"
         if request.target.WhichOneof("kind") not in (None, "saved_target_id"):  # a saved one: once resolved
             violations += validate_target(request.target, "target")
@@ -292,7 +293,12 @@ class RunService:
     async def _resolve_items(self, tenant: str, request: pb.CreateRunRequest) -> list[bytes]:
         """The serialized items the run copies: inline ones, or the dataset's (or a subset)."""
         if not request.dataset_id:
-            return [item.SerializeToString() for item in request.items]
+            serialized = []
+            turns = Turns()
+            for item in request.items:
+                serialized.append(item.SerializeToString())
+                await turns.tick()
+            return serialized
         async with self._db.read() as conn:
             dataset = await dataset_store.get(conn, tenant, request.dataset_id)
             if dataset is None:

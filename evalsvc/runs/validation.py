@@ -27,7 +27,7 @@ MAX_REPETITIONS = 100
 MAX_WARMUP_RUNS = 10
 
 
-def validate_create_run(request: pb.CreateRunRequest) -> list[FieldViolation]:
+async def validate_create_run(request: pb.CreateRunRequest) -> list[FieldViolation]:
     """Every violation in a CreateRun request (inline items must already have their ids assigned).
 
     How many items and graders a tenant may use is a quota (evalsvc.limits), not validation."""
@@ -39,7 +39,7 @@ def validate_create_run(request: pb.CreateRunRequest) -> list[FieldViolation]:
         out.append(FieldViolation("items", "give dataset_id or at least one item"))
     if request.item_ids and not request.dataset_id:
         out.append(FieldViolation("item_ids", "item_ids select from a dataset; dataset_id is missing"))
-    check_items(request.items, "items", out)
+    await check_items(request.items, "items", out)
     if not request.HasField("target"):
         out.append(FieldViolation("target", "a target is required"))
     elif request.target.WhichOneof("kind") is None:

@@ -19,11 +19,11 @@ from typing import Any, TypeVar
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.turns import YIELD_EVERY_S
+
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Longest stretch building a large batch's rows holds the event loop before letting others run.
-YIELD_EVERY_S = 0.005
 # Rows per executemany for a driver that encodes them on the event loop (~2-4 us per row).
 ON_LOOP_CHUNK = 2000
 

@@ -31,7 +31,7 @@ from evalsvc.messages.convert import timestamp
 from evalsvc.store import events
 from evalsvc.store import jobs as job_store
 from evalsvc.store import webhooks as webhook_store
-from evalsvc.store.bulk import execute_many, insert_tuples
+from evalsvc.store.bulk import build_rows, execute_many, insert_tuples
 from evalsvc.store.db import Database
 from evalsvc.store.models import (
     JOB_CANCELLED,
@@ -122,6 +122,10 @@ class NewRun:
     repetitions: int
 
 
+def _as_is(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    return row
+
+
 async def insert_runs(conn: AsyncConnection, runs: Sequence[NewRun]) -> list[pb.WatchRunResponse]:
     """Store new runs, their copied items, one job per item x repetition, each run's first event (seq 1)
     and the webhook deliveries that report them: one multi-row statement per table for all of them.
@@ -140,23 +144,21 @@ async def insert_runs(conn: AsyncConnection, runs: Sequence[NewRun]) -> list[pb.
     ]
     if labels:
         await conn.execute(insert(LABELS), labels)
-    await insert_tuples(
-        conn,
-        ITEMS,
-        ("run_id", "idx", "tenant", "item"),
-        [(new.row["id"], i, new.row["tenant"], item) for new in runs for i, item in enumerate(new.items)],
+    # A run may hold 100,000 items x repetitions: their rows are built in slices that yield.
+    item_rows = await build_rows(
+        _as_is, ((new.row["id"], i, new.row["tenant"], item) for new in runs for i, item in enumerate(new.items))
     )
-    await insert_tuples(
-        conn,
-        JOBS,
-        ("tenant", "run_id", "item_idx", "repetition", "state", "attempt"),
-        [
+    await insert_tuples(conn, ITEMS, ("run_id", "idx", "tenant", "item"), item_rows)
+    job_rows = await build_rows(
+        _as_is,
+        (
             (new.row["tenant"], new.row["id"], i, rep, JOB_QUEUED, 0)
             for new in runs
             for rep in range(1, new.repetitions + 1)
             for i in range(len(new.items))
-        ],
+        ),
     )
+    await insert_tuples(conn, JOBS, ("tenant", "run_id", "item_idx", "repetition", "state", "attempt"), job_rows)
     return await _record_changes(conn, stored)
 
 

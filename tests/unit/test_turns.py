@@ -1,0 +1,94 @@
+"""Long loops over a request's parts give the event loop turns (evalsvc.turns): no network, no server.
+
+A CreateRun of 100,000 items used to be walked for NUL characters, checked and numbered in stretches
+of ~0.8 s together, during which no other call was served. Each test runs one of those loops beside a
+task that counts the event loop's turns: a loop that never yields leaves it at zero."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from evalsvc import turns
+from evalsvc.errors import FieldViolation
+from evalsvc.messages.validation import assign_item_ids, check_items
+from evalsvc.storable import request_nul_violations
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import item_pb2
+
+ITEMS = 5000
+
+
+@pytest.fixture(autouse=True)
+def every_look_at_the_clock_yields(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Yield at every look at the clock, so the counts below do not depend on the machine's speed."""
+    monkeypatch.setattr(turns, "YIELD_EVERY_S", -1.0)
+
+
+async def turns_given(work: Awaitable[object]) -> int:
+    """How many turns the event loop gave another task while `work` ran."""
+    given = 0
+    done = False
+
+    async def count() -> None:
+        nonlocal given
+        while True:
+            await asyncio.sleep(0)
+            if done:
+                return
+            given += 1
+
+    counter = asyncio.create_task(count())
+    await asyncio.sleep(0)  # the counter is waiting for its first turn
+    before = given
+    try:
+        await work
+    finally:
+        done = True
+        await counter
+    return given - before
+
+
+def request_with_items(n: int = ITEMS) -> pb.CreateRunRequest:
+    """A CreateRun whose items each hold a recorded response (a zero byte in their encoding: a cost)."""
+    items = [
+        item_pb2.Item(id=f"i{i}", input=f"question {i}", response=item_pb2.Response(content="a", cost_usd=1.0))
+        for i in range(n)
+    ]
+    return pb.CreateRunRequest(items=items)
+
+
+async def test_a_request_is_walked_for_nul_characters_in_turns() -> None:
+    request = request_with_items()
+    request.items[ITEMS - 1].input = "the last one\x00"
+    violations: list[FieldViolation] = []
+
+    async def walk() -> None:
+        violations.extend(await request_nul_violations(request))
+
+    assert await turns_given(walk()) >= ITEMS // 64
+    assert [v.field for v in violations] == [f"items[{ITEMS - 1}].input"], "the walk still finds the NUL"
+
+
+@pytest.mark.parametrize(
+    "loop",
+    [
+        pytest.param(lambda items, out: check_items(items, "items", out), id="check_items"),
+        pytest.param(lambda items, out: assign_item_ids(items), id="assign_item_ids"),
+    ],
+)
+async def test_items_are_checked_and_numbered_in_turns(
+    loop: Callable[[list[item_pb2.Item], list[FieldViolation]], Awaitable[None]],
+) -> None:
+    items = [item_pb2.Item(response=item_pb2.Response(content="a")) for _ in range(ITEMS)]
+    out: list[FieldViolation] = []
+    assert await turns_given(loop(items, out)) >= ITEMS // 64
+
+
+async def test_a_short_loop_never_yields() -> None:
+    """A few parts cost microseconds: no turn is given before the first look at the clock."""
+    out: list[FieldViolation] = []
+    assert await turns_given(check_items(request_with_items(10).items, "items", out)) == 0
+    assert out == []
