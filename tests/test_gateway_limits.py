@@ -3,21 +3,24 @@ never 429 (which clients retry); over gRPC, oversized metadata carries no RetryI
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
+from google.protobuf import json_format
 from grpc_status import rpc_status
 
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc
 from tests.conftest import make_settings
-from tests.helpers import serving_gateway
+from tests.helpers import create_request, keyed_channel, serving_gateway
 
 MAX_BODY = 1 << 20  # --max-message-bytes for these tests: 1 MiB
 
@@ -91,3 +94,36 @@ async def test_grpc_metadata_over_the_limit_is_not_a_retryable_quota_error(gw) -
     # grpc's own status, before any handler: no details at all, so no RetryInfo to make clients retry.
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert rpc_status.from_call(err.value) is None
+
+
+async def test_a_large_body_is_read_while_other_calls_go_on(tmp_path: Path) -> None:
+    """proto3 JSON is pure Python: reading this ~6 MiB CreateRun body takes the better part of a second.
+    On the event loop, every other call waited for it - and the key is checked only afterwards, by the
+    service, so any client reaching the port could stall the server. Read in a translator thread,
+    another tenant's GetRun answers meanwhile (what it may still wait for is the GIL, handed back every
+    few milliseconds, and a full garbage collection of the parse's objects: ~0.3 s at worst here)."""
+    settings = make_settings(tmp_path, http_addr="127.0.0.1:0")
+    body = json_format.MessageToJson(create_request(50_000), indent=None).encode()
+    assert len(body) > 4 << 20
+    async with serving_gateway(settings) as (srv, client):
+        assert srv.bootstrap_key
+        async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+            runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            run = (await runs.CreateRun(create_request(1))).run
+            post = asyncio.create_task(
+                client.post(
+                    "/v1/runs",
+                    content=body,
+                    headers={"authorization": "Bearer evk_not_a_key", "content-type": "application/json"},
+                )
+            )
+            slowest, calls = 0.0, 0
+            while not post.done():
+                started = time.perf_counter()
+                assert (await runs.GetRun(pb.GetRunRequest(run_id=run.id))).run.id == run.id
+                slowest = max(slowest, time.perf_counter() - started)
+                calls += 1
+            response = await post
+    assert response.status_code == 401, response.text
+    assert calls >= 5, "the body was read before another call could overlap with it"
+    assert slowest < 0.75, f"another tenant's GetRun waited {slowest:.2f} s while the body was read"
