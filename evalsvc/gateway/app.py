@@ -12,13 +12,11 @@ documents every route with schemas derived from the messages (see `openapi.py`).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import grpc
 from fastapi import FastAPI, Request
@@ -32,6 +30,7 @@ from evalsvc.errors import FieldViolation, Reason, ServiceError, to_status
 from evalsvc.gateway import dialects, openapi, ui
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.routes import Route, routes
+from evalsvc.gateway.translators import translated
 from evalsvc.gateway.upstream import (
     HTTP_STATUS,
     ChannelFactory,
@@ -51,31 +50,11 @@ def to_json(message: Message) -> dict[str, Any]:
     return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
 
 
-T = TypeVar("T")
-
-# proto3 JSON is pure Python: reading a body costs ~90 ns a byte, writing one about half that. One of
-# this many bytes or more is translated in a worker thread instead of on the event loop, which the
-# thread hands the GIL back to every few milliseconds, so other calls go on meanwhile. Before, one
-# 16 MiB CreateRun body - refused only later, by the service, if its key was not valid - held the
-# loop for over a second.
-OFF_LOOP_BYTES = 64 * 1024
-# At most this many large bodies are translated at once; more wait their turn.
-_TRANSLATORS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gateway-json")
-
-
-async def translated(size: int, translate: Callable[..., T], *args: Any) -> T:
-    """`translate(*args)`: on the event loop when `size` (the bytes it reads or writes) is small,
-    else in a translator thread (OFF_LOOP_BYTES)."""
-    if size < OFF_LOOP_BYTES:
-        return translate(*args)
-    return await asyncio.get_running_loop().run_in_executor(_TRANSLATORS, translate, *args)
-
-
 async def json_body(message: Message) -> bytes:
     """`to_json` as a response body, written as JSONResponse writes it; bodies of small messages are
     remembered by the message's bytes, so a run read again and again (GetRun polling) is translated
-    once per version: proto3 JSON is pure Python, its wire form C. A large one is written off the
-    event loop (`translated`)."""
+    once per version: proto3 JSON is pure Python, its wire form C. A large one is written in a
+    translator thread (evalsvc.gateway.translators)."""
     wire = message.SerializeToString()
     if len(wire) > _REMEMBERED_BYTES:
         return await translated(len(wire), _json_body, message)

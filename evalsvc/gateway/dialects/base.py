@@ -31,6 +31,7 @@ from fastapi.routing import APIRoute, APIRouter
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
+from evalsvc.gateway.translators import OffLoopJSONRequest
 from evalsvc.gateway.upstream import Caller, GatewayError, Upstream, with_retry_after
 from evalsvc.messages.validation import MAX_ANNOTATIONS_BYTES as MAX_ANNOTATIONS_BYTES  # for the dialects' checks
 from evalsvc.v1 import run_pb2
@@ -259,11 +260,12 @@ def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRou
 
             async def handle(request: Request) -> Response:
                 try:
-                    return await handler(request)
+                    # A large body is read in a translator thread (evalsvc.gateway.translators).
+                    return await handler(OffLoopJSONRequest(request.scope, request.receive))
                 except GatewayError as error:
                     return with_retry_after(render(error), error)
                 except RequestValidationError as error:
-                    errors = _writable(jsonable_encoder(error.errors()))
+                    errors = _writable(jsonable_encoder(_bounded(error.errors())))
                     violations = [(".".join(str(p) for p in e.get("loc", ())[1:]), e.get("msg", "")) for e in errors]
                     return render(
                         GatewayError(
@@ -279,6 +281,40 @@ def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRou
             return handle
 
     return DialectRoute
+
+
+# The validation errors a response lists, and the size of an echoed `input` it keeps (JSON values).
+MAX_ERRORS = 100
+MAX_ECHOED_VALUES = 1000
+MAX_ECHOED_CHARS = 64 * 1024
+
+
+def _bounded(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """FastAPI's validation errors, at most MAX_ERRORS of them, each without its echoed `input` when
+    that is large. An error echoes the value it found, and one about a list that is too long echoes
+    the whole list: a 15 MiB body of tiny objects took 5 s of the event loop to encode back, for any
+    caller (the body is read before the service checks the key)."""
+    return [
+        error if _small(error.get("input")) else {key: value for key, value in error.items() if key != "input"}
+        for error in list(errors)[:MAX_ERRORS]
+    ]
+
+
+def _small(value: Any) -> bool:
+    """Whether a parsed JSON value has at most MAX_ECHOED_VALUES values in all and no long string."""
+    pending, seen = [value], 0
+    while pending:
+        item = pending.pop()
+        seen += 1
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list | tuple):
+            if seen + len(pending) + len(item) > MAX_ECHOED_VALUES:
+                return False
+            pending.extend(item)
+        elif isinstance(item, str) and len(item) > MAX_ECHOED_CHARS:
+            return False
+    return True
 
 
 def _writable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
