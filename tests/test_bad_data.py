@@ -74,6 +74,20 @@ async def test_a_nul_in_any_string_of_create_run_is_invalid_argument_naming_the_
     assert not (await runs.ListRuns(pb.ListRunsRequest())).runs  # nothing half-written
 
 
+async def test_a_request_with_thousands_of_bad_fields_is_still_invalid_argument(runs) -> None:
+    """The error's details travel in a trailer and clients take 16 KiB of metadata: ~275 violations made
+    the client see RESOURCE_EXHAUSTED instead. The message counts them (up to the first 1,000 NULs,
+    where the walk stops); the details list the first 100."""
+    request = create_request(1)
+    request.item_ids.extend(["\x00"] * 5000)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await runs.CreateRun(request)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "item_ids[0]" in (refused.value.details() or "") and "and 995 more" in (refused.value.details() or "")
+    listed = violations(refused.value)
+    assert len(listed) == 100 and "item_ids[99]" in listed
+
+
 async def test_a_nul_in_an_id_is_invalid_argument_not_a_lookup(runs) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await runs.GetRun(pb.GetRunRequest(run_id="run_\x00"))

@@ -10,6 +10,12 @@ which cost microseconds, stay inline.
 While a large translation runs, the cyclic garbage collector is paused: a 15 MiB body is millions of
 short-lived, acyclic objects, and the full collections they set off scanned them all with every
 thread stopped (100-250 ms each). They are freed by reference counting when the translation ends.
+A pause lasts at most MAX_GC_PAUSE_S however many translations follow one another: other calls'
+cyclic garbage must still be collected.
+
+A dialect's body may hold at most MAX_JSON_VALUES JSON values. FastAPI validates it on the event
+loop, and a body of a million values that are all wrong (a list of numbers where strings belong) is
+a million validation errors: 8 s of the loop to build, before the caller's key was even looked at.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import asyncio
 import gc
 import json
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -27,6 +34,8 @@ from starlette.requests import Request
 T = TypeVar("T")
 
 OFF_LOOP_BYTES = 64 * 1024
+MAX_GC_PAUSE_S = 0.5
+MAX_JSON_VALUES = 20_000
 # At most this many large bodies are translated at once; more wait their turn.
 _TRANSLATORS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gateway-json")
 
@@ -46,12 +55,16 @@ class _Collector:
         self._lock = threading.Lock()
         self._running = 0
         self._was_enabled = False
+        self._since = 0.0
 
     def paused(self, translate: Callable[..., T], *args: Any) -> T:
         with self._lock:
             if self._running == 0:
                 self._was_enabled = gc.isenabled()
+                self._since = time.monotonic()
                 gc.disable()
+            elif self._was_enabled and time.monotonic() - self._since > MAX_GC_PAUSE_S:
+                gc.enable()  # translations have followed one another for long enough
             self._running += 1
         try:
             return translate(*args)
@@ -71,9 +84,23 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+class TooManyValues(ValueError):
+    """A JSON body with more than MAX_JSON_VALUES values."""
+
+
 def read_json(body: bytes) -> Any:
-    """`json.loads(body)`, letting other threads run between the objects it reads."""
-    return json.loads(body, object_pairs_hook=_pairs)
+    """`json.loads(body)`, letting other threads run between the objects it reads; TooManyValues when
+    it holds more than MAX_JSON_VALUES values."""
+    value = json.loads(body, object_pairs_hook=_pairs)
+    pending, counted = [value], 0
+    while pending:
+        item = pending.pop()
+        counted += 1
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        if counted + len(pending) + len(children) > MAX_JSON_VALUES:
+            raise TooManyValues(f"the body holds more than {MAX_JSON_VALUES} JSON values")
+        pending.extend(children)
+    return value
 
 
 class OffLoopJSONRequest(Request):

@@ -30,8 +30,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute, APIRouter
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
+from starlette.exceptions import HTTPException
 
-from evalsvc.gateway.translators import OffLoopJSONRequest
+from evalsvc.gateway.translators import OffLoopJSONRequest, TooManyValues
 from evalsvc.gateway.upstream import Caller, GatewayError, Upstream, with_retry_after
 from evalsvc.messages.validation import MAX_ANNOTATIONS_BYTES as MAX_ANNOTATIONS_BYTES  # for the dialects' checks
 from evalsvc.v1 import run_pb2
@@ -264,6 +265,10 @@ def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRou
                     return await handler(OffLoopJSONRequest(request.scope, request.receive))
                 except GatewayError as error:
                     return with_retry_after(render(error), error)
+                except HTTPException as error:  # FastAPI's "error parsing the body" (Starlette's class)
+                    if not isinstance(error.__cause__, TooManyValues):
+                        raise
+                    return render(GatewayError.invalid(str(error.__cause__), http_status=413))
                 except RequestValidationError as error:
                     errors = _writable(jsonable_encoder(_bounded(error.errors())))
                     violations = [(".".join(str(p) for p in e.get("loc", ())[1:]), e.get("msg", "")) for e in errors]
@@ -287,32 +292,44 @@ def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRou
 MAX_ERRORS = 100
 MAX_ECHOED_VALUES = 1000
 MAX_ECHOED_CHARS = 64 * 1024
+MAX_ECHOED_KEY = 256
 
 
 def _bounded(errors: Sequence[Any]) -> list[dict[str, Any]]:
     """FastAPI's validation errors, at most MAX_ERRORS of them, each without its echoed `input` when
-    that is large. An error echoes the value it found, and one about a list that is too long echoes
-    the whole list: a 15 MiB body of tiny objects took 5 s of the event loop to encode back, for any
-    caller (the body is read before the service checks the key)."""
-    return [
-        error if _small(error.get("input")) else {key: value for key, value in error.items() if key != "input"}
-        for error in list(errors)[:MAX_ERRORS]
-    ]
+    that is large and with long `loc` parts cut short. An error echoes the value it found, and one
+    about a list that is too long echoes the whole list: a 15 MiB body of tiny objects took 5 s of
+    the event loop to encode back, for any caller (the body is read before the key is checked)."""
+    bounded = []
+    for error in list(errors)[:MAX_ERRORS]:
+        kept = {key: value for key, value in error.items() if key != "input" or _small(value)}
+        if "loc" in kept:
+            kept["loc"] = tuple(_shortened(part) for part in kept["loc"])
+        bounded.append(kept)
+    return bounded
+
+
+def _shortened(part: Any) -> Any:
+    """A `loc` part (a key of the caller's body) of at most MAX_ECHOED_KEY characters."""
+    return part[:MAX_ECHOED_KEY] + "..." if isinstance(part, str) and len(part) > MAX_ECHOED_KEY else part
 
 
 def _small(value: Any) -> bool:
-    """Whether a parsed JSON value has at most MAX_ECHOED_VALUES values in all and no long string."""
+    """Whether a parsed JSON value (or a body FastAPI did not parse) has at most MAX_ECHOED_VALUES
+    values in all and MAX_ECHOED_CHARS characters in any string, key or bytes."""
     pending, seen = [value], 0
     while pending:
         item = pending.pop()
         seen += 1
         if isinstance(item, dict):
+            if any(len(str(key)) > MAX_ECHOED_CHARS for key in item):
+                return False
             item = list(item.values())
         if isinstance(item, list | tuple):
             if seen + len(pending) + len(item) > MAX_ECHOED_VALUES:
                 return False
             pending.extend(item)
-        elif isinstance(item, str) and len(item) > MAX_ECHOED_CHARS:
+        elif isinstance(item, str | bytes) and len(item) > MAX_ECHOED_CHARS:
             return False
     return True
 
