@@ -92,10 +92,14 @@ MAX_VIOLATIONS = 100
 MAX_VIOLATIONS_BYTES = 8 * 1024
 
 
+MAX_VIOLATION_TEXT = 256  # characters of a violation's field path or description (a path may quote a key)
+
+
 def invalid_argument(violations: list[FieldViolation]) -> ServiceError:
     """INVALID_ARGUMENT naming every bad field: the message counts them all, the details list the
-    first ones, at most MAX_VIOLATIONS and MAX_VIOLATIONS_BYTES of them."""
-    names = ", ".join(v.field for v in violations[:5])
+    first ones, at most MAX_VIOLATIONS and MAX_VIOLATIONS_BYTES of them, each cut to
+    MAX_VIOLATION_TEXT characters (a map key in a path can be megabytes long)."""
+    names = ", ".join(_cut(v.field) for v in violations[:5])
     more = f" and {len(violations) - 5} more" if len(violations) > 5 else ""
     return ServiceError(
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -105,10 +109,15 @@ def invalid_argument(violations: list[FieldViolation]) -> ServiceError:
     )
 
 
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_VIOLATION_TEXT else text[:MAX_VIOLATION_TEXT] + "..."
+
+
 def _first_violations(violations: list[FieldViolation]) -> list[FieldViolation]:
     kept: list[FieldViolation] = []
     size = 0
-    for violation in violations[:MAX_VIOLATIONS]:
+    for listed in violations[:MAX_VIOLATIONS]:
+        violation = FieldViolation(_cut(listed.field), _cut(listed.description))
         size += len(violation.field.encode()) + len(violation.description.encode()) + 8
         if kept and size > MAX_VIOLATIONS_BYTES:
             break

@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
 import pytest
+from fastapi._compat.v2 import ModelField
 from google.protobuf import json_format
 from grpc_status import rpc_status
 
@@ -155,3 +158,30 @@ async def test_a_dialect_body_of_too_many_json_values_is_413_before_it_is_valida
     assert response.json() == {"detail": f"the body holds more than {MAX_JSON_VALUES} JSON values"}
     small = await client.post("/eval-runs", json={"eval_type": "accuracy", "input": "x", "expected_tool_calls": [1]})
     assert small.status_code == 422 and small.json()["detail"][0]["input"] == 1, "small errors echo their input"
+
+
+async def test_a_large_invalid_dialect_body_is_answered_with_its_first_errors_as_fastapi_reports_them(
+    gw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large body is validated in a translator thread, beside its parse, and answered with its first
+    100 errors - the ones FastAPI itself reports for a small body - not validated again on the loop."""
+    _, client = gw
+    on_the_loop: list[bool] = []
+    validate = ModelField.validate
+
+    def watched(field: ModelField, *args: Any, **kwargs: Any) -> Any:
+        on_the_loop.append(threading.current_thread() is threading.main_thread())
+        return validate(field, *args, **kwargs)
+
+    monkeypatch.setattr(ModelField, "validate", watched)
+    numbers = ",".join(["1"] * 50_000)
+    large = await client.post(
+        "/eval-runs",
+        content=f'{{"eval_type":"accuracy","input":"x","expected_tool_calls":[{numbers}]}}'.encode(),
+        headers={"content-type": "application/json"},
+    )
+    assert on_the_loop == [False], "validated once, in a translator thread"
+    small = await client.post("/eval-runs", json={"eval_type": "accuracy", "input": "x", "expected_tool_calls": [1, 1]})
+    assert large.status_code == small.status_code == 422, large.text
+    assert len(large.json()["detail"]) == 100
+    assert large.json()["detail"][:2] == small.json()["detail"]

@@ -122,10 +122,14 @@ class DatasetService:
     async def get(self, tenant: str, dataset_id: str) -> pb.Dataset:
         """A dataset; NOT_FOUND when missing or another tenant's."""
         async with self._db.read() as conn:
+            # The generation first: each read sees the latest commit (SQLite's autocommit readers), and
+            # a generation's items commit before its end does, so a dataset read after a finished
+            # generation holds all its items. Read the other way round, a generation that finished
+            # between the two reads showed SUCCEEDED beside the item count from before it.
+            generations = await dataset_store.generations_of(conn, [dataset_id])
             dataset = await dataset_store.get(conn, tenant, dataset_id)
             if dataset is None:
                 raise not_found("dataset", dataset_id)
-            generations = await dataset_store.generations_of(conn, [dataset_id])
         return dataset_from(dataset, generations.get(dataset_id))
 
     async def list(self, tenant: str, request: pb.ListDatasetsRequest) -> tuple[list[pb.Dataset], str]:

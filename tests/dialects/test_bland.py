@@ -558,8 +558,10 @@ async def test_cancel_and_list_pagination(env: Env) -> None:
 
 
 async def test_a_run_may_take_the_documented_maximum_of_calls(env: Env) -> None:
+    """5,000 calls, each in the shape Bland's GET /v1/calls/{id} returns (~46 JSON values, ~230,000 in
+    all: within the gateway's budget of values per body)."""
     agent = (await env.agent(RESOLUTION))["agent"]["id"]
-    more = [{"call_id": f"b1b2c3d4-0000-0000-0000-{i:012d}", "concatenated_transcript": "hi"} for i in range(4998)]
+    more = [{**CALL_DETAILS, "call_id": f"b1b2c3d4-0000-0000-0000-{i:012d}"} for i in range(4998)]
     assert (await env.ok("POST", "/v1/evals/calls", {"calls": more}))["total_call_count"] == 5000
     await env.srv.executor.stop()  # keep the run PENDING: only its creation is under test
     every = CALL_IDS + [c["call_id"] for c in more]

@@ -331,6 +331,8 @@ def render(error: GatewayError) -> Response:
     status, code = REASONS.get(error.reason) or CODES.get(error.code, (500, "server.internal_error"))
     if error.request_errors is not None:
         status, code = 422, "validation.invalid_format"
+    if error.http_status == 413:  # a body over the gateway's limits
+        status = 413
     details: dict[str, Any] = {"reason": error.reason} if error.reason else {}
     if error.violations:
         details["field_violations"] = [{"field": f, "description": d} for f, d in error.violations]

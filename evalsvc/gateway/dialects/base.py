@@ -32,7 +32,7 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 from starlette.exceptions import HTTPException
 
-from evalsvc.gateway.translators import OffLoopJSONRequest, TooManyValues
+from evalsvc.gateway.translators import BodyCheck, InvalidBody, OffLoopJSONRequest, TooManyValues
 from evalsvc.gateway.upstream import Caller, GatewayError, Upstream, with_retry_after
 from evalsvc.messages.validation import MAX_ANNOTATIONS_BYTES as MAX_ANNOTATIONS_BYTES  # for the dialects' checks
 from evalsvc.v1 import run_pb2
@@ -258,30 +258,22 @@ def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRou
     class DialectRoute(APIRoute):
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             handler = super().get_route_handler()
+            check = _body_check(self)
 
             async def handle(request: Request) -> Response:
                 try:
-                    # A large body is read in a translator thread (evalsvc.gateway.translators).
-                    return await handler(OffLoopJSONRequest(request.scope, request.receive))
+                    # A large body is read, and validated, in a translator thread (evalsvc.gateway.translators).
+                    return await handler(OffLoopJSONRequest(request.scope, request.receive, check))
                 except GatewayError as error:
                     return with_retry_after(render(error), error)
                 except HTTPException as error:  # FastAPI's "error parsing the body" (Starlette's class)
-                    if not isinstance(error.__cause__, TooManyValues):
-                        raise
-                    return render(GatewayError.invalid(str(error.__cause__), http_status=413))
+                    if isinstance(error.__cause__, TooManyValues):
+                        return render(GatewayError.invalid(str(error.__cause__), http_status=413))
+                    if isinstance(error.__cause__, InvalidBody):
+                        return render(_request_invalid(error.__cause__.errors))
+                    raise
                 except RequestValidationError as error:
-                    errors = _writable(jsonable_encoder(_bounded(error.errors())))
-                    violations = [(".".join(str(p) for p in e.get("loc", ())[1:]), e.get("msg", "")) for e in errors]
-                    return render(
-                        GatewayError(
-                            grpc.StatusCode.INVALID_ARGUMENT,
-                            "the request does not match the documented shape",
-                            "INVALID_ARGUMENT",
-                            violations,
-                            errors,
-                            422,
-                        )
-                    )
+                    return render(_request_invalid(error.errors()))
 
             return handle
 
@@ -293,6 +285,34 @@ MAX_ERRORS = 100
 MAX_ECHOED_VALUES = 1000
 MAX_ECHOED_CHARS = 64 * 1024
 MAX_ECHOED_KEY = 256
+
+
+def _request_invalid(errors: Sequence[Any]) -> GatewayError:
+    """INVALID_ARGUMENT (HTTP 422, FastAPI's own) for a request FastAPI's validation refused, keeping
+    its error list (bounded) in `request_errors`."""
+    listed = _writable(jsonable_encoder(_bounded(errors)))
+    violations = [(".".join(str(p) for p in e.get("loc", ())[1:]), e.get("msg", "")) for e in listed]
+    return GatewayError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "the request does not match the documented shape",
+        "INVALID_ARGUMENT",
+        violations,
+        listed,
+        422,
+    )
+
+
+def _body_check(route: APIRoute) -> BodyCheck | None:
+    """FastAPI's validation of the route's body (its own ModelField), to run beside a large body's
+    parse in a translator thread; None for a route without a body or with several (embedded)."""
+    body = route.body_field
+    if body is None or getattr(route, "_embed_body_fields", True):
+        return None
+
+    def check(value: Any) -> list[dict[str, Any]]:
+        return body.validate(value, {}, loc=("body",))[1]
+
+    return check
 
 
 def _bounded(errors: Sequence[Any]) -> list[dict[str, Any]]:

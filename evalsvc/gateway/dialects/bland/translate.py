@@ -140,6 +140,7 @@ def bland_field(path: str) -> str:
 def render(error: GatewayError) -> JSONResponse:
     """A failure in Bland's envelope: one entry per field violation, else one for the error."""
     status, code = ERROR_CODES.get(error.code, (500, "INTERNAL_ERROR"))
+    status = 413 if error.http_status == 413 else status  # a body over the gateway's limits
     code = REASON_CODES.get(error.reason) or (error.reason if error.reason.startswith("EVAL_") else code)
     items = [
         ErrorItem(error=code, message=f"{bland_field(f)}: {d}" if f else d.removeprefix("Value error, "))
