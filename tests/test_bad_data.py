@@ -86,6 +86,11 @@ async def test_a_request_with_thousands_of_bad_fields_is_still_invalid_argument(
     assert "item_ids[0]" in (refused.value.details() or "") and "and 995 more" in (refused.value.details() or "")
     listed = violations(refused.value)
     assert len(listed) == 100 and "item_ids[99]" in listed
+    long_key = "\x00" + "k" * 20_000  # the path of its violation quotes it
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await runs.CreateRun(create_request(1, labels={long_key: "v"}))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert all(len(field) <= 260 for field in violations(refused.value))
 
 
 async def test_a_nul_in_an_id_is_invalid_argument_not_a_lookup(runs) -> None:

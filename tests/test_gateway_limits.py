@@ -153,11 +153,15 @@ async def test_a_dialect_body_of_too_many_json_values_is_413_before_it_is_valida
     _, client = gw
     numbers = ",".join(["1"] * (MAX_JSON_VALUES + 1))
     body = f'{{"eval_type":"accuracy","input":"x","expected_tool_calls":[{numbers}]}}'.encode()
-    response = await client.post("/eval-runs", content=body, headers={"content-type": "application/json"})
+    body_is_json = {"content-type": "application/json"}
+    response = await client.post("/eval-runs", content=body, headers=body_is_json)
     assert response.status_code == 413, response.text
     assert response.json() == {"detail": f"the body holds more than {MAX_JSON_VALUES} JSON values"}
     small = await client.post("/eval-runs", json={"eval_type": "accuracy", "input": "x", "expected_tool_calls": [1]})
     assert small.status_code == 422 and small.json()["detail"][0]["input"] == 1, "small errors echo their input"
+    for path, field in (("/v1/evals/calls", "calls"), ("/v2/evals", "prompts")):  # Bland's and Aymara's shapes
+        other = await client.post(path, content=f'{{"{field}":[{numbers}]}}'.encode(), headers=body_is_json)
+        assert other.status_code == 413 and f"more than {MAX_JSON_VALUES} JSON values" in other.text, other.text
 
 
 async def test_a_large_invalid_dialect_body_is_answered_with_its_first_errors_as_fastapi_reports_them(
