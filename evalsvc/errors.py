@@ -90,8 +90,6 @@ class ServiceError(Exception):
 # 16 KiB of metadata (more, and a client sees RESOURCE_EXHAUSTED instead of the error: ~275 violations).
 MAX_VIOLATIONS = 100
 MAX_VIOLATIONS_BYTES = 8 * 1024
-
-
 MAX_VIOLATION_TEXT = 256  # characters of a violation's field path or description (a path may quote a key)
 
 

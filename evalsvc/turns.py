@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 # Longest stretch a loop over many parts holds the event loop before letting others run.
 YIELD_EVERY_S = 0.005
@@ -33,3 +38,18 @@ class Turns:
         if self._parts % _PARTS_PER_LOOK == 0 and time.perf_counter() - self._since > YIELD_EVERY_S:
             await asyncio.sleep(0)
             self._since = time.perf_counter()
+
+
+async def mapped(build: Callable[[T], R], parts: Iterable[T]) -> list[R]:
+    """`[build(part) for part in parts]`, giving the event loop a turn every YIELD_EVERY_S. For the
+    hottest loops (a large run's recording builds ~500,000 rows with it): the clock is read inline,
+    with no call per part. A recording serializes tens of thousands of events (~5 us each), which in
+    one stretch would stall every other call for a tenth of a second."""
+    built: list[R] = []
+    since = time.perf_counter()
+    for i, part in enumerate(parts):
+        if i % _PARTS_PER_LOOK == _PARTS_PER_LOOK - 1 and time.perf_counter() - since > YIELD_EVERY_S:
+            await asyncio.sleep(0)
+            since = time.perf_counter()
+        built.append(build(part))
+    return built

@@ -109,17 +109,32 @@ def read_json(body: bytes, check: BodyCheck | None = None) -> Any:
     """`json.loads(body)`, letting other threads run between the objects it reads; TooManyValues when
     it holds more than MAX_JSON_VALUES values, InvalidBody when `check` finds errors."""
     value = json.loads(body, object_pairs_hook=_pairs)
+    if not within(value, MAX_JSON_VALUES):
+        raise TooManyValues(f"the body holds more than {MAX_JSON_VALUES} JSON values")
+    if check is not None and (errors := check(value)):
+        raise InvalidBody(errors[:MAX_ERRORS])
+    return value
+
+
+def within(value: Any, max_values: int, max_chars: int | None = None) -> bool:
+    """Whether a parsed JSON value holds at most `max_values` values (objects, arrays and scalars; a
+    tuple counts as an array) and, given `max_chars`, no string, bytes or key longer than that. Stops
+    as soon as either bound is passed: the value may be a 16 MiB body."""
     pending, counted = [value], 0
     while pending:
         item = pending.pop()
         counted += 1
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        if counted + len(pending) + len(children) > MAX_JSON_VALUES:
-            raise TooManyValues(f"the body holds more than {MAX_JSON_VALUES} JSON values")
-        pending.extend(children)
-    if check is not None and (errors := check(value)):
-        raise InvalidBody(errors[:MAX_ERRORS])
-    return value
+        if isinstance(item, dict):
+            if max_chars is not None and any(len(str(key)) > max_chars for key in item):
+                return False
+            item = list(item.values())
+        if isinstance(item, list | tuple):
+            if counted + len(pending) + len(item) > max_values:
+                return False
+            pending.extend(item)
+        elif max_chars is not None and isinstance(item, str | bytes) and len(item) > max_chars:
+            return False
+    return True
 
 
 class OffLoopJSONRequest(Request):

@@ -46,8 +46,8 @@ from evalsvc.store.db import Database
 from evalsvc.store.records import RunRecord, run_from
 from evalsvc.store.writer import Batch
 from evalsvc.targets import validate_target
-from evalsvc.turns import Turns
-from evalsvc.v1 import cache_pb2, run_pb2
+from evalsvc.turns import mapped
+from evalsvc.v1 import cache_pb2, item_pb2, run_pb2
 from evalsvc.v1 import eval_run_service_pb2 as pb
 
 
@@ -293,12 +293,7 @@ class RunService:
     async def _resolve_items(self, tenant: str, request: pb.CreateRunRequest) -> list[bytes]:
         """The serialized items the run copies: inline ones, or the dataset's (or a subset)."""
         if not request.dataset_id:
-            serialized = []
-            turns = Turns()
-            for item in request.items:
-                serialized.append(item.SerializeToString())
-                await turns.tick()
-            return serialized
+            return await mapped(item_pb2.Item.SerializeToString, request.items)
         async with self._db.read() as conn:
             dataset = await dataset_store.get(conn, tenant, request.dataset_id)
             if dataset is None:

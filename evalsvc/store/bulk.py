@@ -10,16 +10,12 @@ executemany as tuples, written in the driver's own placeholder style.
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncConnection
-
-from evalsvc.turns import YIELD_EVERY_S
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -39,20 +35,6 @@ async def insert_tuples(
     chunk = ON_LOOP_CHUNK if conn.dialect.name == "postgresql" else max(1, len(rows))
     for start in range(0, len(rows), chunk):
         await conn.exec_driver_sql(sql, rows[start : start + chunk])
-
-
-async def build_rows(build: Callable[[T], R], items: Iterable[T]) -> list[R]:
-    """`[build(item) for item in items]`, yielding to the event loop every YIELD_EVERY_S: a recording
-    of a large run serializes tens of thousands of events (~5 us each), which in one stretch would
-    stall every other call for a tenth of a second."""
-    rows: list[R] = []
-    slice_start = time.perf_counter()
-    for i, item in enumerate(items):
-        if i % 256 == 255 and time.perf_counter() - slice_start > YIELD_EVERY_S:
-            await asyncio.sleep(0)
-            slice_start = time.perf_counter()
-        rows.append(build(item))
-    return rows
 
 
 async def execute_many(conn: AsyncConnection, sql: str, rows: list[tuple[Any, ...]]) -> None:

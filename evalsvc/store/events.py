@@ -9,8 +9,9 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.ids import PROCESS_ID
-from evalsvc.store.bulk import build_rows, fetch_all, insert_tuples
+from evalsvc.store.bulk import fetch_all, insert_tuples
 from evalsvc.store.models import EventRow
+from evalsvc.turns import mapped
 from evalsvc.v1 import eval_run_service_pb2 as pb
 
 EVENTS = EventRow.__table__  # type: ignore[attr-defined]
@@ -35,7 +36,7 @@ async def append_many(conn: AsyncConnection, batches: Sequence[tuple[str, str, S
     batches = [batch for batch in batches if batch[2]]
     if not batches:
         return
-    rows = await build_rows(
+    rows = await mapped(
         lambda row: (row[1], row[2].seq, row[0], row[2].SerializeToString()),
         ((tenant, run_id, e) for tenant, run_id, events in batches for e in events),
     )

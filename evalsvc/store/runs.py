@@ -31,7 +31,7 @@ from evalsvc.messages.convert import timestamp
 from evalsvc.store import events
 from evalsvc.store import jobs as job_store
 from evalsvc.store import webhooks as webhook_store
-from evalsvc.store.bulk import build_rows, execute_many, insert_tuples
+from evalsvc.store.bulk import execute_many, insert_tuples
 from evalsvc.store.db import Database
 from evalsvc.store.models import (
     JOB_CANCELLED,
@@ -47,6 +47,7 @@ from evalsvc.store.models import (
 )
 from evalsvc.store.records import GraderTally, ResultRecord, RunRecord, counts_from, run_from
 from evalsvc.store.run_cache import remember
+from evalsvc.turns import mapped
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import item_pb2, run_pb2
 
@@ -144,12 +145,12 @@ async def insert_runs(conn: AsyncConnection, runs: Sequence[NewRun]) -> list[pb.
     ]
     if labels:
         await conn.execute(insert(LABELS), labels)
-    # A run may hold 100,000 items x repetitions: their rows are built in slices that yield.
-    item_rows = await build_rows(
+    # A run may hold 100,000 items x repetitions: their rows are built in turns (evalsvc.turns).
+    item_rows = await mapped(
         _as_is, ((new.row["id"], i, new.row["tenant"], item) for new in runs for i, item in enumerate(new.items))
     )
     await insert_tuples(conn, ITEMS, ("run_id", "idx", "tenant", "item"), item_rows)
-    job_rows = await build_rows(
+    job_rows = await mapped(
         _as_is,
         (
             (new.row["tenant"], new.row["id"], i, rep, JOB_QUEUED, 0)

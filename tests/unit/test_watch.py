@@ -248,11 +248,14 @@ async def test_a_watcher_that_cancels_its_opening_does_not_fail_the_others_shari
     reads = CountedReads(monkeypatch, hold=True)
     bus = EventBus()
     sharing = 0
+    both_sharing = asyncio.Event()
     shared_read = bus.opening_pages.read
 
     async def counted_read(*args: Any) -> tuple[list[bytes], bool]:
         nonlocal sharing
         sharing += 1
+        if sharing == 2:
+            both_sharing.set()
         return await shared_read(*args)
 
     monkeypatch.setattr(bus.opening_pages, "read", counted_read)
@@ -260,8 +263,7 @@ async def test_a_watcher_that_cancels_its_opening_does_not_fail_the_others_shari
         leaving = asyncio.ensure_future(chunks_to_end(db, bus))
         await reads.started.wait()  # the leaving watcher started the read, and it is held
         staying = asyncio.ensure_future(chunks_to_end(db, bus))
-        while sharing < 2:  # the staying watcher awaits the same read
-            await asyncio.sleep(0)
+        await both_sharing.wait()  # the staying watcher awaits the same read
         leaving.cancel()
         reads.release.set()
         assert await staying == [[1, 2, 3, 4, 5]]

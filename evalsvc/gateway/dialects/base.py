@@ -32,7 +32,7 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 from starlette.exceptions import HTTPException
 
-from evalsvc.gateway.translators import BodyCheck, InvalidBody, OffLoopJSONRequest, TooManyValues
+from evalsvc.gateway.translators import BodyCheck, InvalidBody, OffLoopJSONRequest, TooManyValues, within
 from evalsvc.gateway.upstream import Caller, GatewayError, Upstream, with_retry_after
 from evalsvc.messages.validation import MAX_ANNOTATIONS_BYTES as MAX_ANNOTATIONS_BYTES  # for the dialects' checks
 from evalsvc.v1 import run_pb2
@@ -322,7 +322,11 @@ def _bounded(errors: Sequence[Any]) -> list[dict[str, Any]]:
     the event loop to encode back, for any caller (the body is read before the key is checked)."""
     bounded = []
     for error in list(errors)[:MAX_ERRORS]:
-        kept = {key: value for key, value in error.items() if key != "input" or _small(value)}
+        kept = {
+            key: value
+            for key, value in error.items()
+            if key != "input" or within(value, MAX_ECHOED_VALUES, MAX_ECHOED_CHARS)
+        }
         if "loc" in kept:
             kept["loc"] = tuple(_shortened(part) for part in kept["loc"])
         bounded.append(kept)
@@ -332,26 +336,6 @@ def _bounded(errors: Sequence[Any]) -> list[dict[str, Any]]:
 def _shortened(part: Any) -> Any:
     """A `loc` part (a key of the caller's body) of at most MAX_ECHOED_KEY characters."""
     return part[:MAX_ECHOED_KEY] + "..." if isinstance(part, str) and len(part) > MAX_ECHOED_KEY else part
-
-
-def _small(value: Any) -> bool:
-    """Whether a parsed JSON value (or a body FastAPI did not parse) has at most MAX_ECHOED_VALUES
-    values in all and MAX_ECHOED_CHARS characters in any string, key or bytes."""
-    pending, seen = [value], 0
-    while pending:
-        item = pending.pop()
-        seen += 1
-        if isinstance(item, dict):
-            if any(len(str(key)) > MAX_ECHOED_CHARS for key in item):
-                return False
-            item = list(item.values())
-        if isinstance(item, list | tuple):
-            if seen + len(pending) + len(item) > MAX_ECHOED_VALUES:
-                return False
-            pending.extend(item)
-        elif isinstance(item, str | bytes) and len(item) > MAX_ECHOED_CHARS:
-            return False
-    return True
 
 
 def _writable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
