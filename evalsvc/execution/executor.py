@@ -43,7 +43,7 @@ from evalsvc.config import Settings
 from evalsvc.events.bus import EventBus
 from evalsvc.execution import cache
 from evalsvc.execution.fairness import RoundRobin
-from evalsvc.execution.recorder import FinishedJob, RunGraders, fail_early, record
+from evalsvc.execution.recorder import ALONE_FROM_EVALUATIONS, FinishedJob, RunGraders, fail_early, record
 from evalsvc.graders import CompiledGrader, Grade, compile_grader, grader_name, target_error_grade
 from evalsvc.graders.judge import JudgeDefaults, LlmJudgeGrader
 from evalsvc.graders.pool import GradingPool, may_offload, offloads
@@ -334,14 +334,41 @@ class Executor:
 
     async def _execute_inline(self, jobs: list[ClaimedJob]) -> None:
         """Execute local jobs one after another on the claim loop, yielding to the event loop every
-        few milliseconds so a claim of many graders does not stall RPCs and watchers."""
+        few milliseconds so a claim of many graders does not stall RPCs and watchers.
+
+        Their outputs go to the recorder in parts of at least ALONE_FROM_EVALUATIONS evaluations (the
+        size a recording commits alone at), and the rest once the claim is done: handed over job by
+        job, the recorder woke at the first yield and recorded a claim of 500 one-grader jobs as two
+        or three transactions, each with its own run updates, events and commit, where one does."""
         yielded = time.perf_counter()
-        for job in jobs:
-            if not await self._execute(job):
+        part: list[FinishedJob] = []
+        evaluations = executed = 0
+        try:
+            for job in jobs:
+                if await self._execute(job, into=part):
+                    evaluations += len(part[-1].grades) or 1
+                else:
+                    self._release_claim_slot(job.claim_id)
+                executed += 1
+                if evaluations >= ALONE_FROM_EVALUATIONS:
+                    self._hand_over(part)
+                    part, evaluations = [], 0
+                if time.perf_counter() - yielded > INLINE_SLICE_S:
+                    await asyncio.sleep(0)
+                    yielded = time.perf_counter()
+        finally:
+            self._hand_over(part)
+            # Interrupted (a stray cancellation restarts the claim loop): the jobs not executed are no
+            # longer worked on here, so their leases are not renewed; they expire and another claim
+            # runs them. Renewed, they stayed leased for good and their run never ended.
+            for job in jobs[executed:]:
                 self._release_claim_slot(job.claim_id)
-            if time.perf_counter() - yielded > INLINE_SLICE_S:
-                await asyncio.sleep(0)
-                yielded = time.perf_counter()
+
+    def _hand_over(self, finished: list[FinishedJob]) -> None:
+        """Queue finished jobs for the recorder, and wake it."""
+        if finished:
+            self._finished.extend(finished)
+            self._finished_ready.set()
 
     async def _claim(self, limit: int) -> list[ClaimedJob]:
         """Lease up to `limit` jobs, shared fairly among the runs that have claimable jobs, leaving out
@@ -420,10 +447,15 @@ class Executor:
             self._open_claims.pop(claim_id, None)
 
     async def _execute(
-        self, job: ClaimedJob, held_up: Callable[[], AbstractAsyncContextManager[None]] = contextlib.nullcontext
+        self,
+        job: ClaimedJob,
+        held_up: Callable[[], AbstractAsyncContextManager[None]] = contextlib.nullcontext,
+        *,
+        into: list[FinishedJob] | None = None,
     ) -> bool:
-        """Run the target and graders for a job; True when it was queued for recording. `held_up` is
-        how the job waits for a grading process (see `_held_up`)."""
+        """Run the target and graders for a job; True when it was queued for recording: handed to the
+        recorder, or appended to `into`, whose owner hands it over (`_hand_over`). `held_up` is how the
+        job waits for a grading process (see `_held_up`)."""
         try:
             plan = await self._plan(job.run_id)
         except Exception as exc:
@@ -462,18 +494,19 @@ class Executor:
             raise
         except Exception as exc:  # a target bug must cost one evaluation, not the worker
             output, grades = self._target_failed(plan, f"{type(exc).__name__}: {exc}")
-        self._finished.append(
-            FinishedJob(
-                job=job,
-                item_id=item.id,
-                output=output,
-                grades=grades,
-                cached=use.output_cached,
-                cache_writes=use.writes,
-                cache_hits=use.hits,
-            )
+        finished = FinishedJob(
+            job=job,
+            item_id=item.id,
+            output=output,
+            grades=grades,
+            cached=use.output_cached,
+            cache_writes=use.writes,
+            cache_hits=use.hits,
         )
-        self._finished_ready.set()
+        if into is None:
+            self._hand_over([finished])
+        else:
+            into.append(finished)
         return True
 
     async def _respond(self, job: ClaimedJob, plan: RunPlan, item: item_pb2.Item, use: CacheUse) -> item_pb2.Response:

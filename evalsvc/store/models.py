@@ -137,7 +137,7 @@ class JobRow(SQLModel, table=True):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_claimable", "state", "id"),
-        Index("ix_jobs_run", "run_id", "state"),
+        Index("ix_jobs_run", "run_id", "state", "id"),
         Index("ix_jobs_claim", "claim_id"),
     )
 

@@ -505,12 +505,15 @@ async def aggregate_inputs(conn: AsyncConnection, run_ids: Sequence[str]) -> dic
 
 async def claimable_runs(conn: AsyncConnection, now: float) -> list[tuple[str, str]]:
     """(tenant, run id) of every active run with a claimable job: a scan of the active runs
-    (`ix_runs_active`) with one index probe of its jobs each (`ix_jobs_run`), never of all jobs."""
-    has_claimable = select(JOBS.c.id).where(JOBS.c.run_id == RUNS.c.id, job_store.claimable(now)).exists()
-    rows = await conn.execute(
-        select(RUNS.c.tenant, RUNS.c.id).where(RUNS.c.status.in_(list(statuses.ACTIVE)), has_claimable)
-    )
+    (`ix_runs_active`) with two index probes of its jobs each (`ix_jobs_run`), never of all jobs."""
+    rows = await conn.execute(claimable_runs_query(now))
     return [(tenant, run_id) for tenant, run_id in rows]
+
+
+def claimable_runs_query(now: float) -> Select[str, str]:
+    """`claimable_runs`' query."""
+    active = RUNS.c.status.in_(list(statuses.ACTIVE))
+    return select(RUNS.c.tenant, RUNS.c.id).where(active, job_store.run_has_claimable(RUNS.c.id, now))
 
 
 @dataclass(frozen=True)
