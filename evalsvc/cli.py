@@ -17,13 +17,22 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from evalsvc import config, logs
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a command line it cannot use reported in one line (not after the whole usage,
+    ~60 lines for `serve`), as every other start-up failure is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per operation."""
-    parser = argparse.ArgumentParser(prog="evalsvc", description="Run LLM evaluations as a gRPC service.")
+    parser = _Parser(prog="evalsvc", description="Run LLM evaluations as a gRPC service.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC service until SIGTERM/SIGINT")
     config.add_flags(serve)
@@ -247,9 +256,18 @@ def _when(seconds: float | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except config.SettingsError as exc:  # a setting from the environment, or one out of its bounds
+        print(f"evalsvc {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command `args` name; its exit code."""
     from evalsvc.store.migrate import SchemaError
 
-    args = build_parser().parse_args(argv)
     if args.command == "gateway":
         logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return asyncio.run(_gateway_command(args))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -17,9 +18,15 @@ from typing import Any, cast
 ENV_PREFIX = "EVALSVC_"
 
 
+class SettingsError(ValueError):
+    """A setting's value cannot be used; the message names its flag and variable. The commands exit 2
+    with it, in one line."""
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Everything the server can be configured with. Field docs are the help text of their flag."""
+    """Everything the server can be configured with. Field docs are the help text of their flag.
+    Numeric values below their MINIMUMS are refused when the object is made (`SettingsError`)."""
 
     grpc_addr: str = dataclasses.field(
         default="127.0.0.1:50051", metadata={"help": "host:port the gRPC server listens on (port 0 picks one)"}
@@ -205,7 +212,7 @@ class Settings:
         },
     )
     grade_processes: int = dataclasses.field(
-        default=2, metadata={"help": "worker processes that grade large outputs off the event loop (at least 1)"}
+        default=2, metadata={"help": "worker processes that grade large outputs off the event loop"}
     )
     cache_default: str = dataclasses.field(
         default="off",
@@ -235,6 +242,12 @@ class Settings:
         default=8, metadata={"help": "attempts of a webhook delivery before it is FAILED"}
     )
 
+    def __post_init__(self) -> None:
+        for name, (minimum, inclusive) in MINIMUMS.items():
+            value = getattr(self, name)
+            if value < minimum or (value == minimum and not inclusive):
+                raise SettingsError(f"{_names(name)} must be {_bound(name)}, not {value!r}")
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from the environment, with keyword overrides (used by tests and embedders)."""
@@ -243,9 +256,58 @@ class Settings:
         for f in fields(cls):
             raw = environ.get(env_name(f.name))
             if raw is not None:
-                values[f.name] = _coerce(f.type, raw)
+                try:
+                    values[f.name] = _coerce(f.type, raw)
+                except ValueError as exc:
+                    raise SettingsError(f"{env_name(f.name)}: {exc}") from None
         values.update(overrides)
         return cls(**values)
+
+
+# The smallest value each numeric setting works with: (minimum, whether the minimum itself is allowed).
+# Below it a server would start and then do nothing, or spin: a claim of 0 jobs, leases that have
+# expired when taken, a poll interval of 0, a watcher buffer of 0 events. Zero is allowed where it
+# means something: no executor (`--workers 0`, an API-only replica), no budget, no retries.
+MINIMUMS: dict[str, tuple[float, bool]] = {
+    "workers": (0, True),
+    "claim_batch": (1, True),
+    "lease_ttl_s": (0, False),
+    "poll_interval_s": (0, False),
+    "stall_s": (0, False),
+    "heartbeat_s": (0, False),
+    "watch_buffer": (1, True),
+    "grace_s": (0, True),
+    "max_message_bytes": (1024, True),
+    "max_concurrent_streams": (1, True),
+    "max_connections": (1, True),
+    "max_http_connections": (1, True),
+    "http_header_timeout_s": (0, False),
+    "http_keepalive_timeout_s": (0, True),
+    "gateway_streams_per_channel": (1, True),
+    "auth_cache_s": (0, True),
+    "max_concurrent_rpcs": (1, True),
+    "create_run_rate": (0, False),
+    "create_run_burst": (1, True),
+    "max_watch_streams": (1, True),
+    "max_active_runs": (0, True),  # 0: every CreateRun refused (a replica that takes no new runs)
+    "max_items_per_run": (1, True),
+    "dialect_sync_wait_s": (0, True),
+    "http_retries": (0, True),
+    "tenant_budget_usd": (0, True),
+    "max_graders_per_run": (1, True),
+    "grade_timeout_s": (0, False),
+    "grade_processes": (1, True),
+    "cache_max_entries": (0, True),
+    "webhook_concurrency": (1, True),
+    "webhook_timeout_s": (0, False),
+    "webhook_retry_base_s": (0, True),
+    "webhook_max_attempts": (1, True),
+}
+
+
+def _names(field_name: str) -> str:
+    """`claim_batch` -> `--claim-batch (EVALSVC_CLAIM_BATCH)`: how a message names a setting."""
+    return f"{flag_name(field_name)} ({env_name(field_name)})"
 
 
 def env_name(field_name: str) -> str:
@@ -259,11 +321,18 @@ def flag_name(field_name: str) -> str:
 
 
 def _coerce(type_name: Any, raw: str) -> Any:
+    """A flag's or variable's text as the setting's type; ValueError naming what was expected."""
     kind = str(type_name)
     if kind == "int":
-        return int(raw)
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a whole number") from None
     if kind == "float":
-        return float(raw)
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a number") from None
     if kind == "bool":
         return raw.strip().lower() in {"1", "true", "yes", "on"}
     return raw
@@ -287,9 +356,18 @@ def add_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = Non
             flag_name(f.name),
             dest=f.name,
             default=None,
-            type=cast("Callable[[str], Any]", lambda raw, t=f.type: _coerce(t, raw)),
-            help=f"{f.metadata.get('help', '')} (env {env_name(f.name)}, default {f.default!r})",
+            type=cast("Callable[[str], Any]", functools.partial(_flag_value, f.type)),
+            help=f"{_help(f.name, f.metadata.get('help', ''))} (env {env_name(f.name)}, default {f.default!r})",
         )
+
+
+def _flag_value(type_name: Any, raw: str) -> Any:
+    """`_coerce` for argparse, which prints an ArgumentTypeError's message as it is (a ValueError's as
+    "invalid <lambda> value")."""
+    try:
+        return _coerce(type_name, raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
@@ -300,7 +378,19 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None
 
 
 def describe() -> Sequence[tuple[str, str, str, str]]:
-    """(flag, env var, default, help) for every setting: the README's configuration table."""
+    """(flag, env var, default, help) for every setting: the README's configuration table. A numeric
+    setting's help ends with its bound (MINIMUMS)."""
     return [
-        (flag_name(f.name), env_name(f.name), repr(f.default), f.metadata.get("help", "")) for f in fields(Settings)
+        (flag_name(f.name), env_name(f.name), repr(f.default), _help(f.name, f.metadata.get("help", "")))
+        for f in fields(Settings)
     ]
+
+
+def _help(field_name: str, text: str) -> str:
+    return f"{text} ({_bound(field_name)})" if field_name in MINIMUMS else text
+
+
+def _bound(field_name: str) -> str:
+    """`at least 1`, `more than 0`: a numeric setting's bound, in words."""
+    minimum, inclusive = MINIMUMS[field_name]
+    return f"{'at least' if inclusive else 'more than'} {minimum:g}"

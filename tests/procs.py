@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,8 +96,11 @@ class FailedStart:
 GRPC_CORE_ERROR = re.compile(r"^E\d{4} ")
 
 
-def failed_start(db_url: str, *extra: str, timeout: float = 60.0) -> FailedStart:
-    """Run `evalsvc serve` expecting it not to start; TimeoutExpired (the test fails) if it hangs."""
+def failed_start(
+    db_url: str, *extra: str, timeout: float = 60.0, environ: Mapping[str, str] | None = None
+) -> FailedStart:
+    """Run `evalsvc serve` (with `environ` added to the environment) expecting it not to start;
+    TimeoutExpired (the test fails) if it hangs."""
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "evalsvc", "serve", "--grpc-addr", "127.0.0.1:0", "--db", db_url, *extra],
@@ -104,5 +108,6 @@ def failed_start(db_url: str, *extra: str, timeout: float = 60.0) -> FailedStart
         text=True,
         timeout=timeout,
         check=False,
+        env={**os.environ, **(environ or {})},
     )
     return FailedStart(done.returncode, done.stdout + done.stderr, time.monotonic() - started)

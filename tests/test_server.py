@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -44,6 +45,18 @@ def test_flags_override_environment_which_overrides_defaults() -> None:
     assert settings.grpc_addr == "127.0.0.1:6000"
     assert settings.db == "sqlite+aiosqlite:///./evalsvc.db"
     assert config.Settings.from_env({"EVALSVC_HEARTBEAT_S": "2.5"}).heartbeat_s == 2.5
+
+
+def test_every_numeric_setting_has_a_minimum_and_values_below_it_are_refused_by_name() -> None:
+    numeric = {f.name for f in dataclasses.fields(config.Settings) if str(f.type) in {"int", "float"}}
+    assert set(config.MINIMUMS) == numeric
+    assert config.Settings(workers=0, tenant_budget_usd=0.0).workers == 0  # zero where it means something
+    with pytest.raises(config.SettingsError, match=r"--claim-batch \(EVALSVC_CLAIM_BATCH\) must be at least 1, not 0"):
+        config.Settings(claim_batch=0)
+    with pytest.raises(config.SettingsError, match=r"--lease-ttl-s \(EVALSVC_LEASE_TTL_S\) must be more than 0"):
+        config.Settings.from_env({"EVALSVC_LEASE_TTL_S": "0"})
+    with pytest.raises(config.SettingsError, match="EVALSVC_WORKERS: 'many' is not a whole number"):
+        config.Settings.from_env({"EVALSVC_WORKERS": "many"})
 
 
 def test_readme_documents_every_setting() -> None:

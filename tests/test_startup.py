@@ -143,6 +143,27 @@ def test_a_setting_that_cannot_be_used_exits_2_naming_the_flag(
     assert_failed_cleanly(failed_start(sqlite, flag, value), 2, flag, named)
 
 
+@pytest.mark.parametrize(
+    ("extra", "environ", "named"),
+    [
+        (["--claim-batch", "0"], {}, ["--claim-batch", "EVALSVC_CLAIM_BATCH", "at least 1, not 0"]),
+        (["--lease-ttl-s", "-1"], {}, ["--lease-ttl-s", "EVALSVC_LEASE_TTL_S", "more than 0"]),
+        ([], {"EVALSVC_POLL_INTERVAL_S": "0"}, ["--poll-interval-s", "EVALSVC_POLL_INTERVAL_S", "more than 0"]),
+        ([], {"EVALSVC_WORKERS": "many"}, ["EVALSVC_WORKERS", "'many' is not a whole number"]),
+        (["--heartbeat-s", "soon"], {}, ["--heartbeat-s", "'soon' is not a number"]),
+    ],
+)
+def test_a_setting_out_of_its_bounds_or_not_a_number_exits_2_in_one_line(
+    tmp_path: Path, extra: list[str], environ: dict[str, str], named: list[str]
+) -> None:
+    """A claim batch of 0, an expired lease, a poll interval of 0: the server would start and then run
+    nothing, or spin. It refuses to start instead, naming the flag and the variable."""
+    failed = failed_start(dbs.db_url(tmp_path), *extra, environ=environ)
+    assert failed.code == 2 and failed.seconds < QUICK_S, failed.output
+    lines = failed.output.strip().splitlines()
+    assert len(lines) == 1 and all(part in lines[0] for part in named), failed.output
+
+
 def test_an_address_that_is_not_host_and_port_exits(tmp_path: Path) -> None:
     failed = failed_start(dbs.db_url(tmp_path), "--metrics-addr", "127.0.0.1:99999")
     assert_failed_cleanly(failed, 1, "metrics", "127.0.0.1:99999")
