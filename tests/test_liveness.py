@@ -532,28 +532,30 @@ async def test_executor_loops_survive_failures_and_stray_cancellations(
         assert sum(f"loop {loop}" in r.getMessage() and r.__dict__.get("loop") == loop for r in caplog.records) == 2
 
 
-async def test_a_stray_cancellation_while_a_claim_executes_inline_loses_none_of_its_jobs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("site", "at_call"), [("_all_local", 1), ("_execute", 5)])
+async def test_a_stray_cancellation_while_a_claim_is_executed_inline_loses_none_of_its_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, site: str, at_call: int
 ) -> None:
     """Recorded responses are executed on the claim loop itself, a claim at a time. A CancelledError not
-    meant for it, in the middle of a claim, restarts the loop; the jobs it had executed are recorded
-    and the rest run again once their leases expire. (The rest stayed leased for good before: their
-    leases were renewed as if still worked on, and the run never ended.)"""
+    meant for it, while it looks at a claim's runs or in the middle of the claim, restarts the loop;
+    the jobs it had executed are recorded and the rest run again once their leases expire. (The rest
+    stayed leased for good before: their leases were renewed as if still worked on, and the run never
+    ended.)"""
     async with serving(tmp_path, lease_ttl_s=1.0) as srv, tenants(srv, "a") as t:
-        real = srv.executor._execute
+        real = getattr(srv.executor, site)
         calls = 0
 
         async def interrupted_once(*args: Any, **kwargs: Any) -> bool:
             nonlocal calls
             calls += 1
-            if calls == 5:
+            if calls == at_call:
                 raise asyncio.CancelledError()
-            return await real(*args, **kwargs)
+            return bool(await real(*args, **kwargs))
 
-        monkeypatch.setattr(srv.executor, "_execute", interrupted_once)
+        monkeypatch.setattr(srv.executor, site, interrupted_once)
         run = await create_and_finish(t["a"], run_request(recorded(), 20), within_s=30)
         assert run.status == run_pb2.RUN_STATUS_SUCCEEDED and run.counts.passed == 20
-        assert calls >= 21 and restarts(srv, "claim") == 1
+        assert restarts(srv, "claim") == 1
 
 
 async def test_watchdog_reports_a_stalled_claim_loop_through_health(

@@ -303,7 +303,14 @@ class Executor:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._work_available.wait(), self._settings.poll_interval_s)
                 continue
-            local_queue = await self._all_local(jobs)
+            try:
+                local_queue = await self._all_local(jobs)
+            except BaseException:
+                # Interrupted (a stray cancellation restarts this loop) before the claim went to anyone:
+                # nobody works on its jobs, so their leases are not renewed (see `_execute_inline`).
+                for job in jobs:
+                    self._release_claim_slot(job.claim_id)
+                raise
             if local_queue:
                 await self._execute_inline(jobs)
                 # Local jobs outpace the recorder: wait until it has taken this claim's outputs, so

@@ -78,63 +78,91 @@ async def claim(
     now: float,
     lease_ttl_s: float,
 ) -> list[ClaimedJob]:
-    """Lease up to `quotas[run_id]` claimable jobs of each run, oldest first; jobs are returned by id.
+    """Lease up to `quotas[run_id]` claimable jobs of each run: its jobs whose lease expired, then its
+    queued jobs, each oldest first. Jobs are returned by id.
 
-    One statement leases every run's share (CLAIM_RUNS at a time), whatever the engine: a claim under
-    many small runs is one statement, not one per run. A run's share is read as two ranges of
-    `ix_jobs_run` in id order, its queued jobs and its leased jobs whose lease expired, so it costs
-    the jobs it takes, not the jobs the run has (see `claim_sql`). On PostgreSQL a job another
-    transaction holds is skipped, not waited for (`SKIP LOCKED`)."""
-    claimed: list[ClaimedJob] = []
+    One statement leases every run's share (see `claim_statement`), so a claim under many small runs
+    is one statement, not one per run, and it costs the jobs it takes, not the jobs the runs have. On
+    PostgreSQL a job another transaction holds is skipped, not waited for (`SKIP LOCKED`), and only
+    the jobs taken are locked."""
+    postgres = conn.dialect.name == "postgresql"
     shares = sorted(quotas.items())
-    for start in range(0, len(shares), CLAIM_RUNS):
-        some = shares[start : start + CLAIM_RUNS]
-        sql = in_driver_style(conn, claim_sql(len(some), skip_locked=conn.dialect.name == "postgresql"))
-        parameters = claim_parameters(owner=owner, claim_id=claim_id, shares=some, now=now, lease_ttl_s=lease_ttl_s)
-        leased = await conn.exec_driver_sql(sql, parameters)
+    step = len(shares) if postgres else CLAIM_RUNS
+    claimed: list[ClaimedJob] = []
+    for start in range(0, len(shares), max(step, 1)):
+        sql, parameters = claim_statement(
+            shares[start : start + step],
+            postgres=postgres,
+            owner=owner,
+            claim_id=claim_id,
+            now=now,
+            lease_ttl_s=lease_ttl_s,
+        )
+        leased = await conn.exec_driver_sql(in_driver_style(conn, sql), parameters)
         claimed.extend(map(ClaimedJob.from_row, leased.mappings()))
     return sorted(claimed, key=lambda job: job.id)
 
 
-# Runs per claim statement, under SQLite's limit of 500 terms in one compound SELECT.
+def claim_statement(
+    shares: Sequence[tuple[str, int]],
+    *,
+    postgres: bool,
+    owner: str,
+    claim_id: str,
+    now: float,
+    lease_ttl_s: float,
+) -> tuple[str, tuple[Any, ...]]:
+    """`claim`'s statement for (run id, quota) shares, as SQL text with `?` placeholders, and its
+    parameters. On SQLite at most CLAIM_RUNS shares.
+
+    A run's share is read as two ranges of `ix_jobs_run` (run_id, state, id), each in id order and
+    stopped at the share: its lease-expired jobs, then its queued ones. Written as one range with an
+    OR of the two states, both engines read and sorted every job of the run for each claim (~70 ms of
+    the one SQLite writer per claim of a 200,000-job run, which every other tenant's writes waited
+    behind). The text is one of a few, whatever the number of runs: PostgreSQL takes the shares as
+    two arrays (a text per number of runs was a prepared statement per number on every connection,
+    3 MB of the server's memory per 100 runs each), SQLite's are padded to the next of
+    SQLITE_CLAIM_SIZES with empty shares."""
+    lease = [JOB_LEASED, claim_id, owner, now + lease_ttl_s]
+    if postgres:
+        runs = [run_id for run_id, _ in shares]
+        limits = [quota for _, quota in shares]
+        return _POSTGRES_CLAIM, (*lease, runs, limits, JOB_LEASED, now, JOB_QUEUED)
+    size = next(size for size in SQLITE_CLAIM_SIZES if size >= len(shares))
+    parameters = lease
+    for run_id, quota in [*shares, *[("", 0)] * (size - len(shares))]:
+        parameters += [run_id, JOB_LEASED, now, quota, run_id, JOB_QUEUED, quota, quota]
+    return _sqlite_claim_sql(size), tuple(parameters)
+
+
+# Runs per claim statement on SQLite, under its limit of 500 terms in one compound SELECT; the sizes a
+# statement is padded to.
 CLAIM_RUNS = 400
+SQLITE_CLAIM_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, CLAIM_RUNS)
+_RETURNED = ", ".join(column.name for column in CLAIMED_COLUMNS)
+_LEASE = f"UPDATE {JOBS.name} SET state = ?, claim_id = ?, lease_owner = ?, lease_expiry = ?, attempt = attempt + 1"
+_EXPIRED = (
+    f"SELECT id FROM {JOBS.name} WHERE run_id = {{run}} AND state = ? AND lease_expiry < ? ORDER BY id LIMIT {{quota}}"
+)
+_QUEUED = f"SELECT id FROM {JOBS.name} WHERE run_id = {{run}} AND state = ? ORDER BY id LIMIT {{quota}}"
+# PostgreSQL runs the ranges in order and stops at the share (a LIMIT over a UNION ALL with no ORDER
+# BY), so it locks exactly the jobs it takes: locked and left, they kept other replicas' claims short.
+_POSTGRES_CLAIM = (
+    f"{_LEASE} WHERE id IN (SELECT share.id FROM unnest(?::text[], ?::int[]) AS s(run_id, quota) CROSS JOIN LATERAL "
+    f"(SELECT id FROM ({_EXPIRED.format(run='s.run_id', quota='s.quota')} FOR UPDATE SKIP LOCKED) AS expired "
+    f"UNION ALL SELECT id FROM ({_QUEUED.format(run='s.run_id', quota='s.quota')} FOR UPDATE SKIP LOCKED) AS queued "
+    "LIMIT s.quota) AS share) "
+    f"RETURNING {_RETURNED}"
+)
 
 
 @functools.cache
-def claim_sql(runs: int, *, skip_locked: bool) -> str:
-    """`claim`'s statement for `runs` runs, as SQL text with `?` placeholders; `skip_locked` (for
-    PostgreSQL) leaves out jobs another transaction holds.
-
-    A run's share is the `quota` lowest ids of two ranges, each read in id order from `ix_jobs_run`
-    and stopped after `quota` rows: its queued jobs, and its leased jobs whose lease expired. Written
-    as one range with an OR of the two states, both engines read every job of the run and sorted
-    them for each claim: ~70 ms of the one SQLite writer per claim of a 200,000-job run, which every
-    other tenant's writes waited behind. As a SQLAlchemy statement, a UNION of a varying number of
-    shares was compiled anew for most claims (its cache key changes with the count), which cost more
-    of the event loop than running it."""
-    lock = " FOR UPDATE SKIP LOCKED" if skip_locked else ""
-    queued = f"SELECT id FROM {JOBS.name} WHERE run_id = ? AND state = ? ORDER BY id LIMIT ?{lock}"
-    expired = f"SELECT id FROM {JOBS.name} WHERE run_id = ? AND state = ? AND lease_expiry < ? ORDER BY id LIMIT ?"
-    expired += lock
-    share = (
-        f"SELECT id FROM (SELECT id FROM ({queued}) AS queued UNION ALL SELECT id FROM ({expired}) AS expired "
-        "ORDER BY id LIMIT ?) AS share"
-    )
-    returned = ", ".join(column.name for column in CLAIMED_COLUMNS)
-    return (
-        f"UPDATE {JOBS.name} SET state = ?, claim_id = ?, lease_owner = ?, lease_expiry = ?, attempt = attempt + 1 "
-        f"WHERE id IN ({' UNION ALL '.join([share] * runs)}) RETURNING {returned}"
-    )
-
-
-def claim_parameters(
-    *, owner: str, claim_id: str, shares: Sequence[tuple[str, int]], now: float, lease_ttl_s: float
-) -> tuple[Any, ...]:
-    """`claim_sql`'s parameters, in order, for (run id, quota) shares."""
-    parameters: list[Any] = [JOB_LEASED, claim_id, owner, now + lease_ttl_s]
-    for run_id, quota in shares:
-        parameters += [run_id, JOB_QUEUED, quota, run_id, JOB_LEASED, now, quota, quota]
-    return tuple(parameters)
+def _sqlite_claim_sql(runs: int) -> str:
+    """The SQLite claim of `runs` shares (see `claim_statement`)."""
+    expired = _EXPIRED.format(run="?", quota="?")
+    queued = _QUEUED.format(run="?", quota="?")
+    share = f"SELECT id FROM (SELECT id FROM ({expired}) UNION ALL SELECT id FROM ({queued}) LIMIT ?)"
+    return f"{_LEASE} WHERE id IN ({' UNION ALL '.join([share] * runs)}) RETURNING {_RETURNED}"
 
 
 async def extend(conn: AsyncConnection, claim_ids: Sequence[str], expiry: float) -> None:

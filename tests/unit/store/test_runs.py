@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -240,10 +241,14 @@ async def test_set_status_refuses_another_tenants_run(db: Database) -> None:
 
 
 async def claim(db: Database, quotas: dict[str, int], claim_id: str) -> list[int]:
+    return await claim_at(db, quotas, claim_id, time.time())
+
+
+async def claim_at(db: Database, quotas: dict[str, int], claim_id: str, now: float) -> list[int]:
+    """Claim as at `now`, with leases of 60 s: the ids leased."""
+
     async def work(conn: AsyncConnection) -> list[int]:
-        claimed = await job_store.claim(
-            conn, owner="test", claim_id=claim_id, quotas=quotas, now=time.time(), lease_ttl_s=60
-        )
+        claimed = await job_store.claim(conn, owner="test", claim_id=claim_id, quotas=quotas, now=now, lease_ttl_s=60)
         return [col(job, "id") for job in claimed]
 
     return await db.transact(work)
@@ -277,6 +282,26 @@ async def test_a_claim_of_9000_jobs_is_completed_in_full(db: Database) -> None:
     completed = await db.transact(lambda conn: job_store.complete(conn, [(job_id, "c1") for job_id in leased]))
     assert completed == set(leased) and len(leased) == 9_000
     assert {j["state"] for j in await jobs_of(db, run.run.id)} == {JOB_DONE}
+
+
+async def test_a_claim_locks_only_the_jobs_it_takes_so_another_replica_takes_the_rest(db: Database) -> None:
+    """Replicas claim the same runs at once on PostgreSQL, each skipping jobs the others hold. A claim
+    that locked more jobs than it took (both ranges of a run's share up to the share, when some leases
+    had expired) left another replica's claim empty while claimable jobs waited, until its commit."""
+    if db.writer.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite has one writer at a time, so no claim runs beside another")
+    (run,) = await insert(db, new_run(items=10))
+    rid = run.run.id
+    expired = await claim_at(db, {rid: 5}, "crashed", time.time() - 100)  # a replica that died
+    async with db.writer.connect() as first, db.writer.connect() as second:
+        mine = await job_store.claim(first, owner="a", claim_id="a", quotas={rid: 5}, now=time.time(), lease_ttl_s=60)
+        theirs = await job_store.claim(
+            second, owner="b", claim_id="b", quotas={rid: 5}, now=time.time(), lease_ttl_s=60
+        )
+        await first.commit()
+        await second.commit()
+    assert sorted(job.id for job in mine) == expired  # the expired leases first
+    assert len(theirs) == 5 and not {job.id for job in theirs} & set(expired)
 
 
 async def test_cancel_jobs_stops_the_runs_unfinished_jobs_and_fences_out_their_claims(db: Database) -> None:
@@ -443,21 +468,20 @@ async def test_a_claim_and_the_look_for_claimable_runs_read_only_what_they_take_
     await db.transact(lambda conn: job_store.complete(conn, [(job_id, "c1") for job_id in leased[:10_000]]))
     # Left: 100 jobs under a lease that has not expired, 9,900 queued.
     now = time.time()
-    parameters = job_store.claim_parameters(
-        owner="test", claim_id="c2", shares=[(run.run.id, 96)], now=now, lease_ttl_s=60
-    )
     async with db.read() as conn:
-        if conn.dialect.name == "postgresql":
-            claim_sql = job_store.claim_sql(1, skip_locked=True)
+        postgres = conn.dialect.name == "postgresql"
+        claim_sql, parameters = job_store.claim_statement(
+            [(run.run.id, 96)], postgres=postgres, owner="test", claim_id="c2", now=now, lease_ttl_s=60
+        )
+        look = _literal(conn, run_store.claimable_runs_query(now))
+        if postgres:
             visited = await _rows_visited(conn, bulk.in_driver_style(conn, claim_sql), parameters)
             assert visited <= 96 + 100, f"a claim of 96 jobs visited {visited} rows"
-            look = _literal(conn, run_store.claimable_runs_query(now))
             assert await _rows_visited(conn, look, ()) <= 100
         else:
-            searches = await _job_searches(conn, job_store.claim_sql(1, skip_locked=False), parameters)
-            assert searches and all("(run_id=? AND state=?)" in step for step in searches), searches
-            searches = await _job_searches(conn, _literal(conn, run_store.claimable_runs_query(now)), ())
-            assert searches and all("(run_id=? AND state=?)" in step for step in searches), searches
+            for sql, sql_parameters in ((claim_sql, parameters), (look, ())):
+                searches = await _job_searches(conn, sql, sql_parameters)
+                assert searches and all("(run_id=? AND state=?)" in step for step in searches), searches
     assert len(await claim(db, {run.run.id: 96}, "c2")) == 96
 
 

@@ -7,7 +7,8 @@ Create Date: 2026-12-04 23:20:00.000000
 A claim leases a run's oldest claimable jobs. With the index on (run_id, state) alone, PostgreSQL
 read every job of the run in the claimable states and sorted them for each claim (SQLite's index
 carries the rowid, which is the id, already; the index is rebuilt there too, so both engines have
-the schema the models declare).
+the schema the models declare). In one transaction with the rest of the migration, the rebuild holds
+writes to `jobs` until it is done (docs/scaling.md).
 """
 
 from __future__ import annotations
