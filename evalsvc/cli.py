@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, NoReturn
 
 from evalsvc import config, logs
+
+if TYPE_CHECKING:
+    from evalsvc.store.db import Database
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,14 +97,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _keys_command(args: argparse.Namespace, settings: config.Settings) -> int:
-    from evalsvc.auth.service import KeyService, parse_duration
+@contextlib.asynccontextmanager
+async def _operator_database(command: str, settings: config.Settings) -> AsyncIterator[Database]:
+    """The database the operator commands (`keys`, `cache`, `secrets`) work on, at this version's
+    schema. A SQLite file whose directory is missing or read-only is refused in one line (it was a
+    traceback), and a new file is said to be new: a key minted at a mistyped path goes into a new,
+    empty database that no server reads."""
+    from evalsvc.server import StartupError, check_database_directory
     from evalsvc.store import migrate
-    from evalsvc.store.db import Database
+    from evalsvc.store.db import Database, sqlite_path
 
+    try:
+        check_database_directory(settings.db)
+    except StartupError as exc:
+        raise config.SettingsError(f"--db ({config.env_name('db')}): {exc}") from None
+    path = sqlite_path(settings.db)
+    new = path is not None and not path.exists()
     db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
     try:
         await migrate.prepare(db)
+        if new:
+            print(f"evalsvc {command}: there was no database at {path}; made a new, empty one", file=sys.stderr)
+        yield db
+    finally:
+        await db.close()
+
+
+async def _keys_command(args: argparse.Namespace, settings: config.Settings) -> int:
+    from evalsvc.auth.service import KeyService, parse_duration
+
+    async with _operator_database("keys", settings) as db:
         keys = KeyService(db)
         if args.keys_command == "create":
             expires = parse_duration(args.expires_in) if args.expires_in else None
@@ -120,8 +146,6 @@ async def _keys_command(args: argparse.Namespace, settings: config.Settings) -> 
         else:
             print(f"revoked key {args.key_id}", file=sys.stderr)
         return 0
-    finally:
-        await db.close()
 
 
 async def _cache_command(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -129,51 +153,48 @@ async def _cache_command(args: argparse.Namespace, settings: config.Settings) ->
 
     from evalsvc.auth.service import parse_duration
     from evalsvc.store import cache as cache_store
-    from evalsvc.store import migrate
-    from evalsvc.store.db import Database
 
     max_entries = settings.cache_max_entries if args.max_entries is None else args.max_entries
     if max_entries < 0:
         raise ValueError("--max-entries must not be negative")
     unused_before = time.time() - parse_duration(args.unused_for) if args.unused_for else None
-    db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
     removed = 0
-    try:
-        await migrate.prepare(db)
-        async with db.write() as conn:
-            if args.all:
-                if args.tenant is None:
-                    for tenant in await cache_store.counts(conn):
-                        removed += await cache_store.delete_tenant(conn, tenant)
-                else:
-                    removed += await cache_store.delete_tenant(conn, args.tenant)
+    async with _operator_database("cache", settings) as db, db.write() as conn:
+        if args.all:
+            if args.tenant is None:
+                for tenant in await cache_store.counts(conn):
+                    removed += await cache_store.delete_tenant(conn, tenant)
             else:
-                if unused_before is not None:
-                    removed += await cache_store.delete_unused_since(conn, unused_before, args.tenant)
-                tenants = [args.tenant] if args.tenant is not None else list(await cache_store.counts(conn))
-                for tenant in tenants:
-                    removed += await cache_store.evict(conn, tenant, max_entries)
-    finally:
-        await db.close()
+                removed += await cache_store.delete_tenant(conn, args.tenant)
+        else:
+            if unused_before is not None:
+                removed += await cache_store.delete_unused_since(conn, unused_before, args.tenant)
+            tenants = [args.tenant] if args.tenant is not None else list(await cache_store.counts(conn))
+            for tenant in tenants:
+                removed += await cache_store.evict(conn, tenant, max_entries)
     print(f"removed {removed} cache entries", file=sys.stderr)
     return 0
 
 
 async def _secrets_command(args: argparse.Namespace, settings: config.Settings) -> int:
-    from evalsvc.errors import Reason, ServiceError
-    from evalsvc.ids import PageTokens, is_tenant_name
-    from evalsvc.secrets.operator import OperatorSecrets
-    from evalsvc.secrets.service import SecretService
-    from evalsvc.store import migrate
-    from evalsvc.store import secrets as secret_store
-    from evalsvc.store.db import Database
+    from evalsvc.ids import is_tenant_name
 
     if args.secrets_command != "list" and not is_tenant_name(args.tenant):
         print(f"evalsvc secrets: no tenant can be named {args.tenant!r} ([a-z0-9][a-z0-9_-]*)", file=sys.stderr)
         return 2
-    db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
+    async with _operator_database("secrets", settings) as db:
+        return await _secrets_in(args, settings, db)
+
+
+async def _secrets_in(args: argparse.Namespace, settings: config.Settings, db: Database) -> int:
+    """`_secrets_command` on its open database."""
+    from evalsvc.errors import Reason, ServiceError
+    from evalsvc.ids import PageTokens
+    from evalsvc.secrets.operator import OperatorSecrets
+    from evalsvc.secrets.service import SecretService
+    from evalsvc.store import secrets as secret_store
+
     try:
-        await migrate.prepare(db)
         # No listing pages here, so no page-token key.
         secrets = SecretService(db, OperatorSecrets({}), PageTokens(), settings.secrets_key)
         if args.secrets_command == "set":
@@ -196,8 +217,6 @@ async def _secrets_command(args: argparse.Namespace, settings: config.Settings) 
             f"evalsvc secrets: {exc}{''.join(f'; {v.field} {v.description}' for v in exc.violations)}", file=sys.stderr
         )
         return 1 if exc.reason == Reason.SECRET_NOT_FOUND else 2
-    finally:
-        await db.close()
 
 
 async def _migrate_command(settings: config.Settings) -> int:

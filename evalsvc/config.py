@@ -334,8 +334,16 @@ def _coerce(type_name: Any, raw: str) -> Any:
         except ValueError:
             raise ValueError(f"{raw!r} is not a number") from None
     if kind == "bool":
-        return raw.strip().lower() in {"1", "true", "yes", "on"}
+        word = raw.strip().lower()
+        if word not in _TRUE | _FALSE:
+            raise ValueError(f"{raw!r} is not one of {', '.join(sorted(_TRUE))} or {', '.join(sorted(_FALSE))}")
+        return word in _TRUE
     return raw
+
+
+# A switch's words: anything else is refused (`--bootstrap-key maybe` started a server that minted no key).
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 GATEWAY_SETTINGS = (

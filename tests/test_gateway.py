@@ -154,6 +154,30 @@ async def test_update_delete_undelete_take_a_body_field_a_field_mask_and_a_boole
     assert [r["id"] for r in (await client.get("/v1/runs")).json()["runs"]] == [run_id]
 
 
+async def test_a_field_mask_names_a_map_key_verbatim_and_takes_field_names_in_either_form(gw) -> None:
+    """proto3 JSON's FieldMask reads every capital letter as `_` and a small one: `annotations.myKey`
+    became `annotations.my_key`, so a PATCH answered 200, set nothing and removed `my_key`."""
+    _, client = gw
+    run_id = (await client.post("/v1/runs", json=RUN)).json()["run"]["id"]
+    keys = {"my_key": "a", "myKey": "b", "foo": "bar"}
+    whole = await client.patch(f"/v1/runs/{run_id}", params={"updateMask": "annotations"}, json={"annotations": keys})
+    assert whole.status_code == 200 and whole.json()["run"]["annotations"] == keys, whole.text
+    one = await client.patch(
+        f"/v1/runs/{run_id}", params={"updateMask": "annotations.myKey"}, json={"annotations": {"myKey": "rest"}}
+    )
+    assert one.status_code == 200 and one.json()["run"]["annotations"] == {**keys, "myKey": "rest"}, one.text
+    snake = await client.patch(
+        f"/v1/runs/{run_id}",
+        params=[("update_mask", "display_name"), ("update_mask", "annotations.`my_key`")],
+        json={"displayName": "renamed"},
+    )
+    assert snake.status_code == 200, snake.text
+    run = snake.json()["run"]
+    assert run["displayName"] == "renamed" and run["annotations"] == {"myKey": "rest", "foo": "bar"}
+    unknown = await client.patch(f"/v1/runs/{run_id}", params={"updateMask": "createTime"}, json={})
+    assert unknown.status_code == 400 and "create_time" in unknown.text
+
+
 async def test_errors_map_to_http_statuses_with_the_rpc_status_body(gw) -> None:
     _, client = gw
     missing = await client.get("/v1/runs/run_nope")

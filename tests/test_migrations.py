@@ -199,3 +199,12 @@ async def test_the_server_and_keys_migrate_a_new_sqlite_file_themselves(tmp_path
     listed = _evalsvc("keys", "list", "--db", keyed)
     assert listed.returncode == 0, listed.stderr
     assert await _on(keyed, _diffs) == []
+    # A new file is said to be new (a key minted at a mistyped path would be lost unseen); an existing one is not.
+    assert f"there was no database at {tmp_path / 'keys.db'}; made a new, empty one" in listed.stderr
+    assert "no database" not in _evalsvc("keys", "list", "--db", keyed).stderr
+    nowhere = _evalsvc("keys", "create", "--tenant", "t", "--db", f"sqlite+aiosqlite:///{tmp_path / 'no' / 'k.db'}")
+    assert nowhere.returncode == 2 and nowhere.stdout == "", nowhere.stderr
+    assert nowhere.stderr.strip().splitlines() == [
+        f"evalsvc keys: --db (EVALSVC_DB): cannot use the database {tmp_path / 'no' / 'k.db'}: "
+        f"its directory {tmp_path / 'no'} does not exist"
+    ]

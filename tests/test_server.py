@@ -57,6 +57,10 @@ def test_every_numeric_setting_has_a_minimum_and_values_below_it_are_refused_by_
         config.Settings.from_env({"EVALSVC_LEASE_TTL_S": "0"})
     with pytest.raises(config.SettingsError, match="EVALSVC_WORKERS: 'many' is not a whole number"):
         config.Settings.from_env({"EVALSVC_WORKERS": "many"})
+    # A switch takes its words only: `maybe` was read as false, and a first start minted no key.
+    assert config.Settings.from_env({"EVALSVC_BOOTSTRAP_KEY": "Off"}).bootstrap_key is False
+    with pytest.raises(config.SettingsError, match="EVALSVC_BOOTSTRAP_KEY: 'maybe' is not one of 1, on, true, yes"):
+        config.Settings.from_env({"EVALSVC_BOOTSTRAP_KEY": "maybe"})
 
 
 def test_readme_documents_every_setting() -> None:

@@ -164,6 +164,13 @@ def test_a_setting_out_of_its_bounds_or_not_a_number_exits_2_in_one_line(
     assert len(lines) == 1 and all(part in lines[0] for part in named), failed.output
 
 
+@pytest.mark.parametrize("url", ["mysql://evalsvc@db/evalsvc", "sqlite:///evalsvc.db"])
+def test_a_database_url_of_another_engine_or_driver_exits_2_naming_it(url: str) -> None:
+    """Another engine, or SQLite without its async driver, failed deep in SQLAlchemy: a traceback, exit 1."""
+    line = assert_failed_cleanly(failed_start(url), 2, "--db", "sqlite+aiosqlite:///", "postgresql+asyncpg://")
+    assert repr(url.split(":")[0]) in line
+
+
 def test_an_address_that_is_not_host_and_port_exits(tmp_path: Path) -> None:
     failed = failed_start(dbs.db_url(tmp_path), "--metrics-addr", "127.0.0.1:99999")
     assert_failed_cleanly(failed, 1, "metrics", "127.0.0.1:99999")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -22,7 +23,7 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.protobuf import json_format, message_factory
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from grpc_status import rpc_status
 
@@ -120,13 +121,14 @@ def _query_value(field: FieldDescriptor, text: str) -> Any:
 
 def _query_fields(request: Request, route: Route) -> dict[str, Any]:
     """Query parameters as request fields, by proto or JSON name: repeated fields may repeat, and
-    `map.key=value` sets a map entry. Names that are no such field are ignored (e.g. cache busters)."""
+    `map.key=value` sets a map entry. Names that are no such field are ignored (e.g. cache busters).
+    A field mask is left out: `_set_masks` sets it."""
     fields = {name: f for f in openapi.query_fields(route) for name in (f.name, f.json_name)}
     values: dict[str, Any] = {}
     for key, text in request.query_params.multi_items():
         name, dot, entry = key.partition(".")
         field = fields.get(name)
-        if field is None:
+        if field is None or _is_mask(field):
             continue
         value_field = openapi.map_value(field)
         if (value_field is not None) != bool(dot):
@@ -139,6 +141,47 @@ def _query_fields(request: Request, route: Route) -> dict[str, Any]:
         else:
             values[field.json_name] = _query_value(field, text)
     return values
+
+
+def _is_mask(field: FieldDescriptor) -> bool:
+    return field.message_type is not None and field.message_type.full_name == "google.protobuf.FieldMask"
+
+
+def _set_masks(request: Request, route: Route, message: Message) -> None:
+    """Each field mask of the query string (comma-separated paths; the parameter may repeat) into the
+    request, its paths in the proto's own names.
+
+    Not through json_format: its FieldMask turns every lowerCamelCase letter into `_` and a lower case
+    letter, so `annotations.myKey` arrived as `annotations.my_key`, and a PATCH set nothing and
+    removed `my_key` (a map key is data, not a field name), and it refused the proto's own names
+    (`display_name`). Field names are taken in either form; what follows a map field is its key,
+    verbatim."""
+    resource = route.method.input_type.fields_by_name.get(route.body)
+    names = resource.message_type if resource is not None and resource.message_type is not None else None
+    for field in openapi.query_fields(route):
+        if not _is_mask(field):
+            continue
+        texts = [text for name in (field.name, field.json_name) for text in request.query_params.getlist(name)]
+        paths = [path for text in texts for path in text.split(",") if path]
+        getattr(message, field.name).paths.extend(_mask_path(path.strip(), names) for path in paths)
+
+
+def _mask_path(path: str, message: Descriptor | None) -> str:
+    """A field mask path with its field names in proto form (`displayName` -> `display_name`), up to
+    a map field, after which comes a key, kept as it is."""
+    name, dot, rest = path.partition(".")
+    snake = _CAMEL_HUMP.sub(r"_\1", name).lower() if name[:1].islower() else name
+    field = message.fields_by_name.get(snake) if message is not None else None
+    if field is None:
+        return path if dot else snake
+    if not dot:
+        return snake
+    if openapi.map_value(field) is not None or field.message_type is None:
+        return f"{snake}.{rest}"
+    return f"{snake}.{_mask_path(rest, field.message_type)}"
+
+
+_CAMEL_HUMP = re.compile(r"([A-Z])")
 
 
 def _outside_fields(request: Request, route: Route) -> dict[str, Any]:
@@ -177,6 +220,7 @@ async def build_request(request: Request, route: Route) -> Message:
         if route.body:
             await _parse_body(request, route, message)
         json_format.ParseDict(_outside_fields(request, route), message)
+        _set_masks(request, route, message)
     except json_format.ParseError as exc:
         raise GatewayError(
             grpc.StatusCode.INVALID_ARGUMENT,

@@ -30,12 +30,24 @@ P = TypeVar("P")
 R = TypeVar("R")
 
 
+# The URL schemes (engine + async driver) the store speaks.
+DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
+
+
 class Database:
     """The service's database: a write engine (one writer on SQLite) and a read engine."""
 
     def __init__(self, url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 10) -> None:
+        """ValueError for a URL of another engine or driver than the two the store speaks (without it,
+        `mysql://` or `sqlite:///...` failed deep in SQLAlchemy, with a traceback)."""
         self.url = url
-        self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
+        parsed = make_url(url)
+        if parsed.drivername not in DRIVERS:
+            raise ValueError(
+                f"{parsed.drivername!r} is not a database evalsvc can use: "
+                "write sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DATABASE"
+            )
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
         if self.is_sqlite:
             self.writer = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=300)
             # Readers run in autocommit: each SELECT is its own snapshot, with no BEGIN before it and
