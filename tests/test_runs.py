@@ -8,6 +8,7 @@ import math
 import grpc
 import pytest
 
+from evalsvc.graders import grader_name
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
 from tests.helpers import create_request, error_reason, exact, provided_items, violations, watch_all
@@ -236,6 +237,12 @@ async def test_cancel_mid_run_records_nothing_afterwards(server, runs) -> None:
     assert later.last_seq == cancelled.last_seq
     results = await runs.ListRunResults(pb.ListRunResultsRequest(run_id=created.run.id, page_size=1000))
     assert len(results.results) == min(1000, cancelled.counts.completed_evaluations)
+    # Its aggregate summarises what was recorded (it held only the pass rate: no grader, a mean score of 0).
+    (grader,) = cancelled.aggregate.graders
+    assert grader.grader == grader_name(created.run.graders[0])
+    assert grader.passed + grader.failed + grader.errored == cancelled.counts.completed_evaluations
+    assert grader.passed > 0 and cancelled.aggregate.mean_score > 0
+    assert later.aggregate == cancelled.aggregate
 
 
 async def test_cancel_finished_run_is_failed_precondition(runs) -> None:

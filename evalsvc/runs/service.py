@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from evalsvc.definitions.service import DefinitionService
 from evalsvc.errors import MAX_ECHOED_ID, FieldViolation, Reason, ServiceError, invalid_argument, not_found
 from evalsvc.events.bus import EventBus
+from evalsvc.execution.aggregate import build_aggregate
 from evalsvc.execution.executor import CreatedRunInputs
 from evalsvc.graders import grader_name
 from evalsvc.graders.judge import JudgeDefaults, needs_default_judge
@@ -355,16 +356,7 @@ class RunService:
         """Cancel a run: no job starts after this returns. Idempotent on a cancelled run."""
 
         async def cancel(conn: AsyncConnection) -> tuple[pb.WatchRunResponse | None, RunRecord | None]:
-            # Jobs before the run: the store's lock order (a no-op for runs that are not active).
-            await run_store.cancel_jobs(conn, tenant, run_id)
-            event = await run_store.set_status(
-                conn,
-                tenant,
-                run_id,
-                run_pb2.RUN_STATUS_CANCELLED,
-                from_statuses=ACTIVE,
-                end_time=time.time(),
-            )
+            event = await _cancel_in(conn, tenant, run_id, time.time())
             return event, (await run_store.get(conn, tenant, run_id) if event is None else None)
 
         event, row = await self._db.transact(cancel)
@@ -437,17 +429,7 @@ class RunService:
         now = time.time()
 
         async def delete(conn: AsyncConnection) -> tuple[pb.WatchRunResponse | None, RunRecord | None]:
-            # Jobs before the run: the store's lock order (a no-op for runs that are not active).
-            await run_store.cancel_jobs(conn, tenant, run_id)
-            cancelled = await run_store.set_status(
-                conn,
-                tenant,
-                run_id,
-                run_pb2.RUN_STATUS_CANCELLED,
-                from_statuses=ACTIVE,
-                version=expected,
-                end_time=now,
-            )
+            cancelled = await _cancel_in(conn, tenant, run_id, now, version=expected)
             row = await run_store.get(conn, tenant, run_id, lock=True)
             if row is None:
                 raise not_found("run", run_id)
@@ -493,6 +475,32 @@ class RunService:
 
 UPDATABLE = ("display_name", "description", "labels", "annotations")
 MAPS = ("labels", "annotations")
+
+
+async def _cancel_in(
+    conn: AsyncConnection, tenant: str, run_id: str, now: float, *, version: int | None = None
+) -> pb.WatchRunResponse | None:
+    """Cancel an active run (at `version`, when given) in the caller's transaction, with the aggregate
+    of the results recorded so far (a cancelled run had only its pass rate: no grader, no mean score);
+    its event, or None when the run is not active (or not at that version)."""
+    # Jobs before the run: the store's lock order (a no-op for runs that are not active).
+    await run_store.cancel_jobs(conn, tenant, run_id)
+    row = await run_store.get(conn, tenant, run_id, lock=True)
+    if row is None or row.status not in ACTIVE:
+        return None
+    graders = [grader_name(g) for g in run_pb2.Run.FromString(row.spec).graders]
+    inputs = await run_store.aggregate_inputs(conn, [run_id])
+    aggregate = build_aggregate(graders, inputs[run_id]).SerializeToString()
+    return await run_store.set_status(
+        conn,
+        tenant,
+        run_id,
+        run_pb2.RUN_STATUS_CANCELLED,
+        from_statuses=ACTIVE,
+        version=version,
+        end_time=now,
+        aggregate=aggregate,
+    )
 
 
 def _parse_mask(paths: Sequence[str]) -> tuple[list[str], dict[str, list[str]], list[FieldViolation]]:
