@@ -48,7 +48,6 @@ def evalctl(live: tuple[ServerProcess, str], *args: str) -> subprocess.Completed
         "PYTHONPATH": os.pathsep.join([str(CLIENT_DIR), os.environ.get("PYTHONPATH", "")]),
         "EVALCTL_TARGET": server.target,
         "EVALSVC_API_KEY": key,
-        "COLUMNS": "200",
     }
     return subprocess.run(
         [sys.executable, "-m", "evalsvc_client.cli", *args], env=env, capture_output=True, text=True, timeout=60
@@ -187,6 +186,8 @@ def test_compare_table_json_show_and_fail_on_regression(live: tuple[ServerProces
     table = evalctl(live, "compare", good, bad, "--show", "regressed", "--limit", "3")
     assert table.returncode == 0, table.stderr  # not gated
     assert "REGRESSED" in table.stdout and "(overall)" in table.stdout and "-22.5" in table.stdout
+    # Not on a terminal (a CI log), nothing is cut to 80 columns: the table was 'McNe…', 'NO_…'.
+    assert "McNemar p" in table.stdout and "score delta" in table.stdout and "…" not in table.stdout
     assert table.stdout.count("nope") == 3  # three regressed items listed with the candidate's output
 
     gated = evalctl(live, "compare", good, bad, "--fail-on-regression", "--json")

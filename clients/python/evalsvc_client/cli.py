@@ -383,7 +383,7 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
         )
         for grader in [*comparison.graders, comparison.overall]:
             table.add_row(*_comparison_row(grader))
-        Console().print(table)
+        _console().print(table)
         if args.show:
             items = Table("item", "rep", "grader", "baseline output", "candidate output", "candidate explanation")
             shown = client.list_comparison_items(
@@ -398,7 +398,7 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
                     item.candidate.output.content,
                     item.candidate.error_reason or item.candidate.explanation,
                 )
-            Console().print(items)
+            _console().print(items)
     if args.fail_on_regression and regressed:
         console.print(f"regressed at alpha {comparison.alpha:g}: {', '.join(regressed)}")
         return EXIT_BELOW
@@ -424,7 +424,7 @@ def _print_webhooks(args: argparse.Namespace, webhooks: Sequence[pb.Webhook]) ->
     for webhook in webhooks:
         enabled = "yes" if webhook.enabled else f"no {webhook.disabled_reason}".strip()
         table.add_row(webhook.id, webhook.url, " ".join(webhook.event_types), enabled, webhook.description)
-    Console().print(table)
+    _console().print(table)
     if webhooks and webhooks[0].signing_secret:  # create and rotate-secret: shown this once
         print(f"signing secret (shown only now): {webhooks[0].signing_secret}")
 
@@ -442,7 +442,7 @@ def cmd_webhooks(args: argparse.Namespace, client: EvalClient, console: Console)
             status_name = pb.webhooks.WebhookDeliveryStatus.Name(d.status).removeprefix("WEBHOOK_DELIVERY_STATUS_")
             code = str(d.last_response_code or "-")
             table.add_row(d.id, d.event_type, d.run_id, status_name, str(d.attempts), code, d.last_error)
-        Console().print(table)
+        _console().print(table)
         return EXIT_OK
     if command == "delete":
         client.delete_webhook(args.webhook_id)
