@@ -178,6 +178,7 @@ class EvalServer:
         self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
         self.revoker = StreamRevoker(self.keys, self.bus, settings.auth_cache_s)
         self.bootstrap_key: str | None = None
+        self.has_keys = False  # whether any API key exists, as of the start (for the start's key hint)
         self.health = health.aio.HealthServicer()
         # Checks four times per stall limit, but never more often than every 50 ms nor less than every 5 s.
         self.watchdog = Watchdog(self.metrics, self._report_progress, check_s=max(0.05, min(5.0, settings.stall_s / 4)))
@@ -264,9 +265,10 @@ class EvalServer:
         stack.push_async_callback(self.revoker.stop)
         # Last of the steps that can fail, so a key is never minted by a start that then fails: the
         # next start would find a key and print none.
-        if self.settings.bootstrap_key:
-            async with self._database_step():
+        async with self._database_step():
+            if self.settings.bootstrap_key:
                 self.bootstrap_key = await self.keys.bootstrap()
+            self.has_keys = await self.keys.any_exist()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         stack.push_async_callback(self.health.enter_graceful_shutdown)
         for loop in self.executor.watched_loops():
@@ -382,9 +384,12 @@ def _show_bootstrap_key(server: EvalServer) -> bool:
     return True
 
 
-def key_instructions(db_url: str) -> str:
-    """How to get a key when this start printed none (only the first start on an empty database does)."""
+def key_instructions(db_url: str, keys_exist: bool) -> str:
+    """How to get a key when this start printed none (only the first start on an empty database does,
+    unless --bootstrap-key is off: then there may be no key at all yet)."""
     db = "" if db_url == Settings.db else f" --db '{_safe_url(db_url)}'"
+    if not keys_exist:
+        return f"there is no API key yet; `evalsvc keys create --tenant default{db}` makes one"
     return (
         f"the key printed at the first start still works; `evalsvc keys create --tenant default{db}` makes another"
         f" and `evalsvc keys list{db}` lists them"
@@ -512,7 +517,7 @@ async def serve(settings: Settings) -> None:
         _show_bootstrap_key(server)  # minted before the failure and valid: the only chance to see it
         raise
     if not _show_bootstrap_key(server):
-        log.info("API keys: %s", key_instructions(settings.db))
+        log.info("API keys: %s", key_instructions(settings.db, server.has_keys))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -59,6 +59,15 @@ def test_later_starts_say_how_to_make_a_key_and_a_taken_port_says_what_to_do(tmp
     finally:
         assert again.terminate() == 0
 
+    # No key minted (--bootstrap-key false) and none made: the hint must not speak of a printed key.
+    keyless = ServerProcess(f"{db}-keyless", tmp_path / "keyless.log", "--bootstrap-key", "false")
+    try:
+        log = (tmp_path / "keyless.log").read_text()
+        assert f"there is no API key yet; `evalsvc keys create --tenant default --db '{db}-keyless'` makes one" in log
+        assert "still works" not in log
+    finally:
+        assert keyless.terminate() == 0
+
     def serve(*flags: str, database: str = db) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "evalsvc", "serve", "--db", database, *flags],

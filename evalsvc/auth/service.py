@@ -136,11 +136,15 @@ class KeyService:
 
     async def bootstrap(self) -> str | None:
         """A key for tenant `default` when the database has no key at all, else None."""
-        async with self._db.read() as conn:
-            if await key_store.count(conn):
-                return None
+        if await self.any_exist():
+            return None
         key, _ = await self.create(DEFAULT_TENANT, name="bootstrap")
         return key
+
+    async def any_exist(self) -> bool:
+        """Whether the database holds any key (revoked and expired ones count: they were handed out)."""
+        async with self._db.read() as conn:
+            return bool(await key_store.count(conn))
 
     async def authenticate(self, presented: str | None) -> Caller:
         """The caller of a valid key; UNAUTHENTICATED for a missing, malformed, unknown, revoked or expired one."""
