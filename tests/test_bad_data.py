@@ -102,6 +102,24 @@ async def test_a_nul_in_an_id_is_invalid_argument_not_a_lookup(runs) -> None:
     assert_nul_refused(refused, "run_id")
 
 
+async def test_an_empty_required_id_is_invalid_argument_naming_it_not_a_lookup(runs, channel) -> None:
+    """An empty run id was NOT_FOUND "run '' not found", as if a run could be named so."""
+    for call in (
+        runs.GetRun(pb.GetRunRequest()),
+        runs.CancelRun(pb.CancelRunRequest()),
+        runs.ListRunResults(pb.ListRunResultsRequest()),
+        dataset_service_pb2_grpc.DatasetServiceStub(channel).GetDataset(ds.GetDatasetRequest()),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert list(violations(refused.value).values()) == ["is required"], violations(refused.value)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await watch_all(runs, "")
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(refused.value) == {"run_id": "is required"}
+
+
 async def test_update_run_refuses_a_nul_and_keeps_the_run_as_it_was(runs) -> None:
     run = (await runs.CreateRun(create_request(1, display_name="kept"))).run
     update = pb.UpdateRunRequest(

@@ -17,6 +17,7 @@ import grpc
 from grpc_status import rpc_status
 
 from evalsvc.errors import Reason, ServiceError, database_unavailable, invalid_argument, to_status
+from evalsvc.messages.validation import missing_required
 from evalsvc.storable import request_nul_violations
 from evalsvc.store.db import unavailable_cause
 
@@ -60,7 +61,7 @@ def _translated(
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
         try:
-            await _check_text(request)
+            await _check_request(request)
             call = method(self, request, context)
             if not shielded:
                 return await call
@@ -112,7 +113,7 @@ def server_stream(
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> AsyncIterator[Resp]:
         try:
-            await _check_text(request)
+            await _check_request(request)
             async for message in method(self, request, context):
                 yield message
         except ServiceError as error:
@@ -123,10 +124,11 @@ def server_stream(
     return wrapper
 
 
-async def _check_text(request: Any) -> None:
-    """Refuse a request with a NUL in any string before any method sees it: PostgreSQL cannot store
-    one, and checking here makes SQLite answer the same (evalsvc.storable)."""
-    violations = await request_nul_violations(request)
+async def _check_request(request: Any) -> None:
+    """Refuse, before any method sees it, a request with a NUL in any string (PostgreSQL cannot store
+    one, and checking here makes SQLite answer the same: evalsvc.storable) or without an id the
+    contract requires (`missing_required`)."""
+    violations = missing_required(request) + await request_nul_violations(request)
     if violations:
         raise invalid_argument(violations)
 
