@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import ColumnElement, or_, select, tuple_, update
+from sqlalchemy import ColumnElement, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store.bulk import in_driver_style, insert_tuples
@@ -39,17 +39,6 @@ def in_lock_order(conn: AsyncConnection, *conditions: ColumnElement[bool]) -> li
         return list(conditions)
     locked = select(JOBS.c.id).where(*conditions).order_by(JOBS.c.id).with_for_update()
     return [JOBS.c.id.in_(locked.scalar_subquery())]
-
-
-def run_has_claimable(run_id: ColumnElement[str], now: float) -> ColumnElement[bool]:
-    """Whether the run has a job any worker may lease now: a queued one, or a leased one whose lease
-    expired. Two probes of `ix_jobs_run` (run_id, state, id), one per state: as one OR of the states,
-    both engines read the run's jobs up to the first match, every done job of a large run near its end."""
-    queued = select(JOBS.c.id).where(JOBS.c.run_id == run_id, JOBS.c.state == JOB_QUEUED).exists()
-    expired = (
-        select(JOBS.c.id).where(JOBS.c.run_id == run_id, JOBS.c.state == JOB_LEASED, JOBS.c.lease_expiry < now).exists()
-    )
-    return or_(queued, expired)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +88,7 @@ async def claim(
             lease_ttl_s=lease_ttl_s,
         )
         leased = await conn.exec_driver_sql(in_driver_style(conn, sql), parameters)
-        claimed.extend(map(ClaimedJob.from_row, leased.mappings()))
+        claimed.extend(map(ClaimedJob.from_columns, leased))  # it returns CLAIMED_COLUMNS
     return sorted(claimed, key=lambda job: job.id)
 
 

@@ -17,9 +17,9 @@ messages layer sits below the store and cannot name its types.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Self, cast
+from typing import Any, Self, cast
 
 from sqlalchemy import RowMapping
 
@@ -36,6 +36,13 @@ class FromRow:
     @classmethod
     def from_row(cls, row: RowMapping) -> Self:
         return cls(**row)
+
+    @classmethod
+    def from_columns(cls, row: Sequence[Any]) -> Self:
+        """From a row whose columns are the fields, in order: for a hot read whose query lists its
+        columns from the fields (jobs.CLAIMED_COLUMNS), where building by keyword through the row's
+        mapping cost 5% of the loop."""
+        return cls(*row)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from evalsvc.messages.convert import timestamp
 from evalsvc.store import events
 from evalsvc.store import jobs as job_store
 from evalsvc.store import webhooks as webhook_store
-from evalsvc.store.bulk import execute_many, insert_tuples
+from evalsvc.store.bulk import execute_many, fetch_all, insert_tuples
 from evalsvc.store.db import Database
 from evalsvc.store.models import (
     JOB_CANCELLED,
@@ -505,15 +505,25 @@ async def aggregate_inputs(conn: AsyncConnection, run_ids: Sequence[str]) -> dic
 
 async def claimable_runs(conn: AsyncConnection, now: float) -> list[tuple[str, str]]:
     """(tenant, run id) of every active run with a claimable job: a scan of the active runs
-    (`ix_runs_active`) with two index probes of its jobs each (`ix_jobs_run`), never of all jobs."""
-    rows = await conn.execute(claimable_runs_query(now))
+    (`ix_runs_active`) with two index probes of its jobs each (`ix_jobs_run`), never of all jobs.
+    SQL text: built as a SQLAlchemy construct for every claim, it cost 2-3% of the loop."""
+    rows = await fetch_all(conn, CLAIMABLE_RUNS_SQL, claimable_runs_parameters(now))
     return [(tenant, run_id) for tenant, run_id in rows]
 
 
-def claimable_runs_query(now: float) -> Select[str, str]:
-    """`claimable_runs`' query."""
-    active = RUNS.c.status.in_(list(statuses.ACTIVE))
-    return select(RUNS.c.tenant, RUNS.c.id).where(active, job_store.run_has_claimable(RUNS.c.id, now))
+# Whether a run has a claimable job: a queued one, or a leased one whose lease expired, each its own
+# probe of `ix_jobs_run` (run_id, state, id): as one OR of the states, both engines read the run's jobs
+# up to the first match, every done job of a large run near its end.
+CLAIMABLE_RUNS_SQL = (
+    f"SELECT tenant, id FROM runs WHERE status IN ({', '.join('?' * len(statuses.ACTIVE))}) AND ("
+    "EXISTS (SELECT 1 FROM jobs WHERE jobs.run_id = runs.id AND jobs.state = ?) OR "
+    "EXISTS (SELECT 1 FROM jobs WHERE jobs.run_id = runs.id AND jobs.state = ? AND jobs.lease_expiry < ?))"
+)
+
+
+def claimable_runs_parameters(now: float) -> tuple[Any, ...]:
+    """CLAIMABLE_RUNS_SQL's parameters, in order."""
+    return (*statuses.ACTIVE, JOB_QUEUED, JOB_LEASED, now)
 
 
 @dataclass(frozen=True)
