@@ -97,23 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _open_database(settings: config.Settings) -> Database:
+    """The `--db` of a command that is not `serve` (which names its own failures), or SettingsError in
+    one line: a URL that is none, of another engine, or a SQLite file whose directory is missing or
+    read-only (each was a traceback)."""
+    from sqlalchemy.exc import ArgumentError
+
+    from evalsvc.server import StartupError, check_database_directory
+    from evalsvc.store.db import Database
+
+    try:
+        check_database_directory(settings.db)
+        return Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
+    except (StartupError, ValueError, ArgumentError) as exc:
+        raise config.SettingsError(f"--db ({config.env_name('db')}): {exc}") from None
+
+
 @contextlib.asynccontextmanager
 async def _operator_database(command: str, settings: config.Settings) -> AsyncIterator[Database]:
     """The database the operator commands (`keys`, `cache`, `secrets`) work on, at this version's
     schema. A SQLite file whose directory is missing or read-only is refused in one line (it was a
     traceback), and a new file is said to be new: a key minted at a mistyped path goes into a new,
     empty database that no server reads."""
-    from evalsvc.server import StartupError, check_database_directory
     from evalsvc.store import migrate
-    from evalsvc.store.db import Database, sqlite_path
+    from evalsvc.store.db import sqlite_path
 
-    try:
-        check_database_directory(settings.db)
-    except StartupError as exc:
-        raise config.SettingsError(f"--db ({config.env_name('db')}): {exc}") from None
+    db = _open_database(settings)
     path = sqlite_path(settings.db)
     new = path is not None and not path.exists()
-    db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
     try:
         await migrate.prepare(db)
         if new:
@@ -221,9 +232,8 @@ async def _secrets_in(args: argparse.Namespace, settings: config.Settings, db: D
 
 async def _migrate_command(settings: config.Settings) -> int:
     from evalsvc.store import migrate
-    from evalsvc.store.db import Database
 
-    db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
+    db = _open_database(settings)
     try:
         before, head = await migrate.upgrade(db)
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -245,6 +246,8 @@ class Settings:
     def __post_init__(self) -> None:
         for name, (minimum, inclusive) in MINIMUMS.items():
             value = getattr(self, name)
+            if not math.isfinite(value):  # NaN passes every comparison: a NaN lease was stored as NULL
+                raise SettingsError(f"{_names(name)} must be a finite number, not {value!r}")
             if value < minimum or (value == minimum and not inclusive):
                 raise SettingsError(f"{_names(name)} must be {_bound(name)}, not {value!r}")
 
@@ -255,7 +258,7 @@ class Settings:
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = environ.get(env_name(f.name))
-            if raw is not None:
+            if raw is not None and (raw.strip() or str(f.type) == "str"):  # empty: unset, but for text
                 try:
                     values[f.name] = _coerce(f.type, raw)
                 except ValueError as exc:

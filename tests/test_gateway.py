@@ -174,6 +174,11 @@ async def test_a_field_mask_names_a_map_key_verbatim_and_takes_field_names_in_ei
     assert snake.status_code == 200, snake.text
     run = snake.json()["run"]
     assert run["displayName"] == "renamed" and run["annotations"] == {"myKey": "rest", "foo": "bar"}
+    # A quoted key may hold a comma; blank elements of the list are nothing.
+    comma = await client.patch(
+        f"/v1/runs/{run_id}", params={"updateMask": "annotations.`a,b`, ,"}, json={"annotations": {"a,b": "new"}}
+    )
+    assert comma.status_code == 200 and comma.json()["run"]["annotations"]["a,b"] == "new", comma.text
     unknown = await client.patch(f"/v1/runs/{run_id}", params={"updateMask": "createTime"}, json={})
     assert unknown.status_code == 400 and "create_time" in unknown.text
 

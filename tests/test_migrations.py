@@ -202,6 +202,10 @@ async def test_the_server_and_keys_migrate_a_new_sqlite_file_themselves(tmp_path
     # A new file is said to be new (a key minted at a mistyped path would be lost unseen); an existing one is not.
     assert f"there was no database at {tmp_path / 'keys.db'}; made a new, empty one" in listed.stderr
     assert "no database" not in _evalsvc("keys", "list", "--db", keyed).stderr
+    for words in (("migrate",), ("secrets", "list"), ("keys", "list")):  # one line each, no traceback
+        foreign = _evalsvc(*words, "--db", f"sqlite:///{tmp_path / 'keys.db'}")
+        assert foreign.returncode == 2 and len(foreign.stderr.strip().splitlines()) == 1, foreign.stderr
+        assert "'sqlite' is not a database evalsvc can use" in foreign.stderr
     nowhere = _evalsvc("keys", "create", "--tenant", "t", "--db", f"sqlite+aiosqlite:///{tmp_path / 'no' / 'k.db'}")
     assert nowhere.returncode == 2 and nowhere.stdout == "", nowhere.stderr
     assert nowhere.stderr.strip().splitlines() == [

@@ -59,6 +59,12 @@ def test_every_numeric_setting_has_a_minimum_and_values_below_it_are_refused_by_
         config.Settings.from_env({"EVALSVC_WORKERS": "many"})
     # A switch takes its words only: `maybe` was read as false, and a first start minted no key.
     assert config.Settings.from_env({"EVALSVC_BOOTSTRAP_KEY": "Off"}).bootstrap_key is False
+    # NaN passes every comparison (a NaN lease was stored as NULL and never expired); an empty variable
+    # of a number or a switch is unset (a compose file's `EVALSVC_BOOTSTRAP_KEY=`), of text it is empty.
+    with pytest.raises(config.SettingsError, match=r"--lease-ttl-s \(EVALSVC_LEASE_TTL_S\) must be a finite number"):
+        config.Settings.from_env({"EVALSVC_LEASE_TTL_S": "nan"})
+    blank = config.Settings.from_env({"EVALSVC_BOOTSTRAP_KEY": "", "EVALSVC_WORKERS": " ", "EVALSVC_HTTP_ADDR": ""})
+    assert (blank.bootstrap_key, blank.workers, blank.http_addr) == (True, 64, "")
     with pytest.raises(config.SettingsError, match="EVALSVC_BOOTSTRAP_KEY: 'maybe' is not one of 1, on, true, yes"):
         config.Settings.from_env({"EVALSVC_BOOTSTRAP_KEY": "maybe"})
 

@@ -162,8 +162,8 @@ def _set_masks(request: Request, route: Route, message: Message) -> None:
         if not _is_mask(field):
             continue
         texts = [text for name in (field.name, field.json_name) for text in request.query_params.getlist(name)]
-        paths = [path for text in texts for path in text.split(",") if path]
-        getattr(message, field.name).paths.extend(_mask_path(path.strip(), names) for path in paths)
+        paths = [path.strip() for text in texts for path in _MASK_PATHS.findall(text)]
+        getattr(message, field.name).paths.extend(_mask_path(path, names) for path in paths if path)
 
 
 def _mask_path(path: str, message: Descriptor | None) -> str:
@@ -182,6 +182,8 @@ def _mask_path(path: str, message: Descriptor | None) -> str:
 
 
 _CAMEL_HUMP = re.compile(r"([A-Z])")
+# A mask's paths: split at commas, except inside a backtick-quoted map key (`` doubles a backtick).
+_MASK_PATHS = re.compile(r"(?:[^,`]|`(?:[^`]|``)*`)+")
 
 
 def _outside_fields(request: Request, route: Route) -> dict[str, Any]:

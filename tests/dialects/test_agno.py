@@ -382,6 +382,8 @@ async def test_list_pages_filters_and_sorts_only_agno_runs(env: Env) -> None:
     not_agno = await env.http.get(f"/eval-runs/{native}")
     assert not_agno.status_code == 404 and not_agno.json() == {"detail": f"Eval run with id '{native}' not found"}
     assert (await env.http.request("DELETE", "/eval-runs", json={"eval_run_ids": [native]})).status_code == 204
+    # Unknown ids are skipped, as AgentOS skips them; an empty one is unknown too (not a 400 in evalsvc's words).
+    assert (await env.http.request("DELETE", "/eval-runs", json={"eval_run_ids": ["", "x"]})).status_code == 204
     still = await env.http.get(f"/v1/runs/{native}")
     assert still.status_code == 200 and "deleteTime" not in still.json()["run"]
 

@@ -518,6 +518,9 @@ async def test_unknown_and_foreign_ids_are_404(env: Env) -> None:
     )
     assert missing_eval.status_code == 404
     assert_envelope(missing_eval.json(), "resource.not_found")
+    empty_eval = await env.http.post("/v2/eval-runs", json={"eval_uuid": "", "responses": [{"prompt_uuid": "p"}]})
+    assert empty_eval.status_code == 404
+    assert_envelope(empty_eval.json(), "resource.not_found")
     assert native_run not in {r["eval_run_uuid"] for r in (await env.http.get("/v2/eval-runs")).json()["items"]}
     assert native_dataset not in {e["eval_uuid"] for e in (await env.http.get("/v2/evals")).json()["items"]}
     with pytest.raises(aymara_ai.NotFoundError) as unknown:

@@ -397,6 +397,7 @@ async def test_auth_bad_input_and_unknown_ids_in_omnis_error_shape(env: Env) -> 
     omni_error(await env.http.get("/api/v1/ai/eval/prompt-sets/ds_missing"), 404)
     omni_error(await env.http.post("/api/v1/ai/eval/prompt-sets/ds_missing/unarchive"), 404)
     omni_error(await env.http.get("/api/v1/ai/eval/runs", params={"prompt_set_id": "ds_missing"}), 404)
+    omni_error(await env.http.get("/api/v1/ai/eval/runs", params={"prompt_set_id": ""}), 404)  # an empty id too
     omni_error(await env.http.post("/api/v1/ai/eval/runs", json={"prompt_set_id": "ds_missing"}), 404)
     inline = {"items": [{"input": "q"}], "target": {"echo": {}}, "graders": [{"exactMatch": {}}]}
     native = (await env.http.post("/v1/runs", json=inline)).json()["run"]["id"]

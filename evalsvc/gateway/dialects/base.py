@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 from evalsvc.gateway.translators import BodyCheck, InvalidBody, OffLoopJSONRequest, TooManyValues, within
 from evalsvc.gateway.upstream import Caller, GatewayError, Upstream, with_retry_after
 from evalsvc.messages.validation import MAX_ANNOTATIONS_BYTES as MAX_ANNOTATIONS_BYTES  # for the dialects' checks
+from evalsvc.messages.validation import missing_required
 from evalsvc.v1 import run_pb2
 
 Req = TypeVar("Req", bound=Message)
@@ -117,7 +118,10 @@ class DialectClient:
     async def get(
         self, method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req, missing: GatewayError
     ) -> Resp:
-        """The answer of a Get call; NOT_FOUND becomes `missing`, the vendor's not-found for that thing."""
+        """The answer of a Get call; NOT_FOUND becomes `missing`, the vendor's not-found for that thing,
+        and so does an empty id (the service refuses it as INVALID_ARGUMENT: no vendor id is empty)."""
+        if missing_required(request):
+            raise missing
         try:
             return await self.call(method, request)
         except GatewayError as error:
@@ -136,6 +140,8 @@ class DialectClient:
         """`resource` (a field of the Get call's answer) when this dialect created it and `accept` agrees,
         else `missing`. A NOT_FOUND from the service is `missing` too, unless the vendor shows the service's
         own (`VendorOptions.service_not_found`)."""
+        if missing_required(request):  # see `get`
+            raise missing
         if self.dialect.vendor.service_not_found:
             answer = await self.call(method, request)
         else:
