@@ -42,10 +42,19 @@ class ServerProcess:
             time.sleep(0.05)  # polling a log file: there is no event to await across processes
         raise TimeoutError(f"server did not start:\n{self.log_path.read_text()}")
 
-    def bootstrap_key(self) -> str | None:
-        """The key a first start printed, if this process printed one."""
-        found = KEY_LINE.findall(self.log_path.read_text(errors="replace"))
-        return found[-1] if found else None
+    def bootstrap_key(self, timeout: float = 30.0) -> str | None:
+        """The key a first start printed, if this process printed one. A start logs that it listens
+        before it mints the key (the last step that can fail), then prints either the key or how to
+        make one: this waits for that line, rather than reading the log once (which raced the mint)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log_path.read_text(errors="replace")
+            found = KEY_LINE.findall(text)
+            if found:
+                return found[-1]
+            if "API keys: " in text or self.proc.poll() is not None or time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)  # polling a log file: there is no event to await across processes
 
     @property
     def target(self) -> str:
