@@ -244,6 +244,9 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        for name, choices in CHOICES.items():
+            if getattr(self, name).upper() not in choices:
+                raise SettingsError(f"{_names(name)} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
         for name, (minimum, inclusive) in MINIMUMS.items():
             value = getattr(self, name)
             if not math.isfinite(value):  # NaN passes every comparison: a NaN lease was stored as NULL
@@ -266,6 +269,9 @@ class Settings:
         values.update(overrides)
         return cls(**values)
 
+
+# Text settings that name one of a few things (any case).
+CHOICES: dict[str, tuple[str, ...]] = {"log_level": ("DEBUG", "INFO", "WARNING", "ERROR")}
 
 # The smallest value each numeric setting works with: (minimum, whether the minimum itself is allowed).
 # Below it a server would start and then do nothing, or spin: a claim of 0 jobs, leases that have

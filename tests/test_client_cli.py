@@ -270,3 +270,14 @@ def test_webhooks_commands(tmp_path: Path) -> None:
             assert refused.returncode == 3 and "url" in refused.stderr
     finally:
         assert server.terminate() == 0
+
+
+@pytest.mark.parametrize("value", ["150", "-5"])
+def test_fail_under_is_a_percentage(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """150 was a gate no run could pass, -5 one every run passed; both were taken."""
+    from evalsvc_client import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["get", "run_x", "--fail-under", value])
+    assert exited.value.code == 2
+    assert f"argument --fail-under: {value} is not a percentage between 0 and 100" in capsys.readouterr().err

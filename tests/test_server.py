@@ -63,6 +63,9 @@ def test_every_numeric_setting_has_a_minimum_and_values_below_it_are_refused_by_
     # of a number or a switch is unset (a compose file's `EVALSVC_BOOTSTRAP_KEY=`), of text it is empty.
     with pytest.raises(config.SettingsError, match=r"--lease-ttl-s \(EVALSVC_LEASE_TTL_S\) must be a finite number"):
         config.Settings.from_env({"EVALSVC_LEASE_TTL_S": "nan"})
+    with pytest.raises(config.SettingsError, match=r"--log-level \(EVALSVC_LOG_LEVEL\) must be one of DEBUG, INFO"):
+        config.Settings(log_level="LOUD")
+    assert config.Settings(log_level="debug").log_level == "debug"
     blank = config.Settings.from_env({"EVALSVC_BOOTSTRAP_KEY": "", "EVALSVC_WORKERS": " ", "EVALSVC_HTTP_ADDR": ""})
     assert (blank.bootstrap_key, blank.workers, blank.http_addr) == (True, 64, "")
     with pytest.raises(config.SettingsError, match="EVALSVC_BOOTSTRAP_KEY: 'maybe' is not one of 1, on, true, yes"):

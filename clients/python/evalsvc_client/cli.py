@@ -489,7 +489,7 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     def follow_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--fail-under", type=float, metavar="PCT", help="exit 1 when the pass rate (%%) is lower")
+        p.add_argument("--fail-under", type=_percent, metavar="PCT", help="exit 1 when the pass rate (%%) is lower")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument("--junit", metavar="FILE", help="write the results as JUnit XML when the run ends")
         p.add_argument("--jsonl", metavar="FILE", help="write the results as JSON Lines when the run ends")
@@ -511,7 +511,7 @@ def parser() -> argparse.ArgumentParser:
 
     get = sub.add_parser("get", parents=[common], help="show a run")
     get.add_argument("run_id")
-    get.add_argument("--fail-under", type=float, metavar="PCT", help="exit 1 when the pass rate (%%) is lower")
+    get.add_argument("--fail-under", type=_percent, metavar="PCT", help="exit 1 when the pass rate (%%) is lower")
     get.set_defaults(handler=cmd_get)
 
     listing = sub.add_parser("list", parents=[common], help="list runs, newest first")
@@ -579,6 +579,17 @@ def parser() -> argparse.ArgumentParser:
     deliveries.add_argument("--limit", type=int, default=50)
     webhooks.set_defaults(handler=cmd_webhooks)
     return top
+
+
+def _percent(text: str) -> float:
+    """A --fail-under value: a percentage (150 was a gate no run could pass, -5 one every run passed)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{text} is not a percentage between 0 and 100")
+    return value
 
 
 def _console(stderr: bool = False) -> Console:
