@@ -82,8 +82,12 @@ async def test_a_write_whose_caller_left_leaves_no_unretrieved_exception(tmp_pat
     try:
         async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
             runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
-            lock = sqlite3.connect(make_url(srv.settings.db).database or "", isolation_level=None)
-            lock.execute("BEGIN IMMEDIATE")
+            lock = sqlite3.connect(
+                make_url(srv.settings.db).database or "", isolation_level=None, check_same_thread=False
+            )
+            # In a thread: the server's own claim loop may hold the write lock this waits for, and it
+            # needs this event loop to let go (taken on the loop, it failed "database is locked" once).
+            await asyncio.to_thread(lock.execute, "BEGIN IMMEDIATE")
             try:
                 calls = [runs.CreateRun(create_request(1), timeout=0.5) for _ in range(20)]
                 outcomes = await asyncio.gather(*calls, return_exceptions=True)
