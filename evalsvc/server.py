@@ -266,9 +266,11 @@ class EvalServer:
         # Last of the steps that can fail, so a key is never minted by a start that then fails: the
         # next start would find a key and print none.
         async with self._database_step():
-            if self.settings.bootstrap_key:
+            if self.settings.bootstrap_key:  # after it a key exists: it found one or minted one
                 self.bootstrap_key = await self.keys.bootstrap()
-            self.has_keys = await self.keys.any_exist()
+                self.has_keys = True
+            else:
+                self.has_keys = await self.keys.any_exist()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         stack.push_async_callback(self.health.enter_graceful_shutdown)
         for loop in self.executor.watched_loops():

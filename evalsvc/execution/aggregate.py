@@ -1,11 +1,14 @@
-"""A run's summary and verdict, computed once when it finishes (counts stay live on the run row)."""
+"""A run's summary and verdict, computed once when it ends (counts stay live on the run row)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from evalsvc.messages.convert import pass_rate
+from evalsvc.store import runs as run_store
 from evalsvc.store.runs import AggregateInputs
 from evalsvc.v1 import run_pb2
 
@@ -104,3 +107,10 @@ def verdict(passed: int, failed: int, errored: int, pass_threshold: float | None
         )
     threshold = 100.0 if pass_threshold is None else pass_threshold
     return run_pb2.RUN_STATUS_SUCCEEDED, pass_rate(passed, failed) * 100 >= threshold - 1e-9, "", ""
+
+
+async def aggregate_so_far(conn: AsyncConnection, run_id: str, grader_order: Sequence[str]) -> bytes:
+    """The serialized aggregate of the results a run has recorded, for a run that ends before all its
+    evaluations ran (cancelled, or failed early): read and built as a finishing run's."""
+    inputs = await run_store.aggregate_inputs(conn, [run_id])
+    return build_aggregate(grader_order, inputs[run_id]).SerializeToString()

@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from evalsvc.execution.aggregate import build_aggregate, verdict
+from evalsvc.execution.aggregate import aggregate_so_far, build_aggregate, verdict
 from evalsvc.graders import Grade
 from evalsvc.messages.convert import timestamp
 from evalsvc.storable import storable_text
@@ -333,8 +333,7 @@ async def fail_early(
 
     async def end(conn: AsyncConnection) -> pb.WatchRunResponse | None:
         await run_store.cancel_jobs(conn, tenant, run_id)  # jobs before their run: the lock order
-        inputs = await run_store.aggregate_inputs(conn, [run_id])
-        aggregate = build_aggregate(graders.grader_names, inputs[run_id]).SerializeToString()
+        aggregate = await aggregate_so_far(conn, run_id, graders.grader_names)
         ending = run_store.Ending(run_id, run_pb2.RUN_STATUS_FAILED, None, code, message, aggregate, time.time())
         ended = await run_store.finish_runs(conn, [ending])
         return ended[0] if ended else None

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from evalsvc.definitions.service import DefinitionService
 from evalsvc.errors import MAX_ECHOED_ID, FieldViolation, Reason, ServiceError, invalid_argument, not_found
 from evalsvc.events.bus import EventBus
-from evalsvc.execution.aggregate import build_aggregate
+from evalsvc.execution.aggregate import aggregate_so_far
 from evalsvc.execution.executor import CreatedRunInputs
 from evalsvc.graders import grader_name
 from evalsvc.graders.judge import JudgeDefaults, needs_default_judge
@@ -486,11 +486,10 @@ async def _cancel_in(
     # Jobs before the run: the store's lock order (a no-op for runs that are not active).
     await run_store.cancel_jobs(conn, tenant, run_id)
     row = await run_store.get(conn, tenant, run_id, lock=True)
-    if row is None or row.status not in ACTIVE:
-        return None
+    if row is None or row.status not in ACTIVE or (version is not None and row.version != version):
+        return None  # nothing to cancel: the aggregate is not worth reading
     graders = [grader_name(g) for g in run_pb2.Run.FromString(row.spec).graders]
-    inputs = await run_store.aggregate_inputs(conn, [run_id])
-    aggregate = build_aggregate(graders, inputs[run_id]).SerializeToString()
+    aggregate = await aggregate_so_far(conn, run_id, graders)
     return await run_store.set_status(
         conn,
         tenant,

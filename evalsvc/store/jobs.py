@@ -76,9 +76,9 @@ async def claim(
     the jobs taken are locked."""
     postgres = conn.dialect.name == "postgresql"
     shares = sorted(quotas.items())
-    step = len(shares) if postgres else CLAIM_RUNS
+    step = CLAIM_RUNS if not postgres else max(1, len(shares))  # PostgreSQL: any number in one
     claimed: list[ClaimedJob] = []
-    for start in range(0, len(shares), max(step, 1)):
+    for start in range(0, len(shares), step):
         sql, parameters = claim_statement(
             shares[start : start + step],
             postgres=postgres,
