@@ -279,5 +279,37 @@ def test_fail_under_is_a_percentage(value: str, capsys: pytest.CaptureFixture[st
 
     with pytest.raises(SystemExit) as exited:
         cli.main(["get", "run_x", "--fail-under", value])
-    assert exited.value.code == 2
+    assert exited.value.code == cli.EXIT_ERROR
     assert f"argument --fail-under: {value} is not a percentage between 0 and 100" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "spec.yaml", "--fail-undr", "60"],
+        ["frobnicate"],
+        [],
+        ["webhooks"],
+        ["results", "run_x", "--state", "ok"],
+    ],
+)
+def test_a_command_line_evalctl_cannot_parse_is_an_error_not_a_failed_run(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """argparse exits 2 on a usage error, the code of a run that ended FAILED or CANCELLED: a CI step
+    with a mistyped flag reported a failed run. It is EXIT_ERROR (3), with argparse's usage and message."""
+    from evalsvc_client import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("usage: evalctl") and "error:" in err
+
+
+def test_help_still_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    from evalsvc_client import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["run", "--help"])
+    assert exited.value.code == 0 and "--fail-under" in capsys.readouterr().out

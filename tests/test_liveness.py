@@ -603,6 +603,29 @@ async def test_watchdog_does_not_flag_a_claim_loop_that_waits_for_free_workers(t
             assert srv.metrics.registry.get_sample_value("evalsvc_loop_stalls_total", {"loop": loop}) == 0
 
 
+async def test_watchdog_does_not_flag_a_claim_loop_that_executes_a_long_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recorded responses are graded on the claim loop, a claim at a time. A claim whose grading takes
+    longer than --stall-s, while the run's next jobs wait to be claimed, is work, not a stall: health
+    stayed SERVING only while a claim took less than --stall-s (a claim of many jobs with many graders
+    takes seconds)."""
+    async with serving(tmp_path, stall_s=0.5, poll_interval_s=0.1, claim_batch=200) as srv, tenants(srv, "a") as t:
+        real_execute = srv.executor._execute
+
+        async def slow_to_grade(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.01)  # grading is CPU on the event loop: this stands in for a job's
+            return await real_execute(*args, **kwargs)
+
+        monkeypatch.setattr(srv.executor, "_execute", slow_to_grade)
+        # Claimed 200 at a time: each claim grades for ~2 s while the next jobs wait (the watchdog calls a
+        # loop stuck after twice --stall-s: silent for it, then silent with work waiting for it).
+        run = await create_and_finish(t["a"], run_request(recorded(), 400), within_s=30)
+        assert run.status == run_pb2.RUN_STATUS_SUCCEEDED
+        assert srv.metrics.registry.get_sample_value("evalsvc_loop_stalls_total", {"loop": "claim"}) == 0
+        assert srv.watchdog.healthy
+
+
 @pytest.mark.skipif((reason := dbs.postgres_unavailable()) is not None, reason=reason or "PostgreSQL is not reachable")
 async def test_the_listener_survives_a_failure_and_relays_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -363,6 +363,8 @@ class Executor:
                 if time.perf_counter() - yielded > INLINE_SLICE_S:
                     await asyncio.sleep(0)
                     yielded = time.perf_counter()
+                    # A turn of the claim loop: the watchdog must not take a long claim for a stuck loop.
+                    self._progress["claim"].beat()
         finally:
             self._hand_over(part)
             # Interrupted (a stray cancellation restarts the claim loop): the jobs not executed are no

@@ -17,7 +17,7 @@ Global: --target HOST:PORT (EVALCTL_TARGET, default 127.0.0.1:50051), --api-key 
 Verdict (run, watch; get with --fail-under): a run passes when its pass rate (percent, errors excluded) reaches
 --fail-under if given, else the spec's pass_threshold (unset: every evaluation must pass).
 Exit codes: 0 passed; 1 did not pass, or (compare --fail-on-regression) a grader REGRESSED; 2 the run ended
-FAILED or CANCELLED; 3 a spec, connection or RPC error (argparse's usage errors exit 2 as usual).
+FAILED or CANCELLED; 3 a spec, connection or RPC error, or a command line evalctl does not understand.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
@@ -475,8 +475,17 @@ def cmd_webhooks(args: argparse.Namespace, client: EvalClient, console: Console)
     return EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a command line it cannot parse exits EXIT_ERROR. Its usual 2 is the exit
+    code of a run that ended FAILED or CANCELLED: a CI step that mistyped a flag reported a failed run."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--target", default=os.environ.get("EVALCTL_TARGET", "127.0.0.1:50051"), help="HOST:PORT")
     common.add_argument("--api-key", default=os.environ.get("EVALSVC_API_KEY"), help="or EVALSVC_API_KEY")
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -485,7 +494,7 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--client-cert", help="PEM client certificate chain, for mTLS")
     common.add_argument("--client-key", help="PEM private key of --client-cert")
 
-    top = argparse.ArgumentParser(prog="evalctl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    top = _Parser(prog="evalctl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = top.add_subparsers(dest="command", required=True)
 
     def follow_flags(p: argparse.ArgumentParser) -> None:
