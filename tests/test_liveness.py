@@ -626,6 +626,40 @@ async def test_watchdog_does_not_flag_a_claim_loop_that_executes_a_long_claim(
         assert srv.watchdog.healthy
 
 
+async def test_shutdown_does_not_wait_for_a_claim_it_grades_inline_and_hands_the_rest_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server told to stop while it grades a large claim of recorded responses stops grading it: what
+    it graded is recorded, the rest is queued again (not left leased until the leases expire), and the
+    next server finishes the run with every evaluation recorded once. Before, shutdown waited for the
+    whole claim to be graded, however long that took."""
+    url = dbs.db_url(tmp_path)
+    calls = after_stop = 0
+    many_graded = asyncio.Event()
+    async with serving(tmp_path, db=url, claim_batch=500) as srv, tenants(srv, "a") as t:
+        real_execute = srv.executor._execute
+
+        async def slow_to_grade(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls, after_stop
+            calls += 1
+            after_stop += srv.executor._stopping
+            if calls == 100:  # into the second claim: the first is --workers (64) jobs, the second the rest
+                many_graded.set()
+            time.sleep(0.005)  # grading is CPU on the event loop: this stands in for a job's
+            return await real_execute(*args, **kwargs)
+
+        monkeypatch.setattr(srv.executor, "_execute", slow_to_grade)
+        run = (await t["a"].CreateRun(run_request(recorded(), 500))).run
+        await asyncio.wait_for(many_graded.wait(), 30)
+    # `serving` stopped the server on leaving the block, with most of the claim still to grade.
+    assert calls < 400 and after_stop == 0, f"{after_stop} of {calls} jobs were graded after the executor stopped"
+    async with serving(tmp_path, db=url) as srv, tenants(srv, "a") as t:
+        # The restarted server's tenant key is new; the run belongs to tenant "a" either way.
+        ended = await finish(t["a"], run.id, within_s=20)  # leased jobs would wait for --lease-ttl-s (30 s)
+        assert ended.status == run_pb2.RUN_STATUS_SUCCEEDED
+        assert ended.counts.completed_evaluations == ended.counts.passed == 500
+
+
 @pytest.mark.skipif((reason := dbs.postgres_unavailable()) is not None, reason=reason or "PostgreSQL is not reachable")
 async def test_the_listener_survives_a_failure_and_relays_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

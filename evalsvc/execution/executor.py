@@ -352,6 +352,8 @@ class Executor:
         evaluations = executed = 0
         try:
             for job in jobs:
+                if self._stopping:
+                    break  # `stop` hands the rest of the claim back at once, rather than after all of it ran
                 if await self._execute(job, into=part):
                     evaluations += len(part[-1].grades) or 1
                 else:
@@ -369,9 +371,11 @@ class Executor:
             self._hand_over(part)
             # Interrupted (a stray cancellation restarts the claim loop): the jobs not executed are no
             # longer worked on here, so their leases are not renewed; they expire and another claim
-            # runs them. Renewed, they stayed leased for good and their run never ended.
-            for job in jobs[executed:]:
-                self._release_claim_slot(job.claim_id)
+            # runs them. Renewed, they stayed leased for good and their run never ended. At shutdown
+            # they stay in the claim, which `stop` hands back (queued again) once the rest is recorded.
+            if not self._stopping:
+                for job in jobs[executed:]:
+                    self._release_claim_slot(job.claim_id)
 
     def _hand_over(self, finished: list[FinishedJob]) -> None:
         """Queue finished jobs for the recorder, and wake it."""
