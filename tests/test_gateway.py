@@ -229,6 +229,78 @@ async def test_bad_input_is_a_4xx_with_the_status_body_and_changes_nothing(gw) -
     assert (await client.get("/v1/runs")).json()["runs"] == []
 
 
+def routing_status(response: httpx.Response, status: int, code: int, reason: str) -> str:
+    """A routing error in the native shape: the google.rpc.Status with its ErrorInfo; its message."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"code", "message", "details"} and body["code"] == code, body
+    assert [(d["@type"].rsplit("/", 1)[-1], d["reason"]) for d in body["details"]] == [("google.rpc.ErrorInfo", reason)]
+    return str(body["message"])
+
+
+async def test_an_unknown_path_or_method_answers_in_the_native_status_shape(gw) -> None:
+    _, client = gw
+    for method, path in (
+        ("GET", "/v1/runz"),
+        ("GET", "/v1/runs/run_x/nope"),
+        ("POST", "/v1/nope"),  # /v1 is Bland's too (/v1/evals), but no further than native's
+        ("GET", "/nope"),
+        ("GET", "/api/nope"),  # Omni's and Vogent's prefix alike: neither's
+        ("GET", "/ui/nope"),
+    ):
+        message = routing_status(await client.request(method, path), 404, 5, "ROUTE_NOT_FOUND")
+        assert message == f"no route for {method} {path}"
+    for method, path, allowed in (
+        ("DELETE", "/v1/runs", "GET, POST"),  # every route of the path, not only the first Starlette tried
+        ("PUT", "/v1/runs/run_x", "DELETE, GET, PATCH"),
+        ("GET", "/v1/runs/run_x:cancel", None),  # GetRun of the id "run_x:cancel", not a routing error
+        ("POST", "/openapi.json", "GET, HEAD"),
+        ("POST", "/ui/runs", "GET"),
+    ):
+        response = await client.request(method, path)
+        if allowed is None:
+            assert response.status_code == 404 and response.json()["details"][0]["reason"] == "RUN_NOT_FOUND"
+            continue
+        message = routing_status(response, 405, 12, "METHOD_NOT_ALLOWED")
+        assert response.headers["allow"] == allowed
+        assert message == f"method {method} is not allowed on {path} (allowed: {allowed})"
+    long = "/v1/" + "x" * 8000
+    message = routing_status(await client.get(long), 404, 5, "ROUTE_NOT_FOUND")
+    assert message.startswith("no route for GET /v1/xxx") and len(message) < 300
+    # The routes themselves are untouched.
+    assert (await client.get("/v1/runs")).status_code == 200
+    assert (await client.get("/openapi.json")).json()["info"]["title"] == "evalsvc"
+    page = await client.get("/ui/runs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert (await client.get("/v1/runs/", follow_redirects=False)).status_code == 307  # Starlette's slash redirect
+
+
+async def test_an_unknown_path_or_method_under_a_dialects_routes_answers_in_its_envelope(gw) -> None:
+    """Every dialect mounted at once: a path is the API's whose routes match the most of its segments."""
+    _, client = gw
+    bland = await client.get("/v1/evals/nope")  # under /v1, but Bland's /v1/evals
+    assert bland.status_code == 404
+    assert bland.json() == {
+        "data": None,
+        "errors": [{"error": "NOT_FOUND", "message": "no route for GET /v1/evals/nope"}],
+    }
+    omni = await client.put("/api/v1/ai/eval/runs")
+    assert omni.status_code == 405 and omni.headers["allow"] == "GET, POST"
+    assert omni.json() == {
+        "detail": "method PUT is not allowed on /api/v1/ai/eval/runs (allowed: GET, POST)",
+        "status": 405,
+    }
+    vogent = await client.get("/api/eval_runs/r/nope")
+    assert vogent.status_code == 404 and vogent.json()["error"]["code"] == "NOT_FOUND"
+    assert vogent.json()["error"]["message"] == "no route for GET /api/eval_runs/r/nope"
+    agno = await client.patch("/eval-runs")
+    assert agno.status_code == 405 and agno.headers["allow"] == "DELETE, GET, POST"
+    assert agno.json() == {"detail": "method PATCH is not allowed on /eval-runs (allowed: DELETE, GET, POST)"}
+    aymara = await client.get("/v2/nope")
+    assert aymara.status_code == 404 and set(aymara.json()) == {"error", "request_id"}
+    assert aymara.json()["error"]["code"] == "resource.not_found"
+
+
 async def test_openapi_documents_every_native_route_with_its_messages(gw) -> None:
     _, client = gw
     spec = (await client.get("/openapi.json")).json()

@@ -3,7 +3,9 @@ WatchRun stream as Server-Sent Events or NDJSON.
 
 Bodies are the canonical proto3 JSON mapping (`google.protobuf.json_format`, lowerCamelCase, enums
 by name, int64 as strings), as grpc-gateway produces. Errors map gRPC codes to HTTP statuses as
-grpc-gateway does, with the `google.rpc.Status` as the body: `{code, message, details}`.
+grpc-gateway does, with the `google.rpc.Status` as the body: `{code, message, details}`; so are a path no
+route has (404) and a method its routes do not take (405), or in a dialect's error shape when the path is
+one of that dialect's (`unrouted.py`).
 
 Parsing is strict: an unknown field or enum name, a wrong type, a number out of range or a body that is
 not UTF-8 JSON is a 400 before any call, so a misspelt field is never silently dropped. `/openapi.json`
@@ -26,12 +28,14 @@ from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from grpc_status import rpc_status
+from starlette.exceptions import HTTPException
 
 from evalsvc.errors import FieldViolation, Reason, ServiceError, to_status
 from evalsvc.gateway import dialects, openapi, ui
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.routes import Route, routes
 from evalsvc.gateway.translators import translated
+from evalsvc.gateway.unrouted import RoutingErrors
 from evalsvc.gateway.upstream import (
     HTTP_STATUS,
     ChannelFactory,
@@ -332,11 +336,17 @@ def create_app(
             response_class=StreamingResponse if streaming else JSONResponse,
             openapi_extra=openapi.operation(route, schemas),
         )
+    # Requests no route takes (404, 405) answer in the shape of the API their path belongs to.
+    unrouted = RoutingErrors(refused)
+    unrouted.add(app.routes)  # the native routes and /openapi.json
     for dialect, prefix in dialects.mounts(dialect_spec):
-        app.include_router(
-            dialect.router(upstream, dialect_options or DialectOptions()), prefix=prefix, tags=[dialect.title]
-        )
-    app.include_router(ui.router())
+        router = dialect.router(upstream, dialect_options or DialectOptions())
+        app.include_router(router, prefix=prefix, tags=[dialect.title])
+        unrouted.add(router.routes, dialect.vendor.error_handler, prefix)
+    pages = ui.router()
+    app.include_router(pages)
+    unrouted.add(pages.routes)
+    app.add_exception_handler(HTTPException, unrouted.handle)
     # FastAPI's documented way to extend the document is replacing the method; mypy forbids assigning methods.
     app.openapi = openapi.with_components(app.openapi, schemas)  # type: ignore[method-assign]
     return app

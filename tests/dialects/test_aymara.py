@@ -681,6 +681,23 @@ async def test_bad_input_is_rejected_in_the_envelope_and_creates_nothing(
     assert (await env.http.get("/v2/evals")).json()["count"] == evals_before
 
 
+async def test_unknown_paths_and_methods_are_in_the_envelope(env: Env) -> None:
+    for path in ("/v2/nope", "/v2/evals/e/nope"):
+        answer = await env.http.get(path)
+        assert answer.status_code == 404, path
+        assert assert_envelope(answer.json(), "resource.not_found") == {"reason": "ROUTE_NOT_FOUND"}
+        assert answer.json()["error"]["message"] == f"no route for GET {path}"
+    for method, path, allowed in (("PUT", "/v2/evals", "GET, POST"), ("POST", "/v2/eval-runs/r", "DELETE, GET")):
+        answer = await env.http.request(method, path)
+        assert answer.status_code == 405 and answer.headers["allow"] == allowed, path
+        assert assert_envelope(answer.json(), "validation.invalid_request") == {"reason": "METHOD_NOT_ALLOWED"}
+        assert answer.json()["error"]["message"] == f"method {method} is not allowed on {path} (allowed: {allowed})"
+    with pytest.raises(aymara_ai.NotFoundError) as unknown:  # the SDK reads it as any other 404
+        await env.sdk().get("/v2/nope", cast_to=object)
+    assert_envelope(unknown.value.body, "resource.not_found")
+    assert (await env.http.get("/v2/evals")).status_code == 200
+
+
 async def test_malformed_json_is_422_in_the_envelope(env: Env) -> None:
     answer = await env.http.post(
         "/v2/eval-runs/-/score-responses", content=b"{nope", headers={"content-type": "application/json"}

@@ -673,6 +673,19 @@ async def test_every_error_comes_in_blands_envelope_and_changes_nothing(env: Env
     assert len(page(await env.http.get("/v1/evals/agents"), AGENT_ITEM)[0]) == 1
 
 
+async def test_unknown_paths_and_methods_come_in_blands_envelope(env: Env) -> None:
+    for path in ("/v1/evals/nope", "/v1/evals/runs/r/nope"):
+        assert check_error(await env.http.get(path), 404, "NOT_FOUND") == [f"no route for GET {path}"]
+    for method, path, allowed in (("PUT", "/v1/evals/runs", "GET, POST"), ("DELETE", "/v1/evals/agents/a", "GET")):
+        response = await env.http.request(method, path)
+        message = f"method {method} is not allowed on {path} (allowed: {allowed})"
+        assert check_error(response, 405, "METHOD_NOT_ALLOWED") == [message]
+        assert response.headers["allow"] == allowed
+    native = await env.http.get("/v1/runz")  # /v1 but not Bland's /v1/evals: the native shape
+    assert native.status_code == 404 and set(native.json()) == {"code", "message", "details"}
+    assert data(await env.http.get("/v1/evals/status")) == {"enabled": True, "gate": "evals_enabled", "reason": None}
+
+
 async def test_calls_extension_keeps_every_field_and_refuses_bad_calls(env: Env) -> None:
     first = await env.ok("GET", "/v1/evals/calls", limit=1)
     assert first["has_more"] and first["next_cursor"] == CALL_IDS[0]

@@ -419,6 +419,22 @@ async def test_auth_bad_input_and_unknown_ids_in_omnis_error_shape(env: Env) -> 
     assert [r["id"] for r in (await env.http.get("/v1/runs")).json()["runs"]] == runs_before  # nothing created
 
 
+async def test_unknown_paths_and_methods_in_omnis_error_shape(env: Env) -> None:
+    for path in ("/api/v1/ai/eval/nope", "/api/v1/ai/eval/runs/r/nope", "/api/nope"):  # Omni alone owns /api here
+        assert omni_error(await env.http.get(path), 404) == f"no route for GET {path}"
+    for method, path, allowed in (
+        ("PUT", "/api/v1/ai/eval/runs", "GET, POST"),
+        ("POST", "/api/v1/ai/eval/runs/r", "DELETE, GET"),
+        ("DELETE", "/api/v1/ai/eval/prompt-sets/p", "GET, PATCH"),
+    ):
+        response = await env.http.request(method, path)
+        assert omni_error(response, 405) == f"method {method} is not allowed on {path} (allowed: {allowed})"
+        assert response.headers["allow"] == allowed
+    native = await env.http.get("/v1/runz")  # outside Omni's routes: the native shape
+    assert native.status_code == 404 and native.json()["code"] == 5
+    assert (await env.http.get("/api/v1/ai/eval/prompt-sets")).status_code == 200
+
+
 async def test_openapi_documents_omnis_bodies(env: Env) -> None:
     spec = (await env.http.get("/openapi.json")).json()
     runs = spec["paths"]["/api/v1/ai/eval/runs"]

@@ -315,10 +315,12 @@ CODES: dict[grpc.StatusCode, tuple[int, ErrorCode]] = {
     grpc.StatusCode.UNAVAILABLE: (503, "server.internal_error"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (503, "server.internal_error"),
 }
-# A server without a default judge cannot score: the operator's problem, not the request's.
+# A server without a default judge cannot score: the operator's problem, not the request's. A method the
+# path does not take (evalsvc.gateway.unrouted) is the request's: Aymara's codes have none closer.
 REASONS: dict[str, tuple[int, ErrorCode]] = {
     "JUDGE_NOT_CONFIGURED": (503, "server.internal_error"),
     "GENERATOR_NOT_CONFIGURED": (503, "server.internal_error"),
+    "METHOD_NOT_ALLOWED": (405, "validation.invalid_request"),
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorEnvelope} for status in (400, 401, 403, 404, 409, 422, 429, 500, 503)

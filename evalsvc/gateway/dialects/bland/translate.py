@@ -115,6 +115,7 @@ REASON_CODES = {
     "GRADER_NOT_FOUND": "EVAL_AGENT_NOT_FOUND",
     "RUN_ALREADY_FINISHED": "EVAL_RUN_NOT_CANCELLABLE",
     "JUDGE_NOT_CONFIGURED": "JUDGE_NOT_CONFIGURED",
+    "METHOD_NOT_ALLOWED": "METHOD_NOT_ALLOWED",  # HTTP 405 (evalsvc.gateway.unrouted), not NOT_IMPLEMENTED
 }
 # evalsvc field paths in violations -> the Bland fields they came from.
 FIELD_NAMES = (

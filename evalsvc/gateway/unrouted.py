@@ -1,0 +1,145 @@
+"""Requests no route takes: a path the gateway does not serve (HTTP 404) or a method its path does not allow
+(HTTP 405, with `Allow`), answered in the error shape of the API the path belongs to instead of
+Starlette's `{"detail": "Not Found"}`.
+
+As grpc-gateway's routing error handler does, a 404 is NOT_FOUND and a 405 is UNIMPLEMENTED (its HTTP
+status stays 405); the native routes render them as every other error, a google.rpc.Status, with the
+reasons ROUTE_NOT_FOUND and METHOD_NOT_ALLOWED, and a dialect's paths with that dialect's own error
+handler (`VendorOptions.error_handler`), so each vendor's client reads them as it reads its other errors.
+
+The API a path belongs to is the one whose routes match the most of its leading segments (a parameter
+matches any segment): `/v1/evals/nope` is Bland's (`/v1/evals/...`), `/v1/runz` native, `/api/v1/ai/x`
+Omni's, and with `--dialects aymara=/aymara` everything under `/aymara/` is Aymara's. A path that no
+API matches further than the others (`/nope`; `/api/nope`, where Omni and Vogent share the prefix
+`/api`; `/v1/nope`, native and Bland) is answered in the native shape.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from fastapi.exception_handlers import http_exception_handler
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from evalsvc.errors import Reason
+from evalsvc.gateway.upstream import GatewayError
+
+# Renders a GatewayError in an API's error shape: the native routes' `refused`, or a dialect's error handler.
+Render = Callable[[GatewayError], Response]
+
+MAX_ECHOED_PATH = 200  # characters of the request's path an error message repeats
+MAX_ECHOED_METHOD = 32
+_PARAM = re.compile(r"{[^}]*}")
+
+
+def _segment_pattern(segment: str) -> re.Pattern[str]:
+    """A route's path segment as a regex: its parameters (`{run_id}`, as in `{run_id}:cancel`) match any
+    non-empty text without a `/`, as Starlette's default convertor does."""
+    return re.compile("[^/]+".join(re.escape(literal) for literal in _PARAM.split(segment)))
+
+
+@dataclass(frozen=True)
+class _Template:
+    """One route: its path, segment by segment, the methods it takes, and how its API renders errors."""
+
+    segments: tuple[re.Pattern[str], ...]
+    methods: frozenset[str]
+    render: Render
+
+    def matched(self, segments: Sequence[str]) -> int:
+        """How many leading segments of a path (split at `/`) this route matches; the path is the route's
+        when that is all of both."""
+        count = 0
+        for pattern, segment in zip(self.segments, segments, strict=False):
+            if not pattern.fullmatch(segment):
+                break
+            count += 1
+        return count
+
+
+class RoutingErrors:
+    """The app's route table, by API, and the exception handler that answers the requests none of it takes."""
+
+    def __init__(self, native: Render) -> None:
+        self._native = native
+        self._templates: list[_Template] = []
+
+    def add(self, routes: Iterable[BaseRoute], render: Render | None = None, prefix: str = "") -> None:
+        """Routes of one API (mounted under `prefix`), whose errors `render` writes (None: native)."""
+        for route in routes:
+            if isinstance(route, Route) and route.methods:
+                self._templates.append(
+                    _Template(
+                        tuple(_segment_pattern(part) for part in (prefix + route.path).split("/")),
+                        frozenset(route.methods),
+                        render or self._native,
+                    )
+                )
+
+    def allowed(self, segments: Sequence[str]) -> set[str]:
+        """Every method some route takes on this path."""
+        return {
+            method
+            for template in self._templates
+            if len(template.segments) == len(segments) and template.matched(segments) == len(segments)
+            for method in template.methods
+        }
+
+    def owner(self, segments: Sequence[str]) -> Render:
+        """The error renderer of the API whose routes match the most leading segments of the path; the
+        native one when none does, or when the native API or several dialects match as far."""
+        best, owners = 1, {self._native}  # 1: the empty segment before the first `/`, which every path has
+        for template in self._templates:
+            count = template.matched(segments)
+            if count > best:
+                best, owners = count, {template.render}
+            elif count == best:
+                owners.add(template.render)
+        return owners.pop() if len(owners) == 1 else self._native
+
+    async def handle(self, request: Request, exc: Exception) -> Response:
+        """The app's handler of Starlette's HTTPException: routing's own 404 and 405 in the API's shape;
+        anything else (an HTTPException a route raised itself) as FastAPI answers it."""
+        if not isinstance(exc, HTTPException):  # registered for HTTPException only
+            raise exc
+        if exc.status_code not in (404, 405):
+            return await http_exception_handler(request, exc)
+        segments = request.scope["path"].split("/")
+        allowed = self.allowed(segments)
+        if exc.status_code == 405 and exc.headers:  # a route outside the table: Starlette's own list
+            allowed |= {m.strip() for m in exc.headers.get("Allow", "").split(",") if m.strip()}
+        if request.method in allowed:  # a route took the request: its 404 or 405 is its own
+            return await http_exception_handler(request, exc)
+        method, path = _echoed(request.method, MAX_ECHOED_METHOD), _echoed(_sent_path(request), MAX_ECHOED_PATH)
+        if allowed:
+            listed = ", ".join(sorted(allowed))
+            error = GatewayError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"method {method} is not allowed on {path} (allowed: {listed})",
+                Reason.METHOD_NOT_ALLOWED,
+                http_status=405,
+            )
+        else:
+            error = GatewayError(grpc.StatusCode.NOT_FOUND, f"no route for {method} {path}", Reason.ROUTE_NOT_FOUND)
+        response = self.owner(segments)(error)
+        # What HTTP requires, whatever status a vendor's code map would choose for the gRPC code.
+        response.status_code = error.http_status
+        if allowed:
+            response.headers["allow"] = listed
+        return response
+
+
+def _sent_path(request: Request) -> str:
+    """The path as the client sent it (percent-encoded, so no control character is echoed)."""
+    raw = request.scope.get("raw_path")
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) and raw else str(request.scope["path"])
+
+
+def _echoed(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
