@@ -144,6 +144,30 @@ async def test_list_runs_pages_newest_first_and_filters(runs) -> None:
     assert list(pending.runs) == []
 
 
+async def test_list_runs_filters_by_every_label_given(runs) -> None:
+    """A run is listed when it has every label of the filter, whatever their number (up to the 64 a run
+    may have); more than 64 filters, or a key no label may have, is INVALID_ARGUMENT naming `labels`.
+    (Unbounded, 20,000 filters held the server for 8 s and ended INTERNAL; on PostgreSQL 150 took 8 s.)"""
+    every = {f"k{i:02d}": f"v{i}" for i in range(64)}
+    full = (await runs.CreateRun(create_request(1, labels=every))).run.id
+    most = (await runs.CreateRun(create_request(1, labels={**every, "k63": "other"}))).run.id
+    few = (await runs.CreateRun(create_request(1, labels={"k00": "v0", "k01": "v1"}))).run.id
+
+    async def listed(labels: dict[str, str]) -> list[str]:
+        return [r.id for r in (await runs.ListRuns(pb.ListRunsRequest(labels=labels))).runs]
+
+    assert await listed({"k00": "v0"}) == [few, most, full]
+    assert await listed({"k01": "v1", "k00": "v0"}) == [few, most, full]
+    assert await listed({"k00": "v0", "k01": "v1", "k02": "v2"}) == [most, full]
+    assert await listed(every) == [full]
+    assert await listed({"k00": "v0", "k01": "other"}) == []
+    for bad, field in [({f"k{i}": "v" for i in range(65)}, "labels"), ({"Team": "a"}, "labels[Team]")]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await runs.ListRuns(pb.ListRunsRequest(labels=bad))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in violations(err.value), violations(err.value)
+
+
 async def test_get_unknown_run_is_not_found(runs) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await runs.GetRun(pb.GetRunRequest(run_id="run_missing"))
@@ -166,6 +190,8 @@ async def test_get_unknown_run_is_not_found(runs) -> None:
         (lambda r: setattr(r, "pass_threshold", 101.0), "pass_threshold"),
         (lambda r: setattr(r, "request_id", "r" * 129), "request_id"),
         (lambda r: r.labels.update({"Bad Key": "v"}), "labels[Bad Key]"),
+        (lambda r: r.labels.update({"team\n": "v"}), "labels[team\n]"),
+        (lambda r: r.labels.update({f"k{i}": "v" for i in range(65)}), "labels"),
         (lambda r: setattr(r.items[1], "id", r.items[0].id), "items[1].id"),
         (lambda r: r.graders.append(exact()), "graders[1].name"),
         (lambda r: r.graders.add(regex=grader_pb2.Regex(pattern="(")), "graders[1].regex.pattern"),

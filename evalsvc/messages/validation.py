@@ -28,6 +28,8 @@ MAX_ITEM_ID = 128
 MAX_IMAGES = 16  # image URLs of one recorded response
 LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 MAX_LABEL_VALUE = 63
+# Labels per run, dataset, grader or target, and label filters per list request (as Google Cloud's 64).
+MAX_LABELS = 64
 MAX_ANNOTATION_KEY = 128
 MAX_ANNOTATIONS_BYTES = 64 * 1024
 
@@ -66,9 +68,13 @@ def check_length(value: str, limit: int, field: str, out: list[FieldViolation]) 
 
 
 def check_labels(labels: Mapping[str, str], field: str, out: list[FieldViolation]) -> None:
-    """Label keys are 1-63 of [a-z0-9_-] starting with a letter; values at most 63 characters."""
+    """At most MAX_LABELS labels; keys are 1-63 of [a-z0-9_-] starting with a letter; values at most 63
+    characters. The count is checked first: a request of 50,000 labels held the event loop for a second."""
+    if len(labels) > MAX_LABELS:
+        out.append(FieldViolation(field, f"at most {MAX_LABELS} labels (got {len(labels)})"))
+        return
     for key, value in labels.items():
-        if not LABEL_KEY.match(key):
+        if not LABEL_KEY.fullmatch(key):  # `match` with `$` took a key ending in a newline
             out.append(FieldViolation(f"{field}[{key}]", "key must match [a-z][a-z0-9_-]{0,62}"))
         check_length(value, MAX_LABEL_VALUE, f"{field}[{key}]", out)
 

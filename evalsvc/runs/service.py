@@ -327,9 +327,13 @@ class RunService:
     async def list(self, tenant: str, request: pb.ListRunsRequest) -> tuple[list[run_pb2.Run], str]:
         """A page of runs, newest first, and the next page's token."""
         limit = page_size(request.page_size, 50)
+        violations: list[FieldViolation] = []
         for i, status in enumerate(request.statuses):
             if status not in run_pb2.RunStatus.values() or status == run_pb2.RUN_STATUS_UNSPECIFIED:
-                raise invalid_argument([FieldViolation(f"statuses[{i}]", "unknown run status")])
+                violations.append(FieldViolation(f"statuses[{i}]", "unknown run status"))
+        check_labels(request.labels, "labels", violations)  # a filter no run's labels could match is a mistake
+        if violations:
+            raise invalid_argument(violations)
         query = {
             "statuses": sorted(request.statuses),
             "labels": dict(sorted(request.labels.items())),
@@ -343,7 +347,7 @@ class RunService:
                 tenant,
                 before_id=before_id,
                 limit=limit + 1,
-                statuses=request.statuses,
+                statuses=sorted(set(request.statuses)),
                 labels=request.labels,
                 dataset_id=request.dataset_id,
                 show_deleted=request.show_deleted,

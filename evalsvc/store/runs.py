@@ -228,12 +228,30 @@ async def list_page(
         query = query.where(RUNS.c.status.in_(list(statuses)))
     if dataset_id:
         query = query.where(RUNS.c.dataset_id == dataset_id)
-    for key, value in labels.items():
-        query = query.where(
-            exists().where(and_(LABELS.c.run_id == RUNS.c.id, LABELS.c.key == key, LABELS.c.value == value))
-        )
+    if labels:
+        query = query.where(*_having_labels(labels))
     rows = await conn.execute(query.order_by(RUNS.c.id.desc()).limit(limit))
     return [RunRecord.from_row(row) for row in rows.mappings()]
+
+
+def _having_labels(labels: Mapping[str, str]) -> list[ColumnElement[bool]]:
+    """WHERE clauses for runs that have every one of these labels: the first as an EXISTS (which the
+    planner may drive from `ix_run_labels_lookup` when the label is rare), the rest counted in one
+    correlated subquery of the run's own label rows (a run has each key at most once). One EXISTS per
+    label made PostgreSQL's planning grow with their number: 428 ms for 64 labels on empty tables,
+    8 s for 150."""
+    (key, value), *rest = sorted(labels.items())
+    clauses: list[ColumnElement[bool]] = [
+        exists().where(and_(LABELS.c.run_id == RUNS.c.id, LABELS.c.key == key, LABELS.c.value == value))
+    ]
+    if rest:
+        matched = (
+            select(func.count())
+            .where(LABELS.c.run_id == RUNS.c.id, tuple_(LABELS.c.key, LABELS.c.value).in_(rest))
+            .scalar_subquery()
+        )
+        clauses.append(matched == len(rest))
+    return clauses
 
 
 async def set_status(
