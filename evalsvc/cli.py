@@ -2,7 +2,8 @@
 schema; `evalsvc keys ...` manages API keys; `evalsvc secrets ...` tenants' own secrets.
 
 Exit codes: 0 success; 1 `serve` could not start because an address, the database or its disk is
-unusable (one line says which), or a key to revoke or a secret to delete does not exist; 2 bad
+unusable (one line says which; the other commands say the same of a database they cannot use), or a
+key to revoke or a secret to delete does not exist; 2 bad
 configuration (a setting, TLS, secrets, the secrets key) or a database whose schema this version
 cannot use (run `evalsvc migrate`). docs/operations.md lists the causes.
 
@@ -137,10 +138,11 @@ async def _operator_database(command: str, settings: config.Settings) -> AsyncIt
 async def _keys_command(args: argparse.Namespace, settings: config.Settings) -> int:
     from evalsvc.auth.service import KeyService, parse_duration
 
+    # Checked before the database is opened (or made): a wrong lifetime changes nothing.
+    expires = parse_duration(args.expires_in) if args.keys_command == "create" and args.expires_in else None
     async with _operator_database("keys", settings) as db:
         keys = KeyService(db)
         if args.keys_command == "create":
-            expires = parse_duration(args.expires_in) if args.expires_in else None
             key, info = await keys.create(args.tenant, args.name, expires)
             print(key)
             print(f"created key {info.key_id} for tenant {info.tenant!r}; it is shown only this once", file=sys.stderr)
@@ -252,12 +254,16 @@ async def _gateway_command(args: argparse.Namespace) -> int:
     from evalsvc.limits import raise_open_file_limit
 
     raise_open_file_limit()
-    gateway = Gateway(
-        remote_channels(args.grpc_target, root_certificates=args.grpc_ca),
-        args.http_addr,
-        dialects=args.dialects,
-        settings=config.from_args(args),
-    )
+    try:
+        gateway = Gateway(
+            remote_channels(args.grpc_target, root_certificates=args.grpc_ca),
+            args.http_addr,
+            dialects=args.dialects,
+            settings=config.from_args(args),
+        )
+    except ValueError as exc:  # an unknown dialect's name
+        logging.getLogger("evalsvc").error("evalsvc gateway: --dialects: %s", exc)
+        return 2
     try:
         await gateway.start()
     except OSError as exc:
@@ -291,6 +297,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.SettingsError as exc:  # a setting from the environment, or one out of its bounds
         print(f"evalsvc {args.command}: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        # A database that cannot be used (`serve` names its own): one line, as `serve` says it, not a
+        # traceback of the driver's (a database or role that does not exist was 180 lines of it).
+        from evalsvc.server import database_where
+        from evalsvc.store.db import unavailable_cause
+
+        if (cause := unavailable_cause(exc)) is None:
+            raise
+        db = getattr(args, "db", None) or config.from_args(args).db
+        print(f"evalsvc {args.command}: cannot use the database {database_where(db)}: {cause}", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -241,9 +241,13 @@ class EvalServer:
         if self.settings.http_addr:
             # In process: the gateway's calls go straight to the servicers (evalsvc.api.local).
             local = LocalChannel(self.local)
-            self.gateway = Gateway(
-                lambda _index: local, self.settings.http_addr, dialects=self.settings.dialects, settings=self.settings
-            )
+            with _setting("--dialects"):  # an unknown dialect's name: one line, not a traceback
+                self.gateway = Gateway(
+                    lambda _index: local,
+                    self.settings.http_addr,
+                    dialects=self.settings.dialects,
+                    settings=self.settings,
+                )
             await _listen("HTTP", self.settings.http_addr, self.gateway.start())
             stack.push_async_callback(self.gateway.stop)
         if self.settings.metrics_addr:
@@ -337,7 +341,7 @@ class EvalServer:
             cause = unavailable_cause(exc)
             if cause is None:
                 raise
-            raise StartupError(f"cannot use the database {_database_where(self.settings.db)}: {cause}") from exc
+            raise StartupError(f"cannot use the database {database_where(self.settings.db)}: {cause}") from exc
 
     async def _stop_watchdog(self) -> None:
         """From here on health stays NOT_SERVING, whatever the watchdog would say."""
@@ -484,7 +488,7 @@ def check_database_directory(url: str) -> None:
         raise StartupError(f"cannot use the database {path}: its directory {directory} is read-only")
 
 
-def _database_where(url: str) -> str:
+def database_where(url: str) -> str:
     """The database named for an operator: its file (with the free space when nearly none is left,
     since SQLite reports a full disk as a mere I/O error when it cannot grow its shared memory), or
     its URL without password."""

@@ -170,5 +170,6 @@ def test_expiry_parsing() -> None:
     from evalsvc.auth.service import parse_duration
 
     assert [parse_duration(t) for t in ("90s", "15m", "12h", "30d")] == [90, 900, 43200, 2592000]
-    with pytest.raises(ValueError):
-        parse_duration("1 week")
+    for wrong in ("1 week", "30d\n1s", "0d", "0s"):  # a zero lifetime made a key that never expired
+        with pytest.raises(ValueError):
+            parse_duration(wrong)

@@ -115,6 +115,41 @@ def test_an_unreachable_postgres_exits(tmp_path: Path) -> None:
     assert "secret" not in line
 
 
+@pytest.mark.skipif((reason := dbs.postgres_unavailable()) is not None, reason=reason or "PostgreSQL is not reachable")
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("postgresql+asyncpg://postgres:pw-hidden@127.0.0.1:5432/evalsvc_no_such_db", "does not exist"),
+        ("postgresql+asyncpg://evalsvc_no_such_role:pw-hidden@127.0.0.1:5432/test", "refused the login"),
+    ],
+    ids=["no-such-database", "no-such-role"],
+)
+@pytest.mark.parametrize("command", ["serve", "migrate", "keys list", "cache prune --all", "secrets list"])
+def test_a_postgres_database_or_role_that_does_not_exist_is_one_line(url: str, named: str, command: str) -> None:
+    """Each of these was the driver's 180-line traceback (exit 1) for every command that opens the database."""
+    if command == "serve":
+        line = assert_failed_cleanly(failed_start(url), 1, "127.0.0.1:5432", named)
+    else:
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "evalsvc", *command.split(), "--db", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 1 and time.monotonic() - started < QUICK_S, done.stderr
+        assert done.stdout == "" and len(done.stderr.splitlines()) == 1, done.stderr  # one line, no traceback
+        line = done.stderr
+        assert line.startswith(f"evalsvc {command.split()[0]}: cannot use the database ") and named in line, line
+    assert "pw-hidden" not in line  # the password is never shown
+
+
+def test_an_unknown_dialect_exits_2_naming_the_flag(tmp_path: Path) -> None:
+    failed = failed_start(dbs.db_url(tmp_path), "--http-addr", "127.0.0.1:0", "--dialects", "omni,nope")
+    assert_failed_cleanly(failed, 2, "--dialects", "'nope'", "omni")
+
+
 async def test_a_schema_this_binary_does_not_know_exits(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'newer.db'}"
     db = Database(url)

@@ -24,16 +24,20 @@ from evalsvc.store.records import ApiKeyRecord
 
 DEFAULT_TENANT = "default"
 TOUCH_EVERY_S = 60.0
-_DURATION = re.compile(r"^(\d+)([smhd])$")
+_DURATION = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: str) -> float:
-    """'90s', '15m', '12h', '30d' -> seconds."""
-    match = _DURATION.match(text.strip())
+    """'90s', '15m', '12h', '30d' -> seconds. Zero is refused: `--expires-in 0d` made a key that never
+    expired (a lifetime of 0 read as none), where its maker meant the opposite."""
+    match = _DURATION.fullmatch(text.strip())
     if match is None:
         raise ValueError(f"duration {text!r} is not like 90s, 15m, 12h or 30d")
-    return int(match.group(1)) * _UNITS[match.group(2)]
+    seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    if seconds == 0:
+        raise ValueError(f"duration {text!r} must be longer than 0")
+    return seconds
 
 
 KEY_HELP = "the first `evalsvc serve` prints a key; `evalsvc keys create --tenant NAME` makes another"

@@ -145,6 +145,8 @@ _SQLSTATE_UNAVAILABLE = {
     "53": "the database server is out of resources",
     "08": "the connection to the database failed",
     "57P": "the database server is shutting down or starting",
+    "3D000": "the database does not exist on the database server",
+    "28": "the database server refused the login (no such role, or a wrong password)",
 }
 
 
