@@ -99,6 +99,8 @@ def test_run_jsonl_dataset_fail_under_and_exports(live: tuple[ServerProcess, str
     got = evalctl(live, "get", run["id"], "--json")
     assert got.returncode == 0 and json.loads(got.stdout)["last_seq"] == run["last_seq"]
     assert evalctl(live, "get", run["id"], "--fail-under", "99").returncode == 1
+    summary = evalctl(live, "get", run["id"])  # the run on stdout: `evalctl get RUN > f` keeps it
+    assert summary.returncode == 0 and summary.stdout.startswith(f"run {run['id']} SUCCEEDED: 50/50")
     listed = evalctl(live, "list", "--label", "suite=cli-jsonl", "--json")
     assert [r["display_name"] for r in json.loads(listed.stdout)] == ["cli qa", "cli qa"]
     table = evalctl(live, "list", "--status", "succeeded")
@@ -291,6 +293,10 @@ def test_fail_under_is_a_percentage(value: str, capsys: pytest.CaptureFixture[st
         [],
         ["webhooks"],
         ["results", "run_x", "--state", "ok"],
+        ["list", "--label", "suite"],  # failed in dict()'s words after connecting
+        ["list", "--limit", "0"],  # listed nothing and succeeded
+        ["webhooks", "deliveries", "wh_x", "--limit", "-1"],  # failed in islice()'s words
+        ["compare", "run_a", "run_b", "--limit", "x"],
     ],
 )
 def test_a_command_line_evalctl_cannot_parse_is_an_error_not_a_failed_run(

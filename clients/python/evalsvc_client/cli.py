@@ -269,12 +269,12 @@ def cmd_get(args: argparse.Namespace, client: EvalClient, console: Console) -> i
     if args.json:
         _print_json(to_dict(run))
     else:
-        _summary(console, run)
+        _summary(_console(), run)  # the run is the output: stdout (`evalctl get RUN > f` left f empty)
     return _verdict(run, args.fail_under, console) if args.fail_under is not None else EXIT_OK
 
 
 def cmd_list(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
-    labels = dict(label.split("=", 1) for label in args.label)
+    labels = dict(args.label)
     statuses = [_STATUSES[s] for s in args.status]
     runs = list(client.list_runs(statuses=statuses, labels=labels, dataset_id=args.dataset_id, limit=args.limit))
     if args.json:
@@ -300,7 +300,7 @@ def cmd_cancel(args: argparse.Namespace, client: EvalClient, console: Console) -
     if args.json:
         _print_json(to_dict(run))
     else:
-        _summary(console, run)
+        _summary(_console(), run)  # the cancelled run is the output: stdout
     return EXIT_OK
 
 
@@ -525,9 +525,9 @@ def parser() -> argparse.ArgumentParser:
 
     listing = sub.add_parser("list", parents=[common], help="list runs, newest first")
     listing.add_argument("--status", action="append", default=[], choices=sorted(_STATUSES))
-    listing.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    listing.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", type=_label)
     listing.add_argument("--dataset-id", default="")
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--limit", type=_count, default=50)
     listing.set_defaults(handler=cmd_list)
 
     cancel = sub.add_parser("cancel", parents=[common], help="cancel a run")
@@ -557,7 +557,7 @@ def parser() -> argparse.ArgumentParser:
     compare.add_argument("--alpha", type=float, default=0.0, help="significance level; 0 means 0.05")
     compare.add_argument("--fail-on-regression", action="store_true", help="exit 1 when any grader REGRESSED")
     compare.add_argument("--show", choices=sorted(_CHANGES), help="also list the evaluations with this change")
-    compare.add_argument("--limit", type=int, default=20, help="at most this many listed by --show")
+    compare.add_argument("--limit", type=_count, default=20, help="at most this many listed by --show")
     compare.set_defaults(handler=cmd_compare)
 
     webhooks = sub.add_parser("webhooks", help="manage webhooks notified when runs end (docs/webhooks.md)")
@@ -585,7 +585,7 @@ def parser() -> argparse.ArgumentParser:
     deliveries = hooks.add_parser("deliveries", parents=[common], help="a webhook's deliveries, newest first")
     deliveries.add_argument("webhook_id")
     deliveries.add_argument("--status", choices=sorted(_DELIVERY_STATUSES))
-    deliveries.add_argument("--limit", type=int, default=50)
+    deliveries.add_argument("--limit", type=_count, default=50)
     webhooks.set_defaults(handler=cmd_webhooks)
     return top
 
@@ -599,6 +599,25 @@ def _percent(text: str) -> float:
     if not 0 <= value <= 100:
         raise argparse.ArgumentTypeError(f"{text} is not a percentage between 0 and 100")
     return value
+
+
+def _count(text: str) -> int:
+    """A --limit: a whole number of at least 1 (0 listed nothing and succeeded; -1 failed in islice's words)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a count of at least 1")
+    return value
+
+
+def _label(text: str) -> tuple[str, str]:
+    """A --label filter: KEY=VALUE (`--label foo` failed with "dictionary update sequence element #0")."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
 
 
 def _console(stderr: bool = False) -> Console:
