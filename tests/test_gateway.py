@@ -229,6 +229,35 @@ async def test_bad_input_is_a_4xx_with_the_status_body_and_changes_nothing(gw) -
     assert (await client.get("/v1/runs")).json()["runs"] == []
 
 
+@pytest.mark.parametrize(
+    ("method", "url", "kwargs", "field", "description"),
+    [
+        ("POST", "/v1/runs", {"json": {**RUN, "repetitions": "twice"}}, "repetitions", "must be a whole number"),
+        ("POST", "/v1/runs", {"json": {**RUN, "labels": {"team": 1}}}, "labels", "must be a string"),
+        ("POST", "/v1/runs", {"json": {**RUN, "displayNmae": "x"}}, "displayNmae", "unknown field"),
+        ("POST", "/v1/runs", {"json": {**RUN, "trigger": "TRIGGER_SOMETIMES"}}, "trigger", "TRIGGER_SOMETIMES"),
+        ("POST", "/v1/runs", {"json": {**RUN, "target": {"provided": 3}}}, "target.provided", "JSON object"),
+        ("GET", "/v1/runs", {"params": {"pageSize": "abc"}}, "pageSize", "must be a whole number"),
+        ("GET", "/v1/runs/run_x:watch", {"headers": {"last-event-id": "abc"}}, "afterSeq", "whole number"),
+    ],
+)
+async def test_a_value_json_cannot_hold_names_its_field_in_a_violation(
+    gw: Any, method: str, url: str, kwargs: dict[str, Any], field: str, description: str
+) -> None:
+    """A wrong value was a 400 with ErrorInfo only, in Python's words ("cannot read a
+    evalsvc.v1.CreateRunRequest ... invalid literal for int() with base 10"): now the field violation
+    a client reads for any other bad field, and a message without Python in it."""
+    _, client = gw
+    response = await client.request(method, url, **kwargs)
+    assert response.status_code == 400, response.text
+    body = response.json()
+    [bad] = [d for d in body["details"] if d["@type"].endswith("google.rpc.BadRequest")]
+    [violation] = bad["fieldViolations"]
+    assert violation["field"] == field and description in violation["description"], violation
+    for python in ("invalid literal", "bytes-like", "evalsvc.v1.", "iterable", "Traceback"):
+        assert python not in body["message"] and python not in violation["description"], body
+
+
 def routing_status(response: httpx.Response, status: int, code: int, reason: str) -> str:
     """A routing error in the native shape: the google.rpc.Status with its ErrorInfo; its message."""
     assert response.status_code == status, response.text

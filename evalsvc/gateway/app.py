@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException
 from evalsvc.errors import FieldViolation, Reason, ServiceError, to_status
 from evalsvc.gateway import dialects, openapi, ui
 from evalsvc.gateway.dialects.base import DialectOptions
+from evalsvc.gateway.parse_errors import field_violation
 from evalsvc.gateway.routes import Route, routes
 from evalsvc.gateway.translators import translated
 from evalsvc.gateway.unrouted import RoutingErrors
@@ -228,10 +229,14 @@ async def build_request(request: Request, route: Route) -> Message:
         json_format.ParseDict(_outside_fields(request, route), message)
         _set_masks(request, route, message)
     except json_format.ParseError as exc:
+        violation = field_violation(exc)
         raise GatewayError(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"cannot read a {route.method.input_type.full_name} from the request: {exc}",
+            f"invalid request: {violation[0]}: {violation[1]}"
+            if violation
+            else f"the request is not proto3 JSON: {exc}",
             Reason.INVALID_ARGUMENT,
+            [violation] if violation else [],
         ) from None
     for name, value in request.path_params.items():
         setattr(message, name, value)
