@@ -1,9 +1,16 @@
-"""Counted slots (worker slots, endpoint concurrency slots) that cancellation can never leak.
+"""Counted slots (worker slots, endpoint concurrency slots, grading processes) that cancellation can
+never leak, handed to waiting tenants fairly.
 
-`Slots` is a first-come-first-served counting semaphore whose capacity may change while it is in use
-(an endpoint's adaptive limit grows and shrinks). Its `release` is synchronous, so a `finally:` that
-gives a slot back cannot itself be interrupted by a second cancellation halfway, and a waiter that is
-granted a slot and cancelled in the same instant hands the slot on instead of keeping it.
+`Slots` is a counting semaphore whose capacity may change while it is in use (an endpoint's adaptive
+limit grows and shrinks). Its waiters are served fairly across keys (tenants): a freed slot goes to
+the next key in round-robin order among those with waiters, first come first served within a key. So
+a tenant's one call waits for at most one slot release per tenant ahead of it in the rotation, never
+for another tenant's whole backlog. Waiters that all pass the same key (the default) are served first
+come, first served.
+
+Its `release` is synchronous, so a `finally:` that gives a slot back cannot itself be interrupted by a
+second cancellation halfway, and a waiter that is granted a slot and cancelled in the same instant
+hands the slot on (to the next waiter in the rotation) instead of keeping it.
 
 `Hold` is one holder's claim on a slot: it knows whether it holds one, so it can be given back early
 (while its holder waits for something else) and taken again, and giving it back twice is harmless.
@@ -13,41 +20,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
+from collections import OrderedDict, deque
 
 
 class Slots:
-    """At most `capacity` holders at once; waiters are served in arrival order."""
+    """At most `capacity` holders at once; waiters are served round-robin across keys, in arrival order
+    within one."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.held = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # Keys with waiters, in rotation order: the first is served next, then moves to the end.
+        self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
 
     @property
     def waiting(self) -> int:
         """Holders waiting for a slot now."""
-        return len(self._waiters)
+        return sum(len(queue) for queue in self._waiting.values())
 
     def available(self) -> bool:
         """Whether `acquire` would return at once."""
-        return self.held < self.capacity and not self._waiters
+        return self.held < self.capacity and not self._waiting
 
-    async def acquire(self) -> None:
-        """Wait for a slot. Cancelled while waiting, it holds none (and takes none from others)."""
+    async def acquire(self, key: str = "") -> None:
+        """Wait for a slot, in `key`'s turn (`key`: whose wait this is, e.g. a tenant). Cancelled while
+        waiting, it holds none (and takes none from others)."""
         if self.available():
             self.held += 1
             return
         granted = asyncio.get_running_loop().create_future()
-        self._waiters.append(granted)
+        queue = self._waiting.get(key)
+        if queue is None:
+            queue = self._waiting[key] = deque()  # a key that starts waiting joins the end of the rotation
+        queue.append(granted)
         try:
             await granted  # `_grant` counts the slot as held before it resolves the future
         except asyncio.CancelledError:
             if granted.done() and not granted.cancelled():
                 self.release()  # granted and cancelled at the same moment: pass the slot on
             else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(granted)
+                self._forget(key, granted)
             raise
 
     def release(self) -> None:
@@ -61,11 +73,29 @@ class Slots:
         self._grant()
 
     def _grant(self) -> None:
-        while self._waiters and self.held < self.capacity:
-            waiter = self._waiters.popleft()
+        """Hand free slots to waiters: each to the first key in the rotation, which then goes to the end
+        if it has more waiters. Waiters cancelled before they could leave the queue are skipped without
+        using up their key's turn."""
+        while self._waiting and self.held < self.capacity:
+            key, queue = next(iter(self._waiting.items()))
+            waiter = queue.popleft()
+            if not queue:
+                del self._waiting[key]
+            elif not waiter.done():
+                self._waiting.move_to_end(key)
             if not waiter.done():
                 self.held += 1
                 waiter.set_result(None)
+
+    def _forget(self, key: str, waiter: asyncio.Future[None]) -> None:
+        """Take a cancelled waiter out of its key's queue (if `_grant` has not already skipped it)."""
+        queue = self._waiting.get(key)
+        if queue is None:
+            return
+        with contextlib.suppress(ValueError):
+            queue.remove(waiter)
+        if not queue:
+            del self._waiting[key]
 
 
 class Hold:

@@ -23,7 +23,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,12 +58,16 @@ class Webhook:
     """An agent webhook on 127.0.0.1, served from the test's event loop (HTTP/1.1, keep-alive).
 
     POST /fast answers at once, /slow after `slow_s`, /fail with HTTP 500, /throttle with HTTP 429 and
-    `Retry-After: 30`, /hang never (until the webhook closes). An answer's `content` is the item's
-    input, so an exact-match grader passes."""
+    `Retry-After: 30`, /hang never (until the webhook closes), /gated/... when the test lets it
+    (`answer_one`). An answer's `content` is the item's input, so an exact-match grader passes; a path
+    ending in /chat/completions is an LLM judge's, answered with a criteria verdict that passes."""
 
     def __init__(self, slow_s: float = 0.1) -> None:
         self.slow_s = slow_s
         self.calls: Counter[str] = Counter()
+        self.arrived: list[str] = []  # the paths of the requests, in arrival order
+        self.answered: list[str] = []  # the paths of the requests answered, in order
+        self._answers_allowed = 0  # to /gated requests
         self._arrived = asyncio.Condition()
         self._closing = asyncio.Event()
         self._server: asyncio.Server | None = None
@@ -76,17 +80,31 @@ class Webhook:
 
     async def __aexit__(self, *exc: object) -> None:
         self._closing.set()
+        async with self._arrived:
+            self._arrived.notify_all()  # gated requests end too
         assert self._server is not None
         self._server.close()
 
+    async def wait_until(self, check: Callable[[], bool], within_s: float = 15.0) -> None:
+        """Until `check` (of the requests arrived and answered) holds."""
+
+        async def holds() -> None:
+            async with self._arrived:
+                await self._arrived.wait_for(check)
+
+        await asyncio.wait_for(holds(), within_s)
+
     async def wait_for_calls(self, path: str, n: int, within_s: float = 15.0) -> None:
         """Until `n` requests to `path` have arrived."""
+        await self.wait_until(lambda: self.calls[path] >= n, within_s)
 
-        async def arrived() -> None:
-            async with self._arrived:
-                await self._arrived.wait_for(lambda: self.calls[path] >= n)
-
-        await asyncio.wait_for(arrived(), within_s)
+    async def answer_one(self) -> None:
+        """Let one request waiting on a /gated path be answered, and wait until it has been."""
+        async with self._arrived:
+            goal = len(self.answered) + 1
+            self._answers_allowed += 1
+            self._arrived.notify_all()
+        await self.wait_until(lambda: len(self.answered) >= goal)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -104,16 +122,27 @@ class Webhook:
                 request = json.loads(await reader.readexactly(length) or b"null")
                 async with self._arrived:
                     self.calls[path] += 1
+                    self.arrived.append(path)
                     self._arrived.notify_all()
                 if path == "/hang":
                     await self._closing.wait()
                     return
                 if path == "/slow":
                     await asyncio.sleep(self.slow_s)
+                if path.startswith("/gated/"):
+                    async with self._arrived:
+                        await self._arrived.wait_for(lambda: self._answers_allowed > 0 or self._closing.is_set())
+                        if self._closing.is_set():
+                            return
+                        self._answers_allowed -= 1
                 status = {"/fail": "500 Internal Server Error", "/throttle": "429 Too Many Requests"}.get(
                     path, "200 OK"
                 )
-                body = json.dumps({"content": request["item"]["input"]}).encode()
+                if path.endswith("/chat/completions"):
+                    verdict = json.dumps({"passed": True, "reason": "ok"})
+                    body = json.dumps({"choices": [{"message": {"role": "assistant", "content": verdict}}]}).encode()
+                else:
+                    body = json.dumps({"content": request["item"]["input"]}).encode()
                 head_out = (
                     f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
                     + ("retry-after: 30\r\n" if path == "/throttle" else "")
@@ -121,6 +150,9 @@ class Webhook:
                 )
                 writer.write(head_out.encode() + body)
                 await writer.drain()
+                async with self._arrived:
+                    self.answered.append(path)
+                    self._arrived.notify_all()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the client closed the connection, or gave up on the call
         finally:
@@ -367,6 +399,73 @@ async def test_a_run_hung_on_its_webhook_delays_no_other_run(tmp_path: Path) -> 
         sample = srv.metrics.registry.get_sample_value
         assert (sample("evalsvc_jobs_running"), sample("evalsvc_jobs_held_up")) == (8, 56)
         await a.CancelRun(pb.CancelRunRequest(run_id=stuck.id))
+
+
+def endpoint_calls(url: str, n: int, *, by: str, tag: str) -> pb.CreateRunRequest:
+    """n items that call the endpoint at `url` once each: as their target (an agent's webhook), or as
+    the LLM judge grading an echo target's output. `tag` names the run in the paths it calls."""
+    if by == "target":
+        request = run_request(webhook(f"{url}/gated/{tag}/agent"), n)
+    else:
+        request = run_request(echo(), n)
+        endpoint = target_pb2.Endpoint(base_url=f"{url}/gated/{tag}/v1", timeout_s=HUNG_CALL_TIMEOUT_S)
+        judge = grader_pb2.LlmJudge(
+            model="judge", endpoint=endpoint, mode=grader_pb2.LlmJudge.MODE_CRITERIA, criteria="answers"
+        )
+        del request.graders[:]
+        request.graders.append(grader_pb2.Grader(name="judge", llm_judge=judge))
+    return request
+
+
+async def until(check: Callable[[], bool], within_s: float = 15.0) -> None:
+    """Until `check` holds (it is looked at every 10 ms)."""
+
+    async def holds() -> None:
+        while not check():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(holds(), within_s)
+
+
+@pytest.mark.parametrize("by", ["target", "judge"])
+async def test_waiting_for_an_endpoint_is_fair_across_tenants(tmp_path: Path, by: str) -> None:
+    """Regression: every tenant's calls to an endpoint waited for its slots in one first-come-first-served
+    queue, so tenant B's one call waited for tenant A's whole backlog there (13 s instead of 1.5 s).
+
+    A's 40 calls (by its target, or by its LLM judge: a judge's calls wait in the turn of the tenant
+    whose run it grades) take the endpoint's 2 slots and queue for the rest; then B's one call queues.
+    The endpoint answers one call at a time, when the test says: B's call gets the second slot freed
+    (A is ahead of B in the rotation once), and B's run ends while A has had at most 4 calls answered,
+    not after all 40."""
+    backlog, slots = 40, 2
+    async with serving(tmp_path) as srv, Webhook() as hook, tenants(srv, "a", "b") as t:
+        limit = srv.outbound.limit_of(hook.url)  # the endpoint's limit, shared by both tenants
+        limit.limit = limit.minimum = limit.maximum = float(slots)  # no growth on success: 2 slots
+        limit.slots.set_capacity(slots)
+        a_run = (await t["a"].CreateRun(endpoint_calls(hook.url, backlog, by=by, tag="a"))).run
+        await until(lambda: limit.in_flight == slots and limit.slots.waiting == backlog - slots)
+        b_run = (await t["b"].CreateRun(endpoint_calls(hook.url, 1, by=by, tag="b"))).run
+        await until(lambda: limit.slots.waiting == backlog - slots + 1)  # B's call queues behind A's
+        b_done = asyncio.create_task(finish(t["b"], b_run.id, within_s=60))
+
+        def answered(tag: str) -> int:
+            return sum(path.startswith(f"/gated/{tag}/") for path in hook.answered)
+
+        while not answered("b") and len(hook.answered) < backlog + 1:
+            await hook.answer_one()
+            # Its slot has gone to the next call in turn, which has reached the endpoint.
+            await hook.wait_until(lambda: len(hook.arrived) >= min(len(hook.answered) + slots, backlog + 1))
+        b_end = await b_done  # nothing more is answered meanwhile: A stays where it is
+        a_now = (await t["a"].GetRun(pb.GetRunRequest(run_id=a_run.id))).run
+        order = "".join(path.split("/")[2] for path in hook.arrived)  # "aab...": whose calls, as they came
+        print(f"calls reaching the endpoint, by tenant: {order}")
+        assert b_end.status == run_pb2.RUN_STATUS_SUCCEEDED and b_end.counts.passed == 1
+        assert answered("a") <= 4, f"B's call was answered after {answered('a')} of A's {backlog}: {order}"
+        assert a_now.status == run_pb2.RUN_STATUS_RUNNING and a_now.counts.completed_evaluations <= 4
+        assert order.index("b") <= slots + 1, order  # B's call was the first or second to get a freed slot
+
+        await t["a"].CancelRun(pb.CancelRunRequest(run_id=a_run.id))
+        await until(lambda: limit.in_flight == 0 and limit.slots.waiting == 0)  # nothing leaked
 
 
 async def test_a_run_backing_off_from_a_throttling_endpoint_holds_no_workers(tmp_path: Path) -> None:

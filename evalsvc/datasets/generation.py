@@ -8,9 +8,10 @@ A generation whose model cannot be reached or gives no usable answer ends FAILED
 
 The generator is an OpenAI-compatible chat model: --generator-model (with --generator-base-url and
 --generator-api-key), by default the server's default judge. Its calls go through the shared
-`Outbound` client (SSRF rule, retries, adaptive per-endpoint limits). Bounds: at most MAX_ITEMS items
-per generation, TENANT_CONCURRENCY generations of one tenant and PROCESS_CONCURRENCY in all are
-worked on at once by a process, so one tenant's large generations cannot hold back another's.
+`Outbound` client (SSRF rule, retries, adaptive per-endpoint limits waited for in the tenant's turn).
+Bounds: at most MAX_ITEMS items per generation, TENANT_CONCURRENCY generations of one tenant and
+PROCESS_CONCURRENCY in all are worked on at once by a process, so one tenant's large generations
+cannot hold back another's.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from evalsvc.config import Settings
 from evalsvc.datasets.service import generation_from
 from evalsvc.errors import FieldViolation, Reason, ServiceError, invalid_argument, not_found
 from evalsvc.graders.judge import JudgeDefaults
-from evalsvc.http.outbound import Outbound, OutboundError
+from evalsvc.http.outbound import Outbound, OutboundError, call_tenant
 from evalsvc.messages.validation import assign_item_ids, check_items
 from evalsvc.storable import storable_json
 from evalsvc.store import datasets as dataset_store
@@ -242,6 +243,7 @@ class DatasetGenerations:
         slots = asyncio.Semaphore(CONTINUE_CONCURRENCY)
 
         async def write(conversation: Any, item: item_pb2.Item) -> None:
+            call_tenant.set(tenant)  # its own task (gather): whose turn its calls wait for at the endpoint
             async with slots:
                 body = {
                     "model": self._model.model,
@@ -376,6 +378,7 @@ class DatasetGenerations:
 
     async def _work(self, generation: DatasetGenerationRecord, claim_id: str) -> None:
         """Write the remaining items batch by batch; record the outcome."""
+        call_tenant.set(generation.tenant)  # its own task: whose turn its calls wait for at the endpoint
         dataset_id = generation.dataset_id
         written: list[str] = []
         try:

@@ -11,9 +11,10 @@ only by shutdown) and watched for progress:
 A keeper extends the leases of jobs still in flight.
 
 A job task holds a worker slot (`--workers`) while it works, but not while a shared resource holds it
-up: its endpoint (it queues for a slot of the endpoint's concurrency limit, or backs off before a
-retry) or a grading process. A run stuck behind a slow, hung or throttling endpoint keeps at most that
-endpoint's limit of workers busy, and claims no more jobs while its jobs wait, so other runs keep theirs.
+up: its endpoint (it queues for a slot of the endpoint's concurrency limit, in its tenant's turn, or
+backs off before a retry) or a grading process. A run stuck behind a slow, hung or throttling endpoint
+keeps at most that endpoint's limit of workers busy, and claims no more jobs while its jobs wait, so
+other runs keep theirs.
 
 Cancelling a run cancels its tasks at once; everything a task holds (worker slot, endpoint slot, its
 share of the claim whose lease the keeper renews) is given back in `finally` blocks and context
@@ -47,7 +48,7 @@ from evalsvc.execution.recorder import ALONE_FROM_EVALUATIONS, FinishedJob, RunG
 from evalsvc.graders import CompiledGrader, Grade, compile_grader, grader_name, target_error_grade
 from evalsvc.graders.judge import JudgeDefaults, LlmJudgeGrader
 from evalsvc.graders.pool import GradingPool, may_offload, offloads
-from evalsvc.http.outbound import Outbound, call_guard, endpoint_wait
+from evalsvc.http.outbound import Outbound, call_guard, call_tenant, endpoint_wait
 from evalsvc.liveness import Progress, Watched, supervise
 from evalsvc.metrics import Metrics
 from evalsvc.secrets.refs import run_secret_refs
@@ -483,6 +484,8 @@ class Executor:
         # The one budget check: before every outbound call attempt of this job (target, warmups, judges,
         # retries), where the money is spent; calls that cost nothing are never stopped.
         call_guard.set(lambda: self._check_budget(job, plan))
+        # Whose turn its calls (target, warmups, judges) wait for when their endpoint's slots are taken.
+        call_tenant.set(plan.tenant)
         use = CacheUse()
         try:
             output = await self._respond(job, plan, item, use)

@@ -18,8 +18,8 @@ next grading. So a runaway computation costs at most the time limit of one worke
 
 The time limit counts the grading only: waiting for a free worker is not the grading's fault. The
 wait is bounded too, since each grading ahead takes at most the limit, and fair: free workers go to
-waiting tenants in turn (round-robin), so one tenant's thousand big outputs do not queue ahead of
-another tenant's one.
+waiting tenants in turn (round-robin, `evalsvc.slots.Slots`, as an endpoint's slots do), so one
+tenant's thousand big outputs do not queue ahead of another tenant's one.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ import logging
 import pickle
 import struct
 import sys
-from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from evalsvc.graders.builtin import ERROR, CompiledGrader, Grade
+from evalsvc.slots import Slots
 from evalsvc.v1 import item_pb2
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["INLINE_LIMIT_CHARS", "FairSlots", "GradingPool", "may_offload", "offloads"]
+__all__ = ["INLINE_LIMIT_CHARS", "GradingPool", "may_offload", "offloads"]
 
 # Below this many characters of text, the heaviest built-in grader (similarity, quadratic over
 # 64-bit words) takes about a millisecond: cheaper inline than the round trip to a worker.
@@ -127,55 +127,13 @@ class _Worker:
         await self.process.wait()
 
 
-class FairSlots:
-    """`size` slots, handed to waiting tenants in turn (round-robin), first come first served within one."""
-
-    def __init__(self, size: int) -> None:
-        self._free = size
-        self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
-
-    async def acquire(self, tenant: str) -> None:
-        """Wait for a slot: at once when one is free and nobody waits, else in the tenants' rotation."""
-        if self._free > 0 and not self._waiting:
-            self._free -= 1
-            return
-        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(tenant, deque()).append(granted)
-        try:
-            await granted
-        except asyncio.CancelledError:
-            if granted.done() and not granted.cancelled():
-                self.release()  # granted as the waiter was cancelled: pass the slot on
-            else:
-                queue = self._waiting.get(tenant)
-                if queue is not None and granted in queue:
-                    queue.remove(granted)
-                    if not queue:
-                        del self._waiting[tenant]
-            raise
-
-    def release(self) -> None:
-        """Give a slot back: to the next tenant in the rotation that waits, else to the free count."""
-        while self._waiting:
-            tenant, queue = next(iter(self._waiting.items()))
-            granted = queue.popleft()
-            if queue:
-                self._waiting.move_to_end(tenant)  # its next waiter comes after every other tenant's
-            else:
-                del self._waiting[tenant]
-            if not granted.done():
-                granted.set_result(None)
-                return
-        self._free += 1
-
-
 class GradingPool:
     """Up to `processes` worker processes, started on first need and kept while they behave."""
 
     def __init__(self, processes: int, timeout_s: float, metrics: Metrics) -> None:
         self._timeout_s = timeout_s
         self._metrics = metrics
-        self._slots = FairSlots(max(1, processes))
+        self._slots = Slots(max(1, processes))  # handed to waiting tenants in turn
         self._idle: list[_Worker] = []
 
     async def grade(self, tenant: str, grader: CompiledGrader, item: item_pb2.Item, output: item_pb2.Response) -> Grade:

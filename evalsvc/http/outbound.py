@@ -9,7 +9,11 @@ Every target and judge call goes through `Outbound.post_json`, so the rules hold
 - 408/429/5xx and connection errors are retried with exponential backoff and full jitter, honouring
   Retry-After; each endpoint has an adaptive concurrency limit that halves on 429 and grows by one
   on each success (AIMD), so a rate-limited endpoint is not hammered. A call's slot under that limit
-  is a context manager: a cancelled call gives it back like any other.
+  is a context manager: a cancelled call gives it back like any other. The limit is the endpoint's,
+  shared by every tenant, but waiting for it is fair: a freed slot goes to the next tenant in
+  round-robin order among those with calls waiting (`call_tenant`; first come, first served within
+  a tenant), so one tenant's backlog on a popular endpoint (a provider, the default judge) does not
+  queue ahead of another tenant's call.
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ call_guard: ContextVar[Callable[[], None] | None] = ContextVar("evalsvc_call_gua
 endpoint_wait: ContextVar[Callable[[], AbstractAsyncContextManager[None]] | None] = ContextVar(
     "evalsvc_endpoint_wait", default=None
 )
+# Set by the executor for each job (and by dataset generation for each generation): the tenant the
+# calls are made for - a target's, and a judge's grading that tenant's run. It is whose turn a call
+# waits for when its endpoint's slots are all taken (see `AdaptiveLimit`).
+call_tenant: ContextVar[str] = ContextVar("evalsvc_call_tenant", default="")
 SECRET_HEADER = "secret:"
 # How long a create call waits for DNS to check an endpoint's name: a slow resolver must not stall it.
 CREATE_RESOLVE_TIMEOUT_S = 2.0
@@ -281,7 +289,8 @@ async def destination_violations(endpoints: Iterable[tuple[str, str]], allow: Al
 
 
 class AdaptiveLimit:
-    """AIMD concurrency limit of one endpoint: halve on 429, grow by one on success."""
+    """AIMD concurrency limit of one endpoint: halve on 429, grow by one on success. Shared by every
+    tenant; its waiters are served round-robin across tenants (`Slots`)."""
 
     def __init__(self, limit: float = 8.0, minimum: float = 1.0, maximum: float = 256.0) -> None:
         self.limit = limit
@@ -294,9 +303,9 @@ class AdaptiveLimit:
         """Calls holding a slot now."""
         return self.slots.held
 
-    async def acquire(self) -> None:
-        """Wait for a slot under the current limit."""
-        await self.slots.acquire()
+    async def acquire(self, tenant: str = "") -> None:
+        """Wait for a slot under the current limit, in `tenant`'s turn."""
+        await self.slots.acquire(tenant)
 
     def release(self, *, throttled: bool) -> None:
         """Give the slot back and adapt the limit."""
@@ -325,14 +334,15 @@ def _held_up() -> AbstractAsyncContextManager[None]:
 async def _endpoint_slot(limit: AdaptiveLimit) -> AsyncIterator[_Call]:
     """One call's slot under its endpoint's limit, given back (and the limit adapted) however the call
     ends: cancelled, failed or answered. A call that must queue for the slot waits the way its
-    caller asked (`endpoint_wait`)."""
+    caller asked (`endpoint_wait`), in its tenant's turn (`call_tenant`)."""
+    tenant = call_tenant.get()
     if limit.slots.available():
-        await limit.acquire()
+        await limit.acquire(tenant)
     else:
         acquired = False
         try:
             async with _held_up():
-                await limit.acquire()
+                await limit.acquire(tenant)
                 acquired = True
         except BaseException:
             if acquired:  # cancelled while the caller took its own resources back

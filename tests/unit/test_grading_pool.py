@@ -1,5 +1,5 @@
-"""The grading pool: big gradings run in worker processes under a time limit, and tenants take free
-slots in turn. Worker processes, no network and no server."""
+"""The grading pool: big gradings run in worker processes under a time limit (tenants take free
+processes in turn: tests/unit/test_slots.py). Worker processes, no network and no server."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 import pytest
 
 from evalsvc.graders import compile_grader
-from evalsvc.graders.pool import INLINE_LIMIT_CHARS, FairSlots, GradingPool, may_offload, offloads
+from evalsvc.graders.pool import INLINE_LIMIT_CHARS, GradingPool, may_offload, offloads
 from evalsvc.metrics import Metrics
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2
 
@@ -81,38 +81,6 @@ async def test_a_cancelled_grading_kills_its_worker() -> None:
         assert worker.process.returncode is not None
     finally:
         await pool.close()
-
-
-async def test_free_slots_go_to_waiting_tenants_in_turn() -> None:
-    """Tenant A queues four gradings, then tenant B one: B's goes second, not fifth."""
-    slots = FairSlots(1)
-    await slots.acquire("a")  # busy, so everything below waits
-    order: list[str] = []
-
-    async def grading(tenant: str, label: str) -> None:
-        await slots.acquire(tenant)
-        order.append(label)
-        slots.release()
-
-    waiting = [asyncio.create_task(grading("a", f"a{i}")) for i in range(4)]
-    await asyncio.sleep(0)  # A's four are queued before B arrives
-    waiting.append(asyncio.create_task(grading("b", "b0")))
-    await asyncio.sleep(0)
-    slots.release()
-    await asyncio.gather(*waiting)
-    assert order == ["a0", "b0", "a1", "a2", "a3"]
-
-
-async def test_a_cancelled_waiter_gives_up_its_place_without_losing_a_slot() -> None:
-    slots = FairSlots(1)
-    await slots.acquire("a")
-    gone = asyncio.create_task(slots.acquire("b"))
-    await asyncio.sleep(0)
-    gone.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await gone
-    slots.release()
-    await asyncio.wait_for(slots.acquire("c"), 5)  # the slot came back, not to the cancelled waiter
 
 
 def test_a_run_may_offload_only_with_a_text_grader_and_an_item_over_the_limit() -> None:

@@ -1,0 +1,279 @@
+"""`Slots`, the one counted-slot mechanism (worker slots, each endpoint's concurrency slots, the grading
+processes): waiters are served round-robin across tenants, first come first served within one, and
+cancellation never leaks a slot. No network, no server.
+
+The random interleavings are seeded; replay a failure with EVALSVC_SLOTS_SEED=<seed>."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import pytest
+
+from evalsvc.slots import Slots
+
+SEEDS = [int(os.environ["EVALSVC_SLOTS_SEED"])] if "EVALSVC_SLOTS_SEED" in os.environ else list(range(40))
+STEPS = 300
+TENANTS = ["a", "b", "c", "d"]
+
+
+async def settle() -> None:
+    """Let every task woken by the last action run as far as it can (a grant passed on by a waiter
+    cancelled as it was granted takes a few turns of the loop)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_free_slots_go_to_waiting_tenants_in_turn() -> None:
+    """Tenant A queues four waiters, then tenant B one: B's goes second, not fifth."""
+    slots = Slots(1)
+    await slots.acquire("a")  # busy, so everything below waits
+    order: list[str] = []
+
+    async def holder(tenant: str, label: str) -> None:
+        await slots.acquire(tenant)
+        order.append(label)
+        slots.release()
+
+    waiting = [asyncio.create_task(holder("a", f"a{i}")) for i in range(4)]
+    await asyncio.sleep(0)  # A's four are queued before B arrives
+    waiting.append(asyncio.create_task(holder("b", "b0")))
+    await asyncio.sleep(0)
+    slots.release()
+    await asyncio.gather(*waiting)
+    assert order == ["a0", "b0", "a1", "a2", "a3"]
+
+
+async def test_waiters_of_one_key_are_served_first_come_first_served() -> None:
+    """What worker slots (no key) rely on: with one key the queue is FIFO."""
+    slots = Slots(1)
+    await slots.acquire()
+    order: list[int] = []
+
+    async def holder(i: int) -> None:
+        await slots.acquire()
+        order.append(i)
+        slots.release()
+
+    waiting = [asyncio.create_task(holder(i)) for i in range(5)]
+    await asyncio.sleep(0)
+    slots.release()
+    await asyncio.gather(*waiting)
+    assert order == [0, 1, 2, 3, 4]
+
+
+async def test_a_cancelled_waiter_gives_up_its_place_without_losing_a_slot() -> None:
+    slots = Slots(1)
+    await slots.acquire("a")
+    gone = asyncio.create_task(slots.acquire("b"))
+    await asyncio.sleep(0)
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert (slots.held, slots.waiting) == (1, 0)
+    slots.release()
+    await asyncio.wait_for(slots.acquire("c"), 5)  # the slot came back, not to the cancelled waiter
+    assert (slots.held, slots.waiting) == (1, 0)
+
+
+async def test_a_slot_granted_to_a_waiter_cancelled_at_that_moment_goes_to_the_next_tenant_in_turn() -> None:
+    slots = Slots(1)
+    await slots.acquire("a")
+    order: list[str] = []
+
+    async def holder(tenant: str, label: str) -> None:
+        await slots.acquire(tenant)
+        order.append(label)
+
+    b0 = asyncio.create_task(holder("b", "b0"))
+    c0 = asyncio.create_task(holder("c", "c0"))
+    b1 = asyncio.create_task(holder("b", "b1"))
+    await asyncio.sleep(0)
+    slots.release()  # the slot goes to b0...
+    b0.cancel()  # ...which is cancelled before it resumes: c0 is next in turn, then b1
+    with pytest.raises(asyncio.CancelledError):
+        await b0
+    await asyncio.wait_for(c0, 5)
+    assert (order, slots.held, slots.waiting) == (["c0"], 1, 1)
+    slots.release()
+    await asyncio.wait_for(b1, 5)
+    assert (order, slots.held, slots.waiting) == (["c0", "b1"], 1, 0)
+
+
+# ------------------------------------------------------------------------------------------ interleavings
+
+
+@dataclass
+class Grant:
+    """One slot handed to a waiter by the reference model, and who was waiting just before."""
+
+    label: str
+    tenant: str
+    waiting_before: frozenset[str]
+
+
+@dataclass
+class Model:
+    """The specification, written plainly: capacity, holders, and per tenant a FIFO of waiters in a
+    rotation; a freed slot goes to the first tenant of the rotation, which then moves to its end."""
+
+    capacity: int
+    held: int = 0
+    rotation: OrderedDict[str, list[str]] = field(default_factory=OrderedDict)
+    grants: list[Grant] = field(default_factory=list)
+    just_granted: set[str] = field(default_factory=set)  # granted in this step; their tasks have not run yet
+
+    def waiting(self) -> frozenset[str]:
+        return frozenset(label for queue in self.rotation.values() for label in queue)
+
+    def arrive(self, tenant: str, label: str) -> None:
+        if self.held < self.capacity and not self.rotation:
+            self.held += 1
+            self.grants.append(Grant(label, tenant, self.waiting()))
+        else:
+            self.rotation.setdefault(tenant, []).append(label)
+
+    def grant(self) -> None:
+        while self.rotation and self.held < self.capacity:
+            before = self.waiting()
+            tenant, queue = next(iter(self.rotation.items()))
+            label = queue.pop(0)
+            if queue:
+                self.rotation.move_to_end(tenant)
+            else:
+                del self.rotation[tenant]
+            self.held += 1
+            self.just_granted.add(label)
+            self.grants.append(Grant(label, tenant, before))
+
+    def release(self) -> None:
+        self.held -= 1
+        self.grant()
+
+    def cancel(self, tenant: str, label: str) -> None:
+        if label in self.just_granted:  # granted and cancelled at the same moment: the slot is passed on
+            self.just_granted.discard(label)
+            self.release()
+            return
+        queue = self.rotation[tenant]
+        queue.remove(label)
+        if not queue:
+            del self.rotation[tenant]
+
+    def set_capacity(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.grant()
+
+
+def check_round_robin(grants: list[Grant], tenant_of: dict[str, str], seed: int) -> None:
+    """Implementation-free statements of fairness over the model's grants (which the real slots match):
+    within a tenant, first come first served; and between two grants to one tenant, every other tenant
+    that had a waiter waiting all along was granted one."""
+    for tenant in TENANTS:
+        labels = [g.label for g in grants if g.tenant == tenant]
+        assert labels == sorted(labels, key=lambda label: int(label.split("-")[1])), (seed, tenant, labels)
+    last: dict[str, int] = {}
+    for i, grant in enumerate(grants):
+        if grant.tenant in last:
+            j = last[grant.tenant]
+            served_between = {g.tenant for g in grants[j + 1 : i]}
+            for label in grants[j].waiting_before & grant.waiting_before:
+                other = tenant_of[label]
+                assert other == grant.tenant or other in served_between, (
+                    f"seed {seed}: tenant {grant.tenant} was granted twice (grants {j} and {i}) while "
+                    f"{label} of tenant {other} waited throughout"
+                )
+        last[grant.tenant] = i
+
+
+async def interleave(seed: int) -> None:
+    rng = random.Random(seed)
+    capacity = rng.randint(1, 3)
+    slots, model = Slots(capacity), Model(capacity)
+    tasks: dict[str, asyncio.Task[None]] = {}
+    tenant_of: dict[str, str] = {}
+    served: list[str] = []  # in the order their acquire returned
+    holders: list[str] = []
+    waiting: set[str] = set()  # arrived, not yet served, not cancelled
+    cancelled: set[str] = set()
+
+    async def waiter(tenant: str, label: str) -> None:
+        await slots.acquire(tenant)
+        served.append(label)
+        holders.append(label)
+        waiting.discard(label)
+
+    def cancel(label: str) -> None:
+        waiting.discard(label)
+        cancelled.add(label)
+        tasks[label].cancel()
+        model.cancel(tenant_of[label], label)
+
+    def release() -> None:
+        holders.remove(rng.choice(holders))
+        slots.release()
+        model.release()
+
+    for step in range(STEPS):
+        action = rng.choices(
+            ["arrive", "release", "cancel", "release, then cancel", "cancel, then release", "capacity"],
+            weights=[5, 3, 2, 1, 1, 1],
+        )[0]
+        if action == "arrive":
+            tenant = rng.choices(TENANTS, weights=[6, 2, 1, 1])[0]  # one tenant with most of the load
+            label = f"{tenant}-{step}"
+            tenant_of[label] = tenant
+            waiting.add(label)
+            tasks[label] = asyncio.create_task(waiter(tenant, label))
+            model.arrive(tenant, label)
+        elif action == "release" and holders:
+            release()
+        elif action == "cancel" and waiting:
+            cancel(rng.choice(sorted(waiting)))
+        elif action == "release, then cancel" and holders and waiting:
+            release()  # the slot may go to the very waiter cancelled next: it must pass it on
+            cancel(rng.choice(sorted(waiting)))
+        elif action == "cancel, then release" and holders and waiting:
+            cancel(rng.choice(sorted(waiting)))  # cancelled, not yet out of the queue when the slot frees
+            release()
+        elif action == "capacity":  # an endpoint's adaptive limit halving or growing
+            capacity = rng.randint(1, 4)
+            slots.set_capacity(capacity)
+            model.set_capacity(capacity)
+        await settle()
+        model.just_granted.clear()
+        expected = [g.label for g in model.grants if g.label not in cancelled]
+        note = f"seed {seed}, step {step} ({action})"
+        assert served == expected, note
+        assert slots.held == model.held == len(holders), note  # no slot leaked, none handed out twice
+        assert slots.waiting == len(model.waiting()) == len(waiting), note
+
+    while holders or waiting:  # drain: every waiter not cancelled is served
+        slots.set_capacity(max(capacity, 1))
+        if holders:
+            holders.pop()
+            slots.release()
+        await settle()
+    results = await asyncio.gather(*tasks.values(), return_exceptions=True)
+    for label, result in zip(tasks, results, strict=True):
+        if label in cancelled:
+            assert isinstance(result, asyncio.CancelledError), (seed, label, result)
+        else:
+            assert result is None and label in served, (seed, label, result)
+    assert (slots.held, slots.waiting, slots.available()) == (0, 0, True), seed
+    check_round_robin(model.grants, tenant_of, seed)
+
+
+async def test_random_interleavings_leak_no_slot_and_serve_tenants_in_turn() -> None:
+    """Waiters of four tenants (one with most of the load) arrive, are cancelled (also in the instant
+    they are granted a slot, and just before one frees), slots are released in random order and the
+    capacity changes (an adaptive limit). After every step the slots match a plain model of the
+    round-robin: the same waiters served in the same order, as many slots held and waiting; no slot is
+    leaked or handed out twice, every waiter not cancelled is served in the end, and the order is fair
+    (check_round_robin)."""
+    for seed in SEEDS:
+        await interleave(seed)
