@@ -27,7 +27,8 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     """Everything the server can be configured with. Field docs are the help text of their flag.
-    Numeric values below their MINIMUMS are refused when the object is made (`SettingsError`)."""
+    Numeric values below their MINIMUMS, and a tenant's share of the REST connections over half of
+    them, are refused when the object is made (`SettingsError`)."""
 
     grpc_addr: str = dataclasses.field(
         default="127.0.0.1:50051", metadata={"help": "host:port the gRPC server listens on (port 0 picks one)"}
@@ -91,6 +92,14 @@ class Settings:
     max_http_connections: int = dataclasses.field(
         default=2000,
         metadata={"help": "REST gateway connections at once; past it a connection gets 503 with Retry-After"},
+    )
+    max_http_streams_per_tenant: int = dataclasses.field(
+        default=0,
+        metadata={
+            "help": "long-lived REST requests (SSE/NDJSON watches, synchronous dialect waits) one tenant may "
+            "have open in the gateway at once, each holding an HTTP connection; past it 429 RESOURCE_EXHAUSTED "
+            "(docs/operations.md). At most half of --max-http-connections; 0: a quarter of it"
+        },
     )
     http_header_timeout_s: float = dataclasses.field(
         default=30.0,
@@ -253,6 +262,19 @@ class Settings:
                 raise SettingsError(f"{_names(name)} must be a finite number, not {value!r}")
             if value < minimum or (value == minimum and not inclusive):
                 raise SettingsError(f"{_names(name)} must be {_bound(name)}, not {value!r}")
+        if self.http_streams_per_tenant > self.max_http_connections // 2:
+            # One tenant's watches could hold every REST connection: every other tenant's calls got 503.
+            raise SettingsError(
+                f"{_names('max_http_streams_per_tenant')} must be at most half of {_names('max_http_connections')}, "
+                f"so that one tenant's streams leave connections for the others: "
+                f"{self.http_streams_per_tenant} is more than {self.max_http_connections // 2}"
+            )
+
+    @property
+    def http_streams_per_tenant(self) -> int:
+        """The REST streams one tenant may hold open in the gateway: `max_http_streams_per_tenant`, or
+        when that is 0, a quarter of `max_http_connections` (at least 1)."""
+        return self.max_http_streams_per_tenant or max(1, self.max_http_connections // 4)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -289,7 +311,8 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "max_message_bytes": (1024, True),
     "max_concurrent_streams": (1, True),
     "max_connections": (1, True),
-    "max_http_connections": (1, True),
+    "max_http_connections": (2, True),  # one connection cannot be shared: a tenant's one stream would take it
+    "max_http_streams_per_tenant": (0, True),  # 0: a quarter of max_http_connections
     "http_header_timeout_s": (0, False),
     "http_keepalive_timeout_s": (0, True),
     "gateway_streams_per_channel": (1, True),
@@ -357,6 +380,7 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 
 GATEWAY_SETTINGS = (
     "max_http_connections",
+    "max_http_streams_per_tenant",
     "http_header_timeout_s",
     "http_keepalive_timeout_s",
     "gateway_streams_per_channel",

@@ -20,6 +20,11 @@ import grpc
 from evalsvc.config import Settings
 from evalsvc.errors import Reason, ServiceError
 
+# The initial metadata of an authenticated server-streaming call names the caller's tenant under this key
+# (sent with its first message): the REST gateway, which knows callers only by their keys, holds each
+# tenant to its share of the gateway's connections with it (--max-http-streams-per-tenant).
+TENANT_METADATA = "evalsvc-tenant"
+
 
 def quota_exceeded(quota: str, message: str, retry_after_s: float | None = None) -> ServiceError:
     """RESOURCE_EXHAUSTED for a tenant over one of its limits."""

@@ -5,6 +5,8 @@ past their caps. Each case uses small limits on a real server; the defaults are 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,7 +17,11 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from evalsvc.api.local import LocalChannel
+from evalsvc.gateway.server import Gateway, remote_channels
+from evalsvc.gateway.upstream import Caller, GatewayError, Upstream
 from evalsvc.server import EvalServer
+from evalsvc.v1 import run_pb2
 from tests.conftest import make_settings
 
 RUN = {"items": [{"input": "q", "expectedOutput": "a"}], "target": {"echo": {}}, "graders": [{"exactMatch": {}}]}
@@ -140,3 +146,117 @@ async def test_grpc_connections_past_the_cap_are_closed(tmp_path: Path) -> None:
         for channel in channels[1:]:
             await channel.close()
         await srv.stop(grace=0.5)
+
+
+def quota_details(body: dict[str, Any]) -> tuple[str, dict[str, str], str]:
+    """(ErrorInfo reason, ErrorInfo metadata, RetryInfo delay) of a google.rpc.Status body."""
+    info = next(d for d in body["details"] if d["@type"].endswith("ErrorInfo"))
+    retry = next(d for d in body["details"] if d["@type"].endswith("RetryInfo"))
+    return info["reason"], info.get("metadata", {}), retry["retryDelay"]
+
+
+@asynccontextmanager
+async def standalone_gateway(srv: EvalServer) -> AsyncIterator[str]:
+    """A second gateway with the server's settings, calling it over gRPC (`evalsvc gateway`): its URL."""
+    gateway = Gateway(remote_channels(f"127.0.0.1:{srv.port}"), "127.0.0.1:0", dialects="none", settings=srv.settings)
+    port = await gateway.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await gateway.stop()
+
+
+@pytest.mark.parametrize("transport", ["in process", "over gRPC"])
+async def test_one_tenants_watches_leave_rest_connections_for_the_other_tenants(tmp_path: Path, transport: str) -> None:
+    """Regression: a tenant's watch quota (--max-watch-streams, 2000) was all of --max-http-connections
+    (2000): one tenant's SSE watches took every REST connection, and every other tenant's calls got 503
+    until it let go. A tenant now holds at most its share of REST streams (by default a quarter of the
+    connections: 5 of 20 here); the next is 429 RESOURCE_EXHAUSTED, as the watch quota is, and other
+    tenants' calls and watches go on. The gateway learns a stream's tenant from the service, in process
+    (`evalsvc serve --http-addr`) and over gRPC (`evalsvc gateway`) alike."""
+    async with (
+        gateway_server(tmp_path, workers=0, max_http_connections=20) as (srv, embedded),
+        contextlib.AsyncExitStack() as stack,
+    ):
+        base = embedded if transport == "in process" else await stack.enter_async_context(standalone_gateway(srv))
+        other_key, _ = await srv.keys.create("other")
+        theirs = {"authorization": f"Bearer {other_key}"}
+        async with httpx.AsyncClient(base_url=base, headers=theirs, timeout=30) as setup:
+            their_run = (await setup.post("/v1/runs", json=RUN)).json()["run"]["id"]
+        limits = httpx.Limits(max_connections=40)
+        mine = httpx.AsyncClient(
+            base_url=base, headers={"authorization": f"Bearer {srv.bootstrap_key}"}, timeout=30, limits=limits
+        )
+        opened: list[httpx.Response] = []
+        try:
+            run_id = (await mine.post("/v1/runs", json=RUN)).json()["run"]["id"]  # stays PENDING: no workers
+            # The tenant's share is the tenant's, whichever of its keys opens the watches.
+            second_key, _ = await srv.keys.create("default", "a second key of the same tenant")
+            watch = mine.build_request("GET", f"/v1/runs/{run_id}:watch")
+            watches = [watch, mine.build_request("GET", watch.url, headers={"authorization": f"Bearer {second_key}"})]
+            refusal: httpx.Response | None = None
+            async with asyncio.timeout(60):
+                for attempt in range(21):  # every connection, and one more
+                    response = await mine.send(watches[attempt % 2], stream=True)
+                    if response.status_code != 200:
+                        refusal = response
+                        await response.aread()
+                        break
+                    opened.append(response)
+
+                # Another tenant, on new connections: its ordinary calls are served, and so are its watches.
+                async with httpx.AsyncClient(base_url=base, headers=theirs, timeout=30) as other:
+                    listed = await other.get("/v1/runs")
+                    assert listed.status_code == 200, listed.text
+                    assert [run["id"] for run in listed.json()["runs"]] == [their_run]
+                    async with other.stream("GET", f"/v1/runs/{their_run}:watch") as their_watch:
+                        assert their_watch.status_code == 200
+
+            assert len(opened) == srv.settings.http_streams_per_tenant == 5
+            assert refusal is not None and refusal.status_code == 429, refusal and refusal.text
+            assert refusal.headers["retry-after"] == "1"
+            body = refusal.json()
+            assert body["code"] == 8 and "at most 5" in body["message"], body  # RESOURCE_EXHAUSTED
+            assert quota_details(body) == ("TENANT_QUOTA_EXCEEDED", {"quota": "max_http_streams_per_tenant"}, "1s")
+
+            await opened.pop().aclose()  # a watch ends: its place in the tenant's share frees up
+            async with asyncio.timeout(30):
+                while (again := await mine.send(watch, stream=True)).status_code == 429:
+                    await again.aclose()
+                    await asyncio.sleep(0.1)  # the gateway notices the closed connection asynchronously
+            opened.append(again)
+            assert again.status_code == 200
+        finally:
+            for response in opened:
+                await response.aclose()
+            await mine.aclose()
+
+
+async def test_a_synchronous_dialect_wait_past_the_tenants_share_answers_the_run_as_it_stands(
+    tmp_path: Path,
+) -> None:
+    """The synchronous dialect routes (Agno POST /eval-runs, Aymara score-responses) wait on a watch too,
+    within the tenant's share; past it they answer at once with the run as it stands, as after their wait
+    (the run exists: an error would have the vendor's client create it again)."""
+    async with gateway_server(tmp_path, workers=0) as (srv, base):
+        async with httpx.AsyncClient(
+            base_url=base, headers={"authorization": f"Bearer {srv.bootstrap_key}"}, timeout=30
+        ) as client:
+            run_id = (await client.post("/v1/runs", json=RUN)).json()["run"]["id"]  # stays PENDING
+        upstream = Upstream(lambda _index: LocalChannel(srv.local), streams_per_tenant=1)
+        upstream.open()
+        caller = Caller(srv.bootstrap_key or "")
+        held = upstream.watch(run_id, caller)
+        try:
+            async with asyncio.timeout(30):
+                assert (await anext(held)).WhichOneof("event") == "run"  # the tenant's one stream
+                with pytest.raises(GatewayError) as over:
+                    await anext(upstream.watch(run_id, caller))
+                assert over.value.metadata == {"quota": "max_http_streams_per_tenant"}
+                started = time.monotonic()
+                run = await upstream.wait_until_done(run_id, caller, timeout=25)
+                assert time.monotonic() - started < 10  # at once, not after its 25 s
+            assert run.id == run_id and run.status == run_pb2.RUN_STATUS_PENDING
+        finally:
+            await held.aclose()
+            await upstream.close()

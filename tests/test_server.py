@@ -72,6 +72,27 @@ def test_every_numeric_setting_has_a_minimum_and_values_below_it_are_refused_by_
         config.Settings.from_env({"EVALSVC_BOOTSTRAP_KEY": "maybe"})
 
 
+def test_one_tenants_rest_streams_cannot_take_every_rest_connection() -> None:
+    """The share of the gateway's connections one tenant's streams may hold is at most half of them
+    (by default a quarter): with the share the whole (2000 of 2000 was the default watch quota), one
+    tenant's watches left every other tenant 503s. A setting that allows it is refused naming both."""
+    assert config.Settings().http_streams_per_tenant == 500  # a quarter of the default 2000
+    assert config.Settings(max_http_connections=20).http_streams_per_tenant == 5  # follows the connections
+    assert config.Settings(max_http_connections=2).http_streams_per_tenant == 1
+    assert config.Settings(max_http_connections=20, max_http_streams_per_tenant=10).http_streams_per_tenant == 10
+    both = r"--max-http-streams-per-tenant \(EVALSVC_MAX_HTTP_STREAMS_PER_TENANT\) must be at most half of "
+    both += r"--max-http-connections \(EVALSVC_MAX_HTTP_CONNECTIONS\).*: 11 is more than 10$"
+    with pytest.raises(config.SettingsError, match=both):
+        config.Settings(max_http_connections=20, max_http_streams_per_tenant=11)
+    with pytest.raises(config.SettingsError, match="2000 is more than 1000"):
+        config.Settings.from_env({"EVALSVC_MAX_HTTP_STREAMS_PER_TENANT": "2000"})
+    with pytest.raises(config.SettingsError, match=r"--max-http-connections .* must be at least 2, not 1"):
+        config.Settings(max_http_connections=1)  # one connection cannot be shared
+    # The standalone gateway takes both flags.
+    args = build_parser().parse_args(["gateway", "--grpc-target", "x:1", "--max-http-streams-per-tenant", "7"])
+    assert config.from_args(args, {}).http_streams_per_tenant == 7
+
+
 def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     for flag, env, _default, _help in config.describe():

@@ -186,6 +186,11 @@ def test_a_setting_that_cannot_be_used_exits_2_naming_the_flag(
         ([], {"EVALSVC_POLL_INTERVAL_S": "0"}, ["--poll-interval-s", "EVALSVC_POLL_INTERVAL_S", "more than 0"]),
         ([], {"EVALSVC_WORKERS": "many"}, ["EVALSVC_WORKERS", "'many' is not a whole number"]),
         (["--heartbeat-s", "soon"], {}, ["--heartbeat-s", "'soon' is not a number"]),
+        (  # one tenant's REST streams could take every REST connection
+            ["--max-http-connections", "20"],
+            {"EVALSVC_MAX_HTTP_STREAMS_PER_TENANT": "11"},
+            ["--max-http-streams-per-tenant", "EVALSVC_MAX_HTTP_STREAMS_PER_TENANT", "--max-http-connections"],
+        ),
     ],
 )
 def test_a_setting_out_of_its_bounds_or_not_a_number_exits_2_in_one_line(

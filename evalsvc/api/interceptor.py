@@ -37,7 +37,9 @@ import grpc
 from evalsvc.api.auth import Authenticator, presented_key
 from evalsvc.api.observability import FinishedCall, Observer
 from evalsvc.api.status import abort
+from evalsvc.api.tenancy import current_tenant
 from evalsvc.errors import malformed_request
+from evalsvc.limits import TENANT_METADATA
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +178,15 @@ class _Call:
         code = grpc.StatusCode.UNKNOWN
         try:
             await self.on_start(request, context)
+            # The first message goes with initial metadata naming the caller's tenant (TENANT_METADATA).
+            tenant = current_tenant.get() if self._method.auth is not None else ""
             # aclosing: when the client leaves, the inner generators' cleanup (unsubscribing the
             # watcher, releasing its stream quota) runs now, not whenever the garbage collector gets to it.
             async with contextlib.aclosing(self._method.behaviour(request, context)) as messages:
                 async for message in messages:
+                    if tenant:
+                        await context.send_initial_metadata(((TENANT_METADATA, tenant),))
+                        tenant = ""
                     yield message
             code = _code(context, grpc.StatusCode.OK)
         except BaseException as exc:  # GeneratorExit when the client goes away

@@ -121,13 +121,10 @@ class LocalServices:
             self._in_flight -= 1
         return self._checked(response, context)
 
-    async def stream(
-        self, method: str, request: Any, metadata: MetadataPairs, timeout: float | None
-    ) -> AsyncIterator[Any]:
+    async def stream(self, method: str, request: Any, context: LocalContext) -> AsyncIterator[Any]:
         """One server-streaming call's messages; AioRpcError when it fails. Read by one caller (an HTTP
         response), in that caller's task: no task or queue per stream or per message."""
-        context = LocalContext(metadata, timeout)
-        handler = await self._open(method, request, metadata, context)
+        handler = await self._open(method, request, context.invocation_metadata(), context)
         messages = handler.unary_stream(request, cast(Any, context)) if handler.unary_stream is not None else None
         if not inspect.isasyncgen(messages):
             raise _error(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not a server-streaming method served in process")
@@ -156,7 +153,7 @@ class LocalContext:
     """The `grpc.aio.ServicerContext` of an in-process call: the methods the interceptor and the
     servicers use, with grpc's meaning (an abort raises `grpc.aio.AbortError` after setting the status)."""
 
-    __slots__ = ("_code", "_deadline", "_details", "_metadata", "_trailing")
+    __slots__ = ("_code", "_deadline", "_details", "_metadata", "_trailing", "initial")
 
     def __init__(self, metadata: MetadataPairs, timeout: float | None) -> None:
         self._metadata = tuple(metadata)
@@ -164,6 +161,7 @@ class LocalContext:
         self._code: grpc.StatusCode | None = None
         self._details = ""
         self._trailing: MetadataPairs = ()
+        self.initial: MetadataPairs = ()  # what the behaviour sent as initial metadata
 
     async def outcome(self, behaviour: Awaitable[Any]) -> Any:
         """Await a step of the behaviour; an abort, or an exception grpc would answer UNKNOWN for,
@@ -205,6 +203,9 @@ class LocalContext:
     def details(self) -> str:
         return self._details
 
+    async def send_initial_metadata(self, initial_metadata: MetadataPairs) -> None:
+        self.initial = tuple(initial_metadata)
+
     def set_trailing_metadata(self, trailing_metadata: MetadataPairs) -> None:
         self._trailing = tuple(trailing_metadata)
 
@@ -240,11 +241,17 @@ class _UnaryUnary:
 
 class LocalStreamCall:
     """A server-streaming call as grpc.aio's: `await read()` (grpc.aio.EOF at the end) or `async for`,
-    and `cancel()`. The call starts (authenticates, opens the servicer's stream) at the first read."""
+    `initial_metadata()` and `cancel()`. The call starts (authenticates, opens the servicer's stream) at
+    the first read."""
 
-    def __init__(self, messages: AsyncIterator[Any]) -> None:
+    def __init__(self, messages: AsyncIterator[Any], context: LocalContext) -> None:
         self._messages = messages
+        self._context = context
         self._done = False
+
+    async def initial_metadata(self) -> Metadata:
+        """The initial metadata the servicer has sent so far: read a message first (grpc.aio's waits for it)."""
+        return Metadata(*self._context.initial)
 
     async def read(self) -> Any:
         if self._done:
@@ -292,7 +299,8 @@ class _UnaryStream:
     def __call__(
         self, request: Any, *, metadata: MetadataPairs | None = None, timeout: float | None = None, **_options: Any
     ) -> LocalStreamCall:
-        return LocalStreamCall(self._services.stream(self._method, request, metadata or (), timeout))
+        context = LocalContext(metadata or (), timeout)
+        return LocalStreamCall(self._services.stream(self._method, request, context), context)
 
 
 class LocalChannel:

@@ -96,10 +96,12 @@ def error_response(error: grpc.aio.AioRpcError) -> JSONResponse:
 
 def refused(error: GatewayError) -> JSONResponse:
     """The native routes' error handler: a request the gateway refused to send, as the google.rpc.Status
-    the service would have answered (`{code, message, details}`)."""
+    the service would have answered (`{code, message, details}`, with RetryInfo and `Retry-After` when
+    waiting helps)."""
     violations = [FieldViolation(name, description) for name, description in error.violations]
-    status = to_status(ServiceError(error.code, error.reason, error.message, violations))
-    return JSONResponse(status_code=error.http_status, content=to_json(status))
+    retry_after_s = error.retry_after_s or None
+    status = to_status(ServiceError(error.code, error.reason, error.message, violations, error.metadata, retry_after_s))
+    return with_retry_after(JSONResponse(status_code=error.http_status, content=to_json(status)), error)
 
 
 def _message_class(descriptor: Any) -> type[Message]:
@@ -249,11 +251,13 @@ def create_app(
     dialect_options: DialectOptions | None = None,
     *,
     streams_per_channel: int = 500,
+    streams_per_tenant: int = 500,
 ) -> FastAPI:
     """The gateway app, calling the service over channels made by `channel_factory` (given each one's
     index in the pool; see `Upstream`), with the vendor dialects `dialect_spec` names (see
-    `dialects.mounts`) beside the native routes, each given `dialect_options`."""
-    upstream = Upstream(channel_factory, streams_per_channel)
+    `dialects.mounts`) beside the native routes, each given `dialect_options`. A tenant may have
+    `streams_per_tenant` watches (and synchronous dialect waits) open at once."""
+    upstream = Upstream(channel_factory, streams_per_channel, streams_per_tenant)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -312,10 +316,14 @@ def create_app(
             )(message, metadata=metadata)
             try:
                 first = await call.read()  # fail as a plain HTTP error before the stream starts
+                await slot.admit(call, metadata)  # within the tenant's share of streams
             except BaseException as error:
+                call.cancel()
                 slot.release()
                 if isinstance(error, grpc.aio.AioRpcError):
                     return error_response(error)
+                if isinstance(error, GatewayError):
+                    return refused(error)
                 raise
             ndjson = "application/x-ndjson" in request.headers.get("accept", "")
             return StreamingResponse(

@@ -139,6 +139,7 @@ class Gateway:
                 dialects,
                 dialect_options,
                 streams_per_channel=settings.gateway_streams_per_channel,
+                streams_per_tenant=settings.http_streams_per_tenant,
             ),
             max_body_bytes=settings.max_message_bytes,
         )

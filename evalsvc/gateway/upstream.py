@@ -10,6 +10,7 @@ is the synchronous create of the dialects that have one (the rest of their share
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -23,6 +24,7 @@ from grpc_status import rpc_status
 from starlette.responses import Response
 
 from evalsvc.errors import Reason
+from evalsvc.limits import TENANT_METADATA
 from evalsvc.statuses import TERMINAL as TERMINAL  # re-exported: the dialects import it from here
 from evalsvc.v1 import (
     dataset_generation_pb2_grpc,
@@ -82,6 +84,7 @@ class GatewayError(Exception):
     request_errors: list[dict[str, Any]] | None = None
     http_status: int = 0
     retry_after_s: float = 0.0  # from google.rpc.RetryInfo: how long to wait before retrying (0: unknown)
+    metadata: dict[str, str] = field(default_factory=dict)  # google.rpc.ErrorInfo's (e.g. which quota)
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
@@ -91,7 +94,7 @@ class GatewayError(Exception):
     @classmethod
     def from_rpc(cls, error: grpc.aio.AioRpcError) -> GatewayError:
         """The error of a failed gRPC call, with its ErrorInfo reason and BadRequest violations."""
-        reason, violations, retry_after_s = "", [], 0.0
+        reason, violations, retry_after_s, metadata = "", [], 0.0, {}
         status = rpc_status.from_call(error)
         for detail in status.details if status is not None else ():
             if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
@@ -101,12 +104,14 @@ class GatewayError(Exception):
             elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
-                reason = info.reason
+                reason, metadata = info.reason, dict(info.metadata)
             elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 violations = [(v.field, v.description) for v in bad.field_violations]
-        return cls(error.code(), error.details() or "", reason, violations, retry_after_s=retry_after_s)
+        return cls(
+            error.code(), error.details() or "", reason, violations, retry_after_s=retry_after_s, metadata=metadata
+        )
 
     @classmethod
     def invalid(cls, message: str, *violations: tuple[str, str], http_status: int = 0) -> GatewayError:
@@ -152,19 +157,84 @@ class _Channel:
         self.targets = target_service_pb2_grpc.TargetServiceStub(channel)
 
 
-class StreamSlot:
-    """A place for one long-lived stream on a channel of the pool; `release` (idempotent) frees it."""
+STREAMS_QUOTA = "max_http_streams_per_tenant"  # the ErrorInfo `quota` of a tenant over its share
+STREAMS_RETRY_AFTER_S = 1.0
 
-    def __init__(self, pooled: _Channel) -> None:
+
+class TenantStreams:
+    """The long-lived streams (SSE/NDJSON watches, synchronous dialect waits) each tenant has open
+    through this gateway, at most `limit` each: every one holds an HTTP connection for as long as it
+    is open, and without a share one tenant's watches took every connection (--max-http-connections),
+    so that every other tenant's calls got 503 until it let go."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+
+    def take(self, holder: str) -> None:
+        """One more stream of `holder` (a tenant); GatewayError RESOURCE_EXHAUSTED when it has its share."""
+        held = self._open.get(holder, 0)
+        if held >= self.limit:
+            raise GatewayError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the tenant has {held} REST streams open on this gateway (at most {self.limit}); "
+                "close one, or watch over gRPC",
+                Reason.TENANT_QUOTA_EXCEEDED,
+                retry_after_s=STREAMS_RETRY_AFTER_S,
+                metadata={"quota": STREAMS_QUOTA},
+            )
+        self._open[holder] = held + 1
+
+    def give_back(self, holder: str) -> None:
+        left = self._open[holder] - 1
+        if left:
+            self._open[holder] = left
+        else:
+            del self._open[holder]
+
+
+async def stream_holder(call: Any, credentials: tuple[tuple[str, str], ...]) -> str:
+    """Whom a started stream counts against: the tenant the service named in its initial metadata
+    (TENANT_METADATA), or, from a service that names none (an older version), the caller's key (a
+    digest, so the key itself is not kept)."""
+    tenant = (await call.initial_metadata()).get(TENANT_METADATA)
+    if tenant:
+        return f"tenant:{tenant}"
+    return "key:" + hashlib.sha256(repr(credentials).encode()).hexdigest()
+
+
+class StreamSlot:
+    """A place for one long-lived stream on a channel of the pool, and once `admit`ted, in its tenant's
+    share of the gateway's streams; `release` (idempotent) frees both."""
+
+    def __init__(self, pooled: _Channel, tenants: TenantStreams) -> None:
         self._pooled: _Channel | None = pooled
         pooled.streams += 1
         self.channel = pooled.channel
         self.runs = pooled.runs
+        self._tenants = tenants
+        self._holder: str | None = None
+
+    async def admit(self, call: Any, credentials: tuple[tuple[str, str], ...]) -> None:
+        """Count the stream `call` (read once: the service has authenticated it and named its tenant)
+        against its tenant's share; GatewayError RESOURCE_EXHAUSTED, with the slot released, past it."""
+        holder = await stream_holder(call, credentials)
+        if self._pooled is None or self._holder is not None:
+            return  # released meanwhile, or admitted already
+        try:
+            self._tenants.take(holder)
+        except GatewayError:
+            self.release()
+            raise
+        self._holder = holder
 
     def release(self) -> None:
         if self._pooled is not None:
             self._pooled.streams -= 1
             self._pooled = None
+        if self._holder is not None:
+            self._tenants.give_back(self._holder)
+            self._holder = None
 
 
 class Upstream:
@@ -175,12 +245,18 @@ class Upstream:
     waiting for a run) hold a stream for as long as they are open, so each channel takes at most
     `streams_per_channel` of them, a new channel (its own connection) is opened when every channel is
     full, and unary calls go to the channel with the fewest watches, where there is always room.
-    Channels are kept once opened (idle connections only cost a keepalive ping)."""
+    Channels are kept once opened (idle connections only cost a keepalive ping).
 
-    def __init__(self, channel_factory: ChannelFactory, streams_per_channel: int = 500) -> None:
+    Each tenant may hold at most `streams_per_tenant` of those streams at once (`TenantStreams`): each
+    is also an HTTP connection to the gateway, and those are shared by every tenant."""
+
+    def __init__(
+        self, channel_factory: ChannelFactory, streams_per_channel: int = 500, streams_per_tenant: int = 500
+    ) -> None:
         self._factory = channel_factory
         self._streams_per_channel = streams_per_channel
         self._pool: list[_Channel] = []
+        self.tenant_streams = TenantStreams(streams_per_tenant)
 
     def open(self) -> None:
         self._pool = [_Channel(self._factory(0))]
@@ -220,15 +296,16 @@ class Upstream:
         return self._least_loaded().targets
 
     def stream_slot(self) -> StreamSlot:
-        """Room for one long-lived stream: on the first channel with room, or on a new channel."""
+        """Room for one long-lived stream: on the first channel with room, or on a new channel. Once the
+        stream has started, `admit` it (its tenant's share)."""
         for pooled in self._pool:
             if pooled.streams < self._streams_per_channel:
-                return StreamSlot(pooled)
+                return StreamSlot(pooled, self.tenant_streams)
         if not self._pool:
             raise RuntimeError("the gateway's channels are not open (the app's lifespan has not started)")
         pooled = _Channel(self._factory(len(self._pool)))
         self._pool.append(pooled)
-        return StreamSlot(pooled)
+        return StreamSlot(pooled, self.tenant_streams)
 
     async def call(
         self,
@@ -247,13 +324,18 @@ class Upstream:
     async def watch(
         self, run_id: str, caller: Caller, after_seq: int = 0
     ) -> AsyncGenerator[eval_run_service_pb2.WatchRunResponse, None]:
-        """The run's WatchRun events (a failure raises `GatewayError`); closing the iterator cancels it."""
+        """The run's WatchRun events (a failure raises `GatewayError`, as does the caller's tenant having
+        its share of streams open); closing the iterator cancels it."""
         slot = self.stream_slot()
         call = slot.runs.WatchRun(
             eval_run_service_pb2.WatchRunRequest(run_id=run_id, after_seq=after_seq), metadata=caller.metadata
         )
         try:
+            admitted = False
             async for event in call:
+                if not admitted:
+                    await slot.admit(call, caller.metadata)
+                    admitted = True
                 yield event
         except grpc.aio.AioRpcError as error:
             raise GatewayError.from_rpc(error) from None
@@ -265,7 +347,9 @@ class Upstream:
         """The run once it has ended, or as it stands when `timeout` seconds have passed.
 
         For the dialects whose create call is synchronous (Agno, Aymara): they create the run, then wait
-        for its terminal event here; the run keeps going if the wait gives up.
+        for its terminal event here; the run keeps going if the wait gives up. A caller whose tenant has
+        its share of the gateway's streams open gets the run as it stands at once (the run exists: an
+        error would have its client create it again).
         """
         deadline = time.monotonic() + timeout
         events = self.watch(run_id, caller)
@@ -274,6 +358,10 @@ class Upstream:
                 try:
                     event = await asyncio.wait_for(anext(events), left)
                 except (TimeoutError, StopAsyncIteration):
+                    break
+                except GatewayError as error:
+                    if error.metadata.get("quota") != STREAMS_QUOTA:
+                        raise
                     break
                 if event.WhichOneof("event") == "run" and event.run.status in TERMINAL:
                     return event.run
