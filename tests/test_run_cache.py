@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from evalsvc.server import EvalServer
@@ -35,6 +37,32 @@ async def test_get_run_shows_every_committed_change_and_no_rolled_back_one(
     assert (await runs.GetRun(pb.GetRunRequest(run_id=created.id))).run.display_name == "renamed"
     await runs.DeleteRun(pb.DeleteRunRequest(run_id=created.id))
     assert (await runs.GetRun(pb.GetRunRequest(run_id=created.id))).run.HasField("delete_time")
+
+
+async def test_another_tenants_cached_run_costs_what_a_missing_run_costs(
+    server: EvalServer, runs: eval_run_service_pb2_grpc.EvalRunServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "Not yours" must be indistinguishable from "does not exist", in its time too: another tenant's run
+    in the cache was answered NOT_FOUND without a read (0.9 ms against 2.0 ms for an id with no run, a
+    reviewer measured), which confirmed that the run exists. Both now cost one read; one's own cached
+    run, none."""
+    created = (await runs.CreateRun(create_request(1))).run
+    await watch_all(runs, created.id)
+    reads = 0
+    real = run_store.get_any_tenant
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(run_store, "get_any_tenant", counted)
+    assert await run_store.get_current_row(server.db, "default", created.id) is not None  # cached by now
+    assert reads == 0
+    assert await run_store.get_current_row(server.db, "someone-else", created.id) is None
+    assert reads == 1
+    assert await run_store.get_current_row(server.db, "someone-else", "run_with_no_such_id") is None
+    assert reads == 2
 
 
 def test_a_read_that_started_before_a_write_never_replaces_it() -> None:
