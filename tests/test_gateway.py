@@ -154,6 +154,33 @@ async def test_update_delete_undelete_take_a_body_field_a_field_mask_and_a_boole
     assert [r["id"] for r in (await client.get("/v1/runs")).json()["runs"]] == [run_id]
 
 
+async def test_etag_and_if_match_headers_are_the_runs_etag(gw) -> None:
+    """HTTP's own optimistic concurrency: a stale `If-Match` was ignored (PATCH and DELETE succeeded)
+    and GET sent no `ETag`. Now a run's responses carry its etag as `ETag`, and `If-Match` is the
+    request's etag: a stale one changes nothing (409 ETAG_MISMATCH), `*` checks nothing."""
+    _, client = gw
+    run_id = (await client.post("/v1/runs", json=RUN)).json()["run"]["id"]
+    async with client.stream("GET", f"/v1/runs/{run_id}:watch", headers={"accept": "application/x-ndjson"}) as ended:
+        _ = [line async for line in ended.aiter_lines()]  # to its end: executing changes the run's etag
+    got = await client.get(f"/v1/runs/{run_id}")
+    assert got.headers["etag"] == f'"{got.json()["run"]["etag"]}"'
+    stale = got.headers["etag"]
+    renamed = await client.patch(f"/v1/runs/{run_id}", json={"displayName": "a"}, headers={"if-match": stale})
+    assert renamed.status_code == 200 and renamed.headers["etag"] != stale
+    lost = await client.patch(f"/v1/runs/{run_id}", json={"displayName": "lost"}, headers={"if-match": stale})
+    assert lost.status_code == 409 and lost.json()["details"][0]["reason"] == "ETAG_MISMATCH"
+    refused = await client.delete(f"/v1/runs/{run_id}", headers={"if-match": f"W/{stale}"})
+    assert refused.status_code == 409 and refused.json()["details"][0]["reason"] == "ETAG_MISMATCH"
+    assert (await client.get(f"/v1/runs/{run_id}")).json()["run"]["displayName"] == "a"
+    both = await client.delete(f"/v1/runs/{run_id}", params={"etag": "1"}, headers={"if-match": '"2"'})
+    assert both.status_code == 400 and both.json()["details"][1]["fieldViolations"][0]["field"] == "If-Match"
+    anyway = await client.patch(f"/v1/runs/{run_id}", json={"displayName": "b"}, headers={"if-match": "*"})
+    assert anyway.status_code == 200
+    current = anyway.headers["etag"]
+    deleted = await client.delete(f"/v1/runs/{run_id}", headers={"if-match": current})
+    assert deleted.status_code == 200 and deleted.json()["run"]["deleteTime"]
+
+
 async def test_a_field_mask_names_a_map_key_verbatim_and_takes_field_names_in_either_form(gw) -> None:
     """proto3 JSON's FieldMask reads every capital letter as `_` and a small one: `annotations.myKey`
     became `annotations.my_key`, so a PATCH answered 200, set nothing and removed `my_key`."""

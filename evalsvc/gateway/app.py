@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 
 from evalsvc.errors import FieldViolation, Reason, ServiceError, to_status
 from evalsvc.gateway import dialects, openapi, ui
+from evalsvc.gateway.conditional import apply_if_match, etag_header
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.parse_errors import field_violation
 from evalsvc.gateway.routes import Route, routes
@@ -284,6 +285,7 @@ def create_app(
         async def endpoint(request: Request) -> Response:
             try:
                 message, metadata = await build_request(request, route), _metadata(request)
+                apply_if_match(request.headers.get("if-match", ""), route, message)
             except GatewayError as error:
                 return refused(error)
             call: grpc.aio.UnaryUnaryMultiCallable[Message, Message] = upstream.channel.unary_unary(
@@ -295,7 +297,9 @@ def create_app(
                 response = await call(message, metadata=metadata, timeout=60)
             except grpc.aio.AioRpcError as error:
                 return error_response(error)
-            return Response(await json_body(response), media_type=JSONResponse.media_type)
+            tag = etag_header(response)
+            headers = {"etag": tag} if tag else None
+            return Response(await json_body(response), media_type=JSONResponse.media_type, headers=headers)
 
         return endpoint
 

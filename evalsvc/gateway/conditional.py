@@ -1,0 +1,63 @@
+"""HTTP's own optimistic concurrency on the native routes: `ETag` and `If-Match` for the resources
+that carry an AIP-154 `etag` (a run).
+
+A response whose resource has an etag names it in an `ETag` header (a strong validator, quoted); a
+request's `If-Match` fills the request's etag (DeleteRun's `etag`, UpdateRun's `run.etag`), so the
+write happens only if nobody changed the resource, exactly as with the etag in the body or query
+(`ABORTED`, HTTP 409, reason ETAG_MISMATCH otherwise). `If-Match: *` asks for no check. An HTTP
+client that follows RFC 9110 gets what it expects without knowing the field.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from evalsvc.gateway.routes import Route
+from evalsvc.gateway.upstream import GatewayError
+
+ETAG_FIELD = "etag"
+
+
+def _holds_etag(message: Message) -> bool:
+    return ETAG_FIELD in message.DESCRIPTOR.fields_by_name
+
+
+def _etag_holder(route: Route, message: Message) -> Message | None:
+    """Where a request names the etag it expects: its own `etag`, or that of the resource in its body."""
+    if _holds_etag(message):
+        return message
+    if route.body and route.body != "*":
+        resource = getattr(message, route.body)
+        if isinstance(resource, Message) and _holds_etag(resource):
+            return resource
+    return None
+
+
+def apply_if_match(if_match: str, route: Route, message: Message) -> None:
+    """Fill the request's etag from an `If-Match` header (one entity tag, or `*`); GatewayError when the
+    header cannot be one, or disagrees with an etag the request already names."""
+    value = if_match.strip()
+    holder = _etag_holder(route, message)
+    if not value or value == "*" or holder is None:
+        return
+    if "," in value:
+        raise GatewayError.invalid("If-Match names one etag here", ("If-Match", "must be one entity tag"))
+    tag = value.removeprefix("W/").strip('"')
+    named = getattr(holder, ETAG_FIELD)
+    if named and named != tag:
+        raise GatewayError.invalid(
+            "If-Match and the request's etag differ", ("If-Match", "differs from the etag in the request")
+        )
+    setattr(holder, ETAG_FIELD, tag)
+
+
+def etag_header(response: Message) -> str | None:
+    """The `ETag` header of a response whose one resource carries an etag (GetRun's run, ...), else None."""
+    for field in response.DESCRIPTOR.fields:
+        if field.type != FieldDescriptor.TYPE_MESSAGE or field.is_repeated or not response.HasField(field.name):
+            continue
+        resource = getattr(response, field.name)
+        if _holds_etag(resource) and (tag := getattr(resource, ETAG_FIELD)):
+            return f'"{tag}"'
+    return None
