@@ -3,10 +3,13 @@ against scipy, unpaired evaluations, paging by change, partial comparisons and b
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -264,3 +267,37 @@ async def test_rest_routes(svc: Service) -> None:
     assert len(items.json()["items"]) == 5 and items.json()["nextPageToken"]
     missing = await svc.http.get("/v1/runs/run_nope:compare", params={"baseline_run_id": good.id})
     assert missing.status_code == 404
+
+
+async def test_pairings_run_one_at_a_time_and_every_caller_gets_its_answer(
+    svc: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pairing holds Python's one lock in its thread: four at once left the event loop - every other
+    tenant's calls - a fraction of it (a reviewer saw GetRun take up to a second beside four comparisons
+    of 100,000-evaluation runs). They now run one at a time; each caller still gets its comparison."""
+    import threading
+
+    from evalsvc.runs import compare as compare_module
+
+    baseline, candidate, _, _ = await _two_runs(svc)
+    running = most = 0
+    lock = threading.Lock()
+    real = compare_module.compare_evaluations
+
+    def observed(*args: Any) -> Any:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            time.sleep(0.05)  # in the worker thread: long enough for the others to start if they could
+            return real(*args)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(compare_module, "compare_evaluations", observed)
+    request = cpb.CompareRunsRequest(baseline_run_id=baseline.id, candidate_run_id=candidate.id)
+    answers = await asyncio.gather(*(svc.runs.CompareRuns(request) for _ in range(4)))
+    assert most == 1
+    assert len({answer.SerializeToString() for answer in answers}) == 1 and answers[0].comparison.overall.pairs > 0

@@ -3,19 +3,24 @@
 A pair is one evaluation key (item id, repetition, grader name) present in both runs; it counts when
 neither side is ERROR or SKIPPED. The statistics are computed here, from the stored results, by
 evalsvc.runs.compare_stats; docs/compare.md describes them. Pairing is CPU work proportional to the
-runs' sizes, so it runs in a worker thread, never on the event loop.
+runs' sizes, so it runs in a worker thread, never on the event loop, and one pairing at a time, taken
+by tenants in turn: a thread holds Python's one lock while it pairs, and four pairings of two
+100,000-evaluation runs side by side left the event loop (every other tenant's calls) a fraction of it,
+up to a second per GetRun.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
 from evalsvc.graders import grader_name
 from evalsvc.ids import PageTokens, page_size
 from evalsvc.runs.compare_stats import PairTally, summarize
+from evalsvc.slots import Slots
 from evalsvc.statuses import ACTIVE
 from evalsvc.store import comparisons as comparison_store
 from evalsvc.store import runs as run_store
@@ -24,6 +29,7 @@ from evalsvc.store.db import Database
 from evalsvc.v1 import comparison_pb2 as cpb
 from evalsvc.v1 import run_pb2
 
+T = TypeVar("T")
 DEFAULT_ALPHA = 0.05
 _GRADED = (run_pb2.RESULT_STATE_PASSED, run_pb2.RESULT_STATE_FAILED)
 Key = tuple[str, int, str]  # item id, repetition, grader
@@ -125,6 +131,19 @@ class CompareService:
     def __init__(self, db: Database, page_tokens: PageTokens) -> None:
         self._db = db
         self._page_tokens = page_tokens
+        self._pairing = Slots(1)  # one pairing thread at a time, tenants in turn (see the module docstring)
+
+    async def _paired(self, tenant: str, pair: Callable[[], T]) -> T:
+        """`pair()` in a worker thread, when it is `tenant`'s turn. The slot is given back when the
+        thread ends, not when a caller that left stops waiting for it."""
+        await self._pairing.acquire(tenant)
+        try:
+            work = asyncio.ensure_future(asyncio.to_thread(pair))
+        except BaseException:
+            self._pairing.release()
+            raise
+        work.add_done_callback(lambda _: self._pairing.release())
+        return await asyncio.shield(work)
 
     async def _runs(self, tenant: str, baseline_id: str, candidate_id: str) -> tuple[run_pb2.Run, run_pb2.Run]:
         violations = [
@@ -158,7 +177,9 @@ class CompareService:
         base_rows, cand_rows = await self._evaluations(tenant, baseline.id, candidate.id)
         order = [grader_name(g) for g in candidate.graders]
         order += [name for name in (grader_name(g) for g in baseline.graders) if name not in order]
-        per_grader, overall = await asyncio.to_thread(compare_evaluations, base_rows, cand_rows, order, alpha)
+        per_grader, overall = await self._paired(
+            tenant, lambda: compare_evaluations(base_rows, cand_rows, order, alpha)
+        )
         return cpb.RunComparison(
             baseline_run_id=baseline.id,
             candidate_run_id=candidate.id,
@@ -179,7 +200,7 @@ class CompareService:
         query = {"b": baseline.id, "c": candidate.id, "g": request.grader, "change": request.change}
         after = self._page_tokens.decode(tenant, "comparison_items", query, request.page_token)
         base_rows, cand_rows = await self._evaluations(tenant, baseline.id, candidate.id)
-        keys = await asyncio.to_thread(_changes, base_rows, cand_rows, request.grader, request.change)
+        keys = await self._paired(tenant, lambda: _changes(base_rows, cand_rows, request.grader, request.change))
         if after is not None:  # a position this service signed: (item id, repetition, grader)
             position = (str(after[0]), int(after[1]), str(after[2]))
             keys = [k for k in keys if k.key > position]

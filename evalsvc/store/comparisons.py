@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store.records import ResultRecord
 from evalsvc.store.runs import RESULTS, result_with_output, results_with_outputs
+from evalsvc.turns import mapped
 
 # (item_id, repetition, grader, state, score): what pairing needs of one evaluation.
 Evaluation = tuple[str, int, str, int, float]
@@ -21,7 +23,13 @@ async def evaluations(conn: AsyncConnection, tenant: str, run_id: str) -> list[E
             RESULTS.c.run_id == run_id, RESULTS.c.tenant == tenant
         )
     )
-    return [(item_id, rep, grader, state, score) for item_id, rep, grader, state, score in rows]
+    # In turns (evalsvc.turns): a run of 100,000 evaluations held the event loop ~0.15 s in one stretch.
+    return await mapped(_evaluation, rows)
+
+
+def _evaluation(row: Any) -> Evaluation:
+    item_id, rep, grader, state, score = row
+    return item_id, rep, grader, state, score
 
 
 async def results_of_items(
