@@ -54,6 +54,7 @@ from evalsvc.secrets.operator import OperatorSecrets
 from evalsvc.secrets.service import SecretService
 from evalsvc.store import migrate, server_keys
 from evalsvc.store.db import Database, sqlite_path, unavailable_cause
+from evalsvc.store.serve_lock import DatabaseInUse, ServeLock
 from evalsvc.targets import PriceTable
 from evalsvc.tls import server_credentials, warn_if_exposed
 from evalsvc.v1 import (
@@ -222,11 +223,12 @@ class EvalServer:
         ):
             if addr:
                 _check_bindable(addr, what)
+        # Then, before anything is written, this server's claim on a SQLite file; released last on stop.
+        self._hold_database(stack)
         stack.push_async_callback(self.db.close)
         stack.push_async_callback(self.outbound.close)
         stack.push_async_callback(self.grading.close)
         async with self._database_step():
-            check_database_directory(self.settings.db)
             await migrate.prepare(self.db)
             await self.secrets.check_key()
             self.page_tokens.key = await server_keys.get_or_create(self.db, PAGE_TOKEN_KEY)
@@ -287,6 +289,27 @@ class EvalServer:
         stack.push_async_callback(self._stop_watchdog)
         host = self.settings.grpc_addr.rsplit(":", 1)[0]
         log.info("evalsvc listening on %s:%d (database %s)", host, self.port, _safe_url(self.settings.db))
+
+    def _hold_database(self, stack: contextlib.AsyncExitStack) -> None:
+        """On a SQLite file: check its directory, then take its serve lock (evalsvc.store.serve_lock) for
+        as long as this server runs, registering its release on `stack`. StartupError when another
+        server holds it: this one would requeue the jobs that one is running. PostgreSQL (replicas share
+        it) and in-memory SQLite take no lock."""
+        path = sqlite_path(self.settings.db)
+        if path is None:
+            return
+        check_database_directory(self.settings.db)
+        lock = ServeLock(path)
+        try:
+            lock.acquire()
+        except DatabaseInUse as exc:
+            raise StartupError(
+                f"cannot use the database {path}: {exc} (it holds {exc.lock_file}); "
+                "SQLite takes one server per file: stop that one first, or use PostgreSQL for replicas"
+            ) from exc
+        except OSError as exc:
+            raise StartupError(f"cannot use the database {path}: cannot lock {lock.path}: {_why(exc)}") from exc
+        stack.callback(lock.release)
 
     def _watched_writer(self) -> Watched:
         """The database writer, for the watchdog: every write of the service waits for it."""

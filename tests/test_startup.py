@@ -4,7 +4,11 @@ address or path, no traceback (unless --log-level debug), and a later start is u
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
+import dataclasses
+import os
 import socket
 import subprocess
 import sys
@@ -21,9 +25,12 @@ from evalsvc import server as server_module
 from evalsvc.server import EvalServer, StartupError
 from evalsvc.store import migrate
 from evalsvc.store.db import Database
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import eval_run_service_pb2_grpc, item_pb2, run_pb2, target_pb2
 from tests import dbs
 from tests.conftest import make_settings
-from tests.helpers import tmpfs
+from tests.fake_llm import FakeEndpoint, chat_reply
+from tests.helpers import create_request, exact, keyed_channel, tmpfs, watch_all
 from tests.procs import FailedStart, failed_start, start_server
 
 # Python's start and evalsvc's imports take a second or two on a quiet machine; the bound leaves
@@ -266,3 +273,122 @@ async def test_a_partial_start_stops_what_it_started(tmp_path: Path, monkeypatch
         assert restarted.bootstrap_key
     finally:
         await restarted.stop()
+
+
+# --- One server per SQLite file: a second `serve` on a file another one serves is refused.
+
+sqlite_only = pytest.mark.skipif(
+    dbs.USE_POSTGRES, reason="SQLite only: replicas share a PostgreSQL database (tests/test_replicas.py)"
+)
+
+
+def assert_refused_for(failed: FailedStart, db_url: str, pid: int) -> None:
+    """A start refused because server `pid` serves the SQLite file of db_url, in one line, before it
+    changed anything."""
+    path = db_url.removeprefix("sqlite+aiosqlite:///")
+    line = assert_failed_cleanly(failed, 1, f"cannot use the database {path}: ", f"another evalsvc server (pid {pid})")
+    assert "one server per file" in line and "PostgreSQL" in line, line
+    assert "requeued" not in failed.output and "migrat" not in failed.output, failed.output
+
+
+async def serving_health(target: str) -> int:
+    async with grpc.aio.insecure_channel(target) as channel:
+        return (await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)).status
+
+
+@sqlite_only
+async def test_a_second_server_on_the_same_sqlite_file_exits_and_the_first_keeps_its_jobs(tmp_path: Path) -> None:
+    """A second server on the file requeued every job the first had leased (it took itself for the only
+    one): each item was sent to the target twice and the first's results were fenced out. Now it is
+    refused, and the first finishes its run with every item sent once."""
+    db = dbs.db_url(tmp_path, "shared.db")
+    items = [item_pb2.Item(id=f"i{i}", input=f"question {i}", expected_output="ok") for i in range(6)]
+    target = target_pb2.Target(
+        chat=target_pb2.ChatTarget(endpoint=target_pb2.Endpoint(base_url="", timeout_s=30), model="gpt-test")
+    )
+    # Slow answers: every job stays leased by the first server while the second starts.
+    with FakeEndpoint(dataclasses.replace(chat_reply("ok"), delay_s=4.0)) as llm:
+        target.chat.endpoint.base_url = llm.url + "/v1"
+        first = await start_server(db, tmp_path / "first.log", "--outbound-allow", "127.0.0.1")
+        try:
+            key = first.bootstrap_key()
+            assert key
+            async with keyed_channel(first.port, key) as channel:
+                stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+                request = pb.CreateRunRequest(items=items, target=target, graders=[exact()])
+                run_id = (await stub.CreateRun(request)).run.id
+                assert await asyncio.to_thread(llm.wait_seen, len(items), 30), "the jobs were not all in flight"
+                failed = await asyncio.to_thread(failed_start, db, timeout=QUICK_S)
+                await watch_all(stub, run_id)
+                run = (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).run
+            assert await serving_health(first.target) == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            assert first.terminate() == 0
+        sent = collections.Counter(seen.body["messages"][-1]["content"] for seen in llm.seen)
+    assert_refused_for(failed, db, first.proc.pid)
+    assert run.status == run_pb2.RUN_STATUS_SUCCEEDED
+    assert run.counts.completed_evaluations == run.counts.passed == len(items)
+    assert sent == {item.input: 1 for item in items}  # each item sent to the target once
+    log = first.log_path.read_text()
+    assert "requeued" not in log and "fenced" not in log, log
+
+
+@sqlite_only
+async def test_the_sqlite_file_is_free_again_after_a_stop_or_a_kill_9(tmp_path: Path) -> None:
+    """The lock lives as long as the server's process: a server that stopped, or was killed with
+    SIGKILL, leaves the file to the next one (which then holds it in turn). Operator commands such as
+    `evalsvc keys list` go on working beside a running server."""
+    db = dbs.db_url(tmp_path, "shared.db")
+    first = await start_server(db, tmp_path / "first.log")
+    try:
+        key = first.bootstrap_key()
+        assert key
+        assert_refused_for(await asyncio.to_thread(failed_start, db, timeout=QUICK_S), db, first.proc.pid)
+        listed = subprocess.run(
+            [sys.executable, "-m", "evalsvc", "keys", "list", "--db", db],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert listed.returncode == 0 and "default" in listed.stdout, listed.stderr
+    finally:
+        first.kill()  # kill -9: the kernel releases the lock with the process
+    second = await start_server(db, tmp_path / "second.log")
+    try:
+        assert await serving_health(second.target) == health_pb2.HealthCheckResponse.SERVING
+        assert_refused_for(await asyncio.to_thread(failed_start, db, timeout=QUICK_S), db, second.proc.pid)
+    finally:
+        assert second.terminate() == 0
+    third = await start_server(db, tmp_path / "third.log")
+    try:
+        async with keyed_channel(third.port, key) as channel:
+            stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            ended = (await watch_all(stub, (await stub.CreateRun(create_request(3))).run.id))[-1]
+        assert ended.run.status == run_pb2.RUN_STATUS_SUCCEEDED
+    finally:
+        assert third.terminate() == 0
+
+
+@sqlite_only
+async def test_in_process_servers_take_the_same_lock(tmp_path: Path) -> None:
+    """EvalServer (and so evalsvc.testing) holds the lock too: a second one on the file, in this very
+    process, does not start; once the first stops, another does."""
+    settings = make_settings(tmp_path)
+    first = EvalServer(settings)
+    await first.start()
+    try:
+        second = EvalServer(settings)
+        try:
+            with pytest.raises(StartupError) as refused:
+                await second.start()
+        finally:
+            await second.stop(grace=0)  # nothing, unless it started after all
+        assert f"another evalsvc server (pid {os.getpid()}) serves it" in str(refused.value)
+        assert str(settings.db.removeprefix("sqlite+aiosqlite:///")) in str(refused.value)
+        assert await serving_health(f"127.0.0.1:{first.port}") == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await first.stop(grace=0.5)
+    again = EvalServer(settings)
+    await again.start()
+    await again.stop(grace=0.5)

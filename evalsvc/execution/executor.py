@@ -179,7 +179,8 @@ class Executor:
         self._progress = {name: Progress() for name in ("claim", "record", "leases")}
 
     async def start(self) -> None:
-        """Reclaim leases a crashed predecessor left (SQLite has one server) and start the loops."""
+        """Reclaim leases a crashed predecessor left (SQLite has one server: it holds the file's serve lock,
+        evalsvc.store.serve_lock) and start the loops."""
         self._stopping = False
         self._stop_requested.clear()
         if self._db.is_sqlite:

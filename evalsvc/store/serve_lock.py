@@ -1,0 +1,92 @@
+"""One server per SQLite file, enforced: every `serve` on a SQLite file holds an exclusive lock on a file
+beside it (`<database>.serve.lock`) for as long as it runs.
+
+A server on SQLite assumes it is the only one: at start it requeues every job that was leased, since
+only a predecessor that stopped or crashed can have leased it. A second server on the same file would
+take over the jobs the first is running (each item sent twice, the first's results fenced out) and send
+webhook deliveries beside it. So a start that cannot take the lock is refused before it changes anything.
+
+The lock is `flock(2)` on a file of its own: the kernel releases it when the holder's process ends
+however it ends (kill -9 included), so a restart after a crash is never refused, and it does not mix
+with SQLite's own byte-range locks on the database. The file holds the holder's pid, for the message;
+it is left in place when the server stops (removing it would let a server lock a new file while another
+still holds the old one). Operator commands (`evalsvc keys`, `secrets`, `cache`, `migrate`) do not take
+it: they may run beside a server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+
+SUFFIX = ".serve.lock"
+
+
+class DatabaseInUse(Exception):
+    """Another live process holds the file's lock: another evalsvc server serves the database."""
+
+    def __init__(self, lock_file: Path, pid: int | None) -> None:
+        self.lock_file = lock_file
+        self.pid = pid  # None when the holder had not written it yet (or it could not be read)
+        super().__init__(f"another evalsvc server{'' if pid is None else f' (pid {pid})'} serves it")
+
+
+def lock_file(database: Path) -> Path:
+    """The lock file of a SQLite database file: beside the file itself (through symbolic links, as SQLite
+    opens it), so every path that names the same file names the same lock."""
+    real = database.resolve()
+    return real.with_name(real.name + SUFFIX)
+
+
+class ServeLock:
+    """The lock of one SQLite database file, taken by `acquire` and held until `release` (or the process ends)."""
+
+    def __init__(self, database: Path) -> None:
+        self.path = lock_file(database)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock without waiting; DatabaseInUse when another holder has it (another process, or
+        another ServeLock in this one: each opens the file anew), OSError when the lock file cannot be
+        opened or locked. The descriptor is not inherited by the programs this process starts."""
+        if self._fd is not None:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            os.close(fd)
+            raise DatabaseInUse(self.path, pid) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        # The pid only names the holder in another start's message: a disk too full to write it is no
+        # reason to refuse the start (the database step names a full disk).
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        """Give the lock up (closing the descriptor releases it); nothing when it is not held. The file
+        stays, emptied of the pid."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
