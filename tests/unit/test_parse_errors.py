@@ -1,0 +1,68 @@
+"""evalsvc.gateway.parse_errors: a proto3 JSON parse error as the field violation the caller reads."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from google.protobuf import json_format
+
+from evalsvc.gateway.parse_errors import field_violation
+from evalsvc.v1 import eval_run_service_pb2 as pb
+
+
+def violation(body: dict[str, Any], message: type = pb.CreateRunRequest) -> tuple[str, str] | None:
+    with pytest.raises(json_format.ParseError) as raised:
+        json_format.ParseDict(body, message())
+    return field_violation(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"repetitions": "abc"}, ("repetitions", "must be a whole number")),
+        ({"labels": {"a": 1}}, ("labels", "must be a string")),
+        ({"items": [{"response": {"latencyMs": "x"}}]}, ("items[0].response.latencyMs", "must be a number")),
+        ({"passThreshold": "x"}, ("passThreshold", "must be a number")),  # optional: no "Failed to parse" chain
+        ({"passThreshold": [1]}, ("passThreshold", "must be a number")),
+        ({"nope": 1}, ("nope", "unknown field")),
+        ({"items": [{"nope": 1}]}, ("items[0].nope", "unknown field")),
+        ({"target": {"chat": {"nope": 1}}}, ("target.chat.nope", "unknown field")),
+        ({"target": {"provided": 3}}, ("target.provided", "must be a JSON object")),
+        ({"trigger": "TRIGGER_SOMETIMES"}, ("trigger", "unknown value TRIGGER_SOMETIMES")),
+        ({"target": {"provided": {}, "echo": {}}}, ("target", "sets more than one field of a oneof")),
+    ],
+)
+def test_a_wrong_value_is_its_field_and_plain_words(body: dict[str, Any], expected: tuple[str, str]) -> None:
+    assert violation(body) == expected
+
+
+def test_list_fields_of_a_query() -> None:
+    assert violation({"statuses": "RUN_STATUS_RUNNING"}, pb.ListRunsRequest) == ("statuses", "must be a JSON list")
+    assert violation({"statuses": ["NAPPING"]}, pb.ListRunsRequest) == ("statuses[0]", "unknown value NAPPING")
+
+
+def test_a_body_that_is_not_json_names_no_field() -> None:
+    with pytest.raises(json_format.ParseError) as raised:
+        json_format.Parse("{not json", pb.CreateRunRequest())
+    assert field_violation(raised.value) is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"target": {"chat": {"temperature": " at A" + "." * 200_000 + " "}}},
+        {'a" has no field named "a" at "A' + "." * 200_000: 1},
+        {"trigger": "X" * 200_000},
+    ],
+    ids=["dots-in-a-value", "crafted-unknown-field", "long-enum-value"],
+)
+def test_a_crafted_value_costs_its_length_once(body: dict[str, Any]) -> None:
+    """The message quotes the caller's value and is read before the key is checked: regular expressions
+    with overlapping classes took quadratic time in a run of dots (a 100 KB value: ~90 s of the event
+    loop). 200,000 dots must take milliseconds; the bound is only a guard against that."""
+    started = time.perf_counter()
+    found = violation(body)
+    assert time.perf_counter() - started < 0.5
+    assert found is not None and len(found[0]) <= 512 + 128 and len(found[1]) <= 256
