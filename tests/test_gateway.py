@@ -169,8 +169,11 @@ async def test_etag_and_if_match_headers_are_the_runs_etag(gw) -> None:
     assert renamed.status_code == 200 and renamed.headers["etag"] != stale
     lost = await client.patch(f"/v1/runs/{run_id}", json={"displayName": "lost"}, headers={"if-match": stale})
     assert lost.status_code == 409 and lost.json()["details"][0]["reason"] == "ETAG_MISMATCH"
-    refused = await client.delete(f"/v1/runs/{run_id}", headers={"if-match": f"W/{stale}"})
+    refused = await client.delete(f"/v1/runs/{run_id}", headers={"if-match": stale})
     assert refused.status_code == 409 and refused.json()["details"][0]["reason"] == "ETAG_MISMATCH"
+    for never in (f"W/{renamed.headers['etag']}", '""'):  # weak: never matches (RFC 9110); empty: no check
+        unclear = await client.delete(f"/v1/runs/{run_id}", headers={"if-match": never})
+        assert unclear.status_code == 400, (never, unclear.text)
     assert (await client.get(f"/v1/runs/{run_id}")).json()["run"]["displayName"] == "a"
     both = await client.delete(f"/v1/runs/{run_id}", params={"etag": "1"}, headers={"if-match": '"2"'})
     assert both.status_code == 400 and both.json()["details"][1]["fieldViolations"][0]["field"] == "If-Match"

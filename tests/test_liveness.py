@@ -759,6 +759,24 @@ async def test_shutdown_does_not_wait_for_a_claim_it_grades_inline_and_hands_the
         assert ended.counts.completed_evaluations == ended.counts.passed == 500
 
 
+async def test_shutdown_hands_back_the_claims_of_jobs_in_flight(tmp_path: Path) -> None:
+    """A server stopped while every job of a claim waits on its model hands the claim back, queued, so
+    the next server (or, on PostgreSQL, another replica) runs those jobs at once. The cancelled jobs
+    gave up their shares of the claim as they ended, which left the claim out of the release: on
+    PostgreSQL its jobs stayed leased until --lease-ttl-s (30 s) ran out."""
+    url = dbs.db_url(tmp_path)
+    async with Webhook() as hook:
+        async with serving(tmp_path, db=url) as srv, tenants(srv, "a") as t:
+            run = (await t["a"].CreateRun(run_request(webhook(hook.url + "/gated/calls"), 4))).run
+            await hook.wait_for_calls("/gated/calls", 4)  # every job waits on the model as the server stops
+        async with serving(tmp_path, db=url) as srv, tenants(srv, "a") as t:
+            await hook.wait_for_calls("/gated/calls", 8, within_s=10)  # asked again at once: handed back
+            for _ in range(8):  # the first server's 4 calls (their callers gone) wait first
+                await hook.answer_one()
+            ended = await finish(t["a"], run.id, within_s=10)
+    assert ended.status == run_pb2.RUN_STATUS_SUCCEEDED and ended.counts.passed == 4
+
+
 @pytest.mark.skipif((reason := dbs.postgres_unavailable()) is not None, reason=reason or "PostgreSQL is not reachable")
 async def test_the_listener_survives_a_failure_and_relays_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -262,6 +262,10 @@ class Executor:
         for loop in self._loops:
             if loop.get_name() == "executor-claim":
                 await loop
+        # Every claim held now is handed back below, also those whose jobs are all in flight: a cancelled
+        # job gives up its share of the claim as it ends, which would leave the claim out of the release
+        # (its jobs leased until the lease expired, on PostgreSQL, though they are worked on no more).
+        held = set(self._open_claims)
         tasks = [t for run_tasks in self._in_flight.values() for t in run_tasks]
         for task in tasks:
             task.cancel()
@@ -269,13 +273,16 @@ class Executor:
         self._finished_ready.set()
         await asyncio.gather(*self._loops)
         self._loops = []
+        claims = sorted(held | set(self._open_claims))
         try:
-            await self._db.transact(functools.partial(job_store.release, claim_ids=list(self._open_claims)))
+            await self._db.transact(functools.partial(job_store.release, claim_ids=claims))
         except Exception as exc:
             if (cause := unavailable_cause(exc)) is None:
                 raise
             # Nothing is lost: the leases expire and another worker (or the next start) reclaims them.
-            log.warning("could not hand back %d jobs (%s); their leases expire instead", len(self._open_claims), cause)
+            log.warning(
+                "could not hand back the jobs of %d claims (%s); their leases expire instead", len(claims), cause
+            )
         self._open_claims.clear()
         # A stopped executor keeps nothing it was handed: if it starts again, it reads runs back.
         self._created.clear()

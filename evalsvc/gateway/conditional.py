@@ -4,8 +4,9 @@ that carry an AIP-154 `etag` (a run).
 A response whose resource has an etag names it in an `ETag` header (a strong validator, quoted); a
 request's `If-Match` fills the request's etag (DeleteRun's `etag`, UpdateRun's `run.etag`), so the
 write happens only if nobody changed the resource, exactly as with the etag in the body or query
-(`ABORTED`, HTTP 409, reason ETAG_MISMATCH otherwise). `If-Match: *` asks for no check. An HTTP
-client that follows RFC 9110 gets what it expects without knowing the field.
+(`ABORTED`, HTTP 409, reason ETAG_MISMATCH otherwise). `If-Match: *` asks for no check; a weak tag
+(`W/"..."`, which RFC 9110's strong comparison never matches) or an empty one is refused (400). An
+HTTP client that follows RFC 9110 gets what it expects without knowing the field.
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ def apply_if_match(if_match: str, route: Route, message: Message) -> None:
         return
     if "," in value:
         raise GatewayError.invalid("If-Match names one etag here", ("If-Match", "must be one entity tag"))
-    tag = value.removeprefix("W/").strip('"')
+    if value.startswith("W/"):  # RFC 9110: If-Match compares strongly, so a weak tag never matches
+        raise GatewayError.invalid("If-Match takes a strong entity tag", ("If-Match", "must not be a weak tag"))
+    tag = value.strip('"')
+    if not tag:  # an empty etag in the request means "no check": the opposite of what was asked
+        raise GatewayError.invalid("If-Match names no etag", ("If-Match", "must be an entity tag or *"))
     named = getattr(holder, ETAG_FIELD)
     if named and named != tag:
         raise GatewayError.invalid(

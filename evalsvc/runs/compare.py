@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
 from evalsvc.graders import grader_name
@@ -142,8 +142,15 @@ class CompareService:
         except BaseException:
             self._pairing.release()
             raise
-        work.add_done_callback(lambda _: self._pairing.release())
+        work.add_done_callback(self._paired_done)
         return await asyncio.shield(work)
+
+    def _paired_done(self, work: asyncio.Future[Any]) -> None:
+        """The pairing thread ended: its slot goes to the next tenant, and a failure nobody waits for any
+        more (its caller left) is retrieved here rather than logged as never retrieved."""
+        self._pairing.release()
+        if not work.cancelled():
+            work.exception()
 
     async def _runs(self, tenant: str, baseline_id: str, candidate_id: str) -> tuple[run_pb2.Run, run_pb2.Run]:
         violations = [
