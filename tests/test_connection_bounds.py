@@ -232,6 +232,32 @@ async def test_one_tenants_watches_leave_rest_connections_for_the_other_tenants(
             await mine.aclose()
 
 
+async def test_watches_still_waiting_for_their_first_event_count_against_the_key(tmp_path: Path) -> None:
+    """A watch resumed at a running run's last event sends nothing until the next event (or a heartbeat,
+    seconds later), and streams were counted against their tenant only at their first message: opened
+    fast enough, such watches held connections past the tenant's share (a reviewer's finding). A stream
+    now counts against the key that opens it from the start: the key's 6th silent watch is refused at
+    once, while the other 5 still wait for their first event."""
+    async with gateway_server(tmp_path, workers=0, max_http_connections=20, heartbeat_s=60.0) as (srv, base):
+        headers = {"authorization": f"Bearer {srv.bootstrap_key}"}
+        async with httpx.AsyncClient(
+            base_url=base, headers=headers, timeout=30, limits=httpx.Limits(max_connections=40)
+        ) as mine:
+            run = (await mine.post("/v1/runs", json=RUN)).json()["run"]  # stays PENDING: no workers
+            silent = mine.build_request("GET", f"/v1/runs/{run['id']}:watch", params={"afterSeq": run["lastSeq"]})
+            opening = [asyncio.create_task(mine.send(silent, stream=True)) for _ in range(6)]
+            try:
+                done, waiting = await asyncio.wait(opening, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+                assert len(done) == 1 and len(waiting) == 5, "no watch was refused while the others waited"
+                refused = done.pop().result()
+                await refused.aread()
+                assert refused.status_code == 429 and quota_details(refused.json())[0] == "TENANT_QUOTA_EXCEEDED"
+            finally:
+                for task in opening:
+                    task.cancel()
+                await asyncio.gather(*opening, return_exceptions=True)
+
+
 async def test_a_synchronous_dialect_wait_past_the_tenants_share_answers_the_run_as_it_stands(
     tmp_path: Path,
 ) -> None:

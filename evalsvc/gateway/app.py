@@ -307,9 +307,9 @@ def create_app(
         async def endpoint(request: Request) -> Response:
             try:
                 message, metadata = await build_request(request, route), _metadata(request)
+                slot = upstream.stream_slot(metadata)  # in the key's share from the start
             except GatewayError as error:
                 return refused(error)
-            slot = upstream.stream_slot()
             call = cast(
                 "grpc.aio.UnaryStreamMultiCallable[Message, Message]",
                 slot.channel.unary_stream(

@@ -193,21 +193,31 @@ class TenantStreams:
             del self._open[holder]
 
 
-async def stream_holder(call: Any, credentials: tuple[tuple[str, str], ...]) -> str:
-    """Whom a started stream counts against: the tenant the service named in its initial metadata
-    (TENANT_METADATA), or, from a service that names none (an older version), the caller's key (a
-    digest, so the key itself is not kept)."""
-    tenant = (await call.initial_metadata()).get(TENANT_METADATA)
-    if tenant:
-        return f"tenant:{tenant}"
+def key_holder(credentials: tuple[tuple[str, str], ...]) -> str:
+    """The caller's key as a holder of streams (a digest, so the key itself is not kept)."""
     return "key:" + hashlib.sha256(repr(credentials).encode()).hexdigest()
 
 
-class StreamSlot:
-    """A place for one long-lived stream on a channel of the pool, and once `admit`ted, in its tenant's
-    share of the gateway's streams; `release` (idempotent) frees both."""
+async def stream_holder(call: Any, credentials: tuple[tuple[str, str], ...]) -> str:
+    """Whom a started stream counts against: the tenant the service named in its initial metadata
+    (TENANT_METADATA), or, from a service that names none (an older version), the caller's key."""
+    tenant = (await call.initial_metadata()).get(TENANT_METADATA)
+    return f"tenant:{tenant}" if tenant else key_holder(credentials)
 
-    def __init__(self, pooled: _Channel, tenants: TenantStreams) -> None:
+
+class StreamSlot:
+    """A place for one long-lived stream on a channel of the pool, in the share of the key that opens it
+    from the start and, once `admit`ted, in its tenant's share of the gateway's streams; `release`
+    (idempotent) frees all three.
+
+    The key's share counts the stream before the service has said whose it is: a stream may wait long
+    for its first message (a watch resumed at a running run's last event waits for the next, or for a
+    heartbeat), and such streams, uncounted until then, could take connections past the tenant's share
+    (a reviewer's finding)."""
+
+    def __init__(self, pooled: _Channel, tenants: TenantStreams, credentials: tuple[tuple[str, str], ...]) -> None:
+        self._key = key_holder(credentials)
+        tenants.take(self._key)  # GatewayError past the key's share: nothing taken
         self._pooled: _Channel | None = pooled
         pooled.streams += 1
         self.channel = pooled.channel
@@ -219,8 +229,8 @@ class StreamSlot:
         """Count the stream `call` (read once: the service has authenticated it and named its tenant)
         against its tenant's share; GatewayError RESOURCE_EXHAUSTED, with the slot released, past it."""
         holder = await stream_holder(call, credentials)
-        if self._pooled is None or self._holder is not None:
-            return  # released meanwhile, or admitted already
+        if self._pooled is None or self._holder is not None or holder == self._key:
+            return  # released meanwhile, admitted already, or counted by its key (a service naming no tenant)
         try:
             self._tenants.take(holder)
         except GatewayError:
@@ -232,6 +242,7 @@ class StreamSlot:
         if self._pooled is not None:
             self._pooled.streams -= 1
             self._pooled = None
+            self._tenants.give_back(self._key)
         if self._holder is not None:
             self._tenants.give_back(self._holder)
             self._holder = None
@@ -295,17 +306,18 @@ class Upstream:
     def targets(self) -> target_service_pb2_grpc.TargetServiceAsyncStub:
         return self._least_loaded().targets
 
-    def stream_slot(self) -> StreamSlot:
-        """Room for one long-lived stream: on the first channel with room, or on a new channel. Once the
+    def stream_slot(self, credentials: tuple[tuple[str, str], ...]) -> StreamSlot:
+        """Room for one long-lived stream of the caller with these `credentials`: on the first channel
+        with room, or on a new channel; GatewayError when the key has its share of streams open. Once the
         stream has started, `admit` it (its tenant's share)."""
         for pooled in self._pool:
             if pooled.streams < self._streams_per_channel:
-                return StreamSlot(pooled, self.tenant_streams)
+                return StreamSlot(pooled, self.tenant_streams, credentials)
         if not self._pool:
             raise RuntimeError("the gateway's channels are not open (the app's lifespan has not started)")
         pooled = _Channel(self._factory(len(self._pool)))
         self._pool.append(pooled)
-        return StreamSlot(pooled, self.tenant_streams)
+        return StreamSlot(pooled, self.tenant_streams, credentials)
 
     async def call(
         self,
@@ -326,7 +338,7 @@ class Upstream:
     ) -> AsyncGenerator[eval_run_service_pb2.WatchRunResponse, None]:
         """The run's WatchRun events (a failure raises `GatewayError`, as does the caller's tenant having
         its share of streams open); closing the iterator cancels it."""
-        slot = self.stream_slot()
+        slot = self.stream_slot(caller.metadata)
         call = slot.runs.WatchRun(
             eval_run_service_pb2.WatchRunRequest(run_id=run_id, after_seq=after_seq), metadata=caller.metadata
         )
