@@ -101,14 +101,15 @@ class Slots:
 class Hold:
     """One holder's slot of a `Slots`, which it may give back while it waits for something else and take again."""
 
-    def __init__(self, slots: Slots) -> None:
+    def __init__(self, slots: Slots, key: str = "") -> None:
         self._slots = slots
+        self._key = key  # whose turn it waits in (a tenant), every time it takes the slot
         self.held = False
 
     async def take(self) -> None:
-        """Wait for a slot (no-op when already held)."""
+        """Wait for a slot, in its key's turn (no-op when already held)."""
         if not self.held:
-            await self._slots.acquire()
+            await self._slots.acquire(self._key)
             self.held = True
 
     def give_back(self) -> None:

@@ -422,7 +422,7 @@ class Executor:
         """One job's task. However it ends - recorded, failed, cancelled - its worker slot is given back,
         and unless the job was queued for the recorder (which then owns it) so is its share of the claim,
         so the keeper stops renewing a lease nobody works under."""
-        worker = Hold(self._workers)
+        worker = Hold(self._workers, job.tenant)  # tenants take free workers in turn, also after a wait
         queued = False
         try:
             await worker.take()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from evalsvc.slots import Slots
+from evalsvc.slots import Hold, Slots
 
 SEEDS = [int(os.environ["EVALSVC_SLOTS_SEED"])] if "EVALSVC_SLOTS_SEED" in os.environ else list(range(40))
 STEPS = 300
@@ -48,8 +48,32 @@ async def test_free_slots_go_to_waiting_tenants_in_turn() -> None:
     assert order == ["a0", "b0", "a1", "a2", "a3"]
 
 
+async def test_a_hold_takes_and_takes_again_in_its_tenants_turn() -> None:
+    """A job's worker slot (`Hold`) is taken in its tenant's turn, the first time and again after it gave
+    the slot back to wait on its endpoint: one tenant's jobs coming back from a wait queue behind
+    another tenant's only as the rotation says."""
+    slots = Slots(1)
+    first = Hold(slots, "a")
+    await first.take()
+    order: list[str] = []
+
+    async def job(tenant: str, label: str) -> None:
+        hold = Hold(slots, tenant)
+        await hold.take()
+        order.append(label)
+        hold.give_back()
+
+    waiting = [asyncio.create_task(job("a", f"a{i}")) for i in range(3)]
+    await asyncio.sleep(0)
+    waiting.append(asyncio.create_task(job("b", "b0")))
+    await asyncio.sleep(0)
+    first.give_back()
+    await asyncio.gather(*waiting)
+    assert order == ["a0", "b0", "a1", "a2"]
+
+
 async def test_waiters_of_one_key_are_served_first_come_first_served() -> None:
-    """What worker slots (no key) rely on: with one key the queue is FIFO."""
+    """With one key the queue is FIFO."""
     slots = Slots(1)
     await slots.acquire()
     order: list[int] = []
