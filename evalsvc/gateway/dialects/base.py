@@ -280,12 +280,18 @@ def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRou
                     raise
                 except RequestValidationError as error:
                     return render(_request_invalid(error.errors()))
+                except UnicodeEncodeError:
+                    # A lone surrogate (JSON's "\ud800"): the vendors' models take it as text, and only
+                    # building the service's request finds that it is not Unicode (it was a 500 in plain
+                    # text, with a traceback at error level). The caller's mistake, in its API's shape.
+                    return render(GatewayError.invalid(LONE_SURROGATE))
 
             return handle
 
     return DialectRoute
 
 
+LONE_SURROGATE = "the request holds text that is not Unicode: a lone surrogate (\\ud800-\\udfff) in a string"
 # The validation errors a response lists, and the size of an echoed `input` it keeps (JSON values).
 MAX_ERRORS = 100
 MAX_ECHOED_VALUES = 1000
