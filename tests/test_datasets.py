@@ -51,6 +51,32 @@ async def test_dataset_items_page_in_order_and_ids_are_assigned(datasets) -> Non
     assert ids == ["i0", "i1", "i2", "i3", "i4", "item-6"]
 
 
+async def test_an_assigned_id_never_clashes_with_one_a_caller_chose(datasets) -> None:
+    """Ids were numbered from the item count alone: once a caller added an `item-2` of its own, every later
+    item without an id was refused ("the dataset already has an item 'item-2'", an id the caller never
+    sent), for good. Now a number that is taken - in the dataset or in the same request - gives way to
+    a random id."""
+    created = (await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset(display_name="d")))).dataset
+    mine = await datasets.AddDatasetItems(
+        ds.AddDatasetItemsRequest(dataset_id=created.id, items=[item_pb2.Item(id="item-2", input="x")])
+    )
+    assert list(mine.item_ids) == ["item-2"]
+    for _ in range(2):  # it stays possible
+        added = await datasets.AddDatasetItems(
+            ds.AddDatasetItemsRequest(dataset_id=created.id, items=[item_pb2.Item(input="y")])
+        )
+        [assigned] = added.item_ids
+        assert assigned.startswith("item-") and assigned != "item-2"
+    # The same request: the caller's item-5 and an id-less item that would have been numbered item-5.
+    both = await datasets.AddDatasetItems(
+        ds.AddDatasetItemsRequest(
+            dataset_id=created.id, items=[item_pb2.Item(input="z"), item_pb2.Item(id="item-4", input="w")]
+        )
+    )
+    assert both.item_ids[1] == "item-4" and both.item_ids[0] not in ("item-4", "item-2")
+    assert both.dataset.item_count == 5
+
+
 async def test_duplicate_item_ids_are_rejected_and_nothing_is_added(datasets) -> None:
     dataset = await _dataset_with_items(datasets, 2)
     with pytest.raises(grpc.aio.AioRpcError) as err:

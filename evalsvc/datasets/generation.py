@@ -31,11 +31,11 @@ import grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.config import Settings
-from evalsvc.datasets.service import generation_from
+from evalsvc.datasets.service import generation_from, number_new_items
 from evalsvc.errors import FieldViolation, Reason, ServiceError, invalid_argument, not_found
 from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.http.outbound import Outbound, OutboundError, call_tenant
-from evalsvc.messages.validation import assign_item_ids, check_items
+from evalsvc.messages.validation import check_items
 from evalsvc.storable import storable_json
 from evalsvc.store import datasets as dataset_store
 from evalsvc.store.db import Database
@@ -431,11 +431,7 @@ class DatasetGenerations:
             if generation is None or dataset is None:
                 return False
             items = [item_pb2.Item(input=text) for text in inputs]
-            await assign_item_ids(items, start=dataset.item_count)
-            taken = await dataset_store.existing_item_ids(conn, dataset_id, [item.id for item in items])
-            for item in items:  # an id a client already used for its own item: take a fresh one
-                if item.id in taken:
-                    item.id = f"item-{uuid.uuid4().hex[:12]}"
+            await number_new_items(conn, dataset_id, items, dataset.item_count)
             violations: list[FieldViolation] = []
             await check_items(items, "items", violations)
             if violations:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import builtins
 import copy
 import time
+import uuid
+from collections.abc import Sequence
 from typing import cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -58,6 +60,22 @@ def dataset_from(dataset: DatasetRecord, generation: DatasetGenerationRecord | N
         create_time=timestamp(dataset.create_time),
         update_time=timestamp(dataset.update_time),
     )
+
+
+async def number_new_items(conn: AsyncConnection, dataset_id: str, items: Sequence[item_pb2.Item], start: int) -> None:
+    """Give the items without an id one: `item-N`, numbered on from the dataset's `start` items, or a
+    random `item-...` where that id is taken - by an item of the dataset or of the same request. Ids
+    callers chose are theirs to keep unique (the caller reports a clash).
+
+    Numbered from the item count alone, a dataset whose caller had once added an `item-2` of its own
+    refused every later item without an id, for good: the next number was always `item-2`."""
+    chosen = {item.id for item in items if item.id}
+    numbered = [item for item in items if not item.id]
+    await assign_item_ids(items, start=start)
+    taken = await dataset_store.existing_item_ids(conn, dataset_id, [item.id for item in numbered])
+    for item in numbered:
+        if item.id in taken or item.id in chosen:
+            item.id = f"item-{uuid.uuid4().hex[:12]}"
 
 
 class DatasetService:
@@ -157,7 +175,7 @@ class DatasetService:
             dataset = await dataset_store.get(conn, tenant, request.dataset_id, lock=True)
             if dataset is None:
                 raise not_found("dataset", request.dataset_id)
-            await assign_item_ids(items, start=dataset.item_count)
+            await number_new_items(conn, request.dataset_id, items, dataset.item_count)
             await check_items(items, "items", violations, MAX_ITEMS_PER_CALL)
             ids = [item.id for item in items]
             taken = await dataset_store.existing_item_ids(conn, request.dataset_id, ids)
