@@ -80,3 +80,10 @@ def configure(level: str, log_format: str, stream: TextIO | None = None) -> None
     logging.logMultiprocessing = False
     logging._srcfile = None  # no findCaller(): the formats print no source line
     logging.basicConfig(level=level.upper(), handlers=[make_handler(log_format, stream)], force=True)
+    # httpx logs every request at INFO with its whole URL: a line per model call, and the credentials a
+    # URL may carry (`https://user:password@...`), in clear. evalsvc says what matters of its outbound
+    # calls itself (failures, retries; metrics count the rest); httpx still speaks at WARNING, and at
+    # `--log-level debug` says everything, as before.
+    quiet = logging.WARNING if logging.getLogger().level > logging.DEBUG else logging.NOTSET
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(quiet)

@@ -242,3 +242,26 @@ async def test_metrics_endpoint_serves_only_metrics(metrics_server: EvalServer) 
 
 async def test_metrics_are_off_without_an_address(server: EvalServer) -> None:
     assert server.settings.metrics_addr == "" and server.metrics_port == 0
+
+
+@pytest.mark.parametrize(("level", "httpx_info"), [("info", False), ("debug", True)])
+def test_httpx_does_not_log_each_outbound_request_at_info(level: str, httpx_info: bool) -> None:
+    """httpx logged every target, judge and webhook request at INFO with its whole URL: a line per model
+    call, and any `user:password@` in a URL, in clear. At evalsvc's default level it speaks at WARNING
+    (`--log-level debug` keeps its lines for whoever asks)."""
+    import io
+
+    from evalsvc import logs
+
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers), logging.getLogger("httpx").level, logging.getLogger("httpcore").level)
+    try:
+        logs.configure(level, "text", io.StringIO())
+        for name in ("httpx", "httpcore"):
+            assert logging.getLogger(name).isEnabledFor(logging.INFO) is httpx_info
+            assert logging.getLogger(name).isEnabledFor(logging.WARNING)
+    finally:
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])
+        logging.getLogger("httpx").setLevel(saved[2])
+        logging.getLogger("httpcore").setLevel(saved[3])

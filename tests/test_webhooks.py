@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import re
 import threading
 import time
@@ -134,12 +135,18 @@ async def test_a_receiver_failing_twice_gets_three_attempts_with_one_webhook_id(
 
 
 async def test_the_last_failed_attempt_leaves_the_delivery_failed_and_visible(
-    webhooks: webhook_service_pb2_grpc.WebhookServiceStub, runs: eval_run_service_pb2_grpc.EvalRunServiceStub
+    webhooks: webhook_service_pb2_grpc.WebhookServiceStub,
+    runs: eval_run_service_pb2_grpc.EvalRunServiceStub,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with FakeEndpoint(Reply({}, status=502)) as receiver:
-        created = (await webhooks.CreateWebhook(create_webhook(receiver.url))).webhook
+    with FakeEndpoint(Reply({}, status=502)) as receiver, caplog.at_level(logging.INFO):
+        # Credentials in the URL are the receiver's: never in last_error or the log (they were, in clear).
+        with_password = receiver.url.replace("http://", "http://alice:hunter2pw@", 1)
+        created = (await webhooks.CreateWebhook(create_webhook(with_password))).webhook
         await watch_all(runs, (await runs.CreateRun(create_request(1))).run.id)
         [delivery] = await deliveries_when_done(webhooks, created.id, 1)
+    ours = " ".join(record.getMessage() for record in caplog.records if record.name.startswith("evalsvc"))
+    assert "hunter2pw" not in delivery.last_error and "hunter2pw" not in ours  # httpx's: tests/test_observability.py
     assert len(receiver.seen) == 4  # the fixture's --webhook-max-attempts
     assert delivery.status == wpb.WEBHOOK_DELIVERY_STATUS_FAILED
     assert (delivery.attempts, delivery.last_response_code) == (4, 502)

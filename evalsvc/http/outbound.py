@@ -157,6 +157,13 @@ class AllowList:
         return any(candidate in network for network in self._networks for candidate in candidates)
 
 
+def shown_host(url: str) -> str:
+    """The host[:port] of a URL, as messages and logs name it: without the `user:password@` a URL may
+    carry (a webhook's or an endpoint's credentials were written to the log, `last_error` and the
+    delivery's `disabled_reason` in clear text)."""
+    return urlsplit(url).netloc.rpartition("@")[2]
+
+
 def check_url_shape(url: str) -> str | None:
     """A static problem with an endpoint URL (scheme, host), or None. Used at CreateRun."""
     parts = urlsplit(url)
@@ -399,7 +406,7 @@ class Outbound:
                 try:
                     response = await self._client.post(url, json=body, headers=dict(headers), timeout=timeout_s)
                 except (httpx.TransportError, httpx.TimeoutException) as exc:
-                    failure = f"{type(exc).__name__} calling {urlsplit(url).netloc}"
+                    failure = f"{type(exc).__name__} calling {shown_host(url)}"
                     retry_after = None
                 else:
                     call.throttled = response.status_code == 429
@@ -408,9 +415,9 @@ class Outbound:
                         try:
                             return Reply(response.json(), latency_ms, attempt)
                         except ValueError as exc:
-                            not_json = f"{urlsplit(url).netloc} answered with a body that is not JSON"
+                            not_json = f"{shown_host(url)} answered with a body that is not JSON"
                             raise OutboundError(not_json) from exc
-                    failure = f"HTTP {response.status_code} from {urlsplit(url).netloc}"
+                    failure = f"HTTP {response.status_code} from {shown_host(url)}"
                     if response.status_code not in RETRYABLE_STATUS:
                         raise OutboundError(failure)
                     retry_after = retry_after_s(response.headers.get("retry-after"))

@@ -23,13 +23,12 @@ import time
 import uuid
 from collections import Counter
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.config import Settings
-from evalsvc.http.outbound import AllowList, OutboundError, check_destination, retry_after_s
+from evalsvc.http.outbound import AllowList, OutboundError, check_destination, retry_after_s, shown_host
 from evalsvc.liveness import supervise
 from evalsvc.metrics import Metrics
 from evalsvc.store import webhooks as store
@@ -225,7 +224,7 @@ class WebhookSender:
         async def record(conn: AsyncConnection) -> bool:
             recorded = await store.record_attempt(conn, claimed.id, claimed.claim_id, values)
             if recorded and gone:
-                reason = f"{urlsplit(claimed.url).netloc} answered 410 Gone to delivery {claimed.id}"
+                reason = f"{shown_host(claimed.url)} answered 410 Gone to delivery {claimed.id}"
                 await store.update_webhook(
                     conn,
                     claimed.tenant,
@@ -244,7 +243,7 @@ class WebhookSender:
     async def _attempt(self, claimed: ClaimedDelivery) -> tuple[int, str, float | None]:
         """POST the delivery once: (HTTP status or 0, why it failed, Retry-After seconds)."""
         url = claimed.url
-        host = urlsplit(url).netloc
+        host = shown_host(url)
         try:
             async with asyncio.timeout(self._timeout_s):
                 await check_destination(url, self._allow)
