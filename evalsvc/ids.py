@@ -13,7 +13,10 @@ import json
 import os
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
+
+from google.protobuf.message import Message
 
 from evalsvc.errors import FieldViolation, invalid_argument, invalid_page_token
 
@@ -51,8 +54,22 @@ class PageTokens:
     MAX_TOKEN_CHARS = 1024
     _MAC_BYTES = 16
 
-    def __init__(self, key: bytes = b"") -> None:
+    def __init__(self, key: bytes = b"", page_bytes: int = 8 << 20) -> None:
         self.key = key
+        # The most a page of large messages (items, results with their outputs) may hold: half the
+        # largest message a call may send (`--max-message-bytes`), so a page never fails the call.
+        self.page_bytes = page_bytes
+
+    def fitting(self, messages: Sequence[Message]) -> int:
+        """How many of a page's leading messages fit in `page_bytes` together (at least one): a page
+        of 100 dataset items of 1.4 MB failed whole with RESOURCE_EXHAUSTED ("larger than max"),
+        which REST answered as 429, a retry that could never succeed. The rest is the next page's."""
+        total = 0
+        for count, message in enumerate(messages):
+            total += message.ByteSize()
+            if total > self.page_bytes and count > 0:
+                return count
+        return len(messages)
 
     def encode(self, tenant: str, kind: str, query: dict[str, Any], position: Any) -> str:
         """The token of the page after `position` in list `kind` with filters `query`."""

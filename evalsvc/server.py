@@ -133,7 +133,7 @@ class EvalServer:
         with _setting("--db, --sqlite-synchronous"):
             self.db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
         # Keyed at start, from the database: every replica of a database signs with the same key.
-        self.page_tokens = PageTokens()
+        self.page_tokens = PageTokens(page_bytes=settings.max_message_bytes // 2)
         self.secrets = SecretService(self.db, operator_secrets, self.page_tokens, settings.secrets_key)
         self.bus = EventBus()
         self.metrics = Metrics(self.db)

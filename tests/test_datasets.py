@@ -181,3 +181,45 @@ async def test_create_dataset_requires_the_dataset(datasets) -> None:
         await datasets.CreateDataset(ds.CreateDatasetRequest(request_id="r"))
     assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "dataset" in violations(missing.value)
     assert not (await datasets.ListDatasets(ds.ListDatasetsRequest())).datasets
+
+
+async def test_pages_of_large_items_and_results_fit_in_a_message(server, datasets, runs) -> None:  # type: ignore[no-untyped-def]
+    """A page was bounded by its count alone: 100 dataset items of 1.4 MB, or their results with outputs,
+    made ListDatasetItems and ListRunResults fail whole (RESOURCE_EXHAUSTED "larger than max"; over
+    REST a 429, a retry that could never succeed). A page now stops at half of --max-message-bytes
+    (a smaller bound here), with a token for the rest, and paging still returns every one once."""
+    server.page_tokens.page_bytes = 450_000
+    big = "x" * 200_000
+    created = (await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset(display_name="big")))).dataset
+    items = [
+        item_pb2.Item(id=f"b{i}", input="q", expected_output=big, response=item_pb2.Response(content=big))
+        for i in range(6)
+    ]
+    await datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=created.id, items=items))
+
+    listed, sizes, token = [], [], ""
+    while True:
+        page = await datasets.ListDatasetItems(ds.ListDatasetItemsRequest(dataset_id=created.id, page_token=token))
+        listed += [item.id for item in page.items]
+        sizes.append(page.ByteSize())
+        if not (token := page.next_page_token):
+            break
+    assert listed == [f"b{i}" for i in range(6)] and max(sizes) <= 450_000 + 1024, sizes
+
+    run = (
+        await runs.CreateRun(
+            pb.CreateRunRequest(
+                dataset_id=created.id, target=target_pb2.Target(provided=target_pb2.ProvidedTarget()), graders=[exact()]
+            )
+        )
+    ).run
+    await watch_all(runs, run.id)
+    results, sizes, token = [], [], ""
+    while True:
+        page = await runs.ListRunResults(pb.ListRunResultsRequest(run_id=run.id, page_token=token))
+        results += [result.item_id for result in page.results]
+        sizes.append(page.ByteSize())
+        if not (token := page.next_page_token):
+            break
+    assert sorted(results) == [f"b{i}" for i in range(6)] and max(sizes) <= 450_000 + 1024, sizes
+    assert len(sizes) >= 3  # two results a page

@@ -228,6 +228,8 @@ class CompareService:
             if (found := cand_by_key.get(paired.key)) is not None:
                 item.candidate.CopyFrom(run_store.result_from(*found))
             items.append(item)
-        more = len(keys) > limit
-        token = self._page_tokens.encode(tenant, "comparison_items", query, list(page[-1].key)) if more else ""
+        items = items[: self._page_tokens.fitting(items)]  # large outputs: fewer per page
+        more = len(keys) > len(items)
+        last = list(page[len(items) - 1].key) if items else []
+        token = self._page_tokens.encode(tenant, "comparison_items", query, last) if more else ""
         return items, token

@@ -473,7 +473,9 @@ class RunService:
                 conn, tenant, request.run_id, after_id=after_id, limit=limit + 1, state=request.state
             )
         results = [run_store.result_from(row, output) for row, output in rows[:limit]]
-        token = self._page_tokens.encode(tenant, "results", query, int(results[-1].id)) if len(rows) > limit else ""
+        results = results[: self._page_tokens.fitting(results)]  # large outputs: fewer per page
+        more = len(rows) > len(results)
+        token = self._page_tokens.encode(tenant, "results", query, int(results[-1].id)) if more else ""
         return results, token
 
 
