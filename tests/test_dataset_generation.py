@@ -171,10 +171,14 @@ async def test_bad_requests_are_refused_and_write_nothing(tmp_path: Path, genera
                 "GENERATION_EXISTS"
             )
             assert (await client.settled(dataset_id)).item_count == 2
-            for bad, field in ((continuing(dataset_id), "conversations"), (continuing(dataset_id, ""), "item_id")):
+            for bad, field in (
+                (continuing(dataset_id), "conversations"),
+                (continuing(dataset_id, ""), "conversations[0].item_id"),
+                (continuing(dataset_id, "twice", "twice"), "conversations[1].item_id"),  # was `...[1].id`
+            ):
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await client.generations.ContinueConversations(bad)
-                assert any(field in name for name in violations(refused.value)), violations(refused.value)
+                assert field in violations(refused.value), violations(refused.value)
             calls = len(generator.seen)
             [turn] = (await client.generations.ContinueConversations(continuing(dataset_id, "next-a"))).items
             assert turn.id == "next-a" and turn.input and dict(turn.metadata) == {"turn_number": "2"}

@@ -227,7 +227,7 @@ class DatasetGenerations:
         for i, conversation in enumerate(request.conversations):
             if not conversation.item_id:
                 violations.append(FieldViolation(f"conversations[{i}].item_id", "required"))
-        await check_items(items, "conversations", violations)
+        await check_items(items, "conversations", violations, id_field="item_id")
         if violations:
             raise invalid_argument(violations)
         if not self._model.configured:

@@ -90,20 +90,25 @@ def check_annotations(annotations: Mapping[str, str], field: str, out: list[Fiel
 
 
 async def check_items(
-    items: Sequence[item_pb2.Item], field: str, out: list[FieldViolation], max_items: int | None = None
+    items: Sequence[item_pb2.Item],
+    field: str,
+    out: list[FieldViolation],
+    max_items: int | None = None,
+    id_field: str = "id",
 ) -> None:
     """Items need unique ids of at most 128 characters (empty ids are assigned before this check), and
     a recorded response's measurements must be numbers a grader and an aggregate can use. Gives the
-    event loop turns between items (evalsvc.turns): a CreateRun holds up to 100,000."""
+    event loop turns between items (evalsvc.turns): a CreateRun holds up to 100,000. `id_field` names
+    the id in the request, where its message calls it otherwise (a conversation's `item_id`)."""
     if max_items is not None and len(items) > max_items:
         out.append(FieldViolation(field, f"at most {max_items} items per request (got {len(items)})"))
         return
     seen: set[str] = set()
     turns = Turns()
     for i, item in enumerate(items):
-        check_length(item.id, MAX_ITEM_ID, f"{field}[{i}].id", out)
+        check_length(item.id, MAX_ITEM_ID, f"{field}[{i}].{id_field}", out)
         if item.id in seen:
-            out.append(FieldViolation(f"{field}[{i}].id", f"duplicate item id {item.id[:MAX_ITEM_ID]!r}"))
+            out.append(FieldViolation(f"{field}[{i}].{id_field}", f"duplicate item id {item.id[:MAX_ITEM_ID]!r}"))
         seen.add(item.id)
         if item.HasField("response"):
             check_measurements(item.response, f"{field}[{i}].response", out)
