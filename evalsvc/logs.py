@@ -84,6 +84,7 @@ def configure(level: str, log_format: str, stream: TextIO | None = None) -> None
     # URL may carry (`https://user:password@...`), in clear. evalsvc says what matters of its outbound
     # calls itself (failures, retries; metrics count the rest); httpx still speaks at WARNING, and at
     # `--log-level debug` says everything, as before.
-    quiet = logging.WARNING if logging.getLogger().level > logging.DEBUG else logging.NOTSET
+    root = logging.getLogger().level
+    quiet = max(logging.WARNING, root) if root > logging.DEBUG else logging.NOTSET
     for chatty in ("httpx", "httpcore"):
         logging.getLogger(chatty).setLevel(quiet)

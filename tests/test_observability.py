@@ -244,8 +244,10 @@ async def test_metrics_are_off_without_an_address(server: EvalServer) -> None:
     assert server.settings.metrics_addr == "" and server.metrics_port == 0
 
 
-@pytest.mark.parametrize(("level", "httpx_info"), [("info", False), ("debug", True)])
-def test_httpx_does_not_log_each_outbound_request_at_info(level: str, httpx_info: bool) -> None:
+@pytest.mark.parametrize(
+    ("level", "httpx_info", "httpx_warning"), [("info", False, True), ("debug", True, True), ("error", False, False)]
+)
+def test_httpx_does_not_log_each_outbound_request_at_info(level: str, httpx_info: bool, httpx_warning: bool) -> None:
     """httpx logged every target, judge and webhook request at INFO with its whole URL: a line per model
     call, and any `user:password@` in a URL, in clear. At evalsvc's default level it speaks at WARNING
     (`--log-level debug` keeps its lines for whoever asks)."""
@@ -259,7 +261,7 @@ def test_httpx_does_not_log_each_outbound_request_at_info(level: str, httpx_info
         logs.configure(level, "text", io.StringIO())
         for name in ("httpx", "httpcore"):
             assert logging.getLogger(name).isEnabledFor(logging.INFO) is httpx_info
-            assert logging.getLogger(name).isEnabledFor(logging.WARNING)
+            assert logging.getLogger(name).isEnabledFor(logging.WARNING) is httpx_warning  # --log-level error
     finally:
         root.handlers[:] = saved[1]
         root.setLevel(saved[0])

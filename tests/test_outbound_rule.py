@@ -121,3 +121,20 @@ async def test_a_name_rebound_after_the_check_is_refused_at_connect_time(monkeyp
         await client.close()
     with pytest.raises(BlockingIOError), listener:
         listener.accept()  # nobody connected
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://alice:hunter2pw@127.0.0.1:8080/hook", "127.0.0.1:8080"),
+        ("https://u:pa#ss@example.com/", "u"),  # '#' in a password ends the host part: still no password
+        ("http://[::1]:9000/p?a@b", "[::1]:9000"),
+        ("https://example.com/a@b", "example.com"),
+    ],
+)
+def test_a_url_is_named_by_its_host_without_credentials(url: str, shown: str) -> None:
+    """Logs, `last_error` and `disabled_reason` name an endpoint this way: a URL's `user:password@` was
+    written to all three in clear."""
+    from evalsvc.http.outbound import shown_host
+
+    assert shown_host(url) == shown and "pw" not in shown and "ss" not in shown

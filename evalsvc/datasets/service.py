@@ -165,6 +165,10 @@ class DatasetService:
         """Append items; their ids must be new to the dataset."""
         if not request.items:
             raise invalid_argument([FieldViolation("items", "at least one item is required")])
+        if len(request.items) > MAX_ITEMS_PER_CALL:  # before numbering: that reads the dataset under its lock
+            raise invalid_argument(
+                [FieldViolation("items", f"at most {MAX_ITEMS_PER_CALL} items per request (got {len(request.items)})")]
+            )
 
         async def add(
             conn: AsyncConnection,

@@ -310,14 +310,18 @@ def create_app(
                 slot = upstream.stream_slot(metadata)  # in the key's share from the start
             except GatewayError as error:
                 return refused(error)
-            call = cast(
-                "grpc.aio.UnaryStreamMultiCallable[Message, Message]",
-                slot.channel.unary_stream(
-                    route.grpc_path,
-                    request_serializer=lambda m: m.SerializeToString(),
-                    response_deserializer=_message_class(route.method.output_type).FromString,
-                ),
-            )(message, metadata=metadata)
+            try:
+                call = cast(
+                    "grpc.aio.UnaryStreamMultiCallable[Message, Message]",
+                    slot.channel.unary_stream(
+                        route.grpc_path,
+                        request_serializer=lambda m: m.SerializeToString(),
+                        response_deserializer=_message_class(route.method.output_type).FromString,
+                    ),
+                )(message, metadata=metadata)
+            except BaseException:  # a channel closed at shutdown, say: the slot is not kept
+                slot.release()
+                raise
             try:
                 first = await call.read()  # fail as a plain HTTP error before the stream starts
                 await slot.admit(call, metadata)  # within the tenant's share of streams

@@ -25,12 +25,13 @@ _FIELD = " field: "
 _UNKNOWN_START = 'Message type "'
 _UNKNOWN_NAME = '" has no field named "'
 _UNKNOWN_AT = '" at "'
+_AVAILABLE = "\n Available Fields"
 _ENUM = "Invalid enum value "
 _ENUM_END = " for enum type"
 MAX_PATH = 512  # json_format's paths are field names and indices: longer is not one of them
 MAX_SHOWN = 128  # characters of a caller's field name or value repeated in a description
 # Type.field[0].field...: no two parts can match the same characters, so matching is linear.
-_PATH = re.compile(r"[A-Za-z_]\w*(?:\[\d+\])*(?:\.[A-Za-z_]\w*(?:\[\d+\])*)*")
+_PATH = re.compile(r"[A-Za-z_]\w*(?:\[[^\[\]]*\])*(?:\.[A-Za-z_]\w*(?:\[[^\[\]]*\])*)*")  # [0], [map key]
 # What Python's words mean, for a caller who sent JSON (substring tests: linear).
 _PLAIN = (
     ("invalid literal for int()", "must be a whole number"),
@@ -69,7 +70,7 @@ def field_violation(exc: json_format.ParseError) -> tuple[str, str] | None:
 
 def _unknown_field(text: str) -> tuple[str, str] | None:
     """`Message type "T" has no field named "NAME" at "T.path".` -> (path.NAME, "unknown field")."""
-    line = text.partition("\n")[0]
+    line = text.rpartition(_AVAILABLE)[0] or text  # the caller's name may hold a newline: json_format's list follows
     if not line.startswith(_UNKNOWN_START) or (named := line.find(_UNKNOWN_NAME)) < 0:
         return None
     name_start = named + len(_UNKNOWN_NAME)

@@ -93,6 +93,25 @@ class TooManyValues(ValueError):
     """A JSON body with more than MAX_JSON_VALUES values."""
 
 
+LONE_SURROGATE = "the request holds text that is not Unicode: a lone surrogate (\\ud800-\\udfff) in a string"
+
+
+class LoneSurrogate(ValueError):
+    """A JSON body with a lone surrogate in a string (JSON's `\\ud800`): text no UTF-8 can hold. Found
+    when the body is read, before a route writes anything: the vendors' models take it as text, and
+    only building the service's request found it (a 500; or, after a first write, a half-done call)."""
+
+
+def _unicode(value: Any) -> bool:
+    """Whether every string of a parsed JSON value (keys too) is Unicode that UTF-8 can hold: the
+    document written back (in C) encodes, or does not."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class InvalidBody(ValueError):
     """A body its route's validation refused, with the first MAX_ERRORS of its errors."""
 
@@ -107,10 +126,13 @@ BodyCheck = Callable[[Any], list[dict[str, Any]]]
 
 def read_json(body: bytes, check: BodyCheck | None = None) -> Any:
     """`json.loads(body)`, letting other threads run between the objects it reads; TooManyValues when
-    it holds more than MAX_JSON_VALUES values, InvalidBody when `check` finds errors."""
+    it holds more than MAX_JSON_VALUES values, LoneSurrogate when a string holds one, InvalidBody when
+    `check` finds errors."""
     value = json.loads(body, object_pairs_hook=_pairs)
     if not within(value, MAX_JSON_VALUES):
         raise TooManyValues(f"the body holds more than {MAX_JSON_VALUES} JSON values")
+    if (b"\\ud" in body or b"\\uD" in body) and not _unicode(value):
+        raise LoneSurrogate(LONE_SURROGATE)
     if check is not None and (errors := check(value)):
         raise InvalidBody(errors[:MAX_ERRORS])
     return value

@@ -339,9 +339,13 @@ class Upstream:
         """The run's WatchRun events (a failure raises `GatewayError`, as does the caller's tenant having
         its share of streams open); closing the iterator cancels it."""
         slot = self.stream_slot(caller.metadata)
-        call = slot.runs.WatchRun(
-            eval_run_service_pb2.WatchRunRequest(run_id=run_id, after_seq=after_seq), metadata=caller.metadata
-        )
+        try:
+            call = slot.runs.WatchRun(
+                eval_run_service_pb2.WatchRunRequest(run_id=run_id, after_seq=after_seq), metadata=caller.metadata
+            )
+        except BaseException:  # a channel closed at shutdown, say: the slot is not kept
+            slot.release()
+            raise
         try:
             admitted = False
             async for event in call:

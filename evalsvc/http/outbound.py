@@ -161,7 +161,15 @@ def shown_host(url: str) -> str:
     """The host[:port] of a URL, as messages and logs name it: without the `user:password@` a URL may
     carry (a webhook's or an endpoint's credentials were written to the log, `last_error` and the
     delivery's `disabled_reason` in clear text)."""
-    return urlsplit(url).netloc.rpartition("@")[2]
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address, as URLs write it
+    try:
+        port = parts.port
+    except ValueError:  # not a port: the host alone
+        port = None
+    return host if port is None else f"{host}:{port}"
 
 
 def check_url_shape(url: str) -> str | None:

@@ -755,3 +755,14 @@ async def test_a_failed_generation_is_failed_with_its_reason_and_no_generator_cr
         assert refused.status_code == 503
         assert assert_envelope(refused.json(), "server.internal_error")["reason"] == "GENERATOR_NOT_CONFIGURED"
         assert (await http.get("/v2/evals")).json() == {"items": [], "count": 0}  # nothing was created
+
+
+async def test_a_lone_surrogate_is_refused_before_anything_is_created(env: Env) -> None:
+    """A prompt holding a lone surrogate (JSON's `\\ud800`) was found only once the eval's dataset had
+    been created: the call answered 400 with the dataset left behind, and a corrected retry without
+    `eval_uuid` made a second one. The body is refused as it is read: nothing is created."""
+    before = (await env.http.get("/v2/evals")).json()["items"]
+    body = json.dumps(an_eval(prompts=[{"content": "PLACEHOLDER"}])).replace("PLACEHOLDER", "\\ud800")
+    answer = await env.http.post("/v2/evals", content=body.encode(), headers={"content-type": "application/json"})
+    assert 400 <= answer.status_code < 500 and "lone surrogate" in answer.text, answer.text
+    assert (await env.http.get("/v2/evals")).json()["items"] == before

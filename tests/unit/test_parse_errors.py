@@ -32,6 +32,7 @@ def violation(body: dict[str, Any], message: type = pb.CreateRunRequest) -> tupl
         ({"target": {"provided": 3}}, ("target.provided", "must be a JSON object")),
         ({"trigger": "TRIGGER_SOMETIMES"}, ("trigger", "unknown value TRIGGER_SOMETIMES")),
         ({"target": {"provided": {}, "echo": {}}}, ("target", "sets more than one field of a oneof")),
+        ({"labels": {"team": "\ud800"}}, ("labels[team]", "Unpaired surrogate")),  # a map key in the path
     ],
 )
 def test_a_wrong_value_is_its_field_and_plain_words(body: dict[str, Any], expected: tuple[str, str]) -> None:
@@ -66,3 +67,8 @@ def test_a_crafted_value_costs_its_length_once(body: dict[str, Any]) -> None:
     found = violation(body)
     assert time.perf_counter() - started < 0.5
     assert found is not None and len(found[0]) <= 512 + 128 and len(found[1]) <= 256
+
+
+def test_a_field_name_cannot_forge_the_path() -> None:
+    """An unknown field's name is the caller's, and may hold json_format's own words and a newline."""
+    assert violation({'x" at "Foo.made.up\n': 1}) == ('x" at "Foo.made.up\n', "unknown field")

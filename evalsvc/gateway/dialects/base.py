@@ -32,7 +32,14 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 from starlette.exceptions import HTTPException
 
-from evalsvc.gateway.translators import BodyCheck, InvalidBody, OffLoopJSONRequest, TooManyValues, within
+from evalsvc.gateway.translators import (
+    BodyCheck,
+    InvalidBody,
+    LoneSurrogate,
+    OffLoopJSONRequest,
+    TooManyValues,
+    within,
+)
 from evalsvc.gateway.upstream import Caller, GatewayError, Upstream, with_retry_after
 from evalsvc.messages.validation import MAX_ANNOTATIONS_BYTES as MAX_ANNOTATIONS_BYTES  # for the dialects' checks
 from evalsvc.messages.validation import missing_required
@@ -277,21 +284,18 @@ def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRou
                         return render(GatewayError.invalid(str(error.__cause__), http_status=413))
                     if isinstance(error.__cause__, InvalidBody):
                         return render(_request_invalid(error.__cause__.errors))
+                    if isinstance(error.__cause__, LoneSurrogate):  # a 500 in plain text, before
+                        unicode = {"type": "string_unicode", "loc": ["body"], "msg": str(error.__cause__)}
+                        return render(_request_invalid([unicode]))  # as a body FastAPI cannot parse: 422
                     raise
                 except RequestValidationError as error:
                     return render(_request_invalid(error.errors()))
-                except UnicodeEncodeError:
-                    # A lone surrogate (JSON's "\ud800"): the vendors' models take it as text, and only
-                    # building the service's request finds that it is not Unicode (it was a 500 in plain
-                    # text, with a traceback at error level). The caller's mistake, in its API's shape.
-                    return render(GatewayError.invalid(LONE_SURROGATE))
 
             return handle
 
     return DialectRoute
 
 
-LONE_SURROGATE = "the request holds text that is not Unicode: a lone surrogate (\\ud800-\\udfff) in a string"
 # The validation errors a response lists, and the size of an echoed `input` it keeps (JSON values).
 MAX_ERRORS = 100
 MAX_ECHOED_VALUES = 1000
