@@ -276,6 +276,13 @@ class Settings:
         when that is 0, a quarter of `max_http_connections` (at least 1)."""
         return self.max_http_streams_per_tenant or max(1, self.max_http_connections // 4)
 
+    @property
+    def http_streams_in_all(self) -> int:
+        """The REST streams all tenants together may hold open in the gateway: three quarters of
+        `max_http_connections`, so that several tenants at their share still leave a quarter of the
+        connections to everyone's ordinary calls (at least one stream)."""
+        return max(1, self.max_http_connections - self.max_http_connections // 4)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from the environment, with keyword overrides (used by tests and embedders)."""

@@ -34,6 +34,9 @@ class Reason(StrEnum):
     BODY_TOO_LARGE = "BODY_TOO_LARGE"  # REST gateway: a body over --max-message-bytes
     ROUTE_NOT_FOUND = "ROUTE_NOT_FOUND"  # REST gateway: no route has the path (HTTP 404)
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"  # REST gateway: the path's routes take other methods (HTTP 405)
+    GATEWAY_STREAMS_FULL = (
+        "GATEWAY_STREAMS_FULL"  # REST gateway: all tenants' streams fill their part of the connections
+    )
     # The API key
     API_KEY_MISSING = "API_KEY_MISSING"  # no key presented
     API_KEY_INVALID = "API_KEY_INVALID"  # malformed, mistyped, unknown or wrong secret

@@ -258,6 +258,38 @@ async def test_watches_still_waiting_for_their_first_event_count_against_the_key
                 await asyncio.gather(*opening, return_exceptions=True)
 
 
+async def test_several_tenants_at_their_share_leave_connections_for_ordinary_calls(tmp_path: Path) -> None:
+    """Each tenant's watches are held to a quarter of the connections, but four tenants at their share
+    took them all, and every other call got 503. All tenants' streams together now stop at three
+    quarters (15 of 20 here): the next watch is 503 GATEWAY_STREAMS_FULL, and ordinary calls go on."""
+    async with gateway_server(tmp_path, workers=0, max_http_connections=20) as (srv, base):
+        assert srv.settings.http_streams_per_tenant == 5 and srv.settings.http_streams_in_all == 15
+        opened: list[httpx.Response] = []
+        clients: list[httpx.AsyncClient] = []
+        try:
+            for name in ("t1", "t2", "t3", "t4"):
+                key, _ = await srv.keys.create(name)
+                client = httpx.AsyncClient(base_url=base, headers={"authorization": f"Bearer {key}"}, timeout=30)
+                clients.append(client)
+            runs = [(await c.post("/v1/runs", json=RUN)).json()["run"]["id"] for c in clients]  # PENDING
+            async with asyncio.timeout(60):
+                for client, run_id in zip(clients[:3], runs, strict=False):  # three tenants at their share
+                    for _ in range(5):
+                        watch = await client.send(client.build_request("GET", f"/v1/runs/{run_id}:watch"), stream=True)
+                        assert watch.status_code == 200
+                        opened.append(watch)
+                full = await clients[3].get(f"/v1/runs/{runs[3]}:watch")
+                assert full.status_code == 503 and full.headers["retry-after"] == "1", full.text
+                assert full.json()["details"][0]["reason"] == "GATEWAY_STREAMS_FULL"
+                listed = await clients[3].get("/v1/runs")  # an ordinary call of the fourth tenant
+                assert listed.status_code == 200 and [r["id"] for r in listed.json()["runs"]] == [runs[3]]
+        finally:
+            for response in opened:
+                await response.aclose()
+            for client in clients:
+                await client.aclose()
+
+
 async def test_a_synchronous_dialect_wait_past_the_tenants_share_answers_the_run_as_it_stands(
     tmp_path: Path,
 ) -> None:

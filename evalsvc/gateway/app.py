@@ -253,12 +253,14 @@ def create_app(
     *,
     streams_per_channel: int = 500,
     streams_per_tenant: int = 500,
+    streams_in_all: int = 1500,
 ) -> FastAPI:
     """The gateway app, calling the service over channels made by `channel_factory` (given each one's
     index in the pool; see `Upstream`), with the vendor dialects `dialect_spec` names (see
     `dialects.mounts`) beside the native routes, each given `dialect_options`. A tenant may have
-    `streams_per_tenant` watches (and synchronous dialect waits) open at once."""
-    upstream = Upstream(channel_factory, streams_per_channel, streams_per_tenant)
+    `streams_per_tenant` watches (and synchronous dialect waits) open at once, all tenants together
+    `streams_in_all`."""
+    upstream = Upstream(channel_factory, streams_per_channel, streams_per_tenant, streams_in_all)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -140,6 +140,7 @@ class Gateway:
                 dialect_options,
                 streams_per_channel=settings.gateway_streams_per_channel,
                 streams_per_tenant=settings.http_streams_per_tenant,
+                streams_in_all=settings.http_streams_in_all,
             ),
             max_body_bytes=settings.max_message_bytes,
         )

@@ -167,9 +167,26 @@ class TenantStreams:
     is open, and without a share one tenant's watches took every connection (--max-http-connections),
     so that every other tenant's calls got 503 until it let go."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, in_all: int = 1 << 30) -> None:
         self.limit = limit
+        self.in_all = in_all  # streams of every tenant together: the rest of the connections are calls'
+        self.streams = 0
         self._open: dict[str, int] = {}
+
+    def open_stream(self) -> None:
+        """One more stream of anyone; GatewayError UNAVAILABLE when every tenant's together fill their
+        part of the connections (several tenants each at its share left no connection for any call)."""
+        if self.streams >= self.in_all:
+            raise GatewayError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"this gateway has {self.streams} REST streams open, all it takes; retry, or watch over gRPC",
+                Reason.GATEWAY_STREAMS_FULL,
+                retry_after_s=STREAMS_RETRY_AFTER_S,
+            )
+        self.streams += 1
+
+    def close_stream(self) -> None:
+        self.streams -= 1
 
     def take(self, holder: str) -> None:
         """One more stream of `holder` (a tenant); GatewayError RESOURCE_EXHAUSTED when it has its share."""
@@ -217,7 +234,12 @@ class StreamSlot:
 
     def __init__(self, pooled: _Channel, tenants: TenantStreams, credentials: tuple[tuple[str, str], ...]) -> None:
         self._key = key_holder(credentials)
-        tenants.take(self._key)  # GatewayError past the key's share: nothing taken
+        tenants.open_stream()  # GatewayError when all tenants' streams fill their part: nothing taken
+        try:
+            tenants.take(self._key)  # GatewayError past the key's share
+        except GatewayError:
+            tenants.close_stream()
+            raise
         self._pooled: _Channel | None = pooled
         pooled.streams += 1
         self.channel = pooled.channel
@@ -243,6 +265,7 @@ class StreamSlot:
             self._pooled.streams -= 1
             self._pooled = None
             self._tenants.give_back(self._key)
+            self._tenants.close_stream()
         if self._holder is not None:
             self._tenants.give_back(self._holder)
             self._holder = None
@@ -258,16 +281,21 @@ class Upstream:
     full, and unary calls go to the channel with the fewest watches, where there is always room.
     Channels are kept once opened (idle connections only cost a keepalive ping).
 
-    Each tenant may hold at most `streams_per_tenant` of those streams at once (`TenantStreams`): each
-    is also an HTTP connection to the gateway, and those are shared by every tenant."""
+    Each tenant may hold at most `streams_per_tenant` of those streams at once, and all tenants together
+    `streams_in_all` (`TenantStreams`): each is also an HTTP connection to the gateway, and those are
+    shared by every tenant and every call."""
 
     def __init__(
-        self, channel_factory: ChannelFactory, streams_per_channel: int = 500, streams_per_tenant: int = 500
+        self,
+        channel_factory: ChannelFactory,
+        streams_per_channel: int = 500,
+        streams_per_tenant: int = 500,
+        streams_in_all: int = 1500,
     ) -> None:
         self._factory = channel_factory
         self._streams_per_channel = streams_per_channel
         self._pool: list[_Channel] = []
-        self.tenant_streams = TenantStreams(streams_per_tenant)
+        self.tenant_streams = TenantStreams(streams_per_tenant, streams_in_all)
 
     def open(self) -> None:
         self._pool = [_Channel(self._factory(0))]
