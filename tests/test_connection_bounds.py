@@ -290,18 +290,26 @@ async def test_several_tenants_at_their_share_leave_connections_for_ordinary_cal
                 await client.aclose()
 
 
+@pytest.mark.parametrize(
+    ("share", "refused_for", "quota"),
+    [
+        ({"streams_per_tenant": 1}, "TENANT_QUOTA_EXCEEDED", {"quota": "max_http_streams_per_tenant"}),
+        ({"streams_in_all": 1}, "GATEWAY_STREAMS_FULL", {}),
+    ],
+)
 async def test_a_synchronous_dialect_wait_past_the_tenants_share_answers_the_run_as_it_stands(
-    tmp_path: Path,
+    tmp_path: Path, share: dict[str, int], refused_for: str, quota: dict[str, str]
 ) -> None:
     """The synchronous dialect routes (Agno POST /eval-runs, Aymara score-responses) wait on a watch too,
-    within the tenant's share; past it they answer at once with the run as it stands, as after their wait
-    (the run exists: an error would have the vendor's client create it again)."""
+    within the tenant's share and all tenants' together; past either they answer at once with the run as
+    it stands, as after their wait (the run exists: an error would have the vendor's client create it
+    again)."""
     async with gateway_server(tmp_path, workers=0) as (srv, base):
         async with httpx.AsyncClient(
             base_url=base, headers={"authorization": f"Bearer {srv.bootstrap_key}"}, timeout=30
         ) as client:
             run_id = (await client.post("/v1/runs", json=RUN)).json()["run"]["id"]  # stays PENDING
-        upstream = Upstream(lambda _index: LocalChannel(srv.local), streams_per_tenant=1)
+        upstream = Upstream(lambda _index: LocalChannel(srv.local), **share)
         upstream.open()
         caller = Caller(srv.bootstrap_key or "")
         held = upstream.watch(run_id, caller)
@@ -310,7 +318,7 @@ async def test_a_synchronous_dialect_wait_past_the_tenants_share_answers_the_run
                 assert (await anext(held)).WhichOneof("event") == "run"  # the tenant's one stream
                 with pytest.raises(GatewayError) as over:
                     await anext(upstream.watch(run_id, caller))
-                assert over.value.metadata == {"quota": "max_http_streams_per_tenant"}
+                assert over.value.reason == refused_for and over.value.metadata == quota
                 started = time.monotonic()
                 run = await upstream.wait_until_done(run_id, caller, timeout=25)
                 assert time.monotonic() - started < 10  # at once, not after its 25 s

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import grpc
 import pytest
 
@@ -183,6 +186,15 @@ async def test_create_dataset_requires_the_dataset(datasets) -> None:
     assert not (await datasets.ListDatasets(ds.ListDatasetsRequest())).datasets
 
 
+async def every_page(read: Callable[[str], Awaitable[Any]]) -> list[Any]:
+    """Every page of a list, `read` given each page's token ("" first), until one names none."""
+    pages, token = [], ""
+    while True:
+        pages.append(page := await read(token))
+        if not (token := page.next_page_token):
+            return pages
+
+
 async def test_pages_of_large_items_and_results_fit_in_a_message(server, datasets, runs) -> None:  # type: ignore[no-untyped-def]
     """A page was bounded by its count alone: 100 dataset items of 1.4 MB, or their results with outputs,
     made ListDatasetItems and ListRunResults fail whole (RESOURCE_EXHAUSTED "larger than max"; over
@@ -197,14 +209,12 @@ async def test_pages_of_large_items_and_results_fit_in_a_message(server, dataset
     ]
     await datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=created.id, items=items))
 
-    listed, sizes, token = [], [], ""
-    while True:
-        page = await datasets.ListDatasetItems(ds.ListDatasetItemsRequest(dataset_id=created.id, page_token=token))
-        listed += [item.id for item in page.items]
-        sizes.append(page.ByteSize())
-        if not (token := page.next_page_token):
-            break
-    assert listed == [f"b{i}" for i in range(6)] and max(sizes) <= 450_000 + 1024, sizes
+    pages = await every_page(
+        lambda token: datasets.ListDatasetItems(ds.ListDatasetItemsRequest(dataset_id=created.id, page_token=token))
+    )
+    sizes = [page.ByteSize() for page in pages]
+    assert [item.id for page in pages for item in page.items] == [f"b{i}" for i in range(6)]
+    assert max(sizes) <= 450_000 + 1024, sizes
 
     run = (
         await runs.CreateRun(
@@ -214,12 +224,10 @@ async def test_pages_of_large_items_and_results_fit_in_a_message(server, dataset
         )
     ).run
     await watch_all(runs, run.id)
-    results, sizes, token = [], [], ""
-    while True:
-        page = await runs.ListRunResults(pb.ListRunResultsRequest(run_id=run.id, page_token=token))
-        results += [result.item_id for result in page.results]
-        sizes.append(page.ByteSize())
-        if not (token := page.next_page_token):
-            break
+    pages = await every_page(
+        lambda token: runs.ListRunResults(pb.ListRunResultsRequest(run_id=run.id, page_token=token))
+    )
+    sizes = [page.ByteSize() for page in pages]
+    results = [result.item_id for page in pages for result in page.results]
     assert sorted(results) == [f"b{i}" for i in range(6)] and max(sizes) <= 450_000 + 1024, sizes
     assert len(sizes) >= 3  # two results a page

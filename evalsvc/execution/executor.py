@@ -265,7 +265,7 @@ class Executor:
         # Every claim held now is handed back below, also those whose jobs are all in flight: a cancelled
         # job gives up its share of the claim as it ends, which would leave the claim out of the release
         # (its jobs leased until the lease expired, on PostgreSQL, though they are worked on no more).
-        held = set(self._open_claims)
+        claims = sorted(self._open_claims)
         tasks = [t for run_tasks in self._in_flight.values() for t in run_tasks]
         for task in tasks:
             task.cancel()
@@ -273,7 +273,6 @@ class Executor:
         self._finished_ready.set()
         await asyncio.gather(*self._loops)
         self._loops = []
-        claims = sorted(held | set(self._open_claims))
         try:
             await self._db.transact(functools.partial(job_store.release, claim_ids=claims))
         except Exception as exc:

@@ -210,6 +210,12 @@ class TenantStreams:
             del self._open[holder]
 
 
+def _no_room_for_streams(error: GatewayError) -> bool:
+    """Whether a stream was refused for want of room (its tenant's share, or all tenants' together),
+    not for what it asked."""
+    return error.reason == Reason.GATEWAY_STREAMS_FULL or error.metadata.get("quota") == STREAMS_QUOTA
+
+
 def key_holder(credentials: tuple[tuple[str, str], ...]) -> str:
     """The caller's key as a holder of streams (a digest, so the key itself is not kept)."""
     return "key:" + hashlib.sha256(repr(credentials).encode()).hexdigest()
@@ -229,8 +235,7 @@ class StreamSlot:
 
     The key's share counts the stream before the service has said whose it is: a stream may wait long
     for its first message (a watch resumed at a running run's last event waits for the next, or for a
-    heartbeat), and such streams, uncounted until then, could take connections past the tenant's share
-    (a reviewer's finding)."""
+    heartbeat), and such streams, uncounted until then, could take connections past the tenant's share."""
 
     def __init__(self, pooled: _Channel, tenants: TenantStreams, credentials: tuple[tuple[str, str], ...]) -> None:
         self._key = key_holder(credentials)
@@ -391,9 +396,9 @@ class Upstream:
         """The run once it has ended, or as it stands when `timeout` seconds have passed.
 
         For the dialects whose create call is synchronous (Agno, Aymara): they create the run, then wait
-        for its terminal event here; the run keeps going if the wait gives up. A caller whose tenant has
-        its share of the gateway's streams open gets the run as it stands at once (the run exists: an
-        error would have its client create it again).
+        for its terminal event here; the run keeps going if the wait gives up. A caller with no room for a
+        stream (its tenant's share, or all tenants' together, is open) gets the run as it stands at once
+        (the run exists: an error would have its client create it again).
         """
         deadline = time.monotonic() + timeout
         events = self.watch(run_id, caller)
@@ -404,7 +409,7 @@ class Upstream:
                 except (TimeoutError, StopAsyncIteration):
                     break
                 except GatewayError as error:
-                    if error.metadata.get("quota") != STREAMS_QUOTA:
+                    if not _no_room_for_streams(error):
                         raise
                     break
                 if event.WhichOneof("event") == "run" and event.run.status in TERMINAL:
