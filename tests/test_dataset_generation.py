@@ -259,3 +259,45 @@ async def test_one_tenants_generations_do_not_hold_back_anothers(tmp_path: Path)
                     assert (await a.settled(dataset_id)).generation.state == DatasetGeneration.STATE_SUCCEEDED
         finally:
             await srv.stop(grace=0.5)
+
+
+async def test_a_database_that_drops_the_loops_connection_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The generation loop logged a database that went away (a connection closed in the middle of a
+    rollback, as PostgreSQL restarting does) with a traceback, where every supervised loop says it in
+    one line; it goes on either way. (Found when CI's PostgreSQL pass caught it in
+    test_database_unavailable, by timing.)"""
+    import logging
+
+    import asyncpg
+    from sqlalchemy import exc as sa_exc
+    from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
+
+    from evalsvc.datasets.generation import DatasetGenerations
+
+    def dropped() -> Exception:
+        try:
+            try:
+                raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+            except Exception as closed:
+                raise AsyncAdapt_asyncpg_dbapi(asyncpg).Error("connection was closed") from closed
+        except Exception as translated:
+            return sa_exc.DBAPIError("ROLLBACK", None, translated)
+
+    failures = [dropped()]
+    survived = asyncio.Event()
+
+    async def loop() -> None:
+        if failures:
+            raise failures.pop()
+        survived.set()
+
+    generations = DatasetGenerations.__new__(DatasetGenerations)
+    generations._stopping = asyncio.Event()
+    with caplog.at_level(logging.ERROR, logger="evalsvc.datasets.generation"):
+        await asyncio.wait_for(generations._supervised(loop), 10)
+    assert survived.is_set()
+    [line] = caplog.records
+    assert "cannot use the database (the connection to the database failed)" in line.getMessage()
+    assert line.exc_info is None

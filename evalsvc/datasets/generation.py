@@ -38,7 +38,7 @@ from evalsvc.http.outbound import Outbound, OutboundError, call_tenant
 from evalsvc.messages.validation import check_items
 from evalsvc.storable import storable_json
 from evalsvc.store import datasets as dataset_store
-from evalsvc.store.db import Database
+from evalsvc.store.db import Database, unavailable_cause
 from evalsvc.store.records import DatasetGenerationRecord
 from evalsvc.targets import chat_url
 from evalsvc.v1 import item_pb2, target_pb2
@@ -318,8 +318,13 @@ class DatasetGenerations:
             try:
                 await loop()
                 return
-            except Exception:
-                log.exception("dataset generation loop failed; restarting in 1 s")
+            except Exception as exc:
+                if (
+                    cause := unavailable_cause(exc)
+                ) is not None:  # the operator's to fix: one line, as supervise says it
+                    log.error("dataset generation loop cannot use the database (%s); restarting in 1 s", cause)
+                else:
+                    log.exception("dataset generation loop failed; restarting in 1 s")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), 1.0)
 
