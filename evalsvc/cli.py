@@ -127,7 +127,7 @@ async def _operator_database(command: str, settings: config.Settings) -> AsyncIt
     path = sqlite_path(settings.db)
     new = path is not None and not path.exists()
     try:
-        await migrate.prepare(db)
+        await migrate.prepare(db, unless_served=True)
         if new:
             print(f"evalsvc {command}: there was no database at {path}; made a new, empty one", file=sys.stderr)
         yield db
@@ -237,7 +237,7 @@ async def _migrate_command(settings: config.Settings) -> int:
 
     db = _open_database(settings)
     try:
-        before, head = await migrate.upgrade(db)
+        before, head = await migrate.upgrade(db, unless_served=True)
     finally:
         await db.close()
     if before == {head}:

@@ -7,6 +7,7 @@ skipped, saying so, when it is not.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from sqlmodel import SQLModel
 from evalsvc.server import EvalServer
 from evalsvc.store import migrate
 from evalsvc.store.db import Database
+from evalsvc.store.serve_lock import ServeLock
 from tests import dbs
 from tests.conftest import make_settings
 from tests.procs import ServerProcess
@@ -212,3 +214,49 @@ async def test_the_server_and_keys_migrate_a_new_sqlite_file_themselves(tmp_path
         f"evalsvc keys: --db (EVALSVC_DB): cannot use the database {tmp_path / 'no' / 'k.db'}: "
         f"its directory {tmp_path / 'no'} does not exist"
     ]
+
+
+async def test_an_operator_command_does_not_migrate_a_sqlite_file_under_a_running_server(tmp_path: Path) -> None:
+    """A newer evalsvc's `migrate` (or `keys`, which migrates a SQLite file before using it) beside a server
+    of the older version changed the tables under that server. This process holds the file's serve lock,
+    as a server of the schema at the baseline revision would."""
+    path = tmp_path / "served.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    db = Database(url)
+    try:
+
+        def to_baseline(connection: Connection) -> None:
+            config = migrate.alembic_config()
+            config.attributes["connection"] = connection
+            command.upgrade(config, migrate.BASELINE)
+
+        async with db.write() as conn:
+            await conn.run_sync(to_baseline)
+        server = ServeLock(path)
+        server.acquire()
+        try:
+            for words in (("migrate",), ("keys", "list"), ("secrets", "list"), ("cache", "prune", "--all")):
+                refused = _evalsvc(*words, "--db", url)
+                assert refused.returncode == 2 and refused.stdout == "", refused.stderr
+                # One line naming the cause, last (`migrate` logs alembic's INFO lines before it), no traceback.
+                said = refused.stderr.strip().splitlines()[-1]
+                assert "Traceback" not in refused.stderr and "ERROR" not in "".join(refused.stderr.splitlines()[:-1])
+                assert f"cannot migrate the database {path} to revision {migrate.head()}" in said
+                assert f"(pid {os.getpid()}) serves it" in said
+                assert (await migrate.state(db)).current == {migrate.BASELINE}, "nothing changed"
+        finally:
+            server.release()
+        migrated = _evalsvc("migrate", "--db", url)  # the server stopped
+        assert migrated.returncode == 0, migrated.stderr
+        assert (await migrate.state(db)).at_head
+        server.acquire()  # a server of this version: the operator commands work beside it
+        try:
+            for words in (("migrate",), ("keys", "list")):
+                beside = _evalsvc(*words, "--db", url)
+                assert beside.returncode == 0, beside.stderr
+        finally:
+            server.release()
+        # The migration held the lock while it changed the file, and gave it back.
+        ServeLock(path).acquire()
+    finally:
+        await db.close()

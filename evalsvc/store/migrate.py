@@ -1,7 +1,10 @@
 """Schema migrations (Alembic): bring a database to the newest revision, or check that it is there.
 
 The embedded SQLite default migrates itself at start: one process owns the file, so there is nobody
-to coordinate with. A shared database (PostgreSQL) is migrated deliberately, with `evalsvc migrate`,
+to coordinate with. The operator commands (`migrate`, and `keys`, `cache`, `secrets`, which bring a
+SQLite file to their version before using it) change a SQLite file's schema only while no server
+serves it: a server runs on the schema it started with, and a newer evalsvc's migration beside it
+would change the tables under it. A shared database (PostgreSQL) is migrated deliberately, with `evalsvc migrate`,
 before replicas of a new version start; `serve` refuses one that is behind or at a revision it does
 not know, rather than racing other replicas to change it or serving a schema it does not understand.
 
@@ -24,7 +27,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, make_url
 
-from evalsvc.store.db import Database
+from evalsvc.store.db import Database, sqlite_path
+from evalsvc.store.serve_lock import DatabaseInUse, ServeLock
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +103,36 @@ def _unknown_message(found: SchemaState) -> str:
     )
 
 
-async def upgrade(db: Database) -> tuple[frozenset[str], str]:
+async def upgrade(db: Database, *, unless_served: bool = False) -> tuple[frozenset[str], str]:
     """Migrate a database to head in one transaction; returns (revisions before, head).
 
-    Raises SchemaError for a revision this evalsvc does not know (a newer version's)."""
-    async with db.write() as conn:
-        if conn.dialect.name == "postgresql":
-            # Two `migrate`s at once would both try to create the same tables; the second waits and then finds head.
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
-        return await conn.run_sync(_upgrade)
+    Raises SchemaError for a revision this evalsvc does not know (a newer version's). With
+    `unless_served` (the operator commands; a server holds the lock itself), a SQLite file is changed
+    only under its serve lock (evalsvc.store.serve_lock), and SchemaError says which server to stop
+    when one holds it and the schema is behind; a schema at head changes nothing, so it is not refused."""
+    path = sqlite_path(db.url) if unless_served else None
+    lock = ServeLock(path) if path is not None and path.exists() else None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except DatabaseInUse as exc:
+            found = await state(db)
+            if not found.at_head and not found.unknown:
+                raise SchemaError(
+                    f"cannot migrate the database {path} to revision {head()}: {exc} (it holds {exc.lock_file}) "
+                    "on the schema it started with; stop it first (`evalsvc serve` of this version migrates "
+                    "the file itself when it starts)"
+                ) from None
+            lock = None  # nothing to change (or an unknown revision, which the upgrade names)
+    try:
+        async with db.write() as conn:
+            if conn.dialect.name == "postgresql":
+                # Two `migrate`s at once would both try to create the same tables; the second waits and then finds head.
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
+            return await conn.run_sync(_upgrade)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _upgrade(connection: Connection) -> tuple[frozenset[str], str]:
@@ -152,10 +177,11 @@ async def require_head(db: Database) -> None:
     )
 
 
-async def prepare(db: Database) -> None:
-    """What `serve` and `keys` do before using a database: the embedded SQLite migrates itself, a
-    shared database must already be at head (SchemaError otherwise)."""
+async def prepare(db: Database, *, unless_served: bool = False) -> None:
+    """What `serve` and the operator commands do before using a database: the embedded SQLite migrates
+    itself (`unless_served` as for `upgrade`), a shared database must already be at head (SchemaError
+    otherwise)."""
     if db.is_sqlite:
-        await upgrade(db)
+        await upgrade(db, unless_served=unless_served)
     else:
         await require_head(db)

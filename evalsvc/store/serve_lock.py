@@ -10,8 +10,9 @@ The lock is `flock(2)` on a file of its own: the kernel releases it when the hol
 however it ends (kill -9 included), so a restart after a crash is never refused, and it does not mix
 with SQLite's own byte-range locks on the database. The file holds the holder's pid, for the message;
 it is left in place when the server stops (removing it would let a server lock a new file while another
-still holds the old one). Operator commands (`evalsvc keys`, `secrets`, `cache`, `migrate`) do not take
-it: they may run beside a server.
+still holds the old one). Operator commands (`evalsvc keys`, `secrets`, `cache`, `migrate`) may run
+beside a server on a schema at head; one that would migrate the file takes the lock for the change, and
+is refused while a server holds it (evalsvc.store.migrate.upgrade).
 """
 
 from __future__ import annotations
