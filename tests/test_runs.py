@@ -144,6 +144,22 @@ async def test_list_runs_pages_newest_first_and_filters(runs) -> None:
     assert list(pending.runs) == []
 
 
+async def test_a_page_of_runs_with_large_definitions_fits_in_a_message(server, runs) -> None:  # type: ignore[no-untyped-def]
+    """ListRuns was bounded by its count alone: a few runs whose graders held megabytes made every page
+    fail with RESOURCE_EXHAUSTED ("larger than max"; REST 429), and the tenant's newest runs could not be
+    listed at all. A page now stops at half of --max-message-bytes (a smaller bound here), with a token."""
+    server.page_tokens.page_bytes = 450_000
+    big = grader_pb2.Grader(name="big", contains=grader_pb2.Contains(values=["x" * 200_000]))
+    ids = [(await runs.CreateRun(create_request(1, graders=[exact(), big]))).run.id for _ in range(5)]
+    pages, token = [], ""
+    while True:
+        pages.append(page := await runs.ListRuns(pb.ListRunsRequest(page_token=token)))
+        if not (token := page.next_page_token):
+            break
+    assert [r.id for page in pages for r in page.runs] == list(reversed(ids))
+    assert max(page.ByteSize() for page in pages) <= 450_000 + 1024 and len(pages) == 3
+
+
 async def test_list_runs_filters_by_every_label_given(runs) -> None:
     """A run is listed when it has every label of the filter, whatever their number (up to the 64 a run
     may have); more than 64 filters, or a key no label may have, is INVALID_ARGUMENT naming `labels`.

@@ -353,7 +353,8 @@ class RunService:
                 show_deleted=request.show_deleted,
             )
         runs = [run_from(row) for row in rows[:limit]]
-        token = self._page_tokens.encode(tenant, "runs", query, runs[-1].id) if len(rows) > limit else ""
+        runs = runs[: self._page_tokens.fitting(runs)]  # runs with large definitions: fewer per page
+        token = self._page_tokens.encode(tenant, "runs", query, runs[-1].id) if len(rows) > len(runs) else ""
         return runs, token
 
     async def cancel(self, tenant: str, run_id: str) -> run_pb2.Run:
