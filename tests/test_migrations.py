@@ -103,6 +103,45 @@ async def test_every_revision_downgrades_to_nothing_and_back(kind: str, tmp_path
     assert await _on(url, _diffs) == []
 
 
+def _collations(connection: Connection) -> dict[tuple[str, str], str | None]:
+    """Every text column's collation on PostgreSQL, as the database has it and as the models declare it
+    (None: the database's default). Alembic's comparison does not look at collations."""
+    found = connection.execute(
+        text(
+            "SELECT table_name, column_name, collation_name FROM information_schema.columns "
+            "WHERE table_schema = 'public' AND data_type IN ('character varying', 'text') "
+            "AND table_name <> 'alembic_version'"
+        )
+    )
+    return {(table, column): collation for table, column, collation in found}
+
+
+def _declared_collations(connection: Connection) -> dict[tuple[str, str], str | None]:
+    declared: dict[tuple[str, str], str | None] = {}
+    for table in SQLModel.metadata.sorted_tables:
+        for column in table.columns:
+            rendered = column.type.compile(dialect=connection.dialect)
+            if rendered.startswith(("VARCHAR", "TEXT")):
+                declared[(table.name, column.name)] = (
+                    rendered.split('COLLATE "')[1].rstrip('"') if "COLLATE" in rendered else None
+                )
+    return declared
+
+
+async def test_text_columns_have_the_collations_the_models_declare_on_postgres(tmp_path: Path) -> None:
+    """results.item_id and results.grader compare by code point (COLLATE "C", revision 0013): the
+    order ListComparisonItems pages in, which must be Python's (evalsvc.store.comparisons)."""
+    url = _empty_database("postgresql", tmp_path)
+    db = Database(url)
+    try:
+        await migrate.upgrade(db)
+    finally:
+        await db.close()
+    found, declared = await _on(url, lambda c: (_collations(c), _declared_collations(c)))
+    assert found == declared
+    assert found[("results", "item_id")] == found[("results", "grader")] == "C"
+
+
 async def test_a_sqlite_file_from_before_migrations_is_adopted(tmp_path: Path) -> None:
     """A file whose tables create_all made (no alembic_version) is stamped as the baseline and upgraded."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"

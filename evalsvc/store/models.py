@@ -14,7 +14,7 @@ here needs a new revision (tests/test_migrations.py fails until the two agree).
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, BigInteger, Column, Index, Integer, LargeBinary, UniqueConstraint, false
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, LargeBinary, String, UniqueConstraint, false
 from sqlmodel import Field, SQLModel
 
 # BIGINT on PostgreSQL; INTEGER on SQLite, whose INTEGER is already 64-bit and where only an
@@ -39,6 +39,18 @@ def big(*, primary_key: bool = False, autoincrement: bool = False) -> Column:  #
 ZERO = {"server_default": "0"}
 # The same for boolean columns added later (revision 0006): rows from before are false.
 FALSE = {"server_default": false()}
+
+
+def code_point_ordered(length: int) -> Column:  # type: ignore[type-arg]
+    """A NOT NULL string column that sorts and compares by code point on both engines - Python's `str`
+    order - so that a key range read in SQL and keys merged in Python agree (ListComparisonItems pages
+    by (item_id, repetition, grader), evalsvc.store.comparisons). SQLite's default BINARY collation
+    already is code point order for UTF-8 text; PostgreSQL's default is the database's, which may be a
+    locale ("en_US.UTF-8" orders "a" < "B" and ignores punctuation), so there the column itself is
+    COLLATE "C" and its indexes serve those range reads (an index of the default collation cannot serve
+    a `COLLATE "C"` comparison: PostgreSQL scanned and sorted the whole run instead)."""
+    return Column(String(length).with_variant(String(length, collation="C"), "postgresql"), nullable=False)
+
 
 # Job states. A job is one item x repetition; a worker leases it, runs the target and every grader.
 JOB_QUEUED = 0
@@ -181,9 +193,9 @@ class ResultRow(SQLModel, table=True):
     tenant: str = Field(max_length=64)
     run_id: str = Field(max_length=40)
     job_id: int = Field(sa_column=big())
-    item_id: str = Field(max_length=128)
+    item_id: str = Field(sa_column=code_point_ordered(128))
     repetition: int
-    grader: str = Field(max_length=63)
+    grader: str = Field(sa_column=code_point_ordered(63))
     state: int
     score: float
     raw_score: float
