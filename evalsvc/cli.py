@@ -203,13 +203,16 @@ async def _secrets_in(args: argparse.Namespace, settings: config.Settings, db: D
     """`_secrets_command` on its open database."""
     from evalsvc.errors import Reason, ServiceError
     from evalsvc.ids import PageTokens
+    from evalsvc.limits import StoredCaps
     from evalsvc.secrets.operator import OperatorSecrets
     from evalsvc.secrets.service import SecretService
     from evalsvc.store import secrets as secret_store
 
     try:
         # No listing pages here, so no page-token key.
-        secrets = SecretService(db, OperatorSecrets({}), PageTokens(), settings.secrets_key)
+        secrets = SecretService(
+            db, OperatorSecrets({}), PageTokens(), StoredCaps.of(settings).secrets, settings.secrets_key
+        )
         if args.secrets_command == "set":
             await secrets.check_key()
             value = sys.stdin.read().removesuffix("\n").removesuffix("\r")

@@ -156,6 +156,23 @@ class Settings:
     )
     max_active_runs: int = dataclasses.field(default=100, metadata={"help": "PENDING or RUNNING runs per tenant"})
     max_items_per_run: int = dataclasses.field(default=100_000, metadata={"help": "items per run"})
+    max_datasets_per_tenant: int = dataclasses.field(
+        default=1000, metadata={"help": "datasets a tenant may hold; past it CreateDataset asks to delete one"}
+    )
+    max_items_per_dataset: int = dataclasses.field(
+        default=100_000,
+        metadata={
+            "help": "items one dataset may hold (as many as --max-items-per-run by default, so a whole dataset "
+            "can be run); an AddDatasetItems, GenerateDatasetItems or ContinueConversations that would pass it "
+            "is refused whole"
+        },
+    )
+    max_graders_per_tenant: int = dataclasses.field(
+        default=1000, metadata={"help": "saved graders a tenant may hold (each with all its versions)"}
+    )
+    max_targets_per_tenant: int = dataclasses.field(default=1000, metadata={"help": "saved targets a tenant may hold"})
+    max_secrets_per_tenant: int = dataclasses.field(default=100, metadata={"help": "secrets a tenant may hold"})
+    max_webhooks_per_tenant: int = dataclasses.field(default=50, metadata={"help": "webhooks a tenant may hold"})
     judge_base_url: str = dataclasses.field(
         default="",
         metadata={"help": "OpenAI-compatible base URL of the default LLM judge (e.g. http://127.0.0.1:11434/v1)"},
@@ -330,6 +347,12 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "max_watch_streams": (1, True),
     "max_active_runs": (0, True),  # 0: every CreateRun refused (a replica that takes no new runs)
     "max_items_per_run": (1, True),
+    "max_datasets_per_tenant": (1, True),
+    "max_items_per_dataset": (1, True),
+    "max_graders_per_tenant": (1, True),
+    "max_targets_per_tenant": (1, True),
+    "max_secrets_per_tenant": (1, True),
+    "max_webhooks_per_tenant": (1, True),
     "dialect_sync_wait_s": (0, True),
     "http_retries": (0, True),
     "tenant_budget_usd": (0, True),

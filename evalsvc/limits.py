@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from evalsvc.config import Settings
+from evalsvc.config import Settings, flag_name
 from evalsvc.errors import Reason, ServiceError
 
 # The initial metadata of an authenticated server-streaming call names the caller's tenant under this key
@@ -35,6 +35,55 @@ def quota_exceeded(quota: str, message: str, retry_after_s: float | None = None)
         metadata={"quota": quota},
         retry_after_s=retry_after_s,
     )
+
+
+@dataclass(frozen=True)
+class StoredCap:
+    """How many of one kind of stored resource a tenant (or one dataset) may hold: one of the
+    `max_..._per_...` settings. Past it, adding is refused whole until something is deleted; waiting
+    frees nothing, so no RetryInfo. The count it is checked against must be read in the transaction
+    that adds, under a lock (evalsvc.store.quotas), or two concurrent creates could both take the last
+    place."""
+
+    setting: str  # the Settings field, which the ErrorInfo's `quota` metadata names
+    what: str  # what is counted, in the message: "datasets", "items"
+    limit: int
+
+    def check(
+        self, held: int, adding: int = 1, *, holder: str = "the tenant", remedy: str = "delete one to make room"
+    ) -> None:
+        """Refuse adding `adding` to a holder that has `held`, when that would pass the limit."""
+        if held + adding > self.limit:
+            more = "one more" if adding == 1 else f"{adding} more"
+            raise quota_exceeded(
+                self.setting,
+                f"{holder} has {held} {self.what}; {more} would pass the {self.limit} it may hold "
+                f"({flag_name(self.setting)}): {remedy}",
+            )
+
+
+@dataclass(frozen=True)
+class StoredCaps:
+    """Every StoredCap of the service, from the one Settings."""
+
+    datasets: StoredCap
+    dataset_items: StoredCap
+    graders: StoredCap
+    targets: StoredCap
+    secrets: StoredCap
+    webhooks: StoredCap
+
+    @classmethod
+    def of(cls, settings: Settings) -> StoredCaps:
+        """The caps the settings give."""
+        return cls(
+            datasets=StoredCap("max_datasets_per_tenant", "datasets", settings.max_datasets_per_tenant),
+            dataset_items=StoredCap("max_items_per_dataset", "items", settings.max_items_per_dataset),
+            graders=StoredCap("max_graders_per_tenant", "saved graders", settings.max_graders_per_tenant),
+            targets=StoredCap("max_targets_per_tenant", "saved targets", settings.max_targets_per_tenant),
+            secrets=StoredCap("max_secrets_per_tenant", "secrets", settings.max_secrets_per_tenant),
+            webhooks=StoredCap("max_webhooks_per_tenant", "webhooks", settings.max_webhooks_per_tenant),
+        )
 
 
 @dataclass

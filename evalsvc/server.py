@@ -46,7 +46,7 @@ from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.graders.pool import GradingPool
 from evalsvc.http.outbound import Outbound
 from evalsvc.ids import PageTokens
-from evalsvc.limits import TenantLimits
+from evalsvc.limits import StoredCaps, TenantLimits
 from evalsvc.liveness import Progress, Watchdog, Watched, supervise
 from evalsvc.metrics import Metrics
 from evalsvc.runs.service import RunService
@@ -134,7 +134,8 @@ class EvalServer:
             self.db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
         # Keyed at start, from the database: every replica of a database signs with the same key.
         self.page_tokens = PageTokens(page_bytes=settings.max_message_bytes // 2)
-        self.secrets = SecretService(self.db, operator_secrets, self.page_tokens, settings.secrets_key)
+        caps = StoredCaps.of(settings)
+        self.secrets = SecretService(self.db, operator_secrets, self.page_tokens, caps.secrets, settings.secrets_key)
         self.bus = EventBus()
         self.metrics = Metrics(self.db)
         self.outbound = Outbound(settings)
@@ -156,7 +157,7 @@ class EvalServer:
         # Other replicas' commits reach this process's watchers through PostgreSQL notifications.
         self.listener = None if self.db.is_sqlite else EventListener(settings.db, self.bus, self.db, self.metrics)
         self.limits = TenantLimits(settings)
-        self.definitions = DefinitionService(self.db, self.secrets, self.outbound.allow, self.page_tokens)
+        self.definitions = DefinitionService(self.db, self.secrets, self.outbound.allow, self.page_tokens, caps)
         self.runs = RunService(
             self.db,
             self.bus,
@@ -170,11 +171,11 @@ class EvalServer:
             secrets=self.secrets,
             page_tokens=self.page_tokens,
         )
-        self.datasets = DatasetService(self.db, self.page_tokens)
+        self.datasets = DatasetService(self.db, self.page_tokens, caps)
         self.generations = DatasetGenerations(
-            self.db, self.outbound, generator_model(settings), settings.poll_interval_s
+            self.db, self.outbound, generator_model(settings), settings.poll_interval_s, caps.dataset_items
         )
-        self.webhooks = WebhookService(self.db, self.outbound.allow, self.page_tokens)
+        self.webhooks = WebhookService(self.db, self.outbound.allow, self.page_tokens, caps.webhooks)
         self.webhook_sender = WebhookSender(self.db, settings, self.outbound.allow, self.metrics)
         self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
         self.revoker = StreamRevoker(self.keys, self.bus, settings.auth_cache_s)

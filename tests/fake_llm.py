@@ -24,6 +24,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
     raw: str | None = None
+    gate: threading.Event | None = None  # when set, the answer waits for it (a call held in flight)
 
 
 @dataclass
@@ -87,6 +88,8 @@ class FakeEndpoint:
                     )
                     fake._arrived.notify_all()
                     reply = fake.script.pop(0) if len(fake.script) > 1 else fake.script[0]
+                if reply.gate is not None:
+                    reply.gate.wait(60)
                 if reply.delay_s:
                     time.sleep(reply.delay_s)
                 data = (reply.raw if reply.raw is not None else json.dumps(reply.body)).encode()

@@ -88,6 +88,10 @@ def _calls(t: Tenant, ids: dict[str, str]) -> dict[str, Callable[[], Awaitable[A
         "CreateRun(dataset)": lambda: t.runs.CreateRun(
             pb.CreateRunRequest(dataset_id=dataset_id, target=target, graders=[exact()])
         ),
+        # Last: the owner's own calls are made in this order, and these end the resources.
+        "DeleteDataset": lambda: t.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=dataset_id)),
+        "DeleteGrader": lambda: t.graders.DeleteGrader(gs.DeleteGraderRequest(grader_id=grader_id)),
+        "DeleteTarget": lambda: t.targets.DeleteTarget(ts.DeleteTargetRequest(target_id=target_id)),
     }
 
 

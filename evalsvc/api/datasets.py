@@ -49,6 +49,11 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         items, token = await self._datasets.list_items(tenant_of(context), request)
         return pb.ListDatasetItemsResponse(items=items, next_page_token=token)
 
+    @unary
+    async def DeleteDataset(self, request: pb.DeleteDatasetRequest, context: Context) -> pb.DeleteDatasetResponse:
+        await self._datasets.delete(tenant_of(context), request.dataset_id)
+        return pb.DeleteDatasetResponse()
+
 
 class DatasetGenerationServicer(generation_pb_grpc.DatasetGenerationServiceServicer):
     """Translates DatasetGenerationService calls to the generations."""

@@ -40,6 +40,11 @@ class GraderServicer(grader_service_pb2_grpc.GraderServiceServicer):
     async def UpdateGrader(self, request: gpb.UpdateGraderRequest, context: Context) -> gpb.UpdateGraderResponse:
         return gpb.UpdateGraderResponse(grader=await self._definitions.update_grader(tenant_of(context), request))
 
+    @unary
+    async def DeleteGrader(self, request: gpb.DeleteGraderRequest, context: Context) -> gpb.DeleteGraderResponse:
+        await self._definitions.delete_grader(tenant_of(context), request.grader_id)
+        return gpb.DeleteGraderResponse()
+
 
 class TargetServicer(target_service_pb2_grpc.TargetServiceServicer):
     """Translates TargetService calls to the definition service."""
@@ -59,3 +64,8 @@ class TargetServicer(target_service_pb2_grpc.TargetServiceServicer):
     async def ListTargets(self, request: tpb.ListTargetsRequest, context: Context) -> tpb.ListTargetsResponse:
         targets, token = await self._definitions.list_targets(tenant_of(context), request)
         return tpb.ListTargetsResponse(targets=targets, next_page_token=token)
+
+    @unary
+    async def DeleteTarget(self, request: tpb.DeleteTargetRequest, context: Context) -> tpb.DeleteTargetResponse:
+        await self._definitions.delete_target(tenant_of(context), request.target_id)
+        return tpb.DeleteTargetResponse()

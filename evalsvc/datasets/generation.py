@@ -12,6 +12,15 @@ The generator is an OpenAI-compatible chat model: --generator-model (with --gene
 Bounds: at most MAX_ITEMS items per generation, TENANT_CONCURRENCY generations of one tenant and
 PROCESS_CONCURRENCY in all are worked on at once by a process, so one tenant's large generations
 cannot hold back another's.
+
+A dataset holds at most --max-items-per-dataset items. GenerateDatasetItems asking for more than the
+dataset has room for is refused up front (RESOURCE_EXHAUSTED, nothing stored), as AddDatasetItems is;
+items added meanwhile by other calls can still fill the room, and then the batch that no longer fits
+is not written and the generation ends FAILED saying so (the batches before it stay). ContinueConversations
+is refused whole, before any model call and again when its turns are written.
+
+A generation whose dataset is deleted is deleted with it: a pending one is never claimed, and a running
+one stops at its next write (which finds no generation: the model's batch in flight is dropped).
 """
 
 from __future__ import annotations
@@ -31,10 +40,11 @@ import grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.config import Settings
-from evalsvc.datasets.service import generation_from, number_new_items
+from evalsvc.datasets.service import check_item_room, generation_from, number_new_items
 from evalsvc.errors import FieldViolation, Reason, ServiceError, invalid_argument, not_found
 from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.http.outbound import Outbound, OutboundError, call_tenant
+from evalsvc.limits import StoredCap
 from evalsvc.messages.validation import check_items
 from evalsvc.storable import storable_json
 from evalsvc.store import datasets as dataset_store
@@ -143,8 +153,12 @@ def next_turn_messages(instructions: str, turns: list[item_pb2.Message]) -> list
 class DatasetGenerations:
     """Starts generations (the RPC) and works on them (the supervised loop)."""
 
-    def __init__(self, db: Database, outbound: Outbound, model: JudgeDefaults, poll_interval_s: float) -> None:
+    def __init__(
+        self, db: Database, outbound: Outbound, model: JudgeDefaults, poll_interval_s: float, item_cap: StoredCap
+    ) -> None:
+        """`item_cap`: the items a dataset may hold (--max-items-per-dataset)."""
         self._db = db
+        self._item_cap = item_cap
         self._outbound = outbound
         self._model = model
         self._poll_s = poll_interval_s
@@ -177,7 +191,8 @@ class DatasetGenerations:
         now = time.time()
 
         async def create(conn: AsyncConnection) -> tuple[DatasetGenerationRecord, bool]:
-            if await dataset_store.get(conn, tenant, request.dataset_id, lock=True) is None:
+            dataset = await dataset_store.get(conn, tenant, request.dataset_id, lock=True)
+            if dataset is None:
                 raise not_found("dataset", request.dataset_id)
             existing = (await dataset_store.generations_of(conn, [request.dataset_id])).get(request.dataset_id)
             if existing is not None:
@@ -188,6 +203,7 @@ class DatasetGenerations:
                         f"dataset {request.dataset_id!r} already has a generation with other parameters",
                     )
                 return existing, False
+            check_item_room(self._item_cap, dataset, request.item_count)
             generation = DatasetGenerationRecord(
                 dataset_id=request.dataset_id,
                 tenant=tenant,
@@ -237,9 +253,12 @@ class DatasetGenerations:
                 "the server has no generator model (--generator-model or --judge-base-url/--judge-model)",
             )
         async with self._db.read() as conn:
-            if await dataset_store.get(conn, tenant, request.dataset_id) is None:
+            dataset = await dataset_store.get(conn, tenant, request.dataset_id)
+            if dataset is None:
                 raise not_found("dataset", request.dataset_id)
             stored = await dataset_store.items_by_id(conn, request.dataset_id, [item.id for item in items])
+        # Before the model calls, which cost the tenant; checked again under the lock when writing.
+        check_item_room(self._item_cap, dataset, sum(item.id not in stored for item in items))
         slots = asyncio.Semaphore(CONTINUE_CONCURRENCY)
 
         async def write(conversation: Any, item: item_pb2.Item) -> None:
@@ -278,6 +297,7 @@ class DatasetGenerations:
                 item for _, item in missing if item.id not in found and item.id not in stored
             ]  # a retry may have won
             if new:
+                check_item_room(self._item_cap, dataset, len(new))
                 rows = [(item.id, item.SerializeToString()) for item in new]
                 await dataset_store.append_items(conn, tenant, request.dataset_id, rows, time.time())
             return dict(found)
@@ -390,15 +410,20 @@ class DatasetGenerations:
             remaining = generation.item_count - generation.generated_count
             while remaining > 0:
                 inputs = await self._batch(generation.instructions, min(BATCH, remaining), written)
-                if not await self._write(self._append(dataset_id, claim_id, inputs)):
-                    return  # the lease was lost: another process has it now
+                if not await self._write(self._append(generation.tenant, dataset_id, claim_id, inputs)):
+                    # The lease was lost (another process has it now), or the dataset was deleted.
+                    log.info("dataset %s: generation stopped: no longer held (or its dataset deleted)", dataset_id)
+                    return
                 written.extend(inputs)
                 remaining -= len(inputs)
             await self._write(self._finish(dataset_id, claim_id, SUCCEEDED, ""))
-        except (OutboundError, UnusableAnswer) as exc:
-            reason = (
-                exc.reason if isinstance(exc, OutboundError) else f"the generator model gave no usable items: {exc}"
-            )
+        except (OutboundError, UnusableAnswer, ServiceError) as exc:
+            if isinstance(exc, OutboundError):
+                reason = exc.reason
+            elif isinstance(exc, UnusableAnswer):
+                reason = f"the generator model gave no usable items: {exc}"
+            else:  # the batch would pass the dataset's item cap (_append)
+                reason = f"the dataset has no room for more items: {exc.message}"
             log.warning("dataset %s: generation failed: %s", dataset_id, reason)
             await self._write(self._finish(dataset_id, claim_id, FAILED, reason))
 
@@ -426,15 +451,19 @@ class DatasetGenerations:
         future.add_done_callback(self._writes.discard)
         return await asyncio.shield(future)
 
-    async def _append(self, dataset_id: str, claim_id: str, inputs: list[str]) -> bool:
-        """Append a batch and count it, while the claim holds; False when it no longer does."""
+    async def _append(self, tenant: str, dataset_id: str, claim_id: str, inputs: list[str]) -> bool:
+        """Append a batch and count it, while the claim holds; False when it no longer does (or the
+        dataset was deleted). A ServiceError (and nothing written) when the batch would pass the
+        dataset's item cap."""
         now = time.time()
 
         async def append(conn: AsyncConnection) -> bool:
-            generation = await dataset_store.held_generation(conn, dataset_id, claim_id)
-            dataset = await dataset_store.get(conn, generation.tenant, dataset_id, lock=True) if generation else None
+            # The dataset's lock before the generation's, as DeleteDataset takes them (no deadlock).
+            dataset = await dataset_store.get(conn, tenant, dataset_id, lock=True)
+            generation = await dataset_store.held_generation(conn, dataset_id, claim_id) if dataset else None
             if generation is None or dataset is None:
                 return False
+            check_item_room(self._item_cap, dataset, len(inputs))
             items = [item_pb2.Item(input=text) for text in inputs]
             await number_new_items(conn, dataset_id, items, dataset.item_count)
             violations: list[FieldViolation] = []

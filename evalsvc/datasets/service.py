@@ -1,4 +1,12 @@
-"""The dataset service: create, read and list datasets; append and list their items."""
+"""The dataset service: create, read, list and delete datasets; append and list their items.
+
+A tenant holds at most --max-datasets-per-tenant datasets and a dataset at most
+--max-items-per-dataset items (evalsvc.limits.StoredCaps). Deleting a dataset removes its items and
+its generation; runs made from it keep the copies of the items they took (run_items) and their
+results, and keep its id (ListRuns finds them by it). Dataset ids are the server's, never reused, so
+nothing kept under a deleted dataset's id (its run counter, which numbers its runs on) can reach
+another dataset.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
 from evalsvc.idempotency import create_once, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
+from evalsvc.limits import StoredCap, StoredCaps
 from evalsvc.messages.convert import timestamp
 from evalsvc.messages.validation import (
     MAX_DESCRIPTION,
@@ -78,12 +87,23 @@ async def number_new_items(conn: AsyncConnection, dataset_id: str, items: Sequen
             item.id = f"item-{uuid.uuid4().hex[:12]}"
 
 
+def check_item_room(cap: StoredCap, dataset: DatasetRecord, adding: int) -> None:
+    """Refuse items that would take `dataset` past its cap, all of them (nothing is written)."""
+    cap.check(
+        dataset.item_count,
+        adding,
+        holder=f"dataset {dataset.id!r}",
+        remedy="nothing was written; add fewer, or put the rest in another dataset",
+    )
+
+
 class DatasetService:
     """Datasets of one database, for any tenant the caller names."""
 
-    def __init__(self, db: Database, page_tokens: PageTokens) -> None:
+    def __init__(self, db: Database, page_tokens: PageTokens, caps: StoredCaps) -> None:
         self._db = db
         self._page_tokens = page_tokens
+        self._caps = caps
 
     async def create(self, tenant: str, request: pb.CreateDatasetRequest) -> pb.Dataset:
         """Create an empty dataset (idempotent by request_id)."""
@@ -121,6 +141,7 @@ class DatasetService:
         )
 
         async def create(conn: AsyncConnection) -> pb.Dataset:
+            self._caps.datasets.check(await dataset_store.count(conn, tenant))
             await dataset_store.insert_dataset(conn, dataset)
             return dataset_from(dataset)
 
@@ -179,6 +200,7 @@ class DatasetService:
             dataset = await dataset_store.get(conn, tenant, request.dataset_id, lock=True)
             if dataset is None:
                 raise not_found("dataset", request.dataset_id)
+            check_item_room(self._caps.dataset_items, dataset, len(items))
             await number_new_items(conn, request.dataset_id, items, dataset.item_count)
             await check_items(items, "items", violations, MAX_ITEMS_PER_CALL)
             ids = [item.id for item in items]
@@ -202,6 +224,12 @@ class DatasetService:
 
         ids, updated, generation = await self._db.transact(add)
         return ids, dataset_from(updated, generation)
+
+    async def delete(self, tenant: str, dataset_id: str) -> None:
+        """Delete a dataset, its items and its generation; NOT_FOUND when missing or another tenant's
+        (the module docstring says what becomes of its runs)."""
+        if not await self._db.transact(lambda conn: dataset_store.remove(conn, tenant, dataset_id)):
+            raise not_found("dataset", dataset_id)
 
     async def list_items(
         self, tenant: str, request: pb.ListDatasetItemsRequest

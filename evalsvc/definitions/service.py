@@ -1,7 +1,11 @@
 """Saved graders and targets, and resolving a run's references to them.
 
 A run stores the exact definitions it used (snapshots): references are resolved when the run is
-created, so results stay explainable after a saved definition changes.
+created, so results stay explainable after a saved definition changes or is deleted - a run created
+before DeleteGrader or DeleteTarget (running or finished) goes on and reads back as it was; a run
+created after it cannot name the deleted one (NOT_FOUND). A tenant holds at most
+--max-graders-per-tenant saved graders (each with all its versions) and --max-targets-per-tenant saved
+targets. Ids are the server's and never reused.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from evalsvc.graders.validation import validate_grader
 from evalsvc.http.outbound import AllowList, destination_violations, named_endpoints
 from evalsvc.idempotency import create_once, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
+from evalsvc.limits import StoredCaps
 from evalsvc.messages.convert import timestamp
 from evalsvc.messages.validation import MAX_DESCRIPTION, MAX_DISPLAY_NAME, MAX_REQUEST_ID, check_labels, check_length
 from evalsvc.secrets.service import SecretService
@@ -69,9 +74,15 @@ class DefinitionService:
     """Saved graders and targets of one database, for any tenant the caller names."""
 
     def __init__(
-        self, db: Database, secrets: SecretService, outbound_allow: AllowList, page_tokens: PageTokens
+        self,
+        db: Database,
+        secrets: SecretService,
+        outbound_allow: AllowList,
+        page_tokens: PageTokens,
+        caps: StoredCaps,
     ) -> None:
         self._db = db
+        self._caps = caps
         self._secrets = secrets
         self._outbound_allow = outbound_allow
         self._page_tokens = page_tokens
@@ -117,6 +128,7 @@ class DefinitionService:
         )
 
         async def create(conn: AsyncConnection) -> grader_service_pb2.SavedGrader:
+            self._caps.graders.check(await store.count_graders(conn, tenant))
             await store.insert_grader(conn, grader, version)
             return saved_grader_from(grader, version)
 
@@ -172,6 +184,11 @@ class DefinitionService:
             raise not_found("grader", request.grader_id)
         return saved_grader_from(*added)
 
+    async def delete_grader(self, tenant: str, grader_id: str) -> None:
+        """Delete a saved grader and its versions; NOT_FOUND when missing or another tenant's."""
+        if not await self._db.transact(lambda conn: store.remove_grader(conn, tenant, grader_id)):
+            raise not_found("grader", grader_id)
+
     async def create_target(
         self, tenant: str, request: target_service_pb2.CreateTargetRequest
     ) -> target_service_pb2.SavedTarget:
@@ -202,6 +219,7 @@ class DefinitionService:
         )
 
         async def create(conn: AsyncConnection) -> target_service_pb2.SavedTarget:
+            self._caps.targets.check(await store.count_targets(conn, tenant))
             await store.insert_target(conn, target)
             return saved_target_from(target)
 
@@ -237,6 +255,11 @@ class DefinitionService:
         targets = [saved_target_from(row) for row in rows[:limit]]
         token = self._page_tokens.encode(tenant, "targets", {}, targets[-1].id) if len(rows) > limit else ""
         return targets, token
+
+    async def delete_target(self, tenant: str, target_id: str) -> None:
+        """Delete a saved target; NOT_FOUND when missing or another tenant's."""
+        if not await self._db.transact(lambda conn: store.remove_target(conn, tenant, target_id)):
+            raise not_found("target", target_id)
 
     async def resolve(self, tenant: str, target: target_pb2.Target, graders: Iterable[grader_pb2.Grader]) -> None:
         """Replace saved references by the definitions they name, in place (the run's snapshot)."""

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.errors import FieldViolation, Reason, ServiceError, invalid_argument, not_found
 from evalsvc.ids import PageTokens, page_size
-from evalsvc.limits import quota_exceeded
+from evalsvc.limits import StoredCap
 from evalsvc.secrets.operator import OperatorSecrets
 from evalsvc.secrets.sealing import KEY_VARIABLE, Sealer, SecretsKeyError
 from evalsvc.store import secrets as store
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 MAX_VALUE_CHARS = 8192
-MAX_SECRETS_PER_TENANT = 100
 # HTTP header values: printable ASCII, so a value can never split a header or fail to encode at call time.
 _HEADER_SAFE = re.compile(r"[\x20-\x7e]+")
 
@@ -56,10 +55,13 @@ def key_not_configured() -> ServiceError:
 class SecretService:
     """The secrets of every tenant of one database, and the operator's."""
 
-    def __init__(self, db: Database, operator: OperatorSecrets, page_tokens: PageTokens, key: str = "") -> None:
-        """`key` is EVALSVC_SECRETS_KEY; empty means tenants cannot store secrets. SecretsKeyError when
-        it is malformed."""
+    def __init__(
+        self, db: Database, operator: OperatorSecrets, page_tokens: PageTokens, cap: StoredCap, key: str = ""
+    ) -> None:
+        """`cap` bounds each tenant's secrets (--max-secrets-per-tenant). `key` is EVALSVC_SECRETS_KEY;
+        empty means tenants cannot store secrets. SecretsKeyError when it is malformed."""
         self._db = db
+        self._cap = cap
         self._page_tokens = page_tokens
         self._operator = operator
         self._sealer = Sealer(key) if key else None
@@ -134,11 +136,9 @@ class SecretService:
         )
 
         async def put(conn: AsyncConnection) -> None:
-            if (
-                not await store.exists(conn, tenant, canonical)
-                and await store.count(conn, tenant) >= MAX_SECRETS_PER_TENANT
-            ):
-                raise quota_exceeded("secrets", f"a tenant holds at most {MAX_SECRETS_PER_TENANT} secrets")
+            held = await store.count(conn, tenant)  # first: it takes the lock that makes the check hold
+            if not await store.exists(conn, tenant, canonical):  # replacing a value takes no more room
+                self._cap.check(held)
             await store.put(conn, secret)
 
         await self._db.transact(put)

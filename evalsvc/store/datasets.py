@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, fields
 from typing import Any
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.store import quotas
 from evalsvc.store.models import DatasetGenerationRow, DatasetItemRow, DatasetRow
 from evalsvc.store.records import ClaimableGeneration, DatasetGenerationRecord, DatasetRecord
 
@@ -30,6 +31,28 @@ async def get(conn: AsyncConnection, tenant: str, dataset_id: str, *, lock: bool
     found = await conn.execute(query.with_for_update() if lock else query)
     row = found.mappings().first()
     return None if row is None else DatasetRecord.from_row(row)
+
+
+async def count(conn: AsyncConnection, tenant: str) -> int:
+    """How many datasets the tenant holds, for its cap (a write transaction: evalsvc.store.quotas)."""
+    return await quotas.held(conn, DATASETS, tenant)
+
+
+async def remove(conn: AsyncConnection, tenant: str, dataset_id: str) -> bool:
+    """Delete a tenant's dataset with its items and generation; False when it has none of that id.
+
+    The dataset row first: on PostgreSQL that waits for a transaction holding it (an append, a
+    generation being created, both take it with `get(lock=True)`), whose items and generation the
+    next statements then see and delete, and one that comes later finds no dataset. Every writer locks
+    the dataset before the generation, so this order cannot deadlock with a generation's append."""
+    deleted = await conn.execute(
+        delete(DATASETS).where(DATASETS.c.id == dataset_id, DATASETS.c.tenant == tenant).returning(DATASETS.c.id)
+    )
+    if deleted.first() is None:
+        return False
+    await conn.execute(delete(GENERATIONS).where(GENERATIONS.c.dataset_id == dataset_id))
+    await conn.execute(delete(ITEMS).where(ITEMS.c.dataset_id == dataset_id))
+    return True
 
 
 async def find_by_request_id(conn: AsyncConnection, tenant: str, request_id: str) -> DatasetRecord | None:

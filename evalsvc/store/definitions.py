@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import RowMapping, insert, select, update
+from sqlalchemy import RowMapping, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.store import quotas
 from evalsvc.store.models import SavedGraderRow, SavedGraderVersionRow, SavedTargetRow
 from evalsvc.store.records import GraderVersionRecord, SavedGraderRecord, SavedTargetRecord
 
@@ -20,6 +21,24 @@ async def insert_grader(conn: AsyncConnection, grader: SavedGraderRecord, versio
     """Store a saved grader and its first version."""
     await conn.execute(insert(GRADERS).values(**asdict(grader)))
     await conn.execute(insert(VERSIONS).values(**asdict(version)))
+
+
+async def count_graders(conn: AsyncConnection, tenant: str) -> int:
+    """How many saved graders the tenant holds, for its cap (a write transaction: evalsvc.store.quotas)."""
+    return await quotas.held(conn, GRADERS, tenant)
+
+
+async def remove_grader(conn: AsyncConnection, tenant: str, grader_id: str) -> bool:
+    """Delete a tenant's saved grader with all its versions; False when it has none of that id. The
+    grader row first: on PostgreSQL that waits for an UpdateGrader holding it, whose new version the
+    next statement then sees, and an UpdateGrader that comes later finds no grader."""
+    deleted = await conn.execute(
+        delete(GRADERS).where(GRADERS.c.id == grader_id, GRADERS.c.tenant == tenant).returning(GRADERS.c.id)
+    )
+    if deleted.first() is None:
+        return False
+    await conn.execute(delete(VERSIONS).where(VERSIONS.c.grader_id == grader_id, VERSIONS.c.tenant == tenant))
+    return True
 
 
 async def add_version(
@@ -97,6 +116,19 @@ async def list_graders(
         )
         for row in rows.mappings()
     ]
+
+
+async def count_targets(conn: AsyncConnection, tenant: str) -> int:
+    """How many saved targets the tenant holds, for its cap (a write transaction: evalsvc.store.quotas)."""
+    return await quotas.held(conn, TARGETS, tenant)
+
+
+async def remove_target(conn: AsyncConnection, tenant: str, target_id: str) -> bool:
+    """Delete a tenant's saved target; False when it has none of that id."""
+    deleted = await conn.execute(
+        delete(TARGETS).where(TARGETS.c.id == target_id, TARGETS.c.tenant == tenant).returning(TARGETS.c.id)
+    )
+    return deleted.first() is not None
 
 
 async def insert_target(conn: AsyncConnection, target: SavedTargetRecord) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.store import quotas
 from evalsvc.store.models import TenantSecretRow
 from evalsvc.store.records import SecretName, TenantSecretRecord
 
@@ -37,9 +38,8 @@ async def exists(conn: AsyncConnection, tenant: str, name: str) -> bool:
 
 
 async def count(conn: AsyncConnection, tenant: str) -> int:
-    """How many secrets the tenant holds."""
-    found = await conn.execute(select(func.count()).select_from(SECRETS).where(SECRETS.c.tenant == tenant))
-    return int(found.scalar_one())
+    """How many secrets the tenant holds, for its cap (a write transaction: evalsvc.store.quotas)."""
+    return await quotas.held(conn, SECRETS, tenant)
 
 
 async def sealed(conn: AsyncConnection, tenant: str, names: Sequence[str]) -> dict[str, bytes]:

@@ -16,11 +16,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.ids import new_id
 from evalsvc.messages import webhook_events as events
+from evalsvc.store import quotas
 from evalsvc.store.models import EventRow, WebhookDeliveryRow, WebhookRow
 from evalsvc.store.records import ClaimedDelivery, WebhookDeliveryRecord, WebhookRecord
 from evalsvc.v1 import eval_run_service_pb2 as pb
@@ -104,9 +105,8 @@ async def find_by_request_id(conn: AsyncConnection, tenant: str, request_id: str
 
 
 async def count_webhooks(conn: AsyncConnection, tenant: str) -> int:
-    """How many webhooks a tenant has."""
-    found = await conn.execute(select(func.count()).select_from(WEBHOOKS).where(WEBHOOKS.c.tenant == tenant))
-    return int(found.scalar_one())
+    """How many webhooks a tenant has, for its cap (a write transaction: evalsvc.store.quotas)."""
+    return await quotas.held(conn, WEBHOOKS, tenant)
 
 
 async def list_webhooks(

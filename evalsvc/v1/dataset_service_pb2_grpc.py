@@ -60,6 +60,11 @@ class DatasetServiceStub:
                 request_serializer=evalsvc_dot_v1_dot_dataset__service__pb2.ListDatasetItemsRequest.SerializeToString,
                 response_deserializer=evalsvc_dot_v1_dot_dataset__service__pb2.ListDatasetItemsResponse.FromString,
                 _registered_method=True)
+        self.DeleteDataset = channel.unary_unary(
+                '/evalsvc.v1.DatasetService/DeleteDataset',
+                request_serializer=evalsvc_dot_v1_dot_dataset__service__pb2.DeleteDatasetRequest.SerializeToString,
+                response_deserializer=evalsvc_dot_v1_dot_dataset__service__pb2.DeleteDatasetResponse.FromString,
+                _registered_method=True)
 
 
 class DatasetServiceServicer:
@@ -101,6 +106,15 @@ class DatasetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteDataset(self, request, context):
+        """Deletes a dataset with its items and its generation (a generation in progress stops). Runs
+        created from it keep the items they copied and their results, and ListRuns still finds them by
+        its id; a new run cannot name it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatasetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +142,11 @@ def add_DatasetServiceServicer_to_server(servicer, server):
                     servicer.ListDatasetItems,
                     request_deserializer=evalsvc_dot_v1_dot_dataset__service__pb2.ListDatasetItemsRequest.FromString,
                     response_serializer=evalsvc_dot_v1_dot_dataset__service__pb2.ListDatasetItemsResponse.SerializeToString,
+            ),
+            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDataset,
+                    request_deserializer=evalsvc_dot_v1_dot_dataset__service__pb2.DeleteDatasetRequest.FromString,
+                    response_serializer=evalsvc_dot_v1_dot_dataset__service__pb2.DeleteDatasetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +285,33 @@ class DatasetService:
             '/evalsvc.v1.DatasetService/ListDatasetItems',
             evalsvc_dot_v1_dot_dataset__service__pb2.ListDatasetItemsRequest.SerializeToString,
             evalsvc_dot_v1_dot_dataset__service__pb2.ListDatasetItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/evalsvc.v1.DatasetService/DeleteDataset',
+            evalsvc_dot_v1_dot_dataset__service__pb2.DeleteDatasetRequest.SerializeToString,
+            evalsvc_dot_v1_dot_dataset__service__pb2.DeleteDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,10 @@ class GraderServiceStub:
     """Lists graders at their latest versions, newest first."""
     UpdateGrader: _grpc.UnaryUnaryMultiCallable[_grader_service_pb2.UpdateGraderRequest, _grader_service_pb2.UpdateGraderResponse]
     """Saves a new version of a grader."""
+    DeleteGrader: _grpc.UnaryUnaryMultiCallable[_grader_service_pb2.DeleteGraderRequest, _grader_service_pb2.DeleteGraderResponse]
+    """Deletes a grader with all its versions. Runs that used it keep the definition they copied and
+    their results; a new run cannot name it.
+    """
 
 @_typing.type_check_only
 class GraderServiceAsyncStub(GraderServiceStub):
@@ -55,6 +59,10 @@ class GraderServiceAsyncStub(GraderServiceStub):
     """Lists graders at their latest versions, newest first."""
     UpdateGrader: _aio.UnaryUnaryMultiCallable[_grader_service_pb2.UpdateGraderRequest, _grader_service_pb2.UpdateGraderResponse]  # type: ignore[assignment]
     """Saves a new version of a grader."""
+    DeleteGrader: _aio.UnaryUnaryMultiCallable[_grader_service_pb2.DeleteGraderRequest, _grader_service_pb2.DeleteGraderResponse]  # type: ignore[assignment]
+    """Deletes a grader with all its versions. Runs that used it keep the definition they copied and
+    their results; a new run cannot name it.
+    """
 
 class GraderServiceServicer(metaclass=_abc_1.ABCMeta):
     """GraderService stores grader definitions that runs refer to by id; every update is a new, immutable version."""
@@ -90,5 +98,15 @@ class GraderServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_grader_service_pb2.UpdateGraderResponse, _abc.Awaitable[_grader_service_pb2.UpdateGraderResponse]]:
         """Saves a new version of a grader."""
+
+    @_abc_1.abstractmethod
+    def DeleteGrader(
+        self,
+        request: _grader_service_pb2.DeleteGraderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grader_service_pb2.DeleteGraderResponse, _abc.Awaitable[_grader_service_pb2.DeleteGraderResponse]]:
+        """Deletes a grader with all its versions. Runs that used it keep the definition they copied and
+        their results; a new run cannot name it.
+        """
 
 def add_GraderServiceServicer_to_server(servicer: GraderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -28,7 +28,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65valsvc/v1/target_service.proto\x12\nevalsvc.v1\x1a\x17\x65valsvc/v1/target.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x89\x02\n\x0bSavedTarget\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x33\n\x06labels\x18\x04 \x03(\x0b\x32#.evalsvc.v1.SavedTarget.LabelsEntry\x12\"\n\x06target\x18\x05 \x01(\x0b\x32\x12.evalsvc.v1.Target\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"X\n\x13\x43reateTargetRequest\x12-\n\x06target\x18\x01 \x01(\x0b\x32\x17.evalsvc.v1.SavedTargetB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"?\n\x14\x43reateTargetResponse\x12\'\n\x06target\x18\x01 \x01(\x0b\x32\x17.evalsvc.v1.SavedTarget\"+\n\x10GetTargetRequest\x12\x17\n\ttarget_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"<\n\x11GetTargetResponse\x12\'\n\x06target\x18\x01 \x01(\x0b\x32\x17.evalsvc.v1.SavedTarget\";\n\x12ListTargetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x13ListTargetsResponse\x12(\n\x07targets\x18\x01 \x03(\x0b\x32\x17.evalsvc.v1.SavedTarget\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xca\x02\n\rTargetService\x12i\n\x0c\x43reateTarget\x12\x1f.evalsvc.v1.CreateTargetRequest\x1a .evalsvc.v1.CreateTargetResponse\"\x16\x82\xd3\xe4\x93\x02\x10\"\x0b/v1/targets:\x01*\x12i\n\tGetTarget\x12\x1c.evalsvc.v1.GetTargetRequest\x1a\x1d.evalsvc.v1.GetTargetResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/targets/{target_id}\x12\x63\n\x0bListTargets\x12\x1e.evalsvc.v1.ListTargetsRequest\x1a\x1f.evalsvc.v1.ListTargetsResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/targetsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65valsvc/v1/target_service.proto\x12\nevalsvc.v1\x1a\x17\x65valsvc/v1/target.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x89\x02\n\x0bSavedTarget\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x33\n\x06labels\x18\x04 \x03(\x0b\x32#.evalsvc.v1.SavedTarget.LabelsEntry\x12\"\n\x06target\x18\x05 \x01(\x0b\x32\x12.evalsvc.v1.Target\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"X\n\x13\x43reateTargetRequest\x12-\n\x06target\x18\x01 \x01(\x0b\x32\x17.evalsvc.v1.SavedTargetB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"?\n\x14\x43reateTargetResponse\x12\'\n\x06target\x18\x01 \x01(\x0b\x32\x17.evalsvc.v1.SavedTarget\"+\n\x10GetTargetRequest\x12\x17\n\ttarget_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"<\n\x11GetTargetResponse\x12\'\n\x06target\x18\x01 \x01(\x0b\x32\x17.evalsvc.v1.SavedTarget\";\n\x12ListTargetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x13ListTargetsResponse\x12(\n\x07targets\x18\x01 \x03(\x0b\x32\x17.evalsvc.v1.SavedTarget\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\".\n\x13\x44\x65leteTargetRequest\x12\x17\n\ttarget_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x16\n\x14\x44\x65leteTargetResponse2\xbe\x03\n\rTargetService\x12i\n\x0c\x43reateTarget\x12\x1f.evalsvc.v1.CreateTargetRequest\x1a .evalsvc.v1.CreateTargetResponse\"\x16\x82\xd3\xe4\x93\x02\x10\"\x0b/v1/targets:\x01*\x12i\n\tGetTarget\x12\x1c.evalsvc.v1.GetTargetRequest\x1a\x1d.evalsvc.v1.GetTargetResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/targets/{target_id}\x12\x63\n\x0bListTargets\x12\x1e.evalsvc.v1.ListTargetsRequest\x1a\x1f.evalsvc.v1.ListTargetsResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/targets\x12r\n\x0c\x44\x65leteTarget\x12\x1f.evalsvc.v1.DeleteTargetRequest\x1a .evalsvc.v1.DeleteTargetResponse\"\x1f\x82\xd3\xe4\x93\x02\x19*\x17/v1/targets/{target_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,12 +45,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATETARGETREQUEST'].fields_by_name['target']._serialized_options = b'\342A\001\002'
   _globals['_GETTARGETREQUEST'].fields_by_name['target_id']._loaded_options = None
   _globals['_GETTARGETREQUEST'].fields_by_name['target_id']._serialized_options = b'\342A\001\002'
+  _globals['_DELETETARGETREQUEST'].fields_by_name['target_id']._loaded_options = None
+  _globals['_DELETETARGETREQUEST'].fields_by_name['target_id']._serialized_options = b'\342A\001\002'
   _globals['_TARGETSERVICE'].methods_by_name['CreateTarget']._loaded_options = None
   _globals['_TARGETSERVICE'].methods_by_name['CreateTarget']._serialized_options = b'\202\323\344\223\002\020\"\013/v1/targets:\001*'
   _globals['_TARGETSERVICE'].methods_by_name['GetTarget']._loaded_options = None
   _globals['_TARGETSERVICE'].methods_by_name['GetTarget']._serialized_options = b'\202\323\344\223\002\031\022\027/v1/targets/{target_id}'
   _globals['_TARGETSERVICE'].methods_by_name['ListTargets']._loaded_options = None
   _globals['_TARGETSERVICE'].methods_by_name['ListTargets']._serialized_options = b'\202\323\344\223\002\r\022\013/v1/targets'
+  _globals['_TARGETSERVICE'].methods_by_name['DeleteTarget']._loaded_options = None
+  _globals['_TARGETSERVICE'].methods_by_name['DeleteTarget']._serialized_options = b'\202\323\344\223\002\031*\027/v1/targets/{target_id}'
   _globals['_SAVEDTARGET']._serialized_start=169
   _globals['_SAVEDTARGET']._serialized_end=434
   _globals['_SAVEDTARGET_LABELSENTRY']._serialized_start=389
@@ -67,6 +71,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTTARGETSREQUEST']._serialized_end=757
   _globals['_LISTTARGETSRESPONSE']._serialized_start=759
   _globals['_LISTTARGETSRESPONSE']._serialized_end=847
-  _globals['_TARGETSERVICE']._serialized_start=850
-  _globals['_TARGETSERVICE']._serialized_end=1180
+  _globals['_DELETETARGETREQUEST']._serialized_start=849
+  _globals['_DELETETARGETREQUEST']._serialized_end=895
+  _globals['_DELETETARGETRESPONSE']._serialized_start=897
+  _globals['_DELETETARGETRESPONSE']._serialized_end=919
+  _globals['_TARGETSERVICE']._serialized_start=922
+  _globals['_TARGETSERVICE']._serialized_end=1368
 # @@protoc_insertion_point(module_scope)

@@ -76,3 +76,13 @@ class ListTargetsResponse(_message.Message):
     targets: _containers.RepeatedCompositeFieldContainer[SavedTarget]
     next_page_token: str
     def __init__(self, targets: _Optional[_Iterable[_Union[SavedTarget, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DeleteTargetRequest(_message.Message):
+    __slots__ = ("target_id",)
+    TARGET_ID_FIELD_NUMBER: _ClassVar[int]
+    target_id: str
+    def __init__(self, target_id: _Optional[str] = ...) -> None: ...
+
+class DeleteTargetResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -39,6 +39,10 @@ class TargetServiceStub:
     """Reads a target."""
     ListTargets: _grpc.UnaryUnaryMultiCallable[_target_service_pb2.ListTargetsRequest, _target_service_pb2.ListTargetsResponse]
     """Lists targets, newest first."""
+    DeleteTarget: _grpc.UnaryUnaryMultiCallable[_target_service_pb2.DeleteTargetRequest, _target_service_pb2.DeleteTargetResponse]
+    """Deletes a target. Runs that used it keep the definition they copied and their results; a new run
+    cannot name it.
+    """
 
 @_typing.type_check_only
 class TargetServiceAsyncStub(TargetServiceStub):
@@ -51,6 +55,10 @@ class TargetServiceAsyncStub(TargetServiceStub):
     """Reads a target."""
     ListTargets: _aio.UnaryUnaryMultiCallable[_target_service_pb2.ListTargetsRequest, _target_service_pb2.ListTargetsResponse]  # type: ignore[assignment]
     """Lists targets, newest first."""
+    DeleteTarget: _aio.UnaryUnaryMultiCallable[_target_service_pb2.DeleteTargetRequest, _target_service_pb2.DeleteTargetResponse]  # type: ignore[assignment]
+    """Deletes a target. Runs that used it keep the definition they copied and their results; a new run
+    cannot name it.
+    """
 
 class TargetServiceServicer(metaclass=_abc_1.ABCMeta):
     """TargetService stores target definitions (models, agents) that runs refer to by id."""
@@ -78,5 +86,15 @@ class TargetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_target_service_pb2.ListTargetsResponse, _abc.Awaitable[_target_service_pb2.ListTargetsResponse]]:
         """Lists targets, newest first."""
+
+    @_abc_1.abstractmethod
+    def DeleteTarget(
+        self,
+        request: _target_service_pb2.DeleteTargetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_target_service_pb2.DeleteTargetResponse, _abc.Awaitable[_target_service_pb2.DeleteTargetResponse]]:
+        """Deletes a target. Runs that used it keep the definition they copied and their results; a new run
+        cannot name it.
+        """
 
 def add_TargetServiceServicer_to_server(servicer: TargetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -17,7 +17,7 @@ from evalsvc.errors import FieldViolation, invalid_argument, not_found
 from evalsvc.http.outbound import AllowList, OutboundError, check_destination, check_url_shape
 from evalsvc.idempotency import create_once, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
-from evalsvc.limits import quota_exceeded
+from evalsvc.limits import StoredCap
 from evalsvc.messages import webhook_events as events
 from evalsvc.messages.convert import timestamp
 from evalsvc.messages.validation import MAX_DESCRIPTION, MAX_REQUEST_ID, check_length
@@ -28,7 +28,6 @@ from evalsvc.v1 import webhook_service_pb2 as wpb
 from evalsvc.webhooks import signing
 
 MAX_URL = 2048
-MAX_WEBHOOKS_PER_TENANT = 50
 # How long a rotated-out secret still signs deliveries, so receivers can switch without losing any.
 PREVIOUS_SECRET_GRACE_S = 24 * 3600
 UPDATABLE = ("url", "event_types", "description", "enabled")
@@ -76,8 +75,10 @@ def _check_event_types(event_types: list[str], at: str, out: list[FieldViolation
 class WebhookService:
     """Webhooks of one database, for any tenant the caller names."""
 
-    def __init__(self, db: Database, allow: AllowList, page_tokens: PageTokens) -> None:
+    def __init__(self, db: Database, allow: AllowList, page_tokens: PageTokens, cap: StoredCap) -> None:
+        """`cap` bounds each tenant's webhooks (--max-webhooks-per-tenant)."""
         self._db = db
+        self._cap = cap
         self._allow = allow
         self._page_tokens = page_tokens
 
@@ -131,10 +132,7 @@ class WebhookService:
         )
 
         async def insert(conn: AsyncConnection) -> wpb.Webhook:
-            if await store.count_webhooks(conn, tenant) >= MAX_WEBHOOKS_PER_TENANT:
-                raise quota_exceeded(
-                    "max_webhooks", f"a tenant may have at most {MAX_WEBHOOKS_PER_TENANT} webhooks; delete one"
-                )
+            self._cap.check(await store.count_webhooks(conn, tenant))
             await store.insert_webhook(conn, webhook)
             return webhook_from(webhook, signing_secret=signing.secret_text(secret))
 

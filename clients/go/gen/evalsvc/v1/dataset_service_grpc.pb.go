@@ -27,6 +27,10 @@ type DatasetServiceClient interface {
 	AddDatasetItems(ctx context.Context, in *AddDatasetItemsRequest, opts ...grpc.CallOption) (*AddDatasetItemsResponse, error)
 	// Lists a dataset's items in the order they were added.
 	ListDatasetItems(ctx context.Context, in *ListDatasetItemsRequest, opts ...grpc.CallOption) (*ListDatasetItemsResponse, error)
+	// Deletes a dataset with its items and its generation (a generation in progress stops). Runs
+	// created from it keep the items they copied and their results, and ListRuns still finds them by
+	// its id; a new run cannot name it.
+	DeleteDataset(ctx context.Context, in *DeleteDatasetRequest, opts ...grpc.CallOption) (*DeleteDatasetResponse, error)
 }
 
 type datasetServiceClient struct {
@@ -82,6 +86,15 @@ func (c *datasetServiceClient) ListDatasetItems(ctx context.Context, in *ListDat
 	return out, nil
 }
 
+func (c *datasetServiceClient) DeleteDataset(ctx context.Context, in *DeleteDatasetRequest, opts ...grpc.CallOption) (*DeleteDatasetResponse, error) {
+	out := new(DeleteDatasetResponse)
+	err := c.cc.Invoke(ctx, "/evalsvc.v1.DatasetService/DeleteDataset", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // DatasetServiceServer is the server API for DatasetService service.
 // All implementations must embed UnimplementedDatasetServiceServer
 // for forward compatibility
@@ -96,6 +109,10 @@ type DatasetServiceServer interface {
 	AddDatasetItems(context.Context, *AddDatasetItemsRequest) (*AddDatasetItemsResponse, error)
 	// Lists a dataset's items in the order they were added.
 	ListDatasetItems(context.Context, *ListDatasetItemsRequest) (*ListDatasetItemsResponse, error)
+	// Deletes a dataset with its items and its generation (a generation in progress stops). Runs
+	// created from it keep the items they copied and their results, and ListRuns still finds them by
+	// its id; a new run cannot name it.
+	DeleteDataset(context.Context, *DeleteDatasetRequest) (*DeleteDatasetResponse, error)
 	mustEmbedUnimplementedDatasetServiceServer()
 }
 
@@ -117,6 +134,9 @@ func (UnimplementedDatasetServiceServer) AddDatasetItems(context.Context, *AddDa
 }
 func (UnimplementedDatasetServiceServer) ListDatasetItems(context.Context, *ListDatasetItemsRequest) (*ListDatasetItemsResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ListDatasetItems not implemented")
+}
+func (UnimplementedDatasetServiceServer) DeleteDataset(context.Context, *DeleteDatasetRequest) (*DeleteDatasetResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DeleteDataset not implemented")
 }
 func (UnimplementedDatasetServiceServer) mustEmbedUnimplementedDatasetServiceServer() {}
 
@@ -221,6 +241,24 @@ func _DatasetService_ListDatasetItems_Handler(srv interface{}, ctx context.Conte
 	return interceptor(ctx, in, info, handler)
 }
 
+func _DatasetService_DeleteDataset_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteDatasetRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DatasetServiceServer).DeleteDataset(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/evalsvc.v1.DatasetService/DeleteDataset",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DatasetServiceServer).DeleteDataset(ctx, req.(*DeleteDatasetRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _DatasetService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "evalsvc.v1.DatasetService",
 	HandlerType: (*DatasetServiceServer)(nil),
@@ -244,6 +282,10 @@ var _DatasetService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListDatasetItems",
 			Handler:    _DatasetService_ListDatasetItems_Handler,
+		},
+		{
+			MethodName: "DeleteDataset",
+			Handler:    _DatasetService_DeleteDataset_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -25,6 +25,9 @@ type GraderServiceClient interface {
 	ListGraders(ctx context.Context, in *ListGradersRequest, opts ...grpc.CallOption) (*ListGradersResponse, error)
 	// Saves a new version of a grader.
 	UpdateGrader(ctx context.Context, in *UpdateGraderRequest, opts ...grpc.CallOption) (*UpdateGraderResponse, error)
+	// Deletes a grader with all its versions. Runs that used it keep the definition they copied and
+	// their results; a new run cannot name it.
+	DeleteGrader(ctx context.Context, in *DeleteGraderRequest, opts ...grpc.CallOption) (*DeleteGraderResponse, error)
 }
 
 type graderServiceClient struct {
@@ -71,6 +74,15 @@ func (c *graderServiceClient) UpdateGrader(ctx context.Context, in *UpdateGrader
 	return out, nil
 }
 
+func (c *graderServiceClient) DeleteGrader(ctx context.Context, in *DeleteGraderRequest, opts ...grpc.CallOption) (*DeleteGraderResponse, error) {
+	out := new(DeleteGraderResponse)
+	err := c.cc.Invoke(ctx, "/evalsvc.v1.GraderService/DeleteGrader", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // GraderServiceServer is the server API for GraderService service.
 // All implementations must embed UnimplementedGraderServiceServer
 // for forward compatibility
@@ -83,6 +95,9 @@ type GraderServiceServer interface {
 	ListGraders(context.Context, *ListGradersRequest) (*ListGradersResponse, error)
 	// Saves a new version of a grader.
 	UpdateGrader(context.Context, *UpdateGraderRequest) (*UpdateGraderResponse, error)
+	// Deletes a grader with all its versions. Runs that used it keep the definition they copied and
+	// their results; a new run cannot name it.
+	DeleteGrader(context.Context, *DeleteGraderRequest) (*DeleteGraderResponse, error)
 	mustEmbedUnimplementedGraderServiceServer()
 }
 
@@ -101,6 +116,9 @@ func (UnimplementedGraderServiceServer) ListGraders(context.Context, *ListGrader
 }
 func (UnimplementedGraderServiceServer) UpdateGrader(context.Context, *UpdateGraderRequest) (*UpdateGraderResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method UpdateGrader not implemented")
+}
+func (UnimplementedGraderServiceServer) DeleteGrader(context.Context, *DeleteGraderRequest) (*DeleteGraderResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DeleteGrader not implemented")
 }
 func (UnimplementedGraderServiceServer) mustEmbedUnimplementedGraderServiceServer() {}
 
@@ -187,6 +205,24 @@ func _GraderService_UpdateGrader_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _GraderService_DeleteGrader_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteGraderRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(GraderServiceServer).DeleteGrader(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/evalsvc.v1.GraderService/DeleteGrader",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(GraderServiceServer).DeleteGrader(ctx, req.(*DeleteGraderRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _GraderService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "evalsvc.v1.GraderService",
 	HandlerType: (*GraderServiceServer)(nil),
@@ -206,6 +242,10 @@ var _GraderService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "UpdateGrader",
 			Handler:    _GraderService_UpdateGrader_Handler,
+		},
+		{
+			MethodName: "DeleteGrader",
+			Handler:    _GraderService_DeleteGrader_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

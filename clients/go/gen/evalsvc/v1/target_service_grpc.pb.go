@@ -23,6 +23,9 @@ type TargetServiceClient interface {
 	GetTarget(ctx context.Context, in *GetTargetRequest, opts ...grpc.CallOption) (*GetTargetResponse, error)
 	// Lists targets, newest first.
 	ListTargets(ctx context.Context, in *ListTargetsRequest, opts ...grpc.CallOption) (*ListTargetsResponse, error)
+	// Deletes a target. Runs that used it keep the definition they copied and their results; a new run
+	// cannot name it.
+	DeleteTarget(ctx context.Context, in *DeleteTargetRequest, opts ...grpc.CallOption) (*DeleteTargetResponse, error)
 }
 
 type targetServiceClient struct {
@@ -60,6 +63,15 @@ func (c *targetServiceClient) ListTargets(ctx context.Context, in *ListTargetsRe
 	return out, nil
 }
 
+func (c *targetServiceClient) DeleteTarget(ctx context.Context, in *DeleteTargetRequest, opts ...grpc.CallOption) (*DeleteTargetResponse, error) {
+	out := new(DeleteTargetResponse)
+	err := c.cc.Invoke(ctx, "/evalsvc.v1.TargetService/DeleteTarget", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // TargetServiceServer is the server API for TargetService service.
 // All implementations must embed UnimplementedTargetServiceServer
 // for forward compatibility
@@ -70,6 +82,9 @@ type TargetServiceServer interface {
 	GetTarget(context.Context, *GetTargetRequest) (*GetTargetResponse, error)
 	// Lists targets, newest first.
 	ListTargets(context.Context, *ListTargetsRequest) (*ListTargetsResponse, error)
+	// Deletes a target. Runs that used it keep the definition they copied and their results; a new run
+	// cannot name it.
+	DeleteTarget(context.Context, *DeleteTargetRequest) (*DeleteTargetResponse, error)
 	mustEmbedUnimplementedTargetServiceServer()
 }
 
@@ -85,6 +100,9 @@ func (UnimplementedTargetServiceServer) GetTarget(context.Context, *GetTargetReq
 }
 func (UnimplementedTargetServiceServer) ListTargets(context.Context, *ListTargetsRequest) (*ListTargetsResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ListTargets not implemented")
+}
+func (UnimplementedTargetServiceServer) DeleteTarget(context.Context, *DeleteTargetRequest) (*DeleteTargetResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DeleteTarget not implemented")
 }
 func (UnimplementedTargetServiceServer) mustEmbedUnimplementedTargetServiceServer() {}
 
@@ -153,6 +171,24 @@ func _TargetService_ListTargets_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _TargetService_DeleteTarget_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteTargetRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(TargetServiceServer).DeleteTarget(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/evalsvc.v1.TargetService/DeleteTarget",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(TargetServiceServer).DeleteTarget(ctx, req.(*DeleteTargetRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _TargetService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "evalsvc.v1.TargetService",
 	HandlerType: (*TargetServiceServer)(nil),
@@ -168,6 +204,10 @@ var _TargetService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListTargets",
 			Handler:    _TargetService_ListTargets_Handler,
+		},
+		{
+			MethodName: "DeleteTarget",
+			Handler:    _TargetService_DeleteTarget_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

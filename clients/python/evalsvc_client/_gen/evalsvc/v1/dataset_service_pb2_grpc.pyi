@@ -43,6 +43,11 @@ class DatasetServiceStub:
     """Appends items to a dataset. Runs already created keep the items they copied."""
     ListDatasetItems: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.ListDatasetItemsRequest, _dataset_service_pb2.ListDatasetItemsResponse]
     """Lists a dataset's items in the order they were added."""
+    DeleteDataset: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.DeleteDatasetRequest, _dataset_service_pb2.DeleteDatasetResponse]
+    """Deletes a dataset with its items and its generation (a generation in progress stops). Runs
+    created from it keep the items they copied and their results, and ListRuns still finds them by
+    its id; a new run cannot name it.
+    """
 
 @_typing.type_check_only
 class DatasetServiceAsyncStub(DatasetServiceStub):
@@ -59,6 +64,11 @@ class DatasetServiceAsyncStub(DatasetServiceStub):
     """Appends items to a dataset. Runs already created keep the items they copied."""
     ListDatasetItems: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.ListDatasetItemsRequest, _dataset_service_pb2.ListDatasetItemsResponse]  # type: ignore[assignment]
     """Lists a dataset's items in the order they were added."""
+    DeleteDataset: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.DeleteDatasetRequest, _dataset_service_pb2.DeleteDatasetResponse]  # type: ignore[assignment]
+    """Deletes a dataset with its items and its generation (a generation in progress stops). Runs
+    created from it keep the items they copied and their results, and ListRuns still finds them by
+    its id; a new run cannot name it.
+    """
 
 class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
     """DatasetService stores named sets of items that runs can evaluate again and again."""
@@ -102,5 +112,16 @@ class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_dataset_service_pb2.ListDatasetItemsResponse, _abc.Awaitable[_dataset_service_pb2.ListDatasetItemsResponse]]:
         """Lists a dataset's items in the order they were added."""
+
+    @_abc_1.abstractmethod
+    def DeleteDataset(
+        self,
+        request: _dataset_service_pb2.DeleteDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataset_service_pb2.DeleteDatasetResponse, _abc.Awaitable[_dataset_service_pb2.DeleteDatasetResponse]]:
+        """Deletes a dataset with its items and its generation (a generation in progress stops). Runs
+        created from it keep the items they copied and their results, and ListRuns still finds them by
+        its id; a new run cannot name it.
+        """
 
 def add_DatasetServiceServicer_to_server(servicer: DatasetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -98,3 +98,13 @@ class UpdateGraderResponse(_message.Message):
     GRADER_FIELD_NUMBER: _ClassVar[int]
     grader: SavedGrader
     def __init__(self, grader: _Optional[_Union[SavedGrader, _Mapping]] = ...) -> None: ...
+
+class DeleteGraderRequest(_message.Message):
+    __slots__ = ("grader_id",)
+    GRADER_ID_FIELD_NUMBER: _ClassVar[int]
+    grader_id: str
+    def __init__(self, grader_id: _Optional[str] = ...) -> None: ...
+
+class DeleteGraderResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

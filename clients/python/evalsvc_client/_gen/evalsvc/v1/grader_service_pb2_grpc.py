@@ -55,6 +55,11 @@ class GraderServiceStub:
                 request_serializer=evalsvc_dot_v1_dot_grader__service__pb2.UpdateGraderRequest.SerializeToString,
                 response_deserializer=evalsvc_dot_v1_dot_grader__service__pb2.UpdateGraderResponse.FromString,
                 _registered_method=True)
+        self.DeleteGrader = channel.unary_unary(
+                '/evalsvc.v1.GraderService/DeleteGrader',
+                request_serializer=evalsvc_dot_v1_dot_grader__service__pb2.DeleteGraderRequest.SerializeToString,
+                response_deserializer=evalsvc_dot_v1_dot_grader__service__pb2.DeleteGraderResponse.FromString,
+                _registered_method=True)
 
 
 class GraderServiceServicer:
@@ -89,6 +94,14 @@ class GraderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteGrader(self, request, context):
+        """Deletes a grader with all its versions. Runs that used it keep the definition they copied and
+        their results; a new run cannot name it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GraderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +124,11 @@ def add_GraderServiceServicer_to_server(servicer, server):
                     servicer.UpdateGrader,
                     request_deserializer=evalsvc_dot_v1_dot_grader__service__pb2.UpdateGraderRequest.FromString,
                     response_serializer=evalsvc_dot_v1_dot_grader__service__pb2.UpdateGraderResponse.SerializeToString,
+            ),
+            'DeleteGrader': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteGrader,
+                    request_deserializer=evalsvc_dot_v1_dot_grader__service__pb2.DeleteGraderRequest.FromString,
+                    response_serializer=evalsvc_dot_v1_dot_grader__service__pb2.DeleteGraderResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +240,33 @@ class GraderService:
             '/evalsvc.v1.GraderService/UpdateGrader',
             evalsvc_dot_v1_dot_grader__service__pb2.UpdateGraderRequest.SerializeToString,
             evalsvc_dot_v1_dot_grader__service__pb2.UpdateGraderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteGrader(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/evalsvc.v1.GraderService/DeleteGrader',
+            evalsvc_dot_v1_dot_grader__service__pb2.DeleteGraderRequest.SerializeToString,
+            evalsvc_dot_v1_dot_grader__service__pb2.DeleteGraderResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,11 @@ class TargetServiceStub:
                 request_serializer=evalsvc_dot_v1_dot_target__service__pb2.ListTargetsRequest.SerializeToString,
                 response_deserializer=evalsvc_dot_v1_dot_target__service__pb2.ListTargetsResponse.FromString,
                 _registered_method=True)
+        self.DeleteTarget = channel.unary_unary(
+                '/evalsvc.v1.TargetService/DeleteTarget',
+                request_serializer=evalsvc_dot_v1_dot_target__service__pb2.DeleteTargetRequest.SerializeToString,
+                response_deserializer=evalsvc_dot_v1_dot_target__service__pb2.DeleteTargetResponse.FromString,
+                _registered_method=True)
 
 
 class TargetServiceServicer:
@@ -77,6 +82,14 @@ class TargetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteTarget(self, request, context):
+        """Deletes a target. Runs that used it keep the definition they copied and their results; a new run
+        cannot name it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TargetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +107,11 @@ def add_TargetServiceServicer_to_server(servicer, server):
                     servicer.ListTargets,
                     request_deserializer=evalsvc_dot_v1_dot_target__service__pb2.ListTargetsRequest.FromString,
                     response_serializer=evalsvc_dot_v1_dot_target__service__pb2.ListTargetsResponse.SerializeToString,
+            ),
+            'DeleteTarget': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTarget,
+                    request_deserializer=evalsvc_dot_v1_dot_target__service__pb2.DeleteTargetRequest.FromString,
+                    response_serializer=evalsvc_dot_v1_dot_target__service__pb2.DeleteTargetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +196,33 @@ class TargetService:
             '/evalsvc.v1.TargetService/ListTargets',
             evalsvc_dot_v1_dot_target__service__pb2.ListTargetsRequest.SerializeToString,
             evalsvc_dot_v1_dot_target__service__pb2.ListTargetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTarget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/evalsvc.v1.TargetService/DeleteTarget',
+            evalsvc_dot_v1_dot_target__service__pb2.DeleteTargetRequest.SerializeToString,
+            evalsvc_dot_v1_dot_target__service__pb2.DeleteTargetResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file evalsvc/v1/grader_service.proto.
  */
 export const file_evalsvc_v1_grader_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch9ldmFsc3ZjL3YxL2dyYWRlcl9zZXJ2aWNlLnByb3RvEgpldmFsc3ZjLnYxIv0CCgtTYXZlZEdyYWRlchIQCgJpZBgBIAEoCUIE4kEBAxIUCgxkaXNwbGF5X25hbWUYAiABKAkSEwoLZGVzY3JpcHRpb24YAyABKAkSMwoGbGFiZWxzGAQgAygLMiMuZXZhbHN2Yy52MS5TYXZlZEdyYWRlci5MYWJlbHNFbnRyeRIVCgd2ZXJzaW9uGAUgASgFQgTiQQEDEhwKDmxhdGVzdF92ZXJzaW9uGAYgASgFQgTiQQEDEiIKBmdyYWRlchgHIAEoCzISLmV2YWxzdmMudjEuR3JhZGVyEjUKC2NyZWF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxI9ChN2ZXJzaW9uX2NyZWF0ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIlgKE0NyZWF0ZUdyYWRlclJlcXVlc3QSLQoGZ3JhZGVyGAEgASgLMhcuZXZhbHN2Yy52MS5TYXZlZEdyYWRlckIE4kEBAhISCgpyZXF1ZXN0X2lkGAIgASgJIj8KFENyZWF0ZUdyYWRlclJlc3BvbnNlEicKBmdyYWRlchgBIAEoCzIXLmV2YWxzdmMudjEuU2F2ZWRHcmFkZXIiPAoQR2V0R3JhZGVyUmVxdWVzdBIXCglncmFkZXJfaWQYASABKAlCBOJBAQISDwoHdmVyc2lvbhgCIAEoBSI8ChFHZXRHcmFkZXJSZXNwb25zZRInCgZncmFkZXIYASABKAsyFy5ldmFsc3ZjLnYxLlNhdmVkR3JhZGVyIjsKEkxpc3RHcmFkZXJzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCSJYChNMaXN0R3JhZGVyc1Jlc3BvbnNlEigKB2dyYWRlcnMYASADKAsyFy5ldmFsc3ZjLnYxLlNhdmVkR3JhZGVyEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJYChNVcGRhdGVHcmFkZXJSZXF1ZXN0EhcKCWdyYWRlcl9pZBgBIAEoCUIE4kEBAhIoCgZncmFkZXIYAiABKAsyEi5ldmFsc3ZjLnYxLkdyYWRlckIE4kEBAiI/ChRVcGRhdGVHcmFkZXJSZXNwb25zZRInCgZncmFkZXIYASABKAsyFy5ldmFsc3ZjLnYxLlNhdmVkR3JhZGVyMsEDCg1HcmFkZXJTZXJ2aWNlEmkKDENyZWF0ZUdyYWRlchIfLmV2YWxzdmMudjEuQ3JlYXRlR3JhZGVyUmVxdWVzdBogLmV2YWxzdmMudjEuQ3JlYXRlR3JhZGVyUmVzcG9uc2UiFoLT5JMCEDoBKiILL3YxL2dyYWRlcnMSaQoJR2V0R3JhZGVyEhwuZXZhbHN2Yy52MS5HZXRHcmFkZXJSZXF1ZXN0Gh0uZXZhbHN2Yy52MS5HZXRHcmFkZXJSZXNwb25zZSIfgtPkkwIZEhcvdjEvZ3JhZGVycy97Z3JhZGVyX2lkfRJjCgtMaXN0R3JhZGVycxIeLmV2YWxzdmMudjEuTGlzdEdyYWRlcnNSZXF1ZXN0Gh8uZXZhbHN2Yy52MS5MaXN0R3JhZGVyc1Jlc3BvbnNlIhOC0+STAg0SCy92MS9ncmFkZXJzEnUKDFVwZGF0ZUdyYWRlchIfLmV2YWxzdmMudjEuVXBkYXRlR3JhZGVyUmVxdWVzdBogLmV2YWxzdmMudjEuVXBkYXRlR3JhZGVyUmVzcG9uc2UiIoLT5JMCHDoBKjIXL3YxL2dyYWRlcnMve2dyYWRlcl9pZH1CLVorZXZhbHN2Yy9jbGllbnRzL2dvL2dlbi9ldmFsc3ZjL3YxO2V2YWxzdmN2MWIGcHJvdG8z", [file_evalsvc_v1_grader, file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_timestamp]);
+  fileDesc("Ch9ldmFsc3ZjL3YxL2dyYWRlcl9zZXJ2aWNlLnByb3RvEgpldmFsc3ZjLnYxIv0CCgtTYXZlZEdyYWRlchIQCgJpZBgBIAEoCUIE4kEBAxIUCgxkaXNwbGF5X25hbWUYAiABKAkSEwoLZGVzY3JpcHRpb24YAyABKAkSMwoGbGFiZWxzGAQgAygLMiMuZXZhbHN2Yy52MS5TYXZlZEdyYWRlci5MYWJlbHNFbnRyeRIVCgd2ZXJzaW9uGAUgASgFQgTiQQEDEhwKDmxhdGVzdF92ZXJzaW9uGAYgASgFQgTiQQEDEiIKBmdyYWRlchgHIAEoCzISLmV2YWxzdmMudjEuR3JhZGVyEjUKC2NyZWF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxI9ChN2ZXJzaW9uX2NyZWF0ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIlgKE0NyZWF0ZUdyYWRlclJlcXVlc3QSLQoGZ3JhZGVyGAEgASgLMhcuZXZhbHN2Yy52MS5TYXZlZEdyYWRlckIE4kEBAhISCgpyZXF1ZXN0X2lkGAIgASgJIj8KFENyZWF0ZUdyYWRlclJlc3BvbnNlEicKBmdyYWRlchgBIAEoCzIXLmV2YWxzdmMudjEuU2F2ZWRHcmFkZXIiPAoQR2V0R3JhZGVyUmVxdWVzdBIXCglncmFkZXJfaWQYASABKAlCBOJBAQISDwoHdmVyc2lvbhgCIAEoBSI8ChFHZXRHcmFkZXJSZXNwb25zZRInCgZncmFkZXIYASABKAsyFy5ldmFsc3ZjLnYxLlNhdmVkR3JhZGVyIjsKEkxpc3RHcmFkZXJzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCSJYChNMaXN0R3JhZGVyc1Jlc3BvbnNlEigKB2dyYWRlcnMYASADKAsyFy5ldmFsc3ZjLnYxLlNhdmVkR3JhZGVyEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJYChNVcGRhdGVHcmFkZXJSZXF1ZXN0EhcKCWdyYWRlcl9pZBgBIAEoCUIE4kEBAhIoCgZncmFkZXIYAiABKAsyEi5ldmFsc3ZjLnYxLkdyYWRlckIE4kEBAiI/ChRVcGRhdGVHcmFkZXJSZXNwb25zZRInCgZncmFkZXIYASABKAsyFy5ldmFsc3ZjLnYxLlNhdmVkR3JhZGVyIi4KE0RlbGV0ZUdyYWRlclJlcXVlc3QSFwoJZ3JhZGVyX2lkGAEgASgJQgTiQQECIhYKFERlbGV0ZUdyYWRlclJlc3BvbnNlMrUECg1HcmFkZXJTZXJ2aWNlEmkKDENyZWF0ZUdyYWRlchIfLmV2YWxzdmMudjEuQ3JlYXRlR3JhZGVyUmVxdWVzdBogLmV2YWxzdmMudjEuQ3JlYXRlR3JhZGVyUmVzcG9uc2UiFoLT5JMCEDoBKiILL3YxL2dyYWRlcnMSaQoJR2V0R3JhZGVyEhwuZXZhbHN2Yy52MS5HZXRHcmFkZXJSZXF1ZXN0Gh0uZXZhbHN2Yy52MS5HZXRHcmFkZXJSZXNwb25zZSIfgtPkkwIZEhcvdjEvZ3JhZGVycy97Z3JhZGVyX2lkfRJjCgtMaXN0R3JhZGVycxIeLmV2YWxzdmMudjEuTGlzdEdyYWRlcnNSZXF1ZXN0Gh8uZXZhbHN2Yy52MS5MaXN0R3JhZGVyc1Jlc3BvbnNlIhOC0+STAg0SCy92MS9ncmFkZXJzEnUKDFVwZGF0ZUdyYWRlchIfLmV2YWxzdmMudjEuVXBkYXRlR3JhZGVyUmVxdWVzdBogLmV2YWxzdmMudjEuVXBkYXRlR3JhZGVyUmVzcG9uc2UiIoLT5JMCHDoBKjIXL3YxL2dyYWRlcnMve2dyYWRlcl9pZH0ScgoMRGVsZXRlR3JhZGVyEh8uZXZhbHN2Yy52MS5EZWxldGVHcmFkZXJSZXF1ZXN0GiAuZXZhbHN2Yy52MS5EZWxldGVHcmFkZXJSZXNwb25zZSIfgtPkkwIZKhcvdjEvZ3JhZGVycy97Z3JhZGVyX2lkfUItWitldmFsc3ZjL2NsaWVudHMvZ28vZ2VuL2V2YWxzdmMvdjE7ZXZhbHN2Y3YxYgZwcm90bzM", [file_evalsvc_v1_grader, file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_timestamp]);
 
 /**
  * SavedGrader is a named, versioned grader definition.
@@ -299,6 +299,42 @@ export const UpdateGraderResponseSchema: GenMessage<UpdateGraderResponse> = /*@_
   messageDesc(file_evalsvc_v1_grader_service, 8);
 
 /**
+ * DeleteGraderRequest names a grader to delete.
+ *
+ * @generated from message evalsvc.v1.DeleteGraderRequest
+ */
+export type DeleteGraderRequest = Message<"evalsvc.v1.DeleteGraderRequest"> & {
+  /**
+   * The grader's id.
+   *
+   * @generated from field: string grader_id = 1;
+   */
+  graderId: string;
+};
+
+/**
+ * Describes the message evalsvc.v1.DeleteGraderRequest.
+ * Use `create(DeleteGraderRequestSchema)` to create a new message.
+ */
+export const DeleteGraderRequestSchema: GenMessage<DeleteGraderRequest> = /*@__PURE__*/
+  messageDesc(file_evalsvc_v1_grader_service, 9);
+
+/**
+ * DeleteGraderResponse is empty: the grader and its versions are gone.
+ *
+ * @generated from message evalsvc.v1.DeleteGraderResponse
+ */
+export type DeleteGraderResponse = Message<"evalsvc.v1.DeleteGraderResponse"> & {
+};
+
+/**
+ * Describes the message evalsvc.v1.DeleteGraderResponse.
+ * Use `create(DeleteGraderResponseSchema)` to create a new message.
+ */
+export const DeleteGraderResponseSchema: GenMessage<DeleteGraderResponse> = /*@__PURE__*/
+  messageDesc(file_evalsvc_v1_grader_service, 10);
+
+/**
  * GraderService stores grader definitions that runs refer to by id; every update is a new, immutable version.
  *
  * @generated from service evalsvc.v1.GraderService
@@ -343,6 +379,17 @@ export const GraderService: GenService<{
     methodKind: "unary";
     input: typeof UpdateGraderRequestSchema;
     output: typeof UpdateGraderResponseSchema;
+  },
+  /**
+   * Deletes a grader with all its versions. Runs that used it keep the definition they copied and
+   * their results; a new run cannot name it.
+   *
+   * @generated from rpc evalsvc.v1.GraderService.DeleteGrader
+   */
+  deleteGrader: {
+    methodKind: "unary";
+    input: typeof DeleteGraderRequestSchema;
+    output: typeof DeleteGraderResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_evalsvc_v1_grader_service, 0);

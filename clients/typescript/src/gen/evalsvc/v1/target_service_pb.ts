@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file evalsvc/v1/target_service.proto.
  */
 export const file_evalsvc_v1_target_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch9ldmFsc3ZjL3YxL3RhcmdldF9zZXJ2aWNlLnByb3RvEgpldmFsc3ZjLnYxIokCCgtTYXZlZFRhcmdldBIQCgJpZBgBIAEoCUIE4kEBAxIUCgxkaXNwbGF5X25hbWUYAiABKAkSEwoLZGVzY3JpcHRpb24YAyABKAkSMwoGbGFiZWxzGAQgAygLMiMuZXZhbHN2Yy52MS5TYXZlZFRhcmdldC5MYWJlbHNFbnRyeRIiCgZ0YXJnZXQYBSABKAsyEi5ldmFsc3ZjLnYxLlRhcmdldBI1CgtjcmVhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJYChNDcmVhdGVUYXJnZXRSZXF1ZXN0Ei0KBnRhcmdldBgBIAEoCzIXLmV2YWxzdmMudjEuU2F2ZWRUYXJnZXRCBOJBAQISEgoKcmVxdWVzdF9pZBgCIAEoCSI/ChRDcmVhdGVUYXJnZXRSZXNwb25zZRInCgZ0YXJnZXQYASABKAsyFy5ldmFsc3ZjLnYxLlNhdmVkVGFyZ2V0IisKEEdldFRhcmdldFJlcXVlc3QSFwoJdGFyZ2V0X2lkGAEgASgJQgTiQQECIjwKEUdldFRhcmdldFJlc3BvbnNlEicKBnRhcmdldBgBIAEoCzIXLmV2YWxzdmMudjEuU2F2ZWRUYXJnZXQiOwoSTGlzdFRhcmdldHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJIlgKE0xpc3RUYXJnZXRzUmVzcG9uc2USKAoHdGFyZ2V0cxgBIAMoCzIXLmV2YWxzdmMudjEuU2F2ZWRUYXJnZXQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJMsoCCg1UYXJnZXRTZXJ2aWNlEmkKDENyZWF0ZVRhcmdldBIfLmV2YWxzdmMudjEuQ3JlYXRlVGFyZ2V0UmVxdWVzdBogLmV2YWxzdmMudjEuQ3JlYXRlVGFyZ2V0UmVzcG9uc2UiFoLT5JMCEDoBKiILL3YxL3RhcmdldHMSaQoJR2V0VGFyZ2V0EhwuZXZhbHN2Yy52MS5HZXRUYXJnZXRSZXF1ZXN0Gh0uZXZhbHN2Yy52MS5HZXRUYXJnZXRSZXNwb25zZSIfgtPkkwIZEhcvdjEvdGFyZ2V0cy97dGFyZ2V0X2lkfRJjCgtMaXN0VGFyZ2V0cxIeLmV2YWxzdmMudjEuTGlzdFRhcmdldHNSZXF1ZXN0Gh8uZXZhbHN2Yy52MS5MaXN0VGFyZ2V0c1Jlc3BvbnNlIhOC0+STAg0SCy92MS90YXJnZXRzQi1aK2V2YWxzdmMvY2xpZW50cy9nby9nZW4vZXZhbHN2Yy92MTtldmFsc3ZjdjFiBnByb3RvMw", [file_evalsvc_v1_target, file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_timestamp]);
+  fileDesc("Ch9ldmFsc3ZjL3YxL3RhcmdldF9zZXJ2aWNlLnByb3RvEgpldmFsc3ZjLnYxIokCCgtTYXZlZFRhcmdldBIQCgJpZBgBIAEoCUIE4kEBAxIUCgxkaXNwbGF5X25hbWUYAiABKAkSEwoLZGVzY3JpcHRpb24YAyABKAkSMwoGbGFiZWxzGAQgAygLMiMuZXZhbHN2Yy52MS5TYXZlZFRhcmdldC5MYWJlbHNFbnRyeRIiCgZ0YXJnZXQYBSABKAsyEi5ldmFsc3ZjLnYxLlRhcmdldBI1CgtjcmVhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJYChNDcmVhdGVUYXJnZXRSZXF1ZXN0Ei0KBnRhcmdldBgBIAEoCzIXLmV2YWxzdmMudjEuU2F2ZWRUYXJnZXRCBOJBAQISEgoKcmVxdWVzdF9pZBgCIAEoCSI/ChRDcmVhdGVUYXJnZXRSZXNwb25zZRInCgZ0YXJnZXQYASABKAsyFy5ldmFsc3ZjLnYxLlNhdmVkVGFyZ2V0IisKEEdldFRhcmdldFJlcXVlc3QSFwoJdGFyZ2V0X2lkGAEgASgJQgTiQQECIjwKEUdldFRhcmdldFJlc3BvbnNlEicKBnRhcmdldBgBIAEoCzIXLmV2YWxzdmMudjEuU2F2ZWRUYXJnZXQiOwoSTGlzdFRhcmdldHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJIlgKE0xpc3RUYXJnZXRzUmVzcG9uc2USKAoHdGFyZ2V0cxgBIAMoCzIXLmV2YWxzdmMudjEuU2F2ZWRUYXJnZXQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIi4KE0RlbGV0ZVRhcmdldFJlcXVlc3QSFwoJdGFyZ2V0X2lkGAEgASgJQgTiQQECIhYKFERlbGV0ZVRhcmdldFJlc3BvbnNlMr4DCg1UYXJnZXRTZXJ2aWNlEmkKDENyZWF0ZVRhcmdldBIfLmV2YWxzdmMudjEuQ3JlYXRlVGFyZ2V0UmVxdWVzdBogLmV2YWxzdmMudjEuQ3JlYXRlVGFyZ2V0UmVzcG9uc2UiFoLT5JMCEDoBKiILL3YxL3RhcmdldHMSaQoJR2V0VGFyZ2V0EhwuZXZhbHN2Yy52MS5HZXRUYXJnZXRSZXF1ZXN0Gh0uZXZhbHN2Yy52MS5HZXRUYXJnZXRSZXNwb25zZSIfgtPkkwIZEhcvdjEvdGFyZ2V0cy97dGFyZ2V0X2lkfRJjCgtMaXN0VGFyZ2V0cxIeLmV2YWxzdmMudjEuTGlzdFRhcmdldHNSZXF1ZXN0Gh8uZXZhbHN2Yy52MS5MaXN0VGFyZ2V0c1Jlc3BvbnNlIhOC0+STAg0SCy92MS90YXJnZXRzEnIKDERlbGV0ZVRhcmdldBIfLmV2YWxzdmMudjEuRGVsZXRlVGFyZ2V0UmVxdWVzdBogLmV2YWxzdmMudjEuRGVsZXRlVGFyZ2V0UmVzcG9uc2UiH4LT5JMCGSoXL3YxL3RhcmdldHMve3RhcmdldF9pZH1CLVorZXZhbHN2Yy9jbGllbnRzL2dvL2dlbi9ldmFsc3ZjL3YxO2V2YWxzdmN2MWIGcHJvdG8z", [file_evalsvc_v1_target, file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_timestamp]);
 
 /**
  * SavedTarget is a named target definition, e.g. an agent a vendor dialect refers to by id.
@@ -222,6 +222,42 @@ export const ListTargetsResponseSchema: GenMessage<ListTargetsResponse> = /*@__P
   messageDesc(file_evalsvc_v1_target_service, 6);
 
 /**
+ * DeleteTargetRequest names a target to delete.
+ *
+ * @generated from message evalsvc.v1.DeleteTargetRequest
+ */
+export type DeleteTargetRequest = Message<"evalsvc.v1.DeleteTargetRequest"> & {
+  /**
+   * The target's id.
+   *
+   * @generated from field: string target_id = 1;
+   */
+  targetId: string;
+};
+
+/**
+ * Describes the message evalsvc.v1.DeleteTargetRequest.
+ * Use `create(DeleteTargetRequestSchema)` to create a new message.
+ */
+export const DeleteTargetRequestSchema: GenMessage<DeleteTargetRequest> = /*@__PURE__*/
+  messageDesc(file_evalsvc_v1_target_service, 7);
+
+/**
+ * DeleteTargetResponse is empty: the target is gone.
+ *
+ * @generated from message evalsvc.v1.DeleteTargetResponse
+ */
+export type DeleteTargetResponse = Message<"evalsvc.v1.DeleteTargetResponse"> & {
+};
+
+/**
+ * Describes the message evalsvc.v1.DeleteTargetResponse.
+ * Use `create(DeleteTargetResponseSchema)` to create a new message.
+ */
+export const DeleteTargetResponseSchema: GenMessage<DeleteTargetResponse> = /*@__PURE__*/
+  messageDesc(file_evalsvc_v1_target_service, 8);
+
+/**
  * TargetService stores target definitions (models, agents) that runs refer to by id.
  *
  * @generated from service evalsvc.v1.TargetService
@@ -256,6 +292,17 @@ export const TargetService: GenService<{
     methodKind: "unary";
     input: typeof ListTargetsRequestSchema;
     output: typeof ListTargetsResponseSchema;
+  },
+  /**
+   * Deletes a target. Runs that used it keep the definition they copied and their results; a new run
+   * cannot name it.
+   *
+   * @generated from rpc evalsvc.v1.TargetService.DeleteTarget
+   */
+  deleteTarget: {
+    methodKind: "unary";
+    input: typeof DeleteTargetRequestSchema;
+    output: typeof DeleteTargetResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_evalsvc_v1_target_service, 0);

@@ -1,0 +1,253 @@
+"""DeleteDataset, DeleteGrader and DeleteTarget on a real server: what they remove, what they leave
+(runs made from the deleted resources, running or finished), a dataset generation in progress or
+pending, and the REST routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy import func, select
+
+from evalsvc.store.datasets import GENERATIONS
+from evalsvc.store.datasets import ITEMS as DATASET_ITEMS
+from evalsvc.store.definitions import VERSIONS
+from evalsvc.testing import EvalServiceTestServer
+from evalsvc.v1 import dataset_service_pb2 as ds
+from evalsvc.v1 import (
+    dataset_service_pb2_grpc,
+    grader_pb2,
+    grader_service_pb2_grpc,
+    item_pb2,
+    run_pb2,
+    target_pb2,
+    target_service_pb2_grpc,
+)
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import grader_service_pb2 as gs
+from evalsvc.v1 import target_service_pb2 as ts
+from evalsvc.v1.dataset_generation_pb2 import DatasetGeneration, GenerateDatasetItemsRequest
+from evalsvc.v1.dataset_generation_pb2_grpc import DatasetGenerationServiceStub
+from tests import dbs
+from tests.conftest import make_settings
+from tests.fake_llm import FakeEndpoint, Reply, chat_reply, generator_reply
+from tests.helpers import all_results, error_reason, exact, serving_gateway, watch_all
+
+
+class Client:
+    def __init__(self, server: EvalServiceTestServer) -> None:
+        self.server = server
+        self.runs = server.runs
+        self.datasets = dataset_service_pb2_grpc.DatasetServiceStub(server.channel)
+        self.generations = DatasetGenerationServiceStub(server.channel)
+        self.graders = grader_service_pb2_grpc.GraderServiceStub(server.channel)
+        self.targets = target_service_pb2_grpc.TargetServiceStub(server.channel)
+
+    async def dataset(self, items: int = 0) -> str:
+        dataset_id = (await self.datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))).dataset.id
+        if items:
+            added = [item_pb2.Item(id=f"i{n}", input=f"question {n}", expected_output="ok") for n in range(items)]
+            await self.datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset_id, items=added))
+        return dataset_id
+
+    async def grader(self) -> str:
+        return (
+            await self.graders.CreateGrader(gs.CreateGraderRequest(grader=gs.SavedGrader(grader=exact())))
+        ).grader.id
+
+    async def target(self, target: target_pb2.Target) -> str:
+        return (await self.targets.CreateTarget(ts.CreateTargetRequest(target=ts.SavedTarget(target=target)))).target.id
+
+    async def rows(self, table: Any, **where: str) -> int:
+        """Rows of a table left in the database, however the API shows them."""
+        async with self.server.server.db.read() as conn:
+            query = select(func.count()).select_from(table)
+            for column, value in where.items():
+                query = query.where(table.c[column] == value)
+            return int((await conn.execute(query)).scalar_one())
+
+
+@pytest.fixture
+async def gate() -> threading.Event:
+    return threading.Event()
+
+
+@pytest.fixture
+async def model(gate: threading.Event) -> AsyncIterator[FakeEndpoint]:
+    """A chat model whose answers ("ok") wait for `gate`: a call held in flight until the test opens it."""
+    with FakeEndpoint(Reply(chat_reply("ok").body, gate=gate)) as fake:
+        yield fake
+
+
+@pytest.fixture
+async def client(tmp_path: Path, model: FakeEndpoint) -> AsyncIterator[Client]:
+    async with EvalServiceTestServer(
+        database_url=dbs.db_url(tmp_path), outbound_allow="127.0.0.1", judge_base_url=model.url + "/v1", judge_model="m"
+    ) as server:
+        yield Client(server)
+
+
+async def _refused(call: Any, code: grpc.StatusCode = grpc.StatusCode.NOT_FOUND) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == code, caught.value
+    return error_reason(caught.value)
+
+
+async def test_deleted_resources_are_not_found_and_their_parts_are_gone(client: Client) -> None:
+    dataset_id, grader_id = await client.dataset(items=3), await client.grader()
+    await client.graders.UpdateGrader(gs.UpdateGraderRequest(grader_id=grader_id, grader=exact()))  # version 2
+    target_id = await client.target(target_pb2.Target(echo=target_pb2.EchoTarget()))
+    kept = await client.dataset(items=2)  # another of each stays as it is
+    kept_grader, kept_target = (
+        await client.grader(),
+        await client.target(target_pb2.Target(echo=target_pb2.EchoTarget())),
+    )
+
+    await client.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=dataset_id))
+    await client.graders.DeleteGrader(gs.DeleteGraderRequest(grader_id=grader_id))
+    await client.targets.DeleteTarget(ts.DeleteTargetRequest(target_id=target_id))
+
+    assert (
+        await _refused(client.datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset_id))) == "DATASET_NOT_FOUND"
+    )
+    await _refused(client.datasets.ListDatasetItems(ds.ListDatasetItemsRequest(dataset_id=dataset_id)))
+    await _refused(
+        client.datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset_id, items=[item_pb2.Item()]))
+    )
+    assert await _refused(client.graders.GetGrader(gs.GetGraderRequest(grader_id=grader_id, version=1))) == (
+        "GRADER_NOT_FOUND"
+    )
+    await _refused(client.graders.UpdateGrader(gs.UpdateGraderRequest(grader_id=grader_id, grader=exact())))
+    assert await _refused(client.targets.GetTarget(ts.GetTargetRequest(target_id=target_id))) == "TARGET_NOT_FOUND"
+    saved_grader = grader_pb2.Grader(saved=grader_pb2.SavedGraderRef(grader_id=grader_id))
+    echo = target_pb2.Target(echo=target_pb2.EchoTarget())
+    for request in (
+        pb.CreateRunRequest(dataset_id=dataset_id, target=echo, graders=[exact()]),
+        pb.CreateRunRequest(dataset_id=kept, target=echo, graders=[saved_grader]),
+        pb.CreateRunRequest(dataset_id=kept, target=target_pb2.Target(saved_target_id=target_id), graders=[exact()]),
+    ):
+        await _refused(client.runs.CreateRun(request))
+    # Deleting twice: NOT_FOUND the second time.
+    await _refused(client.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=dataset_id)))
+    await _refused(client.graders.DeleteGrader(gs.DeleteGraderRequest(grader_id=grader_id)))
+    await _refused(client.targets.DeleteTarget(ts.DeleteTargetRequest(target_id=target_id)))
+
+    # Nothing of them is left behind; the others keep everything.
+    assert await client.rows(DATASET_ITEMS, dataset_id=dataset_id) == 0
+    assert await client.rows(DATASET_ITEMS, dataset_id=kept) == 2
+    assert await client.rows(VERSIONS, grader_id=grader_id) == 0
+    assert await client.rows(VERSIONS, grader_id=kept_grader) == 1
+    listed = await client.datasets.ListDatasets(ds.ListDatasetsRequest())
+    assert [d.id for d in listed.datasets] == [kept]
+    assert [g.id for g in (await client.graders.ListGraders(gs.ListGradersRequest())).graders] == [kept_grader]
+    assert [t.id for t in (await client.targets.ListTargets(ts.ListTargetsRequest())).targets] == [kept_target]
+
+
+async def test_runs_made_from_deleted_resources_finish_and_read_back(
+    client: Client, model: FakeEndpoint, gate: threading.Event
+) -> None:
+    """A run copies its items, grader and target when it is created: deleting them takes nothing from
+    it, whether it has finished or is still RUNNING (a model call in flight) at the delete."""
+    dataset_id, grader_id = await client.dataset(items=2), await client.grader()
+    chat = target_pb2.ChatTarget(endpoint=target_pb2.Endpoint(base_url=model.url + "/v1"), model="m")
+    target_id = await client.target(target_pb2.Target(chat=chat))
+    request = pb.CreateRunRequest(
+        dataset_id=dataset_id,
+        target=target_pb2.Target(saved_target_id=target_id),
+        graders=[grader_pb2.Grader(name="exact", saved=grader_pb2.SavedGraderRef(grader_id=grader_id))],
+    )
+    gate.set()
+    finished = (await client.runs.CreateRun(request)).run
+    await watch_all(client.runs, finished.id)
+    gate.clear()
+    running = (await client.runs.CreateRun(request)).run
+    assert await asyncio.to_thread(model.wait_seen, 3, 30)  # the second run's first model call is held
+    assert (await client.runs.GetRun(pb.GetRunRequest(run_id=running.id))).run.status == run_pb2.RUN_STATUS_RUNNING
+
+    await client.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=dataset_id))
+    await client.graders.DeleteGrader(gs.DeleteGraderRequest(grader_id=grader_id))
+    await client.targets.DeleteTarget(ts.DeleteTargetRequest(target_id=target_id))
+    gate.set()
+    events = await watch_all(client.runs, running.id)
+    assert events[-1].run.status == run_pb2.RUN_STATUS_SUCCEEDED
+
+    for run_id in (finished.id, running.id):
+        run = (await client.runs.GetRun(pb.GetRunRequest(run_id=run_id))).run
+        assert run.status == run_pb2.RUN_STATUS_SUCCEEDED and run.dataset_id == dataset_id
+        assert run.target.chat.model == "m" and run.graders[0].HasField("exact_match")  # the copies
+        results = await all_results(client.runs, run_id)
+        assert sorted(r.item_id for r in results) == ["i0", "i1"]
+        assert all(r.state == run_pb2.RESULT_STATE_PASSED for r in results)
+    listed = await client.runs.ListRuns(pb.ListRunsRequest(dataset_id=dataset_id))
+    assert {r.id for r in listed.runs} == {finished.id, running.id}  # still found by the dataset's id
+
+
+async def test_a_generation_of_a_deleted_dataset_ends_cleanly_and_the_loop_goes_on(
+    client: Client, model: FakeEndpoint, gate: threading.Event, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A running generation (its model call in flight at the delete) writes nothing more and stops; a
+    pending one is never started; the generation loop goes on with other datasets."""
+    generations = client.server.server.generations
+    model.script = [generator_reply({"messages": [{"content": "Write 20 items"}]})]
+    model.script[0].gate = gate
+    caplog.set_level(logging.WARNING)
+
+    running = await client.dataset()
+    request = GenerateDatasetItemsRequest(dataset_id=running, item_count=40, instructions="Questions.")
+    await client.generations.GenerateDatasetItems(request)
+    assert await asyncio.to_thread(model.wait_seen, 1, 30)  # claimed, its first batch asked for and held
+    [(_, _, task)] = generations._working.values()
+    await client.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=running))
+    gate.set()
+    await task  # its batch came back to a deleted dataset: nothing written, and it stopped there
+    assert len(model.seen) == 1
+
+    await generations.stop()  # a pending generation, deleted before any process claims it
+    pending = await client.dataset()
+    await client.generations.GenerateDatasetItems(
+        GenerateDatasetItemsRequest(dataset_id=pending, item_count=20, instructions="Questions.")
+    )
+    await client.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=pending))
+    await generations.start()
+    after = await client.dataset()
+    await client.generations.GenerateDatasetItems(
+        GenerateDatasetItemsRequest(dataset_id=after, item_count=20, instructions="Questions.")
+    )
+    async with asyncio.timeout(60):
+        while (await client.datasets.GetDataset(ds.GetDatasetRequest(dataset_id=after))).dataset.item_count < 20:
+            await asyncio.sleep(0.05)  # datasets have no watch: polled, as tests/test_dataset_generation.py does
+    assert len(model.seen) == 2  # only the new dataset's generation asked the model again
+    for deleted in (running, pending):
+        assert await client.rows(DATASET_ITEMS, dataset_id=deleted) == 0
+        assert await client.rows(GENERATIONS, dataset_id=deleted) == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "evalsvc" in r.name], caplog.text
+    done = (await client.datasets.GetDataset(ds.GetDatasetRequest(dataset_id=after))).dataset.generation
+    assert done.state == DatasetGeneration.STATE_SUCCEEDED
+
+
+async def test_rest_deletes_answer_in_the_apis_error_shape(tmp_path: Path) -> None:
+    async with serving_gateway(make_settings(tmp_path, http_addr="127.0.0.1:0")) as (_, http):
+        dataset = (await http.post("/v1/datasets", json={"dataset": {}})).json()["dataset"]["id"]
+        grader = (await http.post("/v1/graders", json={"grader": {"grader": {"exactMatch": {}}}})).json()["grader"][
+            "id"
+        ]
+        target = (await http.post("/v1/targets", json={"target": {"target": {"echo": {}}}})).json()["target"]["id"]
+        for path, reason in (
+            (f"/v1/datasets/{dataset}", "DATASET_NOT_FOUND"),
+            (f"/v1/graders/{grader}", "GRADER_NOT_FOUND"),
+            (f"/v1/targets/{target}", "TARGET_NOT_FOUND"),
+        ):
+            deleted = await http.delete(path)
+            assert deleted.status_code == 200 and deleted.json() == {}, deleted.text
+            again = await http.delete(path)
+            assert again.status_code == 404, again.text
+            status = again.json()
+            assert status["code"] == 5 and status["details"][0]["reason"] == reason, status
+            assert (await http.get(path)).status_code == 404
