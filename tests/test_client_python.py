@@ -162,6 +162,15 @@ async def test_datasets(client: AsyncEvalClient) -> None:
     assert final.dataset_id == dataset.id and final.counts.total_items == 2
     assert [r.id async for r in client.list_runs(dataset_id=dataset.id)] == [run.id]
 
+    await client.delete_dataset(dataset.id)
+    with pytest.raises(NotFoundError) as deleted:
+        await client.get_dataset(dataset.id)
+    assert deleted.value.reason == "DATASET_NOT_FOUND"
+    with pytest.raises(NotFoundError):
+        await client.delete_dataset(dataset.id)
+    assert [d.id async for d in client.list_datasets()] == [other.id]
+    assert (await client.get_run(run.id)).counts.total_items == 2  # the run keeps its copies
+
 
 async def test_saved_graders_and_targets(client: AsyncEvalClient) -> None:
     details: dict[str, Any] = {"description": "names the capital", "labels": {"team": "eval"}}
@@ -239,6 +248,17 @@ async def test_saved_graders_and_targets(client: AsyncEvalClient) -> None:
     with pytest.raises(InvalidArgumentError) as bad_update:
         await client.update_grader(grader.id, builders.regex("("))
     assert "grader.regex.pattern" in bad_update.value.field_violations
+
+    await client.delete_grader(grader.id)
+    await client.delete_target(target.id)
+    with pytest.raises(NotFoundError):
+        await client.get_grader(grader.id, version=1)
+    with pytest.raises(NotFoundError):
+        await client.delete_grader(grader.id)
+    with pytest.raises(NotFoundError) as deleted_target:
+        await client.delete_target(target.id)
+    assert deleted_target.value.reason == "TARGET_NOT_FOUND"
+    assert len([r async for r in client.list_results(run.id)]) == 2  # the run keeps its copies
 
 
 SECRET = "sk-test-0123456789abcdef"
@@ -597,6 +617,18 @@ async def test_sync_client_saved_graders_and_targets(server: EvalServer) -> None
                 client.get_target("tgt_nope")
             with pytest.raises(InvalidArgumentError):
                 client.create_target("nested", builders.saved_target(saved.id))
+
+            client.delete_grader(grader.id)
+            client.delete_target(saved.id)
+            with pytest.raises(NotFoundError):
+                client.get_grader(grader.id)
+            with pytest.raises(NotFoundError):
+                client.get_target(saved.id)
+            dataset = client.create_dataset("to delete")
+            client.delete_dataset(dataset.id)
+            with pytest.raises(NotFoundError):
+                client.delete_dataset(dataset.id)
+            assert client.get_run(run.id).status == pb.run.RUN_STATUS_SUCCEEDED
 
     await asyncio.to_thread(scenario)
 

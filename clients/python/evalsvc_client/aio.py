@@ -360,6 +360,11 @@ class AsyncEvalClient:
                 return
             request.page_token = page.next_page_token
 
+    async def delete_dataset(self, dataset_id: str) -> None:
+        """Delete a dataset with its items (runs made from it keep their copies). Retried: a repeat after a
+        lost reply raises NotFoundError."""
+        await self._call(self._datasets.DeleteDataset, pb.datasets.DeleteDatasetRequest(dataset_id=dataset_id))
+
     # Saved graders.
 
     async def create_grader(
@@ -404,6 +409,11 @@ class AsyncEvalClient:
         request = pb.graders.UpdateGraderRequest(grader_id=grader_id, grader=to_grader(grader))
         return (await self._call(self._graders.UpdateGrader, request, retry=False)).grader
 
+    async def delete_grader(self, grader_id: str) -> None:
+        """Delete a saved grader with all its versions (runs that used it keep their copies). Retried: a
+        repeat after a lost reply raises NotFoundError."""
+        await self._call(self._graders.DeleteGrader, pb.graders.DeleteGraderRequest(grader_id=grader_id))
+
     # Saved targets.
 
     async def create_target(
@@ -440,6 +450,11 @@ class AsyncEvalClient:
             if not page.next_page_token:
                 return
             request.page_token = page.next_page_token
+
+    async def delete_target(self, target_id: str) -> None:
+        """Delete a saved target (runs that used it keep their copies). Retried: a repeat after a lost reply
+        raises NotFoundError."""
+        await self._call(self._targets.DeleteTarget, pb.targets.DeleteTargetRequest(target_id=target_id))
 
     # Webhooks (docs/webhooks.md).
 
