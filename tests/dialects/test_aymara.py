@@ -320,11 +320,21 @@ async def test_a_full_run_with_the_sdk(env: Env) -> None:
     assert listed.items[0].responses is None and listed.items[0].pass_rate == 0.5  # lists leave responses out
     page = await client.evals.runs.list_responses(run.eval_run_uuid, limit=2, offset=1)
     assert page.count == 3 and [r.prompt_uuid for r in page.items] == [hit.prompt_uuid, excluded.prompt_uuid]
+    kept = await client.evals.runs.score_responses(eval_uuid=ev.eval_uuid or "", responses=responses[:1])
     await client.evals.runs.delete(run.eval_run_uuid)
     with pytest.raises(aymara_ai.NotFoundError) as gone:
         await client.evals.runs.get(run.eval_run_uuid)
     assert_envelope(gone.value.body, "resource.not_found")
-    assert (await client.evals.runs.list(eval_uuid=ev.eval_uuid or "")).count == 0
+    assert (await client.evals.runs.list(eval_uuid=ev.eval_uuid or "")).count == 1
+
+    await client.evals.delete(ev.eval_uuid or "")  # DeleteDataset: its runs stay, without their eval
+    for call in (client.evals.get, client.evals.list_prompts, client.evals.delete):
+        with pytest.raises(aymara_ai.NotFoundError) as deleted:
+            await call(ev.eval_uuid or "")
+        assert_envelope(deleted.value.body, "resource.not_found")
+    assert ev.eval_uuid not in {e.eval_uuid for e in (await client.evals.list()).items}
+    after = await client.evals.runs.get(kept.eval_run_uuid)
+    assert after.evaluation is None and after.pass_rate == kept.pass_rate and len(after.responses or []) == 1
 
 
 async def test_the_sdk_create_wait_run_score_flow_with_generated_prompts(env: Env) -> None:
@@ -509,6 +519,7 @@ async def test_unknown_and_foreign_ids_are_404(env: Env) -> None:
         ("GET", "/v2/evals/ds_nope"),
         ("GET", f"/v2/evals/{native_dataset}"),
         ("GET", f"/v2/evals/{native_dataset}/prompts"),
+        ("DELETE", f"/v2/evals/{native_dataset}"),  # a native dataset is not an eval: not deleted here
     ):
         answer = await env.http.request(method, path)
         assert answer.status_code == 404, path
@@ -527,6 +538,7 @@ async def test_unknown_and_foreign_ids_are_404(env: Env) -> None:
         await env.sdk().evals.runs.list_responses("run_nope")
     assert_envelope(unknown.value.body, "resource.not_found")
     assert (await env.http.get(f"/v2/evals/{ev['eval_uuid']}")).status_code == 200
+    assert (await env.http.get(f"/v1/datasets/{native_dataset}", headers=bearer)).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -712,6 +724,7 @@ async def test_openapi_documents_the_routes_and_the_error_envelope(env: Env) -> 
         ("/v2/evals", "post"),
         ("/v2/evals", "get"),
         ("/v2/evals/{eval_uuid}", "get"),
+        ("/v2/evals/{eval_uuid}", "delete"),
         ("/v2/evals/{eval_uuid}/prompts", "get"),
         ("/v2/eval-runs", "post"),
         ("/v2/eval-runs", "get"),

@@ -790,6 +790,16 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
     async def get_eval(eval_uuid: str, aymara: Aymara = client) -> Eval:
         return eval_of(await aymara.dataset(eval_uuid))
 
+    @api.delete("/v2/evals/{eval_uuid}", status_code=204, response_class=Response, summary="Delete an eval")
+    async def delete_eval(eval_uuid: str, aymara: Aymara = client) -> Response:
+        """DeleteDataset of an eval (its prompts and a generation in progress go with it); its runs stay
+        and read back with `evaluation: null`, as a run of an eval that cannot be read does."""
+        dataset = await aymara.dataset(eval_uuid)
+        await aymara.call(
+            aymara.upstream.datasets.DeleteDataset, dataset_service_pb2.DeleteDatasetRequest(dataset_id=dataset.id)
+        )
+        return Response(status_code=204)
+
     @api.get("/v2/evals/{eval_uuid}/prompts", response_model=PromptList, summary="List an eval's prompts")
     async def list_prompts(
         eval_uuid: str, aymara: Aymara = client, limit: Limit = 100, offset: Offset = 0

@@ -266,7 +266,7 @@ def _item(prompt: OmniPromptIn, created_at: str) -> item_pb2.Item:
 
 
 def _set_fields(dataset: ds_pb.Dataset) -> dict[str, Any]:
-    """The fields every prompt-set shape has. Prompt sets are never archived here (no dataset delete)."""
+    """The fields every prompt-set shape has. Prompt sets are never archived here (DeleteDataset cannot be undone)."""
     return OmniPromptSetFields(
         id=to_uuid(dataset.id),
         model_id=to_uuid(dataset.labels.get(MODEL_LABEL, "")),
@@ -551,7 +551,7 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
     async def list_prompt_sets(
         omni: Omni = client, model_ids: Annotated[list[str] | None, Query()] = None, archived: Archived = "false"
     ) -> OmniPromptSetList:
-        if archived == "true":  # prompt sets cannot be archived here (no dataset delete RPC)
+        if archived == "true":  # prompt sets cannot be archived here (DeleteDataset cannot be undone)
             return OmniPromptSetList(prompt_sets=[])
         wanted = {from_uuid(model_id) for model_id in model_ids or ()}
         sets = [d for d in await omni.prompt_sets() if not wanted or d.labels.get(MODEL_LABEL) in wanted]
