@@ -156,6 +156,13 @@ class Settings:
     )
     max_active_runs: int = dataclasses.field(default=100, metadata={"help": "PENDING or RUNNING runs per tenant"})
     max_items_per_run: int = dataclasses.field(default=100_000, metadata={"help": "items per run"})
+    max_jobs_per_run: int = dataclasses.field(
+        default=200_000,
+        metadata={
+            "help": "jobs (items x repetitions) per run: a run's jobs are written in one transaction, "
+            "which every other write waits for"
+        },
+    )
     max_datasets_per_tenant: int = dataclasses.field(
         default=1000, metadata={"help": "datasets a tenant may hold; past it CreateDataset asks to delete one"}
     )
@@ -347,6 +354,7 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "max_watch_streams": (1, True),
     "max_active_runs": (0, True),  # 0: every CreateRun refused (a replica that takes no new runs)
     "max_items_per_run": (1, True),
+    "max_jobs_per_run": (1, True),
     "max_datasets_per_tenant": (1, True),
     "max_items_per_dataset": (1, True),
     "max_graders_per_tenant": (1, True),

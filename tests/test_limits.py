@@ -10,11 +10,21 @@ import grpc
 import pytest
 
 from evalsvc.server import EvalServer
+from evalsvc.v1 import dataset_service_pb2 as ds
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc as stubs
 from evalsvc.v1 import grader_pb2
+from evalsvc.v1.dataset_service_pb2_grpc import DatasetServiceStub
 from tests.conftest import make_settings
-from tests.helpers import create_request, error_reason, keyed_channel, retry_delay, serving_gateway
+from tests.helpers import (
+    create_request,
+    error_reason,
+    keyed_channel,
+    provided_items,
+    retry_delay,
+    rich_error,
+    serving_gateway,
+)
 
 
 async def quota_error(call: object) -> grpc.aio.AioRpcError:
@@ -68,6 +78,38 @@ async def test_run_size_limits_have_no_retry_info(limited) -> None:
     graders = [grader_pb2.Grader(name=f"g{i}", exact_match=grader_pb2.ExactMatch()) for i in range(3)]
     too_many_graders = await quota_error(mine.CreateRun(create_request(1, graders=graders)))
     assert retry_delay(too_many_graders) is None
+
+
+async def test_jobs_per_run_count_repetitions(tmp_path: Path) -> None:
+    """Items were bounded but repetitions multiplied them: one CreateRun of 20,000 items x 100 repetitions
+    wrote 2,000,000 jobs in one transaction, and every other tenant's writes waited 9 s behind it."""
+    srv = EvalServer(make_settings(tmp_path, max_jobs_per_run=8))
+    await srv.start()
+    try:
+        assert srv.bootstrap_key
+        async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+            await _jobs_bounded(stubs.EvalRunServiceStub(channel), DatasetServiceStub(channel))
+    finally:
+        await srv.stop(grace=0.5)
+
+
+async def _jobs_bounded(mine: stubs.EvalRunServiceStub, datasets: DatasetServiceStub) -> None:
+    assert (await mine.CreateRun(create_request(4, repetitions=2))).job_count == 8  # at the bound
+    over = await quota_error(mine.CreateRun(create_request(3, repetitions=3)))
+    assert retry_delay(over) is None and rich_error(over).metadata == {"quota": "max_jobs_per_run"}
+    assert "at most 8 jobs" in (over.details() or "") and "3 x 3" in (over.details() or "")
+    # The same bound for a run of a dataset's items, counted once the dataset is read.
+    created = (await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset(display_name="d")))).dataset
+    await datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=created.id, items=provided_items(3)))
+    request = create_request(1, repetitions=3)
+    request.ClearField("items")
+    request.dataset_id = created.id
+    dataset_over = await quota_error(mine.CreateRun(request))
+    assert rich_error(dataset_over).metadata == {"quota": "max_jobs_per_run"}
+    # Repetitions out of their range stay INVALID_ARGUMENT, not a quota.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mine.CreateRun(create_request(1, repetitions=10_000))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_active_runs_limit(tmp_path: Path) -> None:

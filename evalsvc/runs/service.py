@@ -37,7 +37,7 @@ from evalsvc.messages.validation import (
     check_labels,
     check_length,
 )
-from evalsvc.runs.validation import validate_create_run
+from evalsvc.runs.validation import MAX_REPETITIONS, validate_create_run
 from evalsvc.secrets.refs import run_secret_refs
 from evalsvc.secrets.service import SecretService
 from evalsvc.statuses import ACTIVE
@@ -188,7 +188,9 @@ class RunService:
         one transaction. The stored run is a snapshot: later edits of datasets or saved definitions
         never change it."""
         self._limits.take_create_run(tenant)
-        self._limits.check_run_size(len(request.items) or len(request.item_ids), len(request.graders))
+        # Repetitions out of their range are INVALID_ARGUMENT (validation, below), not a quota.
+        repetitions = request.repetitions if 0 < request.repetitions <= MAX_REPETITIONS else 1
+        self._limits.check_run_size(len(request.items) or len(request.item_ids), len(request.graders), repetitions)
         await assign_item_ids(request.items)
         fingerprint = request_fingerprint(request)
         violations = await validate_create_run(request)
@@ -208,7 +210,7 @@ class RunService:
         await self._check_resolved(tenant, request, check_target=saved_target)
         items = await self._resolve_items(tenant, request)
         if request.dataset_id:  # inline items were counted above
-            self._limits.check_run_size(len(items), len(request.graders))
+            self._limits.check_run_size(len(items), len(request.graders), repetitions)
         repetitions = request.repetitions or 1
         spec = run_pb2.Run(
             target=request.target,
