@@ -170,6 +170,8 @@ class EvalServer:
             cache_default=mode_from_setting(settings.cache_default),
             secrets=self.secrets,
             page_tokens=self.page_tokens,
+            # A run's target and graders together: every Run returned (and every run event) repeats them.
+            max_definition_bytes=settings.max_message_bytes // 4,
         )
         self.datasets = DatasetService(self.db, self.page_tokens, caps)
         self.generations = DatasetGenerations(

@@ -17,6 +17,7 @@ from google.protobuf import json_format, struct_pb2
 
 from evalsvc.errors import FieldViolation
 from evalsvc.http.outbound import Outbound, OutboundError, check_url_shape, endpoint_headers, secret_refs
+from evalsvc.messages.validation import check_definition_size
 from evalsvc.storable import storable_json
 from evalsvc.v1 import item_pb2, target_pb2
 
@@ -254,6 +255,7 @@ def validate_target(spec: target_pb2.Target, path: str) -> list[FieldViolation]:
     if kind is None:
         return [FieldViolation(f"{path}.kind", "exactly one target kind must be set")]
     out: list[FieldViolation] = []
+    check_definition_size(spec, path, out)
     endpoint = target_endpoint(spec)
     if endpoint is not None:
         at = f"{path}.{kind}.endpoint"

@@ -577,3 +577,72 @@ async def test_tenant_budget_stops_the_tenants_next_run(tmp_path, monkeypatch) -
     assert first.cost_usd == pytest.approx(0.3)
     assert second.status == run_pb2.RUN_STATUS_FAILED and second.error.code == "BUDGET_EXCEEDED"
     assert "tenant" in second.error.message and results == [] and calls == 3
+
+
+async def test_definitions_are_bounded_so_every_run_can_be_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Graders and targets had no size bound: a CreateRun just under --max-message-bytes made a run whose
+    every Run (the CreateRun answer, GetRun, ListRuns, its events) was larger than any message, so the
+    caller was told it failed while it ran, and nobody could ever read it. A grader's or target's
+    definition is at most 256 KiB, a run's together at most a quarter of --max-message-bytes (1 MiB
+    here), whether given inline or saved; a refused call writes nothing."""
+    srv = await start(tmp_path, monkeypatch, max_message_bytes=1 << 20)
+    assert srv.bootstrap_key
+    big = "x" * (300 << 10)
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+            stubs = Stubs(channel)
+            large_grader = grader_pb2.Grader(name="big", contains=grader_pb2.Contains(values=[big]))
+            large_target = target_pb2.Target(chat=target_pb2.ChatTarget(model="m", system_prompt=big))
+            refused = {
+                "graders[1]": stubs.runs.CreateRun(
+                    pb.CreateRunRequest(
+                        items=[item_pb2.Item(input="q")],
+                        target=target_pb2.Target(echo={}),
+                        graders=[exact(), large_grader],
+                    )
+                ),
+                "target": stubs.runs.CreateRun(
+                    pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=large_target, graders=[exact()])
+                ),
+                "grader.grader": stubs.graders.CreateGrader(
+                    gs.CreateGraderRequest(grader=gs.SavedGrader(grader=large_grader))
+                ),
+                "target.target": stubs.targets.CreateTarget(
+                    ts.CreateTargetRequest(target=ts.SavedTarget(target=large_target))
+                ),
+            }
+            for field, call in refused.items():
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+                assert "at most 262144" in violations(err.value)[field], field
+            # Each under 256 KiB, but 1 MiB together: past a quarter of the largest message.
+            fair = [
+                grader_pb2.Grader(name=f"g{i}", contains=grader_pb2.Contains(values=["y" * (200 << 10)]))
+                for i in range(2)
+            ]
+            saved = (
+                await stubs.graders.CreateGrader(gs.CreateGraderRequest(grader=gs.SavedGrader(grader=fair[0])))
+            ).grader
+            together = pb.CreateRunRequest(
+                items=[item_pb2.Item(input="q")],
+                target=target_pb2.Target(echo={}),
+                graders=[grader_pb2.Grader(saved=grader_pb2.SavedGraderRef(grader_id=saved.id)), fair[1]],
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stubs.runs.CreateRun(together)  # small on the wire: the saved grader counts once resolved
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "a quarter of the largest message" in violations(err.value)["graders"]
+            assert not (await stubs.runs.ListRuns(pb.ListRunsRequest())).runs
+            assert not (await stubs.targets.ListTargets(ts.ListTargetsRequest())).targets
+            # One of them is fine, and reads back.
+            del together.graders[1]
+            created = (await stubs.runs.CreateRun(together)).run
+            await watch_all(stubs.runs, created.id)
+            assert (
+                await stubs.runs.GetRun(pb.GetRunRequest(run_id=created.id))
+            ).run.status == run_pb2.RUN_STATUS_SUCCEEDED
+    finally:
+        await srv.stop(grace=0.5)

@@ -9,12 +9,14 @@ from __future__ import annotations
 from evalsvc.errors import FieldViolation
 from evalsvc.graders.builtin import validate_builtin
 from evalsvc.graders.judge import validate_judge
+from evalsvc.messages.validation import check_definition_size
 from evalsvc.v1 import grader_pb2
 
 
 def validate_grader(spec: grader_pb2.Grader, path: str) -> list[FieldViolation]:
     """Every static problem of a spec, with field paths under `path` (e.g. `graders[2]`)."""
     out = validate_builtin(spec, path)
+    check_definition_size(spec, path, out)
     if spec.WhichOneof("kind") == "llm_judge":
         out.extend(validate_judge(spec.llm_judge, path))
     return out

@@ -32,6 +32,10 @@ MAX_LABEL_VALUE = 63
 MAX_LABELS = 64
 MAX_ANNOTATION_KEY = 128
 MAX_ANNOTATIONS_BYTES = 64 * 1024
+# One grader's or target's definition, serialized. Every Run a call or an event returns repeats its
+# definitions, so they are bounded where they come in (a run's together, by a quarter of
+# --max-message-bytes: evalsvc.runs.service); a 16 MB grader made a run that no call could read back.
+MAX_DEFINITION_BYTES = 256 * 1024
 
 
 def missing_required(request: Message) -> list[FieldViolation]:
@@ -65,6 +69,12 @@ def check_length(value: str, limit: int, field: str, out: list[FieldViolation]) 
     """Append a violation when value is longer than limit characters."""
     if len(value) > limit:
         out.append(FieldViolation(field, f"must be at most {limit} characters (got {len(value)})"))
+
+
+def check_definition_size(definition: Message, field: str, out: list[FieldViolation]) -> None:
+    """A grader's or target's definition is at most MAX_DEFINITION_BYTES, serialized."""
+    if (size := definition.ByteSize()) > MAX_DEFINITION_BYTES:
+        out.append(FieldViolation(field, f"the definition is {size} bytes; at most {MAX_DEFINITION_BYTES}"))
 
 
 def check_labels(labels: Mapping[str, str], field: str, out: list[FieldViolation]) -> None:

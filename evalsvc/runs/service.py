@@ -170,8 +170,10 @@ class RunService:
         cache_default: int = cache_pb2.CACHE_MODE_OFF,
         secrets: SecretService,
         page_tokens: PageTokens,
+        max_definition_bytes: int,
     ) -> None:
         self._db = db
+        self._max_definition_bytes = max_definition_bytes
         self._secrets = secrets
         self._page_tokens = page_tokens
         self._bus = bus
@@ -224,6 +226,16 @@ class RunService:
             spec.pass_threshold = request.pass_threshold
         if request.HasField("max_cost_usd"):
             spec.max_cost_usd = request.max_cost_usd
+        if (size := spec.ByteSize()) > self._max_definition_bytes:  # saved definitions resolved: their size too
+            raise invalid_argument(
+                [
+                    FieldViolation(
+                        "graders",
+                        f"the run's target and graders are {size} bytes together; at most "
+                        f"{self._max_definition_bytes} (a quarter of the largest message: every Run returned repeats them)",
+                    )
+                ]
+            )
         row: dict[str, Any] = {
             "id": new_id("run"),
             "tenant": tenant,
