@@ -107,6 +107,25 @@ async def test_access_log_has_method_tenant_code_latency_and_run_id(
         assert json.loads(text)["logger"] == record.name
 
 
+async def test_a_callers_run_id_cannot_forge_or_flood_access_log_lines(
+    runs: eval_run_service_pb2_grpc.EvalRunServiceStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The access log wrote the request's `run_id` as it came: newlines in it forged whole lines (an ERROR
+    line naming another key), and a 200 KB one made a 200 KB line. Now an id is shown as is only when
+    it could be one; anything else is quoted, escaped and cut."""
+    caplog.set_level(logging.INFO, logger="evalsvc.access")
+    forged = "run_x\n2026-12-06 00:00:00,000 ERROR evalsvc.server: FORGED LINE tenant=default key=evk_stolen"
+    for run_id in (forged, "run_" + "y" * 200_000, "run_é"):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await runs.GetRun(pb.GetRunRequest(run_id=run_id))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    shown = [r.getMessage() for r in caplog.records if r.name == "evalsvc.access"]
+    assert len(shown) == 3 and all("\n" not in line and len(line) < 200 for line in shown), shown
+    assert shown[0].endswith(f"run_id={ascii(forged[:64])}...") and "\\n2026" in shown[0]
+    assert shown[1].endswith(f"run_id='run_{'y' * 60}'...")
+    assert shown[2].endswith("run_id='run_\\xe9'")
+
+
 def test_json_formatter_makes_one_line_with_extra_fields() -> None:
     record = logging.LogRecord("evalsvc.x", logging.WARNING, __file__, 1, "two\nlines %s", ("here",), None)
     record.method = "/a/B"

@@ -12,6 +12,7 @@ Metadata (where API keys travel) and request bodies are never read for the log.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any, NamedTuple
 
@@ -83,11 +84,25 @@ class Observer:
 
 
 def _run_id(request: Any, response: Any) -> str:
-    """The run a call concerns: the request's `run_id`, else the created run of a response (CreateRun)."""
+    """The run a call concerns: the request's `run_id` (as `shown_id` shows it), else the created run of a
+    response (CreateRun)."""
     descriptor = getattr(request, "DESCRIPTOR", None)
     if descriptor is not None and "run_id" in descriptor.fields_by_name:
-        return str(request.run_id)
+        return shown_id(str(request.run_id))
     descriptor = getattr(response, "DESCRIPTOR", None)
     if descriptor is not None and "run" in descriptor.fields_by_name and response.HasField("run"):
         return str(response.run.id)
     return ""
+
+
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_.:-]+")
+_SHOWN_CHARS = 64
+
+
+def shown_id(value: str) -> str:
+    """A caller's id as a log line shows it: as it is when it could be an id, else quoted with every
+    control and non-ASCII character escaped, and cut. A `run_id` holding newlines forged whole log
+    lines (an ERROR line with another key's name), and one of 16 MB made a line of 16 MB."""
+    if len(value) <= _SHOWN_CHARS and _PLAIN_ID.fullmatch(value):
+        return value
+    return ascii(value[:_SHOWN_CHARS]) + ("..." if len(value) > _SHOWN_CHARS else "")
