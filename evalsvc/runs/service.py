@@ -232,7 +232,8 @@ class RunService:
                     FieldViolation(
                         "graders",
                         f"the run's target and graders are {size} bytes together; at most "
-                        f"{self._max_definition_bytes} (a quarter of the largest message: every Run returned repeats them)",
+                        f"{self._max_definition_bytes} (a quarter of the largest message: "
+                        "every Run returned repeats them)",
                     )
                 ]
             )
