@@ -91,7 +91,9 @@ async def test_delete_cancels_hides_and_undelete_restores(runs) -> None:
     restored = (await runs.UndeleteRun(pb.UndeleteRunRequest(run_id=gone.id))).run
     assert not restored.HasField("delete_time") and restored.status == deleted.status
     assert await _listed(runs) == [gone.id, kept.id]
-    assert not (await runs.UndeleteRun(pb.UndeleteRunRequest(run_id=gone.id))).run.HasField("delete_time")
+    again_restored = (await runs.UndeleteRun(pb.UndeleteRunRequest(run_id=gone.id))).run
+    assert not again_restored.HasField("delete_time")
+    assert again_restored.etag == restored.etag  # nothing changed: other clients' etags stay good
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await runs.DeleteRun(pb.DeleteRunRequest(run_id="run_nope"))
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND

@@ -467,8 +467,16 @@ class RunService:
         return run_from(row)
 
     async def undelete(self, tenant: str, run_id: str) -> run_pb2.Run:
-        """Restore a soft-deleted run. Idempotent."""
-        row = await self._db.transact(lambda conn: run_store.update_fields(conn, tenant, run_id, {"delete_time": None}))
+        """Restore a soft-deleted run. Idempotent: a run that is not deleted is answered as it is, its etag
+        unchanged (a second UndeleteRun moved it, and every other client's etag went stale for nothing)."""
+
+        async def undelete(conn: AsyncConnection) -> RunRecord | None:
+            row = await run_store.get(conn, tenant, run_id, lock=True)
+            if row is None or row.delete_time is None:
+                return row
+            return await run_store.update_fields(conn, tenant, run_id, {"delete_time": None})
+
+        row = await self._db.transact(undelete)
         if row is None:
             raise not_found("run", run_id)
         return run_from(row)
