@@ -201,6 +201,7 @@ class EvalServer:
         )
         self._server: grpc.aio.Server | None = None
         self._stack = contextlib.AsyncExitStack()
+        self._started = False
         self._grace = settings.grace_s
 
     async def start(self) -> int:
@@ -215,6 +216,7 @@ class EvalServer:
         async with contextlib.AsyncExitStack() as stack:
             await self._start(stack, credentials)
             self._stack = stack.pop_all()
+        self._started = True
         return self.port
 
     async def _start(self, stack: contextlib.AsyncExitStack, credentials: grpc.ServerCredentials | None) -> None:
@@ -386,8 +388,11 @@ class EvalServer:
         UNAVAILABLE, stop claiming jobs and hand unfinished ones back, let unary calls finish within
         the grace period, then close the database."""
         self._grace = self.settings.grace_s if grace is None else grace
-        await self._stack.aclose()
-        log.info("evalsvc stopped")
+        stack, self._stack = self._stack, contextlib.AsyncExitStack()
+        await stack.aclose()
+        if self._started:  # a start that failed says only why, in one line
+            self._started = False
+            log.info("evalsvc stopped")
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for name in ("", *SERVICE_NAMES):

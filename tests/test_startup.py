@@ -47,6 +47,7 @@ def assert_failed_cleanly(failed: FailedStart, code: int, *named: str) -> str:
     for part in named:
         assert part in line, failed.output
     assert "Traceback" not in failed.output
+    assert "evalsvc stopped" not in failed.output  # it never started: the error line is all it says
     assert "evk_" not in failed.output  # no key minted by a start that failed
     return line
 
