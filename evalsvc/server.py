@@ -175,7 +175,12 @@ class EvalServer:
         )
         self.datasets = DatasetService(self.db, self.page_tokens, caps)
         self.generations = DatasetGenerations(
-            self.db, self.outbound, generator_model(settings), settings.poll_interval_s, caps.dataset_items
+            self.db,
+            self.outbound,
+            generator_model(settings),
+            settings.poll_interval_s,
+            caps.dataset_items,
+            self.metrics,
         )
         self.webhooks = WebhookService(self.db, self.outbound.allow, self.page_tokens, caps.webhooks)
         self.webhook_sender = WebhookSender(self.db, settings, self.outbound.allow, self.metrics)
@@ -287,6 +292,7 @@ class EvalServer:
         for loop in self.executor.watched_loops():
             self.watchdog.watch(loop)
         self.watchdog.watch(self._watched_writer())
+        self.watchdog.watch(self.generations.watched(self.settings.stall_s))
         self._watchdog_task = asyncio.create_task(
             supervise("watchdog", lambda: self.watchdog.run(self._watchdog_stop), self._watchdog_stop, self.metrics),
             name="watchdog",

@@ -262,19 +262,20 @@ async def test_one_tenants_generations_do_not_hold_back_anothers(tmp_path: Path)
 
 
 async def test_a_database_that_drops_the_loops_connection_is_one_line(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The generation loop logged a database that went away (a connection closed in the middle of a
     rollback, as PostgreSQL restarting does) with a traceback, where every supervised loop says it in
     one line; it goes on either way. (Found when CI's PostgreSQL pass caught it in
-    test_database_unavailable, by timing.)"""
+    test_database_unavailable, by timing.) The loop is supervised as every other loop is
+    (evalsvc.liveness.supervise), so this is the real loop in a real server."""
     import logging
 
     import asyncpg
     from sqlalchemy import exc as sa_exc
     from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
 
-    from evalsvc.datasets.generation import DatasetGenerations
+    from evalsvc.store import datasets as dataset_store
 
     def dropped() -> Exception:
         try:
@@ -286,18 +287,72 @@ async def test_a_database_that_drops_the_loops_connection_is_one_line(
             return sa_exc.DBAPIError("ROLLBACK", None, translated)
 
     failures = [dropped()]
-    survived = asyncio.Event()
+    claimed_again = asyncio.Event()
+    claimable = dataset_store.claimable_generations
 
-    async def loop() -> None:
+    async def dropping_once(*args: Any, **kwargs: Any) -> Any:
         if failures:
             raise failures.pop()
-        survived.set()
+        claimed_again.set()
+        return await claimable(*args, **kwargs)
 
-    generations = DatasetGenerations.__new__(DatasetGenerations)
-    generations._stopping = asyncio.Event()
-    with caplog.at_level(logging.ERROR, logger="evalsvc.datasets.generation"):
-        await asyncio.wait_for(generations._supervised(loop), 10)
-    assert survived.is_set()
-    [line] = caplog.records
-    assert "cannot use the database (the connection to the database failed)" in line.getMessage()
+    monkeypatch.setattr(dataset_store, "claimable_generations", dropping_once)
+    srv = EvalServer(make_settings(tmp_path))
+    with caplog.at_level(logging.ERROR):
+        await srv.start()
+        try:
+            await asyncio.wait_for(claimed_again.wait(), 10)  # restarted, and claiming again
+        finally:
+            await srv.stop(grace=0.5)
+    [line] = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert "loop dataset-generations cannot use the database (the connection to the database failed)" in (
+        line.getMessage()
+    )
     assert line.exc_info is None
+    assert srv.metrics.registry.get_sample_value("evalsvc_loop_restarts_total", {"loop": "dataset-generations"}) == 1
+
+
+async def test_the_generation_loop_survives_a_stray_cancellation_and_the_watchdog_sees_it_stuck(
+    tmp_path: Path, generator: FakeEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop had its own supervisor, which caught exceptions but not a CancelledError meant for
+    something it awaited: one ended generation in the process until its restart. And no watchdog looked
+    at it, so a stuck loop left health SERVING with generations waiting. Now it is supervised and watched
+    as the executor's loops are."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    settings = settings_for(
+        tmp_path, judge_base_url=generator.url + "/v1", judge_model="judge", stall_s=0.5, poll_interval_s=0.1
+    )
+    srv = EvalServer(settings)
+    await srv.start()
+    real_claim = srv.generations._claim
+    stray, unstuck = [asyncio.CancelledError()], asyncio.Event()
+
+    async def interrupted_then_stuck() -> None:
+        if stray:
+            raise stray.pop()
+        await unstuck.wait()
+        await real_claim()
+
+    monkeypatch.setattr(srv.generations, "_claim", interrupted_then_stuck)
+    srv.generations._wake.set()
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+            statuses = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            assert (await asyncio.wait_for(statuses.read(), 5)).status == health_pb2.HealthCheckResponse.SERVING
+            client = Client(channel)
+            dataset_id = await client.new_dataset()
+            request = GenerateDatasetItemsRequest(dataset_id=dataset_id, item_count=5, instructions=INSTRUCTIONS)
+            await client.generations.GenerateDatasetItems(request)  # waits: the loop is stuck
+            assert (await asyncio.wait_for(statuses.read(), 10)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            sample = srv.metrics.registry.get_sample_value
+            assert sample("evalsvc_loop_restarts_total", {"loop": "dataset-generations"}) == 1  # the stray one
+            assert sample("evalsvc_loop_stalled", {"loop": "dataset-generations"}) == 1
+            unstuck.set()
+            assert (await asyncio.wait_for(statuses.read(), 10)).status == health_pb2.HealthCheckResponse.SERVING
+            done = await client.settled(dataset_id)
+            assert done.generation.state == DatasetGeneration.STATE_SUCCEEDED and done.item_count == 5
+            statuses.cancel()
+    finally:
+        await srv.stop(grace=0.5)

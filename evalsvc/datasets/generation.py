@@ -26,14 +26,13 @@ one stops at its next write (which finds no generation: the model's batch in fli
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import grpc
@@ -45,10 +44,12 @@ from evalsvc.errors import FieldViolation, Reason, ServiceError, invalid_argumen
 from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.http.outbound import Outbound, OutboundError, call_tenant
 from evalsvc.limits import StoredCap
+from evalsvc.liveness import Progress, Watched, supervise
 from evalsvc.messages.validation import check_items
+from evalsvc.metrics import Metrics
 from evalsvc.storable import storable_json
 from evalsvc.store import datasets as dataset_store
-from evalsvc.store.db import Database, unavailable_cause
+from evalsvc.store.db import Database
 from evalsvc.store.records import DatasetGenerationRecord
 from evalsvc.targets import chat_url
 from evalsvc.v1 import item_pb2, target_pb2
@@ -72,6 +73,7 @@ PARSE_ATTEMPTS = 3  # model calls per batch before an unusable answer fails the 
 TENANT_CONCURRENCY = 2
 PROCESS_CONCURRENCY = 8
 LEASE_TTL_S = 120.0
+LOOP_NAME = "dataset-generations"
 SEEN_CHARS = 4096  # how much of the items already written is shown to the model, to avoid repeats
 MAX_CONVERSATIONS = 100  # conversations continued in one ContinueConversations call
 MAX_CONVERSATION_BYTES = 1024 * 1024  # all their turns together
@@ -154,10 +156,18 @@ class DatasetGenerations:
     """Starts generations (the RPC) and works on them (the supervised loop)."""
 
     def __init__(
-        self, db: Database, outbound: Outbound, model: JudgeDefaults, poll_interval_s: float, item_cap: StoredCap
+        self,
+        db: Database,
+        outbound: Outbound,
+        model: JudgeDefaults,
+        poll_interval_s: float,
+        item_cap: StoredCap,
+        metrics: Metrics,
     ) -> None:
         """`item_cap`: the items a dataset may hold (--max-items-per-dataset)."""
         self._db = db
+        self._metrics = metrics
+        self._progress = Progress()
         self._item_cap = item_cap
         self._outbound = outbound
         self._model = model
@@ -318,7 +328,18 @@ class DatasetGenerations:
             released = await self._db.transact(lambda conn: dataset_store.release_generations(conn, RUNNING, PENDING))
             if released:
                 log.info("resuming %d dataset generations left running before the last shutdown", released)
-        self._loop = asyncio.create_task(self._supervised(self._claim_loop), name="dataset-generations")
+        self._loop = asyncio.create_task(
+            supervise(LOOP_NAME, self._claim_loop, self._stopping, self._metrics), name=LOOP_NAME
+        )
+
+    def watched(self, stall_s: float) -> Watched:
+        """The claim loop, for the watchdog: it beats every poll, so a loop silent past `stall_s` (or two
+        polls) while a generation waits to be claimed is stuck, and health turns NOT_SERVING."""
+        return Watched(LOOP_NAME, self._progress, self._claimable, max(stall_s, 2 * self._poll_s))
+
+    async def _claimable(self) -> bool:
+        async with self._db.read() as conn:
+            return bool(await dataset_store.claimable_generations(conn, CLAIMABLE, time.time(), 1))
 
     async def stop(self) -> None:
         """Stop claiming, abandon the generations in flight (their leases lapse; SQLite requeues at
@@ -332,25 +353,10 @@ class DatasetGenerations:
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*self._writes, return_exceptions=True)
 
-    async def _supervised(self, loop: Callable[[], Awaitable[None]]) -> None:
-        """Keep the loop alive across unexpected errors (a database hiccup must not stop generation)."""
-        while not self._stopping.is_set():
-            try:
-                await loop()
-                return
-            except Exception as exc:
-                if (
-                    cause := unavailable_cause(exc)
-                ) is not None:  # the operator's to fix: one line, as supervise says it
-                    log.error("dataset generation loop cannot use the database (%s); restarting in 1 s", cause)
-                else:
-                    log.exception("dataset generation loop failed; restarting in 1 s")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), 1.0)
-
     async def _claim_loop(self) -> None:
         next_extension = time.monotonic() + LEASE_TTL_S / 4
         while not self._stopping.is_set():
+            self._progress.beat()
             self._wake.clear()
             await self._claim()
             if time.monotonic() >= next_extension:
