@@ -13,12 +13,14 @@ import json
 import os
 import re
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
 from evalsvc.errors import FieldViolation, invalid_argument, invalid_page_token
+
+M = TypeVar("M", bound=Message)
 
 _last_micros = 0
 
@@ -70,6 +72,21 @@ class PageTokens:
             if total > self.page_bytes and count > 0:
                 return count
         return len(messages)
+
+    def page(
+        self,
+        tenant: str,
+        kind: str,
+        query: dict[str, Any],
+        messages: Sequence[M],
+        read: int,
+        position: Callable[[int], Any],
+    ) -> tuple[list[M], str]:
+        """A page of list `kind`: the leading `messages` that fit (`fitting`), and the token of the page
+        after the last of them (`position(i)` is the i-th message's), given when more rows were `read`
+        (the page's limit plus one when there are more) than the page keeps."""
+        kept = list(messages[: self.fitting(messages)])
+        return kept, self.encode(tenant, kind, query, position(len(kept) - 1)) if read > len(kept) else ""
 
     def encode(self, tenant: str, kind: str, query: dict[str, Any], position: Any) -> str:
         """The token of the page after `position` in list `kind` with filters `query`."""

@@ -579,7 +579,7 @@ async def test_tenant_budget_stops_the_tenants_next_run(tmp_path, monkeypatch) -
     assert "tenant" in second.error.message and results == [] and calls == 3
 
 
-async def test_definitions_are_bounded_so_every_run_can_be_read_back(
+async def test_definitions_are_bounded_so_every_run_and_list_can_be_read_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Graders and targets had no size bound: a CreateRun just under --max-message-bytes made a run whose
@@ -644,5 +644,19 @@ async def test_definitions_are_bounded_so_every_run_can_be_read_back(
             assert (
                 await stubs.runs.GetRun(pb.GetRunRequest(run_id=created.id))
             ).run.status == run_pb2.RUN_STATUS_SUCCEEDED
+            # Lists of saved definitions stop at the page's bytes (half of --max-message-bytes; less here).
+            srv.page_tokens.page_bytes = 450_000
+            await stubs.graders.CreateGrader(gs.CreateGraderRequest(grader=gs.SavedGrader(grader=fair[1])))
+            fair[1].name = "g2"
+            await stubs.graders.CreateGrader(gs.CreateGraderRequest(grader=gs.SavedGrader(grader=fair[1])))
+            sizable = chat("http://127.0.0.1:9", system_prompt="z" * (200 << 10))
+            for _ in range(3):
+                await stubs.targets.CreateTarget(ts.CreateTargetRequest(target=ts.SavedTarget(target=sizable)))
+            graders = await stubs.graders.ListGraders(gs.ListGradersRequest())
+            more_graders = await stubs.graders.ListGraders(gs.ListGradersRequest(page_token=graders.next_page_token))
+            assert (len(graders.graders), len(more_graders.graders), more_graders.next_page_token) == (2, 1, "")
+            targets = await stubs.targets.ListTargets(ts.ListTargetsRequest())
+            more_targets = await stubs.targets.ListTargets(ts.ListTargetsRequest(page_token=targets.next_page_token))
+            assert (len(targets.targets), len(more_targets.targets), more_targets.next_page_token) == (2, 1, "")
     finally:
         await srv.stop(grace=0.5)

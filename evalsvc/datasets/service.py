@@ -245,7 +245,4 @@ class DatasetService:
                 conn, request.dataset_id, after_idx=-1 if after is None else int(after), limit=limit + 1
             )
         items = [item_pb2.Item.FromString(item) for _, item in rows[:limit]]
-        items = items[: self._page_tokens.fitting(items)]  # large items: fewer per page
-        more = len(rows) > len(items)
-        token = self._page_tokens.encode(tenant, "dataset_items", query, rows[len(items) - 1][0]) if more else ""
-        return items, token
+        return self._page_tokens.page(tenant, "dataset_items", query, items, len(rows), lambda i: rows[i][0])

@@ -164,8 +164,7 @@ class DefinitionService:
         async with self._db.read() as conn:
             rows = await store.list_graders(conn, tenant, before_id=before, limit=limit + 1)
         graders = [saved_grader_from(grader, version) for grader, version in rows[:limit]]
-        token = self._page_tokens.encode(tenant, "graders", {}, graders[-1].id) if len(rows) > limit else ""
-        return graders, token
+        return self._page_tokens.page(tenant, "graders", {}, graders, len(rows), lambda i: graders[i].id)
 
     async def update_grader(
         self, tenant: str, request: grader_service_pb2.UpdateGraderRequest
@@ -253,8 +252,7 @@ class DefinitionService:
         async with self._db.read() as conn:
             rows = await store.list_targets(conn, tenant, before_id=before, limit=limit + 1)
         targets = [saved_target_from(row) for row in rows[:limit]]
-        token = self._page_tokens.encode(tenant, "targets", {}, targets[-1].id) if len(rows) > limit else ""
-        return targets, token
+        return self._page_tokens.page(tenant, "targets", {}, targets, len(rows), lambda i: targets[i].id)
 
     async def delete_target(self, tenant: str, target_id: str) -> None:
         """Delete a saved target; NOT_FOUND when missing or another tenant's."""

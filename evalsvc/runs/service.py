@@ -368,9 +368,7 @@ class RunService:
                 show_deleted=request.show_deleted,
             )
         runs = [run_from(row) for row in rows[:limit]]
-        runs = runs[: self._page_tokens.fitting(runs)]  # runs with large definitions: fewer per page
-        token = self._page_tokens.encode(tenant, "runs", query, runs[-1].id) if len(rows) > len(runs) else ""
-        return runs, token
+        return self._page_tokens.page(tenant, "runs", query, runs, len(rows), lambda i: runs[i].id)
 
     async def cancel(self, tenant: str, run_id: str) -> run_pb2.Run:
         """Cancel a run: no job starts after this returns. Idempotent on a cancelled run."""
@@ -497,10 +495,7 @@ class RunService:
                 conn, tenant, request.run_id, after_id=after_id, limit=limit + 1, state=request.state
             )
         results = [run_store.result_from(row, output) for row, output in rows[:limit]]
-        results = results[: self._page_tokens.fitting(results)]  # large outputs: fewer per page
-        more = len(rows) > len(results)
-        token = self._page_tokens.encode(tenant, "results", query, int(results[-1].id)) if more else ""
-        return results, token
+        return self._page_tokens.page(tenant, "results", query, results, len(rows), lambda i: int(results[i].id))
 
 
 UPDATABLE = ("display_name", "description", "labels", "annotations")
