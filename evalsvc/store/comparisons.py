@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Select, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.store.db import read_in_index_order
 from evalsvc.store.records import ResultRecord
 from evalsvc.store.runs import RESULTS, result_with_output, results_with_outputs
 from evalsvc.turns import mapped
@@ -40,12 +41,7 @@ async def evaluations_after(
     The order is code point order on both engines (the key columns are COLLATE "C" on PostgreSQL,
     models.code_point_ordered), which is Python's `str` order: callers may merge and compare keys of
     two runs' reads in Python."""
-    if conn.dialect.name == "postgresql":
-        # For the rest of this read's transaction (the connection's reset rolls it back). Without it,
-        # PostgreSQL planned a large run's reads, with no statistics yet of its rows (taken before its
-        # inserts), as a bitmap scan of every later row of the run and a sort: 40-50 ms a read of 101
-        # keys of a 100,000-evaluation run, instead of ~0.1 ms down the index in key order.
-        await conn.exec_driver_sql("SET LOCAL enable_bitmapscan = off")
+    await read_in_index_order(conn)
     rows = await conn.execute(evaluations_after_query(tenant, run_id, after, grader, limit))
     return [_evaluation(row) for row in rows]
 

@@ -194,6 +194,18 @@ def is_conflict(exc: BaseException) -> bool:
     return False
 
 
+async def read_in_index_order(conn: AsyncConnection) -> None:
+    """Have PostgreSQL read the rest of this transaction's ordered, limited ranges down their index
+    (the connection's reset at the end of the read rolls the setting back); nothing on SQLite.
+
+    A large run's rows are inserted after the table's statistics were taken (autovacuum's ANALYZE
+    comes a minute later, or, for a run far larger than the table's average, never helps), so
+    PostgreSQL planned a page of them as a bitmap scan of every later row of the run and a sort:
+    40-50 ms for 101 keys of a 100,000-evaluation run, instead of ~0.1 ms down the index."""
+    if conn.dialect.name == "postgresql":
+        await conn.exec_driver_sql("SET LOCAL enable_bitmapscan = off")
+
+
 def sqlite_path(url: str) -> Path | None:
     """The file of a SQLite URL; None for PostgreSQL and in-memory SQLite."""
     parsed = make_url(url)

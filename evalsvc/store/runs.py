@@ -20,6 +20,7 @@ from sqlalchemy import (
     insert,
     select,
     tuple_,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -32,7 +33,7 @@ from evalsvc.store import events
 from evalsvc.store import jobs as job_store
 from evalsvc.store import webhooks as webhook_store
 from evalsvc.store.bulk import execute_many, fetch_all, insert_tuples
-from evalsvc.store.db import Database
+from evalsvc.store.db import Database, read_in_index_order
 from evalsvc.store.models import (
     JOB_CANCELLED,
     JOB_LEASED,
@@ -443,22 +444,29 @@ async def results_page(
     conn: AsyncConnection, tenant: str, run_id: str, *, after_id: int | None, limit: int, state: int
 ) -> list[tuple[ResultRecord, bytes | None]]:
     """Results of a run by id (the order jobs were claimed), each with its job's output."""
+    await read_in_index_order(conn)
     rows = await conn.execute(results_page_query(tenant, run_id, after_id=after_id, limit=limit, state=state))
     return [result_with_output(row) for row in rows.mappings()]
 
 
 def results_page_query(tenant: str, run_id: str, *, after_id: int | None, limit: int, state: int) -> Select[Any]:
-    """The statement of `results_page`. The page is chosen first and only its rows are joined with
-    their outputs: PostgreSQL, when its statistics make a large run look small (taken before the
-    run's inserts, or a run far larger than the average), plans the page as a scan of every later
-    result of the run plus a sort, and joined before the LIMIT that was also an output lookup for
-    each of them (400 ms a page at the start of a 250,000-result run; 155 ms without the join)."""
-    page = select(RESULTS).where(RESULTS.c.run_id == run_id, RESULTS.c.tenant == tenant)
-    if after_id is not None:
-        page = page.where(RESULTS.c.id > after_id)
-    if state:
-        page = page.where(RESULTS.c.state == state)
-    chosen = page.order_by(RESULTS.c.id).limit(limit).subquery()
+    """The statement of `results_page`: a page costs the rows it returns, not the run's size.
+
+    Results are indexed by (run_id, state, id) and not by (run_id, id) (one index less on the table
+    every evaluation writes a row to), so a page of every state is the first `limit` of each state's
+    ordered range after the position, merged: one index range per state. Reading `run_id = ?`
+    and sorting by id instead read and sorted every later result of the run for each page, on both
+    engines, so paging through a run was quadratic in its size. The page is chosen first and only its
+    rows are joined with their outputs (joined before the LIMIT, every later result got an output
+    lookup too: 400 ms a page at the start of a 250,000-result run on PostgreSQL)."""
+    ranges = []
+    for each in [state] if state else sorted(run_pb2.ResultState.values()):
+        one = select(RESULTS).where(RESULTS.c.run_id == run_id, RESULTS.c.state == each, RESULTS.c.tenant == tenant)
+        if after_id is not None:
+            one = one.where(RESULTS.c.id > after_id)
+        ranges.append(select(one.order_by(RESULTS.c.id).limit(limit).subquery()))
+    merged = union_all(*ranges).subquery() if len(ranges) > 1 else ranges[0].subquery()
+    chosen = select(merged).order_by(merged.c.id).limit(limit).subquery()
     return results_with_outputs(chosen).order_by(chosen.c.id)
 
 
