@@ -89,6 +89,14 @@ class Settings:
             "(clients see UNAVAILABLE and reconnect with backoff)"
         },
     )
+    connection_idle_s: float = dataclasses.field(
+        default=30.0,
+        metadata={
+            "help": "seconds a gRPC connection may carry no call before the server closes it (GOAWAY), so that "
+            "connections that never call cannot hold --max-connections; an open stream is a call. Clients "
+            "reconnect on their next call"
+        },
+    )
     max_http_connections: int = dataclasses.field(
         default=2000,
         metadata={"help": "REST gateway connections at once; past it a connection gets 503 with Retry-After"},
@@ -342,6 +350,7 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "max_message_bytes": (1024, True),
     "max_concurrent_streams": (1, True),
     "max_connections": (1, True),
+    "connection_idle_s": (0, False),
     "max_http_connections": (2, True),  # one connection cannot be shared: a tenant's one stream would take it
     "max_http_streams_per_tenant": (0, True),  # 0: a quarter of max_http_connections
     "http_header_timeout_s": (0, False),

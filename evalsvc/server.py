@@ -84,6 +84,10 @@ ADDRESS_HINT = (
     "; is another evalsvc running? Choose other addresses: --grpc-addr, --http-addr, --metrics-addr "
     "(make run GRPC_ADDR=HOST:PORT HTTP_ADDR=HOST:PORT)"
 )
+# Time a new gRPC connection has to finish its TLS handshake and send HTTP/2 SETTINGS: generous for a
+# real client (it sends them at once), short enough that a connection that sends nothing frees its place.
+HANDSHAKE_TIMEOUT_MS = 10_000
+INT_MAX = 2**31 - 1  # grpc's integer channel arguments are C ints: a longer idle time means "never"
 # Free space under which a database write failure is reported as a full disk.
 LOW_DISK_BYTES = 1 << 20
 
@@ -99,7 +103,8 @@ SERVICE_NAMES = (
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
-    """Channel arguments: no port sharing, message size, stream limits, keepalive, and room for reconnect bursts."""
+    """Channel arguments: no port sharing, message size, stream and connection limits (idle connections
+    reaped), keepalive, and room for reconnect bursts."""
     return [
         # One server per address: with port sharing a second server on the same address would get half
         # of every client's calls.
@@ -109,6 +114,13 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
         # Past it a new connection is closed as soon as it is accepted: file descriptors stay bounded.
         ("grpc.max_allowed_incoming_connections", settings.max_connections),
+        # The cap alone let connections that never call hold every place forever: 1,000 of them, opened
+        # by anyone who can reach the port, kept every tenant out (UNAVAILABLE) for as long as they stayed.
+        # A connection with no call for --connection-idle-s gets a GOAWAY and is closed (an open stream,
+        # a WatchRun, is a call: it is never idle); one that has not finished its (TLS and) HTTP/2
+        # handshake, SETTINGS included, within HANDSHAKE_TIMEOUT_MS is closed (grpc's default is 120 s).
+        ("grpc.max_connection_idle_ms", min(round(settings.connection_idle_s * 1000), INT_MAX)),
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
         # Ping idle clients every 30 s so dead watchers are noticed; allow client pings every 10 s.
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,8 +22,10 @@ from evalsvc.api.local import LocalChannel
 from evalsvc.gateway.server import Gateway, remote_channels
 from evalsvc.gateway.upstream import Caller, GatewayError, Upstream
 from evalsvc.server import EvalServer
-from evalsvc.v1 import run_pb2
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import eval_run_service_pb2_grpc, run_pb2
 from tests.conftest import make_settings
+from tests.helpers import create_request, keyed_channel
 
 RUN = {"items": [{"input": "q", "expectedOutput": "a"}], "target": {"echo": {}}, "graders": [{"exactMatch": {}}]}
 EOF_WITHIN_S = 20.0  # generous on a loaded machine; the configured timeouts below are ~1 s
@@ -146,6 +149,78 @@ async def test_grpc_connections_past_the_cap_are_closed(tmp_path: Path) -> None:
         for channel in channels[1:]:
             await channel.close()
         await srv.stop(grace=0.5)
+
+
+# What an HTTP/2 client sends first: the connection preface and an empty SETTINGS frame. A connection
+# that sends this and nothing more has finished its handshake and carries no call.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+async def test_grpc_connections_that_never_call_are_closed_so_new_ones_get_in(tmp_path: Path) -> None:
+    """Regression: connections that never make a call held every place under --max-connections for as
+    long as they stayed open, so anyone who could reach the port kept every tenant out, with no API key.
+    A connection with no call for --connection-idle-s is now closed (GOAWAY, then EOF), and a tenant's
+    channel, waiting for a free place, gets in."""
+    srv = EvalServer(make_settings(tmp_path, max_connections=2, connection_idle_s=1.0))
+    await srv.start()
+    assert srv.bootstrap_key
+    flood = [await asyncio.open_connection("127.0.0.1", srv.port) for _ in range(2)]
+    try:
+        for _, writer in flood:
+            writer.write(HTTP2_PREFACE)
+        async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+            stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:  # the flood holds both places
+                await stub.ListRuns(pb.ListRunsRequest(), timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            started = time.monotonic()
+            for reader, _ in flood:
+                assert await eof_after(reader) != b""  # the server's SETTINGS and GOAWAY, then EOF
+            reaped_after = time.monotonic() - started
+            await stub.ListRuns(pb.ListRunsRequest(), timeout=EOF_WITHIN_S, wait_for_ready=True)
+        assert reaped_after < EOF_WITHIN_S
+    finally:
+        for _, writer in flood:
+            writer.close()
+        await srv.stop(grace=0.5)
+
+
+async def test_a_connection_with_an_open_watch_is_not_idle(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """grpc counts a connection idle only while it carries no call: an open WatchRun stream keeps its
+    connection however long the run stays quiet (heartbeats or none). Shown by the peer address: a call
+    made on the channel after several idle periods, while the watch is open, comes over the watch's
+    connection; once the watch has ended, the connection is closed after the idle period and the next
+    call comes over a new one (so the idle limit was in force all along)."""
+    idle_s = 0.5
+    srv = EvalServer(make_settings(tmp_path, workers=0, connection_idle_s=idle_s, heartbeat_s=0.2))
+    await srv.start()
+    assert srv.bootstrap_key
+    caplog.set_level(logging.INFO, logger="evalsvc.access")
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+            stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            run_id = (await stub.CreateRun(create_request(1), timeout=30)).run.id  # stays PENDING: no workers
+            watch = stub.WatchRun(pb.WatchRunRequest(run_id=run_id), timeout=60)
+            started = time.monotonic()
+            kinds = []
+            while time.monotonic() - started < 4 * idle_s:  # the run, then heartbeats, for four idle periods
+                kinds.append((await watch.read()).WhichOneof("event"))
+            assert kinds[0] == "run" and set(kinds[1:]) == {"heartbeat"}, kinds
+            await stub.GetRun(pb.GetRunRequest(run_id=run_id), timeout=30)  # while the watch is open
+            watch.cancel()
+            async with asyncio.timeout(EOF_WITHIN_S):  # the connection, now without a call, is closed
+                while channel.get_state() != grpc.ChannelConnectivity.IDLE:
+                    await channel.wait_for_state_change(channel.get_state())
+            await stub.GetRun(pb.GetRunRequest(run_id=run_id), timeout=30)  # over a new connection
+    finally:
+        await srv.stop(grace=0.5)
+    peers = {
+        method: [r.peer for r in caplog.records if getattr(r, "method", "") == f"/evalsvc.v1.EvalRunService/{method}"]
+        for method in ("CreateRun", "WatchRun", "GetRun")
+    }
+    assert len(peers["WatchRun"]) == 1 and len(peers["GetRun"]) == 2, peers
+    assert peers["GetRun"][0] == peers["WatchRun"][0], peers  # the watch's connection was kept
+    assert peers["GetRun"][1] != peers["WatchRun"][0], peers  # and reaped once it carried no call
 
 
 def quota_details(body: dict[str, Any]) -> tuple[str, dict[str, str], str]:
