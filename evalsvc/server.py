@@ -209,10 +209,11 @@ class EvalServer:
         self.port = 0
         self.metrics_port = 0
         self.gateway: Gateway | None = None
-        self._interceptor = CallInterceptor(Authenticator(self.keys), Observer(self.metrics))
+        authenticator, observer = Authenticator(self.keys), Observer(self.metrics)
+        self._interceptor = CallInterceptor(authenticator, observer)
         # This process's services for in-process callers (the embedded gateway); filled by `_grpc_server`.
         self.local = LocalServices(
-            self._interceptor,
+            CallInterceptor(authenticator, observer, writes_streams=False),
             max_message_bytes=settings.max_message_bytes,
             max_concurrent_rpcs=settings.max_concurrent_rpcs,
         )

@@ -24,6 +24,7 @@ from evalsvc.gateway.upstream import Caller, GatewayError, Upstream
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, run_pb2
+from tests import http2
 from tests.conftest import make_settings
 from tests.helpers import create_request, keyed_channel
 
@@ -151,11 +152,6 @@ async def test_grpc_connections_past_the_cap_are_closed(tmp_path: Path) -> None:
         await srv.stop(grace=0.5)
 
 
-# What an HTTP/2 client sends first: the connection preface and an empty SETTINGS frame. A connection
-# that sends this and nothing more has finished its handshake and carries no call.
-HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-
-
 async def test_grpc_connections_that_never_call_are_closed_so_new_ones_get_in(tmp_path: Path) -> None:
     """Regression: connections that never make a call held every place under --max-connections for as
     long as they stayed open, so anyone who could reach the port kept every tenant out, with no API key.
@@ -167,7 +163,7 @@ async def test_grpc_connections_that_never_call_are_closed_so_new_ones_get_in(tm
     flood = [await asyncio.open_connection("127.0.0.1", srv.port) for _ in range(2)]
     try:
         for _, writer in flood:
-            writer.write(HTTP2_PREFACE)
+            writer.write(http2.opening())  # a finished HTTP/2 handshake, and then no call
         async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
             stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as refused:  # the flood holds both places

@@ -5,7 +5,8 @@ kind of call, as connect-python's metadata interceptors do: `on_start` starts th
 peer and admits the call (refusing a request that did not decode or a key that is not valid, and
 setting the caller's tenant); `on_end` hands the finished call to the observer. The wrappers for
 grpc's three handler shapes (a unary coroutine, an async generator, a coroutine that writes to its
-context) only run the behaviour between the two and say which status code it ended with.
+context) only run the behaviour between the two and say which status code it ended with. For a
+gRPC server, a stream's messages are then written by the interceptor itself (`_Call.written`).
 
 It wraps the handler's behaviour (rather than only deciding at handler lookup) because the key
 check must be able to abort the call with a rich status, and because the outcome the observer
@@ -28,7 +29,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from types import MethodType
 from typing import Any, TypeAlias, cast
 
@@ -49,11 +50,16 @@ LookUp: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable["Handler | Non
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates (where the method needs it) and observes every unary and server-streaming call."""
+    """Authenticates (where the method needs it) and observes every unary and server-streaming call.
 
-    def __init__(self, auth: Authenticator, observer: Observer) -> None:
+    `writes_streams`: a gRPC server's interceptor writes each message of a stream itself
+    (`_Call.written`); the in-process channel's (evalsvc.api.local) gets the stream's messages as an
+    async generator, read in its caller's task."""
+
+    def __init__(self, auth: Authenticator, observer: Observer, *, writes_streams: bool = True) -> None:
         self._auth = auth
         self._observer = observer
+        self._writes_streams = writes_streams
         # Method name -> (the service's handler, what its calls share). grpc looks a handler up for
         # every call; a service's is the same object each time (a new one is worked out afresh).
         self._methods: dict[str, tuple[Handler, _Method]] = {}
@@ -66,7 +72,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             return handler
         known = self._methods.get(details.method)
         if known is None or known[0] is not handler:
-            method = _Method(details.method, handler, self._auth, self._observer)
+            method = _Method(details.method, handler, self._auth, self._observer, self._writes_streams)
             known = self._methods[details.method] = (handler, method)
         return known[1].handler(presented_key(details.invocation_metadata))
 
@@ -101,7 +107,7 @@ class _Method:
 
     __slots__ = ("auth", "behaviour", "build", "name", "observer", "parse", "serialize", "shape", "streaming")
 
-    def __init__(self, name: str, handler: Handler, auth: Authenticator, observer: Observer) -> None:
+    def __init__(self, name: str, handler: Handler, auth: Authenticator, observer: Observer, writes: bool) -> None:
         self.name = name
         self.auth = auth if auth.guards(name) else None
         self.observer = observer
@@ -115,7 +121,10 @@ class _Method:
             self.build = grpc.unary_unary_rpc_method_handler
         else:
             self.behaviour = cast("Callable[..., Any]", handler.unary_stream)
-            self.shape = _Call.stream if inspect.isasyncgenfunction(self.behaviour) else _Call.stream_writer
+            if not inspect.isasyncgenfunction(self.behaviour):
+                self.shape = _Call.stream_writer
+            else:
+                self.shape = _Call.written if writes else _Call.stream
             self.build = grpc.unary_stream_rpc_method_handler
 
     def handler(self, key: str | None) -> Handler:
@@ -173,7 +182,7 @@ class _Call:
         finally:
             self.on_end(code, request, response)
 
-    async def stream(self, request: Any, context: Context) -> AsyncIterator[Any]:
+    async def stream(self, request: Any, context: Context) -> AsyncGenerator[Any, None]:
         """An async-generator behaviour (the evalsvc servicers)."""
         code = grpc.StatusCode.UNKNOWN
         try:
@@ -195,6 +204,23 @@ class _Call:
         finally:
             self.on_end(code, request, None)
 
+    async def written(self, request: Any, context: Context) -> None:
+        """An async-generator behaviour on a gRPC server: `stream`, its messages written here.
+
+        grpc.aio writes the messages a handler's generator yields itself, and a write to a client that
+        had gone (it stopped reading, then disconnected: the write waited for a flow-control window)
+        failed in grpc's own code, which logged `ExecuteBatchError raised in core by servicer method`
+        with a traceback at ERROR whenever it saw the failure before the client's close, and left the
+        generators to be closed whenever they were collected. Written here, such a failure ends the call
+        quietly (`_ended_by_core`), and first `stream` is closed: the behaviour's cleanup (the watch
+        slot, the subscription) runs at once, and the call is recorded with the code the client got."""
+        async with contextlib.aclosing(self.stream(request, context)) as messages:
+            try:
+                async for message in messages:
+                    await context.write(message)
+            except grpc.aio.InternalError as exc:
+                raise _ended_by_core(self._method.name, exc) from exc
+
     async def stream_writer(self, request: Any, context: Context) -> None:
         """A coroutine behaviour that sends with `context.write` (grpc's health Watch)."""
         code = grpc.StatusCode.UNKNOWN
@@ -208,11 +234,23 @@ class _Call:
             else:
                 await result
             code = _code(context, grpc.StatusCode.OK)
+        except grpc.aio.InternalError as exc:  # a write refused: the call is over in grpc's core
+            code = _outcome(context, exc)
+            raise _ended_by_core(self._method.name, exc) from exc
         except BaseException as exc:
             code = _outcome(context, exc)
             raise
         finally:
             self.on_end(code, request, None)
+
+
+def _ended_by_core(method: str, exc: grpc.aio.InternalError) -> asyncio.CancelledError:
+    """What a stream raises to grpc when grpc's core refused one of its writes (ExecuteBatchError): the
+    call is over there (the client went away, its deadline passed, its connection closed). grpc takes
+    CancelledError for a cancelled call and logs it at DEBUG; anything else it would log as a
+    traceback at ERROR, for what is the client's doing. The refusal itself is a DEBUG line here."""
+    log.debug("%s: the call ended in grpc's core while the server was sending (%s)", method, exc)
+    return asyncio.CancelledError(f"the call ended in grpc's core: {exc}")
 
 
 def _code(context: Context, default: grpc.StatusCode) -> grpc.StatusCode:
@@ -224,13 +262,24 @@ def _code(context: Context, default: grpc.StatusCode) -> grpc.StatusCode:
 
 
 def _outcome(context: Context, exc: BaseException) -> grpc.StatusCode:
-    """What the client sees when a behaviour ends with this exception: the code it aborted with,
-    CANCELLED when the client left or the call was cancelled, UNKNOWN for anything else."""
+    """What the client sees when a behaviour ends with this exception: the code it aborted with;
+    when the call ended under it (cancelled, the client gone, a write refused by grpc's core: the
+    InternalError of a failed batch) DEADLINE_EXCEEDED or CANCELLED (`_gone`); UNKNOWN for anything else."""
     if isinstance(exc, grpc.aio.AbortError):
         return _code(context, grpc.StatusCode.UNKNOWN)
-    if isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
-        return grpc.StatusCode.CANCELLED
+    if isinstance(exc, (GeneratorExit, asyncio.CancelledError, grpc.aio.InternalError)):
+        return _gone(context)
     return grpc.StatusCode.UNKNOWN
+
+
+def _gone(context: Context) -> grpc.StatusCode:
+    """The code of a call that ended under the server: DEADLINE_EXCEEDED once its deadline has passed
+    (what the client's stub reports then), else CANCELLED. The deadline is the context's own copy:
+    reading it does not reach the ended call in grpc's core (tests/test_stream_cancel.py)."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 def _peer(context: Context) -> str:
