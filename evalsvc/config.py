@@ -242,6 +242,13 @@ class Settings:
     http_retries: int = dataclasses.field(
         default=4, metadata={"help": "retries of a target or judge call on 408/429/5xx/connection errors"}
     )
+    max_reply_bytes: int = dataclasses.field(
+        default=4 * 1024 * 1024,
+        metadata={
+            "help": "largest body a target, judge or generator endpoint may answer with; a larger one fails "
+            "that evaluation (it is read as it arrives, never whole)"
+        },
+    )
     tenant_budget_usd: float = dataclasses.field(
         default=0.0, metadata={"help": "total model spend allowed per tenant, in US dollars; 0 means no limit"}
     )
@@ -372,6 +379,7 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "max_webhooks_per_tenant": (1, True),
     "dialect_sync_wait_s": (0, True),
     "http_retries": (0, True),
+    "max_reply_bytes": (1024, True),
     "tenant_budget_usd": (0, True),
     "max_graders_per_run": (1, True),
     "grade_timeout_s": (0, False),

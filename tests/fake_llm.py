@@ -25,6 +25,7 @@ class Reply:
     delay_s: float = 0.0
     raw: str | None = None
     gate: threading.Event | None = None  # when set, the answer waits for it (a call held in flight)
+    drip_s: float = 0.0  # when set, the body is sent a byte at a time, this long apart (a dripping endpoint)
 
 
 @dataclass
@@ -100,7 +101,12 @@ class FakeEndpoint:
                     self.send_header("content-type", "application/json")
                     self.send_header("content-length", str(len(data)))
                     self.end_headers()
-                    self.wfile.write(data)
+                    if not reply.drip_s:
+                        self.wfile.write(data)
+                    for byte in data if reply.drip_s else b"":
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(reply.drip_s)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout): that is what some tests want
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -180,6 +181,43 @@ async def test_giving_up_is_a_target_error_on_every_grader(svc) -> None:
         assert len(llm.seen) == 5  # 1 + --http-retries (4)
     assert run.status == run_pb2.RUN_STATUS_FAILED
     assert all(r.state == run_pb2.RESULT_STATE_ERROR and "HTTP 500" in r.error_reason for r in results)
+
+
+async def test_an_endpoint_that_answers_too_much_or_too_slowly_fails_only_its_evaluation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply was read whole, however large, then parsed on the event loop (a tenant's endpoint
+    answering a gigabyte stopped every tenant's calls, then the memory), and httpx's timeout is per
+    read, so a body dripped a byte at a time held a worker and its endpoint slot for as long as it
+    dripped. A reply past --max-reply-bytes fails its evaluation as it arrives; an attempt, its body
+    included, ends within the endpoint's timeout."""
+    srv = await start(tmp_path, monkeypatch, http_retries=0, max_reply_bytes=64 * 1024)
+    assert srv.bootstrap_key
+    huge = json.dumps(chat_reply("x" * (1 << 20)).body)
+    dripped = chat_reply("slow")  # about 150 bytes, 0.3 s each: 45 s in all, each read well within 1 s
+    dripped.drip_s = 0.3
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+            stubs = Stubs(channel)
+            with FakeEndpoint(Reply(raw=huge)) as large:
+                _, results = await run_to_end(
+                    stubs,
+                    pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=chat(large.url), graders=[exact()]),
+                )
+            assert [r.state for r in results] == [run_pb2.RESULT_STATE_ERROR]
+            assert "answered with more than 65536 bytes" in results[0].error_reason
+            with FakeEndpoint(dripped) as slow:
+                target = chat(slow.url)
+                target.chat.endpoint.timeout_s = 1
+                started = time.monotonic()
+                _, results = await run_to_end(
+                    stubs, pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=target, graders=[exact()])
+                )
+                took = time.monotonic() - started
+            assert [r.state for r in results] == [run_pb2.RESULT_STATE_ERROR]
+            assert "TimeoutError calling 127.0.0.1" in results[0].error_reason and took < 10, (results, took)
+    finally:
+        await srv.stop(grace=0.5)
 
 
 async def test_adaptive_limit_halves_on_429_and_grows_on_success() -> None:

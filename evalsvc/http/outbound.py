@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import random
 import socket
 import time
@@ -385,6 +386,7 @@ class Outbound:
     def __init__(self, settings: Settings) -> None:
         self.allow = AllowList(settings.outbound_allow)
         self._retries = settings.http_retries
+        self._max_reply_bytes = settings.max_reply_bytes
         self._client = httpx.AsyncClient(
             follow_redirects=False, transport=checked_transport(self.allow, httpx.Limits(max_connections=512))
         )
@@ -412,28 +414,50 @@ class Outbound:
                     guard()
                 started = time.perf_counter()
                 try:
-                    response = await self._client.post(url, json=body, headers=dict(headers), timeout=timeout_s)
-                except (httpx.TransportError, httpx.TimeoutException) as exc:
+                    code, content, retry_after = await self._post(url, body, headers, timeout_s)
+                except (httpx.TransportError, httpx.TimeoutException, TimeoutError) as exc:
                     failure = f"{type(exc).__name__} calling {shown_host(url)}"
                     retry_after = None
                 else:
-                    call.throttled = response.status_code == 429
+                    call.throttled = code == 429
                     latency_ms = (time.perf_counter() - started) * 1000
-                    if response.status_code < 300:
+                    if code < 300:
                         try:
-                            return Reply(response.json(), latency_ms, attempt)
+                            return Reply(json.loads(content), latency_ms, attempt)
                         except ValueError as exc:
                             not_json = f"{shown_host(url)} answered with a body that is not JSON"
                             raise OutboundError(not_json) from exc
-                    failure = f"HTTP {response.status_code} from {shown_host(url)}"
-                    if response.status_code not in RETRYABLE_STATUS:
+                    failure = f"HTTP {code} from {shown_host(url)}"
+                    if code not in RETRYABLE_STATUS:
                         raise OutboundError(failure)
-                    retry_after = retry_after_s(response.headers.get("retry-after"))
             if attempt > self._retries:
                 raise OutboundError(f"{failure} (gave up after {attempt} attempts)")
             backoff = random.uniform(0, self.base_backoff_s * 2 ** (attempt - 1))
             async with _held_up():
                 await asyncio.sleep(max(backoff, retry_after or 0.0))
+
+    async def _post(
+        self, url: str, body: Any, headers: Mapping[str, str], timeout_s: float
+    ) -> tuple[int, bytes, float | None]:
+        """One attempt: (status, the body of a success, Retry-After). The attempt, reading the body
+        included, ends within `timeout_s` (httpx's own timeout is per read: a body dripped a byte at a
+        time held a worker and its endpoint slot for good); the body is read as it arrives, and one
+        past --max-reply-bytes fails the call (a tenant's endpoint answering 1 GB was read whole, then
+        parsed on the event loop, every tenant's calls stopped meanwhile)."""
+        async with (
+            asyncio.timeout(timeout_s),
+            self._client.stream("POST", url, json=body, headers=dict(headers), timeout=timeout_s) as response,
+        ):
+            retry_after = retry_after_s(response.headers.get("retry-after"))
+            if response.status_code >= 300:
+                return response.status_code, b"", retry_after
+            chunks, size = [], 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > self._max_reply_bytes:
+                    raise OutboundError(f"{shown_host(url)} answered with more than {self._max_reply_bytes} bytes")
+                chunks.append(chunk)
+            return response.status_code, b"".join(chunks), retry_after
 
     async def close(self) -> None:
         """Close pooled connections."""
