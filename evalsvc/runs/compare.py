@@ -214,9 +214,9 @@ class CompareService:
                 conn, tenant, (baseline.id, candidate.id), position, request.grader, request.change, limit + 1
             )
             page = keys[:limit]
-            item_ids = [k.key[0] for k in page]
-            base_results = await comparison_store.results_of_items(conn, tenant, baseline.id, item_ids)
-            cand_results = await comparison_store.results_of_items(conn, tenant, candidate.id, item_ids)
+            wanted = [k.key for k in page]
+            base_results = await comparison_store.results_of_keys(conn, tenant, baseline.id, wanted)
+            cand_results = await comparison_store.results_of_keys(conn, tenant, candidate.id, wanted)
         base_by_key = {(r.item_id, r.repetition, r.grader): (r, out) for r, out in base_results}
         cand_by_key = {(r.item_id, r.repetition, r.grader): (r, out) for r, out in cand_results}
         items = []
@@ -229,11 +229,7 @@ class CompareService:
             if (found := cand_by_key.get(paired.key)) is not None:
                 item.candidate.CopyFrom(run_store.result_from(*found))
             items.append(item)
-        items = items[: self._page_tokens.fitting(items)]  # large outputs: fewer per page
-        more = len(keys) > len(items)
-        last = list(page[len(items) - 1].key) if items else []
-        token = self._page_tokens.encode(tenant, "comparison_items", query, last) if more else ""
-        return items, token
+        return self._page_tokens.page(tenant, "comparison_items", query, items, len(keys), lambda i: list(page[i].key))
 
 
 async def _page_keys(

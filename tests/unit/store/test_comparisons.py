@@ -79,3 +79,23 @@ async def test_a_key_range_read_visits_only_the_rows_it_returns_whatever_the_sta
                 assert not any("TEMP B-TREE" in step for step in found), found
                 if after is not None:
                     assert all("(item_id,repetition,grader)>(?,?,?)" in step for step in searches), found
+
+
+async def test_a_page_reads_the_results_of_its_own_keys_only(db: Database) -> None:
+    """A ListComparisonItems page read the results of its items: every repetition and grader of each,
+    each with its job's output (2,000 rows and 84 MB for a page of one item of 100 repetitions and 20
+    graders). It reads its keys' results, whatever else the items have."""
+    run = new_run(graders=GRADERS)
+    await insert(db, run)
+    run_id: str = run.row["id"]
+    rows = [result(run_id, f"item{i:05d}", g, grader) for i in range(3) for g, grader in enumerate(GRADERS)]
+
+    async def work(conn: AsyncConnection) -> None:
+        await run_store.insert_results(conn, rows)
+
+    await db.transact(work)
+    wanted: list[Key] = [("item00001", 0, "similar"), ("item00002", 0, "exact"), ("item00009", 0, "exact")]
+    async with db.read() as conn:
+        found = await comparisons.results_of_keys(conn, "t1", run_id, wanted)
+        assert sorted((r.item_id, r.repetition, r.grader) for r, _ in found) == wanted[:2]
+        assert await comparisons.results_of_keys(conn, "t2", run_id, wanted) == []  # another tenant's run
