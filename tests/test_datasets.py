@@ -195,6 +195,20 @@ async def every_page(read: Callable[[str], Awaitable[Any]]) -> list[Any]:
             return pages
 
 
+async def test_pages_of_datasets_with_large_annotations_fit_in_a_message(server, datasets) -> None:  # type: ignore[no-untyped-def]
+    """ListDatasets was bounded by its count alone: datasets of 64 KiB of annotations each, a page of
+    them past --max-message-bytes, failed whole (RESOURCE_EXHAUSTED; REST 429)."""
+    server.page_tokens.page_bytes = 150_000
+    notes = {f"note{i}": "n" * 6000 for i in range(10)}  # ~60 KB
+    made = [
+        (await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset(annotations=notes)))).dataset.id
+        for _ in range(5)
+    ]
+    pages = await every_page(lambda token: datasets.ListDatasets(ds.ListDatasetsRequest(page_token=token)))
+    assert [d.id for page in pages for d in page.datasets] == list(reversed(made))
+    assert max(page.ByteSize() for page in pages) <= 150_000 + 1024 and len(pages) == 3
+
+
 async def test_pages_of_large_items_and_results_fit_in_a_message(server, datasets, runs) -> None:  # type: ignore[no-untyped-def]
     """A page was bounded by its count alone: 100 dataset items of 1.4 MB, or their results with outputs,
     made ListDatasetItems and ListRunResults fail whole (RESOURCE_EXHAUSTED "larger than max"; over

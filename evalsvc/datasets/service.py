@@ -179,8 +179,8 @@ class DatasetService:
             rows = await dataset_store.list_page(conn, tenant, before_id=before_id, limit=limit + 1)
             generations = await dataset_store.generations_of(conn, [row.id for row in rows[:limit]])
         datasets = [dataset_from(row, generations.get(row.id)) for row in rows[:limit]]
-        token = self._page_tokens.encode(tenant, "datasets", {}, datasets[-1].id) if len(rows) > limit else ""
-        return datasets, token
+        # Bounded by bytes too: a dataset's annotations alone may be 64 KiB.
+        return self._page_tokens.page(tenant, "datasets", {}, datasets, len(rows), lambda i: datasets[i].id)
 
     async def add_items(self, tenant: str, request: pb.AddDatasetItemsRequest) -> tuple[builtins.list[str], pb.Dataset]:
         """Append items; their ids must be new to the dataset."""
