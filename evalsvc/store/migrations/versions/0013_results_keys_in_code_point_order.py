@@ -11,8 +11,8 @@ point order already (nothing to do there). On PostgreSQL the columns took the da
 possibly a locale; an index of that collation cannot serve a `COLLATE "C"` comparison (the plan was a
 scan and sort of the whole run), so the columns themselves change collation. That rebuilds
 uq_results_evaluation (not the table: the type is unchanged): ~0.2 s per 200,000 results on the test
-machine; in one transaction with the rest of the migration it holds writes to `results` until done
-(docs/scaling.md).
+machine, under an exclusive lock on `results` (reads wait too), held to the end of the migration's
+transaction (docs/scaling.md).
 """
 
 from __future__ import annotations
