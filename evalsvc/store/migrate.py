@@ -28,7 +28,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, make_url
 
 from evalsvc.store.db import Database, sqlite_path
-from evalsvc.store.serve_lock import DatabaseInUse, ServeLock
+from evalsvc.store.serve_lock import MIGRATING, DatabaseInUse, ServeLock
 
 log = logging.getLogger(__name__)
 
@@ -111,17 +111,21 @@ async def upgrade(db: Database, *, unless_served: bool = False) -> tuple[frozens
     only under its serve lock (evalsvc.store.serve_lock), and SchemaError says which server to stop
     when one holds it and the schema is behind; a schema at head changes nothing, so it is not refused."""
     path = sqlite_path(db.url) if unless_served else None
-    lock = ServeLock(path) if path is not None and path.exists() else None
+    lock = ServeLock(path, MIGRATING) if path is not None and path.exists() else None
     if lock is not None:
         try:
             lock.acquire()
         except DatabaseInUse as exc:
             found = await state(db)
             if not found.at_head and not found.unknown:
+                then = (
+                    "; run one at a time"
+                    if exc.doing == MIGRATING
+                    else " on the schema it started with; stop it first (`evalsvc serve` of this version "
+                    "migrates the file itself when it starts)"
+                )
                 raise SchemaError(
-                    f"cannot migrate the database {path} to revision {head()}: {exc} (it holds {exc.lock_file}) "
-                    "on the schema it started with; stop it first (`evalsvc serve` of this version migrates "
-                    "the file itself when it starts)"
+                    f"cannot migrate the database {path} to revision {head()}: {exc} (it holds {exc.lock_file}){then}"
                 ) from None
             lock = None  # nothing to change (or an unknown revision, which the upgrade names)
     try:

@@ -8,7 +8,7 @@ webhook deliveries beside it. So a start that cannot take the lock is refused be
 
 The lock is `flock(2)` on a file of its own: the kernel releases it when the holder's process ends
 however it ends (kill -9 included), so a restart after a crash is never refused, and it does not mix
-with SQLite's own byte-range locks on the database. The file holds the holder's pid, for the message;
+with SQLite's own byte-range locks on the database. The file holds the holder's pid and whether it serves or migrates, for the message;
 it is left in place when the server stops (removing it would let a server lock a new file while another
 still holds the old one). Operator commands (`evalsvc keys`, `secrets`, `cache`, `migrate`) may run
 beside a server on a schema at head; one that would migrate the file takes the lock for the change, and
@@ -25,13 +25,21 @@ from pathlib import Path
 SUFFIX = ".serve.lock"
 
 
-class DatabaseInUse(Exception):
-    """Another live process holds the file's lock: another evalsvc server serves the database."""
+SERVING = "serving"
+MIGRATING = "migrating"  # an operator command changing the file's schema (evalsvc.store.migrate.upgrade)
 
-    def __init__(self, lock_file: Path, pid: int | None) -> None:
+
+class DatabaseInUse(Exception):
+    """Another live process holds the file's lock: another evalsvc server serves the database, or an
+    operator command is migrating it (`doing`)."""
+
+    def __init__(self, lock_file: Path, pid: int | None, doing: str) -> None:
         self.lock_file = lock_file
         self.pid = pid  # None when the holder had not written it yet (or it could not be read)
-        super().__init__(f"another evalsvc server{'' if pid is None else f' (pid {pid})'} serves it")
+        self.doing = doing
+        who = "an evalsvc command" if doing == MIGRATING else "another evalsvc server"
+        what = "is migrating it" if doing == MIGRATING else "serves it"
+        super().__init__(f"{who}{'' if pid is None else f' (pid {pid})'} {what}")
 
 
 def lock_file(database: Path) -> Path:
@@ -44,8 +52,9 @@ def lock_file(database: Path) -> Path:
 class ServeLock:
     """The lock of one SQLite database file, taken by `acquire` and held until `release` (or the process ends)."""
 
-    def __init__(self, database: Path) -> None:
+    def __init__(self, database: Path, doing: str = SERVING) -> None:
         self.path = lock_file(database)
+        self.doing = doing  # written beside the pid, for another start's message
         self._fd: int | None = None
 
     @property
@@ -62,9 +71,9 @@ class ServeLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = _read_pid(fd)
+            pid, doing = _read_holder(fd)
             os.close(fd)
-            raise DatabaseInUse(self.path, pid) from None
+            raise DatabaseInUse(self.path, pid, doing) from None
         except BaseException:
             os.close(fd)
             raise
@@ -73,7 +82,7 @@ class ServeLock:
         # reason to refuse the start (the database step names a full disk).
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.pwrite(fd, f"{os.getpid()} {self.doing}\n".encode(), 0)
 
     def release(self) -> None:
         """Give the lock up (closing the descriptor releases it); nothing when it is not held. The file
@@ -85,9 +94,11 @@ class ServeLock:
             os.close(fd)
 
 
-def _read_pid(fd: int) -> int | None:
+def _read_holder(fd: int) -> tuple[int | None, str]:
+    """The holder's pid (None when unreadable) and what it does (a server when unsaid: older files)."""
     try:
-        text = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
+        words = os.pread(fd, 64, 0).decode("ascii", errors="replace").split()
     except OSError:
-        return None
-    return int(text) if text.isdigit() else None
+        words = []
+    pid = int(words[0]) if words and words[0].isdigit() else None
+    return pid, MIGRATING if words[1:2] == [MIGRATING] else SERVING

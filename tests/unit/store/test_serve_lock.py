@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from evalsvc.store.serve_lock import DatabaseInUse, ServeLock
+from evalsvc.store.serve_lock import MIGRATING, DatabaseInUse, ServeLock
 
 
 def test_one_holder_at_a_time_named_by_its_pid_and_free_again_after_release(tmp_path: Path) -> None:
@@ -17,7 +17,7 @@ def test_one_holder_at_a_time_named_by_its_pid_and_free_again_after_release(tmp_
     held = ServeLock(database)
     held.acquire()
     assert held.held and held.path == tmp_path / "evalsvc.db.serve.lock"
-    assert held.path.read_text() == f"{os.getpid()}\n"
+    assert held.path.read_text() == f"{os.getpid()} serving\n"
     with pytest.raises(DatabaseInUse) as refused:
         ServeLock(database).acquire()
     assert refused.value.pid == os.getpid() and refused.value.lock_file == held.path
@@ -52,5 +52,19 @@ def test_a_holder_that_has_not_written_its_pid_yet_is_named_without_one(tmp_path
         with pytest.raises(DatabaseInUse) as refused:
             ServeLock(tmp_path / "evalsvc.db").acquire()
         assert refused.value.pid is None and str(refused.value) == "another evalsvc server serves it"
+    finally:
+        held.release()
+
+
+def test_a_migrating_command_is_named_as_one(tmp_path: Path) -> None:
+    """An operator command takes the lock while it migrates the file (evalsvc.store.migrate): a server
+    starting meanwhile, or another migration, was told that "another evalsvc server" served it."""
+    held = ServeLock(tmp_path / "evalsvc.db", MIGRATING)
+    held.acquire()
+    try:
+        with pytest.raises(DatabaseInUse) as refused:
+            ServeLock(tmp_path / "evalsvc.db").acquire()
+        assert refused.value.doing == MIGRATING
+        assert str(refused.value) == f"an evalsvc command (pid {os.getpid()}) is migrating it"
     finally:
         held.release()
