@@ -9,10 +9,11 @@ webhook deliveries beside it. So a start that cannot take the lock is refused be
 The lock is `flock(2)` on a file of its own: the kernel releases it when the holder's process ends
 however it ends (kill -9 included), so a restart after a crash is never refused, and it does not mix
 with SQLite's own byte-range locks on the database. The file holds the holder's pid and whether it
-serves or migrates, for the message; it is left in place when the server stops (removing it would let a server lock a new file while another
-still holds the old one). Operator commands (`evalsvc keys`, `secrets`, `cache`, `migrate`) may run
-beside a server on a schema at head; one that would migrate the file takes the lock for the change, and
-is refused while a server holds it (evalsvc.store.migrate.upgrade).
+serves or migrates, for the message; it is left in place when the server stops (removing it would let
+a server lock a new file while another still holds the old one). Operator commands (`evalsvc keys`,
+`secrets`, `cache`, `migrate`) may run beside a server on a schema at head; one that would migrate the
+file takes the lock for the change, and is refused while a server holds it
+(evalsvc.store.migrate.upgrade).
 """
 
 from __future__ import annotations
