@@ -185,6 +185,10 @@ class Settings:
     max_graders_per_tenant: int = dataclasses.field(
         default=1000, metadata={"help": "saved graders a tenant may hold (each with all its versions)"}
     )
+    max_versions_per_grader: int = dataclasses.field(
+        default=1000,
+        metadata={"help": "versions one saved grader may have (UpdateGrader adds one); past it, save a new grader"},
+    )
     max_targets_per_tenant: int = dataclasses.field(default=1000, metadata={"help": "saved targets a tenant may hold"})
     max_secrets_per_tenant: int = dataclasses.field(default=100, metadata={"help": "secrets a tenant may hold"})
     max_webhooks_per_tenant: int = dataclasses.field(default=50, metadata={"help": "webhooks a tenant may hold"})
@@ -374,6 +378,7 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "max_datasets_per_tenant": (1, True),
     "max_items_per_dataset": (1, True),
     "max_graders_per_tenant": (1, True),
+    "max_versions_per_grader": (1, True),
     "max_targets_per_tenant": (1, True),
     "max_secrets_per_tenant": (1, True),
     "max_webhooks_per_tenant": (1, True),

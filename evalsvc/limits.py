@@ -69,6 +69,7 @@ class StoredCaps:
     datasets: StoredCap
     dataset_items: StoredCap
     graders: StoredCap
+    grader_versions: StoredCap
     targets: StoredCap
     secrets: StoredCap
     webhooks: StoredCap
@@ -80,6 +81,7 @@ class StoredCaps:
             datasets=StoredCap("max_datasets_per_tenant", "datasets", settings.max_datasets_per_tenant),
             dataset_items=StoredCap("max_items_per_dataset", "items", settings.max_items_per_dataset),
             graders=StoredCap("max_graders_per_tenant", "saved graders", settings.max_graders_per_tenant),
+            grader_versions=StoredCap("max_versions_per_grader", "versions", settings.max_versions_per_grader),
             targets=StoredCap("max_targets_per_tenant", "saved targets", settings.max_targets_per_tenant),
             secrets=StoredCap("max_secrets_per_tenant", "secrets", settings.max_secrets_per_tenant),
             webhooks=StoredCap("max_webhooks_per_tenant", "webhooks", settings.max_webhooks_per_tenant),

@@ -49,6 +49,7 @@ CAPS = {
     "max_datasets_per_tenant": CAP,
     "max_items_per_dataset": ITEM_CAP,
     "max_graders_per_tenant": CAP,
+    "max_versions_per_grader": CAP,
     "max_targets_per_tenant": CAP,
     "max_secrets_per_tenant": CAP,
     "max_webhooks_per_tenant": CAP,
@@ -99,7 +100,7 @@ class Tenant:
         return (await self.datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset_id))).dataset.item_count
 
 
-TENANT_CAPS = [kind for kind in CAPS if kind != "max_items_per_dataset"]
+TENANT_CAPS = [kind for kind in CAPS if kind not in ("max_items_per_dataset", "max_versions_per_grader")]
 
 
 def assert_over(error: BaseException, quota: str) -> None:
@@ -270,3 +271,20 @@ async def test_generations_past_the_item_cap_are_refused_before_any_model_call(s
     generate.item_count = ITEM_CAP - 2  # what fits is accepted
     accepted = (await me.generations.GenerateDatasetItems(generate)).generation
     assert accepted.state == DatasetGeneration.STATE_PENDING
+
+
+async def test_a_saved_grader_has_at_most_its_cap_of_versions_even_when_updated_at_once(served: Served) -> None:
+    """Every UpdateGrader added a version of up to 256 KiB, without bound: one grader could grow for ever.
+    Its versions are capped, also when updates race (on PostgreSQL over two replicas), and a refused
+    update leaves the grader as it was."""
+    me = served.mine[0]
+    grader_id = await me.create("max_graders_per_tenant", 0)  # version 1
+    update = gs.UpdateGraderRequest(grader_id=grader_id, grader=exact())
+    calls = [lambda replica=replica: replica.graders.UpdateGrader(update) for replica in served.mine * 6]
+    updated, refused = await _concurrently(calls)
+    assert len(updated) == CAP - 1 and len(refused) == len(calls) - (CAP - 1), (updated, refused)
+    for error in refused:
+        assert_over(error, "max_versions_per_grader")
+    got = await me.graders.GetGrader(gs.GetGraderRequest(grader_id=grader_id))
+    assert got.grader.version == CAP
+    assert "save the definition as a new grader" in (refused[0].details() or "")  # type: ignore[attr-defined]

@@ -176,9 +176,20 @@ class DefinitionService:
         await self._check_destinations(named_endpoints(graders=[("grader", request.grader)]))
         now = time.time()
         definition = request.grader.SerializeToString()
-        added = await self._db.transact(
-            lambda conn: store.add_version(conn, tenant, request.grader_id, definition, now)
-        )
+
+        async def add(conn: AsyncConnection) -> tuple[SavedGraderRecord, GraderVersionRecord] | None:
+            # The bump locks the grader's row and counts its versions (never deleted one by one): past the
+            # cap the refusal rolls this version back.
+            added = await store.add_version(conn, tenant, request.grader_id, definition, now)
+            if added is not None:
+                self._caps.grader_versions.check(
+                    added[0].latest_version - 1,
+                    holder=f"grader {request.grader_id}",
+                    remedy="save the definition as a new grader (CreateGrader)",
+                )
+            return added
+
+        added = await self._db.transact(add)
         if added is None:
             raise not_found("grader", request.grader_id)
         return saved_grader_from(*added)
