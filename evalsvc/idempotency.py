@@ -2,7 +2,8 @@
 
 The same request_id (per tenant) with the same request returns what the first call created, also
 under concurrent retries; with a different request it is ALREADY_EXISTS. A unique constraint on
-(tenant, request_id) settles races between processes: the loser re-reads the winner's row.
+(tenant, request_id) settles races between processes: the loser re-reads the winner's row (also when
+the winner took the last place under a per-tenant cap, so the loser was refused for it).
 """
 
 from __future__ import annotations
@@ -73,8 +74,12 @@ async def create_once(
         existing, created = await db.transact(first_or_create)
         if existing is None:
             return cast("T", created)
-    except IntegrityError:
-        if not request_id:
+    except (IntegrityError, ServiceError) as exc:
+        # A concurrent call with the same request_id won: the unique key refused this one's row, or
+        # (PostgreSQL replicas) this one looked before the winner committed and then, counting under a
+        # cap's lock after it, found no room. Either way it is a retry of the winner's request.
+        refused_by_cap = isinstance(exc, ServiceError) and exc.reason == Reason.TENANT_QUOTA_EXCEEDED
+        if not request_id or not (isinstance(exc, IntegrityError) or refused_by_cap):
             raise
         async with db.read() as conn:
             existing = await find(conn)

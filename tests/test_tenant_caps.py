@@ -288,3 +288,19 @@ async def test_a_saved_grader_has_at_most_its_cap_of_versions_even_when_updated_
     got = await me.graders.GetGrader(gs.GetGraderRequest(grader_id=grader_id))
     assert got.grader.version == CAP
     assert "save the definition as a new grader" in (refused[0].details() or "")  # type: ignore[attr-defined]
+
+
+async def test_retries_of_one_create_at_the_last_place_all_get_what_it_created(served: Served) -> None:
+    """At cap - 1, the same CreateDataset (one request_id) sent many times at once, over both replicas on
+    PostgreSQL: every retry is the first call's, so each answers with the one dataset it created. A retry
+    that had looked for the request_id before the winner committed, then counted under the cap's lock
+    after it, was refused RESOURCE_EXHAUSTED."""
+    me = served.mine[0]
+    for rounds in range(3):
+        for n in range(CAP - 1):
+            await me.create("max_datasets_per_tenant", n)
+        request = ds.CreateDatasetRequest(dataset=ds.Dataset(display_name="once"), request_id=f"once-{rounds}")
+        calls = [lambda replica=replica: replica.datasets.CreateDataset(request) for replica in served.mine * 8]
+        created, refused = await _concurrently(calls)
+        assert refused == [] and len({answer.dataset.id for answer in created}) == 1, refused
+        await _delete_all(me, "max_datasets_per_tenant")
