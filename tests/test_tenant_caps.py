@@ -300,7 +300,10 @@ async def test_retries_of_one_create_at_the_last_place_all_get_what_it_created(s
         for n in range(CAP - 1):
             await me.create("max_datasets_per_tenant", n)
         request = ds.CreateDatasetRequest(dataset=ds.Dataset(display_name="once"), request_id=f"once-{rounds}")
-        calls = [lambda replica=replica: replica.datasets.CreateDataset(request) for replica in served.mine * 8]
+        calls = [
+            lambda replica=replica, request=request: replica.datasets.CreateDataset(request)
+            for replica in served.mine * 8
+        ]
         created, refused = await _concurrently(calls)
         assert refused == [] and len({answer.dataset.id for answer in created}) == 1, refused
         await _delete_all(me, "max_datasets_per_tenant")
