@@ -301,3 +301,46 @@ async def test_pairings_run_one_at_a_time_and_every_caller_gets_its_answer(
     answers = await asyncio.gather(*(svc.runs.CompareRuns(request) for _ in range(4)))
     assert most == 1
     assert len({answer.SerializeToString() for answer in answers}) == 1 and answers[0].comparison.overall.pairs > 0
+
+
+async def test_pages_with_a_change_filter_are_read_a_few_at_a_time(
+    svc: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page with a `change` filter may pass over a whole run's keys to fill (234 ms for two runs of
+    50,000 evaluations when nothing matches), reading on the event loop with a reader connection held:
+    32 of them at once took every reader connection and raised every tenant's loop lag. At most
+    FILTERED_PAGES are read at once; pages without a filter are not held back; every caller gets its page."""
+    from evalsvc.runs import compare as compare_module
+    from evalsvc.store import comparisons as comparison_store
+
+    baseline, candidate, _, _ = await _two_runs(svc)
+    running = most = 0
+    real = comparison_store.evaluations_after
+
+    async def observed(*args: Any) -> Any:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await asyncio.sleep(0.02)  # a slow read: long enough for the other pages to start if they could
+            return await real(*args)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(comparison_store, "evaluations_after", observed)
+
+    def page(change: int) -> Any:
+        return svc.runs.ListComparisonItems(
+            cpb.ListComparisonItemsRequest(
+                baseline_run_id=baseline.id, candidate_run_id=candidate.id, change=change, page_size=5
+            )
+        )
+
+    regressed = cpb.COMPARISON_CHANGE_REGRESSED
+    answers = await asyncio.gather(*(page(regressed) for _ in range(8)))
+    assert most == compare_module.FILTERED_PAGES  # a page reads its runs one after the other
+    assert len({answer.SerializeToString() for answer in answers}) == 1
+    assert all(item.change == regressed for item in answers[0].items) and answers[0].items
+    most = 0
+    await asyncio.gather(*(page(0) for _ in range(8)))
+    assert most > compare_module.FILTERED_PAGES  # unfiltered pages are not held back
