@@ -57,6 +57,13 @@ async def _on(url: str, fn: Callable[[Connection], Any]) -> Any:
         await db.close()
 
 
+def _to_baseline(connection: Connection) -> None:
+    """Build the schema of the first revision only: a database a version behind head."""
+    config = migrate.alembic_config()
+    config.attributes["connection"] = connection
+    command.upgrade(config, migrate.BASELINE)
+
+
 def _diffs(connection: Connection) -> list[Any]:
     context = MigrationContext.configure(connection, opts={"compare_type": True, "compare_server_default": True})
     return list(compare_metadata(context, SQLModel.metadata))
@@ -169,14 +176,8 @@ async def test_a_database_behind_head_is_migrated_on_sqlite_and_refused_on_postg
     url = _empty_database(kind, tmp_path)
     db = Database(url)
     try:
-
-        def to_baseline(connection: Connection) -> None:
-            config = migrate.alembic_config()
-            config.attributes["connection"] = connection
-            command.upgrade(config, migrate.BASELINE)
-
         async with db.write() as conn:
-            await conn.run_sync(to_baseline)
+            await conn.run_sync(_to_baseline)
         if kind == "sqlite":
             await migrate.prepare(db)
             assert (await migrate.state(db)).at_head
@@ -263,14 +264,8 @@ async def test_an_operator_command_does_not_migrate_a_sqlite_file_under_a_runnin
     url = f"sqlite+aiosqlite:///{path}"
     db = Database(url)
     try:
-
-        def to_baseline(connection: Connection) -> None:
-            config = migrate.alembic_config()
-            config.attributes["connection"] = connection
-            command.upgrade(config, migrate.BASELINE)
-
         async with db.write() as conn:
-            await conn.run_sync(to_baseline)
+            await conn.run_sync(_to_baseline)
         server = ServeLock(path)
         server.acquire()
         try:
