@@ -10,18 +10,27 @@ commits, then counts its row too.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 
-async def held(conn: AsyncConnection, table: Any, tenant: str) -> int:
-    """How many rows of `table` the tenant has, counted so that no concurrent transaction adds one
-    the count misses before this one ends (see the module docstring)."""
-    if conn.dialect.name == "postgresql":
+async def lock(conn: AsyncConnection, table: Any, tenants: Iterable[str]) -> None:
+    """On PostgreSQL, hold the (table, tenant) lock of each of these tenants, in sorted order, to the end
+    of this transaction: counts of their rows taken afterwards miss no concurrent addition."""
+    if conn.dialect.name != "postgresql":
+        return
+    for tenant in sorted(set(tenants)):
         await conn.execute(
             text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"{table.name}\x1f{tenant}"}
         )
+
+
+async def held(conn: AsyncConnection, table: Any, tenant: str) -> int:
+    """How many rows of `table` the tenant has, counted so that no concurrent transaction adds one
+    the count misses before this one ends (see the module docstring)."""
+    await lock(conn, table, [tenant])
     found = await conn.execute(select(func.count()).select_from(table).where(table.c.tenant == tenant))
     return int(found.scalar_one())

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc import statuses
 from evalsvc.messages.convert import timestamp
-from evalsvc.store import events
+from evalsvc.store import events, quotas
 from evalsvc.store import jobs as job_store
 from evalsvc.store import webhooks as webhook_store
 from evalsvc.store.bulk import execute_many, fetch_all, insert_tuples
@@ -88,7 +88,10 @@ async def find_by_request_ids(
 
 
 async def count_active_by_tenant(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, int]:
-    """PENDING or RUNNING runs of each of these tenants: one statement."""
+    """PENDING or RUNNING runs of each of these tenants: one statement, under the tenants' locks
+    (store.quotas) so that two replicas' CreateRuns cannot both take a tenant's last place (with a
+    limit of 1, one CreateRun on each of two replicas left 2 active runs in 9 trials of 10)."""
+    await quotas.lock(conn, RUNS, tenants)
     rows = await conn.execute(
         select(RUNS.c.tenant, func.count())
         .where(RUNS.c.tenant.in_(sorted(set(tenants))), RUNS.c.status.in_(list(statuses.ACTIVE)))
