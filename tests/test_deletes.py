@@ -251,3 +251,27 @@ async def test_rest_deletes_answer_in_the_apis_error_shape(tmp_path: Path) -> No
             status = again.json()
             assert status["code"] == 5 and status["details"][0]["reason"] == reason, status
             assert (await http.get(path)).status_code == 404
+
+
+@pytest.mark.parametrize("subset", [False, True])
+async def test_a_run_of_a_dataset_deleted_while_it_is_read_is_not_found(
+    client: Client, monkeypatch: pytest.MonkeyPatch, subset: bool
+) -> None:
+    """CreateRun reads the dataset's row, then its items. A DeleteDataset that committed between the two
+    (on PostgreSQL, another replica's) left it looking empty: INVALID_ARGUMENT "the dataset has no
+    items" or "no item 'i1' in dataset", as if the caller had named items wrongly. It is NOT_FOUND."""
+    from evalsvc.store import datasets as dataset_store
+
+    dataset_id = await client.dataset(items=2)
+    real = dataset_store.all_items
+
+    async def deleted_meanwhile(conn: Any, wanted: str) -> Any:
+        await client.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=wanted))
+        return await real(conn, wanted)
+
+    monkeypatch.setattr(dataset_store, "all_items", deleted_meanwhile)
+    request = pb.CreateRunRequest(dataset_id=dataset_id, target=target_pb2.Target(echo={}), graders=[exact()])
+    if subset:
+        request.item_ids.append("i1")
+    assert await _refused(client.runs.CreateRun(request)) == "DATASET_NOT_FOUND"
+    assert (await client.runs.ListRuns(pb.ListRunsRequest())).runs == []
