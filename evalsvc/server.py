@@ -166,15 +166,20 @@ class EvalServer:
             secrets=self.secrets,
             grading=self.grading,
         )
-        # Other replicas' commits reach this process's watchers through PostgreSQL notifications.
-        self.listener = None if self.db.is_sqlite else EventListener(settings.db, self.bus, self.db, self.metrics)
+        # Other replicas' commits reach this process's watchers, and the runs they end its executor (which
+        # stops its work on them), through PostgreSQL notifications.
+        self.listener = (
+            None
+            if self.db.is_sqlite
+            else EventListener(settings.db, self.bus, self.db, self.metrics, on_run_ended=self.executor.run_ended)
+        )
         self.limits = TenantLimits(settings)
         self.definitions = DefinitionService(self.db, self.secrets, self.outbound.allow, self.page_tokens, caps)
         self.runs = RunService(
             self.db,
             self.bus,
             on_created=self.executor.created,
-            on_cancelled=self.executor.cancel_run,
+            on_cancelled=self.executor.run_ended,
             limits=self.limits,
             definitions=self.definitions,
             outbound=self.outbound,

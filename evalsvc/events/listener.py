@@ -7,10 +7,15 @@ watchers there are (each reading for itself made 1,000 watchers 1,000 reads per 
 still check every seq, so a watcher that is behind, or a relay that failed, sends that watcher to the
 database itself: a lost notification delays, it never loses an event.
 
-Notifications from this very process are ignored (its watchers already got the events in memory).
-After the listening connection drops and comes back, every watched run is woken, since notifications
-sent meanwhile are gone. The listening loop is supervised (evalsvc.liveness): whatever ends it before
-shutdown is logged and counted, and it starts again.
+It also listens for runs that ended (RUNS_ENDED_CHANNEL: cancelled, deleted, failed or finished by
+another replica) and hands each run id to `on_run_ended`, with which the executor stops its work on
+that run and forgets its plan; a callback that fails is logged and the listener goes on.
+
+Notifications from this very process are ignored (its watchers already got the events in memory, and
+its executor heard of the runs it ended itself). After the listening connection drops and comes back,
+every watched run is woken, since notifications sent meanwhile are gone; ended runs missed meanwhile
+are left to the executor's own sweep (Executor.sweep_plans). The listening loop is supervised
+(evalsvc.liveness): whatever ends it before shutdown is logged and counted, and it starts again.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -29,7 +35,7 @@ from evalsvc.liveness import supervise
 from evalsvc.metrics import Metrics
 from evalsvc.store import events as event_log
 from evalsvc.store.db import Database
-from evalsvc.store.events import EVENTS_CHANNEL
+from evalsvc.store.events import EVENTS_CHANNEL, RUNS_ENDED_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +45,20 @@ MAX_RELAY = 5000  # events read per relay; a longer gap sends the watchers to th
 class EventListener:
     """Keeps one LISTEN connection open and turns notifications into bus wake-ups."""
 
-    def __init__(self, url: str, bus: EventBus, db: Database, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        url: str,
+        bus: EventBus,
+        db: Database,
+        metrics: Metrics,
+        on_run_ended: Callable[[str], None] = lambda run_id: None,
+    ) -> None:
         sa_url = make_url(url)
         self._dsn = sa_url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._bus = bus
         self._db = db
         self._metrics = metrics
+        self._on_run_ended = on_run_ended
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._notified: dict[str, int] = {}  # run id -> latest seq notified and not yet relayed
@@ -78,6 +92,15 @@ class EventListener:
         self._notified[run_id] = max(self._notified.get(run_id, 0), int(seq) if seq.isdigit() else 0)
         if run_id not in self._relays:
             self._relays[run_id] = asyncio.create_task(self._relay(run_id), name=f"relay-{run_id}")
+
+    def _on_run_ended_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        origin, _, run_id = payload.partition("|")
+        if origin == PROCESS_ID or not run_id:
+            return
+        try:
+            self._on_run_ended(run_id)
+        except Exception as exc:
+            log.warning("handling the end of run %s failed (%s: %s)", run_id, type(exc).__name__, exc)
 
     async def _relay(self, run_id: str) -> None:
         """Hand the run's newly notified events to its watchers, until no notification is pending."""
@@ -129,6 +152,7 @@ class EventListener:
             try:
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(EVENTS_CHANNEL, self._on_notify)
+                await conn.add_listener(RUNS_ENDED_CHANNEL, self._on_run_ended_notify)
                 self._relayed.clear()  # anything sent while we were not listening is gone:
                 self._bus.wake_all()  # every watcher reads for itself, relaying starts afresh
                 stop = asyncio.create_task(self._stopping.wait())

@@ -71,9 +71,9 @@ log = logging.getLogger(__name__)
 MAX_LOAD_ATTEMPTS = 3
 # Longest stretch of local jobs executed before the claim loop lets the event loop serve others.
 INLINE_SLICE_S = 0.002
-# How many cancelled runs the executor remembers (see Executor.cancel_run). A claim is turned into
-# tasks within one turn of the claim loop, long before this many further cancels can arrive.
-REMEMBERED_CANCELS = 10_000
+# How many ended runs the executor remembers (see Executor.run_ended). A claim is turned into tasks
+# within one turn of the claim loop, long before this many further runs can end.
+REMEMBERED_ENDS = 10_000
 # Items of runs created here whose plans wait for their first claim (see `Executor.created`).
 MAX_CREATED_ITEMS = 200_000
 
@@ -166,7 +166,7 @@ class Executor:
         self._workers = Slots(settings.workers)
         self._held_up_jobs: dict[str, int] = {}  # run id -> its jobs waiting on their endpoint or a grading process
         self._round_robin = RoundRobin()
-        self._cancelled: dict[str, None] = {}  # runs cancelled through this process, oldest first
+        self._ended: dict[str, None] = {}  # runs that ended while this process may have held jobs, oldest first
         self._open_claims: dict[str, int] = {}
         self._finished: list[FinishedJob] = []
         self._work_available = asyncio.Event()
@@ -236,15 +236,16 @@ class Executor:
         """Jobs that hold (or are about to take) a worker slot: in flight, less those held up."""
         return self.in_flight() - sum(self._held_up_jobs.values())
 
-    def cancel_run(self, run_id: str) -> None:
-        """Stop this process's work on a cancelled run at once.
+    def run_ended(self, run_id: str) -> None:
+        """Stop this process's work on a run that ended - cancelled or deleted here, or ended by another
+        replica (EventListener hears of it) - at once, and forget its plan.
 
         Its tasks are cancelled, and the run is remembered: a claim that committed just before the
-        cancel may not have started its jobs yet, and they must not start now (the fence would keep
+        end may not have started its jobs yet, and they must not start now (the fence would keep
         their results out, but a call to a hung endpoint would hold its slots until it timed out)."""
-        self._cancelled[run_id] = None
-        while len(self._cancelled) > REMEMBERED_CANCELS:
-            del self._cancelled[next(iter(self._cancelled))]
+        self._ended[run_id] = None
+        while len(self._ended) > REMEMBERED_ENDS:
+            del self._ended[next(iter(self._ended))]
         for task in list(self._in_flight.get(run_id, ())):
             task.cancel()
         self._forget(run_id)
@@ -339,7 +340,7 @@ class Executor:
 
     async def _all_local(self, jobs: list[ClaimedJob]) -> bool:
         """Whether every job of a claim is local (a run whose plan cannot load is not)."""
-        for run_id in {job.run_id for job in jobs}:
+        for run_id in {job.run_id for job in jobs} - self._ended.keys():
             try:
                 if not (await self._plan(run_id)).local:
                     return False
@@ -477,6 +478,8 @@ class Executor:
         """Run the target and graders for a job; True when it was queued for recording: handed to the
         recorder, or appended to `into`, whose owner hands it over (`_hand_over`). `held_up` is how the
         job waits for a grading process (see `_held_up`)."""
+        if job.run_id in self._ended:  # claimed just before its run ended: neither run it nor load its plan again
+            return False
         try:
             plan = await self._plan(job.run_id)
         except Exception as exc:
@@ -484,8 +487,6 @@ class Executor:
                 log.exception("cannot load run %s; its job %d is retried when its lease expires", job.run_id, job.id)
             else:
                 await self._fail_unexecutable(job, exc)
-            return False
-        if job.run_id in self._cancelled:  # claimed just before its run was cancelled
             return False
         item = plan.items[job.item_idx]
         # The one budget check: before every outbound call attempt of this job (target, warmups, judges,
@@ -772,7 +773,7 @@ class Executor:
             plan = await self._plan(run_id)
             event = await fail_early(self._db, plan.tenant, run_id, plan.recorder_view, "BUDGET_EXCEEDED", message)
             del self._over_budget[run_id]
-            self.cancel_run(run_id)
+            self.run_ended(run_id)
             if event is not None:
                 self._bus.publish(run_id, [event])
 
@@ -785,6 +786,22 @@ class Executor:
                 await asyncio.wait_for(self._stop_requested.wait(), interval)
             if self._open_claims and not self._stopping:
                 await self._extend_leases()
+            if self._plans and not self._stopping:
+                await self.sweep_plans()
+
+    async def sweep_plans(self) -> None:
+        """End the work on, and forget the plans of, runs that ended without this process hearing of it.
+
+        A run's end reaches this process through `run_ended` (its own cancel, or EventListener relaying
+        another replica's); one ended while the listening connection was down is never announced again,
+        and its plan (its items, the secret values it opened) would stay for good. So, every lease
+        interval, the runs whose plans are held are checked in one read: plans are held only for runs
+        this process has claimed jobs of, so the read stays small, and a plan is dropped within one
+        interval of its run's end however the news was lost."""
+        async with self._db.read() as conn:
+            ended = await run_store.ended_among(conn, list(self._plans))
+        for run_id in ended:
+            self.run_ended(run_id)
 
     async def _extend_leases(self) -> None:
         """Keep the leases of the claims still being worked on for another lease_ttl_s."""

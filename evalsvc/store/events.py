@@ -9,6 +9,7 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.ids import PROCESS_ID
+from evalsvc.statuses import TERMINAL
 from evalsvc.store.bulk import fetch_all, insert_tuples
 from evalsvc.store.models import EventRow
 from evalsvc.turns import mapped
@@ -18,6 +19,10 @@ EVENTS = EventRow.__table__  # type: ignore[attr-defined]
 
 # PostgreSQL channel on which every commit that appends events announces "<process>|<run id>|<last seq>".
 EVENTS_CHANNEL = "evalsvc_events"
+# PostgreSQL channel on which a commit that ends runs announces "<process>|<run id>" for each: the
+# replicas executing them stop their work at once. A channel of its own rather than a field in
+# EVENTS_CHANNEL's payload, which replicas of earlier versions parse as exactly "origin|run|seq".
+RUNS_ENDED_CHANNEL = "evalsvc_runs_ended"
 
 
 async def append(conn: AsyncConnection, tenant: str, run_id: str, events: Sequence[pb.WatchRunResponse]) -> None:
@@ -29,10 +34,10 @@ async def append_many(conn: AsyncConnection, batches: Sequence[tuple[str, str, S
     """Insert events of several runs - (tenant, run id, events) each - whose seqs the caller allocated
     from runs.last_seq in this same transaction: one statement for all of them.
 
-    On PostgreSQL the transaction also notifies EVENTS_CHANNEL once per run (in one statement); NOTIFY
-    is delivered only at commit, so a replica that hears it reads events that are already visible. A
-    lost notification only delays a watcher on another replica until its next wake-up; it never
-    loses an event."""
+    On PostgreSQL the transaction also notifies EVENTS_CHANNEL once per run, and RUNS_ENDED_CHANNEL once
+    per run that these events end (a terminal status), in one statement; NOTIFY is delivered only at
+    commit, so a replica that hears it reads events that are already visible. A lost notification only
+    delays a watcher on another replica until its next wake-up; it never loses an event."""
     batches = [batch for batch in batches if batch[2]]
     if not batches:
         return
@@ -44,6 +49,11 @@ async def append_many(conn: AsyncConnection, batches: Sequence[tuple[str, str, S
     if conn.dialect.name == "postgresql":
         notices = [
             func.pg_notify(EVENTS_CHANNEL, f"{PROCESS_ID}|{run_id}|{events[-1].seq}") for _, run_id, events in batches
+        ]
+        notices += [
+            func.pg_notify(RUNS_ENDED_CHANNEL, f"{PROCESS_ID}|{run_id}")
+            for _, run_id, events in batches
+            if any(e.HasField("run") and e.run.status in TERMINAL for e in events)
         ]
         await conn.execute(select(*notices))
 

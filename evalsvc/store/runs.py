@@ -758,6 +758,17 @@ async def get_any_tenant(conn: AsyncConnection, run_id: str) -> RunRecord | None
     return _first(found.mappings().first())
 
 
+async def ended_among(conn: AsyncConnection, run_ids: Sequence[str]) -> list[str]:
+    """Those of `run_ids` that are no longer active (or no longer exist): for the executor's plan sweep."""
+    if not run_ids:
+        return []
+    found = await conn.execute(
+        select(RUNS.c.id).where(RUNS.c.id.in_(list(run_ids)), RUNS.c.status.in_(list(statuses.ACTIVE)))
+    )
+    active = set(found.scalars())
+    return [run_id for run_id in run_ids if run_id not in active]
+
+
 async def count_active(conn: AsyncConnection, tenant: str) -> int:
     """A tenant's PENDING or RUNNING runs."""
     found = await conn.execute(
