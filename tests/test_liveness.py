@@ -294,6 +294,31 @@ async def test_cancel_while_the_run_is_being_loaded_does_not_stop_execution(
         assert restarts(srv, "claim") == 0 and restarts(srv, "record") == 0
 
 
+async def test_the_plan_sweep_ends_the_work_and_plans_of_runs_that_ended_unannounced(tmp_path: Path) -> None:
+    """A run's end missed by the executor (a notification lost while the listener reconnected) is found by
+    its periodic sweep: the run's calls are cancelled and its plan forgotten; an active run's plan stays."""
+    async with serving(tmp_path) as srv, Webhook() as hook, tenants(srv, "a") as t:
+        executor = srv.executor
+        hung = (await t["a"].CreateRun(run_request(webhook(hook.url + "/hang"), 2))).run
+        await hook.wait_until(lambda: executor.in_flight() == 2)
+        done = await create_and_finish(t["a"], run_request(echo(), 2), within_s=10)
+        assert done.id not in executor._plans  # forgotten when its recording finished it
+        executor._plans[done.id] = executor._plans[hung.id]  # as if its end had gone unheard
+
+        await executor.sweep_plans()
+        assert done.id not in executor._plans and hung.id in executor._plans and executor.in_flight() == 2
+
+        srv.runs._on_cancelled = lambda run_id: None  # the executor does not hear of this cancel
+        await t["a"].CancelRun(pb.CancelRunRequest(run_id=hung.id))
+        await executor.sweep_plans()
+        assert hung.id not in executor._plans
+        for _ in range(100):  # the cancelled calls end within a few turns of the loop
+            if executor.in_flight() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert executor.in_flight() == 0
+
+
 async def test_runs_whose_handed_over_plans_were_dropped_are_read_back_and_finish(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

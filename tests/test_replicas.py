@@ -8,6 +8,7 @@ import asyncio
 import os
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -120,6 +121,9 @@ async def test_survivor_finishes_the_run_of_a_killed_replica_exactly_once(tmp_pa
 
 
 async def test_a_replica_that_wakes_after_losing_its_leases_records_nothing(tmp_path: Path) -> None:
+    """Its calls answered while it was paused, the woken replica records none of the jobs another replica
+    took over: the fence. It wakes while the run is still active (had the run ended, it would hear so and
+    stop its work instead of recording, see the test below)."""
     with FakeEndpoint(chat_reply("a")) as llm:
         llm.script[0].delay_s = 0.5  # calls stay in flight, so the paused replica holds leases
         url = dbs.postgres_url(tmp_path, "fencing")
@@ -136,31 +140,75 @@ async def test_a_replica_that_wakes_after_losing_its_leases_records_nothing(tmp_
                 run_id = (
                     await a.CreateRun(
                         pb.CreateRunRequest(
-                            items=[item_pb2.Item(input=f"q{i}", expected_output="a") for i in range(60)],
+                            items=[item_pb2.Item(input=f"q{i}", expected_output="a") for i in range(50)],
                             target=target,
                             graders=[exact()],
                         )
                     )
                 ).run.id
-                while len(llm.seen) < 5:  # the first replica has calls in flight
-                    await asyncio.sleep(0.05)
+                # The first replica holds every job (one claim of 50, 50 workers), each call in flight.
+                assert await asyncio.to_thread(llm.wait_seen, 50, 30)
             os.kill(paused.proc.pid, signal.SIGSTOP)
-            survivor = ServerProcess(url, tmp_path / "b.log", *FAST, env=env)
+            # Two workers: the survivor takes over the expired leases slowly, and the run is still going
+            # when the first replica wakes.
+            survivor = ServerProcess(url, tmp_path / "b.log", *FAST, "--workers", "2", env=env)
+            assert await asyncio.to_thread(llm.wait_seen, 51, 30), "the survivor took over nothing"
+            os.kill(paused.proc.pid, signal.SIGCONT)
             ch_b, b = stub(survivor, key)
             async with ch_b:  # type: ignore[attr-defined]
-                events = await watch_all(b, run_id)
-                before = (await b.GetRun(pb.GetRunRequest(run_id=run_id))).run
-                os.kill(paused.proc.pid, signal.SIGCONT)
-                deadline = time.monotonic() + 30
-                while "fenced out" not in paused.log_path.read_text() and time.monotonic() < deadline:
-                    await asyncio.sleep(0.1)  # waiting on another process's log: there is no event to await
-                after = (await b.GetRun(pb.GetRunRequest(run_id=run_id))).run
+                full = await asyncio.wait_for(watch_all(b, run_id), 60)
+                run = (await b.GetRun(pb.GetRunRequest(run_id=run_id))).run
+                results = await all_results(b, run_id)
         finally:
             os.kill(paused.proc.pid, signal.SIGCONT)
             paused.terminate()
             if survivor is not None:
                 survivor.terminate()
     assert "fenced out" in paused.log_path.read_text(), "the woken replica never tried to record"
+    assert full[-1].run.status == run_pb2.RUN_STATUS_SUCCEEDED
+    assert run.counts.completed_evaluations == 50
+    assert len({r.item_id for r in results}) == len(results) == 50
+    assert [e.seq for e in full] == list(range(1, len(full) + 1))
+
+
+async def test_a_run_cancelled_on_another_replica_frees_the_executing_replicas_workers_at_once(
+    tmp_path: Path,
+) -> None:
+    """A cancel reaches the replica executing the run (RUNS_ENDED_CHANNEL): its calls to a hung endpoint
+    end at once instead of holding its workers until the endpoint's timeout."""
+    gate = threading.Event()
+    hung_reply = chat_reply("a")
+    hung_reply.gate = gate
+    with FakeEndpoint(hung_reply) as hung, FakeEndpoint(chat_reply("a")) as quick:
+        url = dbs.postgres_url(tmp_path, "cancel")
+        env = {"EVALSVC_OUTBOUND_ALLOW": "127.0.0.1"}
+        executing = ServerProcess(url, tmp_path / "a.log", *FAST, "--workers", "4", "--lease-ttl-s", "60", env=env)
+        key = executing.bootstrap_key() or ""
+        api_only = ServerProcess(url, tmp_path / "b.log", *FAST, "--workers", "0", env=env)
+        try:
+            ch_b, b = stub(api_only, key)
+            async with ch_b:  # type: ignore[attr-defined]
+
+                def chat_run(endpoint: FakeEndpoint, n: int) -> pb.CreateRunRequest:
+                    target = target_pb2.Target(
+                        chat=target_pb2.ChatTarget(
+                            endpoint=target_pb2.Endpoint(base_url=endpoint.url + "/v1", timeout_s=300), model="m"
+                        )
+                    )
+                    items = [item_pb2.Item(input=f"q{i}", expected_output="a") for i in range(n)]
+                    return pb.CreateRunRequest(items=items, target=target, graders=[exact()])
+
+                hung_run = (await b.CreateRun(chat_run(hung, 8))).run.id
+                assert await asyncio.to_thread(hung.wait_seen, 4, 30), "the executing replica never called"
+                cancelled = await b.CancelRun(pb.CancelRunRequest(run_id=hung_run))
+                assert cancelled.run.status == run_pb2.RUN_STATUS_CANCELLED
+                started = time.monotonic()
+                quick_run = (await b.CreateRun(chat_run(quick, 4))).run.id
+                events = await asyncio.wait_for(watch_all(b, quick_run), 30)
+                took = time.monotonic() - started
+        finally:
+            gate.set()
+            assert executing.terminate() == 0 and api_only.terminate() == 0
     assert events[-1].run.status == run_pb2.RUN_STATUS_SUCCEEDED
-    assert before.counts.completed_evaluations == after.counts.completed_evaluations == 60
-    assert before.last_seq == after.last_seq
+    assert took < 10, f"the second run waited {took:.1f} s for workers the cancelled run held"
+    assert len(hung.seen) == 4  # nothing of the cancelled run was called after the cancel

@@ -1,0 +1,34 @@
+"""EventListener's dispatch of RUNS_ENDED_CHANNEL notifications, without a database."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from evalsvc.events.bus import EventBus
+from evalsvc.events.listener import EventListener
+from evalsvc.ids import PROCESS_ID
+from evalsvc.metrics import Metrics
+from evalsvc.store.events import RUNS_ENDED_CHANNEL
+
+
+def test_runs_ended_by_other_processes_reach_the_callback_and_a_failing_callback_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ended: list[str] = []
+    listener = EventListener(
+        "postgresql+asyncpg://nobody@127.0.0.1/none", EventBus(), None, Metrics(), on_run_ended=ended.append
+    )  # type: ignore[arg-type]
+    notify = listener._on_run_ended_notify
+    notify(None, 0, RUNS_ENDED_CHANNEL, "other-process|run-1")
+    notify(None, 0, RUNS_ENDED_CHANNEL, f"{PROCESS_ID}|run-2")  # this process ended it: its executor knows
+    assert ended == ["run-1"]
+
+    def failing(run_id: str) -> None:
+        raise RuntimeError("boom")
+
+    listener._on_run_ended = failing
+    with caplog.at_level(logging.WARNING):
+        notify(None, 0, RUNS_ENDED_CHANNEL, "other-process|run-3")  # logged, not raised
+    assert "run-3" in caplog.text and "boom" in caplog.text
