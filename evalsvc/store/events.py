@@ -53,7 +53,9 @@ async def append_many(conn: AsyncConnection, batches: Sequence[tuple[str, str, S
         notices += [
             func.pg_notify(RUNS_ENDED_CHANNEL, f"{PROCESS_ID}|{run_id}")
             for _, run_id, events in batches
-            if any(e.HasField("run") and e.run.status in TERMINAL for e in events)
+            # A run's terminal event is its last: nothing is appended after it, so only the last of a
+            # batch can be one (not a scan of every result event of a large recording).
+            if events[-1].HasField("run") and events[-1].run.status in TERMINAL
         ]
         await conn.execute(select(*notices))
 
