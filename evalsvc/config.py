@@ -247,10 +247,12 @@ class Settings:
         default=4, metadata={"help": "retries of a target or judge call on 408/429/5xx/connection errors"}
     )
     max_reply_bytes: int = dataclasses.field(
-        default=4 * 1024 * 1024,
+        default=0,
         metadata={
             "help": "largest body a target, judge or generator endpoint may answer with; a larger one fails "
-            "that evaluation (it is read as it arrives, never whole)"
+            "that evaluation (it is read as it arrives, never whole). At most a quarter of "
+            "--max-message-bytes, so that every result (its output and its judge's explanation) can be read "
+            "back; 0: that quarter (4 MiB by default)"
         },
     )
     tenant_budget_usd: float = dataclasses.field(
@@ -313,6 +315,21 @@ class Settings:
                 f"{self.http_streams_per_tenant} is more than {self.max_http_connections // 2}"
             )
 
+        if self.max_reply_bytes and not MIN_REPLY_BYTES <= self.max_reply_bytes <= self.max_message_bytes // 4:
+            # A result carries its output and its judge's explanation, each up to this: a larger one made a
+            # result no call could send (ListRunResults failed RESOURCE_EXHAUSTED on that run for good).
+            raise SettingsError(
+                f"{_names('max_reply_bytes')} must be 0 or from {MIN_REPLY_BYTES} to a quarter of "
+                f"{_names('max_message_bytes')} ({self.max_message_bytes // 4}), so that every result can be read "
+                f"back, not {self.max_reply_bytes}"
+            )
+
+    @property
+    def reply_bytes(self) -> int:
+        """The largest reply read from a target, judge or generator: `max_reply_bytes`, or when that is 0,
+        a quarter of `max_message_bytes`."""
+        return self.max_reply_bytes or self.max_message_bytes // 4
+
     @property
     def http_streams_per_tenant(self) -> int:
         """The REST streams one tenant may hold open in the gateway: `max_http_streams_per_tenant`, or
@@ -345,6 +362,8 @@ class Settings:
 # Text settings that name one of a few things (any case).
 CHOICES: dict[str, tuple[str, ...]] = {"log_level": ("DEBUG", "INFO", "WARNING", "ERROR")}
 
+MIN_REPLY_BYTES = 1024  # a reply bound smaller than this would fail ordinary answers
+
 # The smallest value each numeric setting works with: (minimum, whether the minimum itself is allowed).
 # Below it a server would start and then do nothing, or spin: a claim of 0 jobs, leases that have
 # expired when taken, a poll interval of 0, a watcher buffer of 0 events. Zero is allowed where it
@@ -358,7 +377,9 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "heartbeat_s": (0, False),
     "watch_buffer": (1, True),
     "grace_s": (0, True),
-    "max_message_bytes": (1024, True),
+    # Below it what a response echoes (a run's labels, annotations and definitions, a result's output
+    # and explanation) could outgrow a message: a run created whose CreateRun could not answer.
+    "max_message_bytes": (256 * 1024, True),
     "max_concurrent_streams": (1, True),
     "max_connections": (1, True),
     "connection_idle_s": (0, False),
@@ -384,7 +405,7 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "max_webhooks_per_tenant": (1, True),
     "dialect_sync_wait_s": (0, True),
     "http_retries": (0, True),
-    "max_reply_bytes": (1024, True),
+    "max_reply_bytes": (0, True),  # 0: a quarter of max_message_bytes
     "tenant_budget_usd": (0, True),
     "max_graders_per_run": (1, True),
     "grade_timeout_s": (0, False),

@@ -215,10 +215,12 @@ class EvalServer:
         self.metrics_port = 0
         self.gateway: Gateway | None = None
         authenticator, observer = Authenticator(self.keys), Observer(self.metrics)
-        self._interceptor = CallInterceptor(authenticator, observer)
+        self._interceptor = CallInterceptor(authenticator, observer, max_message_bytes=settings.max_message_bytes)
         # This process's services for in-process callers (the embedded gateway); filled by `_grpc_server`.
         self.local = LocalServices(
-            CallInterceptor(authenticator, observer, writes_streams=False),
+            CallInterceptor(
+                authenticator, observer, max_message_bytes=settings.max_message_bytes, writes_streams=False
+            ),
             max_message_bytes=settings.max_message_bytes,
             max_concurrent_rpcs=settings.max_concurrent_rpcs,
         )

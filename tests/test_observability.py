@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,11 +15,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from evalsvc.logs import TEXT_FORMAT, JsonFormatter, TextFormatter
+from evalsvc.runs.service import RunService
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
-from evalsvc.v1 import eval_run_service_pb2_grpc
+from evalsvc.v1 import eval_run_service_pb2_grpc, run_pb2
 from tests.conftest import make_settings
-from tests.helpers import create_request, keyed_channel, watch_all
+from tests.helpers import create_request, error_reason, keyed_channel, serving_gateway, watch_all
 from tests.procs import KEY_LINE, ServerProcess
 
 SERVICE = "/evalsvc.v1.EvalRunService"
@@ -286,3 +288,44 @@ def test_httpx_does_not_log_each_outbound_request_at_info(level: str, httpx_info
         root.setLevel(saved[0])
         logging.getLogger("httpx").setLevel(saved[2])
         logging.getLogger("httpcore").setLevel(saved[3])
+
+
+async def test_a_response_too_large_to_send_is_internal_and_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every response is bounded by design (pages by bytes, definitions, endpoint replies); one that is
+    not was refused in grpc's core: the client saw RESOURCE_EXHAUSTED, grpc logged an ERROR traceback
+    ("ExecuteBatchError raised in core") and the access log said OK. The interceptor now serializes
+    and measures each response: the caller gets INTERNAL, the operator one ERROR line naming the
+    method and the sizes, and the access log the code the caller got, over gRPC and in process alike.
+    (No path is known to make such a response; here GetRun's service is made to.)"""
+    limit = 256 * 1024
+    real_get = RunService.get
+
+    async def unbounded(self: RunService, tenant: str, run_id: str) -> run_pb2.Run:
+        run = await real_get(self, tenant, run_id)
+        run.annotations["padding"] = "x" * limit
+        return run
+
+    monkeypatch.setattr(RunService, "get", unbounded)
+    caplog.set_level(logging.INFO)
+    async with serving_gateway(make_settings(tmp_path, http_addr="127.0.0.1:0", max_message_bytes=limit)) as (
+        srv,
+        http,
+    ):
+        assert srv.bootstrap_key
+        async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+            runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            run_id = (await runs.CreateRun(create_request(1))).run.id
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await runs.GetRun(pb.GetRunRequest(run_id=run_id))
+            assert err.value.code() == grpc.StatusCode.INTERNAL and error_reason(err.value) == "INTERNAL"
+            assert (await runs.ListRuns(pb.ListRunsRequest())).runs[0].id == run_id  # other calls unaffected
+        answer = await http.get(f"/v1/runs/{run_id}")  # the embedded gateway: in process
+        assert answer.status_code == 500 and answer.json()["details"][0]["reason"] == "INTERNAL"
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    line = rf"{SERVICE}/GetRun: a response of 26\d{{4}} bytes is over --max-message-bytes \({limit}\); "
+    line += "some bound is missing"
+    assert len(errors) == 2 and all(re.fullmatch(line, r.getMessage()) and r.exc_info is None for r in errors)
+    access = [(r.method, r.code) for r in caplog.records if r.name == "evalsvc.access"]  # type: ignore[attr-defined]
+    assert access.count((f"{SERVICE}/GetRun", "INTERNAL")) == 2 and (f"{SERVICE}/GetRun", "OK") not in access

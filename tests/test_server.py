@@ -72,6 +72,23 @@ def test_every_numeric_setting_has_a_minimum_and_values_below_it_are_refused_by_
         config.Settings.from_env({"EVALSVC_BOOTSTRAP_KEY": "maybe"})
 
 
+def test_a_reply_from_an_endpoint_always_fits_in_a_result_that_can_be_read_back() -> None:
+    """--max-reply-bytes (4 MiB) stood alone: with --max-message-bytes at 1 MiB a target's 2 MB answer was
+    recorded, and every ListRunResults of that run then failed RESOURCE_EXHAUSTED for good. The reply
+    bound is now a quarter of the message bound unless set lower; a larger one, or a message bound
+    under 256 KiB (what a run echoes must fit in its CreateRun answer), is refused naming both."""
+    assert config.Settings().reply_bytes == 4 * 1024 * 1024
+    assert config.Settings(max_message_bytes=1 << 20).reply_bytes == 256 * 1024
+    assert config.Settings(max_message_bytes=1 << 20, max_reply_bytes=4096).reply_bytes == 4096
+    both = r"--max-reply-bytes \(EVALSVC_MAX_REPLY_BYTES\) must be 0 or from 1024 to a quarter of --max-message-bytes"
+    with pytest.raises(config.SettingsError, match=both + r".* \(262144\).*, not 4194304$"):
+        config.Settings(max_message_bytes=1 << 20, max_reply_bytes=4 << 20)
+    with pytest.raises(config.SettingsError, match=both):
+        config.Settings(max_reply_bytes=512)
+    with pytest.raises(config.SettingsError, match=r"--max-message-bytes .* must be at least 262144, not 1024"):
+        config.Settings(max_message_bytes=1024)
+
+
 def test_one_tenants_rest_streams_cannot_take_every_rest_connection() -> None:
     """The share of the gateway's connections one tenant's streams may hold is at most half of them
     (by default a quarter): with the share the whole (2000 of 2000 was the default watch quota), one

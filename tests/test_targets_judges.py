@@ -190,8 +190,9 @@ async def test_an_endpoint_that_answers_too_much_or_too_slowly_fails_only_its_ev
     answering a gigabyte stopped every tenant's calls, then the memory), and httpx's timeout is per
     read, so a body dripped a byte at a time held a worker and its endpoint slot for as long as it
     dripped. A reply past --max-reply-bytes fails its evaluation as it arrives; an attempt, its body
-    included, ends within the endpoint's timeout."""
-    srv = await start(tmp_path, monkeypatch, http_retries=0, max_reply_bytes=64 * 1024)
+    included, ends within the endpoint's timeout. The bound is a quarter of --max-message-bytes (64 KiB
+    here), so that the result can be read back (`run_to_end` lists it)."""
+    srv = await start(tmp_path, monkeypatch, http_retries=0, max_message_bytes=256 * 1024)
     assert srv.bootstrap_key
     huge = json.dumps(chat_reply("x" * (1 << 20)).body)
     dripped = chat_reply("slow")  # about 150 bytes, 0.3 s each: 45 s in all, each read well within 1 s

@@ -37,7 +37,7 @@ import grpc
 
 from evalsvc.api.auth import Authenticator, presented_key
 from evalsvc.api.observability import FinishedCall, Observer
-from evalsvc.api.status import abort
+from evalsvc.api.status import abort, internal_error
 from evalsvc.api.tenancy import current_tenant
 from evalsvc.errors import malformed_request
 from evalsvc.limits import TENANT_METADATA
@@ -52,13 +52,18 @@ LookUp: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable["Handler | Non
 class CallInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates (where the method needs it) and observes every unary and server-streaming call.
 
-    `writes_streams`: a gRPC server's interceptor writes each message of a stream itself
-    (`_Call.written`); the in-process channel's (evalsvc.api.local) gets the stream's messages as an
-    async generator, read in its caller's task."""
+    `writes_streams`: a gRPC server's interceptor serializes every response and stream message itself
+    (checking its size against `max_message_bytes`) and writes each message of a stream
+    (`_Call.written`); the in-process channel's (evalsvc.api.local) hands messages over as objects
+    (their size checked all the same) and gets a stream's messages as an async generator, read in its
+    caller's task."""
 
-    def __init__(self, auth: Authenticator, observer: Observer, *, writes_streams: bool = True) -> None:
+    def __init__(
+        self, auth: Authenticator, observer: Observer, *, max_message_bytes: int, writes_streams: bool = True
+    ) -> None:
         self._auth = auth
         self._observer = observer
+        self._max_message_bytes = max_message_bytes
         self._writes_streams = writes_streams
         # Method name -> (the service's handler, what its calls share). grpc looks a handler up for
         # every call; a service's is the same object each time (a new one is worked out afresh).
@@ -72,9 +77,51 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             return handler
         known = self._methods.get(details.method)
         if known is None or known[0] is not handler:
-            method = _Method(details.method, handler, self._auth, self._observer, self._writes_streams)
+            method = _Method(details.method, handler, self._auth, self._observer, self._outgoing())
             known = self._methods[details.method] = (handler, method)
         return known[1].handler(presented_key(details.invocation_metadata))
+
+    def _outgoing(self) -> Outgoing:
+        """What each method's responses pass through on their way out (`Outgoing`)."""
+        return Outgoing(self._max_message_bytes, serializes=self._writes_streams)
+
+
+class OversizedResponse(Exception):
+    """A response larger than the client may receive: a size bound on the server is missing."""
+
+
+class Outgoing:
+    """Every response and stream message on its way out: serialized here on a gRPC server (grpc then
+    sends the bytes), handed over as is in process, and in both checked against --max-message-bytes.
+
+    Past that size grpc's core refused the send: the client saw RESOURCE_EXHAUSTED, grpc logged a
+    traceback at ERROR (`ExecuteBatchError raised in core`) and the access log recorded the call OK.
+    Every response is bounded by design (pages by bytes, definitions, replies from endpoints), so one
+    that is not is a bug: one ERROR line naming the method and sizes, INTERNAL to the caller and in
+    the access log. The check costs nothing on a server (the length of bytes grpc would have made)."""
+
+    __slots__ = ("max_bytes", "serializes")
+
+    def __init__(self, max_bytes: int, *, serializes: bool) -> None:
+        self.max_bytes = max_bytes
+        self.serializes = serializes
+
+    def message(self, serialize: Callable[[Any], bytes] | None, method: str, message: Any) -> Any:
+        """What grpc (or the in-process caller) is given for `message`; OversizedResponse when too large."""
+        if self.serializes and serialize is not None:
+            message = serialize(message)
+            size = len(message)
+        else:
+            size = message.ByteSize()
+        if size > self.max_bytes:
+            log.error(
+                "%s: a response of %d bytes is over --max-message-bytes (%d); some bound is missing",
+                method,
+                size,
+                self.max_bytes,
+            )
+            raise OversizedResponse(method)
+        return message
 
 
 class MalformedRequest:
@@ -105,15 +152,30 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 class _Method:
     """One observed unary or server-streaming method: what all its calls share."""
 
-    __slots__ = ("auth", "behaviour", "build", "name", "observer", "parse", "serialize", "shape", "streaming")
+    __slots__ = (
+        "auth",
+        "behaviour",
+        "build",
+        "name",
+        "observer",
+        "outgoing",
+        "parse",
+        "serialize",
+        "shape",
+        "streaming",
+    )
 
-    def __init__(self, name: str, handler: Handler, auth: Authenticator, observer: Observer, writes: bool) -> None:
+    def __init__(
+        self, name: str, handler: Handler, auth: Authenticator, observer: Observer, outgoing: Outgoing
+    ) -> None:
         self.name = name
         self.auth = auth if auth.guards(name) else None
         self.observer = observer
+        self.outgoing = outgoing
         self.parse = _tolerant(handler.request_deserializer)
-        self.serialize = handler.response_serializer
+        self.serialize = handler.response_serializer  # used by `outgoing`; grpc is given bytes, or objects in process
         self.streaming = handler.unary_unary is None
+        writes = outgoing.serializes
         self.behaviour: Callable[..., Any]
         self.shape: Callable[..., Any]  # the _Call method that runs the behaviour between the hooks
         if not self.streaming:
@@ -131,7 +193,14 @@ class _Method:
         """The handler of one call that presented `key`: the behaviour run between that call's hooks
         (a bound method: grpc tells the shapes apart by it, as it would the behaviour)."""
         observed = MethodType(self.shape, _Call(self, key))
-        return self.build(observed, request_deserializer=self.parse, response_serializer=self.serialize)
+        # grpc is given bytes (`sent`), but by a behaviour that writes its messages itself (health Watch).
+        serializer = self.serialize if self.shape is _Call.stream_writer else None
+        return self.build(observed, request_deserializer=self.parse, response_serializer=serializer)
+
+    def sent(self, message: Any) -> Any:
+        """`message` as grpc (or the in-process caller) is given it: `Outgoing.message` (a call whose
+        message is too large to send ends INTERNAL)."""
+        return self.outgoing.message(self.serialize, self.name, message)
 
 
 class _Call:
@@ -175,7 +244,12 @@ class _Call:
             await self.on_start(request, context)
             response = await self._method.behaviour(request, context)
             code = _code(context, grpc.StatusCode.OK)
-            return response
+            if response is None:
+                return None
+            try:
+                return self._method.sent(response)
+            except OversizedResponse:
+                await abort(context, internal_error())
         except BaseException as exc:
             code = _outcome(context, exc)
             raise
@@ -193,10 +267,14 @@ class _Call:
             # watcher, releasing its stream quota) runs now, not whenever the garbage collector gets to it.
             async with contextlib.aclosing(self._method.behaviour(request, context)) as messages:
                 async for message in messages:
+                    try:
+                        sent = self._method.sent(message)
+                    except OversizedResponse:
+                        await abort(context, internal_error())
                     if tenant:
                         await context.send_initial_metadata(((TENANT_METADATA, tenant),))
                         tenant = ""
-                    yield message
+                    yield sent
             code = _code(context, grpc.StatusCode.OK)
         except BaseException as exc:  # GeneratorExit when the client goes away
             code = _outcome(context, exc)

@@ -8,7 +8,8 @@ the method handlers the servicers registered, wrapped by the server's own `CallI
 keys, tenant scoping, metrics, access logs and the rich error statuses are the gRPC path's, and a
 failure reaches the caller as the same `grpc.aio.AioRpcError` (code, message, ErrorInfo details in
 the trailing metadata). Messages are handed over as objects, never serialised; the size and
-concurrency limits a gRPC server applies are applied here with the same settings.
+concurrency limits a gRPC server applies are applied with the same settings (a response's size by
+the interceptor, as on the server).
 
 What this depends on from the interceptor: only `grpc.aio.ServerInterceptor.intercept_service`,
 the handlers it returns (behaviours called as `(request, context)`), and, from the context, the
@@ -84,13 +85,8 @@ class LocalServices:
         return handler
 
     def _checked(self, response: Any, context: LocalContext) -> Any:
-        """The response, unless the behaviour set an error code or the response is too large to send."""
+        """The response, unless the behaviour set an error code (its size the interceptor checked)."""
         context.raise_if_failed()
-        if response.ByteSize() > self._max_message_bytes:
-            raise _error(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"Sent message larger than max ({response.ByteSize()} vs. {self._max_message_bytes})",
-            )
         return response
 
     async def unary(self, method: str, request: Any, metadata: MetadataPairs, timeout: float | None) -> Any:

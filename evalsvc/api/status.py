@@ -11,7 +11,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc_status import rpc_status
@@ -27,11 +27,12 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
-def _internal() -> ServiceError:
+def internal_error() -> ServiceError:
+    """INTERNAL (reason INTERNAL): a bug, logged where it happened, never described to the caller."""
     return ServiceError(grpc.StatusCode.INTERNAL, Reason.INTERNAL, "internal error; the service logged the details")
 
 
-async def abort(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError) -> None:
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError) -> NoReturn:
     """End the call with the error's rich status."""
     await context.abort_with_status(rpc_status.to_status(to_status(error)))
 
@@ -141,4 +142,4 @@ def unexpected_error(exc: Exception, method: str) -> ServiceError:
         log.warning("%s: the database cannot serve: %s", method, unavailable)
         return database_unavailable()
     log.error("unexpected error in %s", method, exc_info=exc)
-    return _internal()
+    return internal_error()

@@ -386,7 +386,7 @@ class Outbound:
     def __init__(self, settings: Settings) -> None:
         self.allow = AllowList(settings.outbound_allow)
         self._retries = settings.http_retries
-        self._max_reply_bytes = settings.max_reply_bytes
+        self._max_reply_bytes = settings.reply_bytes
         self._client = httpx.AsyncClient(
             follow_redirects=False, transport=checked_transport(self.allow, httpx.Limits(max_connections=512))
         )
