@@ -360,7 +360,10 @@ class Settings:
 
 
 # Text settings that name one of a few things (any case).
-CHOICES: dict[str, tuple[str, ...]] = {"log_level": ("DEBUG", "INFO", "WARNING", "ERROR")}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+    "sqlite_synchronous": ("FULL", "NORMAL", "EXTRA"),
+}
 
 MIN_REPLY_BYTES = 1024  # a reply bound smaller than this would fail ordinary answers
 

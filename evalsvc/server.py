@@ -142,7 +142,7 @@ class EvalServer:
         SecretsConfigError or SecretsKeyError the secrets settings."""
         self.settings = settings
         operator_secrets = OperatorSecrets(os.environ, settings.secrets_file)
-        with _setting("--db, --sqlite-synchronous"):
+        with _setting("--db"):
             self.db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
         # Keyed at start, from the database: every replica of a database signs with the same key.
         self.page_tokens = PageTokens(page_bytes=settings.max_message_bytes // 2)

@@ -175,15 +175,12 @@ async def test_a_schema_this_binary_does_not_know_exits(tmp_path: Path) -> None:
     [
         ("--price-table", "/no/such/prices.json", "/no/such/prices.json"),
         ("--secrets-file", "/no/such/secrets.json", "/no/such/secrets.json"),
-        ("--sqlite-synchronous", "SOMETIMES", "SOMETIMES"),
     ],
 )
 def test_a_setting_that_cannot_be_used_exits_2_naming_the_flag(
     tmp_path: Path, flag: str, value: str, named: str
 ) -> None:
-    # A SQLite file under either engine's run: --sqlite-synchronous means nothing to PostgreSQL.
-    sqlite = f"sqlite+aiosqlite:///{tmp_path / 'evalsvc.db'}"
-    assert_failed_cleanly(failed_start(sqlite, flag, value), 2, flag, named)
+    assert_failed_cleanly(failed_start(f"sqlite+aiosqlite:///{tmp_path / 'evalsvc.db'}", flag, value), 2, flag, named)
 
 
 @pytest.mark.parametrize(
@@ -194,6 +191,7 @@ def test_a_setting_that_cannot_be_used_exits_2_naming_the_flag(
         ([], {"EVALSVC_POLL_INTERVAL_S": "0"}, ["--poll-interval-s", "EVALSVC_POLL_INTERVAL_S", "more than 0"]),
         ([], {"EVALSVC_WORKERS": "many"}, ["EVALSVC_WORKERS", "'many' is not a whole number"]),
         (["--heartbeat-s", "soon"], {}, ["--heartbeat-s", "'soon' is not a number"]),
+        (["--sqlite-synchronous", "SOMETIMES"], {}, ["--sqlite-synchronous", "FULL, NORMAL, EXTRA, not 'SOMETIMES'"]),
         (  # one tenant's REST streams could take every REST connection
             ["--max-http-connections", "20"],
             {"EVALSVC_MAX_HTTP_STREAMS_PER_TENANT": "11"},
@@ -217,6 +215,13 @@ def test_a_database_url_of_another_engine_or_driver_exits_2_naming_it(url: str) 
     """Another engine, or SQLite without its async driver, failed deep in SQLAlchemy: a traceback, exit 1."""
     line = assert_failed_cleanly(failed_start(url), 2, "--db", "sqlite+aiosqlite:///", "postgresql+asyncpg://")
     assert repr(url.split(":")[0]) in line
+
+
+def test_a_path_given_as_the_database_says_which_url_to_write() -> None:
+    """`--db evalsvc.db` said `--db, --sqlite-synchronous: Could not parse SQLAlchemy URL from given URL
+    string`: a second flag that had nothing to do with it, and no hint of the URL it wanted."""
+    line = assert_failed_cleanly(failed_start("evalsvc.db"), 2, "--db", "sqlite+aiosqlite:///evalsvc.db")
+    assert "synchronous" not in line
 
 
 def test_an_address_that_is_not_host_and_port_exits(tmp_path: Path) -> None:

@@ -41,6 +41,11 @@ class Database:
         """ValueError for a URL of another engine or driver than the two the store speaks (without it,
         `mysql://` or `sqlite:///...` failed deep in SQLAlchemy, with a traceback)."""
         self.url = url
+        if "://" not in url:  # a bare path (`--db ./evalsvc.db`): SQLAlchemy said only that it could not parse it
+            raise ValueError(
+                f"{url!r} is not a database URL: write sqlite+aiosqlite:///{url} for a SQLite file, "
+                "or postgresql+asyncpg://USER@HOST/DATABASE"
+            )
         parsed = make_url(url)
         if parsed.drivername not in DRIVERS:
             raise ValueError(
