@@ -124,8 +124,13 @@ async def test_a_replica_that_wakes_after_losing_its_leases_records_nothing(tmp_
     """Its calls answered while it was paused, the woken replica records none of the jobs another replica
     took over: the fence. It wakes while the run is still active (had the run ended, it would hear so and
     stop its work instead of recording, see the test below)."""
-    with FakeEndpoint(chat_reply("a")) as llm:
-        llm.script[0].delay_s = 0.5  # calls stay in flight, so the paused replica holds leases
+    held = threading.Event()
+    in_flight, later = chat_reply("a"), chat_reply("a")
+    # The first replica's first calls (an endpoint takes 8 at once at first) stay in flight until it has
+    # been paused and woken: with a delay alone, a slow machine finished them all before the pause.
+    in_flight.gate = held
+    later.delay_s = 0.5
+    with FakeEndpoint(*[in_flight] * 8, later) as llm:
         url = dbs.postgres_url(tmp_path, "fencing")
         env = {"EVALSVC_OUTBOUND_ALLOW": "127.0.0.1"}
         paused = ServerProcess(url, tmp_path / "a.log", *FAST, env=env)
@@ -146,20 +151,22 @@ async def test_a_replica_that_wakes_after_losing_its_leases_records_nothing(tmp_
                         )
                     )
                 ).run.id
-                # The first replica holds every job (one claim of 50, 50 workers), each call in flight.
-                assert await asyncio.to_thread(llm.wait_seen, 50, 30)
+                # The first replica holds every job (one claim of 50, 50 workers), 8 calls in flight.
+                assert await asyncio.to_thread(llm.wait_seen, 8, 30)
             os.kill(paused.proc.pid, signal.SIGSTOP)
             # Two workers: the survivor takes over the expired leases slowly, and the run is still going
             # when the first replica wakes.
             survivor = ServerProcess(url, tmp_path / "b.log", *FAST, "--workers", "2", env=env)
-            assert await asyncio.to_thread(llm.wait_seen, 51, 30), "the survivor took over nothing"
+            assert await asyncio.to_thread(llm.wait_seen, 9, 30), "the survivor took over nothing"
             os.kill(paused.proc.pid, signal.SIGCONT)
+            held.set()
             ch_b, b = stub(survivor, key)
             async with ch_b:  # type: ignore[attr-defined]
                 full = await asyncio.wait_for(watch_all(b, run_id), 60)
                 run = (await b.GetRun(pb.GetRunRequest(run_id=run_id))).run
                 results = await all_results(b, run_id)
         finally:
+            held.set()
             os.kill(paused.proc.pid, signal.SIGCONT)
             paused.terminate()
             if survivor is not None:
