@@ -11,7 +11,6 @@ error bodies are AgentOS's own. docs/dialects/agno.md has the field mapping.
 from __future__ import annotations
 
 import json
-import re
 import statistics
 import time
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from evalsvc.gateway.dialects.base import (
     DialectOptions,
     VendorOptions,
     iso,
+    judge_reason,
     owner_labels,
     window,
 )
@@ -386,14 +386,6 @@ def _graded(results: Sequence[run_pb2.Result], grader: str) -> list[run_pb2.Resu
     return sorted(kept, key=lambda r: r.repetition)
 
 
-_JUDGE_PREFIX = re.compile(r"^judge (?:score \d+/10 \(pass at \d+\)|says (?:PASS|FAIL)): ")
-
-
-def _reason(result: run_pb2.Result) -> str:
-    """The judge's own reason, without evalsvc's verdict prefix (Agno shows the score apart)."""
-    return _JUDGE_PREFIX.sub("", result.explanation, count=1)
-
-
 def _score_stats(scores: list[int]) -> dict[str, float | None]:
     """Agno's score statistics; null when there is no score."""
     if not scores:
@@ -415,7 +407,7 @@ def _accuracy(body: EvalRunInput, run: run_pb2.Run, results: Sequence[run_pb2.Re
             "output": r.output.content,
             "expected_output": body.expected_output,
             "score": score,
-            "reason": _reason(r),
+            "reason": judge_reason(r.explanation),  # Agno shows the score apart
         }
         for r, score in zip(graded, scores, strict=True)
     ]
@@ -437,7 +429,7 @@ def _agent_as_judge(
             "output": r.output.content,
             "criteria": body.criteria,
             "score": scores[i] if numeric else None,
-            "reason": _reason(r),
+            "reason": judge_reason(r.explanation),  # Agno shows the score apart
             "passed": verdicts[i],
         }
         for i, r in enumerate(graded)

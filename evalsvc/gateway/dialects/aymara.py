@@ -37,6 +37,7 @@ from evalsvc.gateway.dialects.base import (
     annotations_bytes,
     bearer_key,
     iso,
+    judge_reason,
     owner_labels,
     window,
 )
@@ -599,7 +600,7 @@ def scored(record: dict[str, Any], result: run_pb2.Result | None) -> ScoredRespo
     return ScoredResponse(
         **{"content": result.output.content, **record},
         response_uuid=result.id,
-        explanation=result.error_reason or result.explanation,
+        explanation=result.error_reason or judge_reason(result.explanation),
         confidence=result.confidence if result.HasField("confidence") else None,
         is_passed=VERDICT.get(result.state),
     )

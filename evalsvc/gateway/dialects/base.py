@@ -18,6 +18,7 @@ synchronous vendor routes (`wait_until_done`).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -362,6 +363,16 @@ def _writable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return errors
     except ValueError:  # UnicodeEncodeError is a ValueError
         return [{key: value for key, value in e.items() if key not in ("input", "ctx")} for e in errors]
+
+
+# evalsvc's verdict prefix on an LLM judge's explanation (evalsvc.graders.judge): "judge says PASS: <reason>",
+# "judge score 8/10 (pass at 7): <reason>". A vendor shows the verdict in its own fields, and the reason alone.
+_JUDGE_PREFIX = re.compile(r"^judge (?:score \d+/10 \(pass at \d+\)|says (?:PASS|FAIL)): ")
+
+
+def judge_reason(explanation: str) -> str:
+    """The judge's own reason, without evalsvc's verdict prefix (any other explanation unchanged)."""
+    return _JUDGE_PREFIX.sub("", explanation, count=1)
 
 
 def iso(ts: timestamp_pb2.Timestamp, *, millis: bool = False) -> str | None:

@@ -36,6 +36,7 @@ from evalsvc.gateway.dialects.base import (
     VendorOptions,
     bearer_key,
     iso,
+    judge_reason,
 )
 from evalsvc.gateway.upstream import Caller, GatewayError
 from evalsvc.v1 import (
@@ -404,7 +405,7 @@ def result_out(result: run_pb2.Result, item: item_pb2.Item, grader_index: int) -
                 index=grader_index,
                 accurate=accurate,
                 model_output=output.content,
-                reason=result.explanation or result.error_reason or None,
+                reason=judge_reason(result.explanation) or result.error_reason or None,
             )
         ],
         transcript=transcript_of(item, output),
