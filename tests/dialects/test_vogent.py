@@ -290,6 +290,24 @@ async def test_record_subsets_search_and_cursors(env: Env) -> None:
     assert (added["prompt"]["systemPrompt"], added["prompt"]["maxTurns"]) == ("Hi, I need a cab.", None)
 
 
+async def test_a_limit_over_the_largest_page_reads_the_largest_page(env: Env) -> None:
+    """Vogent documents no maximum `limit`: one over evalsvc's 1000 gets 1000 and a cursor, not a 422."""
+    config = await env.config()
+    items = [{"input": f"Scenario {i}"} for i in range(1001)]
+    await env.ok("POST", f"/v1/datasets/{config['id']}:addItems", {"items": items})
+    records = f"/api/eval_configs/{config['id']}/records"
+    page, cursor = check_page(await env.http.get(records, params={"limit": 5000}))
+    assert len(page) == 1000 and cursor
+    rest, cursor = check_page(await env.http.get(records, params={"limit": 5000, "cursor": cursor}))
+    assert [r["prompt"]["systemPrompt"] for r in rest] == ["Scenario 1000"] and cursor is None
+    configs, _ = check_page(await env.http.get("/api/eval_configs", params={"limit": 10**9}))
+    assert [c["id"] for c in configs] == [config["id"]]
+    assert check_page(await env.http.get(f"/api/eval_configs/{config['id']}/runs", params={"limit": 1001})) == (
+        [],
+        None,
+    )
+
+
 async def test_only_what_this_dialect_created_is_visible(env: Env) -> None:
     config = await env.config()
     await env.record(config["id"])
@@ -367,7 +385,6 @@ async def test_bad_input_is_rejected_in_the_error_shape_and_changes_nothing(env:
             "evalRecordIds",
         ),
         ("GET", "/api/eval_configs?limit=0", None, "limit"),
-        ("GET", f"{records}?limit=1001", None, "limit"),
         ("GET", f"{runs}?limit=-1", None, "limit"),
     ]
     for method, path, body, field in shape_errors:

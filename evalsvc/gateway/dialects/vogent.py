@@ -25,7 +25,7 @@ from fastapi import Depends, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRouter
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from evalsvc.gateway.dialects.base import (
@@ -283,7 +283,13 @@ def caller(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, D
     return bearer_key(request)
 
 
-Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="The maximum number of items to fetch")]
+# Vogent documents a default (100) and no maximum, so a larger limit is read as evalsvc's largest page rather
+# than refused; the page's cursor leads to the rest.
+Limit = Annotated[
+    int,
+    Query(ge=1, description=f"The maximum number of items to fetch (more than {MAX_LIMIT} fetches {MAX_LIMIT})"),
+    AfterValidator(lambda limit: min(limit, MAX_LIMIT)),
+]
 Cursor = Annotated[str | None, Query(description="The pagination cursor returned by the previous request")]
 
 
