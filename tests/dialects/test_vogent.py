@@ -414,8 +414,14 @@ async def test_bad_input_is_rejected_in_the_error_shape_and_changes_nothing(env:
         ("GET", f"{records}?cursor=not-a-cursor", None, None),
     ]
     for method, path, body, field in invalid:
-        violations = check_error(await env.http.request(method, path, json=body), 400, "INVALID_ARGUMENT")
+        response = await env.http.request(method, path, json=body)
+        violations = check_error(response, 400, "INVALID_ARGUMENT")
         assert field is None or field in violations, (path, body, violations)
+        message = response.json()["error"]["message"]  # names fields as the violations do, in Vogent's words
+        assert not re.search(r"\b(item_ids|dataset_id|display_name|page_token)\b", message), message
+    several = {"versionedPromptId": "v", "callAgentId": env.agent_id, "evalRecordIds": ["no", record["id"], "x", "x"]}
+    refused = (await env.http.post(runs, json=several)).json()["error"]["message"]
+    assert refused == "invalid request: evalRecordIds[0], evalRecordIds[2], evalRecordIds[3], evalRecordIds"
 
     empty = await env.config()
     no_records = await env.http.post(

@@ -17,6 +17,7 @@ documented shape. See docs/dialects/vogent.md.
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Generic, TypeVar
@@ -262,12 +263,24 @@ def vendor_field(field: str) -> str:
     return field
 
 
+def vendor_message(message: str, violations: list[tuple[str, str]]) -> str:
+    """The message with the fields it names in Vogent's words, as in the violations: evalsvc's message of
+    an INVALID_ARGUMENT names its bad fields (`invalid request: item_ids[0]`). Only the violations'
+    fields are renamed, and only where they stand as a whole path, so prose is left as it is."""
+    for field in sorted({f for f, _ in violations}, key=len, reverse=True):
+        renamed = vendor_field(field)
+        if renamed != field:
+            literal = renamed.replace("\\", "\\\\")  # a replacement template: its backslashes are escapes
+            message = re.sub(rf"(?<![\w.]){re.escape(field)}(?![\w\[.])", literal, message)
+    return message
+
+
 def render(error: GatewayError) -> JSONResponse:
     """Every failure as `{"error": {...}}` with the HTTP status of its gRPC code (422 for shape errors)."""
     body = AIEvalError(
         error=AIEvalErrorDetail(
             code=error.code.name,
-            message=error.message,
+            message=vendor_message(error.message, error.violations),
             reason=error.reason or None,
             field_violations=[AIEvalFieldViolation(field=vendor_field(f), description=d) for f, d in error.violations],
         )
