@@ -24,6 +24,9 @@ from evalsvc.errors import Reason, ServiceError
 # (sent with its first message): the REST gateway, which knows callers only by their keys, holds each
 # tenant to its share of the gateway's connections with it (--max-http-streams-per-tenant).
 TENANT_METADATA = "evalsvc-tenant"
+# When too many runs are in flight: how long a caller is told to wait (RetryInfo, Retry-After) before trying
+# again, here and for the REST gateway's own in-flight caps (Omni's 2 runs).
+ACTIVE_RUNS_RETRY_AFTER_S = 5.0
 
 
 def quota_exceeded(quota: str, message: str, retry_after_s: float | None = None) -> ServiceError:
@@ -157,7 +160,7 @@ class TenantLimits:
             raise quota_exceeded(
                 "max_active_runs",
                 f"the tenant already has {active} runs pending or running (at most {self._settings.max_active_runs})",
-                retry_after_s=5.0,
+                retry_after_s=ACTIVE_RUNS_RETRY_AFTER_S,
             )
 
     @contextmanager

@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 from evalsvc.gateway.dialects.base import Dialect, DialectClient, DialectOptions, VendorOptions, iso
 from evalsvc.gateway.dialects.uuids import derived_uuid, from_uuid, to_uuid
 from evalsvc.gateway.upstream import GatewayError
+from evalsvc.limits import ACTIVE_RUNS_RETRY_AFTER_S
 from evalsvc.v1 import dataset_service_pb2 as ds_pb
 from evalsvc.v1 import eval_run_service_pb2 as run_svc
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2, target_pb2
@@ -386,6 +387,7 @@ class Omni(DialectClient):
                 f"at most {MAX_RUNS_IN_FLIGHT} eval runs may be in flight at once; "
                 "wait for one to finish or cancel one",
                 "ACTIVE_RUN_CAP",
+                retry_after_s=ACTIVE_RUNS_RETRY_AFTER_S,  # every 429 says when to try again (Retry-After)
             )
 
     async def create_run(self, body: OmniRunCreate) -> OmniRunCreated:
