@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -439,6 +440,13 @@ async def test_a_run_to_completion_reports_the_documented_results(env: Env) -> N
     ]
     assert rows[0]["call_duration_seconds"] == pytest.approx(186) and rows[1]["call_duration_seconds"] is None
     verdicts = [shaped(a, AGENT_RESULT) for r in rows for a in r["agent_results"]]
+    ids = [r["id"] for r in rows] + [v["id"] for v in verdicts]
+    assert len(set(ids)) == 6 and all(uuid.UUID(i).version == 5 for i in ids)  # UUIDs, as Bland's are
+    after, more, _ = page(
+        await env.http.get(f"/v1/evals/runs/{run['id']}/call-results", params={"starting_after": rows[0]["id"]}),
+        CALL_RESULT,
+    )
+    assert [r["id"] for r in after] == [rows[1]["id"]] and not more  # and they work as cursors
     assert [
         (v["eval_agent_id"], v["selected_level_key"], v["selected_level_label"], v["is_target_match"]) for v in verdicts
     ] == [

@@ -41,6 +41,7 @@ from evalsvc.gateway.dialects.base import (
     owner_labels,
     window,
 )
+from evalsvc.gateway.dialects.uuids import derived_uuid
 from evalsvc.gateway.upstream import TERMINAL, Caller, GatewayError
 from evalsvc.http.outbound import check_url_shape
 from evalsvc.v1 import (
@@ -599,7 +600,7 @@ def scored(record: dict[str, Any], result: run_pb2.Result | None) -> ScoredRespo
         return ScoredResponse(**record)
     return ScoredResponse(
         **{"content": result.output.content, **record},
-        response_uuid=result.id,
+        response_uuid=derived_uuid("aymara.response", result.run_id, result.id),  # a UUID, as Aymara's are
         explanation=result.error_reason or judge_reason(result.explanation),
         confidence=result.confidence if result.HasField("confidence") else None,
         is_passed=VERDICT.get(result.state),

@@ -57,6 +57,7 @@ from evalsvc.gateway.dialects.bland.translate import (
     bland_status,
     call_item,
     call_out,
+    call_result_id,
     checked,
     encode_version,
     forked,
@@ -219,7 +220,7 @@ class Bland(DialectClient):
             if group is None or result.item_id != group.call_id:
                 if group is not None:
                     yield group
-                group = CallGroup(result.item_id, result.id)
+                group = CallGroup(result.item_id, call_result_id(result))
             group.verdicts.append(view.verdict(result))
         if group is not None:
             yield group
@@ -438,5 +439,5 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
                 for verdict in group.verdicts:
                     yield group, verdict
 
-        page = await paginate(verdicts(), lambda pair: pair[1].result.id, cursor)
+        page = await paginate(verdicts(), lambda pair: pair[1].id, cursor)
         return Envelope(data=listing(page, [view.agent_result(g, v) for g, v in page.items]))

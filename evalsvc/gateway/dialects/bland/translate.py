@@ -43,6 +43,7 @@ from evalsvc.gateway.dialects.bland.models import (
     VersionFields,
     VersionOut,
 )
+from evalsvc.gateway.dialects.uuids import derived_uuid
 from evalsvc.gateway.upstream import TERMINAL, GatewayError
 from evalsvc.v1 import dataset_service_pb2 as ds_pb
 from evalsvc.v1 import grader_pb2, grader_service_pb2, item_pb2, run_pb2
@@ -355,6 +356,13 @@ def bland_status(run: run_pb2.Run) -> RunStatus:
     return STATUSES.get(run.status, "PENDING")
 
 
+def call_result_id(first: run_pb2.Result) -> str:
+    """A call result's id: a UUID, as Bland's are, derived from its first result (evalsvc has no call
+    result of its own). A list finds its cursor by reading from the start, so the id need not be read
+    back into an evalsvc id."""
+    return derived_uuid("bland.call_result", first.run_id, first.id)
+
+
 @dataclass(frozen=True)
 class Verdict:
     """One result read the Bland way."""
@@ -363,6 +371,11 @@ class Verdict:
     level_key: str | None
     reason: str
     target_match: bool
+
+    @property
+    def id(self) -> str:
+        """The agent result's id: a UUID derived from the result's, as for call results."""
+        return derived_uuid("bland.agent_result", self.result.run_id, self.result.id)
 
     @property
     def failed(self) -> bool:
@@ -374,7 +387,7 @@ class CallGroup:
     """One call's results (a job records all its graders' results together, so they are adjacent)."""
 
     call_id: str
-    id: str  # the first result's id: the call result's id
+    id: str  # the call result's id (`call_result_id` of its first result)
     verdicts: list[Verdict] = field(default_factory=list)
 
 
@@ -488,7 +501,7 @@ class RunView:
         version = self.versions.get(result.grader)
         labels = version.labels() if version else {}
         return AgentResult(
-            id=result.id,
+            id=verdict.id,
             org_id=self.run.dataset_id,
             eval_run_id=self.run.id,
             eval_run_call_result_id=group.id,
