@@ -429,7 +429,9 @@ async def test_a_run_to_completion_reports_the_documented_results(env: Env) -> N
         "overall_pass": False,  # 2 of 4 verdicts on target: 50% < 80%
     }
     assert (await env.ok("GET", f"/v1/evals/runs/{run['id']}")) == run  # the summary is stable
-    check_error(await env.http.post(f"/v1/evals/runs/{run['id']}/cancellations"), 409, "EVAL_RUN_NOT_CANCELLABLE")
+    finished = await env.http.post(f"/v1/evals/runs/{run['id']}/cancellations")
+    [why] = check_error(finished, 409, "EVAL_RUN_NOT_CANCELLABLE")
+    assert why.endswith("already finished as COMPLETE") and "RUN_STATUS" not in why  # Bland's status names
 
     response = await env.http.get(f"/v1/evals/runs/{run['id']}/call-results", params={"include_agent_results": "true"})
     rows, more, _ = page(response, CALL_RESULT)
@@ -616,7 +618,8 @@ async def test_every_error_comes_in_blands_envelope_and_changes_nothing(env: Env
         ({}, "attached_agents must list"),
         ({"attached_agents": attach + attach}, "attached_agents must not attach the same eval agent twice"),
         ({"attached_agents": [{"eval_agent_id": agent, "target_level_keys": ["great"]}]}, "attached_agents[0].target"),
-        ({"call_ids": [CALL_IDS[0], "nope"], "attached_agents": attach}, "call_ids[1]:"),
+        ({"call_ids": [CALL_IDS[0], "nope"], "attached_agents": attach}, "call_ids[1]: no call 'nope' was uploaded"),
+        ({"call_ids": [CALL_IDS[0], CALL_IDS[0]], "attached_agents": attach}, "call_ids: call ids must not repeat"),
         ({"attached_agents": attach, "colour": "red"}, "colour:"),
     ]
     for body, start in bad_runs:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self, cast
 
@@ -139,16 +139,34 @@ def bland_field(path: str) -> str:
     return path
 
 
+# evalsvc's words in its messages -> Bland's: run status names (`RUN_STATUS_SUCCEEDED` -> `COMPLETE`), and a
+# call that is not in the calls dataset (the run's item ids are the call ids).
+STATUS_WORDS = {run_pb2.RunStatus.Name(status): name for status, name in STATUSES.items()}
+WORDS: tuple[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]], ...] = (
+    (re.compile(r"\bRUN_STATUS_[A-Z]+\b"), lambda m: STATUS_WORDS.get(m[0], m[0])),
+    (re.compile(r"\bno item ('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\") in dataset '[^']*'"), r"no call \1 was uploaded"),
+    (re.compile(r"\bitem ids must not repeat\b"), "call ids must not repeat"),
+)
+
+
+def bland_words(text: str) -> str:
+    """A message of evalsvc's in Bland's vocabulary (see WORDS)."""
+    for pattern, replacement in WORDS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def render(error: GatewayError) -> JSONResponse:
-    """A failure in Bland's envelope: one entry per field violation, else one for the error."""
+    """A failure in Bland's envelope: one entry per field violation, else one for the error; field names,
+    status names and words are Bland's."""
     status, code = ERROR_CODES.get(error.code, (500, "INTERNAL_ERROR"))
     status = 413 if error.http_status == 413 else status  # a body over the gateway's limits
     code = REASON_CODES.get(error.reason) or (error.reason if error.reason.startswith("EVAL_") else code)
     items = [
-        ErrorItem(error=code, message=f"{bland_field(f)}: {d}" if f else d.removeprefix("Value error, "))
+        ErrorItem(error=code, message=bland_words(f"{bland_field(f)}: {d}" if f else d.removeprefix("Value error, ")))
         for f, d in error.violations
     ]
-    body = ErrorEnvelope(errors=items or [ErrorItem(error=code, message=error.message)])
+    body = ErrorEnvelope(errors=items or [ErrorItem(error=code, message=bland_words(error.message))])
     return JSONResponse(status_code=status, content=body.model_dump())
 
 
