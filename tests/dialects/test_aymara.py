@@ -695,6 +695,14 @@ async def test_bad_input_is_rejected_in_the_envelope_and_creates_nothing(
     assert (await env.http.get("/v2/evals")).json()["count"] == evals_before
 
 
+async def test_the_health_check_answers_without_a_key(env: Env) -> None:
+    """GET /health/, as the SDK's `health.check()` sends it; a monitor sends no key."""
+    await env.sdk().health.check()
+    async with httpx.AsyncClient(base_url=env.base_url) as anonymous:
+        answer = await anonymous.get("/health/")
+    assert answer.status_code == 200 and answer.json() == {"status": "ok"}
+
+
 async def test_unknown_paths_and_methods_are_in_the_envelope(env: Env) -> None:
     for path in ("/v2/nope", "/v2/evals/e/nope"):
         answer = await env.http.get(path)

@@ -289,6 +289,12 @@ class ResponseList(BaseModel):
     count: int
 
 
+class Health(BaseModel):
+    """GET /health/. Aymara documents no body (its SDK's `health.check()` reads none): this is evalsvc's."""
+
+    status: Literal["ok"] = "ok"
+
+
 class ErrorBody(BaseModel):
     code: ErrorCode
     message: str
@@ -778,6 +784,12 @@ class Aymara(DialectClient):
 
 def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
     """Aymara's /v2 evals and eval-runs routes."""
+
+    @api.get("/health/", response_model=Health, summary="Health check (no API key needed)")
+    async def health() -> Health:
+        """The gateway answers, as Aymara's health check does for a monitor without a key: it calls no
+        service, so it says the gateway is up, not that the gRPC service behind it is."""
+        return Health()
 
     @api.post("/v2/evals", response_model=Eval, summary="Create an eval (its prompts are generated unless given)")
     async def create_eval(body: EvalCreate, aymara: Aymara = client) -> Eval:
