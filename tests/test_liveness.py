@@ -22,7 +22,7 @@ import logging
 import os
 import random
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -386,6 +386,44 @@ async def test_jobs_claimed_just_before_their_run_is_cancelled_never_start(
         assert after.status == run_pb2.RUN_STATUS_SUCCEEDED
         assert hook.calls["/hang"] == 0
         assert srv.outbound.limit_of(hook.url).in_flight == 0 and srv.executor.in_flight() == 0
+
+
+async def test_jobs_whose_run_ends_before_their_tasks_start_give_back_their_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job task cancelled before its first step (its run ended - a cancel, a delete, another replica's
+    notice - in the turn its claim's tasks were made) never ran `_run_job`'s `finally`: its share of the
+    claim was never given back, so the claim's id was renewed with every lease for good, one more claim
+    per such job, until the renewal outgrew PostgreSQL's 32,767 parameters and the leases loop failed.
+    Here the run's end comes exactly in that window: as each of its tasks is recorded in flight."""
+    async with serving(tmp_path) as srv, Webhook() as hook, tenants(srv, "a") as t:
+        executor = srv.executor
+        ends: list[str] = []
+
+        class EndsOnArrival(set[Any]):
+            def __init__(self, run_id: str) -> None:
+                super().__init__()
+                self.run_id = run_id
+
+            def add(self, task: Any) -> None:
+                super().add(task)
+                ends.append(self.run_id)
+                executor.run_ended(self.run_id)  # before the task's first step
+
+        class InFlight(dict[str, set[Any]]):
+            def __missing__(self, run_id: str) -> set[Any]:
+                tasks = self[run_id] = EndsOnArrival(run_id)
+                return tasks
+
+        monkeypatch.setattr(executor, "_in_flight", InFlight())
+        run = (await t["a"].CreateRun(run_request(webhook(hook.url + "/hang"), 5))).run
+        await until(lambda: len(ends) == 5)
+        monkeypatch.setattr(executor, "_in_flight", defaultdict(set))
+        await t["a"].CancelRun(pb.CancelRunRequest(run_id=run.id))
+        await until(lambda: not executor._open_claims)  # failed: the claim of 5 stayed open for good
+        assert hook.calls["/hang"] == 0 and executor.in_flight() == 0
+        after = await create_and_finish(t["a"], run_request(webhook(hook.url + "/fast"), 5), within_s=10)
+        assert after.status == run_pb2.RUN_STATUS_SUCCEEDED and not executor._open_claims
 
 
 # ------------------------------------------------------------------------------------------ fairness
@@ -991,7 +1029,7 @@ async def test_random_interleaving_of_operations_leaves_every_run_live(tmp_path:
                 run = await create_and_finish(stub, run_request(target, 3), within_s=10)
                 assert run.status == run_pb2.RUN_STATUS_SUCCEEDED, note
         assert srv.outbound.limit_of(hung.url).in_flight == 0, note
-        assert srv.executor.in_flight() == 0, note
+        assert srv.executor.in_flight() == 0 and not srv.executor._open_claims, note  # no lease renewed for nothing
         for loop in ("claim", "record", "leases"):
             assert restarts(srv, loop) == 0, f"loop {loop} restarted {note}"
         assert srv.watchdog.healthy, note

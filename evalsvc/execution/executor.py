@@ -163,6 +163,9 @@ class Executor:
         self._created: dict[str, CreatedRunInputs] = {}  # insertion order: oldest first
         self._created_items = 0
         self._in_flight: dict[str, set[asyncio.Task[None]]] = defaultdict(set)
+        # Job tasks made but not yet started: one cancelled now never runs `_run_job`'s `finally`, so
+        # `_task_done` gives back its share of the claim instead (see `_run_job`).
+        self._not_started: set[asyncio.Task[None]] = set()
         self._workers = Slots(settings.workers)
         self._held_up_jobs: dict[str, int] = {}  # run id -> its jobs waiting on their endpoint or a grading process
         self._round_robin = RoundRobin()
@@ -333,6 +336,7 @@ class Executor:
                 continue
             for job in jobs:
                 task = asyncio.create_task(self._run_job(job))
+                self._not_started.add(task)
                 self._in_flight[job.run_id].add(task)
                 task.add_done_callback(
                     cast("Callable[[asyncio.Task[None]], object]", lambda t, job=job: self._task_done(job, t))
@@ -421,7 +425,11 @@ class Executor:
     async def _run_job(self, job: ClaimedJob) -> None:
         """One job's task. However it ends - recorded, failed, cancelled - its worker slot is given back,
         and unless the job was queued for the recorder (which then owns it) so is its share of the claim,
-        so the keeper stops renewing a lease nobody works under."""
+        so the keeper stops renewing a lease nobody works under. (A task cancelled before it started -
+        its run ended in the same turn it was made - never gets here: `_task_done` gives its share back.
+        It was lost: the claim's id stayed in every lease renewal for good, one more per such job, until
+        the renewal's statement outgrew PostgreSQL's 32,767 parameters and the leases loop failed.)"""
+        self._not_started.discard(cast("asyncio.Task[None]", asyncio.current_task()))
         worker = Hold(self._workers, job.tenant)  # tenants take free workers in turn, also after a wait
         queued = False
         try:
@@ -451,6 +459,9 @@ class Executor:
         await worker.take()  # only once the wait is over: a cancelled wait takes nothing back
 
     def _task_done(self, job: ClaimedJob, task: asyncio.Task[None]) -> None:
+        if task in self._not_started:  # cancelled before it started: `_run_job` gave nothing back
+            self._not_started.discard(task)
+            self._release_claim_slot(job.claim_id)
         tasks = self._in_flight.get(job.run_id)
         if tasks is not None:
             tasks.discard(task)
