@@ -8,7 +8,7 @@ import pytest
 
 from evalsvc.server import EvalServer
 from evalsvc.store import runs as run_store
-from evalsvc.store.run_cache import RunRowCache
+from evalsvc.store.run_cache import ENTRY_OVERHEAD_BYTES, RunRowCache
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, run_pb2
 from tests.helpers import create_request, watch_all
@@ -102,3 +102,23 @@ def test_a_derived_value_is_built_once_per_cached_row_and_again_after_a_change()
     assert cache.derived(second, build) == {"built from": run_record("r1", 2)}
     cache.derived(first, build)  # a row that is no longer the cached one is built, never kept
     assert builds == [first, second, first]
+
+
+def test_the_cache_is_bounded_by_what_its_runs_weigh_not_only_by_their_count() -> None:
+    """Bounded by count alone (4,096 runs), it held whatever they weighed: runs with 4 MiB definitions
+    took a server past 1 GB in 200 runs. Heavy runs now push out the least recently used ones, and a
+    run heavier than a sixteenth of the bytes is not kept at all (its GetRun reads the database)."""
+    kib = 1024
+    cache = RunRowCache(capacity=100, capacity_bytes=160 * kib)  # entries of up to 10 KiB are kept
+    for i in range(20):
+        cache.committed([run_record(f"r{i}", spec_bytes=4 * kib)])  # each weighs 8 KiB + the overhead
+    assert len(cache) == 160 * kib // (8 * kib + ENTRY_OVERHEAD_BYTES) and cache.held_bytes <= 160 * kib
+    assert cache.get("r19") is not None and cache.get("r0") is None  # the oldest went first
+
+    cache.committed([run_record("r19", 2, spec_bytes=6 * kib)])  # too heavy now: its older row goes too
+    assert cache.get("r19") is None
+    started_before = cache.read_started() - 1  # a read that started before that write
+    cache.fill(run_record("r19", 1, spec_bytes=4 * kib), started_before)
+    assert cache.get("r19") is None  # the row the write replaced never comes back
+    cache.fill(run_record("r19", 2, spec_bytes=6 * kib), cache.read_started())
+    assert cache.get("r19") is None and cache.held_bytes <= 160 * kib

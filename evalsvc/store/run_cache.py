@@ -56,23 +56,43 @@ def take_changed(conn: AsyncConnection) -> list[RunRecord]:
     return rows
 
 
-class _Entry:
-    __slots__ = ("derived", "generation", "row")
+# What the cache may hold: 4,096 runs, and 64 MiB of them. Bounded by count alone, it held whatever the
+# runs weighed: a tenant's runs of 4 MiB definitions (the most a run may have) took RSS past 1 GB in 200
+# runs, on the way to 16 GiB. A run too heavy for a sixteenth of the bytes is not kept (its GetRun reads
+# the database, as on PostgreSQL); it would push out dozens of others.
+CAPACITY = 4096
+CAPACITY_BYTES = 64 << 20
+ENTRY_OVERHEAD_BYTES = 1024  # the record's object and its small fields, roughly
 
-    def __init__(self, generation: int, row: RunRecord) -> None:
+
+def weight(row: RunRecord) -> int:
+    """What keeping a row costs, roughly: its large fields twice (the row, and the Run message derived
+    from it, which holds the same definition, annotations and aggregate), and a fixed overhead."""
+    annotations = sum(len(k) + len(v) for k, v in row.annotations.items())
+    large = len(row.spec) + len(row.aggregate or b"") + annotations + len(row.description)
+    return 2 * large + ENTRY_OVERHEAD_BYTES
+
+
+class _Entry:
+    __slots__ = ("derived", "generation", "row", "weight")
+
+    def __init__(self, generation: int, row: RunRecord, weight: int) -> None:
         self.generation = generation
         self.row = row
+        self.weight = weight
         self.derived: object = None
 
 
 class RunRowCache:
-    """Run records by id, least recently used first out."""
+    """Run records by id, least recently used first out, bounded by count and by weight (`weight`)."""
 
-    def __init__(self, capacity: int = 4096) -> None:
+    def __init__(self, capacity: int = CAPACITY, capacity_bytes: int = CAPACITY_BYTES) -> None:
         self._capacity = capacity
+        self._capacity_bytes = capacity_bytes
+        self._bytes = 0  # the weight of the entries held
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._writes = 0  # committed run writes so far: the generation of the newest one
-        self._evicted_up_to = 0  # the newest generation an evicted entry held
+        self._evicted_up_to = 0  # the newest generation an evicted (or refused) entry held
 
     def get(self, run_id: str) -> RunRecord | None:
         """The current row of a run, or None when it is not cached."""
@@ -108,9 +128,27 @@ class RunRowCache:
             return
         self._put(row.id, started, row)
 
+    @property
+    def held_bytes(self) -> int:
+        """The weight of the rows held now."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def _put(self, run_id: str, generation: int, row: RunRecord) -> None:
-        self._entries[run_id] = _Entry(generation, row)
-        self._entries.move_to_end(run_id)
-        while len(self._entries) > self._capacity:
+        replaced = self._entries.pop(run_id, None)
+        if replaced is not None:
+            self._bytes -= replaced.weight
+        cost = weight(row)
+        if cost > self._capacity_bytes // 16:
+            # Not kept, and (like an eviction) no read that started before this write may fill it:
+            # it could put back the row this write replaced.
+            self._evicted_up_to = max(self._evicted_up_to, generation)
+            return
+        self._entries[run_id] = _Entry(generation, row, cost)
+        self._bytes += cost
+        while len(self._entries) > self._capacity or self._bytes > self._capacity_bytes:
             _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.weight
             self._evicted_up_to = max(self._evicted_up_to, evicted.generation)

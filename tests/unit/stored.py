@@ -23,10 +23,12 @@ from evalsvc.v1 import grader_pb2, item_pb2, run_pb2
 JOBS = JobRow.__table__  # type: ignore[attr-defined]
 
 
-def run_record(run_id: str, version: int = 1) -> RunRecord:
-    """A run record the run cache can hold: only its id (and its version) matter to the cache."""
+def run_record(run_id: str, version: int = 1, *, spec_bytes: int = 0) -> RunRecord:
+    """A run record the run cache can hold: its id and version (what tells rows apart) and the size of
+    its definition (what it weighs) matter to the cache."""
     columns: dict[str, Any] = {field.name: None for field in fields(RunRecord)}
-    return RunRecord(**{**columns, "id": run_id, "tenant": "t", "version": version})
+    weighed = {"spec": b"x" * spec_bytes, "annotations": {}, "description": "", "aggregate": None}
+    return RunRecord(**{**columns, **weighed, "id": run_id, "tenant": "t", "version": version})
 
 
 def col(row: Any, name: str) -> Any:
