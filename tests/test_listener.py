@@ -1,4 +1,4 @@
-"""EventListener's dispatch of RUNS_ENDED_CHANNEL notifications, without a database."""
+"""EventListener's dispatch of RUNS_ENDED_CHANNEL notifications and what it remembers, without a database."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from evalsvc.events import listener as listener_module
 from evalsvc.events.bus import EventBus
 from evalsvc.events.listener import EventListener
 from evalsvc.ids import PROCESS_ID
@@ -32,3 +33,15 @@ def test_runs_ended_by_other_processes_reach_the_callback_and_a_failing_callback
     with caplog.at_level(logging.WARNING):
         notify(None, 0, RUNS_ENDED_CHANNEL, "other-process|run-3")  # logged, not raised
     assert "run-3" in caplog.text and "boom" in caplog.text
+
+
+def test_the_relayed_positions_are_bounded_least_recently_relayed_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Positions of runs that never ended here (their watchers left, no notification followed) were kept
+    for good; at most REMEMBERED_RELAYS are kept now (a forgotten one costs its watchers a read)."""
+    monkeypatch.setattr(listener_module, "REMEMBERED_RELAYS", 3)
+    listener = EventListener("postgresql+asyncpg://nobody@127.0.0.1/none", EventBus(), None, Metrics())  # type: ignore[arg-type]
+    for run_id in ("a", "b", "c"):
+        listener._remember_relayed(run_id, 1)
+    listener._remember_relayed("a", 2)  # relayed again: now the most recent
+    listener._remember_relayed("d", 1)
+    assert listener._relayed == {"c": 1, "a": 2, "d": 1}

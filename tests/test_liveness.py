@@ -874,6 +874,8 @@ async def test_the_listener_survives_a_failure_and_relays_again(
             ended = await finish(RunStub(here), run.id, within_s=20)
         assert ended.status == run_pb2.RUN_STATUS_SUCCEEDED
         assert faults == [] and restarts(watching, "listener") == 1
+        # Where its watchers stood is forgotten with the run's last event (it was kept for good).
+        assert run.id not in watching.listener._relayed
     finally:
         executing.terminate()
         await watching.stop(grace=0.5)

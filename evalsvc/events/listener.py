@@ -33,13 +33,20 @@ from evalsvc.events.bus import EventBus
 from evalsvc.ids import PROCESS_ID
 from evalsvc.liveness import supervise
 from evalsvc.metrics import Metrics
+from evalsvc.statuses import TERMINAL
 from evalsvc.store import events as event_log
 from evalsvc.store.db import Database
 from evalsvc.store.events import EVENTS_CHANNEL, RUNS_ENDED_CHANNEL
+from evalsvc.v1 import eval_run_service_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 MAX_RELAY = 5000  # events read per relay; a longer gap sends the watchers to the database instead
+# Runs whose relayed position is remembered, the least recently relayed forgotten first. A position is
+# dropped when its run ends or has no watcher left here; runs watched to their end from a replica that
+# did not execute them kept theirs for good (500 runs, 500 positions). Forgetting one costs only a
+# read: its watchers read for themselves, as at a run's first notification.
+REMEMBERED_RELAYS = 10_000
 
 
 class EventListener:
@@ -93,6 +100,13 @@ class EventListener:
         if run_id not in self._relays:
             self._relays[run_id] = asyncio.create_task(self._relay(run_id), name=f"relay-{run_id}")
 
+    def _remember_relayed(self, run_id: str, seq: int) -> None:
+        """Note how far this process's watchers of a run were handed its events (REMEMBERED_RELAYS)."""
+        self._relayed.pop(run_id, None)
+        self._relayed[run_id] = seq
+        while len(self._relayed) > REMEMBERED_RELAYS:
+            del self._relayed[next(iter(self._relayed))]
+
     def _on_run_ended_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         origin, _, run_id = payload.partition("|")
         if origin == PROCESS_ID or not run_id:
@@ -110,15 +124,17 @@ class EventListener:
                 if after is None or target - after > MAX_RELAY:
                     # Where this process's watchers stand is unknown (first notification here) or far
                     # behind: each reads for itself, and relaying starts from here.
-                    self._relayed[run_id] = target
+                    self._remember_relayed(run_id, target)
                     self._bus.publish(run_id, None)
                     continue
                 if target <= after:
                     continue
                 async with self._db.read() as conn:
                     events = await event_log.read_after(conn, None, run_id, after, target - after)
-                if events:
-                    self._relayed[run_id] = events[-1].seq
+                if events and _ends_its_run(events[-1]):
+                    self._relayed.pop(run_id, None)  # nothing follows a run's last event
+                elif events:
+                    self._remember_relayed(run_id, events[-1].seq)
                 self._bus.publish(run_id, events if events and events[-1].seq >= target else None)
         except (Exception, asyncio.CancelledError):
             task = asyncio.current_task()
@@ -163,3 +179,8 @@ class EventListener:
             finally:
                 with contextlib.suppress(Exception):
                     await conn.close(timeout=2)
+
+
+def _ends_its_run(event: pb.WatchRunResponse) -> bool:
+    """Whether an event is a run's last: its run in a terminal status."""
+    return event.HasField("run") and event.run.status in TERMINAL
