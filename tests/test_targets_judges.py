@@ -13,7 +13,9 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 
-from evalsvc.http.outbound import AdaptiveLimit
+from evalsvc.config import Settings
+from evalsvc.http import outbound as outbound_module
+from evalsvc.http.outbound import AdaptiveLimit, Outbound
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import (
@@ -234,6 +236,31 @@ async def test_adaptive_limit_halves_on_429_and_grows_on_success() -> None:
         await limit.acquire()
         limit.release(throttled=True)
     assert limit.limit == 1
+
+
+async def test_every_spelling_of_an_endpoint_shares_its_limit_and_idle_limits_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Limits were keyed by the URL's netloc: user-info or another spelling gave a tenant a fresh limit
+    of 8 around an endpoint's shared (maybe halved) one, and every variant stayed for good (3,000 runs,
+    3,000 limits). One limit per (scheme, host, port) now; past ENDPOINT_LIMITS, idle ones are forgotten."""
+    outbound = Outbound(Settings())
+    try:
+        shared = outbound.limit_of("http://api.example.com/v1")
+        for variant in (
+            "http://user:secret@api.example.com/v1",
+            "HTTP://API.example.com:80/x",
+            "http://a@api.example.com",
+        ):
+            assert outbound.limit_of(variant) is shared
+        assert outbound.limit_of("https://api.example.com/v1") is not shared  # another port, another endpoint
+        monkeypatch.setattr(outbound_module, "ENDPOINT_LIMITS", 3)
+        await shared.acquire()  # a call in flight: its limit is kept however many endpoints come after
+        for port in range(1, 20):
+            outbound.limit_of(f"http://host-{port}.example.com:{port}/")
+        assert len(outbound._limits) == 3 and outbound.limit_of("http://api.example.com/") is shared
+    finally:
+        await outbound.close()
 
 
 async def test_http_target_posts_the_item_and_reads_the_reply(svc) -> None:

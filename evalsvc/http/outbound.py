@@ -25,6 +25,7 @@ import json
 import random
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
@@ -304,6 +305,11 @@ async def destination_violations(endpoints: Iterable[tuple[str, str]], allow: Al
     return out
 
 
+# Endpoints whose adaptive limits are kept (see Outbound.limit_of), and the ports schemes imply.
+ENDPOINT_LIMITS = 1024
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 class AdaptiveLimit:
     """AIMD concurrency limit of one endpoint: halve on 429, grow by one on success. Shared by every
     tenant; its waiters are served round-robin across tenants (`Slots`)."""
@@ -318,6 +324,11 @@ class AdaptiveLimit:
     def in_flight(self) -> int:
         """Calls holding a slot now."""
         return self.slots.held
+
+    @property
+    def idle(self) -> bool:
+        """No call holds a slot or waits for one."""
+        return not self.slots.held and not self.slots.waiting
 
     async def acquire(self, tenant: str = "") -> None:
         """Wait for a slot under the current limit, in `tenant`'s turn."""
@@ -390,16 +401,33 @@ class Outbound:
         self._client = httpx.AsyncClient(
             follow_redirects=False, transport=checked_transport(self.allow, httpx.Limits(max_connections=512))
         )
-        self._limits: dict[str, AdaptiveLimit] = {}
+        self._limits: OrderedDict[tuple[str, str, int], AdaptiveLimit] = OrderedDict()  # least recently used first
         self.base_backoff_s = 0.2
 
     def limit_of(self, url: str) -> AdaptiveLimit:
-        """The adaptive limit of the endpoint (scheme://host:port) serving url."""
+        """The adaptive limit of the endpoint (scheme, host, port) serving url.
+
+        Keyed by the URL's netloc, user-info and spelling included, every variant of one endpoint's
+        URL (`http://a@host/`, `http://HOST:80/`) had a fresh limit of its own, which a tenant could use
+        to go around an endpoint's shared limit and the fair queueing on it, and each stayed for good
+        (3,000 variants, 3,000 limits; with 64 KiB of user-info each, 64 MB). At most ENDPOINT_LIMITS
+        are kept; past it the least recently used idle one is forgotten (it starts afresh if used again)."""
         parts = urlsplit(url)
-        key = f"{parts.scheme}://{parts.netloc}"
-        if key not in self._limits:
-            self._limits[key] = AdaptiveLimit()
-        return self._limits[key]
+        scheme = parts.scheme.lower()
+        key = (scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS.get(scheme, 0))
+        limit = self._limits.get(key)
+        if limit is None:
+            limit = self._limits[key] = AdaptiveLimit()
+            self._forget_idle_limits()
+        else:
+            self._limits.move_to_end(key)
+        return limit
+
+    def _forget_idle_limits(self) -> None:
+        """Forget the least recently used limits that no call holds or waits for, down to ENDPOINT_LIMITS."""
+        excess = len(self._limits) - ENDPOINT_LIMITS
+        for key in [k for k, limit in self._limits.items() if limit.idle][:excess] if excess > 0 else ():
+            del self._limits[key]
 
     async def post_json(self, url: str, body: Any, headers: Mapping[str, str], timeout_s: float = 60.0) -> Reply:
         """POST JSON and return the JSON reply, retrying what may succeed on a later attempt."""
