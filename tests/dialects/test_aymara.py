@@ -789,3 +789,17 @@ async def test_a_lone_surrogate_is_refused_before_anything_is_created(env: Env) 
     answer = await env.http.post("/v2/evals", content=body.encode(), headers={"content-type": "application/json"})
     assert 400 <= answer.status_code < 500 and "lone surrogate" in answer.text, answer.text
     assert (await env.http.get("/v2/evals")).json()["items"] == before
+
+
+async def test_an_eval_whose_prompts_are_refused_is_not_created(env: Env) -> None:
+    """CreateDataset, then AddDatasetItems: prompts the service refused (a NUL, which no database
+    stores) left an empty eval behind; a retry with the same eval_uuid then found it and added nothing."""
+    bad = [{"prompt_uuid": "p-ok", "content": "fine"}, {"prompt_uuid": "p-bad", "content": "bad \u0000 byte"}]
+    body = an_eval(name="refused", prompts=bad, num_prompts=2, eval_uuid="retry-1")
+    refused = await env.http.post("/v2/evals", json=body)
+    assert refused.status_code in (400, 422), refused.text
+    listed = (await env.http.get("/v2/evals")).json()["items"]
+    assert [e for e in listed if e["name"] == "refused"] == []
+    retried = await create_eval(env, name="refused", eval_uuid="retry-1")  # corrected, same key
+    prompts = (await env.http.get(f"/v2/evals/{retried['eval_uuid']}/prompts")).json()
+    assert prompts["count"] == 3

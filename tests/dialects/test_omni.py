@@ -448,3 +448,16 @@ async def test_openapi_documents_omnis_bodies(env: Env) -> None:
     schemas = spec["components"]["schemas"]
     assert {"OmniRunResult", "OmniAgenticJob", "OmniPromptSet", "OmniPromptSetSummary"} <= set(schemas)
     assert schemas["OmniPromptSetCreate"]["properties"]["slug"]["pattern"] == "^[a-z][a-z0-9-]*$"
+
+
+async def test_a_prompt_set_whose_prompts_are_refused_is_not_created(env: Env) -> None:
+    """CreateDataset, then AddDatasetItems: prompts the service refused (here a NUL, which no database
+    stores) left an empty prompt set behind, and the client's retry with its slug got 409."""
+    bad = [{"prompt_text": "fine"}, {"prompt_text": "bad \u0000 byte"}]
+    refused = await env.http.post(
+        "/api/v1/ai/eval/prompt-sets", json={**SKILL_SET_EXAMPLE, "model_id": env.model_id, "prompts": bad}
+    )
+    assert refused.status_code in (400, 422), refused.text
+    listed = (await env.http.get("/api/v1/ai/eval/prompt-sets")).json()["prompt_sets"]
+    assert [s for s in listed if s["slug"] == SKILL_SET_EXAMPLE["slug"]] == []
+    assert (await create_set(env))["slug"] == SKILL_SET_EXAMPLE["slug"]  # the retry, corrected, succeeds

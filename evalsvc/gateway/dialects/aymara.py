@@ -697,10 +697,7 @@ class Aymara(DialectClient):
             accepted = await self.call(self.upstream.generations.GenerateDatasetItems, generate)
             dataset.generation.CopyFrom(accepted.generation)
         elif dataset.item_count == 0:
-            add = dataset_service_pb2.AddDatasetItemsRequest(
-                dataset_id=dataset.id, items=[item_of(p) for p in body.prompts]
-            )
-            dataset = (await self.call(self.upstream.datasets.AddDatasetItems, add)).dataset
+            dataset = await self.fill_new(dataset, [item_of(p) for p in body.prompts])
         return eval_of(dataset)
 
     async def list_evals(self) -> list[Eval]:

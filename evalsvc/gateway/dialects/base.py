@@ -17,6 +17,7 @@ synchronous vendor routes (`wait_until_done`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
@@ -44,7 +45,7 @@ from evalsvc.gateway.translators import (
 from evalsvc.gateway.upstream import Caller, GatewayError, Upstream, with_retry_after
 from evalsvc.messages.validation import MAX_ANNOTATIONS_BYTES as MAX_ANNOTATIONS_BYTES  # for the dialects' checks
 from evalsvc.messages.validation import missing_required
-from evalsvc.v1 import run_pb2
+from evalsvc.v1 import dataset_service_pb2, item_pb2, run_pb2
 
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
@@ -229,6 +230,22 @@ class DialectClient:
     async def wait_until_done(self, run_id: str, timeout: float) -> run_pb2.Run:
         """The run once it has ended, or as it stands after `timeout` seconds (synchronous vendor routes)."""
         return await self.upstream.wait_until_done(run_id, self.caller, timeout)
+
+    async def fill_new(
+        self, dataset: dataset_service_pb2.Dataset, items: Sequence[item_pb2.Item]
+    ) -> dataset_service_pb2.Dataset:
+        """A dataset this request just made, with `items` added. The vendors create a set and its
+        prompts in one call, evalsvc in two: when the items are refused (a bad prompt, the tenant's
+        item cap), the dataset is deleted again, so the refused create leaves nothing behind (an empty
+        set stayed, and the client's corrected retry found its slug taken)."""
+        request = dataset_service_pb2.AddDatasetItemsRequest(dataset_id=dataset.id, items=items)
+        try:
+            return (await self.call(self.upstream.datasets.AddDatasetItems, request)).dataset
+        except BaseException:
+            delete = dataset_service_pb2.DeleteDatasetRequest(dataset_id=dataset.id)
+            with contextlib.suppress(Exception):  # the refusal is what the client must see
+                await self.call(self.upstream.datasets.DeleteDataset, delete)
+            raise
 
 
 def window(items: Sequence[Any], offset: int, limit: int) -> list[Any]:

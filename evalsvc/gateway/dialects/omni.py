@@ -331,8 +331,12 @@ class Omni(DialectClient):
             labels={**self.labels, MODEL_LABEL: model_id},
             annotations={SLUG_KEY: body.slug},
         )
-        created = await self.call(self.upstream.datasets.CreateDataset, ds_pb.CreateDatasetRequest(dataset=spec))
-        dataset = await self.append(created.dataset, body.prompts)
+        dataset = (
+            await self.call(self.upstream.datasets.CreateDataset, ds_pb.CreateDatasetRequest(dataset=spec))
+        ).dataset
+        if body.prompts:
+            now = _now()
+            dataset = await self.fill_new(dataset, [_item(p, now) for p in body.prompts])
         return await self.view_set(dataset)
 
     async def append(self, dataset: ds_pb.Dataset, prompts: Sequence[OmniPromptIn]) -> ds_pb.Dataset:
