@@ -319,3 +319,17 @@ def test_help_still_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         cli.main(["run", "--help"])
     assert exited.value.code == 0 and "--fail-under" in capsys.readouterr().out
+
+
+def test_validate_refuses_numbers_a_field_cannot_hold(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`repetitions: 3000000000` ended evalctl validate (and run) with json_format's traceback, exit 1."""
+    from evalsvc_client import cli
+
+    (tmp_path / "spec.yaml").write_text(
+        "items: [{input: a, response: a}]\ntarget: provided\ngraders: [{exact_match: {}}]\nrepetitions: 3000000000\n"
+    )
+    assert cli.main(["validate", str(tmp_path / "spec.yaml")]) == cli.EXIT_ERROR
+    assert "repetitions: expected a whole number from -2147483648 to 2147483647, got 3000000000" in (
+        capsys.readouterr().err
+    )
+    assert cli.main(["run", str(tmp_path / "spec.yaml"), "--target", "127.0.0.1:1"]) == cli.EXIT_ERROR

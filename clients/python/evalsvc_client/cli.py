@@ -40,7 +40,7 @@ from evalsvc_client._common import TLSOptions
 from evalsvc_client.errors import EvalError
 from evalsvc_client.export import to_dict, write_jsonl, write_junit
 from evalsvc_client.report import format_rate, render_html
-from evalsvc_client.spec import CACHE_MODES, SpecError, cache_mode, load_spec
+from evalsvc_client.spec import CACHE_MODES, SpecError, cache_mode, load_spec, plural
 from evalsvc_client.sync import EvalClient
 
 EXIT_OK, EXIT_BELOW, EXIT_RUN_FAILED, EXIT_ERROR = 0, 1, 2, 3
@@ -248,7 +248,7 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
 
 
 def _print_spec_error(console: Console, error: SpecError) -> None:
-    console.print(f"evalctl: {error.source}: {len(error.problems)} problem{'s' if len(error.problems) > 1 else ''}")
+    console.print(f"evalctl: {error.source}: {plural(len(error.problems), 'problem')}")
     for problem in error.problems:
         console.print(f"  {problem}")
     console.print("  every spec key, target kind and grader option: docs/spec.md")

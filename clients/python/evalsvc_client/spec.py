@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import csv
 import difflib
+import io
 import json
+import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,15 +46,20 @@ _ITEM_FIELDS = {"id", "input", "expected_output", "context", "response"}
 DATASET_KEY = "dataset"
 #: Messages written as free-form JSON (tool parameters, expected arguments): not checked key by key.
 _FREE_FORM = {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
-_INTEGER_TYPES = {
-    FieldDescriptor.TYPE_INT32,
-    FieldDescriptor.TYPE_INT64,
-    FieldDescriptor.TYPE_UINT32,
-    FieldDescriptor.TYPE_UINT64,
-    FieldDescriptor.TYPE_SINT32,
-    FieldDescriptor.TYPE_SINT64,
+#: The integer types, with the values each holds (json_format refuses the rest with a traceback).
+_INTEGER_RANGES = {
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SINT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
 }
 _FLOAT_TYPES = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT}
+#: The server refuses text holding NUL (PostgreSQL cannot store it); said here too, with the rest.
+_NUL_PROBLEM = "contains a NUL (U+0000) character, which the server refuses"
+#: Dataset problems shown at most: a file of the wrong format would otherwise list every one of its lines.
+MAX_ROW_PROBLEMS = 20
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,11 @@ def closest(name: str, valid: list[str]) -> str:
     return f"; did you mean '{found[0]}'?" if found else ""
 
 
+def plural(count: int, noun: str) -> str:
+    """`1 grader`, `2 graders`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _join(path: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
@@ -106,7 +119,7 @@ def _type_name(field: FieldDescriptor) -> str:
         return "one of " + ", ".join(enum_choices(field.enum_type))
     if field.type == FieldDescriptor.TYPE_BOOL:
         return "true or false"
-    if field.type in _INTEGER_TYPES:
+    if field.type in _INTEGER_RANGES:
         return "a whole number"
     if field.type in _FLOAT_TYPES:
         return "a number"
@@ -127,7 +140,9 @@ class _Checker:
         self.problems: list[SpecProblem] = []
 
     def problem(self, path: str, message: str) -> None:
-        self.problems.append(SpecProblem(path, message))
+        # A dataset row's own path is a prefix ending ": " (`qa.jsonl:4: `, joined to `qa.jsonl:4: input`);
+        # a problem with the whole row is at `qa.jsonl:4`.
+        self.problems.append(SpecProblem(path.removesuffix(": "), message))
 
     def message(self, data: Any, descriptor: Descriptor, path: str) -> dict[str, Any]:
         if not isinstance(data, Mapping):
@@ -161,6 +176,9 @@ class _Checker:
                 self.problem(path, f"expected a mapping of keys to values, got {_shown(value)}")
                 return {}
             value_field = entry.fields_by_name["value"]
+            for key in value:
+                if "\x00" in str(key):
+                    self.problem(_join(path, str(key)), f"the key {_NUL_PROBLEM}")
             return {str(k): self.value(value_field, v, _join(path, str(k))) for k, v in value.items()}
         if field.is_repeated:
             if not isinstance(value, list):
@@ -177,19 +195,11 @@ class _Checker:
             return self.message({} if value is None else value, field.message_type, path)
         if field.enum_type is not None:
             return self.enum(field.enum_type, value, path)
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if field.type == FieldDescriptor.TYPE_BOOL:
-            ok = isinstance(value, bool)
-        elif field.type in _INTEGER_TYPES:
-            ok = (number and float(value).is_integer()) or (isinstance(value, str) and _is_integer(value))
-            value = int(value) if ok else value  # proto3 JSON writes 64-bit integers as strings
-        elif field.type in _FLOAT_TYPES:
-            ok = number or (isinstance(value, str) and _is_float(value))
-        else:
-            ok = isinstance(value, str) or number  # YAML reads `expected_output: 4` as a number
-            value = str(value) if number else value
-        if not ok:
-            self.problem(path, f"expected {_type_name(field)}, got {_shown(value)}")
+        value, expected = _scalar(field, value)
+        if expected:
+            self.problem(path, f"expected {expected}, got {_shown(value)}")
+        elif isinstance(value, str) and "\x00" in value:
+            self.problem(path, _NUL_PROBLEM)
         return value
 
     def enum(self, enum: EnumDescriptor, value: Any, path: str) -> Any:
@@ -207,20 +217,64 @@ class _Checker:
         return value
 
 
-def _is_integer(text: str) -> bool:
-    try:
-        int(text)
-    except ValueError:
-        return False
-    return True
+def _scalar(field: FieldDescriptor, value: Any) -> tuple[Any, str]:
+    """A scalar field's value as json_format takes it, and what was expected instead ("" when it is fine).
+    Numbers are checked against what the field's type holds (an int32, a finite double): json_format refused
+    `repetitions: 3000000000` or `max_ms: .inf` with a traceback. Ranges that mean something (repetitions
+    1-100) are the server's to check."""
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        return value, "" if isinstance(value, bool) else _type_name(field)
+    if field.type in _INTEGER_RANGES:
+        whole = _whole(value)
+        if whole is None:
+            return value, _type_name(field)
+        low, high = _INTEGER_RANGES[field.type]
+        # proto3 JSON writes 64-bit integers as strings: the int is what json_format takes.
+        return whole, "" if low <= whole <= high else f"a whole number from {low} to {high}"
+    if field.type in _FLOAT_TYPES:
+        real = _real(value)
+        if real is None:
+            return value, _type_name(field)
+        return value, "" if math.isfinite(real) else "a finite number"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value), ""  # YAML reads `expected_output: 4` as a number
+    return value, "" if isinstance(value, str) else _type_name(field)
 
 
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+def _whole(value: Any) -> int | None:
+    """A whole number written as an int, an integral float (`1e3` in JSON) or text (`"12"`); None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _real(value: Any) -> float | None:
+    """A number written as a number or as text (`"1e-3"`, `Infinity`), as a float (an int too large for one is
+    infinite); None when it is not a number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf
+    if isinstance(value, float):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _descriptor(message: type[Message]) -> Descriptor:
@@ -236,7 +290,16 @@ def parse_message(data: Mapping[str, Any], message: type[M], what: str) -> M:
     checked = checker.message(data, _descriptor(message), "")
     if checker.problems:
         raise SpecError(what, checker.problems)
-    return json_format.ParseDict(checked, message())
+    return _parse_checked(checked, message, what)
+
+
+def _parse_checked(data: dict[str, Any], message: type[M], what: str) -> M:
+    """The message of data the checker passed. What it does not look into, free-form JSON (tool arguments,
+    parameters), can still hold what JSON cannot (a YAML date): a SpecError too, never json_format's traceback."""
+    try:
+        return json_format.ParseDict(data, message())
+    except json_format.ParseError as exc:
+        raise SpecError(what, [SpecProblem("", str(exc))]) from None
 
 
 def _shown(value: Any) -> str:
@@ -244,22 +307,45 @@ def _shown(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return repr(value)
+    shown = repr(value)
+    return shown if len(shown) <= 60 else f"{shown[:57]}..."
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true and false. YAML 1.1 also reads on, off, yes and
+    no as booleans, so the documented `cache_mode: off` arrived as False (not a valid value) and a dataset's
+    `expected_output: no` as a boolean; here they stay the text they are."""
+
+
+_SpecLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _read_text(path: Path) -> str:
+    """A spec or dataset file's text: UTF-8, with or without the byte order mark that Excel's "CSV UTF-8" and
+    Windows editors write (in a CSV header it became part of the first column's name)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        problem = f"not UTF-8 (byte 0x{data[exc.start]:02x}: {exc.reason}); save the file as UTF-8"
+        raise SpecError(str(path), [SpecProblem(f"{path.name}:{line}", problem)]) from None
 
 
 def _load_structured(path: Path) -> Any:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
-        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_SpecLoader)
     except (ValueError, yaml.YAMLError) as exc:
-        raise SpecError(str(path), [SpecProblem("", f"not valid {path.suffix.lstrip('.').upper()}: {exc}")]) from exc
-
-
-def _item(checker: _Checker, row: Any, path: str) -> pb.Item:
-    data = checker.message(row, _descriptor(pb.Item), path)
-    if checker.problems:
-        return pb.Item()
-    return json_format.ParseDict(data, pb.Item())
+        raise SpecError(
+            str(path), [SpecProblem(path.name, f"not valid {path.suffix.lstrip('.').upper()}: {exc}")]
+        ) from exc
 
 
 def _csv_row(row: Mapping[str, str]) -> dict[str, Any]:
@@ -272,42 +358,83 @@ def _csv_row(row: Mapping[str, str]) -> dict[str, Any]:
     return data
 
 
+@dataclass(frozen=True)
+class _UnreadableRow:
+    """A dataset line that is not JSON, reported in its place among the other rows' problems."""
+
+    problem: str
+
+
 def _dataset_rows(path: Path) -> list[tuple[str, Any]]:
-    """(where, row) of every row of a .jsonl, .csv, .yaml/.yml or .json dataset file."""
+    """(where, row) of every row of a .jsonl, .csv, .yaml/.yml or .json dataset file (an _UnreadableRow for a
+    line that is not JSON); a SpecError says what keeps the file from being read at all."""
     name = path.name
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        rows: list[tuple[str, Any]] = []
+        for number, line in enumerate(_read_text(path).splitlines(), start=1):
             if line.strip():
                 try:
                     rows.append((f"{name}:{number}: ", json.loads(line)))
                 except json.JSONDecodeError as exc:
-                    raise SpecError(str(path), [SpecProblem(f"line {number}", f"not valid JSON: {exc}")]) from exc
+                    rows.append((f"{name}:{number}: ", _UnreadableRow(f"not valid JSON: {exc}")))
         return rows
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            return [(f"{name}:{n}: ", _csv_row(row)) for n, row in enumerate(csv.DictReader(handle), start=2)]
+        reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+        return [(f"{name}:{n}: ", _csv_row(row)) for n, row in enumerate(reader, start=2)]
     if suffix in (".yaml", ".yml", ".json"):
         data = _load_structured(path)
         listed = data.get("items") if isinstance(data, Mapping) else data
+        if listed is None:
+            return []  # an empty file (or `items:` with none): no rows
         if not isinstance(listed, list):
-            raise SpecError(str(path), [SpecProblem("", "expected a list of items (or a mapping with `items`)")])
+            raise SpecError(str(path), [SpecProblem(name, "expected a list of items (or a mapping with `items`)")])
         return [(f"{name} items[{n}]: ", row) for n, row in enumerate(listed)]
     raise SpecError(
-        str(path), [SpecProblem("", f"unknown dataset format {suffix!r}: use .jsonl, .csv, .yaml or .json")]
+        str(path), [SpecProblem(name, f"unknown dataset format {suffix!r}: use .jsonl, .csv, .yaml or .json")]
     )
 
 
+def _not_a_file(path: Path, what: str) -> str | None:
+    """Why path cannot be read as a spec or dataset file, or None when it is a file."""
+    if path.is_dir():
+        return f"a directory, not a {what} file"
+    return None if path.is_file() else f"no such {what} file"
+
+
+def _checked_items(checker: _Checker, path: Path) -> list[dict[str, Any]]:
+    """A dataset file's rows checked as Items, their problems added to the checker's: every row's, up to
+    MAX_ROW_PROBLEMS (a line that is not JSON hid the rest), and a file without rows (a run needs items)."""
+    if (why := _not_a_file(path, "dataset")) is not None:
+        checker.problem(DATASET_KEY, f"{why}: {path}")
+        return []
+    try:
+        rows = _dataset_rows(path)
+    except SpecError as exc:
+        checker.problems.extend(exc.problems)
+        return []
+    if not rows:
+        checker.problem(path.name, "the dataset has no rows; a run needs at least one item")
+    before = len(checker.problems)
+    items = []
+    for where, row in rows:
+        if isinstance(row, _UnreadableRow):
+            checker.problem(where, row.problem)
+        else:
+            items.append(checker.message(row, _descriptor(pb.Item), where))
+    if (more := len(checker.problems) - before - MAX_ROW_PROBLEMS) > 0:
+        del checker.problems[before + MAX_ROW_PROBLEMS :]
+        checker.problem(path.name, f"... and {plural(more, 'more problem')} in its rows")
+    return items
+
+
 def load_items(path: Path) -> list[pb.Item]:
-    """Items from a .jsonl, .csv, .yaml/.yml or .json dataset file."""
-    if not path.is_file():
-        raise SpecError(str(path), [SpecProblem("", "no such dataset file")])
+    """Items from a .jsonl, .csv, .yaml/.yml or .json dataset file, checked as a spec's dataset is."""
     checker = _Checker()
-    items = [_item(checker, row, where) for where, row in _dataset_rows(path)]
+    rows = _checked_items(checker, path)
     if checker.problems:
         raise SpecError(str(path), checker.problems)
-    return items
+    return [_parse_checked(row, pb.Item, str(path)) for row in rows]
 
 
 @dataclass
@@ -325,17 +452,17 @@ class RunSpec:
         request = self.create_request
         kind = request.target.WhichOneof("kind") or "none"
         source = (
-            f"{len(request.items)} items from {self.dataset_file.name}"
+            f"{plural(len(request.items), 'item')} from {self.dataset_file.name}"
             if self.dataset_file is not None
             else f"dataset {request.dataset_id}"
             if request.dataset_id
-            else f"{len(request.items)} items"
+            else plural(len(request.items), "item")
         )
         repetitions = max(request.repetitions, 1)
         return (
-            f"{source}, target {kind}, {len(request.graders)} graders"
+            f"{source}, target {kind}, {plural(len(request.graders), 'grader')}"
             f" ({', '.join(g.name or g.WhichOneof('kind') or '?' for g in request.graders)}),"
-            f" {repetitions} repetition{'s' if repetitions > 1 else ''}"
+            f" {plural(repetitions, 'repetition')}"
         )
 
 
@@ -406,18 +533,13 @@ def check_spec(data: Any, spec_dir: Path) -> tuple[RunSpec | None, list[SpecProb
             checker.problem(DATASET_KEY, "use one of dataset (a file), items or dataset_id")
         else:
             dataset_file = (spec_dir / dataset).resolve()
-            if not dataset_file.is_file():
-                checker.problem(DATASET_KEY, f"no such dataset file: {dataset_file}")
-            else:
-                try:
-                    rows = _dataset_rows(dataset_file)
-                except SpecError as exc:
-                    checker.problems.extend(SpecProblem(DATASET_KEY, str(p)) for p in exc.problems)
-                    rows = []
-                request_data["items"] = [checker.message(row, _descriptor(pb.Item), where) for where, row in rows]
+            request_data["items"] = _checked_items(checker, dataset_file)
     if checker.problems:
         return None, checker.problems
-    request = json_format.ParseDict(request_data, pb.runs.CreateRunRequest())
+    try:
+        request = _parse_checked(request_data, pb.runs.CreateRunRequest, "spec")
+    except SpecError as exc:
+        return None, exc.problems
     request.request_id = request.request_id or new_request_id()
     request.trigger = request.trigger or pb.run.TRIGGER_AUTO
     return RunSpec(request, dataset_file), []
@@ -426,9 +548,12 @@ def check_spec(data: Any, spec_dir: Path) -> tuple[RunSpec | None, list[SpecProb
 def load_spec(path: Path) -> RunSpec:
     """Parse and check a run spec file (dataset paths are relative to its directory); SpecError lists every
     problem."""
-    if not path.is_file():
-        raise SpecError(str(path), [SpecProblem("", "no such spec file (examples/spec.yaml is one that runs)")])
-    spec, problems = check_spec(_load_structured(path), path.parent)
+    if (why := _not_a_file(path, "spec")) is not None:
+        raise SpecError(str(path), [SpecProblem("", f"{why} (examples/spec.yaml is one that runs)")])
+    data = _load_structured(path)
+    if data is None:
+        raise SpecError(str(path), [SpecProblem("", "the file is empty: a spec names at least a target and graders")])
+    spec, problems = check_spec(data, path.parent)
     if spec is None:
         raise SpecError(str(path), problems)
     return spec
