@@ -67,10 +67,15 @@ if __name__ == "__main__":
         )
     target = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051"
     try:
-        sys.exit(asyncio.run(main(target, api_key)))
+        status = asyncio.run(main(target, api_key))
+        sys.stdout.flush()  # a reader gone early (`| head`) shows here, not in Python's complaint at exit
     except grpc.aio.AioRpcError as error:
         hint = {
             grpc.StatusCode.UNAVAILABLE: f"is the server running at {target}? `make run` starts one",
             grpc.StatusCode.UNAUTHENTICATED: "check EVALSVC_API_KEY",
         }.get(error.code(), "")
         sys.exit(f"quickstart: {error.code().name}: {error.details()}" + (f"; {hint}" if hint else ""))
+    except BrokenPipeError:  # stdout closed early: stop quietly with SIGPIPE's status, as `cat` would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the flush at exit complains again
+        status = 128 + 13
+    sys.exit(status)

@@ -41,17 +41,37 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProce
         assert server.terminate() == 0
 
 
-def evalctl(live: tuple[ServerProcess, str], *args: str) -> subprocess.CompletedProcess[str]:
+def _env(live: tuple[ServerProcess, str]) -> dict[str, str]:
     server, key = live
-    env = {
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(CLIENT_DIR), os.environ.get("PYTHONPATH", "")]),
         "EVALCTL_TARGET": server.target,
         "EVALSVC_API_KEY": key,
     }
+
+
+def evalctl(live: tuple[ServerProcess, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "evalsvc_client.cli", *args], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "evalsvc_client.cli", *args], env=_env(live), capture_output=True, text=True, timeout=60
     )
+
+
+def read_one_line(live: tuple[ServerProcess, str], *args: str) -> tuple[str, int, str]:
+    """evalctl with its stdout closed after one line, as `evalctl ... | head -1` does: (line, exit code, stderr).
+    The output must be larger than a pipe's buffer, so that evalctl is still writing when the pipe closes."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evalsvc_client.cli", *args],
+        env=_env(live),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    line = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read()
+    return line, proc.wait(60), err
 
 
 def _rows(n: int, wrong_every: int) -> list[dict[str, str]]:
@@ -319,6 +339,21 @@ def test_help_still_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         cli.main(["run", "--help"])
     assert exited.value.code == 0 and "--fail-under" in capsys.readouterr().out
+
+
+def test_a_reader_that_stops_early_ends_evalctl_quietly(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    """`evalctl results RUN --format jsonl | head` said "evalctl: [Errno 32] Broken pipe" and exited 3, an error;
+    it stops without a word, with the status of a program SIGPIPE ended (141), as `cat` does."""
+    from evalsvc_client import cli
+
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(2000, wrong_every=1000)))
+    (tmp_path / "spec.yaml").write_text("dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
+    created = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--json")
+    assert created.returncode == 1, created.stderr
+    run_id = json.loads(created.stdout)["id"]
+    for args in (("results", run_id, "--format", "jsonl"), ("watch", run_id, "--json")):
+        line, code, err = read_one_line(live, *args)
+        assert line.startswith("{") and (code, err) == (cli.EXIT_STDOUT_CLOSED, ""), (args, code, err)
 
 
 def test_validate_refuses_numbers_a_field_cannot_hold(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -211,3 +211,18 @@ def test_quickstart_without_a_key_says_how_to_get_one() -> None:
         )
     assert down.returncode != 0 and "Traceback" not in down.stderr
     assert f"is the server running at {address}? `make run` starts one" in down.stderr
+
+
+def test_quickstart_stops_quietly_when_its_reader_does(live: tuple[ServerProcess, str]) -> None:
+    """`examples/quickstart.py | head -1` ended in a BrokenPipeError traceback; it stops as `cat` would."""
+    quickstart = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "quickstart.py"), live[0].target],
+        env={**os.environ, "EVALSVC_API_KEY": live[1]},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert quickstart.stdout is not None and quickstart.stderr is not None
+    quickstart.stdout.close()  # before its first line, which waits for CreateRun
+    assert (quickstart.stderr.read(), quickstart.wait(60)) == ("", 128 + 13)

@@ -17,7 +17,8 @@ Global: --target HOST:PORT (EVALCTL_TARGET, default 127.0.0.1:50051), --api-key 
 Verdict (run, watch; get with --fail-under): a run passes when its pass rate (percent, errors excluded) reaches
 --fail-under if given, else the spec's pass_threshold (unset: every evaluation must pass).
 Exit codes: 0 passed; 1 did not pass, or (compare --fail-on-regression) a grader REGRESSED; 2 the run ended
-FAILED or CANCELLED; 3 a spec, connection or RPC error, or a command line evalctl does not understand.
+FAILED or CANCELLED; 3 a spec, connection or RPC error, or a command line evalctl does not understand;
+141 (quietly) stdout closed early, as in `evalctl results RUN --format jsonl | head`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from evalsvc_client.spec import CACHE_MODES, SpecError, cache_mode, load_spec, p
 from evalsvc_client.sync import EvalClient
 
 EXIT_OK, EXIT_BELOW, EXIT_RUN_FAILED, EXIT_ERROR = 0, 1, 2, 3
+#: Stdout was closed before evalctl finished writing (`| head`): the status of a program SIGPIPE (13) ended.
+EXIT_STDOUT_CLOSED = 128 + 13
 
 _STATES = {
     "passed": pb.run.RESULT_STATE_PASSED,
@@ -631,13 +634,16 @@ def _console(stderr: bool = False) -> Console:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     console = _console(stderr=True)
-    if args.command == "validate":
-        code: int = args.handler(args, console)
-        return code
     try:
-        with _client(args) as client:
-            code = args.handler(args, client, console)
-            return code
+        if args.command == "validate":
+            code: int = args.handler(args, console)
+        else:
+            with _client(args) as client:
+                code = args.handler(args, client, console)
+        sys.stdout.flush()  # a reader gone early (`| head`) shows here, not in Python's complaint at exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except SpecError as exc:
         _print_spec_error(console, exc)
     except EvalError as exc:
@@ -649,6 +655,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         console.print(f"evalctl: {exc}")
     return EXIT_ERROR
+
+
+def _stdout_closed() -> int:
+    """Stop quietly when the reader of stdout has gone (`evalctl results RUN --format jsonl | head`), as a program
+    that SIGPIPE ends does: no message, status 141. Stdout goes to /dev/null first, or Python's flush at exit would
+    complain of the broken pipe again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_STDOUT_CLOSED
 
 
 if __name__ == "__main__":
