@@ -463,6 +463,10 @@ def cmd_webhooks(args: argparse.Namespace, client: EvalClient, console: Console)
     elif command == "get":
         webhooks = [client.get_webhook(args.webhook_id)]
     elif command == "update":
+        if args.url is None and not args.event and args.description is None and args.enabled is None:
+            raise ValueError(
+                "webhooks update: nothing to change; give --url, --event, --description, --enable or --disable"
+            )
         webhooks = [
             client.update_webhook(
                 args.webhook_id,
@@ -557,7 +561,7 @@ def parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", parents=[common], help="paired comparison of two runs (docs/compare.md)")
     compare.add_argument("baseline", help="the baseline run id")
     compare.add_argument("candidate", help="the candidate run id")
-    compare.add_argument("--alpha", type=float, default=0.0, help="significance level; 0 means 0.05")
+    compare.add_argument("--alpha", type=_alpha, default=0.05, help="significance level, in (0, 0.5]")
     compare.add_argument("--fail-on-regression", action="store_true", help="exit 1 when any grader REGRESSED")
     compare.add_argument("--show", choices=sorted(_CHANGES), help="also list the evaluations with this change")
     compare.add_argument("--limit", type=_count, default=20, help="at most this many listed by --show")
@@ -593,14 +597,26 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def _percent(text: str) -> float:
-    """A --fail-under value: a percentage (150 was a gate no run could pass, -5 one every run passed)."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _percent(text: str) -> float:
+    """A --fail-under value: a percentage (150 was a gate no run could pass, -5 one every run passed)."""
+    value = _number(text)
     if not 0 <= value <= 100:
         raise argparse.ArgumentTypeError(f"{text} is not a percentage between 0 and 100")
+    return value
+
+
+def _alpha(text: str) -> float:
+    """A --alpha: a significance level in (0, 0.5] (docs/compare.md); 0 was quietly taken as the default 0.05."""
+    value = _number(text)
+    if not 0 < value <= 0.5:
+        raise argparse.ArgumentTypeError(f"{text} is not a significance level in (0, 0.5]")
     return value
 
 
