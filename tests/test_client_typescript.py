@@ -61,3 +61,13 @@ def test_typescript_example_creates_and_watches_a_run(tmp_path: Path) -> None:
     assert seqs == list(range(1, len(seqs) + 1))
     assert "run SUCCEEDED (3/3)" in lines[-2]
     assert lines[-1] == "pass rate 67%, overall passed: false"
+
+
+def test_typescript_example_without_a_key_says_how_to_get_one() -> None:
+    """It sent an empty key and failed UNAUTHENTICATED."""
+    _build()
+    env = {k: v for k, v in os.environ.items() if k != "EVALSVC_API_KEY"}
+    done = subprocess.run(
+        ["node", "dist/example.js", "127.0.0.1:1"], cwd=TS_DIR, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "set EVALSVC_API_KEY" in done.stderr and "evalsvc keys create" in done.stderr

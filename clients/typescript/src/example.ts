@@ -13,6 +13,11 @@ import { RunStatus } from "./gen/evalsvc/v1/run_pb.js";
 
 const target = process.argv[2] ?? process.env.EVALCTL_TARGET ?? "127.0.0.1:50051";
 const apiKey = process.env.EVALSVC_API_KEY ?? "";
+if (!apiKey) {
+  // Without it every call fails UNAUTHENTICATED; say how to get one instead.
+  console.error("example: set EVALSVC_API_KEY to an API key (`evalsvc keys create --tenant default` makes one)");
+  process.exit(2);
+}
 
 // Every call carries `authorization: Bearer <key>`.
 const auth: Interceptor = (next) => (req) => {
