@@ -27,6 +27,18 @@ async def test_create_run_returns_pending_run_with_job_count(runs) -> None:
     assert run.create_time.seconds > 0
 
 
+async def test_an_unnamed_grader_is_shown_by_the_name_its_results_carry(runs) -> None:
+    """A grader given without a name was stored as "" in the run (GetRun, reports, the run page) while
+    its results and aggregates called it by its kind: the run now names it that way too."""
+    unnamed = grader_pb2.Grader(exact_match=grader_pb2.ExactMatch())
+    created = (await runs.CreateRun(create_request(2, graders=[unnamed]))).run
+    assert [g.name for g in created.graders] == ["exact_match"]
+    await watch_all(runs, created.id)
+    run = (await runs.GetRun(pb.GetRunRequest(run_id=created.id))).run
+    results = (await runs.ListRunResults(pb.ListRunResultsRequest(run_id=run.id))).results
+    assert [g.name for g in run.graders] == ["exact_match"] and {r.grader for r in results} == {"exact_match"}
+
+
 async def test_run_completes_with_counts_aggregate_and_verdict(runs) -> None:
     request = create_request(pass_threshold=70.0)
     request.items[0].response.content = "wrong"

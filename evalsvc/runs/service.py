@@ -222,6 +222,8 @@ class RunService:
             trigger=request.trigger or run_pb2.TRIGGER_MANUAL,
             cache_mode=request.cache_mode or self._cache_default,  # type: ignore[arg-type]
         )
+        for grader in spec.graders:  # an unnamed grader showed as "" in the run, as `exact_match` in its results
+            grader.name = grader_name(grader)
         if request.HasField("pass_threshold"):
             spec.pass_threshold = request.pass_threshold
         if request.HasField("max_cost_usd"):
