@@ -47,6 +47,7 @@ async def test_key_failure_modes_are_unauthenticated(server: EvalServer) -> None
     unknown, _ = key_format.new_key()  # well-formed, never stored
     cases = {
         "missing": ((), "API_KEY_MISSING"),
+        "empty bearer": ((("authorization", "Bearer "),), "API_KEY_MISSING"),  # an unset $EVALSVC_API_KEY
         "malformed": ((("authorization", "Bearer hello"),), "API_KEY_INVALID"),
         "not bearer": ((("authorization", f"Basic {good}"),), "API_KEY_INVALID"),
         "mistyped": ((("authorization", f"Bearer {_mistype(good)}"),), "API_KEY_INVALID"),

@@ -24,8 +24,9 @@ def presented_key(metadata: tuple[Any, ...] | None) -> str | None:
     for name, value in metadata or ():
         if name == "authorization":
             scheme, _, token = str(value).partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+            if scheme.lower() == "bearer":
+                # `Bearer ` and nothing (an unset $EVALSVC_API_KEY in a client's header): missing, not invalid.
+                return token.strip() or None
             return str(value)  # malformed: rejected by the key check, never logged
         if name == "x-api-key":
             return str(value)
