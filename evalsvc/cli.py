@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     create = keys.add_parser("create", help="mint a key; prints it once, alone on stdout")
     create.add_argument("--tenant", required=True, help="the tenant the key acts for")
     create.add_argument("--name", default="", help="a label for people")
-    create.add_argument("--expires-in", default=None, help="lifetime such as 90s, 15m, 12h or 30d; default never")
+    create.add_argument(
+        "--expires-in", default=None, help="lifetime such as 90s, 15m, 12h or 30d, at most 36500d; default never"
+    )
     listing = keys.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--tenant", default=None, help="only this tenant's keys")
     revoke = keys.add_parser("revoke", help="revoke a key by its id")
@@ -285,11 +287,16 @@ async def _gateway_command(args: argparse.Namespace) -> int:
 
 
 def _when(seconds: float | None) -> str:
+    """A stored time as a listing shows it. One past what a date can hold (a key's expiry in the year
+    273792727, stored before lifetimes were bounded) is shown as such, not a failure of the listing."""
     import datetime
 
     if seconds is None:
         return "-"
-    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    try:
+        return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    except (ValueError, OverflowError, OSError):
+        return "after 9999-12-31" if seconds > 0 else "before 0001-01-01"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

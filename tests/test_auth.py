@@ -174,3 +174,23 @@ def test_expiry_parsing() -> None:
     for wrong in ("1 week", "30d\n1s", "0d", "0s"):  # a zero lifetime made a key that never expired
         with pytest.raises(ValueError):
             parse_duration(wrong)
+    assert parse_duration("36500d") == 36500 * 86400
+    with pytest.raises(ValueError, match="at most 36500d"):
+        parse_duration("36501d")
+
+
+async def test_a_lifetime_past_100_years_is_refused_and_an_expiry_no_date_can_show_is_listed(tmp_path: Path) -> None:
+    """`--expires-in 99999999999d` made a key expiring in the year 273792727, after which `keys list`
+    failed for the whole database ("year 273792727 is out of range", exit 2)."""
+    db = db_url(tmp_path)
+    refused = await _cli("create", "--tenant", "acme", "--expires-in", "99999999999d", "--db", db)
+    assert refused.returncode == 2 and refused.stdout == "", refused
+    assert refused.stderr.strip().splitlines() == [
+        "evalsvc keys: duration '99999999999d' must be at most 36500d (100 years)"
+    ]
+    server = EvalServer(make_settings(tmp_path, bootstrap_key=False))
+    _, stored = await server.keys.create("acme", "old", expires_in_s=99999999999 * 86400)  # as an older version did
+    await server.db.close()
+    listed = await _cli("list", "--db", db)
+    assert listed.returncode == 0, listed.stderr
+    assert stored.key_id in listed.stdout and "after 9999-12-31" in listed.stdout

@@ -26,17 +26,23 @@ DEFAULT_TENANT = "default"
 TOUCH_EVERY_S = 60.0
 _DURATION = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION_DAYS = 36_500  # 100 years
 
 
 def parse_duration(text: str) -> float:
     """'90s', '15m', '12h', '30d' -> seconds. Zero is refused: `--expires-in 0d` made a key that never
-    expired (a lifetime of 0 read as none), where its maker meant the opposite."""
+    expired (a lifetime of 0 read as none), where its maker meant the opposite. So is more than
+    MAX_DURATION_DAYS: `--expires-in 99999999999d` stored an expiry in the year 273792727, which no
+    date can show (`keys list` failed for the whole database); a key meant to outlive that is one
+    without --expires-in."""
     match = _DURATION.fullmatch(text.strip())
     if match is None:
         raise ValueError(f"duration {text!r} is not like 90s, 15m, 12h or 30d")
     seconds = int(match.group(1)) * _UNITS[match.group(2)]
     if seconds == 0:
         raise ValueError(f"duration {text!r} must be longer than 0")
+    if seconds > MAX_DURATION_DAYS * _UNITS["d"]:
+        raise ValueError(f"duration {text!r} must be at most {MAX_DURATION_DAYS}d (100 years)")
     return seconds
 
 
