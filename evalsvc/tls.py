@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 from pathlib import Path
 
 import grpc
@@ -40,6 +41,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     chain = _read_pem(cert, "--tls-cert", "CERTIFICATE")
     private_key = _read_pem(key, "--tls-key", "PRIVATE KEY")
     roots = _read_pem(client_ca, "--tls-client-ca", "CERTIFICATE") if client_ca else None
+    _check_loadable(cert, key, client_ca)
     return grpc.ssl_server_credentials(
         [(private_key, chain)], root_certificates=roots, require_client_auth=roots is not None
     )
@@ -55,6 +57,37 @@ def _read_pem(path: str, flag: str, kind: str) -> bytes:
     if b"-----BEGIN " not in data or kind.encode() not in data:
         raise TlsConfigError(f"{flag} {path!r} holds no PEM {kind}")
     return data
+
+
+def _check_loadable(cert: str, key: str, client_ca: str) -> None:
+    """Load the files as the TLS library will, so that a PEM block that does not parse, or a key that
+    is not the certificate's, is refused naming the flag. gRPC finds out only when the port is bound,
+    after the database was migrated: three lines of its core's log and "Failed to bind" (exit 1)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _load_certificates(context, cert, "--tls-cert")
+    try:
+        context.load_cert_chain(cert, key, password=lambda: _encrypted(key))
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise TlsConfigError(
+                f"--tls-key {key!r} does not match --tls-cert {cert!r}: it is the private key of another certificate"
+            ) from exc
+        raise TlsConfigError(f"--tls-key {key!r} holds no PEM PRIVATE KEY that can be read") from exc
+    if client_ca:
+        _load_certificates(context, client_ca, "--tls-client-ca")
+
+
+def _load_certificates(context: ssl.SSLContext, path: str, flag: str) -> None:
+    try:
+        context.load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        raise TlsConfigError(f"{flag} {path!r} holds no PEM CERTIFICATE that can be read") from exc
+
+
+def _encrypted(key: str) -> bytes:
+    """Called instead of OpenSSL's password prompt (which would wait on the terminal) for an
+    encrypted key: gRPC cannot use one."""
+    raise TlsConfigError(f"--tls-key {key!r} is encrypted; evalsvc needs the key unencrypted")
 
 
 def is_loopback(addr: str) -> bool:

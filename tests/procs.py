@@ -104,6 +104,24 @@ class FailedStart:
 
 GRPC_CORE_ERROR = re.compile(r"^E\d{4} ")
 
+# Python's start and evalsvc's imports take a second or two on a quiet machine; the bound leaves
+# room for a busy one. What it guards against is a server that never exits.
+QUICK_S = 15.0
+
+
+def assert_failed_cleanly(failed: FailedStart, code: int, *named: str) -> str:
+    """Exit code `code` within QUICK_S, exactly one error line naming each of `named`, no traceback."""
+    assert failed.code == code, failed.output
+    assert failed.seconds < QUICK_S, failed.output
+    assert len(failed.error_lines) == 1, failed.output
+    line = failed.error_lines[0]
+    for part in named:
+        assert part in line, failed.output
+    assert "Traceback" not in failed.output
+    assert "evalsvc stopped" not in failed.output  # it never started: the error line is all it says
+    assert "evk_" not in failed.output  # no key minted by a start that failed
+    return line
+
 
 def failed_start(
     db_url: str, *extra: str, timeout: float = 60.0, environ: Mapping[str, str] | None = None

@@ -31,25 +31,7 @@ from tests import dbs
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, chat_reply
 from tests.helpers import create_request, exact, keyed_channel, tmpfs, watch_all
-from tests.procs import FailedStart, failed_start, start_server
-
-# Python's start and evalsvc's imports take a second or two on a quiet machine; the bound leaves
-# room for a busy one. What it guards against is a server that never exits.
-QUICK_S = 15.0
-
-
-def assert_failed_cleanly(failed: FailedStart, code: int, *named: str) -> str:
-    """Exit code `code` within QUICK_S, exactly one error line naming each of `named`, no traceback."""
-    assert failed.code == code, failed.output
-    assert failed.seconds < QUICK_S, failed.output
-    assert len(failed.error_lines) == 1, failed.output
-    line = failed.error_lines[0]
-    for part in named:
-        assert part in line, failed.output
-    assert "Traceback" not in failed.output
-    assert "evalsvc stopped" not in failed.output  # it never started: the error line is all it says
-    assert "evk_" not in failed.output  # no key minted by a start that failed
-    return line
+from tests.procs import QUICK_S, FailedStart, assert_failed_cleanly, failed_start, start_server
 
 
 @contextlib.contextmanager

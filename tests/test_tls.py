@@ -20,8 +20,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from evalsvc.server import EvalServer
 from evalsvc.tls import TlsConfigError, is_loopback, server_credentials
 from evalsvc.v1 import eval_run_service_pb2_grpc
+from tests import dbs
 from tests.conftest import make_settings
 from tests.helpers import create_request
+from tests.procs import assert_failed_cleanly, failed_start
 
 
 @dataclass(frozen=True)
@@ -220,6 +222,56 @@ def test_a_key_file_without_a_key_is_refused(tmp_path: Path, pki: Pki) -> None:
     settings = make_settings(tmp_path, tls_cert=str(pki.cert_file), tls_key=str(pki.cert_file))
     with pytest.raises(TlsConfigError, match="holds no PEM PRIVATE KEY"):
         server_credentials(settings)
+
+
+@pytest.mark.parametrize(
+    ("files", "complaint"),
+    [
+        ({"tls_key": "other_key"}, "--tls-key '{other_key}' does not match --tls-cert '{server_cert}'"),
+        ({"tls_key": "garbled_key"}, "--tls-key '{garbled_key}' holds no PEM PRIVATE KEY that can be read"),
+        ({"tls_key": "encrypted_key"}, "--tls-key '{encrypted_key}' is encrypted"),
+        ({"tls_cert": "garbled_cert"}, "--tls-cert '{garbled_cert}' holds no PEM CERTIFICATE that can be read"),
+        (
+            {"tls_client_ca": "garbled_cert"},
+            "--tls-client-ca '{garbled_cert}' holds no PEM CERTIFICATE that can be read",
+        ),
+    ],
+)
+def test_tls_files_that_cannot_be_loaded_are_refused(
+    tmp_path: Path, pki: Pki, files: dict[str, str], complaint: str
+) -> None:
+    """grpc found these out only when the port was bound: three lines of its core's log, then "Failed to
+    bind" naming no flag (exit 1), after the database was migrated."""
+    made = {
+        "other_key": _pem_key(_key()),
+        "garbled_key": b"-----BEGIN PRIVATE KEY-----\nnot base64!\n-----END PRIVATE KEY-----\n",
+        "encrypted_key": _key().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        ),
+        "garbled_cert": b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    }
+    paths = {"server_cert": str(pki.cert_file)}
+    for name, data in made.items():
+        (tmp_path / name).write_bytes(data)
+        paths[name] = str(tmp_path / name)
+    overrides = {"tls_cert": str(pki.cert_file), "tls_key": str(pki.key_file)}
+    overrides |= {setting: paths[name] for setting, name in files.items()}
+    with pytest.raises(TlsConfigError) as refused:
+        server_credentials(make_settings(tmp_path, **overrides))
+    assert str(refused.value).startswith(complaint.format_map(paths)), refused.value
+
+
+def test_a_key_of_another_certificate_exits_2_in_one_line_before_the_database_is_made(tmp_path: Path, pki: Pki) -> None:
+    (tmp_path / "other.key").write_bytes(_pem_key(_key()))
+    db = tmp_path / "new.db"
+    failed = failed_start(
+        dbs.db_url(tmp_path, "new.db", migrated=False),
+        *("--tls-cert", str(pki.cert_file), "--tls-key", str(tmp_path / "other.key")),
+    )
+    assert_failed_cleanly(failed, 2, "--tls-key", "does not match --tls-cert")
+    assert not db.exists()
 
 
 async def test_a_bad_tls_setting_stops_start_before_minting_a_key(tmp_path: Path) -> None:
