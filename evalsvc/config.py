@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import ipaddress
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, cast
@@ -220,8 +222,9 @@ class Settings:
     outbound_allow: str = dataclasses.field(
         default="",
         metadata={
-            "help": "comma-separated hosts or CIDRs that targets and judges may call although they are not "
-            "globally routable (e.g. 127.0.0.1,10.0.0.0/8); every other such destination is refused (docs/security.md)"
+            "help": "comma-separated host names, IP addresses or CIDRs (no ports) that targets, judges and webhooks "
+            "may call although they are not globally routable (e.g. 127.0.0.1,10.0.0.0/8,llm.internal); every other "
+            "such destination is refused (docs/security.md)"
         },
     )
     secrets_file: str = dataclasses.field(
@@ -315,6 +318,10 @@ class Settings:
                 f"{self.http_streams_per_tenant} is more than {self.max_http_connections // 2}"
             )
 
+        try:
+            allow_entries(self.outbound_allow)
+        except ValueError as exc:
+            raise SettingsError(f"{_names('outbound_allow')}: {exc}") from None
         if self.max_reply_bytes and not MIN_REPLY_BYTES <= self.max_reply_bytes <= self.max_message_bytes // 4:
             # A result carries its output and its judge's explanation, each up to this: a larger one made a
             # result no call could send (ListRunResults failed RESOURCE_EXHAUSTED on that run for good).
@@ -419,6 +426,51 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "webhook_retry_base_s": (0, True),
     "webhook_max_attempts": (1, True),
 }
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# One label of a host name: letters, digits, hyphens inside, underscores (container names have them).
+_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?", re.IGNORECASE)
+
+
+def allow_entries(spec: str) -> list[Network | str]:
+    """The entries of an `--outbound-allow` list: networks (an address is one of a single address)
+    and host names (lower case, as they are matched). ValueError for an entry that is neither: it was
+    kept as a host name that no URL's host can be (`127.0.0.1:8080`, `10.0.0.0/33`), so the
+    destination the operator meant to allow stayed refused, and nothing said why."""
+    entries: list[Network | str] = []
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        try:
+            entries.append(ipaddress.ip_network(entry, strict=False))
+            continue
+        except ValueError:
+            pass
+        host, colon, port = entry.rpartition(":")
+        if colon and port.isdigit() and (_is_host_name(host) or _is_address(host.strip("[]"))):
+            raise ValueError(
+                f"{entry!r} has a port; an entry allows a host or network on every port: write {host.strip('[]')!r}"
+            )
+        if "/" in entry or not _is_host_name(entry):
+            raise ValueError(
+                f"{entry!r} is neither an IP address, a network in CIDR form (such as 10.0.0.0/8) nor a host name"
+            )
+        entries.append(entry.lower())
+    return entries
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_host_name(text: str) -> bool:
+    """A DNS name of letters, digits, hyphens (and underscores) whose last label is not all digits:
+    `999.1.1.1` is an IPv4 address that is not one, not a name."""
+    labels = text.removesuffix(".").split(".")
+    return len(text) <= 253 and all(_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
 
 
 def _names(field_name: str) -> str:

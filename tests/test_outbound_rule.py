@@ -91,6 +91,37 @@ async def test_check_destination_refuses_unless_the_allow_list_names_host_or_net
         await check_destination("http://10.1.2.3/v1", AllowList("127.0.0.1,192.168.0.0/16"))
 
 
+@pytest.mark.parametrize(
+    ("entry", "complaint"),
+    [
+        ("127.0.0.1:17765", "has a port; .* write '127.0.0.1'"),
+        ("[::1]:8080", "has a port; .* write '::1'"),
+        ("llm.internal:11434", "has a port; .* write 'llm.internal'"),
+        ("999.1.1.1/40", "neither an IP address"),
+        ("10.0.0.0/33", "neither an IP address"),
+        ("999.1.1.1", "neither an IP address"),
+        ("*.internal", "neither an IP address"),
+        ("http://llm.internal", "neither an IP address"),
+    ],
+)
+def test_an_allow_list_entry_that_could_never_match_is_refused(entry: str, complaint: str) -> None:
+    """Each was kept as a host name that no URL's host can be: the destination meant stayed refused."""
+    with pytest.raises(ValueError, match=complaint):
+        AllowList(f"127.0.0.1,{entry}")
+
+
+async def test_allow_list_entries_of_every_kind_match() -> None:
+    allow = AllowList(" 10.0.0.0/8 , ::1,fe80::/10, LLM.Internal,model_server ,")
+    for host, address in (
+        ("10.1.2.3", "10.1.2.3"),
+        ("x", "::1"),
+        ("llm.internal", "192.168.1.1"),
+        ("MODEL_SERVER", "172.16.0.1"),
+    ):
+        assert allow.allows(host, ipaddress.ip_address(address))
+    assert not allow.allows("other.internal", ipaddress.ip_address("192.168.1.1"))
+
+
 async def test_destination_violations_name_each_refused_field() -> None:
     found = await destination_violations(
         [("a.base_url", "http://8.8.8.8/v1"), ("b.base_url", "http://[2002:7f00:1::]/v1")], AllowList("")

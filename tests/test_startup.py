@@ -174,6 +174,16 @@ def test_a_setting_that_cannot_be_used_exits_2_naming_the_flag(
         ([], {"EVALSVC_WORKERS": "many"}, ["EVALSVC_WORKERS", "'many' is not a whole number"]),
         (["--heartbeat-s", "soon"], {}, ["--heartbeat-s", "'soon' is not a number"]),
         (["--sqlite-synchronous", "SOMETIMES"], {}, ["--sqlite-synchronous", "FULL, NORMAL, EXTRA, not 'SOMETIMES'"]),
+        (  # taken as a host name that no URL's host can be: the address stayed refused
+            ["--outbound-allow", "127.0.0.1:17765"],
+            {},
+            ["--outbound-allow", "EVALSVC_OUTBOUND_ALLOW", "'127.0.0.1:17765' has a port", "write '127.0.0.1'"],
+        ),
+        (
+            [],
+            {"EVALSVC_OUTBOUND_ALLOW": "10.0.0.0/33"},
+            ["--outbound-allow", "EVALSVC_OUTBOUND_ALLOW", "'10.0.0.0/33'"],
+        ),
         (  # one tenant's REST streams could take every REST connection
             ["--max-http-connections", "20"],
             {"EVALSVC_MAX_HTTP_STREAMS_PER_TENANT": "11"},

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
-from evalsvc.config import Settings
+from evalsvc.config import Network, Settings, allow_entries
 from evalsvc.errors import FieldViolation
 from evalsvc.slots import Slots
 from evalsvc.v1 import grader_pb2, target_pb2
@@ -142,13 +142,11 @@ class AllowList:
     """Hosts and networks the operator allows to be called although they are not globally routable."""
 
     def __init__(self, spec: str) -> None:
-        self._hosts: set[str] = set()
-        self._networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        for entry in filter(None, (e.strip() for e in spec.split(","))):
-            try:
-                self._networks.append(ipaddress.ip_network(entry, strict=False))
-            except ValueError:
-                self._hosts.add(entry.lower())
+        """`spec` as `--outbound-allow` takes it (`evalsvc.config.allow_entries`); ValueError for an
+        entry that is neither a network nor a host name."""
+        entries = allow_entries(spec)
+        self._hosts = {entry for entry in entries if isinstance(entry, str)}
+        self._networks: list[Network] = [entry for entry in entries if not isinstance(entry, str)]
 
     def allows(self, host: str, address: IPAddress) -> bool:
         """Whether host (as named) or the address it resolved to (or the IPv4 address that one
