@@ -9,6 +9,7 @@ what is graded, stored and returned is the same text on every database engine.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +39,9 @@ class Target(Protocol):
         ...
 
 
+PRICE_KEYS = ("input_per_mtok", "output_per_mtok")
+
+
 class PriceTable:
     """USD per million prompt and completion tokens, by model name."""
 
@@ -46,8 +50,27 @@ class PriceTable:
 
     @classmethod
     def from_file(cls, path: str) -> PriceTable:
-        """Load `{"model": {"input_per_mtok": 0.15, "output_per_mtok": 0.6}}`; an empty path prices nothing."""
-        return cls(json.loads(Path(path).read_text()) if path else None)
+        """Load `{"model": {"input_per_mtok": 0.15, "output_per_mtok": 0.6}}`; an empty path prices nothing.
+        ValueError naming the file and what is wrong with it: a file of another shape was a TypeError
+        at start (`[1, 2]`) or at the first costed call, and a price that is no number (`"a lot"`),
+        negative or infinite, or under a misspelled key, was taken and made every cost of that model
+        wrong."""
+        if not path:
+            return cls()
+        table = json.loads(Path(path).read_text())
+        if not isinstance(table, dict):
+            raise ValueError(f"{path} must hold a JSON object of models, not {_json_kind(table)}")
+        for model, price in table.items():
+            if not isinstance(price, dict):
+                raise ValueError(f"{path}: model {model!r} must be an object with {' and/or '.join(PRICE_KEYS)}")
+            for key, value in price.items():
+                if key not in PRICE_KEYS:
+                    raise ValueError(f"{path}: model {model!r} has {key!r}; a price is {' or '.join(PRICE_KEYS)}")
+                if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+                    raise ValueError(
+                        f"{path}: model {model!r} {key} must be a finite number of USD, at least 0, not {value!r}"
+                    )
+        return cls(table)
 
     def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> float:
         """What the tokens cost; 0 for a model without a price."""
@@ -57,6 +80,12 @@ class PriceTable:
         return (
             prompt_tokens * price.get("input_per_mtok", 0.0) + completion_tokens * price.get("output_per_mtok", 0.0)
         ) / 1e6
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words: an array, a string."""
+    kinds = ((list, "an array"), (str, "a string"), (bool, "a boolean"), (int | float, "a number"))
+    return next((kind for python, kind in kinds if isinstance(value, python)), "null")
 
 
 class ProvidedTarget:

@@ -166,6 +166,25 @@ def test_a_setting_that_cannot_be_used_exits_2_naming_the_flag(
 
 
 @pytest.mark.parametrize(
+    ("table", "named"),
+    [
+        ("[1, 2]", "must hold a JSON object of models, not an array"),
+        ('{"gpt": {"input_per_mtok": "a lot"}}', "model 'gpt' input_per_mtok must be a finite number"),
+        ('{"gpt": {"output_per_mtok": -0.5}}', "at least 0, not -0.5"),
+        ('{"gpt": {"input_per_mtok": NaN}}', "not nan"),
+        ('{"gpt": 0.15}', "model 'gpt' must be an object"),
+        ('{"gpt": {"input_per_mtoken": 0.15}}', "'input_per_mtoken'"),
+    ],
+)
+def test_a_price_table_of_another_shape_exits_2_naming_the_flag(tmp_path: Path, table: str, named: str) -> None:
+    """`[1, 2]` was a traceback (exit 1); a price that is no number, or negative, was taken."""
+    prices = tmp_path / "prices.json"
+    prices.write_text(table)
+    failed = failed_start(dbs.db_url(tmp_path), "--price-table", str(prices))
+    assert_failed_cleanly(failed, 2, "--price-table", str(prices), named)
+
+
+@pytest.mark.parametrize(
     ("extra", "environ", "named"),
     [
         (["--claim-batch", "0"], {}, ["--claim-batch", "EVALSVC_CLAIM_BATCH", "at least 1, not 0"]),
