@@ -113,7 +113,7 @@ def _open_database(settings: config.Settings) -> Database:
         check_database_directory(settings.db)
         return Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
     except (StartupError, ValueError, ArgumentError) as exc:
-        raise config.SettingsError(f"--db ({config.env_name('db')}): {exc}") from None
+        raise config.SettingsError(f"{config.named('db')}: {exc}") from None
 
 
 @contextlib.asynccontextmanager
@@ -351,11 +351,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"evalsvc secrets: {exc}", file=sys.stderr)
             return 2
     settings = config.from_args(args)
-    try:
-        logs.configure(settings.log_level, settings.log_format)
-    except ValueError as exc:
-        print(f"evalsvc: {exc}", file=sys.stderr)
-        return 2
+    logs.configure(settings.log_level, settings.log_format)
     if args.command == "migrate":
         try:
             return asyncio.run(_migrate_command(settings))
@@ -363,7 +359,6 @@ def _run(args: argparse.Namespace) -> int:
             logging.getLogger("evalsvc").error("%s", exc)
             return 2
     if args.command == "serve":
-        from evalsvc.execution.cache import CacheConfigError
         from evalsvc.limits import raise_open_file_limit
         from evalsvc.secrets.operator import SecretsConfigError
         from evalsvc.secrets.sealing import SecretsKeyError
@@ -379,7 +374,6 @@ def _run(args: argparse.Namespace) -> int:
             ConfigError,
             TlsConfigError,
             SchemaError,
-            CacheConfigError,
             SecretsConfigError,
             SecretsKeyError,
         ) as exc:

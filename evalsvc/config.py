@@ -302,18 +302,18 @@ class Settings:
 
     def __post_init__(self) -> None:
         for name, choices in CHOICES.items():
-            if getattr(self, name).upper() not in choices:
-                raise SettingsError(f"{_names(name)} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
+            if getattr(self, name).upper() not in (choice.upper() for choice in choices):
+                raise SettingsError(f"{named(name)} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
         for name, (minimum, inclusive) in MINIMUMS.items():
             value = getattr(self, name)
             if not math.isfinite(value):  # NaN passes every comparison: a NaN lease was stored as NULL
-                raise SettingsError(f"{_names(name)} must be a finite number, not {value!r}")
+                raise SettingsError(f"{named(name)} must be a finite number, not {value!r}")
             if value < minimum or (value == minimum and not inclusive):
-                raise SettingsError(f"{_names(name)} must be {_bound(name)}, not {value!r}")
+                raise SettingsError(f"{named(name)} must be {_bound(name)}, not {value!r}")
         if self.http_streams_per_tenant > self.max_http_connections // 2:
             # One tenant's watches could hold every REST connection: every other tenant's calls got 503.
             raise SettingsError(
-                f"{_names('max_http_streams_per_tenant')} must be at most half of {_names('max_http_connections')}, "
+                f"{named('max_http_streams_per_tenant')} must be at most half of {named('max_http_connections')}, "
                 f"so that one tenant's streams leave connections for the others: "
                 f"{self.http_streams_per_tenant} is more than {self.max_http_connections // 2}"
             )
@@ -321,13 +321,13 @@ class Settings:
         try:
             allow_entries(self.outbound_allow)
         except ValueError as exc:
-            raise SettingsError(f"{_names('outbound_allow')}: {exc}") from None
+            raise SettingsError(f"{named('outbound_allow')}: {exc}") from None
         if self.max_reply_bytes and not MIN_REPLY_BYTES <= self.max_reply_bytes <= self.max_message_bytes // 4:
             # A result carries its output and its judge's explanation, each up to this: a larger one made a
             # result no call could send (ListRunResults failed RESOURCE_EXHAUSTED on that run for good).
             raise SettingsError(
-                f"{_names('max_reply_bytes')} must be 0 or from {MIN_REPLY_BYTES} to a quarter of "
-                f"{_names('max_message_bytes')} ({self.max_message_bytes // 4}), so that every result can be read "
+                f"{named('max_reply_bytes')} must be 0 or from {MIN_REPLY_BYTES} to a quarter of "
+                f"{named('max_message_bytes')} ({self.max_message_bytes // 4}), so that every result can be read "
                 f"back, not {self.max_reply_bytes}"
             )
 
@@ -366,10 +366,13 @@ class Settings:
         return cls(**values)
 
 
-# Text settings that name one of a few things (any case).
+# Text settings that name one of a few things (any case): the one place they are checked, so that every
+# refusal names the flag and the variable.
 CHOICES: dict[str, tuple[str, ...]] = {
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+    "log_format": ("text", "json"),
     "sqlite_synchronous": ("FULL", "NORMAL", "EXTRA"),
+    "cache_default": ("off", "read_write", "refresh", "replay"),  # evalsvc.execution.cache.MODE_NAMES
 }
 
 MIN_REPLY_BYTES = 1024  # a reply bound smaller than this would fail ordinary answers
@@ -473,7 +476,7 @@ def _is_host_name(text: str) -> bool:
     return len(text) <= 253 and all(_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
 
 
-def _names(field_name: str) -> str:
+def named(field_name: str) -> str:
     """`claim_batch` -> `--claim-batch (EVALSVC_CLAIM_BATCH)`: how a message names a setting."""
     return f"{flag_name(field_name)} ({env_name(field_name)})"
 

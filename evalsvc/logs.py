@@ -16,7 +16,6 @@ import time
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is a field.
@@ -62,11 +61,10 @@ class TextFormatter(logging.Formatter):
 
 
 def make_handler(log_format: str, stream: TextIO | None = None) -> logging.Handler:
-    """A stream handler (stderr by default) with the formatter `log_format` names."""
-    if log_format not in FORMATS:
-        raise ValueError(f"--log-format must be one of {', '.join(FORMATS)}, not {log_format!r}")
+    """A stream handler (stderr by default) with the formatter `log_format` names: json (any case), or
+    text (the settings check it is one of them: evalsvc.config.CHOICES)."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter() if log_format.lower() == "json" else TextFormatter())
     return handler
 
 

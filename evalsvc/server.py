@@ -33,7 +33,7 @@ from evalsvc.api.secrets import SecretServicer
 from evalsvc.api.webhooks import WebhookServicer
 from evalsvc.auth.revocation import StreamRevoker
 from evalsvc.auth.service import KeyService
-from evalsvc.config import Settings
+from evalsvc.config import Settings, named
 from evalsvc.datasets.generation import DatasetGenerations, generator_model
 from evalsvc.datasets.service import DatasetService
 from evalsvc.definitions.service import DefinitionService
@@ -41,6 +41,7 @@ from evalsvc.events.bus import EventBus
 from evalsvc.events.listener import EventListener
 from evalsvc.execution.cache import mode_from_setting
 from evalsvc.execution.executor import Executor
+from evalsvc.gateway.dialects import mounts as dialect_mounts
 from evalsvc.gateway.server import Gateway
 from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.graders.pool import GradingPool
@@ -141,8 +142,10 @@ class EvalServer:
         flag whose value cannot be used (an unknown database URL, a missing or malformed file);
         SecretsConfigError or SecretsKeyError the secrets settings."""
         self.settings = settings
+        with _setting("dialects"):  # checked without --http-addr too: a typo must not wait for the day it is set
+            dialect_mounts(settings.dialects)
         operator_secrets = OperatorSecrets(os.environ, settings.secrets_file)
-        with _setting("--db"):
+        with _setting("db"):
             self.db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
         # Keyed at start, from the database: every replica of a database signs with the same key.
         self.page_tokens = PageTokens(page_bytes=settings.max_message_bytes // 2)
@@ -151,7 +154,7 @@ class EvalServer:
         self.bus = EventBus()
         self.metrics = Metrics(self.db)
         self.outbound = Outbound(settings)
-        with _setting("--price-table"):
+        with _setting("price_table"):
             prices = PriceTable.from_file(settings.price_table)
         judge = JudgeDefaults(settings.judge_base_url, settings.judge_model, settings.judge_api_key)
         self.grading = GradingPool(settings.grade_processes, settings.grade_timeout_s, self.metrics)
@@ -273,13 +276,9 @@ class EvalServer:
         if self.settings.http_addr:
             # In process: the gateway's calls go straight to the servicers (evalsvc.api.local).
             local = LocalChannel(self.local)
-            with _setting("--dialects"):  # an unknown dialect's name: one line, not a traceback
-                self.gateway = Gateway(
-                    lambda _index: local,
-                    self.settings.http_addr,
-                    dialects=self.settings.dialects,
-                    settings=self.settings,
-                )
+            self.gateway = Gateway(
+                lambda _index: local, self.settings.http_addr, dialects=self.settings.dialects, settings=self.settings
+            )
             await _listen("HTTP", self.settings.http_addr, self.gateway.start())
             stack.push_async_callback(self.gateway.stop)
         if self.settings.metrics_addr:
@@ -471,11 +470,12 @@ class ConfigError(ValueError):
 
 
 @contextlib.contextmanager
-def _setting(flags: str) -> Iterator[None]:
+def _setting(field_name: str) -> Iterator[None]:
+    """A failure to use setting `field_name` as a ConfigError naming its flag and variable."""
     try:
         yield
     except (OSError, ValueError, ArgumentError) as exc:
-        raise ConfigError(f"{flags}: {exc}") from exc
+        raise ConfigError(f"{named(field_name)}: {exc}") from exc
 
 
 class StartupError(RuntimeError):

@@ -14,7 +14,8 @@ import grpc
 import pytest
 
 from evalsvc import cli
-from evalsvc.execution.cache import CacheConfigError, target_key
+from evalsvc.config import CHOICES, SettingsError
+from evalsvc.execution.cache import MODE_NAMES, target_key
 from evalsvc.server import EvalServer
 from evalsvc.statuses import TERMINAL
 from evalsvc.store import cache as cache_store
@@ -261,8 +262,11 @@ async def test_bad_cache_modes(svc: Svc, tmp_path: Path) -> None:
         await svc.runs.CreateRun(_request(target_pb2.Target(echo=target_pb2.EchoTarget()), _items(1), 42))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error_reason(err.value) == "INVALID_ARGUMENT"
     assert set(violations(err.value)) == {"cache_mode"}
-    with pytest.raises(CacheConfigError):
-        EvalServer(make_settings(tmp_path / "bad", cache_default="sometimes"))
+    with pytest.raises(
+        SettingsError, match=r"--cache-default \(EVALSVC_CACHE_DEFAULT\) must be one of off, read_write"
+    ):
+        make_settings(tmp_path / "bad", cache_default="sometimes")
+    assert CHOICES["cache_default"] == tuple(MODE_NAMES)  # the names the settings take are the modes there are
 
 
 async def test_the_server_default_applies_to_runs_that_do_not_choose(tmp_path: Path) -> None:

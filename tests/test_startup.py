@@ -135,9 +135,12 @@ def test_a_postgres_database_or_role_that_does_not_exist_is_one_line(url: str, n
     assert "pw-hidden" not in line  # the password is never shown
 
 
-def test_an_unknown_dialect_exits_2_naming_the_flag(tmp_path: Path) -> None:
-    failed = failed_start(dbs.db_url(tmp_path), "--http-addr", "127.0.0.1:0", "--dialects", "omni,nope")
-    assert_failed_cleanly(failed, 2, "--dialects", "'nope'", "omni")
+@pytest.mark.parametrize("http", [["--http-addr", "127.0.0.1:0"], []])
+def test_an_unknown_dialect_exits_2_naming_the_flag(tmp_path: Path, http: list[str]) -> None:
+    """Without --http-addr too: it was checked only when the gateway was mounted, so a typo waited for
+    the day the gateway was turned on."""
+    failed = failed_start(dbs.db_url(tmp_path), *http, "--dialects", "omni,nope")
+    assert_failed_cleanly(failed, 2, "--dialects", "EVALSVC_DIALECTS", "'nope'", "omni")
 
 
 async def test_a_schema_this_binary_does_not_know_exits(tmp_path: Path) -> None:
@@ -155,7 +158,11 @@ async def test_a_schema_this_binary_does_not_know_exits(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("flag", "value", "named"),
     [
-        ("--price-table", "/no/such/prices.json", "/no/such/prices.json"),
+        (
+            "--price-table",
+            "/no/such/prices.json",
+            "(EVALSVC_PRICE_TABLE): [Errno 2] No such file or directory: '/no/such/prices.json'",
+        ),
         ("--secrets-file", "/no/such/secrets.json", "/no/such/secrets.json"),
     ],
 )
@@ -193,6 +200,8 @@ def test_a_price_table_of_another_shape_exits_2_naming_the_flag(tmp_path: Path, 
         ([], {"EVALSVC_WORKERS": "many"}, ["EVALSVC_WORKERS", "'many' is not a whole number"]),
         (["--heartbeat-s", "soon"], {}, ["--heartbeat-s", "'soon' is not a number"]),
         (["--sqlite-synchronous", "SOMETIMES"], {}, ["--sqlite-synchronous", "FULL, NORMAL, EXTRA, not 'SOMETIMES'"]),
+        ([], {"EVALSVC_LOG_FORMAT": "yaml"}, ["--log-format", "EVALSVC_LOG_FORMAT", "text, json, not 'yaml'"]),
+        (["--cache-default", "always"], {}, ["--cache-default", "EVALSVC_CACHE_DEFAULT", "off, read_write"]),
         (  # taken as a host name that no URL's host can be: the address stayed refused
             ["--outbound-allow", "127.0.0.1:17765"],
             {},
