@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, NoReturn
@@ -255,27 +254,30 @@ async def _migrate_command(settings: config.Settings) -> int:
 async def _gateway_command(args: argparse.Namespace) -> int:
     import signal
 
+    from evalsvc.gateway.dialects import mounts
     from evalsvc.gateway.server import Gateway, remote_channels
     from evalsvc.limits import raise_open_file_limit
+    from evalsvc.server import StartupError, check_bindable, listen
 
     raise_open_file_limit()
     try:
+        mounts(args.dialects)
+    except ValueError as exc:  # an unknown dialect's name
+        logging.getLogger("evalsvc").error("evalsvc gateway: --dialects: %s", exc)
+        return 2
+    try:
+        # As `serve` checks its addresses: `nonsense` was taken for an unknown dialect, a port past
+        # 65535 was a traceback.
+        check_bindable(args.http_addr, "HTTP", "--http-addr")
         gateway = Gateway(
             remote_channels(args.grpc_target, root_certificates=args.grpc_ca),
             args.http_addr,
             dialects=args.dialects,
             settings=config.from_args(args),
         )
-    except ValueError as exc:  # an unknown dialect's name
-        logging.getLogger("evalsvc").error("evalsvc gateway: --dialects: %s", exc)
-        return 2
-    try:
-        await gateway.start()
-    except OSError as exc:
-        why = os.strerror(exc.errno) if exc.errno else str(exc)
-        logging.getLogger("evalsvc").error(
-            "evalsvc gateway could not start: cannot listen on %s: %s", args.http_addr, why
-        )
+        await listen("HTTP", args.http_addr, gateway.start())
+    except StartupError as exc:
+        logging.getLogger("evalsvc").error("evalsvc gateway could not start: %s", exc)
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -33,7 +34,7 @@ from evalsvc.api.secrets import SecretServicer
 from evalsvc.api.webhooks import WebhookServicer
 from evalsvc.auth.revocation import StreamRevoker
 from evalsvc.auth.service import KeyService
-from evalsvc.config import Settings, named
+from evalsvc.config import Settings, env_name, flag_name, named
 from evalsvc.datasets.generation import DatasetGenerations, generator_model
 from evalsvc.datasets.service import DatasetService
 from evalsvc.definitions.service import DefinitionService
@@ -80,11 +81,13 @@ from evalsvc.webhooks.service import WebhookService
 log = logging.getLogger(__name__)
 
 PAGE_TOKEN_KEY = "page_tokens"  # the server_keys row that signs page tokens
-# Said after an address that cannot be bound, most often because another evalsvc is running.
+# Said after an address in use, most often because another evalsvc is running.
 ADDRESS_HINT = (
     "; is another evalsvc running? Choose other addresses: --grpc-addr, --http-addr, --metrics-addr "
     "(make run GRPC_ADDR=HOST:PORT HTTP_ADDR=HOST:PORT)"
 )
+# The listen addresses of `serve`: (setting, what listens there).
+LISTENERS = (("grpc_addr", "gRPC"), ("http_addr", "HTTP"), ("metrics_addr", "metrics"))
 # Time a new gRPC connection has to finish its TLS handshake and send HTTP/2 SETTINGS: generous for a
 # real client (it sends them at once), short enough that a connection that sends nothing frees its place.
 HANDSHAKE_TIMEOUT_MS = 10_000
@@ -249,13 +252,9 @@ class EvalServer:
 
     async def _start(self, stack: contextlib.AsyncExitStack, credentials: grpc.ServerCredentials | None) -> None:
         # Every address first: an address in use fails the start before the database is touched.
-        for addr, what in (
-            (self.settings.grpc_addr, "gRPC"),
-            (self.settings.http_addr, "HTTP"),
-            (self.settings.metrics_addr, "metrics"),
-        ):
-            if addr:
-                _check_bindable(addr, what)
+        for field_name, what in LISTENERS:
+            if addr := getattr(self.settings, field_name):
+                check_bindable(addr, what, f"{flag_name(field_name)} / {env_name(field_name)}")
         # Then, before anything is written, this server's claim on a SQLite file; released last on stop.
         self._hold_database(stack)
         stack.push_async_callback(self.db.close)
@@ -279,10 +278,10 @@ class EvalServer:
             self.gateway = Gateway(
                 lambda _index: local, self.settings.http_addr, dialects=self.settings.dialects, settings=self.settings
             )
-            await _listen("HTTP", self.settings.http_addr, self.gateway.start())
+            await listen("HTTP", self.settings.http_addr, self.gateway.start())
             stack.push_async_callback(self.gateway.stop)
         if self.settings.metrics_addr:
-            self.metrics_port = await _listen(
+            self.metrics_port = await listen(
                 "metrics", self.settings.metrics_addr, self.metrics.serve(self.settings.metrics_addr)
             )
         async with self._database_step():
@@ -486,7 +485,7 @@ class StartupError(RuntimeError):
 def bind_grpc(server: grpc.aio.Server, addr: str, credentials: grpc.ServerCredentials | None) -> int:
     """Bind the gRPC server to addr (without port sharing: `grpc.so_reuseport` is 0); the bound port.
 
-    Start-up has tried the address with a plain socket (`_check_bindable`) already: that names the
+    Start-up has tried the address with a plain socket (`check_bindable`) already: that names the
     cause (in use, not this host's) in Python's words, and spares the log grpc core's own error
     line, which it prints whenever a bind fails."""
     try:
@@ -498,16 +497,21 @@ def bind_grpc(server: grpc.aio.Server, addr: str, credentials: grpc.ServerCreden
     return port
 
 
-def _check_bindable(addr: str, what: str) -> None:
-    """StartupError naming addr unless a listener could bind it now (a host:port of this machine, free)."""
-    host, _, port_text = addr.rpartition(":")
+def check_bindable(addr: str, what: str, flags: str) -> None:
+    """StartupError naming addr and its `flags` unless a listener could bind it now: a HOST:PORT of
+    this machine, free. Each cause is said as what it is: `nonsense` was "invalid literal for int()",
+    and an address of another machine "is another evalsvc running?"."""
+    host, colon, port_text = addr.rpartition(":")
+    failed = f"cannot listen for {what} on {addr} ({flags})"
+    if not colon or not port_text.isdigit():
+        raise StartupError(f"{failed}: not HOST:PORT (such as 127.0.0.1:8080; port 0 picks a free one)")
+    port = int(port_text)
+    if port > 65535:
+        raise StartupError(f"{failed}: port {port} is not between 0 and 65535")
     try:
-        port = int(port_text)
-        if not 0 <= port <= 65535:
-            raise ValueError(f"port {port} is not between 0 and 65535")
         infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (ValueError, OSError) as exc:
-        raise StartupError(f"cannot listen for {what} on {addr}: not a host:port of this machine ({exc})") from exc
+    except OSError as exc:
+        raise StartupError(f"{failed}: {host!r} is not an address or a name that resolves ({_why(exc)})") from exc
     if port == 0:
         return
     for family, kind, proto, _name, address in infos:
@@ -516,20 +520,32 @@ def _check_bindable(addr: str, what: str) -> None:
             try:
                 probe.bind(address)
             except OSError as exc:
-                raise StartupError(f"cannot listen for {what} on {addr}: {_why(exc)}{ADDRESS_HINT}") from exc
+                raise StartupError(f"{failed}: {_bind_problem(exc, addr)}") from exc
+
+
+def _bind_problem(exc: OSError, addr: str) -> str:
+    """Why `addr` cannot be bound, with what to do about it: another evalsvc is the likely holder of an
+    address in use, while an address that is not this machine's is a typo or another machine's."""
+    if exc.errno == errno.EADDRINUSE:
+        return f"{_why(exc)}{ADDRESS_HINT}"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        host = addr.rpartition(":")[0].strip("[]")
+        return f"{_why(exc)}: {host} is not an address of this machine (0.0.0.0 listens on all of them)"
+    return _why(exc)
 
 
 def _why(exc: OSError) -> str:
     """An OSError's cause in the system's words ("Address already in use"), without the call's wording."""
-    return os.strerror(exc.errno) if exc.errno else str(exc)
+    return exc.strerror or str(exc)  # a resolver's error (socket.gaierror) has its own numbers and words
 
 
-async def _listen(what: str, addr: str, starting: Awaitable[int]) -> int:
-    """Await a listener's start; a bind failure becomes a StartupError naming the address."""
+async def listen(what: str, addr: str, starting: Awaitable[int]) -> int:
+    """Await a listener's start; a bind failure (lost a race for the address since `check_bindable`)
+    becomes a StartupError naming the address."""
     try:
         return await starting
     except OSError as exc:
-        raise StartupError(f"cannot listen for {what} on {addr}: {_why(exc)}{ADDRESS_HINT}") from exc
+        raise StartupError(f"cannot listen for {what} on {addr}: {_bind_problem(exc, addr)}") from exc
 
 
 def check_database_directory(url: str) -> None:

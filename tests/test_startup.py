@@ -75,8 +75,12 @@ def test_a_metrics_address_in_use_exits(tmp_path: Path) -> None:
 
 
 def test_an_address_of_another_machine_exits(tmp_path: Path) -> None:
+    """It was said to be "Cannot assign requested address; is another evalsvc running?"."""
     failed = failed_start(dbs.db_url(tmp_path), "--grpc-addr", "192.0.2.1:50051")
-    assert_failed_cleanly(failed, 1, "gRPC", "192.0.2.1:50051")
+    line = assert_failed_cleanly(
+        failed, 1, "gRPC", "192.0.2.1:50051", "--grpc-addr / EVALSVC_GRPC_ADDR", "192.0.2.1 is not an address of this"
+    )
+    assert "another evalsvc" not in line
 
 
 def test_a_missing_database_directory_exits(tmp_path: Path) -> None:
@@ -244,31 +248,50 @@ def test_a_path_given_as_the_database_says_which_url_to_write() -> None:
     assert "synchronous" not in line
 
 
-def test_an_address_that_is_not_host_and_port_exits(tmp_path: Path) -> None:
-    failed = failed_start(dbs.db_url(tmp_path), "--metrics-addr", "127.0.0.1:99999")
-    assert_failed_cleanly(failed, 1, "metrics", "127.0.0.1:99999")
+@pytest.mark.parametrize(
+    ("flag", "addr", "named"),
+    [
+        ("--metrics-addr", "127.0.0.1:99999", "port 99999 is not between 0 and 65535"),
+        ("--grpc-addr", "nonsense", "not HOST:PORT"),  # was "(invalid literal for int() with base 10: 'nonsense')"
+        ("--http-addr", "127.0.0.1", "not HOST:PORT"),
+        ("--grpc-addr", "no-such-host.invalid:50051", "'no-such-host.invalid' is not an address or a name"),
+    ],
+)
+def test_an_address_that_is_not_host_and_port_exits(tmp_path: Path, flag: str, addr: str, named: str) -> None:
+    line = assert_failed_cleanly(failed_start(dbs.db_url(tmp_path), flag, addr), 1, addr, flag, named)
+    assert "int()" not in line and "another evalsvc" not in line
+
+
+@pytest.mark.parametrize(
+    ("addr", "named"),
+    [
+        ("nonsense", "not HOST:PORT"),
+        ("127.0.0.1:99999", "not between 0 and 65535"),
+        ("192.0.2.1:8080", "192.0.2.1 is not"),
+    ],
+)
+def test_the_standalone_gateway_checks_its_address_as_serve_does(addr: str, named: str) -> None:
+    """`nonsense` was reported as an unknown dialect, a port past 65535 was a traceback."""
+    failed = _failed_gateway("--http-addr", addr)
+    assert_failed_cleanly(failed, 1, f"cannot listen for HTTP on {addr} (--http-addr)", named)
+
+
+def _failed_gateway(*extra: str) -> FailedStart:
+    """Run `evalsvc gateway` in front of nothing, expecting it not to start."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "evalsvc", "gateway", "--grpc-target", "127.0.0.1:1", *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return FailedStart(done.returncode, done.stdout + done.stderr, time.monotonic() - started)
 
 
 def test_the_standalone_gateway_exits_when_its_address_is_in_use() -> None:
     with occupied_port() as port:
-        started = time.monotonic()
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "evalsvc",
-                "gateway",
-                "--grpc-target",
-                "127.0.0.1:1",
-                "--http-addr",
-                f"127.0.0.1:{port}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    failed = FailedStart(done.returncode, done.stdout + done.stderr, time.monotonic() - started)
+        failed = _failed_gateway("--http-addr", f"127.0.0.1:{port}")
     assert_failed_cleanly(failed, 1, f"127.0.0.1:{port}", "in use")
 
 
@@ -282,7 +305,7 @@ async def test_a_partial_start_stops_what_it_started(tmp_path: Path, monkeypatch
     # As if the HTTP port were taken between the start's address check and the gateway's bind: the
     # check is skipped, so the gateway's real bind fails after the database was opened and migrated
     # and gRPC started.
-    monkeypatch.setattr(server_module, "_check_bindable", lambda addr, what: None)
+    monkeypatch.setattr(server_module, "check_bindable", lambda addr, what, flags: None)
     with occupied_port() as port:
         server = EvalServer(make_settings(tmp_path, http_addr=f"127.0.0.1:{port}"))
         with pytest.raises(StartupError, match=f"127.0.0.1:{port}"):
