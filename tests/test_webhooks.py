@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -332,6 +334,57 @@ async def test_bad_webhooks_are_invalid_arguments_naming_the_field(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await webhooks.UpdateWebhook(update)
     assert "webhook.event_types" in violations(caught.value)
+
+
+async def test_a_receiver_name_that_does_not_resolve_is_accepted_as_a_target_url_is(
+    webhooks: webhook_service_pb2_grpc.WebhookServiceStub,
+) -> None:
+    """docs/webhooks.md's own example was refused ("cannot resolve host 'ci.example.com'") where a
+    target on that host was accepted: a name may not be published yet, or DNS be down."""
+    for url in ("https://ci.example.com/hooks/evalsvc", "https://hooks.evalsvc.invalid/evalsvc"):
+        created = (await webhooks.CreateWebhook(create_webhook(url))).webhook
+        assert created.url == url
+        await webhooks.DeleteWebhook(wpb.DeleteWebhookRequest(webhook_id=created.id))
+
+
+async def test_a_receiver_name_is_checked_again_before_and_while_each_attempt_connects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name accepted while it did not resolve is checked before each attempt, and again when the
+    attempt connects: one that answers a public address to the check and this machine's to the
+    connection (DNS rebinding) reached the receiver on 127.0.0.1 (no --outbound-allow here)."""
+    from evalsvc.http import outbound
+
+    answers: list[str] = []  # what the name resolves to, in turn; nothing (a resolver failure) when empty
+    real_resolve = outbound._resolve
+
+    async def resolve(host: str) -> list[outbound.IPAddress]:
+        if host != "localhost":
+            return await real_resolve(host)
+        if not answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [ipaddress.ip_address(answers.pop(0))]
+
+    monkeypatch.setattr(outbound, "_resolve", resolve)
+    srv = EvalServer(make_settings(tmp_path, webhook_retry_base_s=0.05, webhook_max_attempts=2))
+    await srv.start()
+    try:
+        assert srv.bootstrap_key
+        async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+            webhooks = webhook_service_pb2_grpc.WebhookServiceStub(channel)
+            runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            with FakeEndpoint(Reply({})) as receiver:
+                url = receiver.url.replace("127.0.0.1", "localhost") + "/hook"
+                created = (await webhooks.CreateWebhook(create_webhook(url))).webhook  # not resolving: accepted
+                # First attempt: public to the check, 127.0.0.1 to the connection; second: internal to the check.
+                answers.extend(["8.8.8.8", "127.0.0.1", "169.254.169.254"])
+                await watch_all(runs, (await runs.CreateRun(create_request(1))).run.id)
+                [delivery] = await deliveries_when_done(webhooks, created.id, 1)
+            assert receiver.seen == []
+    finally:
+        await srv.stop(grace=0.5)
+    assert delivery.status == wpb.WEBHOOK_DELIVERY_STATUS_FAILED and delivery.attempts == 2
+    assert "169.254.169.254 is not a globally routable address" in delivery.last_error
 
 
 async def test_a_tenant_has_at_most_50_webhooks(webhooks: webhook_service_pb2_grpc.WebhookServiceStub) -> None:

@@ -28,7 +28,14 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.config import Settings
-from evalsvc.http.outbound import AllowList, OutboundError, check_destination, retry_after_s, shown_host
+from evalsvc.http.outbound import (
+    AllowList,
+    OutboundError,
+    check_destination,
+    checked_transport,
+    retry_after_s,
+    shown_host,
+)
 from evalsvc.liveness import supervise
 from evalsvc.metrics import Metrics
 from evalsvc.store import webhooks as store
@@ -80,7 +87,9 @@ class WebhookSender:
         self._rng = random.Random()
         self._client = httpx.AsyncClient(
             follow_redirects=False,
-            limits=httpx.Limits(max_connections=self._concurrency),
+            # The outbound rule at connect time too, as for targets: a name re-pointed to an internal
+            # address between `check_destination` and the connection (DNS rebinding) is refused.
+            transport=checked_transport(allow, httpx.Limits(max_connections=self._concurrency)),
             timeout=httpx.Timeout(self._timeout_s),  # per phase; asyncio.timeout bounds the whole attempt
         )
         self._in_flight: dict[asyncio.Task[None], tuple[str, str]] = {}  # task -> (tenant, delivery id)

@@ -1,8 +1,9 @@
 """The webhook service: register, read, change, delete webhooks, rotate their secrets, list deliveries.
 
 Webhooks belong to a tenant and are notified only of that tenant's runs (the outbox is written per
-tenant: evalsvc.store.webhooks.enqueue). A webhook's URL follows the rule of target URLs
-(evalsvc.http.outbound.check_destination), checked when it is set and again before each attempt.
+tenant: evalsvc.store.webhooks.enqueue). A webhook's URL follows the rule of target URLs: checked
+when it is set as endpoints are (`destination_violations`: a name that does not resolve then is
+accepted), and again before and while each attempt connects (evalsvc.webhooks.sender).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, cast
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
-from evalsvc.http.outbound import AllowList, OutboundError, check_destination, check_url_shape
+from evalsvc.http.outbound import AllowList, check_url_shape, destination_violations
 from evalsvc.idempotency import create_once, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
 from evalsvc.limits import StoredCap
@@ -87,14 +88,12 @@ class WebhookService:
             out.append(FieldViolation(at, "required"))
             return
         check_length(url, MAX_URL, at, out)
-        problem = check_url_shape(url)
-        if problem is None:
-            try:
-                await check_destination(url, self._allow)
-            except OutboundError as exc:
-                problem = exc.reason
-        if problem is not None:
+        if problem := check_url_shape(url):
             out.append(FieldViolation(at, problem))
+        else:
+            # As a target's URL: a receiver's name not published yet (or DNS down) was refused
+            # ("cannot resolve host"), while a target on the same host was accepted.
+            out.extend(await destination_violations([(at, url)], self._allow))
 
     async def create(self, tenant: str, request: wpb.CreateWebhookRequest) -> wpb.Webhook:
         """Register a webhook (idempotent by request_id); the answer carries its secret, this once."""
