@@ -224,6 +224,16 @@ def test_compare_table_json_show_and_fail_on_regression(live: tuple[ServerProces
     assert missing.returncode == 3 and "not found" in missing.stderr
 
 
+def test_compare_rounds_a_pass_rate_as_run_and_get_do() -> None:
+    """13/16 was 81.3% in `evalctl run` and `get` and 81.2% in `compare` (float formatting rounds 81.25
+    to even)."""
+    from evalsvc_client import pb
+    from evalsvc_client.cli import _comparison_row
+
+    row = _comparison_row(pb.comparison.GraderComparison(baseline_pass_rate=13 / 16, candidate_pass_rate=1 / 16))
+    assert row[2:4] == ["81.3%", "6.3%"]
+
+
 def test_run_takes_a_cache_mode_from_the_spec_or_the_command_line(
     live: tuple[ServerProcess, str], tmp_path: Path
 ) -> None:

@@ -116,6 +116,20 @@ def test_readme_documents_every_setting() -> None:
         assert flag in readme and env in readme, f"README lacks {flag} / {env}"
 
 
+def test_the_docs_quote_what_evalsvc_says() -> None:
+    """The quick start's exact-match line, the newest migration in the exit codes' example, and a grpcurl
+    call that sends the key the service asks for (they said "output equals the expected output", 0010,
+    and no key)."""
+    from evalsvc.graders.builtin import _ExactMatch
+    from evalsvc.store import migrate
+
+    readme = (ROOT / "README.md").read_text()
+    assert f"RESULT_STATE_PASSED - {_ExactMatch._PASS.explanation}\n" in readme
+    assert f"(its newest is {migrate.head()})" in (ROOT / "docs" / "operations.md").read_text()
+    calls = [line for line in readme.splitlines() if "grpcurl -plaintext -" in line and "WatchRun" in line]
+    assert calls and all('-H "authorization: Bearer $EVALSVC_API_KEY"' in line for line in calls)
+
+
 async def test_sigterm_drains_and_a_restart_finds_the_runs(tmp_path: Path) -> None:
     db = db_url(tmp_path, "svc.db")
     server = ServerProcess(db, tmp_path / "a.log")

@@ -117,7 +117,7 @@ class _Live:
             description=description,
             total=counts.total_evaluations or None,
             completed=counts.completed_evaluations,
-            rate="-" if rate is None else f"{rate:.1f}%",
+            rate=format_rate(rate),
             errors=counts.errored,
             cost=self._cost,
         )
@@ -352,8 +352,8 @@ def _comparison_row(g: pb.comparison.GraderComparison) -> list[str]:
     return [
         g.grader or "(overall)",
         str(g.pairs),
-        f"{100 * g.baseline_pass_rate:.1f}%",
-        f"{100 * g.candidate_pass_rate:.1f}%",
+        format_rate(100 * g.baseline_pass_rate),  # as `run` and `get` print a rate: 13/16 is 81.3% in each
+        format_rate(100 * g.candidate_pass_rate),
         f"{100 * g.pass_rate_delta:+.1f} [{100 * g.delta_ci_low:+.1f}, {100 * g.delta_ci_high:+.1f}]",
         f"+{g.improved} -{g.regressed}",
         f"{g.mcnemar_p_value:.3g}",
