@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, NoReturn
@@ -322,12 +323,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _warn_of_unknown_variables() -> None:
+    """One WARNING naming the EVALSVC_ variables that are no setting (`config.unknown_variables`)."""
+    if unknown := config.unknown_variables(os.environ):
+        logging.getLogger("evalsvc").warning(
+            "ignoring %s: no setting has that name (the README's configuration table lists them)", ", ".join(unknown)
+        )
+
+
 def _run(args: argparse.Namespace) -> int:
     """The command `args` name; its exit code."""
     from evalsvc.store.migrate import SchemaError
 
     if args.command == "gateway":
         logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        _warn_of_unknown_variables()
         return asyncio.run(_gateway_command(args))
     if args.command == "keys":
         try:
@@ -354,6 +364,7 @@ def _run(args: argparse.Namespace) -> int:
             return 2
     settings = config.from_args(args)
     logs.configure(settings.log_level, settings.log_format)
+    _warn_of_unknown_variables()
     if args.command == "migrate":
         try:
             return asyncio.run(_migrate_command(settings))

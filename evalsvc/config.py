@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import functools
 import ipaddress
 import math
@@ -515,6 +516,31 @@ def _coerce(type_name: Any, raw: str) -> Any:
 # A switch's words: anything else is refused (`--bootstrap-key maybe` started a server that minted no key).
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
+
+
+# EVALSVC_ variables that are not settings: operator secrets (`EVALSVC_SECRET_<NAME>`, evalsvc.secrets.operator),
+# the clients' key (evalctl, the SDKs) and the test suite's (`EVALSVC_TEST_DB`, `EVALSVC_LIVENESS_SEED`, ...).
+OTHER_VARIABLES = ("EVALSVC_SECRET_", "EVALSVC_API_KEY", "EVALSVC_TEST_", "EVALSVC_LIVENESS_")
+OTHER_VARIABLE_SUFFIXES = ("_SEED",)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """What to say of each EVALSVC_ variable that names no setting, nor one of OTHER_VARIABLES: a misspelled
+    setting (`EVALSVC_WOKERS=8`) was ignored without a word, and the server ran with the default."""
+    settings = [f.name.upper() for f in fields(Settings)]
+    out = []
+    for name in sorted(environ):
+        if (
+            not name.startswith(ENV_PREFIX)
+            or name.removeprefix(ENV_PREFIX) in settings
+            or name.startswith(OTHER_VARIABLES)
+            or name.endswith(OTHER_VARIABLE_SUFFIXES)
+        ):
+            continue
+        # Compared without the prefix every name shares, which made any name look close to a short one.
+        close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), settings, n=1, cutoff=0.75)
+        out.append(f"{name} (did you mean {ENV_PREFIX}{close[0]}?)" if close else name)
+    return out
 
 
 GATEWAY_SETTINGS = (

@@ -234,6 +234,24 @@ def test_a_setting_out_of_its_bounds_or_not_a_number_exits_2_in_one_line(
     assert len(lines) == 1 and all(part in lines[0] for part in named), failed.output
 
 
+def test_an_evalsvc_variable_that_is_no_setting_is_named_in_one_warning(tmp_path: Path) -> None:
+    """`EVALSVC_WOKERS=8` was ignored without a word: the server ran 64 workers. The variables of the
+    operator's secrets, the clients and the tests are not settings, and are not warned of."""
+    others = {"EVALSVC_SECRET_OPENAI": "x", "EVALSVC_API_KEY": "evk_x", "EVALSVC_TEST_DB": "sqlite"}
+    done = subprocess.run(
+        [sys.executable, "-m", "evalsvc", "migrate", "--db", dbs.db_url(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "EVALSVC_WOKERS": "8", "EVALSVC_FROBNICATE": "1", **others},
+    )
+    assert done.returncode == 0, done.stderr
+    [warning] = [line for line in done.stderr.splitlines() if " WARNING " in line]
+    assert "EVALSVC_FROBNICATE, EVALSVC_WOKERS (did you mean EVALSVC_WORKERS?)" in warning
+    assert not any(name in warning for name in others)
+
+
 @pytest.mark.parametrize("url", ["mysql://evalsvc@db/evalsvc", "sqlite:///evalsvc.db"])
 def test_a_database_url_of_another_engine_or_driver_exits_2_naming_it(url: str) -> None:
     """Another engine, or SQLite without its async driver, failed deep in SQLAlchemy: a traceback, exit 1."""
