@@ -87,8 +87,12 @@ def test_later_starts_say_how_to_make_a_key_and_a_taken_port_says_what_to_do(tmp
     for taken in (grpc_taken, http_taken):
         assert taken.returncode == 1 and "Traceback" not in taken.stderr, taken.stderr
         assert "make run GRPC_ADDR=HOST:PORT HTTP_ADDR=HOST:PORT" in taken.stderr
-    assert f"cannot listen for gRPC on {address}: Address already in use" in grpc_taken.stderr
-    assert f"cannot listen for HTTP on {address}: Address already in use" in http_taken.stderr
+    assert f"cannot listen for gRPC on {address} (--grpc-addr / EVALSVC_GRPC_ADDR): Address already in use" in (
+        grpc_taken.stderr
+    )
+    assert f"cannot listen for HTTP on {address} (--http-addr / EVALSVC_HTTP_ADDR): Address already in use" in (
+        http_taken.stderr
+    )
     assert http_taken.stdout == ""
 
 
