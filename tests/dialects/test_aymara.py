@@ -3,6 +3,7 @@ is a real HTTP fake (tests/fake_llm.py), driven by httpx and by Aymara's own SDK
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
@@ -17,6 +18,7 @@ from aymara_ai import AsyncAymaraAI
 from aymara_ai.lib.async_utils import async_wait_until_complete
 from aymara_ai.lib.runner import AsyncEvalRunner
 
+from evalsvc.datasets.service import DatasetService
 from evalsvc.gateway.dialects import aymara
 from tests.conftest import make_settings
 from tests.dialects.env import DialectEnv, dialect_gateway
@@ -803,3 +805,30 @@ async def test_an_eval_whose_prompts_are_refused_is_not_created(env: Env) -> Non
     retried = await create_eval(env, name="refused", eval_uuid="retry-1")  # corrected, same key
     prompts = (await env.http.get(f"/v2/evals/{retried['eval_uuid']}/prompts")).json()
     assert prompts["count"] == 3
+
+
+async def test_a_retry_racing_a_create_never_deletes_the_eval_it_was_answered(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two requests with one eval_uuid: CreateDataset gives both the same empty dataset, both add its
+    prompts; the later add is refused (the prompt ids are taken), and that refusal deleted the eval the
+    other request had filled and answered 200 for. A dataset that holds items is never deleted."""
+    real = DatasetService.add_items
+    first_in, go_on = asyncio.Event(), asyncio.Event()
+
+    async def first_waits(self: DatasetService, *args: Any) -> Any:
+        if not first_in.is_set():
+            first_in.set()
+            await go_on.wait()
+        return await real(self, *args)
+
+    monkeypatch.setattr(DatasetService, "add_items", first_waits)
+    body = an_eval(name="raced", num_prompts=3, eval_uuid="race-1")
+    first = asyncio.create_task(env.http.post("/v2/evals", json=body))
+    await asyncio.wait_for(first_in.wait(), 10)
+    retry = await env.http.post("/v2/evals", json=body)  # the client gave up waiting and retried
+    assert retry.status_code == 200, retry.text
+    go_on.set()
+    assert (await first).status_code != 200
+    kept = await env.http.get(f"/v2/evals/{retry.json()['eval_uuid']}")
+    assert kept.status_code == 200 and kept.json()["name"] == "raced"

@@ -235,16 +235,20 @@ class DialectClient:
         self, dataset: dataset_service_pb2.Dataset, items: Sequence[item_pb2.Item]
     ) -> dataset_service_pb2.Dataset:
         """A dataset this request just made, with `items` added. The vendors create a set and its
-        prompts in one call, evalsvc in two: when the items are refused (a bad prompt, the tenant's
-        item cap), the dataset is deleted again, so the refused create leaves nothing behind (an empty
-        set stayed, and the client's corrected retry found its slug taken)."""
+        prompts in one call, evalsvc in two: when the service refuses the items (a bad prompt, the
+        tenant's item cap), the dataset is deleted again, so the refused create leaves nothing behind
+        (an empty set stayed, and the client's corrected retry found its slug taken) - unless it holds
+        items by then: a retry racing this request (the same idempotency key: CreateDataset replayed
+        the same, still empty dataset) added them, was answered, and its dataset stays."""
         request = dataset_service_pb2.AddDatasetItemsRequest(dataset_id=dataset.id, items=items)
         try:
             return (await self.call(self.upstream.datasets.AddDatasetItems, request)).dataset
-        except BaseException:
-            delete = dataset_service_pb2.DeleteDatasetRequest(dataset_id=dataset.id)
-            with contextlib.suppress(Exception):  # the refusal is what the client must see
-                await self.call(self.upstream.datasets.DeleteDataset, delete)
+        except GatewayError:
+            with contextlib.suppress(GatewayError):  # the refusal is what the client must see
+                get = dataset_service_pb2.GetDatasetRequest(dataset_id=dataset.id)
+                if (await self.call(self.upstream.datasets.GetDataset, get)).dataset.item_count == 0:
+                    delete = dataset_service_pb2.DeleteDatasetRequest(dataset_id=dataset.id)
+                    await self.call(self.upstream.datasets.DeleteDataset, delete)
             raise
 
 
