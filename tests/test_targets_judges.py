@@ -251,14 +251,18 @@ async def test_every_spelling_of_an_endpoint_shares_its_limit_and_idle_limits_ar
             "http://user:secret@api.example.com/v1",
             "HTTP://API.example.com:80/x",
             "http://a@api.example.com",
+            "http://api.example.com./",
         ):
             assert outbound.limit_of(variant) is shared
+        assert outbound.limit_of("http://[2001:db8:0::1]/") is outbound.limit_of("http://[2001:DB8::1]:80/")
         assert outbound.limit_of("https://api.example.com/v1") is not shared  # another port, another endpoint
         monkeypatch.setattr(outbound_module, "ENDPOINT_LIMITS", 3)
         await shared.acquire()  # a call in flight: its limit is kept however many endpoints come after
         for port in range(1, 20):
             outbound.limit_of(f"http://host-{port}.example.com:{port}/")
         assert len(outbound._limits) == 3 and outbound.limit_of("http://api.example.com/") is shared
+        newest = outbound.limit_of("http://newest.example.com/")  # room is made before it is kept, never by it
+        assert outbound.limit_of("http://newest.example.com/") is newest
     finally:
         await outbound.close()
 

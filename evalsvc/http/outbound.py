@@ -308,6 +308,16 @@ ENDPOINT_LIMITS = 1024
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+def _endpoint_host(host: str) -> str:
+    """One spelling of a URL's host: lower case, no trailing dot, an IP address in its short form
+    (`API.example.com.` and `api.example.com`, `2001:db8:0::1` and `2001:db8::1` are one endpoint)."""
+    host = host.lower().rstrip(".")
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
 class AdaptiveLimit:
     """AIMD concurrency limit of one endpoint: halve on 429, grow by one on success. Shared by every
     tenant; its waiters are served round-robin across tenants (`Slots`)."""
@@ -412,29 +422,30 @@ class Outbound:
         are kept; past it the least recently used idle one is forgotten (it starts afresh if used again)."""
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
-        key = (scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS.get(scheme, 0))
+        key = (scheme, _endpoint_host(parts.hostname or ""), parts.port or DEFAULT_PORTS.get(scheme, 0))
         limit = self._limits.get(key)
         if limit is None:
-            limit = self._limits[key] = AdaptiveLimit()
             self._forget_idle_limits()
+            limit = self._limits[key] = AdaptiveLimit()  # after the forgetting: the newest is never forgotten
         else:
             self._limits.move_to_end(key)
         return limit
 
     def _forget_idle_limits(self) -> None:
-        """Forget the least recently used limits that no call holds or waits for, down to ENDPOINT_LIMITS."""
-        excess = len(self._limits) - ENDPOINT_LIMITS
+        """Make room for one more limit: forget the least recently used that no call holds or waits for,
+        down to ENDPOINT_LIMITS - 1 (when all are busy, none: their calls bound how many there are)."""
+        excess = len(self._limits) + 1 - ENDPOINT_LIMITS
         for key in [k for k, limit in self._limits.items() if limit.idle][:excess] if excess > 0 else ():
             del self._limits[key]
 
     async def post_json(self, url: str, body: Any, headers: Mapping[str, str], timeout_s: float = 60.0) -> Reply:
         """POST JSON and return the JSON reply, retrying what may succeed on a later attempt."""
         await check_destination(url, self.allow)
-        limit = self.limit_of(url)
         attempt = 0
         while True:
             attempt += 1
-            async with _endpoint_slot(limit) as call:
+            # Looked up at each attempt: one idle while this call backed off may have been forgotten.
+            async with _endpoint_slot(self.limit_of(url)) as call:
                 guard = call_guard.get()
                 if guard is not None:
                     guard()
