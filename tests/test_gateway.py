@@ -382,6 +382,30 @@ async def test_a_lone_surrogate_in_a_dialect_body_is_the_vendors_400_not_a_500(
     assert "lone surrogate" in response.text and response.json()  # the vendor's JSON error shape
 
 
+# A create route of each dialect, and its body (the `n`th sent: Bland refuses a call id twice).
+CREATE_BODIES: dict[str, tuple[str, Callable[[int], dict[str, Any]]]] = {
+    "omni": ("/api/v1/ai/eval/runs", lambda n: {"prompt_set_id": "nope"}),
+    "bland": ("/v1/evals/calls", lambda n: {"calls": [{"call_id": f"c{n}", "concatenated_transcript": "hi"}]}),
+    "vogent": ("/api/eval_configs", lambda n: {"name": "ok", "promptSnippet": "x"}),
+    "aymara": ("/v2/eval-runs", lambda n: {"eval_uuid": "nope", "responses": [{"prompt_uuid": "p", "content": "x"}]}),
+    "agno": ("/eval-runs", lambda n: {"agent_id": "a", "eval_type": "accuracy", "input": "x", "expected_output": "y"}),
+}
+
+
+@pytest.mark.parametrize("dialect", sorted(CREATE_BODIES))
+async def test_a_dialects_json_body_is_read_as_json_whatever_its_content_type(gw, dialect: str) -> None:
+    """Every dialect answered a JSON body sent as curl -d sends it (form-encoded), or with no Content-Type,
+    with "Input should be a valid dictionary or object to extract fields from"; the native routes read it."""
+    _, client = gw
+    path, body = CREATE_BODIES[dialect]
+    as_json = await client.post(path, json=body(0))
+    for n, content_type in enumerate(["application/x-www-form-urlencoded", "text/plain", None], start=1):
+        headers = {"content-type": content_type} if content_type else {}
+        answer = await client.post(path, content=json.dumps(body(n)).encode(), headers=headers)
+        assert answer.status_code == as_json.status_code, (content_type, answer.text, as_json.text)
+        assert "valid dictionary" not in answer.text
+
+
 async def test_openapi_documents_every_native_route_with_its_messages(gw) -> None:
     _, client = gw
     spec = (await client.get("/openapi.json")).json()

@@ -33,6 +33,7 @@ from fastapi.routing import APIRoute, APIRouter
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 from starlette.exceptions import HTTPException
+from starlette.types import Scope
 
 from evalsvc.gateway.translators import (
     BodyCheck,
@@ -294,11 +295,13 @@ def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRou
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             handler = super().get_route_handler()
             check = _body_check(self)
+            takes_json = self.body_field is not None
 
             async def handle(request: Request) -> Response:
+                scope = _as_json(request.scope) if takes_json else request.scope
                 try:
                     # A large body is read, and validated, in a translator thread (evalsvc.gateway.translators).
-                    return await handler(OffLoopJSONRequest(request.scope, request.receive, check))
+                    return await handler(OffLoopJSONRequest(scope, request.receive, check))
                 except GatewayError as error:
                     return with_retry_after(render(error), error)
                 except HTTPException as error:  # FastAPI's "error parsing the body" (Starlette's class)
@@ -316,6 +319,15 @@ def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRou
             return handle
 
     return DialectRoute
+
+
+def _as_json(scope: Scope) -> Scope:
+    """The request as one declaring a JSON body, whatever Content-Type it declared: FastAPI hands a body
+    declared otherwise, or not at all, to validation as bytes, and every dialect answered curl's `-d`
+    (form-encoded by default) with "Input should be a valid dictionary or object to extract fields
+    from". Every dialect's body is JSON, and the native routes read any body as JSON too."""
+    headers = [(name, value) for name, value in scope["headers"] if name != b"content-type"]
+    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
 
 
 # The validation errors a response lists, and the size of an echoed `input` it keeps (JSON values).
