@@ -37,6 +37,7 @@ class Reason(StrEnum):
     GATEWAY_STREAMS_FULL = (
         "GATEWAY_STREAMS_FULL"  # REST gateway: all tenants' streams fill their part of the connections
     )
+    UPSTREAM_UNAVAILABLE = "UPSTREAM_UNAVAILABLE"  # REST gateway: the gRPC service cannot be reached from it
     # The API key
     API_KEY_MISSING = "API_KEY_MISSING"  # no key presented
     API_KEY_INVALID = "API_KEY_INVALID"  # malformed, mistyped, unknown or wrong secret

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 
 from evalsvc.gateway.openapi import ITEM_SCHEMA
 from evalsvc.gateway.routes import SERVICES, routes
+from evalsvc.gateway.server import Gateway, remote_channels
 from evalsvc.server import EvalServer
 from tests.conftest import make_settings
 from tests.helpers import create_request, serving_gateway
@@ -404,6 +406,27 @@ async def test_a_dialects_json_body_is_read_as_json_whatever_its_content_type(gw
         answer = await client.post(path, content=json.dumps(body(n)).encode(), headers=headers)
         assert answer.status_code == as_json.status_code, (content_type, answer.text, as_json.text)
         assert "valid dictionary" not in answer.text
+
+
+async def test_an_unreachable_service_is_503_with_an_error_info_and_retry_after() -> None:
+    """grpc's own UNAVAILABLE reached callers as `"details": []`, no ErrorInfo to branch on."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        nowhere = f"127.0.0.1:{listener.getsockname()[1]}"  # closed below: nothing listens there
+    gateway = Gateway(remote_channels(nowhere), "127.0.0.1:0", dialects="omni")
+    await gateway.start()
+    try:
+        headers = {"authorization": "Bearer evk_x"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.port}", headers=headers) as client:
+            for path in ("/v1/runs", "/v1/runs/r:watch"):
+                answer = await client.get(path)
+                assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
+                info = next(d for d in answer.json()["details"] if d["@type"].endswith("ErrorInfo"))
+                assert info["reason"] == "UPSTREAM_UNAVAILABLE" and info["domain"] == "evalsvc"
+                assert nowhere not in answer.text  # the operator's address is not the caller's business
+            omni = await client.get("/api/v1/ai/eval/runs", params={"prompt_set_id": "s"})
+            assert omni.status_code == 503 and omni.headers["retry-after"] == "1", omni.text
+    finally:
+        await gateway.stop()
 
 
 async def test_openapi_documents_every_native_route_with_its_messages(gw) -> None:

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
+from google.rpc import status_pb2
 from grpc_status import rpc_status
 from starlette.exceptions import HTTPException
 
@@ -44,6 +45,8 @@ from evalsvc.gateway.upstream import (
     GatewayError,
     StreamSlot,
     Upstream,
+    never_reached,
+    unreachable,
     with_retry_after,
 )
 
@@ -82,10 +85,13 @@ def _json_body(message: Message) -> bytes:
 
 
 def status_body(error: grpc.aio.AioRpcError) -> dict[str, Any]:
-    """`{code, message, details}`: the google.rpc.Status of a failed call, as JSON."""
+    """`{code, message, details}`: the google.rpc.Status of a failed call, as JSON; for a call that never
+    reached the service, the gateway's UPSTREAM_UNAVAILABLE (`unreachable`)."""
+    if never_reached(error):
+        return to_json(_status(unreachable()))
     status = rpc_status.from_call(error)
     if status is not None:
-        return json_format.MessageToDict(status, always_print_fields_with_no_presence=True)
+        return to_json(status)
     return {"code": error.code().value[0], "message": error.details() or "", "details": []}
 
 
@@ -99,10 +105,14 @@ def refused(error: GatewayError) -> JSONResponse:
     """The native routes' error handler: a request the gateway refused to send, as the google.rpc.Status
     the service would have answered (`{code, message, details}`, with RetryInfo and `Retry-After` when
     waiting helps)."""
+    return with_retry_after(JSONResponse(status_code=error.http_status, content=to_json(_status(error))), error)
+
+
+def _status(error: GatewayError) -> status_pb2.Status:
+    """The google.rpc.Status of an error the gateway itself answers."""
     violations = [FieldViolation(name, description) for name, description in error.violations]
     retry_after_s = error.retry_after_s or None
-    status = to_status(ServiceError(error.code, error.reason, error.message, violations, error.metadata, retry_after_s))
-    return with_retry_after(JSONResponse(status_code=error.http_status, content=to_json(status)), error)
+    return to_status(ServiceError(error.code, error.reason, error.message, violations, error.metadata, retry_after_s))
 
 
 def _message_class(descriptor: Any) -> type[Message]:

@@ -93,7 +93,10 @@ class GatewayError(Exception):
 
     @classmethod
     def from_rpc(cls, error: grpc.aio.AioRpcError) -> GatewayError:
-        """The error of a failed gRPC call, with its ErrorInfo reason and BadRequest violations."""
+        """The error of a failed gRPC call, with its ErrorInfo reason and BadRequest violations; the
+        gateway's own UPSTREAM_UNAVAILABLE when the service could not be reached (`unreachable`)."""
+        if never_reached(error):
+            return unreachable()
         reason, violations, retry_after_s, metadata = "", [], 0.0, {}
         status = rpc_status.from_call(error)
         for detail in status.details if status is not None else ():
@@ -125,6 +128,28 @@ class GatewayError(Exception):
         # Not a Reason: a dialect's own not-found (an object the vendor has and evalsvc does not),
         # rendered in the vendor's shape and never sent in an ErrorInfo.
         return cls(grpc.StatusCode.NOT_FOUND, message, "NOT_FOUND")
+
+
+UPSTREAM_RETRY_AFTER_S = 1.0
+
+
+def never_reached(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a failed call never reached the service: grpc's own UNAVAILABLE, without the status
+    details every error of the service carries (a service that is down, restarting, or refusing
+    connections past its --max-connections)."""
+    return error.code() == grpc.StatusCode.UNAVAILABLE and rpc_status.from_call(error) is None
+
+
+def unreachable() -> GatewayError:
+    """UNAVAILABLE (HTTP 503) with the gateway's own ErrorInfo for a call that `never_reached` the
+    service, which was answered with `"details": []`. grpc's message is not passed on: it names the
+    gateway's upstream address and connection errors, the operator's business."""
+    return GatewayError(
+        grpc.StatusCode.UNAVAILABLE,
+        "the evalsvc service behind this gateway cannot be reached; retry",
+        Reason.UPSTREAM_UNAVAILABLE,
+        retry_after_s=UPSTREAM_RETRY_AFTER_S,
+    )
 
 
 @dataclass(frozen=True)
