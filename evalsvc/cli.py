@@ -252,30 +252,32 @@ async def _migrate_command(settings: config.Settings) -> int:
     return 0
 
 
-async def _gateway_command(args: argparse.Namespace) -> int:
+async def _gateway_command(args: argparse.Namespace, settings: config.Settings) -> int:
     import signal
 
     from evalsvc.gateway.dialects import mounts
-    from evalsvc.gateway.server import Gateway, remote_channels
+    from evalsvc.gateway.server import Gateway, GatewayConfigError, remote_channels
     from evalsvc.limits import raise_open_file_limit
     from evalsvc.server import StartupError, check_bindable, listen
+    from evalsvc.tls import TlsConfigError
 
     raise_open_file_limit()
+    # Every flag is checked before the gateway starts, each failure in one line naming its flag.
     try:
         mounts(args.dialects)
     except ValueError as exc:  # an unknown dialect's name
         logging.getLogger("evalsvc").error("evalsvc gateway: --dialects: %s", exc)
         return 2
     try:
+        channels = remote_channels(args.grpc_target, root_certificates=args.grpc_ca)
+    except (GatewayConfigError, TlsConfigError) as exc:
+        logging.getLogger("evalsvc").error("evalsvc gateway: %s", exc)
+        return 2
+    try:
         # As `serve` checks its addresses: `nonsense` was taken for an unknown dialect, a port past
         # 65535 was a traceback.
         check_bindable(args.http_addr, "HTTP", "--http-addr")
-        gateway = Gateway(
-            remote_channels(args.grpc_target, root_certificates=args.grpc_ca),
-            args.http_addr,
-            dialects=args.dialects,
-            settings=config.from_args(args),
-        )
+        gateway = Gateway(channels, args.http_addr, dialects=args.dialects, settings=settings)
         await listen("HTTP", args.http_addr, gateway.start())
     except StartupError as exc:
         logging.getLogger("evalsvc").error("evalsvc gateway could not start: %s", exc)
@@ -338,7 +340,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "gateway":
         logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         _warn_of_unknown_variables()
-        return asyncio.run(_gateway_command(args))
+        return asyncio.run(_gateway_command(args, config.from_args(args)))
     if args.command == "keys":
         try:
             return asyncio.run(_keys_command(args, config.from_args(args)))

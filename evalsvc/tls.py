@@ -38,16 +38,16 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if not cert or not key:
         given, missing = ("--tls-cert", "--tls-key") if cert else ("--tls-key", "--tls-cert")
         raise TlsConfigError(f"{given} was given without {missing}: TLS needs both the certificate and its key")
-    chain = _read_pem(cert, "--tls-cert", "CERTIFICATE")
-    private_key = _read_pem(key, "--tls-key", "PRIVATE KEY")
-    roots = _read_pem(client_ca, "--tls-client-ca", "CERTIFICATE") if client_ca else None
+    chain = read_pem(cert, "--tls-cert", "CERTIFICATE")
+    private_key = read_pem(key, "--tls-key", "PRIVATE KEY")
+    roots = read_pem(client_ca, "--tls-client-ca", "CERTIFICATE") if client_ca else None
     _check_loadable(cert, key, client_ca)
     return grpc.ssl_server_credentials(
         [(private_key, chain)], root_certificates=roots, require_client_auth=roots is not None
     )
 
 
-def _read_pem(path: str, flag: str, kind: str) -> bytes:
+def read_pem(path: str, flag: str, kind: str) -> bytes:
     """The file's bytes, checked to hold a PEM block of `kind`: gRPC's own error for a bad file
     comes only at the first handshake and names neither the flag nor the file."""
     try:

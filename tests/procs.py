@@ -128,9 +128,19 @@ def failed_start(
 ) -> FailedStart:
     """Run `evalsvc serve` (with `environ` added to the environment) expecting it not to start;
     TimeoutExpired (the test fails) if it hangs."""
+    return _failed(["serve", "--grpc-addr", "127.0.0.1:0", "--db", db_url, *extra], timeout, environ)
+
+
+def failed_gateway(*extra: str, timeout: float = 60.0, environ: Mapping[str, str] | None = None) -> FailedStart:
+    """Run the standalone `evalsvc gateway` (on a free port, unless `extra` says otherwise) expecting it
+    not to start; TimeoutExpired (the test fails) if it hangs."""
+    return _failed(["gateway", "--http-addr", "127.0.0.1:0", *extra], timeout, environ)
+
+
+def _failed(command: list[str], timeout: float, environ: Mapping[str, str] | None) -> FailedStart:
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "evalsvc", "serve", "--grpc-addr", "127.0.0.1:0", "--db", db_url, *extra],
+        [sys.executable, "-m", "evalsvc", *command],
         capture_output=True,
         text=True,
         timeout=timeout,

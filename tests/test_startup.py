@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import text
 
 from evalsvc import server as server_module
+from evalsvc.gateway.server import check_target
 from evalsvc.server import EvalServer, StartupError
 from evalsvc.store import migrate
 from evalsvc.store.db import Database
@@ -31,7 +32,7 @@ from tests import dbs
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, chat_reply
 from tests.helpers import create_request, exact, keyed_channel, tmpfs, watch_all
-from tests.procs import QUICK_S, FailedStart, assert_failed_cleanly, failed_start, start_server
+from tests.procs import QUICK_S, FailedStart, assert_failed_cleanly, failed_gateway, failed_start, start_server
 
 
 @contextlib.contextmanager
@@ -290,27 +291,46 @@ def test_an_address_that_is_not_host_and_port_exits(tmp_path: Path, flag: str, a
 )
 def test_the_standalone_gateway_checks_its_address_as_serve_does(addr: str, named: str) -> None:
     """`nonsense` was reported as an unknown dialect, a port past 65535 was a traceback."""
-    failed = _failed_gateway("--http-addr", addr)
+    failed = failed_gateway("--grpc-target", "127.0.0.1:1", "--http-addr", addr)
     assert_failed_cleanly(failed, 1, f"cannot listen for HTTP on {addr} (--http-addr)", named)
-
-
-def _failed_gateway(*extra: str) -> FailedStart:
-    """Run `evalsvc gateway` in front of nothing, expecting it not to start."""
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "evalsvc", "gateway", "--grpc-target", "127.0.0.1:1", *extra],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    return FailedStart(done.returncode, done.stdout + done.stderr, time.monotonic() - started)
 
 
 def test_the_standalone_gateway_exits_when_its_address_is_in_use() -> None:
     with occupied_port() as port:
-        failed = _failed_gateway("--http-addr", f"127.0.0.1:{port}")
+        failed = failed_gateway("--grpc-target", "127.0.0.1:1", "--http-addr", f"127.0.0.1:{port}")
     assert_failed_cleanly(failed, 1, f"127.0.0.1:{port}", "in use")
+
+
+@pytest.mark.parametrize(
+    ("extra", "environ", "named"),
+    [
+        # Two tracebacks (the app's lifespan, then SystemExit: 3), exit 3.
+        (["--grpc-ca", "/nope.pem"], {}, ["--grpc-ca", "/nope.pem", "cannot be read"]),
+        # It started, and every call failed.
+        (["--grpc-target", "nonsense"], {}, ["--grpc-target", "'nonsense'", "HOST:PORT"]),
+        (["--grpc-target", "127.0.0.1:99999"], {}, ["--grpc-target", "HOST:PORT"]),
+        # Named `--dialects`.
+        ([], {"EVALSVC_WORKERS": "many"}, ["EVALSVC_WORKERS", "'many'", "whole number"]),
+        (["--dialects", "nope"], {}, ["--dialects", "'nope'"]),
+    ],
+    ids=["missing-ca", "target-not-host-port", "target-port-out-of-range", "bad-env-setting", "dialect"],
+)
+def test_a_standalone_gateway_flag_it_cannot_use_exits_2_in_one_line_naming_it(
+    extra: list[str], environ: dict[str, str], named: list[str]
+) -> None:
+    failed = failed_gateway("--grpc-target", "127.0.0.1:1", *extra, environ=environ)
+    assert failed.code == 2 and failed.seconds < QUICK_S, failed.output
+    lines = failed.output.strip().splitlines()
+    assert len(lines) == 1 and all(part in lines[0] for part in named), failed.output
+    if "--dialects" not in extra:
+        assert "--dialects" not in lines[0]
+
+
+@pytest.mark.parametrize(
+    "target", ["127.0.0.1:50051", "[::1]:50051", "evalsvc.internal:443", "dns:///evalsvc:50051", "unix:/run/e.sock"]
+)
+def test_the_gateway_takes_host_port_and_grpc_target_strings(target: str) -> None:
+    check_target(target)  # raises for what it does not take
 
 
 def test_debug_logging_adds_the_traceback(tmp_path: Path) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import uvicorn
@@ -18,6 +18,7 @@ from evalsvc.gateway.app import create_app
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.request_limits import RequestLimits
 from evalsvc.gateway.upstream import ChannelFactory
+from evalsvc.tls import read_pem
 
 log = logging.getLogger(__name__)
 
@@ -97,22 +98,52 @@ TOO_MANY_CONNECTIONS = (
 )
 
 
+class GatewayConfigError(ValueError):
+    """A flag of the standalone gateway's own (`--grpc-target`) cannot be used; `evalsvc gateway` exits 2
+    with it, in one line."""
+
+
 def remote_channels(target: str, *, root_certificates: str = "") -> ChannelFactory:
-    """Channels to the gRPC service at `target`, for the standalone gateway (`evalsvc gateway`)."""
-    return lambda index: channel_to(target, root_certificates=root_certificates, index=index)
+    """Channels to the gRPC service at `target`, for the standalone gateway (`evalsvc gateway`); over TLS
+    verified with the CA file `root_certificates` when one is given.
+
+    Both are checked here, before the gateway starts: a CA file that cannot be read was a traceback from
+    the app's start (TlsConfigError now), and a target grpc cannot connect to started a gateway whose
+    every call failed (GatewayConfigError)."""
+    check_target(target)
+    roots = read_pem(root_certificates, "--grpc-ca", "CERTIFICATE") if root_certificates else None
+    return lambda index: channel_to(target, roots, index)
 
 
-def channel_to(target: str, *, root_certificates: str = "", index: int = 0) -> grpc.aio.Channel:
-    """A channel to the gRPC service (TLS when a CA or server certificate file is given): each `index`
-    its own HTTP/2 connection (a local subchannel pool), for the gateway's pool of channels."""
+# What `--grpc-target` takes, of the target strings grpc knows: HOST:PORT (a name, an IPv4 address or a
+# bracketed IPv6 one) alone or after `dns:` (and an authority), or a Unix socket. Whatever else grpc
+# would take as a host name to resolve, with port 443 when none is given: `nonsense` was one.
+_HOST_PORT = re.compile(r"(?:dns:(?://[^/]*/)?)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
+_SOCKET_SCHEMES = ("unix:", "unix-abstract:")
+
+
+def check_target(target: str) -> None:
+    """GatewayConfigError unless `target` is a gRPC target the gateway can connect to (`_HOST_PORT`)."""
+    if target.startswith(_SOCKET_SCHEMES) and target.partition(":")[2]:
+        return
+    address = _HOST_PORT.fullmatch(target)
+    if address is None or not 0 < int(address[1]) < 65536:
+        raise GatewayConfigError(
+            f"--grpc-target {target!r} is not HOST:PORT (nor dns:///HOST:PORT, unix:PATH or unix-abstract:NAME)"
+        )
+
+
+def channel_to(target: str, root_certificates: bytes | None = None, index: int = 0) -> grpc.aio.Channel:
+    """A channel to the gRPC service (TLS when CA certificates are given): each `index` its own HTTP/2
+    connection (a local subchannel pool), for the gateway's pool of channels."""
     options = [
         ("grpc.max_receive_message_length", 64 << 20),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.use_local_subchannel_pool", 1),
         ("evalsvc.gateway.channel", index),
     ]
-    if root_certificates:
-        credentials = grpc.ssl_channel_credentials(Path(root_certificates).read_bytes())
+    if root_certificates is not None:
+        credentials = grpc.ssl_channel_credentials(root_certificates)
         return grpc.aio.secure_channel(target, credentials, options=options)
     return grpc.aio.insecure_channel(target, options=options)
 
