@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--grpc-target", required=True, help="host:port of the evalsvc gRPC server")
     gateway.add_argument("--http-addr", default="127.0.0.1:8080", help="host:port to serve HTTP on")
     gateway.add_argument(
-        "--grpc-ca", default="", help="PEM file to verify the server's TLS certificate; empty: plaintext"
+        "--grpc-ca",
+        default="",
+        help="PEM CA file to verify the gRPC server's TLS certificate; empty: plaintext to the server "
+        "(--tls-cert/--tls-key are the gateway's own HTTPS)",
     )
     gateway.add_argument("--dialects", default="all", help="vendor dialects to mount: all, none, or name[=/prefix],...")
     config.add_flags(gateway, config.GATEWAY_SETTINGS)
@@ -259,7 +262,7 @@ async def _gateway_command(args: argparse.Namespace, settings: config.Settings) 
     from evalsvc.gateway.server import Gateway, GatewayConfigError, remote_channels
     from evalsvc.limits import raise_open_file_limit
     from evalsvc.server import StartupError, check_bindable, listen
-    from evalsvc.tls import TlsConfigError
+    from evalsvc.tls import TlsConfigError, http_ssl_context
 
     raise_open_file_limit()
     # Every flag is checked before the gateway starts, each failure in one line naming its flag.
@@ -270,6 +273,7 @@ async def _gateway_command(args: argparse.Namespace, settings: config.Settings) 
         return 2
     try:
         channels = remote_channels(args.grpc_target, root_certificates=args.grpc_ca)
+        tls = http_ssl_context(settings)
     except (GatewayConfigError, TlsConfigError) as exc:
         logging.getLogger("evalsvc").error("evalsvc gateway: %s", exc)
         return 2
@@ -277,7 +281,7 @@ async def _gateway_command(args: argparse.Namespace, settings: config.Settings) 
         # As `serve` checks its addresses: `nonsense` was taken for an unknown dialect, a port past
         # 65535 was a traceback.
         check_bindable(args.http_addr, "HTTP", "--http-addr")
-        gateway = Gateway(channels, args.http_addr, dialects=args.dialects, settings=settings)
+        gateway = Gateway(channels, args.http_addr, dialects=args.dialects, settings=settings, tls=tls)
         await listen("HTTP", args.http_addr, gateway.start())
     except StartupError as exc:
         logging.getLogger("evalsvc").error("evalsvc gateway could not start: %s", exc)

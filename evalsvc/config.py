@@ -136,10 +136,14 @@ class Settings:
     metrics_addr: str = dataclasses.field(
         default="", metadata={"help": "host:port for Prometheus metrics at /metrics; empty turns them off"}
     )
-    tls_cert: str = dataclasses.field(default="", metadata={"help": "PEM certificate chain file; enables TLS"})
-    tls_key: str = dataclasses.field(default="", metadata={"help": "PEM private key file of --tls-cert"})
+    tls_cert: str = dataclasses.field(
+        default="",
+        metadata={"help": "PEM certificate chain file; enables TLS on the gRPC port and HTTPS on the REST gateway"},
+    )
+    tls_key: str = dataclasses.field(default="", metadata={"help": "PEM private key file of --tls-cert (unencrypted)"})
     tls_client_ca: str = dataclasses.field(
-        default="", metadata={"help": "PEM CA file; when set, clients must present a certificate it signed (mTLS)"}
+        default="",
+        metadata={"help": "PEM CA file; when set, gRPC and REST clients must present a certificate it signed (mTLS)"},
     )
     bootstrap_key: bool = dataclasses.field(
         default=True,
@@ -544,6 +548,9 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
 
 
 GATEWAY_SETTINGS = (
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
     "max_http_connections",
     "max_http_streams_per_tenant",
     "http_header_timeout_s",

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -58,7 +59,7 @@ from evalsvc.store import migrate, server_keys
 from evalsvc.store.db import Database, sqlite_path, unavailable_cause
 from evalsvc.store.serve_lock import DatabaseInUse, ServeLock
 from evalsvc.targets import PriceTable
-from evalsvc.tls import server_credentials, warn_if_exposed
+from evalsvc.tls import http_ssl_context, server_credentials, warn_if_exposed
 from evalsvc.v1 import (
     dataset_generation_pb2,
     dataset_generation_pb2_grpc,
@@ -244,13 +245,19 @@ class EvalServer:
         line), SchemaError (the database is not at this version's schema) or TlsConfigError."""
         # Before anything is written: a bad TLS setting must not cost a bootstrap key nobody saw.
         credentials = server_credentials(self.settings)
+        http_tls = http_ssl_context(self.settings) if self.settings.http_addr else None
         async with contextlib.AsyncExitStack() as stack:
-            await self._start(stack, credentials)
+            await self._start(stack, credentials, http_tls)
             self._stack = stack.pop_all()
         self._started = True
         return self.port
 
-    async def _start(self, stack: contextlib.AsyncExitStack, credentials: grpc.ServerCredentials | None) -> None:
+    async def _start(
+        self,
+        stack: contextlib.AsyncExitStack,
+        credentials: grpc.ServerCredentials | None,
+        http_tls: ssl.SSLContext | None,
+    ) -> None:
         # Every address first: an address in use fails the start before the database is touched.
         for field_name, what in LISTENERS:
             if addr := getattr(self.settings, field_name):
@@ -265,7 +272,7 @@ class EvalServer:
             await self.secrets.check_key()
             self.page_tokens.key = await server_keys.get_or_create(self.db, PAGE_TOKEN_KEY)
         server = self._grpc_server()
-        warn_if_exposed(self.settings.grpc_addr, credentials)
+        warn_if_exposed("gRPC", self.settings.grpc_addr, credentials is not None)
         self.port = bind_grpc(server, self.settings.grpc_addr, credentials)
         self._server = server
         await server.start()
@@ -276,7 +283,11 @@ class EvalServer:
             # In process: the gateway's calls go straight to the servicers (evalsvc.api.local).
             local = LocalChannel(self.local)
             self.gateway = Gateway(
-                lambda _index: local, self.settings.http_addr, dialects=self.settings.dialects, settings=self.settings
+                lambda _index: local,
+                self.settings.http_addr,
+                dialects=self.settings.dialects,
+                settings=self.settings,
+                tls=http_tls,
             )
             await listen("HTTP", self.settings.http_addr, self.gateway.start())
             stack.push_async_callback(self.gateway.stop)

@@ -177,7 +177,7 @@ class EvalServiceTestServer:
     def http_url(self) -> str | None:
         """Base URL of the REST gateway (`http_gateway=True` or an http_addr override), else None."""
         gateway = self.server.gateway
-        return None if gateway is None else f"http://{HOST}:{gateway.port}"
+        return None if gateway is None else f"{gateway.scheme}://{HOST}:{gateway.port}"
 
     @property
     def api_key(self) -> str:

@@ -1,9 +1,12 @@
-"""Transport security: TLS and mutual TLS for the gRPC port, and a warning when there is none.
+"""Transport security: TLS and mutual TLS for the gRPC port and the REST gateway, and a warning when
+there is none.
 
-API keys travel in request metadata, so without TLS anyone on the network path can read them and
-every run's data. Loopback-only servers (the default `127.0.0.1`) are safe without TLS; anything
-else should have `--tls-cert/--tls-key`, and `--tls-client-ca` when clients are machines that can
-hold certificates (mTLS: a stolen API key alone is then not enough).
+API keys travel in request metadata and headers, so without TLS anyone on the network path can read
+them and every run's data. Loopback-only servers (the default `127.0.0.1`) are safe without TLS;
+anything else should have `--tls-cert/--tls-key`, and `--tls-client-ca` when clients are machines that
+can hold certificates (mTLS: a stolen API key alone is then not enough). The gateway serves HTTPS with
+the same certificate and key, and asks for client certificates whenever gRPC does: one setting, one
+policy for both doors.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -30,6 +34,44 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     With `--tls-client-ca` the server requires a client certificate signed by that CA and refuses
     the handshake otherwise. Half a configuration is an error rather than a silent plaintext server.
     """
+    pems = _read_files(settings)
+    if pems is None:
+        return None
+    return grpc.ssl_server_credentials(
+        [(pems.key, pems.chain)], root_certificates=pems.client_ca, require_client_auth=pems.client_ca is not None
+    )
+
+
+def http_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The REST gateway's TLS: the certificate and key of `--tls-cert/--tls-key`, and with
+    `--tls-client-ca` a client certificate signed by that CA required, as gRPC requires one; None when
+    TLS is off. Made before the gateway listens, so that a bad file is a TlsConfigError naming its flag
+    (uvicorn would load the files inside its server task, where a failure is a traceback), a key that is
+    not the certificate's included (gRPC finds that only at the first handshake)."""
+    pems = _read_files(settings)
+    if pems is None:
+        return None
+    cert, key, client_ca = settings.tls_cert, settings.tls_key, settings.tls_client_ca
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key, password=lambda: _encrypted(key))  # checked by `_read_files`
+    if client_ca:
+        _load_certificates(context, client_ca, "--tls-client-ca")
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+@dataclass(frozen=True)
+class _Pems:
+    """The TLS files' contents."""
+
+    chain: bytes
+    key: bytes
+    client_ca: bytes | None
+
+
+def _read_files(settings: Settings) -> _Pems | None:
+    """The files of `--tls-cert`, `--tls-key` and `--tls-client-ca`, read and checked; None when TLS is
+    off. Half a configuration is a TlsConfigError: it must not become a silent plaintext server."""
     cert, key, client_ca = settings.tls_cert, settings.tls_key, settings.tls_client_ca
     if not cert and not key:
         if client_ca:
@@ -38,13 +80,13 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if not cert or not key:
         given, missing = ("--tls-cert", "--tls-key") if cert else ("--tls-key", "--tls-cert")
         raise TlsConfigError(f"{given} was given without {missing}: TLS needs both the certificate and its key")
-    chain = read_pem(cert, "--tls-cert", "CERTIFICATE")
-    private_key = read_pem(key, "--tls-key", "PRIVATE KEY")
-    roots = read_pem(client_ca, "--tls-client-ca", "CERTIFICATE") if client_ca else None
-    _check_loadable(cert, key, client_ca)
-    return grpc.ssl_server_credentials(
-        [(private_key, chain)], root_certificates=roots, require_client_auth=roots is not None
+    pems = _Pems(
+        read_pem(cert, "--tls-cert", "CERTIFICATE"),
+        read_pem(key, "--tls-key", "PRIVATE KEY"),
+        read_pem(client_ca, "--tls-client-ca", "CERTIFICATE") if client_ca else None,
     )
+    _check_loadable(cert, key, client_ca)
+    return pems
 
 
 def read_pem(path: str, flag: str, kind: str) -> bytes:
@@ -91,7 +133,7 @@ def _encrypted(key: str) -> bytes:
 
 
 def is_loopback(addr: str) -> bool:
-    """Whether a gRPC listen address only accepts connections from this machine.
+    """Whether a listen address (gRPC's or the gateway's) only accepts connections from this machine.
 
     `127.0.0.0/8`, `::1`, `localhost` and Unix sockets are; a wildcard (`0.0.0.0`, `[::]`, empty
     host), any other address and any other host name are not (a name may resolve to anything).
@@ -108,11 +150,12 @@ def is_loopback(addr: str) -> bool:
         return False
 
 
-def warn_if_exposed(addr: str, credentials: grpc.ServerCredentials | None) -> None:
-    """Log a WARNING when a non-loopback address is served in plaintext."""
-    if credentials is None and not is_loopback(addr):
+def warn_if_exposed(what: str, addr: str, encrypted: bool) -> None:
+    """Log a WARNING when `what` (gRPC, the REST gateway) serves a non-loopback address in plaintext."""
+    if not encrypted and not is_loopback(addr):
         log.warning(
-            "serving gRPC WITHOUT TLS on non-loopback address %s: API keys and run data cross the network "
+            "serving %s WITHOUT TLS on non-loopback address %s: API keys and run data cross the network "
             "in clear text; set --tls-cert and --tls-key (and --tls-client-ca for mTLS)",
+            what,
             addr,
         )

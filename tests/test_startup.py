@@ -311,9 +311,10 @@ def test_the_standalone_gateway_exits_when_its_address_is_in_use() -> None:
         (["--grpc-target", "127.0.0.1:99999"], {}, ["--grpc-target", "HOST:PORT"]),
         # Named `--dialects`.
         ([], {"EVALSVC_WORKERS": "many"}, ["EVALSVC_WORKERS", "'many'", "whole number"]),
+        (["--tls-cert", "cert.pem"], {}, ["--tls-cert was given without --tls-key"]),
         (["--dialects", "nope"], {}, ["--dialects", "'nope'"]),
     ],
-    ids=["missing-ca", "target-not-host-port", "target-port-out-of-range", "bad-env-setting", "dialect"],
+    ids=["missing-ca", "target-not-host-port", "target-port-out-of-range", "bad-env-setting", "half-tls", "dialect"],
 )
 def test_a_standalone_gateway_flag_it_cannot_use_exits_2_in_one_line_naming_it(
     extra: list[str], environ: dict[str, str], named: list[str]

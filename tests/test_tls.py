@@ -1,15 +1,22 @@
-"""TLS and mTLS on the gRPC port, with a CA and certificates this test generates."""
+"""TLS and mTLS on the gRPC port and the REST gateway, with a CA and certificates this test generates."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import logging
+import re
+import ssl
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -17,8 +24,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from evalsvc import testing
 from evalsvc.server import EvalServer
-from evalsvc.tls import TlsConfigError, is_loopback, server_credentials
+from evalsvc.tls import TlsConfigError, http_ssl_context, is_loopback, server_credentials
 from evalsvc.v1 import eval_run_service_pb2_grpc
 from tests import dbs
 from tests.conftest import make_settings
@@ -322,3 +330,145 @@ async def test_tls_on_a_non_loopback_address_logs_no_warning(
     await srv.start()
     await srv.stop(grace=0.5)
     assert not [r for r in caplog.records if r.name == "evalsvc.tls"]
+
+
+# --- The REST gateway: HTTPS with the gRPC port's certificate, and the same client-certificate demand.
+
+
+@pytest.fixture
+def client_cert_files(tmp_path: Path, pki: Pki) -> tuple[Path, Path]:
+    """The client certificate and its key as files (what ssl loads a client's chain from)."""
+    cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+    cert.write_bytes(pki.client.cert)
+    key.write_bytes(pki.client.key)
+    return cert, key
+
+
+def trusting(pki: Pki, client: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+    """A client context that trusts the test CA, presenting `client` (certificate, key) when given."""
+    context = ssl.create_default_context(cafile=str(pki.ca_file))
+    if client is not None:
+        context.load_cert_chain(*client)
+    return context
+
+
+async def test_the_gateway_serves_https_with_the_grpc_certificate_and_no_plain_http(tmp_path: Path, pki: Pki) -> None:
+    """It served plain HTTP whatever --tls-cert said, and API keys crossed the network in clear text."""
+    settings = make_settings(tmp_path, http_addr="127.0.0.1:0", tls_cert=str(pki.cert_file), tls_key=str(pki.key_file))
+    async with testing.EvalServiceTestServer(settings=settings) as started:
+        url = started.http_url
+        assert url is not None and url.startswith("https://127.0.0.1:")
+        headers = {"authorization": f"Bearer {started.api_key}"}
+        async with httpx.AsyncClient(verify=trusting(pki), headers=headers, timeout=30) as https:
+            listed = await https.get(f"{url}/v1/runs")
+            assert listed.status_code == 200, listed.text
+            page = await https.get(f"{url}/ui/runs")  # the run pages too
+            assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        async with httpx.AsyncClient(headers=headers, timeout=30) as plain:
+            with pytest.raises(httpx.TransportError):
+                await plain.get(f"{url.replace('https:', 'http:')}/v1/runs")
+
+
+async def test_with_a_client_ca_the_gateway_requires_a_client_certificate_as_grpc_does(
+    tmp_path: Path, pki: Pki, client_cert_files: tuple[Path, Path]
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        http_addr="127.0.0.1:0",
+        tls_cert=str(pki.cert_file),
+        tls_key=str(pki.key_file),
+        tls_client_ca=str(pki.ca_file),
+    )
+    async with testing.EvalServiceTestServer(settings=settings) as started:
+        url = f"{started.http_url}/v1/runs"
+        headers = {"authorization": f"Bearer {started.api_key}"}
+        async with httpx.AsyncClient(verify=trusting(pki, client_cert_files), headers=headers, timeout=30) as mtls:
+            assert (await mtls.get(url)).status_code == 200
+        async with httpx.AsyncClient(verify=trusting(pki), headers=headers, timeout=30) as anonymous:
+            with pytest.raises(httpx.TransportError):  # refused in the handshake: no certificate
+                await anonymous.get(url)
+
+
+async def test_the_standalone_gateway_serves_https_in_front_of_a_tls_server(
+    tls_server: EvalServer, pki: Pki, tmp_path: Path
+) -> None:
+    """`evalsvc gateway` takes --tls-cert/--tls-key for its own listener, --grpc-ca for the server's."""
+    log_path = tmp_path / "gateway.log"
+    with open(log_path, "wb") as log_file:
+        gateway = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "evalsvc", "gateway", "--http-addr", "127.0.0.1:0"),
+                *("--grpc-target", f"localhost:{tls_server.port}", "--grpc-ca", str(pki.ca_file)),
+                *("--tls-cert", str(pki.cert_file), "--tls-key", str(pki.key_file)),
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        url = await _gateway_url(gateway, log_path)
+        assert url.startswith("https://")
+        headers = {"authorization": f"Bearer {tls_server.bootstrap_key}"}
+        async with httpx.AsyncClient(verify=trusting(pki), headers=headers, timeout=30) as https:
+            listed = await https.get(f"{url}/v1/runs")
+            assert listed.status_code == 200, listed.text
+    finally:
+        gateway.terminate()
+        gateway.wait(30)
+
+
+async def _gateway_url(gateway: subprocess.Popen[bytes], log_path: Path, timeout: float = 30.0) -> str:
+    """The URL a standalone gateway logs that it listens on."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(r"REST gateway listening on (\S+)", log_path.read_text(errors="replace"))
+        if found:
+            return found[1]
+        assert gateway.poll() is None, log_path.read_text()
+        await asyncio.sleep(0.05)  # polling a log file: there is no event to await across processes
+    raise TimeoutError(log_path.read_text())
+
+
+async def test_plain_http_on_a_non_loopback_address_logs_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="evalsvc.tls")
+    srv = EvalServer(make_settings(tmp_path, http_addr="0.0.0.0:0"))
+    await srv.start()
+    await srv.stop(grace=0.5)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "evalsvc.tls"]
+    assert len(warnings) == 1, warnings
+    assert "REST gateway WITHOUT TLS" in warnings[0] and "0.0.0.0:0" in warnings[0]
+
+
+async def test_https_on_a_non_loopback_address_logs_no_warning(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="evalsvc.tls")
+    settings = make_settings(tmp_path, http_addr="0.0.0.0:0", tls_cert=str(pki.cert_file), tls_key=str(pki.key_file))
+    srv = EvalServer(settings)
+    await srv.start()
+    await srv.stop(grace=0.5)
+    assert not [r for r in caplog.records if r.name == "evalsvc.tls"]
+
+
+def test_a_key_that_is_not_the_certificates_is_refused_before_the_gateway_starts(tmp_path: Path, pki: Pki) -> None:
+    other = tmp_path / "other.key"
+    other.write_bytes(pki.client.key)
+    settings = make_settings(tmp_path, tls_cert=str(pki.cert_file), tls_key=str(other))
+    with pytest.raises(TlsConfigError, match=r"--tls-key .* does not match --tls-cert"):
+        http_ssl_context(settings)
+
+
+def test_an_encrypted_key_is_refused_not_asked_for_on_the_terminal(tmp_path: Path, pki: Pki) -> None:
+    key = serialization.load_pem_private_key(pki.server.key, password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    settings = make_settings(tmp_path, tls_cert=str(pki.cert_file), tls_key=str(encrypted))
+    with pytest.raises(TlsConfigError, match="is encrypted"):
+        http_ssl_context(settings)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import re
 import socket
+import ssl
 from collections.abc import Iterator
 
 import grpc
@@ -18,7 +19,7 @@ from evalsvc.gateway.app import create_app
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.request_limits import RequestLimits
 from evalsvc.gateway.upstream import ChannelFactory
-from evalsvc.tls import read_pem
+from evalsvc.tls import read_pem, warn_if_exposed
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +159,11 @@ class Gateway:
         *,
         dialects: str = "all",
         settings: Settings | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         """`channels` makes the channels the gateway calls the service over: `remote_channels(target)`
-        alone, an `evalsvc.api.local.LocalChannel` inside `evalsvc serve`."""
+        alone, an `evalsvc.api.local.LocalChannel` inside `evalsvc serve`. With `tls`
+        (`evalsvc.tls.http_ssl_context`) it serves HTTPS, else plain HTTP."""
         settings = settings or Settings()
         dialect_options = DialectOptions(sync_wait_s=settings.dialect_sync_wait_s)
         host, _, port = http_addr.rpartition(":")
@@ -182,6 +185,9 @@ class Gateway:
             log_level="warning",
             http=bounded_protocol(settings.max_http_connections, settings.http_header_timeout_s),
             timeout_keep_alive=max(1, round(settings.http_keepalive_timeout_s)),
+            # uvicorn's documented hook for a context of one's own: this one is made, and its files
+            # checked, before the gateway starts.
+            ssl_context_factory=None if tls is None else lambda _config, _default: tls,
         )
         self._server = _QuietSignals(config)
         self._task: asyncio.Task[None] | None = None
@@ -194,6 +200,7 @@ class Gateway:
         `sys.exit(1)` inside its task: a SystemExit escaping the event loop, which left the server
         neither serving nor exiting."""
         config = self._server.config
+        warn_if_exposed("the REST gateway", f"{config.host}:{config.port}", config.is_ssl)
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         listening = socket.create_server((config.host.strip("[]"), config.port), family=family)
         self._task = asyncio.create_task(self._server.serve(sockets=[listening]))
@@ -204,8 +211,13 @@ class Gateway:
                 raise OSError("the HTTP gateway did not start")
             await asyncio.sleep(0.01)  # uvicorn offers no start event to await
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
-        log.info("evalsvc REST gateway listening on %s:%d", self._server.config.host, self.port)
+        log.info("evalsvc REST gateway listening on %s://%s:%d", self.scheme, config.host, self.port)
         return self.port
+
+    @property
+    def scheme(self) -> str:
+        """`https` when the gateway serves TLS, else `http`."""
+        return "https" if self._server.config.is_ssl else "http"
 
     async def stop(self) -> None:
         """Stop accepting, let open responses end, close the channel."""
