@@ -362,7 +362,8 @@ class Settings:
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = environ.get(env_name(f.name))
-            if raw is not None and (raw.strip() or str(f.type) == "str"):  # empty: unset, but for text
+            # Empty: unset, but for free text (a setting of a few words has no empty one: unset too).
+            if raw is not None and (raw.strip() or (str(f.type) == "str" and f.name not in CHOICES)):
                 try:
                     values[f.name] = _coerce(f.type, raw)
                 except ValueError as exc:

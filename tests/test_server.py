@@ -66,8 +66,11 @@ def test_every_numeric_setting_has_a_minimum_and_values_below_it_are_refused_by_
     with pytest.raises(config.SettingsError, match=r"--log-level \(EVALSVC_LOG_LEVEL\) must be one of DEBUG, INFO"):
         config.Settings(log_level="LOUD")
     assert config.Settings(log_level="debug").log_level == "debug"
-    blank = config.Settings.from_env({"EVALSVC_BOOTSTRAP_KEY": "", "EVALSVC_WORKERS": " ", "EVALSVC_HTTP_ADDR": ""})
+    blank = config.Settings.from_env(
+        {"EVALSVC_BOOTSTRAP_KEY": "", "EVALSVC_WORKERS": " ", "EVALSVC_HTTP_ADDR": "", "EVALSVC_SQLITE_SYNCHRONOUS": ""}
+    )
     assert (blank.bootstrap_key, blank.workers, blank.http_addr) == (True, 64, "")
+    assert blank.sqlite_synchronous == "FULL"  # a setting of a few words has no empty one: unset
     with pytest.raises(config.SettingsError, match="EVALSVC_BOOTSTRAP_KEY: 'maybe' is not one of 1, on, true, yes"):
         config.Settings.from_env({"EVALSVC_BOOTSTRAP_KEY": "maybe"})
 
