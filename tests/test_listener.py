@@ -45,3 +45,13 @@ def test_the_relayed_positions_are_bounded_least_recently_relayed_first(monkeypa
     listener._remember_relayed("a", 2)  # relayed again: now the most recent
     listener._remember_relayed("d", 1)
     assert listener._relayed == {"c": 1, "a": 2, "d": 1}
+
+
+def test_a_runs_relayed_position_is_forgotten_when_its_last_watcher_here_leaves() -> None:
+    """A position set from a notification that was already the run's last (its watchers read for
+    themselves) stayed until the bound pushed it out; the last watcher's leaving drops it."""
+    bus = EventBus()
+    listener = EventListener("postgresql+asyncpg://nobody@127.0.0.1/none", bus, None, Metrics())  # type: ignore[arg-type]
+    with bus.subscribe("run-1", 8), bus.subscribe("run-1", 8):
+        listener._remember_relayed("run-1", 7)
+    assert listener._relayed == {}

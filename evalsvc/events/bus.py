@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import grpc
@@ -86,6 +86,8 @@ class EventBus:
         self._by_owner: dict[str, set[Subscription]] = {}
         self._closed = False
         self.opening_pages = OpeningPages()  # first pages read once for watchers opening together
+        # Told of a run whose last watcher here has left (the listener forgets where it relayed to).
+        self.on_unwatched: Callable[[str], None] | None = None
 
     def close(self) -> None:
         """Server shutdown: end every watch now and refuse new ones."""
@@ -116,6 +118,8 @@ class EventBus:
             _discard(self._subscriptions, run_id, subscription)
             if owner:
                 _discard(self._by_owner, owner, subscription)
+            if self.on_unwatched is not None and run_id not in self._subscriptions:
+                self.on_unwatched(run_id)
 
     def owners(self) -> list[str]:
         """The API key ids that have watches open in this process."""

@@ -43,9 +43,10 @@ log = logging.getLogger(__name__)
 
 MAX_RELAY = 5000  # events read per relay; a longer gap sends the watchers to the database instead
 # Runs whose relayed position is remembered, the least recently relayed forgotten first. A position is
-# dropped when its run ends or has no watcher left here; runs watched to their end from a replica that
-# did not execute them kept theirs for good (500 runs, 500 positions). Forgetting one costs only a
-# read: its watchers read for themselves, as at a run's first notification.
+# dropped when its run's last event is relayed or its last watcher here leaves (EventBus.on_unwatched);
+# runs watched to their end from a replica that did not execute them kept theirs for good (500 runs,
+# 500 positions). Forgetting one costs only a read: its watchers read for themselves, as at a run's
+# first notification.
 REMEMBERED_RELAYS = 10_000
 
 
@@ -71,6 +72,7 @@ class EventListener:
         self._notified: dict[str, int] = {}  # run id -> latest seq notified and not yet relayed
         self._relayed: dict[str, int] = {}  # run id -> latest seq handed to this process's watchers
         self._relays: dict[str, asyncio.Task[None]] = {}  # at most one reader per run at a time
+        bus.on_unwatched = self._forget_relayed
 
     def start(self) -> None:
         """Start listening in the background."""
@@ -99,6 +101,10 @@ class EventListener:
         self._notified[run_id] = max(self._notified.get(run_id, 0), int(seq) if seq.isdigit() else 0)
         if run_id not in self._relays:
             self._relays[run_id] = asyncio.create_task(self._relay(run_id), name=f"relay-{run_id}")
+
+    def _forget_relayed(self, run_id: str) -> None:
+        """The run's last watcher here has left: where its watchers stood no longer matters."""
+        self._relayed.pop(run_id, None)
 
     def _remember_relayed(self, run_id: str, seq: int) -> None:
         """Note how far this process's watchers of a run were handed its events (REMEMBERED_RELAYS)."""
