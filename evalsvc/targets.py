@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from google.protobuf import json_format, struct_pb2
 
 from evalsvc.errors import FieldViolation
+from evalsvc.http.json_bodies import loads_few
 from evalsvc.http.outbound import Outbound, OutboundError, check_url_shape, endpoint_headers, secret_refs
 from evalsvc.messages.validation import check_definition_size
 from evalsvc.storable import storable_json
@@ -137,7 +138,7 @@ def tool_calls_from(raw: Any) -> list[item_pb2.ToolCall]:
         arguments = function.get("arguments") or {}
         if isinstance(arguments, str):
             try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
+                arguments = loads_few(arguments) if arguments.strip() else {}
             except ValueError:
                 arguments = {"_raw": arguments}
         struct = struct_pb2.Struct()

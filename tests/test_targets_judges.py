@@ -403,6 +403,24 @@ async def test_malformed_judgment_is_retried_then_an_error_never_a_fail(svc) -> 
     assert run.status == run_pb2.RUN_STATUS_FAILED  # every evaluation errored; no FAIL was invented
 
 
+async def test_a_judgment_of_millions_of_values_is_refused_off_the_event_loop(svc) -> None:
+    """A tenant's judge answering two million JSON values (a few MB) was parsed on the event loop: every
+    tenant's calls waited 1-6 s. Such a verdict is parsed, and refused, in a worker process."""
+    srv, stubs = svc
+    item = item_pb2.Item(input="q", response=item_pb2.Response(content="a"))
+    provided = target_pb2.Target(provided=target_pb2.ProvidedTarget())
+    flood = "[" + ",".join(["0"] * 2_000_000) + "]"
+    with FakeEndpoint(judge_reply(flood)) as llm:
+        _, results = await run_to_end(
+            stubs,
+            pb.CreateRunRequest(
+                items=[item], target=provided, graders=[judge(llm.url, mode=Judge.MODE_CRITERIA, criteria="c")]
+            ),
+        )
+    assert results[0].state == run_pb2.RESULT_STATE_ERROR
+    assert "unusable judgment: the JSON holds more than 20,000 values" in results[0].error_reason
+
+
 async def test_default_judge_from_config_and_missing_judge_is_failed_precondition(tmp_path, monkeypatch) -> None:
     bare = grader_pb2.Grader(name="j", llm_judge=Judge(mode=Judge.MODE_CRITERIA, criteria="c"))
     item = item_pb2.Item(input="q", response=item_pb2.Response(content="a"))

@@ -42,6 +42,7 @@ from evalsvc.config import Settings
 from evalsvc.datasets.service import check_item_room, generation_from, number_new_items
 from evalsvc.errors import FieldViolation, Reason, ServiceError, invalid_argument, not_found
 from evalsvc.graders.judge import JudgeDefaults
+from evalsvc.http.json_bodies import JsonParser
 from evalsvc.http.outbound import Outbound, OutboundError, call_tenant
 from evalsvc.limits import StoredCap
 from evalsvc.liveness import Progress, Watched, supervise
@@ -96,14 +97,18 @@ class UnusableAnswer(ValueError):
     """The model answered, but not with items."""
 
 
-def parse_items(reply: Any, wanted: int) -> list[str]:
-    """The item inputs of a model's answer `{"items": ["...", ...]}` (strings, or objects with an
-    `input` or `content`), at most `wanted`; UnusableAnswer when it holds none."""
+async def answer_json(reply: Any, parser: JsonParser) -> Any:
+    """The JSON a model's chat answer holds in its message (parsed off the loop when it is large);
+    UnusableAnswer when there is none."""
     try:
-        content = reply["choices"][0]["message"]["content"]
-        parsed = storable_json(json.loads(content))
+        return storable_json(await parser.parse(reply["choices"][0]["message"]["content"]))
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise UnusableAnswer(f"not a JSON answer: {exc}") from exc
+
+
+def parse_items(parsed: Any, wanted: int) -> list[str]:
+    """The item inputs of a model's answer `{"items": ["...", ...]}` (strings, or objects with an
+    `input` or `content`), at most `wanted`; UnusableAnswer when it holds none."""
     listed = parsed.get("items") if isinstance(parsed, dict) else parsed
     if not isinstance(listed, list):
         raise UnusableAnswer('the answer has no "items" list')
@@ -282,7 +287,7 @@ class DatasetGenerations:
                 for attempt in range(PARSE_ATTEMPTS):
                     reply = await self._outbound.post_json(chat_url(self._endpoint), body, self._model.headers(), 120.0)
                     try:
-                        [item.input] = parse_items(reply.body, 1)
+                        [item.input] = parse_items(await answer_json(reply.body, self._outbound.json), 1)
                         return
                     except UnusableAnswer as exc:
                         if attempt == PARSE_ATTEMPTS - 1:
@@ -444,7 +449,7 @@ class DatasetGenerations:
         for _ in range(PARSE_ATTEMPTS):
             reply = await self._outbound.post_json(chat_url(self._endpoint), body, self._model.headers(), 120.0)
             try:
-                return parse_items(reply.body, wanted)
+                return parse_items(await answer_json(reply.body, self._outbound.json), wanted)
             except UnusableAnswer as exc:
                 problem = exc
         raise problem

@@ -13,7 +13,6 @@ must not look like a bad model. Judge tokens are priced apart from the target's 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -268,7 +267,7 @@ class LlmJudgeGrader:
                     self._model, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
                 )
                 content = reply.body["choices"][0]["message"]["content"]
-                grade = verdict(self._spec, storable_json(json.loads(content)))
+                grade = verdict(self._spec, storable_json(await self._outbound.json.parse(content)))
             except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
                 problem = f"unusable judgment: {exc}"
                 continue

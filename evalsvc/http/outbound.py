@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import json
 import random
 import socket
 import time
@@ -38,6 +37,7 @@ import httpx
 
 from evalsvc.config import Network, Settings, allow_entries
 from evalsvc.errors import FieldViolation
+from evalsvc.http.json_bodies import JsonParser
 from evalsvc.slots import Slots
 from evalsvc.v1 import grader_pb2, target_pb2
 
@@ -410,6 +410,7 @@ class Outbound:
             follow_redirects=False, transport=checked_transport(self.allow, httpx.Limits(max_connections=512))
         )
         self._limits: OrderedDict[tuple[str, str, int], AdaptiveLimit] = OrderedDict()  # least recently used first
+        self.json = JsonParser()  # replies' JSON, and the JSON inside them (a judge's verdict, generated items)
         self.base_backoff_s = 0.2
 
     def limit_of(self, url: str) -> AdaptiveLimit:
@@ -460,7 +461,7 @@ class Outbound:
                     latency_ms = (time.perf_counter() - started) * 1000
                     if code < 300:
                         try:
-                            return Reply(json.loads(content), latency_ms, attempt)
+                            return Reply(await self.json.parse(content), latency_ms, attempt)
                         except ValueError as exc:
                             not_json = f"{shown_host(url)} answered with a body that is not JSON"
                             raise OutboundError(not_json) from exc
@@ -497,8 +498,9 @@ class Outbound:
             return response.status_code, b"".join(chunks), retry_after
 
     async def close(self) -> None:
-        """Close pooled connections."""
+        """Close pooled connections and stop the JSON parser's worker."""
         await self._client.aclose()
+        self.json.close()
 
 
 def retry_after_s(value: str | None) -> float | None:

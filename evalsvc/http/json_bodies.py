@@ -1,0 +1,100 @@
+"""JSON from endpoints, parsed without stalling the event loop.
+
+An endpoint's reply (a target's, a judge's, the generator's) is bounded in bytes (--max-reply-bytes),
+but what `json.loads` costs depends on how many values the text holds, and the C parser holds the GIL
+for the whole text, so a thread would not help: a tenant's endpoint answering 4 MB of `[0,0,0,...]`
+(two million values) held the loop 100-450 ms per reply, with 64 workers every tenant's calls waited
+seconds. A megabyte of prose, one string, parses in a millisecond or two.
+
+So a text is parsed in place when it is small, or when it cannot hold more than MAX_VALUES values
+(its commas, brackets and braces, counted in C, bound them from above); anything else goes to a worker
+process, which parses it and refuses it when it holds more than MAX_VALUES values. What comes back is
+bounded by that, so taking it in (unpickling) is bounded too. Nesting too deep for the parser
+(`RecursionError`) is a ValueError like any other text that is not JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+# At most this many values are parsed on the loop (a few ms), or taken back from a worker: legitimate
+# replies hold a few dozen (a chat completion, a verdict, a batch of generated items, tool calls).
+MAX_VALUES = 20_000
+# Below this many characters a text holds too few values to matter.
+INLINE_CHARS = 64 * 1024
+
+
+def loads(text: str | bytes) -> Any:
+    """`json.loads`, with nesting too deep for the parser a ValueError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+
+
+def loads_few(text: str | bytes) -> Any:
+    """`loads` on the loop, of a text that cannot hold more than MAX_VALUES values; ValueError for one
+    that might (a tool call's arguments inside a reply that was itself bounded)."""
+    if _most_values(text) > MAX_VALUES:
+        raise ValueError(f"the JSON may hold more than {MAX_VALUES:,} values")
+    return loads(text)
+
+
+def _most_values(text: str | bytes) -> int:
+    """An upper bound of the values in a JSON text: one more than its separators and containers."""
+    if isinstance(text, bytes):
+        return text.count(b",") + text.count(b"[") + text.count(b"{") + 1
+    return text.count(",") + text.count("[") + text.count("{") + 1
+
+
+def _values(parsed: Any) -> int:
+    """How many values a parsed JSON document holds (walked without recursion)."""
+    count, pending = 0, [parsed]
+    while pending:
+        value = pending.pop()
+        count += 1
+        if isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return count
+
+
+def parse_bounded(text: str | bytes) -> Any:
+    """In a worker process: the parsed text, or ValueError when it holds more than MAX_VALUES values."""
+    parsed = loads(text)
+    if _values(parsed) > MAX_VALUES:
+        raise ValueError(f"the JSON holds more than {MAX_VALUES:,} values")
+    return parsed
+
+
+class JsonParser:
+    """Parses endpoints' JSON (see the module docstring); one worker process, started at first need."""
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def parse(self, text: str | bytes) -> Any:
+        """The parsed text; ValueError when it is not JSON, nested too deeply or holds too many values."""
+        if len(text) <= INLINE_CHARS or _most_values(text) <= MAX_VALUES:
+            return loads(text)
+        if self._pool is None:
+            # Spawned, not forked: a fork of the server would copy its threads' locks (aiosqlite's).
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, parse_bounded, text)
+        except BrokenProcessPool:  # the worker died (killed, out of memory): the next text gets a new one
+            self._pool.shutdown(wait=False)
+            self._pool = None
+            raise ValueError("the JSON could not be parsed (its parser process died)") from None
+
+    def close(self) -> None:
+        """Stop the worker process, if one was started."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
