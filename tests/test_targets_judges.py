@@ -406,7 +406,7 @@ async def test_malformed_judgment_is_retried_then_an_error_never_a_fail(svc) -> 
 async def test_a_judgment_of_millions_of_values_is_refused_off_the_event_loop(svc) -> None:
     """A tenant's judge answering two million JSON values (a few MB) was parsed on the event loop: every
     tenant's calls waited 1-6 s. Such a verdict is parsed, and refused, in a worker process."""
-    srv, stubs = svc
+    _, stubs = svc
     item = item_pb2.Item(input="q", response=item_pb2.Response(content="a"))
     provided = target_pb2.Target(provided=target_pb2.ProvidedTarget())
     flood = "[" + ",".join(["0"] * 2_000_000) + "]"

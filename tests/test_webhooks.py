@@ -159,6 +159,30 @@ async def test_the_last_failed_attempt_leaves_the_delivery_failed_and_visible(
     assert [d.id for d in failed.deliveries] == [delivery.id]
 
 
+async def test_an_attempt_the_http_client_fails_unexpectedly_is_recorded_and_counted(
+    server: EvalServer,
+    webhooks: webhook_service_pb2_grpc.WebhookServiceStub,
+    runs: eval_run_service_pb2_grpc.EvalRunServiceStub,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An attempt whose HTTP client raised something other than an HTTPError (an InvalidURL, an
+    OverflowError for a port out of range) was an ERROR traceback and no recorded attempt: the delivery
+    was leased again, failed again, for good. It is a failed attempt now, towards the last one."""
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise OverflowError("port must be 0-65535.")
+
+    monkeypatch.setattr(server.webhook_sender._client, "stream", broken)
+    created = (await webhooks.CreateWebhook(create_webhook("http://127.0.0.1:9/hook", ["run.created"]))).webhook
+    with caplog.at_level(logging.INFO):
+        await runs.CreateRun(create_request(1))
+        [delivery] = await deliveries_when_done(webhooks, created.id, 1)
+    assert delivery.status == wpb.WEBHOOK_DELIVERY_STATUS_FAILED and delivery.attempts == 4
+    assert "OverflowError calling 127.0.0.1:9" in delivery.last_error
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 async def test_410_fails_the_delivery_and_disables_the_webhook(
     webhooks: webhook_service_pb2_grpc.WebhookServiceStub, runs: eval_run_service_pb2_grpc.EvalRunServiceStub
 ) -> None:
@@ -313,7 +337,15 @@ async def test_bad_webhooks_are_invalid_arguments_naming_the_field(
         "webhook.url": create_webhook(""),
         "webhook.event_types[1]": create_webhook("http://127.0.0.1:9/", ["run.failed", "run.exploded"]),
     }
-    for url in ("ftp://127.0.0.1/x", "http://10.1.2.3/hook", "http://169.254.169.254/latest", "http://[::1]:80/"):
+    for url in (
+        "ftp://127.0.0.1/x",
+        "http://10.1.2.3/hook",
+        "http://169.254.169.254/latest",
+        "http://[::1]:80/",
+        "http://127.0.0.1:99999/x",  # ports no connection has: every attempt failed, unrecorded, for good
+        "http://127.0.0.1:-1/x",
+        "http://127.0.0.1:18901:1/x",
+    ):
         cases[f"webhook.url {url}"] = create_webhook(url)
     for field, request in cases.items():
         with pytest.raises(grpc.aio.AioRpcError) as caught:

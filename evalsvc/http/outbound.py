@@ -173,10 +173,18 @@ def shown_host(url: str) -> str:
 
 
 def check_url_shape(url: str) -> str | None:
-    """A static problem with an endpoint URL (scheme, host), or None. Used at CreateRun."""
+    """A static problem with an endpoint URL (scheme, host, port), or None. Used at CreateRun and for
+    webhooks: a port no connection can have (`:99999`, `:-1`, `:1:2`) made every attempt fail in the
+    HTTP client with an error it does not name (a webhook's deliveries failed so, for good)."""
     parts = urlsplit(url)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         return "must be an http(s) URL with a host"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 and parts.netloc.rpartition("@")[2].rpartition("]")[2].count(":"):
+        return "must have a port from 1 to 65535, or none"
     return None
 
 

@@ -270,4 +270,8 @@ class WebhookSender:
             return 0, exc.reason, None
         except httpx.HTTPError as exc:
             return 0, f"{type(exc).__name__} calling {host}", None
+        except Exception as exc:
+            # (an InvalidURL is no HTTPError): unrecorded, it was an ERROR traceback, then the same
+            # delivery leased and tried again for good, never counted towards --webhook-max-attempts.
+            return 0, f"{type(exc).__name__} calling {host}", None
         return code, "" if 200 <= code < 300 else f"HTTP {code} from {host}", retry_after
