@@ -321,12 +321,14 @@ async def test_plaintext_on_a_non_loopback_address_logs_a_warning(
     assert "WITHOUT TLS" in warnings[0].getMessage() and "0.0.0.0:0" in warnings[0].getMessage()
 
 
+@pytest.mark.parametrize("address", ["grpc_addr", "http_addr"])
 async def test_tls_on_a_non_loopback_address_logs_no_warning(
-    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture, address: str
 ) -> None:
+    """gRPC and the REST gateway alike (the gateway serves HTTPS with the same files)."""
     caplog.set_level(logging.WARNING, logger="evalsvc.tls")
-    settings = make_settings(tmp_path, grpc_addr="0.0.0.0:0", tls_cert=str(pki.cert_file), tls_key=str(pki.key_file))
-    srv = EvalServer(settings)
+    tls = {"tls_cert": str(pki.cert_file), "tls_key": str(pki.key_file)}
+    srv = EvalServer(make_settings(tmp_path, **{address: "0.0.0.0:0"}, **tls))
     await srv.start()
     await srv.stop(grace=0.5)
     assert not [r for r in caplog.records if r.name == "evalsvc.tls"]
@@ -438,17 +440,6 @@ async def test_plain_http_on_a_non_loopback_address_logs_one_warning(
     warnings = [r.getMessage() for r in caplog.records if r.name == "evalsvc.tls"]
     assert len(warnings) == 1, warnings
     assert "REST gateway WITHOUT TLS" in warnings[0] and "0.0.0.0:0" in warnings[0]
-
-
-async def test_https_on_a_non_loopback_address_logs_no_warning(
-    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.WARNING, logger="evalsvc.tls")
-    settings = make_settings(tmp_path, http_addr="0.0.0.0:0", tls_cert=str(pki.cert_file), tls_key=str(pki.key_file))
-    srv = EvalServer(settings)
-    await srv.start()
-    await srv.stop(grace=0.5)
-    assert not [r for r in caplog.records if r.name == "evalsvc.tls"]
 
 
 def test_a_key_that_is_not_the_certificates_is_refused_before_the_gateway_starts(tmp_path: Path, pki: Pki) -> None:
