@@ -419,6 +419,14 @@ async def test_a_judgment_of_millions_of_values_is_refused_off_the_event_loop(sv
         )
     assert results[0].state == run_pb2.RESULT_STATE_ERROR
     assert "unusable judgment: the JSON holds more than 20,000 values" in results[0].error_reason
+    flooded = json.dumps({**chat_reply("a").body, "junk": [0] * 1_000_000})  # a target's reply, likewise
+    with FakeEndpoint(Reply(raw=flooded)) as target:
+        _, results = await run_to_end(
+            stubs, pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=chat(target.url), graders=[exact()])
+        )
+    assert "answered with a body that is not usable JSON (the JSON holds more than 20,000 values)" in (
+        results[0].error_reason
+    )
 
 
 async def test_default_judge_from_config_and_missing_judge_is_failed_precondition(tmp_path, monkeypatch) -> None:

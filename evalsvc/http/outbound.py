@@ -471,7 +471,7 @@ class Outbound:
                         try:
                             return Reply(await self.json.parse(content), latency_ms, attempt)
                         except ValueError as exc:
-                            not_json = f"{shown_host(url)} answered with a body that is not JSON"
+                            not_json = f"{shown_host(url)} answered with a body that is not usable JSON ({exc})"
                             raise OutboundError(not_json) from exc
                     failure = f"HTTP {code} from {shown_host(url)}"
                     if code not in RETRYABLE_STATUS:
