@@ -25,6 +25,7 @@ from google.protobuf import json_format
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
 from evalsvc.server import EvalServer
+from evalsvc.store import webhooks as webhook_store
 from evalsvc.v1 import eval_run_service_pb2_grpc, run_pb2, webhook_service_pb2_grpc
 from evalsvc.v1 import webhook_service_pb2 as wpb
 from evalsvc.webhooks.sender import retry_delay
@@ -181,6 +182,27 @@ async def test_an_attempt_the_http_client_fails_unexpectedly_is_recorded_and_cou
     assert delivery.status == wpb.WEBHOOK_DELIVERY_STATUS_FAILED and delivery.attempts == 4
     assert "OverflowError calling 127.0.0.1:9" in delivery.last_error
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_tenants_backlog_of_waiting_deliveries_is_bounded(
+    server: EvalServer,
+    webhooks: webhook_service_pb2_grpc.WebhookServiceStub,
+    runs: eval_run_service_pb2_grpc.EvalRunServiceStub,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Receivers that never keep up let one tenant queue deliveries without end (~3,000 a second with 50
+    webhooks), and every claim read through that backlog inside the write transaction. Past
+    MAX_PENDING_PER_TENANT waiting, a new delivery is written FAILED, never sent, saying why."""
+    monkeypatch.setattr(webhook_store, "MAX_PENDING_PER_TENANT", 3)
+    await server.webhook_sender.stop()  # nothing is sent: every delivery stays waiting
+    created = (await webhooks.CreateWebhook(create_webhook("http://127.0.0.1:9/hook", ALL_TYPES))).webhook
+    for _ in range(3):
+        await watch_all(runs, (await runs.CreateRun(create_request(1))).run.id)
+    listed = (await webhooks.ListWebhookDeliveries(wpb.ListWebhookDeliveriesRequest(webhook_id=created.id))).deliveries
+    waiting = [d for d in listed if d.status == wpb.WEBHOOK_DELIVERY_STATUS_PENDING]
+    refused = [d for d in listed if d.status == wpb.WEBHOOK_DELIVERY_STATUS_FAILED]
+    assert len(waiting) == 3 and len(refused) == len(listed) - 3 > 0, listed
+    assert all(d.attempts == 0 and "3 deliveries of this tenant were waiting already" in d.last_error for d in refused)
 
 
 async def test_410_fails_the_delivery_and_disables_the_webhook(

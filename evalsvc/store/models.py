@@ -426,6 +426,7 @@ class WebhookDeliveryRow(SQLModel, table=True):
     __table_args__ = (
         Index("ix_webhook_deliveries_due", "status", "next_attempt_time"),
         Index("ix_webhook_deliveries_webhook", "webhook_id", "id"),
+        Index("ix_webhook_deliveries_tenant", "tenant", "status"),  # a tenant's backlog (MAX_PENDING_PER_TENANT)
     )
 
     id: str = Field(primary_key=True, max_length=40)
