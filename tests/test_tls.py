@@ -309,16 +309,19 @@ def test_loopback_addresses(addr: str, loopback: bool) -> None:
     assert is_loopback(addr) is loopback
 
 
-async def test_plaintext_on_a_non_loopback_address_logs_a_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("address", "said"), [("grpc_addr", "serving gRPC WITHOUT TLS"), ("http_addr", "REST gateway WITHOUT TLS")]
+)
+async def test_plaintext_on_a_non_loopback_address_logs_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, address: str, said: str
 ) -> None:
     caplog.set_level(logging.WARNING, logger="evalsvc.tls")
-    srv = EvalServer(make_settings(tmp_path, grpc_addr="0.0.0.0:0"))
+    srv = EvalServer(make_settings(tmp_path, **{address: "0.0.0.0:0"}))
     await srv.start()
     await srv.stop(grace=0.5)
-    warnings = [r for r in caplog.records if r.name == "evalsvc.tls" and r.levelno == logging.WARNING]
-    assert len(warnings) == 1
-    assert "WITHOUT TLS" in warnings[0].getMessage() and "0.0.0.0:0" in warnings[0].getMessage()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "evalsvc.tls"]
+    assert len(warnings) == 1, warnings
+    assert said in warnings[0] and "0.0.0.0:0" in warnings[0]
 
 
 @pytest.mark.parametrize("address", ["grpc_addr", "http_addr"])
@@ -428,18 +431,6 @@ async def _gateway_url(gateway: subprocess.Popen[bytes], log_path: Path, timeout
         assert gateway.poll() is None, log_path.read_text()
         await asyncio.sleep(0.05)  # polling a log file: there is no event to await across processes
     raise TimeoutError(log_path.read_text())
-
-
-async def test_plain_http_on_a_non_loopback_address_logs_one_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.WARNING, logger="evalsvc.tls")
-    srv = EvalServer(make_settings(tmp_path, http_addr="0.0.0.0:0"))
-    await srv.start()
-    await srv.stop(grace=0.5)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "evalsvc.tls"]
-    assert len(warnings) == 1, warnings
-    assert "REST gateway WITHOUT TLS" in warnings[0] and "0.0.0.0:0" in warnings[0]
 
 
 def test_a_key_that_is_not_the_certificates_is_refused_before_the_gateway_starts(tmp_path: Path, pki: Pki) -> None:
