@@ -46,6 +46,8 @@ async def test_another_tenants_cached_run_costs_what_a_missing_run_costs(
     in the cache was answered NOT_FOUND without a read (0.9 ms against 2.0 ms for an id with no run, a
     reviewer measured), which confirmed that the run exists. Both now cost one read; one's own cached
     run, none."""
+    if server.db.run_rows is None:
+        pytest.skip("PostgreSQL has no run cache: every GetRun reads the database, one's own run too")
     created = (await runs.CreateRun(create_request(1))).run
     await watch_all(runs, created.id)
     reads = 0
