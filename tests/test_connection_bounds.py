@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -112,7 +113,9 @@ async def test_http_connections_past_the_cap_get_503_with_retry_after(tmp_path: 
         refused = await eof_after(extra[0])
         head, _, body = refused.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in head.lower(), refused
-        assert b'"code":14' in body
+        status = json.loads(body)
+        assert status["code"] == 14 and status["details"][0]["reason"] == "GATEWAY_CONNECTIONS_FULL", status
+        assert status["details"][1]["retryDelay"] == "1s"
         extra[1].close()
 
         held.pop()[1].close()  # a place frees up: new connections are served again

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import socket
@@ -15,7 +16,8 @@ import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from evalsvc.config import Settings
-from evalsvc.gateway.app import create_app
+from evalsvc.errors import Reason, ServiceError, to_status
+from evalsvc.gateway.app import create_app, to_json
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.request_limits import RequestLimits
 from evalsvc.gateway.upstream import ChannelFactory
@@ -91,7 +93,20 @@ def bounded_protocol(max_connections: int, header_timeout_s: float) -> type[asyn
 
 
 RETRY_AFTER_S = 1
-_REFUSAL_BODY = b'{"code":14,"message":"too many HTTP connections; retry later","details":[]}'
+# The google.rpc.Status every other refusal carries (ErrorInfo, RetryInfo); it had `"details": []`.
+_REFUSAL_BODY = json.dumps(
+    to_json(
+        to_status(
+            ServiceError(
+                grpc.StatusCode.UNAVAILABLE,
+                Reason.GATEWAY_CONNECTIONS_FULL,
+                "too many HTTP connections; retry later",
+                retry_after_s=RETRY_AFTER_S,
+            )
+        )
+    ),
+    separators=(",", ":"),
+).encode()
 TOO_MANY_CONNECTIONS = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
     + f"retry-after: {RETRY_AFTER_S}\r\ncontent-length: {len(_REFUSAL_BODY)}\r\n\r\n".encode()
