@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from google.protobuf import json_format, struct_pb2
 
 from evalsvc.errors import FieldViolation
-from evalsvc.http.json_bodies import loads_few
+from evalsvc.http.json_bodies import MAX_VALUES, loads, most_values
 from evalsvc.http.outbound import Outbound, OutboundError, check_url_shape, endpoint_headers, secret_refs
 from evalsvc.messages.validation import check_definition_size
 from evalsvc.storable import storable_json
@@ -131,14 +131,22 @@ def chat_messages(system_prompt: str, item: item_pb2.Item) -> list[dict[str, str
 
 
 def tool_calls_from(raw: Any) -> list[item_pb2.ToolCall]:
-    """ToolCalls from an OpenAI-style `tool_calls` list (arguments as a JSON string or object)."""
+    """ToolCalls from an OpenAI-style `tool_calls` list (arguments as a JSON string or object).
+
+    Argument strings are parsed here, on the loop, within one budget of MAX_VALUES values for the whole
+    reply (a dozen calls of 20,000 values each held the loop 350 ms); past it they stay text (`_raw`)."""
     calls = []
+    budget = MAX_VALUES
     for entry in raw or []:
         function = entry.get("function", entry) if isinstance(entry, dict) else {}
         arguments = function.get("arguments") or {}
         if isinstance(arguments, str):
+            cost = most_values(arguments)
             try:
-                arguments = loads_few(arguments) if arguments.strip() else {}
+                if cost > budget:
+                    raise ValueError(f"past {MAX_VALUES:,} values of arguments in one reply")
+                arguments = loads(arguments) if arguments.strip() else {}
+                budget -= cost
             except ValueError:
                 arguments = {"_raw": arguments}
         struct = struct_pb2.Struct()

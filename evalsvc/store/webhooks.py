@@ -11,6 +11,7 @@ Lock order: a transaction that changes deliveries and their webhook changes the 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -27,16 +28,20 @@ from evalsvc.store.records import ClaimedDelivery, WebhookDeliveryRecord, Webhoo
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import webhook_service_pb2 as wpb
 
+log = logging.getLogger(__name__)
+
 WEBHOOKS = WebhookRow.__table__  # type: ignore[attr-defined]
 DELIVERIES = WebhookDeliveryRow.__table__  # type: ignore[attr-defined]
 EVENTS = EventRow.__table__  # type: ignore[attr-defined]
 
-# Deliveries one tenant may have waiting. Past it, a new delivery is written FAILED, never sent, saying
-# why: receivers that never answer let 50 webhooks x 20 runs/s queue ~3,000 deliveries a second, kept
-# while pending, and every claim of due deliveries read through that tenant's backlog inside the
-# write transaction (2.1 M waiting: another tenant's CreateRun 0.13 -> 0.35 s at worst).
+# Deliveries one tenant may have waiting. Past it, new deliveries are not written (a WARNING says so, at
+# most once a minute per tenant): receivers that never answer let 50 webhooks x 20 runs/s queue ~3,000
+# deliveries a second, kept while pending, and every claim of due deliveries read through that
+# tenant's backlog inside the write transaction (2.1 M waiting: another tenant's CreateRun 0.13 ->
+# 0.35 s at worst). Written as FAILED instead, they still grew the table ~3,000 rows a second.
 MAX_PENDING_PER_TENANT = 10_000
-BACKLOG_FULL = "not sent: {:,} deliveries of this tenant were waiting already (its receivers do not keep up)"
+BACKLOG_WARNING_S = 60.0
+_backlog_warned: dict[str, float] = {}  # tenant -> when its full backlog was last logged
 
 PENDING = wpb.WEBHOOK_DELIVERY_STATUS_PENDING
 SUCCEEDED = wpb.WEBHOOK_DELIVERY_STATUS_SUCCEEDED
@@ -70,6 +75,8 @@ async def enqueue_many(conn: AsyncConnection, tenant_events: Sequence[tuple[str,
         return
     full = await _backlogs_full(conn, sorted(hooks))
     now = time.time()
+    for tenant in full:
+        _warn_of_full_backlog(tenant, now)
     rows = [
         {
             "id": new_id("msg"),
@@ -78,19 +85,33 @@ async def enqueue_many(conn: AsyncConnection, tenant_events: Sequence[tuple[str,
             "event_type": event_type,
             "run_id": event.run.id,
             "seq": event.seq,
-            "status": FAILED if tenant in full else PENDING,
+            "status": PENDING,
             "attempts": 0,
-            "next_attempt_time": None if tenant in full else now,
+            "next_attempt_time": now,
             "last_response_code": 0,
-            "last_error": BACKLOG_FULL.format(MAX_PENDING_PER_TENANT) if tenant in full else "",
+            "last_error": "",
             "create_time": now,
         }
         for tenant, event, event_type in typed
+        if tenant not in full
         for webhook_id, mask in hooks.get(tenant, ())
         if mask & events.bit(event_type)
     ]
     if rows:
         await conn.execute(insert(DELIVERIES), rows)
+
+
+def _warn_of_full_backlog(tenant: str, now: float) -> None:
+    """Say, at most once a BACKLOG_WARNING_S per tenant, that its new deliveries are not written."""
+    if now - _backlog_warned.get(tenant, 0.0) < BACKLOG_WARNING_S:
+        return
+    _backlog_warned[tenant] = now
+    log.warning(
+        "tenant %r has %d webhook deliveries waiting: new ones are not queued until its receivers catch up "
+        "(or its webhooks are disabled)",
+        tenant,
+        MAX_PENDING_PER_TENANT,
+    )
 
 
 async def _backlogs_full(conn: AsyncConnection, tenants: Sequence[str]) -> set[str]:

@@ -253,13 +253,13 @@ class WebhookSender:
         """POST the delivery once: (HTTP status or 0, why it failed, Retry-After seconds)."""
         url = claimed.url
         host = shown_host(url)
+        event = pb.WatchRunResponse.FromString(claimed.payload)
+        payload = signing.body(claimed.event_type, event)
+        now = int(time.time())
+        headers = signing.headers(signing_keys(claimed, now), claimed.id, now, payload)
         try:
             async with asyncio.timeout(self._timeout_s):
                 await check_destination(url, self._allow)
-                event = pb.WatchRunResponse.FromString(claimed.payload)
-                payload = signing.body(claimed.event_type, event)
-                now = int(time.time())
-                headers = signing.headers(signing_keys(claimed, now), claimed.id, now, payload)
                 # Streamed and never read: a receiver's body costs nothing, however large.
                 async with self._client.stream("POST", url, content=payload, headers=headers) as response:
                     code = response.status_code
@@ -271,7 +271,8 @@ class WebhookSender:
         except httpx.HTTPError as exc:
             return 0, f"{type(exc).__name__} calling {host}", None
         except Exception as exc:
-            # (an InvalidURL is no HTTPError): unrecorded, it was an ERROR traceback, then the same
-            # delivery leased and tried again for good, never counted towards --webhook-max-attempts.
-            return 0, f"{type(exc).__name__} calling {host}", None
+            # Whatever else the call raises (an InvalidURL is no HTTPError) is this attempt's failure:
+            # unrecorded, it was an ERROR traceback, then the same delivery leased and tried again for
+            # good, never counted towards --webhook-max-attempts. (Only the call is in this `try`.)
+            return 0, f"{type(exc).__name__} calling {host}", None  # its text may quote the URL
         return code, "" if 200 <= code < 300 else f"HTTP {code} from {host}", retry_after

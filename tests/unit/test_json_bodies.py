@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 
@@ -9,7 +10,7 @@ import pytest
 
 from evalsvc.datasets.generation import UnusableAnswer, answer_json
 from evalsvc.http import json_bodies
-from evalsvc.http.json_bodies import MAX_VALUES, JsonParser, loads_few
+from evalsvc.http.json_bodies import MAX_VALUES, JsonParser
 from evalsvc.targets import tool_calls_from
 
 
@@ -53,9 +54,36 @@ async def test_nesting_too_deep_is_not_json_not_a_recursion_error(parser: JsonPa
         await answer_json(reply, parser)
 
 
-def test_a_tool_calls_arguments_of_too_many_values_are_kept_as_text() -> None:
-    many = "[" + ",".join(["0"] * (MAX_VALUES + 1)) + "]"
-    with pytest.raises(ValueError, match="may hold more than"):
-        loads_few(many)
-    [call] = tool_calls_from([{"function": {"name": "f", "arguments": many}}])
-    assert call.name == "f" and call.arguments["_raw"] == many
+def test_tool_call_arguments_share_one_budget_of_values_per_reply() -> None:
+    """Each call's arguments under the bound, a dozen of them were parsed on the loop in turn (350 ms):
+    the reply's calls share one budget; arguments past it stay text."""
+    keys = MAX_VALUES // 2 - 10  # two such calls fit the budget, a third does not
+    near = "{" + ",".join(f'"k{i}": 0' for i in range(keys)) + "}"
+    calls = tool_calls_from([{"function": {"name": f"f{i}", "arguments": near}} for i in range(3)])
+    assert [len(c.arguments) for c in calls[:2]] == [keys] * 2
+    assert list(calls[2].arguments) == ["_raw"] and calls[2].arguments["_raw"] == near
+
+
+async def test_a_long_number_is_parsed_by_the_worker(parser: JsonParser, monkeypatch: pytest.MonkeyPatch) -> None:
+    """930 integers of 4,300 digits count as 931 values but took 80 ms to parse: such text goes to the worker."""
+    numbers = "[" + ",".join(["7" * 4000] * 30) + "]"
+    assert len(numbers) > json_bodies.INLINE_CHARS and json_bodies.has_long_number(numbers)
+    monkeypatch.setattr(json_bodies, "loads", None)  # only the worker may parse it (it imports its own)
+    assert await parser.parse(numbers) == [int("7" * 4000)] * 30
+
+
+async def test_every_caller_waiting_on_a_dead_worker_is_told_so(parser: JsonParser) -> None:
+    """When the worker died, the first waiting caller replaced the pool and the others hit `None.shutdown`
+    (AttributeError: a generation's task died of it). Each is told the parse failed; the next works."""
+    flood = "[" + ",".join(["0"] * 2_000_000) + "]"
+    waiting = [asyncio.create_task(parser.parse(flood)) for _ in range(4)]
+    for _ in range(1000):  # the pool starts its process when the first parse is submitted (no event says so)
+        if parser._pool is not None and parser._pool._processes:
+            break
+        await asyncio.sleep(0.01)
+    for process in list(parser._pool._processes.values()):
+        process.kill()
+    outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(o, ValueError) for o in outcomes), outcomes
+    numbers = "[" + ",".join(["7" * 4000] * 30) + "]"  # the next text for a worker: a new one parses it
+    assert await parser.parse(numbers) == [int("7" * 4000)] * 30
