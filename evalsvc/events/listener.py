@@ -33,17 +33,15 @@ from evalsvc.events.bus import EventBus
 from evalsvc.ids import PROCESS_ID
 from evalsvc.liveness import supervise
 from evalsvc.metrics import Metrics
-from evalsvc.statuses import TERMINAL
 from evalsvc.store import events as event_log
 from evalsvc.store.db import Database
 from evalsvc.store.events import EVENTS_CHANNEL, RUNS_ENDED_CHANNEL
-from evalsvc.v1 import eval_run_service_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 MAX_RELAY = 5000  # events read per relay; a longer gap sends the watchers to the database instead
 # Runs whose relayed position is remembered, the least recently relayed forgotten first. A position is
-# dropped when its run's last event is relayed or its last watcher here leaves (EventBus.on_unwatched);
+# dropped when the run's last watcher here leaves (EventBus.on_unwatched: a watch ends with its run);
 # runs watched to their end from a replica that did not execute them kept theirs for good (500 runs,
 # 500 positions). Forgetting one costs only a read: its watchers read for themselves, as at a run's
 # first notification.
@@ -137,9 +135,7 @@ class EventListener:
                     continue
                 async with self._db.read() as conn:
                     events = await event_log.read_after(conn, None, run_id, after, target - after)
-                if events and _ends_its_run(events[-1]):
-                    self._relayed.pop(run_id, None)  # nothing follows a run's last event
-                elif events:
+                if events:
                     self._remember_relayed(run_id, events[-1].seq)
                 self._bus.publish(run_id, events if events and events[-1].seq >= target else None)
         except (Exception, asyncio.CancelledError):
@@ -185,8 +181,3 @@ class EventListener:
             finally:
                 with contextlib.suppress(Exception):
                     await conn.close(timeout=2)
-
-
-def _ends_its_run(event: pb.WatchRunResponse) -> bool:
-    """Whether an event is a run's last: its run in a terminal status."""
-    return event.HasField("run") and event.run.status in TERMINAL
