@@ -32,7 +32,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -42,7 +42,6 @@ from evalsvc.config import Settings
 from evalsvc.datasets.service import check_item_room, generation_from, number_new_items
 from evalsvc.errors import FieldViolation, Reason, ServiceError, invalid_argument, not_found
 from evalsvc.graders.judge import JudgeDefaults
-from evalsvc.http.json_bodies import JsonParser
 from evalsvc.http.outbound import Outbound, OutboundError, call_tenant
 from evalsvc.limits import StoredCap
 from evalsvc.liveness import Progress, Watched, supervise
@@ -97,11 +96,11 @@ class UnusableAnswer(ValueError):
     """The model answered, but not with items."""
 
 
-async def answer_json(reply: Any, parser: JsonParser) -> Any:
-    """The JSON a model's chat answer holds in its message (parsed off the loop when it is large);
-    UnusableAnswer when there is none."""
+async def answer_json(reply: Any, parse: Callable[[str], Awaitable[Any]]) -> Any:
+    """The JSON a model's chat answer holds in its message (`parse`: `Outbound.parse_json`, off the loop
+    when it is large); UnusableAnswer when there is none."""
     try:
-        return storable_json(await parser.parse(reply["choices"][0]["message"]["content"]))
+        return storable_json(await parse(reply["choices"][0]["message"]["content"]))
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise UnusableAnswer(f"not a JSON answer: {exc}") from exc
 
@@ -287,7 +286,7 @@ class DatasetGenerations:
                 for attempt in range(PARSE_ATTEMPTS):
                     reply = await self._outbound.post_json(chat_url(self._endpoint), body, self._model.headers(), 120.0)
                     try:
-                        [item.input] = parse_items(await answer_json(reply.body, self._outbound.json), 1)
+                        [item.input] = parse_items(await answer_json(reply.body, self._outbound.parse_json), 1)
                         return
                     except UnusableAnswer as exc:
                         if attempt == PARSE_ATTEMPTS - 1:
@@ -449,7 +448,7 @@ class DatasetGenerations:
         for _ in range(PARSE_ATTEMPTS):
             reply = await self._outbound.post_json(chat_url(self._endpoint), body, self._model.headers(), 120.0)
             try:
-                return parse_items(await answer_json(reply.body, self._outbound.json), wanted)
+                return parse_items(await answer_json(reply.body, self._outbound.parse_json), wanted)
             except UnusableAnswer as exc:
                 problem = exc
         raise problem

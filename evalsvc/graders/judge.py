@@ -267,7 +267,7 @@ class LlmJudgeGrader:
                     self._model, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
                 )
                 content = reply.body["choices"][0]["message"]["content"]
-                grade = verdict(self._spec, storable_json(await self._outbound.json.parse(content)))
+                grade = verdict(self._spec, storable_json(await self._outbound.parse_json(content)))
             except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
                 problem = f"unusable judgment: {exc}"
                 continue

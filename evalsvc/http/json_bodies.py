@@ -12,6 +12,12 @@ anything else goes to a worker
 process, which parses it and refuses it when it holds more than MAX_VALUES values. What comes back is
 bounded by that, so taking it in (unpickling) is bounded too. Nesting too deep for the parser
 (`RecursionError`) is a ValueError like any other text that is not JSON.
+
+The worker parses one text at a time, and texts wait for it in their tenants' turns (`Slots`, as
+grading processes and endpoint slots are handed out): first come, first served, a tenant whose
+endpoint floods it with texts of 0.1-0.45 s each made another tenant's one large reply wait behind
+the whole flood. A text whose caller was cancelled is still parsed (a process pool cannot stop a
+running task), and keeps the worker until it is: the next tenant's turn starts when the worker is free.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
+
+from evalsvc.slots import Slots
 
 # At most this many values are parsed on the loop (a few ms), or taken back from a worker: legitimate
 # replies hold a few dozen (a chat completion, a verdict, a batch of generated items, tool calls).
@@ -84,15 +92,31 @@ class JsonParser:
 
     def __init__(self) -> None:
         self._pool: ProcessPoolExecutor | None = None
+        self._turns = Slots(1)  # the worker, handed to waiting tenants in turn
 
-    async def parse(self, text: str | bytes) -> Any:
-        """The parsed text; ValueError when it is not JSON, nested too deeply or holds too many values."""
+    async def parse(self, text: str | bytes, tenant: str = "") -> Any:
+        """The parsed text; ValueError when it is not JSON, nested too deeply or holds too many values.
+        `tenant`: whose turn a text that needs the worker waits for."""
         if len(text) <= INLINE_CHARS or (most_values(text) <= MAX_VALUES and not has_long_number(text)):
             return loads(text)
+        await self._turns.acquire(tenant)
+        try:
+            parsing = self._submit(text)
+        except BaseException:
+            self._turns.release()
+            raise
+        parsing.add_done_callback(lambda _: self._turns.release())  # when the worker is free, not the caller
+        return await asyncio.shield(parsing)
+
+    def _submit(self, text: str | bytes) -> asyncio.Future[Any]:
+        """The worker's parse of the text, started (and the worker with it, if needed)."""
         pool = self._pool
         if pool is None:
             # Spawned, not forked: a fork of the server would copy its threads' locks (aiosqlite's).
             pool = self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        return asyncio.ensure_future(self._in_worker(pool, text))
+
+    async def _in_worker(self, pool: ProcessPoolExecutor, text: str | bytes) -> Any:
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, parse_bounded, text)
         except BrokenProcessPool:  # the worker died (killed, out of memory): the next text gets a new one

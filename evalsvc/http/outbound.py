@@ -418,7 +418,7 @@ class Outbound:
             follow_redirects=False, transport=checked_transport(self.allow, httpx.Limits(max_connections=512))
         )
         self._limits: OrderedDict[tuple[str, str, int], AdaptiveLimit] = OrderedDict()  # least recently used first
-        self.json = JsonParser()  # replies' JSON, and the JSON inside them (a judge's verdict, generated items)
+        self._json = JsonParser()
         self.base_backoff_s = 0.2
 
     def limit_of(self, url: str) -> AdaptiveLimit:
@@ -469,7 +469,7 @@ class Outbound:
                     latency_ms = (time.perf_counter() - started) * 1000
                     if code < 300:
                         try:
-                            return Reply(await self.json.parse(content), latency_ms, attempt)
+                            return Reply(await self.parse_json(content), latency_ms, attempt)
                         except ValueError as exc:
                             not_json = f"{shown_host(url)} answered with a body that is not usable JSON ({exc})"
                             raise OutboundError(not_json) from exc
@@ -481,6 +481,11 @@ class Outbound:
             backoff = random.uniform(0, self.base_backoff_s * 2 ** (attempt - 1))
             async with _held_up():
                 await asyncio.sleep(max(backoff, retry_after or 0.0))
+
+    async def parse_json(self, text: str | bytes) -> Any:
+        """An endpoint's JSON: a reply, or the JSON inside one (a judge's verdict, generated items), parsed
+        off the loop when large (`JsonParser`), waiting in the calling tenant's turn (`call_tenant`)."""
+        return await self._json.parse(text, call_tenant.get())
 
     async def _post(
         self, url: str, body: Any, headers: Mapping[str, str], timeout_s: float
@@ -508,7 +513,7 @@ class Outbound:
     async def close(self) -> None:
         """Close pooled connections and stop the JSON parser's worker."""
         await self._client.aclose()
-        self.json.close()
+        self._json.close()
 
 
 def retry_after_s(value: str | None) -> float | None:

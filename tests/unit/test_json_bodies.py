@@ -51,7 +51,7 @@ async def test_nesting_too_deep_is_not_json_not_a_recursion_error(parser: JsonPa
         await parser.parse("[" * 5_000 + "]" * 5_000)  # in place (few values), the same answer
     reply = {"choices": [{"message": {"content": deep}}]}
     with pytest.raises(UnusableAnswer, match="not a JSON answer"):
-        await answer_json(reply, parser)
+        await answer_json(reply, parser.parse)
 
 
 def test_tool_call_arguments_share_one_budget_of_values_per_reply() -> None:
@@ -87,3 +87,35 @@ async def test_every_caller_waiting_on_a_dead_worker_is_told_so(parser: JsonPars
     assert all(isinstance(o, ValueError) for o in outcomes), outcomes
     numbers = "[" + ",".join(["7" * 4000] * 30) + "]"  # the next text for a worker: a new one parses it
     assert await parser.parse(numbers) == [int("7" * 4000)] * 30
+
+
+async def test_texts_wait_for_the_worker_in_their_tenants_turns(parser: JsonParser) -> None:
+    """The one worker took texts first come, first served: a tenant whose endpoint flooded it made another
+    tenant's one large reply wait behind the whole flood. Texts now wait in their tenants' turns."""
+    numbers = "[" + ",".join(["7" * 4000] * 30) + "]"  # parsed by the worker (a long number)
+    finished: list[str] = []
+
+    async def parse(tenant: str) -> None:
+        await parser.parse(numbers, tenant)
+        finished.append(tenant)
+
+    flood = [asyncio.create_task(parse("a")) for _ in range(6)]
+    await asyncio.sleep(0)  # the flood is waiting before the other tenant's text arrives
+    await asyncio.gather(*flood, parse("b"))
+    assert finished.index("b") <= 2, finished  # after at most a text of "a" ahead and one in progress
+
+
+async def test_a_cancelled_callers_text_keeps_the_worker_until_it_is_parsed(parser: JsonParser) -> None:
+    """The worker cannot stop a parse it started: the next text waits for it (its turn starts when the
+    worker is free, not when the caller left), and the cancelled caller's result is dropped quietly."""
+    flood = "[" + ",".join(["0"] * 2_000_000) + "]"
+    first = asyncio.create_task(parser.parse(flood, "a"))
+    await asyncio.sleep(0)
+    assert not parser._turns.available()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert not parser._turns.available()  # still parsing in the worker
+    numbers = "[" + ",".join(["7" * 4000] * 30) + "]"
+    assert await parser.parse(numbers, "b") == [int("7" * 4000)] * 30
+    assert parser._turns.available()
