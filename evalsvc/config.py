@@ -54,6 +54,14 @@ class Settings:
     workers: int = dataclasses.field(
         default=64, metadata={"help": "evaluations (target calls) executed concurrently by this process"}
     )
+    max_workers_per_tenant: int = dataclasses.field(
+        default=0,
+        metadata={
+            "help": "of --workers, how many one tenant's claimed jobs may hold: its jobs are claimed only while it "
+            "holds fewer, so one tenant's hung or slow endpoints leave the rest to others (docs/targets.md). "
+            "At most --workers; 0: half of --workers"
+        },
+    )
     claim_batch: int = dataclasses.field(
         default=500, metadata={"help": "jobs claimed and committed together; larger is faster for big runs"}
     )
@@ -315,6 +323,11 @@ class Settings:
                 raise SettingsError(f"{named(name)} must be a finite number, not {value!r}")
             if value < minimum or (value == minimum and not inclusive):
                 raise SettingsError(f"{named(name)} must be {_bound(name)}, not {value!r}")
+        if self.max_workers_per_tenant > self.workers:
+            raise SettingsError(
+                f"{named('max_workers_per_tenant')} must be at most {named('workers')} ({self.workers}), "
+                f"not {self.max_workers_per_tenant}"
+            )
         if self.http_streams_per_tenant > self.max_http_connections // 2:
             # One tenant's watches could hold every REST connection: every other tenant's calls got 503.
             raise SettingsError(
@@ -341,6 +354,12 @@ class Settings:
         """The largest reply read from a target, judge or generator: `max_reply_bytes`, or when that is 0,
         a quarter of `max_message_bytes`."""
         return self.max_reply_bytes or self.max_message_bytes // 4
+
+    @property
+    def workers_per_tenant(self) -> int:
+        """The workers one tenant's jobs may hold: `max_workers_per_tenant`, or when that is 0, half of
+        `workers` (at least 1)."""
+        return self.max_workers_per_tenant or max(1, self.workers // 2)
 
     @property
     def http_streams_per_tenant(self) -> int:
@@ -389,6 +408,7 @@ MIN_REPLY_BYTES = 1024  # a reply bound smaller than this would fail ordinary an
 # means something: no executor (`--workers 0`, an API-only replica), no budget, no retries.
 MINIMUMS: dict[str, tuple[float, bool]] = {
     "workers": (0, True),
+    "max_workers_per_tenant": (0, True),  # 0: half of workers
     "claim_batch": (1, True),
     "lease_ttl_s": (0, False),
     "poll_interval_s": (0, False),

@@ -35,7 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from evalsvc import liveness
 from evalsvc.execution import executor as executor_module
-from evalsvc.execution.fairness import RoundRobin, even_split
+from evalsvc.execution.fairness import RoundRobin, even_split, within_room
 from evalsvc.metrics import Metrics
 from evalsvc.server import EvalServer
 from evalsvc.slots import Hold, Slots
@@ -457,11 +457,39 @@ async def test_a_run_hung_on_its_webhook_delays_no_other_run(tmp_path: Path) -> 
         still = (await a.GetRun(pb.GetRunRequest(run_id=stuck.id))).run
         assert still.status == run_pb2.RUN_STATUS_RUNNING and still.counts.completed_evaluations == 0
         assert hung_hook.calls["/hang"] == 8
-        # Its first claim took 64 jobs (--workers): 8 hold workers in hung calls, the rest queue for the
-        # endpoint without one, and the run leases nothing more while they do.
+        # Its first claim took 32 jobs (A's share of --workers 64): 8 hold workers in hung calls, the rest
+        # queue for the endpoint without one, and the run leases nothing more while they do.
         sample = srv.metrics.registry.get_sample_value
-        assert (sample("evalsvc_jobs_running"), sample("evalsvc_jobs_held_up")) == (8, 56)
+        assert (sample("evalsvc_jobs_running"), sample("evalsvc_jobs_held_up")) == (8, 24)
         await a.CancelRun(pb.CancelRunRequest(run_id=stuck.id))
+
+
+async def test_one_tenants_hung_endpoints_leave_the_other_workers_to_other_tenants(tmp_path: Path) -> None:
+    """Regression (probe): tenant A's runs on 8 hung endpoints held all 64 workers (each endpoint its
+    limit of 8), so nothing was claimed for anyone until A's calls timed out: B's 1-item run took 57 s
+    instead of 0.1 s. A tenant's jobs that call endpoints are claimed only while they hold fewer than
+    --max-workers-per-tenant workers (half of --workers by default): here 4 of 8, one endpoint's worth."""
+    async with (
+        serving(tmp_path, workers=8) as srv,
+        Webhook() as first_hung,
+        Webhook() as second_hung,
+        Webhook() as fast_hook,
+        tenants(srv, "a", "b") as t,
+    ):
+        a, b = t["a"], t["b"]
+        first = (await a.CreateRun(run_request(webhook(first_hung.url + "/hang"), 20))).run
+        await first_hung.wait_for_calls("/hang", 4)
+        second = (await a.CreateRun(run_request(webhook(second_hung.url + "/hang"), 20))).run
+        for request, bound_s in (
+            (run_request(echo(), 1), 5.0),
+            (run_request(webhook(fast_hook.url + "/fast"), 10), 10.0),
+        ):
+            run = await create_and_finish(b, request, within_s=bound_s)
+            assert run.status == run_pb2.RUN_STATUS_SUCCEEDED and run.counts.passed == len(request.items)
+        assert (first_hung.calls["/hang"], second_hung.calls["/hang"]) == (4, 0)  # A's share, no more
+        assert srv.metrics.registry.get_sample_value("evalsvc_jobs_running") == 4
+        for run in (first, second):
+            await a.CancelRun(pb.CancelRunRequest(run_id=run.id))
 
 
 def endpoint_calls(url: str, n: int, *, by: str, tag: str) -> pb.CreateRunRequest:
@@ -501,7 +529,8 @@ async def test_waiting_for_an_endpoint_is_fair_across_tenants(tmp_path: Path, by
     (A is ahead of B in the rotation once), and B's run ends while A has had at most 4 calls answered,
     not after all 40."""
     backlog, slots = 40, 2
-    async with serving(tmp_path) as srv, Webhook() as hook, tenants(srv, "a", "b") as t:
+    # A may hold every worker (its 40 jobs are claimed at once); the turns at the endpoint are what is tested.
+    async with serving(tmp_path, max_workers_per_tenant=64) as srv, Webhook() as hook, tenants(srv, "a", "b") as t:
         limit = srv.outbound.limit_of(hook.url)  # the endpoint's limit, shared by both tenants
         limit.limit = limit.minimum = limit.maximum = float(slots)  # no growth on success: 2 slots
         limit.slots.set_capacity(slots)
@@ -533,9 +562,9 @@ async def test_waiting_for_an_endpoint_is_fair_across_tenants(tmp_path: Path, by
 
 async def test_a_run_backing_off_from_a_throttling_endpoint_holds_no_workers(tmp_path: Path) -> None:
     """Jobs that sleep out a 429's Retry-After give their worker slots back: with every worker's job of
-    tenant A backing off for 30 s, tenant B's runs still run at once."""
+    tenant A backing off for 30 s, tenant B's runs still run at once (A may hold every worker here)."""
     async with (
-        serving(tmp_path, workers=16) as srv,
+        serving(tmp_path, workers=16, max_workers_per_tenant=16) as srv,
         Webhook() as throttling,
         Webhook() as fast_hook,
         tenants(srv, "a", "b") as t,
@@ -555,8 +584,8 @@ async def test_jobs_waiting_for_a_grading_process_hold_no_workers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Tenant A's big outputs queue for the grading processes; the jobs waiting there give their worker
-    slots back, so tenant B's run does not wait behind them."""
-    async with serving(tmp_path) as srv, tenants(srv, "a", "b") as t:
+    slots back, so tenant B's run does not wait behind them (A may hold every worker here)."""
+    async with serving(tmp_path, max_workers_per_tenant=64) as srv, tenants(srv, "a", "b") as t:
         graded, grading_frees_up = asyncio.Event(), asyncio.Event()
         grade_in_process = srv.executor._grading.grade
 
@@ -590,6 +619,14 @@ def test_round_robin_splits_claims_across_tenants_then_runs_taking_turns() -> No
     assert sorted(run[0] for run in firsts) == ["a", "a", "b", "b"]
     assert rr.shares([], 5) == {} and rr.shares(runs, 0) == {}
     assert even_split(7, 3) == [3, 2, 2] and even_split(1, 3) == [1, 0, 0]
+
+
+def test_a_tenants_share_of_a_claim_is_cut_to_its_room_except_for_local_runs() -> None:
+    tenant_of = {"a1": "a", "a2": "a", "a3": "a", "b1": "b"}
+    quotas = {"a1": 3, "a2": 3, "a3": 3, "b1": 4}
+    # a may take 4 more workers: its runs in turn until they are used; b's room is ample; a3 is local.
+    assert within_room(quotas, tenant_of, {"a": 4, "b": 10}, local={"a3"}) == {"a1": 3, "a2": 1, "a3": 3, "b1": 4}
+    assert within_room(quotas, tenant_of, {"a": 0, "b": -2}, local=()) == {}  # no room (or past it): none
 
 
 # ------------------------------------------------------------------------------------------ slots

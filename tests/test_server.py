@@ -92,6 +92,14 @@ def test_a_reply_from_an_endpoint_always_fits_in_a_result_that_can_be_read_back(
         config.Settings(max_message_bytes=1024)
 
 
+def test_one_tenants_jobs_take_at_most_their_share_of_the_workers() -> None:
+    """--max-workers-per-tenant: by default half of --workers (at least 1), never more than --workers."""
+    assert config.Settings().workers_per_tenant == 32 and config.Settings(workers=1).workers_per_tenant == 1
+    assert config.Settings(workers=8, max_workers_per_tenant=8).workers_per_tenant == 8
+    with pytest.raises(config.SettingsError, match=r"--max-workers-per-tenant .* must be at most --workers .*\(8\)"):
+        config.Settings(workers=8, max_workers_per_tenant=9)
+
+
 def test_one_tenants_rest_streams_cannot_take_every_rest_connection() -> None:
     """The share of the gateway's connections one tenant's streams may hold is at most half of them
     (by default a quarter): with the share the whole (2000 of 2000 was the default watch quota), one
