@@ -197,8 +197,6 @@ class RunService:
         fingerprint = request_fingerprint(request)
         violations = await validate_create_run(request)
         saved_target = request.target.WhichOneof("kind") == "saved_target_id"
-        if request.target.WhichOneof("kind") not in (None, "saved_target_id"):  # a saved one: once resolved
-            violations += validate_target(request.target, "target")
         if violations:
             raise invalid_argument(violations)
         if request.request_id:
