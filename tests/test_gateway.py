@@ -186,6 +186,30 @@ async def test_etag_and_if_match_headers_are_the_runs_etag(gw) -> None:
     assert deleted.status_code == 200 and deleted.json()["run"]["deleteTime"]
 
 
+async def test_if_match_on_a_resource_without_an_etag_is_refused_and_runs_nothing(gw) -> None:
+    """A grader, target, webhook, dataset or secret has no etag, so no tag can match: a conditional DELETE
+    or PATCH of one ran as if unconditional (RFC 9110: it must not run). `*` still passes."""
+    _, client = gw
+    grader = {"grader": {"name": "exact", "exactMatch": {}}}
+    grader_id = (await client.post("/v1/graders", json={"grader": grader})).json()["grader"]["id"]
+    hook = {"url": "https://ci.example.com/hook", "eventTypes": ["run.failed"]}
+    hook_id = (await client.post("/v1/webhooks", json={"webhook": hook})).json()["webhook"]["id"]
+    for method, url, kwargs in [
+        ("DELETE", f"/v1/graders/{grader_id}", {}),
+        ("PATCH", f"/v1/webhooks/{hook_id}", {"json": {"description": "changed"}}),
+        ("GET", f"/v1/graders/{grader_id}", {}),
+    ]:
+        refused = await client.request(method, url, headers={"if-match": '"nope"'}, **kwargs)
+        assert refused.status_code == 400, (method, url, refused.text)
+        [bad] = [d for d in refused.json()["details"] if d["@type"].endswith("google.rpc.BadRequest")]
+        assert bad["fieldViolations"][0]["field"] == "If-Match", bad
+    assert (await client.get(f"/v1/graders/{grader_id}")).status_code == 200
+    assert (await client.get(f"/v1/webhooks/{hook_id}")).json()["webhook"]["description"] == ""
+    deleted = await client.delete(f"/v1/graders/{grader_id}", headers={"if-match": "*"})
+    assert deleted.status_code == 200, deleted.text
+    assert (await client.get(f"/v1/graders/{grader_id}")).status_code == 404
+
+
 async def test_a_field_mask_names_a_map_key_verbatim_and_takes_field_names_in_either_form(gw) -> None:
     """proto3 JSON's FieldMask reads every capital letter as `_` and a small one: `annotations.myKey`
     became `annotations.my_key`, so a PATCH answered 200, set nothing and removed `my_key`."""
