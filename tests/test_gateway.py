@@ -293,8 +293,32 @@ async def test_bad_input_is_a_4xx_with_the_status_body_and_changes_nothing(gw) -
         ("POST", "/v1/runs", {"json": {**RUN, "displayNmae": "x"}}, "displayNmae", "unknown field"),
         ("POST", "/v1/runs", {"json": {**RUN, "trigger": "TRIGGER_SOMETIMES"}}, "trigger", "TRIGGER_SOMETIMES"),
         ("POST", "/v1/runs", {"json": {**RUN, "target": {"provided": 3}}}, "target.provided", "JSON object"),
-        ("GET", "/v1/runs", {"params": {"pageSize": "abc"}}, "pageSize", "must be a whole number"),
-        ("GET", "/v1/runs/run_x:watch", {"headers": {"last-event-id": "abc"}}, "afterSeq", "whole number"),
+        ("GET", "/v1/runs", {"params": {"pageSize": "abc"}}, "page_size", "must be a whole number"),
+        ("GET", "/v1/runs", {"params": {"page_size": "abc"}}, "page_size", "must be a whole number"),
+        ("GET", "/v1/runs/run_x:watch", {"headers": {"last-event-id": "abc"}}, "Last-Event-ID", "whole number"),
+        (
+            "POST",
+            "/v1/runs",
+            {"json": {**RUN, "items": [{"input": "q", "response": {"latencyMs": "slow"}}]}},
+            "items[0].response.latency_ms",
+            "must be a number",
+        ),
+        ("PATCH", "/v1/runs/run_x", {"json": {"displayName": 5}}, "run.display_name", "must be a string"),
+        ("PATCH", "/v1/runs/run_x", {"json": {"nope": 5}}, "run.nope", "unknown field"),
+        (
+            "POST",
+            "/v1/runs",
+            {"json": {**RUN, "displayName": "a", "display_name": "b"}},
+            "display_name",
+            "given twice, as displayName and display_name",
+        ),
+        (
+            "POST",
+            "/v1/runs",
+            {"json": {**RUN, "items": [{"input": "q", "expectedOutput": "a", "expected_output": "b"}]}},
+            "items[0].expected_output",
+            "given twice",
+        ),
     ],
 )
 async def test_a_value_json_cannot_hold_names_its_field_in_a_violation(
@@ -312,6 +336,26 @@ async def test_a_value_json_cannot_hold_names_its_field_in_a_violation(
     assert violation["field"] == field and description in violation["description"], violation
     for python in ("invalid literal", "bytes-like", "evalsvc.v1.", "iterable", "Traceback"):
         assert python not in body["message"] and python not in violation["description"], body
+
+
+async def test_a_body_that_is_not_a_json_object_is_refused_and_does_nothing(gw) -> None:
+    """`[]` was read as an empty message (a `:cancel` with it cancelled the run), `"str"` as field names
+    (violation `s`), and `5` or `null` leaked Python's TypeError into the message."""
+    _, client = gw
+    run_id = (
+        await client.post("/v1/runs", json={**RUN, "items": [{"input": "q"}] * 3000, "target": {"echo": {}}})
+    ).json()["run"]["id"]
+    for body in (b"[]", b'"str"', b"[1,2]", b"5", b"null", b"true"):
+        for method, url in [
+            ("POST", f"/v1/runs/{run_id}:cancel"),
+            ("POST", "/v1/runs"),
+            ("PATCH", f"/v1/runs/{run_id}"),
+        ]:
+            refused = await client.request(method, url, content=body)
+            assert refused.status_code == 400, (body, url, refused.text)
+            assert refused.json()["message"] == "the body must be a JSON object", refused.text
+    assert (await client.get(f"/v1/runs/{run_id}")).json()["run"]["status"] != "RUN_STATUS_CANCELLED"
+    assert len((await client.get("/v1/runs")).json()["runs"]) == 1
 
 
 def routing_status(response: httpx.Response, status: int, code: int, reason: str) -> str:
