@@ -358,6 +358,23 @@ async def test_a_body_that_is_not_a_json_object_is_refused_and_does_nothing(gw) 
     assert len((await client.get("/v1/runs")).json()["runs"]) == 1
 
 
+async def test_head_is_answered_on_every_get_route_as_get_without_the_body(gw) -> None:
+    """RFC 9110 9.1: HEAD wherever GET; it was a 405 whose Allow left HEAD out."""
+    _, client = gw
+    run_id = (await client.post("/v1/runs", json=RUN)).json()["run"]["id"]
+    for url in (f"/v1/runs/{run_id}", "/v1/runs", f"/v1/runs/{run_id}/results", "/v1/graders"):
+        got, head = await client.get(url), await client.head(url)
+        assert head.status_code == got.status_code == 200, (url, head.status_code)
+        assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"], url
+        assert head.headers.get("etag") == got.headers.get("etag"), url
+    missing = await client.head("/v1/runs/run_missing")
+    assert missing.status_code == 404 and missing.content == b""
+    watched = await asyncio.wait_for(client.head(f"/v1/runs/{run_id}:watch"), 10)  # no stream held open
+    assert watched.status_code == 200 and watched.content == b""
+    assert watched.headers["content-type"].startswith("text/event-stream")
+    assert (await client.head(f"/v1/runs/{run_id}:watch", headers={"authorization": "Bearer evk_x"})).status_code == 401
+
+
 def routing_status(response: httpx.Response, status: int, code: int, reason: str) -> str:
     """A routing error in the native shape: the google.rpc.Status with its ErrorInfo; its message."""
     assert response.status_code == status, response.text
@@ -380,8 +397,8 @@ async def test_an_unknown_path_or_method_answers_in_the_native_status_shape(gw) 
         message = routing_status(await client.request(method, path), 404, 5, "ROUTE_NOT_FOUND")
         assert message == f"no route for {method} {path}"
     for method, path, allowed in (
-        ("DELETE", "/v1/runs", "GET, POST"),  # every route of the path, not only the first Starlette tried
-        ("PUT", "/v1/runs/run_x", "DELETE, GET, PATCH"),
+        ("DELETE", "/v1/runs", "GET, HEAD, POST"),  # every route of the path, not only the first Starlette tried
+        ("PUT", "/v1/runs/run_x", "DELETE, GET, HEAD, PATCH"),
         ("GET", "/v1/runs/run_x:cancel", None),  # GetRun of the id "run_x:cancel", not a routing error
         ("POST", "/openapi.json", "GET, HEAD"),
         ("POST", "/ui/runs", "GET"),

@@ -7,8 +7,10 @@ grpc-gateway does, with the `google.rpc.Status` as the body: `{code, message, de
 route has (404) and a method its routes do not take (405), or in a dialect's error shape when the path is
 one of that dialect's (`unrouted.py`).
 
-Parsing is strict: an unknown field or enum name, a wrong type, a number out of range or a body that is
-not UTF-8 JSON is a 400 before any call, so a misspelt field is never silently dropped. `/openapi.json`
+Parsing is strict: an unknown field or enum name, a wrong type, a number out of range, a body that is
+not a UTF-8 JSON object or a field given under both its JSON names is a 400 before any call, so a
+misspelt field is never silently dropped; violations name fields by their proto paths. Every GET route
+answers HEAD too, without the body. `/openapi.json`
 documents every route with schemas derived from the messages (see `openapi.py`).
 """
 
@@ -395,8 +397,14 @@ def create_app(
             except BaseException:  # a channel closed at shutdown, say: the slot is not kept
                 slot.release()
                 raise
+            ndjson = "application/x-ndjson" in request.headers.get("accept", "")
+            media_type = "application/x-ndjson" if ndjson else "text/event-stream"
             try:
                 first = await call.read()  # fail as a plain HTTP error before the stream starts
+                if request.method == "HEAD":  # GET's answer without its body: no stream to hold open
+                    call.cancel()
+                    slot.release()
+                    return Response(media_type=media_type, headers={"cache-control": "no-cache"})
                 await slot.admit(call, metadata)  # within the tenant's share of streams
             except BaseException as error:
                 call.cancel()
@@ -406,11 +414,8 @@ def create_app(
                 if isinstance(error, GatewayError):
                     return refused(error)
                 raise
-            ndjson = "application/x-ndjson" in request.headers.get("accept", "")
             return StreamingResponse(
-                _relay(call, first, ndjson, slot),
-                media_type="application/x-ndjson" if ndjson else "text/event-stream",
-                headers={"cache-control": "no-cache"},
+                _relay(call, first, ndjson, slot), media_type=media_type, headers={"cache-control": "no-cache"}
             )
 
         return endpoint
@@ -418,9 +423,12 @@ def create_app(
     schemas = openapi.Schemas()
     for route in routes():
         streaming = route.method.server_streaming
+        endpoint = stream_endpoint(route) if streaming else unary_endpoint(route)
+        if route.verb.upper() == "GET":  # RFC 9110 9.3.2: HEAD wherever GET, answered as GET without the body
+            app.add_api_route(route.path, endpoint, methods=["HEAD"], name=route.method.name, include_in_schema=False)
         app.add_api_route(
             route.path,
-            stream_endpoint(route) if streaming else unary_endpoint(route),
+            endpoint,
             methods=[route.verb.upper()],
             name=route.method.name,
             operation_id=f"{route.method.containing_service.name}_{route.method.name}",
