@@ -12,6 +12,7 @@ wire and compares equal to the literal.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum, unique
 
@@ -187,6 +188,13 @@ def not_found(kind: str, resource_id: str) -> ServiceError:
     )
 
 
+def retry_delay_ms(seconds: float) -> int:
+    """A wait as RetryInfo's whole milliseconds: rounded up, and at least 1. Truncated, a token bucket's
+    sub-millisecond wait was sent as "0s" (retry at once, and no `Retry-After` over REST); the float's
+    noise (0.023 s is 23.000000000000004 ms) is not worth a millisecond."""
+    return max(1, math.ceil(round(seconds * 1000, 6)))
+
+
 def to_status(error: ServiceError) -> status_pb2.Status:
     """The google.rpc.Status for a domain error."""
     details = []
@@ -203,7 +211,7 @@ def to_status(error: ServiceError) -> status_pb2.Status:
         )
     if error.retry_after_s is not None:
         delay = duration_pb2.Duration()
-        delay.FromMilliseconds(int(error.retry_after_s * 1000))
+        delay.FromMilliseconds(retry_delay_ms(error.retry_after_s))
         details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     packed = []
     for detail in details:

@@ -19,6 +19,8 @@ from google.protobuf import json_format, struct_pb2
 from evalsvc.errors import FieldViolation
 from evalsvc.http.json_bodies import MAX_VALUES, loads, most_values
 from evalsvc.http.outbound import Outbound, OutboundError, check_url_shape, endpoint_headers, secret_refs
+from evalsvc.messages.canonical import struct_values
+from evalsvc.messages.oneofs import one_of
 from evalsvc.messages.validation import check_definition_size
 from evalsvc.storable import storable_json
 from evalsvc.v1 import item_pb2, target_pb2
@@ -287,20 +289,49 @@ def target_secret_refs(spec: target_pb2.Target, path: str) -> list[tuple[str, st
     return [] if endpoint is None else secret_refs(endpoint, f"{path}.{spec.WhichOneof('kind')}.endpoint")
 
 
+MAX_TEMPERATURE = 2.0  # OpenAI's range; a value outside it fails every call to such an endpoint
+MAX_TIMEOUT_S = 600.0
+
+
+def check_endpoint(endpoint: target_pb2.Endpoint, at: str, out: list[FieldViolation]) -> None:
+    """A target's or judge's endpoint: a well-formed URL (where it may lead is checked apart, with its
+    address), and a timeout that an attempt can have."""
+    if problem := check_url_shape(endpoint.base_url):
+        out.append(FieldViolation(f"{at}.base_url", problem))
+    if not 0 <= endpoint.timeout_s <= MAX_TIMEOUT_S:  # also refuses NaN
+        out.append(FieldViolation(f"{at}.timeout_s", f"must be between 0 and {MAX_TIMEOUT_S:g} seconds"))
+
+
+def check_chat_settings(chat: target_pb2.ChatTarget, at: str, out: list[FieldViolation]) -> None:
+    """What a chat target sends with every request: accepted as is, a NaN temperature made every
+    evaluation an ERROR with Python's words ("Out of range float values are not JSON compliant"), and a
+    negative one or a negative `max_tokens` an endpoint's 400 on every call."""
+    if not chat.model:
+        out.append(FieldViolation(f"{at}.model", "the model name is required"))
+    if chat.HasField("temperature") and not 0 <= chat.temperature <= MAX_TEMPERATURE:  # also refuses NaN
+        out.append(FieldViolation(f"{at}.temperature", f"must be a finite number between 0 and {MAX_TEMPERATURE:g}"))
+    if chat.max_tokens < 0:
+        out.append(FieldViolation(f"{at}.max_tokens", "must be >= 0 (0 leaves it to the endpoint)"))
+    if struct_values(chat.parameters) is None:
+        out.append(FieldViolation(f"{at}.parameters", "must hold JSON values (no NaN or Infinity)"))
+    for i, tool in enumerate(chat.tools):
+        if struct_values(tool.parameters) is None:
+            out.append(FieldViolation(f"{at}.tools[{i}].parameters", "must hold JSON values (no NaN or Infinity)"))
+
+
 def validate_target(spec: target_pb2.Target, path: str) -> list[FieldViolation]:
-    """Static problems of a target: kind set, URLs well formed (secrets: `target_secret_refs`)."""
+    """Static problems of a target: one kind set, a saved one's id given, endpoints and chat settings
+    that every call can send (secrets: `target_secret_refs`). A saved target is checked once resolved."""
     kind = spec.WhichOneof("kind")
     if kind is None:
-        return [FieldViolation(f"{path}.kind", "exactly one target kind must be set")]
+        return [FieldViolation(path, one_of(spec, "kind"))]
+    if kind == "saved_target_id":
+        return [] if spec.saved_target_id else [FieldViolation(f"{path}.saved_target_id", "is required")]
     out: list[FieldViolation] = []
     check_definition_size(spec, path, out)
     endpoint = target_endpoint(spec)
     if endpoint is not None:
-        at = f"{path}.{kind}.endpoint"
-        if problem := check_url_shape(endpoint.base_url):
-            out.append(FieldViolation(f"{at}.base_url", problem))
-        if not 0 <= endpoint.timeout_s <= 600:
-            out.append(FieldViolation(f"{at}.timeout_s", "must be between 0 and 600 seconds"))
-    if kind == "chat" and not spec.chat.model:
-        out.append(FieldViolation(f"{path}.chat.model", "the model name is required"))
+        check_endpoint(endpoint, f"{path}.{kind}.endpoint", out)
+    if kind == "chat":
+        check_chat_settings(spec.chat, f"{path}.chat", out)
     return out

@@ -186,6 +186,30 @@ async def test_etag_and_if_match_headers_are_the_runs_etag(gw) -> None:
     assert deleted.status_code == 200 and deleted.json()["run"]["deleteTime"]
 
 
+async def test_if_match_on_a_resource_without_an_etag_is_refused_and_runs_nothing(gw) -> None:
+    """A grader, target, webhook, dataset or secret has no etag, so no tag can match: a conditional DELETE
+    or PATCH of one ran as if unconditional (RFC 9110: it must not run). `*` still passes."""
+    _, client = gw
+    grader = {"grader": {"name": "exact", "exactMatch": {}}}
+    grader_id = (await client.post("/v1/graders", json={"grader": grader})).json()["grader"]["id"]
+    hook = {"url": "https://ci.example.com/hook", "eventTypes": ["run.failed"]}
+    hook_id = (await client.post("/v1/webhooks", json={"webhook": hook})).json()["webhook"]["id"]
+    for method, url, kwargs in [
+        ("DELETE", f"/v1/graders/{grader_id}", {}),
+        ("PATCH", f"/v1/webhooks/{hook_id}", {"json": {"description": "changed"}}),
+        ("GET", f"/v1/graders/{grader_id}", {}),
+    ]:
+        refused = await client.request(method, url, headers={"if-match": '"nope"'}, **kwargs)
+        assert refused.status_code == 400, (method, url, refused.text)
+        [bad] = [d for d in refused.json()["details"] if d["@type"].endswith("google.rpc.BadRequest")]
+        assert bad["fieldViolations"][0]["field"] == "If-Match", bad
+    assert (await client.get(f"/v1/graders/{grader_id}")).status_code == 200
+    assert (await client.get(f"/v1/webhooks/{hook_id}")).json()["webhook"]["description"] == ""
+    deleted = await client.delete(f"/v1/graders/{grader_id}", headers={"if-match": "*"})
+    assert deleted.status_code == 200, deleted.text
+    assert (await client.get(f"/v1/graders/{grader_id}")).status_code == 404
+
+
 async def test_a_field_mask_names_a_map_key_verbatim_and_takes_field_names_in_either_form(gw) -> None:
     """proto3 JSON's FieldMask reads every capital letter as `_` and a small one: `annotations.myKey`
     became `annotations.my_key`, so a PATCH answered 200, set nothing and removed `my_key`."""
@@ -269,8 +293,32 @@ async def test_bad_input_is_a_4xx_with_the_status_body_and_changes_nothing(gw) -
         ("POST", "/v1/runs", {"json": {**RUN, "displayNmae": "x"}}, "displayNmae", "unknown field"),
         ("POST", "/v1/runs", {"json": {**RUN, "trigger": "TRIGGER_SOMETIMES"}}, "trigger", "TRIGGER_SOMETIMES"),
         ("POST", "/v1/runs", {"json": {**RUN, "target": {"provided": 3}}}, "target.provided", "JSON object"),
-        ("GET", "/v1/runs", {"params": {"pageSize": "abc"}}, "pageSize", "must be a whole number"),
-        ("GET", "/v1/runs/run_x:watch", {"headers": {"last-event-id": "abc"}}, "afterSeq", "whole number"),
+        ("GET", "/v1/runs", {"params": {"pageSize": "abc"}}, "page_size", "must be a whole number"),
+        ("GET", "/v1/runs", {"params": {"page_size": "abc"}}, "page_size", "must be a whole number"),
+        ("GET", "/v1/runs/run_x:watch", {"headers": {"last-event-id": "abc"}}, "Last-Event-ID", "whole number"),
+        (
+            "POST",
+            "/v1/runs",
+            {"json": {**RUN, "items": [{"input": "q", "response": {"latencyMs": "slow"}}]}},
+            "items[0].response.latency_ms",
+            "must be a number",
+        ),
+        ("PATCH", "/v1/runs/run_x", {"json": {"displayName": 5}}, "run.display_name", "must be a string"),
+        ("PATCH", "/v1/runs/run_x", {"json": {"nope": 5}}, "run.nope", "unknown field"),
+        (
+            "POST",
+            "/v1/runs",
+            {"json": {**RUN, "displayName": "a", "display_name": "b"}},
+            "display_name",
+            "given twice, as displayName and display_name",
+        ),
+        (
+            "POST",
+            "/v1/runs",
+            {"json": {**RUN, "items": [{"input": "q", "expectedOutput": "a", "expected_output": "b"}]}},
+            "items[0].expected_output",
+            "given twice",
+        ),
     ],
 )
 async def test_a_value_json_cannot_hold_names_its_field_in_a_violation(
@@ -288,6 +336,43 @@ async def test_a_value_json_cannot_hold_names_its_field_in_a_violation(
     assert violation["field"] == field and description in violation["description"], violation
     for python in ("invalid literal", "bytes-like", "evalsvc.v1.", "iterable", "Traceback"):
         assert python not in body["message"] and python not in violation["description"], body
+
+
+async def test_a_body_that_is_not_a_json_object_is_refused_and_does_nothing(gw) -> None:
+    """`[]` was read as an empty message (a `:cancel` with it cancelled the run), `"str"` as field names
+    (violation `s`), and `5` or `null` leaked Python's TypeError into the message."""
+    _, client = gw
+    run_id = (
+        await client.post("/v1/runs", json={**RUN, "items": [{"input": "q"}] * 3000, "target": {"echo": {}}})
+    ).json()["run"]["id"]
+    for body in (b"[]", b'"str"', b"[1,2]", b"5", b"null", b"true"):
+        for method, url in [
+            ("POST", f"/v1/runs/{run_id}:cancel"),
+            ("POST", "/v1/runs"),
+            ("PATCH", f"/v1/runs/{run_id}"),
+        ]:
+            refused = await client.request(method, url, content=body)
+            assert refused.status_code == 400, (body, url, refused.text)
+            assert refused.json()["message"] == "the body must be a JSON object", refused.text
+    assert (await client.get(f"/v1/runs/{run_id}")).json()["run"]["status"] != "RUN_STATUS_CANCELLED"
+    assert len((await client.get("/v1/runs")).json()["runs"]) == 1
+
+
+async def test_head_is_answered_on_every_get_route_as_get_without_the_body(gw) -> None:
+    """RFC 9110 9.1: HEAD wherever GET; it was a 405 whose Allow left HEAD out."""
+    _, client = gw
+    run_id = (await client.post("/v1/runs", json=RUN)).json()["run"]["id"]
+    for url in (f"/v1/runs/{run_id}", "/v1/runs", f"/v1/runs/{run_id}/results", "/v1/graders"):
+        got, head = await client.get(url), await client.head(url)
+        assert head.status_code == got.status_code == 200, (url, head.status_code)
+        assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"], url
+        assert head.headers.get("etag") == got.headers.get("etag"), url
+    missing = await client.head("/v1/runs/run_missing")
+    assert missing.status_code == 404 and missing.content == b""
+    watched = await asyncio.wait_for(client.head(f"/v1/runs/{run_id}:watch"), 10)  # no stream held open
+    assert watched.status_code == 200 and watched.content == b""
+    assert watched.headers["content-type"].startswith("text/event-stream")
+    assert (await client.head(f"/v1/runs/{run_id}:watch", headers={"authorization": "Bearer evk_x"})).status_code == 401
 
 
 def routing_status(response: httpx.Response, status: int, code: int, reason: str) -> str:
@@ -312,8 +397,8 @@ async def test_an_unknown_path_or_method_answers_in_the_native_status_shape(gw) 
         message = routing_status(await client.request(method, path), 404, 5, "ROUTE_NOT_FOUND")
         assert message == f"no route for {method} {path}"
     for method, path, allowed in (
-        ("DELETE", "/v1/runs", "GET, POST"),  # every route of the path, not only the first Starlette tried
-        ("PUT", "/v1/runs/run_x", "DELETE, GET, PATCH"),
+        ("DELETE", "/v1/runs", "GET, HEAD, POST"),  # every route of the path, not only the first Starlette tried
+        ("PUT", "/v1/runs/run_x", "DELETE, GET, HEAD, PATCH"),
         ("GET", "/v1/runs/run_x:cancel", None),  # GetRun of the id "run_x:cancel", not a routing error
         ("POST", "/openapi.json", "GET, HEAD"),
         ("POST", "/ui/runs", "GET"),

@@ -55,6 +55,24 @@ async def test_update_run_changes_only_the_masked_fields(runs) -> None:
     assert dict(noted.annotations) == {"a": "1"} and noted.display_name == "new"
 
 
+async def test_update_run_with_the_full_mask_replaces_every_updatable_field(runs) -> None:
+    """AIP-134's `*`: every updatable field takes the request's value, and one the request leaves unset is
+    cleared (it was INVALID_ARGUMENT "'*' cannot be updated")."""
+    run = (await runs.CreateRun(create_request(2, display_name="old", description="d", labels={"team": "a"}))).run
+    replaced = (
+        await runs.UpdateRun(
+            pb.UpdateRunRequest(
+                run_id=run.id,
+                run=run_pb2.Run(display_name="new", annotations={"k": "v"}),
+                update_mask=field_mask_pb2.FieldMask(paths=["*"]),
+            )
+        )
+    ).run
+    assert (replaced.display_name, replaced.description) == ("new", "")
+    assert (dict(replaced.labels), dict(replaced.annotations)) == ({}, {"k": "v"})
+    assert await _listed(runs, labels={"team": "a"}) == []  # the label index follows
+
+
 async def test_update_run_rejects_unknown_paths_and_runs(runs) -> None:
     run = (await runs.CreateRun(create_request(2, display_name="keep"))).run
     with pytest.raises(grpc.aio.AioRpcError) as bad:

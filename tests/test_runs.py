@@ -203,12 +203,39 @@ async def test_get_unknown_run_is_not_found(runs) -> None:
     assert error_reason(err.value) == "RUN_NOT_FOUND"
 
 
+def chat_settings(
+    temperature: float | None = None,
+    max_tokens: int = 0,
+    parameters: dict[str, float] | None = None,
+    timeout_s: float = 0,
+) -> target_pb2.ChatTarget:
+    """A chat target with these settings, valid otherwise."""
+    endpoint = target_pb2.Endpoint(base_url="https://llm.example.com/v1", timeout_s=timeout_s)
+    chat = target_pb2.ChatTarget(endpoint=endpoint, model="m", temperature=temperature, max_tokens=max_tokens)
+    chat.parameters.update(parameters or {})
+    return chat
+
+
+def judge_at(timeout_s: float) -> grader_pb2.LlmJudge:
+    """An accuracy judge of its own endpoint, with this timeout."""
+    endpoint = target_pb2.Endpoint(base_url="https://llm.example.com/v1", timeout_s=timeout_s)
+    return grader_pb2.LlmJudge(mode=grader_pb2.LlmJudge.MODE_ACCURACY, model="m", endpoint=endpoint)
+
+
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
         (lambda r: r.ClearField("items"), "items"),
         (lambda r: r.ClearField("target"), "target"),
-        (lambda r: r.target.ClearField("provided"), "target.kind"),
+        (lambda r: r.target.ClearField("provided"), "target"),  # the oneof `kind` is no field (AIP-193)
+        (lambda r: setattr(r.target, "saved_target_id", ""), "target.saved_target_id"),
+        (lambda r: r.target.chat.CopyFrom(chat_settings(temperature=math.nan)), "target.chat.temperature"),
+        (lambda r: r.target.chat.CopyFrom(chat_settings(temperature=math.inf)), "target.chat.temperature"),
+        (lambda r: r.target.chat.CopyFrom(chat_settings(temperature=-0.5)), "target.chat.temperature"),
+        (lambda r: r.target.chat.CopyFrom(chat_settings(temperature=2.5)), "target.chat.temperature"),
+        (lambda r: r.target.chat.CopyFrom(chat_settings(max_tokens=-1)), "target.chat.max_tokens"),
+        (lambda r: r.target.chat.CopyFrom(chat_settings(parameters={"top_p": math.nan})), "target.chat.parameters"),
+        (lambda r: r.target.chat.CopyFrom(chat_settings(timeout_s=math.inf)), "target.chat.endpoint.timeout_s"),
         (lambda r: r.ClearField("graders"), "graders"),
         (lambda r: setattr(r, "description", "d" * 1025), "description"),
         (lambda r: setattr(r, "display_name", "n" * 257), "display_name"),
@@ -224,7 +251,15 @@ async def test_get_unknown_run_is_not_found(runs) -> None:
         (lambda r: r.graders.append(exact()), "graders[1].name"),
         (lambda r: r.graders.add(regex=grader_pb2.Regex(pattern="(")), "graders[1].regex.pattern"),
         (lambda r: r.graders.add(name="l", latency=grader_pb2.Latency(max_ms=0)), "graders[1].latency.max_ms"),
-        (lambda r: r.graders.add(name="empty"), "graders[1].kind"),
+        (lambda r: r.graders.add(name="empty"), "graders[1]"),
+        (
+            lambda r: r.graders.add(saved=grader_pb2.SavedGraderRef(grader_id="grd_x", version=-1)),
+            "graders[1].saved.version",
+        ),
+        (
+            lambda r: r.graders.add(name="j", llm_judge=judge_at(timeout_s=math.nan)),
+            "graders[1].llm_judge.endpoint.timeout_s",
+        ),
         (lambda r: r.item_ids.append("x"), "item_ids"),
         (lambda r: setattr(r, "dataset_id", "ds_x"), "items"),
         (lambda r: setattr(r.items[0].response, "cost_usd", math.nan), "items[0].response.cost_usd"),

@@ -383,6 +383,12 @@ async def test_secret_service_validates_pages_and_scopes_to_the_tenant(served: S
     await acme.secrets.DeleteSecret(secret_service_pb2.DeleteSecretRequest(name="A_KEY"))
     missing = await _refusal(acme.secrets.DeleteSecret(secret_service_pb2.DeleteSecretRequest(name="A_KEY")))
     assert theirs == missing and theirs[0] == grpc.StatusCode.NOT_FOUND
+    # A name no secret can have is the caller's mistake, not a missing secret: it was NOT_FOUND "secret '' not found".
+    for name, description in [("", "is required"), ("../x", "must be 1-64 characters"), ("X" * 65, "must be 1-64")]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await acme.secrets.DeleteSecret(secret_service_pb2.DeleteSecretRequest(name=name))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert description in violations(err.value)["name"], violations(err.value)
 
 
 async def test_without_a_secrets_key_tenants_cannot_store_secrets(

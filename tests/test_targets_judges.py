@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -586,6 +587,29 @@ async def test_secrets_stay_server_side(svc, caplog: pytest.LogCaptureFixture) -
     assert all(SECRET not in record.getMessage() for record in caplog.records)
     stored = stored_bytes(srv.settings.db)  # the SQLite files, or every row on PostgreSQL
     assert SECRET.encode() not in stored
+
+
+async def test_chat_settings_no_call_can_send_are_refused_when_a_target_is_saved(svc) -> None:
+    """A NaN temperature was saved, and every run of the target then ERRORed each evaluation with
+    "ValueError: Out of range float values are not JSON compliant"; a negative one or a negative
+    max_tokens made every call an endpoint's 400."""
+    _, stubs = svc
+    with FakeEndpoint(chat_reply("x")) as llm:
+        for fields, field in [
+            ({"temperature": math.nan}, "target.target.chat.temperature"),
+            ({"temperature": -math.inf}, "target.target.chat.temperature"),
+            ({"temperature": 2.01}, "target.target.chat.temperature"),
+            ({"max_tokens": -1}, "target.target.chat.max_tokens"),
+        ]:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stubs.targets.CreateTarget(
+                    ts.CreateTargetRequest(target=ts.SavedTarget(target=chat(llm.url, **fields)))
+                )
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert violations(err.value).keys() == {field}, (fields, violations(err.value))
+        assert not (await stubs.targets.ListTargets(ts.ListTargetsRequest())).targets
+        valid = chat(llm.url, temperature=0, max_tokens=0)
+        await stubs.targets.CreateTarget(ts.CreateTargetRequest(target=ts.SavedTarget(target=valid)))
 
 
 async def test_saved_graders_are_versioned_and_runs_keep_snapshots(svc) -> None:

@@ -353,6 +353,28 @@ async def test_manage_webhooks(webhooks: webhook_service_pb2_grpc.WebhookService
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_update_webhook_with_the_full_mask_replaces_every_updatable_field(
+    webhooks: webhook_service_pb2_grpc.WebhookServiceStub,
+) -> None:
+    """AIP-134's `*`: every updatable field takes the request's value, one left unset is cleared (an
+    unset `enabled` disables; url and event_types cannot be empty). It was "'*' cannot be updated"."""
+    request = create_webhook("http://127.0.0.1:9/a")
+    request.webhook.description = "CI"
+    created = (await webhooks.CreateWebhook(request)).webhook
+    update = wpb.UpdateWebhookRequest(
+        webhook_id=created.id, webhook=wpb.Webhook(url="http://127.0.0.1:9/b", event_types=["run.failed"])
+    )
+    update.update_mask.paths.append("*")
+    replaced = (await webhooks.UpdateWebhook(update)).webhook
+    assert (replaced.url, list(replaced.event_types)) == ("http://127.0.0.1:9/b", ["run.failed"])
+    assert (replaced.description, replaced.enabled) == ("", False)
+    emptied = wpb.UpdateWebhookRequest(webhook_id=created.id, webhook=wpb.Webhook(enabled=True))
+    emptied.update_mask.paths.append("*")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await webhooks.UpdateWebhook(emptied)
+    assert {"webhook.url", "webhook.event_types"} <= violations(caught.value).keys()
+
+
 async def test_bad_webhooks_are_invalid_arguments_naming_the_field(
     webhooks: webhook_service_pb2_grpc.WebhookServiceStub,
 ) -> None:

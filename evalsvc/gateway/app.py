@@ -7,8 +7,10 @@ grpc-gateway does, with the `google.rpc.Status` as the body: `{code, message, de
 route has (404) and a method its routes do not take (405), or in a dialect's error shape when the path is
 one of that dialect's (`unrouted.py`).
 
-Parsing is strict: an unknown field or enum name, a wrong type, a number out of range or a body that is
-not UTF-8 JSON is a 400 before any call, so a misspelt field is never silently dropped. `/openapi.json`
+Parsing is strict: an unknown field or enum name, a wrong type, a number out of range, a body that is
+not a UTF-8 JSON object or a field given under both its JSON names is a 400 before any call, so a
+misspelt field is never silently dropped; violations name fields by their proto paths. Every GET route
+answers HEAD too, without the body. `/openapi.json`
 documents every route with schemas derived from the messages (see `openapi.py`).
 """
 
@@ -35,7 +37,7 @@ from evalsvc.errors import FieldViolation, Reason, ServiceError, to_status
 from evalsvc.gateway import dialects, openapi, ui
 from evalsvc.gateway.conditional import apply_if_match, etag_header
 from evalsvc.gateway.dialects.base import DialectOptions
-from evalsvc.gateway.parse_errors import field_violation
+from evalsvc.gateway.parse_errors import field_message, field_named, field_violation
 from evalsvc.gateway.routes import Route, routes
 from evalsvc.gateway.translators import translated
 from evalsvc.gateway.unrouted import RoutingErrors
@@ -204,15 +206,22 @@ _CAMEL_HUMP = re.compile(r"([A-Z])")
 _MASK_PATHS = re.compile(r"(?:[^,`]|`(?:[^`]|``)*`)+")
 
 
-def _outside_fields(request: Request, route: Route) -> dict[str, Any]:
-    """The fields set outside the body: the query string's, and the resume point of an EventSource that
-    reconnects with Last-Event-ID (which wins over the URL it first opened)."""
-    fields = _query_fields(request, route)
+def _apply_last_event_id(request: Request, route: Route, message: Message) -> None:
+    """The resume point of an EventSource that reconnects with Last-Event-ID, which wins over the URL it
+    first opened (`?after_seq=`); a value that is no seq is refused naming the header, which the caller
+    sent, not the field it sets."""
     resume = route.method.input_type.fields_by_name.get(RESUME_FIELD)
     last_event_id = request.headers.get("last-event-id", "")
-    if resume is not None and last_event_id:
-        fields[resume.json_name] = last_event_id
-    return fields
+    if resume is None or not last_event_id:
+        return
+    try:
+        json_format.ParseDict({resume.json_name: last_event_id}, message)
+    except json_format.ParseError as exc:
+        violation = field_violation(exc, route.method.input_type)
+        description = violation[1] if violation else "must be the id of an event of the stream"
+        raise GatewayError.invalid(
+            f"invalid request: Last-Event-ID: {description}", ("Last-Event-ID", description)
+        ) from None
 
 
 async def _parse_body(request: Request, route: Route, message: Message) -> None:
@@ -224,25 +233,78 @@ async def _parse_body(request: Request, route: Route, message: Message) -> None:
         text = raw.decode()
     except UnicodeDecodeError as exc:
         raise json_format.ParseError(f"the body is not UTF-8: {exc}") from None
-    if route.body == "*":
-        await translated(len(raw), json_format.Parse, text, message)
-    else:
-        field = getattr(message, route.body)
-        field.SetInParent()
-        await translated(len(raw), json_format.Parse, text, field)
+    await translated(len(raw), _read_object, text, route, message)
+
+
+def _read_object(text: str, route: Route, message: Message) -> None:
+    """A body's JSON into the message, as `json_format.Parse` reads it, but only a JSON object, each
+    field of it once: a list was read as an empty message (`[]` cancelled a run), a string or a list of
+    strings as field names (`s`, `1`), a number or null leaked Python's TypeError; and a field given
+    under both its names (`displayName` and `display_name`) took the last one silently."""
+    try:
+        body = json.loads(text, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:
+        raise json_format.ParseError(f"Failed to load JSON: {exc}.") from None
+    if not isinstance(body, dict):
+        raise GatewayError.invalid("the body must be a JSON object")
+    fields = body if route.body == "*" else {route.body: body}  # paths then start at the request, as the service's
+    if (twice := _named_twice(fields, route.method.input_type)) is not None:
+        raise GatewayError.invalid(f"invalid request: {twice[0]}: {twice[1]}", twice)
+    try:
+        json_format.ParseDict(fields, message)
+    except json_format.ParseError:
+        raise
+    except Exception as exc:  # what json_format.Parse wraps as well: a wrong type deep down (TypeError)
+        raise json_format.ParseError(f"Failed to parse JSON: {type(exc).__name__}: {exc}.") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object of the body, refused when it repeats a key (as json_format refuses it)."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError("an object repeats a key")
+    return found
+
+
+def _named_twice(body: dict[str, Any], message: Descriptor, path: str = "") -> tuple[str, str] | None:
+    """The first field that an object of the body, or of its nested messages, gives under both its JSON
+    names, as a violation (proto path, description); None when there is none. json_format checks
+    each spelling apart."""
+    seen: dict[str, str] = {}
+    for key, value in body.items():
+        field = field_named(message, key)
+        if field is None:
+            continue  # json_format refuses it, naming it
+        at = f"{path}.{field.name}" if path else field.name
+        if field.name in seen:
+            return at, f"given twice, as {seen[field.name]} and {key}"
+        seen[field.name] = key
+        nested = field_message(field)
+        if nested is None:
+            continue
+        if openapi.map_value(field) is not None and isinstance(value, dict):
+            values = [(f"{at}[{k}]", v) for k, v in value.items()]
+        elif field.is_repeated and isinstance(value, list):
+            values = [(f"{at}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            values = [(at, value)]
+        for where, item in values:
+            if isinstance(item, dict) and (twice := _named_twice(item, nested, where)) is not None:
+                return twice
+    return None
 
 
 async def build_request(request: Request, route: Route) -> Message:
-    """The gRPC request of an HTTP request: body, then query, then path parameters; GatewayError when
-    they are not what the message admits."""
+    """The gRPC request of an HTTP request: body, then query, then Last-Event-ID, then path parameters;
+    GatewayError when they are not what the message admits."""
     message = _message_class(route.method.input_type)()
     try:
         if route.body:
             await _parse_body(request, route, message)
-        json_format.ParseDict(_outside_fields(request, route), message)
+        json_format.ParseDict(_query_fields(request, route), message)
         _set_masks(request, route, message)
     except json_format.ParseError as exc:
-        violation = field_violation(exc)
+        violation = field_violation(exc, route.method.input_type)
         raise GatewayError(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"invalid request: {violation[0]}: {violation[1]}"
@@ -251,6 +313,7 @@ async def build_request(request: Request, route: Route) -> Message:
             Reason.INVALID_ARGUMENT,
             [violation] if violation else [],
         ) from None
+    _apply_last_event_id(request, route, message)
     for name, value in request.path_params.items():
         setattr(message, name, value)
     return message
@@ -334,8 +397,14 @@ def create_app(
             except BaseException:  # a channel closed at shutdown, say: the slot is not kept
                 slot.release()
                 raise
+            ndjson = "application/x-ndjson" in request.headers.get("accept", "")
+            media_type = "application/x-ndjson" if ndjson else "text/event-stream"
             try:
                 first = await call.read()  # fail as a plain HTTP error before the stream starts
+                if request.method == "HEAD":  # GET's answer without its body: no stream to hold open
+                    call.cancel()
+                    slot.release()
+                    return Response(media_type=media_type, headers={"cache-control": "no-cache"})
                 await slot.admit(call, metadata)  # within the tenant's share of streams
             except BaseException as error:
                 call.cancel()
@@ -345,11 +414,8 @@ def create_app(
                 if isinstance(error, GatewayError):
                     return refused(error)
                 raise
-            ndjson = "application/x-ndjson" in request.headers.get("accept", "")
             return StreamingResponse(
-                _relay(call, first, ndjson, slot),
-                media_type="application/x-ndjson" if ndjson else "text/event-stream",
-                headers={"cache-control": "no-cache"},
+                _relay(call, first, ndjson, slot), media_type=media_type, headers={"cache-control": "no-cache"}
             )
 
         return endpoint
@@ -357,9 +423,12 @@ def create_app(
     schemas = openapi.Schemas()
     for route in routes():
         streaming = route.method.server_streaming
+        endpoint = stream_endpoint(route) if streaming else unary_endpoint(route)
+        if route.verb.upper() == "GET":  # RFC 9110 9.3.2: HEAD wherever GET, answered as GET without the body
+            app.add_api_route(route.path, endpoint, methods=["HEAD"], name=route.method.name, include_in_schema=False)
         app.add_api_route(
             route.path,
-            stream_endpoint(route) if streaming else unary_endpoint(route),
+            endpoint,
             methods=[route.verb.upper()],
             name=route.method.name,
             operation_id=f"{route.method.containing_service.name}_{route.method.name}",

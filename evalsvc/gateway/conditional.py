@@ -5,8 +5,11 @@ A response whose resource has an etag names it in an `ETag` header (a strong val
 request's `If-Match` fills the request's etag (DeleteRun's `etag`, UpdateRun's `run.etag`), so the
 write happens only if nobody changed the resource, exactly as with the etag in the body or query
 (`ABORTED`, HTTP 409, reason ETAG_MISMATCH otherwise). `If-Match: *` asks for no check; a weak tag
-(`W/"..."`, which RFC 9110's strong comparison never matches) or an empty one is refused (400). An
-HTTP client that follows RFC 9110 gets what it expects without knowing the field.
+(`W/"..."`, which RFC 9110's strong comparison never matches) or an empty one is refused (400), and
+so is a tag on a request that names no etag (a grader, a webhook, a GET...: 400 INVALID_ARGUMENT, as
+the other If-Match refusals), whose condition cannot hold: the method must not run (RFC 9110 13.1.1),
+and ignoring the header ran it. An HTTP client that follows RFC 9110 gets what it expects without
+knowing the field.
 """
 
 from __future__ import annotations
@@ -39,9 +42,14 @@ def apply_if_match(if_match: str, route: Route, message: Message) -> None:
     """Fill the request's etag from an `If-Match` header (one entity tag, or `*`); GatewayError when the
     header cannot be one, or disagrees with an etag the request already names."""
     value = if_match.strip()
-    holder = _etag_holder(route, message)
-    if not value or value == "*" or holder is None:
+    if not value or value == "*":
         return
+    holder = _etag_holder(route, message)
+    if holder is None:  # no etag to compare: ignoring the header ran a conditional DELETE or PATCH unconditionally
+        raise GatewayError.invalid(
+            "If-Match is not supported here: this request's resource has no etag",
+            ("If-Match", "only a run's PATCH and DELETE take an etag; send no If-Match here, or *"),
+        )
     if "," in value:
         raise GatewayError.invalid("If-Match names one etag here", ("If-Match", "must be one entity tag"))
     if value.startswith("W/"):  # RFC 9110: If-Match compares strongly, so a weak tag never matches

@@ -7,6 +7,11 @@ an unknown field with the message type's full name. The gateway answers both as 
 a field violation (google.rpc.BadRequest), as the service does for any other bad field: the field
 path and a description that needs no Python.
 
+A path names each field as the proto does (`items[0].response.latency_ms`, AIP-193), as the service's own
+checks name it, whichever of its two JSON names the caller wrote (`latencyMs`, `latency_ms`): the gateway's
+violations used the caller's spelling, so one field had two paths, depending on which layer refused it.
+An unknown field keeps the caller's name (there is no other), and a map key its text.
+
 The message quotes the caller's value, which may be megabytes of anything (it is read before the API
 key is checked), so it is taken apart with string operations that cost its length once: no regular
 expression runs over it (one with overlapping classes and `$` took quadratic time in a run of dots:
@@ -16,9 +21,11 @@ a regular expression.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 _FAILED = "Failed to parse "
 _FIELD = " field: "
@@ -32,6 +39,8 @@ MAX_PATH = 512  # json_format's paths are field names and indices: longer is not
 MAX_SHOWN = 128  # characters of a caller's field name or value repeated in a description
 # Type.field[0].field...: no two parts can match the same characters, so matching is linear.
 _PATH = re.compile(r"[A-Za-z_]\w*(?:\[[^\[\]]*\])*(?:\.[A-Za-z_]\w*(?:\[[^\[\]]*\])*)*")  # [0], [map key]
+_SEGMENT = re.compile(r"\.?([A-Za-z_]\w*)((?:\[[^\[\]]*\])*)")  # one field of such a path, its indices
+_WELL_KNOWN = "google/protobuf/"  # Struct, Value, wrappers...: what follows them is data, not field names
 # What Python's words mean, for a caller who sent JSON (substring tests: linear).
 _PLAIN = (
     ("invalid literal for int()", "must be a whole number"),
@@ -48,15 +57,15 @@ _PLAIN = (
 )
 
 
-def field_violation(exc: json_format.ParseError) -> tuple[str, str] | None:
-    """(field path, description) of a parse error about one field; None when it is about the whole
-    body (not JSON, not UTF-8) or does not say which field."""
+def field_violation(exc: json_format.ParseError, message: Descriptor) -> tuple[str, str] | None:
+    """(field path, description) of a parse error about one field of a `message`, the path in proto
+    names; None when it is about the whole body (not JSON, not UTF-8) or does not say which field."""
     text = str(exc).strip()
     names: list[str] = []
     while text.startswith(_FAILED) and (end := text.find(_FIELD, len(_FAILED), len(_FAILED) + MAX_PATH)) > 0:
         names.append(text[len(_FAILED) : end])
         text = text[end + len(_FIELD) :]
-    unknown = _unknown_field(text)
+    unknown = _unknown_field(text, message)
     if unknown is not None:
         return unknown
     detail, at, where = text.rpartition(" at ")
@@ -65,10 +74,47 @@ def field_violation(exc: json_format.ParseError) -> tuple[str, str] | None:
         if not names:
             return None
         path, detail = ".".join(names), (detail if path == "" else text)
-    return path, _plain(detail.strip().rstrip("."))
+    return proto_path(path, message), _plain(detail.strip().rstrip("."))
 
 
-def _unknown_field(text: str) -> tuple[str, str] | None:
+def field_named(message: Descriptor, name: str) -> FieldDescriptor | None:
+    """The field of `message` that `name` names in proto3 JSON: its JSON name or its proto name."""
+    return _json_names(message).get(name) or message.fields_by_name.get(name)
+
+
+@functools.cache
+def _json_names(message: Descriptor) -> dict[str, FieldDescriptor]:
+    return {field.json_name: field for field in message.fields}
+
+
+def field_message(field: FieldDescriptor) -> Descriptor | None:
+    """The message whose fields come after this field in a path (a map's values' type): None when what
+    follows is not field names (a scalar, a well-known type such as Struct, whose keys are data)."""
+    target = field.message_type
+    if target is not None and target.GetOptions().map_entry:
+        target = target.fields_by_name["value"].message_type
+    return None if target is None or target.file.name.startswith(_WELL_KNOWN) else target
+
+
+def proto_path(path: str, message: Descriptor) -> str:
+    """A field path as json_format writes it, in the caller's names, with each field's proto name
+    (`items[0].response.latencyMs` -> `items[0].response.latency_ms`); indices and map keys as they are,
+    and from the first name that is no field of its message on, the path as given."""
+    parts: list[str] = []
+    position = 0
+    at: Descriptor | None = message
+    while position < len(path):
+        segment = _SEGMENT.match(path, position)
+        field = field_named(at, segment.group(1)) if segment is not None and at is not None else None
+        if segment is None or field is None:
+            parts.append(path[position:])
+            break
+        parts.append(("." if position else "") + field.name + segment.group(2))
+        position, at = segment.end(), field_message(field)
+    return "".join(parts)
+
+
+def _unknown_field(text: str, message: Descriptor) -> tuple[str, str] | None:
     """`Message type "T" has no field named "NAME" at "T.path".` -> (path.NAME, "unknown field")."""
     line = text.rpartition(_AVAILABLE)[0] or text  # the caller's name may hold a newline: json_format's list follows
     if not line.startswith(_UNKNOWN_START) or (named := line.find(_UNKNOWN_NAME)) < 0:
@@ -79,7 +125,7 @@ def _unknown_field(text: str) -> tuple[str, str] | None:
         return None
     parent = _field_path(line[name_end + len(_UNKNOWN_AT) :].rstrip(".").rstrip('"'))
     name = line[name_start:name_end][:MAX_SHOWN]
-    return (f"{parent}.{name}" if parent else name), "unknown field"
+    return (f"{proto_path(parent, message)}.{name}" if parent else name), "unknown field"
 
 
 def _field_path(where: str) -> str | None:

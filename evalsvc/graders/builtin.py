@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import re2
-from google.protobuf import json_format, struct_pb2
 from rapidfuzz import fuzz
 
 from evalsvc.errors import FieldViolation
+from evalsvc.messages.canonical import struct_values
+from evalsvc.messages.oneofs import one_of
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2
 
 __all__ = [
@@ -415,14 +416,6 @@ class _Similarity(_Base):
         return Grade(FAILED, ratio, ratio, f"similarity {ratio:.2f} < threshold {threshold:.2f}")
 
 
-def _struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any] | None:
-    """A Struct as plain JSON values, or None when it holds NaN or Infinity (which cannot equal anything)."""
-    try:
-        return json_format.MessageToDict(struct)
-    except ValueError:
-        return None
-
-
 class _ToolCalls(_Base):
     __slots__ = ("_allow_additional", "_arguments", "_expected", "_expected_set")
 
@@ -432,7 +425,7 @@ class _ToolCalls(_Base):
         self._allow_additional = opts.allow_additional
         self._arguments: dict[str, dict[str, Any]] = {}
         for name in sorted(opts.expected_arguments):
-            converted = _struct_to_dict(opts.expected_arguments[name])
+            converted = struct_values(opts.expected_arguments[name])
             if converted is None:
                 raise ValueError(f"expected_arguments[{name!r}] is not JSON")
             self._arguments[name] = converted
@@ -492,7 +485,7 @@ class _ToolCalls(_Base):
         for call in calls:
             if call.name != name:
                 continue
-            actual = _struct_to_dict(call.arguments)
+            actual = struct_values(call.arguments)
             if actual is None:
                 continue
             if all(key in actual and _json_diff(value, actual[key], False) is None for key, value in expected.items()):
@@ -581,7 +574,7 @@ def validate_builtin(spec: grader_pb2.Grader, path: str) -> list[FieldViolation]
         out.append(FieldViolation(f"{path}.weight", "must be a finite number >= 0 (0 means 1)"))
     kind = spec.WhichOneof("kind")
     if kind is None:
-        out.append(FieldViolation(f"{path}.kind", "exactly one grader kind must be set"))
+        out.append(FieldViolation(path, one_of(spec, "kind")))
     elif kind == "contains":
         if not spec.contains.values:
             out.append(FieldViolation(f"{path}.contains.values", "at least one value is required"))
@@ -605,7 +598,7 @@ def validate_builtin(spec: grader_pb2.Grader, path: str) -> list[FieldViolation]
         for name in sorted(opts.expected_arguments):
             if not name:
                 out.append(FieldViolation(f"{path}.tool_calls.expected_arguments", "tool names must not be empty"))
-            elif _struct_to_dict(opts.expected_arguments[name]) is None:
+            elif struct_values(opts.expected_arguments[name]) is None:
                 out.append(
                     FieldViolation(
                         f"{path}.tool_calls.expected_arguments[{json.dumps(name)}]",
@@ -617,6 +610,9 @@ def validate_builtin(spec: grader_pb2.Grader, path: str) -> list[FieldViolation]
             out.append(FieldViolation(f"{path}.latency.max_ms", "must be a finite number > 0"))
     elif kind == "cost" and not (math.isfinite(spec.cost.max_usd) and spec.cost.max_usd >= 0):
         out.append(FieldViolation(f"{path}.cost.max_usd", "must be a finite number >= 0"))
-    elif kind == "saved" and not spec.saved.grader_id:
-        out.append(FieldViolation(f"{path}.saved.grader_id", "the saved grader's id is required"))
+    elif kind == "saved":
+        if not spec.saved.grader_id:
+            out.append(FieldViolation(f"{path}.saved.grader_id", "the saved grader's id is required"))
+        if spec.saved.version < 0:
+            out.append(FieldViolation(f"{path}.saved.version", "must be >= 0 (0 means the latest)"))
     return out

@@ -23,13 +23,12 @@ from evalsvc.http.outbound import (
     Outbound,
     OutboundError,
     check_destination,
-    check_url_shape,
     endpoint_headers,
     secret_refs,
 )
 from evalsvc.messages.canonical import definition, digest
 from evalsvc.storable import storable_json
-from evalsvc.targets import PriceTable, chat_url
+from evalsvc.targets import PriceTable, chat_url, check_endpoint
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2, target_pb2
 
 PASSED, FAILED, ERROR = run_pb2.RESULT_STATE_PASSED, run_pb2.RESULT_STATE_FAILED, run_pb2.RESULT_STATE_ERROR
@@ -81,8 +80,8 @@ def validate_judge(spec: grader_pb2.LlmJudge, path: str) -> list[FieldViolation]
             out.append(FieldViolation(f"{at}.levels", "level keys must be non-empty and unique"))
     if not 0 <= spec.threshold <= 10:
         out.append(FieldViolation(f"{at}.threshold", "must be between 1 and 10 (0 means 7)"))
-    if spec.endpoint.base_url and (problem := check_url_shape(spec.endpoint.base_url)):
-        out.append(FieldViolation(f"{at}.endpoint.base_url", problem))
+    if spec.endpoint.base_url:  # else the server's default judge: the endpoint's other fields are not used
+        check_endpoint(spec.endpoint, f"{at}.endpoint", out)
     return out
 
 

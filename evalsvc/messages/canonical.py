@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
 
 
@@ -24,3 +24,12 @@ def digest(material: Mapping[str, Any]) -> str:
 def definition(message: Message) -> dict[str, Any]:
     """A message as canonical JSON-able data (field names as in the proto, defaults left out)."""
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def struct_values(struct: struct_pb2.Struct) -> dict[str, Any] | None:
+    """A Struct as plain JSON values, or None when it holds NaN or Infinity, which JSON cannot carry
+    (an endpoint's request body would fail to encode) and no value can equal."""
+    try:
+        return json_format.MessageToDict(struct)
+    except ValueError:
+        return None

@@ -65,6 +65,16 @@ def _required_strings(message: Descriptor) -> tuple[str, ...]:
     )
 
 
+FULL_REPLACEMENT = "*"  # AIP-134: an update mask of every updatable field
+
+
+def mask_paths(paths: Sequence[str], updatable: Sequence[str]) -> list[str]:
+    """An update mask's paths, AIP-134's `*` spelled out as every updatable field (so the request
+    replaces them all: what it leaves unset is cleared), each path once."""
+    spelled = [name for path in paths for name in (updatable if path == FULL_REPLACEMENT else (path,))]
+    return list(dict.fromkeys(spelled))
+
+
 def check_length(value: str, limit: int, field: str, out: list[FieldViolation]) -> None:
     """Append a violation when value is longer than limit characters."""
     if len(value) > limit:

@@ -36,6 +36,7 @@ from evalsvc.messages.validation import (
     check_annotations,
     check_labels,
     check_length,
+    mask_paths,
 )
 from evalsvc.runs.validation import MAX_REPETITIONS, validate_create_run
 from evalsvc.secrets.refs import run_secret_refs
@@ -197,8 +198,6 @@ class RunService:
         fingerprint = request_fingerprint(request)
         violations = await validate_create_run(request)
         saved_target = request.target.WhichOneof("kind") == "saved_target_id"
-        if request.target.WhichOneof("kind") not in (None, "saved_target_id"):  # a saved one: once resolved
-            violations += validate_target(request.target, "target")
         if violations:
             raise invalid_argument(violations)
         if request.request_id:
@@ -406,11 +405,12 @@ class RunService:
         )
 
     async def update(self, tenant: str, request: pb.UpdateRunRequest) -> run_pb2.Run:
-        """Change the descriptive fields named by the update mask (all set ones when it is empty): whole
+        """Change the descriptive fields named by the update mask (all set ones when it is empty, all of them
+        when it is `*`, clearing those the request leaves unset): whole
         fields, or single keys of a map (`annotations.KEY`), which are merged into the stored map in the
         write transaction, so concurrent writers of other keys lose nothing. With `run.etag`, only if the
         run is still at that etag."""
-        paths = list(request.update_mask.paths) or [name for name in UPDATABLE if getattr(request.run, name)]
+        paths = mask_paths(request.update_mask.paths, UPDATABLE) or [n for n in UPDATABLE if getattr(request.run, n)]
         whole, keyed, violations = _parse_mask(paths)
         if not paths:
             violations.append(FieldViolation("update_mask", "nothing to update: set a field of run or name it"))
@@ -560,7 +560,7 @@ def _parse_mask(paths: Sequence[str]) -> tuple[list[str], dict[str, list[str]], 
             FieldViolation(
                 "update_mask",
                 f"{path[:MAX_ECHOED_ID]!r} cannot be updated; updatable: {', '.join(UPDATABLE)} "
-                "and single keys of the maps (annotations.KEY, labels.KEY)",
+                "and single keys of the maps (annotations.KEY, labels.KEY), or * for all",
             )
         )
     return whole, keyed, violations

@@ -19,6 +19,7 @@ from evalsvc.messages.validation import (
     check_labels,
     check_length,
 )
+from evalsvc.targets import validate_target
 from evalsvc.v1 import cache_pb2, run_pb2
 from evalsvc.v1 import eval_run_service_pb2 as pb
 
@@ -42,8 +43,8 @@ async def validate_create_run(request: pb.CreateRunRequest) -> list[FieldViolati
     await check_items(request.items, "items", out)
     if not request.HasField("target"):
         out.append(FieldViolation("target", "a target is required"))
-    elif request.target.WhichOneof("kind") is None:
-        out.append(FieldViolation("target.kind", "exactly one target kind must be set"))
+    else:
+        out.extend(validate_target(request.target, "target"))
     if request.HasField("max_cost_usd") and not (math.isfinite(request.max_cost_usd) and request.max_cost_usd >= 0):
         out.append(FieldViolation("max_cost_usd", "must be a finite amount >= 0"))
     if not request.graders:

@@ -120,9 +120,7 @@ class SecretService:
 
     async def create(self, tenant: str, name: str, value: str) -> tuple[str, float]:
         """Set the tenant's secret (replacing its value if it exists); (its upper-case name, create time)."""
-        violations = []
-        if not NAME.fullmatch(name):
-            violations.append(FieldViolation("name", "must be 1-64 characters of [A-Za-z0-9_], starting with a letter"))
+        violations = _name_violations(name)
         if len(value) > MAX_VALUE_CHARS or not _HEADER_SAFE.fullmatch(value):
             violations.append(FieldViolation("value", f"must be 1-{MAX_VALUE_CHARS} printable ASCII characters"))
         if violations:
@@ -155,10 +153,19 @@ class SecretService:
         return shown, next_token
 
     async def delete(self, tenant: str, name: str) -> None:
-        """Delete the tenant's secret; NOT_FOUND when it has none of that name."""
-        removed = NAME.fullmatch(name) is not None and await self._db.transact(
-            lambda conn: store.remove(conn, tenant, name.upper())
-        )
-        if removed:
-            return
-        raise not_found("secret", name)
+        """Delete the tenant's secret; NOT_FOUND when it has none of that name, INVALID_ARGUMENT when no
+        secret could have it (empty, or not the syntax CreateSecret takes: it was NOT_FOUND "secret ''
+        not found", as if a secret could be named so)."""
+        if violations := _name_violations(name):
+            raise invalid_argument(violations)
+        if not await self._db.transact(lambda conn: store.remove(conn, tenant, name.upper())):
+            raise not_found("secret", name)
+
+
+def _name_violations(name: str) -> list[FieldViolation]:
+    """What is wrong with a secret's name (the request's `name`), if anything."""
+    if not name:
+        return [FieldViolation("name", "is required")]
+    if not NAME.fullmatch(name):
+        return [FieldViolation("name", "must be 1-64 characters of [A-Za-z0-9_], starting with a letter")]
+    return []

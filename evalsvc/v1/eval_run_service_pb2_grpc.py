@@ -131,7 +131,7 @@ class EvalRunServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListRunResults(self, request, context):
-        """Lists a run's results in the order they were recorded.
+        """Lists a run's results by id: evaluation by evaluation (items in the run's order), each one's graders in the run's order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -21,7 +21,7 @@ from evalsvc.ids import PageTokens, new_id, page_size
 from evalsvc.limits import StoredCap
 from evalsvc.messages import webhook_events as events
 from evalsvc.messages.convert import timestamp
-from evalsvc.messages.validation import MAX_DESCRIPTION, MAX_REQUEST_ID, check_length
+from evalsvc.messages.validation import MAX_DESCRIPTION, MAX_REQUEST_ID, check_length, mask_paths
 from evalsvc.store import webhooks as store
 from evalsvc.store.db import Database
 from evalsvc.store.records import WebhookDeliveryRecord, WebhookRecord
@@ -167,14 +167,17 @@ class WebhookService:
         return webhooks, token
 
     async def update(self, tenant: str, request: wpb.UpdateWebhookRequest) -> wpb.Webhook:
-        """Change the fields named by the update mask (every set one when it is empty). Disabling fails
+        """Change the fields named by the update mask (every set one when it is empty; every one when it is
+        `*`, so an unset url or event_types is refused and an unset `enabled` disables). Disabling fails
         the deliveries not yet sent; enabling clears the reason the server disabled it for."""
         spec = request.webhook
-        paths = list(request.update_mask.paths) or [
+        paths = mask_paths(request.update_mask.paths, UPDATABLE) or [
             name for name in UPDATABLE if (spec.HasField(name) if name == "enabled" else getattr(spec, name))
         ]
         violations = [
-            FieldViolation("update_mask", f"{path!r} cannot be updated; updatable: {', '.join(UPDATABLE)}")
+            FieldViolation(
+                "update_mask", f"{path!r} cannot be updated; updatable: {', '.join(UPDATABLE)}, or * for all"
+            )
             for path in paths
             if path not in UPDATABLE
         ]

@@ -535,7 +535,7 @@ def violations(spec: grader_pb2.Grader) -> list[tuple[str, str]]:
 @pytest.mark.parametrize(
     ("spec", "fields"),
     [
-        pytest.param(grader_pb2.Grader(), ["graders[2].kind"], id="kind-unset"),
+        pytest.param(grader_pb2.Grader(), ["graders[2]"], id="kind-unset"),
         pytest.param(grader_pb2.Grader(name="x" * 63, exact_match=EXACT()), [], id="name-63-ok"),
         pytest.param(grader_pb2.Grader(name="x" * 64, exact_match=EXACT()), ["graders[2].name"], id="name-too-long"),
         pytest.param(grader_pb2.Grader(weight=-1, exact_match=EXACT()), ["graders[2].weight"], id="weight-negative"),
@@ -587,8 +587,14 @@ def violations(spec: grader_pb2.Grader) -> list[tuple[str, str]]:
         ),
         pytest.param(grader_pb2.Grader(cost=grader_pb2.Cost(max_usd=0)), [], id="cost-zero-ok"),
         pytest.param(
+            grader_pb2.Grader(saved=grader_pb2.SavedGraderRef(grader_id="grd_x", version=-1)),
+            ["graders[2].saved.version"],
+            id="saved-version-negative",
+        ),
+        pytest.param(grader_pb2.Grader(saved=grader_pb2.SavedGraderRef(grader_id="grd_x")), [], id="saved-latest-ok"),
+        pytest.param(
             grader_pb2.Grader(name="y" * 100, weight=-2),
-            ["graders[2].name", "graders[2].weight", "graders[2].kind"],
+            ["graders[2].name", "graders[2].weight", "graders[2]"],
             id="collects-every-violation",
         ),
     ],
@@ -597,8 +603,12 @@ def test_validate_grader(spec: grader_pb2.Grader, fields: list[str]) -> None:
     assert [f for f, _ in violations(spec)] == fields
 
 
-def test_validate_kind_description() -> None:
-    assert violations(grader_pb2.Grader()) == [("graders[2].kind", "exactly one grader kind must be set")]
+def test_an_unset_kind_names_the_grader_and_its_choices_not_the_oneof() -> None:
+    """`kind` is a oneof, which no field path reaches (AIP-193): the violation names the grader."""
+    [(field, description)] = violations(grader_pb2.Grader())
+    assert field == "graders[2]"
+    assert description.startswith("set exactly one of exact_match, contains, regex"), description
+    assert "llm_judge" in description and "saved" in description
 
 
 def test_validate_rejects_nan_in_expected_arguments() -> None:

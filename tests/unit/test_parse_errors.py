@@ -8,14 +8,14 @@ from typing import Any
 import pytest
 from google.protobuf import json_format
 
-from evalsvc.gateway.parse_errors import field_violation
+from evalsvc.gateway.parse_errors import field_violation, proto_path
 from evalsvc.v1 import eval_run_service_pb2 as pb
 
 
 def violation(body: dict[str, Any], message: type = pb.CreateRunRequest) -> tuple[str, str] | None:
     with pytest.raises(json_format.ParseError) as raised:
         json_format.ParseDict(body, message())
-    return field_violation(raised.value)
+    return field_violation(raised.value, message.DESCRIPTOR)
 
 
 @pytest.mark.parametrize(
@@ -23,9 +23,12 @@ def violation(body: dict[str, Any], message: type = pb.CreateRunRequest) -> tupl
     [
         ({"repetitions": "abc"}, ("repetitions", "must be a whole number")),
         ({"labels": {"a": 1}}, ("labels", "must be a string")),
-        ({"items": [{"response": {"latencyMs": "x"}}]}, ("items[0].response.latencyMs", "must be a number")),
-        ({"passThreshold": "x"}, ("passThreshold", "must be a number")),  # optional: no "Failed to parse" chain
-        ({"passThreshold": [1]}, ("passThreshold", "must be a number")),
+        ({"items": [{"response": {"latencyMs": "x"}}]}, ("items[0].response.latency_ms", "must be a number")),
+        ({"items": [{"response": {"latency_ms": "x"}}]}, ("items[0].response.latency_ms", "must be a number")),
+        ({"passThreshold": "x"}, ("pass_threshold", "must be a number")),  # optional: no "Failed to parse" chain
+        ({"passThreshold": [1]}, ("pass_threshold", "must be a number")),
+        ({"items": [{"expectedOutput": 1}]}, ("items.expected_output", "must be a string")),  # json_format: no index
+        ({"target": {"chat": {"endpoint": {"timeoutS": "x"}}}}, ("target.chat.endpoint.timeout_s", "must be a number")),
         ({"nope": 1}, ("nope", "unknown field")),
         ({"items": [{"nope": 1}]}, ("items[0].nope", "unknown field")),
         ({"target": {"chat": {"nope": 1}}}, ("target.chat.nope", "unknown field")),
@@ -36,18 +39,37 @@ def violation(body: dict[str, Any], message: type = pb.CreateRunRequest) -> tupl
     ],
 )
 def test_a_wrong_value_is_its_field_and_plain_words(body: dict[str, Any], expected: tuple[str, str]) -> None:
+    """Paths name fields as the proto does (AIP-193), whichever JSON name the caller wrote: the gateway
+    said `items[0].response.latencyMs` where the service says `items[0].response.latency_ms`."""
     assert violation(body) == expected
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("items[3].expectedOutput", "items[3].expected_output"),
+        ("labels[myKey]", "labels[myKey]"),  # a map key is data
+        ("target.chat.parameters.fooBar", "target.chat.parameters.fooBar"),  # so is a Struct's
+        ("target.chat.endpoint.headers[X-Api-Key]", "target.chat.endpoint.headers[X-Api-Key]"),
+        ("passThreshold.madeUp.moreStuff", "pass_threshold.madeUp.moreStuff"),  # past a field: as given
+        ("noSuchField.latencyMs", "noSuchField.latencyMs"),
+    ],
+)
+def test_paths_take_the_protos_field_names_and_leave_data_as_it_is(path: str, expected: str) -> None:
+    assert proto_path(path, pb.CreateRunRequest.DESCRIPTOR) == expected
 
 
 def test_list_fields_of_a_query() -> None:
     assert violation({"statuses": "RUN_STATUS_RUNNING"}, pb.ListRunsRequest) == ("statuses", "must be a JSON list")
+    assert violation({"pageSize": "x"}, pb.ListRunsRequest) == ("page_size", "must be a whole number")
+    assert violation({"showDeleted": "maybe"}, pb.ListRunsRequest)[0] == "show_deleted"  # type: ignore[index]
     assert violation({"statuses": ["NAPPING"]}, pb.ListRunsRequest) == ("statuses[0]", "unknown value NAPPING")
 
 
 def test_a_body_that_is_not_json_names_no_field() -> None:
     with pytest.raises(json_format.ParseError) as raised:
         json_format.Parse("{not json", pb.CreateRunRequest())
-    assert field_violation(raised.value) is None
+    assert field_violation(raised.value, pb.CreateRunRequest.DESCRIPTOR) is None
 
 
 @pytest.mark.parametrize(

@@ -612,7 +612,7 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
     async def list_eval_run_results(
         id: str, vogent: Vogent = client, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None
     ) -> AIEvalPage[AIEvalRunResult]:
-        """Lists an eval run's results, one per evaluated record, in the order they were recorded."""
+        """Lists an eval run's results, one per evaluated record, in the run's order (by result id)."""
         return await vogent.list_results(id, limit, cursor)
 
 

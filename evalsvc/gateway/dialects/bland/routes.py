@@ -213,7 +213,7 @@ class Bland(DialectClient):
         return self.pages(self.upstream.runs.ListRuns, request, "runs")
 
     async def groups(self, view: RunView) -> AsyncIterator[CallGroup]:
-        """The run's results grouped by call, in the order they were recorded."""
+        """The run's results grouped by call, in the run's order (by result id)."""
         request = runs_pb.ListRunResultsRequest(run_id=view.run.id)
         group: CallGroup | None = None
         async for result in self.pages(self.upstream.runs.ListRunResults, request, "results"):
@@ -431,7 +431,7 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
     async def agent_results(
         run_id: str, bland: Bland = client, cursor: Cursor = cursor_dep
     ) -> Envelope[ListOf[AgentResult]]:
-        """Every judge verdict of the run, in the order they were recorded."""
+        """Every judge verdict of the run, in the run's order (by result id)."""
         view = RunView.of(await bland.run(run_id))
 
         async def verdicts() -> AsyncIterator[tuple[CallGroup, Verdict]]:

@@ -25,7 +25,7 @@ type EvalRunServiceClient interface {
 	ListRuns(ctx context.Context, in *ListRunsRequest, opts ...grpc.CallOption) (*ListRunsResponse, error)
 	// Cancels a run. Idempotent; FAILED_PRECONDITION on a run that already finished.
 	CancelRun(ctx context.Context, in *CancelRunRequest, opts ...grpc.CallOption) (*CancelRunResponse, error)
-	// Lists a run's results in the order they were recorded.
+	// Lists a run's results by id: evaluation by evaluation (items in the run's order), each one's graders in the run's order.
 	ListRunResults(ctx context.Context, in *ListRunResultsRequest, opts ...grpc.CallOption) (*ListRunResultsResponse, error)
 	// Changes a run's display_name, description, labels or annotations (AIP-134).
 	UpdateRun(ctx context.Context, in *UpdateRunRequest, opts ...grpc.CallOption) (*UpdateRunResponse, error)
@@ -222,7 +222,7 @@ type EvalRunServiceServer interface {
 	ListRuns(context.Context, *ListRunsRequest) (*ListRunsResponse, error)
 	// Cancels a run. Idempotent; FAILED_PRECONDITION on a run that already finished.
 	CancelRun(context.Context, *CancelRunRequest) (*CancelRunResponse, error)
-	// Lists a run's results in the order they were recorded.
+	// Lists a run's results by id: evaluation by evaluation (items in the run's order), each one's graders in the run's order.
 	ListRunResults(context.Context, *ListRunResultsRequest) (*ListRunResultsResponse, error)
 	// Changes a run's display_name, description, labels or annotations (AIP-134).
 	UpdateRun(context.Context, *UpdateRunRequest) (*UpdateRunResponse, error)

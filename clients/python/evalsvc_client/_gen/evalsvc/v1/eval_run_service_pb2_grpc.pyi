@@ -43,7 +43,7 @@ class EvalRunServiceStub:
     CancelRun: _grpc.UnaryUnaryMultiCallable[_eval_run_service_pb2.CancelRunRequest, _eval_run_service_pb2.CancelRunResponse]
     """Cancels a run. Idempotent; FAILED_PRECONDITION on a run that already finished."""
     ListRunResults: _grpc.UnaryUnaryMultiCallable[_eval_run_service_pb2.ListRunResultsRequest, _eval_run_service_pb2.ListRunResultsResponse]
-    """Lists a run's results in the order they were recorded."""
+    """Lists a run's results by id: evaluation by evaluation (items in the run's order), each one's graders in the run's order."""
     UpdateRun: _grpc.UnaryUnaryMultiCallable[_eval_run_service_pb2.UpdateRunRequest, _eval_run_service_pb2.UpdateRunResponse]
     """Changes a run's display_name, description, labels or annotations (AIP-134)."""
     DeleteRun: _grpc.UnaryUnaryMultiCallable[_eval_run_service_pb2.DeleteRunRequest, _eval_run_service_pb2.DeleteRunResponse]
@@ -82,7 +82,7 @@ class EvalRunServiceAsyncStub(EvalRunServiceStub):
     CancelRun: _aio.UnaryUnaryMultiCallable[_eval_run_service_pb2.CancelRunRequest, _eval_run_service_pb2.CancelRunResponse]  # type: ignore[assignment]
     """Cancels a run. Idempotent; FAILED_PRECONDITION on a run that already finished."""
     ListRunResults: _aio.UnaryUnaryMultiCallable[_eval_run_service_pb2.ListRunResultsRequest, _eval_run_service_pb2.ListRunResultsResponse]  # type: ignore[assignment]
-    """Lists a run's results in the order they were recorded."""
+    """Lists a run's results by id: evaluation by evaluation (items in the run's order), each one's graders in the run's order."""
     UpdateRun: _aio.UnaryUnaryMultiCallable[_eval_run_service_pb2.UpdateRunRequest, _eval_run_service_pb2.UpdateRunResponse]  # type: ignore[assignment]
     """Changes a run's display_name, description, labels or annotations (AIP-134)."""
     DeleteRun: _aio.UnaryUnaryMultiCallable[_eval_run_service_pb2.DeleteRunRequest, _eval_run_service_pb2.DeleteRunResponse]  # type: ignore[assignment]
@@ -148,7 +148,7 @@ class EvalRunServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _eval_run_service_pb2.ListRunResultsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_eval_run_service_pb2.ListRunResultsResponse, _abc.Awaitable[_eval_run_service_pb2.ListRunResultsResponse]]:
-        """Lists a run's results in the order they were recorded."""
+        """Lists a run's results by id: evaluation by evaluation (items in the run's order), each one's graders in the run's order."""
 
     @_abc_1.abstractmethod
     def UpdateRun(

@@ -555,7 +555,7 @@ export const ListRunResultsRequestSchema: GenMessage<ListRunResultsRequest> = /*
  */
 export type ListRunResultsResponse = Message<"evalsvc.v1.ListRunResultsResponse"> & {
   /**
-   * The results, in the order they were recorded.
+   * The results, by id: evaluation by evaluation, each one's graders in the run's order.
    *
    * @generated from field: repeated evalsvc.v1.Result results = 1;
    */
@@ -797,7 +797,7 @@ export const EvalRunService: GenService<{
     output: typeof CancelRunResponseSchema;
   },
   /**
-   * Lists a run's results in the order they were recorded.
+   * Lists a run's results by id: evaluation by evaluation (items in the run's order), each one's graders in the run's order.
    *
    * @generated from rpc evalsvc.v1.EvalRunService.ListRunResults
    */
