@@ -189,7 +189,18 @@ async def test_a_run_cancelled_on_another_replica_frees_the_executing_replicas_w
     with FakeEndpoint(hung_reply) as hung, FakeEndpoint(chat_reply("a")) as quick:
         url = dbs.postgres_url(tmp_path, "cancel")
         env = {"EVALSVC_OUTBOUND_ALLOW": "127.0.0.1"}
-        executing = ServerProcess(url, tmp_path / "a.log", *FAST, "--workers", "4", "--lease-ttl-s", "60", env=env)
+        executing = ServerProcess(  # one tenant may hold all 4 workers, as the cancelled run does
+            url,
+            tmp_path / "a.log",
+            *FAST,
+            "--workers",
+            "4",
+            "--max-workers-per-tenant",
+            "4",
+            "--lease-ttl-s",
+            "60",
+            env=env,
+        )
         key = executing.bootstrap_key() or ""
         api_only = ServerProcess(url, tmp_path / "b.log", *FAST, "--workers", "0", env=env)
         try:
