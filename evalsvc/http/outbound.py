@@ -37,7 +37,9 @@ import httpx
 
 from evalsvc.config import Network, Settings, allow_entries
 from evalsvc.errors import FieldViolation
+from evalsvc.http.errors import OutboundError as OutboundError  # re-exported: callers import it from here
 from evalsvc.http.json_bodies import JsonParser
+from evalsvc.http.replies import CountedStream, attempt_reads, read_body
 from evalsvc.slots import Slots
 from evalsvc.v1 import grader_pb2, target_pb2
 
@@ -60,14 +62,6 @@ call_tenant: ContextVar[str] = ContextVar("evalsvc_call_tenant", default="")
 SECRET_HEADER = "secret:"
 # How long a create call waits for DNS to check an endpoint's name: a slow resolver must not stall it.
 CREATE_RESOLVE_TIMEOUT_S = 2.0
-
-
-class OutboundError(Exception):
-    """A call that failed for good; `reason` is safe to record (no secrets, no bodies)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def secret_refs(endpoint: target_pb2.Endpoint, at: str) -> list[tuple[str, str]]:
@@ -213,7 +207,7 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
     """httpcore's network backend with the SSRF rule at connect time: the host is resolved once,
     every address checked, and the connection made to a checked address. What was checked is what is
     connected to, so a name re-pointed between `check_destination` and the connection (DNS
-    rebinding) is refused too."""
+    rebinding) is refused too. Its connections count what each attempt reads (`CountedStream`)."""
 
     def __init__(self, inner: httpcore.AsyncNetworkBackend, allow: AllowList) -> None:
         self._inner = inner
@@ -236,9 +230,10 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
         failure: httpcore.ConnectError | None = None
         for address in addresses:
             try:
-                return await self._inner.connect_tcp(
+                stream = await self._inner.connect_tcp(
                     str(address), port, timeout=timeout, local_address=local_address, socket_options=socket_options
                 )
+                return CountedStream(stream)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 failure = httpcore.ConnectError(str(exc))
         raise failure or httpcore.ConnectError(f"no address for {host!r}")
@@ -494,21 +489,21 @@ class Outbound:
         included, ends within `timeout_s` (httpx's own timeout is per read: a body dripped a byte at a
         time held a worker and its endpoint slot for good); the body is read as it arrives, and one
         past --max-reply-bytes fails the call (a tenant's endpoint answering 1 GB was read whole, then
-        parsed on the event loop, every tenant's calls stopped meanwhile)."""
-        async with (
-            asyncio.timeout(timeout_s),
-            self._client.stream("POST", url, json=body, headers=dict(headers), timeout=timeout_s) as response,
-        ):
-            retry_after = retry_after_s(response.headers.get("retry-after"))
-            if response.status_code >= 300:
-                return response.status_code, b"", retry_after
-            chunks, size = [], 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > self._max_reply_bytes:
-                    raise OutboundError(f"{shown_host(url)} answered with more than {self._max_reply_bytes} bytes")
-                chunks.append(chunk)
-            return response.status_code, b"".join(chunks), retry_after
+        parsed on the event loop, every tenant's calls stopped meanwhile). What the reply may cost on
+        the way - bytes on the connection, pieces, decoding - is bounded too (evalsvc.http.replies)."""
+        host = shown_host(url)
+        request_headers = httpx.Headers(headers)
+        request_headers["accept-encoding"] = "identity"  # decoded here, bounded (`read_body`), if sent anyway
+        with attempt_reads(host) as reads:
+            async with (
+                asyncio.timeout(timeout_s),
+                self._client.stream("POST", url, json=body, headers=request_headers, timeout=timeout_s) as response,
+            ):
+                retry_after = retry_after_s(response.headers.get("retry-after"))
+                if response.status_code >= 300:
+                    return response.status_code, b"", retry_after
+                content = await read_body(response, host, self._max_reply_bytes, reads)
+                return response.status_code, content, retry_after
 
     async def close(self) -> None:
         """Close pooled connections and stop the JSON parser's worker."""

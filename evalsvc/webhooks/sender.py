@@ -36,6 +36,7 @@ from evalsvc.http.outbound import (
     retry_after_s,
     shown_host,
 )
+from evalsvc.http.replies import attempt_reads
 from evalsvc.liveness import supervise
 from evalsvc.metrics import Metrics
 from evalsvc.store import webhooks as store
@@ -258,12 +259,14 @@ class WebhookSender:
         now = int(time.time())
         headers = signing.headers(signing_keys(claimed, now), claimed.id, now, payload)
         try:
-            async with asyncio.timeout(self._timeout_s):
-                await check_destination(url, self._allow)
-                # Streamed and never read: a receiver's body costs nothing, however large.
-                async with self._client.stream("POST", url, content=payload, headers=headers) as response:
-                    code = response.status_code
-                    retry_after = retry_after_s(response.headers.get("retry-after"))
+            # What the receiver may send before its status is bounded as a target's reply is (a flood of
+            # `100 Continue` ran until the timeout), and its body is never read: it costs nothing.
+            with attempt_reads(host):
+                async with asyncio.timeout(self._timeout_s):
+                    await check_destination(url, self._allow)
+                    async with self._client.stream("POST", url, content=payload, headers=headers) as response:
+                        code = response.status_code
+                        retry_after = retry_after_s(response.headers.get("retry-after"))
         except TimeoutError:
             return 0, f"no answer from {host} within {self._timeout_s:g} s", None
         except OutboundError as exc:
