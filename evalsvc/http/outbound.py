@@ -13,7 +13,11 @@ Every target and judge call goes through `Outbound.post_json`, so the rules hold
   shared by every tenant, but waiting for it is fair: a freed slot goes to the next tenant in
   round-robin order among those with calls waiting (`call_tenant`; first come, first served within
   a tenant), so one tenant's backlog on a popular endpoint (a provider, the default judge) does not
-  queue ahead of another tenant's call.
+  queue ahead of another tenant's call;
+- what one call may cost is bounded whatever its endpoint does: its name is looked up on resolver
+  threads of its own, a few per tenant, within a timeout, holding no worker slot (`_resolve`,
+  evalsvc.http.resolver); its reply is bounded in decoded bytes, pieces and bytes on the connection
+  (evalsvc.http.replies). Past a bound the call is that evaluation's error.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import asyncio
 import contextlib
 import ipaddress
 import random
-import socket
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -40,6 +43,7 @@ from evalsvc.errors import FieldViolation
 from evalsvc.http.errors import OutboundError as OutboundError  # re-exported: callers import it from here
 from evalsvc.http.json_bodies import JsonParser
 from evalsvc.http.replies import CountedStream, attempt_reads, read_body
+from evalsvc.http.resolver import IPAddress, Resolver
 from evalsvc.slots import Slots
 from evalsvc.v1 import grader_pb2, target_pb2
 
@@ -62,6 +66,11 @@ call_tenant: ContextVar[str] = ContextVar("evalsvc_call_tenant", default="")
 SECRET_HEADER = "secret:"
 # How long a create call waits for DNS to check an endpoint's name: a slow resolver must not stall it.
 CREATE_RESOLVE_TIMEOUT_S = 2.0
+# How long a call waits for DNS (its turn for a resolver thread included): a name that does not resolve
+# within it is that evaluation's error. (A call's own `timeout_s` is the bound when shorter.)
+RESOLVE_TIMEOUT_S = 5.0
+# Every lookup of a destination's name: on threads of its own, bounded per tenant (evalsvc.http.resolver).
+RESOLVER = Resolver()
 
 
 def secret_refs(endpoint: target_pb2.Endpoint, at: str) -> list[tuple[str, str]]:
@@ -88,8 +97,6 @@ def endpoint_headers(endpoint: target_pb2.Endpoint, secrets: Mapping[str, str]) 
         headers["authorization"] = f"Bearer {value(endpoint.api_key_secret)}"
     return headers
 
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Blocks that Python 3.11's `is_global` still calls global although nothing on the public internet
 # answers there: the IETF protocol assignments (192.0.0.0/24; 3.11 knows only parts of it),
@@ -182,15 +189,26 @@ def check_url_shape(url: str) -> str | None:
     return None
 
 
-async def _resolve(host: str) -> list[IPAddress]:
-    """The addresses host names: itself when it is an IP literal, else what the resolver says."""
+async def _resolve(host: str, timeout_s: float) -> list[IPAddress]:
+    """The addresses host names: itself when it is an IP literal, else what `RESOLVER` says within
+    `timeout_s` (TimeoutError), in the turn of the tenant the call is made for (`call_tenant`).
+
+    A lookup is a wait on something outside the server, like a slow endpoint: the job gives its worker
+    slot back meanwhile (`_held_up`), so lookups that a tenant's resolver answers late never hold the
+    workers other runs need (64 of them did, with no timeout, for minutes)."""
     try:
         return [ipaddress.ip_address(host)]
     except ValueError:
         pass
-    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    # Scoped IPv6 results ("fe80::1%eth0") carry their zone, which ip_address does not parse.
-    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    async with _held_up():
+        return await RESOLVER.resolve(host, call_tenant.get(), timeout_s)
+
+
+def _unresolved(host: str, exc: OSError, timeout_s: float) -> str:
+    """Why a host could not be called: its name did not resolve, or not in time."""
+    if isinstance(exc, TimeoutError):
+        return f"cannot resolve host {host!r} within {timeout_s:g} s"
+    return f"cannot resolve host {host!r}"
 
 
 def _refusal(host: str, addresses: list[IPAddress], allow: AllowList) -> str | None:
@@ -221,10 +239,11 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
+        within = min(timeout or RESOLVE_TIMEOUT_S, RESOLVE_TIMEOUT_S)
         try:
-            addresses = await asyncio.wait_for(_resolve(host), timeout)
+            addresses = await _resolve(host, within)
         except OSError as exc:  # TimeoutError included
-            raise httpcore.ConnectError(f"cannot resolve host {host!r}") from exc
+            raise httpcore.ConnectError(_unresolved(host, exc, within)) from exc
         if refusal := _refusal(host, addresses, self._allow):
             raise httpcore.ConnectError(refusal)
         failure: httpcore.ConnectError | None = None
@@ -257,14 +276,15 @@ def checked_transport(allow: AllowList, limits: httpx.Limits) -> httpx.AsyncHTTP
     return transport
 
 
-async def check_destination(url: str, allow: AllowList) -> None:
-    """Refuse (OutboundError) a URL unless every address its host resolves to is globally routable
-    or allow-listed. Runs before every call, so a name that later resolves elsewhere is caught."""
+async def check_destination(url: str, allow: AllowList, timeout_s: float = RESOLVE_TIMEOUT_S) -> None:
+    """Refuse (OutboundError) a URL unless every address its host resolves to, within `timeout_s`, is
+    globally routable or allow-listed. Runs before every call, so a name that later resolves elsewhere
+    is caught."""
     host = urlsplit(url).hostname or ""
     try:
-        addresses = await _resolve(host)
-    except OSError as exc:
-        raise OutboundError(f"cannot resolve host {host!r}") from exc
+        addresses = await _resolve(host, timeout_s)
+    except OSError as exc:  # TimeoutError included
+        raise OutboundError(_unresolved(host, exc, timeout_s)) from exc
     if refusal := _refusal(host, addresses, allow):
         raise OutboundError(refusal)
 
@@ -287,22 +307,29 @@ def named_endpoints(
     return out
 
 
-async def destination_violations(endpoints: Iterable[tuple[str, str]], allow: AllowList) -> list[FieldViolation]:
+async def destination_violations(
+    endpoints: Iterable[tuple[str, str]], allow: AllowList, tenant: str
+) -> list[FieldViolation]:
     """The (field, base_url) endpoints a definition names that would be refused, as violations: what
-    CreateRun, CreateTarget, CreateGrader and UpdateGrader check before storing anything.
+    CreateRun, CreateTarget, CreateGrader and UpdateGrader check before storing anything. The names are
+    looked up in `tenant`'s turn (the caller's).
 
     A name that does not resolve now, or not within CREATE_RESOLVE_TIMEOUT_S, is accepted (DNS may be
     down, or the name not yet published); `check_destination` refuses it at call time if it then
     resolves somewhere not allowed."""
     out: list[FieldViolation] = []
-    for field, url in endpoints:
-        host = urlsplit(url).hostname or ""
-        try:
-            addresses = await asyncio.wait_for(_resolve(host), CREATE_RESOLVE_TIMEOUT_S)
-        except OSError:  # TimeoutError included
-            continue
-        if refusal := _refusal(host, addresses, allow):
-            out.append(FieldViolation(field, refusal))
+    token = call_tenant.set(tenant)
+    try:
+        for field, url in endpoints:
+            host = urlsplit(url).hostname or ""
+            try:
+                addresses = await _resolve(host, CREATE_RESOLVE_TIMEOUT_S)
+            except OSError:  # TimeoutError included
+                continue
+            if refusal := _refusal(host, addresses, allow):
+                out.append(FieldViolation(field, refusal))
+    finally:
+        call_tenant.reset(token)
     return out
 
 
@@ -444,7 +471,7 @@ class Outbound:
 
     async def post_json(self, url: str, body: Any, headers: Mapping[str, str], timeout_s: float = 60.0) -> Reply:
         """POST JSON and return the JSON reply, retrying what may succeed on a later attempt."""
-        await check_destination(url, self.allow)
+        await check_destination(url, self.allow, min(timeout_s, RESOLVE_TIMEOUT_S))
         attempt = 0
         while True:
             attempt += 1

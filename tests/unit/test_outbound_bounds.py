@@ -1,8 +1,9 @@
-"""What one endpoint's reply may cost the server (evalsvc/http/replies.py): bad data fails its own call
-with a reason, and the work it causes is bounded.
+"""What one endpoint's reply, or one tenant's endpoint name, may cost the server (evalsvc/http/replies.py,
+evalsvc/http/resolver.py): bad data fails its own call with a reason, and the work it causes is bounded.
 
 Replies come from real HTTP/1.1 servers on 127.0.0.1 writing raw bytes (framing no well-behaved server
-library would send). The bounds are checked by counting work (bytes inflated, pieces read), not by timing."""
+library would send); a slow DNS is `socket.getaddrinfo` replaced in this process. The bounds are checked
+by counting work (bytes inflated, lookups started, threads busy), not by timing."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import asyncio
 import contextlib
 import gzip
 import json
+import socket
+import threading
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -17,7 +20,8 @@ from typing import Any
 import pytest
 
 from evalsvc.config import Settings
-from evalsvc.http.outbound import Outbound, OutboundError
+from evalsvc.http import outbound, resolver
+from evalsvc.http.outbound import Outbound, OutboundError, call_tenant, check_destination, endpoint_wait
 
 Writer = Callable[[asyncio.StreamWriter], Awaitable[None]]
 REPLY = {"choices": [{"message": {"content": "fine"}}]}
@@ -204,3 +208,113 @@ async def test_an_endless_stream_of_interim_replies_is_cut_off(client: Outbound)
     async with endpoint(flood) as url:
         with pytest.raises(OutboundError, match="sent more than 131072 bytes before its reply's headers"):
             await client.post_json(url, {}, {}, timeout_s=60)
+
+
+# --- DNS -------------------------------------------------------------------------------------------------
+
+
+class SlowDns:
+    """`socket.getaddrinfo` for this process in which names under .slow.test answer 127.0.0.1 only when
+    released; the others answer at once. Counts lookups started, and the most in progress at once."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        self.started: list[str] = []
+        self.in_progress = self.most = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, host: Any, *args: Any, **kwargs: Any) -> Any:
+        if not str(host).endswith(".slow.test"):
+            host = "127.0.0.1"
+        else:
+            with self._lock:
+                self.started.append(host)
+                self.in_progress += 1
+                self.most = max(self.most, self.in_progress)
+            try:
+                self.released.wait(60)
+            finally:
+                with self._lock:
+                    self.in_progress -= 1
+            host = "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (host, 0))]
+
+
+@pytest.fixture
+def slow_dns(monkeypatch: pytest.MonkeyPatch) -> Iterator[SlowDns]:
+    dns = SlowDns()
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    yield dns
+    dns.released.set()  # the threads still looking up end
+
+
+async def as_tenant(tenant: str, call: Awaitable[Any]) -> Any:
+    call_tenant.set(tenant)  # in this task's own context
+    return await call
+
+
+async def test_one_tenants_slow_names_hold_neither_the_shared_threads_nor_the_other_tenants(
+    slow_dns: SlowDns,
+) -> None:
+    """Tenant A's 64 lookups of names its own DNS answers late filled the event loop's default executor
+    (6 threads, no timeout), so tenant B's lookups and everything using `asyncio.to_thread` (CompareRuns)
+    waited behind them for minutes. A tenant's lookups now hold at most 2 threads of a pool of their own,
+    end at their timeout (5 s), and B's name resolves meanwhile."""
+    allow = outbound.AllowList("127.0.0.1")
+    a = [
+        asyncio.ensure_future(as_tenant("a", check_destination(f"http://n{i}.slow.test/v1", allow))) for i in range(64)
+    ]
+    try:
+        await asyncio.sleep(0.2)  # A's lookups are started or queued
+        b = as_tenant("b", check_destination("http://b.example/v1", allow))
+        await asyncio.wait_for(b, 20)  # returned, not raised: B's name was resolved
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "ran"), 20) == "ran"
+        outcomes = await asyncio.wait_for(asyncio.gather(*a, return_exceptions=True), 30)
+    finally:
+        slow_dns.released.set()
+        for each in a:
+            each.cancel()
+    within = f"within {outbound.RESOLVE_TIMEOUT_S:g} s"  # the default timeout of a call's lookup
+    assert all(isinstance(o, OutboundError) and within in o.reason for o in outcomes), outcomes[:3]
+    assert slow_dns.most <= resolver.LOOKUPS_PER_TENANT, slow_dns.most
+    assert len(slow_dns.started) <= resolver.LOOKUPS_PER_TENANT, slow_dns.started  # the rest timed out queued
+
+
+async def test_concurrent_lookups_of_one_name_are_one_lookup(slow_dns: SlowDns) -> None:
+    allow = outbound.AllowList("127.0.0.1")
+    calls = [
+        asyncio.ensure_future(as_tenant("a", check_destination("http://one.slow.test/v1", allow))) for _ in range(50)
+    ]
+    try:
+        await asyncio.sleep(0.2)
+        slow_dns.released.set()
+        await asyncio.wait_for(asyncio.gather(*calls), 20)
+    finally:
+        for each in calls:
+            each.cancel()
+    assert slow_dns.started == ["one.slow.test"]
+
+
+async def test_a_lookup_gives_the_jobs_worker_slot_back_while_it_waits(slow_dns: SlowDns) -> None:
+    """Every lookup held its job's worker slot: 64 jobs waiting for DNS took every worker of the server."""
+    waits: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def held_up() -> AsyncIterator[None]:
+        waits.append("gave the worker back")
+        yield
+        waits.append("took it again")
+
+    async def job() -> None:
+        endpoint_wait.set(held_up)
+        await check_destination("http://w.slow.test/v1", outbound.AllowList("127.0.0.1"))
+
+    call = asyncio.ensure_future(job())
+    try:
+        await asyncio.sleep(0.2)
+        assert waits == ["gave the worker back"]
+        slow_dns.released.set()
+        await asyncio.wait_for(call, 20)
+    finally:
+        call.cancel()
+    assert waits == ["gave the worker back", "took it again"]
