@@ -124,7 +124,7 @@ async def test_allow_list_entries_of_every_kind_match() -> None:
 
 async def test_destination_violations_name_each_refused_field() -> None:
     found = await destination_violations(
-        [("a.base_url", "http://8.8.8.8/v1"), ("b.base_url", "http://[2002:7f00:1::]/v1")], AllowList("")
+        [("a.base_url", "http://8.8.8.8/v1"), ("b.base_url", "http://[2002:7f00:1::]/v1")], AllowList(""), "acme"
     )
     assert [v.field for v in found] == ["b.base_url"]
     assert "2002:7f00:1::" in found[0].description and "--outbound-allow" in found[0].description
@@ -139,7 +139,7 @@ async def test_a_name_rebound_after_the_check_is_refused_at_connect_time(monkeyp
     port = listener.getsockname()[1]
     answers = iter([[ipaddress.ip_address("8.8.8.8")], [ipaddress.ip_address("127.0.0.1")]])
 
-    async def rebinding_resolver(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    async def rebinding_resolver(host: str, timeout_s: float) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
         assert host == "localhost"
         return next(answers)
 

@@ -435,9 +435,9 @@ async def test_a_receiver_name_is_checked_again_before_and_while_each_attempt_co
     answers: list[str] = []  # what the name resolves to, in turn; nothing (a resolver failure) when empty
     real_resolve = outbound._resolve
 
-    async def resolve(host: str) -> list[outbound.IPAddress]:
+    async def resolve(host: str, timeout_s: float) -> list[outbound.IPAddress]:
         if host != "localhost":
-            return await real_resolve(host)
+            return await real_resolve(host, timeout_s)
         if not answers:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return [ipaddress.ip_address(answers.pop(0))]

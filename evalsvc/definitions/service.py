@@ -92,10 +92,10 @@ class DefinitionService:
             return [FieldViolation(f"{at}.saved", "a saved grader cannot refer to another saved grader")]
         return validate_grader(grader, at) + await self._secrets.refused(tenant, judge_secret_refs(grader, at))
 
-    async def _check_destinations(self, endpoints: list[tuple[str, str]]) -> None:
+    async def _check_destinations(self, tenant: str, endpoints: list[tuple[str, str]]) -> None:
         """Refuse a definition naming an endpoint the server would never call (the SSRF rule), so
         it is not stored only to fail every run that uses it."""
-        if refused := await destination_violations(endpoints, self._outbound_allow):
+        if refused := await destination_violations(endpoints, self._outbound_allow, tenant):
             raise invalid_argument(refused)
 
     async def create_grader(
@@ -107,7 +107,7 @@ class DefinitionService:
         violations += await self._check_grader(tenant, spec.grader, "grader.grader")
         if violations:
             raise invalid_argument(violations)
-        await self._check_destinations(named_endpoints(graders=[("grader.grader", spec.grader)]))
+        await self._check_destinations(tenant, named_endpoints(graders=[("grader.grader", spec.grader)]))
         definition = grader_service_pb2.SavedGrader(
             display_name=spec.display_name, description=spec.description, labels=spec.labels, grader=spec.grader
         )
@@ -173,7 +173,7 @@ class DefinitionService:
         violations = await self._check_grader(tenant, request.grader, "grader")
         if violations:
             raise invalid_argument(violations)
-        await self._check_destinations(named_endpoints(graders=[("grader", request.grader)]))
+        await self._check_destinations(tenant, named_endpoints(graders=[("grader", request.grader)]))
         now = time.time()
         definition = request.grader.SerializeToString()
 
@@ -212,7 +212,7 @@ class DefinitionService:
             violations += await self._secrets.refused(tenant, target_secret_refs(spec.target, "target.target"))
         if violations:
             raise invalid_argument(violations)
-        await self._check_destinations(named_endpoints(spec.target, "target.target"))
+        await self._check_destinations(tenant, named_endpoints(spec.target, "target.target"))
         definition = target_service_pb2.SavedTarget(
             display_name=spec.display_name, description=spec.description, labels=spec.labels, target=spec.target
         )

@@ -13,7 +13,11 @@ Every target and judge call goes through `Outbound.post_json`, so the rules hold
   shared by every tenant, but waiting for it is fair: a freed slot goes to the next tenant in
   round-robin order among those with calls waiting (`call_tenant`; first come, first served within
   a tenant), so one tenant's backlog on a popular endpoint (a provider, the default judge) does not
-  queue ahead of another tenant's call.
+  queue ahead of another tenant's call;
+- what one call may cost is bounded whatever its endpoint does: its name is looked up on resolver
+  threads of its own, a few per tenant, within a timeout, holding no worker slot (`_resolve`,
+  evalsvc.http.resolver); its reply is bounded in decoded bytes, pieces and bytes on the connection
+  (evalsvc.http.replies). Past a bound the call is that evaluation's error.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import asyncio
 import contextlib
 import ipaddress
 import random
-import socket
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -37,7 +40,10 @@ import httpx
 
 from evalsvc.config import Network, Settings, allow_entries
 from evalsvc.errors import FieldViolation
+from evalsvc.http.errors import OutboundError as OutboundError  # re-exported: callers import it from here
 from evalsvc.http.json_bodies import JsonParser
+from evalsvc.http.replies import CountedStream, attempt_reads, read_body
+from evalsvc.http.resolver import IPAddress, Resolver
 from evalsvc.slots import Slots
 from evalsvc.v1 import grader_pb2, target_pb2
 
@@ -60,14 +66,11 @@ call_tenant: ContextVar[str] = ContextVar("evalsvc_call_tenant", default="")
 SECRET_HEADER = "secret:"
 # How long a create call waits for DNS to check an endpoint's name: a slow resolver must not stall it.
 CREATE_RESOLVE_TIMEOUT_S = 2.0
-
-
-class OutboundError(Exception):
-    """A call that failed for good; `reason` is safe to record (no secrets, no bodies)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+# How long a call waits for DNS (its turn for a resolver thread included): a name that does not resolve
+# within it is that evaluation's error. (A call's own `timeout_s` is the bound when shorter.)
+RESOLVE_TIMEOUT_S = 5.0
+# Every lookup of a destination's name: on threads of its own, bounded per tenant (evalsvc.http.resolver).
+RESOLVER = Resolver()
 
 
 def secret_refs(endpoint: target_pb2.Endpoint, at: str) -> list[tuple[str, str]]:
@@ -94,8 +97,6 @@ def endpoint_headers(endpoint: target_pb2.Endpoint, secrets: Mapping[str, str]) 
         headers["authorization"] = f"Bearer {value(endpoint.api_key_secret)}"
     return headers
 
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Blocks that Python 3.11's `is_global` still calls global although nothing on the public internet
 # answers there: the IETF protocol assignments (192.0.0.0/24; 3.11 knows only parts of it),
@@ -188,15 +189,26 @@ def check_url_shape(url: str) -> str | None:
     return None
 
 
-async def _resolve(host: str) -> list[IPAddress]:
-    """The addresses host names: itself when it is an IP literal, else what the resolver says."""
+async def _resolve(host: str, timeout_s: float) -> list[IPAddress]:
+    """The addresses host names: itself when it is an IP literal, else what `RESOLVER` says within
+    `timeout_s` (TimeoutError), in the turn of the tenant the call is made for (`call_tenant`).
+
+    A lookup is a wait on something outside the server, like a slow endpoint: the job gives its worker
+    slot back meanwhile (`_held_up`), so lookups that a tenant's resolver answers late never hold the
+    workers other runs need (64 of them did, with no timeout, for minutes)."""
     try:
         return [ipaddress.ip_address(host)]
     except ValueError:
         pass
-    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    # Scoped IPv6 results ("fe80::1%eth0") carry their zone, which ip_address does not parse.
-    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    async with _held_up():
+        return await RESOLVER.resolve(host, call_tenant.get(), timeout_s)
+
+
+def _unresolved(host: str, exc: OSError, timeout_s: float) -> str:
+    """Why a host could not be called: its name did not resolve, or not in time."""
+    if isinstance(exc, TimeoutError):
+        return f"cannot resolve host {host!r} within {timeout_s:g} s"
+    return f"cannot resolve host {host!r}"
 
 
 def _refusal(host: str, addresses: list[IPAddress], allow: AllowList) -> str | None:
@@ -213,7 +225,7 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
     """httpcore's network backend with the SSRF rule at connect time: the host is resolved once,
     every address checked, and the connection made to a checked address. What was checked is what is
     connected to, so a name re-pointed between `check_destination` and the connection (DNS
-    rebinding) is refused too."""
+    rebinding) is refused too. Its connections count what each attempt reads (`CountedStream`)."""
 
     def __init__(self, inner: httpcore.AsyncNetworkBackend, allow: AllowList) -> None:
         self._inner = inner
@@ -227,18 +239,20 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
+        within = min(timeout or RESOLVE_TIMEOUT_S, RESOLVE_TIMEOUT_S)
         try:
-            addresses = await asyncio.wait_for(_resolve(host), timeout)
+            addresses = await _resolve(host, within)
         except OSError as exc:  # TimeoutError included
-            raise httpcore.ConnectError(f"cannot resolve host {host!r}") from exc
+            raise httpcore.ConnectError(_unresolved(host, exc, within)) from exc
         if refusal := _refusal(host, addresses, self._allow):
             raise httpcore.ConnectError(refusal)
         failure: httpcore.ConnectError | None = None
         for address in addresses:
             try:
-                return await self._inner.connect_tcp(
+                stream = await self._inner.connect_tcp(
                     str(address), port, timeout=timeout, local_address=local_address, socket_options=socket_options
                 )
+                return CountedStream(stream)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 failure = httpcore.ConnectError(str(exc))
         raise failure or httpcore.ConnectError(f"no address for {host!r}")
@@ -262,14 +276,15 @@ def checked_transport(allow: AllowList, limits: httpx.Limits) -> httpx.AsyncHTTP
     return transport
 
 
-async def check_destination(url: str, allow: AllowList) -> None:
-    """Refuse (OutboundError) a URL unless every address its host resolves to is globally routable
-    or allow-listed. Runs before every call, so a name that later resolves elsewhere is caught."""
+async def check_destination(url: str, allow: AllowList, timeout_s: float = RESOLVE_TIMEOUT_S) -> None:
+    """Refuse (OutboundError) a URL unless every address its host resolves to, within `timeout_s`, is
+    globally routable or allow-listed. Runs before every call, so a name that later resolves elsewhere
+    is caught."""
     host = urlsplit(url).hostname or ""
     try:
-        addresses = await _resolve(host)
-    except OSError as exc:
-        raise OutboundError(f"cannot resolve host {host!r}") from exc
+        addresses = await _resolve(host, timeout_s)
+    except OSError as exc:  # TimeoutError included
+        raise OutboundError(_unresolved(host, exc, timeout_s)) from exc
     if refusal := _refusal(host, addresses, allow):
         raise OutboundError(refusal)
 
@@ -292,22 +307,29 @@ def named_endpoints(
     return out
 
 
-async def destination_violations(endpoints: Iterable[tuple[str, str]], allow: AllowList) -> list[FieldViolation]:
+async def destination_violations(
+    endpoints: Iterable[tuple[str, str]], allow: AllowList, tenant: str
+) -> list[FieldViolation]:
     """The (field, base_url) endpoints a definition names that would be refused, as violations: what
-    CreateRun, CreateTarget, CreateGrader and UpdateGrader check before storing anything.
+    CreateRun, CreateTarget, CreateGrader and UpdateGrader check before storing anything. The names are
+    looked up in `tenant`'s turn (the caller's).
 
     A name that does not resolve now, or not within CREATE_RESOLVE_TIMEOUT_S, is accepted (DNS may be
     down, or the name not yet published); `check_destination` refuses it at call time if it then
     resolves somewhere not allowed."""
     out: list[FieldViolation] = []
-    for field, url in endpoints:
-        host = urlsplit(url).hostname or ""
-        try:
-            addresses = await asyncio.wait_for(_resolve(host), CREATE_RESOLVE_TIMEOUT_S)
-        except OSError:  # TimeoutError included
-            continue
-        if refusal := _refusal(host, addresses, allow):
-            out.append(FieldViolation(field, refusal))
+    token = call_tenant.set(tenant)
+    try:
+        for field, url in endpoints:
+            host = urlsplit(url).hostname or ""
+            try:
+                addresses = await _resolve(host, CREATE_RESOLVE_TIMEOUT_S)
+            except OSError:  # TimeoutError included
+                continue
+            if refusal := _refusal(host, addresses, allow):
+                out.append(FieldViolation(field, refusal))
+    finally:
+        call_tenant.reset(token)
     return out
 
 
@@ -449,7 +471,7 @@ class Outbound:
 
     async def post_json(self, url: str, body: Any, headers: Mapping[str, str], timeout_s: float = 60.0) -> Reply:
         """POST JSON and return the JSON reply, retrying what may succeed on a later attempt."""
-        await check_destination(url, self.allow)
+        await check_destination(url, self.allow, min(timeout_s, RESOLVE_TIMEOUT_S))
         attempt = 0
         while True:
             attempt += 1
@@ -494,21 +516,21 @@ class Outbound:
         included, ends within `timeout_s` (httpx's own timeout is per read: a body dripped a byte at a
         time held a worker and its endpoint slot for good); the body is read as it arrives, and one
         past --max-reply-bytes fails the call (a tenant's endpoint answering 1 GB was read whole, then
-        parsed on the event loop, every tenant's calls stopped meanwhile)."""
-        async with (
-            asyncio.timeout(timeout_s),
-            self._client.stream("POST", url, json=body, headers=dict(headers), timeout=timeout_s) as response,
-        ):
-            retry_after = retry_after_s(response.headers.get("retry-after"))
-            if response.status_code >= 300:
-                return response.status_code, b"", retry_after
-            chunks, size = [], 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > self._max_reply_bytes:
-                    raise OutboundError(f"{shown_host(url)} answered with more than {self._max_reply_bytes} bytes")
-                chunks.append(chunk)
-            return response.status_code, b"".join(chunks), retry_after
+        parsed on the event loop, every tenant's calls stopped meanwhile). What the reply may cost on
+        the way - bytes on the connection, pieces, decoding - is bounded too (evalsvc.http.replies)."""
+        host = shown_host(url)
+        request_headers = httpx.Headers(headers)
+        request_headers["accept-encoding"] = "identity"  # decoded here, bounded (`read_body`), if sent anyway
+        with attempt_reads(host) as reads:
+            async with (
+                asyncio.timeout(timeout_s),
+                self._client.stream("POST", url, json=body, headers=request_headers, timeout=timeout_s) as response,
+            ):
+                retry_after = retry_after_s(response.headers.get("retry-after"))
+                if response.status_code >= 300:
+                    return response.status_code, b"", retry_after
+                content = await read_body(response, host, self._max_reply_bytes, reads)
+                return response.status_code, content, retry_after
 
     async def close(self) -> None:
         """Close pooled connections and stop the JSON parser's worker."""

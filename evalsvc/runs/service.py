@@ -304,7 +304,7 @@ class RunService:
         endpoints = named_endpoints(
             request.target, "target", ((f"graders[{i}]", g) for i, g in enumerate(request.graders))
         )
-        if refused := await destination_violations(endpoints, self._outbound.allow):
+        if refused := await destination_violations(endpoints, self._outbound.allow, tenant):
             raise invalid_argument(refused)
 
     async def _resolve_items(self, tenant: str, request: pb.CreateRunRequest) -> list[bytes]:

@@ -31,11 +31,13 @@ from evalsvc.config import Settings
 from evalsvc.http.outbound import (
     AllowList,
     OutboundError,
+    call_tenant,
     check_destination,
     checked_transport,
     retry_after_s,
     shown_host,
 )
+from evalsvc.http.replies import attempt_reads
 from evalsvc.liveness import supervise
 from evalsvc.metrics import Metrics
 from evalsvc.store import webhooks as store
@@ -257,13 +259,16 @@ class WebhookSender:
         payload = signing.body(claimed.event_type, event)
         now = int(time.time())
         headers = signing.headers(signing_keys(claimed, now), claimed.id, now, payload)
+        call_tenant.set(claimed.tenant)  # its name is looked up in its tenant's turn (this task's own context)
         try:
-            async with asyncio.timeout(self._timeout_s):
-                await check_destination(url, self._allow)
-                # Streamed and never read: a receiver's body costs nothing, however large.
-                async with self._client.stream("POST", url, content=payload, headers=headers) as response:
-                    code = response.status_code
-                    retry_after = retry_after_s(response.headers.get("retry-after"))
+            # What the receiver may send before its status is bounded as a target's reply is (a flood of
+            # `100 Continue` ran until the timeout), and its body is never read: it costs nothing.
+            with attempt_reads(host):
+                async with asyncio.timeout(self._timeout_s):
+                    await check_destination(url, self._allow, self._timeout_s)
+                    async with self._client.stream("POST", url, content=payload, headers=headers) as response:
+                        code = response.status_code
+                        retry_after = retry_after_s(response.headers.get("retry-after"))
         except TimeoutError:
             return 0, f"no answer from {host} within {self._timeout_s:g} s", None
         except OutboundError as exc:

@@ -83,7 +83,7 @@ class WebhookService:
         self._allow = allow
         self._page_tokens = page_tokens
 
-    async def _check_url(self, url: str, at: str, out: list[FieldViolation]) -> None:
+    async def _check_url(self, tenant: str, url: str, at: str, out: list[FieldViolation]) -> None:
         if not url:
             out.append(FieldViolation(at, "required"))
             return
@@ -93,7 +93,7 @@ class WebhookService:
         else:
             # As a target's URL: a receiver's name not published yet (or DNS down) was refused
             # ("cannot resolve host"), while a target on the same host was accepted.
-            out.extend(await destination_violations([(at, url)], self._allow))
+            out.extend(await destination_violations([(at, url)], self._allow, tenant))
 
     async def create(self, tenant: str, request: wpb.CreateWebhookRequest) -> wpb.Webhook:
         """Register a webhook (idempotent by request_id); the answer carries its secret, this once."""
@@ -102,7 +102,7 @@ class WebhookService:
         check_length(request.request_id, MAX_REQUEST_ID, "request_id", violations)
         check_length(spec.description, MAX_DESCRIPTION, "webhook.description", violations)
         _check_event_types(list(spec.event_types), "webhook.event_types", violations)
-        await self._check_url(spec.url, "webhook.url", violations)
+        await self._check_url(tenant, spec.url, "webhook.url", violations)
         if violations:
             raise invalid_argument(violations)
         definition = wpb.Webhook(
@@ -185,7 +185,7 @@ class WebhookService:
             violations.append(FieldViolation("update_mask", "nothing to update: set a field of webhook or name it"))
         values: dict[str, Any] = {"update_time": time.time()}
         if "url" in paths:
-            await self._check_url(spec.url, "webhook.url", violations)
+            await self._check_url(tenant, spec.url, "webhook.url", violations)
             values["url"] = spec.url
         if "event_types" in paths:
             _check_event_types(list(spec.event_types), "webhook.event_types", violations)

@@ -1,0 +1,136 @@
+"""DNS lookups of outbound destinations: on threads of their own, bounded per tenant, in fair turns,
+one lookup per host at a time, each waited for at most a timeout.
+
+`getaddrinfo` blocks a thread for as long as the name's resolver takes, and a tenant chooses the name:
+its own authoritative server can answer after 20 s, or never. Lookups ran on the event loop's default
+executor (6 threads on 2 cores, shared with everything that uses `asyncio.to_thread`, CompareRuns
+included) with no timeout, so one tenant's 64 slow names held those threads for minutes and every
+other tenant's lookups (and comparisons) queued behind them: runs stalled for 37 to 217 s.
+
+Now a lookup runs on RESOLVER_THREADS threads no other work uses; a tenant's lookups hold at most
+LOOKUPS_PER_TENANT of them at once, and waiting lookups take the free threads round-robin across
+tenants (`Slots`). A thread is the tenant's until the lookup returns, even when nobody waits for the
+answer any more (a thread cannot be interrupted): that is what the per-tenant bound bounds. Concurrent
+lookups of one host share one lookup (single-flight), so a run of 1,000 calls to one slow name holds
+one thread. Each caller waits at most its timeout (TimeoutError); nothing is cached, so every call
+sees the name's current addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ipaddress
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from evalsvc.slots import Slots
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Threads for lookups, and how many of them one tenant's lookups may hold at once.
+RESOLVER_THREADS = 8
+LOOKUPS_PER_TENANT = 2
+
+
+def getaddrinfo(host: str) -> list[IPAddress]:
+    """What the system resolver says host is (blocking)."""
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    # Scoped IPv6 results ("fe80::1%eth0") carry their zone, which ip_address does not parse.
+    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+
+
+@dataclass
+class _Flight:
+    """One lookup in progress, and how many callers wait for it."""
+
+    task: asyncio.Task[list[IPAddress]]
+    waiters: int = 0
+
+
+@dataclass
+class Resolver:
+    """Looks names up with the bounds above; `lookup` is the blocking lookup (tests replace it)."""
+
+    threads: int = RESOLVER_THREADS
+    per_tenant: int = LOOKUPS_PER_TENANT
+    lookup: Callable[[str], list[IPAddress]] = getaddrinfo
+    _pool: concurrent.futures.ThreadPoolExecutor | None = field(default=None, init=False)
+    _free: Slots = field(init=False)
+    _tenants: dict[str, Slots] = field(default_factory=dict, init=False)
+    _flights: dict[str, _Flight] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self._free = Slots(self.threads)
+
+    @property
+    def busy(self) -> int:
+        """Threads looking a name up now."""
+        return self._free.held
+
+    async def resolve(self, host: str, tenant: str, timeout_s: float) -> list[IPAddress]:
+        """host's addresses, looked up in `tenant`'s turn (or with a lookup of host already under way);
+        TimeoutError after `timeout_s`, OSError when the resolver fails."""
+        flight = self._flights.get(host)
+        if flight is None:
+            flight = self._flights[host] = _Flight(asyncio.ensure_future(self._look_up(host, tenant)))
+            flight.task.add_done_callback(lambda _: self._landed(host, flight))
+        flight.waiters += 1
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(flight.task)
+        finally:
+            flight.waiters -= 1
+            if not flight.waiters and not flight.task.done():
+                flight.task.cancel()  # nobody waits: stop queueing (a lookup under way keeps its thread)
+
+    def _landed(self, host: str, flight: _Flight) -> None:
+        if self._flights.get(host) is flight:
+            del self._flights[host]
+        if not flight.task.cancelled():
+            flight.task.exception()  # retrieved: a failure nobody waited for is not "never retrieved"
+
+    async def _look_up(self, host: str, tenant: str) -> list[IPAddress]:
+        """Take one of the tenant's lookups and a thread, in the tenant's turn, and look host up. Both
+        are given back when the thread is done, not when the waiting is."""
+        own = self._tenants.get(tenant)
+        if own is None:
+            own = self._tenants[tenant] = Slots(self.per_tenant)
+        try:
+            await own.acquire()
+            try:
+                await self._free.acquire(tenant)
+            except BaseException:
+                own.release()
+                raise
+        finally:
+            self._forget_if_idle(tenant, own)
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="evalsvc-resolver")
+        loop = asyncio.get_running_loop()
+
+        def done(_: concurrent.futures.Future[list[IPAddress]]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to give back to
+                loop.call_soon_threadsafe(self._give_back, tenant, own)
+
+        lookup = self._pool.submit(self.lookup, host)
+        lookup.add_done_callback(done)
+        return await asyncio.wrap_future(lookup)
+
+    def _give_back(self, tenant: str, own: Slots) -> None:
+        self._free.release()
+        own.release()
+        self._forget_if_idle(tenant, own)
+
+    def _forget_if_idle(self, tenant: str, own: Slots) -> None:
+        """A tenant's bound is kept while it has lookups, so tenants that come and go cost nothing."""
+        if not own.held and not own.waiting and self._tenants.get(tenant) is own:
+            del self._tenants[tenant]
+
+    def close(self) -> None:
+        """Stop the threads once their lookups return (none is waited for)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
