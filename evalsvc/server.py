@@ -232,6 +232,7 @@ class EvalServer:
             max_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         self._server: grpc.aio.Server | None = None
+        self._grpc_stopping: asyncio.Future[None] | None = None  # gRPC's stop, begun at the start of `stop`
         self._stack = contextlib.AsyncExitStack()
         self._started = False
         self._grace = settings.grace_s
@@ -414,15 +415,25 @@ class EvalServer:
             await self._watchdog_task
 
     async def _stop_grpc(self) -> None:
-        """Stop taking calls; unary calls in progress get the grace period to finish."""
-        if self._server is not None:
-            await self._server.stop(self._grace)
+        """Wait until gRPC has stopped (started by `stop`): unary calls in progress had the grace period
+        to finish."""
+        if self._grpc_stopping is None and self._server is not None:
+            self._grpc_stopping = asyncio.ensure_future(self._server.stop(self._grace))
+        if self._grpc_stopping is not None:
+            await self._grpc_stopping
+            self._grpc_stopping = self._server = None
 
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful shutdown, the start undone in reverse: report NOT_SERVING, end watches with
-        UNAVAILABLE, stop claiming jobs and hand unfinished ones back, let unary calls finish within
-        the grace period, then close the database."""
+        """Graceful shutdown: gRPC takes no new calls from the first moment, then the start is undone in
+        reverse: report NOT_SERVING, end watches with UNAVAILABLE, stop claiming jobs and hand
+        unfinished ones back, let unary calls finish within the grace period, then close the database.
+
+        gRPC stopped taking calls only after the executor had stopped, and the executor's last writes
+        wait for the database: with the database locked, new calls were taken and run for minutes
+        after SIGTERM."""
         self._grace = self.settings.grace_s if grace is None else grace
+        if self._server is not None and self._grpc_stopping is None:
+            self._grpc_stopping = asyncio.ensure_future(self._server.stop(self._grace))
         stack, self._stack = self._stack, contextlib.AsyncExitStack()
         await stack.aclose()
         if self._started:  # a start that failed says only why, in one line
@@ -614,5 +625,29 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     freeze_startup_objects()  # after the handlers: a SIGTERM during its collection still shuts down cleanly
     await stop.wait()
-    log.info("signal received; shutting down (grace %.1f s)", settings.grace_s)
-    await server.stop()
+    limit_s = settings.grace_s + SHUTDOWN_MARGIN_S
+    log.info("signal received; shutting down (grace %.1f s, at most %.1f s in all)", settings.grace_s, limit_s)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _exit_now, "a second signal arrived")
+    stopping = asyncio.ensure_future(server.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=limit_s)
+    if not done:
+        _exit_now(f"the shutdown took longer than {limit_s:g} s (--grace-s + {SHUTDOWN_MARGIN_S:g} s)")
+    await stopping
+
+
+# What a shutdown may take past --grace-s: the executor records what finished and hands its claims back,
+# a few transactions. A database that does not answer (locked, unreachable) held a SIGTERM for minutes
+# (for good on PostgreSQL, which has no statement timeout here), while an orchestrator waited.
+SHUTDOWN_MARGIN_S = 10.0
+
+
+def _exit_now(why: str) -> None:
+    """End the process without finishing the shutdown. Nothing acknowledged is lost: what was recorded is
+    committed, and jobs still leased are claimed again when their leases expire (at the next start, on
+    SQLite)."""
+    log.warning(
+        "%s: exiting now without finishing the shutdown; jobs still leased run again once their leases expire", why
+    )
+    logging.shutdown()
+    os._exit(1)
