@@ -23,6 +23,7 @@ import concurrent.futures
 import contextlib
 import ipaddress
 import socket
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -51,32 +52,43 @@ class _Flight:
 
 
 @dataclass
+class _LoopState:
+    """The bounds and lookups in flight of one event loop: a loop that closes with lookups under way
+    (a test's) takes its counts with it instead of leaving them held for the next loop."""
+
+    free: Slots
+    tenants: dict[str, Slots] = field(default_factory=dict)
+    flights: dict[str, _Flight] = field(default_factory=dict)
+
+
+@dataclass
 class Resolver:
-    """Looks names up with the bounds above; `lookup` is the blocking lookup (tests replace it)."""
+    """Looks names up with the bounds above; `lookup` is the blocking lookup. The threads are shared by
+    every event loop of the process; the bounds are each loop's own (`_LoopState`)."""
 
     threads: int = RESOLVER_THREADS
     per_tenant: int = LOOKUPS_PER_TENANT
     lookup: Callable[[str], list[IPAddress]] = getaddrinfo
     _pool: concurrent.futures.ThreadPoolExecutor | None = field(default=None, init=False)
-    _free: Slots = field(init=False)
-    _tenants: dict[str, Slots] = field(default_factory=dict, init=False)
-    _flights: dict[str, _Flight] = field(default_factory=dict, init=False)
+    _loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = field(
+        default_factory=weakref.WeakKeyDictionary, init=False
+    )
 
-    def __post_init__(self) -> None:
-        self._free = Slots(self.threads)
-
-    @property
-    def busy(self) -> int:
-        """Threads looking a name up now."""
-        return self._free.held
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is None:
+            state = self._loops[loop] = _LoopState(Slots(self.threads))
+        return state
 
     async def resolve(self, host: str, tenant: str, timeout_s: float) -> list[IPAddress]:
         """host's addresses, looked up in `tenant`'s turn (or with a lookup of host already under way);
         TimeoutError after `timeout_s`, OSError when the resolver fails."""
-        flight = self._flights.get(host)
+        state = self._state()
+        flight = state.flights.get(host)
         if flight is None:
-            flight = self._flights[host] = _Flight(asyncio.ensure_future(self._look_up(host, tenant)))
-            flight.task.add_done_callback(lambda _: self._landed(host, flight))
+            flight = state.flights[host] = _Flight(asyncio.ensure_future(self._look_up(state, host, tenant)))
+            flight.task.add_done_callback(lambda _: _landed(state, host, flight))
         flight.waiters += 1
         try:
             async with asyncio.timeout(timeout_s):
@@ -86,51 +98,48 @@ class Resolver:
             if not flight.waiters and not flight.task.done():
                 flight.task.cancel()  # nobody waits: stop queueing (a lookup under way keeps its thread)
 
-    def _landed(self, host: str, flight: _Flight) -> None:
-        if self._flights.get(host) is flight:
-            del self._flights[host]
-        if not flight.task.cancelled():
-            flight.task.exception()  # retrieved: a failure nobody waited for is not "never retrieved"
-
-    async def _look_up(self, host: str, tenant: str) -> list[IPAddress]:
+    async def _look_up(self, state: _LoopState, host: str, tenant: str) -> list[IPAddress]:
         """Take one of the tenant's lookups and a thread, in the tenant's turn, and look host up. Both
         are given back when the thread is done, not when the waiting is."""
-        own = self._tenants.get(tenant)
+        own = state.tenants.get(tenant)
         if own is None:
-            own = self._tenants[tenant] = Slots(self.per_tenant)
+            own = state.tenants[tenant] = Slots(self.per_tenant)
         try:
             await own.acquire()
             try:
-                await self._free.acquire(tenant)
+                await state.free.acquire(tenant)
             except BaseException:
                 own.release()
                 raise
         finally:
-            self._forget_if_idle(tenant, own)
+            _forget_if_idle(state, tenant, own)
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="evalsvc-resolver")
         loop = asyncio.get_running_loop()
 
         def done(_: concurrent.futures.Future[list[IPAddress]]) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to give back to
-                loop.call_soon_threadsafe(self._give_back, tenant, own)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: its state went with it
+                loop.call_soon_threadsafe(_give_back, state, tenant, own)
 
         lookup = self._pool.submit(self.lookup, host)
         lookup.add_done_callback(done)
         return await asyncio.wrap_future(lookup)
 
-    def _give_back(self, tenant: str, own: Slots) -> None:
-        self._free.release()
-        own.release()
-        self._forget_if_idle(tenant, own)
 
-    def _forget_if_idle(self, tenant: str, own: Slots) -> None:
-        """A tenant's bound is kept while it has lookups, so tenants that come and go cost nothing."""
-        if not own.held and not own.waiting and self._tenants.get(tenant) is own:
-            del self._tenants[tenant]
+def _landed(state: _LoopState, host: str, flight: _Flight) -> None:
+    if state.flights.get(host) is flight:
+        del state.flights[host]
+    if not flight.task.cancelled():
+        flight.task.exception()  # retrieved: a failure nobody waited for is not "never retrieved"
 
-    def close(self) -> None:
-        """Stop the threads once their lookups return (none is waited for)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+
+def _give_back(state: _LoopState, tenant: str, own: Slots) -> None:
+    state.free.release()
+    own.release()
+    _forget_if_idle(state, tenant, own)
+
+
+def _forget_if_idle(state: _LoopState, tenant: str, own: Slots) -> None:
+    """A tenant's bound is kept while it has lookups, so tenants that come and go cost nothing."""
+    if not own.held and not own.waiting and state.tenants.get(tenant) is own:
+        del state.tenants[tenant]
