@@ -36,10 +36,12 @@ RUN_TABLES = {
 }
 
 
-async def stored_run(db: Database, tenant: str, *, cost_usd: float, deleted_days_ago: float | None) -> str:
+async def stored_run(
+    db: Database, tenant: str, *, cost_usd: float, deleted_days_ago: float | None, items: int = 3
+) -> str:
     """A run with rows in every table that has a run's rows: items, jobs, an output and a result per job,
     events, a label and a webhook delivery; deleted that long ago (or not)."""
-    (first,) = await insert_runs(db, new_run(tenant, items=3, repetitions=2, labels={"team": tenant}))
+    (first,) = await insert_runs(db, new_run(tenant, items=items, repetitions=2, labels={"team": tenant}))
     run_id = first.run.id
     jobs = await jobs_of(db, run_id)
     output = item_pb2.Response(content="ok").SerializeToString()
@@ -164,9 +166,10 @@ async def test_a_run_undeleted_before_its_purge_is_kept(db: Database) -> None:
 
 @pytest.mark.skipif(not dbs.USE_POSTGRES, reason="replicas share a PostgreSQL database (EVALSVC_TEST_DB=postgres)")
 async def test_replicas_purging_at_once_each_purge_a_run_once(db: Database, tmp_path: Path) -> None:
-    """Two servers' purges over the same expired runs: neither fails, every row goes, and each run's
-    spend and place are moved once (a run purged twice would count twice)."""
-    runs = [await stored_run(db, "t1", cost_usd=0.5, deleted_days_ago=40) for _ in range(12)]
+    """Two servers' purges (two passes each) over the same expired runs: none fails, every row goes (a
+    pass that took another's run for emptied left rows behind), and each run's spend and place are moved
+    once (a run purged twice would count twice)."""
+    runs = [await stored_run(db, "t1", cost_usd=0.5, deleted_days_ago=40, items=i % 3 * 40 + 1) for i in range(12)]
     alive = await stored_run(db, "t1", cost_usd=0.125, deleted_days_ago=None)
     replica = Database(dbs.db_url(tmp_path), pool_size=2)  # the same database, another process's engine
     try:
