@@ -173,13 +173,14 @@ async def _deleted(conn: AsyncConnection, statement: Delete) -> int:
 
 
 # Every table with rows of a run, but `runs` and `run_labels` (gone in `expire`). A table that gains a
-# run_id column needs a step here: tests/unit/store/test_retention.py checks the models for it.
+# run_id column needs a step here: tests/unit/store/test_retention.py checks the models for it. Webhook
+# deliveries first: one whose event was gone would stay pending (the sender reads the event with it).
 _STEPS: tuple[Callable[[AsyncConnection, str, int], Awaitable[Deleted]], ...] = (
+    _deliveries,
     _results,
     _events,
     _jobs_and_outputs,
     _items,
-    _deliveries,
 )
 # The tables the steps empty, for that check.
 PURGED_TABLES = ("results", "events", "jobs", "outputs", "run_items", "webhook_deliveries")
