@@ -207,6 +207,21 @@ class Settings:
     max_targets_per_tenant: int = dataclasses.field(default=1000, metadata={"help": "saved targets a tenant may hold"})
     max_secrets_per_tenant: int = dataclasses.field(default=100, metadata={"help": "secrets a tenant may hold"})
     max_webhooks_per_tenant: int = dataclasses.field(default=50, metadata={"help": "webhooks a tenant may hold"})
+    max_runs_per_tenant: int = dataclasses.field(
+        default=100_000,
+        metadata={
+            "help": "runs a tenant may hold, deleted ones included until they are purged "
+            "(--deleted-run-retention-s); past it CreateRun asks to delete some"
+        },
+    )
+    deleted_run_retention_s: float = dataclasses.field(
+        default=30 * 24 * 3600.0,
+        metadata={
+            "help": "seconds a deleted run can still be restored (UndeleteRun, AIP-164) before it and everything "
+            "of it (items, jobs, results, events, webhook deliveries) is purged for good, its spend still "
+            "counting against --tenant-budget-usd; 0: purged at the next pass, within a minute of DeleteRun"
+        },
+    )
     judge_base_url: str = dataclasses.field(
         default="",
         metadata={"help": "OpenAI-compatible base URL of the default LLM judge (e.g. http://127.0.0.1:11434/v1)"},
@@ -442,6 +457,8 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "max_targets_per_tenant": (1, True),
     "max_secrets_per_tenant": (1, True),
     "max_webhooks_per_tenant": (1, True),
+    "max_runs_per_tenant": (1, True),
+    "deleted_run_retention_s": (0, True),
     "dialect_sync_wait_s": (0, True),
     "http_retries": (0, True),
     "max_reply_bytes": (0, True),  # 0: a quarter of max_message_bytes

@@ -76,6 +76,7 @@ class StoredCaps:
     targets: StoredCap
     secrets: StoredCap
     webhooks: StoredCap
+    runs: StoredCap  # deleted runs count until they are purged (evalsvc.runs.retention)
 
     @classmethod
     def of(cls, settings: Settings) -> StoredCaps:
@@ -88,6 +89,7 @@ class StoredCaps:
             targets=StoredCap("max_targets_per_tenant", "saved targets", settings.max_targets_per_tenant),
             secrets=StoredCap("max_secrets_per_tenant", "secrets", settings.max_secrets_per_tenant),
             webhooks=StoredCap("max_webhooks_per_tenant", "webhooks", settings.max_webhooks_per_tenant),
+            runs=StoredCap("max_runs_per_tenant", "runs", settings.max_runs_per_tenant),
         )
 
 

@@ -52,6 +52,7 @@ from evalsvc.ids import PageTokens
 from evalsvc.limits import StoredCaps, TenantLimits
 from evalsvc.liveness import Progress, Watchdog, Watched, supervise
 from evalsvc.metrics import Metrics
+from evalsvc.runs.retention import RunPurger
 from evalsvc.runs.service import RunService
 from evalsvc.secrets.operator import OperatorSecrets
 from evalsvc.secrets.service import SecretService
@@ -188,6 +189,8 @@ class EvalServer:
             on_created=self.executor.created,
             on_cancelled=self.executor.run_ended,
             limits=self.limits,
+            runs_cap=caps.runs,
+            deleted_run_retention_s=settings.deleted_run_retention_s,
             definitions=self.definitions,
             outbound=self.outbound,
             judge=judge,
@@ -208,6 +211,7 @@ class EvalServer:
         )
         self.webhooks = WebhookService(self.db, self.outbound.allow, self.page_tokens, caps.webhooks)
         self.webhook_sender = WebhookSender(self.db, settings, self.outbound.allow, self.metrics)
+        self.purger = RunPurger(self.db, settings.deleted_run_retention_s, self.metrics)
         self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
         self.revoker = StreamRevoker(self.keys, self.bus, settings.auth_cache_s)
         self.bootstrap_key: str | None = None
@@ -303,6 +307,8 @@ class EvalServer:
         stack.push_async_callback(self.generations.stop)
         await self.webhook_sender.start()
         stack.push_async_callback(self.webhook_sender.stop)
+        await self.purger.start()
+        stack.push_async_callback(self.purger.stop)
         if self.listener is not None:
             self.listener.start()
             stack.push_async_callback(self.listener.stop)

@@ -110,6 +110,44 @@ async def test_every_revision_downgrades_to_nothing_and_back(kind: str, tmp_path
     assert await _on(url, _diffs) == []
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_revision_0015_counts_the_runs_each_tenant_already_stores(kind: str, tmp_path: Path) -> None:
+    """--max-runs-per-tenant reads each tenant's count from tenant_run_totals, so an upgraded database
+    must start with the runs it already holds counted (an empty table would give every tenant a
+    fresh 100,000 on top of them), and no spend of purged runs yet."""
+    url = _empty_database(kind, tmp_path)
+    db = Database(url)
+
+    def upgrade_to(revision: str) -> Callable[[Connection], None]:
+        def upgrade(connection: Connection) -> None:
+            config = migrate.alembic_config()
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+
+        return upgrade
+
+    try:
+        async with db.write() as conn:
+            await conn.run_sync(upgrade_to("0014"))
+            for n, tenant in enumerate(["a", "a", "b", "a", "b"]):
+                await conn.execute(
+                    text(
+                        "INSERT INTO runs (id, tenant, request_hash, dataset_id, run_number, display_name, description,"
+                        " labels, annotations, spec, status, total_items, total_evaluations, completed, passed,"
+                        " failed, errored, skipped, error_code, error_message, create_time, update_time,"
+                        " last_seq, cost_usd, version) VALUES (:id, :tenant, '', '', 0, '', '', '{}', '{}', :spec,"
+                        " 4, 0, 0, 0, 0, 0, 0, 0, '', '', 0, 0, 1, 0.5, 1)"
+                    ),
+                    {"id": f"run_{n}", "tenant": tenant, "spec": b""},
+                )
+            await conn.run_sync(upgrade_to("head"))
+        async with db.read() as conn:
+            totals = await conn.execute(text("SELECT tenant, runs, purged_cost_usd FROM tenant_run_totals"))
+            assert sorted(tuple(row) for row in totals) == [("a", 3, 0.0), ("b", 2, 0.0)]
+    finally:
+        await db.close()
+
+
 def _collations(connection: Connection) -> dict[tuple[str, str], str | None]:
     """Every text column's collation on PostgreSQL, as the database has it and as the models declare it
     (None: the database's default). Alembic's comparison does not look at collations."""

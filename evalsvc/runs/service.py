@@ -16,6 +16,7 @@ import grpc
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.config import flag_name
 from evalsvc.definitions.service import DefinitionService
 from evalsvc.errors import MAX_ECHOED_ID, FieldViolation, Reason, ServiceError, invalid_argument, not_found
 from evalsvc.events.bus import EventBus
@@ -27,7 +28,7 @@ from evalsvc.graders.validation import validate_grader
 from evalsvc.http.outbound import Outbound, destination_violations, named_endpoints
 from evalsvc.idempotency import conflict, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
-from evalsvc.limits import TenantLimits
+from evalsvc.limits import StoredCap, TenantLimits
 from evalsvc.messages.convert import etag, version_of
 from evalsvc.messages.validation import (
     MAX_DESCRIPTION,
@@ -38,6 +39,7 @@ from evalsvc.messages.validation import (
     check_length,
     mask_paths,
 )
+from evalsvc.runs.retention import retention_words
 from evalsvc.runs.validation import MAX_REPETITIONS, validate_create_run
 from evalsvc.secrets.refs import run_secret_refs
 from evalsvc.secrets.service import SecretService
@@ -81,7 +83,7 @@ def replay(existing: RunRecord, fingerprint: str) -> CreatedRun:
 @dataclass(frozen=True)
 class RunDraft:
     """A validated CreateRun waiting for the writer: the row to store (all but its run_number) and
-    what the group must check against the database (idempotency, the tenant's active runs)."""
+    what the group must check against the database (idempotency, the tenant's active and stored runs)."""
 
     tenant: str
     request_id: str
@@ -90,6 +92,7 @@ class RunDraft:
     items: Sequence[bytes]
     repetitions: int
     check_active_runs: Callable[[int], None]
+    check_stored_runs: Callable[[int], None]
 
 
 Created = tuple[CreatedRun, "pb.WatchRunResponse | None"]  # the answer, and the first event of a new run
@@ -99,11 +102,13 @@ async def _create_runs(conn: AsyncConnection, drafts: list[RunDraft]) -> list[Cr
     """Store the CreateRuns of one writer group with a handful of statements for all of them.
 
     In queue order: a request_id used before replays (or conflicts with) its run, also when the first
-    use is earlier in the same group; a tenant at its active-run limit is refused (counted across the
-    group); the rest get consecutive run numbers per dataset and are inserted together. Refusals are
-    decided before anything is written, so they cost the others nothing."""
+    use is earlier in the same group; a tenant at its stored-run cap or its active-run limit is refused
+    (counted across the group); the rest get consecutive run numbers per dataset and are inserted
+    together. Refusals are decided before anything is written, so they cost the others nothing."""
     existing = await run_store.find_by_request_ids(conn, [(d.tenant, d.request_id) for d in drafts if d.request_id])
-    active = await run_store.count_active_by_tenant(conn, [d.tenant for d in drafts])
+    counts = await run_store.tenant_runs(conn, [d.tenant for d in drafts])
+    active = {tenant: held.active for tenant, held in counts.items()}
+    stored = {tenant: held.stored for tenant, held in counts.items()}
     answers: list[Created | BaseException | None] = [None] * len(drafts)
     first_use: dict[tuple[str, str], int] = {}
     creating: list[int] = []
@@ -118,11 +123,13 @@ async def _create_runs(conn: AsyncConnection, drafts: list[RunDraft]) -> list[Cr
         if draft.request_id and key in first_use:
             continue  # answered below, from the run its first use creates
         try:
+            draft.check_stored_runs(stored[draft.tenant])  # first: waiting frees no place under this one
             draft.check_active_runs(active[draft.tenant])
         except ServiceError as refused:
             answers[i] = refused
             continue
         active[draft.tenant] += 1
+        stored[draft.tenant] += 1
         if draft.request_id:
             first_use[key] = i
         creating.append(i)
@@ -165,6 +172,8 @@ class RunService:
         on_created: Callable[[CreatedRunInputs], None] = lambda run: None,
         on_cancelled: Callable[[str], None] = lambda run_id: None,
         limits: TenantLimits,
+        runs_cap: StoredCap,
+        deleted_run_retention_s: float,
         definitions: DefinitionService,
         outbound: Outbound,
         judge: JudgeDefaults,
@@ -181,6 +190,13 @@ class RunService:
         self._on_created = on_created
         self._on_cancelled = on_cancelled
         self._limits = limits
+        self._runs_cap = runs_cap
+        # What a tenant at --max-runs-per-tenant is told to do, and when its deleted runs stop counting.
+        purged_after = retention_words(deleted_run_retention_s)
+        self._runs_remedy = (
+            f"delete runs to make room; a deleted run counts until it is purged, {purged_after} after its "
+            f"deletion ({flag_name('deleted_run_retention_s')})"
+        )
         self._definitions = definitions
         self._outbound = outbound
         self._judge = judge
@@ -262,6 +278,7 @@ class RunService:
             items=items,
             repetitions=repetitions,
             check_active_runs=self._limits.check_active_runs,
+            check_stored_runs=self._check_stored_runs,
         )
         try:
             created, event = await self._db.submit(CREATE_RUNS, draft)
@@ -306,6 +323,10 @@ class RunService:
         )
         if refused := await destination_violations(endpoints, self._outbound.allow, tenant):
             raise invalid_argument(refused)
+
+    def _check_stored_runs(self, held: int) -> None:
+        """The tenant's stored runs (deleted ones until purged), before it adds one."""
+        self._runs_cap.check(held, remedy=self._runs_remedy)
 
     async def _resolve_items(self, tenant: str, request: pb.CreateRunRequest) -> list[bytes]:
         """The serialized items the run copies: inline ones, or the dataset's (or a subset)."""

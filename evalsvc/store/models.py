@@ -14,7 +14,7 @@ here needs a new revision (tests/test_migrations.py fails until the two agree).
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, BigInteger, Column, Index, Integer, LargeBinary, String, UniqueConstraint, false
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, LargeBinary, String, UniqueConstraint, false, text
 from sqlmodel import Field, SQLModel
 
 # BIGINT on PostgreSQL; INTEGER on SQLite, whose INTEGER is already 64-bit and where only an
@@ -74,6 +74,14 @@ class RunRow(SQLModel, table=True):
         Index("ix_runs_tenant_id", "tenant", "id"),
         Index("ix_runs_tenant_dataset", "tenant", "dataset_id", "id"),
         Index("ix_runs_active", "status"),
+        # The soft-deleted runs alone, by deletion time: the purge finds those past their retention without
+        # reading every run, and a new run (never deleted) adds no entry to it on either engine.
+        Index(
+            "ix_runs_deleted",
+            "delete_time",
+            sqlite_where=text("delete_time IS NOT NULL"),
+            postgresql_where=text("delete_time IS NOT NULL"),
+        ),
     )
 
     id: str = Field(primary_key=True, max_length=40)
@@ -130,6 +138,32 @@ class RunCounterRow(SQLModel, table=True):
     tenant: str = Field(primary_key=True, max_length=64)
     dataset_id: str = Field(primary_key=True, max_length=40)
     last: int = 0
+
+
+class TenantRunTotalsRow(SQLModel, table=True):
+    """What a tenant's runs add up to beyond what their rows still show: how many it stores (deleted ones
+    until they are purged), for --max-runs-per-tenant without counting its runs at every CreateRun, and
+    what its purged runs had spent, so that purging a run does not give its spend back to the tenant's
+    --tenant-budget-usd. Kept by the transactions that insert runs (evalsvc.store.runs.insert_runs) and
+    purge them (evalsvc.store.retention.expire)."""
+
+    __tablename__ = "tenant_run_totals"
+
+    tenant: str = Field(primary_key=True, max_length=64)
+    runs: int = Field(default=0, sa_column=big())  # stored runs: inserted, less purged
+    purged_cost_usd: float = 0.0  # the spend (cost_usd) of the runs purged so far
+
+
+class RunPurgeRow(SQLModel, table=True):
+    """A purged run whose rows (items, jobs, outputs, results, events, webhook deliveries) are still being
+    deleted, in chunks. Its run row went in the transaction that wrote this one, so from then on the run
+    is NOT_FOUND everywhere (UndeleteRun included) however long its rows take to go."""
+
+    __tablename__ = "run_purges"
+
+    run_id: str = Field(primary_key=True, max_length=40)
+    tenant: str = Field(max_length=64)
+    purge_time: float = 0.0
 
 
 class RunItemRow(SQLModel, table=True):
@@ -213,8 +247,9 @@ class ResultRow(SQLModel, table=True):
 
 class EventRow(SQLModel, table=True):
     """A run's event log: seq 1, 2, 3... without gaps, written in the transaction of the change.
-    Never rewritten or deleted. Watchers' page reads rely on the gaps never being there: a page is a
-    closed range of seqs (store.events._next_seqs)."""
+    Never rewritten, and deleted only with the whole run when it is purged (evalsvc.store.retention), after
+    the run row itself. Watchers' page reads rely on the gaps never being there: a page is a closed range
+    of seqs (store.events._next_seqs)."""
 
     __tablename__ = "events"
 
@@ -427,6 +462,7 @@ class WebhookDeliveryRow(SQLModel, table=True):
         Index("ix_webhook_deliveries_due", "status", "next_attempt_time"),
         Index("ix_webhook_deliveries_webhook", "webhook_id", "id"),
         Index("ix_webhook_deliveries_tenant", "tenant", "status"),  # a tenant's backlog (MAX_PENDING_PER_TENANT)
+        Index("ix_webhook_deliveries_run", "run_id"),  # a purged run's deliveries (evalsvc.store.retention)
     )
 
     id: str = Field(primary_key=True, max_length=40)

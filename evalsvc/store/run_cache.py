@@ -5,7 +5,8 @@ pooled connection, a thread hop and SQLAlchemy's statement machinery on every ca
 what gRPC itself costs. Every change to a run row goes through three store functions that already
 return the changed row (`RETURNING`, as a RunRecord), so the writer can keep a copy current for free:
 
-- a write transaction collects the rows it changed (`remember`); they enter the cache only once
+- a write transaction collects the rows it changed (`remember`), and the ids of the runs it removed
+  (`remember_removed`: a purge, evalsvc.store.retention); they enter (or leave) the cache only once
   the transaction has committed, while the writer still holds the connection, so cache updates
   happen in commit order and a rolled-back change is never seen (nor one rolled back to a
   savepoint: `forget_since`);
@@ -23,7 +24,8 @@ cache is off and every read goes to the database.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar, cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -35,9 +37,22 @@ T = TypeVar("T")
 _PENDING = "evalsvc.changed_runs"
 
 
+@dataclass(frozen=True)
+class Removed:
+    """A run row this write transaction deleted."""
+
+    id: str
+
+
 def remember(conn: AsyncConnection, row: RunRecord) -> None:
     """Note a run row changed (or created) by this write transaction."""
     conn.info.setdefault(_PENDING, []).append(row)
+
+
+def remember_removed(conn: AsyncConnection, run_id: str) -> None:
+    """Note a run row deleted by this write transaction: once it commits, the cache forgets the run (a
+    purged run that GetRun still answered from memory would be restorable in appearance only)."""
+    conn.info.setdefault(_PENDING, []).append(Removed(run_id))
 
 
 def noted(conn: AsyncConnection) -> int:
@@ -50,9 +65,9 @@ def forget_since(conn: AsyncConnection, mark: int) -> None:
     del conn.info.get(_PENDING, [])[mark:]
 
 
-def take_changed(conn: AsyncConnection) -> list[RunRecord]:
-    """The rows this transaction changed, forgotten by the connection (call once it ends)."""
-    rows: list[RunRecord] = conn.info.pop(_PENDING, [])
+def take_changed(conn: AsyncConnection) -> list[RunRecord | Removed]:
+    """The rows this transaction changed (or removed), forgotten by the connection (call once it ends)."""
+    rows: list[RunRecord | Removed] = conn.info.pop(_PENDING, [])
     return rows
 
 
@@ -112,11 +127,18 @@ class RunRowCache:
             entry.derived = build(row)
         return cast("T", entry.derived)
 
-    def committed(self, rows: list[RunRecord]) -> None:
-        """Rows a write transaction changed, applied in commit order."""
+    def committed(self, rows: Sequence[RunRecord | Removed]) -> None:
+        """Rows a write transaction changed (or removed), applied in commit order. A removed run is
+        dropped, and, as for an eviction, no read that started before its removal may fill it back."""
         for row in rows:
             self._writes += 1
-            self._put(row.id, self._writes, row)
+            if isinstance(row, Removed):
+                dropped = self._entries.pop(row.id, None)
+                if dropped is not None:
+                    self._bytes -= dropped.weight
+                self._evicted_up_to = self._writes
+            else:
+                self._put(row.id, self._writes, row)
 
     def read_started(self) -> int:
         """A token for a database read about to start; give it back to `fill`."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -45,6 +46,7 @@ from evalsvc.store.models import (
     RunItemRow,
     RunLabelRow,
     RunRow,
+    TenantRunTotalsRow,
 )
 from evalsvc.store.records import GraderTally, ResultRecord, RunRecord, counts_from, run_from
 from evalsvc.store.run_cache import remember
@@ -59,6 +61,7 @@ ITEMS = RunItemRow.__table__  # type: ignore[attr-defined]
 JOBS = JobRow.__table__  # type: ignore[attr-defined]
 RESULTS = ResultRow.__table__  # type: ignore[attr-defined]
 OUTPUTS = OutputRow.__table__  # type: ignore[attr-defined]
+TOTALS = TenantRunTotalsRow.__table__  # type: ignore[attr-defined]
 
 
 def _first(row: RowMapping | None) -> RunRecord | None:
@@ -87,18 +90,57 @@ async def find_by_request_ids(
     return found
 
 
-async def count_active_by_tenant(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, int]:
-    """PENDING or RUNNING runs of each of these tenants: one statement, under the tenants' locks
+@dataclass(frozen=True)
+class TenantRuns:
+    """What CreateRun checks a tenant's limits against: its PENDING or RUNNING runs, and the runs it
+    stores (deleted ones included until they are purged)."""
+
+    active: int = 0
+    stored: int = 0
+
+
+async def tenant_runs(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, TenantRuns]:
+    """The active and stored runs of each of these tenants: two statements, under the tenants' locks
     (store.quotas) so that two replicas' CreateRuns cannot both take a tenant's last place (with a
-    limit of 1, one CreateRun on each of two replicas left 2 active runs in 9 trials of 10)."""
+    limit of 1, one CreateRun on each of two replicas left 2 active runs in 9 trials of 10). The
+    stored count is the tenant's `tenant_run_totals` row, kept by `insert_runs` and the purge: a
+    tenant's 100,000 runs are never counted on CreateRun's path. The purge lowers it without the lock,
+    which can only make a count taken meanwhile too high for an instant, never too low."""
     await quotas.lock(conn, RUNS, tenants)
+    wanted = sorted(set(tenants))
     rows = await conn.execute(
         select(RUNS.c.tenant, func.count())
-        .where(RUNS.c.tenant.in_(sorted(set(tenants))), RUNS.c.status.in_(list(statuses.ACTIVE)))
+        .where(RUNS.c.tenant.in_(wanted), RUNS.c.status.in_(list(statuses.ACTIVE)))
         .group_by(RUNS.c.tenant)
     )
-    found = {tenant: int(n) for tenant, n in rows}
-    return {tenant: found.get(tenant, 0) for tenant in tenants}
+    active = {tenant: int(n) for tenant, n in rows}
+    totals = await conn.execute(select(TOTALS.c.tenant, TOTALS.c.runs).where(TOTALS.c.tenant.in_(wanted)))
+    stored = {tenant: int(n) for tenant, n in totals}
+    return {tenant: TenantRuns(active.get(tenant, 0), stored.get(tenant, 0)) for tenant in tenants}
+
+
+async def add_to_totals(conn: AsyncConnection, runs: Mapping[str, int], purged_cost_usd: Mapping[str, float]) -> None:
+    """Add to tenants' `tenant_run_totals` (creating a tenant's row at its first run): `runs` stored
+    (negative when purged) and the spend of runs purged. One upsert per tenant in one driver
+    executemany, in tenant order (the lock order on PostgreSQL)."""
+    tenants = sorted(set(runs) | set(purged_cost_usd))
+    if not tenants:
+        return
+    dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    statement = dialect_insert(TOTALS)
+    await conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=[TOTALS.c.tenant],
+            set_={
+                "runs": TOTALS.c.runs + statement.excluded.runs,
+                "purged_cost_usd": TOTALS.c.purged_cost_usd + statement.excluded.purged_cost_usd,
+            },
+        ),
+        [
+            {"tenant": tenant, "runs": runs.get(tenant, 0), "purged_cost_usd": purged_cost_usd.get(tenant, 0.0)}
+            for tenant in tenants
+        ],
+    )
 
 
 async def allocate_run_numbers(conn: AsyncConnection, tenant: str, dataset_id: str, count: int = 1) -> int:
@@ -133,8 +175,9 @@ def _as_is(row: tuple[Any, ...]) -> tuple[Any, ...]:
 
 async def insert_runs(conn: AsyncConnection, runs: Sequence[NewRun]) -> list[pb.WatchRunResponse]:
     """Store new runs, their copied items, one job per item x repetition, each run's first event (seq 1)
-    and the webhook deliveries that report them: one multi-row statement per table for all of them.
-    Returns each run's first event, in order."""
+    and the webhook deliveries that report them: one multi-row statement per table for all of them,
+    and each tenant's count of stored runs raised (`add_to_totals`). Returns each run's first event,
+    in order."""
     if not runs:
         return []
     inserted = await conn.execute(
@@ -164,6 +207,7 @@ async def insert_runs(conn: AsyncConnection, runs: Sequence[NewRun]) -> list[pb.
         ),
     )
     await insert_tuples(conn, JOBS, ("tenant", "run_id", "item_idx", "repetition", "state", "attempt"), job_rows)
+    await add_to_totals(conn, Counter(run.tenant for run in stored), {})
     return await _record_changes(conn, stored)
 
 
@@ -616,8 +660,12 @@ async def add_progress(conn: AsyncConnection, progress: Mapping[str, Progress], 
 
 
 async def tenant_spend(conn: AsyncConnection, tenant: str) -> float:
-    """What a tenant's runs have spent on model calls, in US dollars."""
-    found = await conn.execute(select(func.coalesce(func.sum(RUNS.c.cost_usd), 0.0)).where(RUNS.c.tenant == tenant))
+    """What a tenant's runs have spent on model calls, in US dollars: the runs it stores, and the ones
+    purged (kept in `tenant_run_totals`), so that deleting runs never resets its budget. One statement:
+    one snapshot, so a purge committing meanwhile is counted once, on one side or the other."""
+    stored = select(func.coalesce(func.sum(RUNS.c.cost_usd), 0.0)).where(RUNS.c.tenant == tenant).scalar_subquery()
+    purged = select(TOTALS.c.purged_cost_usd).where(TOTALS.c.tenant == tenant).scalar_subquery()
+    found = await conn.execute(select(stored + func.coalesce(purged, 0.0)))
     return float(found.scalar_one())
 
 

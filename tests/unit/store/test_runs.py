@@ -108,13 +108,17 @@ async def test_find_by_request_ids_finds_each_tenants_own_runs_by_key(db: Databa
     assert await db.transact(lambda conn: run_store.find_by_request_ids(conn, [])) == {}
 
 
-async def test_count_active_by_tenant_counts_pending_and_running_runs_only(db: Database) -> None:
+async def test_tenant_runs_counts_pending_and_running_runs_as_active_and_every_run_as_stored(db: Database) -> None:
     _pending, running, ended, _ = await insert(db, new_run("t1"), new_run("t1"), new_run("t1"), new_run("t2"))
     await set_status(db, running, RUNNING)
     await set_status(db, ended, SUCCEEDED)
 
-    counted = await db.transact(lambda conn: run_store.count_active_by_tenant(conn, ["t1", "t3", "t2"]))
-    assert counted == {"t1": 2, "t2": 1, "t3": 0}
+    counted = await db.transact(lambda conn: run_store.tenant_runs(conn, ["t1", "t3", "t2"]))
+    assert counted == {
+        "t1": run_store.TenantRuns(active=2, stored=3),
+        "t2": run_store.TenantRuns(active=1, stored=1),
+        "t3": run_store.TenantRuns(),
+    }
 
 
 # ---------------------------------------------------------------------------------- status changes

@@ -1,0 +1,151 @@
+"""The purge of deleted runs: a supervised loop in every server process (evalsvc.liveness).
+
+DeleteRun only marks a run deleted (AIP-164), so that UndeleteRun can restore it. After
+--deleted-run-retention-s the run and every row of it are deleted for good: without that, a tenant that
+creates and deletes runs grew the database by 28 MB/s, until the disk was full for every tenant. The
+store's two steps (evalsvc.store.retention) take the runs out of the service, then delete their rows in
+chunks of about CHUNK_ROWS, each its own transaction through the one writer, so the purge of a
+200,000-job run holds every other write for one chunk at a time, never for the whole run. The loop makes
+a pass every PASS_EVERY_S; a pass goes on until nothing is left to purge (or the server stops). On
+PostgreSQL every replica runs it, and their passes share the work (see the store module).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from dataclasses import dataclass
+
+from evalsvc.liveness import supervise
+from evalsvc.metrics import Metrics
+from evalsvc.store import retention as store
+from evalsvc.store.db import Database
+
+log = logging.getLogger(__name__)
+
+LOOP_NAME = "run-purge"
+PASS_EVERY_S = 60.0
+# Rows one transaction deletes, at most: ~25 ms of SQLite's writer, against 3.4 s for a 900,000-row run
+# deleted whole, which every other write waited for (docs/operations.md, "Retention of deleted runs").
+CHUNK_ROWS = 1000
+# Runs one transaction takes out of the service (their run rows, labels; a run_purges row each).
+EXPIRE_BATCH = 100
+
+
+def retention_words(seconds: float) -> str:
+    """A retention as the operator would say it: "30 days", "12 hours", "90 s", "within a minute"."""
+    if seconds <= 0:
+        return "within a minute"
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds:g} s"
+
+
+@dataclass(frozen=True)
+class Purged:
+    """What one pass purged: runs taken out of the service, and rows of purged runs deleted."""
+
+    runs: int = 0
+    rows: int = 0
+
+
+class RunPurger:
+    """Purges the deleted runs past their retention, together with any other replicas."""
+
+    def __init__(
+        self,
+        db: Database,
+        retention_s: float,
+        metrics: Metrics,
+        *,
+        chunk_rows: int = CHUNK_ROWS,
+        expire_batch: int = EXPIRE_BATCH,
+        pass_every_s: float = PASS_EVERY_S,
+    ) -> None:
+        self._db = db
+        self._retention_s = retention_s
+        self._metrics = metrics
+        self._chunk_rows = chunk_rows
+        self._expire_batch = expire_batch
+        self._pass_every_s = pass_every_s
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._loop: asyncio.Task[None] | None = None
+        self._passes: list[asyncio.Future[Purged]] = []  # callers of `next_pass`
+
+    async def start(self) -> None:
+        """Start the loop; its first pass begins at once (what a stopped server left half-purged, too)."""
+        self._stopping.clear()
+        self._loop = asyncio.create_task(
+            supervise(LOOP_NAME, self._pass_loop, self._stopping, self._metrics), name=LOOP_NAME
+        )
+
+    async def stop(self) -> None:
+        """Stop after the chunk in progress: a SQLite write transaction must not be abandoned half-way, so
+        the loop is not cancelled, it stops at its next check (a chunk is short)."""
+        self._stopping.set()
+        if self._loop is not None:
+            await self._loop
+            self._loop = None
+        for waiter in self._passes:
+            waiter.cancel()
+        self._passes.clear()
+
+    def next_pass(self) -> asyncio.Future[Purged]:
+        """What the loop's next whole pass purges, once it ends: a pass starts now (tests, operators
+        waiting for the disk to be freed)."""
+        waiter: asyncio.Future[Purged] = asyncio.get_running_loop().create_future()
+        self._passes.append(waiter)
+        self._wake.set()
+        return waiter
+
+    async def _pass_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            waiting, self._passes = self._passes, []
+            try:
+                purged = await self.purge()
+            except BaseException:
+                self._passes = waiting + self._passes  # the restarted loop's next pass answers them
+                raise
+            for waiter in waiting:
+                if not waiter.done():
+                    waiter.set_result(purged)
+            if self._stopping.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_or_stop(), self._pass_every_s)
+
+    async def _wake_or_stop(self) -> None:
+        waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(self._stopping.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+
+    async def purge(self) -> Purged:
+        """One pass: every run deleted more than the retention ago is taken out of the service, then the
+        rows of every purged run are deleted, a chunk per transaction. Stops early only when the server
+        stops (the next start goes on from there)."""
+        cutoff = time.time() - self._retention_s
+        runs = rows = 0
+        while not self._stopping.is_set():
+            taken = await self._db.transact(functools.partial(store.expire, cutoff=cutoff, limit=self._expire_batch))
+            runs += len(taken)
+            if len(taken) < self._expire_batch:
+                break
+        while not self._stopping.is_set():
+            # Alone: a chunk's failure must not have the writes queued beside it applied again one by one.
+            step = await self._db.transact(functools.partial(store.purge_step, budget=self._chunk_rows), alone=True)
+            if step is None:
+                break
+            rows += step.rows
+        if runs or rows:
+            log.info("purged %d deleted runs (%d rows of purged runs deleted)", runs, rows)
+        return Purged(runs, rows)

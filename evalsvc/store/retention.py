@@ -1,0 +1,186 @@
+"""Purging soft-deleted runs once their retention has passed (AIP-164), in short transactions.
+
+A run of 200,000 jobs has a million rows or more (items, jobs, outputs, results, events), and every
+write of the service waits for SQLite's one writer: deleting them in one transaction would hold every
+tenant's writes for seconds. So a purge is two kinds of step, each its own short transaction:
+
+1. `expire`: a few runs deleted before the cutoff lose their run row and labels, and each gets a
+   `run_purges` row instead. From that commit on the run is NOT_FOUND everywhere (GetRun, ListRuns,
+   UndeleteRun), and its tenant's `tenant_run_totals` row counts one run fewer and keeps what the run
+   had spent (its budget must not drop when its runs go).
+2. `purge_step`: up to a budget of rows of one such run are deleted, table by table; the step that
+   finds none left deletes its `run_purges` row.
+
+Replicas of a PostgreSQL database purge at once without stepping on each other: `expire` locks the runs
+it takes with SKIP LOCKED (a run another replica is taking, or an UndeleteRun holds, is skipped) and a
+run row can be deleted once, so `RETURNING` gives each expired run to one transaction alone and its
+spend is added once; `purge_step` holds its `run_purges` row (FOR UPDATE SKIP LOCKED) while it deletes
+that run's rows, so two replicas work on different runs. Nothing writes rows of a run whose row is gone
+(its jobs were cancelled when it was deleted, and the recorder's fence finds no leased job), so a step
+that finds fewer rows than it asked for has emptied that table.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Delete, Select, delete, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from evalsvc.store import runs as run_store
+from evalsvc.store.events import EVENTS
+from evalsvc.store.models import RunPurgeRow
+from evalsvc.store.run_cache import remember_removed
+from evalsvc.store.webhooks import DELIVERIES
+
+RUNS = run_store.RUNS
+PURGES = RunPurgeRow.__table__  # type: ignore[attr-defined]
+
+
+def _skip_locked(query: Select[Any], conn: AsyncConnection) -> Select[Any]:
+    """On PostgreSQL, the rows the query finds locked to the end of the transaction, skipping those another
+    transaction holds; SQLite has one writer, and no row locks."""
+    return query.with_for_update(skip_locked=True) if conn.dialect.name == "postgresql" else query
+
+
+async def expire(conn: AsyncConnection, cutoff: float, limit: int) -> list[str]:
+    """Take up to `limit` runs deleted before `cutoff` out of the service (step 1 of the module
+    docstring); the ids of the runs this transaction took, oldest deletions first."""
+    chosen = _skip_locked(
+        select(RUNS.c.id)
+        .where(RUNS.c.delete_time.is_not(None), RUNS.c.delete_time < cutoff)
+        .order_by(RUNS.c.delete_time)
+        .limit(limit),
+        conn,
+    )
+    taken = await conn.execute(
+        delete(RUNS)
+        .where(RUNS.c.id.in_(chosen.scalar_subquery()), RUNS.c.delete_time < cutoff)
+        .returning(RUNS.c.id, RUNS.c.tenant, RUNS.c.cost_usd)
+    )
+    expired = sorted(taken.all())
+    if not expired:
+        return []
+    run_ids = [run_id for run_id, _, _ in expired]
+    await conn.execute(delete(run_store.LABELS).where(run_store.LABELS.c.run_id.in_(run_ids)))
+    now = time.time()
+    await conn.execute(
+        insert(PURGES), [{"run_id": run_id, "tenant": tenant, "purge_time": now} for run_id, tenant, _ in expired]
+    )
+    spent: defaultdict[str, float] = defaultdict(float)
+    for _, tenant, cost_usd in expired:
+        spent[tenant] += float(cost_usd or 0.0)
+    purged = Counter(tenant for _, tenant, _ in expired)
+    await run_store.add_to_totals(conn, {tenant: -n for tenant, n in purged.items()}, spent)
+    for run_id in run_ids:
+        remember_removed(conn, run_id)
+    return run_ids
+
+
+@dataclass(frozen=True)
+class PurgeStep:
+    """What one `purge_step` did: the run it worked on, the rows it deleted, and whether that run is
+    gone for good (its `run_purges` row deleted too)."""
+
+    run_id: str
+    rows: int
+    finished: bool
+
+
+async def purge_step(conn: AsyncConnection, budget: int) -> PurgeStep | None:
+    """Delete up to about `budget` rows of one run whose row was purged (step 2 of the module
+    docstring): None when no run is waiting (or, on PostgreSQL, every one is another replica's now)."""
+    held = await conn.execute(
+        _skip_locked(select(PURGES.c.run_id).order_by(PURGES.c.purge_time, PURGES.c.run_id).limit(1), conn)
+    )
+    run_id: str | None = held.scalar_one_or_none()
+    if run_id is None:
+        return None
+    left = budget
+    for step in _STEPS:
+        deleted, emptied = await step(conn, run_id, left)
+        left -= deleted
+        if not emptied or left <= 0:  # the next step comes back to what is left
+            return PurgeStep(run_id, budget - left, finished=False)
+    await conn.execute(delete(PURGES).where(PURGES.c.run_id == run_id))
+    return PurgeStep(run_id, budget - left, finished=True)
+
+
+async def pending(conn: AsyncConnection, cutoff: float) -> bool:
+    """Whether anything waits for the purge: a run deleted before `cutoff`, or one whose rows remain."""
+    deleted = select(RUNS.c.id).where(RUNS.c.delete_time.is_not(None), RUNS.c.delete_time < cutoff).limit(1)
+    if (await conn.execute(deleted)).first() is not None:
+        return True
+    return (await conn.execute(select(PURGES.c.run_id).limit(1))).first() is not None
+
+
+# Each deletes up to `limit` rows of one run from its table(s), through an index that starts with the
+# run id (a range of the run's own rows, whatever the table holds besides): how many, and whether that
+# emptied the table of the run's rows.
+Deleted = tuple[int, bool]
+
+
+async def _results(conn: AsyncConnection, run_id: str, limit: int) -> Deleted:
+    table = run_store.RESULTS  # by ix_results_run_state (run_id, state, id)
+    chosen = select(table.c.id).where(table.c.run_id == run_id).limit(limit).scalar_subquery()
+    return _of(limit, await _deleted(conn, delete(table).where(table.c.id.in_(chosen))))
+
+
+async def _events(conn: AsyncConnection, run_id: str, limit: int) -> Deleted:
+    chosen = select(EVENTS.c.seq).where(EVENTS.c.run_id == run_id).limit(limit).scalar_subquery()
+    return _of(limit, await _deleted(conn, delete(EVENTS).where(EVENTS.c.run_id == run_id, EVENTS.c.seq.in_(chosen))))
+
+
+async def _jobs_and_outputs(conn: AsyncConnection, run_id: str, limit: int) -> Deleted:
+    """Jobs with their outputs (at most one each, so half the limit in jobs): `outputs` has no index on
+    run_id, so a run's outputs are found by its jobs' ids (ix_jobs_run), and deleted with them."""
+    jobs, outputs = run_store.JOBS, run_store.OUTPUTS
+    wanted = limit // 2
+    if wanted == 0:
+        return 0, False  # no room for a job and its output in this step: the next one comes back
+    found = await conn.execute(select(jobs.c.id).where(jobs.c.run_id == run_id).limit(wanted))
+    job_ids = list(found.scalars())
+    if not job_ids:
+        return 0, True
+    gone = await _deleted(conn, delete(outputs).where(outputs.c.job_id.in_(job_ids)))
+    gone += await _deleted(conn, delete(jobs).where(jobs.c.id.in_(job_ids)))
+    return gone, len(job_ids) < wanted
+
+
+async def _items(conn: AsyncConnection, run_id: str, limit: int) -> Deleted:
+    table = run_store.ITEMS  # by its primary key (run_id, idx)
+    chosen = select(table.c.idx).where(table.c.run_id == run_id).limit(limit).scalar_subquery()
+    return _of(limit, await _deleted(conn, delete(table).where(table.c.run_id == run_id, table.c.idx.in_(chosen))))
+
+
+async def _deliveries(conn: AsyncConnection, run_id: str, limit: int) -> Deleted:
+    chosen = select(DELIVERIES.c.id).where(DELIVERIES.c.run_id == run_id).limit(limit).scalar_subquery()
+    return _of(limit, await _deleted(conn, delete(DELIVERIES).where(DELIVERIES.c.id.in_(chosen))))
+
+
+def _of(limit: int, deleted: int) -> Deleted:
+    """A step that deleted fewer rows than it asked for found no more."""
+    return deleted, deleted < limit
+
+
+async def _deleted(conn: AsyncConnection, statement: Delete) -> int:
+    done = await conn.execute(statement)
+    return int(done.rowcount or 0)
+
+
+# Every table with rows of a run, but `runs` and `run_labels` (gone in `expire`). A table that gains a
+# run_id column needs a step here: tests/unit/store/test_retention.py checks the models for it. Webhook
+# deliveries first: one whose event was gone would stay pending (the sender reads the event with it).
+_STEPS: tuple[Callable[[AsyncConnection, str, int], Awaitable[Deleted]], ...] = (
+    _deliveries,
+    _results,
+    _events,
+    _jobs_and_outputs,
+    _items,
+)
+# The tables the steps empty, for that check.
+PURGED_TABLES = ("results", "events", "jobs", "outputs", "run_items", "webhook_deliveries")

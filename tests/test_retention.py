@@ -1,0 +1,160 @@
+"""Retention of deleted runs and the cap on stored runs, on a real server (two replicas of one database on
+PostgreSQL): a purged run is NOT_FOUND to every call, UndeleteRun included; --max-runs-per-tenant counts
+deleted runs until they are purged, refuses with the stored caps' one shape and writes nothing, holds
+under concurrent CreateRuns across replicas, and bounds one tenant without touching another; the purge
+loop is supervised (a failing chunk restarts it, and it finishes the run)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy import func, select
+
+from evalsvc.runs import retention as purge_loop
+from evalsvc.store import retention as purge_store
+from evalsvc.store import runs as run_store
+from evalsvc.testing import EvalServiceTestServer
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import eval_run_service_pb2_grpc
+from tests import dbs
+from tests.helpers import create_request, error_reason, keyed_channel
+from tests.test_tenant_caps import assert_over
+
+CAP = 3
+
+
+@dataclass
+class Served:
+    servers: list[EvalServiceTestServer]  # one on SQLite, two replicas of one database on PostgreSQL
+    mine: list[eval_run_service_pb2_grpc.EvalRunServiceStub]  # the same tenant, on each server
+    theirs: eval_run_service_pb2_grpc.EvalRunServiceStub
+
+    async def purged(self) -> purge_loop.Purged:
+        """A whole pass of the first server's purge loop, started now."""
+        return await asyncio.wait_for(self.servers[0].server.purger.next_pass(), 60)
+
+    async def count(self, table: Any, **where: str) -> int:
+        async with self.servers[0].server.db.read() as conn:
+            query = select(func.count()).select_from(table)
+            for column, value in where.items():
+                query = query.where(table.c[column] == value)
+            return int((await conn.execute(query)).scalar_one())
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    """Servers that purge deleted runs at once, and hold CAP runs per tenant; no workers (the runs stay
+    PENDING until deleted: DeleteRun cancels them)."""
+    replicas = 2 if dbs.USE_POSTGRES else 1
+    url = dbs.db_url(tmp_path)
+    async with AsyncExitStack() as stack:
+        servers = [
+            await stack.enter_async_context(
+                EvalServiceTestServer(database_url=url, max_runs_per_tenant=CAP, deleted_run_retention_s=0, workers=0)
+            )
+            for _ in range(replicas)
+        ]
+        other_key, _ = await servers[0].server.keys.create("other")
+        theirs = await stack.enter_async_context(keyed_channel(servers[0].server.port, other_key))
+        yield Served(
+            servers,
+            [server.runs for server in servers],
+            eval_run_service_pb2_grpc.EvalRunServiceStub(theirs),
+        )
+
+
+async def test_a_purged_run_is_not_found_to_every_call_undelete_included(served: Served) -> None:
+    me = served.mine[0]
+    run = (await me.CreateRun(create_request(4))).run
+    kept = (await me.CreateRun(create_request(2))).run
+    await me.GetRun(pb.GetRunRequest(run_id=run.id))  # in the run cache (SQLite): the purge must drop it there
+    await me.DeleteRun(pb.DeleteRunRequest(run_id=run.id))
+    assert (await served.purged()).runs == 1
+    for call in (
+        lambda: me.GetRun(pb.GetRunRequest(run_id=run.id)),
+        lambda: me.UndeleteRun(pb.UndeleteRunRequest(run_id=run.id)),
+        lambda: me.DeleteRun(pb.DeleteRunRequest(run_id=run.id)),
+        lambda: me.ListRunResults(pb.ListRunResultsRequest(run_id=run.id)),
+        lambda: anext(aiter(me.WatchRun(pb.WatchRunRequest(run_id=run.id)))),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call()
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND and error_reason(caught.value) == "RUN_NOT_FOUND"
+    listed = await me.ListRuns(pb.ListRunsRequest(show_deleted=True))
+    assert [r.id for r in listed.runs] == [kept.id]
+    assert await served.count(run_store.JOBS, run_id=run.id) == 0
+    assert await served.count(run_store.JOBS, run_id=kept.id) == 2
+
+
+async def test_the_run_cap_counts_deleted_runs_until_purged_and_refuses_writing_nothing(served: Served) -> None:
+    me, them = served.mine[0], served.theirs
+    made = [(await me.CreateRun(create_request(2))).run.id for _ in range(CAP)]
+    await me.DeleteRun(pb.DeleteRunRequest(run_id=made[0]))  # deleted, not purged yet: still held
+    stored = await served.count(run_store.RUNS), await served.count(run_store.JOBS)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await me.CreateRun(create_request(2, request_id="refused"))
+    assert_over(caught.value, "max_runs_per_tenant")
+    details = caught.value.details() or ""
+    assert "delete runs" in details and "--deleted-run-retention-s" in details and f"has {CAP} runs" in details
+    assert (await served.count(run_store.RUNS), await served.count(run_store.JOBS)) == stored  # nothing written
+    async with served.servers[0].server.db.read() as conn:
+        assert await run_store.find_by_request_id(conn, "default", "refused") is None
+    await them.CreateRun(create_request(1))  # another tenant's cap is its own
+
+    assert (await served.purged()).runs == 1  # the deleted run goes, and frees its place
+    await me.CreateRun(create_request(2))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await me.CreateRun(create_request(2))
+    assert_over(caught.value, "max_runs_per_tenant")
+
+
+async def test_concurrent_create_runs_take_the_last_run_place_once(served: Served) -> None:
+    """At CAP - 1 stored runs, many CreateRuns at once (over both replicas on PostgreSQL): exactly one
+    succeeds, as the count is read under the tenant's lock in CreateRun's transaction."""
+    me = served.mine[0]
+    for _ in range(3):  # a few rounds: each a fresh race at the boundary
+        for _ in range(CAP - 1):
+            await me.CreateRun(create_request(1))
+        answers = await asyncio.gather(
+            *(stub.CreateRun(create_request(1)) for stub in served.mine * 8), return_exceptions=True
+        )
+        created = [a for a in answers if not isinstance(a, BaseException)]
+        assert len(created) == 1, answers
+        for error in answers:
+            if isinstance(error, BaseException):
+                assert_over(error, "max_runs_per_tenant")
+        for run in (await me.ListRuns(pb.ListRunsRequest())).runs:
+            await me.DeleteRun(pb.DeleteRunRequest(run_id=run.id))
+        assert (await served.purged()).runs == CAP
+
+
+async def test_the_purge_loop_survives_a_failing_chunk_and_finishes_the_run(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    me, server = served.mine[0], served.servers[0].server
+    run = (await me.CreateRun(create_request(5))).run
+    await me.DeleteRun(pb.DeleteRunRequest(run_id=run.id))
+    real = purge_store.purge_step
+    faults = [RuntimeError("injected")]
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        if faults:
+            raise faults.pop(0)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(purge_store, "purge_step", flaky)
+    restarts = {"loop": purge_loop.LOOP_NAME}
+    before = server.metrics.registry.get_sample_value("evalsvc_loop_restarts_total", restarts)
+    purged = await asyncio.wait_for(server.purger.next_pass(), 60)  # answered by the pass after the restart
+    assert faults == []
+    assert server.metrics.registry.get_sample_value("evalsvc_loop_restarts_total", restarts) == (before or 0) + 1
+    assert purged.rows > 0
+    assert await served.count(run_store.JOBS, run_id=run.id) == 0
+    assert await served.count(purge_store.PURGES) == 0
