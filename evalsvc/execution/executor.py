@@ -60,7 +60,7 @@ from evalsvc.slots import Hold, Slots
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.cache import CacheEntry
-from evalsvc.store.db import Database, unavailable_cause
+from evalsvc.store.db import Database, is_conflict, unavailable_cause
 from evalsvc.store.jobs import ClaimedJob
 from evalsvc.store.models import CACHE_JUDGE_VERDICT, CACHE_TARGET_OUTPUT
 from evalsvc.targets import PriceTable, Target, TargetError, answers_locally, build_target
@@ -791,6 +791,7 @@ class Executor:
             batch, self._finished = self._finished[:batch_jobs], self._finished[batch_jobs:]
             self._recorded.set()
             views = {}
+            retry = False
             try:
                 for f in batch:
                     if f.job.run_id not in views:
@@ -798,11 +799,20 @@ class Executor:
                 events, finished_runs = await record(
                     self._db, batch, views, cache_max_entries=self._settings.cache_max_entries
                 )
+            except Exception as exc:
+                # The database cannot take it now (down, out of connections, a lock timeout) or lost a
+                # race: the batch goes back first in line, its leases still kept, and is recorded when
+                # the restarted loop reaches it; run again instead, its model calls would be paid twice.
+                retry = unavailable_cause(exc) is not None or is_conflict(exc)
+                if retry:
+                    self._finished[:0] = batch
+                raise
             finally:
-                # Recorded or not, the batch's leases are no longer renewed: jobs of a batch that could
-                # not be recorded run again when their leases expire, instead of staying leased forever.
-                for f in batch:
-                    self._release_claim_slot(f.job.claim_id)
+                # Otherwise, recorded or not, the batch's leases are no longer renewed: jobs of a batch
+                # that could not be recorded run again when their leases expire, not stay leased for good.
+                if not retry:
+                    for f in batch:
+                        self._release_claim_slot(f.job.claim_id)
             self._metrics.evaluations_recorded(events)
             for run_id, run_events in events.items():
                 self._bus.publish(run_id, run_events)

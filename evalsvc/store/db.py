@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
@@ -152,7 +153,15 @@ _SQLSTATE_UNAVAILABLE = {
     "57P": "the database server is shutting down or starting",
     "3D000": "the database does not exist on the database server",
     "28": "the database server refused the login (no such role, or a wrong password)",
+    # A DBA's lock_timeout or statement_timeout, or pg_cancel_backend: the statement would succeed later.
+    "55P03": "a lock the statement needed was not granted in time (lock_timeout)",
+    "57014": "the statement was cancelled (statement_timeout, or an administrator)",
 }
+# What the database refuses because of the values written, whenever they are written: PostgreSQL's
+# data_exception (22: an untranslatable character, a number out of range), integrity_constraint_violation
+# (23) and program_limit_exceeded (54: a row or index entry too large); SQLite's equivalents.
+_SQLSTATE_DATA = ("22", "23", "54")
+_SQLITE_DATA = ("SQLITE_TOOBIG", "SQLITE_CONSTRAINT", "SQLITE_MISMATCH")
 
 
 # A reached resource that failed (not a bug in the service): full, read-only or failing storage.
@@ -185,6 +194,31 @@ def unavailable_cause(exc: BaseException) -> str | None:
             return "no database connection became free in time"
         cause = getattr(cause, "orig", None) or cause.__cause__
     return None
+
+
+def is_refused_data(exc: BaseException) -> bool:
+    """Whether the database refused `exc`'s statement for the values it wrote (a value out of range or
+    that cannot be encoded, a constraint broken, a row past a limit): applied again alone it would fail
+    the same way, and without those values the rest of the transaction would commit.
+
+    False for a database that cannot serve and for a lost race (`unavailable_cause`, `is_conflict`),
+    and for anything not known to be the data's: the recorder splits a batch only on these, so an
+    unknown failure (a bug, an outage not recognised) retries the batch whole rather than storing
+    correct results as ERROR."""
+    if unavailable_cause(exc) is not None or is_conflict(exc):
+        return False
+    cause: BaseException | None = exc
+    while cause is not None:
+        state = getattr(cause, "sqlstate", None)
+        if isinstance(state, str) and state.startswith(_SQLSTATE_DATA):
+            return True
+        name = getattr(cause, "sqlite_errorname", None)
+        if isinstance(name, str) and name.startswith(_SQLITE_DATA):
+            return True
+        if isinstance(cause, (sa_exc.DataError, sa_exc.IntegrityError, asyncpg.exceptions.DataError)):
+            return True
+        cause = getattr(cause, "orig", None) or cause.__cause__
+    return False
 
 
 def is_conflict(exc: BaseException) -> bool:
