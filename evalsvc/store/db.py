@@ -64,7 +64,9 @@ class Database:
             for engine in (self.writer, self.reader):
                 _configure_sqlite(engine, sqlite_synchronous, immediate=engine is self.writer)
         else:
-            self.writer = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
+            # pre-ping: a pooled connection whose backend died (terminated, a restart, a failover) costs
+            # a reconnect at checkout, not the call that drew it (a round trip per checkout).
+            self.writer = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
             self.reader = self.writer
         # This process writes every change of a SQLite database (it has one server), so it can keep
         # run rows current in memory; other servers change a PostgreSQL database behind its back.
@@ -192,8 +194,25 @@ def unavailable_cause(exc: BaseException) -> str | None:
             return "the disk is full" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else cause.strerror or str(cause)
         if isinstance(cause, sa_exc.TimeoutError):
             return "no database connection became free in time"
+        if _connection_lost(cause):
+            return "the connection to the database was lost"
         cause = getattr(cause, "orig", None) or cause.__cause__
     return None
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether `exc` says the connection it was raised on is gone (the server terminated its backend,
+    restarted, or failed over): SQLAlchemy marks such an error `connection_invalidated`; asyncpg's own
+    errors have no SQLSTATE (its DataError, an InterfaceError too, is a value it could not encode)."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
+        return True
+    return (
+        isinstance(exc, asyncpg.exceptions.InterfaceError)
+        and not isinstance(exc, asyncpg.exceptions.DataError)
+        and "closed" in str(exc)
+    )
 
 
 def is_refused_data(exc: BaseException) -> bool:
