@@ -147,6 +147,12 @@ _SQLITE_UNAVAILABLE = {
     "SQLITE_CANTOPEN": "the database file cannot be opened",
     "SQLITE_IOERR": "disk I/O error",
     "SQLITE_BUSY": "the database is locked by another process",
+    # Not the moment's but the file's: no retry helps until the operator acts, yet it is no bug
+    # either, and start-up and the operator commands must say so in one line naming the file.
+    "SQLITE_NOTADB": "the file is not a SQLite database (a wrong --db path, or another program's file)",
+    "SQLITE_CORRUPT": (
+        "the database file is corrupt (restore a backup; `sqlite3 FILE 'PRAGMA integrity_check'` shows the damage)"
+    ),
 }
 _SQLSTATE_UNAVAILABLE = {
     "53100": "the database server's disk is full",
