@@ -96,9 +96,13 @@ class Watched:
     has_work: Callable[[], Awaitable[bool]]
     stall_s: float
     stalled: bool = field(default=False, init=False)
-    # When the watchdog first found work waiting for the silent loop, and the loop's last beat then.
+    # When the watchdog first found the loop silent past its limit, and the loop's last beat then.
+    quiet_seen_at: float | None = field(default=None, init=False)
+    quiet_seen_beat: float = field(default=0.0, init=False)
+    # When the watchdog first found work waiting for the silent loop (or could not tell, see `_has_work`).
     work_seen_at: float | None = field(default=None, init=False)
-    work_seen_beat: float = field(default=0.0, init=False)
+    # A has_work answer still awaited (a database read may block): asked again only once it answers.
+    asking: asyncio.Task[bool] | None = field(default=None, init=False)
 
 
 class Watchdog:
@@ -119,15 +123,24 @@ class Watchdog:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Check every loop every `check_s` until `stopping` is set."""
-        while not stopping.is_set():
-            await self.check()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), self._check_s)
+        try:
+            while not stopping.is_set():
+                await self.check()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), self._check_s)
+        finally:
+            for loop in self._watched:
+                if loop.asking is not None:
+                    loop.asking.cancel()
+                    loop.asking = None
 
     async def check(self) -> None:
-        """Check every loop once, and report a change of overall health."""
-        for loop in self._watched:
-            stalled = await self._is_stalled(loop)
+        """Check every loop once, all at the same time, and report a change of overall health.
+
+        One after another, a loop whose has_work blocked (a database read behind a lock) held up the
+        others' checks by as long: every report came about three times its stall limit late."""
+        verdicts = await asyncio.gather(*(self._is_stalled(loop) for loop in self._watched))
+        for loop, stalled in zip(self._watched, verdicts, strict=True):
             if stalled and not loop.stalled:
                 log.error(
                     "loop %s made no progress for %.1f s while work waits for it; reporting NOT_SERVING",
@@ -150,22 +163,41 @@ class Watchdog:
 
         Silence alone is no stall (an idle loop waits quietly), nor is silence that began before the
         work arrived: a loop idle for a minute that is handed work now gets its full stall limit."""
-        if loop.progress.quiet_s() <= loop.stall_s or not await self._has_work(loop):
-            loop.work_seen_at = None
+        if loop.progress.quiet_s() <= loop.stall_s:
+            loop.quiet_seen_at = loop.work_seen_at = None
             return False
         now = time.monotonic()
-        if loop.work_seen_at is None or loop.work_seen_beat != loop.progress.last:
-            loop.work_seen_at, loop.work_seen_beat = now, loop.progress.last
-        return now - loop.work_seen_at >= loop.stall_s
+        if loop.quiet_seen_at is None or loop.quiet_seen_beat != loop.progress.last:
+            loop.quiet_seen_at, loop.quiet_seen_beat, loop.work_seen_at = now, loop.progress.last, None
+        has_work = await self._has_work(loop)
+        if has_work is False:
+            loop.work_seen_at = None
+            return False
+        if loop.work_seen_at is None:
+            # No answer yet (the read is blocked, most likely on what blocks the loop): the work counts
+            # as waiting since the loop was found silent, so a blocked answer delays no report.
+            loop.work_seen_at = now if has_work else loop.quiet_seen_at
+        return time.monotonic() - loop.work_seen_at >= loop.stall_s
 
-    async def _has_work(self, loop: Watched) -> bool:
-        try:
+    async def _has_work(self, loop: Watched) -> bool | None:
+        """Whether work waits for the loop: None when it does not answer within a check interval
+        (asked again at the next check only once this answer came) or fails."""
+        if loop.asking is None:
+            loop.asking = asyncio.ensure_future(loop.has_work())
+        asking = loop.asking
+        done, _ = await asyncio.wait({asking}, timeout=self._check_s)
+        if not done:
+            return None
+        loop.asking = None
+        if asking.cancelled():
+            return None
+        if (error := asking.exception()) is not None:
             # Asking may need the database; one that does not answer is no reason to call the loop fine.
-            return await asyncio.wait_for(loop.has_work(), loop.stall_s)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
             log.warning(
-                "cannot tell whether loop %s has work waiting; counting it as stalled", loop.name, exc_info=True
+                "cannot tell whether loop %s has work waiting (%s: %s); counting it as waiting",
+                loop.name,
+                type(error).__name__,
+                unavailable_cause(error) or error,
             )
-            return True
+            return None
+        return asking.result()

@@ -9,17 +9,22 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import grpc
 import pytest
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.server import EvalServer
+from evalsvc.store import runs as run_store
 from evalsvc.v1 import eval_run_service_pb2 as pb
-from evalsvc.v1 import eval_run_service_pb2_grpc
+from evalsvc.v1 import eval_run_service_pb2_grpc, run_pb2
 from tests import dbs
 from tests.conftest import make_settings
-from tests.helpers import create_request, error_reason, fill, keyed_channel, retry_delay, tmpfs
+from tests.helpers import all_results, create_request, error_reason, fill, keyed_channel, retry_delay, tmpfs, watch_all
 
 
 def assert_unavailable(error: grpc.aio.AioRpcError) -> None:
@@ -50,6 +55,46 @@ async def test_a_full_disk_is_unavailable_with_retry_info_then_recovers(
                 assert (await runs.GetRun(pb.GetRunRequest(run_id=recovered.run.id))).run.id == recovered.run.id
         finally:
             await srv.stop(grace=0.5)
+
+
+async def test_results_recorded_while_postgres_is_out_of_connections_are_stored_once_it_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncpg's TooManyConnectionsError (53300) reaches SQLAlchemy as a plain DBAPIError: the recorder
+    took it for the data's fault, split the batch and stored every correct result as ERROR
+    RESULT_NOT_STORABLE for good. The batch waits for the database instead (injected on either engine)."""
+    refusals = 3
+    insert_results = run_store.insert_results
+
+    async def out_of_connections(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
+        nonlocal refusals
+        if refusals > 0:
+            refusals -= 1
+            raise sa_exc.DBAPIError(
+                "INSERT INTO results ...",
+                {},
+                asyncpg.exceptions.TooManyConnectionsError('too many connections for database "evalsvc"'),
+            )
+        await insert_results(conn, rows)
+
+    monkeypatch.setattr(run_store, "insert_results", out_of_connections)
+    caplog.set_level(logging.WARNING)
+    srv = EvalServer(make_settings(tmp_path))
+    await srv.start()
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+            runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            created = await runs.CreateRun(create_request(6))
+            events = await watch_all(runs, created.run.id)
+            results = await all_results(runs, created.run.id)
+    finally:
+        await srv.stop(grace=0.5)
+    assert refusals == 0
+    assert events[-1].run.status == run_pb2.RUN_STATUS_SUCCEEDED
+    assert (events[-1].counts.passed, events[-1].counts.errored) == (6, 0)
+    assert [r.state for r in results] == [run_pb2.RESULT_STATE_PASSED] * 6
+    assert any("out of resources" in r.getMessage() for r in caplog.records)  # said in one line
+    assert not [r for r in caplog.records if r.exc_info and r.name.startswith("evalsvc")]
 
 
 class Relay:
@@ -122,4 +167,64 @@ async def test_an_unreachable_postgres_is_unavailable_with_retry_info(
                     assert_unavailable(err.value)
         finally:
             await srv.stop(grace=0.5)
+    assert not [r for r in caplog.records if r.exc_info and r.name.startswith("evalsvc")]
+
+
+async def terminate_backends(url: str) -> int:
+    """pg_terminate_backend every client connection to the database `url` (as a restart or failover
+    would drop them), from a connection of its own, waiting until each is gone. How many it ended (one
+    that ended by itself meanwhile does not count)."""
+    conn = await asyncpg.connect(dbs.ADMIN_URL, timeout=5)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 10000)) FROM pg_stat_activity"
+                " WHERE datname = $1 AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                make_url(url).database,
+            )
+        )
+    finally:
+        await conn.close()
+
+
+@pytest.mark.skipif(not dbs.USE_POSTGRES, reason="PostgreSQL only: run with EVALSVC_TEST_DB=postgres")
+async def test_connections_killed_under_the_pool_cost_a_reconnect_never_internal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pg_terminate_backend (what a restart or failover does to the pool) left dead connections in the
+    pool: the next calls that drew one got INTERNAL ("connection is closed") and the log a traceback.
+    A dead pooled connection is found at checkout now, and an error on a connection lost mid-call is
+    UNAVAILABLE with RetryInfo."""
+    url = dbs.db_url(tmp_path)
+    srv = EvalServer(make_settings(tmp_path, db=url))
+    await srv.start()
+    caplog.set_level(logging.WARNING)
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+            runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            created = await runs.CreateRun(create_request(3))
+            await watch_all(runs, created.run.id)
+            calls = (
+                lambda: runs.GetRun(pb.GetRunRequest(run_id=created.run.id)),
+                lambda: runs.ListRuns(pb.ListRunsRequest()),
+                lambda: runs.CreateRun(create_request(2)),
+                lambda: watch_all(runs, created.run.id),
+            )
+            for _ in range(3):
+                # Calls side by side, so the pool holds several connections when they are killed.
+                await asyncio.gather(*(call() for call in calls for _ in range(3)))
+                assert await terminate_backends(url) > 0
+                answers = await asyncio.gather(*(call() for call in calls for _ in range(3)), return_exceptions=True)
+                for answer in answers:
+                    if isinstance(answer, grpc.aio.AioRpcError):
+                        assert_unavailable(answer)
+                    else:
+                        assert not isinstance(answer, BaseException), answer
+            # And the service works on: a run created now ends, its results all there.
+            after = await runs.CreateRun(create_request(4))
+            events = await watch_all(runs, after.run.id)
+            assert events[-1].run.status == run_pb2.RUN_STATUS_SUCCEEDED
+            assert events[-1].counts.passed == 4
+    finally:
+        await srv.stop(grace=0.5)
     assert not [r for r in caplog.records if r.exc_info and r.name.startswith("evalsvc")]

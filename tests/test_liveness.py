@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -784,6 +785,89 @@ async def test_watchdog_reports_a_stalled_claim_loop_through_health(
             assert (await asyncio.wait_for(statuses.read(), 10)).status == serving_
             assert (await finish(t["a"], run.id, within_s=10)).status == run_pb2.RUN_STATUS_SUCCEEDED
             assert sample("evalsvc_loop_stalled", {"loop": "claim"}) == 0
+            statuses.cancel()
+
+
+class FakeTime:
+    """The clock the liveness module reads (its `time`), moved by the test; asyncio keeps the real one."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+async def test_watchdog_checks_loops_side_by_side_and_a_has_work_that_never_answers_delays_no_report(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The claim loop's has_work reads the database: behind a lock it does not answer. Checked one after
+    another, each loop waited up to its stall limit for that answer, and every report came about three
+    stall limits late (a 30 s lock at the default was never reported). Loops are checked at once now,
+    an answer is awaited a check interval, and work counts as waiting from when the loop was found silent."""
+    clock = FakeTime()
+    monkeypatch.setattr(liveness, "time", clock)
+    reports: list[bool] = []
+
+    async def on_health(healthy: bool) -> None:
+        reports.append(healthy)
+
+    async def never_answers() -> bool:
+        await asyncio.Event().wait()
+        return True
+
+    async def always() -> bool:
+        return True
+
+    dog = liveness.Watchdog(Metrics(), on_health, check_s=0.05)
+    blocked = liveness.Watched("claim", liveness.Progress(), never_answers, stall_s=30.0)
+    busy = liveness.Watched("record", liveness.Progress(), always, stall_s=30.0)
+    dog.watch(blocked)
+    dog.watch(busy)
+    try:
+        clock.now += 31  # both silent past their limit, with work waiting (or no answer)
+        await asyncio.wait_for(dog.check(), 10)  # not the 30 s a blocked answer was awaited
+        assert reports == [] and not blocked.stalled and not busy.stalled
+        clock.now += 30  # silent with work waiting for their limit: both reported, at the same check
+        await asyncio.wait_for(dog.check(), 10)
+        assert blocked.stalled and busy.stalled and reports == [False]
+        blocked.progress.beat()
+        busy.progress.beat()
+        await asyncio.wait_for(dog.check(), 10)
+        assert reports == [False, True]
+    finally:
+        if blocked.asking is not None:
+            blocked.asking.cancel()
+
+
+async def test_a_loop_that_fails_every_turn_is_stalled_however_often_it_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim loop that fails at once every time (a full disk) and is restarted: it beat as it restarted,
+    so health stayed SERVING for as long as the disk was full. A loop beats only after a turn now."""
+    monkeypatch.setattr(liveness, "FIRST_BACKOFF_S", 0.02)  # restarted far more often than --stall-s
+    monkeypatch.setattr(liveness, "MAX_BACKOFF_S", 0.02)
+    async with serving(tmp_path, stall_s=0.5, poll_interval_s=0.1) as srv, tenants(srv, "a") as t:
+        disk_full = asyncio.Event()
+        disk_full.set()
+        real_claim = srv.executor._claim
+
+        async def claim(limit: int) -> Any:
+            if disk_full.is_set():
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return await real_claim(limit)
+
+        monkeypatch.setattr(srv.executor, "_claim", claim)
+        async with keyed_channel(srv.port, "") as channel:
+            statuses = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            serving_ = health_pb2.HealthCheckResponse.SERVING
+            assert (await asyncio.wait_for(statuses.read(), 5)).status == serving_
+            run = (await t["a"].CreateRun(run_request(echo(), 2))).run
+            assert (await asyncio.wait_for(statuses.read(), 15)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert restarts(srv, "claim") > 2
+            disk_full.clear()
+            assert (await asyncio.wait_for(statuses.read(), 15)).status == serving_
+            assert (await finish(t["a"], run.id, within_s=15)).status == run_pb2.RUN_STATUS_SUCCEEDED
             statuses.cancel()
 
 

@@ -9,7 +9,9 @@ import collections
 import contextlib
 import dataclasses
 import os
+import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -138,6 +140,65 @@ def test_a_postgres_database_or_role_that_does_not_exist_is_one_line(url: str, n
         line = done.stderr
         assert line.startswith(f"evalsvc {command.split()[0]}: cannot use the database ") and named in line, line
     assert "pw-hidden" not in line  # the password is never shown
+
+
+def _spoiled_sqlite_file(kind: str, path: Path) -> None:
+    """A SQLite file evalsvc cannot use, as operators meet them: a text file, a database whose header
+    was overwritten, one truncated (a copy cut short), another program's database with a `runs` table."""
+    if kind == "text":
+        path.write_text("not a database\n" * 100)
+        return
+    if kind == "other-program":
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("CREATE TABLE runs (x)")
+            conn.commit()
+        return
+    shutil.copyfile(dbs.db_url(path.parent, "template.db").removeprefix("sqlite+aiosqlite:///"), path)
+    with open(path, "r+b") as f:
+        if kind == "header":
+            f.write(b"\x13" * 16)
+        else:
+            f.truncate(8192)
+
+
+@pytest.mark.parametrize(
+    ("kind", "code", "named"),
+    [
+        ("text", 1, "not a SQLite database"),
+        ("header", 1, "not a SQLite database"),
+        ("truncated", 1, "is corrupt (restore a backup"),
+        ("other-program", 2, "is not an evalsvc database"),
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "migrate", "keys list"])
+def test_a_sqlite_file_that_is_no_evalsvc_database_is_one_line(
+    tmp_path: Path, kind: str, code: int, named: str, command: str
+) -> None:
+    """Each was a 130-200 line traceback; another program's database with a `runs` table was taken for
+    an evalsvc database from before migrations, stamped and altered (saved only by its ALTERs failing)."""
+    path = tmp_path / "spoiled.db"
+    _spoiled_sqlite_file(kind, path)
+    before = path.read_bytes()
+    url = f"sqlite+aiosqlite:///{path}"
+    if command == "serve":
+        assert_failed_cleanly(failed_start(url), code, str(path), named)
+    else:
+        done = subprocess.run(
+            [sys.executable, "-m", "evalsvc", *command.split(), "--db", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == code, done.stderr
+        # One line, no traceback (`migrate` logs alembic's INFO lines before it).
+        (line,) = [line for line in done.stderr.splitlines() if " INFO " not in line]
+        assert str(path) in line and named in line, done.stderr
+    if kind == "other-program":  # its tables untouched (opening it turned on WAL, in its header)
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            assert conn.execute("SELECT name, sql FROM sqlite_master").fetchall() == [("runs", "CREATE TABLE runs (x)")]
+    else:
+        assert path.read_bytes() == before  # left as it was
 
 
 @pytest.mark.parametrize("http", [["--http-addr", "127.0.0.1:0"], []])

@@ -360,7 +360,6 @@ class DatasetGenerations:
     async def _claim_loop(self) -> None:
         next_extension = time.monotonic() + LEASE_TTL_S / 4
         while not self._stopping.is_set():
-            self._progress.beat()
             self._wake.clear()
             await self._claim()
             if time.monotonic() >= next_extension:
@@ -373,6 +372,8 @@ class DatasetGenerations:
             await asyncio.wait(waits, timeout=self._poll_s, return_when=asyncio.FIRST_COMPLETED)
             for waiting in waits:
                 waiting.cancel()
+            # After the turn, not as the loop (re)starts: restarts after failures are no progress.
+            self._progress.beat()
 
     async def _claim(self) -> None:
         """Lease what this process has room for, no tenant beyond its share."""

@@ -60,7 +60,7 @@ from evalsvc.slots import Hold, Slots
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.cache import CacheEntry
-from evalsvc.store.db import Database, unavailable_cause
+from evalsvc.store.db import Database, is_conflict, unavailable_cause
 from evalsvc.store.jobs import ClaimedJob
 from evalsvc.store.models import CACHE_JUDGE_VERDICT, CACHE_TARGET_OUTPUT
 from evalsvc.targets import PriceTable, Target, TargetError, answers_locally, build_target
@@ -314,56 +314,62 @@ class Executor:
         self._created_items = 0
 
     async def _claim_loop(self) -> None:
+        """Claim turn after turn. The loop beats after each turn it completes, never as it (re)starts: a
+        loop that fails every turn (a full disk) and is restarted every few seconds makes no progress,
+        and the watchdog must see that (counted as turns, the restarts kept health SERVING for as long as
+        the disk stayed full)."""
         local_queue = False  # whether the last claim held only local jobs (see RunPlan.local)
-        progress = self._progress["claim"]
         while not self._stopping:
-            progress.beat()
-            room = self._settings.workers - self._busy()
-            if room <= 0:
-                self._slot_free.clear()
-                with contextlib.suppress(TimeoutError):  # a turn per poll interval: the watchdog sees a live loop
-                    await asyncio.wait_for(self._slot_free.wait(), self._settings.poll_interval_s)
-                continue
-            # `--workers` bounds jobs that wait on a model. Local jobs finish as soon as they start,
-            # so while the queue holds those, claim whole batches: one claim and one recording per
-            # `claim_batch` jobs instead of per `workers`. A claim of model jobs is never larger than
-            # the free slots, so one replica does not hoard jobs others could be running.
-            jobs = await self._claim(
-                self._settings.claim_batch if local_queue else min(room, self._settings.claim_batch)
-            )
-            if not jobs:
-                local_queue = False
-                self._work_available.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._work_available.wait(), self._settings.poll_interval_s)
-                continue
-            try:
-                local_queue = await self._all_local(jobs)
-            except BaseException:
-                # Interrupted (a stray cancellation restarts this loop) before the claim went to anyone:
-                # nobody works on its jobs, so their leases are not renewed (see `_execute_inline`).
-                for job in jobs:
-                    self._release_claim_slot(job.claim_id)
-                raise
-            if local_queue:
-                await self._execute_inline(jobs)
-                # Local jobs outpace the recorder: wait until it has taken this claim's outputs, so
-                # one claim executes while the previous one is recorded and memory stays bounded.
-                # Waiting for the recorder is a turn of this loop (the watchdog watches the recorder).
-                while len(self._finished) > 0 and not self._stopping:
-                    self._recorded.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._recorded.wait(), self._settings.poll_interval_s)
-                    progress.beat()
-                continue
+            local_queue = await self._claim_turn(local_queue)
+            self._progress["claim"].beat()
+
+    async def _claim_turn(self, local_queue: bool) -> bool:
+        """One turn of the claim loop: wait for a free worker slot, or claim and start jobs, or wait for
+        new ones. Whether the claim held only local jobs."""
+        room = self._settings.workers - self._busy()
+        if room <= 0:
+            self._slot_free.clear()
+            with contextlib.suppress(TimeoutError):  # a turn per poll interval: the watchdog sees a live loop
+                await asyncio.wait_for(self._slot_free.wait(), self._settings.poll_interval_s)
+            return local_queue
+        # `--workers` bounds jobs that wait on a model. Local jobs finish as soon as they start,
+        # so while the queue holds those, claim whole batches: one claim and one recording per
+        # `claim_batch` jobs instead of per `workers`. A claim of model jobs is never larger than
+        # the free slots, so one replica does not hoard jobs others could be running.
+        jobs = await self._claim(self._settings.claim_batch if local_queue else min(room, self._settings.claim_batch))
+        if not jobs:
+            self._work_available.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._work_available.wait(), self._settings.poll_interval_s)
+            return False
+        try:
+            local_queue = await self._all_local(jobs)
+        except BaseException:
+            # Interrupted (a stray cancellation restarts this loop) before the claim went to anyone:
+            # nobody works on its jobs, so their leases are not renewed (see `_execute_inline`).
             for job in jobs:
-                task = asyncio.create_task(self._run_job(job))
-                self._not_started.add(task)
-                self._in_flight[job.run_id].add(task)
-                self._run_tenants[job.run_id] = job.tenant
-                task.add_done_callback(
-                    cast("Callable[[asyncio.Task[None]], object]", lambda t, job=job: self._task_done(job, t))
-                )
+                self._release_claim_slot(job.claim_id)
+            raise
+        if local_queue:
+            await self._execute_inline(jobs)
+            # Local jobs outpace the recorder: wait until it has taken this claim's outputs, so
+            # one claim executes while the previous one is recorded and memory stays bounded.
+            # Waiting for the recorder is a turn of this loop (the watchdog watches the recorder).
+            while len(self._finished) > 0 and not self._stopping:
+                self._recorded.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._recorded.wait(), self._settings.poll_interval_s)
+                self._progress["claim"].beat()
+            return True
+        for job in jobs:
+            task = asyncio.create_task(self._run_job(job))
+            self._not_started.add(task)
+            self._in_flight[job.run_id].add(task)
+            self._run_tenants[job.run_id] = job.tenant
+            task.add_done_callback(
+                cast("Callable[[asyncio.Task[None]], object]", lambda t, job=job: self._task_done(job, t))
+            )
+        return False
 
     async def _all_local(self, jobs: list[ClaimedJob]) -> bool:
         """Whether every job of a claim is local (a run whose plan cannot load is not)."""
@@ -775,9 +781,10 @@ class Executor:
         self._take_created(run_id)
 
     async def _record_loop(self) -> None:
+        """Record batch after batch; beats after each turn it completes, not as it (re)starts (see
+        `_claim_loop`): a recording that fails every time is no progress."""
         progress = self._progress["record"]
         while True:
-            progress.beat()
             if not self._finished:
                 if self._over_budget:
                     await self._end_over_budget_runs()
@@ -786,11 +793,13 @@ class Executor:
                 self._finished_ready.clear()
                 if not self._finished and not self._over_budget:
                     await self._finished_ready.wait()
+                progress.beat()
                 continue
             batch_jobs = self._settings.claim_batch
             batch, self._finished = self._finished[:batch_jobs], self._finished[batch_jobs:]
             self._recorded.set()
             views = {}
+            retry = False
             try:
                 for f in batch:
                     if f.job.run_id not in views:
@@ -798,11 +807,20 @@ class Executor:
                 events, finished_runs = await record(
                     self._db, batch, views, cache_max_entries=self._settings.cache_max_entries
                 )
+            except Exception as exc:
+                # The database cannot take it now (down, out of connections, a lock timeout) or lost a
+                # race: the batch goes back first in line, its leases still kept, and is recorded when
+                # the restarted loop reaches it; run again instead, its model calls would be paid twice.
+                retry = unavailable_cause(exc) is not None or is_conflict(exc)
+                if retry:
+                    self._finished[:0] = batch
+                raise
             finally:
-                # Recorded or not, the batch's leases are no longer renewed: jobs of a batch that could
-                # not be recorded run again when their leases expire, instead of staying leased forever.
-                for f in batch:
-                    self._release_claim_slot(f.job.claim_id)
+                # Otherwise, recorded or not, the batch's leases are no longer renewed: jobs of a batch
+                # that could not be recorded run again when their leases expire, not stay leased for good.
+                if not retry:
+                    for f in batch:
+                        self._release_claim_slot(f.job.claim_id)
             self._metrics.evaluations_recorded(events)
             for run_id, run_events in events.items():
                 self._bus.publish(run_id, run_events)
@@ -810,6 +828,7 @@ class Executor:
             for run_id in views:
                 if run_id in finished_runs or run_id not in events:
                     self._forget(run_id)
+            progress.beat()
 
     async def _end_over_budget_runs(self) -> None:
         """Fail the runs that hit their budget, once what they finished before it is recorded."""
@@ -827,13 +846,13 @@ class Executor:
         interval = self._settings.lease_ttl_s / 3
         progress = self._progress["leases"]
         while not self._stopping:
-            progress.beat()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_requested.wait(), interval)
             if self._open_claims and not self._stopping:
                 await self._extend_leases()
             if self._plans and not self._stopping:
                 await self.sweep_plans()
+            progress.beat()  # after the turn, not as the loop (re)starts (see `_claim_loop`)
 
     async def sweep_plans(self) -> None:
         """End the work on, and forget the plans of, runs that ended without this process hearing of it.

@@ -7,8 +7,12 @@ events, and finish every run whose last evaluation this was. Either all of it co
 A batch holds many runs of many tenants, so one evaluation the database refuses must not cost the
 others theirs: a refused batch is split in halves, each recorded (and split) again, until the job
 that cannot be stored is alone; it is then recorded as ERROR `RESULT_NOT_STORABLE`, so its run ends
-and its lease is released like any other. A database that is unreachable is not split for: that
-failure is everyone's, and the batch is retried whole by the caller.
+and its lease is released like any other. Only a refusal of the data itself is split for
+(`is_refused_data`: a value out of range, a constraint, a row too large). A database that cannot
+serve (unreachable, out of connections, a lock or statement timeout: `unavailable_cause`), a lost race,
+or a failure nobody recognises is everyone's: the batch fails whole, and the executor records it again
+once the database serves (after an unknown failure its jobs run again when their leases expire).
+Splitting on those recorded correct results as ERROR for good.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.execution.aggregate import aggregate_so_far, build_aggregate, verdict
@@ -33,7 +36,7 @@ from evalsvc.store import events as event_log
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.cache import CacheEntry
-from evalsvc.store.db import Database
+from evalsvc.store.db import Database, is_refused_data
 from evalsvc.store.jobs import ClaimedJob
 from evalsvc.store.records import RunRecord
 from evalsvc.turns import YIELD_EVERY_S
@@ -90,8 +93,6 @@ def item_score(grades: Sequence[tuple[str, Grade]], weights: Sequence[float]) ->
 
 
 Recorded = tuple[dict[str, list[pb.WatchRunResponse]], set[str]]
-# Failures of the database itself, not of a batch's data: splitting the batch would not help.
-_DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, OSError)
 
 
 async def record(
@@ -100,13 +101,14 @@ async def record(
     """Commit a batch. Returns the committed events by run, and the runs that finished.
 
     Splits a batch the database refuses until only the evaluation it cannot store is left out,
-    recorded as ERROR `RESULT_NOT_STORABLE` instead (see the module docstring). Raises when the
-    database is unavailable, or refuses even that replacement."""
+    recorded as ERROR `RESULT_NOT_STORABLE` instead (see the module docstring). Raises, recording
+    nothing, on any other failure (the database unavailable, a conflict, the unknown), or when the
+    database refuses even that replacement."""
     try:
         return await _record_batch(db, finished, graders_of, cache_max_entries)
-    except _DATABASE_UNAVAILABLE:
-        raise
     except Exception as exc:
+        if not is_refused_data(exc):
+            raise
         if len(finished) > 1:
             half = len(finished) // 2
             first = await record(db, finished[:half], graders_of, cache_max_entries=cache_max_entries)

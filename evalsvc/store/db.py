@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
@@ -63,7 +64,9 @@ class Database:
             for engine in (self.writer, self.reader):
                 _configure_sqlite(engine, sqlite_synchronous, immediate=engine is self.writer)
         else:
-            self.writer = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
+            # pre-ping: a pooled connection whose backend died (terminated, a restart, a failover) costs
+            # a reconnect at checkout, not the call that drew it (a round trip per checkout).
+            self.writer = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
             self.reader = self.writer
         # This process writes every change of a SQLite database (it has one server), so it can keep
         # run rows current in memory; other servers change a PostgreSQL database behind its back.
@@ -144,6 +147,12 @@ _SQLITE_UNAVAILABLE = {
     "SQLITE_CANTOPEN": "the database file cannot be opened",
     "SQLITE_IOERR": "disk I/O error",
     "SQLITE_BUSY": "the database is locked by another process",
+    # Not the moment's but the file's: no retry helps until the operator acts, yet it is no bug
+    # either, and start-up and the operator commands must say so in one line naming the file.
+    "SQLITE_NOTADB": "the file is not a SQLite database (a wrong --db path, or another program's file)",
+    "SQLITE_CORRUPT": (
+        "the database file is corrupt (restore a backup; `sqlite3 FILE 'PRAGMA integrity_check'` shows the damage)"
+    ),
 }
 _SQLSTATE_UNAVAILABLE = {
     "53100": "the database server's disk is full",
@@ -152,7 +161,15 @@ _SQLSTATE_UNAVAILABLE = {
     "57P": "the database server is shutting down or starting",
     "3D000": "the database does not exist on the database server",
     "28": "the database server refused the login (no such role, or a wrong password)",
+    # A DBA's lock_timeout or statement_timeout, or pg_cancel_backend: the statement would succeed later.
+    "55P03": "a lock the statement needed was not granted in time (lock_timeout)",
+    "57014": "the statement was cancelled (statement_timeout, or an administrator)",
 }
+# What the database refuses because of the values written, whenever they are written: PostgreSQL's
+# data_exception (22: an untranslatable character, a number out of range), integrity_constraint_violation
+# (23) and program_limit_exceeded (54: a row or index entry too large); SQLite's equivalents.
+_SQLSTATE_DATA = ("22", "23", "54")
+_SQLITE_DATA = ("SQLITE_TOOBIG", "SQLITE_CONSTRAINT", "SQLITE_MISMATCH")
 
 
 # A reached resource that failed (not a bug in the service): full, read-only or failing storage.
@@ -183,8 +200,50 @@ def unavailable_cause(exc: BaseException) -> str | None:
             return "the disk is full" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else cause.strerror or str(cause)
         if isinstance(cause, sa_exc.TimeoutError):
             return "no database connection became free in time"
+        if _connection_lost(cause):
+            return "the connection to the database was lost"
         cause = getattr(cause, "orig", None) or cause.__cause__
     return None
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether `exc` says the connection it was raised on is gone (the server terminated its backend,
+    restarted, or failed over): SQLAlchemy marks such an error `connection_invalidated`; asyncpg's own
+    errors have no SQLSTATE (its DataError, an InterfaceError too, is a value it could not encode)."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
+        return True
+    return (
+        isinstance(exc, asyncpg.exceptions.InterfaceError)
+        and not isinstance(exc, asyncpg.exceptions.DataError)
+        and "closed" in str(exc)
+    )
+
+
+def is_refused_data(exc: BaseException) -> bool:
+    """Whether the database refused `exc`'s statement for the values it wrote (a value out of range or
+    that cannot be encoded, a constraint broken, a row past a limit): applied again alone it would fail
+    the same way, and without those values the rest of the transaction would commit.
+
+    False for a database that cannot serve and for a lost race (`unavailable_cause`, `is_conflict`),
+    and for anything not known to be the data's: the recorder splits a batch only on these, so an
+    unknown failure (a bug, an outage not recognised) retries the batch whole rather than storing
+    correct results as ERROR."""
+    if unavailable_cause(exc) is not None or is_conflict(exc):
+        return False
+    cause: BaseException | None = exc
+    while cause is not None:
+        state = getattr(cause, "sqlstate", None)
+        if isinstance(state, str) and state.startswith(_SQLSTATE_DATA):
+            return True
+        name = getattr(cause, "sqlite_errorname", None)
+        if isinstance(name, str) and name.startswith(_SQLITE_DATA):
+            return True
+        if isinstance(cause, (sa_exc.DataError, sa_exc.IntegrityError, asyncpg.exceptions.DataError)):
+            return True
+        cause = getattr(cause, "orig", None) or cause.__cause__
+    return False
 
 
 def is_conflict(exc: BaseException) -> bool:

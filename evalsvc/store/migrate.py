@@ -26,6 +26,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, make_url
+from sqlmodel import SQLModel
 
 from evalsvc.store.db import Database, sqlite_path
 from evalsvc.store.serve_lock import MIGRATING, DatabaseInUse, ServeLock
@@ -38,6 +39,16 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 BASELINE = "0001"
 # Serialises concurrent `evalsvc migrate` runs on one PostgreSQL database (any constant would do).
 _PG_LOCK_KEY = 0x65766C73
+# A database without alembic_version is taken for one create_all made before migrations only when it
+# has all of these tables with (at least) these columns of the baseline: a table named `runs` alone was
+# enough, so another program's database was stamped and altered (refused only by luck: the ALTERs failed).
+_BASELINE_SIGNATURE: dict[str, frozenset[str]] = {
+    "runs": frozenset({"id", "tenant", "request_id", "request_hash", "spec", "status", "total_evaluations"}),
+    "jobs": frozenset({"id", "run_id", "item_idx", "repetition", "state", "claim_id", "lease_expiry", "attempt"}),
+    "results": frozenset({"id", "run_id", "job_id", "item_id", "grader", "state", "score", "error_reason"}),
+    "events": frozenset({"run_id", "seq", "tenant", "payload"}),
+    "api_keys": frozenset({"id", "tenant", "secret_hash"}),
+}
 
 
 class SchemaError(RuntimeError):
@@ -52,6 +63,8 @@ class SchemaState:
     heads: frozenset[str]
     known: frozenset[str]
     unversioned_tables: bool  # evalsvc tables without alembic_version: made before migrations existed
+    # Without alembic_version, tables named like evalsvc's that are not its baseline: another program's.
+    foreign_tables: frozenset[str] = frozenset()
 
     @property
     def at_head(self) -> bool:
@@ -82,11 +95,30 @@ def head() -> str:
 def _state(connection: Connection) -> SchemaState:
     script = _script()
     current = frozenset(MigrationContext.configure(connection).get_current_heads())
+    ours: frozenset[str] = frozenset()
+    baseline = False
+    if not current:
+        inspector = inspect(connection)
+        ours = frozenset(inspector.get_table_names()) & SQLModel.metadata.tables.keys()
+        baseline = bool(ours) and all(
+            table in ours and columns <= {column["name"] for column in inspector.get_columns(table)}
+            for table, columns in _BASELINE_SIGNATURE.items()
+        )
     return SchemaState(
         current=current,
         heads=frozenset(script.get_heads()),
         known=frozenset(rev.revision for rev in script.walk_revisions()),
-        unversioned_tables=not current and inspect(connection).has_table("runs"),
+        unversioned_tables=baseline,
+        foreign_tables=frozenset() if baseline else ours,
+    )
+
+
+def _foreign_message(found: SchemaState, url: str) -> str:
+    where = sqlite_path(url) or make_url(url).render_as_string(hide_password=True)
+    return (
+        f"the database {where} is not an evalsvc database: it has tables named like evalsvc's "
+        f"({', '.join(sorted(found.foreign_tables))}) but no evalsvc schema revision and not evalsvc's columns; "
+        "is --db another program's database? Give evalsvc a database of its own"
     )
 
 
@@ -143,6 +175,8 @@ def _upgrade(connection: Connection) -> tuple[frozenset[str], str]:
     found = _state(connection)
     if found.unknown:
         raise SchemaError(_unknown_message(found))
+    if found.foreign_tables:
+        raise SchemaError(_foreign_message(found, connection.engine.url.render_as_string(hide_password=False)))
     if found.at_head:
         return found.current, head()
     config = alembic_config()
@@ -168,6 +202,8 @@ async def require_head(db: Database) -> None:
         return
     if found.unknown:
         raise SchemaError(_unknown_message(found))
+    if found.foreign_tables:
+        raise SchemaError(_foreign_message(found, db.url))
     if found.unversioned_tables:
         raise SchemaError(
             "the database has evalsvc tables but no schema revision (made before evalsvc had migrations); "

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -260,3 +261,53 @@ async def test_an_unavailable_database_fails_the_batch_whole_and_records_nothing
     assert calls == 1
     assert [e.seq for e in await logged(db, "t1", run.run.id)] == [1, 2]
     assert {(j["state"], j["claim_id"]) for j in await jobs_of(db, run.run.id)} == {(JOB_LEASED, "c1")}
+
+
+def _pg_error(kind: type[Exception], message: str) -> sa_exc.DBAPIError:
+    """A PostgreSQL error as SQLAlchemy's asyncpg dialect hands it on: a plain DBAPIError (not an
+    OperationalError) around asyncpg's exception, which carries the SQLSTATE."""
+    return sa_exc.DBAPIError("INSERT INTO results ...", {}, kind(message))
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        _pg_error(asyncpg.exceptions.TooManyConnectionsError, 'too many connections for database "evalsvc"'),
+        _pg_error(asyncpg.exceptions.LockNotAvailableError, "canceling statement due to lock timeout"),
+        _pg_error(asyncpg.exceptions.QueryCanceledError, "canceling statement due to user request"),
+        RuntimeError("a failure nobody recognises"),
+    ],
+    ids=["too-many-connections", "lock-timeout", "query-canceled", "unknown"],
+)
+async def test_a_failure_that_is_not_the_datas_fails_the_batch_whole_and_it_records_exactly_once_it_clears(
+    db: Database, monkeypatch: pytest.MonkeyPatch, fault: Exception
+) -> None:
+    """An unavailable database (out of connections, a lock or statement timeout) or an unknown
+    failure is not split for (a lost race neither; the writer applies that again itself): splitting
+    stored every job of the batch as ERROR RESULT_NOT_STORABLE for good. The batch is recorded as it
+    was once the fault clears."""
+    calls = 0
+    insert_results = run_store.insert_results
+
+    async def failing_once(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise fault
+        await insert_results(conn, rows)
+
+    monkeypatch.setattr(run_store, "insert_results", failing_once)
+    (run,) = await insert(db, new_run(items=3))
+    jobs = await claim(db, {run.run.id: 3})
+    batch = [done(j, PASS) for j in jobs]
+
+    with pytest.raises(type(fault)):
+        await record(db, batch, {run.run.id: ONE_GRADER})
+    assert calls == 1  # not split
+    assert [e.seq for e in await logged(db, "t1", run.run.id)] == [1, 2]
+
+    events, finished = await record(db, batch, {run.run.id: ONE_GRADER})
+
+    assert finished == {run.run.id}
+    assert events[run.run.id][-1].run.status == run_pb2.RUN_STATUS_SUCCEEDED
+    assert {col(row, "state") for row, _ in await results_of(db, "t1", run.run.id)} == {run_pb2.RESULT_STATE_PASSED}

@@ -1,0 +1,88 @@
+"""How the store classifies database failures (evalsvc.store.db): `unavailable_cause` (the database
+cannot serve now: UNAVAILABLE, a one-line warning, retried whole) and `is_refused_data` (the values
+written are refused: the recorder splits a batch to leave out only them). Errors are built as the
+drivers and SQLAlchemy hand them on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
+
+from evalsvc.store.db import Database, is_refused_data, unavailable_cause
+from tests import dbs
+from tests.test_database_unavailable import terminate_backends
+
+
+def pg(kind: type[Exception], message: str = "...") -> sa_exc.DBAPIError:
+    """asyncpg's exception as SQLAlchemy's asyncpg dialect raises it: a plain DBAPIError around it
+    (only integrity violations, syntax errors and client errors get a more specific class)."""
+    return sa_exc.DBAPIError("SELECT ...", {}, kind(message))
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        pg(asyncpg.exceptions.TooManyConnectionsError, 'too many connections for database "evalsvc"'),
+        pg(asyncpg.exceptions.LockNotAvailableError, "canceling statement due to lock timeout"),
+        pg(asyncpg.exceptions.QueryCanceledError, "canceling statement due to statement timeout"),
+        pg(asyncpg.exceptions.AdminShutdownError, "terminating connection due to administrator command"),
+        sa_exc.OperationalError("INSERT ...", {}, ConnectionRefusedError("refused")),
+        # A connection killed under the pool (pg_terminate_backend, a restart, a failover), as
+        # SQLAlchemy raises it (the dialect invalidates the connection) and as asyncpg does.
+        sa_exc.InterfaceError("SELECT ...", {}, Exception("connection is closed"), connection_invalidated=True),
+        asyncpg.exceptions.InterfaceError("connection is closed"),
+        asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+    ],
+    ids=["53300", "55P03", "57014", "57P01", "refused", "invalidated", "asyncpg-closed", "asyncpg-gone"],
+)
+def test_a_database_that_cannot_serve_is_unavailable_and_never_the_datas_fault(exc: Exception) -> None:
+    assert unavailable_cause(exc) is not None
+    assert not is_refused_data(exc)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        pg(asyncpg.exceptions.CharacterNotInRepertoireError, "invalid byte sequence for encoding UTF8"),
+        pg(asyncpg.exceptions.NumericValueOutOfRangeError, "value out of range"),
+        pg(asyncpg.exceptions.ProgramLimitExceededError, "index row size exceeds maximum"),
+        sa_exc.IntegrityError("INSERT ...", {}, Exception("UNIQUE constraint failed")),
+        sa_exc.DataError("INSERT ...", {}, Exception("string or blob too big")),
+        # asyncpg's DataError is an InterfaceError too: a value it could not encode, no lost connection.
+        sa_exc.InterfaceError("INSERT ...", {}, asyncpg.exceptions.DataError("invalid input for query argument $1")),
+    ],
+    ids=["22021", "22003", "54000", "integrity", "data", "asyncpg-data"],
+)
+def test_values_the_database_refuses_are_the_datas_fault(exc: Exception) -> None:
+    assert is_refused_data(exc)
+    assert unavailable_cause(exc) is None
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [RuntimeError("a bug"), sa_exc.DBAPIError("SELECT ...", {}, Exception("something new")), KeyError("x")],
+    ids=["runtime", "plain-dbapi", "key"],
+)
+def test_an_unknown_failure_is_neither(exc: Exception) -> None:
+    assert unavailable_cause(exc) is None
+    assert not is_refused_data(exc)
+
+
+@pytest.mark.skipif(not dbs.USE_POSTGRES, reason="PostgreSQL only: run with EVALSVC_TEST_DB=postgres")
+async def test_a_pooled_connection_whose_backend_was_terminated_costs_a_reconnect_not_the_read(
+    tmp_path: Path,
+) -> None:
+    url = dbs.db_url(tmp_path)
+    db = Database(url, pool_size=1)
+    try:
+        async with db.read() as conn:
+            await conn.execute(text("SELECT 1"))
+        assert await terminate_backends(url) == 1
+        async with db.read() as conn:
+            assert (await conn.execute(text("SELECT 1"))).scalar() == 1
+    finally:
+        await db.close()
