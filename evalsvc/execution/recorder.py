@@ -7,12 +7,13 @@ events, and finish every run whose last evaluation this was. Either all of it co
 A batch holds many runs of many tenants, so one evaluation the database refuses must not cost the
 others theirs: a refused batch is split in halves, each recorded (and split) again, until the job
 that cannot be stored is alone; it is then recorded as ERROR `RESULT_NOT_STORABLE`, so its run ends
-and its lease is released like any other. Only a refusal of the data itself is split for
-(`is_refused_data`: a value out of range, a constraint, a row too large). A database that cannot
-serve (unreachable, out of connections, a lock or statement timeout: `unavailable_cause`), a lost race,
-or a failure nobody recognises is everyone's: the batch fails whole, and the executor records it again
-once the database serves (after an unknown failure its jobs run again when their leases expire).
-Splitting on those recorded correct results as ERROR for good.
+and its lease is released like any other. A database that cannot serve (unreachable, out of
+connections, a lock or statement timeout: `unavailable_cause`) or a lost race is everyone's, not split
+for: the batch fails whole, and the executor records it again once the database serves (splitting on an
+exhausted PostgreSQL stored correct results as ERROR for good). Anything else is split for, whether the
+database named it the data's (a value out of range, a constraint, a row too large) or nobody recognises
+it: splitting retries every part, so a passing failure costs nothing, and only a job that fails alone
+again is left out; not splitting let one job's unrecognised failure stop every tenant's recordings.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from evalsvc.store import events as event_log
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.cache import CacheEntry
-from evalsvc.store.db import Database, is_refused_data
+from evalsvc.store.db import Database, is_conflict, unavailable_cause
 from evalsvc.store.jobs import ClaimedJob
 from evalsvc.store.records import RunRecord
 from evalsvc.turns import YIELD_EVERY_S
@@ -102,12 +103,12 @@ async def record(
 
     Splits a batch the database refuses until only the evaluation it cannot store is left out,
     recorded as ERROR `RESULT_NOT_STORABLE` instead (see the module docstring). Raises, recording
-    nothing, on any other failure (the database unavailable, a conflict, the unknown), or when the
-    database refuses even that replacement."""
+    nothing, when the database cannot serve or the batch lost a race, or when the database refuses even
+    that replacement."""
     try:
         return await _record_batch(db, finished, graders_of, cache_max_entries)
     except Exception as exc:
-        if not is_refused_data(exc):
+        if unavailable_cause(exc) is not None or is_conflict(exc):
             raise
         if len(finished) > 1:
             half = len(finished) // 2
