@@ -616,6 +616,12 @@ def freeze_startup_objects() -> None:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    # Before the start: a SIGTERM that came after the start's last line but before the handlers killed the
+    # process with no shutdown at all (exit -15); one during the start now stops the server once started.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     server = EvalServer(settings)
     try:
         await server.start()
@@ -625,10 +631,6 @@ async def serve(settings: Settings) -> None:
         raise
     if not _show_bootstrap_key(server):
         log.info("API keys: %s", key_instructions(settings.db, server.has_keys))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     freeze_startup_objects()  # after the handlers: a SIGTERM during its collection still shuts down cleanly
     await stop.wait()
     limit_s = settings.grace_s + SHUTDOWN_MARGIN_S
