@@ -11,8 +11,10 @@ Now a lookup runs on RESOLVER_THREADS threads no other work uses; a tenant's loo
 LOOKUPS_PER_TENANT of them at once, and waiting lookups take the free threads round-robin across
 tenants (`Slots`). A thread is the tenant's until the lookup returns, even when nobody waits for the
 answer any more (a thread cannot be interrupted): that is what the per-tenant bound bounds. Concurrent
-lookups of one host share one lookup (single-flight), so a run of 1,000 calls to one slow name holds
-one thread. Each caller waits at most its timeout (TimeoutError); nothing is cached, so every call
+lookups of one host by one tenant share one lookup (single-flight), so a run of 1,000 calls to one slow name holds
+one thread; lookups are shared within a tenant only (a lookup waits in its tenant's turn, and another
+tenant joining it waited behind that tenant's queue of slow names until its own call timed out, with
+resolver threads free). Each caller waits at most its timeout (TimeoutError); nothing is cached, so every call
 sees the name's current addresses.
 """
 
@@ -58,7 +60,7 @@ class _LoopState:
 
     free: Slots
     tenants: dict[str, Slots] = field(default_factory=dict)
-    flights: dict[str, _Flight] = field(default_factory=dict)
+    flights: dict[tuple[str, str], _Flight] = field(default_factory=dict)  # by (tenant, host)
 
 
 @dataclass
@@ -85,10 +87,11 @@ class Resolver:
         """host's addresses, looked up in `tenant`'s turn (or with a lookup of host already under way);
         TimeoutError after `timeout_s`, OSError when the resolver fails."""
         state = self._state()
-        flight = state.flights.get(host)
+        key = (tenant, host)
+        flight = state.flights.get(key)
         if flight is None:
-            flight = state.flights[host] = _Flight(asyncio.ensure_future(self._look_up(state, host, tenant)))
-            flight.task.add_done_callback(lambda _: _landed(state, host, flight))
+            flight = state.flights[key] = _Flight(asyncio.ensure_future(self._look_up(state, host, tenant)))
+            flight.task.add_done_callback(lambda _: _landed(state, key, flight))
         flight.waiters += 1
         try:
             async with asyncio.timeout(timeout_s):
@@ -126,9 +129,9 @@ class Resolver:
         return await asyncio.wrap_future(lookup)
 
 
-def _landed(state: _LoopState, host: str, flight: _Flight) -> None:
-    if state.flights.get(host) is flight:
-        del state.flights[host]
+def _landed(state: _LoopState, key: tuple[str, str], flight: _Flight) -> None:
+    if state.flights.get(key) is flight:
+        del state.flights[key]
     if not flight.task.cancelled():
         flight.task.exception()  # retrieved: a failure nobody waited for is not "never retrieved"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import ipaddress
 import json
 import socket
 import threading
@@ -318,3 +319,25 @@ async def test_a_lookup_gives_the_jobs_worker_slot_back_while_it_waits(slow_dns:
     finally:
         call.cancel()
     assert waits == ["gave the worker back", "took it again"]
+
+
+async def test_another_tenants_lookup_of_the_same_name_does_not_wait_in_the_first_tenants_turn() -> None:
+    """Lookups of one name were shared across tenants: B's lookup of a provider's name joined A's, which
+    waited behind A's own slow names (A's two threads taken), and B's call timed out with threads free."""
+    released = threading.Event()
+
+    def lookup(host: str) -> list[resolver.IPAddress]:
+        if host.startswith("slow"):
+            released.wait(60)
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    names = resolver.Resolver(lookup=lookup)
+    a = [asyncio.ensure_future(names.resolve(f"slow{i}.a.test", "a", 60)) for i in range(4)]
+    a.append(asyncio.ensure_future(names.resolve("api.provider.test", "a", 60)))  # queued behind A's slow names
+    try:
+        await asyncio.sleep(0)  # A's lookups have started or queued
+        assert await names.resolve("api.provider.test", "b", 10) == [ipaddress.ip_address("127.0.0.1")]
+        assert not any(each.done() for each in a)  # A's share of the name is still waiting its turn
+    finally:
+        released.set()
+        await asyncio.gather(*a, return_exceptions=True)
