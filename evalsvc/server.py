@@ -430,8 +430,8 @@ class EvalServer:
             self._grpc_stopping = self._server = None
 
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful shutdown: gRPC takes no new calls from the first moment, then the start is undone in
-        reverse: report NOT_SERVING, end watches with UNAVAILABLE, stop claiming jobs and hand
+        """Graceful shutdown: gRPC and the REST gateway take no new calls from the first moment, then the
+        start is undone in reverse: report NOT_SERVING, end watches with UNAVAILABLE, stop claiming jobs and hand
         unfinished ones back, let unary calls finish within the grace period, then close the database.
 
         gRPC stopped taking calls only after the executor had stopped, and the executor's last writes
@@ -440,6 +440,8 @@ class EvalServer:
         self._grace = self.settings.grace_s if grace is None else grace
         if self._server is not None and self._grpc_stopping is None:
             self._grpc_stopping = asyncio.ensure_future(self._server.stop(self._grace))
+        if self.gateway is not None:  # the REST gateway too: its calls go straight to the services
+            self.gateway.stop_accepting()
         stack, self._stack = self._stack, contextlib.AsyncExitStack()
         await stack.aclose()
         if self._started:  # a start that failed says only why, in one line

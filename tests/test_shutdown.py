@@ -1,4 +1,4 @@
-"""Shutting down a real `evalsvc serve`: gRPC takes no new call from the signal on, and a shutdown the
+"""Shutting down a real `evalsvc serve`: gRPC and REST take no new call from the signal on, and a shutdown the
 database holds up (a SQLite file another process keeps locked) ends within --grace-s + 10 s, or at once
 at a second signal, with exit code 1 and one WARNING line saying why."""
 
@@ -11,10 +11,13 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from evalsvc.server import SHUTDOWN_MARGIN_S
+from evalsvc.execution.executor import Executor
+from evalsvc.server import SHUTDOWN_MARGIN_S, EvalServer
+from tests.conftest import make_settings
 from tests.procs import ServerProcess, start_server
 
 
@@ -73,3 +76,38 @@ async def test_a_second_signal_ends_a_held_up_shutdown_at_once(tmp_path: Path) -
     log = server.log_path.read_text()
     assert code == 1 and "a second signal arrived: exiting now" in log, log
     assert took < SHUTDOWN_MARGIN_S / 2, f"the second signal took {took:.1f} s to end the process"
+
+
+async def test_the_rest_gateway_takes_no_new_call_once_the_shutdown_begins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only gRPC stopped taking calls at once: the embedded gateway calls the services in process, so a
+    REST CreateRun was taken and ran while the executor's last writes waited on the database."""
+    executor_may_stop = asyncio.Event()
+    stop_executor = Executor.stop
+
+    async def held_stop(self: Executor) -> None:  # as if its last writes waited on a locked database
+        await executor_may_stop.wait()
+        await stop_executor(self)
+
+    monkeypatch.setattr(Executor, "stop", held_stop)
+    srv = EvalServer(make_settings(tmp_path, http_addr="127.0.0.1:0"))
+    await srv.start()
+    assert srv.gateway is not None
+    url = f"http://127.0.0.1:{srv.gateway.port}/v1/runs"
+    headers = {"authorization": f"Bearer {srv.bootstrap_key}"}
+    stopping = asyncio.create_task(srv.stop(grace=0.5))
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # the gateway notices within a tick of its own loop (uvicorn offers no event)
+            try:
+                async with httpx.AsyncClient() as client:
+                    await client.get(url, headers=headers)
+            except httpx.TransportError:
+                break  # refused: no new call is taken
+            assert time.monotonic() < deadline, "the gateway still took calls 10 s into the shutdown"
+            await asyncio.sleep(0.05)
+        assert not stopping.done()  # while the executor's stop is still held up
+    finally:
+        executor_may_stop.set()
+        await stopping

@@ -234,8 +234,12 @@ class Gateway:
         """`https` when the gateway serves TLS, else `http`."""
         return "https" if self._server.config.is_ssl else "http"
 
+    def stop_accepting(self) -> None:
+        """Take no new request from now on; open responses go on (the first step of a shutdown)."""
+        self._server.should_exit = True
+
     async def stop(self) -> None:
         """Stop accepting, let open responses end, close the channel."""
-        self._server.should_exit = True
+        self.stop_accepting()
         if self._task is not None:
             await self._task
