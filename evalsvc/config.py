@@ -57,9 +57,9 @@ class Settings:
     max_workers_per_tenant: int = dataclasses.field(
         default=0,
         metadata={
-            "help": "of --workers, how many one tenant's claimed jobs may hold: its jobs are claimed only while it "
-            "holds fewer, so one tenant's hung or slow endpoints leave the rest to others (docs/targets.md). "
-            "At most --workers; 0: half of --workers"
+            "help": "calls (each holding one of --workers) one tenant may have in progress in this process; "
+            "its other jobs wait for room holding no worker, so one tenant's hung or slow endpoints leave the "
+            "rest to others (docs/targets.md). At most --workers; 0: half of --workers"
         },
     )
     claim_batch: int = dataclasses.field(
@@ -372,7 +372,7 @@ class Settings:
 
     @property
     def workers_per_tenant(self) -> int:
-        """The workers one tenant's jobs may hold: `max_workers_per_tenant`, or when that is 0, half of
+        """The calls (workers) one tenant may hold: `max_workers_per_tenant`, or when that is 0, half of
         `workers` (at least 1)."""
         return self.max_workers_per_tenant or max(1, self.workers // 2)
 

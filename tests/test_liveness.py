@@ -36,7 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from evalsvc import liveness
 from evalsvc.execution import executor as executor_module
-from evalsvc.execution.fairness import RoundRobin, even_split, within_room
+from evalsvc.execution.fairness import RoundRobin, even_split
 from evalsvc.metrics import Metrics
 from evalsvc.server import EvalServer
 from evalsvc.slots import Hold, Slots
@@ -59,7 +59,8 @@ class Webhook:
     """An agent webhook on 127.0.0.1, served from the test's event loop (HTTP/1.1, keep-alive).
 
     POST /fast answers at once, /slow after `slow_s`, /fail with HTTP 500, /throttle with HTTP 429 and
-    `Retry-After: 30`, /hang never (until the webhook closes), /gated/... when the test lets it
+    `Retry-After: 30`, /hang never (until the webhook closes), /retry-then-hang an item's first call with
+    HTTP 503 and `Retry-After: 1` and its next never, /gated/... when the test lets it
     (`answer_one`). An answer's `content` is the item's input, so an exact-match grader passes; a path
     ending in /chat/completions is an LLM judge's, answered with a criteria verdict that passes."""
 
@@ -69,6 +70,7 @@ class Webhook:
         self.arrived: list[str] = []  # the paths of the requests, in arrival order
         self.answered: list[str] = []  # the paths of the requests answered, in order
         self._answers_allowed = 0  # to /gated requests
+        self._retried: set[str] = set()  # items /retry-then-hang told to come back (their next call hangs)
         self._arrived = asyncio.Condition()
         self._closing = asyncio.Event()
         self._server: asyncio.Server | None = None
@@ -125,9 +127,11 @@ class Webhook:
                     self.calls[path] += 1
                     self.arrived.append(path)
                     self._arrived.notify_all()
-                if path == "/hang":
+                if path == "/hang" or (path == "/retry-then-hang" and request["item"]["input"] in self._retried):
                     await self._closing.wait()
                     return
+                if path == "/retry-then-hang":
+                    self._retried.add(request["item"]["input"])
                 if path == "/slow":
                     await asyncio.sleep(self.slow_s)
                 if path.startswith("/gated/"):
@@ -136,9 +140,11 @@ class Webhook:
                         if self._closing.is_set():
                             return
                         self._answers_allowed -= 1
-                status = {"/fail": "500 Internal Server Error", "/throttle": "429 Too Many Requests"}.get(
-                    path, "200 OK"
-                )
+                status = {
+                    "/fail": "500 Internal Server Error",
+                    "/throttle": "429 Too Many Requests",
+                    "/retry-then-hang": "503 Service Unavailable",
+                }.get(path, "200 OK")
                 if path.endswith("/chat/completions"):
                     verdict = json.dumps({"passed": True, "reason": "ok"})
                     body = json.dumps({"choices": [{"message": {"role": "assistant", "content": verdict}}]}).encode()
@@ -147,6 +153,7 @@ class Webhook:
                 head_out = (
                     f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
                     + ("retry-after: 30\r\n" if path == "/throttle" else "")
+                    + ("retry-after: 1\r\n" if path == "/retry-then-hang" else "")
                     + "\r\n"
                 )
                 writer.write(head_out.encode() + body)
@@ -458,18 +465,18 @@ async def test_a_run_hung_on_its_webhook_delays_no_other_run(tmp_path: Path) -> 
         still = (await a.GetRun(pb.GetRunRequest(run_id=stuck.id))).run
         assert still.status == run_pb2.RUN_STATUS_RUNNING and still.counts.completed_evaluations == 0
         assert hung_hook.calls["/hang"] == 8
-        # Its first claim took 32 jobs (A's share of --workers 64): 8 hold workers in hung calls, the rest
-        # queue for the endpoint without one, and the run leases nothing more while they do.
+        # Its first claim took 64 jobs (--workers): 8 hold workers in hung calls, the rest queue for the
+        # endpoint without one, and the run leases nothing more while they do.
         sample = srv.metrics.registry.get_sample_value
-        assert (sample("evalsvc_jobs_running"), sample("evalsvc_jobs_held_up")) == (8, 24)
+        assert (sample("evalsvc_jobs_running"), sample("evalsvc_jobs_held_up")) == (8, 56)
         await a.CancelRun(pb.CancelRunRequest(run_id=stuck.id))
 
 
 async def test_one_tenants_hung_endpoints_leave_the_other_workers_to_other_tenants(tmp_path: Path) -> None:
     """Regression (probe): tenant A's runs on 8 hung endpoints held all 64 workers (each endpoint its
     limit of 8), so nothing was claimed for anyone until A's calls timed out: B's 1-item run took 57 s
-    instead of 0.1 s. A tenant's jobs that call endpoints are claimed only while they hold fewer than
-    --max-workers-per-tenant workers (half of --workers by default): here 4 of 8, one endpoint's worth."""
+    instead of 0.1 s. A tenant has at most --max-workers-per-tenant calls in progress (half of --workers
+    by default): here 4 of 8; its other jobs wait for room holding no worker."""
     async with (
         serving(tmp_path, workers=8) as srv,
         Webhook() as first_hung,
@@ -491,6 +498,32 @@ async def test_one_tenants_hung_endpoints_leave_the_other_workers_to_other_tenan
         assert srv.metrics.registry.get_sample_value("evalsvc_jobs_running") == 4
         for run in (first, second):
             await a.CancelRun(pb.CancelRunRequest(run_id=run.id))
+
+
+async def test_jobs_back_from_a_wait_do_not_take_a_tenant_past_its_share(tmp_path: Path) -> None:
+    """Regression (review): the share was counted when jobs were claimed, and jobs held up meanwhile
+    (backing off before a retry, waiting for DNS or an endpoint) did not count: A's jobs told to come
+    back in 1 s by a 503, plus another run of A's claimed meanwhile, all ended in hung calls, A held all
+    8 workers and B's run was not claimed. The bound is on calls in progress, taken as a call starts."""
+    async with (
+        serving(tmp_path, workers=8) as srv,
+        Webhook() as retry_then_hang,
+        Webhook() as hung,
+        Webhook() as fast_hook,
+        tenants(srv, "a", "b") as t,
+    ):
+        a, b = t["a"], t["b"]
+        first = (await a.CreateRun(run_request(webhook(retry_then_hang.url + "/retry-then-hang"), 4))).run
+        await retry_then_hang.wait_for_calls("/retry-then-hang", 4)  # each answered 503, Retry-After: 1
+        second = (await a.CreateRun(run_request(webhook(hung.url + "/hang"), 4))).run
+        await hung.wait_for_calls("/hang", 4)  # A's 4 calls in progress: its share
+        await asyncio.sleep(1.5)  # the 1 s the endpoint asked for is over: the first run's jobs are back
+        run = await create_and_finish(b, run_request(webhook(fast_hook.url + "/fast"), 10), within_s=10.0)
+        assert run.status == run_pb2.RUN_STATUS_SUCCEEDED and run.counts.passed == 10
+        assert retry_then_hang.calls["/retry-then-hang"] == 4  # the retries found no room: none is calling
+        assert srv.metrics.registry.get_sample_value("evalsvc_jobs_running") == 4
+        for each in (first, second):
+            await a.CancelRun(pb.CancelRunRequest(run_id=each.id))
 
 
 def endpoint_calls(url: str, n: int, *, by: str, tag: str) -> pb.CreateRunRequest:
@@ -620,14 +653,6 @@ def test_round_robin_splits_claims_across_tenants_then_runs_taking_turns() -> No
     assert sorted(run[0] for run in firsts) == ["a", "a", "b", "b"]
     assert rr.shares([], 5) == {} and rr.shares(runs, 0) == {}
     assert even_split(7, 3) == [3, 2, 2] and even_split(1, 3) == [1, 0, 0]
-
-
-def test_a_tenants_share_of_a_claim_is_cut_to_its_room_except_for_local_runs() -> None:
-    tenant_of = {"a1": "a", "a2": "a", "a3": "a", "b1": "b"}
-    quotas = {"a1": 3, "a2": 3, "a3": 3, "b1": 4}
-    # a may take 4 more workers: its runs in turn until they are used; b's room is ample; a3 is local.
-    assert within_room(quotas, tenant_of, {"a": 4, "b": 10}, local={"a3"}) == {"a1": 3, "a2": 1, "a3": 3, "b1": 4}
-    assert within_room(quotas, tenant_of, {"a": 0, "b": -2}, local=()) == {}  # no room (or past it): none
 
 
 # ------------------------------------------------------------------------------------------ slots

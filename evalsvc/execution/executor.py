@@ -14,10 +14,10 @@ A job task holds a worker slot (`--workers`) while it works, but not while a sha
 up: its endpoint (it queues for a slot of the endpoint's concurrency limit, in its tenant's turn, or
 backs off before a retry) or a grading process. A run stuck behind a slow, hung or throttling endpoint
 keeps at most that endpoint's limit of workers busy, and claims no more jobs while its jobs wait, so
-other runs keep theirs. A tenant's jobs are claimed only while they hold fewer than
---max-workers-per-tenant workers (fairness.within_room): a tenant with runs on many hung endpoints
-(each holding its limit of workers) held every worker, and no other tenant's job was claimed until
-the hung calls timed out.
+other runs keep theirs. A tenant's calls in progress are at most --max-workers-per-tenant
+(evalsvc.http.outbound: a job waits for its tenant's room holding neither a worker nor an endpoint
+slot), so a tenant with runs on many hung endpoints (each holding its limit of workers) cannot hold
+every worker: it did, and no other tenant's job was claimed until the hung calls timed out.
 
 Cancelling a run cancels its tasks at once; everything a task holds (worker slot, endpoint slot, its
 share of the claim whose lease the keeper renews) is given back in `finally` blocks and context
@@ -35,7 +35,7 @@ import os
 import socket
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -46,7 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from evalsvc.config import Settings
 from evalsvc.events.bus import EventBus
 from evalsvc.execution import cache
-from evalsvc.execution.fairness import RoundRobin, within_room
+from evalsvc.execution.fairness import RoundRobin
 from evalsvc.execution.recorder import ALONE_FROM_EVALUATIONS, FinishedJob, RunGraders, fail_early, record
 from evalsvc.graders import CompiledGrader, Grade, compile_grader, grader_name, target_error_grade
 from evalsvc.graders.judge import JudgeDefaults, LlmJudgeGrader
@@ -166,7 +166,6 @@ class Executor:
         self._created: dict[str, CreatedRunInputs] = {}  # insertion order: oldest first
         self._created_items = 0
         self._in_flight: dict[str, set[asyncio.Task[None]]] = defaultdict(set)
-        self._run_tenants: dict[str, str] = {}  # run id -> its tenant, for the runs in `_in_flight`
         # Job tasks made but not yet started: one cancelled now never runs `_run_job`'s `finally`, so
         # `_task_done` gives back its share of the claim instead (see `_run_job`).
         self._not_started: set[asyncio.Task[None]] = set()
@@ -242,24 +241,6 @@ class Executor:
     def _busy(self) -> int:
         """Jobs that hold (or are about to take) a worker slot: in flight, less those held up."""
         return self.in_flight() - sum(self._held_up_jobs.values())
-
-    def _busy_by_tenant(self) -> Counter[str]:
-        """`_busy` per tenant: the workers each tenant's jobs hold (or are about to take)."""
-        busy: Counter[str] = Counter()
-        for run_id, tasks in self._in_flight.items():
-            busy[self._run_tenants[run_id]] += len(tasks) - self._held_up_jobs.get(run_id, 0)
-        return busy
-
-    def _known_local(self, run_id: str) -> bool:
-        """Whether the run's plan is loaded and local (its jobs hold no worker: `RunPlan.local`)."""
-        plan = self._plans.get(run_id)
-        return (
-            plan is not None
-            and plan.done()
-            and not plan.cancelled()
-            and plan.exception() is None
-            and plan.result().local
-        )
 
     def run_ended(self, run_id: str) -> None:
         """Stop this process's work on a run that ended - cancelled or deleted here, or ended by another
@@ -365,7 +346,6 @@ class Executor:
             task = asyncio.create_task(self._run_job(job))
             self._not_started.add(task)
             self._in_flight[job.run_id].add(task)
-            self._run_tenants[job.run_id] = job.tenant
             task.add_done_callback(
                 cast("Callable[[asyncio.Task[None]], object]", lambda t, job=job: self._task_done(job, t))
             )
@@ -433,16 +413,7 @@ class Executor:
 
         async def claim(conn: AsyncConnection) -> tuple[list[ClaimedJob], list[pb.WatchRunResponse]]:
             runs = await run_store.claimable_runs(conn, now)
-            busy = self._busy_by_tenant()
-            room = {tenant: self._settings.workers_per_tenant - busy[tenant] for tenant, _ in runs}
-            local = {run_id for _, run_id in runs if self._known_local(run_id)}
-            open_runs = [
-                (tenant, run_id)
-                for tenant, run_id in runs
-                if run_id not in self._held_up_jobs and (run_id in local or room[tenant] > 0)
-            ]
-            shares = self._round_robin.shares(open_runs, limit)
-            quotas = within_room(shares, {run_id: tenant for tenant, run_id in open_runs}, room, local)
+            quotas = self._round_robin.shares([r for r in runs if r[1] not in self._held_up_jobs], limit)
             jobs = await job_store.claim(
                 conn,
                 owner=self.owner,
@@ -505,12 +476,9 @@ class Executor:
             tasks.discard(task)
             if not tasks:
                 del self._in_flight[job.run_id]
-                self._run_tenants.pop(job.run_id, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("job %d of run %s failed", job.id, job.run_id, exc_info=task.exception())
         self._slot_free.set()
-        if self._busy_by_tenant()[job.tenant] == self._settings.workers_per_tenant - 1:
-            self.wake()  # its tenant had no room, so claims may have found nothing to take: look again now
 
     def _release_claim_slot(self, claim_id: str) -> None:
         """One job of a claim no longer needs its lease kept."""

@@ -9,18 +9,13 @@ run each get half of the next claim; the small run is not queued behind the larg
 
 A share a run cannot fill (it has fewer claimable jobs) is not handed to others within the same
 claim: the claim loop claims again at once while there is room, and the next claim is split afresh.
-
-Turns alone do not stop one tenant holding every worker: jobs hung on its endpoints hold their workers
-until they time out (up to 600 s), and while every worker is held nothing is claimed for anyone. So a
-tenant's jobs that call endpoints are claimed only within its room (`within_room`: --max-workers-per-tenant,
-less the workers its jobs hold); local jobs (recorded responses, echo) hold no worker and are not limited.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Sequence
 
 
 def even_split(total: int, ways: int) -> list[int]:
@@ -64,20 +59,3 @@ class RoundRobin:
                     break
                 quota[run_id] = run_share
         return quota
-
-
-def within_room(
-    quotas: Mapping[str, int], tenant_of: Mapping[str, str], room: Mapping[str, int], local: Collection[str]
-) -> dict[str, int]:
-    """`quotas` (jobs per run id) with each tenant's runs that are not known to be `local` cut to its
-    `room` together (the workers it may still take), in the order the quotas were given (their turn)."""
-    left = dict(room)
-    out: dict[str, int] = {}
-    for run_id, quota in quotas.items():
-        if run_id not in local:
-            tenant = tenant_of[run_id]
-            quota = min(quota, max(0, left[tenant]))
-            left[tenant] -= quota
-        if quota > 0:
-            out[run_id] = quota
-    return out

@@ -372,6 +372,10 @@ class AdaptiveLimit:
         """Wait for a slot under the current limit, in `tenant`'s turn."""
         await self.slots.acquire(tenant)
 
+    def give_back(self) -> None:
+        """Give a slot back that made no call: the limit learns nothing from it."""
+        self.slots.release()
+
     def release(self, *, throttled: bool) -> None:
         """Give the slot back and adapt the limit."""
         if throttled:
@@ -395,29 +399,96 @@ def _held_up() -> AbstractAsyncContextManager[None]:
     return wait() if wait is not None else contextlib.nullcontext()
 
 
-@contextlib.asynccontextmanager
-async def _endpoint_slot(limit: AdaptiveLimit) -> AsyncIterator[_Call]:
-    """One call's slot under its endpoint's limit, given back (and the limit adapted) however the call
-    ends: cancelled, failed or answered. A call that must queue for the slot waits the way its
-    caller asked (`endpoint_wait`), in its tenant's turn (`call_tenant`)."""
-    tenant = call_tenant.get()
+class TenantCalls:
+    """The calls each tenant has in progress in this process, at most `per_tenant` (--max-workers-per-tenant).
+
+    Each call in progress holds a worker of the executor, and a call to an endpoint that never answers
+    holds it until its timeout (up to 600 s). Per endpoint, the adaptive limit bounds that; but a tenant
+    names as many endpoints as it likes, and runs on 8 hung endpoints held all 64 workers, so that no
+    other tenant's job was claimed until the calls timed out. With this bound, whatever one tenant's
+    endpoints do, the rest of the workers are left to the other tenants."""
+
+    def __init__(self, per_tenant: int) -> None:
+        self.per_tenant = per_tenant
+        self._of: dict[str, Slots] = {}  # kept while a tenant has calls in progress or waiting
+
+    def of(self, tenant: str) -> Slots:
+        """The tenant's room for calls."""
+        room = self._of.get(tenant)
+        if room is None:
+            room = self._of[tenant] = Slots(self.per_tenant)
+        return room
+
+    def forget_if_idle(self, tenant: str) -> None:
+        """Forget a tenant with no call in progress or waiting (tenants that come and go cost nothing)."""
+        room = self._of.get(tenant)
+        if room is not None and not room.held and not room.waiting:
+            del self._of[tenant]
+
+
+async def _wait_for_slot(limit: AdaptiveLimit, tenant: str) -> None:
+    """Take a slot of the endpoint, in the tenant's turn; a wait for it is a wait the caller asked for
+    (`endpoint_wait`: a job gives its worker back meanwhile)."""
     if limit.slots.available():
         await limit.acquire(tenant)
-    else:
-        acquired = False
-        try:
-            async with _held_up():
-                await limit.acquire(tenant)
-                acquired = True
-        except BaseException:
-            if acquired:  # cancelled while the caller took its own resources back
-                limit.release(throttled=False)
-            raise
-    call = _Call()
+        return
+    acquired = False
     try:
-        yield call
+        async with _held_up():
+            await limit.acquire(tenant)
+            acquired = True
+    except BaseException:
+        if acquired:  # cancelled while the caller took its own resources back
+            limit.give_back()
+        raise
+
+
+async def _wait_for_room(room: Slots) -> None:
+    """Take room for a call of the tenant, waiting for it holding nothing else (`endpoint_wait`)."""
+    acquired = False
+    try:
+        async with _held_up():
+            await room.acquire()
+            acquired = True
+    except BaseException:
+        if acquired:  # cancelled while the caller took its own resources back
+            room.release()
+        raise
+
+
+@contextlib.asynccontextmanager
+async def _endpoint_slot(limit: AdaptiveLimit, calls: TenantCalls) -> AsyncIterator[_Call]:
+    """One call's slot under its endpoint's limit and within its tenant's room (`TenantCalls`), given
+    back (and the limit adapted) however the call ends: cancelled, failed or answered. A call that must
+    queue waits the way its caller asked (`endpoint_wait`), in its tenant's turn (`call_tenant`).
+
+    The endpoint's slot comes first, the tenant's room only if there is some now: a slot taken and then
+    held while waiting for the tenant's room would sit idle, and one tenant whose own endpoints hang
+    could so collect a shared endpoint's slots, turn after turn. Without room, the slot is given back
+    (to the next tenant in turn), the call waits for room holding nothing, then, holding the room (the
+    tenant's own), queues for the endpoint again."""
+    tenant = call_tenant.get()
+    room = calls.of(tenant)
+    try:
+        await _wait_for_slot(limit, tenant)
+        if room.available():
+            await room.acquire()  # at once: there is room
+        else:
+            limit.give_back()
+            await _wait_for_room(room)
+            try:
+                await _wait_for_slot(limit, tenant)
+            except BaseException:
+                room.release()
+                raise
+        call = _Call()
+        try:
+            yield call
+        finally:
+            room.release()
+            limit.release(throttled=call.throttled)
     finally:
-        limit.release(throttled=call.throttled)
+        calls.forget_if_idle(tenant)
 
 
 @dataclass(frozen=True)
@@ -440,6 +511,7 @@ class Outbound:
             follow_redirects=False, transport=checked_transport(self.allow, httpx.Limits(max_connections=512))
         )
         self._limits: OrderedDict[tuple[str, str, int], AdaptiveLimit] = OrderedDict()  # least recently used first
+        self.calls = TenantCalls(settings.workers_per_tenant)
         self._json = JsonParser()
         self.base_backoff_s = 0.2
 
@@ -476,7 +548,7 @@ class Outbound:
         while True:
             attempt += 1
             # Looked up at each attempt: one idle while this call backed off may have been forgotten.
-            async with _endpoint_slot(self.limit_of(url)) as call:
+            async with _endpoint_slot(self.limit_of(url), self.calls) as call:
                 guard = call_guard.get()
                 if guard is not None:
                     guard()
