@@ -182,6 +182,12 @@ async def test_etag_and_if_match_headers_are_the_runs_etag(gw) -> None:
     anyway = await client.patch(f"/v1/runs/{run_id}", json={"displayName": "b"}, headers={"if-match": "*"})
     assert anyway.status_code == 200
     current = anyway.headers["etag"]
+    # A read with If-Match is answered when the run is at that etag (it was refused: 400 "no etag").
+    for method in ("GET", "HEAD"):
+        read = await client.request(method, f"/v1/runs/{run_id}", headers={"if-match": current})
+        assert read.status_code == 200 and read.headers["etag"] == current, (method, read.text)
+    moved = await client.get(f"/v1/runs/{run_id}", headers={"if-match": stale})
+    assert moved.status_code == 409 and moved.json()["details"][0]["reason"] == "ETAG_MISMATCH", moved.text
     deleted = await client.delete(f"/v1/runs/{run_id}", headers={"if-match": current})
     assert deleted.status_code == 200 and deleted.json()["run"]["deleteTime"]
 

@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException
 
 from evalsvc.errors import FieldViolation, Reason, ServiceError, to_status
 from evalsvc.gateway import dialects, openapi, ui
-from evalsvc.gateway.conditional import apply_if_match, etag_header
+from evalsvc.gateway.conditional import apply_if_match, check_read_if_match, etag_header
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.parse_errors import field_message, field_named, field_violation
 from evalsvc.gateway.routes import Route, routes
@@ -357,10 +357,13 @@ def create_app(
     )
 
     def unary_endpoint(route: Route) -> Callable[[Request], Any]:
+        reading = route.verb.upper() == "GET"  # also as HEAD: If-Match is checked against what it returns
+
         async def endpoint(request: Request) -> Response:
             try:
                 message, metadata = await build_request(request, route), _metadata(request)
-                apply_if_match(request.headers.get("if-match", ""), route, message)
+                if not reading:
+                    apply_if_match(request.headers.get("if-match", ""), route, message)
             except GatewayError as error:
                 return refused(error)
             call: grpc.aio.UnaryUnaryMultiCallable[Message, Message] = upstream.channel.unary_unary(
@@ -372,6 +375,11 @@ def create_app(
                 response = await call(message, metadata=metadata, timeout=60)
             except grpc.aio.AioRpcError as error:
                 return error_response(error)
+            if reading:
+                try:
+                    check_read_if_match(request.headers.get("if-match", ""), response)
+                except GatewayError as error:
+                    return refused(error)
             tag = etag_header(response)
             headers = {"etag": tag} if tag else None
             return Response(await json_body(response), media_type=JSONResponse.media_type, headers=headers)

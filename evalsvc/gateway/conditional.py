@@ -6,17 +6,20 @@ request's `If-Match` fills the request's etag (DeleteRun's `etag`, UpdateRun's `
 write happens only if nobody changed the resource, exactly as with the etag in the body or query
 (`ABORTED`, HTTP 409, reason ETAG_MISMATCH otherwise). `If-Match: *` asks for no check; a weak tag
 (`W/"..."`, which RFC 9110's strong comparison never matches) or an empty one is refused (400), and
-so is a tag on a request that names no etag (a grader, a webhook, a GET...: 400 INVALID_ARGUMENT, as
+so is a tag on a write whose resource has no etag (a grader, a webhook...: 400 INVALID_ARGUMENT, as
 the other If-Match refusals), whose condition cannot hold: the method must not run (RFC 9110 13.1.1),
-and ignoring the header ran it. An HTTP client that follows RFC 9110 gets what it expects without
-knowing the field.
+and ignoring the header ran it. A read (GET, HEAD) with a tag is answered only when the resource it
+returns is at that etag (else the same ABORTED ETAG_MISMATCH, 409). An HTTP client that follows RFC 9110
+gets what it expects without knowing the field.
 """
 
 from __future__ import annotations
 
+import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from evalsvc.errors import Reason
 from evalsvc.gateway.routes import Route
 from evalsvc.gateway.upstream import GatewayError
 
@@ -38,8 +41,43 @@ def _etag_holder(route: Route, message: Message) -> Message | None:
     return None
 
 
+def _one_strong_tag(value: str) -> str:
+    """The one strong entity tag an `If-Match` names (quotes removed); GatewayError when it names none."""
+    if "," in value:
+        raise GatewayError.invalid("If-Match names one etag here", ("If-Match", "must be one entity tag"))
+    if value.startswith("W/"):  # RFC 9110: If-Match compares strongly, so a weak tag never matches
+        raise GatewayError.invalid("If-Match takes a strong entity tag", ("If-Match", "must not be a weak tag"))
+    tag = value.strip('"')
+    if not tag:  # an empty etag in the request means "no check": the opposite of what was asked
+        raise GatewayError.invalid("If-Match names no etag", ("If-Match", "must be an entity tag or *"))
+    return tag
+
+
+def check_read_if_match(if_match: str, response: Message) -> None:
+    """A read (GET, HEAD) with `If-Match`: answered only when the resource it returns is at that etag
+    (RFC 9110 13.1.1), else the writes' own refusal, ABORTED ETAG_MISMATCH (409). A response without
+    an etag cannot match a tag."""
+    value = if_match.strip()
+    if not value or value == "*":
+        return
+    tag = _one_strong_tag(value)
+    current = etag_header(response)
+    if current is None:
+        raise GatewayError.invalid(
+            "If-Match is not supported here: this resource has no etag",
+            ("If-Match", "only runs carry an etag; send no If-Match here, or *"),
+        )
+    if current.strip('"') != tag:
+        raise GatewayError(
+            grpc.StatusCode.ABORTED,
+            f"the resource is at etag {current}, not the one If-Match names",
+            Reason.ETAG_MISMATCH,
+            metadata={"etag": current.strip('"')},
+        )
+
+
 def apply_if_match(if_match: str, route: Route, message: Message) -> None:
-    """Fill the request's etag from an `If-Match` header (one entity tag, or `*`); GatewayError when the
+    """Fill a write's etag from an `If-Match` header (one entity tag, or `*`); GatewayError when the
     header cannot be one, or disagrees with an etag the request already names."""
     value = if_match.strip()
     if not value or value == "*":
@@ -50,13 +88,7 @@ def apply_if_match(if_match: str, route: Route, message: Message) -> None:
             "If-Match is not supported here: this request's resource has no etag",
             ("If-Match", "only a run's PATCH and DELETE take an etag; send no If-Match here, or *"),
         )
-    if "," in value:
-        raise GatewayError.invalid("If-Match names one etag here", ("If-Match", "must be one entity tag"))
-    if value.startswith("W/"):  # RFC 9110: If-Match compares strongly, so a weak tag never matches
-        raise GatewayError.invalid("If-Match takes a strong entity tag", ("If-Match", "must not be a weak tag"))
-    tag = value.strip('"')
-    if not tag:  # an empty etag in the request means "no check": the opposite of what was asked
-        raise GatewayError.invalid("If-Match names no etag", ("If-Match", "must be an entity tag or *"))
+    tag = _one_strong_tag(value)
     named = getattr(holder, ETAG_FIELD)
     if named and named != tag:
         raise GatewayError.invalid(
