@@ -71,6 +71,12 @@ async def test_update_run_with_the_full_mask_replaces_every_updatable_field(runs
     assert (replaced.display_name, replaced.description) == ("new", "")
     assert (dict(replaced.labels), dict(replaced.annotations)) == ({}, {"k": "v"})
     assert await _listed(runs, labels={"team": "a"}) == []  # the label index follows
+    with pytest.raises(grpc.aio.AioRpcError) as mixed:  # `*` stands alone (`*,annotations.k` was taken as `*`)
+        await runs.UpdateRun(
+            pb.UpdateRunRequest(run_id=run.id, run=run_pb2.Run(), update_mask=_mask("*", "annotations.k"))
+        )
+    assert mixed.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "update_mask" in violations(mixed.value)
+    assert (await runs.GetRun(pb.GetRunRequest(run_id=run.id))).run.display_name == "new"  # nothing cleared
 
 
 async def test_update_run_rejects_unknown_paths_and_runs(runs) -> None:

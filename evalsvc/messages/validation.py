@@ -16,7 +16,7 @@ from google.api import field_behavior_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from evalsvc.errors import FieldViolation
+from evalsvc.errors import FieldViolation, invalid_argument
 from evalsvc.http.outbound import check_url_shape
 from evalsvc.turns import Turns
 from evalsvc.v1 import item_pb2
@@ -70,7 +70,10 @@ FULL_REPLACEMENT = "*"  # AIP-134: an update mask of every updatable field
 
 def mask_paths(paths: Sequence[str], updatable: Sequence[str]) -> list[str]:
     """An update mask's paths, AIP-134's `*` spelled out as every updatable field (so the request
-    replaces them all: what it leaves unset is cleared), each path once."""
+    replaces them all: what it leaves unset is cleared), each path once. INVALID_ARGUMENT when `*` comes
+    with other paths (AIP-134 allows it alone: `*,annotations.k` was taken as `*`)."""
+    if FULL_REPLACEMENT in paths and len(paths) > 1:
+        raise invalid_argument([FieldViolation("update_mask", "* names every updatable field: send it alone")])
     spelled = [name for path in paths for name in (updatable if path == FULL_REPLACEMENT else (path,))]
     return list(dict.fromkeys(spelled))
 
