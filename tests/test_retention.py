@@ -158,3 +158,17 @@ async def test_the_purge_loop_survives_a_failing_chunk_and_finishes_the_run(
     assert purged.rows > 0
     assert await served.count(run_store.JOBS, run_id=run.id) == 0
     assert await served.count(purge_store.PURGES) == 0
+
+
+async def test_the_watchdog_sees_runs_waiting_for_the_purge(served: Served) -> None:
+    """The purge loop is watched like the other loops: work waits for it while an expired deleted run (or
+    a purged run's rows) is left, so a purge loop that stops making progress turns health NOT_SERVING."""
+    watched = served.servers[0].server.purger.watched(stall_s=30)
+    assert watched.name == purge_loop.LOOP_NAME and watched.stall_s == 2 * purge_loop.PASS_EVERY_S
+    me = served.mine[0]
+    run = (await me.CreateRun(create_request(2))).run
+    assert not await watched.has_work()
+    await me.DeleteRun(pb.DeleteRunRequest(run_id=run.id))  # expired at once (retention 0)
+    assert await watched.has_work()
+    assert (await served.purged()).runs == 1
+    assert not await watched.has_work()

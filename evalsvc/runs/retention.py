@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from evalsvc.liveness import supervise
+from evalsvc.liveness import Progress, Watched, supervise
 from evalsvc.metrics import Metrics
 from evalsvc.store import retention as store
 from evalsvc.store.db import Database
@@ -77,10 +77,22 @@ class RunPurger:
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self._passes: list[asyncio.Future[Purged]] = []  # callers of `next_pass`
+        self._progress = Progress()  # a pass or a chunk completed
+
+    def watched(self, stall_s: float) -> Watched:
+        """The loop, for the watchdog: it beats after every chunk and every pass, and passes come every
+        PASS_EVERY_S, so a loop silent past `stall_s` (or two passes) while something waits for the
+        purge is stuck, and health turns NOT_SERVING."""
+        return Watched(LOOP_NAME, self._progress, self._pending, max(stall_s, 2 * self._pass_every_s))
+
+    async def _pending(self) -> bool:
+        async with self._db.read() as conn:
+            return await store.pending(conn, time.time() - self._retention_s)
 
     async def start(self) -> None:
         """Start the loop; its first pass begins at once (what a stopped server left half-purged, too)."""
         self._stopping.clear()
+        self._progress.beat()
         self._loop = asyncio.create_task(
             supervise(LOOP_NAME, self._pass_loop, self._stopping, self._metrics), name=LOOP_NAME
         )
@@ -113,6 +125,7 @@ class RunPurger:
             except BaseException:
                 self._passes = waiting + self._passes  # the restarted loop's next pass answers them
                 raise
+            self._progress.beat()
             for waiter in waiting:
                 if not waiter.done():
                     waiter.set_result(purged)
@@ -146,6 +159,7 @@ class RunPurger:
             if step is None:
                 break
             rows += step.rows
+            self._progress.beat()
         if runs or rows:
             log.info("purged %d deleted runs (%d rows of purged runs deleted)", runs, rows)
         return Purged(runs, rows)
