@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -127,3 +128,10 @@ def plan_nodes(plan: Any) -> list[dict[str, Any]]:
         if key in plan:
             nodes += plan_nodes(plan[key])
     return nodes
+
+
+def pg_error(kind: type[Exception], message: str = "...") -> sa_exc.DBAPIError:
+    """asyncpg's exception as SQLAlchemy's asyncpg dialect raises it: a plain DBAPIError around it, not
+    an OperationalError (only integrity violations, syntax errors and client errors get a more specific
+    class); asyncpg's exception carries the SQLSTATE."""
+    return sa_exc.DBAPIError("INSERT ...", {}, kind(message))

@@ -4,7 +4,7 @@ the store, finished jobs built by hand; no server, no targets, no network."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -21,7 +21,7 @@ from evalsvc.store.db import Database
 from evalsvc.store.models import JOB_DONE, JOB_LEASED
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import item_pb2, run_pb2
-from tests.unit.stored import col, get, insert, jobs_of, logged, new_run
+from tests.unit.stored import col, get, insert, jobs_of, logged, new_run, pg_error
 
 PASS = Grade(run_pb2.RESULT_STATE_PASSED, 1.0, 1.0, "matched")
 FAIL = Grade(run_pb2.RESULT_STATE_FAILED, 0.0, 0.0, "did not match")
@@ -263,27 +263,8 @@ async def test_an_unavailable_database_fails_the_batch_whole_and_records_nothing
     assert {(j["state"], j["claim_id"]) for j in await jobs_of(db, run.run.id)} == {(JOB_LEASED, "c1")}
 
 
-def _pg_error(kind: type[Exception], message: str) -> sa_exc.DBAPIError:
-    """A PostgreSQL error as SQLAlchemy's asyncpg dialect hands it on: a plain DBAPIError (not an
-    OperationalError) around asyncpg's exception, which carries the SQLSTATE."""
-    return sa_exc.DBAPIError("INSERT INTO results ...", {}, kind(message))
-
-
-@pytest.mark.parametrize(
-    "fault",
-    [
-        _pg_error(asyncpg.exceptions.TooManyConnectionsError, 'too many connections for database "evalsvc"'),
-        _pg_error(asyncpg.exceptions.LockNotAvailableError, "canceling statement due to lock timeout"),
-        _pg_error(asyncpg.exceptions.QueryCanceledError, "canceling statement due to user request"),
-    ],
-    ids=["too-many-connections", "lock-timeout", "query-canceled"],
-)
-async def test_an_unavailable_database_fails_the_batch_whole_and_it_records_exactly_once_it_clears(
-    db: Database, monkeypatch: pytest.MonkeyPatch, fault: Exception
-) -> None:
-    """An unavailable database (out of connections, a lock or statement timeout) is not split for (a
-    lost race neither; the writer applies that again itself): splitting stored every job of the batch
-    as ERROR RESULT_NOT_STORABLE for good. The batch is recorded as it was once the fault clears."""
+def fail_first_insert(monkeypatch: pytest.MonkeyPatch, fault: Exception) -> Callable[[], int]:
+    """Make the first insert of results fail with `fault` (later ones go through); how many were tried."""
     calls = 0
     insert_results = run_store.insert_results
 
@@ -295,13 +276,32 @@ async def test_an_unavailable_database_fails_the_batch_whole_and_it_records_exac
         await insert_results(conn, rows)
 
     monkeypatch.setattr(run_store, "insert_results", failing_once)
+    return lambda: calls
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pg_error(asyncpg.exceptions.TooManyConnectionsError, 'too many connections for database "evalsvc"'),
+        pg_error(asyncpg.exceptions.LockNotAvailableError, "canceling statement due to lock timeout"),
+        pg_error(asyncpg.exceptions.QueryCanceledError, "canceling statement due to user request"),
+    ],
+    ids=["too-many-connections", "lock-timeout", "query-canceled"],
+)
+async def test_an_unavailable_database_fails_the_batch_whole_and_it_records_exactly_once_it_clears(
+    db: Database, monkeypatch: pytest.MonkeyPatch, fault: Exception
+) -> None:
+    """An unavailable database (out of connections, a lock or statement timeout) is not split for (a
+    lost race neither; the writer applies that again itself): splitting stored every job of the batch
+    as ERROR RESULT_NOT_STORABLE for good. The batch is recorded as it was once the fault clears."""
+    calls = fail_first_insert(monkeypatch, fault)
     (run,) = await insert(db, new_run(items=3))
     jobs = await claim(db, {run.run.id: 3})
     batch = [done(j, PASS) for j in jobs]
 
     with pytest.raises(type(fault)):
         await record(db, batch, {run.run.id: ONE_GRADER})
-    assert calls == 1  # not split
+    assert calls() == 1  # not split
     assert [e.seq for e in await logged(db, "t1", run.run.id)] == [1, 2]
 
     events, finished = await record(db, batch, {run.run.id: ONE_GRADER})
@@ -317,19 +317,9 @@ async def test_a_passing_failure_nobody_recognises_is_split_for_and_costs_nothin
     """An unrecognised failure may be one job's: the batch is split, every part tried again, and here
     (the failure passed) every result is recorded as it was; not splitting let one job's failure stop
     every tenant's recordings."""
-    calls = 0
-    insert_results = run_store.insert_results
-
-    async def failing_once(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise RuntimeError("a failure nobody recognises")
-        await insert_results(conn, rows)
-
-    monkeypatch.setattr(run_store, "insert_results", failing_once)
+    calls = fail_first_insert(monkeypatch, RuntimeError("a failure nobody recognises"))
     (run,) = await insert(db, new_run(items=4))
     jobs = await claim(db, {run.run.id: 4})
     _, finished = await record(db, [done(j, PASS) for j in jobs], {run.run.id: ONE_GRADER})
-    assert calls == 3 and finished == {run.run.id}  # the whole batch, then its two halves
+    assert calls() == 3 and finished == {run.run.id}  # the whole batch, then its two halves
     assert {col(row, "state") for row, _ in await results_of(db, "t1", run.run.id)} == {run_pb2.RESULT_STATE_PASSED}

@@ -14,21 +14,16 @@ from sqlalchemy import text
 from evalsvc.store.db import Database, unavailable_cause
 from tests import dbs
 from tests.test_database_unavailable import terminate_backends
-
-
-def pg(kind: type[Exception], message: str = "...") -> sa_exc.DBAPIError:
-    """asyncpg's exception as SQLAlchemy's asyncpg dialect raises it: a plain DBAPIError around it
-    (only integrity violations, syntax errors and client errors get a more specific class)."""
-    return sa_exc.DBAPIError("SELECT ...", {}, kind(message))
+from tests.unit.stored import pg_error
 
 
 @pytest.mark.parametrize(
     "exc",
     [
-        pg(asyncpg.exceptions.TooManyConnectionsError, 'too many connections for database "evalsvc"'),
-        pg(asyncpg.exceptions.LockNotAvailableError, "canceling statement due to lock timeout"),
-        pg(asyncpg.exceptions.QueryCanceledError, "canceling statement due to statement timeout"),
-        pg(asyncpg.exceptions.AdminShutdownError, "terminating connection due to administrator command"),
+        pg_error(asyncpg.exceptions.TooManyConnectionsError, 'too many connections for database "evalsvc"'),
+        pg_error(asyncpg.exceptions.LockNotAvailableError, "canceling statement due to lock timeout"),
+        pg_error(asyncpg.exceptions.QueryCanceledError, "canceling statement due to statement timeout"),
+        pg_error(asyncpg.exceptions.AdminShutdownError, "terminating connection due to administrator command"),
         sa_exc.OperationalError("INSERT ...", {}, ConnectionRefusedError("refused")),
         # A connection killed under the pool (pg_terminate_backend, a restart, a failover), as
         # SQLAlchemy raises it (the dialect invalidates the connection) and as asyncpg does.
@@ -45,9 +40,9 @@ def test_a_database_that_cannot_serve_is_unavailable(exc: Exception) -> None:
 @pytest.mark.parametrize(
     "exc",
     [
-        pg(asyncpg.exceptions.CharacterNotInRepertoireError, "invalid byte sequence for encoding UTF8"),
-        pg(asyncpg.exceptions.NumericValueOutOfRangeError, "value out of range"),
-        pg(asyncpg.exceptions.ProgramLimitExceededError, "index row size exceeds maximum"),
+        pg_error(asyncpg.exceptions.CharacterNotInRepertoireError, "invalid byte sequence for encoding UTF8"),
+        pg_error(asyncpg.exceptions.NumericValueOutOfRangeError, "value out of range"),
+        pg_error(asyncpg.exceptions.ProgramLimitExceededError, "index row size exceeds maximum"),
         sa_exc.IntegrityError("INSERT ...", {}, Exception("UNIQUE constraint failed")),
         sa_exc.DataError("INSERT ...", {}, Exception("string or blob too big")),
         # asyncpg's DataError is an InterfaceError too: a value it could not encode, no lost connection.
