@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import random
 import time
@@ -457,7 +458,7 @@ async def _wait_for_room(room: Slots) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _endpoint_slot(limit: AdaptiveLimit, calls: TenantCalls) -> AsyncIterator[_Call]:
+async def _endpoint_slot(limit_of: Callable[[], AdaptiveLimit], calls: TenantCalls) -> AsyncIterator[_Call]:
     """One call's slot under its endpoint's limit and within its tenant's room (`TenantCalls`), given
     back (and the limit adapted) however the call ends: cancelled, failed or answered. A call that must
     queue waits the way its caller asked (`endpoint_wait`), in its tenant's turn (`call_tenant`).
@@ -468,15 +469,20 @@ async def _endpoint_slot(limit: AdaptiveLimit, calls: TenantCalls) -> AsyncItera
     (to the next tenant in turn), the call waits for room holding nothing, then, holding the room (the
     tenant's own), queues for the endpoint again."""
     tenant = call_tenant.get()
-    room = calls.of(tenant)
     try:
+        limit = limit_of()
         await _wait_for_slot(limit, tenant)
+        # Looked up only now, and again below after a wait: one looked up before a wait may have been
+        # forgotten meanwhile (idle), and its holders then counted apart from the tenant's (or the
+        # endpoint's) current one: 8 calls in progress against a share of 2.
+        room = calls.of(tenant)
         if room.available():
             await room.acquire()  # at once: there is room
         else:
             limit.give_back()
-            await _wait_for_room(room)
+            await _wait_for_room(room)  # a waiter: its room is not forgotten meanwhile
             try:
+                limit = limit_of()
                 await _wait_for_slot(limit, tenant)
             except BaseException:
                 room.release()
@@ -547,8 +553,8 @@ class Outbound:
         attempt = 0
         while True:
             attempt += 1
-            # Looked up at each attempt: one idle while this call backed off may have been forgotten.
-            async with _endpoint_slot(self.limit_of(url), self.calls) as call:
+            # Looked up at each attempt (and after each wait): one idle meanwhile may have been forgotten.
+            async with _endpoint_slot(functools.partial(self.limit_of, url), self.calls) as call:
                 guard = call_guard.get()
                 if guard is not None:
                     guard()

@@ -15,6 +15,7 @@ import json
 import socket
 import threading
 import zlib
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -341,3 +342,51 @@ async def test_another_tenants_lookup_of_the_same_name_does_not_wait_in_the_firs
     finally:
         released.set()
         await asyncio.gather(*a, return_exceptions=True)
+
+
+async def settle() -> None:
+    """Let every ready task run until it waits again (no I/O here: a few loop turns)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_a_tenants_calls_stay_within_its_share_when_its_room_is_forgotten_meanwhile() -> None:
+    """Review: a call looked its tenant's room up before queueing for an endpoint; the room, idle while
+    the call queued, was forgotten, later calls got a fresh one, and the queued call then took room in
+    the forgotten one: 8 calls in progress against a share of 2 (A's judge calls queued at a shared judge
+    while A's own calls came and went)."""
+    share = 2
+    calls = outbound.TenantCalls(share)
+    shared_judge = outbound.AdaptiveLimit()  # 8 slots, taken by other tenants' calls at first
+    in_progress: Counter[str] = Counter()
+    most = 0
+
+    async def call(limit: outbound.AdaptiveLimit, tenant: str, ends: asyncio.Event) -> None:
+        nonlocal most
+        call_tenant.set(tenant)
+        async with outbound._endpoint_slot(lambda: limit, calls):
+            in_progress[tenant] += 1
+            most = max(most, in_progress["a"])
+            await ends.wait()
+            in_progress[tenant] -= 1
+
+    others_end, never = asyncio.Event(), asyncio.Event()
+    tasks = [asyncio.ensure_future(call(shared_judge, t, others_end)) for t in "bcde" for _ in range(share)]
+    await settle()
+    for round_ in range(4):
+        own_ends = asyncio.Event()
+        tasks.append(asyncio.ensure_future(call(outbound.AdaptiveLimit(), "a", own_ends)))
+        await settle()
+        tasks += [asyncio.ensure_future(call(shared_judge, "a", never)) for _ in range(share)]
+        await settle()
+        if round_ < 3:
+            own_ends.set()  # A's own call ends: A has no call in progress, only calls queued at the judge
+            await settle()
+    others_end.set()  # the judge's slots free up: A's queued calls get them, within A's share
+    await settle()
+    try:
+        assert most <= share, f"{most} calls of A in progress against a share of {share}"
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
