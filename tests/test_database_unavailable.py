@@ -18,6 +18,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.execution import executor as executor_module
 from evalsvc.server import EvalServer
 from evalsvc.store import runs as run_store
 from evalsvc.v1 import eval_run_service_pb2 as pb
@@ -95,6 +96,37 @@ async def test_results_recorded_while_postgres_is_out_of_connections_are_stored_
     assert [r.state for r in results] == [run_pb2.RESULT_STATE_PASSED] * 6
     assert any("out of resources" in r.getMessage() for r in caplog.records)  # said in one line
     assert not [r for r in caplog.records if r.exc_info and r.name.startswith("evalsvc")]
+
+
+async def test_a_watcher_sees_what_a_failed_recording_had_committed_before_it_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: a batch split by the recorder may commit a part and then fail (the database became
+    unavailable for the rest); the committed part's events were never handed to the watchers here, and a
+    watcher of a run that ended in that part waited for good. Here the whole recording commits and then
+    fails: the watcher reads the log and sees the run end."""
+    record = executor_module.record
+    failed = False
+
+    async def committed_then_failed(*args: Any, **kwargs: Any) -> Any:
+        nonlocal failed
+        recorded = await record(*args, **kwargs)
+        if not failed:
+            failed = True  # what was committed stays; its events are lost with the failure
+            raise sa_exc.DBAPIError("INSERT ...", {}, asyncpg.exceptions.TooManyConnectionsError("too many"))
+        return recorded
+
+    monkeypatch.setattr(executor_module, "record", committed_then_failed)
+    srv = EvalServer(make_settings(tmp_path))
+    await srv.start()
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+            runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            created = await runs.CreateRun(create_request(3))
+            events = await asyncio.wait_for(watch_all(runs, created.run.id), 30)
+    finally:
+        await srv.stop(grace=0.5)
+    assert failed and events[-1].run.status == run_pb2.RUN_STATUS_SUCCEEDED
 
 
 class Relay:

@@ -782,6 +782,11 @@ class Executor:
                 retry = unavailable_cause(exc) is not None or is_conflict(exc)
                 if retry:
                     self._finished[:0] = batch
+                # Parts of a split batch may have committed before the failure: their events were never
+                # handed to watchers here, who then waited for good (heartbeats, no end). They read the
+                # log instead.
+                for run_id in {f.job.run_id for f in batch}:
+                    self._bus.publish(run_id, None)
                 raise
             finally:
                 # Otherwise, recorded or not, the batch's leases are no longer renewed: jobs of a batch

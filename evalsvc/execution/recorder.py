@@ -12,8 +12,11 @@ connections, a lock or statement timeout: `unavailable_cause`) or a lost race is
 for: the batch fails whole, and the executor records it again once the database serves (splitting on an
 exhausted PostgreSQL stored correct results as ERROR for good). Anything else is split for, whether the
 database named it the data's (a value out of range, a constraint, a row too large) or nobody recognises
-it: splitting retries every part, so a passing failure costs nothing, and only a job that fails alone
-again is left out; not splitting let one job's unrecognised failure stop every tenant's recordings.
+it: splitting retries every part, so a passing failure costs nothing, and only the job that fails alone
+is left out; not splitting let one job's unrecognised failure stop every tenant's recordings. A job
+that fails alone for a reason nobody recognises is left unrecorded (its lease expires and it runs
+again) until its UNKNOWN_FAILURE_ATTEMPTS-th attempt: recorded as ERROR at once, a failure that merely
+lasted through the split's few milliseconds lost a correct result for good.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from evalsvc.store import events as event_log
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.cache import CacheEntry
-from evalsvc.store.db import Database, is_conflict, unavailable_cause
+from evalsvc.store.db import Database, is_conflict, is_refused_data, unavailable_cause
 from evalsvc.store.jobs import ClaimedJob
 from evalsvc.store.records import RunRecord
 from evalsvc.turns import YIELD_EVERY_S
@@ -94,6 +97,9 @@ def item_score(grades: Sequence[tuple[str, Grade]], weights: Sequence[float]) ->
 
 
 Recorded = tuple[dict[str, list[pb.WatchRunResponse]], set[str]]
+# Attempts a job gets when it alone fails to be recorded for a reason nobody recognises (not its data's,
+# not the database's unavailability): at the last one it is recorded as ERROR RESULT_NOT_STORABLE.
+UNKNOWN_FAILURE_ATTEMPTS = 3
 
 
 async def record(
@@ -118,6 +124,22 @@ async def record(
                 first[0].setdefault(run_id, []).extend(events)
             return first[0], first[1] | second[1]
         [refused] = finished
+        if not is_refused_data(exc) and refused.job.attempt < UNKNOWN_FAILURE_ATTEMPTS:
+            # Alone and failing for a reason nobody recognises: perhaps a passing one, that lasted through
+            # the split's attempts of a few milliseconds; recorded as ERROR now, a correct result was lost
+            # for good. Left unrecorded, it runs again when its lease expires (the executor renews no lease
+            # of a recorded batch); at its last attempt it is recorded as ERROR.
+            log.warning(
+                "the result of job %d (run %s) could not be stored (%s: %s); it runs again when its lease "
+                "expires (attempt %d of %d)",
+                refused.job.id,
+                refused.job.run_id,
+                type(exc).__name__,
+                str(exc)[:500],
+                refused.job.attempt,
+                UNKNOWN_FAILURE_ATTEMPTS,
+            )
+            return {}, set()
         log.warning(
             "the result of job %d (run %s, item %r) cannot be stored (%s: %s); recorded as ERROR RESULT_NOT_STORABLE",
             refused.job.id,

@@ -165,6 +165,11 @@ _SQLSTATE_UNAVAILABLE = {
     "55P03": "a lock the statement needed was not granted in time (lock_timeout)",
     "57014": "the statement was cancelled (statement_timeout, or an administrator)",
 }
+# What the database refuses because of the values written, whenever they are written: PostgreSQL's
+# data_exception (22: an untranslatable character, a number out of range), integrity_constraint_violation
+# (23) and program_limit_exceeded (54: a row or index entry too large); SQLite's equivalents.
+_SQLSTATE_DATA = ("22", "23", "54")
+_SQLITE_DATA = ("SQLITE_TOOBIG", "SQLITE_CONSTRAINT", "SQLITE_MISMATCH")
 
 
 # A reached resource that failed (not a bug in the service): full, read-only or failing storage.
@@ -214,6 +219,27 @@ def _connection_lost(exc: BaseException) -> bool:
         and not isinstance(exc, asyncpg.exceptions.DataError)
         and "closed" in str(exc)
     )
+
+
+def is_refused_data(exc: BaseException) -> bool:
+    """Whether the database refused `exc`'s statement for the values it wrote (a value out of range or
+    that cannot be encoded, a constraint broken, a row past a limit): applied again alone it would fail
+    the same way. False for a database that cannot serve, a lost race, and anything not known to be the
+    data's (the recorder tries a job that fails alone for an unknown reason again before giving up on it)."""
+    if unavailable_cause(exc) is not None or is_conflict(exc):
+        return False
+    cause: BaseException | None = exc
+    while cause is not None:
+        state = getattr(cause, "sqlstate", None)
+        if isinstance(state, str) and state.startswith(_SQLSTATE_DATA):
+            return True
+        name = getattr(cause, "sqlite_errorname", None)
+        if isinstance(name, str) and name.startswith(_SQLITE_DATA):
+            return True
+        if isinstance(cause, (sa_exc.DataError, sa_exc.IntegrityError, asyncpg.exceptions.DataError)):
+            return True
+        cause = getattr(cause, "orig", None) or cause.__cause__
+    return False
 
 
 def is_conflict(exc: BaseException) -> bool:

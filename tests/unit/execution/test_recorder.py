@@ -3,6 +3,7 @@ the store, finished jobs built by hand; no server, no targets, no network."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,6 +28,8 @@ PASS = Grade(run_pb2.RESULT_STATE_PASSED, 1.0, 1.0, "matched")
 FAIL = Grade(run_pb2.RESULT_STATE_FAILED, 0.0, 0.0, "did not match")
 ERROR = Grade(run_pb2.RESULT_STATE_ERROR, 0.0, 0.0, "", "TARGET_FAILED: boom")
 
+RESULT_JOB = run_store.RESULT_COLUMNS.index("job_id")  # a results row's columns, in insert order
+RESULT_ERROR = run_store.RESULT_COLUMNS.index("error_reason")
 ONE_GRADER = RunGraders(["exact"], [1.0], None)
 TWO_GRADERS = RunGraders(["exact", "judge"], [1.0, 1.0], None)
 
@@ -323,3 +326,27 @@ async def test_a_passing_failure_nobody_recognises_is_split_for_and_costs_nothin
     _, finished = await record(db, [done(j, PASS) for j in jobs], {run.run.id: ONE_GRADER})
     assert calls() == 3 and finished == {run.run.id}  # the whole batch, then its two halves
     assert {col(row, "state") for row, _ in await results_of(db, "t1", run.run.id)} == {run_pb2.RESULT_STATE_PASSED}
+
+
+async def test_a_job_failing_alone_for_an_unknown_reason_is_tried_again_before_it_is_recorded_as_error(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: a failure that merely lasted through the split's few milliseconds left a correct result
+    stored as ERROR for good. A job that fails alone for a reason nobody recognises is left unrecorded (it
+    runs again when its lease expires) until its last attempt; the rest of the batch is recorded."""
+    insert_results = run_store.insert_results
+    (run,) = await insert(db, new_run(items=2))
+    first, second = await claim(db, {run.run.id: 2})
+
+    async def failing_for_the_first_job(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
+        if any(row[RESULT_JOB] == first.id and not row[RESULT_ERROR].startswith("RESULT_NOT_STORABLE") for row in rows):
+            raise RuntimeError("a failure nobody recognises")
+        await insert_results(conn, rows)
+
+    monkeypatch.setattr(run_store, "insert_results", failing_for_the_first_job)
+    await record(db, [done(first, PASS), done(second, PASS)], {run.run.id: ONE_GRADER})
+    assert [col(row, "job_id") for row, _ in await results_of(db, "t1", run.run.id)] == [second.id]
+    last = dataclasses.replace(first, attempt=recorder.UNKNOWN_FAILURE_ATTEMPTS)
+    await record(db, [done(last, PASS)], {run.run.id: ONE_GRADER})
+    states = {col(row, "job_id"): col(row, "error_reason") for row, _ in await results_of(db, "t1", run.run.id)}
+    assert states[first.id].startswith("RESULT_NOT_STORABLE"), states

@@ -1,6 +1,7 @@
 """How the store classifies database failures (evalsvc.store.db): `unavailable_cause` (the database
-cannot serve now: UNAVAILABLE, a one-line warning, retried whole; anything else the recorder splits a
-batch for). Errors are built as the drivers and SQLAlchemy hand them on."""
+cannot serve now: UNAVAILABLE, a one-line warning, retried whole) and `is_refused_data` (the values
+written are refused: a job failing alone so is recorded as ERROR at once, one failing for an unknown
+reason only at its last attempt). Errors are built as the drivers and SQLAlchemy hand them on."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
-from evalsvc.store.db import Database, unavailable_cause
+from evalsvc.store.db import Database, is_refused_data, unavailable_cause
 from tests import dbs
 from tests.test_database_unavailable import terminate_backends
 from tests.unit.stored import pg_error
@@ -33,8 +34,8 @@ from tests.unit.stored import pg_error
     ],
     ids=["53300", "55P03", "57014", "57P01", "refused", "invalidated", "asyncpg-closed", "asyncpg-gone"],
 )
-def test_a_database_that_cannot_serve_is_unavailable(exc: Exception) -> None:
-    assert unavailable_cause(exc) is not None
+def test_a_database_that_cannot_serve_is_unavailable_and_never_the_datas_fault(exc: Exception) -> None:
+    assert unavailable_cause(exc) is not None and not is_refused_data(exc)
 
 
 @pytest.mark.parametrize(
@@ -47,13 +48,20 @@ def test_a_database_that_cannot_serve_is_unavailable(exc: Exception) -> None:
         sa_exc.DataError("INSERT ...", {}, Exception("string or blob too big")),
         # asyncpg's DataError is an InterfaceError too: a value it could not encode, no lost connection.
         sa_exc.InterfaceError("INSERT ...", {}, asyncpg.exceptions.DataError("invalid input for query argument $1")),
-        RuntimeError("a bug"),
-        sa_exc.DBAPIError("SELECT ...", {}, Exception("something new")),
     ],
-    ids=["22021", "22003", "54000", "integrity", "data", "asyncpg-data", "runtime", "plain-dbapi"],
+    ids=["22021", "22003", "54000", "integrity", "data", "asyncpg-data"],
 )
-def test_values_the_database_refuses_and_unknown_failures_are_not_unavailable(exc: Exception) -> None:
-    assert unavailable_cause(exc) is None
+def test_values_the_database_refuses_are_the_datas_fault(exc: Exception) -> None:
+    assert is_refused_data(exc) and unavailable_cause(exc) is None
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [RuntimeError("a bug"), sa_exc.DBAPIError("SELECT ...", {}, Exception("something new"))],
+    ids=["runtime", "plain-dbapi"],
+)
+def test_an_unknown_failure_is_neither(exc: Exception) -> None:
+    assert not is_refused_data(exc) and unavailable_cause(exc) is None
 
 
 @pytest.mark.skipif(not dbs.USE_POSTGRES, reason="PostgreSQL only: run with EVALSVC_TEST_DB=postgres")
