@@ -100,6 +100,10 @@ class Resolver:
             flight.waiters -= 1
             if not flight.waiters and not flight.task.done():
                 flight.task.cancel()  # nobody waits: stop queueing (a lookup under way keeps its thread)
+                # Out of reach at once: a lookup joining it before its callback ran got a cancellation
+                # nobody sent (its job ended as if cancelled and ran again after its lease expired).
+                if state.flights.get(key) is flight:
+                    del state.flights[key]
 
     async def _look_up(self, state: _LoopState, host: str, tenant: str) -> list[IPAddress]:
         """Take one of the tenant's lookups and a thread, in the tenant's turn, and look host up. Both

@@ -151,6 +151,7 @@ class RunPurger:
         while not self._stopping.is_set():
             taken = await self._db.transact(functools.partial(store.expire, cutoff=cutoff, limit=self._expire_batch))
             runs += len(taken)
+            self._progress.beat()  # a large backlog of expired runs is many turns, not one silent one
             if len(taken) < self._expire_batch:
                 break
         while not self._stopping.is_set():

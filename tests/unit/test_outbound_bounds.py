@@ -390,3 +390,25 @@ async def test_a_tenants_calls_stay_within_its_share_when_its_room_is_forgotten_
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_lookup_joining_one_its_last_waiter_left_is_not_cancelled() -> None:
+    """Review: the last waiter leaving cancelled the lookup's task, which stayed joinable until it had
+    finished cancelling; a lookup of the same name in that moment got a cancellation nobody sent."""
+    released = threading.Event()
+
+    def lookup(host: str) -> list[resolver.IPAddress]:
+        released.wait(60)
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    names = resolver.Resolver(lookup=lookup)
+    first = asyncio.ensure_future(names.resolve("slow.a.test", "a", 60))
+    await settle()
+    first.cancel()  # its job's run was cancelled, say
+    await asyncio.sleep(0)  # it leaves: the lookup's task is told to cancel, and has not finished yet
+    second = asyncio.ensure_future(names.resolve("slow.a.test", "a", 60))
+    await settle()
+    released.set()
+    assert await asyncio.wait_for(second, 20) == [ipaddress.ip_address("127.0.0.1")]
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
