@@ -20,6 +20,10 @@ from dataclasses import dataclass, fields
 from typing import Any, cast
 
 ENV_PREFIX = "EVALSVC_"
+# Evaluations a process executes at once by default; half of it is a tenant's share of calls
+# (`Settings.workers_per_tenant`), also on an API-only replica (`--workers 0`), which calls endpoints
+# only for dataset generation.
+DEFAULT_WORKERS = 64
 
 
 class SettingsError(ValueError):
@@ -52,14 +56,15 @@ class Settings:
         },
     )
     workers: int = dataclasses.field(
-        default=64, metadata={"help": "evaluations (target calls) executed concurrently by this process"}
+        default=DEFAULT_WORKERS, metadata={"help": "evaluations (target calls) executed concurrently by this process"}
     )
     max_workers_per_tenant: int = dataclasses.field(
         default=0,
         metadata={
             "help": "calls (each holding one of --workers) one tenant may have in progress in this process; "
             "its other jobs wait for room holding no worker, so one tenant's hung or slow endpoints leave the "
-            "rest to others (docs/targets.md). At most --workers; 0: half of --workers"
+            "rest to others (docs/targets.md). At most --workers (when it is not 0); 0: half of --workers "
+            "(with --workers 0, an API-only replica whose only calls are dataset generation's: 32)"
         },
     )
     claim_batch: int = dataclasses.field(
@@ -338,7 +343,7 @@ class Settings:
                 raise SettingsError(f"{named(name)} must be a finite number, not {value!r}")
             if value < minimum or (value == minimum and not inclusive):
                 raise SettingsError(f"{named(name)} must be {_bound(name)}, not {value!r}")
-        if self.max_workers_per_tenant > self.workers:
+        if self.workers and self.max_workers_per_tenant > self.workers:
             raise SettingsError(
                 f"{named('max_workers_per_tenant')} must be at most {named('workers')} ({self.workers}), "
                 f"not {self.max_workers_per_tenant}"
@@ -374,7 +379,7 @@ class Settings:
     def workers_per_tenant(self) -> int:
         """The calls (workers) one tenant may hold: `max_workers_per_tenant`, or when that is 0, half of
         `workers` (at least 1)."""
-        return self.max_workers_per_tenant or max(1, self.workers // 2)
+        return self.max_workers_per_tenant or max(1, (self.workers or DEFAULT_WORKERS) // 2)
 
     @property
     def http_streams_per_tenant(self) -> int:

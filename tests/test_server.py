@@ -96,6 +96,9 @@ def test_one_tenants_jobs_take_at_most_their_share_of_the_workers() -> None:
     """--max-workers-per-tenant: by default half of --workers (at least 1), never more than --workers."""
     assert config.Settings().workers_per_tenant == 32 and config.Settings(workers=1).workers_per_tenant == 1
     assert config.Settings(workers=8, max_workers_per_tenant=8).workers_per_tenant == 8
+    # An API-only replica's calls are dataset generation's: one at a time per tenant slowed them (review).
+    assert config.Settings(workers=0).workers_per_tenant == 32
+    assert config.Settings(workers=0, max_workers_per_tenant=4).workers_per_tenant == 4
     with pytest.raises(config.SettingsError, match=r"--max-workers-per-tenant .* must be at most --workers .*\(8\)"):
         config.Settings(workers=8, max_workers_per_tenant=9)
 
