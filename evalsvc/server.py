@@ -619,19 +619,23 @@ def freeze_startup_objects() -> None:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    # Before the start: a SIGTERM that came after the start's last line but before the handlers killed the
-    # process with no shutdown at all (exit -15); one during the start now stops the server once started.
-    stop = asyncio.Event()
+    # Handled from before the start: a SIGTERM that came after the start's last line but before the handlers
+    # killed the process with no shutdown at all (exit -15). During the start a signal ends the process at
+    # once: a start that hangs (a migration lock, a locked SQLite file) ignored SIGTERM and Ctrl-C.
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _exit_now, "a signal arrived during the start")
     server = EvalServer(settings)
+    log.info("evalsvc starting (database %s)", _safe_url(settings.db))
     try:
         await server.start()
     except BaseException:
         await server.stop(grace=0)  # whatever started before the failure (gRPC server, executor) must not linger
         _show_bootstrap_key(server)  # minted before the failure and valid: the only chance to see it
         raise
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)  # started: from here a signal is a graceful shutdown
     if not _show_bootstrap_key(server):
         log.info("API keys: %s", key_instructions(settings.db, server.has_keys))
     freeze_startup_objects()  # after the handlers: a SIGTERM during its collection still shuts down cleanly
@@ -654,11 +658,9 @@ SHUTDOWN_MARGIN_S = 10.0
 
 
 def _exit_now(why: str) -> None:
-    """End the process without finishing the shutdown. Nothing acknowledged is lost: what was recorded is
-    committed, and jobs still leased are claimed again when their leases expire (at the next start, on
-    SQLite)."""
-    log.warning(
-        "%s: exiting now without finishing the shutdown; jobs still leased run again once their leases expire", why
-    )
+    """End the process without finishing the start or the shutdown. Nothing acknowledged is lost: what was
+    recorded is committed, and jobs still leased are claimed again when their leases expire (at the next
+    start, on SQLite)."""
+    log.warning("%s: exiting now; jobs still leased run again once their leases expire", why)
     logging.shutdown()
     os._exit(1)
