@@ -58,6 +58,21 @@ async def test_a_full_disk_is_unavailable_with_retry_info_then_recovers(
             await srv.stop(grace=0.5)
 
 
+async def run_to_its_end(tmp_path: Path, items: int) -> tuple[list[Any], list[Any]]:
+    """On a server of its own, a run of `items` items watched to its end (within 30 s): its events and
+    its results."""
+    srv = EvalServer(make_settings(tmp_path))
+    await srv.start()
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+            runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            created = await runs.CreateRun(create_request(items))
+            events = await asyncio.wait_for(watch_all(runs, created.run.id), 30)
+            return events, await all_results(runs, created.run.id)
+    finally:
+        await srv.stop(grace=0.5)
+
+
 async def test_results_recorded_while_postgres_is_out_of_connections_are_stored_once_it_recovers(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -80,16 +95,7 @@ async def test_results_recorded_while_postgres_is_out_of_connections_are_stored_
 
     monkeypatch.setattr(run_store, "insert_results", out_of_connections)
     caplog.set_level(logging.WARNING)
-    srv = EvalServer(make_settings(tmp_path))
-    await srv.start()
-    try:
-        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
-            runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
-            created = await runs.CreateRun(create_request(6))
-            events = await watch_all(runs, created.run.id)
-            results = await all_results(runs, created.run.id)
-    finally:
-        await srv.stop(grace=0.5)
+    events, results = await run_to_its_end(tmp_path, 6)
     assert refusals == 0
     assert events[-1].run.status == run_pb2.RUN_STATUS_SUCCEEDED
     assert (events[-1].counts.passed, events[-1].counts.errored) == (6, 0)
@@ -117,15 +123,7 @@ async def test_a_watcher_sees_what_a_failed_recording_had_committed_before_it_fa
         return recorded
 
     monkeypatch.setattr(executor_module, "record", committed_then_failed)
-    srv = EvalServer(make_settings(tmp_path))
-    await srv.start()
-    try:
-        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
-            runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
-            created = await runs.CreateRun(create_request(3))
-            events = await asyncio.wait_for(watch_all(runs, created.run.id), 30)
-    finally:
-        await srv.stop(grace=0.5)
+    events, _ = await run_to_its_end(tmp_path, 3)
     assert failed and events[-1].run.status == run_pb2.RUN_STATUS_SUCCEEDED
 
 

@@ -29,7 +29,7 @@ import ipaddress
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -428,32 +428,24 @@ class TenantCalls:
 
 
 async def _wait_for_slot(limit: AdaptiveLimit, tenant: str) -> None:
-    """Take a slot of the endpoint, in the tenant's turn; a wait for it is a wait the caller asked for
-    (`endpoint_wait`: a job gives its worker back meanwhile)."""
+    """Take a slot of the endpoint, in the tenant's turn."""
     if limit.slots.available():
         await limit.acquire(tenant)
-        return
-    acquired = False
-    try:
-        async with _held_up():
-            await limit.acquire(tenant)
-            acquired = True
-    except BaseException:
-        if acquired:  # cancelled while the caller took its own resources back
-            limit.give_back()
-        raise
+    else:
+        await _held_up_until(functools.partial(limit.acquire, tenant), limit.give_back)
 
 
-async def _wait_for_room(room: Slots) -> None:
-    """Take room for a call of the tenant, waiting for it holding nothing else (`endpoint_wait`)."""
-    acquired = False
+async def _held_up_until(take: Callable[[], Awaitable[None]], give_back: Callable[[], None]) -> None:
+    """Wait for what `take` takes the way the caller asked (`endpoint_wait`: a job gives its worker back
+    meanwhile); cancelled as the caller takes its own resources back, it gives the taken thing back."""
+    taken = False
     try:
         async with _held_up():
-            await room.acquire()
-            acquired = True
+            await take()
+            taken = True
     except BaseException:
-        if acquired:  # cancelled while the caller took its own resources back
-            room.release()
+        if taken:
+            give_back()
         raise
 
 
@@ -480,7 +472,7 @@ async def _endpoint_slot(limit_of: Callable[[], AdaptiveLimit], calls: TenantCal
             await room.acquire()  # at once: there is room
         else:
             limit.give_back()
-            await _wait_for_room(room)  # a waiter: its room is not forgotten meanwhile
+            await _held_up_until(room.acquire, room.release)  # a waiter: its room is not forgotten meanwhile
             try:
                 limit = limit_of()
                 await _wait_for_slot(limit, tenant)
