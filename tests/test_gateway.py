@@ -346,7 +346,8 @@ async def test_a_value_json_cannot_hold_names_its_field_in_a_violation(
 
 async def test_a_body_that_is_not_a_json_object_is_refused_and_does_nothing(gw) -> None:
     """`[]` was read as an empty message (a `:cancel` with it cancelled the run), `"str"` as field names
-    (violation `s`), and `5` or `null` leaked Python's TypeError into the message."""
+    (violation `s`), and `5` or `null` leaked Python's TypeError into the message. Where the body is one
+    field of the request (PATCH's run), the refusal names that field in a violation."""
     _, client = gw
     run_id = (
         await client.post("/v1/runs", json={**RUN, "items": [{"input": "q"}] * 3000, "target": {"echo": {}}})
@@ -359,7 +360,13 @@ async def test_a_body_that_is_not_a_json_object_is_refused_and_does_nothing(gw) 
         ]:
             refused = await client.request(method, url, content=body)
             assert refused.status_code == 400, (body, url, refused.text)
-            assert refused.json()["message"] == "the body must be a JSON object", refused.text
+            if method != "PATCH":
+                assert refused.json()["message"] == "the body must be a JSON object", refused.text
+                continue
+            # the body is the run (`body: "run"`): a field, named as any other bad field is
+            [bad] = [d for d in refused.json()["details"] if d["@type"].endswith("google.rpc.BadRequest")]
+            [violation] = bad["fieldViolations"]
+            assert (violation["field"], violation["description"]) == ("run", "must be a JSON object"), bad
     assert (await client.get(f"/v1/runs/{run_id}")).json()["run"]["status"] != "RUN_STATUS_CANCELLED"
     assert len((await client.get("/v1/runs")).json()["runs"]) == 1
 

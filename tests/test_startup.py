@@ -44,6 +44,13 @@ def occupied_port() -> Iterator[int]:
         yield taken.getsockname()[1]
 
 
+def evalsvc_command(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m evalsvc ARGS` run to its end (a minute at most), its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "evalsvc", *args], capture_output=True, text=True, timeout=60, check=False, env=env
+    )
+
+
 async def test_a_second_server_on_the_same_grpc_address_exits_and_the_first_keeps_serving(tmp_path: Path) -> None:
     first = await start_server(dbs.db_url(tmp_path, "first.db"), tmp_path / "first.log")
     try:
@@ -128,13 +135,7 @@ def test_a_postgres_database_or_role_that_does_not_exist_is_one_line(url: str, n
         line = assert_failed_cleanly(failed_start(url), 1, "127.0.0.1:5432", named)
     else:
         started = time.monotonic()
-        done = subprocess.run(
-            [sys.executable, "-m", "evalsvc", *command.split(), "--db", url],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = evalsvc_command(*command.split(), "--db", url)
         assert done.returncode == 1 and time.monotonic() - started < QUICK_S, done.stderr
         assert done.stdout == "" and len(done.stderr.splitlines()) == 1, done.stderr  # one line, no traceback
         line = done.stderr
@@ -183,13 +184,7 @@ def test_a_sqlite_file_that_is_no_evalsvc_database_is_one_line(
     if command == "serve":
         assert_failed_cleanly(failed_start(url), code, str(path), named)
     else:
-        done = subprocess.run(
-            [sys.executable, "-m", "evalsvc", *command.split(), "--db", url],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = evalsvc_command(*command.split(), "--db", url)
         assert done.returncode == code, done.stderr
         # One line, no traceback (`migrate` logs alembic's INFO lines before it).
         (line,) = [line for line in done.stderr.splitlines() if " INFO " not in line]
@@ -300,14 +295,8 @@ def test_an_evalsvc_variable_that_is_no_setting_is_named_in_one_warning(tmp_path
     """`EVALSVC_WOKERS=8` was ignored without a word: the server ran 64 workers. The variables of the
     operator's secrets, the clients and the tests are not settings, and are not warned of."""
     others = {"EVALSVC_SECRET_OPENAI": "x", "EVALSVC_API_KEY": "evk_x", "EVALSVC_TEST_DB": "sqlite"}
-    done = subprocess.run(
-        [sys.executable, "-m", "evalsvc", "migrate", "--db", dbs.db_url(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "EVALSVC_WOKERS": "8", "EVALSVC_FROBNICATE": "1", **others},
-    )
+    environ = {**os.environ, "EVALSVC_WOKERS": "8", "EVALSVC_FROBNICATE": "1", **others}
+    done = evalsvc_command("migrate", "--db", dbs.db_url(tmp_path), env=environ)
     assert done.returncode == 0, done.stderr
     [warning] = [line for line in done.stderr.splitlines() if " WARNING " in line]
     assert "EVALSVC_FROBNICATE, EVALSVC_WOKERS (did you mean EVALSVC_WORKERS?)" in warning
@@ -493,13 +482,7 @@ async def test_the_sqlite_file_is_free_again_after_a_stop_or_a_kill_9(tmp_path: 
         key = first.bootstrap_key()
         assert key
         assert_refused_for(await asyncio.to_thread(failed_start, db, timeout=QUICK_S), db, first.proc.pid)
-        listed = subprocess.run(
-            [sys.executable, "-m", "evalsvc", "keys", "list", "--db", db],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        listed = evalsvc_command("keys", "list", "--db", db)
         assert listed.returncode == 0 and "default" in listed.stdout, listed.stderr
     finally:
         first.kill()  # kill -9: the kernel releases the lock with the process

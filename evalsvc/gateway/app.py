@@ -246,7 +246,11 @@ def _read_object(text: str, route: Route, message: Message) -> None:
     except (ValueError, RecursionError) as exc:
         raise json_format.ParseError(f"Failed to load JSON: {exc}.") from None
     if not isinstance(body, dict):
-        raise GatewayError.invalid("the body must be a JSON object")
+        if route.body == "*":  # the request itself: there is no field to name
+            raise GatewayError.invalid("the body must be a JSON object")
+        raise GatewayError.invalid(
+            f"invalid request: {route.body}: must be a JSON object", (route.body, "must be a JSON object")
+        )
     fields = body if route.body == "*" else {route.body: body}  # paths then start at the request, as the service's
     if (twice := _named_twice(fields, route.method.input_type)) is not None:
         raise GatewayError.invalid(f"invalid request: {twice[0]}: {twice[1]}", twice)
