@@ -110,6 +110,13 @@ class Metrics:
         self.grader_latency = LoopHistogram(
             "evalsvc_grader_latency_seconds", "Time to grade one output, by grader kind", "grader", GRADER_BUCKETS
         )
+        self.purged = Counter(
+            "evalsvc_purged",
+            "Deleted runs purged past --deleted-run-retention-s by this process: runs taken out of the service, "
+            "and rows of purged runs deleted",
+            ["what"],
+            registry=r,
+        )
         self.loop_restarts = Counter(
             "evalsvc_loop_restarts",
             "Times a long-lived loop ended before shutdown (failure or stray cancellation) and was restarted",

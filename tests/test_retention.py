@@ -76,7 +76,11 @@ async def test_a_purged_run_is_not_found_to_every_call_undelete_included(served:
     kept = (await me.CreateRun(create_request(2))).run
     await me.GetRun(pb.GetRunRequest(run_id=run.id))  # in the run cache (SQLite): the purge must drop it there
     await me.DeleteRun(pb.DeleteRunRequest(run_id=run.id))
-    assert (await served.purged()).runs == 1
+    purged = await served.purged()
+    assert purged.runs == 1 and purged.rows > 0
+    registry = served.servers[0].server.metrics.registry  # what an operator's dashboard reads
+    counted = [registry.get_sample_value("evalsvc_purged_total", {"what": what}) for what in ("runs", "rows")]
+    assert counted == [1, purged.rows], counted
     for call in (
         lambda: me.GetRun(pb.GetRunRequest(run_id=run.id)),
         lambda: me.UndeleteRun(pb.UndeleteRunRequest(run_id=run.id)),

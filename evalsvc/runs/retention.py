@@ -151,6 +151,7 @@ class RunPurger:
         while not self._stopping.is_set():
             taken = await self._db.transact(functools.partial(store.expire, cutoff=cutoff, limit=self._expire_batch))
             runs += len(taken)
+            self._metrics.purged.labels("runs").inc(len(taken))
             self._progress.beat()  # a large backlog of expired runs is many turns, not one silent one
             if len(taken) < self._expire_batch:
                 break
@@ -160,6 +161,7 @@ class RunPurger:
             if step is None:
                 break
             rows += step.rows
+            self._metrics.purged.labels("rows").inc(step.rows)
             self._progress.beat()
         if runs or rows:
             log.info("purged %d deleted runs (%d rows of purged runs deleted)", runs, rows)
