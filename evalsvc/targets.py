@@ -85,6 +85,50 @@ class PriceTable:
         ) / 1e6
 
 
+# The most tokens a reply may report for one call (int64 holds more; no model reads or writes this many).
+MAX_REPORTED_TOKENS = 2**40
+
+
+def reported_amount(value: Any, what: str) -> float:
+    """A number a reply reports that is added up (cost in USD, memory in MiB): absent is 0; anything but a
+    finite number at least 0 is a ValueError. A NaN or negative cost added to a tenant's spend switched off
+    --tenant-budget-usd for good (NaN >= budget is never true; a stored -1000 is spent again), infinity
+    ended every later run of the tenant, and NaN failed the result's storage."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{what} must be a number, not {_json_kind(value)}")
+    try:
+        amount = float(value)
+    except ValueError:
+        raise ValueError(f"{what} must be a number") from None
+    if not 0 <= amount < math.inf:
+        raise ValueError(f"{what} must be a finite number at least 0, not {value!r}")
+    return amount
+
+
+def reported_tokens(usage: Any) -> tuple[int, int]:
+    """(prompt, completion) tokens of an OpenAI-style `usage`: absent is 0; anything but a whole number
+    from 0 to MAX_REPORTED_TOKENS is a ValueError (1e999 raised OverflowError past every handler, and
+    a negative count made a negative cost)."""
+    if usage is None:
+        usage = {}
+    if not isinstance(usage, dict):
+        raise ValueError(f"usage must be a JSON object, not {_json_kind(usage)}")
+    counts = []
+    for key in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(key)
+        if value is None:
+            counts.append(0)
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_REPORTED_TOKENS:
+            raise ValueError(f"usage.{key} must be a whole number from 0 to {MAX_REPORTED_TOKENS}, not {value!r}")
+        if value != int(value):
+            raise ValueError(f"usage.{key} must be a whole number, not {value!r}")
+        counts.append(int(value))
+    return counts[0], counts[1]
+
+
 def _json_kind(value: Any) -> str:
     """What a JSON value is, in JSON's words: an array, a string."""
     kinds = ((list, "an array"), (str, "a string"), (bool, "a boolean"), (int | float, "a number"))
@@ -202,11 +246,13 @@ class ChatTarget:
         try:
             choice = body["choices"][0]
             message = choice.get("message") or {}
-            usage = body.get("usage") or {}
+            usage = body.get("usage")
         except (KeyError, IndexError, TypeError, AttributeError) as exc:
             raise TargetError("the endpoint's reply has no choices[0].message") from exc
-        prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        completion_tokens = int(usage.get("completion_tokens") or 0)
+        try:
+            prompt_tokens, completion_tokens = reported_tokens(usage)
+        except ValueError as exc:
+            raise TargetError(f"the endpoint's reply: {exc}") from exc
         return item_pb2.Response(
             content=message.get("content") or "",
             tool_calls=tool_calls_from(message.get("tool_calls")),
@@ -248,10 +294,10 @@ class HttpTarget:
         if not isinstance(answer, dict):
             raise TargetError("the webhook's reply is not a JSON object")
         try:
-            cost = float(answer.get("cost_usd") or 0.0)
-            memory = float(answer.get("memory_mib") or 0.0)
-        except (TypeError, ValueError) as exc:
-            raise TargetError("the webhook's cost_usd or memory_mib is not a number") from exc
+            cost = reported_amount(answer.get("cost_usd"), "cost_usd")
+            memory = reported_amount(answer.get("memory_mib"), "memory_mib")
+        except ValueError as exc:
+            raise TargetError(f"the webhook's reply: {exc}") from exc
         return item_pb2.Response(
             content=str(answer.get("content") or ""),
             tool_calls=tool_calls_from(answer.get("tool_calls")),

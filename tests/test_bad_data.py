@@ -12,6 +12,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 from sqlalchemy import exc as sa_exc
 
+from evalsvc.graders import builtin
 from evalsvc.server import EvalServer
 from evalsvc.statuses import TERMINAL
 from evalsvc.store import runs as run_store
@@ -266,3 +267,34 @@ async def test_a_result_the_database_refuses_costs_only_its_own_evaluation(
         assert not srv.executor._open_claims  # nothing left leased for the keeper to renew
     finally:
         await srv.stop(grace=0.5)
+
+
+async def test_a_grader_that_raises_costs_only_its_own_evaluation(
+    runs, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A grader that raises on one output (a bug, a reply no check foresaw) was taken for a target failure:
+    every grader of the item ERROR, the output with its cost and latency dropped. Now only that grader's
+    evaluation is ERROR GRADER_FAILED; the item's other graders and its output are kept."""
+    exact_grade = builtin._ExactMatch.grade
+
+    def raising_on_poison(self: Any, item: item_pb2.Item, output: item_pb2.Response) -> builtin.Grade:
+        if item.id == "poison":
+            raise OverflowError("cannot convert float infinity to integer")
+        return exact_grade(self, item, output)
+
+    monkeypatch.setattr(builtin._ExactMatch, "grade", raising_on_poison)
+    items = provided_items(5)
+    items[2].id = "poison"
+    items[2].response.cost_usd, items[2].response.latency_ms = 0.25, 40
+    contains = grader_pb2.Grader(name="contains", contains=grader_pb2.Contains(values=["answer"]))
+    run = (await runs.CreateRun(create_request(5, items=items, graders=[exact(), contains]))).run
+    events = await asyncio.wait_for(watch_all(runs, run.id), 60)
+    results = await all_results(runs, run.id)
+    assert events[-1].run.status == run_pb2.RUN_STATUS_SUCCEEDED  # some evaluations errored, not all
+    [failed] = [r for r in results if r.state == run_pb2.RESULT_STATE_ERROR]
+    assert (failed.item_id, failed.grader) == ("poison", "exact"), failed
+    assert failed.error_reason == "GRADER_FAILED: OverflowError: cannot convert float infinity to integer"
+    [kept] = [r for r in results if r.item_id == "poison" and r.grader == "contains"]
+    assert kept.state == run_pb2.RESULT_STATE_PASSED and kept.output.cost_usd == 0.25, kept
+    assert events[-1].run.cost_usd == pytest.approx(0.25)
+    assert [r.levelname for r in caplog.records if "poison" in r.getMessage()] == ["WARNING"]

@@ -404,6 +404,85 @@ async def test_malformed_judgment_is_retried_then_an_error_never_a_fail(svc) -> 
     assert run.status == run_pb2.RUN_STATUS_FAILED  # every evaluation errored; no FAIL was invented
 
 
+@pytest.mark.parametrize(
+    "reply",
+    [
+        judge_reply('{"score": Infinity, "reason": "r"}'),
+        judge_reply('{"score": 1e999, "reason": "r"}'),
+        judge_reply({"score": True, "reason": "a boolean is no score"}),
+        Reply({**judge_reply({"score": 9}).body, "usage": {"prompt_tokens": math.inf, "completion_tokens": 1}}),
+        Reply({**judge_reply({"score": 9}).body, "usage": {"prompt_tokens": -5000, "completion_tokens": 1}}),
+    ],
+    ids=["infinity", "overflow", "boolean", "infinite-usage", "negative-usage"],
+)
+async def test_a_judge_reply_with_unusable_numbers_errors_only_the_judges_evaluation(svc, reply: Reply) -> None:
+    """Infinity or 1e999 as a score or a token count raised OverflowError, which failed every grader of the
+    item as a target failure and dropped the output with its cost and latency; `true` was a definite FAIL
+    (score 1). Each is an unusable judgment now: retried, then the judge's own ERROR."""
+    _, stubs = svc
+    response = item_pb2.Response(content="a", cost_usd=0.5, latency_ms=100)
+    item = item_pb2.Item(input="q", expected_output="a", response=response)
+    provided = target_pb2.Target(provided=target_pb2.ProvidedTarget())
+    with FakeEndpoint(reply) as llm:
+        run, results = await run_to_end(
+            stubs,
+            pb.CreateRunRequest(
+                items=[item], target=provided, graders=[exact(), judge(llm.url, mode=Judge.MODE_ACCURACY)]
+            ),
+        )
+        assert len(llm.seen) == 3  # retried as any unusable judgment is
+    by_grader = {r.grader: r for r in results}
+    assert by_grader["exact"].state == run_pb2.RESULT_STATE_PASSED, by_grader
+    judged = by_grader["judge"]
+    assert judged.state == run_pb2.RESULT_STATE_ERROR and "unusable judgment" in judged.error_reason, judged
+    assert "Overflow" not in judged.error_reason and "target failed" not in judged.explanation
+    assert run.cost_usd >= 0.5 and run.aggregate.latency.mean_ms == 100  # the output was kept
+
+
+@pytest.mark.parametrize("cost", ["NaN", "-1000", "Infinity", '"lots"', "true"])
+async def test_a_webhook_cost_that_is_no_amount_fails_its_item_and_leaves_the_budget_on(
+    tmp_path, monkeypatch, cost: str
+) -> None:
+    """A reply's `cost_usd` of NaN or -1000 was added to the tenant's spend and switched
+    --tenant-budget-usd off (NaN >= budget is never true; a stored -1000 stayed spent after a restart);
+    Infinity ended every later run. Now the item's evaluation is a target ERROR naming the field, nothing
+    is spent, and the budget stops the next runs as before."""
+    srv = await start(tmp_path, monkeypatch, tenant_budget_usd=1.0)
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+            stubs = Stubs(channel)
+
+            def agent(url: str) -> target_pb2.Target:
+                return target_pb2.Target(http=target_pb2.HttpTarget(endpoint=target_pb2.Endpoint(base_url=url)))
+
+            with FakeEndpoint(Reply(raw=f'{{"content": "a", "cost_usd": {cost}}}')) as bad:
+                first, failed = await run_to_end(
+                    stubs,
+                    pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=agent(bad.url), graders=[exact()]),
+                )
+            [result] = failed
+            assert result.state == run_pb2.RESULT_STATE_ERROR and "cost_usd" in result.error_reason, result
+            assert first.cost_usd == 0
+            with FakeEndpoint(Reply({"content": "a", "cost_usd": 0.4})) as fair:
+                spent, _ = await run_to_end(
+                    stubs,
+                    pb.CreateRunRequest(
+                        items=[item_pb2.Item(input=f"q{i}") for i in range(3)],
+                        target=agent(fair.url),
+                        graders=[exact()],
+                    ),
+                )
+                stopped, results = await run_to_end(
+                    stubs,
+                    pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=agent(fair.url), graders=[exact()]),
+                )
+    finally:
+        await srv.stop(grace=0.5)
+    assert spent.cost_usd == pytest.approx(1.2)
+    assert stopped.status == run_pb2.RUN_STATUS_FAILED and stopped.error.code == "BUDGET_EXCEEDED", stopped
+    assert results == []
+
+
 async def test_a_judgment_of_millions_of_values_is_refused_off_the_event_loop(svc) -> None:
     """A tenant's judge answering two million JSON values (a few MB) was parsed on the event loop: every
     tenant's calls waited 1-6 s. Such a verdict is parsed, and refused, in a worker process."""

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import socket
 import time
@@ -48,7 +49,7 @@ from evalsvc.events.bus import EventBus
 from evalsvc.execution import cache
 from evalsvc.execution.fairness import RoundRobin
 from evalsvc.execution.recorder import ALONE_FROM_EVALUATIONS, FinishedJob, RunGraders, fail_early, record
-from evalsvc.graders import CompiledGrader, Grade, compile_grader, grader_name, target_error_grade
+from evalsvc.graders import CompiledGrader, Grade, compile_grader, grader_failed_grade, grader_name, target_error_grade
 from evalsvc.graders.judge import JudgeDefaults, LlmJudgeGrader
 from evalsvc.graders.pool import GradingPool, may_offload, offloads
 from evalsvc.http.outbound import Outbound, call_guard, call_tenant, endpoint_wait
@@ -516,28 +517,19 @@ class Executor:
         call_tenant.set(plan.tenant)
         use = CacheUse()
         try:
-            output = await self._respond(job, plan, item, use)
-            grades: list[tuple[str, Grade]] = []
-            for g in plan.graders:
-                started = time.perf_counter()
-                if isinstance(g, LlmJudgeGrader):
-                    grade = await self._judge_verdict(job, plan, g, item, output, use)
-                elif offloads(g, item, output):  # big output: off the event loop, under a time limit
-                    async with held_up():
-                        grade = await self._grading.grade(plan.tenant, g, item, output)
-                else:
-                    grade = g.grade(item, output)
-                self._metrics.graded(g, time.perf_counter() - started)
-                grades.append((g.name, grade))
+            try:
+                output = await self._respond(job, plan, item, use)
+            except TargetError as exc:
+                output, grades = self._target_failed(plan, exc.reason)
+            except (BudgetExceeded, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # a target bug must cost one evaluation, not the worker
+                output, grades = self._target_failed(plan, f"{type(exc).__name__}: {exc}")
+            else:
+                grades = [(g.name, await self._grade(job, plan, g, item, output, use, held_up)) for g in plan.graders]
         except BudgetExceeded:
             self._finished_ready.set()  # the recorder ends the run once what finished is recorded
             return False
-        except TargetError as exc:
-            output, grades = self._target_failed(plan, exc.reason)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a target bug must cost one evaluation, not the worker
-            output, grades = self._target_failed(plan, f"{type(exc).__name__}: {exc}")
         finished = FinishedJob(
             job=job,
             item_id=item.id,
@@ -585,6 +577,36 @@ class Executor:
                 CacheEntry(plan.tenant, key, CACHE_TARGET_OUTPUT, output.SerializeToString(), output.cost_usd)
             )
         return output
+
+    async def _grade(
+        self,
+        job: ClaimedJob,
+        plan: RunPlan,
+        grader: CompiledGrader | LlmJudgeGrader,
+        item: item_pb2.Item,
+        output: item_pb2.Response,
+        use: CacheUse,
+        held_up: Callable[[], AbstractAsyncContextManager[None]],
+    ) -> Grade:
+        """One grader's grade of the output. A grader that raises (a bug, or a reply no check foresaw)
+        costs its own evaluation, ERROR with its reason: it used to fail the item's every grader as a
+        target failure and drop the output, its cost and latency with them."""
+        started = time.perf_counter()
+        try:
+            if isinstance(grader, LlmJudgeGrader):
+                grade = await self._judge_verdict(job, plan, grader, item, output, use)
+            elif offloads(grader, item, output):  # big output: off the event loop, under a time limit
+                async with held_up():
+                    grade = await self._grading.grade(plan.tenant, grader, item, output)
+            else:
+                grade = grader.grade(item, output)
+        except (BudgetExceeded, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.warning("grader %r of run %s failed on item %r", grader.name, job.run_id, item.id, exc_info=True)
+            grade = grader_failed_grade(exc)
+        self._metrics.graded(grader, time.perf_counter() - started)
+        return grade
 
     async def _judge_verdict(
         self,
@@ -637,6 +659,11 @@ class Executor:
         raise BudgetExceeded
 
     def _spend(self, plan: RunPlan, usd: float) -> None:
+        """Count a call's cost against the run's and the tenant's budgets. Replies are checked where they
+        are read (`targets.reported_amount`); a NaN or negative amount that got past would switch the
+        budgets off for good (NaN >= budget is never true), so it is never added."""
+        if not 0 < usd < math.inf:
+            return
         plan.spent_usd += usd
         self._tenant_spent[plan.tenant] = self._tenant_spent.get(plan.tenant, 0.0) + usd
 

@@ -14,6 +14,7 @@ from evalsvc.graders.builtin import (
     CompiledGrader,
     Grade,
     compile_grader,
+    grader_failed_grade,
     grader_name,
     target_error_grade,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "CompiledGrader",
     "Grade",
     "compile_grader",
+    "grader_failed_grade",
     "grader_name",
     "target_error_grade",
 ]

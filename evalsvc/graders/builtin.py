@@ -88,6 +88,15 @@ def target_error_grade(reason: str) -> Grade:
     return Grade(ERROR, 0.0, 0.0, "the target failed for this item, so its output could not be graded", reason)
 
 
+GRADER_FAILED = "GRADER_FAILED"
+
+
+def grader_failed_grade(exc: Exception) -> Grade:
+    """The grade of a grader that raised on one output (a bug, or a reply no check foresaw): ERROR for
+    that evaluation alone, with a stable code (docs/errors.md)."""
+    return Grade(ERROR, 0.0, 0.0, "the grader failed on this output", f"{GRADER_FAILED}: {type(exc).__name__}: {exc}")
+
+
 def _clip(text: str) -> str:
     """Cut user text short so one huge value cannot bloat every result's explanation."""
     return text if len(text) <= _QUOTE_LIMIT else text[:_QUOTE_LIMIT] + "..."

@@ -28,7 +28,7 @@ from evalsvc.http.outbound import (
 )
 from evalsvc.messages.canonical import definition, digest
 from evalsvc.storable import storable_json
-from evalsvc.targets import PriceTable, chat_url, check_endpoint
+from evalsvc.targets import PriceTable, chat_url, check_endpoint, reported_tokens
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2, target_pb2
 
 PASSED, FAILED, ERROR = run_pb2.RESULT_STATE_PASSED, run_pb2.RESULT_STATE_FAILED, run_pb2.RESULT_STATE_ERROR
@@ -133,10 +133,11 @@ def _prompt(spec: grader_pb2.LlmJudge, item: item_pb2.Item, output: item_pb2.Res
 
 
 def _score_1_10(value: Any) -> int:
-    score = int(value)
-    if not 1 <= score <= 10 or score != value:
+    """The verdict's score, a whole number 1-10 (5.0 too): `true` was read as 1 (a definite FAIL) and
+    Infinity or 1e999 raised OverflowError, which failed the item's every grader as a target failure."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 1 <= value <= 10 or value != int(value):
         raise ValueError("score must be an integer 1-10")
-    return score
+    return int(value)
 
 
 def verdict(spec: grader_pb2.LlmJudge, reply: Any) -> Grade:
@@ -261,10 +262,7 @@ class LlmJudgeGrader:
             except OutboundError as exc:
                 return Grade(ERROR, 0.0, 0.0, "the judge could not be reached", exc.reason, cost_usd=cost)
             try:
-                usage = reply.body.get("usage") or {}
-                cost += self._prices.cost(
-                    self._model, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-                )
+                cost += self._prices.cost(self._model, *reported_tokens(reply.body.get("usage")))
                 content = reply.body["choices"][0]["message"]["content"]
                 grade = verdict(self._spec, storable_json(await self._outbound.parse_json(content)))
             except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
