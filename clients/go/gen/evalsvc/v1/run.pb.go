@@ -586,7 +586,8 @@ type RunAggregate struct {
 	Graders []*GraderAggregate `protobuf:"bytes,3,rep,name=graders,proto3" json:"graders,omitempty"`
 	// Sum of the target's cost over every output, in US dollars.
 	TotalCostUsd float64 `protobuf:"fixed64,4,opt,name=total_cost_usd,json=totalCostUsd,proto3" json:"total_cost_usd,omitempty"`
-	// The target's latency over every output.
+	// The target's latency over every output that has one: an item whose target call failed produced
+	// no output, and a recorded response without latency_ms reports none (neither counts as 0 ms).
 	Latency *LatencyStats `protobuf:"bytes,5,opt,name=latency,proto3" json:"latency,omitempty"`
 	// Sum of the judges' cost, in US dollars (apart from the target's).
 	ScoringCostUsd float64 `protobuf:"fixed64,6,opt,name=scoring_cost_usd,json=scoringCostUsd,proto3" json:"scoring_cost_usd,omitempty"`

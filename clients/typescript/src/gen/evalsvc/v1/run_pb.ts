@@ -275,7 +275,8 @@ export type RunAggregate = Message<"evalsvc.v1.RunAggregate"> & {
   totalCostUsd: number;
 
   /**
-   * The target's latency over every output.
+   * The target's latency over every output that has one: an item whose target call failed produced
+   * no output, and a recorded response without latency_ms reports none (neither counts as 0 ms).
    *
    * @generated from field: evalsvc.v1.LatencyStats latency = 5;
    */
