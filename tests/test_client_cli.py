@@ -380,15 +380,15 @@ def test_validate_refuses_numbers_a_field_cannot_hold(tmp_path: Path, capsys: py
     assert cli.main(["run", str(tmp_path / "spec.yaml"), "--target", "127.0.0.1:1"]) == cli.EXIT_ERROR
 
 
-@pytest.mark.parametrize("alpha", ["0", "0.7", "-0.1", "nan"])
+@pytest.mark.parametrize("alpha", ["0", "0.7", "-0.1", "nan", "1e-17"])
 def test_compare_alpha_is_a_significance_level(alpha: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """--alpha 0 was quietly taken as 0.05; docs/compare.md says alpha is in (0, 0.5]."""
+    """--alpha 0 was quietly taken as 0.05; docs/compare.md says alpha is from 1e-9 to 0.5."""
     from evalsvc_client import cli
 
     with pytest.raises(SystemExit) as exited:
         cli.main(["compare", "run_a", "run_b", "--alpha", alpha])
     assert exited.value.code == cli.EXIT_ERROR
-    assert f"argument --alpha: {alpha} is not a significance level in (0, 0.5]" in capsys.readouterr().err
+    assert f"argument --alpha: {alpha} is not a significance level from 1e-9 to 0.5" in capsys.readouterr().err
 
 
 def test_webhooks_update_without_a_change_names_the_flags(capsys: pytest.CaptureFixture[str]) -> None:

@@ -231,7 +231,7 @@ async def test_bad_requests_and_unknown_runs(svc: Service) -> None:
         await svc.runs.CompareRuns(cpb.CompareRunsRequest())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert set(violations(err.value)) == {"baseline_run_id", "candidate_run_id"}
-    for alpha in (0.6, -0.1, math.nan):
+    for alpha in (0.6, -0.1, math.nan, 1e-17, 5e-324):  # the last two: INTERNAL (StatisticsError) before
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await svc.runs.CompareRuns(pb_compare(run.id, run.id, alpha=alpha))
         assert set(violations(err.value)) == {"alpha"}

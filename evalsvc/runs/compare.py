@@ -40,6 +40,9 @@ from evalsvc.v1 import run_pb2
 
 T = TypeVar("T")
 DEFAULT_ALPHA = 0.05
+# The smallest alpha: below it 1 - alpha/2 rounds to 1 in floating point (1e-17 raised StatisticsError,
+# an INTERNAL), and from ~1e-15 the intervals lose their precision.
+MIN_ALPHA = 1e-9
 _GRADED = (run_pb2.RESULT_STATE_PASSED, run_pb2.RESULT_STATE_FAILED)
 # The most keys of each run one read of a ListComparisonItems page takes while a `change` filter
 # passes over keys: reads start at the page's size and double up to this, so a sparse filter costs
@@ -197,8 +200,8 @@ class CompareService:
     async def compare(self, tenant: str, request: cpb.CompareRunsRequest) -> cpb.RunComparison:
         """The comparison of two of the tenant's runs, as their results stand now."""
         alpha = request.alpha or DEFAULT_ALPHA
-        if not 0.0 < alpha <= 0.5:  # NaN fails it too
-            raise invalid_argument([FieldViolation("alpha", "must be in (0, 0.5]; 0 means 0.05")])
+        if not MIN_ALPHA <= alpha <= 0.5:  # NaN fails it too
+            raise invalid_argument([FieldViolation("alpha", f"must be from {MIN_ALPHA:g} to 0.5; 0 means 0.05")])
         baseline, candidate = await self._runs(tenant, request.baseline_run_id, request.candidate_run_id)
         base_rows, cand_rows = await self._evaluations(tenant, baseline.id, candidate.id)
         order = [grader_name(g) for g in candidate.graders]

@@ -561,7 +561,7 @@ def parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", parents=[common], help="paired comparison of two runs (docs/compare.md)")
     compare.add_argument("baseline", help="the baseline run id")
     compare.add_argument("candidate", help="the candidate run id")
-    compare.add_argument("--alpha", type=_alpha, default=0.05, help="significance level, in (0, 0.5]")
+    compare.add_argument("--alpha", type=_alpha, default=0.05, help="significance level, from 1e-9 to 0.5")
     compare.add_argument("--fail-on-regression", action="store_true", help="exit 1 when any grader REGRESSED")
     compare.add_argument("--show", choices=sorted(_CHANGES), help="also list the evaluations with this change")
     compare.add_argument("--limit", type=_count, default=20, help="at most this many listed by --show")
@@ -613,10 +613,10 @@ def _percent(text: str) -> float:
 
 
 def _alpha(text: str) -> float:
-    """A --alpha: a significance level in (0, 0.5] (docs/compare.md); 0 was quietly taken as the default 0.05."""
+    """A --alpha: a significance level from 1e-9 to 0.5 (docs/compare.md); 0 was quietly taken as the default 0.05."""
     value = _number(text)
-    if not 0 < value <= 0.5:
-        raise argparse.ArgumentTypeError(f"{text} is not a significance level in (0, 0.5]")
+    if not 1e-9 <= value <= 0.5:
+        raise argparse.ArgumentTypeError(f"{text} is not a significance level from 1e-9 to 0.5")
     return value
 
 

@@ -153,7 +153,7 @@ type CompareRunsRequest struct {
 	BaselineRunId string `protobuf:"bytes,1,opt,name=baseline_run_id,json=baselineRunId,proto3" json:"baseline_run_id,omitempty"`
 	// The run under test (e.g. the new model or prompt).
 	CandidateRunId string `protobuf:"bytes,2,opt,name=candidate_run_id,json=candidateRunId,proto3" json:"candidate_run_id,omitempty"`
-	// Significance level of the tests, in (0, 0.5]; 0 means 0.05. Intervals are at level 1 - alpha.
+	// Significance level of the tests, from 1e-9 to 0.5; 0 means 0.05. Intervals are at level 1 - alpha.
 	Alpha float64 `protobuf:"fixed64,3,opt,name=alpha,proto3" json:"alpha,omitempty"`
 }
 

@@ -36,7 +36,7 @@ export type CompareRunsRequest = Message<"evalsvc.v1.CompareRunsRequest"> & {
   candidateRunId: string;
 
   /**
-   * Significance level of the tests, in (0, 0.5]; 0 means 0.05. Intervals are at level 1 - alpha.
+   * Significance level of the tests, from 1e-9 to 0.5; 0 means 0.05. Intervals are at level 1 - alpha.
    *
    * @generated from field: double alpha = 3;
    */
