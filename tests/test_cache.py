@@ -209,6 +209,13 @@ async def test_judge_verdicts_are_cached(svc: Svc) -> None:
         request.items[0].response.content = "another answer"  # another output judged: another verdict
         await _run(svc.runs, request)
         assert len(judge.seen) == 5
+        # A header can pick another deployment of the judge: its verdicts are not the cached ones (a probe:
+        # 0 calls, all 4 from the cache); with the same header again they are.
+        request.graders[0].llm_judge.endpoint.headers["x-deployment"] = "judge-v2"
+        await _run(svc.runs, request)
+        assert len(judge.seen) == 9 and judge.seen[-1].headers["x-deployment"] == "judge-v2"
+        await _run(svc.runs, request)
+        assert len(judge.seen) == 9
     assert all(r.verdict_cached and not r.cached for r in second_results.values())
     assert [r.explanation for r in second_results.values()] == [r.explanation for r in first_results.values()]
     assert first.aggregate.scoring_cost_usd > 0 and second.aggregate.scoring_cost_usd == 0

@@ -233,6 +233,9 @@ class LlmJudgeGrader:
                 "prompt": [system, user],
                 # the images the judge is shown change its verdict; absent, the key is as before
                 **({"images": list(output.image_urls)} if output.image_urls else {}),
+                # headers can pick a deployment or a route, as a target's do (a `secret:NAME` header is
+                # keyed by the reference, never the value); absent, the key is as before
+                **({"headers": dict(sorted(self._endpoint.headers.items()))} if self._endpoint.headers else {}),
             }
         )
 
