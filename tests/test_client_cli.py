@@ -189,6 +189,40 @@ def test_run_csv_and_yaml_datasets_detach_and_cancel(live: tuple[ServerProcess, 
     assert broken.returncode == 3 and "nonsense" in broken.stderr
 
 
+def test_a_run_of_mostly_errors_does_not_pass_unless_its_max_error_rate_allows(
+    live: tuple[ServerProcess, str], tmp_path: Path
+) -> None:
+    """9 of 10 items without a recorded response, pass_threshold 90: the one graded evaluation passed, so
+    the pass rate (errors excluded) was 100% and the run PASSED, exit 0, in CI. Errors now have their own
+    bar, named in the verdict line."""
+    rows = _rows(10, wrong_every=1000)  # the first answer is wrong, the rest right
+    for row in rows[:-1]:
+        del row["response"]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = "dataset: qa.jsonl\ntarget: provided\ngraders: [{name: exact, exact_match: {}}]\npass_threshold: 90\n"
+    (tmp_path / "strict.yaml").write_text(spec)
+    (tmp_path / "lenient.yaml").write_text(spec + "max_error_rate: 90\n")
+    strict = evalctl(live, "run", str(tmp_path / "strict.yaml"))
+    assert strict.returncode == 1, strict.stderr
+    assert (
+        "FAILED: pass rate 100.0% reaches the run's pass_threshold 90%; 9 of 10 evaluations errored"
+        " (90.0%, over the run's max_error_rate 0%)" in strict.stderr
+    ), strict.stderr
+    under = evalctl(live, "run", str(tmp_path / "strict.yaml"), "--fail-under", "50")  # the error bar stays
+    assert under.returncode == 1 and "over the run's max_error_rate 0%" in under.stderr, under.stderr
+    lenient = evalctl(live, "run", str(tmp_path / "lenient.yaml"))
+    assert lenient.returncode == 0 and "(90.0%, within the run's max_error_rate 90%)" in lenient.stderr
+
+
+def test_a_verdict_of_a_run_that_has_not_ended_is_no_verdict(capsys: pytest.CaptureFixture[str]) -> None:
+    """`evalctl get RUN --fail-under 50` on a RUNNING run said "FAILED: the run ended RUNNING", exit 2."""
+    from evalsvc_client import cli, pb
+
+    running = pb.Run(id="run_1", status=pb.run.RUN_STATUS_RUNNING)
+    assert cli._verdict(running, 50.0, cli._console(stderr=True)) == cli.EXIT_NOT_ENDED == 4
+    assert "NO VERDICT: the run is RUNNING; `evalctl watch run_1` waits for its end" in capsys.readouterr().err
+
+
 def test_compare_table_json_show_and_fail_on_regression(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
     """Baseline: q0 wrong; candidate: q0, q4, ... q36 wrong, so 9 of 40 pairs regressed and none improved
     (p = 2/2^9): REGRESSED, exit 1 when gated."""

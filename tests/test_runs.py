@@ -80,14 +80,31 @@ async def test_run_whose_every_evaluation_errors_fails(runs) -> None:
     assert all(r.state == run_pb2.RESULT_STATE_ERROR and "no recorded response" in r.error_reason for r in results)
 
 
-async def test_errors_are_excluded_from_the_pass_rate(runs) -> None:
+@pytest.mark.parametrize(("max_error_rate", "passes"), [(None, False), (24.0, False), (25.0, True), (100.0, True)])
+async def test_errors_are_excluded_from_the_pass_rate_and_bounded_by_max_error_rate(
+    runs, max_error_rate: float | None, passes: bool
+) -> None:
+    """1 evaluation of 4 errors: the pass rate is over the 3 graded (100%); the run passes only when its
+    max_error_rate allows 25% errored (unset: none may; a run whose evaluations mostly errored passed)."""
     request = create_request(4, pass_threshold=100.0)
+    if max_error_rate is not None:
+        request.max_error_rate = max_error_rate
     request.items[0].ClearField("response")
     created = await runs.CreateRun(request)
+    assert created.run.HasField("max_error_rate") is (max_error_rate is not None)
     await watch_all(runs, created.run.id)
     final = (await runs.GetRun(pb.GetRunRequest(run_id=created.run.id))).run
     assert (final.counts.passed, final.counts.errored) == (3, 1)
-    assert final.aggregate.pass_rate == 1.0 and final.overall_passed is True
+    assert final.status == run_pb2.RUN_STATUS_SUCCEEDED
+    assert final.aggregate.pass_rate == 1.0 and final.overall_passed is passes
+
+
+@pytest.mark.parametrize("bad", [-1.0, 100.5, math.nan, math.inf])
+async def test_a_max_error_rate_that_is_no_percentage_is_refused(runs, bad: float) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await runs.CreateRun(create_request(2, max_error_rate=bad))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(caught.value) == {"max_error_rate": "must be a percentage between 0 and 100"}
 
 
 async def test_echo_target_and_repetitions_give_one_result_per_evaluation(runs) -> None:

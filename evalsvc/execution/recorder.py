@@ -79,11 +79,12 @@ class FinishedJob:
 
 @dataclass(frozen=True, slots=True)
 class RunGraders:
-    """What the recorder needs of a run: grader names and weights in order, and the pass threshold."""
+    """What the recorder needs of a run: grader names and weights in order, and its verdict's bars."""
 
     grader_names: Sequence[str]
     weights: Sequence[float]
     pass_threshold: float | None
+    max_error_rate: float = 0.0  # percent of evaluations that may error for the run to pass
 
 
 def item_score(grades: Sequence[tuple[str, Grade]], weights: Sequence[float]) -> float | None:
@@ -345,7 +346,9 @@ def _ending(
     run_id: str, counts: run_pb2.RunCounts, graders: RunGraders, inputs: run_store.AggregateInputs, now: float
 ) -> run_store.Ending:
     """How a run whose every evaluation has a result ends: its verdict and aggregate."""
-    status, overall, code, message = verdict(counts.passed, counts.failed, counts.errored, graders.pass_threshold)
+    status, overall, code, message = verdict(
+        counts.passed, counts.failed, counts.errored, graders.pass_threshold, graders.max_error_rate
+    )
     aggregate = build_aggregate(graders.grader_names, inputs).SerializeToString()
     return run_store.Ending(run_id, status, overall, code, message, aggregate, now)
 

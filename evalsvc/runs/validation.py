@@ -62,10 +62,9 @@ async def validate_create_run(request: pb.CreateRunRequest) -> list[FieldViolati
     check_length(request.description, MAX_DESCRIPTION, "description", out)
     check_labels(request.labels, "labels", out)
     check_annotations(request.annotations, "annotations", out)
-    if request.HasField("pass_threshold") and not (
-        math.isfinite(request.pass_threshold) and 0 <= request.pass_threshold <= 100
-    ):
-        out.append(FieldViolation("pass_threshold", "must be a percentage between 0 and 100"))
+    for percent in ("pass_threshold", "max_error_rate"):
+        if request.HasField(percent) and not 0 <= getattr(request, percent) <= 100:  # NaN fails it too
+            out.append(FieldViolation(percent, "must be a percentage between 0 and 100"))
     if not 0 <= request.repetitions <= MAX_REPETITIONS:
         out.append(FieldViolation("repetitions", f"must be between 1 and {MAX_REPETITIONS} (0 means 1)"))
     if not 0 <= request.warmup_runs <= MAX_WARMUP_RUNS:

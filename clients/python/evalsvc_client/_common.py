@@ -196,6 +196,7 @@ def create_run_request(
     description: str = "",
     labels: Mapping[str, str] | None = None,
     pass_threshold: float | None = None,
+    max_error_rate: float | None = None,
     repetitions: int = 0,
     warmup_runs: int = 0,
     trigger: pb.run.Trigger = pb.run.TRIGGER_UNSPECIFIED,
@@ -218,6 +219,8 @@ def create_run_request(
     )
     if pass_threshold is not None:
         request.pass_threshold = pass_threshold
+    if max_error_rate is not None:
+        request.max_error_rate = max_error_rate
     return request
 
 

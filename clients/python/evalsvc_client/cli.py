@@ -15,9 +15,11 @@ Global: --target HOST:PORT (EVALCTL_TARGET, default 127.0.0.1:50051), --api-key 
 --ca-cert/--client-cert/--client-key (TLS, mTLS).
 
 Verdict (run, watch; get with --fail-under): a run passes when its pass rate (percent, errors excluded) reaches
---fail-under if given, else the spec's pass_threshold (unset: every evaluation must pass).
+--fail-under if given, else the spec's pass_threshold (unset: every graded evaluation must pass), and at most
+the spec's max_error_rate percent of its evaluations errored (unset: none may).
 Exit codes: 0 passed; 1 did not pass, or (compare --fail-on-regression) a grader REGRESSED; 2 the run ended
 FAILED or CANCELLED; 3 a spec, connection or RPC error, or a command line evalctl does not understand;
+4 (get --fail-under) the run has not ended, so there is no verdict yet;
 141 (quietly) stdout closed early, as in `evalctl results RUN --format jsonl | head`.
 """
 
@@ -44,7 +46,7 @@ from evalsvc_client.report import format_rate, render_html
 from evalsvc_client.spec import CACHE_MODES, SpecError, cache_mode, load_spec, plural
 from evalsvc_client.sync import EvalClient
 
-EXIT_OK, EXIT_BELOW, EXIT_RUN_FAILED, EXIT_ERROR = 0, 1, 2, 3
+EXIT_OK, EXIT_BELOW, EXIT_RUN_FAILED, EXIT_ERROR, EXIT_NOT_ENDED = 0, 1, 2, 3, 4
 #: Stdout was closed before evalctl finished writing (`| head`): the status of a program SIGPIPE (13) ended.
 EXIT_STDOUT_CLOSED = 128 + 13
 
@@ -166,27 +168,50 @@ def _follow(client: EvalClient, run_id: str, after_seq: int, args: argparse.Name
 
 def _verdict(run: pb.Run, fail_under: float | None, console: Console) -> int:
     """One verdict, printed and returned as the exit code: --fail-under when given replaces the run's own
-    pass_threshold (whose verdict the server computed as overall_passed)."""
+    pass_threshold (whose verdict the server computed as overall_passed); the run's max_error_rate
+    applies either way. A run that has not ended has no verdict yet (`get` of a RUNNING run said "the
+    run ended RUNNING")."""
+    if run.status not in pb.TERMINAL_STATUSES:
+        console.print(f"NO VERDICT: the run is {_status(run.status)}; `evalctl watch {run.id}` waits for its end")
+        return EXIT_NOT_ENDED
     if run.status != pb.run.RUN_STATUS_SUCCEEDED:
         console.print(f"FAILED: the run ended {_status(run.status)}")
         return EXIT_RUN_FAILED
     rate = pass_rate_percent(run.counts)
+    errors_within, errors = _errors_against_bar(run)
     if fail_under is not None:
-        passed = rate is not None and rate >= fail_under
-        relation = "reaches" if passed else "is below"
-        console.print(
-            f"{'PASSED' if passed else 'FAILED'}: pass rate {format_rate(rate)} {relation} --fail-under {fail_under:g}%"
-        )
-        return EXIT_OK if passed else EXIT_BELOW
-    if not run.HasField("overall_passed"):
+        rate_reached = rate is not None and rate >= fail_under
+        passed = rate_reached and errors_within
+        bar = f"--fail-under {fail_under:g}%"
+    elif not run.HasField("overall_passed"):
         return EXIT_OK
-    if run.HasField("pass_threshold"):
-        bar = f"the run's pass_threshold {run.pass_threshold:g}%"
     else:
-        bar = "100% (the run has no pass_threshold: every evaluation must pass; --fail-under PCT sets another bar)"
-    relation = "reaches" if run.overall_passed else "is below"
-    console.print(f"{'PASSED' if run.overall_passed else 'FAILED'}: pass rate {format_rate(rate)} {relation} {bar}")
-    return EXIT_OK if run.overall_passed else EXIT_BELOW
+        threshold = run.pass_threshold if run.HasField("pass_threshold") else 100.0
+        rate_reached = rate is not None and rate >= threshold - 1e-9  # the server's comparison, for the wording
+        passed = run.overall_passed  # the server's verdict: both bars
+        if run.HasField("pass_threshold"):
+            bar = f"the run's pass_threshold {run.pass_threshold:g}%"
+        else:
+            bar = (
+                "100% (the run has no pass_threshold: every graded evaluation must pass; --fail-under PCT sets another)"
+            )
+    relation = "reaches" if rate_reached else "is below"
+    console.print(f"{'PASSED' if passed else 'FAILED'}: pass rate {format_rate(rate)} {relation} {bar}; {errors}")
+    return EXIT_OK if passed else EXIT_BELOW
+
+
+def _errors_against_bar(run: pb.Run) -> tuple[bool, str]:
+    """Whether the run's errored evaluations are within its max_error_rate, and a clause saying so: errors
+    are not in the pass rate, so a run whose 9 evaluations of 10 errored passed on the one graded."""
+    counts = run.counts
+    total = counts.passed + counts.failed + counts.errored
+    allowed = run.max_error_rate if run.HasField("max_error_rate") else 0.0
+    within = counts.errored * 100 <= allowed * total + 1e-9
+    clause = f"{counts.errored} of {total} evaluations errored"
+    if counts.errored:
+        clause += f" ({100 * counts.errored / total:.1f}%"
+        clause += (", within" if within else ", over") + f" the run's max_error_rate {allowed:g}%)"
+    return within, clause
 
 
 def _results(client: EvalClient, run_id: str, state: str | None) -> Iterator[pb.Result]:

@@ -152,6 +152,7 @@ def render_html(run: pb.Run, results: Iterable[pb.Result]) -> str:
     latency = run.aggregate.latency
     cost = run.aggregate.total_cost_usd + run.aggregate.scoring_cost_usd
     threshold = f"{run.pass_threshold:g}%" if run.HasField("pass_threshold") else "every evaluation"
+    errors_allowed = f"{run.max_error_rate:g}%" if run.HasField("max_error_rate") else "none"
     grader_rows = "".join(
         f"<tr><td>{esc(name)}</td><td><span class='meter'><span style='width:"
         f"{0 if not t.passed + t.failed else 100 * t.passed / (t.passed + t.failed):.1f}%'></span></span>"
@@ -180,7 +181,7 @@ def render_html(run: pb.Run, results: Iterable[pb.Result]) -> str:
 <body><main>
 <h1>{esc(run.display_name or run.id)}</h1>
 <p class="sub"><code>{esc(run.id)}</code> · created {created} · <span class="badge">{_status(run)}</span> {verdict}
- · passes at {threshold}</p>
+ · passes at {threshold}, errors allowed: {errors_allowed}</p>
 <div class="card stats">
 {_stat("Pass rate", _percent(counts.passed, counts.failed))}
 {_stat("Evaluations", f"{counts.completed_evaluations} / {counts.total_evaluations}")}

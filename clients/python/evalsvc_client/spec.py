@@ -7,7 +7,8 @@ graders. docs/spec.md lists every key; examples/ has specs that run as they are.
     graders:
       - {name: exact, exact_match: {normalize_whitespace: true}}
       - {name: judge, llm_judge: {mode: accuracy}}
-    pass_threshold: 90           # percent; unset means every evaluation must pass
+    pass_threshold: 90           # percent of graded evaluations; unset means every one must pass
+    max_error_rate: 2            # percent of evaluations that may error; unset means none may
 
 The keys are CreateRunRequest's fields in snake_case (camelCase is accepted too), plus `dataset`. Enum values may
 be written short (`mode: accuracy` for MODE_ACCURACY). A spec is checked whole before anything is sent: every

@@ -262,6 +262,7 @@ function runPage() {
     const kind = targetKind(about.target);
     const meta = [kind && `target ${kind}`, about.createTime && `created ${when(about.createTime)}`];
     if (about.passThreshold !== undefined) meta.push(`passes at ${about.passThreshold}%`);
+    meta.push(`at most ${about.maxErrorRate || 0}% errors`);
     $("run-meta").textContent = meta.filter(Boolean).join(" · ");
     $("completed").textContent = String(done);
     $("total").textContent = String(total);

@@ -19,7 +19,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateRunRequest(_message.Message):
-    __slots__ = ("request_id", "dataset_id", "item_ids", "items", "target", "graders", "display_name", "description", "labels", "pass_threshold", "repetitions", "warmup_runs", "trigger", "max_cost_usd", "annotations", "cache_mode")
+    __slots__ = ("request_id", "dataset_id", "item_ids", "items", "target", "graders", "display_name", "description", "labels", "pass_threshold", "repetitions", "warmup_runs", "trigger", "max_cost_usd", "annotations", "max_error_rate", "cache_mode")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class CreateRunRequest(_message.Message):
     TRIGGER_FIELD_NUMBER: _ClassVar[int]
     MAX_COST_USD_FIELD_NUMBER: _ClassVar[int]
     ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
     CACHE_MODE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     dataset_id: str
@@ -65,8 +66,9 @@ class CreateRunRequest(_message.Message):
     trigger: _run_pb2.Trigger
     max_cost_usd: float
     annotations: _containers.ScalarMap[str, str]
+    max_error_rate: float
     cache_mode: _cache_pb2.CacheMode
-    def __init__(self, request_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., items: _Optional[_Iterable[_Union[_item_pb2.Item, _Mapping]]] = ..., target: _Optional[_Union[_target_pb2.Target, _Mapping]] = ..., graders: _Optional[_Iterable[_Union[_grader_pb2.Grader, _Mapping]]] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., pass_threshold: _Optional[float] = ..., repetitions: _Optional[int] = ..., warmup_runs: _Optional[int] = ..., trigger: _Optional[_Union[_run_pb2.Trigger, str]] = ..., max_cost_usd: _Optional[float] = ..., annotations: _Optional[_Mapping[str, str]] = ..., cache_mode: _Optional[_Union[_cache_pb2.CacheMode, str]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., items: _Optional[_Iterable[_Union[_item_pb2.Item, _Mapping]]] = ..., target: _Optional[_Union[_target_pb2.Target, _Mapping]] = ..., graders: _Optional[_Iterable[_Union[_grader_pb2.Grader, _Mapping]]] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., pass_threshold: _Optional[float] = ..., repetitions: _Optional[int] = ..., warmup_runs: _Optional[int] = ..., trigger: _Optional[_Union[_run_pb2.Trigger, str]] = ..., max_cost_usd: _Optional[float] = ..., annotations: _Optional[_Mapping[str, str]] = ..., max_error_rate: _Optional[float] = ..., cache_mode: _Optional[_Union[_cache_pb2.CacheMode, str]] = ...) -> None: ...
 
 class CreateRunResponse(_message.Message):
     __slots__ = ("run", "job_count")
