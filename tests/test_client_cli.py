@@ -224,13 +224,59 @@ def test_compare_table_json_show_and_fail_on_regression(live: tuple[ServerProces
     assert missing.returncode == 3 and "not found" in missing.stderr
 
 
+def test_compare_gates_fail_when_nothing_or_too_little_was_paired(
+    live: tuple[ServerProcess, str], tmp_path: Path
+) -> None:
+    """A candidate graded under another grader name had 0 pairs, shown as "0.0% -> 0.0%" and
+    NO_SIGNIFICANT_CHANGE, and passed --fail-on-regression; one that errored on 7 of 8 items passed with 1
+    pair. Now: "-" and NO_PAIRS, the gate fails saying why, and --max-unpaired bounds the unpaired."""
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(8, wrong_every=1000)))
+    # Without a recorded response a provided target fails the item: ERROR, unpaired.
+    erring_rows = [
+        {key: value for key, value in row.items() if i == 0 or key != "response"}
+        for i, row in enumerate(_rows(8, wrong_every=1000))
+    ]
+    (tmp_path / "errors.jsonl").write_text("".join(json.dumps(r) + "\n" for r in erring_rows))
+    ids = []
+    for name, dataset, grader in [("base", "qa", "exact"), ("renamed", "qa", "same"), ("erring", "errors", "exact")]:
+        (tmp_path / f"{name}.yaml").write_text(
+            f"dataset: {dataset}.jsonl\ntarget: provided\ngraders: [{{name: {grader}, exact_match: {{}}}}]\n"
+            "pass_threshold: 10\n"
+        )
+        created = evalctl(live, "run", str(tmp_path / f"{name}.yaml"), "--json")
+        assert created.returncode in (0, 1), created.stderr
+        ids.append(json.loads(created.stdout)["id"])
+    base, renamed, erring = ids
+
+    shown = evalctl(live, "compare", base, renamed)
+    assert shown.returncode == 0, shown.stderr  # not gated
+    rows = [[cell.strip() for cell in line.strip("│ ").split("│")] for line in shown.stdout.splitlines()]
+    exact_row = next(row for row in rows if row[0] == "exact")
+    assert exact_row == ["exact", "0", "-", "-", "-", "+0 -0", "-", "-", "8", "NO_PAIRS"]
+    assert "0.0%" not in shown.stdout
+
+    gated = evalctl(live, "compare", base, renamed, "--fail-on-regression")
+    assert gated.returncode == 1 and "no pairs: no evaluation was graded in both runs (16 unpaired)" in gated.stderr
+
+    one_pair = evalctl(live, "compare", base, erring, "--fail-on-regression", "--json")
+    assert one_pair.returncode == 0, one_pair.stderr  # 1 pair, no regression: --fail-on-regression alone passes
+    assert json.loads(one_pair.stdout)["overall"]["unpaired"] == 7
+    bounded = evalctl(live, "compare", base, erring, "--fail-on-regression", "--max-unpaired", "2")
+    assert bounded.returncode == 1 and "7 evaluations unpaired" in bounded.stderr
+    assert "more than --max-unpaired 2" in bounded.stderr
+    assert evalctl(live, "compare", base, erring, "--max-unpaired", "7").returncode == 0
+    assert evalctl(live, "compare", base, base, "--max-unpaired", "0").returncode == 0
+
+
 def test_compare_rounds_a_pass_rate_as_run_and_get_do() -> None:
     """13/16 was 81.3% in `evalctl run` and `get` and 81.2% in `compare` (float formatting rounds 81.25
     to even)."""
     from evalsvc_client import pb
     from evalsvc_client.cli import _comparison_row
 
-    row = _comparison_row(pb.comparison.GraderComparison(baseline_pass_rate=13 / 16, candidate_pass_rate=1 / 16))
+    row = _comparison_row(
+        pb.comparison.GraderComparison(pairs=16, baseline_pass_rate=13 / 16, candidate_pass_rate=1 / 16)
+    )
     assert row[2:4] == ["81.3%", "6.3%"]
 
 
@@ -327,6 +373,7 @@ def test_fail_under_is_a_percentage(value: str, capsys: pytest.CaptureFixture[st
         ["list", "--limit", "0"],  # listed nothing and succeeded
         ["webhooks", "deliveries", "wh_x", "--limit", "-1"],  # failed in islice()'s words
         ["compare", "run_a", "run_b", "--limit", "x"],
+        ["compare", "run_a", "run_b", "--max-unpaired", "-1"],
     ],
 )
 def test_a_command_line_evalctl_cannot_parse_is_an_error_not_a_failed_run(
