@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -444,3 +446,44 @@ def test_webhooks_update_without_a_change_names_the_flags(capsys: pytest.Capture
 
     assert cli.main(["webhooks", "update", "wh_x", "--target", "127.0.0.1:1"]) == cli.EXIT_ERROR
     assert "nothing to change; give --url, --event, --description, --enable or --disable" in capsys.readouterr().err
+
+
+def test_the_cost_shown_is_the_runs_target_and_judges() -> None:
+    """`cost $0.0000` for a run whose spend was all judges': the summary showed aggregate.total_cost_usd, the
+    target's alone. It shows the run's cost_usd, target and judges; so does the HTML report of a run still
+    executing, whose aggregate (where the judges' cost was read) is empty until it ends."""
+    from evalsvc_client import pb
+    from evalsvc_client.cli import _summary
+    from evalsvc_client.report import render_html
+    from rich.console import Console
+
+    judged = pb.Run(id="run_j", status=pb.run.RUN_STATUS_SUCCEEDED, cost_usd=0.0123)
+    judged.aggregate.scoring_cost_usd = 0.0123
+    printed = io.StringIO()
+    _summary(Console(file=printed, width=200), judged)
+    assert "cost $0.0123" in printed.getvalue()
+    assert "$0.0123" in render_html(pb.Run(id="run_r", status=pb.run.RUN_STATUS_RUNNING, cost_usd=0.0123), [])
+
+
+def test_the_progress_bar_adds_up_cost_as_the_server_does() -> None:
+    """The bar summed results' target cost only: a judge's spend never showed, and a job's output cost counted
+    once per grader. It starts from a run event's cost_usd and adds a job's output once for all its graders, each
+    judge's cost, and nothing that came from the response cache."""
+    from evalsvc_client import pb
+    from evalsvc_client.cli import _Live
+    from rich.console import Console
+
+    def result(item: str, grader: str, **costs: Any) -> pb.WatchRunResponse:
+        return pb.WatchRunResponse(result=pb.Result(item_id=item, repetition=1, grader=grader, **costs))
+
+    events = [
+        pb.WatchRunResponse(run=pb.Run(status=pb.run.RUN_STATUS_RUNNING, cost_usd=0.001)),
+        result("a", "exact", cost_usd=0.01, scoring_cost_usd=0.002),  # one output, two graders: paid once
+        result("a", "judge", cost_usd=0.01, scoring_cost_usd=0.003),
+        result("b", "judge", cost_usd=0.5, cached=True, scoring_cost_usd=0.7, verdict_cached=True),
+    ]
+    bar = io.StringIO()
+    with _Live(Console(file=bar, force_terminal=True, width=200), enabled=True) as live:
+        for event in events:
+            live.update(event)
+    assert "$0.0160" in bar.getvalue()  # 0.001 + 0.01 + 0.002 + 0.003

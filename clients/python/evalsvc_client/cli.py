@@ -74,12 +74,18 @@ def pass_rate_percent(counts: pb.RunCounts) -> float | None:
 
 
 class _Live:
-    """The progress display: a rich bar on a terminal, nothing otherwise (CI logs get the summary line)."""
+    """The progress display: a rich bar on a terminal, nothing otherwise (CI logs get the summary line).
+
+    Its cost is the run's cost_usd, target and judges (the target's alone showed $0.0000 for a run whose spend
+    was all judges'): taken from each run event and added to from each result after it, as the server adds it
+    up: a job's output once, however many graders' results carry its cost, and no output or verdict that came
+    from the response cache."""
 
     def __init__(self, console: Console, enabled: bool) -> None:
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._cost = 0.0
+        self._paid_outputs: set[tuple[str, int]] = set()  # (item id, repetition): one target call each
         if enabled:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
@@ -104,11 +110,20 @@ class _Live:
         if self._progress is not None:
             self._progress.stop()
 
+    def _spent_on(self, result: pb.Result) -> float:
+        """What a result adds to the run's cost_usd."""
+        spent = 0.0 if result.verdict_cached else result.scoring_cost_usd
+        output = (result.item_id, result.repetition)
+        if not result.cached and output not in self._paid_outputs:
+            self._paid_outputs.add(output)
+            spent += result.cost_usd
+        return spent
+
     def update(self, event: pb.WatchRunResponse) -> None:
         if event.HasField("result"):
-            self._cost += event.result.cost_usd
-        if event.HasField("run") and event.run.status in pb.TERMINAL_STATUSES:
-            self._cost = event.run.aggregate.total_cost_usd or self._cost
+            self._cost += self._spent_on(event.result)
+        if event.HasField("run"):
+            self._cost = event.run.cost_usd
         if self._progress is None or self._task is None:
             return
         counts = event.counts
@@ -146,7 +161,7 @@ def _summary(console: Console, run: pb.Run) -> None:
     console.print(
         f"run {run.id} {_status(run.status)}: {counts.completed_evaluations}/{counts.total_evaluations}"
         f" evaluations, pass rate {format_rate(rate)}, {counts.errored} errors,"
-        f" cost ${run.aggregate.total_cost_usd:.4f}"
+        f" cost ${run.cost_usd:.4f}"  # target and judges (aggregate.total_cost_usd is the target's alone)
         + (f" ({run.error.code}: {run.error.message})" if run.HasField("error") else "")
     )
 
