@@ -487,3 +487,42 @@ def test_the_progress_bar_adds_up_cost_as_the_server_does() -> None:
         for event in events:
             live.update(event)
     assert "$0.0160" in bar.getvalue()  # 0.001 + 0.01 + 0.002 + 0.003
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--target", "127.0.0.1:1", "--json", "list"],
+        ["list", "--target", "127.0.0.1:1", "--json"],
+        ["--json", "list", "--target", "127.0.0.1:1"],
+    ],
+)
+def test_global_flags_go_before_or_after_the_command(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`evalctl --target H:P list` was "invalid choice" and `evalctl --json list` "unrecognized arguments",
+    though --help lists them as global. Either place works, and one given before the command stays set."""
+    from evalsvc_client import cli
+
+    monkeypatch.setenv("EVALSVC_API_KEY", "evk_from_env")
+    args = cli.parser().parse_args(argv)
+    assert (args.target, args.json, args.api_key, args.command) == ("127.0.0.1:1", True, "evk_from_env", "list")
+    assert cli.main(argv) == cli.EXIT_ERROR  # it called the address given: nothing answers there
+    assert "Nothing answers at 127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_global_flags_default_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from evalsvc_client import cli
+
+    monkeypatch.setenv("EVALCTL_TARGET", "example.test:7")
+    monkeypatch.setenv("EVALSVC_API_KEY", "evk_from_env")
+    for argv in (["list"], ["--json", "list"], ["webhooks", "list"], ["--tls", "webhooks", "get", "wh_x"]):
+        args = cli.parser().parse_args(argv)
+        assert (args.target, args.api_key, args.ca_cert) == ("example.test:7", "evk_from_env", None), argv
+    assert cli.parser().parse_args(["--tls", "webhooks", "get", "wh_x"]).tls is True
+    assert cli.parser().parse_args(["--api-key", "evk_given", "get", "run_x"]).api_key == "evk_given"
+    assert [cli.parser().parse_args(argv).json for argv in (["validate", "s"], ["--json", "validate", "s"])] == [
+        False,
+        True,
+    ]
+    assert cli.parser().parse_args(["validate", "s", "--json"]).json is True

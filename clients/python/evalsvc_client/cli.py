@@ -12,7 +12,8 @@
                      [--enable|--disable] | delete ID | rotate-secret ID [--revoke-previous]
                      | deliveries ID [--status pending|succeeded|failed] [--limit N]
 
-Global: --target HOST:PORT (EVALCTL_TARGET, default 127.0.0.1:50051), --api-key (EVALSVC_API_KEY), --json,
+Global, before or after the command (`evalctl --json list` or `evalctl list --json`): --target HOST:PORT
+(EVALCTL_TARGET, default 127.0.0.1:50051), --api-key (EVALSVC_API_KEY), --json, --tls,
 --ca-cert/--client-cert/--client-key (TLS, mTLS).
 
 Verdict (run, watch; get with --fail-under): a run passes when its pass rate (percent, errors excluded) reaches
@@ -538,17 +539,37 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
 
 
-def parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    common.add_argument("--target", default=os.environ.get("EVALCTL_TARGET", "127.0.0.1:50051"), help="HOST:PORT")
-    common.add_argument("--api-key", default=os.environ.get("EVALSVC_API_KEY"), help="or EVALSVC_API_KEY")
-    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    common.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
-    common.add_argument("--ca-cert", help="PEM root certificates (enables TLS)")
-    common.add_argument("--client-cert", help="PEM client certificate chain, for mTLS")
-    common.add_argument("--client-key", help="PEM private key of --client-cert")
+def _global_flags(with_defaults: bool) -> _Parser:
+    """The global flags, for the top parser (`evalctl --json list`) and each command's (`evalctl list --json`).
+    Only the top parser's have defaults (from the environment): a command's copy sets a flag only when it is
+    given there, since argparse copies every value a command's parser holds over the top parser's, and a
+    default there would undo the flag given before the command."""
 
-    top = _Parser(prog="evalctl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    def default(value: Any) -> Any:
+        return value if with_defaults else argparse.SUPPRESS
+
+    flags = _Parser(add_help=False)
+    target = os.environ.get("EVALCTL_TARGET", "127.0.0.1:50051")
+    flags.add_argument("--target", default=default(target), help="HOST:PORT")
+    flags.add_argument("--api-key", default=default(os.environ.get("EVALSVC_API_KEY")), help="or EVALSVC_API_KEY")
+    flags.add_argument("--json", action="store_true", default=default(False), help="machine-readable output on stdout")
+    flags.add_argument(
+        "--tls", action="store_true", default=default(False), help="use TLS with the system's root certificates"
+    )
+    flags.add_argument("--ca-cert", default=default(None), help="PEM root certificates (enables TLS)")
+    flags.add_argument("--client-cert", default=default(None), help="PEM client certificate chain, for mTLS")
+    flags.add_argument("--client-key", default=default(None), help="PEM private key of --client-cert")
+    return flags
+
+
+def parser() -> argparse.ArgumentParser:
+    common = _global_flags(with_defaults=False)
+    top = _Parser(
+        prog="evalctl",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+        parents=[_global_flags(with_defaults=True)],
+    )
     sub = top.add_subparsers(dest="command", required=True)
 
     def follow_flags(p: argparse.ArgumentParser) -> None:
@@ -597,7 +618,9 @@ def parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check a spec and its dataset without a server (docs/spec.md)")
     validate.add_argument("spec", help="YAML or JSON run spec")
-    validate.add_argument("--json", action="store_true", help="the problems (or the request) as JSON on stdout")
+    validate.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="the problems (or the request) as JSON on stdout"
+    )
     validate.set_defaults(handler=cmd_validate)
 
     report = sub.add_parser("report", parents=[common], help="write a self-contained HTML report of a run")
