@@ -757,3 +757,16 @@ def test_an_error_spells_out_at_most_ten_violations() -> None:
     assert text.startswith("INVALID_ARGUMENT: invalid request - items[0].input: must not be empty; items[1].input")
     assert f"items[{MAX_VIOLATIONS_SHOWN - 1}].input: must not be empty; and 3 more" in text
     assert f"items[{MAX_VIOLATIONS_SHOWN}]" not in text
+
+
+def test_the_clients_readme_names_every_method() -> None:
+    """clients/README.md's method list left out update_run, delete_run, undelete_run, compare_runs and
+    list_comparison_items, which both clients have."""
+    import inspect
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "clients" / "README.md").read_text()
+    named = set(re.findall(r"`(\w+)[`(]", readme))
+    for client in (EvalClient, AsyncEvalClient):
+        methods = {name for name, _ in inspect.getmembers(client, inspect.isfunction) if not name.startswith("_")}
+        assert methods - named == set(), client.__name__
