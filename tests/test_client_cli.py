@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -258,13 +260,59 @@ def test_compare_table_json_show_and_fail_on_regression(live: tuple[ServerProces
     assert missing.returncode == 3 and "not found" in missing.stderr
 
 
+def test_compare_gates_fail_when_nothing_or_too_little_was_paired(
+    live: tuple[ServerProcess, str], tmp_path: Path
+) -> None:
+    """A candidate graded under another grader name had 0 pairs, shown as "0.0% -> 0.0%" and
+    NO_SIGNIFICANT_CHANGE, and passed --fail-on-regression; one that errored on 7 of 8 items passed with 1
+    pair. Now: "-" and NO_PAIRS, the gate fails saying why, and --max-unpaired bounds the unpaired."""
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(8, wrong_every=1000)))
+    # Without a recorded response a provided target fails the item: ERROR, unpaired.
+    erring_rows = [
+        {key: value for key, value in row.items() if i == 0 or key != "response"}
+        for i, row in enumerate(_rows(8, wrong_every=1000))
+    ]
+    (tmp_path / "errors.jsonl").write_text("".join(json.dumps(r) + "\n" for r in erring_rows))
+    ids = []
+    for name, dataset, grader in [("base", "qa", "exact"), ("renamed", "qa", "same"), ("erring", "errors", "exact")]:
+        (tmp_path / f"{name}.yaml").write_text(
+            f"dataset: {dataset}.jsonl\ntarget: provided\ngraders: [{{name: {grader}, exact_match: {{}}}}]\n"
+            "pass_threshold: 10\n"
+        )
+        created = evalctl(live, "run", str(tmp_path / f"{name}.yaml"), "--json")
+        assert created.returncode in (0, 1), created.stderr
+        ids.append(json.loads(created.stdout)["id"])
+    base, renamed, erring = ids
+
+    shown = evalctl(live, "compare", base, renamed)
+    assert shown.returncode == 0, shown.stderr  # not gated
+    rows = [[cell.strip() for cell in line.strip("│ ").split("│")] for line in shown.stdout.splitlines()]
+    exact_row = next(row for row in rows if row[0] == "exact")
+    assert exact_row == ["exact", "0", "-", "-", "-", "+0 -0", "-", "-", "8", "NO_PAIRS"]
+    assert "0.0%" not in shown.stdout
+
+    gated = evalctl(live, "compare", base, renamed, "--fail-on-regression")
+    assert gated.returncode == 1 and "no pairs: no evaluation was graded in both runs (16 unpaired)" in gated.stderr
+
+    one_pair = evalctl(live, "compare", base, erring, "--fail-on-regression", "--json")
+    assert one_pair.returncode == 0, one_pair.stderr  # 1 pair, no regression: --fail-on-regression alone passes
+    assert json.loads(one_pair.stdout)["overall"]["unpaired"] == 7
+    bounded = evalctl(live, "compare", base, erring, "--fail-on-regression", "--max-unpaired", "2")
+    assert bounded.returncode == 1 and "7 evaluations unpaired" in bounded.stderr
+    assert "more than --max-unpaired 2" in bounded.stderr
+    assert evalctl(live, "compare", base, erring, "--max-unpaired", "7").returncode == 0
+    assert evalctl(live, "compare", base, base, "--max-unpaired", "0").returncode == 0
+
+
 def test_compare_rounds_a_pass_rate_as_run_and_get_do() -> None:
     """13/16 was 81.3% in `evalctl run` and `get` and 81.2% in `compare` (float formatting rounds 81.25
     to even)."""
     from evalsvc_client import pb
     from evalsvc_client.cli import _comparison_row
 
-    row = _comparison_row(pb.comparison.GraderComparison(baseline_pass_rate=13 / 16, candidate_pass_rate=1 / 16))
+    row = _comparison_row(
+        pb.comparison.GraderComparison(pairs=16, baseline_pass_rate=13 / 16, candidate_pass_rate=1 / 16)
+    )
     assert row[2:4] == ["81.3%", "6.3%"]
 
 
@@ -361,6 +409,7 @@ def test_fail_under_is_a_percentage(value: str, capsys: pytest.CaptureFixture[st
         ["list", "--limit", "0"],  # listed nothing and succeeded
         ["webhooks", "deliveries", "wh_x", "--limit", "-1"],  # failed in islice()'s words
         ["compare", "run_a", "run_b", "--limit", "x"],
+        ["compare", "run_a", "run_b", "--max-unpaired", "-1"],
     ],
 )
 def test_a_command_line_evalctl_cannot_parse_is_an_error_not_a_failed_run(
@@ -431,3 +480,83 @@ def test_webhooks_update_without_a_change_names_the_flags(capsys: pytest.Capture
 
     assert cli.main(["webhooks", "update", "wh_x", "--target", "127.0.0.1:1"]) == cli.EXIT_ERROR
     assert "nothing to change; give --url, --event, --description, --enable or --disable" in capsys.readouterr().err
+
+
+def test_the_cost_shown_is_the_runs_target_and_judges() -> None:
+    """`cost $0.0000` for a run whose spend was all judges': the summary showed aggregate.total_cost_usd, the
+    target's alone. It shows the run's cost_usd, target and judges; so does the HTML report of a run still
+    executing, whose aggregate (where the judges' cost was read) is empty until it ends."""
+    from evalsvc_client import pb
+    from evalsvc_client.cli import _summary
+    from evalsvc_client.report import render_html
+    from rich.console import Console
+
+    judged = pb.Run(id="run_j", status=pb.run.RUN_STATUS_SUCCEEDED, cost_usd=0.0123)
+    judged.aggregate.scoring_cost_usd = 0.0123
+    printed = io.StringIO()
+    _summary(Console(file=printed, width=200), judged)
+    assert "cost $0.0123" in printed.getvalue()
+    assert "$0.0123" in render_html(pb.Run(id="run_r", status=pb.run.RUN_STATUS_RUNNING, cost_usd=0.0123), [])
+
+
+def test_the_progress_bar_adds_up_cost_as_the_server_does() -> None:
+    """The bar summed results' target cost only: a judge's spend never showed, and a job's output cost counted
+    once per grader. It starts from a run event's cost_usd and adds a job's output once for all its graders, each
+    judge's cost, and nothing that came from the response cache."""
+    from evalsvc_client import pb
+    from evalsvc_client.cli import _Live
+    from rich.console import Console
+
+    def result(item: str, grader: str, **costs: Any) -> pb.WatchRunResponse:
+        return pb.WatchRunResponse(result=pb.Result(item_id=item, repetition=1, grader=grader, **costs))
+
+    events = [
+        pb.WatchRunResponse(run=pb.Run(status=pb.run.RUN_STATUS_RUNNING, cost_usd=0.001)),
+        result("a", "exact", cost_usd=0.01, scoring_cost_usd=0.002),  # one output, two graders: paid once
+        result("a", "judge", cost_usd=0.01, scoring_cost_usd=0.003),
+        result("b", "judge", cost_usd=0.5, cached=True, scoring_cost_usd=0.7, verdict_cached=True),
+    ]
+    bar = io.StringIO()
+    with _Live(Console(file=bar, force_terminal=True, width=200), enabled=True) as live:
+        for event in events:
+            live.update(event)
+    assert "$0.0160" in bar.getvalue()  # 0.001 + 0.01 + 0.002 + 0.003
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--target", "127.0.0.1:1", "--json", "list"],
+        ["list", "--target", "127.0.0.1:1", "--json"],
+        ["--json", "list", "--target", "127.0.0.1:1"],
+    ],
+)
+def test_global_flags_go_before_or_after_the_command(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`evalctl --target H:P list` was "invalid choice" and `evalctl --json list` "unrecognized arguments",
+    though --help lists them as global. Either place works, and one given before the command stays set."""
+    from evalsvc_client import cli
+
+    monkeypatch.setenv("EVALSVC_API_KEY", "evk_from_env")
+    args = cli.parser().parse_args(argv)
+    assert (args.target, args.json, args.api_key, args.command) == ("127.0.0.1:1", True, "evk_from_env", "list")
+    assert cli.main(argv) == cli.EXIT_ERROR  # it called the address given: nothing answers there
+    assert "Nothing answers at 127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_global_flags_default_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from evalsvc_client import cli
+
+    monkeypatch.setenv("EVALCTL_TARGET", "example.test:7")
+    monkeypatch.setenv("EVALSVC_API_KEY", "evk_from_env")
+    for argv in (["list"], ["--json", "list"], ["webhooks", "list"], ["--tls", "webhooks", "get", "wh_x"]):
+        args = cli.parser().parse_args(argv)
+        assert (args.target, args.api_key, args.ca_cert) == ("example.test:7", "evk_from_env", None), argv
+    assert cli.parser().parse_args(["--tls", "webhooks", "get", "wh_x"]).tls is True
+    assert cli.parser().parse_args(["--api-key", "evk_given", "get", "run_x"]).api_key == "evk_given"
+    assert [cli.parser().parse_args(argv).json for argv in (["validate", "s"], ["--json", "validate", "s"])] == [
+        False,
+        True,
+    ]
+    assert cli.parser().parse_args(["validate", "s", "--json"]).json is True

@@ -467,6 +467,9 @@ async def test_errors_carry_reason_and_details(client: AsyncEvalClient, server: 
     with pytest.raises(InvalidArgumentError) as invalid:
         await client.create_run(items=_items(1), target="provided", graders=[builders.regex("(")])
     assert "graders[0].regex.pattern" in invalid.value.field_violations
+    # An uncaught error's text says why, not only which field: it was "...: graders[0].regex.pattern".
+    why = invalid.value.field_violations["graders[0].regex.pattern"]
+    assert f"graders[0].regex.pattern: {why}" in str(invalid.value)
 
     run = await client.create_run(items=_items(1), target="provided", graders=[builders.exact_match()])
     final = await client.wait(run.id)
@@ -742,3 +745,28 @@ async def test_webhooks(tmp_path: Path) -> None:
             await asyncio.to_thread(blocking)
     finally:
         await srv.stop(grace=0.5)
+
+
+def test_an_error_spells_out_at_most_ten_violations() -> None:
+    """Every violation's reason is in the text, up to MAX_VIOLATIONS_SHOWN; the rest are counted."""
+    from evalsvc_client.errors import MAX_VIOLATIONS_SHOWN
+
+    violations = {f"items[{i}].input": "must not be empty" for i in range(MAX_VIOLATIONS_SHOWN + 3)}
+    error = InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, "invalid request", field_violations=violations)
+    text = str(error)
+    assert text.startswith("INVALID_ARGUMENT: invalid request - items[0].input: must not be empty; items[1].input")
+    assert f"items[{MAX_VIOLATIONS_SHOWN - 1}].input: must not be empty; and 3 more" in text
+    assert f"items[{MAX_VIOLATIONS_SHOWN}]" not in text
+
+
+def test_the_clients_readme_names_every_method() -> None:
+    """clients/README.md's method list left out update_run, delete_run, undelete_run, compare_runs and
+    list_comparison_items, which both clients have."""
+    import inspect
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "clients" / "README.md").read_text()
+    named = set(re.findall(r"`(\w+)[`(]", readme))
+    for client in (EvalClient, AsyncEvalClient):
+        methods = {name for name, _ in inspect.getmembers(client, inspect.isfunction) if not name.startswith("_")}
+        assert methods - named == set(), client.__name__

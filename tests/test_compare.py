@@ -163,6 +163,29 @@ async def test_verdicts_follow_the_direction_and_alpha(svc: Service) -> None:
     assert same.verdict == cpb.COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE and same.mcnemar_p_value == 1.0
 
 
+async def test_a_comparison_without_pairs_says_so(svc: Service) -> None:
+    """Two runs whose graders share no name had 0 pairs, "0.0% -> 0.0%" and NO_SIGNIFICANT_CHANGE for every
+    grader and overall, which passed a regression gate: each is NO_PAIRS. A grader with pairs keeps its
+    verdict even when most of its evaluations are unpaired."""
+    items = _items([True] * 8, 1)
+    exact_run = await _run(svc, items, [GRADERS[1]])
+    similar_run = await _run(svc, items, [GRADERS[0]])
+    disjoint = (await svc.runs.CompareRuns(pb_compare(exact_run.id, similar_run.id))).comparison
+    assert [(g.grader, g.pairs, g.unpaired, g.verdict) for g in [*disjoint.graders, disjoint.overall]] == [
+        ("similar", 0, 8, cpb.COMPARISON_VERDICT_NO_PAIRS),
+        ("exact", 0, 8, cpb.COMPARISON_VERDICT_NO_PAIRS),
+        ("", 0, 16, cpb.COMPARISON_VERDICT_NO_PAIRS),
+    ]
+
+    mostly_errors = _items([True] * 8, 1)
+    for item in mostly_errors[1:]:
+        item.ClearField("response")  # ERROR: unpaired
+    erring = await _run(svc, mostly_errors, [GRADERS[1]])
+    one_pair = (await svc.runs.CompareRuns(pb_compare(exact_run.id, erring.id))).comparison.overall
+    assert (one_pair.pairs, one_pair.unpaired) == (1, 7)
+    assert one_pair.verdict == cpb.COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE
+
+
 async def test_list_comparison_items_pages_through_one_change_side_by_side(svc: Service) -> None:
     baseline, candidate, baseline_ok, candidate_ok = await _two_runs(svc)
     expected = [f"q{i:03d}" for i in range(N - 1) if i != 5 and baseline_ok[i] and not candidate_ok[i]]
@@ -221,7 +244,7 @@ async def test_a_running_run_gives_a_partial_comparison(svc: Service) -> None:
         comparison = (await svc.runs.CompareRuns(pb_compare(done.id, running.run.id))).comparison
         assert comparison.partial
         assert comparison.graders[0].pairs == 0 and comparison.graders[0].unpaired == 3
-        assert comparison.graders[0].verdict == cpb.COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE
+        assert comparison.graders[0].verdict == cpb.COMPARISON_VERDICT_NO_PAIRS
         await svc.runs.CancelRun(pb.CancelRunRequest(run_id=running.run.id))
 
 
@@ -265,6 +288,10 @@ async def test_rest_routes(svc: Service) -> None:
     )
     assert items.status_code == 200, items.text
     assert len(items.json()["items"]) == 5 and items.json()["nextPageToken"]
+    nothing = await svc.http.get(
+        f"/v1/runs/{good.id}:compare", params={"baseline_run_id": (await _run(svc, _items([True], 1), GRADERS[:1])).id}
+    )
+    assert nothing.json()["comparison"]["overall"]["verdict"] == "COMPARISON_VERDICT_NO_PAIRS"
     missing = await svc.http.get("/v1/runs/run_nope:compare", params={"baseline_run_id": good.id})
     assert missing.status_code == 404
 

@@ -257,9 +257,10 @@ async def test_run_page_opens_the_comparison_view_of_two_finished_runs(
     gateway_server: EvalServer, browser: Any, tmp_path: Path
 ) -> None:
     """Recorded (`provided`) outputs: the baseline answers all 12 items right, the candidate gets q0..q7 wrong, so
-    8 pairs regressed and none improved: McNemar p = 2 / 2**8 = 0.0078 < 0.05, REGRESSED."""
+    8 pairs regressed and none improved: McNemar p = 2 / 2**8 = 0.0078 < 0.05, REGRESSED. A run graded under
+    another grader name has no pairs with it: NO_PAIRS, with a dash for its rates, delta and p (not 0% and +0.0)."""
 
-    def run_body(name: str, wrong: int) -> dict[str, Any]:
+    def run_body(name: str, wrong: int, grader: str = "exact") -> dict[str, Any]:
         items = [
             {
                 "id": f"q{i}",
@@ -273,7 +274,7 @@ async def test_run_page_opens_the_comparison_view_of_two_finished_runs(
             "displayName": name,
             "items": items,
             "target": {"provided": {}},
-            "graders": [{"name": "exact", "exactMatch": {}}],
+            "graders": [{"name": grader, "exactMatch": {}}],
         }
 
     baseline = await _create_run(gateway_server, run_body("browser: baseline", 0))
@@ -307,3 +308,12 @@ async def test_run_page_opens_the_comparison_view_of_two_finished_runs(
     assert await page.locator("#candidate-link").text_content() == "browser: candidate"
     await page.set_viewport_size({"width": 1280, "height": 700})
     await page.screenshot(path=str(tmp_path / "compare-page.png"), full_page=True)  # for people: pytest keeps tmp_path
+
+    renamed = await _create_run(gateway_server, run_body("browser: renamed grader", 0, grader="same"))
+    await page.goto(f"{origin}/ui/compare?baseline={baseline['id']}&candidate={renamed['id']}")
+    unpaired = page.locator('tr[data-grader="same"]')
+    await unpaired.wait_for(timeout=STEP_TIMEOUT_MS)
+    fields = ("pairs", "baseline_pass_rate", "candidate_pass_rate", "pass_rate_delta", "delta_ci", "mcnemar_p")
+    assert [await cell(unpaired, f) for f in fields] == ["0"] + ["\N{EN DASH}"] * 5
+    assert await cell(unpaired, "verdict") == "NO_PAIRS"
+    assert await cell(page.locator("tr[data-overall]"), "verdict") == "NO_PAIRS"

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
 from evalsvc.graders import grader_name
 from evalsvc.ids import PageTokens, page_size
-from evalsvc.runs.compare_stats import PairTally, summarize
+from evalsvc.runs.compare_stats import PairedSummary, PairTally, summarize
 from evalsvc.slots import Slots
 from evalsvc.statuses import ACTIVE
 from evalsvc.store import comparisons as comparison_store
@@ -71,13 +71,20 @@ def _by_key(rows: Iterable[Evaluation]) -> dict[Key, Side]:
     return {(item_id, rep, grader): (state, score) for item_id, rep, grader, state, score in rows}
 
 
+def verdict_of(pairs: int, summary: PairedSummary) -> cpb.ComparisonVerdict:
+    """The verdict on a tally: NO_PAIRS without pairs, whose 0% rates and p of 1 read as "no change" (two
+    runs sharing no grader name passed a regression gate), else what the test concludes."""
+    if not pairs:
+        return cpb.COMPARISON_VERDICT_NO_PAIRS
+    if summary.regressed:
+        return cpb.COMPARISON_VERDICT_REGRESSED
+    if summary.improved:
+        return cpb.COMPARISON_VERDICT_IMPROVED
+    return cpb.COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE
+
+
 def _grader_comparison(name: str, tally: PairTally, unpaired: int, alpha: float) -> cpb.GraderComparison:
     summary = summarize(tally, alpha)
-    verdict = cpb.COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE
-    if summary.regressed:
-        verdict = cpb.COMPARISON_VERDICT_REGRESSED
-    elif summary.improved:
-        verdict = cpb.COMPARISON_VERDICT_IMPROVED
     return cpb.GraderComparison(
         grader=name,
         pairs=tally.pairs,
@@ -95,7 +102,7 @@ def _grader_comparison(name: str, tally: PairTally, unpaired: int, alpha: float)
         mean_score_delta=summary.mean_score_delta,
         score_delta_ci_low=summary.score_delta_ci[0],
         score_delta_ci_high=summary.score_delta_ci[1],
-        verdict=verdict,
+        verdict=verdict_of(tally.pairs, summary),
         baseline_mean_score=summary.baseline_mean_score,
         candidate_mean_score=summary.candidate_mean_score,
     )

@@ -6,18 +6,21 @@
     evalctl get RUN_ID | list [--status S] [--label k=v] | cancel RUN_ID
     evalctl results RUN_ID [--state passed|failed|error|skipped] [--format table|jsonl|junit] [-o FILE]
     evalctl report RUN_ID --html FILE                                        one self-contained HTML report
-    evalctl compare BASELINE CANDIDATE [--alpha A] [--fail-on-regression] [--show regressed|improved|...]
+    evalctl compare BASELINE CANDIDATE [--alpha A] [--fail-on-regression] [--max-unpaired N]
+                    [--show regressed|improved|...]      a grader without pairs shows "-" and NO_PAIRS
     evalctl webhooks create URL [--event TYPE ...] | list | get ID | update ID [--url U] [--event TYPE ...]
                      [--enable|--disable] | delete ID | rotate-secret ID [--revoke-previous]
                      | deliveries ID [--status pending|succeeded|failed] [--limit N]
 
-Global: --target HOST:PORT (EVALCTL_TARGET, default 127.0.0.1:50051), --api-key (EVALSVC_API_KEY), --json,
+Global, before or after the command (`evalctl --json list` or `evalctl list --json`): --target HOST:PORT
+(EVALCTL_TARGET, default 127.0.0.1:50051), --api-key (EVALSVC_API_KEY), --json, --tls,
 --ca-cert/--client-cert/--client-key (TLS, mTLS).
 
 Verdict (run, watch; get with --fail-under): a run passes when its pass rate (percent, errors excluded) reaches
 --fail-under if given, else the spec's pass_threshold (unset: every graded evaluation must pass), and at most
 the spec's max_error_rate percent of its evaluations errored (unset: none may).
-Exit codes: 0 passed; 1 did not pass, or (compare --fail-on-regression) a grader REGRESSED; 2 the run ended
+Exit codes: 0 passed; 1 did not pass, or (compare --fail-on-regression) a grader REGRESSED or no evaluation was
+paired at all, or (compare --max-unpaired N) more than N evaluations were unpaired; 2 the run ended
 FAILED or CANCELLED; 3 a spec, connection or RPC error, or a command line evalctl does not understand;
 4 (get --fail-under) the run has not ended, so there is no verdict yet;
 141 (quietly) stdout closed early, as in `evalctl results RUN --format jsonl | head`.
@@ -30,7 +33,7 @@ import itertools
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, cast
 
@@ -74,12 +77,18 @@ def pass_rate_percent(counts: pb.RunCounts) -> float | None:
 
 
 class _Live:
-    """The progress display: a rich bar on a terminal, nothing otherwise (CI logs get the summary line)."""
+    """The progress display: a rich bar on a terminal, nothing otherwise (CI logs get the summary line).
+
+    Its cost is the run's cost_usd, target and judges (the target's alone showed $0.0000 for a run whose spend
+    was all judges'): taken from each run event and added to from each result after it, as the server adds it
+    up: a job's output once, however many graders' results carry its cost, and no output or verdict that came
+    from the response cache."""
 
     def __init__(self, console: Console, enabled: bool) -> None:
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._cost = 0.0
+        self._paid_outputs: set[tuple[str, int]] = set()  # (item id, repetition): one target call each
         if enabled:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
@@ -104,11 +113,20 @@ class _Live:
         if self._progress is not None:
             self._progress.stop()
 
+    def _spent_on(self, result: pb.Result) -> float:
+        """What a result adds to the run's cost_usd."""
+        spent = 0.0 if result.verdict_cached else result.scoring_cost_usd
+        output = (result.item_id, result.repetition)
+        if not result.cached and output not in self._paid_outputs:
+            self._paid_outputs.add(output)
+            spent += result.cost_usd
+        return spent
+
     def update(self, event: pb.WatchRunResponse) -> None:
         if event.HasField("result"):
-            self._cost += event.result.cost_usd
-        if event.HasField("run") and event.run.status in pb.TERMINAL_STATUSES:
-            self._cost = event.run.aggregate.total_cost_usd or self._cost
+            self._cost += self._spent_on(event.result)
+        if event.HasField("run"):
+            self._cost = event.run.cost_usd
         if self._progress is None or self._task is None:
             return
         counts = event.counts
@@ -146,7 +164,7 @@ def _summary(console: Console, run: pb.Run) -> None:
     console.print(
         f"run {run.id} {_status(run.status)}: {counts.completed_evaluations}/{counts.total_evaluations}"
         f" evaluations, pass rate {format_rate(rate)}, {counts.errored} errors,"
-        f" cost ${run.aggregate.total_cost_usd:.4f}"
+        f" cost ${run.cost_usd:.4f}"  # target and judges (aggregate.total_cost_usd is the target's alone)
         + (f" ({run.error.code}: {run.error.message})" if run.HasField("error") else "")
     )
 
@@ -374,23 +392,53 @@ def _verdict_name(value: int) -> str:
 
 
 def _comparison_row(g: pb.comparison.GraderComparison) -> list[str]:
+    """One grader's table row. Without pairs its rates and tests are "-": "0.0% -> 0.0%, p 1" read as a
+    comparison that found no change when nothing was compared."""
+
+    def measured(text: str) -> str:
+        return text if g.pairs else "-"
+
     return [
         g.grader or "(overall)",
         str(g.pairs),
-        format_rate(100 * g.baseline_pass_rate),  # as `run` and `get` print a rate: 13/16 is 81.3% in each
-        format_rate(100 * g.candidate_pass_rate),
-        f"{100 * g.pass_rate_delta:+.1f} [{100 * g.delta_ci_low:+.1f}, {100 * g.delta_ci_high:+.1f}]",
+        measured(format_rate(100 * g.baseline_pass_rate)),  # as `run` and `get` print a rate: 13/16 is 81.3% in each
+        measured(format_rate(100 * g.candidate_pass_rate)),
+        measured(f"{100 * g.pass_rate_delta:+.1f} [{100 * g.delta_ci_low:+.1f}, {100 * g.delta_ci_high:+.1f}]"),
         f"+{g.improved} -{g.regressed}",
-        f"{g.mcnemar_p_value:.3g}",
-        f"{g.mean_score_delta:+.3f} [{g.score_delta_ci_low:+.3f}, {g.score_delta_ci_high:+.3f}]",
+        measured(f"{g.mcnemar_p_value:.3g}"),
+        measured(f"{g.mean_score_delta:+.3f} [{g.score_delta_ci_low:+.3f}, {g.score_delta_ci_high:+.3f}]"),
         str(g.unpaired),
         _verdict_name(g.verdict),
     ]
 
 
+def comparison_gate_failures(
+    comparison: pb.RunComparison, fail_on_regression: bool, max_unpaired: int | None
+) -> list[str]:
+    """Why a comparison fails the gates asked for, one line each; none when it passes. With no pairs at all
+    --fail-on-regression fails: no grader can have REGRESSED when nothing was compared, and a gate that
+    passes then passes a candidate that errored on every item or was graded under other grader names."""
+    failures = []
+    overall = comparison.overall
+    if fail_on_regression:
+        if not overall.pairs:
+            failures.append(
+                f"no pairs: no evaluation was graded in both runs ({overall.unpaired} unpaired), so nothing"
+                " was compared; same item ids and grader names in both runs, errors excluded, make pairs"
+            )
+        regressed = [g.grader for g in comparison.graders if g.verdict == pb.comparison.COMPARISON_VERDICT_REGRESSED]
+        if regressed:
+            failures.append(f"regressed at alpha {comparison.alpha:g}: {', '.join(regressed)}")
+    if max_unpaired is not None and overall.unpaired > max_unpaired:
+        failures.append(
+            f"{overall.unpaired} evaluations unpaired (missing from a run, or ERROR or SKIPPED in either),"
+            f" more than --max-unpaired {max_unpaired}"
+        )
+    return failures
+
+
 def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
     comparison = client.compare_runs(args.baseline, args.candidate, alpha=args.alpha)
-    regressed = [g.grader for g in comparison.graders if g.verdict == pb.comparison.COMPARISON_VERDICT_REGRESSED]
     if args.json:
         _print_json(to_dict(comparison))
     else:
@@ -427,10 +475,10 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
                     item.candidate.error_reason or item.candidate.explanation,
                 )
             _console().print(items)
-    if args.fail_on_regression and regressed:
-        console.print(f"regressed at alpha {comparison.alpha:g}: {', '.join(regressed)}")
-        return EXIT_BELOW
-    return EXIT_OK
+    failures = comparison_gate_failures(comparison, args.fail_on_regression, args.max_unpaired)
+    for failure in failures:
+        console.print(failure)
+    return EXIT_BELOW if failures else EXIT_OK
 
 
 _DELIVERY_STATUSES = cast(
@@ -516,17 +564,37 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
 
 
-def parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    common.add_argument("--target", default=os.environ.get("EVALCTL_TARGET", "127.0.0.1:50051"), help="HOST:PORT")
-    common.add_argument("--api-key", default=os.environ.get("EVALSVC_API_KEY"), help="or EVALSVC_API_KEY")
-    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    common.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
-    common.add_argument("--ca-cert", help="PEM root certificates (enables TLS)")
-    common.add_argument("--client-cert", help="PEM client certificate chain, for mTLS")
-    common.add_argument("--client-key", help="PEM private key of --client-cert")
+def _global_flags(with_defaults: bool) -> _Parser:
+    """The global flags, for the top parser (`evalctl --json list`) and each command's (`evalctl list --json`).
+    Only the top parser's have defaults (from the environment): a command's copy sets a flag only when it is
+    given there, since argparse copies every value a command's parser holds over the top parser's, and a
+    default there would undo the flag given before the command."""
 
-    top = _Parser(prog="evalctl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    def default(value: Any) -> Any:
+        return value if with_defaults else argparse.SUPPRESS
+
+    flags = _Parser(add_help=False)
+    target = os.environ.get("EVALCTL_TARGET", "127.0.0.1:50051")
+    flags.add_argument("--target", default=default(target), help="HOST:PORT")
+    flags.add_argument("--api-key", default=default(os.environ.get("EVALSVC_API_KEY")), help="or EVALSVC_API_KEY")
+    flags.add_argument("--json", action="store_true", default=default(False), help="machine-readable output on stdout")
+    flags.add_argument(
+        "--tls", action="store_true", default=default(False), help="use TLS with the system's root certificates"
+    )
+    flags.add_argument("--ca-cert", default=default(None), help="PEM root certificates (enables TLS)")
+    flags.add_argument("--client-cert", default=default(None), help="PEM client certificate chain, for mTLS")
+    flags.add_argument("--client-key", default=default(None), help="PEM private key of --client-cert")
+    return flags
+
+
+def parser() -> argparse.ArgumentParser:
+    common = _global_flags(with_defaults=False)
+    top = _Parser(
+        prog="evalctl",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+        parents=[_global_flags(with_defaults=True)],
+    )
     sub = top.add_subparsers(dest="command", required=True)
 
     def follow_flags(p: argparse.ArgumentParser) -> None:
@@ -559,7 +627,7 @@ def parser() -> argparse.ArgumentParser:
     listing.add_argument("--status", action="append", default=[], choices=sorted(_STATUSES))
     listing.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", type=_label)
     listing.add_argument("--dataset-id", default="")
-    listing.add_argument("--limit", type=_count, default=50)
+    listing.add_argument("--limit", type=_at_least(1), default=50)
     listing.set_defaults(handler=cmd_list)
 
     cancel = sub.add_parser("cancel", parents=[common], help="cancel a run")
@@ -575,7 +643,9 @@ def parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check a spec and its dataset without a server (docs/spec.md)")
     validate.add_argument("spec", help="YAML or JSON run spec")
-    validate.add_argument("--json", action="store_true", help="the problems (or the request) as JSON on stdout")
+    validate.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="the problems (or the request) as JSON on stdout"
+    )
     validate.set_defaults(handler=cmd_validate)
 
     report = sub.add_parser("report", parents=[common], help="write a self-contained HTML report of a run")
@@ -587,9 +657,17 @@ def parser() -> argparse.ArgumentParser:
     compare.add_argument("baseline", help="the baseline run id")
     compare.add_argument("candidate", help="the candidate run id")
     compare.add_argument("--alpha", type=_alpha, default=0.05, help="significance level, from 1e-9 to 0.5")
-    compare.add_argument("--fail-on-regression", action="store_true", help="exit 1 when any grader REGRESSED")
+    compare.add_argument(
+        "--fail-on-regression", action="store_true", help="exit 1 when any grader REGRESSED, or nothing was paired"
+    )
+    compare.add_argument(
+        "--max-unpaired",
+        type=_at_least(0),
+        metavar="N",
+        help="exit 1 when more than N evaluations are unpaired (default: any number)",
+    )
     compare.add_argument("--show", choices=sorted(_CHANGES), help="also list the evaluations with this change")
-    compare.add_argument("--limit", type=_count, default=20, help="at most this many listed by --show")
+    compare.add_argument("--limit", type=_at_least(1), default=20, help="at most this many listed by --show")
     compare.set_defaults(handler=cmd_compare)
 
     webhooks = sub.add_parser("webhooks", help="manage webhooks notified when runs end (docs/webhooks.md)")
@@ -617,7 +695,7 @@ def parser() -> argparse.ArgumentParser:
     deliveries = hooks.add_parser("deliveries", parents=[common], help="a webhook's deliveries, newest first")
     deliveries.add_argument("webhook_id")
     deliveries.add_argument("--status", choices=sorted(_DELIVERY_STATUSES))
-    deliveries.add_argument("--limit", type=_count, default=50)
+    deliveries.add_argument("--limit", type=_at_least(1), default=50)
     webhooks.set_defaults(handler=cmd_webhooks)
     return top
 
@@ -645,15 +723,20 @@ def _alpha(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
-    """A --limit: a whole number of at least 1 (0 listed nothing and succeeded; -1 failed in islice's words)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a count of at least 1")
-    return value
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """The type of a count flag: a whole number of at least `minimum` (--limit 0 listed nothing and succeeded;
+    -1 failed in islice's words)."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is not a count of at least {minimum}")
+        return value
+
+    return count
 
 
 def _label(text: str) -> tuple[str, str]:

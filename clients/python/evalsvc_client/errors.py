@@ -12,6 +12,20 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 _DETAILS_KEY = "grpc-status-details-bin"
+#: The most field violations `str(EvalError)` spells out; the rest are counted ("and 3 more").
+MAX_VIOLATIONS_SHOWN = 10
+
+
+def describe(code: grpc.StatusCode, message: str, reason: str, field_violations: Mapping[str, str], hint: str) -> str:
+    """An error's one-line text: what an uncaught traceback shows. It says why each field is wrong, not
+    only which ("invalid request: graders[0].regex.pattern" left the reason in `.field_violations`)."""
+    text = f"{code.name}: {message}" + (f" ({reason})" if reason else "")
+    if field_violations:
+        shown = [f"{path}: {why}" for path, why in list(field_violations.items())[:MAX_VIOLATIONS_SHOWN]]
+        if (hidden := len(field_violations) - len(shown)) > 0:
+            shown.append(f"and {hidden} more")
+        text += " - " + "; ".join(shown)
+    return text + (f". {hint}" if hint else "")
 
 
 class EvalError(Exception):
@@ -28,7 +42,7 @@ class EvalError(Exception):
         retry_delay: float | None = None,
         hint: str = "",
     ) -> None:
-        super().__init__(f"{code.name}: {message}" + (f" ({reason})" if reason else "") + (f". {hint}" if hint else ""))
+        super().__init__(describe(code, message, reason, field_violations or {}, hint))
         self.code = code
         #: What to do about it, when the error is one a person fixes (a missing key, a server not running).
         self.hint = hint

@@ -150,7 +150,7 @@ def render_html(run: pb.Run, results: Iterable[pb.Result]) -> str:
     if run.HasField("overall_passed"):
         verdict = '<span class="ok">passed</span>' if run.overall_passed else '<span class="bad">did not pass</span>'
     latency = run.aggregate.latency
-    cost = run.aggregate.total_cost_usd + run.aggregate.scoring_cost_usd
+    cost = run.cost_usd  # target and judges, so far (the aggregate has them only once the run ended)
     threshold = f"{run.pass_threshold:g}%" if run.HasField("pass_threshold") else "every evaluation"
     errors_allowed = f"{run.max_error_rate:g}%" if run.HasField("max_error_rate") else "none"
     grader_rows = "".join(

@@ -519,11 +519,13 @@ function comparePage() {
   const pValue = (p) => String(Number((p ?? 1).toPrecision(3)));
 
   // One grader's comparison (or the overall one). Pass rates are over the counted pairs, from the 2x2 table.
+  // Without pairs (verdict NO_PAIRS) the rates, delta and p are "–": nothing was compared, not "no change".
   function row(comparison, overall) {
     const c = comparison;
     const baselinePassed = c.bothPassed + c.regressed;
     const candidatePassed = c.bothPassed + c.improved;
     const verdict = verdictName(c.verdict);
+    const measured = (text) => (c.pairs ? text : "–");
     const cell = (field, text) => element("td", { class: "num", "data-field": field, text });
     return element(
       "tr",
@@ -535,12 +537,12 @@ function comparePage() {
       element(
         "td",
         { class: "num" },
-        element("span", { "data-field": "pass_rate_delta", text: points(c.passRateDelta) }),
+        element("span", { "data-field": "pass_rate_delta", text: measured(points(c.passRateDelta)) }),
         " ",
-        element("span", { class: "hint", "data-field": "delta_ci", text: `[${points(c.deltaCiLow)}, ${points(c.deltaCiHigh)}]` }),
+        element("span", { class: "hint", "data-field": "delta_ci", text: measured(`[${points(c.deltaCiLow)}, ${points(c.deltaCiHigh)}]`) }),
       ),
       cell("changed", `+${c.improved} -${c.regressed}`),
-      cell("mcnemar_p", pValue(c.mcnemarPValue)),
+      cell("mcnemar_p", measured(pValue(c.mcnemarPValue))),
       cell("unpaired", String(c.unpaired)),
       element("td", { class: `verdict ${verdict.toLowerCase()}`, "data-field": "verdict", text: verdict }),
     );

@@ -15,6 +15,7 @@ class ComparisonVerdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE: _ClassVar[ComparisonVerdict]
     COMPARISON_VERDICT_REGRESSED: _ClassVar[ComparisonVerdict]
     COMPARISON_VERDICT_IMPROVED: _ClassVar[ComparisonVerdict]
+    COMPARISON_VERDICT_NO_PAIRS: _ClassVar[ComparisonVerdict]
 
 class ComparisonChange(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -28,6 +29,7 @@ COMPARISON_VERDICT_UNSPECIFIED: ComparisonVerdict
 COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE: ComparisonVerdict
 COMPARISON_VERDICT_REGRESSED: ComparisonVerdict
 COMPARISON_VERDICT_IMPROVED: ComparisonVerdict
+COMPARISON_VERDICT_NO_PAIRS: ComparisonVerdict
 COMPARISON_CHANGE_UNSPECIFIED: ComparisonChange
 COMPARISON_CHANGE_REGRESSED: ComparisonChange
 COMPARISON_CHANGE_IMPROVED: ComparisonChange
