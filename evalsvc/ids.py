@@ -117,7 +117,8 @@ class PageTokens:
 
 
 def page_size(requested: int, default: int, field: str = "page_size", maximum: int = 1000) -> int:
-    """The page size to use: default for 0, INVALID_ARGUMENT outside 0..maximum."""
-    if requested < 0 or requested > maximum:
-        raise invalid_argument([FieldViolation(field, f"must be between 0 and {maximum}")])
-    return requested or default
+    """The page size to use: default for 0, at most `maximum` (a larger one is coerced to it, as AIP-158
+    asks: `page_size=100000` was a 400), INVALID_ARGUMENT when negative."""
+    if requested < 0:
+        raise invalid_argument([FieldViolation(field, f"must be at least 0 (0 means {default}; at most {maximum})")])
+    return min(requested, maximum) or default

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
+from evalsvc import ids
 from evalsvc.errors import ServiceError
 from evalsvc.ids import PageTokens
 from evalsvc.secrets.sealing import generate_key
@@ -223,3 +224,16 @@ async def test_a_token_outlives_a_restart_and_works_on_every_replica(tmp_path: P
         if first_running:
             await first.stop(grace=0.5)
     assert len(rest.runs) == 2 and page.runs[0].id not in {r.id for r in rest.runs}
+
+
+async def test_a_page_size_over_the_maximum_is_coerced_and_a_negative_one_refused(runs) -> None:
+    """AIP-158: a page_size over the maximum is taken as the maximum (`page_size=100000` was a 400); a
+    negative one is INVALID_ARGUMENT naming the field."""
+    created = (await runs.CreateRun(create_request(1005))).run
+    await watch_all(runs, created.id)
+    page = await runs.ListRunResults(pb.ListRunResultsRequest(run_id=created.id, page_size=100_000))
+    assert len(page.results) == 1000 and page.next_page_token  # a page of the maximum, and the rest after it
+    assert ids.page_size(100_000, 50) == 1000 and ids.page_size(0, 50) == 50
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await runs.ListRuns(pb.ListRunsRequest(page_size=-1))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and set(violations(caught.value)) == {"page_size"}
