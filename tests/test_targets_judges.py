@@ -184,6 +184,22 @@ async def test_giving_up_is_a_target_error_on_every_grader(svc) -> None:
         assert len(llm.seen) == 5  # 1 + --http-retries (4)
     assert run.status == run_pb2.RUN_STATUS_FAILED
     assert all(r.state == run_pb2.RESULT_STATE_ERROR and "HTTP 500" in r.error_reason for r in results)
+    # The endpoint's own words come with it: `HTTP 400 from host` alone left nothing to go on.
+    assert all("HTTP 500 from 127.0.0.1" in r.error_reason and '{"error": "down"}' in r.error_reason for r in results)
+
+
+async def test_an_error_reply_shows_its_first_words_on_one_line_and_no_more(svc) -> None:
+    """A provider's 400 says why; the reason shows its body's start as one printable line, cut at 300
+    characters, and the rest of a large body is never read."""
+    _, stubs = svc
+    noisy = "model not found\n\t\x00" + "x" * 1_000_000
+    with FakeEndpoint(Reply(raw=noisy, status=400)) as llm:
+        _, results = await run_to_end(
+            stubs, pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=chat(llm.url), graders=[exact()])
+        )
+    [result] = results
+    assert result.error_reason.startswith("HTTP 400 from 127.0.0.1:") and ": model not found xxx" in result.error_reason
+    assert result.error_reason.endswith("...") and len(result.error_reason) < 400, result.error_reason
 
 
 async def test_an_endpoint_that_answers_too_much_or_too_slowly_fails_only_its_evaluation(

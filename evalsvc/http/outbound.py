@@ -43,7 +43,7 @@ from evalsvc.config import Network, Settings, allow_entries
 from evalsvc.errors import FieldViolation
 from evalsvc.http.errors import OutboundError as OutboundError  # re-exported: callers import it from here
 from evalsvc.http.json_bodies import JsonParser
-from evalsvc.http.replies import CountedStream, attempt_reads, read_body
+from evalsvc.http.replies import CountedStream, attempt_reads, error_excerpt, one_line, read_body
 from evalsvc.http.resolver import IPAddress, Resolver
 from evalsvc.slots import Slots
 from evalsvc.v1 import grader_pb2, target_pb2
@@ -565,7 +565,7 @@ class Outbound:
                         except ValueError as exc:
                             not_json = f"{shown_host(url)} answered with a body that is not usable JSON ({exc})"
                             raise OutboundError(not_json) from exc
-                    failure = f"HTTP {code} from {shown_host(url)}"
+                    failure = f"HTTP {code} from {shown_host(url)}" + (f": {one_line(content)}" if content else "")
                     if code not in RETRYABLE_STATUS:
                         raise OutboundError(failure)
             if attempt > self._retries:
@@ -582,12 +582,13 @@ class Outbound:
     async def _post(
         self, url: str, body: Any, headers: Mapping[str, str], timeout_s: float
     ) -> tuple[int, bytes, float | None]:
-        """One attempt: (status, the body of a success, Retry-After). The attempt, reading the body
-        included, ends within `timeout_s` (httpx's own timeout is per read: a body dripped a byte at a
-        time held a worker and its endpoint slot for good); the body is read as it arrives, and one
-        past --max-reply-bytes fails the call (a tenant's endpoint answering 1 GB was read whole, then
-        parsed on the event loop, every tenant's calls stopped meanwhile). What the reply may cost on
-        the way - bytes on the connection, pieces, decoding - is bounded too (evalsvc.http.replies)."""
+        """One attempt: (status, the body of a success or the start of an error's, Retry-After). The
+        attempt, reading the body included, ends within `timeout_s` (httpx's own timeout is per read: a
+        body dripped a byte at a time held a worker and its endpoint slot for good); the body is read as
+        it arrives, and one past --max-reply-bytes fails the call (a tenant's endpoint answering 1 GB was
+        read whole, then parsed on the event loop, every tenant's calls stopped meanwhile). What the
+        reply may cost on the way - bytes on the connection, pieces, decoding - is bounded too
+        (evalsvc.http.replies)."""
         host = shown_host(url)
         request_headers = httpx.Headers(headers)
         request_headers["accept-encoding"] = "identity"  # decoded here, bounded (`read_body`), if sent anyway
@@ -598,7 +599,7 @@ class Outbound:
             ):
                 retry_after = retry_after_s(response.headers.get("retry-after"))
                 if response.status_code >= 300:
-                    return response.status_code, b"", retry_after
+                    return response.status_code, await error_excerpt(response, reads), retry_after
                 content = await read_body(response, host, self._max_reply_bytes, reads)
                 return response.status_code, content, retry_after
 

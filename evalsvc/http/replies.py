@@ -160,6 +160,36 @@ def _inflater(headers: httpx.Headers, host: str) -> _Inflater | None:
     return _Inflater(codings[0])
 
 
+# What an error reply's body may show in an evaluation's error_reason: its first bytes, as text.
+ERROR_EXCERPT_BYTES = 512
+ERROR_EXCERPT_CHARS = 300
+ERROR_EXCERPT_PIECES = 64
+
+
+async def error_excerpt(response: httpx.Response, reads: AttemptReads) -> bytes:
+    """The start of an error reply's body (b"" for an encoded one), to be shown by `one_line`: a
+    provider's 400 says why ("model not found", "unsupported parameter"), and an error_reason of only
+    "HTTP 400 from host" left the tenant nothing to go on. Read no further than ERROR_EXCERPT_BYTES (the
+    rest is never read), in at most ERROR_EXCERPT_PIECES pieces."""
+    if response.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
+        return b""
+    reads.allow_body(ERROR_EXCERPT_BYTES)
+    start = bytearray()
+    pieces = 0
+    async for raw in response.aiter_raw():
+        start += raw
+        pieces += 1
+        if len(start) >= ERROR_EXCERPT_BYTES or pieces >= ERROR_EXCERPT_PIECES:
+            break
+    return bytes(start[:ERROR_EXCERPT_BYTES])
+
+
+def one_line(excerpt: bytes) -> str:
+    """An error body's excerpt as one line of printable text, at most ERROR_EXCERPT_CHARS characters."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in excerpt.decode(errors="replace")).split())
+    return text if len(text) <= ERROR_EXCERPT_CHARS else text[:ERROR_EXCERPT_CHARS] + "..."
+
+
 async def read_body(response: httpx.Response, host: str, max_bytes: int, reads: AttemptReads) -> bytes:
     """A reply's body, decoded, within the bounds above; OutboundError past any of them."""
     reads.allow_body(max_bytes)
