@@ -650,10 +650,13 @@ class Executor:
         budget = self._settings.tenant_budget_usd
         if plan.max_cost_usd is not None and plan.spent_usd >= plan.max_cost_usd:
             self._over_budget[job.run_id] = (
-                f"the run spent ${plan.spent_usd:.4f} of its ${plan.max_cost_usd:.4f} budget"
+                f"the run's spend reached ${plan.spent_usd:.4f} of its ${plan.max_cost_usd:.4f} budget, so no"
+                " further call started (calls already answered then are in its cost_usd)"
             )
         elif budget > 0 and self._tenant_spent.get(plan.tenant, 0.0) >= budget:
-            self._over_budget[job.run_id] = f"the tenant spent its ${budget:.2f} budget"
+            self._over_budget[job.run_id] = (
+                f"the tenant's spend reached its ${budget:.2f} budget (--tenant-budget-usd), so no further call started"
+            )
         else:
             return
         raise BudgetExceeded
