@@ -110,14 +110,25 @@ async def browser() -> AsyncIterator[Any]:
             await launched.close()
 
 
-async def _create_run(server: EvalServer, body: dict[str, Any]) -> dict[str, Any]:
+async def _rest(server: EvalServer, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The gateway's answer to one call with the bootstrap key; it must succeed."""
     import httpx
 
     assert server.gateway is not None
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.gateway.port}", timeout=30) as client:
-        created = await client.post("/v1/runs", json=body, headers={"authorization": f"Bearer {server.bootstrap_key}"})
-        assert created.status_code == 200, created.text
-        return dict(created.json()["run"])
+        answered = await client.request(
+            method, path, json=body, headers={"authorization": f"Bearer {server.bootstrap_key}"}
+        )
+        assert answered.status_code == 200, answered.text
+        return dict(answered.json())
+
+
+async def _create_run(server: EvalServer, body: dict[str, Any]) -> dict[str, Any]:
+    return dict((await _rest(server, "POST", "/v1/runs", body))["run"])
+
+
+async def _get_run(server: EvalServer, run_id: str) -> dict[str, Any]:
+    return dict((await _rest(server, "GET", f"/v1/runs/{run_id}"))["run"])
 
 
 async def _field(page: Any, name: str) -> str:
@@ -251,6 +262,34 @@ async def test_run_page_resumes_after_the_stream_drops_and_keys_are_typed_once(
     await link.wait_for(timeout=STEP_TIMEOUT_MS)
     assert await link.text_content() == "browser: resume"
     assert await page.locator("#key-panel").is_hidden()
+
+
+async def test_run_page_shows_the_latency_figures_the_api_gives(gateway_server: EvalServer, browser: Any) -> None:
+    """Recorded latencies 100..600 ms and three items without a response (their target failed: no latency).
+    The page computed its figures with another rank than the server (p50 of 100..600: 400 ms against 300 ms)
+    and counted each failed item as 0 ms (with them: 200 ms)."""
+    items = [
+        {"id": f"q{i}", "input": "q", "expectedOutput": "a", "response": {"content": "a", "latencyMs": 100 * i}}
+        for i in range(1, 7)
+    ]
+    run = await _create_run(
+        gateway_server,
+        {
+            "displayName": "browser: latency",
+            "items": [*items, *({"id": f"none{i}", "input": "q", "expectedOutput": "a"} for i in range(3))],
+            "target": {"provided": {}},
+            "graders": [{"name": "exact", "exactMatch": {}}],
+            "maxErrorRate": 50,
+        },
+    )
+    page = await browser.new_page()
+    await page.goto(f"http://127.0.0.1:{gateway_server.gateway.port}/ui/runs/{run['id']}")
+    await page.locator("#key-input").fill(str(gateway_server.bootstrap_key))
+    await page.locator("#key-form button").click()
+    await _wait_field(page, "status", "SUCCEEDED")
+    latency = (await _get_run(gateway_server, run["id"]))["aggregate"]["latency"]
+    assert (latency["p50Ms"], latency["p95Ms"]) == (300, 600)
+    assert await _field(page, "latency") == "300 ms / 600 ms"
 
 
 async def test_run_page_opens_the_comparison_view_of_two_finished_runs(

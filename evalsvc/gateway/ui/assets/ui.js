@@ -166,9 +166,11 @@ function targetKind(target) {
   return target.savedTargetId ? "saved target" : "";
 }
 
+// Nearest rank, as the server's aggregate computes it (evalsvc/execution/aggregate.py): the page showed
+// another p50 than the API and the HTML report for the same run.
 function quantile(sorted, q) {
   if (!sorted.length) return NaN;
-  return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
+  return sorted[Math.max(1, Math.ceil(q * sorted.length)) - 1];
 }
 
 // ---- /ui/runs ----
@@ -288,7 +290,11 @@ function runPage() {
     if (aggregate && aggregate.latency && aggregate.latency.p50Ms !== undefined && state.outputs.size === 0) {
       $("latency").textContent = `${millis(aggregate.latency.p50Ms)} / ${millis(aggregate.latency.p95Ms)}`;
     } else {
-      const latencies = [...state.outputs.values()].map((o) => o.latency).sort((a, b) => a - b);
+      // Outputs with a latency, as the server's figures (a failed target call's output has none).
+      const latencies = [...state.outputs.values()]
+        .map((o) => o.latency)
+        .filter((ms) => ms > 0)
+        .sort((a, b) => a - b);
       $("latency").textContent = latencies.length
         ? `${millis(quantile(latencies, 0.5))} / ${millis(quantile(latencies, 0.95))}`
         : "–";
