@@ -347,7 +347,7 @@ async def test_chat_and_http_targets_and_llm_judge(tmp_path: Path, monkeypatch: 
             assert "target.target.chat.model" in no_model.value.field_violations
             with pytest.raises(InvalidArgumentError) as no_secret:
                 await client.create_target("bad", builders.http_target(agent.url, api_key_secret="missing"))
-            assert "target.target.http.endpoint" in no_secret.value.field_violations
+            assert "target.target.http.endpoint.api_key_secret" in no_secret.value.field_violations
     finally:
         await srv.stop(grace=1.0)
 

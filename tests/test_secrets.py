@@ -321,7 +321,7 @@ async def test_tenants_use_their_own_secrets_which_shadow_the_operators_and_neve
             # Another tenant cannot name acme's JUDGE_KEY: it does not exist for them.
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await run_as(other, [_judge(llm.url, "judge_key")])
-            assert "graders[0].llm_judge.endpoint" in violations(err.value)
+            assert "graders[0].llm_judge.endpoint.headers[x-key]" in violations(err.value)
             # Deleted, acme falls back to the operator's grant.
             await acme.secrets.DeleteSecret(secret_service_pb2.DeleteSecretRequest(name="Llm_Key"))
             (seen,) = await run_as(acme, [exact()])

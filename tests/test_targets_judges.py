@@ -669,11 +669,16 @@ async def test_secrets_stay_server_side(svc, caplog: pytest.LogCaptureFixture) -
     caplog.set_level(logging.DEBUG)
     missing = chat("http://127.0.0.1:9")
     missing.chat.endpoint.api_key_secret = "nope"
+    missing.chat.endpoint.headers["X-Org"] = "secret:nope_either"
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stubs.runs.CreateRun(
             pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=missing, graders=[exact()])
         )
-    assert "target.chat.endpoint" in violations(err.value)
+    # Each reference named by its own field (both were `target.chat.endpoint`).
+    assert violations(err.value).keys() == {
+        "target.chat.endpoint.api_key_secret",
+        "target.chat.endpoint.headers[X-Org]",
+    }
     with FakeEndpoint(chat_reply("x")) as llm:
         run, results = await run_to_end(
             stubs, pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=chat(llm.url), graders=[exact()])

@@ -75,10 +75,16 @@ RESOLVER = Resolver()
 
 
 def secret_refs(endpoint: target_pb2.Endpoint, at: str) -> list[tuple[str, str]]:
-    """(field, name) of every secret an endpoint names: its `api_key_secret` and `secret:NAME` headers."""
-    names = [endpoint.api_key_secret] if endpoint.api_key_secret else []
-    names += [value[len(SECRET_HEADER) :] for value in endpoint.headers.values() if value.startswith(SECRET_HEADER)]
-    return [(at, name) for name in names]
+    """(field, name) of every secret an endpoint at `at` names: its `api_key_secret` and `secret:NAME`
+    headers, each field its own path (`at.api_key_secret`, `at.headers[X-Org]`): two refusals both named
+    `at` left the caller to guess which reference was wrong."""
+    refs = [(f"{at}.api_key_secret", endpoint.api_key_secret)] if endpoint.api_key_secret else []
+    refs += [
+        (f"{at}.headers[{header}]", value[len(SECRET_HEADER) :])
+        for header, value in sorted(endpoint.headers.items())
+        if value.startswith(SECRET_HEADER)
+    ]
+    return refs
 
 
 def endpoint_headers(endpoint: target_pb2.Endpoint, secrets: Mapping[str, str]) -> dict[str, str]:
