@@ -170,8 +170,12 @@ class Settings:
         },
     )
     max_concurrent_rpcs: int = dataclasses.field(
-        default=5000,
-        metadata={"help": "RPCs (including open streams) served at once; the excess gets RESOURCE_EXHAUSTED"},
+        default=8000,
+        metadata={
+            "help": "RPCs (including open streams) served at once; the excess gets RESOURCE_EXHAUSTED. Streams "
+            "take at most three quarters of it (WatchRun streams of all tenants five eighths, health Watch "
+            "streams an eighth), so ordinary calls always have room"
+        },
     )
     create_run_rate: float = dataclasses.field(
         default=20.0, metadata={"help": "CreateRun calls per second per tenant (token bucket refill rate)"}
@@ -180,7 +184,11 @@ class Settings:
         default=100, metadata={"help": "CreateRun calls a tenant may make at once (token bucket size)"}
     )
     max_watch_streams: int = dataclasses.field(
-        default=2000, metadata={"help": "open WatchRun streams per tenant and process"}
+        default=2000,
+        metadata={
+            "help": "open WatchRun streams per tenant and process; at most half of the WatchRun streams of all "
+            "tenants (five eighths of --max-concurrent-rpcs), whatever is set"
+        },
     )
     max_active_runs: int = dataclasses.field(default=100, metadata={"help": "PENDING or RUNNING runs per tenant"})
     max_items_per_run: int = dataclasses.field(default=100_000, metadata={"help": "items per run"})
@@ -386,6 +394,27 @@ class Settings:
         """The REST streams one tenant may hold open in the gateway: `max_http_streams_per_tenant`, or
         when that is 0, a quarter of `max_http_connections` (at least 1)."""
         return self.max_http_streams_per_tenant or max(1, self.max_http_connections // 4)
+
+    @property
+    def watch_streams_in_all(self) -> int:
+        """The WatchRun streams all tenants together may hold open in one process: five eighths of
+        `max_concurrent_rpcs` (at least 1). With the health Watch streams' eighth, streams leave a quarter
+        of the RPCs to ordinary calls: three tenants' watches within their quota took all 5,000 places,
+        and every other tenant's GetRun got RESOURCE_EXHAUSTED."""
+        return max(1, self.max_concurrent_rpcs * 5 // 8)
+
+    @property
+    def watch_streams_per_tenant(self) -> int:
+        """One tenant's WatchRun streams: `max_watch_streams`, but at most half of `watch_streams_in_all`,
+        so one tenant's watches leave room for the others' (at least 1)."""
+        return max(1, min(self.max_watch_streams, self.watch_streams_in_all // 2))
+
+    @property
+    def health_watches_in_all(self) -> int:
+        """The health Watch streams (no API key needed) all clients together may hold open: an eighth of
+        `max_concurrent_rpcs` (at least 1); one anonymous client opened 5,000 and every tenant's calls
+        got RESOURCE_EXHAUSTED."""
+        return max(1, self.max_concurrent_rpcs // 8)
 
     @property
     def http_streams_in_all(self) -> int:

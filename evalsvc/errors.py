@@ -39,6 +39,7 @@ class Reason(StrEnum):
         "GATEWAY_STREAMS_FULL"  # REST gateway: all tenants' streams fill their part of the connections
     )
     GATEWAY_CONNECTIONS_FULL = "GATEWAY_CONNECTIONS_FULL"  # REST gateway: --max-http-connections are open
+    SERVER_STREAMS_FULL = "SERVER_STREAMS_FULL"  # WatchRun (all tenants) or health Watch streams fill their part
     UPSTREAM_UNAVAILABLE = "UPSTREAM_UNAVAILABLE"  # REST gateway: the gRPC service cannot be reached from it
     # The API key
     API_KEY_MISSING = "API_KEY_MISSING"  # no key presented

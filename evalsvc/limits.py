@@ -40,6 +40,12 @@ def quota_exceeded(quota: str, message: str, retry_after_s: float | None = None)
     )
 
 
+def streams_full(message: str) -> ServiceError:
+    """UNAVAILABLE for a stream past the part of --max-concurrent-rpcs its kind may hold (not a tenant's
+    quota: the server's streams of that kind are all taken); it frees up as streams end."""
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, Reason.SERVER_STREAMS_FULL, message, retry_after_s=1.0)
+
+
 @dataclass(frozen=True)
 class StoredCap:
     """How many of one kind of stored resource a tenant (or one dataset) may hold: one of the
@@ -119,6 +125,7 @@ class TenantLimits:
         self._settings = settings
         self._buckets: dict[str, TokenBucket] = {}
         self._watches: dict[str, int] = {}
+        self._watches_in_all = 0
 
     def take_create_run(self, tenant: str) -> None:
         """Spend one CreateRun token of the tenant."""
@@ -167,18 +174,25 @@ class TenantLimits:
 
     @contextmanager
     def watch_slot(self, tenant: str) -> Iterator[None]:
-        """Hold one of the tenant's WatchRun streams for the duration of a watch."""
+        """Hold one of the tenant's WatchRun streams for the duration of a watch: within the tenant's
+        share, and within all tenants' part of --max-concurrent-rpcs (`Settings.watch_streams_in_all`)."""
         open_now = self._watches.get(tenant, 0)
-        if open_now >= self._settings.max_watch_streams:
+        share = self._settings.watch_streams_per_tenant
+        if open_now >= share:
             raise quota_exceeded(
-                "max_watch_streams",
-                f"the tenant has {open_now} WatchRun streams open (at most {self._settings.max_watch_streams})",
-                retry_after_s=1.0,
+                "max_watch_streams", f"the tenant has {open_now} WatchRun streams open (at most {share})", 1.0
+            )
+        if self._watches_in_all >= self._settings.watch_streams_in_all:
+            raise streams_full(
+                f"all tenants' WatchRun streams ({self._watches_in_all}) fill their part of this server's "
+                "--max-concurrent-rpcs; retry shortly"
             )
         self._watches[tenant] = open_now + 1
+        self._watches_in_all += 1
         try:
             yield
         finally:
+            self._watches_in_all -= 1
             left = self._watches[tenant] - 1
             if left:
                 self._watches[tenant] = left

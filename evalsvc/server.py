@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.exc import ArgumentError
 
@@ -28,6 +28,7 @@ from evalsvc.api.auth import Authenticator
 from evalsvc.api.datasets import DatasetGenerationServicer, DatasetServicer
 from evalsvc.api.definitions import GraderServicer, TargetServicer
 from evalsvc.api.eval_runs import EvalRunServicer
+from evalsvc.api.health import BoundedHealthServicer
 from evalsvc.api.interceptor import CallInterceptor
 from evalsvc.api.local import LocalChannel, LocalServices
 from evalsvc.api.observability import Observer
@@ -216,7 +217,7 @@ class EvalServer:
         self.revoker = StreamRevoker(self.keys, self.bus, settings.auth_cache_s)
         self.bootstrap_key: str | None = None
         self.has_keys = False  # whether any API key exists, as of the start (for the start's key hint)
-        self.health = health.aio.HealthServicer()
+        self.health = BoundedHealthServicer(settings.health_watches_in_all)
         # Checks four times per stall limit, but never more often than every 50 ms nor less than every 5 s.
         self.watchdog = Watchdog(self.metrics, self._report_progress, check_s=max(0.05, min(5.0, settings.stall_s / 4)))
         self._watchdog_task: asyncio.Task[None] | None = None

@@ -3,11 +3,13 @@ other tenants; global limits and deadlines hold."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from evalsvc.server import EvalServer
 from evalsvc.v1 import dataset_service_pb2 as ds
@@ -156,23 +158,54 @@ async def test_watch_stream_limit_and_deadline_frees_the_slot(limited) -> None:
     again.cancel()
 
 
-async def test_max_concurrent_rpcs_rejects_the_excess(tmp_path: Path) -> None:
-    srv = EvalServer(make_settings(tmp_path, max_concurrent_rpcs=2))
+async def test_streams_leave_room_for_every_tenants_calls(tmp_path: Path) -> None:
+    """--max-concurrent-rpcs 8: WatchRun streams of all tenants take at most 5 (a tenant at most 2), health
+    Watch streams (no key) at most 1, so ordinary calls always have room. Before, three tenants' watches
+    within their quota, or one anonymous client's 5,000 health Watch streams, took every place and every
+    other tenant's GetRun got RESOURCE_EXHAUSTED."""
+    srv = EvalServer(make_settings(tmp_path, max_concurrent_rpcs=8))
     await srv.start()
     await srv.executor.stop()
     try:
         assert srv.bootstrap_key
-        async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
-            stub = stubs.EvalRunServiceStub(channel)
-            run = (await stub.CreateRun(create_request(1))).run
-            watches = [stub.WatchRun(pb.WatchRunRequest(run_id=run.id)) for _ in range(2)]
-            for watch in watches:
-                await watch.read()
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.GetRun(pb.GetRunRequest(run_id=run.id))
-            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            for watch in watches:
-                watch.cancel()
+        keys = [srv.bootstrap_key] + [(await srv.keys.create(name))[0] for name in ("b", "c", "d")]
+        async with contextlib.AsyncExitStack() as stack:
+            channels = [await stack.enter_async_context(keyed_channel(srv.port, key)) for key in keys]
+            tenants = [stubs.EvalRunServiceStub(channel) for channel in channels]
+            runs = [(await stub.CreateRun(create_request(1))).run.id for stub in tenants]
+            opened = []
+
+            async def watch(tenant: int) -> None:
+                call = tenants[tenant].WatchRun(pb.WatchRunRequest(run_id=runs[tenant]))
+                opened.append(call)
+                await call.read()
+
+            for tenant in (0, 0, 1, 1, 2):
+                await watch(tenant)
+            with pytest.raises(grpc.aio.AioRpcError) as over_share:
+                await watch(0)
+            assert over_share.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error_reason(over_share.value) == "TENANT_QUOTA_EXCEEDED"
+            with pytest.raises(grpc.aio.AioRpcError) as all_taken:
+                await watch(2)  # within its share, but all tenants' part is full
+            assert all_taken.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_reason(all_taken.value) == "SERVER_STREAMS_FULL"
+
+            health = health_pb2_grpc.HealthStub(channels[3])
+            first = health.Watch(health_pb2.HealthCheckRequest())
+            opened.append(first)
+            await first.read()
+            second = health.Watch(health_pb2.HealthCheckRequest())
+            opened.append(second)
+            with pytest.raises(grpc.aio.AioRpcError) as health_full:
+                await second.read()
+            assert health_full.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_reason(health_full.value) == "SERVER_STREAMS_FULL"
+
+            for _ in range(3):  # the fourth tenant's calls, and a free place: 8 - 5 - 1
+                assert (await tenants[3].GetRun(pb.GetRunRequest(run_id=runs[3]))).run.id == runs[3]
+            for call in opened:
+                call.cancel()
     finally:
         await srv.stop(grace=0.5)
 

@@ -1,0 +1,47 @@
+"""grpc's health service, with its Watch streams bounded.
+
+Health needs no API key (orchestrators and load balancers probe it), so its streams were the one kind
+nobody's quota counted: one client opened 5,000 Watch streams over 6 connections in a second, which
+took every place of --max-concurrent-rpcs, and every tenant's calls got RESOURCE_EXHAUSTED until it
+let go. A connection may hold PER_CONNECTION Watch streams (gRPC's client-side health checking opens
+one per connection), and all connections together `Settings.health_watches_in_all`; past either,
+UNAVAILABLE SERVER_STREAMS_FULL. `Check` is unbounded: it is a unary call, over as soon as answered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+
+from evalsvc.api.status import abort
+from evalsvc.limits import streams_full
+
+PER_CONNECTION = 2
+
+
+class BoundedHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpc_health has no stubs
+    """The health service; at most PER_CONNECTION Watch streams a connection, `in_all` in all."""
+
+    def __init__(self, in_all: int) -> None:
+        super().__init__()
+        self._in_all = in_all
+        self._by_connection: dict[str, int] = {}  # the peer (address and port: one connection) -> its streams
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        peer = context.peer()
+        held = self._by_connection.get(peer, 0)
+        if held >= PER_CONNECTION:
+            await abort(context, streams_full(f"a connection may hold {PER_CONNECTION} health Watch streams"))
+        if sum(self._by_connection.values()) >= self._in_all:
+            await abort(context, streams_full("the server's health Watch streams are all taken; retry shortly"))
+        self._by_connection[peer] = held + 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            left = self._by_connection[peer] - 1
+            if left:
+                self._by_connection[peer] = left
+            else:
+                del self._by_connection[peer]
