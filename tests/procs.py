@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LISTENING = re.compile(r"evalsvc listening on [^ ]+:(\d+)")
+HTTP_LISTENING = re.compile(r"REST gateway listening on https?://[^ ]+:(\d+)")
 KEY_LINE = re.compile(r"^(evk_\S+)$", re.MULTILINE)
 
 
@@ -55,6 +56,12 @@ class ServerProcess:
             if "API keys: " in text or self.proc.poll() is not None or time.monotonic() > deadline:
                 return None
             time.sleep(0.05)  # polling a log file: there is no event to await across processes
+
+    def http_port(self) -> int:
+        """The REST gateway's port (a server started with --http-addr), from its start's log line."""
+        found = HTTP_LISTENING.findall(self.log_path.read_text(errors="replace"))
+        assert found, f"no REST gateway in the log:\n{self.log_path.read_text()}"
+        return int(found[-1])
 
     @property
     def target(self) -> str:

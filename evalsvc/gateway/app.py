@@ -39,7 +39,7 @@ from evalsvc.gateway.conditional import apply_if_match, check_read_if_match, eta
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.parse_errors import field_message, field_named, field_violation
 from evalsvc.gateway.routes import Route, routes
-from evalsvc.gateway.translators import translated
+from evalsvc.gateway.translators import TRANSLATOR_THREADS, in_turn, translated
 from evalsvc.gateway.unrouted import RoutingErrors
 from evalsvc.gateway.upstream import (
     HTTP_STATUS,
@@ -51,6 +51,7 @@ from evalsvc.gateway.upstream import (
     unreachable,
     with_retry_after,
 )
+from evalsvc.slots import Slots
 
 FORWARDED_HEADERS = ("authorization", "x-api-key")
 RESUME_FIELD = "after_seq"  # what a stream's Last-Event-ID header sets, over the query string
@@ -338,6 +339,7 @@ def create_app(
     `streams_per_tenant` watches (and synchronous dialect waits) open at once, all tenants together
     `streams_in_all`."""
     upstream = Upstream(channel_factory, streams_per_channel, streams_per_tenant, streams_in_all)
+    stream_turns = Slots(TRANSLATOR_THREADS)  # the streams' messages, translated in their tenants' turns
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -427,7 +429,9 @@ def create_app(
                     return refused(error)
                 raise
             return StreamingResponse(
-                _relay(call, first, ndjson, slot), media_type=media_type, headers={"cache-control": "no-cache"}
+                _relay(call, first, ndjson, slot, stream_turns),
+                media_type=media_type,
+                headers={"cache-control": "no-cache"},
             )
 
         return endpoint
@@ -498,14 +502,21 @@ def _last_seq(message: Any) -> int:
     return int(message.seq) if "seq" in fields else 0
 
 
-async def _relay(call: Any, first: Any, ndjson: bool, slot: StreamSlot) -> AsyncIterator[bytes]:
+def _ndjson_line(message: Message) -> bytes:
+    """One NDJSON line, grpc-gateway style: `{"result": ...}`."""
+    return (json.dumps({"result": to_json(message)}) + "\n").encode()
+
+
+async def _relay(call: Any, first: Any, ndjson: bool, slot: StreamSlot, turns: Slots) -> AsyncIterator[bytes]:
     """Stream messages as SSE (`id:` = seq, so EventSource resumes with Last-Event-ID) or NDJSON
-    (`{"result": ...}` per line, grpc-gateway style). A client that disconnects cancels the gRPC call
-    and frees its stream's place in the pool."""
+    (`{"result": ...}` per line, grpc-gateway style), each translated in a translator thread in its
+    tenant's turn (`translators.in_turn`). A client that disconnects cancels the gRPC call and frees its
+    stream's place in the pool."""
+    encode = _ndjson_line if ndjson else _sse_event
     try:
         message = first
         while message is not grpc.aio.EOF:
-            yield (json.dumps({"result": to_json(message)}) + "\n").encode() if ndjson else _sse_event(message)
+            yield await in_turn(turns, slot.owner, encode, message)
             message = await call.read()
     except grpc.aio.AioRpcError as error:
         body = status_body(error)

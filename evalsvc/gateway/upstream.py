@@ -290,6 +290,11 @@ class StreamSlot:
             raise
         self._holder = holder
 
+    @property
+    def owner(self) -> str:
+        """Whose stream this is: its tenant once admitted, until then the key that opened it."""
+        return self._holder or self._key
+
     def release(self) -> None:
         if self._pooled is not None:
             self._pooled.streams -= 1
