@@ -74,6 +74,14 @@ def sse_data(lines: list[str]) -> list[tuple[int | None, str, dict[str, Any]]]:
     return events
 
 
+def violation_of(response: httpx.Response) -> tuple[str, str]:
+    """(field, description) of a 400's one google.rpc.BadRequest field violation."""
+    assert response.status_code == 400, response.text
+    [bad] = [d for d in response.json()["details"] if d["@type"].endswith("google.rpc.BadRequest")]
+    [violation] = bad["fieldViolations"]
+    return violation["field"], violation["description"]
+
+
 async def first_event(client: httpx.AsyncClient, run_id: str, ndjson: bool) -> dict[str, Any]:
     """Open a watch, read its first event, and hang up."""
     headers = {"accept": "application/x-ndjson"} if ndjson else {}
@@ -335,13 +343,47 @@ async def test_a_value_json_cannot_hold_names_its_field_in_a_violation(
     a client reads for any other bad field, and a message without Python in it."""
     _, client = gw
     response = await client.request(method, url, **kwargs)
-    assert response.status_code == 400, response.text
-    body = response.json()
-    [bad] = [d for d in body["details"] if d["@type"].endswith("google.rpc.BadRequest")]
-    [violation] = bad["fieldViolations"]
-    assert violation["field"] == field and description in violation["description"], violation
+    got_field, got_description = violation_of(response)
+    assert got_field == field and description in got_description, response.text
     for python in ("invalid literal", "bytes-like", "evalsvc.v1.", "iterable", "Traceback"):
-        assert python not in body["message"] and python not in violation["description"], body
+        assert python not in response.json()["message"] and python not in got_description, response.text
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "params", "field", "description"),
+    [
+        ("GET", "/v1/runs", {"status": "RUN_STATUS_FAILED"}, "status", "did you mean 'statuses'?"),
+        ("GET", "/v1/runs", {"label.suite": "x"}, "label.suite", "did you mean 'labels.suite'?"),
+        ("GET", "/v1/runs", {"label": "x"}, "label", "did you mean 'labels.<key>'?"),
+        ("GET", "/v1/runs", {"pageSise": "1"}, "pageSise", "did you mean 'pageSize'?"),
+        ("GET", "/v1/runs", {"zzz": "1"}, "zzz", "unknown query parameter"),
+        ("GET", "/v1/runs", {"__": "1"}, "__", "unknown query parameter"),
+        ("GET", "/v1/runs/run_x:watch", {"after": "3"}, "after", "unknown query parameter"),
+        ("POST", "/v1/runs", {"dry_run": "true"}, "dry_run", "unknown query parameter"),  # body "*": takes none
+    ],
+)
+async def test_an_unknown_query_parameter_is_refused_naming_it(
+    gw: Any, method: str, url: str, params: dict[str, str], field: str, description: str
+) -> None:
+    """A query parameter that named no field was ignored: `?status=RUN_STATUS_FAILED` (the field is
+    `statuses`) or `?label.suite=x` (the map is `labels`) listed every run, and a cleanup script with the
+    typo acted on all of them. Now a 400 whose violation names the parameter, with the likely one."""
+    _, client = gw
+    kwargs: dict[str, Any] = {"json": RUN} if method == "POST" else {}
+    response = await client.request(method, url, params=params, **kwargs)
+    got_field, got_description = violation_of(response)
+    assert got_field == field and description in got_description, response.text
+    assert response.json()["code"] == 3
+    assert (await client.get("/v1/runs")).json()["runs"] == []
+
+
+async def test_the_cache_buster_underscore_is_the_one_query_parameter_ignored(gw) -> None:
+    """jQuery's `_=<timestamp>` names no field and is still served, on a GET and on a body route alike."""
+    _, client = gw
+    created = await client.post("/v1/runs", params={"_": "1700000000000"}, json=RUN)
+    assert created.status_code == 200, created.text
+    listed = await client.get("/v1/runs", params={"_": "1700000000001", "statuses": "RUN_STATUS_CANCELLED"})
+    assert listed.status_code == 200 and listed.json()["runs"] == [], listed.text
 
 
 async def test_a_body_that_is_not_a_json_object_is_refused_and_does_nothing(gw) -> None:
@@ -364,9 +406,7 @@ async def test_a_body_that_is_not_a_json_object_is_refused_and_does_nothing(gw) 
                 assert refused.json()["message"] == "the body must be a JSON object", refused.text
                 continue
             # the body is the run (`body: "run"`): a field, named as any other bad field is
-            [bad] = [d for d in refused.json()["details"] if d["@type"].endswith("google.rpc.BadRequest")]
-            [violation] = bad["fieldViolations"]
-            assert (violation["field"], violation["description"]) == ("run", "must be a JSON object"), bad
+            assert violation_of(refused) == ("run", "must be a JSON object"), refused.text
     assert (await client.get(f"/v1/runs/{run_id}")).json()["run"]["status"] != "RUN_STATUS_CANCELLED"
     assert len((await client.get("/v1/runs")).json()["runs"]) == 1
 
