@@ -20,7 +20,7 @@ from evalsvc.gateway.routes import SERVICES, routes
 from evalsvc.gateway.server import Gateway, remote_channels
 from evalsvc.server import EvalServer
 from tests.conftest import make_settings
-from tests.helpers import create_request, serving_gateway
+from tests.helpers import create_request, serving_gateway, watch_to_end
 
 RUN = {
     "items": [
@@ -677,6 +677,21 @@ async def test_sse_watch_resumes_with_last_event_id(gw) -> None:
             if line.startswith("id: "):
                 also.append(int(line[4:]))
     assert also == ids[-1:]
+
+
+async def test_last_event_id_is_read_only_as_a_plain_decimal_seq(gw) -> None:
+    """Last-Event-ID was read as proto3 JSON: `1e3` was seq 1000, `3.0`, `+3` and `1e0` a seq too, so a
+    mangled id resumed somewhere else. Only the decimal digits the gateway writes in `id:` are a seq."""
+    _, client = gw
+    run_id = (await client.post("/v1/runs", json=RUN)).json()["run"]["id"]
+    await watch_to_end(client, run_id)  # ended: a watch read as some seq answers at once
+    for value in ("3.0", "+3", "1e0", "1e3", "-1", "0x3", "3 3", "1_0", "0" * 21):
+        response = await client.get(f"/v1/runs/{run_id}:watch", headers={"last-event-id": value})
+        field, description = violation_of(response)
+        assert field == "Last-Event-ID" and "whole number" in description, (value, response.text)
+    async with client.stream("GET", f"/v1/runs/{run_id}:watch", headers={"last-event-id": "0001"}) as stream:
+        resumed = [event_id for event_id, _, _ in sse_data([line async for line in stream.aiter_lines()])]
+    assert resumed and resumed[0] == 2, resumed
 
 
 async def test_batched_sse_events_carry_their_last_seq_as_id_and_resume_after_it(gw) -> None:

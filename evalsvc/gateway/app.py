@@ -233,19 +233,26 @@ _MASK_PATHS = re.compile(r"(?:[^,`]|`(?:[^`]|``)*`)+")
 def _apply_last_event_id(request: Request, route: Route, message: Message) -> None:
     """The resume point of an EventSource that reconnects with Last-Event-ID, which wins over the URL it
     first opened (`?after_seq=`); a value that is no seq is refused naming the header, which the caller
-    sent, not the field it sets."""
+    sent, not the field it sets.
+
+    The header is an `id:` this gateway wrote, a plain decimal seq, not proto3 JSON: read as JSON, `1e3`
+    was seq 1000 and `3.0`, `+3` or `1e0` other seqs than written, so a mangled id resumed somewhere else."""
     resume = route.method.input_type.fields_by_name.get(RESUME_FIELD)
     last_event_id = request.headers.get("last-event-id", "")
     if resume is None or not last_event_id:
         return
-    try:
-        json_format.ParseDict({resume.json_name: last_event_id}, message)
-    except json_format.ParseError as exc:
-        violation = field_violation(exc, route.method.input_type)
-        description = violation[1] if violation else "must be the id of an event of the stream"
-        raise GatewayError.invalid(
-            f"invalid request: Last-Event-ID: {description}", ("Last-Event-ID", description)
-        ) from None
+    description = "must be a whole number, the id of an event of the stream"
+    if _EVENT_ID.fullmatch(last_event_id):
+        try:
+            json_format.ParseDict({resume.json_name: last_event_id}, message)
+            return
+        except json_format.ParseError as exc:  # out of range
+            violation = field_violation(exc, route.method.input_type)
+            description = violation[1] if violation else description
+    raise GatewayError.invalid(f"invalid request: Last-Event-ID: {description}", ("Last-Event-ID", description))
+
+
+_EVENT_ID = re.compile(r"[0-9]{1,20}")  # an int64 seq has at most 19 digits; ParseDict refuses more as out of range
 
 
 async def _parse_body(request: Request, route: Route, message: Message) -> None:
