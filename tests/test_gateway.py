@@ -377,6 +377,26 @@ async def test_an_unknown_query_parameter_is_refused_naming_it(
     assert (await client.get("/v1/runs")).json()["runs"] == []
 
 
+@pytest.mark.parametrize(
+    ("url", "params", "field", "description"),
+    [
+        ("/v1/runs/run_x:watch", [("after_seq", "1"), ("after_seq", "5")], "after_seq", "as after_seq and after_seq"),
+        ("/v1/runs", [("pageSize", "1"), ("page_size", "9")], "page_size", "given twice, as pageSize and page_size"),
+        ("/v1/runs", [("labels.team", "a"), ("labels.team", "b")], "labels[team]", "given twice"),
+    ],
+)
+async def test_a_singular_query_parameter_given_twice_is_refused(
+    gw: Any, url: str, params: list[tuple[str, str]], field: str, description: str
+) -> None:
+    """`?after_seq=1&after_seq=5` resumed after 5, the last one, silently, as did a field under both its
+    names or a map key twice; a body refuses all three. A repeated field still repeats."""
+    _, client = gw
+    got_field, got_description = violation_of(await client.get(url, params=params))
+    assert got_field == field and description in got_description, got_description
+    both = await client.get("/v1/runs", params=[("statuses", "RUN_STATUS_FAILED"), ("statuses", "RUN_STATUS_RUNNING")])
+    assert both.status_code == 200, both.text
+
+
 async def test_the_cache_buster_underscore_is_the_one_query_parameter_ignored(gw) -> None:
     """jQuery's `_=<timestamp>` names no field and is still served, on a GET and on a body route alike."""
     _, client = gw

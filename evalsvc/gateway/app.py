@@ -9,10 +9,10 @@ one of that dialect's (`unrouted.py`).
 
 Parsing is strict: an unknown field or enum name, a query parameter that names no field (but the cache
 buster `_`), a wrong type, a number out of range, a body that is not a UTF-8 JSON object or a field given
-under both its JSON names is a 400 before any call, so a misspelt field is never silently dropped;
-violations name fields by their proto paths. Every GET route
-answers HEAD too, without the body. `/openapi.json`
-documents every route with schemas derived from the messages (see `openapi.py`).
+under both its JSON names (or, in the query string, twice) is a 400 before any call, so a misspelt field
+is never silently dropped; violations name fields by their proto paths. Every GET route answers HEAD too,
+without the body. `/openapi.json` documents every route with schemas derived from the messages (see
+`openapi.py`).
 """
 
 from __future__ import annotations
@@ -148,9 +148,12 @@ def _query_fields(request: Request, route: Route) -> dict[str, Any]:
 
     A name that is no such field is refused naming it, but for the cache buster `_`: it was ignored, so
     `?status=RUN_STATUS_FAILED` (the field is `statuses`) listed every run, and a cleanup script with a
-    typo acted on all of them."""
+    typo acted on all of them. A singular field or a map entry given twice (`?after_seq=1&after_seq=5`,
+    `?pageSize=1&page_size=9`) is refused as the body's is, and as grpc-gateway refuses it: the last one
+    won silently."""
     fields = {name: f for f in openapi.query_fields(route) for name in (f.name, f.json_name)}
     values: dict[str, Any] = {}
+    given: dict[str, str] = {}  # the proto path of each singular field or map entry set -> the parameter that set it
     for key, text in request.query_params.multi_items():
         if key == CACHE_BUSTER:
             continue
@@ -164,10 +167,16 @@ def _query_fields(request: Request, route: Route) -> dict[str, Any]:
         if (value_field is not None) != bool(dot):
             usage = f"{field.json_name}.<key>=<value>" if value_field is not None else f"{field.json_name}=<value>"
             raise json_format.ParseError(f"query parameter {key!r}: write {usage}")
+        if field.is_repeated and value_field is None:
+            values.setdefault(field.json_name, []).append(_query_value(field, text))
+            continue
+        path = f"{field.name}[{entry}]" if value_field is not None else field.name
+        if path in given:
+            description = f"given twice, as {given[path]} and {key}"
+            raise GatewayError.invalid(f"invalid request: {path}: {description}", (path, description))
+        given[path] = key
         if value_field is not None:
             values.setdefault(field.json_name, {})[entry] = _query_value(value_field, text)
-        elif field.is_repeated:
-            values.setdefault(field.json_name, []).append(_query_value(field, text))
         else:
             values[field.json_name] = _query_value(field, text)
     return values
