@@ -463,6 +463,43 @@ def test_validate_refuses_numbers_a_field_cannot_hold(tmp_path: Path, capsys: py
     assert cli.main(["run", str(tmp_path / "spec.yaml"), "--target", "127.0.0.1:1"]) == cli.EXIT_ERROR
 
 
+@pytest.mark.parametrize(
+    ("lines", "warnings"),
+    [
+        ("pass_threshold: 0.9\n", ["warning: pass_threshold 0.9 is a percent (0.9%); for 90% write 90"]),
+        ("maxErrorRate: 0.05\n", ["warning: max_error_rate 0.05 is a percent (0.05%); for 5% write 5"]),
+        (
+            "pass_threshold: 1\nmax_error_rate: 0.1\n",
+            [
+                "warning: pass_threshold 1 is a percent (1%); for 100% write 100",
+                "warning: max_error_rate 0.1 is a percent (0.1%); for 10% write 10",
+            ],
+        ),
+        ("pass_threshold: 90\nmax_error_rate: 0\n", []),
+        ("pass_threshold: 0\nmax_error_rate: 1.5\n", []),
+    ],
+)
+def test_a_percent_written_as_a_fraction_is_warned_of_not_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], lines: str, warnings: list[str]
+) -> None:
+    """`pass_threshold: 0.9`, 90% in other tools, was taken silently as 0.9%, a bar nearly every run passes. Both
+    percent fields are warned of on stderr, by validate and by run, and the spec stays valid (0.5% may be meant)."""
+    from evalsvc_client import cli
+
+    (tmp_path / "spec.yaml").write_text(
+        "items: [{input: a, response: a}]\ntarget: provided\ngraders: [{exact_match: {}}]\n" + lines
+    )
+    for argv, code in (
+        (["validate", str(tmp_path / "spec.yaml")], cli.EXIT_OK),
+        (["validate", str(tmp_path / "spec.yaml"), "--json"], cli.EXIT_OK),
+        (["run", str(tmp_path / "spec.yaml"), "--target", "127.0.0.1:1"], cli.EXIT_ERROR),  # warned, then no server
+    ):
+        assert cli.main(argv) == code, argv
+        out, err = capsys.readouterr()
+        assert [line for line in err.splitlines() if line.startswith("warning:")] == warnings, (argv, err)
+        assert "warning" not in out, argv
+
+
 @pytest.mark.parametrize("alpha", ["0", "0.7", "-0.1", "nan", "1e-17"])
 def test_compare_alpha_is_a_significance_level(alpha: str, capsys: pytest.CaptureFixture[str]) -> None:
     """--alpha 0 was quietly taken as 0.05; docs/compare.md says alpha is from 1e-9 to 0.5."""

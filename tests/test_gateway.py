@@ -20,7 +20,7 @@ from evalsvc.gateway.routes import SERVICES, routes
 from evalsvc.gateway.server import Gateway, remote_channels
 from evalsvc.server import EvalServer
 from tests.conftest import make_settings
-from tests.helpers import create_request, serving_gateway
+from tests.helpers import create_request, serving_gateway, watch_to_end
 
 RUN = {
     "items": [
@@ -72,6 +72,14 @@ def sse_data(lines: list[str]) -> list[tuple[int | None, str, dict[str, Any]]]:
         name, _, value = line.partition(": ")
         fields[name] = value
     return events
+
+
+def violation_of(response: httpx.Response) -> tuple[str, str]:
+    """(field, description) of a 400's one google.rpc.BadRequest field violation."""
+    assert response.status_code == 400, response.text
+    [bad] = [d for d in response.json()["details"] if d["@type"].endswith("google.rpc.BadRequest")]
+    [violation] = bad["fieldViolations"]
+    return violation["field"], violation["description"]
 
 
 async def first_event(client: httpx.AsyncClient, run_id: str, ndjson: bool) -> dict[str, Any]:
@@ -335,13 +343,67 @@ async def test_a_value_json_cannot_hold_names_its_field_in_a_violation(
     a client reads for any other bad field, and a message without Python in it."""
     _, client = gw
     response = await client.request(method, url, **kwargs)
-    assert response.status_code == 400, response.text
-    body = response.json()
-    [bad] = [d for d in body["details"] if d["@type"].endswith("google.rpc.BadRequest")]
-    [violation] = bad["fieldViolations"]
-    assert violation["field"] == field and description in violation["description"], violation
+    got_field, got_description = violation_of(response)
+    assert got_field == field and description in got_description, response.text
     for python in ("invalid literal", "bytes-like", "evalsvc.v1.", "iterable", "Traceback"):
-        assert python not in body["message"] and python not in violation["description"], body
+        assert python not in response.json()["message"] and python not in got_description, response.text
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "params", "field", "description"),
+    [
+        ("GET", "/v1/runs", {"status": "RUN_STATUS_FAILED"}, "status", "did you mean 'statuses'?"),
+        ("GET", "/v1/runs", {"label.suite": "x"}, "label.suite", "did you mean 'labels.suite'?"),
+        ("GET", "/v1/runs", {"label": "x"}, "label", "did you mean 'labels.<key>'?"),
+        ("GET", "/v1/runs", {"pageSise": "1"}, "pageSise", "did you mean 'pageSize'?"),
+        ("GET", "/v1/runs", {"zzz": "1"}, "zzz", "unknown query parameter"),
+        ("GET", "/v1/runs", {"__": "1"}, "__", "unknown query parameter"),
+        ("GET", "/v1/runs/run_x:watch", {"after": "3"}, "after", "unknown query parameter"),
+        ("POST", "/v1/runs", {"dry_run": "true"}, "dry_run", "unknown query parameter"),  # body "*": takes none
+    ],
+)
+async def test_an_unknown_query_parameter_is_refused_naming_it(
+    gw: Any, method: str, url: str, params: dict[str, str], field: str, description: str
+) -> None:
+    """A query parameter that named no field was ignored: `?status=RUN_STATUS_FAILED` (the field is
+    `statuses`) or `?label.suite=x` (the map is `labels`) listed every run, and a cleanup script with the
+    typo acted on all of them. Now a 400 whose violation names the parameter, with the likely one."""
+    _, client = gw
+    kwargs: dict[str, Any] = {"json": RUN} if method == "POST" else {}
+    response = await client.request(method, url, params=params, **kwargs)
+    got_field, got_description = violation_of(response)
+    assert got_field == field and description in got_description, response.text
+    assert response.json()["code"] == 3
+    assert (await client.get("/v1/runs")).json()["runs"] == []
+
+
+@pytest.mark.parametrize(
+    ("url", "params", "field", "description"),
+    [
+        ("/v1/runs/run_x:watch", [("after_seq", "1"), ("after_seq", "5")], "after_seq", "as after_seq and after_seq"),
+        ("/v1/runs", [("pageSize", "1"), ("page_size", "9")], "page_size", "given twice, as pageSize and page_size"),
+        ("/v1/runs", [("labels.team", "a"), ("labels.team", "b")], "labels[team]", "given twice"),
+    ],
+)
+async def test_a_singular_query_parameter_given_twice_is_refused(
+    gw: Any, url: str, params: list[tuple[str, str]], field: str, description: str
+) -> None:
+    """`?after_seq=1&after_seq=5` resumed after 5, the last one, silently, as did a field under both its
+    names or a map key twice; a body refuses all three. A repeated field still repeats."""
+    _, client = gw
+    got_field, got_description = violation_of(await client.get(url, params=params))
+    assert got_field == field and description in got_description, got_description
+    both = await client.get("/v1/runs", params=[("statuses", "RUN_STATUS_FAILED"), ("statuses", "RUN_STATUS_RUNNING")])
+    assert both.status_code == 200, both.text
+
+
+async def test_the_cache_buster_underscore_is_the_one_query_parameter_ignored(gw) -> None:
+    """jQuery's `_=<timestamp>` names no field and is still served, on a GET and on a body route alike."""
+    _, client = gw
+    created = await client.post("/v1/runs", params={"_": "1700000000000"}, json=RUN)
+    assert created.status_code == 200, created.text
+    listed = await client.get("/v1/runs", params={"_": "1700000000001", "statuses": "RUN_STATUS_CANCELLED"})
+    assert listed.status_code == 200 and listed.json()["runs"] == [], listed.text
 
 
 async def test_a_body_that_is_not_a_json_object_is_refused_and_does_nothing(gw) -> None:
@@ -364,9 +426,7 @@ async def test_a_body_that_is_not_a_json_object_is_refused_and_does_nothing(gw) 
                 assert refused.json()["message"] == "the body must be a JSON object", refused.text
                 continue
             # the body is the run (`body: "run"`): a field, named as any other bad field is
-            [bad] = [d for d in refused.json()["details"] if d["@type"].endswith("google.rpc.BadRequest")]
-            [violation] = bad["fieldViolations"]
-            assert (violation["field"], violation["description"]) == ("run", "must be a JSON object"), bad
+            assert violation_of(refused) == ("run", "must be a JSON object"), refused.text
     assert (await client.get(f"/v1/runs/{run_id}")).json()["run"]["status"] != "RUN_STATUS_CANCELLED"
     assert len((await client.get("/v1/runs")).json()["runs"]) == 1
 
@@ -637,6 +697,21 @@ async def test_sse_watch_resumes_with_last_event_id(gw) -> None:
             if line.startswith("id: "):
                 also.append(int(line[4:]))
     assert also == ids[-1:]
+
+
+async def test_last_event_id_is_read_only_as_a_plain_decimal_seq(gw) -> None:
+    """Last-Event-ID was read as proto3 JSON: `1e3` was seq 1000, `3.0`, `+3` and `1e0` a seq too, so a
+    mangled id resumed somewhere else. Only the decimal digits the gateway writes in `id:` are a seq."""
+    _, client = gw
+    run_id = (await client.post("/v1/runs", json=RUN)).json()["run"]["id"]
+    await watch_to_end(client, run_id)  # ended: a watch read as some seq answers at once
+    for value in ("3.0", "+3", "1e0", "1e3", "-1", "0x3", "3 3", "1_0", "0" * 21):
+        response = await client.get(f"/v1/runs/{run_id}:watch", headers={"last-event-id": value})
+        field, description = violation_of(response)
+        assert field == "Last-Event-ID" and "whole number" in description, (value, response.text)
+    async with client.stream("GET", f"/v1/runs/{run_id}:watch", headers={"last-event-id": "0001"}) as stream:
+        resumed = [event_id for event_id, _, _ in sse_data([line async for line in stream.aiter_lines()])]
+    assert resumed and resumed[0] == 2, resumed
 
 
 async def test_batched_sse_events_carry_their_last_seq_as_id_and_resume_after_it(gw) -> None:

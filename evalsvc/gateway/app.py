@@ -7,15 +7,17 @@ grpc-gateway does, with the `google.rpc.Status` as the body: `{code, message, de
 route has (404) and a method its routes do not take (405), or in a dialect's error shape when the path is
 one of that dialect's (`unrouted.py`).
 
-Parsing is strict: an unknown field or enum name, a wrong type, a number out of range, a body that is
-not a UTF-8 JSON object or a field given under both its JSON names is a 400 before any call, so a
-misspelt field is never silently dropped; violations name fields by their proto paths. Every GET route
-answers HEAD too, without the body. `/openapi.json`
-documents every route with schemas derived from the messages (see `openapi.py`).
+Parsing is strict: an unknown field or enum name, a query parameter that names no field (but the cache
+buster `_`), a wrong type, a number out of range, a body that is not a UTF-8 JSON object or a field given
+under both its JSON names (or, in the query string, twice) is a 400 before any call, so a misspelt field
+is never silently dropped; violations name fields by their proto paths. Every GET route answers HEAD too,
+without the body. `/openapi.json` documents every route with schemas derived from the messages (see
+`openapi.py`).
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import re
@@ -37,7 +39,7 @@ from evalsvc.errors import FieldViolation, Reason, ServiceError, to_status
 from evalsvc.gateway import dialects, openapi, ui
 from evalsvc.gateway.conditional import apply_if_match, check_read_if_match, etag_header
 from evalsvc.gateway.dialects.base import DialectOptions
-from evalsvc.gateway.parse_errors import field_message, field_named, field_violation
+from evalsvc.gateway.parse_errors import MAX_SHOWN, field_message, field_named, field_violation
 from evalsvc.gateway.routes import Route, routes
 from evalsvc.gateway.translators import TRANSLATOR_THREADS, in_turn, translated
 from evalsvc.gateway.unrouted import RoutingErrors
@@ -55,6 +57,7 @@ from evalsvc.slots import Slots
 
 FORWARDED_HEADERS = ("authorization", "x-api-key")
 RESUME_FIELD = "after_seq"  # what a stream's Last-Event-ID header sets, over the query string
+CACHE_BUSTER = "_"  # jQuery's `_=<timestamp>`: the one query parameter that names no field and is not refused
 _QUERY_BOOLS = {"true": True, "false": False}
 
 
@@ -142,26 +145,56 @@ def _query_value(field: FieldDescriptor, text: str) -> Any:
 
 def _query_fields(request: Request, route: Route) -> dict[str, Any]:
     """Query parameters as request fields, by proto or JSON name: repeated fields may repeat, and
-    `map.key=value` sets a map entry. Names that are no such field are ignored (e.g. cache busters).
-    A field mask is left out: `_set_masks` sets it."""
+    `map.key=value` sets a map entry. A field mask is left out: `_set_masks` sets it.
+
+    A name that is no such field is refused naming it, but for the cache buster `_`: it was ignored, so
+    `?status=RUN_STATUS_FAILED` (the field is `statuses`) listed every run, and a cleanup script with a
+    typo acted on all of them. A singular field or a map entry given twice (`?after_seq=1&after_seq=5`,
+    `?pageSize=1&page_size=9`) is refused as the body's is, and as grpc-gateway refuses it: the last one
+    won silently."""
     fields = {name: f for f in openapi.query_fields(route) for name in (f.name, f.json_name)}
     values: dict[str, Any] = {}
+    given: dict[str, str] = {}  # the proto path of each singular field or map entry set -> the parameter that set it
     for key, text in request.query_params.multi_items():
+        if key == CACHE_BUSTER:
+            continue
         name, dot, entry = key.partition(".")
         field = fields.get(name)
-        if field is None or _is_mask(field):
+        if field is None:
+            raise _unknown_parameter(key, fields)
+        if _is_mask(field):
             continue
         value_field = openapi.map_value(field)
         if (value_field is not None) != bool(dot):
             usage = f"{field.json_name}.<key>=<value>" if value_field is not None else f"{field.json_name}=<value>"
             raise json_format.ParseError(f"query parameter {key!r}: write {usage}")
+        if field.is_repeated and value_field is None:
+            values.setdefault(field.json_name, []).append(_query_value(field, text))
+            continue
+        path = f"{field.name}[{entry}]" if value_field is not None else field.name
+        if path in given:
+            description = f"given twice, as {given[path]} and {key}"
+            raise GatewayError.invalid(f"invalid request: {path}: {description}", (path, description))
+        given[path] = key
         if value_field is not None:
             values.setdefault(field.json_name, {})[entry] = _query_value(value_field, text)
-        elif field.is_repeated:
-            values.setdefault(field.json_name, []).append(_query_value(field, text))
         else:
             values[field.json_name] = _query_value(field, text)
     return values
+
+
+def _unknown_parameter(key: str, fields: dict[str, FieldDescriptor]) -> GatewayError:
+    """The refusal of a query parameter that names no field of the route, with the name it was probably
+    meant to be (`label.suite` -> `labels.suite`, `status` -> `statuses`)."""
+    shown = key[:MAX_SHOWN]  # the caller's text, of any length, is repeated back
+    name, _, entry = shown.partition(".")
+    found = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.6)
+    hint = ""
+    if found:
+        maps = openapi.map_value(fields[found[0]]) is not None
+        hint = f"; did you mean '{found[0]}.{entry or '<key>'}'?" if maps else f"; did you mean '{found[0]}'?"
+    description = f"unknown query parameter{hint}"
+    return GatewayError.invalid(f"invalid request: {shown}: {description}", (shown, description))
 
 
 def _is_mask(field: FieldDescriptor) -> bool:
@@ -210,19 +243,26 @@ _MASK_PATHS = re.compile(r"(?:[^,`]|`(?:[^`]|``)*`)+")
 def _apply_last_event_id(request: Request, route: Route, message: Message) -> None:
     """The resume point of an EventSource that reconnects with Last-Event-ID, which wins over the URL it
     first opened (`?after_seq=`); a value that is no seq is refused naming the header, which the caller
-    sent, not the field it sets."""
+    sent, not the field it sets.
+
+    The header is an `id:` this gateway wrote, a plain decimal seq, not proto3 JSON: read as JSON, `1e3`
+    was seq 1000 and `3.0`, `+3` or `1e0` other seqs than written, so a mangled id resumed somewhere else."""
     resume = route.method.input_type.fields_by_name.get(RESUME_FIELD)
     last_event_id = request.headers.get("last-event-id", "")
     if resume is None or not last_event_id:
         return
-    try:
-        json_format.ParseDict({resume.json_name: last_event_id}, message)
-    except json_format.ParseError as exc:
-        violation = field_violation(exc, route.method.input_type)
-        description = violation[1] if violation else "must be the id of an event of the stream"
-        raise GatewayError.invalid(
-            f"invalid request: Last-Event-ID: {description}", ("Last-Event-ID", description)
-        ) from None
+    description = "must be a whole number, the id of an event of the stream"
+    if _EVENT_ID.fullmatch(last_event_id):
+        try:
+            json_format.ParseDict({resume.json_name: last_event_id}, message)
+            return
+        except json_format.ParseError as exc:  # out of range
+            violation = field_violation(exc, route.method.input_type)
+            description = violation[1] if violation else description
+    raise GatewayError.invalid(f"invalid request: Last-Event-ID: {description}", ("Last-Event-ID", description))
+
+
+_EVENT_ID = re.compile(r"[0-9]{1,20}")  # an int64 seq has at most 19 digits; ParseDict refuses more as out of range
 
 
 async def _parse_body(request: Request, route: Route, message: Message) -> None:

@@ -18,7 +18,8 @@ Global, before or after the command (`evalctl --json list` or `evalctl list --js
 
 Verdict (run, watch; get with --fail-under): a run passes when its pass rate (percent, errors excluded) reaches
 --fail-under if given, else the spec's pass_threshold (unset: every graded evaluation must pass), and at most
-the spec's max_error_rate percent of its evaluations errored (unset: none may).
+the spec's max_error_rate percent of its evaluations errored (unset: none may). Both are percents: validate and run
+warn on stderr, and go on, when either is above 0 and at most 1 (`pass_threshold: 0.9` is 0.9%; 90% is 90).
 Exit codes: 0 passed; 1 did not pass, or (compare --fail-on-regression) a grader REGRESSED or no evaluation was
 paired at all, or (compare --max-unpaired N) more than N evaluations were unpaired; 2 the run ended
 FAILED or CANCELLED; 3 a spec, connection or RPC error, or a command line evalctl does not understand;
@@ -46,7 +47,7 @@ from evalsvc_client._common import TLSOptions
 from evalsvc_client.errors import EvalError
 from evalsvc_client.export import to_dict, write_jsonl, write_junit
 from evalsvc_client.report import format_rate, render_html
-from evalsvc_client.spec import CACHE_MODES, SpecError, cache_mode, load_spec, plural
+from evalsvc_client.spec import CACHE_MODES, RunSpec, SpecError, cache_mode, load_spec, plural
 from evalsvc_client.sync import EvalClient
 
 EXIT_OK, EXIT_BELOW, EXIT_RUN_FAILED, EXIT_ERROR, EXIT_NOT_ENDED = 0, 1, 2, 3, 4
@@ -248,6 +249,7 @@ def _export(client: EvalClient, run: pb.Run, args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
     spec = load_spec(Path(args.spec))
+    _print_spec_warnings(console, spec)
     if args.cache:
         spec.create_request.cache_mode = cache_mode(args.cache)
     created = client.create_run_from(spec.request())
@@ -286,11 +288,18 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
         else:
             _print_spec_error(console, exc)
         return EXIT_ERROR
+    _print_spec_warnings(console, spec)
     if args.json:
         _print_json({"valid": True, "problems": [], "request": to_dict(spec.request())})
     else:
         console.print(f"{path}: valid: {spec.describe()}")
     return EXIT_OK
+
+
+def _print_spec_warnings(console: Console, spec: RunSpec) -> None:
+    """A line on stderr for each likely mistake of a valid spec (RunSpec.warnings), which does not fail it."""
+    for warning in spec.warnings():
+        console.print(f"warning: {warning}")
 
 
 def _print_spec_error(console: Console, error: SpecError) -> None:

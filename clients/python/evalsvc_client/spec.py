@@ -61,6 +61,8 @@ _FLOAT_TYPES = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT}
 _NUL_PROBLEM = "contains a NUL (U+0000) character, which the server refuses"
 #: Dataset problems shown at most: a file of the wrong format would otherwise list every one of its lines.
 MAX_ROW_PROBLEMS = 20
+#: CreateRunRequest's percent fields (0-100), which other tools write as fractions (0.9 for 90%).
+PERCENT_FIELDS = ("pass_threshold", "max_error_rate")
 
 
 @dataclass(frozen=True)
@@ -447,6 +449,17 @@ class RunSpec:
 
     def request(self) -> pb.runs.CreateRunRequest:
         return self.create_request
+
+    def warnings(self) -> list[str]:
+        """What the spec likely does not mean, though it is valid: a percent above 0 and at most 1 is written as
+        other tools write a fraction (`pass_threshold: 0.9` for 90%), and was taken as 0.9%, a bar nearly every
+        run passes, silently. Not a problem: 0.5% may be meant."""
+        found = []
+        for name in PERCENT_FIELDS:
+            value = getattr(self.create_request, name)
+            if self.create_request.HasField(name) and 0 < value <= 1:
+                found.append(f"{name} {value:g} is a percent ({value:g}%); for {value * 100:g}% write {value * 100:g}")
+        return found
 
     def describe(self) -> str:
         """One line for `evalctl validate`: what the spec would run."""
