@@ -327,52 +327,63 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+class NestedTooDeeply(ValueError):
+    """JSON nested deeper than Python's parser goes (~1,000 levels): valid, but not comparable here."""
+
+
 def _parse_json(text: str) -> Any:
-    return json.loads(text, parse_constant=_reject_constant)
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise NestedTooDeeply("its JSON is nested too deeply to be read (over ~1,000 levels)") from None
 
 
 def _key_path(key: str) -> str:
     return f".{key}" if key.isidentifier() else f"[{json.dumps(key)}]"
 
 
+_ABSENT = object()  # an expected key the actual object does not have
+
+
 def _json_diff(expected: Any, actual: Any, subset: bool) -> tuple[str, str] | None:
-    """Where and why `actual` does not match `expected`, or None when it does.
+    """Where and why `actual` does not match `expected`, or None when it does: the first difference in
+    document order, depth first.
 
     JSON-aware: `true` is not `1` (Python says `True == 1`), while `1` equals `1.0`. With `subset`,
     objects in `actual` may have keys that `expected` lacks, at any depth; lists must still have
-    the same length and match element by element.
+    the same length and match element by element. Walked with a stack of its own, not recursion, so
+    no depth the parser accepts can raise RecursionError here.
     """
-    if isinstance(expected, dict):
-        if not isinstance(actual, dict):
-            return "", "expected an object"
-        if not subset and expected.keys() != actual.keys():
-            extra = [k for k in actual if k not in expected]
-            if extra:
-                return _key_path(extra[0]), "unexpected key"
-        for key, value in expected.items():
-            if key not in actual:
-                return _key_path(key), "missing key"
-            diff = _json_diff(value, actual[key], subset)
-            if diff is not None:
-                return _key_path(key) + diff[0], diff[1]
-        return None
-    if isinstance(expected, list):
-        if not isinstance(actual, list):
-            return "", "expected an array"
-        if len(expected) != len(actual):
-            return "", f"expected {len(expected)} elements, got {len(actual)}"
-        for index, (exp, act) in enumerate(zip(expected, actual, strict=True)):
-            diff = _json_diff(exp, act, subset)
-            if diff is not None:
-                return f"[{index}]{diff[0]}", diff[1]
-        return None
-    if isinstance(expected, bool) or isinstance(actual, bool):
-        same = type(expected) is type(actual) and expected == actual
-    elif isinstance(expected, int | float):
-        same = isinstance(actual, int | float) and expected == actual
-    else:
-        same = type(expected) is type(actual) and expected == actual
-    return None if same else ("", "value differs")
+    pending: list[tuple[str, Any, Any]] = [("", expected, actual)]
+    while pending:
+        path, exp, act = pending.pop()
+        if act is _ABSENT:
+            return path, "missing key"
+        if isinstance(exp, dict):
+            if not isinstance(act, dict):
+                return path, "expected an object"
+            if not subset and exp.keys() != act.keys():
+                extra = [k for k in act if k not in exp]
+                if extra:
+                    return path + _key_path(extra[0]), "unexpected key"
+            pending.extend((path + _key_path(k), v, act.get(k, _ABSENT)) for k, v in reversed(exp.items()))
+            continue
+        if isinstance(exp, list):
+            if not isinstance(act, list):
+                return path, "expected an array"
+            if len(exp) != len(act):
+                return path, f"expected {len(exp)} elements, got {len(act)}"
+            pending.extend((f"{path}[{i}]", exp[i], act[i]) for i in reversed(range(len(exp))))
+            continue
+        if isinstance(exp, bool) or isinstance(act, bool):
+            same = type(exp) is type(act) and exp == act
+        elif isinstance(exp, int | float):
+            same = isinstance(act, int | float) and exp == act
+        else:
+            same = type(exp) is type(act) and exp == act
+        if not same:
+            return path, "value differs"
+    return None
 
 
 class _JsonMatch(_Base):
@@ -390,6 +401,8 @@ class _JsonMatch(_Base):
     def _grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         try:
             actual = _parse_json(output.content)
+        except NestedTooDeeply as exc:
+            return _error("the output's JSON is nested too deeply to compare", f"output: {exc}")
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
             return Grade(FAILED, 0.0, 0.0, f"output is not valid JSON: {exc}")
         if self._valid_only:

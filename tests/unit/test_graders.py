@@ -250,6 +250,24 @@ def test_json_match_mismatch_names_path() -> None:
     assert result.explanation == "output JSON does not contain expected JSON at $.a.b[1]: value differs"
 
 
+def test_json_match_names_the_first_difference_in_document_order() -> None:
+    spec = grader_pb2.Grader(json_match=grader_pb2.JsonMatch())
+    result = grade(spec, item('{"a": {"x": 1}, "b": 2, "c": [1]}'), output('{"a": {"x": 2}, "c": [1, 2]}'))
+    assert result.explanation == "output JSON differs from expected JSON at $.a.x: value differs"
+
+
+def test_json_match_compares_any_depth_the_parser_reads_and_says_when_it_cannot_read_one() -> None:
+    """JSON ~950 levels deep that equals the expected passes (the comparison recursed, one frame a level,
+    and raised RecursionError before the parser's limit); 5,000 levels, past the parser, is the grader's
+    ERROR saying so, not Python's RecursionError."""
+    spec = grader_pb2.Grader(json_match=grader_pb2.JsonMatch())
+    deep = "[" * 950 + "1" + "]" * 950
+    assert grade(spec, item(deep), output(deep)).state == PASSED
+    deeper = "[" * 5000 + "1" + "]" * 5000
+    result = grade(spec, item("[1]"), output(deeper))
+    assert result.state == ERROR and result.error_reason.startswith("output: its JSON is nested too deeply"), result
+
+
 @pytest.mark.parametrize(
     "expected",
     [pytest.param("", id="empty"), pytest.param("{not json", id="broken"), pytest.param("Infinity", id="infinity")],
