@@ -212,7 +212,7 @@ class EvalServer:
         )
         self.webhooks = WebhookService(self.db, self.outbound.allow, self.page_tokens, caps.webhooks)
         self.webhook_sender = WebhookSender(self.db, settings, self.outbound.allow, self.metrics)
-        self.purger = RunPurger(self.db, settings.deleted_run_retention_s, self.metrics)
+        self.purger = RunPurger(self.db, settings.deleted_run_retention_s, self.metrics, on_expired=self.bus.end_runs)
         self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
         self.revoker = StreamRevoker(self.keys, self.bus, settings.auth_cache_s)
         self.bootstrap_key: str | None = None

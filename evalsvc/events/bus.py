@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import grpc
 
-from evalsvc.errors import Reason, ServiceError
+from evalsvc.errors import Reason, ServiceError, not_found
 from evalsvc.events.opening import OpeningPages
 from evalsvc.v1 import eval_run_service_pb2 as pb
 
@@ -132,9 +132,20 @@ class EventBus:
             subscription.close(error)
         return len(subscriptions)
 
+    def end_runs(self, run_ids: Sequence[str]) -> None:
+        """End every watch of these runs with NOT_FOUND (RUN_NOT_FOUND): the purge has taken them out
+        of the service (here, or on another replica: evalsvc.events.listener)."""
+        for run_id in run_ids:
+            for subscription in self._subscriptions.get(run_id, ()):
+                subscription.close(not_found("run", run_id))
+
     def has_watchers(self, run_id: str) -> bool:
         """Whether any watcher in this process follows the run."""
         return run_id in self._subscriptions
+
+    def watched_runs(self) -> list[str]:
+        """The ids of the runs watched in this process."""
+        return list(self._subscriptions)
 
     def wake_all(self) -> None:
         """Send every watcher to the database (after notifications may have been missed)."""

@@ -14,8 +14,15 @@ that run and forgets its plan; a callback that fails is logged and the listener 
 Notifications from this very process are ignored (its watchers already got the events in memory, and
 its executor heard of the runs it ended itself). After the listening connection drops and comes back,
 every watched run is woken, since notifications sent meanwhile are gone; ended runs missed meanwhile
-are left to the executor's own sweep (Executor.sweep_plans). The listening loop is supervised
-(evalsvc.liveness): whatever ends it before shutdown is logged and counted, and it starts again.
+are left to the executor's own sweep (Executor.sweep_plans).
+
+And it listens for runs another replica's purge took out of the service (RUNS_PURGED_CHANNEL): their
+watchers here end with NOT_FOUND, as the purging replica's do. After the connection comes back, the
+watches of runs that no longer exist end too (their notices were missed); a watcher that missed one
+anyway ends when it reads the log and finds the run's events gone (evalsvc.events.watch).
+
+The listening loop is supervised (evalsvc.liveness): whatever ends it before shutdown is logged and
+counted, and it starts again.
 """
 
 from __future__ import annotations
@@ -34,8 +41,9 @@ from evalsvc.ids import PROCESS_ID
 from evalsvc.liveness import supervise
 from evalsvc.metrics import Metrics
 from evalsvc.store import events as event_log
+from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
-from evalsvc.store.events import EVENTS_CHANNEL, RUNS_ENDED_CHANNEL
+from evalsvc.store.events import EVENTS_CHANNEL, RUNS_ENDED_CHANNEL, RUNS_PURGED_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +128,24 @@ class EventListener:
         except Exception as exc:
             log.warning("handling the end of run %s failed (%s: %s)", run_id, type(exc).__name__, exc)
 
+    def _on_run_purged_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        origin, _, run_id = payload.partition("|")
+        if origin != PROCESS_ID and run_id:
+            self._bus.end_runs([run_id])  # the purge on another replica took it: NOT_FOUND to its watchers
+
+    async def _end_purged_watches(self) -> None:
+        """End the watches of runs that no longer exist: purged while notifications were not heard."""
+        watched = self._bus.watched_runs()
+        if not watched:
+            return
+        try:
+            async with self._db.read() as conn:
+                present = await run_store.existing_among(conn, watched)
+        except Exception as exc:  # those watchers still end when they read the log (evalsvc.events.watch)
+            log.warning("cannot check the watched runs for purged ones (%s: %s)", type(exc).__name__, exc)
+            return
+        self._bus.end_runs([run_id for run_id in watched if run_id not in present])
+
     async def _relay(self, run_id: str) -> None:
         """Hand the run's newly notified events to its watchers, until no notification is pending."""
         try:
@@ -171,8 +197,10 @@ class EventListener:
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(EVENTS_CHANNEL, self._on_notify)
                 await conn.add_listener(RUNS_ENDED_CHANNEL, self._on_run_ended_notify)
+                await conn.add_listener(RUNS_PURGED_CHANNEL, self._on_run_purged_notify)
                 self._relayed.clear()  # anything sent while we were not listening is gone:
                 self._bus.wake_all()  # every watcher reads for itself, relaying starts afresh
+                await self._end_purged_watches()  # and purges announced meanwhile are gone too
                 stop = asyncio.create_task(self._stopping.wait())
                 dropped = asyncio.create_task(lost.wait())
                 await asyncio.wait({stop, dropped}, return_when=asyncio.FIRST_COMPLETED)

@@ -1,5 +1,7 @@
 """The resumable watch of a run, with etcd's guarantees: every event with seq > after_seq, once, in
-order, then live events, ending after the terminal status event.
+order, then live events, ending after the terminal status event; or NOT_FOUND, when the purge takes the
+run out of the service meanwhile (the purge ends its watches, and a watcher that finds the run's
+committed events missing from the log checks the run: see `_gone`).
 
 The subscription is opened before the first database read, so an event committed at any moment is
 either in that read or in the buffer; duplicates are skipped by seq and a gap (a lost or overflowed
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from itertools import pairwise
+from typing import NoReturn
 
 import grpc
 
@@ -117,6 +120,9 @@ async def watch(
         last_seq = await _checked_last_seq(db, tenant, run_id, after_seq)
         if last_seq is None:
             return
+        # Seqs up to here are committed, and a run's seqs are gap-free: the log holds every one of them,
+        # unless the purge has deleted the run (see `_gone`).
+        committed = last_seq
         from_database = after_seq < last_seq
         opening = from_database  # the first page is shared with watchers opening on the run with it
         while True:
@@ -139,10 +145,14 @@ async def watch(
                     rows = max(1, min(max_events, int(page_bytes / average) + 1))
                     page = Logged(payloads)
                     last = page.last()  # nothing follows a terminal event in a run's log
+                    if last.seq != cursor + len(payloads):
+                        await _gone(db, tenant, run_id, cursor)  # events in order, with seqs missing
                     cursor = last.seq
                     yield page
                     if is_terminal(last):
                         return
+                elif cursor < committed:
+                    await _gone(db, tenant, run_id, cursor)  # no events where committed ones must be
                 continue
             try:
                 live = await subscription.next(heartbeat_s)
@@ -156,6 +166,7 @@ async def watch(
             live = None  # the generator's frame outlives a stalled write: hold one list, not two
             if (fresh and fresh[0].seq != cursor + 1) or any(b.seq != a.seq + 1 for a, b in pairwise(fresh)):
                 from_database = True  # a gap: what is missing is in the database
+                committed = max(committed, fresh[-1].seq)
                 continue
             for chunk in _split(fresh, max_events, live_bytes):
                 chunk = _through_terminal(chunk)
@@ -202,6 +213,18 @@ async def _checked_last_seq(db: Database, tenant: str, run_id: str, after_seq: i
     if row.status in TERMINAL and after_seq == row.last_seq:
         return None
     return int(row.last_seq)
+
+
+async def _gone(db: Database, tenant: str, run_id: str, cursor: int) -> NoReturn:
+    """End a watch whose database read lacks events known to be committed. Only the purge deletes a
+    run's events, and only after its run row (evalsvc.store.retention), so the run is gone: NOT_FOUND,
+    as for a run that never existed. (Without this a watcher catching up on a run purged under it took
+    the empty page for "caught up" and sent heartbeats for good.) The purge also ends the watches of the
+    runs it takes at once (EventBus.end_runs); this covers a watcher that missed that, e.g. on a
+    replica whose listener was reconnecting."""
+    if await run_store.get_current_row(db, tenant, run_id) is None:
+        raise not_found("run", run_id)
+    raise RuntimeError(f"run {run_id} lacks committed events after seq {cursor} and still exists")
 
 
 def _through_terminal(events: list[pb.WatchRunResponse]) -> list[pb.WatchRunResponse]:

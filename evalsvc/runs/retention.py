@@ -7,7 +7,10 @@ store's two steps (evalsvc.store.retention) take the runs out of the service, th
 chunks of about CHUNK_ROWS, each its own transaction through the one writer, so the purge of a
 200,000-job run holds every other write for one chunk at a time, never for the whole run. The loop makes
 a pass every PASS_EVERY_S; a pass goes on until nothing is left to purge (or the server stops). On
-PostgreSQL every replica runs it, and their passes share the work (see the store module).
+PostgreSQL every replica runs it, and their passes share the work (see the store module). The runs a
+commit takes out of the service are NOT_FOUND from then on: `on_expired` ends their watches in this
+process (the server hands it EventBus.end_runs), and on PostgreSQL the commit notifies the other replicas
+(evalsvc.events.listener), which end theirs.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from evalsvc.liveness import Progress, Watched, supervise
@@ -66,6 +70,7 @@ class RunPurger:
         chunk_rows: int = CHUNK_ROWS,
         expire_batch: int = EXPIRE_BATCH,
         pass_every_s: float = PASS_EVERY_S,
+        on_expired: Callable[[list[str]], None] = lambda run_ids: None,
     ) -> None:
         self._db = db
         self._retention_s = retention_s
@@ -73,6 +78,7 @@ class RunPurger:
         self._chunk_rows = chunk_rows
         self._expire_batch = expire_batch
         self._pass_every_s = pass_every_s
+        self._on_expired = on_expired  # told of the runs each commit took out of the service
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
@@ -151,6 +157,8 @@ class RunPurger:
         while not self._stopping.is_set():
             taken = await self._db.transact(functools.partial(store.expire, cutoff=cutoff, limit=self._expire_batch))
             runs += len(taken)
+            if taken:
+                self._on_expired(taken)  # NOT_FOUND from this commit on: their watches here end
             self._metrics.purged.labels("runs").inc(len(taken))
             self._progress.beat()  # a large backlog of expired runs is many turns, not one silent one
             if len(taken) < self._expire_batch:

@@ -23,6 +23,9 @@ EVENTS_CHANNEL = "evalsvc_events"
 # replicas executing them stop their work at once. A channel of its own rather than a field in
 # EVENTS_CHANNEL's payload, which replicas of earlier versions parse as exactly "origin|run|seq".
 RUNS_ENDED_CHANNEL = "evalsvc_runs_ended"
+# PostgreSQL channel on which the purge's commit that takes runs out of the service announces
+# "<process>|<run id>" for each (evalsvc.store.retention.expire): the replicas end their watches.
+RUNS_PURGED_CHANNEL = "evalsvc_runs_purged"
 
 
 async def append(conn: AsyncConnection, tenant: str, run_id: str, events: Sequence[pb.WatchRunResponse]) -> None:

@@ -6,8 +6,9 @@ tenant's writes for seconds. So a purge is two kinds of step, each its own short
 
 1. `expire`: a few runs deleted before the cutoff lose their run row and labels, and each gets a
    `run_purges` row instead. From that commit on the run is NOT_FOUND everywhere (GetRun, ListRuns,
-   UndeleteRun), and its tenant's `tenant_run_totals` row counts one run fewer and keeps what the run
-   had spent (its budget must not drop when its runs go).
+   UndeleteRun, WatchRun: on PostgreSQL the commit notifies RUNS_PURGED_CHANNEL, and every replica
+   ends its watches of the run), and its tenant's `tenant_run_totals` row counts one run fewer and
+   keeps what the run had spent (its budget must not drop when its runs go).
 2. `purge_step`: up to a budget of rows of one such run are deleted, table by table; the step that
    finds none left deletes its `run_purges` row.
 
@@ -28,11 +29,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Delete, Select, delete, insert, select
+from sqlalchemy import Delete, Select, delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.ids import PROCESS_ID
 from evalsvc.store import runs as run_store
-from evalsvc.store.events import EVENTS
+from evalsvc.store.events import EVENTS, RUNS_PURGED_CHANNEL
 from evalsvc.store.models import RunPurgeRow
 from evalsvc.store.run_cache import remember_removed
 from evalsvc.store.webhooks import DELIVERIES
@@ -78,6 +80,10 @@ async def expire(conn: AsyncConnection, cutoff: float, limit: int) -> list[str]:
     await run_store.add_to_totals(conn, {tenant: -n for tenant, n in purged.items()}, spent)
     for run_id in run_ids:
         remember_removed(conn, run_id)
+    if conn.dialect.name == "postgresql":  # delivered at commit: every replica ends its watches of them
+        await conn.execute(
+            select(*(func.pg_notify(RUNS_PURGED_CHANNEL, f"{PROCESS_ID}|{run_id}") for run_id in run_ids))
+        )
     return run_ids
 
 

@@ -808,6 +808,15 @@ async def get_any_tenant(conn: AsyncConnection, run_id: str) -> RunRecord | None
     return _first(found.mappings().first())
 
 
+async def existing_among(conn: AsyncConnection, run_ids: Sequence[str]) -> set[str]:
+    """Those of `run_ids` that have a run row (any tenant's, deleted or not): not purged."""
+    present: set[str] = set()
+    for start in range(0, len(run_ids), 1000):
+        found = await conn.execute(select(RUNS.c.id).where(RUNS.c.id.in_(list(run_ids[start : start + 1000]))))
+        present.update(found.scalars())
+    return present
+
+
 async def ended_among(conn: AsyncConnection, run_ids: Sequence[str]) -> list[str]:
     """Those of `run_ids` that are no longer active (or no longer exist): for the executor's plan sweep."""
     if not run_ids:
