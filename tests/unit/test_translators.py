@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 
 import pytest
 
 from evalsvc.gateway import translators
+from evalsvc.gateway.app import _json_body, _sse_event
 from evalsvc.gateway.translators import MAX_JSON_VALUES, TooManyValues, read_json
+from evalsvc.slots import Slots
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import run_pb2
 
 
 def test_a_body_is_read_as_json_up_to_its_budget_of_values() -> None:
@@ -37,3 +42,23 @@ def test_translations_that_follow_one_another_pause_the_collector_only_so_long(m
     collector = translators._Collector()
     assert collector.paused(collector.paused, gc.isenabled) is True, "the overlapping one runs with it on"
     assert gc.isenabled()
+
+
+async def test_a_streams_message_is_not_queued_behind_large_bodies_of_another_tenant() -> None:
+    """Stream messages and large bodies shared one pool, first come first served: tenant B's SSE event
+    waited 1.9 s behind tenant A's 8 large responses (6.7 MB each, ~170 ms apiece to translate). Stream
+    messages have threads of their own: B's is done while A's bodies are still being translated."""
+    big = pb.ListRunResultsResponse(
+        results=[
+            run_pb2.Result(item_id=f"i{i}", grader="g", explanation="x" * 200, output={"content": "y" * 2000})
+            for i in range(3000)
+        ]
+    )
+    event = pb.WatchRunResponse(seq=7, result=run_pb2.Result(item_id="b", grader="g"))
+    bodies = [asyncio.ensure_future(translators.translated(big.ByteSize(), _json_body, big)) for _ in range(8)]
+    await asyncio.sleep(0)  # A's bodies are queued first
+    sent = await translators.in_turn(Slots(translators.TRANSLATOR_THREADS), "B", _sse_event, event)
+    assert sent.startswith(b"id: 7\n")
+    assert not all(body.done() for body in bodies), "B's event waited for every one of A's bodies"
+    assert sum(body.done() for body in bodies) <= 2, "B's event waited behind A's queued bodies"
+    await asyncio.gather(*bodies)
