@@ -202,6 +202,32 @@ async def test_an_error_reply_shows_its_first_words_on_one_line_and_no_more(svc)
     assert result.error_reason.endswith("...") and len(result.error_reason) < 400, result.error_reason
 
 
+async def test_an_error_whose_body_drips_is_still_its_status_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 429 with Retry-After whose body then drips (a byte every 0.3 s): waiting for the body's first
+    512 bytes cost each attempt its whole timeout (5 s) and reported a timeout, the 429 and its
+    Retry-After lost. The excerpt is waited for half a second; the status stands."""
+    srv = await start(tmp_path, monkeypatch, http_retries=2)
+    assert srv.bootstrap_key
+    throttled = Reply(raw='{"error": "rate limited, slow down"}', status=429, headers={"retry-after": "0"})
+    throttled.drip_s = 0.3
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+            with FakeEndpoint(throttled) as llm:
+                started = time.monotonic()
+                _, results = await run_to_end(
+                    Stubs(channel),
+                    pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=chat(llm.url), graders=[exact()]),
+                )
+                took = time.monotonic() - started
+    finally:
+        await srv.stop(grace=0.5)
+    [result] = results
+    assert result.error_reason.startswith("HTTP 429 from 127.0.0.1:"), result.error_reason
+    assert result.error_reason.endswith("(gave up after 3 attempts)") and took < 5, (took, result.error_reason)
+
+
 async def test_an_endpoint_that_answers_too_much_or_too_slowly_fails_only_its_evaluation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -164,23 +164,30 @@ def _inflater(headers: httpx.Headers, host: str) -> _Inflater | None:
 ERROR_EXCERPT_BYTES = 512
 ERROR_EXCERPT_CHARS = 300
 ERROR_EXCERPT_PIECES = 64
+# How long an error's excerpt is waited for: its status is what the call acts on (a 429 throttles the
+# endpoint, Retry-After sets the wait), and an endpoint that sent a status and then dripped, or stopped,
+# cost each attempt its whole timeout (and the 429 with it).
+ERROR_EXCERPT_WAIT_S = 0.5
 
 
 async def error_excerpt(response: httpx.Response, reads: AttemptReads) -> bytes:
     """The start of an error reply's body (b"" for an encoded one), to be shown by `one_line`: a
     provider's 400 says why ("model not found", "unsupported parameter"), and an error_reason of only
     "HTTP 400 from host" left the tenant nothing to go on. Read no further than ERROR_EXCERPT_BYTES (the
-    rest is never read), in at most ERROR_EXCERPT_PIECES pieces."""
+    rest is never read), in at most ERROR_EXCERPT_PIECES pieces, within ERROR_EXCERPT_WAIT_S: what
+    arrived by then is the excerpt."""
     if response.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
         return b""
     reads.allow_body(ERROR_EXCERPT_BYTES)
     start = bytearray()
     pieces = 0
-    async for raw in response.aiter_raw():
-        start += raw
-        pieces += 1
-        if len(start) >= ERROR_EXCERPT_BYTES or pieces >= ERROR_EXCERPT_PIECES:
-            break
+    with contextlib.suppress(TimeoutError, httpx.TransportError):  # the status stands; the excerpt is a bonus
+        async with asyncio.timeout(ERROR_EXCERPT_WAIT_S):
+            async for raw in response.aiter_raw():
+                start += raw
+                pieces += 1
+                if len(start) >= ERROR_EXCERPT_BYTES or pieces >= ERROR_EXCERPT_PIECES:
+                    break
     return bytes(start[:ERROR_EXCERPT_BYTES])
 
 
