@@ -4,8 +4,11 @@ Health needs no API key (orchestrators and load balancers probe it), so its stre
 nobody's quota counted: one client opened 5,000 Watch streams over 6 connections in a second, which
 took every place of --max-concurrent-rpcs, and every tenant's calls got RESOURCE_EXHAUSTED until it
 let go. A connection may hold PER_CONNECTION Watch streams (gRPC's client-side health checking opens
-one per connection), and all connections together `Settings.health_watches_in_all`; past either,
-UNAVAILABLE SERVER_STREAMS_FULL. `Check` is unbounded: it is a unary call, over as soon as answered.
+one per connection), and all connections together `Settings.health_watches_in_all`; past either, the
+Watch is answered UNIMPLEMENTED (reason SERVER_STREAMS_FULL): a gRPC client doing client-side health
+checking then turns it off and goes on calling, where UNAVAILABLE would have it take the server for
+unhealthy and fail every call (so one anonymous client filling the Watch streams would have stopped
+every such client). `Check` is unbounded: it is a unary call, over as soon as answered.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from evalsvc.api.status import abort
-from evalsvc.limits import streams_full
+from evalsvc.errors import Reason, ServiceError
 
 PER_CONNECTION = 2
 
@@ -33,9 +36,9 @@ class BoundedHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  #
         peer = context.peer()
         held = self._by_connection.get(peer, 0)
         if held >= PER_CONNECTION:
-            await abort(context, streams_full(f"a connection may hold {PER_CONNECTION} health Watch streams"))
+            await abort(context, _unwatchable(f"a connection may hold {PER_CONNECTION} health Watch streams"))
         if sum(self._by_connection.values()) >= self._in_all:
-            await abort(context, streams_full("the server's health Watch streams are all taken; retry shortly"))
+            await abort(context, _unwatchable("the server's health Watch streams are all taken"))
         self._by_connection[peer] = held + 1
         try:
             await super().Watch(request, context)
@@ -45,3 +48,9 @@ class BoundedHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  #
                 self._by_connection[peer] = left
             else:
                 del self._by_connection[peer]
+
+
+def _unwatchable(why: str) -> ServiceError:
+    """The refusal of a health Watch past its bounds: UNIMPLEMENTED, so that client-side health checking
+    is turned off rather than failed (see the module docstring)."""
+    return ServiceError(grpc.StatusCode.UNIMPLEMENTED, Reason.SERVER_STREAMS_FULL, f"{why}; use Check")
