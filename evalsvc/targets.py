@@ -100,8 +100,8 @@ def reported_amount(value: Any, what: str) -> float:
         raise ValueError(f"{what} must be a number, not {_json_kind(value)}")
     try:
         amount = float(value)
-    except ValueError:
-        raise ValueError(f"{what} must be a number") from None
+    except (ValueError, OverflowError):  # OverflowError: an integer past a float (10**400)
+        raise ValueError(f"{what} must be a finite number at least 0") from None
     if not 0 <= amount < math.inf:
         raise ValueError(f"{what} must be a finite number at least 0, not {value!r}")
     return amount

@@ -269,20 +269,22 @@ async def test_a_result_the_database_refuses_costs_only_its_own_evaluation(
         await srv.stop(grace=0.5)
 
 
+@pytest.mark.parametrize("patched", ["_grade", "grade"], ids=["built-in-guard", "executor-guard"])
 async def test_a_grader_that_raises_costs_only_its_own_evaluation(
-    runs, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    runs, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, patched: str
 ) -> None:
     """A grader that raises on one output (a bug, a reply no check foresaw) was taken for a target failure:
     every grader of the item ERROR, the output with its cost and latency dropped. Now only that grader's
-    evaluation is ERROR GRADER_FAILED; the item's other graders and its output are kept."""
-    exact_grade = builtin._ExactMatch.grade
+    evaluation is ERROR GRADER_FAILED; the item's other graders and its output are kept. Built-in graders
+    catch it themselves (`_grade` raising); any other grader (a judge) is caught by the executor."""
+    original = getattr(builtin._ExactMatch, patched)
 
     def raising_on_poison(self: Any, item: item_pb2.Item, output: item_pb2.Response) -> builtin.Grade:
         if item.id == "poison":
             raise OverflowError("cannot convert float infinity to integer")
-        return exact_grade(self, item, output)
+        return original(self, item, output)  # type: ignore[no-any-return]
 
-    monkeypatch.setattr(builtin._ExactMatch, "grade", raising_on_poison)
+    monkeypatch.setattr(builtin._ExactMatch, patched, raising_on_poison)
     items = provided_items(5)
     items[2].id = "poison"
     items[2].response.cost_usd, items[2].response.latency_ms = 0.25, 40
@@ -297,4 +299,5 @@ async def test_a_grader_that_raises_costs_only_its_own_evaluation(
     [kept] = [r for r in results if r.item_id == "poison" and r.grader == "contains"]
     assert kept.state == run_pb2.RESULT_STATE_PASSED and kept.output.cost_usd == 0.25, kept
     assert events[-1].run.cost_usd == pytest.approx(0.25)
-    assert [r.levelname for r in caplog.records if "poison" in r.getMessage()] == ["WARNING"]
+    if patched == "grade":  # the executor logs what it caught
+        assert [r.levelname for r in caplog.records if "poison" in r.getMessage()] == ["WARNING"]

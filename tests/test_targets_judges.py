@@ -481,7 +481,7 @@ async def test_a_judge_reply_with_unusable_numbers_errors_only_the_judges_evalua
     assert run.cost_usd >= 0.5 and run.aggregate.latency.mean_ms == 100  # the output was kept
 
 
-@pytest.mark.parametrize("cost", ["NaN", "-1000", "Infinity", '"lots"', "true"])
+@pytest.mark.parametrize("cost", ["NaN", "-1000", "Infinity", '"lots"', "true", "1" + "0" * 400])
 async def test_a_webhook_cost_that_is_no_amount_fails_its_item_and_leaves_the_budget_on(
     tmp_path, monkeypatch, cost: str
 ) -> None:

@@ -167,11 +167,12 @@ class _Base:
         self.spec_bytes = spec.SerializeToString()
 
     def grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
-        """Grade one output; an unexpected exception becomes an ERROR grade so one bad output cannot fail a job."""
+        """Grade one output; an unexpected exception becomes this evaluation's ERROR GRADER_FAILED, so one
+        bad output cannot fail a job (nor its other graders)."""
         try:
             return self._grade(item, output)
         except Exception as exc:
-            return _error("the grader failed unexpectedly", f"{type(exc).__name__}: {exc}")
+            return grader_failed_grade(exc)
 
     def _grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         raise NotImplementedError

@@ -681,7 +681,7 @@ def test_unexpected_exception_becomes_error_grade() -> None:
     grader = compile_grader(grader_pb2.Grader(exact_match=EXACT()))
     result = grader.grade(None, output("x"))  # type: ignore[arg-type]
     assert result.state == ERROR
-    assert result.error_reason.startswith("AttributeError: ")
+    assert result.error_reason.startswith("GRADER_FAILED: AttributeError: ")  # the code docs/errors.md documents
     assert result.score == 0.0
 
 
