@@ -277,6 +277,8 @@ class RunService:
                     metadata={"run_id": source.id, "status": run_pb2.RunStatus.Name(source.status)},
                 )
             stored_items = await job_store.run_items(conn, source.id)
+            if len(stored_items) != source.total_items:
+                raise not_found("run", request.run_id)  # purged since its row was read (PostgreSQL)
             outcomes = {} if scope == pb.RERUN_SCOPE_ITEMS_ALL else await run_store.item_outcomes(conn, source.id)
         spec = run_pb2.Run.FromString(source.spec)
         items = await mapped(item_pb2.Item.FromString, stored_items)
