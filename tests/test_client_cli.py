@@ -147,6 +147,59 @@ def test_run_jsonl_dataset_fail_under_and_exports(live: tuple[ServerProcess, str
     assert missing.returncode == 3 and "RUN_NOT_FOUND" in missing.stderr
 
 
+def test_rerun_follows_the_new_run_and_judges_it_as_run_does(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    """evalctl rerun RUN: a new run of RUN's errored items (--failed, --all: more) with its definition,
+    followed to its end with run's verdict and exit codes; --detach returns at once."""
+    rows: list[dict[str, Any]] = _rows(10, wrong_every=5)  # q0 and q5 wrong
+    for row in rows[7:]:
+        del row["response"]  # q7, q8, q9: no recorded response, ERROR
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "spec.yaml").write_text(
+        "display_name: flaky\ndataset: qa.jsonl\ntarget: provided\ngraders: [{name: exact, exact_match: {}}]\n"
+        "pass_threshold: 50\nmax_error_rate: 50\n"
+    )
+    first = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--json")
+    assert first.returncode == 0, first.stderr
+    source = json.loads(first.stdout)
+    assert source["counts"]["errored"] == 3
+
+    # The errored items' responses are still missing: every evaluation errors, the run ends FAILED, exit 2.
+    errored = evalctl(live, "rerun", source["id"], "--no-progress")
+    assert errored.returncode == 2, errored.stderr
+    assert "(3 jobs): a rerun of the 3 errored items of run " + source["id"] in errored.stderr
+    assert "FAILED: the run ended FAILED" in errored.stderr
+
+    failed = evalctl(live, "rerun", source["id"], "--failed", "--json")
+    assert failed.returncode == 1, failed.stderr  # 0 of 2 graded passed, below the source's pass_threshold 50
+    rerun = json.loads(failed.stdout)
+    assert rerun["rerun_of"] == source["id"] and rerun["counts"]["total_items"] == 5
+    assert rerun["display_name"] == "flaky" and rerun["pass_threshold"] == 50
+
+    # Every item: 5 of the 7 graded pass (71.4%), 3 of 10 error (within the source's max_error_rate 50).
+    every = evalctl(live, "rerun", source["id"], "--all", "--fail-under", "80", "--jsonl", str(tmp_path / "r.jsonl"))
+    assert every.returncode == 1 and "below --fail-under 80%" in every.stderr
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 10
+    passing = evalctl(live, "rerun", source["id"], "--all", "--fail-under", "60")
+    assert passing.returncode == 0, passing.stderr
+
+    detached = evalctl(live, "rerun", source["id"], "--all", "--detach", "--json", "--request-id", "ci-1")
+    assert detached.returncode == 0, detached.stderr
+    again = evalctl(live, "rerun", source["id"], "--all", "--detach", "--json", "--request-id", "ci-1")
+    assert json.loads(again.stdout)["id"] == json.loads(detached.stdout)["id"]
+
+    second = evalctl(live, "rerun", rerun["id"], "--failed")  # a rerun's items, failing again, selected again
+    assert second.returncode == 1 and "a rerun of the 5 failed or errored items of run " + rerun["id"] in second.stderr
+    (tmp_path / "ok.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(2, wrong_every=1000)[1:]))
+    (tmp_path / "ok.yaml").write_text("dataset: ok.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
+    ok = json.loads(evalctl(live, "run", str(tmp_path / "ok.yaml"), "--json").stdout)
+    nothing = evalctl(live, "rerun", ok["id"])
+    assert nothing.returncode == 3 and "NOTHING_TO_RERUN" in nothing.stderr and "nothing to rerun" in nothing.stderr
+    both = evalctl(live, "rerun", ok["id"], "--all", "--failed")
+    assert both.returncode == 3 and "not allowed with" in both.stderr
+    missing = evalctl(live, "rerun", "run_nope")
+    assert missing.returncode == 3 and "RUN_NOT_FOUND" in missing.stderr
+
+
 def test_run_csv_and_yaml_datasets_detach_and_cancel(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
     with (tmp_path / "qa.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["id", "input", "expected_output", "response", "topic"])

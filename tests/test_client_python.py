@@ -141,6 +141,38 @@ async def test_update_delete_undelete_run(client: AsyncEvalClient) -> None:
     assert run.id in [r.id async for r in client.list_runs()]
 
 
+async def test_rerun_run(client: AsyncEvalClient) -> None:
+    """rerun_run: the errored items by default, "failed_or_errored" and "all" by name or as a RerunScope, one
+    run per request_id, and the service's refusals as the SDK's errors."""
+    items = _items(4, wrong_every=3)  # i0 and i3 wrong: FAILED
+    items[1].ClearField("response")  # i1 without a response: ERROR
+    source = await client.wait(
+        (
+            await client.create_run(items=items, target="provided", graders=[builders.exact_match()], pass_threshold=50)
+        ).id
+    )
+    errored = await client.rerun_run(source.id)
+    assert errored.rerun_of == source.id and errored.counts.total_items == 1 and errored.pass_threshold == 50
+    assert [r.item_id async for r in client.list_results((await client.wait(errored.id)).id)] == ["i1"]
+    both = await client.rerun_run(source.id, scope="failed_or_errored")
+    assert both.counts.total_items == 3
+    every = await client.rerun_run(source.id, scope=pb.runs.RERUN_SCOPE_ITEMS_ALL, request_id="again")
+    assert every.counts.total_items == 4
+    assert (await client.rerun_run(source.id, scope="all", request_id="again")).id == every.id
+    with pytest.raises(AlreadyExistsError):
+        await client.rerun_run(source.id, scope="errored", request_id="again")
+    with pytest.raises(ValueError, match="unknown rerun scope"):
+        await client.rerun_run(source.id, scope="some")
+    with pytest.raises(NotFoundError):
+        await client.rerun_run("run_nope")
+    clean = await client.wait(
+        (await client.create_run(items=_items(2), target="provided", graders=[builders.exact_match()])).id
+    )
+    with pytest.raises(FailedPreconditionError) as nothing:
+        await client.rerun_run(clean.id)
+    assert nothing.value.reason == "NOTHING_TO_RERUN"
+
+
 async def test_datasets(client: AsyncEvalClient) -> None:
     dataset = await client.create_dataset("qa", description="a few questions", labels={"team": "eval"})
     assert dataset.id and dataset.item_count == 0
@@ -568,6 +600,11 @@ async def test_sync_client_every_method(server: EvalServer) -> None:
             assert run.id in [r.id for r in client.list_runs(dataset_id=dataset.id)]
             with pytest.raises(FailedPreconditionError):
                 client.cancel_run(run.id)
+            again = client.rerun_run(run.id, scope="all", request_id="sync-rerun")
+            assert again.rerun_of == run.id and again.dataset_id == dataset.id and again.counts.total_items == 3
+            assert client.rerun_run(run.id, scope="all", request_id="sync-rerun").id == again.id
+            with pytest.raises(FailedPreconditionError):
+                client.rerun_run(run.id)  # nothing errored
             big = client.create_run(items=_items(500), target="provided", graders=[builders.exact_match()])
             assert client.cancel_run(big.id).status == pb.run.RUN_STATUS_CANCELLED
             with pytest.raises(NotFoundError):

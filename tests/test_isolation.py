@@ -72,6 +72,7 @@ def _calls(t: Tenant, ids: dict[str, str]) -> dict[str, Callable[[], Awaitable[A
         ),
         "GetRun": lambda: t.runs.GetRun(pb.GetRunRequest(run_id=run_id)),
         "CancelRun": lambda: t.runs.CancelRun(pb.CancelRunRequest(run_id=run_id)),
+        "RerunRun": lambda: t.runs.RerunRun(pb.RerunRunRequest(run_id=run_id, scope=pb.RERUN_SCOPE_ITEMS_ALL)),
         "ListRunResults": lambda: t.runs.ListRunResults(pb.ListRunResultsRequest(run_id=run_id)),
         "WatchRun": lambda: _first(t.runs.WatchRun(pb.WatchRunRequest(run_id=run_id))),
         "CompareRuns": lambda: t.runs.CompareRuns(

@@ -49,6 +49,11 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
         created = await self._runs.create(tenant_of(context), request)
         return pb.CreateRunResponse(run=created.run, job_count=created.job_count)
 
+    @unary
+    async def RerunRun(self, request: pb.RerunRunRequest, context: Context) -> pb.RerunRunResponse:
+        created = await self._runs.rerun(tenant_of(context), request)
+        return pb.RerunRunResponse(run=created.run, job_count=created.job_count)
+
     @unary_read
     async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
         return pb.GetRunResponse(run=await self._runs.get(tenant_of(context), request.run_id))

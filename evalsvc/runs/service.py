@@ -6,6 +6,7 @@ module owns the rules (validation, idempotency, status transitions) and calls th
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +34,7 @@ from evalsvc.messages.convert import etag, version_of
 from evalsvc.messages.validation import (
     MAX_DESCRIPTION,
     MAX_DISPLAY_NAME,
+    MAX_REQUEST_ID,
     assign_item_ids,
     check_annotations,
     check_labels,
@@ -45,6 +47,7 @@ from evalsvc.secrets.refs import run_secret_refs
 from evalsvc.secrets.service import SecretService
 from evalsvc.statuses import ACTIVE
 from evalsvc.store import datasets as dataset_store
+from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
 from evalsvc.store.records import RunRecord, run_from
@@ -78,6 +81,38 @@ def replay(existing: RunRecord, fingerprint: str) -> CreatedRun:
         raise conflict("run", existing.request_id or "", existing.id)
     run = run_from(existing)
     return CreatedRun(run=run, job_count=run.counts.total_items * run.repetitions)
+
+
+def rerun_fingerprint(request: pb.RerunRunRequest, scope: int) -> str:
+    """A digest of a RerunRun without its request_id, its scope made explicit: never equal to a CreateRun's."""
+    copy = pb.RerunRunRequest()
+    copy.CopyFrom(request)
+    copy.ClearField("request_id")
+    copy.scope = scope  # type: ignore[assignment]
+    return hashlib.sha256(b"RerunRun\n" + copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+@dataclass(frozen=True)
+class RunOrigin:
+    """Where a run made by RerunRun comes from: the source run, and the dataset the source's items came from."""
+
+    rerun_of: str
+    dataset_id: str
+
+
+# The result states that select an item, per rerun scope (an item missing a result is selected too).
+_RERUN_STATES = {
+    pb.RERUN_SCOPE_ITEMS_ERRORED: (run_pb2.RESULT_STATE_ERROR,),
+    pb.RERUN_SCOPE_ITEMS_FAILED_OR_ERRORED: (run_pb2.RESULT_STATE_ERROR, run_pb2.RESULT_STATE_FAILED),
+}
+
+
+def _selected(outcome: Mapping[int, int] | None, evaluations: int, states: Sequence[int]) -> bool:
+    """Whether an item is rerun: one of its evaluations ended in one of `states`, or has no result (the
+    run ended before it). `outcome` is its results by state; None when it has none."""
+    if outcome is None:
+        return True
+    return sum(outcome.values()) < evaluations or any(outcome.get(state, 0) for state in states)
 
 
 @dataclass(frozen=True)
@@ -207,11 +242,96 @@ class RunService:
         one transaction. The stored run is a snapshot: later edits of datasets or saved definitions
         never change it."""
         self._limits.take_create_run(tenant)
+        return await self._create(tenant, request)
+
+    async def rerun(self, tenant: str, request: pb.RerunRunRequest) -> CreatedRun:
+        """A new run from an ended run of the tenant (RerunRun): its stored definition over the items of
+        `request.scope`, created by the path CreateRun takes (`_create`), so every limit, check and the
+        request_id's idempotency apply as they do there. The new run records its source (`rerun_of`)."""
+        self._limits.take_create_run(tenant)
+        violations: list[FieldViolation] = []
+        check_length(request.request_id, MAX_REQUEST_ID, "request_id", violations)
+        if request.scope not in pb.RerunScope.values():
+            violations.append(FieldViolation("scope", "unknown rerun scope"))
+        if request.trigger not in run_pb2.Trigger.values():
+            violations.append(FieldViolation("trigger", "unknown trigger"))
+        if violations:
+            raise invalid_argument(violations)
+        scope = request.scope or pb.RERUN_SCOPE_ITEMS_ERRORED
+        fingerprint = rerun_fingerprint(request, scope)
+        async with self._db.read() as conn:
+            if request.request_id:
+                # A retry answers with its run before the source is read: it may have been purged since.
+                existing = await run_store.find_by_request_id(conn, tenant, request.request_id)
+                if existing is not None:
+                    return replay(existing, fingerprint)
+            source = await run_store.get(conn, tenant, request.run_id)
+            if source is None:
+                raise not_found("run", request.run_id)
+            if source.status in ACTIVE:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    Reason.RUN_NOT_FINISHED,
+                    f"run {source.id!r} is {run_pb2.RunStatus.Name(source.status)}: only a run that has ended "
+                    "can be rerun; wait for its end (WatchRun) or cancel it",
+                    metadata={"run_id": source.id, "status": run_pb2.RunStatus.Name(source.status)},
+                )
+            stored_items = await job_store.run_items(conn, source.id)
+            if len(stored_items) != source.total_items:
+                raise not_found("run", request.run_id)  # purged since its row was read (PostgreSQL)
+            outcomes = {} if scope == pb.RERUN_SCOPE_ITEMS_ALL else await run_store.item_outcomes(conn, source.id)
+        spec = run_pb2.Run.FromString(source.spec)
+        items = await mapped(item_pb2.Item.FromString, stored_items)
+        if scope != pb.RERUN_SCOPE_ITEMS_ALL:
+            evaluations = spec.repetitions * len(spec.graders)  # per item
+            wanted = _RERUN_STATES[scope]
+            items = [item for item in items if _selected(outcomes.get(item.id), evaluations, wanted)]
+        if not items:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                Reason.NOTHING_TO_RERUN,
+                f"nothing to rerun: no item of run {source.id!r} is in scope {pb.RerunScope.Name(scope)} "
+                "(every evaluation of every item has a result, and none in the states it selects); "
+                "RERUN_SCOPE_ITEMS_ALL reruns every item",
+                metadata={"run_id": source.id, "scope": pb.RerunScope.Name(scope)},
+            )
+        create = pb.CreateRunRequest(
+            request_id=request.request_id,
+            items=items,
+            target=spec.target,
+            graders=spec.graders,
+            display_name=source.display_name,
+            description=source.description,
+            labels=source.labels,
+            annotations=source.annotations,
+            repetitions=spec.repetitions,
+            warmup_runs=spec.warmup_runs,
+            trigger=request.trigger or spec.trigger,
+            cache_mode=spec.cache_mode,
+        )
+        for optional in ("pass_threshold", "max_error_rate", "max_cost_usd"):
+            if spec.HasField(optional):
+                setattr(create, optional, getattr(spec, optional))
+        return await self._create(
+            tenant, create, fingerprint=fingerprint, origin=RunOrigin(rerun_of=source.id, dataset_id=source.dataset_id)
+        )
+
+    async def _create(
+        self,
+        tenant: str,
+        request: pb.CreateRunRequest,
+        *,
+        fingerprint: str | None = None,
+        origin: RunOrigin | None = None,
+    ) -> CreatedRun:
+        """CreateRun's one path, after its rate token was taken: validate, resolve, store. A RerunRun
+        gives its own request's `fingerprint` (the idempotency key is about that request) and the run's
+        `origin`: its source and the source's dataset (its items come inline, copied from the source)."""
         # Repetitions out of their range are INVALID_ARGUMENT (validation, below), not a quota.
         repetitions = request.repetitions if 0 < request.repetitions <= MAX_REPETITIONS else 1
         self._limits.check_run_size(len(request.items) or len(request.item_ids), len(request.graders), repetitions)
         await assign_item_ids(request.items)
-        fingerprint = request_fingerprint(request)
+        fingerprint = fingerprint or request_fingerprint(request)
         violations = await validate_create_run(request)
         saved_target = request.target.WhichOneof("kind") == "saved_target_id"
         if violations:
@@ -261,7 +381,8 @@ class RunService:
             "tenant": tenant,
             "request_id": request.request_id or None,
             "request_hash": fingerprint,
-            "dataset_id": request.dataset_id,
+            "dataset_id": origin.dataset_id if origin is not None else request.dataset_id,
+            "rerun_of": origin.rerun_of if origin is not None else "",
             "display_name": request.display_name,
             "description": request.description,
             "labels": dict(request.labels),

@@ -116,6 +116,9 @@ class RunRow(SQLModel, table=True):
     delete_time: float | None = None  # soft-deleted (AIP-164): hidden from ListRuns unless show_deleted
     # Bumped by every change of the row: the run's etag (AIP-154), compared by conditional writes.
     version: int = Field(default=1, sa_column_kwargs={"server_default": "1"})
+    # The run a RerunRun took this one's definition and items from; "" for a run CreateRun created. No
+    # server default (SQLite reflects '' otherwise than declared); the service always writes it.
+    rerun_of: str = Field(default="", max_length=40)
 
 
 class RunLabelRow(SQLModel, table=True):

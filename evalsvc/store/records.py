@@ -80,6 +80,7 @@ class RunRecord(FromRow):
     cost_usd: float
     delete_time: float | None
     version: int
+    rerun_of: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,4 +371,5 @@ def run_from(run: RunRecord) -> run_pb2.Run:
     message.request_id = run.request_id or ""
     message.cost_usd = run.cost_usd
     message.etag = etag(run.version)
+    message.rerun_of = run.rerun_of
     return message

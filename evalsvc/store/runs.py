@@ -661,6 +661,20 @@ async def add_progress(conn: AsyncConnection, progress: Mapping[str, Progress], 
     return runs
 
 
+async def item_outcomes(conn: AsyncConnection, run_id: str) -> dict[str, dict[int, int]]:
+    """A run's results counted per item id and state, for RerunRun's choice of items: one GROUP BY over
+    the run's rows of `uq_results_evaluation` (run_id, item_id, ...). An item without results is absent."""
+    rows = await conn.execute(
+        select(RESULTS.c.item_id, RESULTS.c.state, func.count())
+        .where(RESULTS.c.run_id == run_id)
+        .group_by(RESULTS.c.item_id, RESULTS.c.state)
+    )
+    outcomes: dict[str, dict[int, int]] = {}
+    for item_id, state, n in rows:
+        outcomes.setdefault(item_id, {})[int(state)] = int(n)
+    return outcomes
+
+
 async def tenant_spend(conn: AsyncConnection, tenant: str) -> float:
     """What a tenant's runs have spent on model calls, in US dollars: the runs it stores, and the ones
     purged (kept in `tenant_run_totals`), so that deleting runs never resets its budget. One statement:

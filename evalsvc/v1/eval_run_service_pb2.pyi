@@ -11,12 +11,24 @@ from google.api import field_behavior_pb2 as _field_behavior_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class RerunScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RERUN_SCOPE_UNSPECIFIED: _ClassVar[RerunScope]
+    RERUN_SCOPE_ITEMS_ERRORED: _ClassVar[RerunScope]
+    RERUN_SCOPE_ITEMS_FAILED_OR_ERRORED: _ClassVar[RerunScope]
+    RERUN_SCOPE_ITEMS_ALL: _ClassVar[RerunScope]
+RERUN_SCOPE_UNSPECIFIED: RerunScope
+RERUN_SCOPE_ITEMS_ERRORED: RerunScope
+RERUN_SCOPE_ITEMS_FAILED_OR_ERRORED: RerunScope
+RERUN_SCOPE_ITEMS_ALL: RerunScope
 
 class CreateRunRequest(_message.Message):
     __slots__ = ("request_id", "dataset_id", "item_ids", "items", "target", "graders", "display_name", "description", "labels", "pass_threshold", "repetitions", "warmup_runs", "trigger", "max_cost_usd", "annotations", "max_error_rate", "cache_mode")
@@ -162,6 +174,26 @@ class UndeleteRunResponse(_message.Message):
     RUN_FIELD_NUMBER: _ClassVar[int]
     run: _run_pb2.Run
     def __init__(self, run: _Optional[_Union[_run_pb2.Run, _Mapping]] = ...) -> None: ...
+
+class RerunRunRequest(_message.Message):
+    __slots__ = ("run_id", "request_id", "scope", "trigger")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    request_id: str
+    scope: RerunScope
+    trigger: _run_pb2.Trigger
+    def __init__(self, run_id: _Optional[str] = ..., request_id: _Optional[str] = ..., scope: _Optional[_Union[RerunScope, str]] = ..., trigger: _Optional[_Union[_run_pb2.Trigger, str]] = ...) -> None: ...
+
+class RerunRunResponse(_message.Message):
+    __slots__ = ("run", "job_count")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    JOB_COUNT_FIELD_NUMBER: _ClassVar[int]
+    run: _run_pb2.Run
+    job_count: int
+    def __init__(self, run: _Optional[_Union[_run_pb2.Run, _Mapping]] = ..., job_count: _Optional[int] = ...) -> None: ...
 
 class CancelRunRequest(_message.Message):
     __slots__ = ("run_id",)

@@ -76,6 +76,11 @@ class EvalRunServiceStub:
                 request_serializer=evalsvc_dot_v1_dot_eval__run__service__pb2.UndeleteRunRequest.SerializeToString,
                 response_deserializer=evalsvc_dot_v1_dot_eval__run__service__pb2.UndeleteRunResponse.FromString,
                 _registered_method=True)
+        self.RerunRun = channel.unary_unary(
+                '/evalsvc.v1.EvalRunService/RerunRun',
+                request_serializer=evalsvc_dot_v1_dot_eval__run__service__pb2.RerunRunRequest.SerializeToString,
+                response_deserializer=evalsvc_dot_v1_dot_eval__run__service__pb2.RerunRunResponse.FromString,
+                _registered_method=True)
         self.WatchRun = channel.unary_stream(
                 '/evalsvc.v1.EvalRunService/WatchRun',
                 request_serializer=evalsvc_dot_v1_dot_eval__run__service__pb2.WatchRunRequest.SerializeToString,
@@ -159,6 +164,17 @@ class EvalRunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RerunRun(self, request, context):
+        """Creates a new run from a run of the caller that has ended: its stored definition (target, graders,
+        repetitions, thresholds, budget, cache mode, names, labels, annotations) over a subset of its items
+        (by default those that errored), which keep their ids. The new run's `rerun_of` names the source. It
+        is created as CreateRun creates a run: the same limits, idempotency by request_id and checks.
+        A source still PENDING or RUNNING, or a scope that selects no item, is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchRun(self, request, context):
         """Streams a run's events with seq > after_seq, then live ones, and ends after the terminal status event.
         """
@@ -233,6 +249,11 @@ def add_EvalRunServiceServicer_to_server(servicer, server):
                     servicer.UndeleteRun,
                     request_deserializer=evalsvc_dot_v1_dot_eval__run__service__pb2.UndeleteRunRequest.FromString,
                     response_serializer=evalsvc_dot_v1_dot_eval__run__service__pb2.UndeleteRunResponse.SerializeToString,
+            ),
+            'RerunRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.RerunRun,
+                    request_deserializer=evalsvc_dot_v1_dot_eval__run__service__pb2.RerunRunRequest.FromString,
+                    response_serializer=evalsvc_dot_v1_dot_eval__run__service__pb2.RerunRunResponse.SerializeToString,
             ),
             'WatchRun': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchRun,
@@ -472,6 +493,33 @@ class EvalRunService:
             '/evalsvc.v1.EvalRunService/UndeleteRun',
             evalsvc_dot_v1_dot_eval__run__service__pb2.UndeleteRunRequest.SerializeToString,
             evalsvc_dot_v1_dot_eval__run__service__pb2.UndeleteRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerunRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/evalsvc.v1.EvalRunService/RerunRun',
+            evalsvc_dot_v1_dot_eval__run__service__pb2.RerunRunRequest.SerializeToString,
+            evalsvc_dot_v1_dot_eval__run__service__pb2.RerunRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

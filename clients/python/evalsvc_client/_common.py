@@ -224,6 +224,33 @@ def create_run_request(
     return request
 
 
+#: RerunRun's scopes by their short names (`rerun_run(run_id, scope="all")`; evalctl's flags).
+RERUN_SCOPES: dict[str, pb.runs.RerunScope] = {
+    "errored": pb.runs.RERUN_SCOPE_ITEMS_ERRORED,
+    "failed_or_errored": pb.runs.RERUN_SCOPE_ITEMS_FAILED_OR_ERRORED,
+    "all": pb.runs.RERUN_SCOPE_ITEMS_ALL,
+}
+
+
+def rerun_run_request(
+    run_id: str,
+    *,
+    scope: pb.runs.RerunScope | str = pb.runs.RERUN_SCOPE_ITEMS_ERRORED,
+    request_id: str | None = None,
+    trigger: pb.run.Trigger = pb.run.TRIGGER_UNSPECIFIED,
+) -> pb.runs.RerunRunRequest:
+    """A RerunRun request; `scope` is a RerunScope or its short name ("errored", "failed_or_errored", "all"),
+    a missing request_id a fresh one (so that retries reuse it)."""
+    if isinstance(scope, str):
+        name = scope.lower().removeprefix("rerun_scope_").removeprefix("items_")
+        if name not in RERUN_SCOPES:
+            raise ValueError(f"unknown rerun scope {scope!r}; one of {', '.join(RERUN_SCOPES)}")
+        scope = RERUN_SCOPES[name]
+    return pb.runs.RerunRunRequest(
+        run_id=run_id, scope=scope, request_id=request_id or new_request_id(), trigger=trigger
+    )
+
+
 def list_runs_request(
     *,
     statuses: Iterable[pb.run.RunStatus] = (),

@@ -23,6 +23,7 @@ from evalsvc_client._common import (
     is_terminal,
     list_runs_request,
     new_request_id,
+    rerun_run_request,
     to_grader,
     to_item,
     to_target,
@@ -46,8 +47,8 @@ class AsyncEvalClient:
 
     Unary calls get a per-attempt deadline (`timeout_s`) and are retried with backoff on UNAVAILABLE,
     DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED (honouring RetryInfo) when they are safe to repeat: reads, CancelRun,
-    and CreateRun/CreateDataset/CreateGrader/CreateTarget, whose retries reuse one request_id. AddDatasetItems and
-    UpdateGrader are not retried, nor is RotateWebhookSecret.
+    and CreateRun/RerunRun/CreateDataset/CreateGrader/CreateTarget, whose retries reuse one request_id.
+    AddDatasetItems and UpdateGrader are not retried, nor is RotateWebhookSecret.
     Errors are raised as `evalsvc_client.errors.EvalError` subclasses.
 
         async with AsyncEvalClient("127.0.0.1:50051", api_key=key) as client:
@@ -155,6 +156,21 @@ class AsyncEvalClient:
         if not request.request_id:
             request.request_id = new_request_id()
         return await self._call(self._runs.CreateRun, request)
+
+    async def rerun_run(
+        self,
+        run_id: str,
+        *,
+        scope: pb.runs.RerunScope | str = pb.runs.RERUN_SCOPE_ITEMS_ERRORED,
+        request_id: str | None = None,
+        trigger: pb.run.Trigger = pb.run.TRIGGER_UNSPECIFIED,
+    ) -> pb.Run:
+        """A new run of an ended run's items in `scope` (a RerunScope, or "errored" (the default),
+        "failed_or_errored", "all") with its stored definition; its `rerun_of` is `run_id`. Retries reuse one
+        request_id (a uuid4 when none is given). FailedPreconditionError when the run has not ended
+        (RUN_NOT_FINISHED) or the scope selects no item (NOTHING_TO_RERUN)."""
+        request = rerun_run_request(run_id, scope=scope, request_id=request_id, trigger=trigger)
+        return (await self._call(self._runs.RerunRun, request)).run
 
     async def get_run(self, run_id: str) -> pb.Run:
         return (await self._call(self._runs.GetRun, pb.runs.GetRunRequest(run_id=run_id))).run

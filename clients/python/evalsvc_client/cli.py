@@ -2,6 +2,9 @@
 
     evalctl validate spec.yaml                                               check a spec, without a server
     evalctl run spec.yaml [--fail-under PCT] [--junit FILE] [--jsonl FILE] [--cache replay|...]   create, follow
+    evalctl rerun RUN_ID [--failed|--all] [--detach] [--fail-under PCT] [--junit FILE] [--jsonl FILE]
+                  a new run of RUN_ID's errored items (--failed: failed or errored, --all: every item; an
+                  item that never ran counts as errored) with its definition, followed and judged as `run`
     evalctl watch RUN_ID [--after-seq N]                                     follow a run to its end
     evalctl get RUN_ID | list [--status S] [--label k=v] | cancel RUN_ID
     evalctl results RUN_ID [--state passed|failed|error|skipped] [--format table|jsonl|junit] [-o FILE]
@@ -16,7 +19,7 @@ Global, before or after the command (`evalctl --json list` or `evalctl list --js
 (EVALCTL_TARGET, default 127.0.0.1:50051), --api-key (EVALSVC_API_KEY), --json, --tls,
 --ca-cert/--client-cert/--client-key (TLS, mTLS).
 
-Verdict (run, watch; get with --fail-under): a run passes when its pass rate (percent, errors excluded) reaches
+Verdict (run, rerun, watch; get with --fail-under): a run passes when its pass rate (percent, errors excluded) reaches
 --fail-under if given, else the spec's pass_threshold (unset: every graded evaluation must pass), and at most
 the spec's max_error_rate percent of its evaluations errored (unset: none may). Both are percents: validate and run
 warn on stderr, and go on, when either is above 0 and at most 1 (`pass_threshold: 0.9` is 0.9%; 90% is 90).
@@ -253,9 +256,35 @@ def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> i
     if args.cache:
         spec.create_request.cache_mode = cache_mode(args.cache)
     created = client.create_run_from(spec.request())
-    run = created.run
     if not args.json:
-        console.print(f"created run {run.id} ({created.job_count} jobs)")
+        console.print(f"created run {created.run.id} ({created.job_count} jobs)")
+    return _follow_created(client, created.run, args, console)
+
+
+_RERUN_WORDS = {
+    "errored": "the {} errored items",
+    "failed_or_errored": "the {} failed or errored items",
+    "all": "all {} items",
+}
+
+
+def cmd_rerun(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    """A new run of an ended run's errored (--failed: failed or errored; --all: every) items, with its stored
+    definition, followed to its end as `run` follows one: the same progress, exports, verdict and exit codes."""
+    scope = "all" if args.all else "failed_or_errored" if args.failed else "errored"
+    run = client.rerun_run(args.run_id, scope=scope, request_id=args.request_id)
+    if not args.json:
+        jobs = run.counts.total_items * run.repetitions
+        console.print(
+            f"created run {run.id} ({jobs} jobs): a rerun of {_RERUN_WORDS[scope].format(run.counts.total_items)}"
+            f" of run {run.rerun_of}"
+        )
+    return _follow_created(client, run, args, console)
+
+
+def _follow_created(client: EvalClient, run: pb.Run, args: argparse.Namespace, console: Console) -> int:
+    """What `run` and `rerun` do with the run they created: exit at once with --detach, else follow it to its
+    end, export its results, print it and return its verdict."""
     if args.detach:
         if args.json:
             _print_json(to_dict(run))
@@ -620,6 +649,18 @@ def parser() -> argparse.ArgumentParser:
     )
     follow_flags(run)
     run.set_defaults(handler=cmd_run)
+
+    rerun = sub.add_parser(
+        "rerun", parents=[common], help="a new run of an ended run's errored items (same definition), followed"
+    )
+    rerun.add_argument("run_id", help="the ended run to take the definition and items from")
+    which = rerun.add_mutually_exclusive_group()
+    which.add_argument("--failed", action="store_true", help="rerun the items that failed or errored")
+    which.add_argument("--all", action="store_true", help="rerun every item")
+    rerun.add_argument("--detach", action="store_true", help="create the run and exit without following it")
+    rerun.add_argument("--request-id", help="idempotency key: the same key and run give the same new run")
+    follow_flags(rerun)
+    rerun.set_defaults(handler=cmd_rerun)
 
     watch = sub.add_parser("watch", parents=[common], help="follow a run to its end (--json: one event per line)")
     watch.add_argument("run_id")

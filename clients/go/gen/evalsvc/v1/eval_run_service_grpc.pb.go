@@ -34,6 +34,12 @@ type EvalRunServiceClient interface {
 	DeleteRun(ctx context.Context, in *DeleteRunRequest, opts ...grpc.CallOption) (*DeleteRunResponse, error)
 	// Restores a soft-deleted run (AIP-164). Idempotent.
 	UndeleteRun(ctx context.Context, in *UndeleteRunRequest, opts ...grpc.CallOption) (*UndeleteRunResponse, error)
+	// Creates a new run from a run of the caller that has ended: its stored definition (target, graders,
+	// repetitions, thresholds, budget, cache mode, names, labels, annotations) over a subset of its items
+	// (by default those that errored), which keep their ids. The new run's `rerun_of` names the source. It
+	// is created as CreateRun creates a run: the same limits, idempotency by request_id and checks.
+	// A source still PENDING or RUNNING, or a scope that selects no item, is FAILED_PRECONDITION.
+	RerunRun(ctx context.Context, in *RerunRunRequest, opts ...grpc.CallOption) (*RerunRunResponse, error)
 	// Streams a run's events with seq > after_seq, then live ones, and ends after the terminal status event.
 	WatchRun(ctx context.Context, in *WatchRunRequest, opts ...grpc.CallOption) (EvalRunService_WatchRunClient, error)
 	// WatchRun's events, several per message: the same events, order, resume and end, for watchers that
@@ -122,6 +128,15 @@ func (c *evalRunServiceClient) DeleteRun(ctx context.Context, in *DeleteRunReque
 func (c *evalRunServiceClient) UndeleteRun(ctx context.Context, in *UndeleteRunRequest, opts ...grpc.CallOption) (*UndeleteRunResponse, error) {
 	out := new(UndeleteRunResponse)
 	err := c.cc.Invoke(ctx, "/evalsvc.v1.EvalRunService/UndeleteRun", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *evalRunServiceClient) RerunRun(ctx context.Context, in *RerunRunRequest, opts ...grpc.CallOption) (*RerunRunResponse, error) {
+	out := new(RerunRunResponse)
+	err := c.cc.Invoke(ctx, "/evalsvc.v1.EvalRunService/RerunRun", in, out, opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -231,6 +246,12 @@ type EvalRunServiceServer interface {
 	DeleteRun(context.Context, *DeleteRunRequest) (*DeleteRunResponse, error)
 	// Restores a soft-deleted run (AIP-164). Idempotent.
 	UndeleteRun(context.Context, *UndeleteRunRequest) (*UndeleteRunResponse, error)
+	// Creates a new run from a run of the caller that has ended: its stored definition (target, graders,
+	// repetitions, thresholds, budget, cache mode, names, labels, annotations) over a subset of its items
+	// (by default those that errored), which keep their ids. The new run's `rerun_of` names the source. It
+	// is created as CreateRun creates a run: the same limits, idempotency by request_id and checks.
+	// A source still PENDING or RUNNING, or a scope that selects no item, is FAILED_PRECONDITION.
+	RerunRun(context.Context, *RerunRunRequest) (*RerunRunResponse, error)
 	// Streams a run's events with seq > after_seq, then live ones, and ends after the terminal status event.
 	WatchRun(*WatchRunRequest, EvalRunService_WatchRunServer) error
 	// WatchRun's events, several per message: the same events, order, resume and end, for watchers that
@@ -273,6 +294,9 @@ func (UnimplementedEvalRunServiceServer) DeleteRun(context.Context, *DeleteRunRe
 }
 func (UnimplementedEvalRunServiceServer) UndeleteRun(context.Context, *UndeleteRunRequest) (*UndeleteRunResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method UndeleteRun not implemented")
+}
+func (UnimplementedEvalRunServiceServer) RerunRun(context.Context, *RerunRunRequest) (*RerunRunResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RerunRun not implemented")
 }
 func (UnimplementedEvalRunServiceServer) WatchRun(*WatchRunRequest, EvalRunService_WatchRunServer) error {
 	return status.Errorf(codes.Unimplemented, "method WatchRun not implemented")
@@ -443,6 +467,24 @@ func _EvalRunService_UndeleteRun_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _EvalRunService_RerunRun_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RerunRunRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(EvalRunServiceServer).RerunRun(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/evalsvc.v1.EvalRunService/RerunRun",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(EvalRunServiceServer).RerunRun(ctx, req.(*RerunRunRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _EvalRunService_WatchRun_Handler(srv interface{}, stream grpc.ServerStream) error {
 	m := new(WatchRunRequest)
 	if err := stream.RecvMsg(m); err != nil {
@@ -556,6 +598,10 @@ var _EvalRunService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "UndeleteRun",
 			Handler:    _EvalRunService_UndeleteRun_Handler,
+		},
+		{
+			MethodName: "RerunRun",
+			Handler:    _EvalRunService_RerunRun_Handler,
 		},
 		{
 			MethodName: "CompareRuns",

@@ -52,6 +52,13 @@ class EvalRunServiceStub:
     """
     UndeleteRun: _grpc.UnaryUnaryMultiCallable[_eval_run_service_pb2.UndeleteRunRequest, _eval_run_service_pb2.UndeleteRunResponse]
     """Restores a soft-deleted run (AIP-164). Idempotent."""
+    RerunRun: _grpc.UnaryUnaryMultiCallable[_eval_run_service_pb2.RerunRunRequest, _eval_run_service_pb2.RerunRunResponse]
+    """Creates a new run from a run of the caller that has ended: its stored definition (target, graders,
+    repetitions, thresholds, budget, cache mode, names, labels, annotations) over a subset of its items
+    (by default those that errored), which keep their ids. The new run's `rerun_of` names the source. It
+    is created as CreateRun creates a run: the same limits, idempotency by request_id and checks.
+    A source still PENDING or RUNNING, or a scope that selects no item, is FAILED_PRECONDITION.
+    """
     WatchRun: _grpc.UnaryStreamMultiCallable[_eval_run_service_pb2.WatchRunRequest, _eval_run_service_pb2.WatchRunResponse]
     """Streams a run's events with seq > after_seq, then live ones, and ends after the terminal status event."""
     WatchRunBatched: _grpc.UnaryStreamMultiCallable[_eval_run_service_pb2.WatchRunBatchedRequest, _eval_run_service_pb2.WatchRunBatchedResponse]
@@ -91,6 +98,13 @@ class EvalRunServiceAsyncStub(EvalRunServiceStub):
     """
     UndeleteRun: _aio.UnaryUnaryMultiCallable[_eval_run_service_pb2.UndeleteRunRequest, _eval_run_service_pb2.UndeleteRunResponse]  # type: ignore[assignment]
     """Restores a soft-deleted run (AIP-164). Idempotent."""
+    RerunRun: _aio.UnaryUnaryMultiCallable[_eval_run_service_pb2.RerunRunRequest, _eval_run_service_pb2.RerunRunResponse]  # type: ignore[assignment]
+    """Creates a new run from a run of the caller that has ended: its stored definition (target, graders,
+    repetitions, thresholds, budget, cache mode, names, labels, annotations) over a subset of its items
+    (by default those that errored), which keep their ids. The new run's `rerun_of` names the source. It
+    is created as CreateRun creates a run: the same limits, idempotency by request_id and checks.
+    A source still PENDING or RUNNING, or a scope that selects no item, is FAILED_PRECONDITION.
+    """
     WatchRun: _aio.UnaryStreamMultiCallable[_eval_run_service_pb2.WatchRunRequest, _eval_run_service_pb2.WatchRunResponse]  # type: ignore[assignment]
     """Streams a run's events with seq > after_seq, then live ones, and ends after the terminal status event."""
     WatchRunBatched: _aio.UnaryStreamMultiCallable[_eval_run_service_pb2.WatchRunBatchedRequest, _eval_run_service_pb2.WatchRunBatchedResponse]  # type: ignore[assignment]
@@ -175,6 +189,19 @@ class EvalRunServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_eval_run_service_pb2.UndeleteRunResponse, _abc.Awaitable[_eval_run_service_pb2.UndeleteRunResponse]]:
         """Restores a soft-deleted run (AIP-164). Idempotent."""
+
+    @_abc_1.abstractmethod
+    def RerunRun(
+        self,
+        request: _eval_run_service_pb2.RerunRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_eval_run_service_pb2.RerunRunResponse, _abc.Awaitable[_eval_run_service_pb2.RerunRunResponse]]:
+        """Creates a new run from a run of the caller that has ended: its stored definition (target, graders,
+        repetitions, thresholds, budget, cache mode, names, labels, annotations) over a subset of its items
+        (by default those that errored), which keep their ids. The new run's `rerun_of` names the source. It
+        is created as CreateRun creates a run: the same limits, idempotency by request_id and checks.
+        A source still PENDING or RUNNING, or a scope that selects no item, is FAILED_PRECONDITION.
+        """
 
     @_abc_1.abstractmethod
     def WatchRun(

@@ -2,8 +2,8 @@
 // @generated from file evalsvc/v1/eval_run_service.proto (package evalsvc.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { CacheMode } from "./cache_pb.js";
 import { file_evalsvc_v1_cache } from "./cache_pb.js";
 import type { CompareRunsRequestSchema, CompareRunsResponseSchema, ListComparisonItemsRequestSchema, ListComparisonItemsResponseSchema } from "./comparison_pb.js";
@@ -26,7 +26,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file evalsvc/v1/eval_run_service.proto.
  */
 export const file_evalsvc_v1_eval_run_service: GenFile = /*@__PURE__*/
-  fileDesc("CiFldmFsc3ZjL3YxL2V2YWxfcnVuX3NlcnZpY2UucHJvdG8SCmV2YWxzdmMudjEizwUKEENyZWF0ZVJ1blJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRISCgpkYXRhc2V0X2lkGAIgASgJEhAKCGl0ZW1faWRzGAMgAygJEh8KBWl0ZW1zGAQgAygLMhAuZXZhbHN2Yy52MS5JdGVtEigKBnRhcmdldBgFIAEoCzISLmV2YWxzdmMudjEuVGFyZ2V0QgTiQQECEiMKB2dyYWRlcnMYBiADKAsyEi5ldmFsc3ZjLnYxLkdyYWRlchIUCgxkaXNwbGF5X25hbWUYByABKAkSEwoLZGVzY3JpcHRpb24YCCABKAkSOAoGbGFiZWxzGAkgAygLMiguZXZhbHN2Yy52MS5DcmVhdGVSdW5SZXF1ZXN0LkxhYmVsc0VudHJ5EhsKDnBhc3NfdGhyZXNob2xkGAogASgBSACIAQESEwoLcmVwZXRpdGlvbnMYCyABKAUSEwoLd2FybXVwX3J1bnMYDCABKAUSJAoHdHJpZ2dlchgNIAEoDjITLmV2YWxzdmMudjEuVHJpZ2dlchIZCgxtYXhfY29zdF91c2QYDiABKAFIAYgBARJCCgthbm5vdGF0aW9ucxgPIAMoCzItLmV2YWxzdmMudjEuQ3JlYXRlUnVuUmVxdWVzdC5Bbm5vdGF0aW9uc0VudHJ5EhsKDm1heF9lcnJvcl9yYXRlGBAgASgBSAKIAQESKQoKY2FjaGVfbW9kZRgyIAEoDjIVLmV2YWxzdmMudjEuQ2FjaGVNb2RlGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEaMgoQQW5ub3RhdGlvbnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQhEKD19wYXNzX3RocmVzaG9sZEIPCg1fbWF4X2Nvc3RfdXNkQhEKD19tYXhfZXJyb3JfcmF0ZSJEChFDcmVhdGVSdW5SZXNwb25zZRIcCgNydW4YASABKAsyDy5ldmFsc3ZjLnYxLlJ1bhIRCglqb2JfY291bnQYAiABKAUiJQoNR2V0UnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQIiLgoOR2V0UnVuUmVzcG9uc2USHAoDcnVuGAEgASgLMg8uZXZhbHN2Yy52MS5SdW4i8wEKD0xpc3RSdW5zUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRInCghzdGF0dXNlcxgDIAMoDjIVLmV2YWxzdmMudjEuUnVuU3RhdHVzEjcKBmxhYmVscxgEIAMoCzInLmV2YWxzdmMudjEuTGlzdFJ1bnNSZXF1ZXN0LkxhYmVsc0VudHJ5EhIKCmRhdGFzZXRfaWQYBSABKAkSFAoMc2hvd19kZWxldGVkGAYgASgIGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiSgoQTGlzdFJ1bnNSZXNwb25zZRIdCgRydW5zGAEgAygLMg8uZXZhbHN2Yy52MS5SdW4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIn0KEFVwZGF0ZVJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEiIKA3J1bhgCIAEoCzIPLmV2YWxzdmMudjEuUnVuQgTiQQECEi8KC3VwZGF0ZV9tYXNrGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzayIxChFVcGRhdGVSdW5SZXNwb25zZRIcCgNydW4YASABKAsyDy5ldmFsc3ZjLnYxLlJ1biI2ChBEZWxldGVSdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIMCgRldGFnGCggASgJIjEKEURlbGV0ZVJ1blJlc3BvbnNlEhwKA3J1bhgBIAEoCzIPLmV2YWxzdmMudjEuUnVuIioKElVuZGVsZXRlUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQIiMwoTVW5kZWxldGVSdW5SZXNwb25zZRIcCgNydW4YASABKAsyDy5ldmFsc3ZjLnYxLlJ1biIoChBDYW5jZWxSdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAiIxChFDYW5jZWxSdW5SZXNwb25zZRIcCgNydW4YASABKAsyDy5ldmFsc3ZjLnYxLlJ1biJ8ChVMaXN0UnVuUmVzdWx0c1JlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJEiYKBXN0YXRlGAQgASgOMhcuZXZhbHN2Yy52MS5SZXN1bHRTdGF0ZSJWChZMaXN0UnVuUmVzdWx0c1Jlc3BvbnNlEiMKB3Jlc3VsdHMYASADKAsyEi5ldmFsc3ZjLnYxLlJlc3VsdBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiOgoPV2F0Y2hSdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIRCglhZnRlcl9zZXEYAiABKAMiVQoWV2F0Y2hSdW5CYXRjaGVkUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQISEQoJYWZ0ZXJfc2VxGAIgASgDEhIKCm1heF9ldmVudHMYAyABKAUiRwoXV2F0Y2hSdW5CYXRjaGVkUmVzcG9uc2USLAoGZXZlbnRzGAEgAygLMhwuZXZhbHN2Yy52MS5XYXRjaFJ1blJlc3BvbnNlIh0KCUhlYXJ0YmVhdBIQCghsYXN0X3NlcRgBIAEoAyLxAQoQV2F0Y2hSdW5SZXNwb25zZRILCgNzZXEYASABKAMSLgoKZXZlbnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJQoGY291bnRzGAMgASgLMhUuZXZhbHN2Yy52MS5SdW5Db3VudHMSHgoDcnVuGAogASgLMg8uZXZhbHN2Yy52MS5SdW5IABIkCgZyZXN1bHQYCyABKAsyEi5ldmFsc3ZjLnYxLlJlc3VsdEgAEioKCWhlYXJ0YmVhdBgMIAEoCzIVLmV2YWxzdmMudjEuSGVhcnRiZWF0SABCBwoFZXZlbnQy3goKDkV2YWxSdW5TZXJ2aWNlEl0KCUNyZWF0ZVJ1bhIcLmV2YWxzdmMudjEuQ3JlYXRlUnVuUmVxdWVzdBodLmV2YWxzdmMudjEuQ3JlYXRlUnVuUmVzcG9uc2UiE4LT5JMCDToBKiIIL3YxL3J1bnMSWgoGR2V0UnVuEhkuZXZhbHN2Yy52MS5HZXRSdW5SZXF1ZXN0GhouZXZhbHN2Yy52MS5HZXRSdW5SZXNwb25zZSIZgtPkkwITEhEvdjEvcnVucy97cnVuX2lkfRJXCghMaXN0UnVucxIbLmV2YWxzdmMudjEuTGlzdFJ1bnNSZXF1ZXN0GhwuZXZhbHN2Yy52MS5MaXN0UnVuc1Jlc3BvbnNlIhCC0+STAgoSCC92MS9ydW5zEm0KCUNhbmNlbFJ1bhIcLmV2YWxzdmMudjEuQ2FuY2VsUnVuUmVxdWVzdBodLmV2YWxzdmMudjEuQ2FuY2VsUnVuUmVzcG9uc2UiI4LT5JMCHToBKiIYL3YxL3J1bnMve3J1bl9pZH06Y2FuY2VsEnoKDkxpc3RSdW5SZXN1bHRzEiEuZXZhbHN2Yy52MS5MaXN0UnVuUmVzdWx0c1JlcXVlc3QaIi5ldmFsc3ZjLnYxLkxpc3RSdW5SZXN1bHRzUmVzcG9uc2UiIYLT5JMCGxIZL3YxL3J1bnMve3J1bl9pZH0vcmVzdWx0cxJoCglVcGRhdGVSdW4SHC5ldmFsc3ZjLnYxLlVwZGF0ZVJ1blJlcXVlc3QaHS5ldmFsc3ZjLnYxLlVwZGF0ZVJ1blJlc3BvbnNlIh6C0+STAhg6A3J1bjIRL3YxL3J1bnMve3J1bl9pZH0SYwoJRGVsZXRlUnVuEhwuZXZhbHN2Yy52MS5EZWxldGVSdW5SZXF1ZXN0Gh0uZXZhbHN2Yy52MS5EZWxldGVSdW5SZXNwb25zZSIZgtPkkwITKhEvdjEvcnVucy97cnVuX2lkfRJ1CgtVbmRlbGV0ZVJ1bhIeLmV2YWxzdmMudjEuVW5kZWxldGVSdW5SZXF1ZXN0Gh8uZXZhbHN2Yy52MS5VbmRlbGV0ZVJ1blJlc3BvbnNlIiWC0+STAh86ASoiGi92MS9ydW5zL3tydW5faWR9OnVuZGVsZXRlEmgKCFdhdGNoUnVuEhsuZXZhbHN2Yy52MS5XYXRjaFJ1blJlcXVlc3QaHC5ldmFsc3ZjLnYxLldhdGNoUnVuUmVzcG9uc2UiH4LT5JMCGRIXL3YxL3J1bnMve3J1bl9pZH06d2F0Y2gwARKEAQoPV2F0Y2hSdW5CYXRjaGVkEiIuZXZhbHN2Yy52MS5XYXRjaFJ1bkJhdGNoZWRSZXF1ZXN0GiMuZXZhbHN2Yy52MS5XYXRjaFJ1bkJhdGNoZWRSZXNwb25zZSImgtPkkwIgEh4vdjEvcnVucy97cnVuX2lkfTp3YXRjaEJhdGNoZWQwARJ7CgtDb21wYXJlUnVucxIeLmV2YWxzdmMudjEuQ29tcGFyZVJ1bnNSZXF1ZXN0Gh8uZXZhbHN2Yy52MS5Db21wYXJlUnVuc1Jlc3BvbnNlIiuC0+STAiUSIy92MS9ydW5zL3tjYW5kaWRhdGVfcnVuX2lkfTpjb21wYXJlEpgBChNMaXN0Q29tcGFyaXNvbkl0ZW1zEiYuZXZhbHN2Yy52MS5MaXN0Q29tcGFyaXNvbkl0ZW1zUmVxdWVzdBonLmV2YWxzdmMudjEuTGlzdENvbXBhcmlzb25JdGVtc1Jlc3BvbnNlIjCC0+STAioSKC92MS9ydW5zL3tjYW5kaWRhdGVfcnVuX2lkfTpjb21wYXJlSXRlbXNCLVorZXZhbHN2Yy9jbGllbnRzL2dvL2dlbi9ldmFsc3ZjL3YxO2V2YWxzdmN2MWIGcHJvdG8z", [file_evalsvc_v1_cache, file_evalsvc_v1_comparison, file_evalsvc_v1_grader, file_evalsvc_v1_item, file_evalsvc_v1_run, file_evalsvc_v1_target, file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
+  fileDesc("CiFldmFsc3ZjL3YxL2V2YWxfcnVuX3NlcnZpY2UucHJvdG8SCmV2YWxzdmMudjEizwUKEENyZWF0ZVJ1blJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRISCgpkYXRhc2V0X2lkGAIgASgJEhAKCGl0ZW1faWRzGAMgAygJEh8KBWl0ZW1zGAQgAygLMhAuZXZhbHN2Yy52MS5JdGVtEigKBnRhcmdldBgFIAEoCzISLmV2YWxzdmMudjEuVGFyZ2V0QgTiQQECEiMKB2dyYWRlcnMYBiADKAsyEi5ldmFsc3ZjLnYxLkdyYWRlchIUCgxkaXNwbGF5X25hbWUYByABKAkSEwoLZGVzY3JpcHRpb24YCCABKAkSOAoGbGFiZWxzGAkgAygLMiguZXZhbHN2Yy52MS5DcmVhdGVSdW5SZXF1ZXN0LkxhYmVsc0VudHJ5EhsKDnBhc3NfdGhyZXNob2xkGAogASgBSACIAQESEwoLcmVwZXRpdGlvbnMYCyABKAUSEwoLd2FybXVwX3J1bnMYDCABKAUSJAoHdHJpZ2dlchgNIAEoDjITLmV2YWxzdmMudjEuVHJpZ2dlchIZCgxtYXhfY29zdF91c2QYDiABKAFIAYgBARJCCgthbm5vdGF0aW9ucxgPIAMoCzItLmV2YWxzdmMudjEuQ3JlYXRlUnVuUmVxdWVzdC5Bbm5vdGF0aW9uc0VudHJ5EhsKDm1heF9lcnJvcl9yYXRlGBAgASgBSAKIAQESKQoKY2FjaGVfbW9kZRgyIAEoDjIVLmV2YWxzdmMudjEuQ2FjaGVNb2RlGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEaMgoQQW5ub3RhdGlvbnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQhEKD19wYXNzX3RocmVzaG9sZEIPCg1fbWF4X2Nvc3RfdXNkQhEKD19tYXhfZXJyb3JfcmF0ZSJEChFDcmVhdGVSdW5SZXNwb25zZRIcCgNydW4YASABKAsyDy5ldmFsc3ZjLnYxLlJ1bhIRCglqb2JfY291bnQYAiABKAUiJQoNR2V0UnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQIiLgoOR2V0UnVuUmVzcG9uc2USHAoDcnVuGAEgASgLMg8uZXZhbHN2Yy52MS5SdW4i8wEKD0xpc3RSdW5zUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRInCghzdGF0dXNlcxgDIAMoDjIVLmV2YWxzdmMudjEuUnVuU3RhdHVzEjcKBmxhYmVscxgEIAMoCzInLmV2YWxzdmMudjEuTGlzdFJ1bnNSZXF1ZXN0LkxhYmVsc0VudHJ5EhIKCmRhdGFzZXRfaWQYBSABKAkSFAoMc2hvd19kZWxldGVkGAYgASgIGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiSgoQTGlzdFJ1bnNSZXNwb25zZRIdCgRydW5zGAEgAygLMg8uZXZhbHN2Yy52MS5SdW4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIn0KEFVwZGF0ZVJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEiIKA3J1bhgCIAEoCzIPLmV2YWxzdmMudjEuUnVuQgTiQQECEi8KC3VwZGF0ZV9tYXNrGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzayIxChFVcGRhdGVSdW5SZXNwb25zZRIcCgNydW4YASABKAsyDy5ldmFsc3ZjLnYxLlJ1biI2ChBEZWxldGVSdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIMCgRldGFnGCggASgJIjEKEURlbGV0ZVJ1blJlc3BvbnNlEhwKA3J1bhgBIAEoCzIPLmV2YWxzdmMudjEuUnVuIioKElVuZGVsZXRlUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQIiMwoTVW5kZWxldGVSdW5SZXNwb25zZRIcCgNydW4YASABKAsyDy5ldmFsc3ZjLnYxLlJ1biKIAQoPUmVydW5SdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhISCgpyZXF1ZXN0X2lkGAIgASgJEiUKBXNjb3BlGAMgASgOMhYuZXZhbHN2Yy52MS5SZXJ1blNjb3BlEiQKB3RyaWdnZXIYBCABKA4yEy5ldmFsc3ZjLnYxLlRyaWdnZXIiQwoQUmVydW5SdW5SZXNwb25zZRIcCgNydW4YASABKAsyDy5ldmFsc3ZjLnYxLlJ1bhIRCglqb2JfY291bnQYAiABKAUiKAoQQ2FuY2VsUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQIiMQoRQ2FuY2VsUnVuUmVzcG9uc2USHAoDcnVuGAEgASgLMg8uZXZhbHN2Yy52MS5SdW4ifAoVTGlzdFJ1blJlc3VsdHNSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCRImCgVzdGF0ZRgEIAEoDjIXLmV2YWxzdmMudjEuUmVzdWx0U3RhdGUiVgoWTGlzdFJ1blJlc3VsdHNSZXNwb25zZRIjCgdyZXN1bHRzGAEgAygLMhIuZXZhbHN2Yy52MS5SZXN1bHQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjoKD1dhdGNoUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQISEQoJYWZ0ZXJfc2VxGAIgASgDIlUKFldhdGNoUnVuQmF0Y2hlZFJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEhEKCWFmdGVyX3NlcRgCIAEoAxISCgptYXhfZXZlbnRzGAMgASgFIkcKF1dhdGNoUnVuQmF0Y2hlZFJlc3BvbnNlEiwKBmV2ZW50cxgBIAMoCzIcLmV2YWxzdmMudjEuV2F0Y2hSdW5SZXNwb25zZSIdCglIZWFydGJlYXQSEAoIbGFzdF9zZXEYASABKAMi8QEKEFdhdGNoUnVuUmVzcG9uc2USCwoDc2VxGAEgASgDEi4KCmV2ZW50X3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiUKBmNvdW50cxgDIAEoCzIVLmV2YWxzdmMudjEuUnVuQ291bnRzEh4KA3J1bhgKIAEoCzIPLmV2YWxzdmMudjEuUnVuSAASJAoGcmVzdWx0GAsgASgLMhIuZXZhbHN2Yy52MS5SZXN1bHRIABIqCgloZWFydGJlYXQYDCABKAsyFS5ldmFsc3ZjLnYxLkhlYXJ0YmVhdEgAQgcKBWV2ZW50KowBCgpSZXJ1blNjb3BlEhsKF1JFUlVOX1NDT1BFX1VOU1BFQ0lGSUVEEAASHQoZUkVSVU5fU0NPUEVfSVRFTVNfRVJST1JFRBABEicKI1JFUlVOX1NDT1BFX0lURU1TX0ZBSUxFRF9PUl9FUlJPUkVEEAISGQoVUkVSVU5fU0NPUEVfSVRFTVNfQUxMEAMyyQsKDkV2YWxSdW5TZXJ2aWNlEl0KCUNyZWF0ZVJ1bhIcLmV2YWxzdmMudjEuQ3JlYXRlUnVuUmVxdWVzdBodLmV2YWxzdmMudjEuQ3JlYXRlUnVuUmVzcG9uc2UiE4LT5JMCDToBKiIIL3YxL3J1bnMSWgoGR2V0UnVuEhkuZXZhbHN2Yy52MS5HZXRSdW5SZXF1ZXN0GhouZXZhbHN2Yy52MS5HZXRSdW5SZXNwb25zZSIZgtPkkwITEhEvdjEvcnVucy97cnVuX2lkfRJXCghMaXN0UnVucxIbLmV2YWxzdmMudjEuTGlzdFJ1bnNSZXF1ZXN0GhwuZXZhbHN2Yy52MS5MaXN0UnVuc1Jlc3BvbnNlIhCC0+STAgoSCC92MS9ydW5zEm0KCUNhbmNlbFJ1bhIcLmV2YWxzdmMudjEuQ2FuY2VsUnVuUmVxdWVzdBodLmV2YWxzdmMudjEuQ2FuY2VsUnVuUmVzcG9uc2UiI4LT5JMCHToBKiIYL3YxL3J1bnMve3J1bl9pZH06Y2FuY2VsEnoKDkxpc3RSdW5SZXN1bHRzEiEuZXZhbHN2Yy52MS5MaXN0UnVuUmVzdWx0c1JlcXVlc3QaIi5ldmFsc3ZjLnYxLkxpc3RSdW5SZXN1bHRzUmVzcG9uc2UiIYLT5JMCGxIZL3YxL3J1bnMve3J1bl9pZH0vcmVzdWx0cxJoCglVcGRhdGVSdW4SHC5ldmFsc3ZjLnYxLlVwZGF0ZVJ1blJlcXVlc3QaHS5ldmFsc3ZjLnYxLlVwZGF0ZVJ1blJlc3BvbnNlIh6C0+STAhg6A3J1bjIRL3YxL3J1bnMve3J1bl9pZH0SYwoJRGVsZXRlUnVuEhwuZXZhbHN2Yy52MS5EZWxldGVSdW5SZXF1ZXN0Gh0uZXZhbHN2Yy52MS5EZWxldGVSdW5SZXNwb25zZSIZgtPkkwITKhEvdjEvcnVucy97cnVuX2lkfRJ1CgtVbmRlbGV0ZVJ1bhIeLmV2YWxzdmMudjEuVW5kZWxldGVSdW5SZXF1ZXN0Gh8uZXZhbHN2Yy52MS5VbmRlbGV0ZVJ1blJlc3BvbnNlIiWC0+STAh86ASoiGi92MS9ydW5zL3tydW5faWR9OnVuZGVsZXRlEmkKCFJlcnVuUnVuEhsuZXZhbHN2Yy52MS5SZXJ1blJ1blJlcXVlc3QaHC5ldmFsc3ZjLnYxLlJlcnVuUnVuUmVzcG9uc2UiIoLT5JMCHDoBKiIXL3YxL3J1bnMve3J1bl9pZH06cmVydW4SaAoIV2F0Y2hSdW4SGy5ldmFsc3ZjLnYxLldhdGNoUnVuUmVxdWVzdBocLmV2YWxzdmMudjEuV2F0Y2hSdW5SZXNwb25zZSIfgtPkkwIZEhcvdjEvcnVucy97cnVuX2lkfTp3YXRjaDABEoQBCg9XYXRjaFJ1bkJhdGNoZWQSIi5ldmFsc3ZjLnYxLldhdGNoUnVuQmF0Y2hlZFJlcXVlc3QaIy5ldmFsc3ZjLnYxLldhdGNoUnVuQmF0Y2hlZFJlc3BvbnNlIiaC0+STAiASHi92MS9ydW5zL3tydW5faWR9OndhdGNoQmF0Y2hlZDABEnsKC0NvbXBhcmVSdW5zEh4uZXZhbHN2Yy52MS5Db21wYXJlUnVuc1JlcXVlc3QaHy5ldmFsc3ZjLnYxLkNvbXBhcmVSdW5zUmVzcG9uc2UiK4LT5JMCJRIjL3YxL3J1bnMve2NhbmRpZGF0ZV9ydW5faWR9OmNvbXBhcmUSmAEKE0xpc3RDb21wYXJpc29uSXRlbXMSJi5ldmFsc3ZjLnYxLkxpc3RDb21wYXJpc29uSXRlbXNSZXF1ZXN0GicuZXZhbHN2Yy52MS5MaXN0Q29tcGFyaXNvbkl0ZW1zUmVzcG9uc2UiMILT5JMCKhIoL3YxL3J1bnMve2NhbmRpZGF0ZV9ydW5faWR9OmNvbXBhcmVJdGVtc0ItWitldmFsc3ZjL2NsaWVudHMvZ28vZ2VuL2V2YWxzdmMvdjE7ZXZhbHN2Y3YxYgZwcm90bzM", [file_evalsvc_v1_cache, file_evalsvc_v1_comparison, file_evalsvc_v1_grader, file_evalsvc_v1_item, file_evalsvc_v1_run, file_evalsvc_v1_target, file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
 
 /**
  * CreateRunRequest describes a run to start.
@@ -473,6 +473,80 @@ export const UndeleteRunResponseSchema: GenMessage<UndeleteRunResponse> = /*@__P
   messageDesc(file_evalsvc_v1_eval_run_service, 11);
 
 /**
+ * RerunRunRequest names an ended run to evaluate again, whole or in part, as a new run.
+ *
+ * @generated from message evalsvc.v1.RerunRunRequest
+ */
+export type RerunRunRequest = Message<"evalsvc.v1.RerunRunRequest"> & {
+  /**
+   * The run to take the definition and items from (the source): the caller's, SUCCEEDED, FAILED or
+   * CANCELLED (a soft-deleted one too, as GetRun reads it).
+   *
+   * @generated from field: string run_id = 1;
+   */
+  runId: string;
+
+  /**
+   * Idempotency key (AIP-155), as CreateRun's: retries with the same key and request return the same
+   * run; the same key with a different request (or a CreateRun's key) is ALREADY_EXISTS. Optional; at
+   * most 128 characters.
+   *
+   * @generated from field: string request_id = 2;
+   */
+  requestId: string;
+
+  /**
+   * Which of the source's items; unspecified means RERUN_SCOPE_ITEMS_ERRORED.
+   *
+   * @generated from field: evalsvc.v1.RerunScope scope = 3;
+   */
+  scope: RerunScope;
+
+  /**
+   * What started the new run; unspecified means the source's trigger.
+   *
+   * @generated from field: evalsvc.v1.Trigger trigger = 4;
+   */
+  trigger: Trigger;
+};
+
+/**
+ * Describes the message evalsvc.v1.RerunRunRequest.
+ * Use `create(RerunRunRequestSchema)` to create a new message.
+ */
+export const RerunRunRequestSchema: GenMessage<RerunRunRequest> = /*@__PURE__*/
+  messageDesc(file_evalsvc_v1_eval_run_service, 12);
+
+/**
+ * RerunRunResponse is the new run.
+ *
+ * @generated from message evalsvc.v1.RerunRunResponse
+ */
+export type RerunRunResponse = Message<"evalsvc.v1.RerunRunResponse"> & {
+  /**
+   * The new run, in status PENDING (or its current status, for a retried request); its `rerun_of` is
+   * the source run's id.
+   *
+   * @generated from field: evalsvc.v1.Run run = 1;
+   */
+  run?: Run | undefined;
+
+  /**
+   * Jobs created: items x repetitions.
+   *
+   * @generated from field: int32 job_count = 2;
+   */
+  jobCount: number;
+};
+
+/**
+ * Describes the message evalsvc.v1.RerunRunResponse.
+ * Use `create(RerunRunResponseSchema)` to create a new message.
+ */
+export const RerunRunResponseSchema: GenMessage<RerunRunResponse> = /*@__PURE__*/
+  messageDesc(file_evalsvc_v1_eval_run_service, 13);
+
+/**
  * CancelRunRequest names a run to cancel.
  *
  * @generated from message evalsvc.v1.CancelRunRequest
@@ -491,7 +565,7 @@ export type CancelRunRequest = Message<"evalsvc.v1.CancelRunRequest"> & {
  * Use `create(CancelRunRequestSchema)` to create a new message.
  */
 export const CancelRunRequestSchema: GenMessage<CancelRunRequest> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_eval_run_service, 12);
+  messageDesc(file_evalsvc_v1_eval_run_service, 14);
 
 /**
  * CancelRunResponse holds the cancelled run.
@@ -512,7 +586,7 @@ export type CancelRunResponse = Message<"evalsvc.v1.CancelRunResponse"> & {
  * Use `create(CancelRunResponseSchema)` to create a new message.
  */
 export const CancelRunResponseSchema: GenMessage<CancelRunResponse> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_eval_run_service, 13);
+  messageDesc(file_evalsvc_v1_eval_run_service, 15);
 
 /**
  * ListRunResultsRequest pages through a run's results.
@@ -554,7 +628,7 @@ export type ListRunResultsRequest = Message<"evalsvc.v1.ListRunResultsRequest"> 
  * Use `create(ListRunResultsRequestSchema)` to create a new message.
  */
 export const ListRunResultsRequestSchema: GenMessage<ListRunResultsRequest> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_eval_run_service, 14);
+  messageDesc(file_evalsvc_v1_eval_run_service, 16);
 
 /**
  * ListRunResultsResponse is one page of results.
@@ -582,7 +656,7 @@ export type ListRunResultsResponse = Message<"evalsvc.v1.ListRunResultsResponse"
  * Use `create(ListRunResultsResponseSchema)` to create a new message.
  */
 export const ListRunResultsResponseSchema: GenMessage<ListRunResultsResponse> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_eval_run_service, 15);
+  messageDesc(file_evalsvc_v1_eval_run_service, 17);
 
 /**
  * WatchRunRequest starts or resumes a watch.
@@ -610,7 +684,7 @@ export type WatchRunRequest = Message<"evalsvc.v1.WatchRunRequest"> & {
  * Use `create(WatchRunRequestSchema)` to create a new message.
  */
 export const WatchRunRequestSchema: GenMessage<WatchRunRequest> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_eval_run_service, 16);
+  messageDesc(file_evalsvc_v1_eval_run_service, 18);
 
 /**
  * WatchRunBatchedRequest names a run to watch in batches.
@@ -647,7 +721,7 @@ export type WatchRunBatchedRequest = Message<"evalsvc.v1.WatchRunBatchedRequest"
  * Use `create(WatchRunBatchedRequestSchema)` to create a new message.
  */
 export const WatchRunBatchedRequestSchema: GenMessage<WatchRunBatchedRequest> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_eval_run_service, 17);
+  messageDesc(file_evalsvc_v1_eval_run_service, 19);
 
 /**
  * WatchRunBatchedResponse carries consecutive events: whatever had committed when it was sent.
@@ -668,7 +742,7 @@ export type WatchRunBatchedResponse = Message<"evalsvc.v1.WatchRunBatchedRespons
  * Use `create(WatchRunBatchedResponseSchema)` to create a new message.
  */
 export const WatchRunBatchedResponseSchema: GenMessage<WatchRunBatchedResponse> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_eval_run_service, 18);
+  messageDesc(file_evalsvc_v1_eval_run_service, 20);
 
 /**
  * Heartbeat is sent on an idle stream, so a watcher knows the stream and the run are alive.
@@ -689,7 +763,7 @@ export type Heartbeat = Message<"evalsvc.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_eval_run_service, 19);
+  messageDesc(file_evalsvc_v1_eval_run_service, 21);
 
 /**
  * WatchRunResponse is one event of a run, or a heartbeat.
@@ -756,7 +830,49 @@ export type WatchRunResponse = Message<"evalsvc.v1.WatchRunResponse"> & {
  * Use `create(WatchRunResponseSchema)` to create a new message.
  */
 export const WatchRunResponseSchema: GenMessage<WatchRunResponse> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_eval_run_service, 20);
+  messageDesc(file_evalsvc_v1_eval_run_service, 22);
+
+/**
+ * RerunScope says which of a run's items RerunRun evaluates again.
+ *
+ * @generated from enum evalsvc.v1.RerunScope
+ */
+export enum RerunScope {
+  /**
+   * Not given; means RERUN_SCOPE_ITEMS_ERRORED.
+   *
+   * @generated from enum value: RERUN_SCOPE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Items with an evaluation that ended ERROR, or that has no result because the run ended before it
+   * (cancelled, or stopped on its budget).
+   *
+   * @generated from enum value: RERUN_SCOPE_ITEMS_ERRORED = 1;
+   */
+  ITEMS_ERRORED = 1,
+
+  /**
+   * Items with an evaluation that ended FAILED or ERROR, or that has no result.
+   *
+   * @generated from enum value: RERUN_SCOPE_ITEMS_FAILED_OR_ERRORED = 2;
+   */
+  ITEMS_FAILED_OR_ERRORED = 2,
+
+  /**
+   * Every item of the run.
+   *
+   * @generated from enum value: RERUN_SCOPE_ITEMS_ALL = 3;
+   */
+  ITEMS_ALL = 3,
+}
+
+/**
+ * Describes the enum evalsvc.v1.RerunScope.
+ */
+export const RerunScopeSchema: GenEnum<RerunScope> = /*@__PURE__*/
+  enumDesc(file_evalsvc_v1_eval_run_service, 0);
 
 /**
  * EvalRunService starts evaluation runs, reads them and their results, and streams their progress.
@@ -844,6 +960,20 @@ export const EvalRunService: GenService<{
     methodKind: "unary";
     input: typeof UndeleteRunRequestSchema;
     output: typeof UndeleteRunResponseSchema;
+  },
+  /**
+   * Creates a new run from a run of the caller that has ended: its stored definition (target, graders,
+   * repetitions, thresholds, budget, cache mode, names, labels, annotations) over a subset of its items
+   * (by default those that errored), which keep their ids. The new run's `rerun_of` names the source. It
+   * is created as CreateRun creates a run: the same limits, idempotency by request_id and checks.
+   * A source still PENDING or RUNNING, or a scope that selects no item, is FAILED_PRECONDITION.
+   *
+   * @generated from rpc evalsvc.v1.EvalRunService.RerunRun
+   */
+  rerunRun: {
+    methodKind: "unary";
+    input: typeof RerunRunRequestSchema;
+    output: typeof RerunRunResponseSchema;
   },
   /**
    * Streams a run's events with seq > after_seq, then live ones, and ends after the terminal status event.
