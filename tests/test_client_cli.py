@@ -269,6 +269,21 @@ def test_a_run_of_mostly_errors_does_not_pass_unless_its_max_error_rate_allows(
     assert lenient.returncode == 0 and "(90.0%, within the run's max_error_rate 90%)" in lenient.stderr
 
 
+def test_a_run_from_before_max_error_rate_is_judged_as_it_was(capsys: pytest.CaptureFixture[str]) -> None:
+    """A run created before the bar existed has no max_error_rate and a verdict without it: evalctl said
+    "PASSED: ...; 2 of 10 evaluations errored (20.0%, over the run's max_error_rate 0%)", and with
+    --fail-under failed a run that had passed. Runs made now always carry the field (0 when unset)."""
+    from evalsvc_client import cli, pb
+
+    old = pb.Run(id="run_1", status=pb.run.RUN_STATUS_SUCCEEDED, overall_passed=True)
+    old.counts.passed, old.counts.errored = 8, 2
+    console = cli._console(stderr=True)
+    assert cli._verdict(old, None, console) == cli.EXIT_OK
+    assert cli._verdict(old, 50.0, console) == cli.EXIT_OK
+    said = capsys.readouterr().err
+    assert "2 of 10 evaluations errored" in said and "max_error_rate" not in said, said
+
+
 def test_a_verdict_of_a_run_that_has_not_ended_is_no_verdict(capsys: pytest.CaptureFixture[str]) -> None:
     """`evalctl get RUN --fail-under 50` on a RUNNING run said "FAILED: the run ended RUNNING", exit 2."""
     from evalsvc_client import cli, pb

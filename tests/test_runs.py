@@ -91,7 +91,7 @@ async def test_errors_are_excluded_from_the_pass_rate_and_bounded_by_max_error_r
         request.max_error_rate = max_error_rate
     request.items[0].ClearField("response")
     created = await runs.CreateRun(request)
-    assert created.run.HasField("max_error_rate") is (max_error_rate is not None)
+    assert created.run.max_error_rate == (max_error_rate or 0.0) and created.run.HasField("max_error_rate")
     await watch_all(runs, created.run.id)
     final = (await runs.GetRun(pb.GetRunRequest(run_id=created.run.id))).run
     assert (final.counts.passed, final.counts.errored) == (3, 1)

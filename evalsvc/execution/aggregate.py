@@ -94,14 +94,15 @@ def build_aggregate(grader_order: Sequence[str], inputs: AggregateInputs) -> run
 
 
 def verdict(
-    passed: int, failed: int, errored: int, pass_threshold: float | None, max_error_rate: float = 0.0
+    passed: int, failed: int, errored: int, pass_threshold: float | None, max_error_rate: float | None = None
 ) -> tuple[int, bool | None, str, str]:
     """(final status, overall_passed, error code, error message) of a run whose evaluations all finished.
 
     A run whose every evaluation errored FAILED; otherwise it SUCCEEDED and passed when its pass
     rate (errors excluded) reaches pass_threshold percent (100 when unset) and at most max_error_rate
     percent of its evaluations errored. Without that second bar a run whose 9 evaluations of 10
-    errored passed on the one that was graded: a CI gate passed on evidence it did not have."""
+    errored passed on the one that was graded: a CI gate passed on evidence it did not have. None: a
+    run created before the bar existed, judged as it was then."""
     if passed + failed == 0:
         return (
             run_pb2.RUN_STATUS_FAILED,
@@ -111,7 +112,7 @@ def verdict(
         )
     threshold = 100.0 if pass_threshold is None else pass_threshold
     rate_reached = pass_rate(passed, failed) * 100 >= threshold - 1e-9
-    errors_allowed = errored * 100 <= max_error_rate * (passed + failed + errored) + 1e-9
+    errors_allowed = max_error_rate is None or errored * 100 <= max_error_rate * (passed + failed + errored) + 1e-9
     return run_pb2.RUN_STATUS_SUCCEEDED, rate_reached and errors_allowed, "", ""
 
 

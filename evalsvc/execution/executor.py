@@ -750,7 +750,7 @@ class Executor:
                 grader_names=[g.name for g in graders],
                 weights=[g.weight for g in graders],
                 pass_threshold=spec.pass_threshold if spec.HasField("pass_threshold") else None,
-                max_error_rate=spec.max_error_rate,
+                max_error_rate=spec.max_error_rate if spec.HasField("max_error_rate") else None,
             ),
             max_cost_usd=spec.max_cost_usd if spec.HasField("max_cost_usd") else None,
             spent_usd=spent_usd,

@@ -84,7 +84,7 @@ class RunGraders:
     grader_names: Sequence[str]
     weights: Sequence[float]
     pass_threshold: float | None
-    max_error_rate: float = 0.0  # percent of evaluations that may error for the run to pass
+    max_error_rate: float | None = None  # percent of evaluations that may error for the run to pass; None: no bar
 
 
 def item_score(grades: Sequence[tuple[str, Grade]], weights: Sequence[float]) -> float | None:

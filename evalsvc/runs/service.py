@@ -361,8 +361,9 @@ class RunService:
             grader.name = grader_name(grader)
         if request.HasField("pass_threshold"):
             spec.pass_threshold = request.pass_threshold
-        if request.HasField("max_error_rate"):
-            spec.max_error_rate = request.max_error_rate
+        # Always set on the run, 0 when the request left it unset: a run without it was created before the
+        # bar existed, and its verdict has none (evalctl reads the run the same way).
+        spec.max_error_rate = request.max_error_rate
         if request.HasField("max_cost_usd"):
             spec.max_cost_usd = request.max_cost_usd
         if (size := spec.ByteSize()) > self._max_definition_bytes:  # saved definitions resolved: their size too

@@ -227,9 +227,11 @@ def _errors_against_bar(run: pb.Run) -> tuple[bool, str]:
     are not in the pass rate, so a run whose 9 evaluations of 10 errored passed on the one graded."""
     counts = run.counts
     total = counts.passed + counts.failed + counts.errored
-    allowed = run.max_error_rate if run.HasField("max_error_rate") else 0.0
-    within = counts.errored * 100 <= allowed * total + 1e-9
     clause = f"{counts.errored} of {total} evaluations errored"
+    if not run.HasField("max_error_rate"):  # created before the bar existed: its verdict has none
+        return True, clause
+    allowed = run.max_error_rate
+    within = counts.errored * 100 <= allowed * total + 1e-9
     if counts.errored:
         clause += f" ({100 * counts.errored / total:.1f}%"
         clause += (", within" if within else ", over") + f" the run's max_error_rate {allowed:g}%)"

@@ -832,9 +832,10 @@ type Run struct {
 	Annotations map[string]string `protobuf:"bytes,26,rep,name=annotations,proto3" json:"annotations,omitempty" protobuf_key:"bytes,1,opt,name=key,proto3" protobuf_val:"bytes,2,opt,name=value,proto3"`
 	// When the run was soft-deleted (DeleteRun); unset when it is not deleted.
 	DeleteTime *timestamppb.Timestamp `protobuf:"bytes,27,opt,name=delete_time,json=deleteTime,proto3" json:"delete_time,omitempty"`
-	// Percent (0-100) of evaluations that may end ERROR for `overall_passed`; unset means 0: a run
-	// with any errored evaluation (a failed target call, a judge without a verdict, a cache miss on
-	// replay) does not pass, as no evidence is no pass.
+	// Percent (0-100) of evaluations that may end ERROR for `overall_passed` (0 when the request left it
+	// unset): a run with more errored evaluations (failed target calls, judges without a verdict, cache
+	// misses on replay) does not pass, as no evidence is no pass. Unset only on runs created before the
+	// field existed, whose verdict has no such bar.
 	MaxErrorRate *float64 `protobuf:"fixed64,28,opt,name=max_error_rate,json=maxErrorRate,proto3,oneof" json:"max_error_rate,omitempty"`
 	// The run this one evaluates again (RerunRun): the source's id; empty for a run CreateRun created.
 	RerunOf string `protobuf:"bytes,29,opt,name=rerun_of,json=rerunOf,proto3" json:"rerun_of,omitempty"`

@@ -558,9 +558,10 @@ export type Run = Message<"evalsvc.v1.Run"> & {
   deleteTime?: Timestamp | undefined;
 
   /**
-   * Percent (0-100) of evaluations that may end ERROR for `overall_passed`; unset means 0: a run
-   * with any errored evaluation (a failed target call, a judge without a verdict, a cache miss on
-   * replay) does not pass, as no evidence is no pass.
+   * Percent (0-100) of evaluations that may end ERROR for `overall_passed` (0 when the request left it
+   * unset): a run with more errored evaluations (failed target calls, judges without a verdict, cache
+   * misses on replay) does not pass, as no evidence is no pass. Unset only on runs created before the
+   * field existed, whose verdict has no such bar.
    *
    * @generated from field: optional double max_error_rate = 28;
    */
