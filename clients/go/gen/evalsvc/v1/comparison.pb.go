@@ -586,7 +586,7 @@ type ListComparisonItemsRequest struct {
 	Grader string `protobuf:"bytes,3,opt,name=grader,proto3" json:"grader,omitempty"`
 	// Only evaluations with this change; unspecified means any.
 	Change ComparisonChange `protobuf:"varint,4,opt,name=change,proto3,enum=evalsvc.v1.ComparisonChange" json:"change,omitempty"`
-	// At most this many entries, 1-1000; 0 means 100.
+	// At most this many entries, up to 1000 (more is taken as 1000); 0 means 100.
 	PageSize int32 `protobuf:"varint,5,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
 	// The previous response's next_page_token, with the same other fields.
 	PageToken string `protobuf:"bytes,6,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`

@@ -565,7 +565,7 @@ type ListWebhooksRequest struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// At most this many, 1-1000; 0 means 50.
+	// At most this many, up to 1000 (more is taken as 1000); 0 means 50.
 	PageSize int32 `protobuf:"varint,1,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
 	// The previous response's next_page_token.
 	PageToken string `protobuf:"bytes,2,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
@@ -997,7 +997,7 @@ type ListWebhookDeliveriesRequest struct {
 	WebhookId string `protobuf:"bytes,1,opt,name=webhook_id,json=webhookId,proto3" json:"webhook_id,omitempty"`
 	// Only deliveries in this status; unspecified means all.
 	Status WebhookDeliveryStatus `protobuf:"varint,2,opt,name=status,proto3,enum=evalsvc.v1.WebhookDeliveryStatus" json:"status,omitempty"`
-	// At most this many, 1-1000; 0 means 50.
+	// At most this many, up to 1000 (more is taken as 1000); 0 means 50.
 	PageSize int32 `protobuf:"varint,3,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
 	// The previous response's next_page_token.
 	PageToken string `protobuf:"bytes,4,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`

@@ -312,7 +312,7 @@ export type ListComparisonItemsRequest = Message<"evalsvc.v1.ListComparisonItems
   change: ComparisonChange;
 
   /**
-   * At most this many entries, 1-1000; 0 means 100.
+   * At most this many entries, up to 1000 (more is taken as 1000); 0 means 100.
    *
    * @generated from field: int32 page_size = 5;
    */

@@ -197,7 +197,7 @@ export const GetDatasetResponseSchema: GenMessage<GetDatasetResponse> = /*@__PUR
  */
 export type ListDatasetsRequest = Message<"evalsvc.v1.ListDatasetsRequest"> & {
   /**
-   * At most this many, 1-1000; 0 means 50.
+   * At most this many, up to 1000 (more is taken as 1000); 0 means 50.
    *
    * @generated from field: int32 page_size = 1;
    */
@@ -316,7 +316,7 @@ export type ListDatasetItemsRequest = Message<"evalsvc.v1.ListDatasetItemsReques
   datasetId: string;
 
   /**
-   * At most this many, 1-1000; 0 means 100.
+   * At most this many, up to 1000 (more is taken as 1000); 0 means 100.
    *
    * @generated from field: int32 page_size = 2;
    */

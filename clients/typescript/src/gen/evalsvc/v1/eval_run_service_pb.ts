@@ -243,7 +243,7 @@ export const GetRunResponseSchema: GenMessage<GetRunResponse> = /*@__PURE__*/
  */
 export type ListRunsRequest = Message<"evalsvc.v1.ListRunsRequest"> & {
   /**
-   * At most this many runs, 1-1000; 0 means 50.
+   * At most this many runs, up to 1000 (more is taken as 1000); 0 means 50.
    *
    * @generated from field: int32 page_size = 1;
    */
@@ -602,7 +602,7 @@ export type ListRunResultsRequest = Message<"evalsvc.v1.ListRunResultsRequest"> 
   runId: string;
 
   /**
-   * At most this many results, 1-1000; 0 means 100.
+   * At most this many results, up to 1000 (more is taken as 1000); 0 means 100.
    *
    * @generated from field: int32 page_size = 2;
    */

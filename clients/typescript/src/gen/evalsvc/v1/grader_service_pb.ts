@@ -200,7 +200,7 @@ export const GetGraderResponseSchema: GenMessage<GetGraderResponse> = /*@__PURE_
  */
 export type ListGradersRequest = Message<"evalsvc.v1.ListGradersRequest"> & {
   /**
-   * At most this many, 1-1000; 0 means 50.
+   * At most this many, up to 1000 (more is taken as 1000); 0 means 50.
    *
    * @generated from field: int32 page_size = 1;
    */

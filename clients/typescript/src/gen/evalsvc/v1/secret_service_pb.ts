@@ -101,7 +101,7 @@ export const CreateSecretResponseSchema: GenMessage<CreateSecretResponse> = /*@_
  */
 export type ListSecretsRequest = Message<"evalsvc.v1.ListSecretsRequest"> & {
   /**
-   * At most this many, 1-1000; 0 means 50.
+   * At most this many, up to 1000 (more is taken as 1000); 0 means 50.
    *
    * @generated from field: int32 page_size = 1;
    */

@@ -172,7 +172,7 @@ export const GetTargetResponseSchema: GenMessage<GetTargetResponse> = /*@__PURE_
  */
 export type ListTargetsRequest = Message<"evalsvc.v1.ListTargetsRequest"> & {
   /**
-   * At most this many, 1-1000; 0 means 50.
+   * At most this many, up to 1000 (more is taken as 1000); 0 means 50.
    *
    * @generated from field: int32 page_size = 1;
    */

@@ -294,7 +294,7 @@ export const GetWebhookResponseSchema: GenMessage<GetWebhookResponse> = /*@__PUR
  */
 export type ListWebhooksRequest = Message<"evalsvc.v1.ListWebhooksRequest"> & {
   /**
-   * At most this many, 1-1000; 0 means 50.
+   * At most this many, up to 1000 (more is taken as 1000); 0 means 50.
    *
    * @generated from field: int32 page_size = 1;
    */
@@ -506,7 +506,7 @@ export type ListWebhookDeliveriesRequest = Message<"evalsvc.v1.ListWebhookDelive
   status: WebhookDeliveryStatus;
 
   /**
-   * At most this many, 1-1000; 0 means 50.
+   * At most this many, up to 1000 (more is taken as 1000); 0 means 50.
    *
    * @generated from field: int32 page_size = 3;
    */
