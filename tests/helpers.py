@@ -160,13 +160,13 @@ def tmpfs(path: Path, *options: str) -> Iterator[Path]:
 
 
 def fill(directory: Path) -> Path:
-    """Write a file into directory until its file system is full; returns the file."""
+    """Write a file into directory until its file system is full; returns the file. Unbuffered: a buffered
+    file still held the bytes the full disk refused, and its close raised ENOSPC again out of the helper."""
     filler = directory / "filler"
-    with open(filler, "wb") as out:
+    with open(filler, "wb", buffering=0) as out:
         try:
             while True:
                 out.write(b"\0" * 65536)
-                out.flush()
         except OSError:
             pass
     return filler
