@@ -42,7 +42,7 @@ UNLIMITED = {
 }
 ECHO_LISTENING = re.compile(r"bench echo listening on (\S+):(\d+)")
 HTTP_ECHO_LISTENING = re.compile(r"bench http echo listening on (\S+):(\d+)")
-GATEWAY_LISTENING = re.compile(r"REST gateway listening on (\S+):(\d+)")
+GATEWAY_LISTENING = re.compile(r"REST gateway listening on (?:https?://)?(\S+):(\d+)")  # the log names the scheme
 
 
 def child_env(first: Path = ROOT) -> dict[str, str]:
