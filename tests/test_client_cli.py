@@ -143,6 +143,11 @@ def test_run_jsonl_dataset_fail_under_and_exports(live: tuple[ServerProcess, str
     assert "q0" in evalctl(live, "results", run["id"]).stdout
     refused = evalctl(live, "cancel", run["id"])
     assert refused.returncode == 3 and "RUN_ALREADY_FINISHED" in refused.stderr
+    deleted = evalctl(live, "delete", run["id"], "--json")
+    assert deleted.returncode == 0 and json.loads(deleted.stdout)["delete_time"], deleted.stderr
+    assert run["id"] not in evalctl(live, "list", "--label", "suite=cli-jsonl").stdout  # deleted runs are not listed
+    restored = evalctl(live, "undelete", run["id"])
+    assert restored.returncode == 0 and restored.stdout.startswith(f"run {run['id']} SUCCEEDED"), restored.stderr
     missing = evalctl(live, "get", "run_nope")
     assert missing.returncode == 3 and "RUN_NOT_FOUND" in missing.stderr
 

@@ -6,7 +6,7 @@
                   a new run of RUN_ID's errored items (--failed: failed or errored, --all: every item; an
                   item that never ran counts as errored) with its definition, followed and judged as `run`
     evalctl watch RUN_ID [--after-seq N]                                     follow a run to its end
-    evalctl get RUN_ID | list [--status S] [--label k=v] | cancel RUN_ID
+    evalctl get RUN_ID | list [--status S] [--label k=v] | cancel RUN_ID | delete RUN_ID | undelete RUN_ID
     evalctl results RUN_ID [--state passed|failed|error|skipped] [--format table|jsonl|junit] [-o FILE]
     evalctl report RUN_ID --html FILE                                        one self-contained HTML report
     evalctl compare BASELINE CANDIDATE [--alpha A] [--fail-on-regression] [--max-unpaired N]
@@ -381,12 +381,14 @@ def cmd_list(args: argparse.Namespace, client: EvalClient, console: Console) -> 
     return EXIT_OK
 
 
-def cmd_cancel(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
-    run = client.cancel_run(args.run_id)
+def cmd_change(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    """cancel, delete or undelete: one call on the run, which is the output (stdout)."""
+    change = {"cancel": client.cancel_run, "delete": client.delete_run, "undelete": client.undelete_run}[args.command]
+    run = change(args.run_id)
     if args.json:
         _print_json(to_dict(run))
     else:
-        _summary(_console(), run)  # the cancelled run is the output: stdout
+        _summary(_console(), run)
     return EXIT_OK
 
 
@@ -682,9 +684,14 @@ def parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=_at_least(1), default=50)
     listing.set_defaults(handler=cmd_list)
 
-    cancel = sub.add_parser("cancel", parents=[common], help="cancel a run")
-    cancel.add_argument("run_id")
-    cancel.set_defaults(handler=cmd_cancel)
+    for name, about in (
+        ("cancel", "cancel a run"),
+        ("delete", "delete a run (cancelling it if active); undelete restores it until it is purged"),
+        ("undelete", "restore a deleted run"),
+    ):
+        change = sub.add_parser(name, parents=[common], help=about)
+        change.add_argument("run_id")
+        change.set_defaults(handler=cmd_change)
 
     results = sub.add_parser("results", parents=[common], help="a run's results")
     results.add_argument("run_id")
