@@ -291,6 +291,13 @@ async def test_run_page_shows_the_latency_figures_the_api_gives(gateway_server: 
     assert (latency["p50Ms"], latency["p95Ms"]) == (300, 600)
     assert await _field(page, "latency") == "300 ms / 600 ms"
 
+    # Its errored items rerun: the new run's page names the run it reruns.
+    rerun = (await _rest(gateway_server, "POST", f"/v1/runs/{run['id']}:rerun", {}))["run"]
+    await page.goto(f"http://127.0.0.1:{gateway_server.gateway.port}/ui/runs/{rerun['id']}")
+    await page.wait_for_function(
+        "(source) => document.getElementById('run-meta').textContent.includes(`rerun of ${source}`)", arg=run["id"]
+    )
+
 
 async def test_run_page_opens_the_comparison_view_of_two_finished_runs(
     gateway_server: EvalServer, browser: Any, tmp_path: Path

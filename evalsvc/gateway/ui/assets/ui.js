@@ -262,7 +262,11 @@ function runPage() {
     status.textContent = state.run ? statusName(run.status) : "…";
     status.className = `badge ${statusName(run.status).toLowerCase()}`;
     const kind = targetKind(about.target);
-    const meta = [kind && `target ${kind}`, about.createTime && `created ${when(about.createTime)}`];
+    const meta = [
+      kind && `target ${kind}`,
+      about.createTime && `created ${when(about.createTime)}`,
+      about.rerunOf && `rerun of ${about.rerunOf}`,
+    ];
     if (about.passThreshold !== undefined) meta.push(`passes at ${about.passThreshold}%`);
     meta.push(`at most ${about.maxErrorRate || 0}% errors`);
     $("run-meta").textContent = meta.filter(Boolean).join(" · ");
