@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy
 from grpc_status import rpc_status
 
 from evalsvc.server import EvalServer
@@ -340,3 +341,28 @@ async def test_the_rest_route_reruns(tmp_path: Path) -> None:
         assert unknown.status_code == 400
         spec = (await http.get("/openapi.json")).json()
         assert "post" in spec["paths"]["/v1/runs/{run_id}:rerun"]
+
+
+async def test_the_rerun_of_a_run_from_before_max_error_rate_has_no_error_bar_either(server: EvalServer, runs) -> None:
+    """A run created before the field existed has none stored, and its verdict no error bar; its rerun
+    got the 0% bar of a new run's unset field, so the same results that passed then failed (a review)."""
+    source = await _ended(runs, _source_request(repetitions=1))
+    old_spec = run_pb2.Run.FromString(await _stored_spec(server, source.id))
+    old_spec.ClearField("max_error_rate")  # as a run from before the field stored it
+    async with server.db.write() as conn:
+        await conn.execute(
+            sqlalchemy.text("UPDATE runs SET spec = :spec WHERE id = :id"),
+            {"spec": old_spec.SerializeToString(), "id": source.id},
+        )
+    rerun = (await runs.RerunRun(pb.RerunRunRequest(run_id=source.id, scope=pb.RERUN_SCOPE_ITEMS_ALL))).run
+    assert not rerun.HasField("max_error_rate")
+    await watch_all(runs, rerun.id)
+    ended = (await runs.GetRun(pb.GetRunRequest(run_id=rerun.id))).run
+    assert ended.counts.errored > 0 and ended.HasField("overall_passed")
+    assert ended.overall_passed is (ended.aggregate.pass_rate * 100 >= source.pass_threshold)  # no error bar
+
+
+async def _stored_spec(server: EvalServer, run_id: str) -> bytes:
+    async with server.db.read() as conn:
+        row = (await conn.execute(sqlalchemy.text("SELECT spec FROM runs WHERE id = :id"), {"id": run_id})).one()
+    return bytes(row[0])

@@ -6,6 +6,7 @@ module owns the rules (validation, idempotency, status transitions) and calls th
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections import defaultdict
@@ -90,6 +91,9 @@ def rerun_fingerprint(request: pb.RerunRunRequest, scope: int) -> str:
     copy.ClearField("request_id")
     copy.scope = scope  # type: ignore[assignment]
     return hashlib.sha256(b"RerunRun\n" + copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+RERUN_ITEMS_PER_TURN = 2000  # items copied into a rerun's request between two turns of the event loop
 
 
 @dataclass(frozen=True)
@@ -285,7 +289,8 @@ class RunService:
         if scope != pb.RERUN_SCOPE_ITEMS_ALL:
             evaluations = spec.repetitions * len(spec.graders)  # per item
             wanted = _RERUN_STATES[scope]
-            items = [item for item in items if _selected(outcomes.get(item.id), evaluations, wanted)]
+            chosen = await mapped(lambda item: _selected(outcomes.get(item.id), evaluations, wanted), items)
+            items = [item for item, keep in zip(items, chosen, strict=True) if keep]
         if not items:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -297,7 +302,6 @@ class RunService:
             )
         create = pb.CreateRunRequest(
             request_id=request.request_id,
-            items=items,
             target=spec.target,
             graders=spec.graders,
             display_name=source.display_name,
@@ -309,9 +313,12 @@ class RunService:
             trigger=request.trigger or spec.trigger,
             cache_mode=spec.cache_mode,
         )
-        for optional in ("pass_threshold", "max_error_rate", "max_cost_usd"):
-            if spec.HasField(optional):
+        for optional in ("pass_threshold", "max_error_rate", "max_cost_usd"):  # a source from before
+            if spec.HasField(optional):  # max_error_rate has none, and its rerun gets none (`_create`)
                 setattr(create, optional, getattr(spec, optional))
+        for start in range(0, len(items), RERUN_ITEMS_PER_TURN):  # copied in turns: 100,000 items held the loop
+            create.items.extend(items[start : start + RERUN_ITEMS_PER_TURN])
+            await asyncio.sleep(0)
         return await self._create(
             tenant, create, fingerprint=fingerprint, origin=RunOrigin(rerun_of=source.id, dataset_id=source.dataset_id)
         )
@@ -362,8 +369,10 @@ class RunService:
         if request.HasField("pass_threshold"):
             spec.pass_threshold = request.pass_threshold
         # Always set on the run, 0 when the request left it unset: a run without it was created before the
-        # bar existed, and its verdict has none (evalctl reads the run the same way).
-        spec.max_error_rate = request.max_error_rate
+        # bar existed, and its verdict has none (evalctl reads the run the same way); so has the rerun of
+        # such a run, whose request then leaves it unset (a rerun of a run that passed with errors failed).
+        if origin is None or request.HasField("max_error_rate"):
+            spec.max_error_rate = request.max_error_rate
         if request.HasField("max_cost_usd"):
             spec.max_cost_usd = request.max_cost_usd
         if (size := spec.ByteSize()) > self._max_definition_bytes:  # saved definitions resolved: their size too
