@@ -63,6 +63,7 @@ class Reason(StrEnum):
     RUN_ALREADY_FINISHED = "RUN_ALREADY_FINISHED"  # CancelRun of a run that already succeeded or failed
     RUN_NOT_FINISHED = "RUN_NOT_FINISHED"  # RerunRun of a run still PENDING or RUNNING
     NOTHING_TO_RERUN = "NOTHING_TO_RERUN"  # RerunRun whose scope selects none of the run's items
+    RUN_NOT_RERUNNABLE = "RUN_NOT_RERUNNABLE"  # RerunRun of a run whose stored definition no longer passes
     ETAG_MISMATCH = "ETAG_MISMATCH"  # the run changed since the etag was read
     SEQ_OUT_OF_RANGE = "SEQ_OUT_OF_RANGE"  # WatchRun's after_seq outside 0..last_seq
     # Limits

@@ -14,8 +14,9 @@ import pytest
 import sqlalchemy
 from grpc_status import rpc_status
 
+from evalsvc.secrets.sealing import generate_key
 from evalsvc.server import EvalServer
-from evalsvc.v1 import cache_pb2, grader_pb2, item_pb2, run_pb2, target_pb2
+from evalsvc.v1 import cache_pb2, grader_pb2, item_pb2, run_pb2, secret_service_pb2, secret_service_pb2_grpc, target_pb2
 from evalsvc.v1 import dataset_service_pb2 as ds
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc as pb_grpc
@@ -366,3 +367,30 @@ async def _stored_spec(server: EvalServer, run_id: str) -> bytes:
     async with server.db.read() as conn:
         row = (await conn.execute(sqlalchemy.text("SELECT spec FROM runs WHERE id = :id"), {"id": run_id})).one()
     return bytes(row[0])
+
+
+async def test_a_run_whose_definition_no_longer_passes_is_refused_naming_what_fails(tmp_path: Path) -> None:
+    """The source names a secret deleted since: the rerun is FAILED_PRECONDITION RUN_NOT_RERUNNABLE naming
+    the field in the stored definition (it was INVALID_ARGUMENT on fields the caller never sent)."""
+    settings = make_settings(tmp_path, outbound_allow="127.0.0.1", secrets_key=generate_key())
+    server = EvalServer(settings)
+    await server.start()
+    try:
+        async with keyed_channel(server.port, server.bootstrap_key or "") as channel:
+            runs = pb_grpc.EvalRunServiceStub(channel)
+            secrets = secret_service_pb2_grpc.SecretServiceStub(channel)
+            await secrets.CreateSecret(secret_service_pb2.CreateSecretRequest(name="agent_key", value="sk-1"))
+            with FakeEndpoint(Reply({"content": "a"})) as agent:
+                endpoint = target_pb2.Endpoint(base_url=agent.url, api_key_secret="agent_key")
+                target = target_pb2.Target(http=target_pb2.HttpTarget(endpoint=endpoint))
+                source = await _ended(runs, pb.CreateRunRequest(items=_items(), target=target, graders=[exact()]))
+            await secrets.DeleteSecret(secret_service_pb2.DeleteSecretRequest(name="agent_key"))
+            before = await _all_run_ids(runs)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await runs.RerunRun(pb.RerunRunRequest(run_id=source.id, scope=pb.RERUN_SCOPE_ITEMS_ALL))
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert error_reason(refused.value) == "RUN_NOT_RERUNNABLE"
+            assert "target.http.endpoint.api_key_secret: no secret named 'agent_key'" in (refused.value.details() or "")
+            assert await _all_run_ids(runs) == before  # nothing written
+    finally:
+        await server.stop(grace=0.5)

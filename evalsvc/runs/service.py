@@ -319,9 +319,25 @@ class RunService:
         for start in range(0, len(items), RERUN_ITEMS_PER_TURN):  # copied in turns: 100,000 items held the loop
             create.items.extend(items[start : start + RERUN_ITEMS_PER_TURN])
             await asyncio.sleep(0)
-        return await self._create(
-            tenant, create, fingerprint=fingerprint, origin=RunOrigin(rerun_of=source.id, dataset_id=source.dataset_id)
-        )
+        try:
+            return await self._create(
+                tenant,
+                create,
+                fingerprint=fingerprint,
+                origin=RunOrigin(rerun_of=source.id, dataset_id=source.dataset_id),
+            )
+        except ServiceError as exc:
+            if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            # The stored definition, checked as a new run's, no longer holds (a secret it names was deleted,
+            # a destination is no longer allowed): INVALID_ARGUMENT named fields the caller never sent.
+            shown = "; ".join(f"{v.field}: {v.description}" for v in exc.violations[:5]) or exc.message
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                Reason.RUN_NOT_RERUNNABLE,
+                f"run {source.id!r} cannot be rerun as it is stored, its definition checked as a new run's: {shown}",
+                metadata={"run_id": source.id},
+            ) from None
 
     async def _create(
         self,
