@@ -191,24 +191,27 @@ WATCHED_ITEMS = 1000  # ~2,000 events, ~250 KiB: far more than the stalled strea
 
 @pytest.fixture
 async def working(tmp_path: Path) -> AsyncIterator[list[EvalServiceTestServer]]:
-    """Servers that execute runs and purge deleted ones at once: one on SQLite, two replicas of one
-    database on PostgreSQL. Heartbeats every 0.2 s: a watcher that took a purged run for caught up shows
-    at once."""
+    """Servers that purge deleted runs at once: one on SQLite, two replicas of one database on PostgreSQL,
+    the first executing the runs (the second, API-only, watches and purges: the tests' runs end where
+    they are watched to their end). Heartbeats every 0.2 s: a watcher that took a purged run for caught
+    up shows at once."""
     replicas = 2 if dbs.USE_POSTGRES else 1
     url = dbs.db_url(tmp_path)
     async with AsyncExitStack() as stack:
         yield [
             await stack.enter_async_context(
-                EvalServiceTestServer(database_url=url, deleted_run_retention_s=0, heartbeat_s=0.2)
+                EvalServiceTestServer(
+                    database_url=url, deleted_run_retention_s=0, heartbeat_s=0.2, **({"workers": 0} if i else {})
+                )
             )
-            for _ in range(replicas)
+            for i in range(replicas)
         ]
 
 
 async def _deleted_finished_run(server: EvalServiceTestServer) -> tuple[str, int]:
     """A finished run of WATCHED_ITEMS items, deleted (not purged yet): its id and last seq."""
     run = (await server.runs.CreateRun(create_request(WATCHED_ITEMS))).run
-    last_seq = (await watch_all(server.runs, run.id))[-1].seq
+    last_seq = (await asyncio.wait_for(watch_all(server.runs, run.id), 60))[-1].seq
     await server.runs.DeleteRun(pb.DeleteRunRequest(run_id=run.id))
     return run.id, last_seq
 
