@@ -29,6 +29,33 @@ TENANT_METADATA = "evalsvc-tenant"
 ACTIVE_RUNS_RETRY_AFTER_S = 5.0
 
 
+class Holdings:
+    """How many of something each key (a tenant, a key, a connection) holds now, and all keys together;
+    a key that holds none is forgotten, so the keys of every caller ever seen are not kept."""
+
+    __slots__ = ("_held", "total")
+
+    def __init__(self) -> None:
+        self._held: dict[str, int] = {}
+        self.total = 0
+
+    def of(self, key: str) -> int:
+        """What `key` holds now."""
+        return self._held.get(key, 0)
+
+    def take(self, key: str) -> None:
+        self._held[key] = self._held.get(key, 0) + 1
+        self.total += 1
+
+    def give_back(self, key: str) -> None:
+        left = self._held[key] - 1
+        if left:
+            self._held[key] = left
+        else:
+            del self._held[key]
+        self.total -= 1
+
+
 def quota_exceeded(quota: str, message: str, retry_after_s: float | None = None) -> ServiceError:
     """RESOURCE_EXHAUSTED for a tenant over one of its limits."""
     return ServiceError(
@@ -124,8 +151,7 @@ class TenantLimits:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._buckets: dict[str, TokenBucket] = {}
-        self._watches: dict[str, int] = {}
-        self._watches_in_all = 0
+        self._watches = Holdings()  # WatchRun streams, by tenant
 
     def take_create_run(self, tenant: str) -> None:
         """Spend one CreateRun token of the tenant."""
@@ -176,28 +202,22 @@ class TenantLimits:
     def watch_slot(self, tenant: str) -> Iterator[None]:
         """Hold one of the tenant's WatchRun streams for the duration of a watch: within the tenant's
         share, and within all tenants' part of --max-concurrent-rpcs (`Settings.watch_streams_in_all`)."""
-        open_now = self._watches.get(tenant, 0)
+        open_now = self._watches.of(tenant)
         share = self._settings.watch_streams_per_tenant
         if open_now >= share:
             raise quota_exceeded(
                 "max_watch_streams", f"the tenant has {open_now} WatchRun streams open (at most {share})", 1.0
             )
-        if self._watches_in_all >= self._settings.watch_streams_in_all:
+        if self._watches.total >= self._settings.watch_streams_in_all:
             raise streams_full(
-                f"all tenants' WatchRun streams ({self._watches_in_all}) fill their part of this server's "
+                f"all tenants' WatchRun streams ({self._watches.total}) fill their part of this server's "
                 "--max-concurrent-rpcs; retry shortly"
             )
-        self._watches[tenant] = open_now + 1
-        self._watches_in_all += 1
+        self._watches.take(tenant)
         try:
             yield
         finally:
-            self._watches_in_all -= 1
-            left = self._watches[tenant] - 1
-            if left:
-                self._watches[tenant] = left
-            else:
-                del self._watches[tenant]
+            self._watches.give_back(tenant)
 
 
 def raise_open_file_limit() -> int:

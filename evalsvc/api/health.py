@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2
 
 from evalsvc.api.status import abort
 from evalsvc.errors import Reason, ServiceError
+from evalsvc.limits import Holdings
 
 PER_CONNECTION = 2
 
@@ -30,24 +31,19 @@ class BoundedHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  #
     def __init__(self, in_all: int) -> None:
         super().__init__()
         self._in_all = in_all
-        self._by_connection: dict[str, int] = {}  # the peer (address and port: one connection) -> its streams
+        self._by_connection = Holdings()  # by peer (address and port: one connection)
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         peer = context.peer()
-        held = self._by_connection.get(peer, 0)
-        if held >= PER_CONNECTION:
+        if self._by_connection.of(peer) >= PER_CONNECTION:
             await abort(context, _unwatchable(f"a connection may hold {PER_CONNECTION} health Watch streams"))
-        if sum(self._by_connection.values()) >= self._in_all:
+        if self._by_connection.total >= self._in_all:
             await abort(context, _unwatchable("the server's health Watch streams are all taken"))
-        self._by_connection[peer] = held + 1
+        self._by_connection.take(peer)
         try:
             await super().Watch(request, context)
         finally:
-            left = self._by_connection[peer] - 1
-            if left:
-                self._by_connection[peer] = left
-            else:
-                del self._by_connection[peer]
+            self._by_connection.give_back(peer)
 
 
 def _unwatchable(why: str) -> ServiceError:

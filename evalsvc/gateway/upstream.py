@@ -24,7 +24,7 @@ from grpc_status import rpc_status
 from starlette.responses import Response
 
 from evalsvc.errors import Reason
-from evalsvc.limits import TENANT_METADATA
+from evalsvc.limits import TENANT_METADATA, Holdings
 from evalsvc.statuses import TERMINAL as TERMINAL  # re-exported: the dialects import it from here
 from evalsvc.v1 import (
     dataset_generation_pb2_grpc,
@@ -196,7 +196,7 @@ class TenantStreams:
         self.limit = limit
         self.in_all = in_all  # streams of every tenant together: the rest of the connections are calls'
         self.streams = 0
-        self._open: dict[str, int] = {}
+        self._open = Holdings()  # streams by holder (a key, then its tenant)
 
     def open_stream(self) -> None:
         """One more stream of anyone; GatewayError UNAVAILABLE when every tenant's together fill their
@@ -215,7 +215,7 @@ class TenantStreams:
 
     def take(self, holder: str) -> None:
         """One more stream of `holder` (a tenant); GatewayError RESOURCE_EXHAUSTED when it has its share."""
-        held = self._open.get(holder, 0)
+        held = self._open.of(holder)
         if held >= self.limit:
             raise GatewayError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -225,14 +225,10 @@ class TenantStreams:
                 retry_after_s=STREAMS_RETRY_AFTER_S,
                 metadata={"quota": STREAMS_QUOTA},
             )
-        self._open[holder] = held + 1
+        self._open.take(holder)
 
     def give_back(self, holder: str) -> None:
-        left = self._open[holder] - 1
-        if left:
-            self._open[holder] = left
-        else:
-            del self._open[holder]
+        self._open.give_back(holder)
 
 
 def _no_room_for_streams(error: GatewayError) -> bool:
