@@ -105,6 +105,22 @@ class Settings:
             "(clients see UNAVAILABLE and reconnect with backoff)"
         },
     )
+    request_timeout_s: float = dataclasses.field(
+        default=30.0,
+        metadata={
+            "help": "seconds a gRPC call may wait for its request message (and each message of a client "
+            "stream) once it has begun; past it the call ends DEADLINE_EXCEEDED, so calls opened and never "
+            "sent cannot hold --max-concurrent-rpcs"
+        },
+    )
+    max_waiting_calls_per_connection: int = dataclasses.field(
+        default=16,
+        metadata={
+            "help": "gRPC calls of one connection that may wait for their request messages at once; past it a "
+            "call is refused at once (RESOURCE_EXHAUSTED). Calls waiting for requests do not count against "
+            "--max-concurrent-rpcs"
+        },
+    )
     connection_idle_s: float = dataclasses.field(
         default=30.0,
         metadata={
@@ -172,7 +188,8 @@ class Settings:
     max_concurrent_rpcs: int = dataclasses.field(
         default=8000,
         metadata={
-            "help": "RPCs (including open streams) served at once; the excess gets RESOURCE_EXHAUSTED. Streams "
+            "help": "RPCs (including open streams) served at once, counted from the arrival of their requests; "
+            "the excess gets RESOURCE_EXHAUSTED. Streams "
             "take at most three quarters of it (WatchRun streams of all tenants five eighths, health Watch "
             "streams an eighth), so ordinary calls always have room"
         },
@@ -471,6 +488,8 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "max_concurrent_streams": (1, True),
     "max_connections": (1, True),
     "connection_idle_s": (0, False),
+    "request_timeout_s": (0, False),
+    "max_waiting_calls_per_connection": (1, True),
     "max_http_connections": (2, True),  # one connection cannot be shared: a tenant's one stream would take it
     "max_http_streams_per_tenant": (0, True),  # 0: a quarter of max_http_connections
     "http_header_timeout_s": (0, False),

@@ -40,6 +40,9 @@ class Reason(StrEnum):
     )
     GATEWAY_CONNECTIONS_FULL = "GATEWAY_CONNECTIONS_FULL"  # REST gateway: --max-http-connections are open
     SERVER_STREAMS_FULL = "SERVER_STREAMS_FULL"  # WatchRun (all tenants) or health Watch streams fill their part
+    SERVER_CALLS_FULL = "SERVER_CALLS_FULL"  # --max-concurrent-rpcs calls are being served
+    WAITING_CALLS_FULL = "WAITING_CALLS_FULL"  # the connection's calls waiting for their requests are at the limit
+    REQUEST_TIMEOUT = "REQUEST_TIMEOUT"  # a call's request message did not arrive within --request-timeout-s
     UPSTREAM_UNAVAILABLE = "UPSTREAM_UNAVAILABLE"  # REST gateway: the gRPC service cannot be reached from it
     # The API key
     API_KEY_MISSING = "API_KEY_MISSING"  # no key presented

@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.exc import ArgumentError
 
+from evalsvc.api.admission import Admission, grpc_limit
 from evalsvc.api.auth import Authenticator
 from evalsvc.api.datasets import DatasetGenerationServicer, DatasetServicer
 from evalsvc.api.definitions import GraderServicer, TargetServicer
@@ -227,12 +228,13 @@ class EvalServer:
         self.metrics_port = 0
         self.gateway: Gateway | None = None
         authenticator, observer = Authenticator(self.keys), Observer(self.metrics)
-        self._interceptor = CallInterceptor(authenticator, observer, max_message_bytes=settings.max_message_bytes)
+        self.admission = Admission(settings)
+        self._interceptor = CallInterceptor(
+            authenticator, observer, max_message_bytes=settings.max_message_bytes, admission=self.admission
+        )
         # This process's services for in-process callers (the embedded gateway); filled by `_grpc_server`.
         self.local = LocalServices(
-            CallInterceptor(
-                authenticator, observer, max_message_bytes=settings.max_message_bytes, writes_streams=False
-            ),
+            CallInterceptor(authenticator, observer, max_message_bytes=settings.max_message_bytes),
             max_message_bytes=settings.max_message_bytes,
             max_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
@@ -376,7 +378,7 @@ class EvalServer:
         server = grpc.aio.server(
             options=server_options(self.settings),
             interceptors=[self._interceptor],
-            maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
+            maximum_concurrent_rpcs=grpc_limit(self.settings),
         )
         # (the generated add_*_to_server function, its servicer); each takes a server or LocalServices.
         services: tuple[tuple[Callable[[Any, Any], None], Any], ...] = (

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import json
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -191,3 +191,13 @@ async def impatient_gateway(
             yield client
     finally:
         await gateway.stop()
+
+
+async def until(check: Callable[[], bool], within_s: float = 15.0) -> None:
+    """Until `check` holds (it is looked at every 10 ms): for server state no event marks."""
+
+    async def holds() -> None:
+        while not check():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(holds(), within_s)

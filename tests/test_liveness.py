@@ -45,7 +45,7 @@ from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
 from tests import dbs
 from tests.conftest import make_settings
-from tests.helpers import keyed_channel
+from tests.helpers import keyed_channel, until
 from tests.procs import start_server
 
 HUNG_CALL_TIMEOUT_S = 600  # the longest a target call may take: hung calls last until cancelled
@@ -540,16 +540,6 @@ def endpoint_calls(url: str, n: int, *, by: str, tag: str) -> pb.CreateRunReques
         del request.graders[:]
         request.graders.append(grader_pb2.Grader(name="judge", llm_judge=judge))
     return request
-
-
-async def until(check: Callable[[], bool], within_s: float = 15.0) -> None:
-    """Until `check` holds (it is looked at every 10 ms)."""
-
-    async def holds() -> None:
-        while not check():
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(holds(), within_s)
 
 
 @pytest.mark.parametrize("by", ["target", "judge"])

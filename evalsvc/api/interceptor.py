@@ -35,6 +35,7 @@ from typing import Any, TypeAlias, cast
 
 import grpc
 
+from evalsvc.api.admission import Admission
 from evalsvc.api.auth import Authenticator, presented_key
 from evalsvc.api.observability import FinishedCall, Observer
 from evalsvc.api.status import abort, internal_error
@@ -52,19 +53,21 @@ LookUp: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable["Handler | Non
 class CallInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates (where the method needs it) and observes every unary and server-streaming call.
 
-    `writes_streams`: a gRPC server's interceptor serializes every response and stream message itself
+    A gRPC server's interceptor (given an `admission`) serializes every response and stream message itself
     (checking its size against `max_message_bytes`) and writes each message of a stream
-    (`_Call.written`); the in-process channel's (evalsvc.api.local) hands messages over as objects
-    (their size checked all the same) and gets a stream's messages as an async generator, read in its
-    caller's task."""
+    (`_Call.written`), and takes every request under `admission`'s bounds (its handlers read their
+    requests from the call: `_Call.arrived`); the in-process channel's (evalsvc.api.local, no
+    `admission`) hands messages over as objects (their size checked all the same) and gets a stream's
+    messages as an async generator, read in its caller's task."""
 
     def __init__(
-        self, auth: Authenticator, observer: Observer, *, max_message_bytes: int, writes_streams: bool = True
+        self, auth: Authenticator, observer: Observer, *, max_message_bytes: int, admission: Admission | None = None
     ) -> None:
         self._auth = auth
         self._observer = observer
         self._max_message_bytes = max_message_bytes
-        self._writes_streams = writes_streams
+        self._admission = admission
+        self._writes_streams = admission is not None
         # Method name -> (the service's handler, what its calls share). grpc looks a handler up for
         # every call; a service's is the same object each time (a new one is worked out afresh).
         self._methods: dict[str, tuple[Handler, _Method]] = {}
@@ -72,12 +75,15 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: LookUp, details: grpc.HandlerCallDetails) -> Handler | None:
         handler = await continuation(details)
         # Unknown methods get no handler and stay unwrapped: their names would be unbounded label values
-        # (and keys here). Client- and bidi-streaming methods (reflection only; open) pass unobserved.
-        if handler is None or (handler.unary_unary is None and handler.unary_stream is None):
+        # (and keys here). Client- and bidi-streaming methods (reflection only; open) pass unobserved,
+        # their requests under the admission's bounds.
+        if handler is None:
             return handler
+        if handler.unary_unary is None and handler.unary_stream is None:
+            return handler if self._admission is None else _admitted_stream(handler, self._admission)
         known = self._methods.get(details.method)
         if known is None or known[0] is not handler:
-            method = _Method(details.method, handler, self._auth, self._observer, self._outgoing())
+            method = _Method(details.method, handler, self._auth, self._observer, self._outgoing(), self._admission)
             known = self._methods[details.method] = (handler, method)
         return known[1].handler(presented_key(details.invocation_metadata))
 
@@ -153,6 +159,7 @@ class _Method:
     """One observed unary or server-streaming method: what all its calls share."""
 
     __slots__ = (
+        "admission",
         "auth",
         "behaviour",
         "build",
@@ -166,9 +173,16 @@ class _Method:
     )
 
     def __init__(
-        self, name: str, handler: Handler, auth: Authenticator, observer: Observer, outgoing: Outgoing
+        self,
+        name: str,
+        handler: Handler,
+        auth: Authenticator,
+        observer: Observer,
+        outgoing: Outgoing,
+        admission: Admission | None,
     ) -> None:
         self.name = name
+        self.admission = admission
         self.auth = auth if auth.guards(name) else None
         self.observer = observer
         self.outgoing = outgoing
@@ -178,21 +192,28 @@ class _Method:
         writes = outgoing.serializes
         self.behaviour: Callable[..., Any]
         self.shape: Callable[..., Any]  # the _Call method that runs the behaviour between the hooks
+        # With an admission (a gRPC server), grpc is given a request-streaming handler: it calls the
+        # behaviour before the request has arrived, and `_Call.arrived` reads it within the bounds.
         if not self.streaming:
             self.behaviour, self.shape = cast("Callable[..., Any]", handler.unary_unary), _Call.unary
-            self.build = grpc.unary_unary_rpc_method_handler
+            self.build = (
+                grpc.unary_unary_rpc_method_handler if admission is None else grpc.stream_unary_rpc_method_handler
+            )
         else:
             self.behaviour = cast("Callable[..., Any]", handler.unary_stream)
             if not inspect.isasyncgenfunction(self.behaviour):
                 self.shape = _Call.stream_writer
             else:
                 self.shape = _Call.written if writes else _Call.stream
-            self.build = grpc.unary_stream_rpc_method_handler
+            self.build = (
+                grpc.unary_stream_rpc_method_handler if admission is None else grpc.stream_stream_rpc_method_handler
+            )
 
     def handler(self, key: str | None) -> Handler:
         """The handler of one call that presented `key`: the behaviour run between that call's hooks
         (a bound method: grpc tells the shapes apart by it, as it would the behaviour)."""
-        observed = MethodType(self.shape, _Call(self, key))
+        call = _Call(self, key)
+        observed = MethodType(self.shape if self.admission is None else _Call.arrived, call)
         # grpc is given bytes (`sent`), but by a behaviour that writes its messages itself (health Watch).
         serializer = self.serialize if self.shape is _Call.stream_writer else None
         return self.build(observed, request_deserializer=self.parse, response_serializer=serializer)
@@ -212,6 +233,23 @@ class _Call:
     def __init__(self, method: _Method, key: str | None) -> None:
         self._method = method
         self._key = key
+        self._peer = ""
+
+    async def arrived(self, requests: Any, context: Context) -> Any:
+        """On a gRPC server: the call's request, read from the call within the admission's bounds, then
+        the call's shape run on it while the call counts as served (evalsvc.api.admission). A call
+        that never got its request is neither observed nor logged: one line per call a client opens
+        and never sends would be theirs to write into the log."""
+        method = self._method
+        admission = cast(Admission, method.admission)
+        self._peer = _peer(context)
+        request = await admission.request(context, self._peer)
+        if not admission.admit():
+            await admission.refuse(context)
+        try:
+            return await method.shape(self, request, context)
+        finally:
+            admission.release()
 
     async def on_start(self, request: Any, context: Context) -> None:
         """Start observing the call, then admit it: abort it (INVALID_ARGUMENT) when its request did
@@ -219,7 +257,8 @@ class _Call:
         The clock and the peer come first, so `on_end` has them for a refused call too."""
         method = self._method
         self._started = time.perf_counter()
-        self._peer = _peer(context)
+        if not self._peer:  # read by `arrived` already on a gRPC server
+            self._peer = _peer(context)
         if method.streaming:
             method.observer.stream_opened(method.name)
         if isinstance(request, MalformedRequest):
@@ -320,6 +359,29 @@ class _Call:
             raise
         finally:
             self.on_end(code, request, None)
+
+
+def _admitted_stream(handler: Handler, admission: Admission) -> Handler:
+    """A bidi-streaming handler (server reflection: open, unobserved) whose request messages are read
+    within the admission's bounds, the call counted as served while it lasts."""
+    behaviour = cast("Callable[..., Any] | None", handler.stream_stream)
+    if behaviour is None or not inspect.isasyncgenfunction(behaviour):
+        raise TypeError(f"no client-streaming methods but server reflection's are expected, got {handler!r}")
+
+    async def admitted(requests: Any, context: Context) -> AsyncGenerator[Any, None]:
+        peer = _peer(context)
+        if not admission.admit():
+            await admission.refuse(context)
+        try:
+            async with contextlib.aclosing(behaviour(admission.messages(context, peer), context)) as responses:
+                async for response in responses:
+                    yield response
+        finally:
+            admission.release()
+
+    return grpc.stream_stream_rpc_method_handler(
+        admitted, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
 
 
 def _ended_by_core(method: str, exc: grpc.aio.InternalError) -> asyncio.CancelledError:

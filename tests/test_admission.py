@@ -1,0 +1,146 @@
+"""Calls whose request messages never arrive hold no served place and wait a bounded time
+(evalsvc.api.admission): opened by grpc's own client as request streams that send nothing, which on
+the wire is what a unary call whose request is never sent looks like."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from evalsvc.server import EvalServer
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import eval_run_service_pb2_grpc as stubs
+from tests.conftest import make_settings
+from tests.helpers import error_reason, keyed_channel, retry_delay, until
+
+GET_RUN = "/evalsvc.v1.EvalRunService/GetRun"
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # each channel its own connection
+
+
+@contextlib.asynccontextmanager
+async def served(tmp_path: Path, **settings: Any) -> AsyncIterator[EvalServer]:
+    srv = EvalServer(make_settings(tmp_path, workers=0, **settings))
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop(grace=0.5)
+
+
+def never_sent(channel: grpc.aio.Channel, path: str = GET_RUN) -> grpc.aio.StreamUnaryCall[Any, Any]:
+    """A call whose headers go out and whose request message never does (the client neither sends
+    nor half-closes until the call is cancelled)."""
+
+    async def nothing() -> AsyncIterator[pb.GetRunRequest]:
+        await asyncio.Event().wait()
+        yield pb.GetRunRequest()  # never reached
+
+    call = channel.stream_unary(
+        path, request_serializer=pb.GetRunRequest.SerializeToString, response_deserializer=pb.GetRunResponse.FromString
+    )
+    return call(nothing())  # type: ignore[no-any-return]
+
+
+async def refused(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    return err.value
+
+
+async def test_calls_never_sent_leave_every_tenants_calls_served(tmp_path: Path) -> None:
+    """12 calls opened and never sent, on three connections with no API key, against
+    --max-concurrent-rpcs 8: every tenant's calls are still served (before, grpc counted them from their
+    headers and every tenant got RESOURCE_EXHAUSTED while they stayed open), and one connection's
+    fifth such call is refused at once."""
+    async with served(tmp_path, max_concurrent_rpcs=8, max_waiting_calls_per_connection=4) as srv:
+        assert srv.bootstrap_key
+        async with contextlib.AsyncExitStack() as stack:
+            anonymous = [
+                await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}", OWN_CONNECTION))
+                for _ in range(3)
+            ]
+            waiting = [never_sent(channel) for channel in anonymous for _ in range(4)]
+            await until(lambda: srv.admission.waiting == 12)
+
+            fifth = await refused(never_sent(anonymous[0]))
+            assert fifth.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error_reason(fifth) == "WAITING_CALLS_FULL"
+            assert retry_delay(fifth) == 1.0
+
+            tenant = stubs.EvalRunServiceStub(
+                await stack.enter_async_context(keyed_channel(srv.port, srv.bootstrap_key))
+            )
+            for _ in range(10):
+                missing = await refused(tenant.GetRun(pb.GetRunRequest(run_id="run_missing")))
+                assert missing.code() == grpc.StatusCode.NOT_FOUND  # served, not RESOURCE_EXHAUSTED
+
+            for call in waiting:
+                call.cancel()
+            await until(lambda: srv.admission.waiting == 0)
+
+
+async def test_a_request_that_never_arrives_ends_the_call(tmp_path: Path) -> None:
+    """A call's request message waited for --request-timeout-s (then DEADLINE_EXCEEDED REQUEST_TIMEOUT),
+    and so is each message of a reflection stream; a call that half-closes with no request is
+    INVALID_ARGUMENT."""
+    async with (
+        served(tmp_path, request_timeout_s=0.5) as srv,
+        grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel,
+    ):
+        began = time.monotonic()
+        timed_out = await refused(never_sent(channel))
+        assert timed_out.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert error_reason(timed_out) == "REQUEST_TIMEOUT"
+        assert "--request-timeout-s" in (timed_out.details() or "")
+        assert 0.5 <= time.monotonic() - began < 5.0  # the timeout, plus at most one sweep (1 s)
+        assert srv.admission.waiting == 0 and srv.admission.served == 0
+
+        empty = channel.stream_unary(GET_RUN, request_serializer=pb.GetRunRequest.SerializeToString)(iter(()))
+        nothing = await refused(empty)
+        assert nothing.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_reason(nothing) == "MALFORMED_REQUEST"
+
+        idle = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+        await idle.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        assert (await idle.read()).list_services_response.service  # served while it asks
+        ended = await refused(idle.read())  # then idle past the timeout
+        assert ended.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert error_reason(ended) == "REQUEST_TIMEOUT"
+        await until(lambda: srv.admission.served == 0)
+
+
+async def test_served_calls_past_max_concurrent_rpcs_are_refused_with_retry_info(tmp_path: Path) -> None:
+    """--max-concurrent-rpcs 2, held by two open reflection streams: the next call is RESOURCE_EXHAUSTED
+    SERVER_CALLS_FULL with RetryInfo; once one stream ends, calls are served again."""
+    async with served(tmp_path, max_concurrent_rpcs=2) as srv:
+        assert srv.bootstrap_key
+        async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            streams = []
+            for _ in range(2):
+                stream = reflection.ServerReflectionInfo()
+                await stream.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+                await stream.read()
+                streams.append(stream)
+            assert srv.admission.served == 2
+            tenant = stubs.EvalRunServiceStub(channel)
+            full = await refused(tenant.GetRun(pb.GetRunRequest(run_id="run_missing")))
+            assert full.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error_reason(full) == "SERVER_CALLS_FULL"
+            assert retry_delay(full) == 1.0
+
+            await streams[0].done_writing()
+            await streams[0].wait_for_connection()
+            assert await streams[0].read() == grpc.aio.EOF
+            await until(lambda: srv.admission.served == 1)
+            missing = await refused(tenant.GetRun(pb.GetRunRequest(run_id="run_missing")))
+            assert missing.code() == grpc.StatusCode.NOT_FOUND
+            streams[1].cancel()
