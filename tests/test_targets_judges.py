@@ -36,6 +36,7 @@ from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
 from tests.helpers import error_reason, exact, keyed_channel, violations, watch_all
 
 SECRET = "sk-test-0123456789abcdef"
+MIN_SHOWN = 4  # no piece of a secret this long may show
 PRICES = {"gpt-test": {"input_per_mtok": 1000.0, "output_per_mtok": 2000.0}, "judge-test": {"input_per_mtok": 100.0}}
 Judge = grader_pb2.LlmJudge
 
@@ -200,6 +201,29 @@ async def test_an_error_reply_shows_its_first_words_on_one_line_and_no_more(svc)
     [result] = results
     assert result.error_reason.startswith("HTTP 400 from 127.0.0.1:") and ": model not found xxx" in result.error_reason
     assert result.error_reason.endswith("...") and len(result.error_reason) < 400, result.error_reason
+
+
+@pytest.mark.parametrize("echo", ["whole", "cut"])
+async def test_an_error_reply_that_echoes_the_calls_headers_shows_no_secret(svc, echo: str) -> None:
+    """An endpoint whose error body quotes the request's headers (a debugging endpoint, a proxy's error
+    page) put the secret behind `api_key_secret` into error_reason, in clear, for every reader of the
+    results and in the database: each value the call sent is blanked out, one cut off by the excerpt's
+    end (512 bytes) too."""
+    srv, stubs = svc
+    quoted = f'{{"error": "bad key", "headers": {{"authorization": "Bearer {SECRET}"}}}}'
+    # "cut": the excerpt (512 bytes) ends 18 characters into the secret, the spaces collapsed to one
+    body = quoted if echo == "whole" else " " * 490 + "err " + SECRET
+    with FakeEndpoint(Reply(raw=body, status=401)) as llm:
+        _, results = await run_to_end(
+            stubs, pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=chat(llm.url), graders=[exact()])
+        )
+    [result] = results
+    assert SECRET[:MIN_SHOWN] not in result.error_reason and "[redacted]" in result.error_reason, result.error_reason
+    if echo == "whole":
+        assert '"error": "bad key"' in result.error_reason  # the endpoint's own words stay
+    assert SECRET.encode() not in stored_bytes(srv.settings.db) and SECRET[:10].encode() not in stored_bytes(
+        srv.settings.db
+    )
 
 
 async def test_an_error_whose_body_drips_is_still_its_status_at_once(

@@ -43,7 +43,14 @@ from evalsvc.config import Network, Settings, allow_entries
 from evalsvc.errors import FieldViolation
 from evalsvc.http.errors import OutboundError as OutboundError  # re-exported: callers import it from here
 from evalsvc.http.json_bodies import JsonParser
-from evalsvc.http.replies import CountedStream, attempt_reads, error_excerpt, one_line, read_body
+from evalsvc.http.replies import (
+    CountedStream,
+    attempt_reads,
+    error_excerpt,
+    one_line,
+    read_body,
+    without_sent_values,
+)
 from evalsvc.http.resolver import IPAddress, Resolver
 from evalsvc.slots import Slots
 from evalsvc.v1 import grader_pb2, target_pb2
@@ -571,7 +578,8 @@ class Outbound:
                         except ValueError as exc:
                             not_json = f"{shown_host(url)} answered with a body that is not usable JSON ({exc})"
                             raise OutboundError(not_json) from exc
-                    failure = f"HTTP {code} from {shown_host(url)}" + (f": {one_line(content)}" if content else "")
+                    shown = one_line(without_sent_values(content, headers)) if content else ""
+                    failure = f"HTTP {code} from {shown_host(url)}" + (f": {shown}" if shown else "")
                     if code not in RETRYABLE_STATUS:
                         raise OutboundError(failure)
             if attempt > self._retries:

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import ssl
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -189,6 +190,31 @@ async def error_excerpt(response: httpx.Response, reads: AttemptReads) -> bytes:
                 if len(start) >= ERROR_EXCERPT_BYTES or pieces >= ERROR_EXCERPT_PIECES:
                     break
     return bytes(start[:ERROR_EXCERPT_BYTES])
+
+
+REDACTED = b"[redacted]"
+MIN_REDACTED_BYTES = 4  # shorter header values (and tokens) are not looked for: they would blank ordinary words
+
+
+def without_sent_values(excerpt: bytes, headers: Mapping[str, str]) -> bytes:
+    """`excerpt` with every value the call sent in its headers blanked out: API keys, resolved secrets,
+    the token of `Authorization: Bearer ...`, each as sent and as JSON escapes it, and one cut off by
+    the excerpt's end. An endpoint that echoes the request's headers in its error body (a debugging
+    endpoint, a proxy's error page) put the tenant's secrets, and the server's own judge key, into
+    error_reason, which every reader of the run's results sees and the database keeps in clear."""
+    needles: set[bytes] = set()
+    for value in headers.values():
+        for part in (value.strip(), value.strip().partition(" ")[2].strip()):
+            if len(part) >= MIN_REDACTED_BYTES:
+                needles.update((part.encode(), json.dumps(part)[1:-1].encode()))
+    for needle in sorted(needles, key=len, reverse=True):
+        excerpt = excerpt.replace(needle, REDACTED)
+    for needle in needles:  # the excerpt ends inside a value: its start is as much a leak
+        for length in range(len(needle) - 1, MIN_REDACTED_BYTES - 1, -1):
+            if excerpt.endswith(needle[:length]):
+                excerpt = excerpt[:-length] + REDACTED
+                break
+    return excerpt
 
 
 def one_line(excerpt: bytes) -> str:
