@@ -49,6 +49,9 @@ NOT_GLOBAL = [
     "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
     "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
     "64:ff9b:1::808:808",  # local-use NAT64
+    "::ffff:0:a9fe:a9fe",  # IPv4-translated (SIIT) 169.254.169.254: Python calls it global
+    "::ffff:0:7f00:1",  # IPv4-translated 127.0.0.1
+    "::ffff:0:a00:1",  # IPv4-translated 10.0.0.1
     "::ffff:127.0.0.1",  # IPv4-mapped
     "::ffff:169.254.169.254",
     "::127.0.0.1",  # IPv4-compatible (deprecated)
@@ -56,7 +59,15 @@ NOT_GLOBAL = [
     "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo whose client is 192.0.2.45
 ]
 
-GLOBAL = ["8.8.8.8", "1.1.1.1", "2001:4860:4860::8888", "::ffff:8.8.8.8", "2002:808:808::1", "64:ff9b::808:808"]
+GLOBAL = [
+    "8.8.8.8",
+    "1.1.1.1",
+    "2001:4860:4860::8888",
+    "::ffff:8.8.8.8",
+    "2002:808:808::1",
+    "64:ff9b::808:808",
+    "::ffff:0:808:808",
+]
 
 
 @pytest.mark.parametrize("address", NOT_GLOBAL)

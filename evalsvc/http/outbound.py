@@ -118,12 +118,15 @@ def endpoint_headers(endpoint: target_pb2.Endpoint, secrets: Mapping[str, str]) 
 # and local-use NAT64 (64:ff9b:1::/48, RFC 8215). Newer Pythons agree; listing them keeps the rule
 # the same on every version.
 _NOT_GLOBAL = tuple(ipaddress.ip_network(n) for n in ("192.0.0.0/24", "::/96", "64:ff9b:1::/48"))
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix: the low 32 bits are IPv4
+# Prefixes whose low 32 bits are the IPv4 address a translator delivers to: NAT64's well-known prefix
+# (RFC 6052) and SIIT's IPv4-translated addresses (RFC 2765, ::ffff:0:a.b.c.d; Python calls them
+# global, so [::ffff:0:169.254.169.254] passed as a public address).
+_TRANSLATED = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "::ffff:0:0:0/96"))
 
 
 def embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
     """The IPv4 addresses an IPv6 address carries and would deliver to: IPv4-mapped, 6to4, Teredo
-    (its server and client) and NAT64 forms. Empty for IPv4 and for native IPv6."""
+    (its server and client), NAT64 and IPv4-translated (SIIT) forms. Empty for IPv4 and for native IPv6."""
     if isinstance(address, ipaddress.IPv4Address):
         return []
     if address.ipv4_mapped is not None:
@@ -132,7 +135,7 @@ def embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
         return [address.sixtofour]
     if address.teredo is not None:
         return list(address.teredo)
-    if address in _NAT64:
+    if any(address in prefix for prefix in _TRANSLATED):
         return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
     return []
 
