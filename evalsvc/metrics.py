@@ -117,6 +117,14 @@ class Metrics:
             ["what"],
             registry=r,
         )
+        self.calls_refused = Counter(
+            "evalsvc_calls_refused",
+            "gRPC calls ended before they were served, by reason: REQUEST_TIMEOUT (the request never arrived), "
+            "WAITING_CALLS_FULL (the connection's calls waiting for requests), SERVER_CALLS_FULL "
+            "(--max-concurrent-rpcs)",
+            ["reason"],
+            registry=r,
+        )
         self.loop_restarts = Counter(
             "evalsvc_loop_restarts",
             "Times a long-lived loop ended before shutdown (failure or stray cancellation) and was restarted",
@@ -167,6 +175,9 @@ class Metrics:
             children = self._rpc_children[(method, code)] = (self.rpcs.labels(method, code), latency.labels(method))
         children[0].inc()
         children[1].observe(seconds)
+
+    def call_refused(self, reason: str) -> None:
+        self.calls_refused.labels(reason).inc()
 
     def loop_restarted(self, loop: str) -> None:
         """Count a supervised loop's restart."""

@@ -228,7 +228,7 @@ class EvalServer:
         self.metrics_port = 0
         self.gateway: Gateway | None = None
         authenticator, observer = Authenticator(self.keys), Observer(self.metrics)
-        self.admission = Admission(settings)
+        self.admission = Admission(settings, self.metrics)
         self._interceptor = CallInterceptor(
             authenticator, observer, max_message_bytes=settings.max_message_bytes, admission=self.admission
         )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +35,36 @@ async def served(tmp_path: Path, **settings: Any) -> AsyncIterator[EvalServer]:
         await srv.stop(grace=0.5)
 
 
-def never_sent(channel: grpc.aio.Channel, path: str = GET_RUN) -> grpc.aio.StreamUnaryCall[Any, Any]:
-    """A call whose headers go out and whose request message never does (the client neither sends
-    nor half-closes until the call is cancelled)."""
+@contextlib.asynccontextmanager
+async def unsent() -> AsyncIterator[Callable[..., grpc.aio.StreamUnaryCall[Any, Any]]]:
+    """Makes calls whose headers go out and whose request message never does: grpc's own client with a
+    request stream that sends nothing until the block ends, then ends without a message, so that
+    grpc's task reading it finishes too (left waiting, it was destroyed pending and logged at ERROR)."""
+    gate = asyncio.Event()
 
     async def nothing() -> AsyncIterator[pb.GetRunRequest]:
-        await asyncio.Event().wait()
-        yield pb.GetRunRequest()  # never reached
+        await gate.wait()
+        for never in ():
+            yield never
 
-    call = channel.stream_unary(
-        path, request_serializer=pb.GetRunRequest.SerializeToString, response_deserializer=pb.GetRunResponse.FromString
-    )
-    return call(nothing())  # type: ignore[no-any-return]
+    def call(channel: grpc.aio.Channel, path: str = GET_RUN) -> grpc.aio.StreamUnaryCall[Any, Any]:
+        method = channel.stream_unary(
+            path,
+            request_serializer=pb.GetRunRequest.SerializeToString,
+            response_deserializer=pb.GetRunResponse.FromString,
+        )
+        return method(nothing())  # type: ignore[no-any-return]
+
+    try:
+        yield call
+    finally:
+        gate.set()
+        await until(lambda: not any("_consume_request_iterator" in repr(task) for task in asyncio.all_tasks()))
+
+
+def refusals(srv: EvalServer, reason: str) -> float | None:
+    """evalsvc_calls_refused_total{reason}: refused calls are in no access log."""
+    return srv.metrics.registry.get_sample_value("evalsvc_calls_refused_total", {"reason": reason})
 
 
 async def refused(call: Any) -> grpc.aio.AioRpcError:
@@ -63,6 +81,7 @@ async def test_calls_never_sent_leave_every_tenants_calls_served(tmp_path: Path)
     async with served(tmp_path, max_concurrent_rpcs=8, max_waiting_calls_per_connection=4) as srv:
         assert srv.bootstrap_key
         async with contextlib.AsyncExitStack() as stack:
+            never_sent = await stack.enter_async_context(unsent())
             anonymous = [
                 await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}", OWN_CONNECTION))
                 for _ in range(3)
@@ -74,6 +93,7 @@ async def test_calls_never_sent_leave_every_tenants_calls_served(tmp_path: Path)
             assert fifth.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert error_reason(fifth) == "WAITING_CALLS_FULL"
             assert retry_delay(fifth) == 1.0
+            assert refusals(srv, "WAITING_CALLS_FULL") == 1  # in no access log: counted
 
             tenant = stubs.EvalRunServiceStub(
                 await stack.enter_async_context(keyed_channel(srv.port, srv.bootstrap_key))
@@ -94,6 +114,7 @@ async def test_a_request_that_never_arrives_ends_the_call(tmp_path: Path) -> Non
     async with (
         served(tmp_path, request_timeout_s=0.5) as srv,
         grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel,
+        unsent() as never_sent,
     ):
         began = time.monotonic()
         timed_out = await refused(never_sent(channel))
@@ -102,6 +123,7 @@ async def test_a_request_that_never_arrives_ends_the_call(tmp_path: Path) -> Non
         assert "--request-timeout-s" in (timed_out.details() or "")
         assert 0.5 <= time.monotonic() - began < 5.0  # the timeout, plus at most one sweep (1 s)
         assert srv.admission.waiting == 0 and srv.admission.served == 0
+        assert refusals(srv, "REQUEST_TIMEOUT") == 1
 
         empty = channel.stream_unary(GET_RUN, request_serializer=pb.GetRunRequest.SerializeToString)(iter(()))
         nothing = await refused(empty)
@@ -136,6 +158,7 @@ async def test_served_calls_past_max_concurrent_rpcs_are_refused_with_retry_info
             assert full.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert error_reason(full) == "SERVER_CALLS_FULL"
             assert retry_delay(full) == 1.0
+            assert refusals(srv, "SERVER_CALLS_FULL") == 1
 
             await streams[0].done_writing()
             await streams[0].wait_for_connection()

@@ -32,6 +32,7 @@ from evalsvc.api.status import abort
 from evalsvc.config import Settings, named
 from evalsvc.errors import Reason, ServiceError
 from evalsvc.limits import Holdings
+from evalsvc.metrics import Metrics
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -85,6 +86,7 @@ class Admission:
         "_deadlines",
         "_expired",
         "_max_served",
+        "_metrics",
         "_per_connection",
         "_sweep",
         "_timeout_s",
@@ -92,7 +94,8 @@ class Admission:
         "served",
     )
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self._metrics = metrics  # refused calls are in no access log: counted here
         self._max_served = settings.max_concurrent_rpcs
         self._timeout_s = settings.request_timeout_s
         self._per_connection = settings.max_waiting_calls_per_connection
@@ -136,12 +139,16 @@ class Admission:
 
     async def refuse(self, context: Context) -> None:
         """End a call that `admit` did not take."""
-        await abort(context, server_calls_full(self._max_served))
+        await self._refuse(context, server_calls_full(self._max_served))
+
+    async def _refuse(self, context: Context, error: ServiceError) -> None:
+        self._metrics.call_refused(error.reason)
+        await abort(context, error)
 
     async def _next(self, context: Context, peer: str) -> Any:
         """The call's next request message (or EOF), or the call ended by one of the bounds."""
         if self._waiting.of(peer) >= self._per_connection:
-            await abort(context, waiting_calls_full(self._per_connection))
+            await self._refuse(context, waiting_calls_full(self._per_connection))
         task = asyncio.current_task()
         assert task is not None  # a grpc handler runs in its call's task
         loop = asyncio.get_running_loop()
@@ -159,7 +166,7 @@ class Admission:
             del self._deadlines[task]
             self._expired.discard(task)
             self._waiting.give_back(peer)
-        await abort(context, request_timeout(self._timeout_s))
+        await self._refuse(context, request_timeout(self._timeout_s))
 
     def _swept(self) -> None:
         """Cancel the waits past their deadline (each call's task ends it with REQUEST_TIMEOUT); look
