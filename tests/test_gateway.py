@@ -167,7 +167,9 @@ async def test_update_delete_undelete_take_a_body_field_a_field_mask_and_a_boole
 async def test_etag_and_if_match_headers_are_the_runs_etag(gw) -> None:
     """HTTP's own optimistic concurrency: a stale `If-Match` was ignored (PATCH and DELETE succeeded)
     and GET sent no `ETag`. Now a run's responses carry its etag as `ETag`, and `If-Match` is the
-    request's etag: a stale one changes nothing (409 ETAG_MISMATCH), `*` checks nothing."""
+    request's etag: a stale one changes nothing (ETAG_MISMATCH, answered 412 Precondition Failed as RFC
+    9110 says a condition that does not hold is; it was 409, the status of a stale etag in the body),
+    `*` checks nothing."""
     _, client = gw
     run_id = (await client.post("/v1/runs", json=RUN)).json()["run"]["id"]
     async with client.stream("GET", f"/v1/runs/{run_id}:watch", headers={"accept": "application/x-ndjson"}) as ended:
@@ -178,9 +180,11 @@ async def test_etag_and_if_match_headers_are_the_runs_etag(gw) -> None:
     renamed = await client.patch(f"/v1/runs/{run_id}", json={"displayName": "a"}, headers={"if-match": stale})
     assert renamed.status_code == 200 and renamed.headers["etag"] != stale
     lost = await client.patch(f"/v1/runs/{run_id}", json={"displayName": "lost"}, headers={"if-match": stale})
-    assert lost.status_code == 409 and lost.json()["details"][0]["reason"] == "ETAG_MISMATCH"
+    assert lost.status_code == 412 and lost.json()["details"][0]["reason"] == "ETAG_MISMATCH"
     refused = await client.delete(f"/v1/runs/{run_id}", headers={"if-match": stale})
-    assert refused.status_code == 409 and refused.json()["details"][0]["reason"] == "ETAG_MISMATCH"
+    assert refused.status_code == 412 and refused.json()["details"][0]["reason"] == "ETAG_MISMATCH"
+    in_query = await client.delete(f"/v1/runs/{run_id}", params={"etag": stale.strip('"')})
+    assert in_query.status_code == 409 and in_query.json()["details"][0]["reason"] == "ETAG_MISMATCH"
     for never in (f"W/{renamed.headers['etag']}", '""'):  # weak: never matches (RFC 9110); empty: no check
         unclear = await client.delete(f"/v1/runs/{run_id}", headers={"if-match": never})
         assert unclear.status_code == 400, (never, unclear.text)
@@ -195,7 +199,7 @@ async def test_etag_and_if_match_headers_are_the_runs_etag(gw) -> None:
         read = await client.request(method, f"/v1/runs/{run_id}", headers={"if-match": current})
         assert read.status_code == 200 and read.headers["etag"] == current, (method, read.text)
     moved = await client.get(f"/v1/runs/{run_id}", headers={"if-match": stale})
-    assert moved.status_code == 409 and moved.json()["details"][0]["reason"] == "ETAG_MISMATCH", moved.text
+    assert moved.status_code == 412 and moved.json()["details"][0]["reason"] == "ETAG_MISMATCH", moved.text
     deleted = await client.delete(f"/v1/runs/{run_id}", headers={"if-match": current})
     assert deleted.status_code == 200 and deleted.json()["run"]["deleteTime"]
 

@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException
 
 from evalsvc.errors import FieldViolation, Reason, ServiceError, to_status
 from evalsvc.gateway import dialects, openapi, ui
-from evalsvc.gateway.conditional import apply_if_match, check_read_if_match, etag_header
+from evalsvc.gateway.conditional import apply_if_match, check_read_if_match, etag_header, unmet_status
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.parse_errors import MAX_SHOWN, field_message, field_named, field_violation
 from evalsvc.gateway.routes import Route, routes
@@ -406,10 +406,11 @@ def create_app(
         reading = route.verb.upper() == "GET"  # also as HEAD: If-Match is checked against what it returns
 
         async def endpoint(request: Request) -> Response:
+            if_match = request.headers.get("if-match", "")
             try:
                 message, metadata = await build_request(request, route), _metadata(request)
                 if not reading:
-                    apply_if_match(request.headers.get("if-match", ""), route, message)
+                    apply_if_match(if_match, route, message)
             except GatewayError as error:
                 return refused(error)
             call: grpc.aio.UnaryUnaryMultiCallable[Message, Message] = upstream.channel.unary_unary(
@@ -420,12 +421,12 @@ def create_app(
             try:
                 response = await call(message, metadata=metadata, timeout=60)
             except grpc.aio.AioRpcError as error:
-                return error_response(error)
+                return unmet_status(error_response(error), GatewayError.from_rpc(error).reason, if_match)
             if reading:
                 try:
-                    check_read_if_match(request.headers.get("if-match", ""), response)
+                    check_read_if_match(if_match, response)
                 except GatewayError as error:
-                    return refused(error)
+                    return unmet_status(refused(error), error.reason, if_match)
             tag = etag_header(response)
             headers = {"etag": tag} if tag else None
             return Response(await json_body(response), media_type=JSONResponse.media_type, headers=headers)

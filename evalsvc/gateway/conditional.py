@@ -4,18 +4,22 @@ that carry an AIP-154 `etag` (a run).
 A response whose resource has an etag names it in an `ETag` header (a strong validator, quoted); a
 request's `If-Match` fills the request's etag (DeleteRun's `etag`, UpdateRun's `run.etag`), so the
 write happens only if nobody changed the resource, exactly as with the etag in the body or query
-(`ABORTED`, HTTP 409, reason ETAG_MISMATCH otherwise). `If-Match: *` asks for no check; a weak tag
+(`ABORTED`, reason ETAG_MISMATCH otherwise: HTTP 409 for the etag in the body or query, and for an
+`If-Match` that does not hold HTTP's own 412 Precondition Failed, RFC 9110 13.1.1, which is what an
+HTTP client's conditional request waits for; the body is the same google.rpc.Status either way).
+`If-Match: *` asks for no check; a weak tag
 (`W/"..."`, which RFC 9110's strong comparison never matches) or an empty one is refused (400), and
 so is a tag on a write whose resource has no etag (a grader, a webhook...: 400 INVALID_ARGUMENT, as
 the other If-Match refusals), whose condition cannot hold: the method must not run (RFC 9110 13.1.1),
 and ignoring the header ran it. A read (GET, HEAD) with a tag is answered only when the resource it
-returns is at that etag (else the same ABORTED ETAG_MISMATCH, 409). An HTTP client that follows RFC 9110
+returns is at that etag (else the same ABORTED ETAG_MISMATCH, 412). An HTTP client that follows RFC 9110
 gets what it expects without knowing the field.
 """
 
 from __future__ import annotations
 
 import grpc
+from fastapi.responses import JSONResponse
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
@@ -55,7 +59,7 @@ def _one_strong_tag(value: str) -> str:
 
 def check_read_if_match(if_match: str, response: Message) -> None:
     """A read (GET, HEAD) with `If-Match`: answered only when the resource it returns is at that etag
-    (RFC 9110 13.1.1), else the writes' own refusal, ABORTED ETAG_MISMATCH (409). A response without
+    (RFC 9110 13.1.1), else the writes' own refusal, ABORTED ETAG_MISMATCH (412). A response without
     an etag cannot match a tag."""
     value = if_match.strip()
     if not value or value == "*":
@@ -106,3 +110,12 @@ def etag_header(response: Message) -> str | None:
         if _holds_etag(resource) and (tag := getattr(resource, ETAG_FIELD)):
             return f'"{tag}"'
     return None
+
+
+def unmet_status(response: JSONResponse, reason: str, if_match: str) -> JSONResponse:
+    """`response` (an error), answered 412 Precondition Failed when it is an ETAG_MISMATCH of a request
+    whose `If-Match` named an etag: RFC 9110 13.1.1 says a condition that does not hold is 412, and a
+    client's conditional request (an HTTP library's, a proxy's) waits for exactly that."""
+    if reason == Reason.ETAG_MISMATCH and if_match.strip() not in ("", "*"):
+        response.status_code = 412
+    return response
