@@ -305,6 +305,25 @@ async def test_adaptive_limit_halves_on_429_and_grows_on_success() -> None:
     assert limit.limit == 1
 
 
+async def test_a_throttled_key_halves_only_its_own_limit_at_an_endpoint() -> None:
+    """A provider's rate limit is its key's: keyed by the endpoint alone, one tenant whose own key got
+    429s halved the limit of every tenant calling that provider with keys of their own (16 one-second
+    calls: 2.3 s alone, 10.8 s beside the throttled tenant). Calls with the same credentials (the
+    server's judge key, an operator secret, none) still share one limit, and its fair turns."""
+    outbound = Outbound(Settings(outbound_allow="127.0.0.1", http_retries=0))
+    try:
+        with FakeEndpoint(Reply(raw='{"error": "quota"}', status=429)) as llm:
+            throttled_key = {"content-type": "application/json", "authorization": "Bearer sk-a"}
+            with pytest.raises(outbound_module.OutboundError):
+                await outbound.post_json(llm.url + "/v1/chat/completions", {}, throttled_key)
+        assert outbound.limit_of(llm.url, throttled_key).limit == 4  # halved
+        assert outbound.limit_of(llm.url, {"authorization": "Bearer sk-b"}).limit == 8  # another key: untouched
+        assert outbound.limit_of(llm.url, {"authorization": "Bearer sk-a"}) is outbound.limit_of(llm.url, throttled_key)
+        assert outbound.limit_of(llm.url, {"content-type": "application/json"}) is outbound.limit_of(llm.url)
+    finally:
+        await outbound.close()
+
+
 async def test_every_spelling_of_an_endpoint_shares_its_limit_and_idle_limits_are_bounded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import ipaddress
 import random
 import time
@@ -366,8 +367,9 @@ def _endpoint_host(host: str) -> str:
 
 
 class AdaptiveLimit:
-    """AIMD concurrency limit of one endpoint: halve on 429, grow by one on success. Shared by every
-    tenant; its waiters are served round-robin across tenants (`Slots`)."""
+    """AIMD concurrency limit of one endpoint and credentials: halve on 429, grow by one on success.
+    Shared by every tenant calling with those credentials (the server's judge key, an operator secret,
+    or none); its waiters are served round-robin across tenants (`Slots`)."""
 
     def __init__(self, limit: float = 8.0, minimum: float = 1.0, maximum: float = 256.0) -> None:
         self.limit = limit
@@ -465,6 +467,14 @@ async def _held_up_until(take: Callable[[], Awaitable[None]], give_back: Callabl
         raise
 
 
+def _credentials(headers: Mapping[str, str]) -> bytes:
+    """What identifies a call's credentials at its endpoint: a digest of the headers it sends (its API
+    key, a secret-filled header, an organisation), the content type aside; b"" for none. Headers are
+    the endpoint's configuration, the same on every call of a target or judge."""
+    sent = sorted((name.lower(), value) for name, value in headers.items() if name.lower() != "content-type")
+    return hashlib.blake2b(repr(sent).encode(), digest_size=16).digest() if sent else b""
+
+
 @contextlib.asynccontextmanager
 async def _endpoint_slot(limit_of: Callable[[], AdaptiveLimit], calls: TenantCalls) -> AsyncIterator[_Call]:
     """One call's slot under its endpoint's limit and within its tenant's room (`TenantCalls`), given
@@ -524,22 +534,29 @@ class Outbound:
         self._client = httpx.AsyncClient(
             follow_redirects=False, transport=checked_transport(self.allow, httpx.Limits(max_connections=512))
         )
-        self._limits: OrderedDict[tuple[str, str, int], AdaptiveLimit] = OrderedDict()  # least recently used first
+        # (scheme, host, port, credentials) -> its limit; least recently used first
+        self._limits: OrderedDict[tuple[str, str, int, bytes], AdaptiveLimit] = OrderedDict()
         self.calls = TenantCalls(settings.workers_per_tenant)
         self._json = JsonParser()
         self.base_backoff_s = 0.2
 
-    def limit_of(self, url: str) -> AdaptiveLimit:
-        """The adaptive limit of the endpoint (scheme, host, port) serving url.
+    def limit_of(self, url: str, headers: Mapping[str, str] | None = None) -> AdaptiveLimit:
+        """The adaptive limit of calls to the endpoint (scheme, host, port) serving url with the
+        credentials in `headers` (`_credentials`).
 
         Keyed by the URL's netloc, user-info and spelling included, every variant of one endpoint's
         URL (`http://a@host/`, `http://HOST:80/`) had a fresh limit of its own, which a tenant could use
         to go around an endpoint's shared limit and the fair queueing on it, and each stayed for good
-        (3,000 variants, 3,000 limits; with 64 KiB of user-info each, 64 MB). At most ENDPOINT_LIMITS
-        are kept; past it the least recently used idle one is forgotten (it starts afresh if used again)."""
+        (3,000 variants, 3,000 limits; with 64 KiB of user-info each, 64 MB). Keyed by the endpoint
+        alone, one tenant whose own key was over its provider's quota (429s) halved the limit of every
+        tenant calling that provider with keys of their own (16 one-second calls: 2.3 s alone, 10.8 s
+        beside the throttled tenant, a probe measured): a provider's rate limit is its key's. At most
+        ENDPOINT_LIMITS are kept; past it the least recently used idle one is forgotten (it starts
+        afresh if used again)."""
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
-        key = (scheme, _endpoint_host(parts.hostname or ""), parts.port or DEFAULT_PORTS.get(scheme, 0))
+        port = parts.port or DEFAULT_PORTS.get(scheme, 0)
+        key = (scheme, _endpoint_host(parts.hostname or ""), port, _credentials(headers or {}))
         limit = self._limits.get(key)
         if limit is None:
             self._forget_idle_limits()
@@ -562,7 +579,7 @@ class Outbound:
         while True:
             attempt += 1
             # Looked up at each attempt (and after each wait): one idle meanwhile may have been forgotten.
-            async with _endpoint_slot(functools.partial(self.limit_of, url), self.calls) as call:
+            async with _endpoint_slot(functools.partial(self.limit_of, url, headers), self.calls) as call:
                 guard = call_guard.get()
                 if guard is not None:
                     guard()
