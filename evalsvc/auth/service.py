@@ -202,8 +202,14 @@ class KeyService:
         parsed = keys.parse(presented)
         if parsed is None:
             raise unauthenticated(Reason.API_KEY_INVALID, "the API key is malformed or mistyped")
+        cached = self._verified.get(parsed.key_id)
+        from_cache = cached is not None and now - cached[0] < self._cache_s
         key = await self._lookup(parsed.key_id, now)
         if key is None or not keys.secret_matches(parsed.secret, key.secret_hash):
+            if from_cache:
+                # As long as an unknown key id takes (its lookup is a read): a wrong secret answered from
+                # the cache took half the time (0.98 ms against 2.13 ms), which told that the key exists.
+                await self._read(parsed.key_id)
             raise unauthenticated(Reason.API_KEY_INVALID, "the API key is not valid")
         if self._cache_s > 0:
             if len(self._accepted) > 10_000:
