@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -670,3 +671,29 @@ def test_global_flags_default_from_the_environment(monkeypatch: pytest.MonkeyPat
         True,
     ]
     assert cli.parser().parse_args(["validate", "s", "--json"]).json is True
+
+
+def test_a_run_with_peoples_verdicts_shows_how_its_grader_agrees(
+    live: tuple[ServerProcess, str], tmp_path: Path
+) -> None:
+    """Judge calibration from the command line: items carry `human_verdicts`; `run` prints each grader's
+    agreement with them, the report has it too, and `validate` warns of a name no grader has."""
+    rows = _rows(10, wrong_every=5)  # q0 and q5 are wrong: exact fails them
+    for i, row in enumerate(rows):
+        row["human_verdicts"] = {"exact": i != 0, "exactt": True}  # people pass q5: one disagreement
+    (tmp_path / "labelled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "spec.yaml").write_text(
+        "dataset: labelled.jsonl\ntarget: provided\ngraders:\n  - {name: exact, exact_match: {}}\n"
+    )
+    checked = evalctl(live, "validate", str(tmp_path / "spec.yaml"))
+    assert checked.returncode == 0 and "warning: human_verdicts name 'exactt'" in checked.stderr, checked.stderr
+    ran = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--fail-under", "50", "--no-progress")
+    assert ran.returncode == 0, ran.stderr
+    shown = ran.stdout + ran.stderr
+    assert "exact agrees with people on 90.0% of 10 compared outputs (Cohen's kappa 0.62;" in shown, shown
+    assert "failed 1 that people passed" in shown, shown
+    run_id = re.search(r"run (run_\w+)", shown)
+    assert run_id is not None, shown
+    report = tmp_path / "report.html"
+    assert evalctl(live, "report", run_id.group(1), "--html", str(report)).returncode == 0
+    assert "Agreement with people" in report.read_text() and "90.0% of 10 compared outputs" in report.read_text()

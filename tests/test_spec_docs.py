@@ -149,7 +149,7 @@ def test_dataset_rows_are_checked_with_their_file_and_line(tmp_path: Path) -> No
     )
     assert spec is None and [str(p) for p in found] == [
         "rows.jsonl:2: respons: unknown key; did you mean 'response'? (Item keys: id, input, expected_output,"
-        " context, conversation, expected_tool_calls, response, metadata)"
+        " context, conversation, expected_tool_calls, response, metadata, human_verdicts)"
     ]
 
 

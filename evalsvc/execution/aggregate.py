@@ -29,10 +29,40 @@ def _std_error(n: int, total: float, squares: float) -> float:
     return math.sqrt(variance / n)
 
 
+def agree(agreement: run_pb2.HumanAgreement, state: int, person_passed: bool, n: int) -> None:
+    """Count `n` results of one grader in `state` that a person judged `person_passed`."""
+    if state == run_pb2.RESULT_STATE_ERROR:
+        agreement.errored += n
+    elif state == run_pb2.RESULT_STATE_PASSED:
+        if person_passed:
+            agreement.both_passed += n
+        else:
+            agreement.grader_passed_person_failed += n
+    elif state == run_pb2.RESULT_STATE_FAILED:
+        if person_passed:
+            agreement.grader_failed_person_passed += n
+        else:
+            agreement.both_failed += n
+
+
+def settle(agreement: run_pb2.HumanAgreement) -> None:
+    """Accuracy and Cohen's kappa from the counts: kappa = (p_o - p_e) / (1 - p_e), p_e the agreement
+    chance gives from each side's own pass rate; 0 where chance explains everything (p_e = 1)."""
+    a, d = agreement.both_passed, agreement.both_failed
+    b, c = agreement.grader_passed_person_failed, agreement.grader_failed_person_passed
+    n = a + b + c + d
+    if not n:
+        return
+    observed = (a + d) / n
+    chance = ((a + b) * (a + c) + (c + d) * (b + d)) / (n * n)
+    agreement.accuracy = observed
+    agreement.cohen_kappa = (observed - chance) / (1 - chance) if chance < 1 else 0.0
+
+
 def build_aggregate(grader_order: Sequence[str], inputs: AggregateInputs) -> run_pb2.RunAggregate:
     """The RunAggregate of a run's results: per grader and overall pass rate, mean score and its
-    standard error (errors excluded), mean weighted item score, latency percentiles, costs (without
-    what came from the response cache) and what the cache saved."""
+    standard error (errors excluded), agreement with people's verdicts, mean weighted item score,
+    latency percentiles, costs (without what came from the response cache) and what the cache saved."""
     per_grader = {name: run_pb2.GraderAggregate(grader=name) for name in grader_order}
     sums: dict[str, list[float]] = {name: [0.0, 0.0] for name in grader_order}
     scoring_cost = 0.0
@@ -43,6 +73,8 @@ def build_aggregate(grader_order: Sequence[str], inputs: AggregateInputs) -> run
         scoring_cost += tally.scoring_cost
         cost_saved += tally.scoring_saved
         cache_hits += tally.verdict_hits
+        if tally.human_verdict is not None:
+            agree(agg.agreement, tally.state, tally.human_verdict, tally.n)
         if tally.state == run_pb2.RESULT_STATE_PASSED:
             agg.passed += tally.n
         elif tally.state == run_pb2.RESULT_STATE_FAILED:
@@ -61,6 +93,8 @@ def build_aggregate(grader_order: Sequence[str], inputs: AggregateInputs) -> run
         agg.pass_rate = pass_rate(agg.passed, agg.failed)
         agg.mean_score = total / graded if graded else 0.0
         agg.std_error = _std_error(graded, total, squares)
+        if agg.HasField("agreement"):
+            settle(agg.agreement)
         passed, failed = passed + agg.passed, failed + agg.failed
         score_total, square_total = score_total + total, square_total + squares
     ordered = sorted(inputs.latencies)

@@ -538,6 +538,7 @@ class Executor:
             cached=use.output_cached,
             cache_writes=use.writes,
             cache_hits=use.hits,
+            human_verdicts=item.human_verdicts,
         )
         if into is None:
             self._hand_over([finished])

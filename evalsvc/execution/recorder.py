@@ -25,8 +25,8 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -75,6 +75,7 @@ class FinishedJob:
     cached: bool = False  # the output came from the response cache: its cost was not spent
     cache_writes: Sequence[CacheEntry] = ()  # outputs and verdicts to store in the response cache
     cache_hits: Sequence[str] = ()  # keys of the entries it used (their last use moves to now)
+    human_verdicts: Mapping[str, bool] = field(default_factory=dict)  # people's verdicts on the output, by grader
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +335,7 @@ async def _result_events(
                 confidence=grade.confidence,
                 cached=f.cached,
                 verdict_cached=grade.cached,
+                human_verdict=f.human_verdicts.get(grader),
             )
             result_rows.append(row)
             event = pb.WatchRunResponse(seq=seq, event_time=event_time, counts=counts)

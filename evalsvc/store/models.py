@@ -246,6 +246,7 @@ class ResultRow(SQLModel, table=True):
     confidence: float | None = None
     cached: bool = Field(default=False, sa_column_kwargs=FALSE)  # the output came from the response cache
     verdict_cached: bool = Field(default=False, sa_column_kwargs=FALSE)  # the judge's verdict did
+    human_verdict: bool | None = None  # a person's verdict on the output for this grader (Item.human_verdicts)
 
 
 class EventRow(SQLModel, table=True):

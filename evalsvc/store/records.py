@@ -107,17 +107,19 @@ class ResultRecord(FromRow):
     confidence: float | None
     cached: bool
     verdict_cached: bool
+    human_verdict: bool | None  # a person's verdict on the output for this grader, when the item had one
 
 
 @dataclass(frozen=True, slots=True)
 class GraderTally:
-    """A run's results of one grader in one state, summed (`runs.aggregate_inputs`): what the run's
-    aggregate is computed from. The costs and hits count verdicts paid for and verdicts from the
-    response cache apart."""
+    """A run's results of one grader in one state with one person's verdict (or none), summed
+    (`runs.aggregate_inputs`): what the run's aggregate is computed from. The costs and hits count
+    verdicts paid for and verdicts from the response cache apart."""
 
     run_id: str
     grader: str
     state: int  # a run_pb2.ResultState
+    human_verdict: bool | None  # the people's verdict these results were compared with, if any
     n: int
     score_sum: float
     score_sq_sum: float
@@ -133,6 +135,7 @@ class GraderTally:
             run_id=row["run_id"],
             grader=row["grader"],
             state=row["state"],
+            human_verdict=None if row["human_verdict"] is None else bool(row["human_verdict"]),
             n=int(row["n"]),
             score_sum=float(row["score_sum"] or 0.0),
             score_sq_sum=float(row["score_sq_sum"] or 0.0),

@@ -534,6 +534,7 @@ TALLY_COLUMNS = (
     RESULTS.c.run_id,
     RESULTS.c.grader,
     RESULTS.c.state,
+    RESULTS.c.human_verdict,
     func.count().label("n"),
     func.sum(RESULTS.c.score).label("score_sum"),
     func.sum(RESULTS.c.score * RESULTS.c.score).label("score_sq_sum"),
@@ -548,7 +549,7 @@ async def aggregate_inputs(conn: AsyncConnection, run_ids: Sequence[str]) -> dic
     per_grader = await conn.execute(
         select(*TALLY_COLUMNS)
         .where(RESULTS.c.run_id.in_(sorted(set(run_ids))))
-        .group_by(RESULTS.c.run_id, RESULTS.c.grader, RESULTS.c.state)
+        .group_by(RESULTS.c.run_id, RESULTS.c.grader, RESULTS.c.state, RESULTS.c.human_verdict)
     )
     inputs = {run_id: AggregateInputs([], [], 0.0, [], []) for run_id in run_ids}
     for row in per_grader.mappings():
@@ -709,6 +710,7 @@ def result_tuple(
     confidence: float | None,
     cached: bool,
     verdict_cached: bool,
+    human_verdict: bool | None,
 ) -> tuple[Any, ...]:
     """A `results` row for `insert_results`: its values in RESULT_COLUMNS order, given by name."""
     return (
@@ -732,6 +734,7 @@ def result_tuple(
         confidence,
         cached,
         verdict_cached,
+        human_verdict,
     )
 
 
@@ -769,6 +772,7 @@ def fill_result(
         confidence,
         cached,
         verdict_cached,
+        human_verdict,
     ) = row
     result.id = str(result_id)
     result.run_id = run_id
@@ -799,6 +803,8 @@ def fill_result(
         result.complete_time.CopyFrom(complete_time)
     if confidence is not None:
         result.confidence = confidence
+    if human_verdict is not None:
+        result.human_verdict = bool(human_verdict)
     if output:
         result.output.CopyFrom(item_pb2.Response.FromString(output))
     return result

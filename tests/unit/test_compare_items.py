@@ -60,6 +60,7 @@ def result_row(run_id: str, key: Key, state: int, *, tenant: str = "t1", explana
         state=state, score=1.0 if state == run_pb2.RESULT_STATE_PASSED else 0.25, raw_score=0.0,
         explanation=explanation or f"{key} in {run_id}", error_reason="", attempt=1, cost_usd=0.0, latency_ms=0.0,
         complete_time=1.0, scoring_cost_usd=0.0, confidence=None, cached=False, verdict_cached=False,
+        human_verdict=None,
     )  # fmt: skip
 
 

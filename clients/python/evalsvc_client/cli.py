@@ -49,7 +49,7 @@ from evalsvc_client import pb
 from evalsvc_client._common import TLSOptions
 from evalsvc_client.errors import EvalError
 from evalsvc_client.export import to_dict, write_jsonl, write_junit
-from evalsvc_client.report import format_rate, render_html
+from evalsvc_client.report import agreement_line, format_rate, render_html
 from evalsvc_client.spec import CACHE_MODES, RunSpec, SpecError, cache_mode, load_spec, plural
 from evalsvc_client.sync import EvalClient
 
@@ -171,6 +171,9 @@ def _summary(console: Console, run: pb.Run) -> None:
         f" cost ${run.cost_usd:.4f}"  # target and judges (aggregate.total_cost_usd is the target's alone)
         + (f" ({run.error.code}: {run.error.message})" if run.HasField("error") else "")
     )
+    for grader in run.aggregate.graders:
+        if grader.HasField("agreement"):  # items with human_verdicts: how far the grader can be trusted
+            console.print(f"  {grader.grader} {agreement_line(grader.agreement)}", markup=False)
 
 
 def _follow(client: EvalClient, run_id: str, after_seq: int, args: argparse.Namespace, console: Console) -> pb.Run:

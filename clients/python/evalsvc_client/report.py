@@ -122,6 +122,31 @@ def _stat(label: str, value_html: str) -> str:
     return f'<div class="stat"><div class="label">{label}</div><div class="value">{value_html}</div></div>'
 
 
+def agreement_line(agreement: pb.run.HumanAgreement) -> str:
+    """A grader's agreement with people's verdicts, in words (evalctl and the report say it alike)."""
+    compared = (
+        agreement.both_passed
+        + agreement.both_failed
+        + agreement.grader_passed_person_failed
+        + agreement.grader_failed_person_passed
+    )
+    return (
+        f"agrees with people on {100 * agreement.accuracy:.1f}% of {compared} compared outputs"
+        f" (Cohen's kappa {agreement.cohen_kappa:.2f}; passed {agreement.grader_passed_person_failed} that people"
+        f" failed, failed {agreement.grader_failed_person_passed} that people passed)"
+    )
+
+
+def _agreement_card(run: pb.Run) -> str:
+    """The graders' agreement with people's verdicts (Item.human_verdicts), when any result had one."""
+    rows = "".join(
+        f"<li><b>{html.escape(grader.grader)}</b> {html.escape(agreement_line(grader.agreement))}</li>"
+        for grader in run.aggregate.graders
+        if grader.HasField("agreement")
+    )
+    return f'<div class="card"><h2>Agreement with people</h2><ul>{rows}</ul></div>' if rows else ""
+
+
 def render_html(run: pb.Run, results: Iterable[pb.Result]) -> str:
     """The report page of a run and its results."""
     tallies: dict[str, _Tally] = {grader.name: _Tally() for grader in run.graders}
@@ -192,6 +217,7 @@ def render_html(run: pb.Run, results: Iterable[pb.Result]) -> str:
 <div class="card"><h2>Graders</h2><table><thead><tr><th>Grader</th><th>Pass rate</th><th class="num">Passed</th>
 <th class="num">Failed</th><th class="num">Errors</th><th class="num">Mean score</th></tr></thead>
 <tbody>{grader_rows}</tbody></table></div>
+{_agreement_card(run)}
 <div class="card"><h2>Latency</h2><p class="sub">p50 {latency.p50_ms:.0f} ms · p95 {latency.p95_ms:.0f} ms ·
 p99 {latency.p99_ms:.0f} ms · mean {latency.mean_ms:.0f} ms</p>{_histogram(sorted(latencies.values()))}</div>
 <div class="card"><h2>Failing results ({failure_count})</h2>

@@ -459,7 +459,24 @@ class RunSpec:
             value = getattr(self.create_request, name)
             if self.create_request.HasField(name) and 0 < value <= 1:
                 found.append(f"{name} {value:g} is a percent ({value:g}%); for {value * 100:g}% write {value * 100:g}")
+        found.extend(self._unmatched_human_verdicts())
         return found
+
+    def _unmatched_human_verdicts(self) -> list[str]:
+        """Items' `human_verdicts` that name none of the spec's graders: the server ignores them (a
+        dataset may carry verdicts for other runs' graders), so a misspelt name compares nothing. Not
+        known for a saved grader's name, which the server resolves."""
+        graders = self.create_request.graders
+        if any(g.WhichOneof("kind") == "saved" for g in graders):
+            return []
+        names = {g.name or g.WhichOneof("kind") or "grader" for g in graders}
+        unmatched = sorted({key for item in self.create_request.items for key in item.human_verdicts} - names)
+        if not unmatched:
+            return []
+        return [
+            f"human_verdicts name {', '.join(repr(n) for n in unmatched)}, which no grader here is called "
+            f"(graders: {', '.join(sorted(names))}); those verdicts are compared with nothing"
+        ]
 
     def describe(self) -> str:
         """One line for `evalctl validate`: what the spec would run."""

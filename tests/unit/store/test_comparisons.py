@@ -24,7 +24,7 @@ def result(run_id: str, item_id: str, index: int, grader: str) -> tuple[Any, ...
         id=job * 1024 + index, tenant="t1", run_id=run_id, job_id=job, item_id=item_id, repetition=0,
         grader=grader, state=run_pb2.RESULT_STATE_PASSED, score=1.0, raw_score=1.0, explanation="",
         error_reason="", attempt=1, cost_usd=0.0, latency_ms=0.0, complete_time=1.0, scoring_cost_usd=0.0,
-        confidence=None, cached=False, verdict_cached=False,
+        confidence=None, cached=False, verdict_cached=False, human_verdict=None,
     )  # fmt: skip
 
 

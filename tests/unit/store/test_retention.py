@@ -72,6 +72,7 @@ async def stored_run(
                     confidence=None,
                     cached=False,
                     verdict_cached=False,
+                    human_verdict=None,
                 )
                 for j in jobs
             ],

@@ -422,6 +422,7 @@ def result_row(job_id: int, run_id: str, grader: str, state: int, score: float, 
         "confidence": None,
         "cached": False,
         "verdict_cached": more.get("verdict_cached", False),
+        "human_verdict": more.get("human_verdict"),
     }
     return tuple(values[c] for c in run_store.RESULT_COLUMNS)
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x65valsvc/v1/item.proto\x12\nevalsvc.v1\x1a\x1cgoogle/protobuf/struct.proto\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"D\n\x08ToolCall\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xd6\x01\n\x08Response\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12(\n\ntool_calls\x18\x02 \x03(\x0b\x32\x14.evalsvc.v1.ToolCall\x12\x10\n\x08\x63ost_usd\x18\x03 \x01(\x01\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x0f\n\x07refused\x18\x05 \x01(\x08\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\x03\x12\x12\n\nmemory_mib\x18\x08 \x01(\x01\x12\x12\n\nimage_urls\x18Z \x03(\t\"\x9e\x02\n\x04Item\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12\x17\n\x0f\x65xpected_output\x18\x03 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x04 \x01(\t\x12)\n\x0c\x63onversation\x18\x05 \x03(\x0b\x32\x13.evalsvc.v1.Message\x12\x1b\n\x13\x65xpected_tool_calls\x18\x06 \x03(\t\x12&\n\x08response\x18\x07 \x01(\x0b\x32\x14.evalsvc.v1.Response\x12\x30\n\x08metadata\x18\x08 \x03(\x0b\x32\x1e.evalsvc.v1.Item.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x65valsvc/v1/item.proto\x12\nevalsvc.v1\x1a\x1cgoogle/protobuf/struct.proto\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"D\n\x08ToolCall\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xd6\x01\n\x08Response\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12(\n\ntool_calls\x18\x02 \x03(\x0b\x32\x14.evalsvc.v1.ToolCall\x12\x10\n\x08\x63ost_usd\x18\x03 \x01(\x01\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x0f\n\x07refused\x18\x05 \x01(\x08\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\x03\x12\x12\n\nmemory_mib\x18\x08 \x01(\x01\x12\x12\n\nimage_urls\x18Z \x03(\t\"\x91\x03\n\x04Item\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12\x17\n\x0f\x65xpected_output\x18\x03 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x04 \x01(\t\x12)\n\x0c\x63onversation\x18\x05 \x03(\x0b\x32\x13.evalsvc.v1.Message\x12\x1b\n\x13\x65xpected_tool_calls\x18\x06 \x03(\t\x12&\n\x08response\x18\x07 \x01(\x0b\x32\x14.evalsvc.v1.Response\x12\x30\n\x08metadata\x18\x08 \x03(\x0b\x32\x1e.evalsvc.v1.Item.MetadataEntry\x12;\n\x0ehuman_verdicts\x18\t \x03(\x0b\x32#.evalsvc.v1.Item.HumanVerdictsEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x34\n\x12HumanVerdictsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,6 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ITEM_METADATAENTRY']._loaded_options = None
   _globals['_ITEM_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_ITEM_HUMANVERDICTSENTRY']._loaded_options = None
+  _globals['_ITEM_HUMANVERDICTSENTRY']._serialized_options = b'8\001'
   _globals['_MESSAGE']._serialized_start=67
   _globals['_MESSAGE']._serialized_end=107
   _globals['_TOOLCALL']._serialized_start=109
@@ -41,7 +43,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESPONSE']._serialized_start=180
   _globals['_RESPONSE']._serialized_end=394
   _globals['_ITEM']._serialized_start=397
-  _globals['_ITEM']._serialized_end=683
-  _globals['_ITEM_METADATAENTRY']._serialized_start=636
-  _globals['_ITEM_METADATAENTRY']._serialized_end=683
+  _globals['_ITEM']._serialized_end=798
+  _globals['_ITEM_METADATAENTRY']._serialized_start=697
+  _globals['_ITEM_METADATAENTRY']._serialized_end=744
+  _globals['_ITEM_HUMANVERDICTSENTRY']._serialized_start=746
+  _globals['_ITEM_HUMANVERDICTSENTRY']._serialized_end=798
 # @@protoc_insertion_point(module_scope)

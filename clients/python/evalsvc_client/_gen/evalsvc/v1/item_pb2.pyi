@@ -46,7 +46,7 @@ class Response(_message.Message):
     def __init__(self, content: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., cost_usd: _Optional[float] = ..., latency_ms: _Optional[float] = ..., refused: _Optional[bool] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., memory_mib: _Optional[float] = ..., image_urls: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Item(_message.Message):
-    __slots__ = ("id", "input", "expected_output", "context", "conversation", "expected_tool_calls", "response", "metadata")
+    __slots__ = ("id", "input", "expected_output", "context", "conversation", "expected_tool_calls", "response", "metadata", "human_verdicts")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,13 @@ class Item(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class HumanVerdictsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bool
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bool] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +69,7 @@ class Item(_message.Message):
     EXPECTED_TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    HUMAN_VERDICTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     input: str
     expected_output: str
@@ -70,4 +78,5 @@ class Item(_message.Message):
     expected_tool_calls: _containers.RepeatedScalarFieldContainer[str]
     response: Response
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., input: _Optional[str] = ..., expected_output: _Optional[str] = ..., context: _Optional[str] = ..., conversation: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., expected_tool_calls: _Optional[_Iterable[str]] = ..., response: _Optional[_Union[Response, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    human_verdicts: _containers.ScalarMap[str, bool]
+    def __init__(self, id: _Optional[str] = ..., input: _Optional[str] = ..., expected_output: _Optional[str] = ..., context: _Optional[str] = ..., conversation: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., expected_tool_calls: _Optional[_Iterable[str]] = ..., response: _Optional[_Union[Response, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., human_verdicts: _Optional[_Mapping[str, bool]] = ...) -> None: ...

@@ -99,7 +99,7 @@ class MemoryStats(_message.Message):
     def __init__(self, mean_mib: _Optional[float] = ..., p50_mib: _Optional[float] = ..., p95_mib: _Optional[float] = ..., max_mib: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class GraderAggregate(_message.Message):
-    __slots__ = ("grader", "pass_rate", "mean_score", "passed", "failed", "errored", "std_error")
+    __slots__ = ("grader", "pass_rate", "mean_score", "passed", "failed", "errored", "std_error", "agreement")
     GRADER_FIELD_NUMBER: _ClassVar[int]
     PASS_RATE_FIELD_NUMBER: _ClassVar[int]
     MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,7 @@ class GraderAggregate(_message.Message):
     FAILED_FIELD_NUMBER: _ClassVar[int]
     ERRORED_FIELD_NUMBER: _ClassVar[int]
     STD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
     grader: str
     pass_rate: float
     mean_score: float
@@ -114,7 +115,26 @@ class GraderAggregate(_message.Message):
     failed: int
     errored: int
     std_error: float
-    def __init__(self, grader: _Optional[str] = ..., pass_rate: _Optional[float] = ..., mean_score: _Optional[float] = ..., passed: _Optional[int] = ..., failed: _Optional[int] = ..., errored: _Optional[int] = ..., std_error: _Optional[float] = ...) -> None: ...
+    agreement: HumanAgreement
+    def __init__(self, grader: _Optional[str] = ..., pass_rate: _Optional[float] = ..., mean_score: _Optional[float] = ..., passed: _Optional[int] = ..., failed: _Optional[int] = ..., errored: _Optional[int] = ..., std_error: _Optional[float] = ..., agreement: _Optional[_Union[HumanAgreement, _Mapping]] = ...) -> None: ...
+
+class HumanAgreement(_message.Message):
+    __slots__ = ("both_passed", "both_failed", "grader_passed_person_failed", "grader_failed_person_passed", "errored", "accuracy", "cohen_kappa")
+    BOTH_PASSED_FIELD_NUMBER: _ClassVar[int]
+    BOTH_FAILED_FIELD_NUMBER: _ClassVar[int]
+    GRADER_PASSED_PERSON_FAILED_FIELD_NUMBER: _ClassVar[int]
+    GRADER_FAILED_PERSON_PASSED_FIELD_NUMBER: _ClassVar[int]
+    ERRORED_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    COHEN_KAPPA_FIELD_NUMBER: _ClassVar[int]
+    both_passed: int
+    both_failed: int
+    grader_passed_person_failed: int
+    grader_failed_person_passed: int
+    errored: int
+    accuracy: float
+    cohen_kappa: float
+    def __init__(self, both_passed: _Optional[int] = ..., both_failed: _Optional[int] = ..., grader_passed_person_failed: _Optional[int] = ..., grader_failed_person_passed: _Optional[int] = ..., errored: _Optional[int] = ..., accuracy: _Optional[float] = ..., cohen_kappa: _Optional[float] = ...) -> None: ...
 
 class RunAggregate(_message.Message):
     __slots__ = ("pass_rate", "mean_score", "graders", "total_cost_usd", "latency", "scoring_cost_usd", "std_error", "mean_item_score", "memory", "cache_hits", "cost_saved_usd")
@@ -231,7 +251,7 @@ class Run(_message.Message):
     def __init__(self, id: _Optional[str] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., dataset_id: _Optional[str] = ..., run_number: _Optional[int] = ..., target: _Optional[_Union[_target_pb2.Target, _Mapping]] = ..., graders: _Optional[_Iterable[_Union[_grader_pb2.Grader, _Mapping]]] = ..., pass_threshold: _Optional[float] = ..., repetitions: _Optional[int] = ..., warmup_runs: _Optional[int] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., counts: _Optional[_Union[RunCounts, _Mapping]] = ..., aggregate: _Optional[_Union[RunAggregate, _Mapping]] = ..., overall_passed: _Optional[bool] = ..., error: _Optional[_Union[RunError, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., request_id: _Optional[str] = ..., max_cost_usd: _Optional[float] = ..., cost_usd: _Optional[float] = ..., annotations: _Optional[_Mapping[str, str]] = ..., delete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_error_rate: _Optional[float] = ..., rerun_of: _Optional[str] = ..., etag: _Optional[str] = ..., cache_mode: _Optional[_Union[_cache_pb2.CacheMode, str]] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("id", "run_id", "item_id", "repetition", "grader", "state", "score", "raw_score", "passed", "explanation", "output", "cost_usd", "latency_ms", "error_reason", "attempt", "complete_time", "scoring_cost_usd", "confidence", "cached", "verdict_cached")
+    __slots__ = ("id", "run_id", "item_id", "repetition", "grader", "state", "score", "raw_score", "passed", "explanation", "output", "cost_usd", "latency_ms", "error_reason", "attempt", "complete_time", "scoring_cost_usd", "confidence", "cached", "verdict_cached", "human_verdict")
     ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +272,7 @@ class Result(_message.Message):
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
     VERDICT_CACHED_FIELD_NUMBER: _ClassVar[int]
+    HUMAN_VERDICT_FIELD_NUMBER: _ClassVar[int]
     id: str
     run_id: str
     item_id: str
@@ -272,4 +293,5 @@ class Result(_message.Message):
     confidence: float
     cached: bool
     verdict_cached: bool
-    def __init__(self, id: _Optional[str] = ..., run_id: _Optional[str] = ..., item_id: _Optional[str] = ..., repetition: _Optional[int] = ..., grader: _Optional[str] = ..., state: _Optional[_Union[ResultState, str]] = ..., score: _Optional[float] = ..., raw_score: _Optional[float] = ..., passed: _Optional[bool] = ..., explanation: _Optional[str] = ..., output: _Optional[_Union[_item_pb2.Response, _Mapping]] = ..., cost_usd: _Optional[float] = ..., latency_ms: _Optional[float] = ..., error_reason: _Optional[str] = ..., attempt: _Optional[int] = ..., complete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scoring_cost_usd: _Optional[float] = ..., confidence: _Optional[float] = ..., cached: _Optional[bool] = ..., verdict_cached: _Optional[bool] = ...) -> None: ...
+    human_verdict: bool
+    def __init__(self, id: _Optional[str] = ..., run_id: _Optional[str] = ..., item_id: _Optional[str] = ..., repetition: _Optional[int] = ..., grader: _Optional[str] = ..., state: _Optional[_Union[ResultState, str]] = ..., score: _Optional[float] = ..., raw_score: _Optional[float] = ..., passed: _Optional[bool] = ..., explanation: _Optional[str] = ..., output: _Optional[_Union[_item_pb2.Response, _Mapping]] = ..., cost_usd: _Optional[float] = ..., latency_ms: _Optional[float] = ..., error_reason: _Optional[str] = ..., attempt: _Optional[int] = ..., complete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scoring_cost_usd: _Optional[float] = ..., confidence: _Optional[float] = ..., cached: _Optional[bool] = ..., verdict_cached: _Optional[bool] = ..., human_verdict: _Optional[bool] = ...) -> None: ...

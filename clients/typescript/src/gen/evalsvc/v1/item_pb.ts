@@ -11,7 +11,7 @@ import type { JsonObject, Message as Message$1 } from "@bufbuild/protobuf";
  * Describes the file evalsvc/v1/item.proto.
  */
 export const file_evalsvc_v1_item: GenFile = /*@__PURE__*/
-  fileDesc("ChVldmFsc3ZjL3YxL2l0ZW0ucHJvdG8SCmV2YWxzdmMudjEiKAoHTWVzc2FnZRIMCgRyb2xlGAEgASgJEg8KB2NvbnRlbnQYAiABKAkiRAoIVG9vbENhbGwSDAoEbmFtZRgBIAEoCRIqCglhcmd1bWVudHMYAiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0ItYBCghSZXNwb25zZRIPCgdjb250ZW50GAEgASgJEigKCnRvb2xfY2FsbHMYAiADKAsyFC5ldmFsc3ZjLnYxLlRvb2xDYWxsEhAKCGNvc3RfdXNkGAMgASgBEhIKCmxhdGVuY3lfbXMYBCABKAESDwoHcmVmdXNlZBgFIAEoCBIVCg1wcm9tcHRfdG9rZW5zGAYgASgDEhkKEWNvbXBsZXRpb25fdG9rZW5zGAcgASgDEhIKCm1lbW9yeV9taWIYCCABKAESEgoKaW1hZ2VfdXJscxhaIAMoCSKeAgoESXRlbRIKCgJpZBgBIAEoCRINCgVpbnB1dBgCIAEoCRIXCg9leHBlY3RlZF9vdXRwdXQYAyABKAkSDwoHY29udGV4dBgEIAEoCRIpCgxjb252ZXJzYXRpb24YBSADKAsyEy5ldmFsc3ZjLnYxLk1lc3NhZ2USGwoTZXhwZWN0ZWRfdG9vbF9jYWxscxgGIAMoCRImCghyZXNwb25zZRgHIAEoCzIULmV2YWxzdmMudjEuUmVzcG9uc2USMAoIbWV0YWRhdGEYCCADKAsyHi5ldmFsc3ZjLnYxLkl0ZW0uTWV0YWRhdGFFbnRyeRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCLVorZXZhbHN2Yy9jbGllbnRzL2dvL2dlbi9ldmFsc3ZjL3YxO2V2YWxzdmN2MWIGcHJvdG8z", [file_google_protobuf_struct]);
+  fileDesc("ChVldmFsc3ZjL3YxL2l0ZW0ucHJvdG8SCmV2YWxzdmMudjEiKAoHTWVzc2FnZRIMCgRyb2xlGAEgASgJEg8KB2NvbnRlbnQYAiABKAkiRAoIVG9vbENhbGwSDAoEbmFtZRgBIAEoCRIqCglhcmd1bWVudHMYAiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0ItYBCghSZXNwb25zZRIPCgdjb250ZW50GAEgASgJEigKCnRvb2xfY2FsbHMYAiADKAsyFC5ldmFsc3ZjLnYxLlRvb2xDYWxsEhAKCGNvc3RfdXNkGAMgASgBEhIKCmxhdGVuY3lfbXMYBCABKAESDwoHcmVmdXNlZBgFIAEoCBIVCg1wcm9tcHRfdG9rZW5zGAYgASgDEhkKEWNvbXBsZXRpb25fdG9rZW5zGAcgASgDEhIKCm1lbW9yeV9taWIYCCABKAESEgoKaW1hZ2VfdXJscxhaIAMoCSKRAwoESXRlbRIKCgJpZBgBIAEoCRINCgVpbnB1dBgCIAEoCRIXCg9leHBlY3RlZF9vdXRwdXQYAyABKAkSDwoHY29udGV4dBgEIAEoCRIpCgxjb252ZXJzYXRpb24YBSADKAsyEy5ldmFsc3ZjLnYxLk1lc3NhZ2USGwoTZXhwZWN0ZWRfdG9vbF9jYWxscxgGIAMoCRImCghyZXNwb25zZRgHIAEoCzIULmV2YWxzdmMudjEuUmVzcG9uc2USMAoIbWV0YWRhdGEYCCADKAsyHi5ldmFsc3ZjLnYxLkl0ZW0uTWV0YWRhdGFFbnRyeRI7Cg5odW1hbl92ZXJkaWN0cxgJIAMoCzIjLmV2YWxzdmMudjEuSXRlbS5IdW1hblZlcmRpY3RzRW50cnkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGjQKEkh1bWFuVmVyZGljdHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAg6AjgBQi1aK2V2YWxzdmMvY2xpZW50cy9nby9nZW4vZXZhbHN2Yy92MTtldmFsc3ZjdjFiBnByb3RvMw", [file_google_protobuf_struct]);
 
 /**
  * Message is one turn of a conversation, for transcripts and chat targets.
@@ -209,6 +209,17 @@ export type Item = Message$1<"evalsvc.v1.Item"> & {
    * @generated from field: map<string, string> metadata = 8;
    */
   metadata: { [key: string]: string };
+
+  /**
+   * A person's verdict on this item's output (true: it passes), by grader name: how often a grader (an
+   * LLM judge, most often) agrees with people is in the run's aggregate (GraderAggregate.agreement),
+   * and each result says which verdict it was compared with (Result.human_verdict). Meant for recorded
+   * outputs (a `provided` target), which are the outputs the people judged. Names that are not one
+   * of the run's graders are ignored (a dataset's items may carry verdicts for other runs' graders).
+   *
+   * @generated from field: map<string, bool> human_verdicts = 9;
+   */
+  humanVerdicts: { [key: string]: boolean };
 };
 
 /**

@@ -21,7 +21,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file evalsvc/v1/run.proto.
  */
 export const file_evalsvc_v1_run: GenFile = /*@__PURE__*/
-  fileDesc("ChRldmFsc3ZjL3YxL3J1bi5wcm90bxIKZXZhbHN2Yy52MSKcAQoJUnVuQ291bnRzEhMKC3RvdGFsX2l0ZW1zGAEgASgFEhkKEXRvdGFsX2V2YWx1YXRpb25zGAIgASgFEh0KFWNvbXBsZXRlZF9ldmFsdWF0aW9ucxgDIAEoBRIOCgZwYXNzZWQYBCABKAUSDgoGZmFpbGVkGAUgASgFEg8KB2Vycm9yZWQYBiABKAUSDwoHc2tpcHBlZBgHIAEoBSJPCgxMYXRlbmN5U3RhdHMSDgoGcDUwX21zGAEgASgBEg4KBnA5NV9tcxgCIAEoARIOCgZwOTlfbXMYAyABKAESDwoHbWVhbl9tcxgEIAEoASJjCgtNZW1vcnlTdGF0cxIQCghtZWFuX21pYhgBIAEoARIPCgdwNTBfbWliGAIgASgBEg8KB3A5NV9taWIYAyABKAESDwoHbWF4X21pYhgEIAEoARIPCgdzYW1wbGVzGAUgASgFIowBCg9HcmFkZXJBZ2dyZWdhdGUSDgoGZ3JhZGVyGAEgASgJEhEKCXBhc3NfcmF0ZRgCIAEoARISCgptZWFuX3Njb3JlGAMgASgBEg4KBnBhc3NlZBgEIAEoBRIOCgZmYWlsZWQYBSABKAUSDwoHZXJyb3JlZBgGIAEoBRIRCglzdGRfZXJyb3IYByABKAEiwQIKDFJ1bkFnZ3JlZ2F0ZRIRCglwYXNzX3JhdGUYASABKAESEgoKbWVhbl9zY29yZRgCIAEoARIsCgdncmFkZXJzGAMgAygLMhsuZXZhbHN2Yy52MS5HcmFkZXJBZ2dyZWdhdGUSFgoOdG90YWxfY29zdF91c2QYBCABKAESKQoHbGF0ZW5jeRgFIAEoCzIYLmV2YWxzdmMudjEuTGF0ZW5jeVN0YXRzEhgKEHNjb3JpbmdfY29zdF91c2QYBiABKAESEQoJc3RkX2Vycm9yGAcgASgBEhcKD21lYW5faXRlbV9zY29yZRgIIAEoARInCgZtZW1vcnkYCSABKAsyFy5ldmFsc3ZjLnYxLk1lbW9yeVN0YXRzEhIKCmNhY2hlX2hpdHMYMiABKAMSFgoOY29zdF9zYXZlZF91c2QYMyABKAEiKQoIUnVuRXJyb3ISDAoEY29kZRgBIAEoCRIPCgdtZXNzYWdlGAIgASgJIoAKCgNSdW4SEAoCaWQYASABKAlCBOJBAQMSFAoMZGlzcGxheV9uYW1lGAIgASgJEhMKC2Rlc2NyaXB0aW9uGAMgASgJEisKBmxhYmVscxgEIAMoCzIbLmV2YWxzdmMudjEuUnVuLkxhYmVsc0VudHJ5EhIKCmRhdGFzZXRfaWQYBSABKAkSGAoKcnVuX251bWJlchgGIAEoBUIE4kEBAxIiCgZ0YXJnZXQYByABKAsyEi5ldmFsc3ZjLnYxLlRhcmdldBIjCgdncmFkZXJzGAggAygLMhIuZXZhbHN2Yy52MS5HcmFkZXISGwoOcGFzc190aHJlc2hvbGQYCSABKAFIAIgBARITCgtyZXBldGl0aW9ucxgKIAEoBRITCgt3YXJtdXBfcnVucxgLIAEoBRIkCgd0cmlnZ2VyGAwgASgOMhMuZXZhbHN2Yy52MS5UcmlnZ2VyEisKBnN0YXR1cxgNIAEoDjIVLmV2YWxzdmMudjEuUnVuU3RhdHVzQgTiQQEDEisKBmNvdW50cxgOIAEoCzIVLmV2YWxzdmMudjEuUnVuQ291bnRzQgTiQQEDEjEKCWFnZ3JlZ2F0ZRgPIAEoCzIYLmV2YWxzdmMudjEuUnVuQWdncmVnYXRlQgTiQQEDEiEKDm92ZXJhbGxfcGFzc2VkGBAgASgIQgTiQQEDSAGIAQESKQoFZXJyb3IYESABKAsyFC5ldmFsc3ZjLnYxLlJ1bkVycm9yQgTiQQEDEjUKC2NyZWF0ZV90aW1lGBIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxI0CgpzdGFydF90aW1lGBMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxIyCghlbmRfdGltZRgUIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSNQoLdXBkYXRlX3RpbWUYFSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEDEhYKCGxhc3Rfc2VxGBYgASgDQgTiQQEDEhgKCnJlcXVlc3RfaWQYFyABKAlCBOJBAQMSGQoMbWF4X2Nvc3RfdXNkGBggASgBSAKIAQESFgoIY29zdF91c2QYGSABKAFCBOJBAQMSNQoLYW5ub3RhdGlvbnMYGiADKAsyIC5ldmFsc3ZjLnYxLlJ1bi5Bbm5vdGF0aW9uc0VudHJ5EjUKC2RlbGV0ZV90aW1lGBsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxIbCg5tYXhfZXJyb3JfcmF0ZRgcIAEoAUgDiAEBEhYKCHJlcnVuX29mGB0gASgJQgTiQQEDEhIKBGV0YWcYKCABKAlCBOJBAQMSLwoKY2FjaGVfbW9kZRgyIAEoDjIVLmV2YWxzdmMudjEuQ2FjaGVNb2RlQgTiQQEDGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEaMgoQQW5ub3RhdGlvbnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQhEKD19wYXNzX3RocmVzaG9sZEIRCg9fb3ZlcmFsbF9wYXNzZWRCDwoNX21heF9jb3N0X3VzZEIRCg9fbWF4X2Vycm9yX3JhdGUi3gMKBlJlc3VsdBIQCgJpZBgBIAEoCUIE4kEBAxIOCgZydW5faWQYAiABKAkSDwoHaXRlbV9pZBgDIAEoCRISCgpyZXBldGl0aW9uGAQgASgFEg4KBmdyYWRlchgFIAEoCRImCgVzdGF0ZRgGIAEoDjIXLmV2YWxzdmMudjEuUmVzdWx0U3RhdGUSDQoFc2NvcmUYByABKAESEQoJcmF3X3Njb3JlGAggASgBEg4KBnBhc3NlZBgJIAEoCBITCgtleHBsYW5hdGlvbhgKIAEoCRIkCgZvdXRwdXQYCyABKAsyFC5ldmFsc3ZjLnYxLlJlc3BvbnNlEhAKCGNvc3RfdXNkGAwgASgBEhIKCmxhdGVuY3lfbXMYDSABKAESFAoMZXJyb3JfcmVhc29uGA4gASgJEg8KB2F0dGVtcHQYDyABKAUSMQoNY29tcGxldGVfdGltZRgQIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGAoQc2NvcmluZ19jb3N0X3VzZBgRIAEoARIXCgpjb25maWRlbmNlGBIgASgBSACIAQESDgoGY2FjaGVkGDIgASgIEhYKDnZlcmRpY3RfY2FjaGVkGDMgASgIQg0KC19jb25maWRlbmNlKqIBCglSdW5TdGF0dXMSGgoWUlVOX1NUQVRVU19VTlNQRUNJRklFRBAAEhYKElJVTl9TVEFUVVNfUEVORElORxABEhYKElJVTl9TVEFUVVNfUlVOTklORxACEhgKFFJVTl9TVEFUVVNfU1VDQ0VFREVEEAMSFQoRUlVOX1NUQVRVU19GQUlMRUQQBBIYChRSVU5fU1RBVFVTX0NBTkNFTExFRBAFKl4KB1RyaWdnZXISFwoTVFJJR0dFUl9VTlNQRUNJRklFRBAAEhIKDlRSSUdHRVJfTUFOVUFMEAESEAoMVFJJR0dFUl9BVVRPEAISFAoQVFJJR0dFUl9CQUNLRklMTBADKo8BCgtSZXN1bHRTdGF0ZRIcChhSRVNVTFRfU1RBVEVfVU5TUEVDSUZJRUQQABIXChNSRVNVTFRfU1RBVEVfUEFTU0VEEAESFwoTUkVTVUxUX1NUQVRFX0ZBSUxFRBACEhYKElJFU1VMVF9TVEFURV9FUlJPUhADEhgKFFJFU1VMVF9TVEFURV9TS0lQUEVEEARCLVorZXZhbHN2Yy9jbGllbnRzL2dvL2dlbi9ldmFsc3ZjL3YxO2V2YWxzdmN2MWIGcHJvdG8z", [file_evalsvc_v1_cache, file_evalsvc_v1_grader, file_evalsvc_v1_item, file_evalsvc_v1_target, file_google_api_field_behavior, file_google_protobuf_timestamp]);
+  fileDesc("ChRldmFsc3ZjL3YxL3J1bi5wcm90bxIKZXZhbHN2Yy52MSKcAQoJUnVuQ291bnRzEhMKC3RvdGFsX2l0ZW1zGAEgASgFEhkKEXRvdGFsX2V2YWx1YXRpb25zGAIgASgFEh0KFWNvbXBsZXRlZF9ldmFsdWF0aW9ucxgDIAEoBRIOCgZwYXNzZWQYBCABKAUSDgoGZmFpbGVkGAUgASgFEg8KB2Vycm9yZWQYBiABKAUSDwoHc2tpcHBlZBgHIAEoBSJPCgxMYXRlbmN5U3RhdHMSDgoGcDUwX21zGAEgASgBEg4KBnA5NV9tcxgCIAEoARIOCgZwOTlfbXMYAyABKAESDwoHbWVhbl9tcxgEIAEoASJjCgtNZW1vcnlTdGF0cxIQCghtZWFuX21pYhgBIAEoARIPCgdwNTBfbWliGAIgASgBEg8KB3A5NV9taWIYAyABKAESDwoHbWF4X21pYhgEIAEoARIPCgdzYW1wbGVzGAUgASgFIrsBCg9HcmFkZXJBZ2dyZWdhdGUSDgoGZ3JhZGVyGAEgASgJEhEKCXBhc3NfcmF0ZRgCIAEoARISCgptZWFuX3Njb3JlGAMgASgBEg4KBnBhc3NlZBgEIAEoBRIOCgZmYWlsZWQYBSABKAUSDwoHZXJyb3JlZBgGIAEoBRIRCglzdGRfZXJyb3IYByABKAESLQoJYWdyZWVtZW50GAggASgLMhouZXZhbHN2Yy52MS5IdW1hbkFncmVlbWVudCK8AQoOSHVtYW5BZ3JlZW1lbnQSEwoLYm90aF9wYXNzZWQYASABKAUSEwoLYm90aF9mYWlsZWQYAiABKAUSIwobZ3JhZGVyX3Bhc3NlZF9wZXJzb25fZmFpbGVkGAMgASgFEiMKG2dyYWRlcl9mYWlsZWRfcGVyc29uX3Bhc3NlZBgEIAEoBRIPCgdlcnJvcmVkGAUgASgFEhAKCGFjY3VyYWN5GAYgASgBEhMKC2NvaGVuX2thcHBhGAcgASgBIsECCgxSdW5BZ2dyZWdhdGUSEQoJcGFzc19yYXRlGAEgASgBEhIKCm1lYW5fc2NvcmUYAiABKAESLAoHZ3JhZGVycxgDIAMoCzIbLmV2YWxzdmMudjEuR3JhZGVyQWdncmVnYXRlEhYKDnRvdGFsX2Nvc3RfdXNkGAQgASgBEikKB2xhdGVuY3kYBSABKAsyGC5ldmFsc3ZjLnYxLkxhdGVuY3lTdGF0cxIYChBzY29yaW5nX2Nvc3RfdXNkGAYgASgBEhEKCXN0ZF9lcnJvchgHIAEoARIXCg9tZWFuX2l0ZW1fc2NvcmUYCCABKAESJwoGbWVtb3J5GAkgASgLMhcuZXZhbHN2Yy52MS5NZW1vcnlTdGF0cxISCgpjYWNoZV9oaXRzGDIgASgDEhYKDmNvc3Rfc2F2ZWRfdXNkGDMgASgBIikKCFJ1bkVycm9yEgwKBGNvZGUYASABKAkSDwoHbWVzc2FnZRgCIAEoCSKACgoDUnVuEhAKAmlkGAEgASgJQgTiQQEDEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRIrCgZsYWJlbHMYBCADKAsyGy5ldmFsc3ZjLnYxLlJ1bi5MYWJlbHNFbnRyeRISCgpkYXRhc2V0X2lkGAUgASgJEhgKCnJ1bl9udW1iZXIYBiABKAVCBOJBAQMSIgoGdGFyZ2V0GAcgASgLMhIuZXZhbHN2Yy52MS5UYXJnZXQSIwoHZ3JhZGVycxgIIAMoCzISLmV2YWxzdmMudjEuR3JhZGVyEhsKDnBhc3NfdGhyZXNob2xkGAkgASgBSACIAQESEwoLcmVwZXRpdGlvbnMYCiABKAUSEwoLd2FybXVwX3J1bnMYCyABKAUSJAoHdHJpZ2dlchgMIAEoDjITLmV2YWxzdmMudjEuVHJpZ2dlchIrCgZzdGF0dXMYDSABKA4yFS5ldmFsc3ZjLnYxLlJ1blN0YXR1c0IE4kEBAxIrCgZjb3VudHMYDiABKAsyFS5ldmFsc3ZjLnYxLlJ1bkNvdW50c0IE4kEBAxIxCglhZ2dyZWdhdGUYDyABKAsyGC5ldmFsc3ZjLnYxLlJ1bkFnZ3JlZ2F0ZUIE4kEBAxIhCg5vdmVyYWxsX3Bhc3NlZBgQIAEoCEIE4kEBA0gBiAEBEikKBWVycm9yGBEgASgLMhQuZXZhbHN2Yy52MS5SdW5FcnJvckIE4kEBAxI1CgtjcmVhdGVfdGltZRgSIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSNAoKc3RhcnRfdGltZRgTIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSMgoIZW5kX3RpbWUYFCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEDEjUKC3VwZGF0ZV90aW1lGBUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxIWCghsYXN0X3NlcRgWIAEoA0IE4kEBAxIYCgpyZXF1ZXN0X2lkGBcgASgJQgTiQQEDEhkKDG1heF9jb3N0X3VzZBgYIAEoAUgCiAEBEhYKCGNvc3RfdXNkGBkgASgBQgTiQQEDEjUKC2Fubm90YXRpb25zGBogAygLMiAuZXZhbHN2Yy52MS5SdW4uQW5ub3RhdGlvbnNFbnRyeRI1CgtkZWxldGVfdGltZRgbIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSGwoObWF4X2Vycm9yX3JhdGUYHCABKAFIA4gBARIWCghyZXJ1bl9vZhgdIAEoCUIE4kEBAxISCgRldGFnGCggASgJQgTiQQEDEi8KCmNhY2hlX21vZGUYMiABKA4yFS5ldmFsc3ZjLnYxLkNhY2hlTW9kZUIE4kEBAxotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGjIKEEFubm90YXRpb25zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIRCg9fcGFzc190aHJlc2hvbGRCEQoPX292ZXJhbGxfcGFzc2VkQg8KDV9tYXhfY29zdF91c2RCEQoPX21heF9lcnJvcl9yYXRlIowECgZSZXN1bHQSEAoCaWQYASABKAlCBOJBAQMSDgoGcnVuX2lkGAIgASgJEg8KB2l0ZW1faWQYAyABKAkSEgoKcmVwZXRpdGlvbhgEIAEoBRIOCgZncmFkZXIYBSABKAkSJgoFc3RhdGUYBiABKA4yFy5ldmFsc3ZjLnYxLlJlc3VsdFN0YXRlEg0KBXNjb3JlGAcgASgBEhEKCXJhd19zY29yZRgIIAEoARIOCgZwYXNzZWQYCSABKAgSEwoLZXhwbGFuYXRpb24YCiABKAkSJAoGb3V0cHV0GAsgASgLMhQuZXZhbHN2Yy52MS5SZXNwb25zZRIQCghjb3N0X3VzZBgMIAEoARISCgpsYXRlbmN5X21zGA0gASgBEhQKDGVycm9yX3JlYXNvbhgOIAEoCRIPCgdhdHRlbXB0GA8gASgFEjEKDWNvbXBsZXRlX3RpbWUYECABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEHNjb3JpbmdfY29zdF91c2QYESABKAESFwoKY29uZmlkZW5jZRgSIAEoAUgAiAEBEg4KBmNhY2hlZBgyIAEoCBIWCg52ZXJkaWN0X2NhY2hlZBgzIAEoCBIaCg1odW1hbl92ZXJkaWN0GDQgASgISAGIAQFCDQoLX2NvbmZpZGVuY2VCEAoOX2h1bWFuX3ZlcmRpY3QqogEKCVJ1blN0YXR1cxIaChZSVU5fU1RBVFVTX1VOU1BFQ0lGSUVEEAASFgoSUlVOX1NUQVRVU19QRU5ESU5HEAESFgoSUlVOX1NUQVRVU19SVU5OSU5HEAISGAoUUlVOX1NUQVRVU19TVUNDRUVERUQQAxIVChFSVU5fU1RBVFVTX0ZBSUxFRBAEEhgKFFJVTl9TVEFUVVNfQ0FOQ0VMTEVEEAUqXgoHVHJpZ2dlchIXChNUUklHR0VSX1VOU1BFQ0lGSUVEEAASEgoOVFJJR0dFUl9NQU5VQUwQARIQCgxUUklHR0VSX0FVVE8QAhIUChBUUklHR0VSX0JBQ0tGSUxMEAMqjwEKC1Jlc3VsdFN0YXRlEhwKGFJFU1VMVF9TVEFURV9VTlNQRUNJRklFRBAAEhcKE1JFU1VMVF9TVEFURV9QQVNTRUQQARIXChNSRVNVTFRfU1RBVEVfRkFJTEVEEAISFgoSUkVTVUxUX1NUQVRFX0VSUk9SEAMSGAoUUkVTVUxUX1NUQVRFX1NLSVBQRUQQBEItWitldmFsc3ZjL2NsaWVudHMvZ28vZ2VuL2V2YWxzdmMvdjE7ZXZhbHN2Y3YxYgZwcm90bzM", [file_evalsvc_v1_cache, file_evalsvc_v1_grader, file_evalsvc_v1_item, file_evalsvc_v1_target, file_google_api_field_behavior, file_google_protobuf_timestamp]);
 
 /**
  * RunCounts is a run's progress, enough for a progress bar.
@@ -231,6 +231,14 @@ export type GraderAggregate = Message<"evalsvc.v1.GraderAggregate"> & {
    * @generated from field: double std_error = 7;
    */
   stdError: number;
+
+  /**
+   * How the grader's verdicts agree with people's (Item.human_verdicts), over the results that have
+   * one and did not error; absent when no result has one.
+   *
+   * @generated from field: evalsvc.v1.HumanAgreement agreement = 8;
+   */
+  agreement?: HumanAgreement | undefined;
 };
 
 /**
@@ -239,6 +247,71 @@ export type GraderAggregate = Message<"evalsvc.v1.GraderAggregate"> & {
  */
 export const GraderAggregateSchema: GenMessage<GraderAggregate> = /*@__PURE__*/
   messageDesc(file_evalsvc_v1_run, 3);
+
+/**
+ * HumanAgreement compares a grader's verdicts with people's on the same outputs: a judge is worth
+ * trusting on unlabelled outputs once it agrees with people on labelled ones.
+ *
+ * @generated from message evalsvc.v1.HumanAgreement
+ */
+export type HumanAgreement = Message<"evalsvc.v1.HumanAgreement"> & {
+  /**
+   * Results the grader passed and the person passed.
+   *
+   * @generated from field: int32 both_passed = 1;
+   */
+  bothPassed: number;
+
+  /**
+   * Results the grader failed and the person failed.
+   *
+   * @generated from field: int32 both_failed = 2;
+   */
+  bothFailed: number;
+
+  /**
+   * Results the grader passed and the person failed (the grader is too lenient).
+   *
+   * @generated from field: int32 grader_passed_person_failed = 3;
+   */
+  graderPassedPersonFailed: number;
+
+  /**
+   * Results the grader failed and the person passed (the grader is too strict).
+   *
+   * @generated from field: int32 grader_failed_person_passed = 4;
+   */
+  graderFailedPersonPassed: number;
+
+  /**
+   * Results with a person's verdict that errored: not compared.
+   *
+   * @generated from field: int32 errored = 5;
+   */
+  errored: number;
+
+  /**
+   * Share of compared results where the two agree, in [0, 1].
+   *
+   * @generated from field: double accuracy = 6;
+   */
+  accuracy: number;
+
+  /**
+   * Cohen's kappa: agreement beyond what chance gives, in [-1, 1]; 1 is perfect, 0 is chance. 0 when
+   * chance alone explains everything (the grader and people each gave one verdict only).
+   *
+   * @generated from field: double cohen_kappa = 7;
+   */
+  cohenKappa: number;
+};
+
+/**
+ * Describes the message evalsvc.v1.HumanAgreement.
+ * Use `create(HumanAgreementSchema)` to create a new message.
+ */
+export const HumanAgreementSchema: GenMessage<HumanAgreement> = /*@__PURE__*/
+  messageDesc(file_evalsvc_v1_run, 4);
 
 /**
  * RunAggregate summarises a run's results.
@@ -331,7 +404,7 @@ export type RunAggregate = Message<"evalsvc.v1.RunAggregate"> & {
  * Use `create(RunAggregateSchema)` to create a new message.
  */
 export const RunAggregateSchema: GenMessage<RunAggregate> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_run, 4);
+  messageDesc(file_evalsvc_v1_run, 5);
 
 /**
  * RunError says why a run FAILED.
@@ -359,7 +432,7 @@ export type RunError = Message<"evalsvc.v1.RunError"> & {
  * Use `create(RunErrorSchema)` to create a new message.
  */
 export const RunErrorSchema: GenMessage<RunError> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_run, 5);
+  messageDesc(file_evalsvc_v1_run, 6);
 
 /**
  * Run is one evaluation of a set of items through a target, scored by graders.
@@ -596,7 +669,7 @@ export type Run = Message<"evalsvc.v1.Run"> & {
  * Use `create(RunSchema)` to create a new message.
  */
 export const RunSchema: GenMessage<Run> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_run, 6);
+  messageDesc(file_evalsvc_v1_run, 7);
 
 /**
  * Result is the outcome of one evaluation: one item, one repetition, one grader.
@@ -745,6 +818,13 @@ export type Result = Message<"evalsvc.v1.Result"> & {
    * @generated from field: bool verdict_cached = 51;
    */
   verdictCached: boolean;
+
+  /**
+   * The person's verdict on this output for this grader (Item.human_verdicts), when the item has one.
+   *
+   * @generated from field: optional bool human_verdict = 52;
+   */
+  humanVerdict?: boolean | undefined;
 };
 
 /**
@@ -752,7 +832,7 @@ export type Result = Message<"evalsvc.v1.Result"> & {
  * Use `create(ResultSchema)` to create a new message.
  */
 export const ResultSchema: GenMessage<Result> = /*@__PURE__*/
-  messageDesc(file_evalsvc_v1_run, 7);
+  messageDesc(file_evalsvc_v1_run, 8);
 
 /**
  * RunStatus is where a run is in its life: PENDING -> RUNNING -> SUCCEEDED | FAILED, or CANCELLED from either.
