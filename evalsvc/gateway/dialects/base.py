@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -55,6 +56,9 @@ OWNER_LABEL = "dialect"  # label on everything a dialect creates: it sees only w
 MAX_PAGE_SIZE = 1000  # evalsvc's largest page of a list
 MAX_COLLECTED = 10_000  # what `collect` reads at most, for vendors that page by offset or count a total
 MAX_PAGES = 1000  # what `pages` reads at most (a million elements at MAX_PAGE_SIZE)
+# The ASGI scope key holding when a dialect route began handling the request (time.monotonic()): a
+# synchronous route's wait ends --dialect-sync-wait-s after it, whatever the route did before waiting.
+ARRIVED = "evalsvc.dialect.arrived"
 
 
 def owner_labels(dialect: str) -> dict[str, str]:
@@ -107,10 +111,11 @@ class DialectClient:
 
     Each dialect subclasses it with its vendor's operations, so a route is one call on the client."""
 
-    def __init__(self, upstream: Upstream, caller: Caller, dialect: Dialect) -> None:
+    def __init__(self, upstream: Upstream, caller: Caller, dialect: Dialect, arrived: float | None = None) -> None:
         self.upstream = upstream
         self.caller = caller
         self.dialect = dialect
+        self.arrived = time.monotonic() if arrived is None else arrived  # when the request arrived (monotonic)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -228,9 +233,14 @@ class DialectClient:
                 break
         return found, token or None
 
-    async def wait_until_done(self, run_id: str, timeout: float) -> run_pb2.Run:
-        """The run once it has ended, or as it stands after `timeout` seconds (synchronous vendor routes)."""
-        return await self.upstream.wait_until_done(run_id, self.caller, timeout)
+    async def wait_until_done(self, run_id: str, wait_s: float) -> run_pb2.Run:
+        """The run once it has ended, or as it stands `wait_s` seconds after the request arrived (synchronous
+        vendor routes). The wait is counted from the arrival, not from the run's creation: what the route did
+        before (Aymara writes the next prompts of continued threads with the generator model) comes out of
+        it, so the answer still comes before the vendor's client times out and retries, creating the run
+        again."""
+        left = max(0.0, self.arrived + wait_s - time.monotonic())
+        return await self.upstream.wait_until_done(run_id, self.caller, left)
 
     async def fill_new(
         self, dataset: dataset_service_pb2.Dataset, items: Sequence[item_pb2.Item]
@@ -279,8 +289,8 @@ class Dialect:
         api = APIRouter(route_class=error_route_class(self.vendor.error_handler), responses=self.vendor.error_responses)
         reader = self.vendor.caller
 
-        def client(caller: Caller = Depends(reader)) -> DialectClient:
-            return self.client(upstream, caller, self)
+        def client(request: Request, caller: Caller = Depends(reader)) -> DialectClient:
+            return self.client(upstream, caller, self, request.scope.get(ARRIVED))
 
         self.routes(api, Depends(client), options)
         return api
@@ -299,6 +309,7 @@ def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRou
 
             async def handle(request: Request) -> Response:
                 scope = _as_json(request.scope) if takes_json else request.scope
+                scope[ARRIVED] = time.monotonic()
                 try:
                     # A large body is read, and validated, in a translator thread (evalsvc.gateway.translators).
                     return await handler(OffLoopJSONRequest(scope, request.receive, check))
