@@ -42,14 +42,18 @@ CREATED_KEY = "created_at"  # when a prompt was added, as item metadata (items h
 MAX_PROMPTS = 25
 MAX_RUNS_IN_FLIGHT = 2  # SKILL.md: "at most 2 eval runs in flight at once", else 429
 
-RunState = Literal["RUNNING", "COMPLETE", "FAILED", "CANCELLED"]
+RunState = Literal["RUNNING", "COMPLETE", "CANCELLED"]
 JobState = Literal["QUEUED", "EXECUTING", "COMPLETE", "FAILED"]
 ACTIVE = (run_pb2.RUN_STATUS_PENDING, run_pb2.RUN_STATUS_RUNNING)
 STATUS: dict[int, RunState] = {
     run_pb2.RUN_STATUS_PENDING: "RUNNING",
     run_pb2.RUN_STATUS_RUNNING: "RUNNING",
     run_pb2.RUN_STATUS_SUCCEEDED: "COMPLETE",
-    run_pb2.RUN_STATUS_FAILED: "FAILED",
+    # SKILL.md's terminal statuses are COMPLETE and CANCELLED, and an Omni run is COMPLETE once every
+    # prompt's job has ended, COMPLETE or FAILED: a run whose prompts all errored (or that stopped on an
+    # error) is COMPLETE, each row's agentic_job.state FAILED with its error_reason. A FAILED status, which
+    # Omni does not document, kept a poller waiting for COMPLETE or CANCELLED polling for ever.
+    run_pb2.RUN_STATUS_FAILED: "COMPLETE",
     run_pb2.RUN_STATUS_CANCELLED: "CANCELLED",
 }
 # Omni's judge reads the whole answer and fails only material errors; with no expectation it judges
