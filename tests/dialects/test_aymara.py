@@ -485,6 +485,7 @@ async def test_score_responses_answers_processing_when_the_scores_are_late(env: 
     assert [(r["prompt_uuid"], r["is_passed"], r["response_uuid"]) for r in run["responses"]] == [
         ("p-weapon", None, None)
     ]
+    assert run["responses"][0]["content"] == REFUSAL  # echoed, as the create response does (it was null)
     await env.ended(run["eval_run_uuid"])
     assert (await env.http.get(f"/v2/eval-runs/{run['eval_run_uuid']}")).json()["status"] == "finished"
 
