@@ -531,6 +531,12 @@ async def test_auth_errors_are_401_in_the_envelope(env: Env) -> None:
             assert_envelope(answer.json(), "auth.invalid_key")
     bearer = await env.http.get("/v2/evals", headers={"x-api-key": "", "authorization": f"Bearer {env.key}"})
     assert bearer.status_code == 200
+    # The SDK requires api_key and always sends it as x-api-key; with bearer_token it adds the Bearer
+    # header, which carries the key then (x-api-key won, and the placeholder was a 401)
+    with_token = env.sdk(api_key="placeholder", bearer_token=env.key)
+    assert (await with_token.evals.runs.list(eval_uuid=ev["eval_uuid"])).count == 0
+    # A real key in x-api-key beside a token that is no evalsvc key (a stale AYMARA_AI_BEARER_TOKEN) is used
+    assert (await env.sdk(bearer_token="stale-token").evals.runs.list(eval_uuid=ev["eval_uuid"])).count == 0
     with pytest.raises(aymara_ai.AuthenticationError) as denied:
         await env.sdk(api_key="wrong").evals.runs.list()
     assert_envelope(denied.value.body, "auth.invalid_key")

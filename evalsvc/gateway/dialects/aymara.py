@@ -27,6 +27,7 @@ from fastapi.routing import APIRouter
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 
+from evalsvc.auth import keys
 from evalsvc.datasets.generation import MAX_INSTRUCTIONS, MAX_ITEMS
 from evalsvc.gateway.dialects.base import (
     MAX_ANNOTATIONS_BYTES,
@@ -357,8 +358,13 @@ _API_KEY = APIKeyHeader(name="x-api-key", auto_error=False, description="An eval
 
 
 def aymara_key(request: Request, key: Annotated[str | None, Security(_API_KEY)]) -> Caller:
-    """`x-api-key: <key>`, or `Authorization: Bearer <key>` (the SDK's bearer_token)."""
-    return Caller(key.strip()) if key else bearer_key(request)
+    """`x-api-key: <key>`, or `Authorization: Bearer <key>` (the SDK's bearer_token). The SDK requires
+    `api_key` and always sends it as x-api-key, adding the Bearer header only when bearer_token is set;
+    so with both, the one holding a well-formed evalsvc key is used, and the Bearer token when both or
+    neither do (x-api-key came first, and the SDK's bearer_token could not work beside a placeholder)."""
+    sent = [given for given in (bearer_key(request).api_key, (key or "").strip()) if given]
+    evalsvc_keys = [given for given in sent if keys.parse(given) is not None]
+    return Caller((evalsvc_keys or sent or [""])[0])
 
 
 Limit = Annotated[int, Query(ge=1, description="At most this many items.")]
