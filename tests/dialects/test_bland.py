@@ -552,8 +552,15 @@ async def test_cancel_and_list_pagination(env: Env) -> None:
     assert [r["id"] for r in rows] == [ids[1]] and more
     rows, _, _ = page(await env.http.get("/v1/evals/runs", params={"triggered_by": "backfill"}), RUN_ITEM)
     assert [(r["id"], r["status"], r["summary"]) for r in rows] == [(ids[1], "PENDING", None)]
+    pending = {"status": "PENDING", "limit": 2}
+    rows, more, cursor = page(await env.http.get("/v1/evals/runs", params=pending), RUN_ITEM)
+    assert [r["id"] for r in rows] == newest_first[:2] and more and cursor == ids[1]
 
     cancelled = check_run(await env.ok("POST", f"/v1/evals/runs/{ids[1]}/cancellations"))
+    # The cursor left the filtered list (CANCELLED now) and still marks its place there (it was a 400)
+    for paging, expected in (({"starting_after": cursor}, [ids[0]]), ({"ending_before": cursor}, [ids[2]])):
+        rows, more, _ = page(await env.http.get("/v1/evals/runs", params={**pending, **paging}), RUN_ITEM)
+        assert [r["id"] for r in rows] == expected and not more
     assert cancelled["status"] == "CANCELLED" and cancelled["completed_at"] and cancelled["summary"] is None
     assert cancelled["submitted_call_ids"] == CALL_IDS and cancelled["completed_atom_count"] == 0
     again = check_run(await env.ok("POST", f"/v1/evals/runs/{ids[1]}/cancellations"))  # idempotent
