@@ -177,9 +177,15 @@ async def test_prompt_sets_as_documented(env: Env) -> None:
     assert [s["id"] for s in mine.json()["prompt_sets"]] == [core["id"], empty["id"]]
     both = await env.http.get("/api/v1/ai/eval/prompt-sets", params={"model_ids": [env.model_id, other_model]})
     assert len(both.json()["prompt_sets"]) == 3  # a model by its evalsvc id (other_model) or its UUID form
+    comma = await env.http.get("/api/v1/ai/eval/prompt-sets", params={"model_ids": f"{env.model_id}, {other_model}"})
+    assert comma.json() == both.json()  # comma-separated, as well as repeated (it matched nothing)
     assert elsewhere["model_id"] == to_uuid(other_model) and from_uuid(elsewhere["model_id"]) == other_model
     archived = await env.http.get("/api/v1/ai/eval/prompt-sets", params={"archived": "true"})
     assert archived.json() == {"prompt_sets": []}
+    for flag, count in (("True", 0), ("FALSE", 3)):  # any letter case (it was a 400)
+        listed = (await env.http.get("/api/v1/ai/eval/prompt-sets", params={"archived": flag})).json()
+        assert len(listed["prompt_sets"]) == count
+    omni_error(await env.http.get("/api/v1/ai/eval/prompt-sets", params={"archived": "yes"}), 400)
     restored = await env.http.post(f"/api/v1/ai/eval/prompt-sets/{core['id']}/unarchive")
     assert restored.status_code == 200 and restored.json() == {"prompt_set": core}
 
