@@ -246,6 +246,7 @@ async def test_a_run_to_completion_judges_each_record_by_the_prompt_snippet(env:
 
     finished = await env.http.post(f"/api/eval_runs/{run['id']}/cancel")
     assert check_error(finished, 400, "FAILED_PRECONDITION") == {}
+    assert finished.json()["error"]["message"] == f"eval run {run['id']!r} already finished as SUCCESS"  # Vogent's name
 
 
 async def test_record_subsets_search_and_cursors(env: Env) -> None:
