@@ -367,7 +367,9 @@ async def test_eval_agents_and_versions_keep_every_documented_field(env: Env) ->
     assert [r["id"] for r in rows] == [agent["id"]] and not more and cursor is None
     assert rows[0]["active_version_number"] == 2 and rows[0]["enabled"] and rows[0]["modality"] == "text"
 
-    check_error(await env.http.get("/v1/evals/agents/grd_nope"), 404, "EVAL_AGENT_NOT_FOUND")
+    assert check_error(await env.http.get("/v1/evals/agents/grd_nope"), 404, "EVAL_AGENT_NOT_FOUND") == [
+        "eval agent 'grd_nope' not found"  # Bland's words (the service's were "grader 'grd_nope' not found")
+    ]
     unknown = {"from_version_id": f"{agent['id']}_v9"}
     check_error(
         await env.http.post(f"/v1/evals/agents/{agent['id']}/versions", json=unknown),
@@ -636,7 +638,7 @@ async def test_every_error_comes_in_blands_envelope_and_changes_nothing(env: Env
     unknown_agent = await env.http.post(
         "/v1/evals/runs", json={"call_ids": CALL_IDS, "attached_agents": [{"eval_agent_id": "grd_nope"}]}
     )
-    check_error(unknown_agent, 404, "EVAL_AGENT_NOT_FOUND")
+    assert check_error(unknown_agent, 404, "EVAL_AGENT_NOT_FOUND") == ["eval agent 'grd_nope' not found"]
     wrong_version = [{"eval_agent_id": agent, "eval_agent_version_id": "22222222-aaaa-bbbb-cccc-dddddddddddd"}]
     check_error(
         await env.http.post("/v1/evals/runs", json={"call_ids": CALL_IDS, "attached_agents": wrong_version}),
@@ -677,7 +679,9 @@ async def test_every_error_comes_in_blands_envelope_and_changes_nothing(env: Env
         ("GET", "/v1/evals/runs/run_nope/call-results"),
         ("GET", "/v1/evals/runs/run_nope/agent-results"),
     ):
-        check_error(await env.http.request(method, path), 404, "EVAL_RUN_NOT_FOUND")
+        assert check_error(await env.http.request(method, path), 404, "EVAL_RUN_NOT_FOUND") == [
+            "eval run 'run_nope' not found"
+        ]
     native = {
         "items": [{"id": "a", "input": "q", "response": {"content": "x"}}],
         "target": {"provided": {}},
