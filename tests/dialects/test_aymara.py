@@ -529,6 +529,9 @@ async def test_auth_errors_are_401_in_the_envelope(env: Env) -> None:
             answer = await env.http.request(method, path, json=payload, headers=headers)
             assert answer.status_code == 401, (headers, path)
             assert_envelope(answer.json(), "auth.invalid_key")
+            if headers == {"x-api-key": ""}:  # the headers to send, not the gRPC metadata a gRPC client sends
+                expected = "an API key is required: send it as 'x-api-key: <key>' or 'Authorization: Bearer <key>'"
+                assert answer.json()["error"]["message"] == expected
     bearer = await env.http.get("/v2/evals", headers={"x-api-key": "", "authorization": f"Bearer {env.key}"})
     assert bearer.status_code == 200
     # The SDK requires api_key and always sends it as x-api-key; with bearer_token it adds the Bearer

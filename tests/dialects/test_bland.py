@@ -593,7 +593,9 @@ async def test_a_run_may_take_the_documented_maximum_of_calls(env: Env) -> None:
 
 async def test_every_error_comes_in_blands_envelope_and_changes_nothing(env: Env) -> None:
     agent = (await env.agent(EMPATHY))["agent"]["id"]
-    check_error(await env.http.get("/v1/evals/runs", headers={"authorization": ""}), 401, "UNAUTHORIZED")
+    assert check_error(await env.http.get("/v1/evals/runs", headers={"authorization": ""}), 401, "UNAUTHORIZED") == [
+        "an API key is required: send it as 'authorization: <key>'"  # not the gRPC metadata a gRPC client sends
+    ]
     check_error(await env.http.get("/v1/evals/status", headers={"authorization": "sk-wrong"}), 401, "UNAUTHORIZED")
     check_error(
         await env.http.post("/v1/evals/runs", json={"call_ids": CALL_IDS}, headers={"authorization": ""}),

@@ -398,7 +398,9 @@ async def test_auth_bad_input_and_unknown_ids_in_omnis_error_shape(env: Env) -> 
     for method, path, body in calls:
         for auth in ("", "Bearer not-a-key"):
             response = await env.http.request(method, path, json=body, headers={"authorization": auth})
-            omni_error(response, 401)
+            detail = omni_error(response, 401)
+            if not auth:  # the header to send, not the gRPC metadata a gRPC client sends
+                assert detail == "an API key is required: send it as 'Authorization: Bearer <key>'"
     assert (await env.http.get(f"/api/v1/ai/eval/runs/{run['id']}")).json()["run"]["is_archived"] is False
 
     for method in ("GET", "DELETE"):

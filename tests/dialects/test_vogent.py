@@ -361,6 +361,9 @@ async def test_missing_or_wrong_keys_get_401(env: Env) -> None:
         ):
             response = await env.http.request(method, path, json=body, headers={"authorization": key})
             check_error(response, 401, "UNAUTHENTICATED")
+            if not key:  # the header to send, not the gRPC metadata a gRPC client sends
+                expected = "an API key is required: send it as 'Authorization: Bearer <key>'"
+                assert response.json()["error"]["message"] == expected
     configs, _ = check_page(await env.http.get("/api/eval_configs"))
     assert [c["id"] for c in configs] == [config["id"]]
 

@@ -900,6 +900,10 @@ DIALECT = Dialect(
     client=Aymara,
     routes=routes,
     vendor=VendorOptions(
-        error_handler=render, caller=aymara_key, error_responses=ERROR_RESPONSES, service_not_found=True
+        error_handler=render,
+        caller=aymara_key,
+        key_help="send it as 'x-api-key: <key>' or 'Authorization: Bearer <key>'",
+        error_responses=ERROR_RESPONSES,
+        service_not_found=True,
     ),
 )

@@ -18,6 +18,7 @@ synchronous vendor routes (`wait_until_done`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import time
@@ -36,6 +37,7 @@ from google.protobuf.message import Message
 from starlette.exceptions import HTTPException
 from starlette.types import Scope
 
+from evalsvc.errors import Reason
 from evalsvc.gateway.translators import (
     BodyCheck,
     InvalidBody,
@@ -99,6 +101,8 @@ class VendorOptions:
     error_handler: Callable[[GatewayError], Response]
     # A FastAPI dependency reading the caller's API key from the header the vendor documents.
     caller: Callable[..., Caller] = bearer_key
+    # How `caller` takes the key, as the answer to a request without one says ("an API key is required: ...").
+    key_help: str = "send it as 'Authorization: Bearer <key>'"
     # The error responses of every route, for the OpenAPI document.
     error_responses: dict[int | str, dict[str, Any]] = field(default_factory=dict)
     # Whether the service's own NOT_FOUND reaches the vendor's client as it is (its message and reason,
@@ -286,7 +290,8 @@ class Dialect:
 
     def router(self, upstream: Upstream, options: DialectOptions) -> APIRouter:
         """The vendor's routes over `upstream`, failures rendered by the vendor's error handler."""
-        api = APIRouter(route_class=error_route_class(self.vendor.error_handler), responses=self.vendor.error_responses)
+        route_class = error_route_class(self.vendor.error_handler, self.vendor.key_help)
+        api = APIRouter(route_class=route_class, responses=self.vendor.error_responses)
         reader = self.vendor.caller
 
         def client(request: Request, caller: Caller = Depends(reader)) -> DialectClient:
@@ -296,10 +301,13 @@ class Dialect:
         return api
 
 
-def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRoute]:
+def error_route_class(
+    render: Callable[[GatewayError], Response], key_help: str = VendorOptions.key_help
+) -> type[APIRoute]:
     """An APIRoute class whose handlers answer every GatewayError and request-validation error with
     `render(error)`. Request validation errors become INVALID_ARGUMENT with HTTP status 422 (FastAPI's
-    own) and keep FastAPI's error list in `request_errors`; `render` may choose another status."""
+    own) and keep FastAPI's error list in `request_errors`; `render` may choose another status. The
+    service's "an API key is required", which names the gRPC metadata, says `key_help` instead."""
 
     class DialectRoute(APIRoute):
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -314,7 +322,7 @@ def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRou
                     # A large body is read, and validated, in a translator thread (evalsvc.gateway.translators).
                     return await handler(OffLoopJSONRequest(scope, request.receive, check))
                 except GatewayError as error:
-                    return with_retry_after(render(error), error)
+                    return with_retry_after(render(_keyless(error, key_help)), error)
                 except HTTPException as error:  # FastAPI's "error parsing the body" (Starlette's class)
                     if isinstance(error.__cause__, TooManyValues):
                         return render(GatewayError.invalid(str(error.__cause__), http_status=413))
@@ -330,6 +338,14 @@ def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRou
             return handle
 
     return DialectRoute
+
+
+def _keyless(error: GatewayError, key_help: str) -> GatewayError:
+    """The service's refusal of a call without a key tells a gRPC client which metadata carries one; a
+    vendor's client sends an HTTP header, the dialect's, which the message names instead."""
+    if error.reason != Reason.API_KEY_MISSING:
+        return error
+    return dataclasses.replace(error, message=f"an API key is required: {key_help}")
 
 
 def _as_json(scope: Scope) -> Scope:
