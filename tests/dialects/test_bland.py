@@ -809,6 +809,9 @@ async def test_openapi_documents_the_bland_routes_and_shapes(env: Env) -> None:
     ):
         operation = paths[path][verb]
         assert "ErrorEnvelope" in json.dumps(operation["responses"]["404"]), path
+        assert "ErrorEnvelope" in json.dumps(operation["responses"]["400"]), path
+        # Bland answers a request not of the documented shape with 400, never FastAPI's 422 HTTPValidationError
+        assert "422" not in operation["responses"] and "HTTPValidationError" not in json.dumps(operation), path
     schemas = spec["components"]["schemas"]
     assert {"call_ids", "attached_agents", "pass_threshold_pct", "metadata"} <= set(schemas["RunCreate"]["properties"])
     assert schemas["RunCreate"]["properties"]["call_ids"]["maxItems"] == 5000
