@@ -273,8 +273,9 @@ class Settings:
     dialect_sync_wait_s: float = dataclasses.field(
         default=58.0,
         metadata={
-            "help": "seconds a synchronous dialect route (Agno POST /eval-runs, Aymara score-responses) waits "
-            "for its run before answering as the vendor does for a long evaluation (the vendors' clients wait 60 s)"
+            "help": "seconds after its request arrived that a synchronous dialect route (Agno POST /eval-runs, Aymara "
+            "score-responses) stops waiting for its run and answers as the vendor does for a long evaluation (the "
+            "vendors' clients wait 60 s)"
         },
     )
     outbound_allow: str = dataclasses.field(

@@ -179,11 +179,11 @@ def retry_delay(error: grpc.aio.AioRpcError) -> float | None:
 
 @asynccontextmanager
 async def impatient_gateway(
-    srv: EvalServer, dialects: str, headers: dict[str, str]
+    srv: EvalServer, dialects: str, headers: dict[str, str], *, wait_s: float = 0.0
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """A second gateway in front of a started server whose synchronous dialect routes do not wait at
-    all (--dialect-sync-wait-s 0), and a client to it sending `headers` (the caller's key)."""
-    settings = dataclasses.replace(srv.settings, dialect_sync_wait_s=0.0)
+    """A second gateway in front of a started server whose synchronous dialect routes wait `wait_s`
+    (--dialect-sync-wait-s; by default not at all), and a client to it sending `headers` (the caller's key)."""
+    settings = dataclasses.replace(srv.settings, dialect_sync_wait_s=wait_s)
     gateway = Gateway(remote_channels(f"127.0.0.1:{srv.port}"), "127.0.0.1:0", dialects=dialects, settings=settings)
     port = await gateway.start()
     try:

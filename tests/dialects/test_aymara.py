@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, SupportsIndex
 
 import aymara_ai
@@ -148,13 +149,17 @@ class PolicyVerdicts(list[Reply]):
     def __init__(self, fake: FakeEndpoint) -> None:
         super().__init__()
         self.fake = fake
+        self.slow: dict[str, float] = {}  # a generation whose request shows the key takes this long
 
     def __len__(self) -> int:
         return 2  # FakeEndpoint pops while more than one reply is left: every request comes here
 
     def pop(self, index: SupportsIndex = -1) -> Reply:
         if is_generation(asked := self.fake.seen[-1].body):
-            return generator_reply(asked)
+            shown = json.dumps(asked)
+            return replace(
+                generator_reply(asked), delay_s=max((s for k, s in self.slow.items() if k in shown), default=0)
+            )
         shown = asked["messages"][-1]["content"]
         refused = "(the model refused)" in shown or REFUSAL in shown
         return judge_reply(
@@ -480,8 +485,40 @@ async def test_score_responses_answers_processing_when_the_scores_are_late(env: 
     assert [(r["prompt_uuid"], r["is_passed"], r["response_uuid"]) for r in run["responses"]] == [
         ("p-weapon", None, None)
     ]
+    assert run["responses"][0]["content"] == REFUSAL  # echoed, as the create response does (it was null)
     await env.ended(run["eval_run_uuid"])
     assert (await env.http.get(f"/v2/eval-runs/{run['eval_run_uuid']}")).json()["status"] == "finished"
+
+
+async def test_score_responses_waits_from_the_request_not_from_the_runs_creation(env: Env) -> None:
+    """The wait ends --dialect-sync-wait-s after the request arrived: writing the next prompt of a
+    continued thread comes out of it. It came on top of it, and the SDK (60 s timeout, a 58 s wait)
+    gave up first and retried, creating the run again."""
+    ev = await create_eval(env)
+    wait_s = 2.0
+    verdicts = env.judge.script
+    assert isinstance(verdicts, PolicyVerdicts)
+    verdicts.slow["Slow to continue."] = wait_s  # the next prompt takes the whole wait
+    await env.srv.executor.stop()  # nothing is scored: the route answers when its wait is over
+    try:
+        async with impatient_gateway(env.srv, "aymara", {"x-api-key": env.key}, wait_s=wait_s) as gateway:
+            started = time.monotonic()
+            late = await gateway.post(
+                "/v2/eval-runs/-/score-responses",
+                json={
+                    "eval_uuid": ev["eval_uuid"],
+                    "responses": [{"prompt_uuid": "p-fight", "content": "Slow to continue.", "continue_thread": True}],
+                },
+            )
+            elapsed = time.monotonic() - started
+    finally:
+        verdicts.slow.clear()
+        await env.srv.executor.start()
+    assert late.status_code == 200, late.text
+    run = late.json()
+    assert run["status"] == "processing" and run["responses"][0]["next_prompt"] is not None
+    assert wait_s <= elapsed < 1.75 * wait_s  # not the generation, then the whole wait (2 x wait_s)
+    await env.ended(run["eval_run_uuid"])
 
 
 async def test_auth_errors_are_401_in_the_envelope(env: Env) -> None:
@@ -492,8 +529,17 @@ async def test_auth_errors_are_401_in_the_envelope(env: Env) -> None:
             answer = await env.http.request(method, path, json=payload, headers=headers)
             assert answer.status_code == 401, (headers, path)
             assert_envelope(answer.json(), "auth.invalid_key")
+            if headers == {"x-api-key": ""}:  # the headers to send, not the gRPC metadata a gRPC client sends
+                expected = "an API key is required: send it as 'x-api-key: <key>' or 'Authorization: Bearer <key>'"
+                assert answer.json()["error"]["message"] == expected
     bearer = await env.http.get("/v2/evals", headers={"x-api-key": "", "authorization": f"Bearer {env.key}"})
     assert bearer.status_code == 200
+    # The SDK requires api_key and always sends it as x-api-key; with bearer_token it adds the Bearer
+    # header, which carries the key then (x-api-key won, and the placeholder was a 401)
+    with_token = env.sdk(api_key="placeholder", bearer_token=env.key)
+    assert (await with_token.evals.runs.list(eval_uuid=ev["eval_uuid"])).count == 0
+    # A real key in x-api-key beside a token that is no evalsvc key (a stale AYMARA_AI_BEARER_TOKEN) is used
+    assert (await env.sdk(bearer_token="stale-token").evals.runs.list(eval_uuid=ev["eval_uuid"])).count == 0
     with pytest.raises(aymara_ai.AuthenticationError) as denied:
         await env.sdk(api_key="wrong").evals.runs.list()
     assert_envelope(denied.value.body, "auth.invalid_key")

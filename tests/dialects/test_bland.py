@@ -367,7 +367,9 @@ async def test_eval_agents_and_versions_keep_every_documented_field(env: Env) ->
     assert [r["id"] for r in rows] == [agent["id"]] and not more and cursor is None
     assert rows[0]["active_version_number"] == 2 and rows[0]["enabled"] and rows[0]["modality"] == "text"
 
-    check_error(await env.http.get("/v1/evals/agents/grd_nope"), 404, "EVAL_AGENT_NOT_FOUND")
+    assert check_error(await env.http.get("/v1/evals/agents/grd_nope"), 404, "EVAL_AGENT_NOT_FOUND") == [
+        "eval agent 'grd_nope' not found"  # Bland's words (the service's were "grader 'grd_nope' not found")
+    ]
     unknown = {"from_version_id": f"{agent['id']}_v9"}
     check_error(
         await env.http.post(f"/v1/evals/agents/{agent['id']}/versions", json=unknown),
@@ -552,8 +554,15 @@ async def test_cancel_and_list_pagination(env: Env) -> None:
     assert [r["id"] for r in rows] == [ids[1]] and more
     rows, _, _ = page(await env.http.get("/v1/evals/runs", params={"triggered_by": "backfill"}), RUN_ITEM)
     assert [(r["id"], r["status"], r["summary"]) for r in rows] == [(ids[1], "PENDING", None)]
+    pending = {"status": "PENDING", "limit": 2}
+    rows, more, cursor = page(await env.http.get("/v1/evals/runs", params=pending), RUN_ITEM)
+    assert [r["id"] for r in rows] == newest_first[:2] and more and cursor == ids[1]
 
     cancelled = check_run(await env.ok("POST", f"/v1/evals/runs/{ids[1]}/cancellations"))
+    # The cursor left the filtered list (CANCELLED now) and still marks its place there (it was a 400)
+    for paging, expected in (({"starting_after": cursor}, [ids[0]]), ({"ending_before": cursor}, [ids[2]])):
+        rows, more, _ = page(await env.http.get("/v1/evals/runs", params={**pending, **paging}), RUN_ITEM)
+        assert [r["id"] for r in rows] == expected and not more
     assert cancelled["status"] == "CANCELLED" and cancelled["completed_at"] and cancelled["summary"] is None
     assert cancelled["submitted_call_ids"] == CALL_IDS and cancelled["completed_atom_count"] == 0
     again = check_run(await env.ok("POST", f"/v1/evals/runs/{ids[1]}/cancellations"))  # idempotent
@@ -584,7 +593,9 @@ async def test_a_run_may_take_the_documented_maximum_of_calls(env: Env) -> None:
 
 async def test_every_error_comes_in_blands_envelope_and_changes_nothing(env: Env) -> None:
     agent = (await env.agent(EMPATHY))["agent"]["id"]
-    check_error(await env.http.get("/v1/evals/runs", headers={"authorization": ""}), 401, "UNAUTHORIZED")
+    assert check_error(await env.http.get("/v1/evals/runs", headers={"authorization": ""}), 401, "UNAUTHORIZED") == [
+        "an API key is required: send it as 'authorization: <key>'"  # not the gRPC metadata a gRPC client sends
+    ]
     check_error(await env.http.get("/v1/evals/status", headers={"authorization": "sk-wrong"}), 401, "UNAUTHORIZED")
     check_error(
         await env.http.post("/v1/evals/runs", json={"call_ids": CALL_IDS}, headers={"authorization": ""}),
@@ -629,7 +640,7 @@ async def test_every_error_comes_in_blands_envelope_and_changes_nothing(env: Env
     unknown_agent = await env.http.post(
         "/v1/evals/runs", json={"call_ids": CALL_IDS, "attached_agents": [{"eval_agent_id": "grd_nope"}]}
     )
-    check_error(unknown_agent, 404, "EVAL_AGENT_NOT_FOUND")
+    assert check_error(unknown_agent, 404, "EVAL_AGENT_NOT_FOUND") == ["eval agent 'grd_nope' not found"]
     wrong_version = [{"eval_agent_id": agent, "eval_agent_version_id": "22222222-aaaa-bbbb-cccc-dddddddddddd"}]
     check_error(
         await env.http.post("/v1/evals/runs", json={"call_ids": CALL_IDS, "attached_agents": wrong_version}),
@@ -670,7 +681,9 @@ async def test_every_error_comes_in_blands_envelope_and_changes_nothing(env: Env
         ("GET", "/v1/evals/runs/run_nope/call-results"),
         ("GET", "/v1/evals/runs/run_nope/agent-results"),
     ):
-        check_error(await env.http.request(method, path), 404, "EVAL_RUN_NOT_FOUND")
+        assert check_error(await env.http.request(method, path), 404, "EVAL_RUN_NOT_FOUND") == [
+            "eval run 'run_nope' not found"
+        ]
     native = {
         "items": [{"id": "a", "input": "q", "response": {"content": "x"}}],
         "target": {"provided": {}},
@@ -796,6 +809,9 @@ async def test_openapi_documents_the_bland_routes_and_shapes(env: Env) -> None:
     ):
         operation = paths[path][verb]
         assert "ErrorEnvelope" in json.dumps(operation["responses"]["404"]), path
+        assert "ErrorEnvelope" in json.dumps(operation["responses"]["400"]), path
+        # Bland answers a request not of the documented shape with 400, never FastAPI's 422 HTTPValidationError
+        assert "422" not in operation["responses"] and "HTTPValidationError" not in json.dumps(operation), path
     schemas = spec["components"]["schemas"]
     assert {"call_ids", "attached_agents", "pass_threshold_pct", "metadata"} <= set(schemas["RunCreate"]["properties"])
     assert schemas["RunCreate"]["properties"]["call_ids"]["maxItems"] == 5000

@@ -246,6 +246,7 @@ async def test_a_run_to_completion_judges_each_record_by_the_prompt_snippet(env:
 
     finished = await env.http.post(f"/api/eval_runs/{run['id']}/cancel")
     assert check_error(finished, 400, "FAILED_PRECONDITION") == {}
+    assert finished.json()["error"]["message"] == f"eval run {run['id']!r} already finished as SUCCESS"  # Vogent's name
 
 
 async def test_record_subsets_search_and_cursors(env: Env) -> None:
@@ -360,6 +361,9 @@ async def test_missing_or_wrong_keys_get_401(env: Env) -> None:
         ):
             response = await env.http.request(method, path, json=body, headers={"authorization": key})
             check_error(response, 401, "UNAUTHENTICATED")
+            if not key:  # the header to send, not the gRPC metadata a gRPC client sends
+                expected = "an API key is required: send it as 'Authorization: Bearer <key>'"
+                assert response.json()["error"]["message"] == expected
     configs, _ = check_page(await env.http.get("/api/eval_configs"))
     assert [c["id"] for c in configs] == [config["id"]]
 

@@ -27,6 +27,7 @@ from fastapi.routing import APIRouter
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 
+from evalsvc.auth import keys
 from evalsvc.datasets.generation import MAX_INSTRUCTIONS, MAX_ITEMS
 from evalsvc.gateway.dialects.base import (
     MAX_ANNOTATIONS_BYTES,
@@ -357,8 +358,13 @@ _API_KEY = APIKeyHeader(name="x-api-key", auto_error=False, description="An eval
 
 
 def aymara_key(request: Request, key: Annotated[str | None, Security(_API_KEY)]) -> Caller:
-    """`x-api-key: <key>`, or `Authorization: Bearer <key>` (the SDK's bearer_token)."""
-    return Caller(key.strip()) if key else bearer_key(request)
+    """`x-api-key: <key>`, or `Authorization: Bearer <key>` (the SDK's bearer_token). The SDK requires
+    `api_key` and always sends it as x-api-key, adding the Bearer header only when bearer_token is set;
+    so with both, the one holding a well-formed evalsvc key is used, and the Bearer token when both or
+    neither do (x-api-key came first, and the SDK's bearer_token could not work beside a placeholder)."""
+    sent = [given for given in (bearer_key(request).api_key, (key or "").strip()) if given]
+    evalsvc_keys = [given for given in sent if keys.parse(given) is not None]
+    return Caller((evalsvc_keys or sent or [""])[0])
 
 
 Limit = Annotated[int, Query(ge=1, description="At most this many items.")]
@@ -600,10 +606,11 @@ def create_request(
     )
 
 
-def scored(record: dict[str, Any], result: run_pb2.Result | None) -> ScoredResponse:
-    """A stored response with its result's content and verdict, when it has one."""
+def scored(record: dict[str, Any], result: run_pb2.Result | None, submitted: str | None = None) -> ScoredResponse:
+    """A stored response with its result's content and verdict, when it has one; without a result, its
+    content is the stored one (excluded, null and file responses) or else `submitted`, when known."""
     if result is None:
-        return ScoredResponse(**record)
+        return ScoredResponse(**{"content": submitted, **record})
     return ScoredResponse(
         **{"content": result.output.content, **record},
         response_uuid=derived_uuid("aymara.response", result.run_id, result.id),  # a UUID, as Aymara's are
@@ -613,11 +620,23 @@ def scored(record: dict[str, Any], result: run_pb2.Result | None) -> ScoredRespo
     )
 
 
-def responses_of(run: run_pb2.Run, results: Iterable[run_pb2.Result]) -> list[ScoredResponse]:
-    """Every submitted response of a run, in submission order, with its verdict where recorded."""
+def responses_of(
+    run: run_pb2.Run, results: Iterable[run_pb2.Result], submitted: Sequence[EvalResponse] = ()
+) -> list[ScoredResponse]:
+    """Every submitted response of a run, in submission order, with its verdict where recorded. The
+    content of a scored response is read from its result; `submitted` (the request that created the run,
+    when answering it) gives the content of those without a result yet."""
     by_prompt = {result.item_id: result for result in results}
+    contents = {r.prompt_uuid: r.content for r in submitted if isinstance(r.content, str)}
     records: list[dict[str, Any]] = json.loads(run.annotations.get(RESPONSES_KEY, "[]"))
-    return [scored(r, None if r.get("exclude_from_scoring") else by_prompt.get(r["prompt_uuid"])) for r in records]
+    return [
+        scored(
+            r,
+            None if r.get("exclude_from_scoring") else by_prompt.get(r["prompt_uuid"]),
+            contents.get(r["prompt_uuid"]),
+        )
+        for r in records
+    ]
 
 
 def result_of(
@@ -751,9 +770,10 @@ class Aymara(DialectClient):
         )
         return run
 
-    async def responses(self, run: run_pb2.Run) -> list[ScoredResponse]:
+    async def responses(self, run: run_pb2.Run, submitted: Sequence[EvalResponse] = ()) -> list[ScoredResponse]:
         request = eval_run_service_pb2.ListRunResultsRequest(run_id=run.id)
-        return responses_of(run, await self.collect(self.upstream.runs.ListRunResults, request, "results"))
+        results = await self.collect(self.upstream.runs.ListRunResults, request, "results")
+        return responses_of(run, results, submitted)
 
     async def evaluation(self, eval_uuid: str, cache: dict[str, Eval | None]) -> Eval | None:
         """The eval of a run, looked up once per request (null if it cannot be read)."""
@@ -766,9 +786,12 @@ class Aymara(DialectClient):
                 cache[eval_uuid] = None
         return cache[eval_uuid]
 
-    async def full_result(self, run: run_pb2.Run, status: Status | None = None) -> EvalRunResult:
+    async def full_result(
+        self, run: run_pb2.Run, status: Status | None = None, submitted: Sequence[EvalResponse] = ()
+    ) -> EvalRunResult:
+        """The run with its responses (see `responses_of` for `submitted`)."""
         evaluation = await self.evaluation(run.labels[EVAL_LABEL], {})
-        return result_of(run, evaluation, await self.responses(run), status)
+        return result_of(run, evaluation, await self.responses(run, submitted), status)
 
     async def list_runs(self, eval_uuid: str | None) -> list[run_pb2.Run]:
         labels = {**self.labels, **({EVAL_LABEL: eval_uuid} if eval_uuid else {})}
@@ -837,7 +860,8 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
     ) -> EvalRunResult:
         run, _, _ = await aymara.start_run(body, is_sandbox, workspace_uuid)
         done = await aymara.wait_until_done(run.id, options.sync_wait_s)
-        return await aymara.full_result(done, None if done.status in TERMINAL else "processing")
+        # The submitted contents are echoed, as POST /v2/eval-runs does, for responses not scored yet.
+        return await aymara.full_result(done, None if done.status in TERMINAL else "processing", body.responses)
 
     @api.get("/v2/eval-runs", response_model=EvalRunList, summary="List eval runs (without their responses)")
     async def list_runs(
@@ -876,6 +900,10 @@ DIALECT = Dialect(
     client=Aymara,
     routes=routes,
     vendor=VendorOptions(
-        error_handler=render, caller=aymara_key, error_responses=ERROR_RESPONSES, service_not_found=True
+        error_handler=render,
+        caller=aymara_key,
+        key_help="send it as 'x-api-key: <key>' or 'Authorization: Bearer <key>'",
+        error_responses=ERROR_RESPONSES,
+        service_not_found=True,
     ),
 )

@@ -18,8 +18,10 @@ synchronous vendor routes (`wait_until_done`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +37,7 @@ from google.protobuf.message import Message
 from starlette.exceptions import HTTPException
 from starlette.types import Scope
 
+from evalsvc.errors import Reason
 from evalsvc.gateway.translators import (
     BodyCheck,
     InvalidBody,
@@ -55,6 +58,9 @@ OWNER_LABEL = "dialect"  # label on everything a dialect creates: it sees only w
 MAX_PAGE_SIZE = 1000  # evalsvc's largest page of a list
 MAX_COLLECTED = 10_000  # what `collect` reads at most, for vendors that page by offset or count a total
 MAX_PAGES = 1000  # what `pages` reads at most (a million elements at MAX_PAGE_SIZE)
+# The ASGI scope key holding when a dialect route began handling the request (time.monotonic()): a
+# synchronous route's wait ends --dialect-sync-wait-s after it, whatever the route did before waiting.
+ARRIVED = "evalsvc.dialect.arrived"
 
 
 def owner_labels(dialect: str) -> dict[str, str]:
@@ -95,6 +101,8 @@ class VendorOptions:
     error_handler: Callable[[GatewayError], Response]
     # A FastAPI dependency reading the caller's API key from the header the vendor documents.
     caller: Callable[..., Caller] = bearer_key
+    # How `caller` takes the key, as the answer to a request without one says ("an API key is required: ...").
+    key_help: str = "send it as 'Authorization: Bearer <key>'"
     # The error responses of every route, for the OpenAPI document.
     error_responses: dict[int | str, dict[str, Any]] = field(default_factory=dict)
     # Whether the service's own NOT_FOUND reaches the vendor's client as it is (its message and reason,
@@ -107,10 +115,11 @@ class DialectClient:
 
     Each dialect subclasses it with its vendor's operations, so a route is one call on the client."""
 
-    def __init__(self, upstream: Upstream, caller: Caller, dialect: Dialect) -> None:
+    def __init__(self, upstream: Upstream, caller: Caller, dialect: Dialect, arrived: float | None = None) -> None:
         self.upstream = upstream
         self.caller = caller
         self.dialect = dialect
+        self.arrived = time.monotonic() if arrived is None else arrived  # when the request arrived (monotonic)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -228,9 +237,14 @@ class DialectClient:
                 break
         return found, token or None
 
-    async def wait_until_done(self, run_id: str, timeout: float) -> run_pb2.Run:
-        """The run once it has ended, or as it stands after `timeout` seconds (synchronous vendor routes)."""
-        return await self.upstream.wait_until_done(run_id, self.caller, timeout)
+    async def wait_until_done(self, run_id: str, wait_s: float) -> run_pb2.Run:
+        """The run once it has ended, or as it stands `wait_s` seconds after the request arrived (synchronous
+        vendor routes). The wait is counted from the arrival, not from the run's creation: what the route did
+        before (Aymara writes the next prompts of continued threads with the generator model) comes out of
+        it, so the answer still comes before the vendor's client times out and retries, creating the run
+        again."""
+        left = max(0.0, self.arrived + wait_s - time.monotonic())
+        return await self.upstream.wait_until_done(run_id, self.caller, left)
 
     async def fill_new(
         self, dataset: dataset_service_pb2.Dataset, items: Sequence[item_pb2.Item]
@@ -276,20 +290,24 @@ class Dialect:
 
     def router(self, upstream: Upstream, options: DialectOptions) -> APIRouter:
         """The vendor's routes over `upstream`, failures rendered by the vendor's error handler."""
-        api = APIRouter(route_class=error_route_class(self.vendor.error_handler), responses=self.vendor.error_responses)
+        route_class = error_route_class(self.vendor.error_handler, self.vendor.key_help)
+        api = APIRouter(route_class=route_class, responses=self.vendor.error_responses)
         reader = self.vendor.caller
 
-        def client(caller: Caller = Depends(reader)) -> DialectClient:
-            return self.client(upstream, caller, self)
+        def client(request: Request, caller: Caller = Depends(reader)) -> DialectClient:
+            return self.client(upstream, caller, self, request.scope.get(ARRIVED))
 
         self.routes(api, Depends(client), options)
         return api
 
 
-def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRoute]:
+def error_route_class(
+    render: Callable[[GatewayError], Response], key_help: str = VendorOptions.key_help
+) -> type[APIRoute]:
     """An APIRoute class whose handlers answer every GatewayError and request-validation error with
     `render(error)`. Request validation errors become INVALID_ARGUMENT with HTTP status 422 (FastAPI's
-    own) and keep FastAPI's error list in `request_errors`; `render` may choose another status."""
+    own) and keep FastAPI's error list in `request_errors`; `render` may choose another status. The
+    service's "an API key is required", which names the gRPC metadata, says `key_help` instead."""
 
     class DialectRoute(APIRoute):
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -299,11 +317,12 @@ def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRou
 
             async def handle(request: Request) -> Response:
                 scope = _as_json(request.scope) if takes_json else request.scope
+                scope[ARRIVED] = time.monotonic()
                 try:
                     # A large body is read, and validated, in a translator thread (evalsvc.gateway.translators).
                     return await handler(OffLoopJSONRequest(scope, request.receive, check))
                 except GatewayError as error:
-                    return with_retry_after(render(error), error)
+                    return with_retry_after(render(_keyless(error, key_help)), error)
                 except HTTPException as error:  # FastAPI's "error parsing the body" (Starlette's class)
                     if isinstance(error.__cause__, TooManyValues):
                         return render(GatewayError.invalid(str(error.__cause__), http_status=413))
@@ -319,6 +338,14 @@ def error_route_class(render: Callable[[GatewayError], Response]) -> type[APIRou
             return handle
 
     return DialectRoute
+
+
+def _keyless(error: GatewayError, key_help: str) -> GatewayError:
+    """The service's refusal of a call without a key tells a gRPC client which metadata carries one; a
+    vendor's client sends an HTTP header, the dialect's, which the message names instead."""
+    if error.reason != Reason.API_KEY_MISSING:
+        return error
+    return dataclasses.replace(error, message=f"an API key is required: {key_help}")
 
 
 def _as_json(scope: Scope) -> Scope:

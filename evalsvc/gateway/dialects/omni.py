@@ -42,14 +42,18 @@ CREATED_KEY = "created_at"  # when a prompt was added, as item metadata (items h
 MAX_PROMPTS = 25
 MAX_RUNS_IN_FLIGHT = 2  # SKILL.md: "at most 2 eval runs in flight at once", else 429
 
-RunState = Literal["RUNNING", "COMPLETE", "FAILED", "CANCELLED"]
+RunState = Literal["RUNNING", "COMPLETE", "CANCELLED"]
 JobState = Literal["QUEUED", "EXECUTING", "COMPLETE", "FAILED"]
 ACTIVE = (run_pb2.RUN_STATUS_PENDING, run_pb2.RUN_STATUS_RUNNING)
 STATUS: dict[int, RunState] = {
     run_pb2.RUN_STATUS_PENDING: "RUNNING",
     run_pb2.RUN_STATUS_RUNNING: "RUNNING",
     run_pb2.RUN_STATUS_SUCCEEDED: "COMPLETE",
-    run_pb2.RUN_STATUS_FAILED: "FAILED",
+    # SKILL.md's terminal statuses are COMPLETE and CANCELLED, and an Omni run is COMPLETE once every
+    # prompt's job has ended, COMPLETE or FAILED: a run whose prompts all errored (or that stopped on an
+    # error) is COMPLETE, each row's agentic_job.state FAILED with its error_reason. A FAILED status, which
+    # Omni does not document, kept a poller waiting for COMPLETE or CANCELLED polling for ever.
+    run_pb2.RUN_STATUS_FAILED: "COMPLETE",
     run_pb2.RUN_STATUS_CANCELLED: "CANCELLED",
 }
 # Omni's judge reads the whole answer and fails only material errors; with no expectation it judges
@@ -543,7 +547,10 @@ def _result_row(run: run_pb2.Run, item: item_pb2.Item, result: run_pb2.Result | 
 
 # --- routes ---------------------------------------------------------------------------------------
 
-Archived = Annotated[Literal["true", "false"], Query(description="true: archived items instead of active ones")]
+Archived = Annotated[
+    str,
+    Query(pattern="^(?i:true|false)$", description="true: archived items instead of active ones (any letter case)"),
+]
 
 
 def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
@@ -555,11 +562,16 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
 
     @api.get("/v1/ai/eval/prompt-sets", response_model=OmniPromptSetList, summary="List eval prompt sets")
     async def list_prompt_sets(
-        omni: Omni = client, model_ids: Annotated[list[str] | None, Query()] = None, archived: Archived = "false"
+        omni: Omni = client,
+        model_ids: Annotated[
+            list[str] | None,
+            Query(description="Models to list the sets of: the parameter repeated, or comma-separated"),
+        ] = None,
+        archived: Archived = "false",
     ) -> OmniPromptSetList:
-        if archived == "true":  # prompt sets cannot be archived here (DeleteDataset cannot be undone)
+        if archived.lower() == "true":  # prompt sets cannot be archived here (DeleteDataset cannot be undone)
             return OmniPromptSetList(prompt_sets=[])
-        wanted = {from_uuid(model_id) for model_id in model_ids or ()}
+        wanted = {from_uuid(model_id.strip()) for given in model_ids or () for model_id in given.split(",")}
         sets = [d for d in await omni.prompt_sets() if not wanted or d.labels.get(MODEL_LABEL) in wanted]
         sets.sort(key=lambda d: d.display_name)
         return OmniPromptSetList(prompt_sets=list(await asyncio.gather(*(omni.summary(d) for d in sets))))
@@ -590,7 +602,7 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
 
     @api.get("/v1/ai/eval/runs", response_model=OmniRunList, summary="List eval runs")
     async def list_runs(prompt_set_id: str, omni: Omni = client, archived: Archived = "false") -> OmniRunList:
-        return await omni.list_runs(prompt_set_id, archived == "true")
+        return await omni.list_runs(prompt_set_id, archived.lower() == "true")
 
     @api.get("/v1/ai/eval/runs/{runId}", response_model=OmniRunEnvelope, summary="Get an eval run")
     async def get_run(runId: str, omni: Omni = client) -> OmniRunEnvelope:

@@ -16,6 +16,7 @@ documented shape. See docs/dialects/vogent.md.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from evalsvc.errors import Reason
 from evalsvc.gateway.dialects.base import (
     MAX_PAGE_SIZE,
     Dialect,
@@ -528,9 +530,17 @@ class Vogent(DialectClient):
         return AIEvalPage[AIEvalRun](data=[run_out(run) for run in found], cursor=next_cursor)
 
     async def cancel_run(self, run_id: str) -> AIEvalRun:
+        """CancelRun; a run that has ended is a FAILED_PRECONDITION naming its status as Vogent does (the
+        service's message named evalsvc's, RUN_STATUS_SUCCEEDED)."""
         await self.run(run_id)
         request = eval_run_service_pb2.CancelRunRequest(run_id=run_id)
-        return run_out((await self.call(self.upstream.runs.CancelRun, request)).run)
+        try:
+            return run_out((await self.call(self.upstream.runs.CancelRun, request)).run)
+        except GatewayError as error:
+            if error.reason != Reason.RUN_ALREADY_FINISHED:
+                raise
+            ended = run_out(await self.run(run_id)).status
+            raise dataclasses.replace(error, message=f"eval run {run_id!r} already finished as {ended}") from None
 
     async def list_results(self, run_id: str, limit: int, cursor: str | None) -> AIEvalPage[AIEvalRunResult]:
         run = await self.run(run_id)

@@ -27,6 +27,10 @@ DIALECT = Dialect(
     client=Bland,
     routes=routes,
     vendor=VendorOptions(
-        error_handler=render, caller=bland_key, error_responses=ERROR_RESPONSES, service_not_found=True
+        error_handler=render,
+        caller=bland_key,
+        key_help="send it as 'authorization: <key>'",
+        error_responses=ERROR_RESPONSES,
+        service_not_found=True,
     ),
 )

@@ -39,14 +39,17 @@ class ErrorEnvelope(BaseModel):
     errors: list[ErrorItem]
 
 
+# Every 4xx is the envelope; a request that does not match the schema is a 400 (INVALID_REQUEST). The "4XX"
+# entry also keeps FastAPI from documenting its own 422 HTTPValidationError, which Bland never answers.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorEnvelope, "description": description}
     for status, description in (
-        (400, "Invalid request (INVALID_REQUEST), incl. values outside a documented limit"),
+        (400, "Invalid request (INVALID_REQUEST), incl. a body or query not of the documented shape"),
         (401, "Missing or invalid API key (UNAUTHORIZED)"),
         (404, "Unknown id (EVAL_RUN_NOT_FOUND, EVAL_AGENT_NOT_FOUND, EVAL_AGENT_VERSION_NOT_FOUND)"),
         (409, "Conflict with the resource's state (e.g. EVAL_RUN_NOT_CANCELLABLE)"),
         (429, "Over a quota (RATE_LIMITED)"),
+        ("4XX", "Any other client error (e.g. 405 METHOD_NOT_ALLOWED, 413 for a body over the gateway's limits)"),
     )
 }
 

@@ -120,23 +120,31 @@ class Page(Generic[T]):
     next_cursor: str | None
 
 
-async def paginate(source: AsyncIterator[T], key: Callable[[T], str], cursor: Cursor) -> Page[T]:
-    """A page of `source` (in list order) after or before a cursor; an unknown cursor is INVALID_REQUEST.
+async def paginate(
+    source: AsyncIterator[T], key: Callable[[T], str], cursor: Cursor, keep: Callable[[T], bool] = lambda _: True
+) -> Page[T]:
+    """A page of the elements of `source` (in list order) that `keep` accepts, after or before a cursor;
+    an unknown cursor is INVALID_REQUEST.
 
-    evalsvc pages by opaque tokens, so the cursor is found by reading the list from its start."""
+    evalsvc pages by opaque tokens, so the cursor is found by reading the list from its start. It is
+    looked for among every element, kept or not: the object a filtered page ended on still marks its
+    place when it no longer matches the filter (a run listed as RUNNING that has been cancelled since),
+    as a cursor does in Bland's own lists."""
     if cursor.ending_before:
         before: deque[T] = deque(maxlen=cursor.limit + 1)
         async for item in source:
             if key(item) == cursor.ending_before:
                 page = list(before)[-cursor.limit :]
                 return Page(page, len(before) > cursor.limit, key(page[-1]) if page else None)
-            before.append(item)
+            if keep(item):
+                before.append(item)
         raise _unknown_cursor("ending_before", cursor.ending_before)
     found = cursor.starting_after is None
     items: list[T] = []
     async for item in source:
         if found:
-            items.append(item)
+            if keep(item):
+                items.append(item)
             if len(items) > cursor.limit:
                 break
         else:
@@ -155,13 +163,6 @@ def _unknown_cursor(name: str, value: str) -> GatewayError:
 def listing(page: Page[Any], data: list[T]) -> ListOf[T]:
     """The list envelope of a page whose items became `data`."""
     return ListOf(data=data, has_more=page.has_more, next_cursor=page.next_cursor)
-
-
-async def filtered(source: AsyncIterator[T], keep: Callable[[T], bool]) -> AsyncIterator[T]:
-    """The elements of `source` that `keep` accepts."""
-    async for item in source:
-        if keep(item):
-            yield item
 
 
 # ---------------------------------------------------------------------------------------------- routes
@@ -396,8 +397,10 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
         if status is not None and not STATUS_FILTER[status]:
             page: Page[run_pb2.Run] = Page([], False, None)
         else:
-            runs = bland.runs(STATUS_FILTER[status] if status else ())
-            page = await paginate(filtered(runs, keep), lambda run: run.id, cursor)
+            # evalsvc filters on the status too, unless a cursor is looked for: it may have left that status
+            paging = cursor.starting_after or cursor.ending_before
+            runs = bland.runs(STATUS_FILTER[status] if status and not paging else ())
+            page = await paginate(runs, lambda run: run.id, cursor, keep)
         views = [RunView.of(run) for run in page.items]
         summaries = await asyncio.gather(*(bland.summary(view) for view in views))
         return Envelope(data=listing(page, [v.list_item(s) for v, s in zip(views, summaries, strict=True)]))

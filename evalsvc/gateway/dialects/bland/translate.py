@@ -139,12 +139,16 @@ def bland_field(path: str) -> str:
     return path
 
 
-# evalsvc's words in its messages -> Bland's: run status names (`RUN_STATUS_SUCCEEDED` -> `COMPLETE`), and a
-# call that is not in the calls dataset (the run's item ids are the call ids).
+# evalsvc's words in its messages -> Bland's: run status names (`RUN_STATUS_SUCCEEDED` -> `COMPLETE`), the
+# service's not-found of a grader or a run (`grader 'grd_x' not found` -> `eval agent 'grd_x' not found`), and
+# a call that is not in the calls dataset (the run's item ids are the call ids).
 STATUS_WORDS = {run_pb2.RunStatus.Name(status): name for status, name in STATUSES.items()}
+QUOTED = r"('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")"  # an id as Python's repr quotes it
 WORDS: tuple[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]], ...] = (
     (re.compile(r"\bRUN_STATUS_[A-Z]+\b"), lambda m: STATUS_WORDS.get(m[0], m[0])),
-    (re.compile(r"\bno item ('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\") in dataset '[^']*'"), r"no call \1 was uploaded"),
+    (re.compile(rf"^grader {QUOTED} not found"), r"eval agent \1 not found"),
+    (re.compile(rf"^run {QUOTED} not found"), r"eval run \1 not found"),
+    (re.compile(rf"\bno item {QUOTED} in dataset '[^']*'"), r"no call \1 was uploaded"),
     (re.compile(r"\bitem ids must not repeat\b"), "call ids must not repeat"),
 )
 
