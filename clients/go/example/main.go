@@ -12,8 +12,10 @@ import (
 	"io"
 	"log"
 	"os"
+	"strings"
 	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -43,6 +45,29 @@ func statusName(s evalsvcv1.RunStatus) string {
 		return name[len(prefix):]
 	}
 	return name
+}
+
+// describe is an error's one-line text with the server's rich details (docs/errors.md): the ErrorInfo reason and
+// each BadRequest field violation. The detail types come from genproto's googleapis/rpc/errdetails, the package
+// grpc's own status package builds on (clients/go/gen has no google/rpc: a second copy would panic at init).
+func describe(err error) string {
+	st := status.Convert(err)
+	text := fmt.Sprintf("%s: %s", st.Code(), st.Message())
+	var violations []string
+	for _, detail := range st.Details() {
+		switch d := detail.(type) {
+		case *errdetails.ErrorInfo:
+			text += fmt.Sprintf(" (%s)", d.GetReason())
+		case *errdetails.BadRequest:
+			for _, v := range d.GetFieldViolations() {
+				violations = append(violations, fmt.Sprintf("%s: %s", v.GetField(), v.GetDescription()))
+			}
+		}
+	}
+	if len(violations) > 0 {
+		text += " - " + strings.Join(violations, "; ")
+	}
+	return text
 }
 
 func main() {
@@ -77,7 +102,7 @@ func main() {
 	created, err := client.CreateRun(createCtx, request)
 	cancel()
 	if err != nil {
-		log.Fatalf("CreateRun: %v", err)
+		log.Fatalf("CreateRun: %s", describe(err))
 	}
 	run := created.GetRun()
 	fmt.Printf("created %s with %d jobs\n", run.GetId(), created.GetJobCount())
@@ -114,7 +139,7 @@ func main() {
 		code := status.Code(err)
 		failures++
 		if (code != codes.Unavailable && code != codes.DeadlineExceeded && code != codes.ResourceExhausted) || failures > 30 {
-			log.Fatalf("WatchRun: %v", err)
+			log.Fatalf("WatchRun: %s", describe(err))
 		}
 		backoff := time.Duration(50<<uint(failures)) * time.Millisecond
 		if backoff > 2*time.Second {
