@@ -5,7 +5,6 @@ the LLM judge call real HTTP servers standing in for the endpoints (tests/fake_l
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 import uuid
 from collections import defaultdict
@@ -37,7 +36,7 @@ from evalsvc_client import (
 from evalsvc.server import EvalServer
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
-from tests.procs import ServerProcess
+from tests.procs import ServerProcess, free_port
 
 
 def _items(n: int, *, wrong_every: int = 0) -> list[pb.Item]:
@@ -673,16 +672,10 @@ async def test_sync_client_saved_graders_and_targets(server: EvalServer) -> None
     await asyncio.to_thread(scenario)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.slow
 async def test_watch_resumes_across_kill_9_and_restart_on_the_same_port(tmp_path: Path) -> None:
     db = f"sqlite+aiosqlite:///{tmp_path / 'resume.db'}"
-    port = _free_port()
+    port = free_port()
     knobs = ("--grpc-addr", f"127.0.0.1:{port}", "--claim-batch", "25", "--workers", "25")
     first = ServerProcess(db, tmp_path / "first.log", *knobs)
     second: ServerProcess | None = None
