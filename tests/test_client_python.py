@@ -272,13 +272,13 @@ async def test_saved_graders_and_targets(client: AsyncEvalClient) -> None:
     assert missing_ref.value.reason == "GRADER_NOT_FOUND"
     with pytest.raises(InvalidArgumentError) as nested_grader:
         await client.create_grader("nested", builders.saved_grader(grader.id))
-    assert "grader.grader.saved" in nested_grader.value.field_violations
+    assert "grader.grader.saved" in dict(nested_grader.value.field_violations)
     with pytest.raises(InvalidArgumentError) as nested_target:
         await client.create_target("nested", builders.saved_target(target.id))
-    assert "target.target.saved_target_id" in nested_target.value.field_violations
+    assert "target.target.saved_target_id" in dict(nested_target.value.field_violations)
     with pytest.raises(InvalidArgumentError) as bad_update:
         await client.update_grader(grader.id, builders.regex("("))
-    assert "grader.regex.pattern" in bad_update.value.field_violations
+    assert "grader.regex.pattern" in dict(bad_update.value.field_violations)
 
     await client.delete_grader(grader.id)
     await client.delete_target(target.id)
@@ -375,10 +375,10 @@ async def test_chat_and_http_targets_and_llm_judge(tmp_path: Path, monkeypatch: 
 
             with pytest.raises(InvalidArgumentError) as no_model:
                 await client.create_target("bad", builders.chat_target(llm.url + "/v1", ""))
-            assert "target.target.chat.model" in no_model.value.field_violations
+            assert "target.target.chat.model" in dict(no_model.value.field_violations)
             with pytest.raises(InvalidArgumentError) as no_secret:
                 await client.create_target("bad", builders.http_target(agent.url, api_key_secret="missing"))
-            assert "target.target.http.endpoint.api_key_secret" in no_secret.value.field_violations
+            assert "target.target.http.endpoint.api_key_secret" in dict(no_secret.value.field_violations)
     finally:
         await srv.stop(grace=1.0)
 
@@ -489,6 +489,18 @@ async def test_create_get_list_are_retried_and_update_grader_is_not() -> None:
         await server.stop(grace=None)
 
 
+async def test_every_violation_of_one_field_is_kept(client: AsyncEvalClient) -> None:
+    """A label whose key and value are both wrong gets two violations of `labels[Bad Key]`; they were keyed by
+    field in a dict, which kept the last one only."""
+    with pytest.raises(InvalidArgumentError) as invalid:
+        await client.create_run(
+            items=_items(1), target="provided", graders=[builders.exact_match()], labels={"Bad Key": "v" * 100}
+        )
+    about_label = [why for path, why in invalid.value.field_violations if path == "labels[Bad Key]"]
+    assert len(about_label) == 2 and about_label[0] != about_label[1], invalid.value.field_violations
+    assert all(f"labels[Bad Key]: {why}" in str(invalid.value) for why in about_label)
+
+
 async def test_errors_carry_reason_and_details(client: AsyncEvalClient, server: EvalServer) -> None:
     with pytest.raises(NotFoundError) as missing:
         await client.get_run("run_nope")
@@ -497,9 +509,9 @@ async def test_errors_carry_reason_and_details(client: AsyncEvalClient, server: 
         await client.get_dataset("ds_nope")
     with pytest.raises(InvalidArgumentError) as invalid:
         await client.create_run(items=_items(1), target="provided", graders=[builders.regex("(")])
-    assert "graders[0].regex.pattern" in invalid.value.field_violations
+    assert "graders[0].regex.pattern" in dict(invalid.value.field_violations)
     # An uncaught error's text says why, not only which field: it was "...: graders[0].regex.pattern".
-    why = invalid.value.field_violations["graders[0].regex.pattern"]
+    why = dict(invalid.value.field_violations)["graders[0].regex.pattern"]
     assert f"graders[0].regex.pattern: {why}" in str(invalid.value)
 
     run = await client.create_run(items=_items(1), target="provided", graders=[builders.exact_match()])
@@ -760,7 +772,7 @@ async def test_webhooks(tmp_path: Path) -> None:
                 assert updated.description == "ci"
                 with pytest.raises(InvalidArgumentError) as caught:
                     await client.update_webhook(webhook.id, url="http://10.0.0.1/")
-                assert "webhook.url" in caught.value.field_violations
+                assert "webhook.url" in dict(caught.value.field_violations)
 
             def blocking() -> None:
                 with EvalClient(target, api_key=key) as client:

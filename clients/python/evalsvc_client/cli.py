@@ -831,7 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_spec_error(console, exc)
     except EvalError as exc:
         console.print(f"evalctl: {exc.code.name}: {exc.message}" + (f" ({exc.reason})" if exc.reason else ""))
-        for path, why in exc.field_violations.items():
+        for path, why in exc.field_violations:
             console.print(f"  {path}: {why}")
         if exc.hint:
             console.print(f"  {exc.hint}")
