@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -260,6 +261,47 @@ def test_an_error_prints_every_violation_of_a_field(live: tuple[ServerProcess, s
     assert refused.returncode == 3, refused.stderr
     about_label = [line for line in refused.stderr.splitlines() if line.startswith("  labels[Bad Key]: ")]
     assert len(about_label) == 2 and about_label[0] != about_label[1], refused.stderr
+
+
+def test_ctrl_c_while_following_a_run_says_how_to_resume(tmp_path: Path) -> None:
+    """Ctrl-C in `run` or `watch` printed KeyboardInterrupt's traceback. No workers: the run stays PENDING."""
+    server = ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 'idle.db'}", tmp_path / "server.log", "--workers", "0")
+    try:
+        key = server.bootstrap_key()
+        assert key
+        idle = (server, key)
+        (tmp_path / "qa.jsonl").write_text('{"input": "x", "expected_output": "x", "response": "x"}\n')
+        (tmp_path / "spec.yaml").write_text("dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
+
+        def interrupted(*args: str, after: str) -> tuple[str, str]:
+            """evalctl `args`, sent SIGINT once it has written a line starting with `after` (stdout with --json,
+            else stderr): (stderr, the run's id)."""
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "evalsvc_client.cli", *args],
+                env=_env(idle),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert proc.stdout is not None and proc.stderr is not None
+            line = (proc.stdout if "--json" in args else proc.stderr).readline()
+            assert line.startswith(after), line
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 130 and "Traceback" not in err, err
+            return err, json.loads(line)["run"]["id"] if "--json" in args else line.split()[2]
+
+        err, run_id = interrupted("run", str(tmp_path / "spec.yaml"), "--no-progress", after="created run ")
+        assert err.endswith(
+            f"evalctl: interrupted; run {run_id} goes on on the server (`evalctl watch {run_id} --after-seq 0`"
+            f" follows it from here, `evalctl cancel {run_id}` stops it)\n"
+        ), err
+        err, watched = interrupted("watch", run_id, "--json", after='{"counts"')
+        assert watched == run_id and f"`evalctl watch {run_id} --after-seq 1`" in err, err
+        still = evalctl(idle, "get", run_id, "--json")
+        assert json.loads(still.stdout)["status"] == "RUN_STATUS_PENDING"
+    finally:
+        assert server.terminate() == 0
 
 
 def test_a_run_of_mostly_errors_does_not_pass_unless_its_max_error_rate_allows(
