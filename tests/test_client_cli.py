@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -707,6 +708,20 @@ def test_global_flags_go_before_or_after_the_command(
     args = cli.parser().parse_args(argv)
     assert (args.target, args.json, args.api_key, args.command) == ("127.0.0.1:1", True, "evk_from_env", "list")
     assert cli.main(argv) == cli.EXIT_ERROR  # it called the address given: nothing answers there
+    assert "Nothing answers at 127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_watch_of_an_address_where_nothing_listens_fails_fast(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It waited 35 s in silence (the watch's 30 reconnects applied to its first connection too), where get and
+    run fail in about a second and a half."""
+    from evalsvc_client import cli
+
+    monkeypatch.setenv("EVALSVC_API_KEY", "evk_from_env")
+    started = time.monotonic()
+    assert cli.main(["watch", "run_x", "--target", "127.0.0.1:1"]) == cli.EXIT_ERROR
+    assert time.monotonic() - started < 10
     assert "Nothing answers at 127.0.0.1:1" in capsys.readouterr().err
 
 

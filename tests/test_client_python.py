@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -716,6 +717,26 @@ async def test_watch_resumes_across_kill_9_and_restart_on_the_same_port(tmp_path
     assert seqs == list(range(1, len(seqs) + 1))  # every seq once, in order, across the restart
     assert final is not None and final.status == pb.run.RUN_STATUS_SUCCEEDED
     assert seqs[-1] == got.last_seq and got.counts.completed_evaluations == 2000
+
+
+async def test_a_watch_that_never_connects_fails_as_fast_as_a_call(tmp_path: Path) -> None:
+    """Nothing listening: the watch retried 30 times (35 s, silent) before its first stream had delivered anything;
+    it now gives up after WatchPolicy.max_initial_failures, in about the time get_run's retries take."""
+    target = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    async with AsyncEvalClient(target, api_key="evk_x") as client:
+        with pytest.raises(UnavailableError) as refused:
+            async for _ in client.watch("run_x"):
+                pass
+    assert f"Nothing answers at {target}" in refused.value.hint
+
+    def blocking() -> None:
+        with EvalClient(target, api_key="evk_x") as client, pytest.raises(UnavailableError):
+            for _ in client.watch("run_x"):
+                pass
+
+    await asyncio.to_thread(blocking)
+    assert time.monotonic() - started < 10  # both; 30 attempts each took 35 s
 
 
 async def test_watch_exposes_heartbeats_only_on_request(tmp_path: Path) -> None:

@@ -280,18 +280,20 @@ class AsyncEvalClient:
         """A run's events with seq > after_seq, in order, each once, ending after the terminal status event.
 
         A dropped stream (connection lost, server restarted or shutting down) is resumed from the last seq this
-        iterator delivered, with backoff (`WatchPolicy`). Heartbeats (seq 0) are skipped unless `heartbeats=True`.
+        iterator delivered, with backoff (`WatchPolicy`); a server never reached at all (nothing delivered yet)
+        fails it after `WatchPolicy.max_initial_failures`. Heartbeats (seq 0) are skipped unless `heartbeats=True`.
         OUT_OF_RANGE (after_seq beyond the run's last_seq) raises `OutOfRangeError`; NOT_FOUND `NotFoundError`.
         """
         policy = self.options.watch
         last = after_seq
         failures = 0
+        answered = False  # whether any stream of this watch has delivered anything (WatchPolicy.max_initial_failures)
         finished = False
         while True:
             call = self._runs.WatchRun(pb.runs.WatchRunRequest(run_id=run_id, after_seq=last), metadata=self._metadata)
             try:
                 async for event in call:
-                    failures = 0
+                    failures, answered = 0, True
                     if event.HasField("heartbeat"):
                         if heartbeats and not finished:
                             yield event
@@ -309,7 +311,7 @@ class AsyncEvalClient:
                     return
                 error = from_rpc_error(rpc_error, self.options.target)
                 failures += 1
-                if not policy.should_resume(error, failures):
+                if not policy.should_resume(error, failures, answered=answered):
                     raise error from None
                 delay = policy.backoff(failures, error)
                 log.info(
