@@ -711,6 +711,19 @@ def test_global_flags_go_before_or_after_the_command(
     assert "Nothing answers at 127.0.0.1:1" in capsys.readouterr().err
 
 
+def test_the_clients_readme_explains_every_exit_code() -> None:
+    """Exit code 4 (NO VERDICT) was missing from clients/README.md's list."""
+    import re
+
+    from evalsvc_client import cli
+
+    readme = (CLIENT_DIR.parent / "README.md").read_text()
+    paragraph = readme[readme.index("Exit codes: ") :].split("\n\n")[0]
+    codes = {value for name, value in vars(cli).items() if name.startswith("EXIT_")}
+    explained = {int(code) for code in re.findall(r"(?:^|[;:] )(\d+)(?:,| )", paragraph, re.MULTILINE)}
+    assert codes <= explained, sorted(codes - explained)
+
+
 def test_watch_of_an_address_where_nothing_listens_fails_fast(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
