@@ -148,6 +148,8 @@ def test_run_jsonl_dataset_fail_under_and_exports(live: tuple[ServerProcess, str
     deleted = evalctl(live, "delete", run["id"], "--json")
     assert deleted.returncode == 0 and json.loads(deleted.stdout)["delete_time"], deleted.stderr
     assert run["id"] not in evalctl(live, "list", "--label", "suite=cli-jsonl").stdout  # deleted runs are not listed
+    with_deleted = evalctl(live, "list", "--label", "suite=cli-jsonl", "--show-deleted").stdout
+    assert f"{run['id']} " in with_deleted and "(deleted)" in with_deleted  # unless asked for
     restored = evalctl(live, "undelete", run["id"])
     assert restored.returncode == 0 and restored.stdout.startswith(f"run {run['id']} SUCCEEDED"), restored.stderr
     missing = evalctl(live, "get", "run_nope")

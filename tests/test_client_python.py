@@ -137,6 +137,7 @@ async def test_update_delete_undelete_run(client: AsyncEvalClient) -> None:
     assert renamed.display_name == "renamed" and dict(renamed.annotations) == {"note": "kept"}
     assert (await client.delete_run(run.id)).HasField("delete_time")
     assert run.id not in [r.id async for r in client.list_runs()]
+    assert run.id in [r.id async for r in client.list_runs(show_deleted=True)]  # it could not ask for them
     assert not (await client.undelete_run(run.id)).HasField("delete_time")
     assert run.id in [r.id async for r in client.list_runs()]
 

@@ -264,9 +264,14 @@ def list_runs_request(
     labels: Mapping[str, str] | None = None,
     dataset_id: str = "",
     page_size: int = 0,
+    show_deleted: bool = False,
 ) -> pb.runs.ListRunsRequest:
     return pb.runs.ListRunsRequest(
-        statuses=list(statuses), labels=dict(labels or {}), dataset_id=dataset_id, page_size=page_size
+        statuses=list(statuses),
+        labels=dict(labels or {}),
+        dataset_id=dataset_id,
+        page_size=page_size,
+        show_deleted=show_deleted,
     )
 
 

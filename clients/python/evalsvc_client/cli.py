@@ -385,7 +385,15 @@ def cmd_get(args: argparse.Namespace, client: EvalClient, console: Console) -> i
 def cmd_list(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
     labels = dict(args.label)
     statuses = [_STATUSES[s] for s in args.status]
-    runs = list(client.list_runs(statuses=statuses, labels=labels, dataset_id=args.dataset_id, limit=args.limit))
+    runs = list(
+        client.list_runs(
+            statuses=statuses,
+            labels=labels,
+            dataset_id=args.dataset_id,
+            limit=args.limit,
+            show_deleted=args.show_deleted,
+        )
+    )
     if args.json:
         _print_json([to_dict(r) for r in runs])
         return EXIT_OK
@@ -395,7 +403,7 @@ def cmd_list(args: argparse.Namespace, client: EvalClient, console: Console) -> 
         table.add_row(
             run.id,
             run.display_name,
-            _status(run.status),
+            _status(run.status) + (" (deleted)" if run.HasField("delete_time") else ""),
             f"{run.counts.completed_evaluations}/{run.counts.total_evaluations}",
             format_rate(rate),
             run.create_time.ToDatetime().isoformat(timespec="seconds") + "Z",
@@ -705,6 +713,7 @@ def parser() -> argparse.ArgumentParser:
     listing.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", type=_label)
     listing.add_argument("--dataset-id", default="")
     listing.add_argument("--limit", type=_at_least(1), default=50)
+    listing.add_argument("--show-deleted", action="store_true", help="list soft-deleted runs too (until purged)")
     listing.set_defaults(handler=cmd_list)
 
     for name, about in (

@@ -212,9 +212,12 @@ class EvalClient:
         dataset_id: str = "",
         page_size: int = 0,
         limit: int | None = None,
+        show_deleted: bool = False,
     ) -> Iterator[pb.Run]:
-        """Runs, newest first, across every page (at most `limit`)."""
-        request = list_runs_request(statuses=statuses, labels=labels, dataset_id=dataset_id, page_size=page_size)
+        """Runs, newest first, across every page (at most `limit`); soft-deleted ones too with `show_deleted`."""
+        request = list_runs_request(
+            statuses=statuses, labels=labels, dataset_id=dataset_id, page_size=page_size, show_deleted=show_deleted
+        )
         count = 0
         while True:
             page = self._call(self._runs.ListRuns, request)
