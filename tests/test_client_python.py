@@ -131,6 +131,30 @@ async def test_cancel_run(client: AsyncEvalClient) -> None:
     assert info.value.reason == "RUN_ALREADY_FINISHED"
 
 
+async def test_create_run_takes_every_setting_of_the_request(client: AsyncEvalClient) -> None:
+    """create_run had no max_cost_usd, annotations or cache_mode (the README suggests max_cost_usd)."""
+    run = await client.create_run(
+        items=_items(1),
+        target="provided",
+        graders=[builders.exact_match()],
+        max_cost_usd=1.5,
+        annotations={"ticket": "EV-1"},
+        cache_mode="replay",
+    )
+    assert run.max_cost_usd == 1.5 and dict(run.annotations) == {"ticket": "EV-1"}
+    assert run.cache_mode == pb.cache.CACHE_MODE_REPLAY
+
+    def blocking() -> pb.Run:
+        with EvalClient(client.options.target, options=client.options) as sync:
+            return sync.create_run(
+                items=_items(1), target="provided", graders=[builders.exact_match()], cache_mode=pb.cache.CACHE_MODE_OFF
+            )
+
+    assert (await asyncio.to_thread(blocking)).cache_mode == pb.cache.CACHE_MODE_OFF
+    with pytest.raises(ValueError, match="replay"):
+        await client.create_run(items=_items(1), target="provided", graders=[builders.exact_match()], cache_mode="x")
+
+
 async def test_update_delete_undelete_run(client: AsyncEvalClient) -> None:
     run = await client.create_run(items=_items(1), target="provided", graders=[builders.exact_match()])
     renamed = await client.update_run(run.id, display_name="renamed", annotations={"note": "kept"})

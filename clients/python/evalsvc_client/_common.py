@@ -208,8 +208,16 @@ def create_run_request(
     warmup_runs: int = 0,
     trigger: pb.run.Trigger = pb.run.TRIGGER_UNSPECIFIED,
     request_id: str | None = None,
+    max_cost_usd: float | None = None,
+    annotations: Mapping[str, str] | None = None,
+    cache_mode: pb.cache.CacheMode | str = pb.cache.CACHE_MODE_UNSPECIFIED,
 ) -> pb.runs.CreateRunRequest:
-    """A CreateRunRequest; a request_id is generated when none is given, so retries stay idempotent."""
+    """A CreateRunRequest; a request_id is generated when none is given, so retries stay idempotent. `cache_mode`
+    is a CacheMode or its short name (`off`, `read_write`, `refresh`, `replay`)."""
+    if isinstance(cache_mode, str):
+        from evalsvc_client.spec import cache_mode as cache_mode_named
+
+        cache_mode = cache_mode_named(cache_mode)
     request = pb.runs.CreateRunRequest(
         request_id=request_id or new_request_id(),
         dataset_id=dataset_id,
@@ -223,7 +231,11 @@ def create_run_request(
         repetitions=repetitions,
         warmup_runs=warmup_runs,
         trigger=trigger,
+        annotations=dict(annotations or {}),
+        cache_mode=cache_mode,
     )
+    if max_cost_usd is not None:
+        request.max_cost_usd = max_cost_usd
     if pass_threshold is not None:
         request.pass_threshold = pass_threshold
     if max_error_rate is not None:

@@ -131,8 +131,13 @@ class AsyncEvalClient:
         warmup_runs: int = 0,
         trigger: pb.run.Trigger = pb.run.TRIGGER_UNSPECIFIED,
         request_id: str | None = None,
+        max_cost_usd: float | None = None,
+        annotations: Mapping[str, str] | None = None,
+        cache_mode: pb.cache.CacheMode | str = pb.cache.CACHE_MODE_UNSPECIFIED,
     ) -> pb.Run:
-        """Create a run (items inline, or a dataset). Retries reuse one request_id (a uuid4 when none is given)."""
+        """Create a run (items inline, or a dataset). Retries reuse one request_id (a uuid4 when none is given).
+        `max_cost_usd` stops the run at that spend; `cache_mode` is a CacheMode or `off`, `read_write`, `refresh`,
+        `replay` (docs/targets.md)."""
         request = create_run_request(
             target=target,
             graders=graders,
@@ -148,6 +153,9 @@ class AsyncEvalClient:
             warmup_runs=warmup_runs,
             trigger=trigger,
             request_id=request_id,
+            max_cost_usd=max_cost_usd,
+            annotations=annotations,
+            cache_mode=cache_mode,
         )
         return (await self.create_run_from(request)).run
 
