@@ -23,6 +23,7 @@ from evalsvc_client import (
     AlreadyExistsError,
     AsyncEvalClient,
     EvalClient,
+    EvalError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -164,6 +165,23 @@ async def test_update_delete_undelete_run(client: AsyncEvalClient) -> None:
     assert run.id in [r.id async for r in client.list_runs(show_deleted=True)]  # it could not ask for them
     assert not (await client.undelete_run(run.id)).HasField("delete_time")
     assert run.id in [r.id async for r in client.list_runs()]
+
+
+async def test_update_and_delete_run_check_an_etag(client: AsyncEvalClient) -> None:
+    """update_run and delete_run could not send an etag (AIP-154): a change made since a read went unnoticed."""
+    created = await client.create_run(items=_items(1), target="provided", graders=[builders.exact_match()])
+    run = await client.wait(created.id)  # ended: nothing but these calls changes it now
+    renamed = await client.update_run(run.id, display_name="first", etag=run.etag)
+    assert renamed.display_name == "first" and renamed.etag != run.etag
+    for stale in (
+        client.update_run(run.id, display_name="second", etag=run.etag),
+        client.delete_run(run.id, etag=run.etag),
+    ):
+        with pytest.raises(EvalError) as refused:
+            await stale
+        assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.ABORTED, "ETAG_MISMATCH")
+    assert (await client.get_run(run.id)).display_name == "first"
+    assert (await client.delete_run(run.id, etag=renamed.etag)).HasField("delete_time")
 
 
 async def test_rerun_run(client: AsyncEvalClient) -> None:

@@ -270,6 +270,24 @@ def rerun_run_request(
     )
 
 
+def update_run_request(
+    run_id: str,
+    *,
+    display_name: str | None,
+    description: str | None,
+    labels: Mapping[str, str] | None,
+    annotations: Mapping[str, str] | None,
+    etag: str,
+) -> pb.runs.UpdateRunRequest:
+    """An UpdateRunRequest whose update mask names exactly the fields given (not None); with `etag`, the run is
+    changed only if it is still at that etag (AIP-154)."""
+    given = {"display_name": display_name, "description": description, "labels": labels, "annotations": annotations}
+    fields: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
+    request = pb.runs.UpdateRunRequest(run_id=run_id, run=pb.Run(**fields, etag=etag))
+    request.update_mask.paths.extend(fields)
+    return request
+
+
 def list_runs_request(
     *,
     statuses: Iterable[pb.run.RunStatus] = (),

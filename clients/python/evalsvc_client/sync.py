@@ -27,6 +27,7 @@ from evalsvc_client._common import (
     to_grader,
     to_item,
     to_target,
+    update_run_request,
     update_webhook_request,
 )
 from evalsvc_client._gen.evalsvc.v1 import (
@@ -191,18 +192,25 @@ class EvalClient:
         description: str | None = None,
         labels: Mapping[str, str] | None = None,
         annotations: Mapping[str, str] | None = None,
+        etag: str = "",
     ) -> pb.Run:
         """Change a run's display name, description, labels or annotations (only those given; maps are
-        replaced whole)."""
-        given = {"display_name": display_name, "description": description, "labels": labels, "annotations": annotations}
-        fields: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
-        request = pb.runs.UpdateRunRequest(run_id=run_id, run=pb.Run(**fields))
-        request.update_mask.paths.extend(fields)
+        replaced whole). With `etag` (a `Run.etag` as read), only if the run has not changed since: an
+        `EvalError` ABORTED, reason ETAG_MISMATCH, otherwise (AIP-154)."""
+        request = update_run_request(
+            run_id,
+            display_name=display_name,
+            description=description,
+            labels=labels,
+            annotations=annotations,
+            etag=etag,
+        )
         return (self._call(self._runs.UpdateRun, request)).run
 
-    def delete_run(self, run_id: str) -> pb.Run:
-        """Soft-delete a run (cancelling it if it has not finished); list_runs leaves it out. Idempotent."""
-        return (self._call(self._runs.DeleteRun, pb.runs.DeleteRunRequest(run_id=run_id))).run
+    def delete_run(self, run_id: str, *, etag: str = "") -> pb.Run:
+        """Soft-delete a run (cancelling it if it has not finished); list_runs leaves it out. Idempotent. With
+        `etag`, only if the run has not changed since it was read (ABORTED, ETAG_MISMATCH, otherwise)."""
+        return (self._call(self._runs.DeleteRun, pb.runs.DeleteRunRequest(run_id=run_id, etag=etag))).run
 
     def undelete_run(self, run_id: str) -> pb.Run:
         """Restore a soft-deleted run. Idempotent."""
