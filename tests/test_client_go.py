@@ -46,6 +46,12 @@ pytestmark = [
 def test_go_example_builds_offline_and_watches_a_run(tmp_path: Path) -> None:
     binary = tmp_path / "example"
     subprocess.run([str(GO_DIR / "build.sh"), str(binary)], check=True, timeout=300)
+    # Without a key it sent "Bearer " and failed Unauthenticated, exit 1; it says how to get one, as the
+    # TypeScript example does.
+    env = {k: v for k, v in os.environ.items() if k != "EVALSVC_API_KEY"}
+    keyless = subprocess.run([str(binary), "127.0.0.1:1"], env=env, capture_output=True, text=True, timeout=60)
+    assert keyless.returncode == 2, keyless.stderr
+    assert "set EVALSVC_API_KEY" in keyless.stderr and "evalsvc keys create" in keyless.stderr
     server = ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 'go.db'}", tmp_path / "server.log")
     try:
         key = server.bootstrap_key()

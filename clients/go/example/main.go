@@ -77,6 +77,12 @@ func main() {
 	} else if env := os.Getenv("EVALCTL_TARGET"); env != "" {
 		target = env
 	}
+	apiKey := os.Getenv("EVALSVC_API_KEY")
+	if apiKey == "" {
+		// Without it every call fails Unauthenticated; say how to get one instead (as the TypeScript example does).
+		fmt.Fprintln(os.Stderr, "example: set EVALSVC_API_KEY to an API key (`evalsvc keys create --tenant default` makes one)")
+		os.Exit(2)
+	}
 	conn, err := grpc.Dial(target, grpc.WithInsecure())
 	if err != nil {
 		log.Fatalf("dial %s: %v", target, err)
@@ -84,7 +90,7 @@ func main() {
 	defer conn.Close()
 	client := evalsvcv1.NewEvalRunServiceClient(conn)
 	// Every call carries `authorization: Bearer <key>`.
-	ctx := metadata.AppendToOutgoingContext(context.Background(), "authorization", "Bearer "+os.Getenv("EVALSVC_API_KEY"))
+	ctx := metadata.AppendToOutgoingContext(context.Background(), "authorization", "Bearer "+apiKey)
 
 	answers := [][3]string{{"What is 2+2?", "4", "4"}, {"Capital of France?", "Paris", "Paris"}, {"Largest planet?", "Jupiter", "Saturn"}}
 	request := &evalsvcv1.CreateRunRequest{
