@@ -87,8 +87,8 @@ def rich_error(error: grpc.aio.AioRpcError) -> EvalError:
 
 
 def violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    """The BadRequest field violations of an error, by field."""
-    return rich_error(error).field_violations
+    """The BadRequest field violations of an error, by field (the last one of a field named twice)."""
+    return dict(rich_error(error).field_violations)
 
 
 def error_reason(error: grpc.aio.AioRpcError) -> str:

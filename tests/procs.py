@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,13 @@ from pathlib import Path
 LISTENING = re.compile(r"evalsvc listening on [^ ]+:(\d+)")
 HTTP_LISTENING = re.compile(r"REST gateway listening on https?://[^ ]+:(\d+)")
 KEY_LINE = re.compile(r"^(evk_\S+)$", re.MULTILINE)
+
+
+def free_port() -> int:
+    """A port nothing listens on now, for a server that must come back on the same one after a restart."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class ServerProcess:

@@ -9,8 +9,10 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,6 +149,8 @@ def test_run_jsonl_dataset_fail_under_and_exports(live: tuple[ServerProcess, str
     deleted = evalctl(live, "delete", run["id"], "--json")
     assert deleted.returncode == 0 and json.loads(deleted.stdout)["delete_time"], deleted.stderr
     assert run["id"] not in evalctl(live, "list", "--label", "suite=cli-jsonl").stdout  # deleted runs are not listed
+    with_deleted = evalctl(live, "list", "--label", "suite=cli-jsonl", "--show-deleted").stdout
+    assert f"{run['id']} " in with_deleted and "(deleted)" in with_deleted  # unless asked for
     restored = evalctl(live, "undelete", run["id"])
     assert restored.returncode == 0 and restored.stdout.startswith(f"run {run['id']} SUCCEEDED"), restored.stderr
     missing = evalctl(live, "get", "run_nope")
@@ -248,6 +252,60 @@ def test_run_csv_and_yaml_datasets_detach_and_cancel(live: tuple[ServerProcess, 
     (tmp_path / "broken.yaml").write_text("target: provided\ngraders: [{nonsense: {}}]\n")
     broken = evalctl(live, "run", str(tmp_path / "broken.yaml"))
     assert broken.returncode == 3 and "nonsense" in broken.stderr
+
+
+def test_an_error_prints_every_violation_of_a_field(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    """Two violations of `labels[Bad Key]` (its key and its value): evalctl printed the field twice, each time
+    with the same (last) reason."""
+    (tmp_path / "qa.jsonl").write_text('{"input": "x", "expected_output": "x", "response": "x"}\n')
+    (tmp_path / "labels.yaml").write_text(
+        f"dataset: qa.jsonl\ntarget: provided\ngraders: [{{exact_match: {{}}}}]\nlabels: {{Bad Key: {'v' * 100}}}\n"
+    )
+    refused = evalctl(live, "run", str(tmp_path / "labels.yaml"))
+    assert refused.returncode == 3, refused.stderr
+    about_label = [line for line in refused.stderr.splitlines() if line.startswith("  labels[Bad Key]: ")]
+    assert len(about_label) == 2 and about_label[0] != about_label[1], refused.stderr
+
+
+def test_ctrl_c_while_following_a_run_says_how_to_resume(tmp_path: Path) -> None:
+    """Ctrl-C in `run` or `watch` printed KeyboardInterrupt's traceback. No workers: the run stays PENDING."""
+    server = ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 'idle.db'}", tmp_path / "server.log", "--workers", "0")
+    try:
+        key = server.bootstrap_key()
+        assert key
+        idle = (server, key)
+        (tmp_path / "qa.jsonl").write_text('{"input": "x", "expected_output": "x", "response": "x"}\n')
+        (tmp_path / "spec.yaml").write_text("dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
+
+        def interrupted(*args: str, after: str) -> tuple[str, str]:
+            """evalctl `args`, sent SIGINT once it has written a line starting with `after` (stdout with --json,
+            else stderr): (stderr, the run's id)."""
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "evalsvc_client.cli", *args],
+                env=_env(idle),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert proc.stdout is not None and proc.stderr is not None
+            line = (proc.stdout if "--json" in args else proc.stderr).readline()
+            assert line.startswith(after), line
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 130 and "Traceback" not in err, err
+            return err, json.loads(line)["run"]["id"] if "--json" in args else line.split()[2]
+
+        err, run_id = interrupted("run", str(tmp_path / "spec.yaml"), "--no-progress", after="created run ")
+        assert err.endswith(
+            f"evalctl: interrupted; run {run_id} goes on on the server (`evalctl watch {run_id} --after-seq 0`"
+            f" follows it from here, `evalctl cancel {run_id}` stops it)\n"
+        ), err
+        err, watched = interrupted("watch", run_id, "--json", after='{"counts"')
+        assert watched == run_id and f"`evalctl watch {run_id} --after-seq 1`" in err, err
+        still = evalctl(idle, "get", run_id, "--json")
+        assert json.loads(still.stdout)["status"] == "RUN_STATUS_PENDING"
+    finally:
+        assert server.terminate() == 0
 
 
 def test_a_run_of_mostly_errors_does_not_pass_unless_its_max_error_rate_allows(
@@ -653,6 +711,33 @@ def test_global_flags_go_before_or_after_the_command(
     args = cli.parser().parse_args(argv)
     assert (args.target, args.json, args.api_key, args.command) == ("127.0.0.1:1", True, "evk_from_env", "list")
     assert cli.main(argv) == cli.EXIT_ERROR  # it called the address given: nothing answers there
+    assert "Nothing answers at 127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_the_clients_readme_explains_every_exit_code() -> None:
+    """Exit code 4 (NO VERDICT) was missing from clients/README.md's list."""
+    import re
+
+    from evalsvc_client import cli
+
+    readme = (CLIENT_DIR.parent / "README.md").read_text()
+    paragraph = readme[readme.index("Exit codes: ") :].split("\n\n")[0]
+    codes = {value for name, value in vars(cli).items() if name.startswith("EXIT_")}
+    explained = {int(code) for code in re.findall(r"(?:^|[;:] )(\d+)(?:,| )", paragraph, re.MULTILINE)}
+    assert codes <= explained, sorted(codes - explained)
+
+
+def test_watch_of_an_address_where_nothing_listens_fails_fast(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It waited 35 s in silence (the watch's 30 reconnects applied to its first connection too), where get and
+    run fail in about a second and a half."""
+    from evalsvc_client import cli
+
+    monkeypatch.setenv("EVALSVC_API_KEY", "evk_from_env")
+    started = time.monotonic()
+    assert cli.main(["watch", "run_x", "--target", "127.0.0.1:1"]) == cli.EXIT_ERROR
+    assert time.monotonic() - started < 10
     assert "Nothing answers at 127.0.0.1:1" in capsys.readouterr().err
 
 

@@ -5,8 +5,8 @@ the LLM judge call real HTTP servers standing in for the endpoints (tests/fake_l
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +23,7 @@ from evalsvc_client import (
     AlreadyExistsError,
     AsyncEvalClient,
     EvalClient,
+    EvalError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -37,7 +38,7 @@ from evalsvc_client import (
 from evalsvc.server import EvalServer
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
-from tests.procs import ServerProcess
+from tests.procs import ServerProcess, free_port
 
 
 def _items(n: int, *, wrong_every: int = 0) -> list[pb.Item]:
@@ -131,14 +132,56 @@ async def test_cancel_run(client: AsyncEvalClient) -> None:
     assert info.value.reason == "RUN_ALREADY_FINISHED"
 
 
+async def test_create_run_takes_every_setting_of_the_request(client: AsyncEvalClient) -> None:
+    """create_run had no max_cost_usd, annotations or cache_mode (the README suggests max_cost_usd)."""
+    run = await client.create_run(
+        items=_items(1),
+        target="provided",
+        graders=[builders.exact_match()],
+        max_cost_usd=1.5,
+        annotations={"ticket": "EV-1"},
+        cache_mode="replay",
+    )
+    assert run.max_cost_usd == 1.5 and dict(run.annotations) == {"ticket": "EV-1"}
+    assert run.cache_mode == pb.cache.CACHE_MODE_REPLAY
+
+    def blocking() -> pb.Run:
+        with EvalClient(client.options.target, options=client.options) as sync:
+            return sync.create_run(
+                items=_items(1), target="provided", graders=[builders.exact_match()], cache_mode=pb.cache.CACHE_MODE_OFF
+            )
+
+    assert (await asyncio.to_thread(blocking)).cache_mode == pb.cache.CACHE_MODE_OFF
+    with pytest.raises(ValueError, match="replay"):
+        await client.create_run(items=_items(1), target="provided", graders=[builders.exact_match()], cache_mode="x")
+
+
 async def test_update_delete_undelete_run(client: AsyncEvalClient) -> None:
     run = await client.create_run(items=_items(1), target="provided", graders=[builders.exact_match()])
     renamed = await client.update_run(run.id, display_name="renamed", annotations={"note": "kept"})
     assert renamed.display_name == "renamed" and dict(renamed.annotations) == {"note": "kept"}
     assert (await client.delete_run(run.id)).HasField("delete_time")
     assert run.id not in [r.id async for r in client.list_runs()]
+    assert run.id in [r.id async for r in client.list_runs(show_deleted=True)]  # it could not ask for them
     assert not (await client.undelete_run(run.id)).HasField("delete_time")
     assert run.id in [r.id async for r in client.list_runs()]
+
+
+async def test_update_and_delete_run_check_an_etag(client: AsyncEvalClient) -> None:
+    """update_run and delete_run could not send an etag (AIP-154): a change made since a read went unnoticed."""
+    created = await client.create_run(items=_items(1), target="provided", graders=[builders.exact_match()])
+    run = await client.wait(created.id)  # ended: nothing but these calls changes it now
+    renamed = await client.update_run(run.id, display_name="first", etag=run.etag)
+    assert renamed.display_name == "first" and renamed.etag != run.etag
+    for stale in (
+        client.update_run(run.id, display_name="second", etag=run.etag),
+        client.delete_run(run.id, etag=run.etag),
+    ):
+        with pytest.raises(EvalError) as refused:
+            await stale
+        assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.ABORTED, "ETAG_MISMATCH")
+    assert (await client.get_run(run.id)).display_name == "first"
+    assert (await client.delete_run(run.id, etag=renamed.etag)).HasField("delete_time")
 
 
 async def test_rerun_run(client: AsyncEvalClient) -> None:
@@ -273,13 +316,13 @@ async def test_saved_graders_and_targets(client: AsyncEvalClient) -> None:
     assert missing_ref.value.reason == "GRADER_NOT_FOUND"
     with pytest.raises(InvalidArgumentError) as nested_grader:
         await client.create_grader("nested", builders.saved_grader(grader.id))
-    assert "grader.grader.saved" in nested_grader.value.field_violations
+    assert "grader.grader.saved" in dict(nested_grader.value.field_violations)
     with pytest.raises(InvalidArgumentError) as nested_target:
         await client.create_target("nested", builders.saved_target(target.id))
-    assert "target.target.saved_target_id" in nested_target.value.field_violations
+    assert "target.target.saved_target_id" in dict(nested_target.value.field_violations)
     with pytest.raises(InvalidArgumentError) as bad_update:
         await client.update_grader(grader.id, builders.regex("("))
-    assert "grader.regex.pattern" in bad_update.value.field_violations
+    assert "grader.regex.pattern" in dict(bad_update.value.field_violations)
 
     await client.delete_grader(grader.id)
     await client.delete_target(target.id)
@@ -376,10 +419,10 @@ async def test_chat_and_http_targets_and_llm_judge(tmp_path: Path, monkeypatch: 
 
             with pytest.raises(InvalidArgumentError) as no_model:
                 await client.create_target("bad", builders.chat_target(llm.url + "/v1", ""))
-            assert "target.target.chat.model" in no_model.value.field_violations
+            assert "target.target.chat.model" in dict(no_model.value.field_violations)
             with pytest.raises(InvalidArgumentError) as no_secret:
                 await client.create_target("bad", builders.http_target(agent.url, api_key_secret="missing"))
-            assert "target.target.http.endpoint.api_key_secret" in no_secret.value.field_violations
+            assert "target.target.http.endpoint.api_key_secret" in dict(no_secret.value.field_violations)
     finally:
         await srv.stop(grace=1.0)
 
@@ -490,6 +533,18 @@ async def test_create_get_list_are_retried_and_update_grader_is_not() -> None:
         await server.stop(grace=None)
 
 
+async def test_every_violation_of_one_field_is_kept(client: AsyncEvalClient) -> None:
+    """A label whose key and value are both wrong gets two violations of `labels[Bad Key]`; they were keyed by
+    field in a dict, which kept the last one only."""
+    with pytest.raises(InvalidArgumentError) as invalid:
+        await client.create_run(
+            items=_items(1), target="provided", graders=[builders.exact_match()], labels={"Bad Key": "v" * 100}
+        )
+    about_label = [why for path, why in invalid.value.field_violations if path == "labels[Bad Key]"]
+    assert len(about_label) == 2 and about_label[0] != about_label[1], invalid.value.field_violations
+    assert all(f"labels[Bad Key]: {why}" in str(invalid.value) for why in about_label)
+
+
 async def test_errors_carry_reason_and_details(client: AsyncEvalClient, server: EvalServer) -> None:
     with pytest.raises(NotFoundError) as missing:
         await client.get_run("run_nope")
@@ -498,9 +553,9 @@ async def test_errors_carry_reason_and_details(client: AsyncEvalClient, server: 
         await client.get_dataset("ds_nope")
     with pytest.raises(InvalidArgumentError) as invalid:
         await client.create_run(items=_items(1), target="provided", graders=[builders.regex("(")])
-    assert "graders[0].regex.pattern" in invalid.value.field_violations
+    assert "graders[0].regex.pattern" in dict(invalid.value.field_violations)
     # An uncaught error's text says why, not only which field: it was "...: graders[0].regex.pattern".
-    why = invalid.value.field_violations["graders[0].regex.pattern"]
+    why = dict(invalid.value.field_violations)["graders[0].regex.pattern"]
     assert f"graders[0].regex.pattern: {why}" in str(invalid.value)
 
     run = await client.create_run(items=_items(1), target="provided", graders=[builders.exact_match()])
@@ -673,16 +728,10 @@ async def test_sync_client_saved_graders_and_targets(server: EvalServer) -> None
     await asyncio.to_thread(scenario)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.slow
 async def test_watch_resumes_across_kill_9_and_restart_on_the_same_port(tmp_path: Path) -> None:
     db = f"sqlite+aiosqlite:///{tmp_path / 'resume.db'}"
-    port = _free_port()
+    port = free_port()
     knobs = ("--grpc-addr", f"127.0.0.1:{port}", "--claim-batch", "25", "--workers", "25")
     first = ServerProcess(db, tmp_path / "first.log", *knobs)
     second: ServerProcess | None = None
@@ -711,6 +760,26 @@ async def test_watch_resumes_across_kill_9_and_restart_on_the_same_port(tmp_path
     assert seqs == list(range(1, len(seqs) + 1))  # every seq once, in order, across the restart
     assert final is not None and final.status == pb.run.RUN_STATUS_SUCCEEDED
     assert seqs[-1] == got.last_seq and got.counts.completed_evaluations == 2000
+
+
+async def test_a_watch_that_never_connects_fails_as_fast_as_a_call(tmp_path: Path) -> None:
+    """Nothing listening: the watch retried 30 times (35 s, silent) before its first stream had delivered anything;
+    it now gives up after WatchPolicy.max_initial_failures, in about the time get_run's retries take."""
+    target = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    async with AsyncEvalClient(target, api_key="evk_x") as client:
+        with pytest.raises(UnavailableError) as refused:
+            async for _ in client.watch("run_x"):
+                pass
+    assert f"Nothing answers at {target}" in refused.value.hint
+
+    def blocking() -> None:
+        with EvalClient(target, api_key="evk_x") as client, pytest.raises(UnavailableError):
+            for _ in client.watch("run_x"):
+                pass
+
+    await asyncio.to_thread(blocking)
+    assert time.monotonic() - started < 10  # both; 30 attempts each took 35 s
 
 
 async def test_watch_exposes_heartbeats_only_on_request(tmp_path: Path) -> None:
@@ -767,7 +836,7 @@ async def test_webhooks(tmp_path: Path) -> None:
                 assert updated.description == "ci"
                 with pytest.raises(InvalidArgumentError) as caught:
                     await client.update_webhook(webhook.id, url="http://10.0.0.1/")
-                assert "webhook.url" in caught.value.field_violations
+                assert "webhook.url" in dict(caught.value.field_violations)
 
             def blocking() -> None:
                 with EvalClient(target, api_key=key) as client:

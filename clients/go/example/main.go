@@ -12,8 +12,10 @@ import (
 	"io"
 	"log"
 	"os"
+	"strings"
 	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -45,12 +47,41 @@ func statusName(s evalsvcv1.RunStatus) string {
 	return name
 }
 
+// describe is an error's one-line text with the server's rich details (docs/errors.md): the ErrorInfo reason and
+// each BadRequest field violation. The detail types come from genproto's googleapis/rpc/errdetails, the package
+// grpc's own status package builds on (clients/go/gen has no google/rpc: a second copy would panic at init).
+func describe(err error) string {
+	st := status.Convert(err)
+	text := fmt.Sprintf("%s: %s", st.Code(), st.Message())
+	var violations []string
+	for _, detail := range st.Details() {
+		switch d := detail.(type) {
+		case *errdetails.ErrorInfo:
+			text += fmt.Sprintf(" (%s)", d.GetReason())
+		case *errdetails.BadRequest:
+			for _, v := range d.GetFieldViolations() {
+				violations = append(violations, fmt.Sprintf("%s: %s", v.GetField(), v.GetDescription()))
+			}
+		}
+	}
+	if len(violations) > 0 {
+		text += " - " + strings.Join(violations, "; ")
+	}
+	return text
+}
+
 func main() {
 	target := "127.0.0.1:50051"
 	if len(os.Args) > 1 {
 		target = os.Args[1]
 	} else if env := os.Getenv("EVALCTL_TARGET"); env != "" {
 		target = env
+	}
+	apiKey := os.Getenv("EVALSVC_API_KEY")
+	if apiKey == "" {
+		// Without it every call fails Unauthenticated; say how to get one instead (as the TypeScript example does).
+		fmt.Fprintln(os.Stderr, "example: set EVALSVC_API_KEY to an API key (`evalsvc keys create --tenant default` makes one)")
+		os.Exit(2)
 	}
 	conn, err := grpc.Dial(target, grpc.WithInsecure())
 	if err != nil {
@@ -59,7 +90,7 @@ func main() {
 	defer conn.Close()
 	client := evalsvcv1.NewEvalRunServiceClient(conn)
 	// Every call carries `authorization: Bearer <key>`.
-	ctx := metadata.AppendToOutgoingContext(context.Background(), "authorization", "Bearer "+os.Getenv("EVALSVC_API_KEY"))
+	ctx := metadata.AppendToOutgoingContext(context.Background(), "authorization", "Bearer "+apiKey)
 
 	answers := [][3]string{{"What is 2+2?", "4", "4"}, {"Capital of France?", "Paris", "Paris"}, {"Largest planet?", "Jupiter", "Saturn"}}
 	request := &evalsvcv1.CreateRunRequest{
@@ -77,7 +108,7 @@ func main() {
 	created, err := client.CreateRun(createCtx, request)
 	cancel()
 	if err != nil {
-		log.Fatalf("CreateRun: %v", err)
+		log.Fatalf("CreateRun: %s", describe(err))
 	}
 	run := created.GetRun()
 	fmt.Printf("created %s with %d jobs\n", run.GetId(), created.GetJobCount())
@@ -114,7 +145,7 @@ func main() {
 		code := status.Code(err)
 		failures++
 		if (code != codes.Unavailable && code != codes.DeadlineExceeded && code != codes.ResourceExhausted) || failures > 30 {
-			log.Fatalf("WatchRun: %v", err)
+			log.Fatalf("WatchRun: %s", describe(err))
 		}
 		backoff := time.Duration(50<<uint(failures)) * time.Millisecond
 		if backoff > 2*time.Second {

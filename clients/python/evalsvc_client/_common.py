@@ -52,10 +52,14 @@ class RetryPolicy:
 class WatchPolicy:
     """How `watch` reconnects: backoff between attempts, and how many failures in a row it tolerates.
 
-    The failure count resets whenever the stream delivers anything (an event or a heartbeat).
+    The failure count resets whenever the stream delivers anything (an event or a heartbeat). Until a watch's
+    first stream has delivered something, `max_initial_failures` applies instead: a server that was never
+    reached (nothing listening, a wrong address) fails the watch in about a second and a half, as a unary call's
+    retries do, rather than after 30 attempts (35 s of silence).
     """
 
     max_consecutive_failures: int = 30
+    max_initial_failures: int = 6
     initial_backoff_s: float = 0.05
     max_backoff_s: float = 2.0
     multiplier: float = 2.0
@@ -76,10 +80,13 @@ class WatchPolicy:
             delay = max(delay, error.retry_delay)
         return delay
 
-    def should_resume(self, error: EvalError, failures: int) -> bool:
+    def should_resume(self, error: EvalError, failures: int, *, answered: bool = True) -> bool:
+        """Whether to reconnect after `failures` failures in a row; `answered`: whether this watch has received
+        anything yet."""
         if error.code == grpc.StatusCode.INTERNAL and error.reason == "INTERNAL":
             return False  # the server's own INTERNAL (a bug) carries ErrorInfo; transport ones do not
-        return error.code in self.resumable_codes and failures < self.max_consecutive_failures
+        limit = self.max_consecutive_failures if answered else self.max_initial_failures
+        return error.code in self.resumable_codes and failures < limit
 
 
 @dataclass(frozen=True)
@@ -201,8 +208,16 @@ def create_run_request(
     warmup_runs: int = 0,
     trigger: pb.run.Trigger = pb.run.TRIGGER_UNSPECIFIED,
     request_id: str | None = None,
+    max_cost_usd: float | None = None,
+    annotations: Mapping[str, str] | None = None,
+    cache_mode: pb.cache.CacheMode | str = pb.cache.CACHE_MODE_UNSPECIFIED,
 ) -> pb.runs.CreateRunRequest:
-    """A CreateRunRequest; a request_id is generated when none is given, so retries stay idempotent."""
+    """A CreateRunRequest; a request_id is generated when none is given, so retries stay idempotent. `cache_mode`
+    is a CacheMode or its short name (`off`, `read_write`, `refresh`, `replay`)."""
+    if isinstance(cache_mode, str):
+        from evalsvc_client.spec import cache_mode as cache_mode_named
+
+        cache_mode = cache_mode_named(cache_mode)
     request = pb.runs.CreateRunRequest(
         request_id=request_id or new_request_id(),
         dataset_id=dataset_id,
@@ -216,7 +231,11 @@ def create_run_request(
         repetitions=repetitions,
         warmup_runs=warmup_runs,
         trigger=trigger,
+        annotations=dict(annotations or {}),
+        cache_mode=cache_mode,
     )
+    if max_cost_usd is not None:
+        request.max_cost_usd = max_cost_usd
     if pass_threshold is not None:
         request.pass_threshold = pass_threshold
     if max_error_rate is not None:
@@ -251,15 +270,38 @@ def rerun_run_request(
     )
 
 
+def update_run_request(
+    run_id: str,
+    *,
+    display_name: str | None,
+    description: str | None,
+    labels: Mapping[str, str] | None,
+    annotations: Mapping[str, str] | None,
+    etag: str,
+) -> pb.runs.UpdateRunRequest:
+    """An UpdateRunRequest whose update mask names exactly the fields given (not None); with `etag`, the run is
+    changed only if it is still at that etag (AIP-154)."""
+    given = {"display_name": display_name, "description": description, "labels": labels, "annotations": annotations}
+    fields: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
+    request = pb.runs.UpdateRunRequest(run_id=run_id, run=pb.Run(**fields, etag=etag))
+    request.update_mask.paths.extend(fields)
+    return request
+
+
 def list_runs_request(
     *,
     statuses: Iterable[pb.run.RunStatus] = (),
     labels: Mapping[str, str] | None = None,
     dataset_id: str = "",
     page_size: int = 0,
+    show_deleted: bool = False,
 ) -> pb.runs.ListRunsRequest:
     return pb.runs.ListRunsRequest(
-        statuses=list(statuses), labels=dict(labels or {}), dataset_id=dataset_id, page_size=page_size
+        statuses=list(statuses),
+        labels=dict(labels or {}),
+        dataset_id=dataset_id,
+        page_size=page_size,
+        show_deleted=show_deleted,
     )
 
 

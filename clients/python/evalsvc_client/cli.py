@@ -56,6 +56,18 @@ from evalsvc_client.sync import EvalClient
 EXIT_OK, EXIT_BELOW, EXIT_RUN_FAILED, EXIT_ERROR, EXIT_NOT_ENDED = 0, 1, 2, 3, 4
 #: Stdout was closed before evalctl finished writing (`| head`): the status of a program SIGPIPE (13) ended.
 EXIT_STDOUT_CLOSED = 128 + 13
+#: Ctrl-C (SIGINT, 2), as for a program the signal ended; the run evalctl was following goes on on the server.
+EXIT_INTERRUPTED = 128 + 2
+
+
+class Interrupted(Exception):
+    """Ctrl-C while evalctl followed a run: `last_seq` is the last event it showed, where a watch resumes."""
+
+    def __init__(self, run_id: str, last_seq: int) -> None:
+        super().__init__(run_id, last_seq)
+        self.run_id = run_id
+        self.last_seq = last_seq
+
 
 _STATES = {
     "passed": pb.run.RESULT_STATE_PASSED,
@@ -177,17 +189,23 @@ def _summary(console: Console, run: pb.Run) -> None:
 
 
 def _follow(client: EvalClient, run_id: str, after_seq: int, args: argparse.Namespace, console: Console) -> pb.Run:
-    """Watch to the end: JSON lines of events with --json, the progress bar on a terminal; returns the final run."""
+    """Watch to the end: JSON lines of events with --json, the progress bar on a terminal; returns the final run.
+    Ctrl-C raises `Interrupted` with the last seq shown."""
     final: pb.Run | None = None
+    shown = after_seq
     show_bar = not args.json and not args.no_progress and console.is_terminal
-    with _Live(console, show_bar) as live:
-        for event in client.watch(run_id, after_seq):
-            if args.json and args.command == "watch":
-                sys.stdout.write(json.dumps(to_dict(event), sort_keys=True) + "\n")
-                sys.stdout.flush()
-            live.update(event)
-            if event.HasField("run"):
-                final = event.run
+    try:
+        with _Live(console, show_bar) as live:
+            for event in client.watch(run_id, after_seq):
+                if args.json and args.command == "watch":
+                    sys.stdout.write(json.dumps(to_dict(event), sort_keys=True) + "\n")
+                    sys.stdout.flush()
+                live.update(event)
+                if event.HasField("run"):
+                    final = event.run
+                shown = event.seq
+    except KeyboardInterrupt:
+        raise Interrupted(run_id, shown) from None
     return final if final is not None and final.status in pb.TERMINAL_STATUSES else client.get_run(run_id)
 
 
@@ -261,9 +279,9 @@ def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> i
     if args.cache:
         spec.create_request.cache_mode = cache_mode(args.cache)
     created = client.create_run_from(spec.request())
-    if not args.json:
-        console.print(f"created run {created.run.id} ({created.job_count} jobs)")
-    return _follow_created(client, created.run, args, console)
+    return _follow_created(
+        client, created.run, args, console, f"created run {created.run.id} ({created.job_count} jobs)"
+    )
 
 
 _RERUN_WORDS = {
@@ -278,23 +296,28 @@ def cmd_rerun(args: argparse.Namespace, client: EvalClient, console: Console) ->
     definition, followed to its end as `run` follows one: the same progress, exports, verdict and exit codes."""
     scope = "all" if args.all else "failed_or_errored" if args.failed else "errored"
     run = client.rerun_run(args.run_id, scope=scope, request_id=args.request_id)
-    if not args.json:
-        jobs = run.counts.total_items * run.repetitions
-        console.print(
-            f"created run {run.id} ({jobs} jobs): a rerun of {_RERUN_WORDS[scope].format(run.counts.total_items)}"
-            f" of run {run.rerun_of}"
-        )
-    return _follow_created(client, run, args, console)
+    jobs = run.counts.total_items * run.repetitions
+    created = (
+        f"created run {run.id} ({jobs} jobs): a rerun of {_RERUN_WORDS[scope].format(run.counts.total_items)}"
+        f" of run {run.rerun_of}"
+    )
+    return _follow_created(client, run, args, console, created)
 
 
-def _follow_created(client: EvalClient, run: pb.Run, args: argparse.Namespace, console: Console) -> int:
-    """What `run` and `rerun` do with the run they created: exit at once with --detach, else follow it to its
-    end, export its results, print it and return its verdict."""
-    if args.detach:
-        if args.json:
-            _print_json(to_dict(run))
-        return EXIT_OK
-    final = _follow(client, run.id, 0, args, console)
+def _follow_created(client: EvalClient, run: pb.Run, args: argparse.Namespace, console: Console, created: str) -> int:
+    """What `run` and `rerun` do with the run they created: say so (`created`, unless --json), exit at once with
+    --detach, else follow it to its end, export its results, print it and return its verdict. Ctrl-C from the
+    announcement on raises `Interrupted`, which names the run."""
+    try:
+        if not args.json:
+            console.print(created)
+        if args.detach:
+            if args.json:
+                _print_json(to_dict(run))
+            return EXIT_OK
+        final = _follow(client, run.id, 0, args, console)
+    except KeyboardInterrupt:  # before the watch began (in it, _follow raises Interrupted with its seq)
+        raise Interrupted(run.id, 0) from None
     _export(client, final, args)
     if args.json:
         _print_json(to_dict(final))
@@ -365,7 +388,15 @@ def cmd_get(args: argparse.Namespace, client: EvalClient, console: Console) -> i
 def cmd_list(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
     labels = dict(args.label)
     statuses = [_STATUSES[s] for s in args.status]
-    runs = list(client.list_runs(statuses=statuses, labels=labels, dataset_id=args.dataset_id, limit=args.limit))
+    runs = list(
+        client.list_runs(
+            statuses=statuses,
+            labels=labels,
+            dataset_id=args.dataset_id,
+            limit=args.limit,
+            show_deleted=args.show_deleted,
+        )
+    )
     if args.json:
         _print_json([to_dict(r) for r in runs])
         return EXIT_OK
@@ -375,7 +406,7 @@ def cmd_list(args: argparse.Namespace, client: EvalClient, console: Console) -> 
         table.add_row(
             run.id,
             run.display_name,
-            _status(run.status),
+            _status(run.status) + (" (deleted)" if run.HasField("delete_time") else ""),
             f"{run.counts.completed_evaluations}/{run.counts.total_evaluations}",
             format_rate(rate),
             run.create_time.ToDatetime().isoformat(timespec="seconds") + "Z",
@@ -685,6 +716,7 @@ def parser() -> argparse.ArgumentParser:
     listing.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", type=_label)
     listing.add_argument("--dataset-id", default="")
     listing.add_argument("--limit", type=_at_least(1), default=50)
+    listing.add_argument("--show-deleted", action="store_true", help="list soft-deleted runs too (until purged)")
     listing.set_defaults(handler=cmd_list)
 
     for name, about in (
@@ -830,11 +862,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except BrokenPipeError:
         return _stdout_closed()
+    except Interrupted as exc:
+        # One line, not KeyboardInterrupt's traceback: the run is the server's, and a watch picks it up again.
+        console.print(
+            f"evalctl: interrupted; run {exc.run_id} goes on on the server"
+            f" (`evalctl watch {exc.run_id} --after-seq {exc.last_seq}` follows it from here,"
+            f" `evalctl cancel {exc.run_id}` stops it)"
+        )
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        console.print("evalctl: interrupted")
+        return EXIT_INTERRUPTED
     except SpecError as exc:
         _print_spec_error(console, exc)
     except EvalError as exc:
         console.print(f"evalctl: {exc.code.name}: {exc.message}" + (f" ({exc.reason})" if exc.reason else ""))
-        for path, why in exc.field_violations.items():
+        for path, why in exc.field_violations:
             console.print(f"  {path}: {why}")
         if exc.hint:
             console.print(f"  {exc.hint}")

@@ -6,7 +6,8 @@ The server puts a `google.rpc.Status` in the `grpc-status-details-bin` trailer w
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -16,12 +17,21 @@ _DETAILS_KEY = "grpc-status-details-bin"
 MAX_VIOLATIONS_SHOWN = 10
 
 
-def describe(code: grpc.StatusCode, message: str, reason: str, field_violations: Mapping[str, str], hint: str) -> str:
+class FieldViolation(NamedTuple):
+    """One BadRequest field violation: the field's path and why it is wrong. A field may have several."""
+
+    field: str
+    description: str
+
+
+def describe(
+    code: grpc.StatusCode, message: str, reason: str, field_violations: list[FieldViolation], hint: str
+) -> str:
     """An error's one-line text: what an uncaught traceback shows. It says why each field is wrong, not
     only which ("invalid request: graders[0].regex.pattern" left the reason in `.field_violations`)."""
     text = f"{code.name}: {message}" + (f" ({reason})" if reason else "")
     if field_violations:
-        shown = [f"{path}: {why}" for path, why in list(field_violations.items())[:MAX_VIOLATIONS_SHOWN]]
+        shown = [f"{path}: {why}" for path, why in field_violations[:MAX_VIOLATIONS_SHOWN]]
         if (hidden := len(field_violations) - len(shown)) > 0:
             shown.append(f"and {hidden} more")
         text += " - " + "; ".join(shown)
@@ -38,23 +48,26 @@ class EvalError(Exception):
         *,
         reason: str = "",
         metadata: Mapping[str, str] | None = None,
-        field_violations: Mapping[str, str] | None = None,
+        field_violations: Iterable[tuple[str, str]] | Mapping[str, str] | None = None,
         retry_delay: float | None = None,
         hint: str = "",
     ) -> None:
-        super().__init__(describe(code, message, reason, field_violations or {}, hint))
+        pairs = field_violations.items() if isinstance(field_violations, Mapping) else field_violations or ()
+        #: Every BadRequest violation in the server's order, (field, description); a field may appear more than
+        #: once (a label key and its value both wrong: two for `labels[KEY]`).
+        self.field_violations: list[FieldViolation] = [FieldViolation(*pair) for pair in pairs]
+        super().__init__(describe(code, message, reason, self.field_violations, hint))
         self.code = code
         #: What to do about it, when the error is one a person fixes (a missing key, a server not running).
         self.hint = hint
         self.message = message
         self.reason = reason
         self.metadata: dict[str, str] = dict(metadata or {})
-        self.field_violations: dict[str, str] = dict(field_violations or {})
         self.retry_delay = retry_delay
 
 
 class InvalidArgumentError(EvalError):
-    """INVALID_ARGUMENT: `field_violations` names each bad field; nothing was written."""
+    """INVALID_ARGUMENT: `field_violations` lists each bad field and why; nothing was written."""
 
 
 class UnauthenticatedError(EvalError):
@@ -137,7 +150,8 @@ def from_rpc_error(error: grpc.RpcError, target: str = "") -> EvalError:
     details_of = getattr(error, "details", None)
     code = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
     message = (details_of() if callable(details_of) else None) or str(error)
-    reason, metadata, violations, delay = "", {}, {}, None
+    reason, metadata, delay = "", {}, None
+    violations: list[FieldViolation] = []
     status = status_details(error)
     if status is not None:
         for detail in status.details:
@@ -148,7 +162,7 @@ def from_rpc_error(error: grpc.RpcError, target: str = "") -> EvalError:
             elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
-                violations.update({v.field: v.description for v in bad.field_violations})
+                violations.extend(FieldViolation(v.field, v.description) for v in bad.field_violations)
             elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
                 retry = error_details_pb2.RetryInfo()
                 detail.Unpack(retry)

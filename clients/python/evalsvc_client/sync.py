@@ -27,6 +27,7 @@ from evalsvc_client._common import (
     to_grader,
     to_item,
     to_target,
+    update_run_request,
     update_webhook_request,
 )
 from evalsvc_client._gen.evalsvc.v1 import (
@@ -131,8 +132,13 @@ class EvalClient:
         warmup_runs: int = 0,
         trigger: pb.run.Trigger = pb.run.TRIGGER_UNSPECIFIED,
         request_id: str | None = None,
+        max_cost_usd: float | None = None,
+        annotations: Mapping[str, str] | None = None,
+        cache_mode: pb.cache.CacheMode | str = pb.cache.CACHE_MODE_UNSPECIFIED,
     ) -> pb.Run:
-        """Create a run (items inline, or a dataset). Retries reuse one request_id (a uuid4 when none is given)."""
+        """Create a run (items inline, or a dataset). Retries reuse one request_id (a uuid4 when none is given).
+        `max_cost_usd` stops the run at that spend; `cache_mode` is a CacheMode or `off`, `read_write`, `refresh`,
+        `replay` (docs/targets.md)."""
         request = create_run_request(
             target=target,
             graders=graders,
@@ -148,6 +154,9 @@ class EvalClient:
             warmup_runs=warmup_runs,
             trigger=trigger,
             request_id=request_id,
+            max_cost_usd=max_cost_usd,
+            annotations=annotations,
+            cache_mode=cache_mode,
         )
         return (self.create_run_from(request)).run
 
@@ -183,18 +192,25 @@ class EvalClient:
         description: str | None = None,
         labels: Mapping[str, str] | None = None,
         annotations: Mapping[str, str] | None = None,
+        etag: str = "",
     ) -> pb.Run:
         """Change a run's display name, description, labels or annotations (only those given; maps are
-        replaced whole)."""
-        given = {"display_name": display_name, "description": description, "labels": labels, "annotations": annotations}
-        fields: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
-        request = pb.runs.UpdateRunRequest(run_id=run_id, run=pb.Run(**fields))
-        request.update_mask.paths.extend(fields)
+        replaced whole). With `etag` (a `Run.etag` as read), only if the run has not changed since: an
+        `EvalError` ABORTED, reason ETAG_MISMATCH, otherwise (AIP-154)."""
+        request = update_run_request(
+            run_id,
+            display_name=display_name,
+            description=description,
+            labels=labels,
+            annotations=annotations,
+            etag=etag,
+        )
         return (self._call(self._runs.UpdateRun, request)).run
 
-    def delete_run(self, run_id: str) -> pb.Run:
-        """Soft-delete a run (cancelling it if it has not finished); list_runs leaves it out. Idempotent."""
-        return (self._call(self._runs.DeleteRun, pb.runs.DeleteRunRequest(run_id=run_id))).run
+    def delete_run(self, run_id: str, *, etag: str = "") -> pb.Run:
+        """Soft-delete a run (cancelling it if it has not finished); list_runs leaves it out. Idempotent. With
+        `etag`, only if the run has not changed since it was read (ABORTED, ETAG_MISMATCH, otherwise)."""
+        return (self._call(self._runs.DeleteRun, pb.runs.DeleteRunRequest(run_id=run_id, etag=etag))).run
 
     def undelete_run(self, run_id: str) -> pb.Run:
         """Restore a soft-deleted run. Idempotent."""
@@ -212,9 +228,12 @@ class EvalClient:
         dataset_id: str = "",
         page_size: int = 0,
         limit: int | None = None,
+        show_deleted: bool = False,
     ) -> Iterator[pb.Run]:
-        """Runs, newest first, across every page (at most `limit`)."""
-        request = list_runs_request(statuses=statuses, labels=labels, dataset_id=dataset_id, page_size=page_size)
+        """Runs, newest first, across every page (at most `limit`); soft-deleted ones too with `show_deleted`."""
+        request = list_runs_request(
+            statuses=statuses, labels=labels, dataset_id=dataset_id, page_size=page_size, show_deleted=show_deleted
+        )
         count = 0
         while True:
             page = self._call(self._runs.ListRuns, request)
@@ -274,18 +293,20 @@ class EvalClient:
         """A run's events with seq > after_seq, in order, each once, ending after the terminal status event.
 
         A dropped stream (connection lost, server restarted or shutting down) is resumed from the last seq this
-        iterator delivered, with backoff (`WatchPolicy`). Heartbeats (seq 0) are skipped unless `heartbeats=True`.
+        iterator delivered, with backoff (`WatchPolicy`); a server never reached at all (nothing delivered yet)
+        fails it after `WatchPolicy.max_initial_failures`. Heartbeats (seq 0) are skipped unless `heartbeats=True`.
         OUT_OF_RANGE (after_seq beyond the run's last_seq) raises `OutOfRangeError`; NOT_FOUND `NotFoundError`.
         """
         policy = self.options.watch
         last = after_seq
         failures = 0
+        answered = False  # whether any stream of this watch has delivered anything (WatchPolicy.max_initial_failures)
         finished = False
         while True:
             call = self._runs.WatchRun(pb.runs.WatchRunRequest(run_id=run_id, after_seq=last), metadata=self._metadata)
             try:
                 for event in call:
-                    failures = 0
+                    failures, answered = 0, True
                     if event.HasField("heartbeat"):
                         if heartbeats and not finished:
                             yield event
@@ -303,7 +324,7 @@ class EvalClient:
                     return
                 error = from_rpc_error(rpc_error, self.options.target)
                 failures += 1
-                if not policy.should_resume(error, failures):
+                if not policy.should_resume(error, failures, answered=answered):
                     raise error from None
                 delay = policy.backoff(failures, error)
                 log.info(

@@ -1,5 +1,6 @@
 // Creates a run over three recorded answers, watches it to the end printing progress, and resumes the watch
-// from the last seq it saw when the stream drops (server restart). The same example as the Python and Go ones.
+// from the last seq it saw when the stream drops (server restarted or killed). The same example as the Python
+// and Go ones.
 //
 //   npm run build && EVALSVC_API_KEY=evk_... node dist/example.js 127.0.0.1:50051
 import { create } from "@bufbuild/protobuf";
@@ -30,6 +31,18 @@ const client = createClient(EvalRunService, transport);
 
 const TERMINAL = new Set([RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED]);
 
+// Ctrl-C aborts the calls (the run goes on on the server); an aborted watch is not resumed.
+const interrupt = new AbortController();
+process.once("SIGINT", () => interrupt.abort());
+
+// Whether a failed watch stream is resumed. A server that went away without a goodbye (kill -9, a crash) drops
+// the HTTP/2 connection, which connect-node reports as Canceled ("http/2 stream closed with error code CANCEL"),
+// the same code as the caller's own abort: that one alone is not resumed.
+function resumable(err: ConnectError): boolean {
+  if (err.code === Code.Canceled) return !interrupt.signal.aborted;
+  return [Code.Unavailable, Code.DeadlineExceeded, Code.ResourceExhausted].includes(err.code);
+}
+
 function statusName(status: RunStatus): string {
   return RunStatus[status] ?? String(status);
 }
@@ -53,7 +66,7 @@ async function main(): Promise<void> {
       target: { kind: { case: "provided", value: {} } },
       graders: [{ name: "exact", kind: { case: "exactMatch", value: {} } }],
     },
-    { timeoutMs: 10_000 },
+    { timeoutMs: 10_000, signal: interrupt.signal },
   );
   if (!run) throw new Error("CreateRun returned no run");
   console.log(`created ${run.id} with ${jobCount} jobs`);
@@ -62,7 +75,7 @@ async function main(): Promise<void> {
   let final = run;
   for (let failures = 0; ; ) {
     try {
-      for await (const event of client.watchRun({ runId: run.id, afterSeq: lastSeq })) {
+      for await (const event of client.watchRun({ runId: run.id, afterSeq: lastSeq }, { signal: interrupt.signal })) {
         failures = 0;
         if (event.event.case === "heartbeat" || event.seq <= lastSeq) continue;
         lastSeq = event.seq;
@@ -71,8 +84,7 @@ async function main(): Promise<void> {
       }
       break; // the stream ends OK after the terminal event
     } catch (err) {
-      const code = ConnectError.from(err).code;
-      if (![Code.Unavailable, Code.DeadlineExceeded, Code.ResourceExhausted].includes(code) || ++failures > 30) throw err;
+      if (!resumable(ConnectError.from(err)) || ++failures > 30) throw err;
       await sleep(Math.min(2000, 50 * 2 ** failures));
     }
   }
@@ -93,6 +105,10 @@ function print(event: WatchRunResponse): void {
 }
 
 main().catch((err: unknown) => {
+  if (interrupt.signal.aborted) {
+    console.error("example: interrupted; the run goes on on the server");
+    process.exit(130);
+  }
   console.error(err instanceof ConnectError ? `${Code[err.code]}: ${err.rawMessage}` : err);
   process.exit(1);
 });
