@@ -33,10 +33,13 @@ FAILED or CANCELLED; 3 a spec, connection or RPC error, or a command line evalct
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, cast
@@ -188,22 +191,64 @@ def _summary(console: Console, run: pb.Run) -> None:
             console.print(f"  {grader.grader} {agreement_line(grader.agreement)}", markup=False)
 
 
+class _Deferred:
+    """Ctrl-C held back while a block runs and raised when it ends (KeyboardInterrupt as usual elsewhere):
+    a watch interrupted between printing an event and counting it as printed told the user to resume
+    before an event they had seen. A handler that defers, rather than a blocked signal: blocked in the
+    main thread, SIGINT went to one of grpc's threads and never woke the main one from its wait."""
+
+    def __init__(self) -> None:
+        self._inside = False
+        self._pending = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self._inside:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """This handler for SIGINT while the block runs (from the main thread only, as signal requires)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self._inside = True
+        try:
+            yield
+        finally:
+            self._inside = False
+        if self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
+
+
 def _follow(client: EvalClient, run_id: str, after_seq: int, args: argparse.Namespace, console: Console) -> pb.Run:
     """Watch to the end: JSON lines of events with --json, the progress bar on a terminal; returns the final run.
     Ctrl-C raises `Interrupted` with the last seq shown."""
     final: pb.Run | None = None
     shown = after_seq
     show_bar = not args.json and not args.no_progress and console.is_terminal
+    deferred = _Deferred()
     try:
-        with _Live(console, show_bar) as live:
+        with deferred.installed(), _Live(console, show_bar) as live:
             for event in client.watch(run_id, after_seq):
-                if args.json and args.command == "watch":
-                    sys.stdout.write(json.dumps(to_dict(event), sort_keys=True) + "\n")
-                    sys.stdout.flush()
+                with deferred.held():  # an event is shown and counted as shown together, or neither
+                    if args.json and args.command == "watch":
+                        sys.stdout.write(json.dumps(to_dict(event), sort_keys=True) + "\n")
+                        sys.stdout.flush()
+                    shown = event.seq
                 live.update(event)
                 if event.HasField("run"):
                     final = event.run
-                shown = event.seq
     except KeyboardInterrupt:
         raise Interrupted(run_id, shown) from None
     return final if final is not None and final.status in pb.TERMINAL_STATUSES else client.get_run(run_id)
@@ -856,23 +901,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "validate":
             code: int = args.handler(args, console)
         else:
-            with _client(args) as client:
+            client = _client(args)
+            try:
                 code = args.handler(args, client, console)
+            except (Interrupted, KeyboardInterrupt):
+                raise  # the channel is left open: see `_interrupted`
+            except BaseException:
+                client.close()
+                raise
+            client.close()
         sys.stdout.flush()  # a reader gone early (`| head`) shows here, not in Python's complaint at exit
         return code
     except BrokenPipeError:
         return _stdout_closed()
     except Interrupted as exc:
         # One line, not KeyboardInterrupt's traceback: the run is the server's, and a watch picks it up again.
-        console.print(
+        _interrupted(
+            console,
             f"evalctl: interrupted; run {exc.run_id} goes on on the server"
             f" (`evalctl watch {exc.run_id} --after-seq {exc.last_seq}` follows it from here,"
-            f" `evalctl cancel {exc.run_id}` stops it)"
+            f" `evalctl cancel {exc.run_id}` stops it)",
         )
-        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        console.print("evalctl: interrupted")
-        return EXIT_INTERRUPTED
+        _interrupted(console, "evalctl: interrupted")
     except SpecError as exc:
         _print_spec_error(console, exc)
     except EvalError as exc:
@@ -884,6 +935,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         console.print(f"evalctl: {exc}")
     return EXIT_ERROR
+
+
+def _interrupted(console: Console, message: str) -> NoReturn:
+    """Say why evalctl stops, then stop at once with EXIT_INTERRUPTED: Ctrl-C can break into grpc's own code
+    in the middle of a call (a watch), and closing the channel then waited for that call for good (the
+    process hung after the message, until killed). Nothing is left to clean up: the run is the server's."""
+    console.print(message)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
 
 
 def _stdout_closed() -> int:
