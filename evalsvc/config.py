@@ -116,9 +116,9 @@ class Settings:
     max_waiting_calls_per_connection: int = dataclasses.field(
         default=16,
         metadata={
-            "help": "gRPC calls of one connection that may wait for their request messages at once; past it a "
-            "call is refused at once (RESOURCE_EXHAUSTED). Calls waiting for requests do not count against "
-            "--max-concurrent-rpcs"
+            "help": "gRPC calls of one connection that may go on waiting once they have waited a second for "
+            "their request messages; the newer ones are ended (RESOURCE_EXHAUSTED). Calls waiting for requests "
+            "do not count against --max-concurrent-rpcs"
         },
     )
     connection_idle_s: float = dataclasses.field(

@@ -76,8 +76,8 @@ async def refused(call: Any) -> grpc.aio.AioRpcError:
 async def test_calls_never_sent_leave_every_tenants_calls_served(tmp_path: Path) -> None:
     """12 calls opened and never sent, on three connections with no API key, against
     --max-concurrent-rpcs 8: every tenant's calls are still served (before, grpc counted them from their
-    headers and every tenant got RESOURCE_EXHAUSTED while they stayed open), and one connection's
-    fifth such call is refused at once."""
+    headers and every tenant got RESOURCE_EXHAUSTED while they stayed open). Of one connection's six
+    such calls, once they have waited a second, the two newest are ended (WAITING_CALLS_FULL)."""
     async with served(tmp_path, max_concurrent_rpcs=8, max_waiting_calls_per_connection=4) as srv:
         assert srv.bootstrap_key
         async with contextlib.AsyncExitStack() as stack:
@@ -88,12 +88,7 @@ async def test_calls_never_sent_leave_every_tenants_calls_served(tmp_path: Path)
             ]
             waiting = [never_sent(channel) for channel in anonymous for _ in range(4)]
             await until(lambda: srv.admission.waiting == 12)
-
-            fifth = await refused(never_sent(anonymous[0]))
-            assert fifth.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert error_reason(fifth) == "WAITING_CALLS_FULL"
-            assert retry_delay(fifth) == 1.0
-            assert refusals(srv, "WAITING_CALLS_FULL") == 1  # in no access log: counted
+            extra = [never_sent(anonymous[0]) for _ in range(2)]  # the connection's fifth and sixth
 
             tenant = stubs.EvalRunServiceStub(
                 await stack.enter_async_context(keyed_channel(srv.port, srv.bootstrap_key))
@@ -102,9 +97,31 @@ async def test_calls_never_sent_leave_every_tenants_calls_served(tmp_path: Path)
                 missing = await refused(tenant.GetRun(pb.GetRunRequest(run_id="run_missing")))
                 assert missing.code() == grpc.StatusCode.NOT_FOUND  # served, not RESOURCE_EXHAUSTED
 
+            for newest in extra:
+                ended = await refused(newest)
+                assert ended.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert error_reason(ended) == "WAITING_CALLS_FULL" and retry_delay(ended) == 1.0
+            assert refusals(srv, "WAITING_CALLS_FULL") == 2  # in no access log: counted
+            assert srv.admission.waiting == 12 and not any(call.done() for call in waiting)  # the older ones wait on
+
             for call in waiting:
                 call.cancel()
             await until(lambda: srv.admission.waiting == 0)
+
+
+async def test_a_burst_of_calls_on_one_connection_is_never_refused(tmp_path: Path) -> None:
+    """The connection's cap counts only calls that have waited a second for their requests: a first
+    version counted every call whose request the server had not read yet, and refused a test's 20
+    concurrent CreateRuns on one channel on a busy machine. 200 at once, the cap at 1: all served."""
+    async with served(tmp_path, max_waiting_calls_per_connection=1) as srv:
+        assert srv.bootstrap_key
+        async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+            tenant = stubs.EvalRunServiceStub(channel)
+            outcomes = await asyncio.gather(
+                *(tenant.GetRun(pb.GetRunRequest(run_id=f"run_{i}")) for i in range(200)), return_exceptions=True
+            )
+        assert {o.code() for o in outcomes if isinstance(o, grpc.aio.AioRpcError)} == {grpc.StatusCode.NOT_FOUND}
+        assert refusals(srv, "WAITING_CALLS_FULL") is None
 
 
 async def test_a_request_that_never_arrives_ends_the_call(tmp_path: Path) -> None:

@@ -9,15 +9,17 @@ RESOURCE_EXHAUSTED for as long as the connections stayed open. Here, on the wire
 - the handlers take their requests as a stream (`request`, `messages`: the interceptor builds them
   so), which grpc hands over before any message has arrived; a call waits at most
   --request-timeout-s for each request message, then ends DEADLINE_EXCEEDED (REQUEST_TIMEOUT);
-- one connection may have at most --max-waiting-calls-per-connection calls waiting for a request
-  message at once; a call past it is refused at once (RESOURCE_EXHAUSTED, WAITING_CALLS_FULL);
+- of one connection's calls that have waited longer than STALE_S, at most
+  --max-waiting-calls-per-connection go on waiting; the sweep ends the newer ones at once
+  (RESOURCE_EXHAUSTED, WAITING_CALLS_FULL). Only calls that have waited that long: a client's burst of
+  calls whose requests are on their way is never refused (a first version refused the 17th call
+  waiting on a connection at once, and a test's 20 concurrent CreateRuns on a busy machine got it);
 - --max-concurrent-rpcs counts the calls whose request has arrived (`admit`), and grpc's own limit is
-  set above it by every connection's waiting calls (`grpc_limit`), so calls still waiting for their
-  requests can never take the place of one that is served.
+  set above it (`grpc_limit`), so calls still waiting for their requests do not take the place of one
+  that is served.
 
-Waits are ended by one sweep a second over the waiting calls (not a timer per call, which costs a
-heap entry on every call of the hottest methods), so a wait ends between the timeout and a second
-after it.
+Waits are ended by one sweep every SWEEP_S over the waiting calls (not a timer per call, which costs a
+heap entry on every call of the hottest methods), so a wait ends up to SWEEP_S after its bound.
 """
 
 from __future__ import annotations
@@ -31,19 +33,22 @@ import grpc
 from evalsvc.api.status import abort
 from evalsvc.config import Settings, named
 from evalsvc.errors import Reason, ServiceError
-from evalsvc.limits import Holdings
 from evalsvc.metrics import Metrics
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-SWEEP_S = 1.0  # how often waits past the timeout are looked for
+SWEEP_S = 0.5  # how often waits past their bounds are looked for
+STALE_S = 1.0  # a call whose request has not arrived after this long counts against its connection's cap
 
 
 def grpc_limit(settings: Settings) -> int:
-    """grpc's `maximum_concurrent_rpcs`: the served calls (--max-concurrent-rpcs) plus every connection's
-    calls waiting for their requests, so that grpc's limit is never what refuses a call (a C int)."""
+    """grpc's `maximum_concurrent_rpcs`: the served calls (--max-concurrent-rpcs), every connection's calls
+    allowed to wait for their requests, and as many again as are served for calls whose requests are on
+    their way (a burst waits for the event loop a few milliseconds), so that grpc's limit is not what
+    refuses a call (a C int)."""
     return min(
-        settings.max_concurrent_rpcs + settings.max_connections * settings.max_waiting_calls_per_connection, 2**31 - 1
+        2 * settings.max_concurrent_rpcs + settings.max_connections * settings.max_waiting_calls_per_connection,
+        2**31 - 1,
     )
 
 
@@ -62,8 +67,8 @@ def waiting_calls_full(limit: int) -> ServiceError:
     return ServiceError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         Reason.WAITING_CALLS_FULL,
-        f"this connection already has {limit} calls whose request messages have not arrived "
-        f"({named('max_waiting_calls_per_connection')}); send them, or cancel those calls",
+        f"this connection has {limit} older calls whose request messages have not arrived either "
+        f"({named('max_waiting_calls_per_connection')}); send the requests of calls as they begin",
         retry_after_s=1.0,
     )
 
@@ -82,33 +87,24 @@ class Admission:
     """The bounds of one gRPC server's calls: how long and how many of them may wait for requests
     (per connection, by the peer grpc names: address and port), and how many are served at once."""
 
-    __slots__ = (
-        "_deadlines",
-        "_expired",
-        "_max_served",
-        "_metrics",
-        "_per_connection",
-        "_sweep",
-        "_timeout_s",
-        "_waiting",
-        "served",
-    )
+    __slots__ = ("_expired", "_max_served", "_metrics", "_per_connection", "_sweep", "_timeout_s", "_waits", "served")
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._metrics = metrics  # refused calls are in no access log: counted here
         self._max_served = settings.max_concurrent_rpcs
         self._timeout_s = settings.request_timeout_s
         self._per_connection = settings.max_waiting_calls_per_connection
-        self._waiting = Holdings()  # calls waiting for a request message, by connection
-        self._deadlines: dict[asyncio.Task[Any], float] = {}  # each waiting call's task: when its wait ends
-        self._expired: set[asyncio.Task[Any]] = set()  # waiting calls this sweep cancelled (and no one else)
+        # Each waiting call's task: (its connection, when it began waiting), oldest first.
+        self._waits: dict[asyncio.Task[Any], tuple[str, float]] = {}
+        # Waiting calls the sweep cancelled (and no one else), with the error each ends with.
+        self._expired: dict[asyncio.Task[Any], ServiceError] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self.served = 0  # calls whose request arrived and that have not ended
 
     @property
     def waiting(self) -> int:
         """Calls waiting for a request message now (all connections)."""
-        return self._waiting.total
+        return len(self._waits)
 
     async def request(self, context: Context, peer: str) -> Any:
         """The call's one request message, waited for within the bounds; a client that half-closed
@@ -147,13 +143,10 @@ class Admission:
 
     async def _next(self, context: Context, peer: str) -> Any:
         """The call's next request message (or EOF), or the call ended by one of the bounds."""
-        if self._waiting.of(peer) >= self._per_connection:
-            await self._refuse(context, waiting_calls_full(self._per_connection))
         task = asyncio.current_task()
         assert task is not None  # a grpc handler runs in its call's task
         loop = asyncio.get_running_loop()
-        self._waiting.take(peer)
-        self._deadlines[task] = loop.time() + self._timeout_s
+        self._waits[task] = (peer, loop.time())
         if self._sweep is None:
             self._sweep = loop.call_later(SWEEP_S, self._swept)
         try:
@@ -163,18 +156,31 @@ class Admission:
                 raise
             task.uncancel()
         finally:
-            del self._deadlines[task]
-            self._expired.discard(task)
-            self._waiting.give_back(peer)
-        await self._refuse(context, request_timeout(self._timeout_s))
+            del self._waits[task]
+            error = self._expired.pop(task, None)
+        assert error is not None  # only the sweep's own cancellation gets here
+        await self._refuse(context, error)
 
     def _swept(self) -> None:
-        """Cancel the waits past their deadline (each call's task ends it with REQUEST_TIMEOUT); look
-        again in a second while any call waits."""
+        """End the waits past their bounds (each call's task ends it with the error given): those past
+        --request-timeout-s, and of each connection's waits older than STALE_S, all but the oldest
+        --max-waiting-calls-per-connection. Look again while any call waits."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        for task, deadline in self._deadlines.items():
-            if deadline <= now and task not in self._expired:
-                self._expired.add(task)
-                task.cancel()
-        self._sweep = loop.call_later(SWEEP_S, self._swept) if self._deadlines else None
+        stale_by_connection: dict[str, int] = {}
+        for task, (peer, began) in self._waits.items():  # oldest first: the oldest stale waits are kept
+            if task in self._expired:
+                continue
+            if began <= now - self._timeout_s:
+                self._expire(task, request_timeout(self._timeout_s))
+                continue
+            if began > now - STALE_S:
+                continue
+            stale = stale_by_connection[peer] = stale_by_connection.get(peer, 0) + 1
+            if stale > self._per_connection:
+                self._expire(task, waiting_calls_full(self._per_connection))
+        self._sweep = loop.call_later(SWEEP_S, self._swept) if self._waits else None
+
+    def _expire(self, task: asyncio.Task[Any], error: ServiceError) -> None:
+        self._expired[task] = error
+        task.cancel()
