@@ -269,7 +269,13 @@ async def test_run_page_shows_the_latency_figures_the_api_gives(gateway_server: 
     The page computed its figures with another rank than the server (p50 of 100..600: 400 ms against 300 ms)
     and counted each failed item as 0 ms (with them: 200 ms)."""
     items = [
-        {"id": f"q{i}", "input": "q", "expectedOutput": "a", "response": {"content": "a", "latencyMs": 100 * i}}
+        {
+            "id": f"q{i}",
+            "input": "q",
+            "expectedOutput": "a",
+            "response": {"content": "a", "latencyMs": 100 * i},
+            "humanVerdicts": {"exact": i != 6},
+        }
         for i in range(1, 7)
     ]
     run = await _create_run(
@@ -290,6 +296,10 @@ async def test_run_page_shows_the_latency_figures_the_api_gives(gateway_server: 
     latency = (await _get_run(gateway_server, run["id"]))["aggregate"]["latency"]
     assert (latency["p50Ms"], latency["p95Ms"]) == (300, 600)
     assert await _field(page, "latency") == "300 ms / 600 ms"
+    # People's verdicts on q1..q6 (they failed q6, which exact passed): the grader's agreement with them.
+    agreement = (await _get_run(gateway_server, run["id"]))["aggregate"]["graders"][0]["agreement"]
+    assert agreement["graderPassedPersonFailed"] == 1 and agreement["bothPassed"] == 5
+    await _wait_field(page, "grader_agreement", "83.3% of 6, κ 0.00")
 
     # Its errored items rerun: the new run's page names the run it reruns.
     rerun = (await _rest(gateway_server, "POST", f"/v1/runs/{run['id']}:rerun", {}))["run"]

@@ -335,9 +335,17 @@ function runPage() {
           element("td", { class: "num", text: String(failed) }),
           element("td", { class: "num", text: String(errored) }),
           element("td", { class: "num", text: mean === undefined ? "–" : mean.toFixed(2) }),
+          element("td", { class: "num", "data-field": "grader_agreement", text: agreement(final && final.agreement) }),
         ),
       );
     }
+  }
+
+  // A grader's agreement with people's verdicts, once the run has ended: "90.0% of 10, κ 0.62".
+  function agreement(a) {
+    if (!a) return "–";
+    const compared = (a.bothPassed || 0) + (a.bothFailed || 0) + (a.graderPassedPersonFailed || 0) + (a.graderFailedPersonPassed || 0);
+    return `${(100 * (a.accuracy || 0)).toFixed(1)}% of ${compared}, κ ${(a.cohenKappa || 0).toFixed(2)}`;
   }
 
   function resultRow(result) {
