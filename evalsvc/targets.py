@@ -18,7 +18,14 @@ from google.protobuf import json_format, struct_pb2
 
 from evalsvc.errors import FieldViolation
 from evalsvc.http.json_bodies import MAX_VALUES, loads, most_values
-from evalsvc.http.outbound import Outbound, OutboundError, check_url_shape, endpoint_headers, secret_refs
+from evalsvc.http.outbound import (
+    Outbound,
+    OutboundError,
+    check_url_shape,
+    endpoint_headers,
+    endpoint_secret_values,
+    secret_refs,
+)
 from evalsvc.messages.canonical import struct_values
 from evalsvc.messages.oneofs import one_of
 from evalsvc.messages.validation import check_definition_size
@@ -237,8 +244,13 @@ class ChatTarget:
         """The model's reply to the item."""
         body = {**self._base, "messages": chat_messages(self._spec.system_prompt, item)}
         try:
+            endpoint = self._spec.endpoint
             reply = await self._outbound.post_json(
-                self._url, body, endpoint_headers(self._spec.endpoint, self._secrets), self._timeout
+                self._url,
+                body,
+                endpoint_headers(endpoint, self._secrets),
+                self._timeout,
+                secrets=endpoint_secret_values(endpoint, self._secrets),
             )
         except OutboundError as exc:
             raise TargetError(exc.reason) from exc
@@ -286,7 +298,11 @@ class HttpTarget:
         endpoint = self._spec.endpoint
         try:
             reply = await self._outbound.post_json(
-                endpoint.base_url, body, endpoint_headers(endpoint, self._secrets), endpoint.timeout_s or 60.0
+                endpoint.base_url,
+                body,
+                endpoint_headers(endpoint, self._secrets),
+                endpoint.timeout_s or 60.0,
+                secrets=endpoint_secret_values(endpoint, self._secrets),
             )
         except OutboundError as exc:
             raise TargetError(exc.reason) from exc

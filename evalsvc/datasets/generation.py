@@ -284,7 +284,13 @@ class DatasetGenerations:
                     "response_format": {"type": "json_object"},
                 }
                 for attempt in range(PARSE_ATTEMPTS):
-                    reply = await self._outbound.post_json(chat_url(self._endpoint), body, self._model.headers(), 120.0)
+                    reply = await self._outbound.post_json(
+                        chat_url(self._endpoint),
+                        body,
+                        self._model.headers(),
+                        120.0,
+                        secrets=self._model.secret_values(),
+                    )
                     try:
                         [item.input] = parse_items(await answer_json(reply.body, self._outbound.parse_json), 1)
                         return
@@ -447,7 +453,9 @@ class DatasetGenerations:
         }
         problem = UnusableAnswer("no answer")
         for _ in range(PARSE_ATTEMPTS):
-            reply = await self._outbound.post_json(chat_url(self._endpoint), body, self._model.headers(), 120.0)
+            reply = await self._outbound.post_json(
+                chat_url(self._endpoint), body, self._model.headers(), 120.0, secrets=self._model.secret_values()
+            )
             try:
                 return parse_items(await answer_json(reply.body, self._outbound.parse_json), wanted)
             except UnusableAnswer as exc:

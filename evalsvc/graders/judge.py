@@ -24,6 +24,7 @@ from evalsvc.http.outbound import (
     OutboundError,
     check_destination,
     endpoint_headers,
+    endpoint_secret_values,
     secret_refs,
 )
 from evalsvc.messages.canonical import definition, digest
@@ -55,6 +56,10 @@ class JudgeDefaults:
         if self.api_key:
             headers["authorization"] = f"Bearer {self.api_key}"
         return headers
+
+    def secret_values(self) -> tuple[str, ...]:
+        """Its key, when it has one: kept out of what its calls report."""
+        return (self.api_key,) if self.api_key else ()
 
 
 def needs_default_judge(spec: grader_pb2.LlmJudge) -> bool:
@@ -205,6 +210,11 @@ class LlmJudgeGrader:
             headers["authorization"] = f"Bearer {self._default_key}"
         return headers
 
+    def _secret_values(self) -> tuple[str, ...]:
+        """The secrets among the call's headers (`_headers`)."""
+        named = endpoint_secret_values(self._endpoint, self._secrets)
+        return (*named, self._default_key) if self._default_key else named
+
     async def _with_images(self, text: str, output: item_pb2.Response) -> str | list[dict[str, Any]]:
         """The user message's content: the text, and the output's images as OpenAI image_url parts.
         The judge's model fetches them, so each URL must pass the SSRF rule as an endpoint would
@@ -261,6 +271,7 @@ class LlmJudgeGrader:
                     body,
                     self._headers(),
                     self._endpoint.timeout_s or 60.0,
+                    secrets=self._secret_values(),
                 )
             except OutboundError as exc:
                 return Grade(ERROR, 0.0, 0.0, "the judge could not be reached", exc.reason, cost_usd=cost)

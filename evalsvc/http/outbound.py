@@ -30,7 +30,7 @@ import ipaddress
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -50,7 +50,7 @@ from evalsvc.http.replies import (
     error_excerpt,
     one_line,
     read_body,
-    without_sent_values,
+    without_secrets,
 )
 from evalsvc.http.resolver import IPAddress, Resolver
 from evalsvc.slots import Slots
@@ -93,6 +93,12 @@ def secret_refs(endpoint: target_pb2.Endpoint, at: str) -> list[tuple[str, str]]
         if value.startswith(SECRET_HEADER)
     ]
     return refs
+
+
+def endpoint_secret_values(endpoint: target_pb2.Endpoint, secrets: Mapping[str, str]) -> tuple[str, ...]:
+    """The values of the secrets an endpoint names (what `endpoint_headers` fills in): kept out of what its
+    calls report (`post_json`'s `secrets`)."""
+    return tuple(secrets[name.upper()] for _, name in secret_refs(endpoint, "") if name.upper() in secrets)
 
 
 def endpoint_headers(endpoint: target_pb2.Endpoint, secrets: Mapping[str, str]) -> dict[str, str]:
@@ -572,8 +578,17 @@ class Outbound:
         for key in [k for k, limit in self._limits.items() if limit.idle][:excess] if excess > 0 else ():
             del self._limits[key]
 
-    async def post_json(self, url: str, body: Any, headers: Mapping[str, str], timeout_s: float = 60.0) -> Reply:
-        """POST JSON and return the JSON reply, retrying what may succeed on a later attempt."""
+    async def post_json(
+        self,
+        url: str,
+        body: Any,
+        headers: Mapping[str, str],
+        timeout_s: float = 60.0,
+        *,
+        secrets: Sequence[str] = (),
+    ) -> Reply:
+        """POST JSON and return the JSON reply, retrying what may succeed on a later attempt. `secrets`: the
+        values among the headers that are secrets (API keys): an error reply that quotes one does not show it."""
         await check_destination(url, self.allow, min(timeout_s, RESOLVE_TIMEOUT_S))
         attempt = 0
         while True:
@@ -598,7 +613,7 @@ class Outbound:
                         except ValueError as exc:
                             not_json = f"{shown_host(url)} answered with a body that is not usable JSON ({exc})"
                             raise OutboundError(not_json) from exc
-                    shown = one_line(without_sent_values(content, headers)) if content else ""
+                    shown = one_line(without_secrets(content, secrets)) if content else ""
                     failure = f"HTTP {code} from {shown_host(url)}" + (f": {shown}" if shown else "")
                     if code not in RETRYABLE_STATUS:
                         raise OutboundError(failure)

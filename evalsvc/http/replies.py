@@ -27,11 +27,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import ssl
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any
+from urllib.parse import quote
 
 import httpcore
 import httpx
@@ -193,27 +195,32 @@ async def error_excerpt(response: httpx.Response, reads: AttemptReads) -> bytes:
 
 
 REDACTED = b"[redacted]"
-MIN_REDACTED_BYTES = 4  # shorter header values (and tokens) are not looked for: they would blank ordinary words
+MIN_REDACTED_BYTES = 4  # a shorter piece of a secret, cut off by the excerpt's end, is not looked for
 
 
-def without_sent_values(excerpt: bytes, headers: Mapping[str, str]) -> bytes:
-    """`excerpt` with every value the call sent in its headers blanked out: API keys, resolved secrets,
-    the token of `Authorization: Bearer ...`, each as sent and as JSON escapes it, and one cut off by
-    the excerpt's end. An endpoint that echoes the request's headers in its error body (a debugging
-    endpoint, a proxy's error page) put the tenant's secrets, and the server's own judge key, into
-    error_reason, which every reader of the run's results sees and the database keeps in clear."""
-    needles: set[bytes] = set()
-    for value in headers.values():
-        for part in (value.strip(), value.strip().partition(" ")[2].strip()):
-            if len(part) >= MIN_REDACTED_BYTES:
-                needles.update((part.encode(), json.dumps(part)[1:-1].encode()))
-    for needle in sorted(needles, key=len, reverse=True):
-        excerpt = excerpt.replace(needle, REDACTED)
-    for needle in needles:  # the excerpt ends inside a value: its start is as much a leak
-        for length in range(len(needle) - 1, MIN_REDACTED_BYTES - 1, -1):
-            if excerpt.endswith(needle[:length]):
-                excerpt = excerpt[:-length] + REDACTED
-                break
+def without_secrets(excerpt: bytes, secrets: Sequence[str]) -> bytes:
+    """`excerpt` with each secret the call sent (its API keys: the endpoint's named secrets, the server's
+    judge or generator key) blanked out: as sent, in any letter case, JSON-escaped (slashes escaped or
+    not), percent-encoded, and one cut off by the excerpt's end. An endpoint that echoes the request's
+    headers in its error body (a debugging endpoint, a proxy's error page) put the tenant's secrets, and
+    the server's own judge key, into error_reason, which every reader of the run's results sees and the
+    database keeps in clear. Only secrets: a first version blanked every header value, the content type
+    too ("send [redacted]"), and an error lost the words that explained it."""
+    forms: set[bytes] = set()
+    for secret in secrets:
+        escaped = json.dumps(secret)[1:-1]
+        for written in (secret, escaped, escaped.replace("/", "\\/"), quote(secret, safe="")):
+            if len(written) >= MIN_REDACTED_BYTES:
+                forms.add(written.encode())
+    if not forms:
+        return excerpt
+    longest_first = sorted(forms, key=len, reverse=True)
+    excerpt = re.sub(b"|".join(re.escape(form) for form in longest_first), REDACTED, excerpt, flags=re.IGNORECASE)
+    lowered = excerpt.lower()
+    for form in longest_first:  # the excerpt ends inside a secret: its start is as much a leak
+        for length in range(len(form) - 1, MIN_REDACTED_BYTES - 1, -1):
+            if lowered.endswith(form[:length].lower()):
+                return excerpt[:-length] + REDACTED
     return excerpt
 
 

@@ -24,6 +24,7 @@ import pytest
 from evalsvc.config import Settings
 from evalsvc.http import outbound, resolver
 from evalsvc.http.outbound import Outbound, OutboundError, call_tenant, check_destination, endpoint_wait
+from evalsvc.http.replies import without_secrets
 
 Writer = Callable[[asyncio.StreamWriter], Awaitable[None]]
 REPLY = {"choices": [{"message": {"content": "fine"}}]}
@@ -412,3 +413,30 @@ async def test_a_lookup_joining_one_its_last_waiter_left_is_not_cancelled() -> N
     assert await asyncio.wait_for(second, 20) == [ipaddress.ip_address("127.0.0.1")]
     with contextlib.suppress(asyncio.CancelledError):
         await first
+
+
+SECRET = "sk-Live/0123+abcd"
+
+
+@pytest.mark.parametrize(
+    "echoed",
+    [
+        SECRET,  # as sent
+        SECRET.lower(),  # a server that lowercases headers it quotes
+        json.dumps(SECRET)[1:-1].replace("/", "\\/"),  # JSON with escaped slashes (PHP's default)
+        "sk-Live%2F0123%2Babcd",  # percent-encoded
+    ],
+)
+def test_an_error_excerpt_shows_no_form_of_a_secret_and_keeps_the_rest(echoed: str) -> None:
+    """Error bodies that quote the request's headers: the secrets are blanked out in every form seen
+    echoed, and only they (a first version blanked every header value, "application/json" too)."""
+    body = f'{{"error": "send application/json", "authorization": "Bearer {echoed}"}}'.encode()
+    shown = without_secrets(body, [SECRET]).decode()
+    assert "0123" not in shown.lower() and "[redacted]" in shown, shown
+    assert "send application/json" in shown and "Bearer" in shown
+
+
+def test_an_excerpt_cut_inside_a_secret_shows_none_of_it() -> None:
+    assert without_secrets(b"key: " + SECRET[:9].encode(), [SECRET]) == b"key: [redacted]"
+    assert without_secrets(b"key: sk-", [SECRET]) == b"key: sk-"  # shorter than MIN_REDACTED_BYTES: ordinary text
+    assert without_secrets(b"nothing secret", []) == b"nothing secret"
