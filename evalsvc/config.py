@@ -189,9 +189,9 @@ class Settings:
         default=8000,
         metadata={
             "help": "RPCs (including open streams) served at once, counted from the arrival of their requests; "
-            "the excess gets RESOURCE_EXHAUSTED. Streams "
-            "take at most three quarters of it (WatchRun streams of all tenants five eighths, health Watch "
-            "streams an eighth), so ordinary calls always have room"
+            "the excess gets RESOURCE_EXHAUSTED. Streams take at most three quarters of it (WatchRun streams of "
+            "all tenants five eighths, health Watch and reflection streams an eighth), so ordinary calls always "
+            "have room"
         },
     )
     create_run_rate: float = dataclasses.field(
@@ -429,9 +429,9 @@ class Settings:
 
     @property
     def health_watches_in_all(self) -> int:
-        """The health Watch streams (no API key needed) all clients together may hold open: an eighth of
-        `max_concurrent_rpcs` (at least 1); one anonymous client opened 5,000 and every tenant's calls
-        got RESOURCE_EXHAUSTED."""
+        """The health Watch and reflection streams (no API key needed) all clients together may hold open:
+        an eighth of `max_concurrent_rpcs` (at least 1); one anonymous client opened 5,000 and every
+        tenant's calls got RESOURCE_EXHAUSTED."""
         return max(1, self.max_concurrent_rpcs // 8)
 
     @property

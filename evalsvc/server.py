@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from sqlalchemy.exc import ArgumentError
 
 from evalsvc.api.admission import Admission, grpc_limit
@@ -29,7 +29,7 @@ from evalsvc.api.auth import Authenticator
 from evalsvc.api.datasets import DatasetGenerationServicer, DatasetServicer
 from evalsvc.api.definitions import GraderServicer, TargetServicer
 from evalsvc.api.eval_runs import EvalRunServicer
-from evalsvc.api.health import BoundedHealthServicer
+from evalsvc.api.health import BoundedHealthServicer, BoundedReflectionServicer, KeylessStreams
 from evalsvc.api.interceptor import CallInterceptor
 from evalsvc.api.local import LocalChannel, LocalServices
 from evalsvc.api.observability import Observer
@@ -218,7 +218,8 @@ class EvalServer:
         self.revoker = StreamRevoker(self.keys, self.bus, settings.auth_cache_s)
         self.bootstrap_key: str | None = None
         self.has_keys = False  # whether any API key exists, as of the start (for the start's key hint)
-        self.health = BoundedHealthServicer(settings.health_watches_in_all)
+        self.keyless_streams = KeylessStreams(settings.health_watches_in_all)
+        self.health = BoundedHealthServicer(self.keyless_streams)
         # Checks four times per stall limit, but never more often than every 50 ms nor less than every 5 s.
         self.watchdog = Watchdog(self.metrics, self._report_progress, check_s=max(0.05, min(5.0, settings.stall_s / 4)))
         self._watchdog_task: asyncio.Task[None] | None = None
@@ -400,8 +401,11 @@ class EvalServer:
             add(servicer, server)
             add(servicer, self.local)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            BoundedReflectionServicer(
+                (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+                self.keyless_streams,
+            ),
             server,
         )
         return server

@@ -13,13 +13,14 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc as stubs
 from tests.conftest import make_settings
-from tests.helpers import error_reason, keyed_channel, retry_delay, until
+from tests.helpers import create_request, error_reason, keyed_channel, retry_delay, until
 
 GET_RUN = "/evalsvc.v1.EvalRunService/GetRun"
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # each channel its own connection
@@ -157,30 +158,66 @@ async def test_a_request_that_never_arrives_ends_the_call(tmp_path: Path) -> Non
 
 
 async def test_served_calls_past_max_concurrent_rpcs_are_refused_with_retry_info(tmp_path: Path) -> None:
-    """--max-concurrent-rpcs 2, held by two open reflection streams: the next call is RESOURCE_EXHAUSTED
-    SERVER_CALLS_FULL with RetryInfo; once one stream ends, calls are served again."""
+    """--max-concurrent-rpcs 2, held by an open WatchRun and an open reflection stream: the next call is
+    RESOURCE_EXHAUSTED SERVER_CALLS_FULL with RetryInfo; once the reflection stream ends, calls are
+    served again."""
     async with served(tmp_path, max_concurrent_rpcs=2) as srv:
         assert srv.bootstrap_key
         async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
-            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-            streams = []
-            for _ in range(2):
-                stream = reflection.ServerReflectionInfo()
-                await stream.write(reflection_pb2.ServerReflectionRequest(list_services=""))
-                await stream.read()
-                streams.append(stream)
-            assert srv.admission.served == 2
             tenant = stubs.EvalRunServiceStub(channel)
+            run = (await tenant.CreateRun(create_request(1))).run  # no workers: it stays PENDING
+            watch = tenant.WatchRun(pb.WatchRunRequest(run_id=run.id))
+            await watch.read()
+            stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+            await stream.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            await stream.read()
+            assert srv.admission.served == 2
             full = await refused(tenant.GetRun(pb.GetRunRequest(run_id="run_missing")))
             assert full.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert error_reason(full) == "SERVER_CALLS_FULL"
             assert retry_delay(full) == 1.0
             assert refusals(srv, "SERVER_CALLS_FULL") == 1
 
-            await streams[0].done_writing()
-            await streams[0].wait_for_connection()
-            assert await streams[0].read() == grpc.aio.EOF
+            await stream.done_writing()
+            assert await stream.read() == grpc.aio.EOF
             await until(lambda: srv.admission.served == 1)
             missing = await refused(tenant.GetRun(pb.GetRunRequest(run_id="run_missing")))
             assert missing.code() == grpc.StatusCode.NOT_FOUND
-            streams[1].cancel()
+            watch.cancel()
+
+
+async def test_keyless_streams_are_bounded_per_connection_and_in_all(tmp_path: Path) -> None:
+    """Reflection needs no key, as health does, and its streams took every served place (500 connections
+    of 16 streams, each asking every few seconds, a review found). Health Watch and reflection streams
+    together: two a connection, an eighth of --max-concurrent-rpcs in all (16: 2); past either a
+    reflection stream is UNAVAILABLE SERVER_STREAMS_FULL. Ordinary calls keep their room."""
+    async with served(tmp_path, max_concurrent_rpcs=16) as srv:
+        assert srv.bootstrap_key
+        async with contextlib.AsyncExitStack() as stack:
+            first, second = [
+                await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}", OWN_CONNECTION))
+                for _ in range(2)
+            ]
+            watch = health_pb2_grpc.HealthStub(first).Watch(health_pb2.HealthCheckRequest())
+            await watch.read()
+            listing = await listed(first)
+            for channel, why in ((first, "a connection may hold 2"), (second, "all taken")):
+                over = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+                await over.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+                error = await refused(over.read())
+                assert error.code() == grpc.StatusCode.UNAVAILABLE and error_reason(error) == "SERVER_STREAMS_FULL"
+                assert why in (error.details() or ""), error.details()
+            tenant = stubs.EvalRunServiceStub(
+                await stack.enter_async_context(keyed_channel(srv.port, srv.bootstrap_key))
+            )
+            assert (await refused(tenant.GetRun(pb.GetRunRequest(run_id="run_x")))).code() == grpc.StatusCode.NOT_FOUND
+            watch.cancel()
+            listing.cancel()
+
+
+async def listed(channel: grpc.aio.Channel) -> Any:
+    """A reflection stream that has listed the services once and stays open."""
+    stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+    await stream.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    assert (await stream.read()).list_services_response.service
+    return stream

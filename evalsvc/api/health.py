@@ -1,49 +1,107 @@
-"""grpc's health service, with its Watch streams bounded.
+"""The streams anyone may open, no API key needed: grpc's health Watch and server reflection, bounded.
 
-Health needs no API key (orchestrators and load balancers probe it), so its streams were the one kind
-nobody's quota counted: one client opened 5,000 Watch streams over 6 connections in a second, which
-took every place of --max-concurrent-rpcs, and every tenant's calls got RESOURCE_EXHAUSTED until it
-let go. A connection may hold PER_CONNECTION Watch streams (gRPC's client-side health checking opens
-one per connection), and all connections together `Settings.health_watches_in_all`; past either, the
-Watch is answered UNIMPLEMENTED (reason SERVER_STREAMS_FULL): a gRPC client doing client-side health
-checking then turns it off and goes on calling, where UNAVAILABLE would have it take the server for
-unhealthy and fail every call (so one anonymous client filling the Watch streams would have stopped
-every such client). `Check` is unbounded: it is a unary call, over as soon as answered.
+Orchestrators and load balancers probe health, and tools (grpcurl) list services by reflection, so
+neither needs a key, and their streams were the ones nobody's quota counted: one client opened 5,000
+health Watch streams over 6 connections in a second, which took every place of --max-concurrent-rpcs,
+and every tenant's calls got RESOURCE_EXHAUSTED until it let go; a review held every served place with
+500 connections of 16 reflection streams, each asking once every few seconds. Together they may hold
+`Settings.health_watches_in_all` streams (an eighth of --max-concurrent-rpcs) and PER_CONNECTION on one
+connection (gRPC's client-side health checking opens one Watch a connection; a tool one reflection
+stream at a time) (`KeylessStreams`). Past either:
+
+- a health Watch is answered UNIMPLEMENTED (reason SERVER_STREAMS_FULL): a gRPC client doing client-side
+  health checking then turns it off and goes on calling, where UNAVAILABLE would have it take the
+  server for unhealthy and fail every call. `Check` is unbounded: a unary call, over once answered.
+- a reflection stream is UNAVAILABLE (SERVER_STREAMS_FULL, RetryInfo), as a WatchRun past the server's
+  part of streams. Its messages are written here, so a client that leaves mid-write ends it quietly
+  (grpc writing them itself logged `ExecuteBatchError raised in core` with a traceback at ERROR).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from evalsvc.api.status import abort
 from evalsvc.errors import Reason, ServiceError
-from evalsvc.limits import Holdings
+from evalsvc.limits import Holdings, streams_full
 
 PER_CONNECTION = 2
 
+Context = grpc.aio.ServicerContext[Any, Any]
 
-class BoundedHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpc_health has no stubs
-    """The health service; at most PER_CONNECTION Watch streams a connection, `in_all` in all."""
+
+class KeylessStreams:
+    """How many keyless streams (health Watch, reflection) each connection and all of them hold: at
+    most PER_CONNECTION a connection (by the peer grpc names: address and port) and `in_all` in all."""
 
     def __init__(self, in_all: int) -> None:
-        super().__init__()
         self._in_all = in_all
-        self._by_connection = Holdings()  # by peer (address and port: one connection)
+        self._by_connection = Holdings()
 
-    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        peer = context.peer()
+    def full(self, peer: str) -> str:
+        """Why one more stream of `peer`'s is refused; "" when it may open."""
         if self._by_connection.of(peer) >= PER_CONNECTION:
-            await abort(context, _unwatchable(f"a connection may hold {PER_CONNECTION} health Watch streams"))
+            return f"a connection may hold {PER_CONNECTION} health Watch or reflection streams"
         if self._by_connection.total >= self._in_all:
-            await abort(context, _unwatchable("the server's health Watch streams are all taken"))
+            return "the server's health Watch and reflection streams are all taken"
+        return ""
+
+    @contextlib.contextmanager
+    def held(self, peer: str) -> Any:
+        """One stream of `peer`'s while the block runs (`full` said it may open)."""
         self._by_connection.take(peer)
         try:
-            await super().Watch(request, context)
+            yield
         finally:
             self._by_connection.give_back(peer)
+
+
+class BoundedHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpc_health has no stubs
+    """The health service; its Watch streams within the keyless streams' bounds."""
+
+    def __init__(self, streams: KeylessStreams) -> None:
+        super().__init__()
+        self._streams = streams
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
+        peer = context.peer()
+        if why := self._streams.full(peer):
+            await abort(context, _unwatchable(why))
+        with self._streams.held(peer):
+            await super().Watch(request, context)
+
+
+class BoundedReflectionServicer(ReflectionServicer):  # type: ignore[misc]  # grpc_reflection has no stubs
+    """Server reflection; its streams within the keyless streams' bounds, their messages written here."""
+
+    def __init__(self, service_names: tuple[str, ...], streams: KeylessStreams) -> None:
+        super().__init__(service_names)
+        self._streams = streams
+
+    async def ServerReflectionInfo(
+        self, request_iterator: AsyncIterable[reflection_pb2.ServerReflectionRequest], context: Context
+    ) -> None:
+        peer = context.peer()
+        if why := self._streams.full(peer):
+            await abort(context, streams_full(why))
+        with self._streams.held(peer):
+            answers: AsyncIterator[reflection_pb2.ServerReflectionResponse] = super().ServerReflectionInfo(
+                request_iterator, context
+            )
+            async with contextlib.aclosing(answers):  # type: ignore[type-var]
+                try:
+                    async for answer in answers:
+                        await context.write(answer)
+                except grpc.aio.InternalError as exc:  # a write refused: the call is over in grpc's core
+                    raise asyncio.CancelledError(f"the call ended in grpc's core: {exc}") from exc
 
 
 def _unwatchable(why: str) -> ServiceError:

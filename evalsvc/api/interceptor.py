@@ -362,20 +362,19 @@ class _Call:
 
 
 def _admitted_stream(handler: Handler, admission: Admission) -> Handler:
-    """A bidi-streaming handler (server reflection: open, unobserved) whose request messages are read
-    within the admission's bounds, the call counted as served while it lasts."""
+    """A bidi-streaming handler (server reflection: open, unobserved, its bounds its own: evalsvc.api.health)
+    whose request messages are read within the admission's bounds, the call counted as served while it
+    lasts. Its behaviour writes its messages itself (a coroutine: grpc's reader/writer shape)."""
     behaviour = cast("Callable[..., Any] | None", handler.stream_stream)
-    if behaviour is None or not inspect.isasyncgenfunction(behaviour):
-        raise TypeError(f"no client-streaming methods but server reflection's are expected, got {handler!r}")
+    if behaviour is None or not inspect.iscoroutinefunction(behaviour):
+        raise TypeError(f"no client-streaming methods but server reflection's writing one are expected: {handler!r}")
 
-    async def admitted(requests: Any, context: Context) -> AsyncGenerator[Any, None]:
+    async def admitted(requests: Any, context: Context) -> None:
         peer = _peer(context)
         if not admission.admit():
             await admission.refuse(context)
         try:
-            async with contextlib.aclosing(behaviour(admission.messages(context, peer), context)) as responses:
-                async for response in responses:
-                    yield response
+            await behaviour(admission.messages(context, peer), context)
         finally:
             admission.release()
 
