@@ -106,11 +106,11 @@ class Settings:
         },
     )
     request_timeout_s: float = dataclasses.field(
-        default=30.0,
+        default=300.0,
         metadata={
-            "help": "seconds a gRPC call may wait for its request message (and each message of a client "
-            "stream) once it has begun; past it the call ends DEADLINE_EXCEEDED, so calls opened and never "
-            "sent cannot hold --max-concurrent-rpcs"
+            "help": "seconds a gRPC call may wait for its whole request message (and each message of a client "
+            "stream) once it has begun; past it the call ends DEADLINE_EXCEEDED (REQUEST_TIMEOUT). Long "
+            "enough for a 16 MiB request at 56 KB/s: calls that wait do not hold --max-concurrent-rpcs"
         },
     )
     max_waiting_calls_per_connection: int = dataclasses.field(

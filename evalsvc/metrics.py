@@ -121,7 +121,7 @@ class Metrics:
             "evalsvc_calls_refused",
             "gRPC calls ended before they were served, by reason: REQUEST_TIMEOUT (the request never arrived), "
             "WAITING_CALLS_FULL (the connection's calls waiting for requests), SERVER_CALLS_FULL "
-            "(--max-concurrent-rpcs)",
+            "(--max-concurrent-rpcs), MALFORMED_REQUEST (the call ended without a request)",
             ["reason"],
             registry=r,
         )

@@ -138,6 +138,7 @@ async def test_a_request_that_never_arrives_ends_the_call(tmp_path: Path) -> Non
         timed_out = await refused(never_sent(channel))
         assert timed_out.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert error_reason(timed_out) == "REQUEST_TIMEOUT"
+        assert "did not arrive in full within 0.5 s" in (timed_out.details() or "")
         assert "--request-timeout-s" in (timed_out.details() or "")
         assert 0.5 <= time.monotonic() - began < 5.0  # the timeout, plus at most one sweep (1 s)
         assert srv.admission.waiting == 0 and srv.admission.served == 0
@@ -146,7 +147,7 @@ async def test_a_request_that_never_arrives_ends_the_call(tmp_path: Path) -> Non
         empty = channel.stream_unary(GET_RUN, request_serializer=pb.GetRunRequest.SerializeToString)(iter(()))
         nothing = await refused(empty)
         assert nothing.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert error_reason(nothing) == "MALFORMED_REQUEST"
+        assert error_reason(nothing) == "MALFORMED_REQUEST" and refusals(srv, "MALFORMED_REQUEST") == 1
 
         idle = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
         await idle.write(reflection_pb2.ServerReflectionRequest(list_services=""))

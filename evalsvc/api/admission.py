@@ -57,8 +57,8 @@ def request_timeout(timeout_s: float) -> ServiceError:
     return ServiceError(
         grpc.StatusCode.DEADLINE_EXCEEDED,
         Reason.REQUEST_TIMEOUT,
-        f"no request message arrived within {timeout_s:g} s of the call's start or its previous message "
-        f"({named('request_timeout_s')})",
+        f"the call's request did not arrive in full within {timeout_s:g} s of the call's start (or of its "
+        f"previous message) ({named('request_timeout_s')})",
     )
 
 
@@ -111,7 +111,7 @@ class Admission:
         without sending one gets INVALID_ARGUMENT, as grpc answers a unary call that has none."""
         message = await self._next(context, peer)
         if message is grpc.aio.EOF:
-            await abort(
+            await self._refuse(
                 context,
                 ServiceError(grpc.StatusCode.INVALID_ARGUMENT, Reason.MALFORMED_REQUEST, "the call sent no request"),
             )
