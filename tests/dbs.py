@@ -195,3 +195,19 @@ async def _dump(url: str) -> bytes:
     finally:
         await conn.close()
     return "".join(chunks).encode()
+
+
+async def transactions_open(url: str) -> int:
+    """Transactions open now on a PostgreSQL database, other than this check's own connection."""
+    import asyncpg
+
+    conn = await asyncpg.connect(make_url(url).set(drivername="postgresql").render_as_string(False), timeout=5)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL"
+            )
+        )
+    finally:
+        await conn.close()

@@ -120,6 +120,19 @@ async def test_survivor_finishes_the_run_of_a_killed_replica_exactly_once(tmp_pa
     assert finished_after < 60  # lease TTL 2 s + sweep 0.2 s + the remaining work, with room for a slow machine
 
 
+async def pause_outside_transactions(replica: ServerProcess, url: str) -> None:
+    """SIGSTOP the replica at a moment it has no transaction open: stopped inside one (a lease renewal
+    every 0.7 s here), it held the row locks of every job, and the other replica, whose claims skip
+    locked rows, could take over none of them until it woke (once in a full run of the suite)."""
+    for _ in range(100):
+        os.kill(replica.proc.pid, signal.SIGSTOP)
+        if not await dbs.transactions_open(url):
+            return
+        os.kill(replica.proc.pid, signal.SIGCONT)
+        await asyncio.sleep(0.01)
+    raise AssertionError("the replica always had a transaction open")
+
+
 async def test_a_replica_that_wakes_after_losing_its_leases_records_nothing(tmp_path: Path) -> None:
     """Its calls answered while it was paused, the woken replica records none of the jobs another replica
     took over: the fence. It wakes while the run is still active (had the run ended, it would hear so and
@@ -153,7 +166,7 @@ async def test_a_replica_that_wakes_after_losing_its_leases_records_nothing(tmp_
                 ).run.id
                 # The first replica holds every job (one claim of 50, 50 workers), 8 calls in flight.
                 assert await asyncio.to_thread(llm.wait_seen, 8, 30)
-            os.kill(paused.proc.pid, signal.SIGSTOP)
+            await pause_outside_transactions(paused, url)
             # Two workers: the survivor takes over the expired leases slowly, and the run is still going
             # when the first replica wakes.
             survivor = ServerProcess(url, tmp_path / "b.log", *FAST, "--workers", "2", env=env)
