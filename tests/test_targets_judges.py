@@ -309,17 +309,17 @@ async def test_a_throttled_key_halves_only_its_own_limit_at_an_endpoint() -> Non
     """A provider's rate limit is its key's: keyed by the endpoint alone, one tenant whose own key got
     429s halved the limit of every tenant calling that provider with keys of their own (16 one-second
     calls: 2.3 s alone, 10.8 s beside the throttled tenant). Calls with the same credentials (the
-    server's judge key, an operator secret, none) still share one limit, and its fair turns."""
+    server's judge key, an operator secret, none) still share one limit, and its fair turns, whatever
+    other headers a tenant adds (a harmless header of its own gave it a fresh limit: a review)."""
     outbound = Outbound(Settings(outbound_allow="127.0.0.1", http_retries=0))
     try:
         with FakeEndpoint(Reply(raw='{"error": "quota"}', status=429)) as llm:
-            throttled_key = {"content-type": "application/json", "authorization": "Bearer sk-a"}
+            headers = {"content-type": "application/json", "authorization": "Bearer sk-a", "x-pad": "1"}
             with pytest.raises(outbound_module.OutboundError):
-                await outbound.post_json(llm.url + "/v1/chat/completions", {}, throttled_key)
-        assert outbound.limit_of(llm.url, throttled_key).limit == 4  # halved
-        assert outbound.limit_of(llm.url, {"authorization": "Bearer sk-b"}).limit == 8  # another key: untouched
-        assert outbound.limit_of(llm.url, {"authorization": "Bearer sk-a"}) is outbound.limit_of(llm.url, throttled_key)
-        assert outbound.limit_of(llm.url, {"content-type": "application/json"}) is outbound.limit_of(llm.url)
+                await outbound.post_json(llm.url + "/v1/chat/completions", {}, headers, secrets=["sk-a"])
+        assert outbound.limit_of(llm.url, ["sk-a"]).limit == 4  # halved, for every call with that key
+        assert outbound.limit_of(llm.url, ["sk-b"]).limit == 8  # another key: untouched
+        assert outbound.limit_of(llm.url, ()) is outbound.limit_of(llm.url)  # no key: one shared limit
     finally:
         await outbound.close()
 

@@ -473,12 +473,10 @@ async def _held_up_until(take: Callable[[], Awaitable[None]], give_back: Callabl
         raise
 
 
-def _credentials(headers: Mapping[str, str]) -> bytes:
-    """What identifies a call's credentials at its endpoint: a digest of the headers it sends (its API
-    key, a secret-filled header, an organisation), the content type aside; b"" for none. Headers are
-    the endpoint's configuration, the same on every call of a target or judge."""
-    sent = sorted((name.lower(), value) for name, value in headers.items() if name.lower() != "content-type")
-    return hashlib.blake2b(repr(sent).encode(), digest_size=16).digest() if sent else b""
+def _credentials(secrets: Sequence[str]) -> bytes:
+    """What identifies a call's credentials at its endpoint: a digest of the secrets it sends (its API
+    key, secret-filled headers); b"" for none. The same on every call of a target or judge."""
+    return hashlib.blake2b(repr(sorted(secrets)).encode(), digest_size=16).digest() if secrets else b""
 
 
 @contextlib.asynccontextmanager
@@ -546,9 +544,9 @@ class Outbound:
         self._json = JsonParser()
         self.base_backoff_s = 0.2
 
-    def limit_of(self, url: str, headers: Mapping[str, str] | None = None) -> AdaptiveLimit:
+    def limit_of(self, url: str, secrets: Sequence[str] = ()) -> AdaptiveLimit:
         """The adaptive limit of calls to the endpoint (scheme, host, port) serving url with the
-        credentials in `headers` (`_credentials`).
+        credentials `secrets` (the secret values among the call's headers: `_credentials`).
 
         Keyed by the URL's netloc, user-info and spelling included, every variant of one endpoint's
         URL (`http://a@host/`, `http://HOST:80/`) had a fresh limit of its own, which a tenant could use
@@ -556,13 +554,15 @@ class Outbound:
         (3,000 variants, 3,000 limits; with 64 KiB of user-info each, 64 MB). Keyed by the endpoint
         alone, one tenant whose own key was over its provider's quota (429s) halved the limit of every
         tenant calling that provider with keys of their own (16 one-second calls: 2.3 s alone, 10.8 s
-        beside the throttled tenant, a probe measured): a provider's rate limit is its key's. At most
+        beside the throttled tenant, a probe measured): a provider's rate limit is its key's. By the
+        secrets alone, not every header: a harmless header of a tenant's own (`x-pad: 1`) gave it a fresh
+        limit around a shared key's (a review). At most
         ENDPOINT_LIMITS are kept; past it the least recently used idle one is forgotten (it starts
         afresh if used again)."""
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         port = parts.port or DEFAULT_PORTS.get(scheme, 0)
-        key = (scheme, _endpoint_host(parts.hostname or ""), port, _credentials(headers or {}))
+        key = (scheme, _endpoint_host(parts.hostname or ""), port, _credentials(secrets))
         limit = self._limits.get(key)
         if limit is None:
             self._forget_idle_limits()
@@ -594,7 +594,7 @@ class Outbound:
         while True:
             attempt += 1
             # Looked up at each attempt (and after each wait): one idle meanwhile may have been forgotten.
-            async with _endpoint_slot(functools.partial(self.limit_of, url, headers), self.calls) as call:
+            async with _endpoint_slot(functools.partial(self.limit_of, url, secrets), self.calls) as call:
                 guard = call_guard.get()
                 if guard is not None:
                     guard()
