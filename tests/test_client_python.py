@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -764,7 +765,7 @@ async def test_watch_resumes_across_kill_9_and_restart_on_the_same_port(tmp_path
 
 async def test_a_watch_that_never_connects_fails_as_fast_as_a_call(tmp_path: Path) -> None:
     """Nothing listening: the watch retried 30 times (35 s, silent) before its first stream had delivered anything;
-    it now gives up after WatchPolicy.max_initial_failures, in about the time get_run's retries take."""
+    it now reads the run first, and gives up in about the time get_run's retries take."""
     target = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
     async with AsyncEvalClient(target, api_key="evk_x") as client:
@@ -876,3 +877,70 @@ def test_the_clients_readme_names_every_method() -> None:
     for client in (EvalClient, AsyncEvalClient):
         methods = {name for name, _ in inspect.getmembers(client, inspect.isfunction) if not name.startswith("_")}
         assert methods - named == set(), client.__name__
+
+
+def test_a_quiet_runs_watch_rides_out_a_server_restart(tmp_path: Path) -> None:
+    """A watch from a quiet run's last seq (nothing to deliver until the run moves: `evalctl watch RUN
+    --after-seq N` after Ctrl-C) counted as never connected and gave up about 1.5 s into a server restart
+    (a review). It reads the run first now, so the restart is ridden out and every later event arrives."""
+    port, db = free_port(), f"sqlite+aiosqlite:///{tmp_path / 'quiet.db'}"
+    quiet = ("--workers", "0", "--heartbeat-s", "600")  # nothing to deliver, not even a heartbeat
+    first = ServerProcess(db, tmp_path / "a.log", "--grpc-addr", f"127.0.0.1:{port}", *quiet)
+    key = first.bootstrap_key()
+    assert key
+    second: ServerProcess | None = None
+    try:
+        with EvalClient(f"127.0.0.1:{port}", api_key=key) as client:
+            run = client.create_run(items=_items(2), target="echo", graders=[builders.exact_match()])
+            last = client.get_run(run.id).last_seq  # PENDING, and so it stays: no workers
+            seen: list[int] = []
+            watcher = threading.Thread(target=lambda: seen.extend(e.seq for e in client.watch(run.id, last)))
+            watcher.start()
+            deadline = time.monotonic() + 30
+            while first.log_path.read_text().count("GetRun OK") < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)  # polling a log file: the watch has read the run and opens its stream
+            first.kill()  # no goodbye on the stream: the watch has still delivered nothing
+            second = ServerProcess(db, tmp_path / "b.log", "--grpc-addr", f"127.0.0.1:{port}")  # with workers
+            watcher.join(60)
+            assert not watcher.is_alive(), "the watch never ended"
+        assert seen and seen[0] == last + 1 and seen == list(range(last + 1, seen[-1] + 1))
+    finally:
+        if second is not None:
+            second.terminate()
+
+
+def test_an_etag_checked_change_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retry after a lost answer would carry the etag the first attempt made stale: ABORTED ETAG_MISMATCH
+    although the change was made (a review). update_run and delete_run with an etag are tried once;
+    without one they are retried as before."""
+
+    class Lost(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return "the answer was lost"
+
+        def trailing_metadata(self) -> tuple[()]:
+            return ()
+
+    attempts: list[str] = []
+
+    def lost(request: Any, **_: Any) -> Any:
+        attempts.append(type(request).__name__)
+        raise Lost()
+
+    with EvalClient("127.0.0.1:1", api_key="evk_x", retry=RetryPolicy(initial_backoff_s=0.001)) as client:
+        monkeypatch.setattr(
+            client, "_runs", type("Runs", (), {"UpdateRun": staticmethod(lost), "DeleteRun": staticmethod(lost)})()
+        )
+        for change in (
+            lambda: client.update_run("run_x", display_name="a", etag="3"),
+            lambda: client.delete_run("run_x", etag="3"),
+        ):
+            with pytest.raises(UnavailableError):
+                change()
+        assert attempts == ["UpdateRunRequest", "DeleteRunRequest"]  # once each
+        with pytest.raises(UnavailableError):
+            client.delete_run("run_x")
+        assert len(attempts) > 3  # without an etag: retried

@@ -52,14 +52,10 @@ class RetryPolicy:
 class WatchPolicy:
     """How `watch` reconnects: backoff between attempts, and how many failures in a row it tolerates.
 
-    The failure count resets whenever the stream delivers anything (an event or a heartbeat). Until a watch's
-    first stream has delivered something, `max_initial_failures` applies instead: a server that was never
-    reached (nothing listening, a wrong address) fails the watch in about a second and a half, as a unary call's
-    retries do, rather than after 30 attempts (35 s of silence).
+    The failure count resets whenever the stream delivers anything (an event or a heartbeat).
     """
 
     max_consecutive_failures: int = 30
-    max_initial_failures: int = 6
     initial_backoff_s: float = 0.05
     max_backoff_s: float = 2.0
     multiplier: float = 2.0
@@ -80,13 +76,11 @@ class WatchPolicy:
             delay = max(delay, error.retry_delay)
         return delay
 
-    def should_resume(self, error: EvalError, failures: int, *, answered: bool = True) -> bool:
-        """Whether to reconnect after `failures` failures in a row; `answered`: whether this watch has received
-        anything yet."""
+    def should_resume(self, error: EvalError, failures: int) -> bool:
+        """Whether to reconnect after `failures` failures in a row."""
         if error.code == grpc.StatusCode.INTERNAL and error.reason == "INTERNAL":
             return False  # the server's own INTERNAL (a bug) carries ErrorInfo; transport ones do not
-        limit = self.max_consecutive_failures if answered else self.max_initial_failures
-        return error.code in self.resumable_codes and failures < limit
+        return error.code in self.resumable_codes and failures < self.max_consecutive_failures
 
 
 @dataclass(frozen=True)

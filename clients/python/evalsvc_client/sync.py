@@ -205,12 +205,15 @@ class EvalClient:
             annotations=annotations,
             etag=etag,
         )
-        return (self._call(self._runs.UpdateRun, request)).run
+        # Not retried with an etag: a first attempt that committed but whose answer was lost would make the
+        # retry's etag stale (ABORTED, though the change was made).
+        return (self._call(self._runs.UpdateRun, request, retry=not etag)).run
 
     def delete_run(self, run_id: str, *, etag: str = "") -> pb.Run:
         """Soft-delete a run (cancelling it if it has not finished); list_runs leaves it out. Idempotent. With
         `etag`, only if the run has not changed since it was read (ABORTED, ETAG_MISMATCH, otherwise)."""
-        return (self._call(self._runs.DeleteRun, pb.runs.DeleteRunRequest(run_id=run_id, etag=etag))).run
+        request = pb.runs.DeleteRunRequest(run_id=run_id, etag=etag)
+        return (self._call(self._runs.DeleteRun, request, retry=not etag)).run  # as update_run's
 
     def undelete_run(self, run_id: str) -> pb.Run:
         """Restore a soft-deleted run. Idempotent."""
@@ -293,20 +296,23 @@ class EvalClient:
         """A run's events with seq > after_seq, in order, each once, ending after the terminal status event.
 
         A dropped stream (connection lost, server restarted or shutting down) is resumed from the last seq this
-        iterator delivered, with backoff (`WatchPolicy`); a server never reached at all (nothing delivered yet)
-        fails it after `WatchPolicy.max_initial_failures`. Heartbeats (seq 0) are skipped unless `heartbeats=True`.
-        OUT_OF_RANGE (after_seq beyond the run's last_seq) raises `OutOfRangeError`; NOT_FOUND `NotFoundError`.
+        iterator delivered, with backoff (`WatchPolicy`). The run is read first (`get_run`, with its retries): a
+        server that cannot be reached, or a run that does not exist, fails the watch at once, as a call does (a
+        watch retried its first connection 30 times, 35 s of silence; and counting a watch that had delivered
+        nothing yet as never connected gave up on a quiet run's watch when its server restarted). Heartbeats
+        (seq 0) are skipped unless `heartbeats=True`. OUT_OF_RANGE (after_seq beyond the run's last_seq) raises
+        `OutOfRangeError`; NOT_FOUND `NotFoundError`.
         """
         policy = self.options.watch
         last = after_seq
         failures = 0
-        answered = False  # whether any stream of this watch has delivered anything (WatchPolicy.max_initial_failures)
         finished = False
+        self.get_run(run_id)
         while True:
             call = self._runs.WatchRun(pb.runs.WatchRunRequest(run_id=run_id, after_seq=last), metadata=self._metadata)
             try:
                 for event in call:
-                    failures, answered = 0, True
+                    failures = 0
                     if event.HasField("heartbeat"):
                         if heartbeats and not finished:
                             yield event
@@ -324,7 +330,7 @@ class EvalClient:
                     return
                 error = from_rpc_error(rpc_error, self.options.target)
                 failures += 1
-                if not policy.should_resume(error, failures, answered=answered):
+                if not policy.should_resume(error, failures):
                     raise error from None
                 delay = policy.backoff(failures, error)
                 log.info(
