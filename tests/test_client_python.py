@@ -544,6 +544,14 @@ async def test_every_violation_of_one_field_is_kept(client: AsyncEvalClient) -> 
     about_label = [why for path, why in invalid.value.field_violations if path == "labels[Bad Key]"]
     assert len(about_label) == 2 and about_label[0] != about_label[1], invalid.value.field_violations
     assert all(f"labels[Bad Key]: {why}" in str(invalid.value) for why in about_label)
+    # Code written against the dict it was (0.1) still works: by field, the last description of a field.
+    violations = invalid.value.field_violations
+    assert "labels[Bad Key]" in violations and violations["labels[Bad Key]"] == about_label[-1]
+    assert violations.get("labels[Bad Key]") == about_label[-1] and violations.get("nope") is None
+    assert dict(violations.items()) == {"labels[Bad Key]": about_label[-1]} and list(violations.keys()) == [
+        "labels[Bad Key]"
+    ]
+    assert violations[0].field == "labels[Bad Key]" and len(violations) == 2
 
 
 async def test_errors_carry_reason_and_details(client: AsyncEvalClient, server: EvalServer) -> None:

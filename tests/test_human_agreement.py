@@ -91,3 +91,11 @@ async def test_judge_verdicts_are_compared_by_grader_name(runs) -> None:
         g.grader: g.agreement for g in (await runs.GetRun(pb.GetRunRequest(run_id=run.id))).run.aggregate.graders
     }
     assert by_name["exact"].both_passed == 1 and by_name["has-answer"].grader_passed_person_failed == 1
+
+
+def test_an_agreement_with_nothing_compared_says_so() -> None:
+    """Every labelled result errored: no percent of nothing, but how many errored."""
+    from evalsvc_client.report import agreement_line
+
+    [judge] = build_aggregate(["judge"], AggregateInputs([tally(ERROR, True, 4)], [], 0.0, [], [])).graders
+    assert agreement_line(judge.agreement) == "was compared with people on no output (4 with a verdict errored)"

@@ -30,7 +30,7 @@ from evalsvc_client.errors import (
 )
 from evalsvc_client.sync import EvalClient
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AlreadyExistsError",

@@ -916,14 +916,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _stdout_closed()
     except Interrupted as exc:
         # One line, not KeyboardInterrupt's traceback: the run is the server's, and a watch picks it up again.
-        _interrupted(
+        return _interrupted(
             console,
             f"evalctl: interrupted; run {exc.run_id} goes on on the server"
             f" (`evalctl watch {exc.run_id} --after-seq {exc.last_seq}` follows it from here,"
             f" `evalctl cancel {exc.run_id}` stops it)",
         )
     except KeyboardInterrupt:
-        _interrupted(console, "evalctl: interrupted")
+        return _interrupted(console, "evalctl: interrupted")
     except SpecError as exc:
         _print_spec_error(console, exc)
     except EvalError as exc:
@@ -937,14 +937,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_ERROR
 
 
-def _interrupted(console: Console, message: str) -> NoReturn:
-    """Say why evalctl stops, then stop at once with EXIT_INTERRUPTED: Ctrl-C can break into grpc's own code
-    in the middle of a call (a watch), and closing the channel then waited for that call for good (the
-    process hung after the message, until killed). Nothing is left to clean up: the run is the server's."""
+def _interrupted(console: Console, message: str) -> int:
+    """Say why evalctl stops; EXIT_INTERRUPTED. The channel is left open (`main`): Ctrl-C can break into
+    grpc's own code in the middle of a call (a watch), and closing the channel then waited for that call
+    for good (the process hung after the message, until killed). Nothing is left to clean up: the run is
+    the server's."""
     console.print(message)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(EXIT_INTERRUPTED)
+    return EXIT_INTERRUPTED
 
 
 def _stdout_closed() -> int:

@@ -6,8 +6,8 @@ The server puts a `google.rpc.Status` in the `grpc-status-details-bin` trailer w
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import NamedTuple
+from collections.abc import ItemsView, Iterable, KeysView, Mapping
+from typing import Any, NamedTuple
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -22,6 +22,30 @@ class FieldViolation(NamedTuple):
 
     field: str
     description: str
+
+
+class FieldViolations(list[FieldViolation]):
+    """Every BadRequest violation, in the server's order (a list of FieldViolation); it also answers by field,
+    as the dict it was until 0.2 did (`"labels[x]" in v`, `v["labels[x]"]`, `v.get(...)`, `v.items()`), the
+    last description of a field winning, so code written against the dict still works."""
+
+    def _by_field(self) -> dict[str, str]:
+        return {violation.field: violation.description for violation in self}
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._by_field() if isinstance(item, str) else super().__contains__(item)
+
+    def __getitem__(self, key: Any) -> Any:  # an index or slice of the list, or a field's description
+        return self._by_field()[key] if isinstance(key, str) else super().__getitem__(key)
+
+    def get(self, field: str, default: str | None = None) -> str | None:
+        return self._by_field().get(field, default)
+
+    def items(self) -> ItemsView[str, str]:
+        return self._by_field().items()
+
+    def keys(self) -> KeysView[str]:
+        return self._by_field().keys()
 
 
 def describe(
@@ -55,7 +79,7 @@ class EvalError(Exception):
         pairs = field_violations.items() if isinstance(field_violations, Mapping) else field_violations or ()
         #: Every BadRequest violation in the server's order, (field, description); a field may appear more than
         #: once (a label key and its value both wrong: two for `labels[KEY]`).
-        self.field_violations: list[FieldViolation] = [FieldViolation(*pair) for pair in pairs]
+        self.field_violations = FieldViolations(FieldViolation(*pair) for pair in pairs)
         super().__init__(describe(code, message, reason, self.field_violations, hint))
         self.code = code
         #: What to do about it, when the error is one a person fixes (a missing key, a server not running).

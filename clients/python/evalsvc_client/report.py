@@ -130,6 +130,8 @@ def agreement_line(agreement: pb.run.HumanAgreement) -> str:
         + agreement.grader_passed_person_failed
         + agreement.grader_failed_person_passed
     )
+    if not compared:  # every result with a person's verdict errored
+        return f"was compared with people on no output ({agreement.errored} with a verdict errored)"
     return (
         f"agrees with people on {100 * agreement.accuracy:.1f}% of {compared} compared outputs"
         f" (Cohen's kappa {agreement.cohen_kappa:.2f}; passed {agreement.grader_passed_person_failed} that people"

@@ -345,6 +345,7 @@ function runPage() {
   function agreement(a) {
     if (!a) return "–";
     const compared = (a.bothPassed || 0) + (a.bothFailed || 0) + (a.graderPassedPersonFailed || 0) + (a.graderFailedPersonPassed || 0);
+    if (!compared) return `none compared (${a.errored || 0} errored)`;
     return `${(100 * (a.accuracy || 0)).toFixed(1)}% of ${compared}, κ ${(a.cohenKappa || 0).toFixed(2)}`;
   }
 
