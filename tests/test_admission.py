@@ -17,9 +17,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from evalsvc.server import EvalServer
+from evalsvc.testing import EvalServiceTestServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc as stubs
-from tests.conftest import make_settings
+from tests import dbs
 from tests.helpers import create_request, error_reason, keyed_channel, retry_delay, until
 
 GET_RUN = "/evalsvc.v1.EvalRunService/GetRun"
@@ -28,12 +29,9 @@ OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # each channel its own
 
 @contextlib.asynccontextmanager
 async def served(tmp_path: Path, **settings: Any) -> AsyncIterator[EvalServer]:
-    srv = EvalServer(make_settings(tmp_path, workers=0, **settings))
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        await srv.stop(grace=0.5)
+    """An in-process server executing nothing (runs stay PENDING), with these settings."""
+    async with EvalServiceTestServer(database_url=dbs.db_url(tmp_path), workers=0, **settings) as test:
+        yield test.server
 
 
 @contextlib.asynccontextmanager
