@@ -108,7 +108,7 @@ class Admission:
 
     async def request(self, context: Context, peer: str) -> Any:
         """The call's one request message, waited for within the bounds; a client that half-closed
-        without sending one gets INVALID_ARGUMENT, as grpc answers a unary call that has none."""
+        without sending one gets INVALID_ARGUMENT (grpc's unary path waited for it until the deadline)."""
         message = await self._next(context, peer)
         if message is grpc.aio.EOF:
             await self._refuse(
