@@ -782,3 +782,29 @@ def test_a_run_with_peoples_verdicts_shows_how_its_grader_agrees(
     report = tmp_path / "report.html"
     assert evalctl(live, "report", run_id.group(1), "--html", str(report)).returncode == 0
     assert "Agreement with people" in report.read_text() and "90.0% of 10 compared outputs" in report.read_text()
+
+
+def test_an_export_cut_short_leaves_the_previous_file_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--jsonl and --junit were written in place: an export cut short (Ctrl-C, a dropped connection while
+    paging the results) left a truncated file that a CI step then read as the run's results. Now a file
+    is put in place only once written whole; cut short, the one there before stays, and no partial one."""
+    import argparse
+
+    from evalsvc_client import cli, pb
+
+    def cut_short(*_: Any) -> Iterator[pb.Result]:
+        yield pb.Result(item_id="q1", grader="exact", state=pb.run.RESULT_STATE_PASSED)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_results", cut_short)
+    jsonl, junit = tmp_path / "results.jsonl", tmp_path / "results.xml"
+    jsonl.write_text("the previous run's results\n")
+    for args in (argparse.Namespace(jsonl=str(jsonl), junit=None), argparse.Namespace(jsonl=None, junit=str(junit))):
+        with pytest.raises(KeyboardInterrupt):
+            cli._export(None, pb.Run(id="run_x"), args)  # type: ignore[arg-type]
+    assert jsonl.read_text() == "the previous run's results\n" and not junit.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]
+
+    monkeypatch.setattr(cli, "_results", lambda *_: iter([pb.Result(item_id="q1", grader="exact")]))
+    cli._export(None, pb.Run(id="run_x"), argparse.Namespace(jsonl=str(jsonl), junit=str(junit)))  # type: ignore[arg-type]
+    assert json.loads(jsonl.read_text())["item_id"] == "q1" and junit.read_text().startswith("<?xml")

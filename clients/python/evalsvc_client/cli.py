@@ -310,12 +310,27 @@ def _results(client: EvalClient, run_id: str, state: str | None) -> Iterator[pb.
     )
 
 
+@contextlib.contextmanager
+def _whole_file(path: str) -> Iterator[str]:
+    """A path to write `path` through: a file beside it, put in its place once written whole and removed
+    otherwise. Written in place, an export cut short (Ctrl-C, a dropped connection while paging the
+    results) left a truncated file that a CI step then read as the run's results."""
+    partial = f"{path}.partial"
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+
+
 def _export(client: EvalClient, run: pb.Run, args: argparse.Namespace) -> None:
     if getattr(args, "jsonl", None):
-        with open(args.jsonl, "w", encoding="utf-8") as handle:
+        with _whole_file(args.jsonl) as partial, open(partial, "w", encoding="utf-8") as handle:
             write_jsonl(_results(client, run.id, None), handle)
     if getattr(args, "junit", None):
-        write_junit(run, _results(client, run.id, None), args.junit)
+        with _whole_file(args.junit) as partial:
+            write_junit(run, _results(client, run.id, None), partial)
 
 
 def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
@@ -475,10 +490,14 @@ def cmd_results(args: argparse.Namespace, client: EvalClient, console: Console) 
     fmt = "jsonl" if args.json and args.format == "table" else args.format
     results = _results(client, args.run_id, args.state)
     if fmt == "junit":
-        write_junit(client.get_run(args.run_id), results, args.output or "/dev/stdout")
+        if args.output:
+            with _whole_file(args.output) as partial:
+                write_junit(client.get_run(args.run_id), results, partial)
+        else:
+            write_junit(client.get_run(args.run_id), results, "/dev/stdout")
     elif fmt == "jsonl":
         if args.output:
-            with open(args.output, "w", encoding="utf-8") as handle:
+            with _whole_file(args.output) as partial, open(partial, "w", encoding="utf-8") as handle:
                 write_jsonl(results, handle)
         else:
             write_jsonl(results, sys.stdout)
