@@ -122,20 +122,16 @@ class Admission:
         while (message := await self._next(context, peer)) is not grpc.aio.EOF:
             yield message
 
-    def admit(self) -> bool:
-        """Count a call whose request arrived as served; False when --max-concurrent-rpcs are."""
+    async def admit(self, context: Context) -> None:
+        """Count a call whose request arrived as served (`release` when it ends), or end it (SERVER_CALLS_FULL)
+        when --max-concurrent-rpcs are."""
         if self.served >= self._max_served:
-            return False
+            await self._refuse(context, server_calls_full(self._max_served))
         self.served += 1
-        return True
 
     def release(self) -> None:
         """A served call ended."""
         self.served -= 1
-
-    async def refuse(self, context: Context) -> None:
-        """End a call that `admit` did not take."""
-        await self._refuse(context, server_calls_full(self._max_served))
 
     async def _refuse(self, context: Context, error: ServiceError) -> None:
         self._metrics.call_refused(error.reason)

@@ -19,9 +19,8 @@ stream at a time) (`KeylessStreams`). Past either:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -29,6 +28,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
+from evalsvc.api.interceptor import ended_by_core
 from evalsvc.api.status import abort
 from evalsvc.errors import Reason, ServiceError
 from evalsvc.limits import Holdings, streams_full
@@ -55,7 +55,7 @@ class KeylessStreams:
         return ""
 
     @contextlib.contextmanager
-    def held(self, peer: str) -> Any:
+    def held(self, peer: str) -> Iterator[None]:
         """One stream of `peer`'s while the block runs (`full` said it may open)."""
         self._by_connection.take(peer)
         try:
@@ -101,7 +101,7 @@ class BoundedReflectionServicer(ReflectionServicer):  # type: ignore[misc]  # gr
                     async for answer in answers:
                         await context.write(answer)
                 except grpc.aio.InternalError as exc:  # a write refused: the call is over in grpc's core
-                    raise asyncio.CancelledError(f"the call ended in grpc's core: {exc}") from exc
+                    raise ended_by_core("ServerReflectionInfo", exc) from exc
 
 
 def _unwatchable(why: str) -> ServiceError:

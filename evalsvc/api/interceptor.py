@@ -244,8 +244,7 @@ class _Call:
         admission = cast(Admission, method.admission)
         self._peer = _peer(context)
         request = await admission.request(context, self._peer)
-        if not admission.admit():
-            await admission.refuse(context)
+        await admission.admit(context)
         try:
             return await method.shape(self, request, context)
         finally:
@@ -329,14 +328,14 @@ class _Call:
         failed in grpc's own code, which logged `ExecuteBatchError raised in core by servicer method`
         with a traceback at ERROR whenever it saw the failure before the client's close, and left the
         generators to be closed whenever they were collected. Written here, such a failure ends the call
-        quietly (`_ended_by_core`), and first `stream` is closed: the behaviour's cleanup (the watch
+        quietly (`ended_by_core`), and first `stream` is closed: the behaviour's cleanup (the watch
         slot, the subscription) runs at once, and the call is recorded with the code the client got."""
         async with contextlib.aclosing(self.stream(request, context)) as messages:
             try:
                 async for message in messages:
                     await context.write(message)
             except grpc.aio.InternalError as exc:
-                raise _ended_by_core(self._method.name, exc) from exc
+                raise ended_by_core(self._method.name, exc) from exc
 
     async def stream_writer(self, request: Any, context: Context) -> None:
         """A coroutine behaviour that sends with `context.write` (grpc's health Watch)."""
@@ -353,7 +352,7 @@ class _Call:
             code = _code(context, grpc.StatusCode.OK)
         except grpc.aio.InternalError as exc:  # a write refused: the call is over in grpc's core
             code = _outcome(context, exc)
-            raise _ended_by_core(self._method.name, exc) from exc
+            raise ended_by_core(self._method.name, exc) from exc
         except BaseException as exc:
             code = _outcome(context, exc)
             raise
@@ -371,8 +370,7 @@ def _admitted_stream(handler: Handler, admission: Admission) -> Handler:
 
     async def admitted(requests: Any, context: Context) -> None:
         peer = _peer(context)
-        if not admission.admit():
-            await admission.refuse(context)
+        await admission.admit(context)
         try:
             await behaviour(admission.messages(context, peer), context)
         finally:
@@ -383,7 +381,7 @@ def _admitted_stream(handler: Handler, admission: Admission) -> Handler:
     )
 
 
-def _ended_by_core(method: str, exc: grpc.aio.InternalError) -> asyncio.CancelledError:
+def ended_by_core(method: str, exc: grpc.aio.InternalError) -> asyncio.CancelledError:
     """What a stream raises to grpc when grpc's core refused one of its writes (ExecuteBatchError): the
     call is over there (the client went away, its deadline passed, its connection closed). grpc takes
     CancelledError for a cancelled call and logs it at DEBUG; anything else it would log as a
