@@ -244,6 +244,14 @@ class Settings:
             "(--deleted-run-retention-s); past it CreateRun asks to delete some"
         },
     )
+    max_stored_bytes_per_tenant: int = dataclasses.field(
+        default=10 * 1024**3,
+        metadata={
+            "help": "bytes a tenant may store: its runs (definitions, copied items, outputs, results and their "
+            "events; deleted runs until they are purged) and its datasets' items; past it CreateRun and adding "
+            "items are refused, and its running runs end FAILED (STORAGE_QUOTA_EXCEEDED) keeping their results"
+        },
+    )
     deleted_run_retention_s: float = dataclasses.field(
         default=30 * 24 * 3600.0,
         metadata={
@@ -512,6 +520,7 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "max_secrets_per_tenant": (1, True),
     "max_webhooks_per_tenant": (1, True),
     "max_runs_per_tenant": (1, True),
+    "max_stored_bytes_per_tenant": (1, True),
     "deleted_run_retention_s": (0, True),
     "dialect_sync_wait_s": (0, True),
     "http_retries": (0, True),

@@ -110,6 +110,7 @@ class StoredCaps:
     secrets: StoredCap
     webhooks: StoredCap
     runs: StoredCap  # deleted runs count until they are purged (evalsvc.runs.retention)
+    stored_bytes: StoredCap  # what runs and datasets store (evalsvc.store.usage)
 
     @classmethod
     def of(cls, settings: Settings) -> StoredCaps:
@@ -123,6 +124,7 @@ class StoredCaps:
             secrets=StoredCap("max_secrets_per_tenant", "secrets", settings.max_secrets_per_tenant),
             webhooks=StoredCap("max_webhooks_per_tenant", "webhooks", settings.max_webhooks_per_tenant),
             runs=StoredCap("max_runs_per_tenant", "runs", settings.max_runs_per_tenant),
+            stored_bytes=StoredCap("max_stored_bytes_per_tenant", "bytes stored", settings.max_stored_bytes_per_tenant),
         )
 
 

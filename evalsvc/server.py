@@ -192,6 +192,7 @@ class EvalServer:
             on_cancelled=self.executor.run_ended,
             limits=self.limits,
             runs_cap=caps.runs,
+            bytes_cap=caps.stored_bytes,
             deleted_run_retention_s=settings.deleted_run_retention_s,
             definitions=self.definitions,
             outbound=self.outbound,
@@ -209,6 +210,7 @@ class EvalServer:
             generator_model(settings),
             settings.poll_interval_s,
             caps.dataset_items,
+            caps.stored_bytes,
             self.metrics,
         )
         self.webhooks = WebhookService(self.db, self.outbound.allow, self.page_tokens, caps.webhooks)

@@ -39,7 +39,7 @@ import grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.config import Settings
-from evalsvc.datasets.service import check_item_room, generation_from, number_new_items
+from evalsvc.datasets.service import append_items, check_item_room, generation_from, number_new_items
 from evalsvc.errors import FieldViolation, Reason, ServiceError, invalid_argument, not_found
 from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.http.outbound import Outbound, OutboundError, call_tenant
@@ -166,13 +166,16 @@ class DatasetGenerations:
         model: JudgeDefaults,
         poll_interval_s: float,
         item_cap: StoredCap,
+        bytes_cap: StoredCap,
         metrics: Metrics,
     ) -> None:
-        """`item_cap`: the items a dataset may hold (--max-items-per-dataset)."""
+        """`item_cap`: the items a dataset may hold (--max-items-per-dataset); `bytes_cap`: the bytes a
+        tenant may store (--max-stored-bytes-per-tenant)."""
         self._db = db
         self._metrics = metrics
         self._progress = Progress()
         self._item_cap = item_cap
+        self._bytes_cap = bytes_cap
         self._outbound = outbound
         self._model = model
         self._poll_s = poll_interval_s
@@ -319,7 +322,7 @@ class DatasetGenerations:
             if new:
                 check_item_room(self._item_cap, dataset, len(new))
                 rows = [(item.id, item.SerializeToString()) for item in new]
-                await dataset_store.append_items(conn, tenant, request.dataset_id, rows, time.time())
+                await append_items(conn, self._bytes_cap, tenant, request.dataset_id, rows, time.time())
             return dict(found)
 
         stored.update(await self._db.transact(append))
@@ -473,7 +476,7 @@ class DatasetGenerations:
     async def _append(self, tenant: str, dataset_id: str, claim_id: str, inputs: list[str]) -> bool:
         """Append a batch and count it, while the claim holds; False when it no longer does (or the
         dataset was deleted). A ServiceError (and nothing written) when the batch would pass the
-        dataset's item cap."""
+        dataset's item cap or the bytes its tenant may store."""
         now = time.time()
 
         async def append(conn: AsyncConnection) -> bool:
@@ -489,9 +492,8 @@ class DatasetGenerations:
             await check_items(items, "items", violations)
             if violations:
                 raise UnusableAnswer(violations[0].description)
-            await dataset_store.append_items(
-                conn, generation.tenant, dataset_id, [(item.id, item.SerializeToString()) for item in items], now
-            )
+            rows = [(item.id, item.SerializeToString()) for item in items]
+            await append_items(conn, self._bytes_cap, generation.tenant, dataset_id, rows, now)
             await dataset_store.update_generation(
                 conn,
                 dataset_id,

@@ -35,6 +35,7 @@ from evalsvc.messages.validation import (
     check_length,
 )
 from evalsvc.store import datasets as dataset_store
+from evalsvc.store import usage
 from evalsvc.store.db import Database
 from evalsvc.store.records import DatasetGenerationRecord, DatasetRecord
 from evalsvc.v1 import dataset_service_pb2 as pb
@@ -95,6 +96,23 @@ def check_item_room(cap: StoredCap, dataset: DatasetRecord, adding: int) -> None
         holder=f"dataset {dataset.id!r}",
         remedy="nothing was written; add fewer, or put the rest in another dataset",
     )
+
+
+async def append_items(
+    conn: AsyncConnection,
+    bytes_cap: StoredCap,
+    tenant: str,
+    dataset_id: str,
+    rows: Sequence[tuple[str, bytes]],
+    now: float,
+) -> DatasetRecord:
+    """Append (item id, serialized item) rows to a dataset the transaction holds, unless they would take
+    the tenant past the bytes it may store (evalsvc.store.usage): then all of them are refused."""
+    held = await usage.held_bytes(conn, tenant)
+    bytes_cap.check(
+        held, sum(len(item) for _, item in rows), remedy="nothing was written; delete runs or datasets to make room"
+    )
+    return await dataset_store.append_items(conn, tenant, dataset_id, rows, now)
 
 
 class DatasetService:
@@ -212,8 +230,9 @@ class DatasetService:
             )
             if violations:
                 raise invalid_argument(violations)
-            updated = await dataset_store.append_items(
+            updated = await append_items(
                 conn,
+                self._caps.stored_bytes,
                 tenant,
                 request.dataset_id,
                 [(item.id, item.SerializeToString()) for item in items],

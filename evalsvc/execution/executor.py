@@ -44,11 +44,18 @@ from typing import cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from evalsvc.config import Settings
+from evalsvc.config import Settings, flag_name
 from evalsvc.events.bus import EventBus
 from evalsvc.execution import cache
 from evalsvc.execution.fairness import RoundRobin
-from evalsvc.execution.recorder import ALONE_FROM_EVALUATIONS, FinishedJob, RunGraders, fail_early, record
+from evalsvc.execution.recorder import (
+    ALONE_FROM_EVALUATIONS,
+    FinishedJob,
+    RunGraders,
+    fail_early,
+    record,
+    stored_bytes,
+)
 from evalsvc.graders import CompiledGrader, Grade, compile_grader, grader_failed_grade, grader_name, target_error_grade
 from evalsvc.graders.judge import JudgeDefaults, LlmJudgeGrader
 from evalsvc.graders.pool import GradingPool, may_offload, offloads
@@ -60,6 +67,7 @@ from evalsvc.secrets.service import SecretService
 from evalsvc.slots import Hold, Slots
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
+from evalsvc.store import usage
 from evalsvc.store.cache import CacheEntry
 from evalsvc.store.db import Database, is_conflict, unavailable_cause
 from evalsvc.store.jobs import ClaimedJob
@@ -155,7 +163,12 @@ class Executor:
         self._prices = prices
         self._judge = judge
         self._tenant_spent: dict[str, float] = {}
-        self._over_budget: dict[str, str] = {}
+        # The bytes each tenant stores (evalsvc.store.usage), as this process knows them: read with its first
+        # plan, raised by this process's recordings, read again every lease interval while it has plans here
+        # (other replicas record too), and before a run is stopped on them.
+        self._tenant_stored: dict[str, int] = {}
+        # Runs to end FAILED once what they finished is recorded: (error code, message) by run id.
+        self._over_limit: dict[str, tuple[str, str]] = {}
         self._bus = bus
         self._settings = settings
         self._metrics = metrics or Metrics()
@@ -509,6 +522,9 @@ class Executor:
             else:
                 await self._fail_unexecutable(job, exc)
             return False
+        if await self._over_storage(job, plan):
+            self._finished_ready.set()  # the recorder ends the run once what finished is recorded
+            return False
         item = plan.items[job.item_idx]
         # The one budget check: before every outbound call attempt of this job (target, warmups, judges,
         # retries), where the money is spent; calls that cost nothing are never stopped.
@@ -646,21 +662,53 @@ class Executor:
 
     def _check_budget(self, job: ClaimedJob, plan: RunPlan) -> None:
         """Raise BudgetExceeded (and mark the run) when the run's or the tenant's budget is spent."""
-        if job.run_id in self._over_budget:
+        if job.run_id in self._over_limit:
             raise BudgetExceeded
         budget = self._settings.tenant_budget_usd
         if plan.max_cost_usd is not None and plan.spent_usd >= plan.max_cost_usd:
-            self._over_budget[job.run_id] = (
+            message = (
                 f"the run's spend reached ${plan.spent_usd:.4f} of its ${plan.max_cost_usd:.4f} budget, so no"
                 " further call started (calls already answered then are in its cost_usd)"
             )
         elif budget > 0 and self._tenant_spent.get(plan.tenant, 0.0) >= budget:
-            self._over_budget[job.run_id] = (
+            message = (
                 f"the tenant's spend reached its ${budget:.2f} budget (--tenant-budget-usd), so no further call started"
             )
         else:
             return
+        self._over_limit[job.run_id] = ("BUDGET_EXCEEDED", message)
         raise BudgetExceeded
+
+    async def _over_storage(self, job: ClaimedJob, plan: RunPlan) -> bool:
+        """Whether the job's run is ending (over a limit), or its tenant stores the bytes it may: then the
+        run is marked to end (STORAGE_QUOTA_EXCEEDED) and no job of it starts. Checked as each job starts,
+        so a tenant passes its bytes by at most what the jobs already started then store (and, with
+        replicas, what the others recorded since the last read). A count that says the tenant is over is
+        read again first: it may be stale (a dataset deleted since), and a run stopped is not resumed."""
+        if job.run_id in self._over_limit:
+            return True
+        limit = self._settings.max_stored_bytes_per_tenant
+        if self._tenant_stored.get(plan.tenant, 0) < limit:
+            return False
+        try:
+            async with self._db.read() as conn:
+                self._tenant_stored.update(await usage.stored_bytes(conn, [plan.tenant]))
+        except Exception as exc:
+            if unavailable_cause(exc) is None:
+                raise
+            return False  # the bound is soft by a job: the next job start reads again
+        if job.run_id in self._over_limit:  # marked while this read waited
+            return True
+        held = self._tenant_stored[plan.tenant]
+        if held < limit:
+            return False
+        self._over_limit[job.run_id] = (
+            "STORAGE_QUOTA_EXCEEDED",
+            f"the tenant stores {held} bytes, its limit of {limit} ({flag_name('max_stored_bytes_per_tenant')}), "
+            "so no further evaluation started: delete runs or datasets to make room (a deleted run counts until "
+            "it is purged)",
+        )
+        return True
 
     def _spend(self, plan: RunPlan, usd: float) -> None:
         """Count a call's cost against the run's and the tenant's budgets. Replies are checked where they
@@ -736,6 +784,9 @@ class Executor:
         if self._settings.tenant_budget_usd > 0 and tenant not in self._tenant_spent:
             async with self._db.read() as conn:
                 self._tenant_spent[tenant] = await run_store.tenant_spend(conn, tenant)
+        if tenant not in self._tenant_stored:
+            async with self._db.read() as conn:
+                self._tenant_stored.update(await usage.stored_bytes(conn, [tenant]))
         spec = run_pb2.Run.FromString(spec_bytes)
         named = run_secret_refs(spec.target, spec.graders)
         secrets = await self._secrets.values(tenant, [name for _, name in named])
@@ -786,12 +837,12 @@ class Executor:
         progress = self._progress["record"]
         while True:
             if not self._finished:
-                if self._over_budget:
-                    await self._end_over_budget_runs()
+                if self._over_limit:
+                    await self._end_over_limit_runs()
                 if self._stopping:
                     return
                 self._finished_ready.clear()
-                if not self._finished and not self._over_budget:
+                if not self._finished and not self._over_limit:
                     await self._finished_ready.wait()
                 progress.beat()
                 continue
@@ -827,22 +878,26 @@ class Executor:
                     for f in batch:
                         self._release_claim_slot(f.job.claim_id)
             self._metrics.evaluations_recorded(events)
+            for f in batch:
+                if f.job.run_id in events and f.job.tenant in self._tenant_stored:
+                    self._tenant_stored[f.job.tenant] += stored_bytes(f)
             for run_id, run_events in events.items():
                 self._bus.publish(run_id, run_events)
-            await self._end_over_budget_runs()
+            await self._end_over_limit_runs()
             for run_id in views:
                 if run_id in finished_runs or run_id not in events:
                     self._forget(run_id)
             progress.beat()
 
-    async def _end_over_budget_runs(self) -> None:
-        """Fail the runs that hit their budget, once what they finished before it is recorded."""
-        for run_id, message in list(self._over_budget.items()):
+    async def _end_over_limit_runs(self) -> None:
+        """Fail the runs that hit their budget or their tenant's stored bytes, once what they finished
+        before it is recorded."""
+        for run_id, (code, message) in list(self._over_limit.items()):
             if any(f.job.run_id == run_id for f in self._finished):
                 continue
             plan = await self._plan(run_id)
-            event = await fail_early(self._db, plan.tenant, run_id, plan.recorder_view, "BUDGET_EXCEEDED", message)
-            del self._over_budget[run_id]
+            event = await fail_early(self._db, plan.tenant, run_id, plan.recorder_view, code, message)
+            del self._over_limit[run_id]
             self.run_ended(run_id)
             if event is not None:
                 self._bus.publish(run_id, [event])
@@ -857,6 +912,7 @@ class Executor:
                 await self._extend_leases()
             if self._plans and not self._stopping:
                 await self.sweep_plans()
+                await self._refresh_stored_bytes()
             progress.beat()  # after the turn, not as the loop (re)starts (see `_claim_loop`)
 
     async def sweep_plans(self) -> None:
@@ -872,6 +928,21 @@ class Executor:
             ended = await run_store.ended_among(conn, list(self._plans))
         for run_id in ended:
             self.run_ended(run_id)
+
+    async def _refresh_stored_bytes(self) -> None:
+        """Read again the stored bytes of the tenants whose plans are held (other replicas' recordings,
+        DeleteDataset and purges change them too); the others' may be stale, and are read again before
+        they stop a run (`_over_storage`)."""
+        tenants = sorted(
+            {
+                task.result().tenant
+                for task in self._plans.values()
+                if task.done() and not task.cancelled() and task.exception() is None
+            }
+        )
+        if tenants:
+            async with self._db.read() as conn:
+                self._tenant_stored.update(await usage.stored_bytes(conn, tenants))
 
     async def _extend_leases(self) -> None:
         """Keep the leases of the claims still being worked on for another lease_ttl_s."""

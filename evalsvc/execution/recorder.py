@@ -39,6 +39,7 @@ from evalsvc.store import cache as cache_store
 from evalsvc.store import events as event_log
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
+from evalsvc.store import usage
 from evalsvc.store.cache import CacheEntry
 from evalsvc.store.db import Database, is_conflict, is_refused_data, unavailable_cause
 from evalsvc.store.jobs import ClaimedJob
@@ -193,8 +194,9 @@ async def _record_in(
     conn: AsyncConnection, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders], cache_max_entries: int
 ) -> Recorded:
     """`_record_batch`'s transaction: a handful of statements for the whole batch, however many runs
-    it holds (one UPDATE counts the results of every run, one insert each for outputs, results and
-    events, and one aggregate read and one UPDATE for all the runs it finishes)."""
+    it holds (one UPDATE counts the results and stored bytes of every run, one upsert adds the bytes to
+    their tenants', one insert each for outputs, results and events, and one aggregate read and one
+    UPDATE for all the runs it finishes)."""
     accepted = await job_store.complete(conn, [(f.job.id, f.job.claim_id) for f in finished])
     kept = [f for f in finished if f.job.id in accepted]
     if len(kept) < len(finished):
@@ -223,9 +225,12 @@ async def _record_in(
     jobs_by_run: dict[str, list[FinishedJob]] = defaultdict(list)
     for f in kept:
         jobs_by_run[f.job.run_id].append(f)
-    rows = await run_store.add_progress(
-        conn, {run_id: _progress(jobs) for run_id, jobs in jobs_by_run.items()}, time.time()
-    )
+    progress = {run_id: _progress(jobs) for run_id, jobs in jobs_by_run.items()}
+    rows = await run_store.add_progress(conn, progress, time.time())
+    by_tenant: defaultdict[str, int] = defaultdict(int)
+    for run_id, p in progress.items():
+        by_tenant[jobs_by_run[run_id][0].job.tenant] += p.stored_bytes
+    await usage.add_to_totals(conn, stored_bytes=by_tenant)  # after the runs: the lock order
     by_run: dict[str, list[pb.WatchRunResponse]] = {}
     result_rows: list[tuple[Any, ...]] = []
     for run_id, run_jobs in sorted(jobs_by_run.items()):
@@ -249,16 +254,23 @@ async def _record_in(
     return by_run, {run_id for run_id, _ in done}
 
 
+def stored_bytes(f: FinishedJob) -> int:
+    """What recording a finished job stores (evalsvc.store.usage): its output and its results."""
+    return f.output.ByteSize() + sum(usage.result_bytes(g.explanation, g.error_reason) for _, g in f.grades)
+
+
 def _progress(run_jobs: Sequence[FinishedJob]) -> run_store.Progress:
     """What a recording adds to one run's counters."""
     tally = dict.fromkeys(_STATE_FIELD.values(), 0)
     spent = 0.0
+    size = 0
     for f in run_jobs:
         spent += 0.0 if f.cached else f.output.cost_usd
+        size += stored_bytes(f)
         for _, grade in f.grades:
             tally[_STATE_FIELD[grade.state]] += 1
             spent += 0.0 if grade.cached else grade.cost_usd
-    return run_store.Progress(cost_usd=spent, **tally)
+    return run_store.Progress(cost_usd=spent, stored_bytes=size, **tally)
 
 
 async def _store_cache_entries(conn: AsyncConnection, kept: Sequence[FinishedJob], max_entries: int) -> None:

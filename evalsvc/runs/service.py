@@ -50,6 +50,7 @@ from evalsvc.statuses import ACTIVE
 from evalsvc.store import datasets as dataset_store
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
+from evalsvc.store import usage
 from evalsvc.store.db import Database
 from evalsvc.store.records import RunRecord, run_from
 from evalsvc.store.writer import Batch
@@ -122,7 +123,8 @@ def _selected(outcome: Mapping[int, int] | None, evaluations: int, states: Seque
 @dataclass(frozen=True)
 class RunDraft:
     """A validated CreateRun waiting for the writer: the row to store (all but its run_number) and
-    what the group must check against the database (idempotency, the tenant's active and stored runs)."""
+    what the group must check against the database (idempotency, the tenant's active and stored runs, the
+    bytes it stores)."""
 
     tenant: str
     request_id: str
@@ -130,8 +132,10 @@ class RunDraft:
     row: Mapping[str, Any]
     items: Sequence[bytes]
     repetitions: int
+    stored_bytes: int  # what the new run stores (usage.new_run_bytes)
     check_active_runs: Callable[[int], None]
     check_stored_runs: Callable[[int], None]
+    check_stored_bytes: Callable[[int, int], None]  # (held, adding)
 
 
 Created = tuple[CreatedRun, "pb.WatchRunResponse | None"]  # the answer, and the first event of a new run
@@ -141,13 +145,15 @@ async def _create_runs(conn: AsyncConnection, drafts: list[RunDraft]) -> list[Cr
     """Store the CreateRuns of one writer group with a handful of statements for all of them.
 
     In queue order: a request_id used before replays (or conflicts with) its run, also when the first
-    use is earlier in the same group; a tenant at its stored-run cap or its active-run limit is refused
-    (counted across the group); the rest get consecutive run numbers per dataset and are inserted
-    together. Refusals are decided before anything is written, so they cost the others nothing."""
+    use is earlier in the same group; a tenant at its stored-run cap, past its stored bytes or at its
+    active-run limit is refused (counted across the group); the rest get consecutive run numbers per
+    dataset and are inserted together. Refusals are decided before anything is written, so they cost
+    the others nothing."""
     existing = await run_store.find_by_request_ids(conn, [(d.tenant, d.request_id) for d in drafts if d.request_id])
     counts = await run_store.tenant_runs(conn, [d.tenant for d in drafts])
     active = {tenant: held.active for tenant, held in counts.items()}
     stored = {tenant: held.stored for tenant, held in counts.items()}
+    stored_bytes = {tenant: held.stored_bytes for tenant, held in counts.items()}
     answers: list[Created | BaseException | None] = [None] * len(drafts)
     first_use: dict[tuple[str, str], int] = {}
     creating: list[int] = []
@@ -162,13 +168,15 @@ async def _create_runs(conn: AsyncConnection, drafts: list[RunDraft]) -> list[Cr
         if draft.request_id and key in first_use:
             continue  # answered below, from the run its first use creates
         try:
-            draft.check_stored_runs(stored[draft.tenant])  # first: waiting frees no place under this one
+            draft.check_stored_runs(stored[draft.tenant])  # first: waiting frees no place under these
+            draft.check_stored_bytes(stored_bytes[draft.tenant], draft.stored_bytes)
             draft.check_active_runs(active[draft.tenant])
         except ServiceError as refused:
             answers[i] = refused
             continue
         active[draft.tenant] += 1
         stored[draft.tenant] += 1
+        stored_bytes[draft.tenant] += draft.stored_bytes
         if draft.request_id:
             first_use[key] = i
         creating.append(i)
@@ -180,7 +188,9 @@ async def _create_runs(conn: AsyncConnection, drafts: list[RunDraft]) -> list[Cr
         first_number = await run_store.allocate_run_numbers(conn, tenant, dataset_id, len(members))
         numbers.update({i: first_number + n for n, i in enumerate(members)})
     new_runs = [
-        run_store.NewRun({**drafts[i].row, "run_number": numbers[i]}, drafts[i].items, drafts[i].repetitions)
+        run_store.NewRun(
+            {**drafts[i].row, "run_number": numbers[i]}, drafts[i].items, drafts[i].repetitions, drafts[i].stored_bytes
+        )
         for i in creating
     ]
     for i, event in zip(creating, await run_store.insert_runs(conn, new_runs), strict=True):
@@ -212,6 +222,7 @@ class RunService:
         on_cancelled: Callable[[str], None] = lambda run_id: None,
         limits: TenantLimits,
         runs_cap: StoredCap,
+        bytes_cap: StoredCap,
         deleted_run_retention_s: float,
         definitions: DefinitionService,
         outbound: Outbound,
@@ -230,12 +241,16 @@ class RunService:
         self._on_cancelled = on_cancelled
         self._limits = limits
         self._runs_cap = runs_cap
-        # What a tenant at --max-runs-per-tenant is told to do, and when its deleted runs stop counting.
+        self._bytes_cap = bytes_cap
+        # What a tenant at --max-runs-per-tenant (or its stored bytes) is told to do, and when its deleted
+        # runs stop counting.
         purged_after = retention_words(deleted_run_retention_s)
-        self._runs_remedy = (
-            f"delete runs to make room; a deleted run counts until it is purged, {purged_after} after its "
-            f"deletion ({flag_name('deleted_run_retention_s')})"
+        counted = (
+            f"a deleted run counts until it is purged, {purged_after} after its deletion "
+            f"({flag_name('deleted_run_retention_s')})"
         )
+        self._runs_remedy = f"delete runs to make room; {counted}"
+        self._bytes_remedy = f"nothing was written; delete runs or datasets to make room; {counted}"
         self._definitions = definitions
         self._outbound = outbound
         self._judge = judge
@@ -426,8 +441,10 @@ class RunService:
             row=row,
             items=items,
             repetitions=repetitions,
+            stored_bytes=usage.new_run_bytes(row["spec"], items),
             check_active_runs=self._limits.check_active_runs,
             check_stored_runs=self._check_stored_runs,
+            check_stored_bytes=self._check_stored_bytes,
         )
         try:
             created, event = await self._db.submit(CREATE_RUNS, draft)
@@ -476,6 +493,10 @@ class RunService:
     def _check_stored_runs(self, held: int) -> None:
         """The tenant's stored runs (deleted ones until purged), before it adds one."""
         self._runs_cap.check(held, remedy=self._runs_remedy)
+
+    def _check_stored_bytes(self, held: int, adding: int) -> None:
+        """The bytes the tenant stores, before a run adds its definition and items."""
+        self._bytes_cap.check(held, adding, remedy=self._bytes_remedy)
 
     async def _resolve_items(self, tenant: str, request: pb.CreateRunRequest) -> list[bytes]:
         """The serialized items the run copies: inline ones, or the dataset's (or a subset)."""

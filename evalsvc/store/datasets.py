@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, fields
 from typing import Any
 
-from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from evalsvc.store import quotas
+from evalsvc.store import quotas, usage
 from evalsvc.store.models import DatasetGenerationRow, DatasetItemRow, DatasetRow
 from evalsvc.store.records import ClaimableGeneration, DatasetGenerationRecord, DatasetRecord
 
@@ -44,14 +44,20 @@ async def remove(conn: AsyncConnection, tenant: str, dataset_id: str) -> bool:
     The dataset row first: on PostgreSQL that waits for a transaction holding it (an append, a
     generation being created, both take it with `get(lock=True)`), whose items and generation the
     next statements then see and delete, and one that comes later finds no dataset. Every writer locks
-    the dataset before the generation, so this order cannot deadlock with a generation's append."""
+    the dataset before the generation, so this order cannot deadlock with a generation's append. The
+    tenant's stored bytes lose its items' (evalsvc.store.usage)."""
     deleted = await conn.execute(
         delete(DATASETS).where(DATASETS.c.id == dataset_id, DATASETS.c.tenant == tenant).returning(DATASETS.c.id)
     )
     if deleted.first() is None:
         return False
     await conn.execute(delete(GENERATIONS).where(GENERATIONS.c.dataset_id == dataset_id))
+    size = await conn.execute(
+        select(func.coalesce(func.sum(func.length(ITEMS.c.item)), 0)).where(ITEMS.c.dataset_id == dataset_id)
+    )
+    freed = int(size.scalar_one())
     await conn.execute(delete(ITEMS).where(ITEMS.c.dataset_id == dataset_id))
+    await usage.add_to_totals(conn, stored_bytes={tenant: -freed})
     return True
 
 
@@ -87,7 +93,8 @@ async def existing_item_ids(conn: AsyncConnection, dataset_id: str, item_ids: Se
 async def append_items(
     conn: AsyncConnection, tenant: str, dataset_id: str, items: Sequence[tuple[str, bytes]], now: float
 ) -> DatasetRecord:
-    """Append (item id, serialized item) pairs after the dataset's last index; return the updated dataset."""
+    """Append (item id, serialized item) pairs after the dataset's last index, adding their bytes to the
+    tenant's stored bytes (evalsvc.store.usage); return the updated dataset."""
     bumped = await conn.execute(
         update(DATASETS)
         .where(DATASETS.c.id == dataset_id, DATASETS.c.tenant == tenant)
@@ -103,6 +110,7 @@ async def append_items(
             for i, (item_id, item) in enumerate(items)
         ],
     )
+    await usage.add_to_totals(conn, stored_bytes={tenant: sum(len(item) for _, item in items)})
     return dataset
 
 

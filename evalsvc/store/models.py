@@ -22,15 +22,17 @@ from sqlmodel import Field, SQLModel
 BIG = BigInteger().with_variant(Integer(), "sqlite")
 
 
-def big(*, primary_key: bool = False, autoincrement: bool = False) -> Column:  # type: ignore[type-arg]
+def big(*, primary_key: bool = False, autoincrement: bool = False, added: bool = False) -> Column:  # type: ignore[type-arg]
     """A NOT NULL 64-bit integer column (see `BIG`); outside primary keys it defaults to 0 on insert,
-    as SQLModel's own `int = 0` columns do (Core inserts rely on that)."""
+    as SQLModel's own `int = 0` columns do (Core inserts rely on that). `added`: a column added to an
+    existing table by a later revision, whose rows from before get the database default 0 (`ZERO`)."""
     return Column(
         BIG,
         primary_key=primary_key,
         autoincrement=autoincrement,
         nullable=False,
         default=None if primary_key else 0,
+        server_default="0" if added else None,
     )
 
 
@@ -119,6 +121,9 @@ class RunRow(SQLModel, table=True):
     # The run a RerunRun took this one's definition and items from; "" for a run CreateRun created. No
     # server default (SQLite reflects '' otherwise than declared); the service always writes it.
     rerun_of: str = Field(default="", max_length=40)
+    # What the run stores, in bytes (evalsvc.store.usage): its definition and items from its creation,
+    # what each recording adds; its tenant's stored bytes lose it when the run is purged.
+    stored_bytes: int = Field(default=0, sa_column=big(added=True))
 
 
 class RunLabelRow(SQLModel, table=True):
@@ -145,16 +150,20 @@ class RunCounterRow(SQLModel, table=True):
 
 class TenantRunTotalsRow(SQLModel, table=True):
     """What a tenant's runs add up to beyond what their rows still show: how many it stores (deleted ones
-    until they are purged), for --max-runs-per-tenant without counting its runs at every CreateRun, and
-    what its purged runs had spent, so that purging a run does not give its spend back to the tenant's
-    --tenant-budget-usd. Kept by the transactions that insert runs (evalsvc.store.runs.insert_runs) and
-    purge them (evalsvc.store.retention.expire)."""
+    until they are purged), for --max-runs-per-tenant without counting its runs at every CreateRun, what
+    its purged runs had spent, so that purging a run does not give its spend back to the tenant's
+    --tenant-budget-usd, and the bytes it stores. Kept by the transactions that insert runs
+    (evalsvc.store.runs.insert_runs), record results, add and delete dataset items, and purge runs
+    (evalsvc.store.retention.expire): evalsvc.store.usage."""
 
     __tablename__ = "tenant_run_totals"
 
     tenant: str = Field(primary_key=True, max_length=64)
     runs: int = Field(default=0, sa_column=big())  # stored runs: inserted, less purged
     purged_cost_usd: float = 0.0  # the spend (cost_usd) of the runs purged so far
+    # Bytes the tenant stores (evalsvc.store.usage): its runs' stored_bytes and its datasets' items, for
+    # --max-stored-bytes-per-tenant without summing them at every write.
+    stored_bytes: int = Field(default=0, sa_column=big(added=True))
 
 
 class RunPurgeRow(SQLModel, table=True):

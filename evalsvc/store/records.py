@@ -81,6 +81,7 @@ class RunRecord(FromRow):
     delete_time: float | None
     version: int
     rerun_of: str
+    stored_bytes: int  # what the run stores (evalsvc.store.usage)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,8 @@ tenant's writes for seconds. So a purge is two kinds of step, each its own short
 1. `expire`: a few runs deleted before the cutoff lose their run row and labels, and each gets a
    `run_purges` row instead. From that commit on the run is NOT_FOUND everywhere (GetRun, ListRuns,
    UndeleteRun, WatchRun: on PostgreSQL the commit notifies RUNS_PURGED_CHANNEL, and every replica
-   ends its watches of the run), and its tenant's `tenant_run_totals` row counts one run fewer and
-   keeps what the run had spent (its budget must not drop when its runs go).
+   ends its watches of the run), and its tenant's `tenant_run_totals` row counts one run fewer, keeps
+   what the run had spent (its budget must not drop when its runs go) and loses the bytes it stored.
 2. `purge_step`: up to a budget of rows of one such run are deleted, table by table; the step that
    finds none left deletes its `run_purges` row.
 
@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.ids import PROCESS_ID
 from evalsvc.store import runs as run_store
+from evalsvc.store import usage
 from evalsvc.store.events import EVENTS, RUNS_PURGED_CHANNEL
 from evalsvc.store.models import RunPurgeRow
 from evalsvc.store.run_cache import remember_removed
@@ -62,22 +63,26 @@ async def expire(conn: AsyncConnection, cutoff: float, limit: int) -> list[str]:
     taken = await conn.execute(
         delete(RUNS)
         .where(RUNS.c.id.in_(chosen.scalar_subquery()), RUNS.c.delete_time < cutoff)
-        .returning(RUNS.c.id, RUNS.c.tenant, RUNS.c.cost_usd)
+        .returning(RUNS.c.id, RUNS.c.tenant, RUNS.c.cost_usd, RUNS.c.stored_bytes)
     )
     expired = sorted(taken.all())
     if not expired:
         return []
-    run_ids = [run_id for run_id, _, _ in expired]
+    run_ids = [run_id for run_id, *_ in expired]
     await conn.execute(delete(run_store.LABELS).where(run_store.LABELS.c.run_id.in_(run_ids)))
     now = time.time()
     await conn.execute(
-        insert(PURGES), [{"run_id": run_id, "tenant": tenant, "purge_time": now} for run_id, tenant, _ in expired]
+        insert(PURGES), [{"run_id": run_id, "tenant": tenant, "purge_time": now} for run_id, tenant, *_ in expired]
     )
     spent: defaultdict[str, float] = defaultdict(float)
-    for _, tenant, cost_usd in expired:
+    freed: defaultdict[str, int] = defaultdict(int)
+    for _, tenant, cost_usd, stored_bytes in expired:
         spent[tenant] += float(cost_usd or 0.0)
-    purged = Counter(tenant for _, tenant, _ in expired)
-    await run_store.add_to_totals(conn, {tenant: -n for tenant, n in purged.items()}, spent)
+        freed[tenant] -= int(stored_bytes)
+    purged = Counter(tenant for _, tenant, *_ in expired)
+    await usage.add_to_totals(
+        conn, runs={tenant: -n for tenant, n in purged.items()}, purged_cost_usd=spent, stored_bytes=freed
+    )
     for run_id in run_ids:
         remember_removed(conn, run_id)
     if conn.dialect.name == "postgresql":  # delivered at commit: every replica ends its watches of them

@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc import statuses
 from evalsvc.messages.convert import timestamp
-from evalsvc.store import events, quotas
+from evalsvc.store import events, usage
 from evalsvc.store import jobs as job_store
 from evalsvc.store import webhooks as webhook_store
 from evalsvc.store.bulk import execute_many, fetch_all, insert_tuples
@@ -92,11 +92,12 @@ async def find_by_request_ids(
 
 @dataclass(frozen=True)
 class TenantRuns:
-    """What CreateRun checks a tenant's limits against: its PENDING or RUNNING runs, and the runs it
-    stores (deleted ones included until they are purged)."""
+    """What CreateRun checks a tenant's limits against: its PENDING or RUNNING runs, the runs it stores
+    (deleted ones included until they are purged), and the bytes it stores (evalsvc.store.usage)."""
 
     active: int = 0
     stored: int = 0
+    stored_bytes: int = 0
 
 
 async def tenant_runs(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, TenantRuns]:
@@ -106,7 +107,7 @@ async def tenant_runs(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str
     stored count is the tenant's `tenant_run_totals` row, kept by `insert_runs` and the purge: a
     tenant's 100,000 runs are never counted on CreateRun's path. The purge lowers it without the lock,
     which can only make a count taken meanwhile too high for an instant, never too low."""
-    await quotas.lock(conn, RUNS, tenants)
+    await usage.lock(conn, tenants)
     wanted = sorted(set(tenants))
     rows = await conn.execute(
         select(RUNS.c.tenant, func.count())
@@ -114,33 +115,11 @@ async def tenant_runs(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str
         .group_by(RUNS.c.tenant)
     )
     active = {tenant: int(n) for tenant, n in rows}
-    totals = await conn.execute(select(TOTALS.c.tenant, TOTALS.c.runs).where(TOTALS.c.tenant.in_(wanted)))
-    stored = {tenant: int(n) for tenant, n in totals}
-    return {tenant: TenantRuns(active.get(tenant, 0), stored.get(tenant, 0)) for tenant in tenants}
-
-
-async def add_to_totals(conn: AsyncConnection, runs: Mapping[str, int], purged_cost_usd: Mapping[str, float]) -> None:
-    """Add to tenants' `tenant_run_totals` (creating a tenant's row at its first run): `runs` stored
-    (negative when purged) and the spend of runs purged. One upsert per tenant in one driver
-    executemany, in tenant order (the lock order on PostgreSQL)."""
-    tenants = sorted(set(runs) | set(purged_cost_usd))
-    if not tenants:
-        return
-    dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    statement = dialect_insert(TOTALS)
-    await conn.execute(
-        statement.on_conflict_do_update(
-            index_elements=[TOTALS.c.tenant],
-            set_={
-                "runs": TOTALS.c.runs + statement.excluded.runs,
-                "purged_cost_usd": TOTALS.c.purged_cost_usd + statement.excluded.purged_cost_usd,
-            },
-        ),
-        [
-            {"tenant": tenant, "runs": runs.get(tenant, 0), "purged_cost_usd": purged_cost_usd.get(tenant, 0.0)}
-            for tenant in tenants
-        ],
+    totals = await conn.execute(
+        select(TOTALS.c.tenant, TOTALS.c.runs, TOTALS.c.stored_bytes).where(TOTALS.c.tenant.in_(wanted))
     )
+    stored = {tenant: (int(n), int(size)) for tenant, n, size in totals}
+    return {tenant: TenantRuns(active.get(tenant, 0), *stored.get(tenant, (0, 0))) for tenant in tenants}
 
 
 async def allocate_run_numbers(conn: AsyncConnection, tenant: str, dataset_id: str, count: int = 1) -> int:
@@ -161,12 +140,13 @@ async def allocate_run_numbers(conn: AsyncConnection, tenant: str, dataset_id: s
 
 @dataclass(frozen=True)
 class NewRun:
-    """A run to store: its row (every column CreateRun sets, run_number included), its copied items and
-    how many times each is evaluated."""
+    """A run to store: its row (every column CreateRun sets, run_number included), its copied items, how
+    many times each is evaluated, and the bytes it stores (`usage.new_run_bytes`)."""
 
     row: Mapping[str, Any]
     items: Sequence[bytes]
     repetitions: int
+    stored_bytes: int
 
 
 def _as_is(row: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -176,13 +156,16 @@ def _as_is(row: tuple[Any, ...]) -> tuple[Any, ...]:
 async def insert_runs(conn: AsyncConnection, runs: Sequence[NewRun]) -> list[pb.WatchRunResponse]:
     """Store new runs, their copied items, one job per item x repetition, each run's first event (seq 1)
     and the webhook deliveries that report them: one multi-row statement per table for all of them,
-    and each tenant's count of stored runs raised (`add_to_totals`). Returns each run's first event,
+    and each tenant's stored runs and bytes raised (`usage.add_to_totals`). Returns each run's first event,
     in order."""
     if not runs:
         return []
     inserted = await conn.execute(
         insert(RUNS).returning(*RUNS.c, sort_by_parameter_order=True),
-        [{**new.row, "last_seq": 1, "update_time": new.row["create_time"]} for new in runs],
+        [
+            {**new.row, "last_seq": 1, "update_time": new.row["create_time"], "stored_bytes": new.stored_bytes}
+            for new in runs
+        ],
     )
     stored = [RunRecord.from_row(row) for row in inserted.mappings()]
     labels = [
@@ -207,7 +190,10 @@ async def insert_runs(conn: AsyncConnection, runs: Sequence[NewRun]) -> list[pb.
         ),
     )
     await insert_tuples(conn, JOBS, ("tenant", "run_id", "item_idx", "repetition", "state", "attempt"), job_rows)
-    await add_to_totals(conn, Counter(run.tenant for run in stored), {})
+    size: Counter[str] = Counter()
+    for run in stored:
+        size[run.tenant] += run.stored_bytes
+    await usage.add_to_totals(conn, runs=Counter(run.tenant for run in stored), stored_bytes=size)
     return await _record_changes(conn, stored)
 
 
@@ -622,6 +608,7 @@ class Progress:
     errored: int = 0
     skipped: int = 0
     cost_usd: float = 0.0
+    stored_bytes: int = 0  # what the recording stores of the run (evalsvc.store.usage)
 
     @property
     def results(self) -> int:
@@ -630,8 +617,8 @@ class Progress:
 
 _ADD_PROGRESS = (
     "UPDATE runs SET completed = completed + ?, passed = passed + ?, failed = failed + ?, errored = errored + ?, "
-    "skipped = skipped + ?, last_seq = last_seq + ?, cost_usd = cost_usd + ?, update_time = ?, version = version + 1 "
-    "WHERE id = ?"
+    "skipped = skipped + ?, last_seq = last_seq + ?, cost_usd = cost_usd + ?, stored_bytes = stored_bytes + ?, "
+    "update_time = ?, version = version + 1 WHERE id = ?"
 )
 
 
@@ -650,7 +637,7 @@ async def add_progress(conn: AsyncConnection, progress: Mapping[str, Progress], 
         conn,
         _ADD_PROGRESS,
         [
-            (p.results, p.passed, p.failed, p.errored, p.skipped, p.results, p.cost_usd, now, run_id)
+            (p.results, p.passed, p.failed, p.errored, p.skipped, p.results, p.cost_usd, p.stored_bytes, now, run_id)
             for run_id, p in sorted(progress.items())
         ],
     )

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from evalsvc.ids import new_id
 from evalsvc.store import events as event_log
 from evalsvc.store import runs as run_store
+from evalsvc.store import usage
 from evalsvc.store.db import Database
 from evalsvc.store.models import JobRow
 from evalsvc.store.records import RunRecord
@@ -71,7 +72,7 @@ def new_run(
         "create_time": time.time(),
     }
     stored_items = [item_pb2.Item(id=f"item{i}", input=f"q{i}").SerializeToString() for i in range(items)]
-    return run_store.NewRun(row, stored_items, repetitions)
+    return run_store.NewRun(row, stored_items, repetitions, usage.new_run_bytes(row["spec"], stored_items))
 
 
 async def insert(db: Database, *runs: run_store.NewRun) -> list[pb.WatchRunResponse]:

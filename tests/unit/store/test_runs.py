@@ -109,14 +109,17 @@ async def test_find_by_request_ids_finds_each_tenants_own_runs_by_key(db: Databa
 
 
 async def test_tenant_runs_counts_pending_and_running_runs_as_active_and_every_run_as_stored(db: Database) -> None:
-    _pending, running, ended, _ = await insert(db, new_run("t1"), new_run("t1"), new_run("t1"), new_run("t2"))
+    new = [new_run("t1"), new_run("t1", items=5), new_run("t1"), new_run("t2")]
+    _pending, running, ended, _ = await insert(db, *new)
     await set_status(db, running, RUNNING)
     await set_status(db, ended, SUCCEEDED)
 
     counted = await db.transact(lambda conn: run_store.tenant_runs(conn, ["t1", "t3", "t2"]))
+    size = [len(run.row["spec"]) + sum(map(len, run.items)) for run in new]  # what each run stores
+    assert size[1] > size[0]
     assert counted == {
-        "t1": run_store.TenantRuns(active=2, stored=3),
-        "t2": run_store.TenantRuns(active=1, stored=1),
+        "t1": run_store.TenantRuns(active=2, stored=3, stored_bytes=size[0] + size[1] + size[2]),
+        "t2": run_store.TenantRuns(active=1, stored=1, stored_bytes=size[3]),
         "t3": run_store.TenantRuns(),
     }
 

@@ -1,0 +1,64 @@
+"""The bytes a tenant stores, for --max-stored-bytes-per-tenant (evalsvc.store.usage).
+
+Revision ID: 0018
+Revises: 0017
+Create Date: 2026-12-06 15:30:00.000000
+
+- `runs.stored_bytes`: what a run stores. Filled here from what each run already holds, as the service
+  counts it: its definition, its copied items, its outputs, and per result 512 bytes (usage.RESULT_BYTES)
+  plus its explanation and error reason twice (its row and its event).
+- `tenant_run_totals.stored_bytes`: a tenant's runs' bytes and its datasets' items'. Filled here, with a row
+  for a tenant that has datasets and no run yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0018"
+down_revision: str | Sequence[str] | None = "0017"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+BIG = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("runs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("stored_bytes", BIG, server_default="0", nullable=False))
+    with op.batch_alter_table("tenant_run_totals", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("stored_bytes", BIG, server_default="0", nullable=False))
+    # One grouped read of each table (outputs has no index by run: a correlated subquery per run would
+    # read the whole table once per run), added to the runs it names.
+    op.execute("UPDATE runs SET stored_bytes = length(spec)")
+    for table, size in (
+        ("run_items", "length(item)"),
+        ("outputs", "length(output)"),
+        ("results", "512 + 2 * (length(explanation) + length(error_reason))"),
+    ):
+        op.execute(
+            f"UPDATE runs SET stored_bytes = runs.stored_bytes + part.size "
+            f"FROM (SELECT run_id, SUM({size}) AS size FROM {table} GROUP BY run_id) AS part "
+            "WHERE part.run_id = runs.id"
+        )
+    op.execute(
+        "INSERT INTO tenant_run_totals (tenant, runs, purged_cost_usd, stored_bytes) "
+        "SELECT DISTINCT tenant, 0, 0, 0 FROM dataset_items "
+        "WHERE tenant NOT IN (SELECT tenant FROM tenant_run_totals)"
+    )
+    for size, table in (("stored_bytes", "runs"), ("length(item)", "dataset_items")):
+        op.execute(
+            "UPDATE tenant_run_totals SET stored_bytes = tenant_run_totals.stored_bytes + part.size "
+            f"FROM (SELECT tenant, SUM({size}) AS size FROM {table} GROUP BY tenant) AS part "
+            "WHERE part.tenant = tenant_run_totals.tenant"
+        )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("tenant_run_totals", schema=None) as batch_op:
+        batch_op.drop_column("stored_bytes")
+    with op.batch_alter_table("runs", schema=None) as batch_op:
+        batch_op.drop_column("stored_bytes")

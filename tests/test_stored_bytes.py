@@ -1,0 +1,145 @@
+"""--max-stored-bytes-per-tenant on a real server: what a tenant stores (its runs' definitions, items,
+outputs and results, its datasets' items) is bounded, so that one tenant cannot fill the disk every tenant
+shares. Past it CreateRun and AddDatasetItems are refused with nothing written, a running run ends FAILED
+(STORAGE_QUOTA_EXCEEDED) keeping its results, another tenant goes on, and deleting a dataset makes room."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from evalsvc.testing import EvalServiceTestServer
+from evalsvc.v1 import dataset_service_pb2 as ds
+from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc, item_pb2, run_pb2, target_pb2
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from tests import dbs
+from tests.fake_llm import FakeEndpoint, Reply
+from tests.helpers import create_request, exact, keyed_channel, watch_all
+from tests.test_tenant_caps import assert_over
+
+LIMIT = 200_000
+REPLY = "x" * 4000  # what the target answers to each item: 60 of them pass LIMIT
+
+
+@dataclass
+class Tenant:
+    runs: eval_run_service_pb2_grpc.EvalRunServiceStub
+    datasets: dataset_service_pb2_grpc.DatasetServiceStub
+
+    @classmethod
+    def on(cls, channel: grpc.aio.Channel) -> Tenant:
+        return cls(
+            eval_run_service_pb2_grpc.EvalRunServiceStub(channel), dataset_service_pb2_grpc.DatasetServiceStub(channel)
+        )
+
+    async def run_to_end(self, request: pb.CreateRunRequest) -> run_pb2.Run:
+        created = await self.runs.CreateRun(request)
+        await watch_all(self.runs, created.run.id)
+        return (await self.runs.GetRun(pb.GetRunRequest(run_id=created.run.id))).run
+
+
+@dataclass
+class Served:
+    mine: Tenant
+    theirs: Tenant
+    agent: FakeEndpoint
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    async with AsyncExitStack() as stack:
+        agent = stack.enter_context(FakeEndpoint(Reply({"content": REPLY}, delay_s=0.01)))
+        server = await stack.enter_async_context(
+            EvalServiceTestServer(
+                database_url=dbs.db_url(tmp_path),
+                max_stored_bytes_per_tenant=LIMIT,
+                workers=2,
+                claim_batch=4,
+                outbound_allow="127.0.0.1",
+            )
+        )
+        other_key, _ = await server.server.keys.create("other")
+        theirs = await stack.enter_async_context(keyed_channel(server.server.port, other_key))
+        yield Served(Tenant.on(server.channel), Tenant.on(theirs), agent)
+
+
+def agent_run(url: str, items: int) -> pb.CreateRunRequest:
+    return pb.CreateRunRequest(
+        items=[item_pb2.Item(id=f"i{i}", input=f"q{i}", expected_output="a") for i in range(items)],
+        target=target_pb2.Target(http=target_pb2.HttpTarget(endpoint=target_pb2.Endpoint(base_url=url))),
+        graders=[exact()],
+    )
+
+
+async def test_a_run_that_fills_its_tenants_storage_ends_failed_keeping_its_results(served: Served) -> None:
+    run = await served.mine.run_to_end(agent_run(served.agent.url, 200))  # 800 KB of replies: four times LIMIT
+    assert run.status == run_pb2.RUN_STATUS_FAILED and run.error.code == "STORAGE_QUOTA_EXCEEDED", run.error
+    assert "--max-stored-bytes-per-tenant" in run.error.message
+    # Each evaluation stores its reply and a result (and the run its items): stopped once they reach LIMIT,
+    # as jobs start, so those under way then (two workers, a claim of four) still finish.
+    assert LIMIT // (len(REPLY) + 500) <= run.counts.completed_evaluations < LIMIT // len(REPLY) + 12
+    assert len(served.agent.seen) == run.counts.completed_evaluations
+    results = await served.mine.runs.ListRunResults(pb.ListRunResultsRequest(run_id=run.id, page_size=1000))
+    assert len(results.results) == run.counts.completed_evaluations  # what it did is kept, and readable
+
+    # Past its bytes, the tenant's writes are refused whole; another tenant's are not.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await served.mine.runs.CreateRun(create_request(1))
+    assert_over(refused.value, "max_stored_bytes_per_tenant")
+    listed = await served.mine.runs.ListRuns(pb.ListRunsRequest())
+    assert [r.id for r in listed.runs] == [run.id]  # nothing written
+    dataset = (await served.mine.datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))).dataset
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await served.mine.datasets.AddDatasetItems(
+            ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[item_pb2.Item(input="q")])
+        )
+    assert_over(refused.value, "max_stored_bytes_per_tenant")
+    theirs = await served.theirs.run_to_end(agent_run(served.agent.url, 10))
+    assert theirs.status == run_pb2.RUN_STATUS_SUCCEEDED or theirs.counts.completed_evaluations == 10
+
+
+async def test_dataset_items_count_and_deleting_the_dataset_makes_room(served: Served) -> None:
+    dataset = (await served.mine.datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))).dataset
+    big = [item_pb2.Item(input="y" * 45_000) for _ in range(4)]  # 180 KB of LIMIT's 200 KB
+    await served.mine.datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=big))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:  # 45 KB more would pass it: none of the two is added
+        await served.mine.datasets.AddDatasetItems(
+            ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[item_pb2.Item(input="z"), big[0]])
+        )
+    assert_over(refused.value, "max_stored_bytes_per_tenant")
+    got = (await served.mine.datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset.id))).dataset
+    assert got.item_count == 4
+    # A run of the dataset copies its items: another 180 KB.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await served.mine.runs.CreateRun(
+            pb.CreateRunRequest(
+                dataset_id=dataset.id, target=target_pb2.Target(echo=target_pb2.EchoTarget()), graders=[exact()]
+            )
+        )
+    assert_over(refused.value, "max_stored_bytes_per_tenant")
+    assert "delete runs or datasets" in (refused.value.details() or "")
+
+    await served.mine.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=dataset.id))
+    run = await served.mine.run_to_end(create_request(3))
+    assert run.status == run_pb2.RUN_STATUS_SUCCEEDED
+
+
+async def test_a_tenant_that_made_room_after_a_stopped_run_runs_again_at_once(served: Served) -> None:
+    """The executor's count of a tenant's bytes is raised by its recordings and read again only now and then;
+    one that says the tenant is over is read again before it stops a run, or the run a tenant creates right
+    after deleting a dataset (CreateRun checks the database) would be stopped on the count from before."""
+    dataset = (await served.mine.datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))).dataset
+    filler = [item_pb2.Item(input="y" * 40_000) for _ in range(4)]  # 160 KB of LIMIT's 200 KB
+    await served.mine.datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=filler))
+    stopped = await served.mine.run_to_end(agent_run(served.agent.url, 30))  # 120 KB of replies
+    assert stopped.error.code == "STORAGE_QUOTA_EXCEEDED"
+
+    await served.mine.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=dataset.id))
+    run = await served.mine.run_to_end(create_request(3))
+    assert run.status == run_pb2.RUN_STATUS_SUCCEEDED, run.error
+    assert run.counts.completed_evaluations == 3

@@ -1,0 +1,113 @@
+"""A tenant's stored bytes (evalsvc.store.usage) over a bare database, on either engine: every write that
+stores a tenant's data raises them by what it stores, DeleteDataset and the purge take theirs back, and
+revision 0018 fills them on an upgraded database exactly as the service counts them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from alembic import command
+from sqlalchemy import select, text, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from evalsvc.graders import Grade
+from evalsvc.store import datasets as dataset_store
+from evalsvc.store import migrate, retention, usage
+from evalsvc.store import runs as run_store
+from evalsvc.store.db import Database
+from evalsvc.store.records import DatasetRecord
+from evalsvc.v1 import item_pb2, run_pb2
+from tests.unit.execution.test_recorder import ONE_GRADER, claim, done, record
+from tests.unit.stored import insert, new_run
+
+EXPLAINED = Grade(run_pb2.RESULT_STATE_FAILED, 0.0, 0.0, "the answer names the wrong city " * 20)
+
+
+async def stored(db: Database, tenant: str) -> int:
+    async with db.read() as conn:
+        return (await usage.stored_bytes(conn, [tenant]))[tenant]
+
+
+async def runs_bytes(db: Database) -> dict[str, int]:
+    async with db.read() as conn:
+        rows = await conn.execute(select(run_store.RUNS.c.id, run_store.RUNS.c.stored_bytes))
+        return {run_id: int(n) for run_id, n in rows}
+
+
+async def add_dataset(db: Database, tenant: str, items: list[bytes]) -> str:
+    dataset_id = f"ds_{tenant}"
+    now = time.time()
+    record = DatasetRecord(dataset_id, tenant, None, "", "", "", {}, {}, 0, now, now)
+
+    async def work(conn: AsyncConnection) -> None:
+        await dataset_store.insert_dataset(conn, record)
+        await dataset_store.append_items(conn, tenant, dataset_id, [(f"i{n}", b) for n, b in enumerate(items)], now)
+
+    await db.transact(work)
+    return dataset_id
+
+
+async def test_each_write_adds_what_it_stores_to_its_tenant_and_deleting_takes_it_back(db: Database) -> None:
+    mine, theirs = new_run("t1", items=3), new_run("t2", items=1)
+    created = await insert(db, mine, theirs)
+    mine_size, theirs_size = (len(new.row["spec"]) + sum(map(len, new.items)) for new in (mine, theirs))
+    assert await stored(db, "t1") == mine_size
+    assert await stored(db, "t2") == theirs_size
+
+    jobs = await claim(db, {created[0].run.id: 3})
+    batch = [done(job, EXPLAINED) for job in jobs]
+    await record(db, batch, {created[0].run.id: ONE_GRADER})
+    recorded = sum(f.output.ByteSize() + usage.RESULT_BYTES + 2 * len(EXPLAINED.explanation) for f in batch)
+    assert len(EXPLAINED.explanation) == 640 and recorded > 3 * 1280  # the texts count, twice
+    run_size = mine_size + recorded
+    assert (await runs_bytes(db))[created[0].run.id] == run_size
+    assert await stored(db, "t1") == run_size
+
+    items = [item_pb2.Item(id=f"i{n}", input="x" * 100 * n).SerializeToString() for n in range(4)]
+    dataset_id = await add_dataset(db, "t1", items)
+    assert await stored(db, "t1") == run_size + sum(map(len, items))
+    assert await db.transact(lambda conn: dataset_store.remove(conn, "t1", dataset_id))
+    assert await stored(db, "t1") == run_size
+
+    async def delete_long_ago(conn: AsyncConnection) -> None:
+        await conn.execute(
+            update(run_store.RUNS).where(run_store.RUNS.c.id == created[0].run.id).values(delete_time=1.0)
+        )
+
+    await db.transact(delete_long_ago)
+    assert await db.transact(lambda conn: retention.expire(conn, time.time(), 10)) == [created[0].run.id]
+    assert await stored(db, "t1") == 0
+    assert await stored(db, "t2") == theirs_size  # another tenant's writes never counted
+
+
+def _migrate_to(revision: str, *, down: bool) -> Callable[[Connection], None]:
+    def step(connection: Connection) -> None:
+        config = migrate.alembic_config()
+        config.attributes["connection"] = connection
+        (command.downgrade if down else command.upgrade)(config, revision)
+
+    return step
+
+
+async def test_revision_0018_fills_stored_bytes_as_the_service_counts_them(db: Database) -> None:
+    """An upgraded database starts with what its tenants already store counted (an empty column would give
+    every tenant a fresh --max-stored-bytes-per-tenant on top of it): the revision's SQL and the service's
+    counting agree, run by run and tenant by tenant, datasets and a tenant with only a dataset included."""
+    created = await insert(db, new_run("t1", items=3), new_run("t1", items=2), new_run("t2", items=1))
+    jobs = await claim(db, {created[0].run.id: 3, created[2].run.id: 1})
+    await record(db, [done(job, EXPLAINED) for job in jobs], {r.run.id: ONE_GRADER for r in created})
+    await add_dataset(db, "t1", [b"a" * 500, b"b" * 20])
+    await add_dataset(db, "t3", [b"c" * 70])
+    by_run = await runs_bytes(db)
+    by_tenant = {tenant: await stored(db, tenant) for tenant in ("t1", "t2", "t3")}
+    assert by_tenant["t3"] == 70 and all(by_run.values())
+
+    async with db.write() as conn:
+        await conn.run_sync(_migrate_to("0017", down=True))
+        await conn.run_sync(_migrate_to("head", down=False))
+        # The revision fills what the service would have counted: nothing survives from before the downgrade.
+        assert (await conn.execute(text("SELECT COUNT(*) FROM tenant_run_totals WHERE tenant = 't3'"))).scalar() == 1
+    assert await runs_bytes(db) == by_run
+    assert {tenant: await stored(db, tenant) for tenant in ("t1", "t2", "t3")} == by_tenant
