@@ -808,3 +808,207 @@ def test_an_export_cut_short_leaves_the_previous_file_whole(tmp_path: Path, monk
     monkeypatch.setattr(cli, "_results", lambda *_: iter([pb.Result(item_id="q1", grader="exact")]))
     cli._export(None, pb.Run(id="run_x"), argparse.Namespace(jsonl=str(jsonl), junit=str(junit)))  # type: ignore[arg-type]
     assert json.loads(jsonl.read_text())["item_id"] == "q1" and junit.read_text().startswith("<?xml")
+
+
+def _item_lines(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_datasets_create_from_a_file_list_items_round_trip_and_run(
+    live: tuple[ServerProcess, str], tmp_path: Path
+) -> None:
+    """A dataset made from a JSONL file holds exactly its rows in order (2,500 of them: several AddDatasetItems
+    chunks), `items --json` writes a file `create --from` reads back to the same items, and a run names it."""
+    rows = _rows(2500, wrong_every=5)
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    created = evalctl(live, "datasets", "create", "cli qa", "--from", str(tmp_path / "qa.jsonl"), "--json")
+    assert created.returncode == 0, created.stderr
+    dataset = json.loads(created.stdout)
+    assert dataset["display_name"] == "cli qa" and dataset["item_count"] == 2500
+
+    items = _item_lines(evalctl(live, "datasets", "items", dataset["id"], "--json"))
+    assert [(i["id"], i["input"], i["expected_output"], i["response"]["content"]) for i in items] == [
+        (r["id"], r["input"], r["expected_output"], r["response"]) for r in rows
+    ]
+    (tmp_path / "copy.jsonl").write_text(evalctl(live, "datasets", "items", dataset["id"], "--json").stdout)
+    copied = evalctl(live, "datasets", "create", "copy", "--from", str(tmp_path / "copy.jsonl"), "--json")
+    assert copied.returncode == 0, copied.stderr
+    copy = json.loads(copied.stdout)
+    assert _item_lines(evalctl(live, "datasets", "items", copy["id"], "--json")) == items
+
+    got = evalctl(live, "datasets", "get", dataset["id"], "--json")
+    assert got.returncode == 0 and json.loads(got.stdout)["item_count"] == 2500
+    listed = [d["id"] for d in json.loads(evalctl(live, "datasets", "list", "--json").stdout)]
+    assert listed.index(copy["id"]) < listed.index(dataset["id"])  # newest first
+    table = evalctl(live, "datasets", "list")
+    assert table.returncode == 0 and dataset["id"] in table.stdout and "2500" in table.stdout
+
+    # An empty dataset, then items appended from a YAML file; a run names it by id.
+    empty = evalctl(live, "datasets", "create", "small", "--label", "suite=cli", "--json")
+    small = json.loads(empty.stdout)
+    assert empty.returncode == 0 and small.get("item_count", 0) == 0 and small["labels"] == {"suite": "cli"}
+    (tmp_path / "more.yaml").write_text(
+        "- {id: a, input: one, expected_output: '1', response: '1'}\n"
+        "- {id: b, input: two, expected_output: '2', response: '3'}\n"
+        "- {input: three, expected_output: '3', response: '3'}\n"
+    )
+    added = evalctl(live, "datasets", "add", small["id"], str(tmp_path / "more.yaml"))
+    assert added.returncode == 0 and "added 3 items from" in added.stderr and small["id"] in added.stdout
+    assert [i["input"] for i in _item_lines(evalctl(live, "datasets", "items", small["id"], "--json"))] == [
+        "one",
+        "two",
+        "three",
+    ]
+    shown = evalctl(live, "datasets", "items", small["id"])
+    assert shown.returncode == 0 and "two" in shown.stdout
+    (tmp_path / "spec.yaml").write_text(
+        f"dataset_id: {small['id']}\ntarget: provided\ngraders: [{{exact_match: {{}}}}]\n"
+    )
+    ran = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--fail-under", "60", "--json")
+    assert ran.returncode == 0, ran.stderr
+    run = json.loads(ran.stdout)
+    assert run["dataset_id"] == small["id"] and (run["counts"]["passed"], run["counts"]["failed"]) == (2, 1)
+
+    deleted = evalctl(live, "datasets", "delete", small["id"])
+    assert deleted.returncode == 0 and f"deleted dataset {small['id']}" in deleted.stderr
+    gone = evalctl(live, "datasets", "get", small["id"])
+    assert gone.returncode == 3 and "not found" in gone.stderr.lower() and "Traceback" not in gone.stderr
+
+
+def test_datasets_refuse_bad_input_in_one_line(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    """A missing file, a malformed line (by its number) and an unknown dataset id: one line on stderr, exit 3,
+    and no dataset made from a file that cannot be read whole."""
+
+    def refused(*args: str) -> str:
+        result = evalctl(live, "datasets", *args)
+        assert result.returncode == 3, (args, result.returncode, result.stderr)
+        assert "Traceback" not in result.stderr and result.stdout == "", (args, result.stderr)
+        return result.stderr
+
+    before = json.loads(evalctl(live, "datasets", "list", "--json").stdout)
+    missing = refused("create", "nothing here", "--from", str(tmp_path / "absent.jsonl"))
+    assert missing == f"evalctl: {tmp_path / 'absent.jsonl'}: no such dataset file\n"
+    (tmp_path / "bad.jsonl").write_text('{"input": "a"}\n{"input": "b"}\n{"input": "c",\n')
+    malformed = refused("create", "bad", "--from", str(tmp_path / "bad.jsonl"))
+    assert malformed.startswith("evalctl: bad.jsonl:3: not valid JSON") and malformed.count("\n") == 1, malformed
+    (tmp_path / "typo.jsonl").write_text('{"input": "a"}\n\n{"inptu": "b"}\n')
+    typo = refused("create", "typo", "--from", str(tmp_path / "typo.jsonl"))
+    assert typo.startswith("evalctl: typo.jsonl:3: inptu: unknown key; did you mean 'input'?"), typo
+    assert json.loads(evalctl(live, "datasets", "list", "--json").stdout) == before
+
+    for args in (("get", "ds_nope"), ("items", "ds_nope"), ("delete", "ds_nope")):
+        err = refused(*args)
+        assert err.startswith("evalctl: NOT_FOUND: ") and "ds_nope" in err and err.count("\n") == 1, (args, err)
+    (tmp_path / "ok.jsonl").write_text('{"input": "a"}\n')
+    err = refused("add", "ds_nope", str(tmp_path / "ok.jsonl"))
+    assert err.startswith("evalctl: NOT_FOUND: ") and err.count("\n") == 1, err
+
+    # A chunk refused after others were added (its item's id is taken): how many the dataset now has.
+    rows = [{"id": f"r{n}", "input": "x"} for n in range(1000)] + [{"id": "r0", "input": "again"}]
+    (tmp_path / "twice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    made = json.loads(evalctl(live, "datasets", "create", "partial", "--json").stdout)
+    err = refused("add", made["id"], str(tmp_path / "twice.jsonl"))
+    assert err.startswith(f"evalctl: dataset {made['id']} has the first 1000 of the 1001 items of "), err
+    assert "the dataset already has an item 'r0'" in err
+    assert json.loads(evalctl(live, "datasets", "get", made["id"], "--json").stdout)["item_count"] == 1000
+
+
+def test_item_chunks_keep_order_and_fit_any_server() -> None:
+    from evalsvc_client import cli, pb
+
+    items = [pb.Item(id=f"i{n}", input="x" * (n % 7 * 1000)) for n in range(2600)]
+    chunks = list(cli.item_chunks(items))
+    assert [i.id for chunk in chunks for i in chunk] == [i.id for i in items]
+    assert all(len(c) <= cli.ADD_CHUNK_ITEMS for c in chunks)
+    assert all(sum(i.ByteSize() + 8 for i in c) <= cli.ADD_CHUNK_BYTES for c in chunks)
+    request = pb.datasets.AddDatasetItemsRequest(dataset_id="ds_" + "x" * 40, items=max(chunks, key=len))
+    assert request.ByteSize() <= 256 * 1024 // 4 + 64  # the smallest max_message_bytes a server takes is 256 KiB
+    big = pb.Item(input="y" * (2 * cli.ADD_CHUNK_BYTES))
+    assert list(cli.item_chunks([items[0], big, items[1]])) == [[items[0]], [big], [items[1]]]
+
+
+def test_secrets_commands_read_the_value_from_stdin_and_never_show_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from evalsvc_client import cli
+
+    from evalsvc.secrets.sealing import generate_key
+    from tests.fake_llm import FakeEndpoint, chat_reply
+
+    value = "sk-cli-0123456789abcdef"
+    server = ServerProcess(
+        f"sqlite+aiosqlite:///{tmp_path / 'secrets.db'}",
+        tmp_path / "server.log",
+        env={"EVALSVC_OUTBOUND_ALLOW": "127.0.0.1", "EVALSVC_SECRETS_KEY": generate_key()},
+    )
+    try:
+        key = server.bootstrap_key()
+        assert key
+        live = (server, key)
+
+        def secrets(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+            result = subprocess.run(
+                [sys.executable, "-m", "evalsvc_client.cli", "secrets", *args],
+                env=_env(live),
+                input=stdin if stdin is not None else "",
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert value not in result.stdout + result.stderr, (args, result.stdout, result.stderr)
+            return result
+
+        created = secrets("create", "llm_key", stdin=value + "\n")
+        assert created.returncode == 0, created.stderr
+        assert "LLM_KEY" in created.stdout
+        as_json = secrets("create", "other_key", "--json", stdin=value)
+        assert as_json.returncode == 0 and json.loads(as_json.stdout)["name"] == "OTHER_KEY"
+        listed = secrets("list", "--json")
+        assert listed.returncode == 0 and [s["name"] for s in json.loads(listed.stdout)] == ["LLM_KEY", "OTHER_KEY"]
+        assert all(set(s) == {"name", "create_time"} for s in json.loads(listed.stdout))
+        table = secrets("list")
+        assert table.returncode == 0 and "LLM_KEY" in table.stdout and "OTHER_KEY" in table.stdout
+
+        # Usable by name: the target's requests carry the value read from stdin, its newline dropped.
+        with FakeEndpoint(chat_reply("4")) as llm:
+            (tmp_path / "qa.jsonl").write_text('{"input": "2+2?", "expected_output": "4"}\n')
+            (tmp_path / "spec.yaml").write_text(
+                "dataset: qa.jsonl\ngraders: [{exact_match: {}}]\n"
+                f"target: {{chat: {{endpoint: {{base_url: '{llm.url}/v1', api_key_secret: llm_key}}, model: m}}}}\n"
+            )
+            ran = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--no-progress")
+            assert ran.returncode == 0, ran.stderr
+            assert [seen.headers["authorization"] for seen in llm.seen] == [f"Bearer {value}"]
+
+        empty = secrets("create", "blank", stdin="")
+        assert empty.returncode == 3 and empty.stderr.startswith("evalctl: secrets create blank: the value is empty")
+        argument = secrets("create", "leaky", "sk-on-the-line")  # never an argument: shell history and ps show it
+        assert argument.returncode == 3 and "unrecognized arguments: sk-on-the-line" in argument.stderr
+        assert [s["name"] for s in json.loads(secrets("list", "--json").stdout)] == ["LLM_KEY", "OTHER_KEY"]
+
+        # On a terminal the value is typed without echo (getpass), never read from the line.
+        prompts: list[str] = []
+
+        def typed(prompt: str) -> str:
+            prompts.append(prompt)
+            return "sk-typed-value-42"
+
+        monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+        monkeypatch.setattr(cli.getpass, "getpass", typed)
+        argv = ["secrets", "create", "typed_key", "--target", server.target, "--api-key", key]
+        assert cli.main(argv) == cli.EXIT_OK
+        assert prompts == ["value of secret typed_key (not shown): "]
+        assert "TYPED_KEY" in capsys.readouterr().out
+
+        deleted = secrets("delete", "llm_key")
+        assert deleted.returncode == 0 and "deleted secret LLM_KEY" in deleted.stderr
+        assert [s["name"] for s in json.loads(secrets("list", "--json").stdout)] == ["OTHER_KEY", "TYPED_KEY"]
+        again = secrets("delete", "llm_key")
+        assert (
+            again.returncode == 3
+            and again.stderr.startswith("evalctl: NOT_FOUND: ")
+            and "Traceback" not in again.stderr
+        )
+    finally:
+        assert server.terminate() == 0

@@ -862,6 +862,32 @@ async def test_webhooks(tmp_path: Path) -> None:
         await srv.stop(grace=0.5)
 
 
+async def test_secrets(tmp_path: Path) -> None:
+    """Every SecretService method through the async client (evalctl's tests use the blocking one): a value set
+    is never returned, and a second set of a name replaces it."""
+    from evalsvc.secrets.sealing import generate_key
+
+    srv = EvalServer(make_settings(tmp_path, secrets_key=generate_key()))
+    await srv.start()
+    try:
+        assert srv.bootstrap_key
+        async with AsyncEvalClient(f"127.0.0.1:{srv.port}", api_key=srv.bootstrap_key) as client:
+            created = await client.create_secret("llm_key", SECRET)
+            assert created.name == "LLM_KEY" and created.create_time.seconds > 0
+            await client.create_secret("b_key", "first")
+            await client.create_secret("B_KEY", "second")  # the same secret: replaced
+            listed = [s async for s in client.list_secrets(page_size=1)]
+            assert [s.name for s in listed] == ["B_KEY", "LLM_KEY"] and SECRET not in str(listed)
+            await client.delete_secret("llm_key")
+            assert [s.name async for s in client.list_secrets()] == ["B_KEY"]
+            with pytest.raises(NotFoundError):
+                await client.delete_secret("llm_key")
+            with pytest.raises(InvalidArgumentError):
+                await client.create_secret("not a name", "v")
+    finally:
+        await srv.stop(grace=0.5)
+
+
 def test_an_error_spells_out_at_most_ten_violations() -> None:
     """Every violation's reason is in the text, up to MAX_VIOLATIONS_SHOWN; the rest are counted."""
     from evalsvc_client.errors import MAX_VIOLATIONS_SHOWN

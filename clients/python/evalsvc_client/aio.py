@@ -34,6 +34,7 @@ from evalsvc_client._gen.evalsvc.v1 import (
     dataset_service_pb2_grpc,
     eval_run_service_pb2_grpc,
     grader_service_pb2_grpc,
+    secret_service_pb2_grpc,
     target_service_pb2_grpc,
     webhook_service_pb2_grpc,
 )
@@ -48,7 +49,8 @@ class AsyncEvalClient:
 
     Unary calls get a per-attempt deadline (`timeout_s`) and are retried with backoff on UNAVAILABLE,
     DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED (honouring RetryInfo) when they are safe to repeat: reads, CancelRun,
-    and CreateRun/RerunRun/CreateDataset/CreateGrader/CreateTarget, whose retries reuse one request_id.
+    CreateSecret and DeleteSecret, and CreateRun/RerunRun/CreateDataset/CreateGrader/CreateTarget, whose retries
+    reuse one request_id.
     AddDatasetItems and UpdateGrader are not retried, nor is RotateWebhookSecret.
     Errors are raised as `evalsvc_client.errors.EvalError` subclasses.
 
@@ -87,6 +89,7 @@ class AsyncEvalClient:
         self._graders = grader_service_pb2_grpc.GraderServiceStub(self._channel)
         self._targets = target_service_pb2_grpc.TargetServiceStub(self._channel)
         self._webhooks = webhook_service_pb2_grpc.WebhookServiceStub(self._channel)
+        self._secrets = secret_service_pb2_grpc.SecretServiceStub(self._channel)
         self._metadata = opts.metadata()
 
     async def __aenter__(self) -> Self:
@@ -409,6 +412,30 @@ class AsyncEvalClient:
         """Delete a dataset with its items (runs made from it keep their copies). Retried: a repeat after a
         lost reply raises NotFoundError."""
         await self._call(self._datasets.DeleteDataset, pb.datasets.DeleteDatasetRequest(dataset_id=dataset_id))
+
+    # Secrets: the caller's own provider keys, named by targets and judges (`api_key_secret`, `secret:NAME`).
+
+    async def create_secret(self, name: str, value: str) -> pb.Secret:
+        """Set a secret: create it, or replace the value of the caller's secret of that name. The answer names it
+        (upper-case) with when it was set, never its value. Retried: a repeat sets the same value again."""
+        request = pb.secrets.CreateSecretRequest(name=name, value=value)
+        return (await self._call(self._secrets.CreateSecret, request)).secret
+
+    async def list_secrets(self, *, page_size: int = 0) -> AsyncIterator[pb.Secret]:
+        """The caller's secrets by name, across every page: names and when each was set, never values."""
+        request = pb.secrets.ListSecretsRequest(page_size=page_size)
+        while True:
+            page = await self._call(self._secrets.ListSecrets, request)
+            for secret in page.secrets:
+                yield secret
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    async def delete_secret(self, name: str) -> None:
+        """Delete one of the caller's secrets; runs created afterwards cannot name it. Retried: a repeat after a
+        lost reply raises NotFoundError."""
+        await self._call(self._secrets.DeleteSecret, pb.secrets.DeleteSecretRequest(name=name))
 
     # Saved graders.
 

@@ -14,6 +14,10 @@
     evalctl webhooks create URL [--event TYPE ...] | list | get ID | update ID [--url U] [--event TYPE ...]
                      [--enable|--disable] | delete ID | rotate-secret ID [--revoke-previous]
                      | deliveries ID [--status pending|succeeded|failed] [--limit N]
+    evalctl datasets create NAME [--from FILE] [--description D] [--label k=v] | list | get ID
+                     | items ID (--json: one item per line) | add ID FILE | delete ID
+                     FILE: a dataset file as `run` reads one (.jsonl, .csv, .yaml, .json), checked whole first
+    evalctl secrets create NAME (the value from stdin; typed unseen on a terminal) | list | delete NAME
 
 Global, before or after the command (`evalctl --json list` or `evalctl list --json`): --target HOST:PORT
 (EVALCTL_TARGET, default 127.0.0.1:50051), --api-key (EVALSVC_API_KEY), --json, --tls,
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import itertools
 import json
 import os
@@ -53,7 +58,7 @@ from evalsvc_client._common import TLSOptions
 from evalsvc_client.errors import EvalError
 from evalsvc_client.export import to_dict, write_jsonl, write_junit
 from evalsvc_client.report import agreement_line, format_rate, render_html
-from evalsvc_client.spec import CACHE_MODES, RunSpec, SpecError, cache_mode, load_spec, plural
+from evalsvc_client.spec import CACHE_MODES, RunSpec, SpecError, cache_mode, load_items, load_spec, plural
 from evalsvc_client.sync import EvalClient
 
 EXIT_OK, EXIT_BELOW, EXIT_RUN_FAILED, EXIT_ERROR, EXIT_NOT_ENDED = 0, 1, 2, 3, 4
@@ -695,6 +700,171 @@ def cmd_webhooks(args: argparse.Namespace, client: EvalClient, console: Console)
     return EXIT_OK
 
 
+#: AddDatasetItems requests are cut to at most this many items and (serialized) bytes: a quarter of the
+#: smallest max_message_bytes a server may be configured with (256 KiB; 16 MiB by default), so each fits
+#: whatever the server's setting, and well under its 10,000 items per call. An item larger than this goes
+#: alone, and the server says whether it fits.
+ADD_CHUNK_ITEMS = 1000
+ADD_CHUNK_BYTES = 64 * 1024
+
+
+def item_chunks(items: Sequence[pb.Item]) -> Iterator[list[pb.Item]]:
+    """`items` in order, cut into AddDatasetItems requests of at most ADD_CHUNK_ITEMS and ADD_CHUNK_BYTES."""
+    chunk: list[pb.Item] = []
+    size = 0
+    for item in items:
+        item_size = item.ByteSize() + 8  # the field's tag and length in the request
+        if chunk and (len(chunk) >= ADD_CHUNK_ITEMS or size + item_size > ADD_CHUNK_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += item_size
+    if chunk:
+        yield chunk
+
+
+def _dataset_file(path: str) -> list[pb.Item]:
+    """The items of a dataset file, read and checked whole (by spec.load_items, as `run` reads a spec's
+    dataset) before anything is sent: a bad row refuses the file, naming its line, with nothing written."""
+    file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"{path}: a directory, not a dataset file")
+    if not file.is_file():
+        raise ValueError(f"{path}: no such dataset file")
+    try:
+        return load_items(file)
+    except SpecError as exc:  # each problem names the file and line: one line each, without the spec's hint
+        problems = [str(problem) for problem in exc.problems]
+        if len(problems) == 1:
+            raise ValueError(problems[0]) from None
+        raise ValueError(
+            f"{path}: {plural(len(problems), 'problem')}\n" + "\n".join(f"  {p}" for p in problems)
+        ) from None
+
+
+def _add_items(
+    client: EvalClient, dataset: pb.Dataset, items: Sequence[pb.Item], source: str, console: Console
+) -> pb.Dataset:
+    """Append `items` (read from `source`) in chunks (`item_chunks`); the dataset after the last. A chunk the
+    server refuses stops the rest, after a line saying how many of the file's items the dataset has:
+    AddDatasetItems has no request_id, so neither evalctl nor the SDK retries a chunk (a retry after a lost
+    reply would add again the items without an id), and adding the file again adds again what was added."""
+    added = 0
+    for chunk in item_chunks(items):
+        try:
+            dataset = client.add_dataset_items(dataset.id, chunk).dataset
+        except EvalError:
+            if added:
+                console.print(
+                    f"evalctl: dataset {dataset.id} has the first {added} of the {len(items)} items of {source};"
+                    " the rest were not added, for the error below"
+                )
+            else:
+                console.print(f"evalctl: no item of {source} was added to dataset {dataset.id}, for the error below")
+            raise
+        added += len(chunk)
+    return dataset
+
+
+def _when(timestamp: Any) -> str:
+    return timestamp.ToDatetime().isoformat(timespec="seconds") + "Z" if timestamp.seconds else "-"
+
+
+def _print_datasets(args: argparse.Namespace, datasets: Sequence[pb.Dataset]) -> None:
+    if args.json:
+        _print_json([to_dict(d) for d in datasets] if args.datasets_command == "list" else to_dict(datasets[0]))
+        return
+    table = Table("id", "name", "items", "created", "updated", "description")
+    for dataset in datasets:
+        table.add_row(
+            dataset.id,
+            dataset.display_name,
+            str(dataset.item_count),
+            _when(dataset.create_time),
+            _when(dataset.update_time),
+            dataset.description,
+        )
+    _console().print(table)
+
+
+def cmd_datasets(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    command = args.datasets_command
+    if command == "items":
+        listed = client.list_dataset_items(args.dataset_id, page_size=1000)
+        if args.json:  # one Item per line, as `datasets create --from` and `run` read a .jsonl dataset
+            for item in listed:
+                sys.stdout.write(json.dumps(to_dict(item), sort_keys=True) + "\n")
+            return EXIT_OK
+        table = Table("id", "input", "expected output", "response")
+        for item in listed:
+            table.add_row(item.id, item.input, item.expected_output, item.response.content)
+        _console().print(table)
+        return EXIT_OK
+    if command == "delete":
+        client.delete_dataset(args.dataset_id)
+        if not args.json:
+            console.print(f"deleted dataset {args.dataset_id}")
+        return EXIT_OK
+    if command == "create":
+        items = _dataset_file(args.from_file) if args.from_file else []  # read whole before the dataset exists
+        dataset = client.create_dataset(args.name, description=args.description, labels=dict(args.label))
+        if items:
+            dataset = _add_items(client, dataset, items, args.from_file, console)
+            if not args.json:
+                console.print(f"added {plural(len(items), 'item')} from {args.from_file}")
+        datasets = [dataset]
+    elif command == "add":
+        items = _dataset_file(args.file)
+        datasets = [_add_items(client, client.get_dataset(args.dataset_id), items, args.file, console)]
+        if not args.json:
+            console.print(f"added {plural(len(items), 'item')} from {args.file}")
+    elif command == "list":
+        datasets = list(client.list_datasets())
+    else:
+        datasets = [client.get_dataset(args.dataset_id)]
+    _print_datasets(args, datasets)
+    return EXIT_OK
+
+
+def _secret_value(name: str) -> str:
+    """A secret's value: typed without echo when stdin is a terminal, else stdin read whole with one trailing
+    newline dropped (`printf` or `echo` into it, or `< file`). Never an argument: that lands in the shell's
+    history and in `ps` for every user of the machine."""
+    if sys.stdin.isatty():
+        try:
+            value = getpass.getpass(f"value of secret {name} (not shown): ")
+        except EOFError:
+            value = ""
+    else:
+        value = sys.stdin.read().removesuffix("\n").removesuffix("\r")
+    if not value:
+        raise ValueError(
+            f"secrets create {name}: the value is empty; give it on stdin (`evalctl secrets create {name} < FILE`)"
+        )
+    return value
+
+
+def cmd_secrets(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    command = args.secrets_command
+    if command == "delete":
+        client.delete_secret(args.name)
+        if not args.json:
+            console.print(f"deleted secret {args.name.upper()}")
+        return EXIT_OK
+    if command == "create":
+        secrets = [client.create_secret(args.name, _secret_value(args.name))]
+    else:
+        secrets = list(client.list_secrets())
+    if args.json:
+        _print_json([to_dict(s) for s in secrets] if command == "list" else to_dict(secrets[0]))
+        return EXIT_OK
+    table = Table("name", "set")
+    for secret in secrets:
+        table.add_row(secret.name, _when(secret.create_time))
+    _console().print(table)
+    return EXIT_OK
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, except that a command line it cannot parse exits EXIT_ERROR. Its usual 2 is the exit
     code of a run that ended FAILED or CANCELLED: a CI step that mistyped a flag reported a failed run."""
@@ -855,6 +1025,37 @@ def parser() -> argparse.ArgumentParser:
     deliveries.add_argument("--status", choices=sorted(_DELIVERY_STATUSES))
     deliveries.add_argument("--limit", type=_at_least(1), default=50)
     webhooks.set_defaults(handler=cmd_webhooks)
+
+    datasets = sub.add_parser("datasets", help="manage datasets: named sets of items runs evaluate (dataset_id)")
+    sets = datasets.add_subparsers(dest="datasets_command", required=True)
+    create = sets.add_parser("create", parents=[common], help="create a dataset, with the items of a file")
+    create.add_argument("name", help="its display name")
+    create.add_argument(
+        "--from", dest="from_file", metavar="FILE", help="items from a .jsonl, .csv, .yaml or .json file (docs/spec.md)"
+    )
+    create.add_argument("--description", default="")
+    create.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", type=_label)
+    sets.add_parser("list", parents=[common], help="list datasets, newest first")
+    for name, text in [
+        ("get", "show a dataset"),
+        ("items", "a dataset's items in order (--json: one per line, as a .jsonl dataset file)"),
+        ("delete", "delete a dataset and its items (runs made from it keep theirs)"),
+    ]:
+        sets.add_parser(name, parents=[common], help=text).add_argument("dataset_id")
+    add = sets.add_parser("add", parents=[common], help="append the items of a file to a dataset")
+    add.add_argument("dataset_id")
+    add.add_argument("file", help="a .jsonl, .csv, .yaml or .json dataset file, as `run` reads (docs/spec.md)")
+    datasets.set_defaults(handler=cmd_datasets)
+
+    secrets = sub.add_parser("secrets", help="manage your secrets (provider keys) targets and judges name")
+    keys = secrets.add_subparsers(dest="secrets_command", required=True)
+    create = keys.add_parser(
+        "create", parents=[common], help="set a secret to the value on stdin (typed unseen on a terminal)"
+    )
+    create.add_argument("name", help="the name targets and judges use (api_key_secret, secret:NAME)")
+    keys.add_parser("list", parents=[common], help="list secrets: names and when set, never values")
+    keys.add_parser("delete", parents=[common], help="delete a secret").add_argument("name")
+    secrets.set_defaults(handler=cmd_secrets)
     return top
 
 

@@ -3,7 +3,8 @@
 `pb.comparison` holds CompareRuns' and ListComparisonItems' messages, `pb.cache` the CacheMode enum.
 `pb.grader` and `pb.target` hold the Grader and Target messages; `pb.graders` and `pb.targets` the GraderService
 and TargetService requests and the saved definitions (`pb.SavedGrader`, `pb.SavedTarget`); `pb.webhooks` the
-WebhookService requests, `pb.Webhook` and `pb.WebhookDelivery`."""
+WebhookService requests, `pb.Webhook` and `pb.WebhookDelivery`; `pb.secrets` the SecretService requests and
+`pb.Secret` (a name and when it was set, never a value)."""
 
 from evalsvc_client._gen.evalsvc.v1 import cache_pb2 as cache
 from evalsvc_client._gen.evalsvc.v1 import comparison_pb2 as comparison
@@ -13,6 +14,7 @@ from evalsvc_client._gen.evalsvc.v1 import grader_pb2 as grader
 from evalsvc_client._gen.evalsvc.v1 import grader_service_pb2 as graders
 from evalsvc_client._gen.evalsvc.v1 import item_pb2 as item
 from evalsvc_client._gen.evalsvc.v1 import run_pb2 as run
+from evalsvc_client._gen.evalsvc.v1 import secret_service_pb2 as secrets
 from evalsvc_client._gen.evalsvc.v1 import target_pb2 as target
 from evalsvc_client._gen.evalsvc.v1 import target_service_pb2 as targets
 from evalsvc_client._gen.evalsvc.v1 import webhook_service_pb2 as webhooks
@@ -34,6 +36,7 @@ RunComparison = comparison.RunComparison
 ComparisonItem = comparison.ComparisonItem
 Webhook = webhooks.Webhook
 WebhookDelivery = webhooks.WebhookDelivery
+Secret = secrets.Secret
 
 TERMINAL_STATUSES = frozenset({run.RUN_STATUS_SUCCEEDED, run.RUN_STATUS_FAILED, run.RUN_STATUS_CANCELLED})
 
@@ -52,6 +55,7 @@ __all__ = [
     "RunStatus",
     "SavedGrader",
     "SavedTarget",
+    "Secret",
     "Target",
     "WatchRunResponse",
     "Webhook",
@@ -64,6 +68,7 @@ __all__ = [
     "item",
     "run",
     "runs",
+    "secrets",
     "target",
     "targets",
     "webhooks",
