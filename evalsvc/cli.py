@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
@@ -171,26 +172,29 @@ async def _cache_command(args: argparse.Namespace, settings: config.Settings) ->
 
     from evalsvc.auth.service import parse_duration
     from evalsvc.store import cache as cache_store
+    from evalsvc.store import usage
 
     max_entries = settings.cache_max_entries if args.max_entries is None else args.max_entries
     if max_entries < 0:
         raise ValueError("--max-entries must not be negative")
     unused_before = time.time() - parse_duration(args.unused_for) if args.unused_for else None
-    removed = 0
+    removed: list[cache_store.Removed] = []
     async with _operator_database("cache", settings) as db, db.write() as conn:
         if args.all:
             if args.tenant is None:
                 for tenant in await cache_store.counts(conn):
-                    removed += await cache_store.delete_tenant(conn, tenant)
+                    removed.append(await cache_store.delete_tenant(conn, tenant))
             else:
-                removed += await cache_store.delete_tenant(conn, args.tenant)
+                removed.append(await cache_store.delete_tenant(conn, args.tenant))
         else:
             if unused_before is not None:
-                removed += await cache_store.delete_unused_since(conn, unused_before, args.tenant)
+                removed.append(await cache_store.delete_unused_since(conn, unused_before, args.tenant))
             tenants = [args.tenant] if args.tenant is not None else list(await cache_store.counts(conn))
             for tenant in tenants:
-                removed += await cache_store.evict(conn, tenant, max_entries)
-    print(f"removed {removed} cache entries", file=sys.stderr)
+                removed.append(await cache_store.evict(conn, tenant, max_entries))
+        freed: Counter[str] = sum((r.freed for r in removed), Counter())
+        await usage.add_to_totals(conn, stored_bytes={tenant: -size for tenant, size in freed.items()})
+    print(f"removed {sum(r.rows for r in removed)} cache entries", file=sys.stderr)
     return 0
 
 

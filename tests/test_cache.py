@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sqlalchemy import text
 
 from evalsvc import cli
 from evalsvc.config import CHOICES, SettingsError
@@ -19,6 +20,7 @@ from evalsvc.execution.cache import MODE_NAMES, target_key
 from evalsvc.server import EvalServer
 from evalsvc.statuses import TERMINAL
 from evalsvc.store import cache as cache_store
+from evalsvc.store import usage
 from evalsvc.store.db import Database
 from evalsvc.v1 import cache_pb2, eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
 from evalsvc.v1 import eval_run_service_pb2 as pb
@@ -249,10 +251,16 @@ async def test_the_bound_evicts_the_least_recently_used_and_prune_removes_a_tena
     finally:
         await srv.stop(grace=0.5)
     url = srv.settings.db
+    # The tenant's stored bytes (--max-stored-bytes-per-tenant) hold its entries too, and lose what prune removes.
+    runs_bytes, entries_bytes, counted = await _stored(url)
+    assert entries_bytes > 0 and counted == runs_bytes + entries_bytes
     assert await asyncio.to_thread(cli.main, ["cache", "prune", "--db", url, "--max-entries", "1"]) == 0
     assert await _counts(url) == {"default": 1}
+    runs_bytes, entries_bytes, counted = await _stored(url)
+    assert entries_bytes > 0 and counted == runs_bytes + entries_bytes
     assert await asyncio.to_thread(cli.main, ["cache", "prune", "--db", url, "--tenant", "default", "--all"]) == 0
     assert await _counts(url) == {}
+    assert await _stored(url) == (runs_bytes, 0, runs_bytes)
 
 
 async def _counts(url: str) -> dict[str, int]:
@@ -260,6 +268,19 @@ async def _counts(url: str) -> dict[str, int]:
     try:
         async with db.read() as conn:
             return dict(await cache_store.counts(conn))
+    finally:
+        await db.close()
+
+
+async def _stored(url: str) -> tuple[int, int, int]:
+    """The default tenant's runs' stored bytes, its cache entries' payload bytes, and its stored bytes as counted."""
+    db = Database(url)
+    try:
+        async with db.read() as conn:
+            runs = await conn.execute(text("SELECT COALESCE(SUM(stored_bytes), 0) FROM runs"))
+            entries = await conn.execute(text("SELECT COALESCE(SUM(length(payload)), 0) FROM cache_entries"))
+            counted = await usage.stored_bytes(conn, ["default"])
+            return int(runs.scalar_one()), int(entries.scalar_one()), counted["default"]
     finally:
         await db.close()
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -221,13 +221,12 @@ async def _record_in(
             for f in kept
         ],
     )
-    await _store_cache_entries(conn, kept, cache_max_entries)
+    by_tenant = await _store_cache_entries(conn, kept, cache_max_entries)
     jobs_by_run: dict[str, list[FinishedJob]] = defaultdict(list)
     for f in kept:
         jobs_by_run[f.job.run_id].append(f)
     progress = {run_id: _progress(jobs) for run_id, jobs in jobs_by_run.items()}
     rows = await run_store.add_progress(conn, progress, time.time())
-    by_tenant: defaultdict[str, int] = defaultdict(int)
     for run_id, p in progress.items():
         by_tenant[jobs_by_run[run_id][0].job.tenant] += p.stored_bytes
     await usage.add_to_totals(conn, stored_bytes=by_tenant)  # after the runs: the lock order
@@ -273,17 +272,19 @@ def _progress(run_jobs: Sequence[FinishedJob]) -> run_store.Progress:
     return run_store.Progress(cost_usd=spent, stored_bytes=size, **tally)
 
 
-async def _store_cache_entries(conn: AsyncConnection, kept: Sequence[FinishedJob], max_entries: int) -> None:
-    """Store the batch's new cache entries, mark the used ones, and evict beyond the bound."""
+async def _store_cache_entries(conn: AsyncConnection, kept: Sequence[FinishedJob], max_entries: int) -> Counter[str]:
+    """Store the batch's new cache entries, mark the used ones, and evict beyond the bound; returns the
+    change in stored bytes by tenant (evalsvc.store.cache)."""
     writes = [entry for f in kept for entry in f.cache_writes]
     hits = [(f.job.tenant, key) for f in kept for key in f.cache_hits]
     if not writes and not hits:
-        return
+        return Counter()
     now = time.time()
-    await cache_store.store(conn, writes, now)
+    grown = await cache_store.store(conn, writes, now)
     await cache_store.touch(conn, hits, now)
     for tenant in sorted({entry.tenant for entry in writes}):
-        await cache_store.evict(conn, tenant, max_entries)
+        grown.subtract((await cache_store.evict(conn, tenant, max_entries)).freed)
+    return grown
 
 
 async def _result_events(

@@ -8,10 +8,12 @@ disk every tenant shares. They are counted as data is written, never by reading 
   result's row and its event each hold them: `result_bytes`). A run keeps its own sum (`runs.stored_bytes`),
   which its tenant's total loses when the run is purged (deleted runs count until then).
 - a dataset's items, serialized, as they are appended; DeleteDataset takes them back.
+- the response cache's entries (outputs and verdicts, evalsvc.store.cache), as they are stored or
+  replaced; eviction and `evalsvc cache prune` take them back.
 
-It is what the tenant's data takes, not the database's pages (indexes, free space, the engine's own
-overhead), and text is counted in characters. Saved graders, targets, secrets and webhooks are bounded by
-their counts, the response cache by --cache-max-entries.
+It is what the tenant's data takes, not the database's pages (free space, the engine's own overhead;
+each result's share of its rows and indexes is estimated by RESULT_BYTES), and text is counted in
+characters. Saved graders, targets, secrets and webhooks are bounded by their counts.
 """
 
 from __future__ import annotations

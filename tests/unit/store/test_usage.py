@@ -1,9 +1,11 @@
 """A tenant's stored bytes (evalsvc.store.usage) over a bare database, on either engine: every write that
-stores a tenant's data raises them by what it stores, DeleteDataset and the purge take theirs back, and
-revision 0018 fills them on an upgraded database exactly as the service counts them."""
+stores a tenant's data raises them by what it stores, DeleteDataset, the purge and the response cache's
+eviction and prune take theirs back, and revision 0018 fills them on an upgraded database exactly as the
+service counts them."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -12,11 +14,17 @@ from sqlalchemy import select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.execution import recorder
+from evalsvc.execution.recorder import FinishedJob
 from evalsvc.graders import Grade
+from evalsvc.store import cache as cache_store
 from evalsvc.store import datasets as dataset_store
 from evalsvc.store import migrate, retention, usage
 from evalsvc.store import runs as run_store
+from evalsvc.store.cache import CacheEntry
 from evalsvc.store.db import Database
+from evalsvc.store.jobs import ClaimedJob
+from evalsvc.store.models import CACHE_TARGET_OUTPUT
 from evalsvc.store.records import DatasetRecord
 from evalsvc.v1 import item_pb2, run_pb2
 from tests.unit.execution.test_recorder import ONE_GRADER, claim, done, record
@@ -82,6 +90,35 @@ async def test_each_write_adds_what_it_stores_to_its_tenant_and_deleting_takes_i
     assert await stored(db, "t2") == theirs_size  # another tenant's writes never counted
 
 
+def cached(job: ClaimedJob, key: str, size: int) -> FinishedJob:
+    """The job done, writing a cache entry of `size` bytes under `key`."""
+    entry = CacheEntry(job.tenant, key, CACHE_TARGET_OUTPUT, b"o" * size, 0.0)
+    return dataclasses.replace(done(job, EXPLAINED), cache_writes=[entry])
+
+
+def results_bytes(finished: list[FinishedJob]) -> int:
+    return sum(f.output.ByteSize() + usage.result_bytes(EXPLAINED.explanation, "") for f in finished)
+
+
+async def test_response_cache_entries_count_until_evicted_replaced_or_pruned(db: Database) -> None:
+    [run] = await insert(db, new_run("t1", items=4))
+    before = await stored(db, "t1")
+    jobs = await claim(db, {run.run.id: 4})
+    # Two keys, k1 written twice (REFRESH, or two runs that missed at once): the later 3000 bytes replace 1000.
+    first = [cached(jobs[0], "k1", 1000), cached(jobs[1], "k1", 3000), cached(jobs[2], "k2", 500)]
+    await recorder.record(db, first, {run.run.id: ONE_GRADER}, cache_max_entries=100)
+    assert await stored(db, "t1") == before + results_bytes(first) + 3000 + 500
+    # A bound of one entry keeps the most recently used, k3, and gives back k1's and k2's bytes.
+    last = [cached(jobs[3], "k3", 200)]
+    await recorder.record(db, last, {run.run.id: ONE_GRADER}, cache_max_entries=1)
+    async with db.read() as conn:
+        assert await cache_store.counts(conn) == {"t1": 1}
+    assert await stored(db, "t1") == before + results_bytes(first + last) + 200
+    # The operator's prune returns what it freed; `evalsvc cache prune` takes it off the tenant's total.
+    removed = await db.transact(lambda conn: cache_store.delete_unused_since(conn, time.time() + 1))
+    assert removed.rows == 1 and dict(removed.freed) == {"t1": 200}
+
+
 def _migrate_to(revision: str, *, down: bool) -> Callable[[Connection], None]:
     def step(connection: Connection) -> None:
         config = migrate.alembic_config()
@@ -97,7 +134,8 @@ async def test_revision_0018_fills_stored_bytes_as_the_service_counts_them(db: D
     counting agree, run by run and tenant by tenant, datasets and a tenant with only a dataset included."""
     created = await insert(db, new_run("t1", items=3), new_run("t1", items=2), new_run("t2", items=1))
     jobs = await claim(db, {created[0].run.id: 3, created[2].run.id: 1})
-    await record(db, [done(job, EXPLAINED) for job in jobs], {r.run.id: ONE_GRADER for r in created})
+    finished = [cached(job, f"k{n}", 100 * n) for n, job in enumerate(jobs)]
+    await record(db, finished, {r.run.id: ONE_GRADER for r in created})
     await add_dataset(db, "t1", [b"a" * 500, b"b" * 20])
     await add_dataset(db, "t3", [b"c" * 70])
     by_run = await runs_bytes(db)

@@ -7,8 +7,8 @@ Create Date: 2026-12-06 15:30:00.000000
 - `runs.stored_bytes`: what a run stores. Filled here from what each run already holds, as the service
   counts it: its definition, its copied items, its outputs, and per result 512 bytes (usage.RESULT_BYTES)
   plus its explanation and error reason twice (its row and its event).
-- `tenant_run_totals.stored_bytes`: a tenant's runs' bytes and its datasets' items'. Filled here, with a row
-  for a tenant that has datasets and no run yet.
+- `tenant_run_totals.stored_bytes`: a tenant's runs' bytes, its datasets' items' and its response cache
+  entries'. Filled here, with a row for a tenant that has datasets or cache entries and no run yet.
 """
 
 from __future__ import annotations
@@ -46,10 +46,14 @@ def upgrade() -> None:
         )
     op.execute(
         "INSERT INTO tenant_run_totals (tenant, runs, purged_cost_usd, stored_bytes) "
-        "SELECT DISTINCT tenant, 0, 0, 0 FROM dataset_items "
+        "SELECT tenant, 0, 0, 0 FROM (SELECT tenant FROM dataset_items UNION SELECT tenant FROM cache_entries) AS t "
         "WHERE tenant NOT IN (SELECT tenant FROM tenant_run_totals)"
     )
-    for size, table in (("stored_bytes", "runs"), ("length(item)", "dataset_items")):
+    for size, table in (
+        ("stored_bytes", "runs"),
+        ("length(item)", "dataset_items"),
+        ("length(payload)", "cache_entries"),
+    ):
         op.execute(
             "UPDATE tenant_run_totals SET stored_bytes = tenant_run_totals.stored_bytes + part.size "
             f"FROM (SELECT tenant, SUM({size}) AS size FROM {table} GROUP BY tenant) AS part "
