@@ -948,21 +948,11 @@ def test_an_etag_checked_change_is_not_retried(monkeypatch: pytest.MonkeyPatch) 
     although the change was made (a review). update_run and delete_run with an etag are tried once;
     without one they are retried as before."""
 
-    class Lost(grpc.RpcError):
-        def code(self) -> grpc.StatusCode:
-            return grpc.StatusCode.UNAVAILABLE
-
-        def details(self) -> str:
-            return "the answer was lost"
-
-        def trailing_metadata(self) -> tuple[()]:
-            return ()
-
     attempts: list[str] = []
 
     def lost(request: Any, **_: Any) -> Any:
         attempts.append(type(request).__name__)
-        raise Lost()
+        raise _LostAnswer()
 
     with EvalClient("127.0.0.1:1", api_key="evk_x", retry=RetryPolicy(initial_backoff_s=0.001)) as client:
         monkeypatch.setattr(
@@ -978,3 +968,51 @@ def test_an_etag_checked_change_is_not_retried(monkeypatch: pytest.MonkeyPatch) 
         with pytest.raises(UnavailableError):
             client.delete_run("run_x")
         assert len(attempts) > 3  # without an etag: retried
+
+
+async def test_add_dataset_items_retried_after_a_lost_answer_adds_nothing_twice(
+    server: EvalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server stores the items, the answer is lost (UNAVAILABLE), the client retries: with the request_id it
+    reuses, the retry adds nothing and gets the first call's ids. Without one, the retry added the items without
+    an id again (so add_dataset_items was not retried at all)."""
+    assert server.bootstrap_key
+    target, key = f"127.0.0.1:{server.port}", server.bootstrap_key
+
+    def scenario() -> None:
+        with EvalClient(target, api_key=key, retry=RetryPolicy(initial_backoff_s=0.001)) as client:
+            dataset = client.create_dataset("lost answers")
+            real = client._datasets
+            calls: list[str] = []
+
+            class LosesFirstAnswer:
+                def __getattr__(self, name: str) -> Any:
+                    return getattr(real, name)
+
+                def AddDatasetItems(self, request: Any, **kwargs: Any) -> Any:
+                    answer = real.AddDatasetItems(request, **kwargs)
+                    calls.append(request.request_id)
+                    if len(calls) == 1:
+                        raise _LostAnswer()
+                    return answer
+
+            monkeypatch.setattr(client, "_datasets", LosesFirstAnswer())
+            added = client.add_dataset_items(dataset.id, [pb.Item(input="no id"), pb.Item(input="none either")])
+            assert len(calls) == 2 and calls[0] == calls[1] != ""  # retried, with one request_id
+            assert list(added.item_ids) == ["item-1", "item-2"] and added.dataset.item_count == 2
+            assert [i.input for i in client.list_dataset_items(dataset.id)] == ["no id", "none either"]
+
+    await asyncio.to_thread(scenario)
+
+
+class _LostAnswer(grpc.RpcError):
+    """What a client sees when the server did the work but its answer never arrived."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "the answer was lost"
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()

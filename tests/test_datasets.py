@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from evalsvc.v1 import dataset_service_pb2 as ds
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import item_pb2, run_pb2, target_pb2
-from tests.helpers import error_reason, exact, provided_items, violations, watch_all
+from tests.helpers import error_reason, exact, provided_items, rich_error, violations, watch_all
 
 
 async def _dataset_with_items(datasets, n: int) -> ds.Dataset:  # type: ignore[no-untyped-def]
@@ -245,3 +246,42 @@ async def test_pages_of_large_items_and_results_fit_in_a_message(server, dataset
     results = [result.item_id for page in pages for result in page.results]
     assert sorted(results) == [f"b{i}" for i in range(6)] and max(sizes) <= 450_000 + 1024, sizes
     assert len(sizes) >= 3  # two results a page
+
+
+async def test_an_append_with_a_request_id_happens_once_however_often_it_is_retried(datasets) -> None:  # type: ignore[no-untyped-def]
+    """A retry after a lost reply added again every item without an id (the service assigns a new one): with
+    a request_id (AIP-155) the retries, one after another or all at once, add nothing and get the first
+    call's ids; the same request_id for another request is ALREADY_EXISTS naming the dataset."""
+    dataset = (await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))).dataset
+    request = ds.AddDatasetItemsRequest(
+        dataset_id=dataset.id, items=[item_pb2.Item(input="a"), item_pb2.Item(id="b", input="b")], request_id="r1"
+    )
+    first = await datasets.AddDatasetItems(request)
+    assert list(first.item_ids) == ["item-1", "b"]
+    again = await asyncio.gather(*(datasets.AddDatasetItems(request) for _ in range(5)))
+    assert {tuple(a.item_ids) for a in again} == {("item-1", "b")}
+    assert {a.dataset.item_count for a in again} == {2}
+    # Concurrent first calls of one request_id: one adds, the others answer as it did.
+    racing = ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[item_pb2.Item(input="c")], request_id="r2")
+    raced = await asyncio.gather(*(datasets.AddDatasetItems(racing) for _ in range(5)))
+    assert {tuple(a.item_ids) for a in raced} == {("item-3",)}
+    listed = await datasets.ListDatasetItems(ds.ListDatasetItemsRequest(dataset_id=dataset.id))
+    assert [i.id for i in listed.items] == ["item-1", "b", "item-3"]
+
+    other = ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[item_pb2.Item(input="z")], request_id="r1")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await datasets.AddDatasetItems(other)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and error_reason(err.value) == "REQUEST_ID_CONFLICT"
+    assert rich_error(err.value).metadata == {"dataset_id": dataset.id}
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[], request_id="x" * 129))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and set(violations(err.value)) == {
+        "items",
+        "request_id",
+    }
+
+    # The request_ids go with their dataset: a retry after DeleteDataset is NOT_FOUND, as any call on it.
+    await datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=dataset.id))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await datasets.AddDatasetItems(request)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -37,12 +37,14 @@ from evalsvc.messages.validation import (
 from evalsvc.store import datasets as dataset_store
 from evalsvc.store import usage
 from evalsvc.store.db import Database
-from evalsvc.store.records import DatasetGenerationRecord, DatasetRecord
+from evalsvc.store.records import DatasetAppendRecord, DatasetGenerationRecord, DatasetRecord
 from evalsvc.v1 import dataset_service_pb2 as pb
 from evalsvc.v1 import item_pb2
 from evalsvc.v1.dataset_generation_pb2 import DatasetGeneration
 
 MAX_ITEMS_PER_CALL = 10_000
+# What AddDatasetItems answers: the added items' ids, the dataset after them, and its generation if any.
+Appended = tuple[list[str], DatasetRecord, DatasetGenerationRecord | None]
 
 
 def generation_from(generation: DatasetGenerationRecord) -> DatasetGeneration:
@@ -201,17 +203,21 @@ class DatasetService:
         return self._page_tokens.page(tenant, "datasets", {}, datasets, len(rows), lambda i: datasets[i].id)
 
     async def add_items(self, tenant: str, request: pb.AddDatasetItemsRequest) -> tuple[builtins.list[str], pb.Dataset]:
-        """Append items; their ids must be new to the dataset."""
+        """Append items; their ids must be new to the dataset. With a request_id, once (AIP-155): a retry
+        adds nothing and answers with the first call's item ids and the dataset as it is now."""
+        problems: list[FieldViolation] = []
         if not request.items:
-            raise invalid_argument([FieldViolation("items", "at least one item is required")])
+            problems.append(FieldViolation("items", "at least one item is required"))
         if len(request.items) > MAX_ITEMS_PER_CALL:  # before numbering: that reads the dataset under its lock
-            raise invalid_argument(
-                [FieldViolation("items", f"at most {MAX_ITEMS_PER_CALL} items per request (got {len(request.items)})")]
+            problems.append(
+                FieldViolation("items", f"at most {MAX_ITEMS_PER_CALL} items per request (got {len(request.items)})")
             )
+        check_length(request.request_id, MAX_REQUEST_ID, "request_id", problems)
+        if problems:
+            raise invalid_argument(problems)
+        digest = fingerprint(request)
 
-        async def add(
-            conn: AsyncConnection,
-        ) -> tuple[list[str], DatasetRecord, DatasetGenerationRecord | None]:
+        async def add(conn: AsyncConnection) -> Appended:
             # On copies: the writer may run this twice, and ids are numbered from the count it reads.
             items = copy.deepcopy(list(request.items))
             violations: list[FieldViolation] = []
@@ -238,10 +244,38 @@ class DatasetService:
                 [(item.id, item.SerializeToString()) for item in items],
                 time.time(),
             )
+            if request.request_id:
+                append = DatasetAppendRecord(
+                    tenant,
+                    request.request_id,
+                    request.dataset_id,
+                    digest,
+                    first_idx=updated.item_count - len(ids),
+                    count=len(ids),
+                    create_time=updated.update_time,
+                )
+                await dataset_store.insert_append(conn, append)
             generations = await dataset_store.generations_of(conn, [request.dataset_id])
             return ids, updated, generations.get(request.dataset_id)
 
-        ids, updated, generation = await self._db.transact(add)
+        async def replay(first: DatasetAppendRecord) -> Appended:
+            async with self._db.read() as conn:  # the generation first, as `get` reads them
+                generations = await dataset_store.generations_of(conn, [first.dataset_id])
+                dataset = await dataset_store.get(conn, tenant, first.dataset_id)
+                ids = await dataset_store.item_ids_between(conn, first.dataset_id, first.first_idx, first.count)
+            if dataset is None:  # deleted since (its appends went with it): as for any call on it
+                raise not_found("dataset", first.dataset_id)
+            return ids, dataset, generations.get(first.dataset_id)
+
+        ids, updated, generation = await create_once(
+            self._db,
+            kind="dataset",
+            request_id=request.request_id,
+            fingerprint=digest,
+            find=lambda conn: dataset_store.find_append(conn, tenant, request.request_id),
+            create=add,
+            replay=replay,
+        )
         return ids, dataset_from(updated, generation)
 
     async def delete(self, tenant: str, dataset_id: str) -> None:

@@ -10,11 +10,12 @@ from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store import quotas, usage
-from evalsvc.store.models import DatasetGenerationRow, DatasetItemRow, DatasetRow
-from evalsvc.store.records import ClaimableGeneration, DatasetGenerationRecord, DatasetRecord
+from evalsvc.store.models import DatasetAppendRow, DatasetGenerationRow, DatasetItemRow, DatasetRow
+from evalsvc.store.records import ClaimableGeneration, DatasetAppendRecord, DatasetGenerationRecord, DatasetRecord
 
 DATASETS = DatasetRow.__table__  # type: ignore[attr-defined]
 ITEMS = DatasetItemRow.__table__  # type: ignore[attr-defined]
+APPENDS = DatasetAppendRow.__table__  # type: ignore[attr-defined]
 
 
 async def insert_dataset(conn: AsyncConnection, dataset: DatasetRecord) -> None:
@@ -52,6 +53,7 @@ async def remove(conn: AsyncConnection, tenant: str, dataset_id: str) -> bool:
     if deleted.first() is None:
         return False
     await conn.execute(delete(GENERATIONS).where(GENERATIONS.c.dataset_id == dataset_id))
+    await conn.execute(delete(APPENDS).where(APPENDS.c.dataset_id == dataset_id))
     size = await conn.execute(
         select(func.coalesce(func.sum(func.length(ITEMS.c.item)), 0)).where(ITEMS.c.dataset_id == dataset_id)
     )
@@ -112,6 +114,28 @@ async def append_items(
     )
     await usage.add_to_totals(conn, stored_bytes={tenant: sum(len(item) for _, item in items)})
     return dataset
+
+
+async def find_append(conn: AsyncConnection, tenant: str, request_id: str) -> DatasetAppendRecord | None:
+    """The AddDatasetItems a tenant made with this request_id, if its dataset still exists."""
+    found = await conn.execute(select(APPENDS).where(APPENDS.c.tenant == tenant, APPENDS.c.request_id == request_id))
+    row = found.mappings().first()
+    return None if row is None else DatasetAppendRecord.from_row(row)
+
+
+async def insert_append(conn: AsyncConnection, append: DatasetAppendRecord) -> None:
+    """Remember what an AddDatasetItems with a request_id added (in the transaction that added it)."""
+    await conn.execute(insert(APPENDS).values(**asdict(append)))
+
+
+async def item_ids_between(conn: AsyncConnection, dataset_id: str, first_idx: int, count: int) -> list[str]:
+    """The ids of a dataset's items at indexes first_idx .. first_idx + count - 1, in order."""
+    rows = await conn.execute(
+        select(ITEMS.c.item_id)
+        .where(ITEMS.c.dataset_id == dataset_id, ITEMS.c.idx >= first_idx, ITEMS.c.idx < first_idx + count)
+        .order_by(ITEMS.c.idx)
+    )
+    return [item_id for (item_id,) in rows]
 
 
 async def items_page(conn: AsyncConnection, dataset_id: str, *, after_idx: int, limit: int) -> list[tuple[int, bytes]]:

@@ -307,6 +307,22 @@ class DatasetItemRow(SQLModel, table=True):
     item: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
+class DatasetAppendRow(SQLModel, table=True):
+    """An AddDatasetItems made with a request_id (AIP-155): the items it added (a range of the dataset's
+    indexes), so that a retry adds nothing and answers as it did. Deleted with its dataset."""
+
+    __tablename__ = "dataset_appends"
+    __table_args__ = (Index("ix_dataset_appends_dataset", "dataset_id"),)
+
+    tenant: str = Field(primary_key=True, max_length=64)
+    request_id: str = Field(primary_key=True, max_length=128)
+    dataset_id: str = Field(max_length=40)
+    request_hash: str = Field(max_length=64)
+    first_idx: int  # the first added item's index in the dataset
+    count: int  # how many it added
+    create_time: float = 0.0
+
+
 class DatasetGenerationRow(SQLModel, table=True):
     """Items the generator model is asked to write into a dataset; one per dataset, leased while a
     process works on it so a restart (or another replica) resumes it."""

@@ -205,6 +205,25 @@ class DatasetRecord(FromRow):
 
 
 @dataclass(frozen=True, slots=True)
+class DatasetAppendRecord(FromRow):
+    """A row of `dataset_appends` (models.DatasetAppendRow): the items an AddDatasetItems with a
+    request_id added."""
+
+    tenant: str
+    request_id: str
+    dataset_id: str
+    request_hash: str
+    first_idx: int
+    count: int
+    create_time: float
+
+    @property
+    def id(self) -> str:
+        """What a request_id conflict names (evalsvc.idempotency): the dataset the items went to."""
+        return self.dataset_id
+
+
+@dataclass(frozen=True, slots=True)
 class DatasetGenerationRecord(FromRow):
     """A row of `dataset_generations` (models.DatasetGenerationRow): items a model is asked to write
     into a dataset, with the lease of the process working on it."""

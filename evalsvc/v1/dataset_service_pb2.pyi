@@ -92,12 +92,14 @@ class ListDatasetsResponse(_message.Message):
     def __init__(self, datasets: _Optional[_Iterable[_Union[Dataset, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class AddDatasetItemsRequest(_message.Message):
-    __slots__ = ("dataset_id", "items")
+    __slots__ = ("dataset_id", "items", "request_id")
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     dataset_id: str
     items: _containers.RepeatedCompositeFieldContainer[_item_pb2.Item]
-    def __init__(self, dataset_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[_item_pb2.Item, _Mapping]]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, dataset_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[_item_pb2.Item, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class AddDatasetItemsResponse(_message.Message):
     __slots__ = ("item_ids", "dataset")

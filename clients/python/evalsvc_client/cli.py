@@ -745,10 +745,10 @@ def _dataset_file(path: str) -> list[pb.Item]:
 def _add_items(
     client: EvalClient, dataset: pb.Dataset, items: Sequence[pb.Item], source: str, console: Console
 ) -> pb.Dataset:
-    """Append `items` (read from `source`) in chunks (`item_chunks`); the dataset after the last. A chunk the
-    server refuses stops the rest, after a line saying how many of the file's items the dataset has:
-    AddDatasetItems has no request_id, so neither evalctl nor the SDK retries a chunk (a retry after a lost
-    reply would add again the items without an id), and adding the file again adds again what was added."""
+    """Append `items` (read from `source`) in chunks (`item_chunks`); the dataset after the last. Each chunk has
+    its own request_id, so the SDK's retries of a chunk whose answer was lost add nothing twice. A chunk the
+    server refuses stops the rest, after a line saying how many of the file's items the dataset has (adding
+    the file again adds again what was added)."""
     added = 0
     for chunk in item_chunks(items):
         try:

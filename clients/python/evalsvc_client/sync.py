@@ -381,10 +381,15 @@ class EvalClient:
                 return
             request.page_token = page.next_page_token
 
-    def add_dataset_items(self, dataset_id: str, items: Iterable[ItemLike]) -> pb.datasets.AddDatasetItemsResponse:
-        """Append items. Not retried: a repeat after a lost reply would be refused for duplicate item ids."""
-        request = pb.datasets.AddDatasetItemsRequest(dataset_id=dataset_id, items=[to_item(i) for i in items])
-        return self._call(self._datasets.AddDatasetItems, request, retry=False)
+    def add_dataset_items(
+        self, dataset_id: str, items: Iterable[ItemLike], *, request_id: str | None = None
+    ) -> pb.datasets.AddDatasetItemsResponse:
+        """Append items. Retries reuse one request_id, so a retry after a lost reply adds nothing and gets the
+        first call's item ids."""
+        request = pb.datasets.AddDatasetItemsRequest(
+            dataset_id=dataset_id, items=[to_item(i) for i in items], request_id=request_id or new_request_id()
+        )
+        return self._call(self._datasets.AddDatasetItems, request)
 
     def list_dataset_items(self, dataset_id: str, *, page_size: int = 0) -> Iterator[pb.Item]:
         """A dataset's items in the order they were added, across every page."""

@@ -14,6 +14,7 @@ from evalsvc.store import datasets, runs, secrets, webhooks
 from evalsvc.store.jobs import CLAIMED_COLUMNS, OUTPUT_COLUMNS, ClaimedJob, output_tuple
 from evalsvc.store.models import (
     ApiKeyRow,
+    DatasetAppendRow,
     DatasetGenerationRow,
     DatasetRow,
     ResultRow,
@@ -29,6 +30,7 @@ from evalsvc.store.records import (
     ApiKeyRecord,
     ClaimableGeneration,
     ClaimedDelivery,
+    DatasetAppendRecord,
     DatasetGenerationRecord,
     DatasetRecord,
     GraderTally,
@@ -51,6 +53,7 @@ FULL_RECORDS: list[tuple[type[Any], type[SQLModel]]] = [
     (GraderVersionRecord, SavedGraderVersionRow),
     (SavedTargetRecord, SavedTargetRow),
     (DatasetRecord, DatasetRow),
+    (DatasetAppendRecord, DatasetAppendRow),
     (DatasetGenerationRecord, DatasetGenerationRow),
     (ApiKeyRecord, ApiKeyRow),
     (TenantSecretRecord, TenantSecretRow),
