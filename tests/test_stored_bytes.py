@@ -5,6 +5,7 @@ shares. Past it CreateRun and AddDatasetItems are refused with nothing written, 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -17,6 +18,12 @@ from evalsvc.testing import EvalServiceTestServer
 from evalsvc.v1 import dataset_service_pb2 as ds
 from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc, item_pb2, run_pb2, target_pb2
 from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1.dataset_generation_pb2 import (
+    ContinueConversationsRequest,
+    Conversation,
+    GenerateDatasetItemsRequest,
+)
+from evalsvc.v1.dataset_generation_pb2_grpc import DatasetGenerationServiceStub
 from tests import dbs
 from tests.fake_llm import FakeEndpoint, Reply
 from tests.helpers import create_request, exact, keyed_channel, watch_all
@@ -30,11 +37,14 @@ REPLY = "x" * 4000  # what the target answers to each item: 60 of them pass LIMI
 class Tenant:
     runs: eval_run_service_pb2_grpc.EvalRunServiceStub
     datasets: dataset_service_pb2_grpc.DatasetServiceStub
+    generations: DatasetGenerationServiceStub
 
     @classmethod
     def on(cls, channel: grpc.aio.Channel) -> Tenant:
         return cls(
-            eval_run_service_pb2_grpc.EvalRunServiceStub(channel), dataset_service_pb2_grpc.DatasetServiceStub(channel)
+            eval_run_service_pb2_grpc.EvalRunServiceStub(channel),
+            dataset_service_pb2_grpc.DatasetServiceStub(channel),
+            DatasetGenerationServiceStub(channel),
         )
 
     async def run_to_end(self, request: pb.CreateRunRequest) -> run_pb2.Run:
@@ -48,6 +58,7 @@ class Served:
     mine: Tenant
     theirs: Tenant
     agent: FakeEndpoint
+    server: EvalServiceTestServer
 
 
 @pytest.fixture
@@ -61,11 +72,14 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
                 workers=2,
                 claim_batch=4,
                 outbound_allow="127.0.0.1",
+                deleted_run_retention_s=0.0,
+                judge_base_url=agent.url + "/v1",  # the generator model too: any call to it is seen
+                judge_model="gen",
             )
         )
         other_key, _ = await server.server.keys.create("other")
         theirs = await stack.enter_async_context(keyed_channel(server.server.port, other_key))
-        yield Served(Tenant.on(server.channel), Tenant.on(theirs), agent)
+        yield Served(Tenant.on(server.channel), Tenant.on(theirs), agent, server)
 
 
 def agent_run(url: str, items: int) -> pb.CreateRunRequest:
@@ -80,9 +94,11 @@ async def test_a_run_that_fills_its_tenants_storage_ends_failed_keeping_its_resu
     run = await served.mine.run_to_end(agent_run(served.agent.url, 200))  # 800 KB of replies: four times LIMIT
     assert run.status == run_pb2.RUN_STATUS_FAILED and run.error.code == "STORAGE_QUOTA_EXCEEDED", run.error
     assert "--max-stored-bytes-per-tenant" in run.error.message
-    # Each evaluation stores its reply and a result (and the run its items): stopped once they reach LIMIT,
-    # as jobs start, so those under way then (two workers, a claim of four) still finish.
-    assert LIMIT // (len(REPLY) + 500) <= run.counts.completed_evaluations < LIMIT // len(REPLY) + 12
+    # The run stores its definition, items and 200 jobs (under 30 KB), then each evaluation its reply and a
+    # result: stopped once they reach LIMIT, as jobs start, so those under way then (two workers, a claim of
+    # four) still finish.
+    done = run.counts.completed_evaluations
+    assert (LIMIT - 30_000) // (len(REPLY) + 500) <= done < LIMIT // len(REPLY) + 12
     assert len(served.agent.seen) == run.counts.completed_evaluations
     results = await served.mine.runs.ListRunResults(pb.ListRunResultsRequest(run_id=run.id, page_size=1000))
     assert len(results.results) == run.counts.completed_evaluations  # what it did is kept, and readable
@@ -99,6 +115,19 @@ async def test_a_run_that_fills_its_tenants_storage_ends_failed_keeping_its_resu
             ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[item_pb2.Item(input="q")])
         )
     assert_over(refused.value, "max_stored_bytes_per_tenant")
+    # Generations too, before the model is asked (and paid) for anything.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await served.mine.generations.GenerateDatasetItems(
+            GenerateDatasetItemsRequest(dataset_id=dataset.id, item_count=5, instructions="Questions.")
+        )
+    assert_over(refused.value, "max_stored_bytes_per_tenant")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        conversation = Conversation(item_id="c1", turns=[item_pb2.Message(role="user", content="hi")])
+        await served.mine.generations.ContinueConversations(
+            ContinueConversationsRequest(dataset_id=dataset.id, conversations=[conversation])
+        )
+    assert_over(refused.value, "max_stored_bytes_per_tenant")
+    assert len(served.agent.seen) == run.counts.completed_evaluations  # no model call was made for them
     theirs = await served.theirs.run_to_end(agent_run(served.agent.url, 10))
     assert theirs.status == run_pb2.RUN_STATUS_SUCCEEDED or theirs.counts.completed_evaluations == 10
 
@@ -143,3 +172,19 @@ async def test_a_tenant_that_made_room_after_a_stopped_run_runs_again_at_once(se
     run = await served.mine.run_to_end(create_request(3))
     assert run.status == run_pb2.RUN_STATUS_SUCCEEDED, run.error
     assert run.counts.completed_evaluations == 3
+
+
+async def test_a_run_marked_to_stop_and_purged_before_it_ended_stops_no_recording(served: Served) -> None:
+    """A run over its tenant's bytes is marked, and ended once what it finished is recorded; deleted and
+    purged in between (DeleteRun is the documented remedy, and --deleted-run-retention-s may be 0), ending it
+    raised and the recording loop failed after every batch, for every tenant (a 200-item run: 1.1 s before,
+    102 s after). The mark is set here by hand: the interleaving that reaches it is a matter of milliseconds."""
+    executor = served.server.server.executor
+    gone = await served.mine.run_to_end(create_request(1))
+    await served.mine.runs.DeleteRun(pb.DeleteRunRequest(run_id=gone.id))
+    await served.server.server.purger.purge()
+    executor._over_limit[gone.id] = ("STORAGE_QUOTA_EXCEEDED", "marked, then purged")
+    executor.wake()
+    run = await asyncio.wait_for(served.theirs.run_to_end(create_request(200)), 30)
+    assert run.status == run_pb2.RUN_STATUS_SUCCEEDED
+    assert gone.id not in executor._over_limit

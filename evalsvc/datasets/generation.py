@@ -39,7 +39,13 @@ import grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.config import Settings
-from evalsvc.datasets.service import append_items, check_item_room, generation_from, number_new_items
+from evalsvc.datasets.service import (
+    append_items,
+    check_byte_room,
+    check_item_room,
+    generation_from,
+    number_new_items,
+)
 from evalsvc.errors import FieldViolation, Reason, ServiceError, invalid_argument, not_found
 from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.http.outbound import Outbound, OutboundError, call_tenant
@@ -49,6 +55,7 @@ from evalsvc.messages.validation import check_items
 from evalsvc.metrics import Metrics
 from evalsvc.storable import storable_json
 from evalsvc.store import datasets as dataset_store
+from evalsvc.store import usage
 from evalsvc.store.db import Database
 from evalsvc.store.records import DatasetGenerationRecord
 from evalsvc.targets import chat_url
@@ -221,6 +228,7 @@ class DatasetGenerations:
                     )
                 return existing, False
             check_item_room(self._item_cap, dataset, request.item_count)
+            check_byte_room(self._bytes_cap, await usage.held_bytes(conn, tenant), 1)  # before paying the model
             generation = DatasetGenerationRecord(
                 dataset_id=request.dataset_id,
                 tenant=tenant,
@@ -274,8 +282,10 @@ class DatasetGenerations:
             if dataset is None:
                 raise not_found("dataset", request.dataset_id)
             stored = await dataset_store.items_by_id(conn, request.dataset_id, [item.id for item in items])
+            held = (await usage.stored_bytes(conn, [tenant]))[tenant]
         # Before the model calls, which cost the tenant; checked again under the lock when writing.
         check_item_room(self._item_cap, dataset, sum(item.id not in stored for item in items))
+        check_byte_room(self._bytes_cap, held, 1)
         slots = asyncio.Semaphore(CONTINUE_CONCURRENCY)
 
         async def write(conversation: Any, item: item_pb2.Item) -> None:
@@ -442,8 +452,8 @@ class DatasetGenerations:
                 reason = exc.reason
             elif isinstance(exc, UnusableAnswer):
                 reason = f"the generator model gave no usable items: {exc}"
-            else:  # the batch would pass the dataset's item cap (_append)
-                reason = f"the dataset has no room for more items: {exc.message}"
+            else:  # the batch would pass the dataset's item cap or its tenant's bytes (_append)
+                reason = f"no more items could be added: {exc.message}"
             log.warning("dataset %s: generation failed: %s", dataset_id, reason)
             await self._write(self._finish(dataset_id, claim_id, FAILED, reason))
 

@@ -110,11 +110,14 @@ async def append_items(
 ) -> DatasetRecord:
     """Append (item id, serialized item) rows to a dataset the transaction holds, unless they would take
     the tenant past the bytes it may store (evalsvc.store.usage): then all of them are refused."""
-    held = await usage.held_bytes(conn, tenant)
-    bytes_cap.check(
-        held, sum(len(item) for _, item in rows), remedy="nothing was written; delete runs or datasets to make room"
-    )
+    check_byte_room(bytes_cap, await usage.held_bytes(conn, tenant), sum(len(item) for _, item in rows))
     return await dataset_store.append_items(conn, tenant, dataset_id, rows, now)
+
+
+def check_byte_room(bytes_cap: StoredCap, held: int, adding: int) -> None:
+    """Refuse adding `adding` bytes to a tenant that stores `held` when that would pass its bytes (1 when
+    what is added is not known yet: a generation's items, before the model writes them)."""
+    bytes_cap.check(held, adding, remedy="nothing was written; delete runs or datasets to make room")
 
 
 class DatasetService:

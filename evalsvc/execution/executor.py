@@ -895,7 +895,11 @@ class Executor:
         for run_id, (code, message) in list(self._over_limit.items()):
             if any(f.job.run_id == run_id for f in self._finished):
                 continue
-            plan = await self._plan(run_id)
+            try:
+                plan = await self._plan(run_id)
+            except LookupError:  # deleted and purged meanwhile: nothing is left to end
+                del self._over_limit[run_id]
+                continue
             event = await fail_early(self._db, plan.tenant, run_id, plan.recorder_view, code, message)
             del self._over_limit[run_id]
             self.run_ended(run_id)

@@ -229,7 +229,6 @@ async def _record_in(
     rows = await run_store.add_progress(conn, progress, time.time())
     for run_id, p in progress.items():
         by_tenant[jobs_by_run[run_id][0].job.tenant] += p.stored_bytes
-    await usage.add_to_totals(conn, stored_bytes=by_tenant)  # after the runs: the lock order
     by_run: dict[str, list[pb.WatchRunResponse]] = {}
     result_rows: list[tuple[Any, ...]] = []
     for run_id, run_jobs in sorted(jobs_by_run.items()):
@@ -250,6 +249,9 @@ async def _record_in(
         for event in await run_store.finish_runs(conn, endings):
             by_run[event.run.id].append(event)
         assert all(by_run[run_id][-1].HasField("run") for run_id, _ in done), "a run with leased jobs ended early"
+    # Last: after the runs' rows (the lock order), and holding the tenants' rows no longer than it must (on
+    # PostgreSQL a tenant's other recordings, CreateRuns and appends wait for them).
+    await usage.add_to_totals(conn, stored_bytes=by_tenant)
     return by_run, {run_id for run_id, _ in done}
 
 

@@ -441,7 +441,7 @@ class RunService:
             row=row,
             items=items,
             repetitions=repetitions,
-            stored_bytes=usage.new_run_bytes(row["spec"], items),
+            stored_bytes=usage.new_run_bytes(row, items, len(items) * repetitions),
             check_active_runs=self._limits.check_active_runs,
             check_stored_runs=self._check_stored_runs,
             check_stored_bytes=self._check_stored_bytes,

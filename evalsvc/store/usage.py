@@ -3,10 +3,13 @@
 The bytes a tenant stores bound it (--max-stored-bytes-per-tenant), so that one tenant cannot fill the
 disk every tenant shares. They are counted as data is written, never by reading it back:
 
-- a run: its definition and its copied items when it is created (`new_run_bytes`); every recording adds
-  its outputs, serialized, and per result `RESULT_BYTES` plus its explanation and error reason twice (the
-  result's row and its event each hold them: `result_bytes`). A run keeps its own sum (`runs.stored_bytes`),
-  which its tenant's total loses when the run is purged (deleted runs count until then).
+- a run, when it is created (`new_run_bytes`): its definition and descriptive fields (names, labels,
+  annotations) `RUN_COPIES` times (its row, and the events of its creation, its start and its end each
+  hold the whole run), its copied items, and `JOB_BYTES` per job; every recording adds its outputs,
+  serialized, and per result `RESULT_BYTES` plus its explanation and error reason twice (the result's row
+  and its event each hold them: `result_bytes`). A run keeps its own sum (`runs.stored_bytes`), which its
+  tenant's total loses when the run is purged (deleted runs count until then). UpdateRun's changes to
+  the descriptive fields are not counted (at most 64 KiB of annotations a run).
 - a dataset's items, serialized, as they are appended; DeleteDataset takes them back.
 - the response cache's entries (outputs and verdicts, evalsvc.store.cache), as they are stored or
   replaced; eviction and `evalsvc cache prune` take them back.
@@ -18,7 +21,9 @@ characters. Saved graders, targets, secrets and webhooks are bounded by their co
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -30,15 +35,30 @@ from evalsvc.store.models import RunRow, TenantRunTotalsRow
 
 RUNS = RunRow.__table__  # type: ignore[attr-defined]
 TOTALS = TenantRunTotalsRow.__table__  # type: ignore[attr-defined]
-# What a result takes beyond its texts: its row, its event, its job's row and their index entries (ids,
-# state, scores, times, counts). An estimate, so that a run of many small results counts what it takes:
-# with 160, a SQLite file of runs with 100-byte replies was 2.6 times the bytes counted (docs/operations.md).
-RESULT_BYTES = 512
+# Estimates of what rows and their index entries take beyond the data counted, so that runs of many small
+# results, or of many jobs that never ran (cancelled, stopped), count what they take: a result's row and
+# event (ids, state, scores, times, counts), a job's row. With no such estimate a SQLite file of runs with
+# 100-byte replies was 2.6 times the bytes counted, and 1,000,000 cancelled jobs 137 MB uncounted
+# (docs/operations.md).
+RESULT_BYTES = 384
+JOB_BYTES = 128
+RUN_COPIES = 4  # a run's row, and the events of its creation, its start and its end
 
 
-def new_run_bytes(spec: bytes, items: Sequence[bytes]) -> int:
-    """What a new run stores: its serialized definition and its copied items."""
-    return len(spec) + sum(map(len, items))
+def described_bytes(row: Mapping[str, Any]) -> int:
+    """A run row's definition and descriptive fields (labels and annotations as the JSON they are stored as)."""
+    return (
+        len(row["spec"])
+        + len(row["display_name"])
+        + len(row["description"])
+        + len(json.dumps(row["labels"]))
+        + len(json.dumps(row["annotations"]))
+    )
+
+
+def new_run_bytes(row: Mapping[str, Any], items: Sequence[bytes], jobs: int) -> int:
+    """What a new run stores (see the module docstring), from the row CreateRun writes."""
+    return RUN_COPIES * described_bytes(row) + sum(map(len, items)) + JOB_BYTES * jobs
 
 
 def result_bytes(explanation: str, error_reason: str) -> int:

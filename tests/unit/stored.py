@@ -72,7 +72,7 @@ def new_run(
         "create_time": time.time(),
     }
     stored_items = [item_pb2.Item(id=f"item{i}", input=f"q{i}").SerializeToString() for i in range(items)]
-    return run_store.NewRun(row, stored_items, repetitions, usage.new_run_bytes(row["spec"], stored_items))
+    return run_store.NewRun(row, stored_items, repetitions, usage.new_run_bytes(row, stored_items, items * repetitions))
 
 
 async def insert(db: Database, *runs: run_store.NewRun) -> list[pb.WatchRunResponse]:

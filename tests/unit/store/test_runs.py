@@ -115,7 +115,7 @@ async def test_tenant_runs_counts_pending_and_running_runs_as_active_and_every_r
     await set_status(db, ended, SUCCEEDED)
 
     counted = await db.transact(lambda conn: run_store.tenant_runs(conn, ["t1", "t3", "t2"]))
-    size = [len(run.row["spec"]) + sum(map(len, run.items)) for run in new]  # what each run stores
+    size = [run.stored_bytes for run in new]  # what each run stores (evalsvc.store.usage)
     assert size[1] > size[0]
     assert counted == {
         "t1": run_store.TenantRuns(active=2, stored=3, stored_bytes=size[0] + size[1] + size[2]),

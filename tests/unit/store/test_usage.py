@@ -6,6 +6,7 @@ service counts them."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 
@@ -44,6 +45,20 @@ async def runs_bytes(db: Database) -> dict[str, int]:
         return {run_id: int(n) for run_id, n in rows}
 
 
+def test_a_new_run_counts_its_definition_and_descriptions_four_times_its_items_once_and_each_job() -> None:
+    """Its row and the events of its creation, start and end each hold the whole run: a run whose definition
+    or annotations are large costs that four times (cancelled at once, it has already stored three)."""
+    plain, described = new_run("t1", items=2, repetitions=3), new_run("t1", items=2, repetitions=3)
+    row = {**described.row, "annotations": {"notes": "n" * 1000}, "labels": {"team": "search"}, "description": "d"}
+    grown = usage.new_run_bytes(row, described.items, 6) - plain.stored_bytes
+    assert grown == usage.RUN_COPIES * (
+        len(json.dumps(row["annotations"])) - 2 + len(json.dumps(row["labels"])) - 2 + 1
+    )
+    assert plain.stored_bytes == (
+        usage.RUN_COPIES * (len(plain.row["spec"]) + 2 + 2) + sum(map(len, plain.items)) + 6 * usage.JOB_BYTES
+    )
+
+
 async def add_dataset(db: Database, tenant: str, items: list[bytes]) -> str:
     dataset_id = f"ds_{tenant}"
     now = time.time()
@@ -60,7 +75,7 @@ async def add_dataset(db: Database, tenant: str, items: list[bytes]) -> str:
 async def test_each_write_adds_what_it_stores_to_its_tenant_and_deleting_takes_it_back(db: Database) -> None:
     mine, theirs = new_run("t1", items=3), new_run("t2", items=1)
     created = await insert(db, mine, theirs)
-    mine_size, theirs_size = (len(new.row["spec"]) + sum(map(len, new.items)) for new in (mine, theirs))
+    mine_size, theirs_size = mine.stored_bytes, theirs.stored_bytes
     assert await stored(db, "t1") == mine_size
     assert await stored(db, "t2") == theirs_size
 
@@ -132,7 +147,8 @@ async def test_revision_0018_fills_stored_bytes_as_the_service_counts_them(db: D
     """An upgraded database starts with what its tenants already store counted (an empty column would give
     every tenant a fresh --max-stored-bytes-per-tenant on top of it): the revision's SQL and the service's
     counting agree, run by run and tenant by tenant, datasets and a tenant with only a dataset included."""
-    created = await insert(db, new_run("t1", items=3), new_run("t1", items=2), new_run("t2", items=1))
+    labelled = new_run("t1", items=2, repetitions=2, labels={"team": "search", "größe": "groß"})
+    created = await insert(db, new_run("t1", items=3), labelled, new_run("t2", items=1))
     jobs = await claim(db, {created[0].run.id: 3, created[2].run.id: 1})
     finished = [cached(job, f"k{n}", 100 * n) for n, job in enumerate(jobs)]
     await record(db, finished, {r.run.id: ONE_GRADER for r in created})

@@ -5,8 +5,8 @@ Revises: 0017
 Create Date: 2026-12-06 15:30:00.000000
 
 - `runs.stored_bytes`: what a run stores. Filled here from what each run already holds, as the service
-  counts it: its definition, its copied items, its outputs, and per result 512 bytes (usage.RESULT_BYTES)
-  plus its explanation and error reason twice (its row and its event).
+  counts it (evalsvc.store.usage): its definition and descriptive fields four times, its copied items, 128
+  bytes a job, its outputs, and per result 384 bytes plus its explanation and error reason twice.
 - `tenant_run_totals.stored_bytes`: a tenant's runs' bytes, its datasets' items' and its response cache
   entries'. Filled here, with a row for a tenant that has datasets or cache entries and no run yet.
 """
@@ -33,11 +33,15 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("stored_bytes", BIG, server_default="0", nullable=False))
     # One grouped read of each table (outputs has no index by run: a correlated subquery per run would
     # read the whole table once per run), added to the runs it names.
-    op.execute("UPDATE runs SET stored_bytes = length(spec)")
+    op.execute(
+        "UPDATE runs SET stored_bytes = 4 * (length(spec) + length(display_name) + length(description)"
+        " + length(CAST(labels AS TEXT)) + length(CAST(annotations AS TEXT)))"
+    )
     for table, size in (
         ("run_items", "length(item)"),
+        ("jobs", "128"),
         ("outputs", "length(output)"),
-        ("results", "512 + 2 * (length(explanation) + length(error_reason))"),
+        ("results", "384 + 2 * (length(explanation) + length(error_reason))"),
     ):
         op.execute(
             f"UPDATE runs SET stored_bytes = runs.stored_bytes + part.size "
