@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
+from evalsvc.store import datasets as dataset_store
 from evalsvc.v1 import dataset_service_pb2 as ds
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import item_pb2, run_pb2, target_pb2
@@ -285,3 +286,26 @@ async def test_an_append_with_a_request_id_happens_once_however_often_it_is_retr
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await datasets.AddDatasetItems(request)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_retry_that_waited_for_the_first_calls_lock_answers_as_it_did(datasets, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Two replicas given the same append at once (PostgreSQL): the second looked for its request_id before the
+    first committed, waited for the dataset's lock, then read the first's items as taken and answered
+    INVALID_ARGUMENT (15 rounds of 15, two `evalsvc serve` processes) for a write that had succeeded. Here the
+    second's first look is made to miss, as it did then; under the lock it finds the first call's answer."""
+    dataset = (await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))).dataset
+    items = [item_pb2.Item(id=f"q{n}", input=f"question {n}") for n in range(3)]
+    request = ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=items, request_id="once")
+    assert list((await datasets.AddDatasetItems(request)).item_ids) == ["q0", "q1", "q2"]
+
+    looked = []
+    find = dataset_store.find_append
+
+    async def miss_the_first_look(*args: Any) -> Any:
+        looked.append(args)
+        return None if len(looked) == 1 else await find(*args)
+
+    monkeypatch.setattr(dataset_store, "find_append", miss_the_first_look)
+    again = await datasets.AddDatasetItems(request)
+    assert len(looked) == 2  # missed before the lock, found under it
+    assert list(again.item_ids) == ["q0", "q1", "q2"] and again.dataset.item_count == 3

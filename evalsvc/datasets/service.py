@@ -20,7 +20,7 @@ from typing import cast
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
-from evalsvc.idempotency import create_once, fingerprint
+from evalsvc.idempotency import conflict, create_once, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
 from evalsvc.limits import StoredCap, StoredCaps
 from evalsvc.messages.convert import timestamp
@@ -112,6 +112,16 @@ async def append_items(
     the tenant past the bytes it may store (evalsvc.store.usage): then all of them are refused."""
     check_byte_room(bytes_cap, await usage.held_bytes(conn, tenant), sum(len(item) for _, item in rows))
     return await dataset_store.append_items(conn, tenant, dataset_id, rows, now)
+
+
+async def _appended(conn: AsyncConnection, tenant: str, first: DatasetAppendRecord) -> Appended:
+    """What an AddDatasetItems with a request_id answers again: the ids it added, and the dataset now."""
+    generations = await dataset_store.generations_of(conn, [first.dataset_id])  # first, as `get` reads them
+    dataset = await dataset_store.get(conn, tenant, first.dataset_id)
+    if dataset is None:  # deleted since (its appends went with it): as for any call on it
+        raise not_found("dataset", first.dataset_id)
+    ids = await dataset_store.item_ids_between(conn, first.dataset_id, first.first_idx, first.count)
+    return ids, dataset, generations.get(first.dataset_id)
 
 
 def check_byte_room(bytes_cap: StoredCap, held: int, adding: int) -> None:
@@ -227,6 +237,13 @@ class DatasetService:
             dataset = await dataset_store.get(conn, tenant, request.dataset_id, lock=True)
             if dataset is None:
                 raise not_found("dataset", request.dataset_id)
+            first = await dataset_store.find_append(conn, tenant, request.request_id) if request.request_id else None
+            if first is not None:
+                # A retry of this request_id that committed while this one waited for the dataset's lock
+                # (PostgreSQL replicas): answer as it did, or its ids read as taken.
+                if first.request_hash != digest:
+                    raise conflict("dataset", request.request_id, first.dataset_id)
+                return await _appended(conn, tenant, first)
             check_item_room(self._caps.dataset_items, dataset, len(items))
             await number_new_items(conn, request.dataset_id, items, dataset.item_count)
             await check_items(items, "items", violations, MAX_ITEMS_PER_CALL)
@@ -262,13 +279,8 @@ class DatasetService:
             return ids, updated, generations.get(request.dataset_id)
 
         async def replay(first: DatasetAppendRecord) -> Appended:
-            async with self._db.read() as conn:  # the generation first, as `get` reads them
-                generations = await dataset_store.generations_of(conn, [first.dataset_id])
-                dataset = await dataset_store.get(conn, tenant, first.dataset_id)
-                ids = await dataset_store.item_ids_between(conn, first.dataset_id, first.first_idx, first.count)
-            if dataset is None:  # deleted since (its appends went with it): as for any call on it
-                raise not_found("dataset", first.dataset_id)
-            return ids, dataset, generations.get(first.dataset_id)
+            async with self._db.read() as conn:
+                return await _appended(conn, tenant, first)
 
         ids, updated, generation = await create_once(
             self._db,
