@@ -190,10 +190,15 @@ async def _cache_command(args: argparse.Namespace, settings: config.Settings) ->
             if unused_before is not None:
                 removed.append(await cache_store.delete_unused_since(conn, unused_before, args.tenant))
             tenants = [args.tenant] if args.tenant is not None else list(await cache_store.counts(conn))
+            held = await usage.cache_bytes(conn, tenants) if tenants else {}
             for tenant in tenants:
-                removed.append(await cache_store.evict(conn, tenant, max_entries))
+                unused = sum(r.freed[tenant] for r in removed)  # taken by --unused-for above
+                evicted = await cache_store.evict(
+                    conn, tenant, max_entries, settings.cache_max_bytes, held[tenant] - unused
+                )
+                removed.append(evicted)
         freed: Counter[str] = sum((r.freed for r in removed), Counter())
-        await usage.add_to_totals(conn, stored_bytes={tenant: -size for tenant, size in freed.items()})
+        await usage.add_to_totals(conn, cache_bytes={tenant: -size for tenant, size in freed.items()})
     print(f"removed {sum(r.rows for r in removed)} cache entries", file=sys.stderr)
     return 0
 

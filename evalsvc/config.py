@@ -247,10 +247,10 @@ class Settings:
     max_stored_bytes_per_tenant: int = dataclasses.field(
         default=10 * 1024**3,
         metadata={
-            "help": "bytes a tenant may store: its runs (definitions, copied items, outputs, results and their "
-            "events; deleted runs until they are purged), its datasets' items and its response cache entries; past "
-            "it CreateRun and adding items are refused, and its running runs end FAILED (STORAGE_QUOTA_EXCEEDED) "
-            "keeping their results"
+            "help": "bytes a tenant may store: its runs (definitions, copied items, jobs, outputs, results and "
+            "their events; deleted runs until they are purged) and its datasets' items; past it CreateRun and "
+            "adding items are refused, and its running runs end FAILED (STORAGE_QUOTA_EXCEEDED) keeping their "
+            "results"
         },
     )
     deleted_run_retention_s: float = dataclasses.field(
@@ -350,6 +350,13 @@ class Settings:
     cache_max_entries: int = dataclasses.field(
         default=100_000,
         metadata={"help": "cached outputs and verdicts kept per tenant; the least recently used go first"},
+    )
+    cache_max_bytes: int = dataclasses.field(
+        default=1024**3,
+        metadata={
+            "help": "bytes of cached outputs and verdicts kept per tenant (beside --max-stored-bytes-per-tenant, "
+            "not in it); the least recently used go first"
+        },
     )
     webhook_concurrency: int = dataclasses.field(
         default=16, metadata={"help": "webhook deliveries this process sends at once (a quarter of them per tenant)"}
@@ -531,6 +538,7 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "grade_timeout_s": (0, False),
     "grade_processes": (1, True),
     "cache_max_entries": (0, True),
+    "cache_max_bytes": (0, True),
     "webhook_concurrency": (1, True),
     "webhook_timeout_s": (0, False),
     "webhook_retry_base_s": (0, True),

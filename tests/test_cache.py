@@ -251,16 +251,16 @@ async def test_the_bound_evicts_the_least_recently_used_and_prune_removes_a_tena
     finally:
         await srv.stop(grace=0.5)
     url = srv.settings.db
-    # The tenant's stored bytes (--max-stored-bytes-per-tenant) hold its entries too, and lose what prune removes.
-    runs_bytes, entries_bytes, counted = await _stored(url)
-    assert entries_bytes > 0 and counted == runs_bytes + entries_bytes
+    # The tenant's cache bytes (--cache-max-bytes) are what its entries hold, and lose what prune removes.
+    entries_bytes, counted = await _cache_bytes(url)
+    assert entries_bytes > 0 and counted == entries_bytes
     assert await asyncio.to_thread(cli.main, ["cache", "prune", "--db", url, "--max-entries", "1"]) == 0
     assert await _counts(url) == {"default": 1}
-    runs_bytes, entries_bytes, counted = await _stored(url)
-    assert entries_bytes > 0 and counted == runs_bytes + entries_bytes
+    entries_bytes, counted = await _cache_bytes(url)
+    assert entries_bytes > 0 and counted == entries_bytes
     assert await asyncio.to_thread(cli.main, ["cache", "prune", "--db", url, "--tenant", "default", "--all"]) == 0
     assert await _counts(url) == {}
-    assert await _stored(url) == (runs_bytes, 0, runs_bytes)
+    assert await _cache_bytes(url) == (0, 0)
 
 
 async def _counts(url: str) -> dict[str, int]:
@@ -272,15 +272,14 @@ async def _counts(url: str) -> dict[str, int]:
         await db.close()
 
 
-async def _stored(url: str) -> tuple[int, int, int]:
-    """The default tenant's runs' stored bytes, its cache entries' payload bytes, and its stored bytes as counted."""
+async def _cache_bytes(url: str) -> tuple[int, int]:
+    """The default tenant's cache entries' payload bytes, and its cache bytes as its totals count them."""
     db = Database(url)
     try:
         async with db.read() as conn:
-            runs = await conn.execute(text("SELECT COALESCE(SUM(stored_bytes), 0) FROM runs"))
             entries = await conn.execute(text("SELECT COALESCE(SUM(length(payload)), 0) FROM cache_entries"))
-            counted = await usage.stored_bytes(conn, ["default"])
-            return int(runs.scalar_one()), int(entries.scalar_one()), counted["default"]
+            counted = await usage.cache_bytes(conn, ["default"])
+            return int(entries.scalar_one()), counted["default"]
     finally:
         await db.close()
 

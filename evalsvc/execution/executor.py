@@ -50,6 +50,7 @@ from evalsvc.execution import cache
 from evalsvc.execution.fairness import RoundRobin
 from evalsvc.execution.recorder import (
     ALONE_FROM_EVALUATIONS,
+    CacheBounds,
     FinishedJob,
     RunGraders,
     fail_early,
@@ -169,6 +170,7 @@ class Executor:
         self._tenant_stored: dict[str, int] = {}
         # Runs to end FAILED once what they finished is recorded: (error code, message) by run id.
         self._over_limit: dict[str, tuple[str, str]] = {}
+        self._cache_bounds = CacheBounds(settings.cache_max_entries, settings.cache_max_bytes)
         self._bus = bus
         self._settings = settings
         self._metrics = metrics or Metrics()
@@ -855,9 +857,7 @@ class Executor:
                 for f in batch:
                     if f.job.run_id not in views:
                         views[f.job.run_id] = (await self._plan(f.job.run_id)).recorder_view
-                events, finished_runs = await record(
-                    self._db, batch, views, cache_max_entries=self._settings.cache_max_entries
-                )
+                events, finished_runs = await record(self._db, batch, views, cache_bounds=self._cache_bounds)
             except Exception as exc:
                 # The database cannot take it now (down, out of connections, a lock timeout) or lost a
                 # race: the batch goes back first in line, its leases still kept, and is recorded when

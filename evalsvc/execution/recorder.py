@@ -106,7 +106,7 @@ UNKNOWN_FAILURE_ATTEMPTS = 3
 
 
 async def record(
-    db: Database, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders], *, cache_max_entries: int
+    db: Database, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders], *, cache_bounds: CacheBounds
 ) -> Recorded:
     """Commit a batch. Returns the committed events by run, and the runs that finished.
 
@@ -115,14 +115,14 @@ async def record(
     nothing, when the database cannot serve or the batch lost a race, or when the database refuses even
     that replacement."""
     try:
-        return await _record_batch(db, finished, graders_of, cache_max_entries)
+        return await _record_batch(db, finished, graders_of, cache_bounds)
     except Exception as exc:
         if unavailable_cause(exc) is not None or is_conflict(exc):
             raise
         if len(finished) > 1:
             half = len(finished) // 2
-            first = await record(db, finished[:half], graders_of, cache_max_entries=cache_max_entries)
-            second = await record(db, finished[half:], graders_of, cache_max_entries=cache_max_entries)
+            first = await record(db, finished[:half], graders_of, cache_bounds=cache_bounds)
+            second = await record(db, finished[half:], graders_of, cache_bounds=cache_bounds)
             for run_id, events in second[0].items():
                 first[0].setdefault(run_id, []).extend(events)
             return first[0], first[1] | second[1]
@@ -151,7 +151,7 @@ async def record(
             type(exc).__name__,
             str(exc)[:500],
         )
-        return await _record_batch(db, [_not_storable(refused, exc)], graders_of, cache_max_entries)
+        return await _record_batch(db, [_not_storable(refused, exc)], graders_of, cache_bounds)
 
 
 def _not_storable(refused: FinishedJob, exc: Exception) -> FinishedJob:
@@ -173,25 +173,25 @@ def _not_storable(refused: FinishedJob, exc: Exception) -> FinishedJob:
 
 
 async def _record_batch(
-    db: Database, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders], cache_max_entries: int
+    db: Database, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders], cache_bounds: CacheBounds
 ) -> Recorded:
     """Commit a batch in one transaction (see `record`). The batch's response cache entries are stored
     in the same transaction (a committed result's entry is committed with it, and caching adds no
-    commit), then each writing tenant is trimmed to cache_max_entries, least recently used first.
+    commit), then each writing tenant is trimmed to its cache bounds, least recently used first.
 
     Each run's changes are stamped when the recorder reaches that run, not when the batch starts:
     a batch that holds the last jobs of a large run before a small one would otherwise date the
     small run's events by the large run's share of the transaction."""
 
     async def apply(conn: AsyncConnection) -> Recorded:
-        return await _record_in(conn, finished, graders_of, cache_max_entries)
+        return await _record_in(conn, finished, graders_of, cache_bounds)
 
     evaluations = sum(len(f.grades) for f in finished)
     return await db.transact(apply, alone=evaluations >= ALONE_FROM_EVALUATIONS)
 
 
 async def _record_in(
-    conn: AsyncConnection, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders], cache_max_entries: int
+    conn: AsyncConnection, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders], cache_bounds: CacheBounds
 ) -> Recorded:
     """`_record_batch`'s transaction: a handful of statements for the whole batch, however many runs
     it holds (one UPDATE counts the results and stored bytes of every run, one upsert adds the bytes to
@@ -221,12 +221,13 @@ async def _record_in(
             for f in kept
         ],
     )
-    by_tenant = await _store_cache_entries(conn, kept, cache_max_entries)
+    cached = await _store_cache_entries(conn, kept, cache_bounds)
     jobs_by_run: dict[str, list[FinishedJob]] = defaultdict(list)
     for f in kept:
         jobs_by_run[f.job.run_id].append(f)
     progress = {run_id: _progress(jobs) for run_id, jobs in jobs_by_run.items()}
     rows = await run_store.add_progress(conn, progress, time.time())
+    by_tenant: Counter[str] = Counter()
     for run_id, p in progress.items():
         by_tenant[jobs_by_run[run_id][0].job.tenant] += p.stored_bytes
     by_run: dict[str, list[pb.WatchRunResponse]] = {}
@@ -251,7 +252,7 @@ async def _record_in(
         assert all(by_run[run_id][-1].HasField("run") for run_id, _ in done), "a run with leased jobs ended early"
     # Last: after the runs' rows (the lock order), and holding the tenants' rows no longer than it must (on
     # PostgreSQL a tenant's other recordings, CreateRuns and appends wait for them).
-    await usage.add_to_totals(conn, stored_bytes=by_tenant)
+    await usage.add_to_totals(conn, stored_bytes=by_tenant, cache_bytes=cached)
     return by_run, {run_id for run_id, _ in done}
 
 
@@ -274,9 +275,17 @@ def _progress(run_jobs: Sequence[FinishedJob]) -> run_store.Progress:
     return run_store.Progress(cost_usd=spent, stored_bytes=size, **tally)
 
 
-async def _store_cache_entries(conn: AsyncConnection, kept: Sequence[FinishedJob], max_entries: int) -> Counter[str]:
-    """Store the batch's new cache entries, mark the used ones, and evict beyond the bound; returns the
-    change in stored bytes by tenant (evalsvc.store.cache)."""
+@dataclass(frozen=True, slots=True)
+class CacheBounds:
+    """What one tenant's response cache may hold (--cache-max-entries, --cache-max-bytes)."""
+
+    entries: int
+    bytes: int
+
+
+async def _store_cache_entries(conn: AsyncConnection, kept: Sequence[FinishedJob], bounds: CacheBounds) -> Counter[str]:
+    """Store the batch's new cache entries, mark the used ones, and evict beyond the bounds; returns the
+    change in the tenants' cache bytes (evalsvc.store.cache)."""
     writes = [entry for f in kept for entry in f.cache_writes]
     hits = [(f.job.tenant, key) for f in kept for key in f.cache_hits]
     if not writes and not hits:
@@ -284,8 +293,11 @@ async def _store_cache_entries(conn: AsyncConnection, kept: Sequence[FinishedJob
     now = time.time()
     grown = await cache_store.store(conn, writes, now)
     await cache_store.touch(conn, hits, now)
-    for tenant in sorted({entry.tenant for entry in writes}):
-        grown.subtract((await cache_store.evict(conn, tenant, max_entries)).freed)
+    writers = sorted({entry.tenant for entry in writes})
+    held = await usage.cache_bytes(conn, writers) if writers else {}
+    for tenant in writers:
+        evicted = await cache_store.evict(conn, tenant, bounds.entries, bounds.bytes, held[tenant] + grown[tenant])
+        grown.subtract(evicted.freed)
     return grown
 
 

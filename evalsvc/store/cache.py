@@ -3,9 +3,12 @@
 Entries are written by the recorder in the transaction that records the results using them, so a
 committed result's entry is committed too, and caching costs no extra commit (no extra fsync).
 
-Entries count towards their tenant's stored bytes (evalsvc.store.usage): what stores or deletes them
-returns the change in bytes by tenant, and the caller adds it to the tenants' totals where its
-transaction takes that row's lock (the recorder: after its runs' rows, the lock order).
+A tenant's entries are bounded by count (--cache-max-entries) and by their payloads' bytes
+(--cache-max-bytes), least recently used evicted first; they are not part of its stored bytes
+(--max-stored-bytes-per-tenant): the cache makes room for itself and never refuses a tenant anything. The
+bytes are counted in the tenant's totals (`usage.cache_bytes`): what stores or deletes entries returns the
+change by tenant, and the caller adds it to the totals where its transaction takes that row's lock (the
+recorder: after its runs' rows, the lock order).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import ReturningDelete
 
+from evalsvc.store.bulk import execute_many
 from evalsvc.store.models import CacheEntryRow
 
 ENTRIES = CacheEntryRow.__table__  # type: ignore[attr-defined]
@@ -55,7 +59,7 @@ async def fetch(conn: AsyncConnection, keys: Sequence[tuple[str, str]]) -> dict[
 
 @dataclass
 class Removed:
-    """Entries deleted: how many, and their payloads' bytes by tenant (what their tenants' stored bytes lose)."""
+    """Entries deleted: how many, and their payloads' bytes by tenant (what their tenants' cache bytes lose)."""
 
     rows: int = 0
     freed: Counter[str] = field(default_factory=Counter)
@@ -68,40 +72,30 @@ class Removed:
         return self
 
 
+_REPLACE = (
+    "UPDATE cache_entries SET kind = ?, payload = ?, cost_usd = ?, create_time = ?, last_used = ? "
+    "WHERE tenant = ? AND key = ?"
+)
+
+
 async def store(conn: AsyncConnection, entries: Sequence[CacheEntry], now: float) -> Counter[str]:
     """Insert entries, replacing any with the same key (REFRESH, or two runs that missed at once);
-    returns the change in stored bytes by tenant (a replaced payload's bytes are given back).
+    returns the change in the tenants' cache bytes (a replaced payload's bytes are given back).
 
-    Rows go in key order, as `touch` updates them: two replicas recording the same keys on
-    PostgreSQL lock them in one order and wait for each other instead of deadlocking."""
+    New keys are inserted, and the keys that exist are read under their row locks and then replaced, so
+    each payload is counted once however two replicas' recordings of one key interleave on PostgreSQL (an
+    upsert cannot say what it replaced: both counted the whole payload, and the second's was never given
+    back). Rows go in key order, as `touch` updates them: two replicas recording the same keys lock them
+    in one order and wait for each other instead of deadlocking."""
     grown: Counter[str] = Counter()
     if not entries:
         return grown
-    latest = {(e.tenant, e.key): e for e in entries}  # one row per key in one statement
-    keys = sorted(latest)
-    for start in range(0, len(keys), LOOKUP_CHUNK):
-        replaced = await conn.execute(
-            select(ENTRIES.c.tenant, func.length(ENTRIES.c.payload)).where(
-                tuple_(ENTRIES.c.tenant, ENTRIES.c.key).in_(keys[start : start + LOOKUP_CHUNK])
-            )
-        )
-        for tenant, size in replaced:
-            grown[tenant] -= int(size)
-    for (tenant, _), entry in latest.items():
-        grown[tenant] += len(entry.payload)
+    latest = dict(sorted({(e.tenant, e.key): e for e in entries}.items()))  # one row per key, in key order
     dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    statement = dialect_insert(ENTRIES)
-    await conn.execute(
-        statement.on_conflict_do_update(
-            index_elements=[ENTRIES.c.tenant, ENTRIES.c.key],
-            set_={
-                "kind": statement.excluded.kind,
-                "payload": statement.excluded.payload,
-                "cost_usd": statement.excluded.cost_usd,
-                "create_time": statement.excluded.create_time,
-                "last_used": statement.excluded.last_used,
-            },
-        ),
+    inserted = await conn.execute(
+        dialect_insert(ENTRIES)
+        .on_conflict_do_nothing(index_elements=[ENTRIES.c.tenant, ENTRIES.c.key])
+        .returning(ENTRIES.c.tenant, ENTRIES.c.key),
         [
             {
                 "tenant": e.tenant,
@@ -112,9 +106,28 @@ async def store(conn: AsyncConnection, entries: Sequence[CacheEntry], now: float
                 "create_time": now,
                 "last_used": now,
             }
-            for _, e in sorted(latest.items())
+            for e in latest.values()
         ],
     )
+    for tenant, key in inserted:
+        grown[tenant] += len(latest.pop((tenant, key)).payload)
+    existing = list(latest)  # the keys another write stored first: replaced
+    for start in range(0, len(existing), LOOKUP_CHUNK):
+        query = select(ENTRIES.c.tenant, func.length(ENTRIES.c.payload)).where(
+            tuple_(ENTRIES.c.tenant, ENTRIES.c.key).in_(existing[start : start + LOOKUP_CHUNK])
+        )
+        replaced = await conn.execute(
+            query.order_by(ENTRIES.c.tenant, ENTRIES.c.key).with_for_update()
+            if conn.dialect.name == "postgresql"
+            else query
+        )
+        for tenant, size in replaced:
+            grown[tenant] -= int(size)
+    await execute_many(
+        conn, _REPLACE, [(e.kind, e.payload, e.cost_usd, now, now, e.tenant, e.key) for e in latest.values()]
+    )
+    for (tenant, _), entry in latest.items():
+        grown[tenant] += len(entry.payload)
     return grown
 
 
@@ -134,22 +147,40 @@ def _deleted(query: Delete) -> ReturningDelete[Any, Any]:
     return query.returning(ENTRIES.c.tenant, func.length(ENTRIES.c.payload))
 
 
-async def evict(conn: AsyncConnection, tenant: str, max_entries: int) -> Removed:
-    """Delete a tenant's least recently used entries beyond max_entries."""
+async def evict(conn: AsyncConnection, tenant: str, max_entries: int, max_bytes: int, held_bytes: int) -> Removed:
+    """Delete a tenant's least recently used entries until it holds at most max_entries and max_bytes
+    (`held_bytes`: the payload bytes it holds now, as its totals count them: `usage.cache_bytes` plus what
+    the caller's transaction stored). Read oldest first a chunk at a time, so a tenant just over its
+    bounds reads a few of its entries, not all of them."""
     counted = await conn.execute(select(func.count()).select_from(ENTRIES).where(ENTRIES.c.tenant == tenant))
-    count = int(counted.scalar_one())
-    excess = count - max_entries
-    if excess <= 0:
-        return Removed()
-    oldest = (
-        select(ENTRIES.c.key)
-        .where(ENTRIES.c.tenant == tenant)
-        .order_by(ENTRIES.c.last_used, ENTRIES.c.key)
-        .limit(excess)
-        .scalar_subquery()
-    )
-    deleted = await conn.execute(_deleted(delete(ENTRIES).where(ENTRIES.c.tenant == tenant, ENTRIES.c.key.in_(oldest))))
-    return Removed().add(deleted)
+    rows_over, bytes_over = int(counted.scalar_one()) - max_entries, held_bytes - max_bytes
+    doomed: list[str] = []
+    after: tuple[float, str] | None = None
+    while rows_over > 0 or bytes_over > 0:
+        query = (
+            select(ENTRIES.c.last_used, ENTRIES.c.key, func.length(ENTRIES.c.payload))
+            .where(ENTRIES.c.tenant == tenant)
+            .order_by(ENTRIES.c.last_used, ENTRIES.c.key)
+            .limit(LOOKUP_CHUNK)
+        )
+        if after is not None:
+            query = query.where(tuple_(ENTRIES.c.last_used, ENTRIES.c.key) > after)
+        page = (await conn.execute(query)).all()
+        for last_used, key, size in page:
+            if rows_over <= 0 and bytes_over <= 0:
+                break
+            doomed.append(key)
+            rows_over, bytes_over = rows_over - 1, bytes_over - int(size)
+            after = (last_used, key)
+        if len(page) < LOOKUP_CHUNK:
+            break
+    removed = Removed()
+    for start in range(0, len(doomed), LOOKUP_CHUNK):
+        chunk = doomed[start : start + LOOKUP_CHUNK]
+        removed.add(
+            await conn.execute(_deleted(delete(ENTRIES).where(ENTRIES.c.tenant == tenant, ENTRIES.c.key.in_(chunk))))
+        )
+    return removed
 
 
 async def delete_tenant(conn: AsyncConnection, tenant: str) -> Removed:

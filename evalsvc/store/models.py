@@ -164,6 +164,8 @@ class TenantRunTotalsRow(SQLModel, table=True):
     # Bytes the tenant stores (evalsvc.store.usage): its runs' stored_bytes and its datasets' items, for
     # --max-stored-bytes-per-tenant without summing them at every write.
     stored_bytes: int = Field(default=0, sa_column=big(added=True))
+    # The payload bytes of its response cache entries, for --cache-max-bytes (evalsvc.store.cache).
+    cache_bytes: int = Field(default=0, sa_column=big(added=True))
 
 
 class RunPurgeRow(SQLModel, table=True):

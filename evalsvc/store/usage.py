@@ -11,12 +11,12 @@ disk every tenant shares. They are counted as data is written, never by reading 
   tenant's total loses when the run is purged (deleted runs count until then). UpdateRun's changes to
   the descriptive fields are not counted (at most 64 KiB of annotations a run).
 - a dataset's items, serialized, as they are appended; DeleteDataset takes them back.
-- the response cache's entries (outputs and verdicts, evalsvc.store.cache), as they are stored or
-  replaced; eviction and `evalsvc cache prune` take them back.
 
 It is what the tenant's data takes, not the database's pages (free space, the engine's own overhead;
 each result's share of its rows and indexes is estimated by RESULT_BYTES), and text is counted in
-characters. Saved graders, targets, secrets and webhooks are bounded by their counts.
+characters. Saved graders, targets, secrets and webhooks are bounded by their counts. The response cache is
+not counted here: it is bounded by its own count and bytes, and evicts to make room (evalsvc.store.cache),
+so it never refuses a tenant anything; its payload bytes are kept beside (`cache_bytes`).
 """
 
 from __future__ import annotations
@@ -89,18 +89,29 @@ async def stored_bytes(conn: AsyncConnection, tenants: Sequence[str]) -> dict[st
     return {tenant: held.get(tenant, 0) for tenant in tenants}
 
 
+async def cache_bytes(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, int]:
+    """The payload bytes of each of these tenants' response cache entries, as last committed."""
+    found = await conn.execute(
+        select(TOTALS.c.tenant, TOTALS.c.cache_bytes).where(TOTALS.c.tenant.in_(sorted(set(tenants))))
+    )
+    held = {tenant: int(n) for tenant, n in found}
+    return {tenant: held.get(tenant, 0) for tenant in tenants}
+
+
 async def add_to_totals(
     conn: AsyncConnection,
     *,
     runs: Mapping[str, int] | None = None,
     purged_cost_usd: Mapping[str, float] | None = None,
     stored_bytes: Mapping[str, int] | None = None,
+    cache_bytes: Mapping[str, int] | None = None,
 ) -> None:
     """Add to tenants' totals (creating a tenant's row at its first write): `runs` stored (negative when
-    purged), the spend of runs purged, and `stored_bytes` (negative when taken back). One upsert per tenant
-    in one driver executemany, in tenant order (the lock order on PostgreSQL)."""
-    runs, purged_cost_usd, stored_bytes = runs or {}, purged_cost_usd or {}, stored_bytes or {}
-    tenants = sorted(set(runs) | set(purged_cost_usd) | set(stored_bytes))
+    purged), the spend of runs purged, `stored_bytes` and `cache_bytes` (negative when taken back). One
+    upsert per tenant in one driver executemany, in tenant order (the lock order on PostgreSQL)."""
+    runs, purged_cost_usd = runs or {}, purged_cost_usd or {}
+    stored_bytes, cache_bytes = stored_bytes or {}, cache_bytes or {}
+    tenants = sorted(set(runs) | set(purged_cost_usd) | set(stored_bytes) | set(cache_bytes))
     if not tenants:
         return
     dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
@@ -112,6 +123,7 @@ async def add_to_totals(
                 "runs": TOTALS.c.runs + statement.excluded.runs,
                 "purged_cost_usd": TOTALS.c.purged_cost_usd + statement.excluded.purged_cost_usd,
                 "stored_bytes": TOTALS.c.stored_bytes + statement.excluded.stored_bytes,
+                "cache_bytes": TOTALS.c.cache_bytes + statement.excluded.cache_bytes,
             },
         ),
         [
@@ -120,6 +132,7 @@ async def add_to_totals(
                 "runs": runs.get(tenant, 0),
                 "purged_cost_usd": purged_cost_usd.get(tenant, 0.0),
                 "stored_bytes": stored_bytes.get(tenant, 0),
+                "cache_bytes": cache_bytes.get(tenant, 0),
             }
             for tenant in tenants
         ],

@@ -73,7 +73,7 @@ def done(
 async def record(
     db: Database, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders]
 ) -> tuple[dict[str, list[pb.WatchRunResponse]], set[str]]:
-    return await recorder.record(db, finished, graders_of, cache_max_entries=100)
+    return await recorder.record(db, finished, graders_of, cache_bounds=recorder.CacheBounds(100, 1024**3))
 
 
 async def results_of(db: Database, tenant: str, run_id: str) -> list[tuple[Any, bytes | None]]:

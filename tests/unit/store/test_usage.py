@@ -1,6 +1,6 @@
-"""A tenant's stored bytes (evalsvc.store.usage) over a bare database, on either engine: every write that
-stores a tenant's data raises them by what it stores, DeleteDataset, the purge and the response cache's
-eviction and prune take theirs back, and revision 0018 fills them on an upgraded database exactly as the
+"""A tenant's stored bytes and cache bytes (evalsvc.store.usage) over a bare database, on either engine: every
+write that stores a tenant's data raises them by what it stores, DeleteDataset, the purge and the response
+cache's eviction take theirs back, and revision 0018 fills them on an upgraded database exactly as the
 service counts them."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from alembic import command
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -115,23 +115,45 @@ def results_bytes(finished: list[FinishedJob]) -> int:
     return sum(f.output.ByteSize() + usage.result_bytes(EXPLAINED.explanation, "") for f in finished)
 
 
-async def test_response_cache_entries_count_until_evicted_replaced_or_pruned(db: Database) -> None:
-    [run] = await insert(db, new_run("t1", items=4))
-    before = await stored(db, "t1")
-    jobs = await claim(db, {run.run.id: 4})
-    # Two keys, k1 written twice (REFRESH, or two runs that missed at once): the later 3000 bytes replace 1000.
-    first = [cached(jobs[0], "k1", 1000), cached(jobs[1], "k1", 3000), cached(jobs[2], "k2", 500)]
-    await recorder.record(db, first, {run.run.id: ONE_GRADER}, cache_max_entries=100)
-    assert await stored(db, "t1") == before + results_bytes(first) + 3000 + 500
-    # A bound of one entry keeps the most recently used, k3, and gives back k1's and k2's bytes.
-    last = [cached(jobs[3], "k3", 200)]
-    await recorder.record(db, last, {run.run.id: ONE_GRADER}, cache_max_entries=1)
+async def cache_held(db: Database, tenant: str) -> tuple[int, int]:
+    """A tenant's cache bytes as its totals count them, and as its entries hold them."""
     async with db.read() as conn:
-        assert await cache_store.counts(conn) == {"t1": 1}
-    assert await stored(db, "t1") == before + results_bytes(first + last) + 200
-    # The operator's prune returns what it freed; `evalsvc cache prune` takes it off the tenant's total.
+        counted = (await usage.cache_bytes(conn, [tenant]))[tenant]
+        rows = await conn.execute(
+            select(func.coalesce(func.sum(func.length(cache_store.ENTRIES.c.payload)), 0)).where(
+                cache_store.ENTRIES.c.tenant == tenant
+            )
+        )
+        return counted, int(rows.scalar_one())
+
+
+async def test_the_response_cache_is_bounded_by_bytes_and_never_counts_towards_stored_bytes(db: Database) -> None:
+    """Entries are disposable: they are evicted (least recently used first) past --cache-max-bytes as past
+    --cache-max-entries, and kept out of the tenant's stored bytes, so a tenant whose bytes were its own
+    cache was refused everything with nothing it could delete (a probe)."""
+    [run] = await insert(db, new_run("t1", items=5))
+    before = await stored(db, "t1")
+    jobs = await claim(db, {run.run.id: 5})
+    # k1 written twice (REFRESH, or two runs that missed at once): the later 3000 bytes replace the 1000.
+    first = [cached(jobs[0], "k1", 1000), cached(jobs[1], "k1", 3000), cached(jobs[2], "k2", 500)]
+    await recorder.record(db, first, {run.run.id: ONE_GRADER}, cache_bounds=recorder.CacheBounds(100, 10_000))
+    assert await cache_held(db, "t1") == (3500, 3500)
+    assert await stored(db, "t1") == before + results_bytes(first)  # the cache is not in it
+    # Replaced in a later transaction: the 3000 bytes are given back, the 200 counted.
+    await recorder.record(
+        db, [cached(jobs[3], "k1", 200)], {run.run.id: ONE_GRADER}, cache_bounds=recorder.CacheBounds(100, 10_000)
+    )
+    assert await cache_held(db, "t1") == (700, 700)
+    # Past 1,000 bytes the least recently used go until it fits: k2 (500); k1's 200 and k3's 600 stay.
+    await recorder.record(
+        db, [cached(jobs[4], "k3", 600)], {run.run.id: ONE_GRADER}, cache_bounds=recorder.CacheBounds(100, 1000)
+    )
+    async with db.read() as conn:
+        assert await cache_store.counts(conn) == {"t1": 2}
+    assert await cache_held(db, "t1") == (800, 800)
+    # The operator's prune returns what it freed, by tenant (`evalsvc cache prune` takes it off the totals).
     removed = await db.transact(lambda conn: cache_store.delete_unused_since(conn, time.time() + 1))
-    assert removed.rows == 1 and dict(removed.freed) == {"t1": 200}
+    assert removed.rows == 2 and dict(removed.freed) == {"t1": 800}
 
 
 def _migrate_to(revision: str, *, down: bool) -> Callable[[Connection], None]:
@@ -156,6 +178,8 @@ async def test_revision_0018_fills_stored_bytes_as_the_service_counts_them(db: D
     await add_dataset(db, "t3", [b"c" * 70])
     by_run = await runs_bytes(db)
     by_tenant = {tenant: await stored(db, tenant) for tenant in ("t1", "t2", "t3")}
+    cache = {tenant: await cache_held(db, tenant) for tenant in ("t1", "t2")}
+    assert all(counted == held > 0 for counted, held in cache.values())
     assert by_tenant["t3"] == 70 and all(by_run.values())
 
     async with db.write() as conn:
@@ -165,3 +189,4 @@ async def test_revision_0018_fills_stored_bytes_as_the_service_counts_them(db: D
         assert (await conn.execute(text("SELECT COUNT(*) FROM tenant_run_totals WHERE tenant = 't3'"))).scalar() == 1
     assert await runs_bytes(db) == by_run
     assert {tenant: await stored(db, tenant) for tenant in ("t1", "t2", "t3")} == by_tenant
+    assert {tenant: await cache_held(db, tenant) for tenant in ("t1", "t2")} == cache
