@@ -13,6 +13,11 @@ passes here passes against a deployed server; only the defaults differ: port 0, 
 (deleted on exit) unless `database_url` is given, quick polling, and no caching of API key checks. As
 Temporal's `temporalio.testing` environments do, it is an async context manager that owns everything it
 started and stops it on exit, in reverse order.
+
+Replicas: several of them may share one PostgreSQL `database_url` for runs, keys and limits, but their
+watchers hear of each other's events only across processes: a replica ignores the notifications its own
+process sent (its own bus delivered those events already), and two servers in one process are one process.
+To watch on one replica what another executes, start them as separate processes (`evalsvc serve`).
 """
 
 from __future__ import annotations
