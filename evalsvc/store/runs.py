@@ -425,7 +425,20 @@ async def _record_changes(conn: AsyncConnection, runs: Sequence[RunRecord]) -> l
 
 async def update_fields(conn: AsyncConnection, tenant: str, run_id: str, values: Mapping[str, Any]) -> RunRecord | None:
     """Change a run's descriptive columns (not its status: that is `set_status`, which records an event);
-    new labels replace the run's label rows. Returns the changed run, or None when there is no such run."""
+    new labels replace the run's label rows, and the change of their size is added to the run's and its
+    tenant's stored bytes (evalsvc.store.usage). Returns the changed run, or None when there is no such run."""
+    described = [column for column in usage.DESCRIPTIVE if column in values]
+    grown = 0
+    if described:
+        before = select(*(RUNS.c[column] for column in described)).where(RUNS.c.id == run_id, RUNS.c.tenant == tenant)
+        old = (await conn.execute(before.with_for_update() if conn.dialect.name == "postgresql" else before)).first()
+        if old is None:
+            return None
+        grown = usage.RUN_COPIES * sum(
+            usage.column_bytes(values[column]) - usage.column_bytes(was)
+            for column, was in zip(described, old, strict=True)
+        )
+        values = {**values, "stored_bytes": RUNS.c.stored_bytes + grown}
     changed = await conn.execute(
         update(RUNS)
         .where(RUNS.c.id == run_id, RUNS.c.tenant == tenant)
@@ -435,6 +448,8 @@ async def update_fields(conn: AsyncConnection, tenant: str, run_id: str, values:
     run = _first(changed.mappings().first())
     if run is not None:
         remember(conn, run)
+    if run is not None and grown:
+        await usage.add_to_totals(conn, stored_bytes={tenant: grown})  # after the run's row: the lock order
     if run is not None and "labels" in values:
         await conn.execute(LABELS.delete().where(LABELS.c.run_id == run_id))
         if values["labels"]:

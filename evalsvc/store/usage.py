@@ -8,8 +8,8 @@ disk every tenant shares. They are counted as data is written, never by reading 
   hold the whole run), its copied items, and `JOB_BYTES` per job; every recording adds its outputs,
   serialized, and per result `RESULT_BYTES` plus its explanation and error reason twice (the result's row
   and its event each hold them: `result_bytes`). A run keeps its own sum (`runs.stored_bytes`), which its
-  tenant's total loses when the run is purged (deleted runs count until then). UpdateRun's changes to
-  the descriptive fields are not counted (at most 64 KiB of annotations a run).
+  tenant's total loses when the run is purged (deleted runs count until then); UpdateRun adds (or gives
+  back) the change of its descriptive fields, `RUN_COPIES` times too.
 - a dataset's items, serialized, as they are appended; DeleteDataset takes them back.
 
 It is what the tenant's data takes, not the database's pages (free space, the engine's own overhead;
@@ -45,15 +45,17 @@ JOB_BYTES = 128
 RUN_COPIES = 4  # a run's row, and the events of its creation, its start and its end
 
 
+DESCRIPTIVE = ("display_name", "description", "labels", "annotations")  # the run columns UpdateRun changes
+
+
+def column_bytes(value: str | Mapping[str, str]) -> int:
+    """A descriptive column's size: a text's characters, a map's as the JSON it is stored as."""
+    return len(value) if isinstance(value, str) else len(json.dumps(value))
+
+
 def described_bytes(row: Mapping[str, Any]) -> int:
-    """A run row's definition and descriptive fields (labels and annotations as the JSON they are stored as)."""
-    return (
-        len(row["spec"])
-        + len(row["display_name"])
-        + len(row["description"])
-        + len(json.dumps(row["labels"]))
-        + len(json.dumps(row["annotations"]))
-    )
+    """A run row's definition and descriptive fields."""
+    return len(row["spec"]) + sum(column_bytes(row[column]) for column in DESCRIPTIVE)
 
 
 def new_run_bytes(row: Mapping[str, Any], items: Sequence[bytes], jobs: int) -> int:
