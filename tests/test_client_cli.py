@@ -595,15 +595,19 @@ def test_validate_refuses_numbers_a_field_cannot_hold(tmp_path: Path, capsys: py
     assert cli.main(["run", str(tmp_path / "spec.yaml"), "--target", "127.0.0.1:1"]) == cli.EXIT_ERROR
 
 
-def test_validate_refuses_repeated_ids(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_refuses_repeated_ids_and_a_csv_without_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`evalctl validate` called a dataset file with two items of one id valid (the server then refused
-    them)."""
+    them), and a CSV without an `input` column too (every item's input empty)."""
     from evalsvc_client import cli
 
     (tmp_path / "dup.yaml").write_text("- {id: a, input: one}\n- {id: b, input: two}\n- {id: a, input: three}\n")
+    (tmp_path / "cols.csv").write_text("question,answer\nq,a\n")
     (tmp_path / "fine.csv").write_text("id,input\na,one\nb,two\n,three\n,four\n")  # rows without ids may be many
     for dataset, problem in [
         ("dup.yaml", "dup.yaml items[2]: id 'a' is already the item's at dup.yaml items[0]; ids must be unique"),
+        ("cols.csv", "cols.csv:1: no 'input' column; its first line names the columns 'question', 'answer'"),
         ("fine.csv", None),
     ]:
         (tmp_path / "spec.yaml").write_text(f"dataset: {dataset}\ntarget: echo\ngraders: [{{exact_match: {{}}}}]\n")
@@ -921,6 +925,10 @@ def test_datasets_refuse_bad_input_in_one_line(live: tuple[ServerProcess, str], 
     )
     dup = refused("create", "dup", "--from", str(tmp_path / "dup.jsonl"))
     assert dup == "evalctl: dup.jsonl:3: id 'd' is already the item's at dup.jsonl:1; ids must be unique\n", dup
+    # A CSV without an `input` column: every item had an empty input.
+    (tmp_path / "cols.csv").write_text("question,answer\nq,a\n")
+    cols = refused("create", "cols", "--from", str(tmp_path / "cols.csv"))
+    assert cols == "evalctl: cols.csv:1: no 'input' column; its first line names the columns 'question', 'answer'\n"
     assert json.loads(evalctl(live, "datasets", "list", "--json").stdout) == before
 
     for args in (("get", "ds_nope"), ("items", "ds_nope"), ("delete", "ds_nope")):

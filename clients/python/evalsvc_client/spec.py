@@ -384,6 +384,13 @@ def _dataset_rows(path: Path) -> list[tuple[str, Any]]:
         return rows
     if suffix == ".csv":
         reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+        columns = reader.fieldnames
+        if columns is None:
+            return []  # an empty file: no rows
+        if "input" not in columns:
+            found = ", ".join(repr(column) for column in columns)
+            problem = f"no 'input' column; its first line names the columns {found}"
+            raise SpecError(str(path), [SpecProblem(f"{name}:1", problem)])
         return [(f"{name}:{n}: ", _csv_row(row)) for n, row in enumerate(reader, start=2)]
     if suffix in (".yaml", ".yml", ".json"):
         data = _load_structured(path)
