@@ -872,6 +872,8 @@ def test_datasets_create_from_a_file_list_items_round_trip_and_run(
     empty = evalctl(live, "datasets", "create", "small", "--label", "suite=cli", "--json")
     small = json.loads(empty.stdout)
     assert empty.returncode == 0 and small.get("item_count", 0) == 0 and small["labels"] == {"suite": "cli"}
+    shown = evalctl(live, "datasets", "get", small["id"])  # its table left the labels out
+    assert shown.returncode == 0 and "suite=cli" in shown.stdout, shown.stdout
     (tmp_path / "more.yaml").write_text(
         "- {id: a, input: one, expected_output: '1', response: '1'}\n"
         "- {id: b, input: two, expected_output: '2', response: '3'}\n"
@@ -1019,6 +1021,12 @@ def test_secrets_commands_read_the_value_from_stdin_and_never_show_it(
             assert ran.returncode == 0, ran.stderr
             assert [seen.headers["authorization"] for seen in llm.seen] == [f"Bearer {value}"]
 
+        twice = secrets("create", "twice", stdin=value + "\n\n")  # the server said only "printable ASCII"
+        assert twice.returncode == 3 and twice.stderr.startswith(
+            "evalctl: secrets create twice: the value still ends with a line break after dropping stdin's one"
+        ), twice.stderr
+        inside = secrets("create", "inside", stdin="sk-a\nsk-b\n")
+        assert inside.returncode == 3 and "the value holds a line break" in inside.stderr, inside.stderr
         empty = secrets("create", "blank", stdin="")
         assert empty.returncode == 3 and empty.stderr.startswith("evalctl: secrets create blank: the value is empty")
         argument = secrets("create", "leaky", "sk-on-the-line")  # never an argument: shell history and ps show it
