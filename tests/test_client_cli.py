@@ -595,6 +595,30 @@ def test_validate_refuses_numbers_a_field_cannot_hold(tmp_path: Path, capsys: py
     assert cli.main(["run", str(tmp_path / "spec.yaml"), "--target", "127.0.0.1:1"]) == cli.EXIT_ERROR
 
 
+def test_validate_refuses_repeated_ids_and_a_csv_without_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`evalctl validate` called a dataset file with two items of one id valid (the server then refused
+    them), and a CSV without an `input` column too (every item's input empty)."""
+    from evalsvc_client import cli
+
+    (tmp_path / "dup.yaml").write_text("- {id: a, input: one}\n- {id: b, input: two}\n- {id: a, input: three}\n")
+    (tmp_path / "cols.csv").write_text("question,answer\nq,a\n")
+    (tmp_path / "fine.csv").write_text("id,input\na,one\nb,two\n,three\n,four\n")  # rows without ids may be many
+    for dataset, problem in [
+        ("dup.yaml", "dup.yaml items[2]: id 'a' is already the item's at dup.yaml items[0]; ids must be unique"),
+        ("cols.csv", "cols.csv:1: no 'input' column; its first line names the columns 'question', 'answer'"),
+        ("fine.csv", None),
+    ]:
+        (tmp_path / "spec.yaml").write_text(f"dataset: {dataset}\ntarget: echo\ngraders: [{{exact_match: {{}}}}]\n")
+        code = cli.main(["validate", str(tmp_path / "spec.yaml")])
+        out = capsys.readouterr()
+        if problem is None:
+            assert code == cli.EXIT_OK and "valid: 4 items from fine.csv" in out.err, out
+        else:
+            assert code == cli.EXIT_ERROR and problem in out.err, out
+
+
 @pytest.mark.parametrize(
     ("lines", "warnings"),
     [
@@ -848,6 +872,8 @@ def test_datasets_create_from_a_file_list_items_round_trip_and_run(
     empty = evalctl(live, "datasets", "create", "small", "--label", "suite=cli", "--json")
     small = json.loads(empty.stdout)
     assert empty.returncode == 0 and small.get("item_count", 0) == 0 and small["labels"] == {"suite": "cli"}
+    shown = evalctl(live, "datasets", "get", small["id"])  # its table left the labels out
+    assert shown.returncode == 0 and "suite=cli" in shown.stdout, shown.stdout
     (tmp_path / "more.yaml").write_text(
         "- {id: a, input: one, expected_output: '1', response: '1'}\n"
         "- {id: b, input: two, expected_output: '2', response: '3'}\n"
@@ -895,6 +921,16 @@ def test_datasets_refuse_bad_input_in_one_line(live: tuple[ServerProcess, str], 
     (tmp_path / "typo.jsonl").write_text('{"input": "a"}\n\n{"inptu": "b"}\n')
     typo = refused("create", "typo", "--from", str(tmp_path / "typo.jsonl"))
     assert typo.startswith("evalctl: typo.jsonl:3: inptu: unknown key; did you mean 'input'?"), typo
+    # Two items of one id: the server refused the items after the dataset was made, leaving it empty.
+    (tmp_path / "dup.jsonl").write_text(
+        '{"id": "d", "input": "a"}\n{"id": "e", "input": "b"}\n{"id": "d", "input": "c"}\n'
+    )
+    dup = refused("create", "dup", "--from", str(tmp_path / "dup.jsonl"))
+    assert dup == "evalctl: dup.jsonl:3: id 'd' is already the item's at dup.jsonl:1; ids must be unique\n", dup
+    # A CSV without an `input` column: every item had an empty input.
+    (tmp_path / "cols.csv").write_text("question,answer\nq,a\n")
+    cols = refused("create", "cols", "--from", str(tmp_path / "cols.csv"))
+    assert cols == "evalctl: cols.csv:1: no 'input' column; its first line names the columns 'question', 'answer'\n"
     assert json.loads(evalctl(live, "datasets", "list", "--json").stdout) == before
 
     for args in (("get", "ds_nope"), ("items", "ds_nope"), ("delete", "ds_nope")):
@@ -905,13 +941,17 @@ def test_datasets_refuse_bad_input_in_one_line(live: tuple[ServerProcess, str], 
     assert err.startswith("evalctl: NOT_FOUND: ") and err.count("\n") == 1, err
 
     # A chunk refused after others were added (its item's id is taken): how many the dataset now has.
-    rows = [{"id": f"r{n}", "input": "x"} for n in range(1000)] + [{"id": "r0", "input": "again"}]
+    # (A file's own repeated ids are refused before anything is sent, above.)
+    (tmp_path / "taken.jsonl").write_text('{"id": "taken", "input": "x"}\n')
+    rows = [{"id": f"r{n}", "input": "x"} for n in range(1000)] + [{"id": "taken", "input": "again"}]
     (tmp_path / "twice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    made = json.loads(evalctl(live, "datasets", "create", "partial", "--json").stdout)
+    made = json.loads(
+        evalctl(live, "datasets", "create", "partial", "--from", str(tmp_path / "taken.jsonl"), "--json").stdout
+    )
     err = refused("add", made["id"], str(tmp_path / "twice.jsonl"))
     assert err.startswith(f"evalctl: dataset {made['id']} has the first 1000 of the 1001 items of "), err
-    assert "the dataset already has an item 'r0'" in err
-    assert json.loads(evalctl(live, "datasets", "get", made["id"], "--json").stdout)["item_count"] == 1000
+    assert "the dataset already has an item 'taken'" in err
+    assert json.loads(evalctl(live, "datasets", "get", made["id"], "--json").stdout)["item_count"] == 1001
 
 
 def test_item_chunks_keep_order_and_fit_any_server() -> None:
@@ -981,6 +1021,12 @@ def test_secrets_commands_read_the_value_from_stdin_and_never_show_it(
             assert ran.returncode == 0, ran.stderr
             assert [seen.headers["authorization"] for seen in llm.seen] == [f"Bearer {value}"]
 
+        twice = secrets("create", "twice", stdin=value + "\n\n")  # the server said only "printable ASCII"
+        assert twice.returncode == 3 and twice.stderr.startswith(
+            "evalctl: secrets create twice: the value still ends with a line break after dropping stdin's one"
+        ), twice.stderr
+        inside = secrets("create", "inside", stdin="sk-a\nsk-b\n")
+        assert inside.returncode == 3 and "the value holds a line break" in inside.stderr, inside.stderr
         empty = secrets("create", "blank", stdin="")
         assert empty.returncode == 3 and empty.stderr.startswith("evalctl: secrets create blank: the value is empty")
         argument = secrets("create", "leaky", "sk-on-the-line")  # never an argument: shell history and ps show it

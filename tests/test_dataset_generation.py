@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
+from evalsvc.datasets import generation
 from evalsvc.server import EvalServer
 from evalsvc.v1 import dataset_generation_pb2_grpc, dataset_service_pb2_grpc, item_pb2
 from evalsvc.v1 import dataset_service_pb2 as ds
@@ -21,7 +22,7 @@ from evalsvc.v1.dataset_generation_pb2 import (
     GenerateDatasetItemsRequest,
 )
 from tests.conftest import make_settings
-from tests.fake_llm import FakeEndpoint, Reply, generator_reply
+from tests.fake_llm import FakeEndpoint, Reply, chat_reply, generator_reply
 from tests.helpers import error_reason, keyed_channel, violations
 
 INSTRUCTIONS = "Questions a pharmacy chatbot must answer carefully."
@@ -356,3 +357,50 @@ async def test_the_generation_loop_survives_a_stray_cancellation_and_the_watchdo
             statuses.cancel()
     finally:
         await srv.stop(grace=0.5)
+
+
+async def test_an_answer_nested_too_deeply_fails_the_generation_and_the_call_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probe: the generator answered 700 nested `[`s, valid JSON; making its strings storable, a
+    recursive walk, raised RecursionError, which nothing caught: the generation stayed RUNNING for good,
+    its model called again at every lease's end, and ContinueConversations answered INTERNAL.
+
+    Now it is an unusable answer like any other (asked again, then FAILED with the reason), and an error
+    no handler expects still ends the generation FAILED instead of leaving it to be claimed again."""
+    deep = "[" * 700 + "]" * 700
+    with FakeEndpoint(chat_reply(deep)) as model:
+        srv = EvalServer(settings_for(tmp_path, generator_base_url=model.url + "/v1", generator_model="gen"))
+        await srv.start()
+        try:
+            async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+                client = Client(channel)
+                dataset_id = await client.new_dataset()
+                await client.generations.GenerateDatasetItems(
+                    GenerateDatasetItemsRequest(dataset_id=dataset_id, item_count=5, instructions=INSTRUCTIONS)
+                )
+                failed = await client.settled(dataset_id)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await client.generations.ContinueConversations(continuing(dataset_id, "next-1"))
+                calls = len(model.seen)
+
+                def broken(*args: Any) -> list[str]:
+                    raise RuntimeError("a bug")
+
+                monkeypatch.setattr(generation, "parse_items", broken)
+                model.script = [generator_reply({"messages": [{"content": "Write 5 items"}]})]
+                other = await client.new_dataset()
+                await client.generations.GenerateDatasetItems(
+                    GenerateDatasetItemsRequest(dataset_id=other, item_count=5, instructions=INSTRUCTIONS)
+                )
+                internal = await client.settled(other)
+        finally:
+            await srv.stop(grace=0.5)
+    assert failed.generation.state == DatasetGeneration.STATE_FAILED and failed.item_count == 0
+    assert "nested too deeply" in failed.generation.error, failed.generation.error
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_reason(refused.value) == "GENERATOR_UNAVAILABLE"
+    assert "nested too deeply" in (refused.value.details() or "")
+    assert calls == 2 * generation.PARSE_ATTEMPTS  # each asked again, then gave up
+    assert internal.generation.state == DatasetGeneration.STATE_FAILED and internal.item_count == 0
+    assert internal.generation.error.startswith("internal error (RuntimeError)"), internal.generation.error

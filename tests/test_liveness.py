@@ -258,9 +258,13 @@ async def test_cancelled_hung_calls_give_their_endpoint_slots_to_the_next_run(tm
     """Regression: cancelling in-flight calls leaked their endpoint slots, so every later call to that
     host - any tenant's - waited forever."""
     async with serving(tmp_path) as srv, Webhook() as hook, tenants(srv, "a", "b") as t:
+        hanging = 0
         for round_ in range(3):
+            slots = srv.outbound.limit_of(hook.url).slots
+            # The endpoint's whole limit is taken; once B has used the endpoint too, A's half of it.
+            hanging += slots.capacity if round_ == 0 else slots.share()
             hung = (await t["a"].CreateRun(run_request(webhook(hook.url + "/hang"), 20))).run
-            await hook.wait_for_calls("/hang", 8 * (round_ + 1))  # the endpoint's whole limit is taken
+            await hook.wait_for_calls("/hang", hanging)
             await t["a"].CancelRun(pb.CancelRunRequest(run_id=hung.id))
             for stub in t.values():
                 run = await create_and_finish(stub, run_request(webhook(hook.url + "/fast"), 5), within_s=10)
@@ -569,6 +573,8 @@ async def test_waiting_for_an_endpoint_is_fair_across_tenants(tmp_path: Path, by
 
         while not answered("b") and len(hook.answered) < backlog + 1:
             await hook.answer_one()
+            if answered("b"):
+                break  # B used the endpoint just now: A keeps to its share, and the freed slot stays free
             # Its slot has gone to the next call in turn, which has reached the endpoint.
             await hook.wait_until(lambda: len(hook.arrived) >= min(len(hook.answered) + slots, backlog + 1))
         b_end = await b_done  # nothing more is answered meanwhile: A stays where it is

@@ -108,8 +108,10 @@ async def answer_json(reply: Any, parse: Callable[[str], Awaitable[Any]]) -> Any
     when it is large); UnusableAnswer when there is none."""
     try:
         return storable_json(await parse(reply["choices"][0]["message"]["content"]))
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError) as exc:  # nested too deep included (`loads`)
         raise UnusableAnswer(f"not a JSON answer: {exc}") from exc
+    except RecursionError:  # whatever parsed it, a walk of the answer would not end
+        raise UnusableAnswer("not a JSON answer: it is nested too deeply") from None
 
 
 def parse_items(parsed: Any, wanted: int) -> list[str]:
@@ -427,9 +429,13 @@ class DatasetGenerations:
             busy[claimed.tenant] += 1
             room -= 1
 
-    def _done(self, claim_id: str, _task: asyncio.Task[None]) -> None:
-        self._working.pop(claim_id, None)
+    def _done(self, claim_id: str, task: asyncio.Task[None]) -> None:
+        entry = self._working.pop(claim_id, None)
         self._wake.set()  # a slot is free
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Not even FAILED could be recorded: the lease runs out and the generation is claimed again.
+            dataset_id = entry[0] if entry else "?"
+            log.error("dataset %s: generation ended with an error", dataset_id, exc_info=exc)
 
     async def _work(self, generation: DatasetGenerationRecord, claim_id: str) -> None:
         """Write the remaining items batch by batch; record the outcome."""
@@ -455,6 +461,12 @@ class DatasetGenerations:
             else:  # the batch would pass the dataset's item cap or its tenant's bytes (_append)
                 reason = f"no more items could be added: {exc.message}"
             log.warning("dataset %s: generation failed: %s", dataset_id, reason)
+            await self._write(self._finish(dataset_id, claim_id, FAILED, reason))
+        except Exception as exc:
+            # Last resort: a bug ended the work; left RUNNING, the generation would be claimed again at
+            # every lease's end and call the model again, for good (an answer nested 700 deep did).
+            log.exception("dataset %s: generation failed with an unexpected error", dataset_id)
+            reason = f"internal error ({type(exc).__name__}); the server's log has the details"
             await self._write(self._finish(dataset_id, claim_id, FAILED, reason))
 
     async def _batch(self, instructions: str, wanted: int, written: list[str]) -> list[str]:

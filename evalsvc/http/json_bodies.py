@@ -10,8 +10,8 @@ So a text is parsed in place when it is small, or when it cannot hold more than 
 (its commas, brackets and braces, counted in C, bound them from above) and has no very long number;
 anything else goes to a worker
 process, which parses it and refuses it when it holds more than MAX_VALUES values. What comes back is
-bounded by that, so taking it in (unpickling) is bounded too. Nesting too deep for the parser
-(`RecursionError`) is a ValueError like any other text that is not JSON.
+bounded by that, so taking it in (unpickling) is bounded too. Nesting deeper than MAX_DEPTH (or too
+deep for the parser, `RecursionError`) is a ValueError like any other text that is not JSON.
 
 The worker parses one text at a time, and texts wait for it in their tenants' turns (`Slots`, as
 grading processes and endpoint slots are handed out): first come, first served, a tenant whose
@@ -34,6 +34,12 @@ from evalsvc.slots import Slots
 # At most this many values are parsed on the loop (a few ms), or taken back from a worker: legitimate
 # replies hold a few dozen (a chat completion, a verdict, a batch of generated items, tool calls).
 MAX_VALUES = 20_000
+# Arrays and objects nested deeper than this are refused: every recursive walk of a parsed answer (making
+# its strings storable, a verdict's, a reply's) would otherwise hit Python's recursion limit on a
+# model's answer of 700 `[`s (RecursionError: a generation that never ended, an RPC's INTERNAL).
+# Legitimate answers nest a few levels; and a tool call's arguments (a protobuf Struct, three message
+# levels a JSON level) past about 30 levels could not be read back (protobuf's depth limit of 100).
+MAX_DEPTH = 24
 # Below this many characters a text holds too few values to matter.
 INLINE_CHARS = 64 * 1024
 
@@ -52,11 +58,39 @@ def has_long_number(text: str | bytes) -> bool:
 
 
 def loads(text: str | bytes) -> Any:
-    """`json.loads`, with nesting too deep for the parser a ValueError."""
+    """`json.loads`, with nesting deeper than MAX_DEPTH (or too deep for the parser) a ValueError."""
     try:
-        return json.loads(text)
+        parsed = json.loads(text)
     except RecursionError:
-        raise ValueError("the JSON is nested too deeply") from None
+        raise ValueError(f"the JSON is nested too deeply (more than {MAX_DEPTH} levels)") from None
+    if most_containers(text) > MAX_DEPTH and too_deep(parsed):
+        raise ValueError(f"the JSON is nested too deeply (more than {MAX_DEPTH} levels)")
+    return parsed
+
+
+def most_containers(text: str | bytes) -> int:
+    """An upper bound of the arrays and objects in a JSON text, and so of its depth."""
+    if isinstance(text, bytes):
+        return text.count(b"[") + text.count(b"{")
+    return text.count("[") + text.count("{")
+
+
+def too_deep(parsed: Any) -> bool:
+    """Whether a parsed JSON value nests arrays and objects more than MAX_DEPTH deep (walked without
+    recursion, stopping at the first too deep)."""
+    pending = [(parsed, 0)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth >= MAX_DEPTH:
+            return True
+        pending.extend((child, depth + 1) for child in children)
+    return False
 
 
 def most_values(text: str | bytes) -> int:

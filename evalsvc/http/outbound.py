@@ -13,7 +13,8 @@ Every target and judge call goes through `Outbound.post_json`, so the rules hold
   shared by every tenant, but waiting for it is fair: a freed slot goes to the next tenant in
   round-robin order among those with calls waiting (`call_tenant`; first come, first served within
   a tenant), so one tenant's backlog on a popular endpoint (a provider, the default judge) does not
-  queue ahead of another tenant's call;
+  queue ahead of another tenant's call, and while other tenants use it one tenant holds at most half of
+  its slots (`SharedSlots`), so one tenant's slow calls cannot hold all of them;
 - what one call may cost is bounded whatever its endpoint does: its name is looked up on resolver
   threads of its own, a few per tenant, within a timeout, holding no worker slot (`_resolve`,
   evalsvc.http.resolver); its reply is bounded in decoded bytes, pieces and bytes on the connection
@@ -53,7 +54,7 @@ from evalsvc.http.replies import (
     without_secrets,
 )
 from evalsvc.http.resolver import IPAddress, Resolver
-from evalsvc.slots import Slots
+from evalsvc.slots import SharedSlots, Slots
 from evalsvc.v1 import grader_pb2, target_pb2
 
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
@@ -375,13 +376,14 @@ def _endpoint_host(host: str) -> str:
 class AdaptiveLimit:
     """AIMD concurrency limit of one endpoint and credentials: halve on 429, grow by one on success.
     Shared by every tenant calling with those credentials (the server's judge key, an operator secret,
-    or none); its waiters are served round-robin across tenants (`Slots`)."""
+    or none); its waiters are served round-robin across tenants, and while others use it one tenant holds
+    at most half of its slots (`SharedSlots`)."""
 
     def __init__(self, limit: float = 8.0, minimum: float = 1.0, maximum: float = 256.0) -> None:
         self.limit = limit
         self.minimum = minimum
         self.maximum = maximum
-        self.slots = Slots(int(limit))
+        self.slots = SharedSlots(int(limit))
 
     @property
     def in_flight(self) -> int:
@@ -397,17 +399,17 @@ class AdaptiveLimit:
         """Wait for a slot under the current limit, in `tenant`'s turn."""
         await self.slots.acquire(tenant)
 
-    def give_back(self) -> None:
-        """Give a slot back that made no call: the limit learns nothing from it."""
-        self.slots.release()
+    def give_back(self, tenant: str = "") -> None:
+        """Give a slot (taken for `tenant`) back that made no call: the limit learns nothing from it."""
+        self.slots.release(tenant)
 
-    def release(self, *, throttled: bool) -> None:
-        """Give the slot back and adapt the limit."""
+    def release(self, tenant: str = "", *, throttled: bool) -> None:
+        """Give the slot (taken for `tenant`) back and adapt the limit."""
         if throttled:
             self.limit = max(self.minimum, self.limit / 2)
         else:
             self.limit = min(self.maximum, self.limit + 1 / max(self.limit, 1.0))
-        self.slots.release()
+        self.slots.release(tenant)
         self.slots.set_capacity(int(self.limit))
 
 
@@ -453,10 +455,10 @@ class TenantCalls:
 
 async def _wait_for_slot(limit: AdaptiveLimit, tenant: str) -> None:
     """Take a slot of the endpoint, in the tenant's turn."""
-    if limit.slots.available():
+    if limit.slots.available(tenant):
         await limit.acquire(tenant)
     else:
-        await _held_up_until(functools.partial(limit.acquire, tenant), limit.give_back)
+        await _held_up_until(functools.partial(limit.acquire, tenant), functools.partial(limit.give_back, tenant))
 
 
 async def _held_up_until(take: Callable[[], Awaitable[None]], give_back: Callable[[], None]) -> None:
@@ -501,7 +503,7 @@ async def _endpoint_slot(limit_of: Callable[[], AdaptiveLimit], calls: TenantCal
         if room.available():
             await room.acquire()  # at once: there is room
         else:
-            limit.give_back()
+            limit.give_back(tenant)
             await _held_up_until(room.acquire, room.release)  # a waiter: its room is not forgotten meanwhile
             try:
                 limit = limit_of()
@@ -514,7 +516,7 @@ async def _endpoint_slot(limit_of: Callable[[], AdaptiveLimit], calls: TenantCal
             yield call
         finally:
             room.release()
-            limit.release(throttled=call.throttled)
+            limit.release(tenant, throttled=call.throttled)
     finally:
         calls.forget_if_idle(tenant)
 

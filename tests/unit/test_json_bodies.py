@@ -119,3 +119,21 @@ async def test_a_cancelled_callers_text_keeps_the_worker_until_it_is_parsed(pars
     numbers = "[" + ",".join(["7" * 4000] * 30) + "]"
     assert await parser.parse(numbers, "b") == [int("7" * 4000)] * 30
     assert parser._turns.available()
+
+
+@pytest.mark.parametrize("depth", [json_bodies.MAX_DEPTH + 1, 700, 5000])
+async def test_json_nested_too_deeply_is_not_json(depth: int) -> None:
+    """Probe: 700 nested `[`s parse, but every recursive walk of the answer (making its strings storable,
+    a generation's, a judge's, a target reply's) then raised RecursionError: a generation left RUNNING
+    for good, a run's evaluation errored "RecursionError: maximum recursion depth exceeded". Past
+    MAX_DEPTH levels the text is a ValueError saying so, inline or in the worker."""
+    deep = '{"choices": ' + "[" * depth + "]" * depth + "}"
+    parser = JsonParser()
+    try:
+        for text in (deep, deep + " " * json_bodies.INLINE_CHARS):  # parsed in place, and by the worker
+            with pytest.raises(ValueError, match=rf"nested too deeply \(more than {json_bodies.MAX_DEPTH} levels\)"):
+                await parser.parse(text)
+        fine = "[" * (json_bodies.MAX_DEPTH - 1) + '{"a": "[[[[{{{{"}' + "]" * (json_bodies.MAX_DEPTH - 1)
+        assert await parser.parse(fine) is not None  # brackets in strings do not count
+    finally:
+        parser.close()

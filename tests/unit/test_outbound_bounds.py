@@ -25,6 +25,7 @@ from evalsvc.config import Settings
 from evalsvc.http import outbound, resolver
 from evalsvc.http.outbound import Outbound, OutboundError, call_tenant, check_destination, endpoint_wait
 from evalsvc.http.replies import without_secrets
+from tests.fake_llm import FakeEndpoint, Reply
 
 Writer = Callable[[asyncio.StreamWriter], Awaitable[None]]
 REPLY = {"choices": [{"message": {"content": "fine"}}]}
@@ -440,3 +441,64 @@ def test_an_excerpt_cut_inside_a_secret_shows_none_of_it() -> None:
     assert without_secrets(b"key: " + SECRET[:9].encode(), [SECRET]) == b"key: [redacted]"
     assert without_secrets(b"key: sk-", [SECRET]) == b"key: sk-"  # shorter than MIN_REDACTED_BYTES: ordinary text
     assert without_secrets(b"nothing secret", []) == b"nothing secret"
+
+
+class _GatedForA(list[Reply]):
+    """A FakeEndpoint script: calls to /a/... wait for `gate` (slow calls held in flight), others answer at once."""
+
+    def __init__(self, fake: FakeEndpoint, gate: threading.Event) -> None:
+        super().__init__()
+        self.fake, self.gate = fake, gate
+
+    def __len__(self) -> int:
+        return 2  # never runs out
+
+    def pop(self, index: int = -1) -> Reply:
+        slow = self.fake.seen[-1].path.startswith("/a/")  # popped as the request is recorded
+        return Reply({"ok": True}, gate=self.gate if slow else None)
+
+
+async def test_one_tenant_holds_at_most_half_of_a_shared_endpoints_slots(client: Outbound) -> None:
+    """Probe: tenant A's slow calls to the shared generator held all 8 of its slots; B's generation of 20
+    items, one call at a time, waited for A's calls to end (28 s instead of 0.08 s). Turns bound how long
+    B waits behind A's backlog, not how many slots A holds.
+
+    B has called the endpoint; then A floods it with 24 calls that do not end (until the test says).
+    A holds at most half the slots, and B's 10 calls, one after the other, are all answered meanwhile.
+    Alone on the endpoint A may use every slot; afterwards nothing is leaked."""
+    gate = threading.Event()
+
+    async def post(tenant: str, path: str) -> None:
+        call_tenant.set(tenant)
+        await client.post_json(fake.url + path, {}, {}, timeout_s=60)
+
+    with FakeEndpoint() as fake:
+        fake.script = _GatedForA(fake, gate)
+        limit = client.limit_of(fake.url + "/")
+        try:
+            await asyncio.wait_for(post("b", "/b/0"), 10)  # B uses the endpoint
+            flood = [asyncio.ensure_future(post("a", f"/a/{i}")) for i in range(24)]
+            await asyncio.to_thread(fake.wait_seen, 1 + 4, 10)
+            await settle()
+            assert limit.slots.held_by("a") == 4, "A holds more than half of the 8 slots"
+            for i in range(1, 11):  # before: each waited for one of A's calls to end (never, here)
+                await asyncio.wait_for(post("b", f"/b/{i}"), 5)
+            assert limit.slots.held_by("a") == 4 and not any(each.done() for each in flood)
+        finally:
+            gate.set()
+        await asyncio.wait_for(asyncio.gather(*flood), 30)
+        assert limit.in_flight == 0 and limit.slots.waiting == 0
+
+        # Alone (no other tenant within the window), a tenant uses every slot.
+        alone = client.limit_of(fake.url.replace("127.0.0.1", "127.0.0.1.") + "/")
+        assert alone is limit
+        limit.slots._took.clear()  # B's calls are long ago
+        gate.clear()
+        flood = [asyncio.ensure_future(post("a", f"/a/{i}")) for i in range(12)]
+        try:
+            await asyncio.to_thread(fake.wait_seen, 11 + 24 + int(limit.limit), 10)
+            await settle()
+            assert limit.in_flight == int(limit.limit) == limit.slots.held_by("a")
+        finally:
+            gate.set()
+        await asyncio.wait_for(asyncio.gather(*flood), 30)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from evalsvc.slots import Hold, Slots
+from evalsvc.slots import Hold, SharedSlots, Slots
 
 SEEDS = [int(os.environ["EVALSVC_SLOTS_SEED"])] if "EVALSVC_SLOTS_SEED" in os.environ else list(range(40))
 STEPS = 300
@@ -301,3 +301,32 @@ async def test_random_interleavings_leak_no_slot_and_serve_tenants_in_turn() -> 
     (check_round_robin)."""
     for seed in SEEDS:
         await interleave(seed)
+
+
+async def test_shared_slots_keep_a_key_to_half_while_another_uses_them() -> None:
+    """`SharedSlots` (an endpoint's): alone a key takes every slot; while another key holds, waits for or
+    recently took one, it holds at most half, and the slots it may not take stay free for the others."""
+    slots = SharedSlots(4, window_s=60)
+    await slots.acquire("b")
+    slots.release("b")  # B took one a moment ago
+    for _ in range(2):
+        await slots.acquire("a")
+    third = asyncio.create_task(slots.acquire("a"))
+    await settle()
+    assert not third.done() and slots.held == 2 and slots.available("b")
+    await slots.acquire("b")  # at once, though A waits: A is at its share
+    assert not third.done()
+    slots.release("a")  # A below its share again: its waiter takes the slot
+    await settle()
+    assert third.done() and slots.held_by("a") == 2 and slots.held_by("b") == 1
+    for key in ("a", "a", "b"):
+        slots.release(key)
+    slots.window_s = 0.0  # B's use is long ago: A alone takes every slot
+    for _ in range(4):
+        await asyncio.wait_for(slots.acquire("a"), 1)
+    assert slots.held_by("a") == 4 and not slots.available("a")
+    waiting_b = asyncio.create_task(slots.acquire("b"))
+    await settle()
+    slots.release("a")  # B waits: the slot is B's, and A gets none back while B waits
+    await settle()
+    assert waiting_b.done() and slots.held_by("a") == 3 and not slots.available("a")

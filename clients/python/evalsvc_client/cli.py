@@ -774,7 +774,7 @@ def _print_datasets(args: argparse.Namespace, datasets: Sequence[pb.Dataset]) ->
     if args.json:
         _print_json([to_dict(d) for d in datasets] if args.datasets_command == "list" else to_dict(datasets[0]))
         return
-    table = Table("id", "name", "items", "created", "updated", "description")
+    table = Table("id", "name", "items", "created", "updated", "description", "labels")
     for dataset in datasets:
         table.add_row(
             dataset.id,
@@ -783,6 +783,7 @@ def _print_datasets(args: argparse.Namespace, datasets: Sequence[pb.Dataset]) ->
             _when(dataset.create_time),
             _when(dataset.update_time),
             dataset.description,
+            ", ".join(f"{key}={value}" for key, value in sorted(dataset.labels.items())),
         )
     _console().print(table)
 
@@ -840,6 +841,12 @@ def _secret_value(name: str) -> str:
     if not value:
         raise ValueError(
             f"secrets create {name}: the value is empty; give it on stdin (`evalctl secrets create {name} < FILE`)"
+        )
+    if "\n" in value or "\r" in value:  # the server's "1-8192 printable ASCII characters" did not say why
+        where = "still ends with a line break" if value.endswith(("\n", "\r")) else "holds a line break"
+        raise ValueError(
+            f"secrets create {name}: the value {where} after dropping stdin's one trailing newline; a secret is"
+            f" one line: give it without the extra newline (`printf %s VALUE | evalctl secrets create {name}`)"
         )
     return value
 

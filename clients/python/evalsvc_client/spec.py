@@ -384,6 +384,13 @@ def _dataset_rows(path: Path) -> list[tuple[str, Any]]:
         return rows
     if suffix == ".csv":
         reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+        columns = reader.fieldnames
+        if columns is None:
+            return []  # an empty file: no rows
+        if "input" not in columns:
+            found = ", ".join(repr(column) for column in columns)
+            problem = f"no 'input' column; its first line names the columns {found}"
+            raise SpecError(str(path), [SpecProblem(f"{name}:1", problem)])
         return [(f"{name}:{n}: ", _csv_row(row)) for n, row in enumerate(reader, start=2)]
     if suffix in (".yaml", ".yml", ".json"):
         data = _load_structured(path)
@@ -420,11 +427,17 @@ def _checked_items(checker: _Checker, path: Path) -> list[dict[str, Any]]:
         checker.problem(path.name, "the dataset has no rows; a run needs at least one item")
     before = len(checker.problems)
     items = []
+    first_of: dict[str, str] = {}  # item id -> where it first was
     for where, row in rows:
         if isinstance(row, _UnreadableRow):
             checker.problem(where, row.problem)
-        else:
-            items.append(checker.message(row, _descriptor(pb.Item), where))
+            continue
+        item = checker.message(row, _descriptor(pb.Item), where)
+        items.append(item)
+        item_id = item.get("id")
+        if isinstance(item_id, str) and item_id and (first := first_of.setdefault(item_id, where)) is not where:
+            taken = f"id {item_id!r} is already the item's at {first.removesuffix(': ')}; ids must be unique"
+            checker.problem(where, taken)
     if (more := len(checker.problems) - before - MAX_ROW_PROBLEMS) > 0:
         del checker.problems[before + MAX_ROW_PROBLEMS :]
         checker.problem(path.name, f"... and {plural(more, 'more problem')} in its rows")
