@@ -221,6 +221,8 @@ CLAIMED_COLUMNS = (
     DELIVERIES.c.tenant,
     DELIVERIES.c.webhook_id,
     DELIVERIES.c.event_type,
+    DELIVERIES.c.run_id,
+    DELIVERIES.c.seq,
     DELIVERIES.c.attempts,
     DELIVERIES.c.claim_id,
     WEBHOOKS.c.url,
@@ -275,15 +277,32 @@ async def claim_due(
     )
     if claimed.first() is None:
         return []
-    rows = await conn.execute(
-        select(*CLAIMED_COLUMNS)
-        .select_from(DELIVERIES)
-        .join(WEBHOOKS, WEBHOOKS.c.id == DELIVERIES.c.webhook_id)
-        .join(EVENTS, (EVENTS.c.run_id == DELIVERIES.c.run_id) & (EVENTS.c.seq == DELIVERIES.c.seq))
-        .where(DELIVERIES.c.claim_id == claim_id)
-        .order_by(DELIVERIES.c.next_attempt_time)
-    )
-    return [ClaimedDelivery.from_row(row) for row in rows.mappings()]
+    rows = (
+        await conn.execute(
+            select(*CLAIMED_COLUMNS[:-1])
+            .select_from(DELIVERIES)
+            .join(WEBHOOKS, WEBHOOKS.c.id == DELIVERIES.c.webhook_id)
+            .where(DELIVERIES.c.claim_id == claim_id)
+            .order_by(DELIVERIES.c.next_attempt_time)
+        )
+    ).all()
+    # Each event once, however many of its deliveries the claim holds: one event to 50 webhooks was
+    # its payload (up to 4 MiB: the whole run) read 50 times inside the write transaction.
+    wanted = sorted({(row.run_id, row.seq) for row in rows})
+    payloads: dict[tuple[str, int], bytes] = {}
+    for run_id in sorted({run_id for run_id, _ in wanted}):
+        found = await conn.execute(
+            select(EVENTS.c.seq, EVENTS.c.payload).where(
+                EVENTS.c.run_id == run_id, EVENTS.c.seq.in_([seq for each, seq in wanted if each == run_id])
+            )
+        )
+        payloads.update(((run_id, seq), payload) for seq, payload in found)
+    # A delivery whose event is gone (its run purged) is not returned, as the join with events did.
+    return [
+        ClaimedDelivery.from_columns((*row, payloads[(row.run_id, row.seq)]))
+        for row in rows
+        if (row.run_id, row.seq) in payloads
+    ]
 
 
 async def record_attempt(conn: AsyncConnection, delivery_id: str, claim_id: str, values: Mapping[str, Any]) -> bool:

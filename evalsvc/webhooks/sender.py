@@ -43,8 +43,8 @@ from evalsvc.metrics import Metrics
 from evalsvc.store import webhooks as store
 from evalsvc.store.db import Database
 from evalsvc.store.records import ClaimedDelivery
-from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.webhooks import signing
+from evalsvc.webhooks.bodies import OFF_LOOP_BYTES, Bodies
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ class WebhookSender:
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self._last_prune = 0.0
+        self._bodies = Bodies()
 
     async def start(self) -> None:
         """Release leases a crashed predecessor left (SQLite has one server) and start the loop."""
@@ -255,10 +256,13 @@ class WebhookSender:
         """POST the delivery once: (HTTP status or 0, why it failed, Retry-After seconds)."""
         url = claimed.url
         host = shown_host(url)
-        event = pb.WatchRunResponse.FromString(claimed.payload)
-        payload = signing.body(claimed.event_type, event)
+        payload = await self._bodies.body(claimed)  # built once per event, a large one in a thread
         now = int(time.time())
-        headers = signing.headers(signing_keys(claimed, now), claimed.id, now, payload)
+        keys = signing_keys(claimed, now)
+        if len(payload) < OFF_LOOP_BYTES:
+            headers = signing.headers(keys, claimed.id, now, payload)
+        else:  # hashing megabytes releases the GIL: in a thread, it costs the loop nothing
+            headers = await asyncio.to_thread(signing.headers, keys, claimed.id, now, payload)
         call_tenant.set(claimed.tenant)  # its name is looked up in its tenant's turn (this task's own context)
         try:
             # What the receiver may send before its status is bounded as a target's reply is (a flood of
