@@ -334,12 +334,21 @@ async def release_all(conn: AsyncConnection) -> int:
     return int(released.rowcount or 0)
 
 
-async def prune(conn: AsyncConnection, finished_before: float) -> int:
-    """Delete deliveries that ended (succeeded or failed) before a time: the history is bounded."""
-    deleted = await conn.execute(
-        delete(DELIVERIES).where(
-            DELIVERIES.c.status.in_([SUCCEEDED, FAILED]),
-            DELIVERIES.c.create_time < finished_before,
-        )
+# Deliveries one prune transaction deletes, at most: a short hold of SQLite's one writer. Deleted whole,
+# 3,000,000 recent and 1,000,000 old rows held it 3.8 s (another tenant's CreateRun took 4.4 s).
+PRUNE_CHUNK = 1000
+
+
+async def prune(conn: AsyncConnection, finished_before: float, limit: int = PRUNE_CHUNK) -> int:
+    """Delete up to `limit` deliveries that ended (succeeded or failed) before a time, through
+    ix_webhook_deliveries_finished: the history is bounded, a chunk per transaction (fewer deleted
+    than `limit`: none are left). On PostgreSQL a replica pruning at the same time takes other rows."""
+    chosen = (
+        select(DELIVERIES.c.id)
+        .where(DELIVERIES.c.status.in_([SUCCEEDED, FAILED]), DELIVERIES.c.create_time < finished_before)
+        .limit(limit)
     )
+    if conn.dialect.name == "postgresql":
+        chosen = chosen.with_for_update(skip_locked=True)
+    deleted = await conn.execute(delete(DELIVERIES).where(DELIVERIES.c.id.in_(chosen.scalar_subquery())))
     return int(deleted.rowcount or 0)

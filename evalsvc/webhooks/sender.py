@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 MAX_RETRY_DELAY_S = 3600.0
 RETENTION_S = 30 * 24 * 3600.0  # finished deliveries are listed this long, then deleted
 PRUNE_EVERY_S = 3600.0
+# The first prune comes this long after start (times a random factor in [1, 2], so replicas started
+# together spread theirs), not at once: a start (or a crash loop) is no time to add a long delete.
+FIRST_PRUNE_AFTER_S = 300.0
 
 
 def retry_delay(attempts: int, base_s: float, retry_after: float | None, rng: random.Random) -> float:
@@ -100,7 +103,9 @@ class WebhookSender:
         self._stop_requested = asyncio.Event()
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
-        self._last_prune = 0.0
+        self._next_prune = 0.0  # when the next prune begins (set at start)
+        self._prune_before: float | None = None  # the cutoff of the prune under way, a chunk per turn
+        self._pruned = 0
         self._bodies = Bodies()
 
     async def start(self) -> None:
@@ -111,6 +116,7 @@ class WebhookSender:
                 log.info("resuming %d webhook deliveries leased before the last shutdown", released)
         self._stopping = False
         self._stop_requested.clear()
+        self._next_prune = time.time() + FIRST_PRUNE_AFTER_S * self._rng.uniform(1.0, 2.0)
         self._loop_task = asyncio.create_task(
             supervise("webhook-sender", self._send_loop, self._stop_requested, self._metrics), name="webhook-sender"
         )
@@ -139,9 +145,9 @@ class WebhookSender:
         while not self._stopping:
             room = self._concurrency - len(self._in_flight)
             claimed = await self._claim(room) if room > 0 else 0
-            await self._prune_now_and_then()
-            if room > 0 and claimed == room:
-                continue  # every slot filled: more may be due
+            pruning = await self._prune_now_and_then()
+            if (room > 0 and claimed == room) or pruning:
+                continue  # every slot filled: more may be due; or more to prune, a chunk a turn
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_s)
@@ -185,14 +191,24 @@ class WebhookSender:
             log.error("webhook delivery task failed", exc_info=task.exception())
         self._wake.set()  # a slot is free
 
-    async def _prune_now_and_then(self) -> None:
+    async def _prune_now_and_then(self) -> bool:
+        """Every PRUNE_EVERY_S, delete the deliveries that ended more than RETENTION_S ago: one chunk
+        (store.PRUNE_CHUNK rows, a short transaction of its own) per turn of the loop, between claims,
+        so neither the writer nor the sending waits for a whole prune. Whether more may be left."""
         now = time.time()
-        if now - self._last_prune < PRUNE_EVERY_S:
-            return
-        self._last_prune = now
-        pruned = await self._db.transact(lambda conn: store.prune(conn, now - RETENTION_S))
-        if pruned:
-            log.info("deleted %d webhook deliveries older than %d days", pruned, RETENTION_S // 86400)
+        if self._prune_before is None:
+            if now < self._next_prune:
+                return False
+            self._prune_before, self._pruned = now - RETENTION_S, 0
+        before = self._prune_before
+        deleted = await self._db.transact(lambda conn: store.prune(conn, before, store.PRUNE_CHUNK), alone=True)
+        self._pruned += deleted
+        if deleted >= store.PRUNE_CHUNK:
+            return True
+        if self._pruned:
+            log.info("deleted %d webhook deliveries older than %d days", self._pruned, RETENTION_S // 86400)
+        self._prune_before, self._next_prune = None, now + PRUNE_EVERY_S
+        return False
 
     async def _send(self, claimed: ClaimedDelivery) -> None:
         """One attempt, then its outcome recorded under the claim (unless stop() abandoned the attempt)."""
