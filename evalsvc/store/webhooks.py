@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.ids import new_id
@@ -73,30 +73,33 @@ async def enqueue_many(conn: AsyncConnection, tenant_events: Sequence[tuple[str,
         hooks.setdefault(tenant, []).append((webhook_id, mask))
     if not hooks:
         return
-    full = await _backlogs_full(conn, sorted(hooks))
+    room = await _backlog_room(conn, sorted(hooks))
     now = time.time()
-    for tenant in full:
-        _warn_of_full_backlog(tenant, now)
-    rows = [
-        {
-            "id": new_id("msg"),
-            "tenant": tenant,
-            "webhook_id": webhook_id,
-            "event_type": event_type,
-            "run_id": event.run.id,
-            "seq": event.seq,
-            "status": PENDING,
-            "attempts": 0,
-            "next_attempt_time": now,
-            "last_response_code": 0,
-            "last_error": "",
-            "create_time": now,
-        }
-        for tenant, event, event_type in typed
-        if tenant not in full
-        for webhook_id, mask in hooks.get(tenant, ())
-        if mask & events.bit(event_type)
-    ]
+    rows = []
+    for tenant, event, event_type in typed:
+        for webhook_id, mask in hooks.get(tenant, ()):
+            if not mask & events.bit(event_type):
+                continue
+            if room[tenant] <= 0:  # full: this delivery (and the tenant's others here) is not written
+                _warn_of_full_backlog(tenant, now)
+                continue
+            room[tenant] -= 1
+            rows.append(
+                {
+                    "id": new_id("msg"),
+                    "tenant": tenant,
+                    "webhook_id": webhook_id,
+                    "event_type": event_type,
+                    "run_id": event.run.id,
+                    "seq": event.seq,
+                    "status": PENDING,
+                    "attempts": 0,
+                    "next_attempt_time": now,
+                    "last_response_code": 0,
+                    "last_error": "",
+                    "create_time": now,
+                }
+            )
     if rows:
         await conn.execute(insert(DELIVERIES), rows)
 
@@ -114,20 +117,22 @@ def _warn_of_full_backlog(tenant: str, now: float) -> None:
     )
 
 
-async def _backlogs_full(conn: AsyncConnection, tenants: Sequence[str]) -> set[str]:
-    """The tenants with MAX_PENDING_PER_TENANT deliveries waiting: one probe each, through
-    ix_webhook_deliveries_tenant, reading at most that many index entries."""
-    full = set()
+async def _backlog_room(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, int]:
+    """How many more deliveries each tenant may have waiting, up to MAX_PENDING_PER_TENANT: one count
+    each, through ix_webhook_deliveries_tenant, reading at most that many index entries. The cap is on
+    what a transaction adds, not only checked before it: one event to 50 webhooks (or a transaction
+    changing many runs) passed it by 50 x the runs."""
+    room = {}
     for tenant in tenants:
-        probe = (
+        waiting = (
             select(DELIVERIES.c.id)
             .where(DELIVERIES.c.tenant == tenant, DELIVERIES.c.status == PENDING)
-            .limit(1)
-            .offset(MAX_PENDING_PER_TENANT - 1)
+            .limit(MAX_PENDING_PER_TENANT)
+            .subquery()
         )
-        if (await conn.execute(probe)).first() is not None:
-            full.add(tenant)
-    return full
+        counted = (await conn.execute(select(func.count()).select_from(waiting))).scalar_one()
+        room[tenant] = MAX_PENDING_PER_TENANT - int(counted)
+    return room
 
 
 async def insert_webhook(conn: AsyncConnection, webhook: WebhookRecord) -> None:
