@@ -221,18 +221,29 @@ async def test_large_runs_bodies_are_built_once_per_event_off_the_event_loop(
     server: EvalServer,
     webhooks: webhook_service_pb2_grpc.WebhookServiceStub,
     runs: eval_run_service_pb2_grpc.EvalRunServiceStub,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A body is the whole run in proto3 JSON (pure-Python json_format, ~0.4 s for 2.7 MB of grader
     definitions). Built on the event loop at every attempt, 50 webhooks on such runs held the loop 16 s
     in 20 s and another tenant's GetRun took 1.4 s. Built once per event in a thread, every webhook gets
     the same documented body, and the loop stays free while they go out (here: 8 webhooks x 3 events
-    were ~10 s of loop stalls before)."""
+    were 7.6 s of loop stalls, another tenant's GetRun 1.4 s; now ~0.2 s, 0.2 s)."""
     request = create_request(1)
     for g in range(15):
         values = [str(i % 10) for i in range(60_000)]
         request.graders.append(grader_pb2.Grader(name=f"c{g}", contains=grader_pb2.Contains(values=values)))
     other_key, _ = await server.keys.create("other")
     lags: list[float] = []
+    # The deliveries wait until the run has ended: what the loop does then is theirs alone (creating and
+    # running a run this large costs the loop too, a second or so, and is not this test's subject).
+    sender, held = server.webhook_sender, asyncio.Event()
+    real_claim = sender._claim
+
+    async def held_claim(room: int) -> int:
+        await held.wait()
+        return await real_claim(room)
+
+    monkeypatch.setattr(sender, "_claim", held_claim)
 
     async def sample_lag() -> None:
         while True:
@@ -245,10 +256,12 @@ async def test_large_runs_bodies_are_built_once_per_event_off_the_event_loop(
         async with keyed_channel(server.port, other_key) as other:
             theirs = eval_run_service_pb2_grpc.EvalRunServiceStub(other)
             their_run = (await theirs.CreateRun(create_request(1))).run.id
+            run_id = (await runs.CreateRun(request, timeout=60)).run.id
+            events = await watch_all(runs, run_id)
+            await asyncio.sleep(0.2)
             sampler = asyncio.create_task(sample_lag())
+            held.set()
             try:
-                run_id = (await runs.CreateRun(request, timeout=60)).run.id
-                events = await watch_all(runs, run_id)
                 slowest = 0.0
                 deadline = time.monotonic() + WAIT_S
                 while len(receiver.seen) < 3 * len(created):
@@ -260,7 +273,7 @@ async def test_large_runs_bodies_are_built_once_per_event_off_the_event_loop(
             finally:
                 sampler.cancel()
     stalled = sum(lag for lag in lags if lag > 0.05)
-    assert stalled < 2.0 and slowest < 1.0, (
+    assert stalled < 1.5 and slowest < 1.0, (
         f"event loop stalled {stalled:.1f} s; another tenant's GetRun {slowest:.2f} s"
     )
     assert server.webhook_sender._bodies.built == 3, "a body was built again for another webhook or attempt"
