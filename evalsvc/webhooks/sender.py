@@ -38,7 +38,7 @@ from evalsvc.http.outbound import (
     shown_host,
 )
 from evalsvc.http.replies import attempt_reads
-from evalsvc.liveness import supervise
+from evalsvc.liveness import Progress, Watched, supervise
 from evalsvc.metrics import Metrics
 from evalsvc.store import webhooks as store
 from evalsvc.store.db import Database
@@ -48,6 +48,7 @@ from evalsvc.webhooks.bodies import OFF_LOOP_BYTES, Bodies
 
 log = logging.getLogger(__name__)
 
+LOOP_NAME = "webhook-sender"
 MAX_RETRY_DELAY_S = 3600.0
 RETENTION_S = 30 * 24 * 3600.0  # finished deliveries are listed this long, then deleted
 PRUNE_EVERY_S = 3600.0
@@ -107,6 +108,7 @@ class WebhookSender:
         self._prune_before: float | None = None  # the cutoff of the prune under way, a chunk per turn
         self._pruned = 0
         self._bodies = Bodies()
+        self._progress = Progress()  # a turn of the loop: a claim (or none due), a prune chunk, a wait
 
     async def start(self) -> None:
         """Release leases a crashed predecessor left (SQLite has one server) and start the loop."""
@@ -117,9 +119,25 @@ class WebhookSender:
         self._stopping = False
         self._stop_requested.clear()
         self._next_prune = time.time() + FIRST_PRUNE_AFTER_S * self._rng.uniform(1.0, 2.0)
+        self._progress.beat()
         self._loop_task = asyncio.create_task(
-            supervise("webhook-sender", self._send_loop, self._stop_requested, self._metrics), name="webhook-sender"
+            supervise(LOOP_NAME, self._send_loop, self._stop_requested, self._metrics), name=LOOP_NAME
         )
+
+    def watched(self, stall_s: float) -> Watched:
+        """The loop, for the watchdog: it beats every turn, and turns come at least every poll interval
+        (a claim, or a wait for a free slot or for due deliveries), so a loop silent past `stall_s` while
+        deliveries are due (or a prune is under way) is stuck, and health turns NOT_SERVING. Unwatched,
+        a sender stuck in a claim left every tenant's deliveries waiting with health SERVING."""
+        return Watched(LOOP_NAME, self._progress, self._has_work, max(stall_s, 2 * self._poll_s))
+
+    async def _has_work(self) -> bool:
+        if self._stopping or self._loop_task is None:
+            return False  # stopped (or not started): no loop to be stuck
+        if self._prune_before is not None:
+            return True
+        async with self._db.read() as conn:
+            return await store.any_due(conn, time.time())
 
     async def stop(self) -> None:
         """Stop sending: abandon HTTP attempts in flight and hand their deliveries back, due at once.
@@ -146,11 +164,13 @@ class WebhookSender:
             room = self._concurrency - len(self._in_flight)
             claimed = await self._claim(room) if room > 0 else 0
             pruning = await self._prune_now_and_then()
+            self._progress.beat()
             if (room > 0 and claimed == room) or pruning:
                 continue  # every slot filled: more may be due; or more to prune, a chunk a turn
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_s)
+            self._progress.beat()
 
     async def _claim(self, room: int) -> int:
         """Lease up to `room` due deliveries, keep each tenant within its share, start a task for each."""
