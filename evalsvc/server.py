@@ -336,6 +336,7 @@ class EvalServer:
         self.watchdog.watch(self._watched_writer())
         self.watchdog.watch(self.generations.watched(self.settings.stall_s))
         self.watchdog.watch(self.purger.watched(self.settings.stall_s))
+        self.watchdog.watch(self.webhook_sender.watched(self.settings.stall_s))
         self._watchdog_task = asyncio.create_task(
             supervise("watchdog", lambda: self.watchdog.run(self._watchdog_stop), self._watchdog_stop, self.metrics),
             name="watchdog",

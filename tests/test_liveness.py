@@ -809,6 +809,60 @@ async def test_watchdog_reports_a_stalled_claim_loop_through_health(
             statuses.cancel()
 
 
+async def test_watchdog_reports_a_stuck_webhook_sender_through_health(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The webhook sender's loop is watched like the others: stuck in a claim (any await that never
+    returns) while deliveries are due, it turned health NOT_SERVING never (deliveries waited for good);
+    now it does, and SERVING again once the loop moves and sends them."""
+    from evalsvc.v1 import webhook_service_pb2 as wpb
+    from evalsvc.v1 import webhook_service_pb2_grpc
+    from tests.fake_llm import FakeEndpoint, Reply
+
+    async with (
+        serving(tmp_path, stall_s=0.5, poll_interval_s=0.1) as srv,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        key, _ = await srv.keys.create("a")
+        mine = await stack.enter_async_context(keyed_channel(srv.port, key))
+        sender = srv.webhook_sender
+        unstuck = asyncio.Event()
+        stack.callback(unstuck.set)  # the server's shutdown waits for the loop
+        real_claim = sender._claim
+
+        async def stuck_claim(room: int) -> int:
+            await unstuck.wait()
+            return await real_claim(room)
+
+        with FakeEndpoint(Reply({})) as receiver:
+            async with keyed_channel(srv.port, "") as channel:
+                statuses = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+                serving_ = health_pb2.HealthCheckResponse.SERVING
+                assert (await asyncio.wait_for(statuses.read(), 5)).status == serving_
+                hooks = webhook_service_pb2_grpc.WebhookServiceStub(mine)
+                await hooks.CreateWebhook(
+                    wpb.CreateWebhookRequest(webhook=wpb.Webhook(url=receiver.url, event_types=["run.created"]))
+                )
+                monkeypatch.setattr(sender, "_claim", stuck_claim)
+                sender._wake.set()
+                await asyncio.sleep(0.3)  # the loop is in its stuck claim
+                runs = eval_run_service_pb2_grpc.EvalRunServiceStub(mine)
+                await runs.CreateRun(run_request(echo(), 1))  # a delivery is due; nothing sends it
+                not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+                assert (await asyncio.wait_for(statuses.read(), 10)).status == not_serving
+                sample = srv.metrics.registry.get_sample_value
+                assert sample("evalsvc_loop_stalls_total", {"loop": "webhook-sender"}) == 1
+                assert sample("evalsvc_loop_stalled", {"loop": "webhook-sender"}) == 1
+                assert sample("evalsvc_loop_stalled", {"loop": "claim"}) == 0
+                assert not receiver.seen
+
+                unstuck.set()
+                assert (await asyncio.wait_for(statuses.read(), 10)).status == serving_
+                assert await asyncio.to_thread(receiver.wait_seen, 1, 10)
+                assert sample("evalsvc_loop_stalled", {"loop": "webhook-sender"}) == 0
+                statuses.cancel()
+
+
 class FakeTime:
     """The clock the liveness module reads (its `time`), moved by the test; asyncio keeps the real one."""
 

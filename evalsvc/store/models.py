@@ -494,6 +494,7 @@ class WebhookDeliveryRow(SQLModel, table=True):
         Index("ix_webhook_deliveries_webhook", "webhook_id", "id"),
         Index("ix_webhook_deliveries_tenant", "tenant", "status"),  # a tenant's backlog (MAX_PENDING_PER_TENANT)
         Index("ix_webhook_deliveries_run", "run_id"),  # a purged run's deliveries (evalsvc.store.retention)
+        Index("ix_webhook_deliveries_finished", "status", "create_time"),  # the prune's chunks (0020)
     )
 
     id: str = Field(primary_key=True, max_length=40)

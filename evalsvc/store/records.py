@@ -337,13 +337,15 @@ class ClaimedDelivery(FromRow):
     tenant: str
     webhook_id: str
     event_type: str
+    run_id: str
+    seq: int
     attempts: int
     claim_id: str
     url: str
     secret: bytes
     previous_secret: bytes | None
     previous_secret_expire_time: float | None
-    payload: bytes  # a serialized eval_run_service_pb2.WatchRunResponse
+    payload: bytes  # a serialized eval_run_service_pb2.WatchRunResponse, read once per event a claim holds
 
 
 def counts_from(run: RunRecord) -> run_pb2.RunCounts:

@@ -38,19 +38,23 @@ from evalsvc.http.outbound import (
     shown_host,
 )
 from evalsvc.http.replies import attempt_reads
-from evalsvc.liveness import supervise
+from evalsvc.liveness import Progress, Watched, supervise
 from evalsvc.metrics import Metrics
 from evalsvc.store import webhooks as store
 from evalsvc.store.db import Database
 from evalsvc.store.records import ClaimedDelivery
-from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.webhooks import signing
+from evalsvc.webhooks.bodies import OFF_LOOP_BYTES, Bodies
 
 log = logging.getLogger(__name__)
 
+LOOP_NAME = "webhook-sender"
 MAX_RETRY_DELAY_S = 3600.0
 RETENTION_S = 30 * 24 * 3600.0  # finished deliveries are listed this long, then deleted
 PRUNE_EVERY_S = 3600.0
+# The first prune comes this long after start (times a random factor in [1, 2], so replicas started
+# together spread theirs), not at once: a start (or a crash loop) is no time to add a long delete.
+FIRST_PRUNE_AFTER_S = 300.0
 
 
 def retry_delay(attempts: int, base_s: float, retry_after: float | None, rng: random.Random) -> float:
@@ -100,7 +104,11 @@ class WebhookSender:
         self._stop_requested = asyncio.Event()
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
-        self._last_prune = 0.0
+        self._next_prune = 0.0  # when the next prune begins (set at start)
+        self._prune_before: float | None = None  # the cutoff of the prune under way, a chunk per turn
+        self._pruned = 0
+        self._bodies = Bodies()
+        self._progress = Progress()  # a turn of the loop: a claim (or none due), a prune chunk, a wait
 
     async def start(self) -> None:
         """Release leases a crashed predecessor left (SQLite has one server) and start the loop."""
@@ -110,9 +118,26 @@ class WebhookSender:
                 log.info("resuming %d webhook deliveries leased before the last shutdown", released)
         self._stopping = False
         self._stop_requested.clear()
+        self._next_prune = time.time() + FIRST_PRUNE_AFTER_S * self._rng.uniform(1.0, 2.0)
+        self._progress.beat()
         self._loop_task = asyncio.create_task(
-            supervise("webhook-sender", self._send_loop, self._stop_requested, self._metrics), name="webhook-sender"
+            supervise(LOOP_NAME, self._send_loop, self._stop_requested, self._metrics), name=LOOP_NAME
         )
+
+    def watched(self, stall_s: float) -> Watched:
+        """The loop, for the watchdog: it beats every turn, and turns come at least every poll interval
+        (a claim, or a wait for a free slot or for due deliveries), so a loop silent past `stall_s` while
+        deliveries are due (or a prune is under way) is stuck, and health turns NOT_SERVING. Unwatched,
+        a sender stuck in a claim left every tenant's deliveries waiting with health SERVING."""
+        return Watched(LOOP_NAME, self._progress, self._has_work, max(stall_s, 2 * self._poll_s))
+
+    async def _has_work(self) -> bool:
+        if self._stopping or self._loop_task is None:
+            return False  # stopped (or not started): no loop to be stuck
+        if self._prune_before is not None:
+            return True
+        async with self._db.read() as conn:
+            return await store.any_due(conn, time.time())
 
     async def stop(self) -> None:
         """Stop sending: abandon HTTP attempts in flight and hand their deliveries back, due at once.
@@ -138,12 +163,14 @@ class WebhookSender:
         while not self._stopping:
             room = self._concurrency - len(self._in_flight)
             claimed = await self._claim(room) if room > 0 else 0
-            await self._prune_now_and_then()
-            if room > 0 and claimed == room:
-                continue  # every slot filled: more may be due
+            pruning = await self._prune_now_and_then()
+            self._progress.beat()
+            if (room > 0 and claimed == room) or pruning:
+                continue  # every slot filled: more may be due; or more to prune, a chunk a turn
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_s)
+            self._progress.beat()
 
     async def _claim(self, room: int) -> int:
         """Lease up to `room` due deliveries, keep each tenant within its share, start a task for each."""
@@ -184,14 +211,24 @@ class WebhookSender:
             log.error("webhook delivery task failed", exc_info=task.exception())
         self._wake.set()  # a slot is free
 
-    async def _prune_now_and_then(self) -> None:
+    async def _prune_now_and_then(self) -> bool:
+        """Every PRUNE_EVERY_S, delete the deliveries that ended more than RETENTION_S ago: one chunk
+        (store.PRUNE_CHUNK rows, a short transaction of its own) per turn of the loop, between claims,
+        so neither the writer nor the sending waits for a whole prune. Whether more may be left."""
         now = time.time()
-        if now - self._last_prune < PRUNE_EVERY_S:
-            return
-        self._last_prune = now
-        pruned = await self._db.transact(lambda conn: store.prune(conn, now - RETENTION_S))
-        if pruned:
-            log.info("deleted %d webhook deliveries older than %d days", pruned, RETENTION_S // 86400)
+        if self._prune_before is None:
+            if now < self._next_prune:
+                return False
+            self._prune_before, self._pruned = now - RETENTION_S, 0
+        before = self._prune_before
+        deleted = await self._db.transact(lambda conn: store.prune(conn, before, store.PRUNE_CHUNK), alone=True)
+        self._pruned += deleted
+        if deleted >= store.PRUNE_CHUNK:
+            return True
+        if self._pruned:
+            log.info("deleted %d webhook deliveries older than %d days", self._pruned, RETENTION_S // 86400)
+        self._prune_before, self._next_prune = None, now + PRUNE_EVERY_S
+        return False
 
     async def _send(self, claimed: ClaimedDelivery) -> None:
         """One attempt, then its outcome recorded under the claim (unless stop() abandoned the attempt)."""
@@ -255,10 +292,13 @@ class WebhookSender:
         """POST the delivery once: (HTTP status or 0, why it failed, Retry-After seconds)."""
         url = claimed.url
         host = shown_host(url)
-        event = pb.WatchRunResponse.FromString(claimed.payload)
-        payload = signing.body(claimed.event_type, event)
+        payload = await self._bodies.body(claimed)  # built once per event, a large one in a thread
         now = int(time.time())
-        headers = signing.headers(signing_keys(claimed, now), claimed.id, now, payload)
+        keys = signing_keys(claimed, now)
+        if len(payload) < OFF_LOOP_BYTES:
+            headers = signing.headers(keys, claimed.id, now, payload)
+        else:  # hashing megabytes releases the GIL: in a thread, it costs the loop nothing
+            headers = await asyncio.to_thread(signing.headers, keys, claimed.id, now, payload)
         call_tenant.set(claimed.tenant)  # its name is looked up in its tenant's turn (this task's own context)
         try:
             # What the receiver may send before its status is bounded as a target's reply is (a flood of
