@@ -39,15 +39,15 @@ class Slots:
         """Holders waiting for a slot now."""
         return sum(len(queue) for queue in self._waiting.values())
 
-    def available(self) -> bool:
-        """Whether `acquire` would return at once."""
+    def available(self, key: str = "") -> bool:
+        """Whether `acquire(key)` would return at once."""
         return self.held < self.capacity and not self._waiting
 
     async def acquire(self, key: str = "") -> None:
         """Wait for a slot, in `key`'s turn (`key`: whose wait this is, e.g. a tenant). Cancelled while
         waiting, it holds none (and takes none from others)."""
-        if self.available():
-            self.held += 1
+        if self.available(key):
+            self._take(key)
             return
         granted = asyncio.get_running_loop().create_future()
         queue = self._waiting.get(key)
@@ -55,18 +55,26 @@ class Slots:
             queue = self._waiting[key] = deque()  # a key that starts waiting joins the end of the rotation
         queue.append(granted)
         try:
-            await granted  # `_grant` counts the slot as held before it resolves the future
+            await granted  # `_grant` counts the slot as held (`_take`) before it resolves the future
         except asyncio.CancelledError:
             if granted.done() and not granted.cancelled():
-                self.release()  # granted and cancelled at the same moment: pass the slot on
+                self.release(key)  # granted and cancelled at the same moment: pass the slot on
             else:
                 self._forget(key, granted)
             raise
 
-    def release(self) -> None:
-        """Give a slot back and wake the next waiters that now fit."""
+    def release(self, key: str = "") -> None:
+        """Give back a slot (taken for `key`) and wake the next waiters that now fit."""
         self.held -= 1
         self._grant()
+
+    def _take(self, key: str) -> None:
+        """Count a slot as held (for `key`)."""
+        self.held += 1
+
+    def _next_key(self) -> str | None:
+        """The waiting key a free slot goes to: the first in the rotation."""
+        return next(iter(self._waiting))
 
     def set_capacity(self, capacity: int) -> None:
         """Change how many may hold a slot; holders above a lowered capacity keep theirs until released."""
@@ -74,18 +82,21 @@ class Slots:
         self._grant()
 
     def _grant(self) -> None:
-        """Hand free slots to waiters: each to the first key in the rotation, which then goes to the end
-        if it has more waiters. Waiters cancelled before they could leave the queue are skipped without
-        using up their key's turn."""
+        """Hand free slots to waiters: each to the key `_next_key` names (the first in the rotation), which
+        then goes to the end if it has more waiters. Waiters cancelled before they could leave the queue are
+        skipped without using up their key's turn."""
         while self._waiting and self.held < self.capacity:
-            key, queue = next(iter(self._waiting.items()))
+            key = self._next_key()
+            if key is None:
+                return
+            queue = self._waiting[key]
             waiter = queue.popleft()
             if not queue:
                 del self._waiting[key]
             elif not waiter.done():
                 self._waiting.move_to_end(key)
             if not waiter.done():
-                self.held += 1
+                self._take(key)
                 waiter.set_result(None)
 
     def _forget(self, key: str, waiter: asyncio.Future[None]) -> None:
@@ -117,7 +128,7 @@ class Hold:
         """Release the slot if held; safe to call in any `finally`."""
         if self.held:
             self.held = False
-            self._slots.release()
+            self._slots.release(self._key)
 
 
 # How long after a tenant last took one of a `SharedSlots`' slots the others count as sharing it with them.
@@ -173,59 +184,27 @@ class SharedSlots(Slots):
             return False
         return not any(self._may_take(other, now) for other in self._waiting)
 
-    async def acquire(self, key: str = "") -> None:
-        """Wait for a slot, in `key`'s turn and within its share (see the class)."""
-        if self.available(key):
-            self._take(key, time.monotonic())
-            return
-        granted = asyncio.get_running_loop().create_future()
-        queue = self._waiting.get(key)
-        if queue is None:
-            queue = self._waiting[key] = deque()
-        queue.append(granted)
-        try:
-            await granted  # `_grant` counts the slot as held (by `key`) before it resolves the future
-        except asyncio.CancelledError:
-            if granted.done() and not granted.cancelled():
-                self.release(key)  # granted and cancelled at the same moment: pass the slot on
-            else:
-                self._forget(key, granted)
-            raise
-
     def release(self, key: str = "") -> None:
         """Give back a slot taken for `key` and wake the next waiters that now fit."""
-        self.held -= 1
         left = self._held_by[key] - 1
         if left:
             self._held_by[key] = left
         else:
             del self._held_by[key]
-        self._grant()
+        super().release(key)
 
-    def _take(self, key: str, now: float) -> None:
-        self.held += 1
+    def _take(self, key: str) -> None:
+        super()._take(key)
         self._held_by[key] = self._held_by.get(key, 0) + 1
+        now = time.monotonic()
         took = self._took
         took[key] = now
         took.move_to_end(key)
         while len(took) > 1 and now - next(iter(took.values())) >= self.window_s:  # key's own stays
             took.popitem(last=False)
 
-    def _grant(self) -> None:
-        """Hand free slots to waiters: each to the first key in the rotation that is within its share,
-        which then goes to the end if it has more waiters. When every waiting key is at its share, the
-        free slots wait for another key (a release of the waiting keys' own slots looks again)."""
+    def _next_key(self) -> str | None:
+        """The first waiting key in the rotation that is within its share; None when every one is at it
+        (the free slots wait for another key, or for a release of the waiting keys' own slots)."""
         now = time.monotonic()
-        while self._waiting and self.held < self.capacity:
-            key = next((k for k in self._waiting if self._may_take(k, now)), None)
-            if key is None:
-                return
-            queue = self._waiting[key]
-            waiter = queue.popleft()
-            if not queue:
-                del self._waiting[key]
-            elif not waiter.done():
-                self._waiting.move_to_end(key)
-            if not waiter.done():
-                self._take(key, now)
-                waiter.set_result(None)
+        return next((key for key in self._waiting if self._may_take(key, now)), None)
