@@ -76,6 +76,14 @@ class Client:
                     return dataset
                 await asyncio.sleep(0.1)
 
+    async def generated(self, item_count: int = 5) -> ds.Dataset:
+        """A new dataset once a generation of `item_count` items into it has ended."""
+        dataset_id = await self.new_dataset()
+        await self.generations.GenerateDatasetItems(
+            GenerateDatasetItemsRequest(dataset_id=dataset_id, item_count=item_count, instructions=INSTRUCTIONS)
+        )
+        return await self.settled(dataset_id)
+
 
 async def test_a_pending_generation_resumes_after_a_restart(tmp_path: Path, generator: FakeEndpoint) -> None:
     settings = settings_for(tmp_path, judge_base_url=generator.url + "/v1", judge_model="judge")
@@ -125,13 +133,9 @@ async def test_a_failing_generator_is_recorded_with_its_reason(tmp_path: Path) -
         try:
             async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
                 client = Client(channel)
-                dataset_id = await client.new_dataset()
-                await client.generations.GenerateDatasetItems(
-                    GenerateDatasetItemsRequest(dataset_id=dataset_id, item_count=5, instructions=INSTRUCTIONS)
-                )
-                failed = await client.settled(dataset_id)
+                failed = await client.generated()
                 with pytest.raises(grpc.aio.AioRpcError) as unreachable:
-                    await client.generations.ContinueConversations(continuing(dataset_id, "next-1"))
+                    await client.generations.ContinueConversations(continuing(failed.id, "next-1"))
                 assert unreachable.value.code() == grpc.StatusCode.UNAVAILABLE
                 assert error_reason(unreachable.value) == "GENERATOR_UNAVAILABLE"
         finally:
@@ -375,13 +379,9 @@ async def test_an_answer_nested_too_deeply_fails_the_generation_and_the_call_wit
         try:
             async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
                 client = Client(channel)
-                dataset_id = await client.new_dataset()
-                await client.generations.GenerateDatasetItems(
-                    GenerateDatasetItemsRequest(dataset_id=dataset_id, item_count=5, instructions=INSTRUCTIONS)
-                )
-                failed = await client.settled(dataset_id)
+                failed = await client.generated()
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await client.generations.ContinueConversations(continuing(dataset_id, "next-1"))
+                    await client.generations.ContinueConversations(continuing(failed.id, "next-1"))
                 calls = len(model.seen)
 
                 def broken(*args: Any) -> list[str]:
@@ -389,11 +389,7 @@ async def test_an_answer_nested_too_deeply_fails_the_generation_and_the_call_wit
 
                 monkeypatch.setattr(generation, "parse_items", broken)
                 model.script = [generator_reply({"messages": [{"content": "Write 5 items"}]})]
-                other = await client.new_dataset()
-                await client.generations.GenerateDatasetItems(
-                    GenerateDatasetItemsRequest(dataset_id=other, item_count=5, instructions=INSTRUCTIONS)
-                )
-                internal = await client.settled(other)
+                internal = await client.generated()
         finally:
             await srv.stop(grace=0.5)
     assert failed.generation.state == DatasetGeneration.STATE_FAILED and failed.item_count == 0

@@ -78,24 +78,22 @@ async def lock(conn: AsyncConnection, tenants: Sequence[str]) -> None:
 async def held_bytes(conn: AsyncConnection, tenant: str) -> int:
     """The bytes a tenant stores, read under its lock (`lock`) in the transaction that adds to them."""
     await lock(conn, [tenant])
-    found = await conn.execute(select(TOTALS.c.stored_bytes).where(TOTALS.c.tenant == tenant))
-    return int(found.scalar() or 0)
+    return (await stored_bytes(conn, [tenant]))[tenant]
 
 
 async def stored_bytes(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, int]:
     """The bytes each of these tenants stores, as last committed (no lock: for the executor's view)."""
-    found = await conn.execute(
-        select(TOTALS.c.tenant, TOTALS.c.stored_bytes).where(TOTALS.c.tenant.in_(sorted(set(tenants))))
-    )
-    held = {tenant: int(n) for tenant, n in found}
-    return {tenant: held.get(tenant, 0) for tenant in tenants}
+    return await _totals(conn, TOTALS.c.stored_bytes, tenants)
 
 
 async def cache_bytes(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, int]:
     """The payload bytes of each of these tenants' response cache entries, as last committed."""
-    found = await conn.execute(
-        select(TOTALS.c.tenant, TOTALS.c.cache_bytes).where(TOTALS.c.tenant.in_(sorted(set(tenants))))
-    )
+    return await _totals(conn, TOTALS.c.cache_bytes, tenants)
+
+
+async def _totals(conn: AsyncConnection, column: Any, tenants: Sequence[str]) -> dict[str, int]:
+    """One column of these tenants' totals, by tenant (0 for a tenant with no row yet)."""
+    found = await conn.execute(select(TOTALS.c.tenant, column).where(TOTALS.c.tenant.in_(sorted(set(tenants)))))
     held = {tenant: int(n) for tenant, n in found}
     return {tenant: held.get(tenant, 0) for tenant in tenants}
 
