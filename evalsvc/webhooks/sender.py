@@ -53,8 +53,10 @@ MAX_RETRY_DELAY_S = 3600.0
 RETENTION_S = 30 * 24 * 3600.0  # finished deliveries are listed this long, then deleted
 PRUNE_EVERY_S = 3600.0
 # The first prune comes this long after start (times a random factor in [1, 2], so replicas started
-# together spread theirs), not at once: a start (or a crash loop) is no time to add a long delete.
-FIRST_PRUNE_AFTER_S = 300.0
+# together spread theirs), not at once: a start is busy enough. Not minutes either: a prune is chunks of
+# PRUNE_CHUNK rows through an index, and a server restarted every few minutes (deploys, an autoscaler)
+# must still prune.
+FIRST_PRUNE_AFTER_S = 30.0
 
 
 def retry_delay(attempts: int, base_s: float, retry_after: float | None, rng: random.Random) -> float:
