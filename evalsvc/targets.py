@@ -26,7 +26,7 @@ from evalsvc.http.outbound import (
     endpoint_secret_values,
     secret_refs,
 )
-from evalsvc.messages.canonical import struct_values
+from evalsvc.messages.canonical import NOT_JSON_VALUES, struct_values
 from evalsvc.messages.oneofs import one_of
 from evalsvc.messages.validation import check_definition_size
 from evalsvc.storable import storable_json
@@ -187,24 +187,34 @@ def tool_calls_from(raw: Any) -> list[item_pb2.ToolCall]:
     """ToolCalls from an OpenAI-style `tool_calls` list (arguments as a JSON string or object).
 
     Argument strings are parsed here, on the loop, within one budget of MAX_VALUES values for the whole
-    reply (a dozen calls of 20,000 values each held the loop 350 ms); past it they stay text (`_raw`)."""
+    reply (a dozen calls of 20,000 values each held the loop 350 ms); past it they stay text (`_raw`).
+    So do arguments holding numbers JSON has not (NaN, Infinity, 1e999, which Python's json reads; an
+    integer past a double): stored as numbers, they made every REST read of the results fail."""
     calls = []
     budget = MAX_VALUES
     for entry in raw or []:
         function = entry.get("function", entry) if isinstance(entry, dict) else {}
         arguments = function.get("arguments") or {}
-        if isinstance(arguments, str):
-            cost = most_values(arguments)
+        text = arguments if isinstance(arguments, str) else None
+        if text is not None:
+            cost = most_values(text)
             try:
                 if cost > budget:
                     raise ValueError(f"past {MAX_VALUES:,} values of arguments in one reply")
-                arguments = loads(arguments) if arguments.strip() else {}
+                arguments = loads(text) if text.strip() else {}
                 budget -= cost
             except ValueError:
-                arguments = {"_raw": arguments}
+                arguments = {"_raw": text}
         struct = struct_pb2.Struct()
         if isinstance(arguments, dict):
-            struct.update(arguments)
+            try:
+                struct.update(arguments)
+                usable = struct_values(struct) is not None
+            except (ValueError, OverflowError):  # OverflowError: an integer past a double (10**400)
+                usable = False
+            if not usable:
+                struct = struct_pb2.Struct()
+                struct.update({"_raw": text if text is not None else json.dumps(arguments, ensure_ascii=False)})
         calls.append(item_pb2.ToolCall(name=str(function.get("name", "")), arguments=struct))
     return calls
 
@@ -375,10 +385,10 @@ def check_chat_settings(chat: target_pb2.ChatTarget, at: str, out: list[FieldVio
     if chat.max_tokens < 0:
         out.append(FieldViolation(f"{at}.max_tokens", "must be >= 0 (0 leaves it to the endpoint)"))
     if struct_values(chat.parameters) is None:
-        out.append(FieldViolation(f"{at}.parameters", "must hold JSON values (no NaN or Infinity)"))
+        out.append(FieldViolation(f"{at}.parameters", NOT_JSON_VALUES))
     for i, tool in enumerate(chat.tools):
         if struct_values(tool.parameters) is None:
-            out.append(FieldViolation(f"{at}.tools[{i}].parameters", "must hold JSON values (no NaN or Infinity)"))
+            out.append(FieldViolation(f"{at}.tools[{i}].parameters", NOT_JSON_VALUES))
 
 
 def validate_target(spec: target_pb2.Target, path: str) -> list[FieldViolation]:

@@ -7,19 +7,21 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 from sqlalchemy.engine import make_url
 
 from evalsvc.server import EvalServer
 from evalsvc.v1 import dataset_service_pb2 as ds
-from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc
+from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc, item_pb2
 from tests.conftest import make_settings
-from tests.helpers import create_request, error_reason, keyed_channel
+from tests.helpers import create_request, error_reason, keyed_channel, violations
 
 # Not a protobuf message: field 15 with a length that runs past the end.
 GARBAGE = b"\x7a\xff\xff\xff\xff\x0f\x01"
@@ -107,3 +109,34 @@ async def test_a_write_whose_caller_left_leaves_no_unretrieved_exception(tmp_pat
         loop.set_exception_handler(previous)
         await srv.stop(grace=0.5)
     assert not unretrieved, [c.get("message") for c in unretrieved]
+
+
+@pytest.mark.parametrize("number", [math.nan, math.inf, -math.inf])
+async def test_recorded_tool_call_arguments_must_hold_json_values(server: EvalServer, number: float) -> None:
+    """A NaN or an Infinity in a recorded tool call's arguments (a Struct) was stored by CreateRun and
+    AddDatasetItems, and every REST read of the item or its results then failed with a plain-text 500.
+    It is refused as a target's `parameters` are, naming the field."""
+    arguments = struct_pb2.Struct(
+        fields={"ok": struct_pb2.Value(number_value=1), "n": struct_pb2.Value(number_value=number)}
+    )
+    call = item_pb2.ToolCall(name="t", arguments=arguments)
+    item = item_pb2.Item(
+        id="a", input="q", response=item_pb2.Response(content="x", tool_calls=[item_pb2.ToolCall(name="s"), call])
+    )
+    field = "items[0].response.tool_calls[1].arguments"
+    async with keyed_channel(server.port, server.bootstrap_key or "") as channel:
+        runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+        request = create_request(1)
+        request.items[0].CopyFrom(item)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await runs.CreateRun(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violations(err.value) == {field: "must hold JSON values (no NaN or Infinity)"}
+        datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
+        dataset = (await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset(display_name="d")))).dataset
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[item]))
+        assert violations(err.value) == {field: "must hold JSON values (no NaN or Infinity)"}
+        item.response.tool_calls[1].arguments.fields["n"].number_value = 1e300  # finite: kept
+        added = await datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[item]))
+        assert list(added.item_ids) == ["a"]

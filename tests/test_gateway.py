@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import os
 import socket
 import time
@@ -14,13 +16,16 @@ from typing import Any
 import httpx
 import jsonschema_rs
 import pytest
+from google.protobuf import struct_pb2
 
 from evalsvc.gateway.openapi import ITEM_SCHEMA
 from evalsvc.gateway.routes import SERVICES, routes
 from evalsvc.gateway.server import Gateway, remote_channels
+from evalsvc.messages import validation
 from evalsvc.server import EvalServer
+from evalsvc.v1 import dataset_service_pb2, dataset_service_pb2_grpc, item_pb2
 from tests.conftest import make_settings
-from tests.helpers import create_request, serving_gateway, watch_to_end
+from tests.helpers import create_request, keyed_channel, serving_gateway, watch_to_end
 
 RUN = {
     "items": [
@@ -763,8 +768,50 @@ async def test_a_disconnecting_http_client_cancels_its_grpc_stream_1000_times(gw
 async def test_grpc_and_http_see_the_same_run(gw) -> None:
     srv, client = gw
     from evalsvc.v1 import eval_run_service_pb2_grpc
-    from tests.helpers import keyed_channel
 
     async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
         run = (await eval_run_service_pb2_grpc.EvalRunServiceStub(channel).CreateRun(create_request(1))).run
     assert (await client.get(f"/v1/runs/{run.id}")).json()["run"]["id"] == run.id
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+async def test_a_body_with_a_nan_or_infinity_literal_is_not_json(gw, literal: str) -> None:
+    """Python's json reads the bare literals NaN and Infinity, which JSON has not: a tool call's arguments
+    of `{"x": NaN}` were stored through addItems, and every read of the dataset's items then failed."""
+    _, client = gw
+    dataset_id = (await client.post("/v1/datasets", json={"dataset": {"displayName": "d"}})).json()["dataset"]["id"]
+    item = {"input": "q", "response": {"toolCalls": [{"name": "t", "arguments": {"x": "LITERAL"}}]}}
+    body = json.dumps({"items": [item]}).replace('"LITERAL"', literal)
+    response = await client.post(
+        f"/v1/datasets/{dataset_id}:addItems", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    status = response.json()
+    assert status["code"] == 3 and literal in status["message"], status
+    assert status["details"][0]["reason"] == "INVALID_ARGUMENT", status
+    assert (await client.get(f"/v1/datasets/{dataset_id}/items")).json()["items"] == []
+
+
+async def test_a_response_that_cannot_be_written_as_json_is_an_internal_status(
+    gw, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A response proto3 JSON cannot write (a NaN in a Struct, as stored before the service refused it)
+    was Starlette's plain-text 500 "Internal Server Error": it is a google.rpc.Status (INTERNAL), logged once."""
+    monkeypatch.setattr(validation, "check_tool_calls", lambda *_: None)  # as an item stored before the check
+    srv, client = gw
+    dataset_id = (await client.post("/v1/datasets", json={"dataset": {"displayName": "d"}})).json()["dataset"]["id"]
+    nan = struct_pb2.Struct(fields={"x": struct_pb2.Value(number_value=math.nan)})
+    item = item_pb2.Item(
+        id="a", input="q", response=item_pb2.Response(tool_calls=[item_pb2.ToolCall(name="t", arguments=nan)])
+    )
+    async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+        datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
+        await datasets.AddDatasetItems(dataset_service_pb2.AddDatasetItemsRequest(dataset_id=dataset_id, items=[item]))
+    caplog.set_level(logging.ERROR, logger="evalsvc.gateway.app")
+    response = await client.get(f"/v1/datasets/{dataset_id}/items")
+    assert response.status_code == 500 and response.headers["content-type"] == "application/json", response.text
+    status = response.json()
+    assert status["code"] == 13 and status["details"][0]["reason"] == "INTERNAL", status
+    assert "NaN" not in status["message"]
+    logged = [r for r in caplog.records if "cannot be written" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info, [r.getMessage() for r in caplog.records]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -59,6 +60,8 @@ FORWARDED_HEADERS = ("authorization", "x-api-key")
 RESUME_FIELD = "after_seq"  # what a stream's Last-Event-ID header sets, over the query string
 CACHE_BUSTER = "_"  # jQuery's `_=<timestamp>`: the one query parameter that names no field and is not refused
 _QUERY_BOOLS = {"true": True, "false": False}
+
+log = logging.getLogger(__name__)
 
 
 def to_json(message: Message) -> dict[str, Any]:
@@ -119,6 +122,12 @@ def _status(error: GatewayError) -> status_pb2.Status:
     violations = [FieldViolation(name, description) for name, description in error.violations]
     retry_after_s = error.retry_after_s or None
     return to_status(ServiceError(error.code, error.reason, error.message, violations, error.metadata, retry_after_s))
+
+
+def _unwritable() -> GatewayError:
+    """The error of a response the gateway could not write as JSON: INTERNAL, as the service answers a
+    bug (logged, never described), where Starlette answered a plain-text 500."""
+    return GatewayError(grpc.StatusCode.INTERNAL, "internal error; the gateway logged the details", Reason.INTERNAL)
 
 
 def _message_class(descriptor: Any) -> type[Message]:
@@ -283,7 +292,7 @@ def _read_object(text: str, route: Route, message: Message) -> None:
     strings as field names (`s`, `1`), a number or null leaked Python's TypeError; and a field given
     under both its names (`displayName` and `display_name`) took the last one silently."""
     try:
-        body = json.loads(text, object_pairs_hook=_unique_keys)
+        body = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_not_json)
     except (ValueError, RecursionError) as exc:
         raise json_format.ParseError(f"Failed to load JSON: {exc}.") from None
     if not isinstance(body, dict):
@@ -301,6 +310,13 @@ def _read_object(text: str, route: Route, message: Message) -> None:
         raise
     except Exception as exc:  # what json_format.Parse wraps as well: a wrong type deep down (TypeError)
         raise json_format.ParseError(f"Failed to parse JSON: {type(exc).__name__}: {exc}.") from None
+
+
+def _not_json(name: str) -> Any:
+    """NaN, Infinity and -Infinity, which Python's json reads and JSON has not: a tool call's arguments
+    of `{"x": NaN}` were stored, and every read of the item then failed. (proto3 JSON's own spelling of
+    such a double, the string `"NaN"`, is still read, and a field that needs a finite number refuses it.)"""
+    raise ValueError(f"{name} is not JSON (proto3 JSON writes a double's {name} as the string {json.dumps(name)})")
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -427,9 +443,14 @@ def create_app(
                     check_read_if_match(if_match, response)
                 except GatewayError as error:
                     return unmet_status(refused(error), error.reason, if_match)
+            try:
+                body = await json_body(response)
+            except Exception:  # a value proto3 JSON cannot write (a NaN in a Struct): a google.rpc.Status, not text
+                log.exception("%s: the response cannot be written as proto3 JSON", route.method.full_name)
+                return refused(_unwritable())
             tag = etag_header(response)
             headers = {"etag": tag} if tag else None
-            return Response(await json_body(response), media_type=JSONResponse.media_type, headers=headers)
+            return Response(body, media_type=JSONResponse.media_type, headers=headers)
 
         return endpoint
 

@@ -23,7 +23,7 @@ import re2
 from rapidfuzz import fuzz
 
 from evalsvc.errors import FieldViolation
-from evalsvc.messages.canonical import struct_values
+from evalsvc.messages.canonical import NOT_JSON_VALUES, struct_values
 from evalsvc.messages.oneofs import one_of
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2
 
@@ -625,7 +625,7 @@ def validate_builtin(spec: grader_pb2.Grader, path: str) -> list[FieldViolation]
                 out.append(
                     FieldViolation(
                         f"{path}.tool_calls.expected_arguments[{json.dumps(name)}]",
-                        "must hold JSON values (no NaN or Infinity)",
+                        NOT_JSON_VALUES,
                     )
                 )
     elif kind == "latency":

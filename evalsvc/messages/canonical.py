@@ -26,6 +26,11 @@ def definition(message: Message) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
+# The violation of a Struct that `struct_values` refuses (target parameters, a tool's parameters, expected
+# and recorded tool-call arguments): one description wherever a caller sends one.
+NOT_JSON_VALUES = "must hold JSON values (no NaN or Infinity)"
+
+
 def struct_values(struct: struct_pb2.Struct) -> dict[str, Any] | None:
     """A Struct as plain JSON values, or None when it holds NaN or Infinity, which JSON cannot carry
     (an endpoint's request body would fail to encode) and no value can equal."""

@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 
 from evalsvc.errors import FieldViolation, invalid_argument
 from evalsvc.http.outbound import check_url_shape
+from evalsvc.messages.canonical import NOT_JSON_VALUES, struct_values
 from evalsvc.turns import Turns
 from evalsvc.v1 import item_pb2
 
@@ -120,8 +121,9 @@ async def check_items(
     id_field: str = "id",
 ) -> None:
     """Items need unique ids of at most 128 characters (empty ids are assigned before this check), and
-    a recorded response's measurements must be numbers a grader and an aggregate can use. Gives the
-    event loop turns between items (evalsvc.turns): a CreateRun holds up to 100,000. `id_field` names
+    a recorded response's measurements must be numbers a grader and an aggregate can use, its tool
+    calls' arguments JSON values. Gives the event loop turns between items (evalsvc.turns): a CreateRun
+    holds up to 100,000. `id_field` names
     the id in the request, where its message calls it otherwise (a conversation's `item_id`)."""
     if max_items is not None and len(items) > max_items:
         out.append(FieldViolation(field, f"at most {max_items} items per request (got {len(items)})"))
@@ -136,6 +138,7 @@ async def check_items(
         if item.HasField("response"):
             check_measurements(item.response, f"{field}[{i}].response", out)
             check_images(item.response, f"{field}[{i}].response", out)
+            check_tool_calls(item.response, f"{field}[{i}].response", out)
         await turns.tick()
 
 
@@ -148,6 +151,15 @@ def check_images(response: item_pb2.Response, field: str, out: list[FieldViolati
     for i, url in enumerate(response.image_urls):
         if problem := check_url_shape(url):
             out.append(FieldViolation(f"{field}.image_urls[{i}]", problem))
+
+
+def check_tool_calls(response: item_pb2.Response, field: str, out: list[FieldViolation]) -> None:
+    """A recorded tool call's arguments hold JSON values, as a target's parameters must: a NaN or an
+    Infinity was stored, and every REST read of the item or its results then failed (proto3 JSON has no
+    such number)."""
+    for j, call in enumerate(response.tool_calls):
+        if call.arguments.fields and struct_values(call.arguments) is None:
+            out.append(FieldViolation(f"{field}.tool_calls[{j}].arguments", NOT_JSON_VALUES))
 
 
 def check_measurements(response: item_pb2.Response, field: str, out: list[FieldViolation]) -> None:

@@ -11,6 +11,7 @@ import pytest
 from evalsvc.datasets.generation import UnusableAnswer, answer_json
 from evalsvc.http import json_bodies
 from evalsvc.http.json_bodies import MAX_VALUES, JsonParser
+from evalsvc.messages.canonical import struct_values
 from evalsvc.targets import tool_calls_from
 
 
@@ -62,6 +63,22 @@ def test_tool_call_arguments_share_one_budget_of_values_per_reply() -> None:
     calls = tool_calls_from([{"function": {"name": f"f{i}", "arguments": near}} for i in range(3)])
     assert [len(c.arguments) for c in calls[:2]] == [keys] * 2
     assert list(calls[2].arguments) == ["_raw"] and calls[2].arguments["_raw"] == near
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999", "1" + "0" * 400])
+def test_tool_call_arguments_json_cannot_carry_are_kept_as_text(number: str) -> None:
+    """A target's reply with tool-call arguments of NaN or Infinity (which Python's json reads) was stored
+    as numbers, and every REST read of the run's results then failed. Such arguments are not usable JSON:
+    kept as text (`_raw`), as arguments that are not JSON are, whether sent as a string or an object."""
+    text = f'{{"a": {number}, "b": "c"}}'
+    as_string, as_object = tool_calls_from(
+        [{"function": {"name": "f", "arguments": text}}, {"name": "g", "arguments": json.loads(text)}]
+    )
+    assert dict(as_string.arguments) == {"_raw": text}
+    assert list(as_object.arguments) == ["_raw"] and as_object.arguments["_raw"].startswith('{"a": ')
+    assert struct_values(as_object.arguments) is not None
+    [fine] = tool_calls_from([{"name": "f", "arguments": {"a": 1e300}}])
+    assert dict(fine.arguments) == {"a": 1e300}
 
 
 async def test_a_long_number_is_parsed_by_the_worker(parser: JsonParser, monkeypatch: pytest.MonkeyPatch) -> None:
