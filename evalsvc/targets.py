@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -367,11 +368,35 @@ MAX_TIMEOUT_S = 600.0
 
 def check_endpoint(endpoint: target_pb2.Endpoint, at: str, out: list[FieldViolation]) -> None:
     """A target's or judge's endpoint: a well-formed URL (where it may lead is checked apart, with its
-    address), and a timeout that an attempt can have."""
+    address), a timeout that an attempt can have, and headers HTTP can send."""
     if problem := check_url_shape(endpoint.base_url):
         out.append(FieldViolation(f"{at}.base_url", problem))
     if not 0 <= endpoint.timeout_s <= MAX_TIMEOUT_S:  # also refuses NaN
         out.append(FieldViolation(f"{at}.timeout_s", f"must be between 0 and {MAX_TIMEOUT_S:g} seconds"))
+    for name, value in endpoint.headers.items():
+        if problem := header_problem(name, value):
+            out.append(FieldViolation(f"{at}.headers[{name}]", problem))
+
+
+# RFC 9110 5.1 (RFC 7230 3.2.6): a field name is a token.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# A value HTTP/1.1 can carry as httpx sends it: ASCII without control characters but tab, and no
+# space or tab at either end (h11 refuses those too).
+_HEADER_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?")
+
+
+def header_problem(name: str, value: str) -> str | None:
+    """Why a header cannot be sent, or None. Accepted as is, a value with CR/LF or a name with a space
+    made every call fail before it was sent (h11's LocalProtocolError), so every evaluation of the run
+    was an ERROR, each after its retries."""
+    if not _HEADER_NAME.fullmatch(name):
+        return "the header name must be a token (letters, digits and !#$%&'*+-.^_`|~)"
+    if not _HEADER_VALUE.fullmatch(value):
+        return (
+            "the header value must be printable ASCII (tab allowed; no CR, LF, NUL or other control"
+            " characters), not starting or ending with a space or tab"
+        )
+    return None
 
 
 def check_chat_settings(chat: target_pb2.ChatTarget, at: str, out: list[FieldViolation]) -> None:

@@ -949,3 +949,48 @@ async def test_definitions_are_bounded_so_every_run_and_list_can_be_read_back(
             assert (len(targets.targets), len(more_targets.targets), more_targets.next_page_token) == (2, 1, "")
     finally:
         await srv.stop(grace=0.5)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("X-A", "b\r\nX-Evil: 1"),
+        ("X-A", "b\nc"),
+        ("X-A", "b\x01"),
+        ("X-A", " b"),
+        ("X-A", "é"),
+        ("X A:", "b"),
+        ("", "b"),
+    ],
+)
+async def test_endpoint_headers_http_cannot_send_are_refused(svc, name: str, value: str) -> None:
+    """A header value with CR/LF or a name that is no token was accepted by CreateTarget and an inline
+    CreateRun; every evaluation then failed before its call was sent (LocalProtocolError), 5 times each."""
+    _, stubs = svc
+    endpoint = target_pb2.Endpoint(base_url="https://api.example.com/v1", headers={name: value, "X-Fine": "a\tb"})
+    chat = target_pb2.Target(chat=target_pb2.ChatTarget(model="m", endpoint=endpoint))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs.targets.CreateTarget(ts.CreateTargetRequest(target=ts.SavedTarget(target=chat)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert list(violations(err.value)) == [f"target.target.chat.endpoint.headers[{name}]"], violations(err.value)
+    http = target_pb2.Target(http=target_pb2.HttpTarget(endpoint=endpoint))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs.runs.CreateRun(
+            pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=http, graders=[exact()])
+        )
+    assert list(violations(err.value)) == [f"target.http.endpoint.headers[{name}]"], violations(err.value)
+
+
+async def test_a_request_that_cannot_be_sent_is_not_retried() -> None:
+    """A LocalProtocolError is raised before anything is sent, and the same at every attempt: it was
+    retried 5 times. It fails the call at once."""
+    outbound = Outbound(Settings(outbound_allow="127.0.0.1", http_retries=4))
+    try:
+        with FakeEndpoint(Reply({})) as endpoint:
+            started = time.monotonic()
+            with pytest.raises(outbound_module.OutboundError, match="LocalProtocolError") as err:
+                await outbound.post_json(endpoint.url, {}, {"x-a": "b\r\nx-evil: 1"})
+            assert endpoint.seen == []
+        assert "gave up" not in str(err.value) and time.monotonic() - started < 1.0
+    finally:
+        await outbound.close()

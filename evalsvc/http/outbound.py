@@ -603,6 +603,8 @@ class Outbound:
                 started = time.perf_counter()
                 try:
                     code, content, retry_after = await self._post(url, body, headers, timeout_s)
+                except httpx.LocalProtocolError as exc:  # the request itself cannot be sent: never will be
+                    raise OutboundError(f"LocalProtocolError calling {shown_host(url)} (not retried)") from exc
                 except (httpx.TransportError, httpx.TimeoutException, TimeoutError) as exc:
                     failure = f"{type(exc).__name__} calling {shown_host(url)}"
                     retry_after = None
