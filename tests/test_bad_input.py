@@ -18,8 +18,14 @@ from google.protobuf import struct_pb2
 from sqlalchemy.engine import make_url
 
 from evalsvc.server import EvalServer
+from evalsvc.v1 import (
+    dataset_generation_pb2,
+    dataset_generation_pb2_grpc,
+    dataset_service_pb2_grpc,
+    eval_run_service_pb2_grpc,
+    item_pb2,
+)
 from evalsvc.v1 import dataset_service_pb2 as ds
-from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc, item_pb2
 from tests.conftest import make_settings
 from tests.helpers import create_request, error_reason, keyed_channel, violations
 
@@ -140,3 +146,38 @@ async def test_recorded_tool_call_arguments_must_hold_json_values(server: EvalSe
         item.response.tool_calls[1].arguments.fields["n"].number_value = 1e300  # finite: kept
         added = await datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[item]))
         assert list(added.item_ids) == ["a"]
+
+
+@pytest.mark.parametrize("role", ["wizard", "USER", " user", "developer", "r" * 5000])
+async def test_conversation_roles_are_the_documented_ones(server: EvalServer, role: str) -> None:
+    """A conversation turn's role is system, user, assistant or tool (item.proto; empty is the user's):
+    any other text was stored by CreateRun, AddDatasetItems and ContinueConversations and sent on to chat
+    targets as a message's role."""
+    turns = [item_pb2.Message(role="", content="a"), item_pb2.Message(role="assistant", content="b")]
+    turns.append(item_pb2.Message(role=role, content="c"))
+    item = item_pb2.Item(id="a", input="q", conversation=turns)
+    description = "must be one of system, user, assistant, tool (or empty: user)"
+    async with keyed_channel(server.port, server.bootstrap_key or "") as channel:
+        runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+        request = create_request(1)
+        request.items[0].conversation.extend(turns)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await runs.CreateRun(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violations(err.value) == {"items[0].conversation[2].role": description}
+        datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
+        dataset = (await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset(display_name="d")))).dataset
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[item]))
+        assert violations(err.value) == {"items[0].conversation[2].role": description}
+        conversation = dataset_generation_pb2.Conversation(item_id="n", turns=turns)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await dataset_generation_pb2_grpc.DatasetGenerationServiceStub(channel).ContinueConversations(
+                dataset_generation_pb2.ContinueConversationsRequest(dataset_id=dataset.id, conversations=[conversation])
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violations(err.value) == {"conversations[0].turns[2].role": description}
+        item.conversation[2].role = "tool"
+        assert list(
+            (await datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[item]))).item_ids
+        ) == ["a"]

@@ -51,7 +51,7 @@ from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.http.outbound import Outbound, OutboundError, call_tenant
 from evalsvc.limits import StoredCap
 from evalsvc.liveness import Progress, Watched, supervise
-from evalsvc.messages.validation import check_items
+from evalsvc.messages.validation import check_items, check_roles
 from evalsvc.metrics import Metrics
 from evalsvc.storable import storable_json
 from evalsvc.store import datasets as dataset_store
@@ -266,6 +266,7 @@ class DatasetGenerations:
         for i, conversation in enumerate(request.conversations):
             if not conversation.turns:
                 violations.append(FieldViolation(f"conversations[{i}].turns", "at least one turn"))
+            check_roles(conversation.turns, f"conversations[{i}].turns", violations)
         items = [item_pb2.Item(id=c.item_id, metadata=c.metadata) for c in request.conversations]
         for i, conversation in enumerate(request.conversations):
             if not conversation.item_id:

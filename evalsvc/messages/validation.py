@@ -27,6 +27,8 @@ MAX_DISPLAY_NAME = 256
 MAX_DESCRIPTION = 1024
 MAX_ITEM_ID = 128
 MAX_IMAGES = 16  # image URLs of one recorded response
+# Who may speak in a conversation (item.proto, docs/spec.md); empty is taken as "user".
+ROLES = ("system", "user", "assistant", "tool")
 LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 MAX_LABEL_VALUE = 63
 # Labels per run, dataset, grader or target, and label filters per list request (as Google Cloud's 64).
@@ -120,11 +122,11 @@ async def check_items(
     max_items: int | None = None,
     id_field: str = "id",
 ) -> None:
-    """Items need unique ids of at most 128 characters (empty ids are assigned before this check), and
-    a recorded response's measurements must be numbers a grader and an aggregate can use, its tool
-    calls' arguments JSON values. Gives the event loop turns between items (evalsvc.turns): a CreateRun
-    holds up to 100,000. `id_field` names
-    the id in the request, where its message calls it otherwise (a conversation's `item_id`)."""
+    """Items need unique ids of at most 128 characters (empty ids are assigned before this check), a
+    conversation's roles are the documented ones, a recorded response's measurements must be numbers a
+    grader and an aggregate can use and its tool calls' arguments JSON values. Gives the event loop turns
+    between items (evalsvc.turns): a CreateRun holds up to 100,000. `id_field` names the id in the
+    request, where its message calls it otherwise (a conversation's `item_id`)."""
     if max_items is not None and len(items) > max_items:
         out.append(FieldViolation(field, f"at most {max_items} items per request (got {len(items)})"))
         return
@@ -135,6 +137,7 @@ async def check_items(
         if item.id in seen:
             out.append(FieldViolation(f"{field}[{i}].{id_field}", f"duplicate item id {item.id[:MAX_ITEM_ID]!r}"))
         seen.add(item.id)
+        check_roles(item.conversation, f"{field}[{i}].conversation", out)
         if item.HasField("response"):
             check_measurements(item.response, f"{field}[{i}].response", out)
             check_images(item.response, f"{field}[{i}].response", out)
@@ -151,6 +154,14 @@ def check_images(response: item_pb2.Response, field: str, out: list[FieldViolati
     for i, url in enumerate(response.image_urls):
         if problem := check_url_shape(url):
             out.append(FieldViolation(f"{field}.image_urls[{i}]", problem))
+
+
+def check_roles(messages: Sequence[item_pb2.Message], field: str, out: list[FieldViolation]) -> None:
+    """Each turn's role is one of ROLES, or empty (a user's): any other text ("wizard", "USER", 5,000
+    characters) was stored and sent on to chat targets as the role of a message."""
+    for j, message in enumerate(messages):
+        if message.role and message.role not in ROLES:
+            out.append(FieldViolation(f"{field}[{j}].role", f"must be one of {', '.join(ROLES)} (or empty: user)"))
 
 
 def check_tool_calls(response: item_pb2.Response, field: str, out: list[FieldViolation]) -> None:

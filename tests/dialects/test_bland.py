@@ -17,6 +17,8 @@ import httpx
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 
+from evalsvc.gateway.dialects.bland.models import CallIn
+from evalsvc.gateway.dialects.bland.translate import call_item, call_out
 from evalsvc.v1 import eval_run_service_pb2 as runs_pb
 from evalsvc.v1 import run_pb2
 from tests.dialects.env import DialectEnv, dialect_gateway
@@ -815,3 +817,31 @@ async def test_openapi_documents_the_bland_routes_and_shapes(env: Env) -> None:
     schemas = spec["components"]["schemas"]
     assert {"call_ids", "attached_agents", "pass_threshold_pct", "metadata"} <= set(schemas["RunCreate"]["properties"])
     assert schemas["RunCreate"]["properties"]["call_ids"]["maxItems"] == 5000
+
+
+def test_a_calls_speakers_become_conversation_roles_and_come_back_as_given() -> None:
+    """A transcript line's `user` (Bland's `robot`, `agent-action`) was stored as the role of a conversation
+    turn, which is one of system, user, assistant and tool: the agent's lines are the assistant's now, and
+    the call is given back with its speakers as they came."""
+    call = CallIn.model_validate(
+        {
+            "call_id": "c1",
+            "transcripts": [
+                {"user": "user", "text": "hi"},
+                {"user": "robot", "text": "hello"},
+                {"user": "agent-action", "text": "transferred"},
+            ],
+        }
+    )
+    item = call_item(call)
+    assert [m.role for m in item.conversation] == ["user", "assistant", "assistant"]
+    assert call_out(item).model_dump()["transcripts"] == CALL_TRANSCRIPT_AS_GIVEN
+    plain = call_item(CallIn.model_validate({"call_id": "c2", "transcripts": [{"user": "assistant", "text": "a"}]}))
+    assert "transcripts" not in plain.metadata and [m.role for m in plain.conversation] == ["assistant"]
+
+
+CALL_TRANSCRIPT_AS_GIVEN = [
+    {"user": "user", "text": "hi"},
+    {"user": "robot", "text": "hello"},
+    {"user": "agent-action", "text": "transferred"},
+]

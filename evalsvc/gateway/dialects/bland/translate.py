@@ -314,19 +314,27 @@ def forked(source: Agent, body: VersionCreate, number: int) -> AgentVersion:
 # ---------------------------------------------------------------------------------------------- calls
 
 
+def role_of(speaker: str) -> str:
+    """The conversation role of a transcript line's `user`: the caller is the user; Bland's agent
+    (`assistant`, `robot`, `agent-action`) and any other speaker are the assistant. evalsvc's roles are
+    system, user, assistant and tool (a line's own `user` was stored as the role, and refused since)."""
+    return speaker if speaker in ("user", "system", "tool") else "assistant"
+
+
 def call_item(call: CallIn) -> item_pb2.Item:
     """A call as a dataset item: the transcript as the conversation and, rendered as text, as the
     recorded response the `provided` target hands to the judges; the call's length as the response's
-    latency; every other field in the metadata (JSON values)."""
+    latency; every other field in the metadata (JSON values). Lines with fields of their own, or
+    speakers that are no role, are kept as given in the metadata too (`call_out` gives them back)."""
     lines = call.transcripts
     content = call.concatenated_transcript or "\n".join(f"{line.user}: {line.text}" for line in lines)
     metadata = {name: json.dumps(value) for name, value in (call.model_extra or {}).items()}
-    if any(line.model_extra for line in lines):
+    if any(line.model_extra or role_of(line.user) != line.user for line in lines):
         metadata["transcripts"] = json.dumps([line.model_dump() for line in lines])
     return item_pb2.Item(
         id=call.call_id,
         input=f"The transcript of call {call.call_id}.",
-        conversation=[item_pb2.Message(role=line.user, content=line.text) for line in lines],
+        conversation=[item_pb2.Message(role=role_of(line.user), content=line.text) for line in lines],
         response=item_pb2.Response(content=content, latency_ms=(call.call_length or 0) * 60_000),
         metadata=metadata,
     )
