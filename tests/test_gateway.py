@@ -815,3 +815,24 @@ async def test_a_response_that_cannot_be_written_as_json_is_an_internal_status(
     assert "NaN" not in status["message"]
     logged = [r for r in caplog.records if "cannot be written" in r.getMessage()]
     assert len(logged) == 1 and logged[0].exc_info, [r.getMessage() for r in caplog.records]
+
+
+async def test_integer_query_parameters_are_plain_decimal_integers(gw) -> None:
+    """Query values were read as proto3 JSON: `pageSize=1e3` was 1000, `5.0` and `1E1` numbers too, and
+    `afterSeq=1e0` seq 1, while `+5` was refused (and Last-Event-ID `1e0`). Only decimal digits, with an
+    optional `-`, are an integer, as grpc-gateway reads them."""
+    _, client = gw
+    run_id = (await client.post("/v1/runs", json=RUN)).json()["run"]["id"]
+    await watch_to_end(client, run_id)
+    for value in ("1e3", "5.0", "1E1", "2e0", "+5", "0x10", " 5", "5 ", "1_0", ""):
+        for name in ("pageSize", "page_size"):
+            response = await client.get("/v1/runs", params={name: value})
+            assert violation_of(response) == ("page_size", "must be a whole number"), (value, response.text)
+    for value in ("1e0", "2.0"):
+        response = await client.get(f"/v1/runs/{run_id}:watch", params={"afterSeq": value})
+        assert violation_of(response) == ("after_seq", "must be a whole number"), (value, response.text)
+    for value in ("5", "0005", "-0"):
+        response = await client.get("/v1/runs", params={"pageSize": value})
+        assert response.status_code == 200 and len(response.json()["runs"]) == 1, (value, response.text)
+    field, _ = violation_of(await client.get("/v1/runs", params={"pageSize": "-1"}))  # the service's refusal
+    assert field == "page_size"

@@ -8,11 +8,12 @@ route has (404) and a method its routes do not take (405), or in a dialect's err
 one of that dialect's (`unrouted.py`).
 
 Parsing is strict: an unknown field or enum name, a query parameter that names no field (but the cache
-buster `_`), a wrong type, a number out of range, a body that is not a UTF-8 JSON object or a field given
-under both its JSON names (or, in the query string, twice) is a 400 before any call, so a misspelt field
-is never silently dropped; violations name fields by their proto paths. Every GET route answers HEAD too,
-without the body. `/openapi.json` documents every route with schemas derived from the messages (see
-`openapi.py`).
+buster `_`), a wrong type, a number out of range, an integer query value that is not decimal digits
+(with an optional `-`: `1e3`, `5.0`, `+5`), a body that is not a UTF-8 JSON object (or holds the
+non-JSON literals `NaN`, `Infinity`) or a field given under both its JSON names (or, in the query
+string, twice) is a 400 before any call, so a misspelt field is never silently dropped; violations
+name fields by their proto paths. Every GET route answers HEAD too, without the body. `/openapi.json`
+documents every route with schemas derived from the messages (see `openapi.py`).
 """
 
 from __future__ import annotations
@@ -152,6 +153,28 @@ def _query_value(field: FieldDescriptor, text: str) -> Any:
     return _QUERY_BOOLS.get(text, text) if is_bool else text
 
 
+_INTEGER_TYPES = (
+    FieldDescriptor.CPPTYPE_INT32,
+    FieldDescriptor.CPPTYPE_INT64,
+    FieldDescriptor.CPPTYPE_UINT32,
+    FieldDescriptor.CPPTYPE_UINT64,
+)
+_INTEGER_WRAPPERS = {f"google.protobuf.{name}" for name in ("Int32Value", "Int64Value", "UInt32Value", "UInt64Value")}
+_INTEGER = re.compile(r"-?[0-9]+")  # what grpc-gateway's strconv.ParseInt takes
+WHOLE_NUMBER = "must be a whole number"
+
+
+def _check_integer(field: FieldDescriptor, text: str, path: str) -> None:
+    """An integer field's query value is decimal digits with an optional `-`: read as proto3 JSON, `1e3`
+    was 1000 and `5.0` or `1E1` numbers too (while `+5` was refused, and Last-Event-ID's `1e0`), so a
+    mangled value was taken as another. Refused naming the field, as other values it cannot take are."""
+    integer = field.cpp_type in _INTEGER_TYPES or (
+        field.message_type is not None and field.message_type.full_name in _INTEGER_WRAPPERS
+    )
+    if integer and not _INTEGER.fullmatch(text):
+        raise GatewayError.invalid(f"invalid request: {path}: {WHOLE_NUMBER}", (path, WHOLE_NUMBER))
+
+
 def _query_fields(request: Request, route: Route) -> dict[str, Any]:
     """Query parameters as request fields, by proto or JSON name: repeated fields may repeat, and
     `map.key=value` sets a map entry. A field mask is left out: `_set_masks` sets it.
@@ -178,9 +201,11 @@ def _query_fields(request: Request, route: Route) -> dict[str, Any]:
             usage = f"{field.json_name}.<key>=<value>" if value_field is not None else f"{field.json_name}=<value>"
             raise json_format.ParseError(f"query parameter {key!r}: write {usage}")
         if field.is_repeated and value_field is None:
+            _check_integer(field, text, field.name)
             values.setdefault(field.json_name, []).append(_query_value(field, text))
             continue
         path = f"{field.name}[{entry}]" if value_field is not None else field.name
+        _check_integer(value_field or field, text, path)
         if path in given:
             description = f"given twice, as {given[path]} and {key}"
             raise GatewayError.invalid(f"invalid request: {path}: {description}", (path, description))
