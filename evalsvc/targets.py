@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from google.protobuf import json_format, struct_pb2
 
@@ -32,6 +32,8 @@ from evalsvc.messages.oneofs import one_of
 from evalsvc.messages.validation import check_definition_size
 from evalsvc.storable import storable_json
 from evalsvc.v1 import item_pb2, target_pb2
+
+_T = TypeVar("_T")
 
 
 class TargetError(Exception):
@@ -139,7 +141,7 @@ def reported_tokens(usage: Any) -> tuple[int, int]:
 
 def _json_kind(value: Any) -> str:
     """What a JSON value is, in JSON's words: an array, a string."""
-    kinds = ((list, "an array"), (str, "a string"), (bool, "a boolean"), (int | float, "a number"))
+    kinds = ((dict, "an object"), (list, "an array"), (str, "a string"), (bool, "a boolean"), (int | float, "a number"))
     return next((kind for python, kind in kinds if isinstance(value, python)), "null")
 
 
@@ -323,16 +325,29 @@ class HttpTarget:
         try:
             cost = reported_amount(answer.get("cost_usd"), "cost_usd")
             memory = reported_amount(answer.get("memory_mib"), "memory_mib")
+            content = _reported(answer.get("content"), str, "", "content", "a string")
+            refused = _reported(answer.get("refused"), bool, False, "refused", "true or false")
         except ValueError as exc:
             raise TargetError(f"the webhook's reply: {exc}") from exc
         return item_pb2.Response(
-            content=str(answer.get("content") or ""),
+            content=content,
             tool_calls=tool_calls_from(answer.get("tool_calls")),
             cost_usd=cost,
             latency_ms=reply.latency_ms,
-            refused=bool(answer.get("refused")),
+            refused=refused,
             memory_mib=memory,
         )
+
+
+def _reported(value: Any, kind: type[_T], absent: _T, what: str, shape: str) -> _T:
+    """A field of a webhook's reply that must be of one JSON type; absent (or null) is `absent`. Coerced,
+    `"refused": "false"` was a refusal (judges were told the model refused) and a list became its
+    Python text."""
+    if value is None:
+        return absent
+    if not isinstance(value, kind):
+        raise ValueError(f"{what} must be {shape}, not {_json_kind(value)}")
+    return value
 
 
 def build_target(spec: target_pb2.Target, outbound: Outbound, prices: PriceTable, secrets: Mapping[str, str]) -> Target:

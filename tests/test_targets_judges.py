@@ -495,10 +495,11 @@ async def test_malformed_judgment_is_retried_then_an_error_never_a_fail(svc) -> 
         judge_reply('{"score": Infinity, "reason": "r"}'),
         judge_reply('{"score": 1e999, "reason": "r"}'),
         judge_reply({"score": True, "reason": "a boolean is no score"}),
+        judge_reply('{"score": 9, "reason": "r", "confidence": NaN}'),  # was recorded as confidence 1.0
         Reply({**judge_reply({"score": 9}).body, "usage": {"prompt_tokens": math.inf, "completion_tokens": 1}}),
         Reply({**judge_reply({"score": 9}).body, "usage": {"prompt_tokens": -5000, "completion_tokens": 1}}),
     ],
-    ids=["infinity", "overflow", "boolean", "infinite-usage", "negative-usage"],
+    ids=["infinity", "overflow", "boolean", "nan-confidence", "infinite-usage", "negative-usage"],
 )
 async def test_a_judge_reply_with_unusable_numbers_errors_only_the_judges_evaluation(svc, reply: Reply) -> None:
     """Infinity or 1e999 as a score or a token count raised OverflowError, which failed every grader of the
@@ -566,6 +567,29 @@ async def test_a_webhook_cost_that_is_no_amount_fails_its_item_and_leaves_the_bu
     assert spent.cost_usd == pytest.approx(1.2)
     assert stopped.status == run_pb2.RUN_STATUS_FAILED and stopped.error.code == "BUDGET_EXCEEDED", stopped
     assert results == []
+
+
+@pytest.mark.parametrize(
+    ("reply", "field"), [('{"content": "a", "refused": "false"}', "refused"), ('{"content": [1, 2]}', "content")]
+)
+async def test_a_webhook_reply_field_of_another_type_fails_its_item_naming_the_field(
+    svc, reply: str, field: str
+) -> None:
+    """`"refused": "false"` was read as a refusal (bool of a non-empty string: judges were told the model
+    refused) and a list as content became its Python text. A field of another JSON type than documented
+    is a target ERROR naming it, as a bad cost_usd is."""
+    _, stubs = svc
+    with FakeEndpoint(Reply(raw=reply)) as agent:
+        _, results = await run_to_end(
+            stubs,
+            pb.CreateRunRequest(
+                items=[item_pb2.Item(input="q")],
+                target=target_pb2.Target(http=target_pb2.HttpTarget(endpoint=target_pb2.Endpoint(base_url=agent.url))),
+                graders=[exact()],
+            ),
+        )
+    [result] = results
+    assert result.state == run_pb2.RESULT_STATE_ERROR and f"{field} must be" in result.error_reason, result
 
 
 async def test_a_judgment_of_millions_of_values_is_refused_off_the_event_loop(svc) -> None:
@@ -866,6 +890,39 @@ async def test_tenant_budget_stops_the_tenants_next_run(tmp_path, monkeypatch) -
     assert first.cost_usd == pytest.approx(0.3)
     assert second.status == run_pb2.RUN_STATUS_FAILED and second.error.code == "BUDGET_EXCEEDED"
     assert "tenant" in second.error.message and results == [] and calls == 3
+
+
+async def test_warmup_calls_are_spent_in_the_run_and_the_tenant_budget_across_a_restart(tmp_path, monkeypatch) -> None:
+    """Warmup calls are paid calls, but their cost was counted in the executor's memory only: the run's
+    cost_usd left them out, and after a restart (or on another replica) the tenant's budget had forgotten
+    them (a probe spent $0.88 against a $0.50 budget). The run's cost holds them now, so a restarted
+    server stops the tenant's next run."""
+    srv = await start(tmp_path, monkeypatch, tenant_budget_usd=0.25)
+    key = srv.bootstrap_key or ""
+    with FakeEndpoint(chat_reply("a", usage=(100, 0))) as llm:  # $0.10 per call
+        try:
+            async with keyed_channel(srv.port, key) as channel:
+                first, _ = await run_to_end(
+                    Stubs(channel),
+                    pb.CreateRunRequest(
+                        items=[item_pb2.Item(input="q")], target=chat(llm.url), graders=[exact()], warmup_runs=2
+                    ),
+                )
+        finally:
+            await srv.stop(grace=0.5)
+        srv = await start(tmp_path, monkeypatch, tenant_budget_usd=0.25)
+        try:
+            async with keyed_channel(srv.port, key) as channel:
+                second, results = await run_to_end(
+                    Stubs(channel),
+                    pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=chat(llm.url), graders=[exact()]),
+                )
+        finally:
+            await srv.stop(grace=0.5)
+        calls = len(llm.seen)
+    assert first.cost_usd == pytest.approx(0.3), "two warmups and the measured call"
+    assert second.status == run_pb2.RUN_STATUS_FAILED and second.error.code == "BUDGET_EXCEEDED", second
+    assert results == [] and calls == 3
 
 
 async def test_definitions_are_bounded_so_every_run_and_list_can_be_read_back(

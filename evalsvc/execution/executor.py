@@ -135,6 +135,7 @@ class CacheUse:
     output_cached: bool = False
     hits: list[str] = field(default_factory=list)
     writes: list[CacheEntry] = field(default_factory=list)
+    warmup_usd: float = 0.0  # what its warmup calls cost: part of no result, recorded with the job all the same
 
 
 class BudgetExceeded(Exception):
@@ -557,6 +558,7 @@ class Executor:
             cache_writes=use.writes,
             cache_hits=use.hits,
             human_verdicts=item.human_verdicts,
+            warmup_cost_usd=use.warmup_usd,
         )
         if into is None:
             self._hand_over([finished])
@@ -584,7 +586,7 @@ class Executor:
                 )
         if job.repetition == 1:
             for _ in range(plan.warmup_runs):
-                self._spend(plan, (await plan.target.respond(item)).cost_usd)
+                use.warmup_usd += self._spend(plan, (await plan.target.respond(item)).cost_usd)
         started = time.perf_counter()
         try:
             output = await plan.target.respond(item)
@@ -712,14 +714,15 @@ class Executor:
         )
         return True
 
-    def _spend(self, plan: RunPlan, usd: float) -> None:
-        """Count a call's cost against the run's and the tenant's budgets. Replies are checked where they
-        are read (`targets.reported_amount`); a NaN or negative amount that got past would switch the
-        budgets off for good (NaN >= budget is never true), so it is never added."""
+    def _spend(self, plan: RunPlan, usd: float) -> float:
+        """Count a call's cost against the run's and the tenant's budgets; what was counted. Replies are
+        checked where they are read (`targets.reported_amount`); a NaN or negative amount that got past
+        would switch the budgets off for good (NaN >= budget is never true), so it is never added."""
         if not 0 < usd < math.inf:
-            return
+            return 0.0
         plan.spent_usd += usd
         self._tenant_spent[plan.tenant] = self._tenant_spent.get(plan.tenant, 0.0) + usd
+        return usd
 
     async def _fail_unexecutable(self, job: ClaimedJob, exc: Exception) -> None:
         """End a run that no attempt could load (e.g. a definition this version cannot build), so its

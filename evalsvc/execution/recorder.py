@@ -77,6 +77,9 @@ class FinishedJob:
     cache_writes: Sequence[CacheEntry] = ()  # outputs and verdicts to store in the response cache
     cache_hits: Sequence[str] = ()  # keys of the entries it used (their last use moves to now)
     human_verdicts: Mapping[str, bool] = field(default_factory=dict)  # people's verdicts on the output, by grader
+    # What its warmup calls cost (no result holds it): the run's cost counts it, so budgets hold across
+    # restarts and replicas (they were counted in memory only: a restart forgot them).
+    warmup_cost_usd: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +270,7 @@ def _progress(run_jobs: Sequence[FinishedJob]) -> run_store.Progress:
     spent = 0.0
     size = 0
     for f in run_jobs:
-        spent += 0.0 if f.cached else f.output.cost_usd
+        spent += f.warmup_cost_usd + (0.0 if f.cached else f.output.cost_usd)
         size += stored_bytes(f)
         for _, grade in f.grades:
             tally[_STATE_FIELD[grade.state]] += 1

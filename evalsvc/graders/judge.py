@@ -13,6 +13,7 @@ must not look like a bad model. Judge tokens are priced apart from the target's 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -145,14 +146,29 @@ def _score_1_10(value: Any) -> int:
     return int(value)
 
 
+def _confidence(value: Any) -> float | None:
+    """The verdict's confidence, clamped to [0, 1]; absent is None. A NaN was recorded as full
+    confidence (`min(1.0, nan)` is 1.0), so anything but a finite number is an unusable verdict."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError("confidence must be a number 0-1")
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        raise ValueError("confidence must be a number 0-1") from None
+    if not math.isfinite(number):
+        raise ValueError("confidence must be a number 0-1")
+    return max(0.0, min(1.0, number))
+
+
 def verdict(spec: grader_pb2.LlmJudge, reply: Any) -> Grade:
     """The Grade for a parsed JSON verdict; ValueError when it does not have the mode's shape."""
     if not isinstance(reply, dict):
         raise ValueError("the verdict is not a JSON object")
     reason = str(reply.get("reason", ""))
     threshold = spec.threshold or 7
-    confidence = reply.get("confidence")
-    conf = None if confidence is None else max(0.0, min(1.0, float(confidence)))
+    conf = _confidence(reply.get("confidence"))
     if spec.mode == Judge.MODE_ACCURACY or (spec.mode == Judge.MODE_CRITERIA and spec.scoring == Judge.SCORING_NUMERIC):
         score = _score_1_10(reply["score"])
         state = PASSED if score >= threshold else FAILED

@@ -941,7 +941,7 @@ type Run struct {
 	RequestId string `protobuf:"bytes,23,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// Spend limit in US dollars (target and judges); unset means none.
 	MaxCostUsd *float64 `protobuf:"fixed64,24,opt,name=max_cost_usd,json=maxCostUsd,proto3,oneof" json:"max_cost_usd,omitempty"`
-	// Spent so far on target and judge calls, in US dollars.
+	// Spent so far on target calls (warmups included) and judge calls, in US dollars.
 	CostUsd float64 `protobuf:"fixed64,25,opt,name=cost_usd,json=costUsd,proto3" json:"cost_usd,omitempty"`
 	// Annotations (AIP-128): client data stored and returned as is, not filterable.
 	Annotations map[string]string `protobuf:"bytes,26,rep,name=annotations,proto3" json:"annotations,omitempty" protobuf_key:"bytes,1,opt,name=key,proto3" protobuf_val:"bytes,2,opt,name=value,proto3"`

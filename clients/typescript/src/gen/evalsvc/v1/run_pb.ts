@@ -610,7 +610,7 @@ export type Run = Message<"evalsvc.v1.Run"> & {
   maxCostUsd?: number | undefined;
 
   /**
-   * Spent so far on target and judge calls, in US dollars.
+   * Spent so far on target calls (warmups included) and judge calls, in US dollars.
    *
    * @generated from field: double cost_usd = 25;
    */
