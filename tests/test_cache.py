@@ -126,7 +126,8 @@ async def test_a_second_identical_run_makes_no_call_and_gives_identical_outputs_
     )
 
     spent = sum(r.cost_usd for r in first_results.values())
-    assert spent > 0 and first.cost_usd == pytest.approx(spent) == first.aggregate.total_cost_usd
+    assert spent > 0 and first.aggregate.total_cost_usd == pytest.approx(spent)
+    assert first.cost_usd > spent  # its six warmup calls were paid too
     assert first.aggregate.cache_hits == 0 and first.aggregate.cost_saved_usd == 0
     assert second.cost_usd == 0 and second.aggregate.total_cost_usd == 0
     assert second.aggregate.cache_hits == 12
