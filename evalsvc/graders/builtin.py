@@ -70,23 +70,26 @@ class Grade:
 # (Python 3.11, google-re2, rapidfuzz; tests/unit/test_grading_pool.py checks the rule, not speed):
 #   - casefold + whitespace collapse: 5.5 ns/char; json.loads: 10 ns/char (the diff about as much);
 #   - `v in text`: 0.4-0.9 ns per value per char, plus 40-60 ns per value whatever the text;
-#   - RE2 search: 1.5 ns/char for a small DFA-friendly pattern; when the DFA gives up it is the NFA,
-#     O(text x program): `(a|b)*a(a|b){24}` written out (program 80) took 7.3 ms on 16 KB (5.7 ns per
-#     instruction per char), `(?s)(.{1000}|x)(.{1000}|y)(.{1000}|z)(.{1000}|w)` (program 28,016)
-#     80-100 ms on 16 KB; so a pattern costs up to 6 ns per instruction per char;
+#   - RE2 search: 1.4-1.6 ns/char for an ordinary pattern (`\d+`, `[a-z]+@[a-z]+\.com`, program 6-30);
+#     but when its DFA gives up, or the match's groups must be found over a long span, it is the NFA,
+#     O(text x program): `(a|b)*a` then `(a|b)` 16 times (program 57) took 9.2 ms on 16 KB of a/b,
+#     8.6-10 ns per instruction per char; `(?s)(.{1000}|x)(.{1000}|y)(.{1000}|z)(.{1000}|w)`
+#     (program 28,016) 80-100 ms on 16 KB. The estimate takes the worst: 10 ns per instruction per
+#     char (so an ordinary 16-instruction pattern stays inline up to ~6k characters);
 #   - rapidfuzz ratio: 0.02 ns per char of one text per char of the other (5 ms at 16k x 16k).
 NS_PER_CHAR_NORMALIZE = 6.0
 NS_PER_CHAR_JSON = 20.0
 NS_PER_VALUE_CHAR = 1.0
 NS_PER_VALUE = 60.0
 NS_PER_CHAR_REGEX = 1.5
-NS_PER_INSTRUCTION_CHAR = 6.0
+NS_PER_INSTRUCTION_CHAR = 10.0
 NS_PER_CHAR_PAIR = 0.02
 # A per-item pattern is compiled on the loop only when it is plain (`plain_pattern`): RE2's compile
 # cost follows the pattern's expansion, not its length (`\pL{1000}`, 9 characters, took 42 ms to fail
-# with "pattern too large"), so any other goes to a worker with its grading. Measured worst plain
-# case: `([^a]...[^a]){64}`, 126 characters, 2.4 ms under the default max_mem and ~0.4 ms at most
-# within PLAIN_PATTERN_MAX_MEM, where "too large" fails fast; the grading goes to a worker then too.
+# with "pattern too large"), so any other goes to a worker with its grading. A plain one can still
+# expand: `(\W` x 60 `){64}` (126 characters, case-insensitive) compiles in 16.8 ms under RE2's default
+# max_mem; within PLAIN_PATTERN_MAX_MEM it fails as too large in 0.26-0.47 ms (measured worst plain
+# cases), and a plain pattern too large within that bound is compiled by the worker that grades it.
 PLAIN_PATTERN_CHARS = 128
 PLAIN_PATTERN_REPEAT = 64  # the product of a plain pattern's repetition counts
 PLAIN_PATTERN_MAX_MEM = 256 * 1024  # RE2 program memory for a per-item pattern compiled on the loop

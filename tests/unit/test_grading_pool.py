@@ -141,6 +141,12 @@ def test_a_heavy_per_item_pattern_is_offloaded_and_not_compiled_on_the_loop() ->
     assert offloads(per_item, item_pb2.Item(expected_output=too_large), output("x"))
     assert builtin._compile_item_pattern.cache_info().misses == 0  # never compiled on the loop
     assert time.perf_counter() - started < 0.5  # generous: the assertion above is the point
+    # Plain by its text but large once expanded (16.8 ms under RE2's default memory): compiled on the loop
+    # only within the small bound, where RE2 refuses it quickly; the worker compiles it in full.
+    expands = "(" + "\\W" * 60 + "){64}"
+    assert builtin.plain_pattern(expands)
+    assert offloads(per_item, item_pb2.Item(expected_output=expands), output("x"))
+    assert per_item.grade(item_pb2.Item(expected_output=expands), output("x")).state == run_pb2.RESULT_STATE_FAILED
     # Graded (in a worker, as it would be), it is the item's ERROR, as before.
     grade = per_item.grade(item_pb2.Item(expected_output=too_large), output("x"))
     assert grade.state == run_pb2.RESULT_STATE_ERROR and "too large" in grade.error_reason
