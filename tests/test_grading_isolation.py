@@ -26,7 +26,7 @@ from evalsvc.v1 import (
 from tests.conftest import make_settings
 from tests.helpers import all_results, create_request, error_reason, keyed_channel, violations, watch_all
 from tests.test_observability import scrape
-from tests.unit.test_grading_pool import SIMILARITY, big_json, output
+from tests.unit.test_grading_pool import HEAVY_PATTERN, MODERATE, SIMILARITY, big_json, output
 
 # ----------------------------------------------------------------------------- RE2 at the edge
 
@@ -127,3 +127,33 @@ async def test_an_output_over_the_grading_time_limit_is_grader_timeout_and_the_r
     assert results["runaway"].state == run_pb2.RESULT_STATE_ERROR
     assert results["runaway"].error_reason.startswith("GRADER_TIMEOUT")
     assert results["small"].state == run_pb2.RESULT_STATE_PASSED
+
+
+async def test_an_expensive_grader_on_moderate_outputs_is_graded_in_a_worker(tmp_path: Path) -> None:
+    """What a grading costs counts, not only its text's size: a valid RE2 pattern that is slow to search
+    (80-100 ms per 16 KB output) and a `contains` grader with 28k values both run in a worker, so they
+    meet the worker's time limit (tiny here: GRADER_TIMEOUT says where they ran) instead of holding the
+    event loop; an ordinary grader in the same run is graded inline as before."""
+    srv = EvalServer(make_settings(tmp_path, grade_timeout_s=0.001))
+    await srv.start()
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+            runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            items = [item_pb2.Item(id=f"i{i}", input="q", response=output(MODERATE)) for i in range(3)]
+            graders = [
+                grader_pb2.Grader(name="re", regex=grader_pb2.Regex(pattern=HEAVY_PATTERN)),
+                grader_pb2.Grader(
+                    name="many", contains=grader_pb2.Contains(values=[f"v{i:05d}" for i in range(28_000)])
+                ),
+                grader_pb2.Grader(name="exact", exact_match=grader_pb2.ExactMatch()),
+            ]
+            run = (await runs.CreateRun(create_request(items=items, graders=graders))).run
+            events = await asyncio.wait_for(watch_all(runs, run.id), 120)
+            results = await all_results(runs, run.id)
+    finally:
+        await srv.stop(grace=0.5)
+    assert events[-1].run.status == run_pb2.RUN_STATUS_SUCCEEDED
+    by_grader: dict[str, set[str]] = {}
+    for result in results:
+        by_grader.setdefault(result.grader, set()).add(result.error_reason.split(":")[0])
+    assert by_grader == {"re": {"GRADER_TIMEOUT"}, "many": {"GRADER_TIMEOUT"}, "exact": {""}}

@@ -32,6 +32,7 @@ __all__ = [
     "Grade",
     "compile_grader",
     "grader_name",
+    "plain_pattern",
     "target_error_grade",
     "validate_builtin",
 ]
@@ -63,6 +64,51 @@ class Grade:
     cached: bool = False  # an LLM judge's verdict taken from the response cache (no call, no cost)
 
 
+# ------------------------------------------------------------------------------------------- cost
+# What a grading costs on the event loop, estimated before it runs (evalsvc.graders.pool sends one
+# estimated over about a millisecond to a worker process). Measured on the 2-core dev machine
+# (Python 3.11, google-re2, rapidfuzz; tests/unit/test_grading_pool.py checks the rule, not speed):
+#   - casefold + whitespace collapse: 5.5 ns/char; json.loads: 10 ns/char (the diff about as much);
+#   - `v in text`: 0.4-0.9 ns per value per char, plus 40-60 ns per value whatever the text;
+#   - RE2 search: 1.4-1.6 ns/char for an ordinary pattern (`\d+`, `[a-z]+@[a-z]+\.com`, program 6-30);
+#     but when its DFA gives up, or the match's groups must be found over a long span, it is the NFA,
+#     O(text x program): `(a|b)*a` then `(a|b)` 16 times (program 57) took 9.2 ms on 16 KB of a/b,
+#     8.6-10 ns per instruction per char; `(?s)(.{1000}|x)(.{1000}|y)(.{1000}|z)(.{1000}|w)`
+#     (program 28,016) 80-100 ms on 16 KB. The estimate takes the worst: 10 ns per instruction per
+#     char (so an ordinary 16-instruction pattern stays inline up to ~6k characters);
+#   - rapidfuzz ratio: 0.02 ns per char of one text per char of the other (5 ms at 16k x 16k).
+NS_PER_CHAR_NORMALIZE = 6.0
+NS_PER_CHAR_JSON = 20.0
+NS_PER_VALUE_CHAR = 1.0
+NS_PER_VALUE = 60.0
+NS_PER_CHAR_REGEX = 1.5
+NS_PER_INSTRUCTION_CHAR = 10.0
+NS_PER_CHAR_PAIR = 0.02
+# A per-item pattern is compiled on the loop only when it is plain (`plain_pattern`): RE2's compile
+# cost follows the pattern's expansion, not its length (`\pL{1000}`, 9 characters, took 42 ms to fail
+# with "pattern too large"), so any other goes to a worker with its grading. A plain one can still
+# expand: `(\W` x 60 `){64}` (126 characters, case-insensitive) compiles in 16.8 ms under RE2's default
+# max_mem; within PLAIN_PATTERN_MAX_MEM it fails as too large in 0.26-0.47 ms (measured worst plain
+# cases), and a plain pattern too large within that bound is compiled by the worker that grades it.
+PLAIN_PATTERN_CHARS = 128
+PLAIN_PATTERN_REPEAT = 64  # the product of a plain pattern's repetition counts
+PLAIN_PATTERN_MAX_MEM = 256 * 1024  # RE2 program memory for a per-item pattern compiled on the loop
+_COUNTED = re2.compile(r"\{(\d+)(?:,(\d*))?\}")
+
+
+def plain_pattern(pattern: str) -> bool:
+    """Whether a per-item pattern is cheap to compile, judged from its text alone: short, no Unicode
+    classes (\\p, \\P: hundreds of instructions each) and few repetitions in total."""
+    if len(pattern) > PLAIN_PATTERN_CHARS or "\\p" in pattern or "\\P" in pattern:
+        return False
+    product = 1
+    for low, high in _COUNTED.findall(pattern):
+        product *= max(int(low), int(high or 0), 1)
+        if product > PLAIN_PATTERN_REPEAT:
+            return False
+    return True
+
+
 class CompiledGrader(Protocol):
     """A grader ready to grade outputs; built once per run by `compile_grader`."""
 
@@ -70,6 +116,11 @@ class CompiledGrader(Protocol):
     weight: float
     kind: str  # the spec's kind: `regex`, `similarity`...
     spec_bytes: bytes  # the serialized spec, from which a worker process builds the same grader
+    item_dependent: bool  # whether `cost_ns` depends on the item beyond the text's size (per-item pattern)
+
+    def cost_ns(self, item: item_pb2.Item, chars: int) -> float:
+        """Estimated nanoseconds to grade `chars` characters of text for this item (see `_Base`)."""
+        ...
 
     def grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         """Grade one output for one item. Never raises."""
@@ -153,18 +204,28 @@ def _normalizer(case_insensitive: bool, normalize_whitespace: bool = False) -> C
 class _Base:
     """Common state and the never-raise guarantee; subclasses implement `_grade`."""
 
-    __slots__ = ("kind", "name", "spec_bytes", "weight")
+    __slots__ = ("fixed_ns", "item_dependent", "kind", "name", "per_char_ns", "spec_bytes", "weight")
 
     name: str
     weight: float
     kind: str
     spec_bytes: bytes
+    fixed_ns: float  # estimated cost of a grading whatever the text (e.g. one lookup per contains value)
+    per_char_ns: float  # and per character of text read, from the compiled config (0: reads none)
 
     def __init__(self, spec: grader_pb2.Grader) -> None:
         self.name = grader_name(spec)
         self.weight = spec.weight or 1.0
         self.kind = spec.WhichOneof("kind") or ""
         self.spec_bytes = spec.SerializeToString()
+        self.fixed_ns = 0.0
+        self.per_char_ns = 0.0
+        self.item_dependent = False
+
+    def cost_ns(self, item: item_pb2.Item, chars: int) -> float:
+        """Estimated nanoseconds to grade `chars` characters of text (output plus expected output) for
+        this item: linear in the text, with factors worked out once from the compiled config."""
+        return self.fixed_ns + chars * self.per_char_ns
 
     def grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         """Grade one output; an unexpected exception becomes this evaluation's ERROR GRADER_FAILED, so one
@@ -191,6 +252,7 @@ class _ExactMatch(_Base):
         super().__init__(spec)
         opts = spec.exact_match
         self._normalize = _normalizer(opts.case_insensitive, opts.normalize_whitespace)
+        self.per_char_ns = NS_PER_CHAR_NORMALIZE
 
     def _grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         norm = self._normalize
@@ -207,6 +269,9 @@ class _Contains(_Base):
         self._casefold = opts.case_insensitive
         self._originals = tuple(opts.values)
         self._values = tuple(v.casefold() for v in opts.values) if opts.case_insensitive else self._originals
+        # One substring search per value: ~28k values cost 0.5 s on 16 KB of text.
+        self.fixed_ns = NS_PER_VALUE * len(self._values)
+        self.per_char_ns = NS_PER_CHAR_NORMALIZE + NS_PER_VALUE_CHAR * len(self._values)
 
     def _grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         text = output.content.casefold() if self._casefold else output.content
@@ -278,15 +343,34 @@ def _compile_pattern(pattern: str, case_insensitive: bool = False) -> re2._Regex
 
 
 @functools.lru_cache(maxsize=256)
-def _compile_item_pattern(pattern: str, case_insensitive: bool) -> re2._Regexp | str:
+def _compile_item_pattern(pattern: str, case_insensitive: bool, bounded: bool = False) -> re2._Regexp | str:
     """Compile a per-item pattern, or return the compile error; cached since repetitions reuse items.
+    `bounded`: within PLAIN_PATTERN_MAX_MEM, as the event loop does (`_Regex.cost_ns`).
 
     Errors are returned rather than raised because `lru_cache` does not cache exceptions.
     """
     try:
+        if bounded:
+            options = _re2_options(case_insensitive)
+            options.max_mem = PLAIN_PATTERN_MAX_MEM
+            try:
+                return re2.compile(pattern, options)
+            except re2.error as exc:
+                raise ValueError(_explain_re2_error(exc, pattern)) from None
         return _compile_pattern(pattern, case_insensitive)
     except ValueError as exc:
         return str(exc)
+
+
+def _loop_pattern(pattern: str, case_insensitive: bool) -> re2._Regexp | str | None:
+    """A per-item pattern as compiled on the event loop (bounded), its error, or None when it is
+    not plain or too large within the bound: only a worker process compiles it."""
+    if not plain_pattern(pattern):
+        return None
+    compiled = _compile_item_pattern(pattern, case_insensitive, True)
+    if isinstance(compiled, str) and "too large" in compiled:
+        return None
+    return compiled
 
 
 class _Regex(_Base):
@@ -298,6 +382,9 @@ class _Regex(_Base):
         self._full = opts.full_match
         self._case_insensitive = opts.case_insensitive
         self._pattern = _compile_pattern(opts.pattern, opts.case_insensitive) if opts.pattern else None
+        if self._pattern is not None:
+            self.per_char_ns = NS_PER_CHAR_REGEX + NS_PER_INSTRUCTION_CHAR * self._pattern.programsize
+        self.item_dependent = self._pattern is None
         verb = "fully matches" if self._full else "matches"
         shown = _slashed(opts.pattern)
         self._pass = Grade(PASSED, 1.0, 1.0, f"output {verb} {shown}")
@@ -312,7 +399,9 @@ class _Regex(_Base):
         if not source:
             # An empty pattern matches everything; from an item it is almost surely a missing value.
             return _error("the item has no pattern", "no pattern: regex.pattern and expected_output are both empty")
-        compiled = _compile_item_pattern(source, self._case_insensitive)
+        compiled = _loop_pattern(source, self._case_insensitive) or _compile_item_pattern(
+            source, self._case_insensitive
+        )
         if isinstance(compiled, str):
             return _error("the item's expected_output is not a pattern RE2 can run", compiled)
         if self._match(compiled, output.content):
@@ -321,6 +410,18 @@ class _Regex(_Base):
 
     def _match(self, pattern: re2._Regexp, text: str) -> bool:
         return (pattern.fullmatch(text) if self._full else pattern.search(text)) is not None
+
+    def cost_ns(self, item: item_pb2.Item, chars: int) -> float:
+        """Linear in the text times the program's size; a per-item pattern's program is known once
+        compiled, which only a plain pattern is on the loop (any other costs infinity: a worker)."""
+        if self._pattern is not None or not item.expected_output:
+            return chars * self.per_char_ns
+        compiled = _loop_pattern(item.expected_output, self._case_insensitive)
+        if compiled is None:
+            return math.inf
+        if isinstance(compiled, str):
+            return 0.0  # ERROR at once
+        return chars * (NS_PER_CHAR_REGEX + NS_PER_INSTRUCTION_CHAR * compiled.programsize)
 
 
 def _reject_constant(name: str) -> Any:
@@ -398,6 +499,7 @@ class _JsonMatch(_Base):
         super().__init__(spec)
         self._subset = spec.json_match.subset
         self._valid_only = spec.json_match.valid_only
+        self.per_char_ns = NS_PER_CHAR_JSON
 
     def _grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         try:
@@ -427,6 +529,12 @@ class _Similarity(_Base):
         super().__init__(spec)
         self._threshold = spec.similarity.threshold or DEFAULT_SIMILARITY_THRESHOLD
         self._casefold = spec.similarity.case_insensitive
+        self.per_char_ns = NS_PER_CHAR_NORMALIZE
+
+    def cost_ns(self, item: item_pb2.Item, chars: int) -> float:
+        """Quadratic: the expected output's characters times the rest of the text's (the output's)."""
+        expected = len(item.expected_output)
+        return chars * self.per_char_ns + NS_PER_CHAR_PAIR * expected * max(chars - expected, 0)
 
     def _grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         actual, expected = output.content, item.expected_output
@@ -458,6 +566,11 @@ class _ToolCalls(_Base):
         if opts.expected:
             self._expected = self._with_argument_names(opts.expected)
             self._expected_set = frozenset(self._expected)
+        # The calls are read once, and their arguments once more per tool with expected arguments;
+        # the expected arguments themselves are compared against each call.
+        expected_chars = sum(opts.expected_arguments[name].ByteSize() for name in opts.expected_arguments)
+        self.fixed_ns = NS_PER_CHAR_JSON * expected_chars
+        self.per_char_ns = NS_PER_CHAR_JSON * (1 + len(self._arguments))
 
     def _with_argument_names(self, names: Iterable[str]) -> tuple[str, ...]:
         """Expected names plus the tools given expected arguments: checking a tool's arguments implies expecting it."""

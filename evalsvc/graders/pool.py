@@ -1,14 +1,25 @@
-"""Grading off the event loop: big outputs are graded in worker processes, under a time limit.
+"""Grading off the event loop: expensive gradings run in worker processes, under a time limit.
 
-Built-in graders are pure functions, cheap on ordinary outputs but not on large ones: similarity is
-quadratic in the text, and JSON parsing and comparison hold the GIL for their whole length. Graded
-on the event loop, one tenant's megabyte outputs would stall every RPC, watcher and health check.
+Built-in graders are pure functions, cheap on ordinary outputs but not always: similarity is
+quadratic in the text, JSON parsing and comparison hold the GIL for their whole length, a `contains`
+grader searches the text once per value (tens of thousands of values is half a second on 16 KB),
+and an RE2 pattern whose DFA gives up costs its program's size per character (a valid 50-character
+pattern, 80-100 ms on 16 KB). Graded on the event loop, one tenant's grading would stall every RPC,
+watcher and health check.
 
-So a grading whose text (output plus expected output) exceeds `INLINE_LIMIT_CHARS`, for a grader
-that reads the text (all but latency and cost: `offloads`), is sent to one of `--grade-processes`
-worker processes (`python -m evalsvc.graders.worker`); everything else stays inline, where it costs
-microseconds and a pipe round trip would cost more than the grading. Even the linear graders go:
-an endpoint's reply has no size limit, and case-folding 100 MB is a stall too.
+So each grading's cost is estimated before it runs: the text it reads (output plus expected output;
+for `tool_calls`, the whole output with its calls) times the grader's per-character factor, worked
+out once when the grader is compiled from its config (a regex's RE2 program size, a `contains`
+grader's number of values, a `tool_calls` grader's expected arguments; similarity is quadratic), and
+per item where the item carries the pattern (`CompiledGrader.cost_ns`, the measurements are in
+evalsvc.graders.builtin). A grading estimated over `INLINE_BUDGET_NS` (about a millisecond) is sent
+to one of `--grade-processes` worker processes (`python -m evalsvc.graders.worker`): `offloads`.
+Everything else stays inline, where it costs at most about that and a pipe round trip would cost more
+than the grading. A per-item pattern is compiled on the loop only when it is plain (short, few
+repetitions, no Unicode classes) and within a small RE2 memory bound; any other is compiled by the
+worker that grades it, so a bad item pattern costs the loop microseconds, not tens of milliseconds.
+A run whose gradings may be sent to a worker (`may_offload`: the same estimate over each item's
+whole size) does not execute inline on the claim loop, which would wait on them.
 
 Why processes and not threads: json holds the GIL through a whole parse (measured: the loop thread
 stalled 140 ms behind one 13 MB `json.loads` in a thread; RE2 and rapidfuzz release it), and a
@@ -42,34 +53,41 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["INLINE_LIMIT_CHARS", "GradingPool", "may_offload", "offloads"]
+__all__ = ["INLINE_BUDGET_NS", "GradingPool", "may_offload", "offloads"]
 
-# Below this many characters of text, the heaviest built-in grader (similarity, quadratic over
-# 64-bit words) takes about a millisecond: cheaper inline than the round trip to a worker.
-INLINE_LIMIT_CHARS = 16 * 1024
-# Grader kinds that read the output's text, so whose cost grows with it.
-_TEXT_KINDS = frozenset({"exact_match", "contains", "regex", "json_match", "similarity", "tool_calls"})
+# What a grading may cost inline: about a millisecond (a pipe round trip to a worker and back is
+# ~0.1 ms, so cheaper gradings stay inline; estimates in evalsvc.graders.builtin).
+INLINE_BUDGET_NS = 1_000_000.0
 # A worker imports protobuf, RE2 and rapidfuzz before it says it is ready; on a loaded machine that
 # takes seconds, and it does not count against any evaluation's limit.
 WORKER_START_TIMEOUT_S = 60.0
 _FRAME = struct.Struct("!I")
 
 
+def _over_budget(grader: CompiledGrader, item: item_pb2.Item, chars: int) -> bool:
+    return grader.cost_ns(item, chars) > INLINE_BUDGET_NS
+
+
 def offloads(grader: CompiledGrader, item: item_pb2.Item, output: item_pb2.Response) -> bool:
-    """Whether this grading goes to a worker process (see the module docstring)."""
-    if grader.kind not in _TEXT_KINDS:
-        return False
+    """Whether this grading goes to a worker process: its estimated cost is over the inline budget."""
     read = output.ByteSize() if grader.kind == "tool_calls" else len(output.content)  # tool calls: arguments too
-    return len(item.expected_output) + read > INLINE_LIMIT_CHARS
+    return _over_budget(grader, item, len(item.expected_output) + read)
 
 
 def may_offload(graders: Sequence[CompiledGrader], items: Sequence[item_pb2.Item]) -> bool:
-    """Whether some grading of a run over these items may go to a worker: a text grader and an item
-    (whose input, expected output or recorded response make up a local target's grading) over the
-    limit. Such a run's jobs must not be executed inline on the claim loop, which would wait on them."""
-    if not any(g.kind in _TEXT_KINDS for g in graders):
+    """Whether some grading of a run over these items may go to a worker: the same estimate as
+    `offloads`, with the item's whole size (its input, expected output or recorded response make up a
+    local target's grading) for the text. Such a run's jobs must not be executed inline on the claim
+    loop, which would wait on them."""
+    if not items:
         return False
-    return any(item.ByteSize() > INLINE_LIMIT_CHARS for item in items)
+    sized = [(item.ByteSize(), item) for item in items]
+    largest = max(sized, key=lambda pair: pair[0])
+    # The estimate grows with the text, so the largest item decides for a grader whose factors are
+    # its own; one that takes them from each item (a per-item pattern) is asked about each.
+    return any(
+        _over_budget(g, item, size) for g in graders for size, item in (sized if g.item_dependent else [largest])
+    )
 
 
 def _timeout_grade(limit_s: float) -> Grade:

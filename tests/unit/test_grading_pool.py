@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from evalsvc.graders import compile_grader
-from evalsvc.graders.pool import INLINE_LIMIT_CHARS, GradingPool, may_offload, offloads
+from evalsvc.graders import builtin, compile_grader
+from evalsvc.graders.pool import GradingPool, may_offload, offloads
 from evalsvc.metrics import Metrics
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2
 
@@ -31,7 +31,7 @@ async def test_a_big_grading_goes_to_a_worker_and_grades_as_inline_would() -> No
     item = item_pb2.Item(expected_output=big_json(3000))
     out = output(big_json(3000, shift=1))
     assert offloads(grader, item, out)
-    assert not offloads(grader, item_pb2.Item(expected_output="x"), output("y" * (INLINE_LIMIT_CHARS - 1)))
+    assert not offloads(grader, item_pb2.Item(expected_output="x"), output("y" * 16_000))
     assert not offloads(compile_grader(grader_pb2.Grader(latency=grader_pb2.Latency(max_ms=1))), item, out)
     pool = GradingPool(1, timeout_s=60.0, metrics=Metrics())
     try:
@@ -85,10 +85,82 @@ async def test_a_cancelled_grading_kills_its_worker() -> None:
 
 def test_a_run_may_offload_only_with_a_text_grader_and_an_item_over_the_limit() -> None:
     text, latency = compile_grader(SIMILARITY), compile_grader(grader_pb2.Grader(latency=grader_pb2.Latency(max_ms=1)))
-    big, small = item_pb2.Item(expected_output="x" * INLINE_LIMIT_CHARS), item_pb2.Item(expected_output="x")
+    big = item_pb2.Item(expected_output="x" * 16_000, response=output("y" * 16_000))
+    small = item_pb2.Item(expected_output="x")
     assert may_offload([latency, text], [small, big])
     assert not may_offload([text], [small])
     assert not may_offload([latency], [big])
+
+
+# What the probe found stalling every tenant: valid configs that are expensive on moderate (16 KB) text.
+HEAVY_PATTERN = "(?s)(.{1000}|x)(.{1000}|y)(.{1000}|z)(.{1000}|w)"  # 80-100 ms per 16 KB output inline
+MODERATE = ("ab" * 8000)[:15_900]
+
+
+def test_an_expensive_grader_is_offloaded_on_moderate_text_and_an_ordinary_one_is_not() -> None:
+    """The grader's own cost counts, not only the text's size: a heavy RE2 program or tens of thousands
+    of `contains` values go to a worker on a 16 KB output, ordinary configs stay inline."""
+    item, out = item_pb2.Item(input="q"), output(MODERATE)
+    heavy_regex = compile_grader(grader_pb2.Grader(regex=grader_pb2.Regex(pattern=HEAVY_PATTERN)))
+    many_values = compile_grader(
+        grader_pb2.Grader(contains=grader_pb2.Contains(values=[f"v{i:05d}" for i in range(28_000)]))
+    )
+    for heavy in (heavy_regex, many_values):
+        assert offloads(heavy, item, out), heavy.kind
+        assert may_offload([heavy], [item_pb2.Item(response=out)]), heavy.kind
+    # Many values cost on any text: each is one search.
+    assert offloads(many_values, item, output("short"))
+    ordinary = [
+        compile_grader(grader_pb2.Grader(regex=grader_pb2.Regex(pattern=r"\d{3}-\d{4}"))),
+        compile_grader(grader_pb2.Grader(contains=grader_pb2.Contains(values=["fox", "dog"], case_insensitive=True))),
+        compile_grader(grader_pb2.Grader(exact_match=grader_pb2.ExactMatch(case_insensitive=True))),
+        compile_grader(grader_pb2.Grader(json_match=grader_pb2.JsonMatch())),
+        compile_grader(SIMILARITY),
+    ]
+    small = output("The quick brown fox 555-1234 jumps over the lazy dog. " * 20)  # ~1 KB
+    for grader in ordinary:
+        assert not offloads(grader, item_pb2.Item(expected_output="the quick brown fox"), small), grader.kind
+        assert not may_offload([grader], [item_pb2.Item(expected_output="x", response=small)]), grader.kind
+
+
+def test_a_heavy_per_item_pattern_is_offloaded_and_not_compiled_on_the_loop() -> None:
+    """Per-item patterns: a plain one is compiled on the loop (and then its program size counts); one
+    RE2 may take tens of milliseconds to compile, or to refuse as too large, goes to a worker uncompiled."""
+    per_item = compile_grader(grader_pb2.Grader(regex=grader_pb2.Regex()))
+    out = output(MODERATE)
+    assert offloads(per_item, item_pb2.Item(expected_output=HEAVY_PATTERN), out)
+    assert may_offload(
+        [per_item],
+        [item_pb2.Item(expected_output="ab", response=out), item_pb2.Item(expected_output=HEAVY_PATTERN, response=out)],
+    )
+    assert not offloads(per_item, item_pb2.Item(expected_output=r"(ab)+"), output("ab" * 200))
+    assert not may_offload([per_item], [item_pb2.Item(expected_output=r"(ab)+", response=output("ab" * 200))])
+    builtin._compile_item_pattern.cache_clear()
+    too_large = r"\pL{1000}"  # 42 ms for RE2 to refuse, with the default max_mem
+    started = time.perf_counter()
+    assert offloads(per_item, item_pb2.Item(expected_output=too_large), output("x"))
+    assert builtin._compile_item_pattern.cache_info().misses == 0  # never compiled on the loop
+    assert time.perf_counter() - started < 0.5  # generous: the assertion above is the point
+    # Plain by its text but large once expanded (16.8 ms under RE2's default memory): compiled on the loop
+    # only within the small bound, where RE2 refuses it quickly; the worker compiles it in full.
+    expands = "(" + "\\W" * 60 + "){64}"
+    assert builtin.plain_pattern(expands)
+    assert offloads(per_item, item_pb2.Item(expected_output=expands), output("x"))
+    assert per_item.grade(item_pb2.Item(expected_output=expands), output("x")).state == run_pb2.RESULT_STATE_FAILED
+    # Graded (in a worker, as it would be), it is the item's ERROR, as before.
+    grade = per_item.grade(item_pb2.Item(expected_output=too_large), output("x"))
+    assert grade.state == run_pb2.RESULT_STATE_ERROR and "too large" in grade.error_reason
+
+
+async def test_an_expensive_grading_offloaded_runs_in_a_worker_under_the_time_limit() -> None:
+    """The heavy pattern is graded by a worker, where the time limit applies (a tiny one here)."""
+    pool = GradingPool(1, timeout_s=0.001, metrics=Metrics())
+    grader = compile_grader(grader_pb2.Grader(regex=grader_pb2.Regex(pattern=HEAVY_PATTERN)))
+    try:
+        grade = await pool.grade("t", grader, item_pb2.Item(), output(MODERATE * 4))
+    finally:
+        await pool.close()
+    assert grade.state == run_pb2.RESULT_STATE_ERROR and grade.error_reason.startswith("GRADER_TIMEOUT")
 
 
 async def test_a_worker_that_died_between_gradings_is_grader_crashed_and_replaced() -> None:
