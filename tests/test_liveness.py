@@ -552,10 +552,11 @@ async def test_waiting_for_an_endpoint_is_fair_across_tenants(tmp_path: Path, by
     queue, so tenant B's one call waited for tenant A's whole backlog there (13 s instead of 1.5 s).
 
     A's 40 calls (by its target, or by its LLM judge: a judge's calls wait in the turn of the tenant
-    whose run it grades) take the endpoint's 2 slots and queue for the rest; then B's one call queues.
-    The endpoint answers one call at a time, when the test says: B's call gets the second slot freed
-    (A is ahead of B in the rotation once), and B's run ends while A has had at most 4 calls answered,
-    not after all 40."""
+    whose run it grades) take the endpoint's 2 slots, alone, and queue for the rest; then B's one call
+    comes. What A holds beyond its share (1 of 2) is lent to B: B's call reaches the endpoint at once,
+    queued behind none of A's (it used to wait for a freed slot; on a hanging endpoint, for A's
+    timeout). The endpoint answers one call at a time, when the test says: B's run ends while A has had
+    at most 4 calls answered, not after all 40."""
     backlog, slots = 40, 2
     # A may hold every worker (its 40 jobs are claimed at once); the turns at the endpoint are what is tested.
     async with serving(tmp_path, max_workers_per_tenant=64) as srv, Webhook() as hook, tenants(srv, "a", "b") as t:
@@ -565,7 +566,8 @@ async def test_waiting_for_an_endpoint_is_fair_across_tenants(tmp_path: Path, by
         a_run = (await t["a"].CreateRun(endpoint_calls(hook.url, backlog, by=by, tag="a"))).run
         await until(lambda: limit.in_flight == slots and limit.slots.waiting == backlog - slots)
         b_run = (await t["b"].CreateRun(endpoint_calls(hook.url, 1, by=by, tag="b"))).run
-        await until(lambda: limit.slots.waiting == backlog - slots + 1)  # B's call queues behind A's
+        await hook.wait_until(lambda: any(path.startswith("/gated/b/") for path in hook.arrived))
+        assert limit.slots.waiting == backlog - slots  # B's call waited behind none of A's
         b_done = asyncio.create_task(finish(t["b"], b_run.id, within_s=60))
 
         def answered(tag: str) -> int:
@@ -584,7 +586,7 @@ async def test_waiting_for_an_endpoint_is_fair_across_tenants(tmp_path: Path, by
         assert b_end.status == run_pb2.RUN_STATUS_SUCCEEDED and b_end.counts.passed == 1
         assert answered("a") <= 4, f"B's call was answered after {answered('a')} of A's {backlog}: {order}"
         assert a_now.status == run_pb2.RUN_STATUS_RUNNING and a_now.counts.completed_evaluations <= 4
-        assert order.index("b") <= slots + 1, order  # B's call was the first or second to get a freed slot
+        assert order.index("b") == slots, order  # B's call came right after the two A took alone
 
         await t["a"].CancelRun(pb.CancelRunRequest(run_id=a_run.id))
         await until(lambda: limit.in_flight == 0 and limit.slots.waiting == 0)  # nothing leaked
