@@ -36,6 +36,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+# Where `evalsvc gateway` listens when --http-addr (EVALSVC_HTTP_ADDR) is not set.
+GATEWAY_HTTP_ADDR = "127.0.0.1:8080"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per operation."""
     parser = _Parser(prog="evalsvc", description="Run LLM evaluations as a gRPC service.")
@@ -47,15 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gateway = commands.add_parser("gateway", help="run the REST gateway alone, in front of a remote gRPC server")
     gateway.add_argument("--grpc-target", required=True, help="host:port of the evalsvc gRPC server")
-    gateway.add_argument("--http-addr", default="127.0.0.1:8080", help="host:port to serve HTTP on")
     gateway.add_argument(
         "--grpc-ca",
         default="",
         help="PEM CA file to verify the gRPC server's TLS certificate; empty: plaintext to the server "
         "(--tls-cert/--tls-key are the gateway's own HTTPS)",
     )
-    gateway.add_argument("--dialects", default="all", help="vendor dialects to mount: all, none, or name[=/prefix],...")
-    config.add_flags(gateway, config.GATEWAY_SETTINGS)
+    # Through the settings, as `serve` reads them: EVALSVC_HTTP_ADDR and EVALSVC_DIALECTS were ignored.
+    config.add_flags(
+        gateway,
+        ("http_addr", "dialects", *config.GATEWAY_SETTINGS),
+        helps={"http_addr": f"host:port to serve HTTP on (empty: {GATEWAY_HTTP_ADDR})"},
+    )
     keys = commands.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
         dest="keys_command", required=True
     )
@@ -275,10 +282,11 @@ async def _gateway_command(args: argparse.Namespace, settings: config.Settings) 
 
     raise_open_file_limit()
     # Every flag is checked before the gateway starts, each failure in one line naming its flag.
+    http_addr = settings.http_addr or GATEWAY_HTTP_ADDR
     try:
-        mounts(args.dialects)
-    except ValueError as exc:  # an unknown dialect's name
-        logging.getLogger("evalsvc").error("evalsvc gateway: --dialects: %s", exc)
+        mounts(settings.dialects)
+    except ValueError as exc:  # an unknown dialect's name, a prefix that is no path
+        logging.getLogger("evalsvc").error("evalsvc gateway: %s: %s", config.named("dialects"), exc)
         return 2
     try:
         channels = remote_channels(args.grpc_target, root_certificates=args.grpc_ca)
@@ -289,9 +297,9 @@ async def _gateway_command(args: argparse.Namespace, settings: config.Settings) 
     try:
         # As `serve` checks its addresses: `nonsense` was taken for an unknown dialect, a port past
         # 65535 was a traceback.
-        check_bindable(args.http_addr, "HTTP", "--http-addr")
-        gateway = Gateway(channels, args.http_addr, dialects=args.dialects, settings=settings, tls=tls)
-        await listen("HTTP", args.http_addr, gateway.start())
+        check_bindable(http_addr, "HTTP", f"{config.flag_name('http_addr')} / {config.env_name('http_addr')}")
+        gateway = Gateway(channels, http_addr, dialects=settings.dialects, settings=settings, tls=tls)
+        await listen("HTTP", http_addr, gateway.start())
     except StartupError as exc:
         logging.getLogger("evalsvc").error("evalsvc gateway could not start: %s", exc)
         return 1
