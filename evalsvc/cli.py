@@ -7,6 +7,9 @@ key to revoke or a secret to delete does not exist; 2 bad
 configuration (a setting, TLS, secrets, the secrets key) or a database whose schema this version
 cannot use (run `evalsvc migrate`). docs/operations.md lists the causes.
 
+`evalsvc backup --db URL FILE` copies a SQLite database, also while a server runs on it (SQLite's online
+backup API: a copy of the file alone misses what is still in its -wal); docs/operations.md, "Backups".
+
 `evalsvc cache prune` trims the response cache (docs/targets.md): every tenant to --max-entries
 (least recently used first), entries unused for --unused-for, or all of a tenant's with --all."""
 
@@ -106,7 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     drop.add_argument("--tenant", required=True, help="the tenant that owns the secret")
     drop.add_argument("name", help="the secret's name")
     secrets.add_parser("generate-key", help=f"print a new random key for {config.env_name('secrets_key')}")
-    for sub in (migrate, create, listing, revoke, prune, put, shown, drop):
+    backup = commands.add_parser(
+        "backup",
+        help="copy a SQLite database to a new file, also while a server runs on it (PostgreSQL: use pg_dump)",
+    )
+    backup.add_argument("file", help="the copy to make; it must not exist yet")
+    for sub in (migrate, create, listing, revoke, prune, put, shown, drop, backup):
         sub.add_argument("--db", default=None, help=f"SQLAlchemy URL (env {config.env_name('db')})")
     return parser
 
@@ -271,6 +279,55 @@ async def _migrate_command(settings: config.Settings) -> int:
     return 0
 
 
+def _backup_command(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Copy the SQLite database to a new file with SQLite's online backup API: one consistent snapshot,
+    the WAL's commits included, taken beside a running server (readers do not block its writes)."""
+    import sqlite3
+    from pathlib import Path
+
+    from evalsvc.store.db import sqlite_path
+
+    path = sqlite_path(settings.db)
+    if path is None:
+        _open_database(settings)  # names a URL it cannot use (in-memory SQLite, another engine), as the others do
+        print(
+            "evalsvc backup: copies a SQLite file; back a PostgreSQL database up with pg_dump "
+            "(docs/operations.md, Backups)",
+            file=sys.stderr,
+        )
+        return 2
+    target = Path(args.file)
+    if not path.is_file():
+        print(f"evalsvc backup: there is no database at {path}", file=sys.stderr)
+        return 1
+    if target.exists() or target.is_symlink():
+        print(f"evalsvc backup: {target} exists; name a new file", file=sys.stderr)
+        return 2
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        source = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        try:
+            copy = sqlite3.connect(partial)
+            try:
+                source.backup(copy)
+                copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal beside it
+            finally:
+                copy.close()
+        finally:
+            source.close()
+        partial.rename(target)
+    except (sqlite3.Error, OSError) as exc:
+        partial.unlink(missing_ok=True)
+        print(f"evalsvc backup: cannot back {path} up to {target}: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"backed {path} up to {target} ({target.stat().st_size} bytes); keep {config.env_name('secrets_key')} "
+        "with it: without it the tenants' secrets in it cannot be opened",
+        file=sys.stderr,
+    )
+    return 0
+
+
 async def _gateway_command(args: argparse.Namespace, settings: config.Settings) -> int:
     import signal
 
@@ -362,6 +419,8 @@ def _run(args: argparse.Namespace) -> int:
         logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         _warn_of_unknown_variables()
         return asyncio.run(_gateway_command(args, config.from_args(args)))
+    if args.command == "backup":
+        return _backup_command(args, config.from_args(args))
     if args.command == "keys":
         try:
             return asyncio.run(_keys_command(args, config.from_args(args)))
