@@ -92,7 +92,9 @@ def test_a_reply_from_an_endpoint_always_fits_in_a_result_that_can_be_read_back(
         config.Settings(max_message_bytes=1 << 20, max_reply_bytes=4 << 20)
     with pytest.raises(config.SettingsError, match=both):
         config.Settings(max_reply_bytes=512)
-    with pytest.raises(config.SettingsError, match=r"--max-message-bytes .* must be at least 262144, not 1024"):
+    with pytest.raises(
+        config.SettingsError, match=r"--max-message-bytes .* must be from 262144 to 2147483647, not 1024"
+    ):
         config.Settings(max_message_bytes=1024)
 
 
@@ -235,3 +237,21 @@ async def test_a_backup_taken_while_the_server_runs_holds_its_runs(tmp_path: Pat
             assert run.counts.completed_evaluations == 3
     finally:
         assert restored.terminate() == 0
+
+
+def test_settings_that_become_grpc_channel_arguments_fit_a_c_int() -> None:
+    """`--max-message-bytes 99999999999` passed its minimum and crashed the start with an OverflowError
+    (grpc's channel arguments are C ints), after the database was migrated. At its maximum a server is made."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from evalsvc.server import server_options
+
+    at_most = {name: int(config.MAXIMUMS[name]) for name in config.MAXIMUMS}
+    assert at_most == dict.fromkeys(("max_message_bytes", "max_concurrent_streams", "max_connections"), 2**31 - 1)
+    with ThreadPoolExecutor(1) as pool:
+        grpc.server(pool, options=server_options(config.Settings(**at_most))).stop(None)
+    for name, maximum in at_most.items():
+        with pytest.raises(config.SettingsError, match=f"from .* to {maximum}, not {maximum + 1}$"):
+            config.Settings(**{name: maximum + 1})
