@@ -7,6 +7,9 @@ key to revoke or a secret to delete does not exist; 2 bad
 configuration (a setting, TLS, secrets, the secrets key) or a database whose schema this version
 cannot use (run `evalsvc migrate`). docs/operations.md lists the causes.
 
+`evalsvc backup --db URL FILE` copies a SQLite database, also while a server runs on it (SQLite's online
+backup API: a copy of the file alone misses what is still in its -wal); docs/operations.md, "Backups".
+
 `evalsvc cache prune` trims the response cache (docs/targets.md): every tenant to --max-entries
 (least recently used first), entries unused for --unused-for, or all of a tenant's with --all."""
 
@@ -36,6 +39,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+# Where `evalsvc gateway` listens when --http-addr (EVALSVC_HTTP_ADDR) is not set.
+GATEWAY_HTTP_ADDR = "127.0.0.1:8080"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per operation."""
     parser = _Parser(prog="evalsvc", description="Run LLM evaluations as a gRPC service.")
@@ -47,15 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gateway = commands.add_parser("gateway", help="run the REST gateway alone, in front of a remote gRPC server")
     gateway.add_argument("--grpc-target", required=True, help="host:port of the evalsvc gRPC server")
-    gateway.add_argument("--http-addr", default="127.0.0.1:8080", help="host:port to serve HTTP on")
     gateway.add_argument(
         "--grpc-ca",
         default="",
         help="PEM CA file to verify the gRPC server's TLS certificate; empty: plaintext to the server "
         "(--tls-cert/--tls-key are the gateway's own HTTPS)",
     )
-    gateway.add_argument("--dialects", default="all", help="vendor dialects to mount: all, none, or name[=/prefix],...")
-    config.add_flags(gateway, config.GATEWAY_SETTINGS)
+    # Through the settings, as `serve` reads them: EVALSVC_HTTP_ADDR and EVALSVC_DIALECTS were ignored.
+    config.add_flags(
+        gateway,
+        ("http_addr", "dialects", *config.GATEWAY_SETTINGS),
+        helps={"http_addr": f"host:port to serve HTTP on (empty: {GATEWAY_HTTP_ADDR})"},
+    )
     keys = commands.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
         dest="keys_command", required=True
     )
@@ -99,7 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     drop.add_argument("--tenant", required=True, help="the tenant that owns the secret")
     drop.add_argument("name", help="the secret's name")
     secrets.add_parser("generate-key", help=f"print a new random key for {config.env_name('secrets_key')}")
-    for sub in (migrate, create, listing, revoke, prune, put, shown, drop):
+    backup = commands.add_parser(
+        "backup",
+        help="copy a SQLite database to a new file, also while a server runs on it (PostgreSQL: use pg_dump)",
+    )
+    backup.add_argument("file", help="the copy to make; it must not exist yet")
+    for sub in (migrate, create, listing, revoke, prune, put, shown, drop, backup):
         sub.add_argument("--db", default=None, help=f"SQLAlchemy URL (env {config.env_name('db')})")
     return parser
 
@@ -264,6 +279,55 @@ async def _migrate_command(settings: config.Settings) -> int:
     return 0
 
 
+def _backup_command(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Copy the SQLite database to a new file with SQLite's online backup API: one consistent snapshot,
+    the WAL's commits included, taken beside a running server (readers do not block its writes)."""
+    import sqlite3
+    from pathlib import Path
+
+    from evalsvc.store.db import sqlite_path
+
+    path = sqlite_path(settings.db)
+    if path is None:
+        _open_database(settings)  # names a URL it cannot use (in-memory SQLite, another engine), as the others do
+        print(
+            "evalsvc backup: copies a SQLite file; back a PostgreSQL database up with pg_dump "
+            "(docs/operations.md, Backups)",
+            file=sys.stderr,
+        )
+        return 2
+    target = Path(args.file)
+    if not path.is_file():
+        print(f"evalsvc backup: there is no database at {path}", file=sys.stderr)
+        return 1
+    if target.exists() or target.is_symlink():
+        print(f"evalsvc backup: {target} exists; name a new file", file=sys.stderr)
+        return 2
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        source = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        try:
+            copy = sqlite3.connect(partial)
+            try:
+                source.backup(copy)
+                copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal beside it
+            finally:
+                copy.close()
+        finally:
+            source.close()
+        partial.rename(target)
+    except (sqlite3.Error, OSError) as exc:
+        partial.unlink(missing_ok=True)
+        print(f"evalsvc backup: cannot back {path} up to {target}: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"backed {path} up to {target} ({target.stat().st_size} bytes); keep {config.env_name('secrets_key')} "
+        "with it: without it the tenants' secrets in it cannot be opened",
+        file=sys.stderr,
+    )
+    return 0
+
+
 async def _gateway_command(args: argparse.Namespace, settings: config.Settings) -> int:
     import signal
 
@@ -275,10 +339,11 @@ async def _gateway_command(args: argparse.Namespace, settings: config.Settings) 
 
     raise_open_file_limit()
     # Every flag is checked before the gateway starts, each failure in one line naming its flag.
+    http_addr = settings.http_addr or GATEWAY_HTTP_ADDR
     try:
-        mounts(args.dialects)
-    except ValueError as exc:  # an unknown dialect's name
-        logging.getLogger("evalsvc").error("evalsvc gateway: --dialects: %s", exc)
+        mounts(settings.dialects)
+    except ValueError as exc:  # an unknown dialect's name, a prefix that is no path
+        logging.getLogger("evalsvc").error("evalsvc gateway: %s: %s", config.named("dialects"), exc)
         return 2
     try:
         channels = remote_channels(args.grpc_target, root_certificates=args.grpc_ca)
@@ -289,9 +354,9 @@ async def _gateway_command(args: argparse.Namespace, settings: config.Settings) 
     try:
         # As `serve` checks its addresses: `nonsense` was taken for an unknown dialect, a port past
         # 65535 was a traceback.
-        check_bindable(args.http_addr, "HTTP", "--http-addr")
-        gateway = Gateway(channels, args.http_addr, dialects=args.dialects, settings=settings, tls=tls)
-        await listen("HTTP", args.http_addr, gateway.start())
+        check_bindable(http_addr, "HTTP", f"{config.flag_name('http_addr')} / {config.env_name('http_addr')}")
+        gateway = Gateway(channels, http_addr, dialects=settings.dialects, settings=settings, tls=tls)
+        await listen("HTTP", http_addr, gateway.start())
     except StartupError as exc:
         logging.getLogger("evalsvc").error("evalsvc gateway could not start: %s", exc)
         return 1
@@ -354,6 +419,8 @@ def _run(args: argparse.Namespace) -> int:
         logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         _warn_of_unknown_variables()
         return asyncio.run(_gateway_command(args, config.from_args(args)))
+    if args.command == "backup":
+        return _backup_command(args, config.from_args(args))
     if args.command == "keys":
         try:
             return asyncio.run(_keys_command(args, config.from_args(args)))

@@ -34,7 +34,7 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     """Everything the server can be configured with. Field docs are the help text of their flag.
-    Numeric values below their MINIMUMS, and a tenant's share of the REST connections over half of
+    Numeric values outside their MINIMUMS and MAXIMUMS, and a tenant's share of the REST connections over half of
     them, are refused when the object is made (`SettingsError`)."""
 
     grpc_addr: str = dataclasses.field(
@@ -383,7 +383,7 @@ class Settings:
             value = getattr(self, name)
             if not math.isfinite(value):  # NaN passes every comparison: a NaN lease was stored as NULL
                 raise SettingsError(f"{named(name)} must be a finite number, not {value!r}")
-            if value < minimum or (value == minimum and not inclusive):
+            if value < minimum or (value == minimum and not inclusive) or value > MAXIMUMS.get(name, math.inf):
                 raise SettingsError(f"{named(name)} must be {_bound(name)}, not {value!r}")
         if self.workers and self.max_workers_per_tenant > self.workers:
             raise SettingsError(
@@ -410,6 +410,23 @@ class Settings:
                 f"{named('max_message_bytes')} ({self.max_message_bytes // 4}), so that every result can be read "
                 f"back, not {self.max_reply_bytes}"
             )
+
+    def check_listeners(self) -> None:
+        """SettingsError naming both flags when two of the server's listeners (`serve`'s gRPC, HTTP and
+        metrics addresses) are the same HOST:PORT: it was found only once the database had been migrated,
+        and said as "is another evalsvc running?". Port 0 picks a free port for each."""
+        seen: dict[str, str] = {}
+        for name in LISTENER_SETTINGS:
+            host, colon, port = getattr(self, name).strip().rpartition(":")
+            if not colon or not port.isdigit() or int(port) == 0:
+                continue  # none, or not HOST:PORT (the address check says so)
+            where = f"{host.strip('[]').lower()}:{int(port)}"
+            if where in seen:
+                raise SettingsError(
+                    f"{named(seen[where])} and {named(name)} are both {getattr(self, name).strip()}: "
+                    "each listener needs an address of its own"
+                )
+            seen[where] = name
 
     @property
     def reply_bytes(self) -> int:
@@ -483,6 +500,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cache_default": ("off", "read_write", "refresh", "replay"),  # evalsvc.execution.cache.MODE_NAMES
 }
 
+# A gRPC channel argument is a C int: a larger value (`--max-message-bytes 99999999999`) crashed the start
+# with an OverflowError traceback, after the database had been migrated.
+INT_MAX = 2**31 - 1
+
 MIN_REPLY_BYTES = 1024  # a reply bound smaller than this would fail ordinary answers
 
 # The smallest value each numeric setting works with: (minimum, whether the minimum itself is allowed).
@@ -543,6 +564,13 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "webhook_timeout_s": (0, False),
     "webhook_retry_base_s": (0, True),
     "webhook_max_attempts": (1, True),
+}
+
+# The largest value of the settings that become gRPC channel arguments (evalsvc.server.server_options).
+MAXIMUMS: dict[str, float] = {
+    "max_message_bytes": INT_MAX,
+    "max_concurrent_streams": INT_MAX,
+    "max_connections": INT_MAX,
 }
 
 
@@ -657,6 +685,9 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     return out
 
 
+# The addresses `evalsvc serve` listens on (evalsvc.server.LISTENERS).
+LISTENER_SETTINGS = ("grpc_addr", "http_addr", "metrics_addr")
+
 GATEWAY_SETTINGS = (
     "tls_cert",
     "tls_key",
@@ -669,18 +700,21 @@ GATEWAY_SETTINGS = (
 )
 
 
-def add_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+def add_flags(
+    parser: argparse.ArgumentParser, names: Sequence[str] | None = None, helps: Mapping[str, str] | None = None
+) -> None:
     """Add one flag per setting (or per setting in `names`); unset flags fall back to the environment,
-    then the default."""
+    then the default. `helps`: another command's own help text of a setting (the gateway's --http-addr)."""
     for f in fields(Settings):
         if names is not None and f.name not in names:
             continue
+        text = (helps or {}).get(f.name) or _help(f.name, f.metadata.get("help", ""))
         parser.add_argument(
             flag_name(f.name),
             dest=f.name,
             default=None,
             type=cast("Callable[[str], Any]", functools.partial(_flag_value, f.type)),
-            help=f"{_help(f.name, f.metadata.get('help', ''))} (env {env_name(f.name)}, default {f.default!r})",
+            help=f"{text} (env {env_name(f.name)}, default {f.default!r})",
         )
 
 
@@ -714,6 +748,8 @@ def _help(field_name: str, text: str) -> str:
 
 
 def _bound(field_name: str) -> str:
-    """`at least 1`, `more than 0`: a numeric setting's bound, in words."""
+    """`at least 1`, `more than 0`, `from 1 to 2147483647`: a numeric setting's bounds, in words."""
     minimum, inclusive = MINIMUMS[field_name]
+    if field_name in MAXIMUMS:
+        return f"from {minimum:g} to {MAXIMUMS[field_name]:.0f}"
     return f"{'at least' if inclusive else 'more than'} {minimum:g}"

@@ -149,6 +149,7 @@ class EvalServer:
         flag whose value cannot be used (an unknown database URL, a missing or malformed file);
         SecretsConfigError or SecretsKeyError the secrets settings."""
         self.settings = settings
+        settings.check_listeners()  # before the database is touched, as every setting is
         with _setting("dialects"):  # checked without --http-addr too: a typo must not wait for the day it is set
             dialect_mounts(settings.dialects)
         operator_secrets = OperatorSecrets(os.environ, settings.secrets_file)

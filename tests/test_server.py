@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +19,7 @@ from evalsvc.cli import build_parser
 from evalsvc.server import SERVICE_NAMES
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc
-from tests.dbs import db_url
+from tests.dbs import USE_POSTGRES, db_url
 from tests.helpers import create_request, keyed_channel, watch_all
 from tests.procs import ServerProcess
 
@@ -88,7 +92,9 @@ def test_a_reply_from_an_endpoint_always_fits_in_a_result_that_can_be_read_back(
         config.Settings(max_message_bytes=1 << 20, max_reply_bytes=4 << 20)
     with pytest.raises(config.SettingsError, match=both):
         config.Settings(max_reply_bytes=512)
-    with pytest.raises(config.SettingsError, match=r"--max-message-bytes .* must be at least 262144, not 1024"):
+    with pytest.raises(
+        config.SettingsError, match=r"--max-message-bytes .* must be from 262144 to 2147483647, not 1024"
+    ):
         config.Settings(max_message_bytes=1024)
 
 
@@ -185,3 +191,67 @@ async def test_readme_quickstart_runs_against_a_live_server(server) -> None:
     text = out.decode()
     assert proc.returncode == 0, text
     assert "RUN_STATUS_SUCCEEDED (4/4)" in text and "pass rate 75%, overall passed: True" in text
+
+
+@pytest.mark.skipif(USE_POSTGRES, reason="evalsvc backup copies a SQLite file (PostgreSQL: pg_dump)")
+async def test_a_backup_taken_while_the_server_runs_holds_its_runs(tmp_path: Path) -> None:
+    """A copy of a running server's file was an empty database (its commits were in the -wal), and nothing
+    said how to take one; `evalsvc backup` uses SQLite's online backup API, and a server started on the
+    copy finds the run."""
+    db = db_url(tmp_path, "svc.db")
+    server = ServerProcess(db, tmp_path / "a.log")
+    key = server.bootstrap_key()
+    try:
+        async with keyed_channel(server.port, key) as channel:
+            stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            run_id = (await stub.CreateRun(create_request(3))).run.id
+            await watch_all(stub, run_id)
+        copy = tmp_path / "backup" / "copy.db"
+        copy.parent.mkdir()
+        done = subprocess.run(
+            [sys.executable, "-m", "evalsvc", "backup", "--db", db, str(copy)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        again = subprocess.run(
+            [sys.executable, "-m", "evalsvc", "backup", "--db", db, str(copy)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert again.returncode == 2 and "exists" in again.stderr  # never overwritten
+    finally:
+        assert server.terminate() == 0
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["copy.db"]  # one file, no -wal to carry along
+    with contextlib.closing(sqlite3.connect(copy)) as conn:
+        assert conn.execute("SELECT id FROM runs").fetchall() == [(run_id,)]
+    restored = ServerProcess(f"sqlite+aiosqlite:///{copy}", tmp_path / "b.log")
+    try:
+        async with keyed_channel(restored.port, key) as channel:
+            stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            run = (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).run
+            assert run.counts.completed_evaluations == 3
+    finally:
+        assert restored.terminate() == 0
+
+
+def test_settings_that_become_grpc_channel_arguments_fit_a_c_int() -> None:
+    """`--max-message-bytes 99999999999` passed its minimum and crashed the start with an OverflowError
+    (grpc's channel arguments are C ints), after the database was migrated. At its maximum a server is made."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from evalsvc.server import server_options
+
+    at_most = {name: int(config.MAXIMUMS[name]) for name in config.MAXIMUMS}
+    assert at_most == dict.fromkeys(("max_message_bytes", "max_concurrent_streams", "max_connections"), 2**31 - 1)
+    with ThreadPoolExecutor(1) as pool:
+        grpc.server(pool, options=server_options(config.Settings(**at_most))).stop(None)
+    for name, maximum in at_most.items():
+        with pytest.raises(config.SettingsError, match=f"from .* to {maximum}, not {maximum + 1}$"):
+            config.Settings(**{name: maximum + 1})

@@ -154,3 +154,37 @@ async def test_a_signal_ends_a_start_that_hangs(tmp_path: Path) -> None:
     log = log_path.read_text()
     assert code == 1 and "a signal arrived during the start: exiting now" in log, log
     assert took < SHUTDOWN_MARGIN_S / 2, f"the start took {took:.1f} s to end"
+
+
+async def test_an_open_health_watch_ends_with_not_serving_and_does_not_hold_the_shutdown(tmp_path: Path) -> None:
+    """A health Watch (a load balancer's, gRPC client-side health checking's) got NOT_SERVING at once but
+    stayed open, so every SIGTERM of an idle server waited out the whole --grace-s (10 s by default)."""
+    srv = EvalServer(make_settings(tmp_path, grace_s=30.0))
+    port = await srv.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        # Two: a connection may hold two keyless streams (evalsvc.api.health.PER_CONNECTION).
+        watches = [health.Watch(health_pb2.HealthCheckRequest(service=service)) for service in ("", "no.such.Service")]
+        firsts = [await asyncio.wait_for(watch.read(), 5) for watch in watches]
+        assert [first.status for first in firsts] == [  # type: ignore[union-attr]
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.SERVICE_UNKNOWN,
+        ]
+        started = time.monotonic()
+        stopping = asyncio.create_task(srv.stop())  # the settings' grace: 30 s
+        try:
+            rest = [await asyncio.wait_for(_statuses(watch), 10) for watch in watches]  # each to its end
+        finally:
+            await stopping
+        took = time.monotonic() - started
+    assert rest == [[health_pb2.HealthCheckResponse.NOT_SERVING], []]
+    assert [await watch.code() for watch in watches] == [grpc.StatusCode.OK] * 2
+    assert took < 5, f"the stop took {took:.1f} s with health watches open"
+
+
+async def _statuses(watch: grpc.aio.UnaryStreamCall) -> list[int]:  # type: ignore[type-arg]
+    """The statuses a health Watch sends until it ends."""
+    statuses = []
+    while (reply := await watch.read()) is not grpc.aio.EOF:
+        statuses.append(reply.status)
+    return statuses

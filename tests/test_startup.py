@@ -44,6 +44,14 @@ def occupied_port() -> Iterator[int]:
         yield taken.getsockname()[1]
 
 
+def assert_one_line(failed: FailedStart, code: int, *named: str) -> str:
+    """Exit `code` within QUICK_S with one line of output (a setting's refusal: no log line) naming `named`."""
+    lines = failed.output.strip().splitlines()
+    assert failed.code == code and failed.seconds < QUICK_S and len(lines) == 1, failed.output
+    assert all(part in lines[0] for part in named), failed.output
+    return lines[0]
+
+
 def evalsvc_command(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`python -m evalsvc ARGS` run to its end (a minute at most), its output captured as text."""
     return subprocess.run(
@@ -303,6 +311,70 @@ def test_an_evalsvc_variable_that_is_no_setting_is_named_in_one_warning(tmp_path
     assert not any(name in warning for name in others)
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "minimum"),
+    [
+        ("--max-message-bytes", "99999999999", "262144"),
+        ("--max-concurrent-streams", "3000000000", "1"),
+        ("--max-connections", "3000000000", "1"),
+    ],
+)
+def test_a_grpc_setting_past_a_c_int_exits_2_before_the_database_is_touched(
+    tmp_path: Path, flag: str, value: str, minimum: str
+) -> None:
+    """They become gRPC channel arguments, C ints: an OverflowError traceback (exit 1), after the
+    database had been made and migrated."""
+    path = tmp_path / "evalsvc.db"
+    failed = failed_start(f"sqlite+aiosqlite:///{path}", flag, value)
+    assert_one_line(failed, 2, flag, f"from {minimum} to 2147483647, not {value}")
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("http", [["--http-addr", "127.0.0.1:0"], []])
+def test_a_dialect_prefix_that_is_no_path_exits_2_before_the_database_is_touched(
+    tmp_path: Path, http: list[str]
+) -> None:
+    """`omni=x` was an AssertionError traceback from FastAPI once the database had been migrated, and was
+    taken without a word without --http-addr."""
+    path = tmp_path / "evalsvc.db"
+    failed = failed_start(f"sqlite+aiosqlite:///{path}", *http, "--dialects", "omni=x")
+    assert_failed_cleanly(failed, 2, "--dialects", "EVALSVC_DIALECTS", "starting with '/'", "not 'x'")
+    assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--grpc-addr", "127.0.0.1:51999", "--http-addr", "127.0.0.1:51999"], ["--grpc-addr", "--http-addr"]),
+        (["--http-addr", "127.0.0.1:51998", "--metrics-addr", "127.0.0.1:51998"], ["--http-addr", "--metrics-addr"]),
+        (["--grpc-addr", "[::1]:51997", "--metrics-addr", "[::1]:51997"], ["--grpc-addr", "--metrics-addr"]),
+    ],
+)
+def test_two_listeners_on_one_address_exit_2_naming_both_before_the_database_is_touched(
+    tmp_path: Path, flags: list[str], named: list[str]
+) -> None:
+    """Found only after the database had been migrated, as "is another evalsvc running?"."""
+    path = tmp_path / "evalsvc.db"
+    line = assert_one_line(failed_start(f"sqlite+aiosqlite:///{path}", *flags), 2, *named, "are both")
+    assert "another evalsvc" not in line and not path.exists()
+
+
+def test_listeners_on_port_0_may_share_a_host(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, grpc_addr="127.0.0.1:0", http_addr="127.0.0.1:0", metrics_addr="127.0.0.1:0")
+    settings.check_listeners()
+
+
+@pytest.mark.parametrize("url", ["sqlite+aiosqlite:///:memory:", "sqlite+aiosqlite://"])
+@pytest.mark.parametrize("command", [["serve", "--grpc-addr", "127.0.0.1:0"], ["keys", "create", "--tenant", "x"]])
+def test_an_in_memory_sqlite_database_exits_2_naming_the_flag(url: str, command: list[str]) -> None:
+    """A TypeError traceback from the pool arguments (exit 1). Each connection would have had a database
+    of its own: the writer's writes unseen by the readers."""
+    done = evalsvc_command(*command, "--db", url)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "--db" in lines[0] and "in-memory" in lines[0] and "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize("url", ["mysql://evalsvc@db/evalsvc", "sqlite:///evalsvc.db"])
 def test_a_database_url_of_another_engine_or_driver_exits_2_naming_it(url: str) -> None:
     """Another engine, or SQLite without its async driver, failed deep in SQLAlchemy: a traceback, exit 1."""
@@ -342,7 +414,17 @@ def test_an_address_that_is_not_host_and_port_exits(tmp_path: Path, flag: str, a
 def test_the_standalone_gateway_checks_its_address_as_serve_does(addr: str, named: str) -> None:
     """`nonsense` was reported as an unknown dialect, a port past 65535 was a traceback."""
     failed = failed_gateway("--grpc-target", "127.0.0.1:1", "--http-addr", addr)
-    assert_failed_cleanly(failed, 1, f"cannot listen for HTTP on {addr} (--http-addr)", named)
+    assert_failed_cleanly(failed, 1, f"cannot listen for HTTP on {addr} (--http-addr / EVALSVC_HTTP_ADDR)", named)
+
+
+def test_the_standalone_gateway_reads_its_address_from_the_environment() -> None:
+    """EVALSVC_HTTP_ADDR was ignored: the gateway listened on 127.0.0.1:8080 whatever it said."""
+    done = evalsvc_command(
+        "gateway", "--grpc-target", "127.0.0.1:1", env={**os.environ, "EVALSVC_HTTP_ADDR": "127.0.0.1:99999"}
+    )
+    lines = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert "127.0.0.1:99999 (--http-addr / EVALSVC_HTTP_ADDR)" in lines[0], done.stderr
 
 
 def test_the_standalone_gateway_exits_when_its_address_is_in_use() -> None:
@@ -363,8 +445,20 @@ def test_the_standalone_gateway_exits_when_its_address_is_in_use() -> None:
         ([], {"EVALSVC_WORKERS": "many"}, ["EVALSVC_WORKERS", "'many'", "whole number"]),
         (["--tls-cert", "cert.pem"], {}, ["--tls-cert was given without --tls-key"]),
         (["--dialects", "nope"], {}, ["--dialects", "'nope'"]),
+        # The variable was ignored: the gateway started with every dialect.
+        ([], {"EVALSVC_DIALECTS": "nope"}, ["--dialects", "EVALSVC_DIALECTS", "'nope'"]),
+        (["--dialects", "omni=x"], {}, ["--dialects", "starting with '/'"]),
     ],
-    ids=["missing-ca", "target-not-host-port", "target-port-out-of-range", "bad-env-setting", "half-tls", "dialect"],
+    ids=[
+        "missing-ca",
+        "target-not-host-port",
+        "target-port-out-of-range",
+        "bad-env-setting",
+        "half-tls",
+        "dialect",
+        "dialect-env",
+        "dialect-prefix",
+    ],
 )
 def test_a_standalone_gateway_flag_it_cannot_use_exits_2_in_one_line_naming_it(
     extra: list[str], environ: dict[str, str], named: list[str]
@@ -373,7 +467,7 @@ def test_a_standalone_gateway_flag_it_cannot_use_exits_2_in_one_line_naming_it(
     assert failed.code == 2 and failed.seconds < QUICK_S, failed.output
     lines = failed.output.strip().splitlines()
     assert len(lines) == 1 and all(part in lines[0] for part in named), failed.output
-    if "--dialects" not in extra:
+    if "--dialects" not in extra and "EVALSVC_DIALECTS" not in environ:
         assert "--dialects" not in lines[0]
 
 

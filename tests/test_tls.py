@@ -200,6 +200,29 @@ async def test_mtls_refuses_a_client_without_a_certificate(mtls_server: EvalServ
     assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.parametrize("tls", [[], ["--ca-cert"]], ids=["plaintext", "tls-without-client-cert"])
+async def test_evalctl_says_tls_does_not_match_not_that_nothing_answers(
+    mtls_server: EvalServer, pki: Pki, tls: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Plaintext to a TLS port, or no client certificate under mTLS: evalctl said "Nothing answers at ...: is
+    the server running?" of a server that was running."""
+    from evalsvc_client import cli
+
+    argv = ["--target", f"127.0.0.1:{mtls_server.port}", "--api-key", "evk_x", *tls, *([str(pki.ca_file)] * len(tls))]
+    assert await asyncio.to_thread(cli.main, [*argv, "list"]) == cli.EXIT_ERROR
+    said = capsys.readouterr().err
+    assert f"Something answers at 127.0.0.1:{mtls_server.port}" in said and "--client-cert" in said, said
+    assert "Nothing answers" not in said and "is the server running" not in said
+
+
+def test_evalctl_says_nothing_answers_where_nothing_listens(capsys: pytest.CaptureFixture[str]) -> None:
+    from evalsvc_client import cli
+
+    assert cli.main(["--target", "127.0.0.1:1", "--api-key", "evk_x", "list"]) == cli.EXIT_ERROR
+    said = capsys.readouterr().err
+    assert "Nothing answers at 127.0.0.1:1" in said and "Something answers" not in said
+
+
 async def test_mtls_refuses_a_certificate_from_another_ca(mtls_server: EvalServer, pki: Pki) -> None:
     _, other_key, other_cert = make_ca("some other CA")
     stranger = make_leaf(other_key, other_cert, "stranger", server=False)

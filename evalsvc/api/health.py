@@ -65,7 +65,9 @@ class KeylessStreams:
 
 
 class BoundedHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpc_health has no stubs
-    """The health service; its Watch streams within the keyless streams' bounds."""
+    """The health service; its Watch streams within the keyless streams' bounds, and ended (OK) once they
+    have sent NOT_SERVING at shutdown (`enter_graceful_shutdown`): grpc_health's stayed open, so one load
+    balancer's Watch held every SIGTERM of an idle server for the whole --grace-s."""
 
     def __init__(self, streams: KeylessStreams) -> None:
         super().__init__()
@@ -76,7 +78,37 @@ class BoundedHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  #
         if why := self._streams.full(peer):
             await abort(context, _unwatchable(why))
         with self._streams.held(peer):
-            await super().Watch(request, context)
+            await self._watch(request.service, context)
+
+    async def _watch(self, service: str, context: Context) -> None:
+        """grpc_health's Watch (each change of `service`'s status, written once), ending after the status
+        it writes once the shutdown has begun."""
+        condition = self._server_watchers[service]
+        self._watcher_count_by_service[service] += 1
+        last_status = None
+        try:
+            async with condition:
+                while True:
+                    status = self._server_status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                    if status != last_status:
+                        await context.write(health_pb2.HealthCheckResponse(status=status))
+                        last_status = status
+                    if self._gracefully_shutting_down:
+                        return  # NOT_SERVING (or SERVICE_UNKNOWN) said: the stream ends, OK
+                    await condition.wait()
+        finally:
+            self._watcher_count_by_service[service] -= 1
+            if self._watcher_count_by_service[service] == 0:
+                del self._server_watchers[service]
+                del self._watcher_count_by_service[service]
+
+    async def enter_graceful_shutdown(self) -> None:
+        """Every service NOT_SERVING for good, and every Watch stream ended once it has said so (a watch of
+        a service without a status too)."""
+        await super().enter_graceful_shutdown()
+        for condition in list(self._server_watchers.values()):
+            async with condition:
+                condition.notify_all()
 
 
 class BoundedReflectionServicer(ReflectionServicer):  # type: ignore[misc]  # grpc_reflection has no stubs

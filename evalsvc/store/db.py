@@ -54,6 +54,14 @@ class Database:
                 "write sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DATABASE"
             )
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        if self.is_sqlite and _in_memory(parsed.database, parsed.query):
+            # Each connection (the writer, every reader) would have an empty database of its own: it was
+            # a TypeError traceback from the pool arguments.
+            raise ValueError(
+                "an in-memory SQLite database cannot be used: the writer and the readers would each see "
+                "a database of their own, and everything is lost at exit; "
+                "write sqlite+aiosqlite:///PATH for a file (a temporary directory's, for throwaway data)"
+            )
         if self.is_sqlite:
             self.writer = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=300)
             # Readers run in autocommit: each SELECT is its own snapshot, with no BEGIN before it and
@@ -267,11 +275,17 @@ async def read_in_index_order(conn: AsyncConnection) -> None:
 
 
 def sqlite_path(url: str) -> Path | None:
-    """The file of a SQLite URL; None for PostgreSQL and in-memory SQLite."""
+    """The file of a SQLite URL; None for PostgreSQL and in-memory SQLite (which Database refuses)."""
     parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or _in_memory(parsed.database, parsed.query):
         return None
     return Path(parsed.database)
+
+
+def _in_memory(database: str | None, query: Any) -> bool:
+    """Whether a SQLite URL's database is in memory: none, `:memory:`, or a URI with `mode=memory`."""
+    mode = query.get("mode") if query else None
+    return database in (None, "", ":memory:") or "mode=memory" in (database or "") or mode == "memory"
 
 
 def _configure_sqlite(engine: AsyncEngine, synchronous: str, *, immediate: bool) -> None:

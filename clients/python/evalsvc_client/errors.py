@@ -6,6 +6,7 @@ The server puts a `google.rpc.Status` in the `grpc-status-details-bin` trailer w
 
 from __future__ import annotations
 
+import re
 from collections.abc import ItemsView, Iterable, KeysView, Mapping
 from typing import Any, NamedTuple
 
@@ -154,10 +155,24 @@ KEY_HINT = (
 )
 
 
-def hint_for(code: grpc.StatusCode, reason: str, target: str) -> str:
-    """What a person can do about an error: a key to give, a server to start. Empty for the rest."""
+# How grpc says a connection was closed before any call (a TLS handshake that failed: a plaintext client at a
+# TLS port, a client without the certificate mTLS asks for, or TLS to a plaintext port), as against
+# "Connection refused" where nothing listens.
+_HANDSHAKE_FAILED = re.compile(r"socket closed|handshake|ssl|certificate|tls", re.IGNORECASE)
+
+
+def hint_for(code: grpc.StatusCode, reason: str, target: str, message: str = "") -> str:
+    """What a person can do about an error: a key to give, a server to start, TLS to use (`message`, the
+    transport's words, tells a failed handshake from nothing listening). Empty for the rest."""
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return KEY_HINT
+    if code == grpc.StatusCode.UNAVAILABLE and not reason and target and _HANDSHAKE_FAILED.search(message):
+        # evalctl said "is the server running?" of a running TLS server.
+        return (
+            f"Something answers at {target} but closed the connection before any call: most likely TLS does "
+            "not match. A TLS server needs --tls or --ca-cert (SDK: tls=TLSOptions(...)), one that asks for "
+            "client certificates (mTLS) also --client-cert and --client-key, a plaintext server none of them"
+        )
     if code == grpc.StatusCode.UNAVAILABLE and not reason and target:
         # No ErrorInfo: the transport's UNAVAILABLE (nothing listening, refused, unresolvable), not a server's.
         return (
@@ -199,5 +214,5 @@ def from_rpc_error(error: grpc.RpcError, target: str = "") -> EvalError:
         metadata=metadata,
         field_violations=violations,
         retry_delay=delay,
-        hint=hint_for(code, reason, target),
+        hint=hint_for(code, reason, target, message),
     )

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 
 from evalsvc.gateway.dialects.base import Dialect
 
 _NOT_DIALECTS = {"base", "uuids"}  # shared parts, not vendors
+# A mount point: a URL path of one or more segments, such as /omni or /vendors/omni.
+_PREFIX = re.compile(r"(/[A-Za-z0-9._~!$&'()*+;=:@%-]+)+")
 
 
 def available() -> dict[str, Dialect]:
@@ -27,7 +30,9 @@ def available() -> dict[str, Dialect]:
 
 def mounts(spec: str) -> list[tuple[Dialect, str]]:
     """The dialects to mount and their prefixes, from `--dialects`: "all", "none", or a comma-separated
-    list of `name` (at its documented prefix) or `name=/prefix`. Unknown names raise ValueError."""
+    list of `name` (at its documented prefix) or `name=/prefix`. Unknown names, and prefixes that are no
+    URL path (`omni=x` was an AssertionError traceback from FastAPI once the database had been migrated),
+    raise ValueError."""
     known = available()
     if spec.strip() in ("", "none"):
         return []
@@ -38,5 +43,9 @@ def mounts(spec: str) -> list[tuple[Dialect, str]]:
         name, _, prefix = part.strip().partition("=")
         if name not in known:
             raise ValueError(f"unknown dialect {name!r}; known: {', '.join(sorted(known))}")
+        if prefix and not (prefix == "/" or _PREFIX.fullmatch(prefix.rstrip("/"))):  # "/": the root
+            raise ValueError(
+                f"the prefix of {name} must be a URL path starting with '/' (such as /{name}), not {prefix!r}"
+            )
         chosen.append((known[name], prefix.rstrip("/") if prefix else known[name].prefix))
     return chosen
