@@ -93,10 +93,7 @@ class ServeLock:
 
     def _lock(self, path: Path) -> int:
         """The descriptor of lock file `path`, locked, with this holder's pid written in it."""
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except PermissionError:  # another user's (a shared INODE_LOCKS): flock needs only to read it
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
