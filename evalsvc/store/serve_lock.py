@@ -14,13 +14,6 @@ a server lock a new file while another still holds the old one). Operator comman
 `secrets`, `cache`, `migrate`) may run beside a server on a schema at head; one that would migrate the
 file takes the lock for the change, and is refused while a server holds it
 (evalsvc.store.migrate.upgrade).
-
-A path names a file, but a hard link is another path to the same file, in any directory of its file system:
-a second server started through one took `<link>.serve.lock` and served the same file beside the first. So
-the holder also locks a file named by the database's device and inode, in INODE_LOCKS (shared by every
-path on this machine), the database made (empty, as SQLite takes it) when it does not exist yet. The
-database file itself is not locked: closing any descriptor of it would drop the process's SQLite locks
-on it (POSIX record locks belong to the process and the file, not to the descriptor).
 """
 
 from __future__ import annotations
@@ -31,8 +24,6 @@ import os
 from pathlib import Path
 
 SUFFIX = ".serve.lock"
-# Where the locks by device and inode are: one directory for every path to a file (a hard link's too).
-INODE_LOCKS = Path("/tmp/evalsvc-serve-locks")
 
 
 SERVING = "serving"
@@ -63,11 +54,9 @@ class ServeLock:
     """The lock of one SQLite database file, taken by `acquire` and held until `release` (or the process ends)."""
 
     def __init__(self, database: Path, doing: str = SERVING) -> None:
-        self.database = database
         self.path = lock_file(database)
         self.doing = doing  # written beside the pid, for another start's message
         self._fd: int | None = None
-        self._inode_fd: int | None = None
 
     @property
     def held(self) -> bool:
@@ -79,61 +68,31 @@ class ServeLock:
         opened or locked. The descriptor is not inherited by the programs this process starts."""
         if self._fd is not None:
             return
-        fd = self._lock(self.path)
-        try:
-            if not self.database.exists():  # made now, so that it has its inode before any link to it
-                os.close(os.open(self.database, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
-            stat = self.database.stat()
-            _make_shared_directory(INODE_LOCKS)
-            inode_fd = self._lock(INODE_LOCKS / f"{stat.st_dev}-{stat.st_ino}.lock")
-        except BaseException:
-            _unlock(fd)
-            raise
-        self._fd, self._inode_fd = fd, inode_fd
-
-    def _lock(self, path: Path) -> int:
-        """The descriptor of lock file `path`, locked, with this holder's pid written in it."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             pid, doing = _read_holder(fd)
             os.close(fd)
-            raise DatabaseInUse(path, pid, doing) from None
+            raise DatabaseInUse(self.path, pid, doing) from None
         except BaseException:
             os.close(fd)
             raise
+        self._fd = fd
         # The pid only names the holder in another start's message: a disk too full to write it is no
         # reason to refuse the start (the database step names a full disk).
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {self.doing}\n".encode(), 0)
-        return fd
 
     def release(self) -> None:
         """Give the lock up (closing the descriptor releases it); nothing when it is not held. The file
         stays, emptied of the pid."""
-        for fd in (self._inode_fd, self._fd):
-            if fd is not None:
-                _unlock(fd)
-        self._fd = self._inode_fd = None
-
-
-def _make_shared_directory(path: Path) -> None:
-    """`path`, made writable by every user (sticky, as /tmp) when this process makes it: servers of
-    several users lock their files there."""
-    try:
-        path.mkdir()
-    except FileExistsError:
-        return
-    os.chmod(path, 0o1777)
-
-
-def _unlock(fd: int) -> None:
-    """Empty a held lock file of its pid and close it (which releases the lock)."""
-    with contextlib.suppress(OSError):
-        os.ftruncate(fd, 0)
-    os.close(fd)
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)
 
 
 def _read_holder(fd: int) -> tuple[int | None, str]:

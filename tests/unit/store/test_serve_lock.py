@@ -68,26 +68,3 @@ def test_a_migrating_command_is_named_as_one(tmp_path: Path) -> None:
         assert str(refused.value) == f"an evalsvc command (pid {os.getpid()}) is migrating it"
     finally:
         held.release()
-
-
-def test_a_hard_link_to_the_file_names_the_same_lock(tmp_path: Path) -> None:
-    """A hard link is another path to the same file: a second server started through one took its own
-    `<link>.serve.lock` and served the file beside the first (each with its own -wal)."""
-    (tmp_path / "data").mkdir()
-    (tmp_path / "elsewhere").mkdir()
-    database = tmp_path / "data" / "evalsvc.db"
-    held = ServeLock(database)
-    held.acquire()  # the file did not exist: made, so that a link made now is to it
-    try:
-        link = tmp_path / "elsewhere" / "hard.db"
-        os.link(database, link)
-        with pytest.raises(DatabaseInUse) as refused:
-            ServeLock(link).acquire()
-        assert refused.value.pid == os.getpid()
-        assert str(refused.value) == f"another evalsvc server (pid {os.getpid()}) serves it"
-        assert not (tmp_path / "elsewhere" / "hard.db.serve.lock").read_text()  # given back when refused
-    finally:
-        held.release()
-    again = ServeLock(link)
-    again.acquire()  # free once the first holder let go
-    again.release()
