@@ -17,6 +17,7 @@ import signal
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -366,6 +367,15 @@ class EvalServer:
         except OSError as exc:
             raise StartupError(f"cannot use the database {path}: cannot lock {lock.path}: {_why(exc)}") from exc
         stack.callback(lock.release)
+        # The lock is by path, and a hard link is another path to the same file: a second server started
+        # through one served the file beside the first. A database with more than one link is refused.
+        links = _link_count(path)
+        if links > 1:
+            raise StartupError(
+                f"cannot use the database {path}: the file has {links} hard links, and the one-server-per-file "
+                "lock is taken by path (a server started through another link would serve it too): remove the "
+                "other links, or copy the database (docs/operations.md, Backups)"
+            )
 
     def _watched_writer(self) -> Watched:
         """The database writer, for the watchdog: every write of the service waits for it."""
@@ -574,6 +584,14 @@ def _bind_problem(exc: OSError, addr: str) -> str:
         host = addr.rpartition(":")[0].strip("[]")
         return f"{_why(exc)}: {host} is not an address of this machine (0.0.0.0 listens on all of them)"
     return _why(exc)
+
+
+def _link_count(path: Path) -> int:
+    """How many hard links the database file has (1 when it does not exist yet)."""
+    try:
+        return os.stat(path).st_nlink
+    except FileNotFoundError:
+        return 1
 
 
 def _why(exc: OSError) -> str:

@@ -597,6 +597,35 @@ async def test_the_sqlite_file_is_free_again_after_a_stop_or_a_kill_9(tmp_path: 
 
 
 @sqlite_only
+@sqlite_only
+async def test_a_database_file_with_another_hard_link_is_refused(tmp_path: Path) -> None:
+    """The one-server-per-file lock is taken by path: a second server started through a hard link to a
+    served file took `<link>.serve.lock` and served the same file beside the first (a probe). A file
+    with more than one link is refused in one line, with nothing migrated; without the link it serves."""
+    settings = make_settings(tmp_path)
+    path = Path(settings.db.removeprefix("sqlite+aiosqlite:///"))
+    first = EvalServer(settings)
+    await first.start()
+    await first.stop(grace=0.5)
+    link = tmp_path / "elsewhere" / "linked.db"
+    link.parent.mkdir()
+    os.link(path, link)
+    before = path.read_bytes()
+    for db in (settings.db, f"sqlite+aiosqlite:///{link}"):
+        server = EvalServer(make_settings(tmp_path, db=db))
+        try:
+            with pytest.raises(StartupError) as refused:
+                await server.start()
+        finally:
+            await server.stop(grace=0)
+        assert "has 2 hard links" in str(refused.value) and "\n" not in str(refused.value), refused.value
+    assert path.read_bytes() == before
+    link.unlink()
+    again = EvalServer(settings)
+    await again.start()
+    await again.stop(grace=0.5)
+
+
 async def test_in_process_servers_take_the_same_lock(tmp_path: Path) -> None:
     """EvalServer (and so evalsvc.testing) holds the lock too: a second one on the file, in this very
     process, does not start; once the first stops, another does."""
