@@ -69,7 +69,9 @@ class Grade:
 # estimated over about a millisecond to a worker process). Measured on the 2-core dev machine
 # (Python 3.11, google-re2, rapidfuzz; tests/unit/test_grading_pool.py checks the rule, not speed):
 #   - casefold + whitespace collapse: 5.5 ns/char; json.loads: 10 ns/char (the diff about as much);
-#   - `v in text`: 0.4-0.9 ns per value per char, plus 40-60 ns per value whatever the text;
+#   - `v in text`: 0.4-0.9 ns per value per char, plus 40-60 ns per value whatever the text; but
+#     for long values on short texts the search is O(text x value): 350 values of 1,250 characters on
+#     2,499 characters took 93 ms (0.085 ns per value character per text character; 0.1 is counted);
 #   - RE2 search: 1.4-1.6 ns/char for an ordinary pattern (`\d+`, `[a-z]+@[a-z]+\.com`, program 6-30);
 #     but when its DFA gives up, or the match's groups must be found over a long span, it is the NFA,
 #     O(text x program): `(a|b)*a` then `(a|b)` 16 times (program 57) took 9.2 ms on 16 KB of a/b,
@@ -81,18 +83,21 @@ NS_PER_CHAR_NORMALIZE = 6.0
 NS_PER_CHAR_JSON = 20.0
 NS_PER_VALUE_CHAR = 1.0
 NS_PER_VALUE = 60.0
+NS_PER_VALUE_CHAR_PAIR = 0.1
 NS_PER_CHAR_REGEX = 1.5
 NS_PER_INSTRUCTION_CHAR = 10.0
 NS_PER_CHAR_PAIR = 0.02
+NS_PER_EXPECTED_NAME = 500.0  # an item's expected tool call: deduplicated, looked up (200,000 took 73 ms)
 # A per-item pattern is compiled on the loop only when it is plain (`plain_pattern`): RE2's compile
 # cost follows the pattern's expansion, not its length (`\pL{1000}`, 9 characters, took 42 ms to fail
 # with "pattern too large"), so any other goes to a worker with its grading. A plain one can still
 # expand: `(\W` x 60 `){64}` (126 characters, case-insensitive) compiles in 16.8 ms under RE2's default
-# max_mem; within PLAIN_PATTERN_MAX_MEM it fails as too large in 0.26-0.47 ms (measured worst plain
-# cases), and a plain pattern too large within that bound is compiled by the worker that grades it.
+# max_mem, and `(\W` x 12 `){32}` compiled (program 10,438) in 2.4 ms within 256 KiB. Within
+# PLAIN_PATTERN_MAX_MEM (64 KiB) such patterns fail as too large in a fraction of a millisecond, and a
+# plain pattern too large within that bound is compiled by the worker that grades it.
 PLAIN_PATTERN_CHARS = 128
 PLAIN_PATTERN_REPEAT = 64  # the product of a plain pattern's repetition counts
-PLAIN_PATTERN_MAX_MEM = 256 * 1024  # RE2 program memory for a per-item pattern compiled on the loop
+PLAIN_PATTERN_MAX_MEM = 64 * 1024  # RE2 program memory for a per-item pattern compiled on the loop
 _COUNTED = re2.compile(r"\{(\d+)(?:,(\d*))?\}")
 
 
@@ -260,7 +265,7 @@ class _ExactMatch(_Base):
 
 
 class _Contains(_Base):
-    __slots__ = ("_all", "_casefold", "_originals", "_values")
+    __slots__ = ("_all", "_casefold", "_originals", "_value_chars", "_values")
 
     def __init__(self, spec: grader_pb2.Grader) -> None:
         super().__init__(spec)
@@ -272,6 +277,13 @@ class _Contains(_Base):
         # One substring search per value: ~28k values cost 0.5 s on 16 KB of text.
         self.fixed_ns = NS_PER_VALUE * len(self._values)
         self.per_char_ns = NS_PER_CHAR_NORMALIZE + NS_PER_VALUE_CHAR * len(self._values)
+        self._value_chars = sum(map(len, self._values))
+
+    def cost_ns(self, item: item_pb2.Item, chars: int) -> float:
+        """Per value and character, plus, for long values, each value's characters (at most the text's)
+        per character: a search can compare a value's length at every place of a short text."""
+        pairs = min(self._value_chars, len(self._values) * chars)
+        return super().cost_ns(item, chars) + NS_PER_VALUE_CHAR_PAIR * pairs * chars
 
     def _grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         text = output.content.casefold() if self._casefold else output.content
@@ -571,6 +583,12 @@ class _ToolCalls(_Base):
         expected_chars = sum(opts.expected_arguments[name].ByteSize() for name in opts.expected_arguments)
         self.fixed_ns = NS_PER_CHAR_JSON * expected_chars
         self.per_char_ns = NS_PER_CHAR_JSON * (1 + len(self._arguments))
+
+    def cost_ns(self, item: item_pb2.Item, chars: int) -> float:
+        """As `_Base`, plus the item's own expected names when the grader has none (200,000 of them took
+        73 ms, estimated at nothing)."""
+        own = 0 if self._expected is not None else len(item.expected_tool_calls)
+        return super().cost_ns(item, chars) + NS_PER_EXPECTED_NAME * own
 
     def _with_argument_names(self, names: Iterable[str]) -> tuple[str, ...]:
         """Expected names plus the tools given expected arguments: checking a tool's arguments implies expecting it."""
