@@ -153,9 +153,9 @@ class SharedSlots(Slots):
     A tenant that took them all while alone keeps them until its calls end, which on a hanging endpoint
     is its timeout (up to 600 s; a newcomer on the default judge waited 57 s, a probe measured). So the
     slots a key holds beyond its share are lent to the others on top of the capacity: another key within
-    its share may take one while fewer than that many are lent (`_room`). The total stays at most what
-    was held plus the lent slots, at most twice the capacity, and falls back to the capacity as the
-    over-share calls end: while shared, they are not replaced. Every `release` names the key its slot
+    its share may take one while fewer than that many are lent (`_room`). No slot is taken while twice
+    the current capacity are held (a lowered capacity lends only what fits in it), and the total falls
+    back to the capacity as the over-share calls end: while shared, they are not replaced. Every `release` names the key its slot
     was taken for."""
 
     def __init__(self, capacity: int, window_s: float = SHARED_WINDOW_S) -> None:
@@ -188,10 +188,14 @@ class SharedSlots(Slots):
         return self._held_by.get(key, 0) < self.share() or not self._shared(key, now)
 
     def _room(self, key: str) -> bool:
-        """A slot is free, or lent to `key` by keys holding more than their share (see the class)."""
-        share = self.share()
-        lent = sum(held - share for other, held in self._held_by.items() if other != key and held > share)
-        return self.held < self.capacity + lent
+        """A slot is free, or lent to `key` by keys holding more than their share (see the class). What
+        a key holds past the capacity lends nothing: after the capacity is lowered (a throttling
+        endpoint halves its limit), the calls it holds beyond the new capacity are not lent again."""
+        share, capacity = self.share(), self.capacity
+        lent = sum(
+            min(held, capacity) - share for other, held in self._held_by.items() if other != key and held > share
+        )
+        return self.held < capacity + lent
 
     def available(self, key: str = "") -> bool:
         """Whether `acquire(key)` would return at once: a slot is free (or lent) for `key`, `key` is within
