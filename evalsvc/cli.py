@@ -305,6 +305,13 @@ def _backup_command(args: argparse.Namespace, settings: config.Settings) -> int:
         return 2
     partial = target.with_name(f".{target.name}.partial")
     try:
+        # Readable by this user only (it holds key hashes and the secrets' ciphertext), and a new file:
+        # O_EXCL refuses one left over or planted there (a symlink too).
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        print(f"evalsvc backup: cannot create {partial}: {exc}", file=sys.stderr)
+        return 1
+    try:
         source = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
         try:
             copy = sqlite3.connect(partial)

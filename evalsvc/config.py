@@ -26,6 +26,11 @@ ENV_PREFIX = "EVALSVC_"
 DEFAULT_WORKERS = 64
 
 
+# Hosts that bind every address (so clash with any host on their port), and names of the loopback address.
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})
+_LOOPBACK_NAMES = {"localhost": "127.0.0.1"}
+
+
 class SettingsError(ValueError):
     """A setting's value cannot be used; the message names its flag and variable. The commands exit 2
     with it, in one line."""
@@ -415,18 +420,20 @@ class Settings:
         """SettingsError naming both flags when two of the server's listeners (`serve`'s gRPC, HTTP and
         metrics addresses) are the same HOST:PORT: it was found only once the database had been migrated,
         and said as "is another evalsvc running?". Port 0 picks a free port for each."""
-        seen: dict[str, str] = {}
+        seen: list[tuple[str, int, str]] = []  # (host, port, setting) of the listeners before
         for name in LISTENER_SETTINGS:
             host, colon, port = getattr(self, name).strip().rpartition(":")
             if not colon or not port.isdigit() or int(port) == 0:
                 continue  # none, or not HOST:PORT (the address check says so)
-            where = f"{host.strip('[]').lower()}:{int(port)}"
-            if where in seen:
-                raise SettingsError(
-                    f"{named(seen[where])} and {named(name)} are both {getattr(self, name).strip()}: "
-                    "each listener needs an address of its own"
-                )
-            seen[where] = name
+            host = _LOOPBACK_NAMES.get(host.strip("[]").lower(), host.strip("[]").lower())
+            for other_host, other_port, other in seen:
+                if other_port == int(port) and (host == other_host or _WILDCARD_HOSTS & {host, other_host}):
+                    raise SettingsError(
+                        f"{named(other)} ({getattr(self, other).strip()}) and {named(name)} "
+                        f"({getattr(self, name).strip()}) take the same port: each listener needs an address "
+                        "of its own"
+                    )
+            seen.append((host, int(port), name))
 
     @property
     def reply_bytes(self) -> int:

@@ -374,7 +374,8 @@ class EvalServer:
             raise StartupError(
                 f"cannot use the database {path}: the file has {links} hard links, and the one-server-per-file "
                 "lock is taken by path (a server started through another link would serve it too): remove the "
-                "other links, or copy the database (docs/operations.md, Backups)"
+                "other links (a hard-linked backup, e.g. by `cp -al` or rsnapshot, is one: keep a copy instead, "
+                "`evalsvc backup`; docs/operations.md, Backups)"
             )
 
     def _watched_writer(self) -> Watched:

@@ -155,8 +155,8 @@ class SharedSlots(Slots):
     slots a key holds beyond its share are lent to the others on top of the capacity: another key within
     its share may take one while fewer than that many are lent (`_room`). No slot is taken while twice
     the current capacity are held (a lowered capacity lends only what fits in it), and the total falls
-    back to the capacity as the over-share calls end: while shared, they are not replaced. Every `release` names the key its slot
-    was taken for."""
+    back to the capacity as the over-share calls end: while shared, they are not replaced. Every
+    `release` names the key its slot was taken for."""
 
     def __init__(self, capacity: int, window_s: float = SHARED_WINDOW_S) -> None:
         super().__init__(capacity)

@@ -276,11 +276,13 @@ class ChatTarget:
             raise TargetError("the endpoint's reply has no choices[0].message") from exc
         try:
             prompt_tokens, completion_tokens = reported_tokens(usage)
+            content = _reported(message.get("content"), str, "", "content", "a string")
+            calls = _reported(message.get("tool_calls"), list, [], "tool_calls", "an array")
         except ValueError as exc:
             raise TargetError(f"the endpoint's reply: {exc}") from exc
         return item_pb2.Response(
-            content=message.get("content") or "",
-            tool_calls=tool_calls_from(message.get("tool_calls")),
+            content=content,
+            tool_calls=tool_calls_from(calls),
             latency_ms=reply.latency_ms,
             cost_usd=self._prices.cost(self._spec.model, prompt_tokens, completion_tokens),
             refused=bool(message.get("refusal")) or choice.get("finish_reason") == "content_filter",
@@ -327,11 +329,12 @@ class HttpTarget:
             memory = reported_amount(answer.get("memory_mib"), "memory_mib")
             content = _reported(answer.get("content"), str, "", "content", "a string")
             refused = _reported(answer.get("refused"), bool, False, "refused", "true or false")
+            calls = _reported(answer.get("tool_calls"), list, [], "tool_calls", "an array")
         except ValueError as exc:
             raise TargetError(f"the webhook's reply: {exc}") from exc
         return item_pb2.Response(
             content=content,
-            tool_calls=tool_calls_from(answer.get("tool_calls")),
+            tool_calls=tool_calls_from(calls),
             cost_usd=cost,
             latency_ms=reply.latency_ms,
             refused=refused,

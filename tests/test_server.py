@@ -227,6 +227,7 @@ async def test_a_backup_taken_while_the_server_runs_holds_its_runs(tmp_path: Pat
     finally:
         assert server.terminate() == 0
     assert sorted(p.name for p in copy.parent.iterdir()) == ["copy.db"]  # one file, no -wal to carry along
+    assert copy.stat().st_mode & 0o077 == 0, oct(copy.stat().st_mode)  # key hashes and secrets: the owner's only
     with contextlib.closing(sqlite3.connect(copy)) as conn:
         assert conn.execute("SELECT id FROM runs").fetchall() == [(run_id,)]
     restored = ServerProcess(f"sqlite+aiosqlite:///{copy}", tmp_path / "b.log")

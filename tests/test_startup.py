@@ -348,6 +348,9 @@ def test_a_dialect_prefix_that_is_no_path_exits_2_before_the_database_is_touched
         (["--grpc-addr", "127.0.0.1:51999", "--http-addr", "127.0.0.1:51999"], ["--grpc-addr", "--http-addr"]),
         (["--http-addr", "127.0.0.1:51998", "--metrics-addr", "127.0.0.1:51998"], ["--http-addr", "--metrics-addr"]),
         (["--grpc-addr", "[::1]:51997", "--metrics-addr", "[::1]:51997"], ["--grpc-addr", "--metrics-addr"]),
+        # Other spellings of one address: a wildcard takes the port on every address, localhost is 127.0.0.1.
+        (["--grpc-addr", "0.0.0.0:51996", "--http-addr", "127.0.0.1:51996"], ["--grpc-addr", "--http-addr"]),
+        (["--grpc-addr", "localhost:51995", "--metrics-addr", "127.0.0.1:51995"], ["--grpc-addr", "--metrics-addr"]),
     ],
 )
 def test_two_listeners_on_one_address_exit_2_naming_both_before_the_database_is_touched(
@@ -355,13 +358,14 @@ def test_two_listeners_on_one_address_exit_2_naming_both_before_the_database_is_
 ) -> None:
     """Found only after the database had been migrated, as "is another evalsvc running?"."""
     path = tmp_path / "evalsvc.db"
-    line = assert_one_line(failed_start(f"sqlite+aiosqlite:///{path}", *flags), 2, *named, "are both")
+    line = assert_one_line(failed_start(f"sqlite+aiosqlite:///{path}", *flags), 2, *named, "take the same port")
     assert "another evalsvc" not in line and not path.exists()
 
 
 def test_listeners_on_port_0_may_share_a_host(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, grpc_addr="127.0.0.1:0", http_addr="127.0.0.1:0", metrics_addr="127.0.0.1:0")
     settings.check_listeners()
+    make_settings(tmp_path, grpc_addr="127.0.0.1:51990", http_addr="127.0.0.2:51990").check_listeners()  # two hosts
 
 
 @pytest.mark.parametrize("url", ["sqlite+aiosqlite:///:memory:", "sqlite+aiosqlite://"])

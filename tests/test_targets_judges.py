@@ -570,14 +570,19 @@ async def test_a_webhook_cost_that_is_no_amount_fails_its_item_and_leaves_the_bu
 
 
 @pytest.mark.parametrize(
-    ("reply", "field"), [('{"content": "a", "refused": "false"}', "refused"), ('{"content": [1, 2]}', "content")]
+    ("reply", "field"),
+    [
+        ('{"content": "a", "refused": "false"}', "refused"),
+        ('{"content": [1, 2]}', "content"),
+        ('{"content": "a", "tool_calls": "ab"}', "tool_calls"),  # was two calls with no names
+    ],
 )
 async def test_a_webhook_reply_field_of_another_type_fails_its_item_naming_the_field(
     svc, reply: str, field: str
 ) -> None:
     """`"refused": "false"` was read as a refusal (bool of a non-empty string: judges were told the model
-    refused) and a list as content became its Python text. A field of another JSON type than documented
-    is a target ERROR naming it, as a bad cost_usd is."""
+    refused), a list as content became its Python text, and a string as tool_calls a call per character. A
+    field of another JSON type than documented is a target ERROR naming it, as a bad cost_usd is."""
     _, stubs = svc
     with FakeEndpoint(Reply(raw=reply)) as agent:
         _, results = await run_to_end(

@@ -166,7 +166,11 @@ def hint_for(code: grpc.StatusCode, reason: str, target: str, message: str = "")
     transport's words, tells a failed handshake from nothing listening). Empty for the rest."""
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return KEY_HINT
-    if code == grpc.StatusCode.UNAVAILABLE and not reason and target and _HANDSHAKE_FAILED.search(message):
+    # The transport's words name the address too (`evalsvc-tls.internal:443` matched "tls"), and a name
+    # that does not resolve is no handshake: neither says TLS does not match.
+    words = message.replace(target, " ") if target else message
+    handshake = _HANDSHAKE_FAILED.search(words) and "dns resolution failed" not in words.lower()
+    if code == grpc.StatusCode.UNAVAILABLE and not reason and target and handshake:
         # evalctl said "is the server running?" of a running TLS server.
         return (
             f"Something answers at {target} but closed the connection before any call: most likely TLS does "
