@@ -188,3 +188,24 @@ async def _statuses(watch: grpc.aio.UnaryStreamCall) -> list[int]:  # type: igno
     while (reply := await watch.read()) is not grpc.aio.EOF:
         statuses.append(reply.status)
     return statuses
+
+
+async def test_a_health_watch_opened_as_the_shutdown_begins_never_ends_on_serving() -> None:
+    """grpc_health marks the shutdown before it sets each service NOT_SERVING: a Watch that came in
+    between wrote the still-SERVING status and ended there (a review). It says NOT_SERVING."""
+    from evalsvc.api.health import BoundedHealthServicer, KeylessStreams
+
+    servicer = BoundedHealthServicer(KeylessStreams(10))
+    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    servicer._gracefully_shutting_down = True  # the window: marked, not yet set
+
+    class Context:
+        def __init__(self) -> None:
+            self.written: list[int] = []
+
+        async def write(self, reply: health_pb2.HealthCheckResponse) -> None:
+            self.written.append(reply.status)
+
+    context = Context()
+    await asyncio.wait_for(servicer._watch("", context), 5)
+    assert context.written == [health_pb2.HealthCheckResponse.NOT_SERVING]

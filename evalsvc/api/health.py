@@ -90,6 +90,10 @@ class BoundedHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  #
             async with condition:
                 while True:
                     status = self._server_status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                    if self._gracefully_shutting_down and status == health_pb2.HealthCheckResponse.SERVING:
+                        # The shutdown has begun but not yet set this service: a stream ending here
+                        # must not end on SERVING.
+                        status = health_pb2.HealthCheckResponse.NOT_SERVING
                     if status != last_status:
                         await context.write(health_pb2.HealthCheckResponse(status=status))
                         last_status = status
