@@ -164,14 +164,7 @@ async def test_sigterm_drains_and_a_restart_finds_the_runs(tmp_path: Path) -> No
         assert server.terminate() == 0
     log = server.log_path.read_text()
     assert "listening on 127.0.0.1:" in log and "evalsvc stopped" in log
-    again = ServerProcess(db, tmp_path / "b.log")
-    try:
-        async with keyed_channel(again.port, key) as channel:
-            stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
-            run = (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).run
-            assert run.counts.completed_evaluations == 3
-    finally:
-        assert again.terminate() == 0
+    await assert_finds_run(db, tmp_path / "b.log", key, run_id)
 
 
 async def test_readme_quickstart_runs_against_a_live_server(server) -> None:
@@ -230,14 +223,19 @@ async def test_a_backup_taken_while_the_server_runs_holds_its_runs(tmp_path: Pat
     assert copy.stat().st_mode & 0o077 == 0, oct(copy.stat().st_mode)  # key hashes and secrets: the owner's only
     with contextlib.closing(sqlite3.connect(copy)) as conn:
         assert conn.execute("SELECT id FROM runs").fetchall() == [(run_id,)]
-    restored = ServerProcess(f"sqlite+aiosqlite:///{copy}", tmp_path / "b.log")
+    await assert_finds_run(f"sqlite+aiosqlite:///{copy}", tmp_path / "b.log", key, run_id)
+
+
+async def assert_finds_run(db: str, log: Path, key: str, run_id: str) -> None:
+    """A server started on `db` serves the 3-item run `run_id`, completed, then stops cleanly."""
+    server = ServerProcess(db, log)
     try:
-        async with keyed_channel(restored.port, key) as channel:
+        async with keyed_channel(server.port, key) as channel:
             stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
             run = (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).run
             assert run.counts.completed_evaluations == 3
     finally:
-        assert restored.terminate() == 0
+        assert server.terminate() == 0
 
 
 def test_settings_that_become_grpc_channel_arguments_fit_a_c_int() -> None:
