@@ -421,7 +421,7 @@ class Settings:
         metrics addresses) are the same HOST:PORT: it was found only once the database had been migrated,
         and said as "is another evalsvc running?". Port 0 picks a free port for each."""
         seen: list[tuple[str, int, str]] = []  # (host, port, setting) of the listeners before
-        for name in LISTENER_SETTINGS:
+        for name, _ in LISTENERS:
             host, colon, port = getattr(self, name).strip().rpartition(":")
             if not colon or not port.isdigit() or int(port) == 0:
                 continue  # none, or not HOST:PORT (the address check says so)
@@ -692,8 +692,8 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     return out
 
 
-# The addresses `evalsvc serve` listens on (evalsvc.server.LISTENERS).
-LISTENER_SETTINGS = ("grpc_addr", "http_addr", "metrics_addr")
+# The listen addresses of `evalsvc serve`: (setting, what listens there).
+LISTENERS = (("grpc_addr", "gRPC"), ("http_addr", "HTTP"), ("metrics_addr", "metrics"))
 
 GATEWAY_SETTINGS = (
     "tls_cert",

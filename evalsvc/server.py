@@ -38,7 +38,7 @@ from evalsvc.api.secrets import SecretServicer
 from evalsvc.api.webhooks import WebhookServicer
 from evalsvc.auth.revocation import StreamRevoker
 from evalsvc.auth.service import KeyService
-from evalsvc.config import Settings, env_name, flag_name, named
+from evalsvc.config import LISTENERS, Settings, env_name, flag_name, named
 from evalsvc.datasets.generation import DatasetGenerations, generator_model
 from evalsvc.datasets.service import DatasetService
 from evalsvc.definitions.service import DefinitionService
@@ -91,8 +91,6 @@ ADDRESS_HINT = (
     "; is another evalsvc running? Choose other addresses: --grpc-addr, --http-addr, --metrics-addr "
     "(make run GRPC_ADDR=HOST:PORT HTTP_ADDR=HOST:PORT)"
 )
-# The listen addresses of `serve`: (setting, what listens there).
-LISTENERS = (("grpc_addr", "gRPC"), ("http_addr", "HTTP"), ("metrics_addr", "metrics"))
 # Time a new gRPC connection has to finish its TLS handshake and send HTTP/2 SETTINGS: generous for a
 # real client (it sends them at once), short enough that a connection that sends nothing frees its place.
 HANDSHAKE_TIMEOUT_MS = 10_000

@@ -201,21 +201,10 @@ async def test_a_backup_taken_while_the_server_runs_holds_its_runs(tmp_path: Pat
             await watch_all(stub, run_id)
         copy = tmp_path / "backup" / "copy.db"
         copy.parent.mkdir()
-        done = subprocess.run(
-            [sys.executable, "-m", "evalsvc", "backup", "--db", db, str(copy)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        command = [sys.executable, "-m", "evalsvc", "backup", "--db", db, str(copy)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 0, done.stderr
-        again = subprocess.run(
-            [sys.executable, "-m", "evalsvc", "backup", "--db", db, str(copy)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        again = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
         assert again.returncode == 2 and "exists" in again.stderr  # never overwritten
     finally:
         assert server.terminate() == 0

@@ -277,9 +277,9 @@ async def read_in_index_order(conn: AsyncConnection) -> None:
 def sqlite_path(url: str) -> Path | None:
     """The file of a SQLite URL; None for PostgreSQL and in-memory SQLite (which Database refuses)."""
     parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or _in_memory(parsed.database, parsed.query):
+    if parsed.get_backend_name() != "sqlite" or _in_memory(parsed.database, parsed.query):
         return None
-    return Path(parsed.database)
+    return Path(str(parsed.database))
 
 
 def _in_memory(database: str | None, query: Any) -> bool:
