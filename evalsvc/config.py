@@ -217,8 +217,8 @@ class Settings:
     max_jobs_per_run: int = dataclasses.field(
         default=200_000,
         metadata={
-            "help": "jobs (items x repetitions) per run: a run's jobs are written in one transaction, "
-            "which every other write waits for"
+            "help": "jobs (items x repetitions) per run (a large run's rows are written in chunks of "
+            "2,000 before its run row, each its own short write: docs/architecture.md)"
         },
     )
     max_datasets_per_tenant: int = dataclasses.field(
@@ -338,12 +338,16 @@ class Settings:
     grade_timeout_s: float = dataclasses.field(
         default=5.0,
         metadata={
-            "help": "seconds one grading of a large output may compute in a grading process; over it the "
-            "process is killed and the evaluation is ERROR GRADER_TIMEOUT"
+            "help": "seconds one grading sent to a grading process (estimated over ~1 ms inline: a large "
+            "output or an expensive grader) may compute; over it the process is killed and the evaluation is "
+            "ERROR GRADER_TIMEOUT"
         },
     )
     grade_processes: int = dataclasses.field(
-        default=2, metadata={"help": "worker processes that grade large outputs off the event loop"}
+        default=2,
+        metadata={
+            "help": "worker processes that run expensive gradings (large outputs, costly graders) off the event loop"
+        },
     )
     cache_default: str = dataclasses.field(
         default="off",

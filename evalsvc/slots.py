@@ -1,5 +1,5 @@
 """Counted slots (worker slots, endpoint concurrency slots, grading processes) that cancellation can
-never leak, handed to waiting tenants fairly.
+never leak, handed to waiting tenants fairly; and `KeyedLocks`, one holder per tenant.
 
 `Slots` is a counting semaphore whose capacity may change while it is in use (an endpoint's adaptive
 limit grows and shrinks). Its waiters are served fairly across keys (tenants): a freed slot goes to
@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
 
 
 class Slots:
@@ -229,3 +230,28 @@ class SharedSlots(Slots):
         none (the free slots wait for another key, or for a release of the waiting keys' own slots)."""
         now = time.monotonic()
         return next((key for key in self._waiting if self._may_take(key, now) and self._room(key)), None)
+
+
+class KeyedLocks:
+    """One holder per key (tenant) at a time, waiters of a key first come first served; a key nobody
+    holds or waits for keeps no entry, so the keys a server has seen cost nothing."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._users: dict[str, int] = {}  # holders and waiters per key
+
+    def __len__(self) -> int:
+        """Keys held or waited for now."""
+        return len(self._locks)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        self._users[key] = self._users.get(key, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._users[key] -= 1
+            if not self._users[key]:
+                del self._users[key], self._locks[key]

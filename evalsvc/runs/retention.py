@@ -5,7 +5,9 @@ DeleteRun only marks a run deleted (AIP-164), so that UndeleteRun can restore it
 creates and deletes runs grew the database by 28 MB/s, until the disk was full for every tenant. The
 store's two steps (evalsvc.store.retention) take the runs out of the service, then delete their rows in
 chunks of about CHUNK_ROWS, each its own transaction through the one writer, so the purge of a
-200,000-job run holds every other write for one chunk at a time, never for the whole run. The loop makes
+200,000-job run holds every other write for one chunk at a time, never for the whole run. A pass also
+abandons what a stopped (or stalled) server's CreateRuns staged (evalsvc.store.staging), whose rows the
+same steps then delete. The loop makes
 a pass every PASS_EVERY_S; a pass goes on until nothing is left to purge (or the server stops). On
 PostgreSQL every replica runs it, and their passes share the work (see the store module). The runs a
 commit takes out of the service are NOT_FOUND from then on: `on_expired` ends their watches in this
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from evalsvc.liveness import Progress, Watched, supervise
 from evalsvc.metrics import Metrics
 from evalsvc.store import retention as store
+from evalsvc.store import staging
 from evalsvc.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,7 @@ class RunPurger:
         self._loop: asyncio.Task[None] | None = None
         self._passes: list[asyncio.Future[Purged]] = []  # callers of `next_pass`
         self._progress = Progress()  # a pass or a chunk completed
+        self._started = time.time()
 
     def watched(self, stall_s: float) -> Watched:
         """The loop, for the watchdog: it beats after every chunk and every pass, and passes come every
@@ -93,11 +97,21 @@ class RunPurger:
 
     async def _pending(self) -> bool:
         async with self._db.read() as conn:
-            return await store.pending(conn, time.time() - self._retention_s)
+            return await store.pending(conn, time.time() - self._retention_s) or await staging.any_stale(
+                conn, self._staged_before()
+            )
+
+    def _staged_before(self) -> float:
+        """Runs staged before this are abandoned (evalsvc.store.staging): staged longer than
+        STAGED_FOR_AT_MOST_S, or on SQLite, whose file one server serves at a time, by a process before
+        this one."""
+        stale = time.time() - staging.STAGED_FOR_AT_MOST_S
+        return max(stale, self._started) if self._db.is_sqlite else stale
 
     async def start(self) -> None:
         """Start the loop; its first pass begins at once (what a stopped server left half-purged, too)."""
         self._stopping.clear()
+        self._started = time.time()
         self._progress.beat()
         self._loop = asyncio.create_task(
             supervise(LOOP_NAME, self._pass_loop, self._stopping, self._metrics), name=LOOP_NAME
@@ -154,6 +168,11 @@ class RunPurger:
         stops (the next start goes on from there)."""
         cutoff = time.time() - self._retention_s
         runs = rows = 0
+        abandoned = await self._db.transact(
+            functools.partial(staging.abandon_stale, before=self._staged_before(), limit=self._expire_batch)
+        )
+        if abandoned:
+            log.warning("%d CreateRuns staged by a server that stopped (or stalled) are discarded", len(abandoned))
         while not self._stopping.is_set():
             taken = await self._db.transact(functools.partial(store.expire, cutoff=cutoff, limit=self._expire_batch))
             runs += len(taken)

@@ -180,6 +180,20 @@ class RunPurgeRow(SQLModel, table=True):
     purge_time: float = 0.0
 
 
+class StagedRunRow(SQLModel, table=True):
+    """A large CreateRun whose items and jobs are being written in chunks, each its own short transaction,
+    before its run row exists (evalsvc.store.staging): nothing reads a run's rows without its run row, so
+    they stay invisible and unclaimed. The transaction that inserts the run row deletes this one; a
+    CreateRun refused or failed after staging (and one staged longer than an hour, a crashed server's)
+    becomes a `run_purges` row instead, and the purge deletes what it wrote."""
+
+    __tablename__ = "staged_runs"
+
+    run_id: str = Field(primary_key=True, max_length=40)
+    tenant: str = Field(max_length=64)
+    stage_time: float = Field(index=True)
+
+
 class RunItemRow(SQLModel, table=True):
     """An item copied into a run, so later dataset edits never change a past run."""
 

@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc import statuses
 from evalsvc.messages.convert import timestamp
-from evalsvc.store import events, usage
+from evalsvc.store import events, staging, usage
 from evalsvc.store import jobs as job_store
 from evalsvc.store import webhooks as webhook_store
 from evalsvc.store.bulk import execute_many, fetch_all, insert_tuples
@@ -141,12 +141,14 @@ async def allocate_run_numbers(conn: AsyncConnection, tenant: str, dataset_id: s
 @dataclass(frozen=True)
 class NewRun:
     """A run to store: its row (every column CreateRun sets, run_number included), its copied items, how
-    many times each is evaluated, and the bytes it stores (`usage.new_run_bytes`)."""
+    many times each is evaluated, the bytes it stores (`usage.new_run_bytes`), and whether its items and
+    jobs were staged (written before, evalsvc.store.staging)."""
 
     row: Mapping[str, Any]
     items: Sequence[bytes]
     repetitions: int
     stored_bytes: int
+    staged: bool = False
 
 
 def _as_is(row: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -175,21 +177,22 @@ async def insert_runs(conn: AsyncConnection, runs: Sequence[NewRun]) -> list[pb.
     ]
     if labels:
         await conn.execute(insert(LABELS), labels)
-    # A run may hold 100,000 items x repetitions: their rows are built in turns (evalsvc.turns).
+    # A run may hold 100,000 items x repetitions: their rows are built in turns (evalsvc.turns). A staged
+    # run's rows are written already (evalsvc.store.staging).
+    unstaged = [new for new in runs if not new.staged]
     item_rows = await mapped(
-        _as_is, ((new.row["id"], i, new.row["tenant"], item) for new in runs for i, item in enumerate(new.items))
+        _as_is, (row for new in unstaged for row in staging.item_rows(new.row["id"], new.row["tenant"], new.items))
     )
-    await insert_tuples(conn, ITEMS, ("run_id", "idx", "tenant", "item"), item_rows)
+    await insert_tuples(conn, ITEMS, staging.ITEM_COLUMNS, item_rows)
     job_rows = await mapped(
         _as_is,
         (
-            (new.row["tenant"], new.row["id"], i, rep, JOB_QUEUED, 0)
-            for new in runs
-            for rep in range(1, new.repetitions + 1)
-            for i in range(len(new.items))
+            row
+            for new in unstaged
+            for row in staging.job_rows(new.row["id"], new.row["tenant"], len(new.items), new.repetitions)
         ),
     )
-    await insert_tuples(conn, JOBS, ("tenant", "run_id", "item_idx", "repetition", "state", "attempt"), job_rows)
+    await insert_tuples(conn, JOBS, staging.JOB_COLUMNS, job_rows)
     size: Counter[str] = Counter()
     for run in stored:
         size[run.tenant] += run.stored_bytes

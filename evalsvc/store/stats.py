@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store.models import JOB_QUEUED, JobRow, RunRow
+from evalsvc.store.staging import PURGES, STAGED
 
 RUNS = RunRow.__table__  # type: ignore[attr-defined]
 JOBS = JobRow.__table__  # type: ignore[attr-defined]
@@ -22,5 +23,8 @@ async def runs_by_status(conn: AsyncConnection) -> dict[int, int]:
 
 
 async def queued_jobs(conn: AsyncConnection) -> int:
-    """Jobs waiting for a worker (not leased, done or cancelled)."""
-    return int((await conn.execute(select(func.count()).where(JOBS.c.state == JOB_QUEUED))).scalar_one())
+    """Jobs waiting for a worker (not leased, done or cancelled): not those of a CreateRun still staging
+    or abandoned (evalsvc.store.staging), which no worker takes."""
+    unclaimable = select(STAGED.c.run_id).union_all(select(PURGES.c.run_id))
+    waiting = select(func.count()).where(JOBS.c.state == JOB_QUEUED, JOBS.c.run_id.not_in(unclaimable))
+    return int((await conn.execute(waiting)).scalar_one())

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from evalsvc.slots import Hold, SharedSlots, Slots
+from evalsvc.slots import Hold, KeyedLocks, SharedSlots, Slots
 
 SEEDS = [int(os.environ["EVALSVC_SLOTS_SEED"])] if "EVALSVC_SLOTS_SEED" in os.environ else list(range(40))
 STEPS = 300
@@ -411,3 +411,30 @@ async def test_shared_slots_random_interleavings_leak_nothing_and_stay_bounded()
             holding += [key for key, task in waiting if task.done() and not task.cancelled()]
             waiting = [(key, task) for key, task in waiting if not task.done()]
         assert slots.held == 0 and slots.waiting == 0, seed
+
+
+async def test_keyed_locks_hold_one_per_key_and_forget_keys_nobody_holds() -> None:
+    locks = KeyedLocks()
+    order: list[str] = []
+    first_in, release_first = asyncio.Event(), asyncio.Event()
+
+    async def holder(key: str, name: str, gate: asyncio.Event | None = None) -> None:
+        async with locks.hold(key):
+            order.append(name)
+            if gate is not None:
+                first_in.set()
+                await gate.wait()
+
+    first = asyncio.ensure_future(holder("a", "a1", release_first))
+    await first_in.wait()
+    second = asyncio.ensure_future(holder("a", "a2"))
+    cancelled = asyncio.ensure_future(holder("a", "a3"))
+    other = asyncio.ensure_future(holder("b", "b1"))
+    await other  # another key does not wait
+    await asyncio.sleep(0)
+    cancelled.cancel()  # a waiter that goes away leaves nothing behind
+    assert order == ["a1", "b1"] and len(locks) == 1
+    release_first.set()
+    await asyncio.gather(first, second, return_exceptions=True)
+    assert order == ["a1", "b1", "a2"]
+    assert len(locks) == 0

@@ -1,0 +1,221 @@
+"""Large CreateRuns write their items and jobs a chunk per transaction before their run row (evalsvc.store.
+staging), so another tenant's writes go between the chunks instead of waiting for the whole run; a large
+CreateRun that does not become a run leaves nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy import func, select
+
+from evalsvc.runs import service as run_service
+from evalsvc.server import EvalServer
+from evalsvc.store import runs as run_store
+from evalsvc.store import staging
+from evalsvc.store.db import Database
+from evalsvc.store.runs import RUNS
+from evalsvc.testing import EvalServiceTestServer
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import eval_run_service_pb2_grpc
+from tests import dbs
+from tests.helpers import create_request, error_reason, keyed_channel, watch_all
+from tests.procs import start_server
+
+ITEMS = 300  # with repetitions 2: 900 rows, staged in chunks of 50
+
+
+@pytest.fixture(autouse=True)
+def small_stagings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs of a few hundred items are staged, in chunks of 50 rows: the code of a 100,000-item run,
+    at the cost of a small one."""
+    monkeypatch.setattr(run_service, "STAGE_ABOVE_ROWS", 200)
+    monkeypatch.setattr(run_service, "STAGE_CHUNK_ROWS", 50)
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[EvalServer]:
+    async with EvalServiceTestServer(database_url=dbs.db_url(tmp_path), max_runs_per_tenant=2) as started:
+        yield started.server
+
+
+@pytest.fixture
+async def two(server: EvalServer) -> AsyncIterator[tuple[Any, Any]]:
+    """EvalRunService stubs of two tenants."""
+    assert server.bootstrap_key
+    other_key, _ = await server.keys.create("other")
+    async with (
+        keyed_channel(server.port, server.bootstrap_key) as mine,
+        keyed_channel(server.port, other_key) as theirs,
+    ):
+        yield eval_run_service_pb2_grpc.EvalRunServiceStub(mine), eval_run_service_pb2_grpc.EvalRunServiceStub(theirs)
+
+
+def gate_chunks(monkeypatch: pytest.MonkeyPatch, before_chunk: Callable[[int], Awaitable[None]]) -> list[int]:
+    """Have every staged chunk await `before_chunk(its index)` in the writer first; the chunks written."""
+    written: list[int] = []
+    stage = staging.stage
+
+    async def gated(conn: Any, chunk: staging.Chunk) -> bool:
+        await before_chunk(len(written))
+        written.append(len(chunk.items) + len(chunk.jobs))
+        return await stage(conn, chunk)
+
+    monkeypatch.setattr(staging, "stage", gated)
+    return written
+
+
+async def orphans_in(db: Database) -> int:
+    """Rows of items and jobs with no run row: what a CreateRun staged and nobody created or purged."""
+    async with db.read() as conn:
+        found = 0
+        for table in (staging.ITEMS, staging.JOBS):
+            orphans = select(func.count()).where(table.c.run_id.not_in(select(RUNS.c.id)))
+            found += int((await conn.execute(orphans)).scalar_one())
+        return found
+
+
+async def test_another_tenants_create_run_commits_between_a_large_runs_chunks(
+    server: EvalServer, two: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mine, theirs = two
+    first_written, theirs_queued = asyncio.Event(), asyncio.Event()
+
+    async def before_chunk(index: int) -> None:
+        if index == 1:
+            first_written.set()
+            # Held until their CreateRun is on the writer's queue: it must commit before our next chunk.
+            await asyncio.wait_for(theirs_queued.wait(), 15)
+
+    written = gate_chunks(monkeypatch, before_chunk)
+    submit = server.db.submit
+
+    async def submit_noting_theirs(batch: Any, draft: Any) -> Any:
+        if draft.tenant == "other":
+            theirs_queued.set()  # the submit below queues it before this task yields
+        return await submit(batch, draft)
+
+    monkeypatch.setattr(server.db, "submit", submit_noting_theirs)
+    await watch_all(theirs, (await theirs.CreateRun(create_request(1))).run.id)  # their key's first use written
+    large = asyncio.ensure_future(mine.CreateRun(create_request(ITEMS, repetitions=2)))
+    await asyncio.wait_for(first_written.wait(), 15)
+    small = (await theirs.CreateRun(create_request(3))).run
+
+    assert not large.done()  # theirs came between our chunks, not after our whole run
+    created = (await large).run
+    assert written == [50] * (ITEMS * 3 // 50)
+    final = (await watch_all(mine, created.id))[-1].run
+    assert final.counts.completed_evaluations == final.counts.total_evaluations == ITEMS * 2
+    assert (await watch_all(theirs, small.id))[-1].run.counts.completed_evaluations == 3
+    assert await orphans_in(server.db) == 0
+
+
+async def test_a_large_create_run_refused_by_a_limit_writes_nothing(
+    server: EvalServer, two: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mine, _ = two
+    written = gate_chunks(monkeypatch, lambda index: asyncio.sleep(0))
+    for _ in range(2):  # max_runs_per_tenant=2
+        await mine.CreateRun(create_request(3))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await mine.CreateRun(create_request(ITEMS))
+    assert error_reason(refused.value) == "TENANT_QUOTA_EXCEEDED"
+    assert written == []
+
+
+async def test_a_large_create_run_answered_by_an_earlier_ones_run_leaves_nothing_behind(
+    server: EvalServer, two: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same CreateRun sent twice at once: both find no run with their request_id and stage; the first
+    creates the run, the second is answered with it, and what the second staged goes to the purge."""
+    mine, _ = two
+    looked_up = 0
+    both_looked_up = asyncio.Event()
+    find = run_store.find_by_request_id
+
+    async def find_noting_lookups(*args: Any) -> Any:
+        nonlocal looked_up
+        found = await find(*args)
+        looked_up += 1
+        if looked_up == 2:
+            both_looked_up.set()
+        return found
+
+    async def before_chunk(index: int) -> None:
+        if index == 1:  # the first staging waits until the second request has looked for the run too
+            await asyncio.wait_for(both_looked_up.wait(), 15)
+
+    monkeypatch.setattr(run_store, "find_by_request_id", find_noting_lookups)
+    written = gate_chunks(monkeypatch, before_chunk)
+    request = create_request(ITEMS, request_id="twice")
+    first, second = await asyncio.gather(mine.CreateRun(request), mine.CreateRun(request))
+
+    assert first.run.id == second.run.id
+    assert len(written) == 2 * (ITEMS * 2 // 50)  # both staged
+    assert await orphans_in(server.db) > 0
+    await server.purger.next_pass()
+    assert await orphans_in(server.db) == 0
+    assert [run.id for run in (await mine.ListRuns(pb.ListRunsRequest())).runs] == [first.run.id]
+    assert (await watch_all(mine, first.run.id))[-1].run.counts.completed_evaluations == ITEMS
+
+
+async def staged_count(db: Database) -> int:
+    async with db.read() as conn:
+        return int((await conn.execute(select(func.count()).select_from(staging.STAGED))).scalar_one())
+
+
+@pytest.mark.slow
+async def test_kill_9_while_a_large_run_stages_then_a_retry_creates_it_whole(tmp_path: Path) -> None:
+    """A server killed while a CreateRun stages acknowledged nothing: after a restart no run is there, the
+    retry (same request_id) creates the run with every item and job, and on SQLite the restarted server
+    purges what the dead one staged (on PostgreSQL, where replicas may be staging, after an hour)."""
+    url = dbs.db_url(tmp_path, "staged.db")
+    items = 60_000  # x 2 repetitions: 180,000 rows, 36 chunks of the server's 5,000
+    request = create_request(items, request_id="large", repetitions=2)
+    first = await start_server(url, tmp_path / "first.log")
+    key = first.bootstrap_key()
+    assert key
+    observer = Database(url, pool_size=1)
+    try:
+        async with keyed_channel(first.port, key) as channel:
+            stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            creating = asyncio.ensure_future(stub.CreateRun(request))
+            try:
+                while await orphans_in(observer) < 40_000:  # a few chunks in: polled across processes
+                    assert not creating.done(), "the CreateRun ended before the kill"
+                    await asyncio.sleep(0.01)
+            finally:
+                first.kill()
+            with pytest.raises(grpc.aio.AioRpcError):
+                await creating
+        assert await staged_count(observer) == 1
+
+        second = await start_server(url, tmp_path / "second.log")
+        try:
+            async with keyed_channel(second.port, key) as channel:
+                stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+                assert not (await stub.ListRuns(pb.ListRunsRequest())).runs
+                if dbs.USE_POSTGRES:
+                    assert await staged_count(observer) == 1  # another replica's, for all it knows
+                else:  # the restart's first purge pass
+                    await asyncio.wait_for(_until_no_orphans(observer), 60)
+                created = await stub.CreateRun(request)
+                assert created.job_count == items * 2
+                assert (await stub.CreateRun(request)).run.id == created.run.id
+        finally:
+            assert second.terminate() == 0
+        async with observer.read() as conn:
+            for table, rows in ((staging.ITEMS, items), (staging.JOBS, items * 2)):
+                found = select(func.count()).where(table.c.run_id == created.run.id)
+                assert (await conn.execute(found)).scalar_one() == rows
+    finally:
+        await observer.close()
+
+
+async def _until_no_orphans(db: Database) -> None:
+    while await orphans_in(db) or await staged_count(db):
+        await asyncio.sleep(0.05)  # the other process's purge: no event crosses processes
