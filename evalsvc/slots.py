@@ -244,6 +244,10 @@ class KeyedLocks:
         """Keys held or waited for now."""
         return len(self._locks)
 
+    def users(self, key: str) -> int:
+        """The holder and the waiters of a key."""
+        return self._users.get(key, 0)
+
     @contextlib.asynccontextmanager
     async def hold(self, key: str) -> AsyncIterator[None]:
         lock = self._locks.setdefault(key, asyncio.Lock())

@@ -5,6 +5,8 @@ CreateRun that does not become a run leaves nothing behind."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 from evalsvc.runs import service as run_service
+from evalsvc.runs.service import request_fingerprint
 from evalsvc.server import EvalServer
 from evalsvc.store import runs as run_store
 from evalsvc.store import staging
@@ -23,8 +26,9 @@ from evalsvc.testing import EvalServiceTestServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc
 from tests import dbs
-from tests.helpers import create_request, error_reason, keyed_channel, watch_all
+from tests.helpers import create_request, error_reason, keyed_channel, retry_delay, rich_error, until, watch_all
 from tests.procs import start_server
+from tests.unit.stored import new_run
 
 ITEMS = 300  # with repetitions 2: 900 rows, staged in chunks of 50
 
@@ -114,53 +118,135 @@ async def test_another_tenants_create_run_commits_between_a_large_runs_chunks(
     assert await orphans_in(server.db) == 0
 
 
-async def test_a_large_create_run_refused_by_a_limit_writes_nothing(
+def count_abandons(
+    monkeypatch: pytest.MonkeyPatch, server: EvalServer, then: Callable[[], None] = lambda: None
+) -> list[int]:
+    """Note every abandon sent to the writer (and call `then` as it is sent); the list of them."""
+    abandons: list[int] = []
+    transact = server.db.transact
+
+    async def transact_noting_abandons(work: Any, **options: Any) -> Any:
+        if isinstance(work, functools.partial) and work.func is staging.abandon:
+            abandons.append(1)
+            then()
+        return await transact(work, **options)
+
+    monkeypatch.setattr(server.db, "transact", transact_noting_abandons)
+    return abandons
+
+
+async def test_a_large_create_run_past_a_limit_writes_nothing_also_beside_another(
     server: EvalServer, two: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """max_runs_per_tenant=2, one run stored: of two large CreateRuns at once, the one past the limit is
+    refused before it stages (it waits for the other's run row, then counts it)."""
     mine, _ = two
     written = gate_chunks(monkeypatch, lambda index: asyncio.sleep(0))
-    for _ in range(2):  # max_runs_per_tenant=2
-        await mine.CreateRun(create_request(3))
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
+    abandons = count_abandons(monkeypatch, server)
+    await mine.CreateRun(create_request(3))
+    answers = await asyncio.gather(
+        mine.CreateRun(create_request(ITEMS)), mine.CreateRun(create_request(ITEMS)), return_exceptions=True
+    )
+    refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+    assert len(refused) == 1 and error_reason(refused[0]) == "TENANT_QUOTA_EXCEEDED"
+    assert len(written) == ITEMS * 2 // 50  # one run's chunks
+    with pytest.raises(grpc.aio.AioRpcError) as again:
         await mine.CreateRun(create_request(ITEMS))
-    assert error_reason(refused.value) == "TENANT_QUOTA_EXCEEDED"
-    assert written == []
+    assert error_reason(again.value) == "TENANT_QUOTA_EXCEEDED"
+    assert len(written) == ITEMS * 2 // 50 and abandons == []
+    assert await orphans_in(server.db) == 0
 
 
-async def test_a_large_create_run_answered_by_an_earlier_ones_run_leaves_nothing_behind(
+async def test_the_same_large_create_run_sent_twice_at_once_stages_once(
     server: EvalServer, two: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The same CreateRun sent twice at once: both find no run with their request_id and stage; the first
-    creates the run, the second is answered with it, and what the second staged goes to the purge."""
+    """Both find no run with their request_id at first; the second, its turn come, finds the first's run
+    and is answered with it without writing (it staged it all again, and the purge deleted it, before)."""
     mine, _ = two
     looked_up = 0
-    both_looked_up = asyncio.Event()
+    second_looked_up = asyncio.Event()
     find = run_store.find_by_request_id
 
     async def find_noting_lookups(*args: Any) -> Any:
         nonlocal looked_up
         found = await find(*args)
         looked_up += 1
-        if looked_up == 2:
-            both_looked_up.set()
+        if looked_up == 3:  # the first's two looks (before and in its turn) and the second's first
+            second_looked_up.set()
         return found
 
     async def before_chunk(index: int) -> None:
         if index == 1:  # the first staging waits until the second request has looked for the run too
-            await asyncio.wait_for(both_looked_up.wait(), 15)
+            await asyncio.wait_for(second_looked_up.wait(), 15)
 
     monkeypatch.setattr(run_store, "find_by_request_id", find_noting_lookups)
     written = gate_chunks(monkeypatch, before_chunk)
+    abandons = count_abandons(monkeypatch, server)
     request = create_request(ITEMS, request_id="twice")
     first, second = await asyncio.gather(mine.CreateRun(request), mine.CreateRun(request))
 
     assert first.run.id == second.run.id
-    assert len(written) == 2 * (ITEMS * 2 // 50)  # both staged
-    assert await orphans_in(server.db) > 0
+    assert len(written) == ITEMS * 2 // 50 and abandons == []
+    assert await orphans_in(server.db) == 0
+    assert (await watch_all(mine, first.run.id))[-1].run.counts.completed_evaluations == ITEMS
+
+
+async def test_a_large_create_run_answered_by_another_servers_run_leaves_nothing_behind(
+    server: EvalServer, two: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another replica stores the request_id's run while this one stages: the answer is that run, and what
+    this one staged goes to the purge."""
+    mine, _ = two
+    request = create_request(ITEMS, request_id="raced")
+    theirs = dataclasses.replace(new_run("default", request_id="raced"))
+    theirs = dataclasses.replace(theirs, row={**theirs.row, "request_hash": request_fingerprint(request)})
+
+    async def replica_commits_its_run(conn: Any, chunk: staging.Chunk) -> bool:
+        if not chunk.first:
+            return await stage(conn, chunk)
+        await run_store.insert_runs(conn, [theirs])  # in this chunk's transaction: as if committed beside it
+        return await stage(conn, chunk)
+
+    stage = staging.stage
+    monkeypatch.setattr(staging, "stage", replica_commits_its_run)
+    abandons = count_abandons(monkeypatch, server)
+    answered = (await mine.CreateRun(request)).run
+
+    assert answered.id == theirs.row["id"]
+    assert abandons == [1] and await orphans_in(server.db) > 0
     await server.purger.next_pass()
     assert await orphans_in(server.db) == 0
-    assert [run.id for run in (await mine.ListRuns(pb.ListRunsRequest())).runs] == [first.run.id]
-    assert (await watch_all(mine, first.run.id))[-1].run.counts.completed_evaluations == ITEMS
+    assert [run.id for run in (await mine.ListRuns(pb.ListRunsRequest())).runs] == [answered.id]
+
+
+async def test_a_tenants_large_create_runs_waiting_their_turn_are_bounded(
+    server: EvalServer, two: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes are shielded: a caller that goes away leaves its CreateRun going on, request and all. A
+    tenant's large ones wait their turn, so only MAX_LARGE_CREATES_PER_TENANT may be in progress."""
+    mine, theirs = two
+    release = asyncio.Event()
+
+    async def before_chunk(index: int) -> None:
+        if index == 0:
+            await asyncio.wait_for(release.wait(), 15)
+
+    gate_chunks(monkeypatch, before_chunk)
+    request = create_request(ITEMS, request_id="once")
+    waiting = [asyncio.ensure_future(mine.CreateRun(request)) for _ in range(run_service.MAX_LARGE_CREATES_PER_TENANT)]
+    await until(lambda: server.runs._stagings.users("default") == run_service.MAX_LARGE_CREATES_PER_TENANT)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await mine.CreateRun(request)
+    assert error_reason(refused.value) == "TENANT_QUOTA_EXCEEDED"
+    assert rich_error(refused.value).metadata["quota"] == "large_creates_in_flight"
+    assert retry_delay(refused.value)
+    # Not another tenant's: it stages at once (its first chunk waits behind the gate with ours).
+    others = asyncio.ensure_future(theirs.CreateRun(create_request(ITEMS)))
+    release.set()
+    created = {answer.run.id for answer in await asyncio.gather(*waiting)}
+    assert len(created) == 1
+    assert (await others).run.id not in created
+    assert server.runs._stagings.users("default") == 0
 
 
 async def staged_count(db: Database) -> int:

@@ -87,6 +87,8 @@ class RunPurger:
         self._loop: asyncio.Task[None] | None = None
         self._passes: list[asyncio.Future[Purged]] = []  # callers of `next_pass`
         self._progress = Progress()  # a pass or a chunk completed
+        # Before the server serves (it makes its purger first): what is staged before this, on SQLite, a
+        # previous process staged.
         self._started = time.time()
 
     def watched(self, stall_s: float) -> Watched:
@@ -111,7 +113,6 @@ class RunPurger:
     async def start(self) -> None:
         """Start the loop; its first pass begins at once (what a stopped server left half-purged, too)."""
         self._stopping.clear()
-        self._started = time.time()
         self._progress.beat()
         self._loop = asyncio.create_task(
             supervise(LOOP_NAME, self._pass_loop, self._stopping, self._metrics), name=LOOP_NAME

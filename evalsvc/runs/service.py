@@ -40,7 +40,7 @@ from evalsvc.graders.validation import validate_grader
 from evalsvc.http.outbound import Outbound, destination_violations, named_endpoints
 from evalsvc.idempotency import conflict, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
-from evalsvc.limits import StoredCap, TenantLimits
+from evalsvc.limits import StoredCap, TenantLimits, quota_exceeded
 from evalsvc.messages.convert import etag, version_of
 from evalsvc.messages.validation import (
     MAX_DESCRIPTION,
@@ -111,6 +111,9 @@ def rerun_fingerprint(request: pb.RerunRunRequest, scope: int) -> str:
 # in chunks: at ~10 us a row, a CreateRun's transaction of 20,000 rows holds SQLite's one writer ~0.2 s.
 STAGE_ABOVE_ROWS = 20_000
 STAGE_ABOVE_BYTES = 16 << 20
+# A tenant's large CreateRuns in progress in one process, the one staging and those waiting their turn.
+MAX_LARGE_CREATES_PER_TENANT = 4
+LARGE_CREATES_RETRY_AFTER_S = 5.0
 # The rows (and bytes of items) of one staging intent: ~20 ms of the writer. Measured (two creators of
 # 100,000 x 2 runs, another tenant's 10-item CreateRuns, /tmp/probe_f2/big_creates.py): 5,000 rows a chunk
 # gave the other tenant p50 104 ms, p90 164 ms; 2,000, p50 51-65 ms, p90 81-110 ms (one transaction: p90
@@ -299,9 +302,8 @@ class RunService:
         self._outbound = outbound
         self._judge = judge
         self._cache_default = cache_default
-        # One large CreateRun of a tenant stages at a time (in this process): a tenant's concurrent ones
-        # would otherwise have a chunk each in every group of the writer, which other tenants wait for.
-        self._staging = KeyedLocks()
+        # A tenant's large CreateRuns, one at a time in this process (`_create_staged`).
+        self._stagings = KeyedLocks()
 
     async def create(self, tenant: str, request: pb.CreateRunRequest) -> CreatedRun:
         """Validate, resolve saved definitions, then store the run, its items, jobs and first event in
@@ -494,48 +496,83 @@ class RunService:
             check_stored_bytes=self._check_stored_bytes,
             staged=is_staged(items, repetitions),
         )
+        if not draft.staged:
+            created, _ = await self._store(draft)
+            return created
+        return await self._create_staged(draft)
+
+    async def _store(self, draft: RunDraft) -> tuple[CreatedRun, bool]:
+        """Submit a draft to the writer's next CreateRun group: its answer, and whether it created the run
+        (not a replay of the run an earlier request with its request_id made)."""
         try:
-            if draft.staged:
-                async with self._staging.hold(tenant):
-                    await self._stage(draft)
             created, event = await self._db.submit(CREATE_RUNS, draft)
         except IntegrityError:
             # Another server stored the same request_id between our read and our insert (PostgreSQL):
             # its run is the answer.
-            await self._abandon(draft)
-            if not request.request_id:
+            if not draft.request_id:
                 raise
             async with self._db.read() as conn:
-                existing = await run_store.find_by_request_id(conn, tenant, request.request_id)
+                existing = await run_store.find_by_request_id(conn, draft.tenant, draft.request_id)
             if existing is None:
                 raise
-            return replay(existing, fingerprint)
-        except BaseException:
-            await self._abandon(draft)
-            raise
-        if event is None:  # a replay of the run an earlier request made: what this one staged goes
-            await self._abandon(draft)
-        else:
-            self._bus.publish(event.run.id, [event])
-            self._on_created(CreatedRunInputs(row["id"], tenant, row["spec"], items))
-        return created
+            return replay(existing, draft.fingerprint), False
+        if event is None:
+            return created, False
+        self._bus.publish(event.run.id, [event])
+        self._on_created(CreatedRunInputs(draft.row["id"], draft.tenant, draft.row["spec"], draft.items))
+        return created, True
 
-    async def _stage(self, draft: RunDraft) -> None:
-        """Write a large run's items and jobs a chunk per intent, before its run row (evalsvc.store.
-        staging): each chunk holds the one writer about as long as any other group, where the whole run
-        in the CreateRun's transaction held every tenant's writes for seconds. A chunk shares its group
-        with the writes queued beside it (alone, each cost a turn of the writer: 300,000 rows, 150 turns)."""
-        run_id, tenant = draft.row["id"], draft.tenant
-        async with self._db.read() as conn:  # refused now, it writes nothing (the group checks again)
-            held = (await run_store.tenant_runs(conn, [tenant]))[tenant]
-        draft.check_stored_runs(held.stored)
-        draft.check_stored_bytes(held.stored_bytes, draft.stored_bytes)
-        draft.check_active_runs(held.active)
-        for chunk in staging.chunks(
-            run_id, tenant, draft.items, draft.repetitions, rows=STAGE_CHUNK_ROWS, item_bytes=STAGE_CHUNK_BYTES
-        ):
-            if not await self._db.transact(functools.partial(staging.stage, chunk=chunk)):
-                raise database_unavailable()  # abandoned while staged (over an hour): a retry stages anew
+    async def _create_staged(self, draft: RunDraft) -> CreatedRun:
+        """A large run: its items and jobs staged a chunk per intent (evalsvc.store.staging), then its run
+        row stored: each chunk holds the one writer about as long as any other group, where the whole run
+        in its CreateRun group held every tenant's writes for seconds. A chunk shares its group with the
+        writes queued beside it (alone, each would cost a turn of the writer: 300,000 rows, 150 turns).
+
+        A tenant's large CreateRuns go one at a time in this process, from their check of the request_id
+        to their run row: one after another, each finds what the one before stored (its run, when they
+        share a request_id; the runs and bytes it added, for the limits), so a retry or a request at its
+        limit writes nothing. At most MAX_LARGE_CREATES_PER_TENANT of them wait (a caller that goes away
+        leaves its write going on, request and all)."""
+        tenant = draft.tenant
+        if self._stagings.users(tenant) >= MAX_LARGE_CREATES_PER_TENANT:
+            raise quota_exceeded(
+                "large_creates_in_flight",
+                f"the tenant already has {MAX_LARGE_CREATES_PER_TENANT} large CreateRuns (over "
+                f"{STAGE_ABOVE_ROWS} items and jobs) in progress; they are written one at a time",
+                retry_after_s=LARGE_CREATES_RETRY_AFTER_S,
+            )
+        async with self._stagings.hold(tenant):
+            async with self._db.read() as conn:
+                if draft.request_id:
+                    existing = await run_store.find_by_request_id(conn, tenant, draft.request_id)
+                    if existing is not None:
+                        return replay(existing, draft.fingerprint)
+                held = (await run_store.tenant_runs(conn, [tenant]))[tenant]
+            # Refused now, it writes nothing (its group checks again).
+            draft.check_stored_runs(held.stored)
+            draft.check_stored_bytes(held.stored_bytes, draft.stored_bytes)
+            draft.check_active_runs(held.active)
+            begun = False
+            try:
+                for chunk in staging.chunks(
+                    draft.row["id"],
+                    tenant,
+                    draft.items,
+                    draft.repetitions,
+                    rows=STAGE_CHUNK_ROWS,
+                    item_bytes=STAGE_CHUNK_BYTES,
+                ):
+                    begun = True
+                    if not await self._db.transact(functools.partial(staging.stage, chunk=chunk)):
+                        raise database_unavailable()  # abandoned while staged (over an hour): a retry stages anew
+                created, new = await self._store(draft)
+            except BaseException:
+                if begun:
+                    await self._abandon(draft)
+                raise
+            if not new:  # answered with the run of an earlier request (another replica's): this staging goes
+                await self._abandon(draft)
+            return created
 
     async def _abandon(self, draft: RunDraft) -> None:
         """Hand what a CreateRun staged to the purge, when it did not become a run (refused, replayed, failed

@@ -102,11 +102,13 @@ async def test_the_purge_abandons_a_staging_left_by_a_server_that_stopped(db: Da
     await stage_all(db, dead)
     if not db.is_sqlite:  # replicas may be staging now: only a staging past the hour is another's dead one
         await db.transact(lambda conn: conn.execute(update(STAGED).values(stage_time=time.time() - 3601)))
+    # On SQLite, whatever was staged before the server made its purger (before it serves) is a dead
+    # server's; a CreateRun staging while the server starts up is not.
     purger = RunPurger(db, 30 * 86400.0, Metrics())
-    await purger.start()  # on SQLite, whatever was staged before this start is a dead server's
+    live = dataclasses.replace(new_run(items=3), staged=True)
+    await stage_all(db, live)
+    await purger.start()
     try:
-        live = dataclasses.replace(new_run(items=3), staged=True)
-        await stage_all(db, live)
         purged = await purger.next_pass()
     finally:
         await purger.stop()
