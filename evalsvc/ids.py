@@ -13,7 +13,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
@@ -66,12 +66,20 @@ class PageTokens:
         """How many of a page's leading messages fit in `page_bytes` together (at least one): a page
         of 100 dataset items of 1.4 MB failed whole with RESOURCE_EXHAUSTED ("larger than max"),
         which REST answered as 429, a retry that could never succeed. The rest is the next page's."""
-        total = 0
-        for count, message in enumerate(messages):
-            total += message.ByteSize()
-            if total > self.page_bytes and count > 0:
-                return count
-        return len(messages)
+        return self.fitting_sizes(message.ByteSize() for message in messages)
+
+    def fitting_sizes(self, sizes: Iterable[int]) -> int:
+        """How many of a page's leading rows of these serialized sizes fit in `page_bytes` together (at
+        least one, when there is one), as `fitting`, before the rows are read whole: lists read their
+        rows' sizes first and then only the rows that fit. A page that read its rows whole and dropped
+        what did not fit read 1,000 dataset items of 4 MiB (~4 GB) to answer with one of them."""
+        total = kept = 0
+        for size in sizes:
+            total += size
+            if total > self.page_bytes and kept > 0:
+                break
+            kept += 1
+        return kept
 
     def page(
         self,
