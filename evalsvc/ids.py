@@ -56,11 +56,24 @@ class PageTokens:
     MAX_TOKEN_CHARS = 1024
     _MAC_BYTES = 16
 
+    # What a response holds besides its one listed message when that message is as large as it may be
+    # (`item_bytes`): the next page token (at most MAX_TOKEN_CHARS) and the fields' framing.
+    RESPONSE_RESERVE = 16 << 10
+
     def __init__(self, key: bytes = b"", page_bytes: int = 8 << 20) -> None:
         self.key = key
         # The most a page of large messages (items, results with their outputs) may hold: half the
         # largest message a call may send (`--max-message-bytes`), so a page never fails the call.
         self.page_bytes = page_bytes
+
+    @property
+    def item_bytes(self) -> int:
+        """The most one listed message may be: a page holds at least one, however large, so that one
+        must fit in a response on its own (`--max-message-bytes`, twice `page_bytes`, less what the
+        rest of the response takes). Listed results cut their outputs to it (evalsvc.runs.outputs):
+        a result with a 16 MB output, or a comparison item with two 9 MB ones, was a response over
+        --max-message-bytes, INTERNAL for every page that held it."""
+        return 2 * self.page_bytes - self.RESPONSE_RESERVE
 
     def fitting(self, messages: Sequence[Message]) -> int:
         """How many of a page's leading messages fit in `page_bytes` together (at least one): a page
