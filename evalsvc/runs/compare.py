@@ -230,7 +230,12 @@ class CompareService:
     async def list_items(
         self, tenant: str, request: cpb.ListComparisonItemsRequest
     ) -> tuple[list[cpb.ComparisonItem], str]:
-        """A page of both runs' evaluations side by side, with results and outputs, and the next token."""
+        """A page of both runs' evaluations side by side, with results and outputs, and the next token.
+
+        The page is chosen by its items' sizes (`_without_outputs`) and reads only the outputs of the items
+        it keeps: it read and parsed the outputs of all its `page_size` items before its byte bound dropped
+        what did not fit (6 pages at once of two runs of 4 MiB outputs: ~4 s each for one item, another
+        tenant's GetRun p99 1.33 s)."""
         limit = page_size(request.page_size, 100)
         if request.change not in cpb.ComparisonChange.values():
             raise invalid_argument([FieldViolation("change", "unknown comparison change")])
