@@ -13,7 +13,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
@@ -56,22 +56,43 @@ class PageTokens:
     MAX_TOKEN_CHARS = 1024
     _MAC_BYTES = 16
 
+    # What a response holds besides its one listed message when that message is as large as it may be
+    # (`item_bytes`): the next page token (at most MAX_TOKEN_CHARS) and the fields' framing.
+    RESPONSE_RESERVE = 16 << 10
+
     def __init__(self, key: bytes = b"", page_bytes: int = 8 << 20) -> None:
         self.key = key
         # The most a page of large messages (items, results with their outputs) may hold: half the
         # largest message a call may send (`--max-message-bytes`), so a page never fails the call.
         self.page_bytes = page_bytes
 
+    @property
+    def item_bytes(self) -> int:
+        """The most one listed message may be: a page holds at least one, however large, so that one
+        must fit in a response on its own (`--max-message-bytes`, twice `page_bytes`, less what the
+        rest of the response takes). Listed results cut their outputs to it (evalsvc.runs.outputs):
+        a result with a 16 MB output, or a comparison item with two 9 MB ones, was a response over
+        --max-message-bytes, INTERNAL for every page that held it."""
+        return 2 * self.page_bytes - self.RESPONSE_RESERVE
+
     def fitting(self, messages: Sequence[Message]) -> int:
         """How many of a page's leading messages fit in `page_bytes` together (at least one): a page
         of 100 dataset items of 1.4 MB failed whole with RESOURCE_EXHAUSTED ("larger than max"),
         which REST answered as 429, a retry that could never succeed. The rest is the next page's."""
-        total = 0
-        for count, message in enumerate(messages):
-            total += message.ByteSize()
-            if total > self.page_bytes and count > 0:
-                return count
-        return len(messages)
+        return self.fitting_sizes(message.ByteSize() for message in messages)
+
+    def fitting_sizes(self, sizes: Iterable[int]) -> int:
+        """How many of a page's leading rows of these serialized sizes fit in `page_bytes` together (at
+        least one, when there is one), as `fitting`, before the rows are read whole: lists read their
+        rows' sizes first and then only the rows that fit. A page that read its rows whole and dropped
+        what did not fit read 1,000 dataset items of 4 MiB (~4 GB) to answer with one of them."""
+        total = kept = 0
+        for size in sizes:
+            total += size
+            if total > self.page_bytes and kept > 0:
+                break
+            kept += 1
+        return kept
 
     def page(
         self,

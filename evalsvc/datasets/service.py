@@ -302,15 +302,24 @@ class DatasetService:
     async def list_items(
         self, tenant: str, request: pb.ListDatasetItemsRequest
     ) -> tuple[builtins.list[item_pb2.Item], str]:
-        """A page of a dataset's items in insertion order."""
+        """A page of a dataset's items in insertion order.
+
+        The page chooses its items by their stored sizes (`fitting_sizes`) and then reads and parses only
+        those: it read its `page_size` items whole and parsed them all on the event loop before the byte
+        bound dropped what did not fit, so a page of 4 MiB items read 1,000 of them to answer with one
+        (6 such calls at once: ~9 s each, the server's RSS 683 MiB -> 3.2 GiB, another tenant's GetRun
+        p99 3.15 s). Now a page reads at most `page_bytes`, or its one first item when that is larger."""
         limit = page_size(request.page_size, 100)
         query = {"dataset_id": request.dataset_id}
         after = self._page_tokens.decode(tenant, "dataset_items", query, request.page_token)
+        after_idx = -1 if after is None else int(after)
         async with self._db.read() as conn:
             if await dataset_store.get(conn, tenant, request.dataset_id) is None:
                 raise not_found("dataset", request.dataset_id)
-            rows = await dataset_store.items_page(
-                conn, request.dataset_id, after_idx=-1 if after is None else int(after), limit=limit + 1
-            )
-        items = [item_pb2.Item.FromString(item) for _, item in rows[:limit]]
-        return self._page_tokens.page(tenant, "dataset_items", query, items, len(rows), lambda i: rows[i][0])
+            sizes = await dataset_store.item_sizes(conn, request.dataset_id, after_idx=after_idx, limit=limit + 1)
+            fitting = self._page_tokens.fitting_sizes(size for _, size in sizes[:limit])
+            rows = await dataset_store.items_page(conn, request.dataset_id, after_idx=after_idx, limit=fitting)
+        if not rows:  # none after the position, or the dataset was deleted between the reads (SQLite)
+            return [], ""
+        items = [item_pb2.Item.FromString(item) for _, item in rows]
+        return self._page_tokens.page(tenant, "dataset_items", query, items, len(sizes), lambda i: rows[i][0])

@@ -138,6 +138,20 @@ async def item_ids_between(conn: AsyncConnection, dataset_id: str, first_idx: in
     return [item_id for (item_id,) in rows]
 
 
+async def item_sizes(conn: AsyncConnection, dataset_id: str, *, after_idx: int, limit: int) -> list[tuple[int, int]]:
+    """(index, serialized size) of the first `limit` items after a position, in insertion order, without
+    reading the items: what a page chooses its items by before it reads them (`items_page`). `length`
+    of a blob reads its stored size alone, on SQLite (the record header) and PostgreSQL (the TOAST
+    header)."""
+    rows = await conn.execute(
+        select(ITEMS.c.idx, func.length(ITEMS.c.item))
+        .where(ITEMS.c.dataset_id == dataset_id, ITEMS.c.idx > after_idx)
+        .order_by(ITEMS.c.idx)
+        .limit(limit)
+    )
+    return [(idx, int(size)) for idx, size in rows]
+
+
 async def items_page(conn: AsyncConnection, dataset_id: str, *, after_idx: int, limit: int) -> list[tuple[int, bytes]]:
     """(index, serialized item) after a position, in insertion order."""
     rows = await conn.execute(

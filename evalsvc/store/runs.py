@@ -479,24 +479,46 @@ async def cancel_jobs(conn: AsyncConnection, tenant: str, run_id: str) -> None:
     )
 
 
-def results_with_outputs(results: FromClause = RESULTS) -> Select[Any]:
-    """Results (the table, or a selection of its rows), each with its job's serialized output (None
-    before it was recorded): read the rows with `result_with_output`."""
-    return select(results, OUTPUTS.c.output).outerjoin(OUTPUTS, OUTPUTS.c.job_id == results.c.job_id)
+def results_sized(results: FromClause = RESULTS) -> Select[Any]:
+    """Results (the table, or a selection of its rows), each with the size of its job's serialized output
+    (None before it was recorded), not the output: read the rows with `result_with_size`, and then the
+    outputs of those a page keeps with `outputs_of`. `length` of a blob reads its stored size alone
+    (SQLite's record header, PostgreSQL's TOAST header). Joined with the outputs themselves, a page read
+    every output of its `page_size` results before its byte bound dropped all but what fitted: 1,000
+    results with 4 MiB outputs to answer with two of them."""
+    return select(results, func.length(OUTPUTS.c.output).label("output_bytes")).outerjoin(
+        OUTPUTS, OUTPUTS.c.job_id == results.c.job_id
+    )
 
 
-def result_with_output(row: RowMapping) -> tuple[ResultRecord, bytes | None]:
-    """A row of `results_with_outputs`: the result's record and its job's output."""
-    return ResultRecord(**{column: row[column] for column in RESULT_COLUMNS}), row["output"]
+def result_with_size(row: RowMapping) -> tuple[ResultRecord, int | None]:
+    """A row of `results_sized`: the result's record and the size of its job's output."""
+    size = row["output_bytes"]
+    return ResultRecord(**{column: row[column] for column in RESULT_COLUMNS}), None if size is None else int(size)
+
+
+async def outputs_of(conn: AsyncConnection, tenant: str, job_ids: Sequence[int]) -> dict[int, bytes]:
+    """The serialized outputs of these jobs of a tenant that have one, by job id."""
+    found: dict[int, bytes] = {}
+    unique = sorted(set(job_ids))
+    for start in range(0, len(unique), 500):
+        rows = await conn.execute(
+            select(OUTPUTS.c.job_id, OUTPUTS.c.output).where(
+                OUTPUTS.c.job_id.in_(unique[start : start + 500]), OUTPUTS.c.tenant == tenant
+            )
+        )
+        found.update((job_id, bytes(output)) for job_id, output in rows)
+    return found
 
 
 async def results_page(
     conn: AsyncConnection, tenant: str, run_id: str, *, after_id: int | None, limit: int, state: int
-) -> list[tuple[ResultRecord, bytes | None]]:
-    """Results of a run by id (the order jobs were claimed), each with its job's output."""
+) -> list[tuple[ResultRecord, int | None]]:
+    """Results of a run by id (the order jobs were claimed), each with the size of its job's output
+    (`results_sized`): the page keeps what fits and reads those outputs alone (`outputs_of`)."""
     await read_in_index_order(conn)
     rows = await conn.execute(results_page_query(tenant, run_id, after_id=after_id, limit=limit, state=state))
-    return [result_with_output(row) for row in rows.mappings()]
+    return [result_with_size(row) for row in rows.mappings()]
 
 
 def results_page_query(tenant: str, run_id: str, *, after_id: int | None, limit: int, state: int) -> Select[Any]:
@@ -507,7 +529,7 @@ def results_page_query(tenant: str, run_id: str, *, after_id: int | None, limit:
     ordered range after the position, merged: one index range per state. Reading `run_id = ?`
     and sorting by id instead read and sorted every later result of the run for each page, on both
     engines, so paging through a run was quadratic in its size. The page is chosen first and only its
-    rows are joined with their outputs (joined before the LIMIT, every later result got an output
+    rows are joined with their outputs' sizes (joined before the LIMIT, every later result got an output
     lookup too: 400 ms a page at the start of a 250,000-result run on PostgreSQL)."""
     ranges = []
     for each in [state] if state else sorted(run_pb2.ResultState.values()):
@@ -517,7 +539,7 @@ def results_page_query(tenant: str, run_id: str, *, after_id: int | None, limit:
         ranges.append(select(one.order_by(RESULTS.c.id).limit(limit).subquery()))
     merged = union_all(*ranges).subquery() if len(ranges) > 1 else ranges[0].subquery()
     chosen = select(merged).order_by(merged.c.id).limit(limit).subquery()
-    return results_with_outputs(chosen).order_by(chosen.c.id)
+    return results_sized(chosen).order_by(chosen.c.id)
 
 
 @dataclass

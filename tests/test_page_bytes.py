@@ -1,0 +1,250 @@
+"""Pages of large messages (ListDatasetItems, ListRunResults, ListComparisonItems) read about their byte
+bound, never their `page_size` rows whole, and every item can be listed, however large its outputs.
+
+A page read its `page_size` items (or results with their outputs) whole and parsed them all before its
+byte bound dropped what did not fit: 6 ListDatasetItems of 4 MiB items at once took ~9 s each to answer
+with one item each, the server's RSS went from 683 MiB to 3.2 GiB and another tenant's GetRun p99 to
+3.15 s. These tests count the bytes of items and outputs the store functions hand the services (not
+wall time). And a comparison item carries two outputs: two of 9 MB never fitted in a response however
+small the page (INTERNAL, "some bound is missing"), nor did a result with an output near
+--max-message-bytes; listed outputs are now cut to fit and say so (Result.output_truncated)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from evalsvc.server import EvalServer
+from evalsvc.store import comparisons as comparison_store
+from evalsvc.store import datasets as dataset_store
+from evalsvc.store import runs as run_store
+from evalsvc.testing import EvalServiceTestServer
+from evalsvc.v1 import comparison_pb2 as cpb
+from evalsvc.v1 import dataset_service_pb2 as ds
+from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc, item_pb2, run_pb2, target_pb2
+from evalsvc.v1 import eval_run_service_pb2 as pb
+from tests import dbs
+from tests.helpers import exact, keyed_channel, watch_all
+
+PAGE_BYTES = 300_000
+BLOB = 100_000  # each item's recorded response, so each output too
+ITEMS = 12
+MAX_PAGES = 50  # bounds every paging loop here
+
+
+def _blob_bytes(value: Any) -> int:
+    """The bytes of the serialized items or outputs in what a store function returned."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_blob_bytes(each) for each in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_blob_bytes(each) for each in value)
+    return 0
+
+
+class Fetched:
+    """Counts the bytes of items and outputs that store functions return, per call of the service."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *functions: tuple[Any, str]) -> None:
+        self.bytes = 0
+        for module, name in functions:
+            original = getattr(module, name, None)
+            if original is not None:  # what the store offers (a function of the fix may be missing)
+                monkeypatch.setattr(module, name, self._counting(original))
+
+    def _counting(self, original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def counting(*args: Any, **kwargs: Any) -> Any:
+            found = await original(*args, **kwargs)
+            self.bytes += _blob_bytes(found)
+            return found
+
+        return counting
+
+    def take(self) -> int:
+        taken, self.bytes = self.bytes, 0
+        return taken
+
+
+def _items() -> list[item_pb2.Item]:
+    return [
+        item_pb2.Item(id=f"b{i:02d}", input="q", response=item_pb2.Response(content=f"{i:02d}" + "r" * BLOB))
+        for i in range(ITEMS)
+    ]
+
+
+async def _pages(read: Callable[[str], Awaitable[Any]], fetched: Fetched) -> list[tuple[Any, int]]:
+    """Every page of a list, each with the bytes of items and outputs its call read."""
+    pages: list[tuple[Any, int]] = []
+    token = ""
+    for _ in range(MAX_PAGES):
+        fetched.take()
+        page = await read(token)
+        pages.append((page, fetched.take()))
+        if not (token := page.next_page_token):
+            return pages
+    raise AssertionError(f"more than {MAX_PAGES} pages")
+
+
+@pytest.fixture
+def fetched(server: EvalServer, monkeypatch: pytest.MonkeyPatch) -> Fetched:
+    """The bytes of items and outputs the lists read, on the `server` fixture with a page bound of 300 KB."""
+    server.page_tokens.page_bytes = PAGE_BYTES
+    return Fetched(
+        monkeypatch,
+        (dataset_store, "items_page"),
+        (run_store, "results_page"),
+        (run_store, "outputs_of"),
+        (comparison_store, "results_of_keys"),
+    )
+
+
+async def _dataset(datasets: dataset_service_pb2_grpc.DatasetServiceStub) -> str:
+    dataset = (await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))).dataset
+    await datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=_items()))
+    return dataset.id
+
+
+WANT = [f"b{i:02d}" for i in range(ITEMS)]
+
+
+async def test_a_page_of_dataset_items_reads_about_its_byte_bound_not_its_page_size(
+    datasets: dataset_service_pb2_grpc.DatasetServiceStub, fetched: Fetched
+) -> None:
+    """12 items of 100 KB, a page bound of 300 KB, page_size 1000: each page read every item after its
+    position (1.2 MB for the first) to keep two. Each now reads at most its bound, and paging still lists
+    every item once, in order, whole."""
+    dataset_id = await _dataset(datasets)
+    pages = await _pages(
+        lambda token: datasets.ListDatasetItems(
+            ds.ListDatasetItemsRequest(dataset_id=dataset_id, page_size=1000, page_token=token)
+        ),
+        fetched,
+    )
+    assert [item.id for page, _ in pages for item in page.items] == WANT
+    assert all(item.response.content.endswith("r" * BLOB) for page, _ in pages for item in page.items)
+    assert max(read for _, read in pages) <= PAGE_BYTES, [read for _, read in pages]
+
+
+async def test_a_page_of_results_or_comparison_items_reads_about_its_byte_bound_not_its_page_size(
+    datasets: dataset_service_pb2_grpc.DatasetServiceStub,
+    runs: eval_run_service_pb2_grpc.EvalRunServiceStub,
+    fetched: Fetched,
+) -> None:
+    """Results of 12 items with outputs of 100 KB, a page bound of 300 KB, page_size 1000: each page of
+    ListRunResults or ListComparisonItems read every output after its position (1.2 MB; 2.4 MB for
+    comparison items, two outputs each) to keep two results or one item. Each now reads at most its
+    bound, and paging still lists every one once, in order, with whole outputs."""
+    dataset_id = await _dataset(datasets)
+    made = []
+    for _ in range(2):
+        created = await runs.CreateRun(
+            pb.CreateRunRequest(
+                dataset_id=dataset_id, target=target_pb2.Target(provided=target_pb2.ProvidedTarget()), graders=[exact()]
+            )
+        )
+        made.append((await watch_all(runs, created.run.id))[-1].run.id)
+
+    pages = await _pages(
+        lambda token: runs.ListRunResults(pb.ListRunResultsRequest(run_id=made[0], page_size=1000, page_token=token)),
+        fetched,
+    )
+    results = [result for page, _ in pages for result in page.results]
+    assert sorted(result.item_id for result in results) == WANT and len(pages) >= ITEMS // 2
+    assert all(len(result.output.content) == BLOB + 2 and not result.output_truncated for result in results)
+    assert max(read for _, read in pages) <= PAGE_BYTES, [read for _, read in pages]
+
+    pages = await _pages(
+        lambda token: runs.ListComparisonItems(
+            cpb.ListComparisonItemsRequest(
+                baseline_run_id=made[0], candidate_run_id=made[1], page_size=1000, page_token=token
+            )
+        ),
+        fetched,
+    )
+    items = [item for page, _ in pages for item in page.items]
+    assert [item.item_id for item in items] == WANT and len(pages) == ITEMS  # two outputs of 100 KB: one a page
+    for item in items:
+        assert item.baseline.output == item.candidate.output and len(item.baseline.output.content) == BLOB + 2
+    assert max(read for _, read in pages) <= PAGE_BYTES, [read for _, read in pages]
+
+
+MAX_MESSAGE = 256 * 1024  # the smallest --max-message-bytes a server takes
+
+
+@pytest.fixture
+async def small_messages(tmp_path: Path) -> AsyncIterator[eval_run_service_pb2_grpc.EvalRunServiceStub]:
+    async with EvalServiceTestServer(database_url=dbs.db_url(tmp_path), max_message_bytes=MAX_MESSAGE) as started:
+        assert started.server.bootstrap_key
+        async with keyed_channel(started.server.port, started.server.bootstrap_key) as channel:
+            yield eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+
+
+def _largest_request() -> pb.CreateRunRequest:
+    """A CreateRun of one item whose recorded response is as large as the request allows (to 3 bytes), of
+    4-byte characters."""
+    request = pb.CreateRunRequest(
+        items=[item_pb2.Item(id="big", input="q", response=item_pb2.Response(content=""))],
+        target=target_pb2.Target(provided=target_pb2.ProvidedTarget()),
+        graders=[exact()],
+    )
+    request.items[0].response.content = "\U0001f600" * ((MAX_MESSAGE - request.ByteSize() - 8) // 4)
+    for _ in range(8):
+        if request.ByteSize() <= MAX_MESSAGE - 4:
+            request.items[0].response.content += "\U0001f600"
+    assert MAX_MESSAGE - 4 < request.ByteSize() <= MAX_MESSAGE
+    return request
+
+
+async def test_every_result_and_comparison_item_is_listed_with_its_outputs_cut_to_fit(
+    small_messages: eval_run_service_pb2_grpc.EvalRunServiceStub,
+) -> None:
+    """A result whose output is as large as a request may be, or a comparison item of two outputs of
+    more than half of it, was a response over --max-message-bytes: INTERNAL ("some bound is missing") on
+    every page that held it, so it could never be listed. Each is listed now, its outputs' content cut
+    from the end (at a character boundary: the content here ends in 4-byte characters) so that it fits,
+    and `output_truncated` says so; a small output beside it is listed whole."""
+    runs = small_messages
+    request = _largest_request()
+    whole = request.items[0].response.content
+    made = []
+    for _ in range(2):
+        created = await runs.CreateRun(request)
+        made.append((await watch_all(runs, created.run.id))[-1].run)
+    assert all(run.status == run_pb2.RUN_STATUS_SUCCEEDED for run in made)
+
+    try:
+        page = await runs.ListRunResults(pb.ListRunResultsRequest(run_id=made[0].id, page_size=1))
+        compared = await runs.ListComparisonItems(
+            cpb.ListComparisonItemsRequest(baseline_run_id=made[0].id, candidate_run_id=made[1].id, page_size=1)
+        )
+    except grpc.aio.AioRpcError as error:
+        raise AssertionError(f"{error.code()}: {error.details()}") from None
+    (result,) = page.results
+    assert page.ByteSize() <= MAX_MESSAGE and result.output_truncated
+    assert 0 < len(result.output.content) < len(whole) and whole.startswith(result.output.content)
+    (item,) = compared.items
+    assert compared.ByteSize() <= MAX_MESSAGE
+    for side in (item.baseline, item.candidate):
+        assert side.output_truncated and side.explanation  # the rest of the result is whole
+        assert len(whole) // 3 < len(side.output.content) < len(whole) // 2 and whole.startswith(side.output.content)
+
+    small = await runs.CreateRun(
+        pb.CreateRunRequest(
+            items=[item_pb2.Item(id="big", input="q", response=item_pb2.Response(content="short"))],
+            target=target_pb2.Target(provided=target_pb2.ProvidedTarget()),
+            graders=[exact()],
+        )
+    )
+    await watch_all(runs, small.run.id)
+    (item,) = (
+        await runs.ListComparisonItems(
+            cpb.ListComparisonItemsRequest(baseline_run_id=small.run.id, candidate_run_id=made[1].id)
+        )
+    ).items
+    assert item.baseline.output.content == "short" and not item.baseline.output_truncated
+    assert item.candidate.output_truncated and whole.startswith(item.candidate.output.content)

@@ -1,0 +1,65 @@
+"""A page chosen by its rows' sizes (PageTokens.fitting_sizes) and listed outputs cut to fit one
+response (evalsvc.runs.outputs): the bounds the list services rely on, without a server."""
+
+from __future__ import annotations
+
+import pytest
+
+from evalsvc.ids import PageTokens
+from evalsvc.runs.outputs import attach_output, cut, listed_size
+from evalsvc.v1 import item_pb2, run_pb2
+
+
+def test_fitting_sizes_keeps_the_leading_rows_within_the_bound_and_always_one() -> None:
+    tokens = PageTokens(page_bytes=100)
+    assert tokens.fitting_sizes([]) == 0
+    assert tokens.fitting_sizes([500, 1]) == 1  # one larger than the bound is a page on its own
+    assert tokens.fitting_sizes([40, 60, 1]) == 2
+    assert tokens.fitting_sizes([0, 0, 0]) == 3
+    assert tokens.fitting_sizes(iter([50, 51, 1])) == 1
+    messages = [item_pb2.Item(input="x" * 40) for _ in range(3)]
+    assert tokens.fitting(messages) == tokens.fitting_sizes(m.ByteSize() for m in messages) == 2
+
+
+def test_one_listed_message_fits_in_a_response_whatever_the_bound() -> None:
+    """page_bytes is half of --max-message-bytes: one message may take the rest of a response's room."""
+    tokens = PageTokens(page_bytes=8 << 20)
+    assert tokens.item_bytes == (16 << 20) - PageTokens.RESPONSE_RESERVE
+    assert PageTokens.RESPONSE_RESERVE > PageTokens.MAX_TOKEN_CHARS + 64
+
+
+@pytest.mark.parametrize("budget", [0, 1, 5, 100, 1001, 4000])
+def test_a_cut_response_is_within_its_budget_and_its_content_a_prefix_at_a_character_boundary(budget: int) -> None:
+    content = "a\U0001f600é" * 300
+    response = item_pb2.Response(content=content, cost_usd=0.5, tool_calls=[item_pb2.ToolCall(name="f")])
+    whole = response.ByteSize()
+    cut(response, budget)
+    assert response.ByteSize() <= budget
+    assert content.startswith(response.content)
+    if budget >= whole:
+        assert response.ByteSize() == whole
+    elif budget > 100:  # room left after the small fields: they are kept, the content is cut
+        assert response.cost_usd == 0.5 and len(response.tool_calls) == 1 and response.content
+
+
+def test_an_attached_output_is_whole_when_it_fits_and_cut_to_the_share_when_not() -> None:
+    stored = item_pb2.Response(content="y" * 5000, latency_ms=3.0).SerializeToString()
+    result = run_pb2.Result(id="1", run_id="run_1", item_id="i", grader="g", explanation="why")
+    small = run_pb2.Result()
+    small.CopyFrom(result)
+    attach_output(small, stored, share=10_000)
+    assert small.output.content == "y" * 5000 and not small.output_truncated
+    assert small.ByteSize() <= listed_size(result, len(stored), 10_000)
+
+    cut_short = run_pb2.Result()
+    cut_short.CopyFrom(result)
+    predicted = listed_size(cut_short, len(stored), 1000)
+    attach_output(cut_short, stored, share=1000)
+    assert cut_short.output_truncated and cut_short.output.latency_ms == 3.0
+    assert 0 < len(cut_short.output.content) < 5000
+    assert cut_short.ByteSize() <= predicted <= 1000
+
+    none = run_pb2.Result()
+    attach_output(none, None, share=1000)
+    assert not none.HasField("output") and not none.output_truncated
+    assert listed_size(none, None, 1000) == 0
