@@ -11,10 +11,11 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from evalsvc import turns
+from evalsvc import storable, turns
 from evalsvc.errors import FieldViolation
 from evalsvc.messages.validation import assign_item_ids, check_items
 from evalsvc.storable import request_nul_violations
+from evalsvc.v1 import dataset_service_pb2 as ds
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import item_pb2
 
@@ -92,3 +93,35 @@ async def test_a_short_loop_never_yields() -> None:
     out: list[FieldViolation] = []
     assert await turns_given(check_items(request_with_items(10).items, "items", out)) == 0
     assert out == []
+
+
+async def test_a_conversation_is_walked_for_nul_characters_without_serializing_each_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Probe: the walk serialized every turn of a conversation to look for a zero byte, ~4 s for an item
+    of 3,000,000 empty turns (an empty turn is a zero byte on the wire, so the request's own fast path
+    never spared it). A conversation's turns are flat messages: their strings are searched a chunk at a
+    time, only the item is serialized, and the walk still yields and still names each NUL."""
+    serialized: list[str] = []
+    walk_if_dirty = storable._walk_if_dirty
+
+    def counted(message: item_pb2.Item, prefix: str, out: list[FieldViolation]):  # type: ignore[no-untyped-def]
+        serialized.append(prefix)
+        return walk_if_dirty(message, prefix, out)
+
+    monkeypatch.setattr(storable, "_walk_if_dirty", counted)
+    conversation = [item_pb2.Message(role="user", content=f"turn {j}") for j in range(ITEMS)]
+    conversation[7].content = "a\x00"
+    conversation[ITEMS - 1].role = "\x00"
+    request = ds.AddDatasetItemsRequest(dataset_id="d", items=[item_pb2.Item(input="q", conversation=conversation)])
+    violations: list[FieldViolation] = []
+
+    async def walk() -> None:
+        violations.extend(await request_nul_violations(request))
+
+    assert await turns_given(walk()) >= ITEMS // storable._CHUNK, "a turn after each chunk of turns"
+    assert [v.field for v in violations] == [
+        "items[0].conversation[7].content",
+        f"items[0].conversation[{ITEMS - 1}].role",
+    ]
+    assert serialized == ["items[0]."], "the item is serialized, none of its turns"
