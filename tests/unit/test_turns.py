@@ -125,3 +125,13 @@ async def test_a_conversation_is_walked_for_nul_characters_without_serializing_e
         f"items[0].conversation[{ITEMS - 1}].role",
     ]
     assert serialized == ["items[0]."], "the item is serialized, none of its turns"
+
+
+async def test_check_items_gives_turns_by_conversation_turns_not_only_by_items() -> None:
+    """Probe: check_items read the clock once every 64 items, so 64 items of 10,000 turns each (their
+    roles read one by one) held the loop ~200 ms. An item counts as its turns too."""
+    conversation = [item_pb2.Message(role="user")] * 1000
+    items = [item_pb2.Item(id=f"i{i}", conversation=conversation) for i in range(10)]
+    out: list[FieldViolation] = []
+    assert await turns_given(check_items(items, "items", out)) >= len(items)
+    assert out == []
