@@ -13,11 +13,11 @@ import pytest
 
 from evalsvc import storable, turns
 from evalsvc.errors import FieldViolation
-from evalsvc.messages.validation import assign_item_ids, check_items
+from evalsvc.messages.validation import assign_item_ids, check_items, turn_violations
 from evalsvc.storable import request_nul_violations
+from evalsvc.v1 import dataset_generation_pb2, item_pb2
 from evalsvc.v1 import dataset_service_pb2 as ds
 from evalsvc.v1 import eval_run_service_pb2 as pb
-from evalsvc.v1 import item_pb2
 
 ITEMS = 5000
 
@@ -135,3 +135,32 @@ async def test_check_items_gives_turns_by_conversation_turns_not_only_by_items()
     out: list[FieldViolation] = []
     assert await turns_given(check_items(items, "items", out)) >= len(items)
     assert out == []
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        pytest.param(pb.CreateRunRequest(items=[item_pb2.Item()]), "items[0].conversation", id="CreateRun"),
+        pytest.param(ds.AddDatasetItemsRequest(items=[item_pb2.Item()]), "items[0].conversation", id="AddDatasetItems"),
+        pytest.param(
+            dataset_generation_pb2.ContinueConversationsRequest(conversations=[dataset_generation_pb2.Conversation()]),
+            "conversations[0].turns",
+            id="ContinueConversations",
+        ),
+    ],
+)
+async def test_every_request_with_conversations_has_them_counted(
+    request_: pb.CreateRunRequest, field: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """turn_violations finds a request's conversations by their type (a repeated Message), so a request
+    that carries them in a field of another name is bounded too."""
+    from evalsvc.messages import validation
+
+    monkeypatch.setattr(validation, "MAX_CONVERSATION_TURNS", 2)
+    monkeypatch.setattr(validation, "MAX_REQUEST_TURNS", 2)
+    outer, _, inner = field.partition("[0].")
+    getattr(getattr(request_, outer)[0], inner).extend([item_pb2.Message()] * 3)
+    assert await turn_violations(request_) == [
+        FieldViolation(field, "at most 2 turns (got 3)"),
+        FieldViolation(outer, "at most 2 conversation turns per request, all together (got 3)"),
+    ]
