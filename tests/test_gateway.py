@@ -358,6 +358,30 @@ async def test_a_value_json_cannot_hold_names_its_field_in_a_violation(
         assert python not in response.json()["message"] and python not in got_description, response.text
 
 
+async def test_conversations_over_their_bounds_are_refused_before_the_body_is_read(gw: Any) -> None:
+    """Probe: one POST of 1,000,000 empty turns (3 MB) took 5 s of proto3 JSON reading before the
+    service refused it. The gateway counts the turns in the parsed JSON, under either name, before
+    json_format reads it (a wrong value elsewhere in the body is never reached), and answers as the
+    service would: 400 naming the field."""
+    _, client = gw
+    dataset_id = (await client.post("/v1/datasets", json={"dataset": {"displayName": "d"}})).json()["dataset"]["id"]
+    over = [{}] * (validation.MAX_CONVERSATION_TURNS + 1)
+    per_item = f"at most {validation.MAX_CONVERSATION_TURNS} turns (got {validation.MAX_CONVERSATION_TURNS + 1})"
+    for url, body in [
+        ("/v1/runs", {**RUN, "repetitions": "twice", "items": [{"input": "q", "conversation": over}]}),
+        (f"/v1/datasets/{dataset_id}:addItems", {"items": [{"input": 5, "conversation": over}]}),
+    ]:
+        response = await client.post(url, json=body)
+        assert violation_of(response) == ("items[0].conversation", per_item)
+        assert response.json()["details"][0]["reason"] == "INVALID_ARGUMENT"
+    full = [{"role": "user"}] * validation.MAX_CONVERSATION_TURNS
+    fill = validation.MAX_REQUEST_TURNS // validation.MAX_CONVERSATION_TURNS
+    items = [{"id": f"i{k}", "conversation": full} for k in range(fill)] + [{"id": "x", "conversation": full[:1]}]
+    response = await client.post(f"/v1/datasets/{dataset_id}:addItems", json={"items": items})
+    assert violation_of(response)[0] == "items"
+    assert (await client.get(f"/v1/datasets/{dataset_id}/items")).json()["items"] == []
+
+
 @pytest.mark.parametrize(
     ("method", "url", "params", "field", "description"),
     [
