@@ -525,7 +525,30 @@ async def test_an_unknown_path_or_method_answers_in_the_native_status_shape(gw) 
     assert (await client.get("/openapi.json")).json()["info"]["title"] == "evalsvc"
     page = await client.get("/ui/runs")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert (await client.get("/v1/runs/", follow_redirects=False)).status_code == 307  # Starlette's slash redirect
+
+
+async def test_a_trailing_slash_is_an_unrouted_404_in_its_apis_shape_never_a_redirect(gw) -> None:
+    """Probe: `/v1/datasets/` answered Starlette's 307 to `http://<Host header>/v1/datasets`
+    (`Host: evil.example` made it an open redirect), `/ui/runs/` too, and `DELETE /v1/secrets/` a 307 then
+    405. No route path ends in a slash, so each such path is the unrouted 404 of the API it belongs to."""
+    _, client = gw
+    evil = {"host": "evil.example"}
+    for method, path in (
+        ("GET", "/v1/datasets/"),
+        ("GET", "/v1/runs/"),
+        ("DELETE", "/v1/secrets/"),
+        ("GET", "/ui/runs/"),
+        ("GET", "/openapi.json/"),
+    ):
+        response = await client.request(method, path, headers=evil, follow_redirects=False)
+        assert "location" not in response.headers, (path, response.headers)
+        assert routing_status(response, 404, 5, "ROUTE_NOT_FOUND") == f"no route for {method} {path}"
+    bland = await client.get("/v1/evals/", headers=evil, follow_redirects=False)
+    assert bland.status_code == 404 and "location" not in bland.headers
+    assert bland.json() == {"data": None, "errors": [{"error": "NOT_FOUND", "message": "no route for GET /v1/evals/"}]}
+    omni = await client.get("/api/v1/ai/eval/runs/", headers=evil, follow_redirects=False)
+    assert omni.status_code == 404 and "location" not in omni.headers
+    assert omni.json() == {"detail": "no route for GET /api/v1/ai/eval/runs/", "status": 404}
 
 
 async def test_an_unknown_path_or_method_under_a_dialects_routes_answers_in_its_envelope(gw) -> None:

@@ -478,6 +478,13 @@ def create_app(
         # FastAPI's OpenTelemetry hooks look the providers up in os.environ on every request (18% of a
         # GET /v1/runs/{id} under load); evalsvc exports Prometheus metrics and access logs instead.
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        # Starlette answers a path that a route has with or without a trailing slash by a 307 to the other
+        # spelling, its Location built from the request's Host header (`Host: evil.example` sent clients
+        # to http://evil.example/v1/datasets), over plain http behind TLS, and a DELETE's redirect then
+        # got 405. No route path ends in `/`: such a path is the unrouted 404 (ROUTE_NOT_FOUND, or the
+        # dialect's own) that docs/errors.md promises. The routers included below are the app's routes
+        # (this setting governs them); theirs say the same.
+        redirect_slashes=False,
     )
 
     def unary_endpoint(route: Route) -> Callable[[Request], Any]:
