@@ -32,10 +32,17 @@ class Turns:
         self._parts = 0
         self._since = time.perf_counter()
 
-    async def tick(self) -> None:
-        """One part done: give the event loop a turn if this stretch has lasted YIELD_EVERY_S."""
-        self._parts += 1
-        if self._parts % _PARTS_PER_LOOK == 0 and time.perf_counter() - self._since > YIELD_EVERY_S:
+    async def tick(self, parts: int = 1) -> None:
+        """`parts` parts done (one, or a part's size in parts: an item and its thousands of conversation
+        turns): give the event loop a turn if this stretch has lasted YIELD_EVERY_S. The clock is read
+        once every _PARTS_PER_LOOK parts; counted one per item, a run of items of 10,000 turns each was
+        checked 64 items (~200 ms) at a stretch."""
+        before = self._parts
+        self._parts += parts
+        if (
+            self._parts // _PARTS_PER_LOOK != before // _PARTS_PER_LOOK
+            and time.perf_counter() - self._since > YIELD_EVERY_S
+        ):
             await asyncio.sleep(0)
             self._since = time.perf_counter()
 

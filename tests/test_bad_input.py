@@ -17,6 +17,7 @@ import pytest
 from google.protobuf import struct_pb2
 from sqlalchemy.engine import make_url
 
+from evalsvc.messages.validation import MAX_CONVERSATION_TURNS, MAX_REQUEST_TURNS
 from evalsvc.server import EvalServer
 from evalsvc.v1 import (
     dataset_generation_pb2,
@@ -181,3 +182,53 @@ async def test_conversation_roles_are_the_documented_ones(server: EvalServer, ro
         assert list(
             (await datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[item]))).item_ids
         ) == ["a"]
+
+
+async def test_conversations_are_bounded_per_item_and_per_request(server: EvalServer) -> None:
+    """Probe: one AddDatasetItems of one item of 3,000,000 empty turns (6 MB) held the event loop for
+    seconds (the NUL walk serialized every turn, the role check read each), and eight such calls held
+    another tenant's GetRun up to 3 s. A conversation over MAX_CONVERSATION_TURNS, or a request's
+    conversations over MAX_REQUEST_TURNS together, is refused naming the field, by every RPC that takes
+    them, before the rest of the request is walked (the NUL in it is not reached); at the bounds, taken."""
+    over = [item_pb2.Message()] * (MAX_CONVERSATION_TURNS + 1)
+    item = item_pb2.Item(id="a", input="q\x00", conversation=over)
+    per_item = f"at most {MAX_CONVERSATION_TURNS} turns (got {MAX_CONVERSATION_TURNS + 1})"
+    full = [item_pb2.Message(role="user")] * MAX_CONVERSATION_TURNS
+    fill = MAX_REQUEST_TURNS // MAX_CONVERSATION_TURNS
+    most = [item_pb2.Item(id=f"i{k}", input="q", conversation=full) for k in range(fill)]
+    extra = item_pb2.Item(id="last", input="q", conversation=full[:1])
+    together = f"at most {MAX_REQUEST_TURNS} conversation turns per request, all together (got {MAX_REQUEST_TURNS + 1})"
+    async with keyed_channel(server.port, server.bootstrap_key or "") as channel:
+        runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+        datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
+        dataset = (await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset(display_name="d")))).dataset
+        refusals = [
+            (runs.CreateRun(create_request(items=[item])), {"items[0].conversation": per_item}),
+            (
+                datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[item])),
+                {"items[0].conversation": per_item},
+            ),
+            (
+                dataset_generation_pb2_grpc.DatasetGenerationServiceStub(channel).ContinueConversations(
+                    dataset_generation_pb2.ContinueConversationsRequest(
+                        dataset_id=dataset.id,
+                        conversations=[dataset_generation_pb2.Conversation(item_id="n", turns=over)],
+                    )
+                ),
+                {"conversations[0].turns": per_item},
+            ),
+            (
+                datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[*most, extra])),
+                {"items": together},
+            ),
+            (runs.CreateRun(create_request(items=[*most, extra])), {"items": together}),
+        ]
+        for call, expected in refusals:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert violations(err.value) == expected
+        added = await datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=most))
+        assert len(added.item_ids) == fill
+        page = await datasets.ListDatasetItems(ds.ListDatasetItemsRequest(dataset_id=dataset.id, page_size=1))
+        assert len(page.items[0].conversation) == MAX_CONVERSATION_TURNS

@@ -358,6 +358,30 @@ async def test_a_value_json_cannot_hold_names_its_field_in_a_violation(
         assert python not in response.json()["message"] and python not in got_description, response.text
 
 
+async def test_conversations_over_their_bounds_are_refused_before_the_body_is_read(gw: Any) -> None:
+    """Probe: one POST of 1,000,000 empty turns (3 MB) took 5 s of proto3 JSON reading before the
+    service refused it. The gateway counts the turns in the parsed JSON, under either name, before
+    json_format reads it (a wrong value elsewhere in the body is never reached), and answers as the
+    service would: 400 naming the field."""
+    _, client = gw
+    dataset_id = (await client.post("/v1/datasets", json={"dataset": {"displayName": "d"}})).json()["dataset"]["id"]
+    over = [{}] * (validation.MAX_CONVERSATION_TURNS + 1)
+    per_item = f"at most {validation.MAX_CONVERSATION_TURNS} turns (got {validation.MAX_CONVERSATION_TURNS + 1})"
+    for url, body in [
+        ("/v1/runs", {**RUN, "repetitions": "twice", "items": [{"input": "q", "conversation": over}]}),
+        (f"/v1/datasets/{dataset_id}:addItems", {"items": [{"input": 5, "conversation": over}]}),
+    ]:
+        response = await client.post(url, json=body)
+        assert violation_of(response) == ("items[0].conversation", per_item)
+        assert response.json()["details"][0]["reason"] == "INVALID_ARGUMENT"
+    full = [{"role": "user"}] * validation.MAX_CONVERSATION_TURNS
+    fill = validation.MAX_REQUEST_TURNS // validation.MAX_CONVERSATION_TURNS
+    items = [{"id": f"i{k}", "conversation": full} for k in range(fill)] + [{"id": "x", "conversation": full[:1]}]
+    response = await client.post(f"/v1/datasets/{dataset_id}:addItems", json={"items": items})
+    assert violation_of(response)[0] == "items"
+    assert (await client.get(f"/v1/datasets/{dataset_id}/items")).json()["items"] == []
+
+
 @pytest.mark.parametrize(
     ("method", "url", "params", "field", "description"),
     [
@@ -501,7 +525,30 @@ async def test_an_unknown_path_or_method_answers_in_the_native_status_shape(gw) 
     assert (await client.get("/openapi.json")).json()["info"]["title"] == "evalsvc"
     page = await client.get("/ui/runs")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert (await client.get("/v1/runs/", follow_redirects=False)).status_code == 307  # Starlette's slash redirect
+
+
+async def test_a_trailing_slash_is_an_unrouted_404_in_its_apis_shape_never_a_redirect(gw) -> None:
+    """Probe: `/v1/datasets/` answered Starlette's 307 to `http://<Host header>/v1/datasets`
+    (`Host: evil.example` made it an open redirect), `/ui/runs/` too, and `DELETE /v1/secrets/` a 307 then
+    405. No route path ends in a slash, so each such path is the unrouted 404 of the API it belongs to."""
+    _, client = gw
+    evil = {"host": "evil.example"}
+    for method, path in (
+        ("GET", "/v1/datasets/"),
+        ("GET", "/v1/runs/"),
+        ("DELETE", "/v1/secrets/"),
+        ("GET", "/ui/runs/"),
+        ("GET", "/openapi.json/"),
+    ):
+        response = await client.request(method, path, headers=evil, follow_redirects=False)
+        assert "location" not in response.headers, (path, response.headers)
+        assert routing_status(response, 404, 5, "ROUTE_NOT_FOUND") == f"no route for {method} {path}"
+    bland = await client.get("/v1/evals/", headers=evil, follow_redirects=False)
+    assert bland.status_code == 404 and "location" not in bland.headers
+    assert bland.json() == {"data": None, "errors": [{"error": "NOT_FOUND", "message": "no route for GET /v1/evals/"}]}
+    omni = await client.get("/api/v1/ai/eval/runs/", headers=evil, follow_redirects=False)
+    assert omni.status_code == 404 and "location" not in omni.headers
+    assert omni.json() == {"detail": "no route for GET /api/v1/ai/eval/runs/", "status": 404}
 
 
 async def test_an_unknown_path_or_method_under_a_dialects_routes_answers_in_its_envelope(gw) -> None:

@@ -38,6 +38,7 @@ from evalsvc.store import datasets as dataset_store
 from evalsvc.store import usage
 from evalsvc.store.db import Database
 from evalsvc.store.records import DatasetAppendRecord, DatasetGenerationRecord, DatasetRecord
+from evalsvc.turns import mapped
 from evalsvc.v1 import dataset_service_pb2 as pb
 from evalsvc.v1 import item_pb2
 from evalsvc.v1.dataset_generation_pb2 import DatasetGeneration
@@ -232,7 +233,8 @@ class DatasetService:
 
         async def add(conn: AsyncConnection) -> Appended:
             # On copies: the writer may run this twice, and ids are numbered from the count it reads.
-            items = copy.deepcopy(list(request.items))
+            # Copied in turns (evalsvc.turns): a request may hold a million conversation turns.
+            items = await mapped(copy.deepcopy, request.items)
             violations: list[FieldViolation] = []
             dataset = await dataset_store.get(conn, tenant, request.dataset_id, lock=True)
             if dataset is None:
@@ -321,5 +323,6 @@ class DatasetService:
             rows = await dataset_store.items_page(conn, request.dataset_id, after_idx=after_idx, limit=fitting)
         if not rows:  # none after the position, or the dataset was deleted between the reads (SQLite)
             return [], ""
-        items = [item_pb2.Item.FromString(item) for _, item in rows]
+        # Parsed in turns (evalsvc.turns): a page of items of 10,000 conversation turns each holds millions.
+        items = await mapped(item_pb2.Item.FromString, [item for _, item in rows])
         return self._page_tokens.page(tenant, "dataset_items", query, items, len(sizes), lambda i: rows[i][0])

@@ -37,7 +37,7 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 from starlette.exceptions import HTTPException
 
-from evalsvc.errors import FieldViolation, Reason, ServiceError, to_status
+from evalsvc.errors import MAX_VIOLATIONS, FieldViolation, Reason, ServiceError, to_status
 from evalsvc.gateway import dialects, openapi, ui
 from evalsvc.gateway.conditional import apply_if_match, check_read_if_match, etag_header, unmet_status
 from evalsvc.gateway.dialects.base import DialectOptions
@@ -54,6 +54,13 @@ from evalsvc.gateway.upstream import (
     never_reached,
     unreachable,
     with_retry_after,
+)
+from evalsvc.messages.validation import (
+    MAX_CONVERSATION_TURNS,
+    MAX_REQUEST_TURNS,
+    conversation_fields,
+    too_many_turns,
+    too_many_turns_together,
 )
 from evalsvc.slots import Slots
 
@@ -329,12 +336,42 @@ def _read_object(text: str, route: Route, message: Message) -> None:
     fields = body if route.body == "*" else {route.body: body}  # paths then start at the request, as the service's
     if (twice := _named_twice(fields, route.method.input_type)) is not None:
         raise GatewayError.invalid(f"invalid request: {twice[0]}: {twice[1]}", twice)
+    if oversized := _oversized_conversations(fields, route.method.input_type):
+        names = ", ".join(field for field, _ in oversized[:5])
+        raise GatewayError.invalid(f"invalid request: {names}", *oversized[:MAX_VIOLATIONS])
     try:
         json_format.ParseDict(fields, message)
     except json_format.ParseError:
         raise
     except Exception as exc:  # what json_format.Parse wraps as well: a wrong type deep down (TypeError)
         raise json_format.ParseError(f"Failed to parse JSON: {type(exc).__name__}: {exc}.") from None
+
+
+def _oversized_conversations(body: dict[str, Any], message: Descriptor) -> list[tuple[str, str]]:
+    """The service's bounds on conversation turns (evalsvc.messages.validation.turn_violations), checked
+    on the parsed JSON by counting its lists, before json_format reads it: proto3 JSON is pure Python
+    (~5 us a turn), and a body of 1,000,000 empty turns (3 MB) took 5 s of the interpreter to read
+    before the service refused it."""
+    out: list[tuple[str, str]] = []
+    for outer, inner in conversation_fields(message):
+        elements = _json_field(body, outer)
+        if not isinstance(elements, list):
+            continue  # json_format names what is wrong with it
+        total = 0
+        for i, element in enumerate(elements):
+            turns = _json_field(element, inner) if isinstance(element, dict) else None
+            count = len(turns) if isinstance(turns, list) else 0
+            total += count
+            if count > MAX_CONVERSATION_TURNS:
+                out.append((f"{outer.name}[{i}].{inner.name}", too_many_turns(count)))
+        if total > MAX_REQUEST_TURNS:
+            out.append((outer.name, too_many_turns_together(total)))
+    return out
+
+
+def _json_field(body: dict[str, Any], field: FieldDescriptor) -> Any:
+    """A field's value in a JSON object, under its JSON name or its proto name (None when under neither)."""
+    return body.get(field.json_name, body.get(field.name))
 
 
 def _not_json(name: str) -> Any:
@@ -441,6 +478,13 @@ def create_app(
         # FastAPI's OpenTelemetry hooks look the providers up in os.environ on every request (18% of a
         # GET /v1/runs/{id} under load); evalsvc exports Prometheus metrics and access logs instead.
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        # Starlette answers a path that a route has with or without a trailing slash by a 307 to the other
+        # spelling, its Location built from the request's Host header (`Host: evil.example` sent clients
+        # to http://evil.example/v1/datasets), over plain http behind TLS, and a DELETE's redirect then
+        # got 405. No route path ends in `/`: such a path is the unrouted 404 (ROUTE_NOT_FOUND, or the
+        # dialect's own) that docs/errors.md promises. The routers included below are the app's routes
+        # (this setting governs them); theirs say the same.
+        redirect_slashes=False,
     )
 
     def unary_endpoint(route: Route) -> Callable[[Request], Any]:

@@ -11,6 +11,7 @@ import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
+from operator import attrgetter
 
 from google.api import field_behavior_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -29,6 +30,16 @@ MAX_ITEM_ID = 128
 MAX_IMAGES = 16  # image URLs of one recorded response
 # Who may speak in a conversation (item.proto, docs/spec.md); empty is taken as "user".
 ROLES = ("system", "user", "assistant", "tool")
+_SPOKEN = frozenset(("", *ROLES))
+_ROLE = attrgetter("role")
+# Turns of one conversation (an item's, or one that ContinueConversations continues), and of all the
+# conversations of one request together (docs/spec.md, "Conversation turns"). Every turn costs time on the event
+# loop, and an empty one is only two bytes on the wire: one item of 3,000,000 empty turns (6 MB) held
+# every other tenant's call for half a second, eight of them for seconds. Parsing a request is one
+# stretch of C that cannot yield (~0.2 us a turn), so the request's bound keeps it near 50 ms; the
+# per-conversation one is far above any transcript a model's context holds.
+MAX_CONVERSATION_TURNS = 10_000
+MAX_REQUEST_TURNS = 250_000
 LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 MAX_LABEL_VALUE = 63
 # Labels per run, dataset, grader or target, and label filters per list request (as Google Cloud's 64).
@@ -142,7 +153,7 @@ async def check_items(
             check_measurements(item.response, f"{field}[{i}].response", out)
             check_images(item.response, f"{field}[{i}].response", out)
             check_tool_calls(item.response, f"{field}[{i}].response", out)
-        await turns.tick()
+        await turns.tick(1 + len(item.conversation))  # each turn's role was read
 
 
 def check_images(response: item_pb2.Response, field: str, out: list[FieldViolation]) -> None:
@@ -158,10 +169,61 @@ def check_images(response: item_pb2.Response, field: str, out: list[FieldViolati
 
 def check_roles(messages: Sequence[item_pb2.Message], field: str, out: list[FieldViolation]) -> None:
     """Each turn's role is one of ROLES, or empty (a user's): any other text ("wizard", "USER", 5,000
-    characters) was stored and sent on to chat targets as the role of a message."""
+    characters) was stored and sent on to chat targets as the role of a message. The roles are first
+    gathered in C (a set of them): the turn-by-turn loop, with its field paths, runs only when one is
+    wrong."""
+    if _SPOKEN.issuperset(map(_ROLE, messages)):
+        return
     for j, message in enumerate(messages):
         if message.role and message.role not in ROLES:
             out.append(FieldViolation(f"{field}[{j}].role", f"must be one of {', '.join(ROLES)} (or empty: user)"))
+
+
+async def turn_violations(request: Message) -> list[FieldViolation]:
+    """A violation per conversation of the request longer than MAX_CONVERSATION_TURNS, and one when all
+    of them together pass MAX_REQUEST_TURNS. Generic over requests (checked for every RPC before the
+    NUL walk, evalsvc.api.status): any repeated field whose elements hold a repeated `Message` field
+    (CreateRun's and AddDatasetItems' `items[].conversation`, ContinueConversations'
+    `conversations[].turns`). It reads each element's count only (no turn is touched), so an oversized
+    request is refused for about the cost of its parse, before the walks whose cost the bound limits."""
+    out: list[FieldViolation] = []
+    turns = Turns()
+    for outer, inner in conversation_fields(request.DESCRIPTOR):
+        total = 0
+        for i, element in enumerate(getattr(request, outer.name)):
+            count = len(getattr(element, inner.name))
+            total += count
+            if count > MAX_CONVERSATION_TURNS:
+                out.append(FieldViolation(f"{outer.name}[{i}].{inner.name}", too_many_turns(count)))
+            await turns.tick()
+        if total > MAX_REQUEST_TURNS:
+            out.append(FieldViolation(outer.name, too_many_turns_together(total)))
+    return out
+
+
+def too_many_turns(count: int) -> str:
+    """The violation of a conversation of `count` turns, over MAX_CONVERSATION_TURNS."""
+    return f"at most {MAX_CONVERSATION_TURNS} turns (got {count})"
+
+
+def too_many_turns_together(total: int) -> str:
+    """The violation of a request's conversations of `total` turns together, over MAX_REQUEST_TURNS."""
+    return f"at most {MAX_REQUEST_TURNS} conversation turns per request, all together (got {total})"
+
+
+@functools.cache
+def conversation_fields(message: Descriptor) -> tuple[tuple[FieldDescriptor, FieldDescriptor], ...]:
+    """(outer, inner) for each repeated message field `outer` of a request whose elements have a
+    repeated field `inner` of conversation turns (evalsvc.v1.Message): where `turn_violations` counts."""
+    return tuple(
+        (field, inner)
+        for field in message.fields
+        if field.is_repeated and field.message_type is not None and not field.message_type.GetOptions().map_entry
+        for inner in field.message_type.fields
+        if inner.is_repeated
+        and inner.message_type is not None
+        and inner.message_type.full_name == item_pb2.Message.DESCRIPTOR.full_name
+    )
 
 
 def check_tool_calls(response: item_pb2.Response, field: str, out: list[FieldViolation]) -> None:
@@ -192,4 +254,4 @@ async def assign_item_ids(items: Sequence[item_pb2.Item], start: int = 0) -> Non
     for i, item in enumerate(items):
         if not item.id:
             item.id = f"item-{start + i + 1}"
-        await turns.tick()
+        await turns.tick(1 + len(item.conversation))  # each turn's role was read

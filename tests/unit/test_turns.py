@@ -11,12 +11,13 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from evalsvc import turns
+from evalsvc import storable, turns
 from evalsvc.errors import FieldViolation
-from evalsvc.messages.validation import assign_item_ids, check_items
+from evalsvc.messages.validation import assign_item_ids, check_items, turn_violations
 from evalsvc.storable import request_nul_violations
+from evalsvc.v1 import dataset_generation_pb2, item_pb2
+from evalsvc.v1 import dataset_service_pb2 as ds
 from evalsvc.v1 import eval_run_service_pb2 as pb
-from evalsvc.v1 import item_pb2
 
 ITEMS = 5000
 
@@ -92,3 +93,74 @@ async def test_a_short_loop_never_yields() -> None:
     out: list[FieldViolation] = []
     assert await turns_given(check_items(request_with_items(10).items, "items", out)) == 0
     assert out == []
+
+
+async def test_a_conversation_is_walked_for_nul_characters_without_serializing_each_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Probe: the walk serialized every turn of a conversation to look for a zero byte, ~4 s for an item
+    of 3,000,000 empty turns (an empty turn is a zero byte on the wire, so the request's own fast path
+    never spared it). A conversation's turns are flat messages: their strings are searched a chunk at a
+    time, only the item is serialized, and the walk still yields and still names each NUL."""
+    serialized: list[str] = []
+    walk_if_dirty = storable._walk_if_dirty
+
+    def counted(message: item_pb2.Item, prefix: str, out: list[FieldViolation]):  # type: ignore[no-untyped-def]
+        serialized.append(prefix)
+        return walk_if_dirty(message, prefix, out)
+
+    monkeypatch.setattr(storable, "_walk_if_dirty", counted)
+    conversation = [item_pb2.Message(role="user", content=f"turn {j}") for j in range(ITEMS)]
+    conversation[7].content = "a\x00"
+    conversation[ITEMS - 1].role = "\x00"
+    request = ds.AddDatasetItemsRequest(dataset_id="d", items=[item_pb2.Item(input="q", conversation=conversation)])
+    violations: list[FieldViolation] = []
+
+    async def walk() -> None:
+        violations.extend(await request_nul_violations(request))
+
+    assert await turns_given(walk()) >= ITEMS // storable._CHUNK, "a turn after each chunk of turns"
+    assert [v.field for v in violations] == [
+        "items[0].conversation[7].content",
+        f"items[0].conversation[{ITEMS - 1}].role",
+    ]
+    assert serialized == ["items[0]."], "the item is serialized, none of its turns"
+
+
+async def test_check_items_gives_turns_by_conversation_turns_not_only_by_items() -> None:
+    """Probe: check_items read the clock once every 64 items, so 64 items of 10,000 turns each (their
+    roles read one by one) held the loop ~200 ms. An item counts as its turns too."""
+    conversation = [item_pb2.Message(role="user")] * 1000
+    items = [item_pb2.Item(id=f"i{i}", conversation=conversation) for i in range(10)]
+    out: list[FieldViolation] = []
+    assert await turns_given(check_items(items, "items", out)) >= len(items)
+    assert out == []
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        pytest.param(pb.CreateRunRequest(items=[item_pb2.Item()]), "items[0].conversation", id="CreateRun"),
+        pytest.param(ds.AddDatasetItemsRequest(items=[item_pb2.Item()]), "items[0].conversation", id="AddDatasetItems"),
+        pytest.param(
+            dataset_generation_pb2.ContinueConversationsRequest(conversations=[dataset_generation_pb2.Conversation()]),
+            "conversations[0].turns",
+            id="ContinueConversations",
+        ),
+    ],
+)
+async def test_every_request_with_conversations_has_them_counted(
+    request_: pb.CreateRunRequest, field: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """turn_violations finds a request's conversations by their type (a repeated Message), so a request
+    that carries them in a field of another name is bounded too."""
+    from evalsvc.messages import validation
+
+    monkeypatch.setattr(validation, "MAX_CONVERSATION_TURNS", 2)
+    monkeypatch.setattr(validation, "MAX_REQUEST_TURNS", 2)
+    outer, _, inner = field.partition("[0].")
+    getattr(getattr(request_, outer)[0], inner).extend([item_pb2.Message()] * 3)
+    assert await turn_violations(request_) == [
+        FieldViolation(field, "at most 2 turns (got 3)"),
+        FieldViolation(outer, "at most 2 conversation turns per request, all together (got 3)"),
+    ]

@@ -291,7 +291,9 @@ class Dialect:
     def router(self, upstream: Upstream, options: DialectOptions) -> APIRouter:
         """The vendor's routes over `upstream`, failures rendered by the vendor's error handler."""
         route_class = error_route_class(self.vendor.error_handler, self.vendor.key_help)
-        api = APIRouter(route_class=route_class, responses=self.vendor.error_responses)
+        # No slash redirects, as the app has none (evalsvc.gateway.app.create_app): a path with a trailing
+        # slash is the vendor's own 404.
+        api = APIRouter(route_class=route_class, responses=self.vendor.error_responses, redirect_slashes=False)
         reader = self.vendor.caller
 
         def client(request: Request, caller: Caller = Depends(reader)) -> DialectClient:

@@ -38,7 +38,7 @@ def router() -> APIRouter:
     """The /ui routes. The files are read once, here: they are small and never change while serving."""
     pages = {name: _asset(f"{name}.html") for name in ("runs", "run", "compare")}
     files = {name: _asset(name) for name in ("ui.css", "ui.js")}
-    ui = APIRouter(include_in_schema=False)
+    ui = APIRouter(include_in_schema=False, redirect_slashes=False)  # as the app's: /ui/runs/ is a 404
 
     def page(name: str) -> Response:
         return Response(pages[name], media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
