@@ -35,11 +35,14 @@ _ROLE = attrgetter("role")
 # Turns of one conversation (an item's, or one that ContinueConversations continues), and of all the
 # conversations of one request together (docs/spec.md, "Conversation turns"). Every turn costs time on the event
 # loop, and an empty one is only two bytes on the wire: one item of 3,000,000 empty turns (6 MB) held
-# every other tenant's call for half a second, eight of them for seconds. Parsing a request is one
-# stretch of C that cannot yield (~0.2 us a turn), so the request's bound keeps it near 50 ms; the
-# per-conversation one is far above any transcript a model's context holds.
+# every other tenant's call for half a second, eight of them for seconds. The walks over a request's
+# turns (validation, the NUL check, the copy) give the loop turns as they go; the request's bound keeps
+# the whole of them near a second of the interpreter per request (~0.2-0.4 s per million turns for the
+# NUL check) while a run of 100,000 items of a few turns each (the largest run, --max-items-per-run)
+# still fits in one CreateRun; the per-conversation one is far above any transcript a model's context
+# holds. (Parsing the request is C that cannot yield; only --max-message-bytes bounds it.)
 MAX_CONVERSATION_TURNS = 10_000
-MAX_REQUEST_TURNS = 250_000
+MAX_REQUEST_TURNS = 1_000_000
 LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 MAX_LABEL_VALUE = 63
 # Labels per run, dataset, grader or target, and label filters per list request (as Google Cloud's 64).
