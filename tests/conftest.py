@@ -18,6 +18,7 @@ from evalsvc.server import EvalServer
 from evalsvc.testing import EvalServiceTestServer, keyed_channel, settings_for_tests
 from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc
 from tests import dbs
+from tests.helpers import Tenant
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -128,3 +129,15 @@ def runs(channel: grpc.aio.Channel) -> eval_run_service_pb2_grpc.EvalRunServiceS
 @pytest.fixture
 def datasets(channel: grpc.aio.Channel) -> dataset_service_pb2_grpc.DatasetServiceStub:
     return dataset_service_pb2_grpc.DatasetServiceStub(channel)
+
+
+@pytest.fixture
+async def tenants(server: EvalServer) -> AsyncIterator[tuple[Tenant, Tenant]]:
+    """Two tenants of `server`: the bootstrap key's (`default`), and `other`."""
+    assert server.bootstrap_key
+    other_key, _ = await server.keys.create("other")
+    async with (
+        keyed_channel(f"127.0.0.1:{server.port}", server.bootstrap_key) as mine,
+        keyed_channel(f"127.0.0.1:{server.port}", other_key) as theirs,
+    ):
+        yield Tenant(mine), Tenant(theirs)

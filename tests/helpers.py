@@ -21,8 +21,17 @@ from evalsvc.config import Settings
 from evalsvc.gateway.server import Gateway, remote_channels
 from evalsvc.server import EvalServer
 from evalsvc.statuses import TERMINAL
+from evalsvc.v1 import (
+    dataset_service_pb2_grpc,
+    eval_run_service_pb2_grpc,
+    grader_pb2,
+    grader_service_pb2_grpc,
+    item_pb2,
+    run_pb2,
+    target_pb2,
+    target_service_pb2_grpc,
+)
 from evalsvc.v1 import eval_run_service_pb2 as pb
-from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
 
 TERMINAL_NAMES = {run_pb2.RunStatus.Name(status) for status in TERMINAL}  # as proto3 JSON writes them
 
@@ -201,3 +210,13 @@ async def until(check: Callable[[], bool], within_s: float = 15.0) -> None:
             await asyncio.sleep(0.01)
 
     await asyncio.wait_for(holds(), within_s)
+
+
+class Tenant:
+    """Stubs of one tenant (the `tenants` fixture gives two)."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+        self.datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
+        self.graders = grader_service_pb2_grpc.GraderServiceStub(channel)
+        self.targets = target_service_pb2_grpc.TargetServiceStub(channel)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,45 +11,20 @@ import grpc
 import pytest
 from grpc_status import rpc_status
 
-from evalsvc.server import EvalServer
 from evalsvc.testing import EvalServiceTestServer
 from evalsvc.v1 import comparison_pb2 as cpb
 from evalsvc.v1 import dataset_service_pb2 as ds
+from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import (
-    dataset_service_pb2_grpc,
     eval_run_service_pb2_grpc,
     grader_pb2,
-    grader_service_pb2_grpc,
     item_pb2,
     target_pb2,
-    target_service_pb2_grpc,
 )
-from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import grader_service_pb2 as gs
 from evalsvc.v1 import target_service_pb2 as ts
 from tests import dbs
-from tests.helpers import create_request, exact, keyed_channel, provided_items, watch_all
-
-
-class Tenant:
-    """Stubs of one tenant."""
-
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
-        self.datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
-        self.graders = grader_service_pb2_grpc.GraderServiceStub(channel)
-        self.targets = target_service_pb2_grpc.TargetServiceStub(channel)
-
-
-@pytest.fixture
-async def tenants(server: EvalServer) -> AsyncIterator[tuple[Tenant, Tenant]]:
-    assert server.bootstrap_key
-    other_key, _ = await server.keys.create("other")
-    async with (
-        keyed_channel(server.port, server.bootstrap_key) as mine,
-        keyed_channel(server.port, other_key) as theirs,
-    ):
-        yield Tenant(mine), Tenant(theirs)
+from tests.helpers import Tenant, create_request, exact, keyed_channel, provided_items, watch_all
 
 
 async def _first(stream: Any) -> Any:

@@ -26,7 +26,7 @@ from evalsvc.testing import EvalServiceTestServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc
 from tests import dbs
-from tests.helpers import create_request, error_reason, keyed_channel, retry_delay, rich_error, until, watch_all
+from tests.helpers import Tenant, create_request, error_reason, keyed_channel, retry_delay, rich_error, until, watch_all
 from tests.procs import start_server
 from tests.unit.stored import new_run
 
@@ -45,18 +45,6 @@ def small_stagings(monkeypatch: pytest.MonkeyPatch) -> None:
 async def server(tmp_path: Path) -> AsyncIterator[EvalServer]:
     async with EvalServiceTestServer(database_url=dbs.db_url(tmp_path), max_runs_per_tenant=2) as started:
         yield started.server
-
-
-@pytest.fixture
-async def two(server: EvalServer) -> AsyncIterator[tuple[Any, Any]]:
-    """EvalRunService stubs of two tenants."""
-    assert server.bootstrap_key
-    other_key, _ = await server.keys.create("other")
-    async with (
-        keyed_channel(server.port, server.bootstrap_key) as mine,
-        keyed_channel(server.port, other_key) as theirs,
-    ):
-        yield eval_run_service_pb2_grpc.EvalRunServiceStub(mine), eval_run_service_pb2_grpc.EvalRunServiceStub(theirs)
 
 
 def gate_chunks(monkeypatch: pytest.MonkeyPatch, before_chunk: Callable[[int], Awaitable[None]]) -> list[int]:
@@ -84,9 +72,9 @@ async def orphans_in(db: Database) -> int:
 
 
 async def test_another_tenants_create_run_commits_between_a_large_runs_chunks(
-    server: EvalServer, two: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+    server: EvalServer, tenants: tuple[Tenant, Tenant], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    mine, theirs = two
+    mine, theirs = (tenant.runs for tenant in tenants)
     first_written, theirs_queued = asyncio.Event(), asyncio.Event()
 
     async def before_chunk(index: int) -> None:
@@ -136,11 +124,11 @@ def count_abandons(
 
 
 async def test_a_large_create_run_past_a_limit_writes_nothing_also_beside_another(
-    server: EvalServer, two: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+    server: EvalServer, tenants: tuple[Tenant, Tenant], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """max_runs_per_tenant=2, one run stored: of two large CreateRuns at once, the one past the limit is
     refused before it stages (it waits for the other's run row, then counts it)."""
-    mine, _ = two
+    mine = tenants[0].runs
     written = gate_chunks(monkeypatch, lambda index: asyncio.sleep(0))
     abandons = count_abandons(monkeypatch, server)
     await mine.CreateRun(create_request(3))
@@ -158,11 +146,11 @@ async def test_a_large_create_run_past_a_limit_writes_nothing_also_beside_anothe
 
 
 async def test_the_same_large_create_run_sent_twice_at_once_stages_once(
-    server: EvalServer, two: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+    server: EvalServer, tenants: tuple[Tenant, Tenant], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Both find no run with their request_id at first; the second, its turn come, finds the first's run
     and is answered with it without writing (it staged it all again, and the purge deleted it, before)."""
-    mine, _ = two
+    mine = tenants[0].runs
     looked_up = 0
     second_looked_up = asyncio.Event()
     find = run_store.find_by_request_id
@@ -192,11 +180,11 @@ async def test_the_same_large_create_run_sent_twice_at_once_stages_once(
 
 
 async def test_a_large_create_run_answered_by_another_servers_run_leaves_nothing_behind(
-    server: EvalServer, two: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+    server: EvalServer, tenants: tuple[Tenant, Tenant], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another replica stores the request_id's run while this one stages: the answer is that run, and what
     this one staged goes to the purge."""
-    mine, _ = two
+    mine = tenants[0].runs
     request = create_request(ITEMS, request_id="raced")
     theirs = dataclasses.replace(new_run("default", request_id="raced"))
     theirs = dataclasses.replace(theirs, row={**theirs.row, "request_hash": request_fingerprint(request)})
@@ -220,11 +208,11 @@ async def test_a_large_create_run_answered_by_another_servers_run_leaves_nothing
 
 
 async def test_a_tenants_large_create_runs_waiting_their_turn_are_bounded(
-    server: EvalServer, two: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+    server: EvalServer, tenants: tuple[Tenant, Tenant], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Writes are shielded: a caller that goes away leaves its CreateRun going on, request and all. A
     tenant's large ones wait their turn, so only MAX_LARGE_CREATES_PER_TENANT may be in progress."""
-    mine, theirs = two
+    mine, theirs = (tenant.runs for tenant in tenants)
     release = asyncio.Event()
 
     async def before_chunk(index: int) -> None:
