@@ -373,3 +373,61 @@ async def test_every_result_is_listed_with_its_explanation_cut_to_fit(
     assert item.baseline.explanation_truncated and whole.startswith(item.baseline.explanation)
     assert item.candidate.explanation and not item.candidate.explanation_truncated  # a short one, whole
     assert item.baseline.output_truncated and item.candidate.output_truncated
+
+
+def _deleting_first(
+    monkeypatch: pytest.MonkeyPatch, module: Any, name: str, delete: Callable[[], Awaitable[None]]
+) -> None:
+    """Make the store function `name` of `module` delete something first: what another call may do
+    between a page's size read and its row read (both engines read each statement at its own snapshot)."""
+    original = getattr(module, name)
+
+    async def after_deleting(*args: Any, **kwargs: Any) -> Any:
+        await delete()
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, after_deleting)
+
+
+async def test_a_page_whose_rows_go_between_its_size_read_and_its_row_read_is_not_found_not_short(
+    server: EvalServer,
+    datasets: dataset_service_pb2_grpc.DatasetServiceStub,
+    runs: eval_run_service_pb2_grpc.EvalRunServiceStub,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A page reads its rows' sizes, then the rows it keeps. A dataset deleted in between answered an empty
+    page without a token (a client took it for the end of the dataset), and a run purged in between listed
+    its results without their outputs or explanations, as if the target had produced nothing. Both are
+    NOT_FOUND now, as the next call says."""
+    dataset_id = await _dataset(datasets)
+    request = pb.CreateRunRequest(
+        dataset_id=dataset_id, target=target_pb2.Target(provided=target_pb2.ProvidedTarget()), graders=[exact()]
+    )
+    made = await _runs_of(runs, request, 2)
+    await _explain(server, made, lambda item_id: "because " + item_id)
+
+    def purging(table: Any, run_id: str) -> Callable[[], Awaitable[None]]:
+        async def purge() -> None:  # a step of retention's purge: one table's rows of the run
+            await server.db.transact(lambda conn: conn.execute(table.delete().where(table.c.run_id == run_id)))
+
+        return purge
+
+    for table, run_id, read in (
+        (run_store.OUTPUTS, made[0], "outputs_of"),
+        (run_store.RESULTS, made[1], "explanations_of"),
+    ):
+        with monkeypatch.context() as patched:
+            _deleting_first(patched, run_store, read, purging(table, run_id))
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                page = await runs.ListRunResults(pb.ListRunResultsRequest(run_id=run_id))
+                raise AssertionError(f"listed {[(r.explanation, r.output.content[:9]) for r in page.results]}")
+            assert raised.value.code() == grpc.StatusCode.NOT_FOUND, raised.value.details()
+
+    async def delete_dataset() -> None:
+        await datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=dataset_id))
+
+    _deleting_first(monkeypatch, dataset_store, "items_page", delete_dataset)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        page = await datasets.ListDatasetItems(ds.ListDatasetItemsRequest(dataset_id=dataset_id))
+        raise AssertionError(f"listed {len(page.items)} items, token {page.next_page_token!r}")
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND, raised.value.details()
