@@ -423,6 +423,17 @@ async def test_a_page_whose_rows_go_between_its_size_read_and_its_row_read_is_no
                 raise AssertionError(f"listed {[(r.explanation, r.output.content[:9]) for r in page.results]}")
             assert raised.value.code() == grpc.StatusCode.NOT_FOUND, raised.value.details()
 
+    compared = await _runs_of(runs, request, 2)
+    await _explain(server, compared, lambda item_id: "because " + item_id)
+    with monkeypatch.context() as patched:
+        _deleting_first(patched, run_store, "explanations_of", purging(run_store.RESULTS, compared[1]))
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            items = await runs.ListComparisonItems(
+                cpb.ListComparisonItemsRequest(baseline_run_id=compared[0], candidate_run_id=compared[1])
+            )
+            raise AssertionError(f"listed {[item.candidate.explanation for item in items.items]}")
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND, raised.value.details()
+
     async def delete_dataset() -> None:
         await datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=dataset_id))
 
