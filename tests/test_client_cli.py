@@ -1058,3 +1058,32 @@ def test_secrets_commands_read_the_value_from_stdin_and_never_show_it(
         )
     finally:
         assert server.terminate() == 0
+
+
+def test_exports_and_reports_say_when_a_listed_output_or_explanation_was_cut() -> None:
+    """The service cuts a listed output or explanation that cannot fit a response and says so
+    (Result.output_truncated, explanation_truncated); JUnit XML, the HTML report and evalctl's tables showed
+    the cut text bare, read as the target's whole output."""
+    from evalsvc_client import pb
+    from evalsvc_client.export import CUT_MARK, junit_xml, listed_explanation, listed_output
+    from evalsvc_client.report import render_html
+
+    cut = pb.Result(
+        item_id="i",
+        grader="g",
+        state=pb.run.RESULT_STATE_FAILED,
+        explanation="because",
+        explanation_truncated=True,
+        output=pb.item.Response(content="partial"),
+        output_truncated=True,
+    )
+    whole = pb.Result(item_id="j", grader="g", state=pb.run.RESULT_STATE_FAILED, explanation="why")
+    assert listed_output(cut) == "partial" + CUT_MARK and listed_explanation(cut) == "because" + CUT_MARK
+    assert listed_output(whole) == "" and listed_explanation(whole) == "why"
+    failures = junit_xml(pb.Run(id="run_c"), [cut, whole]).getroot().iter("failure")
+    assert [f.text for f in failures] == [
+        f"score 0.000: because{CUT_MARK}\noutput: partial{CUT_MARK}",
+        "score 0.000: why\noutput: ",
+    ]
+    page = render_html(pb.Run(id="run_c", status=pb.run.RUN_STATUS_SUCCEEDED), [cut])
+    assert page.count("cut short in this listing") == 2

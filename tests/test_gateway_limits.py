@@ -24,10 +24,10 @@ from grpc_status import rpc_status
 from evalsvc.gateway.translators import MAX_JSON_VALUES
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
-from evalsvc.v1 import eval_run_service_pb2_grpc
+from evalsvc.v1 import eval_run_service_pb2_grpc, item_pb2, target_pb2
 from tests import dbs
 from tests.conftest import make_settings
-from tests.helpers import create_request, keyed_channel, serving_gateway, watch_to_end
+from tests.helpers import create_request, exact, keyed_channel, serving_gateway, watch_to_end
 from tests.procs import start_server
 
 MAX_BODY = 1 << 20  # --max-message-bytes for these tests: 1 MiB
@@ -253,3 +253,37 @@ async def test_one_tenants_rest_watches_catching_up_leave_the_loop_to_others(tmp
     finally:
         server.kill()
     assert slowest < 1.0, f"another tenant's GetRun (gRPC, then REST) took {slowest:.2f} s"
+
+
+async def test_a_rest_page_of_results_is_at_most_about_max_message_bytes_of_json(gw) -> None:
+    """The service bounds a page by its protobuf size (half of --max-message-bytes); its JSON may be far
+    larger (a control character is 6 bytes of JSON, 1 of protobuf): 6 outputs of 100 KB of them were one
+    REST page of ~3.6 MB of JSON on a server of 1 MiB messages (a page of 16.7 MB of results: 100 MB of
+    JSON, 0.6 s and ~300 MiB to write). The gateway now answers the leading results whose JSON fits, with
+    the service's token for them: every result once, in order, every page within --max-message-bytes
+    (one result alone may be more)."""
+    srv, client = gw
+    content = "\x01" * 100_000
+    items = [item_pb2.Item(id=f"i{n}", input="q", response=item_pb2.Response(content=content)) for n in range(6)]
+    assert srv.bootstrap_key
+    async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+        runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+        created = await runs.CreateRun(
+            pb.CreateRunRequest(
+                items=items,
+                target=target_pb2.Target(provided=target_pb2.ProvidedTarget()),
+                graders=[exact()],
+            )
+        )
+    await watch_to_end(client, created.run.id)
+    listed, sizes, token = [], [], ""
+    for _ in range(20):
+        response = await client.get(f"/v1/runs/{created.run.id}/results", params={"pageToken": token} if token else {})
+        assert response.status_code == 200, response.text[:300]
+        sizes.append(len(response.content))
+        page = response.json()
+        listed += [(r["itemId"], r["output"]["content"] == content) for r in page["results"]]
+        if not (token := page.get("nextPageToken", "")):
+            break
+    assert listed == [(f"i{n}", True) for n in range(6)]
+    assert max(sizes) <= MAX_BODY, sizes

@@ -17,11 +17,15 @@ from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.ids import PageTokens
 from evalsvc.server import EvalServer
 from evalsvc.store import comparisons as comparison_store
 from evalsvc.store import datasets as dataset_store
 from evalsvc.store import runs as run_store
+from evalsvc.store.records import ResultRecord
 from evalsvc.testing import EvalServiceTestServer
 from evalsvc.v1 import comparison_pb2 as cpb
 from evalsvc.v1 import dataset_service_pb2 as ds
@@ -37,9 +41,14 @@ MAX_PAGES = 50  # bounds every paging loop here
 
 
 def _blob_bytes(value: Any) -> int:
-    """The bytes of the serialized items or outputs in what a store function returned."""
+    """The bytes of the serialized items or outputs, and of the results' explanations, in what a store
+    function returned."""
     if isinstance(value, bytes | bytearray | memoryview):
         return len(value)
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, ResultRecord):
+        return len(value.explanation.encode())
     if isinstance(value, dict):
         return sum(_blob_bytes(each) for each in value.values())
     if isinstance(value, list | tuple):
@@ -99,6 +108,7 @@ def fetched(server: EvalServer, monkeypatch: pytest.MonkeyPatch) -> Fetched:
         (dataset_store, "items_page"),
         (run_store, "results_page"),
         (run_store, "outputs_of"),
+        (run_store, "explanations_of"),
         (comparison_store, "results_of_keys"),
     )
 
@@ -248,3 +258,187 @@ async def test_every_result_and_comparison_item_is_listed_with_its_outputs_cut_t
     ).items
     assert item.baseline.output.content == "short" and not item.baseline.output_truncated
     assert item.candidate.output_truncated and whole.startswith(item.candidate.output.content)
+
+
+async def _explain(server: EvalServer, run_ids: list[str], explanation: Callable[[str], str]) -> None:
+    """Give every result of these runs the explanation `explanation(item_id)`, as a judge may (up to
+    --max-reply-bytes, a quarter of --max-message-bytes): the recorded grader here explains in a line."""
+
+    async def work(conn: AsyncConnection) -> None:
+        results = await conn.execute(run_store.RESULTS.select().where(run_store.RESULTS.c.run_id.in_(run_ids)))
+        for row in results.mappings().all():
+            await conn.execute(
+                update(run_store.RESULTS)
+                .where(run_store.RESULTS.c.id == row["id"])
+                .values(explanation=explanation(row["item_id"]))
+            )
+
+    await server.db.transact(work)
+
+
+async def _runs_of(
+    runs: eval_run_service_pb2_grpc.EvalRunServiceStub, request: pb.CreateRunRequest, count: int
+) -> list[str]:
+    made = []
+    for _ in range(count):
+        created = await runs.CreateRun(request)
+        run = (await watch_all(runs, created.run.id))[-1].run
+        assert run.status == run_pb2.RUN_STATUS_SUCCEEDED
+        made.append(run.id)
+    return made
+
+
+async def test_a_page_of_results_or_comparison_items_reads_about_its_byte_bound_with_long_explanations(
+    server: EvalServer,
+    datasets: dataset_service_pb2_grpc.DatasetServiceStub,
+    runs: eval_run_service_pb2_grpc.EvalRunServiceStub,
+    fetched: Fetched,
+) -> None:
+    """Results of 12 items with short outputs and judges' explanations of 100 KB, a page bound of 300 KB,
+    page_size 1000: a page read its `page_size` results whole with their explanations before choosing
+    what fitted (1.2 MB for the first page of results, 2.4 MB for comparison items; a page of 1,000
+    results with 4 MiB explanations read ~4 GB). Each now reads at most its bound, and paging still lists
+    every result once, in order, with its explanation whole."""
+    dataset = (await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))).dataset
+    short = [item_pb2.Item(id=f"b{i:02d}", input="q", response=item_pb2.Response(content="r")) for i in range(ITEMS)]
+    await datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=short))
+    request = pb.CreateRunRequest(
+        dataset_id=dataset.id, target=target_pb2.Target(provided=target_pb2.ProvidedTarget()), graders=[exact()]
+    )
+    made = await _runs_of(runs, request, 2)
+    await _explain(server, made, lambda item_id: item_id + "\u00e9" * (BLOB // 2))
+
+    pages = await _pages(
+        lambda token: runs.ListRunResults(pb.ListRunResultsRequest(run_id=made[0], page_size=1000, page_token=token)),
+        fetched,
+    )
+    results = [result for page, _ in pages for result in page.results]
+    assert [result.item_id for result in results] == WANT and len(pages) >= ITEMS // 3
+    assert all(result.explanation == result.item_id + "\u00e9" * (BLOB // 2) for result in results)
+    assert not any(result.explanation_truncated or result.output_truncated for result in results)
+    assert max(read for _, read in pages) <= PAGE_BYTES, [read for _, read in pages]
+
+    pages = await _pages(
+        lambda token: runs.ListComparisonItems(
+            cpb.ListComparisonItemsRequest(
+                baseline_run_id=made[0], candidate_run_id=made[1], page_size=1000, page_token=token
+            )
+        ),
+        fetched,
+    )
+    items = [item for page, _ in pages for item in page.items]
+    assert [item.item_id for item in items] == WANT and len(pages) == ITEMS  # two explanations of 100 KB
+    for item in items:
+        assert item.baseline.explanation == item.candidate.explanation == item.item_id + "\u00e9" * (BLOB // 2)
+    assert max(read for _, read in pages) <= PAGE_BYTES, [read for _, read in pages]
+
+
+@pytest.fixture
+async def small_server(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[EvalServer, eval_run_service_pb2_grpc.EvalRunServiceStub]]:
+    async with EvalServiceTestServer(database_url=dbs.db_url(tmp_path), max_message_bytes=MAX_MESSAGE) as started:
+        assert started.server.bootstrap_key
+        async with keyed_channel(started.server.port, started.server.bootstrap_key) as channel:
+            yield started.server, eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+
+
+async def test_every_result_is_listed_with_its_explanation_cut_to_fit(
+    small_server: tuple[EvalServer, eval_run_service_pb2_grpc.EvalRunServiceStub],
+) -> None:
+    """An explanation as large as a message (a run judged before the server was restarted with a smaller
+    --max-message-bytes), beside an output as large as a request may be: the result was a response over
+    --max-message-bytes (INTERNAL, "some bound is missing") on every page that held it. It is listed now,
+    the explanation cut from the end at a character boundary (4-byte characters here) with
+    `explanation_truncated` set, and at least half of the result's room; the output gets the rest. A
+    short explanation beside a cut output stays whole."""
+    server, runs = small_server
+    request = _largest_request()
+    whole = "\U0001f600" * (MAX_MESSAGE // 4)
+    made = await _runs_of(runs, request, 2)
+    await _explain(server, made[:1], lambda _: whole)
+    try:
+        page = await runs.ListRunResults(pb.ListRunResultsRequest(run_id=made[0], page_size=1))
+        compared = await runs.ListComparisonItems(
+            cpb.ListComparisonItemsRequest(baseline_run_id=made[0], candidate_run_id=made[1], page_size=1)
+        )
+    except grpc.aio.AioRpcError as error:
+        raise AssertionError(f"{error.code()}: {error.details()}") from None
+    (result,) = page.results
+    assert page.ByteSize() <= MAX_MESSAGE and result.explanation_truncated and result.output_truncated
+    assert whole.startswith(result.explanation), "cut inside a character, or not a prefix"
+    assert len(result.explanation.encode()) >= (MAX_MESSAGE - PageTokens.RESPONSE_RESERVE) // 2 - 4096  # half its room
+    (item,) = compared.items
+    assert compared.ByteSize() <= MAX_MESSAGE
+    assert item.baseline.explanation_truncated and whole.startswith(item.baseline.explanation)
+    assert item.candidate.explanation and not item.candidate.explanation_truncated  # a short one, whole
+    assert item.baseline.output_truncated and item.candidate.output_truncated
+
+
+def _deleting_first(
+    monkeypatch: pytest.MonkeyPatch, module: Any, name: str, delete: Callable[[], Awaitable[None]]
+) -> None:
+    """Make the store function `name` of `module` delete something first: what another call may do
+    between a page's size read and its row read (both engines read each statement at its own snapshot)."""
+    original = getattr(module, name)
+
+    async def after_deleting(*args: Any, **kwargs: Any) -> Any:
+        await delete()
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, after_deleting)
+
+
+async def test_a_page_whose_rows_go_between_its_size_read_and_its_row_read_is_not_found_not_short(
+    server: EvalServer,
+    datasets: dataset_service_pb2_grpc.DatasetServiceStub,
+    runs: eval_run_service_pb2_grpc.EvalRunServiceStub,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A page reads its rows' sizes, then the rows it keeps. A dataset deleted in between answered an empty
+    page without a token (a client took it for the end of the dataset), and a run purged in between listed
+    its results without their outputs or explanations, as if the target had produced nothing. Both are
+    NOT_FOUND now, as the next call says."""
+    dataset_id = await _dataset(datasets)
+    request = pb.CreateRunRequest(
+        dataset_id=dataset_id, target=target_pb2.Target(provided=target_pb2.ProvidedTarget()), graders=[exact()]
+    )
+    made = await _runs_of(runs, request, 2)
+    await _explain(server, made, lambda item_id: "because " + item_id)
+
+    def purging(table: Any, run_id: str) -> Callable[[], Awaitable[None]]:
+        async def purge() -> None:  # a step of retention's purge: one table's rows of the run
+            await server.db.transact(lambda conn: conn.execute(table.delete().where(table.c.run_id == run_id)))
+
+        return purge
+
+    for table, run_id, read in (
+        (run_store.OUTPUTS, made[0], "outputs_of"),
+        (run_store.RESULTS, made[1], "explanations_of"),
+    ):
+        with monkeypatch.context() as patched:
+            _deleting_first(patched, run_store, read, purging(table, run_id))
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                page = await runs.ListRunResults(pb.ListRunResultsRequest(run_id=run_id))
+                raise AssertionError(f"listed {[(r.explanation, r.output.content[:9]) for r in page.results]}")
+            assert raised.value.code() == grpc.StatusCode.NOT_FOUND, raised.value.details()
+
+    compared = await _runs_of(runs, request, 2)
+    await _explain(server, compared, lambda item_id: "because " + item_id)
+    with monkeypatch.context() as patched:
+        _deleting_first(patched, run_store, "explanations_of", purging(run_store.RESULTS, compared[1]))
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            items = await runs.ListComparisonItems(
+                cpb.ListComparisonItemsRequest(baseline_run_id=compared[0], candidate_run_id=compared[1])
+            )
+            raise AssertionError(f"listed {[item.candidate.explanation for item in items.items]}")
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND, raised.value.details()
+
+    async def delete_dataset() -> None:
+        await datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=dataset_id))
+
+    _deleting_first(monkeypatch, dataset_store, "items_page", delete_dataset)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        page = await datasets.ListDatasetItems(ds.ListDatasetItemsRequest(dataset_id=dataset_id))
+        raise AssertionError(f"listed {len(page.items)} items, token {page.next_page_token!r}")
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND, raised.value.details()

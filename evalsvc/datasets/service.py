@@ -321,7 +321,12 @@ class DatasetService:
             sizes = await dataset_store.item_sizes(conn, request.dataset_id, after_idx=after_idx, limit=limit + 1)
             fitting = self._page_tokens.fitting_sizes(size for _, size in sizes[:limit])
             rows = await dataset_store.items_page(conn, request.dataset_id, after_idx=after_idx, limit=fitting)
-        if not rows:  # none after the position, or the dataset was deleted between the reads (SQLite)
+        if len(rows) < fitting:
+            # Items are only ever appended, and deleted with their dataset: the dataset was deleted between
+            # the reads. It answered an empty last page (no token), so a client took the items it had
+            # listed for the whole dataset; NOT_FOUND, as the next call would say.
+            raise not_found("dataset", request.dataset_id)
+        if not rows:  # none after the position
             return [], ""
         # Parsed in turns (evalsvc.turns): a page of items of 10,000 conversation turns each holds millions.
         items = await mapped(item_pb2.Item.FromString, [item for _, item in rows])

@@ -190,6 +190,7 @@ class Gateway:
                 streams_per_channel=settings.gateway_streams_per_channel,
                 streams_per_tenant=settings.http_streams_per_tenant,
                 streams_in_all=settings.http_streams_in_all,
+                max_json_bytes=settings.max_message_bytes,
             ),
             max_body_bytes=settings.max_message_bytes,
         )

@@ -37,6 +37,7 @@ from evalsvc.store import runs as run_store
 from evalsvc.store.comparisons import Evaluation, Key
 from evalsvc.store.db import Database
 from evalsvc.store.records import ResultRecord
+from evalsvc.store.runs import StoredSizes
 from evalsvc.v1 import comparison_pb2 as cpb
 from evalsvc.v1 import run_pb2
 
@@ -252,31 +253,36 @@ class CompareService:
             wanted = [k.key for k in page]
             base_results = await comparison_store.results_of_keys(conn, tenant, baseline.id, wanted)
             cand_results = await comparison_store.results_of_keys(conn, tenant, candidate.id, wanted)
-            base_by_key = {(r.item_id, r.repetition, r.grader): (r, size) for r, size in base_results}
-            cand_by_key = {(r.item_id, r.repetition, r.grader): (r, size) for r, size in cand_results}
+            base_by_key = {(r.item_id, r.repetition, r.grader): (r, sizes) for r, sizes in base_results}
+            cand_by_key = {(r.item_id, r.repetition, r.grader): (r, sizes) for r, sizes in cand_results}
             sized = [
                 self._without_outputs(paired, base_by_key.get(paired.key), cand_by_key.get(paired.key))
                 for paired in page
             ]
             kept = sized[: self._page_tokens.fitting_sizes(size for _, size, _ in sized)]
-            outputs = await run_store.outputs_of(
-                conn, tenant, [job_id for _, _, sides in kept for _, job_id, _ in sides]
+            sides = [side for _, _, its in kept for side in its]
+            outputs = await run_store.outputs_of(conn, tenant, [s.record.job_id for s in sides if s.sizes.output])
+            explanations = await run_store.explanations_of(
+                conn, tenant, [s.record.id for s in sides if s.sizes.explanation]
             )
-        for _, _, sides in kept:
-            for side, job_id, share in sides:
-                attach_output(side, outputs.get(job_id), share)
+        for side in sides:
+            output, explanation = outputs.get(side.record.job_id), explanations.get(side.record.id)
+            if (side.sizes.output and output is None) or (side.sizes.explanation and explanation is None):
+                # Purged with its run since its size was read (nothing else deletes results or outputs).
+                raise not_found("run", side.record.run_id)
+            attach_output(side.result, output, side.share, explanation or "")
         items = [item for item, _, _ in kept]
         return self._page_tokens.page(tenant, "comparison_items", query, items, len(keys), lambda i: list(page[i].key))
 
     def _without_outputs(
         self,
         paired: _PairedKey,
-        baseline: tuple[ResultRecord, int | None] | None,
-        candidate: tuple[ResultRecord, int | None] | None,
-    ) -> tuple[cpb.ComparisonItem, int, list[tuple[run_pb2.Result, int, int]]]:
-        """The item of `paired` with each side's result (record, output size) but not its output; the
-        size it has listed with its outputs (evalsvc.runs.outputs); and its sides that have an output to
-        attach, each with its job id and share. An item is at most `PageTokens.item_bytes` (one always
+        baseline: tuple[ResultRecord, StoredSizes] | None,
+        candidate: tuple[ResultRecord, StoredSizes] | None,
+    ) -> tuple[cpb.ComparisonItem, int, list[_Side]]:
+        """The item of `paired` with each side's result (record without its explanation, sizes) but not its
+        explanation or output; the size it has listed with them (evalsvc.runs.outputs); and its sides that
+        have an explanation or output to attach. An item is at most `PageTokens.item_bytes` (one always
         fits in a response), half of what its key leaves for each side: an item carries two outputs, and
         two of 9 MB were a response over --max-message-bytes however small the page (INTERNAL)."""
         item = cpb.ComparisonItem(
@@ -284,16 +290,26 @@ class CompareService:
         )
         share = (self._page_tokens.item_bytes - item.ByteSize()) // 2 - FRAMING
         size = item.ByteSize()
-        sides: list[tuple[run_pb2.Result, int, int]] = []
+        sides: list[_Side] = []
         for side, found in ((item.baseline, baseline), (item.candidate, candidate)):
             if found is None:
                 continue
-            record, output_bytes = found
+            record, sizes = found
             side.CopyFrom(run_store.result_from(record, None))
-            size += listed_size(side, output_bytes, share) + FRAMING
-            if output_bytes:
-                sides.append((side, record.job_id, share))
+            size += listed_size(side, sizes.output, share, sizes.explanation) + FRAMING
+            if sizes.output or sizes.explanation:
+                sides.append(_Side(side, record, sizes, share))
         return item, size, sides
+
+
+@dataclass(frozen=True, slots=True)
+class _Side:
+    """A side of a listed comparison item whose explanation or output is still to be read and attached."""
+
+    result: run_pb2.Result  # in its item, without its explanation and output
+    record: ResultRecord
+    sizes: StoredSizes
+    share: int  # the most the result may be listed as
 
 
 async def _page_keys(

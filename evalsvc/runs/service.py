@@ -813,10 +813,14 @@ class RunService:
     ) -> tuple[Sequence[run_pb2.Result], str]:
         """A page of a run's results and the next page's token.
 
-        The page is chosen by its results' sizes, each output cut to what one response holds
-        (evalsvc.runs.outputs), and only the kept results' outputs are read: it read the outputs of all
-        its `page_size` results and dropped those past its byte bound (6 pages at once of 4 MiB outputs
-        read ~4 GB between them), and a result with an output of 16 MB was INTERNAL for every page."""
+        The page is chosen by its results' sizes, each output and explanation cut to what one response
+        holds (evalsvc.runs.outputs), and only the kept results' outputs and explanations are read: it read
+        the outputs of all its `page_size` results and dropped those past its byte bound (6 pages at once
+        of 4 MiB outputs read ~4 GB between them), and a result with an output of 16 MB was INTERNAL for
+        every page; it still read every explanation of its `page_size` results (a judge's may be 4 MiB).
+        A kept result whose explanation or output is gone by the time it is read was purged with its run
+        in between (nothing else deletes them): NOT_FOUND, as the next call would say, never a result
+        listed without them."""
         limit = page_size(request.page_size, 100)
         if request.state not in run_pb2.ResultState.values():
             raise invalid_argument([FieldViolation("state", "unknown result state")])
@@ -830,13 +834,25 @@ class RunService:
                 conn, tenant, request.run_id, after_id=after_id, limit=limit + 1, state=request.state
             )
             results = [run_store.result_from(row, None) for row, _ in rows[:limit]]
-            kept = self._page_tokens.fitting_sizes(
-                listed_size(result, size, share) for result, (_, size) in zip(results, rows, strict=False)
+            kept = rows[
+                : self._page_tokens.fitting_sizes(
+                    listed_size(result, sizes.output, share, sizes.explanation)
+                    for result, (_, sizes) in zip(results, rows, strict=False)
+                )
+            ]
+            outputs = await run_store.outputs_of(conn, tenant, [row.job_id for row, sizes in kept if sizes.output])
+            explanations = await run_store.explanations_of(
+                conn, tenant, [row.id for row, sizes in kept if sizes.explanation]
             )
-            outputs = await run_store.outputs_of(conn, tenant, [row.job_id for row, size in rows[:kept] if size])
-        for result, (row, _) in zip(results[:kept], rows, strict=False):
-            attach_output(result, outputs.get(row.job_id), share)
-        return self._page_tokens.page(tenant, "results", query, results[:kept], len(rows), lambda i: int(results[i].id))
+        if any(
+            (sizes.output and row.job_id not in outputs) or (sizes.explanation and row.id not in explanations)
+            for row, sizes in kept
+        ):
+            raise not_found("run", request.run_id)
+        for result, (row, _) in zip(results, kept, strict=False):
+            attach_output(result, outputs.get(row.job_id), share, explanations.get(row.id, ""))
+        listed = results[: len(kept)]
+        return self._page_tokens.page(tenant, "results", query, listed, len(rows), lambda i: int(listed[i].id))
 
 
 UPDATABLE = ("display_name", "description", "labels", "annotations")

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store.db import read_in_index_order
 from evalsvc.store.records import ResultRecord
-from evalsvc.store.runs import RESULTS, result_with_size, results_sized
+from evalsvc.store.runs import RESULTS, StoredSizes, result_with_size, results_sized
 from evalsvc.turns import mapped
 
 # (item_id, repetition, grader, state, score): what pairing needs of one evaluation.
@@ -64,9 +64,10 @@ def _evaluation(row: Any) -> Evaluation:
 
 async def results_of_keys(
     conn: AsyncConnection, tenant: str, run_id: str, keys: Sequence[Key]
-) -> list[tuple[ResultRecord, int | None]]:
-    """The results of some evaluations of a run, by key, each with the size of its job's serialized
-    output (store.runs `results_sized`; the page reads the outputs of the items it keeps alone). By the
+) -> list[tuple[ResultRecord, StoredSizes]]:
+    """The results of some evaluations of a run, by key, without their explanations, each with the sizes
+    of its explanation and its job's serialized output (store.runs `results_sized`; the page reads the
+    explanations and outputs of the items it keeps alone). By the
     page's keys, not its items: every repetition and grader of a page's items, each with its output,
     was 2,000 rows and 84 MB for a page of one item of 100 repetitions and 20 graders."""
     if not keys:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -12,6 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import (
     ColumnElement,
     FromClause,
+    Integer,
     RowMapping,
     Select,
     and_,
@@ -27,6 +29,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from evalsvc import statuses
 from evalsvc.messages.convert import timestamp
@@ -479,22 +483,79 @@ async def cancel_jobs(conn: AsyncConnection, tenant: str, run_id: str) -> None:
     )
 
 
+class byte_length(FunctionElement[int]):  # a SQL function, named as one
+    """The UTF-8 bytes of a text column, read from its stored size where the engine can: PostgreSQL's
+    `octet_length` reads the TOAST header (its `length` counts characters, so it would detoast the whole
+    text), SQLite's `octet_length` (3.43 and later) the record header. An older SQLite has no way to size a
+    text without loading it: `length(CAST(x AS BLOB))` loads it inside the engine and hands Python the
+    number alone. Explanations are stored as text, so pages size them with this."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+@compiles(byte_length)
+def _octet_length(element: byte_length, compiler: Any, **kw: Any) -> str:
+    return f"octet_length({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(byte_length, "sqlite")
+def _sqlite_byte_length(element: byte_length, compiler: Any, **kw: Any) -> str:
+    column = compiler.process(element.clauses, **kw)
+    return f"octet_length({column})" if sqlite3.sqlite_version_info >= (3, 43) else f"length(CAST({column} AS BLOB))"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSizes:
+    """What a listed result's large parts take stored, read before them (`results_sized`): a page is
+    chosen by these and then reads the outputs (`outputs_of`) and explanations (`explanations_of`) of the
+    results it keeps alone."""
+
+    output: int | None  # the job's serialized output; None before it was recorded
+    explanation: int  # the explanation's UTF-8 bytes
+
+
+# The results' columns a page reads before it chooses its rows: all but the explanation, which may be a
+# quarter of --max-message-bytes (a judge's), sized instead (`byte_length`).
+SIZED_COLUMNS = tuple(field.name for field in fields(ResultRecord) if field.name != "explanation")
+
+
 def results_sized(results: FromClause = RESULTS) -> Select[Any]:
-    """Results (the table, or a selection of its rows), each with the size of its job's serialized output
-    (None before it was recorded), not the output: read the rows with `result_with_size`, and then the
-    outputs of those a page keeps with `outputs_of`. `length` of a blob reads its stored size alone
-    (SQLite's record header, PostgreSQL's TOAST header). Joined with the outputs themselves, a page read
-    every output of its `page_size` results before its byte bound dropped all but what fitted: 1,000
-    results with 4 MiB outputs to answer with two of them."""
-    return select(results, func.length(OUTPUTS.c.output).label("output_bytes")).outerjoin(
-        OUTPUTS, OUTPUTS.c.job_id == results.c.job_id
+    """Results (the table, or a selection of its rows that has `SIZED_COLUMNS` and `explanation_bytes`:
+    `sized_results`), each with the size of its explanation and of its job's serialized output (None before
+    it was recorded), not the explanation or the output: read the rows with `result_with_size`, and then
+    the outputs and explanations of those a page keeps with `outputs_of` and `explanations_of`. `length`
+    of a blob reads its stored size alone (SQLite's record header, PostgreSQL's TOAST header). Joined with
+    the outputs themselves, a page read every output of its `page_size` results before its byte bound
+    dropped all but what fitted: 1,000 results with 4 MiB outputs to answer with two of them; and with
+    their explanations, 1,000 judges' explanations of up to 4 MiB each (a quarter of
+    --max-message-bytes) for a page of two."""
+    explanation = (
+        results.c.explanation_bytes
+        if "explanation_bytes" in results.c
+        else byte_length(results.c.explanation).label("explanation_bytes")
+    )
+    return select(
+        *(results.c[column] for column in SIZED_COLUMNS),
+        explanation,
+        func.length(OUTPUTS.c.output).label("output_bytes"),
+    ).outerjoin(OUTPUTS, OUTPUTS.c.job_id == results.c.job_id)
+
+
+def sized_results() -> Select[Any]:
+    """The results table's `SIZED_COLUMNS` and its explanations' sizes (`explanation_bytes`), to select
+    rows from and join with `results_sized`: a subquery that selected the whole rows read every
+    explanation of them, whatever the outer query kept."""
+    return select(
+        *(RESULTS.c[column] for column in SIZED_COLUMNS), byte_length(RESULTS.c.explanation).label("explanation_bytes")
     )
 
 
-def result_with_size(row: RowMapping) -> tuple[ResultRecord, int | None]:
-    """A row of `results_sized`: the result's record and the size of its job's output."""
-    size = row["output_bytes"]
-    return ResultRecord(**{column: row[column] for column in RESULT_COLUMNS}), None if size is None else int(size)
+def result_with_size(row: RowMapping) -> tuple[ResultRecord, StoredSizes]:
+    """A row of `results_sized`: the result's record without its explanation (""), and its sizes."""
+    record = ResultRecord(**{column: row[column] for column in SIZED_COLUMNS}, explanation="")
+    output = row["output_bytes"]
+    return record, StoredSizes(None if output is None else int(output), int(row["explanation_bytes"] or 0))
 
 
 async def outputs_of(conn: AsyncConnection, tenant: str, job_ids: Sequence[int]) -> dict[int, bytes]:
@@ -511,11 +572,27 @@ async def outputs_of(conn: AsyncConnection, tenant: str, job_ids: Sequence[int])
     return found
 
 
+async def explanations_of(conn: AsyncConnection, tenant: str, result_ids: Sequence[int]) -> dict[int, str]:
+    """The explanations of these results of a tenant that still exist, by result id: read for the results
+    a page keeps alone (`results_sized`)."""
+    found: dict[int, str] = {}
+    unique = sorted(set(result_ids))
+    for start in range(0, len(unique), 500):
+        rows = await conn.execute(
+            select(RESULTS.c.id, RESULTS.c.explanation).where(
+                RESULTS.c.id.in_(unique[start : start + 500]), RESULTS.c.tenant == tenant
+            )
+        )
+        found.update((result_id, explanation) for result_id, explanation in rows)
+    return found
+
+
 async def results_page(
     conn: AsyncConnection, tenant: str, run_id: str, *, after_id: int | None, limit: int, state: int
-) -> list[tuple[ResultRecord, int | None]]:
-    """Results of a run by id (the order jobs were claimed), each with the size of its job's output
-    (`results_sized`): the page keeps what fits and reads those outputs alone (`outputs_of`)."""
+) -> list[tuple[ResultRecord, StoredSizes]]:
+    """Results of a run by id (the order jobs were claimed), without their explanations, each with the
+    sizes of its explanation and its job's output (`results_sized`): the page keeps what fits and reads
+    those explanations and outputs alone (`explanations_of`, `outputs_of`)."""
     await read_in_index_order(conn)
     rows = await conn.execute(results_page_query(tenant, run_id, after_id=after_id, limit=limit, state=state))
     return [result_with_size(row) for row in rows.mappings()]
@@ -530,10 +607,11 @@ def results_page_query(tenant: str, run_id: str, *, after_id: int | None, limit:
     and sorting by id instead read and sorted every later result of the run for each page, on both
     engines, so paging through a run was quadratic in its size. The page is chosen first and only its
     rows are joined with their outputs' sizes (joined before the LIMIT, every later result got an output
-    lookup too: 400 ms a page at the start of a 250,000-result run on PostgreSQL)."""
+    lookup too: 400 ms a page at the start of a 250,000-result run on PostgreSQL). The ranges select the
+    rows' explanations' sizes, not the explanations (`sized_results`)."""
     ranges = []
     for each in [state] if state else sorted(run_pb2.ResultState.values()):
-        one = select(RESULTS).where(RESULTS.c.run_id == run_id, RESULTS.c.state == each, RESULTS.c.tenant == tenant)
+        one = sized_results().where(RESULTS.c.run_id == run_id, RESULTS.c.state == each, RESULTS.c.tenant == tenant)
         if after_id is not None:
             one = one.where(RESULTS.c.id > after_id)
         ranges.append(select(one.order_by(RESULTS.c.id).limit(limit).subquery()))

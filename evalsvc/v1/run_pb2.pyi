@@ -251,7 +251,7 @@ class Run(_message.Message):
     def __init__(self, id: _Optional[str] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., dataset_id: _Optional[str] = ..., run_number: _Optional[int] = ..., target: _Optional[_Union[_target_pb2.Target, _Mapping]] = ..., graders: _Optional[_Iterable[_Union[_grader_pb2.Grader, _Mapping]]] = ..., pass_threshold: _Optional[float] = ..., repetitions: _Optional[int] = ..., warmup_runs: _Optional[int] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., counts: _Optional[_Union[RunCounts, _Mapping]] = ..., aggregate: _Optional[_Union[RunAggregate, _Mapping]] = ..., overall_passed: _Optional[bool] = ..., error: _Optional[_Union[RunError, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., request_id: _Optional[str] = ..., max_cost_usd: _Optional[float] = ..., cost_usd: _Optional[float] = ..., annotations: _Optional[_Mapping[str, str]] = ..., delete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_error_rate: _Optional[float] = ..., rerun_of: _Optional[str] = ..., etag: _Optional[str] = ..., cache_mode: _Optional[_Union[_cache_pb2.CacheMode, str]] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("id", "run_id", "item_id", "repetition", "grader", "state", "score", "raw_score", "passed", "explanation", "output", "cost_usd", "latency_ms", "error_reason", "attempt", "complete_time", "scoring_cost_usd", "confidence", "cached", "verdict_cached", "human_verdict", "output_truncated")
+    __slots__ = ("id", "run_id", "item_id", "repetition", "grader", "state", "score", "raw_score", "passed", "explanation", "output", "cost_usd", "latency_ms", "error_reason", "attempt", "complete_time", "scoring_cost_usd", "confidence", "cached", "verdict_cached", "human_verdict", "output_truncated", "explanation_truncated")
     ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +274,7 @@ class Result(_message.Message):
     VERDICT_CACHED_FIELD_NUMBER: _ClassVar[int]
     HUMAN_VERDICT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     id: str
     run_id: str
     item_id: str
@@ -296,4 +297,5 @@ class Result(_message.Message):
     verdict_cached: bool
     human_verdict: bool
     output_truncated: bool
-    def __init__(self, id: _Optional[str] = ..., run_id: _Optional[str] = ..., item_id: _Optional[str] = ..., repetition: _Optional[int] = ..., grader: _Optional[str] = ..., state: _Optional[_Union[ResultState, str]] = ..., score: _Optional[float] = ..., raw_score: _Optional[float] = ..., passed: _Optional[bool] = ..., explanation: _Optional[str] = ..., output: _Optional[_Union[_item_pb2.Response, _Mapping]] = ..., cost_usd: _Optional[float] = ..., latency_ms: _Optional[float] = ..., error_reason: _Optional[str] = ..., attempt: _Optional[int] = ..., complete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scoring_cost_usd: _Optional[float] = ..., confidence: _Optional[float] = ..., cached: _Optional[bool] = ..., verdict_cached: _Optional[bool] = ..., human_verdict: _Optional[bool] = ..., output_truncated: _Optional[bool] = ...) -> None: ...
+    explanation_truncated: bool
+    def __init__(self, id: _Optional[str] = ..., run_id: _Optional[str] = ..., item_id: _Optional[str] = ..., repetition: _Optional[int] = ..., grader: _Optional[str] = ..., state: _Optional[_Union[ResultState, str]] = ..., score: _Optional[float] = ..., raw_score: _Optional[float] = ..., passed: _Optional[bool] = ..., explanation: _Optional[str] = ..., output: _Optional[_Union[_item_pb2.Response, _Mapping]] = ..., cost_usd: _Optional[float] = ..., latency_ms: _Optional[float] = ..., error_reason: _Optional[str] = ..., attempt: _Optional[int] = ..., complete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scoring_cost_usd: _Optional[float] = ..., confidence: _Optional[float] = ..., cached: _Optional[bool] = ..., verdict_cached: _Optional[bool] = ..., human_verdict: _Optional[bool] = ..., output_truncated: _Optional[bool] = ..., explanation_truncated: _Optional[bool] = ...) -> None: ...

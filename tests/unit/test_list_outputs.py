@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from evalsvc.ids import PageTokens
-from evalsvc.runs.outputs import attach_output, cut, listed_size
+from evalsvc.runs.outputs import FRAMING, attach_output, cut, listed_size
 from evalsvc.v1 import item_pb2, run_pb2
 
 
@@ -63,3 +63,33 @@ def test_an_attached_output_is_whole_when_it_fits_and_cut_to_the_share_when_not(
     attach_output(none, None, share=1000)
     assert not none.HasField("output") and not none.output_truncated
     assert listed_size(none, None, 1000) == 0
+
+
+@pytest.mark.parametrize(("explanation_chars", "output_chars"), [(10, 5000), (5000, 10), (5000, 5000), (10, 10)])
+def test_an_explanation_and_an_output_share_the_room_and_a_cut_one_says_so(
+    explanation_chars: int, output_chars: int
+) -> None:
+    """A judge's explanation may be a quarter of --max-message-bytes: beside a large output (or on a side
+    of a comparison item) the result was over its share. Both are cut to it now, the explanation at a
+    character boundary, keeping at least half of the room or what the output leaves; a short one of the
+    two stays whole; each flag says which was cut."""
+    explanation = "\U0001f600é" * explanation_chars  # 6 bytes a pair, 4-byte characters to cut inside
+    stored = item_pb2.Response(content="y" * output_chars).SerializeToString()
+    base = run_pb2.Result(id="1", run_id="run_1", item_id="i", grader="g")
+    share = 8000
+    predicted = listed_size(base, len(stored), share, len(explanation.encode()))
+    result = run_pb2.Result()
+    result.CopyFrom(base)
+    attach_output(result, stored, share, explanation)
+    assert result.ByteSize() <= predicted <= share
+    assert explanation.startswith(result.explanation)
+    assert result.explanation_truncated == (result.explanation != explanation)
+    assert result.output_truncated == (len(result.output.content) < output_chars)
+    fits = len(explanation.encode()) + len(stored) + FRAMING + base.ByteSize() <= share
+    assert fits == (not result.explanation_truncated and not result.output_truncated)
+    if explanation_chars == 10:
+        assert result.explanation == explanation  # short: whole beside a cut output
+    if output_chars == 10:
+        assert result.output.content == "y" * 10  # short: whole beside a cut explanation
+    if explanation_chars == output_chars == 5000:
+        assert len(result.explanation.encode()) >= (share - base.ByteSize() - FRAMING) // 2 - 4

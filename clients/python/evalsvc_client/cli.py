@@ -56,7 +56,7 @@ from rich.table import Table
 from evalsvc_client import pb
 from evalsvc_client._common import TLSOptions
 from evalsvc_client.errors import EvalError
-from evalsvc_client.export import to_dict, write_jsonl, write_junit
+from evalsvc_client.export import listed_explanation, listed_output, to_dict, write_jsonl, write_junit
 from evalsvc_client.report import agreement_line, format_rate, render_html
 from evalsvc_client.spec import CACHE_MODES, RunSpec, SpecError, cache_mode, load_items, load_spec, plural
 from evalsvc_client.sync import EvalClient
@@ -510,7 +510,7 @@ def cmd_results(args: argparse.Namespace, client: EvalClient, console: Console) 
         table = Table("item", "rep", "grader", "state", "score", "explanation")
         for result in results:
             state = pb.run.ResultState.Name(result.state).removeprefix("RESULT_STATE_")
-            explanation = result.error_reason or result.explanation
+            explanation = result.error_reason or listed_explanation(result)
             table.add_row(
                 result.item_id, str(result.repetition), result.grader, state, f"{result.score:.2f}", explanation
             )
@@ -615,9 +615,9 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
                     item.item_id,
                     str(item.repetition),
                     item.grader,
-                    item.baseline.output.content,
-                    item.candidate.output.content,
-                    item.candidate.error_reason or item.candidate.explanation,
+                    listed_output(item.baseline),
+                    listed_output(item.candidate),
+                    item.candidate.error_reason or listed_explanation(item.candidate),
                 )
             _console().print(items)
     failures = comparison_gate_failures(comparison, args.fail_on_regression, args.max_unpaired)

@@ -18,6 +18,21 @@ def to_dict(message: Any) -> dict[str, Any]:
     return result
 
 
+# What a shown output or explanation ends with when the service listed it cut short to fit one response
+# (Result.output_truncated, Result.explanation_truncated): shown bare, a cut one read as the whole of it.
+CUT_MARK = " [... cut short in this listing; the stored one is whole]"
+
+
+def listed_output(result: pb.Result) -> str:
+    """The result's output content as listed, marked when the service cut it short."""
+    return result.output.content + (CUT_MARK if result.output_truncated else "")
+
+
+def listed_explanation(result: pb.Result) -> str:
+    """The result's explanation as listed, marked when the service cut it short."""
+    return result.explanation + (CUT_MARK if result.explanation_truncated else "")
+
+
 def write_jsonl(results: Iterable[pb.Result], out: TextIO) -> int:
     count = 0
     for result in results:
@@ -51,12 +66,13 @@ def junit_xml(run: pb.Run, results: Iterable[pb.Result]) -> ET.ElementTree:
         tally["time"] += seconds
         if result.state == pb.run.RESULT_STATE_FAILED:
             tally["failures"] += 1
+            explanation = listed_explanation(result)
             ET.SubElement(
-                case, "failure", message=result.explanation, type="FAILED"
-            ).text = f"score {result.score:.3f}: {result.explanation}\noutput: {result.output.content}"
+                case, "failure", message=explanation, type="FAILED"
+            ).text = f"score {result.score:.3f}: {explanation}\noutput: {listed_output(result)}"
         elif result.state == pb.run.RESULT_STATE_ERROR:
             tally["errors"] += 1
-            ET.SubElement(case, "error", message=result.error_reason or result.explanation, type="ERROR")
+            ET.SubElement(case, "error", message=result.error_reason or listed_explanation(result), type="ERROR")
         elif result.state == pb.run.RESULT_STATE_SKIPPED:
             tally["skipped"] += 1
             ET.SubElement(case, "skipped")

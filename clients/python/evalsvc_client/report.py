@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from evalsvc_client import pb
+from evalsvc_client.export import listed_explanation, listed_output
 
 #: Failing results listed in full; the rest are counted (the JSONL export has them all).
 MAX_FAILURES = 500
@@ -191,8 +192,8 @@ def render_html(run: pb.Run, results: Iterable[pb.Result]) -> str:
     failure_rows = "".join(
         f"<tr><td>{esc(r.item_id)}</td><td class='num'>{r.repetition}</td><td>{esc(r.grader)}</td>"
         f"<td>{esc(pb.run.ResultState.Name(r.state).removeprefix('RESULT_STATE_'))}</td>"
-        f"<td class='num'>{r.score:.2f}</td><td><pre>{esc(r.output.content)}</pre></td>"
-        f"<td>{esc(r.error_reason or r.explanation)}</td></tr>"
+        f"<td class='num'>{r.score:.2f}</td><td><pre>{esc(listed_output(r))}</pre></td>"
+        f"<td>{esc(r.error_reason or listed_explanation(r))}</td></tr>"
         for r in failures
     )
     more = (

@@ -80,7 +80,8 @@ async def results_of(db: Database, tenant: str, run_id: str) -> list[tuple[Any, 
     async with db.read() as conn:
         page = await run_store.results_page(conn, tenant, run_id, after_id=None, limit=1000, state=0)
         outputs = await run_store.outputs_of(conn, tenant, [row.job_id for row, _ in page])
-    return [(row, outputs.get(row.job_id)) for row, _ in page]
+        explanations = await run_store.explanations_of(conn, tenant, [row.id for row, _ in page])
+    return [(dataclasses.replace(row, explanation=explanations[row.id]), outputs.get(row.job_id)) for row, _ in page]
 
 
 def assert_gap_free(log: Sequence[pb.WatchRunResponse]) -> None:

@@ -509,7 +509,9 @@ async def test_a_results_page_reads_only_its_own_rows_however_large_the_run(db: 
     async with db.read() as conn:
         page = await run_store.results_page(conn, "t1", run.run.id, after_id=after, limit=50, state=0)
         assert [col(result, "job_id") for result, _ in page] == job_ids[1000:1050]
-        assert all(size is not None and size > 0 for _, size in page)  # their outputs' sizes, not the outputs
+        assert all(
+            size.output is not None and size.output > 0 for _, size in page
+        )  # their outputs' sizes, not the outputs
         only = await run_store.results_page(conn, "t1", run.run.id, after_id=after, limit=50, state=states[1])
         assert [col(result, "job_id") for result, _ in only] == failed[:50]
         for state in (0, states[1]):
