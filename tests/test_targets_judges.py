@@ -17,6 +17,7 @@ import pytest
 from google.protobuf import struct_pb2
 
 from evalsvc.config import Settings
+from evalsvc.execution import executor as executor_module
 from evalsvc.http import outbound as outbound_module
 from evalsvc.http.outbound import AdaptiveLimit, Outbound
 from evalsvc.server import EvalServer
@@ -32,6 +33,7 @@ from evalsvc.v1 import (
 )
 from evalsvc.v1 import grader_service_pb2 as gs
 from evalsvc.v1 import target_service_pb2 as ts
+from tests import dbs
 from tests.conftest import make_settings
 from tests.dbs import stored_bytes
 from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
@@ -1128,3 +1130,44 @@ async def test_a_cancelled_runs_answered_calls_are_its_cost_and_the_tenants_afte
     # $0.20 recorded: the next run's warmup reaches $0.30, and its measured call never starts.
     assert second.status == run_pb2.RUN_STATUS_FAILED and second.error.code == "BUDGET_EXCEEDED", second
     assert second.cost_usd == pytest.approx(0.1) and results == [] and calls == 4
+
+
+@pytest.mark.skipif(not dbs.USE_POSTGRES, reason="replicas share a PostgreSQL database (EVALSVC_TEST_DB=postgres)")
+async def test_replicas_see_each_others_spend_against_the_tenant_budget(tmp_path, monkeypatch) -> None:
+    """Each replica read a tenant's spend once, with its first plan, and then counted only its own: two
+    replicas with a $20 budget recorded $38. It is read again as the tenant's jobs start (at most every
+    TENANT_SPEND_REFRESH_S; 0 here, so the test waits on no clock). Each replica's executor is stopped
+    while the other works, so which one spends is certain."""
+    monkeypatch.setattr(executor_module, "TENANT_SPEND_REFRESH_S", 0.0, raising=False)
+    first = await start(tmp_path, monkeypatch, tenant_budget_usd=0.25)
+    second = await start(tmp_path, monkeypatch, tenant_budget_usd=0.25)
+    key = first.bootstrap_key or ""
+    try:
+        with FakeEndpoint(chat_reply("a", usage=(100, 0))) as llm:  # $0.10 per call
+            async with keyed_channel(first.port, key) as on_first, keyed_channel(second.port, key) as on_second:
+                await second.executor.stop()
+                one, _ = await run_to_end(
+                    Stubs(on_first),
+                    pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=chat(llm.url), graders=[exact()]),
+                )
+                await first.executor.stop()
+                await second.executor.start()
+                two, _ = await run_to_end(
+                    Stubs(on_second),
+                    pb.CreateRunRequest(
+                        items=[item_pb2.Item(input=f"q{i}") for i in range(2)], target=chat(llm.url), graders=[exact()]
+                    ),
+                )
+                await second.executor.stop()
+                await first.executor.start()  # it counted $0.10 itself; the database holds $0.30
+                three, results = await run_to_end(
+                    Stubs(on_first),
+                    pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=chat(llm.url), graders=[exact()]),
+                )
+            calls = len(llm.seen)
+    finally:
+        await first.stop(grace=0.5)
+        await second.stop(grace=0.5)
+    assert one.cost_usd == pytest.approx(0.1) and two.cost_usd == pytest.approx(0.2)
+    assert three.status == run_pb2.RUN_STATUS_FAILED and three.error.code == "BUDGET_EXCEEDED", three
+    assert results == [] and calls == 3

@@ -55,6 +55,7 @@ from evalsvc.execution.recorder import (
     FinishedJob,
     RunGraders,
     fail_early,
+    job_spend,
     record,
     stored_bytes,
 )
@@ -90,6 +91,9 @@ INLINE_SLICE_S = 0.002
 REMEMBERED_ENDS = 10_000
 # Items of runs created here whose plans wait for their first claim (see `Executor.created`).
 MAX_CREATED_ITEMS = 200_000
+# How old, in seconds, the tenant spend a job starts against may be (see `Executor._fresh_tenant_spend`):
+# other replicas' recorded spend reaches this one's budget check at most this late.
+TENANT_SPEND_REFRESH_S = 1.0
 # How long, in seconds, ending a run over its budget waits for its cancelled jobs to give back the spend
 # they counted, so that it is in the cost written with the run's end (cancellation is prompt; a job that
 # outlasts this has its spend added to the ended run instead).
@@ -172,7 +176,13 @@ class Executor:
         self._outbound = outbound
         self._prices = prices
         self._judge = judge
+        # Each tenant's spend as this process knows it: what the database recorded when last read, plus what
+        # this process counted that is not recorded yet (`_tenant_unrecorded`). Read again, at most every
+        # TENANT_SPEND_REFRESH_S, as the tenant's jobs start (`_fresh_tenant_spend`): other replicas spend too.
         self._tenant_spent: dict[str, float] = {}
+        self._tenant_unrecorded: dict[str, float] = defaultdict(float)
+        self._tenant_spend_read: dict[str, float] = {}  # tenant -> time.monotonic() of the last read
+        self._tenant_spend_reads: dict[str, asyncio.Task[None]] = {}  # reads in progress, shared by the jobs
         # Spend counted by jobs that ended without a result to record (budget stop, cancellation, a failure):
         # (tenant, run id) -> US dollars; the recorder adds it to the run's cost_usd with its next batch.
         self._unrecorded_spend: dict[tuple[str, str], float] = defaultdict(float)
@@ -539,6 +549,8 @@ class Executor:
         if await self._over_storage(job, plan):
             self._finished_ready.set()  # the recorder ends the run once what finished is recorded
             return False
+        if self._settings.tenant_budget_usd > 0 and not plan.local:
+            await self._fresh_tenant_spend(plan.tenant)
         item = plan.items[job.item_idx]
         # The one budget check: before every outbound call attempt of this job (target, warmups, judges,
         # retries), where the money is spent; calls that cost nothing are never stopped.
@@ -765,7 +777,51 @@ class Executor:
         plan.spent_usd += usd
         use.spent_usd += usd
         self._tenant_spent[plan.tenant] = self._tenant_spent.get(plan.tenant, 0.0) + usd
+        self._tenant_unrecorded[plan.tenant] += usd
         return usd
+
+    def _spend_recorded(self, tenant: str, usd: float) -> None:
+        """Spend counted here is now in the database: a read of the tenant's spend holds it."""
+        left = self._tenant_unrecorded.get(tenant, 0.0) - usd
+        if left > 1e-9:
+            self._tenant_unrecorded[tenant] = left
+        else:
+            self._tenant_unrecorded.pop(tenant, None)
+
+    async def _fresh_tenant_spend(self, tenant: str) -> None:
+        """Read the tenant's recorded spend again if the last read is older than TENANT_SPEND_REFRESH_S, so
+        that replicas see each other's spend: read once per process, a tenant's $20 budget let two
+        replicas spend $39-45. Once per interval per tenant, as its jobs start (never per call): jobs that
+        start meanwhile share the read in progress. A database that cannot serve leaves the last figure."""
+        read_at = self._tenant_spend_read.get(tenant)
+        if read_at is not None and time.monotonic() - read_at < TENANT_SPEND_REFRESH_S:
+            return
+        task = self._tenant_spend_reads.get(tenant)
+        if task is None:
+            task = asyncio.create_task(self._read_tenant_spend(tenant))
+            self._tenant_spend_reads[tenant] = task
+            task.add_done_callback(functools.partial(self._tenant_spend_read_done, tenant))
+        try:
+            await asyncio.shield(task)
+        except Exception as exc:
+            if unavailable_cause(exc) is None:
+                raise
+            log.warning("could not read the spend of tenant %s again (%s); the last figure holds", tenant, exc)
+
+    def _tenant_spend_read_done(self, tenant: str, task: asyncio.Task[None]) -> None:
+        """Forget a finished read; its failure is its awaiters' (taken here too, in case all were cancelled)."""
+        self._tenant_spend_reads.pop(tenant, None)
+        if not task.cancelled():
+            task.exception()
+
+    async def _read_tenant_spend(self, tenant: str) -> None:
+        """Set the tenant's spend to what the database recorded plus what this process counted and has not
+        recorded yet."""
+        started = time.monotonic()
+        async with self._db.read() as conn:
+            recorded = await run_store.tenant_spend(conn, tenant)
+        self._tenant_spent[tenant] = recorded + self._tenant_unrecorded.get(tenant, 0.0)
+        self._tenant_spend_read[tenant] = started
 
     async def _fail_unexecutable(self, job: ClaimedJob, exc: Exception) -> None:
         """End a run that no attempt could load (e.g. a definition this version cannot build), so its
@@ -830,8 +886,7 @@ class Executor:
     async def _build_plan(self, tenant: str, spec_bytes: bytes, items: Sequence[bytes], spent_usd: float) -> RunPlan:
         """A run's plan from its stored definition and items (`spent_usd`: what it has spent so far)."""
         if self._settings.tenant_budget_usd > 0 and tenant not in self._tenant_spent:
-            async with self._db.read() as conn:
-                self._tenant_spent[tenant] = await run_store.tenant_spend(conn, tenant)
+            await self._read_tenant_spend(tenant)
         if tenant not in self._tenant_stored:
             async with self._db.read() as conn:
                 self._tenant_stored.update(await usage.stored_bytes(conn, [tenant]))
@@ -934,6 +989,10 @@ class Executor:
                     for f in batch:
                         self._release_claim_slot(f.job.claim_id)
             self._metrics.evaluations_recorded(events)
+            for f in batch:  # recorded, or fenced out with its spend still added to its run (`record`)
+                self._spend_recorded(f.job.tenant, job_spend(f))
+            for (tenant, _), usd in spent.items():
+                self._spend_recorded(tenant, usd)
             for f in batch:
                 if f.job.run_id in events and f.job.tenant in self._tenant_stored:
                     self._tenant_stored[f.job.tenant] += stored_bytes(f)
@@ -975,6 +1034,7 @@ class Executor:
                 if spend:
                     self._unrecorded_spend[(plan.tenant, run_id)] += spend
                 raise
+            self._spend_recorded(plan.tenant, spend)
             del self._over_limit[run_id]
             self.run_ended(run_id)
             if event is not None:
