@@ -3,11 +3,9 @@ started by the tests (tests/fake_llm.py) standing in for model endpoints."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +15,6 @@ import pytest
 from google.protobuf import struct_pb2
 
 from evalsvc.config import Settings
-from evalsvc.execution import executor as executor_module
 from evalsvc.http import outbound as outbound_module
 from evalsvc.http.outbound import AdaptiveLimit, Outbound
 from evalsvc.server import EvalServer
@@ -33,7 +30,6 @@ from evalsvc.v1 import (
 )
 from evalsvc.v1 import grader_service_pb2 as gs
 from evalsvc.v1 import target_service_pb2 as ts
-from tests import dbs
 from tests.conftest import make_settings
 from tests.dbs import stored_bytes
 from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
@@ -1060,114 +1056,3 @@ async def test_a_request_that_cannot_be_sent_is_not_retried() -> None:
         assert "gave up" not in str(err.value) and time.monotonic() - started < 1.0
     finally:
         await outbound.close()
-
-
-async def test_a_run_stopped_by_its_budget_records_what_its_answered_calls_cost(svc) -> None:
-    """A job stopped by its run's budget handed nothing to the recorder, so the calls it had answered
-    (here its warmups) never reached the run's cost_usd: a probe's run stopped at $5 after 8 answered $1
-    calls recorded cost_usd 0. Their cost is written with the run's end, in its terminal event too."""
-    _, stubs = svc
-    with FakeEndpoint(chat_reply("a", usage=(100, 0))) as llm:  # $0.10 per call
-        created = await stubs.runs.CreateRun(
-            pb.CreateRunRequest(
-                items=[item_pb2.Item(input="q", expected_output="a")],
-                target=chat(llm.url),
-                graders=[exact()],
-                warmup_runs=5,
-                max_cost_usd=0.25,
-            )
-        )
-        events = await watch_all(stubs.runs, created.run.id)
-        calls = len(llm.seen)
-    run = (await stubs.runs.GetRun(pb.GetRunRequest(run_id=created.run.id))).run
-    assert run.status == run_pb2.RUN_STATUS_FAILED and run.error.code == "BUDGET_EXCEEDED", run
-    assert calls == 3, "three warmups reach $0.30, past the $0.25 budget: the fourth call never starts"
-    assert events[-1].run.cost_usd == pytest.approx(0.3) and run.cost_usd == pytest.approx(0.3)
-    assert run.etag == events[-1].run.etag, "nothing changes the run after its terminal event"
-
-
-async def test_a_cancelled_runs_answered_calls_are_its_cost_and_the_tenants_after_a_restart(
-    tmp_path, monkeypatch
-) -> None:
-    """A job cancelled with its run let its cost propagate with the cancellation: only the executor's
-    memory held it, so a restart forgot it (a tenant that cancelled its runs and restarted the server spent
-    $47 against a $20 budget with $0 recorded). Its answered calls are the run's cost_usd now, and the
-    restarted server's tenant budget counts them."""
-    held = chat_reply("a", usage=(100, 0))  # $0.10 per call
-    held.gate = threading.Event()
-    paid = chat_reply("a", usage=(100, 0))
-    srv = await start(tmp_path, monkeypatch, tenant_budget_usd=0.25)
-    key = srv.bootstrap_key or ""
-    with FakeEndpoint(paid, paid, held) as llm:
-        try:
-            async with keyed_channel(srv.port, key) as channel:
-                stubs = Stubs(channel)
-                created = await stubs.runs.CreateRun(
-                    pb.CreateRunRequest(
-                        items=[item_pb2.Item(input="q")], target=chat(llm.url), graders=[exact()], warmup_runs=5
-                    )
-                )
-                assert await asyncio.to_thread(llm.wait_seen, 3, 30), "two warmups answered, the third held"
-                await stubs.runs.CancelRun(pb.CancelRunRequest(run_id=created.run.id))
-        finally:
-            await srv.stop(grace=0.5)  # records what the cancelled job spent before it stops
-            held.gate.set()
-        srv = await start(tmp_path, monkeypatch, tenant_budget_usd=0.25)
-        try:
-            async with keyed_channel(srv.port, key) as channel:
-                stubs = Stubs(channel)
-                cancelled = (await stubs.runs.GetRun(pb.GetRunRequest(run_id=created.run.id))).run
-                second, results = await run_to_end(
-                    stubs,
-                    pb.CreateRunRequest(
-                        items=[item_pb2.Item(input="q")], target=chat(llm.url), graders=[exact()], warmup_runs=1
-                    ),
-                )
-        finally:
-            await srv.stop(grace=0.5)
-        calls = len(llm.seen)
-    assert cancelled.status == run_pb2.RUN_STATUS_CANCELLED and cancelled.cost_usd == pytest.approx(0.2)
-    # $0.20 recorded: the next run's warmup reaches $0.30, and its measured call never starts.
-    assert second.status == run_pb2.RUN_STATUS_FAILED and second.error.code == "BUDGET_EXCEEDED", second
-    assert second.cost_usd == pytest.approx(0.1) and results == [] and calls == 4
-
-
-@pytest.mark.skipif(not dbs.USE_POSTGRES, reason="replicas share a PostgreSQL database (EVALSVC_TEST_DB=postgres)")
-async def test_replicas_see_each_others_spend_against_the_tenant_budget(tmp_path, monkeypatch) -> None:
-    """Each replica read a tenant's spend once, with its first plan, and then counted only its own: two
-    replicas with a $20 budget recorded $38. It is read again as the tenant's jobs start (at most every
-    TENANT_SPEND_REFRESH_S; 0 here, so the test waits on no clock). Each replica's executor is stopped
-    while the other works, so which one spends is certain."""
-    monkeypatch.setattr(executor_module, "TENANT_SPEND_REFRESH_S", 0.0, raising=False)
-    first = await start(tmp_path, monkeypatch, tenant_budget_usd=0.25)
-    second = await start(tmp_path, monkeypatch, tenant_budget_usd=0.25)
-    key = first.bootstrap_key or ""
-    try:
-        with FakeEndpoint(chat_reply("a", usage=(100, 0))) as llm:  # $0.10 per call
-            async with keyed_channel(first.port, key) as on_first, keyed_channel(second.port, key) as on_second:
-                await second.executor.stop()
-                one, _ = await run_to_end(
-                    Stubs(on_first),
-                    pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=chat(llm.url), graders=[exact()]),
-                )
-                await first.executor.stop()
-                await second.executor.start()
-                two, _ = await run_to_end(
-                    Stubs(on_second),
-                    pb.CreateRunRequest(
-                        items=[item_pb2.Item(input=f"q{i}") for i in range(2)], target=chat(llm.url), graders=[exact()]
-                    ),
-                )
-                await second.executor.stop()
-                await first.executor.start()  # it counted $0.10 itself; the database holds $0.30
-                three, results = await run_to_end(
-                    Stubs(on_first),
-                    pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=chat(llm.url), graders=[exact()]),
-                )
-            calls = len(llm.seen)
-    finally:
-        await first.stop(grace=0.5)
-        await second.stop(grace=0.5)
-    assert one.cost_usd == pytest.approx(0.1) and two.cost_usd == pytest.approx(0.2)
-    assert three.status == run_pb2.RUN_STATUS_FAILED and three.error.code == "BUDGET_EXCEEDED", three
-    assert results == [] and calls == 3

@@ -22,8 +22,7 @@ every worker: it did, and no other tenant's job was claimed until the hung calls
 Cancelling a run cancels its tasks at once; everything a task holds (worker slot, endpoint slot, its
 share of the claim whose lease the keeper renews) is given back in `finally` blocks and context
 managers, so a cancellation releases it like any other ending. The fence in the recorder makes sure
-nothing of a cancelled run is recorded even if a job finished meanwhile - nothing but what its calls
-cost: every answered call reaches its run's cost_usd, which budgets read (`_spent_without_result`).
+nothing of a cancelled run is recorded even if a job finished meanwhile.
 """
 
 from __future__ import annotations
@@ -55,7 +54,6 @@ from evalsvc.execution.recorder import (
     FinishedJob,
     RunGraders,
     fail_early,
-    job_spend,
     record,
     stored_bytes,
 )
@@ -91,13 +89,6 @@ INLINE_SLICE_S = 0.002
 REMEMBERED_ENDS = 10_000
 # Items of runs created here whose plans wait for their first claim (see `Executor.created`).
 MAX_CREATED_ITEMS = 200_000
-# How old, in seconds, the tenant spend a job starts against may be (see `Executor._fresh_tenant_spend`):
-# other replicas' recorded spend reaches this one's budget check at most this late.
-TENANT_SPEND_REFRESH_S = 1.0
-# How long, in seconds, ending a run over its budget waits for its cancelled jobs to give back the spend
-# they counted, so that it is in the cost written with the run's end (cancellation is prompt; a job that
-# outlasts this has its spend added to the ended run instead).
-STOP_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -145,9 +136,6 @@ class CacheUse:
     hits: list[str] = field(default_factory=list)
     writes: list[CacheEntry] = field(default_factory=list)
     warmup_usd: float = 0.0  # what its warmup calls cost: part of no result, recorded with the job all the same
-    # Everything its calls cost as each was counted (`Executor._spend`): what reaches its run's cost_usd
-    # even when the job ends without a result (budget stop, cancellation), as a spend-only entry.
-    spent_usd: float = 0.0
 
 
 class BudgetExceeded(Exception):
@@ -176,16 +164,7 @@ class Executor:
         self._outbound = outbound
         self._prices = prices
         self._judge = judge
-        # Each tenant's spend as this process knows it: what the database recorded when last read, plus what
-        # this process counted that is not recorded yet (`_tenant_unrecorded`). Read again, at most every
-        # TENANT_SPEND_REFRESH_S, as the tenant's jobs start (`_fresh_tenant_spend`): other replicas spend too.
         self._tenant_spent: dict[str, float] = {}
-        self._tenant_unrecorded: dict[str, float] = defaultdict(float)
-        self._tenant_spend_read: dict[str, float] = {}  # tenant -> time.monotonic() of the last read
-        self._tenant_spend_reads: dict[str, asyncio.Task[None]] = {}  # reads in progress, shared by the jobs
-        # Spend counted by jobs that ended without a result to record (budget stop, cancellation, a failure):
-        # (tenant, run id) -> US dollars; the recorder adds it to the run's cost_usd with its next batch.
-        self._unrecorded_spend: dict[tuple[str, str], float] = defaultdict(float)
         # The bytes each tenant stores (evalsvc.store.usage), as this process knows them: read with its first
         # plan, raised by this process's recordings, read again every lease interval while it has plans here
         # (other replicas record too), and before a run is stopped on them.
@@ -263,7 +242,7 @@ class Executor:
             return bool(await run_store.claimable_runs(conn, time.time()))
 
     async def _jobs_to_record(self) -> bool:
-        return bool(self._finished or self._unrecorded_spend)
+        return bool(self._finished)
 
     async def _leases_to_keep(self) -> bool:
         return bool(self._open_claims)
@@ -549,8 +528,6 @@ class Executor:
         if await self._over_storage(job, plan):
             self._finished_ready.set()  # the recorder ends the run once what finished is recorded
             return False
-        if self._settings.tenant_budget_usd > 0 and not plan.local:
-            await self._fresh_tenant_spend(plan.tenant)
         item = plan.items[job.item_idx]
         # The one budget check: before every outbound call attempt of this job (target, warmups, judges,
         # retries), where the money is spent; calls that cost nothing are never stopped.
@@ -558,25 +535,6 @@ class Executor:
         # Whose turn its calls (target, warmups, judges) wait for when their endpoint's slots are taken.
         call_tenant.set(plan.tenant)
         use = CacheUse()
-        queued = False
-        try:
-            queued = await self._call_and_grade(job, plan, item, use, held_up, into)
-            return queued
-        finally:
-            if not queued:
-                self._spent_without_result(job, use.spent_usd)
-
-    async def _call_and_grade(
-        self,
-        job: ClaimedJob,
-        plan: RunPlan,
-        item: item_pb2.Item,
-        use: CacheUse,
-        held_up: Callable[[], AbstractAsyncContextManager[None]],
-        into: list[FinishedJob] | None,
-    ) -> bool:
-        """`_execute`'s calls and grades; True when the job was queued for recording (False: stopped by a
-        budget; cancellation and failures raise)."""
         try:
             try:
                 output = await self._respond(job, plan, item, use)
@@ -608,17 +566,6 @@ class Executor:
             into.append(finished)
         return True
 
-    def _spent_without_result(self, job: ClaimedJob, usd: float) -> None:
-        """A job ends with no result to record (stopped by a budget, cancelled with its run or at shutdown,
-        failed): what its answered calls cost still reaches its run's cost_usd, and so the tenant's spend
-        read back after a restart or by other replicas. It only ever reached memory: runs stopped by their
-        budget, or cancelled, after many answered calls recorded cost_usd 0, and a tenant that cancelled its
-        runs and restarted the server spent $47 against a $20 budget. The recorder adds it with its next
-        batch (or with the run's end, `_end_over_limit_runs`)."""
-        if usd > 0:
-            self._unrecorded_spend[(job.tenant, job.run_id)] += usd
-            self._finished_ready.set()
-
     async def _respond(self, job: ClaimedJob, plan: RunPlan, item: item_pb2.Item, use: CacheUse) -> item_pb2.Response:
         """The target's output: from the response cache when the run reads it and has it (no warmups,
         no call, no spend), else from the target (stored for the cache when the run writes it)."""
@@ -639,13 +586,13 @@ class Executor:
                 )
         if job.repetition == 1:
             for _ in range(plan.warmup_runs):
-                use.warmup_usd += self._spend(plan, (await plan.target.respond(item)).cost_usd, use)
+                use.warmup_usd += self._spend(plan, (await plan.target.respond(item)).cost_usd)
         started = time.perf_counter()
         try:
             output = await plan.target.respond(item)
         finally:  # failed and timed-out calls are the latencies operators most need to see
             self._metrics.target_called(plan.target, time.perf_counter() - started)
-        self._spend(plan, output.cost_usd, use)
+        self._spend(plan, output.cost_usd)
         if key is not None and plan.cache_mode in cache.WRITES:
             use.writes.append(
                 CacheEntry(plan.tenant, key, CACHE_TARGET_OUTPUT, output.SerializeToString(), output.cost_usd)
@@ -710,7 +657,7 @@ class Executor:
                     "(the run replays the cache and makes no call)",
                 )
         grade = await judge.grade_async(item, output)
-        self._spend(plan, grade.cost_usd, use)
+        self._spend(plan, grade.cost_usd)
         if key is not None and plan.cache_mode in cache.WRITES and grade.state != run_pb2.RESULT_STATE_ERROR:
             use.writes.append(
                 CacheEntry(plan.tenant, key, CACHE_JUDGE_VERDICT, cache.verdict_payload(grade), grade.cost_usd)
@@ -767,61 +714,15 @@ class Executor:
         )
         return True
 
-    def _spend(self, plan: RunPlan, usd: float, use: CacheUse) -> float:
-        """Count a call's cost against the run's and the tenant's budgets, and as the job's (`use`: what
-        reaches the database however the job ends); what was counted. Replies are checked where they are
-        read (`targets.reported_amount`); a NaN or negative amount that got past would switch the budgets
-        off for good (NaN >= budget is never true), so it is never added."""
+    def _spend(self, plan: RunPlan, usd: float) -> float:
+        """Count a call's cost against the run's and the tenant's budgets; what was counted. Replies are
+        checked where they are read (`targets.reported_amount`); a NaN or negative amount that got past
+        would switch the budgets off for good (NaN >= budget is never true), so it is never added."""
         if not 0 < usd < math.inf:
             return 0.0
         plan.spent_usd += usd
-        use.spent_usd += usd
         self._tenant_spent[plan.tenant] = self._tenant_spent.get(plan.tenant, 0.0) + usd
-        self._tenant_unrecorded[plan.tenant] += usd
         return usd
-
-    def _spend_recorded(self, tenant: str, usd: float) -> None:
-        """Spend counted here is now in the database: a read of the tenant's spend holds it."""
-        left = self._tenant_unrecorded.get(tenant, 0.0) - usd
-        if left > 1e-9:
-            self._tenant_unrecorded[tenant] = left
-        else:
-            self._tenant_unrecorded.pop(tenant, None)
-
-    async def _fresh_tenant_spend(self, tenant: str) -> None:
-        """Read the tenant's recorded spend again if the last read is older than TENANT_SPEND_REFRESH_S, so
-        that replicas see each other's spend: read once per process, a tenant's $20 budget let two
-        replicas spend $39-45. Once per interval per tenant, as its jobs start (never per call): jobs that
-        start meanwhile share the read in progress. A database that cannot serve leaves the last figure."""
-        read_at = self._tenant_spend_read.get(tenant)
-        if read_at is not None and time.monotonic() - read_at < TENANT_SPEND_REFRESH_S:
-            return
-        task = self._tenant_spend_reads.get(tenant)
-        if task is None:
-            task = asyncio.create_task(self._read_tenant_spend(tenant))
-            self._tenant_spend_reads[tenant] = task
-            task.add_done_callback(functools.partial(self._tenant_spend_read_done, tenant))
-        try:
-            await asyncio.shield(task)
-        except Exception as exc:
-            if unavailable_cause(exc) is None:
-                raise
-            log.warning("could not read the spend of tenant %s again (%s); the last figure holds", tenant, exc)
-
-    def _tenant_spend_read_done(self, tenant: str, task: asyncio.Task[None]) -> None:
-        """Forget a finished read; its failure is its awaiters' (taken here too, in case all were cancelled)."""
-        self._tenant_spend_reads.pop(tenant, None)
-        if not task.cancelled():
-            task.exception()
-
-    async def _read_tenant_spend(self, tenant: str) -> None:
-        """Set the tenant's spend to what the database recorded plus what this process counted and has not
-        recorded yet."""
-        started = time.monotonic()
-        async with self._db.read() as conn:
-            recorded = await run_store.tenant_spend(conn, tenant)
-        self._tenant_spent[tenant] = recorded + self._tenant_unrecorded.get(tenant, 0.0)
-        self._tenant_spend_read[tenant] = started
 
     async def _fail_unexecutable(self, job: ClaimedJob, exc: Exception) -> None:
         """End a run that no attempt could load (e.g. a definition this version cannot build), so its
@@ -886,7 +787,8 @@ class Executor:
     async def _build_plan(self, tenant: str, spec_bytes: bytes, items: Sequence[bytes], spent_usd: float) -> RunPlan:
         """A run's plan from its stored definition and items (`spent_usd`: what it has spent so far)."""
         if self._settings.tenant_budget_usd > 0 and tenant not in self._tenant_spent:
-            await self._read_tenant_spend(tenant)
+            async with self._db.read() as conn:
+                self._tenant_spent[tenant] = await run_store.tenant_spend(conn, tenant)
         if tenant not in self._tenant_stored:
             async with self._db.read() as conn:
                 self._tenant_stored.update(await usage.stored_bytes(conn, [tenant]))
@@ -939,20 +841,18 @@ class Executor:
         `_claim_loop`): a recording that fails every time is no progress."""
         progress = self._progress["record"]
         while True:
-            if not self._finished and self._over_limit:
-                await self._end_over_limit_runs()
-            if not self._finished and not self._unrecorded_spend:
+            if not self._finished:
+                if self._over_limit:
+                    await self._end_over_limit_runs()
                 if self._stopping:
                     return
                 self._finished_ready.clear()
-                if not self._finished and not self._over_limit and not self._unrecorded_spend:
+                if not self._finished and not self._over_limit:
                     await self._finished_ready.wait()
                 progress.beat()
                 continue
             batch_jobs = self._settings.claim_batch
             batch, self._finished = self._finished[:batch_jobs], self._finished[batch_jobs:]
-            # Spend of jobs that ended without a result rides with the batch (in its runs' one UPDATE).
-            spent, self._unrecorded_spend = self._unrecorded_spend, defaultdict(float)
             self._recorded.set()
             views = {}
             retry = False
@@ -960,13 +860,7 @@ class Executor:
                 for f in batch:
                     if f.job.run_id not in views:
                         views[f.job.run_id] = (await self._plan(f.job.run_id)).recorder_view
-                events, finished_runs = await record(
-                    self._db,
-                    batch,
-                    views,
-                    cache_bounds=self._cache_bounds,
-                    spend={run_id: usd for (_, run_id), usd in spent.items()},
-                )
+                events, finished_runs = await record(self._db, batch, views, cache_bounds=self._cache_bounds)
             except Exception as exc:
                 # The database cannot take it now (down, out of connections, a lock timeout) or lost a
                 # race: the batch goes back first in line, its leases still kept, and is recorded when
@@ -974,8 +868,6 @@ class Executor:
                 retry = unavailable_cause(exc) is not None or is_conflict(exc)
                 if retry:
                     self._finished[:0] = batch
-                    for key, usd in spent.items():
-                        self._unrecorded_spend[key] += usd
                 # Parts of a split batch may have committed before the failure: their events were never
                 # handed to watchers here, who then waited for good (heartbeats, no end). They read the
                 # log instead.
@@ -989,10 +881,6 @@ class Executor:
                     for f in batch:
                         self._release_claim_slot(f.job.claim_id)
             self._metrics.evaluations_recorded(events)
-            for f in batch:  # recorded, or fenced out with its spend still added to its run (`record`)
-                self._spend_recorded(f.job.tenant, job_spend(f))
-            for (tenant, _), usd in spent.items():
-                self._spend_recorded(tenant, usd)
             for f in batch:
                 if f.job.run_id in events and f.job.tenant in self._tenant_stored:
                     self._tenant_stored[f.job.tenant] += stored_bytes(f)
@@ -1015,26 +903,7 @@ class Executor:
             except LookupError:  # deleted and purged meanwhile: nothing is left to end
                 del self._over_limit[run_id]
                 continue
-            # Its jobs in flight stop now rather than at their next call (each would be refused): what they
-            # counted is then known, and written with the run's end, so the terminal event's cost_usd holds
-            # every answered call (only calls still unanswered are cut off, and never counted).
-            tasks = list(self._in_flight.get(run_id, ()))
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.wait(tasks, timeout=STOP_WAIT_S)
-            if any(f.job.run_id == run_id for f in self._finished):
-                continue  # one finished as it was stopped: recorded first, then the run ends
-            spend = self._unrecorded_spend.pop((plan.tenant, run_id), 0.0)
-            try:
-                event = await fail_early(
-                    self._db, plan.tenant, run_id, plan.recorder_view, code, message, spend_usd=spend
-                )
-            except BaseException:
-                if spend:
-                    self._unrecorded_spend[(plan.tenant, run_id)] += spend
-                raise
-            self._spend_recorded(plan.tenant, spend)
+            event = await fail_early(self._db, plan.tenant, run_id, plan.recorder_view, code, message)
             del self._over_limit[run_id]
             self.run_ended(run_id)
             if event is not None:

@@ -22,7 +22,6 @@ lasted through the split's few milliseconds lost a correct result for good.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections import Counter, defaultdict
@@ -110,32 +109,22 @@ UNKNOWN_FAILURE_ATTEMPTS = 3
 
 
 async def record(
-    db: Database,
-    finished: Sequence[FinishedJob],
-    graders_of: dict[str, RunGraders],
-    *,
-    cache_bounds: CacheBounds,
-    spend: Mapping[str, float] | None = None,
+    db: Database, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders], *, cache_bounds: CacheBounds
 ) -> Recorded:
-    """Commit a batch. Returns the committed events by run, and the runs that finished. `spend`: US
-    dollars by run id that jobs spent without a result to record (stopped by a budget, cancelled), added
-    to the runs' cost_usd in the same UPDATE as the batch's own results.
+    """Commit a batch. Returns the committed events by run, and the runs that finished.
 
     Splits a batch the database refuses until only the evaluation it cannot store is left out,
     recorded as ERROR `RESULT_NOT_STORABLE` instead (see the module docstring). Raises, recording
     nothing, when the database cannot serve or the batch lost a race, or when the database refuses even
     that replacement."""
-    spend = spend or {}
     try:
-        return await _record_batch(db, finished, graders_of, cache_bounds, spend)
+        return await _record_batch(db, finished, graders_of, cache_bounds)
     except Exception as exc:
         if unavailable_cause(exc) is not None or is_conflict(exc):
             raise
-        if not finished:
-            raise
         if len(finished) > 1:
             half = len(finished) // 2
-            first = await record(db, finished[:half], graders_of, cache_bounds=cache_bounds, spend=spend)
+            first = await record(db, finished[:half], graders_of, cache_bounds=cache_bounds)
             second = await record(db, finished[half:], graders_of, cache_bounds=cache_bounds)
             for run_id, events in second[0].items():
                 first[0].setdefault(run_id, []).extend(events)
@@ -156,10 +145,6 @@ async def record(
                 refused.job.attempt,
                 UNKNOWN_FAILURE_ATTEMPTS,
             )
-            # Its calls were paid all the same (and its next attempt pays again): their cost is the run's.
-            paid = dict(spend)
-            paid[refused.job.run_id] = paid.get(refused.job.run_id, 0.0) + job_spend(refused)
-            await _record_batch(db, [], graders_of, cache_bounds, paid)
             return {}, set()
         log.warning(
             "the result of job %d (run %s, item %r) cannot be stored (%s: %s); recorded as ERROR RESULT_NOT_STORABLE",
@@ -169,7 +154,7 @@ async def record(
             type(exc).__name__,
             str(exc)[:500],
         )
-        return await _record_batch(db, [_not_storable(refused, exc)], graders_of, cache_bounds, spend)
+        return await _record_batch(db, [_not_storable(refused, exc)], graders_of, cache_bounds)
 
 
 def _not_storable(refused: FinishedJob, exc: Exception) -> FinishedJob:
@@ -187,16 +172,11 @@ def _not_storable(refused: FinishedJob, exc: Exception) -> FinishedJob:
         item_id=storable_text(refused.item_id),
         output=item_pb2.Response(),
         grades=[(storable_text(name), grade) for name, _ in refused.grades],
-        warmup_cost_usd=job_spend(refused),  # its calls were paid: their cost stays the run's
     )
 
 
 async def _record_batch(
-    db: Database,
-    finished: Sequence[FinishedJob],
-    graders_of: dict[str, RunGraders],
-    cache_bounds: CacheBounds,
-    spend: Mapping[str, float],
+    db: Database, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders], cache_bounds: CacheBounds
 ) -> Recorded:
     """Commit a batch in one transaction (see `record`). The batch's response cache entries are stored
     in the same transaction (a committed result's entry is committed with it, and caching adds no
@@ -207,45 +187,26 @@ async def _record_batch(
     small run's events by the large run's share of the transaction."""
 
     async def apply(conn: AsyncConnection) -> Recorded:
-        return await _record_in(conn, finished, graders_of, cache_bounds, spend)
+        return await _record_in(conn, finished, graders_of, cache_bounds)
 
     evaluations = sum(len(f.grades) for f in finished)
     return await db.transact(apply, alone=evaluations >= ALONE_FROM_EVALUATIONS)
 
 
 async def _record_in(
-    conn: AsyncConnection,
-    finished: Sequence[FinishedJob],
-    graders_of: dict[str, RunGraders],
-    cache_bounds: CacheBounds,
-    spend: Mapping[str, float],
+    conn: AsyncConnection, finished: Sequence[FinishedJob], graders_of: dict[str, RunGraders], cache_bounds: CacheBounds
 ) -> Recorded:
     """`_record_batch`'s transaction: a handful of statements for the whole batch, however many runs
-    it holds (one UPDATE counts the results, stored bytes and cost of every run, one upsert adds the bytes
-    to their tenants', one insert each for outputs, results and events, and one aggregate read and one
-    UPDATE for all the runs it finishes).
-
-    Spend is added to its run whether or not a result is: a job fenced out (its run cancelled, its lease
-    lost) and a job that ended without a result (`spend`) paid for their calls all the same, and budgets
-    read the runs' cost_usd (after a restart, on other replicas). A run that already ended gets it too,
-    with a new version but no event: its terminal event stays its last (see docs/targets.md, Budgets)."""
-    extra: dict[str, float] = defaultdict(float)
-    for run_id, usd in spend.items():
-        extra[run_id] += usd
-    accepted = await job_store.complete(conn, [(f.job.id, f.job.claim_id) for f in finished]) if finished else set()
+    it holds (one UPDATE counts the results and stored bytes of every run, one upsert adds the bytes to
+    their tenants', one insert each for outputs, results and events, and one aggregate read and one
+    UPDATE for all the runs it finishes)."""
+    accepted = await job_store.complete(conn, [(f.job.id, f.job.claim_id) for f in finished])
     kept = [f for f in finished if f.job.id in accepted]
     if len(kept) < len(finished):
         log.info(
             "fenced out %d finished jobs whose lease was lost or whose run was cancelled", len(finished) - len(kept)
         )
-        for f in finished:
-            if f.job.id not in accepted:
-                extra[f.job.run_id] += job_spend(f)
-    extra = {run_id: usd for run_id, usd in extra.items() if usd > 0}
     if not kept:
-        await run_store.add_progress(
-            conn, {r: run_store.Progress(cost_usd=usd) for r, usd in extra.items()}, time.time()
-        )
         return {}, set()
     await job_store.store_outputs(
         conn,
@@ -268,13 +229,10 @@ async def _record_in(
     for f in kept:
         jobs_by_run[f.job.run_id].append(f)
     progress = {run_id: _progress(jobs) for run_id, jobs in jobs_by_run.items()}
+    rows = await run_store.add_progress(conn, progress, time.time())
     by_tenant: Counter[str] = Counter()
     for run_id, p in progress.items():
         by_tenant[jobs_by_run[run_id][0].job.tenant] += p.stored_bytes
-    for run_id, usd in extra.items():  # in the same UPDATE: one statement, the runs locked in id order
-        p = progress.get(run_id, run_store.Progress())
-        progress[run_id] = dataclasses.replace(p, cost_usd=p.cost_usd + usd)
-    rows = await run_store.add_progress(conn, progress, time.time())
     by_run: dict[str, list[pb.WatchRunResponse]] = {}
     result_rows: list[tuple[Any, ...]] = []
     for run_id, run_jobs in sorted(jobs_by_run.items()):
@@ -306,22 +264,17 @@ def stored_bytes(f: FinishedJob) -> int:
     return f.output.ByteSize() + sum(usage.result_bytes(g.explanation, g.error_reason) for _, g in f.grades)
 
 
-def job_spend(f: FinishedJob) -> float:
-    """What a finished job's calls cost: its warmups, its output unless cached, its judges' uncached verdicts."""
-    spent = f.warmup_cost_usd + (0.0 if f.cached else f.output.cost_usd)
-    return spent + sum(0.0 if grade.cached else grade.cost_usd for _, grade in f.grades)
-
-
 def _progress(run_jobs: Sequence[FinishedJob]) -> run_store.Progress:
     """What a recording adds to one run's counters."""
     tally = dict.fromkeys(_STATE_FIELD.values(), 0)
     spent = 0.0
     size = 0
     for f in run_jobs:
-        spent += job_spend(f)
+        spent += f.warmup_cost_usd + (0.0 if f.cached else f.output.cost_usd)
         size += stored_bytes(f)
         for _, grade in f.grades:
             tally[_STATE_FIELD[grade.state]] += 1
+            spent += 0.0 if grade.cached else grade.cost_usd
     return run_store.Progress(cost_usd=spent, stored_bytes=size, **tally)
 
 
@@ -433,17 +386,13 @@ def _ending(
 
 
 async def fail_early(
-    db: Database, tenant: str, run_id: str, graders: RunGraders, code: str, message: str, *, spend_usd: float = 0.0
+    db: Database, tenant: str, run_id: str, graders: RunGraders, code: str, message: str
 ) -> pb.WatchRunResponse | None:
     """End an active run as FAILED before all its evaluations ran (e.g. its budget was spent),
-    keeping the results recorded so far; its remaining jobs never run. None when it already ended.
-    `spend_usd`: what its stopped jobs spent without a result, added to its cost_usd before it ends, so
-    its terminal event carries its whole cost (added all the same when it already ended)."""
+    keeping the results recorded so far; its remaining jobs never run. None when it already ended."""
 
     async def end(conn: AsyncConnection) -> pb.WatchRunResponse | None:
         await run_store.cancel_jobs(conn, tenant, run_id)  # jobs before their run: the lock order
-        if spend_usd > 0:
-            await run_store.add_progress(conn, {run_id: run_store.Progress(cost_usd=spend_usd)}, time.time())
         aggregate = await aggregate_so_far(conn, run_id, graders.grader_names)
         ending = run_store.Ending(run_id, run_pb2.RUN_STATUS_FAILED, None, code, message, aggregate, time.time())
         ended = await run_store.finish_runs(conn, [ending])
