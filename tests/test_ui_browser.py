@@ -361,7 +361,12 @@ async def test_run_page_opens_the_comparison_view_of_two_finished_runs(
     assert await cell(exact, "verdict") == "REGRESSED"
     assert await cell(page.locator("tr[data-overall]"), "verdict") == "REGRESSED"
     assert await page.locator("#partial").is_hidden()
-    assert await page.locator("#candidate-link").text_content() == "browser: candidate"
+    # The links are named once the runs are read (nameRuns, after the comparison drew): awaited, not read at once.
+    await page.wait_for_function(
+        "(name) => document.getElementById('candidate-link').textContent === name",
+        arg="browser: candidate",
+        timeout=STEP_TIMEOUT_MS,
+    )
     await page.set_viewport_size({"width": 1280, "height": 700})
     await page.screenshot(path=str(tmp_path / "compare-page.png"), full_page=True)  # for people: pytest keeps tmp_path
 
