@@ -3,9 +3,11 @@ started by the tests (tests/fake_llm.py) standing in for model endpoints."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -1056,3 +1058,76 @@ async def test_a_request_that_cannot_be_sent_is_not_retried() -> None:
         assert "gave up" not in str(err.value) and time.monotonic() - started < 1.0
     finally:
         await outbound.close()
+
+
+async def test_a_run_ended_by_its_budget_records_what_its_stopped_jobs_had_spent(svc) -> None:
+    """A job stopped without a result as its run's budget ran out handed nothing to the recorder, so the
+    calls it had answered never reached the run's cost_usd (a $5 budget, $1 calls: 8 answered, cost_usd
+    0.0). Here item A's target call answers ($0.10) and its judge call is held; then B's target call
+    answers ($0.20 spent), B's judge is refused and the run ends, A's held judge call abandoned. Both
+    answered target calls are written with the run's end, in its terminal event and GetRun alike."""
+    _, stubs = svc
+    held_target = chat_reply("a", usage=(100, 0))  # $0.10 per call
+    held_target.gate = threading.Event()
+    held_judge = judge_reply({"passed": True, "reason": "r"})
+    held_judge.gate = threading.Event()
+    with FakeEndpoint(chat_reply("a", usage=(100, 0)), held_target) as llm, FakeEndpoint(held_judge) as judging:
+        try:
+            created = await stubs.runs.CreateRun(
+                pb.CreateRunRequest(
+                    items=[item_pb2.Item(input="A"), item_pb2.Item(input="B")],
+                    target=chat(llm.url),
+                    graders=[judge(judging.url, mode=Judge.MODE_CRITERIA, criteria="c")],
+                    max_cost_usd=0.15,
+                )
+            )
+            watching = asyncio.ensure_future(watch_all(stubs.runs, created.run.id))
+            assert await asyncio.to_thread(llm.wait_seen, 2, 30), "both target calls started"
+            assert await asyncio.to_thread(judging.wait_seen, 1, 30), "A's judge call is held"
+            held_target.gate.set()  # B's target call answers: $0.20 spent, B's judge call is refused
+            events = await watching
+        finally:
+            held_target.gate.set()
+            held_judge.gate.set()
+        judge_calls = len(judging.seen)
+    run = (await stubs.runs.GetRun(pb.GetRunRequest(run_id=created.run.id))).run
+    assert run.status == run_pb2.RUN_STATUS_FAILED and run.error.code == "BUDGET_EXCEEDED", run
+    assert judge_calls == 1 and run.counts.completed_evaluations == 0
+    assert events[-1].run.cost_usd == pytest.approx(0.2) and run.cost_usd == pytest.approx(0.2)
+    assert run.etag == events[-1].run.etag, "one version: nothing changed the run after its terminal event"
+
+
+async def test_a_tenant_budget_counts_a_stopped_runs_answered_calls_after_a_restart(tmp_path, monkeypatch) -> None:
+    """The tenant's budget is read back from its runs' cost_usd after a restart: a run ended by the
+    budget after its warmups answered recorded cost_usd 0, so the restarted server had forgotten them
+    and let the tenant's next run spend again."""
+    srv = await start(tmp_path, monkeypatch, tenant_budget_usd=0.25)
+    key = srv.bootstrap_key or ""
+    with FakeEndpoint(chat_reply("a", usage=(100, 0))) as llm:  # $0.10 per call
+        try:
+            async with keyed_channel(srv.port, key) as channel:
+                stubs = Stubs(channel)
+                created = await stubs.runs.CreateRun(
+                    pb.CreateRunRequest(
+                        items=[item_pb2.Item(input="q")], target=chat(llm.url), graders=[exact()], warmup_runs=5
+                    )
+                )
+                events = await watch_all(stubs.runs, created.run.id)
+                first = (await stubs.runs.GetRun(pb.GetRunRequest(run_id=created.run.id))).run
+        finally:
+            await srv.stop(grace=0.5)
+        srv = await start(tmp_path, monkeypatch, tenant_budget_usd=0.25)
+        try:
+            async with keyed_channel(srv.port, key) as channel:
+                second, results = await run_to_end(
+                    Stubs(channel),
+                    pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=chat(llm.url), graders=[exact()]),
+                )
+        finally:
+            await srv.stop(grace=0.5)
+        calls = len(llm.seen)
+    assert first.status == run_pb2.RUN_STATUS_FAILED and first.error.code == "BUDGET_EXCEEDED", first
+    # Three warmups answered ($0.30, past $0.25): the fourth call never started, and the job never got a result.
+    assert first.cost_usd == pytest.approx(0.3) and events[-1].run.cost_usd == pytest.approx(0.3)
+    assert second.status == run_pb2.RUN_STATUS_FAILED and second.error.code == "BUDGET_EXCEEDED", second
+    assert results == [] and calls == 3

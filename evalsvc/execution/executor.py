@@ -89,6 +89,10 @@ INLINE_SLICE_S = 0.002
 REMEMBERED_ENDS = 10_000
 # Items of runs created here whose plans wait for their first claim (see `Executor.created`).
 MAX_CREATED_ITEMS = 200_000
+# How long, in seconds, ending a run over a limit waits for its jobs still working, cancelled, to hand
+# over what they spent, so that it is in the cost written with the run's end (cancellation is prompt; what
+# a job that outlasts this spent is in no cost_usd).
+STOP_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,9 @@ class CacheUse:
     hits: list[str] = field(default_factory=list)
     writes: list[CacheEntry] = field(default_factory=list)
     warmup_usd: float = 0.0  # what its warmup calls cost: part of no result, recorded with the job all the same
+    # What all its answered calls cost, as `Executor._spend` counted them: recorded with its run's end
+    # when the job is stopped without a result because its run is ending over a limit (`_stopped`).
+    spent_usd: float = 0.0
 
 
 class BudgetExceeded(Exception):
@@ -171,6 +178,9 @@ class Executor:
         self._tenant_stored: dict[str, int] = {}
         # Runs to end FAILED once what they finished is recorded: (error code, message) by run id.
         self._over_limit: dict[str, tuple[str, str]] = {}
+        # What the jobs of those runs stopped without a result (BudgetExceeded, or cancelled by the run's
+        # end) had spent, by run id: written with the run's end (`_end_over_limit_runs`), nowhere else.
+        self._stopped_spend: dict[str, float] = defaultdict(float)
         self._cache_bounds = CacheBounds(settings.cache_max_entries, settings.cache_max_bytes)
         self._bus = bus
         self._settings = settings
@@ -547,8 +557,12 @@ class Executor:
             else:
                 grades = [(g.name, await self._grade(job, plan, g, item, output, use, held_up)) for g in plan.graders]
         except BudgetExceeded:
+            self._stopped(job, use)
             self._finished_ready.set()  # the recorder ends the run once what finished is recorded
             return False
+        except asyncio.CancelledError:
+            self._stopped(job, use)
+            raise
         finished = FinishedJob(
             job=job,
             item_id=item.id,
@@ -565,6 +579,15 @@ class Executor:
         else:
             into.append(finished)
         return True
+
+    def _stopped(self, job: ClaimedJob, use: CacheUse) -> None:
+        """A job stopped without a result: when its run is ending over a limit (its budget), what its
+        answered calls cost is kept for the run's end to write (a run stopped at its $5 budget after 8
+        answered $1 calls recorded cost_usd 0, and a restarted server's tenant budget, read back from
+        the runs' cost_usd, forgot them). A job stopped otherwise (its run cancelled, a shutdown) keeps
+        nothing: those calls are in no cost_usd (docs/targets.md, Budgets)."""
+        if use.spent_usd > 0 and job.run_id in self._over_limit:
+            self._stopped_spend[job.run_id] += use.spent_usd
 
     async def _respond(self, job: ClaimedJob, plan: RunPlan, item: item_pb2.Item, use: CacheUse) -> item_pb2.Response:
         """The target's output: from the response cache when the run reads it and has it (no warmups,
@@ -586,13 +609,13 @@ class Executor:
                 )
         if job.repetition == 1:
             for _ in range(plan.warmup_runs):
-                use.warmup_usd += self._spend(plan, (await plan.target.respond(item)).cost_usd)
+                use.warmup_usd += self._spend(plan, (await plan.target.respond(item)).cost_usd, use)
         started = time.perf_counter()
         try:
             output = await plan.target.respond(item)
         finally:  # failed and timed-out calls are the latencies operators most need to see
             self._metrics.target_called(plan.target, time.perf_counter() - started)
-        self._spend(plan, output.cost_usd)
+        self._spend(plan, output.cost_usd, use)
         if key is not None and plan.cache_mode in cache.WRITES:
             use.writes.append(
                 CacheEntry(plan.tenant, key, CACHE_TARGET_OUTPUT, output.SerializeToString(), output.cost_usd)
@@ -657,7 +680,7 @@ class Executor:
                     "(the run replays the cache and makes no call)",
                 )
         grade = await judge.grade_async(item, output)
-        self._spend(plan, grade.cost_usd)
+        self._spend(plan, grade.cost_usd, use)
         if key is not None and plan.cache_mode in cache.WRITES and grade.state != run_pb2.RESULT_STATE_ERROR:
             use.writes.append(
                 CacheEntry(plan.tenant, key, CACHE_JUDGE_VERDICT, cache.verdict_payload(grade), grade.cost_usd)
@@ -714,13 +737,15 @@ class Executor:
         )
         return True
 
-    def _spend(self, plan: RunPlan, usd: float) -> float:
-        """Count a call's cost against the run's and the tenant's budgets; what was counted. Replies are
-        checked where they are read (`targets.reported_amount`); a NaN or negative amount that got past
-        would switch the budgets off for good (NaN >= budget is never true), so it is never added."""
+    def _spend(self, plan: RunPlan, usd: float, use: CacheUse) -> float:
+        """Count a call's cost against the run's and the tenant's budgets, and as its job's (`use`); what
+        was counted. Replies are checked where they are read (`targets.reported_amount`); a NaN or negative
+        amount that got past would switch the budgets off for good (NaN >= budget is never true), so it is
+        never added."""
         if not 0 < usd < math.inf:
             return 0.0
         plan.spent_usd += usd
+        use.spent_usd += usd
         self._tenant_spent[plan.tenant] = self._tenant_spent.get(plan.tenant, 0.0) + usd
         return usd
 
@@ -902,9 +927,30 @@ class Executor:
                 plan = await self._plan(run_id)
             except LookupError:  # deleted and purged meanwhile: nothing is left to end
                 del self._over_limit[run_id]
+                self._stopped_spend.pop(run_id, None)
                 continue
-            event = await fail_early(self._db, plan.tenant, run_id, plan.recorder_view, code, message)
+            # Its jobs still working stop now, before it ends, rather than after (each would be refused at
+            # its next call): what their answered calls cost is then known (`_stopped`) and written with
+            # the run's end, so its terminal event and GetRun show the same cost_usd. Calls they had in
+            # flight are abandoned, and in no cost_usd.
+            tasks = list(self._in_flight.get(run_id, ()))
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=STOP_WAIT_S)
+                if any(f.job.run_id == run_id for f in self._finished):
+                    continue  # one finished as it was stopped: recorded first, then the run ends
+            event = await fail_early(
+                self._db,
+                plan.tenant,
+                run_id,
+                plan.recorder_view,
+                code,
+                message,
+                spent_usd=self._stopped_spend.get(run_id, 0.0),
+            )
             del self._over_limit[run_id]
+            self._stopped_spend.pop(run_id, None)
             self.run_ended(run_id)
             if event is not None:
                 self._bus.publish(run_id, [event])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -386,15 +387,22 @@ def _ending(
 
 
 async def fail_early(
-    db: Database, tenant: str, run_id: str, graders: RunGraders, code: str, message: str
+    db: Database, tenant: str, run_id: str, graders: RunGraders, code: str, message: str, *, spent_usd: float = 0.0
 ) -> pb.WatchRunResponse | None:
     """End an active run as FAILED before all its evaluations ran (e.g. its budget was spent),
-    keeping the results recorded so far; its remaining jobs never run. None when it already ended."""
+    keeping the results recorded so far; its remaining jobs never run. None when it already ended.
+
+    `spent_usd`: what its jobs stopped without a result had spent (a run ended over its budget), added
+    to its cost_usd in the UPDATE that ends it, so its terminal event carries it; nothing is added to a
+    run that already ended (cancelled meanwhile: its jobs' calls in flight are in no cost_usd)."""
+    spent_usd = spent_usd if 0 < spent_usd < math.inf else 0.0
 
     async def end(conn: AsyncConnection) -> pb.WatchRunResponse | None:
         await run_store.cancel_jobs(conn, tenant, run_id)  # jobs before their run: the lock order
         aggregate = await aggregate_so_far(conn, run_id, graders.grader_names)
-        ending = run_store.Ending(run_id, run_pb2.RUN_STATUS_FAILED, None, code, message, aggregate, time.time())
+        ending = run_store.Ending(
+            run_id, run_pb2.RUN_STATUS_FAILED, None, code, message, aggregate, time.time(), spent_usd
+        )
         ended = await run_store.finish_runs(conn, [ending])
         return ended[0] if ended else None
 

@@ -344,11 +344,15 @@ class Ending:
     error_message: str
     aggregate: bytes
     end_time: float
+    # Spend no result carries, added to its cost_usd as it ends (a run ended over its budget: what its
+    # stopped jobs' answered calls cost, see `recorder.fail_early`).
+    added_cost_usd: float = 0.0
 
 
 _FINISH = (
     "UPDATE runs SET status = ?, overall_passed = ?, error_code = ?, error_message = ?, aggregate = ?, "
-    "end_time = ?, update_time = ?, last_seq = last_seq + 1, version = version + 1 WHERE id = ?"
+    "end_time = ?, update_time = ?, cost_usd = cost_usd + ?, last_seq = last_seq + 1, version = version + 1 "
+    "WHERE id = ?"
 )
 
 
@@ -375,7 +379,17 @@ async def finish_runs(conn: AsyncConnection, endings: Sequence[Ending]) -> list[
         conn,
         _FINISH,
         [
-            (e.status, e.overall_passed, e.error_code, e.error_message, e.aggregate, e.end_time, now, e.run_id)
+            (
+                e.status,
+                e.overall_passed,
+                e.error_code,
+                e.error_message,
+                e.aggregate,
+                e.end_time,
+                now,
+                e.added_cost_usd,
+                e.run_id,
+            )
             for e in sorted(endings, key=lambda e: e.run_id)
             if e.run_id in active
         ],
