@@ -574,30 +574,32 @@ def result_with_size(row: RowMapping) -> tuple[ResultRecord, StoredSizes]:
 
 async def outputs_of(conn: AsyncConnection, tenant: str, job_ids: Sequence[int]) -> dict[int, bytes]:
     """The serialized outputs of these jobs of a tenant that have one, by job id."""
-    found: dict[int, bytes] = {}
-    unique = sorted(set(job_ids))
-    for start in range(0, len(unique), 500):
-        rows = await conn.execute(
-            select(OUTPUTS.c.job_id, OUTPUTS.c.output).where(
-                OUTPUTS.c.job_id.in_(unique[start : start + 500]), OUTPUTS.c.tenant == tenant
-            )
-        )
-        found.update((job_id, bytes(output)) for job_id, output in rows)
-    return found
+    found = await _column_of(conn, OUTPUTS.c.job_id, OUTPUTS.c.output, OUTPUTS.c.tenant, tenant, job_ids)
+    return {job_id: bytes(output) for job_id, output in found.items()}
 
 
 async def explanations_of(conn: AsyncConnection, tenant: str, result_ids: Sequence[int]) -> dict[int, str]:
     """The explanations of these results of a tenant that still exist, by result id: read for the results
     a page keeps alone (`results_sized`)."""
-    found: dict[int, str] = {}
-    unique = sorted(set(result_ids))
+    return await _column_of(conn, RESULTS.c.id, RESULTS.c.explanation, RESULTS.c.tenant, tenant, result_ids)
+
+
+async def _column_of(
+    conn: AsyncConnection,
+    key: ColumnElement[Any],
+    value: ColumnElement[Any],
+    tenant_column: ColumnElement[Any],
+    tenant: str,
+    keys: Sequence[int],
+) -> dict[int, Any]:
+    """`value` of the rows of a tenant whose `key` is one of `keys`, by key, 500 keys a statement."""
+    found: dict[int, Any] = {}
+    unique = sorted(set(keys))
     for start in range(0, len(unique), 500):
         rows = await conn.execute(
-            select(RESULTS.c.id, RESULTS.c.explanation).where(
-                RESULTS.c.id.in_(unique[start : start + 500]), RESULTS.c.tenant == tenant
-            )
+            select(key, value).where(key.in_(unique[start : start + 500]), tenant_column == tenant)
         )
-        found.update((result_id, explanation) for result_id, explanation in rows)
+        found.update((int(k), v) for k, v in rows)
     return found
 
 
