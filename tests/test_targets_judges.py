@@ -84,6 +84,22 @@ def chat(url: str, **fields: object) -> target_pb2.Target:
     )
 
 
+async def next_run_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str, url: str
+) -> tuple[run_pb2.Run, list[run_pb2.Result]]:
+    """A server restarted with a tenant budget of $0.25 runs the tenant's next one-item run to its end:
+    whether the spend before the restart still counts against it."""
+    srv = await start(tmp_path, monkeypatch, tenant_budget_usd=0.25)
+    try:
+        async with keyed_channel(srv.port, key) as channel:
+            return await run_to_end(
+                Stubs(channel),
+                pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=chat(url), graders=[exact()]),
+            )
+    finally:
+        await srv.stop(grace=0.5)
+
+
 async def run_to_end(stubs: Stubs, request: pb.CreateRunRequest) -> tuple[run_pb2.Run, list[run_pb2.Result]]:
     created = await stubs.runs.CreateRun(request)
     await watch_all(stubs.runs, created.run.id)
@@ -917,15 +933,7 @@ async def test_warmup_calls_are_spent_in_the_run_and_the_tenant_budget_across_a_
                 )
         finally:
             await srv.stop(grace=0.5)
-        srv = await start(tmp_path, monkeypatch, tenant_budget_usd=0.25)
-        try:
-            async with keyed_channel(srv.port, key) as channel:
-                second, results = await run_to_end(
-                    Stubs(channel),
-                    pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=chat(llm.url), graders=[exact()]),
-                )
-        finally:
-            await srv.stop(grace=0.5)
+        second, results = await next_run_after_a_restart(tmp_path, monkeypatch, key, llm.url)
         calls = len(llm.seen)
     assert first.cost_usd == pytest.approx(0.3), "two warmups and the measured call"
     assert second.status == run_pb2.RUN_STATUS_FAILED and second.error.code == "BUDGET_EXCEEDED", second
@@ -1116,15 +1124,7 @@ async def test_a_tenant_budget_counts_a_stopped_runs_answered_calls_after_a_rest
                 first = (await stubs.runs.GetRun(pb.GetRunRequest(run_id=created.run.id))).run
         finally:
             await srv.stop(grace=0.5)
-        srv = await start(tmp_path, monkeypatch, tenant_budget_usd=0.25)
-        try:
-            async with keyed_channel(srv.port, key) as channel:
-                second, results = await run_to_end(
-                    Stubs(channel),
-                    pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=chat(llm.url), graders=[exact()]),
-                )
-        finally:
-            await srv.stop(grace=0.5)
+        second, results = await next_run_after_a_restart(tmp_path, monkeypatch, key, llm.url)
         calls = len(llm.seen)
     assert first.status == run_pb2.RUN_STATUS_FAILED and first.error.code == "BUDGET_EXCEEDED", first
     # Three warmups answered ($0.30, past $0.25): the fourth call never started, and the job never got a result.

@@ -174,6 +174,13 @@ class RunDraft:
     check_stored_bytes: Callable[[int, int], None]  # (held, adding)
     staged: bool = False  # its items and jobs were written before (evalsvc.store.staging)
 
+    def check_limits(self, *, stored: int, stored_bytes: int, active: int) -> None:
+        """The tenant's limits against what it holds before this run: stored runs first (waiting frees no
+        place under them), then stored bytes, then active runs."""
+        self.check_stored_runs(stored)
+        self.check_stored_bytes(stored_bytes, self.stored_bytes)
+        self.check_active_runs(active)
+
 
 Created = tuple[CreatedRun, "pb.WatchRunResponse | None"]  # the answer, and the first event of a new run
 
@@ -205,9 +212,9 @@ async def _create_runs(conn: AsyncConnection, drafts: list[RunDraft]) -> list[Cr
         if draft.request_id and key in first_use:
             continue  # answered below, from the run its first use creates
         try:
-            draft.check_stored_runs(stored[draft.tenant])  # first: waiting frees no place under these
-            draft.check_stored_bytes(stored_bytes[draft.tenant], draft.stored_bytes)
-            draft.check_active_runs(active[draft.tenant])
+            draft.check_limits(
+                stored=stored[draft.tenant], stored_bytes=stored_bytes[draft.tenant], active=active[draft.tenant]
+            )
         except ServiceError as refused:
             answers[i] = refused
             continue
@@ -550,9 +557,7 @@ class RunService:
                         return replay(existing, draft.fingerprint)
                 held = (await run_store.tenant_runs(conn, [tenant]))[tenant]
             # Refused now, it writes nothing (its group checks again).
-            draft.check_stored_runs(held.stored)
-            draft.check_stored_bytes(held.stored_bytes, draft.stored_bytes)
-            draft.check_active_runs(held.active)
+            draft.check_limits(stored=held.stored, stored_bytes=held.stored_bytes, active=held.active)
             begun = False
             try:
                 for chunk in staging.chunks(
@@ -579,8 +584,6 @@ class RunService:
         """Hand what a CreateRun staged to the purge, when it did not become a run (refused, replayed, failed
         or cancelled). Shielded: a caller that went away still has it abandoned (it costs one small write,
         and the purge deletes the rows in chunks); a failure leaves it for the purge to find an hour on."""
-        if not draft.staged:
-            return
         abandoning = asyncio.ensure_future(
             self._db.transact(functools.partial(staging.abandon, run_ids=[draft.row["id"]]))
         )
