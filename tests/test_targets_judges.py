@@ -20,6 +20,7 @@ from evalsvc.config import Settings
 from evalsvc.http import outbound as outbound_module
 from evalsvc.http.outbound import AdaptiveLimit, Outbound
 from evalsvc.server import EvalServer
+from evalsvc.store import runs as run_store
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import (
     eval_run_service_pb2_grpc,
@@ -33,9 +34,9 @@ from evalsvc.v1 import (
 from evalsvc.v1 import grader_service_pb2 as gs
 from evalsvc.v1 import target_service_pb2 as ts
 from tests.conftest import make_settings
-from tests.dbs import stored_bytes
+from tests.dbs import USE_POSTGRES, postgres_url, stored_bytes
 from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
-from tests.helpers import error_reason, exact, keyed_channel, violations, watch_all
+from tests.helpers import error_reason, exact, keyed_channel, until, violations, watch_all
 
 SECRET = "sk-test-0123456789abcdef"
 MIN_SHOWN = 4  # no piece of a secret this long may show
@@ -1131,3 +1132,127 @@ async def test_a_tenant_budget_counts_a_stopped_runs_answered_calls_after_a_rest
     assert first.cost_usd == pytest.approx(0.3) and events[-1].run.cost_usd == pytest.approx(0.3)
     assert second.status == run_pb2.RUN_STATUS_FAILED and second.error.code == "BUDGET_EXCEEDED", second
     assert results == [] and calls == 3
+
+
+async def committed_spend(srv: EvalServer, tenant: str = "default") -> float:
+    """The tenant's spend as the database holds it (what a restarted server's budget starts from)."""
+    async with srv.db.read() as conn:
+        return (await run_store.tenant_spend(conn, [tenant]))[tenant]
+
+
+async def spend_then_hold(stubs: Stubs, llm: FakeEndpoint, judging: FakeEndpoint) -> str:
+    """A one-item run whose target call answers ($0.30) and whose judge call is held: its job has paid
+    for a call and has no result yet. Its id."""
+    created = await stubs.runs.CreateRun(
+        pb.CreateRunRequest(
+            items=[item_pb2.Item(input="q")],
+            target=chat(llm.url),
+            graders=[judge(judging.url, mode=Judge.MODE_CRITERIA, criteria="c")],
+        )
+    )
+    assert await asyncio.to_thread(judging.wait_seen, 1, 30), "the judge call is held"
+    return created.run.id
+
+
+@pytest.mark.parametrize("ending", ["cancel", "delete", "shutdown"])
+async def test_a_tenant_budget_counts_the_answered_calls_of_jobs_stopped_without_a_result(
+    tmp_path, monkeypatch, ending: str
+) -> None:
+    """A job stopped without a result - its run cancelled or deleted, or the server shut down - had paid
+    for the calls that answered, yet no run's cost_usd holds them: a restarted server's budget, read back
+    from the runs' cost_usd, forgot them (a tenant that cancelled runs spent $47-58 against $20). They are
+    the tenant's stopped spend now, written as the job stops (not only at shutdown), and counted."""
+    srv = await start(tmp_path, monkeypatch)
+    key = srv.bootstrap_key or ""
+    held_judge = judge_reply({"passed": True, "reason": "r"})
+    held_judge.gate = threading.Event()
+    with FakeEndpoint(chat_reply("a", usage=(300, 0))) as llm, FakeEndpoint(held_judge) as judging:
+        try:
+            async with keyed_channel(srv.port, key) as channel:
+                stubs = Stubs(channel)
+                run_id = await spend_then_hold(stubs, llm, judging)
+                if ending == "cancel":
+                    await stubs.runs.CancelRun(pb.CancelRunRequest(run_id=run_id))
+                elif ending == "delete":
+                    await stubs.runs.DeleteRun(pb.DeleteRunRequest(run_id=run_id))
+                if ending != "shutdown":
+                    deadline = time.monotonic() + 15
+                    while await committed_spend(srv) < 0.3 and time.monotonic() < deadline:
+                        await asyncio.sleep(0.01)
+                    assert await committed_spend(srv) == pytest.approx(0.3), "written as the job stopped"
+        finally:
+            await srv.stop(grace=0.5)
+            held_judge.gate.set()
+        second, results = await next_run_after_a_restart(tmp_path, monkeypatch, key, llm.url)
+        calls = len(llm.seen)
+    assert second.status == run_pb2.RUN_STATUS_FAILED and second.error.code == "BUDGET_EXCEEDED", second
+    assert results == [] and calls == 1, "the restarted server's budget counted the first run's $0.30"
+
+
+@pytest.mark.skipif(not USE_POSTGRES, reason="replicas share a PostgreSQL database (EVALSVC_TEST_DB=postgres)")
+@pytest.mark.parametrize("seen", ["loading its next run", "during its run"])
+async def test_a_replica_counts_what_another_spent_against_the_tenants_budget(tmp_path, monkeypatch, seen: str) -> None:
+    """Each replica counted the tenant's spend it read with its first run of the tenant plus what it spent
+    itself, so two replicas let a tenant spend twice its budget ($38 of $20). A replica reads the committed
+    spend again as it loads a run, and every lease interval while it executes one. Replica B, its one
+    worker held by run R0's target call ($0.10), has read the tenant's spend ($0); replica A runs R1 ($0.30,
+    past the $0.25 budget); then B's next call is refused: R2's (loaded after R1), or R0's judge (the
+    refresh while R0 runs)."""
+    during = seen == "during its run"
+    db = postgres_url(tmp_path, "replicas")
+    budget = {"db": db, "tenant_budget_usd": 0.25, "workers": 1, "lease_ttl_s": 1.5 if during else 60.0}
+    b = await start(tmp_path / "b", monkeypatch, **budget)
+    held = chat_reply("a", usage=(100, 0))  # $0.10
+    held.gate = threading.Event()
+    a: EvalServer | None = None
+    with (
+        FakeEndpoint(held) as holding,
+        FakeEndpoint(chat_reply("a", usage=(300, 0))) as paying,
+        FakeEndpoint(judge_reply({"passed": True, "reason": "r"})) as judging,
+    ):
+        try:
+            async with keyed_channel(b.port, b.bootstrap_key or "") as channel:
+                stubs = Stubs(channel)
+                graders = [judge(judging.url, mode=Judge.MODE_CRITERIA, criteria="c")] if during else [exact()]
+                r0 = await stubs.runs.CreateRun(
+                    pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=chat(holding.url), graders=graders)
+                )
+                assert await asyncio.to_thread(holding.wait_seen, 1, 30), "B's one worker is held by R0"
+                a = await start(tmp_path / "a", monkeypatch, **budget)
+                # Watched on A: replicas in one process do not hear each other's notifications (one process id).
+                async with keyed_channel(a.port, b.bootstrap_key or "") as on_a:
+                    r1, _ = await run_to_end(
+                        Stubs(on_a),
+                        pb.CreateRunRequest(
+                            items=[item_pb2.Item(input="q")], target=chat(paying.url), graders=[exact()]
+                        ),
+                    )
+                await a.stop(grace=0.5)
+                assert r1.status == run_pb2.RUN_STATUS_SUCCEEDED and r1.cost_usd == pytest.approx(0.3), r1
+                if during:
+                    # No event marks B's refresh (every lease interval, 0.5 s here): wait for its count.
+                    await until(lambda: b.executor._tenant_spent.get("default", 0.0) >= 0.3)
+                r2 = asyncio.ensure_future(
+                    run_to_end(
+                        stubs,
+                        pb.CreateRunRequest(
+                            items=[item_pb2.Item(input="q")], target=chat(paying.url), graders=[exact()]
+                        ),
+                    )
+                )
+                held.gate.set()
+                await watch_all(stubs.runs, r0.run.id)
+                first = (await stubs.runs.GetRun(pb.GetRunRequest(run_id=r0.run.id))).run
+                second, results = await r2
+        finally:
+            held.gate.set()
+            if a is not None:
+                await a.stop(grace=0.5)
+            await b.stop(grace=0.5)
+        paid_calls, judge_calls = len(paying.seen), len(judging.seen)
+    assert second.status == run_pb2.RUN_STATUS_FAILED and second.error.code == "BUDGET_EXCEEDED", second
+    assert results == [] and paid_calls == 1, "B refused R2's call: A's $0.30 counted"
+    if during:
+        assert first.error.code == "BUDGET_EXCEEDED" and judge_calls == 0, "B refused R0's judge call"
+    else:
+        assert first.status == run_pb2.RUN_STATUS_SUCCEEDED, first

@@ -179,8 +179,12 @@ class Executor:
         # Runs to end FAILED once what they finished is recorded: (error code, message) by run id.
         self._over_limit: dict[str, tuple[str, str]] = {}
         # What the jobs of those runs stopped without a result (BudgetExceeded, or cancelled by the run's
-        # end) had spent, by run id: written with the run's end (`_end_over_limit_runs`), nowhere else.
-        self._stopped_spend: dict[str, float] = defaultdict(float)
+        # end) had spent, by run id, with the run's tenant: written with the run's end (`_end_over_limit_runs`).
+        self._stopped_spend: dict[str, tuple[str, float]] = {}
+        # What other jobs stopped without a result (their run cancelled or deleted, a shutdown) had spent, by
+        # tenant, until the recorder adds it to the tenant's stopped spend (`_write_stopped_spend`): in no
+        # run's cost, yet paid for, so the tenant's budget must count it after a restart and on replicas.
+        self._unwritten_spend: defaultdict[str, float] = defaultdict(float)
         self._cache_bounds = CacheBounds(settings.cache_max_entries, settings.cache_max_bytes)
         self._bus = bus
         self._settings = settings
@@ -307,6 +311,20 @@ class Executor:
         self._finished_ready.set()
         await asyncio.gather(*self._loops)
         self._loops = []
+        # What the cancelled jobs had spent: the recorder may have ended before they handed it over.
+        for run_id in list(self._stopped_spend):
+            self._unwritten(run_id)
+        try:
+            if self._unwritten_spend:
+                await self._write_stopped_spend()
+        except Exception as exc:
+            log.warning(
+                "could not write what jobs stopped by the shutdown had spent (%s): their tenants' budgets "
+                "will not count $%.4f",
+                unavailable_cause(exc) or type(exc).__name__,
+                sum(self._unwritten_spend.values()),
+            )
+            self._unwritten_spend.clear()
         try:
             await self._db.transact(functools.partial(job_store.release, claim_ids=claims))
         except Exception as exc:
@@ -572,7 +590,7 @@ class Executor:
             cache_writes=use.writes,
             cache_hits=use.hits,
             human_verdicts=item.human_verdicts,
-            warmup_cost_usd=use.warmup_usd,
+            extra_cost_usd=use.warmup_usd,
         )
         if into is None:
             self._hand_over([finished])
@@ -581,13 +599,40 @@ class Executor:
         return True
 
     def _stopped(self, job: ClaimedJob, use: CacheUse) -> None:
-        """A job stopped without a result: when its run is ending over a limit (its budget), what its
-        answered calls cost is kept for the run's end to write (a run stopped at its $5 budget after 8
-        answered $1 calls recorded cost_usd 0, and a restarted server's tenant budget, read back from
-        the runs' cost_usd, forgot them). A job stopped otherwise (its run cancelled, a shutdown) keeps
-        nothing: those calls are in no cost_usd (docs/targets.md, Budgets)."""
-        if use.spent_usd > 0 and job.run_id in self._over_limit:
-            self._stopped_spend[job.run_id] += use.spent_usd
+        """A job stopped without a result: what its answered calls cost is kept to be written. When its
+        run is ending over a limit (its budget), with the run's end, in its cost_usd (a run stopped at its
+        $5 budget after 8 answered $1 calls recorded cost_usd 0, and a restarted server's tenant budget,
+        read back from the runs' cost_usd, forgot them). Otherwise (its run cancelled or deleted, a
+        shutdown) in its tenant's stopped spend, which its budget counts though no run's cost_usd holds it
+        (a tenant that cancelled runs spent $47-58 against a $20 budget across restarts)."""
+        if use.spent_usd <= 0:
+            return
+        if job.run_id in self._over_limit:
+            tenant, usd = self._stopped_spend.get(job.run_id, (job.tenant, 0.0))
+            self._stopped_spend[job.run_id] = (tenant, usd + use.spent_usd)
+        else:
+            self._unwritten_spend[job.tenant] += use.spent_usd
+            self._finished_ready.set()  # the recorder writes it
+
+    def _unwritten(self, run_id: str) -> None:
+        """A run's stopped jobs' spend that will not be written with its end (it ended otherwise, or the
+        server stops first): its tenant's stopped spend instead."""
+        tenant, usd = self._stopped_spend.pop(run_id, ("", 0.0))
+        if usd > 0:
+            self._unwritten_spend[tenant] += usd
+
+    async def _write_stopped_spend(self) -> None:
+        """Add what jobs stopped without a result spent to their tenants' stopped spend, in a transaction of
+        its own (never in a recording's, whose batch may be split and retried in parts). Kept to be written
+        again only when the database could not take it: then nothing committed."""
+        spend, self._unwritten_spend = self._unwritten_spend, defaultdict(float)
+        try:
+            await self._db.transact(functools.partial(usage.add_to_totals, stopped_cost_usd=spend))
+        except Exception as exc:
+            if unavailable_cause(exc) is not None or is_conflict(exc):
+                for tenant, usd in spend.items():
+                    self._unwritten_spend[tenant] += usd
+            raise
 
     async def _respond(self, job: ClaimedJob, plan: RunPlan, item: item_pb2.Item, use: CacheUse) -> item_pb2.Response:
         """The target's output: from the response cache when the run reads it and has it (no warmups,
@@ -811,9 +856,13 @@ class Executor:
 
     async def _build_plan(self, tenant: str, spec_bytes: bytes, items: Sequence[bytes], spent_usd: float) -> RunPlan:
         """A run's plan from its stored definition and items (`spent_usd`: what it has spent so far)."""
-        if self._settings.tenant_budget_usd > 0 and tenant not in self._tenant_spent:
+        # The tenant's spend as committed: read with its first plan here, and with each plan on PostgreSQL,
+        # where other replicas spend too (see `_refresh_tenant_totals`); kept as the larger of what it read
+        # and what this process counted (another plan of the tenant may have read it meanwhile, and spent).
+        if self._settings.tenant_budget_usd > 0 and (tenant not in self._tenant_spent or not self._db.is_sqlite):
             async with self._db.read() as conn:
-                self._tenant_spent[tenant] = await run_store.tenant_spend(conn, tenant)
+                committed = (await run_store.tenant_spend(conn, [tenant]))[tenant]
+            self._tenant_spent[tenant] = max(committed, self._tenant_spent.get(tenant, 0.0))
         if tenant not in self._tenant_stored:
             async with self._db.read() as conn:
                 self._tenant_stored.update(await usage.stored_bytes(conn, [tenant]))
@@ -866,13 +915,15 @@ class Executor:
         `_claim_loop`): a recording that fails every time is no progress."""
         progress = self._progress["record"]
         while True:
+            if self._unwritten_spend:
+                await self._write_stopped_spend()
             if not self._finished:
                 if self._over_limit:
                     await self._end_over_limit_runs()
                 if self._stopping:
                     return
                 self._finished_ready.clear()
-                if not self._finished and not self._over_limit:
+                if not self._finished and not self._over_limit and not self._unwritten_spend:
                     await self._finished_ready.wait()
                 progress.beat()
                 continue
@@ -919,27 +970,31 @@ class Executor:
 
     async def _end_over_limit_runs(self) -> None:
         """Fail the runs that hit their budget or their tenant's stored bytes, once what they finished
-        before it is recorded."""
-        for run_id, (code, message) in list(self._over_limit.items()):
-            if any(f.job.run_id == run_id for f in self._finished):
+        before it is recorded.
+
+        Their jobs still working stop first, before the runs end, rather than after (each would be refused
+        at its next call): what their answered calls cost is then known (`_stopped`) and written with the
+        run's end, so its terminal event and GetRun show the same cost_usd. Calls they had in flight are
+        abandoned, and in no cost_usd. The jobs of every such run are stopped at once and waited for once:
+        waited for run by run, 20 runs ended together took up to 20 times STOP_WAIT_S."""
+        waiting = {f.job.run_id for f in self._finished}
+        ending = [run_id for run_id in self._over_limit if run_id not in waiting]
+        tasks = [task for run_id in ending for task in self._in_flight.get(run_id, ())]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_WAIT_S)
+            waiting = {f.job.run_id for f in self._finished}  # one finished as it was stopped: recorded first
+        for run_id in ending:
+            if run_id in waiting or run_id not in self._over_limit:
                 continue
+            code, message = self._over_limit[run_id]
             try:
                 plan = await self._plan(run_id)
             except LookupError:  # deleted and purged meanwhile: nothing is left to end
                 del self._over_limit[run_id]
-                self._stopped_spend.pop(run_id, None)
+                self._unwritten(run_id)
                 continue
-            # Its jobs still working stop now, before it ends, rather than after (each would be refused at
-            # its next call): what their answered calls cost is then known (`_stopped`) and written with
-            # the run's end, so its terminal event and GetRun show the same cost_usd. Calls they had in
-            # flight are abandoned, and in no cost_usd.
-            tasks = list(self._in_flight.get(run_id, ()))
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.wait(tasks, timeout=STOP_WAIT_S)
-                if any(f.job.run_id == run_id for f in self._finished):
-                    continue  # one finished as it was stopped: recorded first, then the run ends
             event = await fail_early(
                 self._db,
                 plan.tenant,
@@ -947,9 +1002,11 @@ class Executor:
                 plan.recorder_view,
                 code,
                 message,
-                spent_usd=self._stopped_spend.get(run_id, 0.0),
+                spent_usd=self._stopped_spend.get(run_id, ("", 0.0))[1],
             )
             del self._over_limit[run_id]
+            if event is None:  # it had ended otherwise (cancelled): the spend is its tenant's stopped spend
+                self._unwritten(run_id)
             self._stopped_spend.pop(run_id, None)
             self.run_ended(run_id)
             if event is not None:
@@ -965,7 +1022,7 @@ class Executor:
                 await self._extend_leases()
             if self._plans and not self._stopping:
                 await self.sweep_plans()
-                await self._refresh_stored_bytes()
+                await self._refresh_tenant_totals()
             progress.beat()  # after the turn, not as the loop (re)starts (see `_claim_loop`)
 
     async def sweep_plans(self) -> None:
@@ -982,10 +1039,17 @@ class Executor:
         for run_id in ended:
             self.run_ended(run_id)
 
-    async def _refresh_stored_bytes(self) -> None:
+    async def _refresh_tenant_totals(self) -> None:
         """Read again the stored bytes of the tenants whose plans are held (other replicas' recordings,
         DeleteDataset and purges change them too); the others' may be stale, and are read again before
-        they stop a run (`_over_storage`)."""
+        they stop a run (`_over_storage`).
+
+        With PostgreSQL replicas and a tenant budget, read their spend again too: each replica counted
+        what it read with its first run of the tenant plus what it spent itself, so two replicas let a
+        tenant spend twice its budget ($38 of $20). The count kept is the larger of this process's and
+        the committed one: what this process spent and has not committed yet is in the first, what the
+        others committed in the second, so a tenant's spend is never counted twice (a commit between the
+        read and the comparison would be), at worst short by this process's spend not yet committed."""
         tenants = sorted(
             {
                 task.result().tenant
@@ -993,9 +1057,16 @@ class Executor:
                 if task.done() and not task.cancelled() and task.exception() is None
             }
         )
-        if tenants:
-            async with self._db.read() as conn:
-                self._tenant_stored.update(await usage.stored_bytes(conn, tenants))
+        if not tenants:
+            return
+        shared_budget = self._settings.tenant_budget_usd > 0 and not self._db.is_sqlite  # SQLite has one server
+        committed: dict[str, float] = {}
+        async with self._db.read() as conn:
+            self._tenant_stored.update(await usage.stored_bytes(conn, tenants))
+            if shared_budget:
+                committed = await run_store.tenant_spend(conn, tenants)
+        for tenant, usd in committed.items():
+            self._tenant_spent[tenant] = max(self._tenant_spent.get(tenant, 0.0), usd)
 
     async def _extend_leases(self) -> None:
         """Keep the leases of the claims still being worked on for another lease_ttl_s."""

@@ -78,9 +78,10 @@ class FinishedJob:
     cache_writes: Sequence[CacheEntry] = ()  # outputs and verdicts to store in the response cache
     cache_hits: Sequence[str] = ()  # keys of the entries it used (their last use moves to now)
     human_verdicts: Mapping[str, bool] = field(default_factory=dict)  # people's verdicts on the output, by grader
-    # What its warmup calls cost (no result holds it): the run's cost counts it, so budgets hold across
-    # restarts and replicas (they were counted in memory only: a restart forgot them).
-    warmup_cost_usd: float = 0.0
+    # What its calls cost that no result holds - its warmups; the output and verdicts of a result that
+    # could not be stored (`_not_storable`): the run's cost counts it, so budgets hold across restarts and
+    # replicas (warmups were counted in memory only: a restart forgot them).
+    extra_cost_usd: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +174,7 @@ def _not_storable(refused: FinishedJob, exc: Exception) -> FinishedJob:
         item_id=storable_text(refused.item_id),
         output=item_pb2.Response(),
         grades=[(storable_text(name), grade) for name, _ in refused.grades],
+        extra_cost_usd=spent(refused),  # its calls were paid for though their answers are dropped
     )
 
 
@@ -203,11 +205,17 @@ async def _record_in(
     UPDATE for all the runs it finishes)."""
     accepted = await job_store.complete(conn, [(f.job.id, f.job.claim_id) for f in finished])
     kept = [f for f in finished if f.job.id in accepted]
+    # A job fenced out still paid for its calls: no run's cost holds them, its tenant's stopped spend does.
+    fenced: defaultdict[str, float] = defaultdict(float)
+    for f in finished:
+        if f.job.id not in accepted and (usd := spent(f)) > 0:
+            fenced[f.job.tenant] += usd
     if len(kept) < len(finished):
         log.info(
             "fenced out %d finished jobs whose lease was lost or whose run was cancelled", len(finished) - len(kept)
         )
     if not kept:
+        await usage.add_to_totals(conn, stopped_cost_usd=fenced)
         return {}, set()
     await job_store.store_outputs(
         conn,
@@ -256,7 +264,7 @@ async def _record_in(
         assert all(by_run[run_id][-1].HasField("run") for run_id, _ in done), "a run with leased jobs ended early"
     # Last: after the runs' rows (the lock order), and holding the tenants' rows no longer than it must (on
     # PostgreSQL a tenant's other recordings, CreateRuns and appends wait for them).
-    await usage.add_to_totals(conn, stored_bytes=by_tenant, cache_bytes=cached)
+    await usage.add_to_totals(conn, stored_bytes=by_tenant, cache_bytes=cached, stopped_cost_usd=fenced)
     return by_run, {run_id for run_id, _ in done}
 
 
@@ -265,18 +273,21 @@ def stored_bytes(f: FinishedJob) -> int:
     return f.output.ByteSize() + sum(usage.result_bytes(g.explanation, g.error_reason) for _, g in f.grades)
 
 
+def spent(f: FinishedJob) -> float:
+    """What a finished job's calls cost: outputs and verdicts taken from the response cache cost nothing."""
+    usd = f.extra_cost_usd + (0.0 if f.cached else f.output.cost_usd)
+    return usd + sum(0.0 if grade.cached else grade.cost_usd for _, grade in f.grades)
+
+
 def _progress(run_jobs: Sequence[FinishedJob]) -> run_store.Progress:
     """What a recording adds to one run's counters."""
     tally = dict.fromkeys(_STATE_FIELD.values(), 0)
-    spent = 0.0
-    size = 0
     for f in run_jobs:
-        spent += f.warmup_cost_usd + (0.0 if f.cached else f.output.cost_usd)
-        size += stored_bytes(f)
         for _, grade in f.grades:
             tally[_STATE_FIELD[grade.state]] += 1
-            spent += 0.0 if grade.cached else grade.cost_usd
-    return run_store.Progress(cost_usd=spent, stored_bytes=size, **tally)
+    return run_store.Progress(
+        cost_usd=sum(map(spent, run_jobs)), stored_bytes=sum(map(stored_bytes, run_jobs)), **tally
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -152,9 +152,10 @@ class TenantRunTotalsRow(SQLModel, table=True):
     """What a tenant's runs add up to beyond what their rows still show: how many it stores (deleted ones
     until they are purged), for --max-runs-per-tenant without counting its runs at every CreateRun, what
     its purged runs had spent, so that purging a run does not give its spend back to the tenant's
-    --tenant-budget-usd, and the bytes it stores. Kept by the transactions that insert runs
-    (evalsvc.store.runs.insert_runs), record results, add and delete dataset items, and purge runs
-    (evalsvc.store.retention.expire): evalsvc.store.usage."""
+    --tenant-budget-usd, what its jobs spent without a result, and the bytes it stores. Kept by the
+    transactions that insert runs (evalsvc.store.runs.insert_runs), record results, add and delete dataset
+    items, purge runs (evalsvc.store.retention.expire) and write the spend of stopped jobs:
+    evalsvc.store.usage."""
 
     __tablename__ = "tenant_run_totals"
 
@@ -166,6 +167,9 @@ class TenantRunTotalsRow(SQLModel, table=True):
     stored_bytes: int = Field(default=0, sa_column=big(added=True))
     # The payload bytes of its response cache entries, for --cache-max-bytes (evalsvc.store.cache).
     cache_bytes: int = Field(default=0, sa_column=big(added=True))
+    # What its model calls cost in jobs that ended without a recorded result (stopped by a cancel, a delete
+    # or a shutdown; fenced out): in no run's cost_usd, yet spent, so --tenant-budget-usd counts it.
+    stopped_cost_usd: float = Field(default=0.0, sa_column_kwargs=ZERO)
 
 
 class RunPurgeRow(SQLModel, table=True):

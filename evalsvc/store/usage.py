@@ -1,4 +1,5 @@
-"""A tenant's totals (`tenant_run_totals`): its stored runs, its purged runs' spend, and the bytes it stores.
+"""A tenant's totals (`tenant_run_totals`): its stored runs, its purged runs' and stopped jobs' spend, and the
+bytes it stores.
 
 The bytes a tenant stores bound it (--max-stored-bytes-per-tenant), so that one tenant cannot fill the
 disk every tenant shares. They are counted as data is written, never by reading it back:
@@ -105,13 +106,16 @@ async def add_to_totals(
     purged_cost_usd: Mapping[str, float] | None = None,
     stored_bytes: Mapping[str, int] | None = None,
     cache_bytes: Mapping[str, int] | None = None,
+    stopped_cost_usd: Mapping[str, float] | None = None,
 ) -> None:
     """Add to tenants' totals (creating a tenant's row at its first write): `runs` stored (negative when
-    purged), the spend of runs purged, `stored_bytes` and `cache_bytes` (negative when taken back). One
-    upsert per tenant in one driver executemany, in tenant order (the lock order on PostgreSQL)."""
+    purged), the spend of runs purged, `stored_bytes` and `cache_bytes` (negative when taken back), and
+    the spend of jobs that ended without a result. One upsert per tenant in one driver executemany, in
+    tenant order (the lock order on PostgreSQL)."""
     runs, purged_cost_usd = runs or {}, purged_cost_usd or {}
     stored_bytes, cache_bytes = stored_bytes or {}, cache_bytes or {}
-    tenants = sorted(set(runs) | set(purged_cost_usd) | set(stored_bytes) | set(cache_bytes))
+    stopped_cost_usd = stopped_cost_usd or {}
+    tenants = sorted(set(runs) | set(purged_cost_usd) | set(stored_bytes) | set(cache_bytes) | set(stopped_cost_usd))
     if not tenants:
         return
     dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
@@ -124,6 +128,7 @@ async def add_to_totals(
                 "purged_cost_usd": TOTALS.c.purged_cost_usd + statement.excluded.purged_cost_usd,
                 "stored_bytes": TOTALS.c.stored_bytes + statement.excluded.stored_bytes,
                 "cache_bytes": TOTALS.c.cache_bytes + statement.excluded.cache_bytes,
+                "stopped_cost_usd": TOTALS.c.stopped_cost_usd + statement.excluded.stopped_cost_usd,
             },
         ),
         [
@@ -133,6 +138,7 @@ async def add_to_totals(
                 "purged_cost_usd": purged_cost_usd.get(tenant, 0.0),
                 "stored_bytes": stored_bytes.get(tenant, 0),
                 "cache_bytes": cache_bytes.get(tenant, 0),
+                "stopped_cost_usd": stopped_cost_usd.get(tenant, 0.0),
             }
             for tenant in tenants
         ],

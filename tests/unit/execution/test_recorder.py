@@ -220,6 +220,24 @@ async def test_a_job_whose_claim_was_superseded_or_whose_run_was_cancelled_recor
     assert [(j["state"], j["claim_id"]) for j in jobs] == [(JOB_LEASED, "c2"), (JOB_DONE, None)]
 
 
+async def test_a_fenced_out_jobs_calls_count_in_its_tenants_spend(db: Database) -> None:
+    """A job fenced out (its lease lost, its run cancelled) paid for its calls all the same: no run's cost
+    holds them, so its tenant's stopped spend does, which its budget counts (run_store.tenant_spend)."""
+    live, cancelled = await insert(db, new_run(items=1), new_run(items=1))
+    stale = await claim(db, {live.run.id: 1, cancelled.run.id: 1}, "c1")
+    await db.transact(lambda conn: job_store.release(conn, ["c1"]))
+    [current] = await claim(db, {live.run.id: 1}, "c2")
+    await db.transact(lambda conn: run_store.cancel_jobs(conn, "t1", cancelled.run.id))
+    graders_of = {live.run.id: ONE_GRADER, cancelled.run.id: ONE_GRADER}
+
+    assert await record(db, [done(j, PASS, cost=0.5) for j in stale], graders_of) == ({}, set())  # all fenced
+    _, finished = await record(db, [done(stale[0], PASS, cost=0.25), done(current, PASS, cost=2.0)], graders_of)
+
+    assert finished == {live.run.id}
+    async with db.read() as conn:
+        assert (await run_store.tenant_spend(conn, ["t1", "t2"])) == {"t1": pytest.approx(3.25), "t2": 0.0}
+
+
 async def test_a_result_the_database_refuses_is_recorded_as_not_storable_and_costs_the_others_nothing(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -238,7 +256,10 @@ async def test_a_result_the_database_refuses_is_recorded_as_not_storable_and_cos
     monkeypatch.setattr(run_store, "insert_results", refusing)
     poisoned, clean = await insert(db, new_run("t1", items=4), new_run("t2", items=3))
     jobs = await claim(db, {poisoned.run.id: 4, clean.run.id: 3})
-    batch = [done(j, PASS, item_id="poison" if j.run_id == poisoned.run.id and j.item_idx == 2 else "") for j in jobs]
+    batch = [
+        done(j, PASS, item_id="poison" if j.run_id == poisoned.run.id and j.item_idx == 2 else "", cost=0.25)
+        for j in jobs
+    ]
 
     events, finished = await record(db, batch, {poisoned.run.id: ONE_GRADER, clean.run.id: ONE_GRADER})
 
@@ -253,6 +274,7 @@ async def test_a_result_the_database_refuses_is_recorded_as_not_storable_and_cos
     assert events[clean.run.id][-1].run.overall_passed is True
     ended = events[poisoned.run.id][-1]
     assert ended.run.status == run_pb2.RUN_STATUS_SUCCEEDED  # three passed, one errored
+    assert ended.run.cost_usd == pytest.approx(1.0), "the dropped output's call was paid for: the run's cost has it"
     assert (ended.counts.passed, ended.counts.errored, ended.counts.completed_evaluations) == (3, 1, 4)
     results = {col(row, "item_id"): (row, output) for row, output in await results_of(db, "t1", poisoned.run.id)}
     row, output = results["poison"]

@@ -104,7 +104,7 @@ async def rows_of(db: Database, run_id: str) -> dict[str, int]:
 
 async def spend_and_stored(db: Database, tenant: str) -> tuple[float, int]:
     async with db.read() as conn:
-        spend = await run_store.tenant_spend(conn, tenant)
+        spend = (await run_store.tenant_spend(conn, [tenant]))[tenant]
     counts = await db.transact(lambda conn: run_store.tenant_runs(conn, [tenant]))
     return round(spend, 6), counts[tenant].stored
 
