@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from evalsvc.datasets import generation
+from evalsvc.messages.validation import MAX_CONVERSATION_TURNS
 from evalsvc.server import EvalServer
 from evalsvc.v1 import dataset_generation_pb2_grpc, dataset_service_pb2_grpc, item_pb2
 from evalsvc.v1 import dataset_service_pb2 as ds
@@ -192,6 +193,45 @@ async def test_bad_requests_are_refused_and_write_nothing(tmp_path: Path, genera
             assert again[0] == turn and again[1].id == "next-b" and len(generator.seen) == calls + 2
             got = (await client.datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset_id))).dataset
             assert got.item_count == 4
+    finally:
+        await srv.stop(grace=0.5)
+
+
+async def test_a_conversation_at_the_turn_limit_is_continued_into_an_item_within_it(
+    tmp_path: Path, generator: FakeEndpoint
+) -> None:
+    """A review read that continuing a conversation of MAX_CONVERSATION_TURNS stores an item of one turn
+    more. It does not: the item holds the next turn as its `input` and none of the turns sent (docs/spec.md,
+    "Conversation turns"), so a conversation at the limit is continued (the model shown every turn), and
+    sending the thread again one turn longer is INVALID_ARGUMENT naming its turns, nothing written."""
+    srv = EvalServer(settings_for(tmp_path, judge_base_url=generator.url + "/v1", judge_model="judge"))
+    await srv.start()
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+            client = Client(channel)
+            dataset_id = await client.new_dataset()
+            roles = ("user", "assistant")
+            turns = [item_pb2.Message(role=roles[i % 2], content=f"turn {i}") for i in range(MAX_CONVERSATION_TURNS)]
+            at_limit = Conversation(item_id="next", turns=turns)
+            request = ContinueConversationsRequest(dataset_id=dataset_id, conversations=[at_limit])
+            [item] = (await client.generations.ContinueConversations(request)).items
+            assert item.id == "next" and item.input and not item.conversation
+            assert f"turn {MAX_CONVERSATION_TURNS - 1}" in generator.seen[-1].body["messages"][-1]["content"]
+            listed = await client.datasets.ListDatasetItems(ds.ListDatasetItemsRequest(dataset_id=dataset_id))
+            assert list(listed.items) == [item]
+            longer = Conversation(item_id="after", turns=[*turns, item_pb2.Message(role="user", content=item.input)])
+            calls = len(generator.seen)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await client.generations.ContinueConversations(
+                    ContinueConversationsRequest(dataset_id=dataset_id, conversations=[longer])
+                )
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert violations(refused.value) == {
+                "conversations[0].turns": f"at most {MAX_CONVERSATION_TURNS} turns (got {MAX_CONVERSATION_TURNS + 1})"
+            }
+            assert len(generator.seen) == calls  # refused before any model call
+            got = (await client.datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset_id))).dataset
+            assert got.item_count == 1
     finally:
         await srv.stop(grace=0.5)
 

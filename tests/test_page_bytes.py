@@ -260,6 +260,52 @@ async def test_every_result_and_comparison_item_is_listed_with_its_outputs_cut_t
     assert item.candidate.output_truncated and whole.startswith(item.candidate.output.content)
 
 
+async def test_a_comparison_side_takes_the_room_the_other_side_leaves(
+    small_messages: eval_run_service_pb2_grpc.EvalRunServiceStub,
+) -> None:
+    """Each side of a comparison item was held to half of the item's room even beside an empty or small
+    other side: an empty baseline output and a 12 MB candidate output (16 MiB responses) listed the
+    candidate's cut. Here at scale (--max-message-bytes 256 KiB, a candidate output of about 70% of it):
+    beside an empty or a short baseline the candidate is listed whole; two large outputs still split the
+    room, and every response stays within --max-message-bytes."""
+    runs = small_messages
+    large = "\U0001f600" * (MAX_MESSAGE * 7 // 10 // 4)
+
+    async def run_of(content: str) -> str:
+        created = await runs.CreateRun(
+            pb.CreateRunRequest(
+                items=[item_pb2.Item(id="big", input="q", response=item_pb2.Response(content=content))],
+                target=target_pb2.Target(provided=target_pb2.ProvidedTarget()),
+                graders=[exact()],
+            )
+        )
+        assert (await watch_all(runs, created.run.id))[-1].run.status == run_pb2.RUN_STATUS_SUCCEEDED
+        return created.run.id
+
+    empty, short, big, other_big = [await run_of(content) for content in ("", "short", large, large)]
+    for baseline in (empty, short):
+        compared = await runs.ListComparisonItems(
+            cpb.ListComparisonItemsRequest(baseline_run_id=baseline, candidate_run_id=big)
+        )
+        (item,) = compared.items
+        assert compared.ByteSize() <= MAX_MESSAGE and not compared.next_page_token
+        assert not item.baseline.output_truncated and not item.candidate.output_truncated
+        assert item.candidate.output.content == large
+        (reversed_item,) = (
+            await runs.ListComparisonItems(
+                cpb.ListComparisonItemsRequest(baseline_run_id=big, candidate_run_id=baseline)
+            )
+        ).items
+        assert reversed_item.baseline.output.content == large and not reversed_item.baseline.output_truncated
+    compared = await runs.ListComparisonItems(
+        cpb.ListComparisonItemsRequest(baseline_run_id=big, candidate_run_id=other_big)
+    )
+    (item,) = compared.items
+    assert compared.ByteSize() <= MAX_MESSAGE
+    for side in (item.baseline, item.candidate):
+        assert side.output_truncated and len(side.output.content) < len(large) * 3 // 4
+
+
 async def _explain(server: EvalServer, run_ids: list[str], explanation: Callable[[str], str]) -> None:
     """Give every result of these runs the explanation `explanation(item_id)`, as a judge may (up to
     --max-reply-bytes, a quarter of --max-message-bytes): the recorded grader here explains in a line."""

@@ -29,7 +29,7 @@ from evalsvc.errors import FieldViolation, invalid_argument, not_found
 from evalsvc.graders import grader_name
 from evalsvc.ids import PageTokens, page_size
 from evalsvc.runs.compare_stats import PairedSummary, PairTally, summarize
-from evalsvc.runs.outputs import FRAMING, attach_output, listed_size
+from evalsvc.runs.outputs import FRAMING, attach_output, listed_size, side_shares
 from evalsvc.slots import Slots
 from evalsvc.statuses import ACTIVE
 from evalsvc.store import comparisons as comparison_store
@@ -283,19 +283,29 @@ class CompareService:
         """The item of `paired` with each side's result (record without its explanation, sizes) but not its
         explanation or output; the size it has listed with them (evalsvc.runs.outputs); and its sides that
         have an explanation or output to attach. An item is at most `PageTokens.item_bytes` (one always
-        fits in a response), half of what its key leaves for each side: an item carries two outputs, and
-        two of 9 MB were a response over --max-message-bytes however small the page (INTERNAL)."""
+        fits in a response), split between its sides by `side_shares` (each at least half of what the key
+        leaves, and what the other side leaves of it): an item carries two outputs, and two of 9 MB were a
+        response over --max-message-bytes however small the page (INTERNAL)."""
         item = cpb.ComparisonItem(
             item_id=paired.key[0], repetition=paired.key[1], grader=paired.key[2], change=paired.change
         )
-        share = (self._page_tokens.item_bytes - item.ByteSize()) // 2 - FRAMING
+        total = self._page_tokens.item_bytes - item.ByteSize() - 2 * FRAMING
+        pairs = ((item.baseline, baseline), (item.candidate, candidate))
+        needs = [0, 0]  # what each side takes listed whole (an absent side nothing)
+        for at, (side, found) in enumerate(pairs):
+            if found is not None:
+                record, sizes = found
+                side.CopyFrom(run_store.result_from(record, None))
+                needs[at] = listed_size(side, sizes.output, total, sizes.explanation)
+        # Each side is cut to its share of the item: what the other leaves, at least half (an empty
+        # baseline no longer halves the candidate's room).
+        shares = side_shares(total, (needs[0], needs[1]))
         size = item.ByteSize()
         sides: list[_Side] = []
-        for side, found in ((item.baseline, baseline), (item.candidate, candidate)):
+        for (side, found), share in zip(pairs, shares, strict=True):
             if found is None:
                 continue
             record, sizes = found
-            side.CopyFrom(run_store.result_from(record, None))
             size += listed_size(side, sizes.output, share, sizes.explanation) + FRAMING
             if sizes.output or sizes.explanation:
                 sides.append(_Side(side, record, sizes, share))

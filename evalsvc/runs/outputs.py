@@ -5,8 +5,9 @@ A page is chosen from its results' sizes (the rows without their explanations, a
 their explanations and outputs: store.runs `results_sized`) before any output or explanation is read, so
 it reads about its byte bound (`PageTokens.page_bytes`), never its `page_size` outputs or explanations
 whole. Each listed result is bounded too (its `share`: `PageTokens.item_bytes` for a result of
-ListRunResults, half of it for each side of a comparison item): an output or explanation larger than what
-the rest of the result leaves of the share is listed cut short, and `Result.output_truncated` or
+ListRunResults; for each side of a comparison item, what the other side leaves of it, at least half:
+`side_shares`): an output or explanation larger than what the rest of the result leaves of the share is
+listed cut short, and `Result.output_truncated` or
 `Result.explanation_truncated` says so. Outputs of recorded (provided) and echo targets may be as large as
 an item (up to --max-message-bytes): one such result was a response over --max-message-bytes, and a
 comparison item carries two outputs, so two over 8 MB never fitted however small the page (INTERNAL for
@@ -35,6 +36,25 @@ def room(result: run_pb2.Result, output_bytes: int | None, explanation_bytes: in
         return output_bytes, explanation_bytes
     explanation = min(explanation_bytes, max(budget - output_bytes, budget // 2))
     return min(output_bytes, budget - explanation), explanation
+
+
+def side_shares(total: int, needs: tuple[int, int]) -> tuple[int, int]:
+    """How two results listed side by side (a comparison item's baseline and candidate) split `total`
+    bytes, given what each takes listed whole (`needs`): each whole when both fit; else a side that
+    fits in half of `total` keeps what it needs and the other takes the rest; else half each. The two
+    shares never pass `total` together (a result cut to its share is listed within it). A side was held
+    to half even beside an empty one: an empty baseline output left a 12 MB candidate output cut in a
+    16 MiB response that had room for it."""
+    half = total // 2
+    first, second = needs
+    if first + second <= total:
+        first += (total - first - second) // 2  # the slack shared: a size read before a row changed
+        return first, total - first
+    if first <= half:
+        return first, total - first
+    if second <= half:
+        return total - second, second
+    return half, total - half
 
 
 def listed_size(result: run_pb2.Result, output_bytes: int | None, share: int, explanation_bytes: int = 0) -> int:

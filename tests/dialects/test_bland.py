@@ -699,6 +699,77 @@ async def test_every_error_comes_in_blands_envelope_and_changes_nothing(env: Env
     assert len(page(await env.http.get("/v1/evals/agents"), AGENT_ITEM)[0]) == 1
 
 
+# evalsvc's names for what a Bland client sends: a refusal must name the client's field instead.
+EVALSVC_NAMES = ("items", "conversation", "grader", "llm_judge", "criteria", "guidelines", "annotations", "bland.")
+
+
+async def test_refusals_name_the_bland_field_sent_not_evalsvcs(env: Env) -> None:
+    """A refusal by the service of what a Bland request became named evalsvc's field (`items[0].conversation`
+    for a call's transcripts, `grader.grader.llm_judge.criteria` for an agent's prompt_md,
+    `metadata[bland.workbench_setup_id]` for a run's workbench_setup_id), and text refused in two evalsvc
+    fields was refused twice under names the client never sent. Each names the Bland field now, once."""
+    agent = (await env.agent(EMPATHY))["agent"]["id"]
+    line = {"user": "user", "text": "hi"}
+    nul = "must not contain NUL (U+0000) characters"
+    cases: list[tuple[str, dict[str, Any], list[str]]] = [
+        (
+            "/v1/evals/calls",
+            {"calls": [{"call_id": "c1", "transcripts": [line] * 10_001}]},
+            ["calls[0].transcripts: at most 10000 turns (got 10001)"],
+        ),
+        (
+            "/v1/evals/calls",
+            {"calls": [{"call_id": "c1", "transcripts": [line], "to\x00": "+1555"}]},
+            [f"calls[0].to\\u0000: keys {nul}"],  # the service spells the key out
+        ),
+        ("/v1/evals/calls", {"calls": [{"call_id": "c\x001", "transcripts": [line]}]}, [f"calls.0.call_id: {nul}"]),
+        (
+            "/v1/evals/calls",
+            {"calls": [{"call_id": "c1", "transcripts": [line, {"user": "user", "text": "a\x00"}]}]},
+            [f"calls.0.transcripts.1.text: {nul}"],
+        ),
+        (
+            "/v1/evals/calls",
+            {"calls": [{"call_id": "c1", "transcripts": [{"user": "us\x00er", "text": "a"}]}]},
+            [f"calls.0.transcripts.0.user: {nul}"],
+        ),
+        (
+            "/v1/evals/calls",
+            {"calls": [{"call_id": "c1", "concatenated_transcript": "a\x00"}]},
+            [f"calls.0.concatenated_transcript: {nul}"],
+        ),
+        ("/v1/evals/agents", {"name": "a", "prompt_md": "p\x00"}, [f"prompt_md: {nul}"]),
+        ("/v1/evals/agents", {"name": "a", "system_prompt_md": "s\x00"}, [f"system_prompt_md: {nul}"]),
+        (
+            "/v1/evals/agents",
+            {"name": "a", "levels": [{**EMPATHY["levels"][0], "prompt_md": "\x00"}, EMPATHY["levels"][1]]},
+            [f"levels.0.prompt_md: {nul}"],
+        ),
+        (
+            f"/v1/evals/agents/{agent}/versions",
+            {"prompt_md": "p\x00"},
+            [f"prompt_md: {nul}"],
+        ),
+        (
+            "/v1/evals/runs",
+            {"call_ids": CALL_IDS, "attached_agents": [{"eval_agent_id": agent}]}
+            | {"workbench_setup_id": "w\x00", "workbench_setup_version_id": "v"},
+            [f"workbench_setup_id: {nul}"],
+        ),
+    ]
+    for path, body, expected in cases:
+        messages = check_error(await env.http.post(path, json=body), 400, "INVALID_REQUEST")
+        assert messages == expected, (path, messages)
+    large = {"system_prompt_md": "s" * 99_000, "prompt_md": "p" * 99_000}
+    for path, body in (("/v1/evals/agents", {"name": "a"} | large), (f"/v1/evals/agents/{agent}/versions", large)):
+        [message] = check_error(await env.http.post(path, json=body), 400, "INVALID_REQUEST")
+        assert message.startswith("system_prompt_md, prompt_md and levels: the eval agent version takes "), message
+        assert not any(name in message for name in EVALSVC_NAMES), message
+    assert [c["call_id"] for c in (await env.ok("GET", "/v1/evals/calls"))["data"]] == CALL_IDS  # nothing written
+    assert len(page(await env.http.get("/v1/evals/agents"), AGENT_ITEM)[0]) == 1
+    assert page(await env.http.get("/v1/evals/runs"), RUN_ITEM)[0] == []
+
+
 async def test_unknown_paths_and_methods_come_in_blands_envelope(env: Env) -> None:
     for path in ("/v1/evals/nope", "/v1/evals/runs/r/nope"):
         assert check_error(await env.http.get(path), 404, "NOT_FOUND") == [f"no route for GET {path}"]

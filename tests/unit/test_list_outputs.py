@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from evalsvc.ids import PageTokens
-from evalsvc.runs.outputs import FRAMING, attach_output, cut, listed_size
+from evalsvc.runs.outputs import FRAMING, attach_output, cut, listed_size, side_shares
 from evalsvc.v1 import item_pb2, run_pb2
 
 
@@ -26,6 +26,23 @@ def test_one_listed_message_fits_in_a_response_whatever_the_bound() -> None:
     tokens = PageTokens(page_bytes=8 << 20)
     assert tokens.item_bytes == (16 << 20) - PageTokens.RESPONSE_RESERVE
     assert PageTokens.RESPONSE_RESERVE > PageTokens.MAX_TOKEN_CHARS + 64
+
+
+@pytest.mark.parametrize(
+    ("needs", "shares"),
+    [
+        ((0, 900), (50, 950)),  # an empty side leaves the other all it needs, and more
+        ((10, 2000), (10, 990)),  # a small side whole, the large one the rest (was 500)
+        ((2000, 10), (990, 10)),
+        ((700, 700), (500, 500)),  # two large sides: half each
+        ((400, 400), (500, 500)),
+    ],
+)
+def test_two_sides_share_their_room_each_whole_when_the_other_leaves_it(
+    needs: tuple[int, int], shares: tuple[int, int]
+) -> None:
+    assert side_shares(1000, needs) == shares
+    assert sum(side_shares(1000, needs)) <= 1000
 
 
 @pytest.mark.parametrize("budget", [0, 1, 5, 100, 1001, 4000])

@@ -4,7 +4,8 @@ import annotations`: annotations are evaluated here, not in the namespace a mode
 
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 T = TypeVar("T")
 
@@ -55,7 +56,20 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)  # an unknown field is an error, never dropped
-Text = Annotated[str, Field(max_length=100_000)]
+
+
+def _no_nul(value: str) -> str:
+    """evalsvc stores no NUL. Refused here for text it would refuse under another name, or twice (a
+    prompt is both the judge's criteria and part of its guidelines; a transcript line is a turn and part
+    of the rendered transcript; a call id is also in the item's input), so the refusal names the field
+    sent once."""
+    if "\x00" in value:
+        raise PydanticCustomError("string_nul", "must not contain NUL (U+0000) characters")
+    return value
+
+
+Plain = Annotated[str, AfterValidator(_no_nul)]  # text without NUL
+Text = Annotated[Plain, Field(max_length=100_000)]
 
 
 class Envelope(BaseModel, Generic[T]):
@@ -78,7 +92,7 @@ class Level(BaseModel):
     """One verdict a graded agent can give."""
 
     model_config = STRICT
-    level_key: str = Field(min_length=1, max_length=64)
+    level_key: Plain = Field(min_length=1, max_length=64)
     label: str | None = Field(default=None, max_length=MAX_NAME)
     prompt_md: Text = ""
     color: str | None = Field(default=None, max_length=32)
@@ -227,8 +241,8 @@ class TranscriptLine(BaseModel):
     """One utterance, as Bland's call details give it (`user`: user, assistant, robot, agent-action)."""
 
     model_config = ConfigDict(extra="allow")
-    user: str = Field(min_length=1, max_length=64)
-    text: str
+    user: Plain = Field(min_length=1, max_length=64)
+    text: Plain
 
 
 def _call_id_text(value: Any) -> Any:
@@ -242,9 +256,9 @@ class CallIn(BaseModel):
     call store). Fields beyond these are kept in the item's metadata and returned as they came."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-    call_id: Annotated[str, BeforeValidator(_call_id_text)] = Field(min_length=1, max_length=128)
+    call_id: Annotated[Plain, BeforeValidator(_call_id_text)] = Field(min_length=1, max_length=128)
     transcripts: list[TranscriptLine] = Field(default_factory=list)
-    concatenated_transcript: str | None = None
+    concatenated_transcript: Plain | None = None
     call_length: float | None = Field(default=None, ge=0, description="minutes")
 
     @model_validator(mode="after")

@@ -118,15 +118,38 @@ REASON_CODES = {
     "JUDGE_NOT_CONFIGURED": "JUDGE_NOT_CONFIGURED",
     "METHOD_NOT_ALLOWED": "METHOD_NOT_ALLOWED",  # HTTP 405 (evalsvc.gateway.unrouted), not NOT_IMPLEMENTED
 }
-# evalsvc field paths in violations -> the Bland fields they came from.
+# evalsvc field paths in violations -> the Bland fields they came from (the first that matches). A call is
+# an item (`call_item`: its transcript lines the conversation, its other fields the metadata), an agent
+# version a grader's LlmJudge (`encode_version`), a run's Bland fields its annotations (`run_annotations`).
+# Text that evalsvc refuses and that reaches it in more than one field (a NUL: the judge's guidelines hold
+# both prompts, an item's input the call id, its response the rendered transcript) is refused by the
+# models first, naming the field sent.
+VERSION_TEXT = "system_prompt_md, prompt_md and levels"
+_JUDGE = r"^grader(?:\.grader)?\.llm_judge\."
 FIELD_NAMES = (
     (re.compile(r"^items\[(\d+)\]\.id\b"), r"calls[\1].call_id"),
+    (re.compile(r"^items\[(\d+)\]\.conversation\[(\d+)\]\.content\b"), r"calls[\1].transcripts[\2].text"),
+    (re.compile(r"^items\[(\d+)\]\.conversation\[(\d+)\]\.role\b"), r"calls[\1].transcripts[\2].user"),
+    (re.compile(r"^items\[(\d+)\]\.conversation\b"), r"calls[\1].transcripts"),
+    (re.compile(r"^items\[(\d+)\]\.response\.latency_ms\b"), r"calls[\1].call_length"),
+    (re.compile(r"^items\[(\d+)\]\.metadata\[(.*)\]$", re.S), r"calls[\1].\2"),
+    (re.compile(r"^items\[(\d+)\]\.metadata\b"), r"calls[\1]"),
+    (re.compile(r"^items\b"), "calls"),
     (re.compile(r"^item_ids\b"), "call_ids"),
     (re.compile(r"^graders\b"), "attached_agents"),
     (re.compile(r"^pass_threshold\b"), "pass_threshold_pct"),
+    (re.compile(r"^annotations\[bland\.submitted_call_ids\]$"), "call_ids"),
+    (re.compile(r"^annotations\[bland\.([a-z_]+)\]$"), r"\1"),  # run_mode, metadata, workbench_setup_id...
     (re.compile(r"^annotations\b"), "metadata"),
     (re.compile(r"^grader\.display_name\b"), "name"),
     (re.compile(r"^grader\.description\b"), "description"),
+    (re.compile(_JUDGE + r"criteria\b"), "prompt_md"),
+    (re.compile(_JUDGE + r"levels\[(\d+)\]\.key\b"), r"levels[\1].level_key"),
+    (re.compile(_JUDGE + r"levels\[(\d+)\]\.description\b"), r"levels[\1].prompt_md"),
+    (re.compile(_JUDGE + r"levels\b"), "levels"),
+    (re.compile(r"^grader(?:\.grader)?\.weight\b"), "weight"),
+    # The whole definition (its size): every version field is in it, the prompts and levels the most.
+    (re.compile(r"^grader(?:\.grader)?(?:\.llm_judge(?:\.additional_guidelines)?)?$"), VERSION_TEXT),
 )
 
 
@@ -150,6 +173,7 @@ WORDS: tuple[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]], ...] 
     (re.compile(rf"^run {QUOTED} not found"), r"eval run \1 not found"),
     (re.compile(rf"\bno item {QUOTED} in dataset '[^']*'"), r"no call \1 was uploaded"),
     (re.compile(r"\bitem ids must not repeat\b"), "call ids must not repeat"),
+    (re.compile(r"\bthe definition is (\d+) bytes"), r"the eval agent version takes \1 bytes"),
 )
 
 
@@ -166,10 +190,11 @@ def render(error: GatewayError) -> JSONResponse:
     status, code = ERROR_CODES.get(error.code, (500, "INTERNAL_ERROR"))
     status = 413 if error.http_status == 413 else status  # a body over the gateway's limits
     code = REASON_CODES.get(error.reason) or (error.reason if error.reason.startswith("EVAL_") else code)
-    items = [
-        ErrorItem(error=code, message=bland_words(f"{bland_field(f)}: {d}" if f else d.removeprefix("Value error, ")))
-        for f, d in error.violations
-    ]
+    # One entry per message: two evalsvc fields that one Bland field became name it twice.
+    messages = dict.fromkeys(
+        bland_words(f"{bland_field(f)}: {d}" if f else d.removeprefix("Value error, ")) for f, d in error.violations
+    )
+    items = [ErrorItem(error=code, message=message) for message in messages]
     body = ErrorEnvelope(errors=items or [ErrorItem(error=code, message=bland_words(error.message))])
     return JSONResponse(status_code=status, content=body.model_dump())
 

@@ -1265,8 +1265,9 @@ type Result struct {
 	HumanVerdict *bool `protobuf:"varint,52,opt,name=human_verdict,json=humanVerdict,proto3,oneof" json:"human_verdict,omitempty"`
 	// True when output.content (and, were that not enough, output.tool_calls and output.image_urls) was cut
 	// short so that this result fits in one response: a listed result is at most --max-message-bytes less
-	// 16 KiB (ListRunResults; 16 MiB less 16 KiB by default) and each side of a ComparisonItem at most half
-	// of that, its output getting whatever the rest of the result leaves. Content is cut at a
+	// 16 KiB (ListRunResults; 16 MiB less 16 KiB by default) and the two sides of a ComparisonItem share
+	// that (each whole when both fit, else a side that fits in half of it whole and the other the rest,
+	// else half each), its output getting whatever the rest of the result leaves. Content is cut at a
 	// character boundary, from the end. Only what is listed is cut: the stored output is whole, and graders
 	// judged it whole. Outputs of live targets (at most --max-reply-bytes, a quarter of
 	// --max-message-bytes) are never cut; recorded (provided) or echoed outputs of very large items may be.
