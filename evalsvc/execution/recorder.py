@@ -206,9 +206,13 @@ async def _record_in(
     accepted = await job_store.complete(conn, [(f.job.id, f.job.claim_id) for f in finished])
     kept = [f for f in finished if f.job.id in accepted]
     # A job fenced out still paid for its calls: no run's cost holds them, its tenant's stopped spend does.
+    # One refused because this very attempt was recorded already (a batch split, part committed, then
+    # retried whole after the database failed) is in its run's cost: counted again, it was spent twice.
+    refused = {f.job.id: f for f in finished if f.job.id not in accepted}
+    recorded_before = await job_store.done_in(conn, [(f.job.id, f.job.attempt) for f in refused.values()])
     fenced: defaultdict[str, float] = defaultdict(float)
-    for f in finished:
-        if f.job.id not in accepted and (usd := spent(f)) > 0:
+    for job_id, f in refused.items():
+        if job_id not in recorded_before and (usd := spent(f)) > 0:
             fenced[f.job.tenant] += usd
     if len(kept) < len(finished):
         log.info(

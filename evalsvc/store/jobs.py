@@ -188,6 +188,23 @@ async def complete(conn: AsyncConnection, jobs: Iterable[tuple[int, str]]) -> se
 COMPLETE_CHUNK = 1000
 
 
+async def done_in(conn: AsyncConnection, attempts: Iterable[tuple[int, int]]) -> set[int]:
+    """Of these (job id, attempt) pairs, the jobs done by that very attempt: each claim of a job is a new
+    attempt, so a job `complete` refused that is done in the attempt that finished it was recorded
+    before, by an earlier commit of the same finished job (a batch retried after part of it committed),
+    not fenced out."""
+    pairs = sorted(attempts)
+    done: set[int] = set()
+    for start in range(0, len(pairs), COMPLETE_CHUNK):
+        found = await conn.execute(
+            select(JOBS.c.id).where(
+                tuple_(JOBS.c.id, JOBS.c.attempt).in_(pairs[start : start + COMPLETE_CHUNK]), JOBS.c.state == JOB_DONE
+            )
+        )
+        done.update(job_id for (job_id,) in found)
+    return done
+
+
 OUTPUT_COLUMNS = ("job_id", "tenant", "run_id", "output", "latency_ms", "cost_usd", "item_score", "cached")
 
 

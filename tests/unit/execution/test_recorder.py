@@ -369,6 +369,38 @@ async def test_a_passing_failure_nobody_recognises_is_split_for_and_costs_nothin
     assert {col(row, "state") for row, _ in await results_of(db, "t1", run.run.id)} == {run_pb2.RESULT_STATE_PASSED}
 
 
+async def test_a_batch_retried_after_part_of_it_committed_counts_each_jobs_spend_once(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: a batch split for an unrecognised failure commits its first half, then the database fails
+    under the second and the executor records the whole batch again. The first half's jobs are refused by
+    the fence then (they are done), but they are not fenced out: their spend is in the run's cost already,
+    and counting it as stopped spend too made $4 of calls $6 of the tenant's budget."""
+    calls = 0
+    insert_results = run_store.insert_results
+
+    async def split_then_unavailable(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a failure nobody recognises")
+        if calls == 3:
+            raise sa_exc.OperationalError("INSERT INTO results ...", {}, ConnectionRefusedError("refused"))
+        await insert_results(conn, rows)
+
+    monkeypatch.setattr(run_store, "insert_results", split_then_unavailable)
+    (run,) = await insert(db, new_run(items=4))
+    batch = [done(j, PASS, cost=1.0) for j in await claim(db, {run.run.id: 4})]
+
+    with pytest.raises(sa_exc.OperationalError):
+        await record(db, batch, {run.run.id: ONE_GRADER})  # the whole batch; its first half; its second half
+    _, finished = await record(db, batch, {run.run.id: ONE_GRADER})  # again, as the executor does
+
+    assert finished == {run.run.id}
+    async with db.read() as conn:
+        assert await run_store.tenant_spend(conn, ["t1"]) == {"t1": pytest.approx(4.0)}
+
+
 async def test_a_job_failing_alone_for_an_unknown_reason_is_tried_again_before_it_is_recorded_as_error(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
