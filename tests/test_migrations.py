@@ -142,8 +142,9 @@ async def test_revision_0015_counts_the_runs_each_tenant_already_stores(kind: st
                 )
             await conn.run_sync(upgrade_to("head"))
         async with db.read() as conn:
-            totals = await conn.execute(text("SELECT tenant, runs, purged_cost_usd FROM tenant_run_totals"))
-            assert sorted(tuple(row) for row in totals) == [("a", 3, 0.0), ("b", 2, 0.0)]
+            totals = await conn.execute(text("SELECT tenant, runs, purged_cost_usd, spent_usd FROM tenant_run_totals"))
+            # Revision 0022 fills each tenant's running spend from its runs' cost_usd.
+            assert sorted(tuple(row) for row in totals) == [("a", 3, 0.0, 1.5), ("b", 2, 0.0, 1.0)]
     finally:
         await db.close()
 

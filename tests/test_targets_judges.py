@@ -20,7 +20,7 @@ from evalsvc.config import Settings
 from evalsvc.http import outbound as outbound_module
 from evalsvc.http.outbound import AdaptiveLimit, Outbound
 from evalsvc.server import EvalServer
-from evalsvc.store import runs as run_store
+from evalsvc.store import usage
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import (
     eval_run_service_pb2_grpc,
@@ -1137,7 +1137,7 @@ async def test_a_tenant_budget_counts_a_stopped_runs_answered_calls_after_a_rest
 async def committed_spend(srv: EvalServer, tenant: str = "default") -> float:
     """The tenant's spend as the database holds it (what a restarted server's budget starts from)."""
     async with srv.db.read() as conn:
-        return (await run_store.tenant_spend(conn, [tenant]))[tenant]
+        return (await usage.spend(conn, [tenant]))[tenant]
 
 
 async def spend_then_hold(stubs: Stubs, llm: FakeEndpoint, judging: FakeEndpoint) -> str:

@@ -182,8 +182,8 @@ class Executor:
         # end) had spent, by run id, with the run's tenant: written with the run's end (`_end_over_limit_runs`).
         self._stopped_spend: dict[str, tuple[str, float]] = {}
         # What other jobs stopped without a result (their run cancelled or deleted, a shutdown) had spent, by
-        # tenant, until the recorder adds it to the tenant's stopped spend (`_write_stopped_spend`): in no
-        # run's cost, yet paid for, so the tenant's budget must count it after a restart and on replicas.
+        # tenant, until the recorder adds it to the tenant's spend (`_write_stopped_spend`): in no run's
+        # cost, yet paid for, so the tenant's budget must count it after a restart and on replicas.
         self._unwritten_spend: defaultdict[str, float] = defaultdict(float)
         self._cache_bounds = CacheBounds(settings.cache_max_entries, settings.cache_max_bytes)
         self._bus = bus
@@ -603,8 +603,9 @@ class Executor:
         run is ending over a limit (its budget), with the run's end, in its cost_usd (a run stopped at its
         $5 budget after 8 answered $1 calls recorded cost_usd 0, and a restarted server's tenant budget,
         read back from the runs' cost_usd, forgot them). Otherwise (its run cancelled or deleted, a
-        shutdown) in its tenant's stopped spend, which its budget counts though no run's cost_usd holds it
-        (a tenant that cancelled runs spent $47-58 against a $20 budget across restarts)."""
+        shutdown) in its tenant's spend alone (`tenant_run_totals.spent_usd`), which its budget counts
+        though no run's cost_usd holds it (a tenant that cancelled runs spent $47-58 against a $20 budget
+        across restarts)."""
         if use.spent_usd <= 0:
             return
         if job.run_id in self._over_limit:
@@ -616,18 +617,18 @@ class Executor:
 
     def _unwritten(self, run_id: str) -> None:
         """A run's stopped jobs' spend that will not be written with its end (it ended otherwise, or the
-        server stops first): its tenant's stopped spend instead."""
+        server stops first): its tenant's spend alone instead."""
         tenant, usd = self._stopped_spend.pop(run_id, ("", 0.0))
         if usd > 0:
             self._unwritten_spend[tenant] += usd
 
     async def _write_stopped_spend(self) -> None:
-        """Add what jobs stopped without a result spent to their tenants' stopped spend, in a transaction of
-        its own (never in a recording's, whose batch may be split and retried in parts). Kept to be written
-        again only when the database could not take it: then nothing committed."""
+        """Add what jobs stopped without a result spent to their tenants' spend, in a transaction of its own
+        (never in a recording's, whose batch may be split and retried in parts). Kept to be written again
+        only when the database could not take it: then nothing committed."""
         spend, self._unwritten_spend = self._unwritten_spend, defaultdict(float)
         try:
-            await self._db.transact(functools.partial(usage.add_to_totals, stopped_cost_usd=spend))
+            await self._db.transact(functools.partial(usage.add_to_totals, spent_usd=spend))
         except Exception as exc:
             if unavailable_cause(exc) is not None or is_conflict(exc):
                 for tenant, usd in spend.items():
@@ -861,7 +862,7 @@ class Executor:
         # and what this process counted (another plan of the tenant may have read it meanwhile, and spent).
         if self._settings.tenant_budget_usd > 0 and (tenant not in self._tenant_spent or not self._db.is_sqlite):
             async with self._db.read() as conn:
-                committed = (await run_store.tenant_spend(conn, [tenant]))[tenant]
+                committed = (await usage.spend(conn, [tenant]))[tenant]
             self._tenant_spent[tenant] = max(committed, self._tenant_spent.get(tenant, 0.0))
         if tenant not in self._tenant_stored:
             async with self._db.read() as conn:
@@ -995,19 +996,19 @@ class Executor:
                 del self._over_limit[run_id]
                 self._unwritten(run_id)
                 continue
-            event = await fail_early(
-                self._db,
-                plan.tenant,
-                run_id,
-                plan.recorder_view,
-                code,
-                message,
-                spent_usd=self._stopped_spend.get(run_id, ("", 0.0))[1],
-            )
+            # Taken now: a job that outlasted the wait may stop while the run ends, and hand over more.
+            tenant, passed = self._stopped_spend.pop(run_id, (plan.tenant, 0.0))
+            try:
+                event = await fail_early(
+                    self._db, plan.tenant, run_id, plan.recorder_view, code, message, spent_usd=passed
+                )
+            except BaseException:
+                self._stopped_spend[run_id] = (tenant, passed + self._stopped_spend.get(run_id, (tenant, 0.0))[1])
+                raise
             del self._over_limit[run_id]
-            if event is None:  # it had ended otherwise (cancelled): the spend is its tenant's stopped spend
-                self._unwritten(run_id)
-            self._stopped_spend.pop(run_id, None)
+            if event is None and passed > 0:  # it had ended otherwise (cancelled): not in its cost_usd
+                self._unwritten_spend[tenant] += passed
+            self._unwritten(run_id)  # what a job handed over while the run ended is in no cost_usd either
             self.run_ended(run_id)
             if event is not None:
                 self._bus.publish(run_id, [event])
@@ -1064,7 +1065,7 @@ class Executor:
         async with self._db.read() as conn:
             self._tenant_stored.update(await usage.stored_bytes(conn, tenants))
             if shared_budget:
-                committed = await run_store.tenant_spend(conn, tenants)
+                committed = await usage.spend(conn, tenants)
         for tenant, usd in committed.items():
             self._tenant_spent[tenant] = max(self._tenant_spent.get(tenant, 0.0), usd)
 

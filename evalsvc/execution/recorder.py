@@ -205,21 +205,21 @@ async def _record_in(
     UPDATE for all the runs it finishes)."""
     accepted = await job_store.complete(conn, [(f.job.id, f.job.claim_id) for f in finished])
     kept = [f for f in finished if f.job.id in accepted]
-    # A job fenced out still paid for its calls: no run's cost holds them, its tenant's stopped spend does.
-    # One refused because this very attempt was recorded already (a batch split, part committed, then
-    # retried whole after the database failed) is in its run's cost: counted again, it was spent twice.
+    # A job fenced out still paid for its calls: no run's cost holds them, its tenant's spend does. One
+    # refused because this very attempt was recorded already (a batch split, part committed, then retried
+    # whole after the database failed) is in its tenant's spend: counted again, it was spent twice.
     refused = {f.job.id: f for f in finished if f.job.id not in accepted}
     recorded_before = await job_store.done_in(conn, [(f.job.id, f.job.attempt) for f in refused.values()])
-    fenced: defaultdict[str, float] = defaultdict(float)
+    spent_by_tenant: defaultdict[str, float] = defaultdict(float)
     for job_id, f in refused.items():
         if job_id not in recorded_before and (usd := spent(f)) > 0:
-            fenced[f.job.tenant] += usd
+            spent_by_tenant[f.job.tenant] += usd
     if len(kept) < len(finished):
         log.info(
             "fenced out %d finished jobs whose lease was lost or whose run was cancelled", len(finished) - len(kept)
         )
     if not kept:
-        await usage.add_to_totals(conn, stopped_cost_usd=fenced)
+        await usage.add_to_totals(conn, spent_usd=spent_by_tenant)
         return {}, set()
     await job_store.store_outputs(
         conn,
@@ -246,6 +246,7 @@ async def _record_in(
     by_tenant: Counter[str] = Counter()
     for run_id, p in progress.items():
         by_tenant[jobs_by_run[run_id][0].job.tenant] += p.stored_bytes
+        spent_by_tenant[jobs_by_run[run_id][0].job.tenant] += p.cost_usd
     by_run: dict[str, list[pb.WatchRunResponse]] = {}
     result_rows: list[tuple[Any, ...]] = []
     for run_id, run_jobs in sorted(jobs_by_run.items()):
@@ -268,7 +269,7 @@ async def _record_in(
         assert all(by_run[run_id][-1].HasField("run") for run_id, _ in done), "a run with leased jobs ended early"
     # Last: after the runs' rows (the lock order), and holding the tenants' rows no longer than it must (on
     # PostgreSQL a tenant's other recordings, CreateRuns and appends wait for them).
-    await usage.add_to_totals(conn, stored_bytes=by_tenant, cache_bytes=cached, stopped_cost_usd=fenced)
+    await usage.add_to_totals(conn, stored_bytes=by_tenant, cache_bytes=cached, spent_usd=spent_by_tenant)
     return by_run, {run_id for run_id, _ in done}
 
 
@@ -419,6 +420,8 @@ async def fail_early(
             run_id, run_pb2.RUN_STATUS_FAILED, None, code, message, aggregate, time.time(), spent_usd
         )
         ended = await run_store.finish_runs(conn, [ending])
+        if ended and spent_usd:  # after the run's row (the lock order), as a recording adds it
+            await usage.add_to_totals(conn, spent_usd={tenant: spent_usd})
         return ended[0] if ended else None
 
     return await db.transact(end)

@@ -152,24 +152,28 @@ class TenantRunTotalsRow(SQLModel, table=True):
     """What a tenant's runs add up to beyond what their rows still show: how many it stores (deleted ones
     until they are purged), for --max-runs-per-tenant without counting its runs at every CreateRun, what
     its purged runs had spent, so that purging a run does not give its spend back to the tenant's
-    --tenant-budget-usd, what its jobs spent without a result, and the bytes it stores. Kept by the
+    --tenant-budget-usd, all it has spent, and the bytes it stores. Kept by the
     transactions that insert runs (evalsvc.store.runs.insert_runs), record results, add and delete dataset
-    items, purge runs (evalsvc.store.retention.expire) and write the spend of stopped jobs:
-    evalsvc.store.usage."""
+    items, purge runs (evalsvc.store.retention.expire), end runs over a limit and write the spend of
+    stopped jobs: evalsvc.store.usage."""
 
     __tablename__ = "tenant_run_totals"
 
     tenant: str = Field(primary_key=True, max_length=64)
     runs: int = Field(default=0, sa_column=big())  # stored runs: inserted, less purged
-    purged_cost_usd: float = 0.0  # the spend (cost_usd) of the runs purged so far
+    # The spend (cost_usd) of the runs purged so far: what versions before revision 0022 add to the runs'
+    # cost_usd for a tenant's budget (kept for replicas of those during an upgrade; `spent_usd` has it).
+    purged_cost_usd: float = 0.0
     # Bytes the tenant stores (evalsvc.store.usage): its runs' stored_bytes and its datasets' items, for
     # --max-stored-bytes-per-tenant without summing them at every write.
     stored_bytes: int = Field(default=0, sa_column=big(added=True))
     # The payload bytes of its response cache entries, for --cache-max-bytes (evalsvc.store.cache).
     cache_bytes: int = Field(default=0, sa_column=big(added=True))
-    # What its model calls cost in jobs that ended without a recorded result (stopped by a cancel, a delete
-    # or a shutdown; fenced out): in no run's cost_usd, yet spent, so --tenant-budget-usd counts it.
-    stopped_cost_usd: float = Field(default=0.0, sa_column_kwargs=ZERO)
+    # Everything its model calls cost, for --tenant-budget-usd: its runs' cost_usd as it grows (purged runs
+    # included) and the calls answered in jobs that ended without a recorded result (stopped by a cancel,
+    # a delete or a shutdown; fenced out), which no run's cost_usd holds. A running total, so a budget
+    # check reads one row, not every run of the tenant.
+    spent_usd: float = Field(default=0.0, sa_column_kwargs=ZERO)
 
 
 class RunPurgeRow(SQLModel, table=True):

@@ -796,27 +796,6 @@ async def item_outcomes(conn: AsyncConnection, run_id: str) -> dict[str, dict[in
     return outcomes
 
 
-async def tenant_spend(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, float]:
-    """What each tenant has spent on model calls, in US dollars: the cost of the runs it stores, of the
-    ones purged (kept in `tenant_run_totals`, so that deleting runs never resets its budget) and of its
-    jobs that ended without a result (`stopped_cost_usd`: cancelled, deleted, shut down, fenced). One
-    statement: one snapshot, so a purge committing meanwhile is counted once, on one side or the other."""
-    wanted = sorted(set(tenants))
-    stored = (
-        select(RUNS.c.tenant.label("tenant"), func.sum(RUNS.c.cost_usd).label("usd"))
-        .where(RUNS.c.tenant.in_(wanted))
-        .group_by(RUNS.c.tenant)
-    )
-    beyond = select(TOTALS.c.tenant, TOTALS.c.purged_cost_usd + TOTALS.c.stopped_cost_usd).where(
-        TOTALS.c.tenant.in_(wanted)
-    )
-    found = await conn.execute(union_all(stored, beyond))
-    spent = dict.fromkeys(tenants, 0.0)
-    for tenant, usd in found:
-        spent[tenant] += float(usd or 0.0)
-    return spent
-
-
 RESULT_COLUMNS = tuple(field.name for field in fields(ResultRecord))  # the `results` columns, in table order
 
 

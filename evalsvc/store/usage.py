@@ -1,5 +1,4 @@
-"""A tenant's totals (`tenant_run_totals`): its stored runs, its purged runs' and stopped jobs' spend, and the
-bytes it stores.
+"""A tenant's totals (`tenant_run_totals`): its stored runs, its spend, and the bytes it stores.
 
 The bytes a tenant stores bound it (--max-stored-bytes-per-tenant), so that one tenant cannot fill the
 disk every tenant shares. They are counted as data is written, never by reading it back:
@@ -106,16 +105,16 @@ async def add_to_totals(
     purged_cost_usd: Mapping[str, float] | None = None,
     stored_bytes: Mapping[str, int] | None = None,
     cache_bytes: Mapping[str, int] | None = None,
-    stopped_cost_usd: Mapping[str, float] | None = None,
+    spent_usd: Mapping[str, float] | None = None,
 ) -> None:
     """Add to tenants' totals (creating a tenant's row at its first write): `runs` stored (negative when
     purged), the spend of runs purged, `stored_bytes` and `cache_bytes` (negative when taken back), and
-    the spend of jobs that ended without a result. One upsert per tenant in one driver executemany, in
-    tenant order (the lock order on PostgreSQL)."""
+    `spent_usd`, what their model calls cost (`spend`). One upsert per tenant in one driver executemany,
+    in tenant order (the lock order on PostgreSQL)."""
     runs, purged_cost_usd = runs or {}, purged_cost_usd or {}
     stored_bytes, cache_bytes = stored_bytes or {}, cache_bytes or {}
-    stopped_cost_usd = stopped_cost_usd or {}
-    tenants = sorted(set(runs) | set(purged_cost_usd) | set(stored_bytes) | set(cache_bytes) | set(stopped_cost_usd))
+    spent_usd = spent_usd or {}
+    tenants = sorted(set(runs) | set(purged_cost_usd) | set(stored_bytes) | set(cache_bytes) | set(spent_usd))
     if not tenants:
         return
     dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
@@ -128,7 +127,7 @@ async def add_to_totals(
                 "purged_cost_usd": TOTALS.c.purged_cost_usd + statement.excluded.purged_cost_usd,
                 "stored_bytes": TOTALS.c.stored_bytes + statement.excluded.stored_bytes,
                 "cache_bytes": TOTALS.c.cache_bytes + statement.excluded.cache_bytes,
-                "stopped_cost_usd": TOTALS.c.stopped_cost_usd + statement.excluded.stopped_cost_usd,
+                "spent_usd": TOTALS.c.spent_usd + statement.excluded.spent_usd,
             },
         ),
         [
@@ -138,8 +137,20 @@ async def add_to_totals(
                 "purged_cost_usd": purged_cost_usd.get(tenant, 0.0),
                 "stored_bytes": stored_bytes.get(tenant, 0),
                 "cache_bytes": cache_bytes.get(tenant, 0),
-                "stopped_cost_usd": stopped_cost_usd.get(tenant, 0.0),
+                "spent_usd": spent_usd.get(tenant, 0.0),
             }
             for tenant in tenants
         ],
     )
+
+
+async def spend(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, float]:
+    """What each of these tenants has spent on model calls, in US dollars, as last committed (0 for a
+    tenant with no row yet): its runs' cost_usd, purged ones included, and what its jobs that ended
+    without a result had spent. Kept by the transactions that add to a run's cost_usd (recordings, a run
+    ended over a limit) and that write stopped jobs' spend, so that a budget check reads one row."""
+    found = await conn.execute(
+        select(TOTALS.c.tenant, TOTALS.c.spent_usd).where(TOTALS.c.tenant.in_(sorted(set(tenants))))
+    )
+    held = {tenant: float(usd) for tenant, usd in found}
+    return {tenant: held.get(tenant, 0.0) for tenant in tenants}

@@ -18,6 +18,7 @@ from evalsvc.execution.recorder import FinishedJob, RunGraders
 from evalsvc.graders import Grade, target_error_grade
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
+from evalsvc.store import usage
 from evalsvc.store.db import Database
 from evalsvc.store.models import JOB_DONE, JOB_LEASED
 from evalsvc.v1 import eval_run_service_pb2 as pb
@@ -222,7 +223,7 @@ async def test_a_job_whose_claim_was_superseded_or_whose_run_was_cancelled_recor
 
 async def test_a_fenced_out_jobs_calls_count_in_its_tenants_spend(db: Database) -> None:
     """A job fenced out (its lease lost, its run cancelled) paid for its calls all the same: no run's cost
-    holds them, so its tenant's stopped spend does, which its budget counts (run_store.tenant_spend)."""
+    holds them, so its tenant's stopped spend does, which its budget counts (usage.spend)."""
     live, cancelled = await insert(db, new_run(items=1), new_run(items=1))
     stale = await claim(db, {live.run.id: 1, cancelled.run.id: 1}, "c1")
     await db.transact(lambda conn: job_store.release(conn, ["c1"]))
@@ -235,7 +236,7 @@ async def test_a_fenced_out_jobs_calls_count_in_its_tenants_spend(db: Database) 
 
     assert finished == {live.run.id}
     async with db.read() as conn:
-        assert (await run_store.tenant_spend(conn, ["t1", "t2"])) == {"t1": pytest.approx(3.25), "t2": 0.0}
+        assert (await usage.spend(conn, ["t1", "t2"])) == {"t1": pytest.approx(3.25), "t2": 0.0}
 
 
 async def test_a_result_the_database_refuses_is_recorded_as_not_storable_and_costs_the_others_nothing(
@@ -398,7 +399,7 @@ async def test_a_batch_retried_after_part_of_it_committed_counts_each_jobs_spend
 
     assert finished == {run.run.id}
     async with db.read() as conn:
-        assert await run_store.tenant_spend(conn, ["t1"]) == {"t1": pytest.approx(4.0)}
+        assert await usage.spend(conn, ["t1"]) == {"t1": pytest.approx(4.0)}
 
 
 async def test_a_job_failing_alone_for_an_unknown_reason_is_tried_again_before_it_is_recorded_as_error(

@@ -18,7 +18,7 @@ from sqlmodel import SQLModel
 from evalsvc.ids import new_id
 from evalsvc.metrics import Metrics
 from evalsvc.runs.retention import RunPurger
-from evalsvc.store import retention
+from evalsvc.store import retention, usage
 from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
 from evalsvc.store.webhooks import DELIVERIES
@@ -86,6 +86,7 @@ async def stored_run(
         await conn.execute(
             update(run_store.RUNS).where(run_store.RUNS.c.id == run_id).values(cost_usd=cost_usd, delete_time=deleted)
         )
+        await usage.add_to_totals(conn, spent_usd={tenant: cost_usd})  # as its recordings add it
 
     await db.transact(fill)
     return run_id
@@ -104,7 +105,7 @@ async def rows_of(db: Database, run_id: str) -> dict[str, int]:
 
 async def spend_and_stored(db: Database, tenant: str) -> tuple[float, int]:
     async with db.read() as conn:
-        spend = (await run_store.tenant_spend(conn, [tenant]))[tenant]
+        spend = (await usage.spend(conn, [tenant]))[tenant]
     counts = await db.transact(lambda conn: run_store.tenant_runs(conn, [tenant]))
     return round(spend, 6), counts[tenant].stored
 
