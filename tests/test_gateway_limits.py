@@ -68,13 +68,76 @@ def assert_refused(response: httpx.Response, status: int, reason: str) -> None:
     assert not [d for d in details if d["@type"].endswith("RetryInfo")]
 
 
-async def test_an_oversized_key_header_is_431_on_native_and_dialect_routes(gw) -> None:
+async def test_an_oversized_key_header_is_431_on_native_routes_and_paths_no_api_owns(gw) -> None:
     _, client = gw
     huge = {"authorization": "Bearer " + "k" * 20_000}
-    for path in ("/v1/runs", "/v1/evals/runs", "/api/v1/evals"):
+    for path in ("/v1/runs", "/nope", "/api/nope"):
         assert_refused(await client.get(path, headers=huge), 431, "HEADERS_TOO_LARGE")
     assert_refused(await client.get("/v1/runs", headers={"x-api-key": "k" * 5000}), 431, "HEADERS_TOO_LARGE")
     assert (await client.get("/v1/runs")).status_code == 200  # the same connection goes on
+
+
+BODY_TOO_LARGE = f"the request body is larger than {MAX_BODY} bytes"
+KEY_TOO_LARGE = "the API key headers are larger than 4096 bytes"
+
+
+def dialect_error(dialect: str, message: str, status: int, code: str, reason: str) -> dict[str, Any]:
+    """The error body a dialect answers for a refusal of the gateway's (gRPC `code`, ErrorInfo `reason`),
+    as its vendor writes errors; Aymara's request_id (random) is left out."""
+    match dialect:
+        case "omni":
+            return {"detail": message, "status": status}
+        case "agno":
+            return {"detail": message}
+        case "bland":
+            return {"data": None, "errors": [{"error": "INVALID_REQUEST", "message": message}]}
+        case "vogent":
+            return {"error": {"code": code, "message": message, "reason": reason, "fieldViolations": []}}
+        case "aymara":
+            return {"error": {"code": "validation.invalid_request", "message": message, "details": {"reason": reason}}}
+    raise AssertionError(dialect)
+
+
+# A POST route of each dialect (all of them are mounted at their documented prefixes).
+DIALECT_POSTS = {
+    "omni": "/api/v1/ai/eval/prompt-sets",
+    "agno": "/eval-runs",
+    "bland": "/v1/evals/runs",
+    "vogent": "/api/eval_configs",
+    "aymara": "/v2/evals",
+}
+
+
+def dialect_body(response: httpx.Response) -> dict[str, Any]:
+    body: dict[str, Any] = response.json()
+    if "request_id" in body:  # Aymara's, a new one each time
+        assert isinstance(body.pop("request_id"), str) and body["error"]
+    return body
+
+
+@pytest.mark.parametrize("dialect", sorted(DIALECT_POSTS))
+async def test_an_oversized_body_on_a_dialects_route_is_413_in_its_error_shape(gw, dialect: str) -> None:
+    """Regression: the body limit answered every path with the native google.rpc.Status (`{"code": 8, ...}`),
+    which no vendor's client reads (Bland's, Aymara's SDK); and Bland's code map made it RATE_LIMITED, which
+    clients retry. Now it is the dialect's own error, as the path no route takes is, still HTTP 413."""
+    _, client = gw
+    response = await client.post(DIALECT_POSTS[dialect], content=b"x" * (3 * MAX_BODY))
+    assert response.status_code == 413, response.text
+    assert "retry-after" not in response.headers
+    assert response.headers["content-type"] == "application/json"
+    assert dialect_body(response) == dialect_error(dialect, BODY_TOO_LARGE, 413, "RESOURCE_EXHAUSTED", "BODY_TOO_LARGE")
+
+
+@pytest.mark.parametrize("dialect", sorted(DIALECT_POSTS))
+async def test_an_oversized_key_header_on_a_dialects_path_is_431_in_its_error_shape(gw, dialect: str) -> None:
+    """Regression: as the body limit, the header limit answered a dialect's path in the native shape. Its
+    HTTP status stays 431 whatever the vendor's code map says of INVALID_ARGUMENT (400 for most)."""
+    _, client = gw
+    huge = {"authorization": "Bearer " + "k" * 20_000}
+    response = await client.get(DIALECT_POSTS[dialect], headers=huge)
+    assert response.status_code == 431, response.text
+    assert "retry-after" not in response.headers
+    assert dialect_body(response) == dialect_error(dialect, KEY_TOO_LARGE, 431, "INVALID_ARGUMENT", "HEADERS_TOO_LARGE")
 
 
 async def test_an_oversized_body_is_413_whether_declared_or_chunked_and_the_connection_goes_on(gw) -> None:
@@ -87,10 +150,44 @@ async def test_an_oversized_body_is_413_whether_declared_or_chunked_and_the_conn
 
     assert_refused(await client.post("/v1/runs", content=body), 413, "BODY_TOO_LARGE")
     assert_refused(await client.post("/v1/runs", content=chunked()), 413, "BODY_TOO_LARGE")
-    assert_refused(await client.post("/api/v1/evals", content=body), 413, "BODY_TOO_LARGE")
+    assert_refused(await client.post("/nope", content=body), 413, "BODY_TOO_LARGE")  # a path no API owns
     fits = await client.post("/v1/runs", content=run_body(MAX_BODY // 2))
     assert fits.status_code == 200, fits.text
     assert len(fits.json()["run"]["id"]) > 0
+
+
+async def test_an_oversized_body_on_a_native_route_is_the_google_rpc_status_it_always_was(gw) -> None:
+    """The native refusal, now written by the native routes' own error handler, is the google.rpc.Status
+    it was: the same fields, values and headers (only the JSON's spacing is now every other native
+    error's, without blanks)."""
+    _, client = gw
+    response = await client.post("/v1/runs", content=b"x" * (3 * MAX_BODY))
+    assert response.status_code == 413
+    assert response.json() == {
+        "code": grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+        "message": BODY_TOO_LARGE,
+        "details": [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "BODY_TOO_LARGE",
+                "domain": "evalsvc",
+                "metadata": {},
+            }
+        ],
+    }
+    assert {name for name in response.headers if name not in ("date", "server")} == {"content-type", "content-length"}
+    assert response.headers["content-type"] == "application/json"
+
+
+async def test_a_body_over_the_limit_by_its_last_bytes_is_answered_at_once(gw) -> None:
+    """Regression: a body that went over the limit only with its last part was then "drained", waiting for
+    more that never came: the client got no answer until it gave up (the check read the previous part's
+    `more_body`)."""
+    _, client = gw
+    for path in ("/v1/runs", DIALECT_POSTS["bland"]):
+        response = await client.post(path, content=b"x" * (MAX_BODY + 1), timeout=10)
+        assert response.status_code == 413, response.text
+        assert BODY_TOO_LARGE in response.text
 
 
 async def test_grpc_metadata_over_the_limit_is_not_a_retryable_quota_error(gw) -> None:

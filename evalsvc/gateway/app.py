@@ -482,7 +482,12 @@ def create_app(
     `dialects.mounts`) beside the native routes, each given `dialect_options`. A tenant may have
     `streams_per_tenant` watches (and synchronous dialect waits) open at once, all tenants together
     `streams_in_all`. A page of a list is answered in at most `max_json_bytes` of JSON (`_fitting_page`)
-    when its items allow."""
+    when its items allow.
+
+    The app keeps its RoutingErrors (its routes by API, which answers a path no route takes in the error
+    shape of the API the path belongs to) as `app.state.routing_errors`, read typed by `routing_errors(app)`:
+    what answers for the app from outside it, the size limits wrapped around it in evalsvc.gateway.server
+    (evalsvc.gateway.request_limits), answers through it too."""
     upstream = Upstream(channel_factory, streams_per_channel, streams_per_tenant, streams_in_all)
     stream_turns = Slots(TRANSLATOR_THREADS)  # the streams' messages, translated in their tenants' turns
 
@@ -635,9 +640,18 @@ def create_app(
     app.include_router(pages)
     unrouted.add(pages.routes)
     app.add_exception_handler(HTTPException, unrouted.handle)
+    app.state.routing_errors = unrouted
     # FastAPI's documented way to extend the document is replacing the method; mypy forbids assigning methods.
     app.openapi = openapi.with_components(app.openapi, schemas)  # type: ignore[method-assign]
     return app
+
+
+def routing_errors(app: FastAPI) -> RoutingErrors:
+    """The RoutingErrors of an app `create_app` made: its routes by API, and how each API writes its errors."""
+    errors = app.state.routing_errors
+    if not isinstance(errors, RoutingErrors):
+        raise TypeError("the app was not made by create_app: it has no RoutingErrors")
+    return errors
 
 
 def _description(route: Route) -> str:

@@ -6,18 +6,23 @@ oversized body as a message over `--max-message-bytes`; both came back RESOURCE_
 the gateway as 429, which every client retries, forever. These are not "try later": the request
 itself must change. The body is read here, up to the limit, so the process never holds more than
 that for one request, whichever route (native or dialect) would have read it.
+
+The refusals come in the error shape of the API the path belongs to, as a path no route takes does
+(`RoutingErrors.answer`, evalsvc.gateway.unrouted): the native google.rpc.Status on the native routes
+(and on a path no API owns), a dialect's own envelope on its paths (`POST /v1/evals/runs` over the limit
+is Bland's `{"errors": [...]}`), always with HTTP status 413 or 431.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
-from evalsvc.errors import Reason, ServiceError, to_status
+from evalsvc.errors import Reason
+from evalsvc.gateway.unrouted import RoutingErrors
+from evalsvc.gateway.upstream import GatewayError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -35,14 +40,16 @@ DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 class RequestLimits:
-    """ASGI middleware: refuse requests whose headers or body are over the limits, with the
-    google.rpc.Status JSON the native routes use.
+    """ASGI middleware: refuse requests whose headers or body are over the limits, in the error shape
+    of the API the path belongs to, as `errors`
+    answers (the app's own RoutingErrors: evalsvc.gateway.app.routing_errors).
 
     The rest of a refused body is read and discarded before answering: a client that is still
     sending when the server answers and closes gets a connection reset instead of the answer."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(self, app: ASGIApp, errors: RoutingErrors, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self._app = app
+        self._errors = errors
         self._max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -52,7 +59,10 @@ class RequestLimits:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         if problem := _header_problem(headers):
             if await _drained(receive):
-                await _refuse(send, 431, grpc.StatusCode.INVALID_ARGUMENT, Reason.HEADERS_TOO_LARGE, problem)
+                error = GatewayError(
+                    grpc.StatusCode.INVALID_ARGUMENT, problem, Reason.HEADERS_TOO_LARGE, http_status=431
+                )
+                await self._refuse(scope, receive, send, error)
             return
         chunks: list[bytes] = []
         size = 0
@@ -63,12 +73,14 @@ class RequestLimits:
                 return  # the client left before sending its body: nobody to answer
             chunk = message.get("body", b"")
             size += len(chunk)
+            more = bool(message.get("more_body"))
             if size > self._max_body_bytes:
+                # This message's `more_body`: a body whose last part went over had nothing left to drain,
+                # and waited for the client to leave (`more` was still the previous message's, True).
                 if not more or await _drained(receive):
-                    await self._body_too_large(send)
+                    await self._body_too_large(scope, receive, send)
                 return
             chunks.append(chunk)
-            more = bool(message.get("more_body"))
         body_sent = False
 
         async def replay() -> Message:
@@ -80,14 +92,19 @@ class RequestLimits:
 
         await self._app(scope, replay, send)
 
-    async def _body_too_large(self, send: Send) -> None:
-        await _refuse(
-            send,
-            413,
+    async def _body_too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = GatewayError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            Reason.BODY_TOO_LARGE,
             f"the request body is larger than {self._max_body_bytes} bytes",
+            Reason.BODY_TOO_LARGE,
+            http_status=413,
         )
+        await self._refuse(scope, receive, send, error)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, error: GatewayError) -> None:
+        """Answer with `error` in the shape of the path's API (no RetryInfo nor Retry-After: waiting
+        does not help; the request itself must change)."""
+        await self._errors.answer(scope["path"], error)(scope, receive, send)
 
 
 async def _drained(receive: Receive) -> bool:
@@ -107,20 +124,3 @@ def _header_problem(headers: list[tuple[bytes, bytes]]) -> str | None:
     if sum(len(name) + len(value) for name, value in headers) > MAX_HEADER_BYTES:
         return f"the request headers are larger than {MAX_HEADER_BYTES} bytes"
     return None
-
-
-async def _refuse(send: Send, http_status: int, code: grpc.StatusCode, reason: Reason, message: str) -> None:
-    """Answer with the error's google.rpc.Status as JSON (no RetryInfo: waiting does not help)."""
-    status = to_status(ServiceError(code, reason, message))
-    body = json.dumps(json_format.MessageToDict(status, always_print_fields_with_no_presence=True)).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": http_status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})

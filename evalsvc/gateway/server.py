@@ -17,7 +17,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from evalsvc.config import Settings
 from evalsvc.errors import Reason, ServiceError, to_status
-from evalsvc.gateway.app import create_app, to_json
+from evalsvc.gateway.app import create_app, routing_errors, to_json
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.request_limits import RequestLimits
 from evalsvc.gateway.upstream import ChannelFactory
@@ -182,18 +182,17 @@ class Gateway:
         settings = settings or Settings()
         dialect_options = DialectOptions(sync_wait_s=settings.dialect_sync_wait_s)
         host, _, port = http_addr.rpartition(":")
-        app = RequestLimits(
-            create_app(
-                channels,
-                dialects,
-                dialect_options,
-                streams_per_channel=settings.gateway_streams_per_channel,
-                streams_per_tenant=settings.http_streams_per_tenant,
-                streams_in_all=settings.http_streams_in_all,
-                max_json_bytes=settings.max_message_bytes,
-            ),
-            max_body_bytes=settings.max_message_bytes,
+        api = create_app(
+            channels,
+            dialects,
+            dialect_options,
+            streams_per_channel=settings.gateway_streams_per_channel,
+            streams_per_tenant=settings.http_streams_per_tenant,
+            streams_in_all=settings.http_streams_in_all,
+            max_json_bytes=settings.max_message_bytes,
         )
+        # Its refusals in the shape of the API the path belongs to, as the app's own routing errors are.
+        app = RequestLimits(api, routing_errors(api), max_body_bytes=settings.max_message_bytes)
         config = uvicorn.Config(
             app,
             host=host or "127.0.0.1",

@@ -12,6 +12,9 @@ matches any segment): `/v1/evals/nope` is Bland's (`/v1/evals/...`), `/v1/runz` 
 Omni's, and with `--dialects aymara=/aymara` everything under `/aymara/` is Aymara's. A path that no
 API matches further than the others (`/nope`; `/api/nope`, where Omni and Vogent share the prefix
 `/api`; `/v1/nope`, native and Bland) is answered in the native shape.
+
+The request size limits (evalsvc.gateway.request_limits: 413, 431), which answer before any route runs,
+answer the same way (`RoutingErrors.answer`).
 """
 
 from __future__ import annotations
@@ -103,6 +106,15 @@ class RoutingErrors:
                 owners.add(template.render)
         return owners.pop() if len(owners) == 1 else self._native
 
+    def answer(self, path: str, error: GatewayError) -> Response:
+        """`error` in the error shape of the API `path` belongs to (`owner`), with the HTTP status
+        `error.http_status` whatever status the vendor's code map would choose for its gRPC code: the one
+        way the gateway answers a request before, or instead of, any route (a path no route takes, and
+        evalsvc.gateway.request_limits's 413 and 431)."""
+        response = self.owner(path.split("/"))(error)
+        response.status_code = error.http_status
+        return response
+
     async def handle(self, request: Request, exc: Exception) -> Response:
         """The app's handler of Starlette's HTTPException: routing's own 404 and 405 in the API's shape;
         anything else (an HTTPException a route raised itself) as FastAPI answers it."""
@@ -127,9 +139,8 @@ class RoutingErrors:
             )
         else:
             error = GatewayError(grpc.StatusCode.NOT_FOUND, f"no route for {method} {path}", Reason.ROUTE_NOT_FOUND)
-        response = self.owner(segments)(error)
-        # What HTTP requires, whatever status a vendor's code map would choose for the gRPC code.
-        response.status_code = error.http_status
+        # The status HTTP requires (405 with `Allow`), whatever a vendor's code map would choose.
+        response = self.answer(request.scope["path"], error)
         if allowed:
             response.headers["allow"] = listed
         return response

@@ -330,6 +330,8 @@ REASONS: dict[str, tuple[int, ErrorCode]] = {
     "JUDGE_NOT_CONFIGURED": (503, "server.internal_error"),
     "GENERATOR_NOT_CONFIGURED": (503, "server.internal_error"),
     "METHOD_NOT_ALLOWED": (405, "validation.invalid_request"),
+    # A body over the gateway's limits (evalsvc.gateway.request_limits) is the request's, not a quota's.
+    "BODY_TOO_LARGE": (413, "validation.invalid_request"),
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorEnvelope} for status in (400, 401, 403, 404, 409, 422, 429, 500, 503)

@@ -62,7 +62,8 @@ def _no_nul(value: str) -> str:
     """evalsvc stores no NUL. Refused here for text it would refuse under another name, or twice (a
     prompt is both the judge's criteria and part of its guidelines; a transcript line is a turn and part
     of the rendered transcript; a call id is also in the item's input), so the refusal names the field
-    sent once."""
+    sent once; and for text it would not see to refuse (a new version's name and description, stored
+    escaped in the version's JSON)."""
     if "\x00" in value:
         raise PydanticCustomError("string_nul", "must not contain NUL (U+0000) characters")
     return value
@@ -129,8 +130,10 @@ class AgentCreate(VersionFields):
 class VersionCreate(VersionFields):
     """POST /v1/evals/agents/{id}/versions: Bland's fork fields plus the version fields to change."""
 
-    name: str | None = Field(default=None, min_length=1, max_length=MAX_NAME)
-    description: str | None = None
+    # Without NUL: a version is stored as JSON inside the grader's definition, where the service never
+    # sees (nor refuses) a NUL, which came back in the version; the agent's own are the grader's, refused.
+    name: Plain | None = Field(default=None, min_length=1, max_length=MAX_NAME)
+    description: Plain | None = None
     from_version_id: str | None = None
 
 

@@ -117,6 +117,7 @@ REASON_CODES = {
     "RUN_ALREADY_FINISHED": "EVAL_RUN_NOT_CANCELLABLE",
     "JUDGE_NOT_CONFIGURED": "JUDGE_NOT_CONFIGURED",
     "METHOD_NOT_ALLOWED": "METHOD_NOT_ALLOWED",  # HTTP 405 (evalsvc.gateway.unrouted), not NOT_IMPLEMENTED
+    "BODY_TOO_LARGE": "INVALID_REQUEST",  # HTTP 413 (evalsvc.gateway.request_limits): not RATE_LIMITED, no retry
 }
 # evalsvc field paths in violations -> the Bland fields they came from (the first that matches). A call is
 # an item (`call_item`: its transcript lines the conversation, its other fields the metadata), an agent
