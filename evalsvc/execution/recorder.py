@@ -22,6 +22,7 @@ lasted through the split's few milliseconds lost a correct result for good.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -147,6 +148,7 @@ async def record(
                 refused.job.attempt,
                 UNKNOWN_FAILURE_ATTEMPTS,
             )
+            await _spent_without_result(db, refused)
             return {}, set()
         log.warning(
             "the result of job %d (run %s, item %r) cannot be stored (%s: %s); recorded as ERROR RESULT_NOT_STORABLE",
@@ -157,6 +159,18 @@ async def record(
             str(exc)[:500],
         )
         return await _record_batch(db, [_not_storable(refused, exc)], graders_of, cache_bounds)
+
+
+async def _spent_without_result(db: Database, refused: FinishedJob) -> None:
+    """Add what a job left unrecorded had spent to its tenant's spend (the attempt that runs it again
+    counts only its own calls), in a transaction of its own; a database that cannot take even that leaves
+    it out, with a warning."""
+    if (usd := spent(refused)) <= 0:
+        return
+    try:
+        await db.transact(functools.partial(usage.add_to_totals, spent_usd={refused.job.tenant: usd}))
+    except Exception as exc:
+        log.warning("what job %d had spent ($%.4f) is in no budget: %s", refused.job.id, usd, type(exc).__name__)
 
 
 def _not_storable(refused: FinishedJob, exc: Exception) -> FinishedJob:
@@ -208,16 +222,19 @@ async def _record_in(
     # A job fenced out still paid for its calls: no run's cost holds them, its tenant's spend does. One
     # refused because this very attempt was recorded already (a batch split, part committed, then retried
     # whole after the database failed) is in its tenant's spend: counted again, it was spent twice.
-    refused = {f.job.id: f for f in finished if f.job.id not in accepted}
-    recorded_before = await job_store.done_in(conn, [(f.job.id, f.job.attempt) for f in refused.values()])
+    # (Two attempts of one job can be in one batch: its lease expired while the database was down, and it
+    # was claimed again.)
+    refused = [f for f in finished if f.job.id not in accepted]
+    recorded_before = await job_store.done_in(conn, [(f.job.id, f.job.attempt) for f in refused])
+    fenced = [f for f in refused if (f.job.id, f.job.attempt) not in recorded_before]
     spent_by_tenant: defaultdict[str, float] = defaultdict(float)
-    for job_id, f in refused.items():
-        if job_id not in recorded_before and (usd := spent(f)) > 0:
+    for f in fenced:
+        if (usd := spent(f)) > 0:
             spent_by_tenant[f.job.tenant] += usd
-    if len(kept) < len(finished):
-        log.info(
-            "fenced out %d finished jobs whose lease was lost or whose run was cancelled", len(finished) - len(kept)
-        )
+    if fenced:
+        log.info("fenced out %d finished jobs whose lease was lost or whose run was cancelled", len(fenced))
+    if recorded_before:
+        log.info("%d finished jobs of a batch tried again had been recorded already", len(recorded_before))
     if not kept:
         await usage.add_to_totals(conn, spent_usd=spent_by_tenant)
         return {}, set()

@@ -34,8 +34,13 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # 8 KiB (soft) and 16 KiB (hard) in total; a real key is under 100 bytes.
 FORWARDED_HEADERS = (b"authorization", b"x-api-key")
 MAX_FORWARDED_HEADER_BYTES = 4096
-# Every header together: generous for cookies and proxies' additions, small enough to bound memory.
+# The request head - its target (path and query) and every header together: generous for cookies and
+# proxies' additions, small enough to bound memory.
 MAX_HEADER_BYTES = 64 * 1024
+# What the HTTP server (uvicorn's h11) buffers of a head still arriving: the bound above, and room for the
+# request line's method and version and the separators. Left at h11's 16 KiB, a head between 16 and 64 KiB
+# was served or refused with a plain-text 400 ("Invalid HTTP request received.") by how TCP cut it.
+MAX_INCOMPLETE_HEAD_BYTES = MAX_HEADER_BYTES + 8 * 1024
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
@@ -57,7 +62,7 @@ class RequestLimits:
             await self._app(scope, receive, send)
             return
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        if problem := _header_problem(headers):
+        if problem := _header_problem(scope, headers):
             if await _drained(receive):
                 error = GatewayError(
                     grpc.StatusCode.INVALID_ARGUMENT, problem, Reason.HEADERS_TOO_LARGE, http_status=431
@@ -117,10 +122,11 @@ async def _drained(receive: Receive) -> bool:
             return True
 
 
-def _header_problem(headers: list[tuple[bytes, bytes]]) -> str | None:
+def _header_problem(scope: Scope, headers: list[tuple[bytes, bytes]]) -> str | None:
     forwarded = sum(len(name) + len(value) for name, value in headers if name in FORWARDED_HEADERS)
     if forwarded > MAX_FORWARDED_HEADER_BYTES:
         return f"the API key headers are larger than {MAX_FORWARDED_HEADER_BYTES} bytes"
-    if sum(len(name) + len(value) for name, value in headers) > MAX_HEADER_BYTES:
-        return f"the request headers are larger than {MAX_HEADER_BYTES} bytes"
+    target = len(scope.get("raw_path") or scope["path"]) + len(scope.get("query_string") or b"")
+    if target + sum(len(name) + len(value) for name, value in headers) > MAX_HEADER_BYTES:
+        return f"the request's path, query and headers are larger than {MAX_HEADER_BYTES} bytes"
     return None

@@ -19,7 +19,7 @@ from evalsvc.config import Settings
 from evalsvc.errors import Reason, ServiceError, to_status
 from evalsvc.gateway.app import create_app, routing_errors, to_json
 from evalsvc.gateway.dialects.base import DialectOptions
-from evalsvc.gateway.request_limits import RequestLimits
+from evalsvc.gateway.request_limits import MAX_INCOMPLETE_HEAD_BYTES, RequestLimits
 from evalsvc.gateway.upstream import ChannelFactory
 from evalsvc.tls import read_pem, warn_if_exposed
 
@@ -200,6 +200,7 @@ class Gateway:
             log_level="warning",
             http=bounded_protocol(settings.max_http_connections, settings.http_header_timeout_s),
             timeout_keep_alive=max(1, round(settings.http_keepalive_timeout_s)),
+            h11_max_incomplete_event_size=MAX_INCOMPLETE_HEAD_BYTES,
             # uvicorn's documented hook for a context of one's own: this one is made, and its files
             # checked, before the gateway starts.
             ssl_context_factory=None if tls is None else lambda _config, _default: tls,

@@ -188,20 +188,20 @@ async def complete(conn: AsyncConnection, jobs: Iterable[tuple[int, str]]) -> se
 COMPLETE_CHUNK = 1000
 
 
-async def done_in(conn: AsyncConnection, attempts: Iterable[tuple[int, int]]) -> set[int]:
-    """Of these (job id, attempt) pairs, the jobs done by that very attempt: each claim of a job is a new
-    attempt, so a job `complete` refused that is done in the attempt that finished it was recorded
-    before, by an earlier commit of the same finished job (a batch retried after part of it committed),
-    not fenced out."""
-    pairs = sorted(attempts)
-    done: set[int] = set()
+async def done_in(conn: AsyncConnection, attempts: Iterable[tuple[int, int]]) -> set[tuple[int, int]]:
+    """Of these (job id, attempt) pairs, those whose job is done by that very attempt: each claim of a job
+    is a new attempt, so a job `complete` refused that is done in the attempt that finished it was
+    recorded before, by an earlier commit of the same finished job (a batch retried after part of it
+    committed), not fenced out."""
+    pairs = sorted(set(attempts))
+    done: set[tuple[int, int]] = set()
     for start in range(0, len(pairs), COMPLETE_CHUNK):
         found = await conn.execute(
-            select(JOBS.c.id).where(
+            select(JOBS.c.id, JOBS.c.attempt).where(
                 tuple_(JOBS.c.id, JOBS.c.attempt).in_(pairs[start : start + COMPLETE_CHUNK]), JOBS.c.state == JOB_DONE
             )
         )
-        done.update(job_id for (job_id,) in found)
+        done.update((job_id, attempt) for job_id, attempt in found)
     return done
 
 

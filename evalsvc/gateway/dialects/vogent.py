@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Generic, TypeVar
 
+import grpc
 from fastapi import Depends, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRouter
@@ -278,10 +279,13 @@ def vendor_message(message: str, violations: list[tuple[str, str]]) -> str:
 
 
 def render(error: GatewayError) -> JSONResponse:
-    """Every failure as `{"error": {...}}` with the HTTP status of its gRPC code (422 for shape errors)."""
+    """Every failure as `{"error": {...}}` with the HTTP status of its gRPC code (422 for shape errors).
+    A body over the gateway's limit is the request's own fault, INVALID_ARGUMENT as the dialect's other 413
+    (too many JSON values) says, not the retryable quota its gRPC code (RESOURCE_EXHAUSTED) reads as."""
+    code = grpc.StatusCode.INVALID_ARGUMENT if error.reason == Reason.BODY_TOO_LARGE else error.code
     body = AIEvalError(
         error=AIEvalErrorDetail(
-            code=error.code.name,
+            code=code.name,
             message=vendor_message(error.message, error.violations),
             reason=error.reason or None,
             field_violations=[AIEvalFieldViolation(field=vendor_field(f), description=d) for f, d in error.violations],

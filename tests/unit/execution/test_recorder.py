@@ -418,9 +418,11 @@ async def test_a_job_failing_alone_for_an_unknown_reason_is_tried_again_before_i
         await insert_results(conn, rows)
 
     monkeypatch.setattr(run_store, "insert_results", failing_for_the_first_job)
-    await record(db, [done(first, PASS), done(second, PASS)], {run.run.id: ONE_GRADER})
+    await record(db, [done(first, PASS, cost=1.0), done(second, PASS, cost=0.5)], {run.run.id: ONE_GRADER})
     assert [col(row, "job_id") for row, _ in await results_of(db, "t1", run.run.id)] == [second.id]
     last = dataclasses.replace(first, attempt=recorder.UNKNOWN_FAILURE_ATTEMPTS)
-    await record(db, [done(last, PASS)], {run.run.id: ONE_GRADER})
+    await record(db, [done(last, PASS, cost=2.0)], {run.run.id: ONE_GRADER})
     states = {col(row, "job_id"): col(row, "error_reason") for row, _ in await results_of(db, "t1", run.run.id)}
     assert states[first.id].startswith("RESULT_NOT_STORABLE"), states
+    async with db.read() as conn:  # every attempt's calls were paid for: the one left unrecorded too
+        assert await usage.spend(conn, ["t1"]) == {"t1": pytest.approx(3.5)}
