@@ -308,20 +308,26 @@ async def test_an_unavailable_database_fails_the_batch_whole_and_records_nothing
     assert {(j["state"], j["claim_id"]) for j in await jobs_of(db, run.run.id)} == {(JOB_LEASED, "c1")}
 
 
-def fail_first_insert(monkeypatch: pytest.MonkeyPatch, fault: Exception) -> Callable[[], int]:
-    """Make the first insert of results fail with `fault` (later ones go through); how many were tried."""
+def fail_inserts(monkeypatch: pytest.MonkeyPatch, faults: dict[int, Exception]) -> Callable[[], int]:
+    """Make the inserts of results numbered in `faults` (the first is 1) fail with theirs (the others go
+    through); how many were tried."""
     calls = 0
     insert_results = run_store.insert_results
 
-    async def failing_once(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
+    async def failing(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
         nonlocal calls
         calls += 1
-        if calls == 1:
+        if (fault := faults.get(calls)) is not None:
             raise fault
         await insert_results(conn, rows)
 
-    monkeypatch.setattr(run_store, "insert_results", failing_once)
+    monkeypatch.setattr(run_store, "insert_results", failing)
     return lambda: calls
+
+
+def fail_first_insert(monkeypatch: pytest.MonkeyPatch, fault: Exception) -> Callable[[], int]:
+    """Make the first insert of results fail with `fault` (later ones go through); how many were tried."""
+    return fail_inserts(monkeypatch, {1: fault})
 
 
 @pytest.mark.parametrize(
@@ -376,20 +382,10 @@ async def test_a_batch_retried_after_part_of_it_committed_counts_each_jobs_spend
     """Review: a batch split for an unrecognised failure commits its first half, then the database fails
     under the second and the executor records the whole batch again. The first half's jobs are refused by
     the fence then (they are done), but they are not fenced out: their spend is in the run's cost already,
-    and counting it as stopped spend too made $4 of calls $6 of the tenant's budget."""
-    calls = 0
-    insert_results = run_store.insert_results
-
-    async def split_then_unavailable(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise RuntimeError("a failure nobody recognises")
-        if calls == 3:
-            raise sa_exc.OperationalError("INSERT INTO results ...", {}, ConnectionRefusedError("refused"))
-        await insert_results(conn, rows)
-
-    monkeypatch.setattr(run_store, "insert_results", split_then_unavailable)
+    and counting it again as a fenced job's made $4 of calls $6 of the tenant's budget."""
+    unavailable = sa_exc.OperationalError("INSERT INTO results ...", {}, ConnectionRefusedError("refused"))
+    # The whole batch (split for), its first half (committed), its second half (the database fails).
+    fail_inserts(monkeypatch, {1: RuntimeError("a failure nobody recognises"), 3: unavailable})
     (run,) = await insert(db, new_run(items=4))
     batch = [done(j, PASS, cost=1.0) for j in await claim(db, {run.run.id: 4})]
 
