@@ -99,6 +99,30 @@ async def _pages(read: Callable[[str], Awaitable[Any]], fetched: Fetched) -> lis
     raise AssertionError(f"more than {MAX_PAGES} pages")
 
 
+async def _result_pages(
+    runs: eval_run_service_pb2_grpc.EvalRunServiceStub, run_id: str, fetched: Fetched
+) -> list[tuple[Any, int]]:
+    """Every page of a run's results at page_size 1000 (`_pages`)."""
+    return await _pages(
+        lambda token: runs.ListRunResults(pb.ListRunResultsRequest(run_id=run_id, page_size=1000, page_token=token)),
+        fetched,
+    )
+
+
+async def _comparison_pages(
+    runs: eval_run_service_pb2_grpc.EvalRunServiceStub, made: list[str], fetched: Fetched
+) -> list[tuple[Any, int]]:
+    """Every page of the comparison of runs `made` (baseline, candidate) at page_size 1000 (`_pages`)."""
+    return await _pages(
+        lambda token: runs.ListComparisonItems(
+            cpb.ListComparisonItemsRequest(
+                baseline_run_id=made[0], candidate_run_id=made[1], page_size=1000, page_token=token
+            )
+        ),
+        fetched,
+    )
+
+
 @pytest.fixture
 def fetched(server: EvalServer, monkeypatch: pytest.MonkeyPatch) -> Fetched:
     """The bytes of items and outputs the lists read, on the `server` fixture with a page bound of 300 KB."""
@@ -159,23 +183,13 @@ async def test_a_page_of_results_or_comparison_items_reads_about_its_byte_bound_
         )
         made.append((await watch_all(runs, created.run.id))[-1].run.id)
 
-    pages = await _pages(
-        lambda token: runs.ListRunResults(pb.ListRunResultsRequest(run_id=made[0], page_size=1000, page_token=token)),
-        fetched,
-    )
+    pages = await _result_pages(runs, made[0], fetched)
     results = [result for page, _ in pages for result in page.results]
     assert sorted(result.item_id for result in results) == WANT and len(pages) >= ITEMS // 2
     assert all(len(result.output.content) == BLOB + 2 and not result.output_truncated for result in results)
     assert max(read for _, read in pages) <= PAGE_BYTES, [read for _, read in pages]
 
-    pages = await _pages(
-        lambda token: runs.ListComparisonItems(
-            cpb.ListComparisonItemsRequest(
-                baseline_run_id=made[0], candidate_run_id=made[1], page_size=1000, page_token=token
-            )
-        ),
-        fetched,
-    )
+    pages = await _comparison_pages(runs, made, fetched)
     items = [item for page, _ in pages for item in page.items]
     assert [item.item_id for item in items] == WANT and len(pages) == ITEMS  # two outputs of 100 KB: one a page
     for item in items:
@@ -354,24 +368,14 @@ async def test_a_page_of_results_or_comparison_items_reads_about_its_byte_bound_
     made = await _runs_of(runs, request, 2)
     await _explain(server, made, lambda item_id: item_id + "\u00e9" * (BLOB // 2))
 
-    pages = await _pages(
-        lambda token: runs.ListRunResults(pb.ListRunResultsRequest(run_id=made[0], page_size=1000, page_token=token)),
-        fetched,
-    )
+    pages = await _result_pages(runs, made[0], fetched)
     results = [result for page, _ in pages for result in page.results]
     assert [result.item_id for result in results] == WANT and len(pages) >= ITEMS // 3
     assert all(result.explanation == result.item_id + "\u00e9" * (BLOB // 2) for result in results)
     assert not any(result.explanation_truncated or result.output_truncated for result in results)
     assert max(read for _, read in pages) <= PAGE_BYTES, [read for _, read in pages]
 
-    pages = await _pages(
-        lambda token: runs.ListComparisonItems(
-            cpb.ListComparisonItemsRequest(
-                baseline_run_id=made[0], candidate_run_id=made[1], page_size=1000, page_token=token
-            )
-        ),
-        fetched,
-    )
+    pages = await _comparison_pages(runs, made, fetched)
     items = [item for page, _ in pages for item in page.items]
     assert [item.item_id for item in items] == WANT and len(pages) == ITEMS  # two explanations of 100 KB
     for item in items:

@@ -22,8 +22,8 @@ so it never refuses a tenant anything; its payload bytes are kept beside (`cache
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from evalsvc.store import quotas
 from evalsvc.store.models import RunRow, TenantRunTotalsRow
 
+N = TypeVar("N", int, float)  # a totals column's number type
 RUNS = RunRow.__table__  # type: ignore[attr-defined]
 TOTALS = TenantRunTotalsRow.__table__  # type: ignore[attr-defined]
 # Estimates of what rows and their index entries take beyond the data counted, so that runs of many small
@@ -83,19 +84,19 @@ async def held_bytes(conn: AsyncConnection, tenant: str) -> int:
 
 async def stored_bytes(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, int]:
     """The bytes each of these tenants stores, as last committed (no lock: for the executor's view)."""
-    return await _totals(conn, TOTALS.c.stored_bytes, tenants)
+    return await _totals(conn, TOTALS.c.stored_bytes, tenants, int)
 
 
 async def cache_bytes(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, int]:
     """The payload bytes of each of these tenants' response cache entries, as last committed."""
-    return await _totals(conn, TOTALS.c.cache_bytes, tenants)
+    return await _totals(conn, TOTALS.c.cache_bytes, tenants, int)
 
 
-async def _totals(conn: AsyncConnection, column: Any, tenants: Sequence[str]) -> dict[str, int]:
-    """One column of these tenants' totals, by tenant (0 for a tenant with no row yet)."""
+async def _totals(conn: AsyncConnection, column: Any, tenants: Sequence[str], kind: Callable[[Any], N]) -> dict[str, N]:
+    """One column of these tenants' totals, as `kind`, by tenant (0 for a tenant with no row yet)."""
     found = await conn.execute(select(TOTALS.c.tenant, column).where(TOTALS.c.tenant.in_(sorted(set(tenants)))))
-    held = {tenant: int(n) for tenant, n in found}
-    return {tenant: held.get(tenant, 0) for tenant in tenants}
+    held = {tenant: kind(n) for tenant, n in found}
+    return {tenant: held.get(tenant, kind(0)) for tenant in tenants}
 
 
 async def add_to_totals(
@@ -149,8 +150,4 @@ async def spend(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, floa
     tenant with no row yet): its runs' cost_usd, purged ones included, and what its jobs that ended
     without a result had spent. Kept by the transactions that add to a run's cost_usd (recordings, a run
     ended over a limit) and that write stopped jobs' spend, so that a budget check reads one row."""
-    found = await conn.execute(
-        select(TOTALS.c.tenant, TOTALS.c.spent_usd).where(TOTALS.c.tenant.in_(sorted(set(tenants))))
-    )
-    held = {tenant: float(usd) for tenant, usd in found}
-    return {tenant: held.get(tenant, 0.0) for tenant in tenants}
+    return await _totals(conn, TOTALS.c.spent_usd, tenants, float)
