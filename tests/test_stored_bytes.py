@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from evalsvc.execution.executor import OverLimit
 from evalsvc.testing import EvalServiceTestServer
 from evalsvc.v1 import dataset_service_pb2 as ds
 from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc, item_pb2, run_pb2, target_pb2
@@ -183,7 +184,7 @@ async def test_a_run_marked_to_stop_and_purged_before_it_ended_stops_no_recordin
     gone = await served.mine.run_to_end(create_request(1))
     await served.mine.runs.DeleteRun(pb.DeleteRunRequest(run_id=gone.id))
     await served.server.server.purger.purge()
-    executor._over_limit[gone.id] = ("STORAGE_QUOTA_EXCEEDED", "marked, then purged")
+    executor._over_limit[gone.id] = OverLimit("STORAGE_QUOTA_EXCEEDED", "marked, then purged")
     executor.wake()
     run = await asyncio.wait_for(served.theirs.run_to_end(create_request(200)), 30)
     assert run.status == run_pb2.RUN_STATUS_SUCCEEDED

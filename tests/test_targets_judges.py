@@ -11,12 +11,14 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import struct_pb2
 
 from evalsvc.config import Settings
+from evalsvc.execution import executor as executor_module
 from evalsvc.http import outbound as outbound_module
 from evalsvc.http.outbound import AdaptiveLimit, Outbound
 from evalsvc.server import EvalServer
@@ -1069,13 +1071,10 @@ async def test_a_request_that_cannot_be_sent_is_not_retried() -> None:
         await outbound.close()
 
 
-async def test_a_run_ended_by_its_budget_records_what_its_stopped_jobs_had_spent(svc) -> None:
-    """A job stopped without a result as its run's budget ran out handed nothing to the recorder, so the
-    calls it had answered never reached the run's cost_usd (a $5 budget, $1 calls: 8 answered, cost_usd
-    0.0). Here item A's target call answers ($0.10) and its judge call is held; then B's target call
-    answers ($0.20 spent), B's judge is refused and the run ends, A's held judge call abandoned. Both
-    answered target calls are written with the run's end, in its terminal event and GetRun alike."""
-    _, stubs = svc
+async def end_a_run_by_its_budget_with_jobs_stopped(stubs: Stubs) -> tuple[run_pb2.Run, list[pb.WatchRunResponse]]:
+    """Item A's target call answers ($0.10) and its judge call is held; then B's target call answers
+    ($0.20 spent, past the run's $0.15), B's judge is refused and the run ends, A's held judge call
+    abandoned. The run as GetRun reads it, and every event its watcher saw."""
     held_target = chat_reply("a", usage=(100, 0))  # $0.10 per call
     held_target.gate = threading.Event()
     held_judge = judge_reply({"passed": True, "reason": "r"})
@@ -1094,16 +1093,54 @@ async def test_a_run_ended_by_its_budget_records_what_its_stopped_jobs_had_spent
             assert await asyncio.to_thread(llm.wait_seen, 2, 30), "both target calls started"
             assert await asyncio.to_thread(judging.wait_seen, 1, 30), "A's judge call is held"
             held_target.gate.set()  # B's target call answers: $0.20 spent, B's judge call is refused
-            events = await watching
+            events = await asyncio.wait_for(watching, 30)
         finally:
             held_target.gate.set()
             held_judge.gate.set()
-        judge_calls = len(judging.seen)
+        assert len(judging.seen) == 1
     run = (await stubs.runs.GetRun(pb.GetRunRequest(run_id=created.run.id))).run
     assert run.status == run_pb2.RUN_STATUS_FAILED and run.error.code == "BUDGET_EXCEEDED", run
-    assert judge_calls == 1 and run.counts.completed_evaluations == 0
+    assert run.counts.completed_evaluations == 0
+    return run, events
+
+
+async def test_a_run_ended_by_its_budget_records_what_its_stopped_jobs_had_spent(svc) -> None:
+    """A job stopped without a result as its run's budget ran out handed nothing to the recorder, so the
+    calls it had answered never reached the run's cost_usd (a $5 budget, $1 calls: 8 answered, cost_usd
+    0.0). Both answered target calls are written with the run's end, in its terminal event and GetRun
+    alike, and in the tenant's spend."""
+    srv, stubs = svc
+    run, events = await end_a_run_by_its_budget_with_jobs_stopped(stubs)
     assert events[-1].run.cost_usd == pytest.approx(0.2) and run.cost_usd == pytest.approx(0.2)
     assert run.etag == events[-1].run.etag, "one version: nothing changed the run after its terminal event"
+    assert await committed_spend(srv) == pytest.approx(0.2)
+
+
+async def test_a_budget_end_committed_with_its_answer_lost_counts_its_stopped_spend_once(
+    svc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL can commit a run's end and lose the connection before the answer: the executor tries
+    again, finds the run ended and took it for ended otherwise (cancelled), so it added the stopped jobs'
+    $0.20, already in the run's cost_usd and the tenant's spend, to the tenant's spend a second time.
+    The retry names the same ending (its end time), so it is told apart. The terminal event, committed
+    but never handed to the watcher, still reaches it."""
+    srv, stubs = svc
+    real_fail_early = executor_module.fail_early
+    lost: list[str] = []
+
+    async def answer_lost_once(*args: Any, **kwargs: Any) -> Any:
+        end = await real_fail_early(*args, **kwargs)
+        if not lost:
+            lost.append(args[2])
+            raise ConnectionError("connection reset after COMMIT")
+        return end
+
+    monkeypatch.setattr(executor_module, "fail_early", answer_lost_once)
+    run, events = await end_a_run_by_its_budget_with_jobs_stopped(stubs)
+    assert lost == [run.id]
+    assert events[-1].run.status == run_pb2.RUN_STATUS_FAILED and events[-1].run.cost_usd == pytest.approx(0.2)
+    assert run.cost_usd == pytest.approx(0.2)
+    assert await committed_spend(srv) == pytest.approx(0.2)
 
 
 async def test_a_tenant_budget_counts_a_stopped_runs_answered_calls_after_a_restart(tmp_path, monkeypatch) -> None:

@@ -39,7 +39,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -51,6 +51,7 @@ from evalsvc.execution.fairness import RoundRobin
 from evalsvc.execution.recorder import (
     ALONE_FROM_EVALUATIONS,
     CacheBounds,
+    EarlyEnd,
     FinishedJob,
     RunGraders,
     fail_early,
@@ -145,6 +146,21 @@ class CacheUse:
     spent_usd: float = 0.0
 
 
+@dataclass(frozen=True)
+class OverLimit:
+    """A run to end FAILED (its budget or its tenant's stored bytes) once what it finished is recorded.
+    `end_time` is set at the first try to end it and kept for the tries after a failure, so `fail_early`
+    can tell a run that try ended (its commit's answer lost) from one ended otherwise."""
+
+    code: str
+    message: str
+    end_time: float | None = None
+
+    def ending(self) -> OverLimit:
+        """This limit with its end time fixed (now, unless an earlier try fixed it)."""
+        return self if self.end_time is not None else replace(self, end_time=time.time())
+
+
 class BudgetExceeded(Exception):
     """A run or its tenant has spent its budget: no new model call may start."""
 
@@ -176,8 +192,8 @@ class Executor:
         # plan, raised by this process's recordings, read again every lease interval while it has plans here
         # (other replicas record too), and before a run is stopped on them.
         self._tenant_stored: dict[str, int] = {}
-        # Runs to end FAILED once what they finished is recorded: (error code, message) by run id.
-        self._over_limit: dict[str, tuple[str, str]] = {}
+        # Runs to end FAILED once what they finished is recorded, by run id.
+        self._over_limit: dict[str, OverLimit] = {}
         # What the jobs of those runs stopped without a result (BudgetExceeded, or cancelled by the run's
         # end) had spent, by run id, with the run's tenant: written with the run's end (`_end_over_limit_runs`).
         self._stopped_spend: dict[str, tuple[str, float]] = {}
@@ -749,7 +765,7 @@ class Executor:
             )
         else:
             return
-        self._over_limit[job.run_id] = ("BUDGET_EXCEEDED", message)
+        self._over_limit[job.run_id] = OverLimit("BUDGET_EXCEEDED", message)
         raise BudgetExceeded
 
     async def _over_storage(self, job: ClaimedJob, plan: RunPlan) -> bool:
@@ -775,7 +791,7 @@ class Executor:
         held = self._tenant_stored[plan.tenant]
         if held < limit:
             return False
-        self._over_limit[job.run_id] = (
+        self._over_limit[job.run_id] = OverLimit(
             "STORAGE_QUOTA_EXCEEDED",
             f"the tenant stores {held} bytes, its limit of {limit} ({flag_name('max_stored_bytes_per_tenant')}), "
             "so no further evaluation started: delete runs or datasets to make room (a deleted run counts until "
@@ -801,9 +817,16 @@ class Executor:
         log.error("run %s cannot be executed after %d attempts: %s", job.run_id, job.attempt, exc)
         nothing = RunGraders(grader_names=[], weights=[], pass_threshold=None)
         reason = f"the run cannot be executed: {type(exc).__name__}: {exc}"
-        event = await fail_early(self._db, job.tenant, job.run_id, nothing, "RUN_NOT_EXECUTABLE", reason)
-        if event is not None:
-            self._bus.publish(job.run_id, [event])
+        self._publish_end(
+            job.run_id, await fail_early(self._db, job.tenant, job.run_id, nothing, "RUN_NOT_EXECUTABLE", reason)
+        )
+
+    def _publish_end(self, run_id: str, end: EarlyEnd) -> None:
+        """Hand watchers the end `fail_early` committed: its event, or, when an earlier try committed it
+        and the answer was lost, a wake-up that reads it from the log. A run ended otherwise was
+        announced by whatever ended it."""
+        if end.ours:
+            self._bus.publish(run_id, [end.event] if end.event is not None else None)
 
     @staticmethod
     def _target_failed(plan: RunPlan, reason: str) -> tuple[item_pb2.Response, list[tuple[str, Grade]]]:
@@ -989,7 +1012,8 @@ class Executor:
         for run_id in ending:
             if run_id in waiting or run_id not in self._over_limit:
                 continue
-            code, message = self._over_limit[run_id]
+            # Its end time is fixed at the first try: a try after a failure names the same ending.
+            over = self._over_limit[run_id] = self._over_limit[run_id].ending()
             try:
                 plan = await self._plan(run_id)
             except LookupError:  # deleted and purged meanwhile: nothing is left to end
@@ -999,19 +1023,25 @@ class Executor:
             # Taken now: a job that outlasted the wait may stop while the run ends, and hand over more.
             tenant, passed = self._stopped_spend.pop(run_id, (plan.tenant, 0.0))
             try:
-                event = await fail_early(
-                    self._db, plan.tenant, run_id, plan.recorder_view, code, message, spent_usd=passed
+                end = await fail_early(
+                    self._db,
+                    plan.tenant,
+                    run_id,
+                    plan.recorder_view,
+                    over.code,
+                    over.message,
+                    spent_usd=passed,
+                    end_time=over.end_time,
                 )
             except BaseException:
                 self._stopped_spend[run_id] = (tenant, passed + self._stopped_spend.get(run_id, (tenant, 0.0))[1])
                 raise
             del self._over_limit[run_id]
-            if event is None and passed > 0:  # it had ended otherwise (cancelled): not in its cost_usd
+            if not end.ours and passed > 0:  # it had ended otherwise (cancelled): not in its cost_usd
                 self._unwritten_spend[tenant] += passed
             self._unwritten(run_id)  # what a job handed over while the run ended is in no cost_usd either
             self.run_ended(run_id)
-            if event is not None:
-                self._bus.publish(run_id, [event])
+            self._publish_end(run_id, end)
 
     async def _keep_leases(self) -> None:
         interval = self._settings.lease_ttl_s / 3

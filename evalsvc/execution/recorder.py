@@ -419,26 +419,51 @@ def _ending(
     return run_store.Ending(run_id, status, overall, code, message, aggregate, now)
 
 
+@dataclass(frozen=True, slots=True)
+class EarlyEnd:
+    """What `fail_early` found. `ours`: the run ended with this ending, so what it carried (`spent_usd`)
+    is in its cost_usd and its tenant's spend. `event`: the terminal event, when this call committed it;
+    None also when an earlier call with the same ending did (PostgreSQL: its COMMIT succeeded and the
+    answer was lost, so the executor tried again), whose event is in the log and was never published."""
+
+    ours: bool
+    event: pb.WatchRunResponse | None
+
+
 async def fail_early(
-    db: Database, tenant: str, run_id: str, graders: RunGraders, code: str, message: str, *, spent_usd: float = 0.0
-) -> pb.WatchRunResponse | None:
+    db: Database,
+    tenant: str,
+    run_id: str,
+    graders: RunGraders,
+    code: str,
+    message: str,
+    *,
+    spent_usd: float = 0.0,
+    end_time: float | None = None,
+) -> EarlyEnd:
     """End an active run as FAILED before all its evaluations ran (e.g. its budget was spent),
-    keeping the results recorded so far; its remaining jobs never run. None when it already ended.
+    keeping the results recorded so far; its remaining jobs never run.
 
     `spent_usd`: what its jobs stopped without a result had spent (a run ended over its budget), added
     to its cost_usd in the UPDATE that ends it, so its terminal event carries it; nothing is added to a
-    run that already ended (cancelled meanwhile: its jobs' calls in flight are in no cost_usd)."""
+    run that already ended otherwise (cancelled meanwhile: its jobs' calls in flight are in no cost_usd).
+    `end_time` names this ending: a caller that tries again after a failure passes the same one, so a
+    run its earlier try ended (the commit's answer lost) is told apart from a run ended otherwise; the
+    amount must not be counted again then."""
     spent_usd = spent_usd if 0 < spent_usd < math.inf else 0.0
+    ends_at = time.time() if end_time is None else end_time
 
-    async def end(conn: AsyncConnection) -> pb.WatchRunResponse | None:
+    async def end(conn: AsyncConnection) -> EarlyEnd:
         await run_store.cancel_jobs(conn, tenant, run_id)  # jobs before their run: the lock order
         aggregate = await aggregate_so_far(conn, run_id, graders.grader_names)
-        ending = run_store.Ending(
-            run_id, run_pb2.RUN_STATUS_FAILED, None, code, message, aggregate, time.time(), spent_usd
-        )
+        ending = run_store.Ending(run_id, run_pb2.RUN_STATUS_FAILED, None, code, message, aggregate, ends_at, spent_usd)
         ended = await run_store.finish_runs(conn, [ending])
-        if ended and spent_usd:  # after the run's row (the lock order), as a recording adds it
+        if not ended:
+            run = await run_store.get(conn, tenant, run_id)
+            ours = run is not None and (run.status, run.error_code, run.end_time) == (ending.status, code, ends_at)
+            return EarlyEnd(ours, None)
+        if spent_usd:  # after the run's row (the lock order), as a recording adds it
             await usage.add_to_totals(conn, spent_usd={tenant: spent_usd})
-        return ended[0] if ended else None
+        return EarlyEnd(True, ended[0])
 
     return await db.transact(end)
