@@ -770,16 +770,26 @@ async def test_refusals_name_the_bland_field_sent_not_evalsvcs(env: Env) -> None
     assert page(await env.http.get("/v1/evals/runs"), RUN_ITEM)[0] == []
 
 
-async def test_a_nul_in_a_new_versions_name_or_description_is_refused_naming_it(env: Env) -> None:
-    """Regression: POST .../versions took a NUL in `name` (and `description`), stored it escaped in the
-    version (JSON inside the grader's definition, so the service never saw it) and answered it back,
-    where every other text field of Bland's refuses it, naming the field. Now so do these, and no
-    version is made."""
+async def test_a_nul_in_a_new_versions_name_description_or_levels_is_refused_naming_it(env: Env) -> None:
+    """Regression: POST .../versions took a NUL in `name` (and `description`), and both POSTs in a level's
+    `label` and `color`, stored it escaped in the version (JSON inside the grader's definition, so the
+    service never saw it) and answered it back, where every other text field of Bland's refuses it,
+    naming the field. Now so do these, and no agent or version is made."""
     agent = (await env.agent(EMPATHY))["agent"]["id"]
     nul = "must not contain NUL (U+0000) characters"
     for field in ("name", "description"):
         response = await env.http.post(f"/v1/evals/agents/{agent}/versions", json={field: "v\x00"})
         assert check_error(response, 400, "INVALID_REQUEST") == [f"{field}: {nul}"]
+    # A level's label and color too, as an agent or a version is made (they were stored and answered back).
+    for field in ("label", "color"):
+        levels = [{**EMPATHY["levels"][0], field: "x\x00"}, EMPATHY["levels"][1]]
+        for path, body in (
+            ("/v1/evals/agents", EMPATHY | {"levels": levels}),
+            (f"/v1/evals/agents/{agent}/versions", {"levels": levels}),
+        ):
+            response = await env.http.post(path, json=body)
+            assert check_error(response, 400, "INVALID_REQUEST") == [f"levels.0.{field}: {nul}"], path
+    assert len(page(await env.http.get("/v1/evals/agents"), AGENT_ITEM)[0]) == 1
     assert (await env.ok("GET", f"/v1/evals/agents/{agent}"))["current_version"]["version_number"] == 1
     made = await env.ok("POST", f"/v1/evals/agents/{agent}/versions", {"name": "v2", "description": "d"})
     assert (made["version_number"], made["name"], made["description"]) == (2, "v2", "d")

@@ -99,6 +99,15 @@ class Level(BaseModel):
     color: str | None = Field(default=None, max_length=32)
 
 
+class LevelSent(Level):
+    """A level as a request gives it: its label and color without NUL as well (stored escaped in the
+    version's JSON, which the service never sees to refuse). Not on `Level`, which also reads stored
+    versions: one stored with a NUL before this check must stay readable."""
+
+    label: Plain | None = Field(default=None, max_length=MAX_NAME)
+    color: Plain | None = Field(default=None, max_length=32)
+
+
 class VersionFields(BaseModel):
     """The judge definition of an agent version (the fields of Bland's version object). Bland edits
     these on a draft (PATCH .../versions/{id}); here they are given when a version is created."""
@@ -106,7 +115,7 @@ class VersionFields(BaseModel):
     model_config = STRICT
     system_prompt_md: Text | None = None
     prompt_md: Text | None = None
-    levels: list[Level] | None = None
+    levels: list[LevelSent] | None = None
     target_level_keys: list[str] | None = None
     weight: float | None = Field(default=None, ge=0, le=100)
 
