@@ -141,6 +141,22 @@ async def test_an_oversized_key_header_on_a_dialects_path_is_431_in_its_error_sh
     assert dialect_body(response) == dialect_error(dialect, KEY_TOO_LARGE, 431, "INVALID_ARGUMENT", "HEADERS_TOO_LARGE")
 
 
+async def test_the_openapi_document_lists_413_and_431_on_every_operation(gw) -> None:
+    """Regression: Aymara's, Vogent's and AgentOS's operations listed their error statuses one by one,
+    without the 413 and 431 every route can answer (a generated client had no type for them). Each
+    operation names both, or a 4XX range in its error shape."""
+    _, client = gw
+    spec = (await client.get("/openapi.json")).json()
+    missing = [
+        f"{method.upper()} {path}"
+        for path, operations in spec["paths"].items()
+        for method, operation in operations.items()
+        if "4XX" not in operation["responses"] and not {"413", "431"} <= set(operation["responses"])
+    ]
+    assert missing == []
+    assert {prefix for prefix in DIALECT_POSTS.values() if prefix in spec["paths"]} == set(DIALECT_POSTS.values())
+
+
 async def test_an_oversized_body_is_413_whether_declared_or_chunked_and_the_connection_goes_on(gw) -> None:
     _, client = gw
     body = run_body(3 * MAX_BODY)

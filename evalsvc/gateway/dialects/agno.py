@@ -190,7 +190,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "Bad Request", "model": AgnoError},
     401: {"description": "Unauthorized", "model": AgnoError},
     404: {"description": "Not Found", "model": AgnoError},
+    413: {"description": "Content Too Large (a body over the gateway's limits)", "model": AgnoError},
     422: {"description": "Validation Error", "model": AgnoValidationError},
+    431: {"description": "Request Header Fields Too Large", "model": AgnoError},
 }
 
 

@@ -334,7 +334,7 @@ REASONS: dict[str, tuple[int, ErrorCode]] = {
     "BODY_TOO_LARGE": (413, "validation.invalid_request"),
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorEnvelope} for status in (400, 401, 403, 404, 409, 422, 429, 500, 503)
+    status: {"model": ErrorEnvelope} for status in (400, 401, 403, 404, 409, 413, 422, 429, 431, 500, 503)
 }
 
 

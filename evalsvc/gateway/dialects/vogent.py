@@ -251,7 +251,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": AIEvalError, "description": "Invalid input"},
     401: {"model": AIEvalError, "description": "Missing or unknown API key"},
     404: {"model": AIEvalError, "description": "No such eval config, record or run"},
+    413: {"model": AIEvalError, "description": "The request body is over the gateway's limits"},
     422: {"model": AIEvalError, "description": "Validation exception (the request does not match the schema)"},
+    431: {"model": AIEvalError, "description": "The request's headers are over the gateway's limit"},
 }
 
 
