@@ -1191,16 +1191,33 @@ async def spend_then_hold(stubs: Stubs, llm: FakeEndpoint, judging: FakeEndpoint
     return created.run.id
 
 
-@pytest.mark.parametrize("ending", ["cancel", "delete", "shutdown"])
+LOOP_WRITE_FAILS = "shutdown, the record loop's write failing"
+add_to_totals_as_shipped = usage.add_to_totals
+
+
+@pytest.mark.parametrize("ending", ["cancel", "delete", "shutdown", LOOP_WRITE_FAILS])
 async def test_a_tenant_budget_counts_the_answered_calls_of_jobs_stopped_without_a_result(
     tmp_path, monkeypatch, ending: str
 ) -> None:
     """A job stopped without a result - its run cancelled or deleted, or the server shut down - had paid
     for the calls that answered, yet no run's cost_usd holds them: a restarted server's budget, read back
     from the runs' cost_usd, forgot them (a tenant that cancelled runs spent $47-58 against $20). They are
-    the tenant's stopped spend now, written as the job stops (not only at shutdown), and counted."""
+    the tenant's stopped spend now, written as the job stops (not only at shutdown), and counted. At
+    shutdown, what the record loop could not write (the database refused it as the loop ended) is written
+    by the executor's stop once the loops have ended."""
     srv = await start(tmp_path, monkeypatch)
     key = srv.bootstrap_key or ""
+    refused: list[dict[str, float]] = []
+    if ending == LOOP_WRITE_FAILS:
+        executor, add_to_totals = srv.executor, usage.add_to_totals
+
+        async def refused_while_the_loops_run(conn: Any, **totals: Any) -> None:
+            if executor._stopping and executor._loops and totals.get("spent_usd"):
+                refused.append(dict(totals["spent_usd"]))
+                raise ConnectionError("the database went away")
+            await add_to_totals(conn, **totals)
+
+        monkeypatch.setattr(usage, "add_to_totals", refused_while_the_loops_run)
     held_judge = judge_reply({"passed": True, "reason": "r"})
     held_judge.gate = threading.Event()
     with FakeEndpoint(chat_reply("a", usage=(300, 0))) as llm, FakeEndpoint(held_judge) as judging:
@@ -1212,7 +1229,7 @@ async def test_a_tenant_budget_counts_the_answered_calls_of_jobs_stopped_without
                     await stubs.runs.CancelRun(pb.CancelRunRequest(run_id=run_id))
                 elif ending == "delete":
                     await stubs.runs.DeleteRun(pb.DeleteRunRequest(run_id=run_id))
-                if ending != "shutdown":
+                if ending in ("cancel", "delete"):
                     deadline = time.monotonic() + 15
                     while await committed_spend(srv) < 0.3 and time.monotonic() < deadline:
                         await asyncio.sleep(0.01)
@@ -1220,8 +1237,10 @@ async def test_a_tenant_budget_counts_the_answered_calls_of_jobs_stopped_without
         finally:
             await srv.stop(grace=0.5)
             held_judge.gate.set()
+        monkeypatch.setattr(usage, "add_to_totals", add_to_totals_as_shipped)
         second, results = await next_run_after_a_restart(tmp_path, monkeypatch, key, llm.url)
         calls = len(llm.seen)
+    assert refused == ([{"default": pytest.approx(0.3)}] if ending == LOOP_WRITE_FAILS else [])
     assert second.status == run_pb2.RUN_STATUS_FAILED and second.error.code == "BUDGET_EXCEEDED", second
     assert results == [] and calls == 1, "the restarted server's budget counted the first run's $0.30"
 
