@@ -59,6 +59,10 @@ GRADER_SLOTS = 1024  # result id = job id * GRADER_SLOTS + grader index
 # Smaller recordings - most runs' - share their group's commit.
 ALONE_FROM_EVALUATIONS = 2000
 
+# An evaluation's error_reason is stored at most this long: exception messages reach it (a grader that
+# raised quotes what it raised on), and every page, event and copy of the result carries it whole.
+MAX_ERROR_REASON_CHARS = 2000
+
 _STATE_FIELD: dict[int, str] = {
     run_pb2.RESULT_STATE_PASSED: "passed",
     run_pb2.RESULT_STATE_FAILED: "failed",
@@ -292,7 +296,9 @@ async def _record_in(
 
 def stored_bytes(f: FinishedJob) -> int:
     """What recording a finished job stores (evalsvc.store.usage): its output and its results."""
-    return f.output.ByteSize() + sum(usage.result_bytes(g.explanation, g.error_reason) for _, g in f.grades)
+    return f.output.ByteSize() + sum(
+        usage.result_bytes(g.explanation, bounded_reason(g.error_reason)) for _, g in f.grades
+    )
 
 
 def spent(f: FinishedJob) -> float:
@@ -377,7 +383,10 @@ async def _result_events(
             counts.completed_evaluations += 1
             result_id = job.id * GRADER_SLOTS + grader_idx
             # Exception messages and judges' words reach these texts; a NUL in one must not fail the batch.
-            explanation, error_reason = storable_text(grade.explanation), storable_text(grade.error_reason)
+            explanation, error_reason = (
+                storable_text(grade.explanation),
+                storable_text(grade.error_reason),
+            )
             row = run_store.result_tuple(
                 id=result_id,
                 tenant=job.tenant,
@@ -406,6 +415,12 @@ async def _result_events(
             run_store.fill_result(event.result, row, event_time)
             events.append(event)
     return events
+
+
+def bounded_reason(reason: str) -> str:
+    """The reason cut to MAX_ERROR_REASON_CHARS, ending "..." when cut; its code (the words before the
+    colon, what clients branch on) is always at the start."""
+    return reason if len(reason) <= MAX_ERROR_REASON_CHARS else reason[: MAX_ERROR_REASON_CHARS - 3] + "..."
 
 
 def _ending(

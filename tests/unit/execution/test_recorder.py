@@ -174,6 +174,24 @@ async def test_runs_whose_last_evaluation_is_in_the_batch_end_with_their_verdict
         assert log[2:] == events[run_id]
 
 
+async def test_an_error_reason_is_stored_cut_to_its_bound_with_its_code_first(db: Database) -> None:
+    """Exception messages reach error_reason (a grader that raised quotes what it raised on): one of
+    100,000 characters was stored whole and carried by every page, event and copy of the result."""
+    (run,) = await insert(db, new_run(items=2))
+    jobs = await claim(db, {run.run.id: 2})
+    long = Grade(run_pb2.RESULT_STATE_ERROR, 0.0, 0.0, "", "GRADER_FAILED: ValueError: " + "x" * 100_000)
+    short = Grade(run_pb2.RESULT_STATE_ERROR, 0.0, 0.0, "", "x" * recorder.MAX_ERROR_REASON_CHARS)
+
+    events, _ = await record(db, [done(jobs[0], long), done(jobs[1], short)], {run.run.id: ONE_GRADER})
+
+    stored = {row.job_id: row.error_reason for row, _ in await results_of(db, "t1", run.run.id)}
+    cut = stored[jobs[0].id]
+    assert len(cut) == recorder.MAX_ERROR_REASON_CHARS and cut.startswith("GRADER_FAILED: ValueError: x")
+    assert cut.endswith("x...")
+    assert stored[jobs[1].id] == short.error_reason  # at the bound: whole
+    assert [e.result.error_reason for e in events[run.run.id] if e.HasField("result")] == [cut, short.error_reason]
+
+
 async def test_a_failed_target_call_has_no_latency_in_the_aggregate(db: Database) -> None:
     """An item whose target call failed is recorded with an empty output (0 ms): counted, it took the
     run's latency mean and percentiles low (a probe: 10% low with a tenth of the items failing)."""
