@@ -385,7 +385,7 @@ async def _result_events(
             # Exception messages and judges' words reach these texts; a NUL in one must not fail the batch.
             explanation, error_reason = (
                 storable_text(grade.explanation),
-                storable_text(grade.error_reason),
+                storable_text(bounded_reason(grade.error_reason)),
             )
             row = run_store.result_tuple(
                 id=result_id,
