@@ -149,16 +149,19 @@ class CacheUse:
 @dataclass(frozen=True)
 class OverLimit:
     """A run to end FAILED (its budget or its tenant's stored bytes) once what it finished is recorded.
-    `end_time` is set at the first try to end it and kept for the tries after a failure, so `fail_early`
-    can tell a run that try ended (its commit's answer lost) from one ended otherwise."""
+    What the tries to end it leave (`tried`) lets `fail_early` tell a run an earlier try ended (PostgreSQL
+    committed and the answer was lost) from one ended otherwise, and count its stopped spend once."""
 
     code: str
     message: str
     end_time: float | None = None
+    carried_usd: float = 0.0  # the stopped jobs' spend the last try carried, into the run's cost_usd
 
-    def ending(self) -> OverLimit:
-        """This limit with its end time fixed (now, unless an earlier try fixed it)."""
-        return self if self.end_time is not None else replace(self, end_time=time.time())
+    def tried(self, carried_usd: float) -> OverLimit:
+        """This limit as a try to end its run carrying `carried_usd` leaves it: the end time fixed at the
+        first try (a later one names the same ending), and what this one carried, which is what the run's
+        cost_usd holds if this try committed and its answer was lost."""
+        return replace(self, end_time=self.end_time or time.time(), carried_usd=carried_usd)
 
 
 class BudgetExceeded(Exception):
@@ -1012,8 +1015,6 @@ class Executor:
         for run_id in ending:
             if run_id in waiting or run_id not in self._over_limit:
                 continue
-            # Its end time is fixed at the first try: a try after a failure names the same ending.
-            over = self._over_limit[run_id] = self._over_limit[run_id].ending()
             try:
                 plan = await self._plan(run_id)
             except LookupError:  # deleted and purged meanwhile: nothing is left to end
@@ -1022,6 +1023,8 @@ class Executor:
                 continue
             # Taken now: a job that outlasted the wait may stop while the run ends, and hand over more.
             tenant, passed = self._stopped_spend.pop(run_id, (plan.tenant, 0.0))
+            over = self._over_limit[run_id]
+            trying = self._over_limit[run_id] = over.tried(passed)
             try:
                 end = await fail_early(
                     self._db,
@@ -1031,14 +1034,18 @@ class Executor:
                     over.code,
                     over.message,
                     spent_usd=passed,
-                    end_time=over.end_time,
+                    end_time=trying.end_time,
                 )
             except BaseException:
                 self._stopped_spend[run_id] = (tenant, passed + self._stopped_spend.get(run_id, (tenant, 0.0))[1])
                 raise
             del self._over_limit[run_id]
-            if not end.ours and passed > 0:  # it had ended otherwise (cancelled): not in its cost_usd
-                self._unwritten_spend[tenant] += passed
+            # In its cost_usd: all of it when this try ended the run; what the try before carried when that
+            # one did (its answer lost); nothing when the run ended otherwise (cancelled). The rest is the
+            # tenant's alone.
+            counted = passed if end.event is not None else over.carried_usd if end.ours else 0.0
+            if passed > counted:
+                self._unwritten_spend[tenant] += passed - counted
             self._unwritten(run_id)  # what a job handed over while the run ended is in no cost_usd either
             self.run_ended(run_id)
             self._publish_end(run_id, end)
