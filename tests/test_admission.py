@@ -46,13 +46,14 @@ async def unsent() -> AsyncIterator[Callable[..., grpc.aio.StreamUnaryCall[Any, 
         for never in ():
             yield never
 
-    def call(channel: grpc.aio.Channel, path: str = GET_RUN) -> grpc.aio.StreamUnaryCall[Any, Any]:
+    def call(channel: grpc.aio.Channel, key: str = "", path: str = GET_RUN) -> grpc.aio.StreamUnaryCall[Any, Any]:
         method = channel.stream_unary(
             path,
             request_serializer=pb.GetRunRequest.SerializeToString,
             response_deserializer=pb.GetRunResponse.FromString,
         )
-        return method(nothing())  # type: ignore[no-any-return]
+        metadata = (("authorization", f"Bearer {key}"),) if key else None
+        return method(nothing(), metadata=metadata)  # type: ignore[no-any-return]
 
     try:
         yield call
@@ -73,21 +74,25 @@ async def refused(call: Any) -> grpc.aio.AioRpcError:
 
 
 async def test_calls_never_sent_leave_every_tenants_calls_served(tmp_path: Path) -> None:
-    """12 calls opened and never sent, on three connections with no API key, against
-    --max-concurrent-rpcs 8: every tenant's calls are still served (before, grpc counted them from their
-    headers and every tenant got RESOURCE_EXHAUSTED while they stayed open). Of one connection's six
-    such calls, once they have waited a second, the two newest are ended (WAITING_CALLS_FULL)."""
+    """12 calls opened and never sent, on three connections, against --max-concurrent-rpcs 8: every
+    tenant's calls are still served (before, grpc counted them from their headers and every tenant got
+    RESOURCE_EXHAUSTED while they stayed open). Of one connection's six such calls, once they have
+    waited a second, the two newest are ended (WAITING_CALLS_FULL). Such calls without an API key wait
+    for nothing: they are refused before their request is read."""
     async with served(tmp_path, max_concurrent_rpcs=8, max_waiting_calls_per_connection=4) as srv:
         assert srv.bootstrap_key
         async with contextlib.AsyncExitStack() as stack:
             never_sent = await stack.enter_async_context(unsent())
-            anonymous = [
+            anonymous = await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}"))
+            assert (await refused(never_sent(anonymous))).code() == grpc.StatusCode.UNAUTHENTICATED
+            connections = [
                 await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}", OWN_CONNECTION))
                 for _ in range(3)
             ]
-            waiting = [never_sent(channel) for channel in anonymous for _ in range(4)]
+            key = srv.bootstrap_key
+            waiting = [never_sent(channel, key) for channel in connections for _ in range(4)]
             await until(lambda: srv.admission.waiting == 12)
-            extra = [never_sent(anonymous[0]) for _ in range(2)]  # the connection's fifth and sixth
+            extra = [never_sent(connections[0], key) for _ in range(2)]  # the connection's fifth and sixth
 
             tenant = stubs.EvalRunServiceStub(
                 await stack.enter_async_context(keyed_channel(srv.port, srv.bootstrap_key))
@@ -129,11 +134,11 @@ async def test_a_request_that_never_arrives_ends_the_call(tmp_path: Path) -> Non
     INVALID_ARGUMENT."""
     async with (
         served(tmp_path, request_timeout_s=0.5) as srv,
-        grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel,
+        keyed_channel(srv.port, srv.bootstrap_key or "") as channel,
         unsent() as never_sent,
     ):
         began = time.monotonic()
-        timed_out = await refused(never_sent(channel))
+        timed_out = await refused(never_sent(channel, srv.bootstrap_key or ""))
         assert timed_out.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert error_reason(timed_out) == "REQUEST_TIMEOUT"
         assert "did not arrive in full within 0.5 s" in (timed_out.details() or "")
@@ -142,7 +147,9 @@ async def test_a_request_that_never_arrives_ends_the_call(tmp_path: Path) -> Non
         assert srv.admission.waiting == 0 and srv.admission.served == 0
         assert refusals(srv, "REQUEST_TIMEOUT") == 1
 
-        empty = channel.stream_unary(GET_RUN, request_serializer=pb.GetRunRequest.SerializeToString)(iter(()))
+        empty = channel.stream_unary(GET_RUN, request_serializer=pb.GetRunRequest.SerializeToString)(
+            iter(()), metadata=(("authorization", f"Bearer {srv.bootstrap_key}"),)
+        )
         nothing = await refused(empty)
         assert nothing.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert error_reason(nothing) == "MALFORMED_REQUEST" and refusals(srv, "MALFORMED_REQUEST") == 1

@@ -44,12 +44,17 @@ async def server(tmp_path: Path) -> Any:
         await srv.stop(grace=0.5)
 
 
-async def test_undecodable_requests_are_invalid_argument_and_never_logged_as_errors(
+async def test_undecodable_requests_are_invalid_argument_never_read_without_a_key_and_never_logged_as_errors(
     server: EvalServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     codes: dict[tuple[str, bool], set[grpc.StatusCode]] = {}
     reasons = set()
+    methods = [
+        ("/evalsvc.v1.EvalRunService/CreateRun", False),
+        ("/evalsvc.v1.EvalRunService/GetRun", False),
+        ("/evalsvc.v1.EvalRunService/WatchRun", True),
+    ]
     for keyed in (False, True):
         channel = (
             keyed_channel(server.port, server.bootstrap_key or "")
@@ -57,11 +62,7 @@ async def test_undecodable_requests_are_invalid_argument_and_never_logged_as_err
             else grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
         )
         async with channel:
-            for method, streaming in [
-                ("/evalsvc.v1.EvalRunService/CreateRun", False),
-                ("/evalsvc.v1.EvalRunService/GetRun", False),
-                ("/evalsvc.v1.EvalRunService/WatchRun", True),
-            ]:
+            for method, streaming in methods:
                 for _ in range(100 if not keyed and method.endswith("GetRun") else 10):
                     with pytest.raises(grpc.aio.AioRpcError) as err:
                         if streaming:
@@ -71,8 +72,11 @@ async def test_undecodable_requests_are_invalid_argument_and_never_logged_as_err
                             await channel.unary_unary(method)(GARBAGE, timeout=10)
                     codes.setdefault((method, keyed), set()).add(err.value.code())
                     reasons.add(error_reason(err.value))
-    assert set().union(*codes.values()) == {grpc.StatusCode.INVALID_ARGUMENT}, codes
-    assert reasons == {"MALFORMED_REQUEST"}
+    # Without a key the request is never read, so never parsed: UNAUTHENTICATED.
+    for method, _ in methods:
+        assert codes[(method, False)] == {grpc.StatusCode.UNAUTHENTICATED}, codes
+        assert codes[(method, True)] == {grpc.StatusCode.INVALID_ARGUMENT}, codes
+    assert reasons == {"MALFORMED_REQUEST", "API_KEY_MISSING"}
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
     assert not [r for r in caplog.records if r.exc_info]
     assert any("not a valid message" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)

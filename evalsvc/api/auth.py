@@ -44,14 +44,20 @@ class Authenticator:
         """Whether calls of this method must present a valid key."""
         return not method.startswith(OPEN_PREFIXES)
 
-    async def authenticate(self, key: str | None, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        """Set the caller's tenant, or abort the call with UNAUTHENTICATED."""
+    async def refusal(self, key: str | None) -> ServiceError | None:
+        """None with the caller's tenant set; or why a call that presented `key` is refused
+        (UNAUTHENTICATED; UNAVAILABLE when the keys cannot be read, as for the call itself)."""
         try:
             caller = await self._keys.authenticate(key)
         except ServiceError as error:
-            await abort(context, error)
-        except Exception as exc:  # e.g. the database cannot serve: UNAVAILABLE, as for the call itself
-            await abort(context, unexpected_error(exc, "authentication"))
-            return
+            return error
+        except Exception as exc:
+            return unexpected_error(exc, "authentication")
         current_tenant.set(caller.tenant)
         current_key_id.set(caller.key_id)
+        return None
+
+    async def authenticate(self, key: str | None, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Set the caller's tenant, or abort the call (`refusal`)."""
+        if (error := await self.refusal(key)) is not None:
+            await abort(context, error)
