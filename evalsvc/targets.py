@@ -168,6 +168,13 @@ def answers_locally(target: Target) -> bool:
     return isinstance(target, (ProvidedTarget, EchoTarget))
 
 
+def replays_records(target: Target) -> bool:
+    """Whether a target's outputs are the items' recorded responses: their `cost_usd` is what the call
+    that produced them cost, elsewhere and before, not a call of the run's, so no budget counts it (a $1
+    recorded cost stopped a run with a $0.50 budget before its first judge call)."""
+    return isinstance(target, ProvidedTarget)
+
+
 def chat_url(endpoint: target_pb2.Endpoint) -> str:
     """The Chat Completions URL of an OpenAI-compatible base URL."""
     return endpoint.base_url.rstrip("/") + "/chat/completions"

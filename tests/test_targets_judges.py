@@ -487,6 +487,35 @@ async def test_judge_modes(svc, fields, verdict, state, score, confidence) -> No
     assert run.aggregate.scoring_cost_usd == pytest.approx(0.01) and run.aggregate.total_cost_usd == 0.5
 
 
+async def test_recorded_responses_costs_are_reported_and_spend_no_budget(svc) -> None:
+    """A recorded response's cost_usd is what the call that produced it cost, elsewhere and before: it
+    counted as the run's spend, so three $1 recorded responses stopped a run with a $0.50 budget before
+    its first judge call (BUDGET_EXCEEDED), and replaying production logs used up the tenant's budget. It
+    is reported (each result's cost_usd, the aggregate's total) and spends nothing: the run's cost_usd,
+    its budget and its tenant's spend hold the judge calls alone."""
+    srv, stubs = svc
+    items = [
+        item_pb2.Item(input=f"q{i}", expected_output="a", response=item_pb2.Response(content="a", cost_usd=1.0))
+        for i in range(3)
+    ]
+    with FakeEndpoint(judge_reply({"passed": True, "reason": "r"})) as llm:
+        run, results = await run_to_end(
+            stubs,
+            pb.CreateRunRequest(
+                items=items,
+                target=target_pb2.Target(provided=target_pb2.ProvidedTarget()),
+                graders=[judge(llm.url, mode=Judge.MODE_CRITERIA, criteria="c")],
+                max_cost_usd=0.5,
+                warmup_runs=2,
+            ),
+        )
+        judged = len(llm.seen)
+    assert run.status == run_pb2.RUN_STATUS_SUCCEEDED and judged == 3, run
+    assert [r.cost_usd for r in results] == [1.0] * 3 and run.aggregate.total_cost_usd == 3.0
+    assert run.cost_usd == pytest.approx(3 * 0.01) and run.aggregate.scoring_cost_usd == pytest.approx(0.03)
+    assert await committed_spend(srv) == pytest.approx(0.03)
+
+
 async def test_malformed_judgment_is_retried_then_an_error_never_a_fail(svc) -> None:
     _, stubs = svc
     item = item_pb2.Item(input="q", response=item_pb2.Response(content="a"))
@@ -543,7 +572,7 @@ async def test_a_judge_reply_with_unusable_numbers_errors_only_the_judges_evalua
     judged = by_grader["judge"]
     assert judged.state == run_pb2.RESULT_STATE_ERROR and "unusable judgment" in judged.error_reason, judged
     assert "Overflow" not in judged.error_reason and "target failed" not in judged.explanation
-    assert run.cost_usd >= 0.5 and run.aggregate.latency.mean_ms == 100  # the output was kept
+    assert run.aggregate.total_cost_usd == 0.5 and run.aggregate.latency.mean_ms == 100  # the output was kept
 
 
 @pytest.mark.parametrize("cost", ["NaN", "-1000", "Infinity", '"lots"', "true", "1" + "0" * 400])

@@ -74,7 +74,7 @@ from evalsvc.store.cache import CacheEntry
 from evalsvc.store.db import Database, is_conflict, unavailable_cause
 from evalsvc.store.jobs import ClaimedJob
 from evalsvc.store.models import CACHE_JUDGE_VERDICT, CACHE_TARGET_OUTPUT
-from evalsvc.targets import PriceTable, Target, TargetError, answers_locally, build_target
+from evalsvc.targets import PriceTable, Target, TargetError, answers_locally, build_target, replays_records
 from evalsvc.v1 import cache_pb2, grader_pb2, item_pb2, run_pb2, target_pb2
 from evalsvc.v1 import eval_run_service_pb2 as pb
 
@@ -606,6 +606,7 @@ class Executor:
             output=output,
             grades=grades,
             cached=use.output_cached,
+            recorded=replays_records(plan.target),
             cache_writes=use.writes,
             cache_hits=use.hits,
             human_verdicts=item.human_verdicts,
@@ -672,7 +673,8 @@ class Executor:
                     f"{cache.MISS_REASON}: no cached output for item {item.id!r} repetition {job.repetition} "
                     "(the run replays the cache and makes no call)"
                 )
-        if job.repetition == 1:
+        spends = not replays_records(plan.target)
+        if job.repetition == 1 and spends:
             for _ in range(plan.warmup_runs):
                 use.warmup_usd += self._spend(plan, (await plan.target.respond(item)).cost_usd, use)
         started = time.perf_counter()
@@ -680,7 +682,8 @@ class Executor:
             output = await plan.target.respond(item)
         finally:  # failed and timed-out calls are the latencies operators most need to see
             self._metrics.target_called(plan.target, time.perf_counter() - started)
-        self._spend(plan, output.cost_usd, use)
+        if spends:
+            self._spend(plan, output.cost_usd, use)
         if key is not None and plan.cache_mode in cache.WRITES:
             use.writes.append(
                 CacheEntry(plan.tenant, key, CACHE_TARGET_OUTPUT, output.SerializeToString(), output.cost_usd)

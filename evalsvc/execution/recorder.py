@@ -80,6 +80,7 @@ class FinishedJob:
     output: item_pb2.Response
     grades: Sequence[tuple[str, Grade]]
     cached: bool = False  # the output came from the response cache: its cost was not spent
+    recorded: bool = False  # the output is the item's recorded response: its cost was spent before, not here
     cache_writes: Sequence[CacheEntry] = ()  # outputs and verdicts to store in the response cache
     cache_hits: Sequence[str] = ()  # keys of the entries it used (their last use moves to now)
     human_verdicts: Mapping[str, bool] = field(default_factory=dict)  # people's verdicts on the output, by grader
@@ -302,8 +303,9 @@ def stored_bytes(f: FinishedJob) -> int:
 
 
 def spent(f: FinishedJob) -> float:
-    """What a finished job's calls cost: outputs and verdicts taken from the response cache cost nothing."""
-    usd = f.extra_cost_usd + (0.0 if f.cached else f.output.cost_usd)
+    """What a finished job's calls cost: outputs and verdicts taken from the response cache, and recorded
+    responses, cost nothing (their cost_usd stays on the result and in the aggregate's total)."""
+    usd = f.extra_cost_usd + (0.0 if f.cached or f.recorded else f.output.cost_usd)
     return usd + sum(0.0 if grade.cached else grade.cost_usd for _, grade in f.grades)
 
 
