@@ -42,13 +42,15 @@ def fingerprint(message: Message) -> str:
     return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
 
 
-def conflict(kind: str, request_id: str, existing_id: str) -> ServiceError:
+def conflict(kind: str, request_id: str, existing_id: str, used: str = "") -> ServiceError:
     """ALREADY_EXISTS for a request_id reused with a different request; the ErrorInfo metadata names
-    what the first request created (`run_id`, `grader_id`, ...), as docs/errors.md promises."""
+    what the first request created (`run_id`, `grader_id`, ...), as docs/errors.md promises. `used` says
+    what the request_id was used for when "for a different {kind}" would not be true (an append to the
+    same dataset with other items)."""
     return ServiceError(
         grpc.StatusCode.ALREADY_EXISTS,
         Reason.REQUEST_ID_CONFLICT,
-        f"request_id {request_id!r} was already used for a different {kind}",
+        f"request_id {request_id!r} was already used {used or f'for a different {kind}'}",
         metadata={f"{kind}_id": existing_id},
     )
 
@@ -62,9 +64,11 @@ async def create_once(
     find: Callable[[AsyncConnection], Awaitable[R | None]],
     create: Callable[[AsyncConnection], Awaitable[T]],
     replay: Callable[[R], Awaitable[T]],
+    used: Callable[[R], str] | None = None,
 ) -> T:
     """Run `create` in a write transaction unless `find` shows the request_id was used already;
-    then `replay` answers with what the first request created."""
+    then `replay` answers with what the first request created, or, when the first request differed,
+    `conflict` says so (`used`: what the first one was used for, as `conflict` takes it)."""
 
     async def first_or_create(conn: AsyncConnection) -> tuple[R | None, T | None]:
         existing = await find(conn) if request_id else None
@@ -86,5 +90,5 @@ async def create_once(
         if existing is None:
             raise
     if existing.request_hash != fingerprint:
-        raise conflict(kind, request_id, existing.id)
+        raise conflict(kind, request_id, existing.id, used(existing) if used else "")
     return await replay(existing)

@@ -17,7 +17,13 @@ import pytest
 from google.protobuf import struct_pb2
 from sqlalchemy.engine import make_url
 
-from evalsvc.messages.validation import MAX_CONVERSATION_TURNS, MAX_REQUEST_TURNS
+from evalsvc.messages.validation import (
+    MAX_CONVERSATION_TURNS,
+    MAX_GRADERS,
+    MAX_METADATA_ENTRIES,
+    MAX_REQUEST_TURNS,
+    MAX_STRUCT_VALUES,
+)
 from evalsvc.server import EvalServer
 from evalsvc.v1 import (
     dataset_generation_pb2,
@@ -27,6 +33,7 @@ from evalsvc.v1 import (
     item_pb2,
 )
 from evalsvc.v1 import dataset_service_pb2 as ds
+from evalsvc.v1 import eval_run_service_pb2 as pb
 from tests.conftest import make_settings
 from tests.helpers import create_request, error_reason, keyed_channel, violations
 
@@ -236,3 +243,61 @@ async def test_conversations_are_bounded_per_item_and_per_request(server: EvalSe
         assert len(added.item_ids) == fill
         page = await datasets.ListDatasetItems(ds.ListDatasetItemsRequest(dataset_id=dataset.id, page_size=1))
         assert len(page.items[0].conversation) == MAX_CONVERSATION_TURNS
+
+
+async def test_items_maps_and_tool_call_arguments_are_bounded(server: EvalServer) -> None:
+    """Probe: one item of 700,000 `human_verdicts` (9 MB) was stored by AddDatasetItems, and every read
+    that parsed it (ListDatasetItems, a run from the dataset) then held every tenant's calls for seconds;
+    metadata the same, a ContinueConversations conversation's metadata too, and a tool call's arguments
+    of 400,000 fields held the loop 3.2 s. Past MAX_METADATA_ENTRIES, MAX_GRADERS or MAX_STRUCT_VALUES,
+    CreateRun, AddDatasetItems and ContinueConversations are INVALID_ARGUMENT naming the field, and
+    nothing is written."""
+    crowded = item_pb2.Item(id="a", input="q", metadata={f"k{i}": "" for i in range(MAX_METADATA_ENTRIES + 1)})
+    crowded.human_verdicts.update({f"g{i}": True for i in range(MAX_GRADERS + 1)})
+    maps = {
+        "items[0].metadata": f"at most {MAX_METADATA_ENTRIES} entries (got {MAX_METADATA_ENTRIES + 1})",
+        "items[0].human_verdicts": f"at most {MAX_GRADERS} entries (got {MAX_GRADERS + 1})",
+    }
+    arguments = struct_pb2.Struct()
+    arguments.fields["list"].list_value.values.extend([struct_pb2.Value(bool_value=True)] * MAX_STRUCT_VALUES)
+    calling = item_pb2.Item(
+        id="b", input="q", response=item_pb2.Response(tool_calls=[item_pb2.ToolCall(name="t", arguments=arguments)])
+    )
+    async with keyed_channel(server.port, server.bootstrap_key or "") as channel:
+        runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+        datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
+        dataset = (await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset(display_name="d")))).dataset
+        conversation = dataset_generation_pb2.Conversation(
+            item_id="n", turns=[item_pb2.Message(content="hi")], metadata=crowded.metadata
+        )
+        refusals = [
+            (runs.CreateRun(create_request(items=[crowded])), maps),
+            (datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[crowded])), maps),
+            (
+                dataset_generation_pb2_grpc.DatasetGenerationServiceStub(channel).ContinueConversations(
+                    dataset_generation_pb2.ContinueConversationsRequest(
+                        dataset_id=dataset.id, conversations=[conversation]
+                    )
+                ),
+                {"conversations[0].metadata": maps["items[0].metadata"]},
+            ),
+            (runs.CreateRun(create_request(items=[calling])), {"items[0].response.tool_calls"}),
+            (
+                datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[calling])),
+                {"items[0].response.tool_calls"},
+            ),
+        ]
+        for call, expected in refusals:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (violations(err.value) if isinstance(expected, dict) else set(violations(err.value))) == expected
+        assert list((await runs.ListRuns(pb.ListRunsRequest())).runs) == []
+        assert (await datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset.id))).dataset.item_count == 0
+        del crowded.metadata["k0"], crowded.human_verdicts["g0"]  # at the bounds: taken
+        del arguments.fields["list"].list_value.values[-2:]  # the Struct and the list count one each
+        calling.response.tool_calls[0].arguments.CopyFrom(arguments)
+        added = await datasets.AddDatasetItems(
+            ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[crowded, calling])
+        )
+        assert list(added.item_ids) == ["a", "b"]

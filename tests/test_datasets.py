@@ -274,6 +274,15 @@ async def test_an_append_with_a_request_id_happens_once_however_often_it_is_retr
         await datasets.AddDatasetItems(other)
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and error_reason(err.value) == "REQUEST_ID_CONFLICT"
     assert rich_error(err.value).metadata == {"dataset_id": dataset.id}
+    # It said "already used for a different dataset" of the same dataset: what differs is the items.
+    assert err.value.details() == f"request_id 'r1' was already used to add other items to dataset {dataset.id!r}"
+    elsewhere = (await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))).dataset
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await datasets.AddDatasetItems(
+            ds.AddDatasetItemsRequest(dataset_id=elsewhere.id, items=request.items, request_id="r1")
+        )
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert err.value.details() == f"request_id 'r1' was already used to add items to another dataset, {dataset.id!r}"
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[], request_id="x" * 129))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and set(violations(err.value)) == {

@@ -8,6 +8,8 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
+from evalsvc.messages.validation import MAX_MASK_KEYS
+from evalsvc.runs.service import UPDATABLE
 from evalsvc.v1 import dataset_service_pb2 as ds
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import run_pb2
@@ -195,6 +197,30 @@ async def test_delete_run_with_a_stale_etag_neither_cancels_nor_deletes(runs) ->
         await runs.DeleteRun(pb.DeleteRunRequest(run_id=ended.id, etag=read.etag))
     assert again.value.code() == grpc.StatusCode.ABORTED
     assert (await runs.DeleteRun(pb.DeleteRunRequest(run_id=ended.id, etag=deleted.etag))).run == deleted
+
+
+async def test_an_update_mask_names_at_most_the_fields_and_a_bounded_number_of_map_keys(runs) -> None:
+    """Probe: UpdateRun with 600,000 `annotations.kN` paths held the event loop over a second and was
+    accepted. A mask of more than the updatable fields and MAX_MASK_KEYS map keys is INVALID_ARGUMENT
+    naming `update_mask`, counted before any path is read, and the run is unchanged; at the bound, taken."""
+    run = (await runs.CreateRun(create_request(1, annotations={"keep": "1"}))).run
+    keys = [f"annotations.k{i}" for i in range(MAX_MASK_KEYS + len(UPDATABLE) - 1)]  # and display_name: the bound
+    wanted = run_pb2.Run(display_name="renamed", annotations={"k0": "v"})
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await runs.UpdateRun(
+            pb.UpdateRunRequest(
+                run_id=run.id, run=wanted, update_mask=_mask("display_name", *keys, "annotations.one-more")
+            )
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and list(violations(refused.value)) == [
+        "update_mask"
+    ]
+    unchanged = await _get(runs, run.id)
+    assert (unchanged.display_name, dict(unchanged.annotations)) == ("", {"keep": "1"})
+    taken = await runs.UpdateRun(
+        pb.UpdateRunRequest(run_id=run.id, run=wanted, update_mask=_mask("display_name", *keys))
+    )
+    assert (taken.run.display_name, dict(taken.run.annotations)) == ("renamed", {"keep": "1", "k0": "v"})
 
 
 async def test_map_key_masks_change_one_key_and_concurrent_writers_lose_nothing(runs) -> None:

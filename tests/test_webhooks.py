@@ -503,6 +503,33 @@ async def test_bad_webhooks_are_invalid_arguments_naming_the_field(
     assert "webhook.event_types" in violations(caught.value)
 
 
+async def test_event_types_are_each_named_once_and_no_more_than_there_are(
+    webhooks: webhook_service_pb2_grpc.WebhookServiceStub,
+) -> None:
+    """Probe: UpdateWebhook with event_types ['run.failed'] * 1,300,000 held the event loop a second and
+    was accepted, and a repeated type was silently collapsed. More types than exist, or one named twice,
+    is INVALID_ARGUMENT naming the field (the element, for a repeat), on create and update, and nothing
+    is written."""
+    repeated = create_webhook("http://127.0.0.1:9/", ["run.failed", "run.created", "run.failed"])
+    too_many = create_webhook("http://127.0.0.1:9/", ["run.failed"] * 100_000)
+    for request, expected in [(repeated, "webhook.event_types[2]"), (too_many, "webhook.event_types")]:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await webhooks.CreateWebhook(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert list(violations(caught.value)) == [expected]
+    assert list((await webhooks.ListWebhooks(wpb.ListWebhooksRequest())).webhooks) == []
+    created = (await webhooks.CreateWebhook(create_webhook("http://127.0.0.1:9/", ["run.created"]))).webhook
+    for request, expected in [(repeated, "webhook.event_types[2]"), (too_many, "webhook.event_types")]:
+        update = wpb.UpdateWebhookRequest(webhook_id=created.id, webhook=request.webhook)
+        update.update_mask.paths.append("event_types")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await webhooks.UpdateWebhook(update)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert list(violations(caught.value)) == [expected]
+    kept = (await webhooks.GetWebhook(wpb.GetWebhookRequest(webhook_id=created.id))).webhook
+    assert list(kept.event_types) == ["run.created"]
+
+
 async def test_a_receiver_name_that_does_not_resolve_is_accepted_as_a_target_url_is(
     webhooks: webhook_service_pb2_grpc.WebhookServiceStub,
 ) -> None:

@@ -17,7 +17,7 @@ import grpc
 from grpc_status import rpc_status
 
 from evalsvc.errors import Reason, ServiceError, database_unavailable, invalid_argument, to_status
-from evalsvc.messages.validation import missing_required, turn_violations
+from evalsvc.messages.validation import map_violations, missing_required, turn_violations
 from evalsvc.storable import request_nul_violations
 from evalsvc.store.db import unavailable_cause
 
@@ -128,10 +128,11 @@ def server_stream(
 async def _check_request(request: Any) -> None:
     """Refuse, before any method sees it, a request with a NUL in any string (PostgreSQL cannot store
     one, and checking here makes SQLite answer the same: evalsvc.storable), without an id the
-    contract requires (`missing_required`) or with conversations past their bounds (`turn_violations`).
-    Conversations are counted first and an oversized one is refused without the NUL walk: the walk
-    visits every turn, and a request of millions of them is what the bound is there to refuse cheaply."""
-    oversized = await turn_violations(request)
+    contract requires (`missing_required`), with conversations past their bounds (`turn_violations`) or
+    items' and conversations' maps past theirs (`map_violations`). Conversations and maps are counted
+    first and an oversized one is refused without the NUL walk: the walk visits every turn and map entry,
+    and a request of millions of them is what the bounds are there to refuse cheaply."""
+    oversized = await turn_violations(request) + await map_violations(request)
     violations = missing_required(request) + oversized
     if not oversized:
         violations += await request_nul_violations(request)

@@ -51,7 +51,7 @@ from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.http.outbound import Outbound, OutboundError, call_tenant
 from evalsvc.limits import StoredCap
 from evalsvc.liveness import Progress, Watched, supervise
-from evalsvc.messages.validation import check_items, check_roles
+from evalsvc.messages.validation import check_items, check_metadata, check_roles
 from evalsvc.metrics import Metrics
 from evalsvc.storable import storable_json
 from evalsvc.store import datasets as dataset_store
@@ -267,13 +267,16 @@ class DatasetGenerations:
             if not conversation.turns:
                 violations.append(FieldViolation(f"conversations[{i}].turns", "at least one turn"))
             check_roles(conversation.turns, f"conversations[{i}].turns", violations)
-        items = [item_pb2.Item(id=c.item_id, metadata=c.metadata) for c in request.conversations]
+            check_metadata(conversation.metadata, f"conversations[{i}].metadata", violations)
+        items = [item_pb2.Item(id=c.item_id) for c in request.conversations]
         for i, conversation in enumerate(request.conversations):
             if not conversation.item_id:
                 violations.append(FieldViolation(f"conversations[{i}].item_id", "required"))
         await check_items(items, "conversations", violations, id_field="item_id")
         if violations:
             raise invalid_argument(violations)
+        for item, conversation in zip(items, request.conversations, strict=True):
+            item.metadata.update(conversation.metadata)  # copied once bounded (check_metadata, above)
         if not self._model.configured:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,

@@ -231,6 +231,13 @@ class DatasetService:
             raise invalid_argument(problems)
         digest = fingerprint(request)
 
+        def used_for(first: DatasetAppendRecord) -> str:
+            """What a request_id reused with other content was used for: the dataset was this one (the
+            items differ) or another (`for a different dataset` was said of both)."""
+            if first.dataset_id == request.dataset_id:
+                return f"to add other items to dataset {first.dataset_id!r}"
+            return f"to add items to another dataset, {first.dataset_id!r}"
+
         async def add(conn: AsyncConnection) -> Appended:
             # On copies: the writer may run this twice, and ids are numbered from the count it reads.
             # Copied in turns (evalsvc.turns): a request may hold a million conversation turns.
@@ -244,7 +251,7 @@ class DatasetService:
                 # A retry of this request_id that committed while this one waited for the dataset's lock
                 # (PostgreSQL replicas): answer as it did, or its ids read as taken.
                 if first.request_hash != digest:
-                    raise conflict("dataset", request.request_id, first.dataset_id)
+                    raise conflict("dataset", request.request_id, first.dataset_id, used_for(first))
                 return await _appended(conn, tenant, first)
             check_item_room(self._caps.dataset_items, dataset, len(items))
             await number_new_items(conn, request.dataset_id, items, dataset.item_count)
@@ -292,6 +299,7 @@ class DatasetService:
             find=lambda conn: dataset_store.find_append(conn, tenant, request.request_id),
             create=add,
             replay=replay,
+            used=used_for,
         )
         return ids, dataset_from(updated, generation)
 

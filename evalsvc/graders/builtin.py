@@ -25,6 +25,7 @@ from rapidfuzz import fuzz
 from evalsvc.errors import FieldViolation
 from evalsvc.messages.canonical import NOT_JSON_VALUES, struct_values
 from evalsvc.messages.oneofs import one_of
+from evalsvc.messages.validation import MAX_GRADER_NAME
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2
 
 __all__ = [
@@ -41,7 +42,6 @@ PASSED: int = run_pb2.RESULT_STATE_PASSED
 FAILED: int = run_pb2.RESULT_STATE_FAILED
 ERROR: int = run_pb2.RESULT_STATE_ERROR
 
-MAX_NAME = 63  # the results table's grader column
 DEFAULT_SIMILARITY_THRESHOLD = 0.8
 # rapidfuzz computes the ratio in floating point; without a little slack an output that is exactly
 # at the threshold (say 4 of 5 characters) could fail by a rounding error.
@@ -722,8 +722,8 @@ def validate_builtin(spec: grader_pb2.Grader, path: str) -> list[FieldViolation]
     depends on the item (a per-item pattern, expected JSON) can only be reported per result.
     """
     out: list[FieldViolation] = []
-    if len(spec.name) > MAX_NAME:
-        out.append(FieldViolation(f"{path}.name", f"must be at most {MAX_NAME} characters"))
+    if len(spec.name) > MAX_GRADER_NAME:
+        out.append(FieldViolation(f"{path}.name", f"must be at most {MAX_GRADER_NAME} characters"))
     if not math.isfinite(spec.weight) or spec.weight < 0:
         out.append(FieldViolation(f"{path}.weight", "must be a finite number >= 0 (0 means 1)"))
     kind = spec.WhichOneof("kind")

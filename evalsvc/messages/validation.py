@@ -10,10 +10,11 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from operator import attrgetter
 
 from google.api import field_behavior_pb2
+from google.protobuf import struct_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
@@ -21,7 +22,7 @@ from evalsvc.errors import FieldViolation, invalid_argument
 from evalsvc.http.outbound import check_url_shape
 from evalsvc.messages.canonical import NOT_JSON_VALUES, struct_values
 from evalsvc.turns import Turns
-from evalsvc.v1 import item_pb2
+from evalsvc.v1 import dataset_generation_pb2, item_pb2
 
 MAX_REQUEST_ID = 128
 MAX_DISPLAY_NAME = 256
@@ -53,6 +54,37 @@ MAX_ANNOTATIONS_BYTES = 64 * 1024
 # definitions, so they are bounded where they come in (a run's together, by a quarter of
 # --max-message-bytes: evalsvc.runs.service); a 16 MB grader made a run that no call could read back.
 MAX_DEFINITION_BYTES = 256 * 1024
+# A grader's name (the results table's grader column), and the graders of one run (result ids are
+# job_id * 1024 + grader index; --max-graders-per-run is at most this). An item's `human_verdicts` are
+# keyed by grader name, so they take the same bounds.
+MAX_GRADER_NAME = 63
+MAX_GRADERS = 1024
+# An item's (and a continued conversation's) `metadata`: entries and key length. Every read of a stored
+# item parses its maps, and protobuf's map parsing grows faster than the entries: one item of 700,000
+# verdicts (9 MB) held every tenant's calls for many seconds at each read of it. 256 entries is far
+# above what results are filtered or grouped by; a key is a name, at most 256 characters.
+MAX_METADATA_ENTRIES = 256
+MAX_METADATA_KEY = 256
+# JSON values (leaves and containers, at any depth) in the arguments of one item's recorded tool calls
+# together: a Struct of 400,000 fields held the event loop 3.2 s to convert. 10,000 is far above any
+# tool call's arguments.
+MAX_STRUCT_VALUES = 10_000
+# Map keys one update mask may name (`annotations.KEY`, `labels.KEY`) besides its whole fields: each path
+# is work on the event loop before anything is written (600,000 of them held it over a second). To change
+# more keys, name the map whole and send it as it should be.
+MAX_MASK_KEYS = 1_000
+# Ids a request names a resource by where a missing one is not an error (a list filter's `dataset_id`):
+# the server's ids are far shorter, caller-chosen ones (items, request ids) at most this.
+MAX_RESOURCE_ID = 128
+
+
+# Entries of the maps of items and conversations, by field: checked by `map_violations` for every request
+# and by `check_metadata` and `check_human_verdicts` wherever items are checked.
+MAP_ENTRIES = {
+    item_pb2.Item.DESCRIPTOR.fields_by_name["metadata"].full_name: MAX_METADATA_ENTRIES,
+    item_pb2.Item.DESCRIPTOR.fields_by_name["human_verdicts"].full_name: MAX_GRADERS,
+    dataset_generation_pb2.Conversation.DESCRIPTOR.fields_by_name["metadata"].full_name: MAX_METADATA_ENTRIES,
+}
 
 
 def missing_required(request: Message) -> list[FieldViolation]:
@@ -85,14 +117,24 @@ def _required_strings(message: Descriptor) -> tuple[str, ...]:
 FULL_REPLACEMENT = "*"  # AIP-134: an update mask of every updatable field
 
 
-def mask_paths(paths: Sequence[str], updatable: Sequence[str]) -> list[str]:
+def mask_paths(paths: Sequence[str], updatable: Sequence[str], max_keys: int = 0) -> list[str]:
     """An update mask's paths, AIP-134's `*` spelled out as every updatable field (so the request
     replaces them all: what it leaves unset is cleared), each path once. INVALID_ARGUMENT when `*` comes
-    with other paths (AIP-134 allows it alone: `*,annotations.k` was taken as `*`)."""
+    with other paths (AIP-134 allows it alone: `*,annotations.k` was taken as `*`), and when it has more
+    paths than the updatable fields and `max_keys` single map keys (where a resource's maps take
+    `FIELD.KEY` paths), counted before any path is looked at."""
+    if len(paths) > (most := len(updatable) + max_keys):
+        raise invalid_argument([FieldViolation("update_mask", too_many_paths(most, len(paths), max_keys))])
     if FULL_REPLACEMENT in paths and len(paths) > 1:
         raise invalid_argument([FieldViolation("update_mask", "* names every updatable field: send it alone")])
     spelled = [name for path in paths for name in (updatable if path == FULL_REPLACEMENT else (path,))]
     return list(dict.fromkeys(spelled))
+
+
+def too_many_paths(most: int, count: int, max_keys: int) -> str:
+    """The violation of an update mask of `count` paths, over `most`."""
+    keys = f" (at most {max_keys} single map keys; to change more, name the map whole)" if max_keys else ""
+    return f"at most {most} paths{keys} (got {count})"
 
 
 def check_length(value: str, limit: int, field: str, out: list[FieldViolation]) -> None:
@@ -137,8 +179,9 @@ async def check_items(
     id_field: str = "id",
 ) -> None:
     """Items need unique ids of at most 128 characters (empty ids are assigned before this check), a
-    conversation's roles are the documented ones, a recorded response's measurements must be numbers a
-    grader and an aggregate can use and its tool calls' arguments JSON values. Gives the event loop turns
+    conversation's roles are the documented ones, metadata and human verdicts are bounded maps, a
+    recorded response's measurements must be numbers a grader and an aggregate can use and its tool
+    calls' arguments at most MAX_STRUCT_VALUES JSON values. Gives the event loop turns
     between items (evalsvc.turns): a CreateRun holds up to 100,000. `id_field` names the id in the
     request, where its message calls it otherwise (a conversation's `item_id`)."""
     if max_items is not None and len(items) > max_items:
@@ -152,11 +195,100 @@ async def check_items(
             out.append(FieldViolation(f"{field}[{i}].{id_field}", f"duplicate item id {item.id[:MAX_ITEM_ID]!r}"))
         seen.add(item.id)
         check_roles(item.conversation, f"{field}[{i}].conversation", out)
+        check_metadata(item.metadata, f"{field}[{i}].metadata", out)
+        check_human_verdicts(item.human_verdicts, f"{field}[{i}].human_verdicts", out)
         if item.HasField("response"):
             check_measurements(item.response, f"{field}[{i}].response", out)
             check_images(item.response, f"{field}[{i}].response", out)
             check_tool_calls(item.response, f"{field}[{i}].response", out)
         await turns.tick(1 + len(item.conversation))  # each turn's role was read
+
+
+def check_metadata(metadata: Mapping[str, str], field: str, out: list[FieldViolation]) -> None:
+    """At most MAX_METADATA_ENTRIES entries, keys at most MAX_METADATA_KEY characters. The count is
+    checked first (C, no entry touched): the entries are looked at only when there are few."""
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        out.append(FieldViolation(field, too_many_entries(MAX_METADATA_ENTRIES, len(metadata))))
+        return
+    for key in metadata:
+        check_length(key, MAX_METADATA_KEY, f"{field}[{key[:MAX_METADATA_KEY]}]", out)
+
+
+def check_human_verdicts(verdicts: Mapping[str, bool], field: str, out: list[FieldViolation]) -> None:
+    """Keys are grader names, so at most MAX_GRADERS of them (a run has no more graders) of 1 to
+    MAX_GRADER_NAME characters (no grader is named otherwise: such a verdict could never be compared).
+    Whether a key names one of the run's graders is not checked: a dataset's items may carry verdicts for
+    several runs' graders (docs/spec.md, "Judge calibration"). Counted first, as check_metadata."""
+    if len(verdicts) > MAX_GRADERS:
+        out.append(FieldViolation(field, too_many_entries(MAX_GRADERS, len(verdicts))))
+        return
+    for key in verdicts:
+        if not 1 <= len(key) <= MAX_GRADER_NAME:
+            out.append(
+                FieldViolation(
+                    f"{field}[{key[:MAX_GRADER_NAME]}]", f"a grader's name is 1-{MAX_GRADER_NAME} characters"
+                )
+            )
+
+
+def too_many_entries(limit: int, count: int) -> str:
+    """The violation of a map of `count` entries, over `limit` (MAP_ENTRIES)."""
+    return f"at most {limit} entries (got {count})"
+
+
+async def map_violations(request: Message) -> list[FieldViolation]:
+    """A violation per element of a repeated field of the request whose map (of MAP_ENTRIES) holds more
+    entries than its bound: CreateRun's and AddDatasetItems' `items[i].metadata` and
+    `items[i].human_verdicts`, ContinueConversations' `conversations[i].metadata`. Generic over requests
+    and checked for every RPC before anything else walks, copies or fingerprints the request (as
+    `turn_violations`): it reads each map's size only, so an oversized map costs no more than its parse."""
+    out: list[FieldViolation] = []
+    turns = Turns()
+    for outer, inner, limit in bounded_map_fields(request.DESCRIPTOR):
+        for i, element in enumerate(getattr(request, outer.name)):
+            if (count := len(getattr(element, inner.name))) > limit:
+                out.append(FieldViolation(f"{outer.name}[{i}].{inner.name}", too_many_entries(limit, count)))
+            await turns.tick()
+    return out
+
+
+@functools.cache
+def bounded_map_fields(message: Descriptor) -> tuple[tuple[FieldDescriptor, FieldDescriptor, int], ...]:
+    """(outer, inner, limit) for each repeated message field `outer` of a request whose elements have a
+    map field `inner` bounded in MAP_ENTRIES: where `map_violations` counts."""
+    return tuple(
+        (field, inner, MAP_ENTRIES[inner.full_name])
+        for field in message.fields
+        if field.is_repeated and field.message_type is not None and not field.message_type.GetOptions().map_entry
+        for inner in field.message_type.fields
+        if inner.full_name in MAP_ENTRIES
+    )
+
+
+def count_struct_values(structs: Iterable[struct_pb2.Struct], limit: int) -> int:
+    """The JSON values of `structs`: each Struct itself, and every field's and list element's value at
+    any depth. Counted without recursion (an explicit stack) and only until the count passes `limit`,
+    so the caller learns "over" having touched about `limit` values however many there are (the
+    Structs are taken one at a time: there may be millions of empty ones)."""
+    count = 0
+    for struct in structs:
+        stack: list[struct_pb2.Struct | struct_pb2.ListValue] = [struct]
+        count += 1
+        while stack and count <= limit:
+            container = stack.pop()
+            values = container.fields.values() if isinstance(container, struct_pb2.Struct) else container.values
+            count += len(values)  # a container's size is known without touching its values
+            if count > limit:
+                break
+            for value in values:
+                kind = value.WhichOneof("kind")
+                if kind == "struct_value":
+                    stack.append(value.struct_value)
+                elif kind == "list_value":
+                    stack.append(value.list_value)
+        if count > limit:
+            break
+    return count
 
 
 def check_images(response: item_pb2.Response, field: str, out: list[FieldViolation]) -> None:
@@ -232,7 +364,18 @@ def conversation_fields(message: Descriptor) -> tuple[tuple[FieldDescriptor, Fie
 def check_tool_calls(response: item_pb2.Response, field: str, out: list[FieldViolation]) -> None:
     """A recorded tool call's arguments hold JSON values, as a target's parameters must: a NaN or an
     Infinity was stored, and every REST read of the item or its results then failed (proto3 JSON has no
-    such number)."""
+    such number). All the calls' arguments together hold at most MAX_STRUCT_VALUES values, counted
+    first: converting them is work on the event loop that grows with them, and so is every read."""
+    arguments = (call.arguments for call in response.tool_calls)
+    if (count := count_struct_values(arguments, MAX_STRUCT_VALUES)) > MAX_STRUCT_VALUES:
+        out.append(
+            FieldViolation(
+                f"{field}.tool_calls",
+                f"at most {MAX_STRUCT_VALUES} JSON values in all the calls' arguments together, each arguments "
+                f"object counting one (counted {count} before stopping)",
+            )
+        )
+        return
     for j, call in enumerate(response.tool_calls):
         if call.arguments.fields and struct_values(call.arguments) is None:
             out.append(FieldViolation(f"{field}.tool_calls[{j}].arguments", NOT_JSON_VALUES))

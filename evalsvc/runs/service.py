@@ -45,7 +45,9 @@ from evalsvc.messages.convert import etag, version_of
 from evalsvc.messages.validation import (
     MAX_DESCRIPTION,
     MAX_DISPLAY_NAME,
+    MAX_MASK_KEYS,
     MAX_REQUEST_ID,
+    MAX_RESOURCE_ID,
     assign_item_ids,
     check_annotations,
     check_labels,
@@ -674,9 +676,17 @@ class RunService:
         """A page of runs, newest first, and the next page's token."""
         limit = page_size(request.page_size, 50)
         violations: list[FieldViolation] = []
-        for i, status in enumerate(request.statuses):
-            if status not in run_pb2.RunStatus.values() or status == run_pb2.RUN_STATUS_UNSPECIFIED:
-                violations.append(FieldViolation(f"statuses[{i}]", "unknown run status"))
+        if len(request.statuses) > len(RUN_STATUSES):  # before any is looked at: millions were each checked
+            violations.append(
+                FieldViolation("statuses", f"at most {len(RUN_STATUSES)} statuses, one per status filtered on")
+            )
+        else:
+            violations.extend(
+                FieldViolation(f"statuses[{i}]", "unknown run status")
+                for i, status in enumerate(request.statuses)
+                if status not in RUN_STATUSES
+            )
+        check_length(request.dataset_id, MAX_RESOURCE_ID, "dataset_id", violations)
         check_labels(request.labels, "labels", violations)  # a filter no run's labels could match is a mistake
         if violations:
             raise invalid_argument(violations)
@@ -730,7 +740,9 @@ class RunService:
         fields, or single keys of a map (`annotations.KEY`), which are merged into the stored map in the
         write transaction, so concurrent writers of other keys lose nothing. With `run.etag`, only if the
         run is still at that etag."""
-        paths = mask_paths(request.update_mask.paths, UPDATABLE) or [n for n in UPDATABLE if getattr(request.run, n)]
+        paths = mask_paths(request.update_mask.paths, UPDATABLE, MAX_MASK_KEYS) or [
+            n for n in UPDATABLE if getattr(request.run, n)
+        ]
         whole, keyed, violations = _parse_mask(paths)
         if not paths:
             violations.append(FieldViolation("update_mask", "nothing to update: set a field of run or name it"))
@@ -859,6 +871,8 @@ class RunService:
 
 
 UPDATABLE = ("display_name", "description", "labels", "annotations")
+# The statuses ListRuns filters on: every RunStatus but UNSPECIFIED.
+RUN_STATUSES = frozenset(run_pb2.RunStatus.values()) - {run_pb2.RUN_STATUS_UNSPECIFIED}
 MAPS = ("labels", "annotations")
 
 

@@ -13,6 +13,7 @@ from evalsvc.graders.validation import validate_grader
 from evalsvc.messages.validation import (
     MAX_DESCRIPTION,
     MAX_DISPLAY_NAME,
+    MAX_GRADERS,
     MAX_REQUEST_ID,
     check_annotations,
     check_items,
@@ -23,7 +24,6 @@ from evalsvc.targets import validate_target
 from evalsvc.v1 import cache_pb2, run_pb2
 from evalsvc.v1 import eval_run_service_pb2 as pb
 
-MAX_GRADERS = 1024  # result ids are job_id * 1024 + grader index
 MAX_REPETITIONS = 100
 MAX_WARMUP_RUNS = 10
 
