@@ -10,9 +10,10 @@ On PostgreSQL both engines are ordinary pools and row locks do the serialising.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,6 +72,7 @@ class Database:
             )
             for engine in (self.writer, self.reader):
                 _configure_sqlite(engine, sqlite_synchronous, immediate=engine is self.writer)
+                _create_owner_only(engine, Path(str(parsed.database)))
         else:
             # pre-ping: a pooled connection whose backend died (terminated, a restart, a failover) costs
             # a reconnect at checkout, not the call that drew it (a round trip per checkout).
@@ -286,6 +288,21 @@ def _in_memory(database: str | None, query: Any) -> bool:
     """Whether a SQLite URL's database is in memory: none, `:memory:`, or a URI with `mode=memory`."""
     mode = query.get("mode") if query else None
     return database in (None, "", ":memory:") or "mode=memory" in (database or "") or mode == "memory"
+
+
+def _create_owner_only(engine: AsyncEngine, path: Path) -> None:
+    """Have every connection of `engine` find its SQLite file made readable by this user only (0600)
+    when it does not exist yet: the file holds key hashes and the secrets' ciphertext, as a backup does
+    (`evalsvc backup` writes 0600), and SQLite itself creates it 0644 under the usual umask. SQLite
+    gives its -wal, -shm and -journal files the database file's mode, so they follow. A file that
+    exists is the operator's and is left as it is (O_EXCL: a file or link there is never touched)."""
+
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def _before_connect(*_: Any) -> None:
+        # FileExistsError is the usual case (an existing database); any other OSError (a missing or
+        # read-only directory) is SQLite's own open's to report, as before.
+        with suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
 
 
 def _configure_sqlite(engine: AsyncEngine, synchronous: str, *, immediate: bool) -> None:
