@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import asyncpg
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from evalsvc.store import models as _models  # noqa: F401  (registers the tables)
@@ -43,12 +43,7 @@ class Database:
         """ValueError for a URL of another engine or driver than the two the store speaks (without it,
         `mysql://` or `sqlite:///...` failed deep in SQLAlchemy, with a traceback)."""
         self.url = url
-        if "://" not in url:  # a bare path (`--db ./evalsvc.db`): SQLAlchemy said only that it could not parse it
-            raise ValueError(
-                f"{url!r} is not a database URL: write sqlite+aiosqlite:///{url} for a SQLite file, "
-                "or postgresql+asyncpg://USER@HOST/DATABASE"
-            )
-        parsed = make_url(url)
+        parsed = database_url(url)
         if parsed.drivername not in DRIVERS:
             raise ValueError(
                 f"{parsed.drivername!r} is not a database evalsvc can use: "
@@ -276,9 +271,21 @@ async def read_in_index_order(conn: AsyncConnection) -> None:
         await conn.exec_driver_sql("SET LOCAL enable_bitmapscan = off")
 
 
+def database_url(url: str) -> URL:
+    """`--db` parsed; ValueError saying which URL to write for a bare path (`--db ./evalsvc.db`), of
+    which SQLAlchemy said only "Could not parse SQLAlchemy URL from given URL string"."""
+    if "://" not in url:
+        raise ValueError(
+            f"{url!r} is not a database URL: write sqlite+aiosqlite:///{url} for a SQLite file, "
+            "or postgresql+asyncpg://USER@HOST/DATABASE"
+        )
+    return make_url(url)
+
+
 def sqlite_path(url: str) -> Path | None:
-    """The file of a SQLite URL; None for PostgreSQL and in-memory SQLite (which Database refuses)."""
-    parsed = make_url(url)
+    """The file of a SQLite URL; None for PostgreSQL and in-memory SQLite (which Database refuses).
+    ValueError for a bare path (`database_url`)."""
+    parsed = database_url(url)
     if parsed.get_backend_name() != "sqlite" or _in_memory(parsed.database, parsed.query):
         return None
     return Path(str(parsed.database))
