@@ -517,14 +517,14 @@ CACHE_MODES = cast(
 )
 
 
-def cache_mode(name: str) -> pb.cache.CacheMode:
-    """The CacheMode of `off`, `read_write`, `refresh` or `replay` (docs/targets.md), for `evalctl run --cache`."""
+def cache_mode(name: str, given_as: str = "--cache") -> pb.cache.CacheMode:
+    """The CacheMode of `off`, `read_write`, `refresh` or `replay` (docs/targets.md). `given_as` names where
+    the name came from in the SpecError: `evalctl run --cache`, or the SDK's `cache_mode` parameter (whose
+    callers were told of a `--cache` flag they never used)."""
     try:
         return CACHE_MODES[name.strip().lower()]
     except KeyError:
-        raise SpecError(
-            "--cache", [SpecProblem("", f"must be one of {', '.join(CACHE_MODES)}, not {name!r}")]
-        ) from None
+        raise SpecError(given_as, [SpecProblem("", f"must be one of {', '.join(CACHE_MODES)}, not {name!r}")]) from None
 
 
 def _target(checker: _Checker, value: Any) -> Any:
