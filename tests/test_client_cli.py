@@ -595,6 +595,39 @@ def test_validate_refuses_numbers_a_field_cannot_hold(tmp_path: Path, capsys: py
     assert cli.main(["run", str(tmp_path / "spec.yaml"), "--target", "127.0.0.1:1"]) == cli.EXIT_ERROR
 
 
+def test_validate_refuses_two_graders_of_one_name_as_create_run_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`evalctl validate` called a spec with two graders of one name (or two unnamed of one kind) valid; CreateRun
+    refused it (`graders[1].name: duplicate grader name`). validate now says what the server says."""
+    import asyncio
+
+    from evalsvc.runs.validation import validate_create_run
+    from evalsvc.v1 import eval_run_service_pb2, grader_pb2, item_pb2, target_pb2
+    from evalsvc_client import cli
+
+    graders = "[{name: x, exact_match: {}}, {name: x, contains: {values: [a]}}, {exact_match: {}}, {exact_match: {}}]"
+    (tmp_path / "spec.yaml").write_text(f"items: [{{input: q, response: a}}]\ntarget: provided\ngraders: {graders}\n")
+    assert cli.main(["validate", str(tmp_path / "spec.yaml")]) == cli.EXIT_ERROR
+    said = capsys.readouterr().err
+    request = eval_run_service_pb2.CreateRunRequest(
+        items=[item_pb2.Item(input="q", response=item_pb2.Response(content="a"))],
+        target=target_pb2.Target(provided=target_pb2.ProvidedTarget()),
+        graders=[
+            grader_pb2.Grader(name="x", exact_match=grader_pb2.ExactMatch()),
+            grader_pb2.Grader(name="x", contains=grader_pb2.Contains(values=["a"])),
+            grader_pb2.Grader(exact_match=grader_pb2.ExactMatch()),
+            grader_pb2.Grader(exact_match=grader_pb2.ExactMatch()),
+        ],
+    )
+    server_said = [f"{v.field}: {v.description}" for v in asyncio.run(validate_create_run(request))]
+    assert server_said == [
+        "graders[1].name: duplicate grader name 'x'; name each grader",
+        "graders[3].name: duplicate grader name 'exact_match'; name each grader",
+    ]
+    assert all(line in said for line in server_said), said
+
+
 def test_validate_refuses_repeated_ids_and_a_csv_without_input(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -28,7 +28,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -482,7 +482,7 @@ class RunSpec:
         graders = self.create_request.graders
         if any(g.WhichOneof("kind") == "saved" for g in graders):
             return []
-        names = {g.name or g.WhichOneof("kind") or "grader" for g in graders}
+        names = {grader_name(g) for g in graders}
         unmatched = sorted({key for item in self.create_request.items for key in item.human_verdicts} - names)
         if not unmatched:
             return []
@@ -584,9 +584,28 @@ def check_spec(data: Any, spec_dir: Path) -> tuple[RunSpec | None, list[SpecProb
         request = _parse_checked(request_data, pb.runs.CreateRunRequest, "spec")
     except SpecError as exc:
         return None, exc.problems
+    if duplicates := _duplicate_grader_names(request.graders):
+        return None, duplicates
     request.request_id = request.request_id or new_request_id()
     request.trigger = request.trigger or pb.run.TRIGGER_AUTO
     return RunSpec(request, dataset_file), []
+
+
+def grader_name(grader: pb.Grader) -> str:
+    """The name a grader's results carry, as the server gives it: its `name`, else its kind."""
+    return grader.name or grader.WhichOneof("kind") or "grader"
+
+
+def _duplicate_grader_names(graders: Iterable[pb.Grader]) -> list[SpecProblem]:
+    """Graders after the first of a name, as CreateRun refuses them (`graders[1].name: duplicate grader
+    name`): `evalctl validate` called such a spec valid, and only `run` found out."""
+    problems, seen = [], set()
+    for i, grader in enumerate(graders):
+        name = grader_name(grader)
+        if name in seen:
+            problems.append(SpecProblem(f"graders[{i}].name", f"duplicate grader name {name!r}; name each grader"))
+        seen.add(name)
+    return problems
 
 
 def load_spec(path: Path) -> RunSpec:
