@@ -602,9 +602,10 @@ def test_validate_refuses_two_graders_of_one_name_as_create_run_does(
     refused it (`graders[1].name: duplicate grader name`). validate now says what the server says."""
     import asyncio
 
+    from evalsvc_client import cli
+
     from evalsvc.runs.validation import validate_create_run
     from evalsvc.v1 import eval_run_service_pb2, grader_pb2, item_pb2, target_pb2
-    from evalsvc_client import cli
 
     graders = "[{name: x, exact_match: {}}, {name: x, contains: {values: [a]}}, {exact_match: {}}, {exact_match: {}}]"
     (tmp_path / "spec.yaml").write_text(f"items: [{{input: q, response: a}}]\ntarget: provided\ngraders: {graders}\n")
