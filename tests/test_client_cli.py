@@ -157,6 +157,24 @@ def test_run_jsonl_dataset_fail_under_and_exports(live: tuple[ServerProcess, str
     assert missing.returncode == 3 and "RUN_NOT_FOUND" in missing.stderr
 
 
+def test_run_says_when_its_request_id_named_a_run_made_before(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    """A spec's request_id that named an existing run got that run back (AIP-155), and evalctl said "created
+    run" of it; a spec without one is always a new run."""
+    spec = "target: provided\ngraders: [{exact_match: {}}]\nitems: [{input: q, expected_output: a, response: a}]\n"
+    (tmp_path / "named.yaml").write_text(f"request_id: {tmp_path.name}-nightly\n{spec}")
+    (tmp_path / "fresh.yaml").write_text(spec)
+    first = evalctl(live, "run", str(tmp_path / "named.yaml"), "--no-progress")
+    assert first.returncode == 0 and "created run " in first.stderr, first.stderr
+    run_id = first.stderr.split("created run ", 1)[1].split()[0]
+    again = evalctl(live, "run", str(tmp_path / "named.yaml"), "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert f"run {run_id} already existed for request_id '{tmp_path.name}-nightly' (created " in again.stderr
+    assert "created run" not in again.stderr
+    for _ in range(2):
+        fresh = evalctl(live, "run", str(tmp_path / "fresh.yaml"), "--no-progress")
+        assert fresh.returncode == 0 and "created run " in fresh.stderr and "already" not in fresh.stderr
+
+
 def test_rerun_follows_the_new_run_and_judges_it_as_run_does(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
     """evalctl rerun RUN: a new run of RUN's errored items (--failed, --all: more) with its definition,
     followed to its end with run's verdict and exit codes; --detach returns at once."""

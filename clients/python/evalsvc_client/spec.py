@@ -459,6 +459,7 @@ class RunSpec:
 
     create_request: pb.runs.CreateRunRequest
     dataset_file: Path | None = None
+    request_id_given: bool = False  # the spec names its request_id: a run may already exist for it
 
     def request(self) -> pb.runs.CreateRunRequest:
         return self.create_request
@@ -586,9 +587,10 @@ def check_spec(data: Any, spec_dir: Path) -> tuple[RunSpec | None, list[SpecProb
         return None, exc.problems
     if duplicates := _duplicate_grader_names(request.graders):
         return None, duplicates
+    given = bool(request.request_id)
     request.request_id = request.request_id or new_request_id()
     request.trigger = request.trigger or pb.run.TRIGGER_AUTO
-    return RunSpec(request, dataset_file), []
+    return RunSpec(request, dataset_file, given), []
 
 
 def grader_name(grader: pb.Grader) -> str:
