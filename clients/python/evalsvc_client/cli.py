@@ -37,8 +37,8 @@ FAILED or CANCELLED; 3 a spec, connection or RPC error, or a command line evalct
 from __future__ import annotations
 
 import argparse
-import datetime
 import contextlib
+import datetime
 import getpass
 import itertools
 import json
@@ -358,7 +358,7 @@ def _created_words(spec: RunSpec, created: pb.runs.CreateRunResponse, called: fl
     mislabel only such a spec's new run."""
     run = created.run
     if spec.request_id_given and run.create_time.ToNanoseconds() < called * 1e9:
-        when = run.create_time.ToDatetime(tzinfo=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        when = run.create_time.ToDatetime(tzinfo=datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         return (
             f"run {run.id} already existed for request_id {spec.create_request.request_id!r} (created {when}); "
             "following it"
