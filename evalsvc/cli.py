@@ -287,7 +287,10 @@ def _backup_command(args: argparse.Namespace, settings: config.Settings) -> int:
 
     from evalsvc.store.db import sqlite_path
 
-    path = sqlite_path(settings.db)
+    try:
+        path = sqlite_path(settings.db)
+    except ValueError:
+        path = None  # a bare path: _open_database names it, as for the other commands
     if path is None:
         _open_database(settings)  # names a URL it cannot use (in-memory SQLite, another engine), as the others do
         print(

@@ -212,7 +212,12 @@ class Settings:
             "tenants (five eighths of --max-concurrent-rpcs), whatever is set"
         },
     )
-    max_active_runs: int = dataclasses.field(default=100, metadata={"help": "PENDING or RUNNING runs per tenant"})
+    max_active_runs: int = dataclasses.field(
+        default=100,
+        metadata={
+            "help": "PENDING or RUNNING runs per tenant; 0 refuses every CreateRun (a replica that takes no new runs)"
+        },
+    )
     max_items_per_run: int = dataclasses.field(default=100_000, metadata={"help": "items per run"})
     max_jobs_per_run: int = dataclasses.field(
         default=200_000,

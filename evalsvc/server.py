@@ -502,9 +502,11 @@ def key_instructions(db_url: str, keys_exist: bool) -> str:
     db = "" if db_url == Settings.db else f" --db '{_safe_url(db_url)}'"
     if not keys_exist:
         return f"there is no API key yet; `evalsvc keys create --tenant default{db}` makes one"
+    # Not "the key printed at the first start still works": keys made with `evalsvc keys create` (or under
+    # --bootstrap-key false) mean none was ever printed, and a printed one may have been revoked since.
     return (
-        f"the key printed at the first start still works; `evalsvc keys create --tenant default{db}` makes another"
-        f" and `evalsvc keys list{db}` lists them"
+        "API keys exist (one a first start printed is named 'bootstrap'); "
+        f"`evalsvc keys create --tenant default{db}` makes another and `evalsvc keys list{db}` lists them"
     )
 
 

@@ -157,6 +157,24 @@ def test_run_jsonl_dataset_fail_under_and_exports(live: tuple[ServerProcess, str
     assert missing.returncode == 3 and "RUN_NOT_FOUND" in missing.stderr
 
 
+def test_run_says_when_its_request_id_named_a_run_made_before(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    """A spec's request_id that named an existing run got that run back (AIP-155), and evalctl said "created
+    run" of it; a spec without one is always a new run."""
+    spec = "target: provided\ngraders: [{exact_match: {}}]\nitems: [{input: q, expected_output: a, response: a}]\n"
+    (tmp_path / "named.yaml").write_text(f"request_id: {tmp_path.name}-nightly\n{spec}")
+    (tmp_path / "fresh.yaml").write_text(spec)
+    first = evalctl(live, "run", str(tmp_path / "named.yaml"), "--no-progress")
+    assert first.returncode == 0 and "created run " in first.stderr, first.stderr
+    run_id = first.stderr.split("created run ", 1)[1].split()[0]
+    again = evalctl(live, "run", str(tmp_path / "named.yaml"), "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert f"run {run_id} already existed for request_id '{tmp_path.name}-nightly' (created " in again.stderr
+    assert "created run" not in again.stderr
+    for _ in range(2):
+        fresh = evalctl(live, "run", str(tmp_path / "fresh.yaml"), "--no-progress")
+        assert fresh.returncode == 0 and "created run " in fresh.stderr and "already" not in fresh.stderr
+
+
 def test_rerun_follows_the_new_run_and_judges_it_as_run_does(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
     """evalctl rerun RUN: a new run of RUN's errored items (--failed, --all: more) with its definition,
     followed to its end with run's verdict and exit codes; --detach returns at once."""
@@ -593,6 +611,40 @@ def test_validate_refuses_numbers_a_field_cannot_hold(tmp_path: Path, capsys: py
         capsys.readouterr().err
     )
     assert cli.main(["run", str(tmp_path / "spec.yaml"), "--target", "127.0.0.1:1"]) == cli.EXIT_ERROR
+
+
+def test_validate_refuses_two_graders_of_one_name_as_create_run_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`evalctl validate` called a spec with two graders of one name (or two unnamed of one kind) valid; CreateRun
+    refused it (`graders[1].name: duplicate grader name`). validate now says what the server says."""
+    import asyncio
+
+    from evalsvc_client import cli
+
+    from evalsvc.runs.validation import validate_create_run
+    from evalsvc.v1 import eval_run_service_pb2, grader_pb2, item_pb2, target_pb2
+
+    graders = "[{name: x, exact_match: {}}, {name: x, contains: {values: [a]}}, {exact_match: {}}, {exact_match: {}}]"
+    (tmp_path / "spec.yaml").write_text(f"items: [{{input: q, response: a}}]\ntarget: provided\ngraders: {graders}\n")
+    assert cli.main(["validate", str(tmp_path / "spec.yaml")]) == cli.EXIT_ERROR
+    said = capsys.readouterr().err
+    request = eval_run_service_pb2.CreateRunRequest(
+        items=[item_pb2.Item(input="q", response=item_pb2.Response(content="a"))],
+        target=target_pb2.Target(provided=target_pb2.ProvidedTarget()),
+        graders=[
+            grader_pb2.Grader(name="x", exact_match=grader_pb2.ExactMatch()),
+            grader_pb2.Grader(name="x", contains=grader_pb2.Contains(values=["a"])),
+            grader_pb2.Grader(exact_match=grader_pb2.ExactMatch()),
+            grader_pb2.Grader(exact_match=grader_pb2.ExactMatch()),
+        ],
+    )
+    server_said = [f"{v.field}: {v.description}" for v in asyncio.run(validate_create_run(request))]
+    assert server_said == [
+        "graders[1].name: duplicate grader name 'x'; name each grader",
+        "graders[3].name: duplicate grader name 'exact_match'; name each grader",
+    ]
+    assert all(line in said for line in server_said), said
 
 
 def test_validate_refuses_repeated_ids_and_a_csv_without_input(

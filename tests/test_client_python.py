@@ -153,8 +153,10 @@ async def test_create_run_takes_every_setting_of_the_request(client: AsyncEvalCl
             )
 
     assert (await asyncio.to_thread(blocking)).cache_mode == pb.cache.CACHE_MODE_OFF
-    with pytest.raises(ValueError, match="replay"):
+    with pytest.raises(ValueError, match="replay") as refused:
         await client.create_run(items=_items(1), target="provided", graders=[builders.exact_match()], cache_mode="x")
+    # The SDK's parameter is named, not evalctl's `--cache` flag (which a library's caller never used).
+    assert str(refused.value).startswith("cache_mode: ") and "--cache" not in str(refused.value), refused.value
 
 
 async def test_update_delete_undelete_run(client: AsyncEvalClient) -> None:

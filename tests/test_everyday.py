@@ -67,6 +67,22 @@ def test_later_starts_say_how_to_make_a_key_and_a_taken_port_says_what_to_do(tmp
         assert "still works" not in log
     finally:
         assert keyless.terminate() == 0
+    # A key made with `evalsvc keys create`: no start ever printed one, so no hint may say one did.
+    made = subprocess.run(
+        [sys.executable, "-m", "evalsvc", "keys", "create", "--tenant", "default", "--db", f"{db}-keyless"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    later = ServerProcess(f"{db}-keyless", tmp_path / "later.log", "--bootstrap-key", "false")
+    try:
+        assert later.bootstrap_key() is None
+        log = (tmp_path / "later.log").read_text()
+        assert f"`evalsvc keys create --tenant default --db '{db}-keyless'` makes another" in log
+        assert "printed at the first start" not in log
+    finally:
+        assert later.terminate() == 0
 
     def serve(*flags: str, database: str = db) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

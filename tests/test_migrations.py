@@ -8,6 +8,8 @@ skipped, saying so, when it is not.
 from __future__ import annotations
 
 import os
+import sqlite3
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -241,10 +243,45 @@ async def test_a_revision_this_version_does_not_know_is_refused_even_on_sqlite(t
         await db.close()
 
 
-def _evalsvc(*args: str) -> subprocess.CompletedProcess[str]:
+def _evalsvc(*args: str, umask: int = -1) -> subprocess.CompletedProcess[str]:
+    """`python -m evalsvc ARGS` to its end; `umask`: the child's (-1 keeps this process's)."""
     return subprocess.run(
-        [sys.executable, "-m", "evalsvc", *args], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "evalsvc", *args], capture_output=True, text=True, timeout=60, check=False, umask=umask
     )
+
+
+def _modes(directory: Path, name: str) -> dict[str, int]:
+    """The permission bits of a SQLite database file and its -wal/-shm/-journal files (not the serve lock)."""
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.glob(f"{name}*") if not p.name.endswith(".lock")}
+
+
+async def test_a_new_sqlite_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """The database holds key hashes and the secrets' ciphertext: SQLite made a new file (and its -wal and
+    -shm) 0644 under umask 0022, readable by every user, where `evalsvc backup` writes 0600. A file the
+    operator made is left with the mode it has."""
+    served = tmp_path / "served.db"
+    before = os.umask(0o022)
+    try:
+        server = EvalServer(make_settings(tmp_path, db=f"sqlite+aiosqlite:///{served}"))
+        await server.start()
+        try:
+            serving = _modes(tmp_path, "served.db")
+        finally:
+            await server.stop(grace=0.5)
+    finally:
+        os.umask(before)
+    assert serving == {"served.db": 0o600, "served.db-wal": 0o600, "served.db-shm": 0o600}
+
+    for name, words in (("keys.db", ("keys", "list")), ("migrated.db", ("migrate",))):
+        made = _evalsvc(*words, "--db", f"sqlite+aiosqlite:///{tmp_path / name}", umask=0o022)
+        assert made.returncode == 0, made.stderr
+        assert _modes(tmp_path, name) == {name: 0o600}, words  # the -wal and -shm are gone with the last connection
+
+    theirs = tmp_path / "theirs.db"
+    sqlite3.connect(theirs).close()
+    theirs.chmod(0o640)
+    assert _evalsvc("keys", "list", "--db", f"sqlite+aiosqlite:///{theirs}").returncode == 0
+    assert _modes(tmp_path, "theirs.db") == {"theirs.db": 0o640}
 
 
 @pytest.mark.slow

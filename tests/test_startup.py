@@ -393,6 +393,18 @@ def test_a_path_given_as_the_database_says_which_url_to_write() -> None:
     assert "synchronous" not in line
 
 
+@pytest.mark.parametrize("command", [["keys", "list"], ["migrate"], ["secrets", "list"], ["backup", "copy.db"]])
+def test_a_path_given_as_the_database_of_a_command_says_which_url_to_write(tmp_path: Path, command: list[str]) -> None:
+    """`evalsvc keys list --db /x/evalsvc.db` said only `Could not parse SQLAlchemy URL from given URL string`
+    (`backup`: a traceback), where `serve` says which URL to write."""
+    path = tmp_path / "evalsvc.db"
+    done = evalsvc_command(*command, "--db", str(path))
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert "--db (EVALSVC_DB)" in line and f"write sqlite+aiosqlite:///{path} for a SQLite file" in line, line
+    assert not path.exists()
+
+
 @pytest.mark.parametrize(
     ("flag", "addr", "named"),
     [

@@ -540,6 +540,56 @@ async def test_malformed_judgment_is_retried_then_an_error_never_a_fail(svc) -> 
 
 
 @pytest.mark.parametrize(
+    ("reply", "explanation", "reason"),
+    [
+        pytest.param(
+            judge_reply({"score": 10, "reason": "a score where a verdict was asked"}),
+            "the judge gave no usable verdict",
+            'unusable judgment: the judge\'s reply has no "passed" field',
+            id="missing-field",
+        ),
+        pytest.param(
+            judge_reply("I think it's fine, 8/10"),
+            "the judge gave no usable verdict",
+            "unusable judgment: the judge's reply is not JSON (Expecting value: line 1 column 1 (char 0))",
+            id="not-json",
+        ),
+        pytest.param(
+            Reply({"choices": []}),
+            "the judge gave no usable verdict",
+            "unusable judgment: the judge's reply has no choices[0].message.content",
+            id="no-choices",
+        ),
+        pytest.param(
+            Reply(status=204, raw=""),
+            "the judge's reply is not JSON",
+            "answered HTTP 204 with an empty body, not JSON",
+            id="empty-204",
+        ),
+    ],
+)
+async def test_an_unusable_judge_reply_says_what_is_wrong_in_words(
+    svc, reply: Reply, explanation: str, reason: str
+) -> None:
+    """A reply without its mode's field was `unusable judgment: 'passed'` (a KeyError's text), one that is
+    not JSON the parser's `Expecting value: ...` alone, and an empty 204 "the judge could not be reached"
+    though it answered. The codes and prefixes stay (docs/targets.md)."""
+    _, stubs = svc
+    item = item_pb2.Item(input="q", response=item_pb2.Response(content="a"))
+    provided = target_pb2.Target(provided=target_pb2.ProvidedTarget())
+    with FakeEndpoint(reply) as llm:
+        _, results = await run_to_end(
+            stubs,
+            pb.CreateRunRequest(
+                items=[item], target=provided, graders=[judge(llm.url, mode=Judge.MODE_CRITERIA, criteria="c")]
+            ),
+        )
+    [result] = results
+    assert result.state == run_pb2.RESULT_STATE_ERROR and result.explanation == explanation, result
+    assert reason in result.error_reason, result
+
+
+@pytest.mark.parametrize(
     "reply",
     [
         judge_reply('{"score": Infinity, "reason": "r"}'),

@@ -647,6 +647,13 @@ class _ToolCalls(_Base):
         return False
 
 
+_NO_LATENCY = _error(
+    "the output has no latency to grade",
+    "no latency: the output has no latency_ms (a recorded response without it reports none, and an echo "
+    "target measures none)",
+)
+
+
 class _Latency(_Base):
     __slots__ = ("_max", "_max_text")
 
@@ -657,6 +664,11 @@ class _Latency(_Base):
 
     def _grade(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         latency = output.latency_ms
+        if latency <= 0:
+            # 0 is proto3's "unset": a recorded response without latency_ms, or an echo. A measured call
+            # always takes some time (a cached output keeps what was measured), so passing it as "0 ms"
+            # graded a number nobody measured; the aggregate leaves such outputs out too.
+            return _NO_LATENCY
         if latency <= self._max:
             return Grade(PASSED, 1.0, latency, f"latency {_number(latency, 1)} ms <= {self._max_text} ms")
         return Grade(FAILED, 0.0, latency, f"latency {_number(latency, 1)} ms > {self._max_text} ms")

@@ -13,6 +13,7 @@ must not look like a bad model. Judge tokens are priced apart from the target's 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from evalsvc.graders.builtin import Grade
 from evalsvc.http.outbound import (
     Outbound,
     OutboundError,
+    UnusableReply,
     check_destination,
     endpoint_headers,
     endpoint_secret_values,
@@ -162,25 +164,33 @@ def _confidence(value: Any) -> float | None:
     return max(0.0, min(1.0, number))
 
 
+def _field(reply: dict[str, Any], name: str) -> Any:
+    """A field the verdict must have: a KeyError's text alone (`'passed'`) was the error_reason."""
+    if name not in reply:
+        raise ValueError(f'the judge\'s reply has no "{name}" field')
+    return reply[name]
+
+
 def verdict(spec: grader_pb2.LlmJudge, reply: Any) -> Grade:
-    """The Grade for a parsed JSON verdict; ValueError when it does not have the mode's shape."""
+    """The Grade for a parsed JSON verdict; ValueError, saying what is wrong in words, when it does not
+    have the mode's shape."""
     if not isinstance(reply, dict):
-        raise ValueError("the verdict is not a JSON object")
+        raise ValueError("the judge's reply is not a JSON object")
     reason = str(reply.get("reason", ""))
     threshold = spec.threshold or 7
     conf = _confidence(reply.get("confidence"))
     if spec.mode == Judge.MODE_ACCURACY or (spec.mode == Judge.MODE_CRITERIA and spec.scoring == Judge.SCORING_NUMERIC):
-        score = _score_1_10(reply["score"])
+        score = _score_1_10(_field(reply, "score"))
         state = PASSED if score >= threshold else FAILED
         return Grade(state, (score - 1) / 9, float(score), f"judge score {score}/10 (pass at {threshold}): {reason}")
     if spec.mode == Judge.MODE_LEVELS:
-        key = str(reply["level"])
+        key = str(_field(reply, "level"))
         level = next((lv for lv in spec.levels if lv.key == key), None)
         if level is None:
             raise ValueError(f"unknown level {key!r}")
         state = PASSED if level.passing else FAILED
         return Grade(state, 1.0 if level.passing else 0.0, 0.0, f"judge chose level {key!r}: {reason}", confidence=conf)
-    passed = reply["passed"]
+    passed = _field(reply, "passed")
     if not isinstance(passed, bool):
         raise ValueError("passed must be true or false")
     return Grade(
@@ -265,6 +275,21 @@ class LlmJudgeGrader:
             }
         )
 
+    async def _parsed_content(self, body: dict[str, Any]) -> Any:
+        """The JSON of the reply's message content; ValueError in words when there is none (a missing
+        field was the KeyError's text, `'choices'`; text that is not JSON the parser's own words,
+        "Expecting value: line 1 column 1 (char 0)")."""
+        try:
+            content = body["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise ValueError("the judge's reply has no choices[0].message.content") from None
+        if not isinstance(content, str):
+            raise ValueError("the judge's message content is not text")
+        try:
+            return await self._outbound.parse_json(content)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"the judge's reply is not JSON ({exc})") from None
+
     async def grade_async(self, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         """Ask the judge; retry an unusable verdict; ERROR (never FAIL) when none comes."""
         system, user = _prompt(self._spec, item, output)
@@ -289,13 +314,16 @@ class LlmJudgeGrader:
                     self._endpoint.timeout_s or 60.0,
                     secrets=self._secret_values(),
                 )
+            except UnusableReply as exc:  # it was reached: an empty 204 said "could not be reached"
+                return Grade(ERROR, 0.0, 0.0, "the judge's reply is not JSON", exc.reason, cost_usd=cost)
             except OutboundError as exc:
                 return Grade(ERROR, 0.0, 0.0, "the judge could not be reached", exc.reason, cost_usd=cost)
             try:
+                if not isinstance(reply.body, dict):
+                    raise ValueError("the judge's reply is not a JSON object")
                 cost += self._prices.cost(self._model, *reported_tokens(reply.body.get("usage")))
-                content = reply.body["choices"][0]["message"]["content"]
-                grade = verdict(self._spec, storable_json(await self._outbound.parse_json(content)))
-            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+                grade = verdict(self._spec, storable_json(await self._parsed_content(reply.body)))
+            except ValueError as exc:
                 problem = f"unusable judgment: {exc}"
                 continue
             return Grade(

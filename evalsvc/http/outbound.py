@@ -44,6 +44,7 @@ import httpx
 from evalsvc.config import Network, Settings, allow_entries
 from evalsvc.errors import FieldViolation
 from evalsvc.http.errors import OutboundError as OutboundError  # re-exported: callers import it from here
+from evalsvc.http.errors import UnusableReply as UnusableReply
 from evalsvc.http.json_bodies import JsonParser
 from evalsvc.http.replies import (
     CountedStream,
@@ -615,8 +616,7 @@ class Outbound:
                         try:
                             return Reply(await self.parse_json(content), latency_ms, attempt)
                         except ValueError as exc:
-                            not_json = f"{shown_host(url)} answered with a body that is not usable JSON ({exc})"
-                            raise OutboundError(not_json) from exc
+                            raise UnusableReply(_not_json(shown_host(url), code, content, exc)) from exc
                     shown = one_line(without_secrets(content, secrets)) if content else ""
                     failure = f"HTTP {code} from {shown_host(url)}" + (f": {shown}" if shown else "")
                     if code not in RETRYABLE_STATUS:
@@ -660,6 +660,13 @@ class Outbound:
         """Close pooled connections and stop the JSON parser's worker."""
         await self._client.aclose()
         self._json.close()
+
+
+def _not_json(host: str, code: int, content: bytes, exc: ValueError) -> str:
+    """Why a success's body is no reply: an empty one said "Expecting value: line 1 column 1 (char 0)"."""
+    if not content.strip():
+        return f"{host} answered HTTP {code} with an empty body, not JSON"
+    return f"{host} answered with a body that is not usable JSON ({exc})"
 
 
 def retry_after_s(value: str | None) -> float | None:

@@ -10,16 +10,17 @@ On PostgreSQL both engines are ordinary pools and row locks do the serialising.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from evalsvc.store import models as _models  # noqa: F401  (registers the tables)
@@ -42,12 +43,7 @@ class Database:
         """ValueError for a URL of another engine or driver than the two the store speaks (without it,
         `mysql://` or `sqlite:///...` failed deep in SQLAlchemy, with a traceback)."""
         self.url = url
-        if "://" not in url:  # a bare path (`--db ./evalsvc.db`): SQLAlchemy said only that it could not parse it
-            raise ValueError(
-                f"{url!r} is not a database URL: write sqlite+aiosqlite:///{url} for a SQLite file, "
-                "or postgresql+asyncpg://USER@HOST/DATABASE"
-            )
-        parsed = make_url(url)
+        parsed = database_url(url)
         if parsed.drivername not in DRIVERS:
             raise ValueError(
                 f"{parsed.drivername!r} is not a database evalsvc can use: "
@@ -71,6 +67,7 @@ class Database:
             )
             for engine in (self.writer, self.reader):
                 _configure_sqlite(engine, sqlite_synchronous, immediate=engine is self.writer)
+                _create_owner_only(engine, Path(str(parsed.database)))
         else:
             # pre-ping: a pooled connection whose backend died (terminated, a restart, a failover) costs
             # a reconnect at checkout, not the call that drew it (a round trip per checkout).
@@ -274,9 +271,21 @@ async def read_in_index_order(conn: AsyncConnection) -> None:
         await conn.exec_driver_sql("SET LOCAL enable_bitmapscan = off")
 
 
+def database_url(url: str) -> URL:
+    """`--db` parsed; ValueError saying which URL to write for a bare path (`--db ./evalsvc.db`), of
+    which SQLAlchemy said only "Could not parse SQLAlchemy URL from given URL string"."""
+    if "://" not in url:
+        raise ValueError(
+            f"{url!r} is not a database URL: write sqlite+aiosqlite:///{url} for a SQLite file, "
+            "or postgresql+asyncpg://USER@HOST/DATABASE"
+        )
+    return make_url(url)
+
+
 def sqlite_path(url: str) -> Path | None:
-    """The file of a SQLite URL; None for PostgreSQL and in-memory SQLite (which Database refuses)."""
-    parsed = make_url(url)
+    """The file of a SQLite URL; None for PostgreSQL and in-memory SQLite (which Database refuses).
+    ValueError for a bare path (`database_url`)."""
+    parsed = database_url(url)
     if parsed.get_backend_name() != "sqlite" or _in_memory(parsed.database, parsed.query):
         return None
     return Path(str(parsed.database))
@@ -286,6 +295,21 @@ def _in_memory(database: str | None, query: Any) -> bool:
     """Whether a SQLite URL's database is in memory: none, `:memory:`, or a URI with `mode=memory`."""
     mode = query.get("mode") if query else None
     return database in (None, "", ":memory:") or "mode=memory" in (database or "") or mode == "memory"
+
+
+def _create_owner_only(engine: AsyncEngine, path: Path) -> None:
+    """Have every connection of `engine` find its SQLite file made readable by this user only (0600)
+    when it does not exist yet: the file holds key hashes and the secrets' ciphertext, as a backup does
+    (`evalsvc backup` writes 0600), and SQLite itself creates it 0644 under the usual umask. SQLite
+    gives its -wal, -shm and -journal files the database file's mode, so they follow. A file that
+    exists is the operator's and is left as it is (O_EXCL: a file or link there is never touched)."""
+
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def _before_connect(*_: Any) -> None:
+        # FileExistsError is the usual case (an existing database); any other OSError (a missing or
+        # read-only directory) is SQLite's own open's to report, as before.
+        with suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
 
 
 def _configure_sqlite(engine: AsyncEngine, synchronous: str, *, immediate: bool) -> None:

@@ -480,7 +480,7 @@ def test_tool_calls_nan_argument_matches_nothing() -> None:
         pytest.param(200.0, 200.0, PASSED, "latency 200 ms <= 200 ms", id="equal-passes"),
         pytest.param(200.0, 200.04, FAILED, "latency 200 ms > 200 ms", id="just-over"),
         pytest.param(200.0, 1500.5, FAILED, "latency 1500.5 ms > 200 ms", id="over"),
-        pytest.param(0.5, 0.0, PASSED, "latency 0 ms <= 0.5 ms", id="zero-latency"),
+        pytest.param(0.5, 0.01, PASSED, "latency 0 ms <= 0.5 ms", id="tiny-latency"),
     ],
 )
 def test_latency(max_ms: float, latency: float, state: int, explanation: str) -> None:
@@ -488,6 +488,16 @@ def test_latency(max_ms: float, latency: float, state: int, explanation: str) ->
     result = grade(spec, item(), output(latency_ms=latency))
     assert (result.state, result.raw_score, result.explanation) == (state, latency, explanation)
     assert result.score == (1.0 if state == PASSED else 0.0)
+
+
+def test_latency_of_an_output_without_one_is_an_error() -> None:
+    """A recorded response without latency_ms (or an echo's output) has none: the aggregate leaves it out,
+    so the grader must not pass it as "latency 0 ms"."""
+    spec = grader_pb2.Grader(latency=grader_pb2.Latency(max_ms=100))
+    result = grade(spec, item(), output())
+    assert result.state == ERROR
+    assert result.error_reason.startswith("no latency: ")
+    assert result.explanation == "the output has no latency to grade"
 
 
 @pytest.mark.parametrize(

@@ -211,7 +211,7 @@ def create_run_request(
     if isinstance(cache_mode, str):
         from evalsvc_client.spec import cache_mode as cache_mode_named
 
-        cache_mode = cache_mode_named(cache_mode)
+        cache_mode = cache_mode_named(cache_mode, "cache_mode")
     request = pb.runs.CreateRunRequest(
         request_id=request_id or new_request_id(),
         dataset_id=dataset_id,

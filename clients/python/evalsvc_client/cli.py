@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import getpass
 import itertools
 import json
@@ -45,6 +46,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, cast
@@ -343,10 +345,25 @@ def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> i
     _print_spec_warnings(console, spec)
     if args.cache:
         spec.create_request.cache_mode = cache_mode(args.cache)
+    called = time.time()
     created = client.create_run_from(spec.request())
-    return _follow_created(
-        client, created.run, args, console, f"created run {created.run.id} ({created.job_count} jobs)"
-    )
+    return _follow_created(client, created.run, args, console, _created_words(spec, created, called))
+
+
+def _created_words(spec: RunSpec, created: pb.runs.CreateRunResponse, called: float) -> str:
+    """What `run` says of the run CreateRun answered with. A spec's own request_id may name a run made
+    before (CreateRun then answers with it, AIP-155), which "created run" misreported: a run created before
+    this call began existed already. Only a spec that names its request_id can meet one (evalctl's own are
+    fresh uuids, and a retry of this call is this call), so a server clock behind this machine's can
+    mislabel only such a spec's new run."""
+    run = created.run
+    if spec.request_id_given and run.create_time.ToNanoseconds() < called * 1e9:
+        when = run.create_time.ToDatetime(tzinfo=datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return (
+            f"run {run.id} already existed for request_id {spec.create_request.request_id!r} (created {when}); "
+            "following it"
+        )
+    return f"created run {run.id} ({created.job_count} jobs)"
 
 
 _RERUN_WORDS = {

@@ -28,7 +28,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -459,6 +459,7 @@ class RunSpec:
 
     create_request: pb.runs.CreateRunRequest
     dataset_file: Path | None = None
+    request_id_given: bool = False  # the spec names its request_id: a run may already exist for it
 
     def request(self) -> pb.runs.CreateRunRequest:
         return self.create_request
@@ -482,7 +483,7 @@ class RunSpec:
         graders = self.create_request.graders
         if any(g.WhichOneof("kind") == "saved" for g in graders):
             return []
-        names = {g.name or g.WhichOneof("kind") or "grader" for g in graders}
+        names = {grader_name(g) for g in graders}
         unmatched = sorted({key for item in self.create_request.items for key in item.human_verdicts} - names)
         if not unmatched:
             return []
@@ -517,14 +518,14 @@ CACHE_MODES = cast(
 )
 
 
-def cache_mode(name: str) -> pb.cache.CacheMode:
-    """The CacheMode of `off`, `read_write`, `refresh` or `replay` (docs/targets.md), for `evalctl run --cache`."""
+def cache_mode(name: str, given_as: str = "--cache") -> pb.cache.CacheMode:
+    """The CacheMode of `off`, `read_write`, `refresh` or `replay` (docs/targets.md). `given_as` names where
+    the name came from in the SpecError: `evalctl run --cache`, or the SDK's `cache_mode` parameter (whose
+    callers were told of a `--cache` flag they never used)."""
     try:
         return CACHE_MODES[name.strip().lower()]
     except KeyError:
-        raise SpecError(
-            "--cache", [SpecProblem("", f"must be one of {', '.join(CACHE_MODES)}, not {name!r}")]
-        ) from None
+        raise SpecError(given_as, [SpecProblem("", f"must be one of {', '.join(CACHE_MODES)}, not {name!r}")]) from None
 
 
 def _target(checker: _Checker, value: Any) -> Any:
@@ -584,9 +585,29 @@ def check_spec(data: Any, spec_dir: Path) -> tuple[RunSpec | None, list[SpecProb
         request = _parse_checked(request_data, pb.runs.CreateRunRequest, "spec")
     except SpecError as exc:
         return None, exc.problems
+    if duplicates := _duplicate_grader_names(request.graders):
+        return None, duplicates
+    given = bool(request.request_id)
     request.request_id = request.request_id or new_request_id()
     request.trigger = request.trigger or pb.run.TRIGGER_AUTO
-    return RunSpec(request, dataset_file), []
+    return RunSpec(request, dataset_file, given), []
+
+
+def grader_name(grader: pb.Grader) -> str:
+    """The name a grader's results carry, as the server gives it: its `name`, else its kind."""
+    return grader.name or grader.WhichOneof("kind") or "grader"
+
+
+def _duplicate_grader_names(graders: Iterable[pb.Grader]) -> list[SpecProblem]:
+    """Graders after the first of a name, as CreateRun refuses them (`graders[1].name: duplicate grader
+    name`): `evalctl validate` called such a spec valid, and only `run` found out."""
+    problems, seen = [], set()
+    for i, grader in enumerate(graders):
+        name = grader_name(grader)
+        if name in seen:
+            problems.append(SpecProblem(f"graders[{i}].name", f"duplicate grader name {name!r}; name each grader"))
+        seen.add(name)
+    return problems
 
 
 def load_spec(path: Path) -> RunSpec:
