@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from evalsvc_client import pb
+from evalsvc_client.cli import CLOCK_SKEW_S, _created_words
+from evalsvc_client.spec import RunSpec
 
 from tests.procs import ServerProcess
 
@@ -166,10 +169,19 @@ def test_run_says_when_its_request_id_named_a_run_made_before(live: tuple[Server
     first = evalctl(live, "run", str(tmp_path / "named.yaml"), "--no-progress")
     assert first.returncode == 0 and "created run " in first.stderr, first.stderr
     run_id = first.stderr.split("created run ", 1)[1].split()[0]
+    # The same spec run again: the same run, said of a run a minute or more older than the call (a server
+    # clock behind this machine's by less must not make a new run look old; here it is a second old).
     again = evalctl(live, "run", str(tmp_path / "named.yaml"), "--no-progress")
-    assert again.returncode == 0, again.stderr
-    assert f"run {run_id} already existed for request_id '{tmp_path.name}-nightly' (created " in again.stderr
-    assert "created run" not in again.stderr
+    assert again.returncode == 0 and f"created run {run_id} " in again.stderr, again.stderr
+    named = RunSpec(pb.runs.CreateRunRequest(request_id="nightly"), request_id_given=True)
+    created = pb.runs.CreateRunResponse(run=pb.run.Run(id="run_a"), job_count=1)
+    created.run.create_time.FromSeconds(1_000_000)
+    assert _created_words(named, created, 1_000_000 + CLOCK_SKEW_S + 1) == (
+        "run run_a already existed for request_id 'nightly' (created 1970-01-12 13:46:40 UTC); following it"
+    )
+    assert _created_words(named, created, 1_000_000 + CLOCK_SKEW_S - 1) == "created run run_a (1 jobs)"
+    unnamed = RunSpec(pb.runs.CreateRunRequest(request_id="fresh"))
+    assert _created_words(unnamed, created, 1_000_000 + 3600) == "created run run_a (1 jobs)"
     for _ in range(2):
         fresh = evalctl(live, "run", str(tmp_path / "fresh.yaml"), "--no-progress")
         assert fresh.returncode == 0 and "created run " in fresh.stderr and "already" not in fresh.stderr

@@ -350,14 +350,18 @@ def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> i
     return _follow_created(client, created.run, args, console, _created_words(spec, created, called))
 
 
+CLOCK_SKEW_S = 60.0  # how far behind this machine's clock the server's may be without `run` misreporting
+
+
 def _created_words(spec: RunSpec, created: pb.runs.CreateRunResponse, called: float) -> str:
     """What `run` says of the run CreateRun answered with. A spec's own request_id may name a run made
     before (CreateRun then answers with it, AIP-155), which "created run" misreported: a run created before
     this call began existed already. Only a spec that names its request_id can meet one (evalctl's own are
-    fresh uuids, and a retry of this call is this call), so a server clock behind this machine's can
-    mislabel only such a spec's new run."""
+    fresh uuids, and a retry of this call is this call); and only a run created a minute or more before
+    the call counts, so that a server clock up to a minute behind this machine's does not call a new run
+    old (a spec run again within the minute says "created" of the run it found)."""
     run = created.run
-    if spec.request_id_given and run.create_time.ToNanoseconds() < called * 1e9:
+    if spec.request_id_given and run.create_time.ToNanoseconds() < (called - CLOCK_SKEW_S) * 1e9:
         when = run.create_time.ToDatetime(tzinfo=datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         return (
             f"run {run.id} already existed for request_id {spec.create_request.request_id!r} (created {when}); "
