@@ -48,16 +48,6 @@ def loop_parses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return parsed
 
 
-@pytest.fixture
-async def server(tmp_path: Path) -> Any:
-    srv = EvalServer(make_settings(tmp_path, sqlite_synchronous="NORMAL"))
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        await srv.stop(grace=0.5)
-
-
 def labelled(entries: int) -> dataset_service_pb2.CreateDatasetRequest:
     """A CreateDataset whose labels are one map of `entries` distinct keys (a few MB at 200,000)."""
     request = dataset_service_pb2.CreateDatasetRequest(dataset=dataset_service_pb2.Dataset(display_name="big"))
