@@ -279,9 +279,11 @@ class _Call:
 
     async def arrived(self, requests: Any, context: Context) -> Any:
         """On a gRPC server: the call's request, read from the call within the admission's bounds, then
-        the call's shape run on it while the call counts as served (evalsvc.api.admission). A call
-        that never got its request is neither observed nor logged: one line per call a client opens
-        and never sends would be theirs to write into the log."""
+        the call's shape run on it while the call counts as served (evalsvc.api.admission). A request
+        over CHECKED_BYTES is parsed only once the checking process has passed it (`_Method.checked`,
+        while the call counts as served: its request has arrived). A call that never got its request
+        is neither observed nor logged: one line per call a client opens and never sends would be
+        theirs to write into the log."""
         method = self._method
         admission = cast(Admission, method.admission)
         self._peer = _peer(context)
