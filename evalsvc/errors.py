@@ -43,6 +43,8 @@ class Reason(StrEnum):
     SERVER_CALLS_FULL = "SERVER_CALLS_FULL"  # --max-concurrent-rpcs calls are being served
     WAITING_CALLS_FULL = "WAITING_CALLS_FULL"  # the connection's calls waiting for their requests are at the limit
     REQUEST_TIMEOUT = "REQUEST_TIMEOUT"  # a call's request message did not arrive within --request-timeout-s
+    REQUEST_TOO_COSTLY = "REQUEST_TOO_COSTLY"  # a request over 1 MiB took over 5 s to decode (evalsvc.api.decoding)
+    CHECKER_UNAVAILABLE = "CHECKER_UNAVAILABLE"  # the process that checks requests over 1 MiB cannot be used now
     UPSTREAM_UNAVAILABLE = "UPSTREAM_UNAVAILABLE"  # REST gateway: the gRPC service cannot be reached from it
     # The API key
     API_KEY_MISSING = "API_KEY_MISSING"  # no key presented

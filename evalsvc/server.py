@@ -28,6 +28,7 @@ from sqlalchemy.exc import ArgumentError
 from evalsvc.api.admission import Admission, grpc_limit
 from evalsvc.api.auth import Authenticator
 from evalsvc.api.datasets import DatasetGenerationServicer, DatasetServicer
+from evalsvc.api.decoding import RequestChecker
 from evalsvc.api.definitions import GraderServicer, TargetServicer
 from evalsvc.api.eval_runs import EvalRunServicer
 from evalsvc.api.health import BoundedHealthServicer, BoundedReflectionServicer, KeylessStreams
@@ -232,8 +233,13 @@ class EvalServer:
         self.gateway: Gateway | None = None
         authenticator, observer = Authenticator(self.keys), Observer(self.metrics)
         self.admission = Admission(settings, self.metrics)
+        self.checker = RequestChecker()  # parses requests over 1 MiB before the loop may (evalsvc.api.decoding)
         self._interceptor = CallInterceptor(
-            authenticator, observer, max_message_bytes=settings.max_message_bytes, admission=self.admission
+            authenticator,
+            observer,
+            max_message_bytes=settings.max_message_bytes,
+            admission=self.admission,
+            checker=self.checker,
         )
         # This process's services for in-process callers (the embedded gateway); filled by `_grpc_server`.
         self.local = LocalServices(
@@ -278,6 +284,7 @@ class EvalServer:
         stack.push_async_callback(self.db.close)
         stack.push_async_callback(self.outbound.close)
         stack.push_async_callback(self.grading.close)
+        stack.push_async_callback(self.checker.close)  # after gRPC has stopped: no call starts a new checker
         async with self._database_step():
             await migrate.prepare(self.db)
             await self.secrets.check_key()

@@ -5,7 +5,8 @@ kind of call, as connect-python's metadata interceptors do: `on_start` starts th
 peer and admits the call (refusing a key that is not valid or a request that did not decode, and
 setting the caller's tenant); `on_end` hands the finished call to the observer. On a gRPC server the
 key is checked before the request is read (`_Call.arrived`): a caller without a valid key never has
-its request parsed, whatever its size. The wrappers for
+its request parsed, whatever its size; and a request over 1 MiB is parsed on the loop only once a
+worker process has found it holds no map large enough to stall the loop (evalsvc.api.decoding). The wrappers for
 grpc's three handler shapes (a unary coroutine, an async generator, a coroutine that writes to its
 context) only run the behaviour between the two and say which status code it ended with. For a
 gRPC server, a stream's messages are then written by the interceptor itself (`_Call.written`).
@@ -39,6 +40,7 @@ import grpc
 
 from evalsvc.api.admission import Admission
 from evalsvc.api.auth import Authenticator, presented_key
+from evalsvc.api.decoding import RequestChecker, Unparsed, deferring
 from evalsvc.api.observability import FinishedCall, Observer
 from evalsvc.api.status import abort, internal_error
 from evalsvc.api.tenancy import current_tenant
@@ -63,12 +65,19 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     messages as an async generator, read in its caller's task."""
 
     def __init__(
-        self, auth: Authenticator, observer: Observer, *, max_message_bytes: int, admission: Admission | None = None
+        self,
+        auth: Authenticator,
+        observer: Observer,
+        *,
+        max_message_bytes: int,
+        admission: Admission | None = None,
+        checker: RequestChecker | None = None,
     ) -> None:
         self._auth = auth
         self._observer = observer
         self._max_message_bytes = max_message_bytes
         self._admission = admission
+        self._checker = checker
         self._writes_streams = admission is not None
         # Method name -> (the service's handler, what its calls share). grpc looks a handler up for
         # every call; a service's is the same object each time (a new one is worked out afresh).
@@ -85,7 +94,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             return handler if self._admission is None else _admitted_stream(handler, self._admission)
         known = self._methods.get(details.method)
         if known is None or known[0] is not handler:
-            method = _Method(details.method, handler, self._auth, self._observer, self._outgoing(), self._admission)
+            method = _Method(
+                details.method, handler, self._auth, self._observer, self._outgoing(), self._admission, self._checker
+            )
             known = self._methods[details.method] = (handler, method)
         return known[1].handler(presented_key(details.invocation_metadata))
 
@@ -142,10 +153,12 @@ class MalformedRequest:
         self.problem = problem
 
 
-class RefusedCaller:
-    """What a gRPC server's call reads instead of its request when the caller's key is refused: the
-    request is never read, so never parsed (a 13 MB message of a million map entries held the event loop
-    ~2.5 s for every tenant before its caller, with no valid key, was told UNAUTHENTICATED)."""
+class Refused:
+    """What a gRPC server's call has instead of its request when it is refused before the loop parses
+    the request: the caller's key is refused, so the request is never read (a 13 MB message of a
+    million map entries held the event loop ~2.5 s for every tenant before its caller, with no valid
+    key, was told UNAUTHENTICATED); or the request is over CHECKED_BYTES and the checking process
+    refused it, or could not check it (evalsvc.api.decoding)."""
 
     __slots__ = ("error",)
 
@@ -176,6 +189,7 @@ class _Method:
         "auth",
         "behaviour",
         "build",
+        "checker",
         "name",
         "observer",
         "outgoing",
@@ -193,13 +207,17 @@ class _Method:
         observer: Observer,
         outgoing: Outgoing,
         admission: Admission | None,
+        checker: RequestChecker | None,
     ) -> None:
         self.name = name
         self.admission = admission
+        self.checker = checker
         self.auth = auth if auth.guards(name) else None
         self.observer = observer
         self.outgoing = outgoing
         self.parse = _tolerant(handler.request_deserializer)
+        if checker is not None and self.parse is not None:  # a large request is checked before it is parsed
+            self.parse = deferring(handler.request_deserializer, self.parse)
         self.serialize = handler.response_serializer  # used by `outgoing`; grpc is given bytes, or objects in process
         self.streaming = handler.unary_unary is None
         writes = outgoing.serializes
@@ -231,6 +249,16 @@ class _Method:
         serializer = self.serialize if self.shape is _Call.stream_writer else None
         return self.build(observed, request_deserializer=self.parse, response_serializer=serializer)
 
+    async def checked(self, request: Unparsed) -> Any:
+        """A request over CHECKED_BYTES, parsed once the checking process has found it decodes and holds
+        no map over MAX_MAP_ENTRIES (evalsvc.api.decoding); else the MalformedRequest or Refused that
+        `on_start` ends the call with."""
+        try:
+            problem = await cast(RequestChecker, self.checker).problem(current_tenant.get(), request)
+        except ServiceError as error:
+            return Refused(error)
+        return MalformedRequest(problem) if problem is not None else request.parse(request.data)
+
     def sent(self, message: Any) -> Any:
         """`message` as grpc (or the in-process caller) is given it: `Outgoing.message` (a call whose
         message is too large to send ends INTERNAL)."""
@@ -251,28 +279,33 @@ class _Call:
 
     async def arrived(self, requests: Any, context: Context) -> Any:
         """On a gRPC server: the call's request, read from the call within the admission's bounds, then
-        the call's shape run on it while the call counts as served (evalsvc.api.admission). A call
-        that never got its request is neither observed nor logged: one line per call a client opens
-        and never sends would be theirs to write into the log."""
+        the call's shape run on it while the call counts as served (evalsvc.api.admission). A request
+        over CHECKED_BYTES is parsed only once the checking process has passed it (`_Method.checked`,
+        while the call counts as served: its request has arrived). A call that never got its request
+        is neither observed nor logged: one line per call a client opens and never sends would be
+        theirs to write into the log."""
         method = self._method
         admission = cast(Admission, method.admission)
         self._peer = _peer(context)
         request: Any
         if method.auth is not None and (error := await method.auth.refusal(self._key)) is not None:
-            request = RefusedCaller(error)  # the key is checked before the request is read (and parsed)
+            request = Refused(error)  # the key is checked before the request is read (and parsed)
         else:
             self._authenticated = method.auth is not None
             request = await admission.request(context, self._peer)
         await admission.admit(context)
         try:
+            if isinstance(request, Unparsed):
+                request = await method.checked(request)
             return await method.shape(self, request, context)
         finally:
             admission.release()
 
     async def on_start(self, request: Any, context: Context) -> None:
-        """Start observing the call, then admit it: abort it (UNAUTHENTICATED) when its key is not valid
-        (on a gRPC server, checked by `arrived` before the request was read), or (INVALID_ARGUMENT) when
-        its request did not decode; otherwise set the caller's tenant. The clock and the peer come
+        """Start observing the call, then admit it: abort it when it was refused before its request was
+        parsed (on a gRPC server, by `arrived`: UNAUTHENTICATED for a key that is not valid, or what the
+        check of a large request found), or (INVALID_ARGUMENT) when its request did not decode; otherwise
+        set the caller's tenant. The clock and the peer come
         first, so `on_end` has them for a refused call too."""
         method = self._method
         self._started = time.perf_counter()
@@ -280,7 +313,7 @@ class _Call:
             self._peer = _peer(context)
         if method.streaming:
             method.observer.stream_opened(method.name)
-        if isinstance(request, RefusedCaller):
+        if isinstance(request, Refused):
             await abort(context, request.error)
         if isinstance(request, MalformedRequest):
             # A broken client's problem, not the server's: a debug line, no traceback.

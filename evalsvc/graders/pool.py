@@ -36,17 +36,15 @@ tenant's thousand big outputs do not queue ahead of another tenant's one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import pickle
-import struct
-import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from evalsvc.graders.builtin import ERROR, CompiledGrader, Grade
 from evalsvc.slots import Slots
 from evalsvc.v1 import item_pb2
+from evalsvc.workers import Worker
 
 if TYPE_CHECKING:
     from evalsvc.metrics import Metrics
@@ -58,10 +56,7 @@ __all__ = ["INLINE_BUDGET_NS", "GradingPool", "may_offload", "offloads"]
 # What a grading may cost inline: about a millisecond (a pipe round trip to a worker and back is
 # ~0.1 ms, so cheaper gradings stay inline; estimates in evalsvc.graders.builtin).
 INLINE_BUDGET_NS = 1_000_000.0
-# A worker imports protobuf, RE2 and rapidfuzz before it says it is ready; on a loaded machine that
-# takes seconds, and it does not count against any evaluation's limit.
-WORKER_START_TIMEOUT_S = 60.0
-_FRAME = struct.Struct("!I")
+WORKER_MODULE = "evalsvc.graders.worker"
 
 
 def _over_budget(grader: CompiledGrader, item: item_pb2.Item, chars: int) -> bool:
@@ -109,45 +104,6 @@ def _crashed_grade(detail: str) -> Grade:
     return Grade(ERROR, 0.0, 0.0, "the grading process failed", f"GRADER_CRASHED: {detail}")
 
 
-class _Worker:
-    """One worker process and its pipes; used by one grading at a time."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-
-    @classmethod
-    async def start(cls) -> _Worker:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "evalsvc.graders.worker",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        worker = cls(process)
-        try:
-            assert process.stdout is not None
-            await asyncio.wait_for(process.stdout.readexactly(1), WORKER_START_TIMEOUT_S)
-        except BaseException:
-            await worker.kill()
-            raise
-        return worker
-
-    async def grade(self, payload: bytes) -> Grade:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(_FRAME.pack(len(payload)) + payload)
-        await self.process.stdin.drain()
-        (size,) = _FRAME.unpack(await self.process.stdout.readexactly(_FRAME.size))
-        grade: Grade = pickle.loads(await self.process.stdout.readexactly(size))
-        return grade
-
-    async def kill(self) -> None:
-        """Stop the process at once, whatever it is computing, and reap it."""
-        with contextlib.suppress(ProcessLookupError):
-            self.process.kill()
-        await self.process.wait()
-
-
 class GradingPool:
     """Up to `processes` worker processes, started on first need and kept while they behave."""
 
@@ -155,7 +111,7 @@ class GradingPool:
         self._timeout_s = timeout_s
         self._metrics = metrics
         self._slots = Slots(max(1, processes))  # handed to waiting tenants in turn
-        self._idle: list[_Worker] = []
+        self._idle: list[Worker] = []
 
     async def grade(self, tenant: str, grader: CompiledGrader, item: item_pb2.Item, output: item_pb2.Response) -> Grade:
         """Grade in a worker process within the time limit; never raises but for cancellation."""
@@ -169,12 +125,12 @@ class GradingPool:
     async def _grade_in_worker(self, grader: CompiledGrader, payload: bytes) -> Grade:
         """One grading on an idle (or new) worker, killed when over the limit or abandoned."""
         try:
-            worker = self._idle.pop() if self._idle else await _Worker.start()
+            worker = self._idle.pop() if self._idle else await Worker.start(WORKER_MODULE)
         except (OSError, EOFError, TimeoutError) as exc:
             log.error("cannot start a grading process: %s", exc)
             return _crashed_grade(f"could not start a grading process ({type(exc).__name__})")
         try:
-            grade = await asyncio.wait_for(worker.grade(payload), self._timeout_s)
+            grade: Grade = pickle.loads(await asyncio.wait_for(worker.exchange(payload), self._timeout_s))
         except TimeoutError:
             await worker.kill()
             self._metrics.grading_timed_out(grader)

@@ -1,0 +1,94 @@
+"""Worker processes: work the event loop must not do, in a process that can be killed.
+
+Some work holds the GIL for its whole length (json parsing, protobuf's parse of a large map), so a
+thread does not keep the loop free, and a thread cannot be stopped. A process can: the server's
+grading workers (evalsvc.graders.pool) and its checker of large requests (evalsvc.api.decoding) are
+both `Worker`s, a `python -m <module>` whose module calls `serve`.
+
+Both sides speak length-prefixed frames (a 4-byte big-endian length, then the bytes) over the
+child's stdin and stdout, one request and its reply at a time. The child first writes one ready
+byte, once its imports are done, so that no request's time limit pays for them. It dies with its
+parent (Linux: PR_SET_PDEATHSIG), so a server killed with -9 leaves no runaway work behind, and it
+runs at a lower priority than the server, whose loop answers people.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import struct
+import sys
+from collections.abc import Callable
+
+# A worker imports protobuf (and a grader's libraries) before it says it is ready; on a loaded machine
+# that takes seconds, and it counts against no request's limit.
+START_TIMEOUT_S = 60.0
+# When the cores are busy the kernel should run the server's loop first (nice 10 gets about a tenth of
+# the CPU share of nice 0 under CFS).
+NICENESS = 10
+_FRAME = struct.Struct("!I")
+_PR_SET_PDEATHSIG = 1
+_READY = b"R"
+
+
+class Worker:
+    """One worker process and its pipes; used by one request at a time."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    @classmethod
+    async def start(cls, module: str) -> Worker:
+        """`python -m module`, once it has said it is ready (OSError, EOFError or TimeoutError if it cannot)."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", module, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+        )
+        worker = cls(process)
+        try:
+            assert process.stdout is not None
+            await asyncio.wait_for(process.stdout.readexactly(len(_READY)), START_TIMEOUT_S)
+        except BaseException:
+            await worker.kill()
+            raise
+        return worker
+
+    async def exchange(self, request: bytes) -> bytes:
+        """Send one request and wait for its reply (OSError or EOFError when the process is gone)."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(_FRAME.pack(len(request)) + request)
+        await self.process.stdin.drain()
+        (size,) = _FRAME.unpack(await self.process.stdout.readexactly(_FRAME.size))
+        return await self.process.stdout.readexactly(size)
+
+    async def kill(self) -> None:
+        """Stop the process at once, whatever it is computing, and reap it."""
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        await self.process.wait()
+
+
+def serve(handle: Callable[[bytes], bytes]) -> None:
+    """The worker's side: answer each request with `handle`'s reply until stdin closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is for the server, which stops us
+    _die_with_parent()
+    os.nice(NICENESS)
+    requests, replies = sys.stdin.buffer, sys.stdout.buffer
+    replies.write(_READY)
+    replies.flush()
+    while True:
+        head = requests.read(_FRAME.size)
+        if len(head) < _FRAME.size:
+            return
+        (size,) = _FRAME.unpack(head)
+        reply = handle(requests.read(size))
+        replies.write(_FRAME.pack(len(reply)) + reply)
+        replies.flush()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies; elsewhere, stdin closing ends it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
