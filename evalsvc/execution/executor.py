@@ -149,19 +149,23 @@ class CacheUse:
 @dataclass(frozen=True)
 class OverLimit:
     """A run to end FAILED (its budget or its tenant's stored bytes) once what it finished is recorded.
-    What the tries to end it leave (`tried`) lets `fail_early` tell a run an earlier try ended (PostgreSQL
-    committed and the answer was lost) from one ended otherwise, and count its stopped spend once."""
+
+    Its first try to end it fixes the ending (`ending`): its end time, and the stopped jobs' spend it
+    carries into the run's cost_usd (`carried_usd`, of `tenant`). Every later try (after a failure) ends
+    it the same way, so one that finds the run ended with this end time (PostgreSQL committed an earlier
+    try and the answer was lost: `fail_early`'s `ours`) knows exactly what its cost_usd holds; what jobs
+    hand over after the first try goes to the tenant's spend alone. (A try carrying more than the one
+    that committed counted the difference nowhere.)"""
 
     code: str
     message: str
     end_time: float | None = None
-    carried_usd: float = 0.0  # the stopped jobs' spend the last try carried, into the run's cost_usd
+    carried_usd: float = 0.0
+    tenant: str = ""
 
-    def tried(self, carried_usd: float) -> OverLimit:
-        """This limit as a try to end its run carrying `carried_usd` leaves it: the end time fixed at the
-        first try (a later one names the same ending), and what this one carried, which is what the run's
-        cost_usd holds if this try committed and its answer was lost."""
-        return replace(self, end_time=self.end_time or time.time(), carried_usd=carried_usd)
+    def ending(self, tenant: str, carried_usd: float) -> OverLimit:
+        """This limit with its ending fixed now, carrying `carried_usd`."""
+        return replace(self, end_time=time.time(), carried_usd=carried_usd, tenant=tenant)
 
 
 class BudgetExceeded(Exception):
@@ -331,6 +335,8 @@ class Executor:
         await asyncio.gather(*self._loops)
         self._loops = []
         # What the cancelled jobs had spent: the recorder may have ended before they handed it over.
+        for run_id in list(self._over_limit):
+            self._give_up_ending(run_id)
         for run_id in list(self._stopped_spend):
             self._unwritten(run_id)
         try:
@@ -828,11 +834,10 @@ class Executor:
         )
 
     def _publish_end(self, run_id: str, end: EarlyEnd) -> None:
-        """Hand watchers the end `fail_early` committed: its event, or, when an earlier try committed it
-        and the answer was lost, a wake-up that reads it from the log. A run ended otherwise was
-        announced by whatever ended it."""
-        if end.ours:
-            self._bus.publish(run_id, [end.event] if end.event is not None else None)
+        """Hand watchers the end `fail_early` committed: its event; or, when it found the run ended, a
+        wake-up that reads the end from the log (an earlier try may have committed it and lost the
+        answer, so it was never announced here; a run ended otherwise is only read once more)."""
+        self._bus.publish(run_id, [end.event] if end.event is not None else None)
 
     @staticmethod
     def _target_failed(plan: RunPlan, reason: str) -> tuple[item_pb2.Response, list[tuple[str, Grade]]]:
@@ -1021,37 +1026,38 @@ class Executor:
             try:
                 plan = await self._plan(run_id)
             except LookupError:  # deleted and purged meanwhile: nothing is left to end
-                del self._over_limit[run_id]
-                self._unwritten(run_id)
+                self._give_up_ending(run_id)
                 continue
-            # Taken now: a job that outlasted the wait may stop while the run ends, and hand over more.
-            tenant, passed = self._stopped_spend.pop(run_id, (plan.tenant, 0.0))
             over = self._over_limit[run_id]
-            trying = self._over_limit[run_id] = over.tried(passed)
-            try:
-                end = await fail_early(
-                    self._db,
-                    plan.tenant,
-                    run_id,
-                    plan.recorder_view,
-                    over.code,
-                    over.message,
-                    spent_usd=passed,
-                    end_time=trying.end_time,
-                )
-            except BaseException:
-                self._stopped_spend[run_id] = (tenant, passed + self._stopped_spend.get(run_id, (tenant, 0.0))[1])
-                raise
+            if over.end_time is None:  # the first try fixes the ending (see OverLimit)
+                tenant, carried = self._stopped_spend.pop(run_id, (plan.tenant, 0.0))
+                over = self._over_limit[run_id] = over.ending(tenant, carried)
+            end = await fail_early(
+                self._db,
+                plan.tenant,
+                run_id,
+                plan.recorder_view,
+                over.code,
+                over.message,
+                spent_usd=over.carried_usd,
+                end_time=over.end_time,
+            )
             del self._over_limit[run_id]
-            # In its cost_usd: all of it when this try ended the run; what the try before carried when that
-            # one did (its answer lost); nothing when the run ended otherwise (cancelled). The rest is the
-            # tenant's alone.
-            counted = passed if end.event is not None else over.carried_usd if end.ours else 0.0
-            if passed > counted:
-                self._unwritten_spend[tenant] += passed - counted
-            self._unwritten(run_id)  # what a job handed over while the run ended is in no cost_usd either
+            if not end.ours and over.carried_usd > 0:  # it had ended otherwise (cancelled): not in its cost_usd
+                self._unwritten_spend[over.tenant] += over.carried_usd
+            self._unwritten(run_id)  # what jobs handed over after the first try is in no cost_usd either
             self.run_ended(run_id)
             self._publish_end(run_id, end)
+
+    def _give_up_ending(self, run_id: str) -> None:
+        """Forget a run that will not be ended here (purged; the server stops). What its stopped jobs spent
+        goes to the tenant's spend alone, the amount a try carried too: whether that try committed is
+        not known (PostgreSQL may have lost the answer), and a database that failed is likelier than a
+        lost answer, so it may count twice rather than not at all."""
+        over = self._over_limit.pop(run_id)
+        if over.carried_usd > 0:
+            self._unwritten_spend[over.tenant] += over.carried_usd
+        self._unwritten(run_id)
 
     async def _keep_leases(self) -> None:
         interval = self._settings.lease_ttl_s / 3
