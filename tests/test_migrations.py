@@ -284,6 +284,19 @@ async def test_a_new_sqlite_file_is_readable_by_its_owner_only(tmp_path: Path) -
     assert _modes(tmp_path, "theirs.db") == {"theirs.db": 0o640}
 
 
+async def test_a_sqlite_uri_database_is_left_to_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `file:` URI (`?uri=true`) names its file in SQLite's terms: the owner-only file was made at the
+    URI's literal text (an empty `file:uri.db` beside the real `uri.db`), and even for `mode=ro`."""
+    monkeypatch.chdir(tmp_path)
+    db = Database("sqlite+aiosqlite:///file:uri.db?mode=rwc&uri=true")
+    try:
+        async with db.read() as conn:
+            await conn.exec_driver_sql("SELECT 1")
+    finally:
+        await db.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["uri.db"]
+
+
 @pytest.mark.slow
 async def test_serve_refuses_an_unmigrated_postgres_database_until_evalsvc_migrate(tmp_path: Path) -> None:
     url = _empty_database("postgresql", tmp_path)

@@ -67,7 +67,8 @@ class Database:
             )
             for engine in (self.writer, self.reader):
                 _configure_sqlite(engine, sqlite_synchronous, immediate=engine is self.writer)
-                _create_owner_only(engine, Path(str(parsed.database)))
+                if not _sqlite_uri(parsed):
+                    _create_owner_only(engine, Path(str(parsed.database)))
         else:
             # pre-ping: a pooled connection whose backend died (terminated, a restart, a failover) costs
             # a reconnect at checkout, not the call that drew it (a round trip per checkout).
@@ -295,6 +296,12 @@ def _in_memory(database: str | None, query: Any) -> bool:
     """Whether a SQLite URL's database is in memory: none, `:memory:`, or a URI with `mode=memory`."""
     mode = query.get("mode") if query else None
     return database in (None, "", ":memory:") or "mode=memory" in (database or "") or mode == "memory"
+
+
+def _sqlite_uri(url: URL) -> bool:
+    """Whether the URL names its SQLite database as a `file:` URI (`?uri=true`): its path is SQLite's to
+    resolve, with its own options (`mode=ro` must create nothing), so no file is made for it here."""
+    return str(url.database or "").startswith("file:") or str(url.query.get("uri", "")).lower() == "true"
 
 
 def _create_owner_only(engine: AsyncEngine, path: Path) -> None:
