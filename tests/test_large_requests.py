@@ -19,7 +19,7 @@ from evalsvc.api import decoding, interceptor
 from evalsvc.server import EvalServer
 from evalsvc.v1 import dataset_service_pb2, item_pb2
 from tests.conftest import make_settings
-from tests.helpers import Tenant, error_reason, retry_delay, violations
+from tests.helpers import Tenant, error_reason, retry_delay, rich_error, until, violations
 
 CHECKED = decoding.CHECKED_BYTES
 
@@ -134,6 +134,46 @@ async def test_a_large_undecodable_request_is_malformed_and_not_parsed_on_the_lo
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_reason(err.value) == "MALFORMED_REQUEST"
     assert loop_parses == []
+
+
+async def test_a_tenant_has_at_most_four_large_requests_waiting_for_the_checker(
+    server: EvalServer, tenants: tuple[Tenant, Tenant], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each large request waiting for the one checker holds a place of --max-concurrent-rpcs: one tenant's
+    hundred at once would fill them. A fifth of one tenant's is refused at once (a quota with RetryInfo);
+    another tenant's still waits its turn."""
+    gate = asyncio.Event()
+    exchange = server.checker._exchange
+
+    async def held(payload: bytes) -> tuple[str | None, str, int]:
+        await gate.wait()
+        return await exchange(payload)
+
+    monkeypatch.setattr(server.checker, "_exchange", held)
+    mine, theirs = tenants
+    large = [item_pb2.Item(input="x" * 1_500) for _ in range(800)]
+
+    def add(tenant: Tenant) -> Any:
+        request = dataset_service_pb2.AddDatasetItemsRequest(dataset_id="ds_none", items=large)
+        assert request.ByteSize() > CHECKED
+        return asyncio.ensure_future(tenant.datasets.AddDatasetItems(request, timeout=60))
+
+    waiting = [add(mine) for _ in range(decoding.MAX_CHECKS_PER_TENANT)]
+    await until(lambda: sum(server.checker._checks.values()) == decoding.MAX_CHECKS_PER_TENANT)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mine.datasets.AddDatasetItems(
+            dataset_service_pb2.AddDatasetItemsRequest(dataset_id="ds_none", items=large), timeout=60
+        )
+    assert (err.value.code(), error_reason(err.value)) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "TENANT_QUOTA_EXCEEDED")
+    assert rich_error(err.value).metadata == {"quota": "large_requests_in_flight"} and retry_delay(err.value) == 1.0
+    other = add(theirs)
+    await until(lambda: sum(server.checker._checks.values()) == decoding.MAX_CHECKS_PER_TENANT + 1)
+    gate.set()
+    for call in [*waiting, other]:  # checked, parsed and answered by the service (no such dataset)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert not server.checker._checks
 
 
 async def test_a_check_over_its_time_limit_or_without_a_process_ends_the_call_not_the_server(

@@ -29,7 +29,9 @@ Why the numbers:
 
 The one worker is started on first need and kept while it behaves; requests wait for it in turn,
 round-robin across tenants (evalsvc.slots.Slots), so one tenant's stream of large requests delays
-another's by at most one check. A worker that cannot start or dies ends the call UNAVAILABLE
+another's by at most one check, and a tenant has at most MAX_CHECKS_PER_TENANT of them checked or
+waiting (RESOURCE_EXHAUSTED, `quota=large_requests_in_flight`, past it): each waits in a place of
+--max-concurrent-rpcs. A worker that cannot start or dies ends the call UNAVAILABLE
 (CHECKER_UNAVAILABLE, with RetryInfo). Calls waiting for it while the server stops end with it.
 """
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import pickle
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +48,7 @@ import grpc
 from google.protobuf.message import Message
 
 from evalsvc.errors import FieldViolation, Reason, ServiceError, invalid_argument
+from evalsvc.limits import quota_exceeded
 from evalsvc.slots import Slots
 from evalsvc.workers import Worker
 
@@ -53,6 +57,10 @@ log = logging.getLogger(__name__)
 CHECKED_BYTES = 1 << 20
 MAX_MAP_ENTRIES = 65_536
 CHECK_TIMEOUT_S = 5.0
+# A tenant's requests being checked or waiting for the checker, at most: each holds a place of
+# --max-concurrent-rpcs while it waits (its request arrived), and they are checked one at a time.
+MAX_CHECKS_PER_TENANT = 4
+CHECKS_RETRY_AFTER_S = 1.0
 WORKER_MODULE = "evalsvc.api.decode_worker"
 
 
@@ -117,6 +125,7 @@ class RequestChecker:
         self._slots = Slots(1)
         self._worker: Worker | None = None
         self._closed = False
+        self._checks: Counter[str] = Counter()  # each tenant's requests being checked or waiting
 
     async def problem(self, tenant: str, request: Unparsed) -> str | None:
         """Why the request's bytes are not its message (None: they are, and hold no map over
@@ -129,11 +138,24 @@ class RequestChecker:
                 MAX_MAP_ENTRIES,
             )
         )
-        await self._slots.acquire(tenant)
+        if self._checks[tenant] >= MAX_CHECKS_PER_TENANT:
+            raise quota_exceeded(
+                "large_requests_in_flight",
+                f"the tenant already has {MAX_CHECKS_PER_TENANT} requests over {CHECKED_BYTES} bytes being "
+                "checked; they are checked one at a time",
+                retry_after_s=CHECKS_RETRY_AFTER_S,
+            )
+        self._checks[tenant] += 1
         try:
-            problem, path, entries = await self._exchange(payload)
+            await self._slots.acquire(tenant)
+            try:
+                problem, path, entries = await self._exchange(payload)
+            finally:
+                self._slots.release()
         finally:
-            self._slots.release()
+            self._checks[tenant] -= 1
+            if not self._checks[tenant]:
+                del self._checks[tenant]
         if entries > MAX_MAP_ENTRIES:
             raise map_too_large(path, entries)
         return problem
