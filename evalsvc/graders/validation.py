@@ -14,9 +14,13 @@ from evalsvc.v1 import grader_pb2
 
 
 def validate_grader(spec: grader_pb2.Grader, path: str) -> list[FieldViolation]:
-    """Every static problem of a spec, with field paths under `path` (e.g. `graders[2]`)."""
-    out = validate_builtin(spec, path)
+    """Every static problem of a spec, with field paths under `path` (e.g. `graders[2]`); a spec over the
+    definition size is refused for that alone, before any of its parts is read (see `validate_target`)."""
+    out: list[FieldViolation] = []
     check_definition_size(spec, path, out)
+    if out:
+        return out
+    out = validate_builtin(spec, path)
     if spec.WhichOneof("kind") == "llm_judge":
         out.extend(validate_judge(spec.llm_judge, path))
     return out

@@ -12,8 +12,11 @@ from __future__ import annotations
 import pytest
 from google.protobuf import struct_pb2
 
+from evalsvc import targets
 from evalsvc.errors import FieldViolation, ServiceError
+from evalsvc.graders import validation as grader_validation
 from evalsvc.messages.validation import (
+    MAX_DEFINITION_BYTES,
     MAX_GRADER_NAME,
     MAX_GRADERS,
     MAX_MASK_KEYS,
@@ -28,7 +31,7 @@ from evalsvc.messages.validation import (
     map_violations,
     mask_paths,
 )
-from evalsvc.v1 import dataset_generation_pb2, item_pb2
+from evalsvc.v1 import dataset_generation_pb2, grader_pb2, item_pb2, target_pb2
 from evalsvc.v1 import dataset_service_pb2 as ds
 from evalsvc.webhooks.service import _check_event_types
 
@@ -154,3 +157,25 @@ def test_event_types_are_known_and_each_named_once() -> None:
     out.clear()
     assert not _check_event_types(["run.failed"] * 1_300_000, "webhook.event_types", out)
     assert [v.field for v in out] == ["webhook.event_types"]
+
+
+def test_a_definition_over_its_size_is_refused_for_that_alone_before_its_parts_are_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CreateTarget converted a chat target's parameters (Python, on the event loop) after finding the
+    definition over its 256 KiB: 8 Structs of 65,536 keys held every tenant's calls ~1.4 s, for a
+    refusal. A target or grader over the size is refused naming that, its parts never read."""
+    read: list[str] = []
+    monkeypatch.setattr(targets, "check_chat_settings", lambda *args: read.append("chat settings"))
+    monkeypatch.setattr(grader_validation, "validate_builtin", lambda *args: read.append("grader") or [])
+    parameters = struct_pb2.Struct()
+    parameters.update({f"p{i}": i for i in range(MAX_DEFINITION_BYTES // 8)})
+    chat = target_pb2.Target(chat=target_pb2.ChatTarget(model="m", parameters=parameters))
+    [too_large] = targets.validate_target(chat, "target")
+    assert too_large.field == "target" and too_large.description.startswith("the definition is ")
+    contains = grader_pb2.Grader(contains=grader_pb2.Contains(values=["v" * 1000] * (MAX_DEFINITION_BYTES // 1000)))
+    [too_large] = grader_validation.validate_grader(contains, "graders[0]")
+    assert too_large.field == "graders[0]" and too_large.description.startswith("the definition is ")
+    assert read == []
+    targets.validate_target(target_pb2.Target(chat=target_pb2.ChatTarget(model="m")), "target")
+    assert read == ["chat settings"]  # a definition within the size is read as before
