@@ -43,7 +43,7 @@ from evalsvc.gateway.conditional import apply_if_match, check_read_if_match, eta
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.parse_errors import MAX_SHOWN, field_message, field_named, field_violation
 from evalsvc.gateway.routes import Route, routes
-from evalsvc.gateway.translators import TRANSLATOR_THREADS, in_turn, translated
+from evalsvc.gateway.translators import TRANSLATOR_THREADS, in_turn, loads, translated
 from evalsvc.gateway.unrouted import RoutingErrors
 from evalsvc.gateway.upstream import (
     HTTP_STATUS,
@@ -349,7 +349,7 @@ def _read_object(text: str, route: Route, message: Message) -> None:
     strings as field names (`s`, `1`), a number or null leaked Python's TypeError; and a field given
     under both its names (`displayName` and `display_name`) took the last one silently."""
     try:
-        body = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_not_json)
+        body = loads(text, object_pairs_hook=_unique_keys, parse_constant=_not_json)
     except (ValueError, RecursionError) as exc:
         raise json_format.ParseError(f"Failed to load JSON: {exc}.") from None
     if not isinstance(body, dict):
