@@ -43,7 +43,7 @@ from evalsvc.gateway.conditional import apply_if_match, check_read_if_match, eta
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.parse_errors import MAX_SHOWN, field_message, field_named, field_violation
 from evalsvc.gateway.routes import Route, routes
-from evalsvc.gateway.translators import TRANSLATOR_THREADS, in_turn, loads, translated
+from evalsvc.gateway.translators import TRANSLATOR_THREADS, in_turn, loads, object_of, translated
 from evalsvc.gateway.unrouted import RoutingErrors
 from evalsvc.gateway.upstream import (
     HTTP_STATUS,
@@ -408,7 +408,7 @@ def _not_json(name: str) -> Any:
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """An object of the body, refused when it repeats a key (as json_format refuses it)."""
-    found = dict(pairs)
+    found = object_of(pairs)
     if len(found) != len(pairs):
         raise ValueError("an object repeats a key")
     return found

@@ -41,6 +41,8 @@ async def test_a_body_of_many_values_is_read_letting_the_event_loop_run() -> Non
     assert await reading == flat
     # With the C scanner the loop waits out the one stretch: its longest wait is nearly the whole read.
     assert longest < (loop.time() - began) / 5, (longest, loop.time() - began)
+    pairs = [(f"k{i % 15_000}", i) for i in range(3 * translators.PAIRS_AT_ONCE)]
+    assert translators.object_of(pairs) == dict(pairs)  # built in parts, the same dict (last value wins)
     hooks = {"object_pairs_hook": dict, "parse_constant": float}
     small = b'{"a": [1, 2.5, "x", null, true], "b": {"c": NaN}}'
     assert str(translators.loads(small, **hooks)) == str(json.loads(small, **hooks))
