@@ -18,10 +18,12 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import pickle
 import signal
 import struct
 import sys
 from collections.abc import Callable
+from typing import Any
 
 # A worker imports protobuf (and a grader's libraries) before it says it is ready; on a loaded machine
 # that takes seconds, and it counts against no request's limit.
@@ -32,6 +34,10 @@ NICENESS = 10
 _FRAME = struct.Struct("!I")
 _PR_SET_PDEATHSIG = 1
 _READY = b"R"
+
+
+class WorkerGone(Exception):
+    """The worker process died (or broke its pipe) before it answered; killed and reaped since."""
 
 
 class Worker:
@@ -62,6 +68,23 @@ class Worker:
         await self.process.stdin.drain()
         (size,) = _FRAME.unpack(await self.process.stdout.readexactly(_FRAME.size))
         return await self.process.stdout.readexactly(size)
+
+    async def call(self, request: bytes, timeout_s: float) -> Any:
+        """The unpickled reply to `request`, within `timeout_s`. The process is killed (and reaped) when
+        the reply does not come in time (TimeoutError), when it died or answered what does not unpickle
+        (WorkerGone), and when the caller is cancelled meanwhile: its reply would be read by the next
+        request."""
+        try:
+            return pickle.loads(await asyncio.wait_for(self.exchange(request), timeout_s))
+        except TimeoutError:
+            await self.kill()
+            raise
+        except (OSError, EOFError, pickle.UnpicklingError) as exc:  # asyncio.IncompleteReadError is an EOFError
+            await self.kill()
+            raise WorkerGone(f"{type(exc).__name__}, exit code {self.process.returncode}") from exc
+        except BaseException:
+            await asyncio.shield(self.kill())
+            raise
 
     async def kill(self) -> None:
         """Stop the process at once, whatever it is computing, and reap it."""

@@ -37,7 +37,6 @@ waiting (RESOURCE_EXHAUSTED, `quota=large_requests_in_flight`, past it): each wa
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import pickle
 from collections import Counter
@@ -50,7 +49,7 @@ from google.protobuf.message import Message
 from evalsvc.errors import FieldViolation, Reason, ServiceError, invalid_argument
 from evalsvc.limits import quota_exceeded
 from evalsvc.slots import Slots
-from evalsvc.workers import Worker
+from evalsvc.workers import Worker, WorkerGone
 
 log = logging.getLogger(__name__)
 
@@ -173,21 +172,17 @@ class RequestChecker:
                 raise checker_unavailable() from None
         worker = self._worker
         try:
-            reply: tuple[str | None, str, int] = pickle.loads(
-                await asyncio.wait_for(worker.exchange(payload), CHECK_TIMEOUT_S)
-            )
+            reply: tuple[str | None, str, int] = await worker.call(payload, CHECK_TIMEOUT_S)
         except TimeoutError:
-            await self._drop(worker)
             log.info("a request took longer than %g s to check; its checking process was stopped", CHECK_TIMEOUT_S)
             raise request_too_costly() from None
-        except (OSError, EOFError, pickle.UnpicklingError):  # asyncio.IncompleteReadError is an EOFError
-            await self._drop(worker)
+        except WorkerGone as exc:
             if not self._closed:
-                log.warning("the process that checks large requests died: exit code %s", worker.process.returncode)
+                log.warning("the process that checks large requests died: %s", exc)
             raise checker_unavailable() from None
-        except BaseException:
-            await asyncio.shield(self._drop(worker))
-            raise
+        finally:
+            if worker.process.returncode is not None and self._worker is worker:  # killed: the next check starts one
+                self._worker = None
         return reply
 
     async def _drop(self, worker: Worker) -> None:

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 from evalsvc.graders.builtin import ERROR, CompiledGrader, Grade
 from evalsvc.slots import Slots
 from evalsvc.v1 import item_pb2
-from evalsvc.workers import Worker
+from evalsvc.workers import Worker, WorkerGone
 
 if TYPE_CHECKING:
     from evalsvc.metrics import Metrics
@@ -130,18 +130,13 @@ class GradingPool:
             log.error("cannot start a grading process: %s", exc)
             return _crashed_grade(f"could not start a grading process ({type(exc).__name__})")
         try:
-            grade: Grade = pickle.loads(await asyncio.wait_for(worker.exchange(payload), self._timeout_s))
+            grade: Grade = await worker.call(payload, self._timeout_s)
         except TimeoutError:
-            await worker.kill()
             self._metrics.grading_timed_out(grader)
             return _timeout_grade(self._timeout_s)
-        except (OSError, EOFError, pickle.UnpicklingError) as exc:  # asyncio.IncompleteReadError is an EOFError
-            await worker.kill()
-            log.warning("a grading process died: exit code %s", worker.process.returncode)
-            return _crashed_grade(f"the grading process exited ({type(exc).__name__})")
-        except BaseException:  # cancelled mid-grading: the worker's reply would be read by the next one
-            await asyncio.shield(worker.kill())
-            raise
+        except WorkerGone as exc:
+            log.warning("a grading process died: %s", exc)
+            return _crashed_grade(f"the grading process exited ({type(exc.__cause__).__name__})")
         self._idle.append(worker)
         return grade
 
