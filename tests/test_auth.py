@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from evalsvc.auth import keys as key_format
+from evalsvc.auth import service as service_module
 from evalsvc.errors import ServiceError
 from evalsvc.server import EvalServer
 from evalsvc.store import keys as key_store
@@ -126,6 +127,48 @@ async def test_a_wrong_secret_of_a_known_key_costs_what_an_unknown_key_costs(
         assert reads == [info.key_id, "a" * 12]  # one read each
         await server.keys.authenticate(key)  # the owner's calls still come from the cache
         assert len(reads) == 2
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_made_up_key_ids_take_a_few_reader_connections_not_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys are checked before calls are admitted, and an unknown key id is read from the database each
+    time: a flood of well-formed keys with made-up ids (~1,000 a second) took every reader connection,
+    and another tenant's ListRuns waited up to 630 ms behind them (1.3 ms alone). Key reads take at most
+    MAX_KEY_READS connections; the others stay free for the tenants' reads."""
+    server = EvalServer(make_settings(tmp_path, auth_cache_s=60.0))
+    await server.start()
+    try:
+        held = asyncio.Event()
+        in_flight, most = 0, 0
+        real_get = key_store.get
+
+        async def held_get(conn: object, key_id: str) -> object:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            try:
+                await held.wait()
+                return await real_get(conn, key_id)
+            finally:
+                in_flight -= 1
+
+        monkeypatch.setattr(key_store, "get", held_get)
+        made_up = [key_format.new_key()[0] for _ in range(40)]
+        flood = [asyncio.ensure_future(server.keys.authenticate(key)) for key in made_up]
+        for _ in range(500):  # the reads start as their tasks get connections (opened in threads: no event)
+            if most >= service_module.MAX_KEY_READS:
+                break
+            await asyncio.sleep(0.01)
+        async with asyncio.timeout(5), server.db.read() as conn:  # a tenant's read gets a connection
+            assert (await conn.exec_driver_sql("SELECT 1")).scalar() == 1
+        assert most == service_module.MAX_KEY_READS
+        held.set()
+        refusals = await asyncio.gather(*flood, return_exceptions=True)
+        assert all(isinstance(r, ServiceError) and "not valid" in str(r) for r in refusals)
+        assert most == service_module.MAX_KEY_READS
     finally:
         await server.stop(grace=0)
 
