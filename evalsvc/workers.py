@@ -2,8 +2,10 @@
 
 Some work holds the GIL for its whole length (json parsing, protobuf's parse of a large map), so a
 thread does not keep the loop free, and a thread cannot be stopped. A process can: the server's
-grading workers (evalsvc.graders.pool) and its checker of large requests (evalsvc.api.decoding) are
-both `Worker`s, a `python -m <module>` whose module calls `serve`.
+grading workers (evalsvc.graders.pool), its checker of large requests (evalsvc.api.decoding) and its
+parser of endpoints' large JSON replies (evalsvc.http.json_bodies) are all `Worker`s, a `python -m
+<module>` whose module calls `serve`; the last two, one process each used one request at a time, are
+`LoneWorker`s.
 
 Both sides speak length-prefixed frames (a 4-byte big-endian length, then the bytes) over the
 child's stdin and stdout, one request and its reply at a time. The child first writes one ready
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import os
 import pickle
 import signal
@@ -24,6 +27,8 @@ import struct
 import sys
 from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # A worker imports protobuf (and a grader's libraries) before it says it is ready; on a loaded machine
 # that takes seconds, and it counts against no request's limit.
@@ -91,6 +96,47 @@ class Worker:
         with contextlib.suppress(ProcessLookupError):
             self.process.kill()
         await self.process.wait()
+
+
+class LoneWorker:
+    """One worker process for requests taken one at a time (their callers take turns): started on first
+    need and kept while it behaves; a request that times out, kills it or is abandoned stops it (`Worker.call`),
+    and the next request starts another. Once closed, none is started."""
+
+    def __init__(self, module: str, purpose: str) -> None:
+        self._module = module
+        self._purpose = purpose  # what the process is for, in log lines: "checks large requests"
+        self._worker: Worker | None = None
+        self._closed = False
+
+    async def call(self, request: bytes, timeout_s: float) -> Any:
+        """The worker's unpickled reply to `request` (`Worker.call`): TimeoutError past `timeout_s`,
+        WorkerGone when the process died, could not start, or this is closed."""
+        if self._closed:
+            raise WorkerGone("stopped with the server")
+        if self._worker is None:
+            try:
+                self._worker = await Worker.start(self._module)
+            except (OSError, EOFError, TimeoutError) as exc:
+                log.error("cannot start the process that %s: %s", self._purpose, exc)
+                raise WorkerGone(f"it did not start: {exc}") from None
+        worker = self._worker
+        try:
+            return await worker.call(request, timeout_s)
+        except WorkerGone as exc:
+            if not self._closed:
+                log.warning("the process that %s died: %s", self._purpose, exc)
+            raise
+        finally:
+            if worker.process.returncode is not None and self._worker is worker:  # killed: the next starts one
+                self._worker = None
+
+    async def close(self) -> None:
+        """Stop the worker, busy or not (its request ends WorkerGone), and start no other."""
+        self._closed = True
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            await worker.kill()
 
 
 def serve(handle: Callable[[bytes], bytes]) -> None:

@@ -185,7 +185,7 @@ async def test_a_check_over_its_time_limit_or_without_a_process_ends_the_call_no
         await mine.datasets.CreateDataset(labelled(100_000), timeout=60)
     assert (err.value.code(), error_reason(err.value)) == (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_TOO_COSTLY")
     assert checkers() == []  # killed (and reaped)
-    monkeypatch.setattr(decoding, "WORKER_MODULE", "evalsvc.no_such_module")
+    monkeypatch.setattr(server.checker._worker, "_module", "evalsvc.no_such_module")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await mine.datasets.CreateDataset(labelled(100_000), timeout=60)
     assert (err.value.code(), error_reason(err.value)) == (grpc.StatusCode.UNAVAILABLE, "CHECKER_UNAVAILABLE")

@@ -49,7 +49,7 @@ from google.protobuf.message import Message
 from evalsvc.errors import FieldViolation, Reason, ServiceError, invalid_argument
 from evalsvc.limits import quota_exceeded
 from evalsvc.slots import Slots
-from evalsvc.workers import Worker, WorkerGone
+from evalsvc.workers import LoneWorker, WorkerGone
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,7 @@ class RequestChecker:
 
     def __init__(self) -> None:
         self._slots = Slots(1)
-        self._worker: Worker | None = None
-        self._closed = False
+        self._worker = LoneWorker(WORKER_MODULE, "checks large requests")
         self._checks: Counter[str] = Counter()  # each tenant's requests being checked or waiting
 
     async def problem(self, tenant: str, request: Unparsed) -> str | None:
@@ -160,38 +159,16 @@ class RequestChecker:
         return problem
 
     async def _exchange(self, payload: bytes) -> tuple[str | None, str, int]:
-        """The worker's reply: the worker started if need be, and killed when over the time limit,
-        gone, or abandoned mid-check (its reply would be read by the next one)."""
-        if self._closed:
-            raise checker_unavailable()
-        if self._worker is None:
-            try:
-                self._worker = await Worker.start(WORKER_MODULE)
-            except (OSError, EOFError, TimeoutError) as exc:
-                log.error("cannot start the process that checks large requests: %s", exc)
-                raise checker_unavailable() from None
-        worker = self._worker
+        """The worker's reply (evalsvc.workers.LoneWorker.call)."""
         try:
-            reply: tuple[str | None, str, int] = await worker.call(payload, CHECK_TIMEOUT_S)
+            reply: tuple[str | None, str, int] = await self._worker.call(payload, CHECK_TIMEOUT_S)
         except TimeoutError:
             log.info("a request took longer than %g s to check; its checking process was stopped", CHECK_TIMEOUT_S)
             raise request_too_costly() from None
-        except WorkerGone as exc:
-            if not self._closed:
-                log.warning("the process that checks large requests died: %s", exc)
+        except WorkerGone:
             raise checker_unavailable() from None
-        finally:
-            if worker.process.returncode is not None and self._worker is worker:  # killed: the next check starts one
-                self._worker = None
         return reply
-
-    async def _drop(self, worker: Worker) -> None:
-        if self._worker is worker:
-            self._worker = None
-        await worker.kill()
 
     async def close(self) -> None:
         """Stop the worker, busy or not (a check in progress ends UNAVAILABLE), and start no other."""
-        self._closed = True
-        if self._worker is not None:
-            await self._drop(self._worker)
+        await self._worker.close()

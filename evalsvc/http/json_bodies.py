@@ -8,28 +8,28 @@ seconds. A megabyte of prose, one string, parses in a millisecond or two.
 
 So a text is parsed in place when it is small, or when it cannot hold more than MAX_VALUES values
 (its commas, brackets and braces, counted in C, bound them from above) and has no very long number;
-anything else goes to a worker
-process, which parses it and refuses it when it holds more than MAX_VALUES values. What comes back is
-bounded by that, so taking it in (unpickling) is bounded too. Nesting deeper than MAX_DEPTH (or too
-deep for the parser, `RecursionError`) is a ValueError like any other text that is not JSON.
+anything else goes to a worker process (`python -m evalsvc.http.json_worker`, an evalsvc.workers
+`Worker`, as the grading processes and the checker of large requests are), which parses it and
+refuses it when it holds more than MAX_VALUES values. What comes back is bounded by that, so taking
+it in (unpickling) is bounded too. Nesting deeper than MAX_DEPTH (or too deep for the parser,
+`RecursionError`) is a ValueError like any other text that is not JSON.
 
 The worker parses one text at a time, and texts wait for it in their tenants' turns (`Slots`, as
 grading processes and endpoint slots are handed out): first come, first served, a tenant whose
 endpoint floods it with texts of 0.1-0.45 s each made another tenant's one large reply wait behind
-the whole flood. A text whose caller was cancelled is still parsed (a process pool cannot stop a
-running task), and keeps the worker until it is: the next tenant's turn starts when the worker is free.
+the whole flood. A text that keeps the worker past PARSE_TIMEOUT_S, or whose caller is cancelled
+meanwhile (a cancelled run's reply), stops the worker at once (it is killed; the next text starts
+another): no text holds the worker, and with it every tenant's large replies, longer than that.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import pickle
 from typing import Any
 
 from evalsvc.slots import Slots
+from evalsvc.workers import LoneWorker, WorkerGone
 
 # At most this many values are parsed on the loop (a few ms), or taken back from a worker: legitimate
 # replies hold a few dozen (a chat completion, a verdict, a batch of generated items, tool calls).
@@ -42,6 +42,10 @@ MAX_VALUES = 20_000
 MAX_DEPTH = 24
 # Below this many characters a text holds too few values to matter.
 INLINE_CHARS = 64 * 1024
+# A text the worker has not parsed in this long is refused (and the worker killed): a reply is at most
+# --max-reply-bytes, and 16 MB of the costliest JSON (`[0,0,...]`, eight million values) takes ~1.5 s.
+PARSE_TIMEOUT_S = 10.0
+WORKER_MODULE = "evalsvc.http.json_worker"
 
 
 # Digits, all read as 0, so that a run of LONG_NUMBER of them is one substring search (C, ~5 ms for 4 MB;
@@ -125,42 +129,29 @@ class JsonParser:
     """Parses endpoints' JSON (see the module docstring); one worker process, started at first need."""
 
     def __init__(self) -> None:
-        self._pool: ProcessPoolExecutor | None = None
+        self._worker = LoneWorker(WORKER_MODULE, "parses large JSON replies")
         self._turns = Slots(1)  # the worker, handed to waiting tenants in turn
 
     async def parse(self, text: str | bytes, tenant: str = "") -> Any:
-        """The parsed text; ValueError when it is not JSON, nested too deeply or holds too many values.
-        `tenant`: whose turn a text that needs the worker waits for."""
+        """The parsed text; ValueError when it is not JSON, nested too deeply, holds too many values, or
+        cannot be parsed now (its worker took too long, died or was stopped). `tenant`: whose turn a text
+        that needs the worker waits for."""
         if len(text) <= INLINE_CHARS or (most_values(text) <= MAX_VALUES and not has_long_number(text)):
             return loads(text)
+        payload = pickle.dumps(text)
         await self._turns.acquire(tenant)
         try:
-            parsing = self._submit(text)
-        except BaseException:
+            parsed, problem = await self._worker.call(payload, PARSE_TIMEOUT_S)
+        except TimeoutError:
+            raise ValueError(f"the JSON took longer than {PARSE_TIMEOUT_S:g} s to parse") from None
+        except WorkerGone as exc:
+            raise ValueError(f"the JSON could not be parsed: its parser process is gone ({exc})") from None
+        finally:
             self._turns.release()
-            raise
-        parsing.add_done_callback(lambda _: self._turns.release())  # when the worker is free, not the caller
-        return await asyncio.shield(parsing)
+        if problem is not None:
+            raise ValueError(problem)
+        return parsed
 
-    def _submit(self, text: str | bytes) -> asyncio.Future[Any]:
-        """The worker's parse of the text, started (and the worker with it, if needed)."""
-        pool = self._pool
-        if pool is None:
-            # Spawned, not forked: a fork of the server would copy its threads' locks (aiosqlite's).
-            pool = self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        return asyncio.ensure_future(self._in_worker(pool, text))
-
-    async def _in_worker(self, pool: ProcessPoolExecutor, text: str | bytes) -> Any:
-        try:
-            return await asyncio.get_running_loop().run_in_executor(pool, parse_bounded, text)
-        except BrokenProcessPool:  # the worker died (killed, out of memory): the next text gets a new one
-            if self._pool is pool:  # every caller waiting on it hears so; one replaces it
-                self._pool = None
-                pool.shutdown(wait=False)
-            raise ValueError("the JSON could not be parsed (its parser process died)") from None
-
-    def close(self) -> None:
-        """Stop the worker process, if one was started."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+    async def close(self) -> None:
+        """Stop the worker, busy or not (a parse in progress fails), and start no other."""
+        await self._worker.close()

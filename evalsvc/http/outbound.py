@@ -659,7 +659,7 @@ class Outbound:
     async def close(self) -> None:
         """Close pooled connections and stop the JSON parser's worker."""
         await self._client.aclose()
-        self._json.close()
+        await self._json.close()
 
 
 def _not_json(host: str, code: int, content: bytes, exc: ValueError) -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -16,10 +17,26 @@ from evalsvc.targets import tool_calls_from
 
 
 @pytest.fixture
-def parser() -> Iterator[JsonParser]:
+async def parser() -> AsyncIterator[JsonParser]:
     parser = JsonParser()
     yield parser
-    parser.close()
+    await parser.close()
+
+
+def parsers() -> list[int]:
+    """The pids of this process's JSON worker processes still alive (or not reaped)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                command = cmdline.read()
+        except (OSError, ValueError):
+            continue
+        if parent == os.getpid() and json_bodies.WORKER_MODULE.encode() in command:
+            found.append(int(pid))
+    return found
 
 
 async def test_small_and_simple_texts_are_parsed_in_place(parser: JsonParser, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -89,20 +106,33 @@ async def test_a_long_number_is_parsed_by_the_worker(parser: JsonParser, monkeyp
     assert await parser.parse(numbers) == [int("7" * 4000)] * 30
 
 
-async def test_every_caller_waiting_on_a_dead_worker_is_told_so(parser: JsonParser) -> None:
-    """When the worker died, the first waiting caller replaced the pool and the others hit `None.shutdown`
-    (AttributeError: a generation's task died of it). Each is told the parse failed; the next works."""
+async def test_a_text_whose_worker_died_is_refused_and_the_next_gets_a_new_worker(parser: JsonParser) -> None:
+    """When the worker dies (killed, out of memory), its text is a ValueError saying so (a generation's
+    task died of an AttributeError once), and the next text is parsed by a new worker."""
     flood = "[" + ",".join(["0"] * 2_000_000) + "]"
-    waiting = [asyncio.create_task(parser.parse(flood)) for _ in range(4)]
-    for _ in range(1000):  # the pool starts its process when the first parse is submitted (no event says so)
-        if parser._pool is not None and parser._pool._processes:
+    parsing = asyncio.create_task(parser.parse(flood))
+    for _ in range(1000):  # the worker says it is ready before it reads the text (no event tells the test)
+        if parsers():
             break
         await asyncio.sleep(0.01)
-    for process in list(parser._pool._processes.values()):
-        process.kill()
-    outcomes = await asyncio.gather(*waiting, return_exceptions=True)
-    assert all(isinstance(o, ValueError) for o in outcomes), outcomes
+    [pid] = parsers()
+    os.kill(pid, 9)
+    with pytest.raises(ValueError, match="its parser process is gone"):
+        await parsing
     numbers = "[" + ",".join(["7" * 4000] * 30) + "]"  # the next text for a worker: a new one parses it
+    assert await parser.parse(numbers) == [int("7" * 4000)] * 30
+    assert len(parsers()) == 1 and parsers() != [pid]
+
+
+async def test_a_text_past_its_time_limit_stops_the_worker(parser: JsonParser, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's parse had no time limit: one text could keep every tenant's large replies waiting for as
+    long as it took. Past PARSE_TIMEOUT_S the text is refused and its worker killed (and reaped)."""
+    monkeypatch.setattr(json_bodies, "PARSE_TIMEOUT_S", 0.001)
+    with pytest.raises(ValueError, match=r"took longer than 0\.001 s to parse"):
+        await parser.parse("[" + ",".join(["0"] * 2_000_000) + "]")
+    assert parsers() == []
+    monkeypatch.setattr(json_bodies, "PARSE_TIMEOUT_S", 10.0)
+    numbers = "[" + ",".join(["7" * 4000] * 30) + "]"
     assert await parser.parse(numbers) == [int("7" * 4000)] * 30
 
 
@@ -122,20 +152,25 @@ async def test_texts_wait_for_the_worker_in_their_tenants_turns(parser: JsonPars
     assert finished.index("b") <= 2, finished  # after at most a text of "a" ahead and one in progress
 
 
-async def test_a_cancelled_callers_text_keeps_the_worker_until_it_is_parsed(parser: JsonParser) -> None:
-    """The worker cannot stop a parse it started: the next text waits for it (its turn starts when the
-    worker is free, not when the caller left), and the cancelled caller's result is dropped quietly."""
+async def test_a_cancelled_callers_text_stops_the_worker_at_once(parser: JsonParser) -> None:
+    """A cancelled caller's text kept the worker until it was parsed (a process pool cannot stop a running
+    task), and every tenant's next large reply waited for it. Its worker is killed now: the turn is free at
+    once, and the next text is parsed by a new worker."""
     flood = "[" + ",".join(["0"] * 2_000_000) + "]"
     first = asyncio.create_task(parser.parse(flood, "a"))
-    await asyncio.sleep(0)
+    for _ in range(1000):
+        if parsers():
+            break
+        await asyncio.sleep(0.01)
+    [pid] = parsers()
     assert not parser._turns.available()
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
-    assert not parser._turns.available()  # still parsing in the worker
+    assert parser._turns.available() and parsers() == []  # killed and reaped
     numbers = "[" + ",".join(["7" * 4000] * 30) + "]"
     assert await parser.parse(numbers, "b") == [int("7" * 4000)] * 30
-    assert parser._turns.available()
+    assert parsers() != [pid]
 
 
 @pytest.mark.parametrize("depth", [json_bodies.MAX_DEPTH + 1, 700, 5000])
@@ -153,4 +188,4 @@ async def test_json_nested_too_deeply_is_not_json(depth: int) -> None:
         fine = "[" * (json_bodies.MAX_DEPTH - 1) + '{"a": "[[[[{{{{"}' + "]" * (json_bodies.MAX_DEPTH - 1)
         assert await parser.parse(fine) is not None  # brackets in strings do not count
     finally:
-        parser.close()
+        await parser.close()
