@@ -348,9 +348,13 @@ async def test_cancel_archive_and_unarchive(env: Env) -> None:
         assert got.status_code == 200 and got.json()["run"]["is_archived"] is True
 
         restored = await env.http.post(f"{runs}/{run['id']}/unarchive")
-        assert restored.status_code == 200
-        check_run(restored.json()["run"])
-        assert restored.json()["run"]["is_archived"] is False and restored.json()["run"]["status"] == "CANCELLED"
+        # docs.omni.co restore-an-archived-eval-run: `{"is_archived": false}`, like the archive route's `true`
+        assert restored.status_code == 200 and restored.json() == {"is_archived": False}, restored.text
+        again_restored = await env.http.post(f"{runs}/{run['id']}/unarchive")  # idempotent
+        assert again_restored.status_code == 200 and again_restored.json() == {"is_archived": False}
+        got = (await env.http.get(f"{runs}/{run['id']}")).json()["run"]
+        check_run(got)
+        assert got["is_archived"] is False and got["status"] == "CANCELLED"
         assert [r["id"] for r in (await env.http.get(runs, params={"prompt_set_id": core["id"]})).json()["runs"]] == [
             run["id"]
         ]

@@ -219,6 +219,12 @@ class OmniRunArchived(BaseModel):
     is_archived: Literal[True]
 
 
+class OmniRunUnarchived(BaseModel):
+    """Omni's restore-an-archived-eval-run answer: always false on success."""
+
+    is_archived: Literal[False]
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 
@@ -439,10 +445,10 @@ class Omni(DialectClient):
         """DeleteRun: archives the run, cancelling it first if it has not finished; idempotent."""
         return (await self.call(self.upstream.runs.DeleteRun, run_svc.DeleteRunRequest(run_id=run_id))).run
 
-    async def undelete(self, run_id: str) -> OmniRunEnvelope:
+    async def undelete(self, run_id: str) -> None:
+        """UndeleteRun: restores an archived run; idempotent."""
         request = run_svc.UndeleteRunRequest(run_id=(await self.run(run_id)).id)
-        restored = (await self.call(self.upstream.runs.UndeleteRun, request)).run
-        return OmniRunEnvelope(run=await self.view_run(restored))
+        await self.call(self.upstream.runs.UndeleteRun, request)
 
 
 def _check_unchanged(dataset: ds_pb.Dataset, body: OmniPromptSetPatch) -> None:
@@ -617,9 +623,12 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
         await omni.archive(runId)
         return OmniRunArchived(is_archived=True)
 
-    @api.post("/v1/ai/eval/runs/{runId}/unarchive", response_model=OmniRunEnvelope, summary="Restore an archived run")
-    async def unarchive_run(runId: str, omni: Omni = client) -> OmniRunEnvelope:
-        return await omni.undelete(runId)
+    @api.post(
+        "/v1/ai/eval/runs/{runId}/unarchive", response_model=OmniRunUnarchived, summary="Restore an archived run"
+    )
+    async def unarchive_run(runId: str, omni: Omni = client) -> OmniRunUnarchived:
+        await omni.undelete(runId)
+        return OmniRunUnarchived(is_archived=False)
 
 
 DIALECT = Dialect(
