@@ -623,9 +623,7 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
         await omni.archive(runId)
         return OmniRunArchived(is_archived=True)
 
-    @api.post(
-        "/v1/ai/eval/runs/{runId}/unarchive", response_model=OmniRunUnarchived, summary="Restore an archived run"
-    )
+    @api.post("/v1/ai/eval/runs/{runId}/unarchive", response_model=OmniRunUnarchived, summary="Restore an archived run")
     async def unarchive_run(runId: str, omni: Omni = client) -> OmniRunUnarchived:
         await omni.undelete(runId)
         return OmniRunUnarchived(is_archived=False)
