@@ -910,3 +910,41 @@ async def test_a_refused_response_names_its_place_in_responses(env: Env) -> None
     assert_envelope(refused.json(), "validation.invalid_request")
     assert violated(refused.json()) == {"responses[1].content"}, refused.text
     assert refused.json()["error"]["message"] == "invalid request: responses[1].content"
+
+
+async def test_lists_filter_on_workspace_uuid(env: Env) -> None:
+    """`workspace_uuid` on GET /v2/eval-runs and /v2/evals filters (Aymara: "optional filtering"); it was
+    accepted and ignored, and a workspace's list held every workspace's runs and evals."""
+    in_a = await create_eval(env, name="in A", workspace_uuid="ws-A")
+    in_b = await create_eval(env, name="in B", workspace_uuid="ws-B")
+    client = env.sdk()
+    runs = {}
+    for workspace in ("ws-A", "ws-B", None):
+        created = await env.http.post(
+            "/v2/eval-runs",
+            json={"eval_uuid": in_a["eval_uuid"], "responses": [{"prompt_uuid": "p-weapon", "content": REFUSAL}]},
+            params={"workspace_uuid": workspace} if workspace else {},
+        )
+        assert created.status_code == 200, created.text
+        runs[workspace] = created.json()["eval_run_uuid"]
+
+    listed = await client.evals.runs.list(workspace_uuid="ws-A")
+    assert [(r.eval_run_uuid, r.workspace_uuid) for r in listed.items] == [(runs["ws-A"], "ws-A")]
+    assert listed.count == 1
+    both = (
+        await env.http.get("/v2/eval-runs", params={"workspace_uuid": "ws-B", "eval_uuid": in_a["eval_uuid"]})
+    ).json()
+    assert [r["eval_run_uuid"] for r in both["items"]] == [runs["ws-B"]] and both["count"] == 1
+    assert (await env.http.get("/v2/eval-runs", params={"workspace_uuid": "ws-nope"})).json() == {
+        "items": [],
+        "count": 0,
+    }
+    unfiltered = (await env.http.get("/v2/eval-runs")).json()
+    assert set(runs.values()) <= {r["eval_run_uuid"] for r in unfiltered["items"]}
+
+    evals = (await env.http.get("/v2/evals", params={"workspace_uuid": "ws-B"})).json()
+    assert [e["eval_uuid"] for e in evals["items"]] == [in_b["eval_uuid"]] and evals["count"] == 1
+    assert (await client.evals.list(workspace_uuid="ws-nope")).items == []
+    assert {in_a["eval_uuid"], in_b["eval_uuid"]} <= {
+        e["eval_uuid"] for e in (await env.http.get("/v2/evals")).json()["items"]
+    }

@@ -461,6 +461,12 @@ def aymara_key(request: Request, key: Annotated[str | None, Security(_API_KEY)])
 
 Limit = Annotated[int, Query(ge=1, description="At most this many items.")]
 Offset = Annotated[int, Query(ge=0, description="Items to skip.")]
+Workspace = Annotated[
+    str | None,
+    Query(
+        description="Only those created with this workspace_uuid (stored, not enforced: see docs/dialects/aymara.md)."
+    ),
+]
 
 
 # ---- Translation ---------------------------------------------------------------------------------
@@ -731,6 +737,11 @@ def responses_of(
     ]
 
 
+def workspace_of(run: run_pb2.Run) -> str | None:
+    """The `workspace_uuid` the run was created with (the create's query parameter), if any."""
+    return RunFields.model_validate_json(run.annotations.get(RUN_KEY, "{}")).workspace_uuid
+
+
 def result_of(
     run: run_pb2.Run, evaluation: Eval | None, responses: list[ScoredResponse] | None, status: Status | None = None
 ) -> EvalRunResult:
@@ -917,8 +928,10 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
         return await aymara.create_eval(body)
 
     @api.get("/v2/evals", response_model=EvalList, summary="List evals")
-    async def list_evals(aymara: Aymara = client, limit: Limit = 100, offset: Offset = 0) -> EvalList:
-        evals = await aymara.list_evals()
+    async def list_evals(
+        aymara: Aymara = client, limit: Limit = 100, offset: Offset = 0, workspace_uuid: Workspace = None
+    ) -> EvalList:
+        evals = [e for e in await aymara.list_evals() if not workspace_uuid or e.workspace_uuid == workspace_uuid]
         return EvalList(items=window(evals, offset, limit), count=len(evals))
 
     @api.get("/v2/evals/{eval_uuid}", response_model=Eval, summary="Get an eval")
@@ -966,9 +979,17 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
 
     @api.get("/v2/eval-runs", response_model=EvalRunList, summary="List eval runs (without their responses)")
     async def list_runs(
-        aymara: Aymara = client, eval_uuid: str | None = None, limit: Limit = 100, offset: Offset = 0
+        aymara: Aymara = client,
+        eval_uuid: str | None = None,
+        limit: Limit = 100,
+        offset: Offset = 0,
+        workspace_uuid: Workspace = None,
     ) -> EvalRunList:
-        runs = await aymara.list_runs(eval_uuid)
+        runs = [
+            run
+            for run in await aymara.list_runs(eval_uuid)
+            if not workspace_uuid or workspace_of(run) == workspace_uuid
+        ]
         cache: dict[str, Eval | None] = {}
         items = [
             result_of(run, await aymara.evaluation(run.labels[EVAL_LABEL], cache), None)
