@@ -98,7 +98,8 @@ class Settings:
         default=10.0, metadata={"help": "seconds unary calls get to finish on SIGTERM/SIGINT"}
     )
     max_message_bytes: int = dataclasses.field(
-        default=16 * 1024 * 1024, metadata={"help": "largest gRPC message accepted or sent"}
+        default=16 * 1024 * 1024,
+        metadata={"help": "largest gRPC message accepted or sent; also the REST gateway's largest request body (413)"},
     )
     max_concurrent_streams: int = dataclasses.field(
         default=1000, metadata={"help": "HTTP/2 streams per client connection"}
@@ -704,7 +705,11 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
 # The listen addresses of `evalsvc serve`: (setting, what listens there).
 LISTENERS = (("grpc_addr", "gRPC"), ("http_addr", "HTTP"), ("metrics_addr", "metrics"))
 
+# The settings `evalsvc gateway` takes as flags besides --http-addr and --dialects (every one also from its
+# EVALSVC_* variable): those the gateway reads (evalsvc.gateway.server.Gateway), as `serve --http-addr` does.
 GATEWAY_SETTINGS = (
+    "max_message_bytes",
+    "dialect_sync_wait_s",
     "tls_cert",
     "tls_key",
     "tls_client_ca",

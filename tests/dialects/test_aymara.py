@@ -289,6 +289,9 @@ async def test_the_documented_example_is_scored_synchronously(env: Env) -> None:
     clash = await env.http.post("/v2/eval-runs/-/score-responses", json={**example, "name": "other"})
     assert clash.status_code == 409 and clash.headers["x-should-retry"] == "false"
     assert_envelope(clash.json(), "resource.conflict")
+    # in Aymara's words, not evalsvc's ("request_id ... for a different run")
+    used = f"eval_run_uuid {example['eval_run_uuid']!r} was already used for a different eval run"
+    assert clash.json()["error"]["message"] == used
     seen: list[httpx.Request] = []
 
     async def count(request: httpx.Request) -> None:
@@ -579,6 +582,15 @@ async def test_unknown_and_foreign_ids_are_404(env: Env) -> None:
     )
     assert missing_eval.status_code == 404
     assert_envelope(missing_eval.json(), "resource.not_found")
+    for eval_uuid in ("ds_nope", "nope"):  # the service's own NOT_FOUND, in Aymara's words ("dataset ...")
+        unknown_eval = await env.http.post(
+            "/v2/eval-runs/-/score-responses", json={"eval_uuid": eval_uuid, "responses": [{"prompt_uuid": "p"}]}
+        )
+        assert unknown_eval.status_code == 404
+        assert_envelope(unknown_eval.json(), "resource.not_found")
+        assert unknown_eval.json()["error"]["message"] == f"eval {eval_uuid!r} not found"
+    unknown_run = (await env.http.get("/v2/eval-runs/run_nope")).json()["error"]["message"]
+    assert "dataset" not in unknown_run and unknown_run.startswith("eval run "), unknown_run
     empty_eval = await env.http.post("/v2/eval-runs", json={"eval_uuid": "", "responses": [{"prompt_uuid": "p"}]})
     assert empty_eval.status_code == 404
     assert_envelope(empty_eval.json(), "resource.not_found")
@@ -845,7 +857,10 @@ async def test_an_eval_whose_prompts_are_refused_is_not_created(env: Env) -> Non
     bad = [{"prompt_uuid": "p-ok", "content": "fine"}, {"prompt_uuid": "p-bad", "content": "bad \u0000 byte"}]
     body = an_eval(name="refused", prompts=bad, num_prompts=2, eval_uuid="retry-1")
     refused = await env.http.post("/v2/evals", json=body)
-    assert refused.status_code in (400, 422), refused.text
+    assert refused.status_code == 400, refused.text
+    assert_envelope(refused.json(), "validation.invalid_request")
+    assert violated(refused.json()) == {"prompts[1].content"}  # the field sent, not evalsvc's items[1].input
+    assert refused.json()["error"]["message"] == "invalid request: prompts[1].content"
     listed = (await env.http.get("/v2/evals")).json()["items"]
     assert [e for e in listed if e["name"] == "refused"] == []
     retried = await create_eval(env, name="refused", eval_uuid="retry-1")  # corrected, same key
@@ -878,3 +893,58 @@ async def test_a_retry_racing_a_create_never_deletes_the_eval_it_was_answered(
     assert (await first).status_code != 200
     kept = await env.http.get(f"/v2/evals/{retry.json()['eval_uuid']}")
     assert kept.status_code == 200 and kept.json()["name"] == "raced"
+
+
+async def test_a_refused_response_names_its_place_in_responses(env: Env) -> None:
+    """A run's items are its scored responses only: the service's `items[0]` of this run is the second
+    response sent (the first is excluded from scoring), and is named so, in Aymara's field names."""
+    ev = await create_eval(
+        env, prompts=[{"prompt_uuid": "a", "content": "q1"}, {"prompt_uuid": "b", "content": "q2"}], num_prompts=2
+    )
+    responses = [
+        {"prompt_uuid": "a", "content": "skipped", "exclude_from_scoring": True},
+        {"prompt_uuid": "b", "content": "bad \u0000 byte"},
+    ]
+    refused = await env.http.post("/v2/eval-runs", json={"eval_uuid": ev["eval_uuid"], "responses": responses})
+    assert refused.status_code == 400, refused.text
+    assert_envelope(refused.json(), "validation.invalid_request")
+    assert violated(refused.json()) == {"responses[1].content"}, refused.text
+    assert refused.json()["error"]["message"] == "invalid request: responses[1].content"
+
+
+async def test_lists_filter_on_workspace_uuid(env: Env) -> None:
+    """`workspace_uuid` on GET /v2/eval-runs and /v2/evals filters (Aymara: "optional filtering"); it was
+    accepted and ignored, and a workspace's list held every workspace's runs and evals."""
+    in_a = await create_eval(env, name="in A", workspace_uuid="ws-A")
+    in_b = await create_eval(env, name="in B", workspace_uuid="ws-B")
+    client = env.sdk()
+    runs = {}
+    for workspace in ("ws-A", "ws-B", None):
+        created = await env.http.post(
+            "/v2/eval-runs",
+            json={"eval_uuid": in_a["eval_uuid"], "responses": [{"prompt_uuid": "p-weapon", "content": REFUSAL}]},
+            params={"workspace_uuid": workspace} if workspace else {},
+        )
+        assert created.status_code == 200, created.text
+        runs[workspace] = created.json()["eval_run_uuid"]
+
+    listed = await client.evals.runs.list(workspace_uuid="ws-A")
+    assert [(r.eval_run_uuid, r.workspace_uuid) for r in listed.items] == [(runs["ws-A"], "ws-A")]
+    assert listed.count == 1
+    both = (
+        await env.http.get("/v2/eval-runs", params={"workspace_uuid": "ws-B", "eval_uuid": in_a["eval_uuid"]})
+    ).json()
+    assert [r["eval_run_uuid"] for r in both["items"]] == [runs["ws-B"]] and both["count"] == 1
+    assert (await env.http.get("/v2/eval-runs", params={"workspace_uuid": "ws-nope"})).json() == {
+        "items": [],
+        "count": 0,
+    }
+    unfiltered = (await env.http.get("/v2/eval-runs")).json()
+    assert set(runs.values()) <= {r["eval_run_uuid"] for r in unfiltered["items"]}
+
+    evals = (await env.http.get("/v2/evals", params={"workspace_uuid": "ws-B"})).json()
+    assert [e["eval_uuid"] for e in evals["items"]] == [in_b["eval_uuid"]] and evals["count"] == 1
+    assert (await client.evals.list(workspace_uuid="ws-nope")).items == []
+    assert {in_a["eval_uuid"], in_b["eval_uuid"]} <= {
+        e["eval_uuid"] for e in (await env.http.get("/v2/evals")).json()["items"]
+    }

@@ -135,6 +135,16 @@ VERSION = {
     "updated_at": str,
 }
 LEVEL = {"level_key": str, "label": OptStr, "prompt_md": str, "color": OptStr}
+VERSION_ITEM = {  # docs.bland.ai/api-v1/get/evals-agents-id-versions
+    "id": str,
+    "eval_agent_id": str,
+    "version_number": int,
+    "name": str,
+    "state": str,
+    "created_by": OptStr,
+    "created_at": OptStr,
+    "latest_run": NoneType,
+}
 AGENT_ITEM = {
     "id": str,
     "name": str,
@@ -941,3 +951,40 @@ CALL_TRANSCRIPT_AS_GIVEN = [
     {"user": "robot", "text": "hello"},
     {"user": "agent-action", "text": "transferred"},
 ]
+
+
+async def test_version_reads_list_and_get_the_versions_it_hands_out(env: Env) -> None:
+    """GET .../versions and .../versions/{version_id} (Bland's List and Get Eval Agent Version): the
+    version ids of current_version_id and eval_agent_version_id read back; they were 405 and 404."""
+    created = await env.agent(EMPATHY)
+    agent_id, v1 = created["agent"]["id"], created["current_version"]
+    v2 = check_version(await env.ok("POST", f"/v1/evals/agents/{agent_id}/versions", {"name": "second"}))
+    v3 = check_version(await env.ok("POST", f"/v1/evals/agents/{agent_id}/versions", {"name": "third"}))
+    versions = f"/v1/evals/agents/{agent_id}/versions"
+
+    got = check_version(await env.ok("GET", f"{versions}/{v1['id']}"))
+    assert got == {**v1, "state": "archived"}  # as the create returned it; no longer the latest
+    assert check_version(await env.ok("GET", f"{versions}/{v3['id']}")) == v3
+
+    rows, more, cursor = page(await env.http.get(versions), VERSION_ITEM)
+    assert [(r["id"], r["version_number"], r["state"]) for r in rows] == [
+        (v3["id"], 3, "editable"),
+        (v2["id"], 2, "archived"),
+        (v1["id"], 1, "archived"),
+    ]
+    assert not more and cursor is None
+    assert rows[1] == {k: v2[k] for k in VERSION_ITEM if k != "latest_run"} | {"state": "archived", "latest_run": None}
+    rows, more, cursor = page(await env.http.get(versions, params={"limit": 2}), VERSION_ITEM)
+    assert [r["id"] for r in rows] == [v3["id"], v2["id"]] and more and cursor == v2["id"]
+    rows, more, cursor = page(await env.http.get(versions, params={"starting_after": cursor}), VERSION_ITEM)
+    assert [r["id"] for r in rows] == [v1["id"]] and not more and cursor is None
+    rows, more, _ = page(await env.http.get(versions, params={"ending_before": v1["id"], "limit": 1}), VERSION_ITEM)
+    assert [r["id"] for r in rows] == [v2["id"]] and more
+
+    for missing in (f"{agent_id}_v4", f"{agent_id}_v0", "nope", v1["id"].replace(agent_id, "grd_other")):
+        check_error(await env.http.get(f"{versions}/{missing}"), 404, "EVAL_AGENT_VERSION_NOT_FOUND")
+    check_error(await env.http.get(versions, params={"starting_after": "nope"}), 400, "INVALID_REQUEST")
+    check_error(await env.http.get("/v1/evals/agents/grd_nope/versions"), 404, "EVAL_AGENT_NOT_FOUND")
+    check_error(
+        await env.http.get(f"/v1/evals/agents/grd_nope/versions/{v1['id']}"), 404, "EVAL_AGENT_VERSION_NOT_FOUND"
+    )

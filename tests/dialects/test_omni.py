@@ -348,9 +348,13 @@ async def test_cancel_archive_and_unarchive(env: Env) -> None:
         assert got.status_code == 200 and got.json()["run"]["is_archived"] is True
 
         restored = await env.http.post(f"{runs}/{run['id']}/unarchive")
-        assert restored.status_code == 200
-        check_run(restored.json()["run"])
-        assert restored.json()["run"]["is_archived"] is False and restored.json()["run"]["status"] == "CANCELLED"
+        # docs.omni.co restore-an-archived-eval-run: `{"is_archived": false}`, like the archive route's `true`
+        assert restored.status_code == 200 and restored.json() == {"is_archived": False}, restored.text
+        again_restored = await env.http.post(f"{runs}/{run['id']}/unarchive")  # idempotent
+        assert again_restored.status_code == 200 and again_restored.json() == {"is_archived": False}
+        got = (await env.http.get(f"{runs}/{run['id']}")).json()["run"]
+        check_run(got)
+        assert got["is_archived"] is False and got["status"] == "CANCELLED"
         assert [r["id"] for r in (await env.http.get(runs, params={"prompt_set_id": core["id"]})).json()["runs"]] == [
             run["id"]
         ]
@@ -473,3 +477,31 @@ async def test_a_prompt_set_whose_prompts_are_refused_is_not_created(env: Env) -
     listed = (await env.http.get("/api/v1/ai/eval/prompt-sets")).json()["prompt_sets"]
     assert [s for s in listed if s["slug"] == SKILL_SET_EXAMPLE["slug"]] == []
     assert (await create_set(env))["slug"] == SKILL_SET_EXAMPLE["slug"]  # the retry, corrected, succeeds
+
+
+async def test_field_problems_name_omnis_fields_once(env: Env) -> None:
+    """The service's INVALID_ARGUMENT names evalsvc's fields (`items[0].input`), and its message already
+    listed them: the detail said `items[0].input: items[0].input: must not ...`. It names the field the
+    client sent, once."""
+    nul = "must not contain NUL (U+0000) characters"
+    prompts = [{"prompt_text": "fine"}, {"prompt_text": "bad \u0000 byte"}]
+    refused = await env.http.post(
+        "/api/v1/ai/eval/prompt-sets", json={**SKILL_SET_EXAMPLE, "model_id": env.model_id, "prompts": prompts}
+    )
+    assert omni_error(refused, 400) == f"invalid request: prompts[1].prompt_text: {nul}"
+    expectation = [{"prompt_text": "fine", "expectation": "\u0000"}]
+    refused = await env.http.post(
+        "/api/v1/ai/eval/prompt-sets", json={**SKILL_SET_EXAMPLE, "model_id": env.model_id, "prompts": expectation}
+    )
+    assert omni_error(refused, 400) == f"invalid request: prompts[0].expectation: {nul}"
+    named = await env.http.post(
+        "/api/v1/ai/eval/prompt-sets", json={**SKILL_SET_EXAMPLE, "model_id": env.model_id, "name": "n\u0000"}
+    )
+    assert omni_error(named, 400) == f"invalid request: name: {nul}"
+
+    core = await create_set(env)  # three prompts
+    keep = [{"id": p["id"], "prompt_text": p["prompt_text"]} for p in core["prompts"]]
+    path = f"/api/v1/ai/eval/prompt-sets/{core['id']}"
+    patched = await env.http.patch(path, json={"prompts": [*keep, {"prompt_text": "ok"}, {"prompt_text": "\u0000"}]})
+    assert omni_error(patched, 400) == f"invalid request: prompts[4].prompt_text: {nul}"  # its place in the PATCH
+    assert len((await env.http.get(path)).json()["prompt_set"]["prompts"]) == 3

@@ -1,6 +1,9 @@
 """The Agno AgentOS dialect: AgentOS's `/eval-runs` routes (agno 3.1.10) in front of evalsvc.
 
-An Agno client (`agno.client.AgentOSClient`, the AgentOS UI, `RemoteDb`) only changes its base URL.
+A server-side Agno client (`agno.client.AgentOSClient`, `RemoteDb`) only changes its base URL. The AgentOS
+UI (os.agno.com) does not work against the gateway: it calls AgentOS from the browser, which needs CORS
+(the gateway answers no preflight and sends no Access-Control-Allow-Origin) and AgentOS's `GET /config`
+and `GET /health`, which the gateway does not serve (docs/dialects/agno.md, "Differences").
 AgentOS runs an evaluation inside the POST request, so POST /eval-runs creates an evalsvc run and waits
 for its end. Agents and teams are evalsvc saved targets (created with the native `POST /v1/targets`);
 the eval type picks the graders; the Agno request itself is kept in the run's annotations, so reads

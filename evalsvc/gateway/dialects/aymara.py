@@ -14,10 +14,12 @@ run's or dataset's annotations and come back on every read. Every failure is Aym
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any, Literal
 
 import grpc
@@ -29,6 +31,7 @@ from pydantic import BaseModel, Field
 
 from evalsvc.auth import keys
 from evalsvc.datasets.generation import MAX_INSTRUCTIONS, MAX_ITEMS
+from evalsvc.errors import Reason
 from evalsvc.gateway.dialects.base import (
     MAX_ANNOTATIONS_BYTES,
     Dialect,
@@ -338,6 +341,93 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+# evalsvc's words in the service's messages that the dialect shows as they are (`service_not_found`) -> Aymara's:
+# an eval is a dataset, an eval run a run, and `eval_uuid` / `eval_run_uuid` are the creates' request_id.
+QUOTED = r"('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")"  # an id as Python's repr quotes it
+WORDS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(rf"^dataset {QUOTED} not found"), r"eval \1 not found"),
+    (re.compile(rf"^run {QUOTED} not found"), r"eval run \1 not found"),
+    (
+        re.compile(rf"^request_id {QUOTED} was already used for a different dataset"),
+        r"eval_uuid \1 was already used for a different eval",
+    ),
+    (
+        re.compile(rf"^request_id {QUOTED} was already used for a different run"),
+        r"eval_run_uuid \1 was already used for a different eval run",
+    ),
+)
+
+
+def aymara_words(text: str) -> str:
+    """A message of evalsvc's in Aymara's vocabulary (see WORDS)."""
+    for pattern, replacement in WORDS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+# evalsvc field paths of the service's violations -> Aymara's, where one request field became one evalsvc
+# field: an eval's prompts are its dataset's items, in the order sent (`item_of`); a run's items are its
+# scored responses (`create_request`), `items[i]` the i-th response with exclude_from_scoring false, which
+# `run_fields` renumbers to its place in `responses` first.
+PROMPT_FIELDS = (
+    (re.compile(r"^items\[(\d+)\]\.input\b"), r"prompts[\1].content"),
+    (re.compile(r"^items\[(\d+)\]\.id\b"), r"prompts[\1].prompt_uuid"),
+    (re.compile(r"^items\[(\d+)\]\.metadata\[(category|thread_uuid|turn_number)\]$"), r"prompts[\1].\2"),
+    (re.compile(r"^items\[(\d+)\]"), r"prompts[\1]"),
+    (re.compile(r"^items\b"), "prompts"),
+    (re.compile(r"^dataset\.display_name\b"), "name"),
+)
+RESPONSE_FIELDS = (
+    (re.compile(r"^responses\[(\d+)\]\.response\.content\b"), r"responses[\1].content"),
+    (re.compile(r"^responses\[(\d+)\]\.response\.image_urls\b.*", re.S), r"responses[\1].content.remote_file_path"),
+    (re.compile(r"^responses\[(\d+)\]\.(?:input|id|metadata)\b.*", re.S), r"responses[\1].prompt_uuid"),
+    (re.compile(r"^responses\[(\d+)\]\.response\b.*", re.S), r"responses[\1]"),
+    (re.compile(r"^display_name\b"), "name"),
+)
+SERVICE_INVALID = "invalid request: "
+
+
+def rename(names: Sequence[tuple[re.Pattern[str], str]], path: str) -> str:
+    """A field path in Aymara's names: the first pattern of `names` that matches renames it."""
+    for pattern, replacement in names:
+        new = pattern.sub(replacement, path)
+        if new != path:
+            return new
+    return path
+
+
+def renamed(error: GatewayError, field: Callable[[str], str]) -> GatewayError:
+    """`error` with the fields of its violations, and the service's INVALID_ARGUMENT message that lists
+    them, renamed by `field` (only where a field stands as a whole path, so prose is left as it is)."""
+    if not error.violations:
+        return error
+    message = error.message
+    if error.reason == Reason.INVALID_ARGUMENT and message.startswith(SERVICE_INVALID):
+        for old in sorted({f for f, _ in error.violations}, key=len, reverse=True):
+            literal = field(old).replace("\\", "\\\\")  # a replacement template: its backslashes are escapes
+            message = re.sub(rf"(?<![\w.\[]){re.escape(old)}(?![\w\[.])", literal, message)
+    violations = [(field(f), why) for f, why in error.violations]
+    return dataclasses.replace(error, message=message, violations=violations)
+
+
+def prompt_fields(error: GatewayError) -> GatewayError:
+    """`renamed` for CreateDataset and AddDatasetItems of an eval."""
+    return renamed(error, lambda path: rename(PROMPT_FIELDS, path))
+
+
+def run_fields(error: GatewayError, responses: Sequence[EvalResponse]) -> GatewayError:
+    """`renamed` for CreateRun: `items[i]` is the i-th scored response."""
+    positions = [i for i, r in enumerate(responses) if not r.exclude_from_scoring]
+
+    def field(path: str) -> str:
+        found = re.match(r"^items\[(\d+)\]", path)
+        if found and int(found[1]) < len(positions):
+            path = f"responses[{positions[int(found[1])]}]{path[found.end() :]}"
+        return rename(RESPONSE_FIELDS, path)
+
+    return renamed(error, field)
+
+
 def render(error: GatewayError) -> Response:
     """Aymara's envelope for a failure. A body that does not parse is 422 validation.invalid_format;
     409 says `x-should-retry: false`, as the SDK would otherwise retry it."""
@@ -350,7 +440,7 @@ def render(error: GatewayError) -> Response:
     if error.violations:
         details["field_violations"] = [{"field": f, "description": d} for f, d in error.violations]
     body = ErrorEnvelope(
-        error=ErrorBody(code=code, message=error.message, details=details), request_id=uuid.uuid4().hex
+        error=ErrorBody(code=code, message=aymara_words(error.message), details=details), request_id=uuid.uuid4().hex
     )
     headers = {"x-should-retry": "false"} if status == 409 else None
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
@@ -371,6 +461,12 @@ def aymara_key(request: Request, key: Annotated[str | None, Security(_API_KEY)])
 
 Limit = Annotated[int, Query(ge=1, description="At most this many items.")]
 Offset = Annotated[int, Query(ge=0, description="Items to skip.")]
+Workspace = Annotated[
+    str | None,
+    Query(
+        description="Only those created with this workspace_uuid (stored, not enforced: see docs/dialects/aymara.md)."
+    ),
+]
 
 
 # ---- Translation ---------------------------------------------------------------------------------
@@ -641,6 +737,11 @@ def responses_of(
     ]
 
 
+def workspace_of(run: run_pb2.Run) -> str | None:
+    """The `workspace_uuid` the run was created with (the create's query parameter), if any."""
+    return RunFields.model_validate_json(run.annotations.get(RUN_KEY, "{}")).workspace_uuid
+
+
 def result_of(
     run: run_pb2.Run, evaluation: Eval | None, responses: list[ScoredResponse] | None, status: Status | None = None
 ) -> EvalRunResult:
@@ -712,13 +813,19 @@ class Aymara(DialectClient):
         check_kept(annotations, "eval")
         spec = dataset_service_pb2.Dataset(display_name=body.name or "", labels=self.labels, annotations=annotations)
         request = dataset_service_pb2.CreateDatasetRequest(dataset=spec, request_id=body.eval_uuid or "")
-        dataset = (await self.call(self.upstream.datasets.CreateDataset, request)).dataset
+        try:
+            dataset = (await self.call(self.upstream.datasets.CreateDataset, request)).dataset
+        except GatewayError as error:
+            raise prompt_fields(error) from None
         if body.prompts is None:
             generate.dataset_id = dataset.id
             accepted = await self.call(self.upstream.generations.GenerateDatasetItems, generate)
             dataset.generation.CopyFrom(accepted.generation)
         elif dataset.item_count == 0:
-            dataset = await self.fill_new(dataset, [item_of(p) for p in body.prompts])
+            try:
+                dataset = await self.fill_new(dataset, [item_of(p) for p in body.prompts])
+            except GatewayError as error:
+                raise prompt_fields(error) from None
         return eval_of(dataset)
 
     async def list_evals(self) -> list[Eval]:
@@ -740,7 +847,10 @@ class Aymara(DialectClient):
         )
         next_prompts = await self.next_prompts(body, evaluation, prompts)
         request = create_request(body, evaluation, prompts, fields, next_prompts)
-        created = await self.call(self.upstream.runs.CreateRun, request)
+        try:
+            created = await self.call(self.upstream.runs.CreateRun, request)
+        except GatewayError as error:
+            raise run_fields(error, body.responses) from None
         return created.run, evaluation, next_prompts
 
     async def next_prompts(
@@ -818,8 +928,10 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
         return await aymara.create_eval(body)
 
     @api.get("/v2/evals", response_model=EvalList, summary="List evals")
-    async def list_evals(aymara: Aymara = client, limit: Limit = 100, offset: Offset = 0) -> EvalList:
-        evals = await aymara.list_evals()
+    async def list_evals(
+        aymara: Aymara = client, limit: Limit = 100, offset: Offset = 0, workspace_uuid: Workspace = None
+    ) -> EvalList:
+        evals = [e for e in await aymara.list_evals() if not workspace_uuid or e.workspace_uuid == workspace_uuid]
         return EvalList(items=window(evals, offset, limit), count=len(evals))
 
     @api.get("/v2/evals/{eval_uuid}", response_model=Eval, summary="Get an eval")
@@ -867,9 +979,17 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
 
     @api.get("/v2/eval-runs", response_model=EvalRunList, summary="List eval runs (without their responses)")
     async def list_runs(
-        aymara: Aymara = client, eval_uuid: str | None = None, limit: Limit = 100, offset: Offset = 0
+        aymara: Aymara = client,
+        eval_uuid: str | None = None,
+        limit: Limit = 100,
+        offset: Offset = 0,
+        workspace_uuid: Workspace = None,
     ) -> EvalRunList:
-        runs = await aymara.list_runs(eval_uuid)
+        runs = [
+            run
+            for run in await aymara.list_runs(eval_uuid)
+            if not workspace_uuid or workspace_of(run) == workspace_uuid
+        ]
         cache: dict[str, Eval | None] = {}
         items = [
             result_of(run, await aymara.evaluation(run.labels[EVAL_LABEL], cache), None)

@@ -13,6 +13,8 @@ what is approximated, is in docs/dialects/omni.md.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import re
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -25,6 +27,7 @@ from fastapi.routing import APIRouter
 from google.protobuf import timestamp_pb2
 from pydantic import BaseModel, Field
 
+from evalsvc.errors import Reason
 from evalsvc.gateway.dialects.base import Dialect, DialectClient, DialectOptions, VendorOptions, iso
 from evalsvc.gateway.dialects.uuids import derived_uuid, from_uuid, to_uuid
 from evalsvc.gateway.upstream import GatewayError
@@ -219,17 +222,79 @@ class OmniRunArchived(BaseModel):
     is_archived: Literal[True]
 
 
+class OmniRunUnarchived(BaseModel):
+    """Omni's restore-an-archived-eval-run answer: always false on success."""
+
+    is_archived: Literal[False]
+
+
 # --- errors ---------------------------------------------------------------------------------------
+
+
+# evalsvc field paths in the service's violations -> the Omni fields they came from (the first that matches).
+# A prompt set is a dataset (its slug an annotation, its model a label) and its prompts are items, added in
+# the order sent (`items[i]` is `prompts[i]` of a create; a PATCH renumbers them, `Omni.update_set`); a
+# run's description is the run's and its branch an annotation.
+FIELD_NAMES = (
+    (re.compile(r"^items\[(\d+)\]\.input\b"), r"prompts[\1].prompt_text"),
+    (re.compile(r"^items\[(\d+)\]\.expected_output\b"), r"prompts[\1].expectation"),
+    (re.compile(r"^items\[(\d+)\]\.metadata\b.*", re.S), r"prompts[\1]"),
+    (re.compile(r"^items\[(\d+)\]"), r"prompts[\1]"),
+    (re.compile(r"^items\b"), "prompts"),
+    (re.compile(r"^(?:dataset\.)?display_name\b"), "name"),
+    (re.compile(r"^dataset\.description\b"), "description"),
+    (re.compile(r"^dataset\.annotations\b.*", re.S), "slug"),
+    (re.compile(r"^dataset\.labels\b.*", re.S), "model_id"),
+    (re.compile(r"^dataset_id\b"), "prompt_set_id"),
+    (re.compile(r"^annotations\b.*", re.S), "run_config.branch_id"),
+)
+# The service's message of an INVALID_ARGUMENT: "invalid request: " and the first 5 fields, "and N more".
+SERVICE_INVALID = re.compile(r"^invalid request: .*?(?: and (\d+) more)?$", re.S)
+
+
+def omni_field(path: str) -> str:
+    """The Omni name of an evalsvc field path (unchanged when it already is one)."""
+    for pattern, replacement in FIELD_NAMES:
+        renamed = pattern.sub(replacement, path)
+        if renamed != path:
+            return renamed
+    return path
+
+
+def detail_of(error: GatewayError) -> str:
+    """The message, then each field problem as `field: why`, fields in Omni's names. The service's own
+    message of an INVALID_ARGUMENT only lists the fields the violations name (in evalsvc's names), so it is
+    left out rather than naming each field twice."""
+    if not error.violations:
+        return error.message
+    problems = [f"{omni_field(field)}: {why}" if field else why for field, why in error.violations]
+    head = error.message
+    service = SERVICE_INVALID.match(head) if error.reason == Reason.INVALID_ARGUMENT else None
+    if service:
+        head = "invalid request"
+        more = 5 + int(service[1]) - len(problems) if service[1] else 0
+        if more > 0:  # the service lists only the first violations
+            problems.append(f"and {more} more")
+    return f"{head}: " + "; ".join(problems)
 
 
 def render(error: GatewayError) -> JSONResponse:
     """`{"detail", "status"}`. A body that does not match the documented shape is a 400, like Omni's own
     validation errors (FastAPI would say 422)."""
     status = 400 if error.request_errors is not None else error.http_status
-    detail = error.message
-    if error.violations:
-        detail += ": " + "; ".join(f"{field}: {why}" if field else why for field, why in error.violations)
-    return JSONResponse({"detail": detail, "status": status}, status_code=status)
+    return JSONResponse({"detail": detail_of(error), "status": status}, status_code=status)
+
+
+def renumbered(error: GatewayError, positions: Sequence[int]) -> GatewayError:
+    """`error` of adding some of a PATCH's prompts as items: `items[i]` is the prompt at `positions[i]`."""
+
+    def field(path: str) -> str:
+        found = re.match(r"^items\[(\d+)\]", path)
+        if not found or int(found[1]) >= len(positions):
+            return path
+        return omni_field(f"items[{positions[int(found[1])]}]{path[found.end() :]}")
+
+    return dataclasses.replace(error, violations=[(field(f), why) for f, why in error.violations])
 
 
 def conflict(message: str) -> GatewayError:
@@ -363,7 +428,11 @@ class Omni(DialectClient):
                 f"a prompt set has at most {MAX_PROMPTS} prompts",
                 ("prompts", f"{len(existing)} existing and {len(new)} new prompts"),
             )
-        return await self.view_set(await self.append(dataset, new))
+        try:
+            appended = await self.append(dataset, new)
+        except GatewayError as error:  # the new prompts' fields, by their place in the PATCH's list
+            raise renumbered(error, [i for i, p in enumerate(body.prompts or ()) if p.id is None]) from None
+        return await self.view_set(appended)
 
     # runs
 
@@ -439,10 +508,10 @@ class Omni(DialectClient):
         """DeleteRun: archives the run, cancelling it first if it has not finished; idempotent."""
         return (await self.call(self.upstream.runs.DeleteRun, run_svc.DeleteRunRequest(run_id=run_id))).run
 
-    async def undelete(self, run_id: str) -> OmniRunEnvelope:
+    async def undelete(self, run_id: str) -> None:
+        """UndeleteRun: restores an archived run; idempotent."""
         request = run_svc.UndeleteRunRequest(run_id=(await self.run(run_id)).id)
-        restored = (await self.call(self.upstream.runs.UndeleteRun, request)).run
-        return OmniRunEnvelope(run=await self.view_run(restored))
+        await self.call(self.upstream.runs.UndeleteRun, request)
 
 
 def _check_unchanged(dataset: ds_pb.Dataset, body: OmniPromptSetPatch) -> None:
@@ -617,9 +686,10 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
         await omni.archive(runId)
         return OmniRunArchived(is_archived=True)
 
-    @api.post("/v1/ai/eval/runs/{runId}/unarchive", response_model=OmniRunEnvelope, summary="Restore an archived run")
-    async def unarchive_run(runId: str, omni: Omni = client) -> OmniRunEnvelope:
-        return await omni.undelete(runId)
+    @api.post("/v1/ai/eval/runs/{runId}/unarchive", response_model=OmniRunUnarchived, summary="Restore an archived run")
+    async def unarchive_run(runId: str, omni: Omni = client) -> OmniRunUnarchived:
+        await omni.undelete(runId)
+        return OmniRunUnarchived(is_archived=False)
 
 
 DIALECT = Dialect(

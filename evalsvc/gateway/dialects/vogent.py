@@ -379,10 +379,26 @@ def record_out(item: item_pb2.Item) -> AIEvalRecord:
 
 
 def matches(item: item_pb2.Item, search: str) -> bool:
-    """Vogent's `search` on records: a case-insensitive substring of a name, description, prompt or dial id."""
+    """Vogent's `search` on records ("record names or IDs"): a case-insensitive substring of the record's
+    id, name, description, prompt or dial id."""
     needle = search.casefold()
     meta = item.metadata
-    return any(needle in meta.get(key, "").casefold() for key in ("name", "description", "systemPrompt", "dialId"))
+    texts = (item.id, *(meta.get(key, "") for key in ("name", "description", "systemPrompt", "dialId")))
+    return any(needle in text.casefold() for text in texts)
+
+
+def result_not_served(result_id: str) -> GatewayError:
+    """getEvalResult (`GET /eval_results/{id}`), answered as every route no dialect serves (404,
+    ROUTE_NOT_FOUND) in Vogent's envelope, saying where results are read: evalsvc finds a
+    result only by paging through its run's results (ListRunResults, by id, with opaque signed page tokens;
+    there is no get-one-result call), so a result id, even one that named its run, could be found only by
+    reading up to the whole run (100,000 items by default, each page reading its outputs)."""
+    return GatewayError(
+        grpc.StatusCode.NOT_FOUND,
+        f"no route for GET /api/eval_results/{result_id}: getEvalResult is not served by this gateway (evalsvc "
+        "reads a result only with its run's results); list them with GET /api/eval_runs/{evalRunId}/results",
+        Reason.ROUTE_NOT_FOUND,
+    )
 
 
 def run_out(run: run_pb2.Run) -> AIEvalRun:
@@ -630,6 +646,12 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
     ) -> AIEvalPage[AIEvalRunResult]:
         """Lists an eval run's results, one per evaluated record, in the run's order (by result id)."""
         return await vogent.list_results(id, limit, cursor)
+
+    # Documented by Vogent (getEvalResult) and not served: in Vogent's envelope, not the native 404 of a path
+    # `/api` that Omni and Vogent share. Left out of the OpenAPI document, which lists served routes.
+    @api.get("/eval_results/{id}", include_in_schema=False)
+    async def get_eval_result(id: str) -> None:
+        raise result_not_served(id)
 
 
 DIALECT = Dialect(

@@ -225,6 +225,19 @@ class VersionOut(BaseModel):
     updated_at: str | None
 
 
+class VersionListItem(BaseModel):
+    """An eval agent version in a list (GET /v1/evals/agents/{id}/versions)."""
+
+    id: str
+    eval_agent_id: str
+    version_number: int
+    name: str
+    state: Literal["editable", "archived"]
+    created_by: str | None
+    created_at: str | None
+    latest_run: None
+
+
 class AgentWithVersion(BaseModel):
     """`data` of create and get agent: the agent and its current version."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, TypeVar
 
@@ -37,6 +37,7 @@ from evalsvc.gateway.dialects.bland.models import (
     TriggeredBy,
     VersionCreate,
     VersionFields,
+    VersionListItem,
     VersionOut,
 )
 from evalsvc.gateway.dialects.bland.translate import (
@@ -156,6 +157,12 @@ async def paginate(
     return Page(page, more, key(page[-1]) if more else None)
 
 
+async def _iterate(values: Iterable[T]) -> AsyncIterator[T]:
+    """`values` as the async source `paginate` reads."""
+    for value in values:
+        yield value
+
+
 def _unknown_cursor(name: str, value: str) -> GatewayError:
     return GatewayError.invalid(f"{name} {value!r} is not in this list", (name, f"no object {value!r} in this list"))
 
@@ -190,6 +197,15 @@ class Bland(DialectClient):
         if found is None:
             raise not_found("EVAL_AGENT_NOT_FOUND", f"eval agent {agent_id!r} not found")
         return found
+
+    async def version(self, latest: Agent, number: int) -> Agent | None:
+        """The agent at one of its versions (`latest` is the agent at its latest); None for a version this
+        dialect did not write (a native UpdateGrader of the agent's grader)."""
+        if number == latest.saved.version:
+            return latest
+        request = grader_service_pb2.GetGraderRequest(grader_id=latest.saved.id, version=number)
+        missing = not_found("EVAL_AGENT_VERSION_NOT_FOUND", f"eval agent {latest.saved.id!r} has no such version")
+        return own_agent((await self.get(self.upstream.graders.GetGrader, request, missing)).grader)
 
     async def agents(self) -> AsyncIterator[Agent]:
         """This dialect's agents, newest first."""
@@ -331,6 +347,27 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
         request = grader_service_pb2.UpdateGraderRequest(grader_id=eval_agent_id, grader=encode_version(version))
         saved = (await bland.call(bland.upstream.graders.UpdateGrader, request)).grader
         return Envelope(data=Agent(saved, version).version_out((await bland.calls_dataset()).id))
+
+    @api.get("/v1/evals/agents/{eval_agent_id}/versions", response_model=Envelope[ListOf[VersionListItem]])
+    async def list_versions(
+        eval_agent_id: str, bland: Bland = client, cursor: Cursor = cursor_dep
+    ) -> Envelope[ListOf[VersionListItem]]:
+        """The agent's versions, newest first: each is a version of its saved grader (GetGrader at that
+        version), and a version id names its number, so a page reads only its own versions."""
+        latest = await bland.agent(eval_agent_id)
+        ids = (version_id(latest.saved.id, n) for n in range(latest.saved.latest_version, 0, -1))
+        page = await paginate(_iterate(ids), lambda v: v, cursor)
+        agents = await asyncio.gather(
+            *(bland.version(latest, parse_version_id(v, latest.saved.id)) for v in page.items)
+        )
+        return Envelope(data=listing(page, [agent.version_list_item() for agent in agents if agent is not None]))
+
+    @api.get("/v1/evals/agents/{eval_agent_id}/versions/{version_id}", response_model=Envelope[VersionOut])
+    async def get_version(eval_agent_id: str, version_id: str, bland: Bland = client) -> Envelope[VersionOut]:
+        """One version of the agent, as its create returned it; EVAL_AGENT_VERSION_NOT_FOUND for any other."""
+        number = parse_version_id(version_id, eval_agent_id)
+        agent = await bland.agent(eval_agent_id, number)
+        return Envelope(data=agent.version_out((await bland.calls_dataset()).id))
 
     @api.post("/v1/evals/calls", response_model=Envelope[CallsAdded])
     async def add_calls(body: CallsIn, bland: Bland = client) -> Envelope[CallsAdded]:

@@ -41,6 +41,7 @@ from evalsvc.gateway.dialects.bland.models import (
     TriggeredBy,
     VersionCreate,
     VersionFields,
+    VersionListItem,
     VersionOut,
 )
 from evalsvc.gateway.dialects.uuids import derived_uuid
@@ -297,6 +298,11 @@ class Agent:
             created_at=iso(self.saved.version_create_time, millis=True),
             updated_at=iso(self.saved.version_create_time, millis=True),
             **self.version.model_dump(),
+        )
+
+    def version_list_item(self) -> VersionListItem:
+        return VersionListItem(
+            **self.version_out("").model_dump(include=set(VersionListItem.model_fields)), latest_run=None
         )
 
     def list_item(self) -> AgentListItem:
