@@ -294,6 +294,15 @@ async def test_rest_routes(svc: Service) -> None:
     assert nothing.json()["comparison"]["overall"]["verdict"] == "COMPARISON_VERDICT_NO_PAIRS"
     missing = await svc.http.get("/v1/runs/run_nope:compare", params={"baseline_run_id": good.id})
     assert missing.status_code == 404
+    # A nonzero alpha that underflows to 0 (the default, 0.05) is refused, as gRPC refuses 5e-324: it was read as
+    # 0.05, the strictest level asked for silently replaced by a lenient one. Zero itself still means the default.
+    for text in ("1e-400", "-1e-400", "0.000001e-399"):
+        tiny = await svc.http.get(f"/v1/runs/{bad.id}:compare", params={"baseline_run_id": good.id, "alpha": text})
+        assert tiny.status_code == 400, (text, tiny.text)
+        assert "alpha" in tiny.text and "too small" in tiny.text
+    for text in ("0", "0.0", "-0", "0e-400"):
+        zero = await svc.http.get(f"/v1/runs/{bad.id}:compare", params={"baseline_run_id": good.id, "alpha": text})
+        assert zero.status_code == 200 and zero.json()["comparison"]["alpha"] == 0.05, (text, zero.text)
 
 
 async def test_pairings_run_one_at_a_time_and_every_caller_gets_its_answer(
