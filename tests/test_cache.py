@@ -227,7 +227,9 @@ async def test_judge_verdicts_are_cached(svc: Svc) -> None:
     assert second.aggregate.cost_saved_usd == pytest.approx(first.aggregate.scoring_cost_usd)
 
 
-async def test_the_bound_evicts_the_least_recently_used_and_prune_removes_a_tenants_entries(tmp_path: Path) -> None:
+async def test_the_bound_evicts_the_least_recently_used_and_prune_removes_a_tenants_entries(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     srv = await _start(tmp_path, cache_max_entries=3)
     assert srv.bootstrap_key
     try:
@@ -262,6 +264,12 @@ async def test_the_bound_evicts_the_least_recently_used_and_prune_removes_a_tena
     assert await asyncio.to_thread(cli.main, ["cache", "prune", "--db", url, "--tenant", "default", "--all"]) == 0
     assert await _counts(url) == {}
     assert await _cache_bytes(url) == (0, 0)
+    # A mistyped or empty tenant is said to be one (it read "removed 0 cache entries", as any prune may).
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli.main, ["cache", "prune", "--db", url, "--tenant", "default"]) == 0
+    assert "tenant 'default' has no cache entries" in capsys.readouterr().err
+    assert await asyncio.to_thread(cli.main, ["cache", "prune", "--db", url, "--tenant", "Bad Name!"]) == 2
+    assert "no tenant can be named 'Bad Name!'" in capsys.readouterr().err
 
 
 async def _counts(url: str) -> dict[str, int]:
