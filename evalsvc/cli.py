@@ -186,15 +186,23 @@ async def _cache_command(args: argparse.Namespace, settings: config.Settings) ->
     import time
 
     from evalsvc.auth.service import parse_duration
+    from evalsvc.ids import is_tenant_name
     from evalsvc.store import cache as cache_store
     from evalsvc.store import usage
 
     max_entries = settings.cache_max_entries if args.max_entries is None else args.max_entries
     if max_entries < 0:
         raise ValueError("--max-entries must not be negative")
+    if args.tenant is not None and not is_tenant_name(args.tenant):
+        print(f"evalsvc cache prune: no tenant can be named {args.tenant!r} ([a-z0-9][a-z0-9_-]*)", file=sys.stderr)
+        return 2
     unused_before = time.time() - parse_duration(args.unused_for) if args.unused_for else None
     removed: list[cache_store.Removed] = []
     async with _operator_database("cache", settings) as db, db.write() as conn:
+        if args.tenant is not None and not await cache_store.has_entries(conn, args.tenant):
+            # A mistyped tenant read "removed 0 cache entries", as a tenant within its bounds does.
+            print(f"tenant {args.tenant!r} has no cache entries: nothing to remove", file=sys.stderr)
+            return 0
         if args.all:
             if args.tenant is None:
                 for tenant in await cache_store.counts(conn):

@@ -91,7 +91,7 @@ class Metrics:
         )
         self.cache_lookups = Counter(
             "evalsvc_cache_lookups",
-            "Response cache lookups by this process, by kind (output, verdict) and outcome (hit, miss)",
+            "Response cache lookups by this process, by kind (output, verdict) and outcome (hit, miss, failed)",
             ["kind", "outcome"],
             registry=r,
         )

@@ -227,7 +227,9 @@ async def test_judge_verdicts_are_cached(svc: Svc) -> None:
     assert second.aggregate.cost_saved_usd == pytest.approx(first.aggregate.scoring_cost_usd)
 
 
-async def test_the_bound_evicts_the_least_recently_used_and_prune_removes_a_tenants_entries(tmp_path: Path) -> None:
+async def test_the_bound_evicts_the_least_recently_used_and_prune_removes_a_tenants_entries(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     srv = await _start(tmp_path, cache_max_entries=3)
     assert srv.bootstrap_key
     try:
@@ -262,6 +264,12 @@ async def test_the_bound_evicts_the_least_recently_used_and_prune_removes_a_tena
     assert await asyncio.to_thread(cli.main, ["cache", "prune", "--db", url, "--tenant", "default", "--all"]) == 0
     assert await _counts(url) == {}
     assert await _cache_bytes(url) == (0, 0)
+    # A mistyped or empty tenant is said to be one (it read "removed 0 cache entries", as any prune may).
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli.main, ["cache", "prune", "--db", url, "--tenant", "default"]) == 0
+    assert "tenant 'default' has no cache entries" in capsys.readouterr().err
+    assert await asyncio.to_thread(cli.main, ["cache", "prune", "--db", url, "--tenant", "Bad Name!"]) == 2
+    assert "no tenant can be named 'Bad Name!'" in capsys.readouterr().err
 
 
 async def _counts(url: str) -> dict[str, int]:
@@ -345,6 +353,12 @@ def test_keys_cover_what_changes_an_output_and_never_a_secret() -> None:
     ]
     assert base not in changed and len(set(changed)) == len(changed)
     assert target_key("t", target_pb2.Target(provided=target_pb2.ProvidedTarget()), item, 1) is None
+    # A chat turn without a role is sent as the user's: the same request, the same key (it missed needlessly).
+    roleless = item_pb2.Item(id="a", input="q", context="c", conversation=[item_pb2.Message(content="hi")])
+    assert key(it=roleless) == base
+    # A webhook receives the role as written: "" and "user" are other requests there.
+    webhook = target_pb2.Target(http=target_pb2.HttpTarget(endpoint=target_pb2.Endpoint(base_url="http://h/hook")))
+    assert target_key("t", webhook, roleless, 1) != target_key("t", webhook, item, 1)
 
 
 async def test_kill_9_mid_run_loses_no_entry_a_recorded_result_used(tmp_path: Path) -> None:

@@ -226,6 +226,12 @@ def test_rerun_follows_the_new_run_and_judges_it_as_run_does(live: tuple[ServerP
     assert detached.returncode == 0, detached.stderr
     again = evalctl(live, "rerun", source["id"], "--all", "--detach", "--json", "--request-id", "ci-1")
     assert json.loads(again.stdout)["id"] == json.loads(detached.stdout)["id"]
+    assert json.loads(detached.stdout).get("cache_mode", "CACHE_MODE_OFF") == "CACHE_MODE_OFF"  # the source's
+    refreshed = evalctl(live, "rerun", source["id"], "--all", "--detach", "--json", "--cache-mode", "refresh")
+    assert refreshed.returncode == 0, refreshed.stderr
+    assert json.loads(refreshed.stdout)["cache_mode"] == "CACHE_MODE_REFRESH"
+    bad = evalctl(live, "rerun", source["id"], "--cache", "sometimes")
+    assert bad.returncode == 3 and "invalid choice" in bad.stderr
 
     second = evalctl(live, "rerun", rerun["id"], "--failed")  # a rerun's items, failing again, selected again
     assert second.returncode == 1 and "a rerun of the 5 failed or errored items of run " + rerun["id"] in second.stderr

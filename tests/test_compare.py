@@ -22,7 +22,7 @@ from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, Reply, chat_reply
-from tests.helpers import all_results, error_reason, keyed_channel, serving_gateway, violations, watch_all
+from tests.helpers import all_results, error_reason, keyed_channel, serving_gateway, until, violations, watch_all
 from tests.test_compare_stats import _newcombe_reference
 
 N = 60
@@ -294,6 +294,15 @@ async def test_rest_routes(svc: Service) -> None:
     assert nothing.json()["comparison"]["overall"]["verdict"] == "COMPARISON_VERDICT_NO_PAIRS"
     missing = await svc.http.get("/v1/runs/run_nope:compare", params={"baseline_run_id": good.id})
     assert missing.status_code == 404
+    # A nonzero alpha that underflows to 0 (the default, 0.05) is refused, as gRPC refuses 5e-324: it was read as
+    # 0.05, the strictest level asked for silently replaced by a lenient one. Zero itself still means the default.
+    for text in ("1e-400", "-1e-400", "0.000001e-399"):
+        tiny = await svc.http.get(f"/v1/runs/{bad.id}:compare", params={"baseline_run_id": good.id, "alpha": text})
+        assert tiny.status_code == 400, (text, tiny.text)
+        assert "alpha" in tiny.text and "too small" in tiny.text
+    for text in ("0", "0.0", "-0", "0e-400"):
+        zero = await svc.http.get(f"/v1/runs/{bad.id}:compare", params={"baseline_run_id": good.id, "alpha": text})
+        assert zero.status_code == 200 and zero.json()["comparison"]["alpha"] == 0.05, (text, zero.text)
 
 
 async def test_pairings_run_one_at_a_time_and_every_caller_gets_its_answer(
@@ -309,7 +318,7 @@ async def test_pairings_run_one_at_a_time_and_every_caller_gets_its_answer(
     baseline, candidate, _, _ = await _two_runs(svc)
     running = most = 0
     lock = threading.Lock()
-    real = compare_module.compare_evaluations
+    real = compare_module.Pairing.merge
 
     def observed(*args: Any) -> Any:
         nonlocal running, most
@@ -323,10 +332,55 @@ async def test_pairings_run_one_at_a_time_and_every_caller_gets_its_answer(
             with lock:
                 running -= 1
 
-    monkeypatch.setattr(compare_module, "compare_evaluations", observed)
+    monkeypatch.setattr(compare_module.Pairing, "merge", observed)
+    monkeypatch.setattr(compare_module, "PAIRING_CHUNK", 7)  # many chunks a comparison
     request = cpb.CompareRunsRequest(baseline_run_id=baseline.id, candidate_run_id=candidate.id)
     answers = await asyncio.gather(*(svc.runs.CompareRuns(request) for _ in range(4)))
     assert most == 1
+    assert len({answer.SerializeToString() for answer in answers}) == 1 and answers[0].comparison.overall.pairs > 0
+    monkeypatch.setattr(compare_module, "PAIRING_CHUNK", 10_000)  # one chunk: the same comparison
+    assert (await svc.runs.CompareRuns(request)).SerializeToString() == answers[0].SerializeToString()
+
+
+async def test_comparisons_wait_for_their_turn_before_reading_their_runs(
+    svc: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each CompareRuns read both runs whole, on the event loop, before it queued for the pairing turn:
+    8 comparisons of two 400,000-evaluation runs at once grew the server by 1.6 GB and stalled every
+    tenant's GetRun. A comparison now reads only in its turn, a chunk at a time: while one reads, the
+    others wait holding nothing of their runs."""
+    from evalsvc.runs import compare as compare_module
+    from evalsvc.store import comparisons as comparison_store
+
+    baseline, candidate, _, _ = await _two_runs(svc)
+    gate = asyncio.Event()
+    readers: set[asyncio.Task[Any] | None] = set()
+    real_after, real_whole = comparison_store.evaluations_after, comparison_store.evaluations
+
+    async def after(*args: Any) -> Any:
+        readers.add(asyncio.current_task())
+        await gate.wait()
+        return await real_after(*args)
+
+    async def whole(*args: Any) -> Any:
+        readers.add(asyncio.current_task())
+        await gate.wait()
+        return await real_whole(*args)
+
+    monkeypatch.setattr(comparison_store, "evaluations_after", after)
+    monkeypatch.setattr(comparison_store, "evaluations", whole)
+    monkeypatch.setattr(compare_module, "PAIRING_CHUNK", 7)
+    import gc  # the server's CompareService, to see comparisons wait for their turn
+
+    services = [o for o in gc.get_objects() if isinstance(o, compare_module.CompareService)]
+    assert services
+    request = cpb.CompareRunsRequest(baseline_run_id=baseline.id, candidate_run_id=candidate.id)
+    calls = [asyncio.ensure_future(svc.runs.CompareRuns(request)) for _ in range(3)]
+    # Either every call is reading (the defect), or one reads and two wait for their turn.
+    await until(lambda: len(readers) >= 3 or any(s._pairing.waiting == 2 for s in services))
+    assert len(readers) == 1  # the waiting comparisons read nothing
+    gate.set()
+    answers = await asyncio.gather(*calls)
     assert len({answer.SerializeToString() for answer in answers}) == 1 and answers[0].comparison.overall.pairs > 0
 
 

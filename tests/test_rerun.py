@@ -149,7 +149,9 @@ async def test_the_scopes_select_failed_or_errored_items_or_all_and_trigger_may_
     assert every.job_count == len(ALL) * 2 and every.run.trigger == run_pb2.TRIGGER_BACKFILL
     await watch_all(runs, every.run.id)
     assert await _item_ids(runs, every.run.id) == ALL
-    assert _definition(every.run) == _definition(source)
+    # The definition, except that a whole rerun of a READ_WRITE run refreshes (see the cache test below).
+    assert every.run.cache_mode == cache_pb2.CACHE_MODE_REFRESH and source.cache_mode == cache_pb2.CACHE_MODE_READ_WRITE
+    assert {**_definition(every.run), "cache_mode": 0} == {**_definition(source), "cache_mode": 0}
 
 
 async def test_a_dataset_runs_rerun_keeps_the_dataset_and_the_runs_own_copies(runs, datasets) -> None:
@@ -248,6 +250,7 @@ async def test_bad_fields_are_invalid_argument(runs) -> None:
         (pb.RerunRunRequest(run_id=""), "run_id"),
         (pb.RerunRunRequest(run_id=source.id, scope=99), "scope"),  # type: ignore[arg-type]
         (pb.RerunRunRequest(run_id=source.id, trigger=99), "trigger"),  # type: ignore[arg-type]
+        (pb.RerunRunRequest(run_id=source.id, cache_mode=99), "cache_mode"),  # type: ignore[arg-type]
         (pb.RerunRunRequest(run_id=source.id, request_id="r" * 129), "request_id"),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -338,6 +341,11 @@ async def test_the_rest_route_reruns(tmp_path: Path) -> None:
         assert every.status_code == 200 and every.json()["jobCount"] == 2
         missing = await http.post("/v1/runs/run_nope:rerun", json={})
         assert missing.status_code == 404 and missing.json()["details"][0]["reason"] == "RUN_NOT_FOUND"
+        refreshed = await http.post(
+            f"/v1/runs/{source_id}:rerun", json={"scope": "RERUN_SCOPE_ITEMS_ALL", "cacheMode": "CACHE_MODE_REFRESH"}
+        )
+        assert refreshed.status_code == 200, refreshed.text
+        assert refreshed.json()["run"]["cacheMode"] == "CACHE_MODE_REFRESH"
         unknown = await http.post(f"/v1/runs/{source_id}:rerun", json={"scope": "RERUN_SCOPE_SOME"})
         assert unknown.status_code == 400
         spec = (await http.get("/openapi.json")).json()
@@ -394,3 +402,69 @@ async def test_a_run_whose_definition_no_longer_passes_is_refused_naming_what_fa
             assert await _all_run_ids(runs) == before  # nothing written
     finally:
         await server.stop(grace=0.5)
+
+
+async def test_a_rerun_of_failures_calls_again_and_the_cache_mode_may_be_given(tmp_path: Path) -> None:
+    """A READ_WRITE run's `--failed` rerun took the source's mode: it made no call, and its failed items came
+    back with the same cached outputs and verdicts. Unspecified, a failed-or-errored or whole rerun of a
+    READ_WRITE run now REFRESHes (calls, and writes what it gets); `cache_mode` chooses otherwise (a REPLAY
+    run's misses rerun live with READ_WRITE)."""
+    from tests.fake_llm import chat_reply
+
+    srv = EvalServer(make_settings(tmp_path, outbound_allow="127.0.0.1"))
+    await srv.start()
+    try:
+        with FakeEndpoint(*[chat_reply(f"reply {i}") for i in range(40)]) as llm:
+            assert srv.bootstrap_key
+            async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+                runs = pb_grpc.EvalRunServiceStub(channel)
+                request = pb.CreateRunRequest(
+                    items=[item_pb2.Item(id=f"i{i}", input=f"q{i}", expected_output="reply 0") for i in range(3)],
+                    target=target_pb2.Target(
+                        chat=target_pb2.ChatTarget(
+                            endpoint=target_pb2.Endpoint(base_url=llm.url + "/v1", timeout_s=10), model="m"
+                        )
+                    ),
+                    graders=[exact()],
+                    cache_mode=cache_pb2.CACHE_MODE_READ_WRITE,
+                )
+                source = await _ended(runs, request)
+                assert len(llm.seen) == 3 and source.counts.failed == 2
+
+                async def rerun(**fields: Any) -> tuple[run_pb2.Run, list[run_pb2.Result]]:
+                    created = await runs.RerunRun(pb.RerunRunRequest(run_id=source.id, **fields))
+                    await watch_all(runs, created.run.id)
+                    run = (await runs.GetRun(pb.GetRunRequest(run_id=created.run.id))).run
+                    return run, await all_results(runs, run.id)
+
+                failed = pb.RERUN_SCOPE_ITEMS_FAILED_OR_ERRORED
+                fresh, fresh_results = await rerun(scope=failed)
+                assert fresh.cache_mode == cache_pb2.CACHE_MODE_REFRESH
+                assert len(llm.seen) == 5  # both failed items called again
+                assert not any(r.cached for r in fresh_results)
+                cached, cached_results = await rerun(scope=failed, cache_mode=cache_pb2.CACHE_MODE_READ_WRITE)
+                assert cached.cache_mode == cache_pb2.CACHE_MODE_READ_WRITE
+                assert len(llm.seen) == 5 and all(r.cached for r in cached_results)
+                # The refresh wrote what it got: the READ_WRITE rerun read those outputs.
+                assert {r.output.content for r in cached_results} == {r.output.content for r in fresh_results}
+                errored, _ = await rerun(scope=pb.RERUN_SCOPE_ITEMS_ALL, cache_mode=cache_pb2.CACHE_MODE_OFF)
+                assert errored.cache_mode == cache_pb2.CACHE_MODE_OFF and len(llm.seen) == 8
+
+                replay_request = pb.CreateRunRequest()
+                replay_request.CopyFrom(request)
+                replay_request.cache_mode = cache_pb2.CACHE_MODE_REPLAY
+                replay_request.items.add(id="new", input="never asked", expected_output="reply 0")
+                replayed = await _ended(runs, replay_request)
+                assert replayed.counts.errored == 1 and len(llm.seen) == 8  # "new" missed: CACHE_MISS
+                again = (await runs.RerunRun(pb.RerunRunRequest(run_id=replayed.id))).run
+                assert again.cache_mode == cache_pb2.CACHE_MODE_REPLAY  # the source's: a replay never calls
+                await watch_all(runs, again.id)
+                live = (
+                    await runs.RerunRun(
+                        pb.RerunRunRequest(run_id=replayed.id, cache_mode=cache_pb2.CACHE_MODE_READ_WRITE)
+                    )
+                ).run
+                await watch_all(runs, live.id)
+                assert len(llm.seen) == 9  # the miss, called live
+    finally:
+        await srv.stop(grace=0.5)

@@ -18,6 +18,7 @@ not made here: the recorder stores entries in the transaction that records the r
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -25,7 +26,7 @@ from evalsvc.graders import Grade
 from evalsvc.messages.canonical import definition, digest
 from evalsvc.store import cache as cache_store
 from evalsvc.store.cache import CacheEntry
-from evalsvc.store.db import Database
+from evalsvc.store.db import Database, unavailable_cause
 from evalsvc.v1 import cache_pb2, item_pb2, run_pb2, target_pb2
 
 MODE_NAMES: Mapping[str, int] = {
@@ -34,6 +35,7 @@ MODE_NAMES: Mapping[str, int] = {
     "refresh": cache_pb2.CACHE_MODE_REFRESH,
     "replay": cache_pb2.CACHE_MODE_REPLAY,
 }
+log = logging.getLogger(__name__)
 READS = (cache_pb2.CACHE_MODE_READ_WRITE, cache_pb2.CACHE_MODE_REPLAY)
 WRITES = (cache_pb2.CACHE_MODE_READ_WRITE, cache_pb2.CACHE_MODE_REFRESH)
 USED = (cache_pb2.CACHE_MODE_READ_WRITE, cache_pb2.CACHE_MODE_REFRESH, cache_pb2.CACHE_MODE_REPLAY)
@@ -68,6 +70,8 @@ def target_key(tenant: str, target: target_pb2.Target, item: item_pb2.Item, repe
         "context": item.context,
         "conversation": [[m.role, m.content] for m in item.conversation],
     }
+    if kind == "chat":  # a chat target sends a turn without a role as the user's (`targets.chat_messages`)
+        sent["conversation"] = [[m.role or "user", m.content] for m in item.conversation]
     if kind == "http":  # a webhook receives these too
         sent["id"] = item.id
         sent["metadata"] = dict(item.metadata)
@@ -102,8 +106,23 @@ def cached_verdict(payload: bytes) -> Grade:
     )
 
 
+class LookupFailed(Exception):
+    """A cache lookup the database could not answer. Its text is safe for any tenant to read: the
+    cause (`unavailable_cause`) or the exception's type, never the statement, its parameters, or
+    another tenant's keys (one SELECT serves the lookups of every tenant, and the driver's message
+    quotes them all)."""
+
+    def __init__(self, reason: str, *, transient: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.transient = transient
+
+
 class ResponseCache:
-    """Reads the cache for the executor, one SELECT for all the lookups made in the same moment."""
+    """Reads the cache for the executor, one SELECT for all the lookups made in the same moment.
+
+    A SELECT that fails hands each waiting lookup its own `LookupFailed`, which names nothing of the
+    statement (the executor then treats the lookup as a miss, or hands the job back: see `_respond`)."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -111,7 +130,7 @@ class ResponseCache:
         self._flusher: asyncio.Task[None] | None = None
 
     async def get(self, tenant: str, key: str) -> CacheEntry | None:
-        """The tenant's entry under key, or None."""
+        """The tenant's entry under key, or None; raises LookupFailed when the database cannot answer."""
         future: asyncio.Future[CacheEntry | None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault((tenant, key), []).append(future)
         if self._flusher is None:
@@ -125,13 +144,19 @@ class ResponseCache:
         try:
             async with self._db.read() as conn:
                 found = await cache_store.fetch(conn, list(waiting))
-        except BaseException as exc:  # each asking job reports it as its own error (or is cancelled)
+        except BaseException as exc:  # each asking job gets its own safe error (or is cancelled)
+            if isinstance(exc, Exception):
+                cause = unavailable_cause(exc)
+                if cause is not None:
+                    log.warning("response cache lookup of %d keys failed (%s)", len(waiting), cause)
+                else:
+                    log.error("response cache lookup of %d keys failed", len(waiting), exc_info=exc)
             for futures in waiting.values():
                 for future in futures:
                     if future.done():
                         continue
                     if isinstance(exc, Exception):
-                        future.set_exception(exc)
+                        future.set_exception(LookupFailed(cause or type(exc).__name__, transient=cause is not None))
                     else:
                         future.cancel()
             if not isinstance(exc, Exception):

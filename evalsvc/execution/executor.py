@@ -71,7 +71,7 @@ from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
 from evalsvc.store import usage
 from evalsvc.store.cache import CacheEntry
-from evalsvc.store.db import Database, is_conflict, unavailable_cause
+from evalsvc.store.db import Database, is_conflict, public_text, unavailable_cause
 from evalsvc.store.jobs import ClaimedJob
 from evalsvc.store.models import CACHE_JUDGE_VERDICT, CACHE_TARGET_OUTPUT
 from evalsvc.targets import PriceTable, Target, TargetError, answers_locally, build_target, replays_records
@@ -83,6 +83,15 @@ log = logging.getLogger(__name__)
 # A job whose run cannot even be loaded is retried on later leases (another replica, perhaps a newer
 # version, may manage); after this many attempts the run is failed instead of waiting forever.
 MAX_LOAD_ATTEMPTS = 3
+# The error_reason code of an evaluation whose REPLAY lookup the database could not answer at its last attempt.
+CACHE_UNAVAILABLE = "CACHE_UNAVAILABLE"
+
+
+class HandedBack(Exception):
+    """A job that cannot go on now for a passing reason (the database could not answer its REPLAY
+    cache lookup): it is not recorded, and runs again when its lease expires."""
+
+
 # Longest stretch of local jobs executed before the claim loop lets the event loop serve others.
 INLINE_SLICE_S = 0.002
 # How many ended runs the executor remembers (see Executor.run_ended). A claim is turned into tasks
@@ -593,12 +602,16 @@ class Executor:
                 output = await self._respond(job, plan, item, use)
             except TargetError as exc:
                 output, grades = self._target_failed(plan, exc.reason)
-            except (BudgetExceeded, asyncio.CancelledError):
+            except (BudgetExceeded, asyncio.CancelledError, HandedBack):
                 raise
             except Exception as exc:  # a target bug must cost one evaluation, not the worker
-                output, grades = self._target_failed(plan, f"{type(exc).__name__}: {exc}")
+                log.warning("the target of run %s failed on item %r", job.run_id, item.id, exc_info=True)
+                output, grades = self._target_failed(plan, f"{type(exc).__name__}: {public_text(exc)}")
             else:
                 grades = [(g.name, await self._grade(job, plan, g, item, output, use, held_up)) for g in plan.graders]
+        except HandedBack:
+            self._stopped(job, use)
+            return False
         except BudgetExceeded:
             self._stopped(job, use)
             self._finished_ready.set()  # the recorder ends the run once what finished is recorded
@@ -668,8 +681,10 @@ class Executor:
         if plan.cache_mode in cache.USED:
             key = cache.target_key(plan.tenant, plan.target_spec, item, job.repetition)
         if key is not None and plan.cache_mode in cache.READS:
-            entry = await self._cache.get(plan.tenant, key)
-            self._metrics.cache_lookups.labels("output", "miss" if entry is None else "hit").inc()
+            try:
+                entry = await self._lookup(job, plan, key, "output")
+            except cache.LookupFailed as exc:
+                raise TargetError(self._unavailable_reason(exc)) from None
             if entry is not None:
                 use.output_cached = True
                 use.hits.append(key)
@@ -718,13 +733,44 @@ class Executor:
                     grade = await self._grading.grade(plan.tenant, grader, item, output)
             else:
                 grade = grader.grade(item, output)
-        except (BudgetExceeded, asyncio.CancelledError):
+        except (BudgetExceeded, asyncio.CancelledError, HandedBack):
             raise
         except Exception as exc:
             log.warning("grader %r of run %s failed on item %r", grader.name, job.run_id, item.id, exc_info=True)
-            grade = grader_failed_grade(exc)
+            grade = grader_failed_grade(exc, public_text(exc))
         self._metrics.graded(grader, time.perf_counter() - started)
         return grade
+
+    async def _lookup(self, job: ClaimedJob, plan: RunPlan, key: str, kind: str) -> CacheEntry | None:
+        """The run's cache entry under key, or None. A lookup the database cannot answer is a miss for a
+        READ_WRITE run (the cache only saves calls: the target or judge is called). A REPLAY run makes
+        no call: its job is handed back (`HandedBack`) and runs again when its lease expires; at its
+        last attempt, or when the failure is not a passing one, LookupFailed is raised (the evaluation
+        is ERROR `CACHE_UNAVAILABLE`). `ResponseCache` logged the failure for operators."""
+        try:
+            entry = await self._cache.get(plan.tenant, key)
+        except cache.LookupFailed as exc:
+            self._metrics.cache_lookups.labels(kind, "failed").inc()
+            if plan.cache_mode != cache_pb2.CACHE_MODE_REPLAY:
+                return None
+            if exc.transient and job.attempt < MAX_LOAD_ATTEMPTS:
+                log.warning(
+                    "job %d of run %s could not read the response cache (%s); it runs again when its lease expires",
+                    job.id,
+                    job.run_id,
+                    exc.reason,
+                )
+                raise HandedBack from None
+            raise
+        self._metrics.cache_lookups.labels(kind, "miss" if entry is None else "hit").inc()
+        return entry
+
+    @staticmethod
+    def _unavailable_reason(exc: cache.LookupFailed) -> str:
+        return (
+            f"{CACHE_UNAVAILABLE}: the run replays the response cache, and the database could not answer its "
+            f"lookup ({exc.reason}), so no output was read and no call was made"
+        )
 
     async def _judge_verdict(
         self,
@@ -739,8 +785,11 @@ class Executor:
         (and stored for the cache when the run writes it and the judge gave a verdict)."""
         key = judge.cache_key(plan.tenant, item, output) if plan.cache_mode in cache.USED else None
         if key is not None and plan.cache_mode in cache.READS:
-            entry = await self._cache.get(plan.tenant, key)
-            self._metrics.cache_lookups.labels("verdict", "miss" if entry is None else "hit").inc()
+            try:
+                entry = await self._lookup(job, plan, key, "verdict")
+            except cache.LookupFailed as exc:
+                reason = self._unavailable_reason(exc)
+                return Grade(run_pb2.RESULT_STATE_ERROR, 0.0, 0.0, "the response cache could not be read", reason)
             if entry is not None:
                 use.hits.append(key)
                 return cache.cached_verdict(entry.payload)
@@ -828,7 +877,7 @@ class Executor:
         watchers are not left waiting forever."""
         log.error("run %s cannot be executed after %d attempts: %s", job.run_id, job.attempt, exc)
         nothing = RunGraders(grader_names=[], weights=[], pass_threshold=None)
-        reason = f"the run cannot be executed: {type(exc).__name__}: {exc}"
+        reason = f"the run cannot be executed: {type(exc).__name__}: {public_text(exc)}"
         self._publish_end(
             job.run_id, await fail_early(self._db, job.tenant, job.run_id, nothing, "RUN_NOT_EXECUTABLE", reason)
         )

@@ -207,6 +207,31 @@ def _check_integer(field: FieldDescriptor, text: str, path: str) -> None:
         raise GatewayError.invalid(f"invalid request: {path}: {WHOLE_NUMBER}", (path, WHOLE_NUMBER))
 
 
+_FLOAT_TYPES = (FieldDescriptor.CPPTYPE_DOUBLE, FieldDescriptor.CPPTYPE_FLOAT)
+_FLOAT_WRAPPERS = {"google.protobuf.DoubleValue", "google.protobuf.FloatValue"}
+_NONZERO_MANTISSA = re.compile(
+    r"\s*[+-]?(?:[0-9]*[1-9][0-9]*\.?[0-9]*|[0-9]*\.[0-9]*[1-9][0-9]*)(?:[eE][+-]?[0-9]+)?\s*"
+)
+TOO_SMALL = "is too small to be told from 0 (it underflows to 0, which means the default)"
+
+
+def _check_float(field: FieldDescriptor, text: str, path: str) -> None:
+    """A number field's query value that is not zero but reads as 0.0 (`alpha=1e-400`) is refused: 0 means
+    "the default", so the strictest value asked for was silently replaced by a lenient one (gRPC callers
+    cannot send it: their double is already 0)."""
+    number = field.cpp_type in _FLOAT_TYPES or (
+        field.message_type is not None and field.message_type.full_name in _FLOAT_WRAPPERS
+    )
+    if not number or not _NONZERO_MANTISSA.fullmatch(text):
+        return
+    try:
+        value = float(text)
+    except ValueError:
+        return
+    if value == 0.0:
+        raise GatewayError.invalid(f"invalid request: {path}: {TOO_SMALL}", (path, TOO_SMALL))
+
+
 def _query_fields(request: Request, route: Route) -> dict[str, Any]:
     """Query parameters as request fields, by proto or JSON name: repeated fields may repeat, and
     `map.key=value` sets a map entry. A field mask is left out: `_set_masks` sets it.
@@ -234,10 +259,12 @@ def _query_fields(request: Request, route: Route) -> dict[str, Any]:
             raise json_format.ParseError(f"query parameter {key!r}: write {usage}")
         if field.is_repeated and value_field is None:
             _check_integer(field, text, field.name)
+            _check_float(field, text, field.name)
             values.setdefault(field.json_name, []).append(_query_value(field, text))
             continue
         path = f"{field.name}[{entry}]" if value_field is not None else field.name
         _check_integer(value_field or field, text, path)
+        _check_float(value_field or field, text, path)
         if path in given:
             description = f"given twice, as {given[path]} and {key}"
             raise GatewayError.invalid(f"invalid request: {path}: {description}", (path, description))

@@ -147,10 +147,14 @@ def target_error_grade(reason: str) -> Grade:
 GRADER_FAILED = "GRADER_FAILED"
 
 
-def grader_failed_grade(exc: Exception) -> Grade:
+def grader_failed_grade(exc: Exception, text: str | None = None) -> Grade:
     """The grade of a grader that raised on one output (a bug, or a reply no check foresaw): ERROR for
-    that evaluation alone, with a stable code (docs/errors.md)."""
-    return Grade(ERROR, 0.0, 0.0, "the grader failed on this output", f"{GRADER_FAILED}: {type(exc).__name__}: {exc}")
+    that evaluation alone, with a stable code (docs/errors.md). `text` stands for the exception's own
+    (which a database error's must not be: it quotes SQL and bound values)."""
+    detail = str(exc) if text is None else text
+    return Grade(
+        ERROR, 0.0, 0.0, "the grader failed on this output", f"{GRADER_FAILED}: {type(exc).__name__}: {detail}"
+    )
 
 
 def _clip(text: str) -> str:

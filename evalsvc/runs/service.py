@@ -110,6 +110,19 @@ def rerun_fingerprint(request: pb.RerunRunRequest, scope: int) -> str:
     return hashlib.sha256(b"RerunRun\n" + copy.SerializeToString(deterministic=True)).hexdigest()
 
 
+def rerun_cache_mode(source_mode: cache_pb2.CacheMode, scope: int) -> cache_pb2.CacheMode:
+    """A rerun's cache mode when its request names none: the source's, except that a READ_WRITE source's
+    failed-or-errored or whole rerun REFRESHes. Reading the cache, it made no call: its failed items came
+    back with the same cached outputs and verdicts (errors are never cached, so an errored-only rerun
+    calls again for them, and reads the cache for the item's other repetitions)."""
+    if source_mode == cache_pb2.CACHE_MODE_READ_WRITE and scope in (
+        pb.RERUN_SCOPE_ITEMS_FAILED_OR_ERRORED,
+        pb.RERUN_SCOPE_ITEMS_ALL,
+    ):
+        return cache_pb2.CACHE_MODE_REFRESH
+    return source_mode
+
+
 # A run with more rows than this (items and jobs) or more bytes of items is staged (evalsvc.store.staging)
 # in chunks: at ~10 us a row, a CreateRun's transaction of 20,000 rows holds SQLite's one writer ~0.2 s.
 STAGE_ABOVE_ROWS = 20_000
@@ -333,6 +346,8 @@ class RunService:
             violations.append(FieldViolation("scope", "unknown rerun scope"))
         if request.trigger not in run_pb2.Trigger.values():
             violations.append(FieldViolation("trigger", "unknown trigger"))
+        if request.cache_mode not in cache_pb2.CacheMode.values():
+            violations.append(FieldViolation("cache_mode", "unknown cache mode"))
         if violations:
             raise invalid_argument(violations)
         scope = request.scope or pb.RERUN_SCOPE_ITEMS_ERRORED
@@ -385,7 +400,7 @@ class RunService:
             repetitions=spec.repetitions,
             warmup_runs=spec.warmup_runs,
             trigger=request.trigger or spec.trigger,
-            cache_mode=spec.cache_mode,
+            cache_mode=request.cache_mode or rerun_cache_mode(spec.cache_mode, scope),
         )
         for optional in ("pass_threshold", "max_error_rate", "max_cost_usd"):  # a source from before
             if spec.HasField(optional):  # max_error_rate has none, and its rerun gets none (`_create`)

@@ -198,6 +198,11 @@ async def delete_unused_since(conn: AsyncConnection, before: float, tenant: str 
     return Removed().add(deleted)
 
 
+async def has_entries(conn: AsyncConnection, tenant: str) -> bool:
+    """Whether the tenant has any entry (one row down the primary key, whatever the table's size)."""
+    return (await conn.execute(select(ENTRIES.c.key).where(ENTRIES.c.tenant == tenant).limit(1))).first() is not None
+
+
 async def counts(conn: AsyncConnection) -> Mapping[str, int]:
     """Entries per tenant."""
     rows = await conn.execute(select(ENTRIES.c.tenant, func.count()).group_by(ENTRIES.c.tenant))

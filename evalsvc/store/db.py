@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -210,6 +211,27 @@ def unavailable_cause(exc: BaseException) -> str | None:
             return "the connection to the database was lost"
         cause = getattr(cause, "orig", None) or cause.__cause__
     return None
+
+
+def is_database_error(exc: BaseException) -> bool:
+    """Whether `exc` (or what it was raised from) is the database's or its driver's error, whose text
+    may quote a statement and its bound values (other tenants' among them, for a batched statement)."""
+    cause: BaseException | None = exc
+    seen = 0
+    while cause is not None and seen < 16:
+        if isinstance(cause, (sa_exc.SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError, sqlite3.Error)):
+            return True
+        cause, seen = getattr(cause, "orig", None) or cause.__cause__ or cause.__context__, seen + 1
+    return False
+
+
+def public_text(exc: BaseException) -> str:
+    """What an exception may say to a tenant (an error_reason, a run's error): its text, except for a
+    database error, whose text names the statement and its parameters: then only why the database
+    could not serve, or that it failed (the server logs the rest)."""
+    if is_database_error(exc):
+        return unavailable_cause(exc) or "the database failed on this request (the server logged its reason)"
+    return str(exc)
 
 
 def _connection_lost(exc: BaseException) -> bool:

@@ -176,16 +176,18 @@ class UndeleteRunResponse(_message.Message):
     def __init__(self, run: _Optional[_Union[_run_pb2.Run, _Mapping]] = ...) -> None: ...
 
 class RerunRunRequest(_message.Message):
-    __slots__ = ("run_id", "request_id", "scope", "trigger")
+    __slots__ = ("run_id", "request_id", "scope", "trigger", "cache_mode")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MODE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     request_id: str
     scope: RerunScope
     trigger: _run_pb2.Trigger
-    def __init__(self, run_id: _Optional[str] = ..., request_id: _Optional[str] = ..., scope: _Optional[_Union[RerunScope, str]] = ..., trigger: _Optional[_Union[_run_pb2.Trigger, str]] = ...) -> None: ...
+    cache_mode: _cache_pb2.CacheMode
+    def __init__(self, run_id: _Optional[str] = ..., request_id: _Optional[str] = ..., scope: _Optional[_Union[RerunScope, str]] = ..., trigger: _Optional[_Union[_run_pb2.Trigger, str]] = ..., cache_mode: _Optional[_Union[_cache_pb2.CacheMode, str]] = ...) -> None: ...
 
 class RerunRunResponse(_message.Message):
     __slots__ = ("run", "job_count")

@@ -100,7 +100,7 @@ def service(db: Database, monkeypatch: pytest.MonkeyPatch, page_bytes: int = 8 <
     async def no_pairing(*args: Any) -> Any:
         raise AssertionError("ListComparisonItems paired in the pairing thread")
 
-    monkeypatch.setattr(compare, "_paired", no_pairing)
+    monkeypatch.setattr(compare, "_turn", no_pairing)
     return compare
 
 

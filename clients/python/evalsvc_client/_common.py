@@ -251,16 +251,23 @@ def rerun_run_request(
     scope: pb.runs.RerunScope | str = pb.runs.RERUN_SCOPE_ITEMS_ERRORED,
     request_id: str | None = None,
     trigger: pb.run.Trigger = pb.run.TRIGGER_UNSPECIFIED,
+    cache_mode: pb.cache.CacheMode | str = pb.cache.CACHE_MODE_UNSPECIFIED,
 ) -> pb.runs.RerunRunRequest:
     """A RerunRun request; `scope` is a RerunScope or its short name ("errored", "failed_or_errored", "all"),
-    a missing request_id a fresh one (so that retries reuse it)."""
+    a missing request_id a fresh one (so that retries reuse it). `cache_mode` is a CacheMode or its short
+    name; unspecified is the server's choice (the source's mode; REFRESH for a failed-or-errored or whole
+    rerun of a READ_WRITE run)."""
+    if isinstance(cache_mode, str):
+        from evalsvc_client.spec import cache_mode as cache_mode_named
+
+        cache_mode = cache_mode_named(cache_mode, "cache_mode")
     if isinstance(scope, str):
         name = scope.lower().removeprefix("rerun_scope_").removeprefix("items_")
         if name not in RERUN_SCOPES:
             raise ValueError(f"unknown rerun scope {scope!r}; one of {', '.join(RERUN_SCOPES)}")
         scope = RERUN_SCOPES[name]
     return pb.runs.RerunRunRequest(
-        run_id=run_id, scope=scope, request_id=request_id or new_request_id(), trigger=trigger
+        run_id=run_id, scope=scope, request_id=request_id or new_request_id(), trigger=trigger, cache_mode=cache_mode
     )
 
 

@@ -176,12 +176,15 @@ class AsyncEvalClient:
         scope: pb.runs.RerunScope | str = pb.runs.RERUN_SCOPE_ITEMS_ERRORED,
         request_id: str | None = None,
         trigger: pb.run.Trigger = pb.run.TRIGGER_UNSPECIFIED,
+        cache_mode: pb.cache.CacheMode | str = pb.cache.CACHE_MODE_UNSPECIFIED,
     ) -> pb.Run:
         """A new run of an ended run's items in `scope` (a RerunScope, or "errored" (the default),
         "failed_or_errored", "all") with its stored definition; its `rerun_of` is `run_id`. Retries reuse one
-        request_id (a uuid4 when none is given). FailedPreconditionError when the run has not ended
-        (RUN_NOT_FINISHED) or the scope selects no item (NOTHING_TO_RERUN)."""
-        request = rerun_run_request(run_id, scope=scope, request_id=request_id, trigger=trigger)
+        request_id (a uuid4 when none is given). `cache_mode` (a CacheMode or `off`, `read_write`, `refresh`,
+        `replay`) overrides the server's choice: the source's mode, REFRESH for a failed-or-errored or whole
+        rerun of a READ_WRITE run. FailedPreconditionError when the run has not ended (RUN_NOT_FINISHED) or the
+        scope selects no item (NOTHING_TO_RERUN)."""
+        request = rerun_run_request(run_id, scope=scope, request_id=request_id, trigger=trigger, cache_mode=cache_mode)
         return (await self._call(self._runs.RerunRun, request)).run
 
     async def get_run(self, run_id: str) -> pb.Run:

@@ -381,7 +381,12 @@ def cmd_rerun(args: argparse.Namespace, client: EvalClient, console: Console) ->
     """A new run of an ended run's errored (--failed: failed or errored; --all: every) items, with its stored
     definition, followed to its end as `run` follows one: the same progress, exports, verdict and exit codes."""
     scope = "all" if args.all else "failed_or_errored" if args.failed else "errored"
-    run = client.rerun_run(args.run_id, scope=scope, request_id=args.request_id)
+    run = client.rerun_run(
+        args.run_id,
+        scope=scope,
+        request_id=args.request_id,
+        cache_mode=cache_mode(args.cache) if args.cache else pb.cache.CACHE_MODE_UNSPECIFIED,
+    )
     jobs = run.counts.total_items * run.repetitions
     created = (
         f"created run {run.id} ({jobs} jobs): a rerun of {_RERUN_WORDS[scope].format(run.counts.total_items)}"
@@ -959,6 +964,14 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="rerun every item")
     rerun.add_argument("--detach", action="store_true", help="create the run and exit without following it")
     rerun.add_argument("--request-id", help="idempotency key: the same key and run give the same new run")
+    rerun.add_argument(
+        "--cache",
+        "--cache-mode",
+        dest="cache",
+        choices=sorted(CACHE_MODES),
+        help="response cache mode of the new run; default: the source's, refresh for --failed/--all of a "
+        "read_write run (a cached output would come back unchanged)",
+    )
     follow_flags(rerun)
     rerun.set_defaults(handler=cmd_rerun)
 
