@@ -116,10 +116,16 @@ class LoneWorker:
             raise WorkerGone("stopped with the server")
         if self._worker is None:
             try:
-                self._worker = await Worker.start(self._module)
+                started = await Worker.start(self._module)
             except (OSError, EOFError, TimeoutError) as exc:
+                if self._closed:  # killed by the server's stop while it started
+                    raise WorkerGone("stopped with the server") from None
                 log.error("cannot start the process that %s: %s", self._purpose, exc)
                 raise WorkerGone(f"it did not start: {exc}") from None
+            if self._closed:  # closed while it started: `close` found no process to stop
+                await started.kill()
+                raise WorkerGone("stopped with the server")
+            self._worker = started
         worker = self._worker
         try:
             return await worker.call(request, timeout_s)

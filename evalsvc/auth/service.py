@@ -8,6 +8,7 @@ a minute per key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ TOUCH_EVERY_S = 60.0
 # checked before they are admitted (--max-concurrent-rpcs), so a flood of well-formed keys with made-up key
 # ids (each a read: no cache holds an unknown id) took every reader connection, and another tenant's reads
 # waited behind hundreds of them (a ListRuns' worst 1.3 ms -> 550-630 ms at ~1,000 such calls a second).
+# Only for keys not proven: the refresh of a key accepted before (its cached row expired) does not wait
+# behind such a flood.
 MAX_KEY_READS = 3
 _DURATION = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -109,7 +112,8 @@ class KeyService:
         self._cache_s = cache_s
         self._verified: dict[str, tuple[float, ApiKeyRecord]] = {}
         self._accepted: dict[str, tuple[float, ApiKeyRecord]] = {}
-        self._reading: dict[str, asyncio.Future[ApiKeyRecord | None]] = {}
+        # Reads in progress by (key id, proven): a flood presenting a known key id must not hold back its owner.
+        self._reading: dict[tuple[str, bool], asyncio.Future[ApiKeyRecord | None]] = {}
         self._touched: dict[str, float] = {}
         self._reads = asyncio.Semaphore(MAX_KEY_READS)
 
@@ -147,7 +151,8 @@ class KeyService:
     def _forget(self, key_id: str) -> None:
         """Drop a key from the caches, so its next call reads the database."""
         self._verified.pop(key_id, None)
-        self._reading.pop(key_id, None)
+        self._reading.pop((key_id, True), None)
+        self._reading.pop((key_id, False), None)
         self._accepted = {key: entry for key, entry in self._accepted.items() if entry[1].id != key_id}
 
     async def bootstrap(self) -> str | None:
@@ -202,21 +207,23 @@ class KeyService:
 
         A key verified less than `cache_s` ago is not parsed and hashed again: every RPC of a client
         presents the same key, and on the cheapest calls (GetRun) those steps were a visible share."""
-        cached = self._accepted.get(presented)
-        if cached is not None and now - cached[0] < self._cache_s:
-            return cached[1]
+        accepted = self._accepted.get(presented)
+        if accepted is not None and now - accepted[0] < self._cache_s:
+            return accepted[1]
         parsed = keys.parse(presented)
         if parsed is None:
             raise unauthenticated(Reason.API_KEY_INVALID, "the API key is malformed or mistyped")
         cached = self._verified.get(parsed.key_id)
         from_cache = cached is not None and now - cached[0] < self._cache_s
-        key = await self._lookup(parsed.key_id, now)
+        # Proven: this very key was accepted before (its entry expired). Its row is read outside the line
+        # that unproven keys wait in (MAX_KEY_READS): a wrong secret of a known key id waits there too.
+        key = await self._lookup(parsed.key_id, now, proven=accepted is not None)
         if key is None or not keys.secret_matches(parsed.secret, key.secret_hash):
             if from_cache:
                 # As long as an unknown key id takes (its lookup is a read, shared by concurrent lookups):
                 # a wrong secret answered from the cache took half the time (0.98 ms against 2.13 ms),
                 # and one read each (not shared) took ten times as long in a burst; both told that it exists.
-                await self._read_shared(parsed.key_id, now)
+                await self._read_shared(parsed.key_id, now, proven=False)
             raise unauthenticated(Reason.API_KEY_INVALID, "the API key is not valid")
         if self._cache_s > 0:
             if len(self._accepted) > 10_000:
@@ -224,7 +231,7 @@ class KeyService:
             self._accepted[presented] = (now, key)
         return key
 
-    async def _lookup(self, key_id: str, now: float) -> ApiKeyRecord | None:
+    async def _lookup(self, key_id: str, now: float, *, proven: bool) -> ApiKeyRecord | None:
         """The key's row, cached for `cache_s`. Concurrent lookups of one key share one read: when the
         cached row expires under load, every call in flight missed it at once and each read it again
         (on GetRun, 12% of the process's time went to those reads). Only with the cache on: a call
@@ -232,29 +239,30 @@ class KeyService:
         cached = self._verified.get(key_id)
         if cached is not None and now - cached[0] < self._cache_s:
             return cached[1]
-        return await self._read_shared(key_id, now)
+        return await self._read_shared(key_id, now, proven=proven)
 
-    async def _read_shared(self, key_id: str, now: float) -> ApiKeyRecord | None:
+    async def _read_shared(self, key_id: str, now: float, *, proven: bool) -> ApiKeyRecord | None:
         """The key's row read from the database (and cached), concurrent reads of one key sharing one."""
         if self._cache_s <= 0:
-            return await self._read(key_id)
-        reading = self._reading.get(key_id)
+            return await self._read(key_id, proven=proven)
+        line = (key_id, proven)
+        reading = self._reading.get(line)
         if reading is None:
-            reading = self._reading[key_id] = asyncio.ensure_future(self._read_and_cache(key_id, now))
-            reading.add_done_callback(lambda done: self._reading.get(key_id) is done and self._reading.pop(key_id))
+            reading = self._reading[line] = asyncio.ensure_future(self._read_and_cache(key_id, now, proven=proven))
+            reading.add_done_callback(lambda done: self._reading.get(line) is done and self._reading.pop(line))
         return await asyncio.shield(reading)  # a caller that goes away does not cancel the others' read
 
-    async def _read_and_cache(self, key_id: str, now: float) -> ApiKeyRecord | None:
-        key = await self._read(key_id)
+    async def _read_and_cache(self, key_id: str, now: float, *, proven: bool) -> ApiKeyRecord | None:
+        key = await self._read(key_id, proven=proven)
         # Not when the key was revoked while it was read (`_forget`): the row may predate the revocation.
-        if key is not None and self._reading.get(key_id) is asyncio.current_task():
+        if key is not None and self._reading.get((key_id, proven)) is asyncio.current_task():
             if len(self._verified) > 10_000:
                 self._verified.clear()
             self._verified[key_id] = (now, key)
         return key
 
-    async def _read(self, key_id: str) -> ApiKeyRecord | None:
-        """The key's row, read in turn (MAX_KEY_READS at once): known and unknown key ids wait in the same
-        line, so how long a refusal takes tells nothing of which key ids exist."""
-        async with self._reads, self._db.read() as conn:
+    async def _read(self, key_id: str, *, proven: bool) -> ApiKeyRecord | None:
+        """The key's row; unless `proven`, read in turn (MAX_KEY_READS at once), known and unknown key ids
+        in the same line, so how long a refusal takes tells nothing of which key ids exist."""
+        async with contextlib.nullcontext() if proven else self._reads, self._db.read() as conn:
             return await key_store.get(conn, key_id)

@@ -173,6 +173,23 @@ async def test_a_cancelled_callers_text_stops_the_worker_at_once(parser: JsonPar
     assert parsers() != [pid]
 
 
+async def test_a_parser_closed_while_its_worker_starts_leaves_no_process() -> None:
+    """The server's stop closed the parser while its worker was starting: `close` found no process to stop,
+    the start finished and the text was parsed after the stop, and the process outlived the parser (a
+    review). The text is refused now, and the process killed and reaped."""
+    parser = JsonParser()
+    parsing = asyncio.create_task(parser.parse("[" + ",".join(["7" * 4000] * 30) + "]"))
+    for _ in range(1000):  # spawned, not yet ready (its imports take a while): no event tells the test
+        if parsers():
+            break
+        await asyncio.sleep(0.001)
+    assert parsers() and not parsing.done()
+    await parser.close()
+    with pytest.raises(ValueError, match="stopped with the server"):
+        await parsing
+    assert parsers() == []
+
+
 @pytest.mark.parametrize("depth", [json_bodies.MAX_DEPTH + 1, 700, 5000])
 async def test_json_nested_too_deeply_is_not_json(depth: int) -> None:
     """Probe: 700 nested `[`s parse, but every recursive walk of the answer (making its strings storable,
