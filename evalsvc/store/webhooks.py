@@ -253,34 +253,50 @@ async def any_due(conn: AsyncConnection, now: float) -> bool:
     return found.first() is not None
 
 
+async def due_tenants(conn: AsyncConnection, now: float) -> list[str]:
+    """The tenants that have deliveries due now, by name: the sender divides its free slots among
+    them (evalsvc.webhooks.sender.divide_slots), so a tenant with a long backlog of old deliveries
+    does not take the slot another tenant's new delivery is waiting for. Read through
+    ix_webhook_deliveries_due: it costs the due deliveries, which MAX_PENDING_PER_TENANT bounds."""
+    found = await conn.execute(select(DELIVERIES.c.tenant).where(*_due(now)).distinct())
+    return sorted(tenant for (tenant,) in found)
+
+
 async def claim_due(
     conn: AsyncConnection,
     *,
     claim_id: str,
     now: float,
     lease_s: float,
-    limit: int,
-    busy_tenants: Sequence[str],
+    quotas: Mapping[str, int],
 ) -> list[ClaimedDelivery]:
-    """Lease up to `limit` deliveries that are due and not leased (or whose lease expired), oldest due
-    first, skipping `busy_tenants`. Each comes with what sending it needs: its webhook's url and
-    secrets and the run event it reports (`payload`)."""
-    due = (
-        select(DELIVERIES.c.id)
-        .where(*_due(now))
-        .order_by(DELIVERIES.c.next_attempt_time)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    if busy_tenants:
-        due = due.where(DELIVERIES.c.tenant.notin_(list(busy_tenants)))
-    claimed = await conn.execute(
-        update(DELIVERIES)
-        .where(DELIVERIES.c.id.in_(due.scalar_subquery()))
-        .values(claim_id=claim_id, lease_expiry=now + lease_s)
-        .returning(DELIVERIES.c.id)
-    )
-    if claimed.first() is None:
+    """Lease up to `quotas[tenant]` deliveries of each tenant that are due and not leased (or whose
+    lease expired), each tenant's oldest due first. Each comes with what sending it needs: its
+    webhook's url and secrets and the run event it reports (`payload`).
+
+    A tenant's quota is its own statement's LIMIT: a claim in global due order gave every freed slot
+    to the tenant with the oldest backlog (four tenants with hung receivers held all 16 slots and
+    every other tenant's deliveries waited behind them). On PostgreSQL a delivery another replica is
+    claiming is skipped, not waited for, and only the deliveries taken are locked."""
+    taken = 0
+    for tenant, quota in sorted(quotas.items()):
+        if quota <= 0:
+            continue
+        due = (
+            select(DELIVERIES.c.id)
+            .where(*_due(now), DELIVERIES.c.tenant == tenant)
+            .order_by(DELIVERIES.c.next_attempt_time)
+            .limit(quota)
+            .with_for_update(skip_locked=True)
+        )
+        leased = await conn.execute(
+            update(DELIVERIES)
+            .where(DELIVERIES.c.id.in_(due.scalar_subquery()))
+            .values(claim_id=claim_id, lease_expiry=now + lease_s)
+            .returning(DELIVERIES.c.id)
+        )
+        taken += len(leased.all())
+    if not taken:
         return []
     rows = (
         await conn.execute(
