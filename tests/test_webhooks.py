@@ -27,7 +27,14 @@ from standardwebhooks.webhooks import Webhook as StandardWebhook
 
 from evalsvc.server import EvalServer
 from evalsvc.store import webhooks as webhook_store
-from evalsvc.v1 import eval_run_service_pb2, eval_run_service_pb2_grpc, grader_pb2, run_pb2, webhook_service_pb2_grpc
+from evalsvc.v1 import (
+    eval_run_service_pb2,
+    eval_run_service_pb2_grpc,
+    grader_pb2,
+    run_pb2,
+    target_pb2,
+    webhook_service_pb2_grpc,
+)
 from evalsvc.v1 import webhook_service_pb2 as wpb
 from evalsvc.webhooks.sender import retry_delay
 from tests import dbs
@@ -501,6 +508,46 @@ async def test_bad_webhooks_are_invalid_arguments_naming_the_field(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await webhooks.UpdateWebhook(update)
     assert "webhook.event_types" in violations(caught.value)
+
+
+MALFORMED_URLS = [
+    "http://[::1/",  # urlsplit: "Invalid IPv6 URL"
+    "http://a..b.com/",  # the resolver's IDNA codec: "label empty or too long", a UnicodeError
+    "http://.example.com/",
+    "http://" + "a" * 64 + ".example.com/",
+    "http://\x80.com/",
+    "http://*.example.com/",
+    "http://127.0.0.1:9/a\r\nX-Injected: 1",  # urlsplit drops CR, LF and TAB: stored, never deliverable
+    "http://127.0.0.1:9/a\tb",
+    "http://127.0.0.1:\n9/x",
+    "http://127.0.0.1 :9/sp",
+    "http://ci example.com/",
+]
+
+
+async def test_malformed_urls_are_invalid_arguments_naming_the_field_never_internal(
+    webhooks: webhook_service_pb2_grpc.WebhookServiceStub, runs: eval_run_service_pb2_grpc.EvalRunServiceStub
+) -> None:
+    """These were INTERNAL (urlsplit's ValueError, the resolver's UnicodeError, which is no OSError), or
+    accepted and stored although no attempt could ever send them, for webhooks and CreateRun endpoints."""
+    created = (await webhooks.CreateWebhook(create_webhook("http://127.0.0.1:9/"))).webhook
+    for url in MALFORMED_URLS:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await webhooks.CreateWebhook(create_webhook(url))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (url, caught.value.details())
+        assert "webhook.url" in violations(caught.value), (url, violations(caught.value))
+        update = wpb.UpdateWebhookRequest(webhook_id=created.id, webhook=wpb.Webhook(url=url))
+        update.update_mask.paths.append("url")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await webhooks.UpdateWebhook(update)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (url, caught.value.details())
+        assert "webhook.url" in violations(caught.value), (url, violations(caught.value))
+        target = target_pb2.Target(http=target_pb2.HttpTarget(endpoint=target_pb2.Endpoint(base_url=url)))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await runs.CreateRun(create_request(1, target=target))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (url, caught.value.details())
+        assert "target.http.endpoint.base_url" in violations(caught.value), (url, violations(caught.value))
+    assert [w.url for w in (await webhooks.ListWebhooks(wpb.ListWebhooksRequest())).webhooks] == [created.url]
 
 
 async def test_event_types_are_each_named_once_and_no_more_than_there_are(
