@@ -211,7 +211,8 @@ async def test_a_tenants_backlog_of_waiting_deliveries_is_bounded(
     ]
     with caplog.at_level(logging.WARNING, logger="evalsvc.store.webhooks"):
         for _ in range(3):
-            await watch_all(runs, (await runs.CreateRun(create_request(1))).run.id)
+            last_run = (await runs.CreateRun(create_request(1))).run.id
+            last_seq = (await watch_all(runs, last_run))[-1].seq
     listed = [
         delivery
         for webhook in created
@@ -219,7 +220,22 @@ async def test_a_tenants_backlog_of_waiting_deliveries_is_bounded(
             await webhooks.ListWebhookDeliveries(wpb.ListWebhookDeliveriesRequest(webhook_id=webhook.id))
         ).deliveries
     ]
-    assert len(listed) == 3 and all(d.status == wpb.WEBHOOK_DELIVERY_STATUS_PENDING for d in listed), listed
+    pending = [d for d in listed if d.status == wpb.WEBHOOK_DELIVERY_STATUS_PENDING]
+    assert len(pending) == 3 and all(d.event_type != webhook_store.DROPPED for d in pending), listed
+    # The tenant sees what was not queued: a FAILED "events.dropped" delivery per webhook (per streak of
+    # drops), counting the events, its run and seq the last one dropped. 3 runs x 3 events x 2 webhooks
+    # were 18 deliveries: 15 were not queued.
+    markers = [d for d in listed if d.status != wpb.WEBHOOK_DELIVERY_STATUS_PENDING]
+    assert sorted(d.webhook_id for d in markers) == sorted(w.id for w in created), listed
+    assert all(d.event_type == webhook_store.DROPPED for d in markers), markers
+    counts = [int(d.last_error.split(" ")[0]) for d in markers]
+    assert sum(counts) == 15, [d.last_error for d in markers]
+    assert all("not queued: the tenant had 3 deliveries waiting" in d.last_error for d in markers), markers
+    assert {(d.run_id, d.seq) for d in markers} == {(last_run, last_seq)}, markers
+    failed = await webhooks.ListWebhookDeliveries(
+        wpb.ListWebhookDeliveriesRequest(webhook_id=created[0].id, status=wpb.WEBHOOK_DELIVERY_STATUS_FAILED)
+    )
+    assert [d.event_type for d in failed.deliveries] == [webhook_store.DROPPED]
     warned = [r.getMessage() for r in caplog.records if r.name == "evalsvc.store.webhooks"]
     assert len(warned) == 1 and "has 3 webhook deliveries waiting: new ones are not queued" in warned[0], warned
 
