@@ -791,6 +791,32 @@ class HoldingReceiver:
 
 
 @pytest.mark.slow
+async def test_disabling_a_webhook_mid_attempt_keeps_what_the_receiver_answered(
+    webhooks: webhook_service_pb2_grpc.WebhookServiceStub, runs: eval_run_service_pb2_grpc.EvalRunServiceStub
+) -> None:
+    """Disabling a webhook failed every PENDING delivery, leased ones too: the one whose attempt was under
+    way was listed FAILED "not sent: the webhook was disabled", 0 attempts, though the receiver got it
+    and answered 200 (the sender's outcome was then refused). A held delivery is left to its sender."""
+    receiver = HoldingReceiver()
+    try:
+        created = (await webhooks.CreateWebhook(create_webhook(receiver.url + "/hook"))).webhook
+        await watch_all(runs, (await runs.CreateRun(create_request(1))).run.id)
+        assert await asyncio.to_thread(receiver.wait_for, 1, WAIT_S), "the attempt never arrived"
+        disable = wpb.UpdateWebhookRequest(webhook_id=created.id, webhook=wpb.Webhook(enabled=False))
+        disable.update_mask.paths.append("enabled")
+        await webhooks.UpdateWebhook(disable)
+        receiver.release.set()  # the receiver answers 200 now
+        [delivery] = await deliveries_when_done(webhooks, created.id, 1)
+        assert delivery.id == receiver.ids[0]
+        assert (delivery.status, delivery.attempts, delivery.last_response_code) == (
+            wpb.WEBHOOK_DELIVERY_STATUS_SUCCEEDED,
+            1,
+            200,
+        ), delivery
+    finally:
+        receiver.close()
+
+
 async def test_kill_9_during_a_send_sends_again_with_the_same_webhook_id(tmp_path: Path) -> None:
     db = dbs.db_url(tmp_path, "svc.db")
     env = {"EVALSVC_OUTBOUND_ALLOW": "127.0.0.1"}

@@ -231,12 +231,20 @@ async def update_webhook(
     conn: AsyncConnection, tenant: str, webhook_id: str, values: Mapping[str, Any]
 ) -> WebhookRecord | None:
     """Change a webhook's columns. Disabling it fails its deliveries not yet sent (they would never be),
-    first: deliveries are changed before their webhook. Returns the changed webhook, or None when there
-    is no such webhook."""
+    first: deliveries are changed before their webhook. A delivery a sender holds (its attempt may be
+    under way) is left to the sender, which records what the receiver answered and does not retry it
+    (`fail_if_disabled`): it was marked "not sent" although the receiver had got it and answered 200.
+    Returns the changed webhook, or None when there is no such webhook."""
     if values.get("enabled") is False:
+        now = time.time()
         await conn.execute(
             update(DELIVERIES)
-            .where(DELIVERIES.c.webhook_id == webhook_id, DELIVERIES.c.tenant == tenant, DELIVERIES.c.status == PENDING)
+            .where(
+                DELIVERIES.c.webhook_id == webhook_id,
+                DELIVERIES.c.tenant == tenant,
+                DELIVERIES.c.status == PENDING,
+                or_(DELIVERIES.c.claim_id.is_(None), DELIVERIES.c.lease_expiry < now),
+            )
             .values(
                 status=FAILED,
                 next_attempt_time=None,
@@ -394,9 +402,39 @@ async def record_attempt(conn: AsyncConnection, delivery_id: str, claim_id: str,
     return changed.first() is not None
 
 
+def _webhook_disabled() -> Any:
+    """A delivery's webhook is disabled (a correlated EXISTS)."""
+    return select(WEBHOOKS.c.id).where(WEBHOOKS.c.id == DELIVERIES.c.webhook_id, WEBHOOKS.c.enabled.is_(False)).exists()
+
+
+async def fail_if_disabled(conn: AsyncConnection, delivery_id: str, error: str) -> bool:
+    """After an attempt whose delivery is to be retried: fail it instead when its webhook was disabled
+    meanwhile (UpdateWebhook, or a 410 to another of its deliveries), as disabling fails the deliveries
+    not leased. Whether it did."""
+    failed = await conn.execute(
+        update(DELIVERIES)
+        .where(DELIVERIES.c.id == delivery_id, DELIVERIES.c.status == PENDING, _webhook_disabled())
+        .values(status=FAILED, next_attempt_time=None, last_error=f"{error}; not retried: the webhook was disabled")
+        .returning(DELIVERIES.c.id)
+    )
+    return failed.first() is not None
+
+
 async def release(conn: AsyncConnection, delivery_ids: Sequence[str]) -> None:
-    """Hand claimed deliveries back unattempted (a sender stopping, or over a tenant's share): due again."""
+    """Hand claimed deliveries back unattempted (a sender stopping): due again, unless their webhook
+    was disabled while they were held (then failed, as disabling fails the deliveries not leased)."""
     if delivery_ids:
+        await conn.execute(
+            update(DELIVERIES)
+            .where(DELIVERIES.c.id.in_(list(delivery_ids)), DELIVERIES.c.status == PENDING, _webhook_disabled())
+            .values(
+                status=FAILED,
+                next_attempt_time=None,
+                claim_id=None,
+                lease_expiry=None,
+                last_error="not sent: the webhook was disabled",
+            )
+        )
         await conn.execute(
             update(DELIVERIES)
             .where(DELIVERIES.c.id.in_(list(delivery_ids)), DELIVERIES.c.status == PENDING)

@@ -307,6 +307,8 @@ class WebhookSender:
 
         async def record(conn: AsyncConnection) -> bool:
             recorded = await store.record_attempt(conn, claimed.id, claimed.claim_id, values)
+            if recorded and outcome == "retrying":
+                await store.fail_if_disabled(conn, claimed.id, error)
             if recorded and gone:
                 reason = f"{shown_host(claimed.url)} answered 410 Gone to delivery {claimed.id}"
                 await store.update_webhook(
