@@ -221,20 +221,18 @@ class WebhookSender:
         in_flight = Counter(tenant for tenant, _ in self._in_flight.values())
         claim_id = uuid.uuid4().hex
         now = time.time()
-        async with self._db.read() as conn:  # most polls find nothing: keep them off the one SQLite writer
-            if not await store.any_due(conn, now):
-                return 0
-        after = self._last_served
-
-        async def claim(conn: AsyncConnection) -> tuple[list[ClaimedDelivery], dict[str, int]]:
+        # Which tenants have deliveries due: a read (most polls find none), off the one SQLite writer.
+        # The claim checks again what is due; a tenant whose deliveries were taken meanwhile gets none.
+        async with self._db.read() as conn:
             due = await store.due_tenants(conn, now)
-            quotas = divide_slots(room, self._concurrency, in_flight, due, after)
-            claimed = await store.claim_due(conn, claim_id=claim_id, now=now, lease_s=self._lease_s, quotas=quotas)
-            return claimed, quotas
-
-        claimed, quotas = await self._db.transact(claim)
-        if quotas:
-            self._last_served = max(quotas, key=lambda tenant: (tenant <= after, tenant))
+        after = self._last_served
+        quotas = divide_slots(room, self._concurrency, in_flight, due, after)
+        if not quotas:
+            return 0
+        claimed = await self._db.transact(
+            lambda conn: store.claim_due(conn, claim_id=claim_id, now=now, lease_s=self._lease_s, quotas=quotas)
+        )
+        self._last_served = max(quotas, key=lambda tenant: (tenant <= after, tenant))
         for each in claimed:
             task = asyncio.create_task(self._send(each), name=f"webhook-{each.id}")
             self._in_flight[task] = (each.tenant, each.id)
