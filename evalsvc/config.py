@@ -374,7 +374,10 @@ class Settings:
         },
     )
     webhook_concurrency: int = dataclasses.field(
-        default=16, metadata={"help": "webhook deliveries this process sends at once (a quarter of them per tenant)"}
+        default=16,
+        metadata={
+            "help": "webhook deliveries this process sends at once (divided among tenants, a quarter at most each)"
+        },
     )
     webhook_timeout_s: float = dataclasses.field(
         default=10.0, metadata={"help": "seconds a webhook receiver has to answer one delivery attempt"}

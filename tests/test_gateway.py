@@ -466,6 +466,23 @@ async def test_a_body_that_is_not_a_json_object_is_refused_and_does_nothing(gw) 
     assert len((await client.get("/v1/runs")).json()["runs"]) == 1
 
 
+async def test_a_message_field_given_a_string_or_list_is_named_as_not_an_object(gw) -> None:
+    """json_format read a string's characters (a list's items) as field names: `{"webhook": "x"}` got
+    `webhook.x: unknown field`; a repeated field given no list named its message (`webhook`)."""
+    _, client = gw
+    for body, expected in [
+        ({"webhook": "x"}, ("webhook", "must be a JSON object")),
+        ({"webhook": ["url"]}, ("webhook", "must be a JSON object")),
+        ({"target": "echo"}, ("target", "must be a JSON object")),
+        ({"webhook": {"url": "https://ci.example.com/h", "eventTypes": "run.failed"}}, None),
+    ]:
+        url = "/v1/webhooks" if "webhook" in body else "/v1/runs"
+        refused = await client.post(url, json=body)
+        assert refused.status_code == 400, (body, refused.text)
+        assert violation_of(refused) == (expected or ("webhook.event_types", "must be a JSON list")), refused.text
+    assert (await client.get("/v1/webhooks")).json().get("webhooks", []) == []
+
+
 async def test_head_is_answered_on_every_get_route_as_get_without_the_body(gw) -> None:
     """RFC 9110 9.1: HEAD wherever GET; it was a 405 whose Allow left HEAD out."""
     _, client = gw

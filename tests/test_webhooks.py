@@ -27,7 +27,14 @@ from standardwebhooks.webhooks import Webhook as StandardWebhook
 
 from evalsvc.server import EvalServer
 from evalsvc.store import webhooks as webhook_store
-from evalsvc.v1 import eval_run_service_pb2, eval_run_service_pb2_grpc, grader_pb2, run_pb2, webhook_service_pb2_grpc
+from evalsvc.v1 import (
+    eval_run_service_pb2,
+    eval_run_service_pb2_grpc,
+    grader_pb2,
+    run_pb2,
+    target_pb2,
+    webhook_service_pb2_grpc,
+)
 from evalsvc.v1 import webhook_service_pb2 as wpb
 from evalsvc.webhooks.sender import retry_delay
 from tests import dbs
@@ -204,7 +211,8 @@ async def test_a_tenants_backlog_of_waiting_deliveries_is_bounded(
     ]
     with caplog.at_level(logging.WARNING, logger="evalsvc.store.webhooks"):
         for _ in range(3):
-            await watch_all(runs, (await runs.CreateRun(create_request(1))).run.id)
+            last_run = (await runs.CreateRun(create_request(1))).run.id
+            last_seq = (await watch_all(runs, last_run))[-1].seq
     listed = [
         delivery
         for webhook in created
@@ -212,7 +220,22 @@ async def test_a_tenants_backlog_of_waiting_deliveries_is_bounded(
             await webhooks.ListWebhookDeliveries(wpb.ListWebhookDeliveriesRequest(webhook_id=webhook.id))
         ).deliveries
     ]
-    assert len(listed) == 3 and all(d.status == wpb.WEBHOOK_DELIVERY_STATUS_PENDING for d in listed), listed
+    pending = [d for d in listed if d.status == wpb.WEBHOOK_DELIVERY_STATUS_PENDING]
+    assert len(pending) == 3 and all(d.event_type != webhook_store.DROPPED for d in pending), listed
+    # The tenant sees what was not queued: a FAILED "events.dropped" delivery per webhook (per streak of
+    # drops), counting the events, its run and seq the last one dropped. 3 runs x 3 events x 2 webhooks
+    # were 18 deliveries: 15 were not queued.
+    markers = [d for d in listed if d.status != wpb.WEBHOOK_DELIVERY_STATUS_PENDING]
+    assert sorted(d.webhook_id for d in markers) == sorted(w.id for w in created), listed
+    assert all(d.event_type == webhook_store.DROPPED for d in markers), markers
+    counts = [int(d.last_error.split(" ")[0]) for d in markers]
+    assert sum(counts) == 15, [d.last_error for d in markers]
+    assert all("not queued: the tenant had 3 deliveries waiting" in d.last_error for d in markers), markers
+    assert {(d.run_id, d.seq) for d in markers} == {(last_run, last_seq)}, markers
+    failed = await webhooks.ListWebhookDeliveries(
+        wpb.ListWebhookDeliveriesRequest(webhook_id=created[0].id, status=wpb.WEBHOOK_DELIVERY_STATUS_FAILED)
+    )
+    assert [d.event_type for d in failed.deliveries] == [webhook_store.DROPPED]
     warned = [r.getMessage() for r in caplog.records if r.name == "evalsvc.store.webhooks"]
     assert len(warned) == 1 and "has 3 webhook deliveries waiting: new ones are not queued" in warned[0], warned
 
@@ -503,6 +526,46 @@ async def test_bad_webhooks_are_invalid_arguments_naming_the_field(
     assert "webhook.event_types" in violations(caught.value)
 
 
+MALFORMED_URLS = [
+    "http://[::1/",  # urlsplit: "Invalid IPv6 URL"
+    "http://a..b.com/",  # the resolver's IDNA codec: "label empty or too long", a UnicodeError
+    "http://.example.com/",
+    "http://" + "a" * 64 + ".example.com/",
+    "http://\x80.com/",
+    "http://*.example.com/",
+    "http://127.0.0.1:9/a\r\nX-Injected: 1",  # urlsplit drops CR, LF and TAB: stored, never deliverable
+    "http://127.0.0.1:9/a\tb",
+    "http://127.0.0.1:\n9/x",
+    "http://127.0.0.1 :9/sp",
+    "http://ci example.com/",
+]
+
+
+async def test_malformed_urls_are_invalid_arguments_naming_the_field_never_internal(
+    webhooks: webhook_service_pb2_grpc.WebhookServiceStub, runs: eval_run_service_pb2_grpc.EvalRunServiceStub
+) -> None:
+    """These were INTERNAL (urlsplit's ValueError, the resolver's UnicodeError, which is no OSError), or
+    accepted and stored although no attempt could ever send them, for webhooks and CreateRun endpoints."""
+    created = (await webhooks.CreateWebhook(create_webhook("http://127.0.0.1:9/"))).webhook
+    for url in MALFORMED_URLS:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await webhooks.CreateWebhook(create_webhook(url))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (url, caught.value.details())
+        assert "webhook.url" in violations(caught.value), (url, violations(caught.value))
+        update = wpb.UpdateWebhookRequest(webhook_id=created.id, webhook=wpb.Webhook(url=url))
+        update.update_mask.paths.append("url")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await webhooks.UpdateWebhook(update)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (url, caught.value.details())
+        assert "webhook.url" in violations(caught.value), (url, violations(caught.value))
+        target = target_pb2.Target(http=target_pb2.HttpTarget(endpoint=target_pb2.Endpoint(base_url=url)))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await runs.CreateRun(create_request(1, target=target))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (url, caught.value.details())
+        assert "target.http.endpoint.base_url" in violations(caught.value), (url, violations(caught.value))
+    assert [w.url for w in (await webhooks.ListWebhooks(wpb.ListWebhooksRequest())).webhooks] == [created.url]
+
+
 async def test_event_types_are_each_named_once_and_no_more_than_there_are(
     webhooks: webhook_service_pb2_grpc.WebhookServiceStub,
 ) -> None:
@@ -728,6 +791,32 @@ class HoldingReceiver:
 
 
 @pytest.mark.slow
+async def test_disabling_a_webhook_mid_attempt_keeps_what_the_receiver_answered(
+    webhooks: webhook_service_pb2_grpc.WebhookServiceStub, runs: eval_run_service_pb2_grpc.EvalRunServiceStub
+) -> None:
+    """Disabling a webhook failed every PENDING delivery, leased ones too: the one whose attempt was under
+    way was listed FAILED "not sent: the webhook was disabled", 0 attempts, though the receiver got it
+    and answered 200 (the sender's outcome was then refused). A held delivery is left to its sender."""
+    receiver = HoldingReceiver()
+    try:
+        created = (await webhooks.CreateWebhook(create_webhook(receiver.url + "/hook"))).webhook
+        await watch_all(runs, (await runs.CreateRun(create_request(1))).run.id)
+        assert await asyncio.to_thread(receiver.wait_for, 1, WAIT_S), "the attempt never arrived"
+        disable = wpb.UpdateWebhookRequest(webhook_id=created.id, webhook=wpb.Webhook(enabled=False))
+        disable.update_mask.paths.append("enabled")
+        await webhooks.UpdateWebhook(disable)
+        receiver.release.set()  # the receiver answers 200 now
+        [delivery] = await deliveries_when_done(webhooks, created.id, 1)
+        assert delivery.id == receiver.ids[0]
+        assert (delivery.status, delivery.attempts, delivery.last_response_code) == (
+            wpb.WEBHOOK_DELIVERY_STATUS_SUCCEEDED,
+            1,
+            200,
+        ), delivery
+    finally:
+        receiver.close()
+
+
 async def test_kill_9_during_a_send_sends_again_with_the_same_webhook_id(tmp_path: Path) -> None:
     db = dbs.db_url(tmp_path, "svc.db")
     env = {"EVALSVC_OUTBOUND_ALLOW": "127.0.0.1"}

@@ -443,8 +443,8 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _named_twice(body: dict[str, Any], message: Descriptor, path: str = "") -> tuple[str, str] | None:
     """The first field that an object of the body, or of its nested messages, gives under both its JSON
-    names, as a violation (proto path, description); None when there is none. json_format checks
-    each spelling apart."""
+    names, or a message field given a string or a list, as a violation (proto path, description); None
+    when there is none. json_format checks each spelling apart."""
     seen: dict[str, str] = {}
     for key, value in body.items():
         field = field_named(message, key)
@@ -466,6 +466,10 @@ def _named_twice(body: dict[str, Any], message: Descriptor, path: str = "") -> t
         for where, item in values:
             if isinstance(item, dict) and (twice := _named_twice(item, nested, where)) is not None:
                 return twice
+            if isinstance(item, (str, list)) and not (field.is_repeated and item is value):
+                # json_format reads a string's characters (or a list's items) as field names: `{"webhook":
+                # "x"}` was `webhook.x: unknown field`.
+                return where, "must be a JSON object"
     return None
 
 

@@ -70,11 +70,28 @@ def field_violation(exc: json_format.ParseError, message: Descriptor) -> tuple[s
         return unknown
     detail, at, where = text.rpartition(" at ")
     path = _field_path(where.strip().rstrip(".").strip('"')) if at else None
+    if path and names:
+        path = _deepest(path, names)
     if not path:  # none, or the message itself: the fields json_format named on the way, if any
         if not names:
             return None
         path, detail = ".".join(names), (detail if path == "" else text)
     return proto_path(path, message), _plain(detail.strip().rstrip("."))
+
+
+def _deepest(path: str, names: list[str]) -> str:
+    """json_format's path of the message a wrong value is in (`webhook`), extended by the fields it named
+    on the way past it (`webhook.eventTypes`): a repeated field given no list is reported at its message,
+    so `{"webhook": {"eventTypes": "run.failed"}}` was a violation on `webhook`. The path keeps its
+    indices; the names are followed only when they agree with its fields."""
+    fields: list[str] = []
+    position = 0
+    while position < len(path) and (segment := _SEGMENT.match(path, position)) is not None:
+        fields.append(segment.group(1))
+        position = segment.end()
+    if position < len(path) or len(names) <= len(fields) or names[: len(fields)] != fields:
+        return path
+    return ".".join([path, *names[len(fields) :]])
 
 
 def field_named(message: Descriptor, name: str) -> FieldDescriptor | None:

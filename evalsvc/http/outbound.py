@@ -29,6 +29,7 @@ import functools
 import hashlib
 import ipaddress
 import random
+import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -199,12 +200,47 @@ def shown_host(url: str) -> str:
     return host if port is None else f"{host}:{port}"
 
 
+# Characters a URL may not hold anywhere: ASCII controls (urlsplit drops TAB, CR and LF without a word,
+# so a URL holding them passed the checks and every attempt then failed) and the space.
+_NOT_IN_URLS = re.compile(r"[\x00-\x20\x7f]")
+# What a host name holds once IDNA-encoded: letters, digits, '-', '_' (seen in the wild) and dots.
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+MAX_HOST_NAME = 253
+
+
+def host_name_problem(host: str) -> str | None:
+    """Why `host` (a URL's host, IPv6 brackets removed) is no host name a lookup could find, or None: an
+    empty or over-long (63) label, characters no name holds. The system resolver raised UnicodeError for
+    those (`a..b.com`, `.example.com`, a 64-character label), which is no OSError, and a create was
+    INTERNAL."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    try:
+        encoded = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return "must have a valid host name (labels of 1 to 63 characters)"
+    if len(encoded) > MAX_HOST_NAME or not _HOST_NAME.fullmatch(encoded):
+        return "must have a valid host name (labels of 1 to 63 characters)"
+    return None
+
+
 def check_url_shape(url: str) -> str | None:
     """A static problem with an endpoint URL (scheme, host, port), or None. Used at CreateRun and for
     webhooks: a port no connection can have (`:99999`, `:-1`, `:1:2`) made every attempt fail in the
-    HTTP client with an error it does not name (a webhook's deliveries failed so, for good)."""
-    parts = urlsplit(url)
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
+    HTTP client with an error it does not name (a webhook's deliveries failed so, for good). A URL that
+    does not parse (`http://[::1/`) or whose host no lookup could find is refused here too: both were
+    INTERNAL."""
+    if _NOT_IN_URLS.search(url):
+        return "must not contain spaces or control characters (tab, CR, LF)"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # "Invalid IPv6 URL"
+        return "must be an http(s) URL with a host"
+    if parts.scheme not in {"http", "https"} or not host:
         return "must be an http(s) URL with a host"
     try:
         port = parts.port
@@ -212,7 +248,7 @@ def check_url_shape(url: str) -> str | None:
         port = 0
     if port == 0 and parts.netloc.rpartition("@")[2].rpartition("]")[2].count(":"):
         return "must have a port from 1 to 65535, or none"
-    return None
+    return host_name_problem(host)
 
 
 async def _resolve(host: str, timeout_s: float) -> list[IPAddress]:
@@ -347,7 +383,13 @@ async def destination_violations(
     token = call_tenant.set(tenant)
     try:
         for field, url in endpoints:
-            host = urlsplit(url).hostname or ""
+            try:
+                host = urlsplit(url).hostname or ""
+            except ValueError:  # does not parse: check_url_shape says why
+                continue
+            if problem := host_name_problem(host):  # the resolver would raise UnicodeError, no OSError
+                out.append(FieldViolation(field, problem))
+                continue
             try:
                 addresses = await _resolve(host, CREATE_RESOLVE_TIMEOUT_S)
             except OSError:  # TimeoutError included

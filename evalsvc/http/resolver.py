@@ -8,8 +8,9 @@ included) with no timeout, so one tenant's 64 slow names held those threads for 
 other tenant's lookups (and comparisons) queued behind them: runs stalled for 37 to 217 s.
 
 Now a lookup runs on RESOLVER_THREADS threads no other work uses; a tenant's lookups hold at most
-LOOKUPS_PER_TENANT of them at once, and waiting lookups take the free threads round-robin across
-tenants (`Slots`). A thread is the tenant's until the lookup returns, even when nobody waits for the
+LOOKUPS_PER_TENANT of them at once, a tenant's second one only while RESERVED_THREADS stay free for
+tenants with no lookup running, and waiting lookups take the free threads round-robin across tenants
+(`_Threads`). A thread is the tenant's until the lookup returns, even when nobody waits for the
 answer any more (a thread cannot be interrupted): that is what the per-tenant bound bounds. Concurrent
 lookups of one host by one tenant share one lookup (single-flight), so a run of 1,000 calls to one slow name holds
 one thread; lookups are shared within a tenant only (a lookup waits in its tenant's turn, and another
@@ -36,6 +37,10 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Threads for lookups, and how many of them one tenant's lookups may hold at once.
 RESOLVER_THREADS = 8
 LOOKUPS_PER_TENANT = 2
+# Threads a tenant's second (and later) lookup leaves free for tenants with no lookup running: four
+# tenants with slow names held 2 threads each, all 8, and another tenant's lookups waited for one to
+# return (its deliveries 2 to 14 s late, some attempts failed).
+RESERVED_THREADS = RESOLVER_THREADS // 2
 
 
 def getaddrinfo(host: str) -> list[IPAddress]:
@@ -43,6 +48,44 @@ def getaddrinfo(host: str) -> list[IPAddress]:
     infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     # Scoped IPv6 results ("fe80::1%eth0") carry their zone, which ip_address does not parse.
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+
+
+class _Threads(Slots):
+    """The resolver threads, handed out round-robin across tenants (`Slots`): a tenant's first lookup
+    takes any free thread, a further one only while `reserve` threads stay free after it. So tenants
+    whose names resolve slowly hold a thread each and, together, at most `capacity - reserve` more,
+    and a tenant with no lookup running finds a free thread unless more than `capacity - reserve`
+    tenants each have a slow lookup running."""
+
+    def __init__(self, capacity: int, reserve: int) -> None:
+        super().__init__(capacity)
+        self.reserve = min(max(0, reserve), capacity - 1)
+        self.held_by: dict[str, int] = {}
+
+    def _room(self, key: str) -> bool:
+        if self.held >= self.capacity:
+            return False
+        return not self.held_by.get(key) or self.capacity - self.held - 1 >= self.reserve
+
+    def available(self, key: str = "") -> bool:
+        # A tenant with room need not queue behind tenants that have none (their second lookups).
+        return self._room(key) and not any(self._room(other) for other in self._waiting)
+
+    def _next_key(self) -> str | None:
+        # The first tenant in the rotation that may take a thread now, not only the first tenant.
+        return next((key for key in self._waiting if self._room(key)), None)
+
+    def _take(self, key: str) -> None:
+        super()._take(key)
+        self.held_by[key] = self.held_by.get(key, 0) + 1
+
+    def release(self, key: str = "") -> None:
+        left = self.held_by.get(key, 0) - 1
+        if left > 0:
+            self.held_by[key] = left
+        else:
+            self.held_by.pop(key, None)
+        super().release(key)
 
 
 @dataclass
@@ -58,7 +101,7 @@ class _LoopState:
     """The bounds and lookups in flight of one event loop: a loop that closes with lookups under way
     (a test's) takes its counts with it instead of leaving them held for the next loop."""
 
-    free: Slots
+    free: _Threads
     tenants: dict[str, Slots] = field(default_factory=dict)
     flights: dict[tuple[str, str], _Flight] = field(default_factory=dict)  # by (tenant, host)
 
@@ -70,6 +113,7 @@ class Resolver:
 
     threads: int = RESOLVER_THREADS
     per_tenant: int = LOOKUPS_PER_TENANT
+    reserve: int = RESERVED_THREADS
     lookup: Callable[[str], list[IPAddress]] = getaddrinfo
     _pool: concurrent.futures.ThreadPoolExecutor | None = field(default=None, init=False)
     _loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = field(
@@ -80,7 +124,7 @@ class Resolver:
         loop = asyncio.get_running_loop()
         state = self._loops.get(loop)
         if state is None:
-            state = self._loops[loop] = _LoopState(Slots(self.threads))
+            state = self._loops[loop] = _LoopState(_Threads(self.threads, self.reserve))
         return state
 
     async def resolve(self, host: str, tenant: str, timeout_s: float) -> list[IPAddress]:
@@ -141,7 +185,7 @@ def _landed(state: _LoopState, key: tuple[str, str], flight: _Flight) -> None:
 
 
 def _give_back(state: _LoopState, tenant: str, own: Slots) -> None:
-    state.free.release()
+    state.free.release(tenant)
     own.release()
     _forget_if_idle(state, tenant, own)
 

@@ -2,7 +2,7 @@
 
 Deliveries are written by the run transactions (evalsvc.store.webhooks.enqueue) and sent only after
 they commit. The sender leases due deliveries (so replicas never send one at the same time), sends
-each in its own task, bounded in number (`--webhook-concurrency`, a quarter of it per tenant) and in
+each in its own task, bounded in number (`--webhook-concurrency`, divided fairly among tenants: `divide_slots`) and in
 time (`--webhook-timeout-s` for a whole attempt), and records each attempt's outcome under its lease.
 It shares nothing with the executor but the database, so a slow or dead receiver never slows runs.
 
@@ -22,6 +22,7 @@ import random
 import time
 import uuid
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 
 LOOP_NAME = "webhook-sender"
 MAX_RETRY_DELAY_S = 3600.0
+# The part of --webhook-concurrency kept for tenants with no attempt in flight (see divide_slots).
+RESERVED_FRACTION = 0.125
 RETENTION_S = 30 * 24 * 3600.0  # finished deliveries are listed this long, then deleted
 PRUNE_EVERY_S = 3600.0
 # The first prune comes this long after start (times a random factor in [1, 2], so replicas started
@@ -68,6 +71,44 @@ def retry_delay(attempts: int, base_s: float, retry_after: float | None, rng: ra
     return min(base_s * 4.0 ** (attempts - 1), MAX_RETRY_DELAY_S) * rng.uniform(0.5, 1.0)
 
 
+def divide_slots(
+    room: int, concurrency: int, in_flight: Mapping[str, int], due: Sequence[str], after: str = ""
+) -> dict[str, int]:
+    """How many of `room` free slots each tenant with due deliveries gets, round-robin: a slot each
+    in turn, tenants with the fewest attempts in flight first, then (among equals) the tenants after
+    `after` (the last one served) before those up to it, so with more tenants than slots each gets
+    its turn over successive claims.
+
+    A tenant holds at most its share: a quarter of `concurrency`, and no more than
+    `concurrency` / the number of tenants with deliveries due or in flight (at least 1). A slot beyond a
+    tenant's first is only taken while it leaves RESERVED_FRACTION of `concurrency` free, for tenants
+    with nothing in flight. So tenants whose receivers hang or answer slowly hold their own share and no
+    more, and another tenant's new delivery finds a slot at once: four such tenants took all 16 slots
+    (a fixed quarter each, the freed slot back to the oldest backlog), and every other tenant's
+    deliveries waited tens of seconds, growing."""
+    active = len(set(due) | {tenant for tenant, n in in_flight.items() if n > 0})
+    share = max(1, min(concurrency // 4, concurrency // max(1, active)))
+    reserve = int(concurrency * RESERVED_FRACTION)
+    held = {tenant: in_flight.get(tenant, 0) for tenant in due}
+    order = sorted(held, key=lambda tenant: (held[tenant], tenant <= after, tenant))
+    given: dict[str, int] = {}
+    free = max(0, min(room, concurrency - sum(in_flight.values())))
+    while free > 0:
+        progress = False
+        for tenant in order:
+            if free <= 0:
+                break
+            if held[tenant] >= share or (held[tenant] > 0 and free - 1 < reserve):
+                continue
+            held[tenant] += 1
+            given[tenant] = given.get(tenant, 0) + 1
+            free -= 1
+            progress = True
+        if not progress:
+            break
+    return given
+
+
 def signing_keys(claimed: ClaimedDelivery, now: float) -> list[bytes]:
     """The webhook's secret, and its previous one while a rotation's grace period lasts."""
     keys = [claimed.secret]
@@ -84,7 +125,7 @@ class WebhookSender:
         self._allow = allow
         self._metrics = metrics
         self._concurrency = max(1, settings.webhook_concurrency)
-        self._per_tenant = max(1, self._concurrency // 4)
+        self._last_served = ""  # the tenant the last claim served last: the next claim starts after it
         self._timeout_s = settings.webhook_timeout_s
         # Longer than any attempt, so a live sender's lease never expires under it; a dead one's
         # deliveries are claimable again within this (well within 30 s with the default timeout).
@@ -175,33 +216,24 @@ class WebhookSender:
             self._progress.beat()
 
     async def _claim(self, room: int) -> int:
-        """Lease up to `room` due deliveries, keep each tenant within its share, start a task for each."""
-        per_tenant = Counter(tenant for tenant, _ in self._in_flight.values())
-        busy = sorted(tenant for tenant, n in per_tenant.items() if n >= self._per_tenant)
+        """Lease up to `room` due deliveries, divided among the tenants that have some due (divide_slots),
+        start a task for each. Whether every free slot was filled."""
+        in_flight = Counter(tenant for tenant, _ in self._in_flight.values())
         claim_id = uuid.uuid4().hex
         now = time.time()
-        async with self._db.read() as conn:  # most polls find nothing: keep them off the one SQLite writer
-            if not await store.any_due(conn, now):
-                return 0
-
-        async def claim(conn: AsyncConnection) -> tuple[list[ClaimedDelivery], list[ClaimedDelivery]]:
-            claimed = await store.claim_due(
-                conn, claim_id=claim_id, now=now, lease_s=self._lease_s, limit=room, busy_tenants=busy
-            )
-            shares = per_tenant.copy()  # a copy: the writer may run this twice
-            over_share: list[str] = []
-            kept: list[ClaimedDelivery] = []
-            for each in claimed:
-                if shares[each.tenant] >= self._per_tenant:
-                    over_share.append(each.id)
-                else:
-                    shares[each.tenant] += 1
-                    kept.append(each)
-            await store.release(conn, over_share)
-            return claimed, kept
-
-        claimed, kept = await self._db.transact(claim)
-        for each in kept:
+        # Which tenants have deliveries due: a read (most polls find none), off the one SQLite writer.
+        # The claim checks again what is due; a tenant whose deliveries were taken meanwhile gets none.
+        async with self._db.read() as conn:
+            due = await store.due_tenants(conn, now)
+        after = self._last_served
+        quotas = divide_slots(room, self._concurrency, in_flight, due, after)
+        if not quotas:
+            return 0
+        claimed = await self._db.transact(
+            lambda conn: store.claim_due(conn, claim_id=claim_id, now=now, lease_s=self._lease_s, quotas=quotas)
+        )
+        self._last_served = max(quotas, key=lambda tenant: (tenant <= after, tenant))
+        for each in claimed:
             task = asyncio.create_task(self._send(each), name=f"webhook-{each.id}")
             self._in_flight[task] = (each.tenant, each.id)
             task.add_done_callback(self._finished)
@@ -273,6 +305,8 @@ class WebhookSender:
 
         async def record(conn: AsyncConnection) -> bool:
             recorded = await store.record_attempt(conn, claimed.id, claimed.claim_id, values)
+            if recorded and outcome == "retrying":
+                await store.fail_if_disabled(conn, claimed.id, error)
             if recorded and gone:
                 reason = f"{shown_host(claimed.url)} answered 410 Gone to delivery {claimed.id}"
                 await store.update_webhook(

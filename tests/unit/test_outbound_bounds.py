@@ -346,6 +346,37 @@ async def test_another_tenants_lookup_of_the_same_name_does_not_wait_in_the_firs
         await asyncio.gather(*a, return_exceptions=True)
 
 
+async def test_four_tenants_with_slow_names_leave_resolver_threads_for_another_tenant() -> None:
+    """Four tenants whose names resolve slowly held 2 threads each, all 8, and another tenant's lookup
+    of a name that answers at once waited for one of them (deliveries 2 to 14 s late, some attempts
+    failed). A tenant's second lookup now only takes a thread while RESERVED_THREADS stay free."""
+    released = threading.Event()
+    started: list[str] = []
+
+    def lookup(host: str) -> list[resolver.IPAddress]:
+        if host.endswith(".slow.test"):
+            started.append(host)
+            released.wait(60)
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    names = resolver.Resolver(lookup=lookup)
+    slow = [
+        asyncio.ensure_future(names.resolve(f"n{i}.{tenant}.slow.test", tenant, 60))
+        for tenant in ("a", "b", "c", "d")
+        for i in range(resolver.LOOKUPS_PER_TENANT + 1)
+    ]
+    try:
+        await settle()
+        assert len(started) <= resolver.RESOLVER_THREADS - 2, started
+        for tenant in ("e", "f"):  # each tenant with none running finds a thread at once
+            assert await names.resolve("receiver.good.test", tenant, 2) == [ipaddress.ip_address("127.0.0.1")]
+        assert not any(each.done() for each in slow)
+    finally:
+        released.set()
+        await asyncio.gather(*slow, return_exceptions=True)
+    assert all(not isinstance(each.result(), BaseException) for each in slow)
+
+
 async def settle() -> None:
     """Let every ready task run until it waits again (no I/O here: a few loop turns)."""
     for _ in range(10):

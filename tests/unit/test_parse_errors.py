@@ -36,12 +36,24 @@ def violation(body: dict[str, Any], message: type = pb.CreateRunRequest) -> tupl
         ({"trigger": "TRIGGER_SOMETIMES"}, ("trigger", "unknown value TRIGGER_SOMETIMES")),
         ({"target": {"provided": {}, "echo": {}}}, ("target", "sets more than one field of a oneof")),
         ({"labels": {"team": "\ud800"}}, ("labels[team]", "Unpaired surrogate")),  # a map key in the path
+        # A repeated field given no list: json_format's path ends at its message (it said `graders`).
+        ({"graders": "x"}, ("graders", "must be a JSON list")),
+        ({"items": [{"response": {"imageUrls": "x"}}]}, ("items[0].response.image_urls", "must be a JSON list")),
     ],
 )
 def test_a_wrong_value_is_its_field_and_plain_words(body: dict[str, Any], expected: tuple[str, str]) -> None:
     """Paths name fields as the proto does (AIP-193), whichever JSON name the caller wrote: the gateway
     said `items[0].response.latencyMs` where the service says `items[0].response.latency_ms`."""
     assert violation(body) == expected
+
+
+@pytest.mark.parametrize("event_types", ["run.failed", {"a": 1}, 5])
+def test_a_webhooks_event_types_given_no_list_are_named(event_types: Any) -> None:
+    """The REST gateway named `webhook` for `{"webhook": {"eventTypes": "run.failed"}}`."""
+    from evalsvc.v1 import webhook_service_pb2 as wpb
+
+    body = {"webhook": {"url": "https://ci.example.com/h", "eventTypes": event_types}}
+    assert violation(body, wpb.CreateWebhookRequest) == ("webhook.event_types", "must be a JSON list")
 
 
 @pytest.mark.parametrize(
