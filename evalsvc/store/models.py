@@ -514,7 +514,8 @@ class WebhookDeliveryRow(SQLModel, table=True):
     __table_args__ = (
         Index("ix_webhook_deliveries_due", "status", "next_attempt_time"),
         Index("ix_webhook_deliveries_webhook", "webhook_id", "id"),
-        Index("ix_webhook_deliveries_tenant", "tenant", "status"),  # a tenant's backlog (MAX_PENDING_PER_TENANT)
+        # A tenant's backlog (MAX_PENDING_PER_TENANT), and its due deliveries in claim order (revision 0023).
+        Index("ix_webhook_deliveries_tenant_due", "tenant", "status", "next_attempt_time"),
         Index("ix_webhook_deliveries_run", "run_id"),  # a purged run's deliveries (evalsvc.store.retention)
         Index("ix_webhook_deliveries_finished", "status", "create_time"),  # the prune's chunks (0020)
     )

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import Select, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.ids import new_id
@@ -176,7 +176,7 @@ def _warn_of_full_backlog(tenant: str, now: float) -> None:
 
 async def _backlog_room(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, int]:
     """How many more deliveries each tenant may have waiting, up to MAX_PENDING_PER_TENANT: one count
-    each, through ix_webhook_deliveries_tenant, reading at most that many index entries. The cap is on
+    each, through ix_webhook_deliveries_tenant_due, reading at most that many index entries. The cap is on
     what a transaction adds, not only checked before it: one event to 50 webhooks (or a transaction
     changing many runs) passed it by 50 x the runs."""
     room = {}
@@ -327,6 +327,17 @@ async def due_tenants(conn: AsyncConnection, now: float) -> list[str]:
     return sorted(tenant for (tenant,) in found)
 
 
+def due_of_tenant(tenant: str, now: float, quota: int) -> Select[Any]:
+    """The ids of up to `quota` of the tenant's due deliveries, oldest due first: read in order from
+    ix_webhook_deliveries_tenant_due (revision 0023), not all the tenant's pending ones sorted."""
+    return (
+        select(DELIVERIES.c.id)
+        .where(*_due(now), DELIVERIES.c.tenant == tenant)
+        .order_by(DELIVERIES.c.next_attempt_time)
+        .limit(quota)
+    )
+
+
 async def claim_due(
     conn: AsyncConnection,
     *,
@@ -347,13 +358,7 @@ async def claim_due(
     for tenant, quota in sorted(quotas.items()):
         if quota <= 0:
             continue
-        due = (
-            select(DELIVERIES.c.id)
-            .where(*_due(now), DELIVERIES.c.tenant == tenant)
-            .order_by(DELIVERIES.c.next_attempt_time)
-            .limit(quota)
-            .with_for_update(skip_locked=True)
-        )
+        due = due_of_tenant(tenant, now, quota).with_for_update(skip_locked=True)
         leased = await conn.execute(
             update(DELIVERIES)
             .where(DELIVERIES.c.id.in_(due.scalar_subquery()))
