@@ -66,6 +66,13 @@ class Worker:
             raise
         return worker
 
+    @property
+    def alive(self) -> bool:
+        """Whether the process has not exited (as far as the loop has heard: its exit is noticed within
+        a loop iteration or two). An idle worker killed meanwhile (the OOM killer, an operator) must not
+        take the next request: it would fail for nothing of its own."""
+        return self.process.returncode is None
+
     async def exchange(self, request: bytes) -> bytes:
         """Send one request and wait for its reply (OSError or EOFError when the process is gone)."""
         assert self.process.stdin is not None and self.process.stdout is not None
@@ -114,6 +121,14 @@ class LoneWorker:
         WorkerGone when the process died, could not start, or this is closed."""
         if self._closed:
             raise WorkerGone("stopped with the server")
+        if self._worker is not None and not self._worker.alive:
+            gone, self._worker = self._worker, None
+            await gone.kill()  # reaped already: returns at once
+            log.warning(
+                "the process that %s exited while idle (exit code %s); starting another",
+                self._purpose,
+                gone.process.returncode,
+            )
         if self._worker is None:
             try:
                 started = await Worker.start(self._module)

@@ -125,7 +125,7 @@ class GradingPool:
     async def _grade_in_worker(self, grader: CompiledGrader, payload: bytes) -> Grade:
         """One grading on an idle (or new) worker, killed when over the limit or abandoned."""
         try:
-            worker = self._idle.pop() if self._idle else await Worker.start(WORKER_MODULE)
+            worker = await self._idle_worker() or await Worker.start(WORKER_MODULE)
         except (OSError, EOFError, TimeoutError) as exc:
             log.error("cannot start a grading process: %s", exc)
             return _crashed_grade(f"could not start a grading process ({type(exc).__name__})")
@@ -139,6 +139,17 @@ class GradingPool:
             return _crashed_grade(f"the grading process exited ({type(exc.__cause__).__name__})")
         self._idle.append(worker)
         return grade
+
+    async def _idle_worker(self) -> Worker | None:
+        """An idle worker still alive, or None; those that exited while idle are reaped and dropped (one
+        killed meanwhile failed the next grading GRADER_CRASHED, for nothing of its own)."""
+        while self._idle:
+            worker = self._idle.pop()
+            if worker.alive:
+                return worker
+            await worker.kill()
+            log.warning("a grading process exited while idle (exit code %s)", worker.process.returncode)
+        return None
 
     async def close(self) -> None:
         """Stop the idle workers (busy ones are killed by their cancelled gradings)."""

@@ -124,6 +124,19 @@ async def test_a_text_whose_worker_died_is_refused_and_the_next_gets_a_new_worke
     assert len(parsers()) == 1 and parsers() != [pid]
 
 
+async def test_a_worker_that_died_while_idle_is_replaced_and_fails_no_text(parser: JsonParser) -> None:
+    """An idle worker killed (the OOM killer, an operator) failed the next text, and with it an evaluation
+    blaming its endpoint ("a body that is not usable JSON"), for nothing of its own (a probe). It is
+    reaped and replaced before it is used."""
+    numbers = "[" + ",".join(["7" * 4000] * 30) + "]"
+    assert await parser.parse(numbers) == [int("7" * 4000)] * 30
+    [pid] = parsers()
+    os.kill(pid, 9)
+    await parser._worker._worker.process.wait()  # type: ignore[union-attr]  # the loop has heard of its exit
+    assert await parser.parse(numbers) == [int("7" * 4000)] * 30
+    assert len(parsers()) == 1 and parsers() != [pid]
+
+
 async def test_a_text_past_its_time_limit_stops_the_worker(parser: JsonParser, monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker's parse had no time limit: one text could keep every tenant's large replies waiting for as
     long as it took. Past PARSE_TIMEOUT_S the text is refused and its worker killed (and reaped)."""
