@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from evalsvc.store import models as _models  # noqa: F401  (registers the tables)
 from evalsvc.store.run_cache import RunRowCache, forget_since, noted, take_changed
-from evalsvc.store.writer import Batch, GroupWriter
+from evalsvc.store.writer import Batch, DatabaseClosed, GroupWriter
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -207,6 +207,8 @@ def unavailable_cause(exc: BaseException) -> str | None:
             return "the disk is full" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else cause.strerror or str(cause)
         if isinstance(cause, sa_exc.TimeoutError):
             return "no database connection became free in time"
+        if isinstance(cause, DatabaseClosed):
+            return "the server is stopping (its database is closed)"
         if _connection_lost(cause):
             return "the connection to the database was lost"
         cause = getattr(cause, "orig", None) or cause.__cause__

@@ -97,6 +97,12 @@ class _Intent:
     alone: bool = False
 
 
+class DatabaseClosed(RuntimeError):
+    """A write asked of a database the server has closed: it is stopping, and a call still running after
+    its grace (a large CreateRun staging its next chunk) gets UNAVAILABLE (`db.unavailable_cause`), not
+    INTERNAL with a traceback."""
+
+
 class GroupWriter:
     """Owns the write path of one Database. `transaction()` is the database's own: a context manager
     that opens a write transaction, commits it and does whatever must follow a commit in order;
@@ -157,7 +163,7 @@ class GroupWriter:
 
     async def _enqueue(self, intent: _Intent) -> Any:
         if self._closing:
-            raise RuntimeError("the database is closed")
+            raise DatabaseClosed("the database is closed")
         # A caller that went away never retrieves its failure: mark it seen, or asyncio logs it.
         intent.future.add_done_callback(_retrieve)
         self._queue.append(intent)

@@ -13,9 +13,9 @@ from sqlalchemy import event, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from evalsvc.store.db import Database
+from evalsvc.store.db import Database, unavailable_cause
 from evalsvc.store.run_cache import remember
-from evalsvc.store.writer import Batch
+from evalsvc.store.writer import Batch, DatabaseClosed
 from tests import dbs
 from tests.unit.stored import run_record
 
@@ -372,3 +372,15 @@ async def test_two_writers_groups_never_deadlock_over_the_same_rows(db: Database
         assert await stored(db) == {"x": 2, "y": 2}
     finally:
         await other.close()
+
+
+async def test_a_write_after_close_is_the_database_being_unavailable_not_a_bug(tmp_path: Path) -> None:
+    """A SIGTERM during a large CreateRun: the call, still staging its chunks after the grace, wrote to the
+    closed database and was logged `ERROR unexpected error in CreateRun` with a RuntimeError traceback (a
+    probe, 7 of 8 such stops). It is the database being unavailable while the server stops: UNAVAILABLE
+    to the caller, a WARNING naming the cause."""
+    database = await _database(f"sqlite+aiosqlite:///{tmp_path / 'closed.db'}")
+    await database.close()
+    with pytest.raises(DatabaseClosed) as closed:
+        await database.transact(put("late"))
+    assert unavailable_cause(closed.value) == "the server is stopping (its database is closed)"
