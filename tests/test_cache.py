@@ -353,12 +353,6 @@ def test_keys_cover_what_changes_an_output_and_never_a_secret() -> None:
     ]
     assert base not in changed and len(set(changed)) == len(changed)
     assert target_key("t", target_pb2.Target(provided=target_pb2.ProvidedTarget()), item, 1) is None
-    # A chat turn without a role is sent as the user's: the same request, the same key (it missed needlessly).
-    roleless = item_pb2.Item(id="a", input="q", context="c", conversation=[item_pb2.Message(content="hi")])
-    assert key(it=roleless) == base
-    # A webhook receives the role as written: "" and "user" are other requests there.
-    webhook = target_pb2.Target(http=target_pb2.HttpTarget(endpoint=target_pb2.Endpoint(base_url="http://h/hook")))
-    assert target_key("t", webhook, roleless, 1) != target_key("t", webhook, item, 1)
 
 
 async def test_kill_9_mid_run_loses_no_entry_a_recorded_result_used(tmp_path: Path) -> None:

@@ -70,8 +70,6 @@ def target_key(tenant: str, target: target_pb2.Target, item: item_pb2.Item, repe
         "context": item.context,
         "conversation": [[m.role, m.content] for m in item.conversation],
     }
-    if kind == "chat":  # a chat target sends a turn without a role as the user's (`targets.chat_messages`)
-        sent["conversation"] = [[m.role or "user", m.content] for m in item.conversation]
     if kind == "http":  # a webhook receives these too
         sent["id"] = item.id
         sent["metadata"] = dict(item.metadata)
