@@ -173,16 +173,6 @@ class Pairing:
         return per_grader, _grader_comparison("", self.overall, sum(self.unpaired.values()), alpha)
 
 
-def compare_evaluations(
-    baseline: Sequence[Evaluation], candidate: Sequence[Evaluation], grader_order: Sequence[str], alpha: float
-) -> tuple[list[cpb.GraderComparison], cpb.GraderComparison]:
-    """Per-grader comparisons (in `grader_order`, then any other grader by name) and the overall one, of
-    two runs' whole evaluations in any order."""
-    pairing = Pairing(grader_order)
-    pairing.merge(sorted(baseline), sorted(candidate), None)
-    return pairing.result(alpha)
-
-
 @dataclass(frozen=True)
 class _PairedKey:
     key: Key
