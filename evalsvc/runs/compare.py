@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -173,6 +173,22 @@ class Pairing:
         return per_grader, _grader_comparison("", self.overall, sum(self.unpaired.values()), alpha)
 
 
+async def _finished(thread: Coroutine[Any, Any, T]) -> T:
+    """What `thread` (an asyncio.to_thread) returns; a cancelled caller still waits for the thread to end
+    before the CancelledError leaves, so a comparison whose caller left keeps its turn (`_turn`) until its
+    merge is over: a thread cannot be stopped, and the next comparison's merge would run beside it."""
+    work = asyncio.ensure_future(thread)
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        while not work.done():
+            with contextlib.suppress(asyncio.CancelledError):  # cancelled again: still the thread runs
+                await asyncio.wait([work])
+        if not work.cancelled():
+            work.exception()  # retrieved: the caller left, what the merge gave is of no use
+        raise
+
+
 @dataclass(frozen=True)
 class _PairedKey:
     key: Key
@@ -256,7 +272,7 @@ class CompareService:
                 open_ends = [buffers[side][-1][:3] for side in (0, 1) if not done[side]]
                 bound = min(open_ends) if open_ends else None
                 base, cand = buffers
-                buffers[0], buffers[1] = await asyncio.to_thread(pairing.merge, base, cand, bound)
+                buffers[0], buffers[1] = await _finished(asyncio.to_thread(pairing.merge, base, cand, bound))
                 if bound is None:
                     return
 
