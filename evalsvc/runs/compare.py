@@ -286,7 +286,13 @@ class CompareService:
         order += [name for name in (grader_name(g) for g in baseline.graders) if name not in order]
         pairing = Pairing(order)
         async with self._turn(tenant):  # before reading: waiting comparisons hold nothing of their runs
+            # Read again: the turn may have been waited for long. A run purged meanwhile is NOT_FOUND, as a
+            # missing run (it was an empty comparison), and `partial` is the runs' status as reading starts:
+            # a run that had ended then has all its results read, one that ends later may not.
+            baseline, candidate = await self._runs(tenant, baseline.id, candidate.id)
             await self._pair_runs(tenant, baseline.id, candidate.id, pairing)
+        # Purged while it was read (its results deleted in chunks): NOT_FOUND, not a comparison of what was left.
+        await self._runs(tenant, baseline.id, candidate.id)
         per_grader, overall = pairing.result(alpha)
         return cpb.RunComparison(
             baseline_run_id=baseline.id,

@@ -9,11 +9,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.errors import ServiceError
 from evalsvc.ids import PageTokens
 from evalsvc.runs.compare import CompareService, Pairing
+from evalsvc.store import retention
+from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
 from evalsvc.v1 import comparison_pb2 as cpb
+from evalsvc.v1 import run_pb2
 from tests.unit.test_compare_items import two_runs
 
 
@@ -107,3 +113,44 @@ async def test_a_cancelled_comparison_keeps_its_turn_until_its_merge_thread_ends
     assert merges.most == 1 and answer.overall.pairs > 0
     assert merges.log[:2] == ["merge ended", "turn given back"]
     assert compare._pairing.held == 0 and compare._pairing.waiting == 0
+
+
+async def test_a_comparison_reads_its_runs_again_once_it_has_its_turn(
+    db: Database, compare: CompareService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The turn may be waited for long. A run purged meanwhile was an empty comparison (NO_PAIRS, 200 OK):
+    it is NOT_FOUND, as a missing run. `partial` was the status read before the wait."""
+    busy = await two_runs(db, seed=6)
+    b_id, c_id, _, _ = await two_runs(db, seed=7)
+    merges = HeldMerges(monkeypatch)
+    ended = run_pb2.RUN_STATUS_SUCCEEDED
+
+    async def end_both(conn: AsyncConnection) -> None:
+        for run_id in (b_id, c_id):
+            assert await run_store.set_status(conn, "t1", run_id, ended, from_statuses=[run_pb2.RUN_STATUS_PENDING])
+
+    async def purge_baseline(conn: AsyncConnection) -> None:
+        await conn.execute(update(run_store.RUNS).where(run_store.RUNS.c.id == b_id).values(delete_time=1.0))
+        assert await retention.expire(conn, cutoff=2.0, limit=10) == [b_id]
+
+    merges.go_on.set()
+    assert (await compare.compare("t1", request(b_id, c_id))).partial  # both runs PENDING
+    for change, check in ((end_both, "partial"), (purge_baseline, "not found")):
+        merges.go_on.clear()
+        merges.merging.clear()
+        try:
+            first = asyncio.ensure_future(compare.compare("t1", request(busy[0], busy[1])))
+            await merges.merging.wait()
+            waiting = await queued(compare, monkeypatch, compare.compare("t1", request(b_id, c_id)))
+            assert compare._pairing.waiting == 1
+            await db.transact(change)
+        finally:
+            merges.go_on.set()
+        await first
+        if check == "partial":
+            answer = await waiting
+            assert not answer.partial and answer.overall.pairs > 0
+        else:
+            with pytest.raises(ServiceError) as err:
+                await waiting
+            assert err.value.code.name == "NOT_FOUND" and b_id in str(err.value)
