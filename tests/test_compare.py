@@ -355,20 +355,14 @@ async def test_comparisons_wait_for_their_turn_before_reading_their_runs(
     baseline, candidate, _, _ = await _two_runs(svc)
     gate = asyncio.Event()
     readers: set[asyncio.Task[Any] | None] = set()
-    real_after, real_whole = comparison_store.evaluations_after, comparison_store.evaluations
+    real_after = comparison_store.evaluations_after
 
     async def after(*args: Any) -> Any:
         readers.add(asyncio.current_task())
         await gate.wait()
         return await real_after(*args)
 
-    async def whole(*args: Any) -> Any:
-        readers.add(asyncio.current_task())
-        await gate.wait()
-        return await real_whole(*args)
-
     monkeypatch.setattr(comparison_store, "evaluations_after", after)
-    monkeypatch.setattr(comparison_store, "evaluations", whole)
     monkeypatch.setattr(compare_module, "PAIRING_CHUNK", 7)
     import gc  # the server's CompareService, to see comparisons wait for their turn
 

@@ -83,7 +83,12 @@ log = logging.getLogger(__name__)
 # A job whose run cannot even be loaded is retried on later leases (another replica, perhaps a newer
 # version, may manage); after this many attempts the run is failed instead of waiting forever.
 MAX_LOAD_ATTEMPTS = 3
-# The error_reason code of an evaluation whose REPLAY lookup the database could not answer at its last attempt.
+# A REPLAY job whose cache lookup fails for a passing cause (the database could not serve: a timeout,
+# a busy file) is handed back, to run again when its lease expires, up to this attempt; at it, the
+# evaluation is ERROR CACHE_UNAVAILABLE.
+MAX_CACHE_LOOKUP_ATTEMPTS = 3
+# The error_reason code of an evaluation whose REPLAY lookup the database could not answer: at the
+# job's MAX_CACHE_LOOKUP_ATTEMPTS-th attempt, or at any attempt when the failure was not a passing one.
 CACHE_UNAVAILABLE = "CACHE_UNAVAILABLE"
 
 
@@ -744,16 +749,17 @@ class Executor:
     async def _lookup(self, job: ClaimedJob, plan: RunPlan, key: str, kind: str) -> CacheEntry | None:
         """The run's cache entry under key, or None. A lookup the database cannot answer is a miss for a
         READ_WRITE run (the cache only saves calls: the target or judge is called). A REPLAY run makes
-        no call: its job is handed back (`HandedBack`) and runs again when its lease expires; at its
-        last attempt, or when the failure is not a passing one, LookupFailed is raised (the evaluation
-        is ERROR `CACHE_UNAVAILABLE`). `ResponseCache` logged the failure for operators."""
+        no call: its job is handed back (`HandedBack`) and runs again when its lease expires; at attempt
+        MAX_CACHE_LOOKUP_ATTEMPTS, or at any attempt when the failure is not a passing one (no
+        `unavailable_cause`), LookupFailed is raised (the evaluation is ERROR `CACHE_UNAVAILABLE`).
+        `ResponseCache` logged the failure for operators."""
         try:
             entry = await self._cache.get(plan.tenant, key)
         except cache.LookupFailed as exc:
             self._metrics.cache_lookups.labels(kind, "failed").inc()
             if plan.cache_mode != cache_pb2.CACHE_MODE_REPLAY:
                 return None
-            if exc.transient and job.attempt < MAX_LOAD_ATTEMPTS:
+            if exc.transient and job.attempt < MAX_CACHE_LOOKUP_ATTEMPTS:
                 log.warning(
                     "job %d of run %s could not read the response cache (%s); it runs again when its lease expires",
                     job.id,

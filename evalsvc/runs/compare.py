@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -173,14 +173,20 @@ class Pairing:
         return per_grader, _grader_comparison("", self.overall, sum(self.unpaired.values()), alpha)
 
 
-def compare_evaluations(
-    baseline: Sequence[Evaluation], candidate: Sequence[Evaluation], grader_order: Sequence[str], alpha: float
-) -> tuple[list[cpb.GraderComparison], cpb.GraderComparison]:
-    """Per-grader comparisons (in `grader_order`, then any other grader by name) and the overall one, of
-    two runs' whole evaluations in any order."""
-    pairing = Pairing(grader_order)
-    pairing.merge(sorted(baseline), sorted(candidate), None)
-    return pairing.result(alpha)
+async def _finished(thread: Coroutine[Any, Any, T]) -> T:
+    """What `thread` (an asyncio.to_thread) returns; a cancelled caller still waits for the thread to end
+    before the CancelledError leaves, so a comparison whose caller left keeps its turn (`_turn`) until its
+    merge is over: a thread cannot be stopped, and the next comparison's merge would run beside it."""
+    work = asyncio.ensure_future(thread)
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        while not work.done():
+            with contextlib.suppress(asyncio.CancelledError):  # cancelled again: still the thread runs
+                await asyncio.wait([work])
+        if not work.cancelled():
+            work.exception()  # retrieved: the caller left, what the merge gave is of no use
+        raise
 
 
 @dataclass(frozen=True)
@@ -266,7 +272,7 @@ class CompareService:
                 open_ends = [buffers[side][-1][:3] for side in (0, 1) if not done[side]]
                 bound = min(open_ends) if open_ends else None
                 base, cand = buffers
-                buffers[0], buffers[1] = await asyncio.to_thread(pairing.merge, base, cand, bound)
+                buffers[0], buffers[1] = await _finished(asyncio.to_thread(pairing.merge, base, cand, bound))
                 if bound is None:
                     return
 
@@ -280,7 +286,13 @@ class CompareService:
         order += [name for name in (grader_name(g) for g in baseline.graders) if name not in order]
         pairing = Pairing(order)
         async with self._turn(tenant):  # before reading: waiting comparisons hold nothing of their runs
+            # Read again: the turn may have been waited for long. A run purged meanwhile is NOT_FOUND, as a
+            # missing run (it was an empty comparison), and `partial` is the runs' status as reading starts:
+            # a run that had ended then has all its results read, one that ends later may not.
+            baseline, candidate = await self._runs(tenant, baseline.id, candidate.id)
             await self._pair_runs(tenant, baseline.id, candidate.id, pairing)
+        # Purged while it was read (its results deleted in chunks): NOT_FOUND, not a comparison of what was left.
+        await self._runs(tenant, baseline.id, candidate.id)
         per_grader, overall = pairing.result(alpha)
         return cpb.RunComparison(
             baseline_run_id=baseline.id,

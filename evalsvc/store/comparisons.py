@@ -1,5 +1,5 @@
-"""Queries behind CompareRuns and ListComparisonItems: two runs' evaluations (whole, or a key range of
-each), and a page of results."""
+"""Queries behind CompareRuns and ListComparisonItems: a key range of each of two runs' evaluations, and a
+page of results."""
 
 from __future__ import annotations
 
@@ -12,23 +12,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from evalsvc.store.db import read_in_index_order
 from evalsvc.store.records import ResultRecord
 from evalsvc.store.runs import RESULTS, StoredSizes, result_with_size, results_sized
-from evalsvc.turns import mapped
 
 # (item_id, repetition, grader, state, score): what pairing needs of one evaluation.
 Evaluation = tuple[str, int, str, int, float]
 # (item_id, repetition, grader): an evaluation's key, in the order comparisons list them.
 Key = tuple[str, int, str]
-
-
-async def evaluations(conn: AsyncConnection, tenant: str, run_id: str) -> list[Evaluation]:
-    """Every recorded evaluation of a tenant's run, without explanations or outputs."""
-    rows = await conn.execute(
-        select(RESULTS.c.item_id, RESULTS.c.repetition, RESULTS.c.grader, RESULTS.c.state, RESULTS.c.score).where(
-            RESULTS.c.run_id == run_id, RESULTS.c.tenant == tenant
-        )
-    )
-    # In turns (evalsvc.turns): a run of 100,000 evaluations was one stretch of the event loop.
-    return await mapped(_evaluation, rows)
 
 
 async def evaluations_after(

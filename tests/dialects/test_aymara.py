@@ -21,6 +21,7 @@ from aymara_ai.lib.runner import AsyncEvalRunner
 
 from evalsvc.datasets.service import DatasetService
 from evalsvc.gateway.dialects import aymara
+from evalsvc.gateway.upstream import GatewayError
 from tests.conftest import make_settings
 from tests.dialects.env import DialectEnv, dialect_gateway
 from tests.fake_llm import FakeEndpoint, Reply, generator_reply, is_generation, judge_reply
@@ -910,6 +911,20 @@ async def test_a_refused_response_names_its_place_in_responses(env: Env) -> None
     assert_envelope(refused.json(), "validation.invalid_request")
     assert violated(refused.json()) == {"responses[1].content"}, refused.text
     assert refused.json()["error"]["message"] == "invalid request: responses[1].content"
+
+
+async def test_a_run_of_no_scored_response_is_refused_naming_responses(env: Env) -> None:
+    """Every response excluded from scoring leaves the run no item: refused naming `responses` before any
+    call. A violation the service itself makes on `items` (the whole list) is renamed so too by run_fields:
+    it reached the client as `items`, a field Aymara's API does not have."""
+    ev = await create_eval(env, prompts=[{"prompt_uuid": "a", "content": "q1"}], num_prompts=1)
+    responses = [{"prompt_uuid": "a", "content": "skipped", "exclude_from_scoring": True}]
+    refused = await env.http.post("/v2/eval-runs", json={"eval_uuid": ev["eval_uuid"], "responses": responses})
+    assert refused.status_code == 400, refused.text
+    assert_envelope(refused.json(), "validation.invalid_request")
+    assert violated(refused.json()) == {"responses"}, refused.text
+    error = GatewayError.invalid("no items", ("items", "give dataset_id or at least one item"))
+    assert [v[0] for v in aymara.run_fields(error, []).violations] == ["responses"]
 
 
 async def test_lists_filter_on_workspace_uuid(env: Env) -> None:

@@ -390,6 +390,53 @@ async def test_eval_agents_and_versions_keep_every_documented_field(env: Env) ->
     )
 
 
+async def test_a_version_a_native_update_wrote_is_a_missing_version_not_a_missing_agent(env: Env) -> None:
+    """GET .../versions/{id}_v2 of a version a native UpdateGrader wrote answered EVAL_AGENT_NOT_FOUND: the
+    agent exists (its other versions answer), only that version is not one of Bland's."""
+    agent = (await env.agent(RESOLUTION))["agent"]["id"]
+    v3 = {"name": "v3", "from_version_id": f"{agent}_v1"}
+    native = {"grader": {"name": "native", "exactMatch": {}}}
+    updated = await env.http.patch(f"/v1/graders/{agent}", json=native, headers=env.native_auth)
+    assert updated.status_code == 200 and updated.json()["grader"]["version"] == 2, updated.text
+    assert check_version(await env.ok("POST", f"/v1/evals/agents/{agent}/versions", v3))["version_number"] == 3
+    assert check_version(await env.ok("GET", f"/v1/evals/agents/{agent}/versions/{agent}_v1"))["version_number"] == 1
+    for response in (
+        await env.http.get(f"/v1/evals/agents/{agent}/versions/{agent}_v2"),
+        await env.http.post(f"/v1/evals/agents/{agent}/versions", json={"from_version_id": f"{agent}_v2"}),
+    ):
+        check_error(response, 404, "EVAL_AGENT_VERSION_NOT_FOUND")
+    check_error(
+        await env.http.get("/v1/evals/agents/grd_nope/versions/grd_nope_v1"), 404, "EVAL_AGENT_VERSION_NOT_FOUND"
+    )
+
+
+async def test_a_page_of_versions_reads_a_few_at_a_time(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page of versions made one GetGrader call per version, all at once (up to 100)."""
+    import importlib
+
+    routes = importlib.import_module("evalsvc.gateway.dialects.bland.routes")  # the package's `routes` is a function
+
+    agent = (await env.agent(RESOLUTION))["agent"]["id"]
+    for n in range(2, 11):
+        await env.ok("POST", f"/v1/evals/agents/{agent}/versions", {"name": f"v{n}"})
+    running = most = 0
+    real = routes.Bland.version
+
+    async def counted(self: Any, *args: Any) -> Any:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            return await real(self, *args)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(routes.Bland, "version", counted)
+    rows, more, _ = page(await env.http.get(f"/v1/evals/agents/{agent}/versions"), VERSION_ITEM)
+    assert [row["version_number"] for row in rows] == list(range(10, 0, -1)) and not more
+    assert 1 < most <= routes.VERSION_READS
+
+
 async def test_a_run_to_completion_reports_the_documented_results(env: Env) -> None:
     empathy = (await env.agent(EMPATHY))["agent"]["id"]
     resolution = (await env.agent(RESOLUTION))["agent"]["id"]

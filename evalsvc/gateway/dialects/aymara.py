@@ -382,6 +382,7 @@ RESPONSE_FIELDS = (
     (re.compile(r"^responses\[(\d+)\]\.response\.image_urls\b.*", re.S), r"responses[\1].content.remote_file_path"),
     (re.compile(r"^responses\[(\d+)\]\.(?:input|id|metadata)\b.*", re.S), r"responses[\1].prompt_uuid"),
     (re.compile(r"^responses\[(\d+)\]\.response\b.*", re.S), r"responses[\1]"),
+    (re.compile(r"^items\b(?!\[)"), "responses"),  # the whole list (CreateRun's "give dataset_id or at least one item")
     (re.compile(r"^display_name\b"), "name"),
 )
 SERVICE_INVALID = "invalid request: "

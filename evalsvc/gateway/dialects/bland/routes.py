@@ -13,7 +13,7 @@ from typing import Annotated, Any, Generic, TypeVar
 from fastapi import APIRouter, Depends, Query, Request
 from google.protobuf import field_mask_pb2
 
-from evalsvc.gateway.dialects.base import DialectClient, DialectOptions
+from evalsvc.gateway.dialects.base import DialectClient, DialectOptions, is_owned
 from evalsvc.gateway.dialects.bland.models import (
     AgentCreate,
     AgentListItem,
@@ -46,6 +46,7 @@ from evalsvc.gateway.dialects.bland.translate import (
     A_SUMMARY,
     CALLS_DATASET,
     CALLS_REQUEST_ID,
+    NAME,
     STATUS_FILTER,
     TRIGGER_NAMES,
     TRIGGERS,
@@ -74,6 +75,7 @@ from evalsvc.v1 import eval_run_service_pb2 as runs_pb
 from evalsvc.v1 import grader_pb2, grader_service_pb2, run_pb2, target_pb2
 
 T = TypeVar("T")
+VERSION_READS = 4  # GetGrader calls a page of an agent's versions makes at once
 
 
 def bland_key(request: Request) -> Caller:
@@ -186,7 +188,7 @@ class Bland(DialectClient):
 
     async def agent(self, agent_id: str, version: int = 0) -> Agent:
         """One of this dialect's agents at a version (0 = latest); EVAL_AGENT_NOT_FOUND otherwise, and
-        EVAL_AGENT_VERSION_NOT_FOUND for a version the service does not have."""
+        EVAL_AGENT_VERSION_NOT_FOUND for a version the service does not have or this dialect did not write."""
         request = grader_service_pb2.GetGraderRequest(grader_id=agent_id, version=version)
         if version:
             missing = not_found("EVAL_AGENT_VERSION_NOT_FOUND", f"eval agent {agent_id!r} has no such version")
@@ -194,6 +196,9 @@ class Bland(DialectClient):
         else:
             saved = (await self.call(self.upstream.graders.GetGrader, request)).grader
         found = own_agent(saved)
+        if found is None and version and is_owned(saved.labels, NAME):
+            # The agent's grader, at a version a native UpdateGrader wrote: the agent exists, that version not.
+            raise not_found("EVAL_AGENT_VERSION_NOT_FOUND", f"eval agent {agent_id!r} has no such version")
         if found is None:
             raise not_found("EVAL_AGENT_NOT_FOUND", f"eval agent {agent_id!r} not found")
         return found
@@ -353,13 +358,18 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
         eval_agent_id: str, bland: Bland = client, cursor: Cursor = cursor_dep
     ) -> Envelope[ListOf[VersionListItem]]:
         """The agent's versions, newest first: each is a version of its saved grader (GetGrader at that
-        version), and a version id names its number, so a page reads only its own versions."""
+        version), and a version id names its number, so a page reads only its own versions, VERSION_READS
+        at a time (a page of 100 was 100 GetGrader calls at once)."""
         latest = await bland.agent(eval_agent_id)
         ids = (version_id(latest.saved.id, n) for n in range(latest.saved.latest_version, 0, -1))
         page = await paginate(_iterate(ids), lambda v: v, cursor)
-        agents = await asyncio.gather(
-            *(bland.version(latest, parse_version_id(v, latest.saved.id)) for v in page.items)
-        )
+        reads = asyncio.Semaphore(VERSION_READS)
+
+        async def read(v: str) -> Agent | None:
+            async with reads:
+                return await bland.version(latest, parse_version_id(v, latest.saved.id))
+
+        agents = await asyncio.gather(*(read(v) for v in page.items))
         return Envelope(data=listing(page, [agent.version_list_item() for agent in agents if agent is not None]))
 
     @api.get("/v1/evals/agents/{eval_agent_id}/versions/{version_id}", response_model=Envelope[VersionOut])
