@@ -340,7 +340,7 @@ class Settings:
     tenant_budget_usd: float = dataclasses.field(
         default=0.0, metadata={"help": "total model spend allowed per tenant, in US dollars; 0 means no limit"}
     )
-    max_graders_per_run: int = dataclasses.field(default=100, metadata={"help": "graders per run (at most 1024)"})
+    max_graders_per_run: int = dataclasses.field(default=100, metadata={"help": "graders per run"})
     grade_timeout_s: float = dataclasses.field(
         default=5.0,
         metadata={
@@ -535,9 +535,10 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "max_workers_per_tenant": (0, True),  # 0: half of workers
     "claim_batch": (1, True),
     "lease_ttl_s": (0, False),
-    "poll_interval_s": (0, False),
+    # A poll interval or heartbeat of 1e-300 s was accepted: an idle server spun at ~97% of a core.
+    "poll_interval_s": (0.01, True),
     "stall_s": (0, False),
-    "heartbeat_s": (0, False),
+    "heartbeat_s": (0.01, True),
     "watch_buffer": (1, True),
     "grace_s": (0, True),
     # Below it what a response echoes (a run's labels, annotations and definitions, a result's output
@@ -591,6 +592,10 @@ MAXIMUMS: dict[str, float] = {
     "max_message_bytes": INT_MAX,
     "max_concurrent_streams": INT_MAX,
     "max_connections": INT_MAX,
+    # In milliseconds a C int (grpc.max_connection_idle_ms): 1e308 crashed the start with an OverflowError
+    # traceback, after the database had been migrated.
+    "connection_idle_s": INT_MAX // 1000,
+    "max_graders_per_run": 1024,  # as documented; runs were capped at 1024 whatever it said
 }
 
 
@@ -775,5 +780,7 @@ def _bound(field_name: str) -> str:
     """`at least 1`, `more than 0`, `from 1 to 2147483647`: a numeric setting's bounds, in words."""
     minimum, inclusive = MINIMUMS[field_name]
     if field_name in MAXIMUMS:
+        if not inclusive:
+            return f"more than {minimum:g} and at most {MAXIMUMS[field_name]:.0f}"
         return f"from {minimum:g} to {MAXIMUMS[field_name]:.0f}"
     return f"{'at least' if inclusive else 'more than'} {minimum:g}"

@@ -265,7 +265,15 @@ def test_a_price_table_of_another_shape_exits_2_naming_the_flag(tmp_path: Path, 
     [
         (["--claim-batch", "0"], {}, ["--claim-batch", "EVALSVC_CLAIM_BATCH", "at least 1, not 0"]),
         (["--lease-ttl-s", "-1"], {}, ["--lease-ttl-s", "EVALSVC_LEASE_TTL_S", "more than 0"]),
-        ([], {"EVALSVC_POLL_INTERVAL_S": "0"}, ["--poll-interval-s", "EVALSVC_POLL_INTERVAL_S", "more than 0"]),
+        ([], {"EVALSVC_POLL_INTERVAL_S": "0"}, ["--poll-interval-s", "EVALSVC_POLL_INTERVAL_S", "at least 0.01"]),
+        (["--poll-interval-s", "1e-300"], {}, ["--poll-interval-s", "at least 0.01, not 1e-300"]),  # spun a core
+        (["--heartbeat-s", "1e-300"], {}, ["--heartbeat-s", "EVALSVC_HEARTBEAT_S", "at least 0.01"]),
+        (  # grpc.max_connection_idle_ms overflowed: a traceback after the database was migrated
+            ["--connection-idle-s", "1e308"],
+            {},
+            ["--connection-idle-s", "EVALSVC_CONNECTION_IDLE_S", "more than 0 and at most 2147483"],
+        ),
+        (["--max-graders-per-run", "2000"], {}, ["--max-graders-per-run", "from 1 to 1024, not 2000"]),
         ([], {"EVALSVC_WORKERS": "many"}, ["EVALSVC_WORKERS", "'many' is not a whole number"]),
         (["--heartbeat-s", "soon"], {}, ["--heartbeat-s", "'soon' is not a number"]),
         (["--sqlite-synchronous", "SOMETIMES"], {}, ["--sqlite-synchronous", "FULL, NORMAL, EXTRA, not 'SOMETIMES'"]),
