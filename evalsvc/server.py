@@ -277,7 +277,9 @@ class EvalServer:
     ) -> None:
         # Every address first: an address in use fails the start before the database is touched.
         for field_name, what in LISTENERS:
-            if addr := getattr(self.settings, field_name):
+            # gRPC always listens (an empty address was passed on to grpc, which failed after the migration);
+            # the others listen only when given.
+            if (addr := getattr(self.settings, field_name)) or field_name == "grpc_addr":
                 check_bindable(addr, what, f"{flag_name(field_name)} / {env_name(field_name)}")
         # Then, before anything is written, this server's claim on a SQLite file; released last on stop.
         self._hold_database(stack)
@@ -565,6 +567,9 @@ def check_bindable(addr: str, what: str, flags: str) -> None:
     failed = f"cannot listen for {what} on {addr} ({flags})"
     if not colon or not port_text.isdigit():
         raise StartupError(f"{failed}: not HOST:PORT (such as 127.0.0.1:8080; port 0 picks a free one)")
+    if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
+        # `[::1:50051` was read as host ::1 and passed the check; grpc then failed to bind it, unnamed.
+        raise StartupError(f"{failed}: not HOST:PORT (an IPv6 address goes in brackets, such as [::1]:8080)")
     port = int(port_text)
     if port > 65535:
         raise StartupError(f"{failed}: port {port} is not between 0 and 65535")

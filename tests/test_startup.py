@@ -101,6 +101,16 @@ def test_an_address_of_another_machine_exits(tmp_path: Path) -> None:
     assert "another evalsvc" not in line
 
 
+@pytest.mark.parametrize("addr", ["", "[::1:50051", "::1:50051"])
+def test_a_grpc_address_that_is_no_host_port_exits_naming_the_flag(tmp_path: Path, addr: str) -> None:
+    """An empty --grpc-addr skipped the address check and `[::1:50051` passed it (read as ::1): each
+    failed only after the migration, with grpc's own lines and none naming the flag (an operator probe).
+    They are refused as the first step of the start, before the database is touched, as other addresses."""
+    failed = failed_start(dbs.db_url(tmp_path, migrated=False), "--grpc-addr", addr)
+    assert_failed_cleanly(failed, 1, "gRPC", "--grpc-addr / EVALSVC_GRPC_ADDR", "not HOST:PORT")
+    assert not (tmp_path / "evalsvc.db").exists()  # not migrated, not even made
+
+
 def test_a_missing_database_directory_exits(tmp_path: Path) -> None:
     missing = tmp_path / "no" / "such"
     failed = failed_start(f"sqlite+aiosqlite:///{missing / 'evalsvc.db'}")
