@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
@@ -347,8 +348,6 @@ def _backup_command(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 async def _gateway_command(args: argparse.Namespace, settings: config.Settings) -> int:
-    import signal
-
     from evalsvc.gateway.dialects import mounts
     from evalsvc.gateway.server import Gateway, GatewayConfigError, remote_channels
     from evalsvc.limits import raise_open_file_limit
@@ -403,6 +402,9 @@ def _when(seconds: float | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
     args = build_parser().parse_args(argv)
+    if args.command in ("serve", "gateway"):
+        for sig in (signal.SIGTERM, signal.SIGINT):  # until the server's own (evalsvc.server.serve)
+            signal.signal(sig, _signal_while_starting)
     try:
         return _run(args)
     except config.SettingsError as exc:  # a setting from the environment, or one out of its bounds
@@ -419,6 +421,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         db = getattr(args, "db", None) or config.from_args(args).db
         print(f"evalsvc {args.command}: cannot use the database {database_where(db)}: {cause}", file=sys.stderr)
         return 1
+
+
+def _signal_while_starting(signum: int, frame: object) -> None:
+    """A SIGTERM or SIGINT before the server's handlers (its imports take a second): as one during the
+    start, end at once in one line, exit 1. It was a bare kill (exit 143, nothing said) or Ctrl-C's
+    KeyboardInterrupt traceback."""
+    print(f"evalsvc: {signal.Signals(signum).name} arrived during the start: exiting now", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _warn_of_unknown_variables() -> None:

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from evalsvc.execution.executor import Executor
 from evalsvc.server import SHUTDOWN_MARGIN_S, EvalServer
+from tests import dbs
 from tests.conftest import make_settings
 from tests.procs import ServerProcess, start_server
 
@@ -154,6 +155,42 @@ async def test_a_signal_ends_a_start_that_hangs(tmp_path: Path) -> None:
     log = log_path.read_text()
     assert code == 1 and "a signal arrived during the start: exiting now" in log, log
     assert took < SHUTDOWN_MARGIN_S / 2, f"the start took {took:.1f} s to end"
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` has a handler for `sig` installed (its SigCgt mask in /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        caught = next(line for line in status if line.startswith("SigCgt:")).split()[1]
+    return bool(int(caught, 16) >> (sig - 1) & 1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_a_signal_before_the_servers_handlers_ends_the_start_in_one_line(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """The server's handlers come after its imports (a second): a SIGTERM before them killed the process
+    with nothing said (exit 143) and Ctrl-C printed a KeyboardInterrupt traceback (an operator probe).
+    `evalsvc serve` handles both from its first step: one line, exit 1, as a signal during the start."""
+    log_path = tmp_path / "s.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "evalsvc", "serve", "--grpc-addr", "127.0.0.1:0", "--db", dbs.db_url(tmp_path)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not _catches(proc.pid, signal.SIGTERM):  # Python catches SIGINT from its start, not SIGTERM
+            assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
+            await asyncio.sleep(0.005)  # polling /proc: there is no event to await across processes
+        proc.send_signal(sig)
+        code = await asyncio.to_thread(proc.wait, 60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = log_path.read_text()
+    assert code == 1 and "Traceback" not in log, log
+    assert f"{sig.name} arrived during the start: exiting now" in log and "evalsvc starting" not in log, log
 
 
 async def test_an_open_health_watch_ends_with_not_serving_and_does_not_hold_the_shutdown(tmp_path: Path) -> None:
