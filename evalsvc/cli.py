@@ -275,12 +275,17 @@ async def _secrets_in(args: argparse.Namespace, settings: config.Settings, db: D
 
 async def _migrate_command(settings: config.Settings) -> int:
     from evalsvc.store import migrate
+    from evalsvc.store.db import sqlite_path
 
     db = _open_database(settings)
+    path = sqlite_path(settings.db)
+    new = path is not None and not path.exists()
     try:
         before, head = await migrate.upgrade(db, unless_served=True)
     finally:
         await db.close()
+    if new:  # a mistyped path, as the other operator commands say (`_operator_database`)
+        print(f"evalsvc migrate: there was no database at {path}; made a new, empty one", file=sys.stderr)
     if before == {head}:
         print(f"the database schema is already at {head}", file=sys.stderr)
     else:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 
-from evalsvc.config import Settings
+from evalsvc.config import Settings, named
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def http_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key, password=lambda: _encrypted(key))  # checked by `_read_files`
     if client_ca:
-        _load_certificates(context, client_ca, "--tls-client-ca")
+        _load_certificates(context, client_ca, named("tls_client_ca"))
         context.verify_mode = ssl.CERT_REQUIRED
     return context
 
@@ -75,15 +75,18 @@ def _read_files(settings: Settings) -> _Pems | None:
     cert, key, client_ca = settings.tls_cert, settings.tls_key, settings.tls_client_ca
     if not cert and not key:
         if client_ca:
-            raise TlsConfigError("--tls-client-ca needs --tls-cert and --tls-key too: mTLS is TLS plus client checks")
+            raise TlsConfigError(
+                f"{named('tls_client_ca')} needs {named('tls_cert')} and {named('tls_key')} too: "
+                "mTLS is TLS plus client checks"
+            )
         return None
     if not cert or not key:
-        given, missing = ("--tls-cert", "--tls-key") if cert else ("--tls-key", "--tls-cert")
+        given, missing = (named("tls_cert"), named("tls_key")) if cert else (named("tls_key"), named("tls_cert"))
         raise TlsConfigError(f"{given} was given without {missing}: TLS needs both the certificate and its key")
     pems = _Pems(
-        read_pem(cert, "--tls-cert", "CERTIFICATE"),
-        read_pem(key, "--tls-key", "PRIVATE KEY"),
-        read_pem(client_ca, "--tls-client-ca", "CERTIFICATE") if client_ca else None,
+        read_pem(cert, named("tls_cert"), "CERTIFICATE"),
+        read_pem(key, named("tls_key"), "PRIVATE KEY"),
+        read_pem(client_ca, named("tls_client_ca"), "CERTIFICATE") if client_ca else None,
     )
     _check_loadable(cert, key, client_ca)
     return pems
@@ -106,17 +109,18 @@ def _check_loadable(cert: str, key: str, client_ca: str) -> None:
     is not the certificate's, is refused naming the flag. gRPC finds out only when the port is bound,
     after the database was migrated: three lines of its core's log and "Failed to bind" (exit 1)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _load_certificates(context, cert, "--tls-cert")
+    _load_certificates(context, cert, named("tls_cert"))
     try:
         context.load_cert_chain(cert, key, password=lambda: _encrypted(key))
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
             raise TlsConfigError(
-                f"--tls-key {key!r} does not match --tls-cert {cert!r}: it is the private key of another certificate"
+                f"{named('tls_key')} {key!r} does not match {named('tls_cert')} {cert!r}: it is the private key of "
+                "another certificate"
             ) from exc
-        raise TlsConfigError(f"--tls-key {key!r} holds no PEM PRIVATE KEY that can be read") from exc
+        raise TlsConfigError(f"{named('tls_key')} {key!r} holds no PEM PRIVATE KEY that can be read") from exc
     if client_ca:
-        _load_certificates(context, client_ca, "--tls-client-ca")
+        _load_certificates(context, client_ca, named("tls_client_ca"))
 
 
 def _load_certificates(context: ssl.SSLContext, path: str, flag: str) -> None:
@@ -129,7 +133,7 @@ def _load_certificates(context: ssl.SSLContext, path: str, flag: str) -> None:
 def _encrypted(key: str) -> bytes:
     """Called instead of OpenSSL's password prompt (which would wait on the terminal) for an
     encrypted key: gRPC cannot use one."""
-    raise TlsConfigError(f"--tls-key {key!r} is encrypted; evalsvc needs the key unencrypted")
+    raise TlsConfigError(f"{named('tls_key')} {key!r} is encrypted; evalsvc needs the key unencrypted")
 
 
 def is_loopback(addr: str) -> bool:

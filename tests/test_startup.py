@@ -477,7 +477,11 @@ def test_the_standalone_gateway_exits_when_its_address_is_in_use() -> None:
         (["--grpc-target", "127.0.0.1:99999"], {}, ["--grpc-target", "HOST:PORT"]),
         # Named `--dialects`.
         ([], {"EVALSVC_WORKERS": "many"}, ["EVALSVC_WORKERS", "'many'", "whole number"]),
-        (["--tls-cert", "cert.pem"], {}, ["--tls-cert was given without --tls-key"]),
+        (
+            ["--tls-cert", "cert.pem"],
+            {},
+            ["--tls-cert (EVALSVC_TLS_CERT) was given", "without --tls-key (EVALSVC_TLS_KEY)"],
+        ),
         (["--dialects", "nope"], {}, ["--dialects", "'nope'"]),
         # The variable was ignored: the gateway started with every dialect.
         ([], {"EVALSVC_DIALECTS": "nope"}, ["--dialects", "EVALSVC_DIALECTS", "'nope'"]),

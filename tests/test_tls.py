@@ -241,14 +241,21 @@ async def test_mtls_refuses_a_certificate_from_another_ca(mtls_server: EvalServe
 @pytest.mark.parametrize(
     ("overrides", "complaint"),
     [
-        ({"tls_cert": "cert.pem"}, "--tls-cert was given without --tls-key"),
-        ({"tls_key": "key.pem"}, "--tls-key was given without --tls-cert"),
-        ({"tls_client_ca": "ca.pem"}, "--tls-client-ca needs --tls-cert and --tls-key"),
-        ({"tls_cert": "missing.pem", "tls_key": "missing.key"}, "--tls-cert 'missing.pem' cannot be read"),
+        ({"tls_cert": "cert.pem"}, "--tls-cert (EVALSVC_TLS_CERT) was given without --tls-key (EVALSVC_TLS_KEY)"),
+        ({"tls_key": "key.pem"}, "--tls-key (EVALSVC_TLS_KEY) was given without --tls-cert (EVALSVC_TLS_CERT)"),
+        (
+            {"tls_client_ca": "ca.pem"},
+            "--tls-client-ca (EVALSVC_TLS_CLIENT_CA) needs --tls-cert (EVALSVC_TLS_CERT) and "
+            "--tls-key (EVALSVC_TLS_KEY)",
+        ),
+        (
+            {"tls_cert": "missing.pem", "tls_key": "missing.key"},
+            "--tls-cert (EVALSVC_TLS_CERT) 'missing.pem' cannot be read",
+        ),
     ],
 )
 def test_incomplete_tls_settings_are_refused(tmp_path: Path, overrides: dict[str, str], complaint: str) -> None:
-    with pytest.raises(TlsConfigError, match=complaint):
+    with pytest.raises(TlsConfigError, match=re.escape(complaint)):
         server_credentials(make_settings(tmp_path, **overrides))
 
 
@@ -261,13 +268,22 @@ def test_a_key_file_without_a_key_is_refused(tmp_path: Path, pki: Pki) -> None:
 @pytest.mark.parametrize(
     ("files", "complaint"),
     [
-        ({"tls_key": "other_key"}, "--tls-key '{other_key}' does not match --tls-cert '{server_cert}'"),
-        ({"tls_key": "garbled_key"}, "--tls-key '{garbled_key}' holds no PEM PRIVATE KEY that can be read"),
-        ({"tls_key": "encrypted_key"}, "--tls-key '{encrypted_key}' is encrypted"),
-        ({"tls_cert": "garbled_cert"}, "--tls-cert '{garbled_cert}' holds no PEM CERTIFICATE that can be read"),
+        (
+            {"tls_key": "other_key"},
+            "--tls-key (EVALSVC_TLS_KEY) '{other_key}' does not match --tls-cert (EVALSVC_TLS_CERT) '{server_cert}'",
+        ),
+        (
+            {"tls_key": "garbled_key"},
+            "--tls-key (EVALSVC_TLS_KEY) '{garbled_key}' holds no PEM PRIVATE KEY that can be read",
+        ),
+        ({"tls_key": "encrypted_key"}, "--tls-key (EVALSVC_TLS_KEY) '{encrypted_key}' is encrypted"),
+        (
+            {"tls_cert": "garbled_cert"},
+            "--tls-cert (EVALSVC_TLS_CERT) '{garbled_cert}' holds no PEM CERTIFICATE that can be read",
+        ),
         (
             {"tls_client_ca": "garbled_cert"},
-            "--tls-client-ca '{garbled_cert}' holds no PEM CERTIFICATE that can be read",
+            "--tls-client-ca (EVALSVC_TLS_CLIENT_CA) '{garbled_cert}' holds no PEM CERTIFICATE that can be read",
         ),
     ],
 )
@@ -304,7 +320,7 @@ def test_a_key_of_another_certificate_exits_2_in_one_line_before_the_database_is
         dbs.db_url(tmp_path, "new.db", migrated=False),
         *("--tls-cert", str(pki.cert_file), "--tls-key", str(tmp_path / "other.key")),
     )
-    assert_failed_cleanly(failed, 2, "--tls-key", "does not match --tls-cert")
+    assert_failed_cleanly(failed, 2, "--tls-key (EVALSVC_TLS_KEY)", "does not match --tls-cert (EVALSVC_TLS_CERT)")
     assert not db.exists()
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evalsvc.config import named
 from evalsvc.ids import is_tenant_name
 
 log = logging.getLogger(__name__)
@@ -92,13 +93,15 @@ def _read_file(path: str) -> dict[str, Grant]:
     try:
         loaded = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
-        raise SecretsConfigError(f"--secrets-file {path}: cannot read it as JSON ({type(exc).__name__})") from None
+        raise SecretsConfigError(
+            f"{named('secrets_file')} {path}: cannot read it as JSON ({type(exc).__name__})"
+        ) from None
     if not isinstance(loaded, dict):
-        raise SecretsConfigError(f"--secrets-file {path}: must be a JSON object of named secrets")
+        raise SecretsConfigError(f"{named('secrets_file')} {path}: must be a JSON object of named secrets")
     grants: dict[str, Grant] = {}
     legacy = []
     for name, entry in loaded.items():
-        where = f"--secrets-file {path}: entry {name!r}"
+        where = f"{named('secrets_file')} {path}: entry {name!r}"
         if isinstance(entry, str):
             legacy.append(name)
             grants[name.upper()] = Grant(entry, frozenset({DEFAULT_TENANT}))
