@@ -333,6 +333,9 @@ async def test_the_server_and_keys_migrate_a_new_sqlite_file_themselves(tmp_path
     # A new file is said to be new (a key minted at a mistyped path would be lost unseen); an existing one is not.
     assert f"there was no database at {tmp_path / 'keys.db'}; made a new, empty one" in listed.stderr
     assert "no database" not in _evalsvc("keys", "list", "--db", keyed).stderr
+    fresh = _evalsvc("migrate", "--db", f"sqlite+aiosqlite:///{tmp_path / 'typo.db'}")  # migrate says so too
+    assert f"there was no database at {tmp_path / 'typo.db'}; made a new, empty one" in fresh.stderr, fresh.stderr
+    assert "no database" not in _evalsvc("migrate", "--db", f"sqlite+aiosqlite:///{tmp_path / 'typo.db'}").stderr
     for words in (("migrate",), ("secrets", "list"), ("keys", "list")):  # one line each, no traceback
         foreign = _evalsvc(*words, "--db", f"sqlite:///{tmp_path / 'keys.db'}")
         assert foreign.returncode == 2 and len(foreign.stderr.strip().splitlines()) == 1, foreign.stderr
