@@ -47,6 +47,15 @@ _backlog_warned: dict[str, float] = {}  # tenant -> when its full backlog was la
 PENDING = wpb.WEBHOOK_DELIVERY_STATUS_PENDING
 SUCCEEDED = wpb.WEBHOOK_DELIVERY_STATUS_SUCCEEDED
 FAILED = wpb.WEBHOOK_DELIVERY_STATUS_FAILED
+# What a delivery its webhook was disabled before it was sent becomes (disabling fails those no sender
+# holds; a sender handing back what it held fails those too).
+_UNSENT_DISABLED: dict[str, Any] = {
+    "status": FAILED,
+    "next_attempt_time": None,
+    "claim_id": None,
+    "lease_expiry": None,
+    "last_error": "not sent: the webhook was disabled",
+}
 
 
 async def enqueue(conn: AsyncConnection, tenant: str, event: pb.WatchRunResponse) -> None:
@@ -245,13 +254,7 @@ async def update_webhook(
                 DELIVERIES.c.status == PENDING,
                 or_(DELIVERIES.c.claim_id.is_(None), DELIVERIES.c.lease_expiry < now),
             )
-            .values(
-                status=FAILED,
-                next_attempt_time=None,
-                claim_id=None,
-                lease_expiry=None,
-                last_error="not sent: the webhook was disabled",
-            )
+            .values(**_UNSENT_DISABLED)
         )
     changed = await conn.execute(
         update(WEBHOOKS)
@@ -432,13 +435,7 @@ async def release(conn: AsyncConnection, delivery_ids: Sequence[str]) -> None:
         await conn.execute(
             update(DELIVERIES)
             .where(DELIVERIES.c.id.in_(list(delivery_ids)), DELIVERIES.c.status == PENDING, _webhook_disabled())
-            .values(
-                status=FAILED,
-                next_attempt_time=None,
-                claim_id=None,
-                lease_expiry=None,
-                last_error="not sent: the webhook was disabled",
-            )
+            .values(**_UNSENT_DISABLED)
         )
         await conn.execute(
             update(DELIVERIES)
