@@ -596,6 +596,10 @@ MAXIMUMS: dict[str, float] = {
     # traceback, after the database had been migrated.
     "connection_idle_s": INT_MAX // 1000,
     "max_graders_per_run": 1024,  # as documented; runs were capped at 1024 whatever it said
+    # A typo's bounds: `--workers 99999999999999999999` and `--grace-s 1e308` were accepted (the shutdown then
+    # said "at most 1e308+10 s in all").
+    "workers": 10_000,
+    "grace_s": 86_400,
 }
 
 
