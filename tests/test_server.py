@@ -239,9 +239,11 @@ def test_settings_that_become_grpc_channel_arguments_fit_a_c_int() -> None:
     from evalsvc.server import server_options
 
     at_most = {name: int(config.MAXIMUMS[name]) for name in config.MAXIMUMS}
-    assert at_most == dict.fromkeys(("max_message_bytes", "max_concurrent_streams", "max_connections"), 2**31 - 1)
-    with ThreadPoolExecutor(1) as pool:
+    channel_arguments = ("max_message_bytes", "max_concurrent_streams", "max_connections")
+    assert {name: at_most[name] for name in channel_arguments} == dict.fromkeys(channel_arguments, 2**31 - 1)
+    assert at_most["connection_idle_s"] * 1000 <= 2**31 - 1  # grpc.max_connection_idle_ms
+    with ThreadPoolExecutor(1) as pool:  # every setting at its maximum at once
         grpc.server(pool, options=server_options(config.Settings(**at_most))).stop(None)
     for name, maximum in at_most.items():
-        with pytest.raises(config.SettingsError, match=f"from .* to {maximum}, not {maximum + 1}$"):
+        with pytest.raises(config.SettingsError, match=f"(from .* to|at most) {maximum}, not {maximum + 1}$"):
             config.Settings(**{name: maximum + 1})
