@@ -217,7 +217,7 @@ class WebhookSender:
 
     async def _claim(self, room: int) -> int:
         """Lease up to `room` due deliveries, divided among the tenants that have some due (divide_slots),
-        start a task for each. Whether every free slot was filled."""
+        start a task for each. How many it leased (the loop claims again at once when that filled `room`)."""
         in_flight = Counter(tenant for tenant, _ in self._in_flight.values())
         claim_id = uuid.uuid4().hex
         now = time.time()
