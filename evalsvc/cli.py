@@ -447,38 +447,42 @@ def _warn_of_unknown_variables() -> None:
 
 def _run(args: argparse.Namespace) -> int:
     """The command `args` name; its exit code."""
+    if args.command == "secrets" and args.secrets_command == "generate-key":  # needs no setting
+        from evalsvc.secrets.sealing import generate_key
+
+        print(generate_key())
+        return 0
+    # The settings first: one out of its bounds is refused in a fraction of a second, not after the
+    # second it takes to import the schema's machinery (alembic, SQLAlchemy) and the server.
+    settings = config.from_args(args)
     from evalsvc.store.migrate import SchemaError
 
     if args.command == "gateway":
         logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         _warn_of_unknown_variables()
-        return asyncio.run(_gateway_command(args, config.from_args(args)))
+        return asyncio.run(_gateway_command(args, settings))
     if args.command == "backup":
-        return _backup_command(args, config.from_args(args))
+        return _backup_command(args, settings)
     if args.command == "keys":
         try:
-            return asyncio.run(_keys_command(args, config.from_args(args)))
+            return asyncio.run(_keys_command(args, settings))
         except (ValueError, SchemaError) as exc:
             print(f"evalsvc keys: {exc}", file=sys.stderr)
             return 2
     if args.command == "cache":
         try:
-            return asyncio.run(_cache_command(args, config.from_args(args)))
+            return asyncio.run(_cache_command(args, settings))
         except (ValueError, SchemaError) as exc:
             print(f"evalsvc cache: {exc}", file=sys.stderr)
             return 2
     if args.command == "secrets":
-        from evalsvc.secrets.sealing import SecretsKeyError, generate_key
+        from evalsvc.secrets.sealing import SecretsKeyError
 
-        if args.secrets_command == "generate-key":
-            print(generate_key())
-            return 0
         try:
-            return asyncio.run(_secrets_command(args, config.from_args(args)))
+            return asyncio.run(_secrets_command(args, settings))
         except (SecretsKeyError, SchemaError) as exc:
             print(f"evalsvc secrets: {exc}", file=sys.stderr)
             return 2
-    settings = config.from_args(args)
     logs.configure(settings.log_level, settings.log_format)
     _warn_of_unknown_variables()
     if args.command == "migrate":

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 LISTENING = re.compile(r"evalsvc listening on [^ ]+:(\d+)")
 HTTP_LISTENING = re.compile(r"REST gateway listening on https?://[^ ]+:(\d+)")
@@ -154,12 +157,104 @@ def failed_gateway(*extra: str, timeout: float = 60.0, environ: Mapping[str, str
 
 def _failed(command: list[str], timeout: float, environ: Mapping[str, str] | None) -> FailedStart:
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "evalsvc", *command],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        env={**os.environ, **(environ or {})},
-    )
+    done = evalsvc_run(command, {**os.environ, **(environ or {})}, timeout)
     return FailedStart(done.returncode, done.stdout + done.stderr, time.monotonic() - started)
+
+
+def evalsvc_run(args: list[str], environ: Mapping[str, str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """`python -m evalsvc ARGS` with `environ` as its environment, run to its end, its output captured as
+    text; TimeoutExpired (the test fails) if it runs past `timeout`. For commands that end on their own
+    within seconds (a start that fails, migrate, keys): a server that starts keeps a ServerProcess."""
+    return _FORKS.run(args, timeout, environ)
+
+
+class _Forks:
+    """Runs short `python -m evalsvc ARGS` commands as forks of one process that has imported evalsvc's
+    command and server once (~1-2 s per start otherwise: most of test_startup's time went on its hundred
+    starts importing the same modules).
+
+    Each run is still its own process, with its own environment, working directory, exit code and
+    stdout/stderr (files, read back), whose `main` parses the command line and starts the server as a
+    fresh `evalsvc` would; what it skips is only the imports (they start no thread and not gRPC's
+    core, so forking after them is safe: the forker never opens a channel or a server). The forker is
+    started on first use, one per test process, and ends when that process closes its pipe."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[str] | None = None
+
+    def run(self, args: list[str], timeout: float, environ: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+        proc = self._started()
+        assert proc.stdin is not None and proc.stdout is not None
+        command = [sys.executable, "-m", "evalsvc", *args]
+        with tempfile.TemporaryDirectory(prefix="evalsvc-fork-") as where:
+            out, err = Path(where, "stdout"), Path(where, "stderr")
+            request = {"argv": args, "env": dict(environ), "cwd": os.getcwd(), "out": str(out), "err": str(err)}
+            proc.stdin.write(json.dumps({**request, "timeout": timeout}) + "\n")
+            proc.stdin.flush()
+            code = json.loads(proc.stdout.readline())["code"]
+            stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+        if code is None:
+            raise subprocess.TimeoutExpired(command, timeout, stdout, stderr)
+        return subprocess.CompletedProcess(command, code, stdout, stderr)
+
+    def _started(self) -> subprocess.Popen[str]:
+        if self._proc is None or self._proc.poll() is not None:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", "from tests.procs import serve_forks; serve_forks()"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=Path(__file__).resolve().parents[1],
+            )
+        return self._proc
+
+
+_FORKS = _Forks()
+
+
+def serve_forks() -> None:
+    """The forker's loop (in its own process): one JSON request per line on stdin, one answer per line
+    on stdout: the fork's exit code (None if it outlived its timeout and was killed)."""
+    import evalsvc.cli
+    import evalsvc.gateway.server
+    import evalsvc.server  # imported once, here, for every fork
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            _be_evalsvc(request, evalsvc.cli.main)
+        code = _reaped(pid, time.monotonic() + request["timeout"])
+        sys.stdout.write(json.dumps({"code": code}) + "\n")
+        sys.stdout.flush()
+
+
+def _be_evalsvc(request: dict[str, Any], main: Callable[[list[str]], int]) -> NoReturn:
+    """In the fork: become `python -m evalsvc ARGV` in the request's environment and directory, with
+    stdout and stderr in its files, and exit as that command would (`sys.exit(main())`)."""
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    for fd, path, flags in (
+        (0, os.devnull, os.O_RDONLY),
+        (1, request["out"], os.O_WRONLY),
+        (2, request["err"], os.O_WRONLY),
+    ):
+        opened = os.open(path, flags | (os.O_CREAT if fd else 0), 0o600)
+        os.dup2(opened, fd)
+        os.close(opened)
+    sys.exit(main(request["argv"]))
+
+
+def _reaped(pid: int, deadline: float) -> int | None:
+    """The exit code of fork `pid` (as subprocess reports it: -N for a signal), or None once it is
+    killed at `deadline`."""
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.01)  # a child of another process: no event to await here

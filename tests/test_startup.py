@@ -34,7 +34,15 @@ from tests import dbs
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, chat_reply
 from tests.helpers import create_request, exact, keyed_channel, tmpfs, watch_all
-from tests.procs import QUICK_S, FailedStart, assert_failed_cleanly, failed_gateway, failed_start, start_server
+from tests.procs import (
+    QUICK_S,
+    FailedStart,
+    assert_failed_cleanly,
+    evalsvc_run,
+    failed_gateway,
+    failed_start,
+    start_server,
+)
 
 
 @contextlib.contextmanager
@@ -54,9 +62,7 @@ def assert_one_line(failed: FailedStart, code: int, *named: str) -> str:
 
 def evalsvc_command(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`python -m evalsvc ARGS` run to its end (a minute at most), its output captured as text."""
-    return subprocess.run(
-        [sys.executable, "-m", "evalsvc", *args], capture_output=True, text=True, timeout=60, check=False, env=env
-    )
+    return evalsvc_run(list(args), os.environ if env is None else env)
 
 
 async def test_a_second_server_on_the_same_grpc_address_exits_and_the_first_keeps_serving(tmp_path: Path) -> None:
@@ -317,6 +323,25 @@ def test_a_setting_out_of_its_bounds_or_not_a_number_exits_2_in_one_line(
     assert failed.code == 2 and failed.seconds < QUICK_S, failed.output
     lines = failed.output.strip().splitlines()
     assert len(lines) == 1 and all(part in lines[0] for part in named), failed.output
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate", "keys list", "gateway --grpc-target 127.0.0.1:1"])
+def test_a_setting_out_of_its_bounds_is_refused_before_the_server_or_the_schema_is_imported(command: str) -> None:
+    """A typo in a setting is refused at once, by a fresh process (not a fork of one that has imported
+    everything): it waited a second or two for alembic, SQLAlchemy and the server to be imported first."""
+    script = (
+        "import sys\n"
+        "from evalsvc.cli import main\n"
+        f"code = main({command.split()!r})\n"
+        "heavy = {'alembic', 'sqlalchemy', 'evalsvc.server', 'evalsvc.gateway.server', 'grpc'}\n"
+        "print(code, sorted(heavy & set(sys.modules)))\n"
+    )
+    environ = {**os.environ, "EVALSVC_LOG_LEVEL": "LOUD"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False, env=environ
+    )
+    assert done.stdout == "2 []\n", done.stdout + done.stderr
+    assert "EVALSVC_LOG_LEVEL" in done.stderr and "LOUD" in done.stderr, done.stderr
 
 
 def test_an_evalsvc_variable_that_is_no_setting_is_named_in_one_warning(tmp_path: Path) -> None:
