@@ -131,7 +131,11 @@ def _open_database(settings: config.Settings) -> Database:
 
     try:
         check_database_directory(settings.db)
-        return Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
+        return Database(
+            settings.db,
+            sqlite_synchronous=settings.sqlite_synchronous,
+            idle_in_transaction_s=settings.idle_in_transaction_s,
+        )
     except (StartupError, ValueError, ArgumentError) as exc:
         raise config.SettingsError(f"{config.named('db')}: {exc}") from None
 

@@ -449,6 +449,14 @@ class Settings:
             seen.append((host, int(port), name))
 
     @property
+    def idle_in_transaction_s(self) -> float:
+        """How long a write transaction may sit idle on PostgreSQL before the database ends it (a replica
+        paused inside one held every replica's writes): half of the shorter of `lease_ttl_s` and
+        `stall_s`, so a paused replica's locks go before the other replicas' watchdogs see a stall, but
+        at least 5 s, which no healthy transaction idles for."""
+        return max(5.0, min(self.lease_ttl_s, self.stall_s) / 2)
+
+    @property
     def reply_bytes(self) -> int:
         """The largest reply read from a target, judge or generator: `max_reply_bytes`, or when that is 0,
         a quarter of `max_message_bytes`."""

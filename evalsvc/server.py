@@ -154,7 +154,11 @@ class EvalServer:
             dialect_mounts(settings.dialects)
         operator_secrets = OperatorSecrets(os.environ, settings.secrets_file)
         with _setting("db"):
-            self.db = Database(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
+            self.db = Database(
+                settings.db,
+                sqlite_synchronous=settings.sqlite_synchronous,
+                idle_in_transaction_s=settings.idle_in_transaction_s,
+            )
         # Keyed at start, from the database: every replica of a database signs with the same key.
         self.page_tokens = PageTokens(page_bytes=settings.max_message_bytes // 2)
         caps = StoredCaps.of(settings)

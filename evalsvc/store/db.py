@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -37,13 +37,30 @@ R = TypeVar("R")
 DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
 
 
+# How long a write transaction may sit idle between its statements (PostgreSQL; `Database.write`), when
+# the caller does not say: `Settings.idle_in_transaction_s` is what a server uses.
+IDLE_IN_TRANSACTION_S = 15.0
+_BOUND_IDLE = text("SELECT set_config('idle_in_transaction_session_timeout', :ms, true)")
+
+
 class Database:
     """The service's database: a write engine (one writer on SQLite) and a read engine."""
 
-    def __init__(self, url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 10) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        sqlite_synchronous: str = "FULL",
+        pool_size: int = 10,
+        idle_in_transaction_s: float = IDLE_IN_TRANSACTION_S,
+    ) -> None:
         """ValueError for a URL of another engine or driver than the two the store speaks (without it,
-        `mysql://` or `sqlite:///...` failed deep in SQLAlchemy, with a traceback)."""
+        `mysql://` or `sqlite:///...` failed deep in SQLAlchemy, with a traceback).
+
+        `idle_in_transaction_s` (PostgreSQL): how long a write transaction of this process may sit idle
+        between its statements before PostgreSQL ends its session, releasing its locks (see `write`)."""
         self.url = url
+        self._idle_in_transaction_ms = str(max(1, round(idle_in_transaction_s * 1000)))
         parsed = database_url(url)
         if parsed.drivername not in DRIVERS:
             raise ValueError(
@@ -73,7 +90,13 @@ class Database:
         else:
             # pre-ping: a pooled connection whose backend died (terminated, a restart, a failover) costs
             # a reconnect at checkout, not the call that drew it (a round trip per checkout).
-            self.writer = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+            self.writer = create_async_engine(
+                url,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                pool_pre_ping=True,
+            )
+            _configure_postgres(self.writer)
             self.reader = self.writer
         # This process writes every change of a SQLite database (it has one server), so it can keep
         # run rows current in memory; other servers change a PostgreSQL database behind its back.
@@ -99,11 +122,21 @@ class Database:
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction of its own: commits on success, rolls back on any exception. The writer
         uses it for each group; elsewhere only for start-up, maintenance and tests, where nothing else
-        writes (on SQLite it waits for the one write connection, so it never races the writer)."""
+        writes (on SQLite it waits for the one write connection, so it never races the writer).
+
+        On PostgreSQL the transaction may sit idle between statements for `idle_in_transaction_s` at
+        most; past it PostgreSQL ends the session and its locks go with it. A replica stopped inside a
+        write transaction (SIGSTOP, a VM or GC pause, a network partition) held the writers' lock
+        (evalsvc.store.writer's GROUP_LOCK) and its row locks until it woke: every replica's claims,
+        recordings, lease renewals and CreateRuns waited behind it, and their watchdogs turned the
+        healthy replicas NOT_SERVING (a probe: nothing moved for a 26 s pause). Reads hold no lock
+        another server waits for and are not bounded (a watch or comparison may read slowly)."""
         async with self.writer.connect() as conn:
             take_changed(conn)
             try:
                 async with conn.begin():
+                    if not self.is_sqlite:
+                        await conn.execute(_BOUND_IDLE, {"ms": self._idle_in_transaction_ms})
                     yield conn
             except BaseException:
                 # A connection the failure invalidated (the server went away) has lost its info with
@@ -341,6 +374,26 @@ def _create_owner_only(engine: AsyncEngine, path: Path) -> None:
         # read-only directory) is SQLite's own open's to report, as before.
         with suppress(OSError):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+
+
+_KEEPALIVES = (
+    "SELECT set_config('tcp_keepalives_idle', '60', false), set_config('tcp_keepalives_interval', '10', false), "
+    "set_config('tcp_keepalives_count', '3', false)"
+)
+
+
+def _configure_postgres(engine: AsyncEngine) -> None:
+    """TCP keepalives on every connection: PostgreSQL finds a session whose client vanished (a host that
+    died, a partition) within about a minute and a half, not the kernel's two hours, and frees its
+    connection slot. Set once per new connection rather than as startup parameters, which poolers such
+    as PgBouncer refuse unless told to ignore them."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cursor = dbapi_conn.cursor()
+        cursor.execute(_KEEPALIVES)
+        cursor.close()
+        dbapi_conn.commit()  # a setting made in a transaction that is rolled back is undone with it
 
 
 def _configure_sqlite(engine: AsyncEngine, synchronous: str, *, immediate: bool) -> None:
