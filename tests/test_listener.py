@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from evalsvc.events import listener as listener_module
@@ -55,3 +58,40 @@ def test_a_runs_relayed_position_is_forgotten_when_its_last_watcher_here_leaves(
     with bus.subscribe("run-1", 8), bus.subscribe("run-1", 8):
         listener._remember_relayed("run-1", 7)
     assert listener._relayed == {}
+
+
+class _DroppedConnection:
+    """A database whose connection was just dropped (pg_terminate_backend, a restart): every read fails."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[None]:
+        raise self.error
+        yield
+
+
+@pytest.mark.parametrize(
+    ("error", "traceback"),
+    [
+        (asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle of operation"), False),
+        (RuntimeError("a bug of ours"), True),
+    ],
+)
+async def test_a_relay_the_database_cannot_answer_is_one_warning_and_the_watchers_read_for_themselves(
+    caplog: pytest.LogCaptureFixture, error: BaseException, traceback: bool
+) -> None:
+    """Each connection a probe dropped under a replica (120 in all) left a traceback at ERROR here, beside
+    the supervised loops' one line each for the same cause; nothing was lost (watchers read the log)."""
+    bus = EventBus()
+    listener = EventListener("postgresql+asyncpg://nobody@127.0.0.1/none", bus, _DroppedConnection(error), Metrics())  # type: ignore[arg-type]
+    listener._remember_relayed("run-1", 3)
+    listener._notified["run-1"] = 5
+    with bus.subscribe("run-1", 8) as watcher, caplog.at_level(logging.WARNING):
+        await listener._relay("run-1")
+        assert await watcher.next(timeout=1) is None  # told to read the database for itself
+    [record] = [r for r in caplog.records if "run-1" in r.getMessage()]
+    assert (record.levelno, record.exc_info is not None) == (
+        (logging.ERROR, True) if traceback else (logging.WARNING, False)
+    )

@@ -42,7 +42,7 @@ from evalsvc.liveness import supervise
 from evalsvc.metrics import Metrics
 from evalsvc.store import events as event_log
 from evalsvc.store import runs as run_store
-from evalsvc.store.db import Database
+from evalsvc.store.db import Database, unavailable_cause
 from evalsvc.store.events import EVENTS_CHANNEL, RUNS_ENDED_CHANNEL, RUNS_PURGED_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -164,14 +164,24 @@ class EventListener:
                 if events:
                     self._remember_relayed(run_id, events[-1].seq)
                 self._bus.publish(run_id, events if events and events[-1].seq >= target else None)
-        except (Exception, asyncio.CancelledError):
+        except (Exception, asyncio.CancelledError) as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # stop() ends the relays
-            # The next notification starts a new relay; meanwhile the watchers lose nothing.
-            log.exception(
-                "relaying events of run %s failed; its watchers read the database", run_id, extra={"loop": "relay"}
-            )
+            # The next notification starts a new relay; meanwhile the watchers lose nothing. A database
+            # that cannot answer (a dropped connection, a restart) is said in one line: the supervised
+            # loops report it too, and a probe's 120 dropped connections had left 7 tracebacks here.
+            if (cause := unavailable_cause(exc)) is not None:
+                log.warning(
+                    "relaying events of run %s failed: the database cannot answer (%s); its watchers read it",
+                    run_id,
+                    cause,
+                    extra={"loop": "relay"},
+                )
+            else:
+                log.exception(
+                    "relaying events of run %s failed; its watchers read the database", run_id, extra={"loop": "relay"}
+                )
             self._metrics.loop_restarted("relay")
             self._relayed.pop(run_id, None)
             self._bus.publish(run_id, None)
