@@ -113,6 +113,8 @@ class Watchdog:
         self._on_health = on_health
         self._check_s = check_s
         self._watched: list[Watched] = []
+        self._conditions: list[Callable[[], str | None]] = []
+        self._failed_condition: str | None = None
         self.healthy = True
 
     def watch(self, loop: Watched) -> None:
@@ -120,6 +122,12 @@ class Watchdog:
         self._watched.append(loop)
         self._metrics.loop_stalls.labels(loop.name)  # exported from the start, zero until a stall
         self._metrics.loop_stalled.labels(loop.name).set(0)
+
+    def require(self, condition: Callable[[], str | None]) -> None:
+        """Check `condition` at every check from now on: a reason it returns (the server cannot go on
+        serving, whatever its loops do) is logged once at ERROR and makes health NOT_SERVING while it
+        holds. It must be quick and must not block (no I/O beyond a stat)."""
+        self._conditions.append(condition)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Check every loop every `check_s` until `stopping` is set."""
@@ -153,7 +161,13 @@ class Watchdog:
                 log.warning("loop %s makes progress again", loop.name, extra={"loop": loop.name})
             loop.stalled = stalled
             self._metrics.loop_stalled.labels(loop.name).set(1 if stalled else 0)
-        healthy = not any(loop.stalled for loop in self._watched)
+        failed = next((reason for condition in self._conditions if (reason := condition()) is not None), None)
+        if failed is not None and self._failed_condition is None:
+            log.error("%s; reporting NOT_SERVING", failed)
+        elif failed is None and self._failed_condition is not None:
+            log.warning("no longer so: %s", self._failed_condition)
+        self._failed_condition = failed
+        healthy = failed is None and not any(loop.stalled for loop in self._watched)
         if healthy != self.healthy:
             self.healthy = healthy
             await self._on_health(healthy)

@@ -230,6 +230,7 @@ class EvalServer:
         # Checks four times per stall limit, but never more often than every 50 ms nor less than every 5 s.
         self.watchdog = Watchdog(self.metrics, self._report_progress, check_s=max(0.05, min(5.0, settings.stall_s / 4)))
         self._watchdog_task: asyncio.Task[None] | None = None
+        self._serve_lock: ServeLock | None = None
         self._watchdog_stop = asyncio.Event()
         self._shutting_down = False
         self.port = 0
@@ -350,6 +351,8 @@ class EvalServer:
         self.watchdog.watch(self.generations.watched(self.settings.stall_s))
         self.watchdog.watch(self.purger.watched(self.settings.stall_s))
         self.watchdog.watch(self.webhook_sender.watched(self.settings.stall_s))
+        if self._serve_lock is not None:
+            self.watchdog.require(self._database_files_held)
         self._watchdog_task = asyncio.create_task(
             supervise("watchdog", lambda: self.watchdog.run(self._watchdog_stop), self._watchdog_stop, self.metrics),
             name="watchdog",
@@ -378,6 +381,7 @@ class EvalServer:
         except OSError as exc:
             raise StartupError(f"cannot use the database {path}: cannot lock {lock.path}: {_why(exc)}") from exc
         stack.callback(lock.release)
+        self._serve_lock = lock
         # The lock is by path, and a hard link is another path to the same file: a second server started
         # through one served the file beside the first. A database with more than one link is refused.
         links = _link_count(path)
@@ -485,6 +489,15 @@ class EvalServer:
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, status)
+
+    def _database_files_held(self) -> str | None:
+        """For the watchdog: why this server's SQLite files are no longer the database's (removed or
+        replaced while it served), after which it writes nothing more (see ServeLock.lost)."""
+        assert self._serve_lock is not None
+        if (why := self._serve_lock.lost()) is not None:
+            self.db.lose(f"the database {self._serve_lock.database} is lost: {why}")
+            return self.db.lost
+        return None
 
     async def _report_progress(self, healthy: bool) -> None:
         """The watchdog's verdict: a stalled loop makes the whole server NOT_SERVING, so an

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -258,3 +260,35 @@ async def test_connections_killed_under_the_pool_cost_a_reconnect_never_internal
     finally:
         await srv.stop(grace=0.5)
     assert not [r for r in caplog.records if r.exc_info and r.name.startswith("evalsvc")]
+
+
+async def test_a_sqlite_database_removed_while_serving_turns_not_serving_and_takes_no_more_writes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A probe removed the database's directory mid-run: the server went on SERVING and acknowledging
+    writes into a deleted file (all gone at its exit), and a second server started on the recreated
+    directory beside it. Now the watchdog finds the files gone: health NOT_SERVING (an orchestrator
+    restarts it), one ERROR line naming the file, and every write UNAVAILABLE, never acknowledged."""
+    directory = tmp_path / "data"
+    directory.mkdir()
+    srv = EvalServer(make_settings(tmp_path, db=f"sqlite+aiosqlite:///{directory / 'evalsvc.db'}", stall_s=0.4))
+    await srv.start()
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+            runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+            await runs.CreateRun(create_request(1))
+            caplog.set_level(logging.WARNING)
+            shutil.rmtree(directory)
+            health = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            async with asyncio.timeout(30):  # the watchdog looks every 0.1 s here
+                async for status in health:
+                    if status.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                        break
+            health.cancel()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await runs.CreateRun(create_request(1))
+            assert_unavailable(err.value)  # the cause is the operator's: said in the log, not to tenants
+            errors = [r for r in caplog.records if r.levelno >= logging.ERROR and "is lost" in r.getMessage()]
+            assert len(errors) == 1 and str(directory) in errors[0].getMessage() and not errors[0].exc_info
+    finally:
+        await srv.stop(grace=0.5)

@@ -43,6 +43,10 @@ IDLE_IN_TRANSACTION_S = 15.0
 _BOUND_IDLE = text("SELECT set_config('idle_in_transaction_session_timeout', :ms, true)")
 
 
+class DatabaseLost(RuntimeError):
+    """A write asked of a database whose files are gone from under the server (`Database.lose`)."""
+
+
 class Database:
     """The service's database: a write engine (one writer on SQLite) and a read engine."""
 
@@ -60,6 +64,7 @@ class Database:
         `idle_in_transaction_s` (PostgreSQL): how long a write transaction of this process may sit idle
         between its statements before PostgreSQL ends its session, releasing its locks (see `write`)."""
         self.url = url
+        self.lost: str | None = None  # set by `lose`: why no write may be made any more
         self._idle_in_transaction_ms = str(max(1, round(idle_in_transaction_s * 1000)))
         parsed = database_url(url)
         if parsed.drivername not in DRIVERS:
@@ -118,6 +123,12 @@ class Database:
         """Apply `payload` with the other payloads of its batch kind in the writer's next group."""
         return await self.group_writer.submit(batch, payload)
 
+    def lose(self, why: str) -> None:
+        """Refuse every write from now on (DatabaseLost: UNAVAILABLE to callers): the files this server
+        writes are no longer the database's (evalsvc.store.serve_lock.ServeLock.lost), so a write
+        acknowledged now would vanish at its exit."""
+        self.lost = why
+
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction of its own: commits on success, rolls back on any exception. The writer
@@ -131,6 +142,8 @@ class Database:
         recordings, lease renewals and CreateRuns waited behind it, and their watchdogs turned the
         healthy replicas NOT_SERVING (a probe: nothing moved for a 26 s pause). Reads hold no lock
         another server waits for and are not bounded (a watch or comparison may read slowly)."""
+        if self.lost is not None:
+            raise DatabaseLost(self.lost)
         async with self.writer.connect() as conn:
             take_changed(conn)
             try:
@@ -242,6 +255,8 @@ def unavailable_cause(exc: BaseException) -> str | None:
             return "no database connection became free in time"
         if isinstance(cause, DatabaseClosed):
             return "the server is stopping (its database is closed)"
+        if isinstance(cause, DatabaseLost):
+            return f"{cause}: restart the server"
         if _connection_lost(cause):
             return "the connection to the database was lost"
         cause = getattr(cause, "orig", None) or cause.__cause__

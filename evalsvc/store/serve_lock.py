@@ -54,9 +54,13 @@ class ServeLock:
     """The lock of one SQLite database file, taken by `acquire` and held until `release` (or the process ends)."""
 
     def __init__(self, database: Path, doing: str = SERVING) -> None:
+        self.database = database.resolve()
         self.path = lock_file(database)
         self.doing = doing  # written beside the pid, for another start's message
         self._fd: int | None = None
+        # (device, inode) of the lock file locked, and of the database file once it exists.
+        self._locked: tuple[int, int] | None = None
+        self._served: tuple[int, int] | None = None
 
     @property
     def held(self) -> bool:
@@ -79,11 +83,40 @@ class ServeLock:
             os.close(fd)
             raise
         self._fd = fd
+        self._locked = _identity(os.fstat(fd))
         # The pid only names the holder in another start's message: a disk too full to write it is no
         # reason to refuse the start (the database step names a full disk).
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {self.doing}\n".encode(), 0)
+
+    def lost(self) -> str | None:
+        """Why the paths no longer name the files this server holds (None while they do): the lock file
+        or the database file was removed or replaced (its directory deleted, a restore copied over it).
+        The server then writes to a file no one will read again, and a second server can lock the new
+        path and serve beside it: a probe removed the directory mid-run, the server went on SERVING and
+        acknowledging writes that vanished at its exit, and a second start on the recreated directory
+        succeeded. The database file's identity is taken at the first look that finds it (a new
+        database is created after the lock is taken)."""
+        if self._locked is None:
+            return None
+        for what, path, held in (
+            ("lock file", self.path, self._locked),
+            ("database file", self.database, self._served),
+        ):
+            try:
+                now = _identity(os.stat(path))
+            except FileNotFoundError:
+                if held is None:
+                    continue  # not created yet
+                return f"its {what} {path} was removed while it served"
+            except OSError as exc:
+                return f"its {what} {path} cannot be examined ({exc.strerror or exc})"
+            if held is None:
+                self._served = now
+            elif now != held:
+                return f"its {what} {path} was replaced while it served"
+        return None
 
     def release(self) -> None:
         """Give the lock up (closing the descriptor releases it); nothing when it is not held. The file
@@ -93,6 +126,10 @@ class ServeLock:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
             os.close(fd)
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_dev, stat.st_ino
 
 
 def _read_holder(fd: int) -> tuple[int | None, str]:
