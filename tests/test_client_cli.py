@@ -526,7 +526,7 @@ def test_webhooks_commands(tmp_path: Path) -> None:
             assert "signing secret (shown only now): whsec_" in shown.stdout
             listed = json.loads(evalctl(live, "webhooks", "list", "--json").stdout)
             assert [w.get("description", "") for w in listed] == ["second", ""]
-            assert all("signing_secret" not in w for w in listed)
+            assert all(w["signing_secret"] == "" for w in listed)  # every field is there: this one empty
 
             (tmp_path / "qa.jsonl").write_text('{"input": "a", "expected_output": "a", "response": "a"}\n')
             (tmp_path / "spec.yaml").write_text("dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
@@ -1157,3 +1157,226 @@ def test_exports_and_reports_say_when_a_listed_output_or_explanation_was_cut() -
     ]
     page = render_html(pb.Run(id="run_c", status=pb.run.RUN_STATUS_SUCCEEDED), [cut])
     assert page.count("cut short in this listing") == 2
+
+
+@pytest.fixture(scope="module")
+def outbound_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str]]:
+    """A server that may call endpoints on 127.0.0.1 (the tests' fake models) and has its REST gateway on."""
+    tmp = tmp_path_factory.mktemp("evalctl-outbound")
+    server = ServerProcess(
+        f"sqlite+aiosqlite:///{tmp / 'cli.db'}",
+        tmp / "server.log",
+        "--http-addr",
+        "127.0.0.1:0",
+        env={"EVALSVC_OUTBOUND_ALLOW": "127.0.0.1"},
+    )
+    try:
+        key = server.bootstrap_key()
+        assert key
+        yield server, key
+    finally:
+        assert server.terminate() == 0
+
+
+def test_a_gated_compare_of_a_run_still_executing_has_no_verdict(
+    outbound_live: tuple[ServerProcess, str], tmp_path: Path
+) -> None:
+    """`compare --fail-on-regression` of a candidate still executing judged the pairs there were so far and
+    passed (exit 0) a candidate that REGRESSED once its run ended. A gate on a partial comparison is now NO
+    VERDICT, exit 4, as `get --fail-under` of a running run. The candidate's model answers its first call
+    "ok" and holds every other until the test opens the gate, so the run is reliably executing."""
+    import threading
+
+    from evalsvc_client.sync import EvalClient
+
+    from tests.fake_llm import FakeEndpoint, Reply, chat_reply
+
+    server, key = outbound_live
+    rows = [{"id": f"q{i}", "input": f"question {i}", "expected_output": "ok", "response": "ok"} for i in range(10)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    graders = "graders: [{name: exact, exact_match: {}}]\n"
+    (tmp_path / "base.yaml").write_text("dataset: qa.jsonl\ntarget: provided\n" + graders)
+    base = json.loads(evalctl(outbound_live, "run", str(tmp_path / "base.yaml"), "--json").stdout)["id"]
+    gate = threading.Event()
+    with FakeEndpoint(chat_reply("ok"), Reply(chat_reply("WRONG").body, gate=gate)) as model:
+        try:
+            (tmp_path / "cand.yaml").write_text(
+                f"dataset: qa.jsonl\ntarget: {{chat: {{endpoint: {{base_url: '{model.url}/v1'}}, model: m}}}}\n"
+                + graders
+            )
+            detached = evalctl(outbound_live, "run", str(tmp_path / "cand.yaml"), "--detach")
+            assert detached.returncode == 0, detached.stderr
+            cand = detached.stdout.strip()
+            with EvalClient(server.target, api_key=key) as client:  # until the first pair is graded
+                next(event for event in client.watch(cand) if event.HasField("result"))
+
+            shown = evalctl(outbound_live, "compare", base, cand, "--json")
+            assert shown.returncode == 0 and json.loads(shown.stdout)["partial"] is True  # not gated: shown
+            assert json.loads(shown.stdout)["overall"]["pairs"] >= 1
+            for gates in (["--fail-on-regression"], ["--max-unpaired", "100"]):
+                gated = evalctl(outbound_live, "compare", base, cand, *gates)
+                assert gated.returncode == 4, (gates, gated.stdout, gated.stderr)
+                assert f"NO VERDICT: the comparison is partial: run {cand} is RUNNING;" in gated.stderr
+                assert f"`evalctl watch {cand}` waits for its end" in gated.stderr
+        finally:
+            gate.set()
+        assert evalctl(outbound_live, "watch", cand, "--no-progress").returncode == 1  # 1 of 10 passed
+    ended = evalctl(outbound_live, "compare", base, cand, "--fail-on-regression")
+    assert ended.returncode == 1 and "regressed at alpha 0.05: exact" in ended.stderr, ended.stderr
+
+
+def test_json_outputs_carry_every_field_at_its_default_too(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    """A FAILED result's export had no `score` and no `passed` (proto JSON leaves defaults out), and `get --json`
+    of a run without errors no `errored`: `jq .score` and `r["passed"]` broke on the results that matter."""
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(4, wrong_every=2)))
+    (tmp_path / "spec.yaml").write_text(
+        "dataset: qa.jsonl\ntarget: provided\ngraders: [{name: exact, exact_match: {}}]\nlabels: {suite: defaults}\n"
+    )
+    exported = tmp_path / "r.jsonl"
+    ran = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--jsonl", str(exported), "--json")
+    assert ran.returncode == 1, ran.stderr
+    run = json.loads(ran.stdout)
+    assert run["counts"]["errored"] == 0 and run["id"]  # `run --json`
+    for lines in (
+        exported.read_text(),
+        evalctl(live, "results", run["id"], "--state", "failed", "--format", "jsonl").stdout,
+        evalctl(live, "results", run["id"], "--json").stdout,
+    ):
+        failed = [json.loads(line) for line in lines.splitlines() if "RESULT_STATE_FAILED" in line]
+        assert len(failed) == 2 and all(r["score"] == 0.0 and r["passed"] is False for r in failed), failed
+        assert all("item_id" in r and "error_reason" in r for r in failed)  # snake_case, as the .proto
+    assert json.loads(evalctl(live, "get", run["id"], "--json").stdout)["counts"]["errored"] == 0
+    [listed] = json.loads(evalctl(live, "list", "--label", "suite=defaults", "--json").stdout)
+    assert listed["counts"]["errored"] == 0
+    events = [json.loads(line) for line in evalctl(live, "watch", run["id"], "--json").stdout.splitlines()]
+    assert all("seq" in event for event in events)
+
+
+def test_detach_prints_the_new_run_id_alone_on_stdout(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    """`R=$(evalctl run spec.yaml --detach)` was empty: the id was only in stderr's "created run ..." line."""
+    (tmp_path / "bare.jsonl").write_text('{"input": "x", "expected_output": "y"}\n')  # no response: errored
+    (tmp_path / "bare.yaml").write_text("dataset: bare.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
+    detached = evalctl(live, "run", str(tmp_path / "bare.yaml"), "--detach")
+    assert detached.returncode == 0 and re.fullmatch(r"run_\w+\n", detached.stdout), detached.stdout
+    run_id = detached.stdout.strip()
+    assert f"created run {run_id}" in detached.stderr
+    assert evalctl(live, "watch", run_id, "--no-progress").returncode == 2  # every evaluation errored
+    again = evalctl(live, "rerun", run_id, "--detach")
+    assert again.returncode == 0 and re.fullmatch(r"run_\w+\n", again.stdout), again.stdout
+    assert again.stdout.strip() != run_id and f"created run {again.stdout.strip()}" in again.stderr
+
+
+def test_delete_says_it_deleted_and_get_says_a_run_is_deleted(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    """`evalctl delete RUN` printed the run's summary alone, and `get` of a deleted run read as any other."""
+    (tmp_path / "qa.jsonl").write_text('{"input": "x", "expected_output": "x", "response": "x"}\n')
+    (tmp_path / "spec.yaml").write_text("dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
+    run_id = json.loads(evalctl(live, "run", str(tmp_path / "spec.yaml"), "--json").stdout)["id"]
+    deleted = evalctl(live, "delete", run_id)
+    assert deleted.returncode == 0, deleted.stderr
+    assert f"deleted run {run_id}: `evalctl undelete {run_id}` restores it until the server purges it" in (
+        deleted.stderr
+    )
+    assert deleted.stdout.startswith(f"run {run_id} SUCCEEDED (deleted 20"), deleted.stdout
+    got = evalctl(live, "get", run_id)
+    assert got.stdout.startswith(f"run {run_id} SUCCEEDED (deleted 20") and "undelete" in got.stdout, got.stdout
+    restored = evalctl(live, "undelete", run_id)
+    assert f"restored run {run_id}" in restored.stderr and "(deleted" not in restored.stdout
+    assert evalctl(live, "get", run_id).stdout.startswith(f"run {run_id} SUCCEEDED: 1/1")
+
+
+def test_list_says_on_stderr_when_more_runs_exist_than_it_shows(
+    live: tuple[ServerProcess, str], tmp_path: Path
+) -> None:
+    """`evalctl list` stopped at 50 runs in silence."""
+    (tmp_path / "qa.jsonl").write_text('{"input": "x", "expected_output": "x", "response": "x"}\n')
+    (tmp_path / "spec.yaml").write_text(
+        "dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\nlabels: {suite: many}\n"
+    )
+    for _ in range(3):
+        assert evalctl(live, "run", str(tmp_path / "spec.yaml"), "--detach").returncode == 0
+    cut = evalctl(live, "list", "--label", "suite=many", "--limit", "2")
+    assert cut.returncode == 0 and cut.stdout.count("run_") == 2
+    assert "showing the newest 2 runs; more exist: --limit 100 shows more" in cut.stderr, cut.stderr
+    cut_json = evalctl(live, "list", "--label", "suite=many", "--limit", "2", "--json")
+    assert len(json.loads(cut_json.stdout)) == 2 and "more exist" in cut_json.stderr
+    whole = evalctl(live, "list", "--label", "suite=many", "--limit", "3")
+    assert whole.stdout.count("run_") == 3 and "more exist" not in whole.stderr
+
+
+def test_a_target_written_as_a_url_or_the_rest_port_gets_a_hint_that_says_so(
+    outbound_live: tuple[ServerProcess, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--target http://HOST:PORT` and the REST gateway's port were both told "Nothing answers at ...: is the
+    server running?"."""
+    from evalsvc_client import cli
+    from evalsvc_client.errors import hint_for
+
+    server, key = outbound_live
+    url = f"http://{server.target}/"
+    assert cli.main(["--target", url, "--api-key", key, "list"]) == cli.EXIT_ERROR
+    said = capsys.readouterr().err
+    assert f"The target {url!r} is a URL; it is HOST:PORT of the gRPC port, without a scheme: {server.target}" in said
+    rest = f"127.0.0.1:{server.http_port()}"
+    assert cli.main(["--target", rest, "--api-key", key, "list"]) == cli.EXIT_ERROR
+    said = capsys.readouterr().err
+    assert f"Something answers at {rest}, but in HTTP/1, not gRPC: most likely the REST gateway's port" in said
+    assert "Nothing answers" not in said, said
+    # The SDK's errors carry the URL hint too (it calls the URL, which grpc takes for a host name).
+    hint = hint_for(grpc_unavailable(), "", "https://evalsvc.example:443", "Misformatted domain name")
+    assert "is a URL" in hint and "evalsvc.example:443 (and --tls for a TLS server)" in hint
+
+
+def grpc_unavailable() -> Any:
+    import grpc
+
+    return grpc.StatusCode.UNAVAILABLE
+
+
+def test_nothing_to_rerun_names_evalctls_flags(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    """The refusal named RERUN_SCOPE_ITEMS_ERRORED and RERUN_SCOPE_ITEMS_ALL, which evalctl does not take."""
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(4, wrong_every=2)))
+    (tmp_path / "spec.yaml").write_text("dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
+    run_id = json.loads(evalctl(live, "run", str(tmp_path / "spec.yaml"), "--json").stdout)["id"]
+    nothing = evalctl(live, "rerun", run_id)
+    assert nothing.returncode == 3 and "(NOTHING_TO_RERUN)" in nothing.stderr
+    assert f"nothing to rerun: no item of run {run_id} is errored" in nothing.stderr, nothing.stderr
+    assert f"`evalctl rerun {run_id} --failed` reruns the failed or errored items, `--all` every item" in (
+        nothing.stderr
+    )
+    assert "RERUN_SCOPE" not in nothing.stderr
+
+
+def test_an_output_in_a_missing_directory_names_the_path_given(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    """`-o missing/x.jsonl` said "No such file or directory: 'missing/x.jsonl.partial'", a name the user never
+    gave; `run --jsonl missing/x.jsonl` said so only after the whole run."""
+    (tmp_path / "qa.jsonl").write_text('{"input": "x", "expected_output": "x", "response": "x"}\n')
+    (tmp_path / "spec.yaml").write_text(
+        "dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\nlabels: {suite: nowhere}\n"
+    )
+    run_id = json.loads(evalctl(live, "run", str(tmp_path / "spec.yaml"), "--json").stdout)["id"]
+    missing = tmp_path / "missing" / "x.jsonl"
+    for args in (
+        ["results", run_id, "--format", "jsonl", "-o", str(missing)],
+        ["results", run_id, "--format", "junit", "-o", str(missing)],
+        ["run", str(tmp_path / "spec.yaml"), "--jsonl", str(missing)],
+        ["watch", run_id, "--junit", str(missing)],
+    ):
+        refused = evalctl(live, *args)
+        assert refused.returncode == 3, (args, refused.stderr)
+        assert refused.stderr == f"evalctl: cannot write {missing}: no such directory '{missing.parent}'\n"
+    assert len(json.loads(evalctl(live, "list", "--label", "suite=nowhere", "--json").stdout)) == 1  # no run made
+    not_a_file = evalctl(live, "results", run_id, "--format", "jsonl", "-o", str(tmp_path))
+    assert not_a_file.returncode == 3 and f"cannot write {tmp_path}: it is a directory" in not_a_file.stderr
+
+
+def test_an_error_writing_an_export_names_the_file_asked_for(tmp_path: Path) -> None:
+    """The temporary file beside it is evalctl's own: an error that names it names a file the user never gave."""
+    from evalsvc_client import cli
+
+    path = tmp_path / "gone" / "x.jsonl"
+    written = re.escape(str(path))
+    with (
+        pytest.raises(ValueError, match=rf"^cannot write {written}: No such file or directory$"),
+        cli._whole_file(str(path)) as partial,
+    ):
+        open(partial, "w").close()

@@ -6,7 +6,7 @@
                   a new run of RUN_ID's errored items (--failed: failed or errored, --all: every item; an
                   item that never ran counts as errored) with its definition, followed and judged as `run`
     evalctl watch RUN_ID [--after-seq N]                                     follow a run to its end
-    evalctl get RUN_ID | list [--status S] [--label k=v] | cancel RUN_ID | delete RUN_ID | undelete RUN_ID
+    evalctl get RUN_ID | list [--status S] [--label k=v] [--limit N] | cancel RUN_ID | delete RUN_ID | undelete RUN_ID
     evalctl results RUN_ID [--state passed|failed|error|skipped] [--format table|jsonl|junit] [-o FILE]
     evalctl report RUN_ID --html FILE                                        one self-contained HTML report
     evalctl compare BASELINE CANDIDATE [--alpha A] [--fail-on-regression] [--max-unpaired N]
@@ -21,7 +21,9 @@
 
 Global, before or after the command (`evalctl --json list` or `evalctl list --json`): --target HOST:PORT
 (EVALCTL_TARGET, default 127.0.0.1:50051), --api-key (EVALSVC_API_KEY), --json, --tls,
---ca-cert/--client-cert/--client-key (TLS, mTLS).
+--ca-cert/--client-cert/--client-key (TLS, mTLS). `run --detach` and `rerun --detach` print the new run's id
+alone on stdout (`R=$(evalctl run spec.yaml --detach)`). JSON output (--json, --jsonl, results --format jsonl)
+is proto JSON with the .proto field names (snake_case; REST's JSON is lowerCamelCase) and every field, defaults too.
 
 Verdict (run, rerun, watch; get with --fail-under): a run passes when its pass rate (percent, errors excluded) reaches
 --fail-under if given, else the spec's pass_threshold (unset: every graded evaluation must pass), and at most
@@ -30,7 +32,8 @@ warn on stderr, and go on, when either is above 0 and at most 1 (`pass_threshold
 Exit codes: 0 passed; 1 did not pass, or (compare --fail-on-regression) a grader REGRESSED or no evaluation was
 paired at all, or (compare --max-unpaired N) more than N evaluations were unpaired; 2 the run ended
 FAILED or CANCELLED; 3 a spec, connection or RPC error, or a command line evalctl does not understand;
-4 (get --fail-under) the run has not ended, so there is no verdict yet;
+4 (get --fail-under; compare with a gate, of a run still executing: a partial comparison) NO VERDICT: a run
+has not ended, so there is no verdict yet;
 141 (quietly) stdout closed early, as in `evalctl results RUN --format jsonl | head`.
 """
 
@@ -57,7 +60,7 @@ from rich.table import Table
 
 from evalsvc_client import pb
 from evalsvc_client._common import TLSOptions
-from evalsvc_client.errors import EvalError
+from evalsvc_client.errors import EvalError, target_as_url_hint
 from evalsvc_client.export import listed_explanation, listed_output, to_dict, write_jsonl, write_junit
 from evalsvc_client.report import agreement_line, format_rate, render_html
 from evalsvc_client.spec import CACHE_MODES, RunSpec, SpecError, cache_mode, load_items, load_spec, plural
@@ -170,6 +173,9 @@ class _Live:
 
 
 def _client(args: argparse.Namespace) -> EvalClient:
+    url = target_as_url_hint(args.target)
+    if url:  # refused before any call: grpc took the URL for a host name, and evalctl said nothing answered there
+        raise ValueError(f"{url} (--target or EVALCTL_TARGET)")
     tls = None
     if args.ca_cert or args.client_cert or args.tls:
         tls = TLSOptions(
@@ -188,7 +194,8 @@ def _summary(console: Console, run: pb.Run) -> None:
     counts = run.counts
     rate = pass_rate_percent(counts)
     console.print(
-        f"run {run.id} {_status(run.status)}: {counts.completed_evaluations}/{counts.total_evaluations}"
+        f"run {run.id} {_status(run.status)}{_deleted(run)}:"
+        f" {counts.completed_evaluations}/{counts.total_evaluations}"
         f" evaluations, pass rate {format_rate(rate)}, {counts.errored} errors,"
         f" cost ${run.cost_usd:.4f}"  # target and judges (aggregate.total_cost_usd is the target's alone)
         + (f" ({run.error.code}: {run.error.message})" if run.HasField("error") else "")
@@ -196,6 +203,14 @@ def _summary(console: Console, run: pb.Run) -> None:
     for grader in run.aggregate.graders:
         if grader.HasField("agreement"):  # items with human_verdicts: how far the grader can be trusted
             console.print(f"  {grader.grader} {agreement_line(grader.agreement)}", markup=False)
+
+
+def _deleted(run: pb.Run) -> str:
+    """What the summary line says after a soft-deleted run's status (delete_time set), else nothing: `get` of a
+    deleted run read as any other's."""
+    if not run.HasField("delete_time"):
+        return ""
+    return f" (deleted {_when(run.delete_time)}; `evalctl undelete {run.id}` restores it until the server purges it)"
 
 
 class _Deferred:
@@ -317,15 +332,34 @@ def _results(client: EvalClient, run_id: str, state: str | None) -> Iterator[pb.
     )
 
 
+def _check_outputs(*paths: str | None) -> None:
+    """Refuse, before any call, an output file evalctl could not write: one in a directory that does not exist,
+    or a directory (`run --jsonl missing/r.jsonl` ran the whole run, then failed naming its temporary file)."""
+    for path in paths:
+        if not path:
+            continue
+        where = Path(path)
+        if where.is_dir():
+            raise ValueError(f"cannot write {path}: it is a directory")
+        if not where.parent.is_dir():
+            raise ValueError(f"cannot write {path}: no such directory {str(where.parent)!r}")
+
+
 @contextlib.contextmanager
 def _whole_file(path: str) -> Iterator[str]:
     """A path to write `path` through: a file beside it, put in its place once written whole and removed
     otherwise. Written in place, an export cut short (Ctrl-C, a dropped connection while paging the
-    results) left a truncated file that a CI step then read as the run's results."""
+    results) left a truncated file that a CI step then read as the run's results. An error writing the
+    file beside it names `path`, the file the user asked for."""
     partial = f"{path}.partial"
     try:
-        yield partial
-        os.replace(partial, path)
+        try:
+            yield partial
+            os.replace(partial, path)
+        except OSError as exc:
+            if exc.filename not in (partial, path):
+                raise
+            raise ValueError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(partial)
@@ -341,6 +375,7 @@ def _export(client: EvalClient, run: pb.Run, args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    _check_outputs(args.jsonl, args.junit)
     spec = load_spec(Path(args.spec))
     _print_spec_warnings(console, spec)
     if args.cache:
@@ -380,13 +415,20 @@ _RERUN_WORDS = {
 def cmd_rerun(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
     """A new run of an ended run's errored (--failed: failed or errored; --all: every) items, with its stored
     definition, followed to its end as `run` follows one: the same progress, exports, verdict and exit codes."""
+    _check_outputs(args.jsonl, args.junit)
     scope = "all" if args.all else "failed_or_errored" if args.failed else "errored"
-    run = client.rerun_run(
-        args.run_id,
-        scope=scope,
-        request_id=args.request_id,
-        cache_mode=cache_mode(args.cache) if args.cache else pb.cache.CACHE_MODE_UNSPECIFIED,
-    )
+    try:
+        run = client.rerun_run(
+            args.run_id,
+            scope=scope,
+            request_id=args.request_id,
+            cache_mode=cache_mode(args.cache) if args.cache else pb.cache.CACHE_MODE_UNSPECIFIED,
+        )
+    except EvalError as exc:
+        # The server's words name RerunScope values, not evalctl's flags.
+        if exc.reason == "NOTHING_TO_RERUN" and scope != "all":
+            exc.message, exc.hint = _nothing_to_rerun(exc.metadata.get("run_id") or args.run_id, scope)
+        raise
     jobs = run.counts.total_items * run.repetitions
     created = (
         f"created run {run.id} ({jobs} jobs): a rerun of {_RERUN_WORDS[scope].format(run.counts.total_items)}"
@@ -395,16 +437,34 @@ def cmd_rerun(args: argparse.Namespace, client: EvalClient, console: Console) ->
     return _follow_created(client, run, args, console, created)
 
 
+def _nothing_to_rerun(run_id: str, scope: str) -> tuple[str, str]:
+    """A NOTHING_TO_RERUN refusal in evalctl's words, its message and hint: the server's named
+    RERUN_SCOPE_ITEMS_ERRORED and RERUN_SCOPE_ITEMS_ALL, which a user of the command line cannot type."""
+    selected = "errored" if scope == "errored" else "failed or errored"
+    message = (
+        f"nothing to rerun: no item of run {run_id} is {selected} (every evaluation of every item has a result,"
+        f" and none is {selected})"
+    )
+    hint = (
+        "`evalctl rerun RUN_ID --failed` reruns the failed or errored items, `--all` every item"
+        if scope == "errored"
+        else "`evalctl rerun RUN_ID --all` reruns every item"
+    )
+    return message, hint.replace("RUN_ID", run_id)
+
+
 def _follow_created(client: EvalClient, run: pb.Run, args: argparse.Namespace, console: Console, created: str) -> int:
-    """What `run` and `rerun` do with the run they created: say so (`created`, unless --json), exit at once with
-    --detach, else follow it to its end, export its results, print it and return its verdict. Ctrl-C from the
-    announcement on raises `Interrupted`, which names the run."""
+    """What `run` and `rerun` do with the run they created: say so (`created`, unless --json, on stderr), exit at
+    once with --detach (the run's id alone on stdout), else follow it to its end, export its results, print it
+    and return its verdict. Ctrl-C from the announcement on raises `Interrupted`, which names the run."""
     try:
         if not args.json:
             console.print(created)
-        if args.detach:
+        if args.detach:  # the run id alone on stdout (`R=$(evalctl run spec.yaml --detach)`), or the run as JSON
             if args.json:
                 _print_json(to_dict(run))
+            else:
+                print(run.id)
             return EXIT_OK
         final = _follow(client, run.id, 0, args, console)
     except KeyboardInterrupt:  # before the watch began (in it, _follow raises Interrupted with its seq)
@@ -418,6 +478,7 @@ def _follow_created(client: EvalClient, run: pb.Run, args: argparse.Namespace, c
 
 
 def cmd_watch(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    _check_outputs(args.jsonl, args.junit)
     final = _follow(client, args.run_id, args.after_seq, args, console)
     _export(client, final, args)
     if not args.json:
@@ -458,6 +519,7 @@ def _print_spec_error(console: Console, error: SpecError) -> None:
 
 
 def cmd_report(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    _check_outputs(args.html)
     run = client.get_run(args.run_id)
     page = render_html(run, _results(client, run.id, None))
     Path(args.html).write_text(page, encoding="utf-8")
@@ -484,10 +546,14 @@ def cmd_list(args: argparse.Namespace, client: EvalClient, console: Console) -> 
             statuses=statuses,
             labels=labels,
             dataset_id=args.dataset_id,
-            limit=args.limit,
+            limit=args.limit + 1,  # one more than shown: whether there are more
             show_deleted=args.show_deleted,
         )
     )
+    more = len(runs) > args.limit
+    runs = runs[: args.limit]
+    if more:  # the listing stopped at 50 in silence
+        console.print(_more_listed(len(runs), "runs", args.limit))
     if args.json:
         _print_json([to_dict(r) for r in runs])
         return EXIT_OK
@@ -506,10 +572,24 @@ def cmd_list(args: argparse.Namespace, client: EvalClient, console: Console) -> 
     return EXIT_OK
 
 
+def _more_listed(shown: int, what: str, limit: int) -> str:
+    """The stderr line of a listing cut at its --limit (stdout keeps the listing alone)."""
+    return f"showing the newest {shown} {what}; more exist: --limit {max(2 * limit, 100)} shows more"
+
+
 def cmd_change(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
-    """cancel, delete or undelete: one call on the run, which is the output (stdout)."""
+    """cancel, delete or undelete: one call on the run, which is the output (stdout); delete and undelete say
+    what they did on stderr, as `datasets delete` does (delete printed the run's summary alone, which read as
+    if nothing had changed)."""
     change = {"cancel": client.cancel_run, "delete": client.delete_run, "undelete": client.undelete_run}[args.command]
     run = change(args.run_id)
+    if not args.json and args.command == "delete":
+        console.print(
+            f"deleted run {run.id}: `evalctl undelete {run.id}` restores it until the server purges it"
+            " (--deleted-run-retention-s after its deletion, 30 days by default)"
+        )
+    elif not args.json and args.command == "undelete":
+        console.print(f"restored run {run.id}")
     if args.json:
         _print_json(to_dict(run))
     else:
@@ -518,6 +598,7 @@ def cmd_change(args: argparse.Namespace, client: EvalClient, console: Console) -
 
 
 def cmd_results(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    _check_outputs(args.output)
     fmt = "jsonl" if args.json and args.format == "table" else args.format
     results = _results(client, args.run_id, args.state)
     if fmt == "junit":
@@ -646,10 +727,32 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
                     item.candidate.error_reason or listed_explanation(item.candidate),
                 )
             _console().print(items)
+    if comparison.partial and (args.fail_on_regression or args.max_unpaired is not None):
+        console.print(_no_comparison_verdict(client, comparison))
+        return EXIT_NOT_ENDED
     failures = comparison_gate_failures(comparison, args.fail_on_regression, args.max_unpaired)
     for failure in failures:
         console.print(failure)
     return EXIT_BELOW if failures else EXIT_OK
+
+
+def _no_comparison_verdict(client: EvalClient, comparison: pb.RunComparison) -> str:
+    """The NO VERDICT line of a gated compare of a partial comparison (a run still executing), as `get
+    --fail-under` says of a run that has not ended: a gate judged on the pairs there were so far passed a
+    candidate that regressed once its run ended."""
+    executing = []
+    for run_id in dict.fromkeys([comparison.baseline_run_id, comparison.candidate_run_id]):
+        run = client.get_run(run_id)
+        if run.status not in pb.TERMINAL_STATUSES:
+            executing.append(run)
+    if not executing:  # it ended since: the comparison still covers only what there was then
+        return "NO VERDICT: the comparison is partial (a run was still executing); compare again"
+    states = ", ".join(f"run {run.id} is {_status(run.status)}" for run in executing)
+    waits = " and ".join(f"`evalctl watch {run.id}`" for run in executing)
+    return (
+        f"NO VERDICT: the comparison is partial: {states}; {waits} waits for its end, then compare again"
+        " (a gate judges ended runs only)"
+    )
 
 
 _DELIVERY_STATUSES = cast(
@@ -680,7 +783,11 @@ def cmd_webhooks(args: argparse.Namespace, client: EvalClient, console: Console)
     command = args.webhooks_command
     if command == "deliveries":
         status = _DELIVERY_STATUSES.get(args.status or "", pb.webhooks.WEBHOOK_DELIVERY_STATUS_UNSPECIFIED)
-        deliveries = list(itertools.islice(client.list_webhook_deliveries(args.webhook_id, status=status), args.limit))
+        listed = client.list_webhook_deliveries(args.webhook_id, status=status)
+        deliveries = list(itertools.islice(listed, args.limit + 1))  # one more than shown: whether there are more
+        if len(deliveries) > args.limit:
+            deliveries = deliveries[: args.limit]
+            console.print(_more_listed(len(deliveries), "deliveries", args.limit))
         if args.json:
             _print_json([to_dict(d) for d in deliveries])
             return EXIT_OK
@@ -990,7 +1097,9 @@ def parser() -> argparse.ArgumentParser:
     listing.add_argument("--status", action="append", default=[], choices=sorted(_STATUSES))
     listing.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", type=_label)
     listing.add_argument("--dataset-id", default="")
-    listing.add_argument("--limit", type=_at_least(1), default=50)
+    listing.add_argument(
+        "--limit", type=_at_least(1), default=50, help="at most this many, newest first (stderr says when more exist)"
+    )
     listing.add_argument("--show-deleted", action="store_true", help="list soft-deleted runs too (until purged)")
     listing.set_defaults(handler=cmd_list)
 
@@ -1064,7 +1173,9 @@ def parser() -> argparse.ArgumentParser:
     deliveries = hooks.add_parser("deliveries", parents=[common], help="a webhook's deliveries, newest first")
     deliveries.add_argument("webhook_id")
     deliveries.add_argument("--status", choices=sorted(_DELIVERY_STATUSES))
-    deliveries.add_argument("--limit", type=_at_least(1), default=50)
+    deliveries.add_argument(
+        "--limit", type=_at_least(1), default=50, help="at most this many, newest first (stderr says when more exist)"
+    )
     webhooks.set_defaults(handler=cmd_webhooks)
 
     datasets = sub.add_parser("datasets", help="manage datasets: named sets of items runs evaluate (dataset_id)")

@@ -161,11 +161,40 @@ KEY_HINT = (
 _HANDSHAKE_FAILED = re.compile(r"socket closed|handshake|ssl|certificate|tls", re.IGNORECASE)
 
 
+# How grpc says an HTTP/1 server answered (the REST gateway's port, a web server): h11's 404 to the HTTP/2
+# preface, or the bytes of an HTTP/1 reply where a SETTINGS frame should be.
+_HTTP1_ANSWERED = re.compile(r"http1\.x server|Failed parsing HTTP/2|Expected SETTINGS frame", re.IGNORECASE)
+
+
+def target_as_url_hint(target: str) -> str:
+    """What to say of a target written as a URL (`http://127.0.0.1:50051`); empty for HOST:PORT. grpc took
+    the whole URL for a host name ("Misformatted domain name"), and the hint said nothing answered there."""
+    scheme, sep, rest = target.partition("://")
+    if not sep:
+        return ""
+    address = rest.split("/", 1)[0] or "HOST:PORT"
+    tls = " (and --tls for a TLS server)" if scheme.lower() == "https" else ""
+    return (
+        f"The target {target!r} is a URL; it is HOST:PORT of the gRPC port, without a scheme: {address}{tls}."
+        " The REST gateway's http:// URL (port 8080 by default) is for curl, not for evalctl or the SDK"
+    )
+
+
 def hint_for(code: grpc.StatusCode, reason: str, target: str, message: str = "") -> str:
     """What a person can do about an error: a key to give, a server to start, TLS to use (`message`, the
-    transport's words, tells a failed handshake from nothing listening). Empty for the rest."""
+    transport's words, tells a failed handshake from nothing listening, and an HTTP/1 server from both), a
+    target to write without its URL scheme. Empty for the rest."""
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return KEY_HINT
+    if code == grpc.StatusCode.UNAVAILABLE and not reason and target_as_url_hint(target):
+        return target_as_url_hint(target)
+    if code == grpc.StatusCode.UNAVAILABLE and not reason and target and _HTTP1_ANSWERED.search(message):
+        # evalctl said "Nothing answers" of the REST gateway, which had answered, in HTTP/1.
+        return (
+            f"Something answers at {target}, but in HTTP/1, not gRPC: most likely the REST gateway's port"
+            " (8080 by default). --target HOST:PORT (EVALCTL_TARGET; SDK: the target) takes the gRPC port,"
+            " 50051 by default: the server logs it as `evalsvc listening on HOST:PORT`"
+        )
     # The transport's words name the address too (`evalsvc-tls.internal:443` matched "tls"), and a name
     # that does not resolve is no handshake: neither says TLS does not match.
     words = message.replace(target, " ") if target else message

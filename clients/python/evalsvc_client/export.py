@@ -1,4 +1,5 @@
-"""Result exports: JSON Lines (one Result in proto JSON per line) and JUnit XML (one testsuite per grader)."""
+"""Result exports: JSON Lines (one Result in proto JSON per line, every field: `to_dict`) and JUnit XML (one
+testsuite per grader)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,13 @@ from evalsvc_client import pb
 
 
 def to_dict(message: Any) -> dict[str, Any]:
-    """A message as proto JSON with the .proto field names (snake_case) and enum names."""
-    result: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    """A message as proto JSON with the .proto field names (snake_case, where REST's JSON has lowerCamelCase) and
+    enum names; every field without presence is there, at its default too (`"score": 0.0`, `"passed": false`,
+    `"errored": 0`, `[]`): a FAILED result without `score` or `passed` broke `jq .score` and `r["passed"]` on
+    exactly the results that matter. A message field, or a scalar marked optional, that is unset stays out."""
+    result: dict[str, Any] = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
     return result
 
 
