@@ -6,6 +6,11 @@ evalsvc.store.jobs): a claim gives a batch one `claim_id` and a lease; an attemp
 recorded only while that claim still holds it, and an expired lease (a sender that died) makes the
 delivery claimable again. On PostgreSQL claims skip rows another replica is claiming.
 
+A webhook's circuit breaker (evalsvc.webhooks.sender) is kept in its row, so every replica honours it:
+no delivery of a webhook whose circuit is open is due (`_due`), and opening it moves the deliveries
+waiting for it to the end of its cooldown (`count_failure`), so claims and the backlog's reads do not
+read through them while it lasts.
+
 Lock order: a transaction that changes deliveries and their webhook changes the deliveries first.
 """
 
@@ -14,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -24,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from evalsvc.ids import new_id
 from evalsvc.messages import webhook_events as events
 from evalsvc.store import quotas
+from evalsvc.store.db import tally
 from evalsvc.store.models import EventRow, WebhookDeliveryRow, WebhookRow
 from evalsvc.store.records import ClaimedDelivery, WebhookDeliveryRecord, WebhookRecord
 from evalsvc.v1 import eval_run_service_pb2 as pb
@@ -56,6 +62,10 @@ _UNSENT_DISABLED: dict[str, Any] = {
     "lease_expiry": None,
     "last_error": "not sent: the webhook was disabled",
 }
+# A closed circuit: what a 2xx, re-enabling the webhook or changing its url leaves (`close_circuit`).
+CIRCUIT_CLOSED: dict[str, Any] = {"consecutive_failures": 0, "circuit_open_until": None, "circuit_opens": 0}
+# The name of the count of events not queued, for evalsvc.metrics (evalsvc.store.db.tally).
+EVENTS_DROPPED = "webhook_events_dropped"
 
 
 async def enqueue(conn: AsyncConnection, tenant: str, event: pb.WatchRunResponse) -> None:
@@ -133,7 +143,9 @@ async def _mark_dropped(
     WatchRun or GetRun catch up). A streak goes on while that marker is the webhook's newest delivery;
     a delivery queued since starts a new one. So the markers are at most one per delivery actually
     queued, and the drops (a log line only, once a minute, before) cost an indexed read and a write of
-    one row per webhook and transaction, not a row per event (~3,000 a second with 50 webhooks)."""
+    one row per webhook and transaction, not a row per event (~3,000 a second with 50 webhooks).
+    The webhook counts them too (its dropped_event_count), and so does this process's metric once the
+    transaction commits."""
     newest = (
         await conn.execute(
             select(DELIVERIES.c.id, DELIVERIES.c.event_type, DELIVERIES.c.last_error)
@@ -142,18 +154,32 @@ async def _mark_dropped(
             .limit(1)
         )
     ).first()
+    streak = count
     if newest is not None and newest.event_type == DROPPED and (counted := _DROPPED_ERROR.match(newest.last_error)):
-        count += int(counted.group(1))
+        streak += int(counted.group(1))
     else:
         newest = None
     error = (
-        f"{count} event{'s' if count != 1 else ''} not queued: the tenant had {MAX_PENDING_PER_TENANT} "
+        f"{streak} event{'s' if streak != 1 else ''} not queued: the tenant had {MAX_PENDING_PER_TENANT} "
         "deliveries waiting (run_id and seq: the last one; GetRun or WatchRun has them)"
     )
     values = {"run_id": run_id, "seq": seq, "last_error": error, "last_attempt_time": now}
     if newest is not None:
         await conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == newest.id).values(**values))
-        return
+    else:
+        await _insert_dropped_marker(conn, tenant, webhook_id, values, now)
+    await conn.execute(
+        update(WEBHOOKS)
+        .where(WEBHOOKS.c.id == webhook_id, WEBHOOKS.c.tenant == tenant)
+        .values(dropped_events=WEBHOOKS.c.dropped_events + count)
+    )
+    tally(conn, EVENTS_DROPPED, count)
+
+
+async def _insert_dropped_marker(
+    conn: AsyncConnection, tenant: str, webhook_id: str, values: Mapping[str, Any], now: float
+) -> None:
+    """The FAILED delivery of event type DROPPED that starts a streak of drops (`_mark_dropped`)."""
     await conn.execute(
         insert(DELIVERIES).values(
             id=new_id("msg"),
@@ -307,12 +333,20 @@ CLAIMED_COLUMNS = (
 
 
 def _due(now: float) -> list[Any]:
-    """Deliveries that wait for an attempt now and that no live sender holds."""
+    """Deliveries that wait for an attempt now, that no live sender holds, and whose webhook's circuit is
+    not open (while it is, they wait: the few left due, such as those whose attempts were under way when
+    it opened, are read past here; opening it moved the others to its end: `count_failure`)."""
     return [
         DELIVERIES.c.status == PENDING,
         DELIVERIES.c.next_attempt_time <= now,
         or_(DELIVERIES.c.lease_expiry.is_(None), DELIVERIES.c.lease_expiry < now),
+        ~_of_webhook(WEBHOOKS.c.circuit_open_until > now),
     ]
+
+
+def _of_webhook(condition: Any) -> Any:
+    """A delivery's webhook meets `condition` (a correlated EXISTS, through the webhook's primary key)."""
+    return select(WEBHOOKS.c.id).where(WEBHOOKS.c.id == DELIVERIES.c.webhook_id, condition).exists()
 
 
 async def any_due(conn: AsyncConnection, now: float) -> bool:
@@ -353,6 +387,11 @@ async def claim_due(
     lease expired), each tenant's oldest due first. Each comes with what sending it needs: its
     webhook's url and secrets and the run event it reports (`payload`).
 
+    What the claim took but must not send is not returned (`_screen`): a delivery whose webhook was
+    disabled is failed, as disabling fails those not leased (it was leased then, by a sender that died:
+    it was sent once when its lease expired); of a half-open webhook's, one is its probe and the others
+    are handed back.
+
     A tenant's quota is its own statement's LIMIT: a claim in global due order gave every freed slot
     to the tenant with the oldest backlog (four tenants with hung receivers held all 16 slots and
     every other tenant's deliveries waited behind them). On PostgreSQL a delivery another replica is
@@ -371,15 +410,16 @@ async def claim_due(
         taken += len(leased.all())
     if not taken:
         return []
-    rows = (
+    claimed = (
         await conn.execute(
-            select(*CLAIMED_COLUMNS[:-1])
+            select(*CLAIMED_COLUMNS[:-1], WEBHOOKS.c.enabled, WEBHOOKS.c.circuit_open_until)
             .select_from(DELIVERIES)
             .join(WEBHOOKS, WEBHOOKS.c.id == DELIVERIES.c.webhook_id)
             .where(DELIVERIES.c.claim_id == claim_id)
             .order_by(DELIVERIES.c.next_attempt_time)
         )
     ).all()
+    rows, probes = await _screen(conn, claimed, now=now, lease_s=lease_s)
     # Each event once, however many of its deliveries the claim holds: one event to 50 webhooks was
     # its payload (up to 4 MiB: the whole run) read 50 times inside the write transaction.
     wanted = sorted({(row.run_id, row.seq) for row in rows})
@@ -393,10 +433,51 @@ async def claim_due(
         payloads.update(((run_id, seq), payload) for seq, payload in found)
     # A delivery whose event is gone (its run purged) is not returned, as the join with events did.
     return [
-        ClaimedDelivery.from_columns((*row, payloads[(row.run_id, row.seq)]))
+        ClaimedDelivery.from_columns(
+            (*row[: len(CLAIMED_COLUMNS) - 1], payloads[(row.run_id, row.seq)], row.id in probes)
+        )
         for row in rows
         if (row.run_id, row.seq) in payloads
     ]
+
+
+async def _screen(
+    conn: AsyncConnection, claimed: Sequence[Any], *, now: float, lease_s: float
+) -> tuple[list[Any], set[str]]:
+    """Of the deliveries a claim leased (oldest due first, with their webhook's `enabled` and
+    `circuit_open_until`), those to send, and which of them are probes.
+
+    A delivery whose webhook is disabled is failed unsent. A webhook whose circuit is half-open (its
+    cooldown over: an open one's deliveries are not due) gets one attempt, its oldest due delivery: the
+    probe, whose lease its circuit takes as its new end (`circuit_open_until`), so no other delivery of
+    it is claimed meanwhile, by any replica, and a probe whose sender died is followed by another once
+    that lease ends. Its other deliveries are handed back, due; so are all of them when another claim
+    took the probe first (on PostgreSQL the update waits for that claim and sees its end)."""
+    disabled = [row.id for row in claimed if not row.enabled]
+    if disabled:
+        await conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_(disabled)).values(**_UNSENT_DISABLED))
+    half_open: dict[str, list[str]] = {}
+    for row in claimed:
+        if row.enabled and row.circuit_open_until is not None:
+            half_open.setdefault(row.webhook_id, []).append(row.id)
+    probes: set[str] = set()
+    handed_back: list[str] = []
+    for webhook_id, delivery_ids in sorted(half_open.items()):
+        probing = await conn.execute(
+            update(WEBHOOKS)
+            .where(WEBHOOKS.c.id == webhook_id, WEBHOOKS.c.circuit_open_until <= now)
+            .values(circuit_open_until=now + lease_s)
+            .returning(WEBHOOKS.c.id)
+        )
+        first = 1 if probing.first() is not None else 0
+        probes.update(delivery_ids[:first])
+        handed_back.extend(delivery_ids[first:])
+    if handed_back:
+        await conn.execute(
+            update(DELIVERIES).where(DELIVERIES.c.id.in_(handed_back)).values(claim_id=None, lease_expiry=None)
+        )
+    sent = [row for row in claimed if row.enabled and (row.circuit_open_until is None or row.id in probes)]
+    return sent, probes
 
 
 async def record_attempt(conn: AsyncConnection, delivery_id: str, claim_id: str, values: Mapping[str, Any]) -> bool:
@@ -411,8 +492,89 @@ async def record_attempt(conn: AsyncConnection, delivery_id: str, claim_id: str,
 
 
 def _webhook_disabled() -> Any:
-    """A delivery's webhook is disabled (a correlated EXISTS)."""
-    return select(WEBHOOKS.c.id).where(WEBHOOKS.c.id == DELIVERIES.c.webhook_id, WEBHOOKS.c.enabled.is_(False)).exists()
+    """A delivery's webhook is disabled."""
+    return _of_webhook(WEBHOOKS.c.enabled.is_(False))
+
+
+async def close_circuit(conn: AsyncConnection, tenant: str, webhook_id: str, now: float) -> None:
+    """Close the webhook's circuit (a 2xx from its receiver, re-enabling it, a new url): its failures
+    forgotten, and the deliveries that waited for the end of its cooldown due at once. A read of the
+    webhook's row when there is nothing to close (every 2xx comes here): its row is not rewritten."""
+    state = (
+        await conn.execute(
+            select(WEBHOOKS.c.consecutive_failures, WEBHOOKS.c.circuit_open_until).where(
+                WEBHOOKS.c.id == webhook_id, WEBHOOKS.c.tenant == tenant
+            )
+        )
+    ).first()
+    if state is None or (state.consecutive_failures == 0 and state.circuit_open_until is None):
+        return
+    if state.circuit_open_until is not None:
+        await conn.execute(
+            update(DELIVERIES)
+            .where(
+                *_held_by_circuit(tenant, webhook_id, state.circuit_open_until), DELIVERIES.c.next_attempt_time > now
+            )
+            .values(next_attempt_time=now)
+        )
+    await conn.execute(
+        update(WEBHOOKS).where(WEBHOOKS.c.id == webhook_id, WEBHOOKS.c.tenant == tenant).values(**CIRCUIT_CLOSED)
+    )
+
+
+async def count_failure(
+    conn: AsyncConnection,
+    tenant: str,
+    webhook_id: str,
+    *,
+    probe: bool,
+    now: float,
+    threshold: int,
+    cooldown: Callable[[int], float],
+) -> float | None:
+    """Count a failed attempt of the webhook's against its circuit, and open the circuit when this is
+    the `threshold`-th failure in a row of a closed one, or the failed probe of a half-open one: for
+    `cooldown(times it opened since it last closed)` seconds. Its pending deliveries due before then
+    are moved to then: they wait, spending no attempt, and claims do not read through them. A failure
+    while it is open that is no probe (an attempt under way when it opened) only counts. When it
+    opened, until when (else None).
+
+    The state is read, not locked (deliveries are changed before their webhook): two replicas
+    recording failures at once may both open it, to the same count of openings."""
+    state = (
+        await conn.execute(
+            select(WEBHOOKS.c.consecutive_failures, WEBHOOKS.c.circuit_open_until, WEBHOOKS.c.circuit_opens).where(
+                WEBHOOKS.c.id == webhook_id, WEBHOOKS.c.tenant == tenant
+            )
+        )
+    ).first()
+    if state is None:
+        return None  # deleted meanwhile
+    closed = state.circuit_open_until is None
+    values: dict[str, Any] = {"consecutive_failures": WEBHOOKS.c.consecutive_failures + 1}
+    until = None
+    if (closed and state.consecutive_failures + 1 >= threshold) or (probe and not closed):
+        until = now + cooldown(state.circuit_opens)
+        await conn.execute(
+            update(DELIVERIES).where(*_held_by_circuit(tenant, webhook_id, until)).values(next_attempt_time=until)
+        )
+        values.update(circuit_open_until=until, circuit_opens=state.circuit_opens + 1)
+    await conn.execute(
+        update(WEBHOOKS).where(WEBHOOKS.c.id == webhook_id, WEBHOOKS.c.tenant == tenant).values(**values)
+    )
+    return until
+
+
+def _held_by_circuit(tenant: str, webhook_id: str, until: float) -> list[Any]:
+    """A webhook's pending deliveries due before `until` (up to it, inclusive): those an open circuit
+    holds. Read through ix_webhook_deliveries_tenant_due, so what it reads is bounded by the tenant's
+    backlog (MAX_PENDING_PER_TENANT), not the webhook's whole history."""
+    return [
+        DELIVERIES.c.tenant == tenant,
+        DELIVERIES.c.status == PENDING,
+        DELIVERIES.c.next_attempt_time <= until,
+        DELIVERIES.c.webhook_id == webhook_id,
+    ]
 
 
 async def fail_if_disabled(conn: AsyncConnection, delivery_id: str, error: str) -> bool:
