@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import Select, delete, func, insert, or_, select, update
+from sqlalchemy import Select, Update, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.ids import new_id
@@ -75,7 +75,8 @@ async def enqueue(conn: AsyncConnection, tenant: str, event: pb.WatchRunResponse
 
 async def enqueue_many(conn: AsyncConnection, tenant_events: Sequence[tuple[str, pb.WatchRunResponse]]) -> None:
     """Write one delivery per enabled webhook of the event's tenant that subscribed to its run status
-    event, for several events: one read of the tenants' webhooks, one insert."""
+    event, for several events: one read of the tenants' webhooks, one insert. A delivery to a webhook
+    whose circuit is open is first due when the circuit's cooldown ends, as its others are."""
     typed = [
         (tenant, event, event_type)
         for tenant, event in tenant_events
@@ -84,21 +85,21 @@ async def enqueue_many(conn: AsyncConnection, tenant_events: Sequence[tuple[str,
     if not typed:
         return
     subscribed = await conn.execute(
-        select(WEBHOOKS.c.id, WEBHOOKS.c.tenant, WEBHOOKS.c.event_mask).where(
+        select(WEBHOOKS.c.id, WEBHOOKS.c.tenant, WEBHOOKS.c.event_mask, WEBHOOKS.c.circuit_open_until).where(
             WEBHOOKS.c.tenant.in_(sorted({tenant for tenant, _, _ in typed})), WEBHOOKS.c.enabled.is_(True)
         )
     )
-    hooks: dict[str, list[tuple[str, int]]] = {}
-    for webhook_id, tenant, mask in subscribed:
-        hooks.setdefault(tenant, []).append((webhook_id, mask))
+    now = time.time()
+    hooks: dict[str, list[tuple[str, int, float]]] = {}  # tenant -> (webhook, event mask, when first due)
+    for webhook_id, tenant, mask, open_until in subscribed:
+        hooks.setdefault(tenant, []).append((webhook_id, mask, max(now, open_until or now)))
     if not hooks:
         return
     room = await _backlog_room(conn, sorted(hooks))
-    now = time.time()
     rows = []
     dropped: dict[tuple[str, str], tuple[int, str, int]] = {}  # (tenant, webhook) -> (count, run, seq)
     for tenant, event, event_type in typed:
-        for webhook_id, mask in hooks.get(tenant, ()):
+        for webhook_id, mask, due in hooks.get(tenant, ()):
             if not mask & events.bit(event_type):
                 continue
             if room[tenant] <= 0:  # full: this delivery (and the tenant's others here) is not written
@@ -117,7 +118,7 @@ async def enqueue_many(conn: AsyncConnection, tenant_events: Sequence[tuple[str,
                     "seq": event.seq,
                     "status": PENDING,
                     "attempts": 0,
-                    "next_attempt_time": now,
+                    "next_attempt_time": due,
                     "last_response_code": 0,
                     "last_error": "",
                     "create_time": now,
@@ -513,7 +514,9 @@ async def close_circuit(conn: AsyncConnection, tenant: str, webhook_id: str, now
         await conn.execute(
             update(DELIVERIES)
             .where(
-                *_held_by_circuit(tenant, webhook_id, state.circuit_open_until), DELIVERIES.c.next_attempt_time > now
+                *_of_webhook_pending(tenant, webhook_id),
+                DELIVERIES.c.next_attempt_time > now,
+                DELIVERIES.c.next_attempt_time <= state.circuit_open_until,
             )
             .values(next_attempt_time=now)
         )
@@ -531,50 +534,64 @@ async def count_failure(
     now: float,
     threshold: int,
     cooldown: Callable[[int], float],
-) -> float | None:
+) -> tuple[float | None, bool]:
     """Count a failed attempt of the webhook's against its circuit, and open the circuit when this is
     the `threshold`-th failure in a row of a closed one, or the failed probe of a half-open one: for
-    `cooldown(times it opened since it last closed)` seconds. Its pending deliveries due before then
-    are moved to then: they wait, spending no attempt, and claims do not read through them. A failure
-    while it is open that is no probe (an attempt under way when it opened) only counts. When it
-    opened, until when (else None).
+    `cooldown(times it opened since it last closed)` seconds. A failure while it is open that is no
+    probe (an attempt under way when it opened) only counts. Until when the circuit is open now (None:
+    closed), and whether this failure opened it; `hold_for_circuit` then moves its deliveries there.
 
-    The state is read, not locked (deliveries are changed before their webhook): two replicas
-    recording failures at once may both open it, to the same count of openings."""
-    state = (
+    The count is one UPDATE first, which takes the webhook's row lock (after the delivery's, the lock
+    order): replicas recording failures of one webhook at once decide in turn, each on what the one
+    before committed, so the circuit opens once."""
+    counted = (
         await conn.execute(
-            select(WEBHOOKS.c.consecutive_failures, WEBHOOKS.c.circuit_open_until, WEBHOOKS.c.circuit_opens).where(
-                WEBHOOKS.c.id == webhook_id, WEBHOOKS.c.tenant == tenant
-            )
+            update(WEBHOOKS)
+            .where(WEBHOOKS.c.id == webhook_id, WEBHOOKS.c.tenant == tenant)
+            .values(consecutive_failures=WEBHOOKS.c.consecutive_failures + 1)
+            .returning(WEBHOOKS.c.consecutive_failures, WEBHOOKS.c.circuit_open_until, WEBHOOKS.c.circuit_opens)
         )
     ).first()
-    if state is None:
-        return None  # deleted meanwhile
-    closed = state.circuit_open_until is None
-    values: dict[str, Any] = {"consecutive_failures": WEBHOOKS.c.consecutive_failures + 1}
-    until = None
-    if (closed and state.consecutive_failures + 1 >= threshold) or (probe and not closed):
-        until = now + cooldown(state.circuit_opens)
-        await conn.execute(
-            update(DELIVERIES).where(*_held_by_circuit(tenant, webhook_id, until)).values(next_attempt_time=until)
-        )
-        values.update(circuit_open_until=until, circuit_opens=state.circuit_opens + 1)
+    if counted is None:
+        return None, False  # deleted meanwhile
+    closed = counted.circuit_open_until is None
+    if not ((closed and counted.consecutive_failures >= threshold) or (probe and not closed)):
+        return counted.circuit_open_until, False
+    until = now + cooldown(counted.circuit_opens)
     await conn.execute(
-        update(WEBHOOKS).where(WEBHOOKS.c.id == webhook_id, WEBHOOKS.c.tenant == tenant).values(**values)
+        update(WEBHOOKS)
+        .where(WEBHOOKS.c.id == webhook_id)
+        .values(circuit_open_until=until, circuit_opens=counted.circuit_opens + 1)
     )
-    return until
+    return until, True
 
 
-def _held_by_circuit(tenant: str, webhook_id: str, until: float) -> list[Any]:
-    """A webhook's pending deliveries due before `until` (up to it, inclusive): those an open circuit
-    holds. Read through ix_webhook_deliveries_tenant_due, so what it reads is bounded by the tenant's
-    backlog (MAX_PENDING_PER_TENANT), not the webhook's whole history."""
-    return [
-        DELIVERIES.c.tenant == tenant,
-        DELIVERIES.c.status == PENDING,
-        DELIVERIES.c.next_attempt_time <= until,
-        DELIVERIES.c.webhook_id == webhook_id,
-    ]
+def held_by_circuit(tenant: str, webhook_id: str) -> Update:
+    """Move the webhook's pending deliveries due before its open circuit's end to that end (nothing
+    while it is closed). Read through ix_webhook_deliveries_tenant_due: what it reads is bounded by
+    the tenant's backlog (MAX_PENDING_PER_TENANT), not the webhook's whole history."""
+    open_until = select(WEBHOOKS.c.circuit_open_until).where(WEBHOOKS.c.id == webhook_id).scalar_subquery()
+    return (
+        update(DELIVERIES)
+        .where(*_of_webhook_pending(tenant, webhook_id), DELIVERIES.c.next_attempt_time < open_until)
+        .values(next_attempt_time=open_until)
+    )
+
+
+async def hold_for_circuit(conn: AsyncConnection, tenant: str, webhook_id: str) -> None:
+    """After a failure left the webhook's circuit open: its deliveries wait for its end, spending no
+    attempt, and claims do not read through them while it lasts (due, they would be read past at every
+    claim). A transaction of its own, after the one that opened the circuit, which holds the webhook's
+    row lock: deliveries are changed before their webhook. It moves them to the end the circuit has
+    when it runs, so one closed meanwhile holds none back; one that never runs (the process died)
+    costs only those reads: `_due` holds the deliveries of an open circuit anyway."""
+    await conn.execute(held_by_circuit(tenant, webhook_id))
+
+
+def _of_webhook_pending(tenant: str, webhook_id: str) -> list[Any]:
+    """A webhook's pending deliveries (through the tenant's backlog's index, with a bound on
+    next_attempt_time)."""
+    return [DELIVERIES.c.tenant == tenant, DELIVERIES.c.status == PENDING, DELIVERIES.c.webhook_id == webhook_id]
 
 
 async def fail_if_disabled(conn: AsyncConnection, delivery_id: str, error: str) -> bool:

@@ -323,15 +323,15 @@ class WebhookSender:
             values.update(last_error=error, next_attempt_time=now + delay)
             outcome = "retrying"
 
-        async def record(conn: AsyncConnection) -> tuple[bool, float | None]:
+        async def record(conn: AsyncConnection) -> tuple[bool, tuple[float | None, bool]]:
             recorded = await store.record_attempt(conn, claimed.id, claimed.claim_id, values)
             if recorded and outcome == "retrying":
                 await store.fail_if_disabled(conn, claimed.id, error)
-            opened = None
+            circuit: tuple[float | None, bool] = (None, False)  # open until, opened now
             if recorded and outcome == "succeeded":
                 await store.close_circuit(conn, claimed.tenant, claimed.webhook_id, now)
             elif recorded and not gone:
-                opened = await store.count_failure(
+                circuit = await store.count_failure(
                     conn,
                     claimed.tenant,
                     claimed.webhook_id,
@@ -348,17 +348,19 @@ class WebhookSender:
                     claimed.webhook_id,
                     {"enabled": False, "disabled_reason": reason, "update_time": now},
                 )
-            return recorded, opened
+            return recorded, circuit
 
-        recorded, opened = await self._db.transact(record)
+        recorded, (open_until, opened) = await self._db.transact(record)
         self._metrics.webhook_attempts.labels(outcome).inc()
-        if opened is not None:
+        if open_until is not None:
+            await self._db.transact(lambda conn: store.hold_for_circuit(conn, claimed.tenant, claimed.webhook_id))
+        if opened and open_until is not None:
             self._metrics.webhook_circuit_opened.inc()
             log.info(
                 "webhook %s failed %s: its circuit is open for %.0f s (%s)",
                 claimed.webhook_id,
                 "its probe" if claimed.probe else f"{CIRCUIT_FAILURES} attempts in a row",
-                opened - now,
+                open_until - now,
                 error,
             )
         if not recorded:
