@@ -316,6 +316,8 @@ async def list_deliveries(
 
 
 # What `claim_due` reads of a delivery it leased, its webhook and its event: a ClaimedDelivery's fields.
+# A delivery claimed while its webhook's circuit is half-open (its cooldown over: an open one's are not
+# due) is sent only as that webhook's probe (`_screen`).
 CLAIMED_COLUMNS = (
     DELIVERIES.c.id,
     DELIVERIES.c.tenant,
@@ -330,6 +332,7 @@ CLAIMED_COLUMNS = (
     WEBHOOKS.c.previous_secret,
     WEBHOOKS.c.previous_secret_expire_time,
     EVENTS.c.payload,
+    WEBHOOKS.c.circuit_open_until.is_not(None).label("probe"),
 )
 
 
@@ -413,14 +416,14 @@ async def claim_due(
         return []
     claimed = (
         await conn.execute(
-            select(*CLAIMED_COLUMNS[:-1], WEBHOOKS.c.enabled, WEBHOOKS.c.circuit_open_until)
+            select(*(column for column in CLAIMED_COLUMNS if column is not EVENTS.c.payload), WEBHOOKS.c.enabled)
             .select_from(DELIVERIES)
             .join(WEBHOOKS, WEBHOOKS.c.id == DELIVERIES.c.webhook_id)
             .where(DELIVERIES.c.claim_id == claim_id)
             .order_by(DELIVERIES.c.next_attempt_time)
         )
     ).all()
-    rows, probes = await _screen(conn, claimed, now=now, lease_s=lease_s)
+    rows = await _screen(conn, claimed, now=now, lease_s=lease_s)
     # Each event once, however many of its deliveries the claim holds: one event to 50 webhooks was
     # its payload (up to 4 MiB: the whole run) read 50 times inside the write transaction.
     wanted = sorted({(row.run_id, row.seq) for row in rows})
@@ -434,19 +437,15 @@ async def claim_due(
         payloads.update(((run_id, seq), payload) for seq, payload in found)
     # A delivery whose event is gone (its run purged) is not returned, as the join with events did.
     return [
-        ClaimedDelivery.from_columns(
-            (*row[: len(CLAIMED_COLUMNS) - 1], payloads[(row.run_id, row.seq)], row.id in probes)
-        )
+        ClaimedDelivery.from_columns((*row[: len(CLAIMED_COLUMNS) - 2], payloads[(row.run_id, row.seq)], row.probe))
         for row in rows
         if (row.run_id, row.seq) in payloads
     ]
 
 
-async def _screen(
-    conn: AsyncConnection, claimed: Sequence[Any], *, now: float, lease_s: float
-) -> tuple[list[Any], set[str]]:
-    """Of the deliveries a claim leased (oldest due first, with their webhook's `enabled` and
-    `circuit_open_until`), those to send, and which of them are probes.
+async def _screen(conn: AsyncConnection, claimed: Sequence[Any], *, now: float, lease_s: float) -> list[Any]:
+    """Of the deliveries a claim leased (oldest due first, with `probe`: their webhook's circuit is
+    half-open, and its `enabled`), those to send.
 
     A delivery whose webhook is disabled is failed unsent. A webhook whose circuit is half-open (its
     cooldown over: an open one's deliveries are not due) gets one attempt, its oldest due delivery: the
@@ -459,7 +458,7 @@ async def _screen(
         await conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_(disabled)).values(**_UNSENT_DISABLED))
     half_open: dict[str, list[str]] = {}
     for row in claimed:
-        if row.enabled and row.circuit_open_until is not None:
+        if row.enabled and row.probe:
             half_open.setdefault(row.webhook_id, []).append(row.id)
     probes: set[str] = set()
     handed_back: list[str] = []
@@ -477,8 +476,7 @@ async def _screen(
         await conn.execute(
             update(DELIVERIES).where(DELIVERIES.c.id.in_(handed_back)).values(claim_id=None, lease_expiry=None)
         )
-    sent = [row for row in claimed if row.enabled and (row.circuit_open_until is None or row.id in probes)]
-    return sent, probes
+    return [row for row in claimed if row.enabled and (not row.probe or row.id in probes)]
 
 
 async def record_attempt(conn: AsyncConnection, delivery_id: str, claim_id: str, values: Mapping[str, Any]) -> bool:
