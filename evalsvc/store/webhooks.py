@@ -7,9 +7,9 @@ recorded only while that claim still holds it, and an expired lease (a sender th
 delivery claimable again. On PostgreSQL claims skip rows another replica is claiming.
 
 A webhook's circuit breaker (evalsvc.webhooks.sender) is kept in its row, so every replica honours it:
-no delivery of a webhook whose circuit is open is due (`_due`), and opening it moves the deliveries
-waiting for it to the end of its cooldown (`count_failure`), so claims and the backlog's reads do not
-read through them while it lasts.
+no delivery of a webhook whose circuit is open is due (`_due`), and its deliveries are moved to the end
+of its cooldown (`hold_for_circuit`, and `enqueue_many` for new ones), so claims do not read through
+them while it lasts.
 
 Lock order: a transaction that changes deliveries and their webhook changes the deliveries first.
 """
@@ -338,8 +338,8 @@ CLAIMED_COLUMNS = (
 
 def _due(now: float) -> list[Any]:
     """Deliveries that wait for an attempt now, that no live sender holds, and whose webhook's circuit is
-    not open (while it is, they wait: the few left due, such as those whose attempts were under way when
-    it opened, are read past here; opening it moved the others to its end: `count_failure`)."""
+    not open (while it is, they wait: those `hold_for_circuit` has not moved to its end yet, or a
+    half-open webhook's handed back while its probe is under way, are read past here)."""
     return [
         DELIVERIES.c.status == PENDING,
         DELIVERIES.c.next_attempt_time <= now,

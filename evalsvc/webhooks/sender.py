@@ -352,7 +352,7 @@ class WebhookSender:
 
         recorded, (open_until, opened) = await self._db.transact(record)
         self._metrics.webhook_attempts.labels(outcome).inc()
-        if open_until is not None:
+        if open_until is not None and open_until > now:  # its deliveries wait for the end, this one too
             await self._db.transact(lambda conn: store.hold_for_circuit(conn, claimed.tenant, claimed.webhook_id))
         if opened and open_until is not None:
             self._metrics.webhook_circuit_opened.inc()
