@@ -21,11 +21,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from evalsvc.store import stats
+from evalsvc.store import stats, webhooks
 from evalsvc.store.db import Database
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import run_pb2
@@ -100,6 +100,19 @@ class Metrics:
             "Webhook delivery attempts by this process, by outcome (succeeded, retrying, failed, gone)",
             ["outcome"],
             registry=r,
+        )
+        self.webhook_circuit_opened = Counter(
+            "evalsvc_webhook_circuit_opened",
+            "Times this process opened a webhook's circuit (5 failed attempts in a row, or a failed probe)",
+            registry=r,
+        )
+        r.register(
+            Tallied(
+                "evalsvc_webhook_events_dropped",
+                "Webhook deliveries not queued because their tenant had 10,000 waiting, by this process's writes",
+                db,
+                webhooks.EVENTS_DROPPED,
+            )
         )
         self.target_latency = LoopHistogram(
             "evalsvc_target_latency_seconds",
@@ -335,3 +348,19 @@ def kind_label(obj: object) -> str:
         name = cls.__name__.lstrip("_").removesuffix("Target").removesuffix("Grader") or cls.__name__
         label = _KIND_CACHE[cls] = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
     return label
+
+
+class Tallied(Collector):
+    """A counter of what this process's committed write transactions counted (evalsvc.store.db.tally),
+    read at scrape: what a store function does inside whichever transaction calls it (a drop of webhook
+    deliveries happens in the run transactions) is counted only once that transaction commits."""
+
+    def __init__(self, name: str, documentation: str, db: Database | None, tally: str) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._db = db
+        self._tally = tally
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        counted = self._db.tallies[self._tally] if self._db is not None else 0
+        yield CounterMetricFamily(self._name, self._documentation, value=counted)

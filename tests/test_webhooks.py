@@ -238,6 +238,14 @@ async def test_a_tenants_backlog_of_waiting_deliveries_is_bounded(
     assert [d.event_type for d in failed.deliveries] == [webhook_store.DROPPED]
     warned = [r.getMessage() for r in caplog.records if r.name == "evalsvc.store.webhooks"]
     assert len(warned) == 1 and "has 3 webhook deliveries waiting: new ones are not queued" in warned[0], warned
+    # Each webhook counts what was not queued for it (GetWebhook, ListWebhooks), and so does the metric.
+    for webhook in created:
+        got = (await webhooks.GetWebhook(wpb.GetWebhookRequest(webhook_id=webhook.id))).webhook
+        [marker] = [d for d in markers if d.webhook_id == webhook.id]
+        assert got.dropped_event_count == int(marker.last_error.split(" ")[0]), (got, marker)
+    listed_hooks = (await webhooks.ListWebhooks(wpb.ListWebhooksRequest())).webhooks
+    assert sum(w.dropped_event_count for w in listed_hooks) == 15
+    assert server.metrics.registry.get_sample_value("evalsvc_webhook_events_dropped_total") == 15.0
 
 
 async def test_large_runs_bodies_are_built_once_per_event_off_the_event_loop(
@@ -696,6 +704,9 @@ async def test_rest_routes_under_v1_webhooks(tmp_path: Path) -> None:
         assert created.status_code == 200, created.text
         webhook = created.json()["webhook"]
         assert webhook["signingSecret"].startswith("whsec_") and webhook["eventTypes"][0] == "run.succeeded"
+        # proto3 JSON: an int64 is a string; the circuit's end is absent while it is closed.
+        assert (webhook["droppedEventCount"], webhook["consecutiveFailures"]) == ("0", 0), webhook
+        assert "circuitOpenUntil" not in webhook
         patched = await client.patch(
             f"/v1/webhooks/{webhook['id']}", params={"update_mask": "enabled"}, json={"enabled": False}
         )

@@ -15,11 +15,13 @@ from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import func, select
 
 from evalsvc.server import EvalServer
 from evalsvc.store import webhooks as store
 from evalsvc.v1 import eval_run_service_pb2_grpc, webhook_service_pb2_grpc
 from evalsvc.v1 import webhook_service_pb2 as wpb
+from evalsvc.webhooks import sender
 from evalsvc.webhooks.sender import divide_slots
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, Reply
@@ -181,3 +183,80 @@ async def test_four_tenants_with_hung_receivers_do_not_delay_another_tenants_del
     finally:
         for receiver in hung:
             receiver.close()
+
+
+CIRCUIT_TENANTS = 20
+
+
+async def test_tenants_whose_receivers_hang_hold_no_slot_once_their_circuits_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With more tenants whose receivers hang than --webhook-concurrency, each held a slot (its share)
+    for the whole timeout, attempt after attempt: all 16 were held (20 such tenants here), and every other
+    tenant's delivery waited for one to free. After 5 failed attempts in a row a webhook's circuit opens
+    (evalsvc.webhooks.sender): its deliveries wait, holding no slot, and another tenant's go at once."""
+    monkeypatch.setattr(sender, "CIRCUIT_COOLDOWN_S", 600.0)  # no probe within the test: only the opening
+    srv = EvalServer(
+        make_settings(
+            tmp_path,
+            outbound_allow="127.0.0.1",
+            webhook_concurrency=16,
+            webhook_timeout_s=1.0,
+            webhook_retry_base_s=0.05,
+            webhook_max_attempts=30,
+        )
+    )
+    await srv.start()
+    hung_held: list[int] = []  # the hung tenants' attempts in flight, sampled
+
+    async def sample() -> None:
+        while True:
+            in_flight = srv.webhook_sender._in_flight.values()
+            hung_held.append(sum(1 for tenant, _ in in_flight if tenant.startswith("hung")))
+            await asyncio.sleep(0.02)
+
+    sampler = asyncio.create_task(sample())
+    arrivals = Arrivals()
+    hung = [HangingReceiver(arrivals) for _ in range(CIRCUIT_TENANTS)]
+    try:
+        for index, receiver in enumerate(hung):
+            async with await tenant_channel(srv, f"hung{index:02d}") as channel:
+                hooks = webhook_service_pb2_grpc.WebhookServiceStub(channel)
+                runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+                await hooks.CreateWebhook(
+                    wpb.CreateWebhookRequest(webhook=wpb.Webhook(url=receiver.url, event_types=ALL_TYPES))
+                )
+                for _ in range(2):  # 6 deliveries each: more than the 5 failures that open a circuit
+                    await watch_all(runs, (await runs.CreateRun(create_request(1))).run.id)
+        assert await asyncio.to_thread(arrivals.wait_for, 5 * CIRCUIT_TENANTS, WAIT_S) >= 5 * CIRCUIT_TENANTS
+        assert max(hung_held) == 16, "the hung tenants did not hold every slot before their circuits opened"
+        deadline = time.monotonic() + WAIT_S
+        while hung_held[-1] > 0:  # the attempts under way when each circuit opened end at their timeout
+            assert time.monotonic() < deadline, f"the hung tenants still hold {hung_held[-1]} slots"
+            await asyncio.sleep(0.05)
+        async with srv.db.read() as conn:
+            open_circuits = (
+                await conn.execute(select(func.count()).where(store.WEBHOOKS.c.circuit_open_until.is_not(None)))
+            ).scalar_one()
+        assert open_circuits == CIRCUIT_TENANTS
+        tried = arrivals.count
+        hung_held.clear()
+        with FakeEndpoint(Reply({}), Reply({}), Reply({})) as good:
+            async with await tenant_channel(srv, "good") as channel:
+                hooks = webhook_service_pb2_grpc.WebhookServiceStub(channel)
+                runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+                await hooks.CreateWebhook(
+                    wpb.CreateWebhookRequest(webhook=wpb.Webhook(url=good.url, event_types=ALL_TYPES))
+                )
+                started = time.monotonic()
+                await watch_all(runs, (await runs.CreateRun(create_request(1))).run.id)
+                assert await asyncio.to_thread(good.wait_seen, 3, 15.0), f"got {len(good.seen)} of 3"
+                took = time.monotonic() - started
+        assert max(hung_held) == 0, f"tenants with open circuits held {max(hung_held)} slots"
+        assert arrivals.count == tried, "a delivery of an open circuit was attempted"
+        assert took < 5.0, f"another tenant's run and deliveries took {took:.1f} s"
+    finally:
+        sampler.cancel()
+        for receiver in hung:
+            receiver.close()
+        await srv.stop(grace=0.5)

@@ -13,6 +13,7 @@ import errno
 import os
 import socket
 import sqlite3
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -106,6 +107,8 @@ class Database:
         # This process writes every change of a SQLite database (it has one server), so it can keep
         # run rows current in memory; other servers change a PostgreSQL database behind its back.
         self.run_rows: RunRowCache | None = RunRowCache() if self.is_sqlite else None
+        # What this process's committed write transactions counted (`tally`), for evalsvc.metrics.
+        self.tallies: Counter[str] = Counter()
         self.group_writer = GroupWriter(
             self.write,
             savepoint,
@@ -156,9 +159,11 @@ class Database:
                 # it; asking for it would try to reconnect from sync code (MissingGreenlet).
                 if not conn.invalidated:
                     take_changed(conn)
+                    conn.info.pop(_TALLIES, None)
                 raise
             # Committed, and the connection (SQLite's one writer) is still ours: commit order.
             changed = take_changed(conn)
+            self.tallies.update(conn.info.pop(_TALLIES, {}))
             if self.run_rows is not None:
                 self.run_rows.committed(changed)
 
@@ -183,13 +188,26 @@ async def savepoint(conn: AsyncConnection) -> AsyncIterator[None]:
     run rows it noted for the cache are forgotten; the transaction goes on (the group writer applies
     each intent of a shared group in one)."""
     mark = noted(conn)
+    counted = dict(conn.info.get(_TALLIES, {}))
     try:
         async with conn.begin_nested():
             yield
     except BaseException:
         if not conn.invalidated:
             forget_since(conn, mark)
+            conn.info[_TALLIES] = counted
         raise
+
+
+_TALLIES = "evalsvc.tallies"
+
+
+def tally(conn: AsyncConnection, name: str, count: int) -> None:
+    """Count `count` of `name` in this write transaction: added to the database's `tallies` once it
+    commits, and never if it (or the savepoint it is in) rolls back, so a metric of what a store
+    function did (evalsvc.metrics) counts what the database holds, whichever write transaction did it."""
+    counts: dict[str, int] = conn.info.setdefault(_TALLIES, {})
+    counts[name] = counts.get(name, 0) + count
 
 
 # SQLite result codes (sqlite3 exceptions' `sqlite_errorname`, extended codes by prefix) and

@@ -504,6 +504,15 @@ class WebhookRow(SQLModel, table=True):
     previous_secret_expire_time: float | None = None
     create_time: float = 0.0
     update_time: float = 0.0
+    # The circuit breaker (evalsvc.webhooks.sender, revision 0024): failed attempts since the last 2xx;
+    # while `circuit_open_until` is set the circuit is open until then (a half-open probe's lease, once
+    # its cooldown ended), and `circuit_opens` counts its openings since it last closed (the cooldown's
+    # doubling).
+    consecutive_failures: int = Field(default=0, sa_column_kwargs=ZERO)
+    circuit_open_until: float | None = None
+    circuit_opens: int = Field(default=0, sa_column_kwargs=ZERO)
+    # Events not queued for this webhook because its tenant's backlog was full (MAX_PENDING_PER_TENANT).
+    dropped_events: int = Field(default=0, sa_column=big(added=True))
 
 
 class WebhookDeliveryRow(SQLModel, table=True):

@@ -303,6 +303,10 @@ class WebhookRecord(FromRow):
     previous_secret_expire_time: float | None
     create_time: float
     update_time: float
+    consecutive_failures: int  # the circuit breaker (evalsvc.webhooks.sender): failed attempts since a 2xx
+    circuit_open_until: float | None  # set while the circuit is open (or half-open: then a past time)
+    circuit_opens: int  # openings since the circuit last closed: the cooldown's doubling
+    dropped_events: int  # events not queued for it because its tenant's backlog was full
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +335,8 @@ class WebhookDeliveryRecord(FromRow):
 class ClaimedDelivery(FromRow):
     """A delivery a sender leased, as `claim_due` returns it: what sending it and recording the outcome
     under the claim need. Its fields are the columns the claim reads (`webhooks.CLAIMED_COLUMNS`): the
-    delivery's own, its webhook's url and signing secrets, and the run event it reports."""
+    delivery's own, its webhook's url and signing secrets, and the run event it reports; then whether it
+    is its webhook's half-open probe (the one attempt whose outcome closes or re-opens the circuit)."""
 
     id: str
     tenant: str
@@ -346,6 +351,7 @@ class ClaimedDelivery(FromRow):
     previous_secret: bytes | None
     previous_secret_expire_time: float | None
     payload: bytes  # a serialized eval_run_service_pb2.WatchRunResponse, read once per event a claim holds
+    probe: bool
 
 
 def counts_from(run: RunRecord) -> run_pb2.RunCounts:

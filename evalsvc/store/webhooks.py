@@ -6,6 +6,11 @@ evalsvc.store.jobs): a claim gives a batch one `claim_id` and a lease; an attemp
 recorded only while that claim still holds it, and an expired lease (a sender that died) makes the
 delivery claimable again. On PostgreSQL claims skip rows another replica is claiming.
 
+A webhook's circuit breaker (evalsvc.webhooks.sender) is kept in its row, so every replica honours it:
+no delivery of a webhook whose circuit is open is due (`_due`), and its deliveries are moved to the end
+of its cooldown (`hold_for_circuit`, and `enqueue_many` for new ones), so claims do not read through
+them while it lasts.
+
 Lock order: a transaction that changes deliveries and their webhook changes the deliveries first.
 """
 
@@ -14,16 +19,17 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import Select, delete, func, insert, or_, select, update
+from sqlalchemy import Select, Update, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.ids import new_id
 from evalsvc.messages import webhook_events as events
 from evalsvc.store import quotas
+from evalsvc.store.db import tally
 from evalsvc.store.models import EventRow, WebhookDeliveryRow, WebhookRow
 from evalsvc.store.records import ClaimedDelivery, WebhookDeliveryRecord, WebhookRecord
 from evalsvc.v1 import eval_run_service_pb2 as pb
@@ -56,6 +62,10 @@ _UNSENT_DISABLED: dict[str, Any] = {
     "lease_expiry": None,
     "last_error": "not sent: the webhook was disabled",
 }
+# A closed circuit: what a 2xx, re-enabling the webhook or changing its url leaves (`close_circuit`).
+CIRCUIT_CLOSED: dict[str, Any] = {"consecutive_failures": 0, "circuit_open_until": None, "circuit_opens": 0}
+# The name of the count of events not queued, for evalsvc.metrics (evalsvc.store.db.tally).
+EVENTS_DROPPED = "webhook_events_dropped"
 
 
 async def enqueue(conn: AsyncConnection, tenant: str, event: pb.WatchRunResponse) -> None:
@@ -65,7 +75,8 @@ async def enqueue(conn: AsyncConnection, tenant: str, event: pb.WatchRunResponse
 
 async def enqueue_many(conn: AsyncConnection, tenant_events: Sequence[tuple[str, pb.WatchRunResponse]]) -> None:
     """Write one delivery per enabled webhook of the event's tenant that subscribed to its run status
-    event, for several events: one read of the tenants' webhooks, one insert."""
+    event, for several events: one read of the tenants' webhooks, one insert. A delivery to a webhook
+    whose circuit is open is first due when the circuit's cooldown ends, as its others are."""
     typed = [
         (tenant, event, event_type)
         for tenant, event in tenant_events
@@ -74,21 +85,21 @@ async def enqueue_many(conn: AsyncConnection, tenant_events: Sequence[tuple[str,
     if not typed:
         return
     subscribed = await conn.execute(
-        select(WEBHOOKS.c.id, WEBHOOKS.c.tenant, WEBHOOKS.c.event_mask).where(
+        select(WEBHOOKS.c.id, WEBHOOKS.c.tenant, WEBHOOKS.c.event_mask, WEBHOOKS.c.circuit_open_until).where(
             WEBHOOKS.c.tenant.in_(sorted({tenant for tenant, _, _ in typed})), WEBHOOKS.c.enabled.is_(True)
         )
     )
-    hooks: dict[str, list[tuple[str, int]]] = {}
-    for webhook_id, tenant, mask in subscribed:
-        hooks.setdefault(tenant, []).append((webhook_id, mask))
+    now = time.time()
+    hooks: dict[str, list[tuple[str, int, float]]] = {}  # tenant -> (webhook, event mask, when first due)
+    for webhook_id, tenant, mask, open_until in subscribed:
+        hooks.setdefault(tenant, []).append((webhook_id, mask, max(now, open_until or now)))
     if not hooks:
         return
     room = await _backlog_room(conn, sorted(hooks))
-    now = time.time()
     rows = []
     dropped: dict[tuple[str, str], tuple[int, str, int]] = {}  # (tenant, webhook) -> (count, run, seq)
     for tenant, event, event_type in typed:
-        for webhook_id, mask in hooks.get(tenant, ()):
+        for webhook_id, mask, due in hooks.get(tenant, ()):
             if not mask & events.bit(event_type):
                 continue
             if room[tenant] <= 0:  # full: this delivery (and the tenant's others here) is not written
@@ -107,7 +118,7 @@ async def enqueue_many(conn: AsyncConnection, tenant_events: Sequence[tuple[str,
                     "seq": event.seq,
                     "status": PENDING,
                     "attempts": 0,
-                    "next_attempt_time": now,
+                    "next_attempt_time": due,
                     "last_response_code": 0,
                     "last_error": "",
                     "create_time": now,
@@ -133,7 +144,9 @@ async def _mark_dropped(
     WatchRun or GetRun catch up). A streak goes on while that marker is the webhook's newest delivery;
     a delivery queued since starts a new one. So the markers are at most one per delivery actually
     queued, and the drops (a log line only, once a minute, before) cost an indexed read and a write of
-    one row per webhook and transaction, not a row per event (~3,000 a second with 50 webhooks)."""
+    one row per webhook and transaction, not a row per event (~3,000 a second with 50 webhooks).
+    The webhook counts them too (its dropped_event_count), and so does this process's metric once the
+    transaction commits."""
     newest = (
         await conn.execute(
             select(DELIVERIES.c.id, DELIVERIES.c.event_type, DELIVERIES.c.last_error)
@@ -142,18 +155,32 @@ async def _mark_dropped(
             .limit(1)
         )
     ).first()
+    streak = count
     if newest is not None and newest.event_type == DROPPED and (counted := _DROPPED_ERROR.match(newest.last_error)):
-        count += int(counted.group(1))
+        streak += int(counted.group(1))
     else:
         newest = None
     error = (
-        f"{count} event{'s' if count != 1 else ''} not queued: the tenant had {MAX_PENDING_PER_TENANT} "
+        f"{streak} event{'s' if streak != 1 else ''} not queued: the tenant had {MAX_PENDING_PER_TENANT} "
         "deliveries waiting (run_id and seq: the last one; GetRun or WatchRun has them)"
     )
     values = {"run_id": run_id, "seq": seq, "last_error": error, "last_attempt_time": now}
     if newest is not None:
         await conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == newest.id).values(**values))
-        return
+    else:
+        await _insert_dropped_marker(conn, tenant, webhook_id, values, now)
+    await conn.execute(
+        update(WEBHOOKS)
+        .where(WEBHOOKS.c.id == webhook_id, WEBHOOKS.c.tenant == tenant)
+        .values(dropped_events=WEBHOOKS.c.dropped_events + count)
+    )
+    tally(conn, EVENTS_DROPPED, count)
+
+
+async def _insert_dropped_marker(
+    conn: AsyncConnection, tenant: str, webhook_id: str, values: Mapping[str, Any], now: float
+) -> None:
+    """The FAILED delivery of event type DROPPED that starts a streak of drops (`_mark_dropped`)."""
     await conn.execute(
         insert(DELIVERIES).values(
             id=new_id("msg"),
@@ -289,6 +316,8 @@ async def list_deliveries(
 
 
 # What `claim_due` reads of a delivery it leased, its webhook and its event: a ClaimedDelivery's fields.
+# A delivery claimed while its webhook's circuit is half-open (its cooldown over: an open one's are not
+# due) is sent only as that webhook's probe (`_screen`).
 CLAIMED_COLUMNS = (
     DELIVERIES.c.id,
     DELIVERIES.c.tenant,
@@ -303,16 +332,25 @@ CLAIMED_COLUMNS = (
     WEBHOOKS.c.previous_secret,
     WEBHOOKS.c.previous_secret_expire_time,
     EVENTS.c.payload,
+    WEBHOOKS.c.circuit_open_until.is_not(None).label("probe"),
 )
 
 
 def _due(now: float) -> list[Any]:
-    """Deliveries that wait for an attempt now and that no live sender holds."""
+    """Deliveries that wait for an attempt now, that no live sender holds, and whose webhook's circuit is
+    not open (while it is, they wait: those `hold_for_circuit` has not moved to its end yet, or a
+    half-open webhook's handed back while its probe is under way, are read past here)."""
     return [
         DELIVERIES.c.status == PENDING,
         DELIVERIES.c.next_attempt_time <= now,
         or_(DELIVERIES.c.lease_expiry.is_(None), DELIVERIES.c.lease_expiry < now),
+        ~_of_webhook(WEBHOOKS.c.circuit_open_until > now),
     ]
+
+
+def _of_webhook(condition: Any) -> Any:
+    """A delivery's webhook meets `condition` (a correlated EXISTS, through the webhook's primary key)."""
+    return select(WEBHOOKS.c.id).where(WEBHOOKS.c.id == DELIVERIES.c.webhook_id, condition).exists()
 
 
 async def any_due(conn: AsyncConnection, now: float) -> bool:
@@ -353,6 +391,11 @@ async def claim_due(
     lease expired), each tenant's oldest due first. Each comes with what sending it needs: its
     webhook's url and secrets and the run event it reports (`payload`).
 
+    What the claim took but must not send is not returned (`_screen`): a delivery whose webhook was
+    disabled is failed, as disabling fails those not leased (it was leased then, by a sender that died:
+    it was sent once when its lease expired); of a half-open webhook's, one is its probe and the others
+    are handed back.
+
     A tenant's quota is its own statement's LIMIT: a claim in global due order gave every freed slot
     to the tenant with the oldest backlog (four tenants with hung receivers held all 16 slots and
     every other tenant's deliveries waited behind them). On PostgreSQL a delivery another replica is
@@ -371,15 +414,16 @@ async def claim_due(
         taken += len(leased.all())
     if not taken:
         return []
-    rows = (
+    claimed = (
         await conn.execute(
-            select(*CLAIMED_COLUMNS[:-1])
+            select(*(column for column in CLAIMED_COLUMNS if column is not EVENTS.c.payload), WEBHOOKS.c.enabled)
             .select_from(DELIVERIES)
             .join(WEBHOOKS, WEBHOOKS.c.id == DELIVERIES.c.webhook_id)
             .where(DELIVERIES.c.claim_id == claim_id)
             .order_by(DELIVERIES.c.next_attempt_time)
         )
     ).all()
+    rows = await _screen(conn, claimed, now=now, lease_s=lease_s)
     # Each event once, however many of its deliveries the claim holds: one event to 50 webhooks was
     # its payload (up to 4 MiB: the whole run) read 50 times inside the write transaction.
     wanted = sorted({(row.run_id, row.seq) for row in rows})
@@ -393,10 +437,46 @@ async def claim_due(
         payloads.update(((run_id, seq), payload) for seq, payload in found)
     # A delivery whose event is gone (its run purged) is not returned, as the join with events did.
     return [
-        ClaimedDelivery.from_columns((*row, payloads[(row.run_id, row.seq)]))
+        ClaimedDelivery.from_columns((*row[: len(CLAIMED_COLUMNS) - 2], payloads[(row.run_id, row.seq)], row.probe))
         for row in rows
         if (row.run_id, row.seq) in payloads
     ]
+
+
+async def _screen(conn: AsyncConnection, claimed: Sequence[Any], *, now: float, lease_s: float) -> list[Any]:
+    """Of the deliveries a claim leased (oldest due first, with `probe`: their webhook's circuit is
+    half-open, and its `enabled`), those to send.
+
+    A delivery whose webhook is disabled is failed unsent. A webhook whose circuit is half-open (its
+    cooldown over: an open one's deliveries are not due) gets one attempt, its oldest due delivery: the
+    probe, whose lease its circuit takes as its new end (`circuit_open_until`), so no other delivery of
+    it is claimed meanwhile, by any replica, and a probe whose sender died is followed by another once
+    that lease ends. Its other deliveries are handed back, due; so are all of them when another claim
+    took the probe first (on PostgreSQL the update waits for that claim and sees its end)."""
+    disabled = [row.id for row in claimed if not row.enabled]
+    if disabled:
+        await conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_(disabled)).values(**_UNSENT_DISABLED))
+    half_open: dict[str, list[str]] = {}
+    for row in claimed:
+        if row.enabled and row.probe:
+            half_open.setdefault(row.webhook_id, []).append(row.id)
+    probes: set[str] = set()
+    handed_back: list[str] = []
+    for webhook_id, delivery_ids in sorted(half_open.items()):
+        probing = await conn.execute(
+            update(WEBHOOKS)
+            .where(WEBHOOKS.c.id == webhook_id, WEBHOOKS.c.circuit_open_until <= now)
+            .values(circuit_open_until=now + lease_s)
+            .returning(WEBHOOKS.c.id)
+        )
+        first = 1 if probing.first() is not None else 0
+        probes.update(delivery_ids[:first])
+        handed_back.extend(delivery_ids[first:])
+    if handed_back:
+        await conn.execute(
+            update(DELIVERIES).where(DELIVERIES.c.id.in_(handed_back)).values(claim_id=None, lease_expiry=None)
+        )
+    return [row for row in claimed if row.enabled and (not row.probe or row.id in probes)]
 
 
 async def record_attempt(conn: AsyncConnection, delivery_id: str, claim_id: str, values: Mapping[str, Any]) -> bool:
@@ -411,8 +491,105 @@ async def record_attempt(conn: AsyncConnection, delivery_id: str, claim_id: str,
 
 
 def _webhook_disabled() -> Any:
-    """A delivery's webhook is disabled (a correlated EXISTS)."""
-    return select(WEBHOOKS.c.id).where(WEBHOOKS.c.id == DELIVERIES.c.webhook_id, WEBHOOKS.c.enabled.is_(False)).exists()
+    """A delivery's webhook is disabled."""
+    return _of_webhook(WEBHOOKS.c.enabled.is_(False))
+
+
+async def close_circuit(conn: AsyncConnection, tenant: str, webhook_id: str, now: float) -> None:
+    """Close the webhook's circuit (a 2xx from its receiver, re-enabling it, a new url): its failures
+    forgotten, and the deliveries that waited for the end of its cooldown due at once. A read of the
+    webhook's row when there is nothing to close (every 2xx comes here): its row is not rewritten."""
+    state = (
+        await conn.execute(
+            select(WEBHOOKS.c.consecutive_failures, WEBHOOKS.c.circuit_open_until).where(
+                WEBHOOKS.c.id == webhook_id, WEBHOOKS.c.tenant == tenant
+            )
+        )
+    ).first()
+    if state is None or (state.consecutive_failures == 0 and state.circuit_open_until is None):
+        return
+    if state.circuit_open_until is not None:
+        await conn.execute(
+            update(DELIVERIES)
+            .where(
+                *_of_webhook_pending(tenant, webhook_id),
+                DELIVERIES.c.next_attempt_time > now,
+                DELIVERIES.c.next_attempt_time <= state.circuit_open_until,
+            )
+            .values(next_attempt_time=now)
+        )
+    await conn.execute(
+        update(WEBHOOKS).where(WEBHOOKS.c.id == webhook_id, WEBHOOKS.c.tenant == tenant).values(**CIRCUIT_CLOSED)
+    )
+
+
+async def count_failure(
+    conn: AsyncConnection,
+    tenant: str,
+    webhook_id: str,
+    *,
+    probe: bool,
+    now: float,
+    threshold: int,
+    cooldown: Callable[[int], float],
+) -> tuple[float | None, bool]:
+    """Count a failed attempt of the webhook's against its circuit, and open the circuit when this is
+    the `threshold`-th failure in a row of a closed one, or the failed probe of a half-open one: for
+    `cooldown(times it opened since it last closed)` seconds. A failure while it is open that is no
+    probe (an attempt under way when it opened) only counts. Until when the circuit is open now (None:
+    closed), and whether this failure opened it; `hold_for_circuit` then moves its deliveries there.
+
+    The count is one UPDATE first, which takes the webhook's row lock (after the delivery's, the lock
+    order): replicas recording failures of one webhook at once decide in turn, each on what the one
+    before committed, so the circuit opens once."""
+    counted = (
+        await conn.execute(
+            update(WEBHOOKS)
+            .where(WEBHOOKS.c.id == webhook_id, WEBHOOKS.c.tenant == tenant)
+            .values(consecutive_failures=WEBHOOKS.c.consecutive_failures + 1)
+            .returning(WEBHOOKS.c.consecutive_failures, WEBHOOKS.c.circuit_open_until, WEBHOOKS.c.circuit_opens)
+        )
+    ).first()
+    if counted is None:
+        return None, False  # deleted meanwhile
+    closed = counted.circuit_open_until is None
+    if not ((closed and counted.consecutive_failures >= threshold) or (probe and not closed)):
+        return counted.circuit_open_until, False
+    until = now + cooldown(counted.circuit_opens)
+    await conn.execute(
+        update(WEBHOOKS)
+        .where(WEBHOOKS.c.id == webhook_id)
+        .values(circuit_open_until=until, circuit_opens=counted.circuit_opens + 1)
+    )
+    return until, True
+
+
+def held_by_circuit(tenant: str, webhook_id: str) -> Update:
+    """Move the webhook's pending deliveries due before its open circuit's end to that end (nothing
+    while it is closed). Read through ix_webhook_deliveries_tenant_due: what it reads is bounded by
+    the tenant's backlog (MAX_PENDING_PER_TENANT), not the webhook's whole history."""
+    open_until = select(WEBHOOKS.c.circuit_open_until).where(WEBHOOKS.c.id == webhook_id).scalar_subquery()
+    return (
+        update(DELIVERIES)
+        .where(*_of_webhook_pending(tenant, webhook_id), DELIVERIES.c.next_attempt_time < open_until)
+        .values(next_attempt_time=open_until)
+    )
+
+
+async def hold_for_circuit(conn: AsyncConnection, tenant: str, webhook_id: str) -> None:
+    """After a failure left the webhook's circuit open: its deliveries wait for its end, spending no
+    attempt, and claims do not read through them while it lasts (due, they would be read past at every
+    claim). A transaction of its own, after the one that opened the circuit, which holds the webhook's
+    row lock: deliveries are changed before their webhook. It moves them to the end the circuit has
+    when it runs, so one closed meanwhile holds none back; one that never runs (the process died)
+    costs only those reads: `_due` holds the deliveries of an open circuit anyway."""
+    await conn.execute(held_by_circuit(tenant, webhook_id))
+
+
+def _of_webhook_pending(tenant: str, webhook_id: str) -> list[Any]:
+    """A webhook's pending deliveries (through the tenant's backlog's index, with a bound on
+    next_attempt_time)."""
+    return [DELIVERIES.c.tenant == tenant, DELIVERIES.c.status == PENDING, DELIVERIES.c.webhook_id == webhook_id]
 
 
 async def fail_if_disabled(conn: AsyncConnection, delivery_id: str, error: str) -> bool:

@@ -25,7 +25,7 @@ WEBHOOK_DELIVERY_STATUS_SUCCEEDED: WebhookDeliveryStatus
 WEBHOOK_DELIVERY_STATUS_FAILED: WebhookDeliveryStatus
 
 class Webhook(_message.Message):
-    __slots__ = ("id", "url", "event_types", "description", "enabled", "disabled_reason", "signing_secret", "create_time", "update_time")
+    __slots__ = ("id", "url", "event_types", "description", "enabled", "disabled_reason", "signing_secret", "create_time", "update_time", "dropped_event_count", "circuit_open_until", "consecutive_failures")
     ID_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
     EVENT_TYPES_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,9 @@ class Webhook(_message.Message):
     SIGNING_SECRET_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CIRCUIT_OPEN_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _ClassVar[int]
     id: str
     url: str
     event_types: _containers.RepeatedScalarFieldContainer[str]
@@ -44,7 +47,10 @@ class Webhook(_message.Message):
     signing_secret: str
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., url: _Optional[str] = ..., event_types: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., enabled: _Optional[bool] = ..., disabled_reason: _Optional[str] = ..., signing_secret: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    dropped_event_count: int
+    circuit_open_until: _timestamp_pb2.Timestamp
+    consecutive_failures: int
+    def __init__(self, id: _Optional[str] = ..., url: _Optional[str] = ..., event_types: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., enabled: _Optional[bool] = ..., disabled_reason: _Optional[str] = ..., signing_secret: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., dropped_event_count: _Optional[int] = ..., circuit_open_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., consecutive_failures: _Optional[int] = ...) -> None: ...
 
 class WebhookDelivery(_message.Message):
     __slots__ = ("id", "webhook_id", "event_type", "run_id", "seq", "status", "attempts", "last_response_code", "last_error", "create_time", "last_attempt_time", "next_attempt_time")

@@ -11,6 +11,14 @@ less a random part of up to half of it (jitter), or what the receiver's Retry-Af
 60 s). A 410 Gone fails the delivery and disables its webhook; after `--webhook-max-attempts` the
 delivery is FAILED. A process killed mid-attempt leaves its lease to expire (or, on SQLite, released
 at the next start), so the delivery is sent again, with the same webhook-id: at least once.
+
+Circuit breaker, per webhook, in its database row (evalsvc.store.webhooks: every replica and a restart
+honour it): a receiver that hangs held a slot for the whole timeout for each of its due deliveries, on
+every retry, so receivers hanging for more tenants than there are slots held them all and every other
+tenant's deliveries waited. After CIRCUIT_FAILURES failed attempts in a row (a timeout, a connection
+error, a non-2xx but 410), its circuit opens for `circuit_cooldown`: no delivery of it is due, and those
+waiting spend no attempt. Then one delivery (the probe) is attempted: a 2xx closes the circuit (and any
+2xx resets the count), a failure opens it again for twice as long.
 """
 
 from __future__ import annotations
@@ -60,6 +68,9 @@ PRUNE_EVERY_S = 3600.0
 # PRUNE_CHUNK rows through an index, and a server restarted every few minutes (deploys, an autoscaler)
 # must still prune.
 FIRST_PRUNE_AFTER_S = 30.0
+CIRCUIT_FAILURES = 5  # failed attempts in a row of one webhook that open its circuit
+CIRCUIT_COOLDOWN_S = 30.0  # how long it stays open the first time; twice as long at each re-open
+MAX_CIRCUIT_COOLDOWN_S = 600.0
 
 
 def retry_delay(attempts: int, base_s: float, retry_after: float | None, rng: random.Random) -> float:
@@ -69,6 +80,15 @@ def retry_delay(attempts: int, base_s: float, retry_after: float | None, rng: ra
     if retry_after is not None and retry_after >= 0:
         return retry_after
     return min(base_s * 4.0 ** (attempts - 1), MAX_RETRY_DELAY_S) * rng.uniform(0.5, 1.0)
+
+
+def circuit_cooldown(opened_before: int, rng: random.Random) -> float:
+    """Seconds a webhook's circuit stays open after it opened `opened_before` times since it last closed
+    (its probes failed): CIRCUIT_COOLDOWN_S doubled at each re-open, at most MAX_CIRCUIT_COOLDOWN_S,
+    times a random factor in [0.75, 1] (jitter: the webhooks of a receiver that went down together are
+    not all probed at the same moment)."""
+    doubled = CIRCUIT_COOLDOWN_S * 2.0 ** min(opened_before, 32)  # bounded: a float overflows at 2^1024
+    return min(doubled, MAX_CIRCUIT_COOLDOWN_S) * rng.uniform(0.75, 1.0)
 
 
 def divide_slots(
@@ -282,7 +302,7 @@ class WebhookSender:
 
     async def _record(self, claimed: ClaimedDelivery, code: int, error: str, retry_after: float | None) -> None:
         """Record an attempt's outcome under the claim: success, the next retry, or failure (410 disables
-        the webhook)."""
+        the webhook); and its webhook's circuit: a 2xx closes it, another failure counts towards opening it."""
         now = time.time()
         attempts = claimed.attempts + 1
         values: dict[str, Any] = {"attempts": attempts, "last_response_code": code, "last_attempt_time": now}
@@ -303,10 +323,23 @@ class WebhookSender:
             values.update(last_error=error, next_attempt_time=now + delay)
             outcome = "retrying"
 
-        async def record(conn: AsyncConnection) -> bool:
+        async def record(conn: AsyncConnection) -> tuple[bool, tuple[float | None, bool]]:
             recorded = await store.record_attempt(conn, claimed.id, claimed.claim_id, values)
             if recorded and outcome == "retrying":
                 await store.fail_if_disabled(conn, claimed.id, error)
+            circuit: tuple[float | None, bool] = (None, False)  # open until, opened now
+            if recorded and outcome == "succeeded":
+                await store.close_circuit(conn, claimed.tenant, claimed.webhook_id, now)
+            elif recorded and not gone:
+                circuit = await store.count_failure(
+                    conn,
+                    claimed.tenant,
+                    claimed.webhook_id,
+                    probe=claimed.probe,
+                    now=now,
+                    threshold=CIRCUIT_FAILURES,
+                    cooldown=lambda opened_before: circuit_cooldown(opened_before, self._rng),
+                )
             if recorded and gone:
                 reason = f"{shown_host(claimed.url)} answered 410 Gone to delivery {claimed.id}"
                 await store.update_webhook(
@@ -315,10 +348,21 @@ class WebhookSender:
                     claimed.webhook_id,
                     {"enabled": False, "disabled_reason": reason, "update_time": now},
                 )
-            return recorded
+            return recorded, circuit
 
-        recorded = await self._db.transact(record)
+        recorded, (open_until, opened) = await self._db.transact(record)
         self._metrics.webhook_attempts.labels(outcome).inc()
+        if open_until is not None and open_until > now:  # its deliveries wait for the end, this one too
+            await self._db.transact(lambda conn: store.hold_for_circuit(conn, claimed.tenant, claimed.webhook_id))
+        if opened and open_until is not None:
+            self._metrics.webhook_circuit_opened.inc()
+            log.info(
+                "webhook %s failed %s: its circuit is open for %.0f s (%s)",
+                claimed.webhook_id,
+                "its probe" if claimed.probe else f"{CIRCUIT_FAILURES} attempts in a row",
+                open_until - now,
+                error,
+            )
         if not recorded:
             log.info("webhook delivery %s changed while it was being sent; its attempt is not recorded", claimed.id)
         elif outcome != "succeeded":

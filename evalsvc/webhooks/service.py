@@ -47,6 +47,9 @@ def webhook_from(webhook: WebhookRecord, *, signing_secret: str = "") -> wpb.Web
         signing_secret=signing_secret,
         create_time=timestamp(webhook.create_time),
         update_time=timestamp(webhook.update_time),
+        dropped_event_count=webhook.dropped_events,
+        circuit_open_until=timestamp(webhook.circuit_open_until),
+        consecutive_failures=webhook.consecutive_failures,
     )
 
 
@@ -141,6 +144,10 @@ class WebhookService:
             previous_secret_expire_time=None,
             create_time=now,
             update_time=now,
+            consecutive_failures=0,
+            circuit_open_until=None,
+            circuit_opens=0,
+            dropped_events=0,
         )
 
         async def insert(conn: AsyncConnection) -> wpb.Webhook:
@@ -182,7 +189,9 @@ class WebhookService:
     async def update(self, tenant: str, request: wpb.UpdateWebhookRequest) -> wpb.Webhook:
         """Change the fields named by the update mask (every set one when it is empty; every one when it is
         `*`, so an unset url or event_types is refused and an unset `enabled` disables). Disabling fails
-        the deliveries not yet sent; enabling clears the reason the server disabled it for."""
+        the deliveries not yet sent; enabling clears the reason the server disabled it for. Enabling it
+        or changing its url closes its circuit: the failures counted were the old receiver's, or the
+        caller says it is back, so its deliveries are due at once."""
         spec = request.webhook
         paths = mask_paths(request.update_mask.paths, UPDATABLE) or [
             name for name in UPDATABLE if (spec.HasField(name) if name == "enabled" else getattr(spec, name))
@@ -213,7 +222,14 @@ class WebhookService:
             values["disabled_reason"] = ""
         if violations:
             raise invalid_argument(violations)
-        updated = await self._db.transact(lambda conn: store.update_webhook(conn, tenant, request.webhook_id, values))
+        closes = "url" in paths or ("enabled" in paths and spec.enabled)
+
+        async def change(conn: AsyncConnection) -> WebhookRecord | None:
+            if closes:  # its deliveries first (the lock order), then the webhook
+                await store.close_circuit(conn, tenant, request.webhook_id, values["update_time"])
+            return await store.update_webhook(conn, tenant, request.webhook_id, values)
+
+        updated = await self._db.transact(change)
         if updated is None:
             raise not_found("webhook", request.webhook_id)
         return webhook_from(updated)

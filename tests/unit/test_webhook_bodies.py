@@ -74,6 +74,7 @@ def claimed(delivery_id: str, event: pb.WatchRunResponse, event_type: str = "run
         previous_secret=None,
         previous_secret_expire_time=None,
         payload=event.SerializeToString(),
+        probe=False,
     )
 
 

@@ -28,7 +28,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n evalsvc/v1/webhook_service.proto\x12\nevalsvc.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa5\x02\n\x07Webhook\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03url\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0b\x65vent_types\x18\x03 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x14\n\x07\x65nabled\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x1d\n\x0f\x64isabled_reason\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0esigning_secret\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x42\n\n\x08_enabled\"\xbe\x03\n\x0fWebhookDelivery\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nwebhook_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nevent_type\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06run_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03seq\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x37\n\x06status\x18\x06 \x01(\x0e\x32!.evalsvc.v1.WebhookDeliveryStatusB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x61ttempts\x18\x07 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12 \n\x12last_response_code\x18\x08 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x18\n\nlast_error\x18\t \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12;\n\x11last_attempt_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12;\n\x11next_attempt_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"V\n\x14\x43reateWebhookRequest\x12*\n\x07webhook\x18\x01 \x01(\x0b\x32\x13.evalsvc.v1.WebhookB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"=\n\x15\x43reateWebhookResponse\x12$\n\x07webhook\x18\x01 \x01(\x0b\x32\x13.evalsvc.v1.Webhook\"-\n\x11GetWebhookRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\":\n\x12GetWebhookResponse\x12$\n\x07webhook\x18\x01 \x01(\x0b\x32\x13.evalsvc.v1.Webhook\"<\n\x13ListWebhooksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x14ListWebhooksResponse\x12%\n\x08webhooks\x18\x01 \x03(\x0b\x32\x13.evalsvc.v1.Webhook\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8d\x01\n\x14UpdateWebhookRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12*\n\x07webhook\x18\x02 \x01(\x0b\x32\x13.evalsvc.v1.WebhookB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"=\n\x15UpdateWebhookResponse\x12$\n\x07webhook\x18\x01 \x01(\x0b\x32\x13.evalsvc.v1.Webhook\"0\n\x14\x44\x65leteWebhookRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x17\n\x15\x44\x65leteWebhookResponse\"O\n\x1aRotateWebhookSecretRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x0frevoke_previous\x18\x02 \x01(\x08\"C\n\x1bRotateWebhookSecretResponse\x12$\n\x07webhook\x18\x01 \x01(\x0b\x32\x13.evalsvc.v1.Webhook\"\x92\x01\n\x1cListWebhookDeliveriesRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x31\n\x06status\x18\x02 \x01(\x0e\x32!.evalsvc.v1.WebhookDeliveryStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"i\n\x1dListWebhookDeliveriesResponse\x12/\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1b.evalsvc.v1.WebhookDelivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xb0\x01\n\x15WebhookDeliveryStatus\x12\'\n#WEBHOOK_DELIVERY_STATUS_UNSPECIFIED\x10\x00\x12#\n\x1fWEBHOOK_DELIVERY_STATUS_PENDING\x10\x01\x12%\n!WEBHOOK_DELIVERY_STATUS_SUCCEEDED\x10\x02\x12\"\n\x1eWEBHOOK_DELIVERY_STATUS_FAILED\x10\x03\x32\x8d\x07\n\x0eWebhookService\x12m\n\rCreateWebhook\x12 .evalsvc.v1.CreateWebhookRequest\x1a!.evalsvc.v1.CreateWebhookResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/webhooks:\x01*\x12n\n\nGetWebhook\x12\x1d.evalsvc.v1.GetWebhookRequest\x1a\x1e.evalsvc.v1.GetWebhookResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/webhooks/{webhook_id}\x12g\n\x0cListWebhooks\x12\x1f.evalsvc.v1.ListWebhooksRequest\x1a .evalsvc.v1.ListWebhooksResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/webhooks\x12\x80\x01\n\rUpdateWebhook\x12 .evalsvc.v1.UpdateWebhookRequest\x1a!.evalsvc.v1.UpdateWebhookResponse\"*\x82\xd3\xe4\x93\x02$2\x19/v1/webhooks/{webhook_id}:\x07webhook\x12w\n\rDeleteWebhook\x12 .evalsvc.v1.DeleteWebhookRequest\x1a!.evalsvc.v1.DeleteWebhookResponse\"!\x82\xd3\xe4\x93\x02\x1b*\x19/v1/webhooks/{webhook_id}\x12\x99\x01\n\x13RotateWebhookSecret\x12&.evalsvc.v1.RotateWebhookSecretRequest\x1a\'.evalsvc.v1.RotateWebhookSecretResponse\"1\x82\xd3\xe4\x93\x02+\"&/v1/webhooks/{webhook_id}:rotateSecret:\x01*\x12\x9a\x01\n\x15ListWebhookDeliveries\x12(.evalsvc.v1.ListWebhookDeliveriesRequest\x1a).evalsvc.v1.ListWebhookDeliveriesResponse\",\x82\xd3\xe4\x93\x02&\x12$/v1/webhooks/{webhook_id}/deliveriesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n evalsvc/v1/webhook_service.proto\x12\nevalsvc.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaa\x03\n\x07Webhook\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03url\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0b\x65vent_types\x18\x03 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x14\n\x07\x65nabled\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x1d\n\x0f\x64isabled_reason\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0esigning_secret\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12!\n\x13\x64ropped_event_count\x18\n \x01(\x03\x42\x04\xe2\x41\x01\x03\x12<\n\x12\x63ircuit_open_until\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\"\n\x14\x63onsecutive_failures\x18\x0c \x01(\x05\x42\x04\xe2\x41\x01\x03\x42\n\n\x08_enabled\"\xbe\x03\n\x0fWebhookDelivery\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nwebhook_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nevent_type\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06run_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03seq\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x37\n\x06status\x18\x06 \x01(\x0e\x32!.evalsvc.v1.WebhookDeliveryStatusB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x61ttempts\x18\x07 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12 \n\x12last_response_code\x18\x08 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x18\n\nlast_error\x18\t \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12;\n\x11last_attempt_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12;\n\x11next_attempt_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"V\n\x14\x43reateWebhookRequest\x12*\n\x07webhook\x18\x01 \x01(\x0b\x32\x13.evalsvc.v1.WebhookB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"=\n\x15\x43reateWebhookResponse\x12$\n\x07webhook\x18\x01 \x01(\x0b\x32\x13.evalsvc.v1.Webhook\"-\n\x11GetWebhookRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\":\n\x12GetWebhookResponse\x12$\n\x07webhook\x18\x01 \x01(\x0b\x32\x13.evalsvc.v1.Webhook\"<\n\x13ListWebhooksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x14ListWebhooksResponse\x12%\n\x08webhooks\x18\x01 \x03(\x0b\x32\x13.evalsvc.v1.Webhook\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8d\x01\n\x14UpdateWebhookRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12*\n\x07webhook\x18\x02 \x01(\x0b\x32\x13.evalsvc.v1.WebhookB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"=\n\x15UpdateWebhookResponse\x12$\n\x07webhook\x18\x01 \x01(\x0b\x32\x13.evalsvc.v1.Webhook\"0\n\x14\x44\x65leteWebhookRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x17\n\x15\x44\x65leteWebhookResponse\"O\n\x1aRotateWebhookSecretRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x0frevoke_previous\x18\x02 \x01(\x08\"C\n\x1bRotateWebhookSecretResponse\x12$\n\x07webhook\x18\x01 \x01(\x0b\x32\x13.evalsvc.v1.Webhook\"\x92\x01\n\x1cListWebhookDeliveriesRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x31\n\x06status\x18\x02 \x01(\x0e\x32!.evalsvc.v1.WebhookDeliveryStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"i\n\x1dListWebhookDeliveriesResponse\x12/\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1b.evalsvc.v1.WebhookDelivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xb0\x01\n\x15WebhookDeliveryStatus\x12\'\n#WEBHOOK_DELIVERY_STATUS_UNSPECIFIED\x10\x00\x12#\n\x1fWEBHOOK_DELIVERY_STATUS_PENDING\x10\x01\x12%\n!WEBHOOK_DELIVERY_STATUS_SUCCEEDED\x10\x02\x12\"\n\x1eWEBHOOK_DELIVERY_STATUS_FAILED\x10\x03\x32\x8d\x07\n\x0eWebhookService\x12m\n\rCreateWebhook\x12 .evalsvc.v1.CreateWebhookRequest\x1a!.evalsvc.v1.CreateWebhookResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/webhooks:\x01*\x12n\n\nGetWebhook\x12\x1d.evalsvc.v1.GetWebhookRequest\x1a\x1e.evalsvc.v1.GetWebhookResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/webhooks/{webhook_id}\x12g\n\x0cListWebhooks\x12\x1f.evalsvc.v1.ListWebhooksRequest\x1a .evalsvc.v1.ListWebhooksResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/webhooks\x12\x80\x01\n\rUpdateWebhook\x12 .evalsvc.v1.UpdateWebhookRequest\x1a!.evalsvc.v1.UpdateWebhookResponse\"*\x82\xd3\xe4\x93\x02$2\x19/v1/webhooks/{webhook_id}:\x07webhook\x12w\n\rDeleteWebhook\x12 .evalsvc.v1.DeleteWebhookRequest\x1a!.evalsvc.v1.DeleteWebhookResponse\"!\x82\xd3\xe4\x93\x02\x1b*\x19/v1/webhooks/{webhook_id}\x12\x99\x01\n\x13RotateWebhookSecret\x12&.evalsvc.v1.RotateWebhookSecretRequest\x1a\'.evalsvc.v1.RotateWebhookSecretResponse\"1\x82\xd3\xe4\x93\x02+\"&/v1/webhooks/{webhook_id}:rotateSecret:\x01*\x12\x9a\x01\n\x15ListWebhookDeliveries\x12(.evalsvc.v1.ListWebhookDeliveriesRequest\x1a).evalsvc.v1.ListWebhookDeliveriesResponse\",\x82\xd3\xe4\x93\x02&\x12$/v1/webhooks/{webhook_id}/deliveriesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,6 +47,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WEBHOOK'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
   _globals['_WEBHOOK'].fields_by_name['update_time']._loaded_options = None
   _globals['_WEBHOOK'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_WEBHOOK'].fields_by_name['dropped_event_count']._loaded_options = None
+  _globals['_WEBHOOK'].fields_by_name['dropped_event_count']._serialized_options = b'\342A\001\003'
+  _globals['_WEBHOOK'].fields_by_name['circuit_open_until']._loaded_options = None
+  _globals['_WEBHOOK'].fields_by_name['circuit_open_until']._serialized_options = b'\342A\001\003'
+  _globals['_WEBHOOK'].fields_by_name['consecutive_failures']._loaded_options = None
+  _globals['_WEBHOOK'].fields_by_name['consecutive_failures']._serialized_options = b'\342A\001\003'
   _globals['_WEBHOOKDELIVERY'].fields_by_name['id']._loaded_options = None
   _globals['_WEBHOOKDELIVERY'].fields_by_name['id']._serialized_options = b'\342A\001\003'
   _globals['_WEBHOOKDELIVERY'].fields_by_name['webhook_id']._loaded_options = None
@@ -99,40 +105,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WEBHOOKSERVICE'].methods_by_name['RotateWebhookSecret']._serialized_options = b'\202\323\344\223\002+\"&/v1/webhooks/{webhook_id}:rotateSecret:\001*'
   _globals['_WEBHOOKSERVICE'].methods_by_name['ListWebhookDeliveries']._loaded_options = None
   _globals['_WEBHOOKSERVICE'].methods_by_name['ListWebhookDeliveries']._serialized_options = b'\202\323\344\223\002&\022$/v1/webhooks/{webhook_id}/deliveries'
-  _globals['_WEBHOOKDELIVERYSTATUS']._serialized_start=2020
-  _globals['_WEBHOOKDELIVERYSTATUS']._serialized_end=2196
+  _globals['_WEBHOOKDELIVERYSTATUS']._serialized_start=2153
+  _globals['_WEBHOOKDELIVERYSTATUS']._serialized_end=2329
   _globals['_WEBHOOK']._serialized_start=179
-  _globals['_WEBHOOK']._serialized_end=472
-  _globals['_WEBHOOKDELIVERY']._serialized_start=475
-  _globals['_WEBHOOKDELIVERY']._serialized_end=921
-  _globals['_CREATEWEBHOOKREQUEST']._serialized_start=923
-  _globals['_CREATEWEBHOOKREQUEST']._serialized_end=1009
-  _globals['_CREATEWEBHOOKRESPONSE']._serialized_start=1011
-  _globals['_CREATEWEBHOOKRESPONSE']._serialized_end=1072
-  _globals['_GETWEBHOOKREQUEST']._serialized_start=1074
-  _globals['_GETWEBHOOKREQUEST']._serialized_end=1119
-  _globals['_GETWEBHOOKRESPONSE']._serialized_start=1121
-  _globals['_GETWEBHOOKRESPONSE']._serialized_end=1179
-  _globals['_LISTWEBHOOKSREQUEST']._serialized_start=1181
-  _globals['_LISTWEBHOOKSREQUEST']._serialized_end=1241
-  _globals['_LISTWEBHOOKSRESPONSE']._serialized_start=1243
-  _globals['_LISTWEBHOOKSRESPONSE']._serialized_end=1329
-  _globals['_UPDATEWEBHOOKREQUEST']._serialized_start=1332
-  _globals['_UPDATEWEBHOOKREQUEST']._serialized_end=1473
-  _globals['_UPDATEWEBHOOKRESPONSE']._serialized_start=1475
-  _globals['_UPDATEWEBHOOKRESPONSE']._serialized_end=1536
-  _globals['_DELETEWEBHOOKREQUEST']._serialized_start=1538
-  _globals['_DELETEWEBHOOKREQUEST']._serialized_end=1586
-  _globals['_DELETEWEBHOOKRESPONSE']._serialized_start=1588
-  _globals['_DELETEWEBHOOKRESPONSE']._serialized_end=1611
-  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_start=1613
-  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_end=1692
-  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_start=1694
-  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_end=1761
-  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_start=1764
-  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_end=1910
-  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_start=1912
-  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_end=2017
-  _globals['_WEBHOOKSERVICE']._serialized_start=2199
-  _globals['_WEBHOOKSERVICE']._serialized_end=3108
+  _globals['_WEBHOOK']._serialized_end=605
+  _globals['_WEBHOOKDELIVERY']._serialized_start=608
+  _globals['_WEBHOOKDELIVERY']._serialized_end=1054
+  _globals['_CREATEWEBHOOKREQUEST']._serialized_start=1056
+  _globals['_CREATEWEBHOOKREQUEST']._serialized_end=1142
+  _globals['_CREATEWEBHOOKRESPONSE']._serialized_start=1144
+  _globals['_CREATEWEBHOOKRESPONSE']._serialized_end=1205
+  _globals['_GETWEBHOOKREQUEST']._serialized_start=1207
+  _globals['_GETWEBHOOKREQUEST']._serialized_end=1252
+  _globals['_GETWEBHOOKRESPONSE']._serialized_start=1254
+  _globals['_GETWEBHOOKRESPONSE']._serialized_end=1312
+  _globals['_LISTWEBHOOKSREQUEST']._serialized_start=1314
+  _globals['_LISTWEBHOOKSREQUEST']._serialized_end=1374
+  _globals['_LISTWEBHOOKSRESPONSE']._serialized_start=1376
+  _globals['_LISTWEBHOOKSRESPONSE']._serialized_end=1462
+  _globals['_UPDATEWEBHOOKREQUEST']._serialized_start=1465
+  _globals['_UPDATEWEBHOOKREQUEST']._serialized_end=1606
+  _globals['_UPDATEWEBHOOKRESPONSE']._serialized_start=1608
+  _globals['_UPDATEWEBHOOKRESPONSE']._serialized_end=1669
+  _globals['_DELETEWEBHOOKREQUEST']._serialized_start=1671
+  _globals['_DELETEWEBHOOKREQUEST']._serialized_end=1719
+  _globals['_DELETEWEBHOOKRESPONSE']._serialized_start=1721
+  _globals['_DELETEWEBHOOKRESPONSE']._serialized_end=1744
+  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_start=1746
+  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_end=1825
+  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_start=1827
+  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_end=1894
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_start=1897
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_end=2043
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_start=2045
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_end=2150
+  _globals['_WEBHOOKSERVICE']._serialized_start=2332
+  _globals['_WEBHOOKSERVICE']._serialized_end=3241
 # @@protoc_insertion_point(module_scope)
