@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from evalsvc.metrics import Metrics
-from evalsvc.store.db import unavailable_cause
+from evalsvc.store.db import database_lost, unavailable_cause
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,12 @@ async def supervise(name: str, body: Callable[[], Awaitable[None]], stopping: as
                 extra={"loop": name},
             )
         except Exception as exc:
+            if (lost := database_lost(exc)) is not None:
+                # No retry can help until a restart, and the watchdog has said so at ERROR once: a loop
+                # that went on retrying logged an ERROR every 5 s until shutdown, burying that line.
+                log.warning("loop %s stops until shutdown: %s", name, lost, extra={"loop": name})
+                await stopping.wait()
+                return
             if (cause := unavailable_cause(exc)) is not None:  # the operator's to fix: said in one line
                 log.error("loop %s cannot use the database (%s); restarting in %.1f s", name, cause, backoff)
             else:

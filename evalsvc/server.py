@@ -294,6 +294,8 @@ class EvalServer:
         stack.push_async_callback(self.checker.close)  # after gRPC has stopped: no call starts a new checker
         async with self._database_step():
             await migrate.prepare(self.db)
+            if self._serve_lock is not None:
+                self._serve_lock.lost()  # takes the identity of the database file it has just opened
             await self.secrets.check_key()
             self.page_tokens.key = await server_keys.get_or_create(self.db, PAGE_TOKEN_KEY)
         server = self._grpc_server()

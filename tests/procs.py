@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -181,17 +182,21 @@ class _Forks:
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[str] | None = None
+        self._turn = threading.Lock()  # one request and its answer at a time (callers may be threads)
 
     def run(self, args: list[str], timeout: float, environ: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
-        proc = self._started()
-        assert proc.stdin is not None and proc.stdout is not None
         command = [sys.executable, "-m", "evalsvc", *args]
-        with tempfile.TemporaryDirectory(prefix="evalsvc-fork-") as where:
+        with tempfile.TemporaryDirectory(prefix="evalsvc-fork-") as where, self._turn:
+            proc = self._started()
+            assert proc.stdin is not None and proc.stdout is not None
             out, err = Path(where, "stdout"), Path(where, "stderr")
             request = {"argv": args, "env": dict(environ), "cwd": os.getcwd(), "out": str(out), "err": str(err)}
             proc.stdin.write(json.dumps({**request, "timeout": timeout}) + "\n")
             proc.stdin.flush()
-            code = json.loads(proc.stdout.readline())["code"]
+            answer = proc.stdout.readline()
+            if not answer:
+                raise RuntimeError(f"the test forker (tests/procs.py) exited ({proc.wait()}) running {command}")
+            code = json.loads(answer)["code"]
             stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
         if code is None:
             raise subprocess.TimeoutExpired(command, timeout, stdout, stderr)

@@ -1324,6 +1324,9 @@ def test_a_target_written_as_a_url_or_the_rest_port_gets_a_hint_that_says_so(
     # The SDK's errors carry the URL hint too (it calls the URL, which grpc takes for a host name).
     hint = hint_for(grpc_unavailable(), "", "https://evalsvc.example:443", "Misformatted domain name")
     assert "is a URL" in hint and "evalsvc.example:443 (and --tls for a TLS server)" in hint
+    # grpc's own target schemes are targets, not URLs: `dns:///` spreads calls over replicas.
+    assert cli.main(["--target", f"dns:///{server.target}", "--api-key", key, "list"]) == cli.EXIT_OK
+    assert "is a URL" not in capsys.readouterr().err
 
 
 def grpc_unavailable() -> Any:

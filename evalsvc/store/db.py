@@ -48,6 +48,14 @@ class DatabaseLost(RuntimeError):
     """A write asked of a database whose files are gone from under the server (`Database.lose`)."""
 
 
+def database_lost(exc: BaseException) -> DatabaseLost | None:
+    """The DatabaseLost `exc` is or was raised from: no retry can help, only a restart."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, DatabaseLost):
+        cause = getattr(cause, "orig", None) or cause.__cause__ or cause.__context__
+    return cause
+
+
 class Database:
     """The service's database: a write engine (one writer on SQLite) and a read engine."""
 

@@ -83,7 +83,9 @@ class ServeLock:
             os.close(fd)
             raise
         self._fd = fd
-        self._locked = _identity(os.fstat(fd))
+        # By path, as `lost` looks (an fstat can name another device than a stat of the path: overlayfs).
+        with contextlib.suppress(OSError):
+            self._locked = _identity(os.stat(self.path))
         # The pid only names the holder in another start's message: a disk too full to write it is no
         # reason to refuse the start (the database step names a full disk).
         with contextlib.suppress(OSError):
@@ -97,7 +99,10 @@ class ServeLock:
         path and serve beside it: a probe removed the directory mid-run, the server went on SERVING and
         acknowledging writes that vanished at its exit, and a second start on the recreated directory
         succeeded. The database file's identity is taken at the first look that finds it (a new
-        database is created after the lock is taken)."""
+        database is created after the lock is taken: the server looks once it has opened it).
+
+        A copy written into the live file (`cp backup.db evalsvc.db`) keeps its identity and is not
+        seen: restore with the server stopped (docs/operations.md, Backups)."""
         if self._locked is None:
             return None
         for what, path, held in (

@@ -222,7 +222,10 @@ class WebhookService:
             values["disabled_reason"] = ""
         if violations:
             raise invalid_argument(violations)
-        closes = "url" in paths or ("enabled" in paths and spec.enabled)
+        # Not when this very update disables it: disabling fails its deliveries after writing the webhook
+        # row, the other lock order (a deadlock with another replica's probe claim); re-enabling closes it.
+        disables = "enabled" in paths and not spec.enabled
+        closes = not disables and ("url" in paths or "enabled" in paths)
 
         async def change(conn: AsyncConnection) -> WebhookRecord | None:
             if closes:  # its deliveries first (the lock order), then the webhook

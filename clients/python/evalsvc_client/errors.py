@@ -166,11 +166,17 @@ _HANDSHAKE_FAILED = re.compile(r"socket closed|handshake|ssl|certificate|tls", r
 _HTTP1_ANSWERED = re.compile(r"http1\.x server|Failed parsing HTTP/2|Expected SETTINGS frame", re.IGNORECASE)
 
 
+# Schemes of web URLs, which grpc does not take as targets (grpc's own - dns, unix, xds, ipv4 - it does).
+WEB_SCHEMES = frozenset({"http", "https", "grpc", "grpcs"})
+
+
 def target_as_url_hint(target: str) -> str:
-    """What to say of a target written as a URL (`http://127.0.0.1:50051`); empty for HOST:PORT. grpc took
-    the whole URL for a host name ("Misformatted domain name"), and the hint said nothing answered there."""
+    """What to say of a target written as a web URL (`http://127.0.0.1:50051`); empty for HOST:PORT and for
+    grpc's own target schemes (`dns:///host:port`, which spreads calls over replicas, `unix:///path`,
+    `xds:///...`). grpc took a web URL for a host name ("Misformatted domain name"), and the hint said
+    nothing answered there."""
     scheme, sep, rest = target.partition("://")
-    if not sep:
+    if not sep or scheme.lower() not in WEB_SCHEMES:
         return ""
     address = rest.split("/", 1)[0] or "HOST:PORT"
     tls = " (and --tls for a TLS server)" if scheme.lower() == "https" else ""
