@@ -1383,3 +1383,114 @@ def test_an_error_writing_an_export_names_the_file_asked_for(tmp_path: Path) -> 
         cli._whole_file(str(path)) as partial,
     ):
         open(partial, "w").close()
+
+
+def _triage_run(live: tuple[ServerProcess, str], tmp_path: Path, labels: str = "{}") -> str:
+    """A finished run of 5 items: q0 and q1 fail, q2 errors (no response recorded), q3 and q4 pass."""
+    rows = [
+        {"id": "q0", "input": "a", "expected_output": "a", "response": "wrong"},
+        {"id": "q1", "input": "a", "expected_output": "a", "response": "wrong"},
+        {"id": "q2", "input": "a", "expected_output": "a"},
+        {"id": "q3", "input": "a", "expected_output": "a", "response": "a"},
+        {"id": "q4", "input": "a", "expected_output": "a", "response": "a"},
+    ]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "spec.yaml").write_text(
+        "display_name: triage\ndataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n"
+        f"labels: {labels}\nmax_error_rate: 50\n"
+    )
+    ran = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--json", "--no-progress")
+    assert ran.returncode in (0, 1), ran.stderr
+    return str(json.loads(ran.stdout)["id"])
+
+
+def test_results_state_repeats_to_list_any_of_several(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    """`results --state failed --state error` lists what needs triage in one call (--state took one value)."""
+    run_id = _triage_run(live, tmp_path)
+    both = evalctl(live, "results", run_id, "--state", "failed", "--state", "error", "--format", "jsonl")
+    assert both.returncode == 0, both.stderr
+    assert {r["item_id"]: r["state"] for r in map(json.loads, both.stdout.splitlines())} == {
+        "q0": "RESULT_STATE_FAILED",
+        "q1": "RESULT_STATE_FAILED",
+        "q2": "RESULT_STATE_ERROR",
+    }
+    table = evalctl(live, "results", run_id, "--state", "error", "--state", "failed")
+    rows = [line.strip("│ ").split()[0] for line in table.stdout.splitlines() if re.match(r"│ q\d", line)]
+    assert table.returncode == 0 and rows == ["q0", "q1", "q2"], table.stdout
+    one = evalctl(live, "results", run_id, "--state", "error", "--json")
+    assert [json.loads(line)["item_id"] for line in one.stdout.splitlines()] == ["q2"]
+    bad = evalctl(live, "results", run_id, "--state", "broken")
+    assert bad.returncode == 3 and "invalid choice: 'broken'" in bad.stderr
+
+
+def test_graders_and_targets_list_get_and_delete(live: tuple[ServerProcess, str]) -> None:
+    """A judge or target saved through the SDK could not be seen or deleted from the shell."""
+    from evalsvc_client import EvalClient, builders
+
+    server, key = live
+    with EvalClient(server.target, api_key=key) as client:
+        graders = [
+            client.create_grader(name, builders.exact_match(), description="d", labels={"team": "qa"})
+            for name in ("first-grader", "second-grader")
+        ]
+        client.update_grader(graders[0].id, builders.contains(["x"]))  # version 2
+        targets = [client.create_target(name, "echo") for name in ("first-target", "second-target")]
+
+    listed = evalctl(live, "graders", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    by_id = {g["id"]: g for g in json.loads(listed.stdout)}
+    assert by_id[graders[0].id]["latest_version"] == 2 and by_id[graders[1].id]["display_name"] == "second-grader"
+    table = evalctl(live, "graders", "list")
+    row = next(line for line in table.stdout.splitlines() if graders[0].id in line)
+    assert "first-grader" in row and "contains" in row and "2 of 2" in row and "team=qa" in row, row
+    cut = evalctl(live, "graders", "list", "--limit", "1", "--json")
+    assert len(json.loads(cut.stdout)) == 1 and "showing the newest 1 graders; more exist" in cut.stderr
+    old = json.loads(evalctl(live, "graders", "get", graders[0].id, "--version", "1", "--json").stdout)
+    assert old["version"] == 1 and "exact_match" in old["grader"]  # the version asked for, not the latest
+    deleted = evalctl(live, "graders", "delete", graders[0].id)
+    assert deleted.returncode == 0 and f"deleted grader {graders[0].id}" in deleted.stderr
+    gone = evalctl(live, "graders", "get", graders[0].id)
+    assert gone.returncode == 3 and "NOT_FOUND" in gone.stderr
+
+    target_rows = {t["id"]: t for t in json.loads(evalctl(live, "targets", "list", "--json").stdout)}
+    assert (
+        target_rows[targets[0].id]["display_name"] == "first-target" and "echo" in target_rows[targets[0].id]["target"]
+    )
+    got = evalctl(live, "targets", "get", targets[1].id)
+    assert got.returncode == 0 and "second-target" in got.stdout and "echo" in got.stdout, got.stdout
+    assert "more exist" in evalctl(live, "targets", "list", "--limit", "1").stderr
+    assert evalctl(live, "targets", "delete", targets[1].id, "--json").stdout == ""
+    missing = evalctl(live, "targets", "delete", targets[1].id)
+    assert missing.returncode == 3 and "NOT_FOUND" in missing.stderr
+    assert evalctl(live, "graders").returncode == 3  # an action is required
+
+
+def test_update_renames_and_sets_and_removes_labels_and_changes_nothing_else(
+    live: tuple[ServerProcess, str], tmp_path: Path
+) -> None:
+    """There was no way to rename or relabel a run from the shell. `update` changes what it is given alone:
+    each --label and --remove-label one key, the other labels kept."""
+    run_id = _triage_run(live, tmp_path, labels="{team: a, old: x, keep: y}")
+    before = json.loads(evalctl(live, "get", run_id, "--json").stdout)
+    updated = evalctl(
+        live, "update", run_id, "--name", "renamed", "--label", "team=b", "--label", "stage=triaged",
+        "--remove-label", "old", "--json",
+    )  # fmt: skip
+    assert updated.returncode == 0, updated.stderr
+    after = json.loads(updated.stdout)
+    assert after["display_name"] == "renamed"
+    assert after["labels"] == {"team": "b", "stage": "triaged", "keep": "y"}
+    changed = {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
+    assert changed == {"display_name", "labels", "etag", "update_time"}, changed  # the run's, not its definition
+    assert json.loads(evalctl(live, "get", run_id, "--json").stdout) == after
+
+    labelled = evalctl(live, "update", run_id, "--remove-label", "keep")
+    assert labelled.returncode == 0 and f"updated run {run_id}" in labelled.stderr
+    assert "labels: stage=triaged, team=b" in labelled.stdout, labelled.stdout
+    stale = evalctl(live, "update", run_id, "--name", "again", "--etag", before["etag"])
+    assert stale.returncode == 3 and "ABORTED" in stale.stderr and "ETAG_MISMATCH" in stale.stderr
+    nothing = evalctl(live, "update", run_id)
+    assert nothing.returncode == 3 and "nothing to change" in nothing.stderr
+    bad = evalctl(live, "update", run_id, "--label", "team")
+    assert bad.returncode == 3 and "'team' is not KEY=VALUE" in bad.stderr
+    assert json.loads(evalctl(live, "get", run_id, "--json").stdout)["display_name"] == "renamed"

@@ -170,6 +170,33 @@ async def test_update_delete_undelete_run(client: AsyncEvalClient) -> None:
     assert run.id in [r.id async for r in client.list_runs()]
 
 
+async def test_list_results_of_several_states_and_update_run_by_key(client: AsyncEvalClient) -> None:
+    """list_results(states=...) lists what needs triage (failed or errored) in one call; update_run's
+    set_labels/remove_labels change those keys alone, where labels= replaces the map whole."""
+    items = [*_items(3, wrong_every=2), builders.item("no answer recorded", "x", id="e")]  # i0, i2 fail; e errors
+    created = await client.create_run(
+        items=items, target="provided", graders=[builders.exact_match()], labels={"team": "a", "old": "x"}
+    )
+    run = await client.wait(created.id)
+    triage = [pb.run.RESULT_STATE_FAILED, pb.run.RESULT_STATE_ERROR]
+    listed = [r async for r in client.list_results(run.id, states=triage, page_size=1)]  # three pages
+    assert {r.item_id: r.state for r in listed} == {
+        "i0": pb.run.RESULT_STATE_FAILED,
+        "i2": pb.run.RESULT_STATE_FAILED,
+        "e": pb.run.RESULT_STATE_ERROR,
+    }
+    with pytest.raises(InvalidArgumentError) as both:
+        [r async for r in client.list_results(run.id, state=pb.run.RESULT_STATE_FAILED, states=triage)]
+    assert {path for path, _ in both.value.field_violations} == {"state", "states"}
+
+    updated = await client.update_run(run.id, set_labels={"stage": "triaged", "team": "b"}, remove_labels=["old"])
+    assert dict(updated.labels) == {"team": "b", "stage": "triaged"} and updated.display_name == run.display_name
+    odd = await client.update_run(run.id, set_labels={"cost-center": "1"})  # not an identifier: quoted in the mask
+    assert dict(odd.labels) == {"team": "b", "stage": "triaged", "cost-center": "1"}
+    with pytest.raises(ValueError, match="not both"):
+        await client.update_run(run.id, labels={"a": "b"}, set_labels={"c": "d"})
+
+
 async def test_update_and_delete_run_check_an_etag(client: AsyncEvalClient) -> None:
     """update_run and delete_run could not send an etag (AIP-154): a change made since a read went unnoticed."""
     created = await client.create_run(items=_items(1), target="provided", graders=[builders.exact_match()])
@@ -661,6 +688,11 @@ async def test_sync_client_every_method(server: EvalServer) -> None:
             assert client.get_run(run.id).status == pb.run.RUN_STATUS_SUCCEEDED
             assert client.wait(run.id).counts.passed == 3
             assert len(list(client.list_results(run.id, page_size=2))) == 3
+            assert (
+                list(client.list_results(run.id, states=[pb.run.RESULT_STATE_FAILED, pb.run.RESULT_STATE_ERROR])) == []
+            )
+            labelled = client.update_run(run.id, set_labels={"k": "v"}, remove_labels=["absent"])
+            assert dict(labelled.labels) == {"k": "v"}
             assert client.compare_runs(run.id, run.id).overall.both_passed == 3
             assert len(list(client.list_comparison_items(run.id, run.id, page_size=2))) == 3
             assert run.id in [r.id for r in client.list_runs(dataset_id=dataset.id)]

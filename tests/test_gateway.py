@@ -143,6 +143,45 @@ async def test_create_get_list_results_cancel_as_proto3_json(gw) -> None:
     assert cancel.status_code == 400 and cancel.json()["details"][0]["reason"] == "RUN_ALREADY_FINISHED"
 
 
+async def test_results_of_any_of_several_states_by_repeating_states(gw) -> None:
+    """`?states=RESULT_STATE_FAILED&states=RESULT_STATE_ERROR` lists what needs triage in one call (the
+    probe's `?states=` was "unknown query parameter; did you mean 'state'?"); its page token reads on
+    only with the same states, and a bad one names its index."""
+    _, client = gw
+    items = [
+        {"id": "pass", "input": "q", "expectedOutput": "x", "response": {"content": "x"}},
+        {"id": "fail", "input": "q", "expectedOutput": "x", "response": {"content": "y"}},
+        {"id": "error", "input": "q", "expectedOutput": "x"},  # nothing recorded to return
+    ]
+    run_id = (await client.post("/v1/runs", json={**RUN, "items": items})).json()["run"]["id"]
+    await watch_to_end(client, run_id)
+    triage = [("states", "RESULT_STATE_FAILED"), ("states", "RESULT_STATE_ERROR")]
+    listed = await client.get(f"/v1/runs/{run_id}/results", params=triage)
+    assert listed.status_code == 200, listed.text
+    assert {r["itemId"]: r["state"] for r in listed.json()["results"]} == {
+        "fail": "RESULT_STATE_FAILED",
+        "error": "RESULT_STATE_ERROR",
+    }
+    first = (await client.get(f"/v1/runs/{run_id}/results", params=[*triage, ("pageSize", "1")])).json()
+    token = first["nextPageToken"]
+    rest = await client.get(f"/v1/runs/{run_id}/results", params=[*triage, ("pageToken", token)])
+    assert [r["itemId"] for r in [*first["results"], *rest.json()["results"]]] == ["fail", "error"]
+    other = await client.get(
+        f"/v1/runs/{run_id}/results", params=[("states", "RESULT_STATE_FAILED"), ("pageToken", token)]
+    )
+    assert other.status_code == 400 and other.json()["details"][0]["reason"] == "INVALID_PAGE_TOKEN", other.text
+    unspecified = await client.get(
+        f"/v1/runs/{run_id}/results", params=[("states", "RESULT_STATE_FAILED"), ("states", "RESULT_STATE_UNSPECIFIED")]
+    )
+    assert violation_of(unspecified) == ("states[1]", "RESULT_STATE_UNSPECIFIED is no state")
+    both = await client.get(
+        f"/v1/runs/{run_id}/results", params=[("state", "RESULT_STATE_FAILED"), ("states", "RESULT_STATE_ERROR")]
+    )
+    assert both.status_code == 400 and {
+        v["field"] for d in both.json()["details"] for v in d.get("fieldViolations", [])
+    } == {"state", "states"}
+
+
 async def test_update_delete_undelete_take_a_body_field_a_field_mask_and_a_boolean_query(gw) -> None:
     _, client = gw
     run_id = (await client.post("/v1/runs", json=RUN)).json()["run"]["id"]

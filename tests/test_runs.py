@@ -153,6 +153,90 @@ async def test_list_run_results_pages_and_filters_by_state(runs) -> None:
     assert bad_token.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def triage_request(n: int = 12) -> pb.CreateRunRequest:
+    """A run of `n` items: i0-i2 fail, i3-i5 error (nothing recorded to return), the rest pass."""
+    request = create_request(n)
+    for item in request.items[:3]:
+        item.response.content = "wrong"
+    for item in request.items[3:6]:
+        item.ClearField("response")
+    return request
+
+
+async def test_list_run_results_filters_on_any_of_several_states(runs) -> None:
+    """`states` lists the results in any of them in one call, paged in id order, each page's token bound
+    to the set of states (the order and repeats of `states` do not change it; `state=X` and `states=[X]`
+    are one filter)."""
+    created = (await runs.CreateRun(triage_request())).run
+    await watch_all(runs, created.id)
+    wanted = [run_pb2.RESULT_STATE_FAILED, run_pb2.RESULT_STATE_ERROR]
+    seen, token, pages = [], "", 0
+    while True:
+        page = await runs.ListRunResults(
+            pb.ListRunResultsRequest(run_id=created.id, states=wanted, page_size=4, page_token=token)
+        )
+        seen.extend(page.results)
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert pages == 2 and [int(r.id) for r in seen] == sorted(int(r.id) for r in seen)
+    assert {r.item_id: r.state for r in seen} == {
+        **{f"i{i}": run_pb2.RESULT_STATE_FAILED for i in range(3)},
+        **{f"i{i}": run_pb2.RESULT_STATE_ERROR for i in range(3, 6)},
+    }
+    first = await runs.ListRunResults(pb.ListRunResultsRequest(run_id=created.id, states=wanted, page_size=4))
+    same_set = [run_pb2.RESULT_STATE_ERROR, run_pb2.RESULT_STATE_FAILED, run_pb2.RESULT_STATE_ERROR]
+    rest = await runs.ListRunResults(
+        pb.ListRunResultsRequest(run_id=created.id, states=same_set, page_token=first.next_page_token)
+    )
+    assert [r.id for r in [*first.results, *rest.results]] == [r.id for r in seen]
+    for other in (
+        pb.ListRunResultsRequest(run_id=created.id, states=[run_pb2.RESULT_STATE_FAILED]),
+        pb.ListRunResultsRequest(run_id=created.id, state=run_pb2.RESULT_STATE_ERROR),
+        pb.ListRunResultsRequest(run_id=created.id),
+    ):
+        other.page_token = first.next_page_token
+        with pytest.raises(grpc.aio.AioRpcError) as bad_token:
+            await runs.ListRunResults(other)
+        assert bad_token.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_reason(bad_token.value) == "INVALID_PAGE_TOKEN"
+    single = await runs.ListRunResults(
+        pb.ListRunResultsRequest(run_id=created.id, state=run_pb2.RESULT_STATE_FAILED, page_size=1)
+    )
+    following = await runs.ListRunResults(
+        pb.ListRunResultsRequest(
+            run_id=created.id, states=[run_pb2.RESULT_STATE_FAILED], page_size=1, page_token=single.next_page_token
+        )
+    )
+    assert [r.item_id for r in [*single.results, *following.results]] == ["i0", "i1"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        (
+            {"state": run_pb2.RESULT_STATE_FAILED, "states": [run_pb2.RESULT_STATE_ERROR]},
+            {
+                "state": "give state (one value) or states (any of several), not both",
+                "states": "give state (one value) or states (any of several), not both",
+            },
+        ),
+        (
+            {"states": [run_pb2.RESULT_STATE_FAILED, run_pb2.RESULT_STATE_UNSPECIFIED, 99]},
+            {"states[1]": "RESULT_STATE_UNSPECIFIED is no state", "states[2]": "unknown result state"},
+        ),
+        ({"states": [run_pb2.RESULT_STATE_FAILED] * 5}, {"states": "at most 4 states, one per state filtered on"}),
+    ],
+)
+async def test_a_states_filter_no_result_could_match_as_meant_is_refused(runs, fields, expected) -> None:
+    created = (await runs.CreateRun(create_request(1))).run
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await runs.ListRunResults(pb.ListRunResultsRequest(run_id=created.id, **fields))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(caught.value) == expected
+
+
 async def test_list_runs_pages_newest_first_and_filters(runs) -> None:
     ids = []
     for i in range(5):

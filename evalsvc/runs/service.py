@@ -852,16 +852,21 @@ class RunService:
         in between (nothing else deletes them): NOT_FOUND, as the next call would say, never a result
         listed without them."""
         limit = page_size(request.page_size, 100)
-        if request.state not in run_pb2.ResultState.values():
-            raise invalid_argument([FieldViolation("state", "unknown result state")])
-        query = {"run_id": request.run_id, "state": request.state}
+        states = result_states(request)
+        # One state (from either field) keeps the query `state` bound before `states` existed, so a token
+        # issued then, or for `state=X`, still reads the next page of `states=[X]`.
+        query: dict[str, Any] = (
+            {"run_id": request.run_id, "states": states}
+            if len(states) > 1
+            else {"run_id": request.run_id, "state": states[0] if states else 0}
+        )
         after_id = self._page_tokens.decode(tenant, "results", query, request.page_token)
         share = self._page_tokens.item_bytes
         async with self._db.read() as conn:
             if await run_store.get(conn, tenant, request.run_id) is None:
                 raise not_found("run", request.run_id)
             rows = await run_store.results_page(
-                conn, tenant, request.run_id, after_id=after_id, limit=limit + 1, state=request.state
+                conn, tenant, request.run_id, after_id=after_id, limit=limit + 1, states=states
             )
             results = [run_store.result_from(row, None) for row, _ in rows[:limit]]
             kept = rows[
@@ -885,9 +890,34 @@ class RunService:
         return self._page_tokens.page(tenant, "results", query, listed, len(rows), lambda i: int(listed[i].id))
 
 
+def result_states(request: pb.ListRunResultsRequest) -> list[int]:
+    """The sorted, distinct states ListRunResults filters on (empty: every state), from `state` or `states`;
+    INVALID_ARGUMENT when both are given, when `states` is longer than there are states (checked before any
+    entry is looked at), or naming each UNSPECIFIED or unknown entry."""
+    if request.state and request.states:
+        message = "give state (one value) or states (any of several), not both"
+        raise invalid_argument([FieldViolation("state", message), FieldViolation("states", message)])
+    if request.state not in run_pb2.ResultState.values():
+        raise invalid_argument([FieldViolation("state", "unknown result state")])
+    if len(request.states) > len(RESULT_STATES):
+        raise invalid_argument(
+            [FieldViolation("states", f"at most {len(RESULT_STATES)} states, one per state filtered on")]
+        )
+    violations = [
+        FieldViolation(f"states[{i}]", "unknown result state" if state else "RESULT_STATE_UNSPECIFIED is no state")
+        for i, state in enumerate(request.states)
+        if state not in RESULT_STATES
+    ]
+    if violations:
+        raise invalid_argument(violations)
+    return sorted(set(request.states)) if request.states else [request.state] if request.state else []
+
+
 UPDATABLE = ("display_name", "description", "labels", "annotations")
 # The statuses ListRuns filters on: every RunStatus but UNSPECIFIED.
 RUN_STATUSES = frozenset(run_pb2.RunStatus.values()) - {run_pb2.RUN_STATUS_UNSPECIFIED}
+# The states ListRunResults filters on: every ResultState but UNSPECIFIED.
+RESULT_STATES = frozenset(run_pb2.ResultState.values()) - {run_pb2.RESULT_STATE_UNSPECIFIED}
 MAPS = ("labels", "annotations")
 
 

@@ -604,17 +604,19 @@ async def _column_of(
 
 
 async def results_page(
-    conn: AsyncConnection, tenant: str, run_id: str, *, after_id: int | None, limit: int, state: int
+    conn: AsyncConnection, tenant: str, run_id: str, *, after_id: int | None, limit: int, states: Sequence[int]
 ) -> list[tuple[ResultRecord, StoredSizes]]:
     """Results of a run by id (the order jobs were claimed), without their explanations, each with the
     sizes of its explanation and its job's output (`results_sized`): the page keeps what fits and reads
-    those explanations and outputs alone (`explanations_of`, `outputs_of`)."""
+    those explanations and outputs alone (`explanations_of`, `outputs_of`). `states` empty means every state."""
     await read_in_index_order(conn)
-    rows = await conn.execute(results_page_query(tenant, run_id, after_id=after_id, limit=limit, state=state))
+    rows = await conn.execute(results_page_query(tenant, run_id, after_id=after_id, limit=limit, states=states))
     return [result_with_size(row) for row in rows.mappings()]
 
 
-def results_page_query(tenant: str, run_id: str, *, after_id: int | None, limit: int, state: int) -> Select[Any]:
+def results_page_query(
+    tenant: str, run_id: str, *, after_id: int | None, limit: int, states: Sequence[int]
+) -> Select[Any]:
     """The statement of `results_page`: a page costs the rows it returns, not the run's size.
 
     Results are indexed by (run_id, state, id) and not by (run_id, id) (one index less on the table
@@ -626,7 +628,7 @@ def results_page_query(tenant: str, run_id: str, *, after_id: int | None, limit:
     lookup too: 400 ms a page at the start of a 250,000-result run on PostgreSQL). The ranges select the
     rows' explanations' sizes, not the explanations (`sized_results`)."""
     ranges = []
-    for each in [state] if state else sorted(run_pb2.ResultState.values()):
+    for each in sorted(set(states)) if states else sorted(run_pb2.ResultState.values()):
         one = sized_results().where(RESULTS.c.run_id == run_id, RESULTS.c.state == each, RESULTS.c.tenant == tenant)
         if after_id is not None:
             one = one.where(RESULTS.c.id > after_id)

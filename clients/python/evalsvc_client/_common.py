@@ -279,14 +279,44 @@ def update_run_request(
     labels: Mapping[str, str] | None,
     annotations: Mapping[str, str] | None,
     etag: str,
+    set_labels: Mapping[str, str] | None = None,
+    remove_labels: Iterable[str] = (),
+    set_annotations: Mapping[str, str] | None = None,
+    remove_annotations: Iterable[str] = (),
 ) -> pb.runs.UpdateRunRequest:
     """An UpdateRunRequest whose update mask names exactly the fields given (not None); with `etag`, the run is
-    changed only if it is still at that etag (AIP-154)."""
+    changed only if it is still at that etag (AIP-154). `set_labels` and `remove_labels` (and the annotations')
+    change single keys (mask paths `labels.KEY`), leaving the map's other keys as they are; ValueError when
+    combined with the whole map, or when one key is both set and removed."""
     given = {"display_name": display_name, "description": description, "labels": labels, "annotations": annotations}
     fields: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
     request = pb.runs.UpdateRunRequest(run_id=run_id, run=pb.Run(**fields, etag=etag))
     request.update_mask.paths.extend(fields)
+    for name, whole, setting, removing in (
+        ("labels", labels, set_labels, remove_labels),
+        ("annotations", annotations, set_annotations, remove_annotations),
+    ):
+        setting, removing = dict(setting or {}), list(removing)
+        if (setting or removing) and whole is not None:
+            raise ValueError(f"update_run: give {name} (the whole map) or set_/remove_{name} (single keys), not both")
+        both = sorted(set(setting) & set(removing))
+        if both:
+            raise ValueError(f"update_run: {name} key {both[0]!r} is both set and removed")
+        getattr(request.run, name).update(setting)
+        request.update_mask.paths.extend(f"{name}.{mask_key(key)}" for key in [*setting, *removing])
     return request
+
+
+def mask_key(key: str) -> str:
+    """A map key as an update mask path segment (AIP-161): as it is when an identifier, else in backticks
+    (a backtick in it doubled)."""
+    return key if key.isidentifier() and key.isascii() else "`" + key.replace("`", "``") + "`"
+
+
+def list_results_request(
+    run_id: str, *, state: pb.run.ResultState, states: Iterable[pb.run.ResultState], page_size: int
+) -> pb.runs.ListRunResultsRequest:
+    return pb.runs.ListRunResultsRequest(run_id=run_id, state=state, states=list(states), page_size=page_size)
 
 
 def list_runs_request(

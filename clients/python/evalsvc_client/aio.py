@@ -21,6 +21,7 @@ from evalsvc_client._common import (
     create_run_request,
     create_webhook_request,
     is_terminal,
+    list_results_request,
     list_runs_request,
     new_request_id,
     rerun_run_request,
@@ -199,10 +200,15 @@ class AsyncEvalClient:
         labels: Mapping[str, str] | None = None,
         annotations: Mapping[str, str] | None = None,
         etag: str = "",
+        set_labels: Mapping[str, str] | None = None,
+        remove_labels: Iterable[str] = (),
+        set_annotations: Mapping[str, str] | None = None,
+        remove_annotations: Iterable[str] = (),
     ) -> pb.Run:
-        """Change a run's display name, description, labels or annotations (only those given; maps are
-        replaced whole). With `etag` (a `Run.etag` as read), only if the run has not changed since: an
-        `EvalError` ABORTED, reason ETAG_MISMATCH, otherwise (AIP-154)."""
+        """Change a run's display name, description, labels or annotations (only those given; `labels` and
+        `annotations` replace the map whole, `set_labels`/`remove_labels` and `set_annotations`/
+        `remove_annotations` change those keys alone). With `etag` (a `Run.etag` as read), only if the run has
+        not changed since: an `EvalError` ABORTED, reason ETAG_MISMATCH, otherwise (AIP-154)."""
         request = update_run_request(
             run_id,
             display_name=display_name,
@@ -210,6 +216,10 @@ class AsyncEvalClient:
             labels=labels,
             annotations=annotations,
             etag=etag,
+            set_labels=set_labels,
+            remove_labels=remove_labels,
+            set_annotations=set_annotations,
+            remove_annotations=remove_annotations,
         )
         # Not retried with an etag: a first attempt that committed but whose answer was lost would make the
         # retry's etag stale (ABORTED, though the change was made).
@@ -256,10 +266,16 @@ class AsyncEvalClient:
             request.page_token = page.next_page_token
 
     async def list_results(
-        self, run_id: str, *, state: pb.run.ResultState = pb.run.RESULT_STATE_UNSPECIFIED, page_size: int = 0
+        self,
+        run_id: str,
+        *,
+        state: pb.run.ResultState = pb.run.RESULT_STATE_UNSPECIFIED,
+        states: Iterable[pb.run.ResultState] = (),
+        page_size: int = 0,
     ) -> AsyncIterator[pb.Result]:
-        """A run's results in recording order, across every page."""
-        request = pb.runs.ListRunResultsRequest(run_id=run_id, state=state, page_size=page_size)
+        """A run's results in recording order, across every page: those in `state`, or in any of `states`
+        (`states=[RESULT_STATE_FAILED, RESULT_STATE_ERROR]` lists what needs triage), or all; not both."""
+        request = list_results_request(run_id, state=state, states=states, page_size=page_size)
         while True:
             page = await self._call(self._runs.ListRunResults, request)
             for result in page.results:

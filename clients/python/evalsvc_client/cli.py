@@ -7,7 +7,11 @@
                   item that never ran counts as errored) with its definition, followed and judged as `run`
     evalctl watch RUN_ID [--after-seq N]                                     follow a run to its end
     evalctl get RUN_ID | list [--status S] [--label k=v] [--limit N] | cancel RUN_ID | delete RUN_ID | undelete RUN_ID
-    evalctl results RUN_ID [--state passed|failed|error|skipped] [--format table|jsonl|junit] [-o FILE]
+    evalctl update RUN_ID [--name NAME] [--description D] [--label k=v ...] [--remove-label k ...]
+                  [--annotation k=v ...] [--remove-annotation k ...] [--etag ETAG]
+                  change only what is given (single label and annotation keys; the others stay)
+    evalctl results RUN_ID [--state passed|failed|error|skipped ...] [--format table|jsonl|junit] [-o FILE]
+                  --state repeats: `--state failed --state error` lists the results in either state
     evalctl report RUN_ID --html FILE                                        one self-contained HTML report
     evalctl compare BASELINE CANDIDATE [--alpha A] [--fail-on-regression] [--max-unpaired N]
                     [--show regressed|improved|...]      a grader without pairs shows "-" and NO_PAIRS
@@ -18,6 +22,8 @@
                      | items ID (--json: one item per line) | add ID FILE | delete ID
                      FILE: a dataset file as `run` reads one (.jsonl, .csv, .yaml, .json), checked whole first
     evalctl secrets create NAME (the value from stdin; typed unseen on a terminal) | list | delete NAME
+    evalctl graders list [--limit N] | get ID [--version N] | delete ID     saved graders (`saved: ID` in a spec)
+    evalctl targets list [--limit N] | get ID | delete ID                   saved targets
 
 Global, before or after the command (`evalctl --json list` or `evalctl list --json`): --target HOST:PORT
 (EVALCTL_TARGET, default 127.0.0.1:50051), --api-key (EVALSVC_API_KEY), --json, --tls,
@@ -326,10 +332,13 @@ def _errors_against_bar(run: pb.Run) -> tuple[bool, str]:
     return within, clause
 
 
-def _results(client: EvalClient, run_id: str, state: str | None) -> Iterator[pb.Result]:
-    return client.list_results(
-        run_id, state=_STATES[state] if state else pb.run.RESULT_STATE_UNSPECIFIED, page_size=1000
-    )
+def _results(client: EvalClient, run_id: str, states: Sequence[str] = ()) -> Iterator[pb.Result]:
+    """A run's results, in any of `states` (all when none): one state is sent as `state`, which every server
+    takes; several as `states`."""
+    wanted = sorted({_STATES[state] for state in states})
+    if len(wanted) == 1:
+        return client.list_results(run_id, state=wanted[0], page_size=1000)
+    return client.list_results(run_id, states=wanted, page_size=1000)
 
 
 def _check_outputs(*paths: str | None) -> None:
@@ -368,10 +377,10 @@ def _whole_file(path: str) -> Iterator[str]:
 def _export(client: EvalClient, run: pb.Run, args: argparse.Namespace) -> None:
     if getattr(args, "jsonl", None):
         with _whole_file(args.jsonl) as partial, open(partial, "w", encoding="utf-8") as handle:
-            write_jsonl(_results(client, run.id, None), handle)
+            write_jsonl(_results(client, run.id), handle)
     if getattr(args, "junit", None):
         with _whole_file(args.junit) as partial:
-            write_junit(run, _results(client, run.id, None), partial)
+            write_junit(run, _results(client, run.id), partial)
 
 
 def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
@@ -521,7 +530,7 @@ def _print_spec_error(console: Console, error: SpecError) -> None:
 def cmd_report(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
     _check_outputs(args.html)
     run = client.get_run(args.run_id)
-    page = render_html(run, _results(client, run.id, None))
+    page = render_html(run, _results(client, run.id))
     Path(args.html).write_text(page, encoding="utf-8")
     console.print(
         f"wrote {args.html}: {_status(run.status)} run {run.id}, pass rate {format_rate(pass_rate_percent(run.counts))}"
@@ -594,6 +603,41 @@ def cmd_change(args: argparse.Namespace, client: EvalClient, console: Console) -
         _print_json(to_dict(run))
     else:
         _summary(_console(), run)
+    return EXIT_OK
+
+
+def cmd_update(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    """UpdateRun with an update mask of exactly what was given: --label and --remove-label (and the
+    annotations') change those keys alone, never the map whole. The changed run is the output (stdout)."""
+    if (
+        args.name is None
+        and args.description is None
+        and not args.label
+        and not args.remove_label
+        and not args.annotation
+        and not args.remove_annotation
+    ):
+        raise ValueError(
+            "update: nothing to change; give --name, --description, --label, --remove-label, --annotation"
+            " or --remove-annotation"
+        )
+    run = client.update_run(
+        args.run_id,
+        display_name=args.name,
+        description=args.description,
+        set_labels=dict(args.label),
+        remove_labels=args.remove_label,
+        set_annotations=dict(args.annotation),
+        remove_annotations=args.remove_annotation,
+        etag=args.etag,
+    )
+    if args.json:
+        _print_json(to_dict(run))
+        return EXIT_OK
+    console.print(f"updated run {run.id}")
+    _summary(_console(), run)
+    if run.labels:
+        _console().print("labels: " + ", ".join(f"{k}={v}" for k, v in sorted(run.labels.items())))
     return EXIT_OK
 
 
@@ -960,6 +1004,77 @@ def cmd_datasets(args: argparse.Namespace, client: EvalClient, console: Console)
     return EXIT_OK
 
 
+def _saved_rows(
+    args: argparse.Namespace, listed: Iterator[Any], what: str, get: Callable[[], Any]
+) -> tuple[list[Any], bool]:
+    """The saved graders or targets a `list` (at most --limit; stderr says when more exist) or `get` shows,
+    and whether it was a listing."""
+    if args.saved_command == "list":
+        found = list(itertools.islice(listed, args.limit + 1))  # one more than shown: whether there are more
+        if len(found) > args.limit:
+            found = found[: args.limit]
+            _console(stderr=True).print(_more_listed(len(found), what, args.limit))
+        return found, True
+    return [get()], False
+
+
+def _labels_text(labels: Any) -> str:
+    return ", ".join(f"{key}={value}" for key, value in sorted(labels.items()))
+
+
+def cmd_graders(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    """graders list|get|delete: the saved graders a spec names (`saved: ID`)."""
+    if args.saved_command == "delete":
+        client.delete_grader(args.grader_id)
+        if not args.json:
+            console.print(f"deleted grader {args.grader_id} (every version; runs that used it keep their copies)")
+        return EXIT_OK
+    graders, listing = _saved_rows(
+        args, client.list_graders(), "graders", lambda: client.get_grader(args.grader_id, args.version)
+    )
+    if args.json:
+        _print_json([to_dict(g) for g in graders] if listing else to_dict(graders[0]))
+        return EXIT_OK
+    table = Table("id", "name", "kind", "version", "created", "description", "labels")
+    for grader in graders:
+        table.add_row(
+            grader.id,
+            grader.display_name,
+            grader.grader.WhichOneof("kind") or "-",
+            f"{grader.version} of {grader.latest_version}",
+            _when(grader.version_create_time),
+            grader.description,
+            _labels_text(grader.labels),
+        )
+    _console().print(table)
+    return EXIT_OK
+
+
+def cmd_targets(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    """targets list|get|delete: the saved targets runs name."""
+    if args.saved_command == "delete":
+        client.delete_target(args.target_id)
+        if not args.json:
+            console.print(f"deleted target {args.target_id} (runs that used it keep their copies)")
+        return EXIT_OK
+    targets, listing = _saved_rows(args, client.list_targets(), "targets", lambda: client.get_target(args.target_id))
+    if args.json:
+        _print_json([to_dict(t) for t in targets] if listing else to_dict(targets[0]))
+        return EXIT_OK
+    table = Table("id", "name", "kind", "created", "description", "labels")
+    for target in targets:
+        table.add_row(
+            target.id,
+            target.display_name,
+            target.target.WhichOneof("kind") or "-",
+            _when(target.create_time),
+            target.description,
+            _labels_text(target.labels),
+        )
+    _console().print(table)
+    return EXIT_OK
+
+
 def _secret_value(name: str) -> str:
     """A secret's value: typed without echo when stdin is a terminal, else stdin read whole with one trailing
     newline dropped (`printf` or `echo` into it, or `< file`). Never an argument: that lands in the shell's
@@ -1112,9 +1227,34 @@ def parser() -> argparse.ArgumentParser:
         change.add_argument("run_id")
         change.set_defaults(handler=cmd_change)
 
+    update = sub.add_parser(
+        "update", parents=[common], help="rename a run or change its description, labels or annotations"
+    )
+    update.add_argument("run_id")
+    update.add_argument("--name", help="the new display name")
+    update.add_argument("--description", help="the new description")
+    update.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", type=_label, help="set this label (repeat)"
+    )
+    update.add_argument("--remove-label", action="append", default=[], metavar="KEY", help="remove this label")
+    update.add_argument(
+        "--annotation", action="append", default=[], metavar="KEY=VALUE", type=_label, help="set this annotation"
+    )
+    update.add_argument(
+        "--remove-annotation", action="append", default=[], metavar="KEY", help="remove this annotation"
+    )
+    update.add_argument("--etag", default="", help="change only if the run is still at this etag (`get --json`)")
+    update.set_defaults(handler=cmd_update)
+
     results = sub.add_parser("results", parents=[common], help="a run's results")
     results.add_argument("run_id")
-    results.add_argument("--state", choices=sorted(_STATES))
+    results.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        choices=sorted(_STATES),
+        help="only results in this state; repeat for any of several (--state failed --state error)",
+    )
     results.add_argument("--format", choices=["table", "jsonl", "junit"], default="table")
     results.add_argument("-o", "--output", metavar="FILE")
     results.set_defaults(handler=cmd_results)
@@ -1207,6 +1347,27 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("name", help="the name targets and judges use (api_key_secret, secret:NAME)")
     keys.add_parser("list", parents=[common], help="list secrets: names and when set, never values")
     keys.add_parser("delete", parents=[common], help="delete a secret").add_argument("name")
+
+    for noun, handler, about in (
+        ("graders", cmd_graders, "saved graders, which specs name with `saved: ID`"),
+        ("targets", cmd_targets, "saved targets"),
+    ):
+        saved = sub.add_parser(noun, help=f"list, show or delete {about}")
+        saved.set_defaults(handler=handler)
+        actions = saved.add_subparsers(dest="saved_command", required=True)
+        listed = actions.add_parser("list", parents=[common], help=f"list {noun}, newest first")
+        listed.add_argument(
+            "--limit",
+            type=_at_least(1),
+            default=50,
+            help="at most this many, newest first (stderr says when more exist)",
+        )
+        one = noun.removesuffix("s")
+        shown = actions.add_parser("get", parents=[common], help=f"show a {one}")
+        shown.add_argument(f"{one}_id")
+        if noun == "graders":
+            shown.add_argument("--version", type=_at_least(0), default=0, help="this version (default: the latest)")
+        actions.add_parser("delete", parents=[common], help=f"delete a {one}").add_argument(f"{one}_id")
     secrets.set_defaults(handler=cmd_secrets)
     return top
 

@@ -79,7 +79,7 @@ async def record(
 
 async def results_of(db: Database, tenant: str, run_id: str) -> list[tuple[Any, bytes | None]]:
     async with db.read() as conn:
-        page = await run_store.results_page(conn, tenant, run_id, after_id=None, limit=1000, state=0)
+        page = await run_store.results_page(conn, tenant, run_id, after_id=None, limit=1000, states=[])
         outputs = await run_store.outputs_of(conn, tenant, [row.job_id for row, _ in page])
         explanations = await run_store.explanations_of(conn, tenant, [row.id for row, _ in page])
     return [(dataclasses.replace(row, explanation=explanations[row.id]), outputs.get(row.job_id)) for row, _ in page]

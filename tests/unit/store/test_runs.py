@@ -507,15 +507,18 @@ async def test_a_results_page_reads_only_its_own_rows_however_large_the_run(db: 
     after = job_ids[999] * 1024
     failed = [j for n, j in enumerate(job_ids) if n > 999 and n % 7 and n % 3 == 1]
     async with db.read() as conn:
-        page = await run_store.results_page(conn, "t1", run.run.id, after_id=after, limit=50, state=0)
+        page = await run_store.results_page(conn, "t1", run.run.id, after_id=after, limit=50, states=[])
         assert [col(result, "job_id") for result, _ in page] == job_ids[1000:1050]
         assert all(
             size.output is not None and size.output > 0 for _, size in page
         )  # their outputs' sizes, not the outputs
-        only = await run_store.results_page(conn, "t1", run.run.id, after_id=after, limit=50, state=states[1])
+        only = await run_store.results_page(conn, "t1", run.run.id, after_id=after, limit=50, states=[states[1]])
         assert [col(result, "job_id") for result, _ in only] == failed[:50]
-        for state in (0, states[1]):
-            query = run_store.results_page_query("t1", run.run.id, after_id=after, limit=50, state=state)
+        triage = [j for n, j in enumerate(job_ids) if n > 999 and n % 7 and n % 3 in (1, 2)]
+        two = await run_store.results_page(conn, "t1", run.run.id, after_id=after, limit=50, states=states[:0:-1])
+        assert [col(result, "job_id") for result, _ in two] == triage[:50]  # any of the states, in id order
+        for wanted in ([], [states[1]], states[1:]):
+            query = run_store.results_page_query("t1", run.run.id, after_id=after, limit=50, states=wanted)
             sql = str(query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
             if conn.dialect.name == "postgresql":
                 plan = (await conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + sql)).scalar_one()

@@ -210,16 +210,18 @@ class CancelRunResponse(_message.Message):
     def __init__(self, run: _Optional[_Union[_run_pb2.Run, _Mapping]] = ...) -> None: ...
 
 class ListRunResultsRequest(_message.Message):
-    __slots__ = ("run_id", "page_size", "page_token", "state")
+    __slots__ = ("run_id", "page_size", "page_token", "state", "states")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     page_size: int
     page_token: str
     state: _run_pb2.ResultState
-    def __init__(self, run_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[_Union[_run_pb2.ResultState, str]] = ...) -> None: ...
+    states: _containers.RepeatedScalarFieldContainer[_run_pb2.ResultState]
+    def __init__(self, run_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[_Union[_run_pb2.ResultState, str]] = ..., states: _Optional[_Iterable[_Union[_run_pb2.ResultState, str]]] = ...) -> None: ...
 
 class ListRunResultsResponse(_message.Message):
     __slots__ = ("results", "next_page_token")
