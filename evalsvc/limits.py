@@ -1,8 +1,8 @@
 """Per-tenant limits, so one tenant cannot exhaust the service for the others.
 
 Over a limit a call gets RESOURCE_EXHAUSTED with ErrorInfo reason `TENANT_QUOTA_EXCEEDED` (its
-`quota` metadata names which), plus `google.rpc.RetryInfo` where waiting helps. Rates and stream
-counts are kept per process: behind a load balancer with N replicas a tenant gets up to N times
+`quota` metadata names which), plus `google.rpc.RetryInfo` where waiting helps. Rates, stream and
+call counts are kept per process: behind a load balancer with N replicas a tenant gets up to N times
 them (docs/security.md).
 """
 
