@@ -425,13 +425,12 @@ class Settings:
                 f"so that one tenant's streams leave connections for the others: "
                 f"{self.http_streams_per_tenant} is more than {self.max_http_connections // 2}"
             )
-        if self.calls_per_tenant > max(1, self.max_concurrent_rpcs // 2):
+        if self.calls_per_tenant > (half := max(1, self.max_concurrent_rpcs // 2)):
             # One tenant's slow calls (ContinueConversations waiting on a model) took every place: every other
             # tenant's calls, and the health check, got RESOURCE_EXHAUSTED.
             raise SettingsError(
                 f"{named('max_calls_per_tenant')} must be at most half of {named('max_concurrent_rpcs')}, "
-                f"so that one tenant's calls leave places for the others: "
-                f"{self.calls_per_tenant} is more than {max(1, self.max_concurrent_rpcs // 2)}"
+                f"so that one tenant's calls leave places for the others: {self.calls_per_tenant} is more than {half}"
             )
 
         try:
