@@ -197,7 +197,17 @@ class Settings:
             "help": "RPCs (including open streams) served at once, counted from the arrival of their requests; "
             "the excess gets RESOURCE_EXHAUSTED. Streams take at most three quarters of it (WatchRun streams of "
             "all tenants five eighths, health Watch and reflection streams an eighth), so ordinary calls always "
-            "have room"
+            "have room, and one tenant's calls at most --max-calls-per-tenant. Health and reflection calls "
+            "count but are never refused by it (their own bounds hold them)"
+        },
+    )
+    max_calls_per_tenant: int = dataclasses.field(
+        default=0,
+        metadata={
+            "help": "calls one tenant may have served at once in this process (gRPC and REST together; streams "
+            "are not counted: WatchRun has --max-watch-streams); past it RESOURCE_EXHAUSTED "
+            "TENANT_QUOTA_EXCEEDED with RetryInfo, so one tenant's slow calls leave --max-concurrent-rpcs to the "
+            "others. At most half of --max-concurrent-rpcs; 0: a quarter of it"
         },
     )
     create_run_rate: float = dataclasses.field(
@@ -415,6 +425,13 @@ class Settings:
                 f"so that one tenant's streams leave connections for the others: "
                 f"{self.http_streams_per_tenant} is more than {self.max_http_connections // 2}"
             )
+        if self.calls_per_tenant > (half := max(1, self.max_concurrent_rpcs // 2)):
+            # One tenant's slow calls (ContinueConversations waiting on a model) took every place: every other
+            # tenant's calls, and the health check, got RESOURCE_EXHAUSTED.
+            raise SettingsError(
+                f"{named('max_calls_per_tenant')} must be at most half of {named('max_concurrent_rpcs')}, "
+                f"so that one tenant's calls leave places for the others: {self.calls_per_tenant} is more than {half}"
+            )
 
         try:
             allow_entries(self.outbound_allow)
@@ -473,6 +490,12 @@ class Settings:
         """The REST streams one tenant may hold open in the gateway: `max_http_streams_per_tenant`, or
         when that is 0, a quarter of `max_http_connections` (at least 1)."""
         return self.max_http_streams_per_tenant or max(1, self.max_http_connections // 4)
+
+    @property
+    def calls_per_tenant(self) -> int:
+        """The calls (streams aside) one tenant may have served at once in one process:
+        `max_calls_per_tenant`, or when that is 0, a quarter of `max_concurrent_rpcs` (at least 1)."""
+        return self.max_calls_per_tenant or max(1, self.max_concurrent_rpcs // 4)
 
     @property
     def watch_streams_in_all(self) -> int:
@@ -564,6 +587,7 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "gateway_streams_per_channel": (1, True),
     "auth_cache_s": (0, True),
     "max_concurrent_rpcs": (1, True),
+    "max_calls_per_tenant": (0, True),  # 0: a quarter of max_concurrent_rpcs
     "create_run_rate": (0, False),
     "create_run_burst": (1, True),
     "max_watch_streams": (1, True),

@@ -1,8 +1,8 @@
 """Per-tenant limits, so one tenant cannot exhaust the service for the others.
 
 Over a limit a call gets RESOURCE_EXHAUSTED with ErrorInfo reason `TENANT_QUOTA_EXCEEDED` (its
-`quota` metadata names which), plus `google.rpc.RetryInfo` where waiting helps. Rates and stream
-counts are kept per process: behind a load balancer with N replicas a tenant gets up to N times
+`quota` metadata names which), plus `google.rpc.RetryInfo` where waiting helps. Rates, stream and
+call counts are kept per process: behind a load balancer with N replicas a tenant gets up to N times
 them (docs/security.md).
 """
 
@@ -154,6 +154,7 @@ class TenantLimits:
         self._settings = settings
         self._buckets: dict[str, TokenBucket] = {}
         self._watches = Holdings()  # WatchRun streams, by tenant
+        self._calls = Holdings()  # calls being served (streams aside), by tenant: gRPC's and in-process together
 
     def take_create_run(self, tenant: str) -> None:
         """Spend one CreateRun token of the tenant."""
@@ -199,6 +200,30 @@ class TenantLimits:
                 f"the tenant already has {active} runs pending or running (at most {self._settings.max_active_runs})",
                 retry_after_s=ACTIVE_RUNS_RETRY_AFTER_S,
             )
+
+    def take_call(self, tenant: str) -> None:
+        """Count one more call of the tenant as served (`end_call` when it ends), or refuse it: past its
+        share of --max-concurrent-rpcs (`Settings.calls_per_tenant`) one tenant's slow calls took every
+        place, and every other tenant's calls and the health check got SERVER_CALLS_FULL. Taken and given
+        back by the interceptor's two hooks, which run apart: hence no context manager, as for watches."""
+        served = self._calls.of(tenant)
+        share = self._settings.calls_per_tenant
+        if served >= share:
+            raise quota_exceeded(
+                "max_calls_per_tenant",
+                f"the tenant already has {served} calls being served (at most {share}, "
+                f"{flag_name('max_calls_per_tenant')}); retry once one has ended",
+                retry_after_s=1.0,
+            )
+        self._calls.take(tenant)
+
+    def end_call(self, tenant: str) -> None:
+        """A call `take_call` counted has ended."""
+        self._calls.give_back(tenant)
+
+    def calls_of(self, tenant: str) -> int:
+        """The tenant's calls being served now."""
+        return self._calls.of(tenant)
 
     @contextmanager
     def watch_slot(self, tenant: str) -> Iterator[None]:

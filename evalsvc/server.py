@@ -242,15 +242,16 @@ class EvalServer:
         self._interceptor = CallInterceptor(
             authenticator,
             observer,
+            self.limits,
             max_message_bytes=settings.max_message_bytes,
             admission=self.admission,
             checker=self.checker,
         )
         # This process's services for in-process callers (the embedded gateway); filled by `_grpc_server`.
         self.local = LocalServices(
-            CallInterceptor(authenticator, observer, max_message_bytes=settings.max_message_bytes),
+            CallInterceptor(authenticator, observer, self.limits, max_message_bytes=settings.max_message_bytes),
             max_message_bytes=settings.max_message_bytes,
-            max_concurrent_rpcs=settings.max_concurrent_rpcs,
+            admission=self.admission,
         )
         self._server: grpc.aio.Server | None = None
         self._grpc_stopping: asyncio.Future[None] | None = None  # gRPC's stop, begun at the start of `stop`

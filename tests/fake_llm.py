@@ -7,9 +7,12 @@ time, so tests can check bodies, headers, retries and backoff.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -149,3 +152,15 @@ def generator_reply(body: Any, prefix: str = "Generated prompt") -> Reply:
     wanted = int(count) if count.isdigit() else 1
     already = asked.count(prefix)
     return chat_reply(json.dumps({"items": [f"{prefix} {already + i + 1}" for i in range(wanted)]}))
+
+
+@contextlib.contextmanager
+def held_generator() -> Iterator[tuple[FakeEndpoint, threading.Event]]:
+    """A generator endpoint whose every answer (one next turn) waits until the event is set, so that its
+    callers' calls stay in flight; set when the block ends at the latest, so no request thread is left."""
+    gate = threading.Event()
+    with FakeEndpoint(dataclasses.replace(chat_reply(json.dumps({"items": ["next"]})), gate=gate)) as fake:
+        try:
+            yield fake, gate
+        finally:
+            gate.set()

@@ -23,8 +23,8 @@ from evalsvc.v1.dataset_generation_pb2 import (
     GenerateDatasetItemsRequest,
 )
 from tests.conftest import make_settings
-from tests.fake_llm import FakeEndpoint, Reply, chat_reply, generator_reply
-from tests.helpers import error_reason, keyed_channel, violations
+from tests.fake_llm import FakeEndpoint, Reply, chat_reply, generator_reply, held_generator
+from tests.helpers import error_reason, keyed_channel, retry_delay, rich_error, until, violations
 
 INSTRUCTIONS = "Questions a pharmacy chatbot must answer carefully."
 TURNS = [item_pb2.Message(role="user", content="Can I take two?"), item_pb2.Message(role="assistant", content="No.")]
@@ -440,3 +440,78 @@ async def test_an_answer_nested_too_deeply_fails_the_generation_and_the_call_wit
     assert calls == 2 * generation.PARSE_ATTEMPTS  # each asked again, then gave up
     assert internal.generation.state == DatasetGeneration.STATE_FAILED and internal.item_count == 0
     assert internal.generation.error.startswith("internal error (RuntimeError)"), internal.generation.error
+
+
+def continuations() -> list[str]:
+    """The ContinueConversations work alive in this process: the call's own coroutine, or one of its
+    conversations' (evalsvc.datasets.generation)."""
+    return [
+        name
+        for task in asyncio.all_tasks()
+        if "ContinueConversations" in (name := task.get_coro().__qualname__) or "_continue" in name  # type: ignore[union-attr]
+    ]
+
+
+@pytest.mark.parametrize("gives_up", ["deadline", "cancel"])
+async def test_a_call_whose_caller_gives_up_stops_calling_the_generator(tmp_path: Path, gives_up: str) -> None:
+    """The probe: 200 calls of 100 conversations whose callers' deadlines passed kept the generator busy
+    for minutes (16 requests when the callers left, 211 forty seconds later), and 1,300 such calls held
+    1.8 GB, because the call was shielded from its cancellation and went on detached. Now its model
+    calls end with it: the generator gets no request after the call has ended beyond the ones in flight
+    then (CONTINUE_CONCURRENCY), and nothing of the call is left (nor its place of the tenant's)."""
+    with held_generator() as (fake, answers):
+        srv = EvalServer(settings_for(tmp_path, judge_base_url=fake.url + "/v1", judge_model="judge"))
+        await srv.start()
+        try:
+            async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+                client = Client(channel)
+                request = continuing(await client.new_dataset(), *(f"next-{i}" for i in range(20)))
+                call = client.generations.ContinueConversations(
+                    request, timeout=1.0 if gives_up == "deadline" else None
+                )
+                assert await asyncio.to_thread(fake.wait_seen, generation.CONTINUE_CONCURRENCY, 30)
+                if gives_up == "cancel":
+                    call.cancel()
+                with pytest.raises((grpc.aio.AioRpcError, asyncio.CancelledError)):
+                    await call
+                await until(lambda: not continuations() and srv.generations.continuing.total == 0)
+            in_flight = len(fake.seen)
+            answers.set()  # the requests in flight were cancelled with the call: no conversation goes on
+            assert not await asyncio.to_thread(fake.wait_seen, in_flight + 1, 1.0)
+        finally:
+            await srv.stop(grace=0.5)
+    assert in_flight == generation.CONTINUE_CONCURRENCY
+
+
+async def test_a_tenant_has_at_most_its_continuations_in_progress(tmp_path: Path) -> None:
+    """CONTINUES_PER_TENANT calls of a tenant in progress: its next one is RESOURCE_EXHAUSTED naming the
+    quota, with RetryInfo, before any model call; another tenant's is served."""
+    with held_generator() as (fake, _):
+        srv = EvalServer(settings_for(tmp_path, judge_base_url=fake.url + "/v1", judge_model="judge"))
+        await srv.start()
+        try:
+            other_key, _ = await srv.keys.create("other-tenant")
+            async with (
+                keyed_channel(srv.port, srv.bootstrap_key or "") as channel,
+                keyed_channel(srv.port, other_key) as other_channel,
+            ):
+                client, other = Client(channel), Client(other_channel)
+                dataset_id = await client.new_dataset()
+                calls = []
+                for i in range(generation.CONTINUES_PER_TENANT):
+                    calls.append(client.generations.ContinueConversations(continuing(dataset_id, f"next-{i}")))
+                    assert await asyncio.to_thread(fake.wait_seen, i + 1, 30)
+                with pytest.raises(grpc.aio.AioRpcError) as over:
+                    await client.generations.ContinueConversations(continuing(dataset_id, "one-more"))
+                assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert error_reason(over.value) == "TENANT_QUOTA_EXCEEDED"
+                assert rich_error(over.value).metadata == {"quota": "continue_conversations_in_flight"}
+                assert retry_delay(over.value) == generation.CONTINUES_RETRY_AFTER_S
+                assert len(fake.seen) == generation.CONTINUES_PER_TENANT  # refused before its model call
+                calls.append(other.generations.ContinueConversations(continuing(await other.new_dataset(), "theirs")))
+                assert await asyncio.to_thread(fake.wait_seen, generation.CONTINUES_PER_TENANT + 1, 30)
+                for call in calls:
+                    call.cancel()
+                await until(lambda: srv.generations.continuing.total == 0)
+        finally:
+            await srv.stop(grace=0.5)

@@ -5,12 +5,15 @@ at a second signal, with exit code 1 and one WARNING line saying why."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -19,8 +22,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from evalsvc.execution.executor import Executor
 from evalsvc.server import SHUTDOWN_MARGIN_S, EvalServer
+from evalsvc.v1 import dataset_generation_pb2_grpc, dataset_service_pb2_grpc, item_pb2
+from evalsvc.v1 import dataset_service_pb2 as ds
+from evalsvc.v1.dataset_generation_pb2 import ContinueConversationsRequest, Conversation
 from tests import dbs
 from tests.conftest import make_settings
+from tests.fake_llm import FakeEndpoint, chat_reply
+from tests.helpers import keyed_channel
 from tests.procs import ServerProcess, start_server
 
 
@@ -246,3 +254,54 @@ async def test_a_health_watch_opened_as_the_shutdown_begins_never_ends_on_servin
     context = Context()
     await asyncio.wait_for(servicer._watch("", context), 5)
     assert context.written == [health_pb2.HealthCheckResponse.NOT_SERVING]
+
+
+async def test_a_shutdown_during_continue_conversations_ends_them_quietly_within_its_bound(tmp_path: Path) -> None:
+    """The probe: ContinueConversations went on detached once its callers had gone, so at SIGTERM hundreds
+    of them met the closed HTTP client (598 ERROR tracebacks "Cannot send a request, as the client has been
+    closed") and the process exited 38 s after a signal that said "at most 20 s in all". Now abandoned calls
+    have ended with their callers (so the tenant's next two are taken: CONTINUES_PER_TENANT), the calls in
+    flight at the signal end CANCELLED or UNAVAILABLE after --grace-s, and the log has no ERROR."""
+    answer = chat_reply(json.dumps({"items": ["next"]}))
+    with FakeEndpoint(dataclasses.replace(answer, delay_s=0.1)) as generator:  # a call of 100: 2.5 s at least
+        server = await start_server(
+            f"sqlite+aiosqlite:///{tmp_path / 'evalsvc.db'}",
+            tmp_path / "s.log",
+            *("--grace-s", "1", "--outbound-allow", "127.0.0.1"),
+            *("--judge-base-url", generator.url + "/v1", "--judge-model", "judge"),
+        )
+        try:
+            async with keyed_channel(server.port, server.bootstrap_key() or "") as channel:
+                datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
+                dataset_id = (await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))).dataset.id
+                generations = dataset_generation_pb2_grpc.DatasetGenerationServiceStub(channel)
+
+                def hundred(prefix: str, timeout: float | None = None) -> Any:
+                    turns = [item_pb2.Message(role="user", content="Can I take two?")]
+                    conversations = [Conversation(item_id=f"{prefix}-{i}", turns=turns) for i in range(100)]
+                    request = ContinueConversationsRequest(dataset_id=dataset_id, conversations=conversations)
+                    return generations.ContinueConversations(request, timeout=timeout)
+
+                with pytest.raises(grpc.aio.AioRpcError) as passed:
+                    await hundred("abandoned", timeout=1.0)
+                assert passed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                seen = len(generator.seen)
+                in_flight = [hundred("held")]
+                assert await asyncio.to_thread(generator.wait_seen, seen + 1, 30)
+                started = time.monotonic()
+                await shutting_down(server)
+                codes = []
+                for call in in_flight:
+                    with pytest.raises(grpc.aio.AioRpcError) as ended:
+                        await call
+                    codes.append(ended.value.code())
+            code = await asyncio.to_thread(server.wait, 60)
+            took = time.monotonic() - started
+        finally:
+            if server.proc.poll() is None:
+                server.kill()
+    log = server.log_path.read_text()
+    assert "ERROR" not in log and "Traceback" not in log, log
+    assert code == 0, log
+    assert took < 1 + SHUTDOWN_MARGIN_S, f"the shutdown took {took:.1f} s"
+    assert set(codes) <= {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}, codes

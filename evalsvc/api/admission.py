@@ -16,7 +16,9 @@ RESOURCE_EXHAUSTED for as long as the connections stayed open. Here, on the wire
   waiting on a connection at once, and a test's 20 concurrent CreateRuns on a busy machine got it);
 - --max-concurrent-rpcs counts the calls whose request has arrived (`admit`), and grpc's own limit is
   set above it (`grpc_limit`), so calls still waiting for their requests do not take the place of one
-  that is served.
+  that is served. It refuses tenants' calls only: health and reflection are always admitted. One
+  tenant's share of it is bounded by the interceptor (`TenantLimits.take_call`, --max-calls-per-tenant),
+  for in-process calls (evalsvc.api.local) too, which are admitted here as well.
 
 Waits are ended by one sweep every SWEEP_S over the waiting calls (not a timer per call, which costs a
 heap entry on every call of the hottest methods), so a wait ends up to SWEEP_S after its bound.
@@ -122,10 +124,13 @@ class Admission:
         while (message := await self._next(context, peer)) is not grpc.aio.EOF:
             yield message
 
-    async def admit(self, context: Context) -> None:
-        """Count a call whose request arrived as served (`release` when it ends), or end it (SERVER_CALLS_FULL)
-        when --max-concurrent-rpcs are."""
-        if self.served >= self._max_served:
+    async def admit(self, context: Context, *, keyed: bool) -> None:
+        """Count a call whose request arrived as served (`release` when it ends), or end a `keyed` one (a
+        tenant's: SERVER_CALLS_FULL) when --max-concurrent-rpcs are. A keyless call (health, reflection) is
+        never refused here: when tenants filled the server, the health Check was refused too, and a load
+        balancer took the replica out; keyless streams have their own bounds (evalsvc.api.health), and a
+        Check is over once answered."""
+        if keyed and self.served >= self._max_served:
             await self._refuse(context, server_calls_full(self._max_served))
         self.served += 1
 

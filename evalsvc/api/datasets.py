@@ -6,7 +6,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from evalsvc.api.status import unary, unary_read
+from evalsvc.api.status import unary, unary_calls_model, unary_read
 from evalsvc.api.tenancy import tenant_of
 from evalsvc.datasets.generation import DatasetGenerations
 from evalsvc.datasets.service import DatasetService
@@ -68,7 +68,7 @@ class DatasetGenerationServicer(generation_pb_grpc.DatasetGenerationServiceServi
         generation = await self._generations.generate(tenant_of(context), request)
         return generation_pb.GenerateDatasetItemsResponse(generation=generation)
 
-    @unary
+    @unary_calls_model
     async def ContinueConversations(
         self, request: generation_pb.ContinueConversationsRequest, context: Context
     ) -> generation_pb.ContinueConversationsResponse:

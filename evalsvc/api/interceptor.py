@@ -45,7 +45,7 @@ from evalsvc.api.observability import FinishedCall, Observer
 from evalsvc.api.status import abort, internal_error
 from evalsvc.api.tenancy import current_tenant
 from evalsvc.errors import ServiceError, malformed_request
-from evalsvc.limits import TENANT_METADATA
+from evalsvc.limits import TENANT_METADATA, TenantLimits
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         self,
         auth: Authenticator,
         observer: Observer,
+        limits: TenantLimits,
         *,
         max_message_bytes: int,
         admission: Admission | None = None,
@@ -75,6 +76,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         self._auth = auth
         self._observer = observer
+        self._limits = limits
         self._max_message_bytes = max_message_bytes
         self._admission = admission
         self._checker = checker
@@ -95,7 +97,14 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         known = self._methods.get(details.method)
         if known is None or known[0] is not handler:
             method = _Method(
-                details.method, handler, self._auth, self._observer, self._outgoing(), self._admission, self._checker
+                details.method,
+                handler,
+                self._auth,
+                self._observer,
+                self._outgoing(),
+                self._admission,
+                self._checker,
+                self._limits,
             )
             known = self._methods[details.method] = (handler, method)
         return known[1].handler(presented_key(details.invocation_metadata))
@@ -190,6 +199,7 @@ class _Method:
         "behaviour",
         "build",
         "checker",
+        "limits",
         "name",
         "observer",
         "outgoing",
@@ -208,18 +218,22 @@ class _Method:
         outgoing: Outgoing,
         admission: Admission | None,
         checker: RequestChecker | None,
+        limits: TenantLimits,
     ) -> None:
         self.name = name
         self.admission = admission
         self.checker = checker
         self.auth = auth if auth.guards(name) else None
+        self.streaming = handler.unary_unary is None
+        # A tenant's unary calls count against its share of the served places; its streams have their own
+        # caps (WatchRun's --max-watch-streams), and keyless calls (health, reflection) belong to no tenant.
+        self.limits = limits if self.auth is not None and not self.streaming else None
         self.observer = observer
         self.outgoing = outgoing
         self.parse = _tolerant(handler.request_deserializer)
         if checker is not None and self.parse is not None:  # a large request is checked before it is parsed
             self.parse = deferring(handler.request_deserializer, self.parse)
         self.serialize = handler.response_serializer  # used by `outgoing`; grpc is given bytes, or objects in process
-        self.streaming = handler.unary_unary is None
         writes = outgoing.serializes
         self.behaviour: Callable[..., Any]
         self.shape: Callable[..., Any]  # the _Call method that runs the behaviour between the hooks
@@ -269,13 +283,14 @@ class _Call:
     """One call of a method: its two hooks, what they share (the key, when it started, who called),
     and the behaviour of each handler shape run between them."""
 
-    __slots__ = ("_authenticated", "_key", "_method", "_peer", "_started")
+    __slots__ = ("_authenticated", "_holder", "_key", "_method", "_peer", "_started")
 
     def __init__(self, method: _Method, key: str | None) -> None:
         self._method = method
         self._key = key
         self._peer = ""
         self._authenticated = False
+        self._holder = ""  # the tenant whose share of the served calls this call holds (`on_start`)
 
     async def arrived(self, requests: Any, context: Context) -> Any:
         """On a gRPC server: the call's request, read from the call within the admission's bounds, then
@@ -293,7 +308,7 @@ class _Call:
         else:
             self._authenticated = method.auth is not None
             request = await admission.request(context, self._peer)
-        await admission.admit(context)
+        await admission.admit(context, keyed=method.auth is not None)
         try:
             if isinstance(request, Unparsed):
                 request = await method.checked(request)
@@ -305,8 +320,9 @@ class _Call:
         """Start observing the call, then admit it: abort it when it was refused before its request was
         parsed (on a gRPC server, by `arrived`: UNAUTHENTICATED for a key that is not valid, or what the
         check of a large request found), or (INVALID_ARGUMENT) when its request did not decode; otherwise
-        set the caller's tenant. The clock and the peer come
-        first, so `on_end` has them for a refused call too."""
+        set the caller's tenant, and count a unary call against the tenant's share of the served calls
+        (RESOURCE_EXHAUSTED past it: `TenantLimits.take_call`), on the wire and in process alike. The
+        clock and the peer come first, so `on_end` has them for a refused call too."""
         method = self._method
         self._started = time.perf_counter()
         if not self._peer:  # read by `arrived` already on a gRPC server
@@ -321,10 +337,21 @@ class _Call:
             await abort(context, malformed_request())
         if method.auth is not None and not self._authenticated:
             await method.auth.authenticate(self._key, context)
+        if method.limits is not None:
+            tenant = current_tenant.get()
+            try:
+                method.limits.take_call(tenant)
+            except ServiceError as error:
+                await abort(context, error)
+            self._holder = tenant
 
     def on_end(self, code: grpc.StatusCode, request: Any, response: Any) -> None:
-        """Report the finished call (admitted or not) to the observer: metrics and access log."""
+        """Give back the tenant's place, and report the finished call (admitted or not) to the observer:
+        metrics and access log."""
         method = self._method
+        if self._holder:
+            cast(TenantLimits, method.limits).end_call(self._holder)
+            self._holder = ""
         method.observer.finished(
             FinishedCall(method.name, code, self._started, request, response, self._peer, method.streaming)
         )
@@ -425,7 +452,7 @@ def _admitted_stream(handler: Handler, admission: Admission) -> Handler:
 
     async def admitted(requests: Any, context: Context) -> None:
         peer = _peer(context)
-        await admission.admit(context)
+        await admission.admit(context, keyed=False)
         try:
             await behaviour(admission.messages(context, peer), context)
         finally:

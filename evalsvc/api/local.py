@@ -7,9 +7,11 @@ and the generated stubs use (`unary_unary`, `unary_stream`, `close`), and dispat
 the method handlers the servicers registered, wrapped by the server's own `CallInterceptor`: API
 keys, tenant scoping, metrics, access logs and the rich error statuses are the gRPC path's, and a
 failure reaches the caller as the same `grpc.aio.AioRpcError` (code, message, ErrorInfo details in
-the trailing metadata). Messages are handed over as objects, never serialised; the size and
-concurrency limits a gRPC server applies are applied with the same settings (a response's size by
-the interceptor, as on the server).
+the trailing metadata). Messages are handed over as objects, never serialised; the size limits a
+gRPC server applies are applied with the same settings (a response's size by the interceptor, as on
+the server), and its calls are admitted by the gRPC server's own `Admission`: REST and gRPC calls
+share one --max-concurrent-rpcs (a counter of its own let each have all of it), and the interceptor
+holds each tenant to its share of it on both paths (--max-calls-per-tenant).
 
 What this depends on from the interceptor: only `grpc.aio.ServerInterceptor.intercept_service`,
 the handlers it returns (behaviours called as `(request, context)`), and, from the context, the
@@ -29,6 +31,8 @@ from typing import Any, cast
 import grpc
 from grpc.aio import Metadata
 
+from evalsvc.api.admission import Admission
+
 log = logging.getLogger(__name__)
 
 PEER = "in-process"  # what `context.peer()` says (and the access log shows) for calls of the embedded gateway
@@ -46,13 +50,12 @@ class LocalServices:
     what they register), beside the gRPC server the same servicers are added to."""
 
     def __init__(
-        self, interceptor: grpc.aio.ServerInterceptor, *, max_message_bytes: int, max_concurrent_rpcs: int
+        self, interceptor: grpc.aio.ServerInterceptor, *, max_message_bytes: int, admission: Admission
     ) -> None:
         self._interceptor = interceptor
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self._max_message_bytes = max_message_bytes
-        self._max_concurrent_rpcs = max_concurrent_rpcs
-        self._in_flight = 0
+        self._admission = admission
         # Calls run in copies of the context the services were built in, as a gRPC server's calls
         # run in their own tasks: what authentication sets (the tenant) never leaks between calls.
         self._context = contextvars.copy_context()
@@ -72,8 +75,6 @@ class LocalServices:
         self, method: str, request: Any, metadata: MetadataPairs, context: LocalContext
     ) -> grpc.RpcMethodHandler[Any, Any]:
         """The intercepted handler of a call that may start, or the AioRpcError a gRPC server would answer."""
-        if self._in_flight >= self._max_concurrent_rpcs:
-            raise _error(grpc.StatusCode.RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded!")
         if request.ByteSize() > self._max_message_bytes:
             raise _error(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -97,7 +98,7 @@ class LocalServices:
             raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         if handler.unary_unary is None:
             raise _error(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not a unary method")
-        self._in_flight += 1
+        await self._admit(context)
         try:
             behaviour = context.outcome(handler.unary_unary(request, cast(Any, context)))
             call = asyncio.create_task(behaviour, context=self._context.copy())
@@ -114,7 +115,7 @@ class LocalServices:
                 if expiry is not None:
                     expiry.cancel()
         finally:
-            self._in_flight -= 1
+            self._admission.release()
         return self._checked(response, context)
 
     async def stream(self, method: str, request: Any, context: LocalContext) -> AsyncIterator[Any]:
@@ -124,7 +125,7 @@ class LocalServices:
         messages = handler.unary_stream(request, cast(Any, context)) if handler.unary_stream is not None else None
         if not inspect.isasyncgen(messages):
             raise _error(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not a server-streaming method served in process")
-        self._in_flight += 1
+        await self._admit(context)
         try:
             while True:
                 try:
@@ -141,8 +142,14 @@ class LocalServices:
                 yield self._checked(message, context)
             context.raise_if_failed()
         finally:
-            self._in_flight -= 1
+            self._admission.release()
             await messages.aclose()
+
+    async def _admit(self, context: LocalContext) -> None:
+        """Count the call as served (`Admission.release` when it ends), or the AioRpcError a gRPC server's
+        call would end with (SERVER_CALLS_FULL). Every in-process call is a tenant's: health and reflection
+        are not served here."""
+        await context.outcome(self._admission.admit(cast(Any, context), keyed=True))
 
 
 class LocalContext:

@@ -19,6 +19,10 @@ items added meanwhile by other calls can still fill the room, and then the batch
 is not written and the generation ends FAILED saying so (the batches before it stay). ContinueConversations
 is refused whole, before any model call and again when its turns are written.
 
+ContinueConversations is synchronous: its model calls last as long as its call, and end with it (a caller
+that goes away or whose deadline passes, a server that stops: only its final write is shielded, so that
+what it wrote is never half-written). A tenant has at most CONTINUES_PER_TENANT of them in progress.
+
 A generation whose dataset is deleted is deleted with it: a pending one is never claimed, and a running
 one stops at its next write (which finds no generation: the model's batch in flight is dropped).
 """
@@ -33,7 +37,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -49,7 +53,7 @@ from evalsvc.datasets.service import (
 from evalsvc.errors import FieldViolation, Reason, ServiceError, invalid_argument, not_found
 from evalsvc.graders.judge import JudgeDefaults
 from evalsvc.http.outbound import Outbound, OutboundError, call_tenant
-from evalsvc.limits import StoredCap
+from evalsvc.limits import Holdings, StoredCap, quota_exceeded
 from evalsvc.liveness import Progress, Watched, supervise
 from evalsvc.messages.validation import check_items, check_metadata, check_roles
 from evalsvc.metrics import Metrics
@@ -67,6 +71,7 @@ from evalsvc.v1.dataset_generation_pb2 import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 State = DatasetGeneration.State
 PENDING, RUNNING = DatasetGeneration.STATE_PENDING, DatasetGeneration.STATE_RUNNING
@@ -85,6 +90,12 @@ SEEN_CHARS = 4096  # how much of the items already written is shown to the model
 MAX_CONVERSATIONS = 100  # conversations continued in one ContinueConversations call
 MAX_CONVERSATION_BYTES = 1024 * 1024  # all their turns together
 CONTINUE_CONCURRENCY = 4  # generator calls of one ContinueConversations call at once
+# ContinueConversations calls of one tenant in progress at once in a process (so at most 8 of its generator
+# calls): each holds its request (up to 1 MiB of turns) and the generator's time while it lasts; past it
+# RESOURCE_EXHAUSTED, quota CONTINUES_QUOTA, with RetryInfo.
+CONTINUES_PER_TENANT = 2
+CONTINUES_QUOTA = "continue_conversations_in_flight"
+CONTINUES_RETRY_AFTER_S = 5.0
 
 
 def generator_model(settings: Settings) -> JudgeDefaults:
@@ -193,6 +204,7 @@ class DatasetGenerations:
         self._loop: asyncio.Task[None] | None = None
         self._working: dict[str, tuple[str, str, asyncio.Task[None]]] = {}  # claim id -> (dataset, tenant, task)
         self._writes: set[asyncio.Future[Any]] = set()
+        self.continuing = Holdings()  # ContinueConversations calls in progress, by tenant
 
     async def generate(self, tenant: str, request: GenerateDatasetItemsRequest) -> DatasetGeneration:
         """Accept a generation for a tenant's dataset. The same request again returns the existing one;
@@ -254,7 +266,8 @@ class DatasetGenerations:
 
     async def continue_conversations(self, tenant: str, request: ContinueConversationsRequest) -> list[item_pb2.Item]:
         """The next user turn of each conversation, appended to the dataset (existing ids are returned
-        as stored, not written again). Synchronous: at most MAX_CONVERSATIONS short model calls."""
+        as stored, not written again). Synchronous: at most MAX_CONVERSATIONS short model calls, cancelled
+        with the call; at most CONTINUES_PER_TENANT such calls of a tenant at once."""
         violations: list[FieldViolation] = []
         if not 1 <= len(request.conversations) <= MAX_CONVERSATIONS:
             violations.append(FieldViolation("conversations", f"1 to {MAX_CONVERSATIONS} conversations"))
@@ -283,6 +296,23 @@ class DatasetGenerations:
                 Reason.GENERATOR_NOT_CONFIGURED,
                 "the server has no generator model (--generator-model or --judge-base-url/--judge-model)",
             )
+        if (held := self.continuing.of(tenant)) >= CONTINUES_PER_TENANT:
+            raise quota_exceeded(
+                CONTINUES_QUOTA,
+                f"the tenant already has {held} ContinueConversations calls in progress (at most "
+                f"{CONTINUES_PER_TENANT}); retry once one has ended",
+                retry_after_s=CONTINUES_RETRY_AFTER_S,
+            )
+        self.continuing.take(tenant)
+        try:
+            return await self._continue(tenant, request, items)
+        finally:
+            self.continuing.give_back(tenant)
+
+    async def _continue(
+        self, tenant: str, request: ContinueConversationsRequest, items: list[item_pb2.Item]
+    ) -> list[item_pb2.Item]:
+        """`continue_conversations` once the request is valid and the tenant has room for one more."""
         async with self._db.read() as conn:
             dataset = await dataset_store.get(conn, tenant, request.dataset_id)
             if dataset is None:
@@ -341,7 +371,7 @@ class DatasetGenerations:
                 await append_items(conn, self._bytes_cap, tenant, request.dataset_id, rows, time.time())
             return dict(found)
 
-        stored.update(await self._db.transact(append))
+        stored.update(await self._write(self._db.transact(append)))  # shielded: the call may end meanwhile
         return [item_pb2.Item.FromString(stored[item.id]) if item.id in stored else item for item in items]
 
     @property
@@ -491,11 +521,13 @@ class DatasetGenerations:
                 problem = exc
         raise problem
 
-    async def _write(self, write: Awaitable[bool]) -> bool:
+    async def _write(self, write: Awaitable[T]) -> T:
         """Run a write to completion even if this task is cancelled meanwhile (a SQLite write
-        transaction must not be abandoned half-way); `stop` waits for it."""
+        transaction must not be abandoned half-way); `stop` waits for it. Its outcome is taken when it
+        ends, so the error of a write whose call had gone is not logged as "never retrieved"."""
         future = asyncio.ensure_future(write)
         self._writes.add(future)
+        future.add_done_callback(_settled)
         future.add_done_callback(self._writes.discard)
         return await asyncio.shield(future)
 
@@ -541,3 +573,11 @@ class DatasetGenerations:
             return True
 
         return await self._db.transact(finish)
+
+
+def _settled(write: asyncio.Future[Any]) -> None:
+    """Take a write's outcome once it has ended, so that asyncio never logs "exception was never
+    retrieved" at ERROR for it. A caller still waiting gets the exception (and reports it as any call's);
+    one that has gone (a ContinueConversations whose client left during the write) leaves a debug line."""
+    if not write.cancelled() and (exc := write.exception()) is not None:
+        log.debug("a dataset write ended with %s: %s", type(exc).__name__, exc)
