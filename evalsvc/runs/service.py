@@ -320,7 +320,7 @@ class RunService:
             f"({flag_name('deleted_run_retention_s')})"
         )
         self._runs_remedy = f"delete runs to make room; {counted}"
-        self._bytes_remedy = f"nothing was written; delete runs or datasets to make room; {counted}"
+        self._bytes_remedy = f"{usage.ROOM_REMEDY}; {counted}"
         self._definitions = definitions
         self._outbound = outbound
         self._judge = judge
