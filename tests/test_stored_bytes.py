@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 
 from evalsvc.execution.executor import OverLimit
 from evalsvc.testing import EvalServiceTestServer
@@ -226,6 +227,36 @@ async def test_saved_definitions_count_and_deleting_them_makes_room(served: Serv
     items = [item_pb2.Item(input="y" * 49_000) for _ in range(4)]
     added = await mine.datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=fresh.id, items=items))
     assert added.dataset.item_count == 4
+
+
+async def test_update_run_growing_past_the_cap_is_refused_and_changes_nothing(served: Served) -> None:
+    """UpdateRun's descriptions were counted but never refused: a tenant at its cap went on storing 4 x 60 KB
+    of annotations a run (a run's row and its status events each hold them), 200 calls OK. Growth past the
+    cap is refused with nothing written; a change that fits, or that gives bytes back, goes."""
+    mine = served.mine
+    run = await mine.run_to_end(create_request(1))
+    dataset = (await mine.datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))).dataset
+    filler = [item_pb2.Item(input="y" * 45_000) for _ in range(4)]  # 180 KB of LIMIT's 200 KB
+    await mine.datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=filler))
+    notes = pb.UpdateRunRequest(
+        run_id=run.id, run=run_pb2.Run(annotations={"notes": "n" * 10_000}), update_mask=_mask("annotations")
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:  # 4 x 10 KB: past the 20 KB left
+        await mine.runs.UpdateRun(notes)
+    assert_over(refused.value, "max_stored_bytes_per_tenant")
+    unchanged = (await mine.runs.GetRun(pb.GetRunRequest(run_id=run.id))).run
+    assert (unchanged.etag, dict(unchanged.annotations)) == (run.etag, {})
+    renamed = await mine.runs.UpdateRun(
+        pb.UpdateRunRequest(run_id=run.id, run=run_pb2.Run(display_name="nightly"), update_mask=_mask("display_name"))
+    )
+    assert renamed.run.display_name == "nightly"
+
+    await mine.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=dataset.id))
+    assert dict((await mine.runs.UpdateRun(notes)).run.annotations) == {"notes": "n" * 10_000}
+
+
+def _mask(*paths: str) -> field_mask_pb2.FieldMask:
+    return field_mask_pb2.FieldMask(paths=list(paths))
 
 
 async def test_a_tenant_that_made_room_after_a_stopped_run_runs_again_at_once(served: Served) -> None:

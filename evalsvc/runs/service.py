@@ -790,7 +790,7 @@ class RunService:
                     changed[field] = merged
                 if refused:
                     raise invalid_argument(refused)
-            return await run_store.update_fields(conn, tenant, request.run_id, changed)
+            return await run_store.update_fields(conn, tenant, request.run_id, changed, self._bytes_cap)
 
         row = await self._db.transact(update)
         if row is None:

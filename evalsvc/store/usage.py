@@ -9,7 +9,7 @@ disk every tenant shares. They are counted as data is written, never by reading 
   serialized, and per result `RESULT_BYTES` plus its explanation and error reason twice (the result's row
   and its event each hold them: `result_bytes`). A run keeps its own sum (`runs.stored_bytes`), which its
   tenant's total loses when the run is purged (deleted runs count until then); UpdateRun adds (or gives
-  back) the change of its descriptive fields, `RUN_COPIES` times too.
+  back) the change of its descriptive fields, `RUN_COPIES` times too, refused when it grows past the cap.
 - a dataset's items, serialized, as they are appended; DeleteDataset takes them back.
 - a saved definition, when it is written (`saved_bytes`): a dataset's descriptive fields, a saved grader's
   (names, labels) and each of its versions' definition, a saved target's fields and definition, each row
