@@ -20,7 +20,8 @@ It is what the tenant's data takes, not the database's pages (free space, the en
 each result's share of its rows and indexes is estimated by RESULT_BYTES), and text is counted in
 characters. Secrets and webhooks are bounded by their counts and sizes, and so are not counted: at the
 default caps 100 secrets of at most 8 KiB and 50 webhooks of at most about 3 KiB (URL, description,
-signing secrets) come to about 1 MiB a tenant. The response cache is
+signing secrets) come to about 1 MiB a tenant; a webhook delivery names the run event it sends (counted
+with the run) and holds no copy of it. The response cache is
 not counted here: it is bounded by its own count and bytes, and evicts to make room (evalsvc.store.cache),
 so it never refuses a tenant anything; its payload bytes are kept beside (`cache_bytes`).
 """
