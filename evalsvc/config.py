@@ -269,9 +269,9 @@ class Settings:
         default=10 * 1024**3,
         metadata={
             "help": "bytes a tenant may store: its runs (definitions, copied items, jobs, outputs, results and "
-            "their events; deleted runs until they are purged) and its datasets' items; past it CreateRun and "
-            "adding items are refused, and its running runs end FAILED (STORAGE_QUOTA_EXCEEDED) keeping their "
-            "results"
+            "their events; deleted runs until they are purged), its datasets with their items, and its saved "
+            "graders (every version) and targets; past it CreateRun, adding items and saving definitions are "
+            "refused, and its running runs end FAILED (STORAGE_QUOTA_EXCEEDED) keeping their results"
         },
     )
     deleted_run_retention_s: float = dataclasses.field(

@@ -250,6 +250,44 @@ async def test_etag_and_if_match_headers_are_the_runs_etag(gw) -> None:
     assert deleted.status_code == 200 and deleted.json()["run"]["deleteTime"]
 
 
+async def test_if_none_match_star_on_a_write_fails_on_an_existing_run_and_changes_nothing(gw) -> None:
+    """Probe: a PATCH of an existing run with `If-None-Match: *` answered 200 and changed it. RFC 9110 13.1.2:
+    `*` fails when the resource exists, so a run's PATCH or DELETE with it is 412 and writes nothing; a run
+    that does not exist is the 404 it would be. Tags in it, or the header on a write of a resource with no
+    etag, are refused (400) as If-Match's are; a read ignores it."""
+    _, client = gw
+    run_id = (await client.post("/v1/runs", json=RUN)).json()["run"]["id"]
+    async with client.stream("GET", f"/v1/runs/{run_id}:watch", headers={"accept": "application/x-ndjson"}) as ended:
+        _ = [line async for line in ended.aiter_lines()]  # to its end: executing changes the run's etag
+    before = await client.get(f"/v1/runs/{run_id}")
+    for method, kwargs in [("PATCH", {"json": {"displayName": "x"}}), ("DELETE", {})]:
+        for if_match in ({}, {"if-match": before.headers["etag"]}):  # whatever If-Match holds
+            failed = await client.request(
+                method, f"/v1/runs/{run_id}", headers={"if-none-match": "*", **if_match}, **kwargs
+            )
+            assert failed.status_code == 412, (method, failed.text)
+            assert failed.json()["details"][0]["reason"] == "ETAG_MISMATCH"
+    after = await client.get(f"/v1/runs/{run_id}")
+    assert after.headers["etag"] == before.headers["etag"] and after.json()["run"] == before.json()["run"]
+    missing = await client.patch("/v1/runs/run-missing", json={"displayName": "x"}, headers={"if-none-match": "*"})
+    assert missing.status_code == 404, missing.text
+
+    grader = {"grader": {"name": "exact", "exactMatch": {}}}
+    grader_id = (await client.post("/v1/graders", json={"grader": grader})).json()["grader"]["id"]
+    for method, url, value in [
+        ("PATCH", f"/v1/runs/{run_id}", before.headers["etag"]),  # only * on a write
+        ("DELETE", f"/v1/graders/{grader_id}", "*"),  # no etag to hold it to
+    ]:
+        refused = await client.request(method, url, headers={"if-none-match": value}, json={"displayName": "x"})
+        assert refused.status_code == 400, (method, url, refused.text)
+        [bad] = [d for d in refused.json()["details"] if d["@type"].endswith("google.rpc.BadRequest")]
+        assert bad["fieldViolations"][0]["field"] == "If-None-Match", bad
+    assert (await client.get(f"/v1/graders/{grader_id}")).status_code == 200
+    assert (await client.get(f"/v1/runs/{run_id}")).json()["run"] == before.json()["run"]
+    read = await client.get(f"/v1/runs/{run_id}", headers={"if-none-match": "*"})
+    assert read.status_code == 200
+
+
 async def test_if_match_on_a_resource_without_an_etag_is_refused_and_runs_nothing(gw) -> None:
     """A grader, target, webhook, dataset or secret has no etag, so no tag can match: a conditional DELETE
     or PATCH of one ran as if unconditional (RFC 9110: it must not run). `*` still passes."""

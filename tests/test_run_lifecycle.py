@@ -223,6 +223,39 @@ async def test_an_update_mask_names_at_most_the_fields_and_a_bounded_number_of_m
     assert (taken.run.display_name, dict(taken.run.annotations)) == ("renamed", {"keep": "1", "k0": "v"})
 
 
+@pytest.mark.parametrize(
+    "path", ["labels.", "labels.a.b", "labels.`", "annotations.`a", "annotations.`a`b`", "annotations.``", "labels.a-b"]
+)
+async def test_a_map_key_path_that_is_malformed_is_refused_and_changes_nothing(runs, path: str) -> None:
+    """Probe: gRPC took `labels.`, `labels.a.b` or an unterminated backtick as a literal key and answered OK
+    with a new etag, where REST answered 400. A key after the dot is an identifier or backtick-quoted
+    (AIP-161); anything else is INVALID_ARGUMENT naming update_mask, and the run is as it was."""
+    created = (await runs.CreateRun(create_request(1, labels={"team": "a"}, annotations={"keep": "1"}))).run
+    await watch_all(runs, created.id)  # ended: its etag moves no more
+    run = await _get(runs, created.id)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await runs.UpdateRun(pb.UpdateRunRequest(run_id=run.id, run=run_pb2.Run(), update_mask=_mask(path)))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert list(violations(refused.value)) == ["update_mask"]
+    unchanged = await _get(runs, run.id)
+    assert (unchanged.etag, dict(unchanged.labels), dict(unchanged.annotations)) == (
+        run.etag,
+        {"team": "a"},
+        {"keep": "1"},
+    )
+
+
+async def test_a_quoted_map_key_may_hold_dots_and_doubled_backticks(runs) -> None:
+    run = (await runs.CreateRun(create_request(1, labels={"team-a": "x"}))).run
+    wanted = run_pb2.Run(annotations={"a.b": "1", "c`d": "2"})
+    changed = await runs.UpdateRun(
+        pb.UpdateRunRequest(
+            run_id=run.id, run=wanted, update_mask=_mask("annotations.`a.b`", "annotations.`c``d`", "labels.`team-a`")
+        )
+    )
+    assert dict(changed.run.annotations) == {"a.b": "1", "c`d": "2"} and dict(changed.run.labels) == {}
+
+
 async def test_map_key_masks_change_one_key_and_concurrent_writers_lose_nothing(runs) -> None:
     run = (await runs.CreateRun(create_request(2, annotations={"keep": "1", "drop": "2"}, labels={"team": "a"}))).run
     changed = (

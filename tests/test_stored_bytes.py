@@ -1,7 +1,9 @@
 """--max-stored-bytes-per-tenant on a real server: what a tenant stores (its runs' definitions, items,
-outputs and results, its datasets' items) is bounded, so that one tenant cannot fill the disk every tenant
-shares. Past it CreateRun and AddDatasetItems are refused with nothing written, a running run ends FAILED
-(STORAGE_QUOTA_EXCEEDED) keeping its results, another tenant goes on, and deleting a dataset makes room."""
+outputs and results, its datasets and their items, its saved graders' versions and saved targets) is
+bounded, so that one tenant cannot fill the disk every tenant shares. Past it CreateRun, AddDatasetItems
+and the saved definitions' writes are refused with nothing written, a running run ends FAILED
+(STORAGE_QUOTA_EXCEEDED) keeping its results, another tenant goes on, and deleting a dataset or a saved
+definition makes room."""
 
 from __future__ import annotations
 
@@ -13,12 +15,24 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 
 from evalsvc.execution.executor import OverLimit
 from evalsvc.testing import EvalServiceTestServer
 from evalsvc.v1 import dataset_service_pb2 as ds
-from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc, item_pb2, run_pb2, target_pb2
+from evalsvc.v1 import (
+    dataset_service_pb2_grpc,
+    eval_run_service_pb2_grpc,
+    grader_pb2,
+    grader_service_pb2_grpc,
+    item_pb2,
+    run_pb2,
+    target_pb2,
+    target_service_pb2_grpc,
+)
 from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import grader_service_pb2 as gs
+from evalsvc.v1 import target_service_pb2 as ts
 from evalsvc.v1.dataset_generation_pb2 import (
     ContinueConversationsRequest,
     Conversation,
@@ -39,6 +53,8 @@ class Tenant:
     runs: eval_run_service_pb2_grpc.EvalRunServiceStub
     datasets: dataset_service_pb2_grpc.DatasetServiceStub
     generations: DatasetGenerationServiceStub
+    graders: grader_service_pb2_grpc.GraderServiceStub
+    targets: target_service_pb2_grpc.TargetServiceStub
 
     @classmethod
     def on(cls, channel: grpc.aio.Channel) -> Tenant:
@@ -46,6 +62,8 @@ class Tenant:
             eval_run_service_pb2_grpc.EvalRunServiceStub(channel),
             dataset_service_pb2_grpc.DatasetServiceStub(channel),
             DatasetGenerationServiceStub(channel),
+            grader_service_pb2_grpc.GraderServiceStub(channel),
+            target_service_pb2_grpc.TargetServiceStub(channel),
         )
 
     async def run_to_end(self, request: pb.CreateRunRequest) -> run_pb2.Run:
@@ -92,6 +110,7 @@ def agent_run(url: str, items: int) -> pb.CreateRunRequest:
 
 
 async def test_a_run_that_fills_its_tenants_storage_ends_failed_keeping_its_results(served: Served) -> None:
+    dataset = (await served.mine.datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))).dataset
     run = await served.mine.run_to_end(agent_run(served.agent.url, 200))  # 800 KB of replies: four times LIMIT
     assert run.status == run_pb2.RUN_STATUS_FAILED and run.error.code == "STORAGE_QUOTA_EXCEEDED", run.error
     assert "--max-stored-bytes-per-tenant" in run.error.message
@@ -110,7 +129,9 @@ async def test_a_run_that_fills_its_tenants_storage_ends_failed_keeping_its_resu
     assert_over(refused.value, "max_stored_bytes_per_tenant")
     listed = await served.mine.runs.ListRuns(pb.ListRunsRequest())
     assert [r.id for r in listed.runs] == [run.id]  # nothing written
-    dataset = (await served.mine.datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))).dataset
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await served.mine.datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))
+    assert_over(refused.value, "max_stored_bytes_per_tenant")
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await served.mine.datasets.AddDatasetItems(
             ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=[item_pb2.Item(input="q")])
@@ -152,11 +173,90 @@ async def test_dataset_items_count_and_deleting_the_dataset_makes_room(served: S
             )
         )
     assert_over(refused.value, "max_stored_bytes_per_tenant")
-    assert "delete runs or datasets" in (refused.value.details() or "")
+    assert "delete runs, datasets, saved graders or saved targets" in (refused.value.details() or "")
 
     await served.mine.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=dataset.id))
     run = await served.mine.run_to_end(create_request(3))
     assert run.status == run_pb2.RUN_STATUS_SUCCEEDED
+
+
+# A grader whose definition is about 45 KB, and a target whose headers are: a quarter of LIMIT's 200 KB each.
+BIG_GRADER = grader_pb2.Grader(contains=grader_pb2.Contains(values=[f"{i:03}" + "v" * 1000 for i in range(45)]))
+BIG_TARGET = target_pb2.Target(
+    http=target_pb2.HttpTarget(
+        endpoint=target_pb2.Endpoint(base_url="http://127.0.0.1:9/", headers={f"x-h{i}": "v" * 1000 for i in range(45)})
+    )
+)
+
+
+async def test_saved_definitions_count_and_deleting_them_makes_room(served: Served) -> None:
+    """Saved grader versions, saved targets and datasets' annotations counted nothing: at a 1 MiB cap a tenant
+    stored 400 grader versions of 256 KB (104 MB on disk) while its quota said 0 bytes."""
+    mine = served.mine
+    new_grader = gs.CreateGraderRequest(grader=gs.SavedGrader(grader=BIG_GRADER))
+    grader = (await mine.graders.CreateGrader(new_grader)).grader
+    await mine.graders.UpdateGrader(gs.UpdateGraderRequest(grader_id=grader.id, grader=BIG_GRADER))
+    new_target = ts.CreateTargetRequest(target=ts.SavedTarget(target=BIG_TARGET))
+    target = (await mine.targets.CreateTarget(new_target)).target
+    annotated = ds.CreateDatasetRequest(dataset=ds.Dataset(annotations={"notes": "n" * 45_000}))
+    dataset = (await mine.datasets.CreateDataset(annotated)).dataset  # 180 KB of LIMIT's 200 KB
+
+    # Each of them once more would pass LIMIT: refused, naming the quota, and nothing is written.
+    for write in (
+        mine.graders.UpdateGrader(gs.UpdateGraderRequest(grader_id=grader.id, grader=BIG_GRADER)),
+        mine.graders.CreateGrader(new_grader),
+        mine.targets.CreateTarget(new_target),
+        mine.datasets.CreateDataset(annotated),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await write
+        assert_over(refused.value, "max_stored_bytes_per_tenant")
+    got = (await mine.graders.GetGrader(gs.GetGraderRequest(grader_id=grader.id))).grader
+    assert got.latest_version == 2
+    assert [g.id for g in (await mine.graders.ListGraders(gs.ListGradersRequest())).graders] == [grader.id]
+    assert [t.id for t in (await mine.targets.ListTargets(ts.ListTargetsRequest())).targets] == [target.id]
+    assert [d.id for d in (await mine.datasets.ListDatasets(ds.ListDatasetsRequest())).datasets] == [dataset.id]
+    # Another tenant's bytes are its own.
+    await served.theirs.graders.CreateGrader(new_grader)
+
+    # Deleting gives back all they stored: then 196 KB of items fit in LIMIT's 200 KB.
+    await mine.graders.DeleteGrader(gs.DeleteGraderRequest(grader_id=grader.id))
+    await mine.targets.DeleteTarget(ts.DeleteTargetRequest(target_id=target.id))
+    await mine.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=dataset.id))
+    fresh = (await mine.datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))).dataset
+    items = [item_pb2.Item(input="y" * 49_000) for _ in range(4)]
+    added = await mine.datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=fresh.id, items=items))
+    assert added.dataset.item_count == 4
+
+
+async def test_update_run_growing_past_the_cap_is_refused_and_changes_nothing(served: Served) -> None:
+    """UpdateRun's descriptions were counted but never refused: a tenant at its cap went on storing 4 x 60 KB
+    of annotations a run (a run's row and its status events each hold them), 200 calls OK. Growth past the
+    cap is refused with nothing written; a change that fits, or that gives bytes back, goes."""
+    mine = served.mine
+    run = await mine.run_to_end(create_request(1))
+    dataset = (await mine.datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))).dataset
+    filler = [item_pb2.Item(input="y" * 45_000) for _ in range(4)]  # 180 KB of LIMIT's 200 KB
+    await mine.datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=filler))
+    notes = pb.UpdateRunRequest(
+        run_id=run.id, run=run_pb2.Run(annotations={"notes": "n" * 10_000}), update_mask=_mask("annotations")
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:  # 4 x 10 KB: past the 20 KB left
+        await mine.runs.UpdateRun(notes)
+    assert_over(refused.value, "max_stored_bytes_per_tenant")
+    unchanged = (await mine.runs.GetRun(pb.GetRunRequest(run_id=run.id))).run
+    assert (unchanged.etag, dict(unchanged.annotations)) == (run.etag, {})
+    renamed = await mine.runs.UpdateRun(
+        pb.UpdateRunRequest(run_id=run.id, run=run_pb2.Run(display_name="nightly"), update_mask=_mask("display_name"))
+    )
+    assert renamed.run.display_name == "nightly"
+
+    await mine.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=dataset.id))
+    assert dict((await mine.runs.UpdateRun(notes)).run.annotations) == {"notes": "n" * 10_000}
+
+
+def _mask(*paths: str) -> field_mask_pb2.FieldMask:
+    return field_mask_pb2.FieldMask(paths=list(paths))
 
 
 async def test_a_tenant_that_made_room_after_a_stopped_run_runs_again_at_once(served: Served) -> None:

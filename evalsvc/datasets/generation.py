@@ -45,7 +45,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from evalsvc.config import Settings
 from evalsvc.datasets.service import (
     append_items,
-    check_byte_room,
     check_item_room,
     generation_from,
     number_new_items,
@@ -242,7 +241,7 @@ class DatasetGenerations:
                     )
                 return existing, False
             check_item_room(self._item_cap, dataset, request.item_count)
-            check_byte_room(self._bytes_cap, await usage.held_bytes(conn, tenant), 1)  # before paying the model
+            usage.check_byte_room(self._bytes_cap, await usage.held_bytes(conn, tenant), 1)  # before paying the model
             generation = DatasetGenerationRecord(
                 dataset_id=request.dataset_id,
                 tenant=tenant,
@@ -321,7 +320,7 @@ class DatasetGenerations:
             held = (await usage.stored_bytes(conn, [tenant]))[tenant]
         # Before the model calls, which cost the tenant; checked again under the lock when writing.
         check_item_room(self._item_cap, dataset, sum(item.id not in stored for item in items))
-        check_byte_room(self._bytes_cap, held, 1)
+        usage.check_byte_room(self._bytes_cap, held, 1)
         slots = asyncio.Semaphore(CONTINUE_CONCURRENCY)
 
         async def write(conversation: Any, item: item_pb2.Item) -> None:

@@ -1,11 +1,12 @@
 """The dataset service: create, read, list and delete datasets; append and list their items.
 
 A tenant holds at most --max-datasets-per-tenant datasets and a dataset at most
---max-items-per-dataset items (evalsvc.limits.StoredCaps). Deleting a dataset removes its items and
-its generation; runs made from it keep the copies of the items they took (run_items) and their
-results, and keep its id (ListRuns finds them by it). Dataset ids are the server's, never reused, so
-nothing kept under a deleted dataset's id (its run counter, which numbers its runs on) can reach
-another dataset.
+--max-items-per-dataset items (evalsvc.limits.StoredCaps); its descriptive fields and its items count
+towards --max-stored-bytes-per-tenant (evalsvc.store.usage). Deleting a dataset removes its items and
+its generation and gives their bytes back; runs made from it keep the copies of the items they took
+(run_items) and their results, and keep its id (ListRuns finds them by it). Dataset ids are the
+server's, never reused, so nothing kept under a deleted dataset's id (its run counter, which numbers its
+runs on) can reach another dataset.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ async def append_items(
 ) -> DatasetRecord:
     """Append (item id, serialized item) rows to a dataset the transaction holds, unless they would take
     the tenant past the bytes it may store (evalsvc.store.usage): then all of them are refused."""
-    check_byte_room(bytes_cap, await usage.held_bytes(conn, tenant), sum(len(item) for _, item in rows))
+    usage.check_byte_room(bytes_cap, await usage.held_bytes(conn, tenant), sum(len(item) for _, item in rows))
     return await dataset_store.append_items(conn, tenant, dataset_id, rows, now)
 
 
@@ -123,12 +124,6 @@ async def _appended(conn: AsyncConnection, tenant: str, first: DatasetAppendReco
         raise not_found("dataset", first.dataset_id)
     ids = await dataset_store.item_ids_between(conn, first.dataset_id, first.first_idx, first.count)
     return ids, dataset, generations.get(first.dataset_id)
-
-
-def check_byte_room(bytes_cap: StoredCap, held: int, adding: int) -> None:
-    """Refuse adding `adding` bytes to a tenant that stores `held` when that would pass its bytes (1 when
-    what is added is not known yet: a generation's items, before the model writes them)."""
-    bytes_cap.check(held, adding, remedy="nothing was written; delete runs or datasets to make room")
 
 
 class DatasetService:
@@ -176,7 +171,7 @@ class DatasetService:
 
         async def create(conn: AsyncConnection) -> pb.Dataset:
             self._caps.datasets.check(await dataset_store.count(conn, tenant))
-            await dataset_store.insert_dataset(conn, dataset)
+            await dataset_store.insert_dataset(conn, dataset, self._caps.stored_bytes)
             return dataset_from(dataset)
 
         async def replay(existing: DatasetRecord) -> pb.Dataset:

@@ -5,7 +5,8 @@ created, so results stay explainable after a saved definition changes or is dele
 before DeleteGrader or DeleteTarget (running or finished) goes on and reads back as it was; a run
 created after it cannot name the deleted one (NOT_FOUND). A tenant holds at most
 --max-graders-per-tenant saved graders (each with all its versions) and --max-targets-per-tenant saved
-targets. Ids are the server's and never reused.
+targets, and what they store counts towards --max-stored-bytes-per-tenant (evalsvc.store.usage): the
+counts alone allowed about 256 GiB of grader versions a tenant. Ids are the server's and never reused.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ class DefinitionService:
 
         async def create(conn: AsyncConnection) -> grader_service_pb2.SavedGrader:
             self._caps.graders.check(await store.count_graders(conn, tenant))
-            await store.insert_grader(conn, grader, version)
+            await store.insert_grader(conn, grader, version, self._caps.stored_bytes)
             return saved_grader_from(grader, version)
 
         async def replay(existing: SavedGraderRecord) -> grader_service_pb2.SavedGrader:
@@ -178,16 +179,25 @@ class DefinitionService:
         definition = request.grader.SerializeToString()
 
         async def add(conn: AsyncConnection) -> tuple[SavedGraderRecord, GraderVersionRecord] | None:
-            # The bump locks the grader's row and counts its versions (never deleted one by one): past the
-            # cap the refusal rolls this version back.
-            added = await store.add_version(conn, tenant, request.grader_id, definition, now)
-            if added is not None:
-                self._caps.grader_versions.check(
-                    added[0].latest_version - 1,
-                    holder=f"grader {request.grader_id}",
-                    remedy="save the definition as a new grader (CreateGrader)",
-                )
-            return added
+            # The bump locks the grader's row and counts its versions (never deleted one by one): past a
+            # cap the refusal rolls it back.
+            grader = await store.bump_version(conn, tenant, request.grader_id)
+            if grader is None:
+                return None
+            self._caps.grader_versions.check(
+                grader.latest_version - 1,
+                holder=f"grader {request.grader_id}",
+                remedy="save the definition as a new grader (CreateGrader)",
+            )
+            version = GraderVersionRecord(
+                grader_id=grader.id,
+                version=grader.latest_version,
+                tenant=tenant,
+                definition=definition,
+                create_time=now,
+            )
+            await store.insert_version(conn, version, self._caps.stored_bytes)
+            return grader, version
 
         added = await self._db.transact(add)
         if added is None:
@@ -230,7 +240,7 @@ class DefinitionService:
 
         async def create(conn: AsyncConnection) -> target_service_pb2.SavedTarget:
             self._caps.targets.check(await store.count_targets(conn, tenant))
-            await store.insert_target(conn, target)
+            await store.insert_target(conn, target, self._caps.stored_bytes)
             return saved_target_from(target)
 
         async def replay(existing: SavedTargetRecord) -> target_service_pb2.SavedTarget:

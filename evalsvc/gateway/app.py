@@ -39,7 +39,13 @@ from starlette.exceptions import HTTPException
 
 from evalsvc.errors import MAX_VIOLATIONS, FieldViolation, Reason, ServiceError, to_status
 from evalsvc.gateway import dialects, openapi, ui
-from evalsvc.gateway.conditional import apply_if_match, check_read_if_match, etag_header, unmet_status
+from evalsvc.gateway.conditional import (
+    apply_if_match,
+    apply_if_none_match,
+    check_read_if_match,
+    etag_header,
+    unmet_status,
+)
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.parse_errors import MAX_SHOWN, field_message, field_named, field_violation
 from evalsvc.gateway.routes import Route, routes
@@ -555,10 +561,12 @@ def create_app(
 
         async def endpoint(request: Request) -> Response:
             if_match = request.headers.get("if-match", "")
+            if_none_match = "" if reading else request.headers.get("if-none-match", "")  # a read ignores it
             try:
                 message, metadata = await build_request(request, route), _metadata(request)
                 if not reading:
                     apply_if_match(if_match, route, message)
+                    apply_if_none_match(if_none_match, route, message)  # after: `*` fails whatever If-Match holds
             except GatewayError as error:
                 return refused(error)
             call: grpc.aio.UnaryUnaryMultiCallable[Message, Message] = upstream.channel.unary_unary(
@@ -569,7 +577,7 @@ def create_app(
             try:
                 response = await call(message, metadata=metadata, timeout=60)
             except grpc.aio.AioRpcError as error:
-                return unmet_status(error_response(error), GatewayError.from_rpc(error).reason, if_match)
+                return unmet_status(error_response(error), GatewayError.from_rpc(error).reason, if_match, if_none_match)
             if reading:
                 try:
                     check_read_if_match(if_match, response)
@@ -587,7 +595,9 @@ def create_app(
                     try:
                         response = await call(message, metadata=metadata, timeout=60)
                     except grpc.aio.AioRpcError as error:
-                        return unmet_status(error_response(error), GatewayError.from_rpc(error).reason, if_match)
+                        return unmet_status(
+                            error_response(error), GatewayError.from_rpc(error).reason, if_match, if_none_match
+                        )
                     body = await json_body(response)
             except Exception:  # a value proto3 JSON cannot write (a NaN in a Struct): a google.rpc.Status, not text
                 log.exception("%s: the response cannot be written as proto3 JSON", route.method.full_name)

@@ -14,6 +14,14 @@ the other If-Match refusals), whose condition cannot hold: the method must not r
 and ignoring the header ran it. A read (GET, HEAD) with a tag is answered only when the resource it
 returns is at that etag (else the same ABORTED ETAG_MISMATCH, 412). An HTTP client that follows RFC 9110
 gets what it expects without knowing the field.
+
+`If-None-Match: *` on a write asks that it run only if the resource does not exist (RFC 9110 13.1.2),
+and every write here names a resource that must exist: on a resource with an etag the write is sent with
+one no resource is ever at (`NO_ETAG`), so nothing is written and the answer is 412 when it exists, and
+the 404 it would have had when it does not. The header was ignored, and a PATCH with it changed the run.
+Entity tags in it (a write only if the resource is at none of them) are refused (400), and so is the header
+on a write whose resource has no etag, as for If-Match: the service compares one etag for equality, and
+ignoring the condition would run the write unconditionally. A read ignores it (no 304: the whole response).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from evalsvc.gateway.routes import Route
 from evalsvc.gateway.upstream import GatewayError
 
 ETAG_FIELD = "etag"
+NO_ETAG = "0"  # the version before a run's first (etags count from 1): no run is ever at it
 
 
 def _holds_etag(message: Message) -> bool:
@@ -101,6 +110,26 @@ def apply_if_match(if_match: str, route: Route, message: Message) -> None:
     setattr(holder, ETAG_FIELD, tag)
 
 
+def apply_if_none_match(if_none_match: str, route: Route, message: Message) -> None:
+    """Make a write with `If-None-Match: *` fail on an existing resource (see the module docstring);
+    GatewayError when the header is anything else, or the request's resource has no etag."""
+    value = if_none_match.strip()
+    if not value:
+        return
+    holder = _etag_holder(route, message)
+    if holder is None:
+        raise GatewayError.invalid(
+            "If-None-Match is not supported here: this request's resource has no etag",
+            ("If-None-Match", "only a run's writes take If-None-Match: *; send none here"),
+        )
+    if value != "*":
+        raise GatewayError.invalid(
+            "If-None-Match takes only * on a write here",
+            ("If-None-Match", "must be * (the write runs only if the resource does not exist)"),
+        )
+    setattr(holder, ETAG_FIELD, NO_ETAG)
+
+
 def etag_header(response: Message) -> str | None:
     """The `ETag` header of a response whose one resource carries an etag (GetRun's run, ...), else None."""
     for field in response.DESCRIPTOR.fields:
@@ -112,10 +141,11 @@ def etag_header(response: Message) -> str | None:
     return None
 
 
-def unmet_status(response: JSONResponse, reason: str, if_match: str) -> JSONResponse:
+def unmet_status(response: JSONResponse, reason: str, if_match: str, if_none_match: str = "") -> JSONResponse:
     """`response` (an error), answered 412 Precondition Failed when it is an ETAG_MISMATCH of a request
-    whose `If-Match` named an etag: RFC 9110 13.1.1 says a condition that does not hold is 412, and a
-    client's conditional request (an HTTP library's, a proxy's) waits for exactly that."""
-    if reason == Reason.ETAG_MISMATCH and if_match.strip() not in ("", "*"):
+    whose `If-Match` named an etag or that had an `If-None-Match` (a write's: `apply_if_none_match`): RFC 9110
+    13.1.1 and 13.1.2 say a condition that does not hold is 412, and a client's conditional request (an
+    HTTP library's, a proxy's) waits for exactly that."""
+    if reason == Reason.ETAG_MISMATCH and (if_match.strip() not in ("", "*") or if_none_match.strip()):
         response.status_code = 412
     return response

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -320,7 +321,7 @@ class RunService:
             f"({flag_name('deleted_run_retention_s')})"
         )
         self._runs_remedy = f"delete runs to make room; {counted}"
-        self._bytes_remedy = f"nothing was written; delete runs or datasets to make room; {counted}"
+        self._bytes_remedy = f"{usage.ROOM_REMEDY}; {counted}"
         self._definitions = definitions
         self._outbound = outbound
         self._judge = judge
@@ -789,7 +790,7 @@ class RunService:
                     changed[field] = merged
                 if refused:
                     raise invalid_argument(refused)
-            return await run_store.update_fields(conn, tenant, request.run_id, changed)
+            return await run_store.update_fields(conn, tenant, request.run_id, changed, self._bytes_cap)
 
         row = await self._db.transact(update)
         if row is None:
@@ -946,6 +947,21 @@ async def _cancel_in(
     )
 
 
+# AIP-161: a map key in a field mask path is an identifier, or any other key in backticks (a backtick in it
+# doubled).
+_MASK_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|`(?:[^`]|``)+`")
+
+
+def _mask_key(written: str) -> str | None:
+    """The map key a path names after its dot, unquoted; None when it is neither an identifier nor
+    backtick-quoted (AIP-161). Taken literally, `labels.`, `labels.a.b` and an unterminated backtick were
+    keys, and a mask that removed them answered OK (changing nothing but the etag) where REST refused it. A
+    key that is well formed but no label key is refused when set (`check_labels`), as in a whole map."""
+    if not _MASK_KEY.fullmatch(written):
+        return None
+    return written[1:-1].replace("``", "`") if written.startswith("`") else written
+
+
 def _parse_mask(paths: Sequence[str]) -> tuple[list[str], dict[str, list[str]], list[FieldViolation]]:
     """An update mask as the fields it replaces whole and the map keys it sets or removes (AIP-161:
     `annotations.KEY`, or `annotations.`KEY`` for a key that is not an identifier)."""
@@ -953,23 +969,24 @@ def _parse_mask(paths: Sequence[str]) -> tuple[list[str], dict[str, list[str]], 
     keyed: dict[str, list[str]] = {}
     violations: list[FieldViolation] = []
     for path in paths:
-        field, dot, key = path.partition(".")
+        field, dot, written = path.partition(".")
         if field in MAPS and dot:
-            if len(key) >= 2 and key[0] == key[-1] == "`":
-                key = key[1:-1].replace("``", "`")
-            if key:
+            if (key := _mask_key(written)) is not None:
                 keyed.setdefault(field, []).append(key)
                 continue
-        if path in UPDATABLE:
+            reason = (
+                f"{path[:MAX_ECHOED_ID]!r} names no key of {field}: after the dot an identifier, or the key in "
+                "backticks (`` for a backtick in it)" + (", that is a label key" if field == "labels" else "")
+            )
+        elif path in UPDATABLE:
             whole.append(path)
             continue
-        violations.append(
-            FieldViolation(
-                "update_mask",
+        else:
+            reason = (
                 f"{path[:MAX_ECHOED_ID]!r} cannot be updated; updatable: {', '.join(UPDATABLE)} "
-                "and single keys of the maps (annotations.KEY, labels.KEY), or * for all",
+                "and single keys of the maps (annotations.KEY, labels.KEY), or * for all"
             )
-        )
+        violations.append(FieldViolation("update_mask", reason))
     return whole, keyed, violations
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.limits import StoredCap
 from evalsvc.store import quotas, usage
 from evalsvc.store.models import DatasetAppendRow, DatasetGenerationRow, DatasetItemRow, DatasetRow
 from evalsvc.store.records import ClaimableGeneration, DatasetAppendRecord, DatasetGenerationRecord, DatasetRecord
@@ -18,9 +19,11 @@ ITEMS = DatasetItemRow.__table__  # type: ignore[attr-defined]
 APPENDS = DatasetAppendRow.__table__  # type: ignore[attr-defined]
 
 
-async def insert_dataset(conn: AsyncConnection, dataset: DatasetRecord) -> None:
-    """Store a new dataset."""
-    await conn.execute(insert(DATASETS).values(**asdict(dataset)))
+async def insert_dataset(conn: AsyncConnection, dataset: DatasetRecord, bytes_cap: StoredCap) -> None:
+    """Store a new dataset, unless its descriptive fields would take the tenant past `bytes_cap`."""
+    row = asdict(dataset)
+    await usage.take_room(conn, bytes_cap, dataset.tenant, usage.saved_bytes(row, usage.DATASET_COLUMNS))
+    await conn.execute(insert(DATASETS).values(**row))
 
 
 async def get(conn: AsyncConnection, tenant: str, dataset_id: str, *, lock: bool = False) -> DatasetRecord | None:
@@ -46,18 +49,19 @@ async def remove(conn: AsyncConnection, tenant: str, dataset_id: str) -> bool:
     generation being created, both take it with `get(lock=True)`), whose items and generation the
     next statements then see and delete, and one that comes later finds no dataset. Every writer locks
     the dataset before the generation, so this order cannot deadlock with a generation's append. The
-    tenant's stored bytes lose its items' (evalsvc.store.usage)."""
+    tenant's stored bytes lose its own and its items' (evalsvc.store.usage)."""
     deleted = await conn.execute(
-        delete(DATASETS).where(DATASETS.c.id == dataset_id, DATASETS.c.tenant == tenant).returning(DATASETS.c.id)
+        delete(DATASETS).where(DATASETS.c.id == dataset_id, DATASETS.c.tenant == tenant).returning(*DATASETS.c)
     )
-    if deleted.first() is None:
+    dataset = deleted.mappings().first()
+    if dataset is None:
         return False
     await conn.execute(delete(GENERATIONS).where(GENERATIONS.c.dataset_id == dataset_id))
     await conn.execute(delete(APPENDS).where(APPENDS.c.dataset_id == dataset_id))
     size = await conn.execute(
         select(func.coalesce(func.sum(func.length(ITEMS.c.item)), 0)).where(ITEMS.c.dataset_id == dataset_id)
     )
-    freed = int(size.scalar_one())
+    freed = int(size.scalar_one()) + usage.saved_bytes(dataset, usage.DATASET_COLUMNS)
     await conn.execute(delete(ITEMS).where(ITEMS.c.dataset_id == dataset_id))
     await usage.add_to_totals(conn, stored_bytes={tenant: -freed})
     return True

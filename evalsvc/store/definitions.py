@@ -1,14 +1,16 @@
-"""Queries on saved graders (with their versions) and saved targets."""
+"""Queries on saved graders (with their versions) and saved targets. What they store is added to their
+tenant's stored bytes as they are written, and taken back as they are deleted (evalsvc.store.usage)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import RowMapping, delete, insert, select, update
+from sqlalchemy import RowMapping, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from evalsvc.store import quotas
+from evalsvc.limits import StoredCap
+from evalsvc.store import quotas, usage
 from evalsvc.store.models import SavedGraderRow, SavedGraderVersionRow, SavedTargetRow
 from evalsvc.store.records import GraderVersionRecord, SavedGraderRecord, SavedTargetRecord
 
@@ -17,10 +19,15 @@ VERSIONS = SavedGraderVersionRow.__table__  # type: ignore[attr-defined]
 TARGETS = SavedTargetRow.__table__  # type: ignore[attr-defined]
 
 
-async def insert_grader(conn: AsyncConnection, grader: SavedGraderRecord, version: GraderVersionRecord) -> None:
-    """Store a saved grader and its first version."""
-    await conn.execute(insert(GRADERS).values(**asdict(grader)))
-    await conn.execute(insert(VERSIONS).values(**asdict(version)))
+async def insert_grader(
+    conn: AsyncConnection, grader: SavedGraderRecord, version: GraderVersionRecord, bytes_cap: StoredCap
+) -> None:
+    """Store a saved grader and its first version, unless they would take the tenant past `bytes_cap`."""
+    row, first = asdict(grader), asdict(version)
+    size = usage.saved_bytes(row, usage.GRADER_COLUMNS) + usage.saved_bytes(first, usage.VERSION_COLUMNS)
+    await usage.take_room(conn, bytes_cap, grader.tenant, size)
+    await conn.execute(insert(GRADERS).values(**row))
+    await conn.execute(insert(VERSIONS).values(**first))
 
 
 async def count_graders(conn: AsyncConnection, tenant: str) -> int:
@@ -33,18 +40,26 @@ async def remove_grader(conn: AsyncConnection, tenant: str, grader_id: str) -> b
     grader row first: on PostgreSQL that waits for an UpdateGrader holding it, whose new version the
     next statement then sees, and an UpdateGrader that comes later finds no grader."""
     deleted = await conn.execute(
-        delete(GRADERS).where(GRADERS.c.id == grader_id, GRADERS.c.tenant == tenant).returning(GRADERS.c.id)
+        delete(GRADERS).where(GRADERS.c.id == grader_id, GRADERS.c.tenant == tenant).returning(*GRADERS.c)
     )
-    if deleted.first() is None:
+    grader = deleted.mappings().first()
+    if grader is None:
         return False
-    await conn.execute(delete(VERSIONS).where(VERSIONS.c.grader_id == grader_id, VERSIONS.c.tenant == tenant))
+    of_grader = (VERSIONS.c.grader_id == grader_id, VERSIONS.c.tenant == tenant)
+    # Summed in the database: a grader's versions may hold 256 MiB of definitions.
+    versions = await conn.execute(
+        select(func.count(), func.coalesce(func.sum(func.length(VERSIONS.c.definition)), 0)).where(*of_grader)
+    )
+    count, size = versions.one()
+    await conn.execute(delete(VERSIONS).where(*of_grader))
+    freed = usage.saved_bytes(grader, usage.GRADER_COLUMNS) + int(count) * usage.SAVED_ROW_BYTES + int(size)
+    await usage.add_to_totals(conn, stored_bytes={tenant: -freed})
     return True
 
 
-async def add_version(
-    conn: AsyncConnection, tenant: str, grader_id: str, definition: bytes, now: float
-) -> tuple[SavedGraderRecord, GraderVersionRecord] | None:
-    """Append a version; the grader (with its new latest_version) and that version, or None when missing."""
+async def bump_version(conn: AsyncConnection, tenant: str, grader_id: str) -> SavedGraderRecord | None:
+    """Raise a grader's latest_version for a version about to be stored (`insert_version`), holding its row
+    to the end of the transaction; the grader as it is then, or None when missing."""
     bumped = await conn.execute(
         update(GRADERS)
         .where(GRADERS.c.id == grader_id, GRADERS.c.tenant == tenant)
@@ -52,14 +67,15 @@ async def add_version(
         .returning(*GRADERS.c)
     )
     row = bumped.mappings().first()
-    if row is None:
-        return None
-    grader = SavedGraderRecord.from_row(row)
-    version = GraderVersionRecord(
-        grader_id=grader_id, version=grader.latest_version, tenant=tenant, definition=definition, create_time=now
-    )
-    await conn.execute(insert(VERSIONS).values(**asdict(version)))
-    return grader, version
+    return None if row is None else SavedGraderRecord.from_row(row)
+
+
+async def insert_version(conn: AsyncConnection, version: GraderVersionRecord, bytes_cap: StoredCap) -> None:
+    """Store a grader's new version (`bump_version` numbered it), unless it would take the tenant past
+    `bytes_cap`."""
+    row = asdict(version)
+    await usage.take_room(conn, bytes_cap, version.tenant, usage.saved_bytes(row, usage.VERSION_COLUMNS))
+    await conn.execute(insert(VERSIONS).values(**row))
 
 
 async def get_grader(
@@ -126,14 +142,20 @@ async def count_targets(conn: AsyncConnection, tenant: str) -> int:
 async def remove_target(conn: AsyncConnection, tenant: str, target_id: str) -> bool:
     """Delete a tenant's saved target; False when it has none of that id."""
     deleted = await conn.execute(
-        delete(TARGETS).where(TARGETS.c.id == target_id, TARGETS.c.tenant == tenant).returning(TARGETS.c.id)
+        delete(TARGETS).where(TARGETS.c.id == target_id, TARGETS.c.tenant == tenant).returning(*TARGETS.c)
     )
-    return deleted.first() is not None
+    target = deleted.mappings().first()
+    if target is None:
+        return False
+    await usage.add_to_totals(conn, stored_bytes={tenant: -usage.saved_bytes(target, usage.TARGET_COLUMNS)})
+    return True
 
 
-async def insert_target(conn: AsyncConnection, target: SavedTargetRecord) -> None:
-    """Store a saved target."""
-    await conn.execute(insert(TARGETS).values(**asdict(target)))
+async def insert_target(conn: AsyncConnection, target: SavedTargetRecord, bytes_cap: StoredCap) -> None:
+    """Store a saved target, unless it would take the tenant past `bytes_cap`."""
+    row = asdict(target)
+    await usage.take_room(conn, bytes_cap, target.tenant, usage.saved_bytes(row, usage.TARGET_COLUMNS))
+    await conn.execute(insert(TARGETS).values(**row))
 
 
 async def get_target(conn: AsyncConnection, tenant: str, target_id: str) -> SavedTargetRecord | None:

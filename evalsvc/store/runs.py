@@ -33,6 +33,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from evalsvc import statuses
+from evalsvc.limits import StoredCap
 from evalsvc.messages.convert import timestamp
 from evalsvc.store import events, staging, usage
 from evalsvc.store import jobs as job_store
@@ -444,10 +445,18 @@ async def _record_changes(conn: AsyncConnection, runs: Sequence[RunRecord]) -> l
     return [event for _, event in tenant_events]
 
 
-async def update_fields(conn: AsyncConnection, tenant: str, run_id: str, values: Mapping[str, Any]) -> RunRecord | None:
+async def update_fields(
+    conn: AsyncConnection,
+    tenant: str,
+    run_id: str,
+    values: Mapping[str, Any],
+    bytes_cap: StoredCap | None = None,
+) -> RunRecord | None:
     """Change a run's descriptive columns (not its status: that is `set_status`, which records an event);
     new labels replace the run's label rows, and the change of their size is added to the run's and its
-    tenant's stored bytes (evalsvc.store.usage). Returns the changed run, or None when there is no such run."""
+    tenant's stored bytes (evalsvc.store.usage): with `bytes_cap`, growth past it is refused and the change
+    rolled back (a tenant at its cap grew 4 x 64 KiB of annotations a run, for every run it held). Returns
+    the changed run, or None when there is no such run."""
     described = [column for column in usage.DESCRIPTIVE if column in values]
     grown = 0
     if described:
@@ -469,8 +478,10 @@ async def update_fields(conn: AsyncConnection, tenant: str, run_id: str, values:
     run = _first(changed.mappings().first())
     if run is not None:
         remember(conn, run)
-    if run is not None and grown:
-        await usage.add_to_totals(conn, stored_bytes={tenant: grown})  # after the run's row: the lock order
+    if run is not None and grown > 0 and bytes_cap is not None:  # after the run's row: the lock order
+        await usage.take_room(conn, bytes_cap, tenant, grown)
+    elif run is not None and grown:
+        await usage.add_to_totals(conn, stored_bytes={tenant: grown})
     if run is not None and "labels" in values:
         await conn.execute(LABELS.delete().where(LABELS.c.run_id == run_id))
         if values["labels"]:

@@ -9,12 +9,19 @@ disk every tenant shares. They are counted as data is written, never by reading 
   serialized, and per result `RESULT_BYTES` plus its explanation and error reason twice (the result's row
   and its event each hold them: `result_bytes`). A run keeps its own sum (`runs.stored_bytes`), which its
   tenant's total loses when the run is purged (deleted runs count until then); UpdateRun adds (or gives
-  back) the change of its descriptive fields, `RUN_COPIES` times too.
+  back) the change of its descriptive fields, `RUN_COPIES` times too, refused when it grows past the cap.
 - a dataset's items, serialized, as they are appended; DeleteDataset takes them back.
+- a saved definition, when it is written (`saved_bytes`): a dataset's descriptive fields, a saved grader's
+  (names, labels) and each of its versions' definition, a saved target's fields and definition, each row
+  with `SAVED_ROW_BYTES`; DeleteDataset, DeleteGrader (with all its versions) and DeleteTarget take them back. The
+  count caps alone allowed 1,000 graders x 1,000 versions x 256 KiB, about 256 GiB a tenant.
 
 It is what the tenant's data takes, not the database's pages (free space, the engine's own overhead;
 each result's share of its rows and indexes is estimated by RESULT_BYTES), and text is counted in
-characters. Saved graders, targets, secrets and webhooks are bounded by their counts. The response cache is
+characters. Secrets and webhooks are bounded by their counts and sizes, and so are not counted: at the
+default caps 100 secrets of at most 8 KiB and 50 webhooks of at most about 3 KiB (URL, description,
+signing secrets) come to about 1 MiB a tenant; a webhook delivery names the run event it sends (counted
+with the run) and holds no copy of it. The response cache is
 not counted here: it is bounded by its own count and bytes, and evicts to make room (evalsvc.store.cache),
 so it never refuses a tenant anything; its payload bytes are kept beside (`cache_bytes`).
 """
@@ -30,6 +37,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.limits import StoredCap
 from evalsvc.store import quotas
 from evalsvc.store.models import RunRow, TenantRunTotalsRow
 
@@ -47,16 +55,30 @@ RUN_COPIES = 4  # a run's row, and the events of its creation, its start and its
 
 
 DESCRIPTIVE = ("display_name", "description", "labels", "annotations")  # the run columns UpdateRun changes
+# A saved definition's row beyond its counted columns (ids, times, its index entries), as JOB_BYTES is a job's:
+# 1,000 versions of a one-byte grader still take a page or two each thousand.
+SAVED_ROW_BYTES = 128
+# The columns each kind of saved row is counted by (`saved_bytes`); a grader's definitions are its versions'.
+DATASET_COLUMNS = DESCRIPTIVE
+GRADER_COLUMNS = ("display_name", "description", "labels")
+VERSION_COLUMNS = ("definition",)
+TARGET_COLUMNS = (*GRADER_COLUMNS, "definition")
+ROOM_REMEDY = "nothing was written; delete runs, datasets, saved graders or saved targets to make room"
 
 
-def column_bytes(value: str | Mapping[str, str]) -> int:
-    """A descriptive column's size: a text's characters, a map's as the JSON it is stored as."""
-    return len(value) if isinstance(value, str) else len(json.dumps(value))
+def column_bytes(value: str | bytes | Mapping[str, str]) -> int:
+    """A column's size: a text's characters, a blob's bytes, a map's as the JSON it is stored as."""
+    return len(value) if isinstance(value, str | bytes) else len(json.dumps(value))
 
 
 def described_bytes(row: Mapping[str, Any]) -> int:
     """A run row's definition and descriptive fields."""
-    return len(row["spec"]) + sum(column_bytes(row[column]) for column in DESCRIPTIVE)
+    return sum(column_bytes(row[column]) for column in ("spec", *DESCRIPTIVE))
+
+
+def saved_bytes(row: Mapping[Any, Any], columns: Sequence[str]) -> int:
+    """What a saved row stores (see the module docstring): its `columns` and `SAVED_ROW_BYTES`."""
+    return SAVED_ROW_BYTES + sum(column_bytes(row[column]) for column in columns)
 
 
 def new_run_bytes(row: Mapping[str, Any], items: Sequence[bytes], jobs: int) -> int:
@@ -80,6 +102,20 @@ async def held_bytes(conn: AsyncConnection, tenant: str) -> int:
     """The bytes a tenant stores, read under its lock (`lock`) in the transaction that adds to them."""
     await lock(conn, [tenant])
     return (await stored_bytes(conn, [tenant]))[tenant]
+
+
+def check_byte_room(cap: StoredCap, held: int, adding: int) -> None:
+    """Refuse adding `adding` bytes to a tenant that stores `held` when that would pass its bytes (1 when
+    what is added is not known yet: a generation's items, before the model writes them)."""
+    cap.check(held, adding, remedy=ROOM_REMEDY)
+
+
+async def take_room(conn: AsyncConnection, cap: StoredCap, tenant: str, adding: int) -> None:
+    """Add `adding` bytes to what the tenant stores, for a write of this transaction, or refuse it when that
+    would pass the bytes it may store: checked under its lock (`held_bytes`), so that two writes cannot both
+    take the last room; the refusal rolls the transaction back."""
+    check_byte_room(cap, await held_bytes(conn, tenant), adding)
+    await add_to_totals(conn, stored_bytes={tenant: adding})
 
 
 async def stored_bytes(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """A tenant's stored bytes and cache bytes (evalsvc.store.usage) over a bare database, on either engine: every
-write that stores a tenant's data raises them by what it stores, DeleteDataset, the purge and the response
-cache's eviction take theirs back, and revision 0018 fills them on an upgraded database exactly as the
-service counts them."""
+write that stores a tenant's data raises them by what it stores (saved definitions too), DeleteDataset,
+DeleteGrader, DeleteTarget, the purge and the response cache's eviction take theirs back, and revisions 0018
+and 0024 fill them on an upgraded database exactly as the service counts them."""
 
 from __future__ import annotations
 
@@ -10,27 +10,35 @@ import json
 import time
 from collections.abc import Callable
 
+import grpc
+import pytest
 from alembic import command
 from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.errors import ServiceError
 from evalsvc.execution import recorder
 from evalsvc.execution.recorder import FinishedJob
 from evalsvc.graders import Grade
+from evalsvc.limits import StoredCap
 from evalsvc.store import cache as cache_store
 from evalsvc.store import datasets as dataset_store
+from evalsvc.store import definitions as definition_store
 from evalsvc.store import migrate, retention, usage
 from evalsvc.store import runs as run_store
 from evalsvc.store.cache import CacheEntry
 from evalsvc.store.db import Database
 from evalsvc.store.jobs import ClaimedJob
 from evalsvc.store.models import CACHE_TARGET_OUTPUT
-from evalsvc.store.records import DatasetRecord
+from evalsvc.store.records import DatasetRecord, GraderVersionRecord, SavedGraderRecord, SavedTargetRecord
 from evalsvc.v1 import item_pb2, run_pb2
 from tests.unit.execution.test_recorder import ONE_GRADER, claim, done, record
 from tests.unit.stored import insert, new_run
 
+UNBOUNDED = StoredCap("max_stored_bytes_per_tenant", "bytes stored", 1 << 62)
+# A dataset with no names, labels or annotations: its row, and its two maps as the JSON `{}`.
+EMPTY_DATASET_BYTES = usage.SAVED_ROW_BYTES + 2 * len("{}")
 EXPLAINED = Grade(run_pb2.RESULT_STATE_FAILED, 0.0, 0.0, "the answer names the wrong city " * 20)
 
 
@@ -78,13 +86,13 @@ async def test_update_run_adds_the_change_of_its_descriptions_and_gives_it_back(
     assert await stored(db, "t1") == before
 
 
-async def add_dataset(db: Database, tenant: str, items: list[bytes]) -> str:
+async def add_dataset(db: Database, tenant: str, items: list[bytes], annotations: dict[str, str] | None = None) -> str:
     dataset_id = f"ds_{tenant}"
     now = time.time()
-    record = DatasetRecord(dataset_id, tenant, None, "", "", "", {}, {}, 0, now, now)
+    record = DatasetRecord(dataset_id, tenant, None, "", "", "", {}, annotations or {}, 0, now, now)
 
     async def work(conn: AsyncConnection) -> None:
-        await dataset_store.insert_dataset(conn, record)
+        await dataset_store.insert_dataset(conn, record, UNBOUNDED)
         await dataset_store.append_items(conn, tenant, dataset_id, [(f"i{n}", b) for n, b in enumerate(items)], now)
 
     await db.transact(work)
@@ -109,7 +117,7 @@ async def test_each_write_adds_what_it_stores_to_its_tenant_and_deleting_takes_i
 
     items = [item_pb2.Item(id=f"i{n}", input="x" * 100 * n).SerializeToString() for n in range(4)]
     dataset_id = await add_dataset(db, "t1", items)
-    assert await stored(db, "t1") == run_size + sum(map(len, items))
+    assert await stored(db, "t1") == run_size + EMPTY_DATASET_BYTES + sum(map(len, items))
     assert await db.transact(lambda conn: dataset_store.remove(conn, "t1", dataset_id))
     assert await stored(db, "t1") == run_size
 
@@ -199,7 +207,7 @@ async def test_revision_0018_fills_stored_bytes_as_the_service_counts_them(db: D
     by_tenant = {tenant: await stored(db, tenant) for tenant in ("t1", "t2", "t3")}
     cache = {tenant: await cache_held(db, tenant) for tenant in ("t1", "t2")}
     assert all(counted == held > 0 for counted, held in cache.values())
-    assert by_tenant["t3"] == 70 and all(by_run.values())
+    assert by_tenant["t3"] == EMPTY_DATASET_BYTES + 70 and all(by_run.values())
 
     async with db.write() as conn:
         await conn.run_sync(_migrate_to("0017", down=True))
@@ -209,3 +217,96 @@ async def test_revision_0018_fills_stored_bytes_as_the_service_counts_them(db: D
     assert await runs_bytes(db) == by_run
     assert {tenant: await stored(db, tenant) for tenant in ("t1", "t2", "t3")} == by_tenant
     assert {tenant: await cache_held(db, tenant) for tenant in ("t1", "t2")} == cache
+
+
+GRADER = b"g" * 1000  # a serialized grader, as the store sees it
+TARGET = b"t" * 2000
+
+
+async def save_grader(db: Database, tenant: str, grader_id: str, *versions: bytes, cap: StoredCap = UNBOUNDED) -> None:
+    """A saved grader of `tenant` with these versions (the first created with it), through the store."""
+    grader = SavedGraderRecord(grader_id, tenant, None, "", "nightly", "", {"team": "search"}, 1, 0.0)
+
+    async def work(conn: AsyncConnection) -> None:
+        await definition_store.insert_grader(
+            conn, grader, GraderVersionRecord(grader_id, 1, tenant, versions[0], 0.0), cap
+        )
+        for definition in versions[1:]:
+            bumped = await definition_store.bump_version(conn, tenant, grader_id)
+            assert bumped is not None
+            version = GraderVersionRecord(grader_id, bumped.latest_version, tenant, definition, 0.0)
+            await definition_store.insert_version(conn, version, cap)
+
+    await db.transact(work)
+
+
+async def save_target(db: Database, tenant: str, target_id: str, cap: StoredCap = UNBOUNDED) -> None:
+    target = SavedTargetRecord(target_id, tenant, None, "", "prod", "", {}, TARGET, 0.0)
+    await db.transact(lambda conn: definition_store.insert_target(conn, target, cap))
+
+
+# What the saved grader of `save_grader` stores, without its versions: its row, "nightly" and its labels' JSON.
+GRADER_ROW_BYTES = usage.SAVED_ROW_BYTES + len("nightly") + len('{"team": "search"}')
+TARGET_BYTES = usage.SAVED_ROW_BYTES + len("prod") + len("{}") + len(TARGET)
+
+
+async def test_saved_definitions_count_what_they_store_and_deleting_them_gives_it_back(db: Database) -> None:
+    """Saved graders (each version), targets and datasets' descriptive fields counted nothing: a tenant at a
+    1 MiB cap stored 400 grader versions of 256 KB (104 MB) and the quota said 0 bytes."""
+    await save_grader(db, "t1", "grd_1", GRADER, GRADER[:500])
+    versions = 2 * usage.SAVED_ROW_BYTES + 1500
+    assert await stored(db, "t1") == GRADER_ROW_BYTES + versions
+    await save_target(db, "t1", "tgt_1")
+    assert await stored(db, "t1") == GRADER_ROW_BYTES + versions + TARGET_BYTES
+    annotations = {"notes": "n" * 5000}
+    dataset_id = await add_dataset(db, "t1", [b"i" * 10], annotations)
+    dataset_bytes = EMPTY_DATASET_BYTES - len("{}") + len(json.dumps(annotations)) + 10
+    assert await stored(db, "t1") == GRADER_ROW_BYTES + versions + TARGET_BYTES + dataset_bytes
+
+    # Past the cap a definition is refused (the quota named) and nothing of it is written.
+    held = await stored(db, "t1")
+    full = StoredCap("max_stored_bytes_per_tenant", "bytes stored", held + usage.SAVED_ROW_BYTES + len(GRADER) - 1)
+    for write in (
+        save_grader(db, "t1", "grd_2", GRADER, cap=full),
+        save_target(db, "t1", "tgt_2", cap=full),
+    ):
+        with pytest.raises(ServiceError) as refused:
+            await write
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.value.metadata == {"quota": "max_stored_bytes_per_tenant"}
+    async with db.read() as conn:
+        assert await definition_store.get_grader(conn, "t1", "grd_2", 0) is None
+        assert await definition_store.get_target(conn, "t1", "tgt_2") is None
+    assert await stored(db, "t1") == held
+
+    await save_target(db, "t2", "tgt_3")  # another tenant's: never counted for t1
+    assert await db.transact(lambda conn: definition_store.remove_grader(conn, "t1", "grd_1"))
+    assert await db.transact(lambda conn: definition_store.remove_target(conn, "t1", "tgt_1"))
+    assert await db.transact(lambda conn: dataset_store.remove(conn, "t1", dataset_id))
+    assert await stored(db, "t1") == 0
+    assert await stored(db, "t2") == TARGET_BYTES
+
+
+async def test_revision_0024_counts_the_definitions_already_stored_as_the_service_does(db: Database) -> None:
+    """Definitions saved before the service counted them: the revision adds what the service would have
+    counted (else deleting one took back bytes never added), with a row for a tenant that has only
+    definitions; its downgrade takes them back."""
+    await save_grader(db, "t1", "grd_1", GRADER, GRADER[:10], b"")
+    await save_target(db, "t1", "tgt_1")
+    await add_dataset(db, "t1", [b"a" * 300], {"notes": "ü" * 100})
+    run = new_run("t2", items=2, labels={"größe": "groß"})
+    await insert(db, run)
+    await save_target(db, "t2", "tgt_2")
+    await save_target(db, "t3", "tgt_3")
+    tenants = ("t1", "t2", "t3")
+    counted = {tenant: await stored(db, tenant) for tenant in tenants}
+    assert counted["t2"] == run.stored_bytes + TARGET_BYTES and counted["t3"] == TARGET_BYTES
+
+    async with db.write() as conn:
+        await conn.run_sync(_migrate_to("0023", down=True))
+        # Before the service counted definitions, a tenant that held only definitions had no totals row.
+        await conn.execute(text("DELETE FROM tenant_run_totals WHERE tenant = 't3'"))
+    assert {tenant: await stored(db, tenant) for tenant in tenants} == {"t1": 300, "t2": run.stored_bytes, "t3": 0}
+    async with db.write() as conn:
+        await conn.run_sync(_migrate_to("head", down=False))
+    assert {tenant: await stored(db, tenant) for tenant in tenants} == counted
