@@ -1,7 +1,7 @@
 """A tenant's stored bytes and cache bytes (evalsvc.store.usage) over a bare database, on either engine: every
 write that stores a tenant's data raises them by what it stores (saved definitions too), DeleteDataset,
 DeleteGrader, DeleteTarget, the purge and the response cache's eviction take theirs back, and revisions 0018
-and 0024 fill them on an upgraded database exactly as the service counts them."""
+and 0025 fill them on an upgraded database exactly as the service counts them."""
 
 from __future__ import annotations
 
@@ -287,7 +287,7 @@ async def test_saved_definitions_count_what_they_store_and_deleting_them_gives_i
     assert await stored(db, "t2") == TARGET_BYTES
 
 
-async def test_revision_0024_counts_the_definitions_already_stored_as_the_service_does(db: Database) -> None:
+async def test_revision_0025_counts_the_definitions_already_stored_as_the_service_does(db: Database) -> None:
     """Definitions saved before the service counted them: the revision adds what the service would have
     counted (else deleting one took back bytes never added), with a row for a tenant that has only
     definitions; its downgrade takes them back."""
@@ -303,7 +303,7 @@ async def test_revision_0024_counts_the_definitions_already_stored_as_the_servic
     assert counted["t2"] == run.stored_bytes + TARGET_BYTES and counted["t3"] == TARGET_BYTES
 
     async with db.write() as conn:
-        await conn.run_sync(_migrate_to("0023", down=True))
+        await conn.run_sync(_migrate_to("0024", down=True))
         # Before the service counted definitions, a tenant that held only definitions had no totals row.
         await conn.execute(text("DELETE FROM tenant_run_totals WHERE tenant = 't3'"))
     assert {tenant: await stored(db, tenant) for tenant in tenants} == {"t1": 300, "t2": run.stored_bytes, "t3": 0}

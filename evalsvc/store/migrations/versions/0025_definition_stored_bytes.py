@@ -1,7 +1,7 @@
 """Saved definitions count towards --max-stored-bytes-per-tenant (evalsvc.store.usage).
 
-Revision ID: 0024
-Revises: 0023
+Revision ID: 0025
+Revises: 0024
 Create Date: 2026-12-07 08:10:00.000000
 
 The service now adds to `tenant_run_totals.stored_bytes` what a dataset's descriptive fields, a saved
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0024"
-down_revision: str | Sequence[str] | None = "0023"
+revision: str = "0025"
+down_revision: str | Sequence[str] | None = "0024"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
