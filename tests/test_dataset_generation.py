@@ -4,6 +4,8 @@ HTTP fake (tests/fake_llm.py); generations resume after a restart and record why
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -513,5 +515,29 @@ async def test_a_tenant_has_at_most_its_continuations_in_progress(tmp_path: Path
                 for call in calls:
                     call.cancel()
                 await until(lambda: srv.generations.continuing.total == 0)
+        finally:
+            await srv.stop(grace=0.5)
+
+
+async def test_a_conversation_that_fails_ends_the_others_model_calls_with_the_call(tmp_path: Path) -> None:
+    """One conversation's model call failed fast (400) and the call ended UNAVAILABLE, giving its places
+    back, while the other conversations' calls went on uncounted (a review: 20 requests 4 s after the
+    call had ended after 1): failing one on purpose piled up background work. They end with the call."""
+    slow = dataclasses.replace(chat_reply(json.dumps({"items": ["next"]})), delay_s=0.5)
+    with FakeEndpoint(Reply({"error": {"message": "bad request"}}, status=400), *([slow] * 40)) as fake:
+        srv = EvalServer(settings_for(tmp_path, judge_base_url=fake.url + "/v1", judge_model="judge"))
+        await srv.start()
+        try:
+            async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+                client = Client(channel)
+                request = continuing(await client.new_dataset(), *(f"next-{i}" for i in range(20)))
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await client.generations.ContinueConversations(request)
+                assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert not continuations() and srv.generations.continuing.total == 0
+            # The call's first CONTINUE_CONCURRENCY requests were on their way when it ended; had the others
+            # gone on, each answer (0.5 s) would have let the next conversation call.
+            in_flight = generation.CONTINUE_CONCURRENCY
+            assert not await asyncio.to_thread(fake.wait_seen, in_flight + 1, 2.0), len(fake.seen)
         finally:
             await srv.stop(grace=0.5)

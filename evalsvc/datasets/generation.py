@@ -351,10 +351,19 @@ class DatasetGenerations:
                             ) from None
 
         missing = [(c, item) for c, item in zip(request.conversations, items, strict=True) if item.id not in stored]
+        writing = [asyncio.ensure_future(write(c, item)) for c, item in missing]
         try:
-            await asyncio.gather(*(write(c, item) for c, item in missing))
+            await asyncio.gather(*writing)
         except OutboundError as exc:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, Reason.GENERATOR_UNAVAILABLE, exc.reason) from None
+        finally:
+            # A conversation that failed ends the call: the others' model calls end with it. gather passed
+            # the first failure on and left them running, uncounted once the call had given its places
+            # back (a tenant could pile up background generator calls by failing one conversation fast).
+            for task in writing:
+                task.cancel()
+            if writing:
+                await asyncio.wait(writing)
 
         async def append(conn: AsyncConnection) -> dict[str, bytes]:
             dataset = await dataset_store.get(conn, tenant, request.dataset_id, lock=True)
