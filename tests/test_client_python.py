@@ -195,6 +195,9 @@ async def test_list_results_of_several_states_and_update_run_by_key(client: Asyn
     assert dict(odd.labels) == {"team": "b", "stage": "triaged", "cost-center": "1"}
     with pytest.raises(ValueError, match="not both"):
         await client.update_run(run.id, labels={"a": "b"}, set_labels={"c": "d"})
+    # One key to remove, as a string, is that key (it was the keys c, o, s, t, ...).
+    fewer = await client.update_run(run.id, remove_labels="cost-center")
+    assert dict(fewer.labels) == {"team": "b", "stage": "triaged"}
 
 
 async def test_update_and_delete_run_check_an_etag(client: AsyncEvalClient) -> None:

@@ -286,7 +286,8 @@ def update_run_request(
 ) -> pb.runs.UpdateRunRequest:
     """An UpdateRunRequest whose update mask names exactly the fields given (not None); with `etag`, the run is
     changed only if it is still at that etag (AIP-154). `set_labels` and `remove_labels` (and the annotations')
-    change single keys (mask paths `labels.KEY`), leaving the map's other keys as they are; ValueError when
+    change single keys (mask paths `labels.KEY`; one key to remove may be a string), leaving the map's other keys
+    as they are; ValueError when
     combined with the whole map, or when one key is both set and removed."""
     given = {"display_name": display_name, "description": description, "labels": labels, "annotations": annotations}
     fields: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
@@ -296,7 +297,8 @@ def update_run_request(
         ("labels", labels, set_labels, remove_labels),
         ("annotations", annotations, set_annotations, remove_annotations),
     ):
-        setting, removing = dict(setting or {}), list(removing)
+        # One key given as a string: `remove_labels="team"` removed the keys t, e, a and m.
+        setting, removing = dict(setting or {}), [removing] if isinstance(removing, str) else list(removing)
         if (setting or removing) and whole is not None:
             raise ValueError(f"update_run: give {name} (the whole map) or set_/remove_{name} (single keys), not both")
         both = sorted(set(setting) & set(removing))
