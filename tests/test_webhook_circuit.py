@@ -34,9 +34,8 @@ TENANT = "acme"
 
 def settings(tmp_path: Path, **overrides: Any) -> Settings:
     """Quick retries, and more attempts than it takes to open a circuit: a delivery is never FAILED here."""
-    return make_settings(
-        tmp_path, outbound_allow="127.0.0.1", webhook_retry_base_s=0.05, webhook_max_attempts=30, **overrides
-    )
+    quick = {"outbound_allow": "127.0.0.1", "webhook_retry_base_s": 0.05, "webhook_max_attempts": 30}
+    return make_settings(tmp_path, **{**quick, **overrides})
 
 
 class Client:
@@ -282,3 +281,27 @@ async def test_a_delivery_leased_by_a_dead_sender_is_not_sent_once_its_webhook_w
         wpb.WEBHOOK_DELIVERY_STATUS_FAILED,
         "not sent: the webhook was disabled",
     )
+
+
+async def test_enabling_a_webhook_makes_its_waiting_deliveries_due_at_once(tmp_path: Path) -> None:
+    """`enabled: true` ("the receiver is back, try now") and a closing 2xx moved only the deliveries due
+    before the cooldown's end: a delivery on its own backoff (minutes, up to an hour) waited it out while
+    the webhook showed healthy (a probe: 0 of 6 within 20 s, due 107-183 s later)."""
+    with FakeEndpoint(Reply({}, status=503)) as receiver:
+        srv = EvalServer(settings(tmp_path, webhook_retry_base_s=300.0))  # retries 150-300 s away
+        await srv.start()
+        try:
+            key, _ = await srv.keys.create(TENANT)
+            async with client_of(srv, key) as client:
+                hook = wpb.Webhook(url=receiver.url, event_types=ALL_TYPES)
+                webhook_id = (await client.webhooks.CreateWebhook(wpb.CreateWebhookRequest(webhook=hook))).webhook.id
+                await client.run(1)  # 3 deliveries, each failing once: fewer than open the circuit
+                await client.until(webhook_id, lambda webhook: webhook.consecutive_failures == 3)
+                with receiver._lock:
+                    receiver.script[:] = [Reply({})]
+                enable = wpb.UpdateWebhookRequest(webhook_id=webhook_id, webhook=wpb.Webhook(enabled=True))
+                enable.update_mask.paths.append("enabled")
+                await client.webhooks.UpdateWebhook(enable)
+                assert await asyncio.to_thread(receiver.wait_seen, 6, 15.0), f"{len(receiver.seen)} of 6 in 15 s"
+        finally:
+            await srv.stop(grace=0.5)

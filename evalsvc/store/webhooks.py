@@ -495,10 +495,15 @@ def _webhook_disabled() -> Any:
     return _of_webhook(WEBHOOKS.c.enabled.is_(False))
 
 
-async def close_circuit(conn: AsyncConnection, tenant: str, webhook_id: str, now: float) -> None:
+async def close_circuit(
+    conn: AsyncConnection, tenant: str, webhook_id: str, now: float, *, try_now: bool = False
+) -> None:
     """Close the webhook's circuit (a 2xx from its receiver, re-enabling it, a new url): its failures
-    forgotten, and the deliveries that waited for the end of its cooldown due at once. A read of the
-    webhook's row when there is nothing to close (every 2xx comes here): its row is not rewritten."""
+    forgotten, and every delivery still waiting for its next attempt due at once, the receiver being
+    back (a probe: only those due before the cooldown's end moved, so a delivery on its own backoff
+    waited up to an hour after "try now" while the webhook showed healthy). A read of the webhook's row
+    when there is nothing to close (every 2xx comes here) and not `try_now` (UpdateWebhook's): nothing
+    is rewritten."""
     state = (
         await conn.execute(
             select(WEBHOOKS.c.consecutive_failures, WEBHOOKS.c.circuit_open_until).where(
@@ -506,21 +511,20 @@ async def close_circuit(conn: AsyncConnection, tenant: str, webhook_id: str, now
             )
         )
     ).first()
-    if state is None or (state.consecutive_failures == 0 and state.circuit_open_until is None):
+    if state is None:
         return
-    if state.circuit_open_until is not None:
-        await conn.execute(
-            update(DELIVERIES)
-            .where(
-                *_of_webhook_pending(tenant, webhook_id),
-                DELIVERIES.c.next_attempt_time > now,
-                DELIVERIES.c.next_attempt_time <= state.circuit_open_until,
-            )
-            .values(next_attempt_time=now)
-        )
+    closed = state.consecutive_failures == 0 and state.circuit_open_until is None
+    if closed and not try_now:
+        return
     await conn.execute(
-        update(WEBHOOKS).where(WEBHOOKS.c.id == webhook_id, WEBHOOKS.c.tenant == tenant).values(**CIRCUIT_CLOSED)
+        update(DELIVERIES)
+        .where(*_of_webhook_pending(tenant, webhook_id), DELIVERIES.c.next_attempt_time > now)
+        .values(next_attempt_time=now)
     )
+    if not closed:
+        await conn.execute(
+            update(WEBHOOKS).where(WEBHOOKS.c.id == webhook_id, WEBHOOKS.c.tenant == tenant).values(**CIRCUIT_CLOSED)
+        )
 
 
 async def count_failure(

@@ -229,7 +229,7 @@ class WebhookService:
 
         async def change(conn: AsyncConnection) -> WebhookRecord | None:
             if closes:  # its deliveries first (the lock order), then the webhook
-                await store.close_circuit(conn, tenant, request.webhook_id, values["update_time"])
+                await store.close_circuit(conn, tenant, request.webhook_id, values["update_time"], try_now=True)
             return await store.update_webhook(conn, tenant, request.webhook_id, values)
 
         updated = await self._db.transact(change)
