@@ -305,3 +305,31 @@ async def test_enabling_a_webhook_makes_its_waiting_deliveries_due_at_once(tmp_p
                 assert await asyncio.to_thread(receiver.wait_seen, 6, 15.0), f"{len(receiver.seen)} of 6 in 15 s"
         finally:
             await srv.stop(grace=0.5)
+
+
+async def test_a_sender_paused_past_its_lease_does_not_send_what_it_had_claimed(tmp_path: Path) -> None:
+    """A replica stopped (SIGSTOP, a VM pause) between its claim and the send woke and sent a delivery
+    whose lease had run out, which another replica had leased and sent meanwhile: the receiver got it
+    twice, 20-200 ms apart (a probe, in each of three PostgreSQL seeds). The paused sender now sends
+    nothing it could not finish within its lease; the delivery waits, unattempted, for a new lease."""
+    with FakeEndpoint(Reply({})) as receiver:
+        srv = EvalServer(settings(tmp_path, webhook_timeout_s=0.1))  # a lease of 2 x 0.1 + 5 s
+        await srv.start()
+        try:
+            await srv.webhook_sender.stop()  # its loop claims nothing: the test claims, as the loop would
+            key, _ = await srv.keys.create(TENANT)
+            async with client_of(srv, key) as client:
+                hook = wpb.Webhook(url=receiver.url, event_types=["run.created"])
+                webhook_id = (await client.webhooks.CreateWebhook(wpb.CreateWebhookRequest(webhook=hook))).webhook.id
+                await client.runs.CreateRun(create_request(1))
+                sender_ = srv.webhook_sender
+                sender_._stopping = False
+                assert await sender_._claim(1) == 1
+                sending = list(sender_._in_flight)
+                time.sleep(5.2)  # the pause itself: the event loop, like the process, stopped
+                await asyncio.gather(*sending)
+                [delivery] = await client.deliveries(webhook_id)
+                assert (delivery.status, delivery.attempts) == (wpb.WEBHOOK_DELIVERY_STATUS_PENDING, 0)
+        finally:
+            await srv.stop(grace=0.5)
+    assert receiver.seen == [], "the paused sender sent a delivery whose lease had run out"

@@ -73,6 +73,10 @@ CIRCUIT_COOLDOWN_S = 30.0  # how long it stays open the first time; twice as lon
 MAX_CIRCUIT_COOLDOWN_S = 600.0
 
 
+# An attempt's outcome: the HTTP status (0: none), why it failed (empty for a 2xx), Retry-After seconds.
+Outcome = tuple[int, str, float | None]
+
+
 def retry_delay(attempts: int, base_s: float, retry_after: float | None, rng: random.Random) -> float:
     """Seconds to wait after `attempts` failed attempts: the receiver's Retry-After (already at most 60 s)
     when it sent one, else exponential backoff with jitter: base x 4^(attempts-1), capped at an hour,
@@ -162,7 +166,7 @@ class WebhookSender:
             timeout=httpx.Timeout(self._timeout_s),  # per phase; asyncio.timeout bounds the whole attempt
         )
         self._in_flight: dict[asyncio.Task[None], tuple[str, str]] = {}  # task -> (tenant, delivery id)
-        self._attempts: dict[str, asyncio.Task[tuple[int, str, float | None]]] = {}  # delivery id -> its HTTP call
+        self._attempts: dict[str, asyncio.Task[Outcome | None]] = {}  # delivery id -> its HTTP call
         self._wake = asyncio.Event()
         self._stop_requested = asyncio.Event()
         self._stopping = False
@@ -241,6 +245,8 @@ class WebhookSender:
         in_flight = Counter(tenant for tenant, _ in self._in_flight.values())
         claim_id = uuid.uuid4().hex
         now = time.time()
+        # Past this (monotonic) an attempt could not end within the lease taken now: it is not sent.
+        send_by = time.monotonic() + self._lease_s - self._timeout_s
         # Which tenants have deliveries due: a read (most polls find none), off the one SQLite writer.
         # The claim checks again what is due; a tenant whose deliveries were taken meanwhile gets none.
         async with self._db.read() as conn:
@@ -254,7 +260,7 @@ class WebhookSender:
         )
         self._last_served = max(quotas, key=lambda tenant: (tenant <= after, tenant))
         for each in claimed:
-            task = asyncio.create_task(self._send(each), name=f"webhook-{each.id}")
+            task = asyncio.create_task(self._send(each, send_by), name=f"webhook-{each.id}")
             self._in_flight[task] = (each.tenant, each.id)
             task.add_done_callback(self._finished)
         return len(claimed)
@@ -284,21 +290,29 @@ class WebhookSender:
         self._prune_before, self._next_prune = None, now + PRUNE_EVERY_S
         return False
 
-    async def _send(self, claimed: ClaimedDelivery) -> None:
-        """One attempt, then its outcome recorded under the claim (unless stop() abandoned the attempt)."""
+    async def _send(self, claimed: ClaimedDelivery, send_by: float) -> None:
+        """One attempt, then its outcome recorded under the claim (unless stop() abandoned the attempt, or
+        the lease ran out before it was sent)."""
         if self._stopping:
             return
-        attempt = asyncio.create_task(self._attempt(claimed))
+        attempt = asyncio.create_task(self._attempt(claimed, send_by))
         self._attempts[claimed.id] = attempt
         try:
-            code, error, retry_after = await attempt
+            outcome = await attempt
         except asyncio.CancelledError:
             if self._stopping and attempt.cancelled():
                 return  # abandoned: stop() hands the delivery back
             raise
         finally:
             self._attempts.pop(claimed.id, None)
-        await self._record(claimed, code, error, retry_after)
+        if outcome is None:
+            log.info(
+                "webhook delivery %s not sent: its lease ran out before it could be (this server was paused); "
+                "it is sent under a new lease",
+                claimed.id,
+            )
+            return
+        await self._record(claimed, *outcome)
 
     async def _record(self, claimed: ClaimedDelivery, code: int, error: str, retry_after: float | None) -> None:
         """Record an attempt's outcome under the claim: success, the next retry, or failure (410 disables
@@ -368,8 +382,11 @@ class WebhookSender:
         elif outcome != "succeeded":
             log.info("webhook delivery %s attempt %d: %s (%s)", claimed.id, attempts, error, outcome)
 
-    async def _attempt(self, claimed: ClaimedDelivery) -> tuple[int, str, float | None]:
-        """POST the delivery once: (HTTP status or 0, why it failed, Retry-After seconds)."""
+    async def _attempt(self, claimed: ClaimedDelivery, send_by: float) -> Outcome | None:
+        """POST the delivery once: (HTTP status or 0, why it failed, Retry-After seconds); None, sending
+        nothing, when it is past `send_by` (monotonic) as the request is about to go: a server paused
+        (SIGSTOP, a VM's pause) longer than the lease woke and sent a delivery another replica had leased
+        and sent meanwhile, the receiver getting it twice at once (a probe: in each of three seeds)."""
         url = claimed.url
         host = shown_host(url)
         payload = await self._bodies.body(claimed)  # built once per event, a large one in a thread
@@ -386,6 +403,8 @@ class WebhookSender:
             with attempt_reads(host):
                 async with asyncio.timeout(self._timeout_s):
                     await check_destination(url, self._allow, self._timeout_s)
+                    if time.monotonic() > send_by:
+                        return None
                     async with self._client.stream("POST", url, content=payload, headers=headers) as response:
                         code = response.status_code
                         retry_after = retry_after_s(response.headers.get("retry-after"))
