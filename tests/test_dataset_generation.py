@@ -4,6 +4,7 @@ HTTP fake (tests/fake_llm.py); generations resume after a restart and record why
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 from collections.abc import AsyncIterator
@@ -11,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
+from google.protobuf import json_format
 
 from evalsvc.datasets import generation
 from evalsvc.messages.validation import MAX_CONVERSATION_TURNS
@@ -539,5 +542,35 @@ async def test_a_conversation_that_fails_ends_the_others_model_calls_with_the_ca
             # gone on, each answer (0.5 s) would have let the next conversation call.
             in_flight = generation.CONTINUE_CONCURRENCY
             assert not await asyncio.to_thread(fake.wait_seen, in_flight + 1, 2.0), len(fake.seen)
+        finally:
+            await srv.stop(grace=0.5)
+
+
+async def test_a_rest_caller_that_goes_away_ends_its_calls_model_calls_too(tmp_path: Path) -> None:
+    """Over REST the call went on after its HTTP client had left (until the model answered or the 60 s
+    bound), holding the tenant's places; the gateway now cancels it when the connection closes, as a
+    gRPC caller's going away does."""
+    with held_generator() as (fake, answers):
+        srv = EvalServer(
+            settings_for(tmp_path, judge_base_url=fake.url + "/v1", judge_model="judge", http_addr="127.0.0.1:0")
+        )
+        await srv.start()
+        try:
+            async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+                request = continuing(await Client(channel).new_dataset(), *(f"next-{i}" for i in range(20)))
+            assert srv.gateway is not None
+            body = json_format.MessageToDict(request)
+            headers = {"authorization": f"Bearer {srv.bootstrap_key}"}
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.gateway.port}", headers=headers) as http:
+                posting = asyncio.ensure_future(
+                    http.post(f"/v1/datasets/{request.dataset_id}:continueConversations", json=body, timeout=60)
+                )
+                assert await asyncio.to_thread(fake.wait_seen, generation.CONTINUE_CONCURRENCY, 30)
+                posting.cancel()  # the client goes away: its connection is closed
+                with contextlib.suppress(asyncio.CancelledError):
+                    await posting
+            await until(lambda: not continuations() and srv.generations.continuing.total == 0)
+            answers.set()  # the requests in flight were cancelled with the call: no conversation goes on
+            assert not await asyncio.to_thread(fake.wait_seen, generation.CONTINUE_CONCURRENCY + 1, 1.0)
         finally:
             await srv.stop(grace=0.5)

@@ -18,12 +18,13 @@ documents every route with schemas derived from the messages (see `openapi.py`).
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import functools
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -171,6 +172,16 @@ def _unwritable() -> GatewayError:
 
 def _message_class(descriptor: Any) -> type[Message]:
     return message_factory.GetMessageClass(descriptor)
+
+
+# The status nginx logs for a client that closed its connection before the answer: nothing reads it.
+CLIENT_CLOSED_REQUEST = 499
+
+
+async def _disconnect(request: Request) -> None:
+    """Return once the HTTP client has closed its connection (ASGI's http.disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _metadata(request: Request) -> tuple[tuple[str, str], ...]:
@@ -575,9 +586,13 @@ def create_app(
                 response_deserializer=_message_class(route.method.output_type).FromString,
             )
             try:
-                response = await call(message, metadata=metadata, timeout=60)
+                calling = call(message, metadata=metadata, timeout=60)
+                answered = await (calling if reading else _ended_with_client(request, calling))
             except grpc.aio.AioRpcError as error:
                 return unmet_status(error_response(error), GatewayError.from_rpc(error).reason, if_match, if_none_match)
+            if answered is None:
+                return Response(status_code=CLIENT_CLOSED_REQUEST)  # no one is there to read it
+            response = answered
             if reading:
                 try:
                     check_read_if_match(if_match, response)
@@ -607,6 +622,23 @@ def create_app(
             return Response(body, media_type=JSONResponse.media_type, headers=headers)
 
         return endpoint
+
+    async def _ended_with_client(request: Request, calling: Awaitable[Message]) -> Message | None:
+        """The call's response, or None once the HTTP client has gone away first: the call is cancelled.
+        A write is the service's to finish or not (its transaction is shielded from its call's
+        cancellation), but work done for the caller - a ContinueConversations' model calls - ended with a
+        gRPC caller and went on for a REST one that had left, up to the 60 s bound, holding its tenant's
+        places. Not for reads: they are short, and watching the connection would cost every GET a task."""
+        answer = asyncio.ensure_future(calling)
+        answer.add_done_callback(lambda done: done.cancelled() or done.exception())  # seen, when not ours to read
+        gone = asyncio.ensure_future(_disconnect(request))
+        try:
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not answer.done():
+                answer.cancel()  # the call with it: a remote call's RPC, or the in-process handler (api.local)
+        return answer.result() if answer.done() and not answer.cancelled() else None
 
     def stream_endpoint(route: Route) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> Response:
