@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import grpc
@@ -221,6 +222,10 @@ class TenantLimits:
         """A call `take_call` counted has ended."""
         self._calls.give_back(tenant)
 
+    def held_call(self, tenant: str) -> HeldCall:
+        """The tenant's place that `take_call` counted, as the call's context holds it (`HELD_CALL`)."""
+        return HeldCall(lambda: self.end_call(tenant))
+
     def calls_of(self, tenant: str) -> int:
         """The tenant's calls being served now."""
         return self._calls.of(tenant)
@@ -258,3 +263,31 @@ def raise_open_file_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             return hard
     return soft
+
+
+class HeldCall:
+    """A call's place of its tenant's share of the served calls, given back when the call ends, or, when
+    work of the call goes on without it (a shielded write whose caller's deadline passed), when that work
+    ends: a tenant whose calls kept giving up early had more writes going than its share (a review: 2
+    with a share of 1), none of them counted."""
+
+    __slots__ = ("_give_back", "kept")
+
+    def __init__(self, give_back: Callable[[], None]) -> None:
+        self._give_back = give_back
+        self.kept = False  # by work that outlives the call: the place is that work's to give back
+
+    def keep(self) -> Callable[[], None]:
+        """Keep the place past the call's end; what gives it back, to call once when the work ends."""
+        self.kept = True
+        return self._give_back
+
+    def end(self) -> None:
+        """The call has ended: give the place back unless work of the call keeps it."""
+        if not self.kept:
+            self._give_back()
+
+
+# The place the current call holds (set by the interceptor when it counts the call), for work that may
+# outlive it (evalsvc.api.status's shielded writes).
+HELD_CALL: ContextVar[HeldCall | None] = ContextVar("held_call", default=None)

@@ -139,3 +139,38 @@ def test_a_share_over_half_of_the_server_is_refused() -> None:
     with pytest.raises(SettingsError, match=r"--max-calls-per-tenant .* must be at most half of --max-concurrent-rpcs"):
         Settings(max_concurrent_rpcs=10, max_calls_per_tenant=6)
     assert Settings(max_concurrent_rpcs=10, max_calls_per_tenant=5).calls_per_tenant == 5
+
+
+async def test_a_write_that_outlives_its_call_keeps_the_tenants_place_until_it_ends(tmp_path: Path) -> None:
+    """A write is shielded from its call's cancellation (an acknowledged write is never half-done), so a
+    caller whose deadline passed left it going and got its place back: a tenant whose calls kept giving
+    up early had more writes going than its share, uncounted (a review: 2 with a share of 1). The write
+    now keeps the place until it has ended."""
+    srv = EvalServer(make_settings(tmp_path, max_concurrent_rpcs=2))  # a share of 1
+    await srv.start()
+    held, release = asyncio.Event(), asyncio.Event()
+    try:
+        async with tenants(srv) as (tenant,):
+
+            async def holding_the_writer(_conn: Any) -> None:
+                held.set()
+                await release.wait()
+
+            await refused(tenant.runs.GetRun(pb.GetRunRequest(run_id="run_missing")))  # its key is known now
+            writer = asyncio.ensure_future(srv.db.transact(holding_the_writer))
+            await held.wait()
+            late = await refused(
+                tenant.datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()), timeout=0.5)
+            )
+            assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # its write waits for the writer, detached
+            over = await refused(tenant.runs.GetRun(pb.GetRunRequest(run_id="run_missing")))
+            assert over.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert rich_error(over).metadata == {"quota": "max_calls_per_tenant"}
+            release.set()
+            await writer
+            await until(lambda: srv.limits.calls_of("default") == 0)  # the write ended: its place is back
+            missing = await refused(tenant.runs.GetRun(pb.GetRunRequest(run_id="run_missing")))
+            assert missing.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        release.set()  # a failed assertion must not leave the writer held: the stop would wait for it
+        await srv.stop(grace=0.5)

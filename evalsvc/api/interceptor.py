@@ -45,7 +45,7 @@ from evalsvc.api.observability import FinishedCall, Observer
 from evalsvc.api.status import abort, internal_error
 from evalsvc.api.tenancy import current_tenant
 from evalsvc.errors import ServiceError, malformed_request
-from evalsvc.limits import TENANT_METADATA, TenantLimits
+from evalsvc.limits import HELD_CALL, TENANT_METADATA, HeldCall, TenantLimits
 
 log = logging.getLogger(__name__)
 
@@ -283,14 +283,14 @@ class _Call:
     """One call of a method: its two hooks, what they share (the key, when it started, who called),
     and the behaviour of each handler shape run between them."""
 
-    __slots__ = ("_authenticated", "_holder", "_key", "_method", "_peer", "_started")
+    __slots__ = ("_authenticated", "_held", "_key", "_method", "_peer", "_started")
 
     def __init__(self, method: _Method, key: str | None) -> None:
         self._method = method
         self._key = key
         self._peer = ""
         self._authenticated = False
-        self._holder = ""  # the tenant whose share of the served calls this call holds (`on_start`)
+        self._held: HeldCall | None = None  # its place of its tenant's share of the served calls (`on_start`)
 
     async def arrived(self, requests: Any, context: Context) -> Any:
         """On a gRPC server: the call's request, read from the call within the admission's bounds, then
@@ -343,15 +343,16 @@ class _Call:
                 method.limits.take_call(tenant)
             except ServiceError as error:
                 await abort(context, error)
-            self._holder = tenant
+            self._held = method.limits.held_call(tenant)
+            HELD_CALL.set(self._held)  # the handler's context: a write that outlives the call keeps it
 
     def on_end(self, code: grpc.StatusCode, request: Any, response: Any) -> None:
         """Give back the tenant's place, and report the finished call (admitted or not) to the observer:
         metrics and access log."""
         method = self._method
-        if self._holder:
-            cast(TenantLimits, method.limits).end_call(self._holder)
-            self._holder = ""
+        if self._held is not None:
+            self._held.end()
+            self._held = None
         method.observer.finished(
             FinishedCall(method.name, code, self._started, request, response, self._peer, method.streaming)
         )

@@ -17,6 +17,7 @@ import grpc
 from grpc_status import rpc_status
 
 from evalsvc.errors import Reason, ServiceError, database_unavailable, invalid_argument, to_status
+from evalsvc.limits import HELD_CALL
 from evalsvc.messages.validation import map_violations, missing_required, turn_violations
 from evalsvc.storable import request_nul_violations
 from evalsvc.store.db import unavailable_cause
@@ -101,8 +102,13 @@ def _detach(write: asyncio.Task[Any], method: str) -> None:
     """Let a shielded write finish without its caller, and take its outcome when it does: without
     this, its exception was "never retrieved" (asyncio logs that at ERROR, with a traceback)."""
 
+    held = HELD_CALL.get()
+    give_back = held.keep() if held is not None else None  # the tenant's place, until the write ends
+
     def settled(task: asyncio.Task[Any]) -> None:
         _detached.discard(task)
+        if give_back is not None:
+            give_back()
         if task.cancelled():
             return
         exc = task.exception()
