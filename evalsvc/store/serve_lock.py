@@ -94,7 +94,7 @@ class ServeLock:
 
     def lost(self) -> str | None:
         """Why the paths no longer name the files this server holds (None while they do): the lock file
-        or the database file was removed or replaced (its directory deleted, a restore copied over it).
+        or the database file was removed or replaced (its directory deleted, another file moved over it).
         The server then writes to a file no one will read again, and a second server can lock the new
         path and serve beside it: a probe removed the directory mid-run, the server went on SERVING and
         acknowledging writes that vanished at its exit, and a second start on the recreated directory
@@ -111,12 +111,12 @@ class ServeLock:
         ):
             try:
                 now = _identity(os.stat(path))
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 if held is None:
                     continue  # not created yet
                 return f"its {what} {path} was removed while it served"
-            except OSError as exc:
-                return f"its {what} {path} cannot be examined ({exc.strerror or exc})"
+            except OSError:
+                continue  # cannot tell now (a network file system's hiccup): no reason to give the file up
             if held is None:
                 self._served = now
             elif now != held:
