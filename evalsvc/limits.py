@@ -202,8 +202,8 @@ class TenantLimits:
                 retry_after_s=ACTIVE_RUNS_RETRY_AFTER_S,
             )
 
-    def take_call(self, tenant: str) -> None:
-        """Count one more call of the tenant as served (`end_call` when it ends), or refuse it: past its
+    def take_call(self, tenant: str) -> HeldCall:
+        """Count one more call of the tenant as served, or refuse it: past its
         share of --max-concurrent-rpcs (`Settings.calls_per_tenant`) one tenant's slow calls took every
         place, and every other tenant's calls and the health check got SERVER_CALLS_FULL. Taken and given
         back by the interceptor's two hooks, which run apart: hence no context manager, as for watches."""
@@ -217,14 +217,7 @@ class TenantLimits:
                 retry_after_s=1.0,
             )
         self._calls.take(tenant)
-
-    def end_call(self, tenant: str) -> None:
-        """A call `take_call` counted has ended."""
-        self._calls.give_back(tenant)
-
-    def held_call(self, tenant: str) -> HeldCall:
-        """The tenant's place that `take_call` counted, as the call's context holds it (`HELD_CALL`)."""
-        return HeldCall(lambda: self.end_call(tenant))
+        return HeldCall(lambda: self._calls.give_back(tenant))
 
     def calls_of(self, tenant: str) -> int:
         """The tenant's calls being served now."""

@@ -497,10 +497,9 @@ class EvalServer:
         """For the watchdog: why this server's SQLite files are no longer the database's (removed or
         replaced while it served), after which it writes nothing more (see ServeLock.lost)."""
         assert self._serve_lock is not None
-        if (why := self._serve_lock.lost()) is not None:
+        if self.db.lost is None and (why := self._serve_lock.lost()) is not None:
             self.db.lose(f"the database {self._serve_lock.database} is lost: {why}")
-            return self.db.lost
-        return None
+        return self.db.lost  # lost for good: a later look that cannot tell must not turn health SERVING
 
     async def _report_progress(self, healthy: bool) -> None:
         """The watchdog's verdict: a stalled loop makes the whole server NOT_SERVING, so an

@@ -114,6 +114,27 @@ async def tenant_channel(server: EvalServer, tenant: str) -> grpc.aio.Channel:
     return keyed_channel(server.port, key)
 
 
+async def deliveries_to(server: EvalServer, tenant: str, url: str, *, runs: int) -> None:
+    """The tenant's webhook to `url` for every event type, then `runs` runs to their ends: 3 deliveries each
+    (created, started, succeeded)."""
+    async with await tenant_channel(server, tenant) as channel:
+        hooks = webhook_service_pb2_grpc.WebhookServiceStub(channel)
+        stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+        await hooks.CreateWebhook(wpb.CreateWebhookRequest(webhook=wpb.Webhook(url=url, event_types=ALL_TYPES)))
+        for _ in range(runs):
+            await watch_all(stub, (await stub.CreateRun(create_request(1))).run.id)
+
+
+async def a_good_tenants_deliveries_s(server: EvalServer) -> float:
+    """Seconds from a new tenant's webhook and run until its healthy receiver has had the run's 3
+    deliveries, beside whatever other tenants' receivers are doing."""
+    with FakeEndpoint(Reply({}), Reply({}), Reply({})) as good:
+        started = time.monotonic()
+        await deliveries_to(server, "good", good.url, runs=1)
+        assert await asyncio.to_thread(good.wait_seen, 3, 15.0), f"got {len(good.seen)} of 3"
+        return time.monotonic() - started
+
+
 async def test_claim_due_leases_each_tenants_quota_oldest_first(server: EvalServer) -> None:
     """The store's claim: a tenant's quota is its LIMIT, whatever another tenant's older backlog."""
     await server.webhook_sender.stop()  # the test claims by hand
@@ -157,28 +178,11 @@ async def test_four_tenants_with_hung_receivers_do_not_delay_another_tenants_del
     hung = [HangingReceiver(arrivals) for _ in range(HUNG_TENANTS)]
     try:
         for index, receiver in enumerate(hung):
-            async with await tenant_channel(server, f"hung{index}") as channel:
-                hooks = webhook_service_pb2_grpc.WebhookServiceStub(channel)
-                runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
-                await hooks.CreateWebhook(
-                    wpb.CreateWebhookRequest(webhook=wpb.Webhook(url=receiver.url, event_types=ALL_TYPES))
-                )
-                for _ in range(3):  # 9 deliveries each, more than any share
-                    await watch_all(runs, (await runs.CreateRun(create_request(1))).run.id)
+            await deliveries_to(server, f"hung{index}", receiver.url, runs=3)  # 9 each, more than any share
         # Every slot the hung tenants may take is taken (14 of 16 now: 2 are kept for tenants with
         # nothing in flight; all 16 before).
         assert await asyncio.to_thread(arrivals.wait_for, 14, WAIT_S) >= 14, arrivals.count
-        with FakeEndpoint(Reply({}), Reply({}), Reply({})) as good:
-            async with await tenant_channel(server, "good") as channel:
-                hooks = webhook_service_pb2_grpc.WebhookServiceStub(channel)
-                runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
-                await hooks.CreateWebhook(
-                    wpb.CreateWebhookRequest(webhook=wpb.Webhook(url=good.url, event_types=ALL_TYPES))
-                )
-                started = time.monotonic()
-                await watch_all(runs, (await runs.CreateRun(create_request(1))).run.id)
-                assert await asyncio.to_thread(good.wait_seen, 3, 15.0), f"got {len(good.seen)} of 3"
-                assert time.monotonic() - started < 15.0
+        assert await a_good_tenants_deliveries_s(server) < 15.0
         assert arrivals.count <= 14, "the hung tenants took more than their share"
     finally:
         for receiver in hung:
@@ -220,14 +224,8 @@ async def test_tenants_whose_receivers_hang_hold_no_slot_once_their_circuits_ope
     hung = [HangingReceiver(arrivals) for _ in range(CIRCUIT_TENANTS)]
     try:
         for index, receiver in enumerate(hung):
-            async with await tenant_channel(srv, f"hung{index:02d}") as channel:
-                hooks = webhook_service_pb2_grpc.WebhookServiceStub(channel)
-                runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
-                await hooks.CreateWebhook(
-                    wpb.CreateWebhookRequest(webhook=wpb.Webhook(url=receiver.url, event_types=ALL_TYPES))
-                )
-                for _ in range(2):  # 6 deliveries each: more than the 5 failures that open a circuit
-                    await watch_all(runs, (await runs.CreateRun(create_request(1))).run.id)
+            # 6 deliveries each: more than the 5 failures that open a circuit.
+            await deliveries_to(srv, f"hung{index:02d}", receiver.url, runs=2)
         assert await asyncio.to_thread(arrivals.wait_for, 5 * CIRCUIT_TENANTS, WAIT_S) >= 5 * CIRCUIT_TENANTS
         assert max(hung_held) == 16, "the hung tenants did not hold every slot before their circuits opened"
         deadline = time.monotonic() + WAIT_S
@@ -241,17 +239,7 @@ async def test_tenants_whose_receivers_hang_hold_no_slot_once_their_circuits_ope
         assert open_circuits == CIRCUIT_TENANTS
         tried = arrivals.count
         hung_held.clear()
-        with FakeEndpoint(Reply({}), Reply({}), Reply({})) as good:
-            async with await tenant_channel(srv, "good") as channel:
-                hooks = webhook_service_pb2_grpc.WebhookServiceStub(channel)
-                runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
-                await hooks.CreateWebhook(
-                    wpb.CreateWebhookRequest(webhook=wpb.Webhook(url=good.url, event_types=ALL_TYPES))
-                )
-                started = time.monotonic()
-                await watch_all(runs, (await runs.CreateRun(create_request(1))).run.id)
-                assert await asyncio.to_thread(good.wait_seen, 3, 15.0), f"got {len(good.seen)} of 3"
-                took = time.monotonic() - started
+        took = await a_good_tenants_deliveries_s(srv)
         assert max(hung_held) == 0, f"tenants with open circuits held {max(hung_held)} slots"
         assert arrivals.count == tried, "a delivery of an open circuit was attempted"
         assert took < 5.0, f"another tenant's run and deliveries took {took:.1f} s"

@@ -340,10 +340,9 @@ class _Call:
         if method.limits is not None:
             tenant = current_tenant.get()
             try:
-                method.limits.take_call(tenant)
+                self._held = method.limits.take_call(tenant)
             except ServiceError as error:
                 await abort(context, error)
-            self._held = method.limits.held_call(tenant)
             HELD_CALL.set(self._held)  # the handler's context: a write that outlives the call keeps it
 
     def on_end(self, code: grpc.StatusCode, request: Any, response: Any) -> None:
