@@ -370,8 +370,9 @@ async def test_comparisons_wait_for_their_turn_before_reading_their_runs(
     assert services
     request = cpb.CompareRunsRequest(baseline_run_id=baseline.id, candidate_run_id=candidate.id)
     calls = [asyncio.ensure_future(svc.runs.CompareRuns(request)) for _ in range(3)]
-    # Either every call is reading (the defect), or one reads and two wait for their turn.
-    await until(lambda: len(readers) >= 3 or any(s._pairing.waiting == 2 for s in services))
+    # Either every call is reading (the defect), or one reads and two wait for their turn (the one in its
+    # turn may not have reached its read yet when the other two are found waiting: wait for it too).
+    await until(lambda: len(readers) >= 3 or (bool(readers) and any(s._pairing.waiting == 2 for s in services)))
     assert len(readers) == 1  # the waiting comparisons read nothing
     gate.set()
     answers = await asyncio.gather(*calls)
