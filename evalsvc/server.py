@@ -290,6 +290,7 @@ class EvalServer:
         # Then, before anything is written, this server's claim on a SQLite file; released last on stop.
         self._hold_database(stack)
         stack.push_async_callback(self.db.close)
+        stack.push_async_callback(self.keys.close)  # after every call has ended, before the database closes
         stack.push_async_callback(self.outbound.close)
         stack.push_async_callback(self.grading.close)
         stack.push_async_callback(self.checker.close)  # after gRPC has stopped: no call starts a new checker

@@ -187,6 +187,33 @@ async def test_x_api_key_header_and_last_used_time(server: EvalServer) -> None:
     key, info = await server.keys.create("default", "header")
     error = await _get_run_with(server, (("x-api-key", key),))
     assert error.code() == grpc.StatusCode.NOT_FOUND  # authenticated: the run just does not exist
+    await server.keys.flush()
+    listed = {k.key_id: k for k in await server.keys.list("default")}
+    assert listed[info.key_id].last_used_time is not None
+
+
+async def test_a_call_does_not_wait_for_its_keys_last_use_to_be_written(server: EvalServer) -> None:
+    """The last use is written once a minute per key; that write was awaited in the call, so a read
+    waited behind the writer's queue (and failed when the write did). It is written in the background."""
+    key, info = await server.keys.create("default", "busy-writer")
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def holding_the_writer(_conn: object) -> None:
+        held.set()
+        await release.wait()
+
+    writer = asyncio.ensure_future(server.db.transact(holding_the_writer))
+    try:
+        await held.wait()
+        async with asyncio.timeout(5):  # before: until the writer was released
+            error = await _get_run_with(server, (("x-api-key", key),))
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        listed = {k.key_id: k for k in await server.keys.list("default")}
+        assert listed[info.key_id].last_used_time is None  # not written yet: the writer is held
+    finally:
+        release.set()
+        await writer
+    await server.keys.flush()
     listed = {k.key_id: k for k in await server.keys.list("default")}
     assert listed[info.key_id].last_used_time is not None
 

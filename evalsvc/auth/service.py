@@ -2,13 +2,15 @@
 
 Verification runs on every RPC, so verified keys are cached for `cache_s` seconds (a revocation
 takes effect within that time; 0 disables the cache), and `last_used_time` is written at most once
-a minute per key.
+a minute per key, in the background: a call never waits for that write, nor fails with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import re
 import time
 from collections.abc import Sequence
@@ -23,8 +25,12 @@ from evalsvc.store import keys as key_store
 from evalsvc.store.db import Database
 from evalsvc.store.records import ApiKeyRecord
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TENANT = "default"
 TOUCH_EVERY_S = 60.0
+# How long a stop waits for the last uses noted to be written: a database that is gone does not hold it up.
+TOUCH_CLOSE_WAIT_S = 5.0
 # Key rows read from the database at once, at most: a few of the reader pool's connections (10). Calls are
 # checked before they are admitted (--max-concurrent-rpcs), so a flood of well-formed keys with made-up key
 # ids (each a read: no cache holds an unknown id) took every reader connection, and another tenant's reads
@@ -115,6 +121,9 @@ class KeyService:
         # Reads in progress by (key id, proven): a flood presenting a known key id must not hold back its owner.
         self._reading: dict[tuple[str, bool], asyncio.Future[ApiKeyRecord | None]] = {}
         self._touched: dict[str, float] = {}
+        self._unwritten_uses: dict[str, float] = {}  # key id -> last use, noted but not yet written
+        self._use_writer: asyncio.Task[None] | None = None
+        self._closed = False
         self._reads = asyncio.Semaphore(MAX_KEY_READS)
 
     async def create(self, tenant: str, name: str = "", expires_in_s: float | None = None) -> tuple[str, KeyInfo]:
@@ -179,8 +188,45 @@ class KeyService:
             raise refused
         if now - self._touched.get(key.id, 0.0) >= TOUCH_EVERY_S:
             self._touched[key.id] = now
-            await self._db.transact(lambda conn: key_store.touch(conn, key.id, now))
+            self._note_use(key.id, now)
         return Caller(tenant=key.tenant, key_id=key.id)
+
+    def _note_use(self, key_id: str, now: float) -> None:
+        """Have `last_used_time` written in the background. It was awaited in the call: once a minute per
+        key, a GetRun waited behind the writer's queue (running work's recordings), and failed UNAVAILABLE
+        when that write did, for a field that only informs `keys list`. Uses noted while a write is going
+        are written together by the next one."""
+        if self._closed:
+            return
+        self._unwritten_uses[key_id] = now
+        if self._use_writer is None or self._use_writer.done():
+            self._use_writer = asyncio.create_task(self._write_uses(), name="api-key-last-used")
+
+    async def _write_uses(self) -> None:
+        while self._unwritten_uses:
+            uses, self._unwritten_uses = self._unwritten_uses, {}
+            try:
+                await self._db.transact(functools.partial(key_store.touch_many, uses=uses))
+            except Exception as exc:
+                # Not retried: the next use of each key, a minute later, writes it again.
+                log.warning("could not record the last use of %d API keys (%s: %s)", len(uses), type(exc).__name__, exc)
+
+    async def flush(self) -> None:
+        """Wait until the uses noted so far are written (or their write failed)."""
+        while (writer := self._use_writer) is not None and not writer.done():
+            await asyncio.shield(writer)
+
+    async def close(self) -> None:
+        """Write the uses noted, waiting at most TOUCH_CLOSE_WAIT_S; none is noted after."""
+        self._closed = True
+        writer = self._use_writer
+        if writer is None:
+            return
+        done, _ = await asyncio.wait({writer}, timeout=TOUCH_CLOSE_WAIT_S)
+        if not done:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
 
     async def refused_now(self, key_ids: Sequence[str]) -> dict[str, ServiceError]:
         """Of keys that were valid, those no longer valid (revoked, expired or deleted), each with the

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store.models import ApiKeyRow
@@ -53,6 +53,10 @@ async def revoke(conn: AsyncConnection, key_id: str, now: float) -> bool:
     return bool(done.rowcount)
 
 
-async def touch(conn: AsyncConnection, key_id: str, now: float) -> None:
-    """Record that a key was used."""
-    await conn.execute(update(KEYS).where(KEYS.c.id == key_id).values(last_used_time=now))
+async def touch_many(conn: AsyncConnection, uses: Mapping[str, float]) -> None:
+    """Record when keys were last used (key id -> time), in one statement."""
+    if uses:
+        await conn.execute(
+            update(KEYS).where(KEYS.c.id == bindparam("used_key")).values(last_used_time=bindparam("used_at")),
+            [{"used_key": key_id, "used_at": at} for key_id, at in uses.items()],
+        )
