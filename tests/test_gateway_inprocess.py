@@ -134,6 +134,24 @@ async def test_the_access_log_and_metrics_see_in_process_calls(gw, caplog: pytes
     assert (line.code, line.tenant, line.run_id, line.peer) == ("OK", "default", run_id, PEER)  # type: ignore[attr-defined]
 
 
+async def test_a_stream_ended_from_another_task_is_logged_under_its_tenant(
+    gw, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The synchronous dialect creates (Agno, Aymara: `Upstream.wait_until_done`) read their watch inside
+    `asyncio.wait_for`, a task of its own, and end it from theirs: its access line named no tenant."""
+    srv, client = gw
+    run_id = (await client.post("/v1/runs", json=RUN)).json()["run"]["id"]
+    stub = eval_run_service_pb2_grpc.EvalRunServiceStub(LocalChannel(srv.local))
+    call = stub.WatchRun(pb.WatchRunRequest(run_id=run_id), metadata=(("x-api-key", srv.bootstrap_key or ""),))
+    with caplog.at_level("INFO", logger="evalsvc.access"):
+        assert (await asyncio.wait_for(call.read(), 30)).seq == 1
+        call.cancel()
+        assert await eventually(lambda: srv.bus.watcher_count() == 0)
+    watch = "/evalsvc.v1.EvalRunService/WatchRun"
+    line = next(r for r in caplog.records if getattr(r, "method", "") == watch)
+    assert (line.code, line.tenant, line.run_id) == ("CANCELLED", "default", run_id)  # type: ignore[attr-defined]
+
+
 async def test_the_concurrent_rpc_limit_applies_in_process(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, http_addr="127.0.0.1:0", max_concurrent_rpcs=1)
     async with serving_gateway(settings) as (srv, client):

@@ -283,12 +283,16 @@ class _Call:
     """One call of a method: its two hooks, what they share (the key, when it started, who called),
     and the behaviour of each handler shape run between them."""
 
-    __slots__ = ("_authenticated", "_held", "_key", "_method", "_peer", "_started")
+    __slots__ = ("_authenticated", "_held", "_key", "_method", "_peer", "_started", "_tenant")
 
     def __init__(self, method: _Method, key: str | None) -> None:
         self._method = method
         self._key = key
         self._peer = ""
+        # Who the call acted for, as authentication found ("" until then): kept here, not read from
+        # `current_tenant` at the end, because a stream may be ended from another context (the gateway's
+        # synchronous creates close their watch from a task of their own: logged as tenant "-").
+        self._tenant = ""
         self._authenticated = False
         self._held: HeldCall | None = None  # its place of its tenant's share of the served calls (`on_start`)
 
@@ -337,10 +341,10 @@ class _Call:
             await abort(context, malformed_request())
         if method.auth is not None and not self._authenticated:
             await method.auth.authenticate(self._key, context)
+        self._tenant = current_tenant.get()
         if method.limits is not None:
-            tenant = current_tenant.get()
             try:
-                self._held = method.limits.take_call(tenant)
+                self._held = method.limits.take_call(self._tenant)
             except ServiceError as error:
                 await abort(context, error)
             HELD_CALL.set(self._held)  # the handler's context: a write that outlives the call keeps it
@@ -353,7 +357,9 @@ class _Call:
             self._held.end()
             self._held = None
         method.observer.finished(
-            FinishedCall(method.name, code, self._started, request, response, self._peer, method.streaming)
+            FinishedCall(
+                method.name, code, self._started, request, response, self._peer, method.streaming, self._tenant
+            )
         )
 
     async def unary(self, request: Any, context: Context) -> Any:
