@@ -499,7 +499,7 @@ def _run(args: argparse.Namespace) -> int:
         from evalsvc.limits import raise_open_file_limit
         from evalsvc.secrets.operator import SecretsConfigError
         from evalsvc.secrets.sealing import SecretsKeyError
-        from evalsvc.server import ConfigError, StartupError, serve
+        from evalsvc.server import ConfigError, StartupError, ignore_signals_once_stopped, serve
         from evalsvc.tls import TlsConfigError
 
         raise_open_file_limit()
@@ -507,6 +507,7 @@ def _run(args: argparse.Namespace) -> int:
         show_traceback = logging.getLogger("evalsvc").isEnabledFor(logging.DEBUG)
         try:
             asyncio.run(serve(settings))
+            ignore_signals_once_stopped()
         except (
             ConfigError,
             TlsConfigError,

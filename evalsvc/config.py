@@ -279,7 +279,8 @@ class Settings:
         metadata={
             "help": "seconds a deleted run can still be restored (UndeleteRun, AIP-164) before it and everything "
             "of it (items, jobs, results, events, webhook deliveries) is purged for good, its spend still "
-            "counting against --tenant-budget-usd; 0: purged at the next pass, within a minute of DeleteRun"
+            "counting against --tenant-budget-usd; 0: purged at the next pass (one starts every minute), so "
+            "about a minute after DeleteRun at most, plus the pass itself"
         },
     )
     judge_base_url: str = dataclasses.field(

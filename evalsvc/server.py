@@ -704,13 +704,31 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     limit_s = settings.grace_s + SHUTDOWN_MARGIN_S
     log.info("signal received; shutting down (grace %.1f s, at most %.1f s in all)", settings.grace_s, limit_s)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _exit_now, "a second signal arrived")
     stopping = asyncio.ensure_future(server.stop())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _second_signal, stopping)
     done, _ = await asyncio.wait({stopping}, timeout=limit_s)
     if not done:
         _exit_now(f"the shutdown took longer than {limit_s:g} s (--grace-s + {SHUTDOWN_MARGIN_S:g} s)")
     await stopping
+
+
+def _second_signal(stopping: asyncio.Future[None]) -> None:
+    """A signal during the shutdown ends the process at once; one after it completed (its last line,
+    `evalsvc stopped`, written) changes nothing: the exit code stays 0."""
+    if stopping.done():
+        log.info("a signal arrived after the shutdown completed; exiting as planned")
+    else:
+        _exit_now("a second signal arrived")
+
+
+def ignore_signals_once_stopped() -> None:
+    """Ignore SIGTERM and SIGINT for the rest of the process, once `serve` has returned. Closing the event
+    loop gives both back their default action, which killed a process whose graceful shutdown was
+    complete (exit 143 or 130, no WARNING) when a second signal came during the interpreter's teardown,
+    some 50 ms of it: `timeout` sends its signal to the child and its process group, for one."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 # What a shutdown may take past --grace-s: the executor records what finished and hands its claims back,

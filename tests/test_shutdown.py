@@ -89,6 +89,20 @@ async def test_a_second_signal_ends_a_held_up_shutdown_at_once(tmp_path: Path) -
     assert took < SHUTDOWN_MARGIN_S / 2, f"the second signal took {took:.1f} s to end the process"
 
 
+async def test_a_signal_after_the_shutdown_completed_leaves_the_exit_code_0(tmp_path: Path) -> None:
+    """Closing the event loop gave SIGTERM its default action back, so a second signal during the
+    interpreter's teardown (`timeout` signals the child and its group) killed a process whose graceful
+    shutdown was complete: exit 143, and no WARNING saying why."""
+    server = await start_server(f"sqlite+aiosqlite:///{tmp_path / 'evalsvc.db'}", tmp_path / "s.log")
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while "evalsvc stopped" not in server.log_path.read_text(errors="replace"):
+        assert time.monotonic() < deadline and server.proc.poll() is None, server.log_path.read_text()
+        await asyncio.sleep(0.005)  # polling a log file: there is no event to await across processes
+    server.proc.send_signal(signal.SIGTERM)  # while the process tears itself down
+    assert await asyncio.to_thread(server.wait, 30) == 0, server.log_path.read_text()
+
+
 async def test_the_rest_gateway_takes_no_new_call_once_the_shutdown_begins(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
