@@ -713,19 +713,20 @@ class RunService:
             "show_deleted": request.show_deleted,
         }
         before_id = self._page_tokens.decode(tenant, "runs", query, request.page_token)
-        async with self._db.read() as conn:
-            rows = await run_store.list_page(
-                conn,
-                tenant,
-                before_id=before_id,
-                limit=limit + 1,
-                statuses=sorted(set(request.statuses)),
-                labels=request.labels,
-                dataset_id=request.dataset_id,
-                show_deleted=request.show_deleted,
-            )
-        runs = [run_from(row) for row in rows[:limit]]
-        return self._page_tokens.page(tenant, "runs", query, runs, len(rows), lambda i: runs[i].id)
+        async with self._limits.page_read(tenant):  # in the tenant's line: see TenantLimits
+            async with self._db.read() as conn:
+                rows = await run_store.list_page(
+                    conn,
+                    tenant,
+                    before_id=before_id,
+                    limit=limit + 1,
+                    statuses=sorted(set(request.statuses)),
+                    labels=request.labels,
+                    dataset_id=request.dataset_id,
+                    show_deleted=request.show_deleted,
+                )
+            runs = [run_from(row) for row in rows[:limit]]
+            return self._page_tokens.page(tenant, "runs", query, runs, len(rows), lambda i: runs[i].id)
 
     async def cancel(self, tenant: str, run_id: str) -> run_pb2.Run:
         """Cancel a run: no job starts after this returns. Idempotent on a cancelled run."""
@@ -863,32 +864,33 @@ class RunService:
         )
         after_id = self._page_tokens.decode(tenant, "results", query, request.page_token)
         share = self._page_tokens.item_bytes
-        async with self._db.read() as conn:
-            if await run_store.get(conn, tenant, request.run_id) is None:
-                raise not_found("run", request.run_id)
-            rows = await run_store.results_page(
-                conn, tenant, request.run_id, after_id=after_id, limit=limit + 1, states=states
-            )
-            results = [run_store.result_from(row, None) for row, _ in rows[:limit]]
-            kept = rows[
-                : self._page_tokens.fitting_sizes(
-                    listed_size(result, sizes.output, share, sizes.explanation)
-                    for result, (_, sizes) in zip(results, rows, strict=False)
+        async with self._limits.page_read(tenant):  # in the tenant's line: see TenantLimits
+            async with self._db.read() as conn:
+                if await run_store.get(conn, tenant, request.run_id) is None:
+                    raise not_found("run", request.run_id)
+                rows = await run_store.results_page(
+                    conn, tenant, request.run_id, after_id=after_id, limit=limit + 1, states=states
                 )
-            ]
-            outputs = await run_store.outputs_of(conn, tenant, [row.job_id for row, sizes in kept if sizes.output])
-            explanations = await run_store.explanations_of(
-                conn, tenant, [row.id for row, sizes in kept if sizes.explanation]
-            )
-        if any(
-            (sizes.output and row.job_id not in outputs) or (sizes.explanation and row.id not in explanations)
-            for row, sizes in kept
-        ):
-            raise not_found("run", request.run_id)
-        for result, (row, _) in zip(results, kept, strict=False):
-            attach_output(result, outputs.get(row.job_id), share, explanations.get(row.id, ""))
-        listed = results[: len(kept)]
-        return self._page_tokens.page(tenant, "results", query, listed, len(rows), lambda i: int(listed[i].id))
+                results = [run_store.result_from(row, None) for row, _ in rows[:limit]]
+                kept = rows[
+                    : self._page_tokens.fitting_sizes(
+                        listed_size(result, sizes.output, share, sizes.explanation)
+                        for result, (_, sizes) in zip(results, rows, strict=False)
+                    )
+                ]
+                outputs = await run_store.outputs_of(conn, tenant, [row.job_id for row, sizes in kept if sizes.output])
+                explanations = await run_store.explanations_of(
+                    conn, tenant, [row.id for row, sizes in kept if sizes.explanation]
+                )
+            if any(
+                (sizes.output and row.job_id not in outputs) or (sizes.explanation and row.id not in explanations)
+                for row, sizes in kept
+            ):
+                raise not_found("run", request.run_id)
+            for result, (row, _) in zip(results, kept, strict=False):
+                attach_output(result, outputs.get(row.job_id), share, explanations.get(row.id, ""))
+            listed = results[: len(kept)]
+            return self._page_tokens.page(tenant, "results", query, listed, len(rows), lambda i: int(listed[i].id))
 
 
 def result_states(request: pb.ListRunResultsRequest) -> list[int]:
