@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import jsonschema_rs
 import pytest
@@ -21,6 +22,7 @@ from google.protobuf import struct_pb2
 from evalsvc import config
 from evalsvc.cli import build_parser
 from evalsvc.gateway.openapi import ITEM_SCHEMA
+from evalsvc.gateway.reachability import UpstreamLog
 from evalsvc.gateway.routes import SERVICES, routes
 from evalsvc.gateway.server import Gateway, remote_channels
 from evalsvc.messages import validation
@@ -738,6 +740,67 @@ async def test_an_unreachable_service_is_503_with_an_error_info_and_retry_after(
             assert omni.status_code == 503 and omni.headers["retry-after"] == "1", omni.text
     finally:
         await gateway.stop()
+
+
+async def test_an_unreachable_service_is_told_to_the_operator_once_and_its_return_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A standalone gateway that could not reach its --grpc-target logged nothing: every call 503 and only
+    the "listening" line on stderr. One WARNING names the target and grpc's cause; an INFO line follows once
+    the service can be reached."""
+    caplog.set_level(logging.INFO, logger="evalsvc.gateway.reachability")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        nowhere = f"127.0.0.1:{listener.getsockname()[1]}"  # closed below: nothing listens there
+    back = asyncio.Event()
+
+    class Reached(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno == logging.INFO:
+                back.set()
+
+    reached = Reached()
+    logging.getLogger("evalsvc.gateway.reachability").addHandler(reached)
+    gateway = Gateway(remote_channels(nowhere), "127.0.0.1:0", dialects="omni")
+    await gateway.start()
+    server = None
+    try:
+        headers = {"authorization": "Bearer evk_x"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.port}", headers=headers) as client:
+            for path in ("/v1/runs", "/v1/runs/r", "/api/v1/ai/eval/runs?prompt_set_id=s"):
+                assert (await client.get(path)).status_code == 503
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert len(warnings) == 1, warnings
+            assert nowhere in warnings[0] and "Connection refused" in warnings[0], warnings
+            server = grpc.aio.server()
+            server.add_insecure_port(nowhere)
+            await server.start()
+            await asyncio.wait_for(back.wait(), 30)  # grpc reconnects by itself
+            infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+            assert any(nowhere in line and "again" in line for line in infos), infos
+    finally:
+        logging.getLogger("evalsvc.gateway.reachability").removeHandler(reached)
+        await gateway.stop()
+        if server is not None:
+            await server.stop(None)
+
+
+def test_an_unreachable_service_is_logged_at_most_once_per_interval_with_the_calls_that_failed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every failed call logged would flood the log under load; the later lines say how many failed."""
+    caplog.set_level(logging.INFO, logger="evalsvc.gateway.reachability")
+    now = [100.0]
+    upstream = UpstreamLog("svc:50051", every_s=30, clock=lambda: now[0])
+    for _ in range(5):
+        upstream.failed("Connection refused")
+        now[0] += 10  # 100 (logged), 110, 120, 130 (logged: 30 s on), 140
+    upstream.reached()
+    upstream.reached()  # said once
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in lines] == ["WARNING", "WARNING", "INFO"], lines
+    assert "svc:50051" in lines[0][1] and "Connection refused" in lines[0][1]
+    assert "3 calls" in lines[1][1] and "for 30 s" in lines[1][1], lines[1]
+    assert "1 calls" in lines[2][1] and "after 50 s" in lines[2][1], lines[2]
 
 
 async def test_openapi_documents_every_native_route_with_its_messages(gw) -> None:
