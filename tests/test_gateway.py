@@ -393,7 +393,7 @@ async def test_bad_input_is_a_4xx_with_the_status_body_and_changes_nothing(gw) -
     ("method", "url", "kwargs", "field", "description"),
     [
         ("POST", "/v1/runs", {"json": {**RUN, "repetitions": "twice"}}, "repetitions", "must be a whole number"),
-        ("POST", "/v1/runs", {"json": {**RUN, "labels": {"team": 1}}}, "labels", "must be a string"),
+        ("POST", "/v1/runs", {"json": {**RUN, "labels": {"team": 1}}}, "labels[team]", "must be a string"),
         ("POST", "/v1/runs", {"json": {**RUN, "displayNmae": "x"}}, "displayNmae", "unknown field"),
         ("POST", "/v1/runs", {"json": {**RUN, "trigger": "TRIGGER_SOMETIMES"}}, "trigger", "TRIGGER_SOMETIMES"),
         ("POST", "/v1/runs", {"json": {**RUN, "target": {"provided": 3}}}, "target.provided", "JSON object"),
@@ -406,6 +406,13 @@ async def test_bad_input_is_a_4xx_with_the_status_body_and_changes_nothing(gw) -
             {"json": {**RUN, "items": [{"input": "q", "response": {"latencyMs": "slow"}}]}},
             "items[0].response.latency_ms",
             "must be a number",
+        ),
+        (
+            "POST",
+            "/v1/runs",
+            {"json": {**RUN, "items": [RUN["items"][0], {"input": "q", "response": {"promptTokens": "0x10"}}]}},
+            "items[1].response.prompt_tokens",  # was items.response.prompt_tokens: json_format's message has no path
+            "must be a whole number",
         ),
         ("PATCH", "/v1/runs/run_x", {"json": {"displayName": 5}}, "run.display_name", "must be a string"),
         ("PATCH", "/v1/runs/run_x", {"json": {"nope": 5}}, "run.nope", "unknown field"),
