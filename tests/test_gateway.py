@@ -611,14 +611,11 @@ async def test_an_unknown_path_or_method_answers_in_the_native_status_shape(gw) 
     for method, path, allowed in (
         ("DELETE", "/v1/runs", "GET, HEAD, POST"),  # every route of the path, not only the first Starlette tried
         ("PUT", "/v1/runs/run_x", "DELETE, GET, HEAD, PATCH"),
-        ("GET", "/v1/runs/run_x:cancel", None),  # GetRun of the id "run_x:cancel", not a routing error
+        ("GET", "/v1/runs/run_x:cancel", "POST"),  # was GetRun of the id "run_x:cancel": 404 RUN_NOT_FOUND
         ("POST", "/openapi.json", "GET, HEAD"),
         ("POST", "/ui/runs", "GET"),
     ):
         response = await client.request(method, path)
-        if allowed is None:
-            assert response.status_code == 404 and response.json()["details"][0]["reason"] == "RUN_NOT_FOUND"
-            continue
         message = routing_status(response, 405, 12, "METHOD_NOT_ALLOWED")
         assert response.headers["allow"] == allowed
         assert message == f"method {method} is not allowed on {path} (allowed: {allowed})"
@@ -630,6 +627,23 @@ async def test_an_unknown_path_or_method_answers_in_the_native_status_shape(gw) 
     assert (await client.get("/openapi.json")).json()["info"]["title"] == "evalsvc"
     page = await client.get("/ui/runs")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+
+
+async def test_a_custom_method_a_resource_lacks_is_no_route_not_a_missing_resource(gw) -> None:
+    """Probe: `GET /v1/runs/<id>:wacth` (a typo of :watch) was GetRun of the run `<id>:wacth`, 404
+    RUN_NOT_FOUND for a run that exists. No id has a `:`: such a path is no route's, its message naming the
+    custom method and the ones the resource has."""
+    _, client = gw
+    run_id = (await client.post("/v1/runs", json=RUN)).json()["run"]["id"]
+    for method, verb in (("GET", "wacth"), ("POST", "cancle"), ("PATCH", "x"), ("DELETE", "")):
+        path = f"/v1/runs/{run_id}:{verb}"
+        message = routing_status(await client.request(method, path), 404, 5, "ROUTE_NOT_FOUND")
+        assert message.startswith(f"no route for {method} {path}: /v1/runs/{{run_id}} has no custom method ':{verb}'")
+        assert "(it has :cancel (POST), :compare (GET)," in message and ":watch (GET)" in message, message
+    message = routing_status(await client.get("/v1/graders/grd_x:nope"), 404, 5, "ROUTE_NOT_FOUND")
+    assert message.endswith("/v1/graders/{grader_id} has no custom method ':nope' (it has none)")
+    assert (await client.get(f"/v1/runs/{run_id}")).status_code == 200  # the routes themselves are untouched
+    assert (await client.post(f"/v1/runs/{run_id}:cancel")).status_code == 200
 
 
 async def test_a_trailing_slash_is_an_unrouted_404_in_its_apis_shape_never_a_redirect(gw) -> None:
