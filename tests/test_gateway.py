@@ -269,6 +269,12 @@ async def test_if_none_match_star_on_a_write_fails_on_an_existing_run_and_change
             )
             assert failed.status_code == 412, (method, failed.text)
             assert failed.json()["details"][0]["reason"] == "ETAG_MISMATCH"
+            # It said "changed since etag '0' was read", an etag the client never sent.
+            assert failed.json()["message"] == (
+                f"run {run_id!r} exists, and If-None-Match: * lets the write run only if it does not; "
+                "nothing was written"
+            ), failed.text
+            assert int(failed.headers["content-length"]) == len(failed.content)
     after = await client.get(f"/v1/runs/{run_id}")
     assert after.headers["etag"] == before.headers["etag"] and after.json()["run"] == before.json()["run"]
     missing = await client.patch("/v1/runs/run-missing", json={"displayName": "x"}, headers={"if-none-match": "*"})
