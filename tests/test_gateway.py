@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import jsonschema_rs
 import pytest
@@ -21,6 +22,7 @@ from google.protobuf import struct_pb2
 from evalsvc import config
 from evalsvc.cli import build_parser
 from evalsvc.gateway.openapi import ITEM_SCHEMA
+from evalsvc.gateway.reachability import UpstreamLog
 from evalsvc.gateway.routes import SERVICES, routes
 from evalsvc.gateway.server import Gateway, remote_channels
 from evalsvc.messages import validation
@@ -267,6 +269,12 @@ async def test_if_none_match_star_on_a_write_fails_on_an_existing_run_and_change
             )
             assert failed.status_code == 412, (method, failed.text)
             assert failed.json()["details"][0]["reason"] == "ETAG_MISMATCH"
+            # It said "changed since etag '0' was read", an etag the client never sent.
+            assert failed.json()["message"] == (
+                f"run {run_id!r} exists, and If-None-Match: * lets the write run only if it does not; "
+                "nothing was written"
+            ), failed.text
+            assert int(failed.headers["content-length"]) == len(failed.content)
     after = await client.get(f"/v1/runs/{run_id}")
     assert after.headers["etag"] == before.headers["etag"] and after.json()["run"] == before.json()["run"]
     missing = await client.patch("/v1/runs/run-missing", json={"displayName": "x"}, headers={"if-none-match": "*"})
@@ -391,7 +399,7 @@ async def test_bad_input_is_a_4xx_with_the_status_body_and_changes_nothing(gw) -
     ("method", "url", "kwargs", "field", "description"),
     [
         ("POST", "/v1/runs", {"json": {**RUN, "repetitions": "twice"}}, "repetitions", "must be a whole number"),
-        ("POST", "/v1/runs", {"json": {**RUN, "labels": {"team": 1}}}, "labels", "must be a string"),
+        ("POST", "/v1/runs", {"json": {**RUN, "labels": {"team": 1}}}, "labels[team]", "must be a string"),
         ("POST", "/v1/runs", {"json": {**RUN, "displayNmae": "x"}}, "displayNmae", "unknown field"),
         ("POST", "/v1/runs", {"json": {**RUN, "trigger": "TRIGGER_SOMETIMES"}}, "trigger", "TRIGGER_SOMETIMES"),
         ("POST", "/v1/runs", {"json": {**RUN, "target": {"provided": 3}}}, "target.provided", "JSON object"),
@@ -404,6 +412,13 @@ async def test_bad_input_is_a_4xx_with_the_status_body_and_changes_nothing(gw) -
             {"json": {**RUN, "items": [{"input": "q", "response": {"latencyMs": "slow"}}]}},
             "items[0].response.latency_ms",
             "must be a number",
+        ),
+        (
+            "POST",
+            "/v1/runs",
+            {"json": {**RUN, "items": [RUN["items"][0], {"input": "q", "response": {"promptTokens": "0x10"}}]}},
+            "items[1].response.prompt_tokens",  # was items.response.prompt_tokens: json_format's message has no path
+            "must be a whole number",
         ),
         ("PATCH", "/v1/runs/run_x", {"json": {"displayName": 5}}, "run.display_name", "must be a string"),
         ("PATCH", "/v1/runs/run_x", {"json": {"nope": 5}}, "run.nope", "unknown field"),
@@ -602,14 +617,11 @@ async def test_an_unknown_path_or_method_answers_in_the_native_status_shape(gw) 
     for method, path, allowed in (
         ("DELETE", "/v1/runs", "GET, HEAD, POST"),  # every route of the path, not only the first Starlette tried
         ("PUT", "/v1/runs/run_x", "DELETE, GET, HEAD, PATCH"),
-        ("GET", "/v1/runs/run_x:cancel", None),  # GetRun of the id "run_x:cancel", not a routing error
+        ("GET", "/v1/runs/run_x:cancel", "POST"),  # was GetRun of the id "run_x:cancel": 404 RUN_NOT_FOUND
         ("POST", "/openapi.json", "GET, HEAD"),
         ("POST", "/ui/runs", "GET"),
     ):
         response = await client.request(method, path)
-        if allowed is None:
-            assert response.status_code == 404 and response.json()["details"][0]["reason"] == "RUN_NOT_FOUND"
-            continue
         message = routing_status(response, 405, 12, "METHOD_NOT_ALLOWED")
         assert response.headers["allow"] == allowed
         assert message == f"method {method} is not allowed on {path} (allowed: {allowed})"
@@ -621,6 +633,23 @@ async def test_an_unknown_path_or_method_answers_in_the_native_status_shape(gw) 
     assert (await client.get("/openapi.json")).json()["info"]["title"] == "evalsvc"
     page = await client.get("/ui/runs")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+
+
+async def test_a_custom_method_a_resource_lacks_is_no_route_not_a_missing_resource(gw) -> None:
+    """Probe: `GET /v1/runs/<id>:wacth` (a typo of :watch) was GetRun of the run `<id>:wacth`, 404
+    RUN_NOT_FOUND for a run that exists. No id has a `:`: such a path is no route's, its message naming the
+    custom method and the ones the resource has."""
+    _, client = gw
+    run_id = (await client.post("/v1/runs", json=RUN)).json()["run"]["id"]
+    for method, verb in (("GET", "wacth"), ("POST", "cancle"), ("PATCH", "x"), ("DELETE", "")):
+        path = f"/v1/runs/{run_id}:{verb}"
+        message = routing_status(await client.request(method, path), 404, 5, "ROUTE_NOT_FOUND")
+        assert message.startswith(f"no route for {method} {path}: /v1/runs/{{run_id}} has no custom method ':{verb}'")
+        assert "(it has :cancel (POST), :compare (GET)," in message and ":watch (GET)" in message, message
+    message = routing_status(await client.get("/v1/graders/grd_x:nope"), 404, 5, "ROUTE_NOT_FOUND")
+    assert message.endswith("/v1/graders/{grader_id} has no custom method ':nope' (it has none)")
+    assert (await client.get(f"/v1/runs/{run_id}")).status_code == 200  # the routes themselves are untouched
+    assert (await client.post(f"/v1/runs/{run_id}:cancel")).status_code == 200
 
 
 async def test_a_trailing_slash_is_an_unrouted_404_in_its_apis_shape_never_a_redirect(gw) -> None:
@@ -738,6 +767,67 @@ async def test_an_unreachable_service_is_503_with_an_error_info_and_retry_after(
             assert omni.status_code == 503 and omni.headers["retry-after"] == "1", omni.text
     finally:
         await gateway.stop()
+
+
+async def test_an_unreachable_service_is_told_to_the_operator_once_and_its_return_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A standalone gateway that could not reach its --grpc-target logged nothing: every call 503 and only
+    the "listening" line on stderr. One WARNING names the target and grpc's cause; an INFO line follows once
+    the service can be reached."""
+    caplog.set_level(logging.INFO, logger="evalsvc.gateway.reachability")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        nowhere = f"127.0.0.1:{listener.getsockname()[1]}"  # closed below: nothing listens there
+    back = asyncio.Event()
+
+    class Reached(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno == logging.INFO:
+                back.set()
+
+    reached = Reached()
+    logging.getLogger("evalsvc.gateway.reachability").addHandler(reached)
+    gateway = Gateway(remote_channels(nowhere), "127.0.0.1:0", dialects="omni")
+    await gateway.start()
+    server = None
+    try:
+        headers = {"authorization": "Bearer evk_x"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.port}", headers=headers) as client:
+            for path in ("/v1/runs", "/v1/runs/r", "/api/v1/ai/eval/runs?prompt_set_id=s"):
+                assert (await client.get(path)).status_code == 503
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert len(warnings) == 1, warnings
+            assert nowhere in warnings[0] and "Connection refused" in warnings[0], warnings
+            server = grpc.aio.server()
+            server.add_insecure_port(nowhere)
+            await server.start()
+            await asyncio.wait_for(back.wait(), 30)  # grpc reconnects by itself
+            infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+            assert any(nowhere in line and "again" in line for line in infos), infos
+    finally:
+        logging.getLogger("evalsvc.gateway.reachability").removeHandler(reached)
+        await gateway.stop()
+        if server is not None:
+            await server.stop(None)
+
+
+def test_an_unreachable_service_is_logged_at_most_once_per_interval_with_the_calls_that_failed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every failed call logged would flood the log under load; the later lines say how many failed."""
+    caplog.set_level(logging.INFO, logger="evalsvc.gateway.reachability")
+    now = [100.0]
+    upstream = UpstreamLog("svc:50051", every_s=30, clock=lambda: now[0])
+    for _ in range(5):
+        upstream.failed("Connection refused")
+        now[0] += 10  # 100 (logged), 110, 120, 130 (logged: 30 s on), 140
+    upstream.reached()
+    upstream.reached()  # said once
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in lines] == ["WARNING", "WARNING", "INFO"], lines
+    assert "svc:50051" in lines[0][1] and "Connection refused" in lines[0][1]
+    assert "3 calls" in lines[1][1] and "for 30 s" in lines[1][1], lines[1]
+    assert "1 calls" in lines[2][1] and "after 50 s" in lines[2][1], lines[2]
 
 
 async def test_openapi_documents_every_native_route_with_its_messages(gw) -> None:

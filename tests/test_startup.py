@@ -228,6 +228,13 @@ def test_an_unknown_dialect_exits_2_naming_the_flag(tmp_path: Path, http: list[s
     assert_failed_cleanly(failed, 2, "--dialects", "EVALSVC_DIALECTS", "'nope'", "omni")
 
 
+@pytest.mark.parametrize("http", [["--http-addr", "127.0.0.1:0"], []])
+def test_a_dialect_named_twice_exits_2_naming_the_flag(tmp_path: Path, http: list[str]) -> None:
+    """`omni=/x,omni=/y` was taken, and Omni mounted at both prefixes."""
+    failed = failed_start(dbs.db_url(tmp_path), *http, "--dialects", "omni=/x,agno,omni")
+    assert_failed_cleanly(failed, 2, "--dialects", "EVALSVC_DIALECTS", "omni is named twice", "'omni=/x' and 'omni'")
+
+
 async def test_a_schema_this_binary_does_not_know_exits(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'newer.db'}"
     db = Database(url)
@@ -513,6 +520,8 @@ def test_the_standalone_gateway_exits_when_its_address_is_in_use() -> None:
         # The variable was ignored: the gateway started with every dialect.
         ([], {"EVALSVC_DIALECTS": "nope"}, ["--dialects", "EVALSVC_DIALECTS", "'nope'"]),
         (["--dialects", "omni=x"], {}, ["--dialects", "starting with '/'"]),
+        # Mounted Omni at both prefixes.
+        (["--dialects", "omni=/x,omni=/y"], {}, ["--dialects", "omni is named twice", "'omni=/x' and 'omni=/y'"]),
     ],
     ids=[
         "missing-ca",
@@ -523,6 +532,7 @@ def test_the_standalone_gateway_exits_when_its_address_is_in_use() -> None:
         "dialect",
         "dialect-env",
         "dialect-prefix",
+        "dialect-twice",
     ],
 )
 def test_a_standalone_gateway_flag_it_cannot_use_exits_2_in_one_line_naming_it(

@@ -689,9 +689,11 @@ def create_app(
         streaming = route.method.server_streaming
         endpoint = stream_endpoint(route) if streaming else unary_endpoint(route)
         if route.verb.upper() == "GET":  # RFC 9110 9.3.2: HEAD wherever GET, answered as GET without the body
-            app.add_api_route(route.path, endpoint, methods=["HEAD"], name=route.method.name, include_in_schema=False)
+            app.add_api_route(
+                route.routed_path, endpoint, methods=["HEAD"], name=route.method.name, include_in_schema=False
+            )
         app.add_api_route(
-            route.path,
+            route.routed_path,
             endpoint,
             methods=[route.verb.upper()],
             name=route.method.name,

@@ -26,6 +26,8 @@ ignoring the condition would run the write unconditionally. A read ignores it (n
 
 from __future__ import annotations
 
+import json
+
 import grpc
 from fastapi.responses import JSONResponse
 from google.protobuf.descriptor import FieldDescriptor
@@ -148,4 +150,17 @@ def unmet_status(response: JSONResponse, reason: str, if_match: str, if_none_mat
     HTTP library's, a proxy's) waits for exactly that."""
     if reason == Reason.ETAG_MISMATCH and (if_match.strip() not in ("", "*") or if_none_match.strip()):
         response.status_code = 412
+        if if_none_match.strip():
+            _say_it_exists(response)
     return response
+
+
+def _say_it_exists(response: JSONResponse) -> None:
+    """The message of a write refused by `If-None-Match: *` (sent with `NO_ETAG`): the service's "changed
+    since etag '0' was read" named an etag the client never sent; what failed is that the run exists."""
+    body = json.loads(bytes(response.body))
+    run_id = next((d.get("metadata", {}).get("run_id") for d in body.get("details", ()) if "metadata" in d), None)
+    run = f"run {run_id!r}" if run_id else "the run"
+    body["message"] = f"{run} exists, and If-None-Match: * lets the write run only if it does not; nothing was written"
+    response.body = response.render(body)
+    response.headers["content-length"] = str(len(response.body))

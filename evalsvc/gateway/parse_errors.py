@@ -54,6 +54,7 @@ _PLAIN = (
     ("must be in a dict", "must be a JSON object"),
     ("must be in []", "must be a JSON list"),
     ("should not have multiple", "sets more than one field of a oneof"),
+    ("Value out of range", "is out of range for the field's type"),  # protobuf's, setting an int64 past 2^63
 )
 
 
@@ -70,6 +71,8 @@ def field_violation(exc: json_format.ParseError, message: Descriptor) -> tuple[s
         return unknown
     detail, at, where = text.rpartition(" at ")
     path = _field_path(where.strip().rstrip(".").strip('"')) if at else None
+    if path is None and (raised := _raised_at(exc)):  # a message without " at Type.path"
+        path, detail = raised, text
     if path and names:
         path = _deepest(path, names)
     if not path:  # none, or the message itself: the fields json_format named on the way, if any
@@ -77,6 +80,27 @@ def field_violation(exc: json_format.ParseError, message: Descriptor) -> tuple[s
             return None
         path, detail = ".".join(names), (detail if path == "" else text)
     return proto_path(path, message), _plain(detail.strip().rstrip("."))
+
+
+def _raised_at(exc: BaseException) -> str | None:
+    """The path json_format was converting when a Python error it does not catch was raised (e.g.
+    `int("0x10")`'s, or protobuf's "Value out of range" from setting an int64), which its message lacks: it
+    named the fields on the way without their indices (`items.response.promptTokens`, where every other
+    wrong value is at `items[0].response.promptTokens`). json_format (pure Python, whichever protobuf
+    backend) keeps it as `path` in the frames converting the value; the deepest of them is read from the
+    error's traceback (a walk as deep as the body's nesting), and used only if it is a path (`_field_path`)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    where = None
+    frames = exc.__traceback__
+    while frames is not None:
+        frame = frames.tb_frame
+        if frame.f_globals.get("__name__") == json_format.__name__ and isinstance(
+            path := frame.f_locals.get("path"), str
+        ):
+            where = path
+        frames = frames.tb_next
+    return _field_path(where) if where else None
 
 
 def _deepest(path: str, names: list[str]) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from google.api import annotations_pb2
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from starlette.convertors import StringConvertor, register_url_convertor
 
 from evalsvc.v1 import (
     dataset_generation_pb2,
@@ -30,6 +31,19 @@ SERVICES: tuple[ServiceDescriptor, ...] = (
     webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"],
 )
 _VERBS = ("get", "post", "put", "patch", "delete")
+ID_CONVERTOR = "resource_id"
+
+
+class _IdConvertor(StringConvertor):
+    """A path parameter of a native route: an id or a secret's name, never with a `:` (the service makes
+    ids as `run_<hex>`, a secret's name is a letter then letters, digits and `_`). Starlette's default
+    took any text up to the next `/`, so `GET /v1/runs/<id>:wacth`, a mistyped custom method, was GetRun of
+    the run `<id>:wacth`: 404 RUN_NOT_FOUND for a run that exists. With `:` out, such a path is no route's."""
+
+    regex = "[^/:]+"
+
+
+register_url_convertor(ID_CONVERTOR, _IdConvertor())
 
 
 @dataclass(frozen=True)
@@ -47,9 +61,26 @@ class Route:
         return re.findall(r"{(\w+)}", self.path)
 
     @property
+    def routed_path(self) -> str:
+        """The path as the app routes it: each parameter an id (`{run_id:resource_id}`, `_IdConvertor`)."""
+        return re.sub(r"{(\w+)}", rf"{{\1:{ID_CONVERTOR}}}", self.path)
+
+    @property
     def grpc_path(self) -> str:
         """The gRPC method path, e.g. /evalsvc.v1.EvalRunService/GetRun."""
         return f"/{self.method.containing_service.full_name}/{self.method.name}"
+
+
+def custom_methods(path: str) -> list[str]:
+    """The custom methods the native routes have on the resource at `path` (`/v1/runs/{run_id}`, whatever
+    its parameters are named), as `:name (VERB)`, sorted: what a path with an unknown one (`:wacth`) lists."""
+    shape = re.sub(r"{[^}]*}", "{}", path)
+    found = set()
+    for route in routes():
+        resource, colon, name = route.path.rpartition(":")
+        if colon and re.sub(r"{[^}]*}", "{}", resource) == shape:
+            found.add(f":{name} ({route.verb.upper()})")
+    return sorted(found)
 
 
 def routes() -> Iterator[Route]:

@@ -19,6 +19,7 @@ from evalsvc.config import Settings
 from evalsvc.errors import Reason, ServiceError, to_status
 from evalsvc.gateway.app import create_app, routing_errors, to_json
 from evalsvc.gateway.dialects.base import DialectOptions
+from evalsvc.gateway.reachability import UpstreamLog
 from evalsvc.gateway.request_limits import MAX_INCOMPLETE_HEAD_BYTES, RequestLimits
 from evalsvc.gateway.upstream import ChannelFactory
 from evalsvc.tls import read_pem, warn_if_exposed
@@ -128,7 +129,8 @@ def remote_channels(target: str, *, root_certificates: str = "") -> ChannelFacto
     every call failed (GatewayConfigError)."""
     check_target(target)
     roots = read_pem(root_certificates, "--grpc-ca", "CERTIFICATE") if root_certificates else None
-    return lambda index: channel_to(target, roots, index)
+    upstream_log = UpstreamLog(target)  # the log's word on whether the target can be reached
+    return lambda index: upstream_log.channel(channel_to(target, roots, index))
 
 
 # What `--grpc-target` takes, of the target strings grpc knows: HOST:PORT (a name, an IPv4 address or a

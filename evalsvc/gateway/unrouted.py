@@ -25,12 +25,14 @@ from dataclasses import dataclass
 
 import grpc
 from fastapi.exception_handlers import http_exception_handler
+from starlette.convertors import CONVERTOR_TYPES
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from evalsvc.errors import Reason
+from evalsvc.gateway.routes import custom_methods
 from evalsvc.gateway.upstream import GatewayError
 
 # Renders a GatewayError in an API's error shape: the native routes' `refused`, or a dialect's error handler.
@@ -42,9 +44,15 @@ _PARAM = re.compile(r"{[^}]*}")
 
 
 def _segment_pattern(segment: str) -> re.Pattern[str]:
-    """A route's path segment as a regex: its parameters (`{run_id}`, as in `{run_id}:cancel`) match any
-    non-empty text without a `/`, as Starlette's default convertor does."""
-    return re.compile("[^/]+".join(re.escape(literal) for literal in _PARAM.split(segment)))
+    """A route's path segment as a regex: its parameters (`{run_id}`, as in `{run_id}:cancel`) match what
+    their Starlette convertor does: by default any non-empty text without a `/`, a native route's ids
+    (`{run_id:resource_id}`) none with a `:` either."""
+    literals = _PARAM.split(segment)
+    params = [CONVERTOR_TYPES[param.strip("{}").partition(":")[2] or "str"].regex for param in _PARAM.findall(segment)]
+    pattern = re.escape(literals[0])
+    for param, literal in zip(params, literals[1:], strict=True):
+        pattern += f"(?:{param}){re.escape(literal)}"
+    return re.compile(pattern)
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class _Template:
     segments: tuple[re.Pattern[str], ...]
     methods: frozenset[str]
     render: Render
+    path: str  # as routed (`/v1/runs/{run_id:resource_id}`)
 
     def matched(self, segments: Sequence[str]) -> int:
         """How many leading segments of a path (split at `/`) this route matches; the path is the route's
@@ -82,6 +91,7 @@ class RoutingErrors:
                         tuple(_segment_pattern(part) for part in (prefix + route.path).split("/")),
                         frozenset(route.methods),
                         render or self._native,
+                        prefix + route.path,
                     )
                 )
 
@@ -138,12 +148,36 @@ class RoutingErrors:
                 http_status=405,
             )
         else:
-            error = GatewayError(grpc.StatusCode.NOT_FOUND, f"no route for {method} {path}", Reason.ROUTE_NOT_FOUND)
+            error = GatewayError(
+                grpc.StatusCode.NOT_FOUND,
+                f"no route for {method} {path}{self._no_such_custom_method(segments, _sent_path(request))}",
+                Reason.ROUTE_NOT_FOUND,
+            )
         # The status HTTP requires (405 with `Allow`), whatever a vendor's code map would choose.
         response = self.answer(request.scope["path"], error)
         if allowed:
             response.headers["allow"] = listed
         return response
+
+    def _no_such_custom_method(self, segments: Sequence[str], sent_path: str) -> str:
+        """For a native resource's path with a custom method it does not have (`/v1/runs/<id>:wacth`): which
+        resource that is and the custom methods it has, else "". Such a path was GetRun of the run
+        `<id>:wacth`, 404 RUN_NOT_FOUND for a run that exists; now it is no route's (`routes._IdConvertor`)."""
+        resource, colon, _ = segments[-1].partition(":")
+        name = sent_path.rpartition("/")[2].partition(":")[2]  # as sent: percent-encoded, no control character
+        if not colon or not resource:
+            return ""
+        at = [*segments[:-1], resource]
+        for template in self._templates:
+            if (
+                template.render is self._native
+                and len(template.segments) == len(at)
+                and template.matched(at) == len(at)
+            ):
+                path = _PARAM.sub(lambda param: param[0].partition(":")[0].rstrip("}") + "}", template.path)
+                known = ", ".join(custom_methods(path)) or "none"
+                return f": {path} has no custom method ':{_echoed(name, MAX_ECHOED_METHOD)}' (it has {known})"
+        return ""
 
 
 def _sent_path(request: Request) -> str:

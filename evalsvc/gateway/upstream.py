@@ -24,6 +24,7 @@ from grpc_status import rpc_status
 from starlette.responses import Response
 
 from evalsvc.errors import Reason
+from evalsvc.gateway.reachability import note_unreached
 from evalsvc.limits import TENANT_METADATA, Holdings
 from evalsvc.statuses import TERMINAL as TERMINAL  # re-exported: the dialects import it from here
 from evalsvc.v1 import (
@@ -136,8 +137,11 @@ UPSTREAM_RETRY_AFTER_S = 1.0
 def never_reached(error: grpc.aio.AioRpcError) -> bool:
     """Whether a failed call never reached the service: grpc's own UNAVAILABLE, without the status
     details every error of the service carries (a service that is down, restarting, or refusing
-    connections past its --max-connections)."""
-    return error.code() == grpc.StatusCode.UNAVAILABLE and rpc_status.from_call(error) is None
+    connections past its --max-connections). Such a call is told to the gateway's log (`reachability`)."""
+    unreached = error.code() == grpc.StatusCode.UNAVAILABLE and rpc_status.from_call(error) is None
+    if unreached:
+        note_unreached(error, error.details() or "")
+    return unreached
 
 
 def unreachable() -> GatewayError:

@@ -22,13 +22,23 @@ def violation(body: dict[str, Any], message: type = pb.CreateRunRequest) -> tupl
     ("body", "expected"),
     [
         ({"repetitions": "abc"}, ("repetitions", "must be a whole number")),
-        ({"labels": {"a": 1}}, ("labels", "must be a string")),
+        ({"labels": {"a": 1}}, ("labels[a]", "must be a string")),
         ({"items": [{"response": {"latencyMs": "x"}}]}, ("items[0].response.latency_ms", "must be a number")),
         ({"items": [{"response": {"latency_ms": "x"}}]}, ("items[0].response.latency_ms", "must be a number")),
         ({"passThreshold": "x"}, ("pass_threshold", "must be a number")),  # optional: no "Failed to parse" chain
         ({"passThreshold": [1]}, ("pass_threshold", "must be a number")),
-        ({"items": [{"expectedOutput": 1}]}, ("items.expected_output", "must be a string")),  # json_format: no index
+        ({"items": [{}, {"expectedOutput": 1}]}, ("items[1].expected_output", "must be a string")),
         ({"target": {"chat": {"endpoint": {"timeoutS": "x"}}}}, ("target.chat.endpoint.timeout_s", "must be a number")),
+        # json_format's message has no " at Type.path" for these: it named `items.response.prompt_tokens`.
+        (
+            {"items": [{}, {"response": {"promptTokens": "0x10"}}]},
+            ("items[1].response.prompt_tokens", "must be a whole number"),
+        ),
+        (
+            {"items": [{"response": {"promptTokens": "99999999999999999999"}}]},
+            ("items[0].response.prompt_tokens", "is out of range for the field's type"),  # was protobuf's own words
+        ),
+        ({"repetitions": 2**70}, ("repetitions", "is out of range for the field's type")),
         ({"nope": 1}, ("nope", "unknown field")),
         ({"items": [{"nope": 1}]}, ("items[0].nope", "unknown field")),
         ({"target": {"chat": {"nope": 1}}}, ("target.chat.nope", "unknown field")),

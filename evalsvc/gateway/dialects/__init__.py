@@ -30,19 +30,23 @@ def available() -> dict[str, Dialect]:
 
 def mounts(spec: str) -> list[tuple[Dialect, str]]:
     """The dialects to mount and their prefixes, from `--dialects`: "all", "none", or a comma-separated
-    list of `name` (at its documented prefix) or `name=/prefix`. Unknown names, and prefixes that are no
+    list of `name` (at its documented prefix) or `name=/prefix`. Unknown names, prefixes that are no
     URL path (`omni=x` was an AssertionError traceback from FastAPI once the database had been migrated),
-    raise ValueError."""
+    and a name given twice raise ValueError."""
     known = available()
     if spec.strip() in ("", "none"):
         return []
     if spec.strip() == "all":
         return [(d, d.prefix) for _, d in sorted(known.items())]
     chosen = []
+    named: dict[str, str] = {}  # name -> how it was given
     for part in spec.split(","):
         name, _, prefix = part.strip().partition("=")
         if name not in known:
             raise ValueError(f"unknown dialect {name!r}; known: {', '.join(sorted(known))}")
+        if name in named:  # `omni=/x,omni=/y` mounted Omni at both prefixes without a word
+            raise ValueError(f"{name} is named twice ({named[name]!r} and {part.strip()!r}); name each dialect once")
+        named[name] = part.strip()
         if prefix and not (prefix == "/" or _PREFIX.fullmatch(prefix.rstrip("/"))):  # "/": the root
             raise ValueError(
                 f"the prefix of {name} must be a URL path starting with '/' (such as /{name}), not {prefix!r}"

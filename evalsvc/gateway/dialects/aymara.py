@@ -336,6 +336,11 @@ REASONS: dict[str, tuple[int, ErrorCode]] = {
     # A body over the gateway's limits (evalsvc.gateway.request_limits) is the request's, not a quota's.
     "BODY_TOO_LARGE": (413, "validation.invalid_request"),
 }
+# Failures a retry cannot mend, which the SDK retries (409 and >= 500, twice by default) unless told
+# `x-should-retry: false`: a conflict, a server with no judge or generator until its operator configures one,
+# a method the service does not have.
+NOT_RETRIED_REASONS = frozenset({"JUDGE_NOT_CONFIGURED", "GENERATOR_NOT_CONFIGURED"})
+NOT_RETRIED_CODES = frozenset({grpc.StatusCode.UNIMPLEMENTED})
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorEnvelope} for status in (400, 401, 403, 404, 409, 413, 422, 429, 431, 500, 503)
 }
@@ -431,7 +436,8 @@ def run_fields(error: GatewayError, responses: Sequence[EvalResponse]) -> Gatewa
 
 def render(error: GatewayError) -> Response:
     """Aymara's envelope for a failure. A body that does not parse is 422 validation.invalid_format;
-    409 says `x-should-retry: false`, as the SDK would otherwise retry it."""
+    a failure no retry mends (409, no judge or generator configured: `NOT_RETRIED_REASONS`) says
+    `x-should-retry: false`, as the SDK would otherwise retry it twice for nothing."""
     status, code = REASONS.get(error.reason) or CODES.get(error.code, (500, "server.internal_error"))
     if error.request_errors is not None:
         status, code = 422, "validation.invalid_format"
@@ -443,7 +449,8 @@ def render(error: GatewayError) -> Response:
     body = ErrorEnvelope(
         error=ErrorBody(code=code, message=aymara_words(error.message), details=details), request_id=uuid.uuid4().hex
     )
-    headers = {"x-should-retry": "false"} if status == 409 else None
+    final = status == 409 or error.reason in NOT_RETRIED_REASONS or error.code in NOT_RETRIED_CODES
+    headers = {"x-should-retry": "false"} if final else None
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 

@@ -55,6 +55,14 @@ def test_each_vendor_renders_a_not_found_and_an_invalid_request_in_its_own_shape
     assert conflict.status_code == 409 and conflict.headers["x-should-retry"] == "false"
     unconfigured = aymara.render(GatewayError(grpc.StatusCode.FAILED_PRECONDITION, "no judge", "JUDGE_NOT_CONFIGURED"))
     assert unconfigured.status_code == 503 and body(unconfigured)["error"]["code"] == "server.internal_error"
+    # Not transient until the operator configures a judge (or generator): the SDK retried it twice for nothing.
+    assert unconfigured.headers["x-should-retry"] == "false"
+    no_generator = aymara.render(GatewayError(grpc.StatusCode.FAILED_PRECONDITION, "none", "GENERATOR_NOT_CONFIGURED"))
+    assert no_generator.status_code == 503 and no_generator.headers["x-should-retry"] == "false"
+    unimplemented = aymara.render(GatewayError(grpc.StatusCode.UNIMPLEMENTED, "no such method"))
+    assert unimplemented.status_code == 500 and unimplemented.headers["x-should-retry"] == "false"
+    for transient in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL):
+        assert "x-should-retry" not in aymara.render(GatewayError(transient, "try again")).headers  # the SDK's retries
 
     run_missing = bland.render(GatewayError(grpc.StatusCode.NOT_FOUND, "run run_1 does not exist", "RUN_NOT_FOUND"))
     assert body(run_missing) == {
