@@ -227,7 +227,7 @@ class Settings:
         default=512 * 1024 * 1024,
         metadata={
             "help": "bytes one tenant's open WatchRun/WatchRunBatched streams may hold in this process, each "
-            "counted by the run it watches (about twice the run's size, whose every run event repeats its "
+            "counted by the run it watches (about 5x the run's size, whose every run event repeats its "
             "definition: see docs/operations.md); past it RESOURCE_EXHAUSTED TENANT_QUOTA_EXCEEDED with "
             "RetryInfo. At most half of --max-watch-bytes; a tenant's first stream always fits"
         },

@@ -9,19 +9,28 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
-from evalsvc.events.watch import PAGE_BYTES
+from evalsvc.events.watch import PAGE_BYTES, RUN_COPIES
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc as stubs
 from evalsvc.v1 import grader_pb2
 from tests.conftest import make_settings
-from tests.helpers import create_request, error_reason, keyed_channel, retry_delay, rich_error, until
+from tests.helpers import (
+    create_request,
+    error_reason,
+    keyed_channel,
+    retry_delay,
+    rich_error,
+    serving_gateway,
+    until,
+)
 
 GRADER_BYTES = 64 * 1024
-LARGE_RUN_GRADERS = 3  # a run of ~192 KB of definitions: each watch of it is counted ~0.8 MB
-BUDGET = 2 * 1024 * 1024  # two such watches fit, a third does not
+LARGE_RUN_GRADERS = 3  # a run of ~192 KB of definitions: each watch of it is counted ~1 MB
+BUDGET = 5 * 512 * 1024  # two such watches fit, a third does not
 
 
 def large_graders() -> list[grader_pb2.Grader]:
@@ -66,7 +75,7 @@ async def test_watches_past_the_tenants_budget_are_refused_and_others_are_served
         assert rich_error(err.value).metadata == {"quota": "max_watch_bytes_per_tenant"}
         assert retry_delay(err.value) is not None  # the bytes come back as streams end
     held = srv.limits.watch_bytes_of("default")
-    assert 2 * 4 * large.ByteSize() < held <= BUDGET  # each counted by the run it may hold, 4 copies
+    assert 2 * RUN_COPIES * large.ByteSize() < held <= BUDGET  # each counted by the run it may hold
 
     # A watch of a small run still fits: streams are counted by what they may hold, not by number.
     small = (await mine.CreateRun(create_request(1))).run
@@ -90,3 +99,49 @@ async def test_watches_past_the_tenants_budget_are_refused_and_others_are_served
     again.cancel()
     second.cancel()
     await until(lambda: srv.limits.watch_bytes_of("default") == 0 and srv.limits.watch_bytes_of("other") == 0)
+
+
+async def test_rest_watches_past_the_budget_get_429_with_the_quota(tmp_path: Path) -> None:
+    """SSE watches are WatchRun streams of the in-process gateway, counted the same way: past the
+    tenant's budget the watch is 429 with Retry-After and the quota named, as the stream quotas are."""
+    settings = make_settings(
+        tmp_path, http_addr="127.0.0.1:0", max_watch_bytes_per_tenant=BUDGET, max_watch_bytes=4 * BUDGET
+    )
+    async with serving_gateway(settings) as (srv, client):
+        await srv.executor.stop()  # runs stay pending: their watches stay open
+        graders = [{"name": g.name, "contains": {"values": list(g.contains.values)}} for g in large_graders()]
+        body = {"items": [{"id": "i1", "input": "hi", "expectedOutput": "hello"}], "target": {"echo": {}}}
+        created = await client.post("/v1/runs", json={**body, "graders": graders})
+        assert created.status_code == 200, created.text[:300]
+        run_id = created.json()["run"]["id"]
+        opened: list[httpx.Response] = []
+        readers: list[AsyncIterator[str]] = []
+        try:
+            for _ in range(2):
+                watch = await client.send(client.build_request("GET", f"/v1/runs/{run_id}:watch"), stream=True)
+                opened.append(watch)
+                assert watch.status_code == 200
+                lines = watch.aiter_lines()  # kept: a generator left behind would close its response
+                readers.append(lines)
+                while not (await anext(lines)).startswith("data: "):
+                    pass  # up to the first event: the stream is open and counted
+            refused = await client.send(client.build_request("GET", f"/v1/runs/{run_id}:watch"), stream=True)
+            opened.append(refused)
+            assert refused.status_code == 429
+            await refused.aread()
+            assert refused.headers["retry-after"] == "1"
+            info = next(d for d in refused.json()["details"] if d["@type"].endswith("ErrorInfo"))
+            assert info["reason"] == "TENANT_QUOTA_EXCEEDED"
+            assert info["metadata"] == {"quota": "max_watch_bytes_per_tenant"}
+            # Other calls of the tenant are served meanwhile.
+            assert (await client.get(f"/v1/runs/{run_id}")).status_code == 200
+
+            await readers.pop().aclose()
+            await opened.pop().aclose()  # a watch ends: its bytes come back
+            await until(lambda: srv.limits.watch_bytes_of("default") <= BUDGET // 2)
+            again = await client.send(client.build_request("GET", f"/v1/runs/{run_id}:watch"), stream=True)
+            opened.append(again)
+            assert again.status_code == 200
+        finally:
+            for response in opened:
+                await response.aclose()

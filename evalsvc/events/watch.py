@@ -42,7 +42,7 @@ PAGE_BYTES = 32 * 1024  # serialized events a WatchRun watcher holds from one da
 BATCH_BYTES = 12 * 1024  # serialized events in one WatchRunBatched message (or one larger event)
 TYPICAL_EVENT_BYTES = 128  # a result event, serialized
 RUN_OVERHEAD_BYTES = 1024  # a run event's ids, counters, times and framing, roughly
-RUN_COPIES = 4  # copies of a run event a non-reading stream holds, as measured (see `watch_cost`)
+RUN_COPIES = 5  # copies of a run event a non-reading stream holds, as measured (see `watch_cost`)
 _EVENTS_FIELD_TAG = b"\x0a"  # WatchRunBatchedResponse.events: field 1, length-delimited
 
 
@@ -260,7 +260,7 @@ def watch_cost(row: RunRecord, page_bytes: int) -> int:
     stream whose client does not read holds what it is sending while its write waits: the page it read
     (at most `page_bytes`, or one event past it), handed on to grpc as read (`Encoded`), or a live event
     serialized for it; and grpc's core a copy of that message and of the one before it, which it has
-    taken but not yet sent. Measured, a non-reading stream on a run of 3.8 MB of graders added 15-20 MB
+    taken but not yet sent. Measured, a non-reading stream on a run of 3.8 MB of graders added 16-19 MB
     to the server's peak (4-5x the run: docs/operations.md), hence RUN_COPIES. A run grows after the
     watch opens only by its annotations and aggregate, small beside the definition it is counted by."""
     annotations = sum(len(k) + len(v) for k, v in row.annotations.items())
