@@ -12,7 +12,9 @@ import grpc
 import httpx
 import pytest
 
+from evalsvc.errors import ServiceError
 from evalsvc.events.watch import PAGE_BYTES, RUN_COPIES
+from evalsvc.limits import TenantLimits
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc as stubs
@@ -145,3 +147,22 @@ async def test_rest_watches_past_the_budget_get_429_with_the_quota(tmp_path: Pat
         finally:
             for response in opened:
                 await response.aclose()
+
+
+def test_the_budget_counts_bytes_per_tenant_and_in_all(tmp_path: Path) -> None:
+    """A tenant's share is at most half of all tenants' bytes, so one tenant's watches leave room for the
+    others'; the total is kept too (UNAVAILABLE, as for the stream count); a first stream always fits."""
+    limits = TenantLimits(make_settings(tmp_path, max_watch_bytes_per_tenant=1000, max_watch_bytes=200))
+    with limits.watch_memory("a", 150):  # more than the tenant's share (100), but its first stream
+        with pytest.raises(ServiceError) as err:
+            limits.watch_memory("a", 1).__enter__()
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert err.value.metadata == {"quota": "max_watch_bytes_per_tenant"}
+        with limits.watch_memory("b", 40):
+            with pytest.raises(ServiceError) as full:
+                limits.watch_memory("c", 20).__enter__()  # within its share, but all tenants' bytes are held
+            assert full.value.code == grpc.StatusCode.UNAVAILABLE and full.value.reason == "SERVER_STREAMS_FULL"
+            assert limits.watch_bytes_of("c") == 0
+    assert limits.watch_bytes_of("a") == limits.watch_bytes_of("b") == 0
+    with limits.watch_memory("c", 100):  # given back: room again
+        assert limits.watch_bytes_of("c") == 100
