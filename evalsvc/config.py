@@ -231,6 +231,22 @@ class Settings:
             "tenants (five eighths of --max-concurrent-rpcs), whatever is set"
         },
     )
+    max_watch_bytes_per_tenant: int = dataclasses.field(
+        default=512 * 1024 * 1024,
+        metadata={
+            "help": "bytes one tenant's open WatchRun/WatchRunBatched streams may hold in this process, each "
+            "counted by the run it watches (about 5x the run's size, whose every run event repeats its "
+            "definition: see docs/operations.md); past it RESOURCE_EXHAUSTED TENANT_QUOTA_EXCEEDED with "
+            "RetryInfo. At most half of --max-watch-bytes; a tenant's first stream always fits"
+        },
+    )
+    max_watch_bytes: int = dataclasses.field(
+        default=2 * 1024 * 1024 * 1024,
+        metadata={
+            "help": "bytes all tenants' open WatchRun/WatchRunBatched streams may hold in this process, counted "
+            "as for --max-watch-bytes-per-tenant; past it UNAVAILABLE SERVER_STREAMS_FULL"
+        },
+    )
     max_active_runs: int = dataclasses.field(
         default=100,
         metadata={
@@ -521,6 +537,12 @@ class Settings:
         return max(1, min(self.max_watch_streams, self.watch_streams_in_all // 2))
 
     @property
+    def watch_bytes_per_tenant(self) -> int:
+        """The bytes one tenant's watch streams may hold: `max_watch_bytes_per_tenant`, but at most half of
+        `max_watch_bytes`, so one tenant's watches leave room for the others'."""
+        return max(1, min(self.max_watch_bytes_per_tenant, self.max_watch_bytes // 2))
+
+    @property
     def health_watches_in_all(self) -> int:
         """The health Watch and reflection streams (no API key needed) all clients together may hold open:
         an eighth of `max_concurrent_rpcs` (at least 1); one anonymous client opened 5,000 and every
@@ -601,6 +623,8 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "create_run_rate": (0, False),
     "create_run_burst": (1, True),
     "max_watch_streams": (1, True),
+    "max_watch_bytes_per_tenant": (1, True),
+    "max_watch_bytes": (1, True),
     "max_active_runs": (0, True),  # 0: every CreateRun refused (a replica that takes no new runs)
     "max_items_per_run": (1, True),
     "max_jobs_per_run": (1, True),

@@ -45,17 +45,17 @@ class Holdings:
         """What `key` holds now."""
         return self._held.get(key, 0)
 
-    def take(self, key: str) -> None:
-        self._held[key] = self._held.get(key, 0) + 1
-        self.total += 1
+    def take(self, key: str, amount: int = 1) -> None:
+        self._held[key] = self._held.get(key, 0) + amount
+        self.total += amount
 
-    def give_back(self, key: str) -> None:
-        left = self._held[key] - 1
+    def give_back(self, key: str, amount: int = 1) -> None:
+        left = self._held[key] - amount
         if left:
             self._held[key] = left
         else:
             del self._held[key]
-        self.total -= 1
+        self.total -= amount
 
 
 def quota_exceeded(quota: str, message: str, retry_after_s: float | None = None) -> ServiceError:
@@ -156,6 +156,7 @@ class TenantLimits:
         self._settings = settings
         self._buckets: dict[str, TokenBucket] = {}
         self._watches = Holdings()  # WatchRun streams, by tenant
+        self._watch_bytes = Holdings()  # what those streams may hold, in bytes (`watch_memory`)
         self._calls = Holdings()  # calls being served (streams aside), by tenant: gRPC's and in-process together
         self._page_lines: dict[str, _Line] = {}  # page reads in progress or waiting, by tenant
 
@@ -270,6 +271,45 @@ class TenantLimits:
             yield
         finally:
             self._watches.give_back(tenant)
+
+    @contextmanager
+    def watch_memory(self, tenant: str, cost: int) -> Iterator[None]:
+        """Hold `cost` bytes of the tenant's watch memory for the duration of a watch: within the tenant's
+        budget (`Settings.watch_bytes_per_tenant`), and within all tenants' (--max-watch-bytes).
+
+        The stream count alone did not bound memory: every run event carries the whole run (definitions
+        up to a quarter of --max-message-bytes), and a stream whose client does not read holds the event
+        it is sending (and grpc a copy of it) until the client reads. One tenant's 100 non-reading streams
+        on a run of 3.8 MB of graders held 1.3 GB; at its 2,000 streams it would have taken ~26 GB. So a
+        stream is counted by what it may hold (the watch works it out from the run when it opens:
+        evalsvc.events.watch.watch_cost) and refused past the budget, as a count quota is, with RetryInfo:
+        the bytes come back when a stream ends. A tenant's first stream always fits (a run larger than a
+        small budget could never be watched otherwise); all tenants' total is checked all the same."""
+        held = self._watch_bytes.of(tenant)
+        share = self._settings.watch_bytes_per_tenant
+        if held and held + cost > share:
+            raise quota_exceeded(
+                "max_watch_bytes_per_tenant",
+                f"the tenant's open watch streams may hold {held} bytes; this one ({cost} bytes, by the size of "
+                f"the run) would pass the {share} they may hold ({flag_name('max_watch_bytes_per_tenant')}); "
+                "retry once one has ended",
+                1.0,
+            )
+        total = self._watch_bytes.total
+        if total and total + cost > self._settings.max_watch_bytes:
+            raise streams_full(
+                f"all tenants' watch streams may hold {total} bytes; this one ({cost} bytes) would pass this "
+                f"server's {flag_name('max_watch_bytes')} ({self._settings.max_watch_bytes}); retry shortly"
+            )
+        self._watch_bytes.take(tenant, cost)
+        try:
+            yield
+        finally:
+            self._watch_bytes.give_back(tenant, cost)
+
+    def watch_bytes_of(self, tenant: str) -> int:
+        """The bytes the tenant's open watch streams are counted for now."""
+        return self._watch_bytes.of(tenant)
 
 
 @dataclass(slots=True)

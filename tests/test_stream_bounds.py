@@ -101,5 +101,5 @@ async def test_a_database_page_is_bounded_in_bytes_but_never_empty(server: EvalS
     parsed = [pb.WatchRunResponse.FromString(raw) for raw in every]
     assert list(Logged(every)) == parsed
     taken = Logged(every)
-    assert taken.take_batched() == pb.WatchRunBatchedResponse(events=parsed)  # framed from the bytes as is
+    assert taken.take_batched().parse() == pb.WatchRunBatchedResponse(events=parsed)  # framed from the bytes as is
     assert taken.payloads == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any, TypeAlias
 
 import grpc
@@ -12,9 +13,10 @@ from evalsvc.api.tenancy import current_key_id, tenant_of
 from evalsvc.config import Settings
 from evalsvc.errors import FieldViolation, invalid_argument
 from evalsvc.events.bus import EventBus
-from evalsvc.events.watch import BATCH_BYTES, CATCH_UP_PAGE, MAX_BATCH_EVENTS, Chunk, batched_message, watch
+from evalsvc.events.watch import BATCH_BYTES, CATCH_UP_PAGE, MAX_BATCH_EVENTS, Chunk, Logged, batched_message, watch
 from evalsvc.ids import PageTokens
 from evalsvc.limits import TenantLimits
+from evalsvc.messages.encoded import Encoded
 from evalsvc.runs.compare import CompareService
 from evalsvc.runs.service import RunService
 from evalsvc.store.db import Database
@@ -96,17 +98,20 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
         return cpb.ListComparisonItemsResponse(items=items, next_page_token=token)
 
     @server_stream
-    async def WatchRun(self, request: pb.WatchRunRequest, context: Context) -> AsyncIterator[pb.WatchRunResponse]:
+    async def WatchRun(
+        self, request: pb.WatchRunRequest, context: Context
+    ) -> AsyncIterator[pb.WatchRunResponse | Encoded[pb.WatchRunResponse]]:
         tenant = tenant_of(context)
         with self._limits.watch_slot(tenant):
             async for batch in self._watch(tenant, request.run_id, request.after_seq, CATCH_UP_PAGE):
-                for event in batch:
+                # Events read from the log go out as the bytes read, never parsed here (`Encoded`).
+                for event in batch.encoded() if isinstance(batch, Logged) else batch:
                     yield event
 
     @server_stream
     async def WatchRunBatched(
         self, request: pb.WatchRunBatchedRequest, context: Context
-    ) -> AsyncIterator[pb.WatchRunBatchedResponse]:
+    ) -> AsyncIterator[Encoded[pb.WatchRunBatchedResponse]]:
         if not 0 <= request.max_events <= MAX_BATCH_EVENTS:
             raise invalid_argument([FieldViolation("max_events", f"must be between 0 and {MAX_BATCH_EVENTS}")])
         tenant = tenant_of(context)
@@ -120,7 +125,8 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
         self, tenant: str, run_id: str, after_seq: int, max_events: int, batch_bytes: int | None = None
     ) -> AsyncIterator[Chunk]:
         """The run's events in chunks (a function, not a generator: no extra layer per open stream);
-        `batch_bytes` bounds each chunk's serialized size, for WatchRunBatched messages."""
+        `batch_bytes` bounds each chunk's serialized size, for WatchRunBatched messages. The watch is
+        counted against the tenant's watch memory once it has found the run (`TenantLimits.watch_memory`)."""
         return watch(
             self._db,
             self._bus,
@@ -131,5 +137,6 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
             buffer=self._settings.watch_buffer,
             max_events=max_events,
             owner=current_key_id.get(),
+            hold=partial(self._limits.watch_memory, tenant),
             **({} if batch_bytes is None else {"page_bytes": batch_bytes, "live_bytes": batch_bytes}),
         )

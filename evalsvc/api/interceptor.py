@@ -46,6 +46,7 @@ from evalsvc.api.status import abort, internal_error
 from evalsvc.api.tenancy import current_tenant
 from evalsvc.errors import ServiceError, malformed_request
 from evalsvc.limits import HELD_CALL, TENANT_METADATA, HeldCall, TenantLimits
+from evalsvc.messages.encoded import Encoded
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,17 @@ class Outgoing:
         self.serializes = serializes
 
     def message(self, serialize: Callable[[Any], bytes] | None, method: str, message: Any) -> Any:
-        """What grpc (or the in-process caller) is given for `message`; OversizedResponse when too large."""
-        if self.serializes and serialize is not None:
+        """What grpc (or the in-process caller) is given for `message`; OversizedResponse when too large.
+        A message the behaviour yields already serialized (`Encoded`: a watcher's events as read from the
+        log) is given to grpc as those very bytes, not parsed and serialized again per stream."""
+        if isinstance(message, Encoded):
+            if self.serializes and serialize is not None:
+                message = message.data
+                size = len(message)
+            else:
+                message = message.parse()
+                size = message.ByteSize()
+        elif self.serializes and serialize is not None:
             message = serialize(message)
             size = len(message)
         else:

@@ -19,7 +19,8 @@ BATCH_BYTES (and max_events), since a message is held whole, parsed, until gRPC 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack
 from itertools import pairwise
 from typing import NoReturn
 
@@ -28,9 +29,11 @@ import grpc
 from evalsvc.errors import Reason, ServiceError, not_found
 from evalsvc.events.bus import EventBus
 from evalsvc.events.opening import read_page
+from evalsvc.messages.encoded import Encoded
 from evalsvc.statuses import TERMINAL
 from evalsvc.store import runs as run_store
 from evalsvc.store.db import Database
+from evalsvc.store.records import RunRecord
 from evalsvc.v1 import eval_run_service_pb2 as pb
 
 CATCH_UP_PAGE = 1000
@@ -38,6 +41,8 @@ MAX_BATCH_EVENTS = 10_000
 PAGE_BYTES = 32 * 1024  # serialized events a WatchRun watcher holds from one database read
 BATCH_BYTES = 12 * 1024  # serialized events in one WatchRunBatched message (or one larger event)
 TYPICAL_EVENT_BYTES = 128  # a result event, serialized
+RUN_OVERHEAD_BYTES = 1024  # a run event's ids, counters, times and framing, roughly
+RUN_COPIES = 5  # copies of a run event a non-reading stream holds, as measured (see `watch_cost`)
 _EVENTS_FIELD_TAG = b"\x0a"  # WatchRunBatchedResponse.events: field 1, length-delimited
 
 
@@ -54,16 +59,26 @@ class Logged:
         for payload in self.payloads:
             yield pb.WatchRunResponse.FromString(payload)
 
+    def encoded(self) -> Iterator[Encoded[pb.WatchRunResponse]]:
+        """The events as WatchRun sends them: their bytes as read, never parsed (`Encoded`)."""
+        for payload in self.payloads:
+            yield Encoded(payload, pb.WatchRunResponse)
+
     def last(self) -> pb.WatchRunResponse:
         return pb.WatchRunResponse.FromString(self.payloads[-1])
 
-    def take_batched(self) -> pb.WatchRunBatchedResponse:
-        """The events as one message, parsed straight from their bytes (one allocation arena, ~3x
-        smaller than the events parsed one by one and copied in). It takes them: the bytes are let go
-        at once, not held beside the message while gRPC sends it."""
-        framed = b"".join(_EVENTS_FIELD_TAG + _varint(len(p)) + p for p in self.payloads)
+    def take_batched(self) -> Encoded[pb.WatchRunBatchedResponse]:
+        """The events as one WatchRunBatched message, framed from their bytes and never parsed (a parsed
+        multi-MB run event is a second copy per stream, held while gRPC sends it). It takes them: the
+        bytes are let go at once, not held beside the message while gRPC sends it."""
+        framed = _framed(self.payloads)
         self.payloads = []
-        return pb.WatchRunBatchedResponse.FromString(framed)
+        return Encoded(framed, pb.WatchRunBatchedResponse)
+
+
+def _framed(payloads: list[bytes]) -> bytes:
+    """Serialized events as the bytes of a WatchRunBatchedResponse holding them (its repeated field 1)."""
+    return b"".join(_EVENTS_FIELD_TAG + _varint(len(p)) + p for p in payloads)
 
 
 def _varint(value: int) -> bytes:
@@ -79,9 +94,20 @@ def _varint(value: int) -> bytes:
 Chunk = list[pb.WatchRunResponse] | Logged
 
 
-def batched_message(chunk: Chunk) -> pb.WatchRunBatchedResponse:
-    """A chunk of `watch` as one WatchRunBatched message (a database page is taken, see `take_batched`)."""
-    return chunk.take_batched() if isinstance(chunk, Logged) else pb.WatchRunBatchedResponse(events=chunk)
+def batched_message(chunk: Chunk) -> Encoded[pb.WatchRunBatchedResponse]:
+    """A chunk of `watch` as one WatchRunBatched message, serialized (a database page is taken, see
+    `take_batched`; live events, which every watcher of the run shares, are serialized, not copied into
+    a message of this watcher's own first)."""
+    if isinstance(chunk, Logged):
+        return chunk.take_batched()
+    return Encoded(_framed([event.SerializeToString() for event in chunk]), pb.WatchRunBatchedResponse)
+
+
+def ending(page: Logged) -> tuple[int, bool]:
+    """The seq of a page's last event, and whether it is terminal (parsed apart from the generator, so
+    a multi-MB run event is not held parsed beside its bytes while a stalled write waits)."""
+    last = page.last()
+    return last.seq, is_terminal(last)
 
 
 def is_terminal(event: pb.WatchRunResponse) -> bool:
@@ -102,24 +128,30 @@ async def watch(
     page_bytes: int = PAGE_BYTES,
     live_bytes: int | None = None,
     owner: str = "",
+    hold: Callable[[int], AbstractContextManager[object]] | None = None,
 ) -> AsyncIterator[Chunk]:
     """The run's events after `after_seq`, then live ones as they commit, and heartbeats when idle, in
     chunks of at most `max_events`: a page read from the database (at most `page_bytes`, serialized),
     or what one commit published (split at `live_bytes` serialized, when given). The last chunk ends
     with the terminal event. (Chunks, not single events: WatchRunBatched sends them as they are and
     WatchRun one by one, with no extra generator layer holding memory per idle stream.)
-    `owner` is the API key id of the watcher: the watch ends when the bus closes that owner's watches."""
+    `owner` is the API key id of the watcher: the watch ends when the bus closes that owner's watches.
+    `hold`, when given, is entered with the watch's `watch_cost` once the run is found, and left when the
+    watch ends (the tenant's watch memory: evalsvc.limits.TenantLimits.watch_memory); it may refuse."""
     cursor = after_seq
     # Rows asked of the database per page: about what fits in page_bytes, from the events' size so far
     # (the database reads every row it is asked for, even those past the byte bound).
     rows = max(1, min(max_events, page_bytes // TYPICAL_EVENT_BYTES))
-    with bus.subscribe(run_id, buffer, owner) as subscription:
+    with ExitStack() as stack, bus.subscribe(run_id, buffer, owner) as subscription:
         # Subscribed first: every event committed after this check reaches the subscription, so the
         # database is read only when the run already has events past after_seq (a watcher of a new
         # run, or one resuming where it left off, reads nothing but the run's cached row).
-        last_seq = await _checked_last_seq(db, tenant, run_id, after_seq)
-        if last_seq is None:
+        found = await _checked_last_seq(db, tenant, run_id, after_seq, page_bytes)
+        if found is None:
             return
+        last_seq, cost = found
+        if hold is not None:
+            stack.enter_context(hold(cost))
         # Seqs up to here are committed, and a run's seqs are gap-free: the log holds every one of them,
         # unless the purge has deleted the run (see `_gone`).
         committed = last_seq
@@ -144,12 +176,14 @@ async def watch(
                     average = sum(map(len, payloads)) / len(payloads)
                     rows = max(1, min(max_events, int(page_bytes / average) + 1))
                     page = Logged(payloads)
-                    last = page.last()  # nothing follows a terminal event in a run's log
-                    if last.seq != cursor + len(payloads):
+                    payloads = []  # the page holds them: not a second reference held by the frame
+                    last_seq, terminal = ending(page)  # nothing follows a terminal event in a run's log
+                    if last_seq != cursor + len(page.payloads):
                         await _gone(db, tenant, run_id, cursor)  # events in order, with seqs missing
-                    cursor = last.seq
+                    cursor = last_seq
                     yield page
-                    if is_terminal(last):
+                    page = Logged([])
+                    if terminal:
                         return
                 elif cursor < committed:
                     await _gone(db, tenant, run_id, cursor)  # no events where committed ones must be
@@ -197,9 +231,12 @@ def _split(
         yield chunk
 
 
-async def _checked_last_seq(db: Database, tenant: str, run_id: str, after_seq: int) -> int | None:
-    """Check the watch request against the run; its last_seq, or None when the run ended at `after_seq`.
-    (Apart from the generator, so its frame holds no run row for the life of an idle stream.)"""
+async def _checked_last_seq(
+    db: Database, tenant: str, run_id: str, after_seq: int, page_bytes: int
+) -> tuple[int, int] | None:
+    """Check the watch request against the run; its last_seq and the watch's `watch_cost`, or None when
+    the run ended at `after_seq`. (Apart from the generator, so its frame holds no run row for the life
+    of an idle stream.)"""
     row = await run_store.get_current_row(db, tenant, run_id)
     if row is None:
         raise not_found("run", run_id)
@@ -212,7 +249,25 @@ async def _checked_last_seq(db: Database, tenant: str, run_id: str, after_seq: i
         )
     if row.status in TERMINAL and after_seq == row.last_seq:
         return None
-    return int(row.last_seq)
+    return int(row.last_seq), watch_cost(row, page_bytes)
+
+
+def watch_cost(row: RunRecord, page_bytes: int) -> int:
+    """The bytes a watch of this run may hold, roughly (what its tenant's watch memory is charged).
+
+    Every run event (created, running, each update, the terminal one) carries the whole run, so the
+    run's largest event is about the run's size: its definition, annotations, aggregate and texts. A
+    stream whose client does not read holds what it is sending while its write waits: the page it read
+    (at most `page_bytes`, or one event past it), handed on to grpc as read (`Encoded`), or a live event
+    serialized for it; and grpc's core a copy of that message and of the one before it, which it has
+    taken but not yet sent. Measured, a non-reading stream on a run of 3.8 MB of graders added 16-19 MB
+    to the server's peak (4-5x the run: docs/operations.md), hence RUN_COPIES. A run grows after the
+    watch opens only by its annotations and aggregate, small beside the definition it is counted by."""
+    annotations = sum(len(k) + len(v) for k, v in row.annotations.items())
+    labels = sum(len(k) + len(v) for k, v in row.labels.items())
+    texts = len(row.display_name) + len(row.description) + len(row.error_message)
+    run = len(row.spec) + len(row.aggregate or b"") + annotations + labels + texts + RUN_OVERHEAD_BYTES
+    return RUN_COPIES * run + page_bytes
 
 
 async def _gone(db: Database, tenant: str, run_id: str, cursor: int) -> NoReturn:

@@ -383,6 +383,8 @@ def test_a_database_page_becomes_one_batched_message_framed_from_its_bytes() -> 
     assert all(len(p) > 127 for p in payloads)
     page = Logged(list(payloads))
     assert list(page) == events and page.last() == events[-1]
-    assert batched_message(page) == pb.WatchRunBatchedResponse(events=events)
+    assert [e.data for e in page.encoded()] == payloads  # WatchRun sends the very bytes read
+    assert all(e.data is p for e, p in zip(page.encoded(), payloads, strict=True))
+    assert batched_message(page).parse() == pb.WatchRunBatchedResponse(events=events)
     assert page.payloads == []  # taken: the bytes are let go
-    assert batched_message(events) == pb.WatchRunBatchedResponse(events=events)
+    assert batched_message(events).parse() == pb.WatchRunBatchedResponse(events=events)
