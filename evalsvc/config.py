@@ -151,6 +151,13 @@ class Settings:
         default=30.0,
         metadata={"help": "seconds an HTTP connection has to send a request's headers, when new and between requests"},
     )
+    http_body_timeout_s: float = dataclasses.field(
+        default=30.0,
+        metadata={
+            "help": "seconds a REST request's body has, from the end of its headers, to arrive whole; past it "
+            "408 and the connection is closed"
+        },
+    )
     http_keepalive_timeout_s: float = dataclasses.field(
         default=30.0, metadata={"help": "seconds an idle HTTP keep-alive connection is kept between requests"}
     )
@@ -614,6 +621,7 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "max_http_connections": (2, True),  # one connection cannot be shared: a tenant's one stream would take it
     "max_http_streams_per_tenant": (0, True),  # 0: a quarter of max_http_connections
     "http_header_timeout_s": (0, False),
+    "http_body_timeout_s": (0, False),
     "http_keepalive_timeout_s": (0, True),
     "gateway_streams_per_channel": (1, True),
     "auth_cache_s": (0, True),
@@ -794,6 +802,7 @@ GATEWAY_SETTINGS = (
     "max_http_connections",
     "max_http_streams_per_tenant",
     "http_header_timeout_s",
+    "http_body_timeout_s",
     "http_keepalive_timeout_s",
     "gateway_streams_per_channel",
 )

@@ -33,6 +33,7 @@ class Reason(StrEnum):
     MALFORMED_REQUEST = "MALFORMED_REQUEST"  # the bytes are not the method's protobuf message
     HEADERS_TOO_LARGE = "HEADERS_TOO_LARGE"  # REST gateway: key headers over 4 KiB or all headers over 64 KiB
     BODY_TOO_LARGE = "BODY_TOO_LARGE"  # REST gateway: a body over --max-message-bytes
+    BODY_TIMEOUT = "BODY_TIMEOUT"  # REST gateway: a body not all arrived within --http-body-timeout-s
     ROUTE_NOT_FOUND = "ROUTE_NOT_FOUND"  # REST gateway: no route has the path (HTTP 404)
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"  # REST gateway: the path's routes take other methods (HTTP 405)
     GATEWAY_STREAMS_FULL = (

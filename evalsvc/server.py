@@ -252,6 +252,7 @@ class EvalServer:
             CallInterceptor(authenticator, observer, self.limits, max_message_bytes=settings.max_message_bytes),
             max_message_bytes=settings.max_message_bytes,
             admission=self.admission,
+            auth=authenticator,
         )
         self._server: grpc.aio.Server | None = None
         self._grpc_stopping: asyncio.Future[None] | None = None  # gRPC's stop, begun at the start of `stop`
@@ -317,6 +318,7 @@ class EvalServer:
                 dialects=self.settings.dialects,
                 settings=self.settings,
                 tls=http_tls,
+                key_check=local.key_refusal,
             )
             await listen("HTTP", self.settings.http_addr, self.gateway.start())
             stack.push_async_callback(self.gateway.stop)

@@ -232,10 +232,10 @@ def _dialect_body_of_tiny_objects() -> tuple[str, bytes]:
 
 @pytest.mark.parametrize("request_of", [_native_run_body, _dialect_body_of_tiny_objects], ids=["native", "dialect"])
 async def test_a_large_body_is_read_while_other_calls_go_on(tmp_path: Path, request_of) -> None:  # type: ignore[no-untyped-def]
-    """A body is read before the service checks the key, so any client reaching the port could stall the
-    server with one: on the event loop, every other call waited for it. Read in a translator thread
-    (and its errors echoed within bounds), another tenant's GetRun answers meanwhile (what it may still
-    wait for is the GIL, handed back every few milliseconds: ~0.3 s at worst here)."""
+    """A body was read before the service checked the key, so any client reaching the port could stall
+    the server with one: on the event loop, every other call waited for it. Now its key is refused
+    before the body is read (tests/test_gateway_keys_first.py), and a valid key's body is read in a
+    translator thread (its errors echoed within bounds): another tenant's GetRun answers meanwhile."""
     settings = make_settings(tmp_path, http_addr="127.0.0.1:0")
     path, body = request_of()
     assert len(body) > 3 << 20
@@ -258,9 +258,9 @@ async def test_a_large_body_is_read_while_other_calls_go_on(tmp_path: Path, requ
                 slowest = max(slowest, time.perf_counter() - started)
                 calls += 1
             response = await post
-    assert response.status_code in (400, 401, 413), response.text
+    assert response.status_code == 401, response.text
     assert len(response.content) < 64 * 1024, "the error does not echo the body"
-    assert calls >= 2, "the body was read before another call could overlap with it"
+    assert calls >= 1
     assert slowest < 0.75, f"another tenant's GetRun waited {slowest:.2f} s while the body was read"
 
 

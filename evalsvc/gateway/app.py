@@ -31,6 +31,7 @@ from typing import Any, cast
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -51,7 +52,7 @@ from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.parse_errors import MAX_SHOWN, field_message, field_named, field_violation
 from evalsvc.gateway.routes import Route, routes
 from evalsvc.gateway.translators import TRANSLATOR_THREADS, in_turn, loads, object_of, translated
-from evalsvc.gateway.unrouted import RoutingErrors
+from evalsvc.gateway.unrouted import Keyed, RoutingErrors
 from evalsvc.gateway.upstream import (
     HTTP_STATUS,
     ChannelFactory,
@@ -706,16 +707,19 @@ def create_app(
         )
     # Requests no route takes (404, 405) answer in the shape of the API their path belongs to.
     unrouted = RoutingErrors(refused)
-    unrouted.add(app.routes)  # the native routes and /openapi.json
+    # The native routes, which take the caller's key, then /openapi.json, which needs none.
+    unrouted.add([r for r in app.routes if isinstance(r, APIRoute)], keyed=Keyed(_metadata, refused))
+    unrouted.add([r for r in app.routes if not isinstance(r, APIRoute)])
     for dialect, prefix in dialects.mounts(dialect_spec):
         router = dialect.router(upstream, dialect_options or DialectOptions())
         app.include_router(router, prefix=prefix, tags=[dialect.title])
-        unrouted.add(router.routes, dialect.vendor.error_handler, prefix)
+        unrouted.add(router.routes, dialect.vendor.error_handler, prefix, Keyed(dialect.key_metadata, dialect.refusal))
     pages = ui.router()
     app.include_router(pages)
     unrouted.add(pages.routes)
     app.add_exception_handler(HTTPException, unrouted.handle)
     app.state.routing_errors = unrouted
+    app.state.upstream = upstream
     # FastAPI's documented way to extend the document is replacing the method; mypy forbids assigning methods.
     app.openapi = openapi.with_components(app.openapi, schemas)  # type: ignore[method-assign]
     return app
@@ -727,6 +731,14 @@ def routing_errors(app: FastAPI) -> RoutingErrors:
     if not isinstance(errors, RoutingErrors):
         raise TypeError("the app was not made by create_app: it has no RoutingErrors")
     return errors
+
+
+def upstream_of(app: FastAPI) -> Upstream:
+    """The Upstream (the pool of channels to the service) of an app `create_app` made."""
+    upstream = app.state.upstream
+    if not isinstance(upstream, Upstream):
+        raise TypeError("the app was not made by create_app: it has no Upstream")
+    return upstream
 
 
 def _description(route: Route) -> str:

@@ -15,12 +15,16 @@ is Bland's `{"errors": [...]}`), always with HTTP status 413 or 431.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import grpc
+from starlette.requests import Request
+from starlette.responses import Response
 
 from evalsvc.errors import Reason
+from evalsvc.gateway.keys import KeyCheck
 from evalsvc.gateway.unrouted import RoutingErrors
 from evalsvc.gateway.upstream import GatewayError
 
@@ -42,6 +46,7 @@ MAX_HEADER_BYTES = 64 * 1024
 # was served or refused with a plain-text 400 ("Invalid HTTP request received.") by how TCP cut it.
 MAX_INCOMPLETE_HEAD_BYTES = MAX_HEADER_BYTES + 8 * 1024
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT_S = 30.0  # --http-body-timeout-s
 
 
 class RequestLimits:
@@ -50,12 +55,32 @@ class RequestLimits:
     answers (the app's own RoutingErrors: evalsvc.gateway.app.routing_errors).
 
     The rest of a refused body is read and discarded before answering: a client that is still
-    sending when the server answers and closes gets a connection reset instead of the answer."""
+    sending when the server answers and closes gets a connection reset instead of the answer.
 
-    def __init__(self, app: ASGIApp, errors: RoutingErrors, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    With `keys`, a request with a body that a route taking a key will serve presents a valid key before
+    any of its body is read (evalsvc.gateway.keys): refused, it is answered at once, as its route would
+    answer the service's refusal, and its connection closed, its body unread (`_refuse_unread`). And a
+    body has `body_timeout_s` to arrive whole, from its headers' arrival (not from its last byte): past
+    it the request is answered 408 and its connection closed. A body sent a byte every few seconds held
+    its connection, unread, for as long as its client liked; 2,100 of them, keyless, held every
+    connection of --max-http-connections, and every tenant's REST calls got 503."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        errors: RoutingErrors,
+        *,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        keys: KeyCheck | None = None,
+        checks: Callable[[int | None], bool] = lambda _declared: True,
+        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    ) -> None:
         self._app = app
         self._errors = errors
         self._max_body_bytes = max_body_bytes
+        self._keys = keys
+        self._checks = checks
+        self._body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,19 +88,42 @@ class RequestLimits:
             return
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         if problem := _header_problem(scope, headers):
-            if await _drained(receive):
+            if await self._drained_in_time(scope, receive, send):
                 error = GatewayError(
                     grpc.StatusCode.INVALID_ARGUMENT, problem, Reason.HEADERS_TOO_LARGE, http_status=431
                 )
                 await self._refuse(scope, receive, send, error)
             return
+        if await self._key_refused(scope, send, headers):
+            return
+        try:
+            async with asyncio.timeout(self._body_timeout_s):
+                body = await self._body(scope, receive, send)
+        except TimeoutError:
+            await self._refuse_unread(scope, send, self._errors.answer(scope["path"], self._too_slow()))
+            return
+        if body is None:
+            return
+        body_sent = False
+
+        async def replay() -> Message:
+            nonlocal body_sent
+            if body_sent:
+                return await receive()  # after the body: disconnects, for streaming responses
+            body_sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self._app(scope, replay, send)
+
+    async def _body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """The whole body; None when the request has been answered (413) or its client left."""
         chunks: list[bytes] = []
         size = 0
         more = True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return  # the client left before sending its body: nobody to answer
+                return None  # the client left before sending its body: nobody to answer
             chunk = message.get("body", b"")
             size += len(chunk)
             more = bool(message.get("more_body"))
@@ -84,18 +132,58 @@ class RequestLimits:
                 # and waited for the client to leave (`more` was still the previous message's, True).
                 if not more or await _drained(receive):
                     await self._body_too_large(scope, receive, send)
-                return
+                return None
             chunks.append(chunk)
-        body_sent = False
+        return b"".join(chunks)
 
-        async def replay() -> Message:
-            nonlocal body_sent
-            if body_sent:
-                return await receive()  # after the body: disconnects, for streaming responses
-            body_sent = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+    async def _drained_in_time(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """`_drained` within the body's time; a body still arriving then is answered 408 (False)."""
+        try:
+            async with asyncio.timeout(self._body_timeout_s):
+                return await _drained(receive)
+        except TimeoutError:
+            await self._refuse_unread(scope, send, self._errors.answer(scope["path"], self._too_slow()))
+            return False
 
-        await self._app(scope, replay, send)
+    def _too_slow(self) -> GatewayError:
+        return GatewayError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"the request body did not arrive within {self._body_timeout_s:g} s",
+            Reason.BODY_TIMEOUT,
+            http_status=408,
+        )
+
+    async def _key_refused(self, scope: Scope, send: Send, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Whether the request was answered for its key, before its body is read: a request with a body
+        (a declared length over 0, or a chunked one), for a route that takes a key, whose key is not
+        valid, or when the keys cannot be checked (the service unreachable: its 503)."""
+        if self._keys is None:
+            return False
+        declared = _declared_length(headers)
+        if declared == 0 or not self._checks(declared):
+            return False
+        keyed = self._errors.keyed(scope["method"], scope["path"])
+        if keyed is None:
+            return False
+        try:
+            failed = await self._keys(keyed.read(Request(scope)))
+            error = None if failed is None else GatewayError.from_rpc(failed)
+        except GatewayError as malformed:  # a key gRPC metadata cannot carry
+            error = malformed
+        if error is None:
+            return False
+        await self._refuse_unread(scope, send, keyed.refuse(error))
+        return True
+
+    async def _refuse_unread(self, scope: Scope, send: Send, response: Response) -> None:
+        """Answer `response` without reading (the rest of) the body, and close the connection: what
+        would follow the body on it cannot be told from the body."""
+        response.headers["connection"] = "close"
+
+        async def nothing() -> Message:  # a Response reads nothing but a disconnect, and there is none to wait for
+            return {"type": "http.disconnect"}
+
+        await response(scope, nothing, send)
 
     async def _body_too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = GatewayError(
@@ -110,6 +198,18 @@ class RequestLimits:
         """Answer with `error` in the shape of the path's API (no RetryInfo nor Retry-After: waiting
         does not help; the request itself must change)."""
         await self._errors.answer(scope["path"], error)(scope, receive, send)
+
+
+def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The body's declared length: Content-Length, 0 when there is none and no Transfer-Encoding (no
+    body), None for a body of undeclared length (chunked). The HTTP server has refused a malformed one."""
+    length = 0
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length" and value.strip().isdigit():
+            length = int(value)
+    return length
 
 
 async def _drained(receive: Receive) -> bool:

@@ -9,16 +9,19 @@ import logging
 import re
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
+import h11
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from evalsvc.config import Settings
 from evalsvc.errors import Reason, ServiceError, to_status
-from evalsvc.gateway.app import create_app, routing_errors, to_json
+from evalsvc.gateway.app import create_app, routing_errors, to_json, upstream_of
 from evalsvc.gateway.dialects.base import DialectOptions
+from evalsvc.gateway.keys import KeyCheck, PreflightKeys
 from evalsvc.gateway.reachability import UpstreamLog
 from evalsvc.gateway.request_limits import MAX_INCOMPLETE_HEAD_BYTES, RequestLimits
 from evalsvc.gateway.upstream import ChannelFactory
@@ -48,6 +51,8 @@ def bounded_protocol(max_connections: int, header_timeout_s: float) -> type[asyn
     class BoundedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         refused = False
         header_timer: asyncio.TimerHandle | None = None
+        discarding = False  # answered and closing while the body still arrives: what arrives is dropped
+        linger_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             # Nagle's algorithm off, as asyncio does itself only for sockets made with proto IPPROTO_TCP:
@@ -63,16 +68,32 @@ def bounded_protocol(max_connections: int, header_timeout_s: float) -> type[asyn
                     transport.write_eof()
                 self.header_timer = self.loop.call_later(header_timeout_s, transport.close)
                 return
-            super().connection_made(transport)
+            super().connection_made(_Lingering(transport, self))
             self._await_headers()
 
         def data_received(self, data: bytes) -> None:
-            if not self.refused:
+            if not self.refused and not self.discarding:
                 super().data_received(data)
+
+        def body_unread(self) -> bool:
+            """Whether the request being answered still has body to come (h11 only: httptools' parser
+            does not say; its connections close at once)."""
+            conn = getattr(self, "conn", None)
+            return conn is not None and conn.their_state is h11.SEND_BODY
+
+        def linger(self, transport: asyncio.Transport) -> None:
+            """Close once the client has read the answer and closed, or after LINGER_S: the rest of its
+            body is read and dropped meanwhile (`_Lingering`)."""
+            self.discarding = True
+            transport.write_eof()
+            transport.resume_reading()  # paused, maybe, while the unread body filled uvicorn's buffer
+            self.linger_timer = self.loop.call_later(LINGER_S, transport.close)
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self.header_timer is not None:
                 self.header_timer.cancel()
+            if self.linger_timer is not None:
+                self.linger_timer.cancel()
             if not self.refused:
                 super().connection_lost(exc)
 
@@ -91,6 +112,43 @@ def bounded_protocol(max_connections: int, header_timeout_s: float) -> type[asyn
             )
 
     return BoundedHTTPProtocol
+
+
+def _every_body(_declared: int | None) -> bool:
+    """In process the key check is the calls' own, cached and no call: every body is checked first."""
+    return True
+
+
+# How long a connection answered before its body arrived whole (a refused key, a body too slow) reads
+# and drops the rest before it closes: closed at once, with the body unread, the kernel resets the
+# connection, and a client still sending (most send the whole body before reading) got a reset, not its 401.
+LINGER_S = 2.0
+
+
+class _Lingering:
+    """The transport as uvicorn's protocol sees it: `close` while the request's body still arrives
+    half-closes instead (the answer, then FIN) and lets the protocol drop the rest (`linger`); every
+    other close, and everything else, is the transport's own."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: Any) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._closing = False
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._transport.can_write_eof() and not self._transport.is_closing() and self._protocol.body_unread():
+            self._protocol.linger(self._transport)
+        else:
+            self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._closing or self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 RETRY_AFTER_S = 1
@@ -177,10 +235,15 @@ class Gateway:
         dialects: str = "all",
         settings: Settings | None = None,
         tls: ssl.SSLContext | None = None,
+        key_check: KeyCheck | None = None,
     ) -> None:
         """`channels` makes the channels the gateway calls the service over: `remote_channels(target)`
         alone, an `evalsvc.api.local.LocalChannel` inside `evalsvc serve`. With `tls`
-        (`evalsvc.tls.http_ssl_context`) it serves HTTPS, else plain HTTP."""
+        (`evalsvc.tls.http_ssl_context`) it serves HTTPS, else plain HTTP.
+
+        `key_check` checks a caller's key before the request's body is read (evalsvc.gateway.keys): in
+        process, `LocalChannel.key_refusal`, for every request with a body; without it (the standalone
+        gateway), a pre-flight call for the bodies `PreflightKeys.worth_checking`."""
         settings = settings or Settings()
         dialect_options = DialectOptions(sync_wait_s=settings.dialect_sync_wait_s)
         host, _, port = http_addr.rpartition(":")
@@ -194,7 +257,18 @@ class Gateway:
             max_json_bytes=settings.max_message_bytes,
         )
         # Its refusals in the shape of the API the path belongs to, as the app's own routing errors are.
-        app = RequestLimits(api, routing_errors(api), max_body_bytes=settings.max_message_bytes)
+        checks: Callable[[int | None], bool] = _every_body
+        if key_check is None:
+            preflight = PreflightKeys(upstream_of(api), settings.auth_cache_s)
+            key_check, checks = preflight, preflight.worth_checking
+        app = RequestLimits(
+            api,
+            routing_errors(api),
+            max_body_bytes=settings.max_message_bytes,
+            keys=key_check,
+            checks=checks,
+            body_timeout_s=settings.http_body_timeout_s,
+        )
         config = uvicorn.Config(
             app,
             host=host or "127.0.0.1",

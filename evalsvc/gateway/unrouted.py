@@ -37,6 +37,19 @@ from evalsvc.gateway.upstream import GatewayError
 
 # Renders a GatewayError in an API's error shape: the native routes' `refused`, or a dialect's error handler.
 Render = Callable[[GatewayError], Response]
+# Reads the caller's key from a request's headers as the API's routes do, as the gRPC metadata that carries
+# it (GatewayError for a key metadata cannot carry).
+KeyReader = Callable[[Request], tuple[tuple[str, str], ...]]
+
+
+@dataclass(frozen=True)
+class Keyed:
+    """How an API's routes take a caller's key and answer its refusal: `read` the key from the headers,
+    `refuse` renders the service's refusal as the route itself would (its status, body and headers)."""
+
+    read: KeyReader
+    refuse: Render
+
 
 MAX_ECHOED_PATH = 200  # characters of the request's path an error message repeats
 MAX_ECHOED_METHOD = 32
@@ -63,6 +76,7 @@ class _Template:
     methods: frozenset[str]
     render: Render
     path: str  # as routed (`/v1/runs/{run_id:resource_id}`)
+    keyed: Keyed | None = None
 
     def matched(self, segments: Sequence[str]) -> int:
         """How many leading segments of a path (split at `/`) this route matches; the path is the route's
@@ -82,8 +96,11 @@ class RoutingErrors:
         self._native = native
         self._templates: list[_Template] = []
 
-    def add(self, routes: Iterable[BaseRoute], render: Render | None = None, prefix: str = "") -> None:
-        """Routes of one API (mounted under `prefix`), whose errors `render` writes (None: native)."""
+    def add(
+        self, routes: Iterable[BaseRoute], render: Render | None = None, prefix: str = "", keyed: Keyed | None = None
+    ) -> None:
+        """Routes of one API (mounted under `prefix`), whose errors `render` writes (None: native), and which
+        take a key as `keyed` says (None: routes that need none, such as /openapi.json and the UI's)."""
         for route in routes:
             if isinstance(route, Route) and route.methods:
                 self._templates.append(
@@ -92,8 +109,23 @@ class RoutingErrors:
                         frozenset(route.methods),
                         render or self._native,
                         prefix + route.path,
+                        keyed,
                     )
                 )
+
+    def keyed(self, method: str, path: str) -> Keyed | None:
+        """How the route that takes `method` on `path` reads and refuses keys; None when no route takes
+        the request (its 404 or 405 needs no key) or the route needs none. The first route added that
+        matches, as Starlette tries them in the order they were added."""
+        segments = path.split("/")
+        for template in self._templates:
+            if (
+                method in template.methods
+                and len(template.segments) == len(segments)
+                and template.matched(segments) == len(segments)
+            ):
+                return template.keyed
+        return None
 
     def allowed(self, segments: Sequence[str]) -> set[str]:
         """Every method some route takes on this path."""

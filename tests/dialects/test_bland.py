@@ -656,10 +656,11 @@ async def test_every_error_comes_in_blands_envelope_and_changes_nothing(env: Env
         "an API key is required: send it as 'authorization: <key>'"  # not the gRPC metadata a gRPC client sends
     ]
     check_error(await env.http.get("/v1/evals/status", headers={"authorization": "sk-wrong"}), 401, "UNAUTHORIZED")
+    # A body without a key is refused for its key before it is read (validated: 400 before).
     check_error(
         await env.http.post("/v1/evals/runs", json={"call_ids": CALL_IDS}, headers={"authorization": ""}),
-        400,
-        "INVALID_REQUEST",
+        401,
+        "UNAUTHORIZED",
     )
     bearer = await env.http.get("/v1/evals/status", headers={"authorization": f"Bearer {env.key}"})
     assert data(bearer) == {"enabled": True, "gate": "evals_enabled", "reason": None}

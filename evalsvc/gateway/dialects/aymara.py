@@ -1032,6 +1032,7 @@ DIALECT = Dialect(
     vendor=VendorOptions(
         error_handler=render,
         caller=aymara_key,
+        key_of=lambda request: aymara_key(request, request.headers.get("x-api-key")),
         key_help="send it as 'x-api-key: <key>' or 'Authorization: Bearer <key>'",
         error_responses=ERROR_RESPONSES,
         service_not_found=True,

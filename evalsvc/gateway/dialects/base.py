@@ -101,6 +101,9 @@ class VendorOptions:
     error_handler: Callable[[GatewayError], Response]
     # A FastAPI dependency reading the caller's API key from the header the vendor documents.
     caller: Callable[..., Caller] = bearer_key
+    # `caller` as a plain function of the request, for the key check before the body is read
+    # (evalsvc.gateway.request_limits): a key it reads is the key `caller` reads.
+    key_of: Callable[[Request], Caller] = bearer_key
     # How `caller` takes the key, as the answer to a request without one says ("an API key is required: ...").
     key_help: str = "send it as 'Authorization: Bearer <key>'"
     # The error responses of every route, for the OpenAPI document.
@@ -287,6 +290,14 @@ class Dialect:
     client: type[DialectClient]
     routes: Routes
     vendor: VendorOptions
+
+    def key_metadata(self, request: Request) -> tuple[tuple[str, str], ...]:
+        """The caller's key as the vendor's routes read it, as gRPC metadata (GatewayError when malformed)."""
+        return self.vendor.key_of(request).metadata
+
+    def refusal(self, error: GatewayError) -> Response:
+        """A refused key (or any GatewayError) answered as the vendor's routes answer it."""
+        return with_retry_after(self.vendor.error_handler(_keyless(error, self.vendor.key_help)), error)
 
     def router(self, upstream: Upstream, options: DialectOptions) -> APIRouter:
         """The vendor's routes over `upstream`, failures rendered by the vendor's error handler."""

@@ -29,6 +29,7 @@ DIALECT = Dialect(
     vendor=VendorOptions(
         error_handler=render,
         caller=bland_key,
+        key_of=bland_key,
         key_help="send it as 'authorization: <key>'",
         error_responses=ERROR_RESPONSES,
         service_not_found=True,
