@@ -395,6 +395,17 @@ async def _gateway_command(args: argparse.Namespace, settings: config.Settings) 
     return 0
 
 
+def _ignore_signals_once_stopped() -> None:
+    """Once `serve` or `gateway` has stopped gracefully, SIGTERM and SIGINT are ignored for the little
+    that is left of the process (the interpreter's teardown, some 50 ms). Closing the event loop gave
+    both their default action back, so a second signal then (`timeout` signals the child and its process
+    group) killed a process whose shutdown was complete: exit 143 or 130, and no line saying why. Ignored,
+    not handled: the interpreter's finalization resets Python handlers to the default action, not SIG_IGN.
+    A teardown that hung would then need SIGKILL, which is what an orchestrator sends after its grace."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _when(seconds: float | None) -> str:
     """A stored time as a listing shows it. One past what a date can hold (a key's expiry in the year
     273792727, stored before lifetimes were bounded) is shown as such, not a failure of the listing."""
@@ -464,7 +475,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "gateway":
         logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         _warn_of_unknown_variables()
-        return asyncio.run(_gateway_command(args, settings))
+        code = asyncio.run(_gateway_command(args, settings))
+        _ignore_signals_once_stopped()
+        return code
     if args.command == "backup":
         return _backup_command(args, settings)
     if args.command == "keys":
@@ -499,7 +512,7 @@ def _run(args: argparse.Namespace) -> int:
         from evalsvc.limits import raise_open_file_limit
         from evalsvc.secrets.operator import SecretsConfigError
         from evalsvc.secrets.sealing import SecretsKeyError
-        from evalsvc.server import ConfigError, StartupError, ignore_signals_once_stopped, serve
+        from evalsvc.server import ConfigError, StartupError, serve
         from evalsvc.tls import TlsConfigError
 
         raise_open_file_limit()
@@ -507,7 +520,7 @@ def _run(args: argparse.Namespace) -> int:
         show_traceback = logging.getLogger("evalsvc").isEnabledFor(logging.DEBUG)
         try:
             asyncio.run(serve(settings))
-            ignore_signals_once_stopped()
+            _ignore_signals_once_stopped()
         except (
             ConfigError,
             TlsConfigError,

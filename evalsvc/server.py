@@ -716,21 +716,12 @@ async def serve(settings: Settings) -> None:
 
 
 def _second_signal(stopping: asyncio.Future[None]) -> None:
-    """A signal during the shutdown ends the process at once; one after it completed (its last line,
-    `evalsvc stopped`, written) changes nothing: the exit code stays 0."""
+    """A signal during the shutdown ends the process at once, exit 1; one after it completed (its last
+    line, `evalsvc stopped`, written) ends it at once too, exit 0: nothing is left to do."""
     if stopping.done():
-        log.info("a signal arrived after the shutdown completed; exiting as planned")
-    else:
-        _exit_now("a second signal arrived")
-
-
-def ignore_signals_once_stopped() -> None:
-    """Ignore SIGTERM and SIGINT for the rest of the process, once `serve` has returned. Closing the event
-    loop gives both back their default action, which killed a process whose graceful shutdown was
-    complete (exit 143 or 130, no WARNING) when a second signal came during the interpreter's teardown,
-    some 50 ms of it: `timeout` sends its signal to the child and its process group, for one."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+        logging.shutdown()
+        os._exit(0)
+    _exit_now("a second signal arrived")
 
 
 # What a shutdown may take past --grace-s: the executor records what finished and hands its claims back,

@@ -84,6 +84,9 @@ async def test_undecodable_requests_are_invalid_argument_never_read_without_a_ke
         assert codes[(method, False)] == {grpc.StatusCode.UNAUTHENTICATED}, codes
         assert codes[(method, True)] == {grpc.StatusCode.INVALID_ARGUMENT}, codes
     assert reasons == {"MALFORMED_REQUEST", "API_KEY_MISSING"}
+    # The access log names the tenant whose valid key sent the undecodable request (the review: "-").
+    malformed = [r for r in caplog.records if r.name == "evalsvc.access" and r.code == "INVALID_ARGUMENT"]  # type: ignore[attr-defined]
+    assert len(malformed) == 30 and {r.tenant for r in malformed} == {"default"}  # type: ignore[attr-defined]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
     assert not [r for r in caplog.records if r.exc_info]
     assert any("not a valid message" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)

@@ -321,6 +321,7 @@ class _Call:
             request = Refused(error)  # the key is checked before the request is read (and parsed)
         else:
             self._authenticated = method.auth is not None
+            self._tenant = current_tenant.get()  # for the log, should the request be refused before `on_start` ends
             request = await admission.request(context, self._peer)
         await admission.admit(context, keyed=method.auth is not None)
         try:

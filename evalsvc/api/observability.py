@@ -2,7 +2,7 @@
 
 The call interceptor (evalsvc.api.interceptor) reports each call here from its end hook, because
 only then are its status code and its latency known; with them, the tenant authentication found
-("" when the call was rejected before). Rejected calls are counted and logged too.
+("" when the call's key was refused). Rejected calls are counted and logged too.
 
 What is logged is chosen field by field: method, tenant, code, latency, run id and peer address.
 Metadata (where API keys travel) and request bodies are never read for the log.
@@ -36,7 +36,7 @@ class FinishedCall(NamedTuple):
     response: Any  # the unary response; None for streams and failed calls
     peer: str
     stream: bool
-    tenant: str  # the tenant the call acted for; "" when it was rejected before authentication found one
+    tenant: str  # the tenant whose key the call carried; "" when its key was refused (or it needs none)
 
 
 class Observer:

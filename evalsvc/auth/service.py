@@ -225,8 +225,7 @@ class KeyService:
         done, _ = await asyncio.wait({writer}, timeout=TOUCH_CLOSE_WAIT_S)
         if not done:
             writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+            await asyncio.wait({writer})  # until it has ended (a cancellation of `close` itself still propagates)
 
     async def refused_now(self, key_ids: Sequence[str]) -> dict[str, ServiceError]:
         """Of keys that were valid, those no longer valid (revoked, expired or deleted), each with the

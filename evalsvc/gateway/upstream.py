@@ -235,10 +235,18 @@ class TenantStreams:
         self._open.give_back(holder)
 
 
+# The service's quotas on a tenant's watch streams: how many are open, and the memory they may hold.
+WATCH_QUOTAS = frozenset({STREAMS_QUOTA, "max_watch_streams", "max_watch_bytes_per_tenant"})
+
+
 def _no_room_for_streams(error: GatewayError) -> bool:
-    """Whether a stream was refused for want of room (its tenant's share, or all tenants' together),
-    not for what it asked."""
-    return error.reason == Reason.GATEWAY_STREAMS_FULL or error.metadata.get("quota") == STREAMS_QUOTA
+    """Whether a stream was refused for want of room (its tenant's share of this gateway's streams or of
+    the service's watch streams and their memory, or all tenants' together), not for what it asked. The
+    service's own refusals were taken for failures: a synchronous create (Agno, Aymara) answered 429
+    for a run it had created, and the client's retry created another."""
+    return error.reason in (Reason.GATEWAY_STREAMS_FULL, Reason.SERVER_STREAMS_FULL) or (
+        error.metadata.get("quota") in WATCH_QUOTAS
+    )
 
 
 def key_holder(credentials: tuple[tuple[str, str], ...]) -> str:

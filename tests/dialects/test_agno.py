@@ -10,6 +10,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -497,3 +498,25 @@ async def test_openapi_documents_the_agentos_routes_and_models(env: Env) -> None
     assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("EvalRunInput")
     assert {"200", "400", "401", "404", "422"} <= set(post["responses"])
     assert spec["paths"]["/eval-runs"]["delete"]["responses"]["204"]
+
+
+async def test_a_create_whose_watch_has_no_room_answers_the_run_as_it_stands(tmp_path: Path) -> None:
+    """The review: the tenant's watch memory full, the synchronous create's own watch was refused and
+    the create answered 429 for a run it had created, so the client's retry created a second run. A watch
+    refused for want of room is a run returned as it stands, as for the gateway's own stream share."""
+    answer = chat_reply("50", tool_calls=[{"name": "multiply", "args": {"a": 10, "b": 5}}])
+    with FakeEndpoint(judge_reply(VERDICT)) as judge, FakeEndpoint(answer) as model:
+        settings = {"max_watch_bytes_per_tenant": 1, "max_watch_bytes": 1 << 30}
+        async with dialect_gateway(tmp_path, "agno", judge, **settings) as (srv, http):
+            target = {"displayName": "basic-agent", "target": chat(model.url)}
+            agent = (await http.post("/v1/targets", json={"target": target})).json()["target"]["id"]
+            async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+                runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+                await srv.executor.stop()  # the watched run stays open, its watch holding the tenant's bytes
+                held = runs.WatchRun(pb.WatchRunRequest(run_id=(await runs.CreateRun(create_request(1))).run.id))
+                assert (await held.read()).seq == 1
+                posted = await http.post("/eval-runs", json=CLIENT_EXAMPLE | {"agent_id": agent})
+                assert posted.status_code == 200, posted.text
+                assert posted.json()["eval_data"]["run_status"] == "PENDING"
+                assert len((await runs.ListRuns(pb.ListRunsRequest())).runs) == 2  # the held one and this one
+                held.cancel()
