@@ -43,12 +43,16 @@ async def _server(tmp_path: Path, **settings: Any) -> AsyncIterator[EvalServer]:
         await srv.stop(grace=0.5)
 
 
-async def _partial_post(port: int, path: str, headers: dict[str, str], body: bytes, declared: int) -> bytes:
-    """POST `path` declaring a body of `declared` bytes, send `body` (less), and return everything the
-    server sends until it closes the connection."""
+async def _partial_post(
+    port: int, path: str, headers: dict[str, str], body: bytes, declared: int, method: str = "POST"
+) -> bytes:
+    """`method` (POST) `path` declaring a body of `declared` bytes, send `body` (less), and return
+    everything the server sends until it closes the connection."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        head = f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {declared}\r\n"
+        head = (
+            f"{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {declared}\r\n"
+        )
         head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         writer.write(head.encode() + b"\r\n" + body)
         await writer.drain()
@@ -191,3 +195,21 @@ async def test_the_standalone_gateway_checks_the_key_of_a_large_body_first(tmp_p
             assert status == 400 and body["details"][0]["reason"] == "INVALID_ARGUMENT", body
         finally:
             await gateway.stop()
+
+
+async def test_a_body_no_keyed_route_would_read_is_answered_before_it_is_read(tmp_path: Path) -> None:
+    """The review: a path no route takes, or a route that needs no key and reads no body (/openapi.json,
+    the UI's pages), had its body read whole (up to 16 MB each, keyless) until --http-body-timeout-s, and
+    only then its 404 or 405. Each is answered at once now, in its API's shape, the body unread."""
+    async with _server(tmp_path) as srv:
+        port = srv.gateway.port  # type: ignore[union-attr]
+        cases = {
+            ("POST", "/v1/runz"): (404, "ROUTE_NOT_FOUND"),
+            ("PUT", "/v1/runs/run_x"): (405, "METHOD_NOT_ALLOWED"),
+            ("GET", "/openapi.json"): (400, "INVALID_ARGUMENT"),
+            ("GET", "/ui/runs"): (400, "INVALID_ARGUMENT"),
+        }
+        for (method, path), (status, reason) in cases.items():
+            answer = await _partial_post(port, path, {}, b"{" + b" " * SENT, DECLARED, method)
+            got, body = _status_and_json(answer)
+            assert (got, body["details"][0]["reason"]) == (status, reason), (method, path, answer[:300])

@@ -167,7 +167,8 @@ async def test_an_oversized_body_is_413_whether_declared_or_chunked_and_the_conn
 
     assert_refused(await client.post("/v1/runs", content=body), 413, "BODY_TOO_LARGE")
     assert_refused(await client.post("/v1/runs", content=chunked()), 413, "BODY_TOO_LARGE")
-    assert_refused(await client.post("/nope", content=body), 413, "BODY_TOO_LARGE")  # a path no API owns
+    # A path no route takes is answered as such before its body is read, however large it says it is.
+    assert_refused(await client.post("/nope", content=body), 404, "ROUTE_NOT_FOUND")
     fits = await client.post("/v1/runs", content=run_body(MAX_BODY // 2))
     assert fits.status_code == 200, fits.text
     assert len(fits.json()["run"]["id"]) > 0
@@ -219,8 +220,10 @@ async def test_grpc_metadata_over_the_limit_is_not_a_retryable_quota_error(gw) -
 
 
 def _native_run_body() -> tuple[str, bytes]:
-    """A ~6 MiB proto3 JSON CreateRun: reading it takes json_format the better part of a second."""
-    return "/v1/runs", json_format.MessageToJson(create_request(50_000), indent=None).encode()
+    """A ~6 MiB proto3 JSON CreateRun: reading it takes json_format the better part of a second; a field
+    no CreateRunRequest has, last, makes it INVALID_ARGUMENT once read (no run of 50,000 items made)."""
+    request = json_format.MessageToJson(create_request(50_000), indent=None).encode()
+    return "/v1/runs", request[:-1] + b',"notAField":1}'
 
 
 def _dialect_body_of_tiny_objects() -> tuple[str, bytes]:
@@ -232,10 +235,9 @@ def _dialect_body_of_tiny_objects() -> tuple[str, bytes]:
 
 @pytest.mark.parametrize("request_of", [_native_run_body, _dialect_body_of_tiny_objects], ids=["native", "dialect"])
 async def test_a_large_body_is_read_while_other_calls_go_on(tmp_path: Path, request_of) -> None:  # type: ignore[no-untyped-def]
-    """A body was read before the service checked the key, so any client reaching the port could stall
-    the server with one: on the event loop, every other call waited for it. Now its key is refused
-    before the body is read (tests/test_gateway_keys_first.py), and a valid key's body is read in a
-    translator thread (its errors echoed within bounds): another tenant's GetRun answers meanwhile."""
+    """A large body was read on the event loop, and every other call waited for it. A valid key's body
+    (one without is refused before it is read: tests/test_gateway_keys_first.py) is read in a translator
+    thread, its errors echoed within bounds: another tenant's GetRun answers meanwhile."""
     settings = make_settings(tmp_path, http_addr="127.0.0.1:0")
     path, body = request_of()
     assert len(body) > 3 << 20
@@ -248,7 +250,7 @@ async def test_a_large_body_is_read_while_other_calls_go_on(tmp_path: Path, requ
                 client.post(
                     path,
                     content=body,
-                    headers={"authorization": "Bearer evk_not_a_key", "content-type": "application/json"},
+                    headers={"authorization": f"Bearer {srv.bootstrap_key}", "content-type": "application/json"},
                 )
             )
             slowest, calls = 0.0, 0
@@ -258,9 +260,9 @@ async def test_a_large_body_is_read_while_other_calls_go_on(tmp_path: Path, requ
                 slowest = max(slowest, time.perf_counter() - started)
                 calls += 1
             response = await post
-    assert response.status_code == 401, response.text
+    assert response.status_code in (400, 413, 422), response.text  # read, then refused for what it holds
     assert len(response.content) < 64 * 1024, "the error does not echo the body"
-    assert calls >= 1
+    assert calls >= 2
     assert slowest < 0.75, f"another tenant's GetRun waited {slowest:.2f} s while the body was read"
 
 

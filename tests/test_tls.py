@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import http.client
 import ipaddress
 import logging
 import re
@@ -496,3 +497,27 @@ def test_an_encrypted_key_is_refused_not_asked_for_on_the_terminal(tmp_path: Pat
     settings = make_settings(tmp_path, tls_cert=str(pki.cert_file), tls_key=str(encrypted))
     with pytest.raises(TlsConfigError, match="is encrypted"):
         http_ssl_context(settings)
+
+
+async def test_a_keyless_body_over_tls_gets_its_401_not_a_reset(tmp_path: Path, pki: Pki) -> None:
+    """The key is checked before the body is read, and the answer is given with the body unread. Over TLS,
+    which cannot half-close, the connection was closed at once: a client sending its whole body before
+    reading (http.client, requests) got SSLEOFError instead of its 401. The rest is read and dropped."""
+    settings = make_settings(tmp_path, http_addr="127.0.0.1:0", tls_cert=str(pki.cert_file), tls_key=str(pki.key_file))
+    srv = EvalServer(settings)
+    await srv.start()
+    try:
+        assert srv.gateway is not None
+        context = ssl.create_default_context(cadata=pki.ca.cert.decode())
+
+        def keyless_post() -> int:
+            connection = http.client.HTTPSConnection("localhost", srv.gateway.port, timeout=30, context=context)
+            try:
+                connection.request("POST", "/v1/runs", body=b"{" + b" " * (4 << 20), headers={"x-api-key": ""})
+                return connection.getresponse().status
+            finally:
+                connection.close()
+
+        assert await asyncio.to_thread(keyless_post) == 401
+    finally:
+        await srv.stop(grace=1.0)

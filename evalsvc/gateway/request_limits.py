@@ -54,8 +54,10 @@ class RequestLimits:
     of the API the path belongs to, as `errors`
     answers (the app's own RoutingErrors: evalsvc.gateway.app.routing_errors).
 
-    The rest of a refused body is read and discarded before answering: a client that is still
-    sending when the server answers and closes gets a connection reset instead of the answer.
+    A body over the limit is read and discarded before the 413: a client that is still sending when the
+    server answers and closes gets a connection reset instead of the answer. Refusals before the body
+    (below) leave it unread: the HTTP server reads and drops what still comes for a moment
+    (evalsvc.gateway.server `_Lingering`).
 
     With `keys`, a request with a body that a route taking a key will serve presents a valid key before
     any of its body is read (evalsvc.gateway.keys): refused, it is answered at once, as its route would
@@ -154,17 +156,22 @@ class RequestLimits:
         )
 
     async def _key_refused(self, scope: Scope, send: Send, headers: list[tuple[bytes, bytes]]) -> bool:
-        """Whether the request was answered for its key, before its body is read: a request with a body
-        (a declared length over 0, or a chunked one), for a route that takes a key, whose key is not
-        valid, or when the keys cannot be checked (the service unreachable: its 503)."""
+        """Whether the request was answered before its body is read: a request with a body (a declared
+        length over 0, or a chunked one) that no route taking a key serves (`RoutingErrors.unread`), or
+        for such a route, whose key is not valid, or when the keys cannot be checked (the service
+        unreachable: its 503)."""
         if self._keys is None:
             return False
         declared = _declared_length(headers)
         if declared == 0 or not self._checks(declared):
             return False
         keyed = self._errors.keyed(scope["method"], scope["path"])
-        if keyed is None:
-            return False
+        if keyed is None:  # no route that takes a key serves it: answered without its body, whoever sends it
+            unread = self._errors.unread(Request(scope))
+            if unread is None:
+                return False
+            await self._refuse_unread(scope, send, unread)
+            return True
         try:
             failed = await self._keys(keyed.read(Request(scope)))
             error = None if failed is None else GatewayError.from_rpc(failed)

@@ -85,7 +85,8 @@ def bounded_protocol(max_connections: int, header_timeout_s: float) -> type[asyn
             """Close once the client has read the answer and closed, or after LINGER_S: the rest of its
             body is read and dropped meanwhile (`_Lingering`)."""
             self.discarding = True
-            transport.write_eof()
+            if transport.can_write_eof():  # not over TLS: there the answer is followed by nothing until the close
+                transport.write_eof()
             transport.resume_reading()  # paused, maybe, while the unread body filled uvicorn's buffer
             self.linger_timer = self.loop.call_later(LINGER_S, transport.close)
 
@@ -127,8 +128,9 @@ LINGER_S = 2.0
 
 class _Lingering:
     """The transport as uvicorn's protocol sees it: `close` while the request's body still arrives
-    half-closes instead (the answer, then FIN) and lets the protocol drop the rest (`linger`); every
-    other close, and everything else, is the transport's own."""
+    half-closes instead (the answer, then FIN; over TLS, which cannot half-close, the answer alone) and
+    lets the protocol drop the rest (`linger`); every other close, and everything else, is the
+    transport's own. Over TLS it had closed at once: a client still sending got SSLEOFError, not its 401."""
 
     def __init__(self, transport: asyncio.Transport, protocol: Any) -> None:
         self._transport = transport
@@ -139,7 +141,7 @@ class _Lingering:
         if self._closing:
             return
         self._closing = True
-        if self._transport.can_write_eof() and not self._transport.is_closing() and self._protocol.body_unread():
+        if not self._transport.is_closing() and self._protocol.body_unread():
             self._protocol.linger(self._transport)
         else:
             self._transport.close()

@@ -170,6 +170,33 @@ class RoutingErrors:
             allowed |= {m.strip() for m in exc.headers.get("Allow", "").split(",") if m.strip()}
         if request.method in allowed:  # a route took the request: its 404 or 405 is its own
             return await http_exception_handler(request, exc)
+        return self._unrouted(request, allowed)
+
+    def unread(self, request: Request) -> Response | None:
+        """The answer to a request with a body that no route taking a key will serve, given before its
+        body is read (evalsvc.gateway.request_limits): the 404 or 405 of a path no route takes, or a 400
+        for a route that reads no body (the UI's pages, /openapi.json). None when a keyed route takes it.
+        Read whole first, such bodies needed no key: a keyless client could have the gateway buffer
+        16 MB on each of its connections for --http-body-timeout-s."""
+        method, path = request.method, request.scope["path"]
+        segments = path.split("/")
+        allowed = self.allowed(segments)
+        if method not in allowed:
+            return self._unrouted(request, allowed)
+        if self.keyed(method, path) is not None:
+            return None
+        shown = _echoed(_sent_path(request), MAX_ECHOED_PATH)
+        error = GatewayError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{_echoed(method, MAX_ECHOED_METHOD)} {shown} takes no request body",
+            Reason.INVALID_ARGUMENT,
+        )
+        return self.answer(path, error)
+
+    def _unrouted(self, request: Request, allowed: set[str]) -> Response:
+        """The 405 (with `Allow`) of a path some route takes with other methods, else the 404, in the
+        path's API's shape."""
+        segments = request.scope["path"].split("/")
         method, path = _echoed(request.method, MAX_ECHOED_METHOD), _echoed(_sent_path(request), MAX_ECHOED_PATH)
         if allowed:
             listed = ", ".join(sorted(allowed))
