@@ -137,6 +137,26 @@ async def serving_gateway(
             yield started.server, client
 
 
+@asynccontextmanager
+async def two_tenants_idle(
+    settings: Settings,
+) -> AsyncIterator[
+    tuple[EvalServer, eval_run_service_pb2_grpc.EvalRunServiceStub, eval_run_service_pb2_grpc.EvalRunServiceStub]
+]:
+    """A started server whose executor is stopped (runs stay pending, their watches open), with stubs of
+    tenant "default" (the bootstrap key) and of tenant "other"; the server stops after."""
+    srv = EvalServer(settings)
+    await srv.start()
+    await srv.executor.stop()
+    assert srv.bootstrap_key
+    other_key, _ = await srv.keys.create("other")
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key) as a, keyed_channel(srv.port, other_key) as b:
+            yield srv, eval_run_service_pb2_grpc.EvalRunServiceStub(a), eval_run_service_pb2_grpc.EvalRunServiceStub(b)
+    finally:
+        await srv.stop(grace=0.5)
+
+
 async def watch_to_end(http: httpx.AsyncClient, run_id: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
     """The run as its terminal event shows it, from the gateway's native NDJSON watch (which ends there), at
     most 30 s. `headers` add to the client's own (the key, for clients that do not send it)."""

@@ -65,6 +65,17 @@ def settings_for(tmp_path: Path, **overrides: Any) -> Any:
     return make_settings(tmp_path, outbound_allow="127.0.0.1", **overrides)
 
 
+@contextlib.asynccontextmanager
+async def generating_server(tmp_path: Path, fake: FakeEndpoint) -> AsyncIterator[EvalServer]:
+    """A started server whose generator model is `fake`; stopped after."""
+    srv = EvalServer(settings_for(tmp_path, judge_base_url=fake.url + "/v1", judge_model="judge"))
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop(grace=0.5)
+
+
 class Client:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self.datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
@@ -278,9 +289,7 @@ class SlowForTenantA(Generator):
 async def test_one_tenants_generations_do_not_hold_back_anothers(tmp_path: Path) -> None:
     with FakeEndpoint() as fake:
         fake.script = SlowForTenantA(fake)
-        srv = EvalServer(settings_for(tmp_path, judge_base_url=fake.url + "/v1", judge_model="judge"))
-        await srv.start()
-        try:
+        async with generating_server(tmp_path, fake) as srv:
             key_b, _ = await srv.keys.create("tenant-b")
             async with (
                 keyed_channel(srv.port, srv.bootstrap_key or "") as channel_a,
@@ -307,8 +316,6 @@ async def test_one_tenants_generations_do_not_hold_back_anothers(tmp_path: Path)
                 assert states_a.count(DatasetGeneration.STATE_PENDING) == 1
                 for dataset_id in datasets_a:
                     assert (await a.settled(dataset_id)).generation.state == DatasetGeneration.STATE_SUCCEEDED
-        finally:
-            await srv.stop(grace=0.5)
 
 
 async def test_a_database_that_drops_the_loops_connection_is_one_line(
@@ -465,9 +472,7 @@ async def test_a_call_whose_caller_gives_up_stops_calling_the_generator(tmp_path
     calls end with it: the generator gets no request after the call has ended beyond the ones in flight
     then (CONTINUE_CONCURRENCY), and nothing of the call is left (nor its place of the tenant's)."""
     with held_generator() as (fake, answers):
-        srv = EvalServer(settings_for(tmp_path, judge_base_url=fake.url + "/v1", judge_model="judge"))
-        await srv.start()
-        try:
+        async with generating_server(tmp_path, fake) as srv:
             async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
                 client = Client(channel)
                 request = continuing(await client.new_dataset(), *(f"next-{i}" for i in range(20)))
@@ -483,8 +488,6 @@ async def test_a_call_whose_caller_gives_up_stops_calling_the_generator(tmp_path
             in_flight = len(fake.seen)
             answers.set()  # the requests in flight were cancelled with the call: no conversation goes on
             assert not await asyncio.to_thread(fake.wait_seen, in_flight + 1, 1.0)
-        finally:
-            await srv.stop(grace=0.5)
     assert in_flight == generation.CONTINUE_CONCURRENCY
 
 
@@ -492,9 +495,7 @@ async def test_a_tenant_has_at_most_its_continuations_in_progress(tmp_path: Path
     """CONTINUES_PER_TENANT calls of a tenant in progress: its next one is RESOURCE_EXHAUSTED naming the
     quota, with RetryInfo, before any model call; another tenant's is served."""
     with held_generator() as (fake, _):
-        srv = EvalServer(settings_for(tmp_path, judge_base_url=fake.url + "/v1", judge_model="judge"))
-        await srv.start()
-        try:
+        async with generating_server(tmp_path, fake) as srv:
             other_key, _ = await srv.keys.create("other-tenant")
             async with (
                 keyed_channel(srv.port, srv.bootstrap_key or "") as channel,
@@ -518,8 +519,6 @@ async def test_a_tenant_has_at_most_its_continuations_in_progress(tmp_path: Path
                 for call in calls:
                     call.cancel()
                 await until(lambda: srv.generations.continuing.total == 0)
-        finally:
-            await srv.stop(grace=0.5)
 
 
 async def test_a_conversation_that_fails_ends_the_others_model_calls_with_the_call(tmp_path: Path) -> None:
@@ -528,9 +527,7 @@ async def test_a_conversation_that_fails_ends_the_others_model_calls_with_the_ca
     call had ended after 1): failing one on purpose piled up background work. They end with the call."""
     slow = dataclasses.replace(chat_reply(json.dumps({"items": ["next"]})), delay_s=0.5)
     with FakeEndpoint(Reply({"error": {"message": "bad request"}}, status=400), *([slow] * 40)) as fake:
-        srv = EvalServer(settings_for(tmp_path, judge_base_url=fake.url + "/v1", judge_model="judge"))
-        await srv.start()
-        try:
+        async with generating_server(tmp_path, fake) as srv:
             async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
                 client = Client(channel)
                 request = continuing(await client.new_dataset(), *(f"next-{i}" for i in range(20)))
@@ -542,8 +539,6 @@ async def test_a_conversation_that_fails_ends_the_others_model_calls_with_the_ca
             # gone on, each answer (0.5 s) would have let the next conversation call.
             in_flight = generation.CONTINUE_CONCURRENCY
             assert not await asyncio.to_thread(fake.wait_seen, in_flight + 1, 2.0), len(fake.seen)
-        finally:
-            await srv.stop(grace=0.5)
 
 
 async def test_a_rest_caller_that_goes_away_ends_its_calls_model_calls_too(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from tests.helpers import (
     retry_delay,
     rich_error,
     serving_gateway,
+    two_tenants_idle,
 )
 
 
@@ -41,26 +42,17 @@ async def quota_error(call: object) -> grpc.aio.AioRpcError:
 async def limited(
     tmp_path: Path,
 ) -> AsyncIterator[tuple[EvalServer, stubs.EvalRunServiceStub, stubs.EvalRunServiceStub]]:
-    srv = EvalServer(
-        make_settings(
-            tmp_path,
-            create_run_rate=0.5,
-            create_run_burst=2,
-            max_watch_streams=1,
-            max_active_runs=3,
-            max_items_per_run=5,
-            max_graders_per_run=2,
-        )
+    settings = make_settings(
+        tmp_path,
+        create_run_rate=0.5,
+        create_run_burst=2,
+        max_watch_streams=1,
+        max_active_runs=3,
+        max_items_per_run=5,
+        max_graders_per_run=2,
     )
-    await srv.start()
-    await srv.executor.stop()  # runs stay active, so the active-run limit can be reached
-    assert srv.bootstrap_key
-    other_key, _ = await srv.keys.create("other")
-    try:
-        async with keyed_channel(srv.port, srv.bootstrap_key) as a, keyed_channel(srv.port, other_key) as b:
-            yield srv, stubs.EvalRunServiceStub(a), stubs.EvalRunServiceStub(b)
-    finally:
-        await srv.stop(grace=0.5)
+    async with two_tenants_idle(settings) as served:  # runs stay active, so the active-run limit can be reached
+        yield served
 
 
 async def test_create_run_rate_limit_with_retry_info(limited) -> None:

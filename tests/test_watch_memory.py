@@ -23,10 +23,10 @@ from tests.conftest import make_settings
 from tests.helpers import (
     create_request,
     error_reason,
-    keyed_channel,
     retry_delay,
     rich_error,
     serving_gateway,
+    two_tenants_idle,
     until,
 )
 
@@ -46,16 +46,9 @@ def large_graders() -> list[grader_pb2.Grader]:
 async def budgeted(
     tmp_path: Path,
 ) -> AsyncIterator[tuple[EvalServer, stubs.EvalRunServiceStub, stubs.EvalRunServiceStub]]:
-    srv = EvalServer(make_settings(tmp_path, max_watch_bytes_per_tenant=BUDGET, max_watch_bytes=4 * BUDGET))
-    await srv.start()
-    await srv.executor.stop()  # runs stay pending: their watches stay open
-    assert srv.bootstrap_key
-    other_key, _ = await srv.keys.create("other")
-    try:
-        async with keyed_channel(srv.port, srv.bootstrap_key) as a, keyed_channel(srv.port, other_key) as b:
-            yield srv, stubs.EvalRunServiceStub(a), stubs.EvalRunServiceStub(b)
-    finally:
-        await srv.stop(grace=0.5)
+    settings = make_settings(tmp_path, max_watch_bytes_per_tenant=BUDGET, max_watch_bytes=4 * BUDGET)
+    async with two_tenants_idle(settings) as served:  # runs stay pending: their watches stay open
+        yield served
 
 
 async def test_watches_past_the_tenants_budget_are_refused_and_others_are_served(budgeted) -> None:

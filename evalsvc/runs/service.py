@@ -13,9 +13,9 @@ import logging
 import re
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from sqlalchemy.exc import IntegrityError
@@ -279,6 +279,25 @@ async def _create_runs(conn: AsyncConnection, drafts: list[RunDraft]) -> list[Cr
 
 
 CREATE_RUNS = Batch("create_runs", _create_runs)
+
+
+Request = TypeVar("Request")
+Page = TypeVar("Page")
+
+
+def in_page_line(
+    read: Callable[[RunService, str, Request], Awaitable[Page]],
+) -> Callable[[RunService, str, Request], Awaitable[Page]]:
+    """A page read of the tenant's, done in its turn of the tenant's line (`TenantLimits.page_read`): a page
+    is Python on the one event loop between its reads, and one tenant's many at once went ahead of every
+    other tenant's calls."""
+
+    @functools.wraps(read)
+    async def in_turn(service: RunService, tenant: str, request: Request) -> Page:
+        async with service._limits.page_read(tenant):
+            return await read(service, tenant, request)
+
+    return in_turn
 
 
 class RunService:
@@ -688,6 +707,7 @@ class RunService:
             raise not_found("run", run_id)
         return run
 
+    @in_page_line
     async def list(self, tenant: str, request: pb.ListRunsRequest) -> tuple[list[run_pb2.Run], str]:
         """A page of runs, newest first, and the next page's token."""
         limit = page_size(request.page_size, 50)
@@ -713,20 +733,19 @@ class RunService:
             "show_deleted": request.show_deleted,
         }
         before_id = self._page_tokens.decode(tenant, "runs", query, request.page_token)
-        async with self._limits.page_read(tenant):  # in the tenant's line: see TenantLimits
-            async with self._db.read() as conn:
-                rows = await run_store.list_page(
-                    conn,
-                    tenant,
-                    before_id=before_id,
-                    limit=limit + 1,
-                    statuses=sorted(set(request.statuses)),
-                    labels=request.labels,
-                    dataset_id=request.dataset_id,
-                    show_deleted=request.show_deleted,
-                )
-            runs = [run_from(row) for row in rows[:limit]]
-            return self._page_tokens.page(tenant, "runs", query, runs, len(rows), lambda i: runs[i].id)
+        async with self._db.read() as conn:
+            rows = await run_store.list_page(
+                conn,
+                tenant,
+                before_id=before_id,
+                limit=limit + 1,
+                statuses=sorted(set(request.statuses)),
+                labels=request.labels,
+                dataset_id=request.dataset_id,
+                show_deleted=request.show_deleted,
+            )
+        runs = [run_from(row) for row in rows[:limit]]
+        return self._page_tokens.page(tenant, "runs", query, runs, len(rows), lambda i: runs[i].id)
 
     async def cancel(self, tenant: str, run_id: str) -> run_pb2.Run:
         """Cancel a run: no job starts after this returns. Idempotent on a cancelled run."""
@@ -840,6 +859,7 @@ class RunService:
             raise not_found("run", run_id)
         return run_from(row)
 
+    @in_page_line
     async def list_results(
         self, tenant: str, request: pb.ListRunResultsRequest
     ) -> tuple[Sequence[run_pb2.Result], str]:
@@ -864,33 +884,32 @@ class RunService:
         )
         after_id = self._page_tokens.decode(tenant, "results", query, request.page_token)
         share = self._page_tokens.item_bytes
-        async with self._limits.page_read(tenant):  # in the tenant's line: see TenantLimits
-            async with self._db.read() as conn:
-                if await run_store.get(conn, tenant, request.run_id) is None:
-                    raise not_found("run", request.run_id)
-                rows = await run_store.results_page(
-                    conn, tenant, request.run_id, after_id=after_id, limit=limit + 1, states=states
-                )
-                results = [run_store.result_from(row, None) for row, _ in rows[:limit]]
-                kept = rows[
-                    : self._page_tokens.fitting_sizes(
-                        listed_size(result, sizes.output, share, sizes.explanation)
-                        for result, (_, sizes) in zip(results, rows, strict=False)
-                    )
-                ]
-                outputs = await run_store.outputs_of(conn, tenant, [row.job_id for row, sizes in kept if sizes.output])
-                explanations = await run_store.explanations_of(
-                    conn, tenant, [row.id for row, sizes in kept if sizes.explanation]
-                )
-            if any(
-                (sizes.output and row.job_id not in outputs) or (sizes.explanation and row.id not in explanations)
-                for row, sizes in kept
-            ):
+        async with self._db.read() as conn:
+            if await run_store.get(conn, tenant, request.run_id) is None:
                 raise not_found("run", request.run_id)
-            for result, (row, _) in zip(results, kept, strict=False):
-                attach_output(result, outputs.get(row.job_id), share, explanations.get(row.id, ""))
-            listed = results[: len(kept)]
-            return self._page_tokens.page(tenant, "results", query, listed, len(rows), lambda i: int(listed[i].id))
+            rows = await run_store.results_page(
+                conn, tenant, request.run_id, after_id=after_id, limit=limit + 1, states=states
+            )
+            results = [run_store.result_from(row, None) for row, _ in rows[:limit]]
+            kept = rows[
+                : self._page_tokens.fitting_sizes(
+                    listed_size(result, sizes.output, share, sizes.explanation)
+                    for result, (_, sizes) in zip(results, rows, strict=False)
+                )
+            ]
+            outputs = await run_store.outputs_of(conn, tenant, [row.job_id for row, sizes in kept if sizes.output])
+            explanations = await run_store.explanations_of(
+                conn, tenant, [row.id for row, sizes in kept if sizes.explanation]
+            )
+        if any(
+            (sizes.output and row.job_id not in outputs) or (sizes.explanation and row.id not in explanations)
+            for row, sizes in kept
+        ):
+            raise not_found("run", request.run_id)
+        for result, (row, _) in zip(results, kept, strict=False):
+            attach_output(result, outputs.get(row.job_id), share, explanations.get(row.id, ""))
+        listed = results[: len(kept)]
+        return self._page_tokens.page(tenant, "results", query, listed, len(rows), lambda i: int(listed[i].id))
 
 
 def result_states(request: pb.ListRunResultsRequest) -> list[int]:
