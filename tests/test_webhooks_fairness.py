@@ -205,7 +205,9 @@ async def test_tenants_whose_receivers_hang_hold_no_slot_once_their_circuits_ope
             tmp_path,
             outbound_allow="127.0.0.1",
             webhook_concurrency=16,
-            webhook_timeout_s=1.0,
+            # Long enough that all 20 tenants' first attempts overlap before the first circuits open
+            # (5 timeouts each): at 1 s, on a slow machine, the first had opened before the last joined (15 of 16).
+            webhook_timeout_s=2.0,
             webhook_retry_base_s=0.05,
             webhook_max_attempts=30,
         )
