@@ -92,7 +92,11 @@ class Settings:
         default=10.0, metadata={"help": "seconds of silence after which a WatchRun stream gets a heartbeat"}
     )
     watch_buffer: int = dataclasses.field(
-        default=2048, metadata={"help": "events buffered per watcher before it falls back to reading the database"}
+        default=2048,
+        metadata={
+            "help": "events buffered per watcher, and 128 bytes each of their serialized size, before it falls "
+            "back to reading the database"
+        },
     )
     grace_s: float = dataclasses.field(
         default=10.0, metadata={"help": "seconds unary calls get to finish on SIGTERM/SIGINT"}

@@ -27,12 +27,22 @@ def shutting_down() -> ServiceError:
     )
 
 
+# What a watcher's buffer may hold in bytes, per event of its capacity: a result event's typical size
+# (evalsvc.events.watch.TYPICAL_EVENT_BYTES). The count alone let a watcher whose client had stopped
+# reading keep --watch-buffer run events, each repeating its run's definition (multi-MB ones included):
+# a run recorded in a few hundred batches held a few GB for one stalled stream.
+BUFFERED_BYTES_PER_EVENT = 128
+
+
 class Subscription:
-    """One watcher's bounded buffer of events of one run."""
+    """One watcher's buffer of events of one run, bounded in events (`capacity`) and in their bytes
+    (`capacity` x BUFFERED_BYTES_PER_EVENT)."""
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
+        self._max_bytes = capacity * BUFFERED_BYTES_PER_EVENT
         self._events: deque[pb.WatchRunResponse] = deque()
+        self._bytes = 0
         self._stale = False
         self._closed_with: ServiceError | None = None
         self._wake = asyncio.Event()
@@ -48,17 +58,23 @@ class Subscription:
         if self._closed_with is not None:
             raise self._closed_with
 
-    def push(self, events: Sequence[pb.WatchRunResponse] | None) -> None:
-        """Buffer events; None (or an overflow) means: read the database instead.
+    def push(self, events: Sequence[pb.WatchRunResponse] | None, size: int) -> None:
+        """Buffer events (`size`: their serialized bytes); None (or an overflow) means: read the
+        database instead.
 
-        A batch larger than the capacity is still taken into an empty buffer: it is in memory anyway
-        (every watcher shares the publisher's messages), and a watcher that keeps up must not be sent
-        to the database just because one recording batch (jobs x graders) outgrew the capacity."""
-        if events is None or (self._events and len(self._events) + len(events) > self._capacity):
+        A batch over the bounds is still taken into an empty buffer: it is in memory anyway (every
+        watcher shares the publisher's messages), and a watcher that keeps up must not be sent to the
+        database just because one recording batch (jobs x graders), or one run event of a large
+        definition, outgrew them. So a watcher holds at most its bounds, or one batch."""
+        if events is None or (
+            self._events and (len(self._events) + len(events) > self._capacity or self._bytes + size > self._max_bytes)
+        ):
             self._events.clear()
+            self._bytes = 0
             self._stale = True
         else:
             self._events.extend(events)
+            self._bytes += size
         self._wake.set()
 
     async def next(self, timeout: float) -> list[pb.WatchRunResponse] | None:
@@ -75,6 +91,7 @@ class Subscription:
             return None
         events = list(self._events)
         self._events.clear()
+        self._bytes = 0
         return events
 
 
@@ -98,9 +115,14 @@ class EventBus:
                 subscription.close()
 
     def publish(self, run_id: str, events: Sequence[pb.WatchRunResponse] | None) -> None:
-        """Hand committed events (or a bare wake-up, None) to every watcher of the run."""
-        for subscription in self._subscriptions.get(run_id, ()):
-            subscription.push(events)
+        """Hand committed events (or a bare wake-up, None) to every watcher of the run (their size
+        measured once, only when the run has watchers here)."""
+        subscriptions = self._subscriptions.get(run_id)
+        if not subscriptions:
+            return
+        size = 0 if events is None else sum(event.ByteSize() for event in events)
+        for subscription in subscriptions:
+            subscription.push(events, size)
 
     @contextmanager
     def subscribe(self, run_id: str, capacity: int, owner: str = "") -> Iterator[Subscription]:

@@ -10,7 +10,8 @@ buffer) sends the watcher back to the database.
 What a watcher holds is bounded, so one whose client stops reading costs little memory: gRPC takes a
 message into its send path only as the client's HTTP/2 window allows (a write is awaited before the
 next event is taken), live events are shared with every other watcher of the run (the watcher keeps
-references, at most `--watch-buffer` of them before it leaves the live fan-out), and what it reads
+references, at most `--watch-buffer` of them and 128 bytes each of their size, before it leaves the live
+fan-out: evalsvc.events.bus), and what it reads
 from the database stays serialized (a parsed event costs ~1.2 KiB, ~10x its bytes) in pages of at
 most PAGE_BYTES, parsed one event at a time as they are sent. WatchRunBatched messages are at most
 BATCH_BYTES (and max_events), since a message is held whole, parsed, until gRPC has sent it.

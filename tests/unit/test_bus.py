@@ -14,31 +14,60 @@ def events(*seqs: int) -> list[pb.WatchRunResponse]:
     return [pb.WatchRunResponse(seq=seq) for seq in seqs]
 
 
+def push(subscription: Subscription, batch: list[pb.WatchRunResponse] | None) -> None:
+    """As EventBus.publish pushes: with the batch's serialized size."""
+    subscription.push(batch, 0 if batch is None else sum(event.ByteSize() for event in batch))
+
+
+def run_event(seq: int, definition_bytes: int) -> pb.WatchRunResponse:
+    """A run event whose run carries a definition of about `definition_bytes` (every run event repeats it)."""
+    event = pb.WatchRunResponse(seq=seq)
+    event.run.id = "run_a"
+    event.run.description = "x" * definition_bytes
+    return event
+
+
 async def test_a_batch_larger_than_the_buffer_reaches_a_watcher_that_keeps_up() -> None:
     subscription = Subscription(capacity=8)
     batch = events(*range(1, 21))
-    subscription.push(batch)  # empty buffer: taken whole
+    push(subscription, batch)  # empty buffer: taken whole
     assert await subscription.next(1.0) == batch
-    subscription.push(batch)
-    subscription.push(events(21))  # behind 20 unread events in 8 slots: overflow
+    push(subscription, batch)
+    push(subscription, events(21))  # behind 20 unread events in 8 slots: overflow
     assert await subscription.next(1.0) is None  # read the database instead
+
+
+async def test_a_watcher_that_stopped_reading_holds_a_bounded_number_of_bytes_not_run_events() -> None:
+    # 8 events' room is 1 KiB: a second multi-KB run event behind an unread one sends the watcher to the
+    # database (by count alone it held --watch-buffer run events, each the size of the run's definition).
+    bus = EventBus()
+    with bus.subscribe("run_a", 8) as subscription:
+        bus.publish("run_a", [run_event(1, 5000)])  # an empty buffer takes it, whatever its size
+        bus.publish("run_a", [run_event(2, 5000)])
+        assert await subscription.next(1.0) is None
+        bus.publish("run_a", events(3, 4, 5))  # small events within the bounds still buffer
+        bus.publish("run_a", events(6))
+        assert await subscription.next(1.0) == events(3, 4, 5, 6)
+        bus.publish("run_a", events(7))
+        bus.publish("run_a", [run_event(8, 900)])  # 1 small + 1 under 1 KiB: within the bytes too
+        assert [event.seq for event in await subscription.next(1.0)] == [7, 8]
 
 
 async def test_buffered_events_come_out_together_in_order_and_the_buffer_starts_over() -> None:
     subscription = Subscription(capacity=8)
-    subscription.push(events(1, 2))
-    subscription.push(events(3))
+    push(subscription, events(1, 2))
+    push(subscription, events(3))
     assert await subscription.next(1.0) == events(1, 2, 3)
-    subscription.push(events(4))
+    push(subscription, events(4))
     assert await subscription.next(1.0) == events(4)
 
 
 async def test_a_bare_wake_up_sends_the_watcher_to_the_database_once() -> None:
     subscription = Subscription(capacity=8)
-    subscription.push(events(1))
-    subscription.push(None)  # what was buffered is dropped with it: the database has it
+    push(subscription, events(1))
+    push(subscription, None)  # what was buffered is dropped with it: the database has it
     assert await subscription.next(1.0) is None
-    subscription.push(events(2))
+    push(subscription, events(2))
     assert await subscription.next(1.0) == events(2)
 
 
@@ -69,7 +98,7 @@ async def test_wake_all_sends_every_watcher_to_the_database() -> None:
 async def test_close_ends_every_watch_with_unavailable_and_refuses_new_ones() -> None:
     bus = EventBus()
     with bus.subscribe("run_a", 8) as subscription:
-        subscription.push(events(1))  # a closed watch ends even with events unread
+        push(subscription, events(1))  # a closed watch ends even with events unread
         bus.close()
         with pytest.raises(ServiceError) as ended:
             await subscription.next(1.0)
