@@ -199,7 +199,7 @@ async def test_the_standalone_gateway_checks_the_key_of_a_large_body_first(tmp_p
 
 async def test_a_body_no_keyed_route_would_read_is_answered_before_it_is_read(tmp_path: Path) -> None:
     """The review: a path no route takes, or a route that needs no key and reads no body (/openapi.json,
-    the UI's pages), had its body read whole (up to 16 MB each, keyless) until --http-body-timeout-s, and
+    the UI's pages, a dialect's keyless route), had its body read whole (up to 16 MB each, keyless) until --http-body-timeout-s, and
     only then its 404 or 405. Each is answered at once now, in its API's shape, the body unread."""
     async with _server(tmp_path) as srv:
         port = srv.gateway.port  # type: ignore[union-attr]
@@ -213,3 +213,8 @@ async def test_a_body_no_keyed_route_would_read_is_answered_before_it_is_read(tm
             answer = await _partial_post(port, path, {}, b"{" + b" " * SENT, DECLARED, method)
             got, body = _status_and_json(answer)
             assert (got, body["details"][0]["reason"]) == (status, reason), (method, path, answer[:300])
+        # A dialect's route that needs no key (Aymara's health check, for monitors without one) reads no
+        # body either: 400 in Aymara's shape, not the 401 of the key its other routes take.
+        answer = await _partial_post(port, "/health/", {}, b"{" + b" " * SENT, DECLARED, "GET")
+        got, body = _status_and_json(answer)
+        assert got == 400 and "takes no request body" in json.dumps(body), answer[:300]

@@ -30,6 +30,7 @@ from typing import Any, cast
 
 import grpc
 from fastapi import FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from google.protobuf import json_format, message_factory
@@ -38,6 +39,7 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute
 
 from evalsvc.errors import MAX_VIOLATIONS, FieldViolation, Reason, ServiceError, to_status
 from evalsvc.gateway import dialects, openapi, ui
@@ -183,6 +185,15 @@ async def _disconnect(request: Request) -> None:
     """Return once the HTTP client has closed its connection (ASGI's http.disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _reads_key(route: BaseRoute, caller: Callable[..., Any]) -> bool:
+    """Whether a dialect's route depends on its vendor's `caller` (reads the caller's key)."""
+
+    def depends(dependant: Dependant) -> bool:
+        return any(each.call is caller or depends(each) for each in dependant.dependencies)
+
+    return isinstance(route, APIRoute) and depends(route.dependant)
 
 
 def _metadata(request: Request) -> tuple[tuple[str, str], ...]:
@@ -713,7 +724,11 @@ def create_app(
     for dialect, prefix in dialects.mounts(dialect_spec):
         router = dialect.router(upstream, dialect_options or DialectOptions())
         app.include_router(router, prefix=prefix, tags=[dialect.title])
-        unrouted.add(router.routes, dialect.vendor.error_handler, prefix, Keyed(dialect.key_metadata, dialect.refusal))
+        # A dialect's routes take the key its caller dependency reads; those that do not (Aymara's
+        # health check) are routes that need none, as /openapi.json is.
+        keyed = [route for route in router.routes if _reads_key(route, dialect.vendor.caller)]
+        unrouted.add(keyed, dialect.vendor.error_handler, prefix, Keyed(dialect.key_metadata, dialect.refusal))
+        unrouted.add([route for route in router.routes if route not in keyed], dialect.vendor.error_handler, prefix)
     pages = ui.router()
     app.include_router(pages)
     unrouted.add(pages.routes)

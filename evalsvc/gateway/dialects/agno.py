@@ -22,7 +22,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal, NamedTuple
 
 import grpc
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from google.protobuf import field_mask_pb2, json_format, struct_pb2
@@ -33,6 +33,7 @@ from evalsvc.gateway.dialects.base import (
     DialectClient,
     DialectOptions,
     VendorOptions,
+    bearer_key,
     iso,
     judge_reason,
     owner_labels,
@@ -217,12 +218,14 @@ def _detail(error: GatewayError) -> str:
 _BEARER = HTTPBearer(auto_error=False, description="`Authorization: Bearer <evalsvc API key>`")
 
 
-def _caller(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> Caller:
-    """The caller's key. A missing header is refused here, before the body is validated, as AgentOS's
-    auth dependency does; a wrong key is refused by the gRPC service on the first call."""
-    if credentials is None or not credentials.credentials:
+def _caller(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> Caller:
+    """The caller's key, read as the key check before the body reads it (`bearer_key`; the HTTPBearer
+    dependency documents the scheme). A missing header is refused here, before the body is validated,
+    as AgentOS's auth dependency does; a wrong key is refused by the gRPC service on the first call."""
+    caller = bearer_key(request)
+    if not caller.api_key:
         raise GatewayError(grpc.StatusCode.UNAUTHENTICATED, "Authorization header required", "API_KEY_MISSING")
-    return Caller(credentials.credentials)
+    return caller
 
 
 def _agno_storage(
