@@ -437,6 +437,7 @@ class EvalServer:
             add(servicer, server)
             add(servicer, self.local)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.local)  # the gateway's GET /healthz
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             BoundedReflectionServicer(
                 (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

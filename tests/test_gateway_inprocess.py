@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
 from evalsvc.api.local import PEER, LocalChannel
@@ -22,6 +23,7 @@ from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc
 from tests.conftest import make_settings
 from tests.helpers import create_request, serving_gateway
+from tests.procs import free_port
 from tests.test_gateway import eventually
 
 RUN = {
@@ -192,3 +194,28 @@ async def test_open_sse_streams_end_when_the_server_stops(tmp_path: Path) -> Non
     finally:
         if stopping is None:
             await srv.stop(grace=0)
+
+
+async def test_healthz_tells_http_probes_the_services_health_without_a_key(gw) -> None:
+    """A load balancer or an orchestrator's HTTP probe in front of the gateway cannot speak gRPC health:
+    GET /healthz answers it, the same through the embedded and the standalone gateway, with no key."""
+    srv, keyed = gw
+    async with httpx.AsyncClient(base_url=str(keyed.base_url), timeout=30) as keyless, over_grpc(srv) as standalone:
+        for client in (keyless, standalone):
+            serving = await client.get("/healthz")
+            assert (serving.status_code, serving.json()) == (200, {"status": "SERVING"})
+            assert (await client.head("/healthz")).status_code == 200
+        # What an orchestrator restarts a process for (a stalled loop) or stops sending to (a shutdown).
+        await srv.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        for client in (keyless, standalone):
+            stalled = await client.get("/healthz")
+            assert (stalled.status_code, stalled.json()) == (503, {"status": "NOT_SERVING"})
+    # The standalone gateway whose --grpc-target does not answer.
+    gateway = Gateway(remote_channels(f"127.0.0.1:{free_port()}"), "127.0.0.1:0", settings=srv.settings)
+    port = await gateway.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as alone:
+            unreachable = await alone.get("/healthz")
+            assert (unreachable.status_code, unreachable.json()) == (503, {"status": "UNREACHABLE"})
+    finally:
+        await gateway.stop()

@@ -37,6 +37,7 @@ from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.rpc import status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute
@@ -75,6 +76,7 @@ from evalsvc.messages.validation import (
 from evalsvc.slots import Slots
 
 FORWARDED_HEADERS = ("authorization", "x-api-key")
+HEALTH_TIMEOUT_S = 5.0  # GET /healthz waits this long for the service's answer
 RESUME_FIELD = "after_seq"  # what a stream's Last-Event-ID header sets, over the query string
 CACHE_BUSTER = "_"  # jQuery's `_=<timestamp>`: the one query parameter that names no field and is not refused
 _QUERY_BOOLS = {"true": True, "false": False}
@@ -721,6 +723,7 @@ def create_app(
     # The native routes, which take the caller's key, then /openapi.json, which needs none.
     unrouted.add([r for r in app.routes if isinstance(r, APIRoute)], keyed=Keyed(_metadata, refused))
     unrouted.add([r for r in app.routes if not isinstance(r, APIRoute)])
+    unrouted.add(_health_routes(app, upstream))  # needs no key, as gRPC's health service
     for dialect, prefix in dialects.mounts(dialect_spec):
         router = dialect.router(upstream, dialect_options or DialectOptions())
         app.include_router(router, prefix=prefix, tags=[dialect.title])
@@ -738,6 +741,28 @@ def create_app(
     # FastAPI's documented way to extend the document is replacing the method; mypy forbids assigning methods.
     app.openapi = openapi.with_components(app.openapi, schemas)  # type: ignore[method-assign]
     return app
+
+
+def _health_routes(app: FastAPI, upstream: Upstream) -> list[BaseRoute]:
+    """GET (and HEAD) /healthz: the gRPC service's health for HTTP probes and load balancers in front of
+    the gateway, which cannot speak gRPC's. 200 `{"status": "SERVING"}`; otherwise 503 with the status
+    the service reports (`NOT_SERVING`: stopping, or a stalled loop: docs/operations.md), or `UNREACHABLE`
+    when the service does not answer within HEALTH_TIMEOUT_S (the standalone gateway's --grpc-target)."""
+
+    async def healthz() -> JSONResponse:
+        stub = health_pb2_grpc.HealthStub(upstream.channel)  # in process, the servicer itself
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S)
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.aio.AioRpcError:
+            status = "UNREACHABLE"
+        return JSONResponse({"status": status}, status_code=200 if status == "SERVING" else 503)
+
+    app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+    app.add_api_route(
+        "/healthz", healthz, methods=["GET"], operation_id="Health_Check", summary="Health", tags=["Health"]
+    )
+    return app.routes[-2:]
 
 
 def routing_errors(app: FastAPI) -> RoutingErrors:
