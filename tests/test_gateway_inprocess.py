@@ -205,7 +205,17 @@ async def test_healthz_tells_http_probes_the_services_health_without_a_key(gw) -
             serving = await client.get("/healthz")
             assert (serving.status_code, serving.json()) == (200, {"status": "SERVING"})
             assert (await client.head("/healthz")).status_code == 200
-        # What an orchestrator restarts a process for (a stalled loop) or stops sending to (a shutdown).
+        # A full server (--max-concurrent-rpcs) is a healthy one: the probe is not refused as tenants are.
+        full, srv.admission.served = srv.admission.served, srv.settings.max_concurrent_rpcs
+        try:
+            refused = await keyless.get("/v1/runs", headers={"authorization": f"Bearer {srv.bootstrap_key}"})
+            assert refused.status_code == 429 and "SERVER_CALLS_FULL" in refused.text
+            for client in (keyless, standalone):
+                busy = await client.get("/healthz")
+                assert (busy.status_code, busy.json()) == (200, {"status": "SERVING"})
+        finally:
+            srv.admission.served = full
+        # What an orchestrator restarts a process for: a stalled loop.
         await srv.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         for client in (keyless, standalone):
             stalled = await client.get("/healthz")

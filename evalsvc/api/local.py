@@ -126,7 +126,7 @@ class LocalServices:
             raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         if handler.unary_unary is None:
             raise _error(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not a unary method")
-        await self._admit(context)
+        await self._admit(method, context)
         try:
             behaviour = context.outcome(handler.unary_unary(request, cast(Any, context)))
             call = asyncio.create_task(behaviour, context=self._context.copy())
@@ -153,7 +153,7 @@ class LocalServices:
         messages = handler.unary_stream(request, cast(Any, context)) if handler.unary_stream is not None else None
         if not inspect.isasyncgen(messages):
             raise _error(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not a server-streaming method served in process")
-        await self._admit(context)
+        await self._admit(method, context)
         try:
             while True:
                 try:
@@ -173,11 +173,12 @@ class LocalServices:
             self._admission.release()
             await messages.aclose()
 
-    async def _admit(self, context: LocalContext) -> None:
+    async def _admit(self, method: str, context: LocalContext) -> None:
         """Count the call as served (`Admission.release` when it ends), or the AioRpcError a gRPC server's
-        call would end with (SERVER_CALLS_FULL). Every in-process call is a tenant's: health and reflection
-        are not served here."""
-        await context.outcome(self._admission.admit(cast(Any, context), keyed=True))
+        call would end with (SERVER_CALLS_FULL). As on the wire, a keyless call (the health Check of the
+        gateway's GET /healthz) is never refused: a full server is still a healthy one."""
+        keyed = Authenticator.guards(method)
+        await context.outcome(self._admission.admit(cast(Any, context), keyed=keyed))
 
 
 class LocalContext:

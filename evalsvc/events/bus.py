@@ -28,9 +28,10 @@ def shutting_down() -> ServiceError:
 
 
 # What a watcher's buffer may hold in bytes, per event of its capacity: a result event's typical size
-# (evalsvc.events.watch.TYPICAL_EVENT_BYTES). The count alone let a watcher whose client had stopped
-# reading keep --watch-buffer run events, each repeating its run's definition (multi-MB ones included):
-# a run recorded in a few hundred batches held a few GB for one stalled stream.
+# (evalsvc.events.watch.TYPICAL_EVENT_BYTES). Counted in events alone, a watcher whose client had stopped
+# reading kept --watch-buffer events however large: result events carry the target's output (up to
+# megabytes each) and run events (UpdateRun's too) the run's definition. Judged results with
+# explanations are 400-500 bytes, so the buffer holds fewer of them than --watch-buffer says.
 BUFFERED_BYTES_PER_EVENT = 128
 
 
@@ -40,7 +41,7 @@ class Subscription:
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        self._max_bytes = capacity * BUFFERED_BYTES_PER_EVENT
+        self.max_bytes = capacity * BUFFERED_BYTES_PER_EVENT
         self._events: deque[pb.WatchRunResponse] = deque()
         self._bytes = 0
         self._stale = False
@@ -59,15 +60,15 @@ class Subscription:
             raise self._closed_with
 
     def push(self, events: Sequence[pb.WatchRunResponse] | None, size: int) -> None:
-        """Buffer events (`size`: their serialized bytes); None (or an overflow) means: read the
-        database instead.
+        """Buffer events (`size`: their serialized bytes, or any number over `max_bytes` when they are
+        more); None (or an overflow) means: read the database instead.
 
         A batch over the bounds is still taken into an empty buffer: it is in memory anyway (every
         watcher shares the publisher's messages), and a watcher that keeps up must not be sent to the
         database just because one recording batch (jobs x graders), or one run event of a large
         definition, outgrew them. So a watcher holds at most its bounds, or one batch."""
         if events is None or (
-            self._events and (len(self._events) + len(events) > self._capacity or self._bytes + size > self._max_bytes)
+            self._events and (len(self._events) + len(events) > self._capacity or self._bytes + size > self.max_bytes)
         ):
             self._events.clear()
             self._bytes = 0
@@ -88,6 +89,7 @@ class Subscription:
         if self._stale:
             self._stale = False
             self._events.clear()
+            self._bytes = 0
             return None
         events = list(self._events)
         self._events.clear()
@@ -115,12 +117,16 @@ class EventBus:
                 subscription.close()
 
     def publish(self, run_id: str, events: Sequence[pb.WatchRunResponse] | None) -> None:
-        """Hand committed events (or a bare wake-up, None) to every watcher of the run (their size
-        measured once, only when the run has watchers here)."""
+        """Hand committed events (or a bare wake-up, None) to every watcher of the run. Their size is
+        measured once, only when the run has watchers here, and only as far as a buffer could take
+        (`_size_within`): a recording batch of 50,000 events measured whole held the loop ~70 ms."""
         subscriptions = self._subscriptions.get(run_id)
         if not subscriptions:
             return
-        size = 0 if events is None else sum(event.ByteSize() for event in events)
+        if events is None:
+            size = 0
+        else:
+            size = _size_within(events, max(subscription.max_bytes for subscription in subscriptions))
         for subscription in subscriptions:
             subscription.push(events, size)
 
@@ -177,6 +183,17 @@ class EventBus:
     def watcher_count(self) -> int:
         """Open subscriptions in this process."""
         return sum(len(s) for s in self._subscriptions.values())
+
+
+def _size_within(events: Sequence[pb.WatchRunResponse], limit: int) -> int:
+    """The events' serialized size, or a number over `limit` as soon as it is known to be over: at most
+    about `limit` bytes' worth of events are measured (ByteSize serializes each one)."""
+    size = 0
+    for event in events:
+        size += event.ByteSize()
+        if size > limit:
+            break
+    return size
 
 
 def _discard(index: dict[str, set[Subscription]], key: str, subscription: Subscription) -> None:

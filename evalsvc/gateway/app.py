@@ -77,6 +77,7 @@ from evalsvc.slots import Slots
 
 FORWARDED_HEADERS = ("authorization", "x-api-key")
 HEALTH_TIMEOUT_S = 5.0  # GET /healthz waits this long for the service's answer
+_UNREACHED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 RESUME_FIELD = "after_seq"  # what a stream's Last-Event-ID header sets, over the query string
 CACHE_BUSTER = "_"  # jQuery's `_=<timestamp>`: the one query parameter that names no field and is not refused
 _QUERY_BOOLS = {"true": True, "false": False}
@@ -745,24 +746,41 @@ def create_app(
 
 def _health_routes(app: FastAPI, upstream: Upstream) -> list[BaseRoute]:
     """GET (and HEAD) /healthz: the gRPC service's health for HTTP probes and load balancers in front of
-    the gateway, which cannot speak gRPC's. 200 `{"status": "SERVING"}`; otherwise 503 with the status
-    the service reports (`NOT_SERVING`: stopping, or a stalled loop: docs/operations.md), or `UNREACHABLE`
-    when the service does not answer within HEALTH_TIMEOUT_S (the standalone gateway's --grpc-target)."""
+    the gateway, which cannot speak gRPC's. Keyless and never refused for a full server, as gRPC's health
+    Check (evalsvc.api.admission)."""
 
     async def healthz() -> JSONResponse:
         stub = health_pb2_grpc.HealthStub(upstream.channel)  # in process, the servicer itself
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S)
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-        except grpc.aio.AioRpcError:
-            status = "UNREACHABLE"
+        except grpc.aio.AioRpcError as error:
+            status = "UNREACHABLE" if error.code() in _UNREACHED else "UNKNOWN"
         return JSONResponse({"status": status}, status_code=200 if status == "SERVING" else 503)
 
+    schema = {"type": "object", "properties": {"status": {"type": "string"}}}
     app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
     app.add_api_route(
-        "/healthz", healthz, methods=["GET"], operation_id="Health_Check", summary="Health", tags=["Health"]
+        "/healthz",
+        healthz,
+        methods=["GET"],
+        operation_id="Health_Check",
+        summary="Health",
+        description=_HEALTH_DESCRIPTION,
+        tags=["Health"],
+        responses={
+            200: {"description": '`{"status": "SERVING"}`', "content": {"application/json": {"schema": schema}}},
+            503: {"description": "not serving", "content": {"application/json": {"schema": schema}}},
+        },
     )
     return app.routes[-2:]
+
+
+_HEALTH_DESCRIPTION = (
+    "The service's health, for HTTP probes (no key). 200 `SERVING`; otherwise 503 with `NOT_SERVING` (a loop "
+    "of the server is stalled: docs/operations.md), `UNREACHABLE` (the standalone gateway's --grpc-target "
+    "refuses connections or does not answer within 5 s) or `UNKNOWN`."
+)
 
 
 def routing_errors(app: FastAPI) -> RoutingErrors:

@@ -198,6 +198,7 @@ def remote_channels(target: str, *, root_certificates: str = "") -> ChannelFacto
 # would take as a host name to resolve, with port 443 when none is given: `nonsense` was one.
 _HOST_PORT = re.compile(r"(?:dns:(?://[^/]*/)?)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
 _SOCKET_SCHEMES = ("unix:", "unix-abstract:")
+MAX_RECONNECT_BACKOFF_MS = 5_000
 
 
 def check_target(target: str) -> None:
@@ -218,6 +219,9 @@ def channel_to(target: str, root_certificates: bytes | None = None, index: int =
         ("grpc.max_receive_message_length", 64 << 20),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.use_local_subchannel_pool", 1),
+        # A restarted server is reached again within seconds (grpc's default backoff grows to 120 s, every
+        # call and GET /healthz answering 503 UNREACHABLE meanwhile, the gateways of a rolling restart together).
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         ("evalsvc.gateway.channel", index),
     ]
     if root_certificates is not None:

@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from evalsvc.errors import ServiceError
-from evalsvc.events.bus import EventBus, Subscription
+from evalsvc.events.bus import EventBus, Subscription, _size_within
 from evalsvc.v1 import eval_run_service_pb2 as pb
 
 
@@ -19,11 +19,10 @@ def push(subscription: Subscription, batch: list[pb.WatchRunResponse] | None) ->
     subscription.push(batch, 0 if batch is None else sum(event.ByteSize() for event in batch))
 
 
-def run_event(seq: int, definition_bytes: int) -> pb.WatchRunResponse:
-    """A run event whose run carries a definition of about `definition_bytes` (every run event repeats it)."""
+def result_event(seq: int, output_bytes: int) -> pb.WatchRunResponse:
+    """A result event whose output is about `output_bytes` (a target's answer can be megabytes)."""
     event = pb.WatchRunResponse(seq=seq)
-    event.run.id = "run_a"
-    event.run.description = "x" * definition_bytes
+    event.result.output.content = "x" * output_bytes
     return event
 
 
@@ -37,20 +36,37 @@ async def test_a_batch_larger_than_the_buffer_reaches_a_watcher_that_keeps_up() 
     assert await subscription.next(1.0) is None  # read the database instead
 
 
-async def test_a_watcher_that_stopped_reading_holds_a_bounded_number_of_bytes_not_run_events() -> None:
-    # 8 events' room is 1 KiB: a second multi-KB run event behind an unread one sends the watcher to the
-    # database (by count alone it held --watch-buffer run events, each the size of the run's definition).
+async def test_a_watcher_that_stopped_reading_holds_a_bounded_number_of_bytes_not_of_events() -> None:
+    # 8 events' room is 1 KiB: a second multi-KB result event behind an unread one sends the watcher to
+    # the database (by count alone it held --watch-buffer events, each as large as its output).
     bus = EventBus()
     with bus.subscribe("run_a", 8) as subscription:
-        bus.publish("run_a", [run_event(1, 5000)])  # an empty buffer takes it, whatever its size
-        bus.publish("run_a", [run_event(2, 5000)])
+        bus.publish("run_a", [result_event(1, 5000)])  # an empty buffer takes it, whatever its size
+        bus.publish("run_a", [result_event(2, 5000)])
         assert await subscription.next(1.0) is None
-        bus.publish("run_a", events(3, 4, 5))  # small events within the bounds still buffer
-        bus.publish("run_a", events(6))
+        bus.publish("run_a", events(3, 4, 5))  # small events within the bounds still buffer: the
+        bus.publish("run_a", events(6))  # overflowed batch's bytes are not counted any more
         assert await subscription.next(1.0) == events(3, 4, 5, 6)
         bus.publish("run_a", events(7))
-        bus.publish("run_a", [run_event(8, 900)])  # 1 small + 1 under 1 KiB: within the bytes too
+        bus.publish("run_a", [result_event(8, 900)])  # 1 small + 1 under 1 KiB: within the bytes too
         assert [event.seq for event in await subscription.next(1.0)] == [7, 8]
+
+
+async def test_after_a_database_read_the_buffer_counts_its_bytes_from_nothing() -> None:
+    subscription = Subscription(capacity=8)
+    push(subscription, [result_event(1, 5000)])
+    push(subscription, [result_event(2, 5000)])  # overflow: the database instead
+    push(subscription, [result_event(3, 5000)])  # taken, then dropped with the database read
+    assert await subscription.next(1.0) is None
+    push(subscription, events(4))
+    push(subscription, events(5))  # the dropped batch's bytes no longer count
+    assert await subscription.next(1.0) == events(4, 5)
+
+
+def test_a_batch_is_measured_only_as_far_as_a_buffer_could_take() -> None:
+    batch = [result_event(seq, 1000) for seq in range(1, 1001)]
+    assert _size_within(batch, 10**9) == sum(event.ByteSize() for event in batch)
+    assert 2048 < _size_within(batch, 2048) < 2048 + 1100  # stopped at the first event past the limit
 
 
 async def test_buffered_events_come_out_together_in_order_and_the_buffer_starts_over() -> None:
