@@ -12,7 +12,9 @@ service, from the dialect's own checks of documented limits, or from FastAPI's r
 What the client gives every dialect, written once: a call as the request's caller; "the caller's own
 resource, or this vendor's not-found" (`get`, `owned`); the ownership label (`labels`, `owns`); token
 paging three ways (`pages` lazily, `collect` eagerly, `page` as one cursor page); and the waiting of
-synchronous vendor routes (`wait_until_done`).
+synchronous vendor routes (`wait_until_done`). What every dialect reads the same way: a value it stored
+(`read_stored`), whose record is not the dialect's when the value cannot be read (docs/dialects.md).
+A route's exception that none of these expects is the vendor's 500 (INTERNAL), logged without its message.
 """
 
 from __future__ import annotations
