@@ -170,12 +170,6 @@ def _status(error: GatewayError) -> status_pb2.Status:
     return to_status(ServiceError(error.code, error.reason, error.message, violations, error.metadata, retry_after_s))
 
 
-def _unwritable() -> GatewayError:
-    """The error of a response the gateway could not write as JSON: INTERNAL, as the service answers a
-    bug (logged, never described), where Starlette answered a plain-text 500."""
-    return GatewayError(grpc.StatusCode.INTERNAL, "internal error; the gateway logged the details", Reason.INTERNAL)
-
-
 def _message_class(descriptor: Any) -> type[Message]:
     return message_factory.GetMessageClass(descriptor)
 
@@ -631,7 +625,7 @@ def create_app(
                     body = await json_body(response)
             except Exception:  # a value proto3 JSON cannot write (a NaN in a Struct): a google.rpc.Status, not text
                 log.exception("%s: the response cannot be written as proto3 JSON", route.method.full_name)
-                return refused(_unwritable())
+                return refused(GatewayError.internal())  # where Starlette answered a plain-text 500
             tag = etag_header(response)
             headers = {"etag": tag} if tag else None
             return Response(body, media_type=JSONResponse.media_type, headers=headers)

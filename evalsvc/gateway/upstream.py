@@ -130,6 +130,11 @@ class GatewayError(Exception):
         # rendered in the vendor's shape and never sent in an ErrorInfo.
         return cls(grpc.StatusCode.NOT_FOUND, message, "NOT_FOUND")
 
+    @classmethod
+    def internal(cls) -> GatewayError:
+        """A bug in the gateway: INTERNAL, as the service answers one (logged, never described to the caller)."""
+        return cls(grpc.StatusCode.INTERNAL, "internal error; the gateway logged the details", Reason.INTERNAL)
+
 
 UPSTREAM_RETRY_AFTER_S = 1.0
 

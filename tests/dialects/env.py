@@ -6,13 +6,15 @@ fixture from `dialect_gateway`."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from evalsvc.server import EvalServer
 from tests.conftest import make_settings
@@ -44,10 +46,31 @@ class DialectEnv:
         assert created.status_code == 200, created.text
         return str(created.json()["target"]["id"])
 
+    async def native(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST `body` to a native route (`/v1/runs`, `/v1/datasets`...) as the test's tenant; the answer."""
+        answer = await self.http.post(path, json=body, headers=self.native_auth)
+        assert answer.status_code == 200, answer.text
+        return answer.json()  # type: ignore[no-any-return]
+
     async def ended(self, run_id: str) -> dict[str, Any]:
         """The run as its terminal event shows it, read on the native NDJSON watch rather than through
         the dialect, whose reads may have effects (Bland caches a finished run's summary)."""
         return await watch_to_end(self.http, run_id, self.native_auth)
+
+
+@contextmanager
+def no_errors_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Nothing inside logs at ERROR: neither evalsvc nor uvicorn, whose "Exception in ASGI application"
+    (with a traceback, after a plain-text 500) its own logging config keeps from the root logger caplog
+    reads, so caplog's handler is added to uvicorn's logger too."""
+    server_log = logging.getLogger("uvicorn")
+    server_log.addHandler(caplog.handler)
+    try:
+        yield
+    finally:
+        server_log.removeHandler(caplog.handler)
+    errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert not errors, [f"{record.name}: {record.getMessage()}" for record in errors]
 
 
 def chat_target(url: str, model: str, **endpoint: Any) -> dict[str, Any]:

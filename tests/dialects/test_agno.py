@@ -19,10 +19,11 @@ from agno.client import AgentOSClient
 from agno.db.schemas.evals import EvalType
 from agno.os.routers.evals.schemas import EvalSchema
 
+from evalsvc.gateway.dialects.agno import INPUT_KEY
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc
-from tests.dialects.env import DialectEnv, dialect_gateway
+from tests.dialects.env import DialectEnv, dialect_gateway, no_errors_logged
 from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
 from tests.helpers import create_request, impatient_gateway, keyed_channel
 
@@ -520,3 +521,28 @@ async def test_a_create_whose_watch_has_no_room_answers_the_run_as_it_stands(tmp
                 assert posted.json()["eval_data"]["run_status"] == "PENDING"
                 assert len((await runs.ListRuns(pb.ListRunsRequest())).runs) == 2  # the held one and this one
                 held.cancel()
+
+
+async def test_a_run_whose_agno_request_cannot_be_read_is_not_an_agno_run(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The rule every dialect follows (docs/dialects.md), as Agno always did: a run labelled dialect=agno
+    whose `agno.eval_run_input` a tenant wrote natively as something else is left out of the list and
+    not found by id, and nothing is logged at ERROR."""
+    good = (await env.run(**CLIENT_EXAMPLE | {"agent_id": env.agent_id}))["id"]
+    with no_errors_logged(caplog):
+        native = {
+            "items": [{"id": "a", "input": "q", "response": {"content": "x"}}],
+            "target": {"provided": {}},
+            "graders": [{"name": "exact", "exactMatch": {}}],
+            "labels": {"dialect": "agno"},
+        }
+        bad = [
+            (await env.native("/v1/runs", {**native, "annotations": {INPUT_KEY: value}}))["run"]["id"]
+            for value in ("{", '{"eval_type": "nope"}')
+        ]
+        listed = await env.http.get("/eval-runs")
+        assert listed.status_code == 200 and [r["id"] for r in listed.json()["data"]] == [good], listed.text
+        for run_id in bad:
+            missing = await env.http.get(f"/eval-runs/{run_id}")
+            assert missing.status_code == 404 and missing.json() == {"detail": f"Eval run with id '{run_id}' not found"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 import uuid
@@ -23,7 +24,7 @@ from evalsvc.datasets.service import DatasetService
 from evalsvc.gateway.dialects import aymara
 from evalsvc.gateway.upstream import GatewayError
 from tests.conftest import make_settings
-from tests.dialects.env import DialectEnv, dialect_gateway
+from tests.dialects.env import DialectEnv, dialect_gateway, no_errors_logged
 from tests.fake_llm import FakeEndpoint, Reply, generator_reply, is_generation, judge_reply
 from tests.helpers import impatient_gateway, serving_gateway
 
@@ -963,3 +964,104 @@ async def test_lists_filter_on_workspace_uuid(env: Env) -> None:
     assert {in_a["eval_uuid"], in_b["eval_uuid"]} <= {
         e["eval_uuid"] for e in (await env.http.get("/v2/evals")).json()["items"]
     }
+
+
+def native_run(labels: dict[str, str], annotations: dict[str, str]) -> dict[str, Any]:
+    """A native CreateRun body: one recorded item, exact match."""
+    return {
+        "items": [{"id": "a", "input": "q", "response": {"content": "x"}}],
+        "target": {"provided": {}},
+        "graders": [{"name": "exact", "exactMatch": {}}],
+        "labels": labels,
+        "annotations": annotations,
+    }
+
+
+async def test_a_record_whose_aymara_fields_cannot_be_read_is_not_an_aymara_record(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Probe: a run labelled dialect=aymara whose `aymara.run` or `aymara.responses` annotation a tenant wrote
+    natively as something else (not JSON, or not the fields the dialect writes), or a dataset whose
+    `aymara.eval` is, made every GET /v2/eval-runs or /v2/evals of that tenant, and the record's own GET, a
+    plain-text 500 with a traceback quoting the value. Such a record is not the dialect's now, as Agno's
+    are: left out of the lists, Aymara's 404 by id (docs/dialects.md); an item of an eval whose turn_number is
+    not a number is not one of its prompts."""
+    key, _ = await env.srv.keys.create(f"aymara-{uuid.uuid4().hex[:12]}")  # a tenant of its own: its lists
+    async with httpx.AsyncClient(base_url=env.base_url, headers={"authorization": f"Bearer {key}"}) as http:
+
+        async def native(path: str, body: dict[str, Any]) -> str:
+            answer = await http.post(path, json=body)
+            assert answer.status_code == 200, answer.text
+            return str(answer.json()["dataset" if path == "/v1/datasets" else "run"]["id"])
+
+        created = await http.post("/v2/evals", json=an_eval())
+        assert created.status_code == 200, created.text
+        good = created.json()["eval_uuid"]
+        response = {"prompt_uuid": "p-weapon", "content": REFUSAL}
+        started = await http.post("/v2/eval-runs", json={"eval_uuid": good, "responses": [response]})
+        assert started.status_code == 200, started.text
+        good_run = started.json()["eval_run_uuid"]
+        with no_errors_logged(caplog):
+            owned = {"dialect": "aymara"}
+            bad_evals = [
+                await native("/v1/datasets", {"dataset": {"labels": owned, "annotations": {aymara.EVAL_KEY: value}}})
+                for value in ("{", "[]", '{"eval_type": 1}')
+            ]
+            labelled = {**owned, aymara.EVAL_LABEL: good}
+            bad_runs = [
+                await native("/v1/runs", native_run(labelled, {aymara.RUN_KEY: "{"})),
+                await native("/v1/runs", native_run(labelled, {aymara.RUN_KEY: '{"is_sandbox": "maybe"}'})),
+                await native("/v1/runs", native_run(labelled, {aymara.RESPONSES_KEY: "nope"})),
+                await native("/v1/runs", native_run(labelled, {aymara.RESPONSES_KEY: '[{"no": "prompt_uuid"}]'})),
+                await native("/v1/runs", native_run(owned, {})),  # no eval_uuid label: no eval run either
+            ]
+            added = await http.post(
+                f"/v1/datasets/{good}:addItems", json={"items": [{"input": "q", "metadata": {"turn_number": "²"}}]}
+            )
+            assert added.status_code == 200, added.text
+
+            evals = await http.get("/v2/evals")
+            assert evals.status_code == 200, evals.text
+            assert [e["eval_uuid"] for e in evals.json()["items"]] == [good] and evals.json()["count"] == 1
+            for bad in bad_evals:
+                for path in (f"/v2/evals/{bad}", f"/v2/evals/{bad}/prompts"):
+                    assert_envelope((missing := await http.get(path)).json(), "resource.not_found")
+                    assert missing.status_code == 404
+            prompts = await http.get(f"/v2/evals/{good}/prompts")
+            assert prompts.status_code == 200 and prompts.json()["count"] == 3, prompts.text
+
+            runs = await http.get("/v2/eval-runs")
+            assert runs.status_code == 200, runs.text
+            assert [r["eval_run_uuid"] for r in runs.json()["items"]] == [good_run] and runs.json()["count"] == 1
+            assert (await http.get(f"/v2/eval-runs/{good_run}")).status_code == 200
+            for bad in bad_runs:
+                for path in (f"/v2/eval-runs/{bad}", f"/v2/eval-runs/{bad}/responses"):
+                    assert_envelope((missing := await http.get(path)).json(), "resource.not_found")
+                    assert missing.status_code == 404
+
+
+async def test_an_unexpected_error_is_aymaras_500_logged_without_the_callers_data(
+    env: Env, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception a route did not expect (a bug) was Starlette's plain-text 500, and uvicorn logged its
+    traceback with its message, which may quote what the caller sent or stored. It is the vendor's 500 now
+    (INTERNAL), and one ERROR line names the route and where it failed, without the message."""
+
+    secret = f"tenant-{uuid.uuid4().hex}"  # what the caller stored (not in the source the traceback shows)
+
+    def broken(*_: Any) -> Any:
+        raise ValueError(secret)
+
+    evaluation = await create_eval(env)
+    response = {"prompt_uuid": "p-weapon", "content": REFUSAL}
+    started = await env.http.post("/v2/eval-runs", json={"eval_uuid": evaluation["eval_uuid"], "responses": [response]})
+    assert started.status_code == 200, started.text
+    monkeypatch.setattr(aymara, "result_of", broken)
+    answer = await env.http.get(f"/v2/eval-runs/{started.json()['eval_run_uuid']}")
+    assert answer.status_code == 500, answer.text
+    details = assert_envelope(answer.json(), "server.internal_error")
+    assert details == {"reason": "INTERNAL"} and secret not in answer.text
+    logged = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.name for r in logged] == ["evalsvc.gateway.dialects.base"], [r.getMessage() for r in logged]
+    assert "GET /v2/eval-runs/{eval_run_uuid}: unexpected ValueError" in logged[0].getMessage()
+    assert secret not in logged[0].getMessage() and not logged[0].exc_info

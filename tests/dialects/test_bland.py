@@ -21,7 +21,7 @@ from evalsvc.gateway.dialects.bland.models import CallIn
 from evalsvc.gateway.dialects.bland.translate import call_item, call_out
 from evalsvc.v1 import eval_run_service_pb2 as runs_pb
 from evalsvc.v1 import run_pb2
-from tests.dialects.env import DialectEnv, dialect_gateway
+from tests.dialects.env import DialectEnv, dialect_gateway, no_errors_logged
 from tests.fake_llm import FakeEndpoint, Reply, judge_reply
 
 MILLIS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -989,7 +989,8 @@ def test_a_calls_speakers_become_conversation_roles_and_come_back_as_given() -> 
     )
     item = call_item(call)
     assert [m.role for m in item.conversation] == ["user", "assistant", "assistant"]
-    assert call_out(item).model_dump()["transcripts"] == CALL_TRANSCRIPT_AS_GIVEN
+    out = call_out(item)
+    assert out is not None and out.model_dump()["transcripts"] == CALL_TRANSCRIPT_AS_GIVEN
     plain = call_item(CallIn.model_validate({"call_id": "c2", "transcripts": [{"user": "assistant", "text": "a"}]}))
     assert "transcripts" not in plain.metadata and [m.role for m in plain.conversation] == ["assistant"]
 
@@ -1036,3 +1037,62 @@ async def test_version_reads_list_and_get_the_versions_it_hands_out(env: Env) ->
     check_error(
         await env.http.get(f"/v1/evals/agents/grd_nope/versions/{v1['id']}"), 404, "EVAL_AGENT_VERSION_NOT_FOUND"
     )
+
+
+async def test_a_record_whose_bland_fields_cannot_be_read_is_not_a_bland_record(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Probe: a run labelled dialect=bland whose `bland.summary` a tenant wrote natively as something else, an
+    item added natively to the calls dataset whose metadata is not a call's (a value that is not JSON), and a
+    saved grader labelled dialect=bland whose version record is malformed each made every GET /v1/evals/runs,
+    /calls or /agents of that tenant, and the record's own GET, a plain-text 500 with a traceback quoting the
+    value. Such a record is not the dialect's now, as Agno's are: left out of the lists, Bland's 404 by id
+    (docs/dialects.md)."""
+    agent = (await env.agent(EMPATHY))["agent"]["id"]
+    good = await env.run(attached_agents=[{"eval_agent_id": agent}])
+    await env.ended(good["id"])
+    calls = good["org_id"]  # the calls dataset: it stands for the organization
+    with no_errors_logged(caplog):
+        native_run = {
+            "items": [{"id": "a", "input": "q", "response": {"content": "x"}}],
+            "target": {"provided": {}},
+            "graders": [{"name": "exact", "exactMatch": {}}],
+            "labels": {"dialect": "bland"},
+        }
+        stored = {
+            "bland.summary": "{",
+            "bland.attached_agents": '[{"eval_agent_id": 1}]',
+            "bland.metadata": "[]",
+            "bland.submitted_call_ids": "nope",
+            "bland.run_mode": "video",
+        }
+        bad_runs = [
+            (await env.native("/v1/runs", {**native_run, "annotations": {key: value}}))["run"]["id"]
+            for key, value in stored.items()
+        ]
+        for run_id in bad_runs:
+            await env.ended(run_id)  # the summary is read once a run has ended
+        items = [
+            {"id": "note", "input": "x", "metadata": {"note": "not json"}},
+            {"id": "lines", "input": "x", "metadata": {"transcripts": "[1]"}},
+            {"id": "own-field", "input": "x", "metadata": {"call_id": '"other"'}},
+        ]
+        await env.native(f"/v1/datasets/{calls}:addItems", {"items": items})
+        judge = {"mode": "MODE_CRITERIA", "criteria": "c", "additionalGuidelines": "x\n\n<!-- bland-version {bad -->"}
+        saved = {"displayName": "a", "labels": {"dialect": "bland"}, "grader": {"llmJudge": judge}}
+        bad_agent = (await env.native("/v1/graders", {"grader": saved}))["grader"]["id"]
+
+        rows, more, _ = page(await env.http.get("/v1/evals/runs"), RUN_ITEM)
+        assert [r["id"] for r in rows] == [good["id"]] and not more
+        assert [r["id"] for r in page(await env.http.get("/v1/evals/runs", params={"status": "COMPLETE"}), RUN_ITEM)[0]]
+        for run_id in bad_runs:
+            for path in ("", "/call-results", "/agent-results"):
+                check_error(await env.http.get(f"/v1/evals/runs/{run_id}{path}"), 404, "EVAL_RUN_NOT_FOUND")
+        assert check_run(await env.ok("GET", f"/v1/evals/runs/{good['id']}"))["summary"] is not None
+
+        listed = await env.ok("GET", "/v1/evals/calls")
+        assert [c["call_id"] for c in listed["data"]] == CALL_IDS and not listed["has_more"]
+
+        rows, more, _ = page(await env.http.get("/v1/evals/agents"), AGENT_ITEM)
+        assert [r["id"] for r in rows] == [agent] and not more
+        check_error(await env.http.get(f"/v1/evals/agents/{bad_agent}"), 404, "EVAL_AGENT_NOT_FOUND")

@@ -292,12 +292,14 @@ async def test_record_subsets_search_and_cursors(env: Env) -> None:
     assert [r["id"] for r in runs] == [run["id"]] and cursor is None
 
     native = {"input": "Hi, I need a cab.", "metadata": {"recordType": "CALL", "maxTurns": "many"}}
-    await env.ok("POST", f"/v1/datasets/{config['id']}:addItems", {"items": [native]})
+    digits = {"input": "Hi, I need a taxi.", "metadata": {"maxTurns": "²"}}  # a digit to isdigit(), not to int(): a 500
+    await env.ok("POST", f"/v1/datasets/{config['id']}:addItems", {"items": [native, digits]})
     found, _ = check_page(await env.http.get(f"/api/eval_configs/{config['id']}/records", params={"search": "cab"}))
     assert found == []  # search looks at Vogent's fields only
-    *_, added = check_page(await env.http.get(f"/api/eval_configs/{config['id']}/records"))[0]
+    *_, added, superscript = check_page(await env.http.get(f"/api/eval_configs/{config['id']}/records"))[0]
     assert check_record(added)["recordType"] == "PROMPT"
     assert (added["prompt"]["systemPrompt"], added["prompt"]["maxTurns"]) == ("Hi, I need a cab.", None)
+    assert (superscript["prompt"]["systemPrompt"], superscript["prompt"]["maxTurns"]) == ("Hi, I need a taxi.", None)
 
 
 async def test_a_limit_over_the_largest_page_reads_the_largest_page(env: Env) -> None:

@@ -26,17 +26,19 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from google.protobuf import field_mask_pb2, json_format, struct_pb2
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from evalsvc.gateway.dialects.base import (
     Dialect,
     DialectClient,
     DialectOptions,
+    Unreadable,
     VendorOptions,
     bearer_key,
     iso,
     judge_reason,
     owner_labels,
+    read_stored,
     window,
 )
 from evalsvc.gateway.upstream import Caller, GatewayError
@@ -258,8 +260,8 @@ class Stored:
         if run.HasField("delete_time") or INPUT_KEY not in run.annotations:
             return None
         try:
-            body = EvalRunInput.model_validate_json(run.annotations[INPUT_KEY])
-        except ValidationError:
+            body = read_stored(EvalRunInput, run.annotations[INPUT_KEY])
+        except Unreadable:
             return None  # annotations edited natively into something else: not an Agno run any more
         return cls(body, run.annotations.get(COMPONENT_KEY), run.annotations.get(PROVIDER_KEY))
 

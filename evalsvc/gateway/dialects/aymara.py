@@ -20,6 +20,7 @@ import json
 import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import grpc
@@ -37,12 +38,14 @@ from evalsvc.gateway.dialects.base import (
     Dialect,
     DialectClient,
     DialectOptions,
+    Unreadable,
     VendorOptions,
     annotations_bytes,
     bearer_key,
     iso,
     judge_reason,
     owner_labels,
+    read_stored,
     window,
 )
 from evalsvc.gateway.dialects.uuids import derived_uuid
@@ -515,10 +518,16 @@ GENERATION_STATUS: dict[int, Status] = {
 }
 
 
-def eval_of(dataset: dataset_service_pb2.Dataset) -> Eval:
+def eval_of(dataset: dataset_service_pb2.Dataset) -> Eval | None:
     """The Eval a dataset stands for: its generation's status, or finished once all its prompts are
-    stored when they were given."""
-    fields = EvalFields.model_validate_json(dataset.annotations[EVAL_KEY])
+    stored when they were given. None for a dataset that is not an eval: one without the eval's fields,
+    or whose fields cannot be read (written natively into something else)."""
+    if EVAL_KEY not in dataset.annotations:
+        return None
+    try:
+        fields = read_stored(EvalFields, dataset.annotations[EVAL_KEY])
+    except Unreadable:
+        return None
     if dataset.HasField("generation"):
         status = GENERATION_STATUS.get(dataset.generation.state, "processing")
     else:
@@ -533,14 +542,20 @@ def eval_of(dataset: dataset_service_pb2.Dataset) -> Eval:
     )
 
 
-def prompt_of(item: item_pb2.Item) -> EvalPrompt:
+def prompt_of(item: item_pb2.Item) -> EvalPrompt | None:
+    """The prompt an item of an eval stands for; None for an item whose turn_number is not a number
+    (added natively): not a prompt of the eval."""
     turn = item.metadata.get("turn_number")
+    try:
+        turn_number = read_stored(int, turn, as_json=False) if turn else None
+    except Unreadable:
+        return None
     return EvalPrompt(
         prompt_uuid=item.id,
         content=item.input,
         category=item.metadata.get("category"),
         thread_uuid=item.metadata.get("thread_uuid"),
-        turn_number=int(turn) if turn else None,
+        turn_number=turn_number,
     )
 
 
@@ -651,6 +666,17 @@ def conversation_of(response: EvalResponse, prompt: item_pb2.Item) -> dataset_ge
     )
 
 
+def replayed_other(field: str, value: str, noun: str) -> GatewayError:
+    """409 for a create whose idempotency key named something this dialect no longer reads as a `noun`
+    (its fields were edited natively since): the create is not replayed, nor done again."""
+    return GatewayError(
+        grpc.StatusCode.ALREADY_EXISTS,
+        f"{field} {value!r} was already used for something that is not an {noun}",
+        "ALREADY_EXISTS",
+        [(field, f"already used for something that is not an {noun}")],
+    )
+
+
 def check_kept(annotations: dict[str, str], field: str) -> None:
     """The vendor fields kept in annotations fit their 64 KiB, said in the vendor's terms before the
     server would refuse the annotations."""
@@ -712,55 +738,75 @@ def create_request(
     )
 
 
-def scored(record: dict[str, Any], result: run_pb2.Result | None, submitted: str | None = None) -> ScoredResponse:
+def scored(record: ScoredResponse, result: run_pb2.Result | None, submitted: str | None = None) -> ScoredResponse:
     """A stored response with its result's content and verdict, when it has one; without a result, its
     content is the stored one (excluded, null and file responses) or else `submitted`, when known."""
+    stored = "content" in record.model_fields_set
     if result is None:
-        return ScoredResponse(**{"content": submitted, **record})
-    return ScoredResponse(
-        **{"content": result.output.content, **record},
-        response_uuid=derived_uuid("aymara.response", result.run_id, result.id),  # a UUID, as Aymara's are
-        explanation=result.error_reason or judge_reason(result.explanation),
-        confidence=result.confidence if result.HasField("confidence") else None,
-        is_passed=VERDICT.get(result.state),
+        return record if stored else record.model_copy(update={"content": submitted})
+    return record.model_copy(
+        update={
+            "content": record.content if stored else result.output.content,
+            "response_uuid": derived_uuid("aymara.response", result.run_id, result.id),  # a UUID, as Aymara's are
+            "explanation": result.error_reason or judge_reason(result.explanation),
+            "confidence": result.confidence if result.HasField("confidence") else None,
+            "is_passed": VERDICT.get(result.state),
+        }
     )
 
 
+@dataclass(frozen=True)
+class StoredRun:
+    """A run of this dialect with the eval run's fields it keeps (`create_request`), read back."""
+
+    run: run_pb2.Run
+    eval_uuid: str
+    fields: RunFields
+    records: list[ScoredResponse]  # every submitted response, without its verdict (`record_of`)
+
+    @classmethod
+    def of(cls, run: run_pb2.Run) -> StoredRun | None:
+        """The eval run a run stands for; None for a run that is not one (deleted, without its eval's
+        label, or with fields that cannot be read: written natively into something else)."""
+        if run.HasField("delete_time") or EVAL_LABEL not in run.labels:
+            return None
+        try:
+            fields = read_stored(RunFields, run.annotations.get(RUN_KEY, "{}"))
+            records = read_stored(list[ScoredResponse], run.annotations.get(RESPONSES_KEY, "[]"))
+        except Unreadable:
+            return None
+        return cls(run, run.labels[EVAL_LABEL], fields, records)
+
+
 def responses_of(
-    run: run_pb2.Run, results: Iterable[run_pb2.Result], submitted: Sequence[EvalResponse] = ()
+    stored: StoredRun, results: Iterable[run_pb2.Result], submitted: Sequence[EvalResponse] = ()
 ) -> list[ScoredResponse]:
     """Every submitted response of a run, in submission order, with its verdict where recorded. The
     content of a scored response is read from its result; `submitted` (the request that created the run,
     when answering it) gives the content of those without a result yet."""
     by_prompt = {result.item_id: result for result in results}
     contents = {r.prompt_uuid: r.content for r in submitted if isinstance(r.content, str)}
-    records: list[dict[str, Any]] = json.loads(run.annotations.get(RESPONSES_KEY, "[]"))
     return [
         scored(
             r,
-            None if r.get("exclude_from_scoring") else by_prompt.get(r["prompt_uuid"]),
-            contents.get(r["prompt_uuid"]),
+            None if r.exclude_from_scoring else by_prompt.get(r.prompt_uuid),
+            contents.get(r.prompt_uuid),
         )
-        for r in records
+        for r in stored.records
     ]
 
 
-def workspace_of(run: run_pb2.Run) -> str | None:
-    """The `workspace_uuid` the run was created with (the create's query parameter), if any."""
-    return RunFields.model_validate_json(run.annotations.get(RUN_KEY, "{}")).workspace_uuid
-
-
 def result_of(
-    run: run_pb2.Run, evaluation: Eval | None, responses: list[ScoredResponse] | None, status: Status | None = None
+    stored: StoredRun, evaluation: Eval | None, responses: list[ScoredResponse] | None, status: Status | None = None
 ) -> EvalRunResult:
     """The EvalRunResult of a run. The name defaults to the eval's name and the creation time."""
-    fields = RunFields.model_validate_json(run.annotations.get(RUN_KEY, "{}"))
+    run, fields = stored.run, stored.fields
     created = iso(run.create_time) or ""
     scored_count = run.counts.passed + run.counts.failed
     default_name = f"{evaluation.name or evaluation.eval_type} {created}" if evaluation else None
     return EvalRunResult(
         eval_run_uuid=run.id,
-        eval_uuid=run.labels[EVAL_LABEL],
+        eval_uuid=stored.eval_uuid,
         status=status or STATUS.get(run.status, "created"),
         created_at=created,
         updated_at=iso(run.update_time) or created,
@@ -770,7 +816,7 @@ def result_of(
         is_sandbox=fields.is_sandbox,
         eval_run_examples=fields.eval_run_examples,
         pass_rate=run.counts.passed / scored_count if scored_count else None,
-        num_prompts=len(json.loads(run.annotations.get(RESPONSES_KEY, "[]"))),
+        num_prompts=len(stored.records),
         num_responses_scored=scored_count,
         evaluation=evaluation,
         responses=responses,
@@ -792,18 +838,22 @@ def _validate_only(
 class Aymara(DialectClient):
     """The routes' work, as one caller."""
 
-    async def dataset(self, eval_uuid: str) -> dataset_service_pb2.Dataset:
-        """The dataset of an eval; other datasets are not evals (404)."""
+    async def dataset(self, eval_uuid: str) -> tuple[dataset_service_pb2.Dataset, Eval]:
+        """The dataset of an eval, and the eval; other datasets are not evals (404)."""
         request = dataset_service_pb2.GetDatasetRequest(dataset_id=eval_uuid)
         missing = GatewayError.not_found(f"eval {eval_uuid!r} not found")
         found: dataset_service_pb2.Dataset = await self.owned(
-            self.upstream.datasets.GetDataset, request, "dataset", missing, accept=lambda d: EVAL_KEY in d.annotations
+            self.upstream.datasets.GetDataset, request, "dataset", missing
         )
-        return found
+        if (evaluation := eval_of(found)) is None:
+            raise missing
+        return found, evaluation
 
     async def prompts(self, eval_uuid: str) -> list[item_pb2.Item]:
+        """The items of an eval that are its prompts (`prompt_of`)."""
         request = dataset_service_pb2.ListDatasetItemsRequest(dataset_id=eval_uuid)
-        return await self.collect(self.upstream.datasets.ListDatasetItems, request, "items")
+        items = await self.collect(self.upstream.datasets.ListDatasetItems, request, "items")
+        return [item for item in items if prompt_of(item) is not None]
 
     async def create_eval(self, body: EvalCreate) -> Eval:
         """A dataset with the eval's fields, then its given prompts (skipped when a retry finds them
@@ -834,20 +884,22 @@ class Aymara(DialectClient):
                 dataset = await self.fill_new(dataset, [item_of(p) for p in body.prompts])
             except GatewayError as error:
                 raise prompt_fields(error) from None
-        return eval_of(dataset)
+        if (created := eval_of(dataset)) is None:  # eval_uuid named a dataset since edited natively
+            raise replayed_other("eval_uuid", body.eval_uuid or "", "eval")
+        return created
 
     async def list_evals(self) -> list[Eval]:
         """This dialect's evals, newest first (ListDatasets has no label filter: filtered here)."""
         request = dataset_service_pb2.ListDatasetsRequest()
         datasets = await self.collect(self.upstream.datasets.ListDatasets, request, "datasets")
-        return [eval_of(d) for d in datasets if self.owns(d.labels) and EVAL_KEY in d.annotations]
+        return [e for d in datasets if self.owns(d.labels) and (e := eval_of(d)) is not None]
 
     async def start_run(
         self, body: EvalRunRequest, is_sandbox: bool, workspace_uuid: str | None
-    ) -> tuple[run_pb2.Run, Eval, dict[str, EvalPrompt]]:
+    ) -> tuple[StoredRun, Eval, dict[str, EvalPrompt]]:
         """Check the responses against the eval's prompts, write the next prompt of every thread that
         continues, then create the run."""
-        evaluation = eval_of(await self.dataset(body.eval_uuid))
+        _, evaluation = await self.dataset(body.eval_uuid)
         prompts = {item.id: item for item in await self.prompts(body.eval_uuid)}
         check_responses(body.responses, prompts)
         fields = RunFields(
@@ -859,7 +911,9 @@ class Aymara(DialectClient):
             created = await self.call(self.upstream.runs.CreateRun, request)
         except GatewayError as error:
             raise run_fields(error, body.responses) from None
-        return created.run, evaluation, next_prompts
+        if (stored := StoredRun.of(created.run)) is None:  # eval_run_uuid named a run since edited natively
+            raise replayed_other("eval_run_uuid", body.eval_run_uuid or "", "eval run")
+        return stored, evaluation, next_prompts
 
     async def next_prompts(
         self, body: EvalRunRequest, evaluation: Eval, prompts: dict[str, item_pb2.Item]
@@ -875,31 +929,28 @@ class Aymara(DialectClient):
             conversations=[conversation_of(r, prompts[r.prompt_uuid]) for r in continuing],
         )
         answer = await self.call(self.upstream.generations.ContinueConversations, request)
-        return {r.prompt_uuid: prompt_of(item) for r, item in zip(continuing, answer.items, strict=True)}
+        written = {r.prompt_uuid: prompt_of(item) for r, item in zip(continuing, answer.items, strict=True)}
+        return {prompt_uuid: prompt for prompt_uuid, prompt in written.items() if prompt is not None}
 
-    async def run(self, eval_run_uuid: str) -> run_pb2.Run:
-        """A run of this dialect that is not deleted; anything else is not found."""
+    async def run(self, eval_run_uuid: str) -> StoredRun:
+        """An eval run of this dialect (`StoredRun.of`); anything else is not found."""
         request = eval_run_service_pb2.GetRunRequest(run_id=eval_run_uuid)
         missing = GatewayError.not_found(f"eval run {eval_run_uuid!r} not found")
-        run: run_pb2.Run = await self.owned(
-            self.upstream.runs.GetRun,
-            request,
-            "run",
-            missing,
-            accept=lambda run: EVAL_LABEL in run.labels and not run.HasField("delete_time"),
-        )
-        return run
+        run: run_pb2.Run = await self.owned(self.upstream.runs.GetRun, request, "run", missing)
+        if (stored := StoredRun.of(run)) is None:
+            raise missing
+        return stored
 
-    async def responses(self, run: run_pb2.Run, submitted: Sequence[EvalResponse] = ()) -> list[ScoredResponse]:
-        request = eval_run_service_pb2.ListRunResultsRequest(run_id=run.id)
+    async def responses(self, stored: StoredRun, submitted: Sequence[EvalResponse] = ()) -> list[ScoredResponse]:
+        request = eval_run_service_pb2.ListRunResultsRequest(run_id=stored.run.id)
         results = await self.collect(self.upstream.runs.ListRunResults, request, "results")
-        return responses_of(run, results, submitted)
+        return responses_of(stored, results, submitted)
 
     async def evaluation(self, eval_uuid: str, cache: dict[str, Eval | None]) -> Eval | None:
         """The eval of a run, looked up once per request (null if it cannot be read)."""
         if eval_uuid not in cache:
             try:
-                cache[eval_uuid] = eval_of(await self.dataset(eval_uuid))
+                cache[eval_uuid] = (await self.dataset(eval_uuid))[1]
             except GatewayError as error:
                 if error.code != grpc.StatusCode.NOT_FOUND:
                     raise
@@ -907,16 +958,18 @@ class Aymara(DialectClient):
         return cache[eval_uuid]
 
     async def full_result(
-        self, run: run_pb2.Run, status: Status | None = None, submitted: Sequence[EvalResponse] = ()
+        self, stored: StoredRun, status: Status | None = None, submitted: Sequence[EvalResponse] = ()
     ) -> EvalRunResult:
         """The run with its responses (see `responses_of` for `submitted`)."""
-        evaluation = await self.evaluation(run.labels[EVAL_LABEL], {})
-        return result_of(run, evaluation, await self.responses(run, submitted), status)
+        evaluation = await self.evaluation(stored.eval_uuid, {})
+        return result_of(stored, evaluation, await self.responses(stored, submitted), status)
 
-    async def list_runs(self, eval_uuid: str | None) -> list[run_pb2.Run]:
+    async def list_runs(self, eval_uuid: str | None) -> list[StoredRun]:
+        """This dialect's eval runs (runs that are not eval runs, `StoredRun.of`, are left out)."""
         labels = {**self.labels, **({EVAL_LABEL: eval_uuid} if eval_uuid else {})}
         request = eval_run_service_pb2.ListRunsRequest(labels=labels)
-        return await self.collect(self.upstream.runs.ListRuns, request, "runs")
+        runs = await self.collect(self.upstream.runs.ListRuns, request, "runs")
+        return [stored for run in runs if (stored := StoredRun.of(run)) is not None]
 
 
 # ---- Routes --------------------------------------------------------------------------------------
@@ -944,13 +997,13 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
 
     @api.get("/v2/evals/{eval_uuid}", response_model=Eval, summary="Get an eval")
     async def get_eval(eval_uuid: str, aymara: Aymara = client) -> Eval:
-        return eval_of(await aymara.dataset(eval_uuid))
+        return (await aymara.dataset(eval_uuid))[1]
 
     @api.delete("/v2/evals/{eval_uuid}", status_code=204, response_class=Response, summary="Delete an eval")
     async def delete_eval(eval_uuid: str, aymara: Aymara = client) -> Response:
         """DeleteDataset of an eval (its prompts and a generation in progress go with it); its runs stay
         and read back with `evaluation: null`, as a run of an eval that cannot be read does."""
-        dataset = await aymara.dataset(eval_uuid)
+        dataset, _ = await aymara.dataset(eval_uuid)
         await aymara.call(
             aymara.upstream.datasets.DeleteDataset, dataset_service_pb2.DeleteDatasetRequest(dataset_id=dataset.id)
         )
@@ -960,17 +1013,17 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
     async def list_prompts(
         eval_uuid: str, aymara: Aymara = client, limit: Limit = 100, offset: Offset = 0
     ) -> PromptList:
-        dataset = await aymara.dataset(eval_uuid)
-        prompts = [prompt_of(item) for item in await aymara.prompts(dataset.id)]
+        dataset, _ = await aymara.dataset(eval_uuid)
+        prompts = [prompt for item in await aymara.prompts(dataset.id) if (prompt := prompt_of(item)) is not None]
         return PromptList(items=window(prompts, offset, limit), count=len(prompts))
 
     @api.post("/v2/eval-runs", response_model=EvalRunResult, summary="Create an eval run (scored asynchronously)")
     async def create_run(
         body: EvalRunRequest, aymara: Aymara = client, is_sandbox: bool = False, workspace_uuid: str | None = None
     ) -> EvalRunResult:
-        run, evaluation, next_prompts = await aymara.start_run(body, is_sandbox, workspace_uuid)
+        stored, evaluation, next_prompts = await aymara.start_run(body, is_sandbox, workspace_uuid)
         submitted = [ScoredResponse(**dict(r), next_prompt=next_prompts.get(r.prompt_uuid)) for r in body.responses]
-        return result_of(run, evaluation, submitted)
+        return result_of(stored, evaluation, submitted)
 
     @api.post(
         "/v2/eval-runs/-/score-responses",
@@ -980,10 +1033,12 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
     async def score_responses(
         body: EvalRunRequest, aymara: Aymara = client, is_sandbox: bool = False, workspace_uuid: str | None = None
     ) -> EvalRunResult:
-        run, _, _ = await aymara.start_run(body, is_sandbox, workspace_uuid)
-        done = await aymara.wait_until_done(run.id, options.sync_wait_s)
+        started, _, _ = await aymara.start_run(body, is_sandbox, workspace_uuid)
+        done = await aymara.wait_until_done(started.run.id, options.sync_wait_s)
+        # The run as it ended, with the fields it was created with (a wait does not read them again).
+        ended = dataclasses.replace(started, run=done)
         # The submitted contents are echoed, as POST /v2/eval-runs does, for responses not scored yet.
-        return await aymara.full_result(done, None if done.status in TERMINAL else "processing", body.responses)
+        return await aymara.full_result(ended, None if done.status in TERMINAL else "processing", body.responses)
 
     @api.get("/v2/eval-runs", response_model=EvalRunList, summary="List eval runs (without their responses)")
     async def list_runs(
@@ -994,14 +1049,14 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
         workspace_uuid: Workspace = None,
     ) -> EvalRunList:
         runs = [
-            run
-            for run in await aymara.list_runs(eval_uuid)
-            if not workspace_uuid or workspace_of(run) == workspace_uuid
+            stored
+            for stored in await aymara.list_runs(eval_uuid)
+            if not workspace_uuid or stored.fields.workspace_uuid == workspace_uuid
         ]
         cache: dict[str, Eval | None] = {}
         items = [
-            result_of(run, await aymara.evaluation(run.labels[EVAL_LABEL], cache), None)
-            for run in window(runs, offset, limit)
+            result_of(stored, await aymara.evaluation(stored.eval_uuid, cache), None)
+            for stored in window(runs, offset, limit)
         ]
         return EvalRunList(items=items, count=len(runs))
 
@@ -1011,8 +1066,8 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
 
     @api.delete("/v2/eval-runs/{eval_run_uuid}", status_code=204, response_class=Response, summary="Delete an eval run")
     async def delete_run(eval_run_uuid: str, aymara: Aymara = client) -> Response:
-        run = await aymara.run(eval_run_uuid)
-        await aymara.call(aymara.upstream.runs.DeleteRun, eval_run_service_pb2.DeleteRunRequest(run_id=run.id))
+        stored = await aymara.run(eval_run_uuid)
+        await aymara.call(aymara.upstream.runs.DeleteRun, eval_run_service_pb2.DeleteRunRequest(run_id=stored.run.id))
         return Response(status_code=204)
 
     @api.get("/v2/eval-runs/{eval_run_uuid}/responses", response_model=ResponseList, summary="List scored responses")

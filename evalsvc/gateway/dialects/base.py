@@ -12,20 +12,25 @@ service, from the dialect's own checks of documented limits, or from FastAPI's r
 What the client gives every dialect, written once: a call as the request's caller; "the caller's own
 resource, or this vendor's not-found" (`get`, `owned`); the ownership label (`labels`, `owns`); token
 paging three ways (`pages` lazily, `collect` eagerly, `page` as one cursor page); and the waiting of
-synchronous vendor routes (`wait_until_done`).
+synchronous vendor routes (`wait_until_done`). What every dialect reads the same way: a value it stored
+(`read_stored`), whose record is not the dialect's when the value cannot be read (docs/dialects.md).
+A route's exception that none of these expects is the vendor's 500 (INTERNAL), logged without its message.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
+import logging
 import re
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import grpc
 from fastapi import Depends, Request, Response
@@ -34,6 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute, APIRouter
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
+from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import Scope
 
@@ -53,6 +59,9 @@ from evalsvc.v1 import dataset_service_pb2, item_pb2, run_pb2
 
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 OWNER_LABEL = "dialect"  # label on everything a dialect creates: it sees only what carries its name
 MAX_PAGE_SIZE = 1000  # evalsvc's largest page of a list
@@ -71,6 +80,36 @@ def owner_labels(dialect: str) -> dict[str, str]:
 def is_owned(labels: Mapping[str, str], dialect: str) -> bool:
     """Whether a resource with these labels was created by `dialect` (others are not found there)."""
     return labels.get(OWNER_LABEL) == dialect
+
+
+class Unreadable(ValueError):
+    """A value a dialect stored (an annotation, an item's metadata, a record in a grader's text) that it
+    cannot read back: written natively into something else. The record holding it is not the dialect's."""
+
+
+@overload
+def read_stored(kind: type[T], value: str, *, as_json: bool = True) -> T: ...
+@overload
+def read_stored(kind: Any, value: str, *, as_json: bool = True) -> Any: ...  # a union, a Literal, JsonValue
+
+
+def read_stored(kind: Any, value: str, *, as_json: bool = True) -> Any:
+    """A value the dialect stored, read back as `kind` (a pydantic model or any type pydantic reads): JSON,
+    or with `as_json=False` the text itself (an enum's name, a number written as text). Unreadable when it
+    is not what the dialect writes; the dialect then treats the record holding it as not its own (left
+    out of its lists, its vendor's not-found by id: docs/dialects.md), as it does a record without its
+    label. Never an error of the request: the tenant wrote the value natively, and every other record
+    still reads (a 500 here had broken the dialect's whole list). The value is never in the error."""
+    adapter = _adapter(kind)
+    try:
+        return adapter.validate_json(value) if as_json else adapter.validate_python(value)
+    except ValidationError:
+        raise Unreadable(f"a stored value is not a {getattr(kind, '__name__', kind)}") from None
+
+
+@functools.cache
+def _adapter(kind: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(kind)
 
 
 def annotations_bytes(annotations: Mapping[str, str]) -> int:
@@ -347,10 +386,21 @@ def error_route_class(
                     raise
                 except RequestValidationError as error:
                     return render(_request_invalid(error.errors()))
+                except Exception as error:  # a bug: the vendor's 500 (INTERNAL), never Starlette's plain text
+                    _log_bug(request.method, self.path, error)
+                    return render(GatewayError.internal())
 
             return handle
 
     return DialectRoute
+
+
+def _log_bug(method: str, path: str, error: Exception) -> None:
+    """An ERROR line for an unexpected exception in a dialect route: the route (its template, not the
+    request's path), the exception's type and where it was raised, but not its message, which may hold
+    the caller's data (a pydantic error quotes the value it refused)."""
+    frames = "".join(traceback.format_tb(error.__traceback__))
+    log.error("%s %s: unexpected %s (message withheld)\n%s", method, path, type(error).__name__, frames.rstrip())
 
 
 def _keyless(error: GatewayError, key_help: str) -> GatewayError:

@@ -356,6 +356,10 @@ def item_in(record: CreateAIEvalRecordInput) -> item_pb2.Item:
     return item_pb2.Item(input=text or "", context=record.agent_inputs or "", metadata=metadata)
 
 
+# A count as `item_in` writes it: ASCII digits, as many as int() reads ("²".isdigit(), and int() refused it: a 500).
+COUNT = re.compile(r"[0-9]{1,4000}")
+
+
 def record_out(item: item_pb2.Item) -> AIEvalRecord:
     """A record from its item. An item added natively (no or an unknown recordType) reads as a PROMPT of its
     input, and metadata that is not Vogent's (a maxTurns that is not a count) reads as null."""
@@ -369,7 +373,7 @@ def record_out(item: item_pb2.Item) -> AIEvalRecord:
         prompt = AIEvalPrompt(
             id=item.id,
             system_prompt=meta.get("systemPrompt", default_prompt),
-            max_turns=int(meta["maxTurns"]) if meta.get("maxTurns", "").isdigit() else None,
+            max_turns=int(turns) if COUNT.fullmatch(turns := meta.get("maxTurns", "")) else None,
             created_at=meta.get(CREATED_AT),
             name=meta.get("name"),
             description=meta.get("description"),

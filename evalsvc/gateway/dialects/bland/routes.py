@@ -41,7 +41,6 @@ from evalsvc.gateway.dialects.bland.models import (
     VersionOut,
 )
 from evalsvc.gateway.dialects.bland.translate import (
-    A_CALL_IDS,
     A_SETUP,
     A_SUMMARY,
     CALLS_DATASET,
@@ -55,7 +54,6 @@ from evalsvc.gateway.dialects.bland.translate import (
     CallGroup,
     RunView,
     Verdict,
-    annotation,
     bland_status,
     call_item,
     call_out,
@@ -72,7 +70,7 @@ from evalsvc.gateway.dialects.bland.translate import (
 from evalsvc.gateway.upstream import TERMINAL, Caller, GatewayError
 from evalsvc.v1 import dataset_service_pb2 as ds_pb
 from evalsvc.v1 import eval_run_service_pb2 as runs_pb
-from evalsvc.v1 import grader_pb2, grader_service_pb2, run_pb2, target_pb2
+from evalsvc.v1 import grader_pb2, grader_service_pb2, item_pb2, run_pb2, target_pb2
 
 T = TypeVar("T")
 VERSION_READS = 4  # GetGrader calls a page of an agent's versions makes at once
@@ -219,20 +217,32 @@ class Bland(DialectClient):
             if (agent := own_agent(saved)) is not None:
                 yield agent
 
-    async def run(self, run_id: str) -> run_pb2.Run:
-        """One of this dialect's runs; EVAL_RUN_NOT_FOUND for any other, and for a soft-deleted one (lists
-        leave those out too)."""
-        missing = not_found("EVAL_RUN_NOT_FOUND", f"eval run {run_id!r} not found")
+    async def run(self, run_id: str) -> RunView:
+        """One of this dialect's runs; EVAL_RUN_NOT_FOUND for any other, for a soft-deleted one and for one
+        whose Bland fields cannot be read (`RunView.of`): lists leave those out too."""
         request = runs_pb.GetRunRequest(run_id=run_id)
         run: run_pb2.Run = await self.owned(
-            self.upstream.runs.GetRun, request, "run", missing, accept=lambda run: not run.HasField("delete_time")
+            self.upstream.runs.GetRun,
+            request,
+            "run",
+            run_missing(run_id),
+            accept=lambda run: not run.HasField("delete_time"),
         )
-        return run
+        return viewed(run)
 
-    def runs(self, statuses: Sequence[run_pb2.RunStatus]) -> AsyncIterator[run_pb2.Run]:
-        """This dialect's runs, newest first (the label filter is applied by evalsvc)."""
+    async def runs(self, statuses: Sequence[run_pb2.RunStatus]) -> AsyncIterator[tuple[run_pb2.Run, RunView | None]]:
+        """This dialect's runs, newest first (the label filter is applied by evalsvc), each with its view
+        (None for a run that is not a Bland run: `RunView.of`)."""
         request = runs_pb.ListRunsRequest(labels=self.labels, statuses=statuses)
-        return self.pages(self.upstream.runs.ListRuns, request, "runs")
+        async for run in self.pages(self.upstream.runs.ListRuns, request, "runs"):
+            yield run, RunView.of(run)
+
+    async def calls(self) -> AsyncIterator[tuple[item_pb2.Item, CallOut | None]]:
+        """The items of the calls dataset in the order they were added, each with its call (None for an
+        item that is not one: `call_out`)."""
+        request = ds_pb.ListDatasetItemsRequest(dataset_id=(await self.calls_dataset()).id)
+        async for item in self.pages(self.upstream.datasets.ListDatasetItems, request, "items"):
+            yield item, call_out(item)
 
     async def groups(self, view: RunView) -> AsyncIterator[CallGroup]:
         """The run's results grouped by call, in the run's order (by result id)."""
@@ -253,8 +263,8 @@ class Bland(DialectClient):
         run = view.run
         if run.status not in TERMINAL or not run.counts.completed_evaluations:
             return None
-        if A_SUMMARY in run.annotations:
-            return Summary.model_validate_json(run.annotations[A_SUMMARY])
+        if view.kept_summary is not None:
+            return view.kept_summary
         if groups is None:
             groups = [g async for g in self.groups(view)]
         summary = view.summary(groups)
@@ -268,12 +278,10 @@ class Bland(DialectClient):
             await self.call(self.upstream.runs.UpdateRun, request)
         return summary
 
-    async def run_out(self, run: run_pb2.Run) -> RunOut:
+    async def run_out(self, view: RunView) -> RunOut:
         """The full run object; the call ids come from the results when the run could not keep them."""
-        view = RunView.of(run)
-        stored = annotation(run, A_CALL_IDS, None)
-        groups = None if stored is not None else [g async for g in self.groups(view)]
-        call_ids = stored if stored is not None else [g.call_id for g in groups or []]
+        groups = None if view.call_ids is not None else [g async for g in self.groups(view)]
+        call_ids = view.call_ids if view.call_ids is not None else [g.call_id for g in groups or []]
         return view.out(await self.summary(view, groups), call_ids)
 
     async def resolve(self, at: int, attached: AttachedAgent) -> tuple[Agent, SubmittedAgent]:
@@ -299,6 +307,17 @@ class Bland(DialectClient):
             target_level_keys=targets,
         )
         return agent, submitted
+
+
+def run_missing(run_id: str) -> GatewayError:
+    return not_found("EVAL_RUN_NOT_FOUND", f"eval run {run_id!r} not found")
+
+
+def viewed(run: run_pb2.Run) -> RunView:
+    """The run's view; EVAL_RUN_NOT_FOUND when it is not a Bland run (`RunView.of`)."""
+    if (view := RunView.of(run)) is None:
+        raise run_missing(run.id)
+    return view
 
 
 def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
@@ -389,11 +408,10 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
 
     @api.get("/v1/evals/calls", response_model=Envelope[ListOf[CallOut]])
     async def list_calls(bland: Bland = client, cursor: Cursor = cursor_dep) -> Envelope[ListOf[CallOut]]:
-        """evalsvc extension: the stored calls, in the order they were added."""
-        request = ds_pb.ListDatasetItemsRequest(dataset_id=(await bland.calls_dataset()).id)
-        items = bland.pages(bland.upstream.datasets.ListDatasetItems, request, "items")
-        page = await paginate(items, lambda item: item.id, cursor)
-        return Envelope(data=listing(page, [call_out(item) for item in page.items]))
+        """evalsvc extension: the stored calls, in the order they were added (an item added natively
+        whose metadata is not a call's is left out)."""
+        page = await paginate(bland.calls(), lambda pair: pair[0].id, cursor, lambda pair: pair[1] is not None)
+        return Envelope(data=listing(page, [call for _, call in page.items if call is not None]))
 
     @api.post("/v1/evals/runs", response_model=Envelope[RunOut])
     async def create_run(body: RunCreate, bland: Bland = client) -> Envelope[RunOut]:
@@ -420,7 +438,7 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
         if body.pass_threshold_pct is not None:
             request.pass_threshold = body.pass_threshold_pct
         created = await bland.call(bland.upstream.runs.CreateRun, request)
-        return Envelope(data=RunView.of(created.run).out(None, body.call_ids))
+        return Envelope(data=viewed(created.run).out(None, body.call_ids))
 
     @api.get("/v1/evals/runs", response_model=Envelope[ListOf[RunListItem]])
     async def list_runs(
@@ -433,22 +451,24 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
     ) -> Envelope[ListOf[RunListItem]]:
         """This dialect's runs, newest first, filtered."""
 
-        def keep(run: run_pb2.Run) -> bool:
+        def keep(pair: tuple[run_pb2.Run, RunView | None]) -> bool:
+            run, view = pair
             return (
-                (status is None or bland_status(run) == status)
+                view is not None
+                and (status is None or bland_status(run) == status)
                 and (eval_agent_id is None or any(g.name == eval_agent_id for g in run.graders))
                 and (triggered_by is None or TRIGGER_NAMES.get(run.trigger) == triggered_by)
                 and (workbench_setup_id is None or run.annotations.get(A_SETUP) == workbench_setup_id)
             )
 
         if status is not None and not STATUS_FILTER[status]:
-            page: Page[run_pb2.Run] = Page([], False, None)
+            page: Page[tuple[run_pb2.Run, RunView | None]] = Page([], False, None)
         else:
             # evalsvc filters on the status too, unless a cursor is looked for: it may have left that status
             paging = cursor.starting_after or cursor.ending_before
             runs = bland.runs(STATUS_FILTER[status] if status and not paging else ())
-            page = await paginate(runs, lambda run: run.id, cursor, keep)
-        views = [RunView.of(run) for run in page.items]
+            page = await paginate(runs, lambda pair: pair[0].id, cursor, keep)
+        views = [view for _, view in page.items if view is not None]
         summaries = await asyncio.gather(*(bland.summary(view) for view in views))
         return Envelope(data=listing(page, [v.list_item(s) for v, s in zip(views, summaries, strict=True)]))
 
@@ -463,14 +483,14 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
         await bland.run(run_id)
         request = runs_pb.CancelRunRequest(run_id=run_id)
         cancelled = (await bland.call(bland.upstream.runs.CancelRun, request)).run
-        return Envelope(data=await bland.run_out(cancelled))
+        return Envelope(data=await bland.run_out(viewed(cancelled)))
 
     @api.get("/v1/evals/runs/{run_id}/call-results", response_model=CallResultsEnvelope)
     async def call_results(
         run_id: str, bland: Bland = client, cursor: Cursor = cursor_dep, include_agent_results: bool = False
     ) -> CallResultsEnvelope:
         """One row per evaluated call, in the order they were evaluated."""
-        view = RunView.of(await bland.run(run_id))
+        view = await bland.run(run_id)
         page = await paginate(bland.groups(view), lambda g: g.id, cursor)
         rows = [view.call_result(g, include_agent_results) for g in page.items]
         return CallResultsEnvelope(
@@ -482,7 +502,7 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
         run_id: str, bland: Bland = client, cursor: Cursor = cursor_dep
     ) -> Envelope[ListOf[AgentResult]]:
         """Every judge verdict of the run, in the run's order (by result id)."""
-        view = RunView.of(await bland.run(run_id))
+        view = await bland.run(run_id)
 
         async def verdicts() -> AsyncIterator[tuple[CallGroup, Verdict]]:
             async for group in bland.groups(view):

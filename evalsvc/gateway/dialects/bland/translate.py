@@ -12,12 +12,21 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Self, cast
+from typing import Any, Self
 
 import grpc
 from fastapi.responses import JSONResponse
+from pydantic import JsonValue
 
-from evalsvc.gateway.dialects.base import MAX_ANNOTATIONS_BYTES, annotations_bytes, is_owned, iso, owner_labels
+from evalsvc.gateway.dialects.base import (
+    MAX_ANNOTATIONS_BYTES,
+    Unreadable,
+    annotations_bytes,
+    is_owned,
+    iso,
+    owner_labels,
+    read_stored,
+)
 from evalsvc.gateway.dialects.bland.models import (
     PASS_FAIL,
     AgentListItem,
@@ -247,12 +256,16 @@ def encode_version(version: AgentVersion) -> grader_pb2.Grader:
 
 
 def decode_version(grader: grader_pb2.Grader) -> AgentVersion | None:
-    """The version `encode_version` stored, None for a grader it did not make."""
+    """The version `encode_version` stored, None for a grader it did not make (no version record, or one
+    that cannot be read: written natively)."""
     text = grader.llm_judge.additional_guidelines
     _, mark, record = text.rpartition(VERSION_MARK)
     if not mark or not record.endswith(VERSION_END):
         return None
-    return AgentVersion.model_validate_json(record[: -len(VERSION_END)])
+    try:
+        return read_stored(AgentVersion, record[: -len(VERSION_END)])
+    except Unreadable:
+        return None
 
 
 def slug(name: str) -> str:
@@ -372,10 +385,25 @@ def call_item(call: CallIn) -> item_pb2.Item:
     )
 
 
-def call_out(item: item_pb2.Item) -> CallOut:
-    """A stored call as it was given (the concatenated transcript is rendered when none was)."""
-    extra = {name: json.loads(value) for name, value in item.metadata.items()}
-    lines = extra.pop("transcripts", None) or [{"user": m.role, "text": m.content} for m in item.conversation]
+# The fields of a call that `call_item` keeps outside the metadata: metadata naming one was written natively.
+CALL_FIELDS = frozenset(CallOut.model_fields) - {"transcripts"}
+
+
+def call_out(item: item_pb2.Item) -> CallOut | None:
+    """A stored call as it was given (the concatenated transcript is rendered when none was); None for an
+    item whose metadata `call_item` did not write (a value that is not JSON, transcripts that are not
+    lines, a field of the call's own): added natively, not a call."""
+    if CALL_FIELDS & item.metadata.keys():
+        return None
+    try:
+        extra: dict[str, Any] = {
+            name: read_stored(JsonValue, value) for name, value in item.metadata.items() if name != "transcripts"
+        }
+        given = item.metadata.get("transcripts")
+        stored = read_stored(list[dict[str, JsonValue]], given) if given is not None else None
+    except Unreadable:
+        return None
+    lines = stored or [{"user": m.role, "text": m.content} for m in item.conversation]
     return CallOut(
         call_id=item.id,
         transcripts=lines,
@@ -386,12 +414,6 @@ def call_out(item: item_pb2.Item) -> CallOut:
 
 
 # ---------------------------------------------------------------------------------------------- runs
-
-
-def annotation(run: run_pb2.Run, key: str, default: Any) -> Any:
-    """A JSON annotation of the run, or `default`."""
-    value = run.annotations.get(key)
-    return json.loads(value) if value is not None else default
 
 
 def run_annotations(body: RunCreate, agents: Sequence[SubmittedAgent]) -> dict[str, str]:
@@ -458,17 +480,33 @@ CHOSE = re.compile(r"^judge chose level (?P<key>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\
 
 @dataclass(frozen=True)
 class RunView:
-    """A run's Bland fields: its annotations and its agents' version snapshots."""
+    """A run's Bland fields: its annotations (`run_annotations`, and the summary `Bland.summary` keeps)
+    read back, and its agents' version snapshots."""
 
     run: run_pb2.Run
     agents: dict[str, SubmittedAgent]
     versions: dict[str, AgentVersion]
+    mode: RunMode = "text"
+    metadata: dict[str, str] = field(default_factory=dict)
+    call_ids: list[str] | None = None  # None when the run could not keep them (`run_annotations`)
+    kept_summary: Summary | None = None  # kept once the run has ended (`Bland.summary`)
 
     @classmethod
-    def of(cls, run: run_pb2.Run) -> Self:
-        agents = [SubmittedAgent.model_validate(a) for a in annotation(run, A_AGENTS, [])]
+    def of(cls, run: run_pb2.Run) -> Self | None:
+        """The Bland run a run of this dialect stands for; None when one of its Bland fields cannot be read
+        (written natively into something else): not a Bland run, as a run without the label is not. An
+        absent field has its default (a run labelled natively, without them, reads as one)."""
+        values = run.annotations
+        try:
+            agents = read_stored(list[SubmittedAgent], values.get(A_AGENTS, "[]"))
+            mode: RunMode = read_stored(RunMode, values.get(A_MODE, "text"), as_json=False)
+            metadata = read_stored(dict[str, str], values.get(A_METADATA, "{}"))
+            call_ids = read_stored(list[str], values[A_CALL_IDS]) if A_CALL_IDS in values else None
+            summary = read_stored(Summary, values[A_SUMMARY]) if A_SUMMARY in values else None
+        except Unreadable:
+            return None
         versions = {g.name: v for g in run.graders if (v := decode_version(g)) is not None}
-        return cls(run, {a.eval_agent_id: a for a in agents}, versions)
+        return cls(run, {a.eval_agent_id: a for a in agents}, versions, mode, metadata, call_ids, summary)
 
     @property
     def status(self) -> RunStatus:
@@ -530,7 +568,7 @@ class RunView:
             id=run.id,
             status=self.status,
             triggered_by=TRIGGER_NAMES.get(run.trigger, "manual"),
-            run_mode=cast(RunMode, run.annotations.get(A_MODE, "text")),
+            run_mode=self.mode,
             resolved_call_count=run.counts.total_items,
             resolved_agent_count=len(run.graders),
             resolved_atom_count=run.counts.total_evaluations,
@@ -539,7 +577,7 @@ class RunView:
             billable_cost_usd=run.cost_usd if done else None,
             workbench_setup_id=run.annotations.get(A_SETUP),
             workbench_setup_version_id=run.annotations.get(A_SETUP_VERSION),
-            metadata=annotation(run, A_METADATA, {}),
+            metadata=self.metadata,
             created_at=iso(run.create_time, millis=True),
             started_at=iso(run.start_time, millis=True),
             completed_at=iso(run.end_time, millis=True),
