@@ -92,6 +92,19 @@ class TLSOptions:
     certificate_chain: bytes | None = None
     server_name_override: str | None = None
 
+    def __post_init__(self) -> None:
+        # grpc aborts the whole process (SIGABRT, "Check failed: private_key != nullptr") on one without the other.
+        if (self.private_key is None) != (self.certificate_chain is None):
+            given, missing = (
+                ("certificate_chain", "private_key")
+                if self.private_key is None
+                else ("private_key", "certificate_chain")
+            )
+            raise ValueError(
+                f"TLSOptions: {given} was given without {missing}: a client certificate (mTLS) needs both"
+                " private_key and certificate_chain"
+            )
+
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
             root_certificates=self.root_certificates,

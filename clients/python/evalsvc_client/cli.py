@@ -182,14 +182,32 @@ def _client(args: argparse.Namespace) -> EvalClient:
     url = target_as_url_hint(args.target)
     if url:  # refused before any call: grpc took the URL for a host name, and evalctl said nothing answered there
         raise ValueError(f"{url} (--target or EVALCTL_TARGET)")
-    tls = None
-    if args.ca_cert or args.client_cert or args.tls:
-        tls = TLSOptions(
-            root_certificates=Path(args.ca_cert).read_bytes() if args.ca_cert else None,
-            certificate_chain=Path(args.client_cert).read_bytes() if args.client_cert else None,
-            private_key=Path(args.client_key).read_bytes() if args.client_key else None,
-        )
-    return EvalClient(args.target, api_key=args.api_key, tls=tls)
+    return EvalClient(args.target, api_key=args.api_key, tls=_tls(args))
+
+
+def _tls(args: argparse.Namespace) -> TLSOptions | None:
+    """The TLS flags as TLSOptions, None for plaintext: --tls, --ca-cert or a client certificate turns TLS on.
+    A certificate without its key (or a key alone) is refused before grpc sees it: grpc aborted the process
+    (SIGABRT, exit 134), and a key alone was dropped silently, the call going out in plaintext."""
+    if bool(args.client_cert) != bool(args.client_key):
+        raise ValueError("--client-cert needs --client-key" if args.client_cert else "--client-key needs --client-cert")
+    if not (args.ca_cert or args.client_cert or args.tls):
+        return None
+    return TLSOptions(
+        root_certificates=_read_flag_file("--ca-cert", args.ca_cert),
+        certificate_chain=_read_flag_file("--client-cert", args.client_cert),
+        private_key=_read_flag_file("--client-key", args.client_key),
+    )
+
+
+def _read_flag_file(flag: str, path: str | None) -> bytes | None:
+    """The file a flag names, or a ValueError naming the flag (OSError's words named the file only)."""
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: cannot read it: {exc.strerror or exc}") from None
 
 
 def _print_json(data: Any) -> None:
