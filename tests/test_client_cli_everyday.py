@@ -3,19 +3,24 @@ progress without a terminal, --fail-under given as a fraction, a server lost mid
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from evalsvc_client import cli
+from evalsvc_client import cli, pb
 from evalsvc_client._common import TLSOptions
+from rich.console import Console
 
-from tests.test_client_cli import CLIENT_DIR
+from tests.procs import ServerProcess
+from tests.test_client_cli import CLIENT_DIR, evalctl, live
 from tests.test_tls import Pki, pki
 
-__all__ = ["pki"]  # the fixture, imported for the tests below
+__all__ = ["live", "pki"]  # the fixtures, imported for the tests below
+
+Live = tuple[ServerProcess, str]
 
 
 def evalctl_process(
@@ -62,3 +67,53 @@ def test_sdk_tls_options_refuse_half_a_client_certificate(pki: Pki, given: str) 
     """TLSOptions with one of the pair reached grpc, which aborted the process; now a ValueError naming both."""
     with pytest.raises(ValueError, match="private_key and certificate_chain"):
         TLSOptions(root_certificates=pki.ca.cert, **{given: pki.client.key})
+
+
+# --- progress without a terminal ---------------------------------------------------------------------------------
+
+
+def _counts(completed: int, total: int) -> pb.WatchRunResponse:
+    return pb.WatchRunResponse(
+        counts=pb.RunCounts(total_evaluations=total, completed_evaluations=completed, passed=completed)
+    )
+
+
+def test_without_a_terminal_progress_is_a_line_per_tenth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`evalctl run spec.yaml 2>&1 | cat` printed nothing until the summary (13 s of silence for a small run)."""
+    clock = [1000.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    printed = io.StringIO()
+    with cli._Live(Console(file=printed, width=1000), enabled=False, plain=True) as live:
+        for completed in range(1, 1001):  # one event per evaluation: 1,000 events, 10 lines
+            live.update(_counts(completed, 1000))
+    lines = printed.getvalue().splitlines()
+    assert len(lines) == 10, lines
+    assert lines[0] == "progress: 100/1000 evaluations (10%), pass rate 100.0%, 0 errors, cost $0.0000"
+    assert lines[-1].startswith("progress: 1000/1000 evaluations (100%)")
+
+
+def test_without_a_terminal_a_slow_tenth_still_gets_a_line_every_10_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    printed = io.StringIO()
+    with cli._Live(Console(file=printed, width=1000), enabled=False, plain=True) as live:
+        for completed in range(1, 7):  # one evaluation of 1,000 every 4 s: a line each 10 s or so
+            clock[0] += 4
+            live.update(_counts(completed, 1000))
+    assert [line.split(" evaluations")[0] for line in printed.getvalue().splitlines()] == [
+        "progress: 3/1000",
+        "progress: 6/1000",
+    ]
+
+
+def test_run_piped_prints_progress_lines(live: Live, tmp_path: Path) -> None:
+    (tmp_path / "qa.jsonl").write_text(
+        "".join(f'{{"input": "q{i}", "expected_output": "a", "response": "a"}}\n' for i in range(40))
+    )
+    (tmp_path / "spec.yaml").write_text("dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
+    done = evalctl(live, "run", str(tmp_path / "spec.yaml"))
+    assert done.returncode == cli.EXIT_OK, done.stderr
+    progress = [line for line in done.stderr.splitlines() if line.startswith("progress: ")]
+    assert progress and progress[-1].startswith("progress: 40/40 evaluations (100%), pass rate"), done.stderr
+    quiet = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--no-progress")
+    assert quiet.returncode == cli.EXIT_OK and "progress: " not in quiet.stderr, quiet.stderr

@@ -111,19 +111,31 @@ def pass_rate_percent(counts: pb.RunCounts) -> float | None:
     return 100.0 * counts.passed / graded if graded else None
 
 
+#: Without a terminal, a progress line each time the run crosses another tenth of its evaluations, and one at
+#: most this often (seconds) between them while evaluations complete: a CI log shows the run moving.
+PLAIN_PROGRESS_EVERY_S = 10.0
+
+
 class _Live:
-    """The progress display: a rich bar on a terminal, nothing otherwise (CI logs get the summary line).
+    """The progress display: a rich bar on a terminal; otherwise (`2>&1 | tee log`, CI) whole `progress:` lines,
+    one per tenth of the evaluations completed and at most one per PLAIN_PROGRESS_EVERY_S between them, so a log
+    is never silent for the length of a run (it was: 13 s of nothing, then the summary) nor flooded.
 
     Its cost is the run's cost_usd, target and judges (the target's alone showed $0.0000 for a run whose spend
     was all judges'): taken from each run event and added to from each result after it, as the server adds it
     up: a job's output once, however many graders' results carry its cost, and no output or verdict that came
     from the response cache."""
 
-    def __init__(self, console: Console, enabled: bool) -> None:
+    def __init__(self, console: Console, enabled: bool, plain: bool = False) -> None:
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._cost = 0.0
         self._paid_outputs: set[tuple[str, int]] = set()  # (item id, repetition): one target call each
+        self._console = console
+        self._plain = plain and not enabled
+        self._plain_tenth = 0  # the tenths of the evaluations the last line reported
+        self._plain_completed = 0
+        self._plain_at = time.monotonic()
         if enabled:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
@@ -162,6 +174,8 @@ class _Live:
             self._cost += self._spent_on(event.result)
         if event.HasField("run"):
             self._cost = event.run.cost_usd
+        if self._plain:
+            self._plain_line(event.counts)
         if self._progress is None or self._task is None:
             return
         counts = event.counts
@@ -175,6 +189,21 @@ class _Live:
             rate=format_rate(rate),
             errors=counts.errored,
             cost=self._cost,
+        )
+
+    def _plain_line(self, counts: pb.RunCounts) -> None:
+        total, completed = counts.total_evaluations, counts.completed_evaluations
+        if not total or completed <= self._plain_completed:
+            return
+        tenth = completed * 10 // total
+        now = time.monotonic()
+        if tenth <= self._plain_tenth and now - self._plain_at < PLAIN_PROGRESS_EVERY_S:
+            return
+        self._plain_tenth, self._plain_completed, self._plain_at = tenth, completed, now
+        self._console.print(
+            f"progress: {completed}/{total} evaluations ({100 * completed // total}%),"
+            f" pass rate {format_rate(pass_rate_percent(counts))}, {plural(counts.errored, 'error')},"
+            f" cost ${self._cost:.4f}"
         )
 
 
@@ -282,10 +311,10 @@ def _follow(client: EvalClient, run_id: str, after_seq: int, args: argparse.Name
     Ctrl-C raises `Interrupted` with the last seq shown."""
     final: pb.Run | None = None
     shown = after_seq
-    show_bar = not args.json and not args.no_progress and console.is_terminal
+    show_progress = not args.json and not args.no_progress
     deferred = _Deferred()
     try:
-        with deferred.installed(), _Live(console, show_bar) as live:
+        with deferred.installed(), _Live(console, show_progress and console.is_terminal, show_progress) as live:
             for event in client.watch(run_id, after_seq):
                 with deferred.held():  # an event is shown and counted as shown together, or neither
                     if args.json and args.command == "watch":
@@ -1182,7 +1211,7 @@ def parser() -> argparse.ArgumentParser:
 
     def follow_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--fail-under", type=_percent, metavar="PCT", help="exit 1 when the pass rate (%%) is lower")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--no-progress", action="store_true", help="no progress (bar, or lines without a terminal)")
         p.add_argument("--junit", metavar="FILE", help="write the results as JUnit XML when the run ends")
         p.add_argument("--jsonl", metavar="FILE", help="write the results as JSON Lines when the run ends")
 
