@@ -117,3 +117,20 @@ def test_run_piped_prints_progress_lines(live: Live, tmp_path: Path) -> None:
     assert progress and progress[-1].startswith("progress: 40/40 evaluations (100%), pass rate"), done.stderr
     quiet = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--no-progress")
     assert quiet.returncode == cli.EXIT_OK and "progress: " not in quiet.stderr, quiet.stderr
+
+
+# --- --fail-under as a fraction ----------------------------------------------------------------------------------
+
+
+def test_fail_under_written_as_a_fraction_is_warned_of(live: Live, tmp_path: Path) -> None:
+    """`--fail-under 0.9` silently meant 0.9%, where the spec's `pass_threshold: 0.9` got a warning."""
+    (tmp_path / "spec.yaml").write_text(
+        "items: [{input: q, expected_output: a, response: b}, {input: r, expected_output: a, response: a}]\n"
+        "target: provided\ngraders: [{exact_match: {}}]\n"
+    )
+    done = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--fail-under", "0.9")
+    assert done.returncode == cli.EXIT_OK, done.stderr  # 50% reaches 0.9%: a warning, not a refusal
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: --fail-under is a percentage: 0.9 means 0.9%; did you mean 90?"], done.stderr
+    whole = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--fail-under", "90")
+    assert whole.returncode == cli.EXIT_BELOW and "warning:" not in whole.stderr, whole.stderr

@@ -1434,6 +1434,17 @@ def _percent(text: str) -> float:
     return value
 
 
+def _warn_of_a_fraction(console: Console, fail_under: float | None) -> None:
+    """A warning for a --fail-under written as other tools write a fraction (0.9 for 90%), as for a spec's
+    pass_threshold (RunSpec.warnings): it was taken as 0.9%, a gate nearly every run passes, silently. A
+    warning, not a refusal, as there: 0.5% may be meant."""
+    if fail_under is not None and 0 < fail_under < 1:
+        console.print(
+            f"warning: --fail-under is a percentage: {fail_under:g} means {fail_under:g}%;"
+            f" did you mean {fail_under * 100:g}?"
+        )
+
+
 def _alpha(text: str) -> float:
     """A --alpha: a significance level from 1e-9 to 0.5 (docs/compare.md); 0 was quietly taken as the default 0.05."""
     value = _number(text)
@@ -1477,6 +1488,7 @@ def _console(stderr: bool = False) -> Console:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     console = _console(stderr=True)
+    _warn_of_a_fraction(console, getattr(args, "fail_under", None))
     try:
         if args.command == "validate":
             code: int = args.handler(args, console)
