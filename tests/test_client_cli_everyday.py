@@ -4,18 +4,23 @@ progress without a terminal, --fail-under given as a fraction, a server lost mid
 from __future__ import annotations
 
 import io
+import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from evalsvc_client import cli, pb
 from evalsvc_client._common import TLSOptions
+from evalsvc_client.errors import EvalError
 from rich.console import Console
 
 from tests.procs import ServerProcess
-from tests.test_client_cli import CLIENT_DIR, evalctl, live
+from tests.test_client_cli import CLIENT_DIR, _env, evalctl, live
 from tests.test_tls import Pki, pki
 
 __all__ = ["live", "pki"]  # the fixtures, imported for the tests below
@@ -134,3 +139,90 @@ def test_fail_under_written_as_a_fraction_is_warned_of(live: Live, tmp_path: Pat
     assert warnings == ["warning: --fail-under is a percentage: 0.9 means 0.9%; did you mean 90?"], done.stderr
     whole = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--fail-under", "90")
     assert whole.returncode == cli.EXIT_BELOW and "warning:" not in whole.stderr, whole.stderr
+
+
+# --- a server lost mid-watch, and SIGTERM -------------------------------------------------------------------------
+
+
+def test_sigterm_and_a_lost_server_while_following_name_the_run_and_the_resume(tmp_path: Path) -> None:
+    """SIGTERM ended evalctl in silence; a server gone mid-watch gave 41 s of silence, then the generic error naming
+    neither the run nor the watch that resumes it. No workers: the run stays PENDING."""
+    server = ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 'idle.db'}", tmp_path / "server.log", "--workers", "0")
+    server_up = True
+    try:
+        key = server.bootstrap_key()
+        assert key
+        idle = (server, key)
+        (tmp_path / "spec.yaml").write_text(
+            "items: [{input: x, expected_output: x, response: x}]\ntarget: provided\ngraders: [{exact_match: {}}]\n"
+        )
+
+        def started(*args: str) -> tuple[subprocess.Popen[str], str]:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "evalsvc_client.cli", *args],
+                env=_env(idle),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert proc.stderr is not None
+            return proc, proc.stderr.readline()
+
+        proc, line = started("run", str(tmp_path / "spec.yaml"), "--no-progress")
+        assert line.startswith("created run "), line
+        run_id = line.split()[2]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert err.endswith(
+            f"\nevalctl: terminated (SIGTERM); run {run_id} goes on on the server (`evalctl watch {run_id} --after-seq"
+            f" 0` follows it from here, `evalctl cancel {run_id}` stops it)\n"
+        ), err
+
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "evalsvc_client.cli", "watch", run_id, "--json"],
+            env=_env(idle),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        assert int(json.loads(proc.stdout.readline())["seq"]) == 1
+        assert server.terminate() == 0
+        server_up = False
+        reconnecting = proc.stderr.readline()
+        assert reconnecting.startswith(f"reconnecting: the watch of run {run_id} lost its stream ("), reconnecting
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert err.endswith(
+            f"(`evalctl watch {run_id} --after-seq 1` follows it from here, `evalctl cancel {run_id}` stops it)\n"
+        ), err
+    finally:
+        if server_up:
+            assert server.terminate() == 0
+
+
+def test_a_watch_that_fails_names_the_run_and_the_resume(
+    live: Live, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The watch's reconnections used up (41 s with the server gone): the error alone, the run unnamed."""
+    (tmp_path / "spec.yaml").write_text(
+        "items: [{input: x, expected_output: x, response: x}]\ntarget: provided\ngraders: [{exact_match: {}}]\n"
+    )
+    created = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--detach")
+    run_id = created.stdout.strip()
+    real_watch = cli.EvalClient.watch
+
+    def lost(self: cli.EvalClient, run: str, after_seq: int = 0, **kw: object) -> Iterator[pb.WatchRunResponse]:
+        yield next(iter(real_watch(self, run, after_seq)))
+        raise EvalError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
+
+    monkeypatch.setattr(cli.EvalClient, "watch", lost)
+    server, key = live
+    assert cli.main(["--target", server.target, "--api-key", key, "watch", run_id]) == cli.EXIT_ERROR
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "evalctl: UNAVAILABLE: failed to connect to all addresses",
+        f"  run {run_id} was not followed to its end: `evalctl watch {run_id} --after-seq 1` follows it again from"
+        " the last event shown",
+    ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import random
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +114,25 @@ class TLSOptions:
 
 
 @dataclass(frozen=True)
+class Retrying:
+    """A retry a client is about to wait for, as `on_retry` (ClientOptions, EvalClient, AsyncEvalClient) gets it:
+    a unary call's (`CreateRun` rate-limited with RetryInfo waits that long) or a watch's reconnection. The
+    clients say nothing by default (a DEBUG/INFO log record only); a program or CLI shows these as it likes."""
+
+    #: The RPC: "CreateRun", "GetRun", ..., or "WatchRun" for a watch reconnecting.
+    call: str
+    #: Why: the error of the attempt that failed (`error.reason` "CREATE_RUN_RATE", `error.retry_delay`, ...).
+    error: EvalError
+    #: Attempts failed so far (a watch's: failures in a row since its stream last delivered anything).
+    attempt: int
+    #: Seconds until the next attempt.
+    delay_s: float
+    #: A watch's run and the seq it resumes after ("" and 0 for unary calls).
+    run_id: str = ""
+    after_seq: int = 0
+
+
+@dataclass(frozen=True)
 class ClientOptions:
     """Connection and call settings shared by `EvalClient` and `AsyncEvalClient`."""
 
@@ -125,6 +144,12 @@ class ClientOptions:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     watch: WatchPolicy = field(default_factory=WatchPolicy)
     channel_options: Sequence[tuple[str, Any]] = ()
+    #: Called before each retry's wait (see `Retrying`); None, the default: retries are silent.
+    on_retry: Callable[[Retrying], None] | None = None
+
+    def retrying(self, retrying: Retrying) -> None:
+        if self.on_retry is not None:
+            self.on_retry(retrying)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
@@ -144,6 +169,11 @@ class ClientOptions:
             options.append(("grpc.ssl_target_name_override", self.tls.server_name_override))
         options.extend(self.channel_options)
         return options
+
+
+def rpc_name(request: Any) -> str:
+    """The RPC a request message is for: CreateRunRequest -> "CreateRun"."""
+    return type(request).__name__.removesuffix("Request")
 
 
 def new_request_id() -> str:

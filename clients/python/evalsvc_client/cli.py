@@ -27,20 +27,23 @@
 
 Global, before or after the command (`evalctl --json list` or `evalctl list --json`): --target HOST:PORT
 (EVALCTL_TARGET, default 127.0.0.1:50051), --api-key (EVALSVC_API_KEY), --json, --tls,
---ca-cert/--client-cert/--client-key (TLS, mTLS). `run --detach` and `rerun --detach` print the new run's id
-alone on stdout (`R=$(evalctl run spec.yaml --detach)`). JSON output (--json, --jsonl, results --format jsonl)
-is proto JSON with the .proto field names (snake_case; REST's JSON is lowerCamelCase) and every field, defaults too.
+--ca-cert/--client-cert/--client-key (TLS, mTLS; a client certificate needs its key). `run --detach` and
+`rerun --detach` print the new run's id alone on stdout (`R=$(evalctl run spec.yaml --detach)`). JSON output
+(--json, --jsonl, results --format jsonl) is proto JSON with the .proto field names (snake_case; REST's JSON is
+lowerCamelCase) and every field, defaults too.
 
 Verdict (run, rerun, watch; get with --fail-under): a run passes when its pass rate (percent, errors excluded) reaches
 --fail-under if given, else the spec's pass_threshold (unset: every graded evaluation must pass), and at most
 the spec's max_error_rate percent of its evaluations errored (unset: none may). Both are percents: validate and run
-warn on stderr, and go on, when either is above 0 and at most 1 (`pass_threshold: 0.9` is 0.9%; 90% is 90).
+warn on stderr, and go on, when either is above 0 and at most 1 (`pass_threshold: 0.9` is 0.9%; 90% is 90), as
+for --fail-under between 0 and 1.
 Exit codes: 0 passed; 1 did not pass, or (compare --fail-on-regression) a grader REGRESSED or no evaluation was
 paired at all, or (compare --max-unpaired N) more than N evaluations were unpaired; 2 the run ended
 FAILED or CANCELLED; 3 a spec, connection or RPC error, or a command line evalctl does not understand;
 4 (get --fail-under; compare with a gate, of a run still executing: a partial comparison) NO VERDICT: a run
 has not ended, so there is no verdict yet;
-141 (quietly) stdout closed early, as in `evalctl results RUN --format jsonl | head`.
+141 (quietly) stdout closed early, as in `evalctl results RUN --format jsonl | head`; 130 Ctrl-C and 143 SIGTERM,
+saying which run goes on and the `evalctl watch RUN --after-seq N` that follows it again.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from evalsvc_client import pb
-from evalsvc_client._common import TLSOptions
+from evalsvc_client._common import Retrying, TLSOptions
 from evalsvc_client.errors import EvalError, target_as_url_hint
 from evalsvc_client.export import listed_explanation, listed_output, to_dict, write_jsonl, write_junit
 from evalsvc_client.report import agreement_line, format_rate, render_html
@@ -77,15 +80,43 @@ EXIT_OK, EXIT_BELOW, EXIT_RUN_FAILED, EXIT_ERROR, EXIT_NOT_ENDED = 0, 1, 2, 3, 4
 EXIT_STDOUT_CLOSED = 128 + 13
 #: Ctrl-C (SIGINT, 2), as for a program the signal ended; the run evalctl was following goes on on the server.
 EXIT_INTERRUPTED = 128 + 2
+#: SIGTERM (15), handled as Ctrl-C is (the same line naming the run and the watch that resumes it), then
+#: the status of a program SIGTERM ended. It ended evalctl in silence, the run and where to resume unsaid.
+EXIT_TERMINATED = 128 + 15
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so that every place that handles one handles both."""
+
+
+def _stop_signal(error: KeyboardInterrupt) -> int:
+    return signal.SIGTERM if isinstance(error, Terminated) else signal.SIGINT
 
 
 class Interrupted(Exception):
-    """Ctrl-C while evalctl followed a run: `last_seq` is the last event it showed, where a watch resumes."""
+    """Ctrl-C (or SIGTERM: `signum`) while evalctl followed a run: `last_seq` is the last event it showed, where a
+    watch resumes."""
 
-    def __init__(self, run_id: str, last_seq: int) -> None:
+    def __init__(self, run_id: str, last_seq: int, signum: int = signal.SIGINT) -> None:
         super().__init__(run_id, last_seq)
         self.run_id = run_id
         self.last_seq = last_seq
+        self.signum = signum
+
+
+class FollowFailed(Exception):
+    """An error that ended a watch evalctl followed (the server lost for good, a refused key): `error`, with the
+    run and the last event shown, so the message says how to pick the run up again."""
+
+    def __init__(self, error: EvalError, run_id: str, last_seq: int) -> None:
+        super().__init__(error, run_id, last_seq)
+        self.error = error
+        self.run_id = run_id
+        self.last_seq = last_seq
+
+
+#: Errors of a watch after which watching the same run again cannot help (no such run, a seq beyond its last).
+_NOT_RESUMABLE = frozenset({"NOT_FOUND", "INVALID_ARGUMENT", "OUT_OF_RANGE"})
 
 
 _STATES = {
@@ -207,11 +238,35 @@ class _Live:
         )
 
 
-def _client(args: argparse.Namespace) -> EvalClient:
+def _client(args: argparse.Namespace, console: Console) -> EvalClient:
     url = target_as_url_hint(args.target)
     if url:  # refused before any call: grpc took the URL for a host name, and evalctl said nothing answered there
         raise ValueError(f"{url} (--target or EVALCTL_TARGET)")
-    return EvalClient(args.target, api_key=args.api_key, tls=_tls(args))
+    return EvalClient(args.target, api_key=args.api_key, tls=_tls(args), on_retry=_retry_lines(console))
+
+
+#: A watch that keeps failing to reconnect says so again after this many failures in a row.
+RECONNECTING_EVERY = 10
+
+
+def _retry_lines(console: Console) -> Callable[[Retrying], None]:
+    """The SDK's retries (silent to a library's user) as lines on stderr: evalctl waited without a word while the
+    server rate-limited CreateRun (36 s) or while its watch reconnected to a server gone (41 s, then an error)."""
+
+    def say(retrying: Retrying) -> None:
+        error, delay = retrying.error, retrying.delay_s
+        if retrying.call == "WatchRun":
+            if retrying.attempt == 1 or retrying.attempt % RECONNECTING_EVERY == 0:
+                console.print(
+                    f"reconnecting: the watch of run {retrying.run_id} lost its stream ({error.code.name});"
+                    f" trying again in {delay:.1f} s (failure {retrying.attempt} in a row)"
+                )
+        elif error.code.name == "RESOURCE_EXHAUSTED" and error.retry_delay is not None:
+            console.print(f"rate-limited ({(error.reason or 'server busy').lower()}); retrying in {delay:.0f} s")
+        elif delay >= 1:
+            console.print(f"{retrying.call}: {error.code.name}; retrying in {delay:.1f} s")
+
+    return say
 
 
 def _tls(args: argparse.Namespace) -> TLSOptions | None:
@@ -274,25 +329,26 @@ class _Deferred:
 
     def __init__(self) -> None:
         self._inside = False
-        self._pending = False
+        self._pending: int | None = None
 
     def __call__(self, signum: int, frame: Any) -> None:
         if self._inside:
-            self._pending = True
+            self._pending = signum
         else:
-            raise KeyboardInterrupt
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        """This handler for SIGINT while the block runs (from the main thread only, as signal requires)."""
+        """This handler for SIGINT and SIGTERM while the block runs (from the main thread only, as signal requires)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.signal(signal.SIGINT, self)
+        previous = {signum: signal.signal(signum, self) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -301,14 +357,15 @@ class _Deferred:
             yield
         finally:
             self._inside = False
-        if self._pending:
-            self._pending = False
-            raise KeyboardInterrupt
+        if self._pending is not None:
+            signum, self._pending = self._pending, None
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def _follow(client: EvalClient, run_id: str, after_seq: int, args: argparse.Namespace, console: Console) -> pb.Run:
     """Watch to the end: JSON lines of events with --json, the progress bar on a terminal; returns the final run.
-    Ctrl-C raises `Interrupted` with the last seq shown."""
+    Ctrl-C (or SIGTERM) raises `Interrupted` with the last seq shown, an error that ends the watch `FollowFailed`
+    (unless watching again cannot help: no such run)."""
     final: pb.Run | None = None
     shown = after_seq
     show_progress = not args.json and not args.no_progress
@@ -324,8 +381,12 @@ def _follow(client: EvalClient, run_id: str, after_seq: int, args: argparse.Name
                 live.update(event)
                 if event.HasField("run"):
                     final = event.run
-    except KeyboardInterrupt:
-        raise Interrupted(run_id, shown) from None
+    except KeyboardInterrupt as exc:
+        raise Interrupted(run_id, shown, _stop_signal(exc)) from None
+    except EvalError as exc:
+        if exc.code.name in _NOT_RESUMABLE:
+            raise
+        raise FollowFailed(exc, run_id, shown) from None
     return final if final is not None and final.status in pb.TERMINAL_STATUSES else client.get_run(run_id)
 
 
@@ -523,8 +584,8 @@ def _follow_created(client: EvalClient, run: pb.Run, args: argparse.Namespace, c
                 print(run.id)
             return EXIT_OK
         final = _follow(client, run.id, 0, args, console)
-    except KeyboardInterrupt:  # before the watch began (in it, _follow raises Interrupted with its seq)
-        raise Interrupted(run.id, 0) from None
+    except KeyboardInterrupt as exc:  # before the watch began (in it, _follow raises Interrupted with its seq)
+        raise Interrupted(run.id, 0, _stop_signal(exc)) from None
     _export(client, final, args)
     if args.json:
         _print_json(to_dict(final))
@@ -1486,6 +1547,20 @@ def _console(stderr: bool = False) -> Console:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
     console = _console(stderr=True)
     _warn_of_a_fraction(console, getattr(args, "fail_under", None))
@@ -1493,7 +1568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "validate":
             code: int = args.handler(args, console)
         else:
-            client = _client(args)
+            client = _client(args, console)
             try:
                 code = args.handler(args, client, console)
             except (Interrupted, KeyboardInterrupt):
@@ -1510,32 +1585,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One line, not KeyboardInterrupt's traceback: the run is the server's, and a watch picks it up again.
         return _interrupted(
             console,
-            f"evalctl: interrupted; run {exc.run_id} goes on on the server"
+            f"evalctl: {_STOPPED[exc.signum]}; run {exc.run_id} goes on on the server"
             f" (`evalctl watch {exc.run_id} --after-seq {exc.last_seq}` follows it from here,"
             f" `evalctl cancel {exc.run_id}` stops it)",
+            exc.signum,
         )
-    except KeyboardInterrupt:
-        return _interrupted(console, "evalctl: interrupted")
+    except KeyboardInterrupt as exc:
+        return _interrupted(console, f"evalctl: {_STOPPED[_stop_signal(exc)]}", _stop_signal(exc))
     except SpecError as exc:
         _print_spec_error(console, exc)
+    except FollowFailed as exc:
+        _print_eval_error(console, exc.error)
+        console.print(
+            f"  run {exc.run_id} was not followed to its end: `evalctl watch {exc.run_id} --after-seq {exc.last_seq}`"
+            " follows it again from the last event shown"
+        )
     except EvalError as exc:
-        console.print(f"evalctl: {exc.code.name}: {exc.message}" + (f" ({exc.reason})" if exc.reason else ""))
-        for path, why in exc.field_violations:
-            console.print(f"  {path}: {why}")
-        if exc.hint:
-            console.print(f"  {exc.hint}")
+        _print_eval_error(console, exc)
     except (OSError, ValueError) as exc:
         console.print(f"evalctl: {exc}")
     return EXIT_ERROR
 
 
-def _interrupted(console: Console, message: str) -> int:
+_STOPPED: dict[int, str] = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)"}
+
+
+def _print_eval_error(console: Console, exc: EvalError) -> None:
+    console.print(f"evalctl: {exc.code.name}: {exc.message}" + (f" ({exc.reason})" if exc.reason else ""))
+    for path, why in exc.field_violations:
+        console.print(f"  {path}: {why}")
+    if exc.hint:
+        console.print(f"  {exc.hint}")
+
+
+def _interrupted(console: Console, message: str, signum: int = signal.SIGINT) -> int:
     """Say why evalctl stops; EXIT_INTERRUPTED. The channel is left open (`main`): Ctrl-C can break into
     grpc's own code in the middle of a call (a watch), and closing the channel then waited for that call
     for good (the process hung after the message, until killed). Nothing is left to clean up: the run is
     the server's."""
     console.print(message)
-    return EXIT_INTERRUPTED
+    return 128 + signum
 
 
 def _stdout_closed() -> int:

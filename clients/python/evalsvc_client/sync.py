@@ -14,6 +14,7 @@ from evalsvc_client._common import (
     ClientOptions,
     GraderLike,
     ItemLike,
+    Retrying,
     RetryPolicy,
     TargetLike,
     TLSOptions,
@@ -25,6 +26,7 @@ from evalsvc_client._common import (
     list_runs_request,
     new_request_id,
     rerun_run_request,
+    rpc_name,
     to_grader,
     to_item,
     to_target,
@@ -71,6 +73,7 @@ class EvalClient:
         retry: RetryPolicy | None = None,
         watch: WatchPolicy | None = None,
         options: ClientOptions | None = None,
+        on_retry: Callable[[Retrying], None] | None = None,
     ) -> None:
         self.options = options or ClientOptions(
             target=target,
@@ -79,6 +82,7 @@ class EvalClient:
             timeout_s=timeout_s,
             retry=retry or RetryPolicy(),
             watch=watch or WatchPolicy(),
+            on_retry=on_retry,
         )
         opts = self.options
         if opts.tls is not None:
@@ -115,6 +119,7 @@ class EvalClient:
                     raise error from None
                 delay = policy.backoff(attempt, error)
                 log.debug("retrying after %s in %.2fs (attempt %d)", error.code.name, delay, attempt)
+                self.options.retrying(Retrying(rpc_name(request), error, attempt, delay))
                 time.sleep(delay)
 
     # Runs.
@@ -358,6 +363,7 @@ class EvalClient:
                 log.info(
                     "watch of %s dropped (%s); resuming after seq %d in %.2fs", run_id, error.code.name, last, delay
                 )
+                self.options.retrying(Retrying("WatchRun", error, failures, delay, run_id, last))
                 time.sleep(delay)
             finally:
                 call.cancel()
