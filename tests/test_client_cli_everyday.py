@@ -3,27 +3,31 @@ progress without a terminal, --fail-under given as a fraction, a server lost mid
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import grpc
 import pytest
-from evalsvc_client import cli, pb
+from evalsvc_client import cli, errors, pb
 from evalsvc_client._common import TLSOptions
 from evalsvc_client.errors import EvalError
 from rich.console import Console
 
-from tests.procs import ServerProcess
+from evalsvc.server import EvalServer
+from tests.procs import LISTENING, ServerProcess, evalsvc_run
 from tests.test_client_cli import CLIENT_DIR, _env, evalctl, live
-from tests.test_tls import Pki, pki
+from tests.test_tls import Pki, pki, tls_server
 
-__all__ = ["live", "pki"]  # the fixtures, imported for the tests below
+__all__ = ["live", "pki", "tls_server"]  # the fixtures, imported for the tests below
 
 Live = tuple[ServerProcess, str]
 
@@ -226,3 +230,106 @@ def test_a_watch_that_fails_names_the_run_and_the_resume(
         f"  run {run_id} was not followed to its end: `evalctl watch {run_id} --after-seq 1` follows it again from"
         " the last event shown",
     ]
+
+
+# --- versions ----------------------------------------------------------------------------------------------------
+
+
+def test_evalctl_and_evalsvc_say_their_versions(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
+    """Neither said a version anywhere: no --version, nothing in the server's log."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"evalctl {metadata.version('evalsvc-client')}\n"
+    done = evalsvc_run(["--version"], os.environ)
+    assert (done.returncode, done.stdout) == (0, f"evalsvc {metadata.version('evalsvc')}\n"), done.stderr
+    server, _ = live
+    log = server.log_path.read_text()
+    version = re.escape(metadata.version("evalsvc"))
+    assert re.search(rf" evalsvc starting \(version {version}, database sqlite", log), log
+    assert LISTENING.findall(log) == [str(server.port)]
+
+
+# --- TLS failures named as such ----------------------------------------------------------------------------------
+
+
+async def test_a_certificate_for_another_name_is_said_and_tls_server_name_overrides(
+    tls_server: EvalServer, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server whose certificate does not hold the name called was "Nothing answers at ...: is the server
+    running?"; and evalctl had no flag for the SDK's server_name_override."""
+    argv = ["--target", f"127.0.0.1:{tls_server.port}", "--api-key", "evk_x", "--ca-cert", str(pki.ca_file)]
+    assert await asyncio.to_thread(cli.main, [*argv, "--tls-server-name", "other.example", "list"]) == cli.EXIT_ERROR
+    said = capsys.readouterr().err
+    assert (
+        f"  Something answers at 127.0.0.1:{tls_server.port} with TLS, but its certificate is not for the name"
+        " called: call it by a name its certificate holds (--target), or give that name with --tls-server-name NAME"
+    ) in said, said
+    assert "Nothing answers" not in said
+    # The name the certificate holds: the handshake succeeds, and the server answers (this key is no key of its).
+    assert await asyncio.to_thread(cli.main, [*argv, "--tls-server-name", "localhost", "list"]) == cli.EXIT_ERROR
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def test_refused_on_one_address_of_a_name_with_tls_mentions_tls() -> None:
+    """localhost: ::1 refused (grpc's last error) while 127.0.0.1 failed TLS; the hint said only "is the server
+    running?"."""
+    message = (
+        "failed to connect to all addresses; last error: UNKNOWN: ipv6:%5B::1%5D:50051: Failed to connect to remote"
+        " host: Connection refused"
+    )
+    hint = errors.hint_for(grpc.StatusCode.UNAVAILABLE, "", "localhost:50051", message, tls=True)
+    assert hint.startswith("Nothing answers at localhost:50051: is the server running?"), hint
+    assert "grpc names only the last address it tried ([::1]:50051); another address of localhost" in hint, hint
+    assert "--ca-cert, --client-cert/--client-key and --tls-server-name" in hint, hint
+    assert "--tls-server-name" not in errors.hint_for(grpc.StatusCode.UNAVAILABLE, "", "localhost:50051", message)
+
+
+# --- retries said ------------------------------------------------------------------------------------------------
+
+
+def test_a_rate_limited_create_run_says_it_waits(tmp_path: Path) -> None:
+    """evalctl waited in silence while the server rate-limited CreateRun (RetryInfo 36 s, retried by the SDK)."""
+    server = ServerProcess(
+        f"sqlite+aiosqlite:///{tmp_path / 'rate.db'}",
+        tmp_path / "server.log",
+        "--workers",
+        "0",
+        "--create-run-rate",
+        "0.5",
+        "--create-run-burst",
+        "1",
+    )
+    try:
+        key = server.bootstrap_key()
+        assert key
+        limited = (server, key)
+        (tmp_path / "spec.yaml").write_text(
+            "items: [{input: x, expected_output: x, response: x}]\ntarget: provided\ngraders: [{exact_match: {}}]\n"
+        )
+        first = evalctl(limited, "run", str(tmp_path / "spec.yaml"), "--detach")
+        assert first.returncode == cli.EXIT_OK and "rate-limited" not in first.stderr, first.stderr
+        second = evalctl(limited, "run", str(tmp_path / "spec.yaml"), "--detach")
+        assert second.returncode == cli.EXIT_OK, second.stderr
+        said = second.stderr.splitlines()
+        assert re.fullmatch(r"rate-limited \(create_run_rate\); retrying CreateRun in \d\.\d s", said[0]), said
+        assert said[1].startswith("created run "), said
+    finally:
+        assert server.terminate() == 0
+
+
+def test_the_sdk_says_nothing_of_its_retries_unless_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    """A library's user sees no line of evalctl's: on_retry is None unless given."""
+    from evalsvc_client._common import Retrying, RetryPolicy
+
+    seen: list[Retrying] = []
+    quiet = cli.EvalClient("127.0.0.1:1", retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01))
+    told = cli.EvalClient(
+        "127.0.0.1:1", retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01), on_retry=seen.append
+    )
+    for client in (quiet, told):
+        with client, pytest.raises(EvalError):
+            client.get_run("run_x")
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "")
+    assert [(r.call, r.error.code, r.attempt) for r in seen] == [("GetRun", grpc.StatusCode.UNAVAILABLE, 1)]

@@ -26,8 +26,8 @@
     evalctl targets list [--limit N] | get ID | delete ID                   saved targets
 
 Global, before or after the command (`evalctl --json list` or `evalctl list --json`): --target HOST:PORT
-(EVALCTL_TARGET, default 127.0.0.1:50051), --api-key (EVALSVC_API_KEY), --json, --tls,
---ca-cert/--client-cert/--client-key (TLS, mTLS; a client certificate needs its key). `run --detach` and
+(EVALCTL_TARGET, default 127.0.0.1:50051), --api-key (EVALSVC_API_KEY), --json, --tls, --ca-cert/--client-cert/
+--client-key (TLS, mTLS; a client certificate needs its key), --tls-server-name NAME. `run --detach` and
 `rerun --detach` print the new run's id alone on stdout (`R=$(evalctl run spec.yaml --detach)`). JSON output
 (--json, --jsonl, results --format jsonl) is proto JSON with the .proto field names (snake_case; REST's JSON is
 lowerCamelCase) and every field, defaults too.
@@ -259,28 +259,35 @@ def _retry_lines(console: Console) -> Callable[[Retrying], None]:
             if retrying.attempt == 1 or retrying.attempt % RECONNECTING_EVERY == 0:
                 console.print(
                     f"reconnecting: the watch of run {retrying.run_id} lost its stream ({error.code.name});"
-                    f" trying again in {delay:.1f} s (failure {retrying.attempt} in a row)"
+                    f" trying again in {_seconds(delay)} (failure {retrying.attempt} in a row)"
                 )
         elif error.code.name == "RESOURCE_EXHAUSTED" and error.retry_delay is not None:
-            console.print(f"rate-limited ({(error.reason or 'server busy').lower()}); retrying in {delay:.0f} s")
+            which = error.metadata.get("quota") or error.reason.lower() or "server busy"
+            console.print(f"rate-limited ({which}); retrying {retrying.call} in {_seconds(delay)}")
         elif delay >= 1:
-            console.print(f"{retrying.call}: {error.code.name}; retrying in {delay:.1f} s")
+            console.print(f"{retrying.call}: {error.code.name}; retrying in {_seconds(delay)}")
 
     return say
 
 
+def _seconds(delay: float) -> str:
+    return f"{delay:.0f} s" if delay >= 10 else f"{delay:.1f} s"
+
+
 def _tls(args: argparse.Namespace) -> TLSOptions | None:
-    """The TLS flags as TLSOptions, None for plaintext: --tls, --ca-cert or a client certificate turns TLS on.
+    """The TLS flags as TLSOptions, None for plaintext: --tls, --ca-cert, --tls-server-name or a client certificate
+    turns TLS on.
     A certificate without its key (or a key alone) is refused before grpc sees it: grpc aborted the process
     (SIGABRT, exit 134), and a key alone was dropped silently, the call going out in plaintext."""
     if bool(args.client_cert) != bool(args.client_key):
         raise ValueError("--client-cert needs --client-key" if args.client_cert else "--client-key needs --client-cert")
-    if not (args.ca_cert or args.client_cert or args.tls):
+    if not (args.ca_cert or args.client_cert or args.tls or args.tls_server_name):
         return None
     return TLSOptions(
         root_certificates=_read_flag_file("--ca-cert", args.ca_cert),
         certificate_chain=_read_flag_file("--client-cert", args.client_cert),
         private_key=_read_flag_file("--client-key", args.client_key),
+        server_name_override=args.tls_server_name or None,
     )
 
 
@@ -1257,7 +1264,25 @@ def _global_flags(with_defaults: bool) -> _Parser:
     flags.add_argument("--ca-cert", default=default(None), help="PEM root certificates (enables TLS)")
     flags.add_argument("--client-cert", default=default(None), help="PEM client certificate chain, for mTLS")
     flags.add_argument("--client-key", default=default(None), help="PEM private key of --client-cert")
+    flags.add_argument(
+        "--tls-server-name",
+        default=default(None),
+        metavar="NAME",
+        help="the name the server's certificate must hold, when not --target's host (enables TLS)",
+    )
     return flags
+
+
+def package_version() -> str:
+    """evalsvc-client's installed version (importlib.metadata), else the source tree's `__version__`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("evalsvc-client")
+    except PackageNotFoundError:
+        from evalsvc_client import __version__
+
+        return __version__
 
 
 def parser() -> argparse.ArgumentParser:
@@ -1268,6 +1293,7 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawTextHelpFormatter,
         parents=[_global_flags(with_defaults=True)],
     )
+    top.add_argument("--version", action="version", version=f"evalctl {package_version()}")
     sub = top.add_subparsers(dest="command", required=True)
 
     def follow_flags(p: argparse.ArgumentParser) -> None:

@@ -114,7 +114,7 @@ class EvalClient:
             try:
                 return method(request, timeout=self.options.timeout_s, metadata=self._metadata)
             except grpc.RpcError as rpc_error:
-                error = from_rpc_error(rpc_error, self.options.target)
+                error = from_rpc_error(rpc_error, self.options.target, tls=self.options.tls is not None)
                 if not (retry and policy.should_retry(error, attempt)):
                     raise error from None
                 delay = policy.backoff(attempt, error)
@@ -355,7 +355,7 @@ class EvalClient:
             except grpc.RpcError as rpc_error:
                 if finished:
                     return
-                error = from_rpc_error(rpc_error, self.options.target)
+                error = from_rpc_error(rpc_error, self.options.target, tls=self.options.tls is not None)
                 failures += 1
                 if not policy.should_resume(error, failures):
                     raise error from None
