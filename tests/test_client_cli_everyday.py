@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from evalsvc_client import cli, errors, pb
+from evalsvc_client import AsyncEvalClient, cli, errors, pb
 from evalsvc_client._common import TLSOptions
 from evalsvc_client.errors import EvalError
 from rich.console import Console
@@ -333,3 +333,49 @@ def test_the_sdk_says_nothing_of_its_retries_unless_asked(capsys: pytest.Capture
     captured = capsys.readouterr()
     assert (captured.out, captured.err) == ("", "")
     assert [(r.call, r.error.code, r.attempt) for r in seen] == [("GetRun", grpc.StatusCode.UNAVAILABLE, 1)]
+
+
+# --- small things ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "line"), [("repetitions", "0 or unset: 1"), ("warmup_runs", "0 or unset: none")])
+def test_a_negative_count_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, line: str) -> None:
+    """`validate` said "valid: ... 1 repetition" of `repetitions: -1`."""
+    (tmp_path / "spec.yaml").write_text(
+        f"items: [{{input: x, response: x}}]\ntarget: provided\ngraders: [{{exact_match: {{}}}}]\n{key}: -1\n"
+    )
+    assert cli.main(["validate", str(tmp_path / "spec.yaml")]) == cli.EXIT_ERROR
+    assert f"  {key}: -1 is not a count: 0 or more ({line})" in capsys.readouterr().err.splitlines()
+
+
+def test_the_sdk_reads_evalsvc_api_key_as_evalctl_does(live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`EvalClient("127.0.0.1:50051")` ignored EVALSVC_API_KEY: UNAUTHENTICATED where evalctl worked."""
+    server, key = live
+    monkeypatch.setenv("EVALSVC_API_KEY", key)
+    with cli.EvalClient(server.target) as client:
+        assert isinstance(list(client.list_runs(limit=1)), list)
+
+    async def async_key() -> str | None:
+        client = AsyncEvalClient(server.target)
+        await client.close()
+        return client.options.api_key
+
+    assert asyncio.run(async_key()) == key
+    assert cli.EvalClient(server.target, api_key="evk_given").options.api_key == "evk_given"
+    assert cli.EvalClient(server.target, api_key="").options.metadata() == ()  # "": no key, whatever is set
+
+
+def test_listings_say_one_run_and_no_targets(live: Live, tmp_path: Path) -> None:
+    """ "showing the newest 1 runs", "1 errors", and an empty listing printed a table of headers alone."""
+    (tmp_path / "spec.yaml").write_text(
+        "items: [{input: x, expected_output: x}, {input: y, expected_output: y, response: y}]\n"
+        "target: provided\ngraders: [{exact_match: {}}]\nmax_error_rate: 100\n"
+    )
+    for _ in range(2):
+        ran = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--no-progress")
+        assert ran.returncode == cli.EXIT_OK, ran.stderr
+    assert ", 1 error, cost $" in ran.stderr, ran.stderr
+    listed = evalctl(live, "list", "--limit", "1")
+    assert listed.stderr.startswith("showing the newest 1 run; more exist: --limit 100 shows more"), listed.stderr
+    empty = evalctl(live, "targets", "list")
+    assert (empty.returncode, empty.stdout, empty.stderr) == (cli.EXIT_OK, "", "no targets\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import random
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -169,6 +170,16 @@ class ClientOptions:
             options.append(("grpc.ssl_target_name_override", self.tls.server_name_override))
         options.extend(self.channel_options)
         return options
+
+
+#: The variable a client's key comes from when none is given, as evalctl's --api-key does.
+API_KEY_VARIABLE = "EVALSVC_API_KEY"
+
+
+def api_key_or_environment(api_key: str | None) -> str | None:
+    """`api_key`, or when None EVALSVC_API_KEY (`EvalClient("127.0.0.1:50051")` ignored it, where evalctl reads
+    it); "" sends no key whatever the environment holds."""
+    return (os.environ.get(API_KEY_VARIABLE) or None) if api_key is None else api_key
 
 
 def rpc_name(request: Any) -> str:

@@ -19,6 +19,7 @@ from evalsvc_client._common import (
     TargetLike,
     TLSOptions,
     WatchPolicy,
+    api_key_or_environment,
     create_run_request,
     create_webhook_request,
     is_terminal,
@@ -77,7 +78,7 @@ class AsyncEvalClient:
     ) -> None:
         self.options = options or ClientOptions(
             target=target,
-            api_key=api_key,
+            api_key=api_key_or_environment(api_key),
             tls=tls,
             timeout_s=timeout_s,
             retry=retry or RetryPolicy(),

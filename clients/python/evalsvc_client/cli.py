@@ -311,7 +311,7 @@ def _summary(console: Console, run: pb.Run) -> None:
     console.print(
         f"run {run.id} {_status(run.status)}{_deleted(run)}:"
         f" {counts.completed_evaluations}/{counts.total_evaluations}"
-        f" evaluations, pass rate {format_rate(rate)}, {counts.errored} errors,"
+        f" evaluations, pass rate {format_rate(rate)}, {plural(counts.errored, 'error')},"
         f" cost ${run.cost_usd:.4f}"  # target and judges (aggregate.total_cost_usd is the target's alone)
         + (f" ({run.error.code}: {run.error.message})" if run.HasField("error") else "")
     )
@@ -692,13 +692,27 @@ def cmd_list(args: argparse.Namespace, client: EvalClient, console: Console) -> 
             format_rate(rate),
             run.create_time.ToDatetime().isoformat(timespec="seconds") + "Z",
         )
-    _console().print(table)  # the listing is the output: stdout, unlike progress and messages
+    _print_table(table, "runs")  # the listing is the output: stdout, unlike progress and messages
     return EXIT_OK
+
+
+#: The singular of each kind of thing listed.
+_ONE = {"runs": "run", "deliveries": "delivery", "graders": "grader", "targets": "target"}
 
 
 def _more_listed(shown: int, what: str, limit: int) -> str:
     """The stderr line of a listing cut at its --limit (stdout keeps the listing alone)."""
-    return f"showing the newest {shown} {what}; more exist: --limit {max(2 * limit, 100)} shows more"
+    things = _ONE.get(what, what) if shown == 1 else what
+    return f"showing the newest {shown} {things}; more exist: --limit {max(2 * limit, 100)} shows more"
+
+
+def _print_table(table: Table, what: str) -> None:
+    """A listing's table on stdout; an empty one is `no runs` (or the like) on stderr instead, not a table of
+    headers alone (stdout stays empty: a script counting lines counts none)."""
+    if table.row_count:
+        _console().print(table)
+    else:
+        _console(stderr=True).print(f"no {what}")
 
 
 def cmd_change(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
@@ -784,7 +798,7 @@ def cmd_results(args: argparse.Namespace, client: EvalClient, console: Console) 
             with open(args.output, "w", encoding="utf-8") as handle:
                 Console(file=handle, width=200).print(table)
         else:
-            _console().print(table)
+            _print_table(table, "results")
     return EXIT_OK
 
 
@@ -933,7 +947,7 @@ def _print_webhooks(args: argparse.Namespace, webhooks: Sequence[pb.Webhook]) ->
     for webhook in webhooks:
         enabled = "yes" if webhook.enabled else f"no {webhook.disabled_reason}".strip()
         table.add_row(webhook.id, webhook.url, " ".join(webhook.event_types), enabled, webhook.description)
-    _console().print(table)
+    _print_table(table, "webhooks")
     if webhooks and webhooks[0].signing_secret:  # create and rotate-secret: shown this once
         print(f"signing secret (shown only now): {webhooks[0].signing_secret}")
 
@@ -955,7 +969,7 @@ def cmd_webhooks(args: argparse.Namespace, client: EvalClient, console: Console)
             status_name = pb.webhooks.WebhookDeliveryStatus.Name(d.status).removeprefix("WEBHOOK_DELIVERY_STATUS_")
             code = str(d.last_response_code or "-")
             table.add_row(d.id, d.event_type, d.run_id, status_name, str(d.attempts), code, d.last_error)
-        _console().print(table)
+        _print_table(table, "deliveries")
         return EXIT_OK
     if command == "delete":
         client.delete_webhook(args.webhook_id)
@@ -1077,7 +1091,7 @@ def _print_datasets(args: argparse.Namespace, datasets: Sequence[pb.Dataset]) ->
             dataset.description,
             ", ".join(f"{key}={value}" for key, value in sorted(dataset.labels.items())),
         )
-    _console().print(table)
+    _print_table(table, "datasets")
 
 
 def cmd_datasets(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
@@ -1091,7 +1105,7 @@ def cmd_datasets(args: argparse.Namespace, client: EvalClient, console: Console)
         table = Table("id", "input", "expected output", "response")
         for item in listed:
             table.add_row(item.id, item.input, item.expected_output, item.response.content)
-        _console().print(table)
+        _print_table(table, "items")
         return EXIT_OK
     if command == "delete":
         client.delete_dataset(args.dataset_id)
@@ -1161,7 +1175,7 @@ def cmd_graders(args: argparse.Namespace, client: EvalClient, console: Console) 
             grader.description,
             _labels_text(grader.labels),
         )
-    _console().print(table)
+    _print_table(table, "graders")
     return EXIT_OK
 
 
@@ -1186,7 +1200,7 @@ def cmd_targets(args: argparse.Namespace, client: EvalClient, console: Console) 
             target.description,
             _labels_text(target.labels),
         )
-    _console().print(table)
+    _print_table(table, "targets")
     return EXIT_OK
 
 
@@ -1231,7 +1245,7 @@ def cmd_secrets(args: argparse.Namespace, client: EvalClient, console: Console) 
     table = Table("name", "set")
     for secret in secrets:
         table.add_row(secret.name, _when(secret.create_time))
-    _console().print(table)
+    _print_table(table, "secrets")
     return EXIT_OK
 
 
