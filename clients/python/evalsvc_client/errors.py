@@ -152,8 +152,8 @@ def status_details(error: grpc.RpcError) -> status_pb2.Status | None:
 
 
 KEY_HINT = (
-    "Give an API key (EVALSVC_API_KEY, or evalctl --api-key, or the SDK's api_key=...): the server prints one at"
-    " its first start, and `evalsvc keys create --tenant NAME` makes another"
+    "Give an API key (evalctl: --api-key or EVALSVC_API_KEY; SDK: api_key=... or EVALSVC_API_KEY): the server"
+    " prints one at its first start, and `evalsvc keys create --tenant NAME` makes another"
 )
 
 
