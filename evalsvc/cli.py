@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-from evalsvc import config, logs
+from evalsvc import config, logs, package_version
 
 if TYPE_CHECKING:
     from evalsvc.store.db import Database
@@ -47,6 +47,7 @@ GATEWAY_HTTP_ADDR = "127.0.0.1:8080"
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per operation."""
     parser = _Parser(prog="evalsvc", description="Run LLM evaluations as a gRPC service.")
+    parser.add_argument("--version", action="version", version=f"evalsvc {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC service until SIGTERM/SIGINT")
     config.add_flags(serve)

@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from sqlalchemy.exc import ArgumentError
 
+from evalsvc import package_version
 from evalsvc.api.admission import Admission, grpc_limit
 from evalsvc.api.auth import Authenticator
 from evalsvc.api.datasets import DatasetGenerationServicer, DatasetServicer
@@ -691,7 +692,7 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _exit_now, "a signal arrived during the start")
     server = EvalServer(settings)
-    log.info("evalsvc starting (database %s)", _safe_url(settings.db))
+    log.info("evalsvc starting (version %s, database %s)", package_version(), _safe_url(settings.db))
     try:
         await server.start()
     except BaseException:

@@ -13,7 +13,7 @@ with EvalClient("127.0.0.1:50051", api_key="evk_...") as client:
 """
 
 from evalsvc_client import builders, pb
-from evalsvc_client._common import ClientOptions, RetryPolicy, TLSOptions, WatchPolicy, is_terminal
+from evalsvc_client._common import ClientOptions, Retrying, RetryPolicy, TLSOptions, WatchPolicy, is_terminal
 from evalsvc_client.aio import AsyncEvalClient
 from evalsvc_client.errors import (
     AlreadyExistsError,
@@ -46,6 +46,7 @@ __all__ = [
     "OutOfRangeError",
     "ResourceExhaustedError",
     "RetryPolicy",
+    "Retrying",
     "TLSOptions",
     "UnauthenticatedError",
     "UnavailableError",

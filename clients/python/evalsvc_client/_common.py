@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import os
 import random
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,12 +93,44 @@ class TLSOptions:
     certificate_chain: bytes | None = None
     server_name_override: str | None = None
 
+    def __post_init__(self) -> None:
+        # grpc aborts the whole process (SIGABRT, "Check failed: private_key != nullptr") on one without the other.
+        if (self.private_key is None) != (self.certificate_chain is None):
+            given, missing = (
+                ("certificate_chain", "private_key")
+                if self.private_key is None
+                else ("private_key", "certificate_chain")
+            )
+            raise ValueError(
+                f"TLSOptions: {given} was given without {missing}: a client certificate (mTLS) needs both"
+                " private_key and certificate_chain"
+            )
+
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
             root_certificates=self.root_certificates,
             private_key=self.private_key,
             certificate_chain=self.certificate_chain,
         )
+
+
+@dataclass(frozen=True)
+class Retrying:
+    """A retry a client is about to wait for, as `on_retry` (ClientOptions, EvalClient, AsyncEvalClient) gets it:
+    a unary call's (`CreateRun` rate-limited with RetryInfo waits that long) or a watch's reconnection. The
+    clients say nothing by default (a DEBUG/INFO log record only); a program or CLI shows these as it likes."""
+
+    #: The RPC: "CreateRun", "GetRun", ..., or "WatchRun" for a watch reconnecting.
+    call: str
+    #: Why: the error of the attempt that failed (`error.reason` "CREATE_RUN_RATE", `error.retry_delay`, ...).
+    error: EvalError
+    #: Attempts failed so far (a watch's: failures in a row since its stream last delivered anything).
+    attempt: int
+    #: Seconds until the next attempt.
+    delay_s: float
+    #: A watch's run and the seq it resumes after ("" and 0 for unary calls).
+    run_id: str = ""
+    after_seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -112,6 +145,12 @@ class ClientOptions:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     watch: WatchPolicy = field(default_factory=WatchPolicy)
     channel_options: Sequence[tuple[str, Any]] = ()
+    #: Called before each retry's wait (see `Retrying`); None, the default: retries are silent.
+    on_retry: Callable[[Retrying], None] | None = None
+
+    def retrying(self, retrying: Retrying) -> None:
+        if self.on_retry is not None:
+            self.on_retry(retrying)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
@@ -131,6 +170,21 @@ class ClientOptions:
             options.append(("grpc.ssl_target_name_override", self.tls.server_name_override))
         options.extend(self.channel_options)
         return options
+
+
+#: The variable a client's key comes from when none is given, as evalctl's --api-key does.
+API_KEY_VARIABLE = "EVALSVC_API_KEY"
+
+
+def api_key_or_environment(api_key: str | None) -> str | None:
+    """`api_key`, or when None EVALSVC_API_KEY (`EvalClient("127.0.0.1:50051")` ignored it, where evalctl reads
+    it); "" sends no key whatever the environment holds."""
+    return (os.environ.get(API_KEY_VARIABLE) or None) if api_key is None else api_key
+
+
+def rpc_name(request: Any) -> str:
+    """The RPC a request message is for: CreateRunRequest -> "CreateRun"."""
+    return type(request).__name__.removesuffix("Request")
 
 
 def new_request_id() -> str:

@@ -26,21 +26,24 @@
     evalctl targets list [--limit N] | get ID | delete ID                   saved targets
 
 Global, before or after the command (`evalctl --json list` or `evalctl list --json`): --target HOST:PORT
-(EVALCTL_TARGET, default 127.0.0.1:50051), --api-key (EVALSVC_API_KEY), --json, --tls,
---ca-cert/--client-cert/--client-key (TLS, mTLS). `run --detach` and `rerun --detach` print the new run's id
-alone on stdout (`R=$(evalctl run spec.yaml --detach)`). JSON output (--json, --jsonl, results --format jsonl)
-is proto JSON with the .proto field names (snake_case; REST's JSON is lowerCamelCase) and every field, defaults too.
+(EVALCTL_TARGET, default 127.0.0.1:50051), --api-key (EVALSVC_API_KEY), --json, --tls, --ca-cert/--client-cert/
+--client-key (TLS, mTLS; a client certificate needs its key), --tls-server-name NAME. `run --detach` and
+`rerun --detach` print the new run's id alone on stdout (`R=$(evalctl run spec.yaml --detach)`). JSON output
+(--json, --jsonl, results --format jsonl) is proto JSON with the .proto field names (snake_case; REST's JSON is
+lowerCamelCase) and every field, defaults too.
 
 Verdict (run, rerun, watch; get with --fail-under): a run passes when its pass rate (percent, errors excluded) reaches
 --fail-under if given, else the spec's pass_threshold (unset: every graded evaluation must pass), and at most
 the spec's max_error_rate percent of its evaluations errored (unset: none may). Both are percents: validate and run
-warn on stderr, and go on, when either is above 0 and at most 1 (`pass_threshold: 0.9` is 0.9%; 90% is 90).
+warn on stderr, and go on, when either is above 0 and at most 1 (`pass_threshold: 0.9` is 0.9%; 90% is 90), as
+for --fail-under between 0 and 1.
 Exit codes: 0 passed; 1 did not pass, or (compare --fail-on-regression) a grader REGRESSED or no evaluation was
 paired at all, or (compare --max-unpaired N) more than N evaluations were unpaired; 2 the run ended
 FAILED or CANCELLED; 3 a spec, connection or RPC error, or a command line evalctl does not understand;
 4 (get --fail-under; compare with a gate, of a run still executing: a partial comparison) NO VERDICT: a run
 has not ended, so there is no verdict yet;
-141 (quietly) stdout closed early, as in `evalctl results RUN --format jsonl | head`.
+141 (quietly) stdout closed early, as in `evalctl results RUN --format jsonl | head`; 130 Ctrl-C and 143 SIGTERM,
+saying which run goes on and the `evalctl watch RUN --after-seq N` that follows it again.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from evalsvc_client import pb
-from evalsvc_client._common import TLSOptions
+from evalsvc_client._common import Retrying, TLSOptions
 from evalsvc_client.errors import EvalError, target_as_url_hint
 from evalsvc_client.export import listed_explanation, listed_output, to_dict, write_jsonl, write_junit
 from evalsvc_client.report import agreement_line, format_rate, render_html
@@ -77,15 +80,43 @@ EXIT_OK, EXIT_BELOW, EXIT_RUN_FAILED, EXIT_ERROR, EXIT_NOT_ENDED = 0, 1, 2, 3, 4
 EXIT_STDOUT_CLOSED = 128 + 13
 #: Ctrl-C (SIGINT, 2), as for a program the signal ended; the run evalctl was following goes on on the server.
 EXIT_INTERRUPTED = 128 + 2
+#: SIGTERM (15), handled as Ctrl-C is (the same line naming the run and the watch that resumes it), then
+#: the status of a program SIGTERM ended. It ended evalctl in silence, the run and where to resume unsaid.
+EXIT_TERMINATED = 128 + 15
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so that every place that handles one handles both."""
+
+
+def _stop_signal(error: KeyboardInterrupt) -> int:
+    return signal.SIGTERM if isinstance(error, Terminated) else signal.SIGINT
 
 
 class Interrupted(Exception):
-    """Ctrl-C while evalctl followed a run: `last_seq` is the last event it showed, where a watch resumes."""
+    """Ctrl-C (or SIGTERM: `signum`) while evalctl followed a run: `last_seq` is the last event it showed, where a
+    watch resumes."""
 
-    def __init__(self, run_id: str, last_seq: int) -> None:
+    def __init__(self, run_id: str, last_seq: int, signum: int = signal.SIGINT) -> None:
         super().__init__(run_id, last_seq)
         self.run_id = run_id
         self.last_seq = last_seq
+        self.signum = signum
+
+
+class FollowFailed(Exception):
+    """An error that ended a watch evalctl followed (the server lost for good, a refused key): `error`, with the
+    run and the last event shown, so the message says how to pick the run up again."""
+
+    def __init__(self, error: EvalError, run_id: str, last_seq: int) -> None:
+        super().__init__(error, run_id, last_seq)
+        self.error = error
+        self.run_id = run_id
+        self.last_seq = last_seq
+
+
+#: Errors of a watch after which watching the same run again cannot help (no such run, a seq beyond its last).
+_NOT_RESUMABLE = frozenset({"NOT_FOUND", "INVALID_ARGUMENT", "OUT_OF_RANGE"})
 
 
 _STATES = {
@@ -111,19 +142,31 @@ def pass_rate_percent(counts: pb.RunCounts) -> float | None:
     return 100.0 * counts.passed / graded if graded else None
 
 
+#: Without a terminal, a progress line each time the run crosses another tenth of its evaluations, and one at
+#: most this often (seconds) between them while evaluations complete: a CI log shows the run moving.
+PLAIN_PROGRESS_EVERY_S = 10.0
+
+
 class _Live:
-    """The progress display: a rich bar on a terminal, nothing otherwise (CI logs get the summary line).
+    """The progress display: a rich bar on a terminal; otherwise (`2>&1 | tee log`, CI) whole `progress:` lines,
+    one per tenth of the evaluations completed and at most one per PLAIN_PROGRESS_EVERY_S between them, so a log
+    is never silent for the length of a run (it was: 13 s of nothing, then the summary) nor flooded.
 
     Its cost is the run's cost_usd, target and judges (the target's alone showed $0.0000 for a run whose spend
     was all judges'): taken from each run event and added to from each result after it, as the server adds it
     up: a job's output once, however many graders' results carry its cost, and no output or verdict that came
     from the response cache."""
 
-    def __init__(self, console: Console, enabled: bool) -> None:
+    def __init__(self, console: Console, enabled: bool, plain: bool = False) -> None:
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._cost = 0.0
         self._paid_outputs: set[tuple[str, int]] = set()  # (item id, repetition): one target call each
+        self._console = console
+        self._plain = plain and not enabled
+        self._plain_tenth = 0  # the tenths of the evaluations the last line reported
+        self._plain_completed = 0
+        self._plain_at = time.monotonic()
         if enabled:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
@@ -162,6 +205,8 @@ class _Live:
             self._cost += self._spent_on(event.result)
         if event.HasField("run"):
             self._cost = event.run.cost_usd
+        if self._plain:
+            self._plain_line(event.counts)
         if self._progress is None or self._task is None:
             return
         counts = event.counts
@@ -177,19 +222,83 @@ class _Live:
             cost=self._cost,
         )
 
+    def _plain_line(self, counts: pb.RunCounts) -> None:
+        total, completed = counts.total_evaluations, counts.completed_evaluations
+        if not total or completed <= self._plain_completed:
+            return
+        tenth = completed * 10 // total
+        now = time.monotonic()
+        if tenth <= self._plain_tenth and now - self._plain_at < PLAIN_PROGRESS_EVERY_S:
+            return
+        self._plain_tenth, self._plain_completed, self._plain_at = tenth, completed, now
+        self._console.print(
+            f"progress: {completed}/{total} evaluations ({100 * completed // total}%),"
+            f" pass rate {format_rate(pass_rate_percent(counts))}, {plural(counts.errored, 'error')},"
+            f" cost ${self._cost:.4f}"
+        )
 
-def _client(args: argparse.Namespace) -> EvalClient:
+
+def _client(args: argparse.Namespace, console: Console) -> EvalClient:
     url = target_as_url_hint(args.target)
     if url:  # refused before any call: grpc took the URL for a host name, and evalctl said nothing answered there
         raise ValueError(f"{url} (--target or EVALCTL_TARGET)")
-    tls = None
-    if args.ca_cert or args.client_cert or args.tls:
-        tls = TLSOptions(
-            root_certificates=Path(args.ca_cert).read_bytes() if args.ca_cert else None,
-            certificate_chain=Path(args.client_cert).read_bytes() if args.client_cert else None,
-            private_key=Path(args.client_key).read_bytes() if args.client_key else None,
-        )
-    return EvalClient(args.target, api_key=args.api_key, tls=tls)
+    return EvalClient(args.target, api_key=args.api_key, tls=_tls(args), on_retry=_retry_lines(console))
+
+
+#: A watch that keeps failing to reconnect says so again after this many failures in a row.
+RECONNECTING_EVERY = 10
+
+
+def _retry_lines(console: Console) -> Callable[[Retrying], None]:
+    """The SDK's retries (silent to a library's user) as lines on stderr: evalctl waited without a word while the
+    server rate-limited CreateRun (36 s) or while its watch reconnected to a server gone (41 s, then an error)."""
+
+    def say(retrying: Retrying) -> None:
+        error, delay = retrying.error, retrying.delay_s
+        if retrying.call == "WatchRun":
+            if retrying.attempt == 1 or retrying.attempt % RECONNECTING_EVERY == 0:
+                console.print(
+                    f"reconnecting: the watch of run {retrying.run_id} lost its stream ({error.code.name});"
+                    f" trying again in {_seconds(delay)} (failure {retrying.attempt} in a row)"
+                )
+        elif error.code.name == "RESOURCE_EXHAUSTED" and error.retry_delay is not None:
+            which = error.metadata.get("quota") or error.reason.lower() or "server busy"
+            console.print(f"rate-limited ({which}); retrying {retrying.call} in {_seconds(delay)}")
+        elif delay >= 1:
+            console.print(f"{retrying.call}: {error.code.name}; retrying in {_seconds(delay)}")
+
+    return say
+
+
+def _seconds(delay: float) -> str:
+    return f"{delay:.0f} s" if delay >= 10 else f"{delay:.1f} s"
+
+
+def _tls(args: argparse.Namespace) -> TLSOptions | None:
+    """The TLS flags as TLSOptions, None for plaintext: --tls, --ca-cert, --tls-server-name or a client certificate
+    turns TLS on.
+    A certificate without its key (or a key alone) is refused before grpc sees it: grpc aborted the process
+    (SIGABRT, exit 134), and a key alone was dropped silently, the call going out in plaintext."""
+    if bool(args.client_cert) != bool(args.client_key):
+        raise ValueError("--client-cert needs --client-key" if args.client_cert else "--client-key needs --client-cert")
+    if not (args.ca_cert or args.client_cert or args.tls or args.tls_server_name):
+        return None
+    return TLSOptions(
+        root_certificates=_read_flag_file("--ca-cert", args.ca_cert),
+        certificate_chain=_read_flag_file("--client-cert", args.client_cert),
+        private_key=_read_flag_file("--client-key", args.client_key),
+        server_name_override=args.tls_server_name or None,
+    )
+
+
+def _read_flag_file(flag: str, path: str | None) -> bytes | None:
+    """The file a flag names, or a ValueError naming the flag (OSError's words named the file only)."""
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: cannot read it: {exc.strerror or exc}") from None
 
 
 def _print_json(data: Any) -> None:
@@ -202,7 +311,7 @@ def _summary(console: Console, run: pb.Run) -> None:
     console.print(
         f"run {run.id} {_status(run.status)}{_deleted(run)}:"
         f" {counts.completed_evaluations}/{counts.total_evaluations}"
-        f" evaluations, pass rate {format_rate(rate)}, {counts.errored} errors,"
+        f" evaluations, pass rate {format_rate(rate)}, {plural(counts.errored, 'error')},"
         f" cost ${run.cost_usd:.4f}"  # target and judges (aggregate.total_cost_usd is the target's alone)
         + (f" ({run.error.code}: {run.error.message})" if run.HasField("error") else "")
     )
@@ -227,25 +336,26 @@ class _Deferred:
 
     def __init__(self) -> None:
         self._inside = False
-        self._pending = False
+        self._pending: int | None = None
 
     def __call__(self, signum: int, frame: Any) -> None:
         if self._inside:
-            self._pending = True
+            self._pending = signum
         else:
-            raise KeyboardInterrupt
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        """This handler for SIGINT while the block runs (from the main thread only, as signal requires)."""
+        """This handler for SIGINT and SIGTERM while the block runs (from the main thread only, as signal requires)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.signal(signal.SIGINT, self)
+        previous = {signum: signal.signal(signum, self) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -254,20 +364,21 @@ class _Deferred:
             yield
         finally:
             self._inside = False
-        if self._pending:
-            self._pending = False
-            raise KeyboardInterrupt
+        if self._pending is not None:
+            signum, self._pending = self._pending, None
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def _follow(client: EvalClient, run_id: str, after_seq: int, args: argparse.Namespace, console: Console) -> pb.Run:
     """Watch to the end: JSON lines of events with --json, the progress bar on a terminal; returns the final run.
-    Ctrl-C raises `Interrupted` with the last seq shown."""
+    Ctrl-C (or SIGTERM) raises `Interrupted` with the last seq shown, an error that ends the watch `FollowFailed`
+    (unless watching again cannot help: no such run)."""
     final: pb.Run | None = None
     shown = after_seq
-    show_bar = not args.json and not args.no_progress and console.is_terminal
+    show_progress = not args.json and not args.no_progress
     deferred = _Deferred()
     try:
-        with deferred.installed(), _Live(console, show_bar) as live:
+        with deferred.installed(), _Live(console, show_progress and console.is_terminal, show_progress) as live:
             for event in client.watch(run_id, after_seq):
                 with deferred.held():  # an event is shown and counted as shown together, or neither
                     if args.json and args.command == "watch":
@@ -277,8 +388,12 @@ def _follow(client: EvalClient, run_id: str, after_seq: int, args: argparse.Name
                 live.update(event)
                 if event.HasField("run"):
                     final = event.run
-    except KeyboardInterrupt:
-        raise Interrupted(run_id, shown) from None
+    except KeyboardInterrupt as exc:
+        raise Interrupted(run_id, shown, _stop_signal(exc)) from None
+    except EvalError as exc:
+        if exc.code.name in _NOT_RESUMABLE:
+            raise
+        raise FollowFailed(exc, run_id, shown) from None
     return final if final is not None and final.status in pb.TERMINAL_STATUSES else client.get_run(run_id)
 
 
@@ -476,8 +591,8 @@ def _follow_created(client: EvalClient, run: pb.Run, args: argparse.Namespace, c
                 print(run.id)
             return EXIT_OK
         final = _follow(client, run.id, 0, args, console)
-    except KeyboardInterrupt:  # before the watch began (in it, _follow raises Interrupted with its seq)
-        raise Interrupted(run.id, 0) from None
+    except KeyboardInterrupt as exc:  # before the watch began (in it, _follow raises Interrupted with its seq)
+        raise Interrupted(run.id, 0, _stop_signal(exc)) from None
     _export(client, final, args)
     if args.json:
         _print_json(to_dict(final))
@@ -577,13 +692,27 @@ def cmd_list(args: argparse.Namespace, client: EvalClient, console: Console) -> 
             format_rate(rate),
             run.create_time.ToDatetime().isoformat(timespec="seconds") + "Z",
         )
-    _console().print(table)  # the listing is the output: stdout, unlike progress and messages
+    _print_table(table, "runs")  # the listing is the output: stdout, unlike progress and messages
     return EXIT_OK
+
+
+#: The singular of each kind of thing listed.
+_ONE = {"runs": "run", "deliveries": "delivery", "graders": "grader", "targets": "target"}
 
 
 def _more_listed(shown: int, what: str, limit: int) -> str:
     """The stderr line of a listing cut at its --limit (stdout keeps the listing alone)."""
-    return f"showing the newest {shown} {what}; more exist: --limit {max(2 * limit, 100)} shows more"
+    things = _ONE.get(what, what) if shown == 1 else what
+    return f"showing the newest {shown} {things}; more exist: --limit {max(2 * limit, 100)} shows more"
+
+
+def _print_table(table: Table, what: str) -> None:
+    """A listing's table on stdout; an empty one is `no runs` (or the like) on stderr instead, not a table of
+    headers alone (stdout stays empty: a script counting lines counts none)."""
+    if table.row_count:
+        _console().print(table)
+    else:
+        _console(stderr=True).print(f"no {what}")
 
 
 def cmd_change(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
@@ -669,7 +798,7 @@ def cmd_results(args: argparse.Namespace, client: EvalClient, console: Console) 
             with open(args.output, "w", encoding="utf-8") as handle:
                 Console(file=handle, width=200).print(table)
         else:
-            _console().print(table)
+            _print_table(table, "results")
     return EXIT_OK
 
 
@@ -818,7 +947,7 @@ def _print_webhooks(args: argparse.Namespace, webhooks: Sequence[pb.Webhook]) ->
     for webhook in webhooks:
         enabled = "yes" if webhook.enabled else f"no {webhook.disabled_reason}".strip()
         table.add_row(webhook.id, webhook.url, " ".join(webhook.event_types), enabled, webhook.description)
-    _console().print(table)
+    _print_table(table, "webhooks")
     if webhooks and webhooks[0].signing_secret:  # create and rotate-secret: shown this once
         print(f"signing secret (shown only now): {webhooks[0].signing_secret}")
 
@@ -840,7 +969,7 @@ def cmd_webhooks(args: argparse.Namespace, client: EvalClient, console: Console)
             status_name = pb.webhooks.WebhookDeliveryStatus.Name(d.status).removeprefix("WEBHOOK_DELIVERY_STATUS_")
             code = str(d.last_response_code or "-")
             table.add_row(d.id, d.event_type, d.run_id, status_name, str(d.attempts), code, d.last_error)
-        _console().print(table)
+        _print_table(table, "deliveries")
         return EXIT_OK
     if command == "delete":
         client.delete_webhook(args.webhook_id)
@@ -962,7 +1091,7 @@ def _print_datasets(args: argparse.Namespace, datasets: Sequence[pb.Dataset]) ->
             dataset.description,
             ", ".join(f"{key}={value}" for key, value in sorted(dataset.labels.items())),
         )
-    _console().print(table)
+    _print_table(table, "datasets")
 
 
 def cmd_datasets(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
@@ -976,7 +1105,7 @@ def cmd_datasets(args: argparse.Namespace, client: EvalClient, console: Console)
         table = Table("id", "input", "expected output", "response")
         for item in listed:
             table.add_row(item.id, item.input, item.expected_output, item.response.content)
-        _console().print(table)
+        _print_table(table, "items")
         return EXIT_OK
     if command == "delete":
         client.delete_dataset(args.dataset_id)
@@ -1046,7 +1175,7 @@ def cmd_graders(args: argparse.Namespace, client: EvalClient, console: Console) 
             grader.description,
             _labels_text(grader.labels),
         )
-    _console().print(table)
+    _print_table(table, "graders")
     return EXIT_OK
 
 
@@ -1071,7 +1200,7 @@ def cmd_targets(args: argparse.Namespace, client: EvalClient, console: Console) 
             target.description,
             _labels_text(target.labels),
         )
-    _console().print(table)
+    _print_table(table, "targets")
     return EXIT_OK
 
 
@@ -1116,7 +1245,7 @@ def cmd_secrets(args: argparse.Namespace, client: EvalClient, console: Console) 
     table = Table("name", "set")
     for secret in secrets:
         table.add_row(secret.name, _when(secret.create_time))
-    _console().print(table)
+    _print_table(table, "secrets")
     return EXIT_OK
 
 
@@ -1149,7 +1278,25 @@ def _global_flags(with_defaults: bool) -> _Parser:
     flags.add_argument("--ca-cert", default=default(None), help="PEM root certificates (enables TLS)")
     flags.add_argument("--client-cert", default=default(None), help="PEM client certificate chain, for mTLS")
     flags.add_argument("--client-key", default=default(None), help="PEM private key of --client-cert")
+    flags.add_argument(
+        "--tls-server-name",
+        default=default(None),
+        metavar="NAME",
+        help="the name the server's certificate must hold, when not --target's host (enables TLS)",
+    )
     return flags
+
+
+def package_version() -> str:
+    """evalsvc-client's installed version (importlib.metadata), else the source tree's `__version__`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("evalsvc-client")
+    except PackageNotFoundError:
+        from evalsvc_client import __version__
+
+        return __version__
 
 
 def parser() -> argparse.ArgumentParser:
@@ -1160,11 +1307,12 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawTextHelpFormatter,
         parents=[_global_flags(with_defaults=True)],
     )
+    top.add_argument("--version", action="version", version=f"evalctl {package_version()}")
     sub = top.add_subparsers(dest="command", required=True)
 
     def follow_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--fail-under", type=_percent, metavar="PCT", help="exit 1 when the pass rate (%%) is lower")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--no-progress", action="store_true", help="no progress (bar, or lines without a terminal)")
         p.add_argument("--junit", metavar="FILE", help="write the results as JUnit XML when the run ends")
         p.add_argument("--jsonl", metavar="FILE", help="write the results as JSON Lines when the run ends")
 
@@ -1387,6 +1535,17 @@ def _percent(text: str) -> float:
     return value
 
 
+def _warn_of_a_fraction(console: Console, fail_under: float | None) -> None:
+    """A warning for a --fail-under written as other tools write a fraction (0.9 for 90%), as for a spec's
+    pass_threshold (RunSpec.warnings): it was taken as 0.9%, a gate nearly every run passes, silently. A
+    warning, not a refusal, as there: 0.5% may be meant."""
+    if fail_under is not None and 0 < fail_under < 1:
+        console.print(
+            f"warning: --fail-under is a percentage: {fail_under:g} means {fail_under:g}%;"
+            f" did you mean {fail_under * 100:g}?"
+        )
+
+
 def _alpha(text: str) -> float:
     """A --alpha: a significance level from 1e-9 to 0.5 (docs/compare.md); 0 was quietly taken as the default 0.05."""
     value = _number(text)
@@ -1428,13 +1587,28 @@ def _console(stderr: bool = False) -> Console:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
     console = _console(stderr=True)
+    _warn_of_a_fraction(console, getattr(args, "fail_under", None))
     try:
         if args.command == "validate":
             code: int = args.handler(args, console)
         else:
-            client = _client(args)
+            client = _client(args, console)
             try:
                 code = args.handler(args, client, console)
             except (Interrupted, KeyboardInterrupt):
@@ -1451,32 +1625,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One line, not KeyboardInterrupt's traceback: the run is the server's, and a watch picks it up again.
         return _interrupted(
             console,
-            f"evalctl: interrupted; run {exc.run_id} goes on on the server"
+            f"evalctl: {_STOPPED[exc.signum]}; run {exc.run_id} goes on on the server"
             f" (`evalctl watch {exc.run_id} --after-seq {exc.last_seq}` follows it from here,"
             f" `evalctl cancel {exc.run_id}` stops it)",
+            exc.signum,
         )
-    except KeyboardInterrupt:
-        return _interrupted(console, "evalctl: interrupted")
+    except KeyboardInterrupt as exc:
+        return _interrupted(console, f"evalctl: {_STOPPED[_stop_signal(exc)]}", _stop_signal(exc))
     except SpecError as exc:
         _print_spec_error(console, exc)
+    except FollowFailed as exc:
+        _print_eval_error(console, exc.error)
+        console.print(
+            f"  run {exc.run_id} was not followed to its end: `evalctl watch {exc.run_id} --after-seq {exc.last_seq}`"
+            " follows it again from the last event shown"
+        )
     except EvalError as exc:
-        console.print(f"evalctl: {exc.code.name}: {exc.message}" + (f" ({exc.reason})" if exc.reason else ""))
-        for path, why in exc.field_violations:
-            console.print(f"  {path}: {why}")
-        if exc.hint:
-            console.print(f"  {exc.hint}")
+        _print_eval_error(console, exc)
     except (OSError, ValueError) as exc:
         console.print(f"evalctl: {exc}")
     return EXIT_ERROR
 
 
-def _interrupted(console: Console, message: str) -> int:
+_STOPPED: dict[int, str] = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)"}
+
+
+def _print_eval_error(console: Console, exc: EvalError) -> None:
+    console.print(f"evalctl: {exc.code.name}: {exc.message}" + (f" ({exc.reason})" if exc.reason else ""))
+    for path, why in exc.field_violations:
+        console.print(f"  {path}: {why}")
+    if exc.hint:
+        console.print(f"  {exc.hint}")
+
+
+def _interrupted(console: Console, message: str, signum: int = signal.SIGINT) -> int:
     """Say why evalctl stops; EXIT_INTERRUPTED. The channel is left open (`main`): Ctrl-C can break into
     grpc's own code in the middle of a call (a watch), and closing the channel then waited for that call
     for good (the process hung after the message, until killed). Nothing is left to clean up: the run is
     the server's."""
     console.print(message)
-    return EXIT_INTERRUPTED
+    return 128 + signum
 
 
 def _stdout_closed() -> int:

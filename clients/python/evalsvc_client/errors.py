@@ -6,9 +6,11 @@ The server puts a `google.rpc.Status` in the `grpc-status-details-bin` trailer w
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import ItemsView, Iterable, KeysView, Mapping
 from typing import Any, NamedTuple
+from urllib.parse import unquote
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -150,8 +152,8 @@ def status_details(error: grpc.RpcError) -> status_pb2.Status | None:
 
 
 KEY_HINT = (
-    "Give an API key (evalctl: --api-key or EVALSVC_API_KEY; SDK: api_key=...): the server prints one at its first"
-    " start, and `evalsvc keys create --tenant NAME` makes another"
+    "Give an API key (evalctl: --api-key or EVALSVC_API_KEY; SDK: api_key=... or EVALSVC_API_KEY): the server"
+    " prints one at its first start, and `evalsvc keys create --tenant NAME` makes another"
 )
 
 
@@ -159,6 +161,14 @@ KEY_HINT = (
 # TLS port, a client without the certificate mTLS asks for, or TLS to a plaintext port), as against
 # "Connection refused" where nothing listens.
 _HANDSHAKE_FAILED = re.compile(r"socket closed|handshake|ssl|certificate|tls", re.IGNORECASE)
+
+# How grpc says the server's certificate is not for the name called ("Custom verification check failed with
+# error: UNAUTHENTICATED: Hostname Verification Check failed."), which read as nothing answering.
+_HOSTNAME_MISMATCH = re.compile(r"hostname verification|peer name", re.IGNORECASE)
+
+# The address grpc tried last, in its words (`ipv6:%5B::1%5D:50051: ... Connection refused`): for a name with an
+# address of each family (localhost), the other family's failure (TLS not matching at 127.0.0.1) goes unsaid.
+_REFUSED_AT = re.compile(r"ipv[46]:(\S+?): [^;]*Connection refused", re.IGNORECASE)
 
 
 # How grpc says an HTTP/1 server answered (the REST gateway's port, a web server): h11's 404 to the HTTP/2
@@ -186,10 +196,10 @@ def target_as_url_hint(target: str) -> str:
     )
 
 
-def hint_for(code: grpc.StatusCode, reason: str, target: str, message: str = "") -> str:
+def hint_for(code: grpc.StatusCode, reason: str, target: str, message: str = "", *, tls: bool = False) -> str:
     """What a person can do about an error: a key to give, a server to start, TLS to use (`message`, the
     transport's words, tells a failed handshake from nothing listening, and an HTTP/1 server from both), a
-    target to write without its URL scheme. Empty for the rest."""
+    target to write without its URL scheme. `tls`: the call went out with TLS. Empty for the rest."""
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return KEY_HINT
     if code == grpc.StatusCode.UNAVAILABLE and not reason and target_as_url_hint(target):
@@ -204,6 +214,12 @@ def hint_for(code: grpc.StatusCode, reason: str, target: str, message: str = "")
     # The transport's words name the address too (`evalsvc-tls.internal:443` matched "tls"), and a name
     # that does not resolve is no handshake: neither says TLS does not match.
     words = message.replace(target, " ") if target else message
+    if code == grpc.StatusCode.UNAVAILABLE and not reason and target and _HOSTNAME_MISMATCH.search(words):
+        return (
+            f"Something answers at {target} with TLS, but its certificate is not for the name called: call it by a"
+            " name its certificate holds (--target), or give that name with --tls-server-name NAME (SDK:"
+            " TLSOptions(server_name_override=...))"
+        )
     handshake = _HANDSHAKE_FAILED.search(words) and "dns resolution failed" not in words.lower()
     if code == grpc.StatusCode.UNAVAILABLE and not reason and target and handshake:
         # evalctl said "is the server running?" of a running TLS server.
@@ -214,16 +230,35 @@ def hint_for(code: grpc.StatusCode, reason: str, target: str, message: str = "")
         )
     if code == grpc.StatusCode.UNAVAILABLE and not reason and target:
         # No ErrorInfo: the transport's UNAVAILABLE (nothing listening, refused, unresolvable), not a server's.
-        return (
+        hint = (
             f"Nothing answers at {target}: is the server running? `make run` starts one; "
             "--target HOST:PORT or EVALCTL_TARGET point evalctl elsewhere"
         )
+        refused = _REFUSED_AT.search(message)
+        if tls and refused and _is_name(target):
+            # localhost: ::1 refused (the last address tried) where 127.0.0.1 may have failed TLS, unsaid.
+            hint += (
+                f". grpc names only the last address it tried ({unquote(refused.group(1))}); another address of"
+                f" {target.rpartition(':')[0]} may answer but not match TLS: a --target by IP address shows its"
+                " error, and --ca-cert, --client-cert/--client-key and --tls-server-name set TLS"
+            )
+        return hint
     return ""
 
 
-def from_rpc_error(error: grpc.RpcError, target: str = "") -> EvalError:
+def _is_name(target: str) -> bool:
+    """Whether a HOST:PORT target's host is a name (which may have several addresses), not an IP address."""
+    host = target.rpartition(":")[0].strip("[]") or target
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return False
+
+
+def from_rpc_error(error: grpc.RpcError, target: str = "", *, tls: bool = False) -> EvalError:
     """The EvalError for a grpc error (sync `grpc.RpcError` or `grpc.aio.AioRpcError`); `target`, the address
-    called, goes into the hint of a connection failure."""
+    called, goes into the hint of a connection failure, as does `tls`, whether the call used TLS."""
     code_of = getattr(error, "code", None)
     details_of = getattr(error, "details", None)
     code = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
@@ -253,5 +288,5 @@ def from_rpc_error(error: grpc.RpcError, target: str = "") -> EvalError:
         metadata=metadata,
         field_violations=violations,
         retry_delay=delay,
-        hint=hint_for(code, reason, target, message),
+        hint=hint_for(code, reason, target, message, tls=tls),
     )

@@ -587,10 +587,25 @@ def check_spec(data: Any, spec_dir: Path) -> tuple[RunSpec | None, list[SpecProb
         return None, exc.problems
     if duplicates := _duplicate_grader_names(request.graders):
         return None, duplicates
+    if negative := _negative_counts(request):
+        return None, negative
     given = bool(request.request_id)
     request.request_id = request.request_id or new_request_id()
     request.trigger = request.trigger or pb.run.TRIGGER_AUTO
     return RunSpec(request, dataset_file, given), []
+
+
+#: CreateRunRequest's counts, and what unset (0) means: a negative one was taken as that (`validate` said
+#: "valid: ... 1 repetition" of `repetitions: -1`).
+_COUNTS = {"repetitions": "1", "warmup_runs": "none"}
+
+
+def _negative_counts(request: pb.runs.CreateRunRequest) -> list[SpecProblem]:
+    return [
+        SpecProblem(name, f"{getattr(request, name)} is not a count: 0 or more (0 or unset: {unset})")
+        for name, unset in _COUNTS.items()
+        if getattr(request, name) < 0
+    ]
 
 
 def grader_name(grader: pb.Grader) -> str:

@@ -14,10 +14,12 @@ from evalsvc_client._common import (
     ClientOptions,
     GraderLike,
     ItemLike,
+    Retrying,
     RetryPolicy,
     TargetLike,
     TLSOptions,
     WatchPolicy,
+    api_key_or_environment,
     create_run_request,
     create_webhook_request,
     is_terminal,
@@ -25,6 +27,7 @@ from evalsvc_client._common import (
     list_runs_request,
     new_request_id,
     rerun_run_request,
+    rpc_name,
     to_grader,
     to_item,
     to_target,
@@ -71,14 +74,16 @@ class EvalClient:
         retry: RetryPolicy | None = None,
         watch: WatchPolicy | None = None,
         options: ClientOptions | None = None,
+        on_retry: Callable[[Retrying], None] | None = None,
     ) -> None:
         self.options = options or ClientOptions(
             target=target,
-            api_key=api_key,
+            api_key=api_key_or_environment(api_key),
             tls=tls,
             timeout_s=timeout_s,
             retry=retry or RetryPolicy(),
             watch=watch or WatchPolicy(),
+            on_retry=on_retry,
         )
         opts = self.options
         if opts.tls is not None:
@@ -110,11 +115,12 @@ class EvalClient:
             try:
                 return method(request, timeout=self.options.timeout_s, metadata=self._metadata)
             except grpc.RpcError as rpc_error:
-                error = from_rpc_error(rpc_error, self.options.target)
+                error = from_rpc_error(rpc_error, self.options.target, tls=self.options.tls is not None)
                 if not (retry and policy.should_retry(error, attempt)):
                     raise error from None
                 delay = policy.backoff(attempt, error)
                 log.debug("retrying after %s in %.2fs (attempt %d)", error.code.name, delay, attempt)
+                self.options.retrying(Retrying(rpc_name(request), error, attempt, delay))
                 time.sleep(delay)
 
     # Runs.
@@ -350,7 +356,7 @@ class EvalClient:
             except grpc.RpcError as rpc_error:
                 if finished:
                     return
-                error = from_rpc_error(rpc_error, self.options.target)
+                error = from_rpc_error(rpc_error, self.options.target, tls=self.options.tls is not None)
                 failures += 1
                 if not policy.should_resume(error, failures):
                     raise error from None
@@ -358,6 +364,7 @@ class EvalClient:
                 log.info(
                     "watch of %s dropped (%s); resuming after seq %d in %.2fs", run_id, error.code.name, last, delay
                 )
+                self.options.retrying(Retrying("WatchRun", error, failures, delay, run_id, last))
                 time.sleep(delay)
             finally:
                 call.cancel()

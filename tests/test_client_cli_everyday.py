@@ -1,0 +1,381 @@
+"""evalctl's everyday edges, as a new user meets them: TLS flags given by halves (grpc aborted the process),
+progress without a terminal, --fail-under given as a fraction, a server lost mid-watch, --version."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+
+import grpc
+import pytest
+from evalsvc_client import AsyncEvalClient, cli, errors, pb
+from evalsvc_client._common import TLSOptions
+from evalsvc_client.errors import EvalError
+from rich.console import Console
+
+from evalsvc.server import EvalServer
+from tests.procs import LISTENING, ServerProcess, evalsvc_run
+from tests.test_client_cli import CLIENT_DIR, _env, evalctl, live
+from tests.test_tls import Pki, pki, tls_server
+
+__all__ = ["live", "pki", "tls_server"]  # the fixtures, imported for the tests below
+
+Live = tuple[ServerProcess, str]
+
+
+def evalctl_process(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """evalctl as its own process: a crash (grpc's SIGABRT) must not take pytest with it."""
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CLIENT_DIR), os.environ.get("PYTHONPATH", "")])}
+    environ.pop("EVALCTL_TARGET", None)
+    return subprocess.run(
+        [sys.executable, "-m", "evalsvc_client.cli", *args],
+        env={**environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# --- TLS flags ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "complaint"),
+    [("--client-cert", "--client-cert needs --client-key"), ("--client-key", "--client-key needs --client-cert")],
+)
+def test_half_a_client_certificate_is_refused_in_one_line_not_a_crash(pki: Pki, flag: str, complaint: str) -> None:
+    """With --ca-cert, a certificate without its key (or the key alone) aborted evalctl in grpc (exit 134)."""
+    done = evalctl_process("--target", "127.0.0.1:1", "--ca-cert", str(pki.ca_file), flag, str(pki.key_file), "list")
+    assert (done.returncode, done.stderr) == (cli.EXIT_ERROR, f"evalctl: {complaint}\n")
+
+
+def test_a_client_key_alone_is_refused_not_dropped_for_plaintext(pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--target", "127.0.0.1:1", "--client-key", str(pki.key_file), "list"]) == cli.EXIT_ERROR
+    assert capsys.readouterr().err == "evalctl: --client-key needs --client-cert\n"
+
+
+def test_an_unreadable_ca_cert_names_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.pem"
+    assert cli.main(["--target", "127.0.0.1:1", "--ca-cert", str(missing), "list"]) == cli.EXIT_ERROR
+    assert capsys.readouterr().err == f"evalctl: --ca-cert {missing}: cannot read it: No such file or directory\n"
+
+
+@pytest.mark.parametrize("given", ["private_key", "certificate_chain"])
+def test_sdk_tls_options_refuse_half_a_client_certificate(pki: Pki, given: str) -> None:
+    """TLSOptions with one of the pair reached grpc, which aborted the process; now a ValueError naming both."""
+    with pytest.raises(ValueError, match="private_key and certificate_chain"):
+        TLSOptions(root_certificates=pki.ca.cert, **{given: pki.client.key})
+
+
+# --- progress without a terminal ---------------------------------------------------------------------------------
+
+
+def _counts(completed: int, total: int) -> pb.WatchRunResponse:
+    return pb.WatchRunResponse(
+        counts=pb.RunCounts(total_evaluations=total, completed_evaluations=completed, passed=completed)
+    )
+
+
+def test_without_a_terminal_progress_is_a_line_per_tenth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`evalctl run spec.yaml 2>&1 | cat` printed nothing until the summary (13 s of silence for a small run)."""
+    clock = [1000.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    printed = io.StringIO()
+    with cli._Live(Console(file=printed, width=1000), enabled=False, plain=True) as live:
+        for completed in range(1, 1001):  # one event per evaluation: 1,000 events, 10 lines
+            live.update(_counts(completed, 1000))
+    lines = printed.getvalue().splitlines()
+    assert len(lines) == 10, lines
+    assert lines[0] == "progress: 100/1000 evaluations (10%), pass rate 100.0%, 0 errors, cost $0.0000"
+    assert lines[-1].startswith("progress: 1000/1000 evaluations (100%)")
+
+
+def test_without_a_terminal_a_slow_tenth_still_gets_a_line_every_10_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    printed = io.StringIO()
+    with cli._Live(Console(file=printed, width=1000), enabled=False, plain=True) as live:
+        for completed in range(1, 7):  # one evaluation of 1,000 every 4 s: a line each 10 s or so
+            clock[0] += 4
+            live.update(_counts(completed, 1000))
+    assert [line.split(" evaluations")[0] for line in printed.getvalue().splitlines()] == [
+        "progress: 3/1000",
+        "progress: 6/1000",
+    ]
+
+
+def test_run_piped_prints_progress_lines(live: Live, tmp_path: Path) -> None:
+    (tmp_path / "qa.jsonl").write_text(
+        "".join(f'{{"input": "q{i}", "expected_output": "a", "response": "a"}}\n' for i in range(40))
+    )
+    (tmp_path / "spec.yaml").write_text("dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
+    done = evalctl(live, "run", str(tmp_path / "spec.yaml"))
+    assert done.returncode == cli.EXIT_OK, done.stderr
+    progress = [line for line in done.stderr.splitlines() if line.startswith("progress: ")]
+    assert progress and progress[-1].startswith("progress: 40/40 evaluations (100%), pass rate"), done.stderr
+    quiet = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--no-progress")
+    assert quiet.returncode == cli.EXIT_OK and "progress: " not in quiet.stderr, quiet.stderr
+
+
+# --- --fail-under as a fraction ----------------------------------------------------------------------------------
+
+
+def test_fail_under_written_as_a_fraction_is_warned_of(live: Live, tmp_path: Path) -> None:
+    """`--fail-under 0.9` silently meant 0.9%, where the spec's `pass_threshold: 0.9` got a warning."""
+    (tmp_path / "spec.yaml").write_text(
+        "items: [{input: q, expected_output: a, response: b}, {input: r, expected_output: a, response: a}]\n"
+        "target: provided\ngraders: [{exact_match: {}}]\n"
+    )
+    done = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--fail-under", "0.9")
+    assert done.returncode == cli.EXIT_OK, done.stderr  # 50% reaches 0.9%: a warning, not a refusal
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: --fail-under is a percentage: 0.9 means 0.9%; did you mean 90?"], done.stderr
+    whole = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--fail-under", "90")
+    assert whole.returncode == cli.EXIT_BELOW and "warning:" not in whole.stderr, whole.stderr
+
+
+# --- a server lost mid-watch, and SIGTERM -------------------------------------------------------------------------
+
+
+def test_sigterm_and_a_lost_server_while_following_name_the_run_and_the_resume(tmp_path: Path) -> None:
+    """SIGTERM ended evalctl in silence; a server gone mid-watch gave 41 s of silence, then the generic error naming
+    neither the run nor the watch that resumes it. No workers: the run stays PENDING."""
+    server = ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 'idle.db'}", tmp_path / "server.log", "--workers", "0")
+    server_up = True
+    try:
+        key = server.bootstrap_key()
+        assert key
+        idle = (server, key)
+        (tmp_path / "spec.yaml").write_text(
+            "items: [{input: x, expected_output: x, response: x}]\ntarget: provided\ngraders: [{exact_match: {}}]\n"
+        )
+
+        def started(*args: str) -> tuple[subprocess.Popen[str], str]:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "evalsvc_client.cli", *args],
+                env=_env(idle),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert proc.stderr is not None
+            return proc, proc.stderr.readline()
+
+        proc, line = started("run", str(tmp_path / "spec.yaml"), "--no-progress")
+        assert line.startswith("created run "), line
+        run_id = line.split()[2]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert err.endswith(
+            f"\nevalctl: terminated (SIGTERM); run {run_id} goes on on the server (`evalctl watch {run_id} --after-seq"
+            f" 0` follows it from here, `evalctl cancel {run_id}` stops it)\n"
+        ), err
+
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "evalsvc_client.cli", "watch", run_id, "--json"],
+            env=_env(idle),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        assert int(json.loads(proc.stdout.readline())["seq"]) == 1
+        assert server.terminate() == 0
+        server_up = False
+        reconnecting = proc.stderr.readline()
+        assert reconnecting.startswith(f"reconnecting: the watch of run {run_id} lost its stream ("), reconnecting
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert err.endswith(
+            f"(`evalctl watch {run_id} --after-seq 1` follows it from here, `evalctl cancel {run_id}` stops it)\n"
+        ), err
+    finally:
+        if server_up:
+            assert server.terminate() == 0
+
+
+def test_a_watch_that_fails_names_the_run_and_the_resume(
+    live: Live, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The watch's reconnections used up (41 s with the server gone): the error alone, the run unnamed."""
+    (tmp_path / "spec.yaml").write_text(
+        "items: [{input: x, expected_output: x, response: x}]\ntarget: provided\ngraders: [{exact_match: {}}]\n"
+    )
+    created = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--detach")
+    run_id = created.stdout.strip()
+    real_watch = cli.EvalClient.watch
+
+    def lost(self: cli.EvalClient, run: str, after_seq: int = 0, **kw: object) -> Iterator[pb.WatchRunResponse]:
+        yield next(iter(real_watch(self, run, after_seq)))
+        raise EvalError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
+
+    monkeypatch.setattr(cli.EvalClient, "watch", lost)
+    server, key = live
+    assert cli.main(["--target", server.target, "--api-key", key, "watch", run_id]) == cli.EXIT_ERROR
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "evalctl: UNAVAILABLE: failed to connect to all addresses",
+        f"  run {run_id} was not followed to its end: `evalctl watch {run_id} --after-seq 1` follows it again from"
+        " the last event shown",
+    ]
+
+
+# --- versions ----------------------------------------------------------------------------------------------------
+
+
+def test_evalctl_and_evalsvc_say_their_versions(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
+    """Neither said a version anywhere: no --version, nothing in the server's log."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"evalctl {metadata.version('evalsvc-client')}\n"
+    done = evalsvc_run(["--version"], os.environ)
+    assert (done.returncode, done.stdout) == (0, f"evalsvc {metadata.version('evalsvc')}\n"), done.stderr
+    server, _ = live
+    log = server.log_path.read_text()
+    version = re.escape(metadata.version("evalsvc"))
+    assert re.search(rf" evalsvc starting \(version {version}, database sqlite", log), log
+    assert LISTENING.findall(log) == [str(server.port)]
+
+
+# --- TLS failures named as such ----------------------------------------------------------------------------------
+
+
+async def test_a_certificate_for_another_name_is_said_and_tls_server_name_overrides(
+    tls_server: EvalServer, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server whose certificate does not hold the name called was "Nothing answers at ...: is the server
+    running?"; and evalctl had no flag for the SDK's server_name_override."""
+    argv = ["--target", f"127.0.0.1:{tls_server.port}", "--api-key", "evk_x", "--ca-cert", str(pki.ca_file)]
+    assert await asyncio.to_thread(cli.main, [*argv, "--tls-server-name", "other.example", "list"]) == cli.EXIT_ERROR
+    said = capsys.readouterr().err
+    assert (
+        f"  Something answers at 127.0.0.1:{tls_server.port} with TLS, but its certificate is not for the name"
+        " called: call it by a name its certificate holds (--target), or give that name with --tls-server-name NAME"
+    ) in said, said
+    assert "Nothing answers" not in said
+    # The name the certificate holds: the handshake succeeds, and the server answers (this key is no key of its).
+    assert await asyncio.to_thread(cli.main, [*argv, "--tls-server-name", "localhost", "list"]) == cli.EXIT_ERROR
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def test_refused_on_one_address_of_a_name_with_tls_mentions_tls() -> None:
+    """localhost: ::1 refused (grpc's last error) while 127.0.0.1 failed TLS; the hint said only "is the server
+    running?"."""
+    message = (
+        "failed to connect to all addresses; last error: UNKNOWN: ipv6:%5B::1%5D:50051: Failed to connect to remote"
+        " host: Connection refused"
+    )
+    hint = errors.hint_for(grpc.StatusCode.UNAVAILABLE, "", "localhost:50051", message, tls=True)
+    assert hint.startswith("Nothing answers at localhost:50051: is the server running?"), hint
+    assert "grpc names only the last address it tried ([::1]:50051); another address of localhost" in hint, hint
+    assert "--ca-cert, --client-cert/--client-key and --tls-server-name" in hint, hint
+    assert "--tls-server-name" not in errors.hint_for(grpc.StatusCode.UNAVAILABLE, "", "localhost:50051", message)
+
+
+# --- retries said ------------------------------------------------------------------------------------------------
+
+
+def test_a_rate_limited_create_run_says_it_waits(tmp_path: Path) -> None:
+    """evalctl waited in silence while the server rate-limited CreateRun (RetryInfo 36 s, retried by the SDK)."""
+    server = ServerProcess(
+        f"sqlite+aiosqlite:///{tmp_path / 'rate.db'}",
+        tmp_path / "server.log",
+        "--workers",
+        "0",
+        "--create-run-rate",
+        "0.5",
+        "--create-run-burst",
+        "1",
+    )
+    try:
+        key = server.bootstrap_key()
+        assert key
+        limited = (server, key)
+        (tmp_path / "spec.yaml").write_text(
+            "items: [{input: x, expected_output: x, response: x}]\ntarget: provided\ngraders: [{exact_match: {}}]\n"
+        )
+        first = evalctl(limited, "run", str(tmp_path / "spec.yaml"), "--detach")
+        assert first.returncode == cli.EXIT_OK and "rate-limited" not in first.stderr, first.stderr
+        second = evalctl(limited, "run", str(tmp_path / "spec.yaml"), "--detach")
+        assert second.returncode == cli.EXIT_OK, second.stderr
+        said = second.stderr.splitlines()
+        assert re.fullmatch(r"rate-limited \(create_run_rate\); retrying CreateRun in \d\.\d s", said[0]), said
+        assert said[1].startswith("created run "), said
+    finally:
+        assert server.terminate() == 0
+
+
+def test_the_sdk_says_nothing_of_its_retries_unless_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    """A library's user sees no line of evalctl's: on_retry is None unless given."""
+    from evalsvc_client._common import Retrying, RetryPolicy
+
+    seen: list[Retrying] = []
+    quiet = cli.EvalClient("127.0.0.1:1", retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01))
+    told = cli.EvalClient(
+        "127.0.0.1:1", retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01), on_retry=seen.append
+    )
+    for client in (quiet, told):
+        with client, pytest.raises(EvalError):
+            client.get_run("run_x")
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "")
+    assert [(r.call, r.error.code, r.attempt) for r in seen] == [("GetRun", grpc.StatusCode.UNAVAILABLE, 1)]
+
+
+# --- small things ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "line"), [("repetitions", "0 or unset: 1"), ("warmup_runs", "0 or unset: none")])
+def test_a_negative_count_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, line: str) -> None:
+    """`validate` said "valid: ... 1 repetition" of `repetitions: -1`."""
+    (tmp_path / "spec.yaml").write_text(
+        f"items: [{{input: x, response: x}}]\ntarget: provided\ngraders: [{{exact_match: {{}}}}]\n{key}: -1\n"
+    )
+    assert cli.main(["validate", str(tmp_path / "spec.yaml")]) == cli.EXIT_ERROR
+    assert f"  {key}: -1 is not a count: 0 or more ({line})" in capsys.readouterr().err.splitlines()
+
+
+def test_the_sdk_reads_evalsvc_api_key_as_evalctl_does(live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`EvalClient("127.0.0.1:50051")` ignored EVALSVC_API_KEY: UNAUTHENTICATED where evalctl worked."""
+    server, key = live
+    monkeypatch.setenv("EVALSVC_API_KEY", key)
+    with cli.EvalClient(server.target) as client:
+        assert isinstance(list(client.list_runs(limit=1)), list)
+
+    async def async_key() -> str | None:
+        client = AsyncEvalClient(server.target)
+        await client.close()
+        return client.options.api_key
+
+    assert asyncio.run(async_key()) == key
+    assert cli.EvalClient(server.target, api_key="evk_given").options.api_key == "evk_given"
+    assert cli.EvalClient(server.target, api_key="").options.metadata() == ()  # "": no key, whatever is set
+
+
+def test_listings_say_one_run_and_no_targets(live: Live, tmp_path: Path) -> None:
+    """ "showing the newest 1 runs", "1 errors", and an empty listing printed a table of headers alone."""
+    (tmp_path / "spec.yaml").write_text(
+        "items: [{input: x, expected_output: x}, {input: y, expected_output: y, response: y}]\n"
+        "target: provided\ngraders: [{exact_match: {}}]\nmax_error_rate: 100\n"
+    )
+    for _ in range(2):
+        ran = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--no-progress")
+        assert ran.returncode == cli.EXIT_OK, ran.stderr
+    assert ", 1 error, cost $" in ran.stderr, ran.stderr
+    listed = evalctl(live, "list", "--limit", "1")
+    assert listed.stderr.startswith("showing the newest 1 run; more exist: --limit 100 shows more"), listed.stderr
+    empty = evalctl(live, "targets", "list")
+    assert (empty.returncode, empty.stdout, empty.stderr) == (cli.EXIT_OK, "", "no targets\n")
