@@ -15,6 +15,10 @@ stream at a time) (`KeylessStreams`). Past either:
 - a reflection stream is UNAVAILABLE (SERVER_STREAMS_FULL, RetryInfo), as a WatchRun past the server's
   part of streams. Its messages are written here, so a client that leaves mid-write ends it quietly
   (grpc writing them itself logged `ExecuteBatchError raised in core` with a traceback at ERROR).
+
+A health service name over evalsvc.api.keyless.MAX_SERVICE_NAME_CHARS is INVALID_ARGUMENT (Check and
+Watch): a Watch keeps its request for as long as it stays open (a longer request is refused before it
+is parsed: evalsvc.api.keyless).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from evalsvc.api.interceptor import ended_by_core
+from evalsvc.api.keyless import MAX_SERVICE_NAME_CHARS, service_name_too_long
 from evalsvc.api.status import abort
 from evalsvc.errors import Reason, ServiceError
 from evalsvc.limits import Holdings, streams_full
@@ -45,6 +50,11 @@ class KeylessStreams:
     def __init__(self, in_all: int) -> None:
         self._in_all = in_all
         self._by_connection = Holdings()
+
+    @property
+    def total(self) -> int:
+        """The keyless streams open now, all connections."""
+        return self._by_connection.total
 
     def full(self, peer: str) -> str:
         """Why one more stream of `peer`'s is refused; "" when it may open."""
@@ -73,7 +83,14 @@ class BoundedHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  #
         super().__init__()
         self._streams = streams
 
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: Context) -> health_pb2.HealthCheckResponse:
+        if len(request.service) > MAX_SERVICE_NAME_CHARS:
+            await abort(context, service_name_too_long(len(request.service)))
+        return await super().Check(request, context)
+
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
+        if len(request.service) > MAX_SERVICE_NAME_CHARS:
+            await abort(context, service_name_too_long(len(request.service)))
         peer = context.peer()
         if why := self._streams.full(peer):
             await abort(context, _unwatchable(why))
