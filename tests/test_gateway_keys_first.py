@@ -199,8 +199,9 @@ async def test_the_standalone_gateway_checks_the_key_of_a_large_body_first(tmp_p
 
 async def test_a_body_no_keyed_route_would_read_is_answered_before_it_is_read(tmp_path: Path) -> None:
     """The review: a path no route takes, or a route that needs no key and reads no body (/openapi.json,
-    the UI's pages, a dialect's keyless route), had its body read whole (up to 16 MB each, keyless) until --http-body-timeout-s, and
-    only then its 404 or 405. Each is answered at once now, in its API's shape, the body unread."""
+    the UI's pages, a dialect's keyless route), had its body read whole (up to 16 MB each, keyless) until
+    --http-body-timeout-s, and only then its 404 or 405. Each is answered at once now, in its API's shape,
+    the body unread."""
     async with _server(tmp_path) as srv:
         port = srv.gateway.port  # type: ignore[union-attr]
         cases = {
