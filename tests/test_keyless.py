@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -142,6 +143,14 @@ async def test_reflection_requests_past_the_budget_wait_their_turn(tmp_path: Pat
             for _ in range(20):
                 await second.write(reflection_pb2.ServerReflectionRequest(list_services=""))
                 assert (await second.read()).list_services_response.service
+            await second.write(
+                reflection_pb2.ServerReflectionRequest(file_by_filename="evalsvc/v1/eval_run_service.proto")
+            )
+            by_name = (await second.read()).file_descriptor_response.file_descriptor_proto
+            assert by_name == files
+            assert [descriptor_pb2.FileDescriptorProto.FromString(f).name for f in files][:1] == [
+                "evalsvc/v1/eval_run_service.proto"
+            ]
             for call in (stream, second):
                 await call.done_writing()
                 assert await call.read() == grpc.aio.EOF
