@@ -228,6 +228,10 @@ class EvalServer:
         self.has_keys = False  # whether any API key exists, as of the start (for the start's key hint)
         self.keyless_streams = KeylessStreams(settings.health_watches_in_all)
         self.health = BoundedHealthServicer(self.keyless_streams)
+        self.reflection = BoundedReflectionServicer(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.keyless_streams,
+        )
         # Checks four times per stall limit, but never more often than every 50 ms nor less than every 5 s.
         self.watchdog = Watchdog(self.metrics, self._report_progress, check_s=max(0.05, min(5.0, settings.stall_s / 4)))
         self._watchdog_task: asyncio.Task[None] | None = None
@@ -439,13 +443,7 @@ class EvalServer:
             add(servicer, self.local)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.local)  # the gateway's GET /healthz
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            BoundedReflectionServicer(
-                (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-                self.keyless_streams,
-            ),
-            server,
-        )
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(self.reflection, server)
         return server
 
     @contextlib.asynccontextmanager

@@ -6,7 +6,8 @@ peer and admits the call (refusing a key that is not valid or a request that did
 setting the caller's tenant); `on_end` hands the finished call to the observer. On a gRPC server the
 key is checked before the request is read (`_Call.arrived`): a caller without a valid key never has
 its request parsed, whatever its size; and a request over 1 MiB is parsed on the loop only once a
-worker process has found it holds no map large enough to stall the loop (evalsvc.api.decoding). The wrappers for
+worker process has found it holds no map large enough to stall the loop (evalsvc.api.decoding); a keyless
+method's (health, reflection) over evalsvc.api.keyless.MAX_REQUEST_BYTES is refused unparsed. The wrappers for
 grpc's three handler shapes (a unary coroutine, an async generator, a coroutine that writes to its
 context) only run the behaviour between the two and say which status code it ended with. For a
 gRPC server, a stream's messages are then written by the interceptor itself (`_Call.written`).
@@ -32,7 +33,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from types import MethodType
 from typing import Any, TypeAlias, cast
 
@@ -41,6 +42,7 @@ import grpc
 from evalsvc.api.admission import Admission
 from evalsvc.api.auth import Authenticator, presented_key
 from evalsvc.api.decoding import RequestChecker, Unparsed, deferring
+from evalsvc.api.keyless import MAX_REQUEST_BYTES, too_large
 from evalsvc.api.observability import FinishedCall, Observer
 from evalsvc.api.status import abort, internal_error
 from evalsvc.api.tenancy import current_tenant
@@ -94,7 +96,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         if handler.unary_unary is None and handler.unary_stream is None:
-            return handler if self._admission is None else _admitted_stream(handler, self._admission)
+            return handler if self._admission is None else _admitted_stream(details.method, handler, self._admission)
         known = self._methods.get(details.method)
         if known is None or known[0] is not handler:
             method = _Method(
@@ -185,6 +187,18 @@ class Refused:
         self.error = error
 
 
+def _keyless(method: str, parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """`parse` for a method that needs no key (evalsvc.api.keyless): a request over MAX_REQUEST_BYTES is a
+    Refused, its bytes neither parsed nor kept, nor sent to the checker of large requests."""
+
+    def deserialize(data: bytes) -> Any:
+        if len(data) > MAX_REQUEST_BYTES:
+            return Refused(too_large(method, len(data)))
+        return parse(data)
+
+    return deserialize
+
+
 def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
     """The deserializer, returning a MalformedRequest instead of raising."""
     if deserializer is None:
@@ -241,7 +255,10 @@ class _Method:
         self.observer = observer
         self.outgoing = outgoing
         self.parse = _tolerant(handler.request_deserializer)
-        if checker is not None and self.parse is not None:  # a large request is checked before it is parsed
+        if self.parse is not None and admission is not None and self.auth is None:
+            # keyless (health): a request over MAX_REQUEST_BYTES is refused unparsed, never checked
+            self.parse = _keyless(name, self.parse)
+        elif checker is not None and self.parse is not None:  # a large request is checked before it is parsed
             self.parse = deferring(handler.request_deserializer, self.parse)
         self.serialize = handler.response_serializer  # used by `outgoing`; grpc is given bytes, or objects in process
         writes = outgoing.serializes
@@ -459,25 +476,39 @@ class _Call:
             self.on_end(code, request, None)
 
 
-def _admitted_stream(handler: Handler, admission: Admission) -> Handler:
+def _admitted_stream(method: str, handler: Handler, admission: Admission) -> Handler:
     """A bidi-streaming handler (server reflection: open, unobserved, its bounds its own: evalsvc.api.health)
     whose request messages are read within the admission's bounds, the call counted as served while it
     lasts. Its behaviour writes its messages itself (a coroutine: grpc's reader/writer shape)."""
     behaviour = cast("Callable[..., Any] | None", handler.stream_stream)
     if behaviour is None or not inspect.iscoroutinefunction(behaviour):
         raise TypeError(f"no client-streaming methods but server reflection's writing one are expected: {handler!r}")
+    parse = _tolerant(handler.request_deserializer)
 
     async def admitted(requests: Any, context: Context) -> None:
         peer = _peer(context)
         await admission.admit(context, keyed=False)
         try:
-            await behaviour(admission.messages(context, peer), context)
+            await behaviour(_parsed(admission.messages(context, peer), context), context)
         finally:
             admission.release()
 
     return grpc.stream_stream_rpc_method_handler(
-        admitted, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        admitted,
+        request_deserializer=None if parse is None else _keyless(method, parse),
+        response_serializer=handler.response_serializer,
     )
+
+
+async def _parsed(messages: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+    """The messages of a keyless client stream; the call ends at one over MAX_REQUEST_BYTES (INVALID_ARGUMENT,
+    evalsvc.api.keyless) or one that is not its message (MALFORMED_REQUEST), as a unary call would."""
+    async for message in messages:
+        if isinstance(message, Refused):
+            await abort(context, message.error)
+        if isinstance(message, MalformedRequest):
+            await abort(context, malformed_request())
+        yield message
 
 
 def ended_by_core(method: str, exc: grpc.aio.InternalError) -> asyncio.CancelledError:
