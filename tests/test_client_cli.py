@@ -1444,7 +1444,7 @@ def test_graders_and_targets_list_get_and_delete(live: tuple[ServerProcess, str]
     row = next(line for line in table.stdout.splitlines() if graders[0].id in line)
     assert "first-grader" in row and "contains" in row and "2 of 2" in row and "team=qa" in row, row
     cut = evalctl(live, "graders", "list", "--limit", "1", "--json")
-    assert len(json.loads(cut.stdout)) == 1 and "showing the newest 1 graders; more exist" in cut.stderr
+    assert len(json.loads(cut.stdout)) == 1 and "showing the newest 1 grader; more exist" in cut.stderr
     old = json.loads(evalctl(live, "graders", "get", graders[0].id, "--version", "1", "--json").stdout)
     assert old["version"] == 1 and "exact_match" in old["grader"]  # the version asked for, not the latest
     deleted = evalctl(live, "graders", "delete", graders[0].id)
