@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 LISTENING = re.compile(r"evalsvc listening on [^ ]+:(\d+)")
 HTTP_LISTENING = re.compile(r"REST gateway listening on https?://[^ ]+:(\d+)")
@@ -31,17 +31,28 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`evalsvc serve` in a child process, with its log in a file."""
+    """`evalsvc serve` in a child process, with its log in a file.
 
-    def __init__(self, db_url: str, log_path: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    `forked`: the process is a fork of the test forker (_Forks below) rather than a fresh interpreter, which
+    saves its imports (~1-2 s a start); it is the same `evalsvc serve` otherwise, signalled and waited for
+    through `proc` as a Popen is (ForkedProcess)."""
+
+    def __init__(
+        self, db_url: str, log_path: Path, *extra: str, env: dict[str, str] | None = None, forked: bool = False
+    ) -> None:
         self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115  (closed in wait())
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "evalsvc", "serve", "--grpc-addr", "127.0.0.1:0", "--db", db_url, *extra],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
+        args = ["serve", "--grpc-addr", "127.0.0.1:0", "--db", db_url, *extra]
+        environ = {**os.environ, **(env or {})}
+        self._log: IO[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | ForkedProcess
+        if forked:
+            log_path.touch()  # there before the fork writes to it: _await_port reads it at once
+            self.proc = _FORKS.spawn(args, environ, log_path)
+        else:
+            self._log = open(log_path, "ab")  # noqa: SIM115  (closed in wait())
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "evalsvc", *args], stdout=self._log, stderr=subprocess.STDOUT, env=environ
+            )
         self.port = self._await_port()
 
     def _await_port(self, timeout: float = 30.0) -> int:
@@ -91,15 +102,18 @@ class ServerProcess:
 
     def wait(self, timeout: float = 30.0) -> int:
         code = self.proc.wait(timeout)
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
         return code
 
 
-async def start_server(db_url: str, log_path: Path, *extra: str, env: dict[str, str] | None = None) -> ServerProcess:
+async def start_server(
+    db_url: str, log_path: Path, *extra: str, env: dict[str, str] | None = None, forked: bool = False
+) -> ServerProcess:
     """A ServerProcess started off the event loop (its start polls a log file), so the loop's other
     tasks keep running meanwhile; if the caller is cancelled during the start, the process is
     killed once up rather than left running after the test."""
-    starting = asyncio.ensure_future(asyncio.to_thread(ServerProcess, db_url, log_path, *extra, env=env))
+    starting = asyncio.ensure_future(asyncio.to_thread(ServerProcess, db_url, log_path, *extra, env=env, forked=forked))
     try:
         return await asyncio.shield(starting)
     except asyncio.CancelledError:
@@ -202,6 +216,28 @@ class _Forks:
             raise subprocess.TimeoutExpired(command, timeout, stdout, stderr)
         return subprocess.CompletedProcess(command, code, stdout, stderr)
 
+    def spawn(self, args: list[str], environ: Mapping[str, str], log_path: Path) -> ForkedProcess:
+        """`python -m evalsvc ARGS` forked and left running, stdout and stderr appended to `log_path`."""
+        request = {"spawn": args, "env": dict(environ), "cwd": os.getcwd(), "log": str(log_path)}
+        return ForkedProcess(self, int(self._ask(request)["pid"]))
+
+    def exit_code(self, pid: int) -> int | None:
+        """The exit code of spawned fork `pid` once it has exited, else None (waitpid WNOHANG, in the forker)."""
+        code = self._ask({"status": pid})["code"]
+        return None if code is None else int(code)
+
+    def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        with self._turn:
+            proc = self._started()
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(json.dumps(request) + "\n")
+            proc.stdin.flush()
+            answer = proc.stdout.readline()
+            if not answer:
+                raise RuntimeError(f"the test forker (tests/procs.py) exited ({proc.wait()}) on {request}")
+            found: dict[str, Any] = json.loads(answer)
+            return found
+
     def _started(self) -> subprocess.Popen[str]:
         if self._proc is None or self._proc.poll() is not None:
             self._proc = subprocess.Popen(
@@ -217,6 +253,39 @@ class _Forks:
 _FORKS = _Forks()
 
 
+class ForkedProcess:
+    """What ServerProcess uses of a Popen, for a process the forker spawned (its parent is the forker,
+    which reaps it and tells its exit code): pid, poll, wait, send_signal, returncode."""
+
+    def __init__(self, forks: _Forks, pid: int) -> None:
+        self._forks = forks
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._forks.exit_code(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(["evalsvc", f"(fork {self.pid})"], timeout or 0.0)
+            time.sleep(0.01)  # a child of the forker: no event to await here
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # as Popen: no signal to a process already reaped (its pid may be reused)
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
 def serve_forks() -> None:
     """The forker's loop (in its own process): one JSON request per line on stdin, one answer per line
     on stdout: the fork's exit code (None if it outlived its timeout and was killed)."""
@@ -224,13 +293,31 @@ def serve_forks() -> None:
     import evalsvc.gateway.server
     import evalsvc.server  # imported once, here, for every fork
 
+    exited: dict[int, int] = {}  # spawned forks reaped, by pid: their exit codes
     for line in sys.stdin:
         request = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            _be_evalsvc(request, evalsvc.cli.main)
-        code = _reaped(pid, time.monotonic() + request["timeout"])
-        sys.stdout.write(json.dumps({"code": code}) + "\n")
+        answer: dict[str, Any]
+        if "status" in request:
+            pid = request["status"]
+            if pid not in exited:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    exited[pid] = os.waitstatus_to_exitcode(status)
+            answer = {"code": exited.get(pid)}
+        elif "spawn" in request:
+            pid = os.fork()
+            if pid == 0:
+                log = request["log"]
+                _be_evalsvc(
+                    {**request, "argv": request["spawn"], "out": log, "err": log, "append": True}, evalsvc.cli.main
+                )
+            answer = {"pid": pid}
+        else:
+            pid = os.fork()
+            if pid == 0:
+                _be_evalsvc(request, evalsvc.cli.main)
+            answer = {"code": _reaped(pid, time.monotonic() + request["timeout"])}
+        sys.stdout.write(json.dumps(answer) + "\n")
         sys.stdout.flush()
 
 
@@ -245,6 +332,8 @@ def _be_evalsvc(request: dict[str, Any], main: Callable[[list[str]], int]) -> No
         (1, request["out"], os.O_WRONLY),
         (2, request["err"], os.O_WRONLY),
     ):
+        if fd and request.get("append"):
+            flags |= os.O_APPEND  # a server's log: both streams into one file, after what it holds
         opened = os.open(path, flags | (os.O_CREAT if fd else 0), 0o600)
         os.dup2(opened, fd)
         os.close(opened)
