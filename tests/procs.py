@@ -53,7 +53,11 @@ class ServerProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "evalsvc", *args], stdout=self._log, stderr=subprocess.STDOUT, env=environ
             )
-        self.port = self._await_port()
+        try:
+            self.port = self._await_port()
+        except BaseException:
+            self.kill()  # not left running after the test (a fork would outlive the forker too)
+            raise
 
     def _await_port(self, timeout: float = 30.0) -> int:
         deadline = time.monotonic() + timeout
