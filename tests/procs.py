@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 LISTENING = re.compile(r"evalsvc listening on [^ ]+:(\d+)")
 HTTP_LISTENING = re.compile(r"REST gateway listening on https?://[^ ]+:(\d+)")
@@ -31,18 +31,33 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`evalsvc serve` in a child process, with its log in a file."""
+    """`evalsvc serve` in a child process, with its log in a file.
 
-    def __init__(self, db_url: str, log_path: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    `forked`: the process is a fork of the test forker (_Forks below) rather than a fresh interpreter, which
+    saves its imports (~1-2 s a start); it is the same `evalsvc serve` otherwise, signalled and waited for
+    through `proc` as a Popen is (ForkedProcess)."""
+
+    def __init__(
+        self, db_url: str, log_path: Path, *extra: str, env: dict[str, str] | None = None, forked: bool = False
+    ) -> None:
         self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115  (closed in wait())
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "evalsvc", "serve", "--grpc-addr", "127.0.0.1:0", "--db", db_url, *extra],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
-        self.port = self._await_port()
+        args = ["serve", "--grpc-addr", "127.0.0.1:0", "--db", db_url, *extra]
+        environ = {**os.environ, **(env or {})}
+        self._log: IO[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | ForkedProcess
+        if forked:
+            log_path.touch()  # there before the fork writes to it: _await_port reads it at once
+            self.proc = _FORKS.spawn(args, environ, log_path)
+        else:
+            self._log = open(log_path, "ab")  # noqa: SIM115  (closed in wait())
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "evalsvc", *args], stdout=self._log, stderr=subprocess.STDOUT, env=environ
+            )
+        try:
+            self.port = self._await_port()
+        except BaseException:
+            self.kill()  # not left running after the test (a fork would outlive the forker too)
+            raise
 
     def _await_port(self, timeout: float = 30.0) -> int:
         deadline = time.monotonic() + timeout
@@ -91,15 +106,18 @@ class ServerProcess:
 
     def wait(self, timeout: float = 30.0) -> int:
         code = self.proc.wait(timeout)
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
         return code
 
 
-async def start_server(db_url: str, log_path: Path, *extra: str, env: dict[str, str] | None = None) -> ServerProcess:
+async def start_server(
+    db_url: str, log_path: Path, *extra: str, env: dict[str, str] | None = None, forked: bool = False
+) -> ServerProcess:
     """A ServerProcess started off the event loop (its start polls a log file), so the loop's other
     tasks keep running meanwhile; if the caller is cancelled during the start, the process is
     killed once up rather than left running after the test."""
-    starting = asyncio.ensure_future(asyncio.to_thread(ServerProcess, db_url, log_path, *extra, env=env))
+    starting = asyncio.ensure_future(asyncio.to_thread(ServerProcess, db_url, log_path, *extra, env=env, forked=forked))
     try:
         return await asyncio.shield(starting)
     except asyncio.CancelledError:
@@ -162,50 +180,90 @@ def _failed(command: list[str], timeout: float, environ: Mapping[str, str] | Non
     return FailedStart(done.returncode, done.stdout + done.stderr, time.monotonic() - started)
 
 
-def evalsvc_run(args: list[str], environ: Mapping[str, str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def evalsvc_run(
+    args: list[str], environ: Mapping[str, str], timeout: float = 60.0, *, umask: int = -1
+) -> subprocess.CompletedProcess[str]:
     """`python -m evalsvc ARGS` with `environ` as its environment, run to its end, its output captured as
     text; TimeoutExpired (the test fails) if it runs past `timeout`. For commands that end on their own
-    within seconds (a start that fails, migrate, keys): a server that starts keeps a ServerProcess."""
-    return _FORKS.run(args, timeout, environ)
+    within seconds (a start that fails, migrate, keys): a server that starts keeps a ServerProcess.
+    `umask`: the command's (-1 keeps this process's), as subprocess.run's."""
+    return _FORKS.run(args, timeout, environ, umask=umask if umask >= 0 else None)
+
+
+def evalctl_run(
+    args: list[str], environ: Mapping[str, str], timeout: float = 60.0, *, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m evalsvc_client.cli ARGS` (evalctl) as evalsvc_run runs evalsvc, `input` its stdin (else
+    /dev/null). For commands that end on their own; one a test signals keeps a subprocess.Popen."""
+    return _EVALCTL_FORKS.run(args, timeout, environ, stdin=input)
 
 
 class _Forks:
-    """Runs short `python -m evalsvc ARGS` commands as forks of one process that has imported evalsvc's
-    command and server once (~1-2 s per start otherwise: most of test_startup's time went on its hundred
-    starts importing the same modules).
+    """Runs short `python -m MODULE ARGS` commands (evalsvc; evalctl) as forks of one process that has
+    imported the command's modules once (~1-2 s per start of evalsvc otherwise: most of test_startup's
+    time went on its hundred starts importing the same modules; ~0.3 s per evalctl command).
 
     Each run is still its own process, with its own environment, working directory, exit code and
-    stdout/stderr (files, read back), whose `main` parses the command line and starts the server as a
+    stdin/stdout/stderr (files, read back), whose `main` parses the command line and starts the server as a
     fresh `evalsvc` would; what it skips is only the imports (they start no thread and not gRPC's
     core, so forking after them is safe: the forker never opens a channel or a server). The forker is
-    started on first use, one per test process, and ends when that process closes its pipe."""
+    started on first use, one per test process and program, and ends when that process closes its pipe."""
 
-    def __init__(self) -> None:
+    def __init__(self, program: str) -> None:
+        self._program = program  # a key of PROGRAMS
         self._proc: subprocess.Popen[str] | None = None
         self._turn = threading.Lock()  # one request and its answer at a time (callers may be threads)
 
-    def run(self, args: list[str], timeout: float, environ: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "evalsvc", *args]
-        with tempfile.TemporaryDirectory(prefix="evalsvc-fork-") as where, self._turn:
-            proc = self._started()
-            assert proc.stdin is not None and proc.stdout is not None
+    def run(
+        self,
+        args: list[str],
+        timeout: float,
+        environ: Mapping[str, str],
+        *,
+        stdin: str | None = None,
+        umask: int | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", PROGRAMS[self._program][0], *args]
+        with tempfile.TemporaryDirectory(prefix="evalsvc-fork-") as where:
             out, err = Path(where, "stdout"), Path(where, "stderr")
-            request = {"argv": args, "env": dict(environ), "cwd": os.getcwd(), "out": str(out), "err": str(err)}
-            proc.stdin.write(json.dumps({**request, "timeout": timeout}) + "\n")
-            proc.stdin.flush()
-            answer = proc.stdout.readline()
-            if not answer:
-                raise RuntimeError(f"the test forker (tests/procs.py) exited ({proc.wait()}) running {command}")
-            code = json.loads(answer)["code"]
+            request: dict[str, Any] = {"argv": args, "env": dict(environ), "cwd": os.getcwd()}
+            request.update(out=str(out), err=str(err), timeout=timeout, umask=umask)
+            if stdin is not None:
+                Path(where, "stdin").write_text(stdin)
+                request["in"] = str(Path(where, "stdin"))
+            code = self._ask(request)["code"]
             stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
         if code is None:
             raise subprocess.TimeoutExpired(command, timeout, stdout, stderr)
         return subprocess.CompletedProcess(command, code, stdout, stderr)
 
+    def spawn(self, args: list[str], environ: Mapping[str, str], log_path: Path) -> ForkedProcess:
+        """`python -m MODULE ARGS` forked and left running, stdout and stderr appended to `log_path`."""
+        request = {"spawn": args, "env": dict(environ), "cwd": os.getcwd(), "log": str(log_path)}
+        return ForkedProcess(self, int(self._ask(request)["pid"]))
+
+    def exit_code(self, pid: int) -> int | None:
+        """The exit code of spawned fork `pid` once it has exited, else None (waitpid WNOHANG, in the forker)."""
+        code = self._ask({"status": pid})["code"]
+        return None if code is None else int(code)
+
+    def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        with self._turn:
+            proc = self._started()
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(json.dumps(request) + "\n")
+            proc.stdin.flush()
+            answer = proc.stdout.readline()
+            if not answer:
+                what = request.get("argv", request)
+                raise RuntimeError(f"the test forker (tests/procs.py) exited ({proc.wait()}) on {what}")
+            found: dict[str, Any] = json.loads(answer)
+            return found
+
     def _started(self) -> subprocess.Popen[str]:
         if self._proc is None or self._proc.poll() is not None:
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", "from tests.procs import serve_forks; serve_forks()"],
+                [sys.executable, "-c", f"from tests.procs import serve_forks; serve_forks({self._program!r})"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -214,40 +272,102 @@ class _Forks:
         return self._proc
 
 
-_FORKS = _Forks()
+# A program's module (what `python -m` runs) and the modules its forker imports once, the first holding `main`.
+PROGRAMS = {
+    "evalsvc": ("evalsvc", ("evalsvc.cli", "evalsvc.gateway.server", "evalsvc.server")),
+    "evalctl": ("evalsvc_client.cli", ("evalsvc_client.cli",)),
+}
+_FORKS = _Forks("evalsvc")
+_EVALCTL_FORKS = _Forks("evalctl")
 
 
-def serve_forks() -> None:
+class ForkedProcess:
+    """What ServerProcess uses of a Popen, for a process the forker spawned (its parent is the forker,
+    which reaps it and tells its exit code): pid, poll, wait, send_signal, returncode."""
+
+    def __init__(self, forks: _Forks, pid: int) -> None:
+        self._forks = forks
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._forks.exit_code(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(["evalsvc", f"(fork {self.pid})"], timeout or 0.0)
+            time.sleep(0.01)  # a child of the forker: no event to await here
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # as Popen: no signal to a process already reaped (its pid may be reused)
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+def serve_forks(program: str = "evalsvc") -> None:
     """The forker's loop (in its own process): one JSON request per line on stdin, one answer per line
-    on stdout: the fork's exit code (None if it outlived its timeout and was killed)."""
-    import evalsvc.cli
-    import evalsvc.gateway.server
-    import evalsvc.server  # imported once, here, for every fork
+    on stdout: a run's exit code (None if it outlived its timeout and was killed), a spawned fork's pid,
+    or a spawned fork's exit code once it has exited (None while it runs)."""
+    import importlib
 
+    modules = [importlib.import_module(name) for name in PROGRAMS[program][1]]  # imported once, for every fork
+    main = modules[0].main
+    exited: dict[int, int] = {}  # spawned forks reaped, by pid: their exit codes
     for line in sys.stdin:
         request = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            _be_evalsvc(request, evalsvc.cli.main)
-        code = _reaped(pid, time.monotonic() + request["timeout"])
-        sys.stdout.write(json.dumps({"code": code}) + "\n")
+        answer: dict[str, Any]
+        if "status" in request:
+            pid = request["status"]
+            if pid not in exited:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    exited[pid] = os.waitstatus_to_exitcode(status)
+            answer = {"code": exited.get(pid)}
+        elif "spawn" in request:
+            pid = os.fork()
+            if pid == 0:
+                log = request["log"]
+                _be_program({**request, "argv": request["spawn"], "out": log, "err": log, "append": True}, main)
+            answer = {"pid": pid}
+        else:
+            pid = os.fork()
+            if pid == 0:
+                _be_program(request, main)
+            answer = {"code": _reaped(pid, time.monotonic() + request["timeout"])}
+        sys.stdout.write(json.dumps(answer) + "\n")
         sys.stdout.flush()
 
 
-def _be_evalsvc(request: dict[str, Any], main: Callable[[list[str]], int]) -> NoReturn:
-    """In the fork: become `python -m evalsvc ARGV` in the request's environment and directory, with
-    stdout and stderr in its files, and exit as that command would (`sys.exit(main())`)."""
+def _be_program(request: dict[str, Any], main: Callable[[list[str]], int]) -> NoReturn:
+    """In the fork: become `python -m MODULE ARGV` in the request's environment, directory and umask, with
+    stdin (else /dev/null), stdout and stderr in its files, and exit as that command would (`sys.exit(main())`)."""
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    if request.get("umask") is not None:
+        os.umask(request["umask"])
     for fd, path, flags in (
-        (0, os.devnull, os.O_RDONLY),
+        (0, request.get("in") or os.devnull, os.O_RDONLY),
         (1, request["out"], os.O_WRONLY),
         (2, request["err"], os.O_WRONLY),
     ):
+        if fd and request.get("append"):
+            flags |= os.O_APPEND  # a server's log: both streams into one file, after what it holds
         opened = os.open(path, flags | (os.O_CREAT if fd else 0), 0o600)
         os.dup2(opened, fd)
         os.close(opened)
+    # A stdin of its own, as a fresh process has: not the forker's request pipe's reader (and its buffer).
+    sys.stdin = open(0, closefd=False, encoding=sys.stdin.encoding, errors=sys.stdin.errors)  # noqa: SIM115
     sys.exit(main(request["argv"]))
 
 

@@ -23,7 +23,7 @@ from evalsvc_client import pb
 from evalsvc_client.cli import CLOCK_SKEW_S, _created_words
 from evalsvc_client.spec import RunSpec
 
-from tests.procs import ServerProcess
+from tests.procs import ServerProcess, evalctl_run
 
 CLIENT_DIR = Path(__file__).resolve().parent.parent / "clients" / "python"
 sys.path.insert(0, str(CLIENT_DIR))
@@ -40,7 +40,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str]]:
     tmp = tmp_path_factory.mktemp("evalctl")
-    server = ServerProcess(f"sqlite+aiosqlite:///{tmp / 'cli.db'}", tmp / "server.log")
+    server = ServerProcess(f"sqlite+aiosqlite:///{tmp / 'cli.db'}", tmp / "server.log", forked=True)
     try:
         key = server.bootstrap_key()
         assert key
@@ -60,9 +60,8 @@ def _env(live: tuple[ServerProcess, str]) -> dict[str, str]:
 
 
 def evalctl(live: tuple[ServerProcess, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "evalsvc_client.cli", *args], env=_env(live), capture_output=True, text=True, timeout=60
-    )
+    """`python -m evalsvc_client.cli ARGS` to its end (a fork of the test forker: no interpreter start and imports)."""
+    return evalctl_run(list(args), _env(live))
 
 
 def read_one_line(live: tuple[ServerProcess, str], *args: str) -> tuple[str, int, str]:
@@ -305,7 +304,9 @@ def test_an_error_prints_every_violation_of_a_field(live: tuple[ServerProcess, s
 
 def test_ctrl_c_while_following_a_run_says_how_to_resume(tmp_path: Path) -> None:
     """Ctrl-C in `run` or `watch` printed KeyboardInterrupt's traceback. No workers: the run stays PENDING."""
-    server = ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 'idle.db'}", tmp_path / "server.log", "--workers", "0")
+    server = ServerProcess(
+        f"sqlite+aiosqlite:///{tmp_path / 'idle.db'}", tmp_path / "server.log", "--workers", "0", forked=True
+    )
     try:
         key = server.bootstrap_key()
         assert key
@@ -512,6 +513,7 @@ def test_webhooks_commands(tmp_path: Path) -> None:
         f"sqlite+aiosqlite:///{tmp_path / 'hooks.db'}",
         tmp_path / "server.log",
         env={"EVALSVC_OUTBOUND_ALLOW": "127.0.0.1"},
+        forked=True,
     )
     try:
         key = server.bootstrap_key()
@@ -1051,6 +1053,7 @@ def test_secrets_commands_read_the_value_from_stdin_and_never_show_it(
         f"sqlite+aiosqlite:///{tmp_path / 'secrets.db'}",
         tmp_path / "server.log",
         env={"EVALSVC_OUTBOUND_ALLOW": "127.0.0.1", "EVALSVC_SECRETS_KEY": generate_key()},
+        forked=True,
     )
     try:
         key = server.bootstrap_key()
@@ -1058,14 +1061,7 @@ def test_secrets_commands_read_the_value_from_stdin_and_never_show_it(
         live = (server, key)
 
         def secrets(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-            result = subprocess.run(
-                [sys.executable, "-m", "evalsvc_client.cli", "secrets", *args],
-                env=_env(live),
-                input=stdin if stdin is not None else "",
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            result = evalctl_run(["secrets", *args], _env(live), input=stdin if stdin is not None else "")
             assert value not in result.stdout + result.stderr, (args, result.stdout, result.stderr)
             return result
 
@@ -1169,6 +1165,7 @@ def outbound_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Se
         "--http-addr",
         "127.0.0.1:0",
         env={"EVALSVC_OUTBOUND_ALLOW": "127.0.0.1"},
+        forked=True,
     )
     try:
         key = server.bootstrap_key()

@@ -16,7 +16,7 @@ import pytest
 
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc
-from tests.procs import ServerProcess
+from tests.procs import ServerProcess, evalsvc_run
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "clients" / "python"))
@@ -46,12 +46,12 @@ def test_make_run_addresses_from_variables_then_environment_then_defaults() -> N
 @pytest.mark.slow
 def test_later_starts_say_how_to_make_a_key_and_a_taken_port_says_what_to_do(tmp_path: Path) -> None:
     db = f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}"
-    first = ServerProcess(db, tmp_path / "first.log")
+    first = ServerProcess(db, tmp_path / "first.log", forked=True)
     key = first.bootstrap_key()
     assert key and first.terminate() == 0
     assert "evalsvc keys create" not in (tmp_path / "first.log").read_text()
 
-    again = ServerProcess(db, tmp_path / "again.log")
+    again = ServerProcess(db, tmp_path / "again.log", forked=True)
     try:
         log = (tmp_path / "again.log").read_text()
         assert again.bootstrap_key() is None
@@ -60,7 +60,7 @@ def test_later_starts_say_how_to_make_a_key_and_a_taken_port_says_what_to_do(tmp
         assert again.terminate() == 0
 
     # No key minted (--bootstrap-key false) and none made: the hint must not speak of a printed key.
-    keyless = ServerProcess(f"{db}-keyless", tmp_path / "keyless.log", "--bootstrap-key", "false")
+    keyless = ServerProcess(f"{db}-keyless", tmp_path / "keyless.log", "--bootstrap-key", "false", forked=True)
     try:
         log = (tmp_path / "keyless.log").read_text()
         assert f"there is no API key yet; `evalsvc keys create --tenant default --db '{db}-keyless'` makes one" in log
@@ -68,14 +68,9 @@ def test_later_starts_say_how_to_make_a_key_and_a_taken_port_says_what_to_do(tmp
     finally:
         assert keyless.terminate() == 0
     # A key made with `evalsvc keys create`: no start ever printed one, so no hint may say one did.
-    made = subprocess.run(
-        [sys.executable, "-m", "evalsvc", "keys", "create", "--tenant", "default", "--db", f"{db}-keyless"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    made = evalsvc_run(["keys", "create", "--tenant", "default", "--db", f"{db}-keyless"], os.environ)
     assert made.returncode == 0, made.stderr
-    later = ServerProcess(f"{db}-keyless", tmp_path / "later.log", "--bootstrap-key", "false")
+    later = ServerProcess(f"{db}-keyless", tmp_path / "later.log", "--bootstrap-key", "false", forked=True)
     try:
         assert later.bootstrap_key() is None
         log = (tmp_path / "later.log").read_text()
@@ -85,12 +80,7 @@ def test_later_starts_say_how_to_make_a_key_and_a_taken_port_says_what_to_do(tmp
         assert later.terminate() == 0
 
     def serve(*flags: str, database: str = db) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "evalsvc", "serve", "--db", database, *flags],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return evalsvc_run(["serve", "--db", database, *flags], os.environ)
 
     with socket.socket() as other_program:  # a plain listener: no SO_REUSEPORT to share the port with
         other_program.bind(("127.0.0.1", 0))

@@ -52,6 +52,16 @@ async def gw(tmp_path: Path) -> AsyncIterator[tuple[EvalServer, httpx.AsyncClien
         yield srv, client
 
 
+@pytest.fixture(scope="module")
+async def refusing_gw(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[EvalServer, httpx.AsyncClient]]:
+    """One server and gateway for this module's tests that send only requests the gateway refuses, reads,
+    or writes to a dataset of their own: none changes what another of them reads, so they share it rather
+    than start and migrate one each (a test that reads what the tenant has, as `/v1/runs == []`, takes `gw`)."""
+    settings = make_settings(tmp_path_factory.mktemp("refusing-gw"), http_addr="127.0.0.1:0")
+    async with serving_gateway(settings) as (srv, client):
+        yield srv, client
+
+
 def validator(spec: dict[str, Any], schema: dict[str, Any]) -> jsonschema_rs.Validator:
     """A JSON Schema validator for a schema of the OpenAPI document, its `$ref`s resolved in the document."""
     return jsonschema_rs.Draft202012Validator({**schema, "components": spec["components"]}, validate_formats=True)
@@ -439,12 +449,12 @@ async def test_bad_input_is_a_4xx_with_the_status_body_and_changes_nothing(gw) -
     ],
 )
 async def test_a_value_json_cannot_hold_names_its_field_in_a_violation(
-    gw: Any, method: str, url: str, kwargs: dict[str, Any], field: str, description: str
+    refusing_gw: Any, method: str, url: str, kwargs: dict[str, Any], field: str, description: str
 ) -> None:
     """A wrong value was a 400 with ErrorInfo only, in Python's words ("cannot read a
     evalsvc.v1.CreateRunRequest ... invalid literal for int() with base 10"): now the field violation
     a client reads for any other bad field, and a message without Python in it."""
-    _, client = gw
+    _, client = refusing_gw
     response = await client.request(method, url, **kwargs)
     got_field, got_description = violation_of(response)
     assert got_field == field and description in got_description, response.text
@@ -513,11 +523,11 @@ async def test_an_unknown_query_parameter_is_refused_naming_it(
     ],
 )
 async def test_a_singular_query_parameter_given_twice_is_refused(
-    gw: Any, url: str, params: list[tuple[str, str]], field: str, description: str
+    refusing_gw: Any, url: str, params: list[tuple[str, str]], field: str, description: str
 ) -> None:
     """`?after_seq=1&after_seq=5` resumed after 5, the last one, silently, as did a field under both its
     names or a map key twice; a body refuses all three. A repeated field still repeats."""
-    _, client = gw
+    _, client = refusing_gw
     got_field, got_description = violation_of(await client.get(url, params=params))
     assert got_field == field and description in got_description, got_description
     both = await client.get("/v1/runs", params=[("statuses", "RUN_STATUS_FAILED"), ("statuses", "RUN_STATUS_RUNNING")])
@@ -714,11 +724,11 @@ SURROGATE_BODIES = [
 
 @pytest.mark.parametrize(("path", "body"), SURROGATE_BODIES, ids=["bland", "vogent", "aymara", "agno"])
 async def test_a_lone_surrogate_in_a_dialect_body_is_the_vendors_400_not_a_500(
-    gw, path: str, body: dict[str, Any]
+    refusing_gw, path: str, body: dict[str, Any]
 ) -> None:
     """Four dialects answered a lone surrogate in a string with a plain-text 500 and a traceback at
     error level: their models take it, and building the service's request finds it is not Unicode."""
-    _, client = gw
+    _, client = refusing_gw
     raw = json.dumps(body).replace("\\\\ud800", "\\ud800")  # json.dumps escapes the backslash: undo it
     response = await client.post(path, content=raw.encode(), headers={"content-type": "application/json"})
     assert 400 <= response.status_code < 500, (response.status_code, response.text)
@@ -1009,10 +1019,10 @@ async def test_grpc_and_http_see_the_same_run(gw) -> None:
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
-async def test_a_body_with_a_nan_or_infinity_literal_is_not_json(gw, literal: str) -> None:
+async def test_a_body_with_a_nan_or_infinity_literal_is_not_json(refusing_gw, literal: str) -> None:
     """Python's json reads the bare literals NaN and Infinity, which JSON has not: a tool call's arguments
     of `{"x": NaN}` were stored through addItems, and every read of the dataset's items then failed."""
-    _, client = gw
+    _, client = refusing_gw
     dataset_id = (await client.post("/v1/datasets", json={"dataset": {"displayName": "d"}})).json()["dataset"]["id"]
     item = {"input": "q", "response": {"toolCalls": [{"name": "t", "arguments": {"x": "LITERAL"}}]}}
     body = json.dumps({"items": [item]}).replace('"LITERAL"', literal)

@@ -11,7 +11,6 @@ import os
 import sqlite3
 import stat
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from evalsvc.store.db import Database
 from evalsvc.store.serve_lock import ServeLock
 from tests import dbs
 from tests.conftest import make_settings
-from tests.procs import ServerProcess
+from tests.procs import ServerProcess, evalsvc_run
 
 _PG_DOWN: list[str | None] = []
 
@@ -244,10 +243,9 @@ async def test_a_revision_this_version_does_not_know_is_refused_even_on_sqlite(t
 
 
 def _evalsvc(*args: str, umask: int = -1) -> subprocess.CompletedProcess[str]:
-    """`python -m evalsvc ARGS` to its end; `umask`: the child's (-1 keeps this process's)."""
-    return subprocess.run(
-        [sys.executable, "-m", "evalsvc", *args], capture_output=True, text=True, timeout=60, check=False, umask=umask
-    )
+    """`python -m evalsvc ARGS` to its end (a fork of the test forker: no interpreter start and imports
+    each); `umask`: the child's (-1 keeps this process's)."""
+    return evalsvc_run(list(args), os.environ, umask=umask)
 
 
 def _modes(directory: Path, name: str) -> dict[str, int]:
@@ -311,7 +309,7 @@ async def test_serve_refuses_an_unmigrated_postgres_database_until_evalsvc_migra
     assert migrated.returncode == 0, migrated.stderr
     assert f"to {migrate.head()}" in migrated.stderr
 
-    server = ServerProcess(url, tmp_path / "serve.log")
+    server = ServerProcess(url, tmp_path / "serve.log", forked=True)
     try:
         assert server.bootstrap_key()
     finally:

@@ -66,7 +66,7 @@ def evalsvc_command(*args: str, env: dict[str, str] | None = None) -> subprocess
 
 
 async def test_a_second_server_on_the_same_grpc_address_exits_and_the_first_keeps_serving(tmp_path: Path) -> None:
-    first = await start_server(dbs.db_url(tmp_path, "first.db"), tmp_path / "first.log")
+    first = await start_server(dbs.db_url(tmp_path, "first.db"), tmp_path / "first.log", forked=True)
     try:
         failed = failed_start(dbs.db_url(tmp_path, "second.db"), "--grpc-addr", first.target)
         assert_failed_cleanly(failed, 1, "gRPC", first.target, "in use")
@@ -85,7 +85,7 @@ async def test_an_http_address_in_use_exits_without_losing_the_first_key(tmp_pat
         failed = failed_start(db, "--http-addr", f"127.0.0.1:{port}")
     assert_failed_cleanly(failed, 1, "HTTP", f"127.0.0.1:{port}", "in use")
     # The failed start minted no key, so the next start still mints and prints one.
-    server = await start_server(db, tmp_path / "next.log")
+    server = await start_server(db, tmp_path / "next.log", forked=True)
     try:
         assert server.bootstrap_key()
     finally:
@@ -616,7 +616,7 @@ async def test_a_second_server_on_the_same_sqlite_file_exits_and_the_first_keeps
     # Slow answers: every job stays leased by the first server while the second starts.
     with FakeEndpoint(dataclasses.replace(chat_reply("ok"), delay_s=4.0)) as llm:
         target.chat.endpoint.base_url = llm.url + "/v1"
-        first = await start_server(db, tmp_path / "first.log", "--outbound-allow", "127.0.0.1")
+        first = await start_server(db, tmp_path / "first.log", "--outbound-allow", "127.0.0.1", forked=True)
         try:
             key = first.bootstrap_key()
             assert key
@@ -646,7 +646,7 @@ async def test_the_sqlite_file_is_free_again_after_a_stop_or_a_kill_9(tmp_path: 
     SIGKILL, leaves the file to the next one (which then holds it in turn). Operator commands such as
     `evalsvc keys list` go on working beside a running server."""
     db = dbs.db_url(tmp_path, "shared.db")
-    first = await start_server(db, tmp_path / "first.log")
+    first = await start_server(db, tmp_path / "first.log", forked=True)
     try:
         key = first.bootstrap_key()
         assert key
@@ -655,13 +655,13 @@ async def test_the_sqlite_file_is_free_again_after_a_stop_or_a_kill_9(tmp_path: 
         assert listed.returncode == 0 and "default" in listed.stdout, listed.stderr
     finally:
         first.kill()  # kill -9: the kernel releases the lock with the process
-    second = await start_server(db, tmp_path / "second.log")
+    second = await start_server(db, tmp_path / "second.log", forked=True)
     try:
         assert await serving_health(second.target) == health_pb2.HealthCheckResponse.SERVING
         assert_refused_for(await asyncio.to_thread(failed_start, db, timeout=QUICK_S), db, second.proc.pid)
     finally:
         assert second.terminate() == 0
-    third = await start_server(db, tmp_path / "third.log")
+    third = await start_server(db, tmp_path / "third.log", forked=True)
     try:
         async with keyed_channel(third.port, key) as channel:
             stub = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)

@@ -77,6 +77,20 @@ async def svc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
         await srv.stop(grace=0.5)
 
 
+@pytest.fixture(scope="module")
+async def refusing_svc(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[EvalServer, Stubs]]:
+    """One server for this module's tests whose every call is refused (nothing stored, nothing called out):
+    none changes what another reads, so they share it rather than start and migrate one each."""
+    srv = EvalServer(make_settings(tmp_path_factory.mktemp("refusing"), outbound_allow="127.0.0.1"))
+    await srv.start()
+    assert srv.bootstrap_key
+    try:
+        async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+            yield srv, Stubs(channel)
+    finally:
+        await srv.stop(grace=0.5)
+
+
 def chat(url: str, **fields: object) -> target_pb2.Target:
     return target_pb2.Target(
         chat=target_pb2.ChatTarget(
@@ -1117,10 +1131,10 @@ async def test_definitions_are_bounded_so_every_run_and_list_can_be_read_back(
         ("", "b"),
     ],
 )
-async def test_endpoint_headers_http_cannot_send_are_refused(svc, name: str, value: str) -> None:
+async def test_endpoint_headers_http_cannot_send_are_refused(refusing_svc, name: str, value: str) -> None:
     """A header value with CR/LF or a name that is no token was accepted by CreateTarget and an inline
     CreateRun; every evaluation then failed before its call was sent (LocalProtocolError), 5 times each."""
-    _, stubs = svc
+    _, stubs = refusing_svc
     endpoint = target_pb2.Endpoint(base_url="https://api.example.com/v1", headers={name: value, "X-Fine": "a\tb"})
     chat = target_pb2.Target(chat=target_pb2.ChatTarget(model="m", endpoint=endpoint))
     with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -730,7 +730,7 @@ async def test_kill_9_between_the_terminal_status_and_the_send_still_delivers_af
     env = {"EVALSVC_OUTBOUND_ALLOW": "127.0.0.1"}
     # The sender looks for due deliveries at start and then every --poll-interval-s: with 600 s it cannot
     # send before the kill, so the kill lands after the commit and before any send.
-    first = await start_server(db, tmp_path / "a.log", "--poll-interval-s", "600", env=env)
+    first = await start_server(db, tmp_path / "a.log", "--poll-interval-s", "600", env=env, forked=True)
     key = first.bootstrap_key()
     assert key
     with FakeEndpoint(Reply({})) as receiver:
@@ -745,7 +745,7 @@ async def test_kill_9_between_the_terminal_status_and_the_send_still_delivers_af
             first.kill()
         assert terminal.run.status == run_pb2.RUN_STATUS_SUCCEEDED and receiver.seen == []
         restarted = time.monotonic()
-        second = await start_server(db, tmp_path / "b.log", env=env)
+        second = await start_server(db, tmp_path / "b.log", env=env, forked=True)
         try:
             assert await asyncio.to_thread(receiver.wait_seen, 1, 30.0), "not delivered within 30 s of restart"
             assert time.monotonic() - restarted < 30.0
@@ -834,7 +834,7 @@ async def test_kill_9_during_a_send_sends_again_with_the_same_webhook_id(tmp_pat
     receiver = HoldingReceiver()
     try:
         # The kill comes right after the request arrives, well within the default 10 s attempt timeout.
-        first = await start_server(db, tmp_path / "a.log", env=env)
+        first = await start_server(db, tmp_path / "a.log", env=env, forked=True)
         key = first.bootstrap_key()
         assert key
         try:
@@ -846,7 +846,7 @@ async def test_kill_9_during_a_send_sends_again_with_the_same_webhook_id(tmp_pat
                 assert await asyncio.to_thread(receiver.wait_for, 1, WAIT_S)
         finally:
             first.kill()  # mid-attempt: the receiver holds the request unanswered
-        second = await start_server(db, tmp_path / "b.log", env=env)
+        second = await start_server(db, tmp_path / "b.log", env=env, forked=True)
         try:
             assert await asyncio.to_thread(receiver.wait_for, 2, 30.0), "not resent within 30 s of restart"
             async with keyed_channel(second.port, key) as channel:
@@ -911,12 +911,12 @@ async def test_postgres_replicas_share_the_outbox_without_sending_one_delivery_t
     env = {"EVALSVC_OUTBOUND_ALLOW": "127.0.0.1"}
     fast = ("--poll-interval-s", "0.1", "--webhook-concurrency", "8", "--metrics-addr", "127.0.0.1:0")
     receiver = ConcurrencyReceiver(hold_s=0.3)
-    first = await start_server(url, tmp_path / "a.log", *fast, env=env)
+    first = await start_server(url, tmp_path / "a.log", *fast, env=env, forked=True)
     second = None
     try:
         key = first.bootstrap_key()
         assert key
-        second = await start_server(url, tmp_path / "b.log", *fast, env=env)
+        second = await start_server(url, tmp_path / "b.log", *fast, env=env, forked=True)
         async with keyed_channel(first.port, key) as a, keyed_channel(second.port, key) as b:
             webhooks = webhook_service_pb2_grpc.WebhookServiceStub(a)
             webhook = (await webhooks.CreateWebhook(create_webhook(receiver.url, ALL_TYPES))).webhook
