@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from evalsvc.http.json_bodies import has_long_number
+from evalsvc.http.json_bodies import has_long_number, most_containers, too_deep
 from evalsvc.slots import Slots
 
 T = TypeVar("T")
@@ -46,6 +46,10 @@ OFF_LOOP_BYTES = 64 * 1024
 TRANSLATOR_THREADS = 2
 MAX_GC_PAUSE_S = 0.5
 MAX_JSON_VALUES = 300_000
+# Arrays and objects a body may nest: what protobuf can carry (its depth limit of 100 messages, a Struct
+# three a JSON level) with room for the documented shapes around it. Deeper, a dialect stored what
+# pydantic could not read back (~200 levels: the record vanished from its lists) or serialize (~255: a 500).
+MAX_JSON_DEPTH = 64
 # A body with at most this many commas, brackets and braces is parsed by the C scanner (`loads`): one
 # stretch holding the GIL of at most ~0.1 s.
 C_SCAN_TOKENS = 200_000
@@ -154,6 +158,10 @@ def _unicode(value: Any) -> bool:
     return True
 
 
+class TooDeep(ValueError):
+    """A body nested deeper than MAX_JSON_DEPTH."""
+
+
 class InvalidBody(ValueError):
     """A body its route's validation refused, with the first MAX_ERRORS of its errors."""
 
@@ -186,10 +194,16 @@ def loads(text: str | bytes, **hooks: Any) -> Any:
 
 
 def read_json(body: bytes, check: BodyCheck | None = None) -> Any:
-    """`loads(body)`, letting other threads run between the objects it reads; TooManyValues when
-    it holds more than MAX_JSON_VALUES values, LoneSurrogate when a string holds one, InvalidBody when
-    `check` finds errors."""
-    value = loads(body, object_pairs_hook=_pairs)
+    """`loads(body)`, letting other threads run between the objects it reads; TooDeep when it nests
+    more than MAX_JSON_DEPTH levels, TooManyValues when it holds more than MAX_JSON_VALUES values,
+    LoneSurrogate when a string holds one, InvalidBody when `check` finds errors."""
+    too_deep_error = TooDeep(f"the body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        value = loads(body, object_pairs_hook=_pairs)
+    except RecursionError:
+        raise too_deep_error from None
+    if most_containers(body) > MAX_JSON_DEPTH and too_deep(value, MAX_JSON_DEPTH):
+        raise too_deep_error
     if not within(value, MAX_JSON_VALUES):
         raise TooManyValues(f"the body holds more than {MAX_JSON_VALUES} JSON values")
     if (b"\\ud" in body or b"\\uD" in body) and not _unicode(value):

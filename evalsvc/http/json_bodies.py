@@ -79,8 +79,8 @@ def most_containers(text: str | bytes) -> int:
     return text.count("[") + text.count("{")
 
 
-def too_deep(parsed: Any) -> bool:
-    """Whether a parsed JSON value nests arrays and objects more than MAX_DEPTH deep (walked without
+def too_deep(parsed: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether a parsed JSON value nests arrays and objects more than `limit` deep (walked without
     recursion, stopping at the first too deep)."""
     pending = [(parsed, 0)]
     while pending:
@@ -91,7 +91,7 @@ def too_deep(parsed: Any) -> bool:
             children = value
         else:
             continue
-        if depth >= MAX_DEPTH:
+        if depth >= limit:
             return True
         pending.extend((child, depth + 1) for child in children)
     return False

@@ -10,7 +10,7 @@ import pytest
 
 from evalsvc.gateway import translators
 from evalsvc.gateway.app import _json_body, _sse_event
-from evalsvc.gateway.translators import MAX_JSON_VALUES, TooManyValues, read_json
+from evalsvc.gateway.translators import MAX_JSON_DEPTH, MAX_JSON_VALUES, TooDeep, TooManyValues, read_json
 from evalsvc.slots import Slots
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import run_pb2
@@ -97,3 +97,14 @@ async def test_a_streams_message_is_not_queued_behind_large_bodies_of_another_te
     assert not all(body.done() for body in bodies), "B's event waited for every one of A's bodies"
     assert sum(body.done() for body in bodies) <= 2, "B's event waited behind A's queued bodies"
     await asyncio.gather(*bodies)
+
+
+def test_a_body_nested_deeper_than_its_bound_is_refused_however_deep() -> None:
+    """Review: dialects stored what pydantic could not read back (~200 levels: the record vanished from
+    its lists) or serialize (~255: a 500). A body is at most MAX_JSON_DEPTH deep; deeper, or too deep
+    for the parser itself, it is refused."""
+    within_bound = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    assert read_json(within_bound.encode()) is not None
+    for depth in (MAX_JSON_DEPTH + 1, 220, 100_000):
+        with pytest.raises(TooDeep):
+            read_json(("[" * depth + "]" * depth).encode())

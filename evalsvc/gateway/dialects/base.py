@@ -49,6 +49,7 @@ from evalsvc.gateway.translators import (
     InvalidBody,
     LoneSurrogate,
     OffLoopJSONRequest,
+    TooDeep,
     TooManyValues,
     within,
 )
@@ -102,8 +103,10 @@ def read_stored(kind: Any, value: str, *, as_json: bool = True) -> Any:
     still reads (a 500 here had broken the dialect's whole list). The value is never in the error."""
     adapter = _adapter(kind)
     try:
-        return adapter.validate_json(value) if as_json else adapter.validate_python(value)
-    except ValidationError:
+        # json.loads first: pydantic's own JSON parser stops at ~200 levels, which a value written
+        # natively may nest (as may one stored before the gateway bounded bodies' depth).
+        return adapter.validate_python(json.loads(value) if as_json else value)
+    except (ValidationError, ValueError, RecursionError):
         raise Unreadable(f"a stored value is not a {getattr(kind, '__name__', kind)}") from None
 
 
@@ -378,6 +381,8 @@ def error_route_class(
                 except HTTPException as error:  # FastAPI's "error parsing the body" (Starlette's class)
                     if isinstance(error.__cause__, TooManyValues):
                         return render(GatewayError.invalid(str(error.__cause__), http_status=413))
+                    if isinstance(error.__cause__, TooDeep):
+                        return render(GatewayError.invalid(str(error.__cause__)))
                     if isinstance(error.__cause__, InvalidBody):
                         return render(_request_invalid(error.__cause__.errors))
                     if isinstance(error.__cause__, LoneSurrogate):  # a 500 in plain text, before

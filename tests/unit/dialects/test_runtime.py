@@ -9,13 +9,16 @@ from typing import Any
 import grpc
 import pytest
 from fastapi.responses import JSONResponse
+from pydantic import JsonValue
 
 from evalsvc.gateway.dialects.base import (
     Dialect,
     DialectClient,
+    Unreadable,
     VendorOptions,
     is_owned,
     owner_labels,
+    read_stored,
     window,
 )
 from evalsvc.gateway.upstream import Caller, GatewayError
@@ -142,3 +145,15 @@ async def test_pages_collect_and_page_read_a_token_paged_list() -> None:
 
 def test_window_is_offset_paging_over_a_collected_list() -> None:
     assert window(list(range(10)), 8, 5) == [8, 9] and window([1, 2], 5, 1) == []
+
+
+def test_a_stored_value_nested_deeper_than_pydantics_parser_reads_as_json_or_as_unreadable() -> None:
+    """Review: pydantic's own JSON parser stops at ~200 levels, so a value nested deeper (written natively,
+    or before bodies' depth was bounded) made its record vanish. It is read as JSON; one too deep for
+    any parser is Unreadable (its record not the dialect's), never an error of the request."""
+    deep = "[" * 220 + "]" * 220
+    assert read_stored(JsonValue, deep) is not None
+    with pytest.raises(Unreadable):
+        read_stored(JsonValue, "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(Unreadable):
+        read_stored(list[str], "not json")
