@@ -3,7 +3,8 @@
 A tenant holds at most --max-datasets-per-tenant datasets and a dataset at most
 --max-items-per-dataset items (evalsvc.limits.StoredCaps); its descriptive fields and its items count
 towards --max-stored-bytes-per-tenant (evalsvc.store.usage). Deleting a dataset removes its items and
-its generation and gives their bytes back; runs made from it keep the copies of the items they took
+its generation and gives their bytes back (the dataset at once, its items in chunks:
+evalsvc.store.retention); runs made from it keep the copies of the items they took
 (run_items) and their results, and keep its id (ListRuns finds them by it). Dataset ids are the
 server's, never reused, so nothing kept under a deleted dataset's id (its run counter, which numbers its
 runs on) can reach another dataset.
@@ -36,7 +37,7 @@ from evalsvc.messages.validation import (
     check_length,
 )
 from evalsvc.store import datasets as dataset_store
-from evalsvc.store import usage
+from evalsvc.store import retention, usage
 from evalsvc.store.db import Database
 from evalsvc.store.records import DatasetAppendRecord, DatasetGenerationRecord, DatasetRecord
 from evalsvc.turns import mapped
@@ -303,6 +304,8 @@ class DatasetService:
         (the module docstring says what becomes of its runs)."""
         if not await self._db.transact(lambda conn: dataset_store.remove(conn, tenant, dataset_id)):
             raise not_found("dataset", dataset_id)
+        # NOT_FOUND from that commit on; its items go a chunk per transaction, other writes between them.
+        await retention.purge_definition(self._db, dataset_store.DATASET_PARTS, dataset_id)
 
     async def list_items(
         self, tenant: str, request: pb.ListDatasetItemsRequest

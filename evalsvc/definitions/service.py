@@ -27,6 +27,7 @@ from evalsvc.messages.convert import timestamp
 from evalsvc.messages.validation import MAX_DESCRIPTION, MAX_DISPLAY_NAME, MAX_REQUEST_ID, check_labels, check_length
 from evalsvc.secrets.service import SecretService
 from evalsvc.store import definitions as store
+from evalsvc.store import retention
 from evalsvc.store.db import Database
 from evalsvc.store.records import GraderVersionRecord, SavedGraderRecord, SavedTargetRecord
 from evalsvc.targets import target_secret_refs, validate_target
@@ -208,6 +209,8 @@ class DefinitionService:
         """Delete a saved grader and its versions; NOT_FOUND when missing or another tenant's."""
         if not await self._db.transact(lambda conn: store.remove_grader(conn, tenant, grader_id)):
             raise not_found("grader", grader_id)
+        # NOT_FOUND from that commit on; its versions go a chunk per transaction, other writes between them.
+        await retention.purge_definition(self._db, store.GRADER_PARTS, grader_id)
 
     async def create_target(
         self, tenant: str, request: target_service_pb2.CreateTargetRequest

@@ -3,20 +3,24 @@ tenant's stored bytes as they are written, and taken back as they are deleted (e
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import RowMapping, delete, func, insert, select, update
+from sqlalchemy import RowMapping, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.limits import StoredCap
 from evalsvc.store import quotas, usage
-from evalsvc.store.models import SavedGraderRow, SavedGraderVersionRow, SavedTargetRow
+from evalsvc.store.models import DefinitionPurgeRow, SavedGraderRow, SavedGraderVersionRow, SavedTargetRow
 from evalsvc.store.records import GraderVersionRecord, SavedGraderRecord, SavedTargetRecord
 
 GRADERS = SavedGraderRow.__table__  # type: ignore[attr-defined]
 VERSIONS = SavedGraderVersionRow.__table__  # type: ignore[attr-defined]
 TARGETS = SavedTargetRow.__table__  # type: ignore[attr-defined]
+PURGES = DefinitionPurgeRow.__table__  # type: ignore[attr-defined]
+# The kind of a deleted grader's `definition_purges` row: its versions are being deleted.
+GRADER_PARTS = "grader"
 
 
 async def insert_grader(
@@ -36,24 +40,22 @@ async def count_graders(conn: AsyncConnection, tenant: str) -> int:
 
 
 async def remove_grader(conn: AsyncConnection, tenant: str, grader_id: str) -> bool:
-    """Delete a tenant's saved grader with all its versions; False when it has none of that id. The
-    grader row first: on PostgreSQL that waits for an UpdateGrader holding it, whose new version the
-    next statement then sees, and an UpdateGrader that comes later finds no grader."""
+    """Take a tenant's saved grader out of the service; False when it has none of that id. Its versions
+    (up to 1,000 of 256 KiB) stay, for `evalsvc.store.retention.definition_purge_step` to delete in
+    chunks (a `definition_purges` row says so); from this commit on the grader is NOT_FOUND, at any
+    version. On PostgreSQL deleting the grader row waits for an UpdateGrader holding it, whose new
+    version the purge then finds, and an UpdateGrader that comes later finds no grader. The tenant's
+    stored bytes lose the grader's own here, its versions' as the purge deletes them."""
     deleted = await conn.execute(
         delete(GRADERS).where(GRADERS.c.id == grader_id, GRADERS.c.tenant == tenant).returning(*GRADERS.c)
     )
     grader = deleted.mappings().first()
     if grader is None:
         return False
-    of_grader = (VERSIONS.c.grader_id == grader_id, VERSIONS.c.tenant == tenant)
-    # Summed in the database: a grader's versions may hold 256 MiB of definitions.
-    versions = await conn.execute(
-        select(func.count(), func.coalesce(func.sum(func.length(VERSIONS.c.definition)), 0)).where(*of_grader)
+    await conn.execute(
+        insert(PURGES).values(kind=GRADER_PARTS, owner_id=grader_id, tenant=tenant, purge_time=time.time())
     )
-    count, size = versions.one()
-    await conn.execute(delete(VERSIONS).where(*of_grader))
-    freed = usage.saved_bytes(grader, usage.GRADER_COLUMNS) + int(count) * usage.SAVED_ROW_BYTES + int(size)
-    await usage.add_to_totals(conn, stored_bytes={tenant: -freed})
+    await usage.add_to_totals(conn, stored_bytes={tenant: -usage.saved_bytes(grader, usage.GRADER_COLUMNS)})
     return True
 
 
