@@ -115,6 +115,23 @@ async def find_target_by_request_id(conn: AsyncConnection, tenant: str, request_
     return None if row is None else SavedTargetRecord.from_row(row)
 
 
+async def grader_sizes(conn: AsyncConnection, tenant: str, *, before_id: str | None, limit: int) -> list[int]:
+    """About the serialized size of each grader `list_graders` would answer (its fields and its latest
+    version's definition, up to 256 KiB), in its order, without reading them: what a page chooses its
+    graders by before it reads them."""
+    size = usage.stored_size(GRADERS, usage.GRADER_COLUMNS) + usage.stored_size(VERSIONS, usage.VERSION_COLUMNS)
+    query = (
+        select(size)
+        .select_from(GRADERS)
+        .join(VERSIONS, (VERSIONS.c.grader_id == GRADERS.c.id) & (VERSIONS.c.version == GRADERS.c.latest_version))
+        .where(GRADERS.c.tenant == tenant)
+    )
+    if before_id:
+        query = query.where(GRADERS.c.id < before_id)
+    rows = await conn.execute(query.order_by(GRADERS.c.id.desc()).limit(limit))
+    return [int(size) for (size,) in rows]
+
+
 async def list_graders(
     conn: AsyncConnection, tenant: str, *, before_id: str | None, limit: int
 ) -> list[tuple[SavedGraderRecord, GraderVersionRecord]]:
@@ -165,6 +182,16 @@ async def get_target(conn: AsyncConnection, tenant: str, target_id: str) -> Save
     found = await conn.execute(select(TARGETS).where(TARGETS.c.id == target_id, TARGETS.c.tenant == tenant))
     row = found.mappings().first()
     return None if row is None else SavedTargetRecord.from_row(row)
+
+
+async def target_sizes(conn: AsyncConnection, tenant: str, *, before_id: str | None, limit: int) -> list[int]:
+    """About the serialized size of each target `list_targets` would answer, in its order, without reading
+    them: what a page chooses its targets by before it reads them."""
+    query = select(usage.stored_size(TARGETS, usage.TARGET_COLUMNS)).where(TARGETS.c.tenant == tenant)
+    if before_id:
+        query = query.where(TARGETS.c.id < before_id)
+    rows = await conn.execute(query.order_by(TARGETS.c.id.desc()).limit(limit))
+    return [int(size) for (size,) in rows]
 
 
 async def list_targets(
