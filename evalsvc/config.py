@@ -224,9 +224,10 @@ class Settings:
     max_page_reads_per_tenant: int = dataclasses.field(
         default=2,
         metadata={
-            "help": "pages of runs or results (ListRuns, ListRunResults) one tenant may have read and built at "
-            "once in this process; its others wait their turn (within their deadline): a page of 1,000 results "
-            "is ~0.1 s of the event loop, and one tenant's 8 at once made every other tenant's GetRun ~30x slower"
+            "help": "pages (ListRuns, ListRunResults, ListDatasets, ListDatasetItems, ListGraders, ListTargets) one "
+            "tenant may have read and built at once in this process; its others wait their turn (within their "
+            "deadline): a page of 1,000 results is ~0.1 s of the event loop, and one tenant's 8 at once made every "
+            "other tenant's GetRun ~30x slower"
         },
     )
     create_run_rate: float = dataclasses.field(

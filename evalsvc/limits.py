@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import resource
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -359,3 +361,30 @@ class HeldCall:
 # The place the current call holds (set by the interceptor when it counts the call), for work that may
 # outlive it (evalsvc.api.status's shielded writes).
 HELD_CALL: ContextVar[HeldCall | None] = ContextVar("held_call", default=None)
+
+
+class _Paging(Protocol):
+    """A service whose page reads take their turn of their tenant's line."""
+
+    _limits: TenantLimits
+
+
+Service = TypeVar("Service", bound=_Paging)
+Request = TypeVar("Request")
+Page = TypeVar("Page")
+
+
+def in_page_line(
+    read: Callable[[Service, str, Request], Awaitable[Page]],
+) -> Callable[[Service, str, Request], Awaitable[Page]]:
+    """A page read of the tenant's, done in its turn of the tenant's line (`TenantLimits.page_read`): a page
+    is Python on the one event loop between its reads, and one tenant's many at once went ahead of every
+    other tenant's calls. Every list of the services reads its pages so (ListRuns, ListRunResults,
+    ListDatasets, ListDatasetItems, ListGraders, ListTargets)."""
+
+    @functools.wraps(read)
+    async def in_turn(service: Service, tenant: str, request: Request) -> Page:
+        async with service._limits.page_read(tenant):
+            return await read(service, tenant, request)
+
+    return in_turn

@@ -190,7 +190,9 @@ class EvalServer:
             else EventListener(settings.db, self.bus, self.db, self.metrics, on_run_ended=self.executor.run_ended)
         )
         self.limits = TenantLimits(settings)
-        self.definitions = DefinitionService(self.db, self.secrets, self.outbound.allow, self.page_tokens, caps)
+        self.definitions = DefinitionService(
+            self.db, self.secrets, self.outbound.allow, self.page_tokens, caps, self.limits
+        )
         self.runs = RunService(
             self.db,
             self.bus,
@@ -209,7 +211,7 @@ class EvalServer:
             # A run's target and graders together: every Run returned (and every run event) repeats them.
             max_definition_bytes=settings.max_message_bytes // 4,
         )
-        self.datasets = DatasetService(self.db, self.page_tokens, caps)
+        self.datasets = DatasetService(self.db, self.page_tokens, caps, self.limits)
         self.generations = DatasetGenerations(
             self.db,
             self.outbound,

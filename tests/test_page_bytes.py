@@ -24,13 +24,25 @@ from evalsvc.ids import PageTokens
 from evalsvc.server import EvalServer
 from evalsvc.store import comparisons as comparison_store
 from evalsvc.store import datasets as dataset_store
+from evalsvc.store import definitions as definition_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.records import ResultRecord
 from evalsvc.testing import EvalServiceTestServer
 from evalsvc.v1 import comparison_pb2 as cpb
 from evalsvc.v1 import dataset_service_pb2 as ds
-from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc, item_pb2, run_pb2, target_pb2
+from evalsvc.v1 import (
+    dataset_service_pb2_grpc,
+    eval_run_service_pb2_grpc,
+    grader_pb2,
+    grader_service_pb2_grpc,
+    item_pb2,
+    run_pb2,
+    target_pb2,
+    target_service_pb2_grpc,
+)
 from evalsvc.v1 import eval_run_service_pb2 as pb
+from evalsvc.v1 import grader_service_pb2 as gs
+from evalsvc.v1 import target_service_pb2 as ts
 from tests import dbs
 from tests.helpers import exact, keyed_channel, watch_all
 
@@ -492,3 +504,76 @@ async def test_a_page_whose_rows_go_between_its_size_read_and_its_row_read_is_no
         page = await datasets.ListDatasetItems(ds.ListDatasetItemsRequest(dataset_id=dataset_id))
         raise AssertionError(f"listed {len(page.items)} items, token {page.next_page_token!r}")
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND, raised.value.details()
+
+
+async def test_a_page_of_datasets_graders_or_targets_reads_only_the_rows_it_returns(
+    server: EvalServer,
+    channel: grpc.aio.Channel,
+    datasets: dataset_service_pb2_grpc.DatasetServiceStub,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ListGraders (ListDatasets, ListTargets) read page_size rows whole and parsed them before the byte
+    bound kept what fitted: a page of 1,000 graders of 250 KB read ~250 MB to answer with 33. Each now
+    chooses its rows by their stored sizes, reads only those it answers with, and paging still lists
+    every one once, newest first."""
+    graders = grader_service_pb2_grpc.GraderServiceStub(channel)
+    targets = target_service_pb2_grpc.TargetServiceStub(channel)
+    annotations = {f"k{n}": "v" * 8000 for n in range(8)}  # ~64 KB, what a dataset's may hold
+    contains = grader_pb2.Grader(name="c", contains=grader_pb2.Contains(values=["c" * BLOB]))
+    echo = target_pb2.Target(echo=target_pb2.EchoTarget())
+    made: dict[str, list[str]] = {"datasets": [], "graders": [], "targets": []}
+    for _ in range(ITEMS):
+        created = await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset(annotations=annotations)))
+        made["datasets"].append(created.dataset.id)
+        saved = await graders.CreateGrader(gs.CreateGraderRequest(grader=gs.SavedGrader(grader=contains)))
+        made["graders"].append(saved.grader.id)
+        target = await targets.CreateTarget(
+            ts.CreateTargetRequest(target=ts.SavedTarget(description="d" * 1000, target=echo))
+        )
+        made["targets"].append(target.target.id)
+    read: list[int] = []
+
+    def counted(module: Any, name: str) -> None:
+        original = getattr(module, name)
+
+        async def counting(*args: Any, **kwargs: Any) -> Any:
+            found = await original(*args, **kwargs)
+            read.append(len(found))
+            return found
+
+        monkeypatch.setattr(module, name, counting)
+
+    for module, name in (
+        (dataset_store, "list_page"),
+        (definition_store, "list_graders"),
+        (definition_store, "list_targets"),
+    ):
+        counted(module, name)
+    lists: dict[str, tuple[int, Callable[[str], Awaitable[Any]]]] = {  # each kind's page bound, and its list
+        "datasets": (
+            PAGE_BYTES,
+            lambda token: datasets.ListDatasets(ds.ListDatasetsRequest(page_size=1000, page_token=token)),
+        ),
+        "graders": (
+            PAGE_BYTES,
+            lambda token: graders.ListGraders(gs.ListGradersRequest(page_size=1000, page_token=token)),
+        ),
+        "targets": (
+            3000,
+            lambda token: targets.ListTargets(ts.ListTargetsRequest(page_size=1000, page_token=token)),
+        ),
+    }
+    for kind, (page_bytes, page_of) in lists.items():
+        server.page_tokens.page_bytes = page_bytes
+        listed: list[str] = []
+        token = ""
+        for _ in range(MAX_PAGES):
+            read.clear()
+            page = await page_of(token)
+            shown = [each.id for each in getattr(page, kind)]
+            assert read == [len(shown)], (kind, read, len(shown))  # read whole: only what it answers with
+            assert 1 <= len(shown) < ITEMS // 2, (kind, len(shown))
+            listed += shown
+            if not (token := page.next_page_token):
+                break
+        assert listed == made[kind][::-1], kind

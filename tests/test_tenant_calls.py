@@ -20,10 +20,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from evalsvc.config import Settings, SettingsError
 from evalsvc.server import EvalServer
 from evalsvc.statuses import TERMINAL
-from evalsvc.v1 import dataset_generation_pb2_grpc, dataset_service_pb2_grpc, item_pb2
+from evalsvc.v1 import (
+    dataset_generation_pb2_grpc,
+    dataset_service_pb2_grpc,
+    grader_service_pb2_grpc,
+    item_pb2,
+    target_service_pb2_grpc,
+)
 from evalsvc.v1 import dataset_service_pb2 as ds
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc as stubs
+from evalsvc.v1 import grader_service_pb2 as gs
+from evalsvc.v1 import target_service_pb2 as ts
 from evalsvc.v1.dataset_generation_pb2 import ContinueConversationsRequest, Conversation
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, held_generator
@@ -49,6 +57,8 @@ class Tenant:
         self.datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
         self.generations = dataset_generation_pb2_grpc.DatasetGenerationServiceStub(channel)
         self.health = health_pb2_grpc.HealthStub(channel)
+        self.graders = grader_service_pb2_grpc.GraderServiceStub(channel)
+        self.targets = target_service_pb2_grpc.TargetServiceStub(channel)
 
     async def slow_call(self, fake: FakeEndpoint) -> grpc.aio.UnaryUnaryCall[Any, Any]:
         """A ContinueConversations call, once the generator has its request (it is being served)."""
@@ -195,19 +205,30 @@ async def test_a_tenants_page_reads_wait_in_its_own_line(tmp_path: Path) -> None
         async with tenants(srv, "quiet") as (loud, quiet):
             loud_run = await finished_run(loud)
             quiet_run = await finished_run(quiet)
+            loud_dataset = (await loud.datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))).dataset.id
+            await loud.datasets.AddDatasetItems(
+                ds.AddDatasetItemsRequest(dataset_id=loud_dataset, items=[item_pb2.Item(id="a", input="q")])
+            )
             async with contextlib.AsyncExitStack() as turns:  # the loud tenant's two turns, held
                 for _ in range(2):
                     await turns.enter_async_context(srv.limits.page_read("default"))
                 waiting = asyncio.gather(
                     loud.runs.ListRunResults(pb.ListRunResultsRequest(run_id=loud_run)),
                     loud.runs.ListRuns(pb.ListRunsRequest()),
+                    # The other lists read pages too (a page of 1,000 graders of 256 KiB): in the same line.
+                    loud.datasets.ListDatasets(ds.ListDatasetsRequest()),
+                    loud.datasets.ListDatasetItems(ds.ListDatasetItemsRequest(dataset_id=loud_dataset)),
+                    loud.graders.ListGraders(gs.ListGradersRequest()),
+                    loud.targets.ListTargets(ts.ListTargetsRequest()),
                 )
-                await until(lambda: srv.limits.page_reads_of("default") == 4)  # two held, two in line
+                await until(lambda: srv.limits.page_reads_of("default") == 8)  # two held, six in line
                 assert len((await quiet.runs.ListRunResults(pb.ListRunResultsRequest(run_id=quiet_run))).results) == 3
                 assert [run.id for run in (await quiet.runs.ListRuns(pb.ListRunsRequest())).runs] == [quiet_run]
                 assert not waiting.done()
-            results, runs = await asyncio.wait_for(waiting, 30)  # served once the turns are free
+            results, runs, sets, items, graders, targets = await asyncio.wait_for(waiting, 30)  # turns freed
             assert len(results.results) == 3 and [run.id for run in runs.runs] == [loud_run]
+            assert [d.id for d in sets.datasets] == [loud_dataset] and [i.id for i in items.items] == ["a"]
+            assert graders.graders == [] and targets.targets == []
         assert srv.limits.page_reads_of("default") == 0
     finally:
         await srv.stop(grace=0.5)

@@ -12,7 +12,7 @@ counts alone allowed about 256 GiB of grader versions a tenant. Ids are the serv
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -22,11 +22,12 @@ from evalsvc.graders.validation import validate_grader
 from evalsvc.http.outbound import AllowList, destination_violations, named_endpoints
 from evalsvc.idempotency import create_once, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
-from evalsvc.limits import StoredCaps
+from evalsvc.limits import StoredCaps, TenantLimits, in_page_line
 from evalsvc.messages.convert import timestamp
 from evalsvc.messages.validation import MAX_DESCRIPTION, MAX_DISPLAY_NAME, MAX_REQUEST_ID, check_labels, check_length
 from evalsvc.secrets.service import SecretService
 from evalsvc.store import definitions as store
+from evalsvc.store import retention
 from evalsvc.store.db import Database
 from evalsvc.store.records import GraderVersionRecord, SavedGraderRecord, SavedTargetRecord
 from evalsvc.targets import target_secret_refs, validate_target
@@ -71,6 +72,12 @@ def saved_target_from(target: SavedTargetRecord) -> target_service_pb2.SavedTarg
     )
 
 
+def _read(sizes: Sequence[int], rows: Sequence[object]) -> int:
+    """How many rows a page read, for `PageTokens.page`: the sizes it chose by, or none when those it then
+    read were all deleted between the two reads (a page with nothing to place a token after)."""
+    return len(sizes) if rows else 0
+
+
 class DefinitionService:
     """Saved graders and targets of one database, for any tenant the caller names."""
 
@@ -81,8 +88,10 @@ class DefinitionService:
         outbound_allow: AllowList,
         page_tokens: PageTokens,
         caps: StoredCaps,
+        limits: TenantLimits,
     ) -> None:
         self._db = db
+        self._limits = limits  # its page reads' line (`in_page_line`)
         self._caps = caps
         self._secrets = secrets
         self._outbound_allow = outbound_allow
@@ -156,16 +165,21 @@ class DefinitionService:
             raise not_found("grader", grader_id)
         return saved_grader_from(*found)
 
+    @in_page_line
     async def list_graders(
         self, tenant: str, request: grader_service_pb2.ListGradersRequest
     ) -> tuple[list[grader_service_pb2.SavedGrader], str]:
-        """A page of graders at their latest versions."""
+        """A page of graders at their latest versions. It chooses its graders by their stored sizes and then
+        reads only those: read whole, a page of 1,000 graders of 256 KiB read and parsed ~250 MB to answer
+        with the 33 its bytes bound kept (8 at once: another tenant's GetRun 3 -> 907 ms)."""
         limit = page_size(request.page_size, 50)
         before = self._page_tokens.decode(tenant, "graders", {}, request.page_token)
         async with self._db.read() as conn:
-            rows = await store.list_graders(conn, tenant, before_id=before, limit=limit + 1)
-        graders = [saved_grader_from(grader, version) for grader, version in rows[:limit]]
-        return self._page_tokens.page(tenant, "graders", {}, graders, len(rows), lambda i: graders[i].id)
+            sizes = await store.grader_sizes(conn, tenant, before_id=before, limit=limit + 1)
+            fitting = self._page_tokens.fitting_sizes(sizes[:limit])
+            rows = await store.list_graders(conn, tenant, before_id=before, limit=fitting)
+        graders = [saved_grader_from(grader, version) for grader, version in rows]
+        return self._page_tokens.page(tenant, "graders", {}, graders, _read(sizes, rows), lambda i: graders[i].id)
 
     async def update_grader(
         self, tenant: str, request: grader_service_pb2.UpdateGraderRequest
@@ -208,6 +222,8 @@ class DefinitionService:
         """Delete a saved grader and its versions; NOT_FOUND when missing or another tenant's."""
         if not await self._db.transact(lambda conn: store.remove_grader(conn, tenant, grader_id)):
             raise not_found("grader", grader_id)
+        # NOT_FOUND from that commit on; its versions go a chunk per transaction, other writes between them.
+        await retention.purge_definition(self._db, store.GRADER_PARTS, grader_id)
 
     async def create_target(
         self, tenant: str, request: target_service_pb2.CreateTargetRequest
@@ -264,16 +280,19 @@ class DefinitionService:
             raise not_found("target", target_id)
         return saved_target_from(target)
 
+    @in_page_line
     async def list_targets(
         self, tenant: str, request: target_service_pb2.ListTargetsRequest
     ) -> tuple[list[target_service_pb2.SavedTarget], str]:
-        """A page of saved targets."""
+        """A page of saved targets, chosen by their stored sizes before they are read (as `list_graders`)."""
         limit = page_size(request.page_size, 50)
         before = self._page_tokens.decode(tenant, "targets", {}, request.page_token)
         async with self._db.read() as conn:
-            rows = await store.list_targets(conn, tenant, before_id=before, limit=limit + 1)
-        targets = [saved_target_from(row) for row in rows[:limit]]
-        return self._page_tokens.page(tenant, "targets", {}, targets, len(rows), lambda i: targets[i].id)
+            sizes = await store.target_sizes(conn, tenant, before_id=before, limit=limit + 1)
+            fitting = self._page_tokens.fitting_sizes(sizes[:limit])
+            rows = await store.list_targets(conn, tenant, before_id=before, limit=fitting)
+        targets = [saved_target_from(row) for row in rows]
+        return self._page_tokens.page(tenant, "targets", {}, targets, _read(sizes, rows), lambda i: targets[i].id)
 
     async def delete_target(self, tenant: str, target_id: str) -> None:
         """Delete a saved target; NOT_FOUND when missing or another tenant's."""

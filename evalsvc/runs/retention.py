@@ -7,7 +7,8 @@ store's two steps (evalsvc.store.retention) take the runs out of the service, th
 chunks of about CHUNK_ROWS, each its own transaction through the one writer, so the purge of a
 200,000-job run holds every other write for one chunk at a time, never for the whole run. A pass also
 abandons what a stopped (or stalled) server's CreateRuns staged (evalsvc.store.staging), whose rows the
-same steps then delete. The loop makes
+same steps then delete, and finishes deleting the items (versions) of deleted datasets (graders) whose
+DeleteDataset (DeleteGrader) did not see its chunks through (cancelled, or its server stopped). The loop makes
 a pass every PASS_EVERY_S; a pass goes on until nothing is left to purge (or the server stops). On
 PostgreSQL every replica runs it, and their passes share the work (see the store module). The runs a
 commit takes out of the service are NOT_FOUND from then on: `on_expired` ends their watches in this
@@ -35,9 +36,8 @@ log = logging.getLogger(__name__)
 
 LOOP_NAME = "run-purge"
 PASS_EVERY_S = 60.0
-# Rows one transaction deletes, at most: ~25 ms of SQLite's writer, against 3.4 s for a 900,000-row run
-# deleted whole, which every other write waited for (docs/operations.md, "Retention of deleted runs").
-CHUNK_ROWS = 1000
+# Rows one transaction deletes, at most (evalsvc.store.retention).
+CHUNK_ROWS = store.CHUNK_ROWS
 # Runs one transaction takes out of the service (their run rows, labels; a run_purges row each).
 EXPIRE_BATCH = 100
 
@@ -191,6 +191,15 @@ class RunPurger:
             rows += step.rows
             self._metrics.purged.labels("rows").inc(step.rows)
             self._progress.beat()
+        while not self._stopping.is_set():
+            parts = await self._db.transact(
+                functools.partial(store.definition_purge_step, budget=self._chunk_rows), alone=True
+            )
+            if parts is None:
+                break
+            rows += parts.rows
+            self._metrics.purged.labels("rows").inc(parts.rows)
+            self._progress.beat()
         if runs or rows:
-            log.info("purged %d deleted runs (%d rows of purged runs deleted)", runs, rows)
+            log.info("purged %d deleted runs (%d rows of purged runs and deleted definitions deleted)", runs, rows)
         return Purged(runs, rows)

@@ -13,9 +13,9 @@ import logging
 import re
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from sqlalchemy.exc import IntegrityError
@@ -41,7 +41,7 @@ from evalsvc.graders.validation import validate_grader
 from evalsvc.http.outbound import Outbound, destination_violations, named_endpoints
 from evalsvc.idempotency import conflict, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
-from evalsvc.limits import StoredCap, TenantLimits, quota_exceeded
+from evalsvc.limits import StoredCap, TenantLimits, in_page_line, quota_exceeded
 from evalsvc.messages.convert import etag, version_of
 from evalsvc.messages.validation import (
     MAX_DESCRIPTION,
@@ -279,25 +279,6 @@ async def _create_runs(conn: AsyncConnection, drafts: list[RunDraft]) -> list[Cr
 
 
 CREATE_RUNS = Batch("create_runs", _create_runs)
-
-
-Request = TypeVar("Request")
-Page = TypeVar("Page")
-
-
-def in_page_line(
-    read: Callable[[RunService, str, Request], Awaitable[Page]],
-) -> Callable[[RunService, str, Request], Awaitable[Page]]:
-    """A page read of the tenant's, done in its turn of the tenant's line (`TenantLimits.page_read`): a page
-    is Python on the one event loop between its reads, and one tenant's many at once went ahead of every
-    other tenant's calls."""
-
-    @functools.wraps(read)
-    async def in_turn(service: RunService, tenant: str, request: Request) -> Page:
-        async with service._limits.page_read(tenant):
-            return await read(service, tenant, request)
-
-    return in_turn
 
 
 class RunService:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from typing import Any
@@ -11,12 +12,21 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.limits import StoredCap
 from evalsvc.store import quotas, usage
-from evalsvc.store.models import DatasetAppendRow, DatasetGenerationRow, DatasetItemRow, DatasetRow
+from evalsvc.store.models import (
+    DatasetAppendRow,
+    DatasetGenerationRow,
+    DatasetItemRow,
+    DatasetRow,
+    DefinitionPurgeRow,
+)
 from evalsvc.store.records import ClaimableGeneration, DatasetAppendRecord, DatasetGenerationRecord, DatasetRecord
 
 DATASETS = DatasetRow.__table__  # type: ignore[attr-defined]
 ITEMS = DatasetItemRow.__table__  # type: ignore[attr-defined]
 APPENDS = DatasetAppendRow.__table__  # type: ignore[attr-defined]
+PURGES = DefinitionPurgeRow.__table__  # type: ignore[attr-defined]
+# The kind of a deleted dataset's `definition_purges` row: its items are being deleted.
+DATASET_PARTS = "dataset"
 
 
 async def insert_dataset(conn: AsyncConnection, dataset: DatasetRecord, bytes_cap: StoredCap) -> None:
@@ -43,13 +53,16 @@ async def count(conn: AsyncConnection, tenant: str) -> int:
 
 
 async def remove(conn: AsyncConnection, tenant: str, dataset_id: str) -> bool:
-    """Delete a tenant's dataset with its items and generation; False when it has none of that id.
+    """Take a tenant's dataset out of the service, with its generation; False when it has none of that id.
+    Its items stay, for `evalsvc.store.retention.definition_purge_step` to delete in chunks (a
+    `definition_purges` row says so): from this commit on the dataset is NOT_FOUND everywhere, and its
+    id, never reused, reaches nothing. Deleting every item here held SQLite's one writer for ~4.6 s a GB.
 
     The dataset row first: on PostgreSQL that waits for a transaction holding it (an append, a
-    generation being created, both take it with `get(lock=True)`), whose items and generation the
-    next statements then see and delete, and one that comes later finds no dataset. Every writer locks
-    the dataset before the generation, so this order cannot deadlock with a generation's append. The
-    tenant's stored bytes lose its own and its items' (evalsvc.store.usage)."""
+    generation being created, both take it with `get(lock=True)`), whose items the purge then finds, and
+    one that comes later finds no dataset, so nothing adds items to it after this. Every writer locks the
+    dataset before the generation, so this order cannot deadlock with a generation's append. The tenant's
+    stored bytes lose the dataset's own here, its items' as the purge deletes them (evalsvc.store.usage)."""
     deleted = await conn.execute(
         delete(DATASETS).where(DATASETS.c.id == dataset_id, DATASETS.c.tenant == tenant).returning(*DATASETS.c)
     )
@@ -58,12 +71,10 @@ async def remove(conn: AsyncConnection, tenant: str, dataset_id: str) -> bool:
         return False
     await conn.execute(delete(GENERATIONS).where(GENERATIONS.c.dataset_id == dataset_id))
     await conn.execute(delete(APPENDS).where(APPENDS.c.dataset_id == dataset_id))
-    size = await conn.execute(
-        select(func.coalesce(func.sum(func.length(ITEMS.c.item)), 0)).where(ITEMS.c.dataset_id == dataset_id)
+    await conn.execute(
+        insert(PURGES).values(kind=DATASET_PARTS, owner_id=dataset_id, tenant=tenant, purge_time=time.time())
     )
-    freed = int(size.scalar_one()) + usage.saved_bytes(dataset, usage.DATASET_COLUMNS)
-    await conn.execute(delete(ITEMS).where(ITEMS.c.dataset_id == dataset_id))
-    await usage.add_to_totals(conn, stored_bytes={tenant: -freed})
+    await usage.add_to_totals(conn, stored_bytes={tenant: -usage.saved_bytes(dataset, usage.DATASET_COLUMNS)})
     return True
 
 
@@ -81,6 +92,17 @@ async def list_page(conn: AsyncConnection, tenant: str, *, before_id: str | None
         query = query.where(DATASETS.c.id < before_id)
     rows = await conn.execute(query.order_by(DATASETS.c.id.desc()).limit(limit))
     return [DatasetRecord.from_row(row) for row in rows.mappings()]
+
+
+async def list_sizes(conn: AsyncConnection, tenant: str, *, before_id: str | None, limit: int) -> list[int]:
+    """About the serialized size of each dataset `list_page` would answer, in its order, without reading
+    the datasets: what a page chooses its datasets by before it reads them (a dataset's annotations alone
+    may be 64 KiB). Its texts' and maps' lengths, as usage.saved_bytes counts them."""
+    query = select(usage.stored_size(DATASETS, usage.DATASET_COLUMNS)).where(DATASETS.c.tenant == tenant)
+    if before_id:
+        query = query.where(DATASETS.c.id < before_id)
+    rows = await conn.execute(query.order_by(DATASETS.c.id.desc()).limit(limit))
+    return [int(size) for (size,) in rows]
 
 
 async def existing_item_ids(conn: AsyncConnection, dataset_id: str, item_ids: Sequence[str]) -> set[str]:

@@ -3,20 +3,24 @@ tenant's stored bytes as they are written, and taken back as they are deleted (e
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import RowMapping, delete, func, insert, select, update
+from sqlalchemy import RowMapping, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.limits import StoredCap
 from evalsvc.store import quotas, usage
-from evalsvc.store.models import SavedGraderRow, SavedGraderVersionRow, SavedTargetRow
+from evalsvc.store.models import DefinitionPurgeRow, SavedGraderRow, SavedGraderVersionRow, SavedTargetRow
 from evalsvc.store.records import GraderVersionRecord, SavedGraderRecord, SavedTargetRecord
 
 GRADERS = SavedGraderRow.__table__  # type: ignore[attr-defined]
 VERSIONS = SavedGraderVersionRow.__table__  # type: ignore[attr-defined]
 TARGETS = SavedTargetRow.__table__  # type: ignore[attr-defined]
+PURGES = DefinitionPurgeRow.__table__  # type: ignore[attr-defined]
+# The kind of a deleted grader's `definition_purges` row: its versions are being deleted.
+GRADER_PARTS = "grader"
 
 
 async def insert_grader(
@@ -36,24 +40,22 @@ async def count_graders(conn: AsyncConnection, tenant: str) -> int:
 
 
 async def remove_grader(conn: AsyncConnection, tenant: str, grader_id: str) -> bool:
-    """Delete a tenant's saved grader with all its versions; False when it has none of that id. The
-    grader row first: on PostgreSQL that waits for an UpdateGrader holding it, whose new version the
-    next statement then sees, and an UpdateGrader that comes later finds no grader."""
+    """Take a tenant's saved grader out of the service; False when it has none of that id. Its versions
+    (up to 1,000 of 256 KiB) stay, for `evalsvc.store.retention.definition_purge_step` to delete in
+    chunks (a `definition_purges` row says so); from this commit on the grader is NOT_FOUND, at any
+    version. On PostgreSQL deleting the grader row waits for an UpdateGrader holding it, whose new
+    version the purge then finds, and an UpdateGrader that comes later finds no grader. The tenant's
+    stored bytes lose the grader's own here, its versions' as the purge deletes them."""
     deleted = await conn.execute(
         delete(GRADERS).where(GRADERS.c.id == grader_id, GRADERS.c.tenant == tenant).returning(*GRADERS.c)
     )
     grader = deleted.mappings().first()
     if grader is None:
         return False
-    of_grader = (VERSIONS.c.grader_id == grader_id, VERSIONS.c.tenant == tenant)
-    # Summed in the database: a grader's versions may hold 256 MiB of definitions.
-    versions = await conn.execute(
-        select(func.count(), func.coalesce(func.sum(func.length(VERSIONS.c.definition)), 0)).where(*of_grader)
+    await conn.execute(
+        insert(PURGES).values(kind=GRADER_PARTS, owner_id=grader_id, tenant=tenant, purge_time=time.time())
     )
-    count, size = versions.one()
-    await conn.execute(delete(VERSIONS).where(*of_grader))
-    freed = usage.saved_bytes(grader, usage.GRADER_COLUMNS) + int(count) * usage.SAVED_ROW_BYTES + int(size)
-    await usage.add_to_totals(conn, stored_bytes={tenant: -freed})
+    await usage.add_to_totals(conn, stored_bytes={tenant: -usage.saved_bytes(grader, usage.GRADER_COLUMNS)})
     return True
 
 
@@ -113,6 +115,23 @@ async def find_target_by_request_id(conn: AsyncConnection, tenant: str, request_
     return None if row is None else SavedTargetRecord.from_row(row)
 
 
+async def grader_sizes(conn: AsyncConnection, tenant: str, *, before_id: str | None, limit: int) -> list[int]:
+    """About the serialized size of each grader `list_graders` would answer (its fields and its latest
+    version's definition, up to 256 KiB), in its order, without reading them: what a page chooses its
+    graders by before it reads them."""
+    size = usage.stored_size(GRADERS, usage.GRADER_COLUMNS) + usage.stored_size(VERSIONS, usage.VERSION_COLUMNS)
+    query = (
+        select(size)
+        .select_from(GRADERS)
+        .join(VERSIONS, (VERSIONS.c.grader_id == GRADERS.c.id) & (VERSIONS.c.version == GRADERS.c.latest_version))
+        .where(GRADERS.c.tenant == tenant)
+    )
+    if before_id:
+        query = query.where(GRADERS.c.id < before_id)
+    rows = await conn.execute(query.order_by(GRADERS.c.id.desc()).limit(limit))
+    return [int(size) for (size,) in rows]
+
+
 async def list_graders(
     conn: AsyncConnection, tenant: str, *, before_id: str | None, limit: int
 ) -> list[tuple[SavedGraderRecord, GraderVersionRecord]]:
@@ -163,6 +182,16 @@ async def get_target(conn: AsyncConnection, tenant: str, target_id: str) -> Save
     found = await conn.execute(select(TARGETS).where(TARGETS.c.id == target_id, TARGETS.c.tenant == tenant))
     row = found.mappings().first()
     return None if row is None else SavedTargetRecord.from_row(row)
+
+
+async def target_sizes(conn: AsyncConnection, tenant: str, *, before_id: str | None, limit: int) -> list[int]:
+    """About the serialized size of each target `list_targets` would answer, in its order, without reading
+    them: what a page chooses its targets by before it reads them."""
+    query = select(usage.stored_size(TARGETS, usage.TARGET_COLUMNS)).where(TARGETS.c.tenant == tenant)
+    if before_id:
+        query = query.where(TARGETS.c.id < before_id)
+    rows = await conn.execute(query.order_by(TARGETS.c.id.desc()).limit(limit))
+    return [int(size) for (size,) in rows]
 
 
 async def list_targets(

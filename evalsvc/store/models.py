@@ -415,6 +415,20 @@ class SavedGraderVersionRow(SQLModel, table=True):
     create_time: float = 0.0
 
 
+class DefinitionPurgeRow(SQLModel, table=True):
+    """A deleted dataset or saved grader whose parts (a dataset's items, a grader's versions) are still
+    being deleted, in chunks (evalsvc.store.retention.definition_purge_step). Its own row went in the
+    transaction that wrote this one, so from then on it is NOT_FOUND everywhere however long its parts
+    take to go; their bytes leave its tenant's stored bytes chunk by chunk, as they are deleted."""
+
+    __tablename__ = "definition_purges"
+
+    kind: str = Field(primary_key=True, max_length=16)  # "dataset" or "grader"
+    owner_id: str = Field(primary_key=True, max_length=40)
+    tenant: str = Field(max_length=64)
+    purge_time: float = 0.0
+
+
 class SavedTargetRow(SQLModel, table=True):
     """A saved target definition."""
 

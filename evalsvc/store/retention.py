@@ -19,10 +19,19 @@ spend is added once; `purge_step` holds its `run_purges` row (FOR UPDATE SKIP LO
 that run's rows, so two replicas work on different runs. Nothing writes rows of a run whose row is gone
 (its jobs were cancelled when it was deleted, and the recorder's fence finds no leased job), so a step
 that finds fewer rows than it asked for has emptied that table.
+
+Deleted datasets and saved graders go the same way, without a retention: DeleteDataset (DeleteGrader)
+takes the dataset (grader) out of the service in one short transaction, with a `definition_purges` row
+in its place (evalsvc.store.datasets.remove, evalsvc.store.definitions.remove_grader), and then
+`definition_purge_step` deletes its items (versions), a chunk of at most CHUNK_ROWS rows and about
+CHUNK_BYTES per transaction; each chunk takes the bytes it deleted from its tenant's stored bytes in the
+same transaction, so a crash between chunks leaves the total exact. The call deletes the chunks itself
+(`purge_definition`); what a stopped server left, the purge loop's passes (evalsvc.runs.retention) finish.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
@@ -33,8 +42,11 @@ from sqlalchemy import Delete, Select, delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.ids import PROCESS_ID
+from evalsvc.store import datasets as dataset_store
+from evalsvc.store import definitions as definition_store
 from evalsvc.store import runs as run_store
 from evalsvc.store import usage
+from evalsvc.store.db import Database
 from evalsvc.store.events import EVENTS, RUNS_PURGED_CHANNEL
 from evalsvc.store.models import RunPurgeRow
 from evalsvc.store.run_cache import remember_removed
@@ -42,6 +54,13 @@ from evalsvc.store.webhooks import DELIVERIES
 
 RUNS = run_store.RUNS
 PURGES = RunPurgeRow.__table__  # type: ignore[attr-defined]
+DEFINITION_PURGES = dataset_store.PURGES
+# Rows one transaction deletes, at most: ~25 ms of SQLite's writer, against 3.4 s for a 900,000-row run
+# deleted whole, which every other write waited for (docs/operations.md, "Retention of deleted runs").
+CHUNK_ROWS = 1000
+# Bytes of dataset items (grader versions) one transaction deletes, about (one row, when it is larger):
+# deleting is ~4.6 s a GB on SQLite, and an item may be megabytes.
+CHUNK_BYTES = 8 << 20
 
 
 def _skip_locked(query: Select[Any], conn: AsyncConnection) -> Select[Any]:
@@ -122,11 +141,102 @@ async def purge_step(conn: AsyncConnection, budget: int) -> PurgeStep | None:
 
 
 async def pending(conn: AsyncConnection, cutoff: float) -> bool:
-    """Whether anything waits for the purge: a run deleted before `cutoff`, or one whose rows remain."""
+    """Whether anything waits for the purge: a run deleted before `cutoff`, or one whose rows remain, or a
+    deleted dataset (grader) whose items (versions) remain."""
     deleted = select(RUNS.c.id).where(RUNS.c.delete_time.is_not(None), RUNS.c.delete_time < cutoff).limit(1)
     if (await conn.execute(deleted)).first() is not None:
         return True
-    return (await conn.execute(select(PURGES.c.run_id).limit(1))).first() is not None
+    if (await conn.execute(select(PURGES.c.run_id).limit(1))).first() is not None:
+        return True
+    return (await conn.execute(select(DEFINITION_PURGES.c.owner_id).limit(1))).first() is not None
+
+
+@dataclass(frozen=True)
+class DefinitionPurgeStep:
+    """What one `definition_purge_step` did: the deleted dataset (grader) it worked on, the items
+    (versions) it deleted, and whether they were its last (its `definition_purges` row deleted too)."""
+
+    kind: str
+    owner_id: str
+    rows: int
+    finished: bool
+
+
+# Of each kind of `definition_purges` row: the table of its parts, the column naming their owner, the
+# column ordering them, the column of their size, and the bytes a part stores besides (evalsvc.store.usage).
+_PARTS: dict[str, tuple[Any, str, str, str, int]] = {
+    dataset_store.DATASET_PARTS: (dataset_store.ITEMS, "dataset_id", "idx", "item", 0),
+    definition_store.GRADER_PARTS: (
+        definition_store.VERSIONS,
+        "grader_id",
+        "version",
+        "definition",
+        usage.SAVED_ROW_BYTES,
+    ),
+}
+
+
+async def definition_purge_step(
+    conn: AsyncConnection,
+    *,
+    budget: int = CHUNK_ROWS,
+    budget_bytes: int = CHUNK_BYTES,
+    owner: tuple[str, str] | None = None,
+) -> DefinitionPurgeStep | None:
+    """Delete the first parts of one deleted dataset (grader), up to `budget` rows and about
+    `budget_bytes`, and take their bytes from its tenant's stored bytes: the one `owner` (kind, id), or
+    the one deleted first. None when none waits (or, on PostgreSQL, every one is another transaction's
+    now: its `definition_purges` row is held FOR UPDATE while its parts are deleted, and nothing else
+    writes parts of an owner whose row is gone, so what this step reads it deletes)."""
+    query = select(DEFINITION_PURGES.c.kind, DEFINITION_PURGES.c.owner_id, DEFINITION_PURGES.c.tenant)
+    if owner is not None:
+        query = query.where(DEFINITION_PURGES.c.kind == owner[0], DEFINITION_PURGES.c.owner_id == owner[1])
+        held = await conn.execute(query.with_for_update() if conn.dialect.name == "postgresql" else query)
+    else:
+        query = query.order_by(DEFINITION_PURGES.c.purge_time, DEFINITION_PURGES.c.owner_id).limit(1)
+        held = await conn.execute(_skip_locked(query, conn))
+    found = held.first()
+    if found is None:
+        return None
+    kind, owner_id, tenant = found
+    table, owner_column, order_column, size_column, row_bytes = _PARTS[kind]
+    of_owner = table.c[owner_column] == owner_id
+    sized = await conn.execute(
+        select(table.c[order_column], func.length(table.c[size_column]))
+        .where(of_owner)
+        .order_by(table.c[order_column])
+        .limit(budget)
+    )
+    sizes = [(position, int(size)) for position, size in sized]
+    kept = freed = 0
+    for _, size in sizes:
+        if kept and freed + size > budget_bytes:
+            break
+        kept += 1
+        freed += size
+    if kept:
+        # The first `kept` parts in order: those up to the last of them.
+        await conn.execute(delete(table).where(of_owner, table.c[order_column] <= sizes[kept - 1][0]))
+        await usage.add_to_totals(conn, stored_bytes={tenant: -(freed + kept * row_bytes)})
+    finished = kept == len(sizes) < budget
+    if finished:
+        await conn.execute(
+            delete(DEFINITION_PURGES).where(DEFINITION_PURGES.c.kind == kind, DEFINITION_PURGES.c.owner_id == owner_id)
+        )
+    return DefinitionPurgeStep(kind, owner_id, kept, finished)
+
+
+async def purge_definition(db: Database, kind: str, owner_id: str) -> None:
+    """Delete the parts of a dataset (grader) just taken out of the service, a chunk per transaction of the
+    one writer, so that other writes go between them. Cut short (the call cancelled, the server stopped),
+    the purge loop's passes finish it (evalsvc.runs.retention)."""
+    while True:
+        # Alone: a chunk's failure must not have the writes queued beside it applied again one by one.
+        step = await db.transact(
+            functools.partial(definition_purge_step, budget=CHUNK_ROWS, owner=(kind, owner_id)), alone=True
+        )
+        if step is None or step.finished:
+            return
 
 
 # Each deletes up to `limit` rows of one run from its table(s), through an index that starts with the

@@ -32,7 +32,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import JSON, ColumnElement, Table, Text, cast, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -69,6 +69,20 @@ ROOM_REMEDY = "nothing was written; delete runs, datasets, saved graders or save
 def column_bytes(value: str | bytes | Mapping[str, str]) -> int:
     """A column's size: a text's characters, a blob's bytes, a map's as the JSON it is stored as."""
     return len(value) if isinstance(value, str | bytes) else len(json.dumps(value))
+
+
+def stored_size(table: Table, columns: Sequence[str]) -> ColumnElement[int]:
+    """`saved_bytes` of a row without `SAVED_ROW_BYTES`, in SQL: what its `columns` hold, read from the
+    stored lengths (a map's as its JSON text), for lists that choose their rows by size before reading
+    them whole (evalsvc.ids.PageTokens.fitting_sizes)."""
+    parts = [
+        func.length(cast(table.c[column], Text) if isinstance(table.c[column].type, JSON) else table.c[column])
+        for column in columns
+    ]
+    total: ColumnElement[int] = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
 
 
 def described_bytes(row: Mapping[str, Any]) -> int:
