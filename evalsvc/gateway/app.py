@@ -765,6 +765,7 @@ def _health_routes(app: FastAPI, upstream: Upstream) -> list[BaseRoute]:
         responses={
             200: {"description": '`{"status": "SERVING"}`', "content": {"application/json": {"schema": schema}}},
             503: {"description": "not serving", "content": {"application/json": {"schema": schema}}},
+            "4XX": {"description": "the request was refused (google.rpc.Status): e.g. 431, headers too large"},
         },
     )
     return app.routes[-2:]

@@ -190,14 +190,19 @@ def test_aymara_prompts_and_responses_round_trip() -> None:
         aymara.EvalResponse(prompt_uuid="p1", content="I can't help with that."),
         aymara.EvalResponse(prompt_uuid="p2", content=None, exclude_from_scoring=True),
     ]
-    run = run_pb2.Run(annotations={aymara.RESPONSES_KEY: json.dumps([aymara.record_of(r) for r in responses])})
+    run = run_pb2.Run(
+        labels={aymara.EVAL_LABEL: "e1"},
+        annotations={aymara.RESPONSES_KEY: json.dumps([aymara.record_of(r) for r in responses])},
+    )
     result = run_pb2.Result(
         id="res_1",
         item_id="p1",
         state=run_pb2.RESULT_STATE_PASSED,
         output=item_pb2.Response(content="I can't help with that."),
     )
-    first, second = aymara.responses_of(run, [result])
+    stored = aymara.StoredRun.of(run)
+    assert stored is not None
+    first, second = aymara.responses_of(stored, [result])
     assert first.is_passed is True and first.content == "I can't help with that."
     assert str(uuid.UUID(first.response_uuid)) == first.response_uuid  # a UUID, as Aymara documents it
     assert second.is_passed is None and second.content is None
