@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -379,3 +380,59 @@ def test_listings_say_one_run_and_no_targets(live: Live, tmp_path: Path) -> None
     assert listed.stderr.startswith("showing the newest 1 run; more exist: --limit 100 shows more"), listed.stderr
     empty = evalctl(live, "targets", "list")
     assert (empty.returncode, empty.stdout, empty.stderr) == (cli.EXIT_OK, "", "no targets\n")
+
+
+# --- a signal during the create ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("stop", "code"), [(cli.Terminated, 128 + 15), (KeyboardInterrupt, 128 + 2)])
+def test_a_signal_during_create_run_says_the_request_id_that_finds_the_run(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    stop: type[KeyboardInterrupt],
+    code: int,
+) -> None:
+    """SIGTERM while CreateRun was under way said `terminated (SIGTERM)` alone: a run perhaps made, nobody told, its
+    request_id (a fresh uuid) said nowhere, and the CI job's retry made another."""
+    (tmp_path / "spec.yaml").write_text(
+        "items: [{input: x, expected_output: x, response: x}]\ntarget: provided\ngraders: [{exact_match: {}}]\n"
+    )
+    sent: list[str] = []
+
+    def interrupted(self: cli.EvalClient, request: pb.runs.CreateRunRequest) -> pb.runs.CreateRunResponse:
+        sent.append(request.request_id)
+        raise stop
+
+    monkeypatch.setattr(cli.EvalClient, "create_run_from", interrupted)
+    spec = str(tmp_path / "spec.yaml")
+    assert cli.main(["--target", "127.0.0.1:1", "run", spec]) == code
+    (request_id,) = sent
+    said = capsys.readouterr().err.splitlines()
+    assert said[-1] == (
+        f"evalctl: {cli._STOPPED[code - 128]} during CreateRun: a run may have been created (request_id {request_id});"
+        f" `evalctl run {spec} --request-id {request_id}` follows that run if it was, and creates it if not"
+        " (`evalctl list --limit 5` lists the newest runs)"
+    ), said
+    assert cli.main(["--target", "127.0.0.1:1", "run", spec, "--request-id", request_id]) == code
+    assert sent[-1] == request_id  # the command said sends the same key
+
+
+def test_sigterm_during_rerun_run_says_the_request_id(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sent: list[str | None] = []
+
+    def interrupted(self: cli.EvalClient, run_id: str, **kw: Any) -> pb.Run:
+        sent.append(kw["request_id"])
+        raise cli.Terminated
+
+    monkeypatch.setattr(cli.EvalClient, "rerun_run", interrupted)
+    assert cli.main(["--target", "127.0.0.1:1", "rerun", "run_a", "--failed"]) == 128 + 15
+    (request_id,) = sent
+    assert request_id
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"evalctl: terminated (SIGTERM) during RerunRun: a run may have been created (request_id {request_id});"
+        f" `evalctl rerun run_a --failed --request-id {request_id}` follows that run if it was, and creates it if"
+        " not (`evalctl list --limit 5` lists the newest runs)"
+    )

@@ -1,7 +1,8 @@
 """evalctl: run evaluations and read them from a terminal or CI.
 
     evalctl validate spec.yaml                                               check a spec, without a server
-    evalctl run spec.yaml [--fail-under PCT] [--junit FILE] [--jsonl FILE] [--cache replay|...]   create, follow
+    evalctl run spec.yaml [--fail-under PCT] [--junit FILE] [--jsonl FILE] [--cache replay|...] [--request-id ID]
+                  create a run and follow it (a --request-id used before: that run, followed)
     evalctl rerun RUN_ID [--failed|--all] [--detach] [--fail-under PCT] [--junit FILE] [--jsonl FILE]
                   a new run of RUN_ID's errored items (--failed: failed or errored, --all: every item; an
                   item that never ran counts as errored) with its definition, followed and judged as `run`
@@ -43,7 +44,8 @@ FAILED or CANCELLED; 3 a spec, connection or RPC error, or a command line evalct
 4 (get --fail-under; compare with a gate, of a run still executing: a partial comparison) NO VERDICT: a run
 has not ended, so there is no verdict yet;
 141 (quietly) stdout closed early, as in `evalctl results RUN --format jsonl | head`; 130 Ctrl-C and 143 SIGTERM,
-saying which run goes on and the `evalctl watch RUN --after-seq N` that follows it again.
+saying which run goes on and the `evalctl watch RUN --after-seq N` that follows it again (during the create itself:
+its request_id and the `--request-id` command that follows the run if it was made, and makes it if not).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ import getpass
 import itertools
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -68,7 +71,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from evalsvc_client import pb
-from evalsvc_client._common import Retrying, TLSOptions
+from evalsvc_client._common import Retrying, TLSOptions, new_request_id
 from evalsvc_client.errors import EvalError, target_as_url_hint
 from evalsvc_client.export import listed_explanation, listed_output, to_dict, write_jsonl, write_junit
 from evalsvc_client.report import agreement_line, format_rate, render_html
@@ -102,6 +105,30 @@ class Interrupted(Exception):
         self.run_id = run_id
         self.last_seq = last_seq
         self.signum = signum
+
+
+class CreateInterrupted(Exception):
+    """Ctrl-C (or SIGTERM: `signum`) while CreateRun or RerunRun (`call`) was under way: the server may have made
+    the run, whose id evalctl never learnt. `request_id` finds it again: the same call with it answers with that
+    run (AIP-155), or creates it if the first never arrived. `again` is the command line that does so."""
+
+    def __init__(self, call: str, request_id: str, again: str, signum: int) -> None:
+        super().__init__(call, request_id)
+        self.call = call
+        self.request_id = request_id
+        self.again = again
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _creating(call: str, request_id: str, again: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM during a create as `CreateInterrupted`: it ended evalctl with `terminated (SIGTERM)` alone,
+    a run perhaps made and nobody told, and a CI job retried made another (evalctl's request_id, a fresh uuid,
+    was said nowhere). Not a held signal: the SDK's retries may wait a minute for a rate limit."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        raise CreateInterrupted(call, request_id, again, _stop_signal(exc)) from None
 
 
 class FollowFailed(Exception):
@@ -504,8 +531,16 @@ def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> i
     _print_spec_warnings(console, spec)
     if args.cache:
         spec.create_request.cache_mode = cache_mode(args.cache)
+    if args.request_id:
+        spec.create_request.request_id, spec.request_id_given = args.request_id, True
+    request = spec.request()
+    if not request.request_id:  # made here, not by the SDK, so that an interrupted create can say it
+        request.request_id = new_request_id()
     called = time.time()
-    created = client.create_run_from(spec.request())
+    with _creating(
+        "CreateRun", request.request_id, f"evalctl run {shlex.quote(args.spec)} --request-id {request.request_id}"
+    ):
+        created = client.create_run_from(request)
     return _follow_created(client, created.run, args, console, _created_words(spec, created, called))
 
 
@@ -541,13 +576,16 @@ def cmd_rerun(args: argparse.Namespace, client: EvalClient, console: Console) ->
     definition, followed to its end as `run` follows one: the same progress, exports, verdict and exit codes."""
     _check_outputs(args.jsonl, args.junit)
     scope = "all" if args.all else "failed_or_errored" if args.failed else "errored"
+    request_id = args.request_id or new_request_id()
+    flags = {"errored": "", "failed_or_errored": " --failed", "all": " --all"}[scope]
     try:
-        run = client.rerun_run(
-            args.run_id,
-            scope=scope,
-            request_id=args.request_id,
-            cache_mode=cache_mode(args.cache) if args.cache else pb.cache.CACHE_MODE_UNSPECIFIED,
-        )
+        with _creating("RerunRun", request_id, f"evalctl rerun {args.run_id}{flags} --request-id {request_id}"):
+            run = client.rerun_run(
+                args.run_id,
+                scope=scope,
+                request_id=request_id,
+                cache_mode=cache_mode(args.cache) if args.cache else pb.cache.CACHE_MODE_UNSPECIFIED,
+            )
     except EvalError as exc:
         # The server's words name RerunScope values, not evalctl's flags.
         if exc.reason == "NOTHING_TO_RERUN" and scope != "all":
@@ -1320,6 +1358,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="YAML or JSON run spec")
     run.add_argument("--detach", action="store_true", help="create the run and exit without following it")
     run.add_argument(
+        "--request-id",
+        help="idempotency key, over the spec's request_id: the same key gives the same run (one already made is"
+        " followed)",
+    )
+    run.add_argument(
         "--cache", choices=sorted(CACHE_MODES), help="response cache mode, over the spec's cache_mode (docs/targets.md)"
     )
     follow_flags(run)
@@ -1611,7 +1654,7 @@ def _main(argv: Sequence[str] | None) -> int:
             client = _client(args, console)
             try:
                 code = args.handler(args, client, console)
-            except (Interrupted, KeyboardInterrupt):
+            except (Interrupted, CreateInterrupted, KeyboardInterrupt):
                 raise  # the channel is left open: see `_interrupted`
             except BaseException:
                 client.close()
@@ -1628,6 +1671,14 @@ def _main(argv: Sequence[str] | None) -> int:
             f"evalctl: {_STOPPED[exc.signum]}; run {exc.run_id} goes on on the server"
             f" (`evalctl watch {exc.run_id} --after-seq {exc.last_seq}` follows it from here,"
             f" `evalctl cancel {exc.run_id}` stops it)",
+            exc.signum,
+        )
+    except CreateInterrupted as exc:
+        return _interrupted(
+            console,
+            f"evalctl: {_STOPPED[exc.signum]} during {exc.call}: a run may have been created (request_id"
+            f" {exc.request_id}); `{exc.again}` follows that run if it was, and creates it if not"
+            " (`evalctl list --limit 5` lists the newest runs)",
             exc.signum,
         )
     except KeyboardInterrupt as exc:
