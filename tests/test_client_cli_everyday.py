@@ -4,13 +4,17 @@ progress without a terminal, --fail-under given as a fraction, a server lost mid
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import io
 import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
+import time
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -436,3 +440,62 @@ def test_sigterm_during_rerun_run_says_the_request_id(
         f" `evalctl rerun run_a --failed --request-id {request_id}` follows that run if it was, and creates it if"
         " not (`evalctl list --limit 5` lists the newest runs)"
     )
+
+
+def test_sigterm_ends_a_watch_whose_reader_has_stalled(live: Live, tmp_path: Path) -> None:
+    """`timeout 600 evalctl watch R --json | slow_consumer` hung until SIGKILL: SIGTERM was held while evalctl wrote
+    an event, the write blocked on the full pipe, and Python retried it after the handler. It ends now, naming the
+    seq of the last event written whole (the one cut short is shown again on resume)."""
+    (tmp_path / "qa.jsonl").write_text(
+        "".join(f'{{"input": "q{i}", "expected_output": "a", "response": "a"}}\n' for i in range(60))
+    )
+    (tmp_path / "spec.yaml").write_text("dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
+    done = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--no-progress")
+    assert done.returncode == cli.EXIT_OK, done.stderr
+    run_id = done.stderr.splitlines()[0].split()[2]
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, 1031, 4096)  # F_SETPIPE_SZ: a page, filled by a few events
+    with open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "evalsvc_client.cli", "watch", run_id, "--json"],
+            env=_env(live),
+            stdout=write_end,
+            stderr=err,
+        )
+    os.close(write_end)
+    try:
+        waiting = 0.0
+        while _unread(read_end) < 4096 - 1024 and waiting < 30:  # the pipe full: evalctl blocks writing
+            time.sleep(0.1)
+            waiting += 0.1
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    written = b""
+    while chunk := os.read(read_end, 65536):
+        written += chunk
+    os.close(read_end)
+    whole = [json.loads(line) for line in written.split(b"\n")[:-1]]  # the last, cut short or empty, left out
+    said = (tmp_path / "err").read_text()
+    assert whole and f"`evalctl watch {run_id} --after-seq {whole[-1]['seq']}` follows it from here" in said, said
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting in a pipe (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def test_a_second_signal_while_one_is_held_stops_at_once() -> None:
+    """A second SIGTERM while one was held only replaced the first: whatever blocked inside went on blocking."""
+    deferred = cli._Deferred()
+    with pytest.raises(cli.Terminated), deferred.held():
+        deferred(signal.SIGINT, None)  # held
+        deferred(signal.SIGTERM, None)  # at once
+        pytest.fail("the second signal was held too")
+    with pytest.raises(KeyboardInterrupt) as stopped, deferred.held():
+        deferred(signal.SIGINT, None)
+    assert not isinstance(stopped.value, cli.Terminated)  # held until the block ended, and raised as itself

@@ -356,19 +356,25 @@ def _deleted(run: pb.Run) -> str:
 
 
 class _Deferred:
-    """Ctrl-C held back while a block runs and raised when it ends (KeyboardInterrupt as usual elsewhere):
-    a watch interrupted between printing an event and counting it as printed told the user to resume
-    before an event they had seen. A handler that defers, rather than a blocked signal: blocked in the
-    main thread, SIGINT went to one of grpc's threads and never woke the main one from its wait."""
+    """Ctrl-C (and SIGTERM) held back while a block runs and raised when it ends (KeyboardInterrupt as usual
+    elsewhere): a watch interrupted between printing an event and counting it as printed told the user to resume
+    before an event they had seen. A handler that defers, rather than a blocked signal: blocked in the main
+    thread, SIGINT went to one of grpc's threads and never woke the main one from its wait.
+
+    Never held across a write that may block (`interruptible`), nor past a second signal: a signal came while
+    `watch --json` wrote to a reader that had stalled, Python retried the write after the handler, and evalctl
+    blocked until SIGKILL (`timeout 600 evalctl watch R --json | slow_consumer`). A write cut so is not counted:
+    the watch resumes before its event, shown again (a line perhaps cut short first), never after it, missed."""
 
     def __init__(self) -> None:
         self._inside = False
         self._pending: int | None = None
 
     def __call__(self, signum: int, frame: Any) -> None:
-        if self._inside:
+        if self._inside and self._pending is None:
             self._pending = signum
-        else:
+        else:  # outside, or a second signal: at once
+            self._pending = None
             raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     @contextlib.contextmanager
@@ -391,6 +397,20 @@ class _Deferred:
             yield
         finally:
             self._inside = False
+        self._raise_pending()
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Inside `held`: a block a signal (one held already, or one that comes) interrupts at once, as a write to a
+        pipe whose reader has stalled must be."""
+        self._inside = False
+        self._raise_pending()
+        try:
+            yield
+        finally:
+            self._inside = True
+
+    def _raise_pending(self) -> None:
         if self._pending is not None:
             signum, self._pending = self._pending, None
             raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
@@ -407,10 +427,12 @@ def _follow(client: EvalClient, run_id: str, after_seq: int, args: argparse.Name
     try:
         with deferred.installed(), _Live(console, show_progress and console.is_terminal, show_progress) as live:
             for event in client.watch(run_id, after_seq):
-                with deferred.held():  # an event is shown and counted as shown together, or neither
+                with deferred.held():  # an event is counted as shown once written whole, and then at once
                     if args.json and args.command == "watch":
-                        sys.stdout.write(json.dumps(to_dict(event), sort_keys=True) + "\n")
-                        sys.stdout.flush()
+                        line = json.dumps(to_dict(event), sort_keys=True) + "\n"
+                        with deferred.interruptible():  # the reader may stall: a signal must not wait for it
+                            sys.stdout.write(line)
+                            sys.stdout.flush()
                     shown = event.seq
                 live.update(event)
                 if event.HasField("run"):
