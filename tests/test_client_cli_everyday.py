@@ -499,3 +499,48 @@ def test_a_second_signal_while_one_is_held_stops_at_once() -> None:
     with pytest.raises(KeyboardInterrupt) as stopped, deferred.held():
         deferred(signal.SIGINT, None)
     assert not isinstance(stopped.value, cli.Terminated)  # held until the block ended, and raised as itself
+
+
+def test_client_options_read_evalsvc_api_key_as_the_clients_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`EvalClient(options=ClientOptions(target=...))` sent no key where `EvalClient(target)` sent the environment's
+    (clients/README.md said both read it)."""
+    from evalsvc_client._common import ClientOptions
+
+    monkeypatch.setenv("EVALSVC_API_KEY", "evk_env")
+    with cli.EvalClient(options=ClientOptions(target="127.0.0.1:1")) as client:
+        assert client.options.api_key == "evk_env"
+        assert client.options.metadata() == (("authorization", "Bearer evk_env"),)
+    assert ClientOptions(api_key="").metadata() == ()
+    assert ClientOptions(api_key="evk_given").api_key == "evk_given"
+
+
+def test_on_retry_beside_options_is_used_not_dropped() -> None:
+    from evalsvc_client._common import ClientOptions, Retrying, RetryPolicy
+
+    seen: list[Retrying] = []
+    options = ClientOptions(target="127.0.0.1:1", retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01))
+    with cli.EvalClient(options=options, on_retry=seen.append) as client, pytest.raises(EvalError):
+        client.get_run("run_x")
+    assert [r.call for r in seen] == ["GetRun"]
+    with pytest.raises(TypeError, match="on_retry was given both"):
+        cli.EvalClient(options=ClientOptions(on_retry=print), on_retry=seen.append)
+
+
+def test_the_async_client_awaits_an_async_on_retry() -> None:
+    from evalsvc_client._common import Retrying, RetryPolicy
+
+    seen: list[Retrying] = []
+
+    async def told(retrying: Retrying) -> None:
+        await asyncio.sleep(0)
+        seen.append(retrying)
+
+    async def call() -> None:
+        async with AsyncEvalClient(
+            "127.0.0.1:1", retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01), on_retry=told
+        ) as client:
+            with pytest.raises(EvalError):
+                await client.get_run("run_x")
+
+    asyncio.run(call())
+    assert [r.call for r in seen] == ["GetRun"]
