@@ -28,7 +28,7 @@ from evalsvc_client.errors import EvalError
 from rich.console import Console
 
 from evalsvc.server import EvalServer
-from tests.procs import LISTENING, ServerProcess, evalsvc_run
+from tests.procs import LISTENING, ServerProcess, evalctl_run, evalsvc_run
 from tests.test_client_cli import CLIENT_DIR, _env, evalctl, live
 from tests.test_tls import Pki, pki, tls_server
 
@@ -106,18 +106,30 @@ def test_without_a_terminal_progress_is_a_line_per_tenth(monkeypatch: pytest.Mon
     assert lines[-1].startswith("progress: 1000/1000 evaluations (100%)")
 
 
-def test_without_a_terminal_a_slow_tenth_still_gets_a_line_every_10_s(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_a_terminal_a_slow_run_gets_lines_ever_further_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A line each 10 s between tenths was 720 lines for a 2-hour run (the docs said a few dozen): 10 s, then twice
+    as long each time up to 5 minutes."""
     clock = [1000.0]
     monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
     printed = io.StringIO()
     with cli._Live(Console(file=printed, width=1000), enabled=False, plain=True) as live:
-        for completed in range(1, 7):  # one evaluation of 1,000 every 4 s: a line each 10 s or so
+        for completed in range(1, 100):  # one evaluation of 1,000 every 4 s, short of the first tenth
             clock[0] += 4
             live.update(_counts(completed, 1000))
     assert [line.split(" evaluations")[0] for line in printed.getvalue().splitlines()] == [
-        "progress: 3/1000",
-        "progress: 6/1000",
+        "progress: 3/1000",  # 12 s: 10 s gone
+        "progress: 8/1000",  # then 20 s
+        "progress: 18/1000",  # 40 s
+        "progress: 38/1000",  # 80 s
+        "progress: 78/1000",  # 160 s
     ]
+    printed.truncate(0)
+    printed.seek(0)
+    with cli._Live(Console(file=printed, width=1000), enabled=False, plain=True) as live:
+        for completed in range(1, 7201):  # one each second for two hours, of 100,000: no tenth crossed
+            clock[0] += 1
+            live.update(_counts(completed, 100_000))
+    assert len(printed.getvalue().splitlines()) == 27  # 5 in 310 s, then one each 5 minutes (720 before)
 
 
 def test_run_piped_prints_progress_lines(live: Live, tmp_path: Path) -> None:
@@ -129,6 +141,11 @@ def test_run_piped_prints_progress_lines(live: Live, tmp_path: Path) -> None:
     assert done.returncode == cli.EXIT_OK, done.stderr
     progress = [line for line in done.stderr.splitlines() if line.startswith("progress: ")]
     assert progress and progress[-1].startswith("progress: 40/40 evaluations (100%), pass rate"), done.stderr
+    forced = evalctl_run(["run", str(tmp_path / "spec.yaml")], {**_env(live), "FORCE_COLOR": "1"})
+    assert forced.returncode == cli.EXIT_OK, forced.stderr  # FORCE_COLOR (CI): still lines, not the redrawn bar
+    uncoloured = re.sub(r"\x1b\[[0-9;]*m", "", forced.stderr)  # the colour FORCE_COLOR asks for
+    progress = [line for line in uncoloured.splitlines() if line.startswith("progress: ")]
+    assert progress and progress[-1].startswith("progress: 40/40 evaluations (100%), pass rate"), forced.stderr
     quiet = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--no-progress")
     assert quiet.returncode == cli.EXIT_OK and "progress: " not in quiet.stderr, quiet.stderr
 
@@ -146,6 +163,9 @@ def test_fail_under_written_as_a_fraction_is_warned_of(live: Live, tmp_path: Pat
     assert done.returncode == cli.EXIT_OK, done.stderr  # 50% reaches 0.9%: a warning, not a refusal
     warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
     assert warnings == ["warning: --fail-under is a percentage: 0.9 means 0.9%; did you mean 90?"], done.stderr
+    printed = io.StringIO()
+    cli._warn_of_a_fraction(Console(file=printed, width=1000), 1.0)  # the spec's check: above 0 and at most 1
+    assert printed.getvalue() == "warning: --fail-under is a percentage: 1 means 1%; did you mean 100?\n"
     whole = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--fail-under", "90")
     assert whole.returncode == cli.EXIT_BELOW and "warning:" not in whole.stderr, whole.stderr
 
@@ -235,6 +255,22 @@ def test_a_watch_that_fails_names_the_run_and_the_resume(
         f"  run {run_id} was not followed to its end: `evalctl watch {run_id} --after-seq 1` follows it again from"
         " the last event shown",
     ]
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED])
+def test_a_refused_key_mid_watch_is_not_offered_a_watch_again(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], code: grpc.StatusCode
+) -> None:
+    """A bad key got "run R was not followed to its end: `evalctl watch R ...` follows it again": the same refusal."""
+
+    def refused(self: cli.EvalClient, run: str, after_seq: int = 0, **kw: object) -> Iterator[pb.WatchRunResponse]:
+        raise EvalError(code, "the key was refused")
+        yield  # a generator, as watch is
+
+    monkeypatch.setattr(cli.EvalClient, "watch", refused)
+    assert cli.main(["--target", "127.0.0.1:1", "watch", "run_a"]) == cli.EXIT_ERROR
+    said = capsys.readouterr().err
+    assert f"evalctl: {code.name}: the key was refused" in said and "not followed to its end" not in said, said
 
 
 # --- versions ----------------------------------------------------------------------------------------------------

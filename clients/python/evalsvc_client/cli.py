@@ -37,7 +37,7 @@ Verdict (run, rerun, watch; get with --fail-under): a run passes when its pass r
 --fail-under if given, else the spec's pass_threshold (unset: every graded evaluation must pass), and at most
 the spec's max_error_rate percent of its evaluations errored (unset: none may). Both are percents: validate and run
 warn on stderr, and go on, when either is above 0 and at most 1 (`pass_threshold: 0.9` is 0.9%; 90% is 90), as
-for --fail-under between 0 and 1.
+for a --fail-under above 0 and at most 1.
 Exit codes: 0 passed; 1 did not pass, or (compare --fail-on-regression) a grader REGRESSED or no evaluation was
 paired at all, or (compare --max-unpaired N) more than N evaluations were unpaired; 2 the run ended
 FAILED or CANCELLED; 3 a spec, connection or RPC error, or a command line evalctl does not understand;
@@ -132,7 +132,7 @@ def _creating(call: str, request_id: str, again: str) -> Iterator[None]:
 
 
 class FollowFailed(Exception):
-    """An error that ended a watch evalctl followed (the server lost for good, a refused key): `error`, with the
+    """An error that ended a watch evalctl followed (the server lost for good): `error`, with the
     run and the last event shown, so the message says how to pick the run up again."""
 
     def __init__(self, error: EvalError, run_id: str, last_seq: int) -> None:
@@ -143,7 +143,8 @@ class FollowFailed(Exception):
 
 
 #: Errors of a watch after which watching the same run again cannot help (no such run, a seq beyond its last).
-_NOT_RESUMABLE = frozenset({"NOT_FOUND", "INVALID_ARGUMENT", "OUT_OF_RANGE"})
+#: A refused key (UNAUTHENTICATED, PERMISSION_DENIED) is the same refusal again: its hint (the key) is what to do.
+_NOT_RESUMABLE = frozenset({"NOT_FOUND", "INVALID_ARGUMENT", "OUT_OF_RANGE", "UNAUTHENTICATED", "PERMISSION_DENIED"})
 
 
 _STATES = {
@@ -169,14 +170,18 @@ def pass_rate_percent(counts: pb.RunCounts) -> float | None:
     return 100.0 * counts.passed / graded if graded else None
 
 
-#: Without a terminal, a progress line each time the run crosses another tenth of its evaluations, and one at
-#: most this often (seconds) between them while evaluations complete: a CI log shows the run moving.
+#: Without a terminal, a progress line each time the run crosses another tenth of its evaluations, and between
+#: them, while evaluations complete, one after this many seconds, then after twice as long each time up to
+#: PLAIN_PROGRESS_MAX_S: a CI log shows the run moving, and a long run's log is not one line each 10 s (720 for
+#: two hours; now about 40: ten tenths, five lines in the first five minutes, then one each five).
 PLAIN_PROGRESS_EVERY_S = 10.0
+PLAIN_PROGRESS_MAX_S = 300.0
 
 
 class _Live:
     """The progress display: a rich bar on a terminal; otherwise (`2>&1 | tee log`, CI) whole `progress:` lines,
-    one per tenth of the evaluations completed and at most one per PLAIN_PROGRESS_EVERY_S between them, so a log
+    one per tenth of the evaluations completed and between them one after PLAIN_PROGRESS_EVERY_S, the wait doubling
+    up to PLAIN_PROGRESS_MAX_S, so a log
     is never silent for the length of a run (it was: 13 s of nothing, then the summary) nor flooded.
 
     Its cost is the run's cost_usd, target and judges (the target's alone showed $0.0000 for a run whose spend
@@ -194,6 +199,7 @@ class _Live:
         self._plain_tenth = 0  # the tenths of the evaluations the last line reported
         self._plain_completed = 0
         self._plain_at = time.monotonic()
+        self._plain_every = PLAIN_PROGRESS_EVERY_S
         if enabled:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
@@ -255,8 +261,10 @@ class _Live:
             return
         tenth = completed * 10 // total
         now = time.monotonic()
-        if tenth <= self._plain_tenth and now - self._plain_at < PLAIN_PROGRESS_EVERY_S:
-            return
+        if tenth <= self._plain_tenth:
+            if now - self._plain_at < self._plain_every:
+                return
+            self._plain_every = min(2 * self._plain_every, PLAIN_PROGRESS_MAX_S)
         self._plain_tenth, self._plain_completed, self._plain_at = tenth, completed, now
         self._console.print(
             f"progress: {completed}/{total} evaluations ({100 * completed // total}%),"
@@ -425,7 +433,7 @@ def _follow(client: EvalClient, run_id: str, after_seq: int, args: argparse.Name
     show_progress = not args.json and not args.no_progress
     deferred = _Deferred()
     try:
-        with deferred.installed(), _Live(console, show_progress and console.is_terminal, show_progress) as live:
+        with deferred.installed(), _Live(console, show_progress and _a_terminal(sys.stderr), show_progress) as live:
             for event in client.watch(run_id, after_seq):
                 with deferred.held():  # an event is counted as shown once written whole, and then at once
                     if args.json and args.command == "watch":
@@ -1604,7 +1612,7 @@ def _warn_of_a_fraction(console: Console, fail_under: float | None) -> None:
     """A warning for a --fail-under written as other tools write a fraction (0.9 for 90%), as for a spec's
     pass_threshold (RunSpec.warnings): it was taken as 0.9%, a gate nearly every run passes, silently. A
     warning, not a refusal, as there: 0.5% may be meant."""
-    if fail_under is not None and 0 < fail_under < 1:
+    if fail_under is not None and 0 < fail_under <= 1:  # as RunSpec.warnings: `--fail-under 1.0` is 1%
         console.print(
             f"warning: --fail-under is a percentage: {fail_under:g} means {fail_under:g}%;"
             f" did you mean {fail_under * 100:g}?"
@@ -1646,9 +1654,19 @@ def _label(text: str) -> tuple[str, str]:
 def _console(stderr: bool = False) -> Console:
     """A console that wraps only on a terminal: piped or captured output keeps each line whole."""
     console = Console(stderr=stderr, soft_wrap=True, markup=False)
-    if not console.is_terminal:
+    if not _a_terminal(sys.stderr if stderr else sys.stdout):
         console.width = 1000  # tables size to their content, never to an assumed 80 columns
     return console
+
+
+def _a_terminal(stream: Any) -> bool:
+    """Whether `stream` is a terminal, by its file descriptor: rich's Console.is_terminal is true under FORCE_COLOR
+    (set in many CI systems for colour), which gave a CI log the redrawn bar, and lines cut at 80 columns, instead
+    of whole `progress:` lines."""
+    try:
+        return os.isatty(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
