@@ -89,6 +89,15 @@ def _scratch_databases() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _no_api_key_from_the_shell() -> Iterator[None]:
+    """No EVALSVC_API_KEY from the shell the tests run in: the SDK sends it when given no key (a keyless client's
+    test sent a developer's exported key). A test that wants one sets it (monkeypatch.setenv, a subprocess's env)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("EVALSVC_API_KEY", raising=False)
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _scratch_template() -> Iterator[None]:
     yield
     dbs.drop_created()

@@ -4,16 +4,21 @@ progress without a terminal, --fail-under given as a fraction, a server lost mid
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import io
 import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
+import time
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -23,7 +28,7 @@ from evalsvc_client.errors import EvalError
 from rich.console import Console
 
 from evalsvc.server import EvalServer
-from tests.procs import LISTENING, ServerProcess, evalsvc_run
+from tests.procs import LISTENING, ServerProcess, evalctl_run, evalsvc_run
 from tests.test_client_cli import CLIENT_DIR, _env, evalctl, live
 from tests.test_tls import Pki, pki, tls_server
 
@@ -101,18 +106,30 @@ def test_without_a_terminal_progress_is_a_line_per_tenth(monkeypatch: pytest.Mon
     assert lines[-1].startswith("progress: 1000/1000 evaluations (100%)")
 
 
-def test_without_a_terminal_a_slow_tenth_still_gets_a_line_every_10_s(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_a_terminal_a_slow_run_gets_lines_ever_further_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A line each 10 s between tenths was 720 lines for a 2-hour run (the docs said a few dozen): 10 s, then twice
+    as long each time up to 5 minutes."""
     clock = [1000.0]
     monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
     printed = io.StringIO()
     with cli._Live(Console(file=printed, width=1000), enabled=False, plain=True) as live:
-        for completed in range(1, 7):  # one evaluation of 1,000 every 4 s: a line each 10 s or so
+        for completed in range(1, 100):  # one evaluation of 1,000 every 4 s, short of the first tenth
             clock[0] += 4
             live.update(_counts(completed, 1000))
     assert [line.split(" evaluations")[0] for line in printed.getvalue().splitlines()] == [
-        "progress: 3/1000",
-        "progress: 6/1000",
+        "progress: 3/1000",  # 12 s: 10 s gone
+        "progress: 8/1000",  # then 20 s
+        "progress: 18/1000",  # 40 s
+        "progress: 38/1000",  # 80 s
+        "progress: 78/1000",  # 160 s
     ]
+    printed.truncate(0)
+    printed.seek(0)
+    with cli._Live(Console(file=printed, width=1000), enabled=False, plain=True) as live:
+        for completed in range(1, 7201):  # one each second for two hours, of 100,000: no tenth crossed
+            clock[0] += 1
+            live.update(_counts(completed, 100_000))
+    assert len(printed.getvalue().splitlines()) == 27  # 5 in 310 s, then one each 5 minutes (720 before)
 
 
 def test_run_piped_prints_progress_lines(live: Live, tmp_path: Path) -> None:
@@ -124,6 +141,11 @@ def test_run_piped_prints_progress_lines(live: Live, tmp_path: Path) -> None:
     assert done.returncode == cli.EXIT_OK, done.stderr
     progress = [line for line in done.stderr.splitlines() if line.startswith("progress: ")]
     assert progress and progress[-1].startswith("progress: 40/40 evaluations (100%), pass rate"), done.stderr
+    forced = evalctl_run(["run", str(tmp_path / "spec.yaml")], {**_env(live), "FORCE_COLOR": "1"})
+    assert forced.returncode == cli.EXIT_OK, forced.stderr  # FORCE_COLOR (CI): still lines, not the redrawn bar
+    uncoloured = re.sub(r"\x1b\[[0-9;]*m", "", forced.stderr)  # the colour FORCE_COLOR asks for
+    progress = [line for line in uncoloured.splitlines() if line.startswith("progress: ")]
+    assert progress and progress[-1].startswith("progress: 40/40 evaluations (100%), pass rate"), forced.stderr
     quiet = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--no-progress")
     assert quiet.returncode == cli.EXIT_OK and "progress: " not in quiet.stderr, quiet.stderr
 
@@ -141,6 +163,9 @@ def test_fail_under_written_as_a_fraction_is_warned_of(live: Live, tmp_path: Pat
     assert done.returncode == cli.EXIT_OK, done.stderr  # 50% reaches 0.9%: a warning, not a refusal
     warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
     assert warnings == ["warning: --fail-under is a percentage: 0.9 means 0.9%; did you mean 90?"], done.stderr
+    printed = io.StringIO()
+    cli._warn_of_a_fraction(Console(file=printed, width=1000), 1.0)  # the spec's check: above 0 and at most 1
+    assert printed.getvalue() == "warning: --fail-under is a percentage: 1 means 1%; did you mean 100?\n"
     whole = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--fail-under", "90")
     assert whole.returncode == cli.EXIT_BELOW and "warning:" not in whole.stderr, whole.stderr
 
@@ -230,6 +255,22 @@ def test_a_watch_that_fails_names_the_run_and_the_resume(
         f"  run {run_id} was not followed to its end: `evalctl watch {run_id} --after-seq 1` follows it again from"
         " the last event shown",
     ]
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED])
+def test_a_refused_key_mid_watch_is_not_offered_a_watch_again(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], code: grpc.StatusCode
+) -> None:
+    """A bad key got "run R was not followed to its end: `evalctl watch R ...` follows it again": the same refusal."""
+
+    def refused(self: cli.EvalClient, run: str, after_seq: int = 0, **kw: object) -> Iterator[pb.WatchRunResponse]:
+        raise EvalError(code, "the key was refused")
+        yield  # a generator, as watch is
+
+    monkeypatch.setattr(cli.EvalClient, "watch", refused)
+    assert cli.main(["--target", "127.0.0.1:1", "watch", "run_a"]) == cli.EXIT_ERROR
+    said = capsys.readouterr().err
+    assert f"evalctl: {code.name}: the key was refused" in said and "not followed to its end" not in said, said
 
 
 # --- versions ----------------------------------------------------------------------------------------------------
@@ -379,3 +420,163 @@ def test_listings_say_one_run_and_no_targets(live: Live, tmp_path: Path) -> None
     assert listed.stderr.startswith("showing the newest 1 run; more exist: --limit 100 shows more"), listed.stderr
     empty = evalctl(live, "targets", "list")
     assert (empty.returncode, empty.stdout, empty.stderr) == (cli.EXIT_OK, "", "no targets\n")
+
+
+# --- a signal during the create ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("stop", "code"), [(cli.Terminated, 128 + 15), (KeyboardInterrupt, 128 + 2)])
+def test_a_signal_during_create_run_says_the_request_id_that_finds_the_run(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    stop: type[KeyboardInterrupt],
+    code: int,
+) -> None:
+    """SIGTERM while CreateRun was under way said `terminated (SIGTERM)` alone: a run perhaps made, nobody told, its
+    request_id (a fresh uuid) said nowhere, and the CI job's retry made another."""
+    (tmp_path / "spec.yaml").write_text(
+        "items: [{input: x, expected_output: x, response: x}]\ntarget: provided\ngraders: [{exact_match: {}}]\n"
+    )
+    sent: list[str] = []
+
+    def interrupted(self: cli.EvalClient, request: pb.runs.CreateRunRequest) -> pb.runs.CreateRunResponse:
+        sent.append(request.request_id)
+        raise stop
+
+    monkeypatch.setattr(cli.EvalClient, "create_run_from", interrupted)
+    spec = str(tmp_path / "spec.yaml")
+    assert cli.main(["--target", "127.0.0.1:1", "run", spec]) == code
+    (request_id,) = sent
+    said = capsys.readouterr().err.splitlines()
+    assert said[-1] == (
+        f"evalctl: {cli._STOPPED[code - 128]} during CreateRun: a run may have been created (request_id {request_id});"
+        f" `evalctl run {spec} --request-id {request_id}` follows that run if it was, and creates it if not"
+        " (`evalctl list --limit 5` lists the newest runs)"
+    ), said
+    assert cli.main(["--target", "127.0.0.1:1", "run", spec, "--request-id", request_id]) == code
+    assert sent[-1] == request_id  # the command said sends the same key
+
+
+def test_sigterm_during_rerun_run_says_the_request_id(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sent: list[str | None] = []
+
+    def interrupted(self: cli.EvalClient, run_id: str, **kw: Any) -> pb.Run:
+        sent.append(kw["request_id"])
+        raise cli.Terminated
+
+    monkeypatch.setattr(cli.EvalClient, "rerun_run", interrupted)
+    assert cli.main(["--target", "127.0.0.1:1", "rerun", "run_a", "--failed"]) == 128 + 15
+    (request_id,) = sent
+    assert request_id
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"evalctl: terminated (SIGTERM) during RerunRun: a run may have been created (request_id {request_id});"
+        f" `evalctl rerun run_a --failed --request-id {request_id}` follows that run if it was, and creates it if"
+        " not (`evalctl list --limit 5` lists the newest runs)"
+    )
+
+
+def test_sigterm_ends_a_watch_whose_reader_has_stalled(live: Live, tmp_path: Path) -> None:
+    """`timeout 600 evalctl watch R --json | slow_consumer` hung until SIGKILL: SIGTERM was held while evalctl wrote
+    an event, the write blocked on the full pipe, and Python retried it after the handler. It ends now, naming the
+    seq of the last event written whole (the one cut short is shown again on resume)."""
+    (tmp_path / "qa.jsonl").write_text(
+        "".join(f'{{"input": "q{i}", "expected_output": "a", "response": "a"}}\n' for i in range(60))
+    )
+    (tmp_path / "spec.yaml").write_text("dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
+    done = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--no-progress")
+    assert done.returncode == cli.EXIT_OK, done.stderr
+    run_id = done.stderr.splitlines()[0].split()[2]
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, 1031, 4096)  # F_SETPIPE_SZ: a page, filled by a few events
+    with open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "evalsvc_client.cli", "watch", run_id, "--json"],
+            env=_env(live),
+            stdout=write_end,
+            stderr=err,
+        )
+    os.close(write_end)
+    try:
+        waiting = 0.0
+        while _unread(read_end) < 4096 - 1024 and waiting < 30:  # the pipe full: evalctl blocks writing
+            time.sleep(0.1)
+            waiting += 0.1
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    written = b""
+    while chunk := os.read(read_end, 65536):
+        written += chunk
+    os.close(read_end)
+    whole = [json.loads(line) for line in written.split(b"\n")[:-1]]  # the last, cut short or empty, left out
+    said = (tmp_path / "err").read_text()
+    assert whole and f"`evalctl watch {run_id} --after-seq {whole[-1]['seq']}` follows it from here" in said, said
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting in a pipe (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def test_a_second_signal_while_one_is_held_stops_at_once() -> None:
+    """A second SIGTERM while one was held only replaced the first: whatever blocked inside went on blocking."""
+    deferred = cli._Deferred()
+    with pytest.raises(cli.Terminated), deferred.held():
+        deferred(signal.SIGINT, None)  # held
+        deferred(signal.SIGTERM, None)  # at once
+        pytest.fail("the second signal was held too")
+    with pytest.raises(KeyboardInterrupt) as stopped, deferred.held():
+        deferred(signal.SIGINT, None)
+    assert not isinstance(stopped.value, cli.Terminated)  # held until the block ended, and raised as itself
+
+
+def test_client_options_read_evalsvc_api_key_as_the_clients_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`EvalClient(options=ClientOptions(target=...))` sent no key where `EvalClient(target)` sent the environment's
+    (clients/README.md said both read it)."""
+    from evalsvc_client._common import ClientOptions
+
+    monkeypatch.setenv("EVALSVC_API_KEY", "evk_env")
+    with cli.EvalClient(options=ClientOptions(target="127.0.0.1:1")) as client:
+        assert client.options.api_key == "evk_env"
+        assert client.options.metadata() == (("authorization", "Bearer evk_env"),)
+    assert ClientOptions(api_key="").metadata() == ()
+    assert ClientOptions(api_key="evk_given").api_key == "evk_given"
+
+
+def test_on_retry_beside_options_is_used_not_dropped() -> None:
+    from evalsvc_client._common import ClientOptions, Retrying, RetryPolicy
+
+    seen: list[Retrying] = []
+    options = ClientOptions(target="127.0.0.1:1", retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01))
+    with cli.EvalClient(options=options, on_retry=seen.append) as client, pytest.raises(EvalError):
+        client.get_run("run_x")
+    assert [r.call for r in seen] == ["GetRun"]
+    with pytest.raises(TypeError, match="on_retry was given both"):
+        cli.EvalClient(options=ClientOptions(on_retry=print), on_retry=seen.append)
+
+
+def test_the_async_client_awaits_an_async_on_retry() -> None:
+    from evalsvc_client._common import Retrying, RetryPolicy
+
+    seen: list[Retrying] = []
+
+    async def told(retrying: Retrying) -> None:
+        await asyncio.sleep(0)
+        seen.append(retrying)
+
+    async def call() -> None:
+        async with AsyncEvalClient(
+            "127.0.0.1:1", retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01), on_retry=told
+        ) as client:
+            with pytest.raises(EvalError):
+                await client.get_run("run_x")
+
+    asyncio.run(call())
+    assert [r.call for r in seen] == ["GetRun"]

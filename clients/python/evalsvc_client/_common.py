@@ -7,7 +7,7 @@ import os
 import random
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -135,7 +135,11 @@ class Retrying:
 
 @dataclass(frozen=True)
 class ClientOptions:
-    """Connection and call settings shared by `EvalClient` and `AsyncEvalClient`."""
+    """Connection and call settings shared by `EvalClient` and `AsyncEvalClient`.
+
+    `api_key` None (the default, here as in the clients' keyword arguments) is the key in EVALSVC_API_KEY when
+    these options are made, as evalctl's --api-key defaults to it: a program that passes no key sends the
+    environment's, to whatever target it calls. `api_key=""` sends none, whatever the environment holds."""
 
     target: str = "127.0.0.1:50051"
     api_key: str | None = None
@@ -145,12 +149,18 @@ class ClientOptions:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     watch: WatchPolicy = field(default_factory=WatchPolicy)
     channel_options: Sequence[tuple[str, Any]] = ()
-    #: Called before each retry's wait (see `Retrying`); None, the default: retries are silent.
-    on_retry: Callable[[Retrying], None] | None = None
+    #: Called before each retry's wait (see `Retrying`); None, the default: retries are silent. It is called in the
+    #: calling thread (the event loop's, for AsyncEvalClient, which awaits what it returns if that is awaitable),
+    #: so it should be quick; an exception it raises ends the call with that exception, retries and all.
+    on_retry: Callable[[Retrying], object] | None = None
 
-    def retrying(self, retrying: Retrying) -> None:
-        if self.on_retry is not None:
-            self.on_retry(retrying)
+    def __post_init__(self) -> None:
+        if self.api_key is None:  # EvalClient(options=ClientOptions(...)) ignored EVALSVC_API_KEY, its kwargs read it
+            object.__setattr__(self, "api_key", api_key_or_environment(None))
+
+    def retrying(self, retrying: Retrying) -> object:
+        """on_retry's answer (None without one): the async client awaits it when awaitable."""
+        return None if self.on_retry is None else self.on_retry(retrying)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
@@ -180,6 +190,20 @@ def api_key_or_environment(api_key: str | None) -> str | None:
     """`api_key`, or when None EVALSVC_API_KEY (`EvalClient("127.0.0.1:50051")` ignored it, where evalctl reads
     it); "" sends no key whatever the environment holds."""
     return (os.environ.get(API_KEY_VARIABLE) or None) if api_key is None else api_key
+
+
+def client_options(
+    options: ClientOptions | None, on_retry: Callable[[Retrying], object] | None, **settings: Any
+) -> ClientOptions:
+    """A client's ClientOptions: `options`, or those made of its keyword `settings`. An `on_retry` given beside
+    `options` is added to them (it was dropped in silence); TypeError when they have another already."""
+    if options is None:
+        return ClientOptions(**settings, on_retry=on_retry)
+    if on_retry is None or on_retry is options.on_retry:
+        return options
+    if options.on_retry is not None:
+        raise TypeError("on_retry was given both as an argument and in options: give it once")
+    return replace(options, on_retry=on_retry)
 
 
 def rpc_name(request: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, Self, TypeVar
@@ -19,7 +20,7 @@ from evalsvc_client._common import (
     TargetLike,
     TLSOptions,
     WatchPolicy,
-    api_key_or_environment,
+    client_options,
     create_run_request,
     create_webhook_request,
     is_terminal,
@@ -74,16 +75,17 @@ class AsyncEvalClient:
         retry: RetryPolicy | None = None,
         watch: WatchPolicy | None = None,
         options: ClientOptions | None = None,
-        on_retry: Callable[[Retrying], None] | None = None,
+        on_retry: Callable[[Retrying], object] | None = None,
     ) -> None:
-        self.options = options or ClientOptions(
+        self.options = client_options(
+            options,
+            on_retry,
             target=target,
-            api_key=api_key_or_environment(api_key),
+            api_key=api_key,  # None: EVALSVC_API_KEY (ClientOptions)
             tls=tls,
             timeout_s=timeout_s,
             retry=retry or RetryPolicy(),
             watch=watch or WatchPolicy(),
-            on_retry=on_retry,
         )
         opts = self.options
         if opts.tls is not None:
@@ -120,7 +122,9 @@ class AsyncEvalClient:
                     raise error from None
                 delay = policy.backoff(attempt, error)
                 log.debug("retrying after %s in %.2fs (attempt %d)", error.code.name, delay, attempt)
-                self.options.retrying(Retrying(rpc_name(request), error, attempt, delay))
+                told = self.options.retrying(Retrying(rpc_name(request), error, attempt, delay))
+                if inspect.isawaitable(told):
+                    await told
                 await asyncio.sleep(delay)
 
     # Runs.
@@ -370,7 +374,9 @@ class AsyncEvalClient:
                 log.info(
                     "watch of %s dropped (%s); resuming after seq %d in %.2fs", run_id, error.code.name, last, delay
                 )
-                self.options.retrying(Retrying("WatchRun", error, failures, delay, run_id, last))
+                told = self.options.retrying(Retrying("WatchRun", error, failures, delay, run_id, last))
+                if inspect.isawaitable(told):
+                    await told
                 await asyncio.sleep(delay)
             finally:
                 call.cancel()

@@ -1,7 +1,8 @@
 """evalctl: run evaluations and read them from a terminal or CI.
 
     evalctl validate spec.yaml                                               check a spec, without a server
-    evalctl run spec.yaml [--fail-under PCT] [--junit FILE] [--jsonl FILE] [--cache replay|...]   create, follow
+    evalctl run spec.yaml [--fail-under PCT] [--junit FILE] [--jsonl FILE] [--cache replay|...] [--request-id ID]
+                  create a run and follow it (a --request-id used before: that run, followed)
     evalctl rerun RUN_ID [--failed|--all] [--detach] [--fail-under PCT] [--junit FILE] [--jsonl FILE]
                   a new run of RUN_ID's errored items (--failed: failed or errored, --all: every item; an
                   item that never ran counts as errored) with its definition, followed and judged as `run`
@@ -36,14 +37,15 @@ Verdict (run, rerun, watch; get with --fail-under): a run passes when its pass r
 --fail-under if given, else the spec's pass_threshold (unset: every graded evaluation must pass), and at most
 the spec's max_error_rate percent of its evaluations errored (unset: none may). Both are percents: validate and run
 warn on stderr, and go on, when either is above 0 and at most 1 (`pass_threshold: 0.9` is 0.9%; 90% is 90), as
-for --fail-under between 0 and 1.
+for a --fail-under above 0 and at most 1.
 Exit codes: 0 passed; 1 did not pass, or (compare --fail-on-regression) a grader REGRESSED or no evaluation was
 paired at all, or (compare --max-unpaired N) more than N evaluations were unpaired; 2 the run ended
 FAILED or CANCELLED; 3 a spec, connection or RPC error, or a command line evalctl does not understand;
 4 (get --fail-under; compare with a gate, of a run still executing: a partial comparison) NO VERDICT: a run
 has not ended, so there is no verdict yet;
 141 (quietly) stdout closed early, as in `evalctl results RUN --format jsonl | head`; 130 Ctrl-C and 143 SIGTERM,
-saying which run goes on and the `evalctl watch RUN --after-seq N` that follows it again.
+saying which run goes on and the `evalctl watch RUN --after-seq N` that follows it again (during the create itself:
+its request_id and the `--request-id` command that follows the run if it was made, and makes it if not).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ import getpass
 import itertools
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -68,7 +71,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from evalsvc_client import pb
-from evalsvc_client._common import Retrying, TLSOptions
+from evalsvc_client._common import Retrying, TLSOptions, new_request_id
 from evalsvc_client.errors import EvalError, target_as_url_hint
 from evalsvc_client.export import listed_explanation, listed_output, to_dict, write_jsonl, write_junit
 from evalsvc_client.report import agreement_line, format_rate, render_html
@@ -104,8 +107,32 @@ class Interrupted(Exception):
         self.signum = signum
 
 
+class CreateInterrupted(Exception):
+    """Ctrl-C (or SIGTERM: `signum`) while CreateRun or RerunRun (`call`) was under way: the server may have made
+    the run, whose id evalctl never learnt. `request_id` finds it again: the same call with it answers with that
+    run (AIP-155), or creates it if the first never arrived. `again` is the command line that does so."""
+
+    def __init__(self, call: str, request_id: str, again: str, signum: int) -> None:
+        super().__init__(call, request_id)
+        self.call = call
+        self.request_id = request_id
+        self.again = again
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _creating(call: str, request_id: str, again: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM during a create as `CreateInterrupted`: it ended evalctl with `terminated (SIGTERM)` alone,
+    a run perhaps made and nobody told, and a CI job retried made another (evalctl's request_id, a fresh uuid,
+    was said nowhere). Not a held signal: the SDK's retries may wait a minute for a rate limit."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        raise CreateInterrupted(call, request_id, again, _stop_signal(exc)) from None
+
+
 class FollowFailed(Exception):
-    """An error that ended a watch evalctl followed (the server lost for good, a refused key): `error`, with the
+    """An error that ended a watch evalctl followed (the server lost for good): `error`, with the
     run and the last event shown, so the message says how to pick the run up again."""
 
     def __init__(self, error: EvalError, run_id: str, last_seq: int) -> None:
@@ -116,7 +143,8 @@ class FollowFailed(Exception):
 
 
 #: Errors of a watch after which watching the same run again cannot help (no such run, a seq beyond its last).
-_NOT_RESUMABLE = frozenset({"NOT_FOUND", "INVALID_ARGUMENT", "OUT_OF_RANGE"})
+#: A refused key (UNAUTHENTICATED, PERMISSION_DENIED) is the same refusal again: its hint (the key) is what to do.
+_NOT_RESUMABLE = frozenset({"NOT_FOUND", "INVALID_ARGUMENT", "OUT_OF_RANGE", "UNAUTHENTICATED", "PERMISSION_DENIED"})
 
 
 _STATES = {
@@ -142,14 +170,18 @@ def pass_rate_percent(counts: pb.RunCounts) -> float | None:
     return 100.0 * counts.passed / graded if graded else None
 
 
-#: Without a terminal, a progress line each time the run crosses another tenth of its evaluations, and one at
-#: most this often (seconds) between them while evaluations complete: a CI log shows the run moving.
+#: Without a terminal, a progress line each time the run crosses another tenth of its evaluations, and between
+#: them, while evaluations complete, one after this many seconds, then after twice as long each time up to
+#: PLAIN_PROGRESS_MAX_S: a CI log shows the run moving, and a long run's log is not one line each 10 s (720 for
+#: two hours; now about 40: ten tenths, five lines in the first five minutes, then one each five).
 PLAIN_PROGRESS_EVERY_S = 10.0
+PLAIN_PROGRESS_MAX_S = 300.0
 
 
 class _Live:
     """The progress display: a rich bar on a terminal; otherwise (`2>&1 | tee log`, CI) whole `progress:` lines,
-    one per tenth of the evaluations completed and at most one per PLAIN_PROGRESS_EVERY_S between them, so a log
+    one per tenth of the evaluations completed and between them one after PLAIN_PROGRESS_EVERY_S, the wait doubling
+    up to PLAIN_PROGRESS_MAX_S, so a log
     is never silent for the length of a run (it was: 13 s of nothing, then the summary) nor flooded.
 
     Its cost is the run's cost_usd, target and judges (the target's alone showed $0.0000 for a run whose spend
@@ -167,6 +199,7 @@ class _Live:
         self._plain_tenth = 0  # the tenths of the evaluations the last line reported
         self._plain_completed = 0
         self._plain_at = time.monotonic()
+        self._plain_every = PLAIN_PROGRESS_EVERY_S
         if enabled:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
@@ -228,8 +261,10 @@ class _Live:
             return
         tenth = completed * 10 // total
         now = time.monotonic()
-        if tenth <= self._plain_tenth and now - self._plain_at < PLAIN_PROGRESS_EVERY_S:
-            return
+        if tenth <= self._plain_tenth:
+            if now - self._plain_at < self._plain_every:
+                return
+            self._plain_every = min(2 * self._plain_every, PLAIN_PROGRESS_MAX_S)
         self._plain_tenth, self._plain_completed, self._plain_at = tenth, completed, now
         self._console.print(
             f"progress: {completed}/{total} evaluations ({100 * completed // total}%),"
@@ -329,19 +364,25 @@ def _deleted(run: pb.Run) -> str:
 
 
 class _Deferred:
-    """Ctrl-C held back while a block runs and raised when it ends (KeyboardInterrupt as usual elsewhere):
-    a watch interrupted between printing an event and counting it as printed told the user to resume
-    before an event they had seen. A handler that defers, rather than a blocked signal: blocked in the
-    main thread, SIGINT went to one of grpc's threads and never woke the main one from its wait."""
+    """Ctrl-C (and SIGTERM) held back while a block runs and raised when it ends (KeyboardInterrupt as usual
+    elsewhere): a watch interrupted between printing an event and counting it as printed told the user to resume
+    before an event they had seen. A handler that defers, rather than a blocked signal: blocked in the main
+    thread, SIGINT went to one of grpc's threads and never woke the main one from its wait.
+
+    Never held across a write that may block (`interruptible`), nor past a second signal: a signal came while
+    `watch --json` wrote to a reader that had stalled, Python retried the write after the handler, and evalctl
+    blocked until SIGKILL (`timeout 600 evalctl watch R --json | slow_consumer`). A write cut so is not counted:
+    the watch resumes before its event, shown again (a line perhaps cut short first), never after it, missed."""
 
     def __init__(self) -> None:
         self._inside = False
         self._pending: int | None = None
 
     def __call__(self, signum: int, frame: Any) -> None:
-        if self._inside:
+        if self._inside and self._pending is None:
             self._pending = signum
-        else:
+        else:  # outside, or a second signal: at once
+            self._pending = None
             raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     @contextlib.contextmanager
@@ -364,6 +405,20 @@ class _Deferred:
             yield
         finally:
             self._inside = False
+        self._raise_pending()
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Inside `held`: a block a signal (one held already, or one that comes) interrupts at once, as a write to a
+        pipe whose reader has stalled must be."""
+        self._inside = False
+        self._raise_pending()
+        try:
+            yield
+        finally:
+            self._inside = True
+
+    def _raise_pending(self) -> None:
         if self._pending is not None:
             signum, self._pending = self._pending, None
             raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
@@ -378,12 +433,14 @@ def _follow(client: EvalClient, run_id: str, after_seq: int, args: argparse.Name
     show_progress = not args.json and not args.no_progress
     deferred = _Deferred()
     try:
-        with deferred.installed(), _Live(console, show_progress and console.is_terminal, show_progress) as live:
+        with deferred.installed(), _Live(console, show_progress and _a_terminal(sys.stderr), show_progress) as live:
             for event in client.watch(run_id, after_seq):
-                with deferred.held():  # an event is shown and counted as shown together, or neither
+                with deferred.held():  # an event is counted as shown once written whole, and then at once
                     if args.json and args.command == "watch":
-                        sys.stdout.write(json.dumps(to_dict(event), sort_keys=True) + "\n")
-                        sys.stdout.flush()
+                        line = json.dumps(to_dict(event), sort_keys=True) + "\n"
+                        with deferred.interruptible():  # the reader may stall: a signal must not wait for it
+                            sys.stdout.write(line)
+                            sys.stdout.flush()
                     shown = event.seq
                 live.update(event)
                 if event.HasField("run"):
@@ -504,8 +561,16 @@ def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> i
     _print_spec_warnings(console, spec)
     if args.cache:
         spec.create_request.cache_mode = cache_mode(args.cache)
+    if args.request_id:
+        spec.create_request.request_id, spec.request_id_given = args.request_id, True
+    request = spec.request()
+    if not request.request_id:  # made here, not by the SDK, so that an interrupted create can say it
+        request.request_id = new_request_id()
     called = time.time()
-    created = client.create_run_from(spec.request())
+    with _creating(
+        "CreateRun", request.request_id, f"evalctl run {shlex.quote(args.spec)} --request-id {request.request_id}"
+    ):
+        created = client.create_run_from(request)
     return _follow_created(client, created.run, args, console, _created_words(spec, created, called))
 
 
@@ -541,13 +606,16 @@ def cmd_rerun(args: argparse.Namespace, client: EvalClient, console: Console) ->
     definition, followed to its end as `run` follows one: the same progress, exports, verdict and exit codes."""
     _check_outputs(args.jsonl, args.junit)
     scope = "all" if args.all else "failed_or_errored" if args.failed else "errored"
+    request_id = args.request_id or new_request_id()
+    flags = {"errored": "", "failed_or_errored": " --failed", "all": " --all"}[scope]
     try:
-        run = client.rerun_run(
-            args.run_id,
-            scope=scope,
-            request_id=args.request_id,
-            cache_mode=cache_mode(args.cache) if args.cache else pb.cache.CACHE_MODE_UNSPECIFIED,
-        )
+        with _creating("RerunRun", request_id, f"evalctl rerun {args.run_id}{flags} --request-id {request_id}"):
+            run = client.rerun_run(
+                args.run_id,
+                scope=scope,
+                request_id=request_id,
+                cache_mode=cache_mode(args.cache) if args.cache else pb.cache.CACHE_MODE_UNSPECIFIED,
+            )
     except EvalError as exc:
         # The server's words name RerunScope values, not evalctl's flags.
         if exc.reason == "NOTHING_TO_RERUN" and scope != "all":
@@ -1320,6 +1388,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="YAML or JSON run spec")
     run.add_argument("--detach", action="store_true", help="create the run and exit without following it")
     run.add_argument(
+        "--request-id",
+        help="idempotency key, over the spec's request_id: the same key gives the same run (one already made is"
+        " followed)",
+    )
+    run.add_argument(
         "--cache", choices=sorted(CACHE_MODES), help="response cache mode, over the spec's cache_mode (docs/targets.md)"
     )
     follow_flags(run)
@@ -1539,7 +1612,7 @@ def _warn_of_a_fraction(console: Console, fail_under: float | None) -> None:
     """A warning for a --fail-under written as other tools write a fraction (0.9 for 90%), as for a spec's
     pass_threshold (RunSpec.warnings): it was taken as 0.9%, a gate nearly every run passes, silently. A
     warning, not a refusal, as there: 0.5% may be meant."""
-    if fail_under is not None and 0 < fail_under < 1:
+    if fail_under is not None and 0 < fail_under <= 1:  # as RunSpec.warnings: `--fail-under 1.0` is 1%
         console.print(
             f"warning: --fail-under is a percentage: {fail_under:g} means {fail_under:g}%;"
             f" did you mean {fail_under * 100:g}?"
@@ -1581,9 +1654,19 @@ def _label(text: str) -> tuple[str, str]:
 def _console(stderr: bool = False) -> Console:
     """A console that wraps only on a terminal: piped or captured output keeps each line whole."""
     console = Console(stderr=stderr, soft_wrap=True, markup=False)
-    if not console.is_terminal:
+    if not _a_terminal(sys.stderr if stderr else sys.stdout):
         console.width = 1000  # tables size to their content, never to an assumed 80 columns
     return console
+
+
+def _a_terminal(stream: Any) -> bool:
+    """Whether `stream` is a terminal, by its file descriptor: rich's Console.is_terminal is true under FORCE_COLOR
+    (set in many CI systems for colour), which gave a CI log the redrawn bar, and lines cut at 80 columns, instead
+    of whole `progress:` lines."""
+    try:
+        return os.isatty(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1611,7 +1694,7 @@ def _main(argv: Sequence[str] | None) -> int:
             client = _client(args, console)
             try:
                 code = args.handler(args, client, console)
-            except (Interrupted, KeyboardInterrupt):
+            except (Interrupted, CreateInterrupted, KeyboardInterrupt):
                 raise  # the channel is left open: see `_interrupted`
             except BaseException:
                 client.close()
@@ -1628,6 +1711,14 @@ def _main(argv: Sequence[str] | None) -> int:
             f"evalctl: {_STOPPED[exc.signum]}; run {exc.run_id} goes on on the server"
             f" (`evalctl watch {exc.run_id} --after-seq {exc.last_seq}` follows it from here,"
             f" `evalctl cancel {exc.run_id}` stops it)",
+            exc.signum,
+        )
+    except CreateInterrupted as exc:
+        return _interrupted(
+            console,
+            f"evalctl: {_STOPPED[exc.signum]} during {exc.call}: a run may have been created (request_id"
+            f" {exc.request_id}); `{exc.again}` follows that run if it was, and creates it if not"
+            " (`evalctl list --limit 5` lists the newest runs)",
             exc.signum,
         )
     except KeyboardInterrupt as exc:

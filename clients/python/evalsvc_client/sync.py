@@ -19,7 +19,7 @@ from evalsvc_client._common import (
     TargetLike,
     TLSOptions,
     WatchPolicy,
-    api_key_or_environment,
+    client_options,
     create_run_request,
     create_webhook_request,
     is_terminal,
@@ -74,16 +74,17 @@ class EvalClient:
         retry: RetryPolicy | None = None,
         watch: WatchPolicy | None = None,
         options: ClientOptions | None = None,
-        on_retry: Callable[[Retrying], None] | None = None,
+        on_retry: Callable[[Retrying], object] | None = None,
     ) -> None:
-        self.options = options or ClientOptions(
+        self.options = client_options(
+            options,
+            on_retry,
             target=target,
-            api_key=api_key_or_environment(api_key),
+            api_key=api_key,  # None: EVALSVC_API_KEY (ClientOptions)
             tls=tls,
             timeout_s=timeout_s,
             retry=retry or RetryPolicy(),
             watch=watch or WatchPolicy(),
-            on_retry=on_retry,
         )
         opts = self.options
         if opts.tls is not None:
