@@ -254,26 +254,49 @@ async def test_rest_deletes_answer_in_the_apis_error_shape(tmp_path: Path) -> No
             assert (await http.get(path)).status_code == 404
 
 
+async def _delete_and_one_chunk(client: Client, dataset_id: str, budget: int) -> None:
+    """DeleteDataset's first transaction and the first chunk of its purge, as the call makes them."""
+    import functools
+
+    from evalsvc.store import datasets as dataset_store
+    from evalsvc.store import retention
+
+    db = client.server.server.db
+    assert await db.transact(lambda conn: dataset_store.remove(conn, DEFAULT_TENANT, dataset_id))
+    await db.transact(
+        functools.partial(
+            retention.definition_purge_step, budget=budget, owner=(dataset_store.DATASET_PARTS, dataset_id)
+        ),
+        alone=True,
+    )
+
+
 @pytest.mark.parametrize("subset", [False, True])
+@pytest.mark.parametrize("chunked", [False, True])
 async def test_a_run_of_a_dataset_deleted_while_it_is_read_is_not_found(
-    client: Client, monkeypatch: pytest.MonkeyPatch, subset: bool
+    client: Client, monkeypatch: pytest.MonkeyPatch, subset: bool, chunked: bool
 ) -> None:
     """CreateRun reads the dataset's row, then its items. A DeleteDataset that committed between the two
     (on PostgreSQL, another replica's) left it looking empty: INVALID_ARGUMENT "the dataset has no
-    items" or "no item 'i1' in dataset", as if the caller had named items wrongly. It is NOT_FOUND."""
+    items" or "no item 'i1' in dataset", as if the caller had named items wrongly. It is NOT_FOUND. And
+    with a chunk of its purge done too, the items left were a subset of the deleted dataset's, and a run
+    was created of them: NOT_FOUND too."""
     from evalsvc.store import datasets as dataset_store
 
-    dataset_id = await client.dataset(items=2)
+    dataset_id = await client.dataset(items=5)
     real = dataset_store.all_items
 
     async def deleted_meanwhile(conn: Any, wanted: str) -> Any:
-        await client.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=wanted))
+        if chunked:
+            await _delete_and_one_chunk(client, wanted, budget=2)
+        else:
+            await client.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=wanted))
         return await real(conn, wanted)
 
     monkeypatch.setattr(dataset_store, "all_items", deleted_meanwhile)
     request = pb.CreateRunRequest(dataset_id=dataset_id, target=target_pb2.Target(echo={}), graders=[exact()])
     if subset:
-        request.item_ids.append("i1")
+        request.item_ids.append("i3")
     assert await _refused(client.runs.CreateRun(request)) == "DATASET_NOT_FOUND"
     assert (await client.runs.ListRuns(pb.ListRunsRequest())).runs == []
 
