@@ -3,9 +3,9 @@
 A tenant holds at most --max-datasets-per-tenant datasets and a dataset at most
 --max-items-per-dataset items (evalsvc.limits.StoredCaps); its descriptive fields and its items count
 towards --max-stored-bytes-per-tenant (evalsvc.store.usage). Deleting a dataset removes its items and
-its generation and gives their bytes back (the dataset at once, its items in chunks:
-evalsvc.store.retention); runs made from it keep the copies of the items they took
-(run_items) and their results, and keep its id (ListRuns finds them by it). Dataset ids are the
+its generation and gives their bytes back (the dataset at once, its items in chunks, in the purge loop's
+passes shortly after the call answers: evalsvc.store.retention); runs made from it keep the copies of
+the items they took (run_items) and their results, and keep its id (ListRuns finds them by it). Dataset ids are the
 server's, never reused, so nothing kept under a deleted dataset's id (its run counter, which numbers its
 runs on) can reach another dataset.
 """
@@ -16,7 +16,7 @@ import builtins
 import copy
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -37,7 +37,7 @@ from evalsvc.messages.validation import (
     check_length,
 )
 from evalsvc.store import datasets as dataset_store
-from evalsvc.store import retention, usage
+from evalsvc.store import usage
 from evalsvc.store.db import Database
 from evalsvc.store.records import DatasetAppendRecord, DatasetGenerationRecord, DatasetRecord
 from evalsvc.turns import mapped
@@ -130,8 +130,17 @@ async def _appended(conn: AsyncConnection, tenant: str, first: DatasetAppendReco
 class DatasetService:
     """Datasets of one database, for any tenant the caller names."""
 
-    def __init__(self, db: Database, page_tokens: PageTokens, caps: StoredCaps, limits: TenantLimits) -> None:
+    def __init__(
+        self,
+        db: Database,
+        page_tokens: PageTokens,
+        caps: StoredCaps,
+        limits: TenantLimits,
+        *,
+        on_deleted: Callable[[], None] = lambda: None,
+    ) -> None:
         self._db = db
+        self._on_deleted = on_deleted  # wakes the purge loop (evalsvc.runs.retention.RunPurger.wake)
         self._limits = limits  # its page reads' line (`in_page_line`)
         self._page_tokens = page_tokens
         self._caps = caps
@@ -311,8 +320,11 @@ class DatasetService:
         (the module docstring says what becomes of its runs)."""
         if not await self._db.transact(lambda conn: dataset_store.remove(conn, tenant, dataset_id)):
             raise not_found("dataset", dataset_id)
-        # NOT_FOUND from that commit on; its items go a chunk per transaction, other writes between them.
-        await retention.purge_definition(self._db, dataset_store.DATASET_PARTS, dataset_id)
+        # NOT_FOUND from that commit on, and the call answers: its items go in the purge loop's passes, a
+        # chunk per transaction, other writes between them. Deleting them before answering took past the
+        # client's deadline for a large dataset (~700 MB in 10 s), and its retry said NOT_FOUND for a
+        # delete that was done; a chunk that failed had the call fail after the dataset was gone.
+        self._on_deleted()
 
     @in_page_line
     async def list_items(

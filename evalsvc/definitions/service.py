@@ -12,7 +12,7 @@ counts alone allowed about 256 GiB of grader versions a tenant. Ids are the serv
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -27,7 +27,6 @@ from evalsvc.messages.convert import timestamp
 from evalsvc.messages.validation import MAX_DESCRIPTION, MAX_DISPLAY_NAME, MAX_REQUEST_ID, check_labels, check_length
 from evalsvc.secrets.service import SecretService
 from evalsvc.store import definitions as store
-from evalsvc.store import retention
 from evalsvc.store.db import Database
 from evalsvc.store.records import GraderVersionRecord, SavedGraderRecord, SavedTargetRecord
 from evalsvc.targets import target_secret_refs, validate_target
@@ -89,8 +88,11 @@ class DefinitionService:
         page_tokens: PageTokens,
         caps: StoredCaps,
         limits: TenantLimits,
+        *,
+        on_deleted: Callable[[], None] = lambda: None,
     ) -> None:
         self._db = db
+        self._on_deleted = on_deleted  # wakes the purge loop (evalsvc.runs.retention.RunPurger.wake)
         self._limits = limits  # its page reads' line (`in_page_line`)
         self._caps = caps
         self._secrets = secrets
@@ -222,8 +224,9 @@ class DefinitionService:
         """Delete a saved grader and its versions; NOT_FOUND when missing or another tenant's."""
         if not await self._db.transact(lambda conn: store.remove_grader(conn, tenant, grader_id)):
             raise not_found("grader", grader_id)
-        # NOT_FOUND from that commit on; its versions go a chunk per transaction, other writes between them.
-        await retention.purge_definition(self._db, store.GRADER_PARTS, grader_id)
+        # NOT_FOUND from that commit on, and the call answers: its versions go in the purge loop's passes,
+        # a chunk per transaction, other writes between them (see DatasetService.delete).
+        self._on_deleted()
 
     async def create_target(
         self, tenant: str, request: target_service_pb2.CreateTargetRequest
