@@ -419,3 +419,22 @@ async def test_a_purge_that_fails_is_logged_not_answered_and_the_others_still_go
     monkeypatch.setattr(retention, "_delete_parts", real)
     await client.purged()
     assert await client.rows(DATASET_ITEMS, dataset_id=broken) == 0
+
+
+async def test_the_items_of_a_dataset_deleted_while_they_are_read_are_not_found(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ListDatasetItems reads the dataset's row, then its items' sizes, then the items. A DeleteDataset and a
+    chunk of its purge between them answered the items the chunk left as the whole dataset's last page
+    (no token): NOT_FOUND, as the next call would say."""
+    from evalsvc.store import datasets as dataset_store
+
+    dataset_id = await client.dataset(items=5)
+    real = dataset_store.item_sizes
+
+    async def deleted_meanwhile(conn: Any, wanted: str, **kw: Any) -> Any:
+        await _delete_and_one_chunk(client, wanted, budget=2)
+        return await real(conn, wanted, **kw)
+
+    monkeypatch.setattr(dataset_store, "item_sizes", deleted_meanwhile)
+    assert await _refused(client.datasets.ListDatasetItems(ds.ListDatasetItemsRequest(dataset_id=dataset_id)))

@@ -347,6 +347,11 @@ class DatasetService:
             sizes = await dataset_store.item_sizes(conn, request.dataset_id, after_idx=after_idx, limit=limit + 1)
             fitting = self._page_tokens.fitting_sizes(size for _, size in sizes[:limit])
             rows = await dataset_store.items_page(conn, request.dataset_id, after_idx=after_idx, limit=fitting)
+            # Still there after its items were read: no chunk of a DeleteDataset's purge ran before them (the
+            # row goes in the transaction before the first chunk). Gone, what was read may be the tail the
+            # chunks left, answered as the dataset's last page.
+            if await dataset_store.get(conn, tenant, request.dataset_id) is None:
+                raise not_found("dataset", request.dataset_id)
         if len(rows) < fitting:
             # Items are only ever appended, and deleted with their dataset: the dataset was deleted between
             # the reads. It answered an empty last page (no token), so a client took the items it had
