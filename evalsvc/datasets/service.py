@@ -220,13 +220,22 @@ class DatasetService:
         before_id = self._page_tokens.decode(tenant, "datasets", {}, request.page_token)
         async with self._db.read() as conn:
             sizes = await dataset_store.list_sizes(conn, tenant, before_id=before_id, limit=limit + 1)
-            fitting = self._page_tokens.fitting_sizes(sizes[:limit])
-            rows = await dataset_store.list_page(conn, tenant, before_id=before_id, limit=fitting)
+            fitting = self._page_tokens.fitting_sizes(size for _, size in sizes[:limit])
+            chosen = [dataset_id for dataset_id, _ in sizes[:fitting]]
+            # By id: read again by position, a dataset created between the reads took the first place and
+            # pushed the last chosen one off a last page (no token): a dataset silently missing.
+            rows = await dataset_store.list_page(conn, tenant, ids=chosen) if chosen else []
             generations = await dataset_store.generations_of(conn, [row.id for row in rows])
         datasets = [dataset_from(row, generations.get(row.id)) for row in rows]
-        # None read (all deleted between the two reads): a page with nothing to place a token after.
-        read = len(sizes) if rows else 0
-        return self._page_tokens.page(tenant, "datasets", {}, datasets, read, lambda i: datasets[i].id)
+        return self._page_tokens.chosen_page(
+            tenant,
+            "datasets",
+            {},
+            datasets,
+            lambda i: datasets[i].id,
+            last_chosen=chosen[-1] if chosen else None,
+            more=len(sizes) > fitting,
+        )
 
     async def add_items(self, tenant: str, request: pb.AddDatasetItemsRequest) -> tuple[builtins.list[str], pb.Dataset]:
         """Append items; their ids must be new to the dataset. With a request_id, once (AIP-155): a retry
