@@ -649,3 +649,33 @@ def _creating_after(
 
     monkeypatch.setattr(module, name, created_meanwhile)
     return created
+
+
+async def test_a_page_whose_chosen_rows_were_all_deleted_before_they_were_read_still_leads_on(
+    server: EvalServer, datasets: dataset_service_pb2_grpc.DatasetServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page whose rows chosen by size were all deleted before its row read answered nothing and no token,
+    as if the list had ended: the datasets after them were never listed. The token goes after the last
+    chosen row."""
+    annotations = {f"k{n}": "v" * 8000 for n in range(8)}  # ~64 KB: one a page
+    made = [
+        (await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset(annotations=annotations)))).dataset.id
+        for _ in range(3)
+    ]
+    server.page_tokens.page_bytes = 70_000
+
+    async def delete_newest() -> None:
+        await datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=made[-1]))
+
+    with monkeypatch.context() as patched:
+        _deleting_first(patched, dataset_store, "list_page", delete_newest)
+        first = await datasets.ListDatasets(ds.ListDatasetsRequest(page_size=10))
+    assert list(first.datasets) == [] and first.next_page_token
+    listed: list[str] = []
+    token = first.next_page_token
+    for _ in range(MAX_PAGES):
+        page = await datasets.ListDatasets(ds.ListDatasetsRequest(page_size=10, page_token=token))
+        listed += [d.id for d in page.datasets]
+        if not (token := page.next_page_token):
+            break
+    assert listed == made[-2::-1]
