@@ -190,8 +190,9 @@ class EvalServer:
             else EventListener(settings.db, self.bus, self.db, self.metrics, on_run_ended=self.executor.run_ended)
         )
         self.limits = TenantLimits(settings)
+        self.purger = RunPurger(self.db, settings.deleted_run_retention_s, self.metrics, on_expired=self.bus.end_runs)
         self.definitions = DefinitionService(
-            self.db, self.secrets, self.outbound.allow, self.page_tokens, caps, self.limits
+            self.db, self.secrets, self.outbound.allow, self.page_tokens, caps, self.limits, on_deleted=self.purger.wake
         )
         self.runs = RunService(
             self.db,
@@ -211,7 +212,7 @@ class EvalServer:
             # A run's target and graders together: every Run returned (and every run event) repeats them.
             max_definition_bytes=settings.max_message_bytes // 4,
         )
-        self.datasets = DatasetService(self.db, self.page_tokens, caps, self.limits)
+        self.datasets = DatasetService(self.db, self.page_tokens, caps, self.limits, on_deleted=self.purger.wake)
         self.generations = DatasetGenerations(
             self.db,
             self.outbound,
@@ -223,7 +224,6 @@ class EvalServer:
         )
         self.webhooks = WebhookService(self.db, self.outbound.allow, self.page_tokens, caps.webhooks)
         self.webhook_sender = WebhookSender(self.db, settings, self.outbound.allow, self.metrics)
-        self.purger = RunPurger(self.db, settings.deleted_run_retention_s, self.metrics, on_expired=self.bus.end_runs)
         self.keys = KeyService(self.db, cache_s=settings.auth_cache_s)
         self.revoker = StreamRevoker(self.keys, self.bus, settings.auth_cache_s)
         self.bootstrap_key: str | None = None

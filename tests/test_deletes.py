@@ -65,6 +65,11 @@ class Client:
     async def target(self, target: target_pb2.Target) -> str:
         return (await self.targets.CreateTarget(ts.CreateTargetRequest(target=ts.SavedTarget(target=target)))).target.id
 
+    async def purged(self) -> None:
+        """Once a pass of the purge loop that started after this call has ended: the items (versions) of
+        the datasets (graders) deleted before it are gone, their bytes given back."""
+        await asyncio.wait_for(self.server.server.purger.next_pass(), 20)
+
     async def rows(self, table: Any, **where: str) -> int:
         """Rows of a table left in the database, however the API shows them."""
         async with self.server.server.db.read() as conn:
@@ -254,26 +259,49 @@ async def test_rest_deletes_answer_in_the_apis_error_shape(tmp_path: Path) -> No
             assert (await http.get(path)).status_code == 404
 
 
+async def _delete_and_one_chunk(client: Client, dataset_id: str, budget: int) -> None:
+    """DeleteDataset's first transaction and the first chunk of its purge, as the call makes them."""
+    import functools
+
+    from evalsvc.store import datasets as dataset_store
+    from evalsvc.store import retention
+
+    db = client.server.server.db
+    assert await db.transact(lambda conn: dataset_store.remove(conn, DEFAULT_TENANT, dataset_id))
+    await db.transact(
+        functools.partial(
+            retention.definition_purge_step, budget=budget, owner=(dataset_store.DATASET_PARTS, dataset_id)
+        ),
+        alone=True,
+    )
+
+
 @pytest.mark.parametrize("subset", [False, True])
+@pytest.mark.parametrize("chunked", [False, True])
 async def test_a_run_of_a_dataset_deleted_while_it_is_read_is_not_found(
-    client: Client, monkeypatch: pytest.MonkeyPatch, subset: bool
+    client: Client, monkeypatch: pytest.MonkeyPatch, subset: bool, chunked: bool
 ) -> None:
     """CreateRun reads the dataset's row, then its items. A DeleteDataset that committed between the two
     (on PostgreSQL, another replica's) left it looking empty: INVALID_ARGUMENT "the dataset has no
-    items" or "no item 'i1' in dataset", as if the caller had named items wrongly. It is NOT_FOUND."""
+    items" or "no item 'i1' in dataset", as if the caller had named items wrongly. It is NOT_FOUND. And
+    with a chunk of its purge done too, the items left were a subset of the deleted dataset's, and a run
+    was created of them: NOT_FOUND too."""
     from evalsvc.store import datasets as dataset_store
 
-    dataset_id = await client.dataset(items=2)
+    dataset_id = await client.dataset(items=5)
     real = dataset_store.all_items
 
     async def deleted_meanwhile(conn: Any, wanted: str) -> Any:
-        await client.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=wanted))
+        if chunked:
+            await _delete_and_one_chunk(client, wanted, budget=2)
+        else:
+            await client.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=wanted))
         return await real(conn, wanted)
 
     monkeypatch.setattr(dataset_store, "all_items", deleted_meanwhile)
     request = pb.CreateRunRequest(dataset_id=dataset_id, target=target_pb2.Target(echo={}), graders=[exact()])
     if subset:
-        request.item_ids.append("i1")
+        request.item_ids.append("i3")
     assert await _refused(client.runs.CreateRun(request)) == "DATASET_NOT_FOUND"
     assert (await client.runs.ListRuns(pb.ListRunsRequest())).runs == []
 
@@ -306,12 +334,14 @@ async def test_a_dataset_is_deleted_a_chunk_per_transaction_not_found_from_the_f
                 between.set()
                 await asyncio.wait_for(resume.wait(), 20)
             step = await transact(work, alone=alone)
-            chunks.append(step.rows)
+            if step is not None:  # None: the pass found nothing more to purge
+                chunks.append(step.rows)
             return step
         return await transact(work, alone=alone)
 
     monkeypatch.setattr(db, "transact", held_after_the_first_chunk)
-    deleting = asyncio.ensure_future(client.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=dataset_id)))
+    # The call answers once the dataset is gone; its items go in the purge loop's pass it wakes.
+    await asyncio.wait_for(client.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=dataset_id)), 20)
     try:
         await asyncio.wait_for(between.wait(), 20)
         assert await _refused(client.datasets.GetDataset(ds.GetDatasetRequest(dataset_id=dataset_id)))
@@ -325,9 +355,86 @@ async def test_a_dataset_is_deleted_a_chunk_per_transaction_not_found_from_the_f
         assert await client.rows(DATASET_ITEMS, dataset_id=dataset_id) == 90
     finally:
         resume.set()
-    await asyncio.wait_for(deleting, 20)
+    await client.purged()
     assert chunks[:10] == [10] * 10 and sum(chunks) == 100
     assert await client.rows(DATASET_ITEMS, dataset_id=dataset_id) == 0
     assert await client.rows(DATASET_ITEMS, dataset_id=other) == 1
     await client.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=other))
+    await client.purged()
     assert await stored() == before
+
+
+async def test_a_delete_answers_before_its_chunks_a_slow_purge_past_the_clients_deadline(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DeleteDataset deleted every chunk before it answered: a large dataset's took past the Python
+    client's per-attempt deadline, the client retried, and the retry said NOT_FOUND for a delete that
+    was done. It answers once the dataset is gone; the chunks follow in the purge loop."""
+    from evalsvc_client.aio import AsyncEvalClient
+
+    from evalsvc.store import retention
+
+    dataset_id = await client.dataset(items=50)
+    monkeypatch.setattr(retention, "CHUNK_ROWS", 5)
+    real = retention.definition_purge_step
+
+    async def slow(conn: Any, **kw: Any) -> Any:
+        await asyncio.sleep(0.1)  # a chunk of a large dataset
+        return await real(conn, **kw)
+
+    monkeypatch.setattr(retention, "definition_purge_step", slow)
+    srv = client.server
+    async with AsyncEvalClient(srv.grpc_target, api_key=srv.api_key, timeout_s=0.5) as c:
+        await c.delete_dataset(dataset_id)
+    await client.purged()
+    assert await client.rows(DATASET_ITEMS, dataset_id=dataset_id) == 0
+
+
+async def test_a_purge_that_fails_is_logged_not_answered_and_the_others_still_go(
+    client: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chunk that failed had DeleteDataset fail after the dataset was gone; and a deleted definition
+    whose purge kept failing held up every one deleted after it. The call answers; the purge loop logs one
+    WARNING for it and goes on with the others."""
+    from evalsvc.store import retention
+
+    broken, fine = await client.dataset(items=3), await client.dataset(items=3)
+    real = retention._delete_parts
+
+    async def failing(conn: Any, kind: str, owner_id: str, *args: Any) -> Any:
+        if owner_id == broken:
+            raise KeyError(kind)
+        return await real(conn, kind, owner_id, *args)
+
+    monkeypatch.setattr(retention, "_delete_parts", failing)
+    with caplog.at_level(logging.WARNING, logger="evalsvc.runs.retention"):
+        await client.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=broken))
+        await client.datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=fine))
+        await client.purged()
+        await client.purged()
+    assert await client.rows(DATASET_ITEMS, dataset_id=fine) == 0
+    assert await client.rows(DATASET_ITEMS, dataset_id=broken) == 3
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and broken in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+    monkeypatch.setattr(retention, "_delete_parts", real)
+    await client.purged()
+    assert await client.rows(DATASET_ITEMS, dataset_id=broken) == 0
+
+
+async def test_the_items_of_a_dataset_deleted_while_they_are_read_are_not_found(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ListDatasetItems reads the dataset's row, then its items' sizes, then the items. A DeleteDataset and a
+    chunk of its purge between them answered the items the chunk left as the whole dataset's last page
+    (no token): NOT_FOUND, as the next call would say."""
+    from evalsvc.store import datasets as dataset_store
+
+    dataset_id = await client.dataset(items=5)
+    real = dataset_store.item_sizes
+
+    async def deleted_meanwhile(conn: Any, wanted: str, **kw: Any) -> Any:
+        await _delete_and_one_chunk(client, wanted, budget=2)
+        return await real(conn, wanted, **kw)
+
+    monkeypatch.setattr(dataset_store, "item_sizes", deleted_meanwhile)
+    assert await _refused(client.datasets.ListDatasetItems(ds.ListDatasetItemsRequest(dataset_id=dataset_id)))

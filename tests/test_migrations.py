@@ -384,3 +384,42 @@ async def test_an_operator_command_does_not_migrate_a_sqlite_file_under_a_runnin
         ServeLock(path).acquire()
     finally:
         await db.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_revision_0026_refuses_to_downgrade_while_deleted_definitions_have_parts_left(
+    kind: str, tmp_path: Path
+) -> None:
+    """Downgraded below 0026, a deleted dataset's items waiting for their purge were orphaned for good, their
+    bytes still counted to the tenant: refused while `definition_purges` has rows, done once it is empty."""
+    url = _empty_database(kind, tmp_path)
+    db = Database(url)
+
+    def downgrade(connection: Connection) -> None:
+        config = migrate.alembic_config()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0025")
+
+    try:
+        await migrate.upgrade(db)
+        async with db.write() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO definition_purges (kind, owner_id, tenant, purge_time)"
+                    " VALUES ('dataset', 'ds_1', 't', 0)"
+                )
+            )
+        with pytest.raises(RuntimeError, match="definition_purges"):
+            async with db.write() as conn:
+                await conn.run_sync(downgrade)
+        async with db.read() as conn:
+            assert "definition_purges" in await conn.run_sync(_tables)
+            assert (await conn.execute(text("SELECT count(*) FROM definition_purges"))).scalar_one() == 1
+        async with db.write() as conn:
+            await conn.execute(text("DELETE FROM definition_purges"))
+        async with db.write() as conn:
+            await conn.run_sync(downgrade)
+        async with db.read() as conn:
+            assert "definition_purges" not in await conn.run_sync(_tables)
+    finally:
+        await db.close()

@@ -577,3 +577,105 @@ async def test_a_page_of_datasets_graders_or_targets_reads_only_the_rows_it_retu
             if not (token := page.next_page_token):
                 break
         assert listed == made[kind][::-1], kind
+
+
+async def test_a_row_created_between_a_pages_size_read_and_its_row_read_pushes_none_off_it(
+    server: EvalServer,
+    channel: grpc.aio.Channel,
+    datasets: dataset_service_pb2_grpc.DatasetServiceStub,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ListDatasets (ListGraders, ListTargets) read the sizes of its rows, then its first `fitting` rows
+    again newest first: a row created between the two took the first place and pushed the oldest off a
+    last page, with no token (the client never saw it). The rows chosen by size are read by their ids."""
+    graders = grader_service_pb2_grpc.GraderServiceStub(channel)
+    targets = target_service_pb2_grpc.TargetServiceStub(channel)
+
+    async def dataset() -> str:
+        return (await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))).dataset.id
+
+    async def grader() -> str:
+        return (await graders.CreateGrader(gs.CreateGraderRequest(grader=gs.SavedGrader(grader=exact())))).grader.id
+
+    async def target() -> str:
+        saved = ts.SavedTarget(target=target_pb2.Target(echo=target_pb2.EchoTarget()))
+        return (await targets.CreateTarget(ts.CreateTargetRequest(target=saved))).target.id
+
+    cases: list[tuple[Any, str, Callable[[], Awaitable[str]], Callable[[], Awaitable[Any]], str]] = [
+        (
+            dataset_store,
+            "list_sizes",
+            dataset,
+            lambda: datasets.ListDatasets(ds.ListDatasetsRequest(page_size=10)),
+            "datasets",
+        ),
+        (
+            definition_store,
+            "grader_sizes",
+            grader,
+            lambda: graders.ListGraders(gs.ListGradersRequest(page_size=10)),
+            "graders",
+        ),
+        (
+            definition_store,
+            "target_sizes",
+            target,
+            lambda: targets.ListTargets(ts.ListTargetsRequest(page_size=10)),
+            "targets",
+        ),
+    ]
+    for module, name, create, list_page, kind in cases:
+        made = [await create() for _ in range(3)]
+        with monkeypatch.context() as patched:
+            created = _creating_after(patched, module, name, create)
+            page = await list_page()
+        listed = [each.id for each in getattr(page, kind)]
+        assert listed == made[::-1] and not page.next_page_token, (kind, made, created, listed)
+
+
+def _creating_after(
+    monkeypatch: pytest.MonkeyPatch, module: Any, name: str, create: Callable[[], Awaitable[str]]
+) -> list[str]:
+    """Make the store function `name` of `module` create a row after it reads, once: what another call may
+    do between a page's size read and its row read. The id created, once it is."""
+    original = getattr(module, name)
+    created: list[str] = []
+
+    async def created_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        sizes = await original(*args, **kwargs)
+        if not created:
+            created.append(await create())
+        return sizes
+
+    monkeypatch.setattr(module, name, created_meanwhile)
+    return created
+
+
+async def test_a_page_whose_chosen_rows_were_all_deleted_before_they_were_read_still_leads_on(
+    server: EvalServer, datasets: dataset_service_pb2_grpc.DatasetServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page whose rows chosen by size were all deleted before its row read answered nothing and no token,
+    as if the list had ended: the datasets after them were never listed. The token goes after the last
+    chosen row."""
+    annotations = {f"k{n}": "v" * 8000 for n in range(8)}  # ~64 KB: one a page
+    made = [
+        (await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset(annotations=annotations)))).dataset.id
+        for _ in range(3)
+    ]
+    server.page_tokens.page_bytes = 70_000
+
+    async def delete_newest() -> None:
+        await datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=made[-1]))
+
+    with monkeypatch.context() as patched:
+        _deleting_first(patched, dataset_store, "list_page", delete_newest)
+        first = await datasets.ListDatasets(ds.ListDatasetsRequest(page_size=10))
+    assert list(first.datasets) == [] and first.next_page_token
+    listed: list[str] = []
+    token = first.next_page_token
+    for _ in range(MAX_PAGES):
+        page = await datasets.ListDatasets(ds.ListDatasetsRequest(page_size=10, page_token=token))
+        listed += [d.id for d in page.datasets]
+        if not (token := page.next_page_token):
+            break
+    assert listed == made[-2::-1]

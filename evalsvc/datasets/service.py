@@ -3,9 +3,9 @@
 A tenant holds at most --max-datasets-per-tenant datasets and a dataset at most
 --max-items-per-dataset items (evalsvc.limits.StoredCaps); its descriptive fields and its items count
 towards --max-stored-bytes-per-tenant (evalsvc.store.usage). Deleting a dataset removes its items and
-its generation and gives their bytes back (the dataset at once, its items in chunks:
-evalsvc.store.retention); runs made from it keep the copies of the items they took
-(run_items) and their results, and keep its id (ListRuns finds them by it). Dataset ids are the
+its generation and gives their bytes back (the dataset at once, its items in chunks, in the purge loop's
+passes shortly after the call answers: evalsvc.store.retention); runs made from it keep the copies of
+the items they took (run_items) and their results, and keep its id (ListRuns finds them by it). Dataset ids are the
 server's, never reused, so nothing kept under a deleted dataset's id (its run counter, which numbers its
 runs on) can reach another dataset.
 """
@@ -16,7 +16,7 @@ import builtins
 import copy
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -37,7 +37,7 @@ from evalsvc.messages.validation import (
     check_length,
 )
 from evalsvc.store import datasets as dataset_store
-from evalsvc.store import retention, usage
+from evalsvc.store import usage
 from evalsvc.store.db import Database
 from evalsvc.store.records import DatasetAppendRecord, DatasetGenerationRecord, DatasetRecord
 from evalsvc.turns import mapped
@@ -130,8 +130,17 @@ async def _appended(conn: AsyncConnection, tenant: str, first: DatasetAppendReco
 class DatasetService:
     """Datasets of one database, for any tenant the caller names."""
 
-    def __init__(self, db: Database, page_tokens: PageTokens, caps: StoredCaps, limits: TenantLimits) -> None:
+    def __init__(
+        self,
+        db: Database,
+        page_tokens: PageTokens,
+        caps: StoredCaps,
+        limits: TenantLimits,
+        *,
+        on_deleted: Callable[[], None] = lambda: None,
+    ) -> None:
         self._db = db
+        self._on_deleted = on_deleted  # wakes the purge loop (evalsvc.runs.retention.RunPurger.wake)
         self._limits = limits  # its page reads' line (`in_page_line`)
         self._page_tokens = page_tokens
         self._caps = caps
@@ -211,13 +220,22 @@ class DatasetService:
         before_id = self._page_tokens.decode(tenant, "datasets", {}, request.page_token)
         async with self._db.read() as conn:
             sizes = await dataset_store.list_sizes(conn, tenant, before_id=before_id, limit=limit + 1)
-            fitting = self._page_tokens.fitting_sizes(sizes[:limit])
-            rows = await dataset_store.list_page(conn, tenant, before_id=before_id, limit=fitting)
+            fitting = self._page_tokens.fitting_sizes(size for _, size in sizes[:limit])
+            chosen = [dataset_id for dataset_id, _ in sizes[:fitting]]
+            # By id: read again by position, a dataset created between the reads took the first place and
+            # pushed the last chosen one off a last page (no token): a dataset silently missing.
+            rows = await dataset_store.list_page(conn, tenant, ids=chosen) if chosen else []
             generations = await dataset_store.generations_of(conn, [row.id for row in rows])
         datasets = [dataset_from(row, generations.get(row.id)) for row in rows]
-        # None read (all deleted between the two reads): a page with nothing to place a token after.
-        read = len(sizes) if rows else 0
-        return self._page_tokens.page(tenant, "datasets", {}, datasets, read, lambda i: datasets[i].id)
+        return self._page_tokens.chosen_page(
+            tenant,
+            "datasets",
+            {},
+            datasets,
+            lambda i: datasets[i].id,
+            last_chosen=chosen[-1] if chosen else None,
+            more=len(sizes) > fitting,
+        )
 
     async def add_items(self, tenant: str, request: pb.AddDatasetItemsRequest) -> tuple[builtins.list[str], pb.Dataset]:
         """Append items; their ids must be new to the dataset. With a request_id, once (AIP-155): a retry
@@ -311,8 +329,11 @@ class DatasetService:
         (the module docstring says what becomes of its runs)."""
         if not await self._db.transact(lambda conn: dataset_store.remove(conn, tenant, dataset_id)):
             raise not_found("dataset", dataset_id)
-        # NOT_FOUND from that commit on; its items go a chunk per transaction, other writes between them.
-        await retention.purge_definition(self._db, dataset_store.DATASET_PARTS, dataset_id)
+        # NOT_FOUND from that commit on, and the call answers: its items go in the purge loop's passes, a
+        # chunk per transaction, other writes between them. Deleting them before answering took past the
+        # client's deadline for a large dataset (~700 MB in 10 s), and its retry said NOT_FOUND for a
+        # delete that was done; a chunk that failed had the call fail after the dataset was gone.
+        self._on_deleted()
 
     @in_page_line
     async def list_items(
@@ -335,6 +356,11 @@ class DatasetService:
             sizes = await dataset_store.item_sizes(conn, request.dataset_id, after_idx=after_idx, limit=limit + 1)
             fitting = self._page_tokens.fitting_sizes(size for _, size in sizes[:limit])
             rows = await dataset_store.items_page(conn, request.dataset_id, after_idx=after_idx, limit=fitting)
+            # Still there after its items were read: no chunk of a DeleteDataset's purge ran before them (the
+            # row goes in the transaction before the first chunk). Gone, what was read may be the tail the
+            # chunks left, answered as the dataset's last page.
+            if await dataset_store.get(conn, tenant, request.dataset_id) is None:
+                raise not_found("dataset", request.dataset_id)
         if len(rows) < fitting:
             # Items are only ever appended, and deleted with their dataset: the dataset was deleted between
             # the reads. It answered an empty last page (no token), so a client took the items it had

@@ -12,7 +12,8 @@ counts alone allowed about 256 GiB of grader versions a tenant. Ids are the serv
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -27,7 +28,6 @@ from evalsvc.messages.convert import timestamp
 from evalsvc.messages.validation import MAX_DESCRIPTION, MAX_DISPLAY_NAME, MAX_REQUEST_ID, check_labels, check_length
 from evalsvc.secrets.service import SecretService
 from evalsvc.store import definitions as store
-from evalsvc.store import retention
 from evalsvc.store.db import Database
 from evalsvc.store.records import GraderVersionRecord, SavedGraderRecord, SavedTargetRecord
 from evalsvc.targets import target_secret_refs, validate_target
@@ -72,10 +72,9 @@ def saved_target_from(target: SavedTargetRecord) -> target_service_pb2.SavedTarg
     )
 
 
-def _read(sizes: Sequence[int], rows: Sequence[object]) -> int:
-    """How many rows a page read, for `PageTokens.page`: the sizes it chose by, or none when those it then
-    read were all deleted between the two reads (a page with nothing to place a token after)."""
-    return len(sizes) if rows else 0
+def _chosen(chosen: Sequence[str], more: bool) -> dict[str, Any]:
+    """`PageTokens.chosen_page`'s keywords for a page of the rows of these ids."""
+    return {"last_chosen": chosen[-1] if chosen else None, "more": more}
 
 
 class DefinitionService:
@@ -89,8 +88,11 @@ class DefinitionService:
         page_tokens: PageTokens,
         caps: StoredCaps,
         limits: TenantLimits,
+        *,
+        on_deleted: Callable[[], None] = lambda: None,
     ) -> None:
         self._db = db
+        self._on_deleted = on_deleted  # wakes the purge loop (evalsvc.runs.retention.RunPurger.wake)
         self._limits = limits  # its page reads' line (`in_page_line`)
         self._caps = caps
         self._secrets = secrets
@@ -176,10 +178,14 @@ class DefinitionService:
         before = self._page_tokens.decode(tenant, "graders", {}, request.page_token)
         async with self._db.read() as conn:
             sizes = await store.grader_sizes(conn, tenant, before_id=before, limit=limit + 1)
-            fitting = self._page_tokens.fitting_sizes(sizes[:limit])
-            rows = await store.list_graders(conn, tenant, before_id=before, limit=fitting)
+            fitting = self._page_tokens.fitting_sizes(size for _, size in sizes[:limit])
+            chosen = [grader_id for grader_id, _ in sizes[:fitting]]
+            # By id, as DatasetService.list: a grader created between the reads pushed one off the page.
+            rows = await store.list_graders(conn, tenant, ids=chosen) if chosen else []
         graders = [saved_grader_from(grader, version) for grader, version in rows]
-        return self._page_tokens.page(tenant, "graders", {}, graders, _read(sizes, rows), lambda i: graders[i].id)
+        return self._page_tokens.chosen_page(
+            tenant, "graders", {}, graders, lambda i: graders[i].id, **_chosen(chosen, len(sizes) > fitting)
+        )
 
     async def update_grader(
         self, tenant: str, request: grader_service_pb2.UpdateGraderRequest
@@ -222,8 +228,9 @@ class DefinitionService:
         """Delete a saved grader and its versions; NOT_FOUND when missing or another tenant's."""
         if not await self._db.transact(lambda conn: store.remove_grader(conn, tenant, grader_id)):
             raise not_found("grader", grader_id)
-        # NOT_FOUND from that commit on; its versions go a chunk per transaction, other writes between them.
-        await retention.purge_definition(self._db, store.GRADER_PARTS, grader_id)
+        # NOT_FOUND from that commit on, and the call answers: its versions go in the purge loop's passes,
+        # a chunk per transaction, other writes between them (see DatasetService.delete).
+        self._on_deleted()
 
     async def create_target(
         self, tenant: str, request: target_service_pb2.CreateTargetRequest
@@ -289,10 +296,13 @@ class DefinitionService:
         before = self._page_tokens.decode(tenant, "targets", {}, request.page_token)
         async with self._db.read() as conn:
             sizes = await store.target_sizes(conn, tenant, before_id=before, limit=limit + 1)
-            fitting = self._page_tokens.fitting_sizes(sizes[:limit])
-            rows = await store.list_targets(conn, tenant, before_id=before, limit=fitting)
+            fitting = self._page_tokens.fitting_sizes(size for _, size in sizes[:limit])
+            chosen = [target_id for target_id, _ in sizes[:fitting]]
+            rows = await store.list_targets(conn, tenant, ids=chosen) if chosen else []
         targets = [saved_target_from(row) for row in rows]
-        return self._page_tokens.page(tenant, "targets", {}, targets, _read(sizes, rows), lambda i: targets[i].id)
+        return self._page_tokens.chosen_page(
+            tenant, "targets", {}, targets, lambda i: targets[i].id, **_chosen(chosen, len(sizes) > fitting)
+        )
 
     async def delete_target(self, tenant: str, target_id: str) -> None:
         """Delete a saved target; NOT_FOUND when missing or another tenant's."""

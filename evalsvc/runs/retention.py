@@ -7,9 +7,9 @@ store's two steps (evalsvc.store.retention) take the runs out of the service, th
 chunks of about CHUNK_ROWS, each its own transaction through the one writer, so the purge of a
 200,000-job run holds every other write for one chunk at a time, never for the whole run. A pass also
 abandons what a stopped (or stalled) server's CreateRuns staged (evalsvc.store.staging), whose rows the
-same steps then delete, and finishes deleting the items (versions) of deleted datasets (graders) whose
-DeleteDataset (DeleteGrader) did not see its chunks through (cancelled, or its server stopped). The loop makes
-a pass every PASS_EVERY_S; a pass goes on until nothing is left to purge (or the server stops). On
+same steps then delete, and deletes the items (versions) of deleted datasets (graders): DeleteDataset
+(DeleteGrader) answers once the row is gone and wakes the loop (`wake`). The loop makes a pass every
+PASS_EVERY_S, and at once when woken; a pass goes on until nothing is left to purge (or the server stops). On
 PostgreSQL every replica runs it, and their passes share the work (see the store module). The runs a
 commit takes out of the service are NOT_FOUND from then on: `on_expired` ends their watches in this
 process (the server hands it EventBus.end_runs), and on PostgreSQL the commit notifies the other replicas
@@ -70,7 +70,7 @@ class RunPurger:
         retention_s: float,
         metrics: Metrics,
         *,
-        chunk_rows: int = CHUNK_ROWS,
+        chunk_rows: int | None = None,
         expire_batch: int = EXPIRE_BATCH,
         pass_every_s: float = PASS_EVERY_S,
         on_expired: Callable[[list[str]], None] = lambda run_ids: None,
@@ -78,7 +78,7 @@ class RunPurger:
         self._db = db
         self._retention_s = retention_s
         self._metrics = metrics
-        self._chunk_rows = chunk_rows
+        self._chunk_rows = chunk_rows  # None: store.CHUNK_ROWS as of each pass
         self._expire_batch = expire_batch
         self._pass_every_s = pass_every_s
         self._on_expired = on_expired  # told of the runs each commit took out of the service
@@ -87,6 +87,7 @@ class RunPurger:
         self._loop: asyncio.Task[None] | None = None
         self._passes: list[asyncio.Future[Purged]] = []  # callers of `next_pass`
         self._progress = Progress()  # a pass or a chunk completed
+        self._failing: set[tuple[str, str]] = set()  # deleted definitions whose purge failed, warned of once
         # Before the server serves (it makes its purger first): what is staged before this, on SQLite, a
         # previous process staged.
         self._started = time.time()
@@ -129,6 +130,12 @@ class RunPurger:
             waiter.cancel()
         self._passes.clear()
 
+    def wake(self) -> None:
+        """Have a pass start now (or, when one is under way, start again once it ends): DeleteDataset
+        (DeleteGrader) answers once the dataset (grader) is out of the service, and its items (versions)
+        go in this loop's passes, a chunk per transaction, their bytes back to the tenant as they go."""
+        self._wake.set()
+
     def next_pass(self) -> asyncio.Future[Purged]:
         """What the loop's next whole pass purges, once it ends: a pass starts now (tests, operators
         waiting for the disk to be freed)."""
@@ -168,6 +175,7 @@ class RunPurger:
         rows of every purged run are deleted, a chunk per transaction. Stops early only when the server
         stops (the next start goes on from there)."""
         cutoff = time.time() - self._retention_s
+        chunk_rows = self._chunk_rows or store.CHUNK_ROWS
         runs = rows = 0
         abandoned = await self._db.transact(
             functools.partial(staging.abandon_stale, before=self._staged_before(), limit=self._expire_batch)
@@ -185,18 +193,32 @@ class RunPurger:
                 break
         while not self._stopping.is_set():
             # Alone: a chunk's failure must not have the writes queued beside it applied again one by one.
-            step = await self._db.transact(functools.partial(store.purge_step, budget=self._chunk_rows), alone=True)
+            step = await self._db.transact(functools.partial(store.purge_step, budget=chunk_rows), alone=True)
             if step is None:
                 break
             rows += step.rows
             self._metrics.purged.labels("rows").inc(step.rows)
             self._progress.beat()
+        failed: set[tuple[str, str]] = set()  # this pass skips them: each would block every purge after it
         while not self._stopping.is_set():
-            parts = await self._db.transact(
-                functools.partial(store.definition_purge_step, budget=self._chunk_rows), alone=True
-            )
+            try:
+                parts = await self._db.transact(
+                    functools.partial(store.definition_purge_step, budget=chunk_rows, skip=frozenset(failed)),
+                    alone=True,
+                )
+            except store.DefinitionPurgeFailed as exc:
+                failed.add(exc.owner)
+                if exc.owner not in self._failing:
+                    self._failing.add(exc.owner)
+                    log.warning(
+                        "purging the parts of deleted %s %s failed (skipped; retried every pass): %r",
+                        *exc.owner,
+                        exc.__cause__,
+                    )
+                continue
             if parts is None:
                 break
+            self._failing.discard((parts.kind, parts.owner_id))
             rows += parts.rows
             self._metrics.purged.labels("rows").inc(parts.rows)
             self._progress.beat()

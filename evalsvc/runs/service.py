@@ -654,6 +654,11 @@ class RunService:
             if dataset is None:
                 raise not_found("dataset", request.dataset_id)
             stored = await dataset_store.all_items(conn, request.dataset_id)
+            # Still there after its items were read: no chunk of a DeleteDataset's purge ran before them
+            # (the row goes in the transaction before the first chunk), so they are all of its items; gone,
+            # they may be what the chunks left of a deleted dataset.
+            if await dataset_store.get(conn, tenant, request.dataset_id) is None:
+                raise not_found("dataset", request.dataset_id)
         if not request.item_ids:
             if not stored:
                 await self._raise_if_deleted(tenant, request.dataset_id)

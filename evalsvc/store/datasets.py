@@ -85,24 +85,35 @@ async def find_by_request_id(conn: AsyncConnection, tenant: str, request_id: str
     return None if row is None else DatasetRecord.from_row(row)
 
 
-async def list_page(conn: AsyncConnection, tenant: str, *, before_id: str | None, limit: int) -> list[DatasetRecord]:
-    """Datasets newest first, after a keyset position."""
+async def list_page(
+    conn: AsyncConnection,
+    tenant: str,
+    *,
+    before_id: str | None = None,
+    limit: int | None = None,
+    ids: Sequence[str] | None = None,
+) -> list[DatasetRecord]:
+    """Datasets newest first, after a keyset position; or those of `ids` that still exist (the ones a page
+    chose by `list_sizes`: read again by position, a dataset created between the reads took the first
+    place and pushed the last chosen one off the page)."""
     query = select(DATASETS).where(DATASETS.c.tenant == tenant)
     if before_id:
         query = query.where(DATASETS.c.id < before_id)
+    if ids is not None:
+        query = query.where(DATASETS.c.id.in_(ids))
     rows = await conn.execute(query.order_by(DATASETS.c.id.desc()).limit(limit))
     return [DatasetRecord.from_row(row) for row in rows.mappings()]
 
 
-async def list_sizes(conn: AsyncConnection, tenant: str, *, before_id: str | None, limit: int) -> list[int]:
-    """About the serialized size of each dataset `list_page` would answer, in its order, without reading
+async def list_sizes(conn: AsyncConnection, tenant: str, *, before_id: str | None, limit: int) -> list[tuple[str, int]]:
+    """(id, about the serialized size) of each dataset `list_page` would answer, in its order, without reading
     the datasets: what a page chooses its datasets by before it reads them (a dataset's annotations alone
     may be 64 KiB). Its texts' and maps' lengths, as usage.saved_bytes counts them."""
-    query = select(usage.stored_size(DATASETS, usage.DATASET_COLUMNS)).where(DATASETS.c.tenant == tenant)
+    query = select(DATASETS.c.id, usage.stored_size(DATASETS, usage.DATASET_COLUMNS)).where(DATASETS.c.tenant == tenant)
     if before_id:
         query = query.where(DATASETS.c.id < before_id)
     rows = await conn.execute(query.order_by(DATASETS.c.id.desc()).limit(limit))
-    return [int(size) for (size,) in rows]
+    return [(dataset_id, int(size)) for dataset_id, size in rows]
 
 
 async def existing_item_ids(conn: AsyncConnection, dataset_id: str, item_ids: Sequence[str]) -> set[str]:

@@ -4,6 +4,7 @@ tenant's stored bytes as they are written, and taken back as they are deleted (e
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -115,13 +116,15 @@ async def find_target_by_request_id(conn: AsyncConnection, tenant: str, request_
     return None if row is None else SavedTargetRecord.from_row(row)
 
 
-async def grader_sizes(conn: AsyncConnection, tenant: str, *, before_id: str | None, limit: int) -> list[int]:
-    """About the serialized size of each grader `list_graders` would answer (its fields and its latest
+async def grader_sizes(
+    conn: AsyncConnection, tenant: str, *, before_id: str | None, limit: int
+) -> list[tuple[str, int]]:
+    """(id, about the serialized size) of each grader `list_graders` would answer (its fields and its latest
     version's definition, up to 256 KiB), in its order, without reading them: what a page chooses its
     graders by before it reads them."""
     size = usage.stored_size(GRADERS, usage.GRADER_COLUMNS) + usage.stored_size(VERSIONS, usage.VERSION_COLUMNS)
     query = (
-        select(size)
+        select(GRADERS.c.id, size)
         .select_from(GRADERS)
         .join(VERSIONS, (VERSIONS.c.grader_id == GRADERS.c.id) & (VERSIONS.c.version == GRADERS.c.latest_version))
         .where(GRADERS.c.tenant == tenant)
@@ -129,13 +132,19 @@ async def grader_sizes(conn: AsyncConnection, tenant: str, *, before_id: str | N
     if before_id:
         query = query.where(GRADERS.c.id < before_id)
     rows = await conn.execute(query.order_by(GRADERS.c.id.desc()).limit(limit))
-    return [int(size) for (size,) in rows]
+    return [(grader_id, int(size)) for grader_id, size in rows]
 
 
 async def list_graders(
-    conn: AsyncConnection, tenant: str, *, before_id: str | None, limit: int
+    conn: AsyncConnection,
+    tenant: str,
+    *,
+    before_id: str | None = None,
+    limit: int | None = None,
+    ids: Sequence[str] | None = None,
 ) -> list[tuple[SavedGraderRecord, GraderVersionRecord]]:
-    """Graders with their latest version, newest first."""
+    """Graders with their latest version, newest first; or those of `ids` that still exist (the ones a
+    page chose by `grader_sizes`, as evalsvc.store.datasets.list_page)."""
     query = (
         select(GRADERS, VERSIONS)
         .join(VERSIONS, (VERSIONS.c.grader_id == GRADERS.c.id) & (VERSIONS.c.version == GRADERS.c.latest_version))
@@ -143,6 +152,8 @@ async def list_graders(
     )
     if before_id:
         query = query.where(GRADERS.c.id < before_id)
+    if ids is not None:
+        query = query.where(GRADERS.c.id.in_(ids))
     rows = await conn.execute(query.order_by(GRADERS.c.id.desc()).limit(limit))
     return [
         (
@@ -184,22 +195,32 @@ async def get_target(conn: AsyncConnection, tenant: str, target_id: str) -> Save
     return None if row is None else SavedTargetRecord.from_row(row)
 
 
-async def target_sizes(conn: AsyncConnection, tenant: str, *, before_id: str | None, limit: int) -> list[int]:
-    """About the serialized size of each target `list_targets` would answer, in its order, without reading
-    them: what a page chooses its targets by before it reads them."""
-    query = select(usage.stored_size(TARGETS, usage.TARGET_COLUMNS)).where(TARGETS.c.tenant == tenant)
+async def target_sizes(
+    conn: AsyncConnection, tenant: str, *, before_id: str | None, limit: int
+) -> list[tuple[str, int]]:
+    """(id, about the serialized size) of each target `list_targets` would answer, in its order, without
+    reading them: what a page chooses its targets by before it reads them."""
+    query = select(TARGETS.c.id, usage.stored_size(TARGETS, usage.TARGET_COLUMNS)).where(TARGETS.c.tenant == tenant)
     if before_id:
         query = query.where(TARGETS.c.id < before_id)
     rows = await conn.execute(query.order_by(TARGETS.c.id.desc()).limit(limit))
-    return [int(size) for (size,) in rows]
+    return [(target_id, int(size)) for target_id, size in rows]
 
 
 async def list_targets(
-    conn: AsyncConnection, tenant: str, *, before_id: str | None, limit: int
+    conn: AsyncConnection,
+    tenant: str,
+    *,
+    before_id: str | None = None,
+    limit: int | None = None,
+    ids: Sequence[str] | None = None,
 ) -> list[SavedTargetRecord]:
-    """Saved targets, newest first."""
+    """Saved targets, newest first; or those of `ids` that still exist (the ones a page chose by
+    `target_sizes`, as evalsvc.store.datasets.list_page)."""
     query = select(TARGETS).where(TARGETS.c.tenant == tenant)
     if before_id:
         query = query.where(TARGETS.c.id < before_id)
+    if ids is not None:
+        query = query.where(TARGETS.c.id.in_(ids))
     rows = await conn.execute(query.order_by(TARGETS.c.id.desc()).limit(limit))
     return [SavedTargetRecord.from_row(row) for row in rows.mappings()]

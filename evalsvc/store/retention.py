@@ -25,8 +25,9 @@ takes the dataset (grader) out of the service in one short transaction, with a `
 in its place (evalsvc.store.datasets.remove, evalsvc.store.definitions.remove_grader), and then
 `definition_purge_step` deletes its items (versions), a chunk of at most CHUNK_ROWS rows and about
 CHUNK_BYTES per transaction; each chunk takes the bytes it deleted from its tenant's stored bytes in the
-same transaction, so a crash between chunks leaves the total exact. The call deletes the chunks itself
-(`purge_definition`); what a stopped server left, the purge loop's passes (evalsvc.runs.retention) finish.
+same transaction, so a crash between chunks leaves the total exact. The call answers once the row's
+transaction commits and wakes the purge loop (evalsvc.runs.retention), whose passes delete the chunks
+(and finish what a stopped server left); an owner whose step fails is skipped, the others still go.
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ from __future__ import annotations
 import functools
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Delete, Select, delete, func, insert, select
+from sqlalchemy import Delete, Select, delete, func, insert, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.ids import PROCESS_ID
@@ -176,29 +177,53 @@ _PARTS: dict[str, tuple[Any, str, str, str, int]] = {
 }
 
 
+class DefinitionPurgeFailed(Exception):
+    """A `definition_purge_step` failed on this (kind, owner id): its cause is the error."""
+
+    def __init__(self, owner: tuple[str, str]) -> None:
+        super().__init__(f"purging the parts of deleted {owner[0]} {owner[1]} failed")
+        self.owner = owner
+
+
 async def definition_purge_step(
     conn: AsyncConnection,
     *,
     budget: int = CHUNK_ROWS,
     budget_bytes: int = CHUNK_BYTES,
     owner: tuple[str, str] | None = None,
+    skip: Collection[tuple[str, str]] = (),
 ) -> DefinitionPurgeStep | None:
     """Delete the first parts of one deleted dataset (grader), up to `budget` rows and about
     `budget_bytes`, and take their bytes from its tenant's stored bytes: the one `owner` (kind, id), or
     the one deleted first. None when none waits (or, on PostgreSQL, every one is another transaction's
     now: its `definition_purges` row is held FOR UPDATE while its parts are deleted, and nothing else
-    writes parts of an owner whose row is gone, so what this step reads it deletes)."""
+    writes parts of an owner whose row is gone, so what this step reads it deletes), or every one left
+    is in `skip`. Raises DefinitionPurgeFailed naming the owner when its step fails (the purge loop
+    skips it, and the owners after it still go)."""
     query = select(DEFINITION_PURGES.c.kind, DEFINITION_PURGES.c.owner_id, DEFINITION_PURGES.c.tenant)
     if owner is not None:
         query = query.where(DEFINITION_PURGES.c.kind == owner[0], DEFINITION_PURGES.c.owner_id == owner[1])
         held = await conn.execute(query.with_for_update() if conn.dialect.name == "postgresql" else query)
     else:
+        if skip:
+            query = query.where(
+                tuple_(DEFINITION_PURGES.c.kind, DEFINITION_PURGES.c.owner_id).not_in([tuple(key) for key in skip])
+            )
         query = query.order_by(DEFINITION_PURGES.c.purge_time, DEFINITION_PURGES.c.owner_id).limit(1)
         held = await conn.execute(_skip_locked(query, conn))
     found = held.first()
     if found is None:
         return None
     kind, owner_id, tenant = found
+    try:
+        return await _delete_parts(conn, kind, owner_id, tenant, budget, budget_bytes)
+    except Exception as exc:
+        raise DefinitionPurgeFailed((kind, owner_id)) from exc
+
+
+async def _delete_parts(
+    conn: AsyncConnection, kind: str, owner_id: str, tenant: str, budget: int, budget_bytes: int
+) -> DefinitionPurgeStep:
     table, owner_column, order_column, size_column, row_bytes = _PARTS[kind]
     of_owner = table.c[owner_column] == owner_id
     sized = await conn.execute(

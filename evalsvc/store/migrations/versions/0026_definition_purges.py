@@ -36,4 +36,15 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Each row is a deleted dataset (grader) whose items (versions) are still there, their bytes still
+    # counted in its tenant's stored bytes: dropped, nothing would ever delete them (revision 0025's
+    # server knows no such rows), and the tenant would keep paying for them. Refused until they are gone.
+    left = op.get_bind().execute(sa.text("SELECT count(*) FROM definition_purges")).scalar_one()
+    if left:
+        raise RuntimeError(
+            f"cannot downgrade below 0026: {left} deleted datasets or saved graders still have items or "
+            "versions waiting to be deleted (table definition_purges); start the server at this version and "
+            'let its purge loop delete them (evalsvc_purged_total{what="rows"}; the table empties), '
+            "then downgrade"
+        )
     op.drop_table("definition_purges")
