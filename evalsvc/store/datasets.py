@@ -62,7 +62,7 @@ async def remove(conn: AsyncConnection, tenant: str, dataset_id: str) -> bool:
     generation being created, both take it with `get(lock=True)`), whose items the purge then finds, and
     one that comes later finds no dataset, so nothing adds items to it after this. Every writer locks the
     dataset before the generation, so this order cannot deadlock with a generation's append. The tenant's
-    stored bytes lose the dataset's own here, its items' as the purge deletes them (evalsvc.store.usage)."""
+    stored bytes lose the dataset's and its items' here (evalsvc.store.usage); the purge only deletes rows."""
     deleted = await conn.execute(
         delete(DATASETS).where(DATASETS.c.id == dataset_id, DATASETS.c.tenant == tenant).returning(*DATASETS.c)
     )
@@ -74,7 +74,13 @@ async def remove(conn: AsyncConnection, tenant: str, dataset_id: str) -> bool:
     await conn.execute(
         insert(PURGES).values(kind=DATASET_PARTS, owner_id=dataset_id, tenant=tenant, purge_time=time.time())
     )
-    await usage.add_to_totals(conn, stored_bytes={tenant: -usage.saved_bytes(dataset, usage.DATASET_COLUMNS)})
+    # Its items' bytes too, at once (their sizes, read without the items: a tenant that deletes a dataset
+    # to make room has it when the call answers, whenever the purge deletes the rows).
+    items = await conn.execute(
+        select(func.coalesce(func.sum(func.length(ITEMS.c.item)), 0)).where(ITEMS.c.dataset_id == dataset_id)
+    )
+    freed = usage.saved_bytes(dataset, usage.DATASET_COLUMNS) + int(items.scalar_one())
+    await usage.add_to_totals(conn, stored_bytes={tenant: -freed})
     return True
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import RowMapping, delete, insert, select, update
+from sqlalchemy import RowMapping, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.limits import StoredCap
@@ -46,7 +46,7 @@ async def remove_grader(conn: AsyncConnection, tenant: str, grader_id: str) -> b
     chunks (a `definition_purges` row says so); from this commit on the grader is NOT_FOUND, at any
     version. On PostgreSQL deleting the grader row waits for an UpdateGrader holding it, whose new
     version the purge then finds, and an UpdateGrader that comes later finds no grader. The tenant's
-    stored bytes lose the grader's own here, its versions' as the purge deletes them."""
+    stored bytes lose the grader's and its versions' here; the purge only deletes rows."""
     deleted = await conn.execute(
         delete(GRADERS).where(GRADERS.c.id == grader_id, GRADERS.c.tenant == tenant).returning(*GRADERS.c)
     )
@@ -56,7 +56,15 @@ async def remove_grader(conn: AsyncConnection, tenant: str, grader_id: str) -> b
     await conn.execute(
         insert(PURGES).values(kind=GRADER_PARTS, owner_id=grader_id, tenant=tenant, purge_time=time.time())
     )
-    await usage.add_to_totals(conn, stored_bytes={tenant: -usage.saved_bytes(grader, usage.GRADER_COLUMNS)})
+    # Its versions' bytes too, at once (as for a dataset's items: evalsvc.store.datasets.remove).
+    versions = await conn.execute(
+        select(func.coalesce(func.sum(func.length(VERSIONS.c.definition)), 0), func.count()).where(
+            VERSIONS.c.grader_id == grader_id
+        )
+    )
+    sizes, count = versions.one()
+    freed = usage.saved_bytes(grader, usage.GRADER_COLUMNS) + int(sizes) + int(count) * usage.SAVED_ROW_BYTES
+    await usage.add_to_totals(conn, stored_bytes={tenant: -freed})
     return True
 
 

@@ -47,7 +47,7 @@ from evalsvc.store import datasets as dataset_store
 from evalsvc.store import definitions as definition_store
 from evalsvc.store import runs as run_store
 from evalsvc.store import usage
-from evalsvc.store.db import Database
+from evalsvc.store.db import Database, is_conflict, unavailable_cause
 from evalsvc.store.events import EVENTS, RUNS_PURGED_CHANNEL
 from evalsvc.store.models import RunPurgeRow
 from evalsvc.store.run_cache import remember_removed
@@ -164,16 +164,10 @@ class DefinitionPurgeStep:
 
 
 # Of each kind of `definition_purges` row: the table of its parts, the column naming their owner, the
-# column ordering them, the column of their size, and the bytes a part stores besides (evalsvc.store.usage).
-_PARTS: dict[str, tuple[Any, str, str, str, int]] = {
-    dataset_store.DATASET_PARTS: (dataset_store.ITEMS, "dataset_id", "idx", "item", 0),
-    definition_store.GRADER_PARTS: (
-        definition_store.VERSIONS,
-        "grader_id",
-        "version",
-        "definition",
-        usage.SAVED_ROW_BYTES,
-    ),
+# column ordering them, and the column of their size (a chunk holds about CHUNK_BYTES of it).
+_PARTS: dict[str, tuple[Any, str, str, str]] = {
+    dataset_store.DATASET_PARTS: (dataset_store.ITEMS, "dataset_id", "idx", "item"),
+    definition_store.GRADER_PARTS: (definition_store.VERSIONS, "grader_id", "version", "definition"),
 }
 
 
@@ -194,13 +188,14 @@ async def definition_purge_step(
     skip: Collection[tuple[str, str]] = (),
 ) -> DefinitionPurgeStep | None:
     """Delete the first parts of one deleted dataset (grader), up to `budget` rows and about
-    `budget_bytes`, and take their bytes from its tenant's stored bytes: the one `owner` (kind, id), or
+    `budget_bytes` (their bytes left the tenant's stored bytes with the owner's row): the one `owner` (kind, id), or
     the one deleted first. None when none waits (or, on PostgreSQL, every one is another transaction's
     now: its `definition_purges` row is held FOR UPDATE while its parts are deleted, and nothing else
     writes parts of an owner whose row is gone, so what this step reads it deletes), or every one left
     is in `skip`. Raises DefinitionPurgeFailed naming the owner when its step fails (the purge loop
-    skips it, and the owners after it still go)."""
-    query = select(DEFINITION_PURGES.c.kind, DEFINITION_PURGES.c.owner_id, DEFINITION_PURGES.c.tenant)
+    skips it, and the owners after it still go); a database that is unavailable or a conflict as they
+    are (no owner's fault: the loop backs off and tries again)."""
+    query = select(DEFINITION_PURGES.c.kind, DEFINITION_PURGES.c.owner_id)
     if owner is not None:
         query = query.where(DEFINITION_PURGES.c.kind == owner[0], DEFINITION_PURGES.c.owner_id == owner[1])
         held = await conn.execute(query.with_for_update() if conn.dialect.name == "postgresql" else query)
@@ -214,17 +209,19 @@ async def definition_purge_step(
     found = held.first()
     if found is None:
         return None
-    kind, owner_id, tenant = found
+    kind, owner_id = found
     try:
-        return await _delete_parts(conn, kind, owner_id, tenant, budget, budget_bytes)
+        return await _delete_parts(conn, kind, owner_id, budget, budget_bytes)
     except Exception as exc:
+        if unavailable_cause(exc) is not None or is_conflict(exc):
+            raise  # the database's trouble, not this owner's: the loop's, retried as any of its failures
         raise DefinitionPurgeFailed((kind, owner_id)) from exc
 
 
 async def _delete_parts(
-    conn: AsyncConnection, kind: str, owner_id: str, tenant: str, budget: int, budget_bytes: int
+    conn: AsyncConnection, kind: str, owner_id: str, budget: int, budget_bytes: int
 ) -> DefinitionPurgeStep:
-    table, owner_column, order_column, size_column, row_bytes = _PARTS[kind]
+    table, owner_column, order_column, size_column = _PARTS[kind]
     of_owner = table.c[owner_column] == owner_id
     sized = await conn.execute(
         select(table.c[order_column], func.length(table.c[size_column]))
@@ -242,7 +239,6 @@ async def _delete_parts(
     if kept:
         # The first `kept` parts in order: those up to the last of them.
         await conn.execute(delete(table).where(of_owner, table.c[order_column] <= sizes[kept - 1][0]))
-        await usage.add_to_totals(conn, stored_bytes={tenant: -(freed + kept * row_bytes)})
     finished = kept == len(sizes) < budget
     if finished:
         await conn.execute(

@@ -1,8 +1,10 @@
 """Deleted datasets and saved graders (evalsvc.store.retention.definition_purge_step) over a bare database,
 on either engine: the dataset (grader) is gone in the first small transaction, its items (versions) go a
-chunk of at most CHUNK_ROWS rows (about CHUNK_BYTES) per transaction, each chunk taking its bytes from the
-tenant's stored bytes; a server that stopped between chunks (kill -9: what is committed is all there is)
-leaves a state the purge loop of the next one finishes, its tenant's stored bytes exact."""
+chunk of at most CHUNK_ROWS rows (about CHUNK_BYTES) per transaction, the tenant's stored bytes given back
+whole in the first (a review: given back chunk by chunk, a tenant that deleted a dataset to make room was
+refused until its purge ended, and a run could fail STORAGE_QUOTA_EXCEEDED meanwhile); a server that
+stopped between chunks (kill -9: what is committed is all there is) leaves a state the purge loop of the
+next one finishes, its tenant's stored bytes exact."""
 
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ async def test_a_deleted_dataset_is_gone_at_once_and_its_items_go_a_chunk_per_tr
         assert await dataset_store.get(conn, "t1", dataset_id) is None
         assert [d.id for d in await dataset_store.list_page(conn, "t1", before_id=None, limit=10)] == [kept]
     assert await count(db, dataset_store.ITEMS, "dataset_id", dataset_id) == 25
-    assert await stored(db, "t1") == after_kept + 25 * 100  # the dataset's own bytes gone, its items' not yet
+    assert await stored(db, "t1") == after_kept  # its own bytes and its items', at once
     assert not await db.transact(lambda conn: dataset_store.remove(conn, "t1", dataset_id))  # deleted once
 
     steps: list[int] = []
@@ -86,7 +88,7 @@ async def test_a_deleted_dataset_is_gone_at_once_and_its_items_go_a_chunk_per_tr
         steps.append(step.rows)
         left = await count(db, dataset_store.ITEMS, "dataset_id", dataset_id)
         assert left == 25 - sum(steps)
-        assert await stored(db, "t1") == after_kept + left * 100  # each chunk's bytes, exactly, as it commits
+        assert await stored(db, "t1") == after_kept  # nothing taken twice
         if step.finished:
             break
     assert steps == [4, 4, 4, 4, 4, 4, 1]
@@ -123,14 +125,14 @@ async def test_a_deleted_graders_versions_go_a_chunk_per_transaction(db: Databas
                 conn, GraderVersionRecord("gr-1", v, "t1", b"d" * 500, 0.0), ROOM
             )
         )
-    versions_bytes = 10 * (500 + usage.SAVED_ROW_BYTES)
     before = await stored(db, "t1")
+    assert before >= 10 * (500 + usage.SAVED_ROW_BYTES)
 
     assert await db.transact(lambda conn: definition_store.remove_grader(conn, "t1", "gr-1"))
     async with db.read() as conn:
         assert await definition_store.get_grader(conn, "t1", "gr-1", 1) is None
     assert await count(db, definition_store.VERSIONS, "grader_id", "gr-1") == 10
-    assert await stored(db, "t1") == versions_bytes  # the grader's own bytes gone
+    assert await stored(db, "t1") == 0 < before  # the grader's own bytes and its versions', at once
 
     steps = await steps_of(db, (definition_store.GRADER_PARTS, "gr-1"), budget=3)
     assert [step.rows for step in steps] == [3, 3, 3, 1]
