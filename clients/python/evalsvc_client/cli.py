@@ -441,6 +441,7 @@ def _follow(client: EvalClient, run_id: str, after_seq: int, args: argparse.Name
                         with deferred.interruptible():  # the reader may stall: a signal must not wait for it
                             sys.stdout.write(line)
                             sys.stdout.flush()
+                            shown = event.seq  # written whole: counted at once, not after leaving the block
                     shown = event.seq
                 live.update(event)
                 if event.HasField("run"):
