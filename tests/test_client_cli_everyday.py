@@ -476,6 +476,9 @@ def test_sigterm_during_rerun_run_says_the_request_id(
         f" `evalctl rerun run_a --failed --request-id {request_id}` follows that run if it was, and creates it if"
         " not (`evalctl list --limit 5` lists the newest runs)"
     )
+    # The same request again, --cache included (another cache mode under the same request_id is a conflict).
+    assert cli.main(["--target", "127.0.0.1:1", "rerun", "run_a", "--cache", "replay"]) == 128 + 15
+    assert f"`evalctl rerun run_a --cache replay --request-id {sent[-1]}`" in capsys.readouterr().err
 
 
 def test_sigterm_ends_a_watch_whose_reader_has_stalled(live: Live, tmp_path: Path) -> None:
@@ -502,9 +505,14 @@ def test_sigterm_ends_a_watch_whose_reader_has_stalled(live: Live, tmp_path: Pat
     try:
         waiting = 0.0
         while _unread(read_end) < 4096 - 1024 and waiting < 30:  # the pipe full: evalctl blocks writing
+            time.sleep(0.1)  # polling another process's pipe: no event to await
+            waiting += 0.1
+        assert _unread(read_end) >= 4096 - 1024, "the pipe never filled: the test would prove nothing"
+        wchan = Path(f"/proc/{proc.pid}/wchan")
+        while not wchan.read_text().endswith("pipe_write") and waiting < 30:  # blocked in the write: what hung
             time.sleep(0.1)
             waiting += 0.1
-        time.sleep(0.5)
+        assert wchan.read_text().endswith("pipe_write"), wchan.read_text()  # (anon_)pipe_write, by kernel
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 128 + signal.SIGTERM
     finally:

@@ -67,7 +67,7 @@ class Client:
 
     async def purged(self) -> None:
         """Once a pass of the purge loop that started after this call has ended: the items (versions) of
-        the datasets (graders) deleted before it are gone, their bytes given back."""
+        the datasets (graders) deleted before it are gone."""
         await asyncio.wait_for(self.server.server.purger.next_pass(), 20)
 
     async def rows(self, table: Any, **where: str) -> int:
@@ -351,6 +351,7 @@ async def test_a_dataset_is_deleted_a_chunk_per_transaction_not_found_from_the_f
             )
         )
         assert [d.id for d in (await client.datasets.ListDatasets(ds.ListDatasetsRequest())).datasets] == []
+        assert await stored() == before  # every byte back with the call's answer, 90 items still to delete
         other = await asyncio.wait_for(client.dataset(items=1), 10)  # another write, between two chunks
         assert await client.rows(DATASET_ITEMS, dataset_id=dataset_id) == 90
     finally:

@@ -3,8 +3,8 @@
 A tenant holds at most --max-datasets-per-tenant datasets and a dataset at most
 --max-items-per-dataset items (evalsvc.limits.StoredCaps); its descriptive fields and its items count
 towards --max-stored-bytes-per-tenant (evalsvc.store.usage). Deleting a dataset removes its items and
-its generation and gives their bytes back (the dataset at once, its items in chunks, in the purge loop's
-passes shortly after the call answers: evalsvc.store.retention); runs made from it keep the copies of
+its generation and gives their bytes back at once; its item rows are deleted in chunks, in the purge loop's
+passes shortly after the call answers (evalsvc.store.retention); runs made from it keep the copies of
 the items they took (run_items) and their results, and keep its id (ListRuns finds them by it). Dataset ids are the
 server's, never reused, so nothing kept under a deleted dataset's id (its run counter, which numbers its
 runs on) can reach another dataset.
@@ -361,11 +361,6 @@ class DatasetService:
             # chunks left, answered as the dataset's last page.
             if await dataset_store.get(conn, tenant, request.dataset_id) is None:
                 raise not_found("dataset", request.dataset_id)
-        if len(rows) < fitting:
-            # Items are only ever appended, and deleted with their dataset: the dataset was deleted between
-            # the reads. It answered an empty last page (no token), so a client took the items it had
-            # listed for the whole dataset; NOT_FOUND, as the next call would say.
-            raise not_found("dataset", request.dataset_id)
         if not rows:  # none after the position
             return [], ""
         # Parsed in turns (evalsvc.turns): a page of items of 10,000 conversation turns each holds millions.

@@ -27,21 +27,21 @@ def shutting_down() -> ServiceError:
     )
 
 
-# What a watcher's buffer may hold in bytes, per event of its capacity: a result event's typical size
-# (evalsvc.events.watch.TYPICAL_EVENT_BYTES). Counted in events alone, a watcher whose client had stopped
-# reading kept --watch-buffer events however large: result events carry the target's output (up to
-# megabytes each) and run events (UpdateRun's too) the run's definition. Judged results with
-# explanations are 400-500 bytes, so the buffer holds fewer of them than --watch-buffer says.
-BUFFERED_BYTES_PER_EVENT = 128
+# A result event's typical size, serialized: what a watcher's buffer may hold in bytes per event of its
+# capacity (and what evalsvc.events.watch sizes its database reads by). Counted in events alone, a
+# watcher whose client had stopped reading kept --watch-buffer events however large: result events carry
+# the target's output (up to megabytes each) and run events (UpdateRun's too) the run's definition.
+# Judged results with explanations are 400-500 bytes, so the buffer holds fewer than --watch-buffer says.
+TYPICAL_EVENT_BYTES = 128
 
 
 class Subscription:
     """One watcher's buffer of events of one run, bounded in events (`capacity`) and in their bytes
-    (`capacity` x BUFFERED_BYTES_PER_EVENT)."""
+    (`capacity` x TYPICAL_EVENT_BYTES)."""
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        self.max_bytes = capacity * BUFFERED_BYTES_PER_EVENT
+        self.max_bytes = capacity * TYPICAL_EVENT_BYTES
         self._events: deque[pb.WatchRunResponse] = deque()
         self._bytes = 0
         self._stale = False

@@ -28,7 +28,7 @@ from typing import NoReturn
 import grpc
 
 from evalsvc.errors import Reason, ServiceError, not_found
-from evalsvc.events.bus import EventBus
+from evalsvc.events.bus import TYPICAL_EVENT_BYTES, EventBus
 from evalsvc.events.opening import read_page
 from evalsvc.messages.encoded import Encoded
 from evalsvc.statuses import TERMINAL
@@ -41,7 +41,6 @@ CATCH_UP_PAGE = 1000
 MAX_BATCH_EVENTS = 10_000
 PAGE_BYTES = 32 * 1024  # serialized events a WatchRun watcher holds from one database read
 BATCH_BYTES = 12 * 1024  # serialized events in one WatchRunBatched message (or one larger event)
-TYPICAL_EVENT_BYTES = 128  # a result event, serialized
 RUN_OVERHEAD_BYTES = 1024  # a run event's ids, counters, times and framing, roughly
 RUN_COPIES = 5  # copies of a run event a non-reading stream holds, as measured (see `watch_cost`)
 _EVENTS_FIELD_TAG = b"\x0a"  # WatchRunBatchedResponse.events: field 1, length-delimited

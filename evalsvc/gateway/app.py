@@ -768,13 +768,13 @@ def _health_routes(app: FastAPI, upstream: Upstream) -> list[BaseRoute]:
             "4XX": {"description": "the request was refused (google.rpc.Status): e.g. 431, headers too large"},
         },
     )
-    return app.routes[-2:]
+    return [route for route in app.routes if getattr(route, "path", None) == "/healthz"]
 
 
 _HEALTH_DESCRIPTION = (
     "The service's health, for HTTP probes (no key). 200 `SERVING`; otherwise 503 with `NOT_SERVING` (a loop "
     "of the server is stalled: docs/operations.md), `UNREACHABLE` (the standalone gateway's --grpc-target "
-    "refuses connections or does not answer within 5 s) or `UNKNOWN`."
+    f"refuses connections or does not answer within {HEALTH_TIMEOUT_S:g} s) or `UNKNOWN`."
 )
 
 

@@ -4,7 +4,7 @@ DeleteRun only marks a run deleted (AIP-164), so that UndeleteRun can restore it
 --deleted-run-retention-s the run and every row of it are deleted for good: without that, a tenant that
 creates and deletes runs grew the database by 28 MB/s, until the disk was full for every tenant. The
 store's two steps (evalsvc.store.retention) take the runs out of the service, then delete their rows in
-chunks of about CHUNK_ROWS, each its own transaction through the one writer, so the purge of a
+chunks of about its CHUNK_ROWS, each its own transaction through the one writer, so the purge of a
 200,000-job run holds every other write for one chunk at a time, never for the whole run. A pass also
 abandons what a stopped (or stalled) server's CreateRuns staged (evalsvc.store.staging), whose rows the
 same steps then delete, and deletes the items (versions) of deleted datasets (graders): DeleteDataset
@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 
 LOOP_NAME = "run-purge"
 PASS_EVERY_S = 60.0
-# Rows one transaction deletes, at most (evalsvc.store.retention).
-CHUNK_ROWS = store.CHUNK_ROWS
 # Runs one transaction takes out of the service (their run rows, labels; a run_purges row each).
 EXPIRE_BATCH = 100
 
@@ -55,7 +53,8 @@ def retention_words(seconds: float) -> str:
 
 @dataclass(frozen=True)
 class Purged:
-    """What one pass purged: runs taken out of the service, and rows of purged runs deleted."""
+    """What one pass purged: runs taken out of the service, and rows deleted (of purged runs, and the
+    items and versions of deleted datasets and graders)."""
 
     runs: int = 0
     rows: int = 0
@@ -133,7 +132,7 @@ class RunPurger:
     def wake(self) -> None:
         """Have a pass start now (or, when one is under way, start again once it ends): DeleteDataset
         (DeleteGrader) answers once the dataset (grader) is out of the service, and its items (versions)
-        go in this loop's passes, a chunk per transaction, their bytes back to the tenant as they go."""
+        go in this loop's passes, a chunk per transaction."""
         self._wake.set()
 
     def next_pass(self) -> asyncio.Future[Purged]:

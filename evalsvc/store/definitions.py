@@ -1,5 +1,6 @@
 """Queries on saved graders (with their versions) and saved targets. What they store is added to their
-tenant's stored bytes as they are written, and taken back as they are deleted (evalsvc.store.usage)."""
+tenant's stored bytes as they are written, and taken back when the grader (target) is deleted
+(evalsvc.store.usage)."""
 
 from __future__ import annotations
 

@@ -419,7 +419,7 @@ class DefinitionPurgeRow(SQLModel, table=True):
     """A deleted dataset or saved grader whose parts (a dataset's items, a grader's versions) are still
     being deleted, in chunks (evalsvc.store.retention.definition_purge_step). Its own row went in the
     transaction that wrote this one, so from then on it is NOT_FOUND everywhere however long its parts
-    take to go; their bytes leave its tenant's stored bytes chunk by chunk, as they are deleted."""
+    take to go; their bytes left its tenant's stored bytes with its row."""
 
     __tablename__ = "definition_purges"
 

@@ -24,8 +24,8 @@ Deleted datasets and saved graders go the same way, without a retention: DeleteD
 takes the dataset (grader) out of the service in one short transaction, with a `definition_purges` row
 in its place (evalsvc.store.datasets.remove, evalsvc.store.definitions.remove_grader), and then
 `definition_purge_step` deletes its items (versions), a chunk of at most CHUNK_ROWS rows and about
-CHUNK_BYTES per transaction; each chunk takes the bytes it deleted from its tenant's stored bytes in the
-same transaction, so a crash between chunks leaves the total exact. The call answers once the row's
+CHUNK_BYTES per transaction; the bytes left the tenant's stored bytes with the owner's row, so a chunk
+only deletes rows and a crash between chunks leaves the total exact. The call answers once the row's
 transaction commits and wakes the purge loop (evalsvc.runs.retention), whose passes delete the chunks
 (and finish what a stopped server left); an owner whose step fails is skipped, the others still go.
 """

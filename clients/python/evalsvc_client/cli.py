@@ -442,7 +442,8 @@ def _follow(client: EvalClient, run_id: str, after_seq: int, args: argparse.Name
                             sys.stdout.write(line)
                             sys.stdout.flush()
                             shown = event.seq  # written whole: counted at once, not after leaving the block
-                    shown = event.seq
+                    else:
+                        shown = event.seq
                 live.update(event)
                 if event.HasField("run"):
                     final = event.run
@@ -568,8 +569,13 @@ def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> i
     if not request.request_id:  # made here, not by the SDK, so that an interrupted create can say it
         request.request_id = new_request_id()
     called = time.time()
+    # The same request again: --cache too, which the request carries (a different request under the same
+    # request_id is REQUEST_ID_CONFLICT).
+    cache = f" --cache {args.cache}" if args.cache else ""
     with _creating(
-        "CreateRun", request.request_id, f"evalctl run {shlex.quote(args.spec)} --request-id {request.request_id}"
+        "CreateRun",
+        request.request_id,
+        f"evalctl run {shlex.quote(args.spec)}{cache} --request-id {request.request_id}",
     ):
         created = client.create_run_from(request)
     return _follow_created(client, created.run, args, console, _created_words(spec, created, called))
@@ -609,6 +615,7 @@ def cmd_rerun(args: argparse.Namespace, client: EvalClient, console: Console) ->
     scope = "all" if args.all else "failed_or_errored" if args.failed else "errored"
     request_id = args.request_id or new_request_id()
     flags = {"errored": "", "failed_or_errored": " --failed", "all": " --all"}[scope]
+    flags += f" --cache {args.cache}" if args.cache else ""
     try:
         with _creating("RerunRun", request_id, f"evalctl rerun {args.run_id}{flags} --request-id {request_id}"):
             run = client.rerun_run(

@@ -36,9 +36,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # Each row is a deleted dataset (grader) whose items (versions) are still there, their bytes still
-    # counted in its tenant's stored bytes: dropped, nothing would ever delete them (revision 0025's
-    # server knows no such rows), and the tenant would keep paying for them. Refused until they are gone.
+    # Each row is a deleted dataset (grader) whose items (versions) are still there: dropped, nothing
+    # would ever delete them (revision 0025's server knows no such rows), and they would take disk for
+    # good. Refused until they are gone.
     left = op.get_bind().execute(sa.text("SELECT count(*) FROM definition_purges")).scalar_one()
     if left:
         raise RuntimeError(
