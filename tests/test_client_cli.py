@@ -64,16 +64,22 @@ def evalctl(live: tuple[ServerProcess, str], *args: str) -> subprocess.Completed
     return evalctl_run(list(args), _env(live))
 
 
-def read_one_line(live: tuple[ServerProcess, str], *args: str) -> tuple[str, int, str]:
-    """evalctl with its stdout closed after one line, as `evalctl ... | head -1` does: (line, exit code, stderr).
-    The output must be larger than a pipe's buffer, so that evalctl is still writing when the pipe closes."""
-    proc = subprocess.Popen(
+def evalctl_started(live: tuple[ServerProcess, str], *args: str) -> subprocess.Popen[str]:
+    """`python -m evalsvc_client.cli ARGS` left running, its stdout and stderr pipes of text: for tests that
+    signal it or read it a line at a time (a fresh interpreter: signals reach it as they would evalctl)."""
+    return subprocess.Popen(
         [sys.executable, "-m", "evalsvc_client.cli", *args],
         env=_env(live),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def read_one_line(live: tuple[ServerProcess, str], *args: str) -> tuple[str, int, str]:
+    """evalctl with its stdout closed after one line, as `evalctl ... | head -1` does: (line, exit code, stderr).
+    The output must be larger than a pipe's buffer, so that evalctl is still writing when the pipe closes."""
+    proc = evalctl_started(live, *args)
     assert proc.stdout is not None and proc.stderr is not None
     line = proc.stdout.readline()
     proc.stdout.close()
@@ -317,13 +323,7 @@ def test_ctrl_c_while_following_a_run_says_how_to_resume(tmp_path: Path) -> None
         def interrupted(*args: str, after: str) -> tuple[str, str]:
             """evalctl `args`, sent SIGINT once it has written a line starting with `after` (stdout with --json,
             else stderr): (stderr, the run's id)."""
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "evalsvc_client.cli", *args],
-                env=_env(idle),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+            proc = evalctl_started(idle, *args)
             assert proc.stdout is not None and proc.stderr is not None
             line = (proc.stdout if "--json" in args else proc.stderr).readline()
             assert line.startswith(after), line

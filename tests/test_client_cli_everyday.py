@@ -29,7 +29,7 @@ from rich.console import Console
 
 from evalsvc.server import EvalServer
 from tests.procs import LISTENING, ServerProcess, evalctl_run, evalsvc_run
-from tests.test_client_cli import CLIENT_DIR, _env, evalctl, live
+from tests.test_client_cli import CLIENT_DIR, _env, evalctl, evalctl_started, live
 from tests.test_tls import Pki, pki, tls_server
 
 __all__ = ["live", "pki", "tls_server"]  # the fixtures, imported for the tests below
@@ -186,18 +186,9 @@ def test_sigterm_and_a_lost_server_while_following_name_the_run_and_the_resume(t
             "items: [{input: x, expected_output: x, response: x}]\ntarget: provided\ngraders: [{exact_match: {}}]\n"
         )
 
-        def started(*args: str) -> tuple[subprocess.Popen[str], str]:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "evalsvc_client.cli", *args],
-                env=_env(idle),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            assert proc.stderr is not None
-            return proc, proc.stderr.readline()
-
-        proc, line = started("run", str(tmp_path / "spec.yaml"), "--no-progress")
+        proc = evalctl_started(idle, "run", str(tmp_path / "spec.yaml"), "--no-progress")
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
         assert line.startswith("created run "), line
         run_id = line.split()[2]
         proc.send_signal(signal.SIGTERM)
@@ -208,13 +199,7 @@ def test_sigterm_and_a_lost_server_while_following_name_the_run_and_the_resume(t
             f" 0` follows it from here, `evalctl cancel {run_id}` stops it)"
         ), err
 
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "evalsvc_client.cli", "watch", run_id, "--json"],
-            env=_env(idle),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = evalctl_started(idle, "watch", run_id, "--json")
         assert proc.stdout is not None and proc.stderr is not None
         assert int(json.loads(proc.stdout.readline())["seq"]) == 1
         assert server.terminate() == 0

@@ -115,11 +115,8 @@ async def list_sizes(conn: AsyncConnection, tenant: str, *, before_id: str | Non
     """(id, about the serialized size) of each dataset `list_page` would answer, in its order, without reading
     the datasets: what a page chooses its datasets by before it reads them (a dataset's annotations alone
     may be 64 KiB). Its texts' and maps' lengths, as usage.saved_bytes counts them."""
-    query = select(DATASETS.c.id, usage.stored_size(DATASETS, usage.DATASET_COLUMNS)).where(DATASETS.c.tenant == tenant)
-    if before_id:
-        query = query.where(DATASETS.c.id < before_id)
-    rows = await conn.execute(query.order_by(DATASETS.c.id.desc()).limit(limit))
-    return [(dataset_id, int(size)) for dataset_id, size in rows]
+    sized = select(DATASETS.c.id, usage.stored_size(DATASETS, usage.DATASET_COLUMNS)).where(DATASETS.c.tenant == tenant)
+    return await usage.sizes_page(conn, sized, DATASETS.c.id, before_id, limit)
 
 
 async def existing_item_ids(conn: AsyncConnection, dataset_id: str, item_ids: Sequence[str]) -> set[str]:

@@ -132,16 +132,13 @@ async def grader_sizes(
     version's definition, up to 256 KiB), in its order, without reading them: what a page chooses its
     graders by before it reads them."""
     size = usage.stored_size(GRADERS, usage.GRADER_COLUMNS) + usage.stored_size(VERSIONS, usage.VERSION_COLUMNS)
-    query = (
+    sized = (
         select(GRADERS.c.id, size)
         .select_from(GRADERS)
         .join(VERSIONS, (VERSIONS.c.grader_id == GRADERS.c.id) & (VERSIONS.c.version == GRADERS.c.latest_version))
         .where(GRADERS.c.tenant == tenant)
     )
-    if before_id:
-        query = query.where(GRADERS.c.id < before_id)
-    rows = await conn.execute(query.order_by(GRADERS.c.id.desc()).limit(limit))
-    return [(grader_id, int(size)) for grader_id, size in rows]
+    return await usage.sizes_page(conn, sized, GRADERS.c.id, before_id, limit)
 
 
 async def list_graders(
@@ -209,11 +206,8 @@ async def target_sizes(
 ) -> list[tuple[str, int]]:
     """(id, about the serialized size) of each target `list_targets` would answer, in its order, without
     reading them: what a page chooses its targets by before it reads them."""
-    query = select(TARGETS.c.id, usage.stored_size(TARGETS, usage.TARGET_COLUMNS)).where(TARGETS.c.tenant == tenant)
-    if before_id:
-        query = query.where(TARGETS.c.id < before_id)
-    rows = await conn.execute(query.order_by(TARGETS.c.id.desc()).limit(limit))
-    return [(target_id, int(size)) for target_id, size in rows]
+    sized = select(TARGETS.c.id, usage.stored_size(TARGETS, usage.TARGET_COLUMNS)).where(TARGETS.c.tenant == tenant)
+    return await usage.sizes_page(conn, sized, TARGETS.c.id, before_id, limit)
 
 
 async def list_targets(

@@ -32,7 +32,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import JSON, ColumnElement, Table, Text, cast, func, select
+from sqlalchemy import JSON, ColumnElement, Select, Table, Text, cast, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -83,6 +83,21 @@ def stored_size(table: Table, columns: Sequence[str]) -> ColumnElement[int]:
     for part in parts[1:]:
         total = total + part
     return total
+
+
+async def sizes_page(
+    conn: AsyncConnection,
+    sized: Select[tuple[str, int]],
+    id_column: ColumnElement[str],
+    before_id: str | None,
+    limit: int,
+) -> list[tuple[str, int]]:
+    """The (id, size) rows of `sized` (a tenant's rows with their `stored_size`) a list page would answer,
+    newest first after the keyset position `before_id`: what it chooses its rows by before it reads them."""
+    if before_id:
+        sized = sized.where(id_column < before_id)
+    rows: Any = await conn.execute(sized.order_by(id_column.desc()).limit(limit))
+    return [(row_id, int(size)) for row_id, size in rows]
 
 
 def described_bytes(row: Mapping[str, Any]) -> int:

@@ -109,6 +109,12 @@ class AsyncEvalClient:
     async def close(self) -> None:
         await self._channel.close()
 
+    async def _tell(self, retrying: Retrying) -> None:
+        """Tell on_retry of a retry, awaiting its answer when it is awaitable (an async callback)."""
+        told = self.options.retrying(retrying)
+        if inspect.isawaitable(told):
+            await told
+
     async def _call(self, method: Callable[..., Awaitable[T]], request: Any, *, retry: bool = True) -> T:
         policy = self.options.retry
         attempt = 0
@@ -122,9 +128,7 @@ class AsyncEvalClient:
                     raise error from None
                 delay = policy.backoff(attempt, error)
                 log.debug("retrying after %s in %.2fs (attempt %d)", error.code.name, delay, attempt)
-                told = self.options.retrying(Retrying(rpc_name(request), error, attempt, delay))
-                if inspect.isawaitable(told):
-                    await told
+                await self._tell(Retrying(rpc_name(request), error, attempt, delay))
                 await asyncio.sleep(delay)
 
     # Runs.
@@ -374,9 +378,7 @@ class AsyncEvalClient:
                 log.info(
                     "watch of %s dropped (%s); resuming after seq %d in %.2fs", run_id, error.code.name, last, delay
                 )
-                told = self.options.retrying(Retrying("WatchRun", error, failures, delay, run_id, last))
-                if inspect.isawaitable(told):
-                    await told
+                await self._tell(Retrying("WatchRun", error, failures, delay, run_id, last))
                 await asyncio.sleep(delay)
             finally:
                 call.cancel()

@@ -92,6 +92,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so that every place that handles one handles both."""
 
 
+def _interruption(signum: int) -> KeyboardInterrupt:
+    """What a signal raises where Ctrl-C raises KeyboardInterrupt: Terminated for SIGTERM."""
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 def _stop_signal(error: KeyboardInterrupt) -> int:
     return signal.SIGTERM if isinstance(error, Terminated) else signal.SIGINT
 
@@ -383,7 +388,7 @@ class _Deferred:
             self._pending = signum
         else:  # outside, or a second signal: at once
             self._pending = None
-            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+            raise _interruption(signum)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -421,7 +426,7 @@ class _Deferred:
     def _raise_pending(self) -> None:
         if self._pending is not None:
             signum, self._pending = self._pending, None
-            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+            raise _interruption(signum)
 
 
 def _follow(client: EvalClient, run_id: str, after_seq: int, args: argparse.Namespace, console: Console) -> pb.Run:
