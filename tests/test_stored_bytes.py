@@ -119,7 +119,7 @@ async def test_a_run_that_fills_its_tenants_storage_ends_failed_keeping_its_resu
     # four) still finish.
     done = run.counts.completed_evaluations
     assert (LIMIT - 30_000) // (len(REPLY) + 500) <= done < LIMIT // len(REPLY) + 12
-    assert len(served.agent.seen) == run.counts.completed_evaluations
+    assert len(served.agent.seen) == run.counts.completed_evaluations  # every call made is recorded
     results = await served.mine.runs.ListRunResults(pb.ListRunResultsRequest(run_id=run.id, page_size=1000))
     assert len(results.results) == run.counts.completed_evaluations  # what it did is kept, and readable
 

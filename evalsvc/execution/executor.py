@@ -176,6 +176,10 @@ class OverLimit:
     end_time: float | None = None
     carried_usd: float = 0.0
     tenant: str = ""
+    # Whether the run's jobs already making calls when it passed the limit finish and are recorded before
+    # it ends (its tenant's stored bytes: the calls are paid for, and the bound is soft by what they store),
+    # rather than being stopped at their next call and abandoned (its budget: a call must not be paid for).
+    started_jobs_finish: bool = False
 
     def ending(self, tenant: str, carried_usd: float) -> OverLimit:
         """This limit with its ending fixed now, carrying `carried_usd`."""
@@ -234,6 +238,8 @@ class Executor:
         self._created: dict[str, CreatedRunInputs] = {}  # insertion order: oldest first
         self._created_items = 0
         self._in_flight: dict[str, set[asyncio.Task[None]]] = defaultdict(set)
+        # Jobs past their start checks (`_over_storage`), by run id: making calls, or about to.
+        self._calling: defaultdict[str, int] = defaultdict(int)
         # Job tasks made but not yet started: one cancelled now never runs `_run_job`'s `finally`, so
         # `_task_done` gives back its share of the claim instead (see `_run_job`).
         self._not_started: set[asyncio.Task[None]] = set()
@@ -466,7 +472,7 @@ class Executor:
                     self._release_claim_slot(job.claim_id)
                 executed += 1
                 if evaluations >= ALONE_FROM_EVALUATIONS:
-                    self._hand_over(part)
+                    self._hand_over_part(part)
                     part, evaluations = [], 0
                 if time.perf_counter() - yielded > INLINE_SLICE_S:
                     await asyncio.sleep(0)
@@ -474,7 +480,7 @@ class Executor:
                     # A turn of the claim loop: the watchdog must not take a long claim for a stuck loop.
                     self._progress["claim"].beat()
         finally:
-            self._hand_over(part)
+            self._hand_over_part(part)
             # Interrupted (a stray cancellation restarts the claim loop): the jobs not executed are no
             # longer worked on here, so their leases are not renewed; they expire and another claim
             # runs them. Renewed, they stayed leased for good and their run never ended. At shutdown
@@ -488,6 +494,13 @@ class Executor:
         if finished:
             self._finished.extend(finished)
             self._finished_ready.set()
+
+    def _hand_over_part(self, part: list[FinishedJob]) -> None:
+        """Queue what `_execute_inline` executed for the recorder: only then are its jobs done with (a
+        run ending over its stored bytes, ended before, would have left them unrecorded)."""
+        self._hand_over(part)
+        for finished in part:
+            self._done_calling(finished.job.run_id)
 
     async def _claim(self, limit: int) -> list[ClaimedJob]:
         """Lease up to `limit` jobs, shared fairly among the runs that have claimable jobs, leaving out
@@ -595,6 +608,23 @@ class Executor:
         if await self._over_storage(job, plan):
             self._finished_ready.set()  # the recorder ends the run once what finished is recorded
             return False
+        self._calling[job.run_id] += 1  # a run ending over its stored bytes waits for this job (OverLimit)
+        queued = False
+        try:
+            queued = await self._evaluate(job, plan, held_up, into)
+            return queued
+        finally:
+            if not queued or into is None:  # queued into `into`: done once its owner hands it over
+                self._done_calling(job.run_id)
+
+    async def _evaluate(
+        self,
+        job: ClaimedJob,
+        plan: RunPlan,
+        held_up: Callable[[], AbstractAsyncContextManager[None]],
+        into: list[FinishedJob] | None,
+    ) -> bool:
+        """`_execute`'s calls and grading, once the job may start: True when it was queued for recording."""
         item = plan.items[job.item_idx]
         # The one budget check: before every outbound call attempt of this job (target, warmups, judges,
         # retries), where the money is spent; calls that cost nothing are never stopped.
@@ -641,6 +671,19 @@ class Executor:
         else:
             into.append(finished)
         return True
+
+    def _done_calling(self, run_id: str) -> None:
+        """A job that started its calls is done with them: the last one of a run ending over a limit
+        wakes the recorder, which ends the run once what finished is recorded."""
+        self._calling[run_id] -= 1
+        if self._calling[run_id] <= 0:
+            del self._calling[run_id]
+            if run_id in self._over_limit:
+                self._finished_ready.set()
+
+    def _finishing(self, run_id: str) -> bool:
+        """Whether a run ending over a limit still waits for jobs that started their calls before it."""
+        return self._over_limit[run_id].started_jobs_finish and run_id in self._calling
 
     def _stopped(self, job: ClaimedJob, use: CacheUse) -> None:
         """A job stopped without a result: what its answered calls cost is kept to be written. When its
@@ -818,7 +861,8 @@ class Executor:
 
     def _check_budget(self, job: ClaimedJob, plan: RunPlan) -> None:
         """Raise BudgetExceeded (and mark the run) when the run's or the tenant's budget is spent."""
-        if job.run_id in self._over_limit:
+        over = self._over_limit.get(job.run_id)
+        if over is not None and not over.started_jobs_finish:
             raise BudgetExceeded
         budget = self._settings.tenant_budget_usd
         if plan.max_cost_usd is not None and plan.spent_usd >= plan.max_cost_usd:
@@ -832,7 +876,8 @@ class Executor:
             )
         else:
             return
-        self._over_limit[job.run_id] = OverLimit("BUDGET_EXCEEDED", message)
+        if over is None:  # a run ending over its stored bytes keeps that ending; this job stops all the same
+            self._over_limit[job.run_id] = OverLimit("BUDGET_EXCEEDED", message)
         raise BudgetExceeded
 
     async def _over_storage(self, job: ClaimedJob, plan: RunPlan) -> bool:
@@ -863,6 +908,7 @@ class Executor:
             f"the tenant stores {held} bytes, its limit of {limit} ({flag_name('max_stored_bytes_per_tenant')}), "
             "so no further evaluation started: delete runs or datasets to make room (a deleted run counts until "
             "it is purged)",
+            started_jobs_finish=True,
         )
         return True
 
@@ -1013,8 +1059,9 @@ class Executor:
                 if self._stopping:
                     return
                 self._finished_ready.clear()
-                if not self._finished and not self._over_limit and not self._unwritten_spend:
-                    await self._finished_ready.wait()
+                endable = any(not self._finishing(run_id) for run_id in self._over_limit)
+                if not self._finished and not endable and not self._unwritten_spend:
+                    await self._finished_ready.wait()  # `_done_calling` wakes it for a run that waited
                 progress.beat()
                 continue
             batch_jobs = self._settings.claim_batch
@@ -1060,15 +1107,17 @@ class Executor:
 
     async def _end_over_limit_runs(self) -> None:
         """Fail the runs that hit their budget or their tenant's stored bytes, once what they finished
-        before it is recorded.
+        before it is recorded - for the stored bytes, also what the jobs that had started their calls
+        then finish (`OverLimit.started_jobs_finish`: docs/errors.md promises they are recorded; stopped,
+        their paid calls were thrown away, one in 40 under load).
 
-        Their jobs still working stop first, before the runs end, rather than after (each would be refused
-        at its next call): what their answered calls cost is then known (`_stopped`) and written with the
-        run's end, so its terminal event and GetRun show the same cost_usd. Calls they had in flight are
-        abandoned, and in no cost_usd. The jobs of every such run are stopped at once and waited for once:
+        Their other jobs still working stop first, before the runs end, rather than after (each would be
+        refused at its next call): what their answered calls cost is then known (`_stopped`) and written
+        with the run's end, so its terminal event and GetRun show the same cost_usd. Calls they had in
+        flight are abandoned, and in no cost_usd. The jobs of every such run are stopped at once and waited for once:
         waited for run by run, 20 runs ended together took up to 20 times STOP_WAIT_S."""
         waiting = {f.job.run_id for f in self._finished}
-        ending = [run_id for run_id in self._over_limit if run_id not in waiting]
+        ending = [run_id for run_id in self._over_limit if run_id not in waiting and not self._finishing(run_id)]
         tasks = [task for run_id in ending for task in self._in_flight.get(run_id, ())]
         for task in tasks:
             task.cancel()

@@ -4,6 +4,7 @@ try's amount and every dollar its stopped jobs handed over can be followed. No s
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections import defaultdict
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from evalsvc.execution import executor as executor_module
-from evalsvc.execution.executor import Executor, OverLimit
+from evalsvc.execution.executor import BudgetExceeded, Executor, OverLimit
 from evalsvc.execution.recorder import EarlyEnd
 
 
@@ -31,6 +32,8 @@ def bare_executor(handed_first: float) -> Executor:
     executor = Executor.__new__(Executor)
     executor._finished = []
     executor._in_flight = {}
+    executor._calling = defaultdict(int)
+    executor._finished_ready = asyncio.Event()
     executor._over_limit = {"r1": OverLimit("BUDGET_EXCEEDED", "over its budget")}
     executor._stopped_spend = {"r1": ("t1", handed_first)}
     executor._unwritten_spend = defaultdict(float)
@@ -108,3 +111,55 @@ async def test_a_run_ended_otherwise_after_a_failed_try_puts_all_it_carried_in_t
         with contextlib.suppress(ConnectionError):
             await executor._end_over_limit_runs()
     assert db.tenant_spend + executor._unwritten_spend["t1"] == pytest.approx(2.0)
+
+
+async def test_a_run_over_its_stored_bytes_ends_once_the_jobs_that_had_started_their_calls_finish(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docs/errors.md: evaluations under way when a tenant passes its stored bytes still finish and are
+    recorded. They were cancelled as the run ended: their target calls paid for, their results thrown
+    away (a run of 40 target calls recorded 39). The run now waits for them; the last one wakes the
+    recorder, and only then is the run ended."""
+    ends: list[str] = []
+
+    async def fail_early(db: Any, tenant: str, run_id: str, *args: Any, **kwargs: Any) -> EarlyEnd:
+        ends.append(run_id)
+        return EarlyEnd(True, None)
+
+    monkeypatch.setattr(executor_module, "fail_early", fail_early)
+    executor = bare_executor(0.0)
+    executor._over_limit = {"r1": OverLimit("STORAGE_QUOTA_EXCEEDED", "over its bytes", started_jobs_finish=True)}
+    calling = asyncio.get_running_loop().create_future()  # a job of r1 waiting for its target's answer
+    job = asyncio.ensure_future(calling)
+    executor._in_flight = {"r1": {job}}  # type: ignore[dict-item]
+    executor._calling["r1"] = 1
+
+    await executor._end_over_limit_runs()
+    assert ends == [] and not job.cancelled() and "r1" in executor._over_limit  # it waits for the job
+
+    calling.set_result(None)  # the job answers, is handed over and recorded
+    executor._in_flight = {}
+    executor._done_calling("r1")
+    assert executor._finished_ready.is_set()  # the recorder is woken to end the run
+    await executor._end_over_limit_runs()
+    assert ends == ["r1"] and "r1" not in executor._over_limit
+
+
+async def test_a_job_of_a_run_over_its_stored_bytes_makes_its_next_calls_within_the_budget() -> None:
+    """A job under way when its run passed its tenant's stored bytes goes on to its judges (their calls
+    are what it needs for a result); a run over its budget refuses them; the budget still stops both."""
+    executor = bare_executor(0.0)
+    executor._settings = SimpleNamespace(tenant_budget_usd=0.0)  # type: ignore[assignment]
+    executor._tenant_spent = {}
+    job = SimpleNamespace(run_id="r1")
+    plan = SimpleNamespace(max_cost_usd=1.0, spent_usd=0.5, tenant="t1")
+    executor._over_limit = {"r1": OverLimit("STORAGE_QUOTA_EXCEEDED", "over its bytes", started_jobs_finish=True)}
+    executor._check_budget(job, plan)  # type: ignore[arg-type]
+    plan.spent_usd = 1.0
+    with pytest.raises(BudgetExceeded):
+        executor._check_budget(job, plan)  # type: ignore[arg-type]
+    assert executor._over_limit["r1"].code == "STORAGE_QUOTA_EXCEEDED"  # the run's ending is kept
+    executor._over_limit = {"r1": OverLimit("BUDGET_EXCEEDED", "over its budget")}
+    plan.spent_usd = 0.0
+    with pytest.raises(BudgetExceeded):
+        executor._check_budget(job, plan)  # type: ignore[arg-type]
