@@ -64,6 +64,18 @@ def evalctl(live: tuple[ServerProcess, str], *args: str) -> subprocess.Completed
     return evalctl_run(list(args), _env(live))
 
 
+def evalctl_json(live: tuple[ServerProcess, str], *args: str) -> Any:
+    """What `evalctl ARGS` printed, parsed as JSON; when it is not JSON, the failure says evalctl's exit code
+    and stderr (once, under load, `webhooks rotate-secret --json` printed nothing, and nothing said why)."""
+    done = evalctl(live, *args)
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError:
+        raise AssertionError(
+            f"evalctl {' '.join(args)} exited {done.returncode}: stdout {done.stdout!r}, stderr {done.stderr!r}"
+        ) from None
+
+
 def evalctl_started(live: tuple[ServerProcess, str], *args: str) -> subprocess.Popen[str]:
     """`python -m evalsvc_client.cli ARGS` left running, its stdout and stderr pipes of text: for tests that
     signal it or read it a line at a time (a fresh interpreter: signals reach it as they would evalctl)."""
@@ -242,7 +254,7 @@ def test_rerun_follows_the_new_run_and_judges_it_as_run_does(live: tuple[ServerP
     assert second.returncode == 1 and "a rerun of the 5 failed or errored items of run " + rerun["id"] in second.stderr
     (tmp_path / "ok.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(2, wrong_every=1000)[1:]))
     (tmp_path / "ok.yaml").write_text("dataset: ok.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
-    ok = json.loads(evalctl(live, "run", str(tmp_path / "ok.yaml"), "--json").stdout)
+    ok = evalctl_json(live, "run", str(tmp_path / "ok.yaml"), "--json")
     nothing = evalctl(live, "rerun", ok["id"])
     assert nothing.returncode == 3 and "NOTHING_TO_RERUN" in nothing.stderr and "nothing to rerun" in nothing.stderr
     both = evalctl(live, "rerun", ok["id"], "--all", "--failed")
@@ -529,7 +541,7 @@ def test_webhooks_commands(tmp_path: Path) -> None:
             assert webhook["signing_secret"].startswith("whsec_") and webhook["event_types"] == ["run.succeeded"]
             shown = evalctl(live, "webhooks", "create", receiver.url, "--description", "second")
             assert "signing secret (shown only now): whsec_" in shown.stdout
-            listed = json.loads(evalctl(live, "webhooks", "list", "--json").stdout)
+            listed = evalctl_json(live, "webhooks", "list", "--json")
             assert [w.get("description", "") for w in listed] == ["second", ""]
             assert all(w["signing_secret"] == "" for w in listed)  # every field is there: this one empty
 
@@ -548,7 +560,7 @@ def test_webhooks_commands(tmp_path: Path) -> None:
             )
             assert json.loads(disabled.stdout)["event_types"] == ["run.failed"]
             assert json.loads(disabled.stdout)["enabled"] is False
-            rotated = json.loads(evalctl(live, "webhooks", "rotate-secret", webhook["id"], "--json").stdout)
+            rotated = evalctl_json(live, "webhooks", "rotate-secret", webhook["id"], "--json")
             assert rotated["signing_secret"] != webhook["signing_secret"]
             assert evalctl(live, "webhooks", "delete", webhook["id"]).returncode == 0
             missing = evalctl(live, "webhooks", "get", webhook["id"])
@@ -938,7 +950,7 @@ def test_datasets_create_from_a_file_list_items_round_trip_and_run(
 
     got = evalctl(live, "datasets", "get", dataset["id"], "--json")
     assert got.returncode == 0 and json.loads(got.stdout)["item_count"] == 2500
-    listed = [d["id"] for d in json.loads(evalctl(live, "datasets", "list", "--json").stdout)]
+    listed = [d["id"] for d in evalctl_json(live, "datasets", "list", "--json")]
     assert listed.index(copy["id"]) < listed.index(dataset["id"])  # newest first
     table = evalctl(live, "datasets", "list")
     assert table.returncode == 0 and dataset["id"] in table.stdout and "2500" in table.stdout
@@ -987,7 +999,7 @@ def test_datasets_refuse_bad_input_in_one_line(live: tuple[ServerProcess, str], 
         assert "Traceback" not in result.stderr and result.stdout == "", (args, result.stderr)
         return result.stderr
 
-    before = json.loads(evalctl(live, "datasets", "list", "--json").stdout)
+    before = evalctl_json(live, "datasets", "list", "--json")
     missing = refused("create", "nothing here", "--from", str(tmp_path / "absent.jsonl"))
     assert missing == f"evalctl: {tmp_path / 'absent.jsonl'}: no such dataset file\n"
     (tmp_path / "bad.jsonl").write_text('{"input": "a"}\n{"input": "b"}\n{"input": "c",\n')
@@ -1006,7 +1018,7 @@ def test_datasets_refuse_bad_input_in_one_line(live: tuple[ServerProcess, str], 
     (tmp_path / "cols.csv").write_text("question,answer\nq,a\n")
     cols = refused("create", "cols", "--from", str(tmp_path / "cols.csv"))
     assert cols == "evalctl: cols.csv:1: no 'input' column; its first line names the columns 'question', 'answer'\n"
-    assert json.loads(evalctl(live, "datasets", "list", "--json").stdout) == before
+    assert evalctl_json(live, "datasets", "list", "--json") == before
 
     for args in (("get", "ds_nope"), ("items", "ds_nope"), ("delete", "ds_nope")):
         err = refused(*args)
@@ -1026,7 +1038,7 @@ def test_datasets_refuse_bad_input_in_one_line(live: tuple[ServerProcess, str], 
     err = refused("add", made["id"], str(tmp_path / "twice.jsonl"))
     assert err.startswith(f"evalctl: dataset {made['id']} has the first 1000 of the 1001 items of "), err
     assert "the dataset already has an item 'taken'" in err
-    assert json.loads(evalctl(live, "datasets", "get", made["id"], "--json").stdout)["item_count"] == 1001
+    assert evalctl_json(live, "datasets", "get", made["id"], "--json")["item_count"] == 1001
 
 
 def test_item_chunks_keep_order_and_fit_any_server() -> None:
@@ -1196,7 +1208,7 @@ def test_a_gated_compare_of_a_run_still_executing_has_no_verdict(
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     graders = "graders: [{name: exact, exact_match: {}}]\n"
     (tmp_path / "base.yaml").write_text("dataset: qa.jsonl\ntarget: provided\n" + graders)
-    base = json.loads(evalctl(outbound_live, "run", str(tmp_path / "base.yaml"), "--json").stdout)["id"]
+    base = evalctl_json(outbound_live, "run", str(tmp_path / "base.yaml"), "--json")["id"]
     gate = threading.Event()
     with FakeEndpoint(chat_reply("ok"), Reply(chat_reply("WRONG").body, gate=gate)) as model:
         try:
@@ -1245,8 +1257,8 @@ def test_json_outputs_carry_every_field_at_its_default_too(live: tuple[ServerPro
         failed = [json.loads(line) for line in lines.splitlines() if "RESULT_STATE_FAILED" in line]
         assert len(failed) == 2 and all(r["score"] == 0.0 and r["passed"] is False for r in failed), failed
         assert all("item_id" in r and "error_reason" in r for r in failed)  # snake_case, as the .proto
-    assert json.loads(evalctl(live, "get", run["id"], "--json").stdout)["counts"]["errored"] == 0
-    [listed] = json.loads(evalctl(live, "list", "--label", "suite=defaults", "--json").stdout)
+    assert evalctl_json(live, "get", run["id"], "--json")["counts"]["errored"] == 0
+    [listed] = evalctl_json(live, "list", "--label", "suite=defaults", "--json")
     assert listed["counts"]["errored"] == 0
     events = [json.loads(line) for line in evalctl(live, "watch", run["id"], "--json").stdout.splitlines()]
     assert all("seq" in event for event in events)
@@ -1270,7 +1282,7 @@ def test_delete_says_it_deleted_and_get_says_a_run_is_deleted(live: tuple[Server
     """`evalctl delete RUN` printed the run's summary alone, and `get` of a deleted run read as any other."""
     (tmp_path / "qa.jsonl").write_text('{"input": "x", "expected_output": "x", "response": "x"}\n')
     (tmp_path / "spec.yaml").write_text("dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
-    run_id = json.loads(evalctl(live, "run", str(tmp_path / "spec.yaml"), "--json").stdout)["id"]
+    run_id = evalctl_json(live, "run", str(tmp_path / "spec.yaml"), "--json")["id"]
     deleted = evalctl(live, "delete", run_id)
     assert deleted.returncode == 0, deleted.stderr
     assert f"deleted run {run_id}: `evalctl undelete {run_id}` restores it until the server purges it" in (
@@ -1339,7 +1351,7 @@ def test_nothing_to_rerun_names_evalctls_flags(live: tuple[ServerProcess, str], 
     """The refusal named RERUN_SCOPE_ITEMS_ERRORED and RERUN_SCOPE_ITEMS_ALL, which evalctl does not take."""
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(4, wrong_every=2)))
     (tmp_path / "spec.yaml").write_text("dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
-    run_id = json.loads(evalctl(live, "run", str(tmp_path / "spec.yaml"), "--json").stdout)["id"]
+    run_id = evalctl_json(live, "run", str(tmp_path / "spec.yaml"), "--json")["id"]
     nothing = evalctl(live, "rerun", run_id)
     assert nothing.returncode == 3 and "(NOTHING_TO_RERUN)" in nothing.stderr
     assert f"nothing to rerun: no item of run {run_id} is errored" in nothing.stderr, nothing.stderr
@@ -1356,7 +1368,7 @@ def test_an_output_in_a_missing_directory_names_the_path_given(live: tuple[Serve
     (tmp_path / "spec.yaml").write_text(
         "dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\nlabels: {suite: nowhere}\n"
     )
-    run_id = json.loads(evalctl(live, "run", str(tmp_path / "spec.yaml"), "--json").stdout)["id"]
+    run_id = evalctl_json(live, "run", str(tmp_path / "spec.yaml"), "--json")["id"]
     missing = tmp_path / "missing" / "x.jsonl"
     for args in (
         ["results", run_id, "--format", "jsonl", "-o", str(missing)],
@@ -1367,7 +1379,7 @@ def test_an_output_in_a_missing_directory_names_the_path_given(live: tuple[Serve
         refused = evalctl(live, *args)
         assert refused.returncode == 3, (args, refused.stderr)
         assert refused.stderr == f"evalctl: cannot write {missing}: no such directory '{missing.parent}'\n"
-    assert len(json.loads(evalctl(live, "list", "--label", "suite=nowhere", "--json").stdout)) == 1  # no run made
+    assert len(evalctl_json(live, "list", "--label", "suite=nowhere", "--json")) == 1  # no run made
     not_a_file = evalctl(live, "results", run_id, "--format", "jsonl", "-o", str(tmp_path))
     assert not_a_file.returncode == 3 and f"cannot write {tmp_path}: it is a directory" in not_a_file.stderr
 
@@ -1445,14 +1457,14 @@ def test_graders_and_targets_list_get_and_delete(live: tuple[ServerProcess, str]
     assert "first-grader" in row and "contains" in row and "2 of 2" in row and "team=qa" in row, row
     cut = evalctl(live, "graders", "list", "--limit", "1", "--json")
     assert len(json.loads(cut.stdout)) == 1 and "showing the newest 1 grader; more exist" in cut.stderr
-    old = json.loads(evalctl(live, "graders", "get", graders[0].id, "--version", "1", "--json").stdout)
+    old = evalctl_json(live, "graders", "get", graders[0].id, "--version", "1", "--json")
     assert old["version"] == 1 and "exact_match" in old["grader"]  # the version asked for, not the latest
     deleted = evalctl(live, "graders", "delete", graders[0].id)
     assert deleted.returncode == 0 and f"deleted grader {graders[0].id}" in deleted.stderr
     gone = evalctl(live, "graders", "get", graders[0].id)
     assert gone.returncode == 3 and "NOT_FOUND" in gone.stderr
 
-    target_rows = {t["id"]: t for t in json.loads(evalctl(live, "targets", "list", "--json").stdout)}
+    target_rows = {t["id"]: t for t in evalctl_json(live, "targets", "list", "--json")}
     assert (
         target_rows[targets[0].id]["display_name"] == "first-target" and "echo" in target_rows[targets[0].id]["target"]
     )
@@ -1471,7 +1483,7 @@ def test_update_renames_and_sets_and_removes_labels_and_changes_nothing_else(
     """There was no way to rename or relabel a run from the shell. `update` changes what it is given alone:
     each --label and --remove-label one key, the other labels kept."""
     run_id = _triage_run(live, tmp_path, labels="{team: a, old: x, keep: y}")
-    before = json.loads(evalctl(live, "get", run_id, "--json").stdout)
+    before = evalctl_json(live, "get", run_id, "--json")
     updated = evalctl(
         live, "update", run_id, "--name", "renamed", "--label", "team=b", "--label", "stage=triaged",
         "--remove-label", "old", "--json",
@@ -1482,7 +1494,7 @@ def test_update_renames_and_sets_and_removes_labels_and_changes_nothing_else(
     assert after["labels"] == {"team": "b", "stage": "triaged", "keep": "y"}
     changed = {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
     assert changed == {"display_name", "labels", "etag", "update_time"}, changed  # the run's, not its definition
-    assert json.loads(evalctl(live, "get", run_id, "--json").stdout) == after
+    assert evalctl_json(live, "get", run_id, "--json") == after
 
     labelled = evalctl(live, "update", run_id, "--remove-label", "keep")
     assert labelled.returncode == 0 and f"updated run {run_id}" in labelled.stderr
@@ -1493,4 +1505,4 @@ def test_update_renames_and_sets_and_removes_labels_and_changes_nothing_else(
     assert nothing.returncode == 3 and "nothing to change" in nothing.stderr
     bad = evalctl(live, "update", run_id, "--label", "team")
     assert bad.returncode == 3 and "'team' is not KEY=VALUE" in bad.stderr
-    assert json.loads(evalctl(live, "get", run_id, "--json").stdout)["display_name"] == "renamed"
+    assert evalctl_json(live, "get", run_id, "--json")["display_name"] == "renamed"
