@@ -8,8 +8,12 @@ definition makes room."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+import json
+import logging
+import re
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +156,61 @@ async def test_a_run_that_fills_its_tenants_storage_ends_failed_keeping_its_resu
     assert len(served.agent.seen) == run.counts.completed_evaluations  # no model call was made for them
     theirs = await served.theirs.run_to_end(agent_run(served.agent.url, 10))
     assert theirs.status == run_pb2.RUN_STATUS_SUCCEEDED or theirs.counts.completed_evaluations == 10
+
+
+@contextmanager
+def logged(logger_name: str, text: str) -> Iterator[threading.Event]:
+    """An event set when `logger_name` logs a line containing `text` (at INFO or above)."""
+    seen = threading.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if text in record.getMessage():
+                seen.set()
+
+    logger, handler = logging.getLogger(logger_name), Watch()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+async def test_a_call_under_way_as_its_run_passes_the_storage_is_recorded_before_the_run_ends(tmp_path: Path) -> None:
+    """docs/errors.md: evaluations under way when the tenant passes its bytes still finish, and are
+    recorded. The first item's call is held while the others fill the tenant's storage; the run waits
+    for it (it was cancelled as the run ended: its call paid for, its result thrown away), then ends."""
+    held = threading.Event()
+    first = Reply({"content": REPLY}, gate=held)
+    with FakeEndpoint(first, Reply({"content": REPLY}, delay_s=0.01)) as agent:
+        try:
+            with logged("evalsvc.execution.executor", "ends over its tenant's stored bytes") as marked:
+                async with EvalServiceTestServer(
+                    database_url=dbs.db_url(tmp_path),
+                    max_stored_bytes_per_tenant=LIMIT,
+                    workers=2,
+                    max_workers_per_tenant=2,
+                    claim_batch=4,
+                    outbound_allow="127.0.0.1",
+                ) as server:
+                    mine = Tenant.on(server.channel)
+                    created = (await mine.runs.CreateRun(agent_run(agent.url, 200))).run
+                    assert await asyncio.to_thread(marked.wait, 60)  # past its bytes, the first call still held
+                    waiting = (await mine.runs.GetRun(pb.GetRunRequest(run_id=created.id))).run
+                    assert waiting.status == run_pb2.RUN_STATUS_RUNNING
+                    held.set()
+                    await watch_all(mine.runs, created.id)
+                    run = (await mine.runs.GetRun(pb.GetRunRequest(run_id=created.id))).run
+                    results = await mine.runs.ListRunResults(pb.ListRunResultsRequest(run_id=run.id, page_size=1000))
+        finally:
+            held.set()
+    assert run.status == run_pb2.RUN_STATUS_FAILED and run.error.code == "STORAGE_QUOTA_EXCEEDED", run.error
+    assert len(agent.seen) == run.counts.completed_evaluations == len(results.results)
+    [asked] = re.findall(r'"q(\d+)"', json.dumps(agent.seen[0].body))  # the held call's item: its input
+    assert f"i{asked}" in {r.item_id for r in results.results}
 
 
 async def test_dataset_items_count_and_deleting_the_dataset_makes_room(served: Served) -> None:

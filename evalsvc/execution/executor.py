@@ -158,6 +158,9 @@ class CacheUse:
     # What all its answered calls cost, as `Executor._spend` counted them: recorded with its run's end
     # when the job is stopped without a result because its run is ending over a limit (`_stopped`).
     spent_usd: float = 0.0
+    # Whether it has passed its first call's guard (`Executor._check_budget`): counted in `Executor._calling`
+    # from then on, so a run ending over its stored bytes waits for it.
+    calling: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,9 +179,10 @@ class OverLimit:
     end_time: float | None = None
     carried_usd: float = 0.0
     tenant: str = ""
-    # Whether the run's jobs already making calls when it passed the limit finish and are recorded before
-    # it ends (its tenant's stored bytes: the calls are paid for, and the bound is soft by what they store),
-    # rather than being stopped at their next call and abandoned (its budget: a call must not be paid for).
+    # Whether the run's jobs that had made calls when it passed the limit finish and are recorded before it
+    # ends (its tenant's stored bytes: those calls are paid for, and the bound is soft by what they store),
+    # rather than being stopped at their next call and abandoned (its budget: no further call may be paid
+    # for). Its jobs that had made none are stopped at their first, either way.
     started_jobs_finish: bool = False
 
     def ending(self, tenant: str, carried_usd: float) -> OverLimit:
@@ -510,7 +514,10 @@ class Executor:
 
         async def claim(conn: AsyncConnection) -> tuple[list[ClaimedJob], list[pb.WatchRunResponse]]:
             runs = await run_store.claimable_runs(conn, now)
-            quotas = self._round_robin.shares([r for r in runs if r[1] not in self._held_up_jobs], limit)
+            # Runs ending over a limit are left out too: their jobs would only be claimed to be dropped
+            # (`_over_storage`), again at every lease's expiry while the run waits for its last calls.
+            wanted = [r for r in runs if r[1] not in self._held_up_jobs and r[1] not in self._over_limit]
+            quotas = self._round_robin.shares(wanted, limit)
             jobs = await job_store.claim(
                 conn,
                 owner=self.owner,
@@ -608,13 +615,11 @@ class Executor:
         if await self._over_storage(job, plan):
             self._finished_ready.set()  # the recorder ends the run once what finished is recorded
             return False
-        self._calling[job.run_id] += 1  # a run ending over its stored bytes waits for this job (OverLimit)
-        queued = False
+        use = CacheUse()
         try:
-            queued = await self._evaluate(job, plan, held_up, into)
-            return queued
+            return await self._evaluate(job, plan, held_up, into, use)
         finally:
-            if not queued or into is None:  # queued into `into`: done once its owner hands it over
+            if use.calling:
                 self._done_calling(job.run_id)
 
     async def _evaluate(
@@ -623,15 +628,15 @@ class Executor:
         plan: RunPlan,
         held_up: Callable[[], AbstractAsyncContextManager[None]],
         into: list[FinishedJob] | None,
+        use: CacheUse,
     ) -> bool:
         """`_execute`'s calls and grading, once the job may start: True when it was queued for recording."""
         item = plan.items[job.item_idx]
         # The one budget check: before every outbound call attempt of this job (target, warmups, judges,
         # retries), where the money is spent; calls that cost nothing are never stopped.
-        call_guard.set(lambda: self._check_budget(job, plan))
+        call_guard.set(lambda: self._check_budget(job, plan, use))
         # Whose turn its calls (target, warmups, judges) wait for when their endpoint's slots are taken.
         call_tenant.set(plan.tenant)
-        use = CacheUse()
         try:
             try:
                 output = await self._respond(job, plan, item, use)
@@ -670,6 +675,7 @@ class Executor:
             self._hand_over([finished])
         else:
             into.append(finished)
+            self._calling[job.run_id] += 1  # done once `_hand_over_part` hands it over
         return True
 
     def _done_calling(self, run_id: str) -> None:
@@ -859,10 +865,12 @@ class Executor:
             )
         return grade
 
-    def _check_budget(self, job: ClaimedJob, plan: RunPlan) -> None:
-        """Raise BudgetExceeded (and mark the run) when the run's or the tenant's budget is spent."""
+    def _check_budget(self, job: ClaimedJob, plan: RunPlan, use: CacheUse) -> None:
+        """Raise BudgetExceeded (and mark the run) when the run's or the tenant's budget is spent, or when
+        the run is ending over a limit - unless over its stored bytes with this job's calls under way: it
+        finishes (`OverLimit.started_jobs_finish`). A job passing its first guard counts as calling."""
         over = self._over_limit.get(job.run_id)
-        if over is not None and not over.started_jobs_finish:
+        if over is not None and not (over.started_jobs_finish and use.calling):
             raise BudgetExceeded
         budget = self._settings.tenant_budget_usd
         if plan.max_cost_usd is not None and plan.spent_usd >= plan.max_cost_usd:
@@ -875,6 +883,9 @@ class Executor:
                 f"the tenant's spend reached its ${budget:.2f} budget (--tenant-budget-usd), so no further call started"
             )
         else:
+            if not use.calling:
+                use.calling = True
+                self._calling[job.run_id] += 1
             return
         if over is None:  # a run ending over its stored bytes keeps that ending; this job stops all the same
             self._over_limit[job.run_id] = OverLimit("BUDGET_EXCEEDED", message)
@@ -909,6 +920,13 @@ class Executor:
             "so no further evaluation started: delete runs or datasets to make room (a deleted run counts until "
             "it is purged)",
             started_jobs_finish=True,
+        )
+        log.info(
+            "run %s ends over its tenant's stored bytes (%d of %d) once its %d jobs with calls under way are recorded",
+            job.run_id,
+            held,
+            limit,
+            self._calling.get(job.run_id, 0),
         )
         return True
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from evalsvc.execution import executor as executor_module
-from evalsvc.execution.executor import BudgetExceeded, Executor, OverLimit
+from evalsvc.execution.executor import BudgetExceeded, CacheUse, Executor, OverLimit
 from evalsvc.execution.recorder import EarlyEnd
 
 
@@ -145,21 +145,29 @@ async def test_a_run_over_its_stored_bytes_ends_once_the_jobs_that_had_started_t
     assert ends == ["r1"] and "r1" not in executor._over_limit
 
 
-async def test_a_job_of_a_run_over_its_stored_bytes_makes_its_next_calls_within_the_budget() -> None:
-    """A job under way when its run passed its tenant's stored bytes goes on to its judges (their calls
-    are what it needs for a result); a run over its budget refuses them; the budget still stops both."""
+async def test_a_job_with_calls_under_way_as_its_run_passed_its_stored_bytes_makes_the_rest_within_the_budget() -> None:
+    """A job whose calls were under way when its run passed its tenant's stored bytes goes on to its next
+    calls (its judges: what it needs for a result); one that had made none is stopped at its first, as a
+    job of a run over its budget is at any; the budget still stops them all."""
     executor = bare_executor(0.0)
     executor._settings = SimpleNamespace(tenant_budget_usd=0.0)  # type: ignore[assignment]
     executor._tenant_spent = {}
     job = SimpleNamespace(run_id="r1")
     plan = SimpleNamespace(max_cost_usd=1.0, spent_usd=0.5, tenant="t1")
+    calling, not_yet = CacheUse(), CacheUse()
+    executor._over_limit = {}
+    executor._check_budget(job, plan, calling)  # type: ignore[arg-type]
+    assert calling.calling and executor._calling["r1"] == 1
     executor._over_limit = {"r1": OverLimit("STORAGE_QUOTA_EXCEEDED", "over its bytes", started_jobs_finish=True)}
-    executor._check_budget(job, plan)  # type: ignore[arg-type]
+    executor._check_budget(job, plan, calling)  # type: ignore[arg-type]
+    with pytest.raises(BudgetExceeded):
+        executor._check_budget(job, plan, not_yet)  # type: ignore[arg-type]
+    assert executor._calling["r1"] == 1  # the job that never called is not waited for
     plan.spent_usd = 1.0
     with pytest.raises(BudgetExceeded):
-        executor._check_budget(job, plan)  # type: ignore[arg-type]
+        executor._check_budget(job, plan, calling)  # type: ignore[arg-type]
     assert executor._over_limit["r1"].code == "STORAGE_QUOTA_EXCEEDED"  # the run's ending is kept
     executor._over_limit = {"r1": OverLimit("BUDGET_EXCEEDED", "over its budget")}
     plan.spent_usd = 0.0
     with pytest.raises(BudgetExceeded):
-        executor._check_budget(job, plan)  # type: ignore[arg-type]
+        executor._check_budget(job, plan, calling)  # type: ignore[arg-type]
