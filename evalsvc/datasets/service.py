@@ -224,7 +224,7 @@ class DatasetService:
             chosen = [dataset_id for dataset_id, _ in sizes[:fitting]]
             # By id: read again by position, a dataset created between the reads took the first place and
             # pushed the last chosen one off a last page (no token): a dataset silently missing.
-            rows = await dataset_store.list_page(conn, tenant, ids=chosen) if chosen else []
+            rows = await dataset_store.list_page(conn, tenant, chosen)
             generations = await dataset_store.generations_of(conn, [row.id for row in rows])
         datasets = [dataset_from(row, generations.get(row.id)) for row in rows]
         return self._page_tokens.chosen_page(
@@ -233,7 +233,7 @@ class DatasetService:
             {},
             datasets,
             lambda i: datasets[i].id,
-            last_chosen=chosen[-1] if chosen else None,
+            chosen=chosen,
             more=len(sizes) > fitting,
         )
 

@@ -12,8 +12,7 @@ counts alone allowed about 256 GiB of grader versions a tenant. Ids are the serv
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -70,11 +69,6 @@ def saved_target_from(target: SavedTargetRecord) -> target_service_pb2.SavedTarg
         target=target_pb2.Target.FromString(target.definition),
         create_time=timestamp(target.create_time),
     )
-
-
-def _chosen(chosen: Sequence[str], more: bool) -> dict[str, Any]:
-    """`PageTokens.chosen_page`'s keywords for a page of the rows of these ids."""
-    return {"last_chosen": chosen[-1] if chosen else None, "more": more}
 
 
 class DefinitionService:
@@ -181,10 +175,10 @@ class DefinitionService:
             fitting = self._page_tokens.fitting_sizes(size for _, size in sizes[:limit])
             chosen = [grader_id for grader_id, _ in sizes[:fitting]]
             # By id, as DatasetService.list: a grader created between the reads pushed one off the page.
-            rows = await store.list_graders(conn, tenant, ids=chosen) if chosen else []
+            rows = await store.list_graders(conn, tenant, chosen)
         graders = [saved_grader_from(grader, version) for grader, version in rows]
         return self._page_tokens.chosen_page(
-            tenant, "graders", {}, graders, lambda i: graders[i].id, **_chosen(chosen, len(sizes) > fitting)
+            tenant, "graders", {}, graders, lambda i: graders[i].id, chosen=chosen, more=len(sizes) > fitting
         )
 
     async def update_grader(
@@ -298,10 +292,10 @@ class DefinitionService:
             sizes = await store.target_sizes(conn, tenant, before_id=before, limit=limit + 1)
             fitting = self._page_tokens.fitting_sizes(size for _, size in sizes[:limit])
             chosen = [target_id for target_id, _ in sizes[:fitting]]
-            rows = await store.list_targets(conn, tenant, ids=chosen) if chosen else []
+            rows = await store.list_targets(conn, tenant, chosen)
         targets = [saved_target_from(row) for row in rows]
         return self._page_tokens.chosen_page(
-            tenant, "targets", {}, targets, lambda i: targets[i].id, **_chosen(chosen, len(sizes) > fitting)
+            tenant, "targets", {}, targets, lambda i: targets[i].id, chosen=chosen, more=len(sizes) > fitting
         )
 
     async def delete_target(self, tenant: str, target_id: str) -> None:

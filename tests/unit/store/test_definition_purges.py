@@ -82,7 +82,7 @@ async def test_a_deleted_dataset_is_gone_at_once_and_its_items_go_a_chunk_per_tr
     # NOT_FOUND from this commit on, its items still there (the one transaction did not delete them).
     async with db.read() as conn:
         assert await dataset_store.get(conn, "t1", dataset_id) is None
-        assert [d.id for d in await dataset_store.list_page(conn, "t1", before_id=None, limit=10)] == [kept]
+        assert [d for d, _ in await dataset_store.list_sizes(conn, "t1", before_id=None, limit=10)] == [kept]
     assert await count(db, dataset_store.ITEMS, "dataset_id", dataset_id) == 25
     assert await stored(db, "t1") == after_kept  # its own bytes and its items', at once
     assert not await db.transact(lambda conn: dataset_store.remove(conn, "t1", dataset_id))  # deleted once
