@@ -141,9 +141,14 @@ class DatasetService:
     ) -> None:
         self._db = db
         self._on_deleted = on_deleted  # wakes the purge loop (evalsvc.runs.retention.RunPurger.wake)
-        self._limits = limits  # its page reads' line (`in_page_line`)
+        self._limits = limits
         self._page_tokens = page_tokens
         self._caps = caps
+
+    @property
+    def limits(self) -> TenantLimits:
+        """The tenants' limits, whose line its page reads take their turns in (`in_page_line`)."""
+        return self._limits
 
     async def create(self, tenant: str, request: pb.CreateDatasetRequest) -> pb.Dataset:
         """Create an empty dataset (idempotent by request_id)."""

@@ -87,11 +87,16 @@ class DefinitionService:
     ) -> None:
         self._db = db
         self._on_deleted = on_deleted  # wakes the purge loop (evalsvc.runs.retention.RunPurger.wake)
-        self._limits = limits  # its page reads' line (`in_page_line`)
+        self._limits = limits
         self._caps = caps
         self._secrets = secrets
         self._outbound_allow = outbound_allow
         self._page_tokens = page_tokens
+
+    @property
+    def limits(self) -> TenantLimits:
+        """The tenants' limits, whose line its page reads take their turns in (`in_page_line`)."""
+        return self._limits
 
     async def _check_grader(self, tenant: str, grader: grader_pb2.Grader, at: str) -> list[FieldViolation]:
         if grader.WhichOneof("kind") == "saved":

@@ -329,6 +329,11 @@ class RunService:
         # A tenant's large CreateRuns, one at a time in this process (`_create_staged`).
         self._stagings = KeyedLocks()
 
+    @property
+    def limits(self) -> TenantLimits:
+        """The tenants' limits, whose line its page reads take their turns in (`in_page_line`)."""
+        return self._limits
+
     async def create(self, tenant: str, request: pb.CreateRunRequest) -> CreatedRun:
         """Validate, resolve saved definitions, then store the run, its items, jobs and first event in
         one transaction. The stored run is a snapshot: later edits of datasets or saved definitions
