@@ -117,18 +117,19 @@ class PageTokens:
         messages: Sequence[M],
         position: Callable[[int], Any],
         *,
-        last_chosen: Any,
+        chosen: Sequence[Any],
         more: bool,
     ) -> tuple[list[M], str]:
         """A page of list `kind` whose rows were chosen by their sizes (`fitting_sizes`), then read by id:
-        the leading `messages` that fit, and the token of the page after them. `more` when rows were left
-        after those chosen (by `fitting_sizes`, or past the page's limit): the token goes after the last
-        chosen row (`last_chosen`), even when it, or every chosen row, was deleted between the reads; the
+        the leading `messages` that fit, and the token of the page after them. `chosen` are the positions
+        of the rows chosen, in order; `more` when rows were left after them (by `fitting_sizes`, or past
+        the page's limit; `fitting_sizes` chooses at least one of a page that has rows): the token goes
+        after the last chosen row, even when it, or every chosen row, was deleted between the reads; the
         rows created meanwhile are newer than the page and not on it."""
         kept = list(messages[: self.fitting(messages)])
         if len(kept) < len(messages):
             return kept, self.encode(tenant, kind, query, position(len(kept) - 1))
-        return kept, self.encode(tenant, kind, query, last_chosen) if more else ""
+        return kept, self.encode(tenant, kind, query, chosen[-1]) if more else ""
 
     def encode(self, tenant: str, kind: str, query: dict[str, Any], position: Any) -> str:
         """The token of the page after `position` in list `kind` with filters `query`."""

@@ -366,7 +366,8 @@ HELD_CALL: ContextVar[HeldCall | None] = ContextVar("held_call", default=None)
 class _Paging(Protocol):
     """A service whose page reads take their turn of their tenant's line."""
 
-    _limits: TenantLimits
+    @property
+    def limits(self) -> TenantLimits: ...
 
 
 Service = TypeVar("Service", bound=_Paging)
@@ -384,7 +385,7 @@ def in_page_line(
 
     @functools.wraps(read)
     async def in_turn(service: Service, tenant: str, request: Request) -> Page:
-        async with service._limits.page_read(tenant):
+        async with service.limits.page_read(tenant):
             return await read(service, tenant, request)
 
     return in_turn

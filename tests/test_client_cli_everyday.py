@@ -35,6 +35,22 @@ from tests.test_tls import Pki, pki, tls_server
 __all__ = ["live", "pki", "tls_server"]  # the fixtures, imported for the tests below
 
 Live = tuple[ServerProcess, str]
+# A run of one item whose response is given: nothing to call out to, nothing for a worker to wait for.
+ONE_ITEM_SPEC = "items: [{input: x, expected_output: x, response: x}]\ntarget: provided\ngraders: [{exact_match: {}}]\n"
+
+
+def one_item_spec(tmp_path: Path) -> str:
+    """The path of ONE_ITEM_SPEC, written in `tmp_path`."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(ONE_ITEM_SPEC)
+    return str(spec)
+
+
+def keyed(server: ServerProcess) -> Live:
+    """A test's own server with its bootstrap key, as `live` gives the module's."""
+    key = server.bootstrap_key()
+    assert key
+    return server, key
 
 
 def evalctl_process(
@@ -179,14 +195,10 @@ def test_sigterm_and_a_lost_server_while_following_name_the_run_and_the_resume(t
     server = ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 'idle.db'}", tmp_path / "server.log", "--workers", "0")
     server_up = True
     try:
-        key = server.bootstrap_key()
-        assert key
-        idle = (server, key)
-        (tmp_path / "spec.yaml").write_text(
-            "items: [{input: x, expected_output: x, response: x}]\ntarget: provided\ngraders: [{exact_match: {}}]\n"
-        )
+        idle = keyed(server)
+        spec = one_item_spec(tmp_path)
 
-        proc = evalctl_started(idle, "run", str(tmp_path / "spec.yaml"), "--no-progress")
+        proc = evalctl_started(idle, "run", spec, "--no-progress")
         assert proc.stderr is not None
         line = proc.stderr.readline()
         assert line.startswith("created run "), line
@@ -221,10 +233,8 @@ def test_a_watch_that_fails_names_the_run_and_the_resume(
     live: Live, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The watch's reconnections used up (41 s with the server gone): the error alone, the run unnamed."""
-    (tmp_path / "spec.yaml").write_text(
-        "items: [{input: x, expected_output: x, response: x}]\ntarget: provided\ngraders: [{exact_match: {}}]\n"
-    )
-    created = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--detach")
+    spec = one_item_spec(tmp_path)
+    created = evalctl(live, "run", spec, "--detach")
     run_id = created.stdout.strip()
     real_watch = cli.EvalClient.watch
 
@@ -327,15 +337,11 @@ def test_a_rate_limited_create_run_says_it_waits(tmp_path: Path) -> None:
         "1",
     )
     try:
-        key = server.bootstrap_key()
-        assert key
-        limited = (server, key)
-        (tmp_path / "spec.yaml").write_text(
-            "items: [{input: x, expected_output: x, response: x}]\ntarget: provided\ngraders: [{exact_match: {}}]\n"
-        )
-        first = evalctl(limited, "run", str(tmp_path / "spec.yaml"), "--detach")
+        limited = keyed(server)
+        spec = one_item_spec(tmp_path)
+        first = evalctl(limited, "run", spec, "--detach")
         assert first.returncode == cli.EXIT_OK and "rate-limited" not in first.stderr, first.stderr
-        second = evalctl(limited, "run", str(tmp_path / "spec.yaml"), "--detach")
+        second = evalctl(limited, "run", spec, "--detach")
         assert second.returncode == cli.EXIT_OK, second.stderr
         said = second.stderr.splitlines()
         assert re.fullmatch(r"rate-limited \(create_run_rate\); retrying CreateRun in \d\.\d s", said[0]), said
@@ -420,9 +426,7 @@ def test_a_signal_during_create_run_says_the_request_id_that_finds_the_run(
 ) -> None:
     """SIGTERM while CreateRun was under way said `terminated (SIGTERM)` alone: a run perhaps made, nobody told, its
     request_id (a fresh uuid) said nowhere, and the CI job's retry made another."""
-    (tmp_path / "spec.yaml").write_text(
-        "items: [{input: x, expected_output: x, response: x}]\ntarget: provided\ngraders: [{exact_match: {}}]\n"
-    )
+    spec = one_item_spec(tmp_path)
     sent: list[str] = []
 
     def interrupted(self: cli.EvalClient, request: pb.runs.CreateRunRequest) -> pb.runs.CreateRunResponse:
@@ -430,7 +434,6 @@ def test_a_signal_during_create_run_says_the_request_id_that_finds_the_run(
         raise stop
 
     monkeypatch.setattr(cli.EvalClient, "create_run_from", interrupted)
-    spec = str(tmp_path / "spec.yaml")
     assert cli.main(["--target", "127.0.0.1:1", "run", spec]) == code
     (request_id,) = sent
     said = capsys.readouterr().err.splitlines()

@@ -10,6 +10,7 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +67,21 @@ async def start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: ob
     return srv
 
 
-@pytest.fixture
-async def svc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[EvalServer, Stubs]]:
-    srv = await start(tmp_path, monkeypatch)
+@asynccontextmanager
+async def stubs_of(srv: EvalServer) -> AsyncIterator[tuple[EvalServer, Stubs]]:
+    """A started server and stubs keyed with its bootstrap key; the server stopped after."""
     assert srv.bootstrap_key
     try:
         async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
             yield srv, Stubs(channel)
     finally:
         await srv.stop(grace=0.5)
+
+
+@pytest.fixture
+async def svc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[EvalServer, Stubs]]:
+    async with stubs_of(await start(tmp_path, monkeypatch)) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +90,8 @@ async def refusing_svc(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
     none changes what another reads, so they share it rather than start and migrate one each."""
     srv = EvalServer(make_settings(tmp_path_factory.mktemp("refusing"), outbound_allow="127.0.0.1"))
     await srv.start()
-    assert srv.bootstrap_key
-    try:
-        async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
-            yield srv, Stubs(channel)
-    finally:
-        await srv.stop(grace=0.5)
+    async with stubs_of(srv) as served:
+        yield served
 
 
 def chat(url: str, **fields: object) -> target_pb2.Target:

@@ -141,9 +141,14 @@ class DatasetService:
     ) -> None:
         self._db = db
         self._on_deleted = on_deleted  # wakes the purge loop (evalsvc.runs.retention.RunPurger.wake)
-        self._limits = limits  # its page reads' line (`in_page_line`)
+        self._limits = limits
         self._page_tokens = page_tokens
         self._caps = caps
+
+    @property
+    def limits(self) -> TenantLimits:
+        """The tenants' limits, whose line its page reads take their turns in (`in_page_line`)."""
+        return self._limits
 
     async def create(self, tenant: str, request: pb.CreateDatasetRequest) -> pb.Dataset:
         """Create an empty dataset (idempotent by request_id)."""
@@ -224,7 +229,7 @@ class DatasetService:
             chosen = [dataset_id for dataset_id, _ in sizes[:fitting]]
             # By id: read again by position, a dataset created between the reads took the first place and
             # pushed the last chosen one off a last page (no token): a dataset silently missing.
-            rows = await dataset_store.list_page(conn, tenant, ids=chosen) if chosen else []
+            rows = await dataset_store.list_page(conn, tenant, chosen)
             generations = await dataset_store.generations_of(conn, [row.id for row in rows])
         datasets = [dataset_from(row, generations.get(row.id)) for row in rows]
         return self._page_tokens.chosen_page(
@@ -233,7 +238,7 @@ class DatasetService:
             {},
             datasets,
             lambda i: datasets[i].id,
-            last_chosen=chosen[-1] if chosen else None,
+            chosen=chosen,
             more=len(sizes) > fitting,
         )
 

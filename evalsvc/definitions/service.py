@@ -12,8 +12,7 @@ counts alone allowed about 256 GiB of grader versions a tenant. Ids are the serv
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -72,11 +71,6 @@ def saved_target_from(target: SavedTargetRecord) -> target_service_pb2.SavedTarg
     )
 
 
-def _chosen(chosen: Sequence[str], more: bool) -> dict[str, Any]:
-    """`PageTokens.chosen_page`'s keywords for a page of the rows of these ids."""
-    return {"last_chosen": chosen[-1] if chosen else None, "more": more}
-
-
 class DefinitionService:
     """Saved graders and targets of one database, for any tenant the caller names."""
 
@@ -93,11 +87,16 @@ class DefinitionService:
     ) -> None:
         self._db = db
         self._on_deleted = on_deleted  # wakes the purge loop (evalsvc.runs.retention.RunPurger.wake)
-        self._limits = limits  # its page reads' line (`in_page_line`)
+        self._limits = limits
         self._caps = caps
         self._secrets = secrets
         self._outbound_allow = outbound_allow
         self._page_tokens = page_tokens
+
+    @property
+    def limits(self) -> TenantLimits:
+        """The tenants' limits, whose line its page reads take their turns in (`in_page_line`)."""
+        return self._limits
 
     async def _check_grader(self, tenant: str, grader: grader_pb2.Grader, at: str) -> list[FieldViolation]:
         if grader.WhichOneof("kind") == "saved":
@@ -181,10 +180,10 @@ class DefinitionService:
             fitting = self._page_tokens.fitting_sizes(size for _, size in sizes[:limit])
             chosen = [grader_id for grader_id, _ in sizes[:fitting]]
             # By id, as DatasetService.list: a grader created between the reads pushed one off the page.
-            rows = await store.list_graders(conn, tenant, ids=chosen) if chosen else []
+            rows = await store.list_graders(conn, tenant, chosen)
         graders = [saved_grader_from(grader, version) for grader, version in rows]
         return self._page_tokens.chosen_page(
-            tenant, "graders", {}, graders, lambda i: graders[i].id, **_chosen(chosen, len(sizes) > fitting)
+            tenant, "graders", {}, graders, lambda i: graders[i].id, chosen=chosen, more=len(sizes) > fitting
         )
 
     async def update_grader(
@@ -298,10 +297,10 @@ class DefinitionService:
             sizes = await store.target_sizes(conn, tenant, before_id=before, limit=limit + 1)
             fitting = self._page_tokens.fitting_sizes(size for _, size in sizes[:limit])
             chosen = [target_id for target_id, _ in sizes[:fitting]]
-            rows = await store.list_targets(conn, tenant, ids=chosen) if chosen else []
+            rows = await store.list_targets(conn, tenant, chosen)
         targets = [saved_target_from(row) for row in rows]
         return self._page_tokens.chosen_page(
-            tenant, "targets", {}, targets, lambda i: targets[i].id, **_chosen(chosen, len(sizes) > fitting)
+            tenant, "targets", {}, targets, lambda i: targets[i].id, chosen=chosen, more=len(sizes) > fitting
         )
 
     async def delete_target(self, tenant: str, target_id: str) -> None:

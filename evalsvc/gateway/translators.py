@@ -25,6 +25,7 @@ costs is pydantic building its errors (~0.5 s, in the thread but holding the GIL
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import json
 import json.decoder
@@ -37,7 +38,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from evalsvc.http.json_bodies import has_long_number, most_containers, too_deep
+from evalsvc.http.json_bodies import depth_bounded, has_long_number
 from evalsvc.slots import Slots
 
 T = TypeVar("T")
@@ -158,10 +159,6 @@ def _unicode(value: Any) -> bool:
     return True
 
 
-class TooDeep(ValueError):
-    """A body nested deeper than MAX_JSON_DEPTH."""
-
-
 class InvalidBody(ValueError):
     """A body its route's validation refused, with the first MAX_ERRORS of its errors."""
 
@@ -197,13 +194,9 @@ def read_json(body: bytes, check: BodyCheck | None = None) -> Any:
     """`loads(body)`, letting other threads run between the objects it reads; TooDeep when it nests
     more than MAX_JSON_DEPTH levels, TooManyValues when it holds more than MAX_JSON_VALUES values,
     LoneSurrogate when a string holds one, InvalidBody when `check` finds errors."""
-    too_deep_error = TooDeep(f"the body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")
-    try:
-        value = loads(body, object_pairs_hook=_pairs)
-    except RecursionError:
-        raise too_deep_error from None
-    if most_containers(body) > MAX_JSON_DEPTH and too_deep(value, MAX_JSON_DEPTH):
-        raise too_deep_error
+    value = depth_bounded(
+        functools.partial(loads, object_pairs_hook=_pairs), body, limit=MAX_JSON_DEPTH, what="the body"
+    )
     if not within(value, MAX_JSON_VALUES):
         raise TooManyValues(f"the body holds more than {MAX_JSON_VALUES} JSON values")
     if (b"\\ud" in body or b"\\uD" in body) and not _unicode(value):

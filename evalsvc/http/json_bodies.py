@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 from evalsvc.slots import Slots
@@ -61,15 +62,30 @@ def has_long_number(text: str | bytes) -> bool:
     return _LONG_NUMBER in data.translate(_DIGITS_AS_ZERO)
 
 
+class TooDeep(ValueError):
+    """A JSON text nesting arrays and objects deeper than its bound, or too deep for the parser itself."""
+
+
+def depth_bounded(
+    parse: Callable[[str | bytes], Any], text: str | bytes, *, limit: int = MAX_DEPTH, what: str = "the JSON"
+) -> Any:
+    """`parse(text)` (a JSON text of `what`), TooDeep when it nests arrays and objects more than `limit`
+    levels (or too deep for `parse`: a RecursionError). The parsed value is walked only when the text
+    has more than `limit` brackets and braces. Endpoints' replies (MAX_DEPTH) and the REST gateway's
+    bodies (evalsvc.gateway.translators) are bounded by this one check."""
+    error = f"{what} is nested too deeply (more than {limit} levels)"
+    try:
+        parsed = parse(text)
+    except RecursionError:
+        raise TooDeep(error) from None
+    if most_containers(text) > limit and too_deep(parsed, limit):
+        raise TooDeep(error)
+    return parsed
+
+
 def loads(text: str | bytes) -> Any:
     """`json.loads`, with nesting deeper than MAX_DEPTH (or too deep for the parser) a ValueError."""
-    try:
-        parsed = json.loads(text)
-    except RecursionError:
-        raise ValueError(f"the JSON is nested too deeply (more than {MAX_DEPTH} levels)") from None
-    if most_containers(text) > MAX_DEPTH and too_deep(parsed):
-        raise ValueError(f"the JSON is nested too deeply (more than {MAX_DEPTH} levels)")
-    return parsed
+    return depth_bounded(json.loads, text)
 
 
 def most_containers(text: str | bytes) -> int:

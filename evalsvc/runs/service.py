@@ -329,6 +329,11 @@ class RunService:
         # A tenant's large CreateRuns, one at a time in this process (`_create_staged`).
         self._stagings = KeyedLocks()
 
+    @property
+    def limits(self) -> TenantLimits:
+        """The tenants' limits, whose line its page reads take their turns in (`in_page_line`)."""
+        return self._limits
+
     async def create(self, tenant: str, request: pb.CreateRunRequest) -> CreatedRun:
         """Validate, resolve saved definitions, then store the run, its items, jobs and first event in
         one transaction. The stored run is a snapshot: later edits of datasets or saved definitions
@@ -654,14 +659,14 @@ class RunService:
             if dataset is None:
                 raise not_found("dataset", request.dataset_id)
             stored = await dataset_store.all_items(conn, request.dataset_id)
-            # Still there after its items were read: no chunk of a DeleteDataset's purge ran before them
-            # (the row goes in the transaction before the first chunk), so they are all of its items; gone,
-            # they may be what the chunks left of a deleted dataset.
+            # Still there after its items were read: no DeleteDataset committed before them (the row goes
+            # in the transaction before the first chunk of its purge), so they are all of its items, and
+            # none, or a missing item id, is the caller's mistake; gone, they may be what a delete left
+            # (nothing, or a chunked purge's remainder): NOT_FOUND.
             if await dataset_store.get(conn, tenant, request.dataset_id) is None:
                 raise not_found("dataset", request.dataset_id)
         if not request.item_ids:
             if not stored:
-                await self._raise_if_deleted(tenant, request.dataset_id)
                 raise invalid_argument([FieldViolation("dataset_id", "the dataset has no items")])
             return [item for _, item in stored]
         by_id = dict(stored)
@@ -673,17 +678,8 @@ class RunService:
         if len(set(request.item_ids)) != len(request.item_ids):
             violations.append(FieldViolation("item_ids", "item ids must not repeat"))
         if violations:
-            await self._raise_if_deleted(tenant, request.dataset_id)
             raise invalid_argument(violations)
         return [by_id[item_id] for item_id in request.item_ids]
-
-    async def _raise_if_deleted(self, tenant: str, dataset_id: str) -> None:
-        """NOT_FOUND when the dataset is gone now: a DeleteDataset committed between the reads of its row
-        and of its items (two statements; on PostgreSQL another replica's) left it looking empty, and
-        the caller was told to fix `item_ids` of a dataset that no longer exists."""
-        async with self._db.read() as conn:
-            if await dataset_store.get(conn, tenant, dataset_id) is None:
-                raise not_found("dataset", dataset_id)
 
     async def get(self, tenant: str, run_id: str) -> run_pb2.Run:
         """A run; NOT_FOUND when it does not exist or is another tenant's. The message may be shared

@@ -91,23 +91,14 @@ async def find_by_request_id(conn: AsyncConnection, tenant: str, request_id: str
     return None if row is None else DatasetRecord.from_row(row)
 
 
-async def list_page(
-    conn: AsyncConnection,
-    tenant: str,
-    *,
-    before_id: str | None = None,
-    limit: int | None = None,
-    ids: Sequence[str] | None = None,
-) -> list[DatasetRecord]:
-    """Datasets newest first, after a keyset position; or those of `ids` that still exist (the ones a page
-    chose by `list_sizes`: read again by position, a dataset created between the reads took the first
-    place and pushed the last chosen one off the page)."""
-    query = select(DATASETS).where(DATASETS.c.tenant == tenant)
-    if before_id:
-        query = query.where(DATASETS.c.id < before_id)
-    if ids is not None:
-        query = query.where(DATASETS.c.id.in_(ids))
-    rows = await conn.execute(query.order_by(DATASETS.c.id.desc()).limit(limit))
+async def list_page(conn: AsyncConnection, tenant: str, ids: Sequence[str]) -> list[DatasetRecord]:
+    """The datasets of `ids` that still exist, newest first: the ones a page chose by `list_sizes` (read
+    again by position, a dataset created between the reads took the first place and pushed the last
+    chosen one off the page)."""
+    if not ids:
+        return []
+    query = select(DATASETS).where(DATASETS.c.tenant == tenant, DATASETS.c.id.in_(ids))
+    rows = await conn.execute(query.order_by(DATASETS.c.id.desc()))
     return [DatasetRecord.from_row(row) for row in rows.mappings()]
 
 

@@ -142,25 +142,18 @@ async def grader_sizes(
 
 
 async def list_graders(
-    conn: AsyncConnection,
-    tenant: str,
-    *,
-    before_id: str | None = None,
-    limit: int | None = None,
-    ids: Sequence[str] | None = None,
+    conn: AsyncConnection, tenant: str, ids: Sequence[str]
 ) -> list[tuple[SavedGraderRecord, GraderVersionRecord]]:
-    """Graders with their latest version, newest first; or those of `ids` that still exist (the ones a
-    page chose by `grader_sizes`, as evalsvc.store.datasets.list_page)."""
+    """The graders of `ids` that still exist, with their latest versions, newest first: the ones a page
+    chose by `grader_sizes` (as evalsvc.store.datasets.list_page)."""
+    if not ids:
+        return []
     query = (
         select(GRADERS, VERSIONS)
         .join(VERSIONS, (VERSIONS.c.grader_id == GRADERS.c.id) & (VERSIONS.c.version == GRADERS.c.latest_version))
-        .where(GRADERS.c.tenant == tenant)
+        .where(GRADERS.c.tenant == tenant, GRADERS.c.id.in_(ids))
     )
-    if before_id:
-        query = query.where(GRADERS.c.id < before_id)
-    if ids is not None:
-        query = query.where(GRADERS.c.id.in_(ids))
-    rows = await conn.execute(query.order_by(GRADERS.c.id.desc()).limit(limit))
+    rows = await conn.execute(query.order_by(GRADERS.c.id.desc()))
     return [
         (
             SavedGraderRecord(**{column.name: row[column] for column in GRADERS.c}),
@@ -210,20 +203,11 @@ async def target_sizes(
     return await usage.sizes_page(conn, sized, TARGETS.c.id, before_id, limit)
 
 
-async def list_targets(
-    conn: AsyncConnection,
-    tenant: str,
-    *,
-    before_id: str | None = None,
-    limit: int | None = None,
-    ids: Sequence[str] | None = None,
-) -> list[SavedTargetRecord]:
-    """Saved targets, newest first; or those of `ids` that still exist (the ones a page chose by
-    `target_sizes`, as evalsvc.store.datasets.list_page)."""
-    query = select(TARGETS).where(TARGETS.c.tenant == tenant)
-    if before_id:
-        query = query.where(TARGETS.c.id < before_id)
-    if ids is not None:
-        query = query.where(TARGETS.c.id.in_(ids))
-    rows = await conn.execute(query.order_by(TARGETS.c.id.desc()).limit(limit))
+async def list_targets(conn: AsyncConnection, tenant: str, ids: Sequence[str]) -> list[SavedTargetRecord]:
+    """The saved targets of `ids` that still exist, newest first: the ones a page chose by
+    `target_sizes` (as evalsvc.store.datasets.list_page)."""
+    if not ids:
+        return []
+    query = select(TARGETS).where(TARGETS.c.tenant == tenant, TARGETS.c.id.in_(ids))
+    rows = await conn.execute(query.order_by(TARGETS.c.id.desc()))
     return [SavedTargetRecord.from_row(row) for row in rows.mappings()]

@@ -32,7 +32,6 @@ transaction commits and wakes the purge loop (evalsvc.runs.retention), whose pas
 
 from __future__ import annotations
 
-import functools
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Collection
@@ -47,7 +46,7 @@ from evalsvc.store import datasets as dataset_store
 from evalsvc.store import definitions as definition_store
 from evalsvc.store import runs as run_store
 from evalsvc.store import usage
-from evalsvc.store.db import Database, is_conflict, unavailable_cause
+from evalsvc.store.db import is_conflict, unavailable_cause
 from evalsvc.store.events import EVENTS, RUNS_PURGED_CHANNEL
 from evalsvc.store.models import RunPurgeRow
 from evalsvc.store.run_cache import remember_removed
@@ -184,29 +183,23 @@ async def definition_purge_step(
     *,
     budget: int = CHUNK_ROWS,
     budget_bytes: int = CHUNK_BYTES,
-    owner: tuple[str, str] | None = None,
     skip: Collection[tuple[str, str]] = (),
 ) -> DefinitionPurgeStep | None:
-    """Delete the first parts of one deleted dataset (grader), up to `budget` rows and about
-    `budget_bytes` (their bytes left the tenant's stored bytes with the owner's row): the one `owner` (kind, id), or
-    the one deleted first. None when none waits (or, on PostgreSQL, every one is another transaction's
-    now: its `definition_purges` row is held FOR UPDATE while its parts are deleted, and nothing else
-    writes parts of an owner whose row is gone, so what this step reads it deletes), or every one left
-    is in `skip`. Raises DefinitionPurgeFailed naming the owner when its step fails (the purge loop
-    skips it, and the owners after it still go); a database that is unavailable or a conflict as they
-    are (no owner's fault: the loop backs off and tries again)."""
+    """Delete the first parts of the deleted dataset (grader) deleted first, up to `budget` rows and
+    about `budget_bytes` (their bytes left the tenant's stored bytes with the owner's row). None when
+    none waits (or, on PostgreSQL, every one is another transaction's now: its `definition_purges` row is
+    held FOR UPDATE while its parts are deleted, and nothing else writes parts of an owner whose row is
+    gone, so what this step reads it deletes), or every one left is in `skip`. Raises
+    DefinitionPurgeFailed naming the owner when its step fails (the purge loop skips it, and the owners
+    after it still go); a database that is unavailable or a conflict as they are (no owner's fault: the
+    loop backs off and tries again)."""
     query = select(DEFINITION_PURGES.c.kind, DEFINITION_PURGES.c.owner_id)
-    if owner is not None:
-        query = query.where(DEFINITION_PURGES.c.kind == owner[0], DEFINITION_PURGES.c.owner_id == owner[1])
-        held = await conn.execute(query.with_for_update() if conn.dialect.name == "postgresql" else query)
-    else:
-        if skip:
-            query = query.where(
-                tuple_(DEFINITION_PURGES.c.kind, DEFINITION_PURGES.c.owner_id).not_in([tuple(key) for key in skip])
-            )
-        query = query.order_by(DEFINITION_PURGES.c.purge_time, DEFINITION_PURGES.c.owner_id).limit(1)
-        held = await conn.execute(_skip_locked(query, conn))
-    found = held.first()
+    if skip:
+        query = query.where(
+            tuple_(DEFINITION_PURGES.c.kind, DEFINITION_PURGES.c.owner_id).not_in([tuple(key) for key in skip])
+        )
+    query = query.order_by(DEFINITION_PURGES.c.purge_time, DEFINITION_PURGES.c.owner_id).limit(1)
+    found = (await conn.execute(_skip_locked(query, conn))).first()
     if found is None:
         return None
     kind, owner_id = found
@@ -245,19 +238,6 @@ async def _delete_parts(
             delete(DEFINITION_PURGES).where(DEFINITION_PURGES.c.kind == kind, DEFINITION_PURGES.c.owner_id == owner_id)
         )
     return DefinitionPurgeStep(kind, owner_id, kept, finished)
-
-
-async def purge_definition(db: Database, kind: str, owner_id: str) -> None:
-    """Delete the parts of a dataset (grader) just taken out of the service, a chunk per transaction of the
-    one writer, so that other writes go between them. Cut short (the call cancelled, the server stopped),
-    the purge loop's passes finish it (evalsvc.runs.retention)."""
-    while True:
-        # Alone: a chunk's failure must not have the writes queued beside it applied again one by one.
-        step = await db.transact(
-            functools.partial(definition_purge_step, budget=CHUNK_ROWS, owner=(kind, owner_id)), alone=True
-        )
-        if step is None or step.finished:
-            return
 
 
 # Each deletes up to `limit` rows of one run from its table(s), through an index that starts with the

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.dialects.env import DialectEnv, chat_target, dialect_gateway
+from tests.dialects.env import DialectEnv, chat_target, dialect_gateway, no_errors_logged
 from tests.fake_llm import FakeEndpoint, chat_reply, judge_reply
 
 AGENT_REPLY = "Your table for two is booked for 7pm."
@@ -291,15 +291,50 @@ async def test_record_subsets_search_and_cursors(env: Env) -> None:
     )
     assert [r["id"] for r in runs] == [run["id"]] and cursor is None
 
-    native = {"input": "Hi, I need a cab.", "metadata": {"recordType": "CALL", "maxTurns": "many"}}
-    digits = {"input": "Hi, I need a taxi.", "metadata": {"maxTurns": "²"}}  # a digit to isdigit(), not to int(): a 500
-    await env.ok("POST", f"/v1/datasets/{config['id']}:addItems", {"items": [native, digits]})
+    native = {"input": "Hi, I need a cab.", "metadata": {"note": "not Vogent's"}}
+    await env.ok("POST", f"/v1/datasets/{config['id']}:addItems", {"items": [native]})
     found, _ = check_page(await env.http.get(f"/api/eval_configs/{config['id']}/records", params={"search": "cab"}))
     assert found == []  # search looks at Vogent's fields only
-    *_, added, superscript = check_page(await env.http.get(f"/api/eval_configs/{config['id']}/records"))[0]
-    assert check_record(added)["recordType"] == "PROMPT"
+    *_, added = check_page(await env.http.get(f"/api/eval_configs/{config['id']}/records"))[0]
+    assert check_record(added)["recordType"] == "PROMPT"  # without Vogent's fields: their defaults
     assert (added["prompt"]["systemPrompt"], added["prompt"]["maxTurns"]) == ("Hi, I need a cab.", None)
-    assert (superscript["prompt"]["systemPrompt"], superscript["prompt"]["maxTurns"]) == ("Hi, I need a taxi.", None)
+
+
+async def test_a_record_whose_vogent_fields_cannot_be_read_is_not_a_vogent_record(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Items added natively to a config whose Vogent fields are something else (a recordType that is not
+    DIAL or PROMPT, a maxTurns that is not a number) were listed as PROMPT records with those fields
+    ignored, where every other dialect leaves such a record out (docs/dialects.md). They are not Vogent's
+    records now: the list leaves them out and its pages stay full; a run over every item of the config
+    shows each one's result with its record by id alone, as a record deleted from the config."""
+    config = await env.config()
+    first = await env.record(config["id"], systemPrompt="Scenario 0")
+    unreadable = [
+        {"id": "cab", "input": "Hi, I need a cab.", "metadata": {"recordType": "CALL"}},
+        {"id": "many", "input": "x", "metadata": {"recordType": "PROMPT", "maxTurns": "many"}},
+        {"id": "digit", "input": "x", "metadata": {"maxTurns": "²"}},  # a digit to isdigit(), not to int()
+    ]
+    records = f"/api/eval_configs/{config['id']}/records"
+    with no_errors_logged(caplog):
+        await env.ok("POST", f"/v1/datasets/{config['id']}:addItems", {"items": unreadable})
+        last = await env.record(config["id"], recordType="DIAL", dialId="dial_1")
+        listed, cursor = check_page(await env.http.get(records))
+        assert [check_record(r) for r in listed] == [first, last] and cursor is None
+        page, cursor = check_page(await env.http.get(records, params={"limit": 1}))
+        assert page == [first] and cursor
+        page, cursor = check_page(await env.http.get(records, params={"limit": 1, "cursor": cursor}))
+        assert page == [last] and cursor is None  # the three between skipped, the page still full
+        assert check_page(await env.http.get(records, params={"search": "cab"}))[0] == []
+
+        run = await env.run(config["id"])  # every item of the config
+        await env.finished(run["id"])
+        results, _ = check_page(await env.http.get(f"/api/eval_runs/{run['id']}/results"))
+        shown = {r["record"]["id"]: check_record(r["record"]) for r in results}
+        assert (shown[first["id"]], shown[last["id"]]) == (first, last)
+        for bare in ("cab", "many", "digit"):
+            assert shown[bare]["recordType"] == "PROMPT" and shown[bare]["prompt"]["maxTurns"] is None
+            assert shown[bare]["prompt"]["systemPrompt"] == ""  # its id alone, as a record deleted from the config
 
 
 async def test_a_limit_over_the_largest_page_reads_the_largest_page(env: Env) -> None:

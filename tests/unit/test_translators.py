@@ -10,7 +10,8 @@ import pytest
 
 from evalsvc.gateway import translators
 from evalsvc.gateway.app import _json_body, _sse_event
-from evalsvc.gateway.translators import MAX_JSON_DEPTH, MAX_JSON_VALUES, TooDeep, TooManyValues, read_json
+from evalsvc.gateway.translators import MAX_JSON_DEPTH, MAX_JSON_VALUES, TooManyValues, read_json
+from evalsvc.http.json_bodies import TooDeep
 from evalsvc.slots import Slots
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import run_pb2

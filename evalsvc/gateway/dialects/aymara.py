@@ -341,8 +341,10 @@ REASONS: dict[str, tuple[int, ErrorCode]] = {
 }
 # Failures a retry cannot mend, which the SDK retries (409 and >= 500, twice by default) unless told
 # `x-should-retry: false`: a conflict, a server with no judge or generator until its operator configures one,
-# a method the service does not have.
-NOT_RETRIED_REASONS = frozenset({"JUDGE_NOT_CONFIGURED", "GENERATOR_NOT_CONFIGURED"})
+# a method the service does not have, and a bug (reason INTERNAL, the service's or the dialect's own: an
+# exception nobody expected, such as a stored record that cannot be read, fails the same way every time).
+# An INTERNAL without that reason is gRPC's own (a broken connection to the service): retried.
+NOT_RETRIED_REASONS = frozenset({"JUDGE_NOT_CONFIGURED", "GENERATOR_NOT_CONFIGURED", Reason.INTERNAL})
 NOT_RETRIED_CODES = frozenset({grpc.StatusCode.UNIMPLEMENTED})
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorEnvelope} for status in (400, 401, 403, 404, 409, 413, 422, 429, 431, 500, 503)
@@ -439,7 +441,7 @@ def run_fields(error: GatewayError, responses: Sequence[EvalResponse]) -> Gatewa
 
 def render(error: GatewayError) -> Response:
     """Aymara's envelope for a failure. A body that does not parse is 422 validation.invalid_format;
-    a failure no retry mends (409, no judge or generator configured: `NOT_RETRIED_REASONS`) says
+    a failure no retry mends (409, no judge or generator configured, a bug: `NOT_RETRIED_REASONS`) says
     `x-should-retry: false`, as the SDK would otherwise retry it twice for nothing."""
     status, code = REASONS.get(error.reason) or CODES.get(error.code, (500, "server.internal_error"))
     if error.request_errors is not None:

@@ -49,11 +49,11 @@ from evalsvc.gateway.translators import (
     InvalidBody,
     LoneSurrogate,
     OffLoopJSONRequest,
-    TooDeep,
     TooManyValues,
     within,
 )
 from evalsvc.gateway.upstream import Caller, GatewayError, Upstream, with_retry_after
+from evalsvc.http.json_bodies import TooDeep
 from evalsvc.messages.validation import MAX_ANNOTATIONS_BYTES as MAX_ANNOTATIONS_BYTES  # for the dialects' checks
 from evalsvc.messages.validation import missing_required
 from evalsvc.v1 import dataset_service_pb2, item_pb2, run_pb2

@@ -37,10 +37,12 @@ from evalsvc.gateway.dialects.base import (
     Dialect,
     DialectClient,
     DialectOptions,
+    Unreadable,
     VendorOptions,
     bearer_key,
     iso,
     judge_reason,
+    read_stored,
 )
 from evalsvc.gateway.upstream import Caller, GatewayError
 from evalsvc.v1 import (
@@ -356,16 +358,24 @@ def item_in(record: CreateAIEvalRecordInput) -> item_pb2.Item:
     return item_pb2.Item(input=text or "", context=record.agent_inputs or "", metadata=metadata)
 
 
-# A count as `item_in` writes it: ASCII digits, as many as int() reads ("²".isdigit(), and int() refused it: a 500).
-COUNT = re.compile(r"[0-9]{1,4000}")
+def record_out(item: item_pb2.Item) -> AIEvalRecord | None:
+    """A record from its item; None for an item whose Vogent fields cannot be read (a recordType that is
+    neither DIAL nor PROMPT, a maxTurns that is not a number: written natively), which is not a record
+    of the config, as every dialect reads a record it did not write (docs/dialects.md). An item added
+    natively without them reads as a PROMPT of its input (an absent field has its default)."""
+    try:
+        return read_record(item)
+    except Unreadable:
+        return None
 
 
-def record_out(item: item_pb2.Item) -> AIEvalRecord:
-    """A record from its item. An item added natively (no or an unknown recordType) reads as a PROMPT of its
-    input, and metadata that is not Vogent's (a maxTurns that is not a count) reads as null."""
+def read_record(item: item_pb2.Item) -> AIEvalRecord:
+    """`record_out`, Unreadable when the item's Vogent fields cannot be read."""
     meta = item.metadata
-    kind = meta.get("recordType", "")
-    record_type = AIEvalRecordType(kind) if kind in AIEvalRecordType.__members__ else AIEvalRecordType.PROMPT
+    record_type = AIEvalRecordType.PROMPT
+    if "recordType" in meta:
+        record_type = read_stored(AIEvalRecordType, meta["recordType"], as_json=False)
+    max_turns = read_stored(int, meta["maxTurns"], as_json=False) if "maxTurns" in meta else None
     prompt_keys = ("systemPrompt", "name", "description", "maxTurns", "agentInputs")
     prompt = None
     if record_type is AIEvalRecordType.PROMPT or any(key in meta for key in prompt_keys):
@@ -373,7 +383,7 @@ def record_out(item: item_pb2.Item) -> AIEvalRecord:
         prompt = AIEvalPrompt(
             id=item.id,
             system_prompt=meta.get("systemPrompt", default_prompt),
-            max_turns=int(turns) if COUNT.fullmatch(turns := meta.get("maxTurns", "")) else None,
+            max_turns=max_turns,
             created_at=meta.get(CREATED_AT),
             name=meta.get("name"),
             description=meta.get("description"),
@@ -439,13 +449,14 @@ def transcript_of(item: item_pb2.Item, output: item_pb2.Response) -> list[AIEval
 
 
 def result_out(result: run_pb2.Result, item: item_pb2.Item, grader_index: int) -> AIEvalRunResult:
-    """One record's result: its verdict, the agent's reply as the transcript, and the call's usage."""
+    """One record's result: its verdict, the agent's reply as the transcript, and the call's usage. Its
+    record is shown by its id alone, as one deleted from the config, when its fields cannot be read."""
     output = result.output
     accurate = result.state == run_pb2.RESULT_STATE_PASSED
     return AIEvalRunResult(
         id=result.id,
         eval_run_id=result.run_id,
-        record=record_out(item),
+        record=record_out(item) or read_record(item_pb2.Item(id=item.id)),
         num_alerts=0 if accurate else 1,
         results=[
             AIEvalResultItem(
@@ -513,7 +524,7 @@ class Vogent(DialectClient):
         request = dataset_service_pb2.AddDatasetItemsRequest(dataset_id=config_id, items=[item])
         added = await self.call(self.upstream.datasets.AddDatasetItems, request)
         item.id = added.item_ids[0]
-        return record_out(item)
+        return read_record(item)  # as `item_in` wrote it: readable
 
     async def list_records(
         self, config_id: str, limit: int, cursor: str | None, search: str
@@ -526,9 +537,10 @@ class Vogent(DialectClient):
             "items",
             limit,
             cursor,
-            lambda item: not search or matches(item, search),
+            lambda item: record_out(item) is not None and (not search or matches(item, search)),
         )
-        return AIEvalPage[AIEvalRecord](data=[record_out(item) for item in found], cursor=next_cursor)
+        records = [record for item in found if (record := record_out(item)) is not None]
+        return AIEvalPage[AIEvalRecord](data=records, cursor=next_cursor)
 
     async def create_run(self, config_id: str, body: RunEvalInput) -> AIEvalRun:
         config = await self.config(config_id)

@@ -52,12 +52,19 @@ async def dataset_of(db: Database, tenant: str, items: int, size: int) -> str:
     return dataset.id
 
 
+async def step_of(db: Database, owner: tuple[str, str], **budgets: int) -> retention.DefinitionPurgeStep:
+    """One chunk, in its own transaction, of the purge loop's next deleted dataset (grader): `owner`, the
+    only one the test has deleted."""
+    step = await db.transact(functools.partial(retention.definition_purge_step, **budgets))
+    assert step is not None and (step.kind, step.owner_id) == owner, step
+    return step
+
+
 async def steps_of(db: Database, owner: tuple[str, str], **budgets: int) -> list[retention.DefinitionPurgeStep]:
     """The chunks of one deleted dataset (grader), one transaction each, to the last (at most 1,000)."""
     steps = []
     for _ in range(1000):
-        step = await db.transact(functools.partial(retention.definition_purge_step, owner=owner, **budgets))
-        assert step is not None
+        step = await step_of(db, owner, **budgets)
         steps.append(step)
         if step.finished:
             return steps
@@ -75,7 +82,7 @@ async def test_a_deleted_dataset_is_gone_at_once_and_its_items_go_a_chunk_per_tr
     # NOT_FOUND from this commit on, its items still there (the one transaction did not delete them).
     async with db.read() as conn:
         assert await dataset_store.get(conn, "t1", dataset_id) is None
-        assert [d.id for d in await dataset_store.list_page(conn, "t1", before_id=None, limit=10)] == [kept]
+        assert [d for d, _ in await dataset_store.list_sizes(conn, "t1", before_id=None, limit=10)] == [kept]
     assert await count(db, dataset_store.ITEMS, "dataset_id", dataset_id) == 25
     assert await stored(db, "t1") == after_kept  # its own bytes and its items', at once
     assert not await db.transact(lambda conn: dataset_store.remove(conn, "t1", dataset_id))  # deleted once
@@ -83,8 +90,7 @@ async def test_a_deleted_dataset_is_gone_at_once_and_its_items_go_a_chunk_per_tr
     steps: list[int] = []
     owner = (dataset_store.DATASET_PARTS, dataset_id)
     for _ in range(100):
-        step = await db.transact(functools.partial(retention.definition_purge_step, budget=4, owner=owner))
-        assert step is not None
+        step = await step_of(db, owner, budget=4)
         steps.append(step.rows)
         left = await count(db, dataset_store.ITEMS, "dataset_id", dataset_id)
         assert left == 25 - sum(steps)
@@ -149,9 +155,7 @@ async def test_a_delete_cut_short_by_a_crash_is_finished_by_the_next_servers_pur
     after_kept = await stored(db, "t1")
     dataset_id = await dataset_of(db, "t1", 30, 200)
     await db.transact(lambda conn: dataset_store.remove(conn, "t1", dataset_id))
-    await db.transact(
-        functools.partial(retention.definition_purge_step, budget=7, owner=(dataset_store.DATASET_PARTS, dataset_id))
-    )
+    await step_of(db, (dataset_store.DATASET_PARTS, dataset_id), budget=7)
     await db.close()  # the server is gone; another opens the database
     restarted = Database(dbs.db_url(tmp_path), pool_size=2)
     try:

@@ -22,6 +22,8 @@ from evalsvc.execution import recorder
 from evalsvc.execution.recorder import FinishedJob
 from evalsvc.graders import Grade
 from evalsvc.limits import StoredCap
+from evalsvc.metrics import Metrics
+from evalsvc.runs.retention import RunPurger
 from evalsvc.store import cache as cache_store
 from evalsvc.store import datasets as dataset_store
 from evalsvc.store import definitions as definition_store
@@ -38,6 +40,9 @@ from tests.unit.stored import insert, new_run
 
 UNBOUNDED = StoredCap("max_stored_bytes_per_tenant", "bytes stored", 1 << 62)
 # A dataset with no names, labels or annotations: its row, and its two maps as the JSON `{}`.
+# The purge loop (evalsvc.runs.retention) as the server runs it: its passes delete what deleted
+# definitions left; no run here was deleted that long ago.
+RETENTION_S = 30 * 86400.0
 EMPTY_DATASET_BYTES = usage.SAVED_ROW_BYTES + 2 * len("{}")
 EXPLAINED = Grade(run_pb2.RESULT_STATE_FAILED, 0.0, 0.0, "the answer names the wrong city " * 20)
 
@@ -120,7 +125,7 @@ async def test_each_write_adds_what_it_stores_to_its_tenant_and_deleting_takes_i
     assert await stored(db, "t1") == run_size + EMPTY_DATASET_BYTES + sum(map(len, items))
     assert await db.transact(lambda conn: dataset_store.remove(conn, "t1", dataset_id))
     assert await stored(db, "t1") == run_size  # its items' too, at once, before the purge deletes them
-    await retention.purge_definition(db, dataset_store.DATASET_PARTS, dataset_id)
+    await RunPurger(db, RETENTION_S, Metrics()).purge()
     assert await stored(db, "t1") == run_size
 
     async def delete_long_ago(conn: AsyncConnection) -> None:
@@ -286,8 +291,9 @@ async def test_saved_definitions_count_what_they_store_and_deleting_them_gives_i
     assert await db.transact(lambda conn: definition_store.remove_target(conn, "t1", "tgt_1"))
     assert await db.transact(lambda conn: dataset_store.remove(conn, "t1", dataset_id))
     assert await stored(db, "t1") == 0  # at once: the purges only delete rows
-    await retention.purge_definition(db, definition_store.GRADER_PARTS, "grd_1")
-    await retention.purge_definition(db, dataset_store.DATASET_PARTS, dataset_id)
+    assert (
+        await RunPurger(db, RETENTION_S, Metrics()).purge()
+    ).rows == 3  # the grader's 2 versions, the dataset's item
     assert await stored(db, "t1") == 0
     assert await stored(db, "t2") == TARGET_BYTES
 
