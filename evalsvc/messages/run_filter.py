@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal, cast
 
-from evalsvc.messages.convert import timestamp
+from evalsvc.messages.convert import nanoseconds
 from evalsvc.messages.validation import LABEL_KEY
 from evalsvc.v1 import run_pb2
 
@@ -200,7 +200,7 @@ def _nanoseconds(token: _Token) -> int:
 
 def _bound(op: Comparator, nanos: int) -> tuple[Comparator, float]:
     """A time term as a comparison of the stored seconds (a float) that selects exactly the runs whose time,
-    as the API shows it (convert.timestamp: nanoseconds), compares so with `nanos`: `create_time > T`, T
+    as the API shows it (convert.nanoseconds), compares so with `nanos`: `create_time > T`, T
     copied from a run, leaves that run out, and `create_time <= T` keeps it, whatever the float's last digits.
     Every comparator becomes `>=` or `<` of the least stored time shown at or after a time, which keeps it a
     range of the index."""
@@ -212,13 +212,9 @@ def _bound(op: Comparator, nanos: int) -> tuple[Comparator, float]:
 def _least_seconds_shown_at(nanos: int) -> float:
     """The least float of seconds that the API shows as `nanos` or later (shown time is monotonic)."""
     seconds = nanos / 1e9
-
-    def shown(s: float) -> int:
-        return timestamp(s).ToNanoseconds()  # type: ignore[union-attr]
-
-    while shown(seconds) >= nanos:
+    while nanoseconds(seconds) >= nanos:
         seconds = math.nextafter(seconds, -math.inf)
-    while shown(seconds) < nanos:
+    while nanoseconds(seconds) < nanos:
         seconds = math.nextafter(seconds, math.inf)
     return seconds
 

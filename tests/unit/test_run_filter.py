@@ -121,6 +121,16 @@ def test_a_time_compares_as_the_api_shows_it_to_the_nanosecond() -> None:
 
 
 @pytest.mark.parametrize(
+    "when", ["9999-12-31T23:59:59.999999999Z", "0001-01-01T00:00:00+14:00", "1969-12-31T23:59:59.5Z"]
+)
+def test_a_time_at_the_ends_of_rfc_3339_is_a_bound_not_an_error(when: str) -> None:
+    """Past the range a Timestamp holds (year 9999 and a nanosecond) the bound was INTERNAL (protobuf's ValueError)."""
+    for op in ("<", "<=", ">", ">="):
+        (term,) = parse_filter(f'end_time {op} "{when}"')
+        assert term.op in (">=", "<") and isinstance(term.value, float)
+
+
+@pytest.mark.parametrize(
     ("text", "newest_first"),
     [
         ("", True),
