@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, run_pb2
 from tests.helpers import create_request, error_reason, violations, watch_all
@@ -166,3 +167,14 @@ async def test_a_filter_order_or_view_it_cannot_take_is_refused_saying_where_and
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_reason(caught.value) == "INVALID_ARGUMENT"
     assert says in violations(caught.value)[field], violations(caught.value)
+
+
+async def test_a_page_token_of_the_version_before_order_by_reads_its_next_page(
+    server: EvalServer, runs: Stub, four: list[run_pb2.Run]
+) -> None:
+    """Tokens issued before ListRuns had order_by held the last run's id alone (the list was by id): one
+    held by a client across an upgrade reads on from that run, newest first, rather than failing its listing."""
+    query = {"statuses": [], "labels": {}, "dataset_id": "", "show_deleted": False}
+    token = server.page_tokens.encode("default", "runs", query, four[2].id)
+    page = await runs.ListRuns(pb.ListRunsRequest(page_token=token))
+    assert [run.id for run in page.runs] == [four[1].id, four[0].id]
