@@ -576,3 +576,64 @@ def test_the_async_client_awaits_an_async_on_retry() -> None:
 
     asyncio.run(call())
     assert [r.call for r in seen] == ["GetRun"]
+
+
+# --- listing runs by time, name and filter -------------------------------------------------------------------------
+
+
+def _listed_ids(done: subprocess.CompletedProcess[str]) -> list[str]:
+    """The run ids of an `evalctl list` table, top to bottom."""
+    assert done.returncode == cli.EXIT_OK, done.stderr
+    return re.findall(r"\brun_[0-9a-f]+\b", done.stdout)
+
+
+def test_list_narrows_by_since_name_and_filter_and_lists_the_oldest_first(live: Live) -> None:
+    """`evalctl list` listed the newest runs by status, label or dataset only: "the last day's nightly runs,
+    oldest first" could not be asked."""
+    server, key = live
+    tag = f"cli-{os.urandom(3).hex()}"
+    with cli.EvalClient(server.target, api_key=key) as client:
+        made = [
+            client.create_run(
+                target=pb.Target(echo=pb.target.EchoTarget()),
+                graders=[pb.Grader(exact_match=pb.grader.ExactMatch())],
+                items=[pb.Item(input="x", expected_output="x")],
+                display_name=f"{name} {tag}",
+                labels={"team": team},
+            ).id
+            for name, team in (("Nightly-1", "a"), ("adhoc", "a"), ("nightly-2", "b"))
+        ]
+    assert _listed_ids(evalctl(live, "list", "--name", tag, "--oldest-first")) == made
+    assert _listed_ids(evalctl(live, "list", "--name", tag)) == made[::-1]
+    assert _listed_ids(evalctl(live, "list", "--name", f"NIGHTLY-2 {tag}", "--since", "1h")) == [made[2]]
+    assert _listed_ids(evalctl(live, "list", "--name", tag, "--since", "2999-01-01T00:00:00+01:00")) == []
+    both = evalctl(live, "list", "--filter", 'labels.team = "a" AND display_name:"nightly"', "--name", tag)
+    assert _listed_ids(both) == [made[0]]
+    cut = evalctl(live, "list", "--name", tag, "--oldest-first", "--limit", "1")
+    assert _listed_ids(cut) == made[:1] and cut.stderr.startswith("showing the oldest 1 run; more exist")
+    quoted = evalctl(live, "list", "--name", f'"{tag}\\')  # quotes and backslashes are the name's own
+    assert _listed_ids(quoted) == []
+
+    wrong = evalctl(live, "list", "--filter", "display_name = a OR display_name = b")
+    assert wrong.returncode == cli.EXIT_ERROR and "filter: at character 18: OR is not supported" in wrong.stderr
+    late = evalctl(live, "list", "--since", "yesterday")
+    assert late.returncode == cli.EXIT_ERROR and "'yesterday' is neither a duration" in late.stderr
+
+
+def test_list_reads_the_basic_view_for_its_table_and_whole_runs_for_json(
+    live: Live, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The table shows names, statuses and counts: each run's definition (up to MBs) is not fetched for it."""
+    server, key = live
+    views: list[int] = []
+    listed = cli.EvalClient.list_runs
+
+    def spied(self: cli.EvalClient, **kwargs: Any) -> Iterator[pb.Run]:
+        views.append(kwargs["view"])
+        return listed(self, **kwargs)
+
+    monkeypatch.setattr(cli.EvalClient, "list_runs", spied)
+    for flags in ([], ["--json"]):
+        assert cli.main(["--target", server.target, "--api-key", key, *flags, "list", "--limit", "1"]) == cli.EXIT_OK
+    assert views == [pb.runs.RUN_VIEW_BASIC, pb.runs.RUN_VIEW_FULL]
+    assert '"target"' in capsys.readouterr().out  # --json: the whole run

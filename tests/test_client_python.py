@@ -118,6 +118,20 @@ async def test_list_runs_limit_and_pages(client: AsyncEvalClient) -> None:
     assert len([r async for r in client.list_runs(page_size=1, limit=2)]) == 2
 
 
+async def test_list_runs_filters_orders_and_takes_the_basic_view(client: AsyncEvalClient) -> None:
+    names = ["nightly-a", "adhoc", "nightly-b"]
+    ids = [
+        (await client.create_run(items=_items(1), target="echo", graders=[builders.exact_match()], display_name=n)).id
+        for n in names
+    ]
+    nightly = client.list_runs(
+        filter='display_name:"nightly-"', order_by="create_time", view=pb.runs.RUN_VIEW_BASIC, page_size=1
+    )
+    listed = [r async for r in nightly]
+    assert [r.id for r in listed] == [ids[0], ids[2]]  # oldest first, across pages
+    assert not any(r.HasField("target") or r.graders for r in listed) and listed[0].display_name == "nightly-a"
+
+
 async def test_cancel_run(client: AsyncEvalClient) -> None:
     run = await client.create_run(items=_items(2000), target="provided", graders=[builders.exact_match()])
     cancelled = await client.cancel_run(run.id)

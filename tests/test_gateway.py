@@ -1108,3 +1108,37 @@ async def test_the_standalone_gateway_takes_the_dialect_wait_and_the_body_limit_
             assert under.status_code == 200, under.text
     finally:
         await gateway.stop()
+
+
+async def test_listing_runs_takes_filter_order_by_and_view_as_query_parameters(
+    gw: tuple[EvalServer, httpx.AsyncClient],
+) -> None:
+    """GET /v1/runs?filter=...&orderBy=...&view=...: the query parameters, by JSON or proto name, reach
+    ListRuns; a filter it cannot take is a 400 naming `filter` and where the mistake is."""
+    _, client = gw
+    made = []
+    for name in ("nightly-1", "adhoc", "Nightly-2"):
+        created = await client.post("/v1/runs", json={**RUN, "displayName": name})
+        assert created.status_code == 200, created.text
+        made.append(created.json()["run"]["id"])
+    query = {
+        "filter": 'display_name:"nightly" AND labels.team = "a"',
+        "orderBy": "create_time",
+        "view": "RUN_VIEW_BASIC",
+    }
+    listed = await client.get("/v1/runs", params=query)
+    assert listed.status_code == 200, listed.text
+    runs = listed.json()["runs"]
+    assert [run["id"] for run in runs] == [made[0], made[2]]
+    # Proto3 JSON as the gateway writes it: what BASIC leaves out is absent (target) or empty (graders).
+    assert all("target" not in run and run["graders"] == [] and run["labels"] == {"team": "a"} for run in runs)
+    newest = await client.get("/v1/runs", params={"order_by": "create_time desc", "view": "RUN_VIEW_FULL"})
+    assert [run["id"] for run in newest.json()["runs"]] == made[::-1] and "target" in newest.json()["runs"][0]
+
+    assert violation_of(await client.get("/v1/runs", params={"filter": "display_name = a OR status = x"})) == (
+        "filter",
+        "at character 18: OR is not supported; only terms joined by AND",
+    )
+    field, _ = violation_of(await client.get("/v1/runs", params={"orderBy": "display_name"}))
+    assert field == "order_by"
+    assert (await client.get("/v1/runs", params={"view": "RUN_VIEW_HUGE"})).status_code == 400

@@ -11,8 +11,14 @@ def timestamp(seconds: float | None) -> Timestamp | None:
     if seconds is None:
         return None
     ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
+    ts.FromNanoseconds(nanoseconds(seconds))
     return ts
+
+
+def nanoseconds(seconds: float) -> int:
+    """The nanoseconds since the epoch that the API shows for stored UNIX seconds (`timestamp`): what
+    ListRuns' time filters compare with (evalsvc.messages.run_filter)."""
+    return int(seconds * 1e9)
 
 
 def etag(version: int) -> str:

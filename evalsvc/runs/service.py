@@ -43,6 +43,7 @@ from evalsvc.idempotency import conflict, fingerprint
 from evalsvc.ids import PageTokens, new_id, page_size
 from evalsvc.limits import StoredCap, TenantLimits, in_page_line, quota_exceeded
 from evalsvc.messages.convert import etag, version_of
+from evalsvc.messages.run_filter import FilterError, Term, parse_filter, parse_order_by
 from evalsvc.messages.validation import (
     MAX_DESCRIPTION,
     MAX_DISPLAY_NAME,
@@ -67,7 +68,7 @@ from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
 from evalsvc.store import staging, usage
 from evalsvc.store.db import Database
-from evalsvc.store.records import RunRecord, run_from
+from evalsvc.store.records import RunListing, RunRecord, listed_run_from, run_from
 from evalsvc.store.writer import Batch
 from evalsvc.targets import validate_target
 from evalsvc.turns import mapped
@@ -691,7 +692,12 @@ class RunService:
 
     @in_page_line
     async def list(self, tenant: str, request: pb.ListRunsRequest) -> tuple[list[run_pb2.Run], str]:
-        """A page of runs, newest first, and the next page's token."""
+        """A page of runs in the order asked for (newest first by default) and the next page's token.
+
+        The page token binds the filters and the order (a token of another listing would resume at a
+        position that means something else); `filter` and `order_by` join the bound query only when
+        given, so a token issued before they existed still reads its next page. A RUN_VIEW_BASIC page
+        never reads the runs' definitions (RunListing)."""
         limit = page_size(request.page_size, 50)
         violations: list[FieldViolation] = []
         if len(request.statuses) > len(RUN_STATUSES):  # before any is looked at: millions were each checked
@@ -706,28 +712,51 @@ class RunService:
             )
         check_length(request.dataset_id, MAX_RESOURCE_ID, "dataset_id", violations)
         check_labels(request.labels, "labels", violations)  # a filter no run's labels could match is a mistake
+        terms: tuple[Term, ...] = ()
+        newest_first = True
+        try:
+            terms = parse_filter(request.filter)
+        except FilterError as exc:
+            violations.append(FieldViolation("filter", str(exc)))
+        try:
+            newest_first = parse_order_by(request.order_by)
+        except FilterError as exc:
+            violations.append(FieldViolation("order_by", str(exc)))
+        if request.view not in pb.RunView.values():
+            violations.append(FieldViolation("view", "unknown view: RUN_VIEW_BASIC or RUN_VIEW_FULL"))
         if violations:
             raise invalid_argument(violations)
-        query = {
+        query: dict[str, Any] = {
             "statuses": sorted(request.statuses),
             "labels": dict(sorted(request.labels.items())),
             "dataset_id": request.dataset_id,
             "show_deleted": request.show_deleted,
         }
-        before_id = self._page_tokens.decode(tenant, "runs", query, request.page_token)
+        if request.filter:
+            query["filter"] = request.filter
+        if not newest_first:
+            query["order"] = "oldest first"
+        after = self._page_tokens.decode(tenant, "runs", query, request.page_token)
         async with self._db.read() as conn:
             rows = await run_store.list_page(
                 conn,
                 tenant,
-                before_id=before_id,
+                run_store.RunsWanted(
+                    statuses=sorted(set(request.statuses)),
+                    labels=request.labels,
+                    dataset_id=request.dataset_id,
+                    show_deleted=request.show_deleted,
+                    terms=terms,
+                    newest_first=newest_first,
+                    basic=request.view == pb.RUN_VIEW_BASIC,
+                ),
+                after=after if after is None or isinstance(after, str) else (after[0], after[1]),
                 limit=limit + 1,
-                statuses=sorted(set(request.statuses)),
-                labels=request.labels,
-                dataset_id=request.dataset_id,
-                show_deleted=request.show_deleted,
             )
-        runs = [run_from(row) for row in rows[:limit]]
-        return self._page_tokens.page(tenant, "runs", query, runs, len(rows), lambda i: runs[i].id)
+        runs = [listed_run_from(row) if isinstance(row, RunListing) else run_from(row) for row in rows[:limit]]
+        return self._page_tokens.page(
+            tenant, "runs", query, runs, len(rows), lambda i: [rows[i].create_time, rows[i].id]
+        )
 
     async def cancel(self, tenant: str, run_id: str) -> run_pb2.Run:
         """Cancel a run: no job starts after this returns. Idempotent on a cancelled run."""

@@ -73,7 +73,9 @@ class RunRow(SQLModel, table=True):
     __tablename__ = "runs"
     __table_args__ = (
         UniqueConstraint("tenant", "request_id", name="uq_runs_tenant_request_id"),
-        Index("ix_runs_tenant_id", "tenant", "id"),
+        # ListRuns' order (create_time, then id) per tenant, newest or oldest first, and its time filters'
+        # range: a page reads its rows in order from here, never sorting the tenant's runs.
+        Index("ix_runs_tenant_create_time", "tenant", "create_time", "id"),
         Index("ix_runs_tenant_dataset", "tenant", "dataset_id", "id"),
         Index("ix_runs_active", "status"),
         # The soft-deleted runs alone, by deletion time: the purge finds those past their retention without

@@ -85,6 +85,42 @@ class RunRecord(FromRow):
 
 
 @dataclass(frozen=True, slots=True)
+class RunListing(FromRow):
+    """A run as ListRuns' RUN_VIEW_BASIC reads it: the `runs` columns of RunRecord but the definition
+    (`spec`: target and graders, up to a quarter of --max-message-bytes), the annotations (up to 64 KiB)
+    and the bookkeeping no message shows, so that a page of 1,000 runs reads kilobytes, not megabytes."""
+
+    id: str
+    request_id: str | None
+    dataset_id: str
+    run_number: int
+    display_name: str
+    description: str
+    labels: Mapping[str, str]
+    status: int  # a run_pb2.RunStatus
+    total_items: int
+    total_evaluations: int
+    completed: int
+    passed: int
+    failed: int
+    errored: int
+    skipped: int
+    aggregate: bytes | None
+    overall_passed: bool | None
+    error_code: str
+    error_message: str
+    create_time: float
+    start_time: float | None
+    end_time: float | None
+    update_time: float
+    last_seq: int
+    cost_usd: float
+    delete_time: float | None
+    version: int
+    rerun_of: str
+
+
+@dataclass(frozen=True, slots=True)
 class ResultRecord(FromRow):
     """A row of `results` (models.ResultRow): one evaluation's outcome."""
 
@@ -354,7 +390,7 @@ class ClaimedDelivery(FromRow):
     probe: bool
 
 
-def counts_from(run: RunRecord) -> run_pb2.RunCounts:
+def counts_from(run: RunRecord | RunListing) -> run_pb2.RunCounts:
     """A run's counters as RunCounts."""
     return run_pb2.RunCounts(
         total_items=run.total_items,
@@ -370,11 +406,25 @@ def counts_from(run: RunRecord) -> run_pb2.RunCounts:
 def run_from(run: RunRecord) -> run_pb2.Run:
     """The Run message of a run record; `spec` holds the definition as validated at creation."""
     message = run_pb2.Run.FromString(run.spec)
+    message.annotations.update(run.annotations or {})
+    _describe(message, run)
+    return message
+
+
+def listed_run_from(run: RunListing) -> run_pb2.Run:
+    """The Run message of ListRuns' RUN_VIEW_BASIC: what the run's row holds outside its definition."""
+    message = run_pb2.Run()
+    _describe(message, run)
+    return message
+
+
+def _describe(message: run_pb2.Run, run: RunRecord | RunListing) -> None:
+    """Set the fields of `message` that come from the run's own columns (all but the definition and the
+    annotations): its names, status, counts, aggregate, verdict, times and etag."""
     message.id = run.id
     message.display_name = run.display_name
     message.description = run.description
     message.labels.update(run.labels or {})
-    message.annotations.update(run.annotations or {})
     message.dataset_id = run.dataset_id
     message.run_number = run.run_number
     message.status = cast("run_pb2.RunStatus", run.status)
@@ -403,4 +453,3 @@ def run_from(run: RunRecord) -> run_pb2.Run:
     message.cost_usd = run.cost_usd
     message.etag = etag(run.version)
     message.rerun_of = run.rerun_of
-    return message

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import operator
 import sqlite3
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import (
     ColumnElement,
+    Float,
     FromClause,
     Integer,
     RowMapping,
@@ -21,6 +23,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal,
     select,
     tuple_,
     union_all,
@@ -35,6 +38,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from evalsvc import statuses
 from evalsvc.limits import StoredCap
 from evalsvc.messages.convert import timestamp
+from evalsvc.messages.run_filter import Term
 from evalsvc.store import events, staging, usage
 from evalsvc.store import jobs as job_store
 from evalsvc.store import webhooks as webhook_store
@@ -53,7 +57,7 @@ from evalsvc.store.models import (
     RunRow,
     TenantRunTotalsRow,
 )
-from evalsvc.store.records import GraderTally, ResultRecord, RunRecord, counts_from, run_from
+from evalsvc.store.records import GraderTally, ResultRecord, RunListing, RunRecord, counts_from, run_from
 from evalsvc.store.run_cache import remember
 from evalsvc.turns import mapped
 from evalsvc.v1 import eval_run_service_pb2 as pb
@@ -253,31 +257,77 @@ async def get_current_run(db: Database, tenant: str, run_id: str) -> run_pb2.Run
     return db.run_rows.derived(row, run_from) if db.run_rows is not None else run_from(row)
 
 
+# A page position of ListRuns: the last listed run's (create_time, id); a bare id in tokens issued before
+# ListRuns had order_by, which listed by id (ids sort by creation time: evalsvc.ids).
+RunPosition = tuple[float, str] | str
+
+
+@dataclass(frozen=True)
+class RunsWanted:
+    """What ListRuns asks for, but the page position: its filters (all of which a run must match), its
+    order, and whether it wants RunListings (RUN_VIEW_BASIC) rather than whole RunRecords."""
+
+    statuses: Sequence[int] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    dataset_id: str = ""
+    show_deleted: bool = False
+    terms: Sequence[Term] = ()  # of the filter (evalsvc.messages.run_filter)
+    newest_first: bool = True
+    basic: bool = False
+
+
 async def list_page(
-    conn: AsyncConnection,
-    tenant: str,
-    *,
-    before_id: str | None,
-    limit: int,
-    statuses: Sequence[int],
-    labels: Mapping[str, str],
-    dataset_id: str,
-    show_deleted: bool = False,
-) -> list[RunRecord]:
-    """Runs newest first (ids sort by creation time), after a keyset position."""
-    query = select(RUNS).where(RUNS.c.tenant == tenant)
-    if not show_deleted:
+    conn: AsyncConnection, tenant: str, wanted: RunsWanted, *, after: RunPosition | None, limit: int
+) -> Sequence[RunRecord | RunListing]:
+    """A page of a tenant's runs (`list_page_query`)."""
+    record = RunListing if wanted.basic else RunRecord
+    rows = await conn.execute(list_page_query(tenant, wanted, after=after, limit=limit))
+    return [record.from_row(row) for row in rows.mappings()]
+
+
+def list_page_query(tenant: str, wanted: RunsWanted, *, after: RunPosition | None, limit: int) -> Select[Any]:
+    """ListRuns' query: a tenant's runs by (create_time, id), newest or oldest first, after a keyset position,
+    matching every filter wanted; every column of RunRecord, or for `basic` RunListing's, so that the
+    definition's columns are not read. The order is the index `ix_runs_tenant_create_time`'s: a page reads
+    its `limit` rows from it (a time range is a range of it) rather than sorting the tenant's runs."""
+    key = tuple_(RUNS.c.create_time, RUNS.c.id)
+    newest_first = wanted.newest_first
+    record = RunListing if wanted.basic else RunRecord
+    query = select(*(RUNS.c[field.name] for field in fields(record))).where(RUNS.c.tenant == tenant)
+    if not wanted.show_deleted:
         query = query.where(RUNS.c.delete_time.is_(None))
-    if before_id:
-        query = query.where(RUNS.c.id < before_id)
-    if statuses:
-        query = query.where(RUNS.c.status.in_(list(statuses)))
-    if dataset_id:
-        query = query.where(RUNS.c.dataset_id == dataset_id)
-    if labels:
-        query = query.where(*_having_labels(labels))
-    rows = await conn.execute(query.order_by(RUNS.c.id.desc()).limit(limit))
-    return [RunRecord.from_row(row) for row in rows.mappings()]
+    if isinstance(after, str):
+        query = query.where(RUNS.c.id < after if newest_first else RUNS.c.id > after)
+    elif after is not None:
+        mark = tuple_(literal(after[0], Float), literal(after[1]))
+        query = query.where(key < mark if newest_first else key > mark)
+    if wanted.statuses:
+        query = query.where(RUNS.c.status.in_(list(wanted.statuses)))
+    if wanted.dataset_id:
+        query = query.where(RUNS.c.dataset_id == wanted.dataset_id)
+    if wanted.labels:
+        query = query.where(*_having_labels(wanted.labels))
+    query = query.where(*map(_matching, wanted.terms))
+    order = (RUNS.c.create_time.desc(), RUNS.c.id.desc()) if newest_first else (RUNS.c.create_time, RUNS.c.id)
+    return query.order_by(*order).limit(limit)
+
+
+_COMPARED = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "=": operator.eq}
+
+
+def _matching(term: Term) -> ColumnElement[bool]:
+    """The WHERE clause of one term of a ListRuns filter (evalsvc.messages.run_filter). `display_name:` is a
+    case-insensitive substring whose LIKE wildcards (% and _) are escaped, so they match themselves;
+    `labels.KEY` is an EXISTS on the run's label rows (`labels.KEY:*`: any value)."""
+    if term.field == "labels":
+        having = [LABELS.c.run_id == RUNS.c.id, LABELS.c.key == term.key]
+        if term.value is not None:
+            having.append(LABELS.c.value == term.value)
+        return exists().where(*having)
+    column = RUNS.c[term.field]
+    if term.op == ":":
+        return cast("ColumnElement[bool]", column.icontains(term.value, autoescape=True))
+    return cast("ColumnElement[bool]", _COMPARED[term.op](column, cast(Any, term.value)))
 
 
 def _having_labels(labels: Mapping[str, str]) -> list[ColumnElement[bool]]:

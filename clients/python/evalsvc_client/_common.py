@@ -406,6 +406,9 @@ def list_runs_request(
     dataset_id: str = "",
     page_size: int = 0,
     show_deleted: bool = False,
+    filter: str = "",
+    order_by: str = "",
+    view: pb.runs.RunView = pb.runs.RUN_VIEW_UNSPECIFIED,
 ) -> pb.runs.ListRunsRequest:
     return pb.runs.ListRunsRequest(
         statuses=list(statuses),
@@ -413,6 +416,9 @@ def list_runs_request(
         dataset_id=dataset_id,
         page_size=page_size,
         show_deleted=show_deleted,
+        filter=filter,
+        order_by=order_by,
+        view=view,
     )
 
 

@@ -57,6 +57,7 @@ import getpass
 import itertools
 import json
 import os
+import re
 import shlex
 import signal
 import sys
@@ -753,12 +754,16 @@ def cmd_list(args: argparse.Namespace, client: EvalClient, console: Console) -> 
             dataset_id=args.dataset_id,
             limit=args.limit + 1,  # one more than shown: whether there are more
             show_deleted=args.show_deleted,
+            filter=_run_filter(args),
+            order_by="create_time" if args.oldest_first else "",
+            # The table shows names, statuses and counts: not the definitions (up to MBs each); --json is whole.
+            view=pb.runs.RUN_VIEW_FULL if args.json else pb.runs.RUN_VIEW_BASIC,
         )
     )
     more = len(runs) > args.limit
     runs = runs[: args.limit]
     if more:  # the listing stopped at 50 in silence
-        console.print(_more_listed(len(runs), "runs", args.limit))
+        console.print(_more_listed(len(runs), "runs", args.limit, "oldest" if args.oldest_first else "newest"))
     if args.json:
         _print_json([to_dict(r) for r in runs])
         return EXIT_OK
@@ -781,10 +786,49 @@ def cmd_list(args: argparse.Namespace, client: EvalClient, console: Console) -> 
 _ONE = {"runs": "run", "deliveries": "delivery", "graders": "grader", "targets": "target"}
 
 
-def _more_listed(shown: int, what: str, limit: int) -> str:
+def _more_listed(shown: int, what: str, limit: int, first: str = "newest") -> str:
     """The stderr line of a listing cut at its --limit (stdout keeps the listing alone)."""
     things = _ONE.get(what, what) if shown == 1 else what
-    return f"showing the newest {shown} {things}; more exist: --limit {max(2 * limit, 100)} shows more"
+    return f"showing the {first} {shown} {things}; more exist: --limit {max(2 * limit, 100)} shows more"
+
+
+def _run_filter(args: argparse.Namespace) -> str:
+    """ListRuns' filter of `evalctl list`: --filter, and the terms --since and --name stand for, joined by AND."""
+    terms = [args.filter] if args.filter else []
+    if args.since is not None:
+        terms.append(f'create_time >= "{args.since}"')
+    if args.name:
+        terms.append(f"display_name:{_quoted(args.name)}")
+    return " AND ".join(terms)
+
+
+def _quoted(text: str) -> str:
+    """A string of a ListRuns filter: in double quotes, each backslash and double quote escaped."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+_DURATION = re.compile(r"(\d+)([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _since(text: str) -> str:
+    """A --since: a duration back from now (`30m`, `24h`, `7d`, `2w`) or an RFC 3339 time, as the RFC 3339 time
+    (UTC) a filter compares create_time with."""
+    when: datetime.datetime | None = None
+    try:
+        if found := _DURATION.fullmatch(text.strip()):
+            back = datetime.timedelta(seconds=int(found.group(1)) * _UNIT_SECONDS[found.group(2)])
+            when = datetime.datetime.now(datetime.UTC) - back
+        else:
+            when = datetime.datetime.fromisoformat(text.strip().upper())
+    except (ValueError, OverflowError):  # not a time; a duration back past year 1
+        when = None
+    if when is None or when.tzinfo is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a duration (30m, 24h, 7d, 2w) nor an RFC 3339 time with its zone"
+            " (2026-01-02T15:04:05Z)"
+        )
+    return when.astimezone(datetime.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _print_table(table: Table, what: str) -> None:
@@ -1442,7 +1486,7 @@ def parser() -> argparse.ArgumentParser:
     get.add_argument("--fail-under", type=_percent, metavar="PCT", help="exit 1 when the pass rate (%%) is lower")
     get.set_defaults(handler=cmd_get)
 
-    listing = sub.add_parser("list", parents=[common], help="list runs, newest first")
+    listing = sub.add_parser("list", parents=[common], help="list runs, newest first (or --oldest-first)")
     listing.add_argument("--status", action="append", default=[], choices=sorted(_STATUSES))
     listing.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", type=_label)
     listing.add_argument("--dataset-id", default="")
@@ -1450,6 +1494,20 @@ def parser() -> argparse.ArgumentParser:
         "--limit", type=_at_least(1), default=50, help="at most this many, newest first (stderr says when more exist)"
     )
     listing.add_argument("--show-deleted", action="store_true", help="list soft-deleted runs too (until purged)")
+    listing.add_argument(
+        "--filter",
+        default="",
+        metavar="EXPR",
+        help='only runs matching EXPR (README "Listing runs"), e.g. \'labels.team = "a" AND overall_passed = false\'',
+    )
+    listing.add_argument(
+        "--since",
+        type=_since,
+        metavar="DURATION|TIME",
+        help="only runs created since: 30m, 24h, 7d, 2w or an RFC 3339 time",
+    )
+    listing.add_argument("--name", default="", metavar="TEXT", help="only runs whose name contains TEXT (any case)")
+    listing.add_argument("--oldest-first", action="store_true", help="list the oldest runs first")
     listing.set_defaults(handler=cmd_list)
 
     for name, about in (

@@ -255,10 +255,25 @@ class EvalClient:
         page_size: int = 0,
         limit: int | None = None,
         show_deleted: bool = False,
+        filter: str = "",
+        order_by: str = "",
+        view: pb.runs.RunView = pb.runs.RUN_VIEW_UNSPECIFIED,
     ) -> Iterator[pb.Run]:
-        """Runs, newest first, across every page (at most `limit`); soft-deleted ones too with `show_deleted`."""
+        """Runs, newest first, across every page (at most `limit`); soft-deleted ones too with `show_deleted`.
+
+        `filter` selects runs by a subset of AIP-160 (README "Listing runs"), e.g.
+        `'create_time >= "2026-01-02T00:00:00Z" AND display_name:"nightly"'`; `order_by="create_time"` lists
+        the oldest first; `view=pb.runs.RUN_VIEW_BASIC` leaves each run's definition (target, graders) and
+        annotations out, which a listing of names, statuses and counts does not need."""
         request = list_runs_request(
-            statuses=statuses, labels=labels, dataset_id=dataset_id, page_size=page_size, show_deleted=show_deleted
+            statuses=statuses,
+            labels=labels,
+            dataset_id=dataset_id,
+            page_size=page_size,
+            show_deleted=show_deleted,
+            filter=filter,
+            order_by=order_by,
+            view=view,
         )
         count = 0
         while True:

@@ -36,6 +36,7 @@ from evalsvc.store.records import (
     GraderTally,
     GraderVersionRecord,
     ResultRecord,
+    RunListing,
     RunRecord,
     SavedGraderRecord,
     SavedTargetRecord,
@@ -78,6 +79,15 @@ def test_a_partial_record_is_read_from_the_columns_of_its_fields() -> None:
         (GraderTally, runs.TALLY_COLUMNS),
     ]:
         assert [column.name for column in columns] == [field.name for field in fields(record)], record.__name__
+
+
+def test_a_run_listing_is_the_run_columns_but_the_definition_and_annotations_in_table_order() -> None:
+    """RUN_VIEW_BASIC reads RunListing's columns: every one a column of `runs`, in its order, and none of the
+    heavy ones (a listing read the definitions of up to 1,001 runs to show their names)."""
+    columns = [column.name for column in RunRow.__table__.columns]  # type: ignore[attr-defined]
+    listed = [field.name for field in fields(RunListing)]
+    assert listed == [name for name in columns if name in listed]
+    assert set(columns) - set(listed) == {"tenant", "request_hash", "spec", "annotations", "stored_bytes"}
 
 
 def test_the_tuple_builders_put_each_value_in_its_columns_place() -> None:

@@ -9,6 +9,8 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from evalsvc.messages.convert import timestamp
+from evalsvc.messages.run_filter import parse_filter
 from evalsvc.store import bulk
 from evalsvc.store import jobs as job_store
 from evalsvc.store import runs as run_store
@@ -616,3 +618,58 @@ async def test_the_aggregate_of_a_large_run_is_read_in_turns(db: Database, monke
         inputs = await run_store.aggregate_inputs(conn, [run.run.id])
     assert parsed_in_turns == 3_000  # every output is parsed by `mapped`: a turn every YIELD_EVERY_S of them
     assert len(inputs[run.run.id].memory_mib) == 3_000
+
+
+# ------------------------------------------------------------------------------------ listing runs
+
+
+async def test_a_page_of_runs_reads_its_rows_in_index_order_from_its_time_range_either_way(db: Database) -> None:
+    """ListRuns orders by (create_time, id) and filters time ranges: a page must read its LIMIT rows from the
+    (tenant, create_time, id) index, oldest or newest first, not read and sort the tenant's runs (on the
+    (tenant, id) index only, a page of last week's runs, oldest first, sorted all 3,000). A BASIC page does
+    not read the definition (`spec`) or the annotations."""
+    await unanalyzed(db, "runs")
+    base = 1.7e9
+    batch = [new_run(items=1) for _ in range(3_000)]
+    for n, run in enumerate(batch):
+        run.row["create_time"] = base + n * 60.0 if n % 2 else base + (n - 1) * 60.0  # pairs at one time: ties
+    for start in range(0, len(batch), 500):  # one notification per run: PostgreSQL takes 1,664 in one SELECT
+        await insert(db, *batch[start : start + 500])
+    await insert(db, new_run("t2", items=1))
+    by_time = sorted(batch, key=lambda run: (run.row["create_time"], run.row["id"]))
+    week = [run.row["id"] for run in by_time if base + 1_000 * 60 <= run.row["create_time"] < base + 2_000 * 60]
+    terms = parse_filter(
+        f'create_time >= "{_shown(base + 1_000 * 60)}" AND create_time < "{_shown(base + 2_000 * 60)}"'
+    )
+    async with db.read() as conn:
+        for newest_first in (False, True):
+            wanted = run_store.RunsWanted(terms=terms, newest_first=newest_first, basic=True)
+            expected = week[::-1] if newest_first else week
+            listed: list[str] = []
+            after: run_store.RunPosition | None = None
+            while page := await run_store.list_page(conn, "t1", wanted, after=after, limit=400):
+                listed += [run.id for run in page]
+                after = (page[-1].create_time, page[-1].id)
+            assert listed == expected  # every run of the range once, ties (one create_time) by id
+            sql = str(
+                run_store.list_page_query("t1", wanted, after=(base + 1_500 * 60, ""), limit=50).compile(
+                    dialect=conn.dialect, compile_kwargs={"literal_binds": True}
+                )
+            )
+            assert "spec" not in sql and "annotations" not in sql
+            if conn.dialect.name == "postgresql":
+                plan = (await conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + sql)).scalar_one()
+                nodes = plan_nodes(plan)
+                visited = max(int(node["Actual Rows"]) + int(node.get("Rows Removed by Filter", 0)) for node in nodes)
+                assert visited <= 51 and not [n for n in nodes if n["Node Type"] == "Sort"], nodes
+            else:
+                steps = [row[-1] for row in await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+                assert any("ix_runs_tenant_create_time" in step for step in steps), steps
+                assert not [step for step in steps if "TEMP B-TREE" in step or step.startswith("SCAN")], steps
+
+
+def _shown(seconds: float) -> str:
+    """A time as the API shows it (RFC 3339)."""
+    shown = timestamp(seconds)
+    assert shown is not None
+    return shown.ToJsonString()

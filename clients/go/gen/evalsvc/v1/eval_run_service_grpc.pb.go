@@ -21,7 +21,7 @@ type EvalRunServiceClient interface {
 	CreateRun(ctx context.Context, in *CreateRunRequest, opts ...grpc.CallOption) (*CreateRunResponse, error)
 	// Reads a run.
 	GetRun(ctx context.Context, in *GetRunRequest, opts ...grpc.CallOption) (*GetRunResponse, error)
-	// Lists runs, newest first.
+	// Lists runs, newest first unless order_by says otherwise, matching a filter (a subset of AIP-160).
 	ListRuns(ctx context.Context, in *ListRunsRequest, opts ...grpc.CallOption) (*ListRunsResponse, error)
 	// Cancels a run. Idempotent; FAILED_PRECONDITION on a run that already finished.
 	CancelRun(ctx context.Context, in *CancelRunRequest, opts ...grpc.CallOption) (*CancelRunResponse, error)
@@ -233,7 +233,7 @@ type EvalRunServiceServer interface {
 	CreateRun(context.Context, *CreateRunRequest) (*CreateRunResponse, error)
 	// Reads a run.
 	GetRun(context.Context, *GetRunRequest) (*GetRunResponse, error)
-	// Lists runs, newest first.
+	// Lists runs, newest first unless order_by says otherwise, matching a filter (a subset of AIP-160).
 	ListRuns(context.Context, *ListRunsRequest) (*ListRunsResponse, error)
 	// Cancels a run. Idempotent; FAILED_PRECONDITION on a run that already finished.
 	CancelRun(context.Context, *CancelRunRequest) (*CancelRunResponse, error)

@@ -19,12 +19,21 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RunView(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUN_VIEW_UNSPECIFIED: _ClassVar[RunView]
+    RUN_VIEW_BASIC: _ClassVar[RunView]
+    RUN_VIEW_FULL: _ClassVar[RunView]
+
 class RerunScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     RERUN_SCOPE_UNSPECIFIED: _ClassVar[RerunScope]
     RERUN_SCOPE_ITEMS_ERRORED: _ClassVar[RerunScope]
     RERUN_SCOPE_ITEMS_FAILED_OR_ERRORED: _ClassVar[RerunScope]
     RERUN_SCOPE_ITEMS_ALL: _ClassVar[RerunScope]
+RUN_VIEW_UNSPECIFIED: RunView
+RUN_VIEW_BASIC: RunView
+RUN_VIEW_FULL: RunView
 RERUN_SCOPE_UNSPECIFIED: RerunScope
 RERUN_SCOPE_ITEMS_ERRORED: RerunScope
 RERUN_SCOPE_ITEMS_FAILED_OR_ERRORED: RerunScope
@@ -103,7 +112,7 @@ class GetRunResponse(_message.Message):
     def __init__(self, run: _Optional[_Union[_run_pb2.Run, _Mapping]] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
-    __slots__ = ("page_size", "page_token", "statuses", "labels", "dataset_id", "show_deleted")
+    __slots__ = ("page_size", "page_token", "statuses", "labels", "dataset_id", "show_deleted", "filter", "order_by", "view")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,13 +126,19 @@ class ListRunsRequest(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
     SHOW_DELETED_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    ORDER_BY_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
     statuses: _containers.RepeatedScalarFieldContainer[_run_pb2.RunStatus]
     labels: _containers.ScalarMap[str, str]
     dataset_id: str
     show_deleted: bool
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., statuses: _Optional[_Iterable[_Union[_run_pb2.RunStatus, str]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., dataset_id: _Optional[str] = ..., show_deleted: _Optional[bool] = ...) -> None: ...
+    filter: str
+    order_by: str
+    view: RunView
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., statuses: _Optional[_Iterable[_Union[_run_pb2.RunStatus, str]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., dataset_id: _Optional[str] = ..., show_deleted: _Optional[bool] = ..., filter: _Optional[str] = ..., order_by: _Optional[str] = ..., view: _Optional[_Union[RunView, str]] = ...) -> None: ...
 
 class ListRunsResponse(_message.Message):
     __slots__ = ("runs", "next_page_token")

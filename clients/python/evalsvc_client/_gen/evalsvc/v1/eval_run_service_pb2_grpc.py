@@ -122,7 +122,7 @@ class EvalRunServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListRuns(self, request, context):
-        """Lists runs, newest first.
+        """Lists runs, newest first unless order_by says otherwise, matching a filter (a subset of AIP-160).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

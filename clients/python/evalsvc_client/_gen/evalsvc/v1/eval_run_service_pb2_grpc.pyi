@@ -39,7 +39,7 @@ class EvalRunServiceStub:
     GetRun: _grpc.UnaryUnaryMultiCallable[_eval_run_service_pb2.GetRunRequest, _eval_run_service_pb2.GetRunResponse]
     """Reads a run."""
     ListRuns: _grpc.UnaryUnaryMultiCallable[_eval_run_service_pb2.ListRunsRequest, _eval_run_service_pb2.ListRunsResponse]
-    """Lists runs, newest first."""
+    """Lists runs, newest first unless order_by says otherwise, matching a filter (a subset of AIP-160)."""
     CancelRun: _grpc.UnaryUnaryMultiCallable[_eval_run_service_pb2.CancelRunRequest, _eval_run_service_pb2.CancelRunResponse]
     """Cancels a run. Idempotent; FAILED_PRECONDITION on a run that already finished."""
     ListRunResults: _grpc.UnaryUnaryMultiCallable[_eval_run_service_pb2.ListRunResultsRequest, _eval_run_service_pb2.ListRunResultsResponse]
@@ -85,7 +85,7 @@ class EvalRunServiceAsyncStub(EvalRunServiceStub):
     GetRun: _aio.UnaryUnaryMultiCallable[_eval_run_service_pb2.GetRunRequest, _eval_run_service_pb2.GetRunResponse]  # type: ignore[assignment]
     """Reads a run."""
     ListRuns: _aio.UnaryUnaryMultiCallable[_eval_run_service_pb2.ListRunsRequest, _eval_run_service_pb2.ListRunsResponse]  # type: ignore[assignment]
-    """Lists runs, newest first."""
+    """Lists runs, newest first unless order_by says otherwise, matching a filter (a subset of AIP-160)."""
     CancelRun: _aio.UnaryUnaryMultiCallable[_eval_run_service_pb2.CancelRunRequest, _eval_run_service_pb2.CancelRunResponse]  # type: ignore[assignment]
     """Cancels a run. Idempotent; FAILED_PRECONDITION on a run that already finished."""
     ListRunResults: _aio.UnaryUnaryMultiCallable[_eval_run_service_pb2.ListRunResultsRequest, _eval_run_service_pb2.ListRunResultsResponse]  # type: ignore[assignment]
@@ -146,7 +146,7 @@ class EvalRunServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _eval_run_service_pb2.ListRunsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_eval_run_service_pb2.ListRunsResponse, _abc.Awaitable[_eval_run_service_pb2.ListRunsResponse]]:
-        """Lists runs, newest first."""
+        """Lists runs, newest first unless order_by says otherwise, matching a filter (a subset of AIP-160)."""
 
     @_abc_1.abstractmethod
     def CancelRun(

@@ -26,7 +26,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file evalsvc/v1/eval_run_service.proto.
  */
 export const file_evalsvc_v1_eval_run_service: GenFile = /*@__PURE__*/
-  fileDesc("CiFldmFsc3ZjL3YxL2V2YWxfcnVuX3NlcnZpY2UucHJvdG8SCmV2YWxzdmMudjEizwUKEENyZWF0ZVJ1blJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRISCgpkYXRhc2V0X2lkGAIgASgJEhAKCGl0ZW1faWRzGAMgAygJEh8KBWl0ZW1zGAQgAygLMhAuZXZhbHN2Yy52MS5JdGVtEigKBnRhcmdldBgFIAEoCzISLmV2YWxzdmMudjEuVGFyZ2V0QgTiQQECEiMKB2dyYWRlcnMYBiADKAsyEi5ldmFsc3ZjLnYxLkdyYWRlchIUCgxkaXNwbGF5X25hbWUYByABKAkSEwoLZGVzY3JpcHRpb24YCCABKAkSOAoGbGFiZWxzGAkgAygLMiguZXZhbHN2Yy52MS5DcmVhdGVSdW5SZXF1ZXN0LkxhYmVsc0VudHJ5EhsKDnBhc3NfdGhyZXNob2xkGAogASgBSACIAQESEwoLcmVwZXRpdGlvbnMYCyABKAUSEwoLd2FybXVwX3J1bnMYDCABKAUSJAoHdHJpZ2dlchgNIAEoDjITLmV2YWxzdmMudjEuVHJpZ2dlchIZCgxtYXhfY29zdF91c2QYDiABKAFIAYgBARJCCgthbm5vdGF0aW9ucxgPIAMoCzItLmV2YWxzdmMudjEuQ3JlYXRlUnVuUmVxdWVzdC5Bbm5vdGF0aW9uc0VudHJ5EhsKDm1heF9lcnJvcl9yYXRlGBAgASgBSAKIAQESKQoKY2FjaGVfbW9kZRgyIAEoDjIVLmV2YWxzdmMudjEuQ2FjaGVNb2RlGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEaMgoQQW5ub3RhdGlvbnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQhEKD19wYXNzX3RocmVzaG9sZEIPCg1fbWF4X2Nvc3RfdXNkQhEKD19tYXhfZXJyb3JfcmF0ZSJEChFDcmVhdGVSdW5SZXNwb25zZRIcCgNydW4YASABKAsyDy5ldmFsc3ZjLnYxLlJ1bhIRCglqb2JfY291bnQYAiABKAUiJQoNR2V0UnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQIiLgoOR2V0UnVuUmVzcG9uc2USHAoDcnVuGAEgASgLMg8uZXZhbHN2Yy52MS5SdW4i8wEKD0xpc3RSdW5zUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRInCghzdGF0dXNlcxgDIAMoDjIVLmV2YWxzdmMudjEuUnVuU3RhdHVzEjcKBmxhYmVscxgEIAMoCzInLmV2YWxzdmMudjEuTGlzdFJ1bnNSZXF1ZXN0LkxhYmVsc0VudHJ5EhIKCmRhdGFzZXRfaWQYBSABKAkSFAoMc2hvd19kZWxldGVkGAYgASgIGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiSgoQTGlzdFJ1bnNSZXNwb25zZRIdCgRydW5zGAEgAygLMg8uZXZhbHN2Yy52MS5SdW4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIn0KEFVwZGF0ZVJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEiIKA3J1bhgCIAEoCzIPLmV2YWxzdmMudjEuUnVuQgTiQQECEi8KC3VwZGF0ZV9tYXNrGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzayIxChFVcGRhdGVSdW5SZXNwb25zZRIcCgNydW4YASABKAsyDy5ldmFsc3ZjLnYxLlJ1biI2ChBEZWxldGVSdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIMCgRldGFnGCggASgJIjEKEURlbGV0ZVJ1blJlc3BvbnNlEhwKA3J1bhgBIAEoCzIPLmV2YWxzdmMudjEuUnVuIioKElVuZGVsZXRlUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQIiMwoTVW5kZWxldGVSdW5SZXNwb25zZRIcCgNydW4YASABKAsyDy5ldmFsc3ZjLnYxLlJ1biKzAQoPUmVydW5SdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhISCgpyZXF1ZXN0X2lkGAIgASgJEiUKBXNjb3BlGAMgASgOMhYuZXZhbHN2Yy52MS5SZXJ1blNjb3BlEiQKB3RyaWdnZXIYBCABKA4yEy5ldmFsc3ZjLnYxLlRyaWdnZXISKQoKY2FjaGVfbW9kZRgyIAEoDjIVLmV2YWxzdmMudjEuQ2FjaGVNb2RlIkMKEFJlcnVuUnVuUmVzcG9uc2USHAoDcnVuGAEgASgLMg8uZXZhbHN2Yy52MS5SdW4SEQoJam9iX2NvdW50GAIgASgFIigKEENhbmNlbFJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECIjEKEUNhbmNlbFJ1blJlc3BvbnNlEhwKA3J1bhgBIAEoCzIPLmV2YWxzdmMudjEuUnVuIqUBChVMaXN0UnVuUmVzdWx0c1JlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJEiYKBXN0YXRlGAQgASgOMhcuZXZhbHN2Yy52MS5SZXN1bHRTdGF0ZRInCgZzdGF0ZXMYBSADKA4yFy5ldmFsc3ZjLnYxLlJlc3VsdFN0YXRlIlYKFkxpc3RSdW5SZXN1bHRzUmVzcG9uc2USIwoHcmVzdWx0cxgBIAMoCzISLmV2YWxzdmMudjEuUmVzdWx0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSI6Cg9XYXRjaFJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEhEKCWFmdGVyX3NlcRgCIAEoAyJVChZXYXRjaFJ1bkJhdGNoZWRSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIRCglhZnRlcl9zZXEYAiABKAMSEgoKbWF4X2V2ZW50cxgDIAEoBSJHChdXYXRjaFJ1bkJhdGNoZWRSZXNwb25zZRIsCgZldmVudHMYASADKAsyHC5ldmFsc3ZjLnYxLldhdGNoUnVuUmVzcG9uc2UiHQoJSGVhcnRiZWF0EhAKCGxhc3Rfc2VxGAEgASgDIvEBChBXYXRjaFJ1blJlc3BvbnNlEgsKA3NlcRgBIAEoAxIuCgpldmVudF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgZjb3VudHMYAyABKAsyFS5ldmFsc3ZjLnYxLlJ1bkNvdW50cxIeCgNydW4YCiABKAsyDy5ldmFsc3ZjLnYxLlJ1bkgAEiQKBnJlc3VsdBgLIAEoCzISLmV2YWxzdmMudjEuUmVzdWx0SAASKgoJaGVhcnRiZWF0GAwgASgLMhUuZXZhbHN2Yy52MS5IZWFydGJlYXRIAEIHCgVldmVudCqMAQoKUmVydW5TY29wZRIbChdSRVJVTl9TQ09QRV9VTlNQRUNJRklFRBAAEh0KGVJFUlVOX1NDT1BFX0lURU1TX0VSUk9SRUQQARInCiNSRVJVTl9TQ09QRV9JVEVNU19GQUlMRURfT1JfRVJST1JFRBACEhkKFVJFUlVOX1NDT1BFX0lURU1TX0FMTBADMskLCg5FdmFsUnVuU2VydmljZRJdCglDcmVhdGVSdW4SHC5ldmFsc3ZjLnYxLkNyZWF0ZVJ1blJlcXVlc3QaHS5ldmFsc3ZjLnYxLkNyZWF0ZVJ1blJlc3BvbnNlIhOC0+STAg06ASoiCC92MS9ydW5zEloKBkdldFJ1bhIZLmV2YWxzdmMudjEuR2V0UnVuUmVxdWVzdBoaLmV2YWxzdmMudjEuR2V0UnVuUmVzcG9uc2UiGYLT5JMCExIRL3YxL3J1bnMve3J1bl9pZH0SVwoITGlzdFJ1bnMSGy5ldmFsc3ZjLnYxLkxpc3RSdW5zUmVxdWVzdBocLmV2YWxzdmMudjEuTGlzdFJ1bnNSZXNwb25zZSIQgtPkkwIKEggvdjEvcnVucxJtCglDYW5jZWxSdW4SHC5ldmFsc3ZjLnYxLkNhbmNlbFJ1blJlcXVlc3QaHS5ldmFsc3ZjLnYxLkNhbmNlbFJ1blJlc3BvbnNlIiOC0+STAh06ASoiGC92MS9ydW5zL3tydW5faWR9OmNhbmNlbBJ6Cg5MaXN0UnVuUmVzdWx0cxIhLmV2YWxzdmMudjEuTGlzdFJ1blJlc3VsdHNSZXF1ZXN0GiIuZXZhbHN2Yy52MS5MaXN0UnVuUmVzdWx0c1Jlc3BvbnNlIiGC0+STAhsSGS92MS9ydW5zL3tydW5faWR9L3Jlc3VsdHMSaAoJVXBkYXRlUnVuEhwuZXZhbHN2Yy52MS5VcGRhdGVSdW5SZXF1ZXN0Gh0uZXZhbHN2Yy52MS5VcGRhdGVSdW5SZXNwb25zZSIegtPkkwIYOgNydW4yES92MS9ydW5zL3tydW5faWR9EmMKCURlbGV0ZVJ1bhIcLmV2YWxzdmMudjEuRGVsZXRlUnVuUmVxdWVzdBodLmV2YWxzdmMudjEuRGVsZXRlUnVuUmVzcG9uc2UiGYLT5JMCEyoRL3YxL3J1bnMve3J1bl9pZH0SdQoLVW5kZWxldGVSdW4SHi5ldmFsc3ZjLnYxLlVuZGVsZXRlUnVuUmVxdWVzdBofLmV2YWxzdmMudjEuVW5kZWxldGVSdW5SZXNwb25zZSIlgtPkkwIfOgEqIhovdjEvcnVucy97cnVuX2lkfTp1bmRlbGV0ZRJpCghSZXJ1blJ1bhIbLmV2YWxzdmMudjEuUmVydW5SdW5SZXF1ZXN0GhwuZXZhbHN2Yy52MS5SZXJ1blJ1blJlc3BvbnNlIiKC0+STAhw6ASoiFy92MS9ydW5zL3tydW5faWR9OnJlcnVuEmgKCFdhdGNoUnVuEhsuZXZhbHN2Yy52MS5XYXRjaFJ1blJlcXVlc3QaHC5ldmFsc3ZjLnYxLldhdGNoUnVuUmVzcG9uc2UiH4LT5JMCGRIXL3YxL3J1bnMve3J1bl9pZH06d2F0Y2gwARKEAQoPV2F0Y2hSdW5CYXRjaGVkEiIuZXZhbHN2Yy52MS5XYXRjaFJ1bkJhdGNoZWRSZXF1ZXN0GiMuZXZhbHN2Yy52MS5XYXRjaFJ1bkJhdGNoZWRSZXNwb25zZSImgtPkkwIgEh4vdjEvcnVucy97cnVuX2lkfTp3YXRjaEJhdGNoZWQwARJ7CgtDb21wYXJlUnVucxIeLmV2YWxzdmMudjEuQ29tcGFyZVJ1bnNSZXF1ZXN0Gh8uZXZhbHN2Yy52MS5Db21wYXJlUnVuc1Jlc3BvbnNlIiuC0+STAiUSIy92MS9ydW5zL3tjYW5kaWRhdGVfcnVuX2lkfTpjb21wYXJlEpgBChNMaXN0Q29tcGFyaXNvbkl0ZW1zEiYuZXZhbHN2Yy52MS5MaXN0Q29tcGFyaXNvbkl0ZW1zUmVxdWVzdBonLmV2YWxzdmMudjEuTGlzdENvbXBhcmlzb25JdGVtc1Jlc3BvbnNlIjCC0+STAioSKC92MS9ydW5zL3tjYW5kaWRhdGVfcnVuX2lkfTpjb21wYXJlSXRlbXNCLVorZXZhbHN2Yy9jbGllbnRzL2dvL2dlbi9ldmFsc3ZjL3YxO2V2YWxzdmN2MWIGcHJvdG8z", [file_evalsvc_v1_cache, file_evalsvc_v1_comparison, file_evalsvc_v1_grader, file_evalsvc_v1_item, file_evalsvc_v1_run, file_evalsvc_v1_target, file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
+  fileDesc("CiFldmFsc3ZjL3YxL2V2YWxfcnVuX3NlcnZpY2UucHJvdG8SCmV2YWxzdmMudjEizwUKEENyZWF0ZVJ1blJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRISCgpkYXRhc2V0X2lkGAIgASgJEhAKCGl0ZW1faWRzGAMgAygJEh8KBWl0ZW1zGAQgAygLMhAuZXZhbHN2Yy52MS5JdGVtEigKBnRhcmdldBgFIAEoCzISLmV2YWxzdmMudjEuVGFyZ2V0QgTiQQECEiMKB2dyYWRlcnMYBiADKAsyEi5ldmFsc3ZjLnYxLkdyYWRlchIUCgxkaXNwbGF5X25hbWUYByABKAkSEwoLZGVzY3JpcHRpb24YCCABKAkSOAoGbGFiZWxzGAkgAygLMiguZXZhbHN2Yy52MS5DcmVhdGVSdW5SZXF1ZXN0LkxhYmVsc0VudHJ5EhsKDnBhc3NfdGhyZXNob2xkGAogASgBSACIAQESEwoLcmVwZXRpdGlvbnMYCyABKAUSEwoLd2FybXVwX3J1bnMYDCABKAUSJAoHdHJpZ2dlchgNIAEoDjITLmV2YWxzdmMudjEuVHJpZ2dlchIZCgxtYXhfY29zdF91c2QYDiABKAFIAYgBARJCCgthbm5vdGF0aW9ucxgPIAMoCzItLmV2YWxzdmMudjEuQ3JlYXRlUnVuUmVxdWVzdC5Bbm5vdGF0aW9uc0VudHJ5EhsKDm1heF9lcnJvcl9yYXRlGBAgASgBSAKIAQESKQoKY2FjaGVfbW9kZRgyIAEoDjIVLmV2YWxzdmMudjEuQ2FjaGVNb2RlGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEaMgoQQW5ub3RhdGlvbnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQhEKD19wYXNzX3RocmVzaG9sZEIPCg1fbWF4X2Nvc3RfdXNkQhEKD19tYXhfZXJyb3JfcmF0ZSJEChFDcmVhdGVSdW5SZXNwb25zZRIcCgNydW4YASABKAsyDy5ldmFsc3ZjLnYxLlJ1bhIRCglqb2JfY291bnQYAiABKAUiJQoNR2V0UnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQIiLgoOR2V0UnVuUmVzcG9uc2USHAoDcnVuGAEgASgLMg8uZXZhbHN2Yy52MS5SdW4iuAIKD0xpc3RSdW5zUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRInCghzdGF0dXNlcxgDIAMoDjIVLmV2YWxzdmMudjEuUnVuU3RhdHVzEjcKBmxhYmVscxgEIAMoCzInLmV2YWxzdmMudjEuTGlzdFJ1bnNSZXF1ZXN0LkxhYmVsc0VudHJ5EhIKCmRhdGFzZXRfaWQYBSABKAkSFAoMc2hvd19kZWxldGVkGAYgASgIEg4KBmZpbHRlchgHIAEoCRIQCghvcmRlcl9ieRgIIAEoCRIhCgR2aWV3GAkgASgOMhMuZXZhbHN2Yy52MS5SdW5WaWV3Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiSgoQTGlzdFJ1bnNSZXNwb25zZRIdCgRydW5zGAEgAygLMg8uZXZhbHN2Yy52MS5SdW4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIn0KEFVwZGF0ZVJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEiIKA3J1bhgCIAEoCzIPLmV2YWxzdmMudjEuUnVuQgTiQQECEi8KC3VwZGF0ZV9tYXNrGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzayIxChFVcGRhdGVSdW5SZXNwb25zZRIcCgNydW4YASABKAsyDy5ldmFsc3ZjLnYxLlJ1biI2ChBEZWxldGVSdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIMCgRldGFnGCggASgJIjEKEURlbGV0ZVJ1blJlc3BvbnNlEhwKA3J1bhgBIAEoCzIPLmV2YWxzdmMudjEuUnVuIioKElVuZGVsZXRlUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQIiMwoTVW5kZWxldGVSdW5SZXNwb25zZRIcCgNydW4YASABKAsyDy5ldmFsc3ZjLnYxLlJ1biKzAQoPUmVydW5SdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhISCgpyZXF1ZXN0X2lkGAIgASgJEiUKBXNjb3BlGAMgASgOMhYuZXZhbHN2Yy52MS5SZXJ1blNjb3BlEiQKB3RyaWdnZXIYBCABKA4yEy5ldmFsc3ZjLnYxLlRyaWdnZXISKQoKY2FjaGVfbW9kZRgyIAEoDjIVLmV2YWxzdmMudjEuQ2FjaGVNb2RlIkMKEFJlcnVuUnVuUmVzcG9uc2USHAoDcnVuGAEgASgLMg8uZXZhbHN2Yy52MS5SdW4SEQoJam9iX2NvdW50GAIgASgFIigKEENhbmNlbFJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECIjEKEUNhbmNlbFJ1blJlc3BvbnNlEhwKA3J1bhgBIAEoCzIPLmV2YWxzdmMudjEuUnVuIqUBChVMaXN0UnVuUmVzdWx0c1JlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJEiYKBXN0YXRlGAQgASgOMhcuZXZhbHN2Yy52MS5SZXN1bHRTdGF0ZRInCgZzdGF0ZXMYBSADKA4yFy5ldmFsc3ZjLnYxLlJlc3VsdFN0YXRlIlYKFkxpc3RSdW5SZXN1bHRzUmVzcG9uc2USIwoHcmVzdWx0cxgBIAMoCzISLmV2YWxzdmMudjEuUmVzdWx0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSI6Cg9XYXRjaFJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEhEKCWFmdGVyX3NlcRgCIAEoAyJVChZXYXRjaFJ1bkJhdGNoZWRSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIRCglhZnRlcl9zZXEYAiABKAMSEgoKbWF4X2V2ZW50cxgDIAEoBSJHChdXYXRjaFJ1bkJhdGNoZWRSZXNwb25zZRIsCgZldmVudHMYASADKAsyHC5ldmFsc3ZjLnYxLldhdGNoUnVuUmVzcG9uc2UiHQoJSGVhcnRiZWF0EhAKCGxhc3Rfc2VxGAEgASgDIvEBChBXYXRjaFJ1blJlc3BvbnNlEgsKA3NlcRgBIAEoAxIuCgpldmVudF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgZjb3VudHMYAyABKAsyFS5ldmFsc3ZjLnYxLlJ1bkNvdW50cxIeCgNydW4YCiABKAsyDy5ldmFsc3ZjLnYxLlJ1bkgAEiQKBnJlc3VsdBgLIAEoCzISLmV2YWxzdmMudjEuUmVzdWx0SAASKgoJaGVhcnRiZWF0GAwgASgLMhUuZXZhbHN2Yy52MS5IZWFydGJlYXRIAEIHCgVldmVudCpKCgdSdW5WaWV3EhgKFFJVTl9WSUVXX1VOU1BFQ0lGSUVEEAASEgoOUlVOX1ZJRVdfQkFTSUMQARIRCg1SVU5fVklFV19GVUxMEAIqjAEKClJlcnVuU2NvcGUSGwoXUkVSVU5fU0NPUEVfVU5TUEVDSUZJRUQQABIdChlSRVJVTl9TQ09QRV9JVEVNU19FUlJPUkVEEAESJwojUkVSVU5fU0NPUEVfSVRFTVNfRkFJTEVEX09SX0VSUk9SRUQQAhIZChVSRVJVTl9TQ09QRV9JVEVNU19BTEwQAzLJCwoORXZhbFJ1blNlcnZpY2USXQoJQ3JlYXRlUnVuEhwuZXZhbHN2Yy52MS5DcmVhdGVSdW5SZXF1ZXN0Gh0uZXZhbHN2Yy52MS5DcmVhdGVSdW5SZXNwb25zZSITgtPkkwINOgEqIggvdjEvcnVucxJaCgZHZXRSdW4SGS5ldmFsc3ZjLnYxLkdldFJ1blJlcXVlc3QaGi5ldmFsc3ZjLnYxLkdldFJ1blJlc3BvbnNlIhmC0+STAhMSES92MS9ydW5zL3tydW5faWR9ElcKCExpc3RSdW5zEhsuZXZhbHN2Yy52MS5MaXN0UnVuc1JlcXVlc3QaHC5ldmFsc3ZjLnYxLkxpc3RSdW5zUmVzcG9uc2UiEILT5JMCChIIL3YxL3J1bnMSbQoJQ2FuY2VsUnVuEhwuZXZhbHN2Yy52MS5DYW5jZWxSdW5SZXF1ZXN0Gh0uZXZhbHN2Yy52MS5DYW5jZWxSdW5SZXNwb25zZSIjgtPkkwIdOgEqIhgvdjEvcnVucy97cnVuX2lkfTpjYW5jZWwSegoOTGlzdFJ1blJlc3VsdHMSIS5ldmFsc3ZjLnYxLkxpc3RSdW5SZXN1bHRzUmVxdWVzdBoiLmV2YWxzdmMudjEuTGlzdFJ1blJlc3VsdHNSZXNwb25zZSIhgtPkkwIbEhkvdjEvcnVucy97cnVuX2lkfS9yZXN1bHRzEmgKCVVwZGF0ZVJ1bhIcLmV2YWxzdmMudjEuVXBkYXRlUnVuUmVxdWVzdBodLmV2YWxzdmMudjEuVXBkYXRlUnVuUmVzcG9uc2UiHoLT5JMCGDoDcnVuMhEvdjEvcnVucy97cnVuX2lkfRJjCglEZWxldGVSdW4SHC5ldmFsc3ZjLnYxLkRlbGV0ZVJ1blJlcXVlc3QaHS5ldmFsc3ZjLnYxLkRlbGV0ZVJ1blJlc3BvbnNlIhmC0+STAhMqES92MS9ydW5zL3tydW5faWR9EnUKC1VuZGVsZXRlUnVuEh4uZXZhbHN2Yy52MS5VbmRlbGV0ZVJ1blJlcXVlc3QaHy5ldmFsc3ZjLnYxLlVuZGVsZXRlUnVuUmVzcG9uc2UiJYLT5JMCHzoBKiIaL3YxL3J1bnMve3J1bl9pZH06dW5kZWxldGUSaQoIUmVydW5SdW4SGy5ldmFsc3ZjLnYxLlJlcnVuUnVuUmVxdWVzdBocLmV2YWxzdmMudjEuUmVydW5SdW5SZXNwb25zZSIigtPkkwIcOgEqIhcvdjEvcnVucy97cnVuX2lkfTpyZXJ1bhJoCghXYXRjaFJ1bhIbLmV2YWxzdmMudjEuV2F0Y2hSdW5SZXF1ZXN0GhwuZXZhbHN2Yy52MS5XYXRjaFJ1blJlc3BvbnNlIh+C0+STAhkSFy92MS9ydW5zL3tydW5faWR9OndhdGNoMAEShAEKD1dhdGNoUnVuQmF0Y2hlZBIiLmV2YWxzdmMudjEuV2F0Y2hSdW5CYXRjaGVkUmVxdWVzdBojLmV2YWxzdmMudjEuV2F0Y2hSdW5CYXRjaGVkUmVzcG9uc2UiJoLT5JMCIBIeL3YxL3J1bnMve3J1bl9pZH06d2F0Y2hCYXRjaGVkMAESewoLQ29tcGFyZVJ1bnMSHi5ldmFsc3ZjLnYxLkNvbXBhcmVSdW5zUmVxdWVzdBofLmV2YWxzdmMudjEuQ29tcGFyZVJ1bnNSZXNwb25zZSIrgtPkkwIlEiMvdjEvcnVucy97Y2FuZGlkYXRlX3J1bl9pZH06Y29tcGFyZRKYAQoTTGlzdENvbXBhcmlzb25JdGVtcxImLmV2YWxzdmMudjEuTGlzdENvbXBhcmlzb25JdGVtc1JlcXVlc3QaJy5ldmFsc3ZjLnYxLkxpc3RDb21wYXJpc29uSXRlbXNSZXNwb25zZSIwgtPkkwIqEigvdjEvcnVucy97Y2FuZGlkYXRlX3J1bl9pZH06Y29tcGFyZUl0ZW1zQi1aK2V2YWxzdmMvY2xpZW50cy9nby9nZW4vZXZhbHN2Yy92MTtldmFsc3ZjdjFiBnByb3RvMw", [file_evalsvc_v1_cache, file_evalsvc_v1_comparison, file_evalsvc_v1_grader, file_evalsvc_v1_item, file_evalsvc_v1_run, file_evalsvc_v1_target, file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
 
 /**
  * CreateRunRequest describes a run to start.
@@ -250,7 +250,9 @@ export type ListRunsRequest = Message<"evalsvc.v1.ListRunsRequest"> & {
   pageSize: number;
 
   /**
-   * The previous response's next_page_token, with the same filters.
+   * The previous response's next_page_token, with the same filters and order_by (another filter,
+   * statuses, labels, dataset_id, show_deleted or order_by with it is INVALID_ARGUMENT, reason
+   * INVALID_PAGE_TOKEN); the view may change between pages.
    *
    * @generated from field: string page_token = 2;
    */
@@ -283,6 +285,42 @@ export type ListRunsRequest = Message<"evalsvc.v1.ListRunsRequest"> & {
    * @generated from field: bool show_deleted = 6;
    */
   showDeleted: boolean;
+
+  /**
+   * Only runs matching this filter, a subset of AIP-160 (README "Listing runs"): terms `FIELD OP VALUE`
+   * joined by `AND`, each one of
+   *   create_time or end_time with <, <=, > or >= an RFC 3339 time in double quotes (a run that has not
+   *     ended has no end_time and matches no end_time term);
+   *   display_name = "exact name", or display_name : "text" (the name contains it, ignoring case);
+   *   status = RUN_STATUS_... ; dataset_id = "ds_..." ; overall_passed = true or false;
+   *   labels.KEY = "value", or labels.KEY:* (the run has the label, with any value).
+   * A string is in double quotes, `\` escaping the next character; a value without spaces or
+   * operators may go without them. E.g.
+   *   create_time >= "2026-01-02T00:00:00Z" AND display_name:"nightly-" AND labels.team = "search"
+   * At most 2048 characters and 20 terms. It combines with statuses, labels and dataset_id (a run must
+   * match all of them). OR, NOT, parentheses and other operators are not supported: any filter this
+   * grammar does not take is INVALID_ARGUMENT, a violation on `filter` saying at which character and what
+   * was expected there. Empty means every run.
+   *
+   * @generated from field: string filter = 7;
+   */
+  filter: string;
+
+  /**
+   * The order (AIP-132): "create_time desc" (newest first; the default, for "") or "create_time" (or
+   * "create_time asc": oldest first). Runs created at the same time are ordered by id, the same way.
+   * Anything else is INVALID_ARGUMENT naming `order_by`.
+   *
+   * @generated from field: string order_by = 8;
+   */
+  orderBy: string;
+
+  /**
+   * How much of each run to return; unspecified means RUN_VIEW_FULL.
+   *
+   * @generated from field: evalsvc.v1.RunView view = 9;
+   */
+  view: RunView;
 };
 
 /**
@@ -299,7 +337,7 @@ export const ListRunsRequestSchema: GenMessage<ListRunsRequest> = /*@__PURE__*/
  */
 export type ListRunsResponse = Message<"evalsvc.v1.ListRunsResponse"> & {
   /**
-   * The runs, newest first.
+   * The runs, in the order asked for (newest first by default).
    *
    * @generated from field: repeated evalsvc.v1.Run runs = 1;
    */
@@ -855,6 +893,44 @@ export const WatchRunResponseSchema: GenMessage<WatchRunResponse> = /*@__PURE__*
   messageDesc(file_evalsvc_v1_eval_run_service, 22);
 
 /**
+ * RunView says how much of each run ListRuns returns (AIP-157).
+ *
+ * @generated from enum evalsvc.v1.RunView
+ */
+export enum RunView {
+  /**
+   * Not given; means RUN_VIEW_FULL, as ListRuns answered before it had a view.
+   *
+   * @generated from enum value: RUN_VIEW_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The run without its definition: no target, graders, pass_threshold, max_error_rate, repetitions,
+   * warmup_runs, trigger, max_cost_usd or cache_mode, and no annotations. It keeps the ids, names,
+   * description, labels, status, counts, aggregate, verdict, error, times, cost and etag: what a listing
+   * shows. The server does not read what it leaves out, so a page of it is cheap however large the runs'
+   * definitions (up to a quarter of --max-message-bytes each); GetRun reads one run whole.
+   *
+   * @generated from enum value: RUN_VIEW_BASIC = 1;
+   */
+  BASIC = 1,
+
+  /**
+   * The whole run, as GetRun returns it.
+   *
+   * @generated from enum value: RUN_VIEW_FULL = 2;
+   */
+  FULL = 2,
+}
+
+/**
+ * Describes the enum evalsvc.v1.RunView.
+ */
+export const RunViewSchema: GenEnum<RunView> = /*@__PURE__*/
+  enumDesc(file_evalsvc_v1_eval_run_service, 0);
+
+/**
  * RerunScope says which of a run's items RerunRun evaluates again.
  *
  * @generated from enum evalsvc.v1.RerunScope
@@ -894,7 +970,7 @@ export enum RerunScope {
  * Describes the enum evalsvc.v1.RerunScope.
  */
 export const RerunScopeSchema: GenEnum<RerunScope> = /*@__PURE__*/
-  enumDesc(file_evalsvc_v1_eval_run_service, 0);
+  enumDesc(file_evalsvc_v1_eval_run_service, 1);
 
 /**
  * EvalRunService starts evaluation runs, reads them and their results, and streams their progress.
@@ -923,7 +999,7 @@ export const EvalRunService: GenService<{
     output: typeof GetRunResponseSchema;
   },
   /**
-   * Lists runs, newest first.
+   * Lists runs, newest first unless order_by says otherwise, matching a filter (a subset of AIP-160).
    *
    * @generated from rpc evalsvc.v1.EvalRunService.ListRuns
    */
