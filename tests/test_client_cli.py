@@ -22,6 +22,7 @@ import pytest
 from evalsvc_client import pb
 from evalsvc_client.cli import CLOCK_SKEW_S, _created_words
 from evalsvc_client.spec import RunSpec
+from evalsvc_client.visible import XML_FORBIDDEN
 
 from tests.procs import ServerProcess, evalctl_run
 
@@ -1168,6 +1169,47 @@ def test_exports_and_reports_say_when_a_listed_output_or_explanation_was_cut() -
     ]
     page = render_html(pb.Run(id="run_c", status=pb.run.RUN_STATUS_SUCCEEDED), [cut])
     assert page.count("cut short in this listing") == 2
+
+
+# Every character XML 1.0 forbids that a Result can hold (protobuf strings cannot hold lone surrogates), with a NUL.
+FORBIDDEN_IN_XML = "nul\x00 soh\x01 red \x1b[31mX\x1b[0m vt\x0b ff\x0c us\x1f fffe\ufffe ffff\uffff"
+SPELLED_OUT = "nul\\x00 soh\\x01 red \\x1b[31mX\\x1b[0m vt\\x0b ff\\x0c us\\x1f fffe\\ufffe ffff\\uffff"
+
+
+def test_junit_and_html_exports_spell_out_what_xml_forbids(tmp_path: Path) -> None:
+    """An agent's ANSI-coloured output (or a form feed, U+FFFF) was written raw into the JUnit file, which no XML
+    parser then read, so CI rejected the whole report while evalctl exited 0; and into the HTML report, where
+    a browser showed it as nothing. Every text and attribute now holds the visible escape (`\\x1b`)."""
+    from evalsvc_client.export import write_junit
+    from evalsvc_client.report import render_html
+    from evalsvc_client.visible import for_terminal, for_xml
+
+    evil = FORBIDDEN_IN_XML
+    results = [
+        pb.Result(
+            item_id=f"item{evil}",
+            grader=f"g{evil}",
+            state=pb.run.RESULT_STATE_FAILED,
+            explanation=f"judge{evil}",
+            output=pb.item.Response(content=f"out{evil}"),
+        ),
+        pb.Result(item_id="i2", grader=f"g{evil}", state=pb.run.RESULT_STATE_ERROR, error_reason=f"err{evil}"),
+    ]
+    path = tmp_path / "results.xml"
+    write_junit(pb.Run(id="run_x", display_name=f"name{evil}"), results, str(path))
+    root = ET.parse(path).getroot()  # ParseError: not well-formed (invalid token), before
+    failure, error = next(root.iter("failure")), next(root.iter("error"))
+    assert root.get("name") == f"name{SPELLED_OUT}"
+    assert next(root.iter("testcase")).get("name") == f"item{SPELLED_OUT}#0"
+    assert failure.get("message") == f"judge{SPELLED_OUT}" and error.get("message") == f"err{SPELLED_OUT}"
+    assert failure.text == f"score 0.000: judge{SPELLED_OUT}\noutput: out{SPELLED_OUT}"
+    page = render_html(pb.Run(id="run_x", status=pb.run.RUN_STATUS_SUCCEEDED), results)
+    assert not XML_FORBIDDEN.search(page) and f"out{SPELLED_OUT}" in page
+    # Lone surrogates (which no Result holds) and what a terminal acts on, through the helpers themselves.
+    assert for_xml("a\ud800b\tc\n") == "a\\ud800b\tc\n"
+    assert for_terminal("\x1b]52;c;eA==\x07 \r\x08\x7f\x9b\ud800 \t\n é") == (
+        "\\x1b]52;c;eA==\\x07 \\x0d\\x08\\x7f\\x9b\\ud800 \t\n é"
+    )
 
 
 @pytest.fixture(scope="module")
