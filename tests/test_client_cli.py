@@ -445,6 +445,54 @@ def test_compare_table_json_show_and_fail_on_regression(live: tuple[ServerProces
     assert missing.returncode == 3 and "not found" in missing.stderr
 
 
+# What an agent can print to take over a terminal or a CI log: colours, an OSC 52 clipboard write, a CR that
+# rewrites the line, a backspace, a C1 CSI; and rich markup, which `results -o FILE` interpreted.
+TERMINAL_TRICKS = "red \x1b[31mX\x1b[0m osc\x1b]52;c;eA==\x07 cr\rbs\x08 csi\x9b2J [/x] [red]r[/red] tab\tend"
+
+
+def test_evalctl_tables_spell_out_control_characters(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    """`compare --show` (and `results`, also to a file) printed a target's output raw: its ANSI sequences
+    recoloured or rewrote the CI log; `results -o FILE` read `[/x]` as rich markup and failed. Each control
+    character is now spelled out (`\\x1b`), tab kept, and markup shown as written."""
+    rows = [{"id": "q1", "input": "q", "expected_output": "a", "response": answer} for answer in ("a", TERMINAL_TRICKS)]
+    ids = []
+    for name, row in zip(("base", "cand"), rows, strict=True):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(row) + "\n")
+        spec = f"dataset: {name}.jsonl\ntarget: provided\ngraders: [{{name: exact, exact_match: {{}}}}]\n"
+        (tmp_path / f"{name}.yaml").write_text(spec)
+        ids.append(evalctl_json(live, "run", str(tmp_path / f"{name}.yaml"), "--json")["id"])
+    spelled = "red \\x1b[31mX\\x1b[0m osc\\x1b]52;c;eA==\\x07 cr\\x0dbs\\x08 csi\\x9b2J [/x] [red]r[/red] tab"
+    out = tmp_path / "results.txt"
+    shown = {
+        "compare --show": evalctl(live, "compare", *ids, "--show", "regressed"),
+        "results": evalctl(live, "results", ids[1]),
+        "results -o": evalctl(live, "results", ids[1], "-o", str(out)),
+    }
+    for what, done in shown.items():
+        assert done.returncode == 0, (what, done.stderr)  # results -o: MarkupError, exit 3, before
+    for what, text in [
+        *((what, done.stdout) for what, done in shown.items() if what != "results -o"),
+        ("results -o", out.read_text()),
+    ]:
+        assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", text), (what, text)
+    assert spelled in shown["compare --show"].stdout.replace("\n", "")  # the output cell (not cut: not a terminal)
+
+
+def test_evalctl_errors_spell_out_control_characters(capsys: pytest.CaptureFixture[str]) -> None:
+    """An error's message and violations may quote what a target answered (error_reason quotes a reply's start)
+    or what a tenant named: printed raw to stderr, they could recolour or rewrite the CI log as a table could."""
+    import grpc
+    from evalsvc_client import cli
+    from evalsvc_client.errors import EvalError
+
+    error = EvalError(
+        grpc.StatusCode.INVALID_ARGUMENT, f"reply {TERMINAL_TRICKS}", field_violations=[("f\x1b", TERMINAL_TRICKS)]
+    )
+    cli._print_eval_error(cli._console(stderr=True), error)
+    said = capsys.readouterr().err
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", said) and "reply red \\x1b[31mX" in said, said
+
+
 def test_compare_gates_fail_when_nothing_or_too_little_was_paired(
     live: tuple[ServerProcess, str], tmp_path: Path
 ) -> None:
