@@ -6,6 +6,7 @@ test (tests/dbs.py); when that PostgreSQL is unreachable every test is skipped, 
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,13 @@ from evalsvc.testing import EvalServiceTestServer, keyed_channel, settings_for_t
 from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc
 from tests import dbs
 from tests.helpers import Tenant
+
+# The SDK and evalctl retry calls that are safe to repeat for 30 s by default (RetryPolicy.max_elapsed_s). Here,
+# about as long as the count bound that was there before it (5 attempts, 0.75-1.5 s): the many tests that call an
+# address where nothing listens (127.0.0.1:1) expect their answer in that time, not in 30 s. Tests of the bound
+# set their own (RetryPolicy(max_elapsed_s=...), or the variable in evalctl's environment). Set here, before any
+# test, so that the evalctl processes the tests start inherit it too.
+os.environ.setdefault("EVALSVC_RETRY_MAX_ELAPSED_S", "1.5")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -22,6 +22,7 @@ import pytest
 from evalsvc_client import pb
 from evalsvc_client.cli import CLOCK_SKEW_S, _created_words
 from evalsvc_client.spec import RunSpec
+from evalsvc_client.visible import XML_FORBIDDEN
 
 from tests.procs import ServerProcess, evalctl_run
 
@@ -442,6 +443,54 @@ def test_compare_table_json_show_and_fail_on_regression(live: tuple[ServerProces
     assert improved.returncode == 0 and "IMPROVED" in improved.stdout
     missing = evalctl(live, "compare", good, "run_missing")
     assert missing.returncode == 3 and "not found" in missing.stderr
+
+
+# What an agent can print to take over a terminal or a CI log: colours, an OSC 52 clipboard write, a CR that
+# rewrites the line, a backspace, a C1 CSI; and rich markup, which `results -o FILE` interpreted.
+TERMINAL_TRICKS = "red \x1b[31mX\x1b[0m osc\x1b]52;c;eA==\x07 cr\rbs\x08 csi\x9b2J [/x] [red]r[/red] tab\tend"
+
+
+def test_evalctl_tables_spell_out_control_characters(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    """`compare --show` (and `results`, also to a file) printed a target's output raw: its ANSI sequences
+    recoloured or rewrote the CI log; `results -o FILE` read `[/x]` as rich markup and failed. Each control
+    character is now spelled out (`\\x1b`), tab kept, and markup shown as written."""
+    rows = [{"id": "q1", "input": "q", "expected_output": "a", "response": answer} for answer in ("a", TERMINAL_TRICKS)]
+    ids = []
+    for name, row in zip(("base", "cand"), rows, strict=True):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(row) + "\n")
+        spec = f"dataset: {name}.jsonl\ntarget: provided\ngraders: [{{name: exact, exact_match: {{}}}}]\n"
+        (tmp_path / f"{name}.yaml").write_text(spec)
+        ids.append(evalctl_json(live, "run", str(tmp_path / f"{name}.yaml"), "--json")["id"])
+    spelled = "red \\x1b[31mX\\x1b[0m osc\\x1b]52;c;eA==\\x07 cr\\x0dbs\\x08 csi\\x9b2J [/x] [red]r[/red] tab"
+    out = tmp_path / "results.txt"
+    shown = {
+        "compare --show": evalctl(live, "compare", *ids, "--show", "regressed"),
+        "results": evalctl(live, "results", ids[1]),
+        "results -o": evalctl(live, "results", ids[1], "-o", str(out)),
+    }
+    for what, done in shown.items():
+        assert done.returncode == 0, (what, done.stderr)  # results -o: MarkupError, exit 3, before
+    for what, text in [
+        *((what, done.stdout) for what, done in shown.items() if what != "results -o"),
+        ("results -o", out.read_text()),
+    ]:
+        assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", text), (what, text)
+    assert spelled in shown["compare --show"].stdout.replace("\n", "")  # the output cell (not cut: not a terminal)
+
+
+def test_evalctl_errors_spell_out_control_characters(capsys: pytest.CaptureFixture[str]) -> None:
+    """An error's message and violations may quote what a target answered (error_reason quotes a reply's start)
+    or what a tenant named: printed raw to stderr, they could recolour or rewrite the CI log as a table could."""
+    import grpc
+    from evalsvc_client import cli
+    from evalsvc_client.errors import EvalError
+
+    error = EvalError(
+        grpc.StatusCode.INVALID_ARGUMENT, f"reply {TERMINAL_TRICKS}", field_violations=[("f\x1b", TERMINAL_TRICKS)]
+    )
+    cli._print_eval_error(cli._console(stderr=True), error)
+    said = capsys.readouterr().err
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", said) and "reply red \\x1b[31mX" in said, said
 
 
 def test_compare_gates_fail_when_nothing_or_too_little_was_paired(
@@ -1168,6 +1217,47 @@ def test_exports_and_reports_say_when_a_listed_output_or_explanation_was_cut() -
     ]
     page = render_html(pb.Run(id="run_c", status=pb.run.RUN_STATUS_SUCCEEDED), [cut])
     assert page.count("cut short in this listing") == 2
+
+
+# Every character XML 1.0 forbids that a Result can hold (protobuf strings cannot hold lone surrogates), with a NUL.
+FORBIDDEN_IN_XML = "nul\x00 soh\x01 red \x1b[31mX\x1b[0m vt\x0b ff\x0c us\x1f fffe\ufffe ffff\uffff"
+SPELLED_OUT = "nul\\x00 soh\\x01 red \\x1b[31mX\\x1b[0m vt\\x0b ff\\x0c us\\x1f fffe\\ufffe ffff\\uffff"
+
+
+def test_junit_and_html_exports_spell_out_what_xml_forbids(tmp_path: Path) -> None:
+    """An agent's ANSI-coloured output (or a form feed, U+FFFF) was written raw into the JUnit file, which no XML
+    parser then read, so CI rejected the whole report while evalctl exited 0; and into the HTML report, where
+    a browser showed it as nothing. Every text and attribute now holds the visible escape (`\\x1b`)."""
+    from evalsvc_client.export import write_junit
+    from evalsvc_client.report import render_html
+    from evalsvc_client.visible import for_terminal, for_xml
+
+    evil = FORBIDDEN_IN_XML
+    results = [
+        pb.Result(
+            item_id=f"item{evil}",
+            grader=f"g{evil}",
+            state=pb.run.RESULT_STATE_FAILED,
+            explanation=f"judge{evil}",
+            output=pb.item.Response(content=f"out{evil}"),
+        ),
+        pb.Result(item_id="i2", grader=f"g{evil}", state=pb.run.RESULT_STATE_ERROR, error_reason=f"err{evil}"),
+    ]
+    path = tmp_path / "results.xml"
+    write_junit(pb.Run(id="run_x", display_name=f"name{evil}"), results, str(path))
+    root = ET.parse(path).getroot()  # ParseError: not well-formed (invalid token), before
+    failure, error = next(root.iter("failure")), next(root.iter("error"))
+    assert root.get("name") == f"name{SPELLED_OUT}"
+    assert next(root.iter("testcase")).get("name") == f"item{SPELLED_OUT}#0"
+    assert failure.get("message") == f"judge{SPELLED_OUT}" and error.get("message") == f"err{SPELLED_OUT}"
+    assert failure.text == f"score 0.000: judge{SPELLED_OUT}\noutput: out{SPELLED_OUT}"
+    page = render_html(pb.Run(id="run_x", status=pb.run.RUN_STATUS_SUCCEEDED), results)
+    assert not XML_FORBIDDEN.search(page) and f"out{SPELLED_OUT}" in page
+    # Lone surrogates (which no Result holds) and what a terminal acts on, through the helpers themselves.
+    assert for_xml("a\ud800b\tc\n") == "a\\ud800b\tc\n"
+    assert for_terminal("\x1b]52;c;eA==\x07 \r\x08\x7f\x9b\ud800 \t\n é") == (
+        "\\x1b]52;c;eA==\\x07 \\x0d\\x08\\x7f\\x9b\\ud800 \t\n é"
+    )
 
 
 @pytest.fixture(scope="module")

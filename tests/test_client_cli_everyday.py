@@ -22,13 +22,13 @@ from typing import Any
 
 import grpc
 import pytest
-from evalsvc_client import AsyncEvalClient, cli, errors, pb
+from evalsvc_client import AsyncEvalClient, EvalClient, builders, cli, errors, pb
 from evalsvc_client._common import TLSOptions
 from evalsvc_client.errors import EvalError
 from rich.console import Console
 
 from evalsvc.server import EvalServer
-from tests.procs import LISTENING, ServerProcess, evalctl_run, evalsvc_run
+from tests.procs import LISTENING, ServerProcess, evalctl_run, evalsvc_run, free_port
 from tests.test_client_cli import CLIENT_DIR, _env, evalctl, evalctl_started, live
 from tests.test_tls import Pki, pki, tls_server
 
@@ -324,8 +324,9 @@ def test_refused_on_one_address_of_a_name_with_tls_mentions_tls() -> None:
 # --- retries said ------------------------------------------------------------------------------------------------
 
 
-def test_a_rate_limited_create_run_says_it_waits(tmp_path: Path) -> None:
+def test_a_rate_limited_create_run_says_it_waits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """evalctl waited in silence while the server rate-limited CreateRun (RetryInfo 36 s, retried by the SDK)."""
+    monkeypatch.setenv("EVALSVC_RETRY_MAX_ELAPSED_S", "30")  # the default: RetryInfo's 2 s waits fit in it
     server = ServerProcess(
         f"sqlite+aiosqlite:///{tmp_path / 'rate.db'}",
         tmp_path / "server.log",
@@ -348,6 +349,104 @@ def test_a_rate_limited_create_run_says_it_waits(tmp_path: Path) -> None:
         assert said[1].startswith("created run "), said
     finally:
         assert server.terminate() == 0
+
+
+def test_evalctl_results_rides_out_a_kill_9_and_restart(tmp_path: Path) -> None:
+    """`evalctl results` (and every other read) gave up after 5 attempts, 0.75-1.5 s, where a server killed with
+    SIGKILL takes about 1.7 s to accept again: it failed on every restart. Now reads retry for
+    EVALSVC_RETRY_MAX_ELAPSED_S (30 s by default; 60 here), saying so on stderr, and the restart is ridden out."""
+    port, db = free_port(), f"sqlite+aiosqlite:///{tmp_path / 'restart.db'}"
+    first = ServerProcess(db, tmp_path / "first.log", "--grpc-addr", f"127.0.0.1:{port}")
+    second: ServerProcess | None = None
+    try:
+        key = first.bootstrap_key()
+        assert key
+        with EvalClient(first.target, api_key=key) as client:
+            items = [builders.item("q", "a", id=f"i{i}", response="a") for i in range(3)]
+            run = client.create_run(items=items, target="provided", graders=[builders.exact_match()])
+            client.wait(run.id)
+        first.kill()  # nothing listens on the port until the restart below
+        environ = {**_env((first, key)), "EVALSVC_RETRY_MAX_ELAPSED_S": "60"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "evalsvc_client.cli", "results", run.id, "--format", "jsonl"],
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stderr is not None
+        # Its first line comes once a wait reaches 1 s: past the ~1.5 s the count of attempts allowed in all.
+        line = proc.stderr.readline()
+        assert re.fullmatch(r"ListRunResults: UNAVAILABLE; retrying in \d\.\d s\n", line), (
+            line + proc.communicate(timeout=30)[1]
+        )
+        second = ServerProcess(db, tmp_path / "second.log", "--grpc-addr", f"127.0.0.1:{port}")
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == cli.EXIT_OK, err
+        assert sorted(json.loads(row)["item_id"] for row in out.splitlines()) == ["i0", "i1", "i2"], out
+    finally:
+        if second is not None:
+            assert second.terminate() == 0
+
+
+def test_a_server_that_never_comes_back_fails_within_the_time_bound() -> None:
+    """Retrying by time must still end: a read of an address where nothing listens fails once
+    EVALSVC_RETRY_MAX_ELAPSED_S (RetryPolicy.max_elapsed_s) has passed, saying for how long it was retried, and
+    told on_retry of each wait, none of which went past the bound."""
+    from evalsvc_client._common import Retrying, RetryPolicy
+
+    target = f"127.0.0.1:{free_port()}"
+    seen: list[Retrying] = []
+    started = time.monotonic()
+    policy = RetryPolicy(max_elapsed_s=1.0)
+    with (
+        EvalClient(target, retry=policy, on_retry=seen.append) as client,
+        pytest.raises(errors.UnavailableError) as down,
+    ):
+        client.get_run("run_x")
+    took = time.monotonic() - started
+    assert 1.0 <= took < 1.0 + 1.0, took  # the per-attempt failures are at once: refused
+    assert len(seen) >= 3 and sum(r.delay_s for r in seen) <= 1.0, seen
+    assert re.search(r"GetRun was tried \d+ times over 1\.\d s \(retried for up to 1 s", str(down.value))
+
+    async def read_async() -> None:  # the async client's retries are the same CallRetries
+        async with AsyncEvalClient(target, retry=RetryPolicy(max_elapsed_s=0.5)) as client:
+            await client.get_run("run_x")
+
+    with pytest.raises(errors.UnavailableError, match=r"GetRun was tried \d+ times over 0\.\d s"):
+        asyncio.run(read_async())
+
+    done = evalctl_process("--target", target, "get", "run_x", env={"EVALSVC_RETRY_MAX_ELAPSED_S": "0.5"})
+    assert done.returncode == cli.EXIT_ERROR and f"Nothing answers at {target}" in done.stderr, done.stderr
+    assert re.search(r"GetRun was tried \d+ times over 0\.\d s \(retried for up to 0\.5 s", done.stderr)
+    bad = evalctl_process("--target", target, "get", "run_x", env={"EVALSVC_RETRY_MAX_ELAPSED_S": "soon"})
+    assert bad.returncode == cli.EXIT_ERROR
+    assert "EVALSVC_RETRY_MAX_ELAPSED_S='soon': give a number of seconds" in bad.stderr, bad.stderr
+
+
+def test_retry_policy_is_bounded_by_time_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default bound is 30 s (as long as a watch rides out a restart), or EVALSVC_RETRY_MAX_ELAPSED_S, and no
+    longer 5 attempts; waits are capped exponential with jitter."""
+    from evalsvc_client._common import RetryPolicy
+
+    monkeypatch.delenv("EVALSVC_RETRY_MAX_ELAPSED_S")  # tests/conftest.py sets 1.5 s for the suite
+    policy = RetryPolicy()
+    assert (policy.max_elapsed_s, policy.max_attempts) == (30.0, None)
+    assert all(0.05 <= policy.backoff(1) <= 0.1 and 1.0 <= policy.backoff(9) <= 2.0 for _ in range(100))
+    monkeypatch.setenv("EVALSVC_RETRY_MAX_ELAPSED_S", "45")
+    assert RetryPolicy().max_elapsed_s == 45.0
+
+    # A server's RetryInfo is a floor on the wait, but a wait past the bound is not taken: the error says why.
+    def limited(delay: float) -> EvalError:
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
+        return errors.ResourceExhaustedError(code, "slow down", reason="CREATE_RUN_RATE", retry_delay=delay)
+
+    assert RetryPolicy(max_elapsed_s=30).start("CreateRun").wait_after(limited(2.0)) == 2.0
+    retries = RetryPolicy(max_elapsed_s=30).start("CreateRun")
+    assert retries.wait_after(limited(36.0)) is None
+    final = retries.final(limited(36.0))
+    assert final.retry_delay == 36.0 and isinstance(final, errors.ResourceExhaustedError)
+    assert "the server asked for a wait of 36.0 s before CreateRun is tried again" in str(final), final
 
 
 def test_the_sdk_says_nothing_of_its_retries_unless_asked(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1005,7 +1005,8 @@ def test_an_etag_checked_change_is_not_retried(monkeypatch: pytest.MonkeyPatch) 
         attempts.append(type(request).__name__)
         raise _LostAnswer()
 
-    with EvalClient("127.0.0.1:1", api_key="evk_x", retry=RetryPolicy(initial_backoff_s=0.001)) as client:
+    quick = RetryPolicy(max_attempts=5, initial_backoff_s=0.001)
+    with EvalClient("127.0.0.1:1", api_key="evk_x", retry=quick) as client:
         monkeypatch.setattr(
             client, "_runs", type("Runs", (), {"UpdateRun": staticmethod(lost), "DeleteRun": staticmethod(lost)})()
         )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import random
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,31 +24,112 @@ RETRYABLE_CODES = frozenset(
 )
 
 
+#: The variable a RetryPolicy's default `max_elapsed_s` comes from (evalctl's too: it has no flag for it).
+RETRY_MAX_ELAPSED_VARIABLE = "EVALSVC_RETRY_MAX_ELAPSED_S"
+#: How long a call safe to repeat is retried by default: about as long as a watch rides out a restart.
+DEFAULT_RETRY_MAX_ELAPSED_S = 30.0
+
+
+def retry_max_elapsed_default() -> float:
+    """EVALSVC_RETRY_MAX_ELAPSED_S when set (seconds, 0 or more), else DEFAULT_RETRY_MAX_ELAPSED_S; ValueError
+    naming the variable when it is not such a number."""
+    text = os.environ.get(RETRY_MAX_ELAPSED_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_RETRY_MAX_ELAPSED_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:
+        raise ValueError(f"{RETRY_MAX_ELAPSED_VARIABLE}={text!r}: give a number of seconds, 0 or more (such as 30)")
+    return seconds
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter; a server's RetryInfo.retry_delay is a floor on the wait."""
+    """How a unary call safe to repeat is retried: capped exponential backoff with jitter (each wait between half
+    and all of `initial_backoff_s * multiplier**n`, at most `max_backoff_s`), a server's RetryInfo.retry_delay a
+    floor on the wait, for as long as `max_elapsed_s` after the call's first attempt.
 
-    max_attempts: int = 5
+    Bounded by time, not by a count: 5 attempts gave up after 0.75-1.5 s, and a server killed and started
+    again takes about 1.7 s to accept connections, so every read failed across every restart (a watch rode it
+    out). No wait goes past the bound (the last one is cut short so the last attempt starts at it), nor is one
+    taken when the server's retry_delay alone would pass it; each attempt has the client's `timeout_s`. So a
+    call that keeps failing ends within `max_elapsed_s` plus one attempt's `timeout_s` (within `max_elapsed_s`
+    when nothing listens: refused connections fail at once), its error saying how long it retried.
+    `max_attempts` bounds the count as well (None: as many as fit; 1: no retries)."""
+
+    max_attempts: int | None = None
     initial_backoff_s: float = 0.1
-    max_backoff_s: float = 5.0
+    max_backoff_s: float = 2.0
     multiplier: float = 2.0
     retryable_codes: frozenset[grpc.StatusCode] = RETRYABLE_CODES
+    #: Seconds after a call's first attempt that a retry may still start: 30, or EVALSVC_RETRY_MAX_ELAPSED_S.
+    max_elapsed_s: float = field(default_factory=retry_max_elapsed_default)
 
     def should_retry(self, error: EvalError, attempt: int) -> bool:
-        """Whether to retry after `attempt` (1-based) attempts failed with `error`."""
-        if error.code not in self.retryable_codes or attempt >= self.max_attempts:
+        """Whether `error` is one to retry after `attempt` (1-based) attempts, as far as the count goes (the time
+        bound is `CallRetries`')."""
+        if error.code not in self.retryable_codes or (self.max_attempts is not None and attempt >= self.max_attempts):
             return False
         # RESOURCE_EXHAUSTED without RetryInfo (items or graders per run) is not helped by waiting, except the
         # server-wide concurrent-RPC limit, which carries no ErrorInfo at all.
         return not (error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.retry_delay is None and error.reason)
 
     def backoff(self, attempt: int, error: EvalError | None = None) -> float:
-        """Seconds to wait before attempt `attempt + 1`."""
+        """Seconds to wait before attempt `attempt + 1` (before the time bound cuts it)."""
         ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** max(attempt - 1, 0))
         delay = random.uniform(ceiling / 2, ceiling)
         if error is not None and error.retry_delay is not None:
             delay = max(delay, error.retry_delay)
         return delay
+
+    def start(self, call: str) -> CallRetries:
+        """The retries of one call (`call`: its RPC's name), its clock started now."""
+        return CallRetries(self, call)
+
+
+class CallRetries:
+    """One unary call's attempts under a RetryPolicy, for the sync and async clients alike: after each failed
+    attempt, how long to wait before the next one, or the error to raise."""
+
+    def __init__(self, policy: RetryPolicy, call: str) -> None:
+        self.policy = policy
+        self.call = call
+        #: Attempts failed so far.
+        self.attempts = 0
+        self._started = time.monotonic()
+        self._asked_past_bound: float | None = None  # a RetryInfo wait that alone would pass the bound
+
+    def wait_after(self, error: EvalError) -> float | None:
+        """Count a failed attempt; the seconds to wait before the next, or None when there is none (the error is
+        not one to retry, or the count or the time bound is reached)."""
+        self.attempts += 1
+        if not self.policy.should_retry(error, self.attempts):
+            return None
+        left = self._started + self.policy.max_elapsed_s - time.monotonic()
+        if error.retry_delay is not None and error.retry_delay > left > 0:
+            self._asked_past_bound = error.retry_delay
+            return None
+        if left <= 0:
+            return None
+        return min(self.policy.backoff(self.attempts, error), left)
+
+    def final(self, error: EvalError) -> EvalError:
+        """The error to raise: `error`, saying how long the call was retried when it was, or that the server's
+        retry_delay was past the bound (not waited for: the call would have ended after it)."""
+        bound = f"{self.policy.max_elapsed_s:g} s: RetryPolicy.max_elapsed_s, or {RETRY_MAX_ELAPSED_VARIABLE}"
+        if self._asked_past_bound is not None:
+            return error.with_hint(
+                f"the server asked for a wait of {self._asked_past_bound:.1f} s before {self.call} is tried again,"
+                f" past the time its retries may take (up to {bound})"
+            )
+        if self.attempts < 2:
+            return error
+        elapsed = time.monotonic() - self._started
+        return error.with_hint(
+            f"{self.call} was tried {self.attempts} times over {elapsed:.1f} s (retried for up to {bound})"
+        )
 
 
 @dataclass(frozen=True)

@@ -67,9 +67,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, cast
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.style import StyleType
 from rich.table import Table
+from rich.text import Text
 
 from evalsvc_client import pb
 from evalsvc_client._common import Retrying, TLSOptions, new_request_id
@@ -78,6 +80,7 @@ from evalsvc_client.export import listed_explanation, listed_output, to_dict, wr
 from evalsvc_client.report import agreement_line, format_rate, render_html
 from evalsvc_client.spec import CACHE_MODES, RunSpec, SpecError, cache_mode, load_items, load_spec, plural
 from evalsvc_client.sync import EvalClient
+from evalsvc_client.visible import for_terminal
 
 EXIT_OK, EXIT_BELOW, EXIT_RUN_FAILED, EXIT_ERROR, EXIT_NOT_ENDED = 0, 1, 2, 3, 4
 #: Stdout was closed before evalctl finished writing (`| head`): the status of a program SIGPIPE (13) ended.
@@ -354,11 +357,11 @@ def _summary(console: Console, run: pb.Run) -> None:
         f" {counts.completed_evaluations}/{counts.total_evaluations}"
         f" evaluations, pass rate {format_rate(rate)}, {plural(counts.errored, 'error')},"
         f" cost ${run.cost_usd:.4f}"  # target and judges (aggregate.total_cost_usd is the target's alone)
-        + (f" ({run.error.code}: {run.error.message})" if run.HasField("error") else "")
+        + (f" ({run.error.code}: {for_terminal(run.error.message)})" if run.HasField("error") else "")
     )
     for grader in run.aggregate.graders:
         if grader.HasField("agreement"):  # items with human_verdicts: how far the grader can be trusted
-            console.print(f"  {grader.grader} {agreement_line(grader.agreement)}", markup=False)
+            console.print(f"  {for_terminal(grader.grader)} {agreement_line(grader.agreement)}", markup=False)
 
 
 def _deleted(run: pb.Run) -> str:
@@ -912,7 +915,7 @@ def cmd_results(args: argparse.Namespace, client: EvalClient, console: Console) 
         else:
             write_jsonl(results, sys.stdout)
     else:
-        table = Table("item", "rep", "grader", "state", "score", "explanation")
+        table = _Table("item", "rep", "grader", "state", "score", "explanation")
         for result in results:
             state = pb.run.ResultState.Name(result.state).removeprefix("RESULT_STATE_")
             explanation = result.error_reason or listed_explanation(result)
@@ -993,7 +996,7 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
         _print_json(to_dict(comparison))
     else:
         level = 100 * (1 - comparison.alpha)
-        table = Table(
+        table = _Table(
             "grader",
             "pairs",
             "baseline",
@@ -1011,7 +1014,7 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
             table.add_row(*_comparison_row(grader))
         _console().print(table)
         if args.show:
-            items = Table("item", "rep", "grader", "baseline output", "candidate output", "candidate explanation")
+            items = _Table("item", "rep", "grader", "baseline output", "candidate output", "candidate explanation")
             shown = client.list_comparison_items(
                 comparison.baseline_run_id, comparison.candidate_run_id, change=_CHANGES[args.show], page_size=100
             )
@@ -1068,7 +1071,7 @@ def _print_webhooks(args: argparse.Namespace, webhooks: Sequence[pb.Webhook]) ->
     if args.json:
         _print_json([to_dict(w) for w in webhooks] if args.webhooks_command == "list" else to_dict(webhooks[0]))
         return
-    table = Table("id", "url", "events", "enabled", "description")
+    table = _Table("id", "url", "events", "enabled", "description")
     for webhook in webhooks:
         enabled = "yes" if webhook.enabled else f"no {webhook.disabled_reason}".strip()
         table.add_row(webhook.id, webhook.url, " ".join(webhook.event_types), enabled, webhook.description)
@@ -1089,7 +1092,7 @@ def cmd_webhooks(args: argparse.Namespace, client: EvalClient, console: Console)
         if args.json:
             _print_json([to_dict(d) for d in deliveries])
             return EXIT_OK
-        table = Table("id", "event", "run", "status", "attempts", "last code", "last error")
+        table = _Table("id", "event", "run", "status", "attempts", "last code", "last error")
         for d in deliveries:
             status_name = pb.webhooks.WebhookDeliveryStatus.Name(d.status).removeprefix("WEBHOOK_DELIVERY_STATUS_")
             code = str(d.last_response_code or "-")
@@ -1205,7 +1208,7 @@ def _print_datasets(args: argparse.Namespace, datasets: Sequence[pb.Dataset]) ->
     if args.json:
         _print_json([to_dict(d) for d in datasets] if args.datasets_command == "list" else to_dict(datasets[0]))
         return
-    table = Table("id", "name", "items", "created", "updated", "description", "labels")
+    table = _Table("id", "name", "items", "created", "updated", "description", "labels")
     for dataset in datasets:
         table.add_row(
             dataset.id,
@@ -1227,7 +1230,7 @@ def cmd_datasets(args: argparse.Namespace, client: EvalClient, console: Console)
             for item in listed:
                 sys.stdout.write(json.dumps(to_dict(item), sort_keys=True) + "\n")
             return EXIT_OK
-        table = Table("id", "input", "expected output", "response")
+        table = _Table("id", "input", "expected output", "response")
         for item in listed:
             table.add_row(item.id, item.input, item.expected_output, item.response.content)
         _print_table(table, "items")
@@ -1289,7 +1292,7 @@ def cmd_graders(args: argparse.Namespace, client: EvalClient, console: Console) 
     if args.json:
         _print_json([to_dict(g) for g in graders] if listing else to_dict(graders[0]))
         return EXIT_OK
-    table = Table("id", "name", "kind", "version", "created", "description", "labels")
+    table = _Table("id", "name", "kind", "version", "created", "description", "labels")
     for grader in graders:
         table.add_row(
             grader.id,
@@ -1315,7 +1318,7 @@ def cmd_targets(args: argparse.Namespace, client: EvalClient, console: Console) 
     if args.json:
         _print_json([to_dict(t) for t in targets] if listing else to_dict(targets[0]))
         return EXIT_OK
-    table = Table("id", "name", "kind", "created", "description", "labels")
+    table = _Table("id", "name", "kind", "created", "description", "labels")
     for target in targets:
         table.add_row(
             target.id,
@@ -1367,7 +1370,7 @@ def cmd_secrets(args: argparse.Namespace, client: EvalClient, console: Console) 
     if args.json:
         _print_json([to_dict(s) for s in secrets] if command == "list" else to_dict(secrets[0]))
         return EXIT_OK
-    table = Table("name", "set")
+    table = _Table("name", "set")
     for secret in secrets:
         table.add_row(secret.name, _when(secret.create_time))
     _print_table(table, "secrets")
@@ -1730,6 +1733,19 @@ def _console(stderr: bool = False) -> Console:
     return console
 
 
+class _Table(Table):
+    """A table of what tenants and targets wrote (outputs, explanations, names, URLs): every str cell is shown as
+    written, as a Text (no rich markup: `[/x]` in an explanation made `results -o FILE` fail, `[red]` vanished),
+    with its control characters spelled out (`visible.for_terminal`: `\\x1b[31m`). An agent under test
+    recoloured or rewrote CI log lines through `compare --show`'s cells."""
+
+    def add_row(
+        self, *renderables: RenderableType | None, style: StyleType | None = None, end_section: bool = False
+    ) -> None:
+        cells = (Text(for_terminal(cell)) if isinstance(cell, str) else cell for cell in renderables)
+        super().add_row(*cells, style=style, end_section=end_section)
+
+
 def _a_terminal(stream: Any) -> bool:
     """Whether `stream` is a terminal, by its file descriptor: rich's Console.is_terminal is true under FORCE_COLOR
     (set in many CI systems for colour), which gave a CI log the redrawn bar, and lines cut at 80 columns, instead
@@ -1813,11 +1829,14 @@ _STOPPED: dict[int, str] = {signal.SIGINT: "interrupted", signal.SIGTERM: "termi
 
 
 def _print_eval_error(console: Console, exc: EvalError) -> None:
-    console.print(f"evalctl: {exc.code.name}: {exc.message}" + (f" ({exc.reason})" if exc.reason else ""))
+    """The error, its message and field violations spelled out as `for_terminal` does (they may quote what a
+    target answered, or a name a tenant gave)."""
+    message = for_terminal(exc.message)
+    console.print(f"evalctl: {exc.code.name}: {message}" + (f" ({exc.reason})" if exc.reason else ""))
     for path, why in exc.field_violations:
-        console.print(f"  {path}: {why}")
+        console.print(f"  {for_terminal(path)}: {for_terminal(why)}")
     if exc.hint:
-        console.print(f"  {exc.hint}")
+        console.print(f"  {for_terminal(exc.hint)}")
 
 
 def _interrupted(console: Console, message: str, signum: int = signal.SIGINT) -> int:

@@ -92,6 +92,19 @@ class EvalError(Exception):
         self.metadata: dict[str, str] = dict(metadata or {})
         self.retry_delay = retry_delay
 
+    def with_hint(self, more: str) -> EvalError:
+        """This error again (its class, code and details) with `more` after its hint: a client's note of how
+        long it retried, which `str(error)` and evalctl's message then show."""
+        return type(self)(
+            self.code,
+            self.message,
+            reason=self.reason,
+            metadata=self.metadata,
+            field_violations=self.field_violations,
+            retry_delay=self.retry_delay,
+            hint=f"{self.hint}. {more}" if self.hint else more,
+        )
+
 
 class InvalidArgumentError(EvalError):
     """INVALID_ARGUMENT: `field_violations` lists each bad field and why; nothing was written."""

@@ -1,5 +1,6 @@
 """Result exports: JSON Lines (one Result in proto JSON per line, every field: `to_dict`) and JUnit XML (one
-testsuite per grader)."""
+testsuite per grader). JSON escapes every control character itself (`\\u001b`); XML 1.0 cannot hold some at all,
+so the JUnit file spells those out (`visible.for_xml`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, TextIO
 from google.protobuf import json_format
 
 from evalsvc_client import pb
+from evalsvc_client.visible import for_xml
 
 
 def to_dict(message: Any) -> dict[str, Any]:
@@ -49,7 +51,9 @@ def write_jsonl(results: Iterable[pb.Result], out: TextIO) -> int:
 
 def junit_xml(run: pb.Run, results: Iterable[pb.Result]) -> ET.ElementTree:
     """JUnit XML: a testsuite per grader, a testcase per item and repetition; FAILED -> <failure>,
-    ERROR -> <error>, SKIPPED -> <skipped>. Times are the target's latency."""
+    ERROR -> <error>, SKIPPED -> <skipped>. Times are the target's latency. Characters XML 1.0 forbids (ANSI
+    colours' ESC, form feeds, U+FFFF...) are spelled out in every text and attribute (`\\x1b`): written raw, one
+    coloured output made the file not well-formed, and CI rejected the whole report."""
     suites: dict[str, ET.Element] = {}
     counts: dict[str, dict[str, float]] = {}
     name = run.display_name or run.id
@@ -89,6 +93,11 @@ def junit_xml(run: pb.Run, results: Iterable[pb.Result]) -> ET.ElementTree:
             totals[key] += value
     for key, value in totals.items():
         root.set(key, f"{value:.3f}" if key == "time" else str(int(value)))
+    for element in root.iter():
+        if element.text:
+            element.text = for_xml(element.text)
+        for attribute, text in element.attrib.items():
+            element.set(attribute, for_xml(text))
     ET.indent(root)
     return ET.ElementTree(root)
 

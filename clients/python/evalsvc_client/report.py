@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from evalsvc_client import pb
 from evalsvc_client.export import listed_explanation, listed_output
+from evalsvc_client.visible import for_xml
 
 #: Failing results listed in full; the rest are counted (the JSONL export has them all).
 MAX_FAILURES = 500
@@ -140,10 +141,17 @@ def agreement_line(agreement: pb.run.HumanAgreement) -> str:
     )
 
 
+def _esc(text: str) -> str:
+    """Text for the page: HTML-escaped, with the characters HTML (and XML 1.0) forbids spelled out (`\\x1b`, as
+    in the JUnit file): a browser showed an output's ANSI colours as nothing, or as boxes, and a validator or an
+    XHTML reader refused the page."""
+    return html.escape(for_xml(text))
+
+
 def _agreement_card(run: pb.Run) -> str:
     """The graders' agreement with people's verdicts (Item.human_verdicts), when any result had one."""
     rows = "".join(
-        f"<li><b>{html.escape(grader.grader)}</b> {html.escape(agreement_line(grader.agreement))}</li>"
+        f"<li><b>{_esc(grader.grader)}</b> {_esc(agreement_line(grader.agreement))}</li>"
         for grader in run.aggregate.graders
         if grader.HasField("agreement")
     )
@@ -173,7 +181,7 @@ def render_html(run: pb.Run, results: Iterable[pb.Result]) -> str:
             if len(failures) < MAX_FAILURES:
                 failures.append(result)
     counts = run.counts
-    esc = html.escape
+    esc = _esc
     verdict = ""
     if run.HasField("overall_passed"):
         verdict = '<span class="ok">passed</span>' if run.overall_passed else '<span class="bad">did not pass</span>'

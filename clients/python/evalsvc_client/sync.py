@@ -51,7 +51,8 @@ T = TypeVar("T")
 class EvalClient:
     """A blocking evalsvc client over one grpc channel.
 
-    Unary calls get a per-attempt deadline (`timeout_s`) and are retried with backoff on UNAVAILABLE,
+    Unary calls get a per-attempt deadline (`timeout_s`) and are retried with backoff, for up to
+    `RetryPolicy.max_elapsed_s` (30 s: a server restart is ridden out), on UNAVAILABLE,
     DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED (honouring RetryInfo) when they are safe to repeat: reads, CancelRun,
     CreateSecret and DeleteSecret, and CreateRun/RerunRun/CreateDataset/CreateGrader/CreateTarget, whose retries
     reuse one request_id.
@@ -109,19 +110,17 @@ class EvalClient:
         self._channel.close()
 
     def _call(self, method: Callable[..., T], request: Any, *, retry: bool = True) -> T:
-        policy = self.options.retry
-        attempt = 0
+        retries = self.options.retry.start(rpc_name(request))
         while True:
-            attempt += 1
             try:
                 return method(request, timeout=self.options.timeout_s, metadata=self._metadata)
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error, self.options.target, tls=self.options.tls is not None)
-                if not (retry and policy.should_retry(error, attempt)):
-                    raise error from None
-                delay = policy.backoff(attempt, error)
-                log.debug("retrying after %s in %.2fs (attempt %d)", error.code.name, delay, attempt)
-                self.options.retrying(Retrying(rpc_name(request), error, attempt, delay))
+                delay = retries.wait_after(error) if retry else None
+                if delay is None:
+                    raise retries.final(error) from None
+                log.debug("retrying after %s in %.2fs (attempt %d)", error.code.name, delay, retries.attempts)
+                self.options.retrying(Retrying(retries.call, error, retries.attempts, delay))
                 time.sleep(delay)
 
     # Runs.
