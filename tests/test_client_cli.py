@@ -459,6 +459,7 @@ def test_evalctl_tables_spell_out_control_characters(live: tuple[ServerProcess, 
     for name, row in zip(("base", "cand"), rows, strict=True):
         (tmp_path / f"{name}.jsonl").write_text(json.dumps(row) + "\n")
         spec = f"dataset: {name}.jsonl\ntarget: provided\ngraders: [{{name: exact, exact_match: {{}}}}]\n"
+        spec += f"display_name: {json.dumps(name + ' ' + TERMINAL_TRICKS)}\n"  # a run's name, as `list` shows it
         (tmp_path / f"{name}.yaml").write_text(spec)
         ids.append(evalctl_json(live, "run", str(tmp_path / f"{name}.yaml"), "--json")["id"])
     spelled = "red \\x1b[31mX\\x1b[0m osc\\x1b]52;c;eA==\\x07 cr\\x0dbs\\x08 csi\\x9b2J [/x] [red]r[/red] tab"
@@ -467,6 +468,7 @@ def test_evalctl_tables_spell_out_control_characters(live: tuple[ServerProcess, 
         "compare --show": evalctl(live, "compare", *ids, "--show", "regressed"),
         "results": evalctl(live, "results", ids[1]),
         "results -o": evalctl(live, "results", ids[1], "-o", str(out)),
+        "list": evalctl(live, "list"),
     }
     for what, done in shown.items():
         assert done.returncode == 0, (what, done.stderr)  # results -o: MarkupError, exit 3, before
@@ -476,6 +478,7 @@ def test_evalctl_tables_spell_out_control_characters(live: tuple[ServerProcess, 
     ]:
         assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", text), (what, text)
     assert spelled in shown["compare --show"].stdout.replace("\n", "")  # the output cell (not cut: not a terminal)
+    assert "cand red \\x1b[31mX" in shown["list"].stdout.replace("\n", "")  # the run's name
 
 
 def test_evalctl_errors_spell_out_control_characters(capsys: pytest.CaptureFixture[str]) -> None:

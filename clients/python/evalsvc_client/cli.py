@@ -770,7 +770,7 @@ def cmd_list(args: argparse.Namespace, client: EvalClient, console: Console) -> 
     if args.json:
         _print_json([to_dict(r) for r in runs])
         return EXIT_OK
-    table = Table("id", "name", "status", "progress", "pass rate", "created")
+    table = _Table("id", "name", "status", "progress", "pass rate", "created")
     for run in runs:
         rate = pass_rate_percent(run.counts)
         table.add_row(
