@@ -506,23 +506,28 @@ async def test_a_page_whose_rows_go_between_its_size_read_and_its_row_read_is_no
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND, raised.value.details()
 
 
-async def test_a_page_of_datasets_graders_or_targets_reads_only_the_rows_it_returns(
+async def test_a_page_of_runs_datasets_graders_or_targets_reads_only_the_rows_it_returns(
     server: EvalServer,
     channel: grpc.aio.Channel,
     datasets: dataset_service_pb2_grpc.DatasetServiceStub,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """ListGraders (ListDatasets, ListTargets) read page_size rows whole and parsed them before the byte
-    bound kept what fitted: a page of 1,000 graders of 250 KB read ~250 MB to answer with 33. Each now
-    chooses its rows by their stored sizes, reads only those it answers with, and paging still lists
-    every one once, newest first."""
+    """ListGraders (ListDatasets, ListTargets, ListRuns) read page_size rows whole and parsed them before the
+    byte bound kept what fitted: a page of 1,000 graders of 250 KB read ~250 MB to answer with 33, and a
+    page of 1,000 runs whose definitions hold 4 MB of graders ~4 GB. Each now chooses its rows by their
+    stored sizes, reads only those it answers with, and paging still lists every one once, newest first."""
+    runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
     graders = grader_service_pb2_grpc.GraderServiceStub(channel)
     targets = target_service_pb2_grpc.TargetServiceStub(channel)
     annotations = {f"k{n}": "v" * 8000 for n in range(8)}  # ~64 KB, what a dataset's may hold
     contains = grader_pb2.Grader(name="c", contains=grader_pb2.Contains(values=["c" * BLOB]))
     echo = target_pb2.Target(echo=target_pb2.EchoTarget())
-    made: dict[str, list[str]] = {"datasets": [], "graders": [], "targets": []}
+    made: dict[str, list[str]] = {"runs": [], "datasets": [], "graders": [], "targets": []}
     for _ in range(ITEMS):
+        run = await runs.CreateRun(
+            pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=echo, graders=[contains])
+        )
+        made["runs"].append(run.run.id)
         created = await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset(annotations=annotations)))
         made["datasets"].append(created.dataset.id)
         saved = await graders.CreateGrader(gs.CreateGraderRequest(grader=gs.SavedGrader(grader=contains)))
@@ -544,12 +549,17 @@ async def test_a_page_of_datasets_graders_or_targets_reads_only_the_rows_it_retu
         monkeypatch.setattr(module, name, counting)
 
     for module, name in (
+        (run_store, "list_page"),
         (dataset_store, "list_page"),
         (definition_store, "list_graders"),
         (definition_store, "list_targets"),
     ):
         counted(module, name)
     lists: dict[str, tuple[int, Callable[[str], Awaitable[Any]]]] = {  # each kind's page bound, and its list
+        "runs": (
+            PAGE_BYTES,
+            lambda token: runs.ListRuns(pb.ListRunsRequest(page_size=1000, page_token=token)),
+        ),
         "datasets": (
             PAGE_BYTES,
             lambda token: datasets.ListDatasets(ds.ListDatasetsRequest(page_size=1000, page_token=token)),
@@ -585,11 +595,19 @@ async def test_a_row_created_between_a_pages_size_read_and_its_row_read_pushes_n
     datasets: dataset_service_pb2_grpc.DatasetServiceStub,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """ListDatasets (ListGraders, ListTargets) read the sizes of its rows, then its first `fitting` rows
-    again newest first: a row created between the two took the first place and pushed the oldest off a
+    """ListDatasets (ListGraders, ListTargets; ListRuns) read the sizes of its rows, then its first `fitting`
+    rows again newest first: a row created between the two took the first place and pushed the oldest off a
     last page, with no token (the client never saw it). The rows chosen by size are read by their ids."""
+    runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
     graders = grader_service_pb2_grpc.GraderServiceStub(channel)
     targets = target_service_pb2_grpc.TargetServiceStub(channel)
+
+    async def run() -> str:
+        echo = target_pb2.Target(echo=target_pb2.EchoTarget())
+        created = await runs.CreateRun(
+            pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=echo, graders=[exact()])
+        )
+        return created.run.id
 
     async def dataset() -> str:
         return (await datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset()))).dataset.id
@@ -602,6 +620,7 @@ async def test_a_row_created_between_a_pages_size_read_and_its_row_read_pushes_n
         return (await targets.CreateTarget(ts.CreateTargetRequest(target=saved))).target.id
 
     cases: list[tuple[Any, str, Callable[[], Awaitable[str]], Callable[[], Awaitable[Any]], str]] = [
+        (run_store, "list_sizes", run, lambda: runs.ListRuns(pb.ListRunsRequest(page_size=10)), "runs"),
         (
             dataset_store,
             "list_sizes",

@@ -1,5 +1,5 @@
 """ListRuns' `filter` and `order_by`: a documented subset of AIP-160 and AIP-132, parsed into terms the store
-turns into SQL (evalsvc.store.runs.list_page).
+turns into SQL (evalsvc.store.runs.list_sizes_query).
 
 The grammar (README "Listing runs"): terms `FIELD OP VALUE` joined by `AND`, where FIELD OP VALUE is one of
 

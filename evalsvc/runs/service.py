@@ -696,8 +696,9 @@ class RunService:
 
         The page token binds the filters and the order (a token of another listing would resume at a
         position that means something else); `filter` and `order_by` join the bound query only when
-        given, so a token issued before they existed still reads its next page. A RUN_VIEW_BASIC page
-        never reads the runs' definitions (RunListing)."""
+        given, so a token issued before they existed still reads its next page. A page chooses its runs by
+        their stored sizes and then reads only those (as ListDatasets does); a RUN_VIEW_BASIC page never
+        reads the runs' definitions (RunListing)."""
         limit = page_size(request.page_size, 50)
         violations: list[FieldViolation] = []
         if len(request.statuses) > len(RUN_STATUSES):  # before any is looked at: millions were each checked
@@ -737,25 +738,32 @@ class RunService:
         if not newest_first:
             query["order"] = "oldest first"
         after = self._page_tokens.decode(tenant, "runs", query, request.page_token)
+        wanted = run_store.RunsWanted(
+            statuses=sorted(set(request.statuses)),
+            labels=request.labels,
+            dataset_id=request.dataset_id,
+            show_deleted=request.show_deleted,
+            terms=terms,
+            newest_first=newest_first,
+            basic=request.view == pb.RUN_VIEW_BASIC,
+        )
         async with self._db.read() as conn:
-            rows = await run_store.list_page(
-                conn,
-                tenant,
-                run_store.RunsWanted(
-                    statuses=sorted(set(request.statuses)),
-                    labels=request.labels,
-                    dataset_id=request.dataset_id,
-                    show_deleted=request.show_deleted,
-                    terms=terms,
-                    newest_first=newest_first,
-                    basic=request.view == pb.RUN_VIEW_BASIC,
-                ),
-                after=after if after is None or isinstance(after, str) else (after[0], after[1]),
-                limit=limit + 1,
-            )
-        runs = [listed_run_from(row) if isinstance(row, RunListing) else run_from(row) for row in rows[:limit]]
-        return self._page_tokens.page(
-            tenant, "runs", query, runs, len(rows), lambda i: [rows[i].create_time, rows[i].id]
+            position = after if after is None or isinstance(after, str) else (after[0], after[1])
+            sizes = await run_store.list_sizes(conn, tenant, wanted, after=position, limit=limit + 1)
+            fitting = self._page_tokens.fitting_sizes(size for _, _, size in sizes[:limit])
+            chosen = sizes[:fitting]
+            # By id: read again by position, a run created between the reads took the first place and pushed
+            # the last chosen one off a last page (no token): a run silently missing.
+            rows = await run_store.list_page(conn, tenant, [run_id for _, run_id, _ in chosen], basic=wanted.basic)
+        runs = [listed_run_from(row) if isinstance(row, RunListing) else run_from(row) for row in rows]
+        return self._page_tokens.chosen_page(
+            tenant,
+            "runs",
+            query,
+            runs,
+            lambda i: [rows[i].create_time, rows[i].id],
+            chosen=[[create_time, run_id] for create_time, run_id, _ in chosen],
+            more=len(sizes) > fitting,
         )
 
     async def cancel(self, tenant: str, run_id: str) -> run_pb2.Run:

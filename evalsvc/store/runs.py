@@ -276,24 +276,44 @@ class RunsWanted:
     basic: bool = False
 
 
-async def list_page(
+# The columns of a listed run that can be large, by what a page reads (RUN_VIEW_BASIC: RunListing's): what a
+# page chooses its runs by before reading them (`list_sizes`).
+FULL_SIZED = ("spec", "annotations", "aggregate", "description", "labels", "error_message")
+BASIC_SIZED = ("aggregate", "description", "labels", "error_message")
+
+
+async def list_sizes(
     conn: AsyncConnection, tenant: str, wanted: RunsWanted, *, after: RunPosition | None, limit: int
-) -> Sequence[RunRecord | RunListing]:
-    """A page of a tenant's runs (`list_page_query`)."""
-    record = RunListing if wanted.basic else RunRecord
-    rows = await conn.execute(list_page_query(tenant, wanted, after=after, limit=limit))
-    return [record.from_row(row) for row in rows.mappings()]
+) -> list[tuple[float, str, int]]:
+    """The (create_time, id, size) of the runs a ListRuns page would answer, in its order (`list_sizes_query`):
+    what the page chooses its runs by before it reads them (`list_page`). A run's definition may be a
+    quarter of --max-message-bytes: read whole, a page of 1,000 such runs read ~4 GB to answer with the few
+    that fit in a message."""
+    rows: Any = await conn.execute(list_sizes_query(tenant, wanted, after=after, limit=limit))
+    return [(create_time, run_id, int(size)) for create_time, run_id, size in rows]
 
 
-def list_page_query(tenant: str, wanted: RunsWanted, *, after: RunPosition | None, limit: int) -> Select[Any]:
+async def list_page(
+    conn: AsyncConnection, tenant: str, ids: Sequence[str], *, basic: bool
+) -> list[RunRecord | RunListing]:
+    """A tenant's runs of these ids, in their order (those deleted meanwhile left out): every column of
+    RunRecord, or for `basic` RunListing's, so that the definition's columns are not read."""
+    record = RunListing if basic else RunRecord
+    query = select(*(RUNS.c[field.name] for field in fields(record))).where(RUNS.c.tenant == tenant, RUNS.c.id.in_(ids))
+    by_id = {row["id"]: row for row in (await conn.execute(query)).mappings()}
+    return [record.from_row(by_id[run_id]) for run_id in ids if run_id in by_id]
+
+
+def list_sizes_query(tenant: str, wanted: RunsWanted, *, after: RunPosition | None, limit: int) -> Select[Any]:
     """ListRuns' query: a tenant's runs by (create_time, id), newest or oldest first, after a keyset position,
-    matching every filter wanted; every column of RunRecord, or for `basic` RunListing's, so that the
-    definition's columns are not read. The order is the index `ix_runs_tenant_create_time`'s: a page reads
-    its `limit` rows from it (a time range is a range of it) rather than sorting the tenant's runs."""
+    matching every filter wanted, as (create_time, id, size), the size of what the page reads of each
+    (FULL_SIZED, or BASIC_SIZED for `basic`, so that a basic page never reads the definition). The order is
+    the index `ix_runs_tenant_create_time`'s: a page reads its `limit` rows from it (a time range is a range
+    of it) rather than sorting the tenant's runs."""
     key = tuple_(RUNS.c.create_time, RUNS.c.id)
     newest_first = wanted.newest_first
-    record = RunListing if wanted.basic else RunRecord
-    query = select(*(RUNS.c[field.name] for field in fields(record))).where(RUNS.c.tenant == tenant)
+    size = usage.stored_size(RUNS, BASIC_SIZED if wanted.basic else FULL_SIZED)
+    query = select(RUNS.c.create_time, RUNS.c.id, size).where(RUNS.c.tenant == tenant)
     if not wanted.show_deleted:
         query = query.where(RUNS.c.delete_time.is_(None))
     if isinstance(after, str):

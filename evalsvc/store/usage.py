@@ -73,10 +73,12 @@ def column_bytes(value: str | bytes | Mapping[str, str]) -> int:
 
 def stored_size(table: Table, columns: Sequence[str]) -> ColumnElement[int]:
     """`saved_bytes` of a row without `SAVED_ROW_BYTES`, in SQL: what its `columns` hold, read from the
-    stored lengths (a map's as its JSON text), for lists that choose their rows by size before reading
-    them whole (evalsvc.ids.PageTokens.fitting_sizes)."""
+    stored lengths (a map's as its JSON text; a NULL as 0), for lists that choose their rows by size before
+    reading them whole (evalsvc.ids.PageTokens.fitting_sizes)."""
     parts = [
-        func.length(cast(table.c[column], Text) if isinstance(table.c[column].type, JSON) else table.c[column])
+        func.coalesce(
+            func.length(cast(table.c[column], Text) if isinstance(table.c[column].type, JSON) else table.c[column]), 0
+        )
         for column in columns
     ]
     total: ColumnElement[int] = parts[0]

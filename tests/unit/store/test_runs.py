@@ -647,12 +647,12 @@ async def test_a_page_of_runs_reads_its_rows_in_index_order_from_its_time_range_
             expected = week[::-1] if newest_first else week
             listed: list[str] = []
             after: run_store.RunPosition | None = None
-            while page := await run_store.list_page(conn, "t1", wanted, after=after, limit=400):
-                listed += [run.id for run in page]
-                after = (page[-1].create_time, page[-1].id)
+            while page := await run_store.list_sizes(conn, "t1", wanted, after=after, limit=400):
+                listed += [run_id for _, run_id, _ in page]
+                after = (page[-1][0], page[-1][1])
             assert listed == expected  # every run of the range once, ties (one create_time) by id
             sql = str(
-                run_store.list_page_query("t1", wanted, after=(base + 1_500 * 60, ""), limit=50).compile(
+                run_store.list_sizes_query("t1", wanted, after=(base + 1_500 * 60, ""), limit=50).compile(
                     dialect=conn.dialect, compile_kwargs={"literal_binds": True}
                 )
             )
