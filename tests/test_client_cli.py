@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from evalsvc_client import pb
-from evalsvc_client.cli import CLOCK_SKEW_S, _created_words
+from evalsvc_client.cli import CLOCK_SKEW_S, _created_words, comparison_gate_failures
 from evalsvc_client.spec import RunSpec
 from evalsvc_client.visible import XML_FORBIDDEN
 
@@ -479,6 +479,25 @@ def test_evalctl_tables_spell_out_control_characters(live: tuple[ServerProcess, 
         assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", text), (what, text)
     assert spelled in shown["compare --show"].stdout.replace("\n", "")  # the output cell (not cut: not a terminal)
     assert "cand red \\x1b[31mX" in shown["list"].stdout.replace("\n", "")  # the run's name
+    updated = evalctl(live, "update", ids[1], "--label", "k=v\x1b]52;c;eA==\x07[red]")
+    assert updated.returncode == 0, updated.stderr
+    assert "labels: k=v\\x1b]52;c;eA==\\x07[red]" in updated.stdout, updated.stdout  # a label's value too
+
+
+def test_evalctl_compare_gate_spells_out_regressed_grader_names() -> None:
+    """The gate's line names the regressed graders, whose names are the tenant's: an ESC and a CR in one
+    rewrote the CI log's line ("x<ESC>[2K<CR>PASSED all")."""
+    comparison = pb.comparison.RunComparison(
+        graders=[
+            pb.comparison.GraderComparison(
+                grader="x\x1b[2K\rPASSED all", verdict=pb.comparison.COMPARISON_VERDICT_REGRESSED
+            )
+        ],
+        overall=pb.comparison.GraderComparison(pairs=10),
+        alpha=0.05,
+    )
+    [failure] = comparison_gate_failures(comparison, fail_on_regression=True, max_unpaired=None)
+    assert failure == "regressed at alpha 0.05: x\\x1b[2K\\x0dPASSED all"
 
 
 def test_evalctl_errors_spell_out_control_characters(capsys: pytest.CaptureFixture[str]) -> None:

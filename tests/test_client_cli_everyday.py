@@ -4,16 +4,19 @@ progress without a terminal, --fail-under given as a fraction, a server lost mid
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import io
 import json
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 from collections.abc import Iterator
 from importlib import metadata
@@ -422,6 +425,44 @@ def test_a_server_that_never_comes_back_fails_within_the_time_bound() -> None:
     bad = evalctl_process("--target", target, "get", "run_x", env={"EVALSVC_RETRY_MAX_ELAPSED_S": "soon"})
     assert bad.returncode == cli.EXIT_ERROR
     assert "EVALSVC_RETRY_MAX_ELAPSED_S='soon': give a number of seconds" in bad.stderr, bad.stderr
+
+
+def test_a_client_set_up_wrong_for_what_answers_is_told_at_once_not_after_the_whole_retry_bound() -> None:
+    """A port that closes each connection before any call (what TLS not matching looks like) and a name that
+    does not resolve were retried for the whole 30 s bound, ~25 'retrying' lines before the TLS hint; a
+    restart refuses, which the bound is for. Such calls are retried for SET_UP_WRONG_RETRY_S only."""
+    from evalsvc_client._common import SET_UP_WRONG_RETRY_S, RetryPolicy
+
+    with socket.socket() as closing:
+        closing.bind(("127.0.0.1", 0))
+        closing.listen(64)
+        stop = threading.Event()
+
+        def close_each() -> None:
+            closing.settimeout(0.1)
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    closing.accept()[0].close()
+
+        closer = threading.Thread(target=close_each, daemon=True)
+        closer.start()
+        try:
+            for target, said in (
+                (f"127.0.0.1:{closing.getsockname()[1]}", "most likely TLS does not match"),
+                ("no-such-host.invalid:50051", "The name in no-such-host.invalid:50051 does not resolve"),
+            ):
+                started = time.monotonic()
+                with (
+                    EvalClient(target, retry=RetryPolicy(max_elapsed_s=30.0)) as client,
+                    pytest.raises(errors.UnavailableError) as failed,
+                ):
+                    client.get_run("run_x")
+                took = time.monotonic() - started
+                assert took < SET_UP_WRONG_RETRY_S + 3.0, (target, took)
+                assert failed.value.set_up_wrong and said in str(failed.value), (target, str(failed.value))
+        finally:
+            stop.set()
+            closer.join()
 
 
 def test_retry_policy_is_bounded_by_time_by_default(monkeypatch: pytest.MonkeyPatch) -> None:

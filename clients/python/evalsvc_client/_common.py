@@ -24,6 +24,11 @@ RETRYABLE_CODES = frozenset(
 )
 
 
+#: How long a call whose transport says the client is set up wrong (`EvalError.set_up_wrong`: TLS not matching,
+#: a name that does not resolve) is still retried, within `max_elapsed_s`: a first error of a dropped
+#: connection may read so, and a server restarting then refuses (retried for the whole bound).
+SET_UP_WRONG_RETRY_S = 2.0
+
 #: The variable a RetryPolicy's default `max_elapsed_s` comes from (evalctl's too: it has no flag for it).
 RETRY_MAX_ELAPSED_VARIABLE = "EVALSVC_RETRY_MAX_ELAPSED_S"
 #: How long a call safe to repeat is retried by default: about as long as a watch rides out a restart.
@@ -106,6 +111,8 @@ class CallRetries:
         not one to retry, or the count or the time bound is reached)."""
         self.attempts += 1
         if not self.policy.should_retry(error, self.attempts):
+            return None
+        if error.set_up_wrong and time.monotonic() - self._started >= SET_UP_WRONG_RETRY_S:
             return None
         left = self._started + self.policy.max_elapsed_s - time.monotonic()
         if error.retry_delay is not None and error.retry_delay > left > 0:

@@ -894,7 +894,7 @@ def cmd_update(args: argparse.Namespace, client: EvalClient, console: Console) -
     console.print(f"updated run {run.id}")
     _summary(_console(), run)
     if run.labels:
-        _console().print("labels: " + ", ".join(f"{k}={v}" for k, v in sorted(run.labels.items())))
+        _console().print("labels: " + for_terminal(_labels_text(run.labels)), markup=False)
     return EXIT_OK
 
 
@@ -981,7 +981,7 @@ def comparison_gate_failures(
             )
         regressed = [g.grader for g in comparison.graders if g.verdict == pb.comparison.COMPARISON_VERDICT_REGRESSED]
         if regressed:
-            failures.append(f"regressed at alpha {comparison.alpha:g}: {', '.join(regressed)}")
+            failures.append(f"regressed at alpha {comparison.alpha:g}: {for_terminal(', '.join(regressed))}")
     if max_unpaired is not None and overall.unpaired > max_unpaired:
         failures.append(
             f"{overall.unpaired} evaluations unpaired (missing from a run, or ERROR or SKIPPED in either),"
@@ -1033,7 +1033,7 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
         return EXIT_NOT_ENDED
     failures = comparison_gate_failures(comparison, args.fail_on_regression, args.max_unpaired)
     for failure in failures:
-        console.print(failure)
+        console.print(failure, markup=False)
     return EXIT_BELOW if failures else EXIT_OK
 
 

@@ -78,6 +78,7 @@ class EvalError(Exception):
         field_violations: Iterable[tuple[str, str]] | Mapping[str, str] | None = None,
         retry_delay: float | None = None,
         hint: str = "",
+        set_up_wrong: bool = False,
     ) -> None:
         pairs = field_violations.items() if isinstance(field_violations, Mapping) else field_violations or ()
         #: Every BadRequest violation in the server's order, (field, description); a field may appear more than
@@ -91,6 +92,9 @@ class EvalError(Exception):
         self.reason = reason
         self.metadata: dict[str, str] = dict(metadata or {})
         self.retry_delay = retry_delay
+        #: The transport's words say the client is set up wrong for what answers (`set_up_wrong`): a retry
+        #: alone will not help, so it is retried only briefly.
+        self.set_up_wrong = set_up_wrong
 
     def with_hint(self, more: str) -> EvalError:
         """This error again (its class, code and details) with `more` after its hint: a client's note of how
@@ -103,6 +107,7 @@ class EvalError(Exception):
             field_violations=self.field_violations,
             retry_delay=self.retry_delay,
             hint=f"{self.hint}. {more}" if self.hint else more,
+            set_up_wrong=self.set_up_wrong,
         )
 
 
@@ -175,6 +180,10 @@ KEY_HINT = (
 # "Connection refused" where nothing listens.
 _HANDSHAKE_FAILED = re.compile(r"socket closed|handshake|ssl|certificate|tls", re.IGNORECASE)
 
+# How grpc says the name of a target does not resolve (its words differ by version and resolver: "DNS
+# resolution failed", "errors resolving HOST: ... Domain name not found").
+_UNRESOLVED = re.compile(r"dns resolution failed|errors resolving|domain name not found", re.IGNORECASE)
+
 # How grpc says the server's certificate is not for the name called ("Custom verification check failed with
 # error: UNAUTHENTICATED: Hostname Verification Check failed."), which read as nothing answering.
 _HOSTNAME_MISMATCH = re.compile(r"hostname verification|peer name", re.IGNORECASE)
@@ -209,6 +218,23 @@ def target_as_url_hint(target: str) -> str:
     )
 
 
+def set_up_wrong(code: grpc.StatusCode, reason: str, target: str, message: str) -> bool:
+    """Whether a transport's UNAVAILABLE (no ErrorInfo) says the client is set up wrong for what answers - a URL
+    for a target, an HTTP/1 port, a certificate for another name, a handshake that failed (TLS not matching),
+    a name that does not resolve - rather than that nothing answers yet (refused: a server restarting). Such
+    a call was retried for the whole retry bound (30 s of 'retrying' lines before the TLS hint)."""
+    if code != grpc.StatusCode.UNAVAILABLE or reason or not target:
+        return False
+    words = message.replace(target, " ")
+    return bool(
+        target_as_url_hint(target)
+        or _HTTP1_ANSWERED.search(message)
+        or _HOSTNAME_MISMATCH.search(words)
+        or _HANDSHAKE_FAILED.search(words)
+        or _UNRESOLVED.search(message)
+    )
+
+
 def hint_for(code: grpc.StatusCode, reason: str, target: str, message: str = "", *, tls: bool = False) -> str:
     """What a person can do about an error: a key to give, a server to start, TLS to use (`message`, the
     transport's words, tells a failed handshake from nothing listening, and an HTTP/1 server from both), a
@@ -233,7 +259,12 @@ def hint_for(code: grpc.StatusCode, reason: str, target: str, message: str = "",
             " name its certificate holds (--target), or give that name with --tls-server-name NAME (SDK:"
             " TLSOptions(server_name_override=...))"
         )
-    handshake = _HANDSHAKE_FAILED.search(words) and "dns resolution failed" not in words.lower()
+    if code == grpc.StatusCode.UNAVAILABLE and not reason and target and _UNRESOLVED.search(message):
+        return (
+            f"The name in {target} does not resolve: check --target HOST:PORT (EVALCTL_TARGET; SDK: the target),"
+            " or use the server's IP address"
+        )
+    handshake = _HANDSHAKE_FAILED.search(words)
     if code == grpc.StatusCode.UNAVAILABLE and not reason and target and handshake:
         # evalctl said "is the server running?" of a running TLS server.
         return (
@@ -302,4 +333,5 @@ def from_rpc_error(error: grpc.RpcError, target: str = "", *, tls: bool = False)
         field_violations=violations,
         retry_delay=delay,
         hint=hint_for(code, reason, target, message, tls=tls),
+        set_up_wrong=set_up_wrong(code, reason, target, message),
     )
