@@ -1,22 +1,24 @@
-"""Queries behind CompareRuns and ListComparisonItems: a key range of each of two runs' evaluations, and a
-page of results."""
+"""Queries behind CompareRuns and ListComparisonItems: a key range of each of two runs' evaluations, the
+items behind a key range, and a page of results."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
-from sqlalchemy import Select, select, tuple_
+from sqlalchemy import Select, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store.db import read_in_index_order
 from evalsvc.store.records import ResultRecord
-from evalsvc.store.runs import RESULTS, StoredSizes, result_with_size, results_sized
+from evalsvc.store.runs import ITEMS, JOBS, RESULTS, StoredSizes, result_with_size, results_sized
 
 # (item_id, repetition, grader, state, score): what pairing needs of one evaluation.
 Evaluation = tuple[str, int, str, int, float]
 # (item_id, repetition, grader): an evaluation's key, in the order comparisons list them.
 Key = tuple[str, int, str]
+# The most item bytes `items_between` holds at once (one larger item is read alone).
+ITEM_BATCH_BYTES = 4 << 20
 
 
 async def evaluations_after(
@@ -43,6 +45,47 @@ def evaluations_after_query(tenant: str, run_id: str, after: Key | None, grader:
     if grader:
         query = query.where(RESULTS.c.grader == grader)
     return query.order_by(*key).limit(limit)
+
+
+async def items_between(
+    conn: AsyncConnection, tenant: str, run_id: str, first: str, last: str
+) -> AsyncGenerator[list[tuple[str, bytes]], None]:
+    """The stored items (item id, serialized Item) of a tenant's run whose ids are from `first` to `last`
+    and that have a result, in batches of at most ITEM_BATCH_BYTES (or one item): CompareRuns digests
+    the items behind each chunk of evaluations it pairs, and a chunk's items may be large (a long context
+    or conversation each), so they are never all held at once. Item ids reach run_items through the
+    results' jobs (run_items are stored by position); their sizes are read first, without the items."""
+    keys = (
+        select(RESULTS.c.item_id, JOBS.c.item_idx)
+        .join(JOBS, JOBS.c.id == RESULTS.c.job_id)
+        .where(
+            RESULTS.c.run_id == run_id,
+            RESULTS.c.tenant == tenant,
+            RESULTS.c.item_id >= first,
+            RESULTS.c.item_id <= last,
+        )
+        .distinct()
+        .subquery()
+    )
+    sized = await conn.execute(
+        select(keys.c.item_id, keys.c.item_idx, func.length(ITEMS.c.item)).join(
+            ITEMS, (ITEMS.c.run_id == run_id) & (ITEMS.c.idx == keys.c.item_idx)
+        )
+    )
+    batches: list[dict[int, str]] = [{}]  # item idx -> id, what one read takes
+    held = 0
+    for item_id, idx, size in sized:
+        if batches[-1] and held + size > ITEM_BATCH_BYTES:
+            batches.append({})
+            held = 0
+        batches[-1][idx] = item_id
+        held += size
+    for batch in batches:
+        if batch:
+            rows = await conn.execute(
+                select(ITEMS.c.idx, ITEMS.c.item).where(ITEMS.c.run_id == run_id, ITEMS.c.idx.in_(batch))
+            )
+            yield [(batch[idx], bytes(item)) for idx, item in rows]
 
 
 def _evaluation(row: Any) -> Evaluation:
