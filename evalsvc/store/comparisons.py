@@ -51,41 +51,52 @@ async def items_between(
     conn: AsyncConnection, tenant: str, run_id: str, first: str, last: str
 ) -> AsyncGenerator[list[tuple[str, bytes]], None]:
     """The stored items (item id, serialized Item) of a tenant's run whose ids are from `first` to `last`
-    and that have a result, in batches of at most ITEM_BATCH_BYTES (or one item): CompareRuns digests
-    the items behind each chunk of evaluations it pairs, and a chunk's items may be large (a long context
-    or conversation each), so they are never all held at once. Item ids reach run_items through the
-    results' jobs (run_items are stored by position); their sizes are read first, without the items."""
+    and that have a result, in batches of at most ITEM_BATCH_BYTES (or one item): CompareRuns digests the
+    items behind each chunk of evaluations it pairs, and a chunk's items may be large (a long context or
+    conversation each), so they are never all held at once. Their sizes are read first, without the
+    items; then each batch, a narrower range of ids, with its items.
+
+    Item ids reach run_items (stored by position) through one job of each item's results, one index lookup
+    each way (`_items_of`). Reading a batch by its positions (`idx IN (...)`) instead had PostgreSQL filter every
+    item of the run for each batch: ~45 ms a batch of 1,000, and CompareRuns of two 100,000-evaluation
+    runs took 4-7 s instead of ~1 s."""
+    sized = await conn.execute(_items_of(tenant, run_id, first, last, func.length(ITEMS.c.item)))
+    ranges: list[list[str]] = []  # [first id, last id] of each batch
+    held = 0
+    for item_id, size in sorted(sized, key=lambda row: str(row[0])):  # code point order, as the key columns
+        if ranges and held + size <= ITEM_BATCH_BYTES:
+            ranges[-1][1] = item_id
+            held += size
+        else:
+            ranges.append([item_id, item_id])
+            held = size
+    for low, high in ranges:
+        batch = await conn.execute(_items_of(tenant, run_id, low, high, ITEMS.c.item))
+        yield [(item_id, bytes(item)) for item_id, item in batch]
+
+
+def _items_of(tenant: str, run_id: str, first: str, last: str, column: Any) -> Select[Any]:
+    """(item id, `column` of its run_items row) for the items of a run with a result and an id from `first`
+    to `last`: the results' key range (an index range), grouped by item id in index order, one job of each
+    item by its primary key, and its run_items row by its primary key. A lookup per item, not per result:
+    joining every result to its job cost PostgreSQL a lookup per evaluation (20 graders, 5 repetitions:
+    100 per item)."""
     keys = (
-        select(RESULTS.c.item_id, JOBS.c.item_idx)
-        .join(JOBS, JOBS.c.id == RESULTS.c.job_id)
+        select(RESULTS.c.item_id, func.min(RESULTS.c.job_id).label("job_id"))
         .where(
             RESULTS.c.run_id == run_id,
             RESULTS.c.tenant == tenant,
             RESULTS.c.item_id >= first,
             RESULTS.c.item_id <= last,
         )
-        .distinct()
+        .group_by(RESULTS.c.item_id)
         .subquery()
     )
-    sized = await conn.execute(
-        select(keys.c.item_id, keys.c.item_idx, func.length(ITEMS.c.item)).join(
-            ITEMS, (ITEMS.c.run_id == run_id) & (ITEMS.c.idx == keys.c.item_idx)
-        )
+    return (
+        select(keys.c.item_id, column)
+        .join(JOBS, JOBS.c.id == keys.c.job_id)
+        .join(ITEMS, (ITEMS.c.run_id == run_id) & (ITEMS.c.idx == JOBS.c.item_idx))
     )
-    batches: list[dict[int, str]] = [{}]  # item idx -> id, what one read takes
-    held = 0
-    for item_id, idx, size in sized:
-        if batches[-1] and held + size > ITEM_BATCH_BYTES:
-            batches.append({})
-            held = 0
-        batches[-1][idx] = item_id
-        held += size
-    for batch in batches:
-        if batch:
-            rows = await conn.execute(
-                select(ITEMS.c.idx, ITEMS.c.item).where(ITEMS.c.run_id == run_id, ITEMS.c.idx.in_(batch))
-            )
-            yield [(batch[idx], bytes(item)) for idx, item in rows]
 
 
 def _evaluation(row: Any) -> Evaluation:
