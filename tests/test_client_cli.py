@@ -559,6 +559,58 @@ def test_compare_gates_fail_when_nothing_or_too_little_was_paired(
     assert evalctl(live, "compare", base, base, "--max-unpaired", "0").returncode == 0
 
 
+def test_compare_gates_give_no_verdict_on_runs_of_other_items_or_graders(
+    live: tuple[ServerProcess, str], tmp_path: Path
+) -> None:
+    """Runs of other questions (inline items without ids, numbered item-1.. by position) and runs of the same
+    outputs under a grader redefined with the same name both said REGRESSED, and `--fail-on-regression
+    --max-unpaired 0` exited 1 as for a real regression. Now: exit 4, NO VERDICT, saying why in one line,
+    and the table marks the changed grader."""
+    questions = [
+        {"input": f"capital of country {i}?", "expected_output": "Paris", "response": "Paris"} for i in range(8)
+    ]
+    sums = [{"input": f"what is {i}+{i}?", "expected_output": str(2 * i), "response": "wrong"} for i in range(8)]
+    cased = [{"id": f"i{i}", "input": f"q{i}", "expected_output": "Paris", "response": "paris"} for i in range(8)]
+    ids = []
+    for name, rows, exact in [
+        ("questions", questions, "{}"),
+        ("sums", sums, "{}"),
+        ("lenient", cased, "{case_insensitive: true}"),
+        ("strict", cased, "{}"),
+    ]:
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp_path / f"{name}.yaml").write_text(
+            f"dataset: {name}.jsonl\ntarget: provided\ngraders: [{{name: exact, exact_match: {exact}}}]\n"
+            "pass_threshold: 0\n"
+        )
+        created = evalctl(live, "run", str(tmp_path / f"{name}.yaml"), "--json")
+        assert created.returncode in (0, 1), created.stderr
+        ids.append(json.loads(created.stdout)["id"])
+    questions_run, sums_run, lenient_run, strict_run = ids
+
+    for gate in (["--fail-on-regression", "--max-unpaired", "0"], ["--fail-on-regression"], ["--max-unpaired", "3"]):
+        other_items = evalctl(live, "compare", questions_run, sums_run, *gate)
+        assert other_items.returncode == 4, (gate, other_items.stdout, other_items.stderr)
+        assert other_items.stderr.count("\n") == 1, other_items.stderr
+        assert other_items.stderr.startswith("NO VERDICT: the runs are not comparable: 8 evaluations are of different")
+        assert "compare runs of the same dataset" in other_items.stderr and "REGRESSED" not in other_items.stdout
+    assert "8 evaluations are of different items in the two runs: not paired" in other_items.stdout
+    # A bound that admits them: the 8 are unpaired, within --max-unpaired 8.
+    assert evalctl(live, "compare", questions_run, sums_run, "--max-unpaired", "8").returncode == 0
+
+    redefined = evalctl(live, "compare", lenient_run, strict_run, "--fail-on-regression", "--max-unpaired", "0")
+    assert redefined.returncode == 4, (redefined.stdout, redefined.stderr)
+    assert redefined.stderr == (
+        "NO VERDICT: the runs are not comparable: the definition of grader exact differs between the runs"
+        " (rerun the baseline with it)\n"
+    )
+    assert "exact (definition changed)" in redefined.stdout and "REGRESSED" not in redefined.stdout
+    shown = evalctl(live, "compare", lenient_run, strict_run, "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["graders"][0]["definition_changed"] is True
+    same = evalctl(live, "compare", strict_run, strict_run, "--fail-on-regression", "--max-unpaired", "0")
+    assert same.returncode == 0, (same.stdout, same.stderr)
+
+
 def test_compare_rounds_a_pass_rate_as_run_and_get_do() -> None:
     """13/16 was 81.3% in `evalctl run` and `get` and 81.2% in `compare` (float formatting rounds 81.25
     to even)."""

@@ -18,8 +18,9 @@ from scipy import stats
 
 from evalsvc.server import EvalServer
 from evalsvc.v1 import comparison_pb2 as cpb
+from evalsvc.v1 import dataset_service_pb2 as ds
+from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
 from evalsvc.v1 import eval_run_service_pb2 as pb
-from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
 from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, Reply, chat_reply
 from tests.helpers import all_results, error_reason, keyed_channel, serving_gateway, until, violations, watch_all
@@ -33,8 +34,10 @@ GRADERS = [
 
 
 class Service:
-    def __init__(self, srv: EvalServer, http: httpx.AsyncClient, stub: eval_run_service_pb2_grpc.EvalRunServiceStub):
-        self.srv, self.http, self.runs = srv, http, stub
+    def __init__(self, srv: EvalServer, http: httpx.AsyncClient, channel: grpc.aio.Channel):
+        self.srv, self.http = srv, http
+        self.runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+        self.datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
 
 
 @pytest.fixture
@@ -43,7 +46,7 @@ async def svc(tmp_path: Path) -> AsyncIterator[Service]:
     async with serving_gateway(settings) as (srv, http):
         assert srv.bootstrap_key
         async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
-            yield Service(srv, http, eval_run_service_pb2_grpc.EvalRunServiceStub(channel))
+            yield Service(srv, http, channel)
 
 
 def _items(correct: list[bool], seed: int) -> list[item_pb2.Item]:
@@ -65,10 +68,15 @@ def _items(correct: list[bool], seed: int) -> list[item_pb2.Item]:
     return items
 
 
-async def _run(svc: Service, items: list[item_pb2.Item], graders: list[grader_pb2.Grader]) -> run_pb2.Run:
+async def _run(
+    svc: Service, items: list[item_pb2.Item], graders: list[grader_pb2.Grader], repetitions: int = 1
+) -> run_pb2.Run:
     created = await svc.runs.CreateRun(
         pb.CreateRunRequest(
-            items=items, target=target_pb2.Target(provided=target_pb2.ProvidedTarget()), graders=graders
+            items=items,
+            target=target_pb2.Target(provided=target_pb2.ProvidedTarget()),
+            graders=graders,
+            repetitions=repetitions,
         )
     )
     events = await watch_all(svc.runs, created.run.id)
@@ -184,6 +192,115 @@ async def test_a_comparison_without_pairs_says_so(svc: Service) -> None:
     one_pair = (await svc.runs.CompareRuns(pb_compare(exact_run.id, erring.id))).comparison.overall
     assert (one_pair.pairs, one_pair.unpaired) == (1, 7)
     assert one_pair.verdict == cpb.COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pair 7 keys of each run at a time and read items 3 at a time (by size), so the items' digests
+    are checked across chunk and batch boundaries, as they are in runs of more than 10,000 evaluations."""
+    from evalsvc.runs import compare
+    from evalsvc.store import comparisons
+
+    monkeypatch.setattr(compare, "PAIRING_CHUNK", 7)
+    monkeypatch.setattr(comparisons, "ITEM_BATCH_BYTES", 3 * item_pb2.Item(input="question 10?").ByteSize())
+
+
+@pytest.mark.usefixtures("small_chunks")
+async def test_runs_of_other_items_or_graders_give_no_verdict(svc: Service) -> None:
+    """(a) Two runs of inline items without ids, the server numbering both item-1..30 by position: 30
+    pairs of different questions, "30 regressed, p = 1.9e-09, REGRESSED". (b) The same outputs under a
+    grader of the same name made case-sensitive: the same REGRESSED. Now a key whose items differ is no
+    pair (`changed_items`), and a grader whose definition changed pairs nothing (`definition_changed`):
+    NO_PAIRS, no confident verdict; what is still comparable keeps its verdict."""
+    exact = grader_pb2.Grader(name="exact", exact_match=grader_pb2.ExactMatch())
+    right = [item_pb2.Item(input=f"question {i}?", expected_output="yes") for i in range(30)]
+    for item in right:
+        item.response.content = "yes"
+    # The first 10 questions in common, 20 others; every candidate answer wrong.
+    wrong = [item_pb2.Item(input=f"question {i if i < 10 else 100 + i}?", expected_output="yes") for i in range(30)]
+    for item in wrong:
+        item.response.content = "no"
+    baseline, candidate = await _run(svc, right, [exact]), await _run(svc, wrong, [exact])
+    other_items = (await svc.runs.CompareRuns(pb_compare(baseline.id, candidate.id))).comparison
+    assert other_items.changed_items == 20
+    got = other_items.graders[0]
+    assert (got.pairs, got.regressed, got.unpaired, got.definition_changed) == (10, 10, 20, False)
+    assert got.verdict == cpb.COMPARISON_VERDICT_REGRESSED  # the 10 questions in common: a real regression
+    unrelated = [item_pb2.Item(input=f"other {i}?", expected_output="yes") for i in range(30)]
+    for item in unrelated:
+        item.response.content = "no"
+    disjoint = await _run(svc, unrelated, [exact])
+    nothing_shared = (await svc.runs.CompareRuns(pb_compare(baseline.id, disjoint.id))).comparison
+    assert nothing_shared.changed_items == 30
+    assert [(g.pairs, g.unpaired, g.verdict) for g in [*nothing_shared.graders, nothing_shared.overall]] == [
+        (0, 30, cpb.COMPARISON_VERDICT_NO_PAIRS)
+    ] * 2
+
+    # (b) byte-identical outputs; "exact" made case-sensitive, "similar" unchanged.
+    items = [item_pb2.Item(id=f"i{i:02d}", input=f"q{i}", expected_output="Paris") for i in range(30)]
+    for item in items:
+        item.response.content = "paris"
+    similar = grader_pb2.Grader(name="similar", similarity=grader_pb2.Similarity(threshold=0.5))
+    lenient = grader_pb2.Grader(name="exact", exact_match=grader_pb2.ExactMatch(case_insensitive=True))
+    before = await _run(svc, items, [lenient, similar])
+    after = await _run(svc, items, [exact, similar])
+    redefined = (await svc.runs.CompareRuns(pb_compare(before.id, after.id))).comparison
+    assert redefined.changed_items == 0
+    by_name = {g.grader: g for g in redefined.graders}
+    assert by_name["exact"].definition_changed and not by_name["similar"].definition_changed
+    assert (by_name["exact"].pairs, by_name["exact"].regressed, by_name["exact"].unpaired) == (0, 0, 30)
+    assert by_name["exact"].verdict == cpb.COMPARISON_VERDICT_NO_PAIRS
+    assert (by_name["similar"].pairs, by_name["similar"].verdict) == (30, cpb.COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE)
+    assert (redefined.overall.pairs, redefined.overall.regressed, redefined.overall.unpaired) == (30, 0, 30)
+
+    reply = await svc.http.get(f"/v1/runs/{after.id}:compare", params={"baseline_run_id": before.id})
+    assert reply.status_code == 200, reply.text
+    rest = {g["grader"]: g for g in reply.json()["comparison"]["graders"]}
+    assert rest["exact"]["definitionChanged"] is True and not rest["similar"].get("definitionChanged")
+    reply = await svc.http.get(f"/v1/runs/{disjoint.id}:compare", params={"baseline_run_id": baseline.id})
+    assert int(reply.json()["comparison"]["changedItems"]) == 30
+
+
+@pytest.mark.usefixtures("small_chunks")
+async def test_runs_of_the_same_items_and_graders_are_compared_as_before(svc: Service) -> None:
+    """No false positives: runs of the same dataset, or of the same inline items whose recorded responses,
+    metadata and human verdicts differ, with repetitions and a grader whose weight alone changed, pair
+    every evaluation and keep their verdicts."""
+    exact = grader_pb2.Grader(name="exact", exact_match=grader_pb2.ExactMatch())
+    similar = grader_pb2.Grader(name="similar", similarity=grader_pb2.Similarity(threshold=0.9))
+    heavy = grader_pb2.Grader(name="similar", weight=3, similarity=grader_pb2.Similarity(threshold=0.9))
+    good, bad = _items([True] * 12, 1), _items([True] * 2 + [False] * 10, 1)
+    for i, item in enumerate(bad):
+        item.metadata["model"] = "candidate"
+        item.human_verdicts["exact"] = i % 2 == 0
+    baseline = await _run(svc, good, [exact, similar], repetitions=2)
+    candidate = await _run(svc, bad, [heavy, exact], repetitions=2)
+    same_items = (await svc.runs.CompareRuns(pb_compare(baseline.id, candidate.id))).comparison
+    assert same_items.changed_items == 0
+    assert [(g.grader, g.pairs, g.unpaired, g.definition_changed) for g in same_items.graders] == [
+        ("similar", 24, 0, False),
+        ("exact", 24, 0, False),
+    ]
+    assert (same_items.graders[1].regressed, same_items.graders[1].verdict) == (20, cpb.COMPARISON_VERDICT_REGRESSED)
+
+    dataset = (await svc.datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset(display_name="qa")))).dataset
+    await svc.datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=_items([True] * 9, 3)))
+    runs = []
+    for _ in range(2):
+        created = await svc.runs.CreateRun(
+            pb.CreateRunRequest(
+                dataset_id=dataset.id,
+                target=target_pb2.Target(provided=target_pb2.ProvidedTarget()),
+                graders=[exact, similar],
+                repetitions=3,
+            )
+        )
+        runs.append((await watch_all(svc.runs, created.run.id))[-1].run)
+    of_dataset = (await svc.runs.CompareRuns(pb_compare(runs[0].id, runs[1].id))).comparison
+    assert of_dataset.changed_items == 0
+    assert [(g.pairs, g.unpaired, g.definition_changed, g.verdict) for g in of_dataset.graders] == [
+        (27, 0, False, cpb.COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE)
+    ] * 2
 
 
 async def test_list_comparison_items_pages_through_one_change_side_by_side(svc: Service) -> None:

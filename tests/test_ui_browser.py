@@ -378,3 +378,25 @@ async def test_run_page_opens_the_comparison_view_of_two_finished_runs(
     assert [await cell(unpaired, f) for f in fields] == ["0"] + ["\N{EN DASH}"] * 5
     assert await cell(unpaired, "verdict") == "NO_PAIRS"
     assert await cell(page.locator("tr[data-overall]"), "verdict") == "NO_PAIRS"
+    assert await page.locator('[data-field="definition_changed"]').count() == 0
+    assert await page.locator("#changed-items").is_hidden()
+
+    # The same grader name made case-insensitive, and 4 items of other questions under the same ids: the grader
+    # is marked and pairs nothing, the items are counted and not paired.
+    redefined = run_body("browser: redefined", 0)
+    redefined["graders"][0]["exactMatch"] = {"caseInsensitive": True}
+    for item in redefined["items"][:4]:
+        item["input"] = "another question"
+    changed = await _create_run(gateway_server, redefined)
+    await page.goto(f"{origin}/ui/compare?baseline={baseline['id']}&candidate={changed['id']}")
+    marked = page.locator('tr[data-grader="exact"] [data-field="definition_changed"]')
+    await marked.wait_for(timeout=STEP_TIMEOUT_MS)
+    assert await marked.text_content() == "definition changed"
+    assert await cell(page.locator('tr[data-grader="exact"]'), "verdict") == "NO_PAIRS"
+    # The candidate may still be executing (a partial comparison, read again every 5 s) until its results are in.
+    await page.wait_for_function(
+        "(text) => document.getElementById('changed-items').textContent === text",
+        arg="4 evaluations of different items: not paired",
+        timeout=STEP_TIMEOUT_MS,
+    )
+    assert await page.locator("#changed-items").is_visible()

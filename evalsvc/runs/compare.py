@@ -1,7 +1,11 @@
 """Comparing two runs: pair their evaluations, compute the paired statistics, list the pairs side by side.
 
 A pair is one evaluation key (item id, repetition, grader name) present in both runs; it counts when
-neither side is ERROR or SKIPPED. The statistics are computed here, from the stored results,
+neither side is ERROR or SKIPPED, both runs hold the same item under that id (`item_digest`) and the grader
+has the same definition in both (`definition_digest`). Keys are only names: inline items are numbered
+item-1, item-2... by position, and a grader keeps its name when its definition changes, so two runs of
+different questions, or of one output graded two ways, paired on keys alone and got confident verdicts.
+The statistics are computed here, from the stored results,
 by evalsvc.runs.compare_stats; docs/compare.md describes them. CompareRuns pairs both runs whole: one
 comparison at a time, taken by tenants in turn, and the turn is taken before either run is read. In its
 turn a comparison reads both runs in key order, PAIRING_CHUNK keys of each at a time, and pairs each
@@ -22,7 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
+import hashlib
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -31,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
 from evalsvc.graders import grader_name
 from evalsvc.ids import PageTokens, page_size
+from evalsvc.messages import canonical
 from evalsvc.runs.compare_stats import PairedSummary, PairTally, summarize
 from evalsvc.runs.outputs import FRAMING, attach_output, listed_size, side_shares
 from evalsvc.slots import Slots
@@ -42,7 +48,7 @@ from evalsvc.store.db import Database
 from evalsvc.store.records import ResultRecord
 from evalsvc.store.runs import StoredSizes
 from evalsvc.v1 import comparison_pb2 as cpb
-from evalsvc.v1 import run_pb2
+from evalsvc.v1 import grader_pb2, item_pb2, run_pb2
 
 T = TypeVar("T")
 DEFAULT_ALPHA = 0.05
@@ -59,6 +65,46 @@ MAX_CHUNK = 4096
 PAIRING_CHUNK = 10_000
 FILTERED_PAGES = 2  # ListComparisonItems pages with a `change` filter read at once, per server
 Side = tuple[int, float]  # state, score
+# Item fields that reach neither the target nor the graders' scores, left out of `item_digest`: the id is
+# the key itself, a recorded response is the output (what a comparison of `provided` runs compares),
+# metadata is only returned with results, human verdicts only measure agreement. Every other field, a
+# field added later too, makes two items differ.
+_UNCOMPARED_ITEM_FIELDS = ("id", "response", "metadata", "human_verdicts")
+# Grader fields that do not change a grader's own results, left out of `definition_digest`: the name is
+# the key (spelled out or defaulted to the kind), the weight only weighs the item score.
+_UNCOMPARED_GRADER_FIELDS = ("name", "weight")
+
+
+def item_digest(raw: bytes) -> bytes:
+    """The digest of a stored item as a comparison sees it: equal for two items only when what reaches
+    the target and the graders is the same (`_UNCOMPARED_ITEM_FIELDS` aside)."""
+    item = item_pb2.Item.FromString(raw)
+    for field in _UNCOMPARED_ITEM_FIELDS:
+        item.ClearField(field)
+    return hashlib.sha256(item.SerializeToString(deterministic=True)).digest()
+
+
+def _item_digests(items: Sequence[tuple[str, bytes]]) -> dict[str, bytes]:
+    return {item_id: item_digest(raw) for item_id, raw in items}
+
+
+def definition_digest(grader: grader_pb2.Grader) -> str:
+    """The digest of a grader's canonical definition, `_UNCOMPARED_GRADER_FIELDS` aside: equal in two runs
+    only when the grader scores an output the same way in both."""
+    material = canonical.definition(grader)
+    for field in _UNCOMPARED_GRADER_FIELDS:
+        material.pop(field, None)
+    return canonical.digest(material)
+
+
+def changed_definitions(baseline: run_pb2.Run, candidate: run_pb2.Run) -> frozenset[str]:
+    """The grader names both runs have whose definitions differ (saved graders are stored resolved)."""
+    before = {grader_name(g): definition_digest(g) for g in baseline.graders}
+    return frozenset(
+        name
+        for name, digest in ((grader_name(g), definition_digest(g)) for g in candidate.graders)
+        if before.get(name, digest) != digest
+    )
 
 
 def change_of(baseline: Side | None, candidate: Side | None) -> cpb.ComparisonChange:
@@ -92,7 +138,9 @@ def verdict_of(pairs: int, summary: PairedSummary) -> cpb.ComparisonVerdict:
     return cpb.COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE
 
 
-def _grader_comparison(name: str, tally: PairTally, unpaired: int, alpha: float) -> cpb.GraderComparison:
+def _grader_comparison(
+    name: str, tally: PairTally, unpaired: int, alpha: float, definition_changed: bool = False
+) -> cpb.GraderComparison:
     summary = summarize(tally, alpha)
     return cpb.GraderComparison(
         grader=name,
@@ -114,23 +162,33 @@ def _grader_comparison(name: str, tally: PairTally, unpaired: int, alpha: float)
         verdict=verdict_of(tally.pairs, summary),
         baseline_mean_score=summary.baseline_mean_score,
         candidate_mean_score=summary.candidate_mean_score,
+        definition_changed=definition_changed,
     )
 
 
 class Pairing:
     """The tallies of a comparison, fed both runs' evaluations in key order, a chunk at a time
-    (`merge`), so what it holds is a few chunks, never a run."""
+    (`merge`), so what it holds is a few chunks (and their items' digests), never a run.
 
-    def __init__(self, grader_order: Sequence[str]) -> None:
+    A key whose item differs between the runs is no pair (`changed_items`), nor is any evaluation of a
+    grader in `changed`: both count as unpaired, so their graders' verdicts rest on real pairs only, or
+    are NO_PAIRS."""
+
+    def __init__(self, grader_order: Sequence[str], changed: frozenset[str] = frozenset()) -> None:
         self.grader_order = list(grader_order)
+        self.changed = changed
         self.tallies: dict[str, PairTally] = {name: PairTally() for name in grader_order}
         self.unpaired: dict[str, int] = dict.fromkeys(grader_order, 0)
         self.overall = PairTally()
+        self.changed_items = 0
 
-    def _pair(self, grader: str, b: Side | None, c: Side | None) -> None:
+    def _pair(self, grader: str, b: Side | None, c: Side | None, same_item: bool) -> None:
         tally = self.tallies.setdefault(grader, PairTally())
         self.unpaired.setdefault(grader, 0)
-        if change_of(b, c) == cpb.COMPARISON_CHANGE_UNPAIRED:
+        in_both = b is not None and c is not None
+        if in_both and not same_item:
+            self.changed_items += 1
+        if not same_item or grader in self.changed or change_of(b, c) == cpb.COMPARISON_CHANGE_UNPAIRED:
             self.unpaired[grader] += 1
             return
         assert b is not None and c is not None
@@ -138,10 +196,15 @@ class Pairing:
             target.add(b[0] == run_pb2.RESULT_STATE_PASSED, c[0] == run_pb2.RESULT_STATE_PASSED, b[1], c[1])
 
     def merge(
-        self, baseline: Sequence[Evaluation], candidate: Sequence[Evaluation], bound: Key | None
+        self,
+        baseline: Sequence[Evaluation],
+        candidate: Sequence[Evaluation],
+        bound: Key | None,
+        items: tuple[Mapping[str, bytes], Mapping[str, bytes]],
     ) -> tuple[list[Evaluation], list[Evaluation]]:
         """Pair the evaluations of both (key-ordered) chunks with keys up to `bound` (all of them when
-        None: both runs are read to their end); what is past it is returned, to merge with the next chunks."""
+        None: both runs are read to their end); what is past it is returned, to merge with the next chunks.
+        `items` holds each run's item digests (`item_digest`) by item id, for the items of its chunk."""
         i = j = 0
         while True:
             kb = baseline[i][:3] if i < len(baseline) else None
@@ -163,13 +226,16 @@ class Pairing:
             if kc == key:
                 c = (candidate[j][3], candidate[j][4])
                 j += 1
-            self._pair(key[2], b, c)
+            self._pair(key[2], b, c, items[0].get(key[0]) == items[1].get(key[0]))
         return list(baseline[i:]), list(candidate[j:])
 
     def result(self, alpha: float) -> tuple[list[cpb.GraderComparison], cpb.GraderComparison]:
         """Per-grader comparisons (in the grader order given, then any other grader by name) and the overall one."""
         ordered = self.grader_order + sorted(set(self.tallies) - set(self.grader_order))
-        per_grader = [_grader_comparison(name, self.tallies[name], self.unpaired[name], alpha) for name in ordered]
+        per_grader = [
+            _grader_comparison(name, self.tallies[name], self.unpaired[name], alpha, name in self.changed)
+            for name in ordered
+        ]
         return per_grader, _grader_comparison("", self.overall, sum(self.unpaired.values()), alpha)
 
 
@@ -250,9 +316,12 @@ class CompareService:
     async def _pair_runs(self, tenant: str, baseline_id: str, candidate_id: str, pairing: Pairing) -> None:
         """Feed `pairing` both runs' evaluations in key order, PAIRING_CHUNK keys of each run at a time
         (ordered index ranges, as a ListComparisonItems page reads), merged in a worker thread: a chunk
-        holds Python's one lock for milliseconds, never a run's whole pairing."""
+        holds Python's one lock for milliseconds, never a run's whole pairing. With each chunk come the
+        digests of its items (`items_between`, hashed in the worker thread too), so the chunks' pairs are
+        checked for the same item in both runs: what is held of items is their digests, a chunk's worth."""
         runs = (baseline_id, candidate_id)
         buffers: list[list[Evaluation]] = [[], []]
+        digests: list[dict[str, bytes]] = [{}, {}]
         after: list[Key | None] = [None, None]
         done = [False, False]
         async with self._db.read() as conn:
@@ -266,15 +335,32 @@ class CompareService:
                         if chunk:
                             after[side] = chunk[-1][:3]
                         buffers[side] = chunk
+                        digests[side] = await self._item_digests(conn, tenant, runs[side], chunk)
                 if all(done) and not any(buffers):
                     return
                 # Keys past the last one read of a run not read to its end may still be in it: pair up to there.
                 open_ends = [buffers[side][-1][:3] for side in (0, 1) if not done[side]]
                 bound = min(open_ends) if open_ends else None
                 base, cand = buffers
-                buffers[0], buffers[1] = await _finished(asyncio.to_thread(pairing.merge, base, cand, bound))
+                buffers[0], buffers[1] = await _finished(
+                    asyncio.to_thread(pairing.merge, base, cand, bound, (digests[0], digests[1]))
+                )
                 if bound is None:
                     return
+
+    @staticmethod
+    async def _item_digests(
+        conn: AsyncConnection, tenant: str, run_id: str, chunk: Sequence[Evaluation]
+    ) -> dict[str, bytes]:
+        """The digests of the items of a chunk of a run's evaluations (its item ids are a range: the chunk
+        is in key order), by item id; a batch of items at a time is read, and hashed in a worker thread."""
+        digests: dict[str, bytes] = {}
+        if chunk:
+            batches = comparison_store.items_between(conn, tenant, run_id, chunk[0][0], chunk[-1][0])
+            async with contextlib.aclosing(batches):
+                async for batch in batches:
+                    digests.update(await _finished(asyncio.to_thread(_item_digests, batch)))
+        return digests
 
     async def compare(self, tenant: str, request: cpb.CompareRunsRequest) -> cpb.RunComparison:
         """The comparison of two of the tenant's runs, as their results stand now."""
@@ -284,7 +370,7 @@ class CompareService:
         baseline, candidate = await self._runs(tenant, request.baseline_run_id, request.candidate_run_id)
         order = [grader_name(g) for g in candidate.graders]
         order += [name for name in (grader_name(g) for g in baseline.graders) if name not in order]
-        pairing = Pairing(order)
+        pairing = Pairing(order, changed_definitions(baseline, candidate))
         async with self._turn(tenant):  # before reading: waiting comparisons hold nothing of their runs
             # Read again: the turn may have been waited for long. A run purged meanwhile is NOT_FOUND, as a
             # missing run (it was an empty comparison), and `partial` is the runs' status as reading starts:
@@ -301,6 +387,7 @@ class CompareService:
             partial=baseline.status in ACTIVE or candidate.status in ACTIVE,
             graders=per_grader,
             overall=overall,
+            changed_items=pairing.changed_items,
         )
 
     async def list_items(

@@ -42,7 +42,8 @@ Exit codes: 0 passed; 1 did not pass, or (compare --fail-on-regression) a grader
 paired at all, or (compare --max-unpaired N) more than N evaluations were unpaired; 2 the run ended
 FAILED or CANCELLED; 3 a spec, connection or RPC error, or a command line evalctl does not understand;
 4 (get --fail-under; compare with a gate, of a run still executing: a partial comparison) NO VERDICT: a run
-has not ended, so there is no verdict yet;
+has not ended, so there is no verdict yet; (compare with a gate) NO VERDICT: the runs are not comparable (a
+grader's definition changed, or more than --max-unpaired evaluations, or every one, are of different items);
 141 (quietly) stdout closed early, as in `evalctl results RUN --format jsonl | head`; 130 Ctrl-C and 143 SIGTERM,
 saying which run goes on and the `evalctl watch RUN --after-seq N` that follows it again (during the create itself:
 its request_id and the `--request-id` command that follows the run if it was made, and makes it if not).
@@ -952,7 +953,7 @@ def _comparison_row(g: pb.comparison.GraderComparison) -> list[str]:
         return text if g.pairs else "-"
 
     return [
-        g.grader or "(overall)",
+        f"{g.grader} (definition changed)" if g.definition_changed else g.grader or "(overall)",
         str(g.pairs),
         measured(format_rate(100 * g.baseline_pass_rate)),  # as `run` and `get` print a rate: 13/16 is 81.3% in each
         measured(format_rate(100 * g.candidate_pass_rate)),
@@ -990,6 +991,34 @@ def comparison_gate_failures(
     return failures
 
 
+def comparison_not_comparable(
+    comparison: pb.RunComparison, fail_on_regression: bool, max_unpaired: int | None
+) -> str | None:
+    """The one NO VERDICT line of a gated compare of runs that are not comparable, or None when they are:
+    a grader whose definition changed under its name (its evaluations pair nothing, NO_PAIRS), or
+    evaluations of different items under the same id (more than --max-unpaired of them; with
+    --fail-on-regression, also when nothing else was paired). Neither is evidence about the candidate, either
+    way: a stricter grader made the same outputs "REGRESSED", a lenient one could hide a regression."""
+    reasons = []
+    changed = [g.grader for g in comparison.graders if g.definition_changed]
+    if changed:
+        reasons.append(
+            f"the definition of grader {', '.join(changed)} differs between the runs (rerun the baseline with it)"
+        )
+    items = comparison.changed_items
+    if items and (
+        (max_unpaired is not None and items > max_unpaired) or (fail_on_regression and not comparison.overall.pairs)
+    ):
+        bound = f", more than --max-unpaired {max_unpaired}" if max_unpaired is not None else ""
+        reasons.append(
+            f"{items} evaluations are of different items in the two runs under the same item id{bound}"
+            " (compare runs of the same dataset)"
+        )
+    if not reasons:
+        return None
+    return "NO VERDICT: the runs are not comparable: " + "; ".join(reasons)
+
+
 def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
     comparison = client.compare_runs(args.baseline, args.candidate, alpha=args.alpha)
     if args.json:
@@ -1009,6 +1038,11 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
             "verdict",
             title=f"{comparison.candidate_run_id} vs baseline {comparison.baseline_run_id}"
             + (" (partial: a run is still executing)" if comparison.partial else ""),
+            caption=(
+                f"{comparison.changed_items} evaluations are of different items in the two runs: not paired"
+                if comparison.changed_items
+                else None
+            ),
         )
         for grader in [*comparison.graders, comparison.overall]:
             table.add_row(*_comparison_row(grader))
@@ -1028,8 +1062,13 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
                     item.candidate.error_reason or listed_explanation(item.candidate),
                 )
             _console().print(items)
-    if comparison.partial and (args.fail_on_regression or args.max_unpaired is not None):
+    gated = args.fail_on_regression or args.max_unpaired is not None
+    if comparison.partial and gated:
         console.print(_no_comparison_verdict(client, comparison))
+        return EXIT_NOT_ENDED
+    not_comparable = comparison_not_comparable(comparison, args.fail_on_regression, args.max_unpaired)
+    if not_comparable and gated:
+        console.print(not_comparable)
         return EXIT_NOT_ENDED
     failures = comparison_gate_failures(comparison, args.fail_on_regression, args.max_unpaired)
     for failure in failures:

@@ -5,21 +5,24 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store import comparisons
 from evalsvc.store import runs as run_store
 from evalsvc.store.comparisons import Key
 from evalsvc.store.db import Database
-from evalsvc.v1 import run_pb2
-from tests.unit.stored import insert, new_run, plan_nodes, unanalyzed
+from evalsvc.v1 import item_pb2, run_pb2
+from tests.unit.stored import insert, jobs_of, new_run, plan_nodes, unanalyzed
 
 ITEMS = 5_000
 GRADERS = ("exact", "similar")
 
 
-def result(run_id: str, item_id: str, index: int, grader: str) -> tuple[Any, ...]:
-    job = int(item_id[4:])
+def result(run_id: str, item_id: str, index: int, grader: str, job: int | None = None) -> tuple[Any, ...]:
+    """A PASSED result of job `job` (by default the number in `item_id`, for runs without job rows)."""
+    job = int(item_id[4:]) if job is None else job
     return run_store.result_tuple(
         id=job * 1024 + index, tenant="t1", run_id=run_id, job_id=job, item_id=item_id, repetition=0,
         grader=grader, state=run_pb2.RESULT_STATE_PASSED, score=1.0, raw_score=1.0, explanation="",
@@ -99,3 +102,55 @@ async def test_a_page_reads_the_results_of_its_own_keys_only(db: Database) -> No
         found = await comparisons.results_of_keys(conn, "t1", run_id, wanted)
         assert sorted((r.item_id, r.repetition, r.grader) for r, _ in found) == wanted[:2]
         assert await comparisons.results_of_keys(conn, "t2", run_id, wanted) == []  # another tenant's run
+
+
+async def test_the_items_behind_a_key_range_are_read_by_index_lookups(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CompareRuns reads the items behind each chunk of evaluations it pairs, a batch at a time. Read by
+    their positions (`idx IN (...)`), PostgreSQL filtered every item of the run for each batch (~45 ms a
+    batch of 1,000: two 100,000-evaluation runs compared in 4-7 s instead of ~1 s). A batch's items are
+    reached through a job of each item by index lookups: on PostgreSQL no step visits more rows than the
+    range's results, and SQLite scans no table. The batches hold every item of the range once."""
+    await unanalyzed(db, "results", "jobs", "run_items")
+    run = new_run(items=ITEMS, graders=GRADERS)
+    await insert(db, run)
+    run_id: str = run.row["id"]
+    rows = [
+        result(run_id, f"item{job['item_idx']}", g, grader, job=job["id"])
+        for job in await jobs_of(db, run_id)
+        for g, grader in enumerate(GRADERS)
+    ]
+
+    async def work(conn: AsyncConnection) -> None:
+        await run_store.insert_results(conn, rows)
+
+    await db.transact(work)
+    # "item1000" to "item1099" in code point order: the 100 items item1000..item1099.
+    wanted = sorted(f"item{i}" for i in range(ITEMS) if "item1000" <= f"item{i}" <= "item1099")
+    monkeypatch.setattr(comparisons, "ITEM_BATCH_BYTES", 16 * len(run.items[1000]))
+    async with db.read() as conn:
+        statements: list[tuple[str, Any]] = []
+
+        def seen(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+            statements.append((statement, parameters))
+
+        event.listen(conn.sync_connection, "before_cursor_execute", seen)
+        batches = [batch async for batch in comparisons.items_between(conn, "t1", run_id, "item1000", "item1099")]
+        event.remove(conn.sync_connection, "before_cursor_execute", seen)
+        assert all(len(batch) <= 16 for batch in batches) and len(batches) == -(-len(wanted) // 16)
+        got = [(item_id, item_pb2.Item.FromString(raw).id) for batch in batches for item_id, raw in batch]
+        assert sorted(got) == [(item_id, item_id) for item_id in wanted]
+
+        assert len(statements) > 2
+        for statement, parameters in statements:
+            if conn.dialect.name == "postgresql":
+                explained = (
+                    await conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters)
+                ).scalar_one()
+                visited = max(int(node["Actual Rows"]) for node in plan_nodes(explained))
+                assert visited <= len(wanted) * len(GRADERS), f"{visited} rows visited: {statement}"
+            else:
+                steps = [row[-1] for row in await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)]
+                tables = [step for step in steps if step.split(" ")[1] in ("results", "jobs", "run_items")]
+                assert tables and all(step.startswith("SEARCH") for step in tables), steps

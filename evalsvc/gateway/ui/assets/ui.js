@@ -539,6 +539,8 @@ function comparePage() {
 
   // One grader's comparison (or the overall one). Pass rates are over the counted pairs, from the 2x2 table.
   // Without pairs (verdict NO_PAIRS) the rates, delta and p are "–": nothing was compared, not "no change".
+  // A grader whose definition differs between the runs pairs nothing (NO_PAIRS) and is marked so: rerun the
+  // baseline with it to compare under it.
   function row(comparison, overall) {
     const c = comparison;
     const baselinePassed = c.bothPassed + c.regressed;
@@ -549,7 +551,14 @@ function comparePage() {
     return element(
       "tr",
       overall ? { class: "overall", "data-overall": "" } : { "data-grader": c.grader },
-      element("td", { text: overall ? "All graders" : c.grader }),
+      element(
+        "td",
+        {},
+        overall ? "All graders" : c.grader,
+        ...(c.definitionChanged
+          ? [" ", element("span", { class: "badge changed", "data-field": "definition_changed", text: "definition changed" })]
+          : []),
+      ),
       cell("pairs", String(c.pairs)),
       cell("baseline_pass_rate", percent(baselinePassed, c.pairs - baselinePassed)),
       cell("candidate_pass_rate", percent(candidatePassed, c.pairs - candidatePassed)),
@@ -579,6 +588,10 @@ function comparePage() {
       row(comparison.overall, true),
     );
     $("partial").hidden = !comparison.partial;
+    // Evaluations whose item differs between the runs under the same id (int64: a string in JSON): not paired.
+    const changedItems = Number(comparison.changedItems || 0);
+    $("changed-items").hidden = !changedItems;
+    $("changed-items").textContent = `${changedItems} evaluations of different items: not paired`;
     $("live-state").textContent = comparison.partial ? "a run is still executing: refreshing every 5 s" : "";
     clearTimeout(refreshTimer);
     if (comparison.partial) refreshTimer = setTimeout(() => load().catch(handleError), 5000);

@@ -54,23 +54,25 @@ class CompareRunsResponse(_message.Message):
     def __init__(self, comparison: _Optional[_Union[RunComparison, _Mapping]] = ...) -> None: ...
 
 class RunComparison(_message.Message):
-    __slots__ = ("baseline_run_id", "candidate_run_id", "alpha", "partial", "graders", "overall")
+    __slots__ = ("baseline_run_id", "candidate_run_id", "alpha", "partial", "graders", "overall", "changed_items")
     BASELINE_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
     GRADERS_FIELD_NUMBER: _ClassVar[int]
     OVERALL_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_ITEMS_FIELD_NUMBER: _ClassVar[int]
     baseline_run_id: str
     candidate_run_id: str
     alpha: float
     partial: bool
     graders: _containers.RepeatedCompositeFieldContainer[GraderComparison]
     overall: GraderComparison
-    def __init__(self, baseline_run_id: _Optional[str] = ..., candidate_run_id: _Optional[str] = ..., alpha: _Optional[float] = ..., partial: _Optional[bool] = ..., graders: _Optional[_Iterable[_Union[GraderComparison, _Mapping]]] = ..., overall: _Optional[_Union[GraderComparison, _Mapping]] = ...) -> None: ...
+    changed_items: int
+    def __init__(self, baseline_run_id: _Optional[str] = ..., candidate_run_id: _Optional[str] = ..., alpha: _Optional[float] = ..., partial: _Optional[bool] = ..., graders: _Optional[_Iterable[_Union[GraderComparison, _Mapping]]] = ..., overall: _Optional[_Union[GraderComparison, _Mapping]] = ..., changed_items: _Optional[int] = ...) -> None: ...
 
 class GraderComparison(_message.Message):
-    __slots__ = ("grader", "pairs", "both_passed", "both_failed", "regressed", "improved", "unpaired", "baseline_pass_rate", "candidate_pass_rate", "pass_rate_delta", "delta_ci_low", "delta_ci_high", "mcnemar_p_value", "mean_score_delta", "score_delta_ci_low", "score_delta_ci_high", "verdict", "baseline_mean_score", "candidate_mean_score")
+    __slots__ = ("grader", "pairs", "both_passed", "both_failed", "regressed", "improved", "unpaired", "baseline_pass_rate", "candidate_pass_rate", "pass_rate_delta", "delta_ci_low", "delta_ci_high", "mcnemar_p_value", "mean_score_delta", "score_delta_ci_low", "score_delta_ci_high", "verdict", "baseline_mean_score", "candidate_mean_score", "definition_changed")
     GRADER_FIELD_NUMBER: _ClassVar[int]
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     BOTH_PASSED_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +92,7 @@ class GraderComparison(_message.Message):
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     BASELINE_MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    DEFINITION_CHANGED_FIELD_NUMBER: _ClassVar[int]
     grader: str
     pairs: int
     both_passed: int
@@ -109,7 +112,8 @@ class GraderComparison(_message.Message):
     verdict: ComparisonVerdict
     baseline_mean_score: float
     candidate_mean_score: float
-    def __init__(self, grader: _Optional[str] = ..., pairs: _Optional[int] = ..., both_passed: _Optional[int] = ..., both_failed: _Optional[int] = ..., regressed: _Optional[int] = ..., improved: _Optional[int] = ..., unpaired: _Optional[int] = ..., baseline_pass_rate: _Optional[float] = ..., candidate_pass_rate: _Optional[float] = ..., pass_rate_delta: _Optional[float] = ..., delta_ci_low: _Optional[float] = ..., delta_ci_high: _Optional[float] = ..., mcnemar_p_value: _Optional[float] = ..., mean_score_delta: _Optional[float] = ..., score_delta_ci_low: _Optional[float] = ..., score_delta_ci_high: _Optional[float] = ..., verdict: _Optional[_Union[ComparisonVerdict, str]] = ..., baseline_mean_score: _Optional[float] = ..., candidate_mean_score: _Optional[float] = ...) -> None: ...
+    definition_changed: bool
+    def __init__(self, grader: _Optional[str] = ..., pairs: _Optional[int] = ..., both_passed: _Optional[int] = ..., both_failed: _Optional[int] = ..., regressed: _Optional[int] = ..., improved: _Optional[int] = ..., unpaired: _Optional[int] = ..., baseline_pass_rate: _Optional[float] = ..., candidate_pass_rate: _Optional[float] = ..., pass_rate_delta: _Optional[float] = ..., delta_ci_low: _Optional[float] = ..., delta_ci_high: _Optional[float] = ..., mcnemar_p_value: _Optional[float] = ..., mean_score_delta: _Optional[float] = ..., score_delta_ci_low: _Optional[float] = ..., score_delta_ci_high: _Optional[float] = ..., verdict: _Optional[_Union[ComparisonVerdict, str]] = ..., baseline_mean_score: _Optional[float] = ..., candidate_mean_score: _Optional[float] = ..., definition_changed: _Optional[bool] = ...) -> None: ...
 
 class ListComparisonItemsRequest(_message.Message):
     __slots__ = ("baseline_run_id", "candidate_run_id", "grader", "change", "page_size", "page_token")

@@ -13,7 +13,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file evalsvc/v1/comparison.proto.
  */
 export const file_evalsvc_v1_comparison: GenFile = /*@__PURE__*/
-  fileDesc("ChtldmFsc3ZjL3YxL2NvbXBhcmlzb24ucHJvdG8SCmV2YWxzdmMudjEiYgoSQ29tcGFyZVJ1bnNSZXF1ZXN0Eh0KD2Jhc2VsaW5lX3J1bl9pZBgBIAEoCUIE4kEBAhIeChBjYW5kaWRhdGVfcnVuX2lkGAIgASgJQgTiQQECEg0KBWFscGhhGAMgASgBIkQKE0NvbXBhcmVSdW5zUmVzcG9uc2USLQoKY29tcGFyaXNvbhgBIAEoCzIZLmV2YWxzdmMudjEuUnVuQ29tcGFyaXNvbiLAAQoNUnVuQ29tcGFyaXNvbhIXCg9iYXNlbGluZV9ydW5faWQYASABKAkSGAoQY2FuZGlkYXRlX3J1bl9pZBgCIAEoCRINCgVhbHBoYRgDIAEoARIPCgdwYXJ0aWFsGAQgASgIEi0KB2dyYWRlcnMYBSADKAsyHC5ldmFsc3ZjLnYxLkdyYWRlckNvbXBhcmlzb24SLQoHb3ZlcmFsbBgGIAEoCzIcLmV2YWxzdmMudjEuR3JhZGVyQ29tcGFyaXNvbiLoAwoQR3JhZGVyQ29tcGFyaXNvbhIOCgZncmFkZXIYASABKAkSDQoFcGFpcnMYAiABKAUSEwoLYm90aF9wYXNzZWQYAyABKAUSEwoLYm90aF9mYWlsZWQYBCABKAUSEQoJcmVncmVzc2VkGAUgASgFEhAKCGltcHJvdmVkGAYgASgFEhAKCHVucGFpcmVkGAcgASgFEhoKEmJhc2VsaW5lX3Bhc3NfcmF0ZRgIIAEoARIbChNjYW5kaWRhdGVfcGFzc19yYXRlGAkgASgBEhcKD3Bhc3NfcmF0ZV9kZWx0YRgKIAEoARIUCgxkZWx0YV9jaV9sb3cYCyABKAESFQoNZGVsdGFfY2lfaGlnaBgMIAEoARIXCg9tY25lbWFyX3BfdmFsdWUYDSABKAESGAoQbWVhbl9zY29yZV9kZWx0YRgOIAEoARIaChJzY29yZV9kZWx0YV9jaV9sb3cYDyABKAESGwoTc2NvcmVfZGVsdGFfY2lfaGlnaBgQIAEoARIuCgd2ZXJkaWN0GBEgASgOMh0uZXZhbHN2Yy52MS5Db21wYXJpc29uVmVyZGljdBIbChNiYXNlbGluZV9tZWFuX3Njb3JlGBIgASgBEhwKFGNhbmRpZGF0ZV9tZWFuX3Njb3JlGBMgASgBIsABChpMaXN0Q29tcGFyaXNvbkl0ZW1zUmVxdWVzdBIdCg9iYXNlbGluZV9ydW5faWQYASABKAlCBOJBAQISHgoQY2FuZGlkYXRlX3J1bl9pZBgCIAEoCUIE4kEBAhIOCgZncmFkZXIYAyABKAkSLAoGY2hhbmdlGAQgASgOMhwuZXZhbHN2Yy52MS5Db21wYXJpc29uQ2hhbmdlEhEKCXBhZ2Vfc2l6ZRgFIAEoBRISCgpwYWdlX3Rva2VuGAYgASgJImEKG0xpc3RDb21wYXJpc29uSXRlbXNSZXNwb25zZRIpCgVpdGVtcxgBIAMoCzIaLmV2YWxzdmMudjEuQ29tcGFyaXNvbkl0ZW0SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIswBCg5Db21wYXJpc29uSXRlbRIPCgdpdGVtX2lkGAEgASgJEhIKCnJlcGV0aXRpb24YAiABKAUSDgoGZ3JhZGVyGAMgASgJEiwKBmNoYW5nZRgEIAEoDjIcLmV2YWxzdmMudjEuQ29tcGFyaXNvbkNoYW5nZRIqCghiYXNlbGluZRgFIAEoCzISLmV2YWxzdmMudjEuUmVzdWx0QgTiQQEDEisKCWNhbmRpZGF0ZRgGIAEoCzISLmV2YWxzdmMudjEuUmVzdWx0QgTiQQEDKskBChFDb21wYXJpc29uVmVyZGljdBIiCh5DT01QQVJJU09OX1ZFUkRJQ1RfVU5TUEVDSUZJRUQQABIsCihDT01QQVJJU09OX1ZFUkRJQ1RfTk9fU0lHTklGSUNBTlRfQ0hBTkdFEAESIAocQ09NUEFSSVNPTl9WRVJESUNUX1JFR1JFU1NFRBACEh8KG0NPTVBBUklTT05fVkVSRElDVF9JTVBST1ZFRBADEh8KG0NPTVBBUklTT05fVkVSRElDVF9OT19QQUlSUxAEKtwBChBDb21wYXJpc29uQ2hhbmdlEiEKHUNPTVBBUklTT05fQ0hBTkdFX1VOU1BFQ0lGSUVEEAASHwobQ09NUEFSSVNPTl9DSEFOR0VfUkVHUkVTU0VEEAESHgoaQ09NUEFSSVNPTl9DSEFOR0VfSU1QUk9WRUQQAhIhCh1DT01QQVJJU09OX0NIQU5HRV9CT1RIX1BBU1NFRBADEiEKHUNPTVBBUklTT05fQ0hBTkdFX0JPVEhfRkFJTEVEEAQSHgoaQ09NUEFSSVNPTl9DSEFOR0VfVU5QQUlSRUQQBUItWitldmFsc3ZjL2NsaWVudHMvZ28vZ2VuL2V2YWxzdmMvdjE7ZXZhbHN2Y3YxYgZwcm90bzM", [file_evalsvc_v1_run, file_google_api_field_behavior]);
+  fileDesc("ChtldmFsc3ZjL3YxL2NvbXBhcmlzb24ucHJvdG8SCmV2YWxzdmMudjEiYgoSQ29tcGFyZVJ1bnNSZXF1ZXN0Eh0KD2Jhc2VsaW5lX3J1bl9pZBgBIAEoCUIE4kEBAhIeChBjYW5kaWRhdGVfcnVuX2lkGAIgASgJQgTiQQECEg0KBWFscGhhGAMgASgBIkQKE0NvbXBhcmVSdW5zUmVzcG9uc2USLQoKY29tcGFyaXNvbhgBIAEoCzIZLmV2YWxzdmMudjEuUnVuQ29tcGFyaXNvbiLXAQoNUnVuQ29tcGFyaXNvbhIXCg9iYXNlbGluZV9ydW5faWQYASABKAkSGAoQY2FuZGlkYXRlX3J1bl9pZBgCIAEoCRINCgVhbHBoYRgDIAEoARIPCgdwYXJ0aWFsGAQgASgIEi0KB2dyYWRlcnMYBSADKAsyHC5ldmFsc3ZjLnYxLkdyYWRlckNvbXBhcmlzb24SLQoHb3ZlcmFsbBgGIAEoCzIcLmV2YWxzdmMudjEuR3JhZGVyQ29tcGFyaXNvbhIVCg1jaGFuZ2VkX2l0ZW1zGAcgASgDIoQEChBHcmFkZXJDb21wYXJpc29uEg4KBmdyYWRlchgBIAEoCRINCgVwYWlycxgCIAEoBRITCgtib3RoX3Bhc3NlZBgDIAEoBRITCgtib3RoX2ZhaWxlZBgEIAEoBRIRCglyZWdyZXNzZWQYBSABKAUSEAoIaW1wcm92ZWQYBiABKAUSEAoIdW5wYWlyZWQYByABKAUSGgoSYmFzZWxpbmVfcGFzc19yYXRlGAggASgBEhsKE2NhbmRpZGF0ZV9wYXNzX3JhdGUYCSABKAESFwoPcGFzc19yYXRlX2RlbHRhGAogASgBEhQKDGRlbHRhX2NpX2xvdxgLIAEoARIVCg1kZWx0YV9jaV9oaWdoGAwgASgBEhcKD21jbmVtYXJfcF92YWx1ZRgNIAEoARIYChBtZWFuX3Njb3JlX2RlbHRhGA4gASgBEhoKEnNjb3JlX2RlbHRhX2NpX2xvdxgPIAEoARIbChNzY29yZV9kZWx0YV9jaV9oaWdoGBAgASgBEi4KB3ZlcmRpY3QYESABKA4yHS5ldmFsc3ZjLnYxLkNvbXBhcmlzb25WZXJkaWN0EhsKE2Jhc2VsaW5lX21lYW5fc2NvcmUYEiABKAESHAoUY2FuZGlkYXRlX21lYW5fc2NvcmUYEyABKAESGgoSZGVmaW5pdGlvbl9jaGFuZ2VkGBQgASgIIsABChpMaXN0Q29tcGFyaXNvbkl0ZW1zUmVxdWVzdBIdCg9iYXNlbGluZV9ydW5faWQYASABKAlCBOJBAQISHgoQY2FuZGlkYXRlX3J1bl9pZBgCIAEoCUIE4kEBAhIOCgZncmFkZXIYAyABKAkSLAoGY2hhbmdlGAQgASgOMhwuZXZhbHN2Yy52MS5Db21wYXJpc29uQ2hhbmdlEhEKCXBhZ2Vfc2l6ZRgFIAEoBRISCgpwYWdlX3Rva2VuGAYgASgJImEKG0xpc3RDb21wYXJpc29uSXRlbXNSZXNwb25zZRIpCgVpdGVtcxgBIAMoCzIaLmV2YWxzdmMudjEuQ29tcGFyaXNvbkl0ZW0SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIswBCg5Db21wYXJpc29uSXRlbRIPCgdpdGVtX2lkGAEgASgJEhIKCnJlcGV0aXRpb24YAiABKAUSDgoGZ3JhZGVyGAMgASgJEiwKBmNoYW5nZRgEIAEoDjIcLmV2YWxzdmMudjEuQ29tcGFyaXNvbkNoYW5nZRIqCghiYXNlbGluZRgFIAEoCzISLmV2YWxzdmMudjEuUmVzdWx0QgTiQQEDEisKCWNhbmRpZGF0ZRgGIAEoCzISLmV2YWxzdmMudjEuUmVzdWx0QgTiQQEDKskBChFDb21wYXJpc29uVmVyZGljdBIiCh5DT01QQVJJU09OX1ZFUkRJQ1RfVU5TUEVDSUZJRUQQABIsCihDT01QQVJJU09OX1ZFUkRJQ1RfTk9fU0lHTklGSUNBTlRfQ0hBTkdFEAESIAocQ09NUEFSSVNPTl9WRVJESUNUX1JFR1JFU1NFRBACEh8KG0NPTVBBUklTT05fVkVSRElDVF9JTVBST1ZFRBADEh8KG0NPTVBBUklTT05fVkVSRElDVF9OT19QQUlSUxAEKtwBChBDb21wYXJpc29uQ2hhbmdlEiEKHUNPTVBBUklTT05fQ0hBTkdFX1VOU1BFQ0lGSUVEEAASHwobQ09NUEFSSVNPTl9DSEFOR0VfUkVHUkVTU0VEEAESHgoaQ09NUEFSSVNPTl9DSEFOR0VfSU1QUk9WRUQQAhIhCh1DT01QQVJJU09OX0NIQU5HRV9CT1RIX1BBU1NFRBADEiEKHUNPTVBBUklTT05fQ0hBTkdFX0JPVEhfRkFJTEVEEAQSHgoaQ09NUEFSSVNPTl9DSEFOR0VfVU5QQUlSRUQQBUItWitldmFsc3ZjL2NsaWVudHMvZ28vZ2VuL2V2YWxzdmMvdjE7ZXZhbHN2Y3YxYgZwcm90bzM", [file_evalsvc_v1_run, file_google_api_field_behavior]);
 
 /**
  * CompareRunsRequest names the two runs to compare.
@@ -118,6 +118,18 @@ export type RunComparison = Message<"evalsvc.v1.RunComparison"> & {
    * @generated from field: evalsvc.v1.GraderComparison overall = 6;
    */
   overall?: GraderComparison | undefined;
+
+  /**
+   * Evaluation keys (item id, repetition, grader) in both runs whose items differ: input, expected output,
+   * context, conversation or expected tool calls (what reaches the target and the graders; the item's
+   * recorded response, metadata and human verdicts aside). The runs gave the same id to different
+   * items (inline items are numbered item-1, item-2... by position), so these are not pairs: they are
+   * left out of every statistic and counted as unpaired. Nonzero means the runs are not over the same
+   * items: compare runs of the same dataset.
+   *
+   * @generated from field: int64 changed_items = 7;
+   */
+  changedItems: bigint;
 };
 
 /**
@@ -268,6 +280,16 @@ export type GraderComparison = Message<"evalsvc.v1.GraderComparison"> & {
    * @generated from field: double candidate_mean_score = 19;
    */
   candidateMeanScore: number;
+
+  /**
+   * True when both runs have this grader name but not the same definition (its canonical form, weight
+   * aside): their scores measure different things, so none of its evaluations are paired (they count as
+   * unpaired) and its verdict is NO_PAIRS. Conclude nothing about the candidate from this grader; to
+   * compare under the new definition, rerun the baseline with it. Always false in the overall comparison.
+   *
+   * @generated from field: bool definition_changed = 20;
+   */
+  definitionChanged: boolean;
 };
 
 /**
@@ -453,7 +475,9 @@ export enum ComparisonVerdict {
 
   /**
    * No counted pairs: nothing was compared (no evaluation key in both runs, e.g. no grader name or item
-   * id in common, or every one ERROR or SKIPPED on a side). The rates and the test then say nothing.
+   * id in common, or every one ERROR or SKIPPED on a side; or the grader's definition differs between
+   * the runs, GraderComparison.definition_changed, or every pair's item does, RunComparison.changed_items).
+   * The rates and the test then say nothing.
    *
    * @generated from enum value: COMPARISON_VERDICT_NO_PAIRS = 4;
    */
