@@ -564,7 +564,7 @@ def test_compare_gates_give_no_verdict_on_runs_of_other_items_or_graders(
 ) -> None:
     """Runs of other questions (inline items without ids, numbered item-1.. by position) and runs of the same
     outputs under a grader redefined with the same name both said REGRESSED, and `--fail-on-regression
-    --max-unpaired 0` exited 1 as for a real regression. Now: exit 4, NO VERDICT, saying why in one line,
+    --max-unpaired 0` exited 1 as for a real regression. Now: exit 5, NO VERDICT, saying why in one line,
     and the table marks the changed grader."""
     questions = [
         {"input": f"capital of country {i}?", "expected_output": "Paris", "response": "Paris"} for i in range(8)
@@ -590,7 +590,7 @@ def test_compare_gates_give_no_verdict_on_runs_of_other_items_or_graders(
 
     for gate in (["--fail-on-regression", "--max-unpaired", "0"], ["--fail-on-regression"], ["--max-unpaired", "3"]):
         other_items = evalctl(live, "compare", questions_run, sums_run, *gate)
-        assert other_items.returncode == 4, (gate, other_items.stdout, other_items.stderr)
+        assert other_items.returncode == 5, (gate, other_items.stdout, other_items.stderr)
         assert other_items.stderr.count("\n") == 1, other_items.stderr
         assert other_items.stderr.startswith("NO VERDICT: the runs are not comparable: 8 evaluations are of different")
         assert "compare runs of the same dataset" in other_items.stderr and "REGRESSED" not in other_items.stdout
@@ -599,7 +599,7 @@ def test_compare_gates_give_no_verdict_on_runs_of_other_items_or_graders(
     assert evalctl(live, "compare", questions_run, sums_run, "--max-unpaired", "8").returncode == 0
 
     redefined = evalctl(live, "compare", lenient_run, strict_run, "--fail-on-regression", "--max-unpaired", "0")
-    assert redefined.returncode == 4, (redefined.stdout, redefined.stderr)
+    assert redefined.returncode == 5, (redefined.stdout, redefined.stderr)
     assert redefined.stderr == (
         "NO VERDICT: the runs are not comparable: the definition of grader exact differs between the runs"
         " (rerun the baseline with it)\n"
@@ -609,6 +609,51 @@ def test_compare_gates_give_no_verdict_on_runs_of_other_items_or_graders(
     assert shown.returncode == 0 and json.loads(shown.stdout)["graders"][0]["definition_changed"] is True
     same = evalctl(live, "compare", strict_run, strict_run, "--fail-on-regression", "--max-unpaired", "0")
     assert same.returncode == 0, (same.stdout, same.stderr)
+
+
+def test_a_compare_gate_fails_on_a_regression_beside_a_changed_grader(capsys: pytest.CaptureFixture[str]) -> None:
+    """A grader that kept its definition and REGRESSED (100 pairs, p = 1e-12) fails the gate even when another
+    grader's definition changed: NO VERDICT (and exit 4, read by CI scripts as "wait for the run") hid it.
+    Without a regression, runs that are not comparable are NO VERDICT, exit 5: nothing to wait for."""
+    import argparse
+
+    from evalsvc_client import cli
+
+    comparison = pb.comparison.RunComparison(
+        baseline_run_id="run_b",
+        candidate_run_id="run_c",
+        alpha=0.05,
+        graders=[
+            pb.comparison.GraderComparison(
+                grader="style", definition_changed=True, verdict=pb.comparison.COMPARISON_VERDICT_NO_PAIRS
+            ),
+            pb.comparison.GraderComparison(
+                grader="correct", pairs=100, verdict=pb.comparison.COMPARISON_VERDICT_REGRESSED
+            ),
+        ],
+        overall=pb.comparison.GraderComparison(pairs=100),
+    )
+
+    class Client:
+        def compare_runs(self, *args: Any, **kwargs: Any) -> Any:
+            return comparison
+
+    args = argparse.Namespace(
+        baseline="run_b",
+        candidate="run_c",
+        alpha=None,
+        json=True,
+        show=None,
+        fail_on_regression=True,
+        max_unpaired=None,
+    )
+    console = cli._console(stderr=True)
+    assert cli.cmd_compare(args, Client(), console) == cli.EXIT_BELOW  # type: ignore[arg-type]
+    said = capsys.readouterr().err
+    assert "regressed at alpha 0.05: correct" in said and "grader style differs" in said, said
+    comparison.graders[1].verdict = pb.comparison.COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE
+    assert cli.cmd_compare(args, Client(), console) == cli.EXIT_NOT_COMPARABLE  # type: ignore[arg-type]
+    assert capsys.readouterr().err.startswith("NO VERDICT: the runs are not comparable: the definition of grader style")
 
 
 def test_compare_rounds_a_pass_rate_as_run_and_get_do() -> None:

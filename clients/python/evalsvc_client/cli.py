@@ -42,10 +42,10 @@ Exit codes: 0 passed; 1 did not pass, or (compare --fail-on-regression) a grader
 paired at all, or (compare --max-unpaired N) more than N evaluations were unpaired; 2 the run ended
 FAILED or CANCELLED; 3 a spec, connection or RPC error, or a command line evalctl does not understand;
 4 (get --fail-under; compare with a gate, of a run still executing: a partial comparison) NO VERDICT: a run
-has not ended, so there is no verdict yet; (compare with a gate) NO VERDICT: the runs are not comparable (a
-grader's definition changed, or more than --max-unpaired evaluations, or every one, are of different items);
-141 (quietly) stdout closed early, as in `evalctl results RUN --format jsonl | head`; 130 Ctrl-C and 143 SIGTERM,
-saying which run goes on and the `evalctl watch RUN --after-seq N` that follows it again (during the create itself:
+has not ended, so there is no verdict yet; 5 (compare with a gate) NO VERDICT: the runs are not comparable (a
+grader's definition changed, or more than --max-unpaired evaluations, or every one, are of different items),
+and no unchanged grader REGRESSED (one that did is exit 1, the not-comparable line beside it); 141 (quietly)
+stdout closed early, as in `evalctl results RUN --format jsonl | head`; 130 Ctrl-C and 143 SIGTERM, saying which run goes on and the `evalctl watch RUN --after-seq N` that follows it again (during the create itself:
 its request_id and the `--request-id` command that follows the run if it was made, and makes it if not).
 """
 
@@ -84,6 +84,8 @@ from evalsvc_client.sync import EvalClient
 from evalsvc_client.visible import for_terminal
 
 EXIT_OK, EXIT_BELOW, EXIT_RUN_FAILED, EXIT_ERROR, EXIT_NOT_ENDED = 0, 1, 2, 3, 4
+#: A gated compare of runs that are not comparable: no verdict, and none to come by waiting (unlike 4).
+EXIT_NOT_COMPARABLE = 5
 #: Stdout was closed before evalctl finished writing (`| head`): the status of a program SIGPIPE (13) ended.
 EXIT_STDOUT_CLOSED = 128 + 13
 #: Ctrl-C (SIGINT, 2), as for a program the signal ended; the run evalctl was following goes on on the server.
@@ -1003,7 +1005,8 @@ def comparison_not_comparable(
     changed = [g.grader for g in comparison.graders if g.definition_changed]
     if changed:
         reasons.append(
-            f"the definition of grader {', '.join(changed)} differs between the runs (rerun the baseline with it)"
+            f"the definition of grader {for_terminal(', '.join(changed))} differs between the runs"
+            " (rerun the baseline with it)"
         )
     items = comparison.changed_items
     if items and (
@@ -1066,12 +1069,17 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
     if comparison.partial and gated:
         console.print(_no_comparison_verdict(client, comparison))
         return EXIT_NOT_ENDED
-    not_comparable = comparison_not_comparable(comparison, args.fail_on_regression, args.max_unpaired)
-    if not_comparable and gated:
-        console.print(not_comparable)
-        return EXIT_NOT_ENDED
+    not_comparable = (
+        comparison_not_comparable(comparison, args.fail_on_regression, args.max_unpaired) if gated else None
+    )
+    # A grader that kept its definition and REGRESSED fails the gate whatever else changed (a changed grader
+    # pairs nothing, so it cannot be one): NO VERDICT first hid a real regression behind another grader's edit.
+    regressed = any(g.verdict == pb.comparison.COMPARISON_VERDICT_REGRESSED for g in comparison.graders)
+    if not_comparable and not (args.fail_on_regression and regressed):
+        console.print(not_comparable, markup=False)
+        return EXIT_NOT_COMPARABLE
     failures = comparison_gate_failures(comparison, args.fail_on_regression, args.max_unpaired)
-    for failure in failures:
+    for failure in [*failures, *([not_comparable] if not_comparable else [])]:
         console.print(failure, markup=False)
     return EXIT_BELOW if failures else EXIT_OK
 
