@@ -20,8 +20,8 @@ arbitrarily large: each term is one predicate, and a label term one EXISTS.
 
 from __future__ import annotations
 
-import math
 import re
+import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal, cast
@@ -40,7 +40,7 @@ _TIME_FIELDS = ("create_time", "end_time")
 _FIELDS = ("create_time", "end_time", "display_name", "status", "dataset_id", "overall_passed", "labels.KEY")
 _EXAMPLE = "2026-01-02T15:04:05Z"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII)
 _RUN_STATUSES = {name: number for name, number in run_pb2.RunStatus.items() if number != run_pb2.RUN_STATUS_UNSPECIFIED}
 # A token: a quoted string (closed or not), a comparator, a parenthesis, or a bare word (anything else up to
 # whitespace, a quote, a comparator or a parenthesis).
@@ -116,8 +116,12 @@ def _tokens(text: str) -> list[_Token]:
     position = 0
     while True:
         found = _TOKEN.match(text, position)
-        if found is None or found.lastgroup is None:  # only whitespace is left (or nothing)
-            tokens.append(_Token("end", "", len(text) + 1))
+        if found is None or found.lastgroup is None:
+            rest = text[position:]
+            if rest.strip():  # a `!` alone: read as the end, it dropped every term after it
+                at = len(text) - len(rest.lstrip()) + 1
+                raise FilterError(f"at character {at}: unexpected {rest.lstrip()[0]!r}")
+            tokens.append(_Token("end", "", len(text) + 1))  # only whitespace is left (or nothing)
             return tokens
         kind, at = found.lastgroup, found.start(found.lastgroup) + 1
         if kind == "string" and not _CLOSED.fullmatch(found.group(kind)):
@@ -210,13 +214,31 @@ def _bound(op: Comparator, nanos: int) -> tuple[Comparator, float]:
 
 
 def _least_seconds_shown_at(nanos: int) -> float:
-    """The least float of seconds that the API shows as `nanos` or later (shown time is monotonic)."""
-    seconds = nanos / 1e9
-    while nanoseconds(seconds) >= nanos:
-        seconds = math.nextafter(seconds, -math.inf)
-    while nanoseconds(seconds) < nanos:
-        seconds = math.nextafter(seconds, math.inf)
-    return seconds
+    """The least float of seconds that the API shows as `nanos` or later (shown time is monotonic in the
+    seconds), found by halving the range of non-negative floats' bit patterns (which order as their values):
+    at most 64 steps. Walked a float step at a time, a bound at or near 1970 took forever (the steps near 0
+    are far below a nanosecond) and held the event loop, and so the server, for good. Every stored time is
+    after 1970, so a bound at or before it is 0.0: `>=` it is every run, `<` it none."""
+    if nanos <= 0:
+        return 0.0
+    low, high = 0, _bits(2 * nanos / 1e9 + 1.0)  # shown before `nanos`, and at or after it
+    while high - low > 1:
+        middle = (low + high) // 2
+        if nanoseconds(_float(middle)) >= nanos:
+            high = middle
+        else:
+            low = middle
+    return _float(high)
+
+
+def _bits(value: float) -> int:
+    """A non-negative float's bit pattern, as an integer (ordered as the floats are)."""
+    return int.from_bytes(struct.pack(">d", value), "big")
+
+
+def _float(bits: int) -> float:
+    """The float of a bit pattern (`_bits`)."""
+    return cast("float", struct.unpack(">d", bits.to_bytes(8, "big"))[0])
 
 
 def _unquoted(token: _Token) -> str:

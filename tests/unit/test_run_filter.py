@@ -81,6 +81,9 @@ def test_a_filter_is_parsed_into_its_terms(text: str, terms: tuple[Term, ...]) -
         ('create_time > "2026-01-01"', "expected an RFC 3339 time"),
         ('create_time > "2026-01-01T00:00:00"', "expected an RFC 3339 time"),  # no offset: which zone?
         ('create_time > "yesterday"', "expected an RFC 3339 time"),
+        ('display_name:"cole" ! AND status = RUN_STATUS_PENDING', "at character 21: unexpected '!'"),  # was the end
+        ("display_name = Hello!", "at character 21: unexpected '!'"),  # read as `display_name = Hello`
+        ('create_time > "2026-01-02T00:00:00.\u0665Z"', "expected an RFC 3339 time"),  # an Arabic-Indic digit
         (
             'end_time > "2026-13-01T00:00:00Z"',
             "at character 12: '2026-13-01T00:00:00Z' is no time (month must be in 1..12)",
@@ -128,6 +131,27 @@ def test_a_time_at_the_ends_of_rfc_3339_is_a_bound_not_an_error(when: str) -> No
     for op in ("<", "<=", ">", ">="):
         (term,) = parse_filter(f'end_time {op} "{when}"')
         assert term.op in (">=", "<") and isinstance(term.value, float)
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        "1970-01-01T00:00:00Z",
+        "1969-12-31T23:59:59.999999999Z",
+        "1970-01-01T05:30:00+05:30",
+        "1969-12-31T23:59:59Z",
+        "1970-01-01T00:00:00.000000001Z",
+    ],
+)
+def test_a_time_at_or_before_1970_is_a_bound_every_stored_time_is_past(when: str) -> None:
+    """`create_time < "1970-01-01T00:00:00Z"` walked float steps below a nanosecond toward 0 for good, on the event
+    loop: one request held the server at 100% CPU, deaf to SIGTERM. Every stored time is after 1970: a bound at or
+    before it keeps every run by `>`/`>=` and none by `<`/`<=` (as does 1 ns after it: no stored time is so early)."""
+    for op, kept in ((">=", True), (">", True), ("<", False), ("<=", False)):
+        (term,) = parse_filter(f'create_time {op} "{when}"')
+        assert isinstance(term.value, float)
+        for stored in (0.25, 1.7e9):  # a quarter second after 1970, and 2023
+            assert (stored >= term.value if term.op == ">=" else stored < term.value) is kept, (op, stored)
 
 
 @pytest.mark.parametrize(
