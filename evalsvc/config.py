@@ -769,8 +769,15 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 
 
 # EVALSVC_ variables that are not settings: operator secrets (`EVALSVC_SECRET_<NAME>`, evalsvc.secrets.operator),
-# the clients' key (evalctl, the SDKs) and the test suite's (`EVALSVC_TEST_DB`, `EVALSVC_LIVENESS_SEED`, ...).
-OTHER_VARIABLES = ("EVALSVC_SECRET_", "EVALSVC_API_KEY", "EVALSVC_TEST_", "EVALSVC_LIVENESS_")
+# the clients' key and retry bound (evalctl, the SDKs: a shell that exports them for evalctl starts the server
+# too) and the test suite's (`EVALSVC_TEST_DB`, `EVALSVC_LIVENESS_SEED`, ...).
+OTHER_VARIABLES = (
+    "EVALSVC_SECRET_",
+    "EVALSVC_API_KEY",
+    "EVALSVC_RETRY_MAX_ELAPSED_S",
+    "EVALSVC_TEST_",
+    "EVALSVC_LIVENESS_",
+)
 OTHER_VARIABLE_SUFFIXES = ("_SEED",)
 
 
