@@ -362,12 +362,16 @@ async def test_runs_graded_by_different_default_judge_models_are_not_compared(tm
             across = (await strict.runs.CompareRuns(pb_compare(baseline.id, candidate.id))).comparison
             alike = (await strict.runs.CompareRuns(pb_compare(candidate.id, again.id))).comparison
             shown = (await strict.runs.GetRun(pb.GetRunRequest(run_id=baseline.id))).run
+            every = pb.RerunRunRequest(run_id=baseline.id, scope=pb.RERUN_SCOPE_ITEMS_ALL)
+            rerun = (await strict.runs.RerunRun(every)).run
+            await watch_all(strict.runs, rerun.id)
     assert {seen.body["model"] for seen in llm.seen} == {"lenient-judge", "strict-judge"}
     assert {seen.headers["authorization"] for seen in llm.seen} == {"Bearer jk"}
     assert [(r.counts.passed, r.counts.failed) for r in (baseline, candidate)] == [(10, 0), (0, 10)]
+    assert _pairs(across) == [("judge", 0, 10, True, cpb.COMPARISON_VERDICT_NO_PAIRS)]  # was 10 REGRESSED
     assert shown.graders[0].llm_judge.model == "lenient-judge"
     assert not shown.graders[0].llm_judge.HasField("endpoint")  # still the server's default endpoint
-    assert _pairs(across) == [("judge", 0, 10, True, cpb.COMPARISON_VERDICT_NO_PAIRS)]
+    assert rerun.graders[0].llm_judge.model == "lenient-judge"  # a rerun is graded as its source was
     assert _pairs(alike) == [("judge", 10, 0, False, cpb.COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE)]
 
 
