@@ -78,7 +78,7 @@ _UNCOMPARED_ITEM_FIELDS = ("id", "response", "human_verdicts")
 _UNCOMPARED_GRADER_FIELDS = ("name", "weight")
 
 
-def item_digest(raw: bytes, with_metadata: bool = False) -> bytes:
+def item_digest(raw: bytes, with_metadata: bool) -> bytes:
     """The digest of a stored item as a comparison sees it: equal for two items only when what reaches
     the target and the graders is the same (`_UNCOMPARED_ITEM_FIELDS` aside, and the metadata unless
     `with_metadata`: either run's target is sent it)."""
