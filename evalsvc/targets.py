@@ -374,6 +374,14 @@ def build_target(spec: target_pb2.Target, outbound: Outbound, prices: PriceTable
     raise ValueError(f"target kind {kind!r} must be resolved before execution")
 
 
+def sends_item_metadata(spec: target_pb2.Target) -> bool:
+    """Whether a target is sent its items' metadata (and ids): a webhook is, with the item (`HttpTarget`),
+    and may answer by them; a chat endpoint is sent the messages only, echo and provided targets call none.
+    What the response cache keys an output by (evalsvc/execution/cache.py) and whether CompareRuns tells
+    apart items that differ in metadata alone (evalsvc/runs/compare.py)."""
+    return bool(spec.WhichOneof("kind") == "http")
+
+
 def target_endpoint(spec: target_pb2.Target) -> target_pb2.Endpoint | None:
     """The endpoint a chat or http target calls; None for the other kinds."""
     kind = spec.WhichOneof("kind")

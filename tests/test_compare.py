@@ -9,7 +9,7 @@ import random
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import httpx
@@ -17,12 +17,14 @@ import pytest
 from scipy import stats
 
 from evalsvc.server import EvalServer
+from evalsvc.testing import EvalServiceTestServer
 from evalsvc.v1 import comparison_pb2 as cpb
 from evalsvc.v1 import dataset_service_pb2 as ds
 from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
 from evalsvc.v1 import eval_run_service_pb2 as pb
+from tests import dbs
 from tests.conftest import make_settings
-from tests.fake_llm import FakeEndpoint, Reply, chat_reply
+from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
 from tests.helpers import all_results, error_reason, keyed_channel, serving_gateway, until, violations, watch_all
 from tests.test_compare_stats import _newcombe_reference
 
@@ -68,16 +70,25 @@ def _items(correct: list[bool], seed: int) -> list[item_pb2.Item]:
     return items
 
 
+class HasRuns(Protocol):
+    """A test server's EvalRunService stub (`Service`, or an `EvalServiceTestServer`)."""
+
+    @property
+    def runs(self) -> eval_run_service_pb2_grpc.EvalRunServiceStub: ...
+
+
+PROVIDED = target_pb2.Target(provided=target_pb2.ProvidedTarget())
+
+
 async def _run(
-    svc: Service, items: list[item_pb2.Item], graders: list[grader_pb2.Grader], repetitions: int = 1
+    svc: HasRuns,
+    items: list[item_pb2.Item],
+    graders: list[grader_pb2.Grader],
+    repetitions: int = 1,
+    target: target_pb2.Target = PROVIDED,
 ) -> run_pb2.Run:
     created = await svc.runs.CreateRun(
-        pb.CreateRunRequest(
-            items=items,
-            target=target_pb2.Target(provided=target_pb2.ProvidedTarget()),
-            graders=graders,
-            repetitions=repetitions,
-        )
+        pb.CreateRunRequest(items=items, target=target, graders=graders, repetitions=repetitions)
     )
     events = await watch_all(svc.runs, created.run.id)
     return events[-1].run
@@ -301,6 +312,135 @@ async def test_runs_of_the_same_items_and_graders_are_compared_as_before(svc: Se
     assert [(g.pairs, g.unpaired, g.definition_changed, g.verdict) for g in of_dataset.graders] == [
         (27, 0, False, cpb.COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE)
     ] * 2
+
+
+Judge = grader_pb2.LlmJudge
+PASSES = judge_reply({"passed": True, "score": 9, "reason": "right"})
+FAILS = judge_reply({"passed": False, "score": 2, "reason": "wrong"})
+
+
+def _pairs(comparison: cpb.RunComparison) -> list[tuple[str, int, int, bool, int]]:
+    """(grader, pairs, unpaired, definition_changed, verdict) of each grader of a comparison."""
+    return [(g.grader, g.pairs, g.unpaired, g.definition_changed, g.verdict) for g in comparison.graders]
+
+
+async def test_runs_graded_by_different_default_judge_models_are_not_compared(tmp_path: Path) -> None:
+    """Two servers on one database, one with --judge-model lenient-judge, the other strict-judge; a judge
+    naming no model, byte-identical outputs. The runs recorded no model: the judge was the same definition
+    in both, and the strict model's verdicts read as 10 regressions, REGRESSED. Now a run records the model
+    it is graded with (GetRun shows it; the endpoint stays the server's default, with its key), and the
+    judge is a changed definition: NO_PAIRS. A
+    judge spelled out as its defaults (threshold 7, binary scoring, the default model, an endpoint with only
+    a timeout, which is not used) is the same judge."""
+    judge = grader_pb2.Grader(name="judge", llm_judge=Judge(mode=Judge.MODE_CRITERIA, criteria="correct"))
+    spelled = grader_pb2.Grader(
+        name="judge",
+        llm_judge=Judge(
+            mode=Judge.MODE_CRITERIA,
+            criteria="correct",
+            scoring=Judge.SCORING_BINARY,
+            threshold=7,
+            model="strict-judge",
+            endpoint=target_pb2.Endpoint(timeout_s=30),
+        ),
+    )
+    items = _items([True] * 10, 1)
+    database = dbs.db_url(tmp_path)
+    with FakeEndpoint(PASSES) as llm:
+        judged = {
+            "judge_base_url": llm.url + "/v1",
+            "judge_api_key": "jk",
+            "outbound_allow": "127.0.0.1",
+            "database_url": database,
+        }
+        async with EvalServiceTestServer(judge_model="lenient-judge", **judged) as lenient:
+            baseline = await _run(lenient, items, [judge])
+        llm.script = [FAILS]
+        async with EvalServiceTestServer(judge_model="strict-judge", **judged) as strict:
+            candidate = await _run(strict, items, [judge])
+            again = await _run(strict, items, [spelled])
+            across = (await strict.runs.CompareRuns(pb_compare(baseline.id, candidate.id))).comparison
+            alike = (await strict.runs.CompareRuns(pb_compare(candidate.id, again.id))).comparison
+            shown = (await strict.runs.GetRun(pb.GetRunRequest(run_id=baseline.id))).run
+            every = pb.RerunRunRequest(run_id=baseline.id, scope=pb.RERUN_SCOPE_ITEMS_ALL)
+            rerun = (await strict.runs.RerunRun(every)).run
+            await watch_all(strict.runs, rerun.id)
+    assert {seen.body["model"] for seen in llm.seen} == {"lenient-judge", "strict-judge"}
+    assert {seen.headers["authorization"] for seen in llm.seen} == {"Bearer jk"}
+    assert [(r.counts.passed, r.counts.failed) for r in (baseline, candidate)] == [(10, 0), (0, 10)]
+    assert _pairs(across) == [("judge", 0, 10, True, cpb.COMPARISON_VERDICT_NO_PAIRS)]  # was 10 REGRESSED
+    assert shown.graders[0].llm_judge.model == "lenient-judge"
+    assert not shown.graders[0].llm_judge.HasField("endpoint")  # still the server's default endpoint
+    assert rerun.graders[0].llm_judge.model == "lenient-judge"  # a rerun is graded as its source was
+    assert _pairs(alike) == [("judge", 10, 0, False, cpb.COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE)]
+
+
+async def test_settings_spelled_as_their_defaults_are_no_change(svc: Service) -> None:
+    """`similarity{}` and `similarity{threshold: 0.8}` (0 means 0.8, and so does -0.0), a cost bound of
+    -0.0 and 0: the same graders, each reported as changed, its verdict NO_PAIRS (a gate's NO VERDICT).
+    A threshold that is not the default is still a change."""
+    items = _items([True] * 6 + [False] * 6, 1)
+    similar = grader_pb2.Grader(name="similar", similarity=grader_pb2.Similarity())
+    cheap = grader_pb2.Grader(name="cheap", cost=grader_pb2.Cost())
+    spelled = [
+        grader_pb2.Grader(name="similar", similarity=grader_pb2.Similarity(threshold=0.8)),
+        grader_pb2.Grader(name="cheap", cost=grader_pb2.Cost(max_usd=-0.0)),
+    ]
+    negative_zero = grader_pb2.Grader(name="similar", similarity=grader_pb2.Similarity(threshold=-0.0))
+    stricter = grader_pb2.Grader(name="similar", similarity=grader_pb2.Similarity(threshold=0.9))
+    plain = await _run(svc, items, [similar, cheap])
+    for graders in (spelled, [negative_zero, cheap]):
+        other = await _run(svc, items, graders)
+        comparison = (await svc.runs.CompareRuns(pb_compare(plain.id, other.id))).comparison
+        assert [(name, pairs, changed) for name, pairs, _, changed, _ in _pairs(comparison)] == [
+            ("similar", 12, False),
+            ("cheap", 12, False),
+        ]
+    changed = await _run(svc, items, [stricter, cheap])
+    comparison = (await svc.runs.CompareRuns(pb_compare(plain.id, changed.id))).comparison
+    assert [(name, changed) for name, _, _, changed, _ in _pairs(comparison)] == [("similar", True), ("cheap", False)]
+
+
+async def test_item_metadata_is_compared_when_the_target_is_sent_it(svc: Service) -> None:
+    """A webhook is sent each item's metadata with it (and may answer by it: the response cache keys its
+    outputs by it), but two runs whose items differed in metadata alone paired them as the same items.
+    Now metadata makes items differ when either run's target is a webhook; a chat target is never sent
+    it, and its runs still pair such items."""
+    exact = grader_pb2.Grader(name="exact", exact_match=grader_pb2.ExactMatch())
+
+    def items(locale: str) -> list[item_pb2.Item]:
+        return [
+            item_pb2.Item(
+                id=f"m{i}",
+                input=f"q{i}",
+                expected_output="yes",
+                metadata={"locale": locale},
+                response=item_pb2.Response(content="yes"),
+            )
+            for i in range(6)
+        ]
+
+    with FakeEndpoint(Reply({"content": "yes"})) as hook, FakeEndpoint(chat_reply("yes")) as model:
+        webhook = target_pb2.Target(http=target_pb2.HttpTarget(endpoint=target_pb2.Endpoint(base_url=hook.url)))
+        chat = target_pb2.Target(
+            chat=target_pb2.ChatTarget(endpoint=target_pb2.Endpoint(base_url=model.url + "/v1"), model="m")
+        )
+        english = await _run(svc, items("en"), [exact], target=webhook)
+        french = await _run(svc, items("fr"), [exact], target=webhook)
+        english_again = await _run(svc, items("en"), [exact], target=webhook)
+        chats = [await _run(svc, items(locale), [exact], target=chat) for locale in ("en", "fr")]
+        recorded = await _run(svc, items("fr"), [exact])  # provided: its target is sent nothing
+    assert {seen.body["item"]["metadata"]["locale"] for seen in hook.seen} == {"en", "fr"}
+    expected = [
+        (english, french, 6),
+        (english, english_again, 0),
+        (english, recorded, 6),  # the baseline's webhook was sent metadata the candidate's items do not have
+        (chats[0], chats[1], 0),
+        (chats[0], recorded, 0),
+    ]
+    for baseline, candidate, changed in expected:
+        comparison = (await svc.runs.CompareRuns(pb_compare(baseline.id, candidate.id))).comparison
+        assert (comparison.changed_items, comparison.graders[0].pairs) == (changed, 6 - changed)
 
 
 async def test_list_comparison_items_pages_through_one_change_side_by_side(svc: Service) -> None:

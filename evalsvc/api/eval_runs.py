@@ -44,7 +44,7 @@ class EvalRunServicer(pb_grpc.EvalRunServiceServicer):
         self._db = db
         self._bus = bus
         self._settings = settings
-        self._comparisons = CompareService(db, page_tokens)
+        self._comparisons = CompareService(db, page_tokens, settings.judge_model)
 
     @unary
     async def CreateRun(self, request: pb.CreateRunRequest, context: Context) -> pb.CreateRunResponse:

@@ -27,6 +27,7 @@ from evalsvc.messages.canonical import definition, digest
 from evalsvc.store import cache as cache_store
 from evalsvc.store.cache import CacheEntry
 from evalsvc.store.db import Database, unavailable_cause
+from evalsvc.targets import sends_item_metadata
 from evalsvc.v1 import cache_pb2, item_pb2, run_pb2, target_pb2
 
 MODE_NAMES: Mapping[str, int] = {
@@ -70,7 +71,7 @@ def target_key(tenant: str, target: target_pb2.Target, item: item_pb2.Item, repe
         "context": item.context,
         "conversation": [[m.role, m.content] for m in item.conversation],
     }
-    if kind == "http":  # a webhook receives these too
+    if sends_item_metadata(target):  # a webhook receives these too
         sent["id"] = item.id
         sent["metadata"] = dict(item.metadata)
     return digest({"tenant": tenant, "kind": kind, "target": definition(spec), "item": sent, "rep": repetition})

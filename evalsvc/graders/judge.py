@@ -38,6 +38,7 @@ from evalsvc.v1 import grader_pb2, item_pb2, run_pb2, target_pb2
 PASSED, FAILED, ERROR = run_pb2.RESULT_STATE_PASSED, run_pb2.RESULT_STATE_FAILED, run_pb2.RESULT_STATE_ERROR
 Judge = grader_pb2.LlmJudge
 PARSE_ATTEMPTS = 3
+DEFAULT_THRESHOLD = 7  # a judge's lowest passing score 1-10 when its `threshold` is 0
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,19 @@ def needs_default_judge(spec: grader_pb2.LlmJudge) -> bool:
     return not (spec.model and spec.endpoint.base_url)
 
 
+def fill_default_model(grader: grader_pb2.Grader, default_model: str) -> None:
+    """Write `default_model` (the server's --judge-model) into an LLM judge grader that names no model, in
+    place, so that a run records the model its judge grades with: left empty, it was whatever --judge-model
+    said on the server that graded, and two servers with different defaults graded one definition two ways
+    (CompareRuns saw the same grader). Only the model: an empty endpoint stays empty, the server's default
+    judge endpoint, the operator's, which CreateRun does not check as a tenant's endpoint (`named_endpoints`
+    names only a judge's own base_url) and which is called with the default judge's key
+    (`needs_default_judge` still holds). The grading is unchanged: an empty model was graded with the
+    default model too, and the verdict cache key has the model graded with (`LlmJudgeGrader.cache_key`)."""
+    if grader.WhichOneof("kind") == "llm_judge" and not grader.llm_judge.model:
+        grader.llm_judge.model = default_model
+
+
 def validate_judge(spec: grader_pb2.LlmJudge, path: str) -> list[FieldViolation]:
     """Static problems of a judge spec."""
     out: list[FieldViolation] = []
@@ -87,7 +101,7 @@ def validate_judge(spec: grader_pb2.LlmJudge, path: str) -> list[FieldViolation]
         if any(not key for key in keys) or len(set(keys)) != len(keys):
             out.append(FieldViolation(f"{at}.levels", "level keys must be non-empty and unique"))
     if not 0 <= spec.threshold <= 10:
-        out.append(FieldViolation(f"{at}.threshold", "must be between 1 and 10 (0 means 7)"))
+        out.append(FieldViolation(f"{at}.threshold", f"must be between 1 and 10 (0 means {DEFAULT_THRESHOLD})"))
     if spec.endpoint.base_url:  # else the server's default judge: the endpoint's other fields are not used
         check_endpoint(spec.endpoint, f"{at}.endpoint", out)
     return out
@@ -177,7 +191,7 @@ def verdict(spec: grader_pb2.LlmJudge, reply: Any) -> Grade:
     if not isinstance(reply, dict):
         raise ValueError("the judge's reply is not a JSON object")
     reason = str(reply.get("reason", ""))
-    threshold = spec.threshold or 7
+    threshold = spec.threshold or DEFAULT_THRESHOLD
     conf = _confidence(reply.get("confidence"))
     if spec.mode == Judge.MODE_ACCURACY or (spec.mode == Judge.MODE_CRITERIA and spec.scoring == Judge.SCORING_NUMERIC):
         score = _score_1_10(_field(reply, "score"))

@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.errors import FieldViolation, invalid_argument, not_found
 from evalsvc.graders import grader_name
+from evalsvc.graders.canonical import canonical_grader
 from evalsvc.ids import PageTokens, page_size
 from evalsvc.messages import canonical
 from evalsvc.runs.compare_stats import PairedSummary, PairTally, summarize
@@ -47,6 +48,7 @@ from evalsvc.store.comparisons import Evaluation, Key
 from evalsvc.store.db import Database
 from evalsvc.store.records import ResultRecord
 from evalsvc.store.runs import StoredSizes
+from evalsvc.targets import sends_item_metadata
 from evalsvc.v1 import comparison_pb2 as cpb
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2
 
@@ -67,42 +69,54 @@ FILTERED_PAGES = 2  # ListComparisonItems pages with a `change` filter read at o
 Side = tuple[int, float]  # state, score
 # Item fields that reach neither the target nor the graders' scores, left out of `item_digest`: the id is
 # the key itself, a recorded response is the output (what a comparison of `provided` runs compares),
-# metadata is only returned with results, human verdicts only measure agreement. Every other field, a
-# field added later too, makes two items differ.
-_UNCOMPARED_ITEM_FIELDS = ("id", "response", "metadata", "human_verdicts")
+# human verdicts only measure agreement. Metadata too, unless a target of the comparison is sent it
+# (`sends_item_metadata`: a webhook is, and may answer by it). Every other field, a field added later
+# too, makes two items differ.
+_UNCOMPARED_ITEM_FIELDS = ("id", "response", "human_verdicts")
 # Grader fields that do not change a grader's own results, left out of `definition_digest`: the name is
 # the key (spelled out or defaulted to the kind), the weight only weighs the item score.
 _UNCOMPARED_GRADER_FIELDS = ("name", "weight")
 
 
-def item_digest(raw: bytes) -> bytes:
+def item_digest(raw: bytes, with_metadata: bool) -> bytes:
     """The digest of a stored item as a comparison sees it: equal for two items only when what reaches
-    the target and the graders is the same (`_UNCOMPARED_ITEM_FIELDS` aside)."""
+    the target and the graders is the same (`_UNCOMPARED_ITEM_FIELDS` aside, and the metadata unless
+    `with_metadata`: either run's target is sent it)."""
     item = item_pb2.Item.FromString(raw)
     for field in _UNCOMPARED_ITEM_FIELDS:
         item.ClearField(field)
+    if not with_metadata:
+        item.ClearField("metadata")
     return hashlib.sha256(item.SerializeToString(deterministic=True)).digest()
 
 
-def _item_digests(items: Sequence[tuple[str, bytes]]) -> dict[str, bytes]:
-    return {item_id: item_digest(raw) for item_id, raw in items}
+def _item_digests(items: Sequence[tuple[str, bytes]], with_metadata: bool) -> dict[str, bytes]:
+    return {item_id: item_digest(raw, with_metadata) for item_id, raw in items}
 
 
-def definition_digest(grader: grader_pb2.Grader) -> str:
-    """The digest of a grader's canonical definition, `_UNCOMPARED_GRADER_FIELDS` aside: equal in two runs
-    only when the grader scores an output the same way in both."""
-    material = canonical.definition(grader)
+def metadata_compared(baseline: run_pb2.Run, candidate: run_pb2.Run) -> bool:
+    """Whether items differing in metadata alone differ for this comparison: when either run's target is
+    sent the items' metadata (a webhook: it reached the target, and may have changed its answer)."""
+    return sends_item_metadata(baseline.target) or sends_item_metadata(candidate.target)
+
+
+def definition_digest(grader: grader_pb2.Grader, default_model: str) -> str:
+    """The digest of a grader's canonical form (`canonical_grader`: defaults filled in, unused settings left
+    out), `_UNCOMPARED_GRADER_FIELDS` aside: equal in two runs only when the grader scores an output the
+    same way in both. `default_model`, this server's --judge-model, stands for the empty judge model of a
+    run created before runs recorded it: such a run is taken as graded by today's default."""
+    material = canonical.definition(canonical_grader(grader, default_model))
     for field in _UNCOMPARED_GRADER_FIELDS:
         material.pop(field, None)
     return canonical.digest(material)
 
 
-def changed_definitions(baseline: run_pb2.Run, candidate: run_pb2.Run) -> frozenset[str]:
+def changed_definitions(baseline: run_pb2.Run, candidate: run_pb2.Run, default_model: str) -> frozenset[str]:
     """The grader names both runs have whose definitions differ (saved graders are stored resolved)."""
-    before = {grader_name(g): definition_digest(g) for g in baseline.graders}
+    before = {grader_name(g): definition_digest(g, default_model) for g in baseline.graders}
     return frozenset(
         name
-        for name, digest in ((grader_name(g), definition_digest(g)) for g in candidate.graders)
+        for name, digest in ((grader_name(g), definition_digest(g, default_model)) for g in candidate.graders)
         if before.get(name, digest) != digest
     )
 
@@ -264,9 +278,10 @@ class _PairedKey:
 class CompareService:
     """CompareRuns and ListComparisonItems for any tenant the caller names."""
 
-    def __init__(self, db: Database, page_tokens: PageTokens) -> None:
+    def __init__(self, db: Database, page_tokens: PageTokens, judge_model: str = "") -> None:
         self._db = db
         self._page_tokens = page_tokens
+        self._judge_model = judge_model  # --judge-model, for runs that did not record their judges' model
         self._pairing = Slots(1)  # one pairing thread at a time, tenants in turn (see the module docstring)
         # Pages with a `change` filter, which may pass over a whole run's keys to fill: a few at a time,
         # tenants in turn. 32 at once of two 50,000-evaluation runs, nothing matching (234 ms each), held
@@ -313,12 +328,15 @@ class CompareService:
             raise not_found("run", candidate_id)
         return baseline, candidate
 
-    async def _pair_runs(self, tenant: str, baseline_id: str, candidate_id: str, pairing: Pairing) -> None:
+    async def _pair_runs(
+        self, tenant: str, baseline_id: str, candidate_id: str, pairing: Pairing, with_metadata: bool
+    ) -> None:
         """Feed `pairing` both runs' evaluations in key order, PAIRING_CHUNK keys of each run at a time
         (ordered index ranges, as a ListComparisonItems page reads), merged in a worker thread: a chunk
         holds Python's one lock for milliseconds, never a run's whole pairing. With each chunk come the
         digests of its items (`items_between`, hashed in the worker thread too), so the chunks' pairs are
-        checked for the same item in both runs: what is held of items is their digests, a chunk's worth."""
+        checked for the same item in both runs (their metadata too when `with_metadata`): what is held of
+        items is their digests, a chunk's worth."""
         runs = (baseline_id, candidate_id)
         buffers: list[list[Evaluation]] = [[], []]
         digests: list[dict[str, bytes]] = [{}, {}]
@@ -335,7 +353,7 @@ class CompareService:
                         if chunk:
                             after[side] = chunk[-1][:3]
                         buffers[side] = chunk
-                        digests[side] = await self._item_digests(conn, tenant, runs[side], chunk)
+                        digests[side] = await self._item_digests(conn, tenant, runs[side], chunk, with_metadata)
                 if all(done) and not any(buffers):
                     return
                 # Keys past the last one read of a run not read to its end may still be in it: pair up to there.
@@ -350,7 +368,7 @@ class CompareService:
 
     @staticmethod
     async def _item_digests(
-        conn: AsyncConnection, tenant: str, run_id: str, chunk: Sequence[Evaluation]
+        conn: AsyncConnection, tenant: str, run_id: str, chunk: Sequence[Evaluation], with_metadata: bool
     ) -> dict[str, bytes]:
         """The digests of the items of a chunk of a run's evaluations (its item ids are a range: the chunk
         is in key order), by item id; a batch of items at a time is read, and hashed in a worker thread."""
@@ -359,7 +377,7 @@ class CompareService:
             batches = comparison_store.items_between(conn, tenant, run_id, chunk[0][0], chunk[-1][0])
             async with contextlib.aclosing(batches):
                 async for batch in batches:
-                    digests.update(await _finished(asyncio.to_thread(_item_digests, batch)))
+                    digests.update(await _finished(asyncio.to_thread(_item_digests, batch, with_metadata)))
         return digests
 
     async def compare(self, tenant: str, request: cpb.CompareRunsRequest) -> cpb.RunComparison:
@@ -370,13 +388,13 @@ class CompareService:
         baseline, candidate = await self._runs(tenant, request.baseline_run_id, request.candidate_run_id)
         order = [grader_name(g) for g in candidate.graders]
         order += [name for name in (grader_name(g) for g in baseline.graders) if name not in order]
-        pairing = Pairing(order, changed_definitions(baseline, candidate))
+        pairing = Pairing(order, changed_definitions(baseline, candidate, self._judge_model))
         async with self._turn(tenant):  # before reading: waiting comparisons hold nothing of their runs
             # Read again: the turn may have been waited for long. A run purged meanwhile is NOT_FOUND, as a
             # missing run (it was an empty comparison), and `partial` is the runs' status as reading starts:
             # a run that had ended then has all its results read, one that ends later may not.
             baseline, candidate = await self._runs(tenant, baseline.id, candidate.id)
-            await self._pair_runs(tenant, baseline.id, candidate.id, pairing)
+            await self._pair_runs(tenant, baseline.id, candidate.id, pairing, metadata_compared(baseline, candidate))
         # Purged while it was read (its results deleted in chunks): NOT_FOUND, not a comparison of what was left.
         await self._runs(tenant, baseline.id, candidate.id)
         per_grader, overall = pairing.result(alpha)

@@ -36,7 +36,7 @@ from evalsvc.events.bus import EventBus
 from evalsvc.execution.aggregate import aggregate_so_far
 from evalsvc.execution.executor import CreatedRunInputs
 from evalsvc.graders import grader_name
-from evalsvc.graders.judge import JudgeDefaults, needs_default_judge
+from evalsvc.graders.judge import JudgeDefaults, fill_default_model, needs_default_judge
 from evalsvc.graders.validation import validate_grader
 from evalsvc.http.outbound import Outbound, destination_violations, named_endpoints
 from evalsvc.idempotency import conflict, fingerprint
@@ -478,6 +478,10 @@ class RunService:
         )
         for grader in spec.graders:  # an unnamed grader showed as "" in the run, as `exact_match` in its results
             grader.name = grader_name(grader)
+            # The judge's model as it grades (a rerun's too, of a run from before runs recorded it): an empty
+            # one was --judge-model wherever the run was graded, and compared as the same grader whatever
+            # model that was. Checked above: a judge without a model has a default judge to ask.
+            fill_default_model(grader, self._judge.model)
         if request.HasField("pass_threshold"):
             spec.pass_threshold = request.pass_threshold
         # Always set on the run, 0 when the request left it unset: a run without it was created before the

@@ -286,7 +286,8 @@ type RunComparison struct {
 	Overall *GraderComparison `protobuf:"bytes,6,opt,name=overall,proto3" json:"overall,omitempty"`
 	// Evaluation keys (item id, repetition, grader) in both runs whose items differ: input, expected output,
 	// context, conversation or expected tool calls (what reaches the target and the graders; the item's
-	// recorded response, metadata and human verdicts aside). The runs gave the same id to different
+	// recorded response and human verdicts aside), and metadata when either run's target is a webhook (http),
+	// which is sent it (other targets never see it). The runs gave the same id to different
 	// items (inline items are numbered item-1, item-2... by position), so these are not pairs: they are
 	// left out of every statistic and counted as unpaired. Nonzero means the runs are not over the same
 	// items: compare runs of the same dataset.
@@ -421,8 +422,9 @@ type GraderComparison struct {
 	BaselineMeanScore float64 `protobuf:"fixed64,18,opt,name=baseline_mean_score,json=baselineMeanScore,proto3" json:"baseline_mean_score,omitempty"`
 	// Mean candidate score over the counted pairs.
 	CandidateMeanScore float64 `protobuf:"fixed64,19,opt,name=candidate_mean_score,json=candidateMeanScore,proto3" json:"candidate_mean_score,omitempty"`
-	// True when both runs have this grader name but not the same definition (its canonical form, weight
-	// aside): their scores measure different things, so none of its evaluations are paired (they count as
+	// True when both runs have this grader name but not the same definition (its canonical form: defaults
+	// filled in, so a setting spelled out as its default is no change; weight aside; a judge's model as the
+	// run recorded it, the server's current --judge-model for a run that recorded none): their scores measure different things, so none of its evaluations are paired (they count as
 	// unpaired) and its verdict is NO_PAIRS. Conclude nothing about the candidate from this grader; to
 	// compare under the new definition, rerun the baseline with it. Always false in the overall comparison.
 	DefinitionChanged bool `protobuf:"varint,20,opt,name=definition_changed,json=definitionChanged,proto3" json:"definition_changed,omitempty"`

@@ -280,7 +280,7 @@ type Item struct {
 	ExpectedToolCalls []string `protobuf:"bytes,6,rep,name=expected_tool_calls,json=expectedToolCalls,proto3" json:"expected_tool_calls,omitempty"`
 	// A recorded output, used by the provided target.
 	Response *Response `protobuf:"bytes,7,opt,name=response,proto3" json:"response,omitempty"`
-	// Free-form metadata, returned with results.
+	// Free-form metadata, returned with results, and sent to a webhook (http) target with the item.
 	Metadata map[string]string `protobuf:"bytes,8,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key,proto3" protobuf_val:"bytes,2,opt,name=value,proto3"`
 	// A person's verdict on this item's output (true: it passes), by grader name: how often a grader (an
 	// LLM judge, most often) agrees with people is in the run's aggregate (GraderAggregate.agreement),

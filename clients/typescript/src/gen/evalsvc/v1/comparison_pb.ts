@@ -122,7 +122,8 @@ export type RunComparison = Message<"evalsvc.v1.RunComparison"> & {
   /**
    * Evaluation keys (item id, repetition, grader) in both runs whose items differ: input, expected output,
    * context, conversation or expected tool calls (what reaches the target and the graders; the item's
-   * recorded response, metadata and human verdicts aside). The runs gave the same id to different
+   * recorded response and human verdicts aside), and metadata when either run's target is a webhook (http),
+   * which is sent it (other targets never see it). The runs gave the same id to different
    * items (inline items are numbered item-1, item-2... by position), so these are not pairs: they are
    * left out of every statistic and counted as unpaired. Nonzero means the runs are not over the same
    * items: compare runs of the same dataset.
@@ -282,8 +283,9 @@ export type GraderComparison = Message<"evalsvc.v1.GraderComparison"> & {
   candidateMeanScore: number;
 
   /**
-   * True when both runs have this grader name but not the same definition (its canonical form, weight
-   * aside): their scores measure different things, so none of its evaluations are paired (they count as
+   * True when both runs have this grader name but not the same definition (its canonical form: defaults
+   * filled in, so a setting spelled out as its default is no change; weight aside; a judge's model as the
+   * run recorded it, the server's current --judge-model for a run that recorded none): their scores measure different things, so none of its evaluations are paired (they count as
    * unpaired) and its verdict is NO_PAIRS. Conclude nothing about the candidate from this grader; to
    * compare under the new definition, rerun the baseline with it. Always false in the overall comparison.
    *

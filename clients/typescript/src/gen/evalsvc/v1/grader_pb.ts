@@ -242,7 +242,9 @@ export type LlmJudge = Message<"evalsvc.v1.LlmJudge"> & {
   additionalGuidelines: string;
 
   /**
-   * The judge's model; empty uses the server's default judge (--judge-model).
+   * The judge's model; empty uses the server's default judge (--judge-model), which a run records: the
+   * run's copy of the grader has that model written in when the run is created (a saved grader is kept
+   * as written), so GetRun shows the model the run is graded with.
    *
    * @generated from field: string model = 7;
    */

@@ -204,7 +204,7 @@ export type Item = Message$1<"evalsvc.v1.Item"> & {
   response?: Response | undefined;
 
   /**
-   * Free-form metadata, returned with results.
+   * Free-form metadata, returned with results, and sent to a webhook (http) target with the item.
    *
    * @generated from field: map<string, string> metadata = 8;
    */
