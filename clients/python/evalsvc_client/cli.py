@@ -45,7 +45,8 @@ FAILED or CANCELLED; 3 a spec, connection or RPC error, or a command line evalct
 has not ended, so there is no verdict yet; 5 (compare with a gate) NO VERDICT: the runs are not comparable (a
 grader's definition changed, or more than --max-unpaired evaluations, or every one, are of different items),
 and no unchanged grader REGRESSED (one that did is exit 1, the not-comparable line beside it); 141 (quietly)
-stdout closed early, as in `evalctl results RUN --format jsonl | head`; 130 Ctrl-C and 143 SIGTERM, saying which run goes on and the `evalctl watch RUN --after-seq N` that follows it again (during the create itself:
+stdout closed early, as in `evalctl results RUN --format jsonl | head`; 130 Ctrl-C and 143 SIGTERM, saying
+which run goes on and the `evalctl watch RUN --after-seq N` that follows it again (during the create itself:
 its request_id and the `--request-id` command that follows the run if it was made, and makes it if not).
 """
 
