@@ -327,9 +327,10 @@ def _pairs(comparison: cpb.RunComparison) -> list[tuple[str, int, int, bool, int
 async def test_runs_graded_by_different_default_judge_models_are_not_compared(tmp_path: Path) -> None:
     """Two servers on one database, one with --judge-model lenient-judge, the other strict-judge; a judge
     naming no model, byte-identical outputs. The runs recorded no model: the judge was the same definition
-    in both, and the strict model's verdicts read as 10 regressions, REGRESSED. Now a run records the model
-    it is graded with (GetRun shows it; the endpoint stays the server's default, with its key), and the
-    judge is a changed definition: NO_PAIRS. A
+    in both, and the strict model's verdicts read as 10 regressions, REGRESSED. Now a run records the default
+    model its judges without one are graded by (`default_judge_model`; the graders stay as written, graded
+    with the grading server's default endpoint, key and model together), and the judge is a changed
+    definition: NO_PAIRS. A rerun records today's default. A
     judge spelled out as its defaults (threshold 7, binary scoring, the default model, an endpoint with only
     a timeout, which is not used) is the same judge."""
     judge = grader_pb2.Grader(name="judge", llm_judge=Judge(mode=Judge.MODE_CRITERIA, criteria="correct"))
@@ -369,9 +370,9 @@ async def test_runs_graded_by_different_default_judge_models_are_not_compared(tm
     assert {seen.headers["authorization"] for seen in llm.seen} == {"Bearer jk"}
     assert [(r.counts.passed, r.counts.failed) for r in (baseline, candidate)] == [(10, 0), (0, 10)]
     assert _pairs(across) == [("judge", 0, 10, True, cpb.COMPARISON_VERDICT_NO_PAIRS)]  # was 10 REGRESSED
-    assert shown.graders[0].llm_judge.model == "lenient-judge"
-    assert not shown.graders[0].llm_judge.HasField("endpoint")  # still the server's default endpoint
-    assert rerun.graders[0].llm_judge.model == "lenient-judge"  # a rerun is graded as its source was
+    assert (shown.default_judge_model, candidate.default_judge_model) == ("lenient-judge", "strict-judge")
+    assert not shown.graders[0].llm_judge.model and not shown.graders[0].llm_judge.HasField("endpoint")
+    assert rerun.default_judge_model == "strict-judge"  # graded by today's default judge, as recorded
     assert _pairs(alike) == [("judge", 10, 0, False, cpb.COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE)]
 
 

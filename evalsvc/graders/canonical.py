@@ -20,7 +20,7 @@ from evalsvc.v1 import grader_pb2
 
 def canonical_grader(spec: grader_pb2.Grader, default_model: str) -> grader_pb2.Grader:
     """A copy of `spec` in canonical form; `default_model` (the server's --judge-model) stands for an empty
-    judge model (a run created before runs recorded it: see fill_default_model).
+    judge model (the model its run recorded as the default: `Run.default_judge_model`).
 
     - similarity: a threshold of 0 (or -0.0) is the default it means;
     - cost: a maximum of -0.0 is 0;

@@ -71,16 +71,17 @@ def needs_default_judge(spec: grader_pb2.LlmJudge) -> bool:
     return not (spec.model and spec.endpoint.base_url)
 
 
+def names_no_model(grader: grader_pb2.Grader) -> bool:
+    """Whether the grader is an LLM judge graded by the default judge's model (it names none)."""
+    return grader.WhichOneof("kind") == "llm_judge" and not grader.llm_judge.model
+
+
 def fill_default_model(grader: grader_pb2.Grader, default_model: str) -> None:
-    """Write `default_model` (the server's --judge-model) into an LLM judge grader that names no model, in
-    place, so that a run records the model its judge grades with: left empty, it was whatever --judge-model
-    said on the server that graded, and two servers with different defaults graded one definition two ways
-    (CompareRuns saw the same grader). Only the model: an empty endpoint stays empty, the server's default
-    judge endpoint, the operator's, which CreateRun does not check as a tenant's endpoint (`named_endpoints`
-    names only a judge's own base_url) and which is called with the default judge's key
-    (`needs_default_judge` still holds). The grading is unchanged: an empty model was graded with the
-    default model too, and the verdict cache key has the model graded with (`LlmJudgeGrader.cache_key`)."""
-    if grader.WhichOneof("kind") == "llm_judge" and not grader.llm_judge.model:
+    """Write `default_model` into an LLM judge grader that names no model, in place: the model it was graded
+    with, for comparing definitions (`canonical_grader`, on a copy). A run's own graders stay as written
+    (`Run.default_judge_model` records the default): a judge without a model is graded with the grading
+    server's default endpoint, key and model together."""
+    if names_no_model(grader):
         grader.llm_judge.model = default_model
 
 

@@ -103,20 +103,27 @@ def metadata_compared(baseline: run_pb2.Run, candidate: run_pb2.Run) -> bool:
 def definition_digest(grader: grader_pb2.Grader, default_model: str) -> str:
     """The digest of a grader's canonical form (`canonical_grader`: defaults filled in, unused settings left
     out), `_UNCOMPARED_GRADER_FIELDS` aside: equal in two runs only when the grader scores an output the
-    same way in both. `default_model`, this server's --judge-model, stands for the empty judge model of a
-    run created before runs recorded it: such a run is taken as graded by today's default."""
+    same way in both. `default_model` stands for an empty judge model (`judged_by_default`)."""
     material = canonical.definition(canonical_grader(grader, default_model))
     for field in _UNCOMPARED_GRADER_FIELDS:
         material.pop(field, None)
     return canonical.digest(material)
 
 
+def judged_by_default(run: run_pb2.Run, default_model: str) -> str:
+    """The model a run's judges without a model were graded by: the default it recorded at creation, or for
+    a run created before runs recorded it, `default_model` (this server's --judge-model: such a run is taken
+    as graded by today's default)."""
+    return run.default_judge_model or default_model
+
+
 def changed_definitions(baseline: run_pb2.Run, candidate: run_pb2.Run, default_model: str) -> frozenset[str]:
     """The grader names both runs have whose definitions differ (saved graders are stored resolved)."""
-    before = {grader_name(g): definition_digest(g, default_model) for g in baseline.graders}
+    old, new = judged_by_default(baseline, default_model), judged_by_default(candidate, default_model)
+    before = {grader_name(g): definition_digest(g, old) for g in baseline.graders}
     return frozenset(
         name
-        for name, digest in ((grader_name(g), definition_digest(g, default_model)) for g in candidate.graders)
+        for name, digest in ((grader_name(g), definition_digest(g, new)) for g in candidate.graders)
         if before.get(name, digest) != digest
     )
 

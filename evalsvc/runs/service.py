@@ -36,7 +36,7 @@ from evalsvc.events.bus import EventBus
 from evalsvc.execution.aggregate import aggregate_so_far
 from evalsvc.execution.executor import CreatedRunInputs
 from evalsvc.graders import grader_name
-from evalsvc.graders.judge import JudgeDefaults, fill_default_model, needs_default_judge
+from evalsvc.graders.judge import JudgeDefaults, names_no_model, needs_default_judge
 from evalsvc.graders.validation import validate_grader
 from evalsvc.http.outbound import Outbound, destination_violations, named_endpoints
 from evalsvc.idempotency import conflict, fingerprint
@@ -478,10 +478,6 @@ class RunService:
         )
         for grader in spec.graders:  # an unnamed grader showed as "" in the run, as `exact_match` in its results
             grader.name = grader_name(grader)
-            # The judge's model as it grades (a rerun's too, of a run from before runs recorded it): an empty
-            # one was --judge-model wherever the run was graded, and compared as the same grader whatever
-            # model that was. Checked above: a judge without a model has a default judge to ask.
-            fill_default_model(grader, self._judge.model)
         if request.HasField("pass_threshold"):
             spec.pass_threshold = request.pass_threshold
         # Always set on the run, 0 when the request left it unset: a run without it was created before the
@@ -502,6 +498,12 @@ class RunService:
                     )
                 ]
             )
+        if any(names_no_model(grader) for grader in spec.graders):
+            # What its judges without a model are graded by (a rerun's: today's), for CompareRuns; after the
+            # size check, which is of what the request sent. Not written into the graders: they are graded
+            # with the grading server's default endpoint and key, and its model with them (an old model at a
+            # new endpoint: "model not found" on every evaluation).
+            spec.default_judge_model = self._judge.model
         row: dict[str, Any] = {
             "id": new_id("run"),
             "tenant": tenant,

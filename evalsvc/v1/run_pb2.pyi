@@ -171,7 +171,7 @@ class RunError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "display_name", "description", "labels", "dataset_id", "run_number", "target", "graders", "pass_threshold", "repetitions", "warmup_runs", "trigger", "status", "counts", "aggregate", "overall_passed", "error", "create_time", "start_time", "end_time", "update_time", "last_seq", "request_id", "max_cost_usd", "cost_usd", "annotations", "delete_time", "max_error_rate", "rerun_of", "etag", "cache_mode")
+    __slots__ = ("id", "display_name", "description", "labels", "dataset_id", "run_number", "target", "graders", "pass_threshold", "repetitions", "warmup_runs", "trigger", "status", "counts", "aggregate", "overall_passed", "error", "create_time", "start_time", "end_time", "update_time", "last_seq", "request_id", "max_cost_usd", "cost_usd", "annotations", "delete_time", "max_error_rate", "rerun_of", "default_judge_model", "etag", "cache_mode")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +215,7 @@ class Run(_message.Message):
     DELETE_TIME_FIELD_NUMBER: _ClassVar[int]
     MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
     RERUN_OF_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_JUDGE_MODEL_FIELD_NUMBER: _ClassVar[int]
     ETAG_FIELD_NUMBER: _ClassVar[int]
     CACHE_MODE_FIELD_NUMBER: _ClassVar[int]
     id: str
@@ -246,9 +247,10 @@ class Run(_message.Message):
     delete_time: _timestamp_pb2.Timestamp
     max_error_rate: float
     rerun_of: str
+    default_judge_model: str
     etag: str
     cache_mode: _cache_pb2.CacheMode
-    def __init__(self, id: _Optional[str] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., dataset_id: _Optional[str] = ..., run_number: _Optional[int] = ..., target: _Optional[_Union[_target_pb2.Target, _Mapping]] = ..., graders: _Optional[_Iterable[_Union[_grader_pb2.Grader, _Mapping]]] = ..., pass_threshold: _Optional[float] = ..., repetitions: _Optional[int] = ..., warmup_runs: _Optional[int] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., counts: _Optional[_Union[RunCounts, _Mapping]] = ..., aggregate: _Optional[_Union[RunAggregate, _Mapping]] = ..., overall_passed: _Optional[bool] = ..., error: _Optional[_Union[RunError, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., request_id: _Optional[str] = ..., max_cost_usd: _Optional[float] = ..., cost_usd: _Optional[float] = ..., annotations: _Optional[_Mapping[str, str]] = ..., delete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_error_rate: _Optional[float] = ..., rerun_of: _Optional[str] = ..., etag: _Optional[str] = ..., cache_mode: _Optional[_Union[_cache_pb2.CacheMode, str]] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., dataset_id: _Optional[str] = ..., run_number: _Optional[int] = ..., target: _Optional[_Union[_target_pb2.Target, _Mapping]] = ..., graders: _Optional[_Iterable[_Union[_grader_pb2.Grader, _Mapping]]] = ..., pass_threshold: _Optional[float] = ..., repetitions: _Optional[int] = ..., warmup_runs: _Optional[int] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., counts: _Optional[_Union[RunCounts, _Mapping]] = ..., aggregate: _Optional[_Union[RunAggregate, _Mapping]] = ..., overall_passed: _Optional[bool] = ..., error: _Optional[_Union[RunError, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., request_id: _Optional[str] = ..., max_cost_usd: _Optional[float] = ..., cost_usd: _Optional[float] = ..., annotations: _Optional[_Mapping[str, str]] = ..., delete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_error_rate: _Optional[float] = ..., rerun_of: _Optional[str] = ..., default_judge_model: _Optional[str] = ..., etag: _Optional[str] = ..., cache_mode: _Optional[_Union[_cache_pb2.CacheMode, str]] = ...) -> None: ...
 
 class Result(_message.Message):
     __slots__ = ("id", "run_id", "item_id", "repetition", "grader", "state", "score", "raw_score", "passed", "explanation", "output", "cost_usd", "latency_ms", "error_reason", "attempt", "complete_time", "scoring_cost_usd", "confidence", "cached", "verdict_cached", "human_verdict", "output_truncated", "explanation_truncated")

@@ -1,5 +1,6 @@
-"""CompareRuns' "definition changed" check (evalsvc.runs.compare.changed_definitions) on runs it cannot make
-any more: a run created before runs recorded their judges' model has it empty."""
+"""CompareRuns' "definition changed" check (evalsvc.runs.compare.changed_definitions), on runs as CreateRun
+stores them and on runs it cannot make any more: a run created before runs recorded their default judge
+model (`Run.default_judge_model`) has none."""
 
 from __future__ import annotations
 
@@ -13,15 +14,20 @@ def _run(*judges: Judge) -> run_pb2.Run:
     return run_pb2.Run(graders=[grader_pb2.Grader(name=f"j{i}", llm_judge=j) for i, j in enumerate(judges)])
 
 
-def test_an_old_run_without_a_model_is_taken_as_graded_by_the_current_default() -> None:
-    """The empty model of an old run was graded with some server's --judge-model: taken as today's, it is
-    the same judge as a new run's recorded default, and a changed one when today's default is another
-    (the documented limit: an old run graded under another default is not told apart)."""
+def test_a_judge_without_a_model_is_compared_by_its_runs_recorded_default_else_the_current_one() -> None:
+    """A judge naming no model is graded by the default judge's model, which a run records when it is
+    created: two runs of other recorded defaults have a changed judge, of the same one an unchanged judge,
+    as is a judge naming that model. An old run recorded none: its model is taken as today's default (the
+    documented limit: an old run graded under another default is not told apart)."""
     old = _run(Judge(mode=Judge.MODE_ACCURACY))
-    new = _run(Judge(mode=Judge.MODE_ACCURACY, model="gpt-judge"))
-    assert changed_definitions(old, new, "gpt-judge") == frozenset()
-    assert changed_definitions(new, old, "gpt-judge") == frozenset()
-    assert changed_definitions(old, new, "other-judge") == {"j0"}
+    lenient, strict = old.__deepcopy__(), old.__deepcopy__()
+    lenient.default_judge_model, strict.default_judge_model = "lenient", "strict"
+    named = _run(Judge(mode=Judge.MODE_ACCURACY, model="lenient"))
+    assert changed_definitions(lenient, strict, "strict") == {"j0"}
+    assert changed_definitions(lenient, lenient, "strict") == frozenset()
+    assert changed_definitions(lenient, named, "strict") == frozenset()
+    assert changed_definitions(old, strict, "strict") == frozenset()
+    assert changed_definitions(old, named, "gpt-judge") == {"j0"}
 
 
 def test_another_api_key_secret_is_a_change() -> None:

@@ -242,9 +242,8 @@ export type LlmJudge = Message<"evalsvc.v1.LlmJudge"> & {
   additionalGuidelines: string;
 
   /**
-   * The judge's model; empty uses the server's default judge (--judge-model), which a run records: the
-   * run's copy of the grader has that model written in when the run is created (a saved grader is kept
-   * as written), so GetRun shows the model the run is graded with.
+   * The judge's model; empty uses the server's default judge (--judge-model, with its endpoint and key),
+   * whose model a run records in `Run.default_judge_model` when it is created.
    *
    * @generated from field: string model = 7;
    */
