@@ -9,8 +9,10 @@ on 127.0.0.1 (`Webhook`: answers at once, slowly, with HTTP 500, or never):
   while a loop is stuck with work waiting, and SERVING again once it moves;
 - a seeded random interleaving of a few hundred operations (create, cancel, delete, undelete, update,
   watch, disconnect) over several tenants and target kinds leaves every run that was not cancelled
-  finished within a bound, and the executor still claiming. The seed is printed; replay a failure
-  with EVALSVC_LIVENESS_SEED=<seed> (EVALSVC_LIVENESS_OPS=<n> sets the number of operations).
+  finished within a bound, and the executor still claiming; another, with tenants passing their
+  stored bytes and budgets (a run over its bytes waits for its calls under way), leaves every run ended,
+  each over its bytes with a result for every call made. The seed is printed; replay a failure with
+  EVALSVC_LIVENESS_SEED=<seed> (EVALSVC_LIVENESS_OPS=<n> sets the number of operations).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -41,15 +43,20 @@ from evalsvc.metrics import Metrics
 from evalsvc.server import EvalServer
 from evalsvc.slots import Hold, Slots
 from evalsvc.statuses import TERMINAL
+from evalsvc.v1 import dataset_service_pb2 as ds
+from evalsvc.v1 import dataset_service_pb2_grpc, eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
 from evalsvc.v1 import eval_run_service_pb2 as pb
-from evalsvc.v1 import eval_run_service_pb2_grpc, grader_pb2, item_pb2, run_pb2, target_pb2
 from tests import dbs
 from tests.conftest import make_settings
 from tests.helpers import keyed_channel, until
 from tests.procs import start_server
+from tests.test_targets_judges import PRICES
+from tests.test_tenant_caps import assert_over
 
+BIG_ANSWER = 5_000  # what a webhook's answers under /big/ are padded with
 HUNG_CALL_TIMEOUT_S = 600  # the longest a target call may take: hung calls last until cancelled
 RunStub = eval_run_service_pb2_grpc.EvalRunServiceStub
+StubsT = TypeVar("StubsT")
 
 
 # ------------------------------------------------------------------------------------------ webhooks
@@ -59,15 +66,21 @@ class Webhook:
     """An agent webhook on 127.0.0.1, served from the test's event loop (HTTP/1.1, keep-alive).
 
     POST /fast answers at once, /slow after `slow_s`, /fail with HTTP 500, /throttle with HTTP 429 and
-    `Retry-After: 30`, /hang never (until the webhook closes), /retry-then-hang an item's first call with
+    `Retry-After: 30`, /hang never (until the webhook closes), /hang-some never for an item whose input
+    ends in a multiple of 10 and at once for the others, /retry-then-hang an item's first call with
     HTTP 503 and `Retry-After: 1` and its next never, /gated/... when the test lets it
     (`answer_one`). An answer's `content` is the item's input, so an exact-match grader passes; a path
-    ending in /chat/completions is an LLM judge's, answered with a criteria verdict that passes."""
+    ending in /chat/completions is an LLM judge's, answered with a criteria verdict that passes, unless it
+    starts with /paid/: a chat target's, answered with its last message and a usage of PAID_TOKENS prompt
+    tokens (what the price table makes a call cost). A path under /big/ is answered as the path without
+    it, its content padded with BIG_ANSWER characters. `inputs` holds each request's item input (or last
+    message), in arrival order: which items a run's calls were for."""
 
     def __init__(self, slow_s: float = 0.1) -> None:
         self.slow_s = slow_s
         self.calls: Counter[str] = Counter()
         self.arrived: list[str] = []  # the paths of the requests, in arrival order
+        self.inputs: list[str] = []  # what each request asked about, in arrival order
         self.answered: list[str] = []  # the paths of the requests answered, in order
         self._answers_allowed = 0  # to /gated requests
         self._retried: set[str] = set()  # items /retry-then-hang told to come back (their next call hangs)
@@ -123,11 +136,20 @@ class Webhook:
                     0,
                 )
                 request = json.loads(await reader.readexactly(length) or b"null")
+                asked = _asked(request)
                 async with self._arrived:
                     self.calls[path] += 1
                     self.arrived.append(path)
+                    self.inputs.append(asked)
                     self._arrived.notify_all()
-                if path == "/hang" or (path == "/retry-then-hang" and request["item"]["input"] in self._retried):
+                content = asked
+                if path.startswith("/big/"):
+                    path, content = path.removeprefix("/big"), asked + " " + "z" * BIG_ANSWER
+                if (
+                    path == "/hang"
+                    or (path == "/retry-then-hang" and request["item"]["input"] in self._retried)
+                    or (path == "/hang-some" and int(asked.rsplit(" ", 1)[-1]) % 10 == 0)
+                ):
                     await self._closing.wait()
                     return
                 if path == "/retry-then-hang":
@@ -145,11 +167,18 @@ class Webhook:
                     "/throttle": "429 Too Many Requests",
                     "/retry-then-hang": "503 Service Unavailable",
                 }.get(path, "200 OK")
-                if path.endswith("/chat/completions"):
+                if path.startswith("/paid/"):
+                    body = json.dumps(
+                        {
+                            "choices": [{"message": {"role": "assistant", "content": content}}],
+                            "usage": {"prompt_tokens": PAID_TOKENS, "completion_tokens": 0},
+                        }
+                    ).encode()
+                elif path.endswith("/chat/completions"):
                     verdict = json.dumps({"passed": True, "reason": "ok"})
                     body = json.dumps({"choices": [{"message": {"role": "assistant", "content": verdict}}]}).encode()
                 else:
-                    body = json.dumps({"content": request["item"]["input"]}).encode()
+                    body = json.dumps({"content": content}).encode()
                 head_out = (
                     f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
                     + ("retry-after: 30\r\n" if path == "/throttle" else "")
@@ -165,6 +194,15 @@ class Webhook:
             pass  # the client closed the connection, or gave up on the call
         finally:
             writer.close()
+
+
+def _asked(request: Any) -> str:
+    """What a request asks about: a chat call's last message, a webhook call's item input ("" for neither)."""
+    if not isinstance(request, dict):
+        return ""
+    if request.get("messages"):
+        return str(request["messages"][-1].get("content"))
+    return str((request.get("item") or {}).get("input", ""))
 
 
 # ------------------------------------------------------------------------------------------ requests
@@ -184,13 +222,13 @@ def recorded() -> target_pb2.Target:
     return target_pb2.Target(provided=target_pb2.ProvidedTarget())
 
 
-def run_request(target: target_pb2.Target, n: int) -> pb.CreateRunRequest:
-    """n items whose expected output is their input (and, for recorded targets, their response)."""
+def run_request(target: target_pb2.Target, n: int, ask: str = "q {}") -> pb.CreateRunRequest:
+    """n items (i0, i1, ...) whose input is `ask` with the index in it, and whose expected output is their
+    input (and, for recorded targets, their response)."""
+    asks = [ask.format(i) for i in range(n)]
     items = [
-        item_pb2.Item(
-            id=f"i{i}", input=f"q {i}", expected_output=f"q {i}", response=item_pb2.Response(content=f"q {i}")
-        )
-        for i in range(n)
+        item_pb2.Item(id=f"i{i}", input=q, expected_output=q, response=item_pb2.Response(content=q))
+        for i, q in enumerate(asks)
     ]
     return pb.CreateRunRequest(
         items=items, target=target, graders=[grader_pb2.Grader(name="exact", exact_match=grader_pb2.ExactMatch())]
@@ -237,14 +275,21 @@ async def serving(tmp_path: Path, **overrides: object) -> AsyncIterator[EvalServ
 
 
 @contextlib.asynccontextmanager
-async def tenants(srv: EvalServer, *names: str) -> AsyncIterator[dict[str, RunStub]]:
-    """A run stub per tenant, each on its own channel with its own API key."""
+async def tenants_on(
+    srv: EvalServer, on: Callable[[grpc.aio.Channel], StubsT], *names: str
+) -> AsyncIterator[dict[str, StubsT]]:
+    """`on(channel)` per tenant (its stubs), each on its own channel with its own API key."""
     async with contextlib.AsyncExitStack() as stack:
         stubs = {}
         for name in names:
             key, _ = await srv.keys.create(name)
-            stubs[name] = RunStub(await stack.enter_async_context(keyed_channel(srv.port, key)))
+            stubs[name] = on(await stack.enter_async_context(keyed_channel(srv.port, key)))
         yield stubs
+
+
+def tenants(srv: EvalServer, *names: str) -> contextlib.AbstractAsyncContextManager[dict[str, RunStub]]:
+    """A run stub per tenant, each on its own channel with its own API key."""
+    return tenants_on(srv, RunStub, *names)
 
 
 def restarts(srv: EvalServer, loop: str) -> float:
@@ -1099,6 +1144,8 @@ class TrackedRun:
     items: int
     cancel_asked: bool = False  # CancelRun or DeleteRun was called (the run may have finished first)
     deleted: bool = False
+    tag: str = ""  # what its items' inputs start with: which calls were its (`Webhook.inputs`)
+    max_cost_usd: float | None = None
 
 
 @dataclass
@@ -1116,13 +1163,117 @@ async def _watch(stub: RunStub, run_id: str) -> list[pb.WatchRunResponse]:
     return events
 
 
-async def test_random_interleaving_of_operations_leaves_every_run_live(tmp_path: Path) -> None:
-    seed = int(os.environ.get("EVALSVC_LIVENESS_SEED") or random.SystemRandom().randrange(2**32))
-    operations = int(os.environ.get("EVALSVC_LIVENESS_OPS") or 300)
-    print(f"liveness seed {seed}, {operations} operations: replay with EVALSVC_LIVENESS_SEED={seed}")
-    rng = random.Random(seed)
-    note = f"(replay with EVALSVC_LIVENESS_SEED={seed})"
+class Interleaving:
+    """What the seeded random interleavings share: the seed (printed; EVALSVC_LIVENESS_SEED replays it,
+    EVALSVC_LIVENESS_OPS sets the number of operations), the runs and watchers made so far, the
+    operations on them every interleaving has (cancel, delete, undelete, watch, disconnect), and what is
+    checked after the last one. Every choice is made from the history, never from timing: replayable."""
 
+    def __init__(self, stubs: dict[str, RunStub], operations: int) -> None:
+        self.seed = int(os.environ.get("EVALSVC_LIVENESS_SEED") or random.SystemRandom().randrange(2**32))
+        self.operations = int(os.environ.get("EVALSVC_LIVENESS_OPS") or operations)
+        print(f"liveness seed {self.seed}, {self.operations} operations: replay with EVALSVC_LIVENESS_SEED={self.seed}")
+        self.rng = random.Random(self.seed)
+        self.note = f"(replay with EVALSVC_LIVENESS_SEED={self.seed})"
+        self.stubs = stubs
+        self.runs: list[TrackedRun] = []
+        self.watchers: list[Watcher] = []
+        self.done: Counter[str] = Counter()
+
+    def pick(self, weights: dict[str, int]) -> str:
+        """The next operation; a create while there is no run to operate on."""
+        op = self.rng.choices(list(weights), weights=list(weights.values()))[0]
+        return op if op == "create" or self.runs else "create"
+
+    async def ok_or_finished(self, call: Any) -> None:
+        try:
+            await call
+        except grpc.aio.AioRpcError as error:  # cancelling a run that finished meanwhile
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, f"{error} {self.note}"
+
+    async def shared(self, op: str) -> bool:
+        """Do `op` if it is one of the operations every interleaving has; whether it was."""
+        rng = self.rng
+        if op in ("cancel", "delete"):
+            run = rng.choice(self.runs)
+            stub = self.stubs[run.tenant]
+            run.cancel_asked = True
+            if op == "cancel":
+                await self.ok_or_finished(stub.CancelRun(pb.CancelRunRequest(run_id=run.run_id)))
+            else:
+                await stub.DeleteRun(pb.DeleteRunRequest(run_id=run.run_id))
+                run.deleted = True
+        elif op == "undelete":
+            deleted = [r for r in self.runs if r.deleted] or self.runs
+            run = rng.choice(deleted)
+            await self.stubs[run.tenant].UndeleteRun(pb.UndeleteRunRequest(run_id=run.run_id))
+            run.deleted = False
+        elif op == "watch":
+            run = rng.choice(self.runs)
+            self.watchers.append(Watcher(run, asyncio.create_task(_watch(self.stubs[run.tenant], run.run_id))))
+        elif op == "disconnect":  # a client goes away (mid-stream, unless its run already ended)
+            connected = [w for w in self.watchers if not w.disconnected]  # by history, not timing: replayable
+            if connected:
+                victim = rng.choice(connected)
+                victim.task.cancel()
+                victim.disconnected = True
+        else:
+            return False
+        return True
+
+    async def cancel_every(self, kind: str) -> None:
+        """Cancel the runs of `kind` not cancelled yet (those on the hung webhook end only so)."""
+        for run in self.runs:
+            if run.kind == kind and not run.cancel_asked:
+                run.cancel_asked = True
+                await self.ok_or_finished(self.stubs[run.tenant].CancelRun(pb.CancelRunRequest(run_id=run.run_id)))
+
+    async def all_end(self, runs: list[TrackedRun] | None = None) -> list[run_pb2.Run]:
+        """Every run's (or every one of `runs`') terminal state, each watched to its end within BOUND_S;
+        the runs not ended else."""
+        runs = self.runs if runs is None else runs
+        try:
+            return await asyncio.wait_for(
+                asyncio.gather(*(finish(self.stubs[r.tenant], r.run_id, BOUND_S) for r in runs)), BOUND_S
+            )
+        except TimeoutError:
+            stuck = []
+            for r in runs:
+                status = (await self.stubs[r.tenant].GetRun(pb.GetRunRequest(run_id=r.run_id))).run.status
+                if status not in TERMINAL:
+                    stuck.append((r.run_id, r.kind, run_pb2.RunStatus.Name(status)))
+            raise AssertionError(f"runs not ended {BOUND_S} s after the last operation: {stuck} {self.note}") from None
+
+    async def watchers_saw_every_event(self) -> None:
+        """Every watcher still connected saw every event, in order, to the end."""
+        for w in self.watchers:
+            if w.disconnected:
+                continue
+            events = await asyncio.wait_for(w.task, BOUND_S)
+            assert [e.seq for e in events] == list(range(1, len(events) + 1)), f"{w.run} {self.note}"
+            assert events[-1].HasField("run") and events[-1].run.status in TERMINAL, f"{w.run} {self.note}"
+
+    async def executor_let_go(self, srv: EvalServer) -> None:
+        """Once the runs ended, the executor lets go of them: nothing waits for calls, no ending is left
+        (the recorder ends a run over a limit, or forgets one cancelled meanwhile, when woken: by its last
+        job with calls under way, however that job ended)."""
+        executor = srv.executor
+        try:
+            await until(lambda: not executor._calling and not executor._over_limit, within_s=5)
+        except TimeoutError:
+            raise AssertionError(f"kept: {executor._calling} {executor._over_limit} {self.note}") from None
+
+    def executor_idle_and_healthy(self, srv: EvalServer) -> None:
+        """Nothing is left in flight, waited for or leased (no lease renewed for nothing), no loop restarted."""
+        executor, note = srv.executor, self.note
+        assert executor.in_flight() == 0 and not executor._open_claims, note
+        assert not executor._calling and not executor._over_limit, f"{executor._calling} {executor._over_limit} {note}"
+        for loop in ("claim", "record", "leases"):
+            assert restarts(srv, loop) == 0, f"loop {loop} restarted {note}"
+        assert srv.watchdog.healthy, note
+
+
+async def test_random_interleaving_of_operations_leaves_every_run_live(tmp_path: Path) -> None:
     async with (
         serving(tmp_path, workers=16) as srv,
         Webhook(slow_s=0.1) as slow,
@@ -1130,6 +1281,8 @@ async def test_random_interleaving_of_operations_leaves_every_run_live(tmp_path:
         Webhook() as hung,
         tenants(srv, *TENANTS) as stubs,
     ):
+        mix = Interleaving(stubs, operations=300)
+        rng, note = mix.rng, mix.note
         targets = {
             "echo": echo,
             "recorded": recorded,
@@ -1137,42 +1290,17 @@ async def test_random_interleaving_of_operations_leaves_every_run_live(tmp_path:
             "failing": lambda: webhook(failing.url + "/fail"),
             "hung": lambda: webhook(hung.url + "/hang"),
         }
-        runs: list[TrackedRun] = []
-        watchers: list[Watcher] = []
-        done: Counter[str] = Counter()
 
-        async def expect_ok_or_finished(call: Any) -> None:
-            try:
-                await call
-            except grpc.aio.AioRpcError as error:  # cancelling a run that finished meanwhile
-                assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, f"{error} {note}"
-
-        for _ in range(operations):
-            op = rng.choices(list(OPERATIONS), weights=list(OPERATIONS.values()))[0]
-            if op != "create" and not runs:
-                op = "create"
+        for _ in range(mix.operations):
+            op = mix.pick(OPERATIONS)
             if op == "create":
                 tenant = rng.choice(TENANTS)
                 kind = rng.choices(list(KINDS), weights=list(KINDS.values()))[0]
                 n = rng.randint(1, 6)
                 created = await stubs[tenant].CreateRun(run_request(targets[kind](), n))
-                runs.append(TrackedRun(tenant, created.run.id, kind, n))
-            elif op in ("cancel", "delete"):
-                run = rng.choice(runs)
-                stub = stubs[run.tenant]
-                run.cancel_asked = True
-                if op == "cancel":
-                    await expect_ok_or_finished(stub.CancelRun(pb.CancelRunRequest(run_id=run.run_id)))
-                else:
-                    await stub.DeleteRun(pb.DeleteRunRequest(run_id=run.run_id))
-                    run.deleted = True
-            elif op == "undelete":
-                deleted = [r for r in runs if r.deleted] or runs
-                run = rng.choice(deleted)
-                await stubs[run.tenant].UndeleteRun(pb.UndeleteRunRequest(run_id=run.run_id))
-                run.deleted = False
+                mix.runs.append(TrackedRun(tenant, created.run.id, kind, n))
             elif op == "update":
-                run = rng.choice(runs)
+                run = rng.choice(mix.runs)
                 await stubs[run.tenant].UpdateRun(
                     pb.UpdateRunRequest(
                         run_id=run.run_id,
@@ -1180,36 +1308,14 @@ async def test_random_interleaving_of_operations_leaves_every_run_live(tmp_path:
                         update_mask=field_mask_pb2.FieldMask(paths=["display_name", "labels"]),
                     )
                 )
-            elif op == "watch":
-                run = rng.choice(runs)
-                watchers.append(Watcher(run, asyncio.create_task(_watch(stubs[run.tenant], run.run_id))))
-            else:  # disconnect: a client goes away (mid-stream, unless its run already ended)
-                connected = [w for w in watchers if not w.disconnected]  # by history, not timing: replayable
-                if connected:
-                    victim = rng.choice(connected)
-                    victim.task.cancel()
-                    victim.disconnected = True
-            done[op] += 1
-        print(f"operations done: {dict(done)}; runs by kind: {dict(Counter(r.kind for r in runs))}")
+            else:
+                assert await mix.shared(op), op
+            mix.done[op] += 1
+        print(f"operations done: {dict(mix.done)}; runs by kind: {dict(Counter(r.kind for r in mix.runs))}")
 
-        for run in runs:  # a run on the hung webhook only ends by being cancelled
-            if run.kind == "hung" and not run.cancel_asked:
-                run.cancel_asked = True
-                await expect_ok_or_finished(stubs[run.tenant].CancelRun(pb.CancelRunRequest(run_id=run.run_id)))
-
-        try:
-            ended = await asyncio.wait_for(
-                asyncio.gather(*(finish(stubs[r.tenant], r.run_id, BOUND_S) for r in runs)), BOUND_S
-            )
-        except TimeoutError:
-            stuck = []
-            for r in runs:
-                status = (await stubs[r.tenant].GetRun(pb.GetRunRequest(run_id=r.run_id))).run.status
-                if status not in TERMINAL:
-                    stuck.append((r.run_id, r.kind, run_pb2.RunStatus.Name(status)))
-            raise AssertionError(f"runs not ended {BOUND_S} s after the last operation: {stuck} {note}") from None
-
-        for tracked, run in zip(runs, ended, strict=True):
+        await mix.cancel_every("hung")
+        ended = await mix.all_end()
+        for tracked, run in zip(mix.runs, ended, strict=True):
             if tracked.cancel_asked:
                 continue  # cancelled, or finished before the cancel: either way it ended
             expected = run_pb2.RUN_STATUS_FAILED if tracked.kind == "failing" else run_pb2.RUN_STATUS_SUCCEEDED
@@ -1217,13 +1323,8 @@ async def test_random_interleaving_of_operations_leaves_every_run_live(tmp_path:
             counts = run.counts
             assert counts.completed_evaluations == tracked.items, f"{tracked}: {counts} {note}"
             assert (counts.errored if tracked.kind == "failing" else counts.passed) == tracked.items, note
-
-        for w in watchers:  # every watcher still connected saw every event, in order, to the end
-            if w.disconnected:
-                continue
-            events = await asyncio.wait_for(w.task, BOUND_S)
-            assert [e.seq for e in events] == list(range(1, len(events) + 1)), f"{w.run} {note}"
-            assert events[-1].HasField("run") and events[-1].run.status in TERMINAL, f"{w.run} {note}"
+        await mix.watchers_saw_every_event()
+        await mix.executor_let_go(srv)
 
         # The executor still claims, for every tenant, on the very host whose calls hung and were cancelled.
         for stub in stubs.values():
@@ -1231,10 +1332,221 @@ async def test_random_interleaving_of_operations_leaves_every_run_live(tmp_path:
                 run = await create_and_finish(stub, run_request(target, 3), within_s=10)
                 assert run.status == run_pb2.RUN_STATUS_SUCCEEDED, note
         assert srv.outbound.limit_of(hung.url).in_flight == 0, note
-        assert srv.executor.in_flight() == 0 and not srv.executor._open_claims, note  # no lease renewed for nothing
-        for loop in ("claim", "record", "leases"):
-            assert restarts(srv, loop) == 0, f"loop {loop} restarted {note}"
-        assert srv.watchdog.healthy, note
+        mix.executor_idle_and_healthy(srv)
+
+
+# The interleaving over limits: tenants pass --max-stored-bytes-per-tenant and budgets as it goes.
+LIMIT = 250_000  # --max-stored-bytes-per-tenant: a few big runs or filler datasets pass it
+# A big run's items: its target answers each with BIG_ANSWER characters more, so its outputs pass its
+# tenant's bytes as its first jobs (--workers at a time) are recorded, with more of its jobs to start.
+BIG_ITEMS = (20, 40)
+FILLER = [item_pb2.Item(input="y" * 10_000) for _ in range(4)]  # a filler dataset's items: 40 KB
+PAID_TOKENS = 100  # a paid call's prompt tokens: $0.10 at PRICES' gpt-test
+TENANT_BUDGET_USD = 6.0  # --tenant-budget-usd: a few paid runs reach it (and then stop its webhooks' calls too)
+RUN_BUDGET_USD = 0.15  # a budgeted run's max_cost_usd: two answered calls pass it
+# A budgeted run's items: more than the calls that may start before two answers are counted (one
+# answered, then at most --workers in flight), so it cannot finish under its budget.
+BUDGETED_ITEMS = 30
+# "some-hung": a big run, one in ten of whose calls hang: it passes its tenant's bytes and waits for them
+# until it is cancelled.
+OVER_KINDS = {"echo": 2, "recorded": 2, "slow": 4, "hung": 1, "some-hung": 1, "paid": 3}
+OVER_OPERATIONS = {
+    "create": 32,
+    "cancel": 8,
+    "delete": 5,
+    "undelete": 4,
+    "watch": 16,
+    "disconnect": 10,
+    "fill": 8,  # a dataset of FILLER for a tenant (refused past its bytes)
+    "make_room": 8,  # a tenant deletes one of its datasets
+}
+
+
+ASKED = grader_pb2.Grader(name="asked", contains=grader_pb2.Contains(values=["q"]))  # the answer holds the input
+
+
+def paid(url: str) -> target_pb2.Target:
+    """A chat target whose every answer reports PAID_TOKENS of usage."""
+    return target_pb2.Target(
+        chat=target_pb2.ChatTarget(
+            endpoint=target_pb2.Endpoint(base_url=url + "/paid/v1", timeout_s=HUNG_CALL_TIMEOUT_S), model="gpt-test"
+        )
+    )
+
+
+@dataclass
+class Storing:
+    """A tenant's run and dataset stubs."""
+
+    runs: RunStub
+    datasets: dataset_service_pb2_grpc.DatasetServiceStub
+
+    @classmethod
+    def on(cls, channel: grpc.aio.Channel) -> Storing:
+        return cls(RunStub(channel), dataset_service_pb2_grpc.DatasetServiceStub(channel))
+
+
+def _asked_items(hook: Webhook, tag: str) -> list[str]:
+    """The ids of the items of the run tagged `tag` its target was called for, one per call."""
+    return sorted(f"i{words[2]}" for words in (asked.split(" ") for asked in hook.inputs) if words[0] == tag)
+
+
+async def test_random_interleaving_over_stored_bytes_and_budgets_leaves_every_run_live(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Runs whose tenant passes its stored bytes wait for their jobs that had made a call and end once
+    those are recorded; runs over a budget stop theirs. A seeded random interleaving of creates (some
+    sized to pass the tenant's bytes, some with a max_cost_usd they pass), cancels, deletes, undeletes,
+    watches, disconnects, filler datasets and their deletion (making room), over targets that answer at
+    once, slowly, never (until cancelled) or for money: within a bound after the last operation every
+    run has ended - none left RUNNING waiting for calls that were cancelled or never counted - each run
+    ended over its bytes has a result for every call made for it and no other, budgets still end runs
+    BUDGET_EXCEEDED, watchers saw every event, and the executor is left with nothing in flight, waited
+    for or leased, its loops never restarted, and every tenant, once it made room, runs again."""
+    caplog.set_level(logging.INFO, logger=executor_module.__name__)  # which runs passed their tenant's bytes
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps(PRICES))
+    async with (
+        serving(
+            tmp_path,
+            workers=16,
+            max_stored_bytes_per_tenant=LIMIT,
+            tenant_budget_usd=TENANT_BUDGET_USD,
+            price_table=str(prices),
+        ) as srv,
+        Webhook(slow_s=0.1) as slow,
+        Webhook() as paying,
+        Webhook() as hung,
+        Webhook() as stuck,
+        tenants_on(srv, Storing.on, *TENANTS) as storing,
+    ):
+        stubs = {name: s.runs for name, s in storing.items()}
+        mix = Interleaving(stubs, operations=200)
+        rng, note = mix.rng, mix.note
+        targets: dict[str, Callable[[str], target_pb2.Target]] = {
+            "echo": lambda big: echo(),
+            "recorded": lambda big: recorded(),
+            "slow": lambda big: webhook(slow.url + big + "/slow"),
+            "hung": lambda big: webhook(hung.url + big + "/hang"),
+            "some-hung": lambda big: webhook(stuck.url + big + "/hang-some"),
+            "paid": lambda big: paid(paying.url + big),
+        }
+        hooks = {"slow": slow, "paid": paying, "hung": hung, "some-hung": stuck}
+        datasets: dict[str, list[str]] = defaultdict(list)
+        refused: Counter[str] = Counter()
+
+        for _ in range(mix.operations):
+            op = mix.pick(OVER_OPERATIONS)
+            if op == "create":
+                tenant = rng.choice(TENANTS)
+                kind = rng.choices(list(OVER_KINDS), weights=list(OVER_KINDS.values()))[0]
+                budget = RUN_BUDGET_USD if kind == "paid" and rng.random() < 0.4 else None
+                big = kind == "some-hung" or (kind in hooks and budget is None and rng.random() < 0.4)
+                n = BUDGETED_ITEMS if budget else rng.randint(*BIG_ITEMS) if big else rng.randint(1, 8)
+                tag = f"r{mix.done['create']}"
+                request = run_request(targets[kind]("/big" if big else ""), n, ask=f"{tag} q {{}}")
+                request.ClearField("graders")
+                request.graders.append(ASKED)  # a big answer passes too
+                if budget:
+                    request.max_cost_usd = budget
+                try:
+                    created = await stubs[tenant].CreateRun(request)
+                except grpc.aio.AioRpcError as error:
+                    assert_over(error, "max_stored_bytes_per_tenant")
+                    refused[op] += 1
+                else:
+                    mix.runs.append(TrackedRun(tenant, created.run.id, kind, n, tag=tag, max_cost_usd=budget))
+            elif op == "fill":
+                tenant = rng.choice(TENANTS)
+                try:
+                    dataset = await storing[tenant].datasets.CreateDataset(
+                        ds.CreateDatasetRequest(dataset=ds.Dataset())
+                    )
+                    datasets[tenant].append(dataset.dataset.id)
+                    await storing[tenant].datasets.AddDatasetItems(
+                        ds.AddDatasetItemsRequest(dataset_id=dataset.dataset.id, items=FILLER)
+                    )
+                except grpc.aio.AioRpcError as error:
+                    assert_over(error, "max_stored_bytes_per_tenant")
+                    refused[op] += 1
+            elif op == "make_room":
+                holding = [t for t in TENANTS if datasets[t]]
+                if holding:
+                    tenant = rng.choice(holding)
+                    dataset_id = datasets[tenant].pop(rng.randrange(len(datasets[tenant])))
+                    await storing[tenant].datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=dataset_id))
+            else:
+                assert await mix.shared(op), op
+            mix.done[op] += 1
+        print(f"operations done: {dict(mix.done)}, refused {dict(refused)}")
+
+        # The runs whose calls hang are cancelled last, once the others have ended: nothing else is left
+        # to wake the executor then, and those that passed their tenant's bytes wait for those calls. (The
+        # others of their tenants may wait for them too: hung calls can fill a tenant's room for calls,
+        # --max-workers-per-tenant, which bounds what its endpoints take from the other tenants.)
+        hanging = ("hung", "some-hung")
+        held = {r.tenant for r in mix.runs if r.kind in hanging and not r.cancel_asked}
+        await mix.all_end([r for r in mix.runs if r.tenant not in held or r.cancel_asked])
+        for kind in hanging:
+            await mix.cancel_every(kind)
+        ended = await mix.all_end()
+        # The line names the run first.
+        marked = {r.args[0] for r in caplog.records if "ends over its tenant's stored bytes" in r.getMessage()}
+        endings: Counter[str] = Counter()
+        for tracked, run in zip(mix.runs, ended, strict=True):
+            results = await stubs[tracked.tenant].ListRunResults(
+                pb.ListRunResultsRequest(run_id=run.id, page_size=1000)
+            )
+            recorded_items = sorted(r.item_id for r in results.results)
+            assert len(recorded_items) == run.counts.completed_evaluations, f"{tracked}: {run.counts} {note}"
+            ending = run.error.code or run_pb2.RunStatus.Name(run.status)
+            endings[f"{tracked.kind}{'*' if tracked.max_cost_usd else ''}: {ending}"] += 1
+            if tracked.cancel_asked:
+                continue  # cancelled, or ended before the cancel: either way it ended
+            allowed = {"RUN_STATUS_SUCCEEDED", "STORAGE_QUOTA_EXCEEDED"}
+            if tracked.kind in hooks:  # the tenant's budget stops its calls, paid or not
+                allowed.add("BUDGET_EXCEEDED")
+            if tracked.max_cost_usd:  # it cannot finish within its own budget
+                allowed.discard("RUN_STATUS_SUCCEEDED")
+            assert ending in allowed, f"{tracked} ended {ending}: {run.error.message} {note}"
+            # Passing its tenant's bytes is its ending, whatever budget it passes while its calls finish.
+            over_bytes = run.id in marked
+            assert over_bytes == (ending == "STORAGE_QUOTA_EXCEEDED"), f"{tracked} ended {ending} {note}"
+            if ending == "RUN_STATUS_SUCCEEDED":
+                assert run.counts.passed == tracked.items, f"{tracked}: {run.counts} {note}"
+            if tracked.kind in hooks:
+                called = _asked_items(hooks[tracked.kind], tracked.tag)
+                if ending == "BUDGET_EXCEEDED":  # calls in flight as it passed its budget are abandoned
+                    assert set(recorded_items) <= set(called), f"{tracked}: {recorded_items} of {called} {note}"
+                else:  # every call made has its result, and no call was made twice
+                    assert recorded_items == called, f"{tracked} {ending}: {recorded_items} for {called} {note}"
+        cancelled_over = sum(r.run_id in marked and r.cancel_asked for r in mix.runs)
+        print(f"endings: {dict(sorted(endings.items()))}; {len(marked)} over their bytes, {cancelled_over} cancelled")
+        await mix.watchers_saw_every_event()
+        await mix.executor_let_go(srv)
+
+        # Every tenant makes room (deletes its datasets and runs, purged at once: kept until now so that
+        # UndeleteRun found them) and runs again, on the very host whose calls hung and were cancelled; one
+        # past its budget (which purges do not give back) has its calls stopped.
+        for tenant in TENANTS:
+            for dataset_id in datasets.pop(tenant, []):
+                await storing[tenant].datasets.DeleteDataset(ds.DeleteDatasetRequest(dataset_id=dataset_id))
+        for tracked in mix.runs:
+            if not tracked.deleted:
+                await stubs[tracked.tenant].DeleteRun(pb.DeleteRunRequest(run_id=tracked.run_id))
+        srv.purger._retention_s = 0.0
+        await srv.purger.purge()
+        for tenant, stub in stubs.items():
+            spent = srv.executor._tenant_spent.get(tenant, 0.0)  # what its budget is checked against
+            run = await create_and_finish(stub, run_request(echo(), 3), within_s=10)
+            assert run.status == run_pb2.RUN_STATUS_SUCCEEDED, f"{tenant}: {run.error} {note}"
+            run = await create_and_finish(stub, run_request(webhook(hung.url + "/fast"), 3), within_s=10)
+            ending = run.error.code or run_pb2.RunStatus.Name(run.status)
+            expected = "BUDGET_EXCEEDED" if spent >= TENANT_BUDGET_USD else "RUN_STATUS_SUCCEEDED"
+            assert ending == expected, f"{tenant} (spent ${spent:.2f}): {run.error} {note}"
+        for hook in hooks.values():
+            assert srv.outbound.limit_of(hook.url).in_flight == 0, note
+        mix.executor_idle_and_healthy(srv)
 
 
 async def test_watchdog_reports_a_stuck_database_writer_and_its_recovery(tmp_path: Path) -> None:
