@@ -4,7 +4,8 @@ Against the real server (SQLite, or PostgreSQL with EVALSVC_TEST_DB=postgres) an
 on 127.0.0.1 (`Webhook`: answers at once, slowly, with HTTP 500, or never):
 - cancelling runs whose calls hang frees their endpoint and worker slots, and execution goes on;
 - a run hung on its webhook, throttled by it, or queued for the grading processes does not delay
-  other tenants' runs, nor its own tenant's other runs;
+  other tenants' runs, nor its own tenant's other runs while the tenant's hung calls leave it room
+  (--max-workers-per-tenant: a tenant whose hung calls fill it waits for them, by design);
 - supervised loops survive failures and stray cancellations; the watchdog turns health NOT_SERVING
   while a loop is stuck with work waiting, and SERVING again once it moves;
 - a seeded random interleaving of a few hundred operations (create, cancel, delete, undelete, update,
