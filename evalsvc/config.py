@@ -768,16 +768,12 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
 
-# EVALSVC_ variables that are not settings: operator secrets (`EVALSVC_SECRET_<NAME>`, evalsvc.secrets.operator),
-# the clients' key and retry bound (evalctl, the SDKs: a shell that exports them for evalctl starts the server
-# too) and the test suite's (`EVALSVC_TEST_DB`, `EVALSVC_LIVENESS_SEED`, ...).
-OTHER_VARIABLES = (
-    "EVALSVC_SECRET_",
-    "EVALSVC_API_KEY",
-    "EVALSVC_RETRY_MAX_ELAPSED_S",
-    "EVALSVC_TEST_",
-    "EVALSVC_LIVENESS_",
-)
+# EVALSVC_ variables that are not settings: operator secrets (`EVALSVC_SECRET_<NAME>`, evalsvc.secrets.operator)
+# and the test suite's (`EVALSVC_TEST_DB`, `EVALSVC_LIVENESS_SEED`, ...), by prefix; the clients' key and retry
+# bound (evalctl, the SDKs: a shell that exports them for evalctl starts the server too), by name (a prefix
+# let `EVALSVC_RETRY_MAX_ELAPSED_SECONDS`, a misspelling, pass unsaid).
+OTHER_VARIABLES = ("EVALSVC_SECRET_", "EVALSVC_TEST_", "EVALSVC_LIVENESS_")
+CLIENT_VARIABLES = frozenset({"EVALSVC_API_KEY", "EVALSVC_RETRY_MAX_ELAPSED_S"})
 OTHER_VARIABLE_SUFFIXES = ("_SEED",)
 
 
@@ -791,6 +787,7 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
             not name.startswith(ENV_PREFIX)
             or name.removeprefix(ENV_PREFIX) in settings
             or name.startswith(OTHER_VARIABLES)
+            or name in CLIENT_VARIABLES
             or name.endswith(OTHER_VARIABLE_SUFFIXES)
         ):
             continue

@@ -654,6 +654,11 @@ def test_a_compare_gate_fails_on_a_regression_beside_a_changed_grader(capsys: py
     comparison.graders[1].verdict = pb.comparison.COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE
     assert cli.cmd_compare(args, Client(), console) == cli.EXIT_NOT_COMPARABLE  # type: ignore[arg-type]
     assert capsys.readouterr().err.startswith("NO VERDICT: the runs are not comparable: the definition of grader style")
+    # A candidate that errored on every item: its unchanged grader paired nothing over the same items.
+    comparison.graders[1].verdict, comparison.graders[1].pairs = pb.comparison.COMPARISON_VERDICT_NO_PAIRS, 0
+    comparison.overall.pairs = 0
+    assert cli.cmd_compare(args, Client(), console) == cli.EXIT_BELOW  # type: ignore[arg-type]
+    assert "no pairs: no evaluation was graded in both runs" in capsys.readouterr().err
 
 
 def test_compare_rounds_a_pass_rate_as_run_and_get_do() -> None:

@@ -490,6 +490,30 @@ def test_retry_policy_is_bounded_by_time_by_default(monkeypatch: pytest.MonkeyPa
     assert "the server asked for a wait of 36.0 s before CreateRun is tried again" in str(final), final
 
 
+def test_only_an_unbroken_run_of_set_up_wrong_failures_ends_the_retries_early(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call in flight when its server is killed fails "Socket closed" (read as a handshake that failed), then
+    is refused while the server restarts: timed from the call's start, a call 2 s old lost its 30 s ride-out.
+    The 2 s are of failures that all say the client is set up wrong, and the final error says why it stopped."""
+    from evalsvc_client import _common
+    from evalsvc_client._common import SET_UP_WRONG_RETRY_S, RetryPolicy
+
+    clock = [100.0]
+    monkeypatch.setattr(_common.time, "monotonic", lambda: clock[0])
+    closed = errors.UnavailableError(grpc.StatusCode.UNAVAILABLE, "Socket closed", set_up_wrong=True)
+    refused = errors.UnavailableError(grpc.StatusCode.UNAVAILABLE, "Connection refused")
+    dying = RetryPolicy(max_elapsed_s=30).start("GetRun")
+    for error in (refused, closed, refused, refused, closed, refused):  # 3 s apart: past 2 s, never 2 s of them
+        assert dying.wait_after(error) is not None
+        clock[0] += 3.0
+    wrong = RetryPolicy(max_elapsed_s=30).start("GetRun")
+    assert wrong.wait_after(closed) is not None
+    clock[0] += SET_UP_WRONG_RETRY_S / 2
+    assert wrong.wait_after(closed) is not None
+    clock[0] += SET_UP_WRONG_RETRY_S / 2
+    assert wrong.wait_after(closed) is None
+    assert "retried for up to 2 s while every attempt failed so" in str(wrong.final(closed))
+
+
 def test_the_sdk_says_nothing_of_its_retries_unless_asked(capsys: pytest.CaptureFixture[str]) -> None:
     """A library's user sees no line of evalctl's: on_retry is None unless given."""
     from evalsvc_client._common import Retrying, RetryPolicy

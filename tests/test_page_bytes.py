@@ -589,6 +589,32 @@ async def test_a_page_of_runs_datasets_graders_or_targets_reads_only_the_rows_it
         assert listed == made[kind][::-1], kind
 
 
+async def test_a_run_deleted_between_a_pages_size_read_and_its_row_read_is_not_on_it(
+    channel: grpc.aio.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ListRuns reads its runs' sizes, then the chosen runs by id; each read sees the latest commit, so a run
+    soft-deleted between them was answered, deleted, on a page that does not show deleted runs."""
+    runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+    echo = target_pb2.Target(echo=target_pb2.EchoTarget())
+    request = pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=echo, graders=[exact()])
+    made = [(await runs.CreateRun(request)).run.id for _ in range(3)]
+    original = run_store.list_sizes
+
+    async def deleting_after(*args: Any, **kwargs: Any) -> Any:
+        sizes = await original(*args, **kwargs)
+        if made[1] not in deleted:
+            deleted.append(made[1])
+            await runs.DeleteRun(pb.DeleteRunRequest(run_id=made[1]))
+        return sizes
+
+    deleted: list[str] = []
+    monkeypatch.setattr(run_store, "list_sizes", deleting_after)
+    page = await runs.ListRuns(pb.ListRunsRequest(page_size=10))
+    assert [run.id for run in page.runs] == [made[2], made[0]] and not page.next_page_token
+    shown = await runs.ListRuns(pb.ListRunsRequest(page_size=10, show_deleted=True))
+    assert [run.id for run in shown.runs] == made[::-1] and shown.runs[1].HasField("delete_time")
+
+
 async def test_a_row_created_between_a_pages_size_read_and_its_row_read_pushes_none_off_it(
     server: EvalServer,
     channel: grpc.aio.Channel,

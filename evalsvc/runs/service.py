@@ -760,7 +760,10 @@ class RunService:
             chosen = sizes[:fitting]
             # By id: read again by position, a run created between the reads took the first place and pushed
             # the last chosen one off a last page (no token): a run silently missing.
-            rows = await run_store.list_page(conn, tenant, [run_id for _, run_id, _ in chosen], basic=wanted.basic)
+            chosen_ids = [run_id for _, run_id, _ in chosen]
+            rows = await run_store.list_page(
+                conn, tenant, chosen_ids, basic=wanted.basic, show_deleted=wanted.show_deleted
+            )
         runs = [listed_run_from(row) if isinstance(row, RunListing) else run_from(row) for row in rows]
         return self._page_tokens.chosen_page(
             tenant,

@@ -294,12 +294,15 @@ async def list_sizes(
 
 
 async def list_page(
-    conn: AsyncConnection, tenant: str, ids: Sequence[str], *, basic: bool
+    conn: AsyncConnection, tenant: str, ids: Sequence[str], *, basic: bool, show_deleted: bool
 ) -> list[RunRecord | RunListing]:
-    """A tenant's runs of these ids, in their order (those deleted meanwhile left out): every column of
-    RunRecord, or for `basic` RunListing's, so that the definition's columns are not read."""
+    """A tenant's runs of these ids, in their order: every column of RunRecord, or for `basic` RunListing's, so
+    that the definition's columns are not read. Those purged meanwhile are left out, and unless `show_deleted`
+    those soft-deleted meanwhile (each statement reads the latest commit: the sizes read saw them live)."""
     record = RunListing if basic else RunRecord
     query = select(*(RUNS.c[field.name] for field in fields(record))).where(RUNS.c.tenant == tenant, RUNS.c.id.in_(ids))
+    if not show_deleted:
+        query = query.where(RUNS.c.delete_time.is_(None))
     by_id = {row["id"]: row for row in (await conn.execute(query)).mappings()}
     return [record.from_row(by_id[run_id]) for run_id in ids if run_id in by_id]
 

@@ -105,6 +105,11 @@ class CallRetries:
         self.attempts = 0
         self._started = time.monotonic()
         self._asked_past_bound: float | None = None  # a RetryInfo wait that alone would pass the bound
+        # Since when every failure has said the client is set up wrong (`EvalError.set_up_wrong`), and whether
+        # that run of them ended the retries: a call in flight when a server dies reads "Socket closed" too,
+        # then refused while it restarts, so the run of them is timed, not the call.
+        self._set_up_wrong_since: float | None = None
+        self._set_up_wrong_cut = False
 
     def wait_after(self, error: EvalError) -> float | None:
         """Count a failed attempt; the seconds to wait before the next, or None when there is none (the error is
@@ -112,7 +117,13 @@ class CallRetries:
         self.attempts += 1
         if not self.policy.should_retry(error, self.attempts):
             return None
-        if error.set_up_wrong and time.monotonic() - self._started >= SET_UP_WRONG_RETRY_S:
+        now = time.monotonic()
+        if not error.set_up_wrong:
+            self._set_up_wrong_since = None
+        elif self._set_up_wrong_since is None:
+            self._set_up_wrong_since = now
+        elif now - self._set_up_wrong_since >= SET_UP_WRONG_RETRY_S:
+            self._set_up_wrong_cut = True
             return None
         left = self._started + self.policy.max_elapsed_s - time.monotonic()
         if error.retry_delay is not None and error.retry_delay > left > 0:
@@ -134,6 +145,8 @@ class CallRetries:
         if self.attempts < 2:
             return error
         elapsed = time.monotonic() - self._started
+        if self._set_up_wrong_cut:
+            bound = f"{SET_UP_WRONG_RETRY_S:g} s while every attempt failed so: a retry alone will not help"
         return error.with_hint(
             f"{self.call} was tried {self.attempts} times over {elapsed:.1f} s (retried for up to {bound})"
         )

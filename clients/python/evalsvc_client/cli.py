@@ -1075,8 +1075,11 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
     )
     # A grader that kept its definition and REGRESSED fails the gate whatever else changed (a changed grader
     # pairs nothing, so it cannot be one): NO VERDICT first hid a real regression behind another grader's edit.
+    # So does a candidate whose unchanged graders paired nothing over the same items (it errored throughout).
     regressed = any(g.verdict == pb.comparison.COMPARISON_VERDICT_REGRESSED for g in comparison.graders)
-    if not_comparable and not (args.fail_on_regression and regressed):
+    unchanged = [g for g in comparison.graders if not g.definition_changed]
+    unpaired = bool(unchanged) and not comparison.overall.pairs and not comparison.changed_items
+    if not_comparable and not (args.fail_on_regression and (regressed or unpaired)):
         console.print(not_comparable, markup=False)
         return EXIT_NOT_COMPARABLE
     failures = comparison_gate_failures(comparison, args.fail_on_regression, args.max_unpaired)

@@ -180,6 +180,10 @@ KEY_HINT = (
 # "Connection refused" where nothing listens.
 _HANDSHAKE_FAILED = re.compile(r"socket closed|handshake|ssl|certificate|tls", re.IGNORECASE)
 
+# How grpc says a connection was reset as it was made (what answers accepted and dropped it: TLS not matching,
+# as "Socket closed" is; a server restarting refuses instead). It comes between "Socket closed" failures.
+_RESET_CONNECTING = re.compile(r"failed to connect.*connection reset", re.IGNORECASE | re.DOTALL)
+
 # How grpc says the name of a target does not resolve (its words differ by version and resolver: "DNS
 # resolution failed", "errors resolving HOST: ... Domain name not found").
 _UNRESOLVED = re.compile(r"dns resolution failed|errors resolving|domain name not found", re.IGNORECASE)
@@ -231,6 +235,7 @@ def set_up_wrong(code: grpc.StatusCode, reason: str, target: str, message: str) 
         or _HTTP1_ANSWERED.search(message)
         or _HOSTNAME_MISMATCH.search(words)
         or _HANDSHAKE_FAILED.search(words)
+        or _RESET_CONNECTING.search(words)
         or _UNRESOLVED.search(message)
     )
 
@@ -264,7 +269,7 @@ def hint_for(code: grpc.StatusCode, reason: str, target: str, message: str = "",
             f"The name in {target} does not resolve: check --target HOST:PORT (EVALCTL_TARGET; SDK: the target),"
             " or use the server's IP address"
         )
-    handshake = _HANDSHAKE_FAILED.search(words)
+    handshake = _HANDSHAKE_FAILED.search(words) or _RESET_CONNECTING.search(words)
     if code == grpc.StatusCode.UNAVAILABLE and not reason and target and handshake:
         # evalctl said "is the server running?" of a running TLS server.
         return (

@@ -502,8 +502,9 @@ type LlmJudge struct {
 	Levels []*JudgeLevel `protobuf:"bytes,5,rep,name=levels,proto3" json:"levels,omitempty"`
 	// More instructions for the judge.
 	AdditionalGuidelines string `protobuf:"bytes,6,opt,name=additional_guidelines,json=additionalGuidelines,proto3" json:"additional_guidelines,omitempty"`
-	// The judge's model; empty uses the server's default judge (--judge-model, with its endpoint and key),
-	// whose model a run records in `Run.default_judge_model` when it is created.
+	// The judge's model; empty uses the server's default judge model (--judge-model; at the default
+	// judge's endpoint and key when `endpoint` is unset too), which a run records in
+	// `Run.default_judge_model` when it is created.
 	Model string `protobuf:"bytes,7,opt,name=model,proto3" json:"model,omitempty"`
 	// The judge's endpoint; unset uses the server's default judge (--judge-base-url, --judge-api-key).
 	Endpoint *Endpoint `protobuf:"bytes,8,opt,name=endpoint,proto3" json:"endpoint,omitempty"`

@@ -242,8 +242,9 @@ export type LlmJudge = Message<"evalsvc.v1.LlmJudge"> & {
   additionalGuidelines: string;
 
   /**
-   * The judge's model; empty uses the server's default judge (--judge-model, with its endpoint and key),
-   * whose model a run records in `Run.default_judge_model` when it is created.
+   * The judge's model; empty uses the server's default judge model (--judge-model; at the default
+   * judge's endpoint and key when `endpoint` is unset too), which a run records in
+   * `Run.default_judge_model` when it is created.
    *
    * @generated from field: string model = 7;
    */
