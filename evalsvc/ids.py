@@ -14,13 +14,25 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
 
 from evalsvc.errors import FieldViolation, invalid_argument, invalid_page_token
 
 M = TypeVar("M", bound=Message)
+P = TypeVar("P")
+
+
+@dataclass(frozen=True)
+class Chosen(Generic[P]):
+    """The rows a list page chose by their stored sizes (`PageTokens.choose`), before reading them: their
+    positions, in order, and whether rows were left after them (past the page's bytes or its limit)."""
+
+    positions: list[P]
+    more: bool
+
 
 _last_micros = 0
 
@@ -109,6 +121,12 @@ class PageTokens:
         kept = list(messages[: self.fitting(messages)])
         return kept, self.encode(tenant, kind, query, position(len(kept) - 1)) if read > len(kept) else ""
 
+    def choose(self, sized: Sequence[tuple[P, int]], limit: int) -> Chosen[P]:
+        """The rows a page of `limit` takes from a size read of up to `limit` + 1 (position, size) rows: the
+        leading ones that fit (`fitting_sizes`: at least one of a page that has rows)."""
+        fitting = self.fitting_sizes(size for _, size in sized[:limit])
+        return Chosen([position for position, _ in sized[:fitting]], len(sized) > fitting)
+
     def chosen_page(
         self,
         tenant: str,
@@ -116,20 +134,16 @@ class PageTokens:
         query: dict[str, Any],
         messages: Sequence[M],
         position: Callable[[int], Any],
-        *,
-        chosen: Sequence[Any],
-        more: bool,
+        chosen: Chosen[Any],
     ) -> tuple[list[M], str]:
-        """A page of list `kind` whose rows were chosen by their sizes (`fitting_sizes`), then read by id:
-        the leading `messages` that fit, and the token of the page after them. `chosen` are the positions
-        of the rows chosen, in order; `more` when rows were left after them (by `fitting_sizes`, or past
-        the page's limit; `fitting_sizes` chooses at least one of a page that has rows): the token goes
-        after the last chosen row, even when it, or every chosen row, was deleted between the reads; the
-        rows created meanwhile are newer than the page and not on it."""
+        """A page of list `kind` whose rows were chosen by their sizes (`choose`), then read by id: the
+        leading `messages` that fit, and the token of the page after them. When rows were left after the
+        chosen ones the token goes after the last chosen row, even when it, or every chosen row, was
+        deleted between the reads; the rows created meanwhile are newer than the page and not on it."""
         kept = list(messages[: self.fitting(messages)])
         if len(kept) < len(messages):
             return kept, self.encode(tenant, kind, query, position(len(kept) - 1))
-        return kept, self.encode(tenant, kind, query, chosen[-1]) if more else ""
+        return kept, self.encode(tenant, kind, query, chosen.positions[-1]) if chosen.more else ""
 
     def encode(self, tenant: str, kind: str, query: dict[str, Any], position: Any) -> str:
         """The token of the page after `position` in list `kind` with filters `query`."""

@@ -225,22 +225,13 @@ class DatasetService:
         before_id = self._page_tokens.decode(tenant, "datasets", {}, request.page_token)
         async with self._db.read() as conn:
             sizes = await dataset_store.list_sizes(conn, tenant, before_id=before_id, limit=limit + 1)
-            fitting = self._page_tokens.fitting_sizes(size for _, size in sizes[:limit])
-            chosen = [dataset_id for dataset_id, _ in sizes[:fitting]]
+            chosen = self._page_tokens.choose(sizes, limit)
             # By id: read again by position, a dataset created between the reads took the first place and
             # pushed the last chosen one off a last page (no token): a dataset silently missing.
-            rows = await dataset_store.list_page(conn, tenant, chosen)
+            rows = await dataset_store.list_page(conn, tenant, chosen.positions)
             generations = await dataset_store.generations_of(conn, [row.id for row in rows])
         datasets = [dataset_from(row, generations.get(row.id)) for row in rows]
-        return self._page_tokens.chosen_page(
-            tenant,
-            "datasets",
-            {},
-            datasets,
-            lambda i: datasets[i].id,
-            chosen=chosen,
-            more=len(sizes) > fitting,
-        )
+        return self._page_tokens.chosen_page(tenant, "datasets", {}, datasets, lambda i: datasets[i].id, chosen)
 
     async def add_items(self, tenant: str, request: pb.AddDatasetItemsRequest) -> tuple[builtins.list[str], pb.Dataset]:
         """Append items; their ids must be new to the dataset. With a request_id, once (AIP-155): a retry

@@ -177,14 +177,11 @@ class DefinitionService:
         before = self._page_tokens.decode(tenant, "graders", {}, request.page_token)
         async with self._db.read() as conn:
             sizes = await store.grader_sizes(conn, tenant, before_id=before, limit=limit + 1)
-            fitting = self._page_tokens.fitting_sizes(size for _, size in sizes[:limit])
-            chosen = [grader_id for grader_id, _ in sizes[:fitting]]
+            chosen = self._page_tokens.choose(sizes, limit)
             # By id, as DatasetService.list: a grader created between the reads pushed one off the page.
-            rows = await store.list_graders(conn, tenant, chosen)
+            rows = await store.list_graders(conn, tenant, chosen.positions)
         graders = [saved_grader_from(grader, version) for grader, version in rows]
-        return self._page_tokens.chosen_page(
-            tenant, "graders", {}, graders, lambda i: graders[i].id, chosen=chosen, more=len(sizes) > fitting
-        )
+        return self._page_tokens.chosen_page(tenant, "graders", {}, graders, lambda i: graders[i].id, chosen)
 
     async def update_grader(
         self, tenant: str, request: grader_service_pb2.UpdateGraderRequest
@@ -295,13 +292,10 @@ class DefinitionService:
         before = self._page_tokens.decode(tenant, "targets", {}, request.page_token)
         async with self._db.read() as conn:
             sizes = await store.target_sizes(conn, tenant, before_id=before, limit=limit + 1)
-            fitting = self._page_tokens.fitting_sizes(size for _, size in sizes[:limit])
-            chosen = [target_id for target_id, _ in sizes[:fitting]]
-            rows = await store.list_targets(conn, tenant, chosen)
+            chosen = self._page_tokens.choose(sizes, limit)
+            rows = await store.list_targets(conn, tenant, chosen.positions)
         targets = [saved_target_from(row) for row in rows]
-        return self._page_tokens.chosen_page(
-            tenant, "targets", {}, targets, lambda i: targets[i].id, chosen=chosen, more=len(sizes) > fitting
-        )
+        return self._page_tokens.chosen_page(tenant, "targets", {}, targets, lambda i: targets[i].id, chosen)
 
     async def delete_target(self, tenant: str, target_id: str) -> None:
         """Delete a saved target; NOT_FOUND when missing or another tenant's."""

@@ -242,7 +242,8 @@ class Executor:
         self._created: dict[str, CreatedRunInputs] = {}  # insertion order: oldest first
         self._created_items = 0
         self._in_flight: dict[str, set[asyncio.Task[None]]] = defaultdict(set)
-        # Jobs past their start checks (`_over_storage`), by run id: making calls, or about to.
+        # Jobs with calls under way (past their first call's guard, `_check_budget`) or with a result an inline
+        # claim has not handed over yet (`_hand_over_part`), by run id: what a run over its bytes waits for.
         self._calling: defaultdict[str, int] = defaultdict(int)
         # Job tasks made but not yet started: one cancelled now never runs `_run_job`'s `finally`, so
         # `_task_done` gives back its share of the claim instead (see `_run_job`).

@@ -90,7 +90,7 @@ def item_digest(raw: bytes, with_metadata: bool) -> bytes:
     return hashlib.sha256(item.SerializeToString(deterministic=True)).digest()
 
 
-def _item_digests(items: Sequence[tuple[str, bytes]], with_metadata: bool) -> dict[str, bytes]:
+def _digest_batch(items: Sequence[tuple[str, bytes]], with_metadata: bool) -> dict[str, bytes]:
     return {item_id: item_digest(raw, with_metadata) for item_id, raw in items}
 
 
@@ -121,11 +121,8 @@ def changed_definitions(baseline: run_pb2.Run, candidate: run_pb2.Run, default_m
     """The grader names both runs have whose definitions differ (saved graders are stored resolved)."""
     old, new = judged_by_default(baseline, default_model), judged_by_default(candidate, default_model)
     before = {grader_name(g): definition_digest(g, old) for g in baseline.graders}
-    return frozenset(
-        name
-        for name, digest in ((grader_name(g), definition_digest(g, new)) for g in candidate.graders)
-        if before.get(name, digest) != digest
-    )
+    after = {grader_name(g): definition_digest(g, new) for g in candidate.graders}
+    return frozenset(name for name, digest in after.items() if before.get(name, digest) != digest)
 
 
 def change_of(baseline: Side | None, candidate: Side | None) -> cpb.ComparisonChange:
@@ -384,7 +381,7 @@ class CompareService:
             batches = comparison_store.items_between(conn, tenant, run_id, chunk[0][0], chunk[-1][0])
             async with contextlib.aclosing(batches):
                 async for batch in batches:
-                    digests.update(await _finished(asyncio.to_thread(_item_digests, batch, with_metadata)))
+                    digests.update(await _finished(asyncio.to_thread(_digest_batch, batch, with_metadata)))
         return digests
 
     async def compare(self, tenant: str, request: cpb.CompareRunsRequest) -> cpb.RunComparison:

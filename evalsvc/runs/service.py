@@ -756,23 +756,13 @@ class RunService:
         async with self._db.read() as conn:
             position = after if after is None or isinstance(after, str) else (after[0], after[1])
             sizes = await run_store.list_sizes(conn, tenant, wanted, after=position, limit=limit + 1)
-            fitting = self._page_tokens.fitting_sizes(size for _, _, size in sizes[:limit])
-            chosen = sizes[:fitting]
+            chosen = self._page_tokens.choose(sizes, limit)
             # By id: read again by position, a run created between the reads took the first place and pushed
             # the last chosen one off a last page (no token): a run silently missing.
-            chosen_ids = [run_id for _, run_id, _ in chosen]
-            rows = await run_store.list_page(
-                conn, tenant, chosen_ids, basic=wanted.basic, show_deleted=wanted.show_deleted
-            )
+            rows = await run_store.list_page(conn, tenant, [run_id for _, run_id in chosen.positions], wanted)
         runs = [listed_run_from(row) if isinstance(row, RunListing) else run_from(row) for row in rows]
         return self._page_tokens.chosen_page(
-            tenant,
-            "runs",
-            query,
-            runs,
-            lambda i: [rows[i].create_time, rows[i].id],
-            chosen=[[create_time, run_id] for create_time, run_id, _ in chosen],
-            more=len(sizes) > fitting,
+            tenant, "runs", query, runs, lambda i: [rows[i].create_time, rows[i].id], chosen
         )
 
     async def cancel(self, tenant: str, run_id: str) -> run_pb2.Run:

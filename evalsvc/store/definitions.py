@@ -59,7 +59,7 @@ async def remove_grader(conn: AsyncConnection, tenant: str, grader_id: str) -> b
     )
     # Its versions' bytes too, at once (as for a dataset's items: evalsvc.store.datasets.remove).
     versions = await conn.execute(
-        select(func.coalesce(func.sum(func.length(VERSIONS.c.definition)), 0), func.count()).where(
+        select(func.coalesce(func.sum(usage.stored_size(VERSIONS, usage.VERSION_COLUMNS)), 0), func.count()).where(
             VERSIONS.c.grader_id == grader_id
         )
     )

@@ -278,30 +278,31 @@ class RunsWanted:
 
 # The columns of a listed run that can be large, by what a page reads (RUN_VIEW_BASIC: RunListing's): what a
 # page chooses its runs by before reading them (`list_sizes`).
-FULL_SIZED = ("spec", "annotations", "aggregate", "description", "labels", "error_message")
 BASIC_SIZED = ("aggregate", "description", "labels", "error_message")
+FULL_SIZED = (*BASIC_SIZED, "spec", "annotations")
 
 
 async def list_sizes(
     conn: AsyncConnection, tenant: str, wanted: RunsWanted, *, after: RunPosition | None, limit: int
-) -> list[tuple[float, str, int]]:
-    """The (create_time, id, size) of the runs a ListRuns page would answer, in its order (`list_sizes_query`):
-    what the page chooses its runs by before it reads them (`list_page`). A run's definition may be a
-    quarter of --max-message-bytes: read whole, a page of 1,000 such runs read ~4 GB to answer with the few
-    that fit in a message."""
+) -> list[tuple[tuple[float, str], int]]:
+    """The position (create_time, id) and size of the runs a ListRuns page would answer, in its order
+    (`list_sizes_query`): what the page chooses its runs by before it reads them (`list_page`). A run's
+    definition may be a quarter of --max-message-bytes: read whole, a page of 1,000 such runs read ~4 GB to
+    answer with the few that fit in a message."""
     rows: Any = await conn.execute(list_sizes_query(tenant, wanted, after=after, limit=limit))
-    return [(create_time, run_id, int(size)) for create_time, run_id, size in rows]
+    return [((create_time, run_id), int(size)) for create_time, run_id, size in rows]
 
 
 async def list_page(
-    conn: AsyncConnection, tenant: str, ids: Sequence[str], *, basic: bool, show_deleted: bool
+    conn: AsyncConnection, tenant: str, ids: Sequence[str], wanted: RunsWanted
 ) -> list[RunRecord | RunListing]:
-    """A tenant's runs of these ids, in their order: every column of RunRecord, or for `basic` RunListing's, so
-    that the definition's columns are not read. Those purged meanwhile are left out, and unless `show_deleted`
-    those soft-deleted meanwhile (each statement reads the latest commit: the sizes read saw them live)."""
-    record = RunListing if basic else RunRecord
+    """A tenant's runs of these ids (chosen by `list_sizes` for `wanted`), in their order: every column of
+    RunRecord, or for `basic` RunListing's, so that the definition's columns are not read. Those purged
+    meanwhile are left out, and unless `show_deleted` those soft-deleted meanwhile (each statement reads the
+    latest commit: the sizes read saw them live)."""
+    record = RunListing if wanted.basic else RunRecord
     query = select(*(RUNS.c[field.name] for field in fields(record))).where(RUNS.c.tenant == tenant, RUNS.c.id.in_(ids))
-    if not show_deleted:
+    if not wanted.show_deleted:
         query = query.where(RUNS.c.delete_time.is_(None))
     by_id = {row["id"]: row for row in (await conn.execute(query)).mappings()}
     return [record.from_row(by_id[run_id]) for run_id in ids if run_id in by_id]

@@ -125,7 +125,7 @@ class CallRetries:
         elif now - self._set_up_wrong_since >= SET_UP_WRONG_RETRY_S:
             self._set_up_wrong_cut = True
             return None
-        left = self._started + self.policy.max_elapsed_s - time.monotonic()
+        left = self._started + self.policy.max_elapsed_s - now
         if error.retry_delay is not None and error.retry_delay > left > 0:
             self._asked_past_bound = error.retry_delay
             return None

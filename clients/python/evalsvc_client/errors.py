@@ -222,22 +222,33 @@ def target_as_url_hint(target: str) -> str:
     )
 
 
-def set_up_wrong(code: grpc.StatusCode, reason: str, target: str, message: str) -> bool:
-    """Whether a transport's UNAVAILABLE (no ErrorInfo) says the client is set up wrong for what answers - a URL
-    for a target, an HTTP/1 port, a certificate for another name, a handshake that failed (TLS not matching),
-    a name that does not resolve - rather than that nothing answers yet (refused: a server restarting). Such
-    a call was retried for the whole retry bound (30 s of 'retrying' lines before the TLS hint)."""
+def _set_up_wrong_cause(code: grpc.StatusCode, reason: str, target: str, message: str) -> str | None:
+    """What a transport's UNAVAILABLE (no ErrorInfo) says is wrong with how the client is set up for what
+    answers: "url" (a URL for a target), "http1" (an HTTP/1 port), "hostname" (a certificate for another
+    name), "unresolved" (a name that does not resolve), "handshake" (closed or reset before any call: TLS
+    not matching); None otherwise (nothing answers yet: refused, a server restarting). The transport's words
+    name the address too (`evalsvc-tls.internal:443` matched "tls"): it is left out of them."""
     if code != grpc.StatusCode.UNAVAILABLE or reason or not target:
-        return False
+        return None
     words = message.replace(target, " ")
-    return bool(
-        target_as_url_hint(target)
-        or _HTTP1_ANSWERED.search(message)
-        or _HOSTNAME_MISMATCH.search(words)
-        or _HANDSHAKE_FAILED.search(words)
-        or _RESET_CONNECTING.search(words)
-        or _UNRESOLVED.search(message)
-    )
+    if target_as_url_hint(target):
+        return "url"
+    if _HTTP1_ANSWERED.search(message):
+        return "http1"
+    if _HOSTNAME_MISMATCH.search(words):
+        return "hostname"
+    if _UNRESOLVED.search(message):  # before the handshake: a name that does not resolve is none
+        return "unresolved"
+    if _HANDSHAKE_FAILED.search(words) or _RESET_CONNECTING.search(words):
+        return "handshake"
+    return None
+
+
+def set_up_wrong(code: grpc.StatusCode, reason: str, target: str, message: str) -> bool:
+    """Whether a transport's UNAVAILABLE says the client is set up wrong for what answers
+    (`_set_up_wrong_cause`), rather than that nothing answers yet: such a call was retried for the whole
+    retry bound (30 s of 'retrying' lines before the TLS hint)."""
+    return _set_up_wrong_cause(code, reason, target, message) is not None
 
 
 def hint_for(code: grpc.StatusCode, reason: str, target: str, message: str = "", *, tls: bool = False) -> str:
@@ -246,31 +257,28 @@ def hint_for(code: grpc.StatusCode, reason: str, target: str, message: str = "",
     target to write without its URL scheme. `tls`: the call went out with TLS. Empty for the rest."""
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return KEY_HINT
-    if code == grpc.StatusCode.UNAVAILABLE and not reason and target_as_url_hint(target):
+    cause = _set_up_wrong_cause(code, reason, target, message)
+    if cause == "url":
         return target_as_url_hint(target)
-    if code == grpc.StatusCode.UNAVAILABLE and not reason and target and _HTTP1_ANSWERED.search(message):
+    if cause == "http1":
         # evalctl said "Nothing answers" of the REST gateway, which had answered, in HTTP/1.
         return (
             f"Something answers at {target}, but in HTTP/1, not gRPC: most likely the REST gateway's port"
             " (8080 by default). --target HOST:PORT (EVALCTL_TARGET; SDK: the target) takes the gRPC port,"
             " 50051 by default: the server logs it as `evalsvc listening on HOST:PORT`"
         )
-    # The transport's words name the address too (`evalsvc-tls.internal:443` matched "tls"), and a name
-    # that does not resolve is no handshake: neither says TLS does not match.
-    words = message.replace(target, " ") if target else message
-    if code == grpc.StatusCode.UNAVAILABLE and not reason and target and _HOSTNAME_MISMATCH.search(words):
+    if cause == "hostname":
         return (
             f"Something answers at {target} with TLS, but its certificate is not for the name called: call it by a"
             " name its certificate holds (--target), or give that name with --tls-server-name NAME (SDK:"
             " TLSOptions(server_name_override=...))"
         )
-    if code == grpc.StatusCode.UNAVAILABLE and not reason and target and _UNRESOLVED.search(message):
+    if cause == "unresolved":
         return (
             f"The name in {target} does not resolve: check --target HOST:PORT (EVALCTL_TARGET; SDK: the target),"
             " or use the server's IP address"
         )
-    handshake = _HANDSHAKE_FAILED.search(words) or _RESET_CONNECTING.search(words)
-    if code == grpc.StatusCode.UNAVAILABLE and not reason and target and handshake:
+    if cause == "handshake":
         # evalctl said "is the server running?" of a running TLS server.
         return (
             f"Something answers at {target} but closed the connection before any call: most likely TLS does "

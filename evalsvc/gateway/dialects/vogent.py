@@ -539,7 +539,7 @@ class Vogent(DialectClient):
             cursor,
             lambda item: record_out(item) is not None and (not search or matches(item, search)),
         )
-        records = [record for item in found if (record := record_out(item)) is not None]
+        records = [read_record(item) for item in found]  # each kept one was read
         return AIEvalPage[AIEvalRecord](data=records, cursor=next_cursor)
 
     async def create_run(self, config_id: str, body: RunEvalInput) -> AIEvalRun:

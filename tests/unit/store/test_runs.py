@@ -648,8 +648,8 @@ async def test_a_page_of_runs_reads_its_rows_in_index_order_from_its_time_range_
             listed: list[str] = []
             after: run_store.RunPosition | None = None
             while page := await run_store.list_sizes(conn, "t1", wanted, after=after, limit=400):
-                listed += [run_id for _, run_id, _ in page]
-                after = (page[-1][0], page[-1][1])
+                listed += [run_id for (_, run_id), _ in page]
+                after = page[-1][0]
             assert listed == expected  # every run of the range once, ties (one create_time) by id
             sql = str(
                 run_store.list_sizes_query("t1", wanted, after=(base + 1_500 * 60, ""), limit=50).compile(
