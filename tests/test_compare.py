@@ -15,8 +15,10 @@ import grpc
 import httpx
 import pytest
 from scipy import stats
+from sqlalchemy import select, update
 
 from evalsvc.server import EvalServer
+from evalsvc.store import runs as run_store
 from evalsvc.testing import EvalServiceTestServer
 from evalsvc.v1 import comparison_pb2 as cpb
 from evalsvc.v1 import dataset_service_pb2 as ds
@@ -678,3 +680,175 @@ async def test_pages_with_a_change_filter_are_read_a_few_at_a_time(
     most = 0
     await asyncio.gather(*(page(0) for _ in range(8)))
     assert most > compare_module.FILTERED_PAGES  # unfiltered pages are not held back
+
+
+CHANGES = (
+    (cpb.COMPARISON_CHANGE_REGRESSED, "regressed"),
+    (cpb.COMPARISON_CHANGE_IMPROVED, "improved"),
+    (cpb.COMPARISON_CHANGE_BOTH_PASSED, "both_passed"),
+    (cpb.COMPARISON_CHANGE_BOTH_FAILED, "both_failed"),
+    (cpb.COMPARISON_CHANGE_UNPAIRED, "unpaired"),
+)
+
+
+async def _listed(svc: HasRuns, baseline_id: str, candidate_id: str, grader: str = "", change: int = 0) -> list[Any]:
+    """Every ComparisonItem ListComparisonItems lists with these filters, a few per page."""
+    listed: list[cpb.ComparisonItem] = []
+    token = ""
+    while True:
+        page = await svc.runs.ListComparisonItems(
+            cpb.ListComparisonItemsRequest(
+                baseline_run_id=baseline_id, candidate_run_id=candidate_id, grader=grader,
+                change=change, page_size=7, page_token=token,  # type: ignore[arg-type]
+            )
+        )  # fmt: skip
+        listed.extend(page.items)
+        if not (token := page.next_page_token):
+            return listed
+
+
+def _drifted_runs_items() -> tuple[list[item_pb2.Item], list[item_pb2.Item]]:
+    """20 items the baseline answers right; the candidate's q00-q04 are other questions answered wrong
+    (pairs of different items, which read as regressions), q05 errs and q19 is missing; the rest are the
+    same questions, half answered wrong."""
+    baseline = [
+        item_pb2.Item(id=f"q{i:02d}", input=f"question {i}", expected_output=f"answer {i}", metadata={"run": "b"})
+        for i in range(20)
+    ]
+    for item in baseline:
+        item.response.content = item.expected_output
+    candidate = [item_pb2.Item() for _ in range(19)]
+    for i, item in enumerate(candidate):
+        item.CopyFrom(baseline[i])
+        item.metadata["run"] = "c"  # metadata alone: the same item (a provided target is sent none)
+        if i < 5:
+            item.input = f"another question {i}"
+        if i < 5 or i % 2:
+            item.response.content = "wrong"
+    candidate[5].ClearField("response")
+    return baseline, candidate
+
+
+@pytest.mark.usefixtures("small_chunks")
+async def test_change_filters_list_what_compare_runs_counted(svc: Service) -> None:
+    """Runs with 5 changed items and a grader whose definition changed: CompareRuns counted 3 REGRESSED
+    where ListComparisonItems(change=REGRESSED) listed 8, its pairs of different items among them, and the
+    changed grader's BOTH_PASSED that CompareRuns never paired. Now, per grader and overall, each `change`
+    filter lists as many as CompareRuns counted, and an UNPAIRED item says why."""
+    baseline_items, candidate_items = _drifted_runs_items()
+    exact = grader_pb2.Grader(name="exact", exact_match=grader_pb2.ExactMatch())
+    lenient = grader_pb2.Grader(name="similar", similarity=grader_pb2.Similarity(threshold=0.2))
+    strict = grader_pb2.Grader(name="similar", similarity=grader_pb2.Similarity(threshold=0.9))
+    baseline = await _run(svc, baseline_items, [exact, lenient])
+    candidate = await _run(svc, candidate_items, [exact, strict])
+    comparison = (await svc.runs.CompareRuns(pb_compare(baseline.id, candidate.id))).comparison
+    assert comparison.changed_items == 10  # 5 items x 2 graders
+    by_name = {g.grader: g for g in comparison.graders}
+    assert by_name["similar"].definition_changed and by_name["exact"].regressed > 0
+    for grader, counted in [*by_name.items(), ("", comparison.overall)]:
+        for change, field in CHANGES:
+            listed = await _listed(svc, baseline.id, candidate.id, grader, change)
+            assert len(listed) == getattr(counted, field), (grader, field)
+            assert all(item.change == change for item in listed)
+
+    reasons: dict[int, list[tuple[str, str]]] = {}
+    for item in await _listed(svc, baseline.id, candidate.id):
+        paired = item.change != cpb.COMPARISON_CHANGE_UNPAIRED
+        assert paired == (item.unpaired_reason == cpb.UNPAIRED_REASON_UNSPECIFIED)
+        reasons.setdefault(item.unpaired_reason, []).append((item.item_id, item.grader))
+    ids = [f"q{i:02d}" for i in range(20)]
+    assert sorted(reasons[cpb.UNPAIRED_REASON_ITEM_CHANGED]) == [(i, g) for i in ids[:5] for g in ("exact", "similar")]
+    assert reasons[cpb.UNPAIRED_REASON_ONE_RUN] == [("q19", "exact"), ("q19", "similar")]
+    assert reasons[cpb.UNPAIRED_REASON_DEFINITION_CHANGED] == [(i, "similar") for i in ids[5:19]]
+    assert reasons[cpb.UNPAIRED_REASON_NOT_GRADED] == [("q05", "exact")]
+    assert len(reasons[cpb.UNPAIRED_REASON_UNSPECIFIED]) == comparison.overall.pairs == 13
+
+    reply = await svc.http.get(
+        f"/v1/runs/{candidate.id}:compareItems",
+        params={"baseline_run_id": baseline.id, "change": "COMPARISON_CHANGE_UNPAIRED", "grader": "similar"},
+    )
+    assert reply.status_code == 200, reply.text
+    assert {i["unpairedReason"] for i in reply.json()["items"]} == {
+        "UNPAIRED_REASON_ITEM_CHANGED",
+        "UNPAIRED_REASON_DEFINITION_CHANGED",
+        "UNPAIRED_REASON_ONE_RUN",
+    }
+
+
+async def _digests_stored(srv: EvalServer, run_id: str) -> tuple[int, int]:
+    """(items with their digests, items without) of a run, as stored."""
+    items = run_store.ITEMS
+    async with srv.db.read() as conn:
+        rows = await conn.execute(select(items.c.digest_with_metadata).where(items.c.run_id == run_id))
+        stored = [digest is not None for (digest,) in rows]
+    return sum(stored), len(stored) - sum(stored)
+
+
+@pytest.mark.usefixtures("small_chunks")
+async def test_a_run_stored_before_item_digests_compares_as_a_new_one(
+    svc: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every way a run gets items stores their digests: CreateRun of inline items, of a dataset's, a large
+    CreateRun staged in chunks, RerunRun. A run stored before revision 0028 has none (NULL): compared with a
+    new run, its items are hashed as they are read, and pair with the new run's as the stored digests do,
+    metadata compared (a webhook target) or not."""
+    from evalsvc.runs import service as run_service
+
+    baseline_items, candidate_items = _drifted_runs_items()
+    exact = grader_pb2.Grader(name="exact", exact_match=grader_pb2.ExactMatch())
+    baseline = await _run(svc, baseline_items, [exact])
+    monkeypatch.setattr(run_service, "STAGE_ABOVE_ROWS", 10)  # 19 items and 19 jobs: staged
+    monkeypatch.setattr(run_service, "STAGE_CHUNK_ROWS", 8)
+    candidate = await _run(svc, candidate_items, [exact])
+    monkeypatch.undo()
+    dataset = (await svc.datasets.CreateDataset(ds.CreateDatasetRequest(dataset=ds.Dataset(display_name="qa")))).dataset
+    await svc.datasets.AddDatasetItems(ds.AddDatasetItemsRequest(dataset_id=dataset.id, items=baseline_items))
+    created = await svc.runs.CreateRun(pb.CreateRunRequest(dataset_id=dataset.id, target=PROVIDED, graders=[exact]))
+    of_dataset = (await watch_all(svc.runs, created.run.id))[-1].run
+    rerun = (await svc.runs.RerunRun(pb.RerunRunRequest(run_id=candidate.id, scope=pb.RERUN_SCOPE_ITEMS_ALL))).run
+    await watch_all(svc.runs, rerun.id)
+    for run, items in ((baseline, 20), (candidate, 19), (of_dataset, 20), (rerun, 19)):
+        assert await _digests_stored(svc.srv, run.id) == (items, 0)
+
+    async def compared(baseline_id: str, candidate_id: str) -> tuple[Any, ...]:
+        comparison = (await svc.runs.CompareRuns(pb_compare(baseline_id, candidate_id))).comparison
+        listed = await _listed(svc, baseline_id, candidate_id)
+        shown = [(i.item_id, i.change, i.unpaired_reason) for i in listed]
+        return comparison.changed_items, [(g.pairs, g.regressed, g.unpaired) for g in comparison.graders], shown
+
+    pairs = [(baseline.id, candidate.id), (candidate.id, of_dataset.id), (of_dataset.id, rerun.id)]
+    before = [await compared(*pair) for pair in pairs]
+    assert [changed for changed, _, _ in before] == [5, 5, 5]
+
+    await _forget_digests(svc.srv, baseline.id, candidate.id)
+    assert await _digests_stored(svc.srv, baseline.id) == (0, 20)
+    assert [await compared(*pair) for pair in pairs] == before
+
+    # Metadata compared: a webhook's runs of items differing in metadata alone are of different items.
+    relabelled = [item_pb2.Item() for _ in range(6)]
+    for item, source in zip(relabelled, baseline_items, strict=False):
+        item.CopyFrom(source)
+        item.metadata["run"] = "c"
+    with FakeEndpoint(Reply({"content": "yes"})) as hook:
+        webhook = target_pb2.Target(http=target_pb2.HttpTarget(endpoint=target_pb2.Endpoint(base_url=hook.url)))
+        old = await _run(svc, baseline_items[:6], [exact], target=webhook)
+        other = await _run(svc, relabelled, [exact], target=webhook)
+        same = await _run(svc, baseline_items[:6], [exact], target=webhook)
+    await _forget_digests(svc.srv, old.id)
+    for new, changed in ((other, 6), (same, 0)):
+        comparison = (await svc.runs.CompareRuns(pb_compare(old.id, new.id))).comparison
+        assert (comparison.changed_items, comparison.graders[0].pairs) == (changed, 6 - changed)
+
+
+async def _forget_digests(srv: EvalServer, *run_ids: str) -> None:
+    """Null runs' items' digests, as revision 0028 leaves the runs stored before it."""
+    items = run_store.ITEMS
+
+    async def forget(conn: Any) -> None:
+        await conn.execute(
+            update(items)
+            .where(items.c.run_id.in_(run_ids))
+            .values(digest_with_metadata=None, digest_without_metadata=None)
+        )
+
+    await srv.db.transact(forget)

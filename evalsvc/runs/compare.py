@@ -1,7 +1,7 @@
 """Comparing two runs: pair their evaluations, compute the paired statistics, list the pairs side by side.
 
 A pair is one evaluation key (item id, repetition, grader name) present in both runs; it counts when
-neither side is ERROR or SKIPPED, both runs hold the same item under that id (`item_digest`) and the grader
+neither side is ERROR or SKIPPED, both runs hold the same item under that id (`item_digests`) and the grader
 has the same definition in both (`definition_digest`). Keys are only names: inline items are numbered
 item-1, item-2... by position, and a grader keeps its name when its definition changes, so two runs of
 different questions, or of one output graded two ways, paired on keys alone and got confident verdicts.
@@ -16,7 +16,8 @@ pairings of two 100,000-evaluation runs side by side left the event loop (every 
 a fraction of it, up to a second per GetRun.
 
 ListComparisonItems pairs only what its page needs: each run's next keys after the page token's key,
-read as ordered index ranges, merged in key order (`_page_keys`), in no thread and no pairing slot. A
+read as ordered index ranges, merged in key order (`_page_keys`) and classified as CompareRuns counts them
+(`classify`: a pair of different items, or of a changed grader, is UNPAIRED in both), in no pairing slot. A
 page costs the keys it returns (plus, with a `change` filter, the keys it passes over), not the runs'
 sizes: with two 100,000-evaluation runs, 100-key pages cost ~9 ms on SQLite and ~10 ms on PostgreSQL;
 ~0.9 s and ~1.0 s when every page paired both runs whole (docs/compare.md, docs/performance.md).
@@ -29,7 +30,7 @@ import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -48,6 +49,7 @@ from evalsvc.store.comparisons import Evaluation, Key
 from evalsvc.store.db import Database
 from evalsvc.store.records import ResultRecord
 from evalsvc.store.runs import StoredSizes
+from evalsvc.store.staging import ItemDigests
 from evalsvc.targets import sends_item_metadata
 from evalsvc.v1 import comparison_pb2 as cpb
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2
@@ -67,7 +69,7 @@ MAX_CHUNK = 4096
 PAIRING_CHUNK = 10_000
 FILTERED_PAGES = 2  # ListComparisonItems pages with a `change` filter read at once, per server
 Side = tuple[int, float]  # state, score
-# Item fields that reach neither the target nor the graders' scores, left out of `item_digest`: the id is
+# Item fields that reach neither the target nor the graders' scores, left out of `item_digests`: the id is
 # the key itself, a recorded response is the output (what a comparison of `provided` runs compares),
 # human verdicts only measure agreement. Metadata too, unless a target of the comparison is sent it
 # (`sends_item_metadata`: a webhook is, and may answer by it). Every other field, a field added later
@@ -78,20 +80,22 @@ _UNCOMPARED_ITEM_FIELDS = ("id", "response", "human_verdicts")
 _UNCOMPARED_GRADER_FIELDS = ("name", "weight")
 
 
-def item_digest(raw: bytes, with_metadata: bool) -> bytes:
-    """The digest of a stored item as a comparison sees it: equal for two items only when what reaches
-    the target and the graders is the same (`_UNCOMPARED_ITEM_FIELDS` aside, and the metadata unless
-    `with_metadata`: either run's target is sent it)."""
+def item_digests(raw: bytes) -> ItemDigests:
+    """The digests of a stored item as a comparison sees it: equal for two items only when what reaches
+    the target and the graders is the same (`_UNCOMPARED_ITEM_FIELDS` aside), with its metadata and
+    without (compared only when either run's target is sent it, `metadata_compared`). CreateRun stores
+    them with the item (models.RunItemRow); a comparison hashes the items of runs stored before them, so
+    both must come from here."""
     item = item_pb2.Item.FromString(raw)
     for field in _UNCOMPARED_ITEM_FIELDS:
         item.ClearField(field)
-    if not with_metadata:
-        item.ClearField("metadata")
-    return hashlib.sha256(item.SerializeToString(deterministic=True)).digest()
+    with_metadata = hashlib.sha256(item.SerializeToString(deterministic=True)).digest()
+    item.ClearField("metadata")
+    return ItemDigests(with_metadata, hashlib.sha256(item.SerializeToString(deterministic=True)).digest())
 
 
-def _digest_batch(items: Sequence[tuple[str, bytes]], with_metadata: bool) -> dict[str, bytes]:
-    return {item_id: item_digest(raw, with_metadata) for item_id, raw in items}
+def _digest_batch(items: Sequence[tuple[str, bytes]]) -> dict[str, ItemDigests]:
+    return {item_id: item_digests(raw) for item_id, raw in items}
 
 
 def metadata_compared(baseline: run_pb2.Run, candidate: run_pb2.Run) -> bool:
@@ -125,19 +129,40 @@ def changed_definitions(baseline: run_pb2.Run, candidate: run_pb2.Run, default_m
     return frozenset(name for name, digest in after.items() if before.get(name, digest) != digest)
 
 
-def change_of(baseline: Side | None, candidate: Side | None) -> cpb.ComparisonChange:
-    """How one evaluation changed; UNPAIRED when a side is missing or could not be graded."""
-    if baseline is None or candidate is None or baseline[0] not in _GRADED or candidate[0] not in _GRADED:
-        return cpb.COMPARISON_CHANGE_UNPAIRED
+class Classified(NamedTuple):
+    """How one evaluation changed, and why it is UNPAIRED when it is (UNSPECIFIED when it is a pair)."""
+
+    change: cpb.ComparisonChange
+    unpaired_reason: cpb.UnpairedReason
+
+
+def classify(
+    baseline: Side | None, candidate: Side | None, same_item: bool = True, definition_changed: bool = False
+) -> Classified:
+    """How one evaluation key changed, as CompareRuns counts it and ListComparisonItems lists it (one
+    classification, so a `change` filter lists what CompareRuns counted): UNPAIRED when a side is missing,
+    the runs hold different items under its item id (`same_item` false), its grader's definition changed,
+    or a side could not be graded; in that order, so ITEM_CHANGED keys are RunComparison.changed_items."""
+    unpaired = cpb.COMPARISON_CHANGE_UNPAIRED
+    if baseline is None or candidate is None:
+        return Classified(unpaired, cpb.UNPAIRED_REASON_ONE_RUN)
+    if not same_item:
+        return Classified(unpaired, cpb.UNPAIRED_REASON_ITEM_CHANGED)
+    if definition_changed:
+        return Classified(unpaired, cpb.UNPAIRED_REASON_DEFINITION_CHANGED)
+    if baseline[0] not in _GRADED or candidate[0] not in _GRADED:
+        return Classified(unpaired, cpb.UNPAIRED_REASON_NOT_GRADED)
     base_passed = baseline[0] == run_pb2.RESULT_STATE_PASSED
     cand_passed = candidate[0] == run_pb2.RESULT_STATE_PASSED
     if base_passed and cand_passed:
-        return cpb.COMPARISON_CHANGE_BOTH_PASSED
-    if base_passed:
-        return cpb.COMPARISON_CHANGE_REGRESSED
-    if cand_passed:
-        return cpb.COMPARISON_CHANGE_IMPROVED
-    return cpb.COMPARISON_CHANGE_BOTH_FAILED
+        change = cpb.COMPARISON_CHANGE_BOTH_PASSED
+    elif base_passed:
+        change = cpb.COMPARISON_CHANGE_REGRESSED
+    elif cand_passed:
+        change = cpb.COMPARISON_CHANGE_IMPROVED
+    else:
+        change = cpb.COMPARISON_CHANGE_BOTH_FAILED
+    return Classified(change, cpb.UNPAIRED_REASON_UNSPECIFIED)
 
 
 def _by_key(rows: Iterable[Evaluation]) -> dict[Key, Side]:
@@ -203,10 +228,10 @@ class Pairing:
     def _pair(self, grader: str, b: Side | None, c: Side | None, same_item: bool) -> None:
         tally = self.tallies.setdefault(grader, PairTally())
         self.unpaired.setdefault(grader, 0)
-        in_both = b is not None and c is not None
-        if in_both and not same_item:
+        change, reason = classify(b, c, same_item, grader in self.changed)
+        if reason == cpb.UNPAIRED_REASON_ITEM_CHANGED:
             self.changed_items += 1
-        if not same_item or grader in self.changed or change_of(b, c) == cpb.COMPARISON_CHANGE_UNPAIRED:
+        if change == cpb.COMPARISON_CHANGE_UNPAIRED:
             self.unpaired[grader] += 1
             return
         assert b is not None and c is not None
@@ -222,7 +247,7 @@ class Pairing:
     ) -> tuple[list[Evaluation], list[Evaluation]]:
         """Pair the evaluations of both (key-ordered) chunks with keys up to `bound` (all of them when
         None: both runs are read to their end); what is past it is returned, to merge with the next chunks.
-        `items` holds each run's item digests (`item_digest`) by item id, for the items of its chunk."""
+        `items` holds each run's item digests (`_chunk_digests`) by item id, for the items of its chunk."""
         i = j = 0
         while True:
             kb = baseline[i][:3] if i < len(baseline) else None
@@ -273,10 +298,30 @@ async def _finished(thread: Coroutine[Any, Any, T]) -> T:
         raise
 
 
+async def _chunk_digests(
+    conn: AsyncConnection, tenant: str, run_id: str, chunk: Sequence[Evaluation], with_metadata: bool
+) -> dict[str, bytes]:
+    """The digests of the items of a chunk of a run's evaluations (its item ids are a range: the chunk is
+    in key order), by item id, with their metadata or without (`metadata_compared`). Those stored with the
+    items are read; the items of a run stored before them (revision 0028) are read a batch at a time and
+    hashed in a worker thread, by the function that stored the others (`item_digests`), so an old run
+    pairs with a new one as two new runs do."""
+    if not chunk:
+        return {}
+    digests, undigested = await comparison_store.item_digests_between(conn, tenant, run_id, chunk[0][0], chunk[-1][0])
+    batches = comparison_store.undigested_items(conn, tenant, run_id, undigested)
+    async with contextlib.aclosing(batches):
+        async for batch in batches:
+            digests.update(await _finished(asyncio.to_thread(_digest_batch, batch)))
+    return {
+        item_id: pair.with_metadata if with_metadata else pair.without_metadata for item_id, pair in digests.items()
+    }
+
+
 @dataclass(frozen=True)
 class _PairedKey:
     key: Key
-    change: cpb.ComparisonChange
+    classified: Classified
 
 
 class CompareService:
@@ -338,9 +383,9 @@ class CompareService:
         """Feed `pairing` both runs' evaluations in key order, PAIRING_CHUNK keys of each run at a time
         (ordered index ranges, as a ListComparisonItems page reads), merged in a worker thread: a chunk
         holds Python's one lock for milliseconds, never a run's whole pairing. With each chunk come the
-        digests of its items (`items_between`, hashed in the worker thread too), so the chunks' pairs are
-        checked for the same item in both runs (their metadata too when `with_metadata`): what is held of
-        items is their digests, a chunk's worth."""
+        digests of its items (`_chunk_digests`), so the chunks' pairs are checked for the same item in both
+        runs (their metadata too when `with_metadata`): what is held of items is their digests, a chunk's
+        worth."""
         runs = (baseline_id, candidate_id)
         buffers: list[list[Evaluation]] = [[], []]
         digests: list[dict[str, bytes]] = [{}, {}]
@@ -357,7 +402,7 @@ class CompareService:
                         if chunk:
                             after[side] = chunk[-1][:3]
                         buffers[side] = chunk
-                        digests[side] = await self._item_digests(conn, tenant, runs[side], chunk, with_metadata)
+                        digests[side] = await _chunk_digests(conn, tenant, runs[side], chunk, with_metadata)
                 if all(done) and not any(buffers):
                     return
                 # Keys past the last one read of a run not read to its end may still be in it: pair up to there.
@@ -369,20 +414,6 @@ class CompareService:
                 )
                 if bound is None:
                     return
-
-    @staticmethod
-    async def _item_digests(
-        conn: AsyncConnection, tenant: str, run_id: str, chunk: Sequence[Evaluation], with_metadata: bool
-    ) -> dict[str, bytes]:
-        """The digests of the items of a chunk of a run's evaluations (its item ids are a range: the chunk
-        is in key order), by item id; a batch of items at a time is read, and hashed in a worker thread."""
-        digests: dict[str, bytes] = {}
-        if chunk:
-            batches = comparison_store.items_between(conn, tenant, run_id, chunk[0][0], chunk[-1][0])
-            async with contextlib.aclosing(batches):
-                async for batch in batches:
-                    digests.update(await _finished(asyncio.to_thread(_digest_batch, batch, with_metadata)))
-        return digests
 
     async def compare(self, tenant: str, request: cpb.CompareRunsRequest) -> cpb.RunComparison:
         """The comparison of two of the tenant's runs, as their results stand now."""
@@ -429,10 +460,13 @@ class CompareService:
         after = self._page_tokens.decode(tenant, "comparison_items", query, request.page_token)
         # A position this service signed: (item id, repetition, grader).
         position = None if after is None else (str(after[0]), int(after[1]), str(after[2]))
+        classifying = _Classifying(
+            (baseline.id, candidate.id),
+            changed_definitions(baseline, candidate, self._judge_model),
+            metadata_compared(baseline, candidate),
+        )
         async with self._filtered_turn(tenant, bool(request.change)), self._db.read() as conn:
-            keys = await _page_keys(
-                conn, tenant, (baseline.id, candidate.id), position, request.grader, request.change, limit + 1
-            )
+            keys = await _page_keys(conn, tenant, classifying, position, request.grader, request.change, limit + 1)
             page = keys[:limit]
             wanted = [k.key for k in page]
             base_results = await comparison_store.results_of_keys(conn, tenant, baseline.id, wanted)
@@ -471,7 +505,11 @@ class CompareService:
         leaves, and what the other side leaves of it): an item carries two outputs, and two of 9 MB were a
         response over --max-message-bytes however small the page (INTERNAL)."""
         item = cpb.ComparisonItem(
-            item_id=paired.key[0], repetition=paired.key[1], grader=paired.key[2], change=paired.change
+            item_id=paired.key[0],
+            repetition=paired.key[1],
+            grader=paired.key[2],
+            change=paired.classified.change,
+            unpaired_reason=paired.classified.unpaired_reason,
         )
         total = self._page_tokens.item_bytes - item.ByteSize() - 2 * FRAMING
         pairs = ((item.baseline, baseline), (item.candidate, candidate))
@@ -506,17 +544,29 @@ class _Side:
     share: int  # the most the result may be listed as
 
 
+@dataclass(frozen=True)
+class _Classifying:
+    """What classifies a page's keys as CompareRuns does (`classify`): the runs (baseline, candidate), their
+    graders whose definitions differ, and whether items' metadata is compared."""
+
+    run_ids: tuple[str, str]
+    changed: frozenset[str]
+    with_metadata: bool
+
+
 async def _page_keys(
     conn: AsyncConnection,
     tenant: str,
-    run_ids: tuple[str, str],
+    classifying: _Classifying,
     after: Key | None,
     grader: str,
     change: int,
     wanted: int,
 ) -> list[_PairedKey]:
     """The first `wanted` keys after `after` of either run (baseline, candidate) with grader `grader`
-    (any for "") and change `change` (any for 0), in key order, each with its change.
+    (any for "") and change `change` (any for 0), in key order, each classified as CompareRuns counts it
+    (`classify`, with the digests of the round's items, `_chunk_digests`: a change filter lists what
+    CompareRuns counted).
 
     Each round reads each run's next `chunk` keys (an ordered index range, store.evaluations_after).
     A read that came back full ends at some key; past it, that run may have keys not read yet. So the
@@ -526,20 +576,25 @@ async def _page_keys(
     round already holds the page; with one, rounds go on until the page is full or both runs end,
     every read letting the event loop serve others. The reads and `sorted` here agree on the order
     because the key columns compare by code point on both engines (models.code_point_ordered).
-    No pairing slot and no thread: a round's work is bounded by MAX_CHUNK keys per run."""
+    No pairing slot, and no thread but to hash the items of a run stored before their digests were: a
+    round's work is bounded by MAX_CHUNK keys per run."""
     found: list[_PairedKey] = []
     chunk = wanted
     while True:
-        base = await comparison_store.evaluations_after(conn, tenant, run_ids[0], after, grader, chunk)
-        cand = await comparison_store.evaluations_after(conn, tenant, run_ids[1], after, grader, chunk)
+        base = await comparison_store.evaluations_after(conn, tenant, classifying.run_ids[0], after, grader, chunk)
+        cand = await comparison_store.evaluations_after(conn, tenant, classifying.run_ids[1], after, grader, chunk)
         ends = [rows[-1][:3] for rows in (base, cand) if len(rows) == chunk]
         complete = min(ends) if ends else None  # None: both runs read to their end
         base_by, cand_by = _by_key(base), _by_key(cand)
+        base_items = await _chunk_digests(conn, tenant, classifying.run_ids[0], base, classifying.with_metadata)
+        cand_items = await _chunk_digests(conn, tenant, classifying.run_ids[1], cand, classifying.with_metadata)
         for key in sorted(base_by.keys() | cand_by.keys()):
             if complete is not None and key > complete:
                 break
-            paired = _PairedKey(key, change_of(base_by.get(key), cand_by.get(key)))
-            if not change or paired.change == change:
+            same_item = base_items.get(key[0]) == cand_items.get(key[0])
+            classified = classify(base_by.get(key), cand_by.get(key), same_item, key[2] in classifying.changed)
+            paired = _PairedKey(key, classified)
+            if not change or classified.change == change:
                 found.append(paired)
                 if len(found) == wanted:
                     return found

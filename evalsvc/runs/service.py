@@ -56,6 +56,7 @@ from evalsvc.messages.validation import (
     check_length,
     mask_paths,
 )
+from evalsvc.runs.compare import item_digests
 from evalsvc.runs.outputs import attach_output, listed_size
 from evalsvc.runs.retention import retention_words
 from evalsvc.runs.validation import MAX_REPETITIONS, validate_create_run
@@ -184,6 +185,7 @@ class RunDraft:
     fingerprint: str
     row: Mapping[str, Any]
     items: Sequence[bytes]
+    digests: Sequence[staging.ItemDigests]  # of `items`, stored with them (compare.item_digests)
     repetitions: int
     stored_bytes: int  # what the new run stores (usage.new_run_bytes)
     check_active_runs: Callable[[int], None]
@@ -256,6 +258,7 @@ async def _create_runs(conn: AsyncConnection, drafts: list[RunDraft]) -> list[Cr
         run_store.NewRun(
             {**drafts[i].row, "run_number": numbers[i]},
             drafts[i].items,
+            drafts[i].digests,
             drafts[i].repetitions,
             drafts[i].stored_bytes,
             staged=drafts[i].staged,
@@ -467,6 +470,9 @@ class RunService:
         items = await self._resolve_items(tenant, request)
         if request.dataset_id:  # inline items were counted above
             self._limits.check_run_size(len(items), len(request.graders), repetitions)
+        # Stored with the items, so comparisons read them instead of hashing every item on every call. In
+        # turns, as the items were serialized: ~6 us an item, 1.2 s for 200,000 in one stretch.
+        digests = await mapped(item_digests, items)
         repetitions = request.repetitions or 1
         spec = run_pb2.Run(
             target=request.target,
@@ -527,6 +533,7 @@ class RunService:
             fingerprint=fingerprint,
             row=row,
             items=items,
+            digests=digests,
             repetitions=repetitions,
             stored_bytes=usage.new_run_bytes(row, items, len(items) * repetitions),
             check_active_runs=self._limits.check_active_runs,
@@ -594,6 +601,7 @@ class RunService:
                     draft.row["id"],
                     tenant,
                     draft.items,
+                    draft.digests,
                     draft.repetitions,
                     rows=STAGE_CHUNK_ROWS,
                     item_bytes=STAGE_CHUNK_BYTES,

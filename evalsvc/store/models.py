@@ -205,7 +205,13 @@ class StagedRunRow(SQLModel, table=True):
 
 
 class RunItemRow(SQLModel, table=True):
-    """An item copied into a run, so later dataset edits never change a past run."""
+    """An item copied into a run, so later dataset edits never change a past run.
+
+    With it, its digests as CompareRuns and ListComparisonItems compare items (evalsvc.runs.compare
+    `item_digests`), metadata included and left out (metadata is compared only when a run's target is
+    sent it): written with the item, so a comparison reads 64 bytes an item instead of reading and
+    hashing every item on every call. NULL in rows from before revision 0028; a comparison hashes
+    those items as it reads them."""
 
     __tablename__ = "run_items"
 
@@ -213,6 +219,8 @@ class RunItemRow(SQLModel, table=True):
     idx: int = Field(primary_key=True)
     tenant: str = Field(max_length=64)
     item: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    digest_with_metadata: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    digest_without_metadata: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
 
 
 class JobRow(SQLModel, table=True):

@@ -149,12 +149,14 @@ async def allocate_run_numbers(conn: AsyncConnection, tenant: str, dataset_id: s
 
 @dataclass(frozen=True)
 class NewRun:
-    """A run to store: its row (every column CreateRun sets, run_number included), its copied items, how
-    many times each is evaluated, the bytes it stores (`usage.new_run_bytes`), and whether its items and
-    jobs were staged (written before, evalsvc.store.staging)."""
+    """A run to store: its row (every column CreateRun sets, run_number included), its copied items and
+    their digests (`digests[i]` of `items[i]`, staging.ItemDigests), how many times each is evaluated, the
+    bytes it stores (`usage.new_run_bytes`), and whether its items and jobs were staged (written before,
+    evalsvc.store.staging)."""
 
     row: Mapping[str, Any]
     items: Sequence[bytes]
+    digests: Sequence[staging.ItemDigests]
     repetitions: int
     stored_bytes: int
     staged: bool = False
@@ -190,7 +192,12 @@ async def insert_runs(conn: AsyncConnection, runs: Sequence[NewRun]) -> list[pb.
     # run's rows are written already (evalsvc.store.staging).
     unstaged = [new for new in runs if not new.staged]
     item_rows = await mapped(
-        _as_is, (row for new in unstaged for row in staging.item_rows(new.row["id"], new.row["tenant"], new.items))
+        _as_is,
+        (
+            row
+            for new in unstaged
+            for row in staging.item_rows(new.row["id"], new.row["tenant"], new.items, new.digests)
+        ),
     )
     await insert_tuples(conn, ITEMS, staging.ITEM_COLUMNS, item_rows)
     job_rows = await mapped(

@@ -31,7 +31,7 @@ import itertools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -48,7 +48,17 @@ JOBS = JobRow.__table__  # type: ignore[attr-defined]
 # than any CreateRun takes (its deadline is the client's; a staging of 300,000 rows takes seconds).
 STAGED_FOR_AT_MOST_S = 3600.0
 
-ITEM_COLUMNS = ("run_id", "idx", "tenant", "item")
+ITEM_COLUMNS = ("run_id", "idx", "tenant", "item", "digest_with_metadata", "digest_without_metadata")
+
+
+class ItemDigests(NamedTuple):
+    """An item's digests as comparisons compare items (evalsvc.runs.compare `item_digests`), stored with it
+    (models.RunItemRow)."""
+
+    with_metadata: bytes
+    without_metadata: bytes
+
+
 JOB_COLUMNS = ("tenant", "run_id", "item_idx", "repetition", "state", "attempt")
 
 
@@ -64,9 +74,11 @@ class Chunk:
     first: bool
 
 
-def item_rows(run_id: str, tenant: str, items: Sequence[bytes]) -> Iterator[tuple[Any, ...]]:
-    """A run's items' rows, in ITEM_COLUMNS order."""
-    return ((run_id, idx, tenant, item) for idx, item in enumerate(items))
+def item_rows(
+    run_id: str, tenant: str, items: Sequence[bytes], digests: Sequence[ItemDigests]
+) -> Iterator[tuple[Any, ...]]:
+    """A run's items' rows, in ITEM_COLUMNS order, each with its digests (`digests[i]` of `items[i]`)."""
+    return ((run_id, idx, tenant, item, *digest) for idx, (item, digest) in enumerate(zip(items, digests, strict=True)))
 
 
 def job_rows(run_id: str, tenant: str, item_count: int, repetitions: int) -> Iterator[tuple[Any, ...]]:
@@ -75,7 +87,14 @@ def job_rows(run_id: str, tenant: str, item_count: int, repetitions: int) -> Ite
 
 
 def chunks(
-    run_id: str, tenant: str, items: Sequence[bytes], repetitions: int, *, rows: int, item_bytes: int
+    run_id: str,
+    tenant: str,
+    items: Sequence[bytes],
+    digests: Sequence[ItemDigests],
+    repetitions: int,
+    *,
+    rows: int,
+    item_bytes: int,
 ) -> Iterator[Chunk]:
     """A run's rows in chunks of at most `rows` rows, and `item_bytes` bytes of items (or one item): its
     items first, then its jobs in the order `job_rows` gives them. Built as they are taken, so the
@@ -83,7 +102,7 @@ def chunks(
     pending: list[tuple[Any, ...]] = []
     size = 0
     first = True
-    for row in item_rows(run_id, tenant, items):
+    for row in item_rows(run_id, tenant, items, digests):
         if pending and (len(pending) >= rows or size + len(row[3]) > item_bytes):
             yield Chunk(run_id, tenant, items=pending, jobs=[], first=first)
             pending, size, first = [], 0, False

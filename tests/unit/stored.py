@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.ids import new_id
+from evalsvc.runs.compare import item_digests
 from evalsvc.store import events as event_log
 from evalsvc.store import runs as run_store
 from evalsvc.store import usage
@@ -72,7 +73,10 @@ def new_run(
         "create_time": time.time(),
     }
     stored_items = [item_pb2.Item(id=f"item{i}", input=f"q{i}").SerializeToString() for i in range(items)]
-    return run_store.NewRun(row, stored_items, repetitions, usage.new_run_bytes(row, stored_items, items * repetitions))
+    digests = [item_digests(item) for item in stored_items]
+    return run_store.NewRun(
+        row, stored_items, digests, repetitions, usage.new_run_bytes(row, stored_items, items * repetitions)
+    )
 
 
 async def insert(db: Database, *runs: run_store.NewRun) -> list[pb.WatchRunResponse]:

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.errors import ServiceError
 from evalsvc.ids import PageTokens
-from evalsvc.runs.compare import CompareService, change_of
+from evalsvc.runs.compare import CompareService, classify
 from evalsvc.store import comparisons as comparison_store
 from evalsvc.store import runs as run_store
 from evalsvc.store.comparisons import Evaluation, Key
@@ -50,7 +50,7 @@ def reference_page_keys(
     base = {(i, r, g): (s, sc) for i, r, g, s, sc in baseline}
     cand = {(i, r, g): (s, sc) for i, r, g, s, sc in candidate}
     keys = sorted(k for k in base.keys() | cand.keys() if not grader or k[2] == grader)
-    paired = [(k, int(change_of(base.get(k), cand.get(k)))) for k in keys]
+    paired = [(k, int(classify(base.get(k), cand.get(k)).change)) for k in keys]
     return [p for p in paired if not change or p[1] == change]
 
 

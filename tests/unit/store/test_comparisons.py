@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store import comparisons
@@ -107,11 +107,13 @@ async def test_a_page_reads_the_results_of_its_own_keys_only(db: Database) -> No
 async def test_the_items_behind_a_key_range_are_read_by_index_lookups(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """CompareRuns reads the items behind each chunk of evaluations it pairs, a batch at a time. Read by
-    their positions (`idx IN (...)`), PostgreSQL filtered every item of the run for each batch (~45 ms a
-    batch of 1,000: two 100,000-evaluation runs compared in 4-7 s instead of ~1 s). A batch's items are
-    reached through a job of each item by index lookups: on PostgreSQL no step visits more rows than the
-    range's results, and SQLite scans no table. The batches hold every item of the range once."""
+    """CompareRuns reads the digests of the items behind each chunk of evaluations it pairs, and the items
+    of a run stored without them (before revision 0028) a batch at a time. Read by their positions
+    (`idx IN (...)`), PostgreSQL filtered every item of the run for each batch (~45 ms a batch of 1,000:
+    two 100,000-evaluation runs compared in 4-7 s instead of ~1 s). They are reached through a job of each
+    item by index lookups: on PostgreSQL no step visits more rows than the range's results, and SQLite
+    scans no table. The digests are those the run stored; without them, the batches hold every item of
+    the range once."""
     await unanalyzed(db, "results", "jobs", "run_items")
     run = new_run(items=ITEMS, graders=GRADERS)
     await insert(db, run)
@@ -129,20 +131,29 @@ async def test_the_items_behind_a_key_range_are_read_by_index_lookups(
     # "item1000" to "item1099" in code point order: the 100 items item1000..item1099.
     wanted = sorted(f"item{i}" for i in range(ITEMS) if "item1000" <= f"item{i}" <= "item1099")
     monkeypatch.setattr(comparisons, "ITEM_BATCH_BYTES", 16 * len(run.items[1000]))
+    statements: list[tuple[str, Any]] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        statements.append((statement, parameters))
+
     async with db.read() as conn:
-        statements: list[tuple[str, Any]] = []
-
-        def seen(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-            statements.append((statement, parameters))
-
         event.listen(conn.sync_connection, "before_cursor_execute", seen)
-        batches = [batch async for batch in comparisons.items_between(conn, "t1", run_id, "item1000", "item1099")]
+        digests, undigested = await comparisons.item_digests_between(conn, "t1", run_id, "item1000", "item1099")
+        event.remove(conn.sync_connection, "before_cursor_execute", seen)
+        assert undigested == []
+        assert digests == {item_id: run.digests[int(item_id[4:])] for item_id in wanted}
+    await forget_digests(db, run_id)
+    async with db.read() as conn:
+        event.listen(conn.sync_connection, "before_cursor_execute", seen)
+        digests, undigested = await comparisons.item_digests_between(conn, "t1", run_id, "item1000", "item1099")
+        assert digests == {} and sorted(item_id for item_id, _ in undigested) == wanted
+        batches = [batch async for batch in comparisons.undigested_items(conn, "t1", run_id, undigested)]
         event.remove(conn.sync_connection, "before_cursor_execute", seen)
         assert all(len(batch) <= 16 for batch in batches) and len(batches) == -(-len(wanted) // 16)
         got = [(item_id, item_pb2.Item.FromString(raw).id) for batch in batches for item_id, raw in batch]
         assert sorted(got) == [(item_id, item_id) for item_id in wanted]
 
-        assert len(statements) > 2
+        assert len(statements) > 3
         for statement, parameters in statements:
             if conn.dialect.name == "postgresql":
                 explained = (
@@ -154,3 +165,16 @@ async def test_the_items_behind_a_key_range_are_read_by_index_lookups(
                 steps = [row[-1] for row in await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)]
                 tables = [step for step in steps if step.split(" ")[1] in ("results", "jobs", "run_items")]
                 assert tables and all(step.startswith("SEARCH") for step in tables), steps
+
+
+async def forget_digests(db: Database, run_id: str) -> None:
+    """Null a run's items' digests: a run stored before revision 0028."""
+
+    async def work(conn: AsyncConnection) -> None:
+        await conn.execute(
+            update(run_store.ITEMS)
+            .where(run_store.ITEMS.c.run_id == run_id)
+            .values(digest_with_metadata=None, digest_without_metadata=None)
+        )
+
+    await db.transact(work)

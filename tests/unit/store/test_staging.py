@@ -22,19 +22,22 @@ ITEMS, JOBS, STAGED, PURGES = staging.ITEMS, staging.JOBS, staging.STAGED, stagi
 
 def test_chunks_hold_every_row_once_in_order_within_their_bounds() -> None:
     items = [b"x" * size for size in (10, 10, 30, 5, 5, 5, 40)]
-    chunks = list(staging.chunks("run-1", "t1", items, 2, rows=3, item_bytes=35))
+    digests = [staging.ItemDigests(bytes([i]), bytes([i + 1])) for i in range(len(items))]
+    chunks = list(staging.chunks("run-1", "t1", items, digests, 2, rows=3, item_bytes=35))
     assert [len(c.items) for c in chunks if c.items] == [2, 2, 2, 1]  # 10+10, 30+5, 5+5, 40 (alone, over)
     assert [len(c.jobs) for c in chunks if c.jobs] == [3, 3, 3, 3, 2]
     assert [c.first for c in chunks] == [True] + [False] * (len(chunks) - 1)
     assert not any(c.items and c.jobs for c in chunks)
-    assert [row for c in chunks for row in c.items] == list(staging.item_rows("run-1", "t1", items))
+    assert [row for c in chunks for row in c.items] == list(staging.item_rows("run-1", "t1", items, digests))
     assert [row for c in chunks for row in c.jobs] == list(staging.job_rows("run-1", "t1", len(items), 2))
 
 
 async def stage_all(db: Database, new: run_store.NewRun, *, rows: int = 4) -> int:
     """Stage a run's rows as CreateRun does, a chunk per transaction; how many chunks."""
     chunks = list(
-        staging.chunks(new.row["id"], new.row["tenant"], new.items, new.repetitions, rows=rows, item_bytes=1 << 20)
+        staging.chunks(
+            new.row["id"], new.row["tenant"], new.items, new.digests, new.repetitions, rows=rows, item_bytes=1 << 20
+        )
     )
     for chunk in chunks:
         assert await db.transact(functools.partial(staging.stage, chunk=chunk), alone=True)
@@ -80,7 +83,7 @@ async def test_staged_rows_are_invisible_and_unclaimed_until_the_run_row_comes_w
 
 async def test_an_abandoned_staging_is_purged_and_later_chunks_or_its_run_row_find_it_gone(db: Database) -> None:
     new = dataclasses.replace(new_run(items=6, repetitions=1), staged=True)
-    chunks = list(staging.chunks(new.row["id"], "t1", new.items, 1, rows=4, item_bytes=1 << 20))
+    chunks = list(staging.chunks(new.row["id"], "t1", new.items, new.digests, 1, rows=4, item_bytes=1 << 20))
     assert await db.transact(functools.partial(staging.stage, chunk=chunks[0]))
     assert await db.transact(functools.partial(staging.abandon, run_ids=[new.row["id"]])) == [new.row["id"]]
     # A chunk after the abandon writes nothing; the run's CreateRun group finds no staging row to take.

@@ -25,6 +25,14 @@ class ComparisonChange(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMPARISON_CHANGE_BOTH_PASSED: _ClassVar[ComparisonChange]
     COMPARISON_CHANGE_BOTH_FAILED: _ClassVar[ComparisonChange]
     COMPARISON_CHANGE_UNPAIRED: _ClassVar[ComparisonChange]
+
+class UnpairedReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    UNPAIRED_REASON_UNSPECIFIED: _ClassVar[UnpairedReason]
+    UNPAIRED_REASON_ONE_RUN: _ClassVar[UnpairedReason]
+    UNPAIRED_REASON_ITEM_CHANGED: _ClassVar[UnpairedReason]
+    UNPAIRED_REASON_DEFINITION_CHANGED: _ClassVar[UnpairedReason]
+    UNPAIRED_REASON_NOT_GRADED: _ClassVar[UnpairedReason]
 COMPARISON_VERDICT_UNSPECIFIED: ComparisonVerdict
 COMPARISON_VERDICT_NO_SIGNIFICANT_CHANGE: ComparisonVerdict
 COMPARISON_VERDICT_REGRESSED: ComparisonVerdict
@@ -36,6 +44,11 @@ COMPARISON_CHANGE_IMPROVED: ComparisonChange
 COMPARISON_CHANGE_BOTH_PASSED: ComparisonChange
 COMPARISON_CHANGE_BOTH_FAILED: ComparisonChange
 COMPARISON_CHANGE_UNPAIRED: ComparisonChange
+UNPAIRED_REASON_UNSPECIFIED: UnpairedReason
+UNPAIRED_REASON_ONE_RUN: UnpairedReason
+UNPAIRED_REASON_ITEM_CHANGED: UnpairedReason
+UNPAIRED_REASON_DEFINITION_CHANGED: UnpairedReason
+UNPAIRED_REASON_NOT_GRADED: UnpairedReason
 
 class CompareRunsRequest(_message.Message):
     __slots__ = ("baseline_run_id", "candidate_run_id", "alpha")
@@ -140,17 +153,19 @@ class ListComparisonItemsResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[ComparisonItem, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ComparisonItem(_message.Message):
-    __slots__ = ("item_id", "repetition", "grader", "change", "baseline", "candidate")
+    __slots__ = ("item_id", "repetition", "grader", "change", "baseline", "candidate", "unpaired_reason")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     REPETITION_FIELD_NUMBER: _ClassVar[int]
     GRADER_FIELD_NUMBER: _ClassVar[int]
     CHANGE_FIELD_NUMBER: _ClassVar[int]
     BASELINE_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    UNPAIRED_REASON_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     repetition: int
     grader: str
     change: ComparisonChange
     baseline: _run_pb2.Result
     candidate: _run_pb2.Result
-    def __init__(self, item_id: _Optional[str] = ..., repetition: _Optional[int] = ..., grader: _Optional[str] = ..., change: _Optional[_Union[ComparisonChange, str]] = ..., baseline: _Optional[_Union[_run_pb2.Result, _Mapping]] = ..., candidate: _Optional[_Union[_run_pb2.Result, _Mapping]] = ...) -> None: ...
+    unpaired_reason: UnpairedReason
+    def __init__(self, item_id: _Optional[str] = ..., repetition: _Optional[int] = ..., grader: _Optional[str] = ..., change: _Optional[_Union[ComparisonChange, str]] = ..., baseline: _Optional[_Union[_run_pb2.Result, _Mapping]] = ..., candidate: _Optional[_Union[_run_pb2.Result, _Mapping]] = ..., unpaired_reason: _Optional[_Union[UnpairedReason, str]] = ...) -> None: ...

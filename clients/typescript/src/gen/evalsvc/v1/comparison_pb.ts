@@ -13,7 +13,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file evalsvc/v1/comparison.proto.
  */
 export const file_evalsvc_v1_comparison: GenFile = /*@__PURE__*/
-  fileDesc("ChtldmFsc3ZjL3YxL2NvbXBhcmlzb24ucHJvdG8SCmV2YWxzdmMudjEiYgoSQ29tcGFyZVJ1bnNSZXF1ZXN0Eh0KD2Jhc2VsaW5lX3J1bl9pZBgBIAEoCUIE4kEBAhIeChBjYW5kaWRhdGVfcnVuX2lkGAIgASgJQgTiQQECEg0KBWFscGhhGAMgASgBIkQKE0NvbXBhcmVSdW5zUmVzcG9uc2USLQoKY29tcGFyaXNvbhgBIAEoCzIZLmV2YWxzdmMudjEuUnVuQ29tcGFyaXNvbiLXAQoNUnVuQ29tcGFyaXNvbhIXCg9iYXNlbGluZV9ydW5faWQYASABKAkSGAoQY2FuZGlkYXRlX3J1bl9pZBgCIAEoCRINCgVhbHBoYRgDIAEoARIPCgdwYXJ0aWFsGAQgASgIEi0KB2dyYWRlcnMYBSADKAsyHC5ldmFsc3ZjLnYxLkdyYWRlckNvbXBhcmlzb24SLQoHb3ZlcmFsbBgGIAEoCzIcLmV2YWxzdmMudjEuR3JhZGVyQ29tcGFyaXNvbhIVCg1jaGFuZ2VkX2l0ZW1zGAcgASgDIoQEChBHcmFkZXJDb21wYXJpc29uEg4KBmdyYWRlchgBIAEoCRINCgVwYWlycxgCIAEoBRITCgtib3RoX3Bhc3NlZBgDIAEoBRITCgtib3RoX2ZhaWxlZBgEIAEoBRIRCglyZWdyZXNzZWQYBSABKAUSEAoIaW1wcm92ZWQYBiABKAUSEAoIdW5wYWlyZWQYByABKAUSGgoSYmFzZWxpbmVfcGFzc19yYXRlGAggASgBEhsKE2NhbmRpZGF0ZV9wYXNzX3JhdGUYCSABKAESFwoPcGFzc19yYXRlX2RlbHRhGAogASgBEhQKDGRlbHRhX2NpX2xvdxgLIAEoARIVCg1kZWx0YV9jaV9oaWdoGAwgASgBEhcKD21jbmVtYXJfcF92YWx1ZRgNIAEoARIYChBtZWFuX3Njb3JlX2RlbHRhGA4gASgBEhoKEnNjb3JlX2RlbHRhX2NpX2xvdxgPIAEoARIbChNzY29yZV9kZWx0YV9jaV9oaWdoGBAgASgBEi4KB3ZlcmRpY3QYESABKA4yHS5ldmFsc3ZjLnYxLkNvbXBhcmlzb25WZXJkaWN0EhsKE2Jhc2VsaW5lX21lYW5fc2NvcmUYEiABKAESHAoUY2FuZGlkYXRlX21lYW5fc2NvcmUYEyABKAESGgoSZGVmaW5pdGlvbl9jaGFuZ2VkGBQgASgIIsABChpMaXN0Q29tcGFyaXNvbkl0ZW1zUmVxdWVzdBIdCg9iYXNlbGluZV9ydW5faWQYASABKAlCBOJBAQISHgoQY2FuZGlkYXRlX3J1bl9pZBgCIAEoCUIE4kEBAhIOCgZncmFkZXIYAyABKAkSLAoGY2hhbmdlGAQgASgOMhwuZXZhbHN2Yy52MS5Db21wYXJpc29uQ2hhbmdlEhEKCXBhZ2Vfc2l6ZRgFIAEoBRISCgpwYWdlX3Rva2VuGAYgASgJImEKG0xpc3RDb21wYXJpc29uSXRlbXNSZXNwb25zZRIpCgVpdGVtcxgBIAMoCzIaLmV2YWxzdmMudjEuQ29tcGFyaXNvbkl0ZW0SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIswBCg5Db21wYXJpc29uSXRlbRIPCgdpdGVtX2lkGAEgASgJEhIKCnJlcGV0aXRpb24YAiABKAUSDgoGZ3JhZGVyGAMgASgJEiwKBmNoYW5nZRgEIAEoDjIcLmV2YWxzdmMudjEuQ29tcGFyaXNvbkNoYW5nZRIqCghiYXNlbGluZRgFIAEoCzISLmV2YWxzdmMudjEuUmVzdWx0QgTiQQEDEisKCWNhbmRpZGF0ZRgGIAEoCzISLmV2YWxzdmMudjEuUmVzdWx0QgTiQQEDKskBChFDb21wYXJpc29uVmVyZGljdBIiCh5DT01QQVJJU09OX1ZFUkRJQ1RfVU5TUEVDSUZJRUQQABIsCihDT01QQVJJU09OX1ZFUkRJQ1RfTk9fU0lHTklGSUNBTlRfQ0hBTkdFEAESIAocQ09NUEFSSVNPTl9WRVJESUNUX1JFR1JFU1NFRBACEh8KG0NPTVBBUklTT05fVkVSRElDVF9JTVBST1ZFRBADEh8KG0NPTVBBUklTT05fVkVSRElDVF9OT19QQUlSUxAEKtwBChBDb21wYXJpc29uQ2hhbmdlEiEKHUNPTVBBUklTT05fQ0hBTkdFX1VOU1BFQ0lGSUVEEAASHwobQ09NUEFSSVNPTl9DSEFOR0VfUkVHUkVTU0VEEAESHgoaQ09NUEFSSVNPTl9DSEFOR0VfSU1QUk9WRUQQAhIhCh1DT01QQVJJU09OX0NIQU5HRV9CT1RIX1BBU1NFRBADEiEKHUNPTVBBUklTT05fQ0hBTkdFX0JPVEhfRkFJTEVEEAQSHgoaQ09NUEFSSVNPTl9DSEFOR0VfVU5QQUlSRUQQBUItWitldmFsc3ZjL2NsaWVudHMvZ28vZ2VuL2V2YWxzdmMvdjE7ZXZhbHN2Y3YxYgZwcm90bzM", [file_evalsvc_v1_run, file_google_api_field_behavior]);
+  fileDesc("ChtldmFsc3ZjL3YxL2NvbXBhcmlzb24ucHJvdG8SCmV2YWxzdmMudjEiYgoSQ29tcGFyZVJ1bnNSZXF1ZXN0Eh0KD2Jhc2VsaW5lX3J1bl9pZBgBIAEoCUIE4kEBAhIeChBjYW5kaWRhdGVfcnVuX2lkGAIgASgJQgTiQQECEg0KBWFscGhhGAMgASgBIkQKE0NvbXBhcmVSdW5zUmVzcG9uc2USLQoKY29tcGFyaXNvbhgBIAEoCzIZLmV2YWxzdmMudjEuUnVuQ29tcGFyaXNvbiLXAQoNUnVuQ29tcGFyaXNvbhIXCg9iYXNlbGluZV9ydW5faWQYASABKAkSGAoQY2FuZGlkYXRlX3J1bl9pZBgCIAEoCRINCgVhbHBoYRgDIAEoARIPCgdwYXJ0aWFsGAQgASgIEi0KB2dyYWRlcnMYBSADKAsyHC5ldmFsc3ZjLnYxLkdyYWRlckNvbXBhcmlzb24SLQoHb3ZlcmFsbBgGIAEoCzIcLmV2YWxzdmMudjEuR3JhZGVyQ29tcGFyaXNvbhIVCg1jaGFuZ2VkX2l0ZW1zGAcgASgDIoQEChBHcmFkZXJDb21wYXJpc29uEg4KBmdyYWRlchgBIAEoCRINCgVwYWlycxgCIAEoBRITCgtib3RoX3Bhc3NlZBgDIAEoBRITCgtib3RoX2ZhaWxlZBgEIAEoBRIRCglyZWdyZXNzZWQYBSABKAUSEAoIaW1wcm92ZWQYBiABKAUSEAoIdW5wYWlyZWQYByABKAUSGgoSYmFzZWxpbmVfcGFzc19yYXRlGAggASgBEhsKE2NhbmRpZGF0ZV9wYXNzX3JhdGUYCSABKAESFwoPcGFzc19yYXRlX2RlbHRhGAogASgBEhQKDGRlbHRhX2NpX2xvdxgLIAEoARIVCg1kZWx0YV9jaV9oaWdoGAwgASgBEhcKD21jbmVtYXJfcF92YWx1ZRgNIAEoARIYChBtZWFuX3Njb3JlX2RlbHRhGA4gASgBEhoKEnNjb3JlX2RlbHRhX2NpX2xvdxgPIAEoARIbChNzY29yZV9kZWx0YV9jaV9oaWdoGBAgASgBEi4KB3ZlcmRpY3QYESABKA4yHS5ldmFsc3ZjLnYxLkNvbXBhcmlzb25WZXJkaWN0EhsKE2Jhc2VsaW5lX21lYW5fc2NvcmUYEiABKAESHAoUY2FuZGlkYXRlX21lYW5fc2NvcmUYEyABKAESGgoSZGVmaW5pdGlvbl9jaGFuZ2VkGBQgASgIIsABChpMaXN0Q29tcGFyaXNvbkl0ZW1zUmVxdWVzdBIdCg9iYXNlbGluZV9ydW5faWQYASABKAlCBOJBAQISHgoQY2FuZGlkYXRlX3J1bl9pZBgCIAEoCUIE4kEBAhIOCgZncmFkZXIYAyABKAkSLAoGY2hhbmdlGAQgASgOMhwuZXZhbHN2Yy52MS5Db21wYXJpc29uQ2hhbmdlEhEKCXBhZ2Vfc2l6ZRgFIAEoBRISCgpwYWdlX3Rva2VuGAYgASgJImEKG0xpc3RDb21wYXJpc29uSXRlbXNSZXNwb25zZRIpCgVpdGVtcxgBIAMoCzIaLmV2YWxzdmMudjEuQ29tcGFyaXNvbkl0ZW0SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIocCCg5Db21wYXJpc29uSXRlbRIPCgdpdGVtX2lkGAEgASgJEhIKCnJlcGV0aXRpb24YAiABKAUSDgoGZ3JhZGVyGAMgASgJEiwKBmNoYW5nZRgEIAEoDjIcLmV2YWxzdmMudjEuQ29tcGFyaXNvbkNoYW5nZRIqCghiYXNlbGluZRgFIAEoCzISLmV2YWxzdmMudjEuUmVzdWx0QgTiQQEDEisKCWNhbmRpZGF0ZRgGIAEoCzISLmV2YWxzdmMudjEuUmVzdWx0QgTiQQEDEjkKD3VucGFpcmVkX3JlYXNvbhgHIAEoDjIaLmV2YWxzdmMudjEuVW5wYWlyZWRSZWFzb25CBOJBAQMqyQEKEUNvbXBhcmlzb25WZXJkaWN0EiIKHkNPTVBBUklTT05fVkVSRElDVF9VTlNQRUNJRklFRBAAEiwKKENPTVBBUklTT05fVkVSRElDVF9OT19TSUdOSUZJQ0FOVF9DSEFOR0UQARIgChxDT01QQVJJU09OX1ZFUkRJQ1RfUkVHUkVTU0VEEAISHwobQ09NUEFSSVNPTl9WRVJESUNUX0lNUFJPVkVEEAMSHwobQ09NUEFSSVNPTl9WRVJESUNUX05PX1BBSVJTEAQq3AEKEENvbXBhcmlzb25DaGFuZ2USIQodQ09NUEFSSVNPTl9DSEFOR0VfVU5TUEVDSUZJRUQQABIfChtDT01QQVJJU09OX0NIQU5HRV9SRUdSRVNTRUQQARIeChpDT01QQVJJU09OX0NIQU5HRV9JTVBST1ZFRBACEiEKHUNPTVBBUklTT05fQ0hBTkdFX0JPVEhfUEFTU0VEEAMSIQodQ09NUEFSSVNPTl9DSEFOR0VfQk9USF9GQUlMRUQQBBIeChpDT01QQVJJU09OX0NIQU5HRV9VTlBBSVJFRBAFKrgBCg5VbnBhaXJlZFJlYXNvbhIfChtVTlBBSVJFRF9SRUFTT05fVU5TUEVDSUZJRUQQABIbChdVTlBBSVJFRF9SRUFTT05fT05FX1JVThABEiAKHFVOUEFJUkVEX1JFQVNPTl9JVEVNX0NIQU5HRUQQAhImCiJVTlBBSVJFRF9SRUFTT05fREVGSU5JVElPTl9DSEFOR0VEEAMSHgoaVU5QQUlSRURfUkVBU09OX05PVF9HUkFERUQQBEItWitldmFsc3ZjL2NsaWVudHMvZ28vZ2VuL2V2YWxzdmMvdjE7ZXZhbHN2Y3YxYgZwcm90bzM", [file_evalsvc_v1_run, file_google_api_field_behavior]);
 
 /**
  * CompareRunsRequest names the two runs to compare.
@@ -190,7 +190,9 @@ export type GraderComparison = Message<"evalsvc.v1.GraderComparison"> & {
   improved: number;
 
   /**
-   * Evaluations in either run that are not counted (missing from the other run, or ERROR/SKIPPED in either).
+   * Evaluations in either run that are not counted (missing from the other run, of different items in the
+   * two runs, of a grader whose definition changed, or ERROR/SKIPPED in either): ListComparisonItems lists
+   * them as COMPARISON_CHANGE_UNPAIRED.
    *
    * @generated from field: int32 unpaired = 7;
    */
@@ -329,7 +331,8 @@ export type ListComparisonItemsRequest = Message<"evalsvc.v1.ListComparisonItems
   grader: string;
 
   /**
-   * Only evaluations with this change; unspecified means any.
+   * Only evaluations with this change (as CompareRuns counts them: per grader, as many as its
+   * GraderComparison's count of that change); unspecified means any.
    *
    * @generated from field: evalsvc.v1.ComparisonChange change = 4;
    */
@@ -413,7 +416,8 @@ export type ComparisonItem = Message<"evalsvc.v1.ComparisonItem"> & {
   grader: string;
 
   /**
-   * How it changed.
+   * How it changed, as CompareRuns counts it: a pair of different items, or of a grader whose definition
+   * changed, is UNPAIRED whatever its results.
    *
    * @generated from field: evalsvc.v1.ComparisonChange change = 4;
    */
@@ -432,6 +436,13 @@ export type ComparisonItem = Message<"evalsvc.v1.ComparisonItem"> & {
    * @generated from field: evalsvc.v1.Result candidate = 6;
    */
   candidate?: Result | undefined;
+
+  /**
+   * Why it is UNPAIRED; UNSPECIFIED when it is a counted pair.
+   *
+   * @generated from field: evalsvc.v1.UnpairedReason unpaired_reason = 7;
+   */
+  unpairedReason: UnpairedReason;
 };
 
 /**
@@ -534,7 +545,9 @@ export enum ComparisonChange {
   BOTH_FAILED = 4,
 
   /**
-   * Missing from one run, or ERROR (or SKIPPED) in either: not counted in the statistics.
+   * Not counted in CompareRuns' statistics: missing from one run, of different items in the two runs, of a
+   * grader whose definition changed, or ERROR (or SKIPPED) in either (ComparisonItem.unpaired_reason says
+   * which). Listed with this change, a filter's count is CompareRuns' count (GraderComparison.unpaired).
    *
    * @generated from enum value: COMPARISON_CHANGE_UNPAIRED = 5;
    */
@@ -546,4 +559,52 @@ export enum ComparisonChange {
  */
 export const ComparisonChangeSchema: GenEnum<ComparisonChange> = /*@__PURE__*/
   enumDesc(file_evalsvc_v1_comparison, 1);
+
+/**
+ * UnpairedReason is why an evaluation is COMPARISON_CHANGE_UNPAIRED: the first of these that applies.
+ *
+ * @generated from enum evalsvc.v1.UnpairedReason
+ */
+export enum UnpairedReason {
+  /**
+   * The evaluation is a counted pair (its change is not UNPAIRED).
+   *
+   * @generated from enum value: UNPAIRED_REASON_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Only one run has a result for it.
+   *
+   * @generated from enum value: UNPAIRED_REASON_ONE_RUN = 1;
+   */
+  ONE_RUN = 1,
+
+  /**
+   * The runs hold different items under its item id (RunComparison.changed_items counts these).
+   *
+   * @generated from enum value: UNPAIRED_REASON_ITEM_CHANGED = 2;
+   */
+  ITEM_CHANGED = 2,
+
+  /**
+   * Its grader's definition differs between the runs (GraderComparison.definition_changed).
+   *
+   * @generated from enum value: UNPAIRED_REASON_DEFINITION_CHANGED = 3;
+   */
+  DEFINITION_CHANGED = 3,
+
+  /**
+   * ERROR or SKIPPED in either run.
+   *
+   * @generated from enum value: UNPAIRED_REASON_NOT_GRADED = 4;
+   */
+  NOT_GRADED = 4,
+}
+
+/**
+ * Describes the enum evalsvc.v1.UnpairedReason.
+ */
+export const UnpairedReasonSchema: GenEnum<UnpairedReason> = /*@__PURE__*/
+  enumDesc(file_evalsvc_v1_comparison, 2);
 
