@@ -4,8 +4,9 @@ Every target and judge call goes through `Outbound.post_json`, so the rules hold
 - secrets are referenced by name and filled in here (`endpoint_headers`) from the values the run's
   tenant may use (evalsvc.secrets), never stored in run rows, returned by an RPC or logged;
 - a URL is called only when every address its host is (or resolves to) is globally routable
-  (`is_global_destination`), unless the operator allow-listed it (`--outbound-allow`), so a run
-  cannot make the server reach its own network or a cloud metadata service (SSRF);
+  (`is_global_destination`), unless the operator allow-listed it (`--outbound-allow`: its host or
+  network, on the port connected to when the entry names one), so a run cannot make the server reach
+  its own network, its own other services or a cloud metadata service (SSRF);
 - 408/429/5xx and connection errors are retried with exponential backoff and full jitter, honouring
   Retry-After; each endpoint has an adaptive concurrency limit that halves on 429 and grows by one
   on each success (AIMD), so a rate-limited endpoint is not hammered. A call's slot under that limit
@@ -313,9 +314,9 @@ def _refusal(host: str, addresses: list[IPAddress], port: int, allow: AllowList)
 
 class _CheckedBackend(httpcore.AsyncNetworkBackend):
     """httpcore's network backend with the SSRF rule at connect time: the host is resolved once,
-    every address checked, and the connection made to a checked address. What was checked is what is
-    connected to, so a name re-pointed between `check_destination` and the connection (DNS
-    rebinding) is refused too. Its connections count what each attempt reads (`CountedStream`)."""
+    every address checked (for the port connected to), and the connection made to a checked address.
+    What was checked is what is connected to, so a name re-pointed between `check_destination` and the
+    connection (DNS rebinding) is refused too. Its connections count what each attempt reads (`CountedStream`)."""
 
     def __init__(self, inner: httpcore.AsyncNetworkBackend, allow: AllowList) -> None:
         self._inner = inner
