@@ -348,9 +348,10 @@ class Settings:
     outbound_allow: str = dataclasses.field(
         default="",
         metadata={
-            "help": "comma-separated host names, IP addresses or CIDRs (no ports) that targets, judges and webhooks "
-            "may call although they are not globally routable (e.g. 127.0.0.1,10.0.0.0/8,llm.internal); every other "
-            "such destination is refused (docs/security.md)"
+            "help": "comma-separated host names, IP addresses or CIDRs, each with an optional :PORT (IPv6 in "
+            "brackets: [::1]:11434), that targets, judges and webhooks may call although they are not globally "
+            "routable (e.g. 127.0.0.1:11434,10.0.0.0/8:443,llm.internal); an entry without a port allows every port "
+            "of its host or network; every other such destination is refused (docs/security.md)"
         },
     )
     secrets_file: str = dataclasses.field(
@@ -683,41 +684,76 @@ MAXIMUMS: dict[str, float] = {
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+MAX_PORT = 65535
 # One label of a host name: letters, digits, hyphens inside, underscores (container names have them).
 _LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?", re.IGNORECASE)
 
 
-def allow_entries(spec: str) -> list[Network | str]:
-    """The entries of an `--outbound-allow` list: networks (an address is one of a single address)
-    and host names (lower case, as they are matched). ValueError for an entry that is neither: it was
-    kept as a host name that no URL's host can be (`127.0.0.1:8080`, `10.0.0.0/33`), so the
+@dataclass(frozen=True)
+class AllowEntry:
+    """One `--outbound-allow` entry: a network (an address is one of a single address) or a host name
+    (lower case, as it is matched), and the one port it allows, or None for every port. A port is what
+    keeps an entry for one local model server (`127.0.0.1:11434`) from opening every other service on
+    its host to the tenants' targets, judges and webhooks: the gateway, metrics, a database."""
+
+    destination: Network | str
+    port: int | None = None
+
+    def __str__(self) -> str:
+        """The entry as it is written (`127.0.0.1:11434`, `[::1]:11434`, `10.0.0.0/8:443`), as messages name it."""
+        where = self.destination
+        if isinstance(where, str):
+            text = where
+        else:
+            text = str(where.network_address) if where.prefixlen == where.max_prefixlen else str(where)
+            if self.port is not None and where.version == 6:
+                text = f"[{text}]"
+        return text if self.port is None else f"{text}:{self.port}"
+
+
+def allow_entries(spec: str) -> list[AllowEntry]:
+    """The entries of an `--outbound-allow` list: `HOST` or `HOST:PORT`, HOST an IP address, a network in
+    CIDR form or a host name, an IPv6 address or network in brackets when a port follows (`[::1]:11434`:
+    unbracketed, `::1:8080` is an address). ValueError for an entry that is none of these, or whose port
+    is not from 1 to 65535: it was kept as a host name that no URL's host can be (`10.0.0.0/33`), so the
     destination the operator meant to allow stayed refused, and nothing said why."""
-    entries: list[Network | str] = []
-    for entry in filter(None, (e.strip() for e in spec.split(","))):
-        try:
-            entries.append(ipaddress.ip_network(entry, strict=False))
-            continue
-        except ValueError:
-            pass
-        host, colon, port = entry.rpartition(":")
-        if colon and port.isdigit() and (_is_host_name(host) or _is_address(host.strip("[]"))):
-            raise ValueError(
-                f"{entry!r} has a port; an entry allows a host or network on every port: write {host.strip('[]')!r}"
-            )
-        if "/" in entry or not _is_host_name(entry):
-            raise ValueError(
-                f"{entry!r} is neither an IP address, a network in CIDR form (such as 10.0.0.0/8) nor a host name"
-            )
-        entries.append(entry.lower())
-    return entries
+    return [_allow_entry(entry) for entry in filter(None, (e.strip() for e in spec.split(",")))]
 
 
-def _is_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
+def _allow_entry(entry: str) -> AllowEntry:
+    """One entry of `allow_entries`."""
+    try:  # an address or a network without a port (an unbracketed IPv6 one never has one)
+        return AllowEntry(ipaddress.ip_network(entry, strict=False))
     except ValueError:
-        return False
-    return True
+        pass
+    bracketed = entry.startswith("[")
+    if bracketed:
+        host, _, after = entry[1:].partition("]")
+        sep, port = after[:1], after[1:]
+    else:
+        host, sep, port = entry.rpartition(":") if ":" in entry else (entry, "", "")
+    destination = _allow_destination(host, bracketed)
+    if destination is None or (sep and not (sep == ":" and port.isascii() and port.isdigit())):
+        raise ValueError(
+            f"{entry!r} is neither an IP address, a network in CIDR form (such as 10.0.0.0/8) nor a host name, "
+            "with an optional :PORT"
+        )
+    if isinstance(destination, ipaddress.IPv6Network) and sep and not bracketed:
+        raise ValueError(f"{entry!r}: an IPv6 address or network with a port is written in brackets: '[{host}]:{port}'")
+    if not sep:
+        return AllowEntry(destination)
+    if not 1 <= int(port) <= MAX_PORT:
+        raise ValueError(f"{entry!r}: a port is from 1 to {MAX_PORT}, not {port}")
+    return AllowEntry(destination, int(port))
+
+
+def _allow_destination(host: str, bracketed: bool) -> Network | str | None:
+    """What an entry's HOST part names (an IPv6 network only, in brackets), or None."""
+    try:
+        network = ipaddress.ip_network(host, strict=False)
+    except ValueError:
+        return None if bracketed or "/" in host or not _is_host_name(host) else host.lower()
+    return network if network.version == 6 or not bracketed else None
 
 
 def _is_host_name(text: str) -> bool:

@@ -5,21 +5,26 @@ globally routable, after unwrapping the IPv4 address an IPv6 transition form del
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
-from evalsvc.config import Settings
+from evalsvc.config import Settings, allow_entries
 from evalsvc.http import outbound
 from evalsvc.http.outbound import (
     AllowList,
     Outbound,
     OutboundError,
     check_destination,
+    checked_transport,
     destination_violations,
     embedded_ipv4,
     is_global_destination,
 )
+from tests.fake_llm import FakeEndpoint
 
 NOT_GLOBAL = [
     "169.254.169.254",  # link-local: AWS/GCP/Azure metadata
@@ -105,9 +110,18 @@ async def test_check_destination_refuses_unless_the_allow_list_names_host_or_net
 @pytest.mark.parametrize(
     ("entry", "complaint"),
     [
-        ("127.0.0.1:17765", "has a port; .* write '127.0.0.1'"),
-        ("[::1]:8080", "has a port; .* write '::1'"),
-        ("llm.internal:11434", "has a port; .* write 'llm.internal'"),
+        ("127.0.0.1:0", "a port is from 1 to 65535, not 0"),
+        ("127.0.0.1:65536", "a port is from 1 to 65535, not 65536"),
+        ("[::1]:99999", "a port is from 1 to 65535, not 99999"),
+        ("llm.internal:0", "a port is from 1 to 65535, not 0"),
+        ("::1:11434", r"in brackets: '\[::1\]:11434'"),  # unbracketed, ::1:8080 is an address: no guessing
+        ("fe80::/10:443", r"in brackets: '\[fe80::/10\]:443'"),
+        ("127.0.0.1:", "neither an IP address"),
+        ("127.0.0.1:http", "neither an IP address"),
+        ("[127.0.0.1]:80", "neither an IP address"),  # brackets are IPv6's
+        ("[llm.internal]:80", "neither an IP address"),
+        ("[::1]80", "neither an IP address"),
+        ("llm.internal:80:80", "neither an IP address"),
         ("999.1.1.1/40", "neither an IP address"),
         ("10.0.0.0/33", "neither an IP address"),
         ("999.1.1.1", "neither an IP address"),
@@ -129,8 +143,84 @@ async def test_allow_list_entries_of_every_kind_match() -> None:
         ("llm.internal", "192.168.1.1"),
         ("MODEL_SERVER", "172.16.0.1"),
     ):
-        assert allow.allows(host, ipaddress.ip_address(address))
-    assert not allow.allows("other.internal", ipaddress.ip_address("192.168.1.1"))
+        for port in (1, 80, 5432, 65535):  # an entry without a port allows every port, as it always did
+            assert allow.allows(host, ipaddress.ip_address(address), port)
+    assert not allow.allows("other.internal", ipaddress.ip_address("192.168.1.1"), 80)
+
+
+@pytest.mark.parametrize(
+    ("entry", "written"),
+    [
+        ("127.0.0.1:11434", "127.0.0.1:11434"),
+        ("127.0.0.1/32:11434", "127.0.0.1:11434"),
+        ("[::1]:11434", "[::1]:11434"),
+        ("[::1]", "::1"),
+        ("[FD00::]:8080", "[fd00::]:8080"),
+        ("LLM.Internal:8080", "llm.internal:8080"),
+        ("model_server:00443", "model_server:443"),
+        ("10.0.0.0/8:443", "10.0.0.0/8:443"),
+        ("[fd00::/8]:443", "[fd00::/8]:443"),
+        ("10.0.0.0/8", "10.0.0.0/8"),
+        ("fe80::1:443", "fe80::1:443"),  # unbracketed: an IPv6 address, every port
+    ],
+)
+def test_an_allow_list_entry_may_name_one_port(entry: str, written: str) -> None:
+    """`127.0.0.1:17765` was refused at start ("has a port"): an entry allowed every port of its host, so
+    allowing a local model server allowed the server's own gateway, metrics and database beside it."""
+    (parsed,) = allow_entries(entry)
+    assert str(parsed) == written
+
+
+@pytest.mark.parametrize(
+    ("spec", "host", "address", "allowed", "refused"),
+    [
+        ("127.0.0.1:11434", "127.0.0.1", "127.0.0.1", [11434], [80, 5432, 8080, 11435]),
+        ("[::1]:11434", "::1", "::1", [11434], [80, 8080]),
+        ("llm.internal:8080", "LLM.internal", "10.1.2.3", [8080], [80, 443]),
+        ("10.0.0.0/8:443", "10.9.9.9", "10.9.9.9", [443], [80, 8443]),
+        ("10.0.0.0/8:443", "x", "::ffff:10.9.9.9", [443], [80]),  # the IPv4 address a wrapped form carries
+        ("127.0.0.1:11434,127.0.0.1:8000", "127.0.0.1", "127.0.0.1", [11434, 8000], [8080]),
+        ("127.0.0.1:11434,127.0.0.0/8", "127.0.0.1", "127.0.0.1", [11434, 8080, 5432], []),  # entries add up
+    ],
+)
+def test_an_entry_with_a_port_allows_that_port_only(
+    spec: str, host: str, address: str, allowed: list[int], refused: list[int]
+) -> None:
+    allow = AllowList(spec)
+    ip = ipaddress.ip_address(address)
+    assert [port for port in allowed + refused if allow.allows(host, ip, port)] == allowed
+
+
+async def test_check_destination_matches_the_port_of_the_url_or_of_its_scheme() -> None:
+    allow = AllowList("127.0.0.1:11434,10.0.0.0/8:443,[::1]:80")
+    await check_destination("http://127.0.0.1:11434/v1", allow)
+    await check_destination("https://10.1.2.3/v1", allow)  # https: 443
+    await check_destination("http://[::1]/v1", allow)  # http: 80
+    for url, said in (
+        ("http://127.0.0.1:5432/v1", "127.0.0.1:5432 is not allowed (--outbound-allow has 127.0.0.1:11434)"),
+        ("http://127.0.0.1/v1", "127.0.0.1:80 is not allowed"),
+        ("http://10.1.2.3/v1", "10.1.2.3:80 is not allowed (--outbound-allow has 10.0.0.0/8:443)"),
+        ("https://[::1]/v1", "[::1]:443 is not allowed (--outbound-allow has [::1]:80)"),
+    ):
+        with pytest.raises(OutboundError, match=re.escape(said)):
+            await check_destination(url, allow)
+    # An address no entry names is refused as before, its message naming no entry of the list.
+    with pytest.raises(OutboundError, match=re.escape("192.168.1.1 is not a globally routable address (allow it with")):
+        await check_destination("http://192.168.1.1:11434/v1", allow)
+
+
+async def test_the_connection_itself_is_refused_on_a_port_no_entry_allows() -> None:
+    """The check made as the connection is (`_CheckedBackend`, which a re-pointed name cannot pass):
+    with an entry for one loopback port, a listener on another port of loopback is never connected to."""
+    with FakeEndpoint() as allowed, FakeEndpoint() as other:
+        port = urlsplit(allowed.url).port
+        async with httpx.AsyncClient(
+            transport=checked_transport(AllowList(f"127.0.0.1:{port}"), httpx.Limits())
+        ) as client:
+            assert (await client.post(allowed.url + "/v1", json={})).status_code == 200
+            with pytest.raises(httpx.ConnectError, match=f"127.0.0.1:{urlsplit(other.url).port} is not allowed"):
+                await client.post(other.url + "/v1", json={})
+        assert len(allowed.seen) == 1 and not other.seen
 
 
 async def test_destination_violations_name_each_refused_field() -> None:
@@ -139,6 +229,28 @@ async def test_destination_violations_name_each_refused_field() -> None:
     )
     assert [v.field for v in found] == ["b.base_url"]
     assert "2002:7f00:1::" in found[0].description and "--outbound-allow" in found[0].description
+
+
+async def test_destination_violations_match_each_endpoints_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What CreateRun, CreateTarget, CreateGrader, UpdateGrader and the webhook calls check: the port of
+    each URL, or its scheme's, against the entries for the address its host resolves to."""
+
+    async def resolver(host: str, timeout_s: float) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    monkeypatch.setattr(outbound, "_resolve", resolver)
+    endpoints = [
+        ("a.base_url", "http://127.0.0.1:11434/v1"),
+        ("b.base_url", "http://127.0.0.1:8080/v1"),
+        ("c.base_url", "http://model.internal:11434/v1"),
+        ("d.base_url", "https://model.internal/v1"),
+    ]
+    found = await destination_violations(endpoints, AllowList("127.0.0.1:11434"), "acme")
+    has = "(--outbound-allow has 127.0.0.1:11434)"
+    assert {v.field: v.description for v in found} == {
+        "b.base_url": f"refused to call '127.0.0.1': 127.0.0.1:8080 is not allowed {has}",
+        "d.base_url": f"refused to call 'model.internal': 127.0.0.1:443 is not allowed {has}",
+    }
 
 
 async def test_a_name_rebound_after_the_check_is_refused_at_connect_time(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -305,10 +305,15 @@ def test_a_price_table_of_another_shape_exits_2_naming_the_flag(tmp_path: Path, 
         (["--sqlite-synchronous", "SOMETIMES"], {}, ["--sqlite-synchronous", "FULL, NORMAL, EXTRA, not 'SOMETIMES'"]),
         ([], {"EVALSVC_LOG_FORMAT": "yaml"}, ["--log-format", "EVALSVC_LOG_FORMAT", "text, json, not 'yaml'"]),
         (["--cache-default", "always"], {}, ["--cache-default", "EVALSVC_CACHE_DEFAULT", "off, read_write"]),
-        (  # taken as a host name that no URL's host can be: the address stayed refused
-            ["--outbound-allow", "127.0.0.1:17765"],
+        (  # no connection is made on it: the destination meant stayed refused
+            ["--outbound-allow", "127.0.0.1:11434,127.0.0.1:65536"],
             {},
-            ["--outbound-allow", "EVALSVC_OUTBOUND_ALLOW", "'127.0.0.1:17765' has a port", "write '127.0.0.1'"],
+            ["--outbound-allow", "EVALSVC_OUTBOUND_ALLOW", "'127.0.0.1:65536'", "a port is from 1 to 65535"],
+        ),
+        (
+            [],
+            {"EVALSVC_OUTBOUND_ALLOW": "::1:11434"},
+            ["--outbound-allow", "EVALSVC_OUTBOUND_ALLOW", "in brackets: '[::1]:11434'"],
         ),
         (
             [],

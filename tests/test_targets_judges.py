@@ -861,6 +861,67 @@ async def test_destinations_that_are_not_globally_routable_are_refused_before_an
     }
 
 
+async def test_an_allow_list_entry_with_a_port_opens_that_port_of_loopback_and_no_other(tmp_path, monkeypatch) -> None:
+    """The README's recipe allowed `127.0.0.1`, and so every port of loopback: a tenant's target, judge or
+    webhook could call the server's own gateway and metrics, or a database beside the model server. With
+    `127.0.0.1:<the model's port>` a target on that port is called; endpoints on another loopback port are
+    refused before anything is stored, naming the field and the port; and the default judge (the
+    operator's URL, not checked at create) on another port fails its evaluation at call time, unreached."""
+    bare = grader_pb2.Grader(name="j", llm_judge=Judge(mode=Judge.MODE_CRITERIA, criteria="c"))
+    with FakeEndpoint(chat_reply("Paris")) as model, FakeEndpoint(judge_reply({"passed": True})) as other:
+        model_port, other_port = (int(url.rpartition(":")[2]) for url in (model.url, other.url))
+        refused = f"127.0.0.1:{other_port} is not allowed (--outbound-allow has 127.0.0.1:{model_port})"
+        srv = await start(
+            tmp_path,
+            monkeypatch,
+            outbound_allow=f"127.0.0.1:{model_port}",
+            judge_base_url=other.url + "/v1",
+            judge_model="m",
+        )
+        async with stubs_of(srv) as (_, stubs):
+            run, results = await run_to_end(
+                stubs,
+                pb.CreateRunRequest(
+                    items=[item_pb2.Item(input="Capital of France?", expected_output="Paris")],
+                    target=chat(model.url),
+                    graders=[exact(), bare],
+                ),
+            )
+            saved = await stubs.graders.CreateGrader(gs.CreateGraderRequest(grader=gs.SavedGrader(grader=exact())))
+            other_judge = judge(other.url, mode=Judge.MODE_ACCURACY)
+            calls = {
+                "target.chat.endpoint.base_url": stubs.runs.CreateRun(
+                    pb.CreateRunRequest(items=[item_pb2.Item(input="q")], target=chat(other.url), graders=[exact()])
+                ),
+                "graders[0].llm_judge.endpoint.base_url": stubs.runs.CreateRun(
+                    pb.CreateRunRequest(
+                        items=[item_pb2.Item(input="q")],
+                        target=target_pb2.Target(echo={}),
+                        graders=[other_judge],
+                    )
+                ),
+                "target.target.chat.endpoint.base_url": stubs.targets.CreateTarget(
+                    ts.CreateTargetRequest(target=ts.SavedTarget(target=chat(other.url)))
+                ),
+                "grader.grader.llm_judge.endpoint.base_url": stubs.graders.CreateGrader(
+                    gs.CreateGraderRequest(grader=gs.SavedGrader(grader=other_judge))
+                ),
+                "grader.llm_judge.endpoint.base_url": stubs.graders.UpdateGrader(
+                    gs.UpdateGraderRequest(grader_id=saved.grader.id, grader=other_judge)
+                ),
+            }
+            for field, call in calls.items():
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+                assert refused in violations(err.value).get(field, ""), (field, violations(err.value))
+        assert len(model.seen) == 1 and not other.seen
+    assert run.status == run_pb2.RUN_STATUS_SUCCEEDED
+    by_grader = {r.grader: r for r in results}
+    assert by_grader["exact"].state == run_pb2.RESULT_STATE_PASSED
+    assert by_grader["j"].state == run_pb2.RESULT_STATE_ERROR and refused in by_grader["j"].error_reason
+
+
 async def test_a_saved_judge_cannot_be_updated_to_an_internal_endpoint(svc) -> None:
     _, stubs = svc
     public = grader_pb2.Grader(name="answer", contains=grader_pb2.Contains(values=["Paris"]))

@@ -117,6 +117,30 @@ async def test_deliveries_verify_with_the_standardwebhooks_package(
         )
 
 
+async def test_a_webhook_may_call_only_the_loopback_port_its_allow_list_entry_names(tmp_path: Path) -> None:
+    """`--outbound-allow 127.0.0.1` let a tenant's webhook post to every port of loopback (the server's
+    own gateway and metrics, a database); an entry with the receiver's port allows that receiver only."""
+    with FakeEndpoint(Reply({})) as receiver, FakeEndpoint(Reply({})) as other:
+        port, other_port = (int(endpoint.url.rpartition(":")[2]) for endpoint in (receiver, other))
+        srv = EvalServer(make_settings(tmp_path, outbound_allow=f"127.0.0.1:{port}"))
+        await srv.start()
+        try:
+            async with keyed_channel(srv.port, srv.bootstrap_key or "") as channel:
+                webhooks = webhook_service_pb2_grpc.WebhookServiceStub(channel)
+                runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await webhooks.CreateWebhook(create_webhook(other.url + "/hook"))
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                refused = f"127.0.0.1:{other_port} is not allowed (--outbound-allow has 127.0.0.1:{port})"
+                assert refused in violations(caught.value).get("webhook.url", ""), violations(caught.value)
+                await webhooks.CreateWebhook(create_webhook(receiver.url + "/hook", ["run.succeeded"]))
+                await watch_all(runs, (await runs.CreateRun(create_request(2))).run.id)
+                await seen(receiver, 1)
+        finally:
+            await srv.stop(grace=1.0)
+    assert not other.seen
+
+
 async def test_a_receiver_failing_twice_gets_three_attempts_with_one_webhook_id(
     server: EvalServer,
     webhooks: webhook_service_pb2_grpc.WebhookServiceStub,

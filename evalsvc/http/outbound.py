@@ -4,8 +4,9 @@ Every target and judge call goes through `Outbound.post_json`, so the rules hold
 - secrets are referenced by name and filled in here (`endpoint_headers`) from the values the run's
   tenant may use (evalsvc.secrets), never stored in run rows, returned by an RPC or logged;
 - a URL is called only when every address its host is (or resolves to) is globally routable
-  (`is_global_destination`), unless the operator allow-listed it (`--outbound-allow`), so a run
-  cannot make the server reach its own network or a cloud metadata service (SSRF);
+  (`is_global_destination`), unless the operator allow-listed it (`--outbound-allow`: its host or
+  network, on the port connected to when the entry names one), so a run cannot make the server reach
+  its own network, its own other services or a cloud metadata service (SSRF);
 - 408/429/5xx and connection errors are retried with exponential backoff and full jitter, honouring
   Retry-After; each endpoint has an adaptive concurrency limit that halves on 429 and grows by one
   on each success (AIMD), so a rate-limited endpoint is not hammered. A call's slot under that limit
@@ -37,12 +38,12 @@ from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import httpcore
 import httpx
 
-from evalsvc.config import Network, Settings, allow_entries
+from evalsvc.config import AllowEntry, Settings, allow_entries
 from evalsvc.errors import FieldViolation
 from evalsvc.http.errors import OutboundError as OutboundError  # re-exported: callers import it from here
 from evalsvc.http.errors import UnusableReply as UnusableReply
@@ -167,22 +168,42 @@ def is_global_destination(address: IPAddress) -> bool:
 
 
 class AllowList:
-    """Hosts and networks the operator allows to be called although they are not globally routable."""
+    """Hosts and networks the operator allows to be called although they are not globally routable,
+    each on one port or on every port."""
 
     def __init__(self, spec: str) -> None:
         """`spec` as `--outbound-allow` takes it (`evalsvc.config.allow_entries`); ValueError for an
-        entry that is neither a network nor a host name."""
-        entries = allow_entries(spec)
-        self._hosts = {entry for entry in entries if isinstance(entry, str)}
-        self._networks: list[Network] = [entry for entry in entries if not isinstance(entry, str)]
+        entry that is neither a network nor a host name, with an optional port from 1 to 65535."""
+        self._entries = allow_entries(spec)
 
-    def allows(self, host: str, address: IPAddress) -> bool:
-        """Whether host (as named) or the address it resolved to (or the IPv4 address that one
-        embeds) is allow-listed."""
-        if host.lower() in self._hosts:
-            return True
+    def naming(self, host: str, address: IPAddress) -> list[AllowEntry]:
+        """The entries, whatever their port, for host (as named) or a network holding the address it
+        resolved to (or the IPv4 address that one embeds)."""
         candidates = [address, *embedded_ipv4(address)]
-        return any(candidate in network for network in self._networks for candidate in candidates)
+        return [
+            entry
+            for entry in self._entries
+            if entry.destination == host.lower()
+            or (not isinstance(entry.destination, str) and any(c in entry.destination for c in candidates))
+        ]
+
+    def allows(self, host: str, address: IPAddress, port: int) -> bool:
+        """Whether an entry for host or address allows the port connected to: an entry with a port allows
+        only it (an entry for a local model server must not open the gateway, metrics or a database on
+        its host), one without allows every port."""
+        return any(entry.port in (None, port) for entry in self.naming(host, address))
+
+
+# The ports schemes imply.
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def url_port(parts: SplitResult) -> int:
+    """The port a connection to a URL is made on: its own, or its scheme's (0 for a scheme with none,
+    which only an entry without a port allows). ValueError for one that is no port (`:99999`). What the
+    SSRF checks match allow-list entries against, and what an endpoint's limit is keyed by."""
+    port = parts.port
+    return DEFAULT_PORTS.get(parts.scheme.lower(), 0) if port is None else port
 
 
 def shown_host(url: str) -> str:
@@ -273,21 +294,29 @@ def _unresolved(host: str, exc: OSError, timeout_s: float) -> str:
     return f"cannot resolve host {host!r}"
 
 
-def _refusal(host: str, addresses: list[IPAddress], allow: AllowList) -> str | None:
+def _refusal(host: str, addresses: list[IPAddress], port: int, allow: AllowList) -> str | None:
+    """Why host, resolved to addresses, may not be called on port, or None. When entries name the
+    address but for other ports, it says which: the port is what is wrong (a typo'd or stale one)."""
     for address in addresses:
-        if not is_global_destination(address) and not allow.allows(host, address):
+        if is_global_destination(address) or allow.allows(host, address, port):
+            continue
+        if others := allow.naming(host, address):
+            shown = f"[{address}]" if address.version == 6 else str(address)
             return (
-                f"refused to call {host!r}: {address} is not a globally routable address "
-                "(allow it with --outbound-allow)"
+                f"refused to call {host!r}: {shown}:{port} is not allowed "
+                f"(--outbound-allow has {', '.join(map(str, others))})"
             )
+        return (
+            f"refused to call {host!r}: {address} is not a globally routable address (allow it with --outbound-allow)"
+        )
     return None
 
 
 class _CheckedBackend(httpcore.AsyncNetworkBackend):
     """httpcore's network backend with the SSRF rule at connect time: the host is resolved once,
-    every address checked, and the connection made to a checked address. What was checked is what is
-    connected to, so a name re-pointed between `check_destination` and the connection (DNS
-    rebinding) is refused too. Its connections count what each attempt reads (`CountedStream`)."""
+    every address checked (for the port connected to), and the connection made to a checked address.
+    What was checked is what is connected to, so a name re-pointed between `check_destination` and the
+    connection (DNS rebinding) is refused too. Its connections count what each attempt reads (`CountedStream`)."""
 
     def __init__(self, inner: httpcore.AsyncNetworkBackend, allow: AllowList) -> None:
         self._inner = inner
@@ -306,7 +335,7 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
             addresses = await _resolve(host, within)
         except OSError as exc:  # TimeoutError included
             raise httpcore.ConnectError(_unresolved(host, exc, within)) from exc
-        if refusal := _refusal(host, addresses, self._allow):
+        if refusal := _refusal(host, addresses, port, self._allow):
             raise httpcore.ConnectError(refusal)
         failure: httpcore.ConnectError | None = None
         for address in addresses:
@@ -340,14 +369,19 @@ def checked_transport(allow: AllowList, limits: httpx.Limits) -> httpx.AsyncHTTP
 
 async def check_destination(url: str, allow: AllowList, timeout_s: float = RESOLVE_TIMEOUT_S) -> None:
     """Refuse (OutboundError) a URL unless every address its host resolves to, within `timeout_s`, is
-    globally routable or allow-listed. Runs before every call, so a name that later resolves elsewhere
-    is caught."""
-    host = urlsplit(url).hostname or ""
+    globally routable or allow-listed for the port it names (or its scheme implies). Runs before every
+    call, so a name that later resolves elsewhere is caught."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        port = url_port(parts)
+    except ValueError:  # the default judge's URL (--judge-base-url) is not shape-checked as a tenant's are
+        raise OutboundError(f"refused to call {shown_host(url)}: its port is not from 1 to 65535") from None
     try:
         addresses = await _resolve(host, timeout_s)
     except OSError as exc:  # TimeoutError included
         raise OutboundError(_unresolved(host, exc, timeout_s)) from exc
-    if refusal := _refusal(host, addresses, allow):
+    if refusal := _refusal(host, addresses, port, allow):
         raise OutboundError(refusal)
 
 
@@ -384,8 +418,9 @@ async def destination_violations(
     try:
         for field, url in endpoints:
             try:
-                host = urlsplit(url).hostname or ""
-            except ValueError:  # does not parse: check_url_shape says why
+                parts = urlsplit(url)
+                host, port = parts.hostname or "", url_port(parts)
+            except ValueError:  # does not parse, or no port: check_url_shape says why
                 continue
             if problem := host_name_problem(host):  # the resolver would raise UnicodeError, no OSError
                 out.append(FieldViolation(field, problem))
@@ -394,16 +429,15 @@ async def destination_violations(
                 addresses = await _resolve(host, CREATE_RESOLVE_TIMEOUT_S)
             except OSError:  # TimeoutError included
                 continue
-            if refusal := _refusal(host, addresses, allow):
+            if refusal := _refusal(host, addresses, port, allow):
                 out.append(FieldViolation(field, refusal))
     finally:
         call_tenant.reset(token)
     return out
 
 
-# Endpoints whose adaptive limits are kept (see Outbound.limit_of), and the ports schemes imply.
+# Endpoints whose adaptive limits are kept (see Outbound.limit_of).
 ENDPOINT_LIMITS = 1024
-DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def _endpoint_host(host: str) -> str:
@@ -605,9 +639,7 @@ class Outbound:
         ENDPOINT_LIMITS are kept; past it the least recently used idle one is forgotten (it starts
         afresh if used again)."""
         parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        port = parts.port or DEFAULT_PORTS.get(scheme, 0)
-        key = (scheme, _endpoint_host(parts.hostname or ""), port, _credentials(secrets))
+        key = (parts.scheme.lower(), _endpoint_host(parts.hostname or ""), url_port(parts), _credentials(secrets))
         limit = self._limits.get(key)
         if limit is None:
             self._forget_idle_limits()
