@@ -76,7 +76,9 @@ class RunRow(SQLModel, table=True):
         # ListRuns' order (create_time, then id) per tenant, newest or oldest first, and its time filters'
         # range: a page reads its rows in order from here, never sorting the tenant's runs.
         Index("ix_runs_tenant_create_time", "tenant", "create_time", "id"),
-        Index("ix_runs_tenant_dataset", "tenant", "dataset_id", "id"),
+        # The same per dataset (ListRuns' `dataset_id`): a page of a dataset's runs reads its range in order,
+        # neither filtering the tenant's other runs out nor sorting the dataset's.
+        Index("ix_runs_tenant_dataset_create_time", "tenant", "dataset_id", "create_time", "id"),
         Index("ix_runs_active", "status"),
         # The soft-deleted runs alone, by deletion time: the purge finds those past their retention without
         # reading every run, and a new run (never deleted) adds no entry to it on either engine.

@@ -668,6 +668,48 @@ async def test_a_page_of_runs_reads_its_rows_in_index_order_from_its_time_range_
                 assert not [step for step in steps if "TEMP B-TREE" in step or step.startswith("SCAN")], steps
 
 
+async def test_a_page_of_a_datasets_runs_reads_its_rows_in_index_order_either_way(db: Database) -> None:
+    """ListRuns of one dataset (its `dataset_id`) pages the dataset's runs by (create_time, id): a page must
+    read its LIMIT rows from the (tenant, dataset_id, create_time, id) index, not filter the tenant's other
+    runs out of the time index (one run in ten the dataset's: ~10 rows read per row answered) nor sort the
+    dataset's runs (on (tenant, dataset_id, id))."""
+    await unanalyzed(db, "runs")
+    batch = [new_run(items=1, dataset_id="ds_a" if n % 10 == 0 else "ds_b") for n in range(3_000)]
+    for n, run in enumerate(batch):
+        run.row["create_time"] = 1.7e9 + (n // 2) * 60.0  # pairs at one time: ties
+    for start in range(0, len(batch), 500):
+        await insert(db, *batch[start : start + 500])
+    mine = sorted(
+        (run for run in batch if run.row["dataset_id"] == "ds_a"),
+        key=lambda run: (run.row["create_time"], run.row["id"]),
+    )
+    async with db.read() as conn:
+        for newest_first in (False, True):
+            wanted = run_store.RunsWanted(dataset_id="ds_a", newest_first=newest_first)
+            listed: list[str] = []
+            after: run_store.RunPosition | None = None
+            while page := await run_store.list_sizes(conn, "t1", wanted, after=after, limit=40):
+                listed += [run_id for (_, run_id), _ in page]
+                after = page[-1][0]
+            expected = [run.row["id"] for run in mine]
+            assert listed == (expected[::-1] if newest_first else expected)
+            middle = mine[150].row
+            sql = str(
+                run_store.list_sizes_query("t1", wanted, after=(middle["create_time"], middle["id"]), limit=50).compile(
+                    dialect=conn.dialect, compile_kwargs={"literal_binds": True}
+                )
+            )
+            if conn.dialect.name == "postgresql":
+                plan = (await conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + sql)).scalar_one()
+                nodes = plan_nodes(plan)
+                visited = max(int(node["Actual Rows"]) + int(node.get("Rows Removed by Filter", 0)) for node in nodes)
+                assert visited <= 51 and not [n for n in nodes if n["Node Type"] == "Sort"], nodes
+            else:
+                steps = [row[-1] for row in await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+                assert any("ix_runs_tenant_dataset_create_time" in step for step in steps), steps
+                assert not [step for step in steps if "TEMP B-TREE" in step or step.startswith("SCAN")], steps
+
+
 def _shown(seconds: float) -> str:
     """A time as the API shows it (RFC 3339)."""
     shown = timestamp(seconds)
