@@ -722,10 +722,11 @@ def allow_entries(spec: str) -> list[AllowEntry]:
 
 def _allow_entry(entry: str) -> AllowEntry:
     """One entry of `allow_entries`."""
-    try:  # an address or a network without a port (an unbracketed IPv6 one never has one)
-        return AllowEntry(ipaddress.ip_network(entry, strict=False))
-    except ValueError:
-        pass
+    if "%" not in entry:  # an IPv6 zone is refused (`_allow_destination`)
+        try:  # an address or a network without a port (an unbracketed IPv6 one never has one)
+            return AllowEntry(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            pass
     bracketed = entry.startswith("[")
     if bracketed:
         host, _, after = entry[1:].partition("]")
@@ -748,7 +749,11 @@ def _allow_entry(entry: str) -> AllowEntry:
 
 
 def _allow_destination(host: str, bracketed: bool) -> Network | str | None:
-    """What an entry's HOST part names (an IPv6 network only, in brackets), or None."""
+    """What an entry's HOST part names (an IPv6 network only, in brackets), or None. An IPv6 zone
+    (`fe80::1%eth0`) is None: it was accepted and then ignored in matching, so an entry for one interface
+    allowed the address on every interface."""
+    if "%" in host:
+        return None
     try:
         network = ipaddress.ip_network(host, strict=False)
     except ValueError:

@@ -96,7 +96,9 @@ def test_transition_forms_unwrap_to_the_ipv4_address_they_deliver_to() -> None:
 
 async def test_check_destination_refuses_unless_the_allow_list_names_host_or_network() -> None:
     for url in ("http://100.100.100.200/latest", "http://[64:ff9b::a9fe:a9fe]/", "https://198.18.0.1:8443/v1"):
-        with pytest.raises(OutboundError, match="not a globally routable address"):
+        with pytest.raises(
+            OutboundError, match=r"is not allowed \(not globally routable; allow it with --outbound-allow\)"
+        ):
             await check_destination(url, AllowList(""))
     await check_destination("http://8.8.8.8/v1", AllowList(""))
     await check_destination("http://127.0.0.1:9/v1", AllowList("127.0.0.1"))
@@ -127,6 +129,8 @@ async def test_check_destination_refuses_unless_the_allow_list_names_host_or_net
         ("999.1.1.1", "neither an IP address"),
         ("*.internal", "neither an IP address"),
         ("http://llm.internal", "neither an IP address"),
+        ("fe80::1%eth0", "neither an IP address"),  # a zone, which matching would ignore
+        ("[fe80::1%eth0]:80", "neither an IP address"),
     ],
 )
 def test_an_allow_list_entry_that_could_never_match_is_refused(entry: str, complaint: str) -> None:
@@ -197,15 +201,19 @@ async def test_check_destination_matches_the_port_of_the_url_or_of_its_scheme() 
     await check_destination("https://10.1.2.3/v1", allow)  # https: 443
     await check_destination("http://[::1]/v1", allow)  # http: 80
     for url, said in (
-        ("http://127.0.0.1:5432/v1", "127.0.0.1:5432 is not allowed (--outbound-allow has 127.0.0.1:11434)"),
+        (
+            "http://127.0.0.1:5432/v1",
+            "127.0.0.1:5432 is not allowed (not globally routable; allow it with --outbound-allow)",
+        ),
         ("http://127.0.0.1/v1", "127.0.0.1:80 is not allowed"),
-        ("http://10.1.2.3/v1", "10.1.2.3:80 is not allowed (--outbound-allow has 10.0.0.0/8:443)"),
-        ("https://[::1]/v1", "[::1]:443 is not allowed (--outbound-allow has [::1]:80)"),
+        ("http://10.1.2.3/v1", "10.1.2.3:80 is not allowed (not globally"),
+        ("https://[::1]/v1", "[::1]:443 is not allowed (not globally"),
     ):
         with pytest.raises(OutboundError, match=re.escape(said)):
             await check_destination(url, allow)
-    # An address no entry names is refused as before, its message naming no entry of the list.
-    with pytest.raises(OutboundError, match=re.escape("192.168.1.1 is not a globally routable address (allow it with")):
+    # One message whether or not an entry names the address for another port: it never tells a tenant what
+    # the list holds.
+    with pytest.raises(OutboundError, match=re.escape("192.168.1.1:11434 is not allowed (not globally routable;")):
         await check_destination("http://192.168.1.1:11434/v1", allow)
 
 
@@ -246,7 +254,7 @@ async def test_destination_violations_match_each_endpoints_port(monkeypatch: pyt
         ("d.base_url", "https://model.internal/v1"),
     ]
     found = await destination_violations(endpoints, AllowList("127.0.0.1:11434"), "acme")
-    has = "(--outbound-allow has 127.0.0.1:11434)"
+    has = "(not globally routable; allow it with --outbound-allow)"
     assert {v.field: v.description for v in found} == {
         "b.base_url": f"refused to call '127.0.0.1': 127.0.0.1:8080 is not allowed {has}",
         "d.base_url": f"refused to call 'model.internal': 127.0.0.1:443 is not allowed {has}",

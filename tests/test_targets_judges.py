@@ -870,7 +870,7 @@ async def test_an_allow_list_entry_with_a_port_opens_that_port_of_loopback_and_n
     bare = grader_pb2.Grader(name="j", llm_judge=Judge(mode=Judge.MODE_CRITERIA, criteria="c"))
     with FakeEndpoint(chat_reply("Paris")) as model, FakeEndpoint(judge_reply({"passed": True})) as other:
         model_port, other_port = (int(url.rpartition(":")[2]) for url in (model.url, other.url))
-        refused = f"127.0.0.1:{other_port} is not allowed (--outbound-allow has 127.0.0.1:{model_port})"
+        refused = f"127.0.0.1:{other_port} is not allowed (not globally routable; allow it with --outbound-allow)"
         srv = await start(
             tmp_path,
             monkeypatch,

@@ -131,7 +131,9 @@ async def test_a_webhook_may_call_only_the_loopback_port_its_allow_list_entry_na
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await webhooks.CreateWebhook(create_webhook(other.url + "/hook"))
                 assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-                refused = f"127.0.0.1:{other_port} is not allowed (--outbound-allow has 127.0.0.1:{port})"
+                refused = (
+                    f"127.0.0.1:{other_port} is not allowed (not globally routable; allow it with --outbound-allow)"
+                )
                 assert refused in violations(caught.value).get("webhook.url", ""), violations(caught.value)
                 await webhooks.CreateWebhook(create_webhook(receiver.url + "/hook", ["run.succeeded"]))
                 await watch_all(runs, (await runs.CreateRun(create_request(2))).run.id)

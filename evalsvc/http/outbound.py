@@ -43,7 +43,7 @@ from urllib.parse import SplitResult, urlsplit
 import httpcore
 import httpx
 
-from evalsvc.config import AllowEntry, Settings, allow_entries
+from evalsvc.config import Settings, allow_entries
 from evalsvc.errors import FieldViolation
 from evalsvc.http.errors import OutboundError as OutboundError  # re-exported: callers import it from here
 from evalsvc.http.errors import UnusableReply as UnusableReply
@@ -176,22 +176,19 @@ class AllowList:
         entry that is neither a network nor a host name, with an optional port from 1 to 65535."""
         self._entries = allow_entries(spec)
 
-    def naming(self, host: str, address: IPAddress) -> list[AllowEntry]:
-        """The entries, whatever their port, for host (as named) or a network holding the address it
-        resolved to (or the IPv4 address that one embeds)."""
-        candidates = [address, *embedded_ipv4(address)]
-        return [
-            entry
-            for entry in self._entries
-            if entry.destination == host.lower()
-            or (not isinstance(entry.destination, str) and any(c in entry.destination for c in candidates))
-        ]
-
     def allows(self, host: str, address: IPAddress, port: int) -> bool:
         """Whether an entry for host or address allows the port connected to: an entry with a port allows
         only it (an entry for a local model server must not open the gateway, metrics or a database on
         its host), one without allows every port."""
-        return any(entry.port in (None, port) for entry in self.naming(host, address))
+        candidates = [address, *embedded_ipv4(address)]
+        return any(
+            entry.port in (None, port)
+            and (
+                entry.destination == host.lower()
+                or (not isinstance(entry.destination, str) and any(c in entry.destination for c in candidates))
+            )
+            for entry in self._entries
+        )
 
 
 # The ports schemes imply.
@@ -295,19 +292,16 @@ def _unresolved(host: str, exc: OSError, timeout_s: float) -> str:
 
 
 def _refusal(host: str, addresses: list[IPAddress], port: int, allow: AllowList) -> str | None:
-    """Why host, resolved to addresses, may not be called on port, or None. When entries name the
-    address but for other ports, it says which: the port is what is wrong (a typo'd or stale one)."""
+    """Why host, resolved to addresses, may not be called on port, or None. One message whatever the
+    allow-list holds: saying which entries name the address (for other ports) told any tenant, without a
+    connection made, which private networks and ports the operator opened."""
     for address in addresses:
         if is_global_destination(address) or allow.allows(host, address, port):
             continue
-        if others := allow.naming(host, address):
-            shown = f"[{address}]" if address.version == 6 else str(address)
-            return (
-                f"refused to call {host!r}: {shown}:{port} is not allowed "
-                f"(--outbound-allow has {', '.join(map(str, others))})"
-            )
+        shown = f"[{address}]" if address.version == 6 else str(address)
         return (
-            f"refused to call {host!r}: {address} is not a globally routable address (allow it with --outbound-allow)"
+            f"refused to call {host!r}: {shown}:{port} is not allowed "
+            "(not globally routable; allow it with --outbound-allow)"
         )
     return None
 
