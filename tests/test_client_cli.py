@@ -421,9 +421,10 @@ def test_compare_table_json_show_and_fail_on_regression(live: tuple[ServerProces
             f"dataset: {name}.jsonl\ntarget: provided\ngraders: [{{name: exact, exact_match: {{}}}}]\n"
             "pass_threshold: 50\n"  # both runs pass their own bar: evalctl run exits 0
         )
-        created = evalctl(live, "run", str(tmp_path / f"{name}.yaml"), "--json")
+        created = evalctl(live, "run", str(tmp_path / f"{name}.yaml"), "--json", "--label", "lane=compare-main")
         assert created.returncode == 0, created.stderr
         ids.append(json.loads(created.stdout)["id"])
+        assert json.loads(created.stdout)["labels"] == {"lane": "compare-main"}
     good, bad = ids
 
     table = evalctl(live, "compare", good, bad, "--show", "regressed", "--limit", "3")
@@ -443,6 +444,15 @@ def test_compare_table_json_show_and_fail_on_regression(live: tuple[ServerProces
     assert improved.returncode == 0 and "IMPROVED" in improved.stdout
     missing = evalctl(live, "compare", good, "run_missing")
     assert missing.returncode == 3 and "not found" in missing.stderr
+
+    # A CI job names its baseline by a label: the newest run so labelled that SUCCEEDED, the candidate aside
+    # (`bad` is newer, and labelled too).
+    latest = evalctl(live, "compare", "latest:lane=compare-main", bad, "--fail-on-regression", "--json")
+    assert latest.returncode == 1 and json.loads(latest.stdout)["baseline_run_id"] == good
+    assert f"baseline: {good}, the newest run labelled lane=compare-main that SUCCEEDED" in latest.stderr
+    none = evalctl(live, "compare", "latest:lane=nowhere", bad)
+    assert none.returncode == 5 and "NO VERDICT: there is no baseline: no run labelled lane=nowhere" in none.stderr
+    assert evalctl(live, "compare", "latest:lane", bad).returncode == 3  # not KEY=VALUE
 
 
 # What an agent can print to take over a terminal or a CI log: colours, an OSC 52 clipboard write, a CR that

@@ -2,6 +2,7 @@
 
     evalctl validate spec.yaml                                               check a spec, without a server
     evalctl run spec.yaml [--fail-under PCT] [--junit FILE] [--jsonl FILE] [--cache replay|...] [--request-id ID]
+                  [--label k=v ...]
                   create a run and follow it (a --request-id used before: that run, followed)
     evalctl rerun RUN_ID [--failed|--all] [--detach] [--fail-under PCT] [--junit FILE] [--jsonl FILE]
                   a new run of RUN_ID's errored items (--failed: failed or errored, --all: every item; an
@@ -16,6 +17,7 @@
     evalctl report RUN_ID --html FILE                                        one self-contained HTML report
     evalctl compare BASELINE CANDIDATE [--alpha A] [--fail-on-regression] [--max-unpaired N]
                     [--show regressed|improved|...]      a grader without pairs shows "-" and NO_PAIRS
+                    BASELINE: a run id, or latest:KEY=VALUE, the newest run so labelled that SUCCEEDED
     evalctl webhooks create URL [--event TYPE ...] | list | get ID | update ID [--url U] [--event TYPE ...]
                      [--enable|--disable] | delete ID | rotate-secret ID [--revoke-previous]
                      | deliveries ID [--status pending|succeeded|failed] [--limit N]
@@ -44,8 +46,9 @@ FAILED or CANCELLED; 3 a spec, connection or RPC error, or a command line evalct
 4 (get --fail-under; compare with a gate, of a run still executing: a partial comparison) NO VERDICT: a run
 has not ended, so there is no verdict yet; 5 (compare with a gate) NO VERDICT: the runs are not comparable (a
 grader's definition changed, or more than --max-unpaired evaluations, or every one, are of different items),
-and no unchanged grader REGRESSED (one that did is exit 1, the not-comparable line beside it); 141 (quietly)
-stdout closed early, as in `evalctl results RUN --format jsonl | head`; 130 Ctrl-C and 143 SIGTERM, saying
+and no unchanged grader REGRESSED (one that did is exit 1, the not-comparable line beside it), or (any
+compare) a latest:KEY=VALUE baseline names no run; 141 (quietly) stdout closed early, as in
+`evalctl results RUN --format jsonl | head`; 130 Ctrl-C and 143 SIGTERM, saying
 which run goes on and the `evalctl watch RUN --after-seq N` that follows it again (during the create itself:
 its request_id and the `--request-id` command that follows the run if it was made, and makes it if not).
 """
@@ -85,8 +88,11 @@ from evalsvc_client.sync import EvalClient
 from evalsvc_client.visible import for_terminal
 
 EXIT_OK, EXIT_BELOW, EXIT_RUN_FAILED, EXIT_ERROR, EXIT_NOT_ENDED = 0, 1, 2, 3, 4
-#: A gated compare of runs that are not comparable: no verdict, and none to come by waiting (unlike 4).
+#: A gated compare of runs that are not comparable, or a compare whose `latest:KEY=VALUE` baseline names no
+#: run: no verdict, and none to come by waiting (unlike 4).
 EXIT_NOT_COMPARABLE = 5
+#: compare's BASELINE as `latest:KEY=VALUE`: the newest run with that label that SUCCEEDED.
+LATEST = "latest:"
 #: Stdout was closed before evalctl finished writing (`| head`): the status of a program SIGPIPE (13) ended.
 EXIT_STDOUT_CLOSED = 128 + 13
 #: Ctrl-C (SIGINT, 2), as for a program the signal ended; the run evalctl was following goes on on the server.
@@ -578,17 +584,18 @@ def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> i
         spec.create_request.cache_mode = cache_mode(args.cache)
     if args.request_id:
         spec.create_request.request_id, spec.request_id_given = args.request_id, True
+    spec.create_request.labels.update(dict(args.label))
     request = spec.request()
     if not request.request_id:  # made here, not by the SDK, so that an interrupted create can say it
         request.request_id = new_request_id()
     called = time.time()
     # The same request again: --cache too, which the request carries (a different request under the same
     # request_id is REQUEST_ID_CONFLICT).
-    cache = f" --cache {args.cache}" if args.cache else ""
+    given = [*(["--cache", args.cache] if args.cache else []), *(f"--label={k}={v}" for k, v in args.label)]
     with _creating(
         "CreateRun",
         request.request_id,
-        f"evalctl run {shlex.quote(args.spec)}{cache} --request-id {request.request_id}",
+        shlex.join(["evalctl", "run", args.spec, *given, "--request-id", request.request_id]),
     ):
         created = client.create_run_from(request)
     return _follow_created(client, created.run, args, console, _created_words(spec, created, called))
@@ -1024,7 +1031,19 @@ def comparison_not_comparable(
 
 
 def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
-    comparison = client.compare_runs(args.baseline, args.candidate, alpha=args.alpha)
+    baseline = args.baseline
+    if isinstance(baseline, tuple):  # latest:KEY=VALUE
+        key, value = baseline
+        baseline = _latest_labelled(client, key, value, args.candidate)
+        if baseline is None:
+            console.print(
+                f"NO VERDICT: there is no baseline: no run labelled {key}={value} has SUCCEEDED, other than the"
+                f" candidate (label one: evalctl update RUN_ID --label {key}={value})",
+                markup=False,
+            )
+            return EXIT_NOT_COMPARABLE
+        console.print(f"baseline: {baseline}, the newest run labelled {key}={value} that SUCCEEDED", markup=False)
+    comparison = client.compare_runs(baseline, args.candidate, alpha=args.alpha)
     if args.json:
         _print_json(to_dict(comparison))
     else:
@@ -1086,6 +1105,20 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
     for failure in [*failures, *([not_comparable] if not_comparable else [])]:
         console.print(failure, markup=False)
     return EXIT_BELOW if failures else EXIT_OK
+
+
+def _latest_labelled(client: EvalClient, key: str, value: str, candidate: str) -> str | None:
+    """The id of the newest run labelled key=value that SUCCEEDED, the candidate aside, or None: a CI job
+    compares each run with the last good one of its main branch (`latest:branch=main`) without keeping
+    that run's id anywhere between jobs."""
+    labelled = client.list_runs(
+        labels={key: value},
+        statuses=[pb.run.RUN_STATUS_SUCCEEDED],
+        page_size=2,
+        limit=2,
+        view=pb.runs.RUN_VIEW_BASIC,
+    )
+    return next((run.id for run in labelled if run.id != candidate), None)
 
 
 def _no_comparison_verdict(client: EvalClient, comparison: pb.RunComparison) -> str:
@@ -1506,6 +1539,15 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--cache", choices=sorted(CACHE_MODES), help="response cache mode, over the spec's cache_mode (docs/targets.md)"
     )
+    run.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_label,
+        help="label the run (repeat), over the spec's label of that key; e.g. branch=main, for"
+        " `compare latest:branch=main`",
+    )
     follow_flags(run)
     run.set_defaults(handler=cmd_run)
 
@@ -1618,7 +1660,12 @@ def parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=cmd_report)
 
     compare = sub.add_parser("compare", parents=[common], help="paired comparison of two runs (docs/compare.md)")
-    compare.add_argument("baseline", help="the baseline run id")
+    compare.add_argument(
+        "baseline",
+        type=_baseline,
+        help="the baseline run id, or latest:KEY=VALUE: the newest run with that label that SUCCEEDED, the"
+        " candidate aside (none: exit 5)",
+    )
     compare.add_argument("candidate", help="the candidate run id")
     compare.add_argument("--alpha", type=_alpha, default=0.05, help="significance level, from 1e-9 to 0.5")
     compare.add_argument(
@@ -1774,6 +1821,12 @@ def _label(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
     return key, value
+
+
+def _baseline(text: str) -> str | tuple[str, str]:
+    """compare's BASELINE: a run id, or `latest:KEY=VALUE` as the label (KEY, VALUE) that names one."""
+    labelled = text.removeprefix(LATEST)
+    return _label(labelled) if labelled != text else text
 
 
 def _console(stderr: bool = False) -> Console:
