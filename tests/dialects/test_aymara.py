@@ -705,6 +705,22 @@ async def test_unknown_and_foreign_ids_are_404(env: Env) -> None:
         ("/v2/evals", {"eval_type": None}, None, 422, "validation.invalid_format", "eval_type"),
         (
             "/v2/evals",
+            {"prompts": [{"content": "x", "turn_number": 10**20}], "num_prompts": 1},
+            None,
+            422,
+            "validation.invalid_format",
+            "prompts.0.turn_number",
+        ),
+        (
+            "/v2/eval-runs",
+            {"responses": [{"prompt_uuid": "p-weapon", "turn_number": 2**31 - 1}]},  # its next prompt's: 2**31
+            None,
+            422,
+            "validation.invalid_format",
+            "responses.0.turn_number",
+        ),
+        (
+            "/v2/evals",
             {"prompts": [{"prompt_uuid": "a", "content": "x"}, {"prompt_uuid": "a", "content": "y"}], "num_prompts": 2},
             None,
             400,
@@ -732,6 +748,8 @@ async def test_unknown_and_foreign_ids_are_404(env: Env) -> None:
         "num_prompts",
         "no-prompts",
         "no-eval_type",
+        "prompt-turn-past-int32",
+        "response-turn-past-int32",
         "duplicate-prompt-id",
     ],
 )

@@ -426,6 +426,7 @@ async def test_bad_input_is_rejected_in_the_error_shape_and_changes_nothing(env:
         ("POST", records, {"systemPrompt": "x"}, "recordType"),
         ("POST", records, {"recordType": "PROMPT", "systemPrompt": "x", "maxTurns": 0}, "maxTurns"),
         ("POST", records, {"recordType": "PROMPT", "systemPrompt": "x", "maxTurns": "many"}, "maxTurns"),
+        ("POST", records, {"recordType": "PROMPT", "systemPrompt": "x", "maxTurns": 2**31}, "maxTurns"),  # int32
         ("POST", runs, {"callAgentId": env.agent_id}, "versionedPromptId"),
         ("POST", runs, {"versionedPromptId": "v"}, "callAgentId"),
         (

@@ -68,6 +68,9 @@ OWNER_LABEL = "dialect"  # label on everything a dialect creates: it sees only w
 MAX_PAGE_SIZE = 1000  # evalsvc's largest page of a list
 MAX_COLLECTED = 10_000  # what `collect` reads at most, for vendors that page by offset or count a total
 MAX_PAGES = 1000  # what `pages` reads at most (a million elements at MAX_PAGE_SIZE)
+# A whole number the dialect stores and echoes back stays within a 32-bit int: Go's and Java's clients decode
+# vendor integers as such, and one larger value failed their decoding of every list holding it.
+MIN_INT32, MAX_INT32 = -(2**31), 2**31 - 1
 # The ASGI scope key holding when a dialect route began handling the request (time.monotonic()): a
 # synchronous route's wait ends --dialect-sync-wait-s after it, whatever the route did before waiting.
 ARRIVED = "evalsvc.dialect.arrived"

@@ -33,6 +33,7 @@ from pydantic.alias_generators import to_camel
 
 from evalsvc.errors import Reason
 from evalsvc.gateway.dialects.base import (
+    MAX_INT32,
     MAX_PAGE_SIZE,
     Dialect,
     DialectClient,
@@ -127,7 +128,7 @@ class CreateAIEvalRecordInput(Model):
     name: str | None = None
     description: str | None = None
     system_prompt: str | None = None
-    max_turns: int | None = Field(default=None, ge=1)
+    max_turns: int | None = Field(default=None, ge=1, le=MAX_INT32)
     agent_inputs: str | None = Field(default=None, description="JSON object of agent variables")
 
 
