@@ -629,7 +629,7 @@ async def test_an_unknown_path_or_method_answers_in_the_native_status_shape(gw) 
         ("PUT", "/v1/runs/run_x", "DELETE, GET, HEAD, PATCH"),
         ("GET", "/v1/runs/run_x:cancel", "POST"),  # was GetRun of the id "run_x:cancel": 404 RUN_NOT_FOUND
         ("POST", "/openapi.json", "GET, HEAD"),
-        ("POST", "/ui/runs", "GET"),
+        ("POST", "/ui/runs", "GET, HEAD"),  # HEAD wherever GET: the UI pages too
     ):
         response = await client.request(method, path)
         message = routing_status(response, 405, 12, "METHOD_NOT_ALLOWED")
@@ -697,17 +697,17 @@ async def test_an_unknown_path_or_method_under_a_dialects_routes_answers_in_its_
         "errors": [{"error": "NOT_FOUND", "message": "no route for GET /v1/evals/nope"}],
     }
     omni = await client.put("/api/v1/ai/eval/runs")
-    assert omni.status_code == 405 and omni.headers["allow"] == "GET, POST"
+    assert omni.status_code == 405 and omni.headers["allow"] == "GET, HEAD, POST"
     assert omni.json() == {
-        "detail": "method PUT is not allowed on /api/v1/ai/eval/runs (allowed: GET, POST)",
+        "detail": "method PUT is not allowed on /api/v1/ai/eval/runs (allowed: GET, HEAD, POST)",
         "status": 405,
     }
     vogent = await client.get("/api/eval_runs/r/nope")
     assert vogent.status_code == 404 and vogent.json()["error"]["code"] == "NOT_FOUND"
     assert vogent.json()["error"]["message"] == "no route for GET /api/eval_runs/r/nope"
     agno = await client.patch("/eval-runs")
-    assert agno.status_code == 405 and agno.headers["allow"] == "DELETE, GET, POST"
-    assert agno.json() == {"detail": "method PATCH is not allowed on /eval-runs (allowed: DELETE, GET, POST)"}
+    assert agno.status_code == 405 and agno.headers["allow"] == "DELETE, GET, HEAD, POST"
+    assert agno.json() == {"detail": "method PATCH is not allowed on /eval-runs (allowed: DELETE, GET, HEAD, POST)"}
     aymara = await client.get("/v2/nope")
     assert aymara.status_code == 404 and set(aymara.json()) == {"error", "request_id"}
     assert aymara.json()["error"]["code"] == "resource.not_found"

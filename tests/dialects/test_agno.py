@@ -24,7 +24,7 @@ from evalsvc.gateway.dialects.agno import INPUT_KEY
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc
-from tests.dialects.env import DialectEnv, dialect_gateway, no_errors_logged
+from tests.dialects.env import DialectEnv, check_head, dialect_gateway, no_errors_logged
 from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
 from tests.helpers import create_request, impatient_gateway, keyed_channel
 
@@ -420,6 +420,13 @@ async def test_a_list_page_is_bounded_in_runs_and_in_the_results_it_reads(
     meta = whole.json()["meta"]
     assert (meta["limit"], meta["total_pages"], meta["total_count"]) == (agno.MAX_LIMIT, 1, 2)
     assert [r["id"] for r in whole.json()["data"]] == ids[::-1]
+
+
+async def test_get_routes_answer_head_and_allow_lists_it(env: Env) -> None:
+    run = await env.run(agent_id=env.agent_id, eval_type="accuracy", input="10*5?", expected_output="50")
+    await check_head(env.http, f"/eval-runs/{run['id']}", "/eval-runs/run_missing", "/agents", "/agents/tgt_x")
+    refused = await env.http.put("/eval-runs")
+    assert refused.status_code == 405 and refused.headers["allow"] == "DELETE, GET, HEAD, POST"
 
 
 async def test_auth_errors_are_agentos_401s(env: Env) -> None:

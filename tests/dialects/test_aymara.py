@@ -24,7 +24,7 @@ from evalsvc.datasets.service import DatasetService
 from evalsvc.gateway.dialects import aymara
 from evalsvc.gateway.upstream import GatewayError
 from tests.conftest import make_settings
-from tests.dialects.env import DialectEnv, dialect_gateway, no_errors_logged
+from tests.dialects.env import DialectEnv, check_head, dialect_gateway, no_errors_logged
 from tests.fake_llm import FakeEndpoint, Reply, generator_reply, is_generation, judge_reply
 from tests.helpers import impatient_gateway, serving_gateway
 
@@ -789,7 +789,10 @@ async def test_unknown_paths_and_methods_are_in_the_envelope(env: Env) -> None:
         assert answer.status_code == 404, path
         assert assert_envelope(answer.json(), "resource.not_found") == {"reason": "ROUTE_NOT_FOUND"}
         assert answer.json()["error"]["message"] == f"no route for GET {path}"
-    for method, path, allowed in (("PUT", "/v2/evals", "GET, POST"), ("POST", "/v2/eval-runs/r", "DELETE, GET")):
+    for method, path, allowed in (
+        ("PUT", "/v2/evals", "GET, HEAD, POST"),
+        ("POST", "/v2/eval-runs/r", "DELETE, GET, HEAD"),
+    ):
         answer = await env.http.request(method, path)
         assert answer.status_code == 405 and answer.headers["allow"] == allowed, path
         assert assert_envelope(answer.json(), "validation.invalid_request") == {"reason": "METHOD_NOT_ALLOWED"}
@@ -798,6 +801,7 @@ async def test_unknown_paths_and_methods_are_in_the_envelope(env: Env) -> None:
         await env.sdk().get("/v2/nope", cast_to=object)
     assert_envelope(unknown.value.body, "resource.not_found")
     assert (await env.http.get("/v2/evals")).status_code == 200
+    await check_head(env.http, "/v2/evals", "/v2/eval-runs/r", "/health/")
 
 
 async def test_malformed_json_is_422_in_the_envelope(env: Env) -> None:

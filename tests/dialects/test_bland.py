@@ -21,7 +21,7 @@ from evalsvc.gateway.dialects.bland.models import CallIn
 from evalsvc.gateway.dialects.bland.translate import call_item, call_out
 from evalsvc.v1 import eval_run_service_pb2 as runs_pb
 from evalsvc.v1 import run_pb2
-from tests.dialects.env import DialectEnv, dialect_gateway, no_errors_logged
+from tests.dialects.env import DialectEnv, check_head, dialect_gateway, no_errors_logged
 from tests.fake_llm import FakeEndpoint, Reply, judge_reply
 
 MILLIS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -856,7 +856,11 @@ async def test_a_nul_in_a_new_versions_name_description_or_levels_is_refused_nam
 async def test_unknown_paths_and_methods_come_in_blands_envelope(env: Env) -> None:
     for path in ("/v1/evals/nope", "/v1/evals/runs/r/nope"):
         assert check_error(await env.http.get(path), 404, "NOT_FOUND") == [f"no route for GET {path}"]
-    for method, path, allowed in (("PUT", "/v1/evals/runs", "GET, POST"), ("DELETE", "/v1/evals/agents/a", "GET")):
+    for method, path, allowed in (
+        ("PUT", "/v1/evals/runs", "GET, HEAD, POST"),
+        ("DELETE", "/v1/evals/agents/a", "GET, HEAD"),  # Update Eval Agent (PATCH) is not served
+        ("PATCH", "/v1/evals/agents/a", "GET, HEAD"),
+    ):
         response = await env.http.request(method, path)
         message = f"method {method} is not allowed on {path} (allowed: {allowed})"
         assert check_error(response, 405, "METHOD_NOT_ALLOWED") == [message]
@@ -864,6 +868,7 @@ async def test_unknown_paths_and_methods_come_in_blands_envelope(env: Env) -> No
     native = await env.http.get("/v1/runz")  # /v1 but not Bland's /v1/evals: the native shape
     assert native.status_code == 404 and set(native.json()) == {"code", "message", "details"}
     assert data(await env.http.get("/v1/evals/status")) == {"enabled": True, "gate": "evals_enabled", "reason": None}
+    await check_head(env.http, "/v1/evals/status", "/v1/evals/agents", "/v1/evals/runs/r", "/v1/evals/calls")
 
 
 async def test_agent_keys_are_unique_in_the_organization_and_never_change(env: Env) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.dialects.env import DialectEnv, chat_target, dialect_gateway, no_errors_logged
+from tests.dialects.env import DialectEnv, chat_target, check_head, dialect_gateway, no_errors_logged
 from tests.fake_llm import FakeEndpoint, chat_reply, judge_reply
 
 AGENT_REPLY = "Your table for two is booked for 7pm."
@@ -548,7 +548,8 @@ async def test_get_eval_result_is_answered_in_vogents_envelope_beside_omni(tmp_p
                 assert "GET /api/eval_runs/{evalRunId}/results" in error["message"], error
             wrong_method = await http.delete("/api/eval_results/74752")
             check_error(wrong_method, 405, "UNIMPLEMENTED")
-            assert wrong_method.headers["allow"] == "GET"
+            assert wrong_method.headers["allow"] == "GET, HEAD"
+            await check_head(http, "/api/eval_results/74752", "/api/eval_configs", "/api/eval_runs/run_x")
             assert "/api/eval_results/{id}" not in (await http.get("/openapi.json")).json()["paths"]
             # a path the two dialects match only as far as `/api` stays native (docs/dialects.md says why)
             native = await http.get("/api/nope")

@@ -44,6 +44,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import Scope
 
 from evalsvc.errors import Reason
+from evalsvc.gateway.routes import serve_head
 from evalsvc.gateway.translators import (
     BodyCheck,
     InvalidBody,
@@ -356,6 +357,7 @@ class Dialect:
             return self.client(upstream, caller, self, request.scope.get(ARRIVED))
 
         self.routes(api, Depends(client), options)
+        serve_head(api)
         return api
 
 
