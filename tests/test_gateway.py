@@ -687,6 +687,28 @@ async def test_a_trailing_slash_is_an_unrouted_404_in_its_apis_shape_never_a_red
     assert omni.json() == {"detail": "no route for GET /api/v1/ai/eval/runs/", "status": 404}
 
 
+async def test_a_body_that_is_not_json_is_a_violation_on_body_in_every_dialect(refusing_gw) -> None:
+    """FastAPI puts a JSON decode error's character offset where the field goes (`loc: ["body", 9]`):
+    the dialects reported a field named "9" (Vogent, Aymara), "9: JSON decode error" (Bland) or "...
+    shape: 9: JSON decode error" (Omni). It is a violation on `body`, the offset in its description.
+    Agno shows FastAPI's own list, as AgentOS does."""
+    _, client = refusing_gw
+    why = "not valid JSON: Expecting value (character 9)"
+
+    async def post(path: str) -> Any:
+        answer = await client.post(path, content=b'{"name": ', headers={"content-type": "application/json"})
+        assert answer.status_code in (400, 422), answer.text
+        return answer.json()
+
+    vogent = (await post("/api/eval_configs"))["error"]
+    assert [(v["field"], v["description"]) for v in vogent["fieldViolations"]] == [("body", why)], vogent
+    aymara = (await post("/v2/evals"))["error"]["details"]["field_violations"]
+    assert aymara == [{"field": "body", "description": why}]
+    assert (await post("/v1/evals/agents"))["errors"][0]["message"] == f"body: {why}"
+    assert (await post("/api/v1/ai/eval/prompt-sets"))["detail"].endswith(f"shape: body: {why}")
+    assert (await post("/eval-runs"))["detail"][0]["loc"] == ["body", 9]
+
+
 async def test_an_unknown_path_or_method_under_a_dialects_routes_answers_in_its_envelope(gw) -> None:
     """Every dialect mounted at once: a path is the API's whose routes match the most of its segments."""
     _, client = gw

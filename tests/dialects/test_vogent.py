@@ -442,7 +442,8 @@ async def test_bad_input_is_rejected_in_the_error_shape_and_changes_nothing(env:
         violations = check_error(await env.http.request(method, path, json=body), 422, "INVALID_ARGUMENT")
         assert field in violations, (path, body, violations)
     garbled = await env.http.post(runs, content=b"{not json", headers={"content-type": "application/json"})
-    check_error(garbled, 422, "INVALID_ARGUMENT")
+    not_json = "not valid JSON: Expecting property name enclosed in double quotes (character 1)"
+    assert check_error(garbled, 422, "INVALID_ARGUMENT") == {"body": not_json}  # was the offset as field "1"
 
     invalid = [  # 400: well-formed, but not valid input
         ("POST", records, {"recordType": "DIAL", "name": "no dial"}, "dialId"),
@@ -481,6 +482,8 @@ async def test_bad_input_is_rejected_in_the_error_shape_and_changes_nothing(env:
     check_error(no_records, 400, "INVALID_ARGUMENT")
     unknown_agent = await env.http.post(runs, json={"versionedPromptId": "v", "callAgentId": "tgt_missing"})
     check_error(unknown_agent, 404, "NOT_FOUND")
+    said = unknown_agent.json()["error"]  # in Vogent's noun, not the service's "target ... TARGET_NOT_FOUND"
+    assert (said["message"], said["reason"]) == ("call agent 'tgt_missing' not found", "NOT_FOUND")
 
     configs, _ = check_page(await env.http.get("/api/eval_configs"))
     assert {c["id"] for c in configs} == {config["id"], empty["id"]}

@@ -441,7 +441,7 @@ def _request_invalid(errors: Sequence[Any]) -> GatewayError:
     """INVALID_ARGUMENT (HTTP 422, FastAPI's own) for a request FastAPI's validation refused, keeping
     its error list (bounded) in `request_errors`."""
     listed = _writable(jsonable_encoder(_bounded(errors)))
-    violations = [(".".join(str(p) for p in e.get("loc", ())[1:]), e.get("msg", "")) for e in listed]
+    violations = [_violation(error) for error in listed]
     return GatewayError(
         grpc.StatusCode.INVALID_ARGUMENT,
         "the request does not match the documented shape",
@@ -450,6 +450,18 @@ def _request_invalid(errors: Sequence[Any]) -> GatewayError:
         listed,
         422,
     )
+
+
+def _violation(error: Mapping[str, Any]) -> tuple[str, str]:
+    """(field, description) of one of FastAPI's validation errors: the field is its `loc` after "body" or
+    "query". A body that is not JSON is a violation on `body`: FastAPI puts the character offset where the
+    field goes (`("body", 13)`), which every dialect reported as a field named "13"."""
+    loc = error.get("loc", ())
+    if error.get("type") == "json_invalid":
+        why = (error.get("ctx") or {}).get("error") or error.get("msg", "")
+        at = f" (character {loc[1]})" if len(loc) > 1 else ""
+        return "body", f"not valid JSON: {why}{at}"
+    return ".".join(str(part) for part in loc[1:]), error.get("msg", "")
 
 
 def _body_check(route: APIRoute) -> BodyCheck | None:

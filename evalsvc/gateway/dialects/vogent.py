@@ -559,7 +559,12 @@ class Vogent(DialectClient):
             labels=self.labels,
             annotations={VERSIONED_PROMPT: body.versioned_prompt_id, CALL_AGENT: body.call_agent_id},
         )
-        created = await self.call(self.upstream.runs.CreateRun, request)
+        try:
+            created = await self.call(self.upstream.runs.CreateRun, request)
+        except GatewayError as error:  # the service names a saved target; Vogent calls it a call agent
+            if error.reason == Reason.TARGET_NOT_FOUND:
+                raise GatewayError.not_found(f"call agent {body.call_agent_id!r} not found") from None
+            raise
         return run_out(created.run)
 
     async def list_runs(self, config_id: str, limit: int, cursor: str | None) -> AIEvalPage[AIEvalRun]:
