@@ -1,5 +1,6 @@
 """Native routes, derived from the `google.api.http` annotations of the protos, so the REST mapping
-and the contract cannot drift apart (tests/test_gateway.py checks every RPC has a route)."""
+and the contract cannot drift apart (tests/test_gateway.py checks every RPC has a route); and HEAD
+wherever GET, added the same way to every router of the gateway, native, dialect or UI (`serve_head`)."""
 
 from __future__ import annotations
 
@@ -107,6 +108,7 @@ def serve_head(router: APIRouter) -> None:
     heads = {route.path for route, methods in routed if "HEAD" in methods}
     for route, methods in routed:
         if "GET" in methods and route.path not in heads:
+            heads.add(route.path)
             router.routes.append(
                 type(route)(
                     route.path,

@@ -416,7 +416,7 @@ def call_out(item: item_pb2.Item) -> CallOut | None:
         given = item.metadata.get("transcripts")
         stored = read_stored(list[dict[str, JsonValue]], given) if given is not None else None
         length = item.metadata.get("call_length")
-        zero = read_stored(float, length) if length is not None else None
+        kept_length = read_stored(float, length) if length is not None else None
     except Unreadable:
         return None
     lines = stored or [{"user": m.role, "text": m.content} for m in item.conversation]
@@ -424,7 +424,7 @@ def call_out(item: item_pb2.Item) -> CallOut | None:
         call_id=item.id,
         transcripts=lines,
         concatenated_transcript=item.response.content,
-        call_length=item.response.latency_ms / 60_000 if item.response.latency_ms else zero,
+        call_length=item.response.latency_ms / 60_000 if item.response.latency_ms else kept_length,
         **extra,
     )
 
