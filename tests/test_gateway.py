@@ -629,7 +629,7 @@ async def test_an_unknown_path_or_method_answers_in_the_native_status_shape(gw) 
         ("PUT", "/v1/runs/run_x", "DELETE, GET, HEAD, PATCH"),
         ("GET", "/v1/runs/run_x:cancel", "POST"),  # was GetRun of the id "run_x:cancel": 404 RUN_NOT_FOUND
         ("POST", "/openapi.json", "GET, HEAD"),
-        ("POST", "/ui/runs", "GET"),
+        ("POST", "/ui/runs", "GET, HEAD"),  # HEAD wherever GET: the UI pages too
     ):
         response = await client.request(method, path)
         message = routing_status(response, 405, 12, "METHOD_NOT_ALLOWED")
@@ -687,6 +687,28 @@ async def test_a_trailing_slash_is_an_unrouted_404_in_its_apis_shape_never_a_red
     assert omni.json() == {"detail": "no route for GET /api/v1/ai/eval/runs/", "status": 404}
 
 
+async def test_a_body_that_is_not_json_is_a_violation_on_body_in_every_dialect(refusing_gw) -> None:
+    """FastAPI puts a JSON decode error's character offset where the field goes (`loc: ["body", 9]`):
+    the dialects reported a field named "9" (Vogent, Aymara), "9: JSON decode error" (Bland) or "...
+    shape: 9: JSON decode error" (Omni). It is a violation on `body`, the offset in its description.
+    Agno shows FastAPI's own list, as AgentOS does."""
+    _, client = refusing_gw
+    why = "not valid JSON: Expecting value (character 9)"
+
+    async def post(path: str) -> Any:
+        answer = await client.post(path, content=b'{"name": ', headers={"content-type": "application/json"})
+        assert answer.status_code in (400, 422), answer.text
+        return answer.json()
+
+    vogent = (await post("/api/eval_configs"))["error"]
+    assert [(v["field"], v["description"]) for v in vogent["fieldViolations"]] == [("body", why)], vogent
+    aymara = (await post("/v2/evals"))["error"]["details"]["field_violations"]
+    assert aymara == [{"field": "body", "description": why}]
+    assert (await post("/v1/evals/agents"))["errors"][0]["message"] == f"body: {why}"
+    assert (await post("/api/v1/ai/eval/prompt-sets"))["detail"].endswith(f"shape: body: {why}")
+    assert (await post("/eval-runs"))["detail"][0]["loc"] == ["body", 9]
+
+
 async def test_an_unknown_path_or_method_under_a_dialects_routes_answers_in_its_envelope(gw) -> None:
     """Every dialect mounted at once: a path is the API's whose routes match the most of its segments."""
     _, client = gw
@@ -697,17 +719,17 @@ async def test_an_unknown_path_or_method_under_a_dialects_routes_answers_in_its_
         "errors": [{"error": "NOT_FOUND", "message": "no route for GET /v1/evals/nope"}],
     }
     omni = await client.put("/api/v1/ai/eval/runs")
-    assert omni.status_code == 405 and omni.headers["allow"] == "GET, POST"
+    assert omni.status_code == 405 and omni.headers["allow"] == "GET, HEAD, POST"
     assert omni.json() == {
-        "detail": "method PUT is not allowed on /api/v1/ai/eval/runs (allowed: GET, POST)",
+        "detail": "method PUT is not allowed on /api/v1/ai/eval/runs (allowed: GET, HEAD, POST)",
         "status": 405,
     }
     vogent = await client.get("/api/eval_runs/r/nope")
     assert vogent.status_code == 404 and vogent.json()["error"]["code"] == "NOT_FOUND"
     assert vogent.json()["error"]["message"] == "no route for GET /api/eval_runs/r/nope"
     agno = await client.patch("/eval-runs")
-    assert agno.status_code == 405 and agno.headers["allow"] == "DELETE, GET, POST"
-    assert agno.json() == {"detail": "method PATCH is not allowed on /eval-runs (allowed: DELETE, GET, POST)"}
+    assert agno.status_code == 405 and agno.headers["allow"] == "DELETE, GET, HEAD, POST"
+    assert agno.json() == {"detail": "method PATCH is not allowed on /eval-runs (allowed: DELETE, GET, HEAD, POST)"}
     aymara = await client.get("/v2/nope")
     assert aymara.status_code == 404 and set(aymara.json()) == {"error", "request_id"}
     assert aymara.json()["error"]["code"] == "resource.not_found"

@@ -53,7 +53,7 @@ from evalsvc.gateway.conditional import (
 )
 from evalsvc.gateway.dialects.base import DialectOptions
 from evalsvc.gateway.parse_errors import MAX_SHOWN, field_message, field_named, field_violation
-from evalsvc.gateway.routes import Route, routes
+from evalsvc.gateway.routes import Route, routes, serve_head
 from evalsvc.gateway.translators import TRANSLATOR_THREADS, in_turn, loads, object_of, translated
 from evalsvc.gateway.unrouted import Keyed, RoutingErrors
 from evalsvc.gateway.upstream import (
@@ -697,10 +697,6 @@ def create_app(
     for route in routes():
         streaming = route.method.server_streaming
         endpoint = stream_endpoint(route) if streaming else unary_endpoint(route)
-        if route.verb.upper() == "GET":  # RFC 9110 9.3.2: HEAD wherever GET, answered as GET without the body
-            app.add_api_route(
-                route.routed_path, endpoint, methods=["HEAD"], name=route.method.name, include_in_schema=False
-            )
         app.add_api_route(
             route.routed_path,
             endpoint,
@@ -713,6 +709,7 @@ def create_app(
             response_class=StreamingResponse if streaming else JSONResponse,
             openapi_extra=openapi.operation(route, schemas),
         )
+    serve_head(app.router)
     # Requests no route takes (404, 405) answer in the shape of the API their path belongs to.
     unrouted = RoutingErrors(refused)
     # The native routes, which take the caller's key, then /openapi.json, which needs none.
@@ -728,6 +725,7 @@ def create_app(
         unrouted.add(keyed, dialect.vendor.error_handler, prefix, Keyed(dialect.key_metadata, dialect.refusal))
         unrouted.add([route for route in router.routes if route not in keyed], dialect.vendor.error_handler, prefix)
     pages = ui.router()
+    serve_head(pages)
     app.include_router(pages)
     unrouted.add(pages.routes)
     app.add_exception_handler(HTTPException, unrouted.handle)
@@ -753,7 +751,6 @@ def _health_routes(app: FastAPI, upstream: Upstream) -> list[BaseRoute]:
         return JSONResponse({"status": status}, status_code=200 if status == "SERVING" else 503)
 
     schema = {"type": "object", "properties": {"status": {"type": "string"}}}
-    app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
     app.add_api_route(
         "/healthz",
         healthz,
@@ -768,6 +765,7 @@ def _health_routes(app: FastAPI, upstream: Upstream) -> list[BaseRoute]:
             "4XX": {"description": "the request was refused (google.rpc.Status): e.g. 431, headers too large"},
         },
     )
+    serve_head(app.router)
     return [route for route in app.routes if getattr(route, "path", None) == "/healthz"]
 
 

@@ -1,5 +1,6 @@
 """Native routes, derived from the `google.api.http` annotations of the protos, so the REST mapping
-and the contract cannot drift apart (tests/test_gateway.py checks every RPC has a route)."""
+and the contract cannot drift apart (tests/test_gateway.py checks every RPC has a route); and HEAD
+wherever GET, added the same way to every router of the gateway, native, dialect or UI (`serve_head`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from fastapi.routing import APIRoute, APIRouter
 from google.api import annotations_pb2
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from starlette.convertors import StringConvertor, register_url_convertor
@@ -94,3 +96,31 @@ def routes() -> Iterator[Route]:
                 continue
             found.append(Route(verb, getattr(rule, verb), rule.body, method))
     yield from sorted(found, key=lambda r: (":" not in r.path, r.path))
+
+
+def serve_head(router: APIRouter) -> None:
+    """HEAD wherever GET (RFC 9110 9.3.2), on every route of `router`: a twin of each GET route taking HEAD,
+    answered by the same endpoint, dependencies and route class (so the same checks and errors), its body
+    left out by the server. Starlette's own routes do this; FastAPI's do not, so a dialect's GET routes
+    answered HEAD with a 405 whose Allow listed GET. The twins are left out of the OpenAPI document, and
+    a path with a HEAD route already gets none, so calling this again adds nothing."""
+    routed = [(route, route.methods or set()) for route in router.routes if isinstance(route, APIRoute)]
+    heads = {route.path for route, methods in routed if "HEAD" in methods}
+    for route, methods in routed:
+        if "GET" in methods and route.path not in heads:
+            heads.add(route.path)
+            router.routes.append(
+                type(route)(
+                    route.path,
+                    route.endpoint,
+                    methods=["HEAD"],
+                    name=route.name,
+                    include_in_schema=False,
+                    dependencies=route.dependencies,
+                    response_model=route.response_model,
+                    status_code=route.status_code,
+                    response_class=route.response_class,
+                    response_model_exclude_none=route.response_model_exclude_none,
+                    dependency_overrides_provider=route.dependency_overrides_provider,
+                )
+            )

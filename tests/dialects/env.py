@@ -101,3 +101,13 @@ async def dialect_gateway(
     async with serving_gateway(configured, key_header=key_header, key_prefix=key_prefix) as (srv, http):
         assert srv.bootstrap_key
         yield srv, http
+
+
+async def check_head(http: httpx.AsyncClient, *paths: str) -> None:
+    """HEAD on each of a dialect's GET paths answers as GET does without the body (RFC 9110 9.3.2): the
+    same status and content type, whether the GET is served or refused (a HEAD was a 405 whose Allow
+    listed GET)."""
+    for path in paths:
+        got, head = await http.get(path), await http.head(path)
+        shown = (got.status_code, got.headers.get("content-type"), b"")
+        assert (head.status_code, head.headers.get("content-type"), head.content) == shown, (path, got.text)

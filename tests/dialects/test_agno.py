@@ -19,11 +19,12 @@ from agno.client import AgentOSClient
 from agno.db.schemas.evals import EvalType
 from agno.os.routers.evals.schemas import EvalSchema
 
+from evalsvc.gateway.dialects import agno
 from evalsvc.gateway.dialects.agno import INPUT_KEY
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc
-from tests.dialects.env import DialectEnv, dialect_gateway, no_errors_logged
+from tests.dialects.env import DialectEnv, check_head, dialect_gateway, no_errors_logged
 from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
 from tests.helpers import create_request, impatient_gateway, keyed_channel
 
@@ -388,6 +389,44 @@ async def test_list_pages_filters_and_sorts_only_agno_runs(env: Env) -> None:
     assert (await env.http.request("DELETE", "/eval-runs", json={"eval_run_ids": ["", "x"]})).status_code == 204
     still = await env.http.get(f"/v1/runs/{native}")
     assert still.status_code == 200 and "deleteTime" not in still.json()["run"]
+
+
+async def test_a_list_page_is_bounded_in_runs_and_in_the_results_it_reads(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`limit` has no documented maximum: a larger one is read as MAX_LIMIT, which meta.limit reports. Each
+    run on a page is shown with all its results, so a page whose runs hold more than MAX_PAGE_RESULTS
+    results is refused (here made 5: two runs of 3 repetitions), naming a smaller limit; a page of one
+    run is always read."""
+    monkeypatch.setattr(agno, "MAX_PAGE_RESULTS", 5)
+    accuracy = {"agent_id": env.agent_id, "eval_type": "accuracy", "input": "10*5?", "expected_output": "50"}
+    ids = [(await env.run(**accuracy, num_iterations=3))["id"] for _ in range(2)]
+
+    huge = await env.http.get("/eval-runs", params={"limit": 10**9})
+    assert huge.status_code == 400, huge.text
+    assert huge.json() == {
+        "detail": "the 2 eval runs of this page hold 6 results, more than one page reads (5): "
+        "ask for fewer runs per page (a smaller `limit`)"
+    }
+    for page, run_id in enumerate(ids[::-1], start=1):
+        one = await env.http.get("/eval-runs", params={"limit": 1, "page": page})
+        assert one.status_code == 200, one.text
+        assert [r["id"] for r in one.json()["data"]] == [run_id]
+        assert len(one.json()["data"][0]["eval_data"]["results"]) == 3
+
+    monkeypatch.setattr(agno, "MAX_PAGE_RESULTS", 6)
+    whole = await env.http.get("/eval-runs", params={"limit": 10**9})
+    assert whole.status_code == 200, whole.text
+    meta = whole.json()["meta"]
+    assert (meta["limit"], meta["total_pages"], meta["total_count"]) == (agno.MAX_LIMIT, 1, 2)
+    assert [r["id"] for r in whole.json()["data"]] == ids[::-1]
+
+
+async def test_get_routes_answer_head_and_allow_lists_it(env: Env) -> None:
+    run = await env.run(agent_id=env.agent_id, eval_type="accuracy", input="10*5?", expected_output="50")
+    await check_head(env.http, f"/eval-runs/{run['id']}", "/eval-runs/run_missing", "/agents", "/agents/tgt_x")
+    refused = await env.http.put("/eval-runs")
+    assert refused.status_code == 405 and refused.headers["allow"] == "DELETE, GET, HEAD, POST"
 
 
 async def test_auth_errors_are_agentos_401s(env: Env) -> None:

@@ -24,7 +24,7 @@ from evalsvc.datasets.service import DatasetService
 from evalsvc.gateway.dialects import aymara
 from evalsvc.gateway.upstream import GatewayError
 from tests.conftest import make_settings
-from tests.dialects.env import DialectEnv, dialect_gateway, no_errors_logged
+from tests.dialects.env import DialectEnv, check_head, dialect_gateway, no_errors_logged
 from tests.fake_llm import FakeEndpoint, Reply, generator_reply, is_generation, judge_reply
 from tests.helpers import impatient_gateway, serving_gateway
 
@@ -705,6 +705,22 @@ async def test_unknown_and_foreign_ids_are_404(env: Env) -> None:
         ("/v2/evals", {"eval_type": None}, None, 422, "validation.invalid_format", "eval_type"),
         (
             "/v2/evals",
+            {"prompts": [{"content": "x", "turn_number": 10**20}], "num_prompts": 1},
+            None,
+            422,
+            "validation.invalid_format",
+            "prompts.0.turn_number",
+        ),
+        (
+            "/v2/eval-runs",
+            {"responses": [{"prompt_uuid": "p-weapon", "turn_number": 2**31 - 1}]},  # its next prompt's: 2**31
+            None,
+            422,
+            "validation.invalid_format",
+            "responses.0.turn_number",
+        ),
+        (
+            "/v2/evals",
             {"prompts": [{"prompt_uuid": "a", "content": "x"}, {"prompt_uuid": "a", "content": "y"}], "num_prompts": 2},
             None,
             400,
@@ -732,6 +748,8 @@ async def test_unknown_and_foreign_ids_are_404(env: Env) -> None:
         "num_prompts",
         "no-prompts",
         "no-eval_type",
+        "prompt-turn-past-int32",
+        "response-turn-past-int32",
         "duplicate-prompt-id",
     ],
 )
@@ -771,7 +789,10 @@ async def test_unknown_paths_and_methods_are_in_the_envelope(env: Env) -> None:
         assert answer.status_code == 404, path
         assert assert_envelope(answer.json(), "resource.not_found") == {"reason": "ROUTE_NOT_FOUND"}
         assert answer.json()["error"]["message"] == f"no route for GET {path}"
-    for method, path, allowed in (("PUT", "/v2/evals", "GET, POST"), ("POST", "/v2/eval-runs/r", "DELETE, GET")):
+    for method, path, allowed in (
+        ("PUT", "/v2/evals", "GET, HEAD, POST"),
+        ("POST", "/v2/eval-runs/r", "DELETE, GET, HEAD"),
+    ):
         answer = await env.http.request(method, path)
         assert answer.status_code == 405 and answer.headers["allow"] == allowed, path
         assert assert_envelope(answer.json(), "validation.invalid_request") == {"reason": "METHOD_NOT_ALLOWED"}
@@ -780,6 +801,7 @@ async def test_unknown_paths_and_methods_are_in_the_envelope(env: Env) -> None:
         await env.sdk().get("/v2/nope", cast_to=object)
     assert_envelope(unknown.value.body, "resource.not_found")
     assert (await env.http.get("/v2/evals")).status_code == 200
+    await check_head(env.http, "/v2/evals", "/v2/eval-runs/r", "/health/")
 
 
 async def test_malformed_json_is_422_in_the_envelope(env: Env) -> None:

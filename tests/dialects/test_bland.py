@@ -21,7 +21,7 @@ from evalsvc.gateway.dialects.bland.models import CallIn
 from evalsvc.gateway.dialects.bland.translate import call_item, call_out
 from evalsvc.v1 import eval_run_service_pb2 as runs_pb
 from evalsvc.v1 import run_pb2
-from tests.dialects.env import DialectEnv, dialect_gateway, no_errors_logged
+from tests.dialects.env import DialectEnv, check_head, dialect_gateway, no_errors_logged
 from tests.fake_llm import FakeEndpoint, Reply, judge_reply
 
 MILLIS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -350,7 +350,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
 async def test_eval_agents_and_versions_keep_every_documented_field(env: Env) -> None:
     created = await env.agent(EMPATHY)
     agent, version = created["agent"], created["current_version"]
-    assert agent["name"] == "Empathy Check" and agent["key"] == "empathy-check"
+    assert agent["name"] == "Empathy Check" and agent["key"] == f"empathy-check-{agent['id'].removeprefix('grd_')}"
     assert agent["description"] == EMPATHY["description"] and agent["current_version_id"] == version["id"]
     assert version["version_number"] == 1 and version["state"] == "editable" and version["name"] == "Empathy Check v1"
     sent = {k: EMPATHY[k] for k in ("system_prompt_md", "prompt_md", "levels", "target_level_keys", "weight")}
@@ -856,7 +856,11 @@ async def test_a_nul_in_a_new_versions_name_description_or_levels_is_refused_nam
 async def test_unknown_paths_and_methods_come_in_blands_envelope(env: Env) -> None:
     for path in ("/v1/evals/nope", "/v1/evals/runs/r/nope"):
         assert check_error(await env.http.get(path), 404, "NOT_FOUND") == [f"no route for GET {path}"]
-    for method, path, allowed in (("PUT", "/v1/evals/runs", "GET, POST"), ("DELETE", "/v1/evals/agents/a", "GET")):
+    for method, path, allowed in (
+        ("PUT", "/v1/evals/runs", "GET, HEAD, POST"),
+        ("DELETE", "/v1/evals/agents/a", "GET, HEAD"),  # Update Eval Agent (PATCH) is not served
+        ("PATCH", "/v1/evals/agents/a", "GET, HEAD"),
+    ):
         response = await env.http.request(method, path)
         message = f"method {method} is not allowed on {path} (allowed: {allowed})"
         assert check_error(response, 405, "METHOD_NOT_ALLOWED") == [message]
@@ -864,6 +868,31 @@ async def test_unknown_paths_and_methods_come_in_blands_envelope(env: Env) -> No
     native = await env.http.get("/v1/runz")  # /v1 but not Bland's /v1/evals: the native shape
     assert native.status_code == 404 and set(native.json()) == {"code", "message", "details"}
     assert data(await env.http.get("/v1/evals/status")) == {"enabled": True, "gate": "evals_enabled", "reason": None}
+    await check_head(env.http, "/v1/evals/status", "/v1/evals/agents", "/v1/evals/runs/r", "/v1/evals/calls")
+
+
+async def test_agent_keys_are_unique_in_the_organization_and_never_change(env: Env) -> None:
+    """Bland's `key` is unique per organization: names that slug alike, and names without ASCII letters
+    or digits, still give each agent its own key, and an agent's key stays what it was when agents are
+    created after it (the key is the name's slug and the unique part of the agent's id)."""
+    names = ["Empathy", "empathy!", "EMPATHY", "¿¡", "日本語", "x" * 200]
+    created = [(await env.agent(EMPATHY | {"name": name}))["agent"] for name in names]
+    keys = [agent["key"] for agent in created]
+    assert len(set(keys)) == len(keys), keys
+    for agent, word in zip(created, ["empathy", "empathy", "empathy", "agent", "agent", "x" * 38], strict=True):
+        assert agent["key"] == f"{word}-{agent['id'].removeprefix('grd_')}" and len(agent["key"]) <= 63
+    await env.agent(EMPATHY | {"name": "Empathy"})
+    assert [(await env.ok("GET", f"/v1/evals/agents/{a['id']}"))["agent"]["key"] for a in created] == keys
+
+
+async def test_a_call_length_of_zero_reads_back_as_zero_not_as_absent(env: Env) -> None:
+    """A call_length is the item's latency, where 0 is also "not given": a given 0 is kept apart."""
+    zero = {"call_id": "zero", "concatenated_transcript": "user: hi", "call_length": 0}
+    await env.ok("POST", "/v1/evals/calls", {"calls": [zero]})
+    [stored] = [c for c in (await env.ok("GET", "/v1/evals/calls"))["data"] if c["call_id"] == "zero"]
+    assert stored["call_length"] == 0 and "call_length" in stored
+    without = [c for c in (await env.ok("GET", "/v1/evals/calls"))["data"] if c["call_id"] == CALL_IDS[1]]
+    assert without[0]["call_length"] is None
 
 
 async def test_calls_extension_keeps_every_field_and_refuses_bad_calls(env: Env) -> None:

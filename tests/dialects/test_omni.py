@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from evalsvc.gateway.dialects.uuids import from_uuid, to_uuid
-from tests.dialects.env import DialectEnv, chat_target, dialect_gateway
+from tests.dialects.env import DialectEnv, chat_target, check_head, dialect_gateway
 from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
 
 PRICES = {"gpt-test": {"input_per_mtok": 1000.0, "output_per_mtok": 2000.0}, "judge-test": {"input_per_mtok": 100.0}}
@@ -440,9 +440,9 @@ async def test_unknown_paths_and_methods_in_omnis_error_shape(env: Env) -> None:
     for path in ("/api/v1/ai/eval/nope", "/api/v1/ai/eval/runs/r/nope", "/api/nope"):  # Omni alone owns /api here
         assert omni_error(await env.http.get(path), 404) == f"no route for GET {path}"
     for method, path, allowed in (
-        ("PUT", "/api/v1/ai/eval/runs", "GET, POST"),
-        ("POST", "/api/v1/ai/eval/runs/r", "DELETE, GET"),
-        ("DELETE", "/api/v1/ai/eval/prompt-sets/p", "GET, PATCH"),
+        ("PUT", "/api/v1/ai/eval/runs", "GET, HEAD, POST"),
+        ("POST", "/api/v1/ai/eval/runs/r", "DELETE, GET, HEAD"),
+        ("DELETE", "/api/v1/ai/eval/prompt-sets/p", "GET, HEAD, PATCH"),
     ):
         response = await env.http.request(method, path)
         assert omni_error(response, 405) == f"method {method} is not allowed on {path} (allowed: {allowed})"
@@ -450,6 +450,7 @@ async def test_unknown_paths_and_methods_in_omnis_error_shape(env: Env) -> None:
     native = await env.http.get("/v1/runz")  # outside Omni's routes: the native shape
     assert native.status_code == 404 and native.json()["code"] == 5
     assert (await env.http.get("/api/v1/ai/eval/prompt-sets")).status_code == 200
+    await check_head(env.http, "/api/v1/ai/eval/prompt-sets", "/api/v1/ai/eval/runs/r", "/api/v1/ai/eval/runs")
 
 
 async def test_openapi_documents_omnis_bodies(env: Env) -> None:

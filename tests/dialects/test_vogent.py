@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.dialects.env import DialectEnv, chat_target, dialect_gateway, no_errors_logged
+from tests.dialects.env import DialectEnv, chat_target, check_head, dialect_gateway, no_errors_logged
 from tests.fake_llm import FakeEndpoint, chat_reply, judge_reply
 
 AGENT_REPLY = "Your table for two is booked for 7pm."
@@ -426,6 +426,7 @@ async def test_bad_input_is_rejected_in_the_error_shape_and_changes_nothing(env:
         ("POST", records, {"systemPrompt": "x"}, "recordType"),
         ("POST", records, {"recordType": "PROMPT", "systemPrompt": "x", "maxTurns": 0}, "maxTurns"),
         ("POST", records, {"recordType": "PROMPT", "systemPrompt": "x", "maxTurns": "many"}, "maxTurns"),
+        ("POST", records, {"recordType": "PROMPT", "systemPrompt": "x", "maxTurns": 2**31}, "maxTurns"),  # int32
         ("POST", runs, {"callAgentId": env.agent_id}, "versionedPromptId"),
         ("POST", runs, {"versionedPromptId": "v"}, "callAgentId"),
         (
@@ -441,7 +442,8 @@ async def test_bad_input_is_rejected_in_the_error_shape_and_changes_nothing(env:
         violations = check_error(await env.http.request(method, path, json=body), 422, "INVALID_ARGUMENT")
         assert field in violations, (path, body, violations)
     garbled = await env.http.post(runs, content=b"{not json", headers={"content-type": "application/json"})
-    check_error(garbled, 422, "INVALID_ARGUMENT")
+    not_json = "not valid JSON: Expecting property name enclosed in double quotes (character 1)"
+    assert check_error(garbled, 422, "INVALID_ARGUMENT") == {"body": not_json}  # was the offset as field "1"
 
     invalid = [  # 400: well-formed, but not valid input
         ("POST", records, {"recordType": "DIAL", "name": "no dial"}, "dialId"),
@@ -480,6 +482,8 @@ async def test_bad_input_is_rejected_in_the_error_shape_and_changes_nothing(env:
     check_error(no_records, 400, "INVALID_ARGUMENT")
     unknown_agent = await env.http.post(runs, json={"versionedPromptId": "v", "callAgentId": "tgt_missing"})
     check_error(unknown_agent, 404, "NOT_FOUND")
+    said = unknown_agent.json()["error"]  # in Vogent's noun, not the service's "target ... TARGET_NOT_FOUND"
+    assert (said["message"], said["reason"]) == ("call agent 'tgt_missing' not found", "NOT_FOUND")
 
     configs, _ = check_page(await env.http.get("/api/eval_configs"))
     assert {c["id"] for c in configs} == {config["id"], empty["id"]}
@@ -547,7 +551,8 @@ async def test_get_eval_result_is_answered_in_vogents_envelope_beside_omni(tmp_p
                 assert "GET /api/eval_runs/{evalRunId}/results" in error["message"], error
             wrong_method = await http.delete("/api/eval_results/74752")
             check_error(wrong_method, 405, "UNIMPLEMENTED")
-            assert wrong_method.headers["allow"] == "GET"
+            assert wrong_method.headers["allow"] == "GET, HEAD"
+            await check_head(http, "/api/eval_results/74752", "/api/eval_configs", "/api/eval_runs/run_x")
             assert "/api/eval_results/{id}" not in (await http.get("/openapi.json")).json()["paths"]
             # a path the two dialects match only as far as `/api` stays native (docs/dialects.md says why)
             native = await http.get("/api/nope")

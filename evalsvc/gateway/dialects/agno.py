@@ -26,9 +26,10 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from google.protobuf import field_mask_pb2, json_format, struct_pb2
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 from evalsvc.gateway.dialects.base import (
+    MAX_COLLECTED,
     Dialect,
     DialectClient,
     DialectOptions,
@@ -53,6 +54,11 @@ COMPONENT_KEY = "agno.evaluated_component_name"  # annotation: the agent's name 
 PROVIDER_KEY = "agno.model_provider"  # annotation: the model provider reported back
 PROVIDER_LABEL = "model_provider"  # a saved target's label that names its provider (evalsvc has no field)
 MAX_DELETE_IDS = 1000  # evalsvc's own bound on one bulk delete (AgentOS documents none)
+# GET /eval-runs: AgentOS documents `limit` without a maximum, so a larger one is read as MAX_LIMIT (meta.limit
+# says so) rather than refused. Each run on a page is shown with every result it has, so a page also reads
+# at most MAX_PAGE_RESULTS results: a page of runs holding more is refused, naming a smaller limit.
+MAX_LIMIT = 100
+MAX_PAGE_RESULTS = MAX_COLLECTED
 
 
 class EvalType(StrEnum):
@@ -645,6 +651,18 @@ class _Filter:
         )
 
 
+def _check_page_results(shown: Sequence[_Row]) -> None:
+    """A page shows every result of each of its runs, so it reads them all: up to MAX_PAGE_RESULTS in
+    all (a page of 100 runs of 100 repetitions by 100 graders was a million results in one request). A
+    page of one run is always read, as GET /eval-runs/{id} reads it (at most MAX_COLLECTED results)."""
+    held = sum(min(row.run.counts.total_evaluations, MAX_COLLECTED) for row in shown)
+    if len(shown) > 1 and held > MAX_PAGE_RESULTS:
+        raise GatewayError.invalid(
+            f"the {len(shown)} eval runs of this page hold {held} results, more than one page reads "
+            f"({MAX_PAGE_RESULTS}): ask for fewer runs per page (a smaller `limit`)"
+        )
+
+
 # --- routes ------------------------------------------------------------------------------------------------
 
 
@@ -718,7 +736,11 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
         eval_types: Annotated[
             str | None, Query(description="Comma-separated eval types", examples=["accuracy,reliability"])
         ] = None,
-        limit: Annotated[int, Query(ge=1, description="Number of eval runs to return")] = 20,
+        limit: Annotated[
+            int,
+            Query(ge=1, description=f"Number of eval runs to return (more than {MAX_LIMIT} returns {MAX_LIMIT})"),
+            AfterValidator(lambda limit: min(limit, MAX_LIMIT)),
+        ] = 20,
         page: Annotated[int, Query(ge=0, description="Page number (1-indexed)")] = 1,
         sort_by: Annotated[str, Query(description="Field to sort by")] = "created_at",
         sort_order: Annotated[SortOrder, Query(description="Sort order (asc or desc)")] = SortOrder.DESC,
@@ -739,6 +761,7 @@ def routes(api: APIRouter, client: Any, options: DialectOptions) -> None:
             if (stored := Stored.of(run)) is not None and keep(summary := _summary(run, stored))
         ]
         shown = window(_ordered(rows, sort_by, sort_order), (page - 1) * limit, limit)
+        _check_page_results(shown)
         data = [_schema(row.run, row.stored, await agno.results_of(row.run.id), posted=False) for row in shown]
         meta = PaginationInfo(
             page=page,

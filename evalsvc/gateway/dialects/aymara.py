@@ -35,6 +35,8 @@ from evalsvc.datasets.generation import MAX_INSTRUCTIONS, MAX_ITEMS
 from evalsvc.errors import Reason
 from evalsvc.gateway.dialects.base import (
     MAX_ANNOTATIONS_BYTES,
+    MAX_INT32,
+    MIN_INT32,
     Dialect,
     DialectClient,
     DialectOptions,
@@ -159,7 +161,7 @@ class PromptIn(BaseModel):
     content: str = Field(min_length=1)
     category: str | None = None
     thread_uuid: str | None = None
-    turn_number: int | None = None
+    turn_number: int | None = Field(None, ge=MIN_INT32, le=MAX_INT32)
 
 
 class EvalCreate(EvalFields):
@@ -212,7 +214,7 @@ class EvalResponse(BaseModel):
 
     prompt_uuid: str = Field(min_length=1, max_length=128)
     thread_uuid: str | None = None
-    turn_number: int = 1
+    turn_number: int = Field(1, ge=MIN_INT32, le=MAX_INT32 - 1, description="Its next prompt's is one more.")
     continue_thread: bool = False
     content: str | FileReference | None = None
     content_type: ContentType = "text"

@@ -44,6 +44,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import Scope
 
 from evalsvc.errors import Reason
+from evalsvc.gateway.routes import serve_head
 from evalsvc.gateway.translators import (
     BodyCheck,
     InvalidBody,
@@ -68,6 +69,9 @@ OWNER_LABEL = "dialect"  # label on everything a dialect creates: it sees only w
 MAX_PAGE_SIZE = 1000  # evalsvc's largest page of a list
 MAX_COLLECTED = 10_000  # what `collect` reads at most, for vendors that page by offset or count a total
 MAX_PAGES = 1000  # what `pages` reads at most (a million elements at MAX_PAGE_SIZE)
+# A whole number the dialect stores and echoes back stays within a 32-bit int: Go's and Java's clients decode
+# vendor integers as such, and one larger value failed their decoding of every list holding it.
+MIN_INT32, MAX_INT32 = -(2**31), 2**31 - 1
 # The ASGI scope key holding when a dialect route began handling the request (time.monotonic()): a
 # synchronous route's wait ends --dialect-sync-wait-s after it, whatever the route did before waiting.
 ARRIVED = "evalsvc.dialect.arrived"
@@ -353,6 +357,7 @@ class Dialect:
             return self.client(upstream, caller, self, request.scope.get(ARRIVED))
 
         self.routes(api, Depends(client), options)
+        serve_head(api)
         return api
 
 
@@ -436,7 +441,7 @@ def _request_invalid(errors: Sequence[Any]) -> GatewayError:
     """INVALID_ARGUMENT (HTTP 422, FastAPI's own) for a request FastAPI's validation refused, keeping
     its error list (bounded) in `request_errors`."""
     listed = _writable(jsonable_encoder(_bounded(errors)))
-    violations = [(".".join(str(p) for p in e.get("loc", ())[1:]), e.get("msg", "")) for e in listed]
+    violations = [_violation(error) for error in listed]
     return GatewayError(
         grpc.StatusCode.INVALID_ARGUMENT,
         "the request does not match the documented shape",
@@ -445,6 +450,18 @@ def _request_invalid(errors: Sequence[Any]) -> GatewayError:
         listed,
         422,
     )
+
+
+def _violation(error: Mapping[str, Any]) -> tuple[str, str]:
+    """(field, description) of one of FastAPI's validation errors: the field is its `loc` after "body" or
+    "query". A body that is not JSON is a violation on `body`: FastAPI puts the character offset where the
+    field goes (`("body", 13)`), which every dialect reported as a field named "13"."""
+    loc = error.get("loc", ())
+    if error.get("type") == "json_invalid":
+        why = (error.get("ctx") or {}).get("error") or error.get("msg", "")
+        at = f" (character {loc[1]})" if len(loc) > 1 else ""
+        return "body", f"not valid JSON: {why}{at}"
+    return ".".join(str(part) for part in loc[1:]), error.get("msg", "")
 
 
 def _body_check(route: APIRoute) -> BodyCheck | None:

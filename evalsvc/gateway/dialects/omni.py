@@ -366,7 +366,9 @@ class Omni(DialectClient):
         return await self.collect(self.upstream.datasets.ListDatasetItems, request, "items")
 
     async def prompt_sets(self) -> list[ds_pb.Dataset]:
-        """Every Omni prompt set of the caller's tenant."""
+        """The Omni prompt sets among the tenant's newest 10,000 datasets of any kind (`collect`'s bound:
+        ListDatasets has no label filter): all of them unless --max-datasets-per-tenant is raised past it
+        (docs/dialects/omni.md, "Lists are collected whole")."""
         found = await self.collect(self.upstream.datasets.ListDatasets, ds_pb.ListDatasetsRequest(), "datasets")
         return [d for d in found if self.owns(d.labels)]
 

@@ -33,6 +33,7 @@ from pydantic.alias_generators import to_camel
 
 from evalsvc.errors import Reason
 from evalsvc.gateway.dialects.base import (
+    MAX_INT32,
     MAX_PAGE_SIZE,
     Dialect,
     DialectClient,
@@ -127,7 +128,7 @@ class CreateAIEvalRecordInput(Model):
     name: str | None = None
     description: str | None = None
     system_prompt: str | None = None
-    max_turns: int | None = Field(default=None, ge=1)
+    max_turns: int | None = Field(default=None, ge=1, le=MAX_INT32)
     agent_inputs: str | None = Field(default=None, description="JSON object of agent variables")
 
 
@@ -558,7 +559,12 @@ class Vogent(DialectClient):
             labels=self.labels,
             annotations={VERSIONED_PROMPT: body.versioned_prompt_id, CALL_AGENT: body.call_agent_id},
         )
-        created = await self.call(self.upstream.runs.CreateRun, request)
+        try:
+            created = await self.call(self.upstream.runs.CreateRun, request)
+        except GatewayError as error:  # the service names a saved target; Vogent calls it a call agent
+            if error.reason == Reason.TARGET_NOT_FOUND:
+                raise GatewayError.not_found(f"call agent {body.call_agent_id!r} not found") from None
+            raise
         return run_out(created.run)
 
     async def list_runs(self, config_id: str, limit: int, cursor: str | None) -> AIEvalPage[AIEvalRun]:

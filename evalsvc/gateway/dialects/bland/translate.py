@@ -268,9 +268,18 @@ def decode_version(grader: grader_pb2.Grader) -> AgentVersion | None:
         return None
 
 
-def slug(name: str) -> str:
-    """Bland's per-organization `key` of an agent, derived from its name."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:63] or "agent"
+MAX_KEY = 63  # characters of an agent's `key`
+
+
+def agent_key(saved: grader_service_pb2.SavedGrader) -> str:
+    """Bland's `key` of an agent, unique within the organization: its name's slug (lower-case, `-`
+    between words; `agent` for a name without ASCII letters or digits), then `-` and the unique part of
+    its id. The name alone gave "Empathy", "empathy!" and "EMPATHY" one key; the id, which every agent
+    has from its creation on, makes it unique without reading the other agents, so a key never changes
+    when another agent is created or deleted (a suffix only "when needed" would)."""
+    unique = saved.id.partition("_")[2] or saved.id
+    words = re.sub(r"[^a-z0-9]+", "-", saved.display_name.lower()).strip("-")
+    return f"{words[: MAX_KEY - len(unique) - 1].rstrip('-') or 'agent'}-{unique}"
 
 
 @dataclass(frozen=True)
@@ -288,7 +297,7 @@ class Agent:
         return AgentOut(
             id=self.saved.id,
             org_id=org_id,
-            key=slug(self.saved.display_name),
+            key=agent_key(self.saved),
             name=self.saved.display_name,
             description=self.saved.description or None,
             current_version_id=self.current_version_id,
@@ -369,13 +378,16 @@ def role_of(speaker: str) -> str:
 def call_item(call: CallIn) -> item_pb2.Item:
     """A call as a dataset item: the transcript as the conversation and, rendered as text, as the
     recorded response the `provided` target hands to the judges; the call's length as the response's
-    latency; every other field in the metadata (JSON values). Lines with fields of their own, or
-    speakers that are no role, are kept as given in the metadata too (`call_out` gives them back)."""
+    latency; every other field in the metadata (JSON values). What the item's own fields cannot say is
+    kept as given in the metadata too, for `call_out` to give back: lines with fields of their own or
+    speakers that are no role, and a call_length of 0 (a latency of 0 is also a latency not given)."""
     lines = call.transcripts
     content = call.concatenated_transcript or "\n".join(f"{line.user}: {line.text}" for line in lines)
     metadata = {name: json.dumps(value) for name, value in (call.model_extra or {}).items()}
     if any(line.model_extra or role_of(line.user) != line.user for line in lines):
         metadata["transcripts"] = json.dumps([line.model_dump() for line in lines])
+    if call.call_length == 0:
+        metadata["call_length"] = json.dumps(call.call_length)
     return item_pb2.Item(
         id=call.call_id,
         input=f"The transcript of call {call.call_id}.",
@@ -385,8 +397,10 @@ def call_item(call: CallIn) -> item_pb2.Item:
     )
 
 
+# The fields of a call that `call_item` keeps in the metadata when the item cannot say them.
+KEPT_FIELDS = frozenset({"transcripts", "call_length"})
 # The fields of a call that `call_item` keeps outside the metadata: metadata naming one was written natively.
-CALL_FIELDS = frozenset(CallOut.model_fields) - {"transcripts"}
+CALL_FIELDS = frozenset(CallOut.model_fields) - KEPT_FIELDS
 
 
 def call_out(item: item_pb2.Item) -> CallOut | None:
@@ -397,10 +411,12 @@ def call_out(item: item_pb2.Item) -> CallOut | None:
         return None
     try:
         extra: dict[str, Any] = {
-            name: read_stored(JsonValue, value) for name, value in item.metadata.items() if name != "transcripts"
+            name: read_stored(JsonValue, value) for name, value in item.metadata.items() if name not in KEPT_FIELDS
         }
         given = item.metadata.get("transcripts")
         stored = read_stored(list[dict[str, JsonValue]], given) if given is not None else None
+        length = item.metadata.get("call_length")
+        kept_length = read_stored(float, length) if length is not None else None
     except Unreadable:
         return None
     lines = stored or [{"user": m.role, "text": m.content} for m in item.conversation]
@@ -408,7 +424,7 @@ def call_out(item: item_pb2.Item) -> CallOut | None:
         call_id=item.id,
         transcripts=lines,
         concatenated_transcript=item.response.content,
-        call_length=item.response.latency_ms / 60_000 if item.response.latency_ms else None,
+        call_length=item.response.latency_ms / 60_000 if item.response.latency_ms else kept_length,
         **extra,
     )
 
