@@ -445,14 +445,18 @@ def test_compare_table_json_show_and_fail_on_regression(live: tuple[ServerProces
     missing = evalctl(live, "compare", good, "run_missing")
     assert missing.returncode == 3 and "not found" in missing.stderr
 
-    # A CI job names its baseline by a label: the newest run so labelled that SUCCEEDED, the candidate aside
-    # (`bad` is newer, and labelled too).
+    # A CI job names its baseline by a label: the newest run so labelled, created before the candidate, that
+    # SUCCEEDED. Both runs are labelled: `bad`'s baseline is `good`; `good` has none (`bad` is newer: an
+    # overlapping pipeline's later run that ended first), nor has any run of a label no run has.
     latest = evalctl(live, "compare", "latest:lane=compare-main", bad, "--fail-on-regression", "--json")
     assert latest.returncode == 1 and json.loads(latest.stdout)["baseline_run_id"] == good
-    assert f"baseline: {good}, the newest run labelled lane=compare-main that SUCCEEDED" in latest.stderr
-    none = evalctl(live, "compare", "latest:lane=nowhere", bad)
-    assert none.returncode == 5 and "NO VERDICT: there is no baseline: no run labelled lane=nowhere" in none.stderr
-    assert evalctl(live, "compare", "latest:lane", bad).returncode == 3  # not KEY=VALUE
+    chosen = f"baseline: {good}, the newest run labelled lane=compare-main created before the candidate that"
+    assert chosen in latest.stderr
+    for label, candidate in (("lane=compare-main", good), ("lane=nowhere", bad)):
+        none = evalctl(live, "compare", f"latest:{label}", candidate)
+        assert none.returncode == 5 and f"NO VERDICT: there is no baseline: no run labelled {label}" in none.stderr
+    unparsed = evalctl(live, "compare", "latest:lane", bad)
+    assert unparsed.returncode == 3 and "'latest:lane' is neither a run id nor latest:KEY=VALUE" in unparsed.stderr
 
 
 # What an agent can print to take over a terminal or a CI log: colours, an OSC 52 clipboard write, a CR that

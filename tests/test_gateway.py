@@ -707,6 +707,12 @@ async def test_a_body_that_is_not_json_is_a_violation_on_body_in_every_dialect(r
     assert (await post("/v1/evals/agents"))["errors"][0]["message"] == f"body: {why}"
     assert (await post("/api/v1/ai/eval/prompt-sets"))["detail"].endswith(f"shape: body: {why}")
     assert (await post("/eval-runs"))["detail"][0]["loc"] == ["body", 9]
+    # JSON of the wrong type is a violation on `body` too, not on a field named "".
+    for body in (b"[1, 2]", b"null", b'"text"'):
+        answer = await client.post("/api/eval_configs", content=body, headers={"content-type": "application/json"})
+        assert [v["field"] for v in answer.json()["error"]["fieldViolations"]] == ["body"], answer.text
+        answer = await client.post("/v2/evals", content=body, headers={"content-type": "application/json"})
+        assert [v["field"] for v in answer.json()["error"]["details"]["field_violations"]] == ["body"], answer.text
 
 
 async def test_an_unknown_path_or_method_under_a_dialects_routes_answers_in_its_envelope(gw) -> None:

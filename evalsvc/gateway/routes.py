@@ -120,6 +120,11 @@ def serve_head(router: APIRouter) -> None:
                     response_model=route.response_model,
                     status_code=route.status_code,
                     response_class=route.response_class,
+                    response_model_include=route.response_model_include,
+                    response_model_exclude=route.response_model_exclude,
+                    response_model_by_alias=route.response_model_by_alias,
+                    response_model_exclude_unset=route.response_model_exclude_unset,
+                    response_model_exclude_defaults=route.response_model_exclude_defaults,
                     response_model_exclude_none=route.response_model_exclude_none,
                     dependency_overrides_provider=route.dependency_overrides_provider,
                 )

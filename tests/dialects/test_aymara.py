@@ -1007,7 +1007,7 @@ async def test_a_record_whose_aymara_fields_cannot_be_read_is_not_an_aymara_reco
     `aymara.eval` is, made every GET /v2/eval-runs or /v2/evals of that tenant, and the record's own GET, a
     plain-text 500 with a traceback quoting the value. Such a record is not the dialect's now, as Agno's
     are: left out of the lists, Aymara's 404 by id (docs/dialects.md); an item of an eval whose turn_number is
-    not a number is not one of its prompts."""
+    not a number (or not a 32-bit one) is not one of its prompts."""
     key, _ = await env.srv.keys.create(f"aymara-{uuid.uuid4().hex[:12]}")  # a tenant of its own: its lists
     async with httpx.AsyncClient(base_url=env.base_url, headers={"authorization": f"Bearer {key}"}) as http:
 
@@ -1038,7 +1038,13 @@ async def test_a_record_whose_aymara_fields_cannot_be_read_is_not_an_aymara_reco
                 await native("/v1/runs", native_run(owned, {})),  # no eval_uuid label: no eval run either
             ]
             added = await http.post(
-                f"/v1/datasets/{good}:addItems", json={"items": [{"input": "q", "metadata": {"turn_number": "²"}}]}
+                f"/v1/datasets/{good}:addItems",
+                json={
+                    "items": [
+                        {"input": "q", "metadata": {"turn_number": "²"}},
+                        {"input": "q", "metadata": {"turn_number": str(10**20)}},  # past a 32-bit int
+                    ]
+                },
             )
             assert added.status_code == 200, added.text
 

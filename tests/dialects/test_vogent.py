@@ -304,7 +304,7 @@ async def test_a_record_whose_vogent_fields_cannot_be_read_is_not_a_vogent_recor
     env: Env, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Items added natively to a config whose Vogent fields are something else (a recordType that is not
-    DIAL or PROMPT, a maxTurns that is not a number) were listed as PROMPT records with those fields
+    DIAL or PROMPT, a maxTurns that is not a number or not a 32-bit one) were listed as PROMPT records with those fields
     ignored, where every other dialect leaves such a record out (docs/dialects.md). They are not Vogent's
     records now: the list leaves them out and its pages stay full; a run over every item of the config
     shows each one's result with its record by id alone, as a record deleted from the config."""
@@ -314,6 +314,8 @@ async def test_a_record_whose_vogent_fields_cannot_be_read_is_not_a_vogent_recor
         {"id": "cab", "input": "Hi, I need a cab.", "metadata": {"recordType": "CALL"}},
         {"id": "many", "input": "x", "metadata": {"recordType": "PROMPT", "maxTurns": "many"}},
         {"id": "digit", "input": "x", "metadata": {"maxTurns": "²"}},  # a digit to isdigit(), not to int()
+        # Past a 32-bit int: echoed back, it failed Go's and Java's decoding of every list holding it.
+        {"id": "huge", "input": "x", "metadata": {"maxTurns": str(10**20)}},
     ]
     records = f"/api/eval_configs/{config['id']}/records"
     with no_errors_logged(caplog):
@@ -324,7 +326,7 @@ async def test_a_record_whose_vogent_fields_cannot_be_read_is_not_a_vogent_recor
         page, cursor = check_page(await env.http.get(records, params={"limit": 1}))
         assert page == [first] and cursor
         page, cursor = check_page(await env.http.get(records, params={"limit": 1, "cursor": cursor}))
-        assert page == [last] and cursor is None  # the three between skipped, the page still full
+        assert page == [last] and cursor is None  # the four between skipped, the page still full
         assert check_page(await env.http.get(records, params={"search": "cab"}))[0] == []
 
         run = await env.run(config["id"])  # every item of the config
@@ -332,7 +334,7 @@ async def test_a_record_whose_vogent_fields_cannot_be_read_is_not_a_vogent_recor
         results, _ = check_page(await env.http.get(f"/api/eval_runs/{run['id']}/results"))
         shown = {r["record"]["id"]: check_record(r["record"]) for r in results}
         assert (shown[first["id"]], shown[last["id"]]) == (first, last)
-        for bare in ("cab", "many", "digit"):
+        for bare in ("cab", "many", "digit", "huge"):
             assert shown[bare]["recordType"] == "PROMPT" and shown[bare]["prompt"]["maxTurns"] is None
             assert shown[bare]["prompt"]["systemPrompt"] == ""  # its id alone, as a record deleted from the config
 

@@ -17,7 +17,8 @@
     evalctl report RUN_ID --html FILE                                        one self-contained HTML report
     evalctl compare BASELINE CANDIDATE [--alpha A] [--fail-on-regression] [--max-unpaired N]
                     [--show regressed|improved|...]      a grader without pairs shows "-" and NO_PAIRS
-                    BASELINE: a run id, or latest:KEY=VALUE, the newest run so labelled that SUCCEEDED
+                    BASELINE: a run id, or latest:KEY=VALUE, the newest run so labelled, created before
+                    CANDIDATE, that SUCCEEDED
     evalctl webhooks create URL [--event TYPE ...] | list | get ID | update ID [--url U] [--event TYPE ...]
                      [--enable|--disable] | delete ID | rotate-secret ID [--revoke-previous]
                      | deliveries ID [--status pending|succeeded|failed] [--limit N]
@@ -91,7 +92,8 @@ EXIT_OK, EXIT_BELOW, EXIT_RUN_FAILED, EXIT_ERROR, EXIT_NOT_ENDED = 0, 1, 2, 3, 4
 #: A gated compare of runs that are not comparable, or a compare whose `latest:KEY=VALUE` baseline names no
 #: run: no verdict, and none to come by waiting (unlike 4).
 EXIT_NOT_COMPARABLE = 5
-#: compare's BASELINE as `latest:KEY=VALUE`: the newest run with that label that SUCCEEDED.
+#: compare's BASELINE as `latest:KEY=VALUE`: the newest run with that label, created before the candidate, that
+#: SUCCEEDED.
 LATEST = "latest:"
 #: Stdout was closed before evalctl finished writing (`| head`): the status of a program SIGPIPE (13) ended.
 EXIT_STDOUT_CLOSED = 128 + 13
@@ -1037,12 +1039,15 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
         baseline = _latest_labelled(client, key, value, args.candidate)
         if baseline is None:
             console.print(
-                f"NO VERDICT: there is no baseline: no run labelled {key}={value} has SUCCEEDED, other than the"
-                f" candidate (label one: evalctl update RUN_ID --label {key}={value})",
+                f"NO VERDICT: there is no baseline: no run labelled {key}={value} created before the candidate"
+                f" has SUCCEEDED (label one: evalctl update RUN_ID --label {key}={value})",
                 markup=False,
             )
             return EXIT_NOT_COMPARABLE
-        console.print(f"baseline: {baseline}, the newest run labelled {key}={value} that SUCCEEDED", markup=False)
+        console.print(
+            f"baseline: {baseline}, the newest run labelled {key}={value} created before the candidate that SUCCEEDED",
+            markup=False,
+        )
     comparison = client.compare_runs(baseline, args.candidate, alpha=args.alpha)
     if args.json:
         _print_json(to_dict(comparison))
@@ -1108,12 +1113,16 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
 
 
 def _latest_labelled(client: EvalClient, key: str, value: str, candidate: str) -> str | None:
-    """The id of the newest run labelled key=value that SUCCEEDED, the candidate aside, or None: a CI job
-    compares each run with the last good one of its main branch (`latest:branch=main`) without keeping
-    that run's id anywhere between jobs."""
+    """The id of the newest run labelled key=value that SUCCEEDED and was created before the candidate, or
+    None: a CI job compares each run with the last good one of its main branch (`latest:branch=main`)
+    without keeping that run's id anywhere between jobs. Before the candidate: two pipelines overlapping,
+    the later run ending first, the earlier one's candidate was compared with a newer run, which turned
+    its regressions into improvements."""
+    created = client.get_run(candidate).create_time.ToJsonString()
     labelled = client.list_runs(
         labels={key: value},
         statuses=[pb.run.RUN_STATUS_SUCCEEDED],
+        filter=f'create_time < "{created}"',
         page_size=2,
         limit=2,
         view=pb.runs.RUN_VIEW_BASIC,
@@ -1663,8 +1672,8 @@ def parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "baseline",
         type=_baseline,
-        help="the baseline run id, or latest:KEY=VALUE: the newest run with that label that SUCCEEDED, the"
-        " candidate aside (none: exit 5)",
+        help="the baseline run id, or latest:KEY=VALUE: the newest run with that label, created before the"
+        " candidate, that SUCCEEDED (none: exit 5)",
     )
     compare.add_argument("candidate", help="the candidate run id")
     compare.add_argument("--alpha", type=_alpha, default=0.05, help="significance level, from 1e-9 to 0.5")
@@ -1826,7 +1835,12 @@ def _label(text: str) -> tuple[str, str]:
 def _baseline(text: str) -> str | tuple[str, str]:
     """compare's BASELINE: a run id, or `latest:KEY=VALUE` as the label (KEY, VALUE) that names one."""
     labelled = text.removeprefix(LATEST)
-    return _label(labelled) if labelled != text else text
+    if labelled == text:
+        return text
+    key, sep, value = labelled.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a run id nor latest:KEY=VALUE")
+    return key, value
 
 
 def _console(stderr: bool = False) -> Console:

@@ -40,6 +40,7 @@ from evalsvc.gateway.dialects.base import (
     Dialect,
     DialectClient,
     DialectOptions,
+    Int32,
     Unreadable,
     VendorOptions,
     annotations_bytes,
@@ -551,7 +552,7 @@ def prompt_of(item: item_pb2.Item) -> EvalPrompt | None:
     (added natively): not a prompt of the eval."""
     turn = item.metadata.get("turn_number")
     try:
-        turn_number = read_stored(int, turn, as_json=False) if turn else None
+        turn_number = read_stored(Int32, turn, as_json=False) if turn else None
     except Unreadable:
         return None
     return EvalPrompt(

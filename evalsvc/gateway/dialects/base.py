@@ -30,8 +30,9 @@ import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar, overload
+from typing import Annotated, Any, TypeVar, overload
 
+import annotated_types
 import grpc
 from fastapi import Depends, Request, Response
 from fastapi.encoders import jsonable_encoder
@@ -72,6 +73,9 @@ MAX_PAGES = 1000  # what `pages` reads at most (a million elements at MAX_PAGE_S
 # A whole number the dialect stores and echoes back stays within a 32-bit int: Go's and Java's clients decode
 # vendor integers as such, and one larger value failed their decoding of every list holding it.
 MIN_INT32, MAX_INT32 = -(2**31), 2**31 - 1
+# Such a number as `read_stored` reads one back: a value outside it (written natively, or stored before the
+# dialects bounded what they take) makes its record Unreadable, not part of every list it would break.
+Int32 = Annotated[int, annotated_types.Ge(MIN_INT32), annotated_types.Le(MAX_INT32)]
 # The ASGI scope key holding when a dialect route began handling the request (time.monotonic()): a
 # synchronous route's wait ends --dialect-sync-wait-s after it, whatever the route did before waiting.
 ARRIVED = "evalsvc.dialect.arrived"
@@ -461,7 +465,8 @@ def _violation(error: Mapping[str, Any]) -> tuple[str, str]:
         why = (error.get("ctx") or {}).get("error") or error.get("msg", "")
         at = f" (character {loc[1]})" if len(loc) > 1 else ""
         return "body", f"not valid JSON: {why}{at}"
-    return ".".join(str(part) for part in loc[1:]), error.get("msg", "")
+    # A body of the wrong type (`[1, 2]`, `null`) is at ("body",): on `body`, not on a field named "".
+    return ".".join(str(part) for part in loc[1:]) or str(loc[0] if loc else "body"), error.get("msg", "")
 
 
 def _body_check(route: APIRoute) -> BodyCheck | None:

@@ -38,6 +38,7 @@ from evalsvc.gateway.dialects.base import (
     Dialect,
     DialectClient,
     DialectOptions,
+    Int32,
     Unreadable,
     VendorOptions,
     bearer_key,
@@ -376,7 +377,7 @@ def read_record(item: item_pb2.Item) -> AIEvalRecord:
     record_type = AIEvalRecordType.PROMPT
     if "recordType" in meta:
         record_type = read_stored(AIEvalRecordType, meta["recordType"], as_json=False)
-    max_turns = read_stored(int, meta["maxTurns"], as_json=False) if "maxTurns" in meta else None
+    max_turns = read_stored(Int32, meta["maxTurns"], as_json=False) if "maxTurns" in meta else None
     prompt_keys = ("systemPrompt", "name", "description", "maxTurns", "agentInputs")
     prompt = None
     if record_type is AIEvalRecordType.PROMPT or any(key in meta for key in prompt_keys):
