@@ -465,8 +465,12 @@ def _violation(error: Mapping[str, Any]) -> tuple[str, str]:
         why = (error.get("ctx") or {}).get("error") or error.get("msg", "")
         at = f" (character {loc[1]})" if len(loc) > 1 else ""
         return "body", f"not valid JSON: {why}{at}"
-    # A body of the wrong type (`[1, 2]`, `null`) is at ("body",): on `body`, not on a field named "".
-    return ".".join(str(part) for part in loc[1:]) or str(loc[0] if loc else "body"), error.get("msg", "")
+    field = ".".join(str(part) for part in loc[1:])
+    if not field and error.get("type") != "value_error":
+        # A body of the wrong type (`[1, 2]`, `null`) or none is at ("body",): on `body`, not on a field
+        # named "". A check of several fields (a model's validator, "value_error") stays on none of them.
+        field = str(loc[0]) if loc else "body"
+    return field, error.get("msg", "")
 
 
 def _body_check(route: APIRoute) -> BodyCheck | None:
