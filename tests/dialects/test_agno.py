@@ -18,12 +18,13 @@ import pytest
 from agno.client import AgentOSClient
 from agno.db.schemas.evals import EvalType
 from agno.os.routers.evals.schemas import EvalSchema
+from google.protobuf import json_format
 
-from evalsvc.gateway.dialects import agno
+from evalsvc.gateway.dialects import agno, base
 from evalsvc.gateway.dialects.agno import INPUT_KEY
 from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
-from evalsvc.v1 import eval_run_service_pb2_grpc
+from evalsvc.v1 import eval_run_service_pb2_grpc, run_pb2
 from tests.dialects.env import DialectEnv, check_head, dialect_gateway, no_errors_logged
 from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
 from tests.helpers import create_request, impatient_gateway, keyed_channel
@@ -420,6 +421,25 @@ async def test_a_list_page_is_bounded_in_runs_and_in_the_results_it_reads(
     meta = whole.json()["meta"]
     assert (meta["limit"], meta["total_pages"], meta["total_count"]) == (agno.MAX_LIMIT, 1, 2)
     assert [r["id"] for r in whole.json()["data"]] == ids[::-1]
+
+
+async def test_a_list_holds_at_most_its_bytes_of_runs(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The list reads the tenant's Agno runs whole (filters and sorting run in the gateway): 10,000 runs of
+    large definitions were gigabytes held by one GET. It holds the newest that fit MAX_COLLECTED_BYTES (here
+    about two and a half runs' worth), and at least one."""
+    accuracy = {"agent_id": env.agent_id, "eval_type": "accuracy", "input": "10*5?", "expected_output": "50"}
+    ids = [(await env.run(**accuracy))["id"] for _ in range(4)]
+    sizes = []  # as the list reads them, newest first (ListRuns' whole runs)
+    for run_id in ids[::-1]:
+        await env.ended(run_id)
+        stored = await env.http.get(f"/v1/runs/{run_id}", headers=env.native_auth)
+        sizes.append(json_format.ParseDict(stored.json()["run"], run_pb2.Run()).ByteSize())
+    monkeypatch.setattr(base, "MAX_COLLECTED_BYTES", sizes[0] + sizes[1] + sizes[2] // 2)
+    page = await env.http.get("/eval-runs", params={"limit": 10})
+    assert page.status_code == 200, page.text
+    assert [r["id"] for r in page.json()["data"]] == ids[::-1][:2]
+    monkeypatch.setattr(base, "MAX_COLLECTED_BYTES", 1)
+    assert [r["id"] for r in (await env.http.get("/eval-runs")).json()["data"]] == ids[-1:]
 
 
 async def test_get_routes_answer_head_and_allow_lists_it(env: Env) -> None:

@@ -69,6 +69,9 @@ log = logging.getLogger(__name__)
 OWNER_LABEL = "dialect"  # label on everything a dialect creates: it sees only what carries its name
 MAX_PAGE_SIZE = 1000  # evalsvc's largest page of a list
 MAX_COLLECTED = 10_000  # what `collect` reads at most, for vendors that page by offset or count a total
+# ... and the most bytes (serialized) of them it holds: 10,000 runs whose definitions are each up to a quarter
+# of --max-message-bytes are gigabytes, which one tenant's GET of a list would have held in the server.
+MAX_COLLECTED_BYTES = 64 << 20
 MAX_PAGES = 1000  # what `pages` reads at most (a million elements at MAX_PAGE_SIZE)
 # A whole number the dialect stores and echoes back stays within a 32-bit int: Go's and Java's clients decode
 # vendor integers as such, and one larger value failed their decoding of every list holding it.
@@ -251,11 +254,15 @@ class DialectClient:
         limit: int = MAX_COLLECTED,
     ) -> list[Any]:
         """The first `limit` elements of a token-paged list, for vendors that page by offset or report a
-        total count."""
+        total count, as many of them as fit MAX_COLLECTED_BYTES (at least one)."""
         found: list[Any] = []
+        held = 0
         if limit <= 0:
             return found
         async for element in self.pages(method, request, items):
+            held += element.ByteSize()
+            if found and held > MAX_COLLECTED_BYTES:
+                break
             found.append(element)
             if len(found) >= limit:
                 break
