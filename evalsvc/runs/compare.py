@@ -20,7 +20,9 @@ read as ordered index ranges, merged in key order (`_page_keys`) and classified 
 (`classify`: a pair of different items, or of a changed grader, is UNPAIRED in both), in no pairing slot. A
 page costs the keys it returns (plus, with a `change` filter, the keys it passes over), not the runs'
 sizes: with two 100,000-evaluation runs, 100-key pages cost ~9 ms on SQLite and ~10 ms on PostgreSQL;
-~0.9 s and ~1.0 s when every page paired both runs whole (docs/compare.md, docs/performance.md).
+~0.9 s and ~1.0 s when every page paired both runs whole (docs/compare.md, docs/performance.md). It
+reads the stored digests of those keys' items (`_chunk_digests`); a run created before revision 0028
+has none, and its page reads and hashes the items behind its keys: a page of large items costs their size.
 """
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ async def forget_digests(db: Database, run_id: str) -> None:
 async def test_the_digests_are_read_from_their_covering_index_never_the_items(db: Database) -> None:
     """A comparison reads the stored digests of the items behind each chunk it pairs, and ListComparisonItems
     of each page. In the table they follow the item: SQLite reached them through each large item's overflow
-    pages (60 items of 1 MB: ~23 ms a read, ~1 ms from the index). Both engines must read them from
+    pages (60 items of 1 MB: 20-26 ms a read, 1.2 ms from the index). Both engines must read them from
     ix_run_items_digests alone: SQLite's plan says COVERING INDEX, PostgreSQL's an index-only scan."""
     await unanalyzed(db, "results", "jobs", "run_items")
     run = new_run(items=50, graders=GRADERS)
