@@ -675,6 +675,53 @@ def test_a_compare_gate_fails_on_a_regression_beside_a_changed_grader(capsys: py
     assert "no pairs: no evaluation was graded in both runs" in capsys.readouterr().err
 
 
+def test_compare_show_unpaired_says_why_each_is_unpaired(capsys: pytest.CaptureFixture[str]) -> None:
+    """`compare --show unpaired` listed unpaired evaluations without their reason (ComparisonItem.
+    unpaired_reason): of one run, of different items, of a changed grader, or not graded. An older server
+    sends UNSPECIFIED on unpaired evaluations too: "-". Cells keep their control characters spelled out."""
+    import argparse
+
+    from evalsvc_client import cli
+
+    comparison = pb.comparison.RunComparison(
+        baseline_run_id="run_b", candidate_run_id="run_c", alpha=0.05, overall=pb.comparison.GraderComparison()
+    )
+    unpaired = pb.comparison.COMPARISON_CHANGE_UNPAIRED
+    listed = [
+        pb.comparison.ComparisonItem(item_id=f"q{reason}", grader="exact", change=unpaired, unpaired_reason=reason)
+        for reason in pb.comparison.UnpairedReason.values()
+    ]
+    listed[0].item_id = "q\x1b[31m"
+
+    class Client:
+        def compare_runs(self, *args: Any, **kwargs: Any) -> Any:
+            return comparison
+
+        def list_comparison_items(self, *args: Any, change: int, **kwargs: Any) -> Any:
+            assert change == unpaired
+            return iter(listed)
+
+    args = argparse.Namespace(
+        baseline="run_b", candidate="run_c", alpha=None, json=False, show="unpaired", limit=20,
+        fail_on_regression=False, max_unpaired=None,
+    )  # fmt: skip
+    assert cli.cmd_compare(args, Client(), cli._console()) == 0  # type: ignore[arg-type]
+    shown = capsys.readouterr().out
+    assert "why unpaired" in shown
+    rows = {
+        line.split("\u2502")[1].strip(): line.split("\u2502")[4].strip()
+        for line in shown.splitlines()
+        if "exact" in line
+    }
+    assert rows == {
+        "q\\x1b[31m": "-",
+        "q1": "one_run",
+        "q2": "item_changed",
+        "q3": "definition_changed",
+        "q4": "not_graded",
+    }, shown
+
+
 def test_compare_rounds_a_pass_rate_as_run_and_get_do() -> None:
     """13/16 was 81.3% in `evalctl run` and `get` and 81.2% in `compare` (float formatting rounds 81.25
     to even)."""

@@ -852,3 +852,40 @@ async def _forget_digests(srv: EvalServer, *run_ids: str) -> None:
         )
 
     await srv.db.transact(forget)
+
+
+async def test_a_refused_create_run_hashes_none_of_its_items(svc: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CreateRun stores its items' digests (compare.digests_of, ~6 ms a MB). It hashed them before its cheap
+    refusals: a request whose definitions were too large, or a large (staged) one over a tenant limit
+    checked before anything is staged, paid for hashing every item first. The hashing comes just before
+    the run is stored or staged."""
+    from evalsvc.limits import quota_exceeded
+    from evalsvc.runs import service as run_service
+
+    hashed: list[int] = []
+    digests_of = run_service.digests_of
+
+    async def counted(items: Any) -> Any:
+        hashed.append(len(items))
+        return await digests_of(items)
+
+    def at_cap(_held: int) -> None:
+        raise quota_exceeded("stored_runs", "at the cap")
+
+    monkeypatch.setattr(run_service, "digests_of", counted)
+    request = pb.CreateRunRequest(items=_items([True] * 20, seed=3), target=PROVIDED, graders=GRADERS)
+    max_definition_bytes = svc.srv.runs._max_definition_bytes
+    svc.srv.runs._max_definition_bytes = 10
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await svc.runs.CreateRun(request)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    svc.srv.runs._max_definition_bytes = max_definition_bytes
+    monkeypatch.setattr(run_service, "STAGE_ABOVE_ROWS", 10)  # 20 items and 20 jobs: staged
+    monkeypatch.setattr(svc.srv.runs, "_check_stored_runs", at_cap)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await svc.runs.CreateRun(request)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert hashed == []
+    monkeypatch.delattr(svc.srv.runs, "_check_stored_runs")
+    await watch_all(svc.runs, (await svc.runs.CreateRun(request)).run.id)
+    assert hashed == [20]

@@ -428,7 +428,7 @@ async def test_revision_0026_refuses_to_downgrade_while_deleted_definitions_have
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 async def test_revision_0028_adds_run_items_digests_empty_and_takes_them_back(kind: str, tmp_path: Path) -> None:
     """Run items stored before 0028 keep their rows and get NULL digests (a comparison hashes those items
-    itself); the downgrade drops the digests and keeps the items."""
+    itself) and the index that covers their read; the downgrade drops both and keeps the items."""
     url = _empty_database(kind, tmp_path)
     db = Database(url)
 
@@ -443,6 +443,9 @@ async def test_revision_0028_adds_run_items_digests_empty_and_takes_them_back(ki
     def columns(connection: Connection) -> set[str]:
         return {column["name"] for column in inspect(connection).get_columns("run_items")}
 
+    def indexes(connection: Connection) -> set[str]:
+        return {index["name"] or "" for index in inspect(connection).get_indexes("run_items")}
+
     insert = text("INSERT INTO run_items (run_id, idx, tenant, item) VALUES ('run_1', 0, 't', :item)")
     try:
         async with db.write() as conn:
@@ -451,6 +454,7 @@ async def test_revision_0028_adds_run_items_digests_empty_and_takes_them_back(ki
             await conn.run_sync(to("0028", command.upgrade))
         async with db.read() as conn:
             assert {"digest_with_metadata", "digest_without_metadata"} <= await conn.run_sync(columns)
+            assert "ix_run_items_digests" in await conn.run_sync(indexes)
             found = await conn.execute(
                 text("SELECT item, digest_with_metadata, digest_without_metadata FROM run_items")
             )
@@ -459,6 +463,7 @@ async def test_revision_0028_adds_run_items_digests_empty_and_takes_them_back(ki
             await conn.run_sync(to("0027", command.downgrade))
         async with db.read() as conn:
             assert await conn.run_sync(columns) == {"run_id", "idx", "tenant", "item"}
+            assert "ix_run_items_digests" not in await conn.run_sync(indexes)
             assert [tuple(row) for row in await conn.execute(text("SELECT item FROM run_items"))] == [(b"\n\x01a",)]
     finally:
         await db.close()

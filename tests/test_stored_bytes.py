@@ -118,11 +118,11 @@ async def test_a_run_that_fills_its_tenants_storage_ends_failed_keeping_its_resu
     run = await served.mine.run_to_end(agent_run(served.agent.url, 200))  # 800 KB of replies: four times LIMIT
     assert run.status == run_pb2.RUN_STATUS_FAILED and run.error.code == "STORAGE_QUOTA_EXCEEDED", run.error
     assert "--max-stored-bytes-per-tenant" in run.error.message
-    # The run stores its definition, items and 200 jobs (under 30 KB), then each evaluation its reply and a
-    # result: stopped once they reach LIMIT, as jobs start, so those under way then (two workers, a claim of
-    # four) still finish.
+    # The run stores its definition, items with their digests and 200 jobs (under 60 KB), then each
+    # evaluation its reply and a result: stopped once they reach LIMIT, as jobs start, so those under way
+    # then (two workers, a claim of four) still finish.
     done = run.counts.completed_evaluations
-    assert (LIMIT - 30_000) // (len(REPLY) + 500) <= done < LIMIT // len(REPLY) + 12
+    assert (LIMIT - 60_000) // (len(REPLY) + 500) <= done < LIMIT // len(REPLY) + 12
     assert len(served.agent.seen) == run.counts.completed_evaluations  # every call made is recorded
     results = await served.mine.runs.ListRunResults(pb.ListRunResultsRequest(run_id=run.id, page_size=1000))
     assert len(results.results) == run.counts.completed_evaluations  # what it did is kept, and readable

@@ -20,7 +20,9 @@ read as ordered index ranges, merged in key order (`_page_keys`) and classified 
 (`classify`: a pair of different items, or of a changed grader, is UNPAIRED in both), in no pairing slot. A
 page costs the keys it returns (plus, with a `change` filter, the keys it passes over), not the runs'
 sizes: with two 100,000-evaluation runs, 100-key pages cost ~9 ms on SQLite and ~10 ms on PostgreSQL;
-~0.9 s and ~1.0 s when every page paired both runs whole (docs/compare.md, docs/performance.md).
+~0.9 s and ~1.0 s when every page paired both runs whole (docs/compare.md, docs/performance.md). It
+reads the stored digests of those keys' items (`_chunk_digests`); a run created before revision 0028
+has none, and its page reads and hashes the items behind its keys: a page of large items costs their size.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from evalsvc.store.records import ResultRecord
 from evalsvc.store.runs import StoredSizes
 from evalsvc.store.staging import ItemDigests
 from evalsvc.targets import sends_item_metadata
+from evalsvc.turns import Turns
 from evalsvc.v1 import comparison_pb2 as cpb
 from evalsvc.v1 import grader_pb2, item_pb2, run_pb2
 
@@ -73,11 +76,15 @@ Side = tuple[int, float]  # state, score
 # the key itself, a recorded response is the output (what a comparison of `provided` runs compares),
 # human verdicts only measure agreement. Metadata too, unless a target of the comparison is sent it
 # (`sends_item_metadata`: a webhook is, and may answer by it). Every other field, a field added later
-# too, makes two items differ.
+# too, makes two items differ. Stored digests carry no version: a change here, or in how `item_digests`
+# serializes, must come with a migration that clears run_items' digests (tests/unit/test_compare_digests.py
+# pins them), or old runs compare as of different items.
 _UNCOMPARED_ITEM_FIELDS = ("id", "response", "human_verdicts")
 # Grader fields that do not change a grader's own results, left out of `definition_digest`: the name is
 # the key (spelled out or defaulted to the kind), the weight only weighs the item score.
 _UNCOMPARED_GRADER_FIELDS = ("name", "weight")
+# Item bytes hashed in about the time of one small item (~6 us): the parts `digests_of` counts an item for.
+_BYTES_PER_PART = 1024
 
 
 def item_digests(raw: bytes) -> ItemDigests:
@@ -92,6 +99,19 @@ def item_digests(raw: bytes) -> ItemDigests:
     with_metadata = hashlib.sha256(item.SerializeToString(deterministic=True)).digest()
     item.ClearField("metadata")
     return ItemDigests(with_metadata, hashlib.sha256(item.SerializeToString(deterministic=True)).digest())
+
+
+async def digests_of(items: Sequence[bytes]) -> list[ItemDigests]:
+    """Each item's digests (`item_digests`), for CreateRun to store with them, in turns (evalsvc.turns)
+    weighed by the items' sizes: ~6 us a small item, ~6 ms a MB. Counted one part an item, the clock was
+    read every 64 items: 70 items of 10,000 conversation turns (17 MB) held the event loop 80-105 ms
+    at a stretch; weighed, 6-10 ms (one item is hashed whole: at that rate a 4 MB item holds it ~25 ms)."""
+    turns = Turns()
+    digests: list[ItemDigests] = []
+    for raw in items:
+        digests.append(item_digests(raw))
+        await turns.tick(1 + len(raw) // _BYTES_PER_PART)
+    return digests
 
 
 def _digest_batch(items: Sequence[tuple[str, bytes]]) -> dict[str, ItemDigests]:

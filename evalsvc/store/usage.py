@@ -5,7 +5,8 @@ disk every tenant shares. They are counted as data is written, never by reading 
 
 - a run, when it is created (`new_run_bytes`): its definition and descriptive fields (names, labels,
   annotations) `RUN_COPIES` times (its row, and the events of its creation, its start and its end each
-  hold the whole run), its copied items, and `JOB_BYTES` per job; every recording adds its outputs,
+  hold the whole run), its copied items with `ITEM_DIGEST_BYTES` each (their comparison digests), and
+  `JOB_BYTES` per job; every recording adds its outputs,
   serialized, and per result `RESULT_BYTES` plus its explanation and error reason twice (the result's row
   and its event each hold them: `result_bytes`). A run keeps its own sum (`runs.stored_bytes`), which its
   tenant's total loses when the run is purged (deleted runs count until then); UpdateRun adds (or gives
@@ -51,6 +52,9 @@ TOTALS = TenantRunTotalsRow.__table__  # type: ignore[attr-defined]
 # (docs/operations.md).
 RESULT_BYTES = 384
 JOB_BYTES = 128
+# A run item's two 32-byte comparison digests (models.RunItemRow), in its row and again in the index that
+# covers their read (ix_run_items_digests).
+ITEM_DIGEST_BYTES = 2 * 64
 RUN_COPIES = 4  # a run's row, and the events of its creation, its start and its end
 
 
@@ -114,7 +118,7 @@ def saved_bytes(row: Mapping[Any, Any], columns: Sequence[str]) -> int:
 
 def new_run_bytes(row: Mapping[str, Any], items: Sequence[bytes], jobs: int) -> int:
     """What a new run stores (see the module docstring), from the row CreateRun writes."""
-    return RUN_COPIES * described_bytes(row) + sum(map(len, items)) + JOB_BYTES * jobs
+    return RUN_COPIES * described_bytes(row) + sum(map(len, items)) + ITEM_DIGEST_BYTES * len(items) + JOB_BYTES * jobs
 
 
 def result_bytes(explanation: str, error_reason: str) -> int:

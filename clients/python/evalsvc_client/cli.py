@@ -953,6 +953,14 @@ _CHANGES = cast(
 )
 
 
+def _unpaired_reason_name(value: int) -> str:
+    """An UnpairedReason as `compare --show unpaired` lists it (`one_run`, `item_changed`...); "-" for
+    UNSPECIFIED, which servers from before the field return on unpaired evaluations too."""
+    if not value:
+        return "-"
+    return pb.comparison.UnpairedReason.Name(value).removeprefix("UNPAIRED_REASON_").lower()
+
+
 def _verdict_name(value: int) -> str:
     return pb.comparison.ComparisonVerdict.Name(value).removeprefix("COMPARISON_VERDICT_")
 
@@ -1076,7 +1084,10 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
             table.add_row(*_comparison_row(grader))
         _console().print(table)
         if args.show:
-            items = _Table("item", "rep", "grader", "baseline output", "candidate output", "candidate explanation")
+            # Unpaired evaluations say why: of one run, of different items, of a changed grader, or not graded.
+            why = args.show == "unpaired"
+            columns = ["item", "rep", "grader", *(["why unpaired"] if why else [])]
+            items = _Table(*columns, "baseline output", "candidate output", "candidate explanation")
             shown = client.list_comparison_items(
                 comparison.baseline_run_id, comparison.candidate_run_id, change=_CHANGES[args.show], page_size=100
             )
@@ -1085,6 +1096,7 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
                     item.item_id,
                     str(item.repetition),
                     item.grader,
+                    *([_unpaired_reason_name(item.unpaired_reason)] if why else []),
                     listed_output(item.baseline),
                     listed_output(item.candidate),
                     item.candidate.error_reason or listed_explanation(item.candidate),

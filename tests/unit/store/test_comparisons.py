@@ -146,7 +146,7 @@ async def test_the_items_behind_a_key_range_are_read_by_index_lookups(
     async with db.read() as conn:
         event.listen(conn.sync_connection, "before_cursor_execute", seen)
         digests, undigested = await comparisons.item_digests_between(conn, "t1", run_id, "item1000", "item1099")
-        assert digests == {} and sorted(item_id for item_id, _ in undigested) == wanted
+        assert digests == {} and sorted(undigested) == wanted
         batches = [batch async for batch in comparisons.undigested_items(conn, "t1", run_id, undigested)]
         event.remove(conn.sync_connection, "before_cursor_execute", seen)
         assert all(len(batch) <= 16 for batch in batches) and len(batches) == -(-len(wanted) // 16)
@@ -178,3 +178,40 @@ async def forget_digests(db: Database, run_id: str) -> None:
         )
 
     await db.transact(work)
+
+
+async def test_the_digests_are_read_from_their_covering_index_never_the_items(db: Database) -> None:
+    """A comparison reads the stored digests of the items behind each chunk it pairs, and ListComparisonItems
+    of each page. In the table they follow the item: SQLite reached them through each large item's overflow
+    pages (60 items of 1 MB: 20-26 ms a read, 1.2 ms from the index). Both engines must read them from
+    ix_run_items_digests alone: SQLite's plan says COVERING INDEX, PostgreSQL's an index-only scan."""
+    await unanalyzed(db, "results", "jobs", "run_items")
+    run = new_run(items=50, graders=GRADERS)
+    await insert(db, run)
+    run_id: str = run.row["id"]
+    rows = [
+        result(run_id, f"item{job['item_idx']}", g, grader, job=job["id"])
+        for job in await jobs_of(db, run_id)
+        for g, grader in enumerate(GRADERS)
+    ]
+
+    async def work(conn: AsyncConnection) -> None:
+        await run_store.insert_results(conn, rows)
+
+    await db.transact(work)
+    async with db.read() as conn:
+        digests, _ = await comparisons.item_digests_between(conn, "t1", run_id, "item0", "item9")
+        assert len(digests) == 50
+        sql = str(
+            comparisons.digests_read("t1", run_id, "item0", "item9").compile(
+                dialect=conn.dialect, compile_kwargs={"literal_binds": True}
+            )
+        )
+        if conn.dialect.name == "postgresql":
+            explained = (await conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + sql)).scalar_one()
+            reads = [node["Node Type"] for node in plan_nodes(explained) if node.get("Relation Name") == "run_items"]
+            assert reads == ["Index Only Scan"], reads
+        else:
+            steps = [row[-1] for row in await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+            reads = [step for step in steps if "run_item" in step]
+            assert reads and all("USING COVERING INDEX ix_run_items_digests" in step for step in reads), steps

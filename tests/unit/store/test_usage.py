@@ -60,7 +60,8 @@ async def runs_bytes(db: Database) -> dict[str, int]:
 
 def test_a_new_run_counts_its_definition_and_descriptions_four_times_its_items_once_and_each_job() -> None:
     """Its row and the events of its creation, start and end each hold the whole run: a run whose definition
-    or annotations are large costs that four times (cancelled at once, it has already stored three)."""
+    or annotations are large costs that four times (cancelled at once, it has already stored three). Each
+    item counts with its comparison digests, in its row and their index (64 bytes an item went uncounted)."""
     plain, described = new_run("t1", items=2, repetitions=3), new_run("t1", items=2, repetitions=3)
     row = {**described.row, "annotations": {"notes": "n" * 1000}, "labels": {"team": "search"}, "description": "d"}
     grown = usage.new_run_bytes(row, described.items, 6) - plain.stored_bytes
@@ -68,7 +69,10 @@ def test_a_new_run_counts_its_definition_and_descriptions_four_times_its_items_o
         len(json.dumps(row["annotations"])) - 2 + len(json.dumps(row["labels"])) - 2 + 1
     )
     assert plain.stored_bytes == (
-        usage.RUN_COPIES * (len(plain.row["spec"]) + 2 + 2) + sum(map(len, plain.items)) + 6 * usage.JOB_BYTES
+        usage.RUN_COPIES * (len(plain.row["spec"]) + 2 + 2)
+        + sum(map(len, plain.items))
+        + 2 * 128  # two items' digests, 64 bytes in the row and 64 in ix_run_items_digests
+        + 6 * usage.JOB_BYTES
     )
 
 
@@ -204,7 +208,8 @@ async def test_revision_0018_fills_stored_bytes_as_the_service_counts_them(db: D
     every tenant a fresh --max-stored-bytes-per-tenant on top of it): the revision's SQL and the service's
     counting agree, run by run and tenant by tenant, datasets and a tenant with only a dataset included."""
     labelled = new_run("t1", items=2, repetitions=2, labels={"team": "search", "größe": "groß"})
-    created = await insert(db, new_run("t1", items=3), labelled, new_run("t2", items=1))
+    runs = (new_run("t1", items=3), labelled, new_run("t2", items=1))
+    created = await insert(db, *runs)
     jobs = await claim(db, {created[0].run.id: 3, created[2].run.id: 1})
     finished = [cached(job, f"k{n}", 100 * n) for n, job in enumerate(jobs)]
     await record(db, finished, {r.run.id: ONE_GRADER for r in created})
@@ -221,7 +226,11 @@ async def test_revision_0018_fills_stored_bytes_as_the_service_counts_them(db: D
         await conn.run_sync(_migrate_to("head", down=False))
         # The revision fills what the service would have counted: nothing survives from before the downgrade.
         assert (await conn.execute(text("SELECT COUNT(*) FROM tenant_run_totals WHERE tenant = 't3'"))).scalar() == 1
-    assert await runs_bytes(db) == by_run
+    # The items' digests went with the downgrade (revision 0028 adds them empty): the runs store the rest.
+    digests = {new.row["id"]: usage.ITEM_DIGEST_BYTES * len(new.items) for new in runs}
+    assert await runs_bytes(db) == {run_id: held - digests[run_id] for run_id, held in by_run.items()}
+    by_tenant["t1"] -= digests[runs[0].row["id"]] + digests[runs[1].row["id"]]
+    by_tenant["t2"] -= digests[runs[2].row["id"]]
     assert {tenant: await stored(db, tenant) for tenant in ("t1", "t2", "t3")} == by_tenant
     assert {tenant: await cache_held(db, tenant) for tenant in ("t1", "t2")} == cache
 

@@ -156,7 +156,8 @@ func (ComparisonChange) EnumDescriptor() ([]byte, []int) {
 type UnpairedReason int32
 
 const (
-	// The evaluation is a counted pair (its change is not UNPAIRED).
+	// The evaluation is a counted pair (its change is not UNPAIRED). Servers from before unpaired_reason
+	// return it for every evaluation, UNPAIRED ones too: whether an evaluation is paired is its `change`.
 	UnpairedReason_UNPAIRED_REASON_UNSPECIFIED UnpairedReason = 0
 	// Only one run has a result for it.
 	UnpairedReason_UNPAIRED_REASON_ONE_RUN UnpairedReason = 1
@@ -839,7 +840,8 @@ type ComparisonItem struct {
 	Baseline *Result `protobuf:"bytes,5,opt,name=baseline,proto3" json:"baseline,omitempty"`
 	// The candidate's result with its output; unset when the candidate has none.
 	Candidate *Result `protobuf:"bytes,6,opt,name=candidate,proto3" json:"candidate,omitempty"`
-	// Why it is UNPAIRED; UNSPECIFIED when it is a counted pair.
+	// Why it is UNPAIRED; UNSPECIFIED when it is a counted pair, and from servers from before this field
+	// (decide from `change`).
 	UnpairedReason UnpairedReason `protobuf:"varint,7,opt,name=unpaired_reason,json=unpairedReason,proto3,enum=evalsvc.v1.UnpairedReason" json:"unpaired_reason,omitempty"`
 }
 

@@ -438,7 +438,8 @@ export type ComparisonItem = Message<"evalsvc.v1.ComparisonItem"> & {
   candidate?: Result | undefined;
 
   /**
-   * Why it is UNPAIRED; UNSPECIFIED when it is a counted pair.
+   * Why it is UNPAIRED; UNSPECIFIED when it is a counted pair, and from servers from before this field
+   * (decide from `change`).
    *
    * @generated from field: evalsvc.v1.UnpairedReason unpaired_reason = 7;
    */
@@ -567,7 +568,8 @@ export const ComparisonChangeSchema: GenEnum<ComparisonChange> = /*@__PURE__*/
  */
 export enum UnpairedReason {
   /**
-   * The evaluation is a counted pair (its change is not UNPAIRED).
+   * The evaluation is a counted pair (its change is not UNPAIRED). Servers from before unpaired_reason
+   * return it for every evaluation, UNPAIRED ones too: whether an evaluation is paired is its `change`.
    *
    * @generated from enum value: UNPAIRED_REASON_UNSPECIFIED = 0;
    */
