@@ -451,10 +451,18 @@ def test_compare_table_json_show_and_fail_on_regression(live: tuple[ServerProces
     latest = evalctl(live, "compare", "latest:lane=compare-main", bad, "--fail-on-regression", "--json")
     assert latest.returncode == 1 and json.loads(latest.stdout)["baseline_run_id"] == good
     chosen = f"baseline: {good}, the newest run labelled lane=compare-main created before the candidate that"
+    chosen += " SUCCEEDED and passed (not a rerun)"
     assert chosen in latest.stderr
     for label, candidate in (("lane=compare-main", good), ("lane=nowhere", bad)):
         none = evalctl(live, "compare", f"latest:{label}", candidate)
         assert none.returncode == 5 and f"NO VERDICT: there is no baseline: no run labelled {label}" in none.stderr
+    # A rerun keeps its source's labels but holds only the items it reran: never the baseline.
+    rerun = evalctl(live, "rerun", good, "--all", "--detach")
+    assert rerun.returncode == 0, rerun.stderr
+    assert evalctl(live, "watch", rerun.stdout.strip()).returncode == 0
+    again = evalctl(live, "run", str(tmp_path / "bad.yaml"), "--json", "--label", "lane=compare-main")
+    after_rerun = evalctl(live, "compare", "latest:lane=compare-main", json.loads(again.stdout)["id"], "--json")
+    assert after_rerun.returncode == 0 and json.loads(after_rerun.stdout)["baseline_run_id"] == bad
     unparsed = evalctl(live, "compare", "latest:lane", bad)
     assert unparsed.returncode == 3 and "'latest:lane' is neither a run id nor latest:KEY=VALUE" in unparsed.stderr
 
@@ -720,6 +728,15 @@ def test_compare_show_unpaired_says_why_each_is_unpaired(capsys: pytest.CaptureF
         "q3": "definition_changed",
         "q4": "not_graded",
     }, shown
+
+
+def test_compare_names_a_reason_or_verdict_newer_than_evalctl_by_its_number() -> None:
+    """proto3 keeps an enum value it does not know: a newer server's reason or verdict raised ValueError
+    and lost the table it was in."""
+    from evalsvc_client import cli
+
+    assert (cli._unpaired_reason_name(99), cli._verdict_name(99)) == ("99", "99")
+    assert (cli._unpaired_reason_name(2), cli._verdict_name(2)) == ("item_changed", "REGRESSED")
 
 
 def test_compare_rounds_a_pass_rate_as_run_and_get_do() -> None:

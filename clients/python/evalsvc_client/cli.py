@@ -18,7 +18,7 @@
     evalctl compare BASELINE CANDIDATE [--alpha A] [--fail-on-regression] [--max-unpaired N]
                     [--show regressed|improved|...]      a grader without pairs shows "-" and NO_PAIRS
                     BASELINE: a run id, or latest:KEY=VALUE, the newest run so labelled, created before
-                    CANDIDATE, that SUCCEEDED
+                    CANDIDATE, that SUCCEEDED and passed (not a rerun)
     evalctl webhooks create URL [--event TYPE ...] | list | get ID | update ID [--url U] [--event TYPE ...]
                      [--enable|--disable] | delete ID | rotate-secret ID [--revoke-previous]
                      | deliveries ID [--status pending|succeeded|failed] [--limit N]
@@ -93,7 +93,7 @@ EXIT_OK, EXIT_BELOW, EXIT_RUN_FAILED, EXIT_ERROR, EXIT_NOT_ENDED = 0, 1, 2, 3, 4
 #: run: no verdict, and none to come by waiting (unlike 4).
 EXIT_NOT_COMPARABLE = 5
 #: compare's BASELINE as `latest:KEY=VALUE`: the newest run with that label, created before the candidate, that
-#: SUCCEEDED.
+#: SUCCEEDED and passed, not a rerun.
 LATEST = "latest:"
 #: Stdout was closed before evalctl finished writing (`| head`): the status of a program SIGPIPE (13) ended.
 EXIT_STDOUT_CLOSED = 128 + 13
@@ -958,11 +958,20 @@ def _unpaired_reason_name(value: int) -> str:
     UNSPECIFIED, which servers from before the field return on unpaired evaluations too."""
     if not value:
         return "-"
-    return pb.comparison.UnpairedReason.Name(value).removeprefix("UNPAIRED_REASON_").lower()
+    return _enum_name(pb.comparison.UnpairedReason, value, "UNPAIRED_REASON_").lower()
 
 
 def _verdict_name(value: int) -> str:
-    return pb.comparison.ComparisonVerdict.Name(value).removeprefix("COMPARISON_VERDICT_")
+    return _enum_name(pb.comparison.ComparisonVerdict, value, "COMPARISON_VERDICT_")
+
+
+def _enum_name(enum: Any, value: int, prefix: str) -> str:
+    """An enum value's name without its prefix, or its number for a value newer than this evalctl (proto3
+    keeps a value it does not know; naming it raised ValueError and lost the listing it was in)."""
+    try:
+        return str(enum.Name(value)).removeprefix(prefix)
+    except ValueError:
+        return str(value)
 
 
 def _comparison_row(g: pb.comparison.GraderComparison) -> list[str]:
@@ -1048,12 +1057,13 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
         if baseline is None:
             console.print(
                 f"NO VERDICT: there is no baseline: no run labelled {key}={value} created before the candidate"
-                f" has SUCCEEDED (label one: evalctl update RUN_ID --label {key}={value})",
+                f" SUCCEEDED and passed, a rerun aside (label one: evalctl update RUN_ID --label {key}={value})",
                 markup=False,
             )
             return EXIT_NOT_COMPARABLE
         console.print(
-            f"baseline: {baseline}, the newest run labelled {key}={value} created before the candidate that SUCCEEDED",
+            f"baseline: {baseline}, the newest run labelled {key}={value} created before the candidate that"
+            " SUCCEEDED and passed (not a rerun)",
             markup=False,
         )
     comparison = client.compare_runs(baseline, args.candidate, alpha=args.alpha)
@@ -1125,21 +1135,25 @@ def cmd_compare(args: argparse.Namespace, client: EvalClient, console: Console) 
 
 
 def _latest_labelled(client: EvalClient, key: str, value: str, candidate: str) -> str | None:
-    """The id of the newest run labelled key=value that SUCCEEDED and was created before the candidate, or
-    None: a CI job compares each run with the last good one of its main branch (`latest:branch=main`)
-    without keeping that run's id anywhere between jobs. Before the candidate: two pipelines overlapping,
-    the later run ending first, the earlier one's candidate was compared with a newer run, which turned
-    its regressions into improvements."""
+    """The id of the newest run labelled key=value, created before the candidate, that SUCCEEDED and passed
+    its own bar (`overall_passed`), and is not a rerun; or None. A CI job compares each run with the last
+    good one of its main branch (`latest:branch=main`) without keeping that run's id between jobs.
+
+    Before the candidate: with two pipelines overlapping and the later run ending first, the earlier
+    candidate was compared with a newer run, which turned its regressions into improvements. Not a rerun: a
+    rerun keeps its source's labels but holds only the items it reran (its failed ones), so it paired 5 of
+    40 evaluations and a candidate that regressed on the other 15 items passed the gate. Passed: a main run
+    that failed its own bar is no baseline to hold a candidate to."""
     created = client.get_run(candidate).create_time.ToJsonString()
     labelled = client.list_runs(
         labels={key: value},
         statuses=[pb.run.RUN_STATUS_SUCCEEDED],
-        filter=f'create_time < "{created}"',
-        page_size=2,
-        limit=2,
+        filter=f'create_time < "{created}" AND overall_passed = true',
+        page_size=20,
+        limit=1000,  # runs read lazily, a page at a time, until one is the baseline; reruns are few
         view=pb.runs.RUN_VIEW_BASIC,
     )
-    return next((run.id for run in labelled if run.id != candidate), None)
+    return next((run.id for run in labelled if run.id != candidate and not run.rerun_of), None)
 
 
 def _no_comparison_verdict(client: EvalClient, comparison: pb.RunComparison) -> str:
@@ -1685,7 +1699,7 @@ def parser() -> argparse.ArgumentParser:
         "baseline",
         type=_baseline,
         help="the baseline run id, or latest:KEY=VALUE: the newest run with that label, created before the"
-        " candidate, that SUCCEEDED (none: exit 5)",
+        " candidate, that SUCCEEDED and passed, not a rerun (none: exit 5)",
     )
     compare.add_argument("candidate", help="the candidate run id")
     compare.add_argument("--alpha", type=_alpha, default=0.05, help="significance level, from 1e-9 to 0.5")
