@@ -19,8 +19,9 @@ ListComparisonItems pairs only what its page needs: each run's next keys after t
 read as ordered index ranges, merged in key order (`_page_keys`) and classified as CompareRuns counts them
 (`classify`: a pair of different items, or of a changed grader, is UNPAIRED in both), in no pairing slot. A
 page costs the keys it returns (plus, with a `change` filter, the keys it passes over), not the runs'
-sizes: with two 100,000-evaluation runs, 100-key pages cost ~9 ms on SQLite and ~10 ms on PostgreSQL;
-~0.9 s and ~1.0 s when every page paired both runs whole (docs/compare.md, docs/performance.md). It
+sizes: with two 100,000-evaluation runs, a 100-key page costs ~16 ms on SQLite and ~20 ms on PostgreSQL
+(`python -m bench.compare_digests --page-only`; its results read by id, store.comparisons `results_by_id`:
+98 and 377 ms read by their keys); ~0.9 s and ~1.0 s when every page paired both runs whole. It
 reads the stored digests of those keys' items (`_chunk_digests`); a run created before revision 0028
 has none, and its page reads and hashes the items behind its keys: a page of large items costs their size.
 """
