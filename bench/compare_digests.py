@@ -2,13 +2,15 @@
 
     .venv/bin/python -m bench.compare_digests --db sqlite
     .venv/bin/python -m bench.compare_digests --db postgres [--pg-url postgresql://postgres@127.0.0.1:5432/test]
+    .venv/bin/python -m bench.compare_digests --db sqlite --page-only
 
 Stores two runs of `--items` items (~1 KB each: a 700-character input, a 200-character expected output,
 one metadata entry) x 2 graders straight through the run store (one evaluation per item and grader,
 PASSED or FAILED at random, the candidate's first 100 items different), then times, best of 3, on the
 in-process CompareService: a CompareRuns, and the first ListComparisonItems page of 100 keys. First as
 the runs were stored (their items' digests read), then with the digests set to NULL, as runs stored
-before revision 0028 are (their items read and hashed). Both must give the same answers. The database
+before revision 0028 are (their items read and hashed). Both must give the same answers. `--page-only`
+times the page alone, as stored (what a page costs does not depend on the comparison's). The database
 is a scratch one: a file under a temporary directory, or a database created and dropped on the
 PostgreSQL server at `--pg-url` (EVALSVC_TEST_PG_URL by default, as the tests use).
 """
@@ -120,7 +122,7 @@ async def _best_of_3(call: Callable[[], Awaitable[T]]) -> tuple[float, T]:
     return min(times), answer
 
 
-async def _measure(db: Database, items: int, postgres: bool) -> None:
+async def _measure(db: Database, items: int, postgres: bool, page_only: bool) -> None:
     rng = random.Random(1)
     tenant = "t1"
     baseline = await _store_run(db, tenant, _items(items, 0), rng)
@@ -131,6 +133,11 @@ async def _measure(db: Database, items: int, postgres: bool) -> None:
     service = CompareService(db, PageTokens(b"k" * 32))
     compare = cpb.CompareRunsRequest(baseline_run_id=baseline, candidate_run_id=candidate)
     page = cpb.ListComparisonItemsRequest(baseline_run_id=baseline, candidate_run_id=candidate, page_size=100)
+
+    if page_only:
+        paged, _ = await _best_of_3(lambda: service.list_items(tenant, page))
+        print(f"digests stored: a 100-key page {paged * 1000:.1f} ms")
+        return
 
     async def both(label: str) -> tuple[Any, ...]:
         compared, comparison = await _best_of_3(lambda: service.compare(tenant, compare))
@@ -164,6 +171,7 @@ async def main() -> None:
     parser.add_argument(
         "--pg-url", default=os.environ.get("EVALSVC_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
     )
+    parser.add_argument("--page-only", action="store_true", help="time the ListComparisonItems page alone")
     args = parser.parse_args()
     print(f"{args.db}: two runs of {args.items} items of ~1 KB x {len(GRADERS)} graders; best of 3")
     with tempfile.TemporaryDirectory() as scratch:
@@ -176,7 +184,7 @@ async def main() -> None:
         db = Database(url)
         try:
             await migrate.upgrade(db)
-            await _measure(db, args.items, args.db == "postgres")
+            await _measure(db, args.items, args.db == "postgres", args.page_only)
         finally:
             await db.close()
             if args.db == "postgres":

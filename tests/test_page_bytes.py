@@ -145,7 +145,7 @@ def fetched(server: EvalServer, monkeypatch: pytest.MonkeyPatch) -> Fetched:
         (run_store, "results_page"),
         (run_store, "outputs_of"),
         (run_store, "explanations_of"),
-        (comparison_store, "results_of_keys"),
+        (comparison_store, "results_by_id"),
     )
 
 

@@ -19,8 +19,9 @@ ListComparisonItems pairs only what its page needs: each run's next keys after t
 read as ordered index ranges, merged in key order (`_page_keys`) and classified as CompareRuns counts them
 (`classify`: a pair of different items, or of a changed grader, is UNPAIRED in both), in no pairing slot. A
 page costs the keys it returns (plus, with a `change` filter, the keys it passes over), not the runs'
-sizes: with two 100,000-evaluation runs, 100-key pages cost ~9 ms on SQLite and ~10 ms on PostgreSQL;
-~0.9 s and ~1.0 s when every page paired both runs whole (docs/compare.md, docs/performance.md). It
+sizes: with two 100,000-evaluation runs, a 100-key page costs ~16 ms on SQLite and ~20 ms on PostgreSQL
+(`python -m bench.compare_digests --page-only`; its results read by id, store.comparisons `results_by_id`:
+98 and 377 ms read by their keys); ~0.9 s and ~1.0 s when every page paired both runs whole. It
 reads the stored digests of those keys' items (`_chunk_digests`); a run created before revision 0028
 has none, and its page reads and hashes the items behind its keys: a page of large items costs their size.
 """
@@ -185,8 +186,11 @@ def classify(
     return Classified(change, cpb.UNPAIRED_REASON_UNSPECIFIED)
 
 
-def _by_key(rows: Iterable[Evaluation]) -> dict[Key, Side]:
-    return {(item_id, rep, grader): (state, score) for item_id, rep, grader, state, score in rows}
+def _by_key(rows: Iterable[Evaluation]) -> dict[Key, tuple[Side, int]]:
+    """Each evaluation's side and result id, by key."""
+    return {
+        (item_id, rep, grader): ((state, score), result_id) for item_id, rep, grader, state, score, result_id in rows
+    }
 
 
 def verdict_of(pairs: int, summary: PairedSummary) -> cpb.ComparisonVerdict:
@@ -342,6 +346,7 @@ async def _chunk_digests(
 class _PairedKey:
     key: Key
     classified: Classified
+    result_ids: tuple[int | None, int | None]  # the key's result in each run (baseline, candidate), if any
 
 
 class CompareService:
@@ -488,9 +493,10 @@ class CompareService:
         async with self._filtered_turn(tenant, bool(request.change)), self._db.read() as conn:
             keys = await _page_keys(conn, tenant, classifying, position, request.grader, request.change, limit + 1)
             page = keys[:limit]
-            wanted = [k.key for k in page]
-            base_results = await comparison_store.results_of_keys(conn, tenant, baseline.id, wanted)
-            cand_results = await comparison_store.results_of_keys(conn, tenant, candidate.id, wanted)
+            base_ids = [k.result_ids[0] for k in page if k.result_ids[0] is not None]
+            cand_ids = [k.result_ids[1] for k in page if k.result_ids[1] is not None]
+            base_results = await comparison_store.results_by_id(conn, tenant, base_ids)
+            cand_results = await comparison_store.results_by_id(conn, tenant, cand_ids)
             base_by_key = {(r.item_id, r.repetition, r.grader): (r, sizes) for r, sizes in base_results}
             cand_by_key = {(r.item_id, r.repetition, r.grader): (r, sizes) for r, sizes in cand_results}
             sized = [
@@ -612,8 +618,11 @@ async def _page_keys(
             if complete is not None and key > complete:
                 break
             same_item = base_items.get(key[0]) == cand_items.get(key[0])
-            classified = classify(base_by.get(key), cand_by.get(key), same_item, key[2] in classifying.changed)
-            paired = _PairedKey(key, classified)
+            b, c = base_by.get(key), cand_by.get(key)
+            classified = classify(
+                None if b is None else b[0], None if c is None else c[0], same_item, key[2] in classifying.changed
+            )
+            paired = _PairedKey(key, classified, (None if b is None else b[1], None if c is None else c[1]))
             if not change or classified.change == change:
                 found.append(paired)
                 if len(found) == wanted:

@@ -47,8 +47,8 @@ def reference_page_keys(
 ) -> list[tuple[Key, int]]:
     """What ListComparisonItems listed when it paired both runs whole (the code before keyset paging):
     every key of either run matching the filters, in Python's order, with its change."""
-    base = {(i, r, g): (s, sc) for i, r, g, s, sc in baseline}
-    cand = {(i, r, g): (s, sc) for i, r, g, s, sc in candidate}
+    base = {(i, r, g): (s, sc) for i, r, g, s, sc, _ in baseline}
+    cand = {(i, r, g): (s, sc) for i, r, g, s, sc, _ in candidate}
     keys = sorted(k for k in base.keys() | cand.keys() if not grader or k[2] == grader)
     paired = [(k, int(classify(base.get(k), cand.get(k)).change)) for k in keys]
     return [p for p in paired if not change or p[1] == change]
@@ -88,7 +88,7 @@ async def two_runs(db: Database, seed: int) -> tuple[str, str, list[Evaluation],
             state = rng.choice(STATES)
             big = "x" * 3000 if key[0] == "A" else ""
             rows.append(result_row(run_id, key, state, explanation=big))
-            evaluations[run_id].append((*key, state, 0.0))
+            evaluations[run_id].append((*key, state, 0.0, rows[-1][0]))
     await record(db, rows)
     return b_id, c_id, evaluations[b_id], evaluations[c_id]
 
