@@ -1570,6 +1570,39 @@ def test_detach_prints_the_new_run_id_alone_on_stdout(live: tuple[ServerProcess,
     assert again.stdout.strip() != run_id and f"created run {again.stdout.strip()}" in again.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "flags", "named"),
+    [
+        (["run", "SPEC"], ["--fail-under", "99", "--junit", "OUT"], "--fail-under and --junit"),
+        (["run", "SPEC"], ["--jsonl", "OUT"], "--jsonl"),
+        (["rerun", "run_x"], ["--fail-under", "0"], "--fail-under"),
+    ],
+)
+def test_detach_refuses_the_gate_and_exports_it_would_drop(
+    command: list[str],
+    flags: list[str],
+    named: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`evalctl run spec.yaml --detach --fail-under 99 --junit jd.xml` exited 0 with no file and not a word:
+    a CI gate and its export silently dropped. Refused before any call (nothing listens at the target)."""
+    from evalsvc_client import cli
+
+    monkeypatch.setenv("EVALSVC_API_KEY", "evk_from_env")
+    (tmp_path / "spec.yaml").write_text("target: provided\ngraders: [{exact_match: {}}]\nitems: [{input: q}]\n")
+    out = tmp_path / "out.xml"
+    argv = [str(tmp_path / "spec.yaml") if a == "SPEC" else a for a in command]
+    argv += [str(out) if a == "OUT" else a for a in flags]
+    assert cli.main([*argv, "--detach", "--target", "127.0.0.1:1"]) == cli.EXIT_ERROR
+    assert capsys.readouterr().err == (
+        f"evalctl: with --detach nothing follows the run, so {named} would do nothing; give {named} to"
+        " `evalctl watch RUN_ID`\n"
+    )
+    assert not out.exists()
+
+
 def test_delete_says_it_deleted_and_get_says_a_run_is_deleted(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
     """`evalctl delete RUN` printed the run's summary alone, and `get` of a deleted run read as any other."""
     (tmp_path / "qa.jsonl").write_text('{"input": "x", "expected_output": "x", "response": "x"}\n')

@@ -32,7 +32,8 @@
 Global, before or after the command (`evalctl --json list` or `evalctl list --json`): --target HOST:PORT
 (EVALCTL_TARGET, default 127.0.0.1:50051), --api-key (EVALSVC_API_KEY), --json, --tls, --ca-cert/--client-cert/
 --client-key (TLS, mTLS; a client certificate needs its key), --tls-server-name NAME. `run --detach` and
-`rerun --detach` print the new run's id alone on stdout (`R=$(evalctl run spec.yaml --detach)`). JSON output
+`rerun --detach` print the new run's id alone on stdout (`R=$(evalctl run spec.yaml --detach)`) and follow
+nothing: --fail-under, --junit and --jsonl are refused beside --detach (`evalctl watch "$R"` takes them). JSON output
 (--json, --jsonl, results --format jsonl) is proto JSON with the .proto field names (snake_case; REST's JSON is
 lowerCamelCase) and every field, defaults too.
 
@@ -578,8 +579,24 @@ def _export(client: EvalClient, run: pb.Run, args: argparse.Namespace) -> None:
             write_junit(run, _results(client, run.id), partial)
 
 
-def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+def _check_follow_flags(args: argparse.Namespace) -> None:
+    """Refuse, before any call, what `run`, `rerun` and `watch` do only while following a run: --fail-under,
+    --junit and --jsonl beside --detach, which follows nothing (`run --detach --fail-under 99 --junit jd.xml`
+    exited 0 with no file and no word, a CI gate silently gone); and an output evalctl could not write."""
+    if getattr(args, "detach", False):
+        flags = (("--fail-under", args.fail_under), ("--junit", args.junit), ("--jsonl", args.jsonl))
+        given = [flag for flag, value in flags if value is not None]
+        if given:
+            named = " and ".join(given)
+            raise ValueError(
+                f"with --detach nothing follows the run, so {named} would do nothing; give {named} to"
+                " `evalctl watch RUN_ID`"
+            )
     _check_outputs(args.jsonl, args.junit)
+
+
+def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    _check_follow_flags(args)
     spec = load_spec(Path(args.spec))
     _print_spec_warnings(console, spec)
     if args.cache:
@@ -633,7 +650,7 @@ _RERUN_WORDS = {
 def cmd_rerun(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
     """A new run of an ended run's errored (--failed: failed or errored; --all: every) items, with its stored
     definition, followed to its end as `run` follows one: the same progress, exports, verdict and exit codes."""
-    _check_outputs(args.jsonl, args.junit)
+    _check_follow_flags(args)
     scope = "all" if args.all else "failed_or_errored" if args.failed else "errored"
     request_id = args.request_id or new_request_id()
     flags = {"errored": "", "failed_or_errored": " --failed", "all": " --all"}[scope]
@@ -700,7 +717,7 @@ def _follow_created(client: EvalClient, run: pb.Run, args: argparse.Namespace, c
 
 
 def cmd_watch(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
-    _check_outputs(args.jsonl, args.junit)
+    _check_follow_flags(args)
     final = _follow(client, args.run_id, args.after_seq, args, console)
     _export(client, final, args)
     if not args.json:
