@@ -187,17 +187,19 @@ def test_run_says_when_its_request_id_named_a_run_made_before(live: tuple[Server
     first = evalctl(live, "run", str(tmp_path / "named.yaml"), "--no-progress")
     assert first.returncode == 0 and "created run " in first.stderr, first.stderr
     run_id = first.stderr.split("created run ", 1)[1].split()[0]
-    # The same spec run again: the same run, said of a run a minute or more older than the call (a server
-    # clock behind this machine's by less must not make a new run look old; here it is a second old).
+    # The same spec run again, a second later: the same run, which has ended, so it existed (it said "created
+    # run" of it for a minute, the time a server clock may lag this machine's).
     again = evalctl(live, "run", str(tmp_path / "named.yaml"), "--no-progress")
-    assert again.returncode == 0 and f"created run {run_id} " in again.stderr, again.stderr
+    assert again.returncode == 0 and f"run {run_id} already existed for request_id" in again.stderr, again.stderr
+    assert "created run" not in again.stderr
     named = RunSpec(pb.runs.CreateRunRequest(request_id="nightly"), request_id_given=True)
-    created = pb.runs.CreateRunResponse(run=pb.run.Run(id="run_a"), job_count=1)
+    created = pb.runs.CreateRunResponse(run=pb.run.Run(id="run_a", status=pb.run.RUN_STATUS_PENDING), job_count=1)
     created.run.create_time.FromSeconds(1_000_000)
-    assert _created_words(named, created, 1_000_000 + CLOCK_SKEW_S + 1) == (
-        "run run_a already existed for request_id 'nightly' (created 1970-01-12 13:46:40 UTC); following it"
-    )
+    existed = "run run_a already existed for request_id 'nightly' (created 1970-01-12 13:46:40 UTC); following it"
+    assert _created_words(named, created, 1_000_000 + CLOCK_SKEW_S + 1) == existed
     assert _created_words(named, created, 1_000_000 + CLOCK_SKEW_S - 1) == "created run run_a (1 jobs)"
+    created.run.status = pb.run.RUN_STATUS_RUNNING  # no run CreateRun just made has begun
+    assert _created_words(named, created, 1_000_000 + 1) == existed
     unnamed = RunSpec(pb.runs.CreateRunRequest(request_id="fresh"))
     assert _created_words(unnamed, created, 1_000_000 + 3600) == "created run run_a (1 jobs)"
     for _ in range(2):

@@ -624,14 +624,20 @@ CLOCK_SKEW_S = 60.0  # how far behind this machine's clock the server's may be w
 
 
 def _created_words(spec: RunSpec, created: pb.runs.CreateRunResponse, called: float) -> str:
-    """What `run` says of the run CreateRun answered with. A spec's own request_id may name a run made
-    before (CreateRun then answers with it, AIP-155), which "created run" misreported: a run created before
-    this call began existed already. Only a spec that names its request_id can meet one (evalctl's own are
-    fresh uuids, and a retry of this call is this call); and only a run created a minute or more before
-    the call counts, so that a server clock up to a minute behind this machine's does not call a new run
-    old (a spec run again within the minute says "created" of the run it found)."""
+    """What `run` says of the run CreateRun answered with. A request_id (the spec's or --request-id) may name a
+    run made before (CreateRun then answers with it, AIP-155), which "created run" misreported. Only a named
+    request_id can meet one (evalctl's own are fresh uuids, and a retry of this call is this call).
+
+    CreateRunResponse does not say whether the run is new (the server knows; the response has only the run and
+    its job count), so evalctl judges by the run: one CreateRun just made is PENDING (the proto's promise), so a
+    run in any other status existed before, whenever it was made (a retry seconds after the first run ended
+    said "created run" of it); and a run created before the call began, by more than a server clock behind
+    this machine's may be (CLOCK_SKEW_S), existed too. What neither catches, a run made less than a minute
+    ago and still PENDING, says "created"; and a run this call made whose answer was lost, found by the SDK's
+    retry once it had begun, says "already existed" (it had, by the retry)."""
     run = created.run
-    if spec.request_id_given and run.create_time.ToNanoseconds() < (called - CLOCK_SKEW_S) * 1e9:
+    existed = run.status != pb.run.RUN_STATUS_PENDING or run.create_time.ToNanoseconds() < (called - CLOCK_SKEW_S) * 1e9
+    if spec.request_id_given and existed:
         when = run.create_time.ToDatetime(tzinfo=datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         return (
             f"run {run.id} already existed for request_id {spec.create_request.request_id!r} (created {when}); "
