@@ -207,6 +207,30 @@ def test_run_says_when_its_request_id_named_a_run_made_before(live: tuple[Server
         assert fresh.returncode == 0 and "created run " in fresh.stderr and "already" not in fresh.stderr
 
 
+def test_a_request_id_used_for_another_request_says_what_to_do(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    """REQUEST_ID_CONFLICT said only that the request_id "was already used for a different run": no next step."""
+    (tmp_path / "spec.yaml").write_text("target: provided\ngraders: [{exact_match: {}}]\nitems: [{input: q}]\n")
+    request_id = f"{tmp_path.name}-conflict"
+    first = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--detach", "--request-id", request_id)
+    assert first.returncode == 0, first.stderr
+    other = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--detach", "--request-id", request_id, "--label", "a=b")
+    assert other.returncode == 3 and "(REQUEST_ID_CONFLICT)" in other.stderr, other.stderr
+    assert (
+        "  A request_id names one request: give a new one for this request (evalctl: --request-id), or repeat"
+        f" exactly the request that made run {first.stdout.strip()} (evalctl: the same command, spec, labels and"
+        " flags) to get it back\n"
+    ) in other.stderr
+
+
+def test_a_refused_key_is_told_to_make_one_in_the_servers_database(live: tuple[ServerProcess, str]) -> None:
+    """`evalsvc keys create --tenant NAME` run in another directory made the key in a new, empty evalsvc.db there,
+    which the server never reads; the hint did not say the key must be made in the server's database."""
+    refused = evalctl_run(["list"], {**_env(live), "EVALSVC_API_KEY": "evk_not_a_key"})
+    assert refused.returncode == 3 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
+    assert "`evalsvc keys create --tenant NAME --db URL` makes another in the server's database" in refused.stderr
+    assert "(URL: its --db or EVALSVC_DB)" in refused.stderr  # the server's words say it too
+
+
 def test_rerun_follows_the_new_run_and_judges_it_as_run_does(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
     """evalctl rerun RUN: a new run of RUN's errored items (--failed, --all: more) with its definition,
     followed to its end with run's verdict and exit codes; --detach returns at once."""

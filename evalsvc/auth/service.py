@@ -60,7 +60,12 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-KEY_HELP = "the first `evalsvc serve` prints a key; `evalsvc keys create --tenant NAME` makes another"
+# A key made without the server's --db went into ./evalsvc.db of whatever directory it was made in, a database
+# this server never reads, and was refused here with nothing to say why.
+KEY_HELP = (
+    "the first `evalsvc serve` prints a key; `evalsvc keys create --tenant NAME --db URL` makes another in this"
+    " server's database (URL: its --db or EVALSVC_DB)"
+)
 
 
 def unauthenticated(reason: Reason, message: str) -> ServiceError:
