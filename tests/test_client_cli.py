@@ -1129,6 +1129,24 @@ def test_watch_of_an_address_where_nothing_listens_fails_fast(
     assert "Nothing answers at 127.0.0.1:1" in capsys.readouterr().err
 
 
+def test_retries_where_nothing_listens_are_told_once_not_once_a_wait(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`evalctl --target 127.0.0.1:1 list` printed `ListRuns: UNAVAILABLE; retrying in 1.x s` 20 and more times
+    over 30 s before the error and its hint; --help did not name the variable that sets the bound."""
+    from evalsvc_client import cli
+
+    monkeypatch.setenv("EVALSVC_API_KEY", "evk_from_env")
+    monkeypatch.setenv("EVALSVC_RETRY_MAX_ELAPSED_S", "4")
+    assert cli.main(["--target", "127.0.0.1:1", "list"]) == cli.EXIT_ERROR
+    lines = capsys.readouterr().err.splitlines()
+    assert [line for line in lines if "retrying" in line] == [
+        "ListRuns: UNAVAILABLE (connection refused); retrying for up to 4.0 s (EVALSVC_RETRY_MAX_ELAPSED_S)"
+    ], lines
+    assert lines[1].startswith("evalctl: UNAVAILABLE: ") and "Nothing answers at 127.0.0.1:1" in lines[-1], lines
+    assert "EVALSVC_RETRY_MAX_ELAPSED_S" in cli.parser().format_help()
+
+
 def test_global_flags_default_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from evalsvc_client import cli
 

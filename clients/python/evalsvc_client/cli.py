@@ -35,7 +35,8 @@ Global, before or after the command (`evalctl --json list` or `evalctl list --js
 `rerun --detach` print the new run's id alone on stdout (`R=$(evalctl run spec.yaml --detach)`) and follow
 nothing: --fail-under, --junit and --jsonl are refused beside --detach (`evalctl watch "$R"` takes them). JSON output
 (--json, --jsonl, results --format jsonl) is proto JSON with the .proto field names (snake_case; REST's JSON is
-lowerCamelCase) and every field, defaults too.
+lowerCamelCase) and every field, defaults too. A call the server does not answer (restarting, or nothing at
+--target) is retried for up to 30 s (EVALSVC_RETRY_MAX_ELAPSED_S sets another bound), said once on stderr.
 
 Verdict (run, rerun, watch; get with --fail-under): a run passes when its pass rate (percent, errors excluded) reaches
 --fail-under if given, else the spec's pass_threshold (unset: every graded evaluation must pass), and at most
@@ -81,7 +82,7 @@ from rich.table import Table
 from rich.text import Text
 
 from evalsvc_client import pb
-from evalsvc_client._common import Retrying, TLSOptions, new_request_id
+from evalsvc_client._common import RETRY_MAX_ELAPSED_VARIABLE, Retrying, RetryPolicy, TLSOptions, new_request_id
 from evalsvc_client.errors import EvalError, target_as_url_hint
 from evalsvc_client.export import listed_explanation, listed_output, to_dict, write_jsonl, write_junit
 from evalsvc_client.report import agreement_line, format_rate, render_html
@@ -299,18 +300,27 @@ def _client(args: argparse.Namespace, console: Console) -> EvalClient:
     url = target_as_url_hint(args.target)
     if url:  # refused before any call: grpc took the URL for a host name, and evalctl said nothing answered there
         raise ValueError(f"{url} (--target or EVALCTL_TARGET)")
-    return EvalClient(args.target, api_key=args.api_key, tls=_tls(args), on_retry=_retry_lines(console))
+    retry = RetryPolicy()
+    return EvalClient(
+        args.target, api_key=args.api_key, tls=_tls(args), retry=retry, on_retry=_retry_lines(console, retry)
+    )
 
 
 #: A watch that keeps failing to reconnect says so again after this many failures in a row.
 RECONNECTING_EVERY = 10
 
 
-def _retry_lines(console: Console) -> Callable[[Retrying], None]:
+def _retry_lines(console: Console, policy: RetryPolicy) -> Callable[[Retrying], None]:
     """The SDK's retries (silent to a library's user) as lines on stderr: evalctl waited without a word while the
-    server rate-limited CreateRun (36 s) or while its watch reconnected to a server gone (41 s, then an error)."""
+    server rate-limited CreateRun (36 s) or while its watch reconnected to a server gone (41 s, then an error).
+    Other retries of a call are told once, when a wait first reaches a second (a blip shorter than that goes
+    unsaid), with the bound `policy` retries for: a line a wait, 20 and more of them over 30 s where nothing
+    listened (`--target 127.0.0.1:1`), buried the error and its hint. Quiet then until the call is answered
+    or fails; a call's first retry starts a new outage."""
+    told = False
 
     def say(retrying: Retrying) -> None:
+        nonlocal told
         error, delay = retrying.error, retrying.delay_s
         if retrying.call == "WatchRun":
             if retrying.attempt == 1 or retrying.attempt % RECONNECTING_EVERY == 0:
@@ -321,8 +331,15 @@ def _retry_lines(console: Console) -> Callable[[Retrying], None]:
         elif error.code.name == "RESOURCE_EXHAUSTED" and error.retry_delay is not None:
             which = error.metadata.get("quota") or error.reason.lower() or "server busy"
             console.print(f"rate-limited ({which}); retrying {retrying.call} in {_seconds(delay)}")
-        elif delay >= 1:
-            console.print(f"{retrying.call}: {error.code.name}; retrying in {_seconds(delay)}")
+        else:
+            told = told and retrying.attempt > 1
+            if delay >= 1 and not told:
+                told = True
+                refused = " (connection refused)" if "connection refused" in error.message.lower() else ""
+                console.print(
+                    f"{retrying.call}: {error.code.name}{refused}; retrying for up to {_seconds(policy.max_elapsed_s)}"
+                    f" ({RETRY_MAX_ELAPSED_VARIABLE})"
+                )
 
     return say
 
@@ -1539,7 +1556,12 @@ def _global_flags(with_defaults: bool) -> _Parser:
 
     flags = _Parser(add_help=False)
     target = os.environ.get("EVALCTL_TARGET", "127.0.0.1:50051")
-    flags.add_argument("--target", default=default(target), help="HOST:PORT")
+    flags.add_argument(
+        "--target",
+        default=default(target),
+        help="HOST:PORT of the gRPC port (EVALCTL_TARGET); a call it does not answer is retried for up to 30 s"
+        " (EVALSVC_RETRY_MAX_ELAPSED_S)",
+    )
     flags.add_argument("--api-key", default=default(os.environ.get("EVALSVC_API_KEY")), help="or EVALSVC_API_KEY")
     flags.add_argument("--json", action="store_true", default=default(False), help="machine-readable output on stdout")
     flags.add_argument(
