@@ -925,6 +925,39 @@ def test_validate_refuses_numbers_a_field_cannot_hold(tmp_path: Path, capsys: py
     assert cli.main(["run", str(tmp_path / "spec.yaml"), "--target", "127.0.0.1:1"]) == cli.EXIT_ERROR
 
 
+def test_validate_refuses_label_keys_and_judges_without_criteria_as_create_run_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`validate` called valid a spec `run` was refused: `labels: {Suite: agent}` (the server's
+    `labels[Suite]: key must match [a-z][a-z0-9_-]{0,62}`) and an llm_judge in criteria mode without criteria.
+    A judge without its own model and endpoint is valid but warned of: it needs the server's default judge."""
+    from evalsvc_client import cli
+
+    from evalsvc.messages.validation import LABEL_KEY
+
+    judge = "{name: j, llm_judge: {mode: criteria}}"
+    (tmp_path / "bad.yaml").write_text(
+        f"items: [{{input: q, response: a}}]\ntarget: provided\ngraders: [{judge}]\nlabels: {{Suite: agent, ok: x}}\n"
+    )
+    assert cli.main(["validate", str(tmp_path / "bad.yaml")]) == cli.EXIT_ERROR
+    said = capsys.readouterr().err
+    assert "  labels[Suite]: key must match [a-z][a-z0-9_-]{0,62} (e.g. 'suite')\n" in said, said
+    assert "  graders[0].llm_judge.criteria: criteria (or the policy) is required in this mode\n" in said, said
+    assert "labels[ok]" not in said
+    judges = "[{name: j, llm_judge: {mode: criteria, criteria: polite}}, {llm_judge: {mode: accuracy, model: m}}]"
+    (tmp_path / "good.yaml").write_text(f"items: [{{input: q, expected_output: a}}]\ntarget: echo\ngraders: {judges}\n")
+    assert cli.main(["validate", str(tmp_path / "good.yaml")]) == cli.EXIT_OK
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warned == [
+        f"warning: graders[{i}] ({name}) names no model and endpoint of its own: the server's default judge grades"
+        " it, and a server started without one (--judge-base-url, --judge-model) refuses the run"
+        for i, name in ((0, "j"), (1, "llm_judge"))
+    ], warned
+    from evalsvc_client import spec
+
+    assert spec.LABEL_KEY.pattern == LABEL_KEY.pattern  # one rule, in the client's copy as in the server's
+
+
 def test_validate_refuses_two_graders_of_one_name_as_create_run_does(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

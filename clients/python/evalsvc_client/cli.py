@@ -86,7 +86,16 @@ from evalsvc_client._common import RETRY_MAX_ELAPSED_VARIABLE, Retrying, RetryPo
 from evalsvc_client.errors import EvalError, target_as_url_hint
 from evalsvc_client.export import listed_explanation, listed_output, to_dict, write_jsonl, write_junit
 from evalsvc_client.report import agreement_line, format_rate, render_html
-from evalsvc_client.spec import CACHE_MODES, RunSpec, SpecError, cache_mode, load_items, load_spec, plural
+from evalsvc_client.spec import (
+    CACHE_MODES,
+    RunSpec,
+    SpecError,
+    cache_mode,
+    load_items,
+    load_spec,
+    needs_default_judge,
+    plural,
+)
 from evalsvc_client.sync import EvalClient
 from evalsvc_client.visible import for_terminal
 
@@ -760,6 +769,11 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
             _print_spec_error(console, exc)
         return EXIT_ERROR
     _print_spec_warnings(console, spec)
+    for judged in needs_default_judge(spec.request().graders):  # validate's alone: `run` meets the server's answer
+        console.print(
+            f"warning: {judged} names no model and endpoint of its own: the server's default judge grades it, and"
+            " a server started without one (--judge-base-url, --judge-model) refuses the run"
+        )
     if args.json:
         _print_json({"valid": True, "problems": [], "request": to_dict(spec.request())})
     else:
