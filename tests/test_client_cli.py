@@ -1833,6 +1833,10 @@ def test_results_state_repeats_to_list_any_of_several(live: tuple[ServerProcess,
     assert table.returncode == 0 and rows == ["q0", "q1", "q2"], table.stdout
     one = evalctl(live, "results", run_id, "--state", "error", "--json")
     assert [json.loads(line)["item_id"] for line in one.stdout.splitlines()] == ["q2"]
+    upper = evalctl(live, "results", run_id, "--state", "ERROR", "--json")  # any case (FAILED was refused)
+    assert [json.loads(line)["item_id"] for line in upper.stdout.splitlines()] == ["q2"], upper.stderr
+    listed = evalctl(live, "list", "--status", "SUCCEEDED", "--json", "--limit", "1")
+    assert listed.returncode == 0 and [r["status"] for r in json.loads(listed.stdout)] == ["RUN_STATUS_SUCCEEDED"]
     bad = evalctl(live, "results", run_id, "--state", "broken")
     assert bad.returncode == 3 and "invalid choice: 'broken'" in bad.stderr
 

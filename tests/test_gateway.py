@@ -186,6 +186,17 @@ async def test_results_of_any_of_several_states_by_repeating_states(gw) -> None:
         f"/v1/runs/{run_id}/results", params=[("states", "RESULT_STATE_FAILED"), ("states", "RESULT_STATE_UNSPECIFIED")]
     )
     assert violation_of(unspecified) == ("states[1]", "RESULT_STATE_UNSPECIFIED is no state")
+    lower = await client.get(f"/v1/runs/{run_id}/results", params=[("states", "failed")])
+    assert violation_of(lower) == (  # it said "unknown value failed", naming no value it takes
+        "states[0]",
+        "unknown value failed; expected one of RESULT_STATE_PASSED, RESULT_STATE_FAILED, RESULT_STATE_ERROR,"
+        " RESULT_STATE_SKIPPED",
+    )
+    assert violation_of(await client.get("/v1/runs", params={"statuses": "succeeded"})) == (
+        "statuses[0]",
+        "unknown value succeeded; expected one of RUN_STATUS_PENDING, RUN_STATUS_RUNNING, RUN_STATUS_SUCCEEDED,"
+        " RUN_STATUS_FAILED, RUN_STATUS_CANCELLED",
+    )
     both = await client.get(
         f"/v1/runs/{run_id}/results", params=[("state", "RESULT_STATE_FAILED"), ("states", "RESULT_STATE_ERROR")]
     )

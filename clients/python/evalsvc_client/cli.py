@@ -13,7 +13,8 @@
                   [--annotation k=v ...] [--remove-annotation k ...] [--etag ETAG]
                   change only what is given (single label and annotation keys; the others stay)
     evalctl results RUN_ID [--state passed|failed|error|skipped ...] [--format table|jsonl|junit] [-o FILE]
-                  --state repeats: `--state failed --state error` lists the results in either state
+                  --state repeats: `--state failed --state error` lists the results in either state (any case,
+                  as list's --status is)
     evalctl report RUN_ID --html FILE                                        one self-contained HTML report
     evalctl compare BASELINE CANDIDATE [--alpha A] [--fail-on-regression] [--max-unpaired N]
                     [--show regressed|improved|...]      a grader without pairs shows "-" and NO_PAIRS
@@ -1677,7 +1678,7 @@ def parser() -> argparse.ArgumentParser:
     get.set_defaults(handler=cmd_get)
 
     listing = sub.add_parser("list", parents=[common], help="list runs, newest first (or --oldest-first)")
-    listing.add_argument("--status", action="append", default=[], choices=sorted(_STATUSES))
+    listing.add_argument("--status", action="append", default=[], choices=sorted(_STATUSES), type=str.lower)
     listing.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", type=_label)
     listing.add_argument("--dataset-id", default="")
     listing.add_argument(
@@ -1735,7 +1736,8 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         choices=sorted(_STATES),
-        help="only results in this state; repeat for any of several (--state failed --state error)",
+        type=str.lower,  # any case: `--state FAILED`, as the server's own names are written, was refused
+        help="only results in this state, any case; repeat for any of several (--state failed --state error)",
     )
     results.add_argument("--format", choices=["table", "jsonl", "junit"], default="table")
     results.add_argument("-o", "--output", metavar="FILE")
@@ -1799,7 +1801,7 @@ def parser() -> argparse.ArgumentParser:
     rotate.add_argument("--revoke-previous", action="store_true", help="stop signing with the old secret now")
     deliveries = hooks.add_parser("deliveries", parents=[common], help="a webhook's deliveries, newest first")
     deliveries.add_argument("webhook_id")
-    deliveries.add_argument("--status", choices=sorted(_DELIVERY_STATUSES))
+    deliveries.add_argument("--status", choices=sorted(_DELIVERY_STATUSES), type=str.lower)
     deliveries.add_argument(
         "--limit", type=_at_least(1), default=50, help="at most this many, newest first (stderr says when more exist)"
     )
