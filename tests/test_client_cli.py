@@ -197,11 +197,11 @@ def test_run_says_when_its_request_id_named_a_run_made_before(live: tuple[Server
     created.run.create_time.FromSeconds(1_000_000)
     existed = "run run_a already existed for request_id 'nightly' (created 1970-01-12 13:46:40 UTC); following it"
     assert _created_words(named, created, 1_000_000 + CLOCK_SKEW_S + 1) == existed
-    assert _created_words(named, created, 1_000_000 + CLOCK_SKEW_S - 1) == "created run run_a (1 jobs)"
+    assert _created_words(named, created, 1_000_000 + CLOCK_SKEW_S - 1) == "created run run_a (1 job)"
     created.run.status = pb.run.RUN_STATUS_RUNNING  # no run CreateRun just made has begun
     assert _created_words(named, created, 1_000_000 + 1) == existed
     unnamed = RunSpec(pb.runs.CreateRunRequest(request_id="fresh"))
-    assert _created_words(unnamed, created, 1_000_000 + 3600) == "created run run_a (1 jobs)"
+    assert _created_words(unnamed, created, 1_000_000 + 3600) == "created run run_a (1 job)"
     for _ in range(2):
         fresh = evalctl(live, "run", str(tmp_path / "fresh.yaml"), "--no-progress")
         assert fresh.returncode == 0 and "created run " in fresh.stderr and "already" not in fresh.stderr
@@ -250,7 +250,8 @@ def test_rerun_follows_the_new_run_and_judges_it_as_run_does(live: tuple[ServerP
     # The errored items' responses are still missing: every evaluation errors, the run ends FAILED, exit 2.
     errored = evalctl(live, "rerun", source["id"], "--no-progress")
     assert errored.returncode == 2, errored.stderr
-    assert "(3 jobs): a rerun of the 3 errored items of run " + source["id"] in errored.stderr
+    # Items that never ran count as errored: the words say so ("the 3 errored items" of a cancelled run's).
+    assert "(3 jobs): a rerun of 3 items (errored or not run) of run " + source["id"] in errored.stderr
     assert "FAILED: the run ended FAILED" in errored.stderr
 
     failed = evalctl(live, "rerun", source["id"], "--failed", "--json")
@@ -278,7 +279,8 @@ def test_rerun_follows_the_new_run_and_judges_it_as_run_does(live: tuple[ServerP
     assert bad.returncode == 3 and "invalid choice" in bad.stderr
 
     second = evalctl(live, "rerun", rerun["id"], "--failed")  # a rerun's items, failing again, selected again
-    assert second.returncode == 1 and "a rerun of the 5 failed or errored items of run " + rerun["id"] in second.stderr
+    assert second.returncode == 1, second.stderr
+    assert "a rerun of 5 items (failed, errored or not run) of run " + rerun["id"] in second.stderr
     (tmp_path / "ok.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(2, wrong_every=1000)[1:]))
     (tmp_path / "ok.yaml").write_text("dataset: ok.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
     ok = evalctl_json(live, "run", str(tmp_path / "ok.yaml"), "--json")

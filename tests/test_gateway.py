@@ -380,6 +380,10 @@ async def test_errors_map_to_http_statuses_with_the_rpc_status_body(gw) -> None:
     assert violations[0]["fieldViolations"][0]["field"] == "description"
     anonymous = await client.get("/v1/runs", headers={"authorization": ""})
     assert anonymous.status_code == 401
+    assert anonymous.json()["message"].startswith(  # it said "metadata", which REST has not: headers
+        "an API key is required: 'authorization: Bearer <key>' or 'x-api-key: <key>' (gRPC metadata; HTTP headers"
+        " over REST)"
+    ), anonymous.text
     assert (await client.get("/v1/runs")).status_code == 200
 
 

@@ -184,8 +184,11 @@ class KeyService:
     async def authenticate(self, presented: str | None) -> Caller:
         """The caller of a valid key; UNAUTHENTICATED for a missing, malformed, unknown, revoked or expired one."""
         if not presented:
+            # Over gRPC and REST alike: "metadata" was wrong over REST, where these are headers.
             raise unauthenticated(
-                Reason.API_KEY_MISSING, "an API key is required: metadata 'authorization: Bearer <key>' or 'x-api-key'"
+                Reason.API_KEY_MISSING,
+                "an API key is required: 'authorization: Bearer <key>' or 'x-api-key: <key>' (gRPC metadata; HTTP"
+                " headers over REST)",
             )
         now = time.time()
         key = await self._verify(presented, now)

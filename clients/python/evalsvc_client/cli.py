@@ -670,13 +670,16 @@ def _created_words(spec: RunSpec, created: pb.runs.CreateRunResponse, called: fl
             f"run {run.id} already existed for request_id {spec.create_request.request_id!r} (created {when}); "
             "following it"
         )
-    return f"created run {run.id} ({created.job_count} jobs)"
+    return f"created run {run.id} ({plural(created.job_count, 'job')})"
 
 
+#: Which items of its source a rerun of each scope holds, as the server selects them: an item that never ran
+#: (its run cancelled, or stopped on its budget) counts as errored, and "the 5 errored items" of a cancelled
+#: run named items that had never run.
 _RERUN_WORDS = {
-    "errored": "the {} errored items",
-    "failed_or_errored": "the {} failed or errored items",
-    "all": "all {} items",
+    "errored": "errored or not run",
+    "failed_or_errored": "failed, errored or not run",
+    "all": "every item",
 }
 
 
@@ -703,8 +706,8 @@ def cmd_rerun(args: argparse.Namespace, client: EvalClient, console: Console) ->
         raise
     jobs = run.counts.total_items * run.repetitions
     created = (
-        f"created run {run.id} ({jobs} jobs): a rerun of {_RERUN_WORDS[scope].format(run.counts.total_items)}"
-        f" of run {run.rerun_of}"
+        f"created run {run.id} ({plural(jobs, 'job')}): a rerun of {plural(run.counts.total_items, 'item')}"
+        f" ({_RERUN_WORDS[scope]}) of run {run.rerun_of}"
     )
     return _follow_created(client, run, args, console, created)
 
