@@ -820,6 +820,13 @@ def test_webhooks_commands(tmp_path: Path) -> None:
             assert webhook["signing_secret"].startswith("whsec_") and webhook["event_types"] == ["run.succeeded"]
             shown = evalctl(live, "webhooks", "create", receiver.url, "--description", "second")
             assert "signing secret (shown only now): whsec_" in shown.stdout
+            # --request-id: the same command again in CI is the same webhook, not a second one.
+            again = [
+                evalctl_json(live, "webhooks", "create", receiver.url, "--request-id", "ci-hook", "--json")["id"]
+                for _ in range(2)
+            ]
+            assert again[0] == again[1]
+            assert evalctl(live, "webhooks", "delete", again[0]).returncode == 0
             listed = evalctl_json(live, "webhooks", "list", "--json")
             assert [w.get("description", "") for w in listed] == ["second", ""]
             assert all(w["signing_secret"] == "" for w in listed)  # every field is there: this one empty
@@ -1317,6 +1324,40 @@ def test_datasets_create_from_a_file_list_items_round_trip_and_run(
     assert deleted.returncode == 0 and f"deleted dataset {small['id']}" in deleted.stderr
     gone = evalctl(live, "datasets", "get", small["id"])
     assert gone.returncode == 3 and "not found" in gone.stderr.lower() and "Traceback" not in gone.stderr
+
+
+def test_datasets_create_and_add_again_with_a_request_id_make_nothing_twice(
+    live: tuple[ServerProcess, str], tmp_path: Path
+) -> None:
+    """`datasets create --from` and `datasets add` had no --request-id (the API takes one, AIP-155): a CI step
+    run again made a second dataset, or added every item again. With one, each chunk of items is added once."""
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(1500, wrong_every=5)))
+    (tmp_path / "more.jsonl").write_text("".join(json.dumps({"input": f"m{i}"}) + "\n" for i in range(1200)))
+    request_id = f"{tmp_path.name}-ds"
+    made = [
+        evalctl_json(
+            live,
+            "datasets",
+            "create",
+            request_id,
+            "--from",
+            str(tmp_path / "qa.jsonl"),
+            "--request-id",
+            request_id,
+            "--json",
+        )
+        for _ in range(2)
+    ]
+    assert made[0]["id"] == made[1]["id"] and made[1]["item_count"] == 1500, made
+    listed = evalctl_json(live, "datasets", "list", "--json")
+    assert [d["id"] for d in listed if d["display_name"] == request_id] == [made[0]["id"]]
+    for _ in range(2):
+        added = evalctl(
+            live, "datasets", "add", made[0]["id"], str(tmp_path / "more.jsonl"), "--request-id", f"{request_id}-more"
+        )
+        assert added.returncode == 0, added.stderr
+    got = evalctl_json(live, "datasets", "get", made[0]["id"], "--json")
+    assert got["item_count"] == 2700, got
 
 
 def test_datasets_refuse_bad_input_in_one_line(live: tuple[ServerProcess, str], tmp_path: Path) -> None:

@@ -20,11 +20,12 @@
                     [--show regressed|improved|...]      a grader without pairs shows "-" and NO_PAIRS
                     BASELINE: a run id, or latest:KEY=VALUE, the newest run so labelled, created before
                     CANDIDATE, that SUCCEEDED and passed (not a rerun)
-    evalctl webhooks create URL [--event TYPE ...] | list | get ID | update ID [--url U] [--event TYPE ...]
-                     [--enable|--disable] | delete ID | rotate-secret ID [--revoke-previous]
+    evalctl webhooks create URL [--event TYPE ...] [--request-id ID] | list | get ID
+                     | update ID [--url U] [--event TYPE ...] [--enable|--disable] | delete ID
+                     | rotate-secret ID [--revoke-previous]
                      | deliveries ID [--status pending|succeeded|failed] [--limit N]
-    evalctl datasets create NAME [--from FILE] [--description D] [--label k=v] | list | get ID
-                     | items ID (--json: one item per line) | add ID FILE | delete ID
+    evalctl datasets create NAME [--from FILE] [--description D] [--label k=v] [--request-id ID] | list | get ID
+                     | items ID (--json: one item per line) | add ID FILE [--request-id ID] | delete ID
                      FILE: a dataset file as `run` reads one (.jsonl, .csv, .yaml, .json), checked whole first
     evalctl secrets create NAME (the value from stdin; typed unseen on a terminal) | list | delete NAME
     evalctl graders list [--limit N] | get ID [--version N] | delete ID     saved graders (`saved: ID` in a spec)
@@ -72,6 +73,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, cast
@@ -1284,7 +1286,11 @@ def cmd_webhooks(args: argparse.Namespace, client: EvalClient, console: Console)
     if command == "create":
         webhooks = [
             client.create_webhook(
-                args.url, event_types=args.event, description=args.description, enabled=not args.disabled
+                args.url,
+                event_types=args.event,
+                description=args.description,
+                enabled=not args.disabled,
+                request_id=args.request_id,
             )
         ]
     elif command == "list":
@@ -1353,17 +1359,31 @@ def _dataset_file(path: str) -> list[pb.Item]:
         ) from None
 
 
+def _chunk_request_id(request_id: str | None, n: int) -> str | None:
+    """The request_id of the `n`th AddDatasetItems chunk of a command given `--request-id` (None without one:
+    the SDK makes each a fresh one): derived from it, so that the same command again (the same file, so the same
+    chunks) replays each chunk it added before and adds only the rest. A uuid5, whatever the given id's length,
+    which the server bounds (128 characters) as it does every request_id."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"evalctl:{request_id}#items-{n}")) if request_id else None
+
+
 def _add_items(
-    client: EvalClient, dataset: pb.Dataset, items: Sequence[pb.Item], source: str, console: Console
+    client: EvalClient,
+    dataset: pb.Dataset,
+    items: Sequence[pb.Item],
+    source: str,
+    console: Console,
+    request_id: str | None,
 ) -> pb.Dataset:
     """Append `items` (read from `source`) in chunks (`item_chunks`); the dataset after the last. Each chunk has
-    its own request_id, so the SDK's retries of a chunk whose answer was lost add nothing twice. A chunk the
-    server refuses stops the rest, after a line saying how many of the file's items the dataset has (adding
-    the file again adds again what was added)."""
+    its own request_id (`_chunk_request_id`), so the SDK's retries of a chunk whose answer was lost add nothing
+    twice, nor, with --request-id, does the command run again. A chunk the server refuses stops the rest, after a
+    line saying how many of the file's items the dataset has (adding the file again adds again what was added,
+    unless --request-id was given)."""
     added = 0
-    for chunk in item_chunks(items):
+    for n, chunk in enumerate(item_chunks(items)):
         try:
-            dataset = client.add_dataset_items(dataset.id, chunk).dataset
+            dataset = client.add_dataset_items(dataset.id, chunk, request_id=_chunk_request_id(request_id, n)).dataset
         except EvalError:
             if added:
                 console.print(
@@ -1419,15 +1439,17 @@ def cmd_datasets(args: argparse.Namespace, client: EvalClient, console: Console)
         return EXIT_OK
     if command == "create":
         items = _dataset_file(args.from_file) if args.from_file else []  # read whole before the dataset exists
-        dataset = client.create_dataset(args.name, description=args.description, labels=dict(args.label))
+        dataset = client.create_dataset(
+            args.name, description=args.description, labels=dict(args.label), request_id=args.request_id
+        )
         if items:
-            dataset = _add_items(client, dataset, items, args.from_file, console)
+            dataset = _add_items(client, dataset, items, args.from_file, console, args.request_id)
             if not args.json:
                 console.print(f"added {plural(len(items), 'item')} from {args.from_file}")
         datasets = [dataset]
     elif command == "add":
         items = _dataset_file(args.file)
-        datasets = [_add_items(client, client.get_dataset(args.dataset_id), items, args.file, console)]
+        datasets = [_add_items(client, client.get_dataset(args.dataset_id), items, args.file, console, args.request_id)]
         if not args.json:
             console.print(f"added {plural(len(items), 'item')} from {args.file}")
     elif command == "list":
@@ -1649,6 +1671,14 @@ def parser() -> argparse.ArgumentParser:
     follow_flags(run)
     run.set_defaults(handler=cmd_run)
 
+    def request_id_flag(p: argparse.ArgumentParser, made: str) -> None:
+        """--request-id for a command that creates what the API makes idempotent by request_id (AIP-155): the
+        same command again in CI made duplicates."""
+        p.add_argument(
+            "--request-id",
+            help=f"idempotency key: the same key and command give the same {made} (nothing is made twice)",
+        )
+
     rerun = sub.add_parser(
         "rerun", parents=[common], help="a new run of an ended run's errored items (same definition), followed"
     )
@@ -1657,7 +1687,7 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--failed", action="store_true", help="rerun the items that failed or errored")
     which.add_argument("--all", action="store_true", help="rerun every item")
     rerun.add_argument("--detach", action="store_true", help="create the run and exit without following it")
-    rerun.add_argument("--request-id", help="idempotency key: the same key and run give the same new run")
+    request_id_flag(rerun, "new run of RUN_ID")
     rerun.add_argument(
         "--cache",
         "--cache-mode",
@@ -1788,6 +1818,7 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--event", action="append", default=[], choices=WEBHOOK_EVENT_TYPES, help=event_help)
     create.add_argument("--description", default="")
     create.add_argument("--disabled", action="store_true", help="register it without delivering yet")
+    request_id_flag(create, "webhook")
     hooks.add_parser("list", parents=[common], help="list webhooks")
     for name, text in [("get", "show a webhook"), ("delete", "delete a webhook and its deliveries")]:
         hooks.add_parser(name, parents=[common], help=text).add_argument("webhook_id")
@@ -1819,6 +1850,7 @@ def parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--description", default="")
     create.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", type=_label)
+    request_id_flag(create, "dataset, its items added once")
     sets.add_parser("list", parents=[common], help="list datasets, newest first")
     for name, text in [
         ("get", "show a dataset"),
@@ -1829,6 +1861,7 @@ def parser() -> argparse.ArgumentParser:
     add = sets.add_parser("add", parents=[common], help="append the items of a file to a dataset")
     add.add_argument("dataset_id")
     add.add_argument("file", help="a .jsonl, .csv, .yaml or .json dataset file, as `run` reads (docs/spec.md)")
+    request_id_flag(add, "items, added once")
     datasets.set_defaults(handler=cmd_datasets)
 
     secrets = sub.add_parser("secrets", help="manage your secrets (provider keys) targets and judges name")
