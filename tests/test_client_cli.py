@@ -338,12 +338,11 @@ def test_run_csv_and_yaml_datasets_detach_and_cancel(live: tuple[ServerProcess, 
 
 def test_an_error_prints_every_violation_of_a_field(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
     """Two violations of `labels[Bad Key]` (its key and its value): evalctl printed the field twice, each time
-    with the same (last) reason."""
+    with the same (last) reason. The label is --label's, which the server checks (a spec's label key `validate`
+    and `run` refuse before any call)."""
     (tmp_path / "qa.jsonl").write_text('{"input": "x", "expected_output": "x", "response": "x"}\n')
-    (tmp_path / "labels.yaml").write_text(
-        f"dataset: qa.jsonl\ntarget: provided\ngraders: [{{exact_match: {{}}}}]\nlabels: {{Bad Key: {'v' * 100}}}\n"
-    )
-    refused = evalctl(live, "run", str(tmp_path / "labels.yaml"))
+    (tmp_path / "labels.yaml").write_text("dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
+    refused = evalctl(live, "run", str(tmp_path / "labels.yaml"), "--label", f"Bad Key={'v' * 100}")
     assert refused.returncode == 3, refused.stderr
     about_label = [line for line in refused.stderr.splitlines() if line.startswith("  labels[Bad Key]: ")]
     assert len(about_label) == 2 and about_label[0] != about_label[1], refused.stderr
