@@ -187,22 +187,48 @@ def test_run_says_when_its_request_id_named_a_run_made_before(live: tuple[Server
     first = evalctl(live, "run", str(tmp_path / "named.yaml"), "--no-progress")
     assert first.returncode == 0 and "created run " in first.stderr, first.stderr
     run_id = first.stderr.split("created run ", 1)[1].split()[0]
-    # The same spec run again: the same run, said of a run a minute or more older than the call (a server
-    # clock behind this machine's by less must not make a new run look old; here it is a second old).
+    # The same spec run again, a second later: the same run, which has ended, so it existed (it said "created
+    # run" of it for a minute, the time a server clock may lag this machine's).
     again = evalctl(live, "run", str(tmp_path / "named.yaml"), "--no-progress")
-    assert again.returncode == 0 and f"created run {run_id} " in again.stderr, again.stderr
+    assert again.returncode == 0 and f"run {run_id} already existed for request_id" in again.stderr, again.stderr
+    assert "created run" not in again.stderr
     named = RunSpec(pb.runs.CreateRunRequest(request_id="nightly"), request_id_given=True)
-    created = pb.runs.CreateRunResponse(run=pb.run.Run(id="run_a"), job_count=1)
+    created = pb.runs.CreateRunResponse(run=pb.run.Run(id="run_a", status=pb.run.RUN_STATUS_PENDING), job_count=1)
     created.run.create_time.FromSeconds(1_000_000)
-    assert _created_words(named, created, 1_000_000 + CLOCK_SKEW_S + 1) == (
-        "run run_a already existed for request_id 'nightly' (created 1970-01-12 13:46:40 UTC); following it"
-    )
-    assert _created_words(named, created, 1_000_000 + CLOCK_SKEW_S - 1) == "created run run_a (1 jobs)"
+    existed = "run run_a already existed for request_id 'nightly' (created 1970-01-12 13:46:40 UTC); following it"
+    assert _created_words(named, created, 1_000_000 + CLOCK_SKEW_S + 1) == existed
+    assert _created_words(named, created, 1_000_000 + CLOCK_SKEW_S - 1) == "created run run_a (1 job)"
+    created.run.status = pb.run.RUN_STATUS_RUNNING  # no run CreateRun just made has begun
+    assert _created_words(named, created, 1_000_000 + 1) == existed
     unnamed = RunSpec(pb.runs.CreateRunRequest(request_id="fresh"))
-    assert _created_words(unnamed, created, 1_000_000 + 3600) == "created run run_a (1 jobs)"
+    assert _created_words(unnamed, created, 1_000_000 + 3600) == "created run run_a (1 job)"
     for _ in range(2):
         fresh = evalctl(live, "run", str(tmp_path / "fresh.yaml"), "--no-progress")
         assert fresh.returncode == 0 and "created run " in fresh.stderr and "already" not in fresh.stderr
+
+
+def test_a_request_id_used_for_another_request_says_what_to_do(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    """REQUEST_ID_CONFLICT said only that the request_id "was already used for a different run": no next step."""
+    (tmp_path / "spec.yaml").write_text("target: provided\ngraders: [{exact_match: {}}]\nitems: [{input: q}]\n")
+    request_id = f"{tmp_path.name}-conflict"
+    first = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--detach", "--request-id", request_id)
+    assert first.returncode == 0, first.stderr
+    other = evalctl(live, "run", str(tmp_path / "spec.yaml"), "--detach", "--request-id", request_id, "--label", "a=b")
+    assert other.returncode == 3 and "(REQUEST_ID_CONFLICT)" in other.stderr, other.stderr
+    assert (
+        "  A request_id names one request: give a new one for this request (evalctl: --request-id), or repeat"
+        f" exactly the request that made run {first.stdout.strip()} (evalctl: the same command, spec, labels and"
+        " flags) to get it back\n"
+    ) in other.stderr
+
+
+def test_a_refused_key_is_told_to_make_one_in_the_servers_database(live: tuple[ServerProcess, str]) -> None:
+    """`evalsvc keys create --tenant NAME` run in another directory made the key in a new, empty evalsvc.db there,
+    which the server never reads; the hint did not say the key must be made in the server's database."""
+    refused = evalctl_run(["list"], {**_env(live), "EVALSVC_API_KEY": "evk_not_a_key"})
+    assert refused.returncode == 3 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
+    assert "`evalsvc keys create --tenant NAME --db URL` makes another in the server's database" in refused.stderr
+    assert "(URL: its --db or EVALSVC_DB)" in refused.stderr  # the server's words say it too
 
 
 def test_rerun_follows_the_new_run_and_judges_it_as_run_does(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
@@ -224,7 +250,8 @@ def test_rerun_follows_the_new_run_and_judges_it_as_run_does(live: tuple[ServerP
     # The errored items' responses are still missing: every evaluation errors, the run ends FAILED, exit 2.
     errored = evalctl(live, "rerun", source["id"], "--no-progress")
     assert errored.returncode == 2, errored.stderr
-    assert "(3 jobs): a rerun of the 3 errored items of run " + source["id"] in errored.stderr
+    # Items that never ran count as errored: the words say so ("the 3 errored items" of a cancelled run's).
+    assert "(3 jobs): a rerun of 3 items (errored or not run) of run " + source["id"] in errored.stderr
     assert "FAILED: the run ended FAILED" in errored.stderr
 
     failed = evalctl(live, "rerun", source["id"], "--failed", "--json")
@@ -252,7 +279,8 @@ def test_rerun_follows_the_new_run_and_judges_it_as_run_does(live: tuple[ServerP
     assert bad.returncode == 3 and "invalid choice" in bad.stderr
 
     second = evalctl(live, "rerun", rerun["id"], "--failed")  # a rerun's items, failing again, selected again
-    assert second.returncode == 1 and "a rerun of the 5 failed or errored items of run " + rerun["id"] in second.stderr
+    assert second.returncode == 1, second.stderr
+    assert "a rerun of 5 items (failed, errored or not run) of run " + rerun["id"] in second.stderr
     (tmp_path / "ok.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(2, wrong_every=1000)[1:]))
     (tmp_path / "ok.yaml").write_text("dataset: ok.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
     ok = evalctl_json(live, "run", str(tmp_path / "ok.yaml"), "--json")
@@ -310,12 +338,11 @@ def test_run_csv_and_yaml_datasets_detach_and_cancel(live: tuple[ServerProcess, 
 
 def test_an_error_prints_every_violation_of_a_field(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
     """Two violations of `labels[Bad Key]` (its key and its value): evalctl printed the field twice, each time
-    with the same (last) reason."""
+    with the same (last) reason. The label is --label's, which the server checks (a spec's label key `validate`
+    and `run` refuse before any call)."""
     (tmp_path / "qa.jsonl").write_text('{"input": "x", "expected_output": "x", "response": "x"}\n')
-    (tmp_path / "labels.yaml").write_text(
-        f"dataset: qa.jsonl\ntarget: provided\ngraders: [{{exact_match: {{}}}}]\nlabels: {{Bad Key: {'v' * 100}}}\n"
-    )
-    refused = evalctl(live, "run", str(tmp_path / "labels.yaml"))
+    (tmp_path / "labels.yaml").write_text("dataset: qa.jsonl\ntarget: provided\ngraders: [{exact_match: {}}]\n")
+    refused = evalctl(live, "run", str(tmp_path / "labels.yaml"), "--label", f"Bad Key={'v' * 100}")
     assert refused.returncode == 3, refused.stderr
     about_label = [line for line in refused.stderr.splitlines() if line.startswith("  labels[Bad Key]: ")]
     assert len(about_label) == 2 and about_label[0] != about_label[1], refused.stderr
@@ -792,6 +819,13 @@ def test_webhooks_commands(tmp_path: Path) -> None:
             assert webhook["signing_secret"].startswith("whsec_") and webhook["event_types"] == ["run.succeeded"]
             shown = evalctl(live, "webhooks", "create", receiver.url, "--description", "second")
             assert "signing secret (shown only now): whsec_" in shown.stdout
+            # --request-id: the same command again in CI is the same webhook, not a second one.
+            again = [
+                evalctl_json(live, "webhooks", "create", receiver.url, "--request-id", "ci-hook", "--json")["id"]
+                for _ in range(2)
+            ]
+            assert again[0] == again[1]
+            assert evalctl(live, "webhooks", "delete", again[0]).returncode == 0
             listed = evalctl_json(live, "webhooks", "list", "--json")
             assert [w.get("description", "") for w in listed] == ["second", ""]
             assert all(w["signing_secret"] == "" for w in listed)  # every field is there: this one empty
@@ -897,6 +931,39 @@ def test_validate_refuses_numbers_a_field_cannot_hold(tmp_path: Path, capsys: py
         capsys.readouterr().err
     )
     assert cli.main(["run", str(tmp_path / "spec.yaml"), "--target", "127.0.0.1:1"]) == cli.EXIT_ERROR
+
+
+def test_validate_refuses_label_keys_and_judges_without_criteria_as_create_run_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`validate` called valid a spec `run` was refused: `labels: {Suite: agent}` (the server's
+    `labels[Suite]: key must match [a-z][a-z0-9_-]{0,62}`) and an llm_judge in criteria mode without criteria.
+    A judge without its own model and endpoint is valid but warned of: it needs the server's default judge."""
+    from evalsvc_client import cli
+
+    from evalsvc.messages.validation import LABEL_KEY
+
+    judge = "{name: j, llm_judge: {mode: criteria}}"
+    (tmp_path / "bad.yaml").write_text(
+        f"items: [{{input: q, response: a}}]\ntarget: provided\ngraders: [{judge}]\nlabels: {{Suite: agent, ok: x}}\n"
+    )
+    assert cli.main(["validate", str(tmp_path / "bad.yaml")]) == cli.EXIT_ERROR
+    said = capsys.readouterr().err
+    assert "  labels[Suite]: key must match [a-z][a-z0-9_-]{0,62} (e.g. 'suite')\n" in said, said
+    assert "  graders[0].llm_judge.criteria: criteria (or the policy) is required in this mode\n" in said, said
+    assert "labels[ok]" not in said
+    judges = "[{name: j, llm_judge: {mode: criteria, criteria: polite}}, {llm_judge: {mode: accuracy, model: m}}]"
+    (tmp_path / "good.yaml").write_text(f"items: [{{input: q, expected_output: a}}]\ntarget: echo\ngraders: {judges}\n")
+    assert cli.main(["validate", str(tmp_path / "good.yaml")]) == cli.EXIT_OK
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warned == [
+        f"warning: graders[{i}] ({name}) names no model and endpoint of its own: the server's default judge grades"
+        " it, and a server started without one (--judge-base-url, --judge-model) refuses the run"
+        for i, name in ((0, "j"), (1, "llm_judge"))
+    ], warned
+    from evalsvc_client import spec
+
+    assert spec.LABEL_KEY.pattern == LABEL_KEY.pattern  # one rule, in the client's copy as in the server's
 
 
 def test_validate_refuses_two_graders_of_one_name_as_create_run_does(
@@ -1103,6 +1170,24 @@ def test_watch_of_an_address_where_nothing_listens_fails_fast(
     assert "Nothing answers at 127.0.0.1:1" in capsys.readouterr().err
 
 
+def test_retries_where_nothing_listens_are_told_once_not_once_a_wait(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`evalctl --target 127.0.0.1:1 list` printed `ListRuns: UNAVAILABLE; retrying in 1.x s` 20 and more times
+    over 30 s before the error and its hint; --help did not name the variable that sets the bound."""
+    from evalsvc_client import cli
+
+    monkeypatch.setenv("EVALSVC_API_KEY", "evk_from_env")
+    monkeypatch.setenv("EVALSVC_RETRY_MAX_ELAPSED_S", "4")
+    assert cli.main(["--target", "127.0.0.1:1", "list"]) == cli.EXIT_ERROR
+    lines = capsys.readouterr().err.splitlines()
+    assert [line for line in lines if "retrying" in line] == [
+        "ListRuns: UNAVAILABLE (connection refused); retrying for up to 4.0 s (EVALSVC_RETRY_MAX_ELAPSED_S)"
+    ], lines
+    assert lines[1].startswith("evalctl: UNAVAILABLE: ") and "Nothing answers at 127.0.0.1:1" in lines[-1], lines
+    assert "EVALSVC_RETRY_MAX_ELAPSED_S" in cli.parser().format_help()
+
+
 def test_global_flags_default_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from evalsvc_client import cli
 
@@ -1238,6 +1323,40 @@ def test_datasets_create_from_a_file_list_items_round_trip_and_run(
     assert deleted.returncode == 0 and f"deleted dataset {small['id']}" in deleted.stderr
     gone = evalctl(live, "datasets", "get", small["id"])
     assert gone.returncode == 3 and "not found" in gone.stderr.lower() and "Traceback" not in gone.stderr
+
+
+def test_datasets_create_and_add_again_with_a_request_id_make_nothing_twice(
+    live: tuple[ServerProcess, str], tmp_path: Path
+) -> None:
+    """`datasets create --from` and `datasets add` had no --request-id (the API takes one, AIP-155): a CI step
+    run again made a second dataset, or added every item again. With one, each chunk of items is added once."""
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(1500, wrong_every=5)))
+    (tmp_path / "more.jsonl").write_text("".join(json.dumps({"input": f"m{i}"}) + "\n" for i in range(1200)))
+    request_id = f"{tmp_path.name}-ds"
+    made = [
+        evalctl_json(
+            live,
+            "datasets",
+            "create",
+            request_id,
+            "--from",
+            str(tmp_path / "qa.jsonl"),
+            "--request-id",
+            request_id,
+            "--json",
+        )
+        for _ in range(2)
+    ]
+    assert made[0]["id"] == made[1]["id"] and made[1]["item_count"] == 1500, made
+    listed = evalctl_json(live, "datasets", "list", "--json")
+    assert [d["id"] for d in listed if d["display_name"] == request_id] == [made[0]["id"]]
+    for _ in range(2):
+        added = evalctl(
+            live, "datasets", "add", made[0]["id"], str(tmp_path / "more.jsonl"), "--request-id", f"{request_id}-more"
+        )
+        assert added.returncode == 0, added.stderr
+    got = evalctl_json(live, "datasets", "get", made[0]["id"], "--json")
+    assert got["item_count"] == 2700, got
 
 
 def test_datasets_refuse_bad_input_in_one_line(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
@@ -1570,6 +1689,39 @@ def test_detach_prints_the_new_run_id_alone_on_stdout(live: tuple[ServerProcess,
     assert again.stdout.strip() != run_id and f"created run {again.stdout.strip()}" in again.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "flags", "named"),
+    [
+        (["run", "SPEC"], ["--fail-under", "99", "--junit", "OUT"], "--fail-under and --junit"),
+        (["run", "SPEC"], ["--jsonl", "OUT"], "--jsonl"),
+        (["rerun", "run_x"], ["--fail-under", "0"], "--fail-under"),
+    ],
+)
+def test_detach_refuses_the_gate_and_exports_it_would_drop(
+    command: list[str],
+    flags: list[str],
+    named: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`evalctl run spec.yaml --detach --fail-under 99 --junit jd.xml` exited 0 with no file and not a word:
+    a CI gate and its export silently dropped. Refused before any call (nothing listens at the target)."""
+    from evalsvc_client import cli
+
+    monkeypatch.setenv("EVALSVC_API_KEY", "evk_from_env")
+    (tmp_path / "spec.yaml").write_text("target: provided\ngraders: [{exact_match: {}}]\nitems: [{input: q}]\n")
+    out = tmp_path / "out.xml"
+    argv = [str(tmp_path / "spec.yaml") if a == "SPEC" else a for a in command]
+    argv += [str(out) if a == "OUT" else a for a in flags]
+    assert cli.main([*argv, "--detach", "--target", "127.0.0.1:1"]) == cli.EXIT_ERROR
+    assert capsys.readouterr().err == (
+        f"evalctl: with --detach nothing follows the run, so {named} would do nothing; give {named} to"
+        " `evalctl watch RUN_ID`\n"
+    )
+    assert not out.exists()
+
+
 def test_delete_says_it_deleted_and_get_says_a_run_is_deleted(live: tuple[ServerProcess, str], tmp_path: Path) -> None:
     """`evalctl delete RUN` printed the run's summary alone, and `get` of a deleted run read as any other."""
     (tmp_path / "qa.jsonl").write_text('{"input": "x", "expected_output": "x", "response": "x"}\n')
@@ -1723,6 +1875,10 @@ def test_results_state_repeats_to_list_any_of_several(live: tuple[ServerProcess,
     assert table.returncode == 0 and rows == ["q0", "q1", "q2"], table.stdout
     one = evalctl(live, "results", run_id, "--state", "error", "--json")
     assert [json.loads(line)["item_id"] for line in one.stdout.splitlines()] == ["q2"]
+    upper = evalctl(live, "results", run_id, "--state", "ERROR", "--json")  # any case (FAILED was refused)
+    assert [json.loads(line)["item_id"] for line in upper.stdout.splitlines()] == ["q2"], upper.stderr
+    listed = evalctl(live, "list", "--status", "SUCCEEDED", "--json", "--limit", "1")
+    assert listed.returncode == 0 and [r["status"] for r in json.loads(listed.stdout)] == ["RUN_STATUS_SUCCEEDED"]
     bad = evalctl(live, "results", run_id, "--state", "broken")
     assert bad.returncode == 3 and "invalid choice: 'broken'" in bad.stderr
 

@@ -108,7 +108,10 @@ async def test_a_missing_key_is_told_how_to_get_one(server) -> None:  # type: ig
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.ListRuns(pb.ListRunsRequest())
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "`evalsvc keys create --tenant NAME` makes another" in (refused.value.details() or "")
+    # In the server's database: a key made without its --db went into another directory's new evalsvc.db.
+    assert "`evalsvc keys create --tenant NAME --db URL` makes another in this server's database" in (
+        refused.value.details() or ""
+    )
 
 
 def test_sdk_errors_carry_a_hint() -> None:

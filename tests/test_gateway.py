@@ -186,6 +186,17 @@ async def test_results_of_any_of_several_states_by_repeating_states(gw) -> None:
         f"/v1/runs/{run_id}/results", params=[("states", "RESULT_STATE_FAILED"), ("states", "RESULT_STATE_UNSPECIFIED")]
     )
     assert violation_of(unspecified) == ("states[1]", "RESULT_STATE_UNSPECIFIED is no state")
+    lower = await client.get(f"/v1/runs/{run_id}/results", params=[("states", "failed")])
+    assert violation_of(lower) == (  # it said "unknown value failed", naming no value it takes
+        "states[0]",
+        "unknown value failed; expected one of RESULT_STATE_PASSED, RESULT_STATE_FAILED, RESULT_STATE_ERROR,"
+        " RESULT_STATE_SKIPPED",
+    )
+    assert violation_of(await client.get("/v1/runs", params={"statuses": "succeeded"})) == (
+        "statuses[0]",
+        "unknown value succeeded; expected one of RUN_STATUS_PENDING, RUN_STATUS_RUNNING, RUN_STATUS_SUCCEEDED,"
+        " RUN_STATUS_FAILED, RUN_STATUS_CANCELLED",
+    )
     both = await client.get(
         f"/v1/runs/{run_id}/results", params=[("state", "RESULT_STATE_FAILED"), ("states", "RESULT_STATE_ERROR")]
     )
@@ -369,6 +380,10 @@ async def test_errors_map_to_http_statuses_with_the_rpc_status_body(gw) -> None:
     assert violations[0]["fieldViolations"][0]["field"] == "description"
     anonymous = await client.get("/v1/runs", headers={"authorization": ""})
     assert anonymous.status_code == 401
+    assert anonymous.json()["message"].startswith(  # it said "metadata", which REST has not: headers
+        "an API key is required: 'authorization: Bearer <key>' or 'x-api-key: <key>' (gRPC metadata; HTTP headers"
+        " over REST)"
+    ), anonymous.text
     assert (await client.get("/v1/runs")).status_code == 200
 
 

@@ -751,6 +751,9 @@ async def test_default_judge_from_config_and_missing_judge_is_failed_preconditio
                 await Stubs(channel).runs.CreateRun(pb.CreateRunRequest(items=[item], target=provided, graders=[bare]))
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert error_reason(err.value) == "JUDGE_NOT_CONFIGURED"
+            assert (err.value.details() or "").startswith(  # which grader: it named none
+                "graders[0] (j): an llm_judge grader needs a judge model: give its model and endpoint"
+            ), err.value.details()
     finally:
         await srv.stop(grace=0.5)
     with FakeEndpoint(judge_reply({"passed": True, "reason": "ok"})) as llm:

@@ -60,7 +60,12 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-KEY_HELP = "the first `evalsvc serve` prints a key; `evalsvc keys create --tenant NAME` makes another"
+# A key made without the server's --db went into ./evalsvc.db of whatever directory it was made in, a database
+# this server never reads, and was refused here with nothing to say why.
+KEY_HELP = (
+    "the first `evalsvc serve` prints a key; `evalsvc keys create --tenant NAME --db URL` makes another in this"
+    " server's database (URL: its --db or EVALSVC_DB)"
+)
 
 
 def unauthenticated(reason: Reason, message: str) -> ServiceError:
@@ -179,8 +184,11 @@ class KeyService:
     async def authenticate(self, presented: str | None) -> Caller:
         """The caller of a valid key; UNAUTHENTICATED for a missing, malformed, unknown, revoked or expired one."""
         if not presented:
+            # Over gRPC and REST alike: "metadata" was wrong over REST, where these are headers.
             raise unauthenticated(
-                Reason.API_KEY_MISSING, "an API key is required: metadata 'authorization: Bearer <key>' or 'x-api-key'"
+                Reason.API_KEY_MISSING,
+                "an API key is required: 'authorization: Bearer <key>' or 'x-api-key: <key>' (gRPC metadata; HTTP"
+                " headers over REST)",
             )
         now = time.time()
         key = await self._verify(presented, now)

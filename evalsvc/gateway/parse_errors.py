@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import re
 
-from google.protobuf import json_format
+from google.protobuf import descriptor_pool, json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 _FAILED = "Failed to parse "
@@ -181,8 +181,20 @@ def _plain(detail: str) -> str:
     if detail.startswith(_ENUM):
         end = detail.rfind(_ENUM_END)
         value = detail[len(_ENUM) : end if end > 0 else None]
-        return f"unknown value {value[:MAX_SHOWN]}"
+        return f"unknown value {value[:MAX_SHOWN]}{_enum_values(detail[end + len(_ENUM_END) :]) if end > 0 else ''}"
     for words, plain in _PLAIN:
         if words in detail:
             return plain
     return detail[: MAX_SHOWN * 2]
+
+
+@functools.lru_cache(maxsize=64)  # json_format's own type names: a few, but bounded whatever comes
+def _enum_values(enum_type: str) -> str:
+    """What an unknown value of `enum_type` (json_format's full name of it) could have been, as the run
+    filter's error lists a status: `?states=failed` said only "unknown value failed". Empty for a type not
+    in the pool."""
+    try:
+        enum = descriptor_pool.Default().FindEnumTypeByName(enum_type.strip())
+    except KeyError:
+        return ""
+    return f"; expected one of {', '.join(v.name for v in enum.values if v.number != 0)}"

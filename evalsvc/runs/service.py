@@ -646,13 +646,18 @@ class RunService:
             violations.append(FieldViolation("graders", "saved graders resolve to duplicate names; name them"))
         if violations:
             raise invalid_argument(violations)
-        judges = [g.llm_judge for g in request.graders if g.WhichOneof("kind") == "llm_judge"]
-        if any(needs_default_judge(j) for j in judges) and not self._judge.configured:
+        # Named by path and name: in a spec of several judges the refusal did not say which one lacked a model.
+        needing = [
+            f"graders[{i}] ({grader_name(g)})"
+            for i, g in enumerate(request.graders)
+            if g.WhichOneof("kind") == "llm_judge" and needs_default_judge(g.llm_judge)
+        ]
+        if needing and not self._judge.configured:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 Reason.JUDGE_NOT_CONFIGURED,
-                "an llm_judge grader needs a judge model: give its model and endpoint, or start the server "
-                "with --judge-base-url and --judge-model",
+                f"{', '.join(needing)}: an llm_judge grader needs a judge model: give its model and endpoint, or start"
+                " the server with --judge-base-url and --judge-model",
             )
         endpoints = named_endpoints(
             request.target, "target", ((f"graders[{i}]", g) for i, g in enumerate(request.graders))

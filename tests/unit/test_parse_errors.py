@@ -43,7 +43,13 @@ def violation(body: dict[str, Any], message: type = pb.CreateRunRequest) -> tupl
         ({"items": [{"nope": 1}]}, ("items[0].nope", "unknown field")),
         ({"target": {"chat": {"nope": 1}}}, ("target.chat.nope", "unknown field")),
         ({"target": {"provided": 3}}, ("target.provided", "must be a JSON object")),
-        ({"trigger": "TRIGGER_SOMETIMES"}, ("trigger", "unknown value TRIGGER_SOMETIMES")),
+        (
+            {"trigger": "TRIGGER_SOMETIMES"},
+            (
+                "trigger",
+                "unknown value TRIGGER_SOMETIMES; expected one of TRIGGER_MANUAL, TRIGGER_AUTO, TRIGGER_BACKFILL",
+            ),
+        ),
         ({"target": {"provided": {}, "echo": {}}}, ("target", "sets more than one field of a oneof")),
         ({"labels": {"team": "\ud800"}}, ("labels[team]", "Unpaired surrogate")),  # a map key in the path
         # A repeated field given no list: json_format's path ends at its message (it said `graders`).
@@ -85,7 +91,11 @@ def test_list_fields_of_a_query() -> None:
     assert violation({"statuses": "RUN_STATUS_RUNNING"}, pb.ListRunsRequest) == ("statuses", "must be a JSON list")
     assert violation({"pageSize": "x"}, pb.ListRunsRequest) == ("page_size", "must be a whole number")
     assert violation({"showDeleted": "maybe"}, pb.ListRunsRequest)[0] == "show_deleted"  # type: ignore[index]
-    assert violation({"statuses": ["NAPPING"]}, pb.ListRunsRequest) == ("statuses[0]", "unknown value NAPPING")
+    assert violation({"statuses": ["NAPPING"]}, pb.ListRunsRequest) == (
+        "statuses[0]",
+        "unknown value NAPPING; expected one of RUN_STATUS_PENDING, RUN_STATUS_RUNNING, RUN_STATUS_SUCCEEDED,"
+        " RUN_STATUS_FAILED, RUN_STATUS_CANCELLED",
+    )
 
 
 def test_a_body_that_is_not_json_names_no_field() -> None:

@@ -13,17 +13,19 @@
                   [--annotation k=v ...] [--remove-annotation k ...] [--etag ETAG]
                   change only what is given (single label and annotation keys; the others stay)
     evalctl results RUN_ID [--state passed|failed|error|skipped ...] [--format table|jsonl|junit] [-o FILE]
-                  --state repeats: `--state failed --state error` lists the results in either state
+                  --state repeats: `--state failed --state error` lists the results in either state (any case,
+                  as list's --status is)
     evalctl report RUN_ID --html FILE                                        one self-contained HTML report
     evalctl compare BASELINE CANDIDATE [--alpha A] [--fail-on-regression] [--max-unpaired N]
                     [--show regressed|improved|...]      a grader without pairs shows "-" and NO_PAIRS
                     BASELINE: a run id, or latest:KEY=VALUE, the newest run so labelled, created before
                     CANDIDATE, that SUCCEEDED and passed (not a rerun)
-    evalctl webhooks create URL [--event TYPE ...] | list | get ID | update ID [--url U] [--event TYPE ...]
-                     [--enable|--disable] | delete ID | rotate-secret ID [--revoke-previous]
+    evalctl webhooks create URL [--event TYPE ...] [--request-id ID] | list | get ID
+                     | update ID [--url U] [--event TYPE ...] [--enable|--disable] | delete ID
+                     | rotate-secret ID [--revoke-previous]
                      | deliveries ID [--status pending|succeeded|failed] [--limit N]
-    evalctl datasets create NAME [--from FILE] [--description D] [--label k=v] | list | get ID
-                     | items ID (--json: one item per line) | add ID FILE | delete ID
+    evalctl datasets create NAME [--from FILE] [--description D] [--label k=v] [--request-id ID] | list | get ID
+                     | items ID (--json: one item per line) | add ID FILE [--request-id ID] | delete ID
                      FILE: a dataset file as `run` reads one (.jsonl, .csv, .yaml, .json), checked whole first
     evalctl secrets create NAME (the value from stdin; typed unseen on a terminal) | list | delete NAME
     evalctl graders list [--limit N] | get ID [--version N] | delete ID     saved graders (`saved: ID` in a spec)
@@ -32,9 +34,11 @@
 Global, before or after the command (`evalctl --json list` or `evalctl list --json`): --target HOST:PORT
 (EVALCTL_TARGET, default 127.0.0.1:50051), --api-key (EVALSVC_API_KEY), --json, --tls, --ca-cert/--client-cert/
 --client-key (TLS, mTLS; a client certificate needs its key), --tls-server-name NAME. `run --detach` and
-`rerun --detach` print the new run's id alone on stdout (`R=$(evalctl run spec.yaml --detach)`). JSON output
+`rerun --detach` print the new run's id alone on stdout (`R=$(evalctl run spec.yaml --detach)`) and follow
+nothing: --fail-under, --junit and --jsonl are refused beside --detach (`evalctl watch "$R"` takes them). JSON output
 (--json, --jsonl, results --format jsonl) is proto JSON with the .proto field names (snake_case; REST's JSON is
-lowerCamelCase) and every field, defaults too.
+lowerCamelCase) and every field, defaults too. A call the server does not answer (restarting, or nothing at
+--target) is retried for up to 30 s (EVALSVC_RETRY_MAX_ELAPSED_S sets another bound), said once on stderr.
 
 Verdict (run, rerun, watch; get with --fail-under): a run passes when its pass rate (percent, errors excluded) reaches
 --fail-under if given, else the spec's pass_threshold (unset: every graded evaluation must pass), and at most
@@ -69,6 +73,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, cast
@@ -80,11 +85,20 @@ from rich.table import Table
 from rich.text import Text
 
 from evalsvc_client import pb
-from evalsvc_client._common import Retrying, TLSOptions, new_request_id
+from evalsvc_client._common import RETRY_MAX_ELAPSED_VARIABLE, Retrying, RetryPolicy, TLSOptions, new_request_id
 from evalsvc_client.errors import EvalError, target_as_url_hint
 from evalsvc_client.export import listed_explanation, listed_output, to_dict, write_jsonl, write_junit
 from evalsvc_client.report import agreement_line, format_rate, render_html
-from evalsvc_client.spec import CACHE_MODES, RunSpec, SpecError, cache_mode, load_items, load_spec, plural
+from evalsvc_client.spec import (
+    CACHE_MODES,
+    RunSpec,
+    SpecError,
+    cache_mode,
+    load_items,
+    load_spec,
+    needs_default_judge,
+    plural,
+)
 from evalsvc_client.sync import EvalClient
 from evalsvc_client.visible import for_terminal
 
@@ -298,18 +312,27 @@ def _client(args: argparse.Namespace, console: Console) -> EvalClient:
     url = target_as_url_hint(args.target)
     if url:  # refused before any call: grpc took the URL for a host name, and evalctl said nothing answered there
         raise ValueError(f"{url} (--target or EVALCTL_TARGET)")
-    return EvalClient(args.target, api_key=args.api_key, tls=_tls(args), on_retry=_retry_lines(console))
+    retry = RetryPolicy()
+    return EvalClient(
+        args.target, api_key=args.api_key, tls=_tls(args), retry=retry, on_retry=_retry_lines(console, retry)
+    )
 
 
 #: A watch that keeps failing to reconnect says so again after this many failures in a row.
 RECONNECTING_EVERY = 10
 
 
-def _retry_lines(console: Console) -> Callable[[Retrying], None]:
+def _retry_lines(console: Console, policy: RetryPolicy) -> Callable[[Retrying], None]:
     """The SDK's retries (silent to a library's user) as lines on stderr: evalctl waited without a word while the
-    server rate-limited CreateRun (36 s) or while its watch reconnected to a server gone (41 s, then an error)."""
+    server rate-limited CreateRun (36 s) or while its watch reconnected to a server gone (41 s, then an error).
+    Other retries of a call are told once, when a wait first reaches a second (a blip shorter than that goes
+    unsaid), with the bound `policy` retries for: a line a wait, 20 and more of them over 30 s where nothing
+    listened (`--target 127.0.0.1:1`), buried the error and its hint. Quiet then until the call is answered
+    or fails; a call's first retry starts a new outage."""
+    told = False
 
     def say(retrying: Retrying) -> None:
+        nonlocal told
         error, delay = retrying.error, retrying.delay_s
         if retrying.call == "WatchRun":
             if retrying.attempt == 1 or retrying.attempt % RECONNECTING_EVERY == 0:
@@ -320,8 +343,15 @@ def _retry_lines(console: Console) -> Callable[[Retrying], None]:
         elif error.code.name == "RESOURCE_EXHAUSTED" and error.retry_delay is not None:
             which = error.metadata.get("quota") or error.reason.lower() or "server busy"
             console.print(f"rate-limited ({which}); retrying {retrying.call} in {_seconds(delay)}")
-        elif delay >= 1:
-            console.print(f"{retrying.call}: {error.code.name}; retrying in {_seconds(delay)}")
+        else:
+            told = told and retrying.attempt > 1
+            if delay >= 1 and not told:
+                told = True
+                refused = " (connection refused)" if "connection refused" in error.message.lower() else ""
+                console.print(
+                    f"{retrying.call}: {error.code.name}{refused}; retrying for up to {_seconds(policy.max_elapsed_s)}"
+                    f" ({RETRY_MAX_ELAPSED_VARIABLE})"
+                )
 
     return say
 
@@ -578,8 +608,24 @@ def _export(client: EvalClient, run: pb.Run, args: argparse.Namespace) -> None:
             write_junit(run, _results(client, run.id), partial)
 
 
-def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+def _check_follow_flags(args: argparse.Namespace) -> None:
+    """Refuse, before any call, what `run`, `rerun` and `watch` do only while following a run: --fail-under,
+    --junit and --jsonl beside --detach, which follows nothing (`run --detach --fail-under 99 --junit jd.xml`
+    exited 0 with no file and no word, a CI gate silently gone); and an output evalctl could not write."""
+    if getattr(args, "detach", False):
+        flags = (("--fail-under", args.fail_under), ("--junit", args.junit), ("--jsonl", args.jsonl))
+        given = [flag for flag, value in flags if value is not None]
+        if given:
+            named = " and ".join(given)
+            raise ValueError(
+                f"with --detach nothing follows the run, so {named} would do nothing; give {named} to"
+                " `evalctl watch RUN_ID`"
+            )
     _check_outputs(args.jsonl, args.junit)
+
+
+def cmd_run(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
+    _check_follow_flags(args)
     spec = load_spec(Path(args.spec))
     _print_spec_warnings(console, spec)
     if args.cache:
@@ -607,33 +653,42 @@ CLOCK_SKEW_S = 60.0  # how far behind this machine's clock the server's may be w
 
 
 def _created_words(spec: RunSpec, created: pb.runs.CreateRunResponse, called: float) -> str:
-    """What `run` says of the run CreateRun answered with. A spec's own request_id may name a run made
-    before (CreateRun then answers with it, AIP-155), which "created run" misreported: a run created before
-    this call began existed already. Only a spec that names its request_id can meet one (evalctl's own are
-    fresh uuids, and a retry of this call is this call); and only a run created a minute or more before
-    the call counts, so that a server clock up to a minute behind this machine's does not call a new run
-    old (a spec run again within the minute says "created" of the run it found)."""
+    """What `run` says of the run CreateRun answered with. A request_id (the spec's or --request-id) may name a
+    run made before (CreateRun then answers with it, AIP-155), which "created run" misreported. Only a named
+    request_id can meet one (evalctl's own are fresh uuids, and a retry of this call is this call).
+
+    CreateRunResponse does not say whether the run is new (the server knows; the response has only the run and
+    its job count), so evalctl judges by the run: one CreateRun just made is PENDING (the proto's promise), so a
+    run in any other status existed before, whenever it was made (a retry seconds after the first run ended
+    said "created run" of it); and a run created before the call began, by more than a server clock behind
+    this machine's may be (CLOCK_SKEW_S), existed too. What neither catches, a run made less than a minute
+    ago and still PENDING, says "created"; and a run this call made whose answer was lost, found by the SDK's
+    retry once it had begun, says "already existed" (it had, by the retry)."""
     run = created.run
-    if spec.request_id_given and run.create_time.ToNanoseconds() < (called - CLOCK_SKEW_S) * 1e9:
+    existed = run.status != pb.run.RUN_STATUS_PENDING or run.create_time.ToNanoseconds() < (called - CLOCK_SKEW_S) * 1e9
+    if spec.request_id_given and existed:
         when = run.create_time.ToDatetime(tzinfo=datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         return (
             f"run {run.id} already existed for request_id {spec.create_request.request_id!r} (created {when}); "
             "following it"
         )
-    return f"created run {run.id} ({created.job_count} jobs)"
+    return f"created run {run.id} ({plural(created.job_count, 'job')})"
 
 
+#: Which items of its source a rerun of each scope holds, as the server selects them: an item that never ran
+#: (its run cancelled, or stopped on its budget) counts as errored, and "the 5 errored items" of a cancelled
+#: run named items that had never run.
 _RERUN_WORDS = {
-    "errored": "the {} errored items",
-    "failed_or_errored": "the {} failed or errored items",
-    "all": "all {} items",
+    "errored": "errored or not run",
+    "failed_or_errored": "failed, errored or not run",
+    "all": "every item",
 }
 
 
 def cmd_rerun(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
     """A new run of an ended run's errored (--failed: failed or errored; --all: every) items, with its stored
     definition, followed to its end as `run` follows one: the same progress, exports, verdict and exit codes."""
-    _check_outputs(args.jsonl, args.junit)
+    _check_follow_flags(args)
     scope = "all" if args.all else "failed_or_errored" if args.failed else "errored"
     request_id = args.request_id or new_request_id()
     flags = {"errored": "", "failed_or_errored": " --failed", "all": " --all"}[scope]
@@ -653,8 +708,8 @@ def cmd_rerun(args: argparse.Namespace, client: EvalClient, console: Console) ->
         raise
     jobs = run.counts.total_items * run.repetitions
     created = (
-        f"created run {run.id} ({jobs} jobs): a rerun of {_RERUN_WORDS[scope].format(run.counts.total_items)}"
-        f" of run {run.rerun_of}"
+        f"created run {run.id} ({plural(jobs, 'job')}): a rerun of {plural(run.counts.total_items, 'item')}"
+        f" ({_RERUN_WORDS[scope]}) of run {run.rerun_of}"
     )
     return _follow_created(client, run, args, console, created)
 
@@ -700,7 +755,7 @@ def _follow_created(client: EvalClient, run: pb.Run, args: argparse.Namespace, c
 
 
 def cmd_watch(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
-    _check_outputs(args.jsonl, args.junit)
+    _check_follow_flags(args)
     final = _follow(client, args.run_id, args.after_seq, args, console)
     _export(client, final, args)
     if not args.json:
@@ -720,6 +775,11 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
             _print_spec_error(console, exc)
         return EXIT_ERROR
     _print_spec_warnings(console, spec)
+    for judged in needs_default_judge(spec.request().graders):  # validate's alone: `run` meets the server's answer
+        console.print(
+            f"warning: {judged} names no model and endpoint of its own: the server's default judge grades it, and"
+            " a server started without one (--judge-base-url, --judge-model) refuses the run"
+        )
     if args.json:
         _print_json({"valid": True, "problems": [], "request": to_dict(spec.request())})
     else:
@@ -1226,7 +1286,11 @@ def cmd_webhooks(args: argparse.Namespace, client: EvalClient, console: Console)
     if command == "create":
         webhooks = [
             client.create_webhook(
-                args.url, event_types=args.event, description=args.description, enabled=not args.disabled
+                args.url,
+                event_types=args.event,
+                description=args.description,
+                enabled=not args.disabled,
+                request_id=args.request_id,
             )
         ]
     elif command == "list":
@@ -1295,17 +1359,31 @@ def _dataset_file(path: str) -> list[pb.Item]:
         ) from None
 
 
+def _chunk_request_id(request_id: str | None, n: int) -> str | None:
+    """The request_id of the `n`th AddDatasetItems chunk of a command given `--request-id` (None without one:
+    the SDK makes each a fresh one): derived from it, so that the same command again (the same file, so the same
+    chunks) replays each chunk it added before and adds only the rest. A uuid5, whatever the given id's length,
+    which the server bounds (128 characters) as it does every request_id."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"evalctl:{request_id}#items-{n}")) if request_id else None
+
+
 def _add_items(
-    client: EvalClient, dataset: pb.Dataset, items: Sequence[pb.Item], source: str, console: Console
+    client: EvalClient,
+    dataset: pb.Dataset,
+    items: Sequence[pb.Item],
+    source: str,
+    console: Console,
+    request_id: str | None,
 ) -> pb.Dataset:
     """Append `items` (read from `source`) in chunks (`item_chunks`); the dataset after the last. Each chunk has
-    its own request_id, so the SDK's retries of a chunk whose answer was lost add nothing twice. A chunk the
-    server refuses stops the rest, after a line saying how many of the file's items the dataset has (adding
-    the file again adds again what was added)."""
+    its own request_id (`_chunk_request_id`), so the SDK's retries of a chunk whose answer was lost add nothing
+    twice, nor, with --request-id, does the command run again. A chunk the server refuses stops the rest, after a
+    line saying how many of the file's items the dataset has (adding the file again adds again what was added,
+    unless --request-id was given)."""
     added = 0
-    for chunk in item_chunks(items):
+    for n, chunk in enumerate(item_chunks(items)):
         try:
-            dataset = client.add_dataset_items(dataset.id, chunk).dataset
+            dataset = client.add_dataset_items(dataset.id, chunk, request_id=_chunk_request_id(request_id, n)).dataset
         except EvalError:
             if added:
                 console.print(
@@ -1361,15 +1439,17 @@ def cmd_datasets(args: argparse.Namespace, client: EvalClient, console: Console)
         return EXIT_OK
     if command == "create":
         items = _dataset_file(args.from_file) if args.from_file else []  # read whole before the dataset exists
-        dataset = client.create_dataset(args.name, description=args.description, labels=dict(args.label))
+        dataset = client.create_dataset(
+            args.name, description=args.description, labels=dict(args.label), request_id=args.request_id
+        )
         if items:
-            dataset = _add_items(client, dataset, items, args.from_file, console)
+            dataset = _add_items(client, dataset, items, args.from_file, console, args.request_id)
             if not args.json:
                 console.print(f"added {plural(len(items), 'item')} from {args.from_file}")
         datasets = [dataset]
     elif command == "add":
         items = _dataset_file(args.file)
-        datasets = [_add_items(client, client.get_dataset(args.dataset_id), items, args.file, console)]
+        datasets = [_add_items(client, client.get_dataset(args.dataset_id), items, args.file, console, args.request_id)]
         if not args.json:
             console.print(f"added {plural(len(items), 'item')} from {args.file}")
     elif command == "list":
@@ -1516,7 +1596,12 @@ def _global_flags(with_defaults: bool) -> _Parser:
 
     flags = _Parser(add_help=False)
     target = os.environ.get("EVALCTL_TARGET", "127.0.0.1:50051")
-    flags.add_argument("--target", default=default(target), help="HOST:PORT")
+    flags.add_argument(
+        "--target",
+        default=default(target),
+        help="HOST:PORT of the gRPC port (EVALCTL_TARGET); a call it does not answer is retried for up to 30 s"
+        " (EVALSVC_RETRY_MAX_ELAPSED_S)",
+    )
     flags.add_argument("--api-key", default=default(os.environ.get("EVALSVC_API_KEY")), help="or EVALSVC_API_KEY")
     flags.add_argument("--json", action="store_true", default=default(False), help="machine-readable output on stdout")
     flags.add_argument(
@@ -1586,6 +1671,14 @@ def parser() -> argparse.ArgumentParser:
     follow_flags(run)
     run.set_defaults(handler=cmd_run)
 
+    def request_id_flag(p: argparse.ArgumentParser, made: str) -> None:
+        """--request-id for a command that creates what the API makes idempotent by request_id (AIP-155): the
+        same command again in CI made duplicates."""
+        p.add_argument(
+            "--request-id",
+            help=f"idempotency key: the same key and command give the same {made} (nothing is made twice)",
+        )
+
     rerun = sub.add_parser(
         "rerun", parents=[common], help="a new run of an ended run's errored items (same definition), followed"
     )
@@ -1594,7 +1687,7 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--failed", action="store_true", help="rerun the items that failed or errored")
     which.add_argument("--all", action="store_true", help="rerun every item")
     rerun.add_argument("--detach", action="store_true", help="create the run and exit without following it")
-    rerun.add_argument("--request-id", help="idempotency key: the same key and run give the same new run")
+    request_id_flag(rerun, "new run of RUN_ID")
     rerun.add_argument(
         "--cache",
         "--cache-mode",
@@ -1618,7 +1711,7 @@ def parser() -> argparse.ArgumentParser:
     get.set_defaults(handler=cmd_get)
 
     listing = sub.add_parser("list", parents=[common], help="list runs, newest first (or --oldest-first)")
-    listing.add_argument("--status", action="append", default=[], choices=sorted(_STATUSES))
+    listing.add_argument("--status", action="append", default=[], choices=sorted(_STATUSES), type=str.lower)
     listing.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", type=_label)
     listing.add_argument("--dataset-id", default="")
     listing.add_argument(
@@ -1676,7 +1769,8 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         choices=sorted(_STATES),
-        help="only results in this state; repeat for any of several (--state failed --state error)",
+        type=str.lower,  # any case: `--state FAILED`, as the server's own names are written, was refused
+        help="only results in this state, any case; repeat for any of several (--state failed --state error)",
     )
     results.add_argument("--format", choices=["table", "jsonl", "junit"], default="table")
     results.add_argument("-o", "--output", metavar="FILE")
@@ -1724,6 +1818,7 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--event", action="append", default=[], choices=WEBHOOK_EVENT_TYPES, help=event_help)
     create.add_argument("--description", default="")
     create.add_argument("--disabled", action="store_true", help="register it without delivering yet")
+    request_id_flag(create, "webhook")
     hooks.add_parser("list", parents=[common], help="list webhooks")
     for name, text in [("get", "show a webhook"), ("delete", "delete a webhook and its deliveries")]:
         hooks.add_parser(name, parents=[common], help=text).add_argument("webhook_id")
@@ -1740,7 +1835,7 @@ def parser() -> argparse.ArgumentParser:
     rotate.add_argument("--revoke-previous", action="store_true", help="stop signing with the old secret now")
     deliveries = hooks.add_parser("deliveries", parents=[common], help="a webhook's deliveries, newest first")
     deliveries.add_argument("webhook_id")
-    deliveries.add_argument("--status", choices=sorted(_DELIVERY_STATUSES))
+    deliveries.add_argument("--status", choices=sorted(_DELIVERY_STATUSES), type=str.lower)
     deliveries.add_argument(
         "--limit", type=_at_least(1), default=50, help="at most this many, newest first (stderr says when more exist)"
     )
@@ -1755,6 +1850,7 @@ def parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--description", default="")
     create.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", type=_label)
+    request_id_flag(create, "dataset, its items added once")
     sets.add_parser("list", parents=[common], help="list datasets, newest first")
     for name, text in [
         ("get", "show a dataset"),
@@ -1765,6 +1861,7 @@ def parser() -> argparse.ArgumentParser:
     add = sets.add_parser("add", parents=[common], help="append the items of a file to a dataset")
     add.add_argument("dataset_id")
     add.add_argument("file", help="a .jsonl, .csv, .yaml or .json dataset file, as `run` reads (docs/spec.md)")
+    request_id_flag(add, "items, added once")
     datasets.set_defaults(handler=cmd_datasets)
 
     secrets = sub.add_parser("secrets", help="manage your secrets (provider keys) targets and judges name")

@@ -171,8 +171,25 @@ def status_details(error: grpc.RpcError) -> status_pb2.Status | None:
 
 KEY_HINT = (
     "Give an API key (evalctl: --api-key or EVALSVC_API_KEY; SDK: api_key=... or EVALSVC_API_KEY): the server"
-    " prints one at its first start, and `evalsvc keys create --tenant NAME` makes another"
+    " prints one at its first start, and `evalsvc keys create --tenant NAME --db URL` makes another in the"
+    " server's database (URL: the server's --db or EVALSVC_DB; without --db a key goes into ./evalsvc.db of the"
+    " directory it was made in, which that server never reads)"
 )
+
+
+def request_id_conflict_hint(metadata: dict[str, str]) -> str:
+    """What to do about REQUEST_ID_CONFLICT: the request_id belongs to another request. The server names what
+    that request made (`run_id`, `dataset_id`, ...: docs/errors.md), when it does."""
+    made = next(
+        ((key.removesuffix("_id"), value) for key, value in sorted(metadata.items()) if key.endswith("_id")), None
+    )
+    again = (
+        f"or repeat exactly the request that made {made[0]} {made[1]} (evalctl: the same command, spec, labels"
+        " and flags) to get it back"
+        if made
+        else "or repeat exactly the request that first used it to get what it made"
+    )
+    return f"A request_id names one request: give a new one for this request (evalctl: --request-id), {again}"
 
 
 # How grpc says a connection was closed before any call (a TLS handshake that failed: a plaintext client at a
@@ -251,12 +268,23 @@ def set_up_wrong(code: grpc.StatusCode, reason: str, target: str, message: str) 
     return _set_up_wrong_cause(code, reason, target, message) is not None
 
 
-def hint_for(code: grpc.StatusCode, reason: str, target: str, message: str = "", *, tls: bool = False) -> str:
+def hint_for(
+    code: grpc.StatusCode,
+    reason: str,
+    target: str,
+    message: str = "",
+    *,
+    tls: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> str:
     """What a person can do about an error: a key to give, a server to start, TLS to use (`message`, the
     transport's words, tells a failed handshake from nothing listening, and an HTTP/1 server from both), a
-    target to write without its URL scheme. `tls`: the call went out with TLS. Empty for the rest."""
+    target to write without its URL scheme, a request_id to change. `tls`: the call went out with TLS;
+    `metadata`: the ErrorInfo's. Empty for the rest."""
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return KEY_HINT
+    if reason == "REQUEST_ID_CONFLICT":
+        return request_id_conflict_hint(metadata or {})
     cause = _set_up_wrong_cause(code, reason, target, message)
     if cause == "url":
         return target_as_url_hint(target)
@@ -345,6 +373,6 @@ def from_rpc_error(error: grpc.RpcError, target: str = "", *, tls: bool = False)
         metadata=metadata,
         field_violations=violations,
         retry_delay=delay,
-        hint=hint_for(code, reason, target, message, tls=tls),
+        hint=hint_for(code, reason, target, message, tls=tls, metadata=metadata),
         set_up_wrong=set_up_wrong(code, reason, target, message),
     )

@@ -63,6 +63,11 @@ _NUL_PROBLEM = "contains a NUL (U+0000) character, which the server refuses"
 MAX_ROW_PROBLEMS = 20
 #: CreateRunRequest's percent fields (0-100), which other tools write as fractions (0.9 for 90%).
 PERCENT_FIELDS = ("pass_threshold", "max_error_rate")
+#: A label key, as the server's rule is (evalsvc.messages.validation.LABEL_KEY, which this client cannot import;
+#: tests/test_client_cli.py holds the two equal): `validate` passed `labels: {Suite: agent}`, which `run` was refused.
+LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+#: The judge modes that grade against `criteria` (the policy, in policy mode), which the server requires.
+_CRITERIA_MODES = (pb.grader.LlmJudge.MODE_CRITERIA, pb.grader.LlmJudge.MODE_POLICY)
 
 
 @dataclass(frozen=True)
@@ -587,8 +592,12 @@ def check_spec(data: Any, spec_dir: Path) -> tuple[RunSpec | None, list[SpecProb
         return None, exc.problems
     if duplicates := _duplicate_grader_names(request.graders):
         return None, duplicates
-    if negative := _negative_counts(request):
-        return None, negative
+    if problems := [
+        *_negative_counts(request),
+        *_label_key_problems(request.labels),
+        *_judge_problems(request.graders),
+    ]:
+        return None, problems
     given = bool(request.request_id)
     request.request_id = request.request_id or new_request_id()
     request.trigger = request.trigger or pb.run.TRIGGER_AUTO
@@ -605,6 +614,41 @@ def _negative_counts(request: pb.runs.CreateRunRequest) -> list[SpecProblem]:
         SpecProblem(name, f"{getattr(request, name)} is not a count: 0 or more (0 or unset: {unset})")
         for name, unset in _COUNTS.items()
         if getattr(request, name) < 0
+    ]
+
+
+def _label_key_problems(labels: Iterable[str]) -> list[SpecProblem]:
+    """Label keys the server refuses (LABEL_KEY), as it words it; the lower-case key suggested when it fits."""
+    problems = []
+    for key in labels:
+        if not LABEL_KEY.fullmatch(key):  # fullmatch: `match` with `$` took a key ending in a newline
+            lower = f" (e.g. {key.lower()!r})" if LABEL_KEY.fullmatch(key.lower()) else ""
+            problems.append(SpecProblem(f"labels[{key}]", f"key must match [a-z][a-z0-9_-]{{0,62}}{lower}"))
+    return problems
+
+
+def _judge_problems(graders: Iterable[pb.Grader]) -> list[SpecProblem]:
+    """A judge in criteria or policy mode without its criteria, which CreateRun refuses (the server's
+    validate_judge): `validate` called such a spec valid."""
+    return [
+        SpecProblem(f"graders[{i}].llm_judge.criteria", "criteria (or the policy) is required in this mode")
+        for i, grader in enumerate(graders)
+        if grader.WhichOneof("kind") == "llm_judge"
+        and grader.llm_judge.mode in _CRITERIA_MODES
+        and not grader.llm_judge.criteria.strip()
+    ]
+
+
+def needs_default_judge(graders: Iterable[pb.Grader]) -> list[str]:
+    """The graders (`graders[i] (name)`) that are judged by the server's default judge: judges without both a
+    model and an endpoint, as the server decides (evalsvc.graders.judge.needs_default_judge). A server started
+    without --judge-base-url and --judge-model refuses their run (JUDGE_NOT_CONFIGURED), which `validate`,
+    without a server, cannot know."""
+    return [
+        f"graders[{i}] ({grader_name(grader)})"
+        for i, grader in enumerate(graders)
+        if grader.WhichOneof("kind") == "llm_judge"
+        and not (grader.llm_judge.model and grader.llm_judge.endpoint.base_url)
     ]
 
 
