@@ -80,7 +80,7 @@ func main() {
 	apiKey := os.Getenv("EVALSVC_API_KEY")
 	if apiKey == "" {
 		// Without it every call fails Unauthenticated; say how to get one instead (as the TypeScript example does).
-		fmt.Fprintln(os.Stderr, "example: set EVALSVC_API_KEY to an API key (`evalsvc keys create --tenant default` makes one)")
+		fmt.Fprintln(os.Stderr, "example: set EVALSVC_API_KEY to an API key (`evalsvc keys create --tenant default --db <the server's --db>` makes one in its database)")
 		os.Exit(2)
 	}
 	conn, err := grpc.Dial(target, grpc.WithInsecure())

@@ -16,7 +16,7 @@ const target = process.argv[2] ?? process.env.EVALCTL_TARGET ?? "127.0.0.1:50051
 const apiKey = process.env.EVALSVC_API_KEY ?? "";
 if (!apiKey) {
   // Without it every call fails UNAUTHENTICATED; say how to get one instead.
-  console.error("example: set EVALSVC_API_KEY to an API key (`evalsvc keys create --tenant default` makes one)");
+  console.error("example: set EVALSVC_API_KEY to an API key (`evalsvc keys create --tenant default --db <the server's --db>` makes one in its database)");
   process.exit(2);
 }
 
