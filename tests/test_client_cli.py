@@ -271,6 +271,9 @@ def test_rerun_follows_the_new_run_and_judges_it_as_run_does(live: tuple[ServerP
     assert detached.returncode == 0, detached.stderr
     again = evalctl(live, "rerun", source["id"], "--all", "--detach", "--json", "--request-id", "ci-1")
     assert json.loads(again.stdout)["id"] == json.loads(detached.stdout)["id"]
+    told = evalctl(live, "rerun", source["id"], "--all", "--detach", "--request-id", "ci-1")  # not PENDING now
+    assert told.stdout.strip() == json.loads(detached.stdout)["id"]
+    assert f"run {told.stdout.strip()} already existed for request_id 'ci-1'" in told.stderr, told.stderr
     assert json.loads(detached.stdout).get("cache_mode", "CACHE_MODE_OFF") == "CACHE_MODE_OFF"  # the source's
     refreshed = evalctl(live, "rerun", source["id"], "--all", "--detach", "--json", "--cache-mode", "refresh")
     assert refreshed.returncode == 0, refreshed.stderr
@@ -825,6 +828,9 @@ def test_webhooks_commands(tmp_path: Path) -> None:
                 for _ in range(2)
             ]
             assert again[0] == again[1]
+            third = evalctl(live, "webhooks", "create", receiver.url, "--request-id", "ci-hook")
+            assert "signing secret (shown only now)" not in third.stdout  # made before: its secret is not kept
+            assert f"webhook {again[0]} already existed for --request-id ci-hook" in third.stderr, third.stderr
             assert evalctl(live, "webhooks", "delete", again[0]).returncode == 0
             listed = evalctl_json(live, "webhooks", "list", "--json")
             assert [w.get("description", "") for w in listed] == ["second", ""]
@@ -1357,6 +1363,10 @@ def test_datasets_create_and_add_again_with_a_request_id_make_nothing_twice(
         assert added.returncode == 0, added.stderr
     got = evalctl_json(live, "datasets", "get", made[0]["id"], "--json")
     assert got["item_count"] == 2700, got
+    # The same --request-id for another file: the server names the chunk's derived id; evalctl names the user's.
+    other = evalctl(live, "datasets", "add", made[0]["id"], str(tmp_path / "more.jsonl"), "--request-id", request_id)
+    assert other.returncode == 3 and f"--request-id {request_id} was used before to add other items" in other.stderr
+    assert evalctl_json(live, "datasets", "get", made[0]["id"], "--json")["item_count"] == 2700
 
 
 def test_datasets_refuse_bad_input_in_one_line(live: tuple[ServerProcess, str], tmp_path: Path) -> None:

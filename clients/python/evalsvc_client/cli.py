@@ -85,7 +85,14 @@ from rich.table import Table
 from rich.text import Text
 
 from evalsvc_client import pb
-from evalsvc_client._common import RETRY_MAX_ELAPSED_VARIABLE, Retrying, RetryPolicy, TLSOptions, new_request_id
+from evalsvc_client._common import (
+    RETRY_MAX_ELAPSED_VARIABLE,
+    SET_UP_WRONG_RETRY_S,
+    Retrying,
+    RetryPolicy,
+    TLSOptions,
+    new_request_id,
+)
 from evalsvc_client.errors import EvalError, target_as_url_hint
 from evalsvc_client.export import listed_explanation, listed_output, to_dict, write_jsonl, write_junit
 from evalsvc_client.report import agreement_line, format_rate, render_html
@@ -334,6 +341,7 @@ def _retry_lines(console: Console, policy: RetryPolicy) -> Callable[[Retrying], 
     def say(retrying: Retrying) -> None:
         nonlocal told
         error, delay = retrying.error, retrying.delay_s
+        told = told and retrying.attempt > 1  # a call's first retry starts a new outage, whatever its kind
         if retrying.call == "WatchRun":
             if retrying.attempt == 1 or retrying.attempt % RECONNECTING_EVERY == 0:
                 console.print(
@@ -343,15 +351,15 @@ def _retry_lines(console: Console, policy: RetryPolicy) -> Callable[[Retrying], 
         elif error.code.name == "RESOURCE_EXHAUSTED" and error.retry_delay is not None:
             which = error.metadata.get("quota") or error.reason.lower() or "server busy"
             console.print(f"rate-limited ({which}); retrying {retrying.call} in {_seconds(delay)}")
-        else:
-            told = told and retrying.attempt > 1
-            if delay >= 1 and not told:
-                told = True
-                refused = " (connection refused)" if "connection refused" in error.message.lower() else ""
-                console.print(
-                    f"{retrying.call}: {error.code.name}{refused}; retrying for up to {_seconds(policy.max_elapsed_s)}"
-                    f" ({RETRY_MAX_ELAPSED_VARIABLE})"
-                )
+        elif delay >= 1 and not told:
+            told = True
+            refused = " (connection refused)" if "connection refused" in error.message.lower() else ""
+            # A client set up wrong (TLS not matching, a name that does not resolve) stops far sooner.
+            bound = _seconds(SET_UP_WRONG_RETRY_S if error.set_up_wrong else policy.max_elapsed_s)
+            console.print(
+                f"{retrying.call}: {error.code.name}{refused}; retrying for up to {bound}"
+                f" ({RETRY_MAX_ELAPSED_VARIABLE})"
+            )
 
     return say
 
@@ -665,14 +673,19 @@ def _created_words(spec: RunSpec, created: pb.runs.CreateRunResponse, called: fl
     ago and still PENDING, says "created"; and a run this call made whose answer was lost, found by the SDK's
     retry once it had begun, says "already existed" (it had, by the retry)."""
     run = created.run
-    existed = run.status != pb.run.RUN_STATUS_PENDING or run.create_time.ToNanoseconds() < (called - CLOCK_SKEW_S) * 1e9
-    if spec.request_id_given and existed:
+    if spec.request_id_given and _existed(run, called):
         when = run.create_time.ToDatetime(tzinfo=datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         return (
             f"run {run.id} already existed for request_id {spec.create_request.request_id!r} (created {when}); "
             "following it"
         )
     return f"created run {run.id} ({plural(created.job_count, 'job')})"
+
+
+def _existed(run: pb.Run, called: float) -> bool:
+    """Whether a run a create answered with (CreateRun, RerunRun) existed before the call began at `called`
+    (see `_created_words`): it is no longer PENDING, or was created before the call by more than CLOCK_SKEW_S."""
+    return run.status != pb.run.RUN_STATUS_PENDING or run.create_time.ToNanoseconds() < (called - CLOCK_SKEW_S) * 1e9
 
 
 #: Which items of its source a rerun of each scope holds, as the server selects them: an item that never ran
@@ -691,6 +704,7 @@ def cmd_rerun(args: argparse.Namespace, client: EvalClient, console: Console) ->
     _check_follow_flags(args)
     scope = "all" if args.all else "failed_or_errored" if args.failed else "errored"
     request_id = args.request_id or new_request_id()
+    called = time.time()
     flags = {"errored": "", "failed_or_errored": " --failed", "all": " --all"}[scope]
     flags += f" --cache {args.cache}" if args.cache else ""
     try:
@@ -711,6 +725,8 @@ def cmd_rerun(args: argparse.Namespace, client: EvalClient, console: Console) ->
         f"created run {run.id} ({plural(jobs, 'job')}): a rerun of {plural(run.counts.total_items, 'item')}"
         f" ({_RERUN_WORDS[scope]}) of run {run.rerun_of}"
     )
+    if args.request_id and _existed(run, called):
+        created = f"run {run.id} already existed for request_id {args.request_id!r}: following it"
     return _follow_created(client, run, args, console, created)
 
 
@@ -1257,6 +1273,11 @@ def _print_webhooks(args: argparse.Namespace, webhooks: Sequence[pb.Webhook]) ->
     _print_table(table, "webhooks")
     if webhooks and webhooks[0].signing_secret:  # create and rotate-secret: shown this once
         print(f"signing secret (shown only now): {webhooks[0].signing_secret}")
+    elif args.webhooks_command == "create":  # a --request-id used before: the webhook it made, its secret unsaid
+        _console(stderr=True).print(
+            f"webhook {webhooks[0].id} already existed for --request-id {args.request_id}; its signing secret was"
+            f" shown only when it was made (`evalctl webhooks rotate-secret {webhooks[0].id}` makes a new one)"
+        )
 
 
 def cmd_webhooks(args: argparse.Namespace, client: EvalClient, console: Console) -> int:
@@ -1384,7 +1405,13 @@ def _add_items(
     for n, chunk in enumerate(item_chunks(items)):
         try:
             dataset = client.add_dataset_items(dataset.id, chunk, request_id=_chunk_request_id(request_id, n)).dataset
-        except EvalError:
+        except EvalError as exc:
+            if exc.reason == "REQUEST_ID_CONFLICT" and request_id:  # the server names the chunk's derived id
+                exc.message = (
+                    f"--request-id {request_id} was used before to add other items (its chunk {n + 1}), or to add"
+                    " them to another dataset"
+                )
+                exc.hint = "give a new --request-id, or the same file and dataset as the command that used it"
             if added:
                 console.print(
                     f"evalctl: dataset {dataset.id} has the first {added} of the {len(items)} items of {source};"
