@@ -45,6 +45,24 @@ async def large_run(db: Database, items: int = ITEMS) -> str:
     return run_id
 
 
+async def graded_by_jobs(db: Database, items: int) -> run_store.NewRun:
+    """A run of `items` items, each graded by GRADERS through its own job (item ids item0, item1...), as
+    CreateRun and the recorder would store it: its results reach its run_items through their jobs."""
+    run = new_run(items=items, graders=GRADERS)
+    await insert(db, run)
+    rows = [
+        result(run.row["id"], f"item{job['item_idx']}", g, grader, job=job["id"])
+        for job in await jobs_of(db, run.row["id"])
+        for g, grader in enumerate(GRADERS)
+    ]
+
+    async def work(conn: AsyncConnection) -> None:
+        await run_store.insert_results(conn, rows)
+
+    await db.transact(work)
+    return run
+
+
 async def plan(conn: AsyncConnection, run_id: str, after: Key | None, grader: str, limit: int) -> Any:
     """The plan of `evaluations_after`'s statement on this connection, after the store's own read on
     it (which may set how the rest of its transaction is planned): rows visited on PostgreSQL (EXPLAIN
@@ -89,15 +107,7 @@ async def test_a_page_reads_the_results_of_its_own_evaluations_only(db: Database
     each with its job's output (2,000 rows and 84 MB for a page of one item of 100 repetitions and 20
     graders). It reads its evaluations' results, by the ids read with their keys, whatever else the items
     have; and only its tenant's."""
-    run = new_run(graders=GRADERS)
-    await insert(db, run)
-    run_id: str = run.row["id"]
-    rows = [result(run_id, f"item{i:05d}", g, grader) for i in range(3) for g, grader in enumerate(GRADERS)]
-
-    async def work(conn: AsyncConnection) -> None:
-        await run_store.insert_results(conn, rows)
-
-    await db.transact(work)
+    run_id = await large_run(db, 3)
     async with db.read() as conn:
         evaluations = await comparisons.evaluations_after(conn, "t1", run_id, None, "", 10)
         wanted = [evaluations[3], evaluations[4]]  # ("item00001", 0, "similar"), ("item00002", 0, "exact")
@@ -156,19 +166,8 @@ async def test_the_items_behind_a_key_range_are_read_by_index_lookups(
     scans no table. The digests are those the run stored; without them, the batches hold every item of
     the range once."""
     await unanalyzed(db, "results", "jobs", "run_items")
-    run = new_run(items=ITEMS, graders=GRADERS)
-    await insert(db, run)
+    run = await graded_by_jobs(db, ITEMS)
     run_id: str = run.row["id"]
-    rows = [
-        result(run_id, f"item{job['item_idx']}", g, grader, job=job["id"])
-        for job in await jobs_of(db, run_id)
-        for g, grader in enumerate(GRADERS)
-    ]
-
-    async def work(conn: AsyncConnection) -> None:
-        await run_store.insert_results(conn, rows)
-
-    await db.transact(work)
     # "item1000" to "item1099" in code point order: the 100 items item1000..item1099.
     wanted = sorted(f"item{i}" for i in range(ITEMS) if "item1000" <= f"item{i}" <= "item1099")
     monkeypatch.setattr(comparisons, "ITEM_BATCH_BYTES", 16 * len(run.items[1000]))
@@ -227,19 +226,8 @@ async def test_the_digests_are_read_from_their_covering_index_never_the_items(db
     pages (60 items of 1 MB: 20-26 ms a read, 1.2 ms from the index). Both engines must read them from
     ix_run_items_digests alone: SQLite's plan says COVERING INDEX, PostgreSQL's an index-only scan."""
     await unanalyzed(db, "results", "jobs", "run_items")
-    run = new_run(items=50, graders=GRADERS)
-    await insert(db, run)
+    run = await graded_by_jobs(db, 50)
     run_id: str = run.row["id"]
-    rows = [
-        result(run_id, f"item{job['item_idx']}", g, grader, job=job["id"])
-        for job in await jobs_of(db, run_id)
-        for g, grader in enumerate(GRADERS)
-    ]
-
-    async def work(conn: AsyncConnection) -> None:
-        await run_store.insert_results(conn, rows)
-
-    await db.transact(work)
     async with db.read() as conn:
         digests, _ = await comparisons.item_digests_between(conn, "t1", run_id, "item0", "item9")
         assert len(digests) == 50
