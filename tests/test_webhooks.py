@@ -675,7 +675,7 @@ async def test_a_receiver_name_is_checked_again_before_and_while_each_attempt_co
     finally:
         await srv.stop(grace=0.5)
     assert delivery.status == wpb.WEBHOOK_DELIVERY_STATUS_FAILED and delivery.attempts == 2
-    assert "169.254.169.254 is not a globally routable address" in delivery.last_error
+    assert "169.254.169.254:" in delivery.last_error and "is not allowed (not globally routable" in delivery.last_error
 
 
 async def test_a_tenant_has_at_most_50_webhooks(webhooks: webhook_service_pb2_grpc.WebhookServiceStub) -> None:
