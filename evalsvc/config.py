@@ -699,17 +699,6 @@ class AllowEntry:
     destination: Network | str
     port: int | None = None
 
-    def __str__(self) -> str:
-        """The entry as it is written (`127.0.0.1:11434`, `[::1]:11434`, `10.0.0.0/8:443`), as messages name it."""
-        where = self.destination
-        if isinstance(where, str):
-            text = where
-        else:
-            text = str(where.network_address) if where.prefixlen == where.max_prefixlen else str(where)
-            if self.port is not None and where.version == 6:
-                text = f"[{text}]"
-        return text if self.port is None else f"{text}:{self.port}"
-
 
 def allow_entries(spec: str) -> list[AllowEntry]:
     """The entries of an `--outbound-allow` list: `HOST` or `HOST:PORT`, HOST an IP address, a network in

@@ -15,7 +15,7 @@ import grpc
 import httpx
 import pytest
 from scipy import stats
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from evalsvc.server import EvalServer
 from evalsvc.store import runs as run_store
@@ -29,6 +29,7 @@ from tests.conftest import make_settings
 from tests.fake_llm import FakeEndpoint, Reply, chat_reply, judge_reply
 from tests.helpers import all_results, error_reason, keyed_channel, serving_gateway, until, violations, watch_all
 from tests.test_compare_stats import _newcombe_reference
+from tests.unit.stored import forget_digests
 
 N = 60
 GRADERS = [
@@ -820,7 +821,7 @@ async def test_a_run_stored_before_item_digests_compares_as_a_new_one(
     before = [await compared(*pair) for pair in pairs]
     assert [changed for changed, _, _ in before] == [5, 5, 5]
 
-    await _forget_digests(svc.srv, baseline.id, candidate.id)
+    await forget_digests(svc.srv.db, baseline.id, candidate.id)
     assert await _digests_stored(svc.srv, baseline.id) == (0, 20)
     assert [await compared(*pair) for pair in pairs] == before
 
@@ -834,24 +835,10 @@ async def test_a_run_stored_before_item_digests_compares_as_a_new_one(
         old = await _run(svc, baseline_items[:6], [exact], target=webhook)
         other = await _run(svc, relabelled, [exact], target=webhook)
         same = await _run(svc, baseline_items[:6], [exact], target=webhook)
-    await _forget_digests(svc.srv, old.id)
+    await forget_digests(svc.srv.db, old.id)
     for new, changed in ((other, 6), (same, 0)):
         comparison = (await svc.runs.CompareRuns(pb_compare(old.id, new.id))).comparison
         assert (comparison.changed_items, comparison.graders[0].pairs) == (changed, 6 - changed)
-
-
-async def _forget_digests(srv: EvalServer, *run_ids: str) -> None:
-    """Null runs' items' digests, as revision 0028 leaves the runs stored before it."""
-    items = run_store.ITEMS
-
-    async def forget(conn: Any) -> None:
-        await conn.execute(
-            update(items)
-            .where(items.c.run_id.in_(run_ids))
-            .values(digest_with_metadata=None, digest_without_metadata=None)
-        )
-
-    await srv.db.transact(forget)
 
 
 async def test_a_refused_create_run_hashes_none_of_its_items(svc: Service, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -153,26 +153,27 @@ async def test_allow_list_entries_of_every_kind_match() -> None:
 
 
 @pytest.mark.parametrize(
-    ("entry", "written"),
+    ("entry", "destination", "port"),
     [
-        ("127.0.0.1:11434", "127.0.0.1:11434"),
-        ("127.0.0.1/32:11434", "127.0.0.1:11434"),
-        ("[::1]:11434", "[::1]:11434"),
-        ("[::1]", "::1"),
-        ("[FD00::]:8080", "[fd00::]:8080"),
-        ("LLM.Internal:8080", "llm.internal:8080"),
-        ("model_server:00443", "model_server:443"),
-        ("10.0.0.0/8:443", "10.0.0.0/8:443"),
-        ("[fd00::/8]:443", "[fd00::/8]:443"),
-        ("10.0.0.0/8", "10.0.0.0/8"),
-        ("fe80::1:443", "fe80::1:443"),  # unbracketed: an IPv6 address, every port
+        ("127.0.0.1:11434", "127.0.0.1/32", 11434),
+        ("127.0.0.1/32:11434", "127.0.0.1/32", 11434),
+        ("[::1]:11434", "::1/128", 11434),
+        ("[::1]", "::1/128", None),
+        ("[FD00::]:8080", "fd00::/128", 8080),
+        ("LLM.Internal:8080", "llm.internal", 8080),
+        ("model_server:00443", "model_server", 443),
+        ("10.0.0.0/8:443", "10.0.0.0/8", 443),
+        ("[fd00::/8]:443", "fd00::/8", 443),
+        ("10.0.0.0/8", "10.0.0.0/8", None),
+        ("fe80::1:443", "fe80::1:443/128", None),  # unbracketed: an IPv6 address, every port
     ],
 )
-def test_an_allow_list_entry_may_name_one_port(entry: str, written: str) -> None:
+def test_an_allow_list_entry_may_name_one_port(entry: str, destination: str, port: int | None) -> None:
     """`127.0.0.1:17765` was refused at start ("has a port"): an entry allowed every port of its host, so
     allowing a local model server allowed the server's own gateway, metrics and database beside it."""
     (parsed,) = allow_entries(entry)
-    assert str(parsed) == written
+    name = destination if "/" not in destination else ipaddress.ip_network(destination)
+    assert (parsed.destination, parsed.port) == (name, port)
 
 
 @pytest.mark.parametrize(

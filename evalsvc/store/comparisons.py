@@ -12,6 +12,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.selectable import Alias, FromClause
 
 from evalsvc.store.db import read_in_index_order
+from evalsvc.store.models import DIGESTS_INDEX
 from evalsvc.store.records import ResultRecord
 from evalsvc.store.runs import ITEMS, JOBS, RESULTS, StoredSizes, result_with_size, results_sized
 from evalsvc.store.staging import ItemDigests
@@ -23,8 +24,6 @@ Evaluation = tuple[str, int, str, int, float, int]
 Key = tuple[str, int, str]
 # The most item bytes `undigested_items` holds at once (one larger item is read alone).
 ITEM_BATCH_BYTES = 4 << 20
-# The index that covers `item_digests_between` (models.RunItemRow).
-DIGESTS_INDEX = "ix_run_items_digests"
 
 
 async def evaluations_after(

@@ -206,6 +206,10 @@ class StagedRunRow(SQLModel, table=True):
     stage_time: float = Field(index=True)
 
 
+# The covering index of run items' digests, which store.comparisons names to SQLite (INDEXED BY).
+DIGESTS_INDEX = "ix_run_items_digests"
+
+
 class RunItemRow(SQLModel, table=True):
     """An item copied into a run, so later dataset edits never change a past run.
 
@@ -220,9 +224,7 @@ class RunItemRow(SQLModel, table=True):
     columns rather than one of 64 bytes: the same bytes, each read by name, no layout to keep."""
 
     __tablename__ = "run_items"
-    __table_args__ = (
-        Index("ix_run_items_digests", "run_id", "idx", "digest_with_metadata", "digest_without_metadata"),
-    )
+    __table_args__ = (Index(DIGESTS_INDEX, "run_id", "idx", "digest_with_metadata", "digest_without_metadata"),)
 
     run_id: str = Field(primary_key=True, max_length=40)
     idx: int = Field(primary_key=True)

@@ -9,7 +9,7 @@ from dataclasses import fields
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.ids import new_id
@@ -140,3 +140,16 @@ def pg_error(kind: type[Exception], message: str = "...") -> sa_exc.DBAPIError:
     an OperationalError (only integrity violations, syntax errors and client errors get a more specific
     class); asyncpg's exception carries the SQLSTATE."""
     return sa_exc.DBAPIError("INSERT ...", {}, kind(message))
+
+
+async def forget_digests(db: Database, *run_ids: str) -> None:
+    """Null runs' items' digests, as revision 0028 left the runs stored before it."""
+
+    async def work(conn: AsyncConnection) -> None:
+        await conn.execute(
+            update(run_store.ITEMS)
+            .where(run_store.ITEMS.c.run_id.in_(run_ids))
+            .values(digest_with_metadata=None, digest_without_metadata=None)
+        )
+
+    await db.transact(work)

@@ -1975,7 +1975,8 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 
 
 def _label(text: str) -> tuple[str, str]:
-    """A --label filter: KEY=VALUE (`--label foo` failed with "dictionary update sequence element #0")."""
+    """A --label KEY=VALUE, a filter or a label to set (`--label foo` failed with "dictionary update sequence
+    element #0")."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import event, update
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from evalsvc.store import comparisons
@@ -14,7 +14,7 @@ from evalsvc.store import runs as run_store
 from evalsvc.store.comparisons import Key
 from evalsvc.store.db import Database
 from evalsvc.v1 import item_pb2, run_pb2
-from tests.unit.stored import insert, jobs_of, new_run, plan_nodes, unanalyzed
+from tests.unit.stored import forget_digests, insert, jobs_of, new_run, plan_nodes, unanalyzed
 
 ITEMS = 5_000
 GRADERS = ("exact", "similar")
@@ -205,19 +205,6 @@ async def test_the_items_behind_a_key_range_are_read_by_index_lookups(
                 steps = [row[-1] for row in await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)]
                 tables = [step for step in steps if step.split(" ")[1] in ("results", "jobs", "run_items")]
                 assert tables and all(step.startswith("SEARCH") for step in tables), steps
-
-
-async def forget_digests(db: Database, run_id: str) -> None:
-    """Null a run's items' digests: a run stored before revision 0028."""
-
-    async def work(conn: AsyncConnection) -> None:
-        await conn.execute(
-            update(run_store.ITEMS)
-            .where(run_store.ITEMS.c.run_id == run_id)
-            .values(digest_with_metadata=None, digest_without_metadata=None)
-        )
-
-    await db.transact(work)
 
 
 async def test_the_digests_are_read_from_their_covering_index_never_the_items(db: Database) -> None:
