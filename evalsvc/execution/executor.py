@@ -412,9 +412,11 @@ class Executor:
         # so while the queue holds those, claim whole batches: one claim and one recording per
         # `claim_batch` jobs instead of per `workers`. A claim of model jobs is never larger than
         # the free slots, so one replica does not hoard jobs others could be running.
+        # Cleared before the claim, not after it: a run committed while the claim reads (its `wake()` set the
+        # event then) is not in what the claim saw, and clearing after it lost that wake for a poll interval.
+        self._work_available.clear()
         jobs = await self._claim(self._settings.claim_batch if local_queue else min(room, self._settings.claim_batch))
         if not jobs:
-            self._work_available.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._work_available.wait(), self._settings.poll_interval_s)
             return False

@@ -228,13 +228,15 @@ class WebhookSender:
 
     async def _send_loop(self) -> None:
         while not self._stopping:
+            # Cleared before the claim: a wake while it reads (a slot freed, a stop) makes the wait below
+            # return at once; cleared after, it was lost for a poll interval (and every stop waited one).
+            self._wake.clear()
             room = self._concurrency - len(self._in_flight)
             claimed = await self._claim(room) if room > 0 else 0
             pruning = await self._prune_now_and_then()
             self._progress.beat()
             if (room > 0 and claimed == room) or pruning:
                 continue  # every slot filled: more may be due; or more to prune, a chunk a turn
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_s)
             self._progress.beat()
