@@ -969,7 +969,37 @@ def test_validate_refuses_label_keys_and_judges_without_criteria_as_create_run_d
     ], warned
     from evalsvc_client import spec
 
-    assert spec.LABEL_KEY.pattern == LABEL_KEY.pattern  # one rule, in the client's copy as in the server's
+    from evalsvc.messages import validation
+
+    # One rule, in the client's copy as in the server's.
+    assert spec.LABEL_KEY.pattern == LABEL_KEY.pattern
+    assert (spec.MAX_LABELS, spec.MAX_LABEL_VALUE) == (validation.MAX_LABELS, validation.MAX_LABEL_VALUE)
+
+
+@pytest.mark.parametrize(
+    ("labels", "said"),
+    [
+        ("{suite: " + "v" * 64 + "}", "  labels[suite]: must be at most 63 characters (got 64)\n"),
+        ("{" + ", ".join(f"k{i}: v" for i in range(65)) + "}", "  labels: at most 64 labels (got 65)\n"),
+    ],
+)
+def test_validate_refuses_labels_over_the_servers_bounds_as_create_run_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], labels: str, said: str
+) -> None:
+    """A label value of 64 characters, or 65 labels, was `valid` and then refused by `run`; `validate`
+    now says what the server says, and one at each bound is valid."""
+    from evalsvc_client import cli
+
+    (tmp_path / "over.yaml").write_text(
+        f"items: [{{input: q, response: a}}]\ntarget: provided\ngraders: [{{exact_match: {{}}}}]\nlabels: {labels}\n"
+    )
+    assert cli.main(["validate", str(tmp_path / "over.yaml")]) == cli.EXIT_ERROR
+    assert said in capsys.readouterr().err
+    at_bounds = "{" + ", ".join(f"k{i}: {'v' * 63}" for i in range(64)) + "}"
+    (tmp_path / "at.yaml").write_text(
+        f"items: [{{input: q, response: a}}]\ntarget: provided\ngraders: [{{exact_match: {{}}}}]\nlabels: {at_bounds}\n"
+    )
+    assert cli.main(["validate", str(tmp_path / "at.yaml")]) == cli.EXIT_OK
 
 
 def test_validate_refuses_two_graders_of_one_name_as_create_run_does(

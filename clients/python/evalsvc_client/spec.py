@@ -66,6 +66,10 @@ PERCENT_FIELDS = ("pass_threshold", "max_error_rate")
 #: A label key, as the server's rule is (evalsvc.messages.validation.LABEL_KEY, which this client cannot import;
 #: tests/test_client_cli.py holds the two equal): `validate` passed `labels: {Suite: agent}`, which `run` was refused.
 LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+#: The server's other label bounds (validation.MAX_LABELS, MAX_LABEL_VALUE; held equal by the same test): a
+#: spec of 65 labels, or a value of 64 characters, was `valid` and refused by `run`.
+MAX_LABELS = 64
+MAX_LABEL_VALUE = 63
 #: The judge modes that grade against `criteria` (the policy, in policy mode), which the server requires.
 _CRITERIA_MODES = (pb.grader.LlmJudge.MODE_CRITERIA, pb.grader.LlmJudge.MODE_POLICY)
 
@@ -594,7 +598,7 @@ def check_spec(data: Any, spec_dir: Path) -> tuple[RunSpec | None, list[SpecProb
         return None, duplicates
     if problems := [
         *_negative_counts(request),
-        *_label_key_problems(request.labels),
+        *_label_problems(request.labels),
         *_judge_problems(request.graders),
     ]:
         return None, problems
@@ -617,13 +621,20 @@ def _negative_counts(request: pb.runs.CreateRunRequest) -> list[SpecProblem]:
     ]
 
 
-def _label_key_problems(labels: Iterable[str]) -> list[SpecProblem]:
-    """Label keys the server refuses (LABEL_KEY), as it words it; the lower-case key suggested when it fits."""
+def _label_problems(labels: Mapping[str, str]) -> list[SpecProblem]:
+    """The labels the server refuses (its check_labels), as it words them: more than MAX_LABELS, keys not
+    LABEL_KEY (the lower-case key suggested when it fits), values over MAX_LABEL_VALUE characters."""
+    if len(labels) > MAX_LABELS:
+        return [SpecProblem("labels", f"at most {MAX_LABELS} labels (got {len(labels)})")]
     problems = []
-    for key in labels:
+    for key, value in labels.items():
         if not LABEL_KEY.fullmatch(key):  # fullmatch: `match` with `$` took a key ending in a newline
             lower = f" (e.g. {key.lower()!r})" if LABEL_KEY.fullmatch(key.lower()) else ""
             problems.append(SpecProblem(f"labels[{key}]", f"key must match [a-z][a-z0-9_-]{{0,62}}{lower}"))
+        if len(value) > MAX_LABEL_VALUE:
+            problems.append(
+                SpecProblem(f"labels[{key}]", f"must be at most {MAX_LABEL_VALUE} characters (got {len(value)})")
+            )
     return problems
 
 
