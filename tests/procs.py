@@ -387,16 +387,22 @@ def _be_program(request: dict[str, Any], main: Callable[[list[str]], int]) -> No
 def _exit(code: object) -> NoReturn:
     """Exit as `sys.exit(code)` does, less the interpreter's teardown of every module and object the fork
     inherited from the forker, which touched all of its memory: ~0.5 s a fork, more than most failed
-    starts took. What a program relies on at exit still happens: its non-daemon threads are joined, its
-    atexit functions run (logging's flush among them), stdout and stderr are flushed."""
-    threading._shutdown()  # type: ignore[attr-defined]  # what the interpreter's exit does first
-    atexit._run_exitfuncs()
-    if code is not None and not isinstance(code, int):
-        print(code, file=sys.stderr)  # sys.exit("message"): the message, and status 1
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code or 0)
+    starts took. What a program relies on at exit still happens, in the interpreter's order: a message
+    given to sys.exit is printed (status 1), non-daemon threads are joined, atexit functions run (logging's
+    flush among them), stdout and stderr are flushed. Whatever fails on the way, the fork exits here: it
+    never unwinds into the forker's loop."""
+    status = 1
+    try:
+        if code is None or isinstance(code, int):
+            status = code or 0
+        else:
+            print(code, file=sys.stderr)
+        threading._shutdown()  # type: ignore[attr-defined]  # what the interpreter's exit does first
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(status & 0xFF)  # as the OS reports a status: its low byte (-1 is 255)
 
 
 def _reaped(pid: int, deadline: float) -> int | None:

@@ -19,7 +19,7 @@ from evalsvc.server import EvalServer
 from evalsvc.v1 import eval_run_service_pb2 as pb
 from evalsvc.v1 import eval_run_service_pb2_grpc, item_pb2, run_pb2, target_pb2
 from tests.conftest import make_settings
-from tests.helpers import exact, keyed_channel, watch_all
+from tests.helpers import exact, keyed_channel, until, watch_all
 
 POLL_S = 60.0  # what a lost wake costs; each bound below is a small fraction of it
 BOUND_S = 15.0
@@ -88,7 +88,12 @@ async def test_a_stop_while_the_loops_claim_does_not_wait_a_poll(tmp_path: Path)
     try:
         srv.executor.wake()
         sender._wake.set()
-        while sorted(holding) != ["executor", "webhooks"]:  # both loops inside a claim
-            await asyncio.sleep(0.01)
+        await until(lambda: sorted(holding) == ["executor", "webhooks"], BOUND_S)  # both loops inside a claim
     finally:
-        await asyncio.wait_for(srv.stop(), BOUND_S)
+        stopping = asyncio.ensure_future(srv.stop())
+        try:
+            await asyncio.wait_for(asyncio.shield(stopping), BOUND_S)
+        finally:  # failed: wake the loops by hand, so the server is stopped before the next test all the same
+            srv.executor.wake()
+            sender._wake.set()
+            await stopping
