@@ -1061,3 +1061,43 @@ async def test_a_stopping_server_abandons_attempts_in_flight_and_hands_their_del
     finally:
         await db.close()
     assert (row["status"], row["attempts"], row["claim_id"], row["lease_expiry"]) == (store.PENDING, 0, None, None)
+
+
+async def test_deliveries_a_claim_leased_as_the_stop_began_are_handed_back(tmp_path: Path) -> None:
+    """A claim that commits after the sender's stop has begun starts its sends, which see the stop and
+    return unattempted. They stayed leased (until 2 x the timeout + 5 s: another replica could not send
+    them meanwhile), since the stop hands back only the sends still in flight, and these had ended. The
+    sender polls once a minute here, so the run's delivery waits unclaimed until the test claims it."""
+    from sqlalchemy import select
+
+    from evalsvc.store import webhooks as store
+    from evalsvc.store.db import Database
+
+    settings = make_settings(tmp_path, outbound_allow="127.0.0.1", poll_interval_s=60.0)
+    receiver = HoldingReceiver()
+    try:
+        srv = EvalServer(settings)
+        await srv.start()
+        try:
+            assert srv.bootstrap_key
+            async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+                webhooks = webhook_service_pb2_grpc.WebhookServiceStub(channel)
+                runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+                await webhooks.CreateWebhook(create_webhook(receiver.url))
+                await watch_all(runs, (await runs.CreateRun(create_request(1))).run.id)
+            sender = srv.webhook_sender
+            sender._stopping = True  # the stop has begun; the claim below is the one it came during
+            assert await sender._claim(1) == 1
+            await asyncio.sleep(0)  # the send it started runs, and returns without an attempt
+        finally:
+            await srv.stop(grace=0.5)
+    finally:
+        receiver.close()
+    assert receiver.ids == []
+    db = Database(settings.db)
+    try:
+        async with db.read() as conn:
+            [row] = (await conn.execute(select(store.DELIVERIES))).mappings().all()
+    finally:
+        await db.close()
+    assert (row["status"], row["attempts"], row["claim_id"], row["lease_expiry"]) == (store.PENDING, 0, None, None)

@@ -167,6 +167,7 @@ class WebhookSender:
         )
         self._in_flight: dict[asyncio.Task[None], tuple[str, str]] = {}  # task -> (tenant, delivery id)
         self._attempts: dict[str, asyncio.Task[Outcome | None]] = {}  # delivery id -> its HTTP call
+        self._unsent: set[str] = set()  # deliveries claimed as a stop began, never attempted: stop() releases them
         self._wake = asyncio.Event()
         self._stop_requested = asyncio.Event()
         self._stopping = False
@@ -221,8 +222,10 @@ class WebhookSender:
         for attempt in list(self._attempts.values()):
             attempt.cancel()
         await asyncio.gather(*(task for task, _ in in_flight), return_exceptions=True)
-        if in_flight:  # the ones whose outcome was recorded are no longer leased: releasing them is a no-op
-            abandoned = [delivery_id for _, (_, delivery_id) in in_flight]
+        # The ones whose outcome was recorded are no longer leased: releasing them is a no-op.
+        abandoned = sorted({delivery_id for _, (_, delivery_id) in in_flight} | self._unsent)
+        self._unsent.clear()
+        if abandoned:
             await self._db.transact(lambda conn: store.release(conn, abandoned))
         await self._client.aclose()
 
@@ -296,6 +299,10 @@ class WebhookSender:
         """One attempt, then its outcome recorded under the claim (unless stop() abandoned the attempt, or
         the lease ran out before it was sent)."""
         if self._stopping:
+            # Claimed as the stop began (by a claim it came during): handed back by stop() with the attempts
+            # it abandons. Returning without a word left it leased until the lease ran out (2 x the webhook
+            # timeout + 5 s), as stop() looks only at the tasks still in flight, and this one had ended.
+            self._unsent.add(claimed.id)
             return
         attempt = asyncio.create_task(self._attempt(claimed, send_by))
         self._attempts[claimed.id] = attempt
