@@ -925,7 +925,9 @@ def test_a_reader_that_stops_early_ends_evalctl_quietly(live: tuple[ServerProces
         assert line.startswith("{") and (code, err) == (cli.EXIT_STDOUT_CLOSED, ""), (args, code, err)
 
 
-def test_validate_refuses_numbers_a_field_cannot_hold(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_refuses_numbers_a_field_cannot_hold(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`repetitions: 3000000000` ended evalctl validate (and run) with json_format's traceback, exit 1."""
     from evalsvc_client import cli
 
@@ -936,6 +938,7 @@ def test_validate_refuses_numbers_a_field_cannot_hold(tmp_path: Path, capsys: py
     assert "repetitions: expected a whole number from -2147483648 to 2147483647, got 3000000000" in (
         capsys.readouterr().err
     )
+    monkeypatch.setenv("EVALSVC_RETRY_MAX_ELAPSED_S", "0")  # refused at once where nothing listens
     assert cli.main(["run", str(tmp_path / "spec.yaml"), "--target", "127.0.0.1:1"]) == cli.EXIT_ERROR
 
 
@@ -1077,11 +1080,13 @@ def test_validate_refuses_repeated_ids_and_a_csv_without_input(
     ],
 )
 def test_a_percent_written_as_a_fraction_is_warned_of_not_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], lines: str, warnings: list[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, lines: str, warnings: list[str]
 ) -> None:
     """`pass_threshold: 0.9`, 90% in other tools, was taken silently as 0.9%, a bar nearly every run passes. Both
     percent fields are warned of on stderr, by validate and by run, and the spec stays valid (0.5% may be meant)."""
     from evalsvc_client import cli
+
+    monkeypatch.setenv("EVALSVC_RETRY_MAX_ELAPSED_S", "0")  # `run` is refused at once where nothing listens
 
     (tmp_path / "spec.yaml").write_text(
         "items: [{input: a, response: a}]\ntarget: provided\ngraders: [{exact_match: {}}]\n" + lines
@@ -1173,6 +1178,7 @@ def test_global_flags_go_before_or_after_the_command(
     from evalsvc_client import cli
 
     monkeypatch.setenv("EVALSVC_API_KEY", "evk_from_env")
+    monkeypatch.setenv("EVALSVC_RETRY_MAX_ELAPSED_S", "0")  # refused at once where nothing listens
     args = cli.parser().parse_args(argv)
     assert (args.target, args.json, args.api_key, args.command) == ("127.0.0.1:1", True, "evk_from_env", "list")
     assert cli.main(argv) == cli.EXIT_ERROR  # it called the address given: nothing answers there
