@@ -1029,38 +1029,53 @@ async def test_finished_deliveries_are_deleted_after_the_retention_period_a_chun
     assert sender._next_prune > time.time() + 3000, "the next prune is not an hour away"
 
 
-async def test_a_stopping_server_abandons_attempts_in_flight_and_hands_their_deliveries_back(tmp_path: Path) -> None:
+async def deliver_a_run(srv: EvalServer, url: str) -> None:
+    """A webhook to `url`, then a one-item run to its end: the run's delivery is in the outbox."""
+    assert srv.bootstrap_key
+    async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
+        webhooks = webhook_service_pb2_grpc.WebhookServiceStub(channel)
+        runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
+        await webhooks.CreateWebhook(create_webhook(url))
+        await watch_all(runs, (await runs.CreateRun(create_request(1))).run.id)
+
+
+async def the_one_delivery(db_url: str) -> dict[str, Any]:
+    """The database's one delivery, read once its server has stopped."""
     from sqlalchemy import select
 
-    from evalsvc.store import webhooks as store
     from evalsvc.store.db import Database
 
+    db = Database(db_url)
+    try:
+        async with db.read() as conn:
+            [row] = (await conn.execute(select(webhook_store.DELIVERIES))).mappings().all()
+    finally:
+        await db.close()
+    return dict(row)
+
+
+async def test_a_stopping_server_abandons_attempts_in_flight_and_hands_their_deliveries_back(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, outbound_allow="127.0.0.1", webhook_timeout_s=120.0)
     receiver = HoldingReceiver()
     try:
         srv = EvalServer(settings)
         await srv.start()
         try:
-            assert srv.bootstrap_key
-            async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
-                webhooks = webhook_service_pb2_grpc.WebhookServiceStub(channel)
-                runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
-                await webhooks.CreateWebhook(create_webhook(receiver.url))
-                await watch_all(runs, (await runs.CreateRun(create_request(1))).run.id)
-                assert await asyncio.to_thread(receiver.wait_for, 1, WAIT_S)
+            await deliver_a_run(srv, receiver.url)
+            assert await asyncio.to_thread(receiver.wait_for, 1, WAIT_S)
         finally:
             stopping = time.monotonic()
             await srv.stop(grace=0.5)
         assert time.monotonic() - stopping < 30.0, "stop waited for the receiver"
     finally:
         receiver.close()
-    db = Database(settings.db)
-    try:
-        async with db.read() as conn:
-            [row] = (await conn.execute(select(store.DELIVERIES))).mappings().all()
-    finally:
-        await db.close()
-    assert (row["status"], row["attempts"], row["claim_id"], row["lease_expiry"]) == (store.PENDING, 0, None, None)
+    row = await the_one_delivery(settings.db)
+    assert (row["status"], row["attempts"], row["claim_id"], row["lease_expiry"]) == (
+        webhook_store.PENDING,
+        0,
+        None,
+        None,
+    )
 
 
 async def test_deliveries_a_claim_leased_as_the_stop_began_are_handed_back(tmp_path: Path) -> None:
@@ -1068,23 +1083,13 @@ async def test_deliveries_a_claim_leased_as_the_stop_began_are_handed_back(tmp_p
     return unattempted. They stayed leased (until 2 x the timeout + 5 s: another replica could not send
     them meanwhile), since the stop hands back only the sends still in flight, and these had ended. The
     sender polls once a minute here, so the run's delivery waits unclaimed until the test claims it."""
-    from sqlalchemy import select
-
-    from evalsvc.store import webhooks as store
-    from evalsvc.store.db import Database
-
     settings = make_settings(tmp_path, outbound_allow="127.0.0.1", poll_interval_s=60.0)
     receiver = HoldingReceiver()
     try:
         srv = EvalServer(settings)
         await srv.start()
         try:
-            assert srv.bootstrap_key
-            async with keyed_channel(srv.port, srv.bootstrap_key) as channel:
-                webhooks = webhook_service_pb2_grpc.WebhookServiceStub(channel)
-                runs = eval_run_service_pb2_grpc.EvalRunServiceStub(channel)
-                await webhooks.CreateWebhook(create_webhook(receiver.url))
-                await watch_all(runs, (await runs.CreateRun(create_request(1))).run.id)
+            await deliver_a_run(srv, receiver.url)
             sender = srv.webhook_sender
             sender._stopping = True  # the stop has begun; the claim below is the one it came during
             assert await sender._claim(1) == 1
@@ -1094,10 +1099,10 @@ async def test_deliveries_a_claim_leased_as_the_stop_began_are_handed_back(tmp_p
     finally:
         receiver.close()
     assert receiver.ids == []
-    db = Database(settings.db)
-    try:
-        async with db.read() as conn:
-            [row] = (await conn.execute(select(store.DELIVERIES))).mappings().all()
-    finally:
-        await db.close()
-    assert (row["status"], row["attempts"], row["claim_id"], row["lease_expiry"]) == (store.PENDING, 0, None, None)
+    row = await the_one_delivery(settings.db)
+    assert (row["status"], row["attempts"], row["claim_id"], row["lease_expiry"]) == (
+        webhook_store.PENDING,
+        0,
+        None,
+        None,
+    )
